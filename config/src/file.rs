@@ -1,0 +1,77 @@
+//! Serde structs that mirror the configuration file, key for key.
+//!
+//! Nothing here checks a value. Anything that can be wrong is kept as written (strings, `i64`,
+//! `Option` for required keys) so that `validate` sees the whole file and can report every
+//! problem at once, instead of serde stopping at the first. Unknown keys are not rejected here
+//! either: `parse` collects them all with `serde_ignored`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct File {
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub server: Server,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Log {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Server {
+    pub threads: Option<i64>,
+    pub shutdown_timeout: Option<String>,
+    pub max_request_header_bytes: Option<i64>,
+    pub max_request_body_bytes: Option<i64>,
+    pub reload_poll_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Admin {
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Listener {
+    pub address: Option<String>,
+    pub tls: Option<Tls>,
+}
+
+/// `cert` + `key`, `certificates`, or both (then `cert` + `key` comes first).
+#[derive(Debug, Deserialize)]
+pub(crate) struct Tls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub certificates: Option<Vec<CertificatePair>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CertificatePair {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Route {
+    pub from: Option<String>,
+    pub to: Option<Vec<String>>,
+    pub preserve_host: Option<bool>,
+    pub websockets: Option<bool>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub max_request_body_bytes: Option<i64>,
+    pub tls_verify: Option<bool>,
+    pub tls_ca: Option<PathBuf>,
+}

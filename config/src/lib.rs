@@ -1,0 +1,109 @@
+//! Portcullis configuration: the TOML file format and its validation.
+//!
+//! This crate owns two layers. `file` holds serde structs that mirror the file key for key;
+//! [`model`] holds the validated [`Config`] the rest of Portcullis uses. `validate` converts one
+//! into the other and is the only place that checks anything; it reports every problem at once,
+//! each with its key path and line ([`ConfigErrors`]), so one `check-config` run lists them all.
+//!
+//! It deliberately does no I/O beyond reading the configuration file, the certificate, key and
+//! CA files it refers to, and secret files (`file:`), plus resolving upstream host names. It
+//! binds no port and creates nothing, not even `data_dir`.
+//!
+//! Read `src/tests.rs` first: `bad_configs` is a table of broken snippets and the problem each
+//! one produces, and `full_example` shows a whole file and the model it becomes.
+
+mod file;
+pub mod model;
+mod problems;
+mod tls;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use toml::de::DeTable;
+
+pub use model::*;
+use problems::{line_at, KeyPath, Problems};
+pub use problems::{ConfigErrors, Problem};
+
+/// Reads and validates the configuration file at `path`.
+///
+/// Relative paths in the file are resolved against the directory holding it; `env:` secrets
+/// come from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let unreadable = |e: std::io::Error| {
+        ConfigErrors::whole_file(None, format!("cannot read {}: {e}", path.display()))
+    };
+    let path = std::path::absolute(path).map_err(unreadable)?;
+    let text = std::fs::read_to_string(&path).map_err(unreadable)?;
+    let base_dir = path.parent().unwrap_or(Path::new("/"));
+    parse(&text, base_dir, &|name| std::env::var(name).ok())
+}
+
+/// Validates configuration `text` as if read from a file in `base_dir`, taking `env:` secrets
+/// from `env`.
+pub fn parse(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    // No secret-typed field yet; the OIDC client secret and SCIM tokens will resolve through it.
+    let _ = env;
+    let toml_error = |e: toml::de::Error| {
+        let line = e.span().map(|span| line_at(text, span.start));
+        ConfigErrors::whole_file(line, e.message().to_owned())
+    };
+    let doc = DeTable::parse(text).map_err(toml_error)?;
+    let mut unknown = Vec::new();
+    let deserializer = toml::de::Deserializer::from(doc.clone());
+    let file: file::File = serde_ignored::deserialize(deserializer, |path| {
+        unknown.push(KeyPath::from_ignored(&path));
+    })
+    .map_err(toml_error)?;
+
+    let mut problems = Problems::new(text, doc.get_ref());
+    for path in &unknown {
+        problems.add(path, "unknown key");
+    }
+    match validate::convert(file, base_dir, &mut problems) {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems.into_errors()),
+    }
+}
+
+/// Resolves a secret-typed value: `env:NAME` reads the environment variable `NAME`, `file:PATH`
+/// reads the file (relative to `base_dir`) without one trailing newline, and anything else is
+/// the secret itself.
+///
+/// Error messages name the variable or file, never the value.
+pub fn resolve_secret(
+    raw: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    base_dir: &Path,
+) -> Result<Secret, String> {
+    if let Some(name) = raw.strip_prefix("env:") {
+        if name.is_empty() {
+            return Err("`env:` needs a variable name".to_owned());
+        }
+        return env(name)
+            .map(Secret::new)
+            .ok_or_else(|| format!("environment variable {name} is not set"));
+    }
+    if let Some(file) = raw.strip_prefix("file:") {
+        if file.is_empty() {
+            return Err("`file:` needs a path".to_owned());
+        }
+        let path = base_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+        let value = text
+            .strip_suffix("\r\n")
+            .or_else(|| text.strip_suffix('\n'))
+            .unwrap_or(&text);
+        return Ok(Secret::new(value.to_owned()));
+    }
+    Ok(Secret::new(raw.to_owned()))
+}

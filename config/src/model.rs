@@ -1,0 +1,138 @@
+//! The validated configuration the rest of Portcullis uses.
+//!
+//! Every value here has already been checked: addresses parse, files exist and hold what they
+//! should, durations are positive, routes are unambiguous. Code that receives a [`Config`] never
+//! re-validates it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A secret value read from the file, the environment (`env:NAME`) or a file (`file:PATH`).
+///
+/// Its `Debug` output never shows the value, so a secret cannot leak through a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself. Call only where the value is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `portcullis=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Worker threads serving the listeners.
+    pub threads: usize,
+    /// How long `SIGTERM` waits for in-flight requests before exiting.
+    pub shutdown_timeout: Duration,
+    /// Largest request head (request line plus headers) accepted; larger is a 431.
+    pub max_request_header_bytes: usize,
+    /// Largest request body accepted unless a route sets its own; larger is a 413.
+    pub max_request_body_bytes: u64,
+    /// How often the config file is checked for changes (in addition to `SIGHUP`).
+    pub reload_poll_interval: Duration,
+}
+
+/// A listener serving `/healthz`, `/readyz` and `/metrics`, kept apart from the proxied traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: Option<ListenerTls>,
+}
+
+/// Certificates served by a TLS listener. The first one is the default; the others are chosen
+/// by SNI against the DNS names in each certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    pub certificates: Vec<CertificateFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateFiles {
+    /// PEM file holding the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file holding the private key.
+    pub key: PathBuf,
+    /// DNS names (possibly `*.` wildcards) the leaf certificate is valid for, lower-cased.
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// `from` exactly as written, used as the route's name in logs and metrics.
+    pub name: String,
+    pub scheme: Scheme,
+    /// Lower-cased host without port. A leading `*.` matches any one or more labels.
+    pub host: String,
+    /// Path prefix, always starting with `/`. `/` matches everything. A prefix not ending in `/`
+    /// matches only at a segment boundary (`/v1` matches `/v1` and `/v1/x`, not `/v1x`).
+    pub path_prefix: String,
+    pub upstreams: Vec<Upstream>,
+    pub preserve_host: bool,
+    pub websockets: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_request_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// The URL as written, for logs.
+    pub url: String,
+    pub tls: bool,
+    /// Host name or IP literal as written in the URL (no brackets), used for SNI and `Host`.
+    pub host: String,
+    pub port: u16,
+    /// Resolved socket address(es); the first is used.
+    pub address: SocketAddr,
+    /// Verify the upstream's certificate (on by default; only meaningful with `tls`).
+    pub verify_tls: bool,
+    /// PEM bundle of extra CA certificates trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+}

@@ -1,0 +1,646 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::*;
+
+/// A directory holding test certificates, made fresh by each test with rcgen:
+/// `a.pem`/`a-key.pem` for `App.Example.com` and `*.example.com`, `b.pem`/`b-key.pem` for
+/// `b.example.org`, and `ca.pem` (a self-signed certificate used as a CA bundle).
+struct Fixture {
+    dir: TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let write_pair = |name: &str, sans: &[&str]| {
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let pair = rcgen::generate_simple_self_signed(sans).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), pair.cert.pem()).unwrap();
+            let key = pair.signing_key.serialize_pem();
+            std::fs::write(dir.path().join(format!("{name}-key.pem")), key).unwrap();
+        };
+        write_pair("a", &["App.Example.com", "*.example.com"]);
+        write_pair("b", &["b.example.org"]);
+        write_pair("ca", &["upstream-ca.test"]);
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn parse(&self, text: &str) -> Result<Config, ConfigErrors> {
+        parse(text, self.path(), &|_| None)
+    }
+}
+
+/// One plain and one TLS listener, so routes of both schemes are allowed.
+const LISTENERS: &str = r#"
+[[listeners]]
+address = "127.0.0.1:8080"
+
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem", key = "a-key.pem" }
+"#;
+
+struct Case {
+    name: &'static str,
+    /// `LISTENERS` is replaced by [`LISTENERS`].
+    text: &'static str,
+    /// Every problem expected, as (path, line if it matters, part of the message).
+    problems: &'static [(&'static str, Option<usize>, &'static str)],
+}
+
+#[test]
+fn bad_configs() {
+    let cases = [
+        Case {
+            name: "unknown top-level key",
+            text: "data_dir = \"data\"\nfoo = 1\nLISTENERS",
+            problems: &[("foo", Some(2), "unknown key")],
+        },
+        Case {
+            name: "unknown nested keys, all reported",
+            text: "data_dir = \"data\"\n[server]\nthreds = 2\n[log]\nformatt = \"json\"\nLISTENERS",
+            problems: &[
+                ("server.threds", Some(3), "unknown key"),
+                ("log.formatt", Some(5), "unknown key"),
+            ],
+        },
+        Case {
+            name: "unknown keys in arrays of tables and inline tables",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem", key = "a-key.pem", chain = "x.pem" }
+[[routes]]
+from = "https://a.example.com"
+to = ["http://127.0.0.1:3000"]
+[[routes]]
+from = "https://b.example.com"
+to = ["http://127.0.0.1:3000"]
+timeout = "5s"
+"#,
+            problems: &[
+                ("listeners[0].tls.chain", Some(4), "unknown key"),
+                ("routes[1].timeout", Some(11), "unknown key"),
+            ],
+        },
+        Case {
+            name: "missing data_dir",
+            text: "LISTENERS",
+            problems: &[("data_dir", None, "missing required key")],
+        },
+        Case {
+            name: "no listeners",
+            text: "data_dir = \"data\"\n",
+            problems: &[("listeners", None, "at least one [[listeners]]")],
+        },
+        Case {
+            name: "listener without address",
+            text: "data_dir = \"data\"\n[[listeners]]\n",
+            problems: &[("listeners[0].address", Some(2), "missing required key")],
+        },
+        Case {
+            name: "host name as listener address",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"localhost:8080\"\n",
+            problems: &[("listeners[0].address", Some(3), "not an IP:port address")],
+        },
+        Case {
+            name: "duplicate listener address",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8080"
+[[listeners]]
+address = "127.0.0.1:8080"
+"#,
+            problems: &[(
+                "listeners[1].address",
+                Some(5),
+                "already used by listeners[0]",
+            )],
+        },
+        Case {
+            name: "admin on a listener's address",
+            text: "data_dir = \"data\"\nadmin = { address = \"127.0.0.1:8080\" }\nLISTENERS",
+            problems: &[("admin.address", Some(2), "same address as listeners[0]")],
+        },
+        Case {
+            name: "missing cert file",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "missing.pem", key = "a-key.pem" }
+"#,
+            problems: &[("listeners[0].tls.cert", Some(4), "cannot read")],
+        },
+        Case {
+            name: "cert file without a certificate",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a-key.pem", key = "a-key.pem" }
+"#,
+            problems: &[("listeners[0].tls.cert", None, "no PEM certificate")],
+        },
+        Case {
+            name: "key file without a key",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem", key = "a.pem" }
+"#,
+            problems: &[("listeners[0].tls.key", None, "no PEM private key")],
+        },
+        Case {
+            name: "key not matching cert",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { certificates = [{ cert = "a.pem", key = "a-key.pem" }, { cert = "a.pem", key = "b-key.pem" }] }
+"#,
+            problems: &[(
+                "listeners[0].tls.certificates[1].key",
+                Some(4),
+                "does not match the certificate",
+            )],
+        },
+        Case {
+            name: "cert without key",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem" }
+"#,
+            problems: &[("listeners[0].tls.key", Some(4), "`key` is required")],
+        },
+        Case {
+            name: "tls without certificates",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = {}
+"#,
+            problems: &[("listeners[0].tls", Some(4), "no certificate")],
+        },
+        Case {
+            name: "https route without a TLS listener",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8080"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+"#,
+            problems: &[("routes[0].from", Some(5), "needs a listener with `tls`")],
+        },
+        Case {
+            name: "http route without a plain listener",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem", key = "a-key.pem" }
+[[routes]]
+from = "http://app.example.com"
+to = ["http://127.0.0.1:3000"]
+"#,
+            problems: &[("routes[0].from", Some(6), "needs a listener without `tls`")],
+        },
+        Case {
+            name: "route with a port in from",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com:8443/\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[("routes[0].from", None, "port is not allowed")],
+        },
+        Case {
+            name: "route with a query",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com/?a=b\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[("routes[0].from", None, "query")],
+        },
+        Case {
+            name: "route with userinfo",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://me@app.example.com/\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[("routes[0].from", None, "user information")],
+        },
+        Case {
+            name: "wildcard not at the start",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.*.example.com/\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[("routes[0].from", None, "leading `*.`")],
+        },
+        Case {
+            name: "route without to",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\n",
+            problems: &[("routes[0].to", None, "missing required key")],
+        },
+        Case {
+            name: "route with empty to",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = []\n",
+            problems: &[("routes[0].to", None, "at least one upstream")],
+        },
+        Case {
+            name: "to with a path",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001/api\"]\n",
+            problems: &[("routes[0].to[1]", None, "an upstream URL has no path")],
+        },
+        Case {
+            name: "to with an unknown scheme",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"ftp://127.0.0.1\"]\n",
+            problems: &[("routes[0].to[0]", None, "unknown scheme `ftp`")],
+        },
+        Case {
+            name: "unresolvable upstream host",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://no-such-host.invalid:3000\"]\n",
+            problems: &[("routes[0].to[0]", None, "no-such-host.invalid")],
+        },
+        Case {
+            name: "missing upstream CA file",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"https://127.0.0.1:3000\"]\ntls_ca = \"nope.pem\"\n",
+            problems: &[("routes[0].tls_ca", None, "cannot read")],
+        },
+        Case {
+            name: "duplicate route",
+            text: r#"data_dir = "data"
+LISTENERS
+[[routes]]
+from = "https://App.example.com/api"
+to = ["http://127.0.0.1:3000"]
+
+[[routes]]
+from = "https://app.example.com/api"
+to = ["http://127.0.0.1:3001"]
+"#,
+            problems: &[("routes[1].from", None, "duplicate route")],
+        },
+        Case {
+            name: "bad duration",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\nconnect_timeout = \"5 parsecs\"\n",
+            problems: &[("routes[0].connect_timeout", None, "not a duration")],
+        },
+        Case {
+            name: "zero duration",
+            text: "data_dir = \"data\"\n[server]\nshutdown_timeout = \"0s\"\nLISTENERS",
+            problems: &[("server.shutdown_timeout", Some(3), "greater than zero")],
+        },
+        Case {
+            name: "reload poll interval too short",
+            text: "data_dir = \"data\"\n[server]\nreload_poll_interval = \"10ms\"\nLISTENERS",
+            problems: &[("server.reload_poll_interval", Some(3), "at least 100ms")],
+        },
+        Case {
+            name: "threads = 0",
+            text: "data_dir = \"data\"\n[server]\nthreads = 0\nLISTENERS",
+            problems: &[("server.threads", Some(3), "must be 1 to 256")],
+        },
+        Case {
+            name: "header limit out of range",
+            text: "data_dir = \"data\"\n[server]\nmax_request_header_bytes = 100\nLISTENERS",
+            problems: &[(
+                "server.max_request_header_bytes",
+                Some(3),
+                "must be 1024 to 1048576",
+            )],
+        },
+        Case {
+            name: "negative body limit",
+            text: "data_dir = \"data\"\n[server]\nmax_request_body_bytes = -1\nLISTENERS",
+            problems: &[("server.max_request_body_bytes", Some(3), "at least 0")],
+        },
+        Case {
+            name: "bad log format",
+            text: "data_dir = \"data\"\n[log]\nformat = \"xml\"\nLISTENERS",
+            problems: &[("log.format", Some(3), "unknown log format `xml`")],
+        },
+        Case {
+            name: "bad log level",
+            text: "data_dir = \"data\"\n[log]\nlevel = \"info,=[\"\nLISTENERS",
+            problems: &[("log.level", Some(3), "not a valid log filter")],
+        },
+        Case {
+            name: "TOML syntax error",
+            text: "data_dir = \"data\"\n[server\nthreads = 2\n",
+            problems: &[("", Some(2), "")],
+        },
+        Case {
+            name: "wrong type",
+            text: "data_dir = \"data\"\n[server]\nthreads = \"two\"\nLISTENERS",
+            problems: &[("", Some(3), "invalid type")],
+        },
+    ];
+
+    let fixture = Fixture::new();
+    for case in cases {
+        let text = case.text.replace("LISTENERS", LISTENERS);
+        let errors = match fixture.parse(&text) {
+            Ok(_) => panic!("{}: expected problems, the file was accepted", case.name),
+            Err(errors) => errors,
+        };
+        let found = &errors.problems;
+        assert_eq!(
+            found.len(),
+            case.problems.len(),
+            "{}: expected {} problem(s), got:\n{errors}",
+            case.name,
+            case.problems.len()
+        );
+        for (path, line, message) in case.problems {
+            let problem = found
+                .iter()
+                .find(|p| p.path == *path)
+                .unwrap_or_else(|| panic!("{}: no problem at `{path}`, got:\n{errors}", case.name));
+            assert!(
+                problem.message.contains(message),
+                "{}: `{}` does not contain `{message}`",
+                case.name,
+                problem.message
+            );
+            if line.is_some() {
+                assert_eq!(problem.line, *line, "{}: line of `{path}`", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+[log]
+format = "xml"
+colour = true
+
+[[listeners]]
+address = "nowhere"
+
+[[routes]]
+from = "https://app.example.com:443"
+to = ["gopher://127.0.0.1"]
+"#;
+    let errors = Fixture::new().parse(text).unwrap_err();
+    let paths: Vec<&str> = errors.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "log.colour",
+            "data_dir",
+            "log.format",
+            "listeners[0].address",
+            "routes[0].from",
+            "routes[0].to[0]",
+        ]
+    );
+}
+
+#[test]
+fn problems_display_with_line_and_path() {
+    let errors = ConfigErrors {
+        problems: vec![
+            Problem {
+                path: "routes[2].to[0]".into(),
+                line: Some(12),
+                message: "unknown scheme `ftp`".into(),
+            },
+            Problem {
+                path: "data_dir".into(),
+                line: None,
+                message: "missing required key".into(),
+            },
+        ],
+    };
+    assert_eq!(
+        errors.to_string(),
+        "line 12: routes[2].to[0]: unknown scheme `ftp`\ndata_dir: missing required key"
+    );
+}
+
+#[test]
+fn full_example() {
+    let fixture = Fixture::new();
+    let text = r#"
+data_dir = "./data"
+
+[log]
+format = "json"
+level = "portcullis=debug,info"
+
+[server]
+threads = 4
+shutdown_timeout = "10s"
+max_request_header_bytes = 16384
+max_request_body_bytes = 1000
+reload_poll_interval = "500ms"
+
+[admin]
+address = "127.0.0.1:9090"
+
+[[listeners]]
+address = "127.0.0.1:8080"
+
+[[listeners]]
+address = "[::1]:8443"
+tls = { cert = "a.pem", key = "a-key.pem", certificates = [{ cert = "b.pem", key = "b-key.pem" }] }
+
+[[routes]]
+from = "https://App.Example.com/prefix"
+to = ["http://127.0.0.1:3000", "https://[::1]:8443/"]
+preserve_host = true
+websockets = true
+connect_timeout = "1s"
+read_timeout = "2m"
+max_request_body_bytes = 2048
+tls_verify = false
+tls_ca = "ca.pem"
+
+[[routes]]
+from = "http://*.example.com"
+to = ["http://127.0.0.1"]
+"#;
+    let config = fixture.parse(text).unwrap();
+    let dir = fixture.path();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let expected = Config {
+        data_dir: dir.join("./data"),
+        log: LogConfig {
+            format: LogFormat::Json,
+            level: "portcullis=debug,info".into(),
+        },
+        server: ServerConfig {
+            threads: 4,
+            shutdown_timeout: Duration::from_secs(10),
+            max_request_header_bytes: 16384,
+            max_request_body_bytes: 1000,
+            reload_poll_interval: Duration::from_millis(500),
+        },
+        admin: Some(AdminConfig {
+            address: addr("127.0.0.1:9090"),
+        }),
+        listeners: vec![
+            Listener {
+                address: addr("127.0.0.1:8080"),
+                tls: None,
+            },
+            Listener {
+                address: addr("[::1]:8443"),
+                tls: Some(ListenerTls {
+                    certificates: vec![
+                        CertificateFiles {
+                            cert: dir.join("a.pem"),
+                            key: dir.join("a-key.pem"),
+                            names: vec!["app.example.com".into(), "*.example.com".into()],
+                        },
+                        CertificateFiles {
+                            cert: dir.join("b.pem"),
+                            key: dir.join("b-key.pem"),
+                            names: vec!["b.example.org".into()],
+                        },
+                    ],
+                }),
+            },
+        ],
+        routes: vec![
+            Route {
+                name: "https://App.Example.com/prefix".into(),
+                scheme: Scheme::Https,
+                host: "app.example.com".into(),
+                path_prefix: "/prefix".into(),
+                upstreams: vec![
+                    Upstream {
+                        url: "http://127.0.0.1:3000".into(),
+                        tls: false,
+                        host: "127.0.0.1".into(),
+                        port: 3000,
+                        address: addr("127.0.0.1:3000"),
+                        verify_tls: false,
+                        ca_file: Some(dir.join("ca.pem")),
+                    },
+                    Upstream {
+                        url: "https://[::1]:8443/".into(),
+                        tls: true,
+                        host: "::1".into(),
+                        port: 8443,
+                        address: addr("[::1]:8443"),
+                        verify_tls: false,
+                        ca_file: Some(dir.join("ca.pem")),
+                    },
+                ],
+                preserve_host: true,
+                websockets: true,
+                connect_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(120),
+                max_request_body_bytes: 2048,
+            },
+            Route {
+                name: "http://*.example.com".into(),
+                scheme: Scheme::Http,
+                host: "*.example.com".into(),
+                path_prefix: "/".into(),
+                upstreams: vec![Upstream {
+                    url: "http://127.0.0.1".into(),
+                    tls: false,
+                    host: "127.0.0.1".into(),
+                    port: 80,
+                    address: addr("127.0.0.1:80"),
+                    verify_tls: true,
+                    ca_file: None,
+                }],
+                preserve_host: false,
+                websockets: false,
+                connect_timeout: Duration::from_secs(5),
+                read_timeout: Duration::from_secs(60),
+                max_request_body_bytes: 1000,
+            },
+        ],
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn defaults() {
+    let text = r#"
+data_dir = "/var/lib/portcullis"
+[[listeners]]
+address = "0.0.0.0:8080"
+[[routes]]
+from = "http://app.example.com"
+to = ["https://127.0.0.1"]
+"#;
+    let config = Fixture::new().parse(text).unwrap();
+    assert_eq!(config.data_dir, Path::new("/var/lib/portcullis"));
+    assert_eq!(
+        config.log,
+        LogConfig {
+            format: LogFormat::Plain,
+            level: "info".into()
+        }
+    );
+    let server = &config.server;
+    assert!((1..=256).contains(&server.threads));
+    assert_eq!(server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(server.max_request_header_bytes, 65536);
+    assert_eq!(server.max_request_body_bytes, 10 * 1024 * 1024);
+    assert_eq!(server.reload_poll_interval, Duration::from_secs(2));
+    assert_eq!(config.admin, None);
+    let route = &config.routes[0];
+    assert_eq!(route.path_prefix, "/");
+    assert!(!route.preserve_host && !route.websockets);
+    assert_eq!(route.connect_timeout, Duration::from_secs(5));
+    assert_eq!(route.read_timeout, Duration::from_secs(60));
+    assert_eq!(route.max_request_body_bytes, 10 * 1024 * 1024);
+    let upstream = &route.upstreams[0];
+    assert!(upstream.tls && upstream.verify_tls);
+    assert_eq!(upstream.port, 443);
+    assert_eq!(upstream.ca_file, None);
+}
+
+#[test]
+fn load_resolves_relative_paths_against_the_file() {
+    let fixture = Fixture::new();
+    let sub = fixture.path().join("etc");
+    std::fs::create_dir(&sub).unwrap();
+    let file = sub.join("portcullis.toml");
+    let text = r#"
+data_dir = "../data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "../a.pem", key = "../a-key.pem" }
+"#;
+    std::fs::write(&file, text).unwrap();
+    let config = load(&file).unwrap();
+    assert_eq!(config.data_dir, sub.join("../data"));
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.certificates[0].cert, sub.join("../a.pem"));
+    assert_eq!(tls.certificates[0].key, sub.join("../a-key.pem"));
+}
+
+#[test]
+fn load_reports_an_unreadable_file() {
+    let fixture = Fixture::new();
+    let errors = load(&fixture.path().join("missing.toml")).unwrap_err();
+    assert_eq!(errors.problems.len(), 1);
+    assert!(errors.problems[0].message.contains("cannot read"));
+}
+
+#[test]
+fn secrets() {
+    let fixture = Fixture::new();
+    let dir = fixture.path();
+    let env = |name: &str| (name == "SET").then(|| "from-env".to_string());
+    std::fs::write(dir.join("secret"), "from-file\n").unwrap();
+    std::fs::write(dir.join("two-lines"), "from-file\n\n").unwrap();
+
+    let ok = |raw: &str| resolve_secret(raw, &env, dir).unwrap();
+    assert_eq!(ok("env:SET").expose(), "from-env");
+    assert_eq!(ok("file:secret").expose(), "from-file");
+    assert_eq!(ok("file:two-lines").expose(), "from-file\n");
+    assert_eq!(ok("literal").expose(), "literal");
+    assert_eq!(format!("{:?}", ok("literal")), "Secret(<redacted>)");
+
+    let missing_var = resolve_secret("env:UNSET", &env, dir).unwrap_err();
+    assert!(missing_var.contains("UNSET"), "{missing_var}");
+    let missing_file = resolve_secret("file:nope", &env, dir).unwrap_err();
+    assert!(missing_file.contains(&dir.join("nope").display().to_string()));
+}

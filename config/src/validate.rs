@@ -1,0 +1,514 @@
+//! Turning the file as written ([`crate::file`]) into the validated [`Config`]: the only place
+//! that checks anything.
+//!
+//! Every check adds its problem to [`Problems`] and carries on, so one run reports everything
+//! that is wrong. A helper returns `None` (or a default) only after adding a problem, and the
+//! assembled [`Config`] is returned only if no problem was found at all, so placeholder values
+//! never escape.
+
+use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::file;
+use crate::model::{
+    AdminConfig, CertificateFiles, Config, Listener, ListenerTls, LogConfig, LogFormat, Route,
+    Scheme, ServerConfig, Upstream,
+};
+use crate::problems::{KeyPath, Problems};
+use crate::tls::{self, PairError};
+
+const MISSING: &str = "missing required key";
+
+pub(crate) fn convert(file: file::File, base_dir: &Path, p: &mut Problems<'_>) -> Option<Config> {
+    let root = KeyPath::default();
+    let data_dir = required(file.data_dir, &root.key("data_dir"), p).map(|d| base_dir.join(d));
+    let log = log(file.log, &root.key("log"), p);
+    let server = server(file.server, &root.key("server"), p);
+
+    let listeners_path = root.key("listeners");
+    if file.listeners.is_empty() {
+        p.add(&listeners_path, "at least one [[listeners]] is required");
+    }
+    let has_tls_listener = file.listeners.iter().any(|l| l.tls.is_some());
+    let has_plain_listener = file.listeners.iter().any(|l| l.tls.is_none());
+    let mut listeners = Vec::new();
+    let mut addresses: Vec<(SocketAddr, usize)> = Vec::new();
+    for (i, raw) in file.listeners.into_iter().enumerate() {
+        let path = listeners_path.index(i);
+        let address = socket_addr(raw.address, &path.key("address"), p);
+        if let Some(address) = address {
+            match addresses.iter().find(|(a, _)| *a == address) {
+                Some((_, first)) => p.add(
+                    &path.key("address"),
+                    format!("{address} is already used by listeners[{first}]"),
+                ),
+                None => addresses.push((address, i)),
+            }
+        }
+        let tls = match raw.tls {
+            None => Some(None),
+            Some(tls) => listener_tls(tls, &path.key("tls"), base_dir, p).map(Some),
+        };
+        listeners.push(
+            address
+                .zip(tls)
+                .map(|(address, tls)| Listener { address, tls }),
+        );
+    }
+
+    let admin = match file.admin {
+        None => Some(None),
+        Some(admin) => {
+            let path = root.key("admin").key("address");
+            let address = socket_addr(admin.address, &path, p);
+            if let Some((_, i)) = addresses.iter().find(|(a, _)| Some(*a) == address) {
+                p.add(&path, format!("same address as listeners[{i}]"));
+            }
+            address.map(|address| Some(AdminConfig { address }))
+        }
+    };
+
+    let mut routes = Vec::new();
+    let mut route_keys: Vec<(Scheme, String, String, usize)> = Vec::new();
+    for (i, raw) in file.routes.into_iter().enumerate() {
+        let path = root.key("routes").index(i);
+        let from_path = path.key("from");
+        let from = required(raw.from.clone(), &from_path, p).and_then(|from| {
+            route_from(&from)
+                .map_err(|message| p.add(&from_path, message))
+                .ok()
+        });
+        if let Some(from) = &from {
+            match from.scheme {
+                Scheme::Https if !has_tls_listener => {
+                    p.add(&from_path, "an https route needs a listener with `tls`")
+                }
+                Scheme::Http if !has_plain_listener => {
+                    p.add(&from_path, "an http route needs a listener without `tls`")
+                }
+                _ => {}
+            }
+            let same = |(scheme, host, prefix, _): &&(Scheme, String, String, usize)| {
+                *scheme == from.scheme && *host == from.host && *prefix == from.path_prefix
+            };
+            match route_keys.iter().find(same) {
+                Some((_, _, _, first)) => p.add(
+                    &from_path,
+                    format!("duplicate route: same scheme, host and path as routes[{first}]"),
+                ),
+                None => {
+                    route_keys.push((from.scheme, from.host.clone(), from.path_prefix.clone(), i))
+                }
+            }
+        }
+        routes.push(route(raw, from, &path, &server, base_dir, p));
+    }
+
+    if !p.is_empty() {
+        return None;
+    }
+    Some(Config {
+        data_dir: data_dir?,
+        log,
+        server,
+        admin: admin?,
+        listeners: listeners.into_iter().collect::<Option<_>>()?,
+        routes: routes.into_iter().collect::<Option<_>>()?,
+    })
+}
+
+fn log(raw: file::Log, path: &KeyPath, p: &mut Problems<'_>) -> LogConfig {
+    let format = match raw.format.as_deref() {
+        None | Some("plain") => LogFormat::Plain,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            p.add(
+                &path.key("format"),
+                format!("unknown log format `{other}`: expected \"plain\" or \"json\""),
+            );
+            LogFormat::Plain
+        }
+    };
+    let level = raw.level.unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        p.add(&path.key("level"), format!("not a valid log filter: {e}"));
+    }
+    LogConfig { format, level }
+}
+
+fn server(raw: file::Server, path: &KeyPath, p: &mut Problems<'_>) -> ServerConfig {
+    let default_threads = || {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(256))
+            .unwrap_or(1)
+    };
+    ServerConfig {
+        threads: raw
+            .threads
+            .and_then(|n| in_range(n, 1..=256, &path.key("threads"), p))
+            .unwrap_or_else(default_threads),
+        shutdown_timeout: duration(
+            raw.shutdown_timeout,
+            Duration::from_secs(30),
+            Duration::ZERO,
+            &path.key("shutdown_timeout"),
+            p,
+        ),
+        max_request_header_bytes: raw
+            .max_request_header_bytes
+            .and_then(|n| {
+                in_range(
+                    n,
+                    1024..=1_048_576,
+                    &path.key("max_request_header_bytes"),
+                    p,
+                )
+            })
+            .unwrap_or(65_536),
+        max_request_body_bytes: raw
+            .max_request_body_bytes
+            .and_then(|n| in_range(n, 0..=i64::MAX, &path.key("max_request_body_bytes"), p))
+            .unwrap_or(10 * 1024 * 1024),
+        reload_poll_interval: duration(
+            raw.reload_poll_interval,
+            Duration::from_secs(2),
+            Duration::from_millis(100),
+            &path.key("reload_poll_interval"),
+            p,
+        ),
+    }
+}
+
+fn listener_tls(
+    raw: file::Tls,
+    path: &KeyPath,
+    base_dir: &Path,
+    p: &mut Problems<'_>,
+) -> Option<ListenerTls> {
+    // (where the pair is written, cert, key), the top-level `cert` + `key` first.
+    let mut pairs = Vec::new();
+    let mut add_pair = |path: KeyPath, cert, key, p: &mut Problems<'_>| match (cert, key) {
+        (Some(cert), Some(key)) => pairs.push((path, cert, key)),
+        (Some(_), None) => p.add(&path.key("key"), "`cert` is given, so `key` is required"),
+        (None, Some(_)) => p.add(&path.key("cert"), "`key` is given, so `cert` is required"),
+        (None, None) => {}
+    };
+    let none_given = raw.cert.is_none()
+        && raw.key.is_none()
+        && raw.certificates.as_ref().is_none_or(Vec::is_empty);
+    add_pair(path.clone(), raw.cert, raw.key, p);
+    for (i, pair) in raw.certificates.into_iter().flatten().enumerate() {
+        let pair_path = path.key("certificates").index(i);
+        if pair.cert.is_none() && pair.key.is_none() {
+            p.add(&pair_path, "needs `cert` and `key`");
+        }
+        add_pair(pair_path, pair.cert, pair.key, p);
+    }
+    if none_given {
+        p.add(
+            path,
+            "no certificate: give `cert` and `key`, or `certificates`",
+        );
+        return None;
+    }
+
+    let mut certificates = Vec::new();
+    for (pair_path, cert, key) in pairs {
+        let (cert, key) = (base_dir.join(cert), base_dir.join(key));
+        match tls::load_pair(&cert, &key) {
+            Ok(names) => certificates.push(CertificateFiles { cert, key, names }),
+            Err(errors) => {
+                for error in errors {
+                    match error {
+                        PairError::Cert(message) => p.add(&pair_path.key("cert"), message),
+                        PairError::Key(message) => p.add(&pair_path.key("key"), message),
+                    }
+                }
+            }
+        }
+    }
+    Some(ListenerTls { certificates })
+}
+
+/// The parts of a route's `from` URL.
+struct From {
+    scheme: Scheme,
+    host: String,
+    path_prefix: String,
+}
+
+fn route_from(from: &str) -> Result<From, String> {
+    let url = split_url(from)?;
+    if url.port.is_some() {
+        return Err("a port is not allowed in `from`: routes match by host only".to_owned());
+    }
+    let host = url.host.to_ascii_lowercase();
+    let name = host.strip_prefix("*.").unwrap_or(&host);
+    if !url.bracketed && !is_host_name(name) {
+        return Err(format!(
+            "`{host}` is not a host name (a leading `*.` is the only wildcard allowed)"
+        ));
+    }
+    Ok(From {
+        scheme: url.scheme,
+        host,
+        path_prefix: if url.path.is_empty() {
+            "/".to_owned()
+        } else {
+            url.path.to_owned()
+        },
+    })
+}
+
+fn route(
+    raw: file::Route,
+    from: Option<From>,
+    path: &KeyPath,
+    server: &ServerConfig,
+    base_dir: &Path,
+    p: &mut Problems<'_>,
+) -> Option<Route> {
+    let ca_file = raw.tls_ca.and_then(|ca| {
+        let ca = base_dir.join(ca);
+        match tls::read_certificates(&ca) {
+            Ok(_) => Some(ca),
+            Err(message) => {
+                p.add(&path.key("tls_ca"), message);
+                None
+            }
+        }
+    });
+    let verify_tls = raw.tls_verify.unwrap_or(true);
+    let to_path = path.key("to");
+    let upstreams = match raw.to {
+        None => {
+            p.add(&to_path, format!("{MISSING}: at least one upstream URL"));
+            Vec::new()
+        }
+        Some(to) if to.is_empty() => {
+            p.add(&to_path, "needs at least one upstream URL");
+            Vec::new()
+        }
+        Some(to) => to
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, url)| {
+                upstream(url, verify_tls, ca_file.clone())
+                    .map_err(|message| p.add(&to_path.index(j), message))
+                    .ok()
+            })
+            .collect(),
+    };
+    let connect_timeout = duration(
+        raw.connect_timeout,
+        Duration::from_secs(5),
+        Duration::ZERO,
+        &path.key("connect_timeout"),
+        p,
+    );
+    let read_timeout = duration(
+        raw.read_timeout,
+        Duration::from_secs(60),
+        Duration::ZERO,
+        &path.key("read_timeout"),
+        p,
+    );
+    let max_request_body_bytes = raw
+        .max_request_body_bytes
+        .and_then(|n| in_range(n, 0..=i64::MAX, &path.key("max_request_body_bytes"), p))
+        .unwrap_or(server.max_request_body_bytes);
+    let from = from?;
+    Some(Route {
+        name: raw.from?,
+        scheme: from.scheme,
+        host: from.host,
+        path_prefix: from.path_prefix,
+        upstreams,
+        preserve_host: raw.preserve_host.unwrap_or(false),
+        websockets: raw.websockets.unwrap_or(false),
+        connect_timeout,
+        read_timeout,
+        max_request_body_bytes,
+    })
+}
+
+fn upstream(url: String, verify_tls: bool, ca_file: Option<PathBuf>) -> Result<Upstream, String> {
+    let parts = split_url(&url)?;
+    if !parts.path.is_empty() && parts.path != "/" {
+        return Err(format!(
+            "an upstream URL has no path (found `{}`): the request path is passed on as is",
+            parts.path
+        ));
+    }
+    if !parts.bracketed && !is_host_name(parts.host) {
+        return Err(format!("`{}` is not a host name", parts.host));
+    }
+    let tls = parts.scheme == Scheme::Https;
+    let port = parts.port.unwrap_or(if tls { 443 } else { 80 });
+    let host = parts.host.to_owned();
+    let address = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+    Ok(Upstream {
+        url,
+        tls,
+        host,
+        port,
+        address,
+        verify_tls,
+        ca_file,
+    })
+}
+
+/// The parts of an `http(s)://host[:port][/path]` URL. Userinfo, query and fragment are
+/// rejected: neither `from` nor `to` has a use for them.
+struct UrlParts<'a> {
+    scheme: Scheme,
+    /// Without brackets for IPv6 literals.
+    host: &'a str,
+    /// The host was a bracketed IPv6 literal.
+    bracketed: bool,
+    port: Option<u16>,
+    /// Empty or starting with `/`.
+    path: &'a str,
+}
+
+fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "`{url}` is not a URL: expected http://host or https://host"
+        ));
+    };
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        _ => return Err(format!("unknown scheme `{scheme}`: expected http or https")),
+    };
+    if rest.contains('#') {
+        return Err("a fragment (`#...`) is not allowed".to_owned());
+    }
+    if rest.contains('?') {
+        return Err("a query (`?...`) is not allowed".to_owned());
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
+        return Err("user information (`user@`) is not allowed".to_owned());
+    }
+    let (host, bracketed, port) = match authority.strip_prefix('[') {
+        Some(literal) => {
+            let Some((host, after)) = literal.split_once(']') else {
+                return Err("unclosed `[` in the host".to_owned());
+            };
+            if host.parse::<Ipv6Addr>().is_err() {
+                return Err(format!("`{host}` is not an IPv6 address"));
+            }
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or("unexpected text after `]`")?),
+            };
+            (host, true, port)
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, false, Some(port)),
+            None => (authority, false, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = port
+        .map(|port| {
+            port.parse::<u16>()
+                .map_err(|_| format!("`{port}` is not a port number"))
+        })
+        .transpose()?;
+    Ok(UrlParts {
+        scheme,
+        host,
+        bracketed,
+        port,
+        path,
+    })
+}
+
+/// A DNS name or IPv4 address: letters, digits, `-`, `_` and dots between non-empty labels.
+fn is_host_name(host: &str) -> bool {
+    host.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+fn required<T>(value: Option<T>, path: &KeyPath, p: &mut Problems<'_>) -> Option<T> {
+    if value.is_none() {
+        p.add(path, MISSING);
+    }
+    value
+}
+
+fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Option<SocketAddr> {
+    let raw = required(raw, path, p)?;
+    raw.parse()
+        .map_err(|_| {
+            p.add(
+                path,
+                format!("`{raw}` is not an IP:port address (host names are not allowed here)"),
+            )
+        })
+        .ok()
+}
+
+fn in_range<T: TryFrom<i64>>(
+    value: i64,
+    range: RangeInclusive<i64>,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Option<T> {
+    let converted = T::try_from(value).ok().filter(|_| range.contains(&value));
+    if converted.is_none() {
+        let message = if *range.end() == i64::MAX {
+            format!(
+                "{value} is out of range: must be at least {}",
+                range.start()
+            )
+        } else {
+            format!(
+                "{value} is out of range: must be {} to {}",
+                range.start(),
+                range.end()
+            )
+        };
+        p.add(path, message);
+    }
+    converted
+}
+
+/// A humantime duration such as `30s` or `1m 30s`; never zero, and at least `min`.
+fn duration(
+    raw: Option<String>,
+    default: Duration,
+    min: Duration,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Duration {
+    let Some(raw) = raw else { return default };
+    match humantime::parse_duration(&raw) {
+        Ok(d) if d.is_zero() => p.add(path, "must be greater than zero"),
+        Ok(d) if d < min => p.add(
+            path,
+            format!("must be at least {}", humantime::format_duration(min)),
+        ),
+        Ok(d) => return d,
+        Err(e) => p.add(
+            path,
+            format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\""),
+        ),
+    }
+    default
+}
