@@ -1,0 +1,165 @@
+//! `portcullis`: an identity-aware reverse proxy with a built-in SCIM 2.0 directory.
+//!
+//! This crate is the binary: the command line, the pingora data plane ([`proxy`]), the admin
+//! listener, reload and shutdown. It owns no policy or directory logic of its own; those live in
+//! `portcullis-policy` and `portcullis-scim`, and the configuration model in
+//! `portcullis-config`. Read `proxy.rs` first: its module doc lists the request phases.
+
+mod admin;
+mod logging;
+mod metrics;
+mod pages;
+mod path;
+mod proxy;
+mod reload;
+mod routes;
+mod state;
+mod tls;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::state::{Runtime, Shared};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Identity-aware reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print every problem in it.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match portcullis_config::load(&file) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                print_problems(&file, &errors);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => match serve(&config) {
+            Ok(never) => match never {},
+            Err(message) => {
+                eprintln!("portcullis: {message}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn print_problems(file: &Path, errors: &portcullis_config::ConfigErrors) {
+    for problem in &errors.problems {
+        eprintln!("{}: {problem}", file.display());
+    }
+}
+
+enum Never {}
+
+/// Starts the proxy; returns only if it cannot start.
+fn serve(config_path: &Path) -> Result<Never, String> {
+    let config = portcullis_config::load(config_path).map_err(|errors| {
+        print_problems(config_path, &errors);
+        format!(
+            "{} has {} problem(s); not starting",
+            config_path.display(),
+            errors.problems.len()
+        )
+    })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
+    logging::init(&config.log);
+    ignore_sighup_until_ready()?;
+
+    let listeners = config.listeners.clone();
+    let admin = config.admin.clone();
+    let server_config = config.server.clone();
+    let runtime = Runtime::build(config)?;
+    let shared = Arc::new(Shared::new(config_path.to_path_buf(), runtime)?);
+
+    let conf = ServerConf {
+        threads: server_config.threads,
+        // Drainer exits as soon as in-flight requests finish; this is only the upper bound.
+        grace_period_seconds: Some(server_config.shutdown_timeout.as_secs().saturating_add(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let mut proxy = http_proxy_service_with_name(&conf, proxy::Proxy::new(shared.clone()), "proxy");
+    for listener in &listeners {
+        let address = listener.address.to_string();
+        match shared.resolvers.get(&listener.address) {
+            Some(resolver) => {
+                let mut tls = TlsSettings::with_callbacks(Box::new(NoCallbacks))
+                    .map_err(|e| format!("TLS listener {address}: {e}"))?;
+                tls.set_cert_resolver(resolver.clone());
+                tls.enable_h2();
+                proxy.add_tls_with_settings(&address, None, tls);
+            }
+            None => proxy.add_tcp(&address),
+        }
+    }
+    server.add_service(proxy);
+
+    if let Some(admin) = admin {
+        let mut service = Service::new("admin".to_owned(), admin::Admin::new(shared.clone()));
+        service.add_tcp(&admin.address.to_string());
+        server.add_service(service);
+    }
+    server.add_service(background_service(
+        "reload",
+        reload::Reloader::new(shared.clone()),
+    ));
+    server.add_service(background_service("drain", reload::Drainer::new(shared)));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");
+    server.run_forever()
+}
+
+/// SIGHUP's default action ends the process. Registering a handler now, before the listeners
+/// start, makes a SIGHUP that arrives during start-up harmless; the reloader then acts on it.
+fn ignore_sighup_until_ready() -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    runtime
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
+        .map(drop)
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))
+}
+
+struct NoCallbacks;
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for NoCallbacks {}

@@ -1,0 +1,121 @@
+//! Prometheus metrics: requests by route and status, upstream latency by route.
+//!
+//! The per-route handles are resolved when a configuration is compiled, so the hot path does
+//! one label lookup (the status) per request and none for the latency histogram.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    reloads: IntCounterVec,
+}
+
+static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let requests = IntCounterVec::new(
+        Opts::new(
+            "portcullis_requests_total",
+            "Requests answered, by route and status.",
+        ),
+        &["route", "status"],
+    )
+    .ok()?;
+    let upstream_duration = HistogramVec::new(
+        HistogramOpts::new(
+            "portcullis_upstream_duration_seconds",
+            "Time from choosing an upstream to its response header, by route.",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["route"],
+    )
+    .ok()?;
+    let reloads = IntCounterVec::new(
+        Opts::new(
+            "portcullis_config_reloads_total",
+            "Configuration reloads, by result.",
+        ),
+        &["result"],
+    )
+    .ok()?;
+    registry.register(Box::new(requests.clone())).ok()?;
+    registry
+        .register(Box::new(upstream_duration.clone()))
+        .ok()?;
+    registry.register(Box::new(reloads.clone())).ok()?;
+    Some(Metrics {
+        registry,
+        requests,
+        upstream_duration,
+        reloads,
+    })
+});
+
+/// The metric handles of one route. Requests that match no route use the `""` route.
+pub struct RouteMetrics {
+    name: String,
+    upstream_duration: Option<prometheus::Histogram>,
+}
+
+impl RouteMetrics {
+    pub fn new(name: &str) -> Self {
+        let upstream_duration = METRICS.as_ref().and_then(|m| {
+            m.upstream_duration
+                .get_metric_with_label_values(&[name])
+                .ok()
+        });
+        Self {
+            name: name.to_owned(),
+            upstream_duration,
+        }
+    }
+
+    pub fn observe_upstream(&self, seconds: f64) {
+        if let Some(histogram) = &self.upstream_duration {
+            histogram.observe(seconds);
+        }
+    }
+
+    pub fn count_request(&self, status: u16) {
+        count_request(&self.name, status);
+    }
+}
+
+pub fn count_request(route: &str, status: u16) {
+    if let Some(m) = METRICS.as_ref() {
+        let mut buf = itoa::Buffer::new();
+        if let Ok(counter) = m
+            .requests
+            .get_metric_with_label_values(&[route, buf.format(status)])
+        {
+            counter.inc();
+        }
+    }
+}
+
+pub fn count_reload(ok: bool) {
+    if let Some(m) = METRICS.as_ref() {
+        let result = if ok { "ok" } else { "error" };
+        if let Ok(counter) = m.reloads.get_metric_with_label_values(&[result]) {
+            IntCounter::inc(&counter);
+        }
+    }
+}
+
+/// The whole registry in the Prometheus text exposition format.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(m) = METRICS.as_ref() {
+        // Encoding into a Vec cannot fail on I/O; a metric family that cannot be encoded is
+        // dropped from the page rather than failing the scrape.
+        let _ = TextEncoder::new().encode(&m.registry.gather(), &mut out);
+    }
+    out
+}

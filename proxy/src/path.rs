@@ -1,0 +1,218 @@
+//! The one function that turns a request path into the path Portcullis routes, authorizes and
+//! sends upstream.
+//!
+//! Routing and policy must see exactly what the upstream will see, so the path is normalized once
+//! and the normalized form is forwarded. Anything whose meaning depends on how the upstream would
+//! decode it (an encoded `/` or `\`, a NUL, a malformed escape) is refused rather than guessed.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request target is not an absolute path")]
+    NotAbsolute,
+    #[error("the path holds a malformed percent-escape")]
+    BadEscape,
+    #[error(
+        "the path holds an encoded '/', '\\' or NUL, or a raw '\\', whose meaning is ambiguous"
+    )]
+    Ambiguous,
+}
+
+/// Normalizes `path` (the part of the request target before any `?`).
+///
+/// - percent-escapes of unreserved characters are decoded (`%61` → `a`), all others are
+///   upper-cased (`%c3` → `%C3`);
+/// - empty segments collapse (`//a` → `/a`), `.` segments vanish, `..` removes the segment
+///   before it and never climbs above the root; `%2e` counts as `.`;
+/// - a trailing `/` is kept.
+///
+/// Letter case is preserved: `/Admin` and `/admin` are different paths.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if is_normal(bytes) {
+        return Ok(Cow::Borrowed(path));
+    }
+
+    let decoded = decode_unreserved(bytes)?;
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split('/').skip(1) {
+        trailing_slash = false;
+        match segment {
+            "" | "." => trailing_slash = true,
+            ".." => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || segments.is_empty() {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// True when `normalize` would return the path unchanged: no escapes, backslashes, empty or dot
+/// segments. This is the common case and costs one pass with no allocation.
+fn is_normal(bytes: &[u8]) -> bool {
+    let mut previous = b'/';
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' | b'\\' | 0 => return false,
+            b'/' if previous == b'/' && i > 0 => return false,
+            b'.' if previous == b'/' => {
+                let rest = &bytes[i + 1..];
+                if rest.is_empty() || rest[0] == b'/' || rest.starts_with(b"./") || rest == b"." {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        previous = b;
+        i += 1;
+    }
+    true
+}
+
+fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
+    let mut out = String::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\\' || b == 0 {
+            return Err(PathError::Ambiguous);
+        }
+        if b != b'%' {
+            // The input is a &str, so copying byte runs keeps it valid UTF-8; push char by char
+            // only for ASCII, and copy multi-byte sequences whole.
+            let start = i;
+            while i < bytes.len() && bytes[i] != b'%' && bytes[i] != b'\\' && bytes[i] != 0 {
+                i += 1;
+            }
+            out.push_str(std::str::from_utf8(&bytes[start..i]).map_err(|_| PathError::BadEscape)?);
+            continue;
+        }
+        let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
+            return Err(PathError::BadEscape);
+        };
+        let (Some(h), Some(l)) = (hex(h), hex(l)) else {
+            return Err(PathError::BadEscape);
+        };
+        let decoded = h << 4 | l;
+        match decoded {
+            b'/' | b'\\' | 0 => return Err(PathError::Ambiguous),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(char::from(decoded))
+            }
+            _ => {
+                out.push('%');
+                out.push(char::from(HEX_UPPER[usize::from(h)]));
+                out.push(char::from(HEX_UPPER[usize::from(l)]));
+            }
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_the_bypass_table() {
+        let table = [
+            ("/", "/"),
+            ("/admin", "/admin"),
+            ("/admin/", "/admin/"),
+            ("/./admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("/x/%2e%2e/admin", "/admin"),
+            ("/x/%2E./admin", "/admin"),
+            ("/../../admin", "/admin"),
+            ("/admin/.", "/admin/"),
+            ("/admin/..", "/"),
+            ("/a//b///c", "/a/b/c"),
+            ("/ADMIN", "/ADMIN"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/café", "/café"),
+            ("/a%20b", "/a%20b"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/a/.b", "/a/.b"),
+            ("/a/..b", "/a/..b"),
+            ("/%7euser", "/~user"),
+        ];
+        for (input, want) in table {
+            assert_eq!(normalize(input).as_deref(), Ok(want), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_ambiguous_paths() {
+        let table = [
+            ("/admin%2f", PathError::Ambiguous),
+            ("/admin%2F..", PathError::Ambiguous),
+            ("/a%5cb", PathError::Ambiguous),
+            ("/a\\b", PathError::Ambiguous),
+            ("/a%00", PathError::Ambiguous),
+            ("/a%", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("/a%zz", PathError::BadEscape),
+            ("admin", PathError::NotAbsolute),
+            ("", PathError::NotAbsolute),
+            ("*", PathError::NotAbsolute),
+        ];
+        for (input, want) in table {
+            assert_eq!(normalize(input), Err(want), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        assert!(matches!(normalize("/api/v1/items"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(normalize("/a/.b/c"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn normalization_is_idempotent() {
+        for input in [
+            "/x/../a//b/./c/",
+            "/%61%2e%2e/b",
+            "/a/b/..",
+            "/caf%c3%a9/%2e/",
+        ] {
+            let once = normalize(input).map(|p| p.into_owned());
+            let Ok(once) = once else { continue };
+            assert_eq!(
+                normalize(&once).as_deref(),
+                Ok(once.as_str()),
+                "input {input:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The data plane: pingora's `ProxyHttp` phases for every request.
+//!
+//! 1. `request_filter`: snapshot the configuration, bound the request head, answer Portcullis'
+//!    own endpoints, normalize the path once, find the route, check the body size.
+//! 2. `upstream_peer`: choose an upstream (round-robin over the healthy ones).
+//! 3. `upstream_request_filter`: strip client-sent identity headers, set `X-Forwarded-*` and
+//!    `Host`, send the normalized path.
+//! 4. `request_body_filter`: enforce the body limit on streamed bodies.
+//! 5. `fail_to_connect` / `fail_to_proxy`: mark dead upstreams and retry, or answer with a page.
+//! 6. `logging`: metrics and one access-log line.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+
+use crate::pages;
+use crate::path;
+use crate::routes::{CompiledRoute, Match};
+use crate::state::{InFlight, Runtime, Shared};
+
+/// Headers whose names start with this (case-insensitively, `_` read as `-`) are Portcullis'
+/// own and are never taken from a client.
+const IDENTITY_PREFIX: &[u8] = b"x-portcullis-";
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<Arc<CompiledRoute>>,
+    /// The client's host, lower-cased and without port.
+    host: String,
+    /// The normalized path when it differs from what the client sent.
+    normalized_path: Option<String>,
+    tls: bool,
+    round_robin_start: usize,
+    attempt: usize,
+    upstream: Option<usize>,
+    upstream_started: Option<Instant>,
+    body_bytes: u64,
+    _in_flight: InFlight,
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            host: String::new(),
+            normalized_path: None,
+            tls: false,
+            round_robin_start: 0,
+            attempt: 0,
+            upstream: None,
+            upstream_started: None,
+            body_bytes: 0,
+            _in_flight: InFlight::new(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let runtime = self.shared.runtime.load_full();
+        let server = &runtime.config.server;
+        ctx.tls = session
+            .digest()
+            .is_some_and(|digest| digest.ssl_digest.is_some());
+
+        let req = session.req_header();
+        if head_size(req) > server.max_request_header_bytes {
+            return pages::respond(session, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+        }
+
+        let raw_path = req.uri.path();
+        let normalized = match path::normalize(raw_path) {
+            Ok(normalized) => normalized,
+            Err(_) => return pages::respond(session, StatusCode::BAD_REQUEST).await,
+        };
+        if let Some(own) = normalized.strip_prefix("/.portcullis/") {
+            let status = match own {
+                "healthz" => StatusCode::OK,
+                "readyz" if self.shared.is_draining() => StatusCode::SERVICE_UNAVAILABLE,
+                "readyz" => StatusCode::OK,
+                _ => StatusCode::NOT_FOUND,
+            };
+            return pages::respond(session, status).await;
+        }
+
+        let Some(host) = request_host(req) else {
+            return pages::respond(session, StatusCode::BAD_REQUEST).await;
+        };
+        let route = match runtime
+            .routes
+            .find(Runtime::scheme_of(ctx.tls), &host, &normalized)
+        {
+            Match::Found(route) => route.clone(),
+            Match::WrongScheme(route)
+                if route.config.scheme == portcullis_config::Scheme::Https =>
+            {
+                let location = https_location(&host, runtime.https_port, req);
+                return pages::redirect(session, &location).await;
+            }
+            Match::WrongScheme(_) | Match::None => {
+                return pages::respond(session, StatusCode::NOT_FOUND).await;
+            }
+        };
+
+        if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
+            return pages::respond(session, StatusCode::PAYLOAD_TOO_LARGE).await;
+        }
+        if let Cow::Owned(normalized) = normalized {
+            ctx.normalized_path = Some(normalized);
+        }
+        ctx.host = host.into_owned();
+        ctx.round_robin_start = route.upstreams.start();
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(route) = &ctx.route else {
+            return Error::e_explain(ErrorType::InternalError, "no route chosen");
+        };
+        let now = Instant::now();
+        let (index, peer) = route
+            .upstreams
+            .pick(ctx.round_robin_start, ctx.attempt, now);
+        ctx.attempt += 1;
+        ctx.upstream = Some(index);
+        ctx.upstream_started = Some(now);
+        Ok(Box::new(peer.clone()))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            route.upstreams.mark_down(index, Instant::now());
+            // Nothing has been sent upstream yet, so any request may go to the next upstream.
+            if ctx.attempt < route.upstreams.len() {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        strip_identity_headers(upstream_request);
+
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            upstream_request.insert_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        let proto = if ctx.tls { "https" } else { "http" };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
+        let client_host = session
+            .req_header()
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                let authority = session.req_header().uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
+        if let Some(client_host) = client_host {
+            upstream_request.insert_header("x-forwarded-host", client_host.clone())?;
+            let route = ctx.route.as_ref().filter(|r| r.config.preserve_host);
+            if route.is_some() {
+                upstream_request.insert_header(header::HOST, client_host)?;
+            }
+        }
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            if !route.config.preserve_host {
+                if let Some(host) = route.upstreams.host_header(index) {
+                    upstream_request.insert_header(header::HOST, host.clone())?;
+                }
+            }
+        }
+
+        if let Some(path) = &ctx.normalized_path {
+            let target = match upstream_request.uri.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path.clone(),
+            };
+            let uri = http::Uri::builder().path_and_query(target).build().or_err(
+                ErrorType::InvalidHTTPHeader,
+                "normalized path is not a valid URI",
+            )?;
+            upstream_request.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            route.upstreams.mark_up(index);
+            if let Some(started) = ctx.upstream_started {
+                route
+                    .metrics
+                    .observe_upstream(started.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
+            ctx.body_bytes = ctx.body_bytes.saturating_add(chunk.len() as u64);
+            if ctx.body_bytes > route.config.max_request_body_bytes {
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        // A response already started cannot be replaced; the connection is simply closed.
+        if code > 0 && session.response_written().is_none() {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            if let Err(write_error) = pages::send(session, status, None).await {
+                tracing::debug!(error = %write_error, "could not send the error page");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session
+            .response_written()
+            .map_or(0, |response| response.status.as_u16());
+        let route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
+        match &ctx.route {
+            Some(route) => route.metrics.count_request(status),
+            None => crate::metrics::count_request("", status),
+        }
+        let req = session.req_header();
+        tracing::info!(
+            target: "access",
+            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
+            method = %req.method,
+            host = %ctx.host,
+            path = %req.uri.path(),
+            status,
+            route,
+            upstream = ctx.upstream,
+            duration_us = ctx.started.elapsed().as_micros() as u64,
+            error = e.map(|e| e.etype().as_str()),
+        );
+    }
+}
+
+/// Removes every header a client might use to pose as Portcullis: `X-Portcullis-*` in any case,
+/// with `_` standing for `-`. Header names arrive lower-cased.
+fn strip_identity_headers(request: &mut RequestHeader) {
+    let is_identity = |name: &[u8]| {
+        name.len() >= IDENTITY_PREFIX.len()
+            && name
+                .iter()
+                .zip(IDENTITY_PREFIX)
+                .all(|(&b, &want)| b.to_ascii_lowercase() == want || (want == b'-' && b == b'_'))
+    };
+    if !request
+        .headers
+        .keys()
+        .any(|name| is_identity(name.as_str().as_bytes()))
+    {
+        return;
+    }
+    let doomed: Vec<http::HeaderName> = request
+        .headers
+        .keys()
+        .filter(|name| is_identity(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        request.remove_header(&name);
+    }
+}
+
+/// Size of the request head as it arrived, near enough to bound it: request line and headers.
+fn head_size(req: &RequestHeader) -> usize {
+    let headers: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    req.raw_path().len() + req.method.as_str().len() + 12 + headers
+}
+
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
+/// `:authority` for HTTP/2.
+fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
+    let raw = match req.headers.get(header::HOST) {
+        Some(value) => value.to_str().ok()?,
+        None => req.uri.authority()?.as_str(),
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        let end = rest.find(']')?;
+        &raw[..end + 2]
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(host, _port)| host)
+    };
+    if host.is_empty() {
+        return None;
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> String {
+    let path_and_query = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    match https_port {
+        Some(443) | None => format!("https://{host}{path_and_query}"),
+        Some(port) => format!("https://{host}:{port}{path_and_query}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in headers {
+            req.append_header(name.to_string(), *value).unwrap();
+        }
+        req
+    }
+
+    #[test]
+    fn identity_headers_are_stripped_in_every_spelling() {
+        let mut req = request(&[
+            ("X-Portcullis-User", "mallory"),
+            ("x-portcullis-groups", "admins"),
+            ("X_Portcullis_User", "mallory"),
+            ("X-PORTCULLIS-EMAIL", "m@evil"),
+            ("x-portcullis_assertion", "forged"),
+            ("X-Portcullis-User", "again"),
+            ("X-Portcullisx", "kept: not the prefix"),
+            ("Accept", "text/html"),
+        ]);
+        strip_identity_headers(&mut req);
+        let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "x-portcullisx"]);
+    }
+
+    #[test]
+    fn host_is_lower_cased_without_port() {
+        let host = |value: &str| {
+            let req = request(&[("Host", value)]);
+            request_host(&req).map(Cow::into_owned)
+        };
+        assert_eq!(
+            host("App.Example.com:8443").as_deref(),
+            Some("app.example.com")
+        );
+        assert_eq!(host("app.example.com").as_deref(), Some("app.example.com"));
+        assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(host(":80"), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Reload on `SIGHUP` or when the config file changes; drain on shutdown.
+//!
+//! A reload compiles the new file into a new [`Runtime`] and swaps it in whole: requests already
+//! running keep the one they started with. A file with problems changes nothing; each problem is
+//! logged. Listener addresses, threads and the admin listener are fixed at start: changing them
+//! needs a restart, and the reload says so.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::state::{InFlight, Runtime, Shared};
+use crate::tls::CertSet;
+
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn reload(&self, why: &str) {
+        match self.try_reload() {
+            Ok(()) => {
+                crate::metrics::count_reload(true);
+                tracing::info!(reason = why, "configuration reloaded");
+            }
+            Err(problems) => {
+                crate::metrics::count_reload(false);
+                for problem in &problems {
+                    tracing::error!(reason = why, "configuration not reloaded: {problem}");
+                }
+            }
+        }
+    }
+
+    fn try_reload(&self) -> Result<(), Vec<String>> {
+        let config = portcullis_config::load(&self.shared.config_path).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let current = self.shared.runtime.load();
+        let old = &current.config;
+        if config
+            .listeners
+            .iter()
+            .map(|l| l.address)
+            .ne(old.listeners.iter().map(|l| l.address))
+            || config.admin != old.admin
+            || config.server.threads != old.server.threads
+            || config.data_dir != old.data_dir
+        {
+            tracing::warn!(
+                "listener addresses, admin, threads and data_dir take effect only after a restart"
+            );
+        }
+        // Load every certificate before swapping anything, so a bad one changes nothing.
+        let mut cert_sets = Vec::new();
+        for listener in &config.listeners {
+            if let (Some(tls), Some(resolver)) =
+                (&listener.tls, self.shared.resolvers.get(&listener.address))
+            {
+                let certs = CertSet::load(tls).map_err(|e| vec![e])?;
+                cert_sets.push((resolver.clone(), certs));
+            }
+        }
+        let runtime = Runtime::build(config).map_err(|e| vec![e])?;
+        for (resolver, certs) in cert_sets {
+            resolver.replace(certs);
+        }
+        self.shared.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
+                return;
+            }
+        };
+        let poll = self
+            .shared
+            .runtime
+            .load()
+            .config
+            .server
+            .reload_poll_interval;
+        let mut ticker = tokio::time::interval(poll);
+        let mut last_seen = std::fs::read(&self.shared.config_path).ok();
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    last_seen = std::fs::read(&self.shared.config_path).ok();
+                    self.reload("SIGHUP");
+                }
+                _ = ticker.tick() => {
+                    let now = std::fs::read(&self.shared.config_path).ok();
+                    if now.is_some() && now != last_seen {
+                        last_seen = now;
+                        self.reload("config file changed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Waits for the shutdown signal, then lets in-flight requests finish (up to the configured
+/// timeout) and exits. pingora alone would wait its whole grace period even with nothing to do.
+pub struct Drainer {
+    shared: Arc<Shared>,
+}
+
+impl Drainer {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        self.shared.start_draining();
+        let timeout = self.shared.runtime.load().config.server.shutdown_timeout;
+        let deadline = Instant::now() + timeout;
+        tracing::info!(in_flight = InFlight::count(), "draining before exit");
+        while InFlight::count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = InFlight::count();
+        if left > 0 {
+            tracing::warn!(in_flight = left, "shutdown timeout reached, exiting");
+        } else {
+            tracing::info!("drained, exiting");
+        }
+        crate::logging::flush();
+        std::process::exit(0);
+    }
+}

@@ -1,0 +1,107 @@
+//! The compiled route table: built once per configuration, read by every request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use portcullis_config::{Route, Scheme};
+
+use crate::upstream::UpstreamSet;
+
+/// A route ready for the hot path: its upstreams, limits and metric handles resolved at load.
+pub struct CompiledRoute {
+    pub config: Route,
+    pub upstreams: UpstreamSet,
+    pub metrics: crate::metrics::RouteMetrics,
+}
+
+/// Routes indexed by host. Within a host, routes are ordered by descending prefix length so the
+/// first match is the longest prefix.
+#[derive(Default)]
+pub struct RouteTable {
+    exact: HashMap<String, Vec<Arc<CompiledRoute>>>,
+    /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
+    wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
+}
+
+pub enum Match<'a> {
+    Found(&'a Arc<CompiledRoute>),
+    /// A route exists for this host and path, but for the other scheme.
+    WrongScheme(&'a Arc<CompiledRoute>),
+    None,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
+        let mut exact: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
+        let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
+        for route in routes {
+            match route.config.host.strip_prefix('*') {
+                Some(suffix) => wildcard.entry(suffix.to_owned()).or_default().push(route),
+                None => exact
+                    .entry(route.config.host.clone())
+                    .or_default()
+                    .push(route),
+            }
+        }
+        let by_prefix_len = |routes: &mut Vec<Arc<CompiledRoute>>| {
+            routes.sort_by_key(|r| std::cmp::Reverse(r.config.path_prefix.len()));
+        };
+        exact.values_mut().for_each(by_prefix_len);
+        let mut wildcard: Vec<_> = wildcard.into_iter().collect();
+        wildcard
+            .iter_mut()
+            .for_each(|(_, routes)| by_prefix_len(routes));
+        // The most specific wildcard (longest suffix) is tried first.
+        wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        Self { exact, wildcard }
+    }
+
+    /// Finds the route for a lower-cased `host` (without port) and a normalized `path`.
+    pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
+        let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
+            self.wildcard
+                .iter()
+                .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+                .map(|(_, routes)| routes.as_slice()),
+        );
+        let mut wrong_scheme = None;
+        for routes in candidates {
+            for route in routes {
+                if !prefix_matches(&route.config.path_prefix, path) {
+                    continue;
+                }
+                if route.config.scheme == scheme {
+                    return Match::Found(route);
+                }
+                wrong_scheme.get_or_insert(route);
+            }
+            if wrong_scheme.is_some() {
+                break;
+            }
+        }
+        wrong_scheme.map_or(Match::None, Match::WrongScheme)
+    }
+}
+
+/// `/v1/` matches `/v1/…`; `/v1` matches `/v1` and `/v1/…` but not `/v1x`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_at_segment_boundaries() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/v1", "/v1"));
+        assert!(prefix_matches("/v1", "/v1/x"));
+        assert!(!prefix_matches("/v1", "/v1x"));
+        assert!(prefix_matches("/v1/", "/v1/x"));
+        assert!(!prefix_matches("/v1/", "/v1"));
+    }
+}

@@ -1,0 +1,119 @@
+//! The state every request reads: the compiled configuration, swapped whole on reload.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use portcullis_config::{Config, Scheme};
+
+use crate::metrics::RouteMetrics;
+use crate::routes::{CompiledRoute, RouteTable};
+use crate::tls::{CertSet, SniResolver};
+use crate::upstream::UpstreamSet;
+
+/// One configuration, compiled for the hot path. Requests hold an `Arc` to the one they started
+/// with, so a reload never changes the rules under an in-flight request.
+pub struct Runtime {
+    pub config: Config,
+    pub routes: RouteTable,
+    /// Port of the first TLS listener, used when redirecting a plain request to https.
+    pub https_port: Option<u16>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Result<Self, String> {
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let upstreams =
+                    UpstreamSet::new(route).map_err(|e| format!("route {}: {e}", route.name))?;
+                Ok(Arc::new(CompiledRoute {
+                    config: route.clone(),
+                    upstreams,
+                    metrics: RouteMetrics::new(&route.name),
+                }))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let https_port = config
+            .listeners
+            .iter()
+            .find(|l| l.tls.is_some())
+            .map(|l| l.address.port());
+        Ok(Self {
+            routes: RouteTable::new(routes),
+            https_port,
+            config,
+        })
+    }
+
+    pub fn scheme_of(tls: bool) -> Scheme {
+        if tls {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        }
+    }
+}
+
+/// Process-wide state shared by the proxy, the admin listener and the reloader.
+pub struct Shared {
+    pub config_path: PathBuf,
+    pub runtime: ArcSwap<Runtime>,
+    /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
+    pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config_path: PathBuf, runtime: Runtime) -> Result<Self, String> {
+        let mut resolvers = HashMap::new();
+        for listener in &runtime.config.listeners {
+            if let Some(tls) = &listener.tls {
+                let certs = CertSet::load(tls)?;
+                resolvers.insert(listener.address, Arc::new(SniResolver::new(certs)));
+            }
+        }
+        Ok(Self {
+            config_path,
+            runtime: ArcSwap::from_pointee(runtime),
+            resolvers,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
+/// Requests currently being served, across all listeners.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a request as in flight for as long as it lives, so shutdown can wait for it.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn new() -> Self {
+        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        Self(())
+    }
+
+    pub fn count() -> usize {
+        IN_FLIGHT.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,162 @@
+//! Upstream selection: round-robin over the healthy upstreams of a route, with passive health.
+//!
+//! An upstream that refuses a connection is marked down for a short while and skipped; the
+//! request is retried on the next one, so one dead upstream costs no failed requests. When every
+//! upstream is marked down they are all tried anyway: one may have come back.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
+use pingora::utils::tls::WrappedX509;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use portcullis_config::{Route, Upstream};
+
+/// How long an upstream that failed to accept a connection is skipped.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
+pub struct UpstreamSet {
+    upstreams: Vec<Backend>,
+    next: AtomicUsize,
+    /// Reference point for the `down_until` timestamps, which are stored as offsets from it.
+    epoch: Instant,
+}
+
+struct Backend {
+    peer: HttpPeer,
+    /// `Host` sent to this upstream unless the route preserves the client's.
+    host_header: HeaderValue,
+    /// Milliseconds since `epoch` until which this upstream is considered down; 0 when up.
+    down_until_ms: AtomicU64,
+}
+
+impl UpstreamSet {
+    pub fn new(route: &Route) -> Result<Self, String> {
+        let upstreams = route
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                Ok(Backend {
+                    peer: build_peer(route, upstream)?,
+                    host_header: host_header(upstream)?,
+                    down_until_ms: AtomicU64::new(0),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            upstreams,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.upstreams.len()
+    }
+
+    /// Picks the upstream for attempt number `attempt` (0-based) of a request that started at
+    /// round-robin position `start`. Healthy upstreams are preferred in round-robin order.
+    pub fn pick(&self, start: usize, attempt: usize, now: Instant) -> (usize, &HttpPeer) {
+        let n = self.upstreams.len();
+        let now_ms = self.millis(now);
+        let healthy = (0..n)
+            .map(|i| (start + i) % n)
+            .filter(|&i| self.upstreams[i].down_until_ms.load(Ordering::Relaxed) <= now_ms);
+        // The attempt-th healthy upstream; past the healthy ones, fall back to plain order so
+        // every upstream gets tried once even when all are marked down.
+        let index = healthy
+            .clone()
+            .nth(attempt)
+            .unwrap_or((start + attempt) % n.max(1));
+        (index, &self.upstreams[index].peer)
+    }
+
+    /// The `Host` header for upstream `index`, as returned by [`Self::pick`].
+    pub fn host_header(&self, index: usize) -> Option<&HeaderValue> {
+        self.upstreams.get(index).map(|b| &b.host_header)
+    }
+
+    /// The round-robin starting position for a new request.
+    pub fn start(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn mark_down(&self, index: usize, now: Instant) {
+        if let Some(backend) = self.upstreams.get(index) {
+            let until = self.millis(now + DOWN_FOR);
+            backend.down_until_ms.store(until, Ordering::Relaxed);
+        }
+    }
+
+    pub fn mark_up(&self, index: usize) {
+        if let Some(backend) = self.upstreams.get(index) {
+            if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
+                backend.down_until_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        // +1 so that "down until the epoch" is distinguishable from "up" (0).
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+}
+
+fn host_header(upstream: &Upstream) -> Result<HeaderValue, String> {
+    let default_port = if upstream.tls { 443 } else { 80 };
+    let host = if upstream.host.contains(':') {
+        format!("[{}]", upstream.host)
+    } else {
+        upstream.host.clone()
+    };
+    let value = if upstream.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", upstream.port)
+    };
+    HeaderValue::from_str(&value).map_err(|e| format!("{}: bad host: {e}", upstream.url))
+}
+
+fn build_peer(route: &Route, upstream: &Upstream) -> Result<HttpPeer, String> {
+    let sni = if upstream.tls {
+        upstream.host.clone()
+    } else {
+        String::new()
+    };
+    let mut peer = HttpPeer::new(upstream.address, upstream.tls, sni);
+    let options = &mut peer.options;
+    options.connection_timeout = Some(route.connect_timeout);
+    options.total_connection_timeout = Some(route.connect_timeout);
+    options.read_timeout = Some(route.read_timeout);
+    options.idle_timeout = Some(Duration::from_secs(60));
+    options.verify_cert = upstream.verify_tls;
+    options.verify_hostname = upstream.verify_tls;
+    options.http_upstream_request_policy = if route.websockets {
+        HttpUpstreamRequestPolicy::standard()
+    } else {
+        HttpUpstreamRequestPolicy::deny_upgrades()
+    };
+    if let Some(ca_file) = &upstream.ca_file {
+        options.ca = Some(Arc::from(load_ca(ca_file)?));
+    }
+    Ok(peer)
+}
+
+fn load_ca(path: &std::path::Path) -> Result<Vec<WrappedX509>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut certs = Vec::new();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+        let wrapped = WrappedX509::try_new(cert.to_vec(), |der| {
+            X509Certificate::from_der(der).map(|(_, parsed)| parsed)
+        })
+        .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+        certs.push(wrapped);
+    }
+    Ok(certs)
+}
