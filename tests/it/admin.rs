@@ -1,0 +1,167 @@
+//! The admin listener: probes and Prometheus metrics.
+
+use portcullis_tests::client::plain_client;
+use portcullis_tests::{ConfigBuilder, Route, Upstream};
+use reqwest::StatusCode;
+
+use crate::get_echo;
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name_and_labels, value) = match line.rfind('}') {
+            Some(close) => (&line[..=close], line[close + 1..].trim()),
+            None => match line.split_once(' ') {
+                Some((n, v)) => (n, v.trim()),
+                None => panic!("bad metrics line {line:?}"),
+            },
+        };
+        let value_text = value.split_whitespace().next().unwrap_or_default();
+        let value: f64 = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in metrics line {line:?}")),
+        };
+        let (name, labels) = match name_and_labels.split_once('{') {
+            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+            None => (name_and_labels, Vec::new()),
+        };
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while let Some((name, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        value.push(match escaped {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.push((name.trim().trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end..];
+    }
+    labels
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_metrics() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test/", &[&up]));
+    let px = cfg.start().await;
+    let client = plain_client();
+
+    let resp = client.get(px.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap().trim(), "ok");
+    let resp = client.get(px.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    for i in 0..7 {
+        get_echo(&client, &cfg.http_url("app.test", &format!("/m/{i}"))).await;
+    }
+    let resp = client
+        .get(cfg.http_url("nowhere.test", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let resp = client.get(px.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain"),
+        "metrics content-type {content_type:?}"
+    );
+    let text = resp.text().await.unwrap();
+    let samples = parse_metrics(&text);
+
+    let ok_requests: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            s.name == "portcullis_requests_total"
+                && s.label("route") == Some("http://app.test/")
+                && s.label("status") == Some("200")
+        })
+        .collect();
+    assert_eq!(
+        ok_requests.iter().map(|s| s.value).sum::<f64>(),
+        7.0,
+        "portcullis_requests_total{{route=\"http://app.test/\",status=\"200\"}} after 7 requests:\n{text}"
+    );
+
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("# TYPE portcullis_upstream_duration_seconds histogram")),
+        "portcullis_upstream_duration_seconds is declared a histogram:\n{text}"
+    );
+    let count: f64 = samples
+        .iter()
+        .filter(|s| s.name == "portcullis_upstream_duration_seconds_count")
+        .map(|s| s.value)
+        .sum();
+    assert!(
+        count >= 7.0,
+        "upstream duration observations: {count}\n{text}"
+    );
+    let inf_buckets: f64 = samples
+        .iter()
+        .filter(|s| {
+            s.name == "portcullis_upstream_duration_seconds_bucket" && s.label("le") == Some("+Inf")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(inf_buckets, count, "+Inf buckets equal the count:\n{text}");
+}

@@ -1,0 +1,255 @@
+//! Headers the proxy adds, rewrites and removes on the way to the upstream: X-Forwarded-*,
+//! Host, hop-by-hop headers, and client-supplied identity headers (which must never reach an
+//! upstream, whatever their spelling).
+
+use portcullis_tests::client::plain_client;
+use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
+
+use crate::get_echo;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_describe_the_client_request() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    let echo = get_echo(&plain_client(), &cfg.http_url("app.test", "/fwd")).await;
+    assert_eq!(echo.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(echo.header_all("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(
+        echo.header_all("x-forwarded-host"),
+        vec![format!("app.test:{port}")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_is_the_upstreams_unless_preserve_host() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://plain.test", &[&up]).preserve_host(false))
+        .route(Route::new("http://keep.test", &[&up]).preserve_host(true))
+        .route(Route::new("http://default.test", &[&up]));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    let port = cfg.http_addr().port();
+    let upstream_host = up.addr().to_string();
+
+    let echo = get_echo(&client, &cfg.http_url("plain.test", "/")).await;
+    assert_eq!(echo.header_all("host"), vec![upstream_host.as_str()]);
+    let echo = get_echo(&client, &cfg.http_url("default.test", "/")).await;
+    assert_eq!(
+        echo.header_all("host"),
+        vec![upstream_host.as_str()],
+        "preserve_host defaults to false"
+    );
+    let echo = get_echo(&client, &cfg.http_url("keep.test", "/")).await;
+    assert_eq!(echo.header_all("host"), vec![format!("keep.test:{port}")]);
+    // X-Forwarded-Host is the client's Host either way.
+    let echo = get_echo(&client, &cfg.http_url("plain.test", "/")).await;
+    assert_eq!(
+        echo.header_all("x-forwarded-host"),
+        vec![format!("plain.test:{port}")]
+    );
+}
+
+/// True for header names Portcullis reserves for identity: lower-cased, `_` read as `-`,
+/// starting with `x-portcullis-`.
+fn is_identity_header(name: &str) -> bool {
+    name.to_ascii_lowercase()
+        .replace('_', "-")
+        .starts_with("x-portcullis-")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_identity_headers_never_reach_the_upstream() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    // Every spoofed value carries the marker "spoof" so that any survivor is found whatever
+    // name it arrives under.
+    let spoofed: &[(&str, &str)] = &[
+        ("X-Portcullis-User", "spoof-user"),
+        ("x-portcullis-groups", "spoof-groups"),
+        ("X_Portcullis_User", "spoof-underscore"),
+        ("X-PORTCULLIS-EMAIL", "spoof-email"),
+        ("x-portcullis_user", "spoof-mixed"),
+        ("X_PORTCULLIS_GROUPS", "spoof-upper-underscore"),
+        ("x-PortCullis-Assertion", "spoof-assertion"),
+        ("X-Portcullis-User", "spoof-duplicate"),
+        ("x-portcullis-user", "spoof-duplicate-lower"),
+        ("X-Portcullis-", "spoof-bare-prefix"),
+        ("X_PORTCULLIS_", "spoof-bare-prefix-underscore"),
+        ("X-Portcullis-Named", "spoof-named-in-connection"),
+    ];
+    // Each case: the spoofed headers, plus one request where they are also named in Connection.
+    for (case, connection, drop_me_named) in [
+        ("plain", "keep-alive", false),
+        (
+            "named in Connection",
+            "keep-alive, X-Portcullis-Named, x_portcullis_user, X-Drop-Me",
+            true,
+        ),
+    ] {
+        let mut req = format!("GET /identity HTTP/1.1\r\nHost: app.test:{port}\r\n");
+        for (name, value) in spoofed {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str(&format!("Connection: {connection}\r\n"));
+        req.push_str("X-Drop-Me: named\r\n");
+        req.push_str("X-Ordinary: kept\r\nX-Ordinary: kept-twice\r\nUser-Agent: raw-test\r\n\r\n");
+
+        let resp = raw_request(cfg.http_addr(), req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(resp.status, 200, "{case}: {}", resp.body_text());
+        let echo = Echo::parse(&resp.body);
+
+        let leaked: Vec<&(String, String)> = echo
+            .headers
+            .iter()
+            .filter(|(n, v)| is_identity_header(n) || v.contains("spoof"))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "{case}: client identity headers reached the upstream: {leaked:?}"
+        );
+        assert_eq!(
+            echo.header_all("x-ordinary"),
+            vec!["kept", "kept-twice"],
+            "{case}: ordinary headers are forwarded, duplicates kept in order"
+        );
+        assert_eq!(echo.header("user-agent"), Some("raw-test"), "{case}");
+        let expected_drop_me = if drop_me_named { None } else { Some("named") };
+        assert_eq!(
+            echo.header("x-drop-me"),
+            expected_drop_me,
+            "{case}: a header is removed exactly when Connection names it"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]))
+        // Upgrade handling differs on websocket routes; hop-by-hop removal must not.
+        .route(Route::new("http://ws.test", &[&up]).websockets(true));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    for host in ["app.test", "ws.test"] {
+        let req = format!(
+            "GET /hop HTTP/1.1\r\n\
+             Host: {host}:{port}\r\n\
+             Connection: keep-alive, X-Custom-Hop, x-other-hop\r\n\
+             Keep-Alive: timeout=5, max=100\r\n\
+             Proxy-Connection: keep-alive\r\n\
+             TE: trailers\r\n\
+             Trailer: X-Checksum\r\n\
+             Upgrade: h2c\r\n\
+             Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
+             X-Custom-Hop: hop-1\r\n\
+             X-Other-Hop: hop-2\r\n\
+             X-End-To-End: e2e\r\n\
+             \r\n"
+        );
+        let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+        assert_eq!(resp.status, 200, "{host}: {}", resp.body_text());
+        let echo = Echo::parse(&resp.body);
+
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+            "x-custom-hop",
+            "x-other-hop",
+        ] {
+            assert!(
+                echo.header(name).is_none(),
+                "{host}: hop-by-hop header {name} reached the upstream: {:?}",
+                echo.headers
+            );
+        }
+        // The proxy may manage its own connection to the upstream, but the client's Connection
+        // header (with the names it lists) must not be passed along.
+        for value in echo.header_all("connection") {
+            let tokens: Vec<String> = value
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect();
+            assert!(
+                tokens.iter().all(|t| t == "keep-alive" || t == "close"),
+                "{host}: client Connection header reached the upstream: {value:?}"
+            );
+        }
+        assert_eq!(echo.header("x-end-to-end"), Some("e2e"), "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    for (case, connection) in [
+        ("sent by the client", "keep-alive"),
+        (
+            "also named in Connection",
+            "keep-alive, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host",
+        ),
+    ] {
+        let path = format!("/xf/{}", case.replace(' ', "-"));
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: {connection}\r\n\
+             X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
+             X-Forwarded-For: 203.0.113.9\r\n\r\n"
+        );
+        let resp = raw_request(cfg.http_addr(), req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        if connection != "keep-alive" && resp.status == 400 {
+            // pingora refuses a Connection header nominating Host or X-Forwarded-*: a refusal
+            // is as good as a correct rewrite, provided nothing reached the upstream.
+            assert!(
+                !up.seen().iter().any(|e| e.uri == path),
+                "{case}: refused with 400 but the upstream saw it"
+            );
+            continue;
+        }
+        assert_eq!(resp.status, 200, "{case}: {}", resp.body_text());
+        let echo = Echo::parse(&resp.body);
+        assert_eq!(
+            echo.header_all("x-forwarded-proto"),
+            vec!["http"],
+            "{case}: the scheme is the one the client really used"
+        );
+        assert_eq!(
+            echo.header_all("x-forwarded-host"),
+            vec![format!("app.test:{port}")],
+            "{case}: X-Forwarded-Host is the client's Host"
+        );
+        let xff = echo.header_all("x-forwarded-for").join(", ");
+        assert_eq!(
+            xff.rsplit(',').next().map(str::trim),
+            Some("127.0.0.1"),
+            "{case}: the peer address is the last X-Forwarded-For entry: {xff:?}"
+        );
+    }
+}

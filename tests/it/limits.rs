@@ -1,0 +1,166 @@
+//! Size limits on untrusted input: request bodies (per route and server-wide, with
+//! Content-Length and chunked) and request heads.
+
+use portcullis_tests::client::chunked;
+use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
+
+fn post_with_length(host: &str, path: &str, len: usize) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(std::iter::repeat_n(b'a', len));
+    req
+}
+
+fn post_chunked(host: &str, path: &str, len: usize) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(chunked(&vec![b'a'; len], 256));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_are_413() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("max_request_body_bytes", "4096")
+        .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"))
+        .route(Route::new("http://big.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+    let small = format!("small.test:{port}");
+    let big = format!("big.test:{port}");
+
+    // (request, expected status, what it is)
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            post_with_length(&small, "/ok-cl", 1000),
+            200,
+            "route limit, under, Content-Length",
+        ),
+        (
+            post_with_length(&small, "/ok-cl-exact", 1024),
+            200,
+            "route limit, exact, Content-Length",
+        ),
+        (
+            post_with_length(&small, "/over-cl", 2048),
+            413,
+            "route limit, over, Content-Length",
+        ),
+        (
+            post_chunked(&small, "/ok-chunked", 1000),
+            200,
+            "route limit, under, chunked",
+        ),
+        (
+            post_chunked(&small, "/over-chunked", 2048),
+            413,
+            "route limit, over, chunked",
+        ),
+        (
+            post_with_length(&big, "/ok-server", 4000),
+            200,
+            "server limit, under, Content-Length",
+        ),
+        (
+            post_with_length(&big, "/over-server", 5000),
+            413,
+            "server limit, over, Content-Length",
+        ),
+        (
+            post_chunked(&big, "/over-server-chunked", 8192),
+            413,
+            "server limit, over, chunked",
+        ),
+    ];
+    for (req, expected, what) in cases {
+        let resp = raw_request(cfg.http_addr(), &req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(resp.status, expected, "{what}: {}", resp.body_text());
+        if expected == 200 {
+            Echo::parse(&resp.body);
+        }
+    }
+    let bodies: Vec<(String, u64)> = up.seen().into_iter().map(|e| (e.uri, e.body_len)).collect();
+    assert!(
+        bodies.contains(&("/ok-cl".to_owned(), 1000))
+            && bodies.contains(&("/ok-chunked".to_owned(), 1000))
+            && bodies.contains(&("/ok-server".to_owned(), 4000)),
+        "accepted bodies reach the upstream whole: {bodies:?}"
+    );
+    assert!(
+        !bodies
+            .iter()
+            .any(|(uri, _)| uri == "/over-cl" || uri == "/over-server"),
+        "a body refused by its Content-Length must not reach the upstream: {bodies:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_request_head_is_refused() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("max_request_header_bytes", "1024")
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    let ok = format!(
+        "GET /small-head HTTP/1.1\r\nHost: app.test:{port}\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "p".repeat(200)
+    );
+    let resp = raw_request(cfg.http_addr(), ok.as_bytes()).await.unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.body_text());
+
+    for (what, req) in [
+        (
+            "one large header",
+            format!(
+                "GET /large-head HTTP/1.1\r\nHost: app.test:{port}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+                "b".repeat(4000)
+            ),
+        ),
+        (
+            "many headers",
+            format!(
+                "GET /large-head HTTP/1.1\r\nHost: app.test:{port}\r\n{}Connection: close\r\n\r\n",
+                (0..100)
+                    .map(|i| format!("X-H{i}: {}\r\n", "v".repeat(40)))
+                    .collect::<String>()
+            ),
+        ),
+        (
+            "long request line",
+            format!(
+                "GET /large-head?{} HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: close\r\n\r\n",
+                "q".repeat(4000)
+            ),
+        ),
+    ] {
+        let resp = raw_request(cfg.http_addr(), req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: no HTTP error status: {e}"));
+        assert!(
+            (400..500).contains(&resp.status),
+            "{what}: status {} (expected 431 or another 4xx)",
+            resp.status
+        );
+        if resp.status != 431 {
+            eprintln!("note: {what}: refused with {} rather than 431", resp.status);
+        }
+    }
+    let uris: Vec<String> = up.seen().into_iter().map(|e| e.uri).collect();
+    assert!(
+        !uris.iter().any(|u| u.starts_with("/large-head")),
+        "an oversized head reached the upstream: {uris:?}"
+    );
+}

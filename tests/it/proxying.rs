@@ -1,0 +1,131 @@
+//! Plain HTTP/1.1 proxying: what the client sends reaches the upstream, what the upstream
+//! answers reaches the client, and the error statuses when no route or no upstream is there.
+
+use portcullis_tests::client::plain_client;
+use portcullis_tests::{free_port, ConfigBuilder, Echo, Route, Upstream};
+use reqwest::StatusCode;
+
+use crate::get_echo;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_reaches_upstream_with_path_and_query() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let client = plain_client();
+
+    let resp = client
+        .get(cfg.http_url("app.test", "/hello/world?x=1&y=two"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("x-upstream").map(|v| v.as_bytes()),
+        Some(&b"a"[..]),
+        "upstream response headers reach the client"
+    );
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert_eq!(echo.upstream, "a");
+    assert_eq!(echo.method, "GET");
+    assert_eq!(echo.uri, "/hello/world?x=1&y=two");
+    assert_eq!(echo.body_len, 0);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn methods_and_request_bodies_are_forwarded() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/items");
+
+    let body = vec![b'x'; 5000];
+    let resp = client.post(&url).body(body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert_eq!(echo.method, "POST");
+    assert_eq!(echo.body_len, 5000);
+
+    for method in ["PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = client.request(m, &url).body("{}").send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+        let echo = Echo::parse(&resp.bytes().await.unwrap());
+        assert_eq!(echo.method, method);
+        assert_eq!(echo.body_len, 2, "{method} body");
+    }
+
+    let resp = client.head(&url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "HEAD");
+    assert_eq!(
+        up.seen().last().map(|e| e.method.clone()).as_deref(),
+        Some("HEAD")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_host_is_404() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let client = plain_client();
+
+    for url in [
+        cfg.http_url("other.test", "/"),
+        cfg.http_url("app.test.evil", "/"),
+        cfg.http_url("sub.app.test", "/x"),
+    ] {
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{url}");
+    }
+    assert_eq!(up.count(), 0, "no request reached the upstream");
+    // The known host still works, so the 404s are about routing, not a dead proxy.
+    get_echo(&client, &cfg.http_url("app.test", "/")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_upstreams_down_is_502_with_html_page() {
+    let mut a = Upstream::start("a").await;
+    let mut b = Upstream::start("b").await;
+    let nothing = format!("http://127.0.0.1:{}", free_port());
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&a, &b]).set("connect_timeout = \"1s\""))
+        .route(Route::to_urls("http://never.test", vec![nothing]).set("connect_timeout = \"1s\""));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    get_echo(&client, &cfg.http_url("app.test", "/")).await;
+
+    a.stop();
+    b.stop();
+    for url in [
+        cfg.http_url("app.test", "/down"),
+        cfg.http_url("never.test", "/down"),
+    ] {
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{url}");
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.text().await.unwrap();
+        assert!(
+            content_type.starts_with("text/html"),
+            "{url}: 502 content-type is {content_type:?}"
+        );
+        assert!(
+            body.to_ascii_lowercase().contains("<html") && body.len() < 4096,
+            "{url}: 502 body is not a short HTML page: {body:?}"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! Configuration reload (SIGHUP and file polling): new requests use the new routes, in-flight
+//! requests finish, nothing fails meanwhile, and an invalid file keeps the running config.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portcullis_tests::client::plain_client;
+use portcullis_tests::{ConfigBuilder, Echo, Portcullis, Route, Upstream};
+use reqwest::StatusCode;
+
+use crate::get_echo;
+
+/// Waits (bounded) until a request on `url` is answered by `upstream`.
+async fn wait_for_upstream(px: &Portcullis, url: &str, upstream: &str, within: Duration) {
+    let client = plain_client();
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match client.get(url).send().await {
+            Ok(resp) if resp.status() == 200 => {
+                let echo = Echo::parse(&resp.bytes().await.unwrap());
+                if echo.upstream == upstream {
+                    return;
+                }
+                last = format!("answered by {}", echo.upstream);
+            }
+            Ok(resp) => last = format!("status {}", resp.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{url} not answered by {upstream} within {within:?} (last: {last}); output:\n{}",
+        px.log()
+    );
+}
+
+#[derive(Default)]
+struct LoadStats {
+    total: AtomicUsize,
+    from_new: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_under_load_loses_no_request() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/load");
+
+    const CLIENTS: usize = 4;
+    const MAX_REQUESTS: usize = 8000;
+    const MAX_TIME: Duration = Duration::from_secs(10);
+    let stats = Arc::new(LoadStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut load = Vec::new();
+    for _ in 0..CLIENTS {
+        let (stats, stop, url) = (stats.clone(), stop.clone(), url.clone());
+        load.push(tokio::spawn(async move {
+            // Each client keeps its connections alive across the reload.
+            let client = plain_client();
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < MAX_TIME
+                && stats.total.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS
+            {
+                match client.get(&url).send().await {
+                    Ok(resp) if resp.status() == 200 => match resp.bytes().await {
+                        Ok(body) => {
+                            if Echo::parse(&body).upstream == "new" {
+                                stats.from_new.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => stats.failures.lock().unwrap().push(format!("body: {e}")),
+                    },
+                    Ok(resp) => stats
+                        .failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", resp.status())),
+                    Err(e) => stats.failures.lock().unwrap().push(format!("{e:?}")),
+                }
+            }
+        }));
+    }
+
+    while stats.total.load(Ordering::Relaxed) < 100 && started.elapsed() < MAX_TIME / 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new_config = cfg
+        .clone()
+        .without_routes()
+        .route(Route::new("http://app.test", &[&new]))
+        .toml();
+    px.rewrite_config(&new_config);
+    for _ in 0..5 {
+        px.reload();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Keep the load running until it has seen the new upstream, and a little longer.
+    while stats.from_new.load(Ordering::Relaxed) == 0 && started.elapsed() < MAX_TIME {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+
+    let failures = stats.failures.lock().unwrap().clone();
+    let total = stats.total.load(Ordering::Relaxed).min(MAX_REQUESTS);
+    eprintln!(
+        "reload under load: ~{total} requests in {:?}, {} answered by the new upstream",
+        started.elapsed(),
+        stats.from_new.load(Ordering::Relaxed)
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of ~{total} requests failed across reloads; first: {:?}",
+        failures.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        stats.from_new.load(Ordering::Relaxed) > 0,
+        "no request was answered by the new upstream during the load ({total} requests)"
+    );
+    let client = plain_client();
+    for _ in 0..20 {
+        let echo = get_echo(&client, &url).await;
+        assert_eq!(
+            echo.upstream, "new",
+            "after the reload every request uses the new route"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_flight_request_finishes_across_reload() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let px = cfg.start().await;
+
+    let slow_url = cfg.http_url("app.test", "/slow?ms=1500");
+    let slow = tokio::spawn(async move {
+        let resp = plain_client().get(&slow_url).send().await?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        Ok::<_, reqwest::Error>((status, body))
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(old.count(), 1, "the slow request reached the old upstream");
+
+    px.rewrite_config(
+        &cfg.clone()
+            .without_routes()
+            .route(Route::new("http://app.test", &[&new]))
+            .toml(),
+    );
+    px.reload();
+    wait_for_upstream(
+        &px,
+        &cfg.http_url("app.test", "/after"),
+        "new",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let (status, body) = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completes across the reload");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(Echo::parse(&body).upstream, "old");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_new_config_keeps_the_old_one() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let mut px = cfg.start().await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/keep");
+
+    let valid_new = cfg
+        .clone()
+        .without_routes()
+        .route(Route::new("http://app.test", &[&new]))
+        .toml();
+    let invalid = [
+        (
+            "TOML syntax error",
+            format!("{valid_new}\n[[routes]\nfrom = "),
+        ),
+        (
+            "unknown key",
+            format!(
+                "{valid_new}\n[[routes]]\nfrom = \"http://x.test\"\nto = [\"{}\"]\nbogus = 1\n",
+                new.url()
+            ),
+        ),
+        (
+            "duplicate route",
+            format!(
+                "{valid_new}\n[[routes]]\nfrom = \"http://app.test\"\nto = [\"{}\"]\n",
+                new.url()
+            ),
+        ),
+    ];
+    for (what, text) in invalid {
+        px.rewrite_config(&text);
+        px.reload();
+        // Longer than the poll interval (500 ms), so the poller has seen the file too.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            px.try_exit().is_none(),
+            "{what}: portcullis exited:\n{}",
+            px.log()
+        );
+        for _ in 0..10 {
+            let echo = get_echo(&client, &url).await;
+            assert_eq!(
+                echo.upstream, "old",
+                "{what}: the old config stays in force"
+            );
+        }
+        let resp = client.get(px.admin_url("/readyz")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{what}: still ready");
+    }
+
+    // A valid file after the bad ones is still picked up.
+    px.rewrite_config(&valid_new);
+    px.reload();
+    wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_change_is_picked_up_without_a_signal() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/poll");
+    assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
+
+    px.rewrite_config(
+        &cfg.clone()
+            .without_routes()
+            .route(Route::new("http://app.test", &[&new]))
+            .toml(),
+    );
+    // reload_poll_interval is 500 ms in the harness' configs.
+    wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
+}

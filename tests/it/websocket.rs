@@ -1,0 +1,110 @@
+//! Websocket upgrades: passed through on routes with `websockets = true`, not on others.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use portcullis_tests::{ConfigBuilder, Route, Upstream};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+const STEP: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_echo_through_the_proxy() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://ws.test", &[&up]).websockets(true));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    let mut request = format!("ws://ws.test:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-portcullis-user", HeaderValue::from_static("spoof-ws"));
+    let stream = TcpStream::connect(cfg.http_addr()).await.unwrap();
+    let (mut ws, resp) = timeout(STEP, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("websocket handshake timed out")
+        .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+
+    let messages = [
+        Message::text("hello"),
+        Message::binary(vec![0u8, 1, 2, 255]),
+        Message::text("x".repeat(100_000)),
+    ];
+    for msg in messages {
+        timeout(STEP, ws.send(msg.clone()))
+            .await
+            .expect("send timed out")
+            .unwrap();
+        let echoed = timeout(STEP, ws.next())
+            .await
+            .expect("echo timed out")
+            .expect("stream ended")
+            .unwrap();
+        assert_eq!(echoed, msg);
+    }
+    let _ = timeout(STEP, ws.close(None)).await;
+
+    let handshake = up.seen();
+    assert_eq!(
+        handshake.len(),
+        1,
+        "one upgrade request reached the upstream"
+    );
+    assert!(
+        !handshake[0]
+            .headers
+            .iter()
+            .any(|(_, v)| v.contains("spoof")),
+        "an identity header on the websocket handshake reached the upstream: {:?}",
+        handshake[0].headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_upgrade_is_refused_when_disabled() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://nows.test", &[&up]).websockets(false))
+        .route(Route::new("http://default.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    for host in ["nows.test", "default.test"] {
+        let stream = TcpStream::connect(cfg.http_addr()).await.unwrap();
+        let result = timeout(
+            STEP,
+            tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), stream),
+        )
+        .await
+        .expect("websocket handshake timed out");
+        match result {
+            Ok((_, resp)) => panic!(
+                "{host}: websocket upgraded ({}) on a route without websockets",
+                resp.status()
+            ),
+            Err(e) => {
+                // Either refused by the proxy or forwarded without Upgrade; never switched.
+                if let tokio_tungstenite::tungstenite::Error::Http(resp) = &e {
+                    assert_ne!(resp.status(), 101, "{host}");
+                }
+            }
+        }
+    }
+    for echo in up.seen() {
+        assert!(
+            echo.header("upgrade").is_none(),
+            "the upstream saw an Upgrade header on a route without websockets: {:?}",
+            echo.headers
+        );
+    }
+}

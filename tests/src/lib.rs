@@ -1,0 +1,33 @@
+//! The end-to-end test harness of Portcullis: real peers on ephemeral loopback ports and the real
+//! `portcullis` binary, started and torn down per test.
+//!
+//! It owns: an in-process upstream that echoes what it received ([`upstream`]), throw-away
+//! certificates ([`tls`]), a config-file builder ([`config`]), the child process running
+//! `portcullis serve` ([`process`]) and clients, including a raw one for bytes a normal client
+//! would normalise ([`client`]). It does not own any assertion about the proxy: those are the
+//! tests in `it/`, compiled as one binary. Read `it/proxying.rs` first.
+//!
+//! Nothing here uses a fixed port or kills processes by name: each test starts its own
+//! upstreams and its own `portcullis`, so tests run in parallel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod client;
+pub mod config;
+pub mod process;
+pub mod tls;
+pub mod upstream;
+
+use std::net::TcpListener;
+
+pub use client::{raw_request, RawResponse};
+pub use config::{ConfigBuilder, Route};
+pub use process::Portcullis;
+pub use tls::{CertFiles, TestCa};
+pub use upstream::{Echo, Upstream};
+
+/// A loopback port that was free a moment ago (bound to port 0, read, released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}

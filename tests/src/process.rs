@@ -1,0 +1,268 @@
+//! Running the real `portcullis` binary: `serve` as a child process killed on drop, and the
+//! one-shot commands (`check-config`, `--version`).
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// How long `start` waits for `/readyz`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a one-shot command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `portcullis` binary built next to this test executable
+/// (`target/debug/deps/it-…` → `target/debug/portcullis`), or `$PORTCULLIS_BIN`.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTCULLIS_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let candidate = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(format!("portcullis{}", std::env::consts::EXE_SUFFIX)))
+        .find(|p| p.is_file());
+    match candidate {
+        Some(path) => path,
+        None => panic!(
+            "the portcullis binary was not found next to {} (looked in target/debug/): \
+             run `cargo build -p portcullis` first, or set PORTCULLIS_BIN",
+            exe.display()
+        ),
+    }
+}
+
+/// A running `portcullis serve`. Killed (SIGKILL) when dropped; if the test is panicking, its
+/// output is printed first.
+pub struct Portcullis {
+    child: Option<Child>,
+    dir: TempDir,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    admin: SocketAddr,
+    exit: Option<ExitStatus>,
+}
+
+impl Portcullis {
+    /// Writes `config` to a temporary directory, spawns `portcullis serve --config FILE` and
+    /// waits (bounded) until `GET /readyz` on the config's `[admin] address` answers 200.
+    pub async fn start(config: &str) -> Portcullis {
+        let admin = admin_address(config);
+        let dir = tempfile::tempdir().expect("tempdir for portcullis");
+        let config_path = dir.path().join("portcullis.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log_path = dir.path().join("portcullis.log");
+        let log = File::create(&log_path).expect("create log file");
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn portcullis");
+        let mut px = Portcullis {
+            child: Some(child),
+            dir,
+            config_path,
+            log_path,
+            admin,
+            exit: None,
+        };
+        px.wait_ready().await;
+        px
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = crate::client::plain_client();
+        let url = self.admin_url("/readyz");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "portcullis exited with {status} before becoming ready; config:\n{}\noutput:\n{}",
+                    self.config(),
+                    self.log()
+                );
+            }
+            if let Ok(resp) = client.get(&url).send().await {
+                if resp.status() == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "portcullis not ready after {READY_TIMEOUT:?} ({url}); config:\n{}\noutput:\n{}",
+                    self.config(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// `http://<admin address><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The config file as it is now.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(&self.config_path).unwrap_or_default()
+    }
+
+    /// Everything the process wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        let child = self.child.as_ref().expect("portcullis was already reaped");
+        Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"))
+    }
+
+    /// Replaces the config file atomically (write + rename), so the file poller never reads a
+    /// half-written file. Does not signal the process.
+    pub fn rewrite_config(&self, text: &str) {
+        let tmp = self.dir.path().join("portcullis.toml.new");
+        std::fs::write(&tmp, text).expect("write new config");
+        std::fs::rename(&tmp, &self.config_path).expect("replace config");
+    }
+
+    /// Sends `SIGHUP`.
+    pub fn reload(&self) {
+        self.signal(Signal::SIGHUP);
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal portcullis");
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Some(child) = self.child.as_mut() {
+                self.exit = child.try_wait().expect("try_wait portcullis");
+            }
+        }
+        self.exit
+    }
+
+    /// Sends `SIGTERM` and waits up to `timeout` for the process to exit.
+    pub async fn terminate_within(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "portcullis still running {timeout:?} after SIGTERM; output:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Sends `SIGTERM` and waits up to 30 s for the process to exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(30)).await
+    }
+}
+
+impl Drop for Portcullis {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- portcullis config ({}) -----\n{}\n----- portcullis output -----\n{}\n-----",
+                self.config_path.display(),
+                self.config(),
+                self.log()
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            if self.exit.is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The `[admin] address` of a config text; the harness needs it to probe readiness.
+fn admin_address(config: &str) -> SocketAddr {
+    let table: toml::Table = match config.parse() {
+        Ok(t) => t,
+        Err(e) => panic!("Portcullis::start needs a parseable config ({e}):\n{config}"),
+    };
+    table
+        .get("admin")
+        .and_then(|a| a.get("address"))
+        .and_then(|a| a.as_str())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("Portcullis::start needs `[admin] address = \"IP:port\"`"))
+}
+
+/// The result of a one-shot command.
+#[derive(Debug)]
+pub struct CommandResult {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandResult {
+    fn from_output(out: Output) -> CommandResult {
+        CommandResult {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `portcullis <args>` in `dir` with a time limit.
+pub async fn run(dir: &Path, args: &[&str]) -> CommandResult {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(COMMAND_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) => CommandResult::from_output(out),
+        Ok(Err(e)) => panic!("running portcullis {args:?}: {e}"),
+        Err(_) => panic!("portcullis {args:?} did not finish within {COMMAND_TIMEOUT:?}"),
+    }
+}
+
+/// Writes `config` to `<dir>/portcullis.toml` and runs `portcullis check-config` on it.
+pub async fn check_config(dir: &Path, config: &str) -> CommandResult {
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.display().to_string();
+    run(dir, &["check-config", &path]).await
+}

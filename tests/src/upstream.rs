@@ -1,0 +1,270 @@
+//! A real HTTP/1.1 upstream that answers every request with a JSON [`Echo`] of what it received.
+//!
+//! Endpoints: `/ws` is a websocket echo (when the request asks for an upgrade), `/slow?ms=N`
+//! answers after N milliseconds (for drain and in-flight tests), everything else echoes at once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+/// What an upstream received, as it answers it in its JSON body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Echo {
+    /// The name the upstream was started with.
+    pub upstream: String,
+    pub method: String,
+    /// Path and query as received.
+    pub uri: String,
+    /// Every header, in order, duplicates kept, names as the upstream's parser reports them.
+    pub headers: Vec<(String, String)>,
+    pub body_len: u64,
+}
+
+impl Echo {
+    /// Parses an upstream's answer; panics with the body text when it is not an echo.
+    pub fn parse(body: &[u8]) -> Echo {
+        match serde_json::from_slice(body) {
+            Ok(echo) => echo,
+            Err(e) => panic!(
+                "response body is not an upstream echo ({e}): {}",
+                String::from_utf8_lossy(body)
+            ),
+        }
+    }
+
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header, by case-insensitive name.
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+struct State {
+    name: String,
+    seen: Mutex<Vec<Echo>>,
+}
+
+/// A running upstream on `127.0.0.1:<ephemeral>`. Stops when dropped.
+pub struct Upstream {
+    state: Arc<State>,
+    addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Binds an ephemeral loopback port and starts serving on the current tokio runtime.
+    pub async fn start(name: &str) -> Upstream {
+        Upstream::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts serving on `addr`, e.g. the address of a stopped upstream, to bring it back.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind upstream listener on {addr}: {e}"));
+        let addr = listener.local_addr().expect("upstream local addr");
+        let state = Arc::new(State {
+            name: name.to_owned(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        Upstream {
+            state,
+            addr,
+            task: Some(task),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`, as a route's `to` entry.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far (recorded when its head and body have arrived, before any
+    /// `/slow` delay).
+    pub fn seen(&self) -> Vec<Echo> {
+        self.state.seen.lock().expect("upstream state").clone()
+    }
+
+    /// How many requests were received so far.
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().expect("upstream state").len()
+    }
+
+    /// Closes the listening socket and every open connection, as a crashed upstream would.
+    /// Websocket sessions already upgraded are left alone.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Aborting the accept loop drops its JoinSet, which aborts every connection task.
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let state = state.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| handle(req, state.clone()));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    let _ = conn.await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let wants_websocket = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (parts, body) = req.into_parts();
+    let body_len = match body.collect().await {
+        Ok(collected) => collected.to_bytes().len() as u64,
+        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "body read failed")),
+    };
+    let echo = Echo {
+        upstream: state.name.clone(),
+        method: parts.method.to_string(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.to_string())
+            .unwrap_or_else(|| "/".to_owned()),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body_len,
+    };
+    state
+        .seen
+        .lock()
+        .expect("upstream state")
+        .push(echo.clone());
+
+    let path = parts.uri.path();
+    if path == "/ws" && wants_websocket {
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return Ok(plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+        };
+        let accept = derive_accept_key(key.as_bytes());
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() || msg.is_binary() {
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                } else if msg.is_close() {
+                    break;
+                }
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        return Ok(resp);
+    }
+    if path == "/slow" {
+        let ms = parts
+            .uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1000)
+            .min(30_000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    let body = serde_json::to_vec(&echo).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&state.name) {
+        resp.headers_mut().insert("x-upstream", v);
+    }
+    Ok(resp)
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
