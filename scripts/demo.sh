@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds Portcullis and runs it on the demo: a sample upstream behind the proxy.
+# Open http://localhost:8080/ once it says it is ready; Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh build
+cargo build -p portcullis
+
+python3 examples/upstream.py 127.0.0.1 8081 &
+upstream=$!
+trap 'kill $upstream 2>/dev/null || true' EXIT
+
+echo
+echo "Portcullis demo: open http://localhost:8080/  (metrics: http://127.0.0.1:9090/metrics)"
+echo
+target/debug/portcullis serve --config examples/demo.toml

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it: formatting, lints, every shipped example config,
+# unit tests and the end-to-end tests against real peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh test
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build -p portcullis
+echo "== check-config examples/"
+for file in examples/*.toml; do
+  echo "$file"
+  target/debug/portcullis check-config "$file"
+done
+echo "== tests"
+cargo test --workspace -- --test-threads=2
