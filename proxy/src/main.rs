@@ -31,6 +31,11 @@ use pingora::services::listening::Service;
 
 use crate::state::{Runtime, Shared};
 
+// The proxy allocates small, short-lived buffers per request; mimalloc is measurably faster at
+// that than the system allocator (bench/proxy.py).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "portcullis", version, about = "Identity-aware reverse proxy")]
 struct Cli {
@@ -107,6 +112,8 @@ fn serve(config_path: &Path) -> Result<Never, String> {
 
     let conf = ServerConf {
         threads: server_config.threads,
+        // One single-threaded runtime per worker thread: no cross-thread wake-ups per request.
+        work_stealing: false,
         // Drainer exits as soon as in-flight requests finish; this is only the upper bound.
         grace_period_seconds: Some(server_config.shutdown_timeout.as_secs().saturating_add(1)),
         graceful_shutdown_timeout_seconds: Some(1),
