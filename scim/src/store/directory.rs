@@ -1,0 +1,553 @@
+//! [`Directory`]: the store as handlers and the proxy see it.
+
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::thread;
+
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use super::index::{fold, Index};
+use super::writer::Overlay;
+use super::{Change, Command, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH};
+use crate::error::ScimError;
+use crate::eval::{check_filter, matches_checked, references_attribute};
+use crate::filter::{AttrExpr, AttrOp, AttrPath, CompValue, CompareOp, Filter};
+use crate::schema::ResourceType;
+
+/// The clock the writer stamps `meta` with; a parameter so tests can move time.
+pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
+
+struct Job {
+    command: Command,
+    actor: String,
+    reply: oneshot::Sender<Result<Written, ScimError>>,
+}
+
+pub struct Directory {
+    storage: Arc<dyn Storage>,
+    index: Arc<RwLock<Index>>,
+    /// `None` only while dropping, so the writer sees its queue close and stops.
+    writer: Option<mpsc::Sender<Job>>,
+    writer_thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Directory {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(thread) = self.writer_thread.take() {
+            // The writer finishes the batch in hand (answering it) and stops.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A user's standing, as the proxy asks for it on every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserStatus {
+    pub row: Row,
+    pub id: Arc<str>,
+    pub active: bool,
+}
+
+/// One member of a group, for rendering `members`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: Arc<str>,
+    pub rt: ResourceType,
+    pub display: Option<String>,
+}
+
+/// One group a user or group is in, for rendering a User's `groups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberOf {
+    pub id: Arc<str>,
+    pub display: String,
+    pub direct: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortOrder {
+    #[default]
+    Ascending,
+    Descending,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub filter: Option<Filter>,
+    pub sort_by: Option<AttrPath>,
+    pub sort_order: SortOrder,
+    /// 1-based, as in SCIM.
+    pub start_index: usize,
+    pub count: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub total: usize,
+    /// For Groups, `members` is not included (see [`Directory::members`]).
+    pub records: Vec<Record>,
+}
+
+impl Directory {
+    /// Loads `storage` into a fresh index and starts the writer thread.
+    pub fn open(storage: Arc<dyn Storage>, clock: Clock) -> Result<Self, StoreError> {
+        let mut index = Index::default();
+        let mut members = Vec::new();
+        let mut bad = 0usize;
+        let (seq, next_row) = storage.load(&mut |loaded| match loaded {
+            Loaded::Resource(rt, row, record) => {
+                if !index.insert_loaded(rt, row, &record) {
+                    bad += 1;
+                }
+            }
+            Loaded::Member { group, member } => members.push((group, member)),
+        })?;
+        if bad > 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{bad} stored resources lack an id or name"
+            )));
+        }
+        for (group, member) in members {
+            index.insert_member(group, member);
+        }
+        index.seq = seq;
+        index.next_row = next_row;
+        let index = Arc::new(RwLock::new(index));
+        let (writer, jobs) = mpsc::channel();
+        let writer_thread = {
+            let storage = storage.clone();
+            let index = index.clone();
+            thread::Builder::new()
+                .name("directory-writer".to_owned())
+                .spawn(move || write_loop(&*storage, &index, &jobs, &clock))
+                .map_err(|e| StoreError::Backend(format!("cannot start the writer: {e}")))?
+        };
+        Ok(Self {
+            storage,
+            index,
+            writer: Some(writer),
+            writer_thread: Some(writer_thread),
+        })
+    }
+
+    /// Performs a write on behalf of `actor` (the SCIM token's name). Returns once the write
+    /// is durable and visible to every later read.
+    pub async fn write(&self, command: Command, actor: &str) -> Result<Written, ScimError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            command,
+            actor: actor.to_owned(),
+            reply,
+        };
+        self.writer
+            .as_ref()
+            .ok_or_else(|| ScimError::new(503, None, "the directory is closing"))?
+            .send(job)
+            .map_err(|_| ScimError::new(503, None, "the directory writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| ScimError::new(503, None, "the directory writer has stopped"))?
+    }
+
+    fn index(&self) -> RwLockReadGuard<'_, Index> {
+        // A poisoned lock means a panic while applying a batch: the index may be half-updated,
+        // and no answer from it can be trusted, allow or deny. Stop the process; a restart
+        // rebuilds the index from storage.
+        match self.index.read() {
+            Ok(guard) => guard,
+            Err(_) => {
+                tracing::error!("directory index poisoned by a panic; stopping");
+                std::process::abort()
+            }
+        }
+    }
+
+    /// The sequence number of the last committed change.
+    pub fn seq(&self) -> Seq {
+        self.index().seq()
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let index = self.index();
+        (index.user_count(), index.group_count())
+    }
+
+    /// The user whose `userName` is `user_name` (case-insensitively).
+    pub fn user_by_name(&self, user_name: &str) -> Option<UserStatus> {
+        let index = self.index();
+        let row = index.user_by_name(user_name)?;
+        let entry = index.user(row)?;
+        Some(UserStatus {
+            row,
+            id: entry.id.clone(),
+            active: entry.active,
+        })
+    }
+
+    pub fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Record>, ScimError> {
+        let Some((kind, row)) = self.index().row_of(id) else {
+            return Ok(None);
+        };
+        if kind != rt {
+            return Ok(None);
+        }
+        Ok(self
+            .storage
+            .records(rt, &[row])?
+            .into_iter()
+            .next()
+            .map(|(_, r)| r))
+    }
+
+    /// The direct members of group `id`, in creation order of the members.
+    pub fn members(&self, id: &str) -> Vec<Member> {
+        let index = self.index();
+        let Some((ResourceType::Group, row)) = index.row_of(id) else {
+            return Vec::new();
+        };
+        let mut rows: Vec<Row> = index.members_of(row).collect();
+        rows.sort_unstable();
+        rows.into_iter()
+            .filter_map(|member| {
+                if let Some(user) = index.user(member) {
+                    Some(Member {
+                        id: user.id.clone(),
+                        rt: ResourceType::User,
+                        display: None,
+                    })
+                } else {
+                    index.group(member).map(|group| Member {
+                        id: group.id.clone(),
+                        rt: ResourceType::Group,
+                        display: Some(group.display_name.to_string()),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// The groups `id` is in, directly or through nested groups.
+    pub fn groups_of(&self, id: &str) -> Vec<MemberOf> {
+        let index = self.index();
+        let Some((_, row)) = index.row_of(id) else {
+            return Vec::new();
+        };
+        index
+            .groups_of(row)
+            .into_iter()
+            .filter_map(|(group, direct)| {
+                index.group(group).map(|g| MemberOf {
+                    id: g.id.clone(),
+                    display: g.display_name.to_string(),
+                    direct,
+                })
+            })
+            .collect()
+    }
+
+    /// Committed changes after `after`, oldest first.
+    pub fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, ScimError> {
+        Ok(self.storage.changes(after, limit)?)
+    }
+
+    /// Lists resources matching `query`, in a stable order (creation order unless sorted).
+    pub fn query(&self, rt: ResourceType, query: &Query) -> Result<Page, ScimError> {
+        if let Some(filter) = &query.filter {
+            check_filter(filter, rt)?;
+        }
+        let needs_members = rt == ResourceType::Group
+            && query
+                .filter
+                .as_ref()
+                .is_some_and(|f| references_attribute(f, "members"));
+        let start = query.start_index.max(1) - 1;
+        let count = query.count.unwrap_or(usize::MAX);
+
+        let rows: Vec<Row> = {
+            let index = self.index();
+            match query
+                .filter
+                .as_ref()
+                .and_then(|f| candidates(&index, rt, f))
+            {
+                Some(mut rows) => {
+                    rows.sort_unstable();
+                    rows.dedup();
+                    rows
+                }
+                None => match rt {
+                    ResourceType::User => index.users.keys().copied().collect(),
+                    ResourceType::Group => index.groups.keys().copied().collect(),
+                },
+            }
+        };
+
+        // Without a filter or sort, only the page itself is read from storage.
+        if query.filter.is_none() && query.sort_by.is_none() {
+            let page: Vec<Row> = rows.iter().copied().skip(start).take(count).collect();
+            let records = self.storage.records(rt, &page)?;
+            return Ok(Page {
+                total: rows.len(),
+                records: records.into_iter().map(|(_, r)| r).collect(),
+            });
+        }
+
+        let mut matched: Vec<Record> = Vec::new();
+        for chunk in rows.chunks(1024) {
+            for (row, record) in self.storage.records(rt, chunk)? {
+                let keep = match &query.filter {
+                    None => true,
+                    Some(filter) if needs_members => {
+                        let mut resource = record.resource.clone();
+                        self.attach_member_values(row, &mut resource);
+                        matches_checked(filter, &resource, rt)?
+                    }
+                    Some(filter) => matches_checked(filter, &record.resource, rt)?,
+                };
+                if keep {
+                    matched.push(record);
+                }
+            }
+        }
+        if let Some(sort_by) = &query.sort_by {
+            sort_records(&mut matched, sort_by, query.sort_order);
+        }
+        let total = matched.len();
+        let records = matched.into_iter().skip(start).take(count).collect();
+        Ok(Page { total, records })
+    }
+
+    fn attach_member_values(&self, row: Row, resource: &mut Value) {
+        let index = self.index();
+        let mut rows: Vec<Row> = index.members_of(row).collect();
+        rows.sort_unstable();
+        let members: Vec<Value> = rows
+            .into_iter()
+            .filter_map(|m| {
+                let id = index
+                    .user(m)
+                    .map(|u| u.id.clone())
+                    .or_else(|| index.group(m).map(|g| g.id.clone()))?;
+                Some(json!({ "value": &*id }))
+            })
+            .collect();
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("members".to_owned(), Value::Array(members));
+        }
+    }
+}
+
+/// Candidate rows for `filter` from the index: a superset of the matches, or `None` when the
+/// index cannot narrow the search (every row is then a candidate).
+fn candidates(index: &Index, rt: ResourceType, filter: &Filter) -> Option<Vec<Row>> {
+    match filter {
+        Filter::And(l, r) => {
+            let (l, r) = (candidates(index, rt, l), candidates(index, rt, r));
+            match (l, r) {
+                (Some(l), Some(r)) => Some(if l.len() <= r.len() { l } else { r }),
+                (l, r) => l.or(r),
+            }
+        }
+        Filter::Or(l, r) => {
+            let mut l = candidates(index, rt, l)?;
+            l.extend(candidates(index, rt, r)?);
+            Some(l)
+        }
+        Filter::Attr(expr) => eq_string(expr).and_then(|(path, value)| {
+            lookup(index, rt, &path.name, path.sub_attr.as_deref(), value)
+        }),
+        Filter::ValuePath { attr, filter, sub } => {
+            // emails[type eq "work"].value eq "x"
+            if let Some((path, value)) = sub.as_ref().and_then(eq_string) {
+                if path.sub_attr.is_none() {
+                    return lookup(index, rt, &attr.name, Some(&path.name), value);
+                }
+            }
+            // emails[value eq "x" and …], members[value eq "x"]
+            element_candidates(index, rt, &attr.name, filter)
+        }
+        Filter::Not(_) => None,
+    }
+}
+
+fn element_candidates(
+    index: &Index,
+    rt: ResourceType,
+    attr: &str,
+    filter: &Filter,
+) -> Option<Vec<Row>> {
+    match filter {
+        Filter::And(l, r) => element_candidates(index, rt, attr, l)
+            .or_else(|| element_candidates(index, rt, attr, r)),
+        Filter::Or(l, r) => {
+            let mut l = element_candidates(index, rt, attr, l)?;
+            l.extend(element_candidates(index, rt, attr, r)?);
+            Some(l)
+        }
+        Filter::Attr(expr) => eq_string(expr).and_then(|(path, value)| {
+            (path.sub_attr.is_none())
+                .then(|| lookup(index, rt, attr, Some(&path.name), value))
+                .flatten()
+        }),
+        _ => None,
+    }
+}
+
+fn eq_string(expr: &AttrExpr) -> Option<(&AttrPath, &str)> {
+    match &expr.op {
+        AttrOp::Compare(CompareOp::Eq, CompValue::String(value)) => Some((&expr.path, value)),
+        _ => None,
+    }
+}
+
+/// Rows whose attribute `name`(`.sub`) equals `value`, from the index, when one covers it.
+fn lookup(
+    index: &Index,
+    rt: ResourceType,
+    name: &str,
+    sub: Option<&str>,
+    value: &str,
+) -> Option<Vec<Row>> {
+    let is = |a: &str| name.eq_ignore_ascii_case(a);
+    let sub_is = |s: &str| sub.is_some_and(|x| x.eq_ignore_ascii_case(s));
+    let rows_of = |map: &std::collections::HashMap<Box<str>, Vec<Row>>, key: &str| {
+        map.get(key).cloned().unwrap_or_default()
+    };
+    match rt {
+        ResourceType::User if is("userName") && sub.is_none() => {
+            Some(index.user_by_name(value).into_iter().collect())
+        }
+        ResourceType::User if is("externalId") && sub.is_none() => {
+            Some(rows_of(&index.user_by_external_id, value))
+        }
+        ResourceType::User if is("emails") && (sub.is_none() || sub_is("value")) => {
+            Some(rows_of(&index.user_by_email, &fold(value)))
+        }
+        ResourceType::Group if is("displayName") && sub.is_none() => Some(
+            index
+                .group_by_name
+                .get(&*fold(value))
+                .copied()
+                .into_iter()
+                .collect(),
+        ),
+        ResourceType::Group if is("externalId") && sub.is_none() => {
+            Some(rows_of(&index.group_by_external_id, value))
+        }
+        ResourceType::Group if is("members") && (sub.is_none() || sub_is("value")) => {
+            let member = index.row_of(value).map(|(_, row)| row);
+            Some(
+                member
+                    .map(|m| index.parents_of(m).collect())
+                    .unwrap_or_default(),
+            )
+        }
+        _ if is("id") && sub.is_none() => Some(
+            index
+                .row_of(value)
+                .filter(|(kind, _)| *kind == rt)
+                .map(|(_, row)| row)
+                .into_iter()
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
+    let key = |record: &Record| -> Option<String> {
+        let mut value = record.resource.as_object()?;
+        let top = value
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&by.name))?
+            .1;
+        let leaf = match &by.sub_attr {
+            Some(sub) => {
+                value = top.as_object()?;
+                value.iter().find(|(k, _)| k.eq_ignore_ascii_case(sub))?.1
+            }
+            None => top,
+        };
+        Some(match leaf {
+            Value::String(s) => s.to_lowercase(),
+            other => other.to_string(),
+        })
+    };
+    // Stable: equal keys keep creation order. Missing values sort last either way (RFC 7644
+    // §3.4.2.3).
+    records.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        match (ka, kb) {
+            (Some(a), Some(b)) => match order {
+                SortOrder::Ascending => a.cmp(&b),
+                SortOrder::Descending => b.cmp(&a),
+            },
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        }
+    });
+}
+
+fn write_loop(
+    storage: &dyn Storage,
+    index: &RwLock<Index>,
+    jobs: &mpsc::Receiver<Job>,
+    clock: &Clock,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch_jobs = vec![first];
+        while batch_jobs.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch_jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let now = clock()
+            .format(&Rfc3339)
+            .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+        let (results, batch) = {
+            let Ok(guard) = index.read() else {
+                fail_all(batch_jobs, "the directory index is unusable");
+                continue;
+            };
+            let mut overlay = Overlay::new(&guard, storage, now);
+            let results: Vec<Result<Written, ScimError>> = batch_jobs
+                .iter()
+                .map(|job| overlay.execute(&job.command, &job.actor))
+                .collect();
+            (results, overlay.into_batch())
+        };
+        if !batch.is_empty() {
+            if let Err(e) = storage.commit(&batch) {
+                tracing::error!(
+                    "directory commit failed, {} writes refused: {e}",
+                    batch_jobs.len()
+                );
+                fail_all(batch_jobs, "the directory could not save the change; retry");
+                continue;
+            }
+            match index.write() {
+                Ok(mut guard) => guard.apply(&batch),
+                Err(_) => {
+                    fail_all(batch_jobs, "the directory index is unusable");
+                    continue;
+                }
+            }
+        }
+        for (job, result) in batch_jobs.into_iter().zip(results) {
+            // The requester may have gone away; the write stands either way.
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+fn fail_all(jobs: Vec<Job>, why: &str) {
+    for job in jobs {
+        let _ = job.reply.send(Err(ScimError::new(503, None, why)));
+    }
+}

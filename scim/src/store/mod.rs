@@ -1,0 +1,168 @@
+//! The directory store: durable Users, Groups and memberships, and the in-memory index that
+//! answers the hot questions without touching disk.
+//!
+//! - [`Directory`] is what handlers and the proxy use. Writes are [`Command`]s: a single writer
+//!   thread evaluates them in order against the current state, commits a whole batch of them in
+//!   one durable transaction (group commit), then makes the batch visible in the index at once
+//!   and only then answers. So a write answered 2xx is on disk, and every read that starts after
+//!   the answer sees it.
+//! - [`Storage`] is the one trait a backend implements (redb here, [`redb::RedbStorage`]); it
+//!   persists batches stamped with a monotonically increasing change sequence and loads them
+//!   back at start. A PostgreSQL backend for several replicas implements the same trait.
+//! - [`Index`] holds every User and Group in compact form, memberships in both directions,
+//!   and the unique names. Group member lists live only as rows, never inside the Group's
+//!   stored resource, so adding one member to a 100,000-member group writes one row.
+
+mod directory;
+mod index;
+pub mod redb;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ScimError;
+use crate::patch::PatchOp;
+use crate::schema::ResourceType;
+
+pub use directory::{Directory, Member, MemberOf, Page, Query, SortOrder, UserStatus};
+pub use index::Index;
+
+/// Internal, stable row number of a resource: creation order, never reused.
+pub type Row = u64;
+/// The change sequence: one more for every change that was committed.
+pub type Seq = u64;
+
+/// Largest number of commands committed in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// A resource as stored: its SCIM representation (a Group's without `members`) and what never
+/// leaves the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub resource: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+/// A write, evaluated by the writer against the state left by the writes before it.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// `resource` has been validated; `id` and `meta` are assigned here.
+    Create {
+        rt: ResourceType,
+        resource: Value,
+        password_hash: Option<String>,
+    },
+    Replace {
+        rt: ResourceType,
+        id: String,
+        resource: Value,
+        password_hash: Option<String>,
+        if_match: Option<String>,
+    },
+    Patch {
+        rt: ResourceType,
+        id: String,
+        ops: Vec<PatchOp>,
+        password_hash: Option<String>,
+        if_match: Option<String>,
+    },
+    Delete {
+        rt: ResourceType,
+        id: String,
+        if_match: Option<String>,
+    },
+}
+
+impl Command {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Replace { .. } => "replace",
+            Self::Patch { .. } => "patch",
+            Self::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// The result of a committed write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The change sequence of this write; unchanged (the current one) when it changed nothing.
+    pub seq: Seq,
+    pub id: String,
+    /// The resource after the write; `None` after a delete.
+    pub record: Option<Record>,
+}
+
+/// One committed change, as kept for audit and for replicas following the sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: Seq,
+    /// RFC 3339 time of the commit.
+    pub time: String,
+    /// Name of the SCIM token that made the change.
+    pub actor: String,
+    pub op: String,
+    pub resource_type: String,
+    pub id: String,
+    /// What changed, in a few words a person can read (no secrets).
+    pub summary: String,
+}
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The sequence number after this batch.
+    pub seq: Seq,
+    pub next_row: Row,
+    /// New state of each changed resource; `None` deletes it.
+    pub records: Vec<(ResourceType, Row, Option<Record>)>,
+    /// `(group, member, present)`.
+    pub members: Vec<(Row, Row, bool)>,
+    pub changes: Vec<Change>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.members.is_empty() && self.changes.is_empty()
+    }
+}
+
+/// What [`Storage::load`] hands back, in any order.
+pub enum Loaded {
+    Resource(ResourceType, Row, Record),
+    Member { group: Row, member: Row },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the directory store failed: {0}")]
+    Backend(String),
+    #[error("the directory data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the directory data has schema version {found}; this build reads version {expected}")]
+    Version { found: u64, expected: u64 },
+}
+
+impl From<StoreError> for ScimError {
+    fn from(e: StoreError) -> Self {
+        ScimError::new(503, None, e.to_string())
+    }
+}
+
+/// A durable backend for the directory.
+pub trait Storage: Send + Sync + 'static {
+    /// Visits every stored resource and membership; returns `(seq, next_row)`.
+    fn load(&self, visit: &mut dyn FnMut(Loaded)) -> Result<(Seq, Row), StoreError>;
+    /// Reads the records at `rows` (missing ones are skipped), in one consistent view.
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError>;
+    /// Writes `batch` durably: when this returns `Ok`, the batch survives a crash.
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Changes with a sequence above `after`, oldest first, at most `limit`.
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError>;
+}

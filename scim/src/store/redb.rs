@@ -1,0 +1,178 @@
+//! The embedded backend: one redb database file in `data_dir`.
+//!
+//! Tables: `users` and `groups` (row → the record as JSON), `members` ((group, member) → ()),
+//! `changes` (seq → the change as JSON) and `meta` (the schema version, the change sequence and
+//! the next row number). Each batch is one write transaction with redb's default
+//! `Durability::Immediate`: when `commit` returns, the batch is on disk.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Batch, Change, Loaded, Record, Row, Seq, Storage, StoreError};
+use crate::schema::ResourceType;
+
+/// The on-disk format version. A database written by another version is refused at start.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
+const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
+const MEMBERS: TableDefinition<(u64, u64), ()> = TableDefinition::new("members");
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+
+pub struct RedbStorage {
+    db: Database,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn table(rt: ResourceType) -> TableDefinition<'static, u64, &'static [u8]> {
+    match rt {
+        ResourceType::User => USERS,
+        ResourceType::Group => GROUPS,
+    }
+}
+
+impl RedbStorage {
+    /// Opens (or creates) `directory.redb` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("directory.redb");
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            let version = meta
+                .get("schema_version")
+                .map_err(backend)?
+                .map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(backend)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => {
+                    return Err(StoreError::Version {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    })
+                }
+            }
+            txn.open_table(USERS).map_err(backend)?;
+            txn.open_table(GROUPS).map_err(backend)?;
+            txn.open_table(MEMBERS).map_err(backend)?;
+            txn.open_table(CHANGES).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        Ok(Self { db })
+    }
+}
+
+fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("row {row}: {e}")))
+}
+
+impl Storage for RedbStorage {
+    fn load(&self, visit: &mut dyn FnMut(Loaded)) -> Result<(Seq, Row), StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        for rt in [ResourceType::User, ResourceType::Group] {
+            let resources = txn.open_table(table(rt)).map_err(backend)?;
+            for entry in resources.iter().map_err(backend)? {
+                let (row, bytes) = entry.map_err(backend)?;
+                let row = row.value();
+                visit(Loaded::Resource(rt, row, decode(row, bytes.value())?));
+            }
+        }
+        let members = txn.open_table(MEMBERS).map_err(backend)?;
+        for entry in members.iter().map_err(backend)? {
+            let (key, _) = entry.map_err(backend)?;
+            let (group, member) = key.value();
+            visit(Loaded::Member { group, member });
+        }
+        let meta = txn.open_table(META).map_err(backend)?;
+        let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
+        let next_row = meta
+            .get("next_row")
+            .map_err(backend)?
+            .map_or(1, |v| v.value());
+        Ok((seq, next_row))
+    }
+
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(backend)?;
+        let resources = txn.open_table(table(rt)).map_err(backend)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for &row in rows {
+            if let Some(bytes) = resources.get(row).map_err(backend)? {
+                out.push((row, decode(row, bytes.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut users = txn.open_table(USERS).map_err(backend)?;
+            let mut groups = txn.open_table(GROUPS).map_err(backend)?;
+            for (rt, row, record) in &batch.records {
+                let resources = match rt {
+                    ResourceType::User => &mut users,
+                    ResourceType::Group => &mut groups,
+                };
+                match record {
+                    Some(record) => {
+                        let bytes = serde_json::to_vec(record).map_err(backend)?;
+                        resources.insert(*row, bytes.as_slice()).map_err(backend)?;
+                    }
+                    None => {
+                        resources.remove(*row).map_err(backend)?;
+                    }
+                }
+            }
+            let mut members = txn.open_table(MEMBERS).map_err(backend)?;
+            for &(group, member, present) in &batch.members {
+                if present {
+                    members.insert((group, member), ()).map_err(backend)?;
+                } else {
+                    members.remove((group, member)).map_err(backend)?;
+                }
+            }
+            let mut changes = txn.open_table(CHANGES).map_err(backend)?;
+            for change in &batch.changes {
+                let bytes = serde_json::to_vec(change).map_err(backend)?;
+                changes
+                    .insert(change.seq, bytes.as_slice())
+                    .map_err(backend)?;
+            }
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert("seq", batch.seq).map_err(backend)?;
+            meta.insert("next_row", batch.next_row).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let changes = txn.open_table(CHANGES).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in changes
+            .range(after.saturating_add(1)..)
+            .map_err(backend)?
+            .take(limit)
+        {
+            let (seq, bytes) = entry.map_err(backend)?;
+            let change = serde_json::from_slice(bytes.value())
+                .map_err(|e| StoreError::Corrupt(format!("change {}: {e}", seq.value())))?;
+            out.push(change);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,365 @@
+//! Store tests: real redb files in a temp dir, writes through the single writer.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::redb::RedbStorage;
+use super::*;
+use crate::error::ScimType;
+use crate::filter::Filter;
+use crate::patch::parse_patch_request;
+use crate::validate::{validate_resource, Mode};
+
+const USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+const GROUP: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+
+fn open(dir: &std::path::Path) -> Directory {
+    let storage = Arc::new(RedbStorage::open(dir).unwrap());
+    Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap()
+}
+
+fn user(name: &str) -> Value {
+    json!({
+        "schemas": [USER],
+        "userName": name,
+        "externalId": format!("ext-{name}"),
+        "active": true,
+        "emails": [{"type": "work", "value": name, "primary": true}],
+    })
+}
+
+async fn create(dir: &Directory, rt: ResourceType, body: Value) -> Result<Written, ScimError> {
+    let resource = validate_resource(rt, &body, Mode::Create)?;
+    dir.write(
+        Command::Create {
+            rt,
+            resource,
+            password_hash: None,
+        },
+        "test",
+    )
+    .await
+}
+
+async fn patch(
+    dir: &Directory,
+    rt: ResourceType,
+    id: &str,
+    body: Value,
+) -> Result<Written, ScimError> {
+    let ops = parse_patch_request(&body)?;
+    dir.write(
+        Command::Patch {
+            rt,
+            id: id.to_owned(),
+            ops,
+            password_hash: None,
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+}
+
+fn patch_body(ops: Value) -> Value {
+    json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": ops})
+}
+
+fn query(dir: &Directory, rt: ResourceType, filter: &str) -> Vec<String> {
+    let page = dir
+        .query(
+            rt,
+            &Query {
+                filter: Some(Filter::parse(filter).unwrap()),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.total, page.records.len());
+    page.records
+        .iter()
+        .map(|r| r.resource["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn creates_reads_and_refuses_duplicate_user_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let alice = create(&dir, ResourceType::User, user("Alice@Corp.example"))
+        .await
+        .unwrap();
+    let record = dir.get(ResourceType::User, &alice.id).unwrap().unwrap();
+    assert_eq!(record.resource["userName"], "Alice@Corp.example");
+    assert_eq!(record.resource["meta"]["resourceType"], "User");
+    assert_eq!(
+        record.resource["meta"]["version"],
+        format!("W/\"{}\"", alice.seq)
+    );
+
+    let again = create(&dir, ResourceType::User, user("alice@corp.EXAMPLE"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.status, 409);
+    assert_eq!(again.scim_type, Some(ScimType::Uniqueness));
+    assert_eq!(dir.counts(), (1, 0));
+    assert_eq!(
+        dir.user_by_name("ALICE@corp.example").map(|u| u.active),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn okta_deactivation_is_visible_at_once_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = {
+        let dir = open(tmp.path());
+        let bob = create(&dir, ResourceType::User, user("bob@corp.example"))
+            .await
+            .unwrap();
+        let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+        patch(&dir, ResourceType::User, &bob.id, off).await.unwrap();
+        assert_eq!(
+            dir.user_by_name("bob@corp.example").map(|u| u.active),
+            Some(false)
+        );
+        bob.id
+    };
+    let dir = open(tmp.path());
+    assert_eq!(
+        dir.user_by_name("bob@corp.example").map(|u| u.active),
+        Some(false)
+    );
+    let record = dir.get(ResourceType::User, &id).unwrap().unwrap();
+    assert_eq!(record.resource["active"], false);
+    assert_eq!(dir.seq(), 2);
+}
+
+#[tokio::test]
+async fn members_change_one_row_at_a_time_and_nest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let a = create(&dir, ResourceType::User, user("a@x"))
+        .await
+        .unwrap()
+        .id;
+    let b = create(&dir, ResourceType::User, user("b@x"))
+        .await
+        .unwrap()
+        .id;
+    let eng = create(
+        &dir,
+        ResourceType::Group,
+        json!({"schemas": [GROUP], "displayName": "Eng", "members": [{"value": a}]}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let all = create(
+        &dir,
+        ResourceType::Group,
+        json!({"schemas": [GROUP], "displayName": "All", "members": [{"value": eng}]}),
+    )
+    .await
+    .unwrap()
+    .id;
+
+    // Okta: add with path members; Entra: Remove with a value list.
+    let add = patch_body(json!([{"op": "add", "path": "members", "value": [{"value": b}]}]));
+    let written = patch(&dir, ResourceType::Group, &eng, add).await.unwrap();
+    assert!(
+        written.record.unwrap().resource.get("members").is_none(),
+        "members live apart"
+    );
+    let mut members: Vec<String> = dir.members(&eng).iter().map(|m| m.id.to_string()).collect();
+    members.sort();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(members, want);
+
+    let groups: Vec<(String, bool)> = dir
+        .groups_of(&b)
+        .into_iter()
+        .map(|g| (g.display, g.direct))
+        .collect();
+    assert_eq!(
+        groups,
+        [("Eng".to_owned(), true), ("All".to_owned(), false)]
+    );
+
+    let remove = patch_body(
+        json!([{"op": "Remove", "path": "members", "value": [{"value": b, "$ref": null}]}]),
+    );
+    patch(&dir, ResourceType::Group, &eng, remove)
+        .await
+        .unwrap();
+    assert!(dir.groups_of(&b).is_empty());
+    assert_eq!(
+        query(
+            &dir,
+            ResourceType::Group,
+            &format!("members[value eq \"{a}\"]")
+        ),
+        std::slice::from_ref(&eng)
+    );
+
+    // A cycle (All inside Eng, Eng inside All) is refused and changes nothing.
+    let cycle = patch_body(json!([{"op": "add", "path": "members", "value": [{"value": all}]}]));
+    let err = patch(&dir, ResourceType::Group, &eng, cycle)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+    assert_eq!(dir.members(&eng).len(), 1);
+
+    // Deleting a user takes it out of every group.
+    dir.write(
+        Command::Delete {
+            rt: ResourceType::User,
+            id: a.clone(),
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    assert!(dir.members(&eng).is_empty());
+    assert!(dir.get(ResourceType::User, &a).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn if_match_guards_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let c = create(&dir, ResourceType::User, user("c@x")).await.unwrap();
+    let stale = Command::Delete {
+        rt: ResourceType::User,
+        id: c.id.clone(),
+        if_match: Some("W/\"999\"".to_owned()),
+    };
+    assert_eq!(dir.write(stale, "test").await.unwrap_err().status, 412);
+    let fresh = Command::Delete {
+        rt: ResourceType::User,
+        id: c.id.clone(),
+        if_match: Some(format!("W/\"{}\"", c.seq)),
+    };
+    dir.write(fresh, "test").await.unwrap();
+}
+
+#[tokio::test]
+async fn filters_use_the_index_and_pages_are_stable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        ids.push(
+            create(
+                &dir,
+                ResourceType::User,
+                user(&format!("user{i:02}@corp.example")),
+            )
+            .await
+            .unwrap()
+            .id,
+        );
+    }
+    assert_eq!(
+        query(
+            &dir,
+            ResourceType::User,
+            r#"userName eq "USER07@corp.example""#
+        ),
+        [ids[7].clone()]
+    );
+    assert_eq!(
+        query(
+            &dir,
+            ResourceType::User,
+            r#"externalId eq "ext-user08@corp.example""#
+        ),
+        [ids[8].clone()]
+    );
+    assert!(query(
+        &dir,
+        ResourceType::User,
+        r#"externalId eq "EXT-user08@corp.example""#
+    )
+    .is_empty());
+    assert_eq!(
+        query(
+            &dir,
+            ResourceType::User,
+            r#"emails[type eq "work"].value eq "user09@corp.example""#
+        ),
+        [ids[9].clone()]
+    );
+    assert_eq!(
+        query(&dir, ResourceType::User, r#"userName sw "user1""#).len(),
+        10
+    );
+
+    let page = |start: usize| {
+        dir.query(
+            ResourceType::User,
+            &Query {
+                start_index: start,
+                count: Some(10),
+                ..Query::default()
+            },
+        )
+        .unwrap()
+    };
+    let first = page(1);
+    assert_eq!(first.total, 25);
+    let got: Vec<&str> = first
+        .records
+        .iter()
+        .map(|r| r.resource["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        ids[..10].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(page(21).records.len(), 5);
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_commits_and_all_land() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Arc::new(open(tmp.path()));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let dir = dir.clone();
+        tasks.push(tokio::spawn(async move {
+            create(&dir, ResourceType::User, user(&format!("c{i}@x")))
+                .await
+                .map(|w| w.seq)
+        }));
+    }
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.push(task.await.unwrap().unwrap());
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 200, "every write gets its own change number");
+    assert_eq!(dir.seq(), 200);
+    assert_eq!(dir.changes(0, 1000).unwrap().len(), 200);
+}
+
+#[tokio::test]
+async fn a_database_of_another_version_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let db = ::redb::Database::create(tmp.path().join("directory.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: ::redb::TableDefinition<&str, u64> = ::redb::TableDefinition::new("meta");
+            let mut meta = txn.open_table(def).unwrap();
+            meta.insert("schema_version", 99).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = RedbStorage::open(tmp.path()).err().unwrap();
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+}

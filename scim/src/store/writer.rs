@@ -1,0 +1,675 @@
+//! The single writer: evaluates a batch of commands in order against the index plus the
+//! batch's own earlier effects (the overlay), producing one [`Batch`] to commit.
+//!
+//! Nothing here touches the index: it is read-only while the batch is built, and the batch is
+//! applied to it only after the storage commit succeeded.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Value};
+
+use super::index::{etag, fold, Index};
+use super::{Batch, Change, Command, Record, Row, Seq, Storage, Written};
+use crate::error::{ScimError, ScimType};
+use crate::patch::apply_patch;
+use crate::schema::ResourceType;
+use crate::validate::take_member_ids;
+use crate::value::{get_ci, remove_ci};
+
+/// Most membership rows a single command may change (a full replace of a huge group).
+const MAX_MEMBER_CHANGES: usize = 1_000_000;
+
+pub struct Overlay<'a> {
+    index: &'a Index,
+    storage: &'a dyn Storage,
+    now: String,
+    seq: Seq,
+    next_row: Row,
+    records: HashMap<Row, (ResourceType, Option<Record>)>,
+    record_order: Vec<Row>,
+    ids: HashMap<String, Option<(ResourceType, Row)>>,
+    user_names: HashMap<Box<str>, Option<Row>>,
+    group_names: HashMap<Box<str>, Option<Row>>,
+    /// `(group, member) → present` for memberships changed in this batch.
+    members: HashMap<(Row, Row), bool>,
+    member_order: Vec<(Row, Row)>,
+    changes: Vec<Change>,
+}
+
+fn not_found(rt: ResourceType, id: &str) -> ScimError {
+    ScimError::new(404, None, format!("{} {id} not found", rt.name()))
+}
+
+fn invalid(detail: impl Into<String>) -> ScimError {
+    ScimError::bad_request(ScimType::InvalidValue, detail)
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(index: &'a Index, storage: &'a dyn Storage, now: String) -> Self {
+        Self {
+            index,
+            storage,
+            now,
+            seq: index.seq,
+            next_row: index.next_row.max(1),
+            records: HashMap::new(),
+            record_order: Vec::new(),
+            ids: HashMap::new(),
+            user_names: HashMap::new(),
+            group_names: HashMap::new(),
+            members: HashMap::new(),
+            member_order: Vec::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    pub fn into_batch(self) -> Batch {
+        let mut records = self.records;
+        Batch {
+            seq: self.seq,
+            next_row: self.next_row,
+            records: self
+                .record_order
+                .iter()
+                .filter_map(|row| records.remove(row).map(|(rt, rec)| (rt, *row, rec)))
+                .collect(),
+            members: self
+                .member_order
+                .iter()
+                .filter_map(|key| self.members.get(key).map(|&p| (key.0, key.1, p)))
+                .collect(),
+            changes: self.changes,
+        }
+    }
+
+    /// Evaluates one command. On error the overlay is left as it was before the command.
+    pub fn execute(&mut self, command: &Command, actor: &str) -> Result<Written, ScimError> {
+        // Commands are atomic: work on a copy of the overlay's bookkeeping and keep it only on
+        // success. The copies are small: they hold this batch's changes, not the directory.
+        let checkpoint = self.checkpoint();
+        let result = self.run(command, actor);
+        if result.is_err() {
+            self.restore(checkpoint);
+        }
+        result
+    }
+
+    fn run(&mut self, command: &Command, actor: &str) -> Result<Written, ScimError> {
+        match command {
+            Command::Create {
+                rt,
+                resource,
+                password_hash,
+            } => self.create(*rt, resource.clone(), password_hash.clone(), actor),
+            Command::Replace {
+                rt,
+                id,
+                resource,
+                password_hash,
+                if_match,
+            } => {
+                let (row, current) = self.current(*rt, id, if_match.as_deref())?;
+                self.replace(
+                    *rt,
+                    row,
+                    current,
+                    resource.clone(),
+                    password_hash.clone(),
+                    actor,
+                )
+            }
+            Command::Patch {
+                rt,
+                id,
+                ops,
+                password_hash,
+                if_match,
+            } => {
+                let (row, current) = self.current(*rt, id, if_match.as_deref())?;
+                let mut resource = current.resource.clone();
+                let outcome = {
+                    let is_member = |member_id: &str| {
+                        self.row_of(member_id)
+                            .is_some_and(|(_, member)| self.is_member(row, member))
+                    };
+                    apply_patch(&mut resource, *rt, ops, &is_member)?
+                };
+                let mut changed = outcome.resource_changed || password_hash.is_some();
+                let mut summary = Vec::new();
+                if outcome.resource_changed {
+                    summary.push("attributes".to_owned());
+                }
+                if *rt == ResourceType::Group {
+                    let changes = &outcome.member_changes;
+                    let n = match &changes.replaced_all {
+                        Some(all) => self.set_members(row, all)?,
+                        None => {
+                            let added = self.add_members(row, &changes.added)?;
+                            let removed = self.remove_members(row, &changes.removed)?;
+                            added + removed
+                        }
+                    };
+                    if n > 0 {
+                        changed = true;
+                        summary.push(member_summary(changes));
+                    }
+                }
+                if !changed {
+                    return Ok(Written {
+                        seq: self.seq,
+                        id: id.clone(),
+                        record: Some(current),
+                    });
+                }
+                let password_hash = password_hash.clone().or(current.password_hash.clone());
+                self.store(
+                    *rt,
+                    row,
+                    resource,
+                    Some(&current),
+                    password_hash,
+                    "patch",
+                    actor,
+                    &summary.join(", "),
+                )
+            }
+            Command::Delete { rt, id, if_match } => {
+                let (row, current) = self.current(*rt, id, if_match.as_deref())?;
+                self.delete(*rt, row, &current, id, actor)
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
+        rt: ResourceType,
+        mut resource: Value,
+        password_hash: Option<String>,
+        actor: &str,
+    ) -> Result<Written, ScimError> {
+        let members = take_members(rt, &mut resource);
+        let row = self.next_row;
+        self.next_row += 1;
+        let id = uuid::Uuid::new_v4().to_string();
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("id".to_owned(), Value::String(id.clone()));
+        }
+        let written = self.store(
+            rt,
+            row,
+            resource,
+            None,
+            password_hash,
+            "create",
+            actor,
+            "created",
+        )?;
+        if let Some(members) = members {
+            self.add_members(row, &members)?;
+        }
+        Ok(written)
+    }
+
+    fn replace(
+        &mut self,
+        rt: ResourceType,
+        row: Row,
+        current: Record,
+        mut resource: Value,
+        password_hash: Option<String>,
+        actor: &str,
+    ) -> Result<Written, ScimError> {
+        let id = current
+            .resource
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(sent) = resource
+            .as_object()
+            .and_then(|o| get_ci(o, "id"))
+            .and_then(Value::as_str)
+        {
+            if sent != id {
+                return Err(ScimError::bad_request(
+                    ScimType::Mutability,
+                    format!("id is read-only: this resource's id is {id}, not {sent}"),
+                ));
+            }
+        }
+        // A PUT that leaves `members` out keeps them: clients that PUT groups manage members by
+        // PATCH, and silently emptying a 100,000-member group is the worse reading of the RFC.
+        let members = take_members(rt, &mut resource);
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("id".to_owned(), Value::String(id));
+        }
+        let password_hash = password_hash.or(current.password_hash.clone());
+        let written = self.store(
+            rt,
+            row,
+            resource,
+            Some(&current),
+            password_hash,
+            "replace",
+            actor,
+            "replaced",
+        )?;
+        if let Some(members) = members {
+            self.set_members(row, &members)?;
+        }
+        Ok(written)
+    }
+
+    fn delete(
+        &mut self,
+        rt: ResourceType,
+        row: Row,
+        current: &Record,
+        id: &str,
+        actor: &str,
+    ) -> Result<Written, ScimError> {
+        // Out of every group it was in, and (a group) emptied of its members.
+        let parents: Vec<Row> = self.parents_now(row);
+        for group in parents {
+            self.set_member(group, row, false);
+        }
+        if rt == ResourceType::Group {
+            for member in self.members_now(row) {
+                self.set_member(row, member, false);
+            }
+        }
+        match rt {
+            ResourceType::User => {
+                if let Some(name) = str_of(&current.resource, "userName") {
+                    self.user_names.insert(fold(name), None);
+                }
+            }
+            ResourceType::Group => {
+                if let Some(name) = str_of(&current.resource, "displayName") {
+                    self.group_names.insert(fold(name), None);
+                }
+            }
+        }
+        self.ids.insert(id.to_owned(), None);
+        self.put_record(rt, row, None);
+        self.seq += 1;
+        self.log(actor, "delete", rt, id, "deleted".to_owned());
+        Ok(Written {
+            seq: self.seq,
+            id: id.to_owned(),
+            record: None,
+        })
+    }
+
+    /// Stamps `meta`, checks the unique name, and records the new state of a resource.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &mut self,
+        rt: ResourceType,
+        row: Row,
+        mut resource: Value,
+        previous: Option<&Record>,
+        password_hash: Option<String>,
+        op: &str,
+        actor: &str,
+        summary: &str,
+    ) -> Result<Written, ScimError> {
+        let Some(obj) = resource.as_object_mut() else {
+            return Err(invalid("a resource must be a JSON object"));
+        };
+        // Never store a clear-text password, whatever path it came by.
+        remove_ci(obj, "password");
+        let id = obj
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ScimError::new(500, None, "resource without id"))?;
+        let (name_attr, names_are_users) = match rt {
+            ResourceType::User => ("userName", true),
+            ResourceType::Group => ("displayName", false),
+        };
+        let name = get_ci(obj, name_attr)
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("{name_attr} is required")))?;
+        let folded = fold(name);
+        let owner = if names_are_users {
+            self.user_name_owner(&folded)
+        } else {
+            self.group_name_owner(&folded)
+        };
+        if owner.is_some_and(|owner| owner != row) {
+            return Err(ScimError::new(
+                409,
+                Some(ScimType::Uniqueness),
+                format!("a {} with {name_attr} {name:?} already exists", rt.name()),
+            ));
+        }
+        if let Some(previous) = previous {
+            if let Some(old) = str_of(&previous.resource, name_attr) {
+                let old = fold(old);
+                if old != folded {
+                    self.name_map(names_are_users).insert(old, None);
+                }
+            }
+        }
+        self.name_map(names_are_users).insert(folded, Some(row));
+
+        self.seq += 1;
+        let created = previous
+            .and_then(|p| p.resource.get("meta"))
+            .and_then(|m| m.get("created"))
+            .cloned()
+            .unwrap_or_else(|| Value::String(self.now.clone()));
+        obj.insert(
+            "meta".to_owned(),
+            json!({
+                "resourceType": rt.name(),
+                "created": created,
+                "lastModified": self.now,
+                "version": etag(self.seq),
+            }),
+        );
+        let record = Record {
+            resource,
+            password_hash,
+        };
+        self.ids.insert(id.clone(), Some((rt, row)));
+        self.put_record(rt, row, Some(record.clone()));
+        self.log(actor, op, rt, &id, summary.to_owned());
+        Ok(Written {
+            seq: self.seq,
+            id,
+            record: Some(record),
+        })
+    }
+
+    fn name_map(&mut self, users: bool) -> &mut HashMap<Box<str>, Option<Row>> {
+        if users {
+            &mut self.user_names
+        } else {
+            &mut self.group_names
+        }
+    }
+
+    fn log(&mut self, actor: &str, op: &str, rt: ResourceType, id: &str, summary: String) {
+        self.changes.push(Change {
+            seq: self.seq,
+            time: self.now.clone(),
+            actor: actor.to_owned(),
+            op: op.to_owned(),
+            resource_type: rt.name().to_owned(),
+            id: id.to_owned(),
+            summary,
+        });
+    }
+
+    fn put_record(&mut self, rt: ResourceType, row: Row, record: Option<Record>) {
+        if self.records.insert(row, (rt, record)).is_none() {
+            self.record_order.push(row);
+        }
+    }
+
+    /// The current record of `id`, checked against `If-Match`.
+    fn current(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(Row, Record), ScimError> {
+        let row = match self.row_of(id) {
+            Some((kind, row)) if kind == rt => row,
+            _ => return Err(not_found(rt, id)),
+        };
+        let record = self.record(rt, row)?.ok_or_else(|| not_found(rt, id))?;
+        if let Some(expected) = if_match {
+            let current = record
+                .resource
+                .get("meta")
+                .and_then(|m| m.get("version"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let matches = expected
+                .split(',')
+                .map(str::trim)
+                .any(|tag| tag == "*" || tag == current);
+            if !matches {
+                return Err(ScimError::new(
+                    412,
+                    None,
+                    format!("If-Match {expected} does not match the current version {current}"),
+                ));
+            }
+        }
+        Ok((row, record))
+    }
+
+    fn record(&self, rt: ResourceType, row: Row) -> Result<Option<Record>, ScimError> {
+        if let Some((_, record)) = self.records.get(&row) {
+            return Ok(record.clone());
+        }
+        Ok(self
+            .storage
+            .records(rt, &[row])?
+            .into_iter()
+            .next()
+            .map(|(_, record)| record))
+    }
+
+    fn row_of(&self, id: &str) -> Option<(ResourceType, Row)> {
+        match self.ids.get(id) {
+            Some(entry) => *entry,
+            None => self.index.row_of(id),
+        }
+    }
+
+    fn user_name_owner(&self, folded: &str) -> Option<Row> {
+        match self.user_names.get(folded) {
+            Some(owner) => *owner,
+            None => self.index.user_by_name.get(folded).copied(),
+        }
+    }
+
+    fn group_name_owner(&self, folded: &str) -> Option<Row> {
+        match self.group_names.get(folded) {
+            Some(owner) => *owner,
+            None => self.index.group_by_name.get(folded).copied(),
+        }
+    }
+
+    fn is_member(&self, group: Row, member: Row) -> bool {
+        match self.members.get(&(group, member)) {
+            Some(&present) => present,
+            None => self.index.is_member(group, member),
+        }
+    }
+
+    fn members_now(&self, group: Row) -> Vec<Row> {
+        let mut rows: HashSet<Row> = self.index.members_of(group).collect();
+        for (&(g, m), &present) in &self.members {
+            if g == group {
+                if present {
+                    rows.insert(m);
+                } else {
+                    rows.remove(&m);
+                }
+            }
+        }
+        rows.into_iter().collect()
+    }
+
+    fn parents_now(&self, member: Row) -> Vec<Row> {
+        let mut rows: HashSet<Row> = self.index.parents_of(member).collect();
+        for (&(g, m), &present) in &self.members {
+            if m == member {
+                if present {
+                    rows.insert(g);
+                } else {
+                    rows.remove(&g);
+                }
+            }
+        }
+        rows.into_iter().collect()
+    }
+
+    fn set_member(&mut self, group: Row, member: Row, present: bool) -> bool {
+        if self.is_member(group, member) == present {
+            return false;
+        }
+        if self.members.insert((group, member), present).is_none() {
+            self.member_order.push((group, member));
+        }
+        true
+    }
+
+    /// Resolves member ids to rows: each must be an existing User or Group, and a group may
+    /// not end up inside itself.
+    fn member_rows(&self, group: Row, ids: &[String]) -> Result<Vec<Row>, ScimError> {
+        if ids.len() > MAX_MEMBER_CHANGES {
+            return Err(ScimError::bad_request(
+                ScimType::TooMany,
+                format!("at most {MAX_MEMBER_CHANGES} members can change in one request"),
+            ));
+        }
+        ids.iter()
+            .map(|id| {
+                let (rt, row) = self
+                    .row_of(id)
+                    .ok_or_else(|| invalid(format!("member {id} is not a known User or Group")))?;
+                if rt == ResourceType::Group && self.reaches(row, group) {
+                    return Err(invalid(format!(
+                        "group {id} contains this group: adding it would make a cycle"
+                    )));
+                }
+                Ok(row)
+            })
+            .collect()
+    }
+
+    /// Whether `target` is `from` or a (transitive) member of it.
+    fn reaches(&self, from: Row, target: Row) -> bool {
+        let mut seen = HashSet::new();
+        let mut stack = vec![from];
+        while let Some(group) = stack.pop() {
+            if group == target {
+                return true;
+            }
+            if seen.insert(group) {
+                stack.extend(
+                    self.members_now(group).into_iter().filter(|m| {
+                        self.index.groups.contains_key(m) || self.is_group_in_batch(*m)
+                    }),
+                );
+            }
+        }
+        false
+    }
+
+    fn is_group_in_batch(&self, row: Row) -> bool {
+        matches!(self.records.get(&row), Some((ResourceType::Group, Some(_))))
+    }
+
+    fn add_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
+        let rows = self.member_rows(group, ids)?;
+        Ok(rows
+            .into_iter()
+            .filter(|&m| self.set_member(group, m, true))
+            .count())
+    }
+
+    fn remove_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
+        // Removing someone who is not there (or no longer exists) succeeds: IdPs retry.
+        let rows: Vec<Row> = ids
+            .iter()
+            .filter_map(|id| self.row_of(id))
+            .map(|(_, r)| r)
+            .collect();
+        Ok(rows
+            .into_iter()
+            .filter(|&m| self.set_member(group, m, false))
+            .count())
+    }
+
+    fn set_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
+        let wanted: HashSet<Row> = self.member_rows(group, ids)?.into_iter().collect();
+        let mut changed = 0;
+        for member in self.members_now(group) {
+            if !wanted.contains(&member) && self.set_member(group, member, false) {
+                changed += 1;
+            }
+        }
+        for member in wanted {
+            if self.set_member(group, member, true) {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            seq: self.seq,
+            next_row: self.next_row,
+            records: self.records.clone(),
+            record_order: self.record_order.len(),
+            ids: self.ids.clone(),
+            user_names: self.user_names.clone(),
+            group_names: self.group_names.clone(),
+            members: self.members.clone(),
+            member_order: self.member_order.len(),
+            changes: self.changes.len(),
+        }
+    }
+
+    fn restore(&mut self, c: Checkpoint) {
+        self.seq = c.seq;
+        self.next_row = c.next_row;
+        self.records = c.records;
+        self.record_order.truncate(c.record_order);
+        self.ids = c.ids;
+        self.user_names = c.user_names;
+        self.group_names = c.group_names;
+        self.members = c.members;
+        self.member_order.truncate(c.member_order);
+        self.changes.truncate(c.changes);
+    }
+}
+
+struct Checkpoint {
+    seq: Seq,
+    next_row: Row,
+    records: HashMap<Row, (ResourceType, Option<Record>)>,
+    record_order: usize,
+    ids: HashMap<String, Option<(ResourceType, Row)>>,
+    user_names: HashMap<Box<str>, Option<Row>>,
+    group_names: HashMap<Box<str>, Option<Row>>,
+    members: HashMap<(Row, Row), bool>,
+    member_order: usize,
+    changes: usize,
+}
+
+fn str_of<'v>(resource: &'v Value, name: &str) -> Option<&'v str> {
+    resource
+        .as_object()
+        .and_then(|o| get_ci(o, name))
+        .and_then(Value::as_str)
+}
+
+/// A Group's member ids, taken out of its validated resource: members are stored as rows,
+/// never inside the group.
+fn take_members(rt: ResourceType, resource: &mut Value) -> Option<Vec<String>> {
+    match rt {
+        ResourceType::Group => take_member_ids(resource),
+        ResourceType::User => None,
+    }
+}
+
+fn member_summary(changes: &crate::patch::MemberChanges) -> String {
+    match &changes.replaced_all {
+        Some(all) => format!("members replaced ({} members)", all.len()),
+        None => format!(
+            "members +[{}] -[{}]",
+            changes.added.join(","),
+            changes.removed.join(",")
+        ),
+    }
+}
