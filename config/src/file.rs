@@ -21,6 +21,7 @@ pub(crate) struct File {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    pub scim: Option<Scim>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,4 +75,38 @@ pub(crate) struct Route {
     pub max_request_body_bytes: Option<i64>,
     pub tls_verify: Option<bool>,
     pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Scim {
+    pub host: Option<String>,
+    pub max_request_body_bytes: Option<i64>,
+    pub max_bulk_operations: Option<i64>,
+    pub max_results: Option<i64>,
+    #[serde(default)]
+    pub tokens: Vec<ScimToken>,
+}
+
+/// `Debug` is written by hand: `secret` may be the clear token, and so may a mistaken
+/// `secret_sha256`.
+#[derive(Deserialize)]
+pub(crate) struct ScimToken {
+    pub name: Option<String>,
+    pub secret: Option<String>,
+    pub secret_sha256: Option<String>,
+    pub expires: Option<String>,
+}
+
+impl std::fmt::Debug for ScimToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScimToken")
+            .field("name", &self.name)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_sha256",
+                &self.secret_sha256.as_ref().map(|_| "<redacted>"),
+            )
+            .field("expires", &self.expires)
+            .finish()
+    }
 }

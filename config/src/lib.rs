@@ -50,8 +50,6 @@ pub fn parse(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    // No secret-typed field yet; the OIDC client secret and SCIM tokens will resolve through it.
-    let _ = env;
     let toml_error = |e: toml::de::Error| {
         let line = e.span().map(|span| line_at(text, span.start));
         ConfigErrors::whole_file(line, e.message().to_owned())
@@ -68,7 +66,7 @@ pub fn parse(
     for path in &unknown {
         problems.add(path, "unknown key");
     }
-    match validate::convert(file, base_dir, &mut problems) {
+    match validate::convert(file, base_dir, env, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_errors()),
     }

@@ -52,6 +52,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
+    /// `None` when the file has no `[scim]` section: SCIM is off.
+    pub scim: Option<ScimConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,4 +137,34 @@ pub struct Upstream {
     pub verify_tls: bool,
     /// PEM bundle of extra CA certificates trusted for this upstream.
     pub ca_file: Option<PathBuf>,
+}
+
+/// SCIM 2.0 provisioning, served at `<scheme>://<host>/scim/v2` on every listener.
+///
+/// `host` may also be a route's host; that is allowed on purpose. Requests for that host under
+/// `/scim/v2` go to SCIM, and every other path on it still goes to its routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScimConfig {
+    /// Lower-case host name, without scheme, port or path.
+    pub host: String,
+    /// Largest SCIM request body accepted; larger is a 413.
+    pub max_request_body_bytes: usize,
+    /// Most operations accepted in one `/Bulk` request.
+    pub max_bulk_operations: usize,
+    /// Largest `count` served in one page of a list or search.
+    pub max_results: usize,
+    /// Bearer tokens allowed to call SCIM; at least one, names and hashes unique.
+    pub tokens: Vec<ScimToken>,
+}
+
+/// A bearer token allowed to call SCIM. Only its hash is kept: the clear token never reaches
+/// the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScimToken {
+    /// Unique name, recorded with every change the token makes.
+    pub name: String,
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+    /// Unix seconds after which the token is refused; `None` for never.
+    pub expires_at: Option<i64>,
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 use crate::*;
@@ -40,6 +41,9 @@ impl Fixture {
     }
 }
 
+/// A clear SCIM token long enough to be accepted; `SECRET` in a case's text is replaced by it.
+const TOKEN: &str = "a-scim-token-long-enough-to-pass";
+
 /// One plain and one TLS listener, so routes of both schemes are allowed.
 const LISTENERS: &str = r#"
 [[listeners]]
@@ -52,7 +56,7 @@ tls = { cert = "a.pem", key = "a-key.pem" }
 
 struct Case {
     name: &'static str,
-    /// `LISTENERS` is replaced by [`LISTENERS`].
+    /// `LISTENERS` is replaced by [`LISTENERS`], `SECRET` by [`TOKEN`].
     text: &'static str,
     /// Every problem expected, as (path, line if it matters, part of the message).
     problems: &'static [(&'static str, Option<usize>, &'static str)],
@@ -322,6 +326,211 @@ to = ["http://127.0.0.1:3001"]
             problems: &[("log.level", Some(3), "not a valid log filter")],
         },
         Case {
+            name: "scim without host",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(10), "missing required key")],
+        },
+        Case {
+            name: "scim host with a scheme",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"https://auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(11), "has a scheme")],
+        },
+        Case {
+            name: "scim host with a path",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com/scim\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(11), "has a path")],
+        },
+        Case {
+            name: "scim host with a port",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com:8443\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(11), "has a port")],
+        },
+        Case {
+            name: "scim host not in lower case",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"Auth.Example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(11), "lower case: `auth.example.com`")],
+        },
+        Case {
+            name: "scim host with a wildcard",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"*.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[("scim.host", Some(11), "not a host name")],
+        },
+        Case {
+            name: "scim limits out of range",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+max_request_body_bytes = 100
+max_bulk_operations = 0
+max_results = 10001
+[[scim.tokens]]
+name = "okta"
+secret = "SECRET"
+"#,
+            problems: &[
+                ("scim.max_request_body_bytes", Some(12), "must be 1024 to 67108864"),
+                ("scim.max_bulk_operations", Some(13), "must be 1 to 10000"),
+                ("scim.max_results", Some(14), "must be 1 to 10000"),
+            ],
+        },
+        Case {
+            name: "scim without tokens",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n",
+            problems: &[("scim.tokens", Some(10), "at least one [[scim.tokens]]")],
+        },
+        Case {
+            name: "scim token without name",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nsecret = \"SECRET\"\n",
+            problems: &[("scim.tokens[0].name", Some(12), "missing required key")],
+        },
+        Case {
+            name: "bad scim token names",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta prod"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+[[scim.tokens]]
+name = ""
+secret = "SECRET"
+[[scim.tokens]]
+name = "a-name-that-goes-on-for-more-than-sixty-four-characters-0123456789"
+secret = "another-token-long-enough-0001"
+"#,
+            problems: &[
+                ("scim.tokens[0].name", Some(13), "not a token name"),
+                ("scim.tokens[1].name", Some(16), "not a token name"),
+                ("scim.tokens[2].name", Some(19), "not a token name"),
+            ],
+        },
+        Case {
+            name: "duplicate scim token name",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret = "SECRET"
+[[scim.tokens]]
+name = "okta"
+secret = "another-token-long-enough-0001"
+"#,
+            problems: &[(
+                "scim.tokens[1].name",
+                Some(16),
+                "duplicate token name `okta`: already used by scim.tokens[0]",
+            )],
+        },
+        Case {
+            name: "scim token with secret and secret_sha256",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret = "SECRET"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#,
+            problems: &[("scim.tokens[0].secret_sha256", Some(15), "not both")],
+        },
+        Case {
+            name: "scim token with neither secret nor secret_sha256",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\n",
+            problems: &[(
+                "scim.tokens[0].secret",
+                Some(12),
+                "give `secret` or `secret_sha256`",
+            )],
+        },
+        Case {
+            name: "scim token too short",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"only-23-characters-long\"\n",
+            problems: &[("scim.tokens[0].secret", Some(14), "at least 24 characters")],
+        },
+        Case {
+            name: "scim token from an unset variable and a missing file",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret = "env:OKTA_SCIM_TOKEN"
+[[scim.tokens]]
+name = "azure"
+secret = "file:no-such-token"
+"#,
+            problems: &[
+                ("scim.tokens[0].secret", Some(14), "OKTA_SCIM_TOKEN is not set"),
+                ("scim.tokens[1].secret", Some(17), "cannot read secret file"),
+            ],
+        },
+        Case {
+            name: "bad secret_sha256",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "short"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0"
+[[scim.tokens]]
+name = "not-hex"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0g"
+[[scim.tokens]]
+name = "signed"
+secret_sha256 = "+f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#,
+            problems: &[
+                ("scim.tokens[0].secret_sha256", Some(14), "64 hexadecimal characters"),
+                ("scim.tokens[1].secret_sha256", Some(17), "64 hexadecimal characters"),
+                ("scim.tokens[2].secret_sha256", Some(20), "64 hexadecimal characters"),
+            ],
+        },
+        Case {
+            name: "the same scim token twice",
+            text: r#"data_dir = "data"
+LISTENERS
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret = "SECRET"
+[[scim.tokens]]
+name = "okta-again"
+secret = "SECRET"
+[[scim.tokens]]
+name = "test"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+[[scim.tokens]]
+name = "test-again"
+secret_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
+"#,
+            problems: &[
+                ("scim.tokens[1].secret", Some(17), "the same token as scim.tokens[0]"),
+                (
+                    "scim.tokens[3].secret_sha256",
+                    Some(23),
+                    "the same token as scim.tokens[2]",
+                ),
+            ],
+        },
+        Case {
+            name: "bad scim token expiry",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\nexpires = \"2027-01-01\"\n",
+            problems: &[("scim.tokens[0].expires", Some(15), "not an RFC 3339 time")],
+        },
+        Case {
+            name: "unknown key in a scim token",
+            text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\nexpiry = \"2027-01-01T00:00:00Z\"\n",
+            problems: &[("scim.tokens[0].expiry", Some(15), "unknown key")],
+        },
+        Case {
             name: "TOML syntax error",
             text: "data_dir = \"data\"\n[server\nthreads = 2\n",
             problems: &[("", Some(2), "")],
@@ -335,11 +544,21 @@ to = ["http://127.0.0.1:3001"]
 
     let fixture = Fixture::new();
     for case in cases {
-        let text = case.text.replace("LISTENERS", LISTENERS);
+        let text = case
+            .text
+            .replace("LISTENERS", LISTENERS)
+            .replace("SECRET", TOKEN);
         let errors = match fixture.parse(&text) {
             Ok(_) => panic!("{}: expected problems, the file was accepted", case.name),
             Err(errors) => errors,
         };
+        for secret in literal_secrets(&text) {
+            assert!(
+                !errors.to_string().contains(secret),
+                "{}: a problem shows a secret:\n{errors}",
+                case.name
+            );
+        }
         let found = &errors.problems;
         assert_eq!(
             found.len(),
@@ -364,6 +583,15 @@ to = ["http://127.0.0.1:3001"]
             }
         }
     }
+}
+
+/// The clear secrets written in `text`: every `secret = "..."` that is not `env:` or `file:`.
+fn literal_secrets(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("secret = \""))
+        .filter_map(|rest| rest.strip_suffix('"'))
+        .filter(|secret| !secret.starts_with("env:") && !secret.starts_with("file:"))
+        .collect()
 }
 
 #[test]
@@ -554,6 +782,7 @@ to = ["http://127.0.0.1"]
                 max_request_body_bytes: 1000,
             },
         ],
+        scim: None,
     };
     assert_eq!(config, expected);
 }
@@ -584,6 +813,7 @@ to = ["https://127.0.0.1"]
     assert_eq!(server.max_request_body_bytes, 10 * 1024 * 1024);
     assert_eq!(server.reload_poll_interval, Duration::from_secs(2));
     assert_eq!(config.admin, None);
+    assert_eq!(config.scim, None);
     let route = &config.routes[0];
     assert_eq!(route.path_prefix, "/");
     assert!(!route.preserve_host && !route.websockets);
@@ -643,4 +873,95 @@ fn secrets() {
     assert!(missing_var.contains("UNSET"), "{missing_var}");
     let missing_file = resolve_secret("file:nope", &env, dir).unwrap_err();
     assert!(missing_file.contains(&dir.join("nope").display().to_string()));
+}
+
+#[test]
+fn scim() {
+    let fixture = Fixture::new();
+    let dir = fixture.path();
+    let okta = "okta-token-from-the-environment-0001";
+    let azure = "azure-token-from-a-file-000000000001";
+    std::fs::write(dir.join("azure.token"), format!("{azure}\n")).unwrap();
+    let env = |name: &str| (name == "OKTA_SCIM_TOKEN").then(|| okta.to_string());
+    // The scim host is also a route's host: allowed, /scim/v2 there goes to SCIM.
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[[routes]]
+from = "https://auth.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+
+[scim]
+host = "auth.corp.example.com"
+max_request_body_bytes = 2048
+max_bulk_operations = 10
+max_results = 50
+
+[[scim.tokens]]
+name = "okta"
+secret = "env:OKTA_SCIM_TOKEN"
+expires = "2027-01-01T00:00:00Z"
+
+[[scim.tokens]]
+name = "azure.entra_id-1"
+secret = "file:azure.token"
+expires = "2027-01-01T01:00:00+01:00"
+
+[[scim.tokens]]
+name = "test"
+secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#
+    );
+    let config = parse(&text, dir, &env).unwrap();
+    let sha256 = |token: &str| -> [u8; 32] { Sha256::digest(token).into() };
+    let expected = ScimConfig {
+        host: "auth.corp.example.com".into(),
+        max_request_body_bytes: 2048,
+        max_bulk_operations: 10,
+        max_results: 50,
+        tokens: vec![
+            ScimToken {
+                name: "okta".into(),
+                sha256: sha256(okta),
+                expires_at: Some(1_798_761_600),
+            },
+            ScimToken {
+                name: "azure.entra_id-1".into(),
+                sha256: sha256(azure),
+                expires_at: Some(1_798_761_600),
+            },
+            ScimToken {
+                name: "test".into(),
+                sha256: sha256("test"),
+                expires_at: None,
+            },
+        ],
+    };
+    assert_eq!(config.scim, Some(expected));
+
+    let debug = format!("{config:?}");
+    for secret in [okta, azure] {
+        assert!(!debug.contains(secret), "Debug shows a secret: {debug}");
+    }
+}
+
+#[test]
+fn scim_defaults() {
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret = "{TOKEN}"
+"#
+    );
+    let scim = Fixture::new().parse(&text).unwrap().scim.unwrap();
+    assert_eq!(scim.max_request_body_bytes, 1024 * 1024);
+    assert_eq!(scim.max_bulk_operations, 1000);
+    assert_eq!(scim.max_results, 1000);
+    assert_eq!(scim.tokens[0].expires_at, None);
 }

@@ -11,17 +11,27 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
 use crate::file;
 use crate::model::{
     AdminConfig, CertificateFiles, Config, Listener, ListenerTls, LogConfig, LogFormat, Route,
-    Scheme, ServerConfig, Upstream,
+    Scheme, ScimConfig, ScimToken, ServerConfig, Upstream,
 };
 use crate::problems::{KeyPath, Problems};
+use crate::resolve_secret;
 use crate::tls::{self, PairError};
 
 const MISSING: &str = "missing required key";
 
-pub(crate) fn convert(file: file::File, base_dir: &Path, p: &mut Problems<'_>) -> Option<Config> {
+pub(crate) fn convert(
+    file: file::File,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems<'_>,
+) -> Option<Config> {
     let root = KeyPath::default();
     let data_dir = required(file.data_dir, &root.key("data_dir"), p).map(|d| base_dir.join(d));
     let log = log(file.log, &root.key("log"), p);
@@ -106,6 +116,13 @@ pub(crate) fn convert(file: file::File, base_dir: &Path, p: &mut Problems<'_>) -
         routes.push(route(raw, from, &path, &server, base_dir, p));
     }
 
+    // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
+    // compared with the routes.
+    let scim = match file.scim {
+        None => Some(None),
+        Some(raw) => scim(raw, &root.key("scim"), base_dir, env, p).map(Some),
+    };
+
     if !p.is_empty() {
         return None;
     }
@@ -116,6 +133,7 @@ pub(crate) fn convert(file: file::File, base_dir: &Path, p: &mut Problems<'_>) -
         admin: admin?,
         listeners: listeners.into_iter().collect::<Option<_>>()?,
         routes: routes.into_iter().collect::<Option<_>>()?,
+        scim: scim?,
     })
 }
 
@@ -332,6 +350,213 @@ fn route(
         read_timeout,
         max_request_body_bytes,
     })
+}
+
+fn scim(
+    raw: file::Scim,
+    path: &KeyPath,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems<'_>,
+) -> Option<ScimConfig> {
+    let host_path = path.key("host");
+    let host = required(raw.host, &host_path, p).and_then(|host| {
+        scim_host(&host)
+            .map_err(|message| p.add(&host_path, message))
+            .ok()
+    });
+    let limit = |value: Option<i64>, key, range, default, p: &mut Problems<'_>| {
+        value
+            .and_then(|n| in_range(n, range, &path.key(key), p))
+            .unwrap_or(default)
+    };
+    let max_request_body_bytes = limit(
+        raw.max_request_body_bytes,
+        "max_request_body_bytes",
+        1024..=64 * 1024 * 1024,
+        1024 * 1024,
+        p,
+    );
+    let max_bulk_operations = limit(
+        raw.max_bulk_operations,
+        "max_bulk_operations",
+        1..=10_000,
+        1000,
+        p,
+    );
+    let max_results = limit(raw.max_results, "max_results", 1..=10_000, 1000, p);
+
+    let tokens_path = path.key("tokens");
+    if raw.tokens.is_empty() {
+        p.add(&tokens_path, "at least one [[scim.tokens]] is required");
+    }
+    let mut tokens: Vec<Option<ScimToken>> = Vec::new();
+    // (name, index) and (hash, index) of the tokens seen so far, to report duplicates.
+    let mut names: Vec<(String, usize)> = Vec::new();
+    let mut hashes: Vec<([u8; 32], usize)> = Vec::new();
+    for (i, raw) in raw.tokens.into_iter().enumerate() {
+        let path = tokens_path.index(i);
+        let name_path = path.key("name");
+        let name = required(raw.name, &name_path, p).and_then(|name| {
+            token_name(&name)
+                .map_err(|message| p.add(&name_path, message))
+                .ok()
+        });
+        if let Some(name) = &name {
+            match names.iter().find(|(n, _)| n == name) {
+                Some((_, first)) => p.add(
+                    &name_path,
+                    format!("duplicate token name `{name}`: already used by scim.tokens[{first}]"),
+                ),
+                None => names.push((name.clone(), i)),
+            }
+        }
+        let (hash_path, sha256) = match (raw.secret, raw.secret_sha256) {
+            (Some(_), Some(_)) => {
+                p.add(
+                    &path.key("secret_sha256"),
+                    "give either `secret` or `secret_sha256`, not both",
+                );
+                (path.key("secret"), None)
+            }
+            (None, None) => {
+                p.add(
+                    &path.key("secret"),
+                    format!("{MISSING}: give `secret` or `secret_sha256`"),
+                );
+                (path.key("secret"), None)
+            }
+            (Some(secret), None) => {
+                let secret_path = path.key("secret");
+                let sha256 = token_secret_hash(&secret, env, base_dir)
+                    .map_err(|message| p.add(&secret_path, message))
+                    .ok();
+                (secret_path, sha256)
+            }
+            (None, Some(hex)) => {
+                let hex_path = path.key("secret_sha256");
+                let sha256 = sha256_hex(&hex)
+                    .map_err(|message| p.add(&hex_path, message))
+                    .ok();
+                (hex_path, sha256)
+            }
+        };
+        if let Some(sha256) = sha256 {
+            match hashes.iter().find(|(h, _)| *h == sha256) {
+                Some((_, first)) => p.add(
+                    &hash_path,
+                    format!(
+                        "the same token as scim.tokens[{first}]: every token must be different"
+                    ),
+                ),
+                None => hashes.push((sha256, i)),
+            }
+        }
+        let expires_at = raw.expires.and_then(|expires| {
+            OffsetDateTime::parse(&expires, &Rfc3339)
+                .map(OffsetDateTime::unix_timestamp)
+                .map_err(|e| {
+                    p.add(
+                        &path.key("expires"),
+                        format!(
+                            "`{expires}` is not an RFC 3339 time ({e}): write e.g. \"2027-01-01T00:00:00Z\""
+                        ),
+                    )
+                })
+                .ok()
+        });
+        tokens.push(name.zip(sha256).map(|(name, sha256)| ScimToken {
+            name,
+            sha256,
+            expires_at,
+        }));
+    }
+
+    Some(ScimConfig {
+        host: host?,
+        max_request_body_bytes,
+        max_bulk_operations,
+        max_results,
+        tokens: tokens.into_iter().collect::<Option<_>>()?,
+    })
+}
+
+/// SCIM is served on one exact host, so unlike a route's `from` this is a bare host name: no
+/// scheme, port, path or wildcard, and written in lower case so that it reads as it matches.
+fn scim_host(host: &str) -> Result<String, String> {
+    if host.contains("://") {
+        return Err(format!(
+            "`{host}` has a scheme: write the host name alone; SCIM is served on every listener"
+        ));
+    }
+    if host.contains('/') {
+        return Err(format!(
+            "`{host}` has a path: write the host name alone; SCIM is always at /scim/v2"
+        ));
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "`{host}` has a port: write the host name alone; SCIM is served on every listener"
+        ));
+    }
+    if !is_host_name(host) {
+        return Err(format!(
+            "`{host}` is not a host name (wildcards are not allowed here)"
+        ));
+    }
+    let lower = host.to_ascii_lowercase();
+    if lower != host {
+        return Err(format!("write the host in lower case: `{lower}`"));
+    }
+    Ok(lower)
+}
+
+fn token_name(name: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(format!(
+            "`{name}` is not a token name: 1 to 64 characters of A-Z, a-z, 0-9, `.`, `_` and `-`"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// The shortest clear token accepted: a bearer token is the only thing guarding SCIM writes.
+const MIN_TOKEN_CHARS: usize = 24;
+
+/// Resolves a token's `secret` and hashes it. Messages never include the secret.
+fn token_secret_hash(
+    raw: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    base_dir: &Path,
+) -> Result<[u8; 32], String> {
+    let secret = resolve_secret(raw, env, base_dir)?;
+    if secret.expose().chars().count() < MIN_TOKEN_CHARS {
+        return Err(format!(
+            "the token is too short: it must be at least {MIN_TOKEN_CHARS} characters"
+        ));
+    }
+    Ok(Sha256::digest(secret.expose().as_bytes()).into())
+}
+
+/// 64 hex digits. The value is not repeated in the message: it may be a clear token written
+/// under the wrong key.
+fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
+    let invalid = || {
+        "not a SHA-256: write the token's SHA-256 as 64 hexadecimal characters (e.g. the output \
+         of `printf %s \"$TOKEN\" | sha256sum`)"
+            .to_owned()
+    };
+    // Checked digit by digit: `from_str_radix` alone would take a sign (`+f`).
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid());
+    }
+    let mut sha256 = [0u8; 32];
+    for (byte, pair) in sha256.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| invalid())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| invalid())?;
+    }
+    Ok(sha256)
 }
 
 fn upstream(url: String, verify_tls: bool, ca_file: Option<PathBuf>) -> Result<Upstream, String> {
