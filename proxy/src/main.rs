@@ -13,6 +13,7 @@ mod path;
 mod proxy;
 mod reload;
 mod routes;
+mod scim_http;
 mod state;
 mod tls;
 mod upstream;
@@ -28,6 +29,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+
+use portcullis_scim::store::redb::RedbStorage;
+use portcullis_scim::store::Directory;
 
 use crate::state::{Runtime, Shared};
 
@@ -107,8 +111,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();
     let server_config = config.server.clone();
-    let runtime = Runtime::build(config)?;
-    let shared = Arc::new(Shared::new(config_path.to_path_buf(), runtime)?);
+    let directory = open_directory(&config.data_dir)?;
+    let runtime = Runtime::build(config, &directory)?;
+    let shared = Arc::new(Shared::new(config_path.to_path_buf(), directory, runtime)?);
 
     let conf = ServerConf {
         threads: server_config.threads,
@@ -151,6 +156,23 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");
     server.run_forever()
+}
+
+/// Opens the directory in `data_dir`, rebuilding its in-memory index.
+fn open_directory(data_dir: &Path) -> Result<Arc<Directory>, String> {
+    let started = std::time::Instant::now();
+    let storage = RedbStorage::open(data_dir).map_err(|e| e.to_string())?;
+    let directory = Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
+        .map_err(|e| e.to_string())?;
+    let (users, groups) = directory.counts();
+    tracing::info!(
+        users,
+        groups,
+        seq = directory.seq(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "directory loaded"
+    );
+    Ok(Arc::new(directory))
 }
 
 /// SIGHUP's default action ends the process. Registering a handler now, before the listeners

@@ -54,6 +54,8 @@ pub struct RequestCtx {
     upstream: Option<usize>,
     upstream_started: Option<Instant>,
     body_bytes: u64,
+    /// Answered by the SCIM endpoint rather than proxied.
+    scim: bool,
     _in_flight: InFlight,
 }
 
@@ -73,6 +75,7 @@ impl ProxyHttp for Proxy {
             upstream: None,
             upstream_started: None,
             body_bytes: 0,
+            scim: false,
             _in_flight: InFlight::new(),
         }
     }
@@ -107,6 +110,15 @@ impl ProxyHttp for Proxy {
         let Some(host) = request_host(req) else {
             return pages::respond(session, StatusCode::BAD_REQUEST).await;
         };
+        if let Some(scim) = runtime
+            .scim
+            .as_ref()
+            .filter(|s| s.claims(&host, &normalized))
+        {
+            ctx.scim = true;
+            let path = normalized.into_owned();
+            return scim.serve(session, &path, ctx.tls).await;
+        }
         let route = match runtime
             .routes
             .find(Runtime::scheme_of(ctx.tls), &host, &normalized)
@@ -288,10 +300,14 @@ impl ProxyHttp for Proxy {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
-        let route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
+        let route = match &ctx.route {
+            Some(route) => route.config.name.as_str(),
+            None if ctx.scim => "scim",
+            None => "",
+        };
         match &ctx.route {
             Some(route) => route.metrics.count_request(status),
-            None => crate::metrics::count_request("", status),
+            None => crate::metrics::count_request(route, status),
         }
         let req = session.req_header();
         tracing::info!(

@@ -73,7 +73,7 @@ impl Reloader {
                 cert_sets.push((resolver.clone(), certs));
             }
         }
-        let runtime = Runtime::build(config).map_err(|e| vec![e])?;
+        let runtime = Runtime::build(config, &self.shared.directory).map_err(|e| vec![e])?;
         for (resolver, certs) in cert_sets {
             resolver.replace(certs);
         }

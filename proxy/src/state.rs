@@ -9,9 +9,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use portcullis_config::{Config, Scheme};
+use portcullis_scim::store::Directory;
 
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
+use crate::scim_http::Scim;
 use crate::tls::{CertSet, SniResolver};
 use crate::upstream::UpstreamSet;
 
@@ -22,10 +24,11 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Port of the first TLS listener, used when redirecting a plain request to https.
     pub https_port: Option<u16>,
+    pub scim: Option<Scim>,
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Result<Self, String> {
+    pub fn build(config: Config, directory: &Arc<Directory>) -> Result<Self, String> {
         let routes = config
             .routes
             .iter()
@@ -44,9 +47,14 @@ impl Runtime {
             .iter()
             .find(|l| l.tls.is_some())
             .map(|l| l.address.port());
+        let scim = config
+            .scim
+            .as_ref()
+            .map(|scim| Scim::new(scim, directory.clone()));
         Ok(Self {
             routes: RouteTable::new(routes),
             https_port,
+            scim,
             config,
         })
     }
@@ -63,6 +71,9 @@ impl Runtime {
 /// Process-wide state shared by the proxy, the admin listener and the reloader.
 pub struct Shared {
     pub config_path: PathBuf,
+    /// The directory outlives configurations: a reload keeps it (changing `data_dir` needs a
+    /// restart).
+    pub directory: Arc<Directory>,
     pub runtime: ArcSwap<Runtime>,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
@@ -70,7 +81,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config_path: PathBuf, runtime: Runtime) -> Result<Self, String> {
+    pub fn new(
+        config_path: PathBuf,
+        directory: Arc<Directory>,
+        runtime: Runtime,
+    ) -> Result<Self, String> {
         let mut resolvers = HashMap::new();
         for listener in &runtime.config.listeners {
             if let Some(tls) = &listener.tls {
@@ -80,6 +95,7 @@ impl Shared {
         }
         Ok(Self {
             config_path,
+            directory,
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             draining: AtomicBool::new(false),

@@ -23,6 +23,7 @@ pub mod patch;
 pub mod path;
 pub mod project;
 pub mod schema;
+pub mod service;
 pub mod store;
 pub mod validate;
 mod value;

@@ -1,0 +1,247 @@
+//! `/scim/v2` on the SCIM host: bearer-token authentication, the bounded request body, and
+//! the SCIM service's answer written back. The protocol itself lives in `portcullis-scim`.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use portcullis_config::{ScimConfig, ScimToken};
+use portcullis_scim::service::{Limits, ScimRequest, ScimResponse, ScimService};
+use portcullis_scim::store::Directory;
+use portcullis_scim::ScimError;
+
+/// Where SCIM lives on its host.
+pub const BASE_PATH: &str = "/scim/v2";
+
+/// SCIM as configured: the host it answers on, its tokens, and the service.
+pub struct Scim {
+    pub host: String,
+    tokens: Vec<ScimToken>,
+    service: ScimService,
+}
+
+impl Scim {
+    pub fn new(config: &ScimConfig, directory: Arc<Directory>) -> Self {
+        let limits = Limits {
+            max_body_bytes: config.max_request_body_bytes,
+            max_bulk_operations: config.max_bulk_operations,
+            max_results: config.max_results,
+        };
+        Self {
+            host: config.host.clone(),
+            tokens: config.tokens.clone(),
+            service: ScimService::new(directory, limits),
+        }
+    }
+
+    /// Whether a request for `host` and the normalized `path` is SCIM's.
+    pub fn claims(&self, host: &str, path: &str) -> bool {
+        host == self.host
+            && path
+                .strip_prefix(BASE_PATH)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// The name of the token presented in `Authorization`, if it is one of ours and not
+    /// expired. Every configured token is compared, in constant time, whatever matches.
+    fn authenticate(&self, authorization: Option<&[u8]>, now_unix: i64) -> Option<&str> {
+        let value = authorization?;
+        let (scheme, token) = value.split_at(value.iter().position(|&b| b == b' ')?);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let token = token.trim_ascii();
+        if token.is_empty() {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        let mut found = None;
+        for candidate in &self.tokens {
+            if bool::from(candidate.sha256.ct_eq(&digest)) && found.is_none() {
+                found = Some(candidate);
+            }
+        }
+        let token = found?;
+        if token.expires_at.is_some_and(|at| now_unix >= at) {
+            return None;
+        }
+        Some(&token.name)
+    }
+
+    /// Serves one SCIM request (the caller has checked [`Self::claims`]).
+    pub async fn serve(&self, session: &mut Session, path: &str, tls: bool) -> Result<bool> {
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let req = session.req_header();
+        let authorization = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        let Some(actor) = self
+            .authenticate(authorization, now_unix)
+            .map(str::to_owned)
+        else {
+            let error = ScimError::new(401, None, "a valid SCIM bearer token is required");
+            return write(session, &ScimResponse::error(&error), true).await;
+        };
+
+        let limit = self.service.limits().max_body_bytes;
+        let declared = req
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return too_large(session, limit).await;
+        }
+        let header_value = |name: header::HeaderName| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let if_match = header_value(header::IF_MATCH);
+        let if_none_match = header_value(header::IF_NONE_MATCH);
+        let host = header_value(header::HOST)
+            .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))
+            .unwrap_or_else(|| self.host.clone());
+        let base_url = format!("{}://{host}{BASE_PATH}", if tls { "https" } else { "http" });
+        let method = req.method.clone();
+        let query = req.uri.query().map(str::to_owned);
+
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > limit {
+                return too_large(session, limit).await;
+            }
+            body.extend_from_slice(&chunk);
+        }
+
+        let response = self
+            .service
+            .handle(ScimRequest {
+                method: &method,
+                path: path.strip_prefix(BASE_PATH).unwrap_or_default(),
+                query: query.as_deref(),
+                if_match: if_match.as_deref(),
+                if_none_match: if_none_match.as_deref(),
+                body: &body,
+                base_url: &base_url,
+                actor: &actor,
+            })
+            .await;
+        write(session, &response, false).await
+    }
+}
+
+async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
+    let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));
+    // The unread body may still be on the wire: answer and close.
+    session.set_keepalive(None);
+    write(session, &ScimResponse::error(&error), false).await
+}
+
+async fn write(session: &mut Session, response: &ScimResponse, challenge: bool) -> Result<bool> {
+    let body = match &response.body {
+        Some(value) => Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+        None => Bytes::new(),
+    };
+    let mut head = ResponseHeader::build(response.status, Some(6))?;
+    if response.body.is_some() {
+        head.insert_header(header::CONTENT_TYPE, "application/scim+json")?;
+    }
+    head.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    head.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if let Some(etag) = &response.etag {
+        head.insert_header(header::ETAG, etag.as_str())?;
+    }
+    if let Some(location) = &response.location {
+        head.insert_header(header::LOCATION, location.as_str())?;
+    }
+    if challenge {
+        head.insert_header(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-scim\"")?;
+    }
+    let head_only = body.is_empty();
+    session
+        .write_response_header(Box::new(head), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scim(tokens: Vec<ScimToken>) -> Scim {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Arc::new(portcullis_scim::store::redb::RedbStorage::open(dir.path()).unwrap());
+        let directory =
+            Arc::new(Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap());
+        Scim::new(
+            &ScimConfig {
+                host: "auth.test".into(),
+                max_request_body_bytes: 1024,
+                max_bulk_operations: 10,
+                max_results: 10,
+                tokens,
+            },
+            directory,
+        )
+    }
+
+    fn token(name: &str, secret: &str, expires_at: Option<i64>) -> ScimToken {
+        ScimToken {
+            name: name.into(),
+            sha256: Sha256::digest(secret.as_bytes()).into(),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn tokens_are_checked_by_hash_scheme_and_expiry() {
+        let scim = scim(vec![
+            token("okta", "okta-secret-0123456789abcdef", None),
+            token("old", "old-secret-0123456789abcdef", Some(100)),
+        ]);
+        let auth = |v: &str, now| {
+            scim.authenticate(Some(v.as_bytes()), now)
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            auth("Bearer okta-secret-0123456789abcdef", 0).as_deref(),
+            Some("okta")
+        );
+        assert_eq!(
+            auth("bearer okta-secret-0123456789abcdef", 0).as_deref(),
+            Some("okta")
+        );
+        assert_eq!(
+            auth("Bearer old-secret-0123456789abcdef", 99).as_deref(),
+            Some("old")
+        );
+        assert_eq!(auth("Bearer old-secret-0123456789abcdef", 100), None);
+        assert_eq!(auth("Bearer okta-secret-0123456789abcdeX", 0), None);
+        assert_eq!(auth("Basic okta-secret-0123456789abcdef", 0), None);
+        assert_eq!(auth("Bearer ", 0), None);
+        assert_eq!(auth("Bearer", 0), None);
+        assert_eq!(scim.authenticate(None, 0), None);
+    }
+
+    #[test]
+    fn claims_only_the_scim_base_on_the_scim_host() {
+        let scim = scim(vec![]);
+        assert!(scim.claims("auth.test", "/scim/v2"));
+        assert!(scim.claims("auth.test", "/scim/v2/Users"));
+        assert!(!scim.claims("auth.test", "/scim/v20"));
+        assert!(!scim.claims("app.test", "/scim/v2/Users"));
+    }
+}

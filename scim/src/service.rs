@@ -1,0 +1,923 @@
+//! The `/scim/v2` HTTP API (RFC 7644) over a [`Directory`], independent of any HTTP server:
+//! the proxy hands it a [`ScimRequest`] after authenticating the bearer token and sends back
+//! the [`ScimResponse`].
+//!
+//! Endpoints: `/ServiceProviderConfig`, `/ResourceTypes[/{name}]`, `/Schemas[/{urn}]`,
+//! `/Users` and `/Groups` (list with filter, sort, paging and projection; create), their
+//! `/{id}` (get with `If-None-Match`, replace, patch, delete with `If-Match`), `/.search` at
+//! the root and under each type, and `/Bulk` with `bulkId` references and `failOnErrors`.
+//!
+//! Passwords are hashed (Argon2id, off the async threads) before a write reaches the store,
+//! and are never returned. A PATCH of a Group answers with the group without `members` unless
+//! the request asked for them by `attributes`, so a change to a 100,000-member group never
+//! renders the list.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Method;
+use serde_json::{json, Map, Value};
+
+use crate::error::{ScimError, ScimType};
+use crate::filter::Filter;
+use crate::patch::{parse_patch_request, OpKind, PatchOp};
+use crate::project::Projection;
+use crate::schema::{
+    all_schemas, resource_type_json, resource_types_json, schema_json, ResourceType,
+};
+use crate::store::{Command, Directory, Query, Record, SortOrder, Written};
+use crate::validate::{validate_resource, Mode};
+
+pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
+pub const SEARCH_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:SearchRequest";
+pub const BULK_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+pub const BULK_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkResponse";
+pub const SP_CONFIG_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig";
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_bulk_operations: usize,
+    pub max_results: usize,
+}
+
+/// One request, as the HTTP layer hands it over.
+pub struct ScimRequest<'a> {
+    pub method: &'a Method,
+    /// The path below the SCIM base, e.g. `/Users/2819c223`.
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    pub if_match: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub body: &'a [u8],
+    /// The absolute base URL, e.g. `https://auth.corp.example.com/scim/v2`.
+    pub base_url: &'a str,
+    /// The name of the token that authenticated the request.
+    pub actor: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScimResponse {
+    pub status: u16,
+    pub etag: Option<String>,
+    pub location: Option<String>,
+    pub body: Option<Value>,
+}
+
+impl ScimResponse {
+    fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            etag: None,
+            location: None,
+            body: Some(body),
+        }
+    }
+
+    pub fn error(e: &ScimError) -> Self {
+        Self::json(e.status, e.to_json())
+    }
+}
+
+pub struct ScimService {
+    directory: Arc<Directory>,
+    limits: Limits,
+}
+
+type Result<T> = std::result::Result<T, ScimError>;
+
+fn not_found(what: impl std::fmt::Display) -> ScimError {
+    ScimError::new(404, None, format!("{what} not found"))
+}
+
+fn syntax(detail: impl Into<String>) -> ScimError {
+    ScimError::bad_request(ScimType::InvalidSyntax, detail)
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> ScimError {
+    ScimError::new(405, None, format!("{method} is not supported on {path}"))
+}
+
+fn version_of(record: &Record) -> Option<String> {
+    record
+        .resource
+        .get("meta")
+        .and_then(|m| m.get("version"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+fn endpoint(rt: ResourceType) -> &'static str {
+    match rt {
+        ResourceType::User => "Users",
+        ResourceType::Group => "Groups",
+    }
+}
+
+/// The query parameters that shape a listing, from a query string or a SearchRequest body.
+#[derive(Default)]
+struct ListParams {
+    filter: Option<String>,
+    sort_by: Option<String>,
+    sort_order: Option<String>,
+    start_index: Option<i64>,
+    count: Option<i64>,
+    attributes: Option<String>,
+    excluded: Option<String>,
+}
+
+impl ListParams {
+    fn from_query(query: Option<&str>) -> Result<Self> {
+        let mut params = Self::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let value = value.into_owned();
+            let number = |v: &str| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| syntax(format!("{key} must be an integer, not {v:?}")))
+            };
+            match &*key {
+                "filter" => params.filter = Some(value),
+                "sortBy" => params.sort_by = Some(value),
+                "sortOrder" => params.sort_order = Some(value),
+                "startIndex" => params.start_index = Some(number(&value)?),
+                "count" => params.count = Some(number(&value)?),
+                "attributes" => params.attributes = Some(value),
+                "excludedAttributes" => params.excluded = Some(value),
+                // Unknown parameters are ignored, as HTTP servers do.
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+
+    fn from_search(body: &Value) -> Result<Self> {
+        let body = body
+            .as_object()
+            .ok_or_else(|| syntax("a SearchRequest must be a JSON object"))?;
+        let text = |name: &str| -> Result<Option<String>> {
+            match body.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(Value::Array(list)) => Ok(Some(
+                    list.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )),
+                Some(_) => Err(syntax(format!("{name} must be a string"))),
+            }
+        };
+        let number = |name: &str| -> Result<Option<i64>> {
+            match body.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| syntax(format!("{name} must be an integer"))),
+            }
+        };
+        Ok(Self {
+            filter: text("filter")?,
+            sort_by: text("sortBy")?,
+            sort_order: text("sortOrder")?,
+            start_index: number("startIndex")?,
+            count: number("count")?,
+            attributes: text("attributes")?,
+            excluded: text("excludedAttributes")?,
+        })
+    }
+
+    fn projection(&self, rt: ResourceType) -> Projection {
+        Projection::new(rt, self.attributes.as_deref(), self.excluded.as_deref())
+    }
+}
+
+impl ScimService {
+    pub fn new(directory: Arc<Directory>, limits: Limits) -> Self {
+        Self { directory, limits }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub async fn handle(&self, req: ScimRequest<'_>) -> ScimResponse {
+        match self.route(&req).await {
+            Ok(response) => response,
+            Err(e) => ScimResponse::error(&e),
+        }
+    }
+
+    async fn route(&self, req: &ScimRequest<'_>) -> Result<ScimResponse> {
+        if req.body.len() > self.limits.max_body_bytes {
+            return Err(ScimError::new(
+                413,
+                None,
+                format!(
+                    "the body is larger than {} bytes",
+                    self.limits.max_body_bytes
+                ),
+            ));
+        }
+        let path = req.path.trim_end_matches('/');
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let method = req.method;
+        match (segments.as_slice(), method) {
+            (["ServiceProviderConfig"], &Method::GET) => Ok(self.service_provider_config(req)),
+            (["ResourceTypes"], &Method::GET) => Ok(list_of(resource_types_json(req.base_url))),
+            (["ResourceTypes", name], &Method::GET) => {
+                let rt = resource_type_named(name).ok_or_else(|| not_found(name))?;
+                Ok(ScimResponse::json(
+                    200,
+                    resource_type_json(rt, req.base_url),
+                ))
+            }
+            (["Schemas"], &Method::GET) => Ok(list_of(
+                all_schemas()
+                    .iter()
+                    .map(|s| schema_json(s, req.base_url))
+                    .collect(),
+            )),
+            (["Schemas", urn], &Method::GET) => all_schemas()
+                .iter()
+                .find(|s| s.id.eq_ignore_ascii_case(urn))
+                .map(|s| ScimResponse::json(200, schema_json(s, req.base_url)))
+                .ok_or_else(|| not_found(urn)),
+            ([".search"], &Method::POST) => {
+                // A root search spans both types; list Users then Groups.
+                let params = ListParams::from_search(&parse_json(req.body)?)?;
+                self.list_all(req, &params)
+            }
+            (["Bulk"], &Method::POST) => self.bulk(req).await,
+            ([kind, rest @ ..], _) => {
+                let rt = resource_type_for_endpoint(kind)
+                    .ok_or_else(|| not_found(format!("/{kind}")))?;
+                match (rest, method) {
+                    ([], &Method::GET) => {
+                        let params = ListParams::from_query(req.query)?;
+                        self.list(req, rt, &params)
+                    }
+                    ([".search"], &Method::POST) => {
+                        let params = ListParams::from_search(&parse_json(req.body)?)?;
+                        self.list(req, rt, &params)
+                    }
+                    ([], &Method::POST) => {
+                        let params = ListParams::from_query(req.query)?;
+                        let body = parse_json(req.body)?;
+                        let written = self.create(rt, &body, req.actor).await?;
+                        Ok(self.written(req, rt, written, 201, &params.projection(rt)))
+                    }
+                    ([id], &Method::GET) => self.get(req, rt, id),
+                    ([id], &Method::PUT) => {
+                        let params = ListParams::from_query(req.query)?;
+                        let body = parse_json(req.body)?;
+                        let written = self.replace(rt, id, &body, req.if_match, req.actor).await?;
+                        Ok(self.written(req, rt, written, 200, &params.projection(rt)))
+                    }
+                    ([id], &Method::PATCH) => {
+                        let params = ListParams::from_query(req.query)?;
+                        let body = parse_json(req.body)?;
+                        let written = self.patch(rt, id, &body, req.if_match, req.actor).await?;
+                        let projection = match (rt, &params.attributes) {
+                            // Members only when asked for by name (see the module doc).
+                            (ResourceType::Group, None) => {
+                                let excluded = match &params.excluded {
+                                    Some(list) => format!("{list},members"),
+                                    None => "members".to_owned(),
+                                };
+                                Projection::new(rt, None, Some(&excluded))
+                            }
+                            _ => params.projection(rt),
+                        };
+                        Ok(self.written(req, rt, written, 200, &projection))
+                    }
+                    ([id], &Method::DELETE) => {
+                        self.delete(rt, id, req.if_match, req.actor).await?;
+                        Ok(ScimResponse {
+                            status: 204,
+                            etag: None,
+                            location: None,
+                            body: None,
+                        })
+                    }
+                    _ => Err(method_not_allowed(method, req.path)),
+                }
+            }
+            _ => Err(not_found(req.path)),
+        }
+    }
+
+    fn service_provider_config(&self, req: &ScimRequest<'_>) -> ScimResponse {
+        let limits = self.limits;
+        ScimResponse::json(
+            200,
+            json!({
+                "schemas": [SP_CONFIG_SCHEMA],
+                "documentationUri": "https://github.com/portcullis/portcullis#readme",
+                "patch": {"supported": true},
+                "bulk": {
+                    "supported": true,
+                    "maxOperations": limits.max_bulk_operations,
+                    "maxPayloadSize": limits.max_body_bytes,
+                },
+                "filter": {"supported": true, "maxResults": limits.max_results},
+                "changePassword": {"supported": true},
+                "sort": {"supported": true},
+                "etag": {"supported": true},
+                "authenticationSchemes": [{
+                    "type": "oauthbearertoken",
+                    "name": "Bearer token",
+                    "description": "A token declared in Portcullis' configuration under [[scim.tokens]].",
+                    "primary": true,
+                }],
+                "meta": {
+                    "resourceType": "ServiceProviderConfig",
+                    "location": format!("{}/ServiceProviderConfig", req.base_url),
+                },
+            }),
+        )
+    }
+
+    fn get(&self, req: &ScimRequest<'_>, rt: ResourceType, id: &str) -> Result<ScimResponse> {
+        let params = ListParams::from_query(req.query)?;
+        let record = self
+            .directory
+            .get(rt, id)?
+            .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
+        let etag = version_of(&record);
+        if let (Some(tags), Some(current)) = (req.if_none_match, etag.as_deref()) {
+            if tags
+                .split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t == current)
+            {
+                return Ok(ScimResponse {
+                    status: 304,
+                    etag,
+                    location: None,
+                    body: None,
+                });
+            }
+        }
+        let body = self.render(req.base_url, rt, &record, &params.projection(rt));
+        Ok(ScimResponse {
+            status: 200,
+            etag,
+            location: None,
+            body: Some(body),
+        })
+    }
+
+    fn query_of(&self, params: &ListParams) -> Result<Query> {
+        let filter = params
+            .filter
+            .as_deref()
+            .filter(|f| !f.trim().is_empty())
+            .map(Filter::parse)
+            .transpose()
+            .map_err(ScimError::from)?;
+        let sort_by = params
+            .sort_by
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| crate::path::PatchPath::parse(s.trim()).map(|p| p.attr))
+            .transpose()
+            .map_err(|e| ScimError::bad_request(ScimType::InvalidValue, format!("sortBy: {e}")))?;
+        let sort_order = match params
+            .sort_order
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("ascending") => SortOrder::Ascending,
+            Some("descending") => SortOrder::Descending,
+            Some(other) => {
+                return Err(ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("sortOrder must be ascending or descending, not {other:?}"),
+                ))
+            }
+        };
+        // RFC 7644 §3.4.2.4: startIndex below 1 means 1; a negative count means 0.
+        let start_index = usize::try_from(params.start_index.unwrap_or(1).max(1)).unwrap_or(1);
+        let count = params
+            .count
+            .map(|c| usize::try_from(c.max(0)).unwrap_or(0))
+            .unwrap_or(self.limits.max_results)
+            .min(self.limits.max_results);
+        Ok(Query {
+            filter,
+            sort_by,
+            sort_order,
+            start_index,
+            count: Some(count),
+        })
+    }
+
+    fn list(
+        &self,
+        req: &ScimRequest<'_>,
+        rt: ResourceType,
+        params: &ListParams,
+    ) -> Result<ScimResponse> {
+        let query = self.query_of(params)?;
+        let page = self.directory.query(rt, &query)?;
+        let projection = params.projection(rt);
+        let resources: Vec<Value> = page
+            .records
+            .iter()
+            .map(|r| self.render(req.base_url, rt, r, &projection))
+            .collect();
+        Ok(list_response(page.total, query.start_index, resources))
+    }
+
+    fn list_all(&self, req: &ScimRequest<'_>, params: &ListParams) -> Result<ScimResponse> {
+        let query = self.query_of(params)?;
+        let mut total = 0;
+        let mut resources = Vec::new();
+        let all = Query {
+            start_index: 1,
+            count: None,
+            ..query.clone()
+        };
+        for rt in [ResourceType::User, ResourceType::Group] {
+            let page = self.directory.query(rt, &all)?;
+            total += page.total;
+            let projection = params.projection(rt);
+            resources.extend(
+                page.records
+                    .iter()
+                    .map(|r| self.render(req.base_url, rt, r, &projection)),
+            );
+        }
+        let resources = resources
+            .into_iter()
+            .skip(query.start_index - 1)
+            .take(query.count.unwrap_or(usize::MAX))
+            .collect();
+        Ok(list_response(total, query.start_index, resources))
+    }
+
+    /// The resource as a client sees it: `meta.location`, a Group's `members` and a User's
+    /// `groups` (each only when the projection wants them), then the projection.
+    fn render(
+        &self,
+        base: &str,
+        rt: ResourceType,
+        record: &Record,
+        projection: &Projection,
+    ) -> Value {
+        let mut resource = record.resource.clone();
+        let Some(obj) = resource.as_object_mut() else {
+            return resource;
+        };
+        let id = obj
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(meta) = obj.get_mut("meta").and_then(Value::as_object_mut) {
+            meta.insert(
+                "location".to_owned(),
+                Value::String(format!("{base}/{}/{id}", endpoint(rt))),
+            );
+        }
+        match rt {
+            ResourceType::Group if projection.includes("members") => {
+                let members: Vec<Value> = self
+                    .directory
+                    .members(&id)
+                    .into_iter()
+                    .map(|m| {
+                        let mut member = Map::new();
+                        member.insert("value".to_owned(), json!(&*m.id));
+                        member.insert(
+                            "$ref".to_owned(),
+                            json!(format!("{base}/{}/{}", endpoint(m.rt), m.id)),
+                        );
+                        member.insert("type".to_owned(), json!(m.rt.name()));
+                        if let Some(display) = m.display {
+                            member.insert("display".to_owned(), json!(display));
+                        }
+                        Value::Object(member)
+                    })
+                    .collect();
+                obj.insert("members".to_owned(), Value::Array(members));
+            }
+            ResourceType::User if projection.includes("groups") => {
+                let groups: Vec<Value> = self
+                    .directory
+                    .groups_of(&id)
+                    .into_iter()
+                    .map(|g| {
+                        json!({
+                            "value": &*g.id,
+                            "$ref": format!("{base}/Groups/{}", g.id),
+                            "display": g.display,
+                            "type": if g.direct { "direct" } else { "indirect" },
+                        })
+                    })
+                    .collect();
+                if !groups.is_empty() {
+                    obj.insert("groups".to_owned(), Value::Array(groups));
+                }
+            }
+            _ => {}
+        }
+        projection.apply(&resource)
+    }
+
+    fn written(
+        &self,
+        req: &ScimRequest<'_>,
+        rt: ResourceType,
+        written: Written,
+        status: u16,
+        projection: &Projection,
+    ) -> ScimResponse {
+        let Some(record) = written.record else {
+            return ScimResponse {
+                status: 204,
+                etag: None,
+                location: None,
+                body: None,
+            };
+        };
+        let location = format!("{}/{}/{}", req.base_url, endpoint(rt), written.id);
+        ScimResponse {
+            status,
+            etag: version_of(&record),
+            location: (status == 201).then_some(location),
+            body: Some(self.render(req.base_url, rt, &record, projection)),
+        }
+    }
+
+    async fn create(&self, rt: ResourceType, body: &Value, actor: &str) -> Result<Written> {
+        let mut resource = validate_resource(rt, body, Mode::Create)?;
+        let password_hash = hash_password(take_password(&mut resource)).await?;
+        self.directory
+            .write(
+                Command::Create {
+                    rt,
+                    resource,
+                    password_hash,
+                },
+                actor,
+            )
+            .await
+    }
+
+    async fn replace(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        actor: &str,
+    ) -> Result<Written> {
+        let mut resource = validate_resource(rt, body, Mode::Replace)?;
+        let password_hash = hash_password(take_password(&mut resource)).await?;
+        self.directory
+            .write(
+                Command::Replace {
+                    rt,
+                    id: id.to_owned(),
+                    resource,
+                    password_hash,
+                    if_match: if_match.map(str::to_owned),
+                },
+                actor,
+            )
+            .await
+    }
+
+    async fn patch(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        actor: &str,
+    ) -> Result<Written> {
+        let mut ops = parse_patch_request(body)?;
+        let password = take_patch_password(&mut ops)?;
+        let password_hash = hash_password(password).await?;
+        self.directory
+            .write(
+                Command::Patch {
+                    rt,
+                    id: id.to_owned(),
+                    ops,
+                    password_hash,
+                    if_match: if_match.map(str::to_owned),
+                },
+                actor,
+            )
+            .await
+    }
+
+    async fn delete(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        if_match: Option<&str>,
+        actor: &str,
+    ) -> Result<Written> {
+        self.directory
+            .write(
+                Command::Delete {
+                    rt,
+                    id: id.to_owned(),
+                    if_match: if_match.map(str::to_owned),
+                },
+                actor,
+            )
+            .await
+    }
+
+    /// RFC 7644 §3.7. Operations run in order, each durable before the next; `bulkId:` refs
+    /// in paths and data are replaced by the ids created earlier in the same request.
+    async fn bulk(&self, req: &ScimRequest<'_>) -> Result<ScimResponse> {
+        let body = parse_json(req.body)?;
+        let body = body
+            .as_object()
+            .ok_or_else(|| syntax("a BulkRequest must be a JSON object"))?;
+        let declares = body
+            .get("schemas")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|v| v.as_str() == Some(BULK_REQUEST_SCHEMA)));
+        if !declares {
+            return Err(syntax(format!(
+                "schemas must contain {BULK_REQUEST_SCHEMA}"
+            )));
+        }
+        let ops = body
+            .get("Operations")
+            .and_then(Value::as_array)
+            .ok_or_else(|| syntax("Operations must be a list"))?;
+        if ops.len() > self.limits.max_bulk_operations {
+            return Err(ScimError::new(
+                413,
+                None,
+                format!(
+                    "a bulk request may hold at most {} operations",
+                    self.limits.max_bulk_operations
+                ),
+            ));
+        }
+        let fail_on_errors = match body.get("failOnErrors") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| syntax("failOnErrors must be a positive integer"))?,
+            ),
+        };
+
+        let mut bulk_ids: HashMap<String, String> = HashMap::new();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut errors = 0u64;
+        for op in ops {
+            if fail_on_errors.is_some_and(|limit| errors >= limit) {
+                break;
+            }
+            let outcome = self.bulk_operation(req, op, &mut bulk_ids).await;
+            let (method, bulk_id) = (
+                op.get("method").cloned().unwrap_or(Value::Null),
+                op.get("bulkId").cloned(),
+            );
+            let mut entry = Map::new();
+            entry.insert("method".to_owned(), method);
+            if let Some(bulk_id) = bulk_id {
+                entry.insert("bulkId".to_owned(), bulk_id);
+            }
+            match outcome {
+                Ok(response) => {
+                    entry.insert("status".to_owned(), json!(response.status.to_string()));
+                    if let Some(location) = response.location {
+                        entry.insert("location".to_owned(), json!(location));
+                    }
+                    if let Some(etag) = response.etag {
+                        entry.insert("version".to_owned(), json!(etag));
+                    }
+                }
+                Err(e) => {
+                    errors += 1;
+                    entry.insert("status".to_owned(), json!(e.status.to_string()));
+                    entry.insert("response".to_owned(), e.to_json());
+                }
+            }
+            results.push(Value::Object(entry));
+        }
+        Ok(ScimResponse::json(
+            200,
+            json!({"schemas": [BULK_RESPONSE_SCHEMA], "Operations": results}),
+        ))
+    }
+
+    async fn bulk_operation(
+        &self,
+        req: &ScimRequest<'_>,
+        op: &Value,
+        bulk_ids: &mut HashMap<String, String>,
+    ) -> Result<ScimResponse> {
+        let op = op
+            .as_object()
+            .ok_or_else(|| syntax("each bulk operation must be an object"))?;
+        let method = op
+            .get("method")
+            .and_then(Value::as_str)
+            .and_then(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+            .ok_or_else(|| syntax("each bulk operation needs a method"))?;
+        let path = op
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| syntax("each bulk operation needs a path"))?;
+        let path = substitute(path, bulk_ids)?;
+        let mut data = op.get("data").cloned().unwrap_or(Value::Null);
+        substitute_value(&mut data, bulk_ids)?;
+        let if_match = op.get("version").and_then(Value::as_str);
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (rt, id) = match segments.as_slice() {
+            [kind] => (resource_type_for_endpoint(kind), None),
+            [kind, id] => (resource_type_for_endpoint(kind), Some(*id)),
+            _ => (None, None),
+        };
+        let rt = rt.ok_or_else(|| not_found(&path))?;
+        let projection = Projection::default_for(rt);
+        let written = match (&method, id) {
+            (&Method::POST, None) => {
+                let bulk_id = op
+                    .get("bulkId")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| syntax("a bulk POST needs a bulkId"))?;
+                let written = self.create(rt, &data, req.actor).await?;
+                bulk_ids.insert(bulk_id.to_owned(), written.id.clone());
+                (written, 201)
+            }
+            (&Method::PUT, Some(id)) => {
+                (self.replace(rt, id, &data, if_match, req.actor).await?, 200)
+            }
+            (&Method::PATCH, Some(id)) => {
+                (self.patch(rt, id, &data, if_match, req.actor).await?, 200)
+            }
+            (&Method::DELETE, Some(id)) => (self.delete(rt, id, if_match, req.actor).await?, 204),
+            _ => return Err(method_not_allowed(&method, &path)),
+        };
+        let (written, status) = written;
+        let location = format!("{}/{}/{}", req.base_url, endpoint(rt), written.id);
+        let mut response = self.written(req, rt, written, status, &projection);
+        response.body = None;
+        response.location = Some(location);
+        Ok(response)
+    }
+}
+
+fn list_of(resources: Vec<Value>) -> ScimResponse {
+    let total = resources.len();
+    list_response(total, 1, resources)
+}
+
+fn list_response(total: usize, start_index: usize, resources: Vec<Value>) -> ScimResponse {
+    ScimResponse::json(
+        200,
+        json!({
+            "schemas": [LIST_RESPONSE_SCHEMA],
+            "totalResults": total,
+            "startIndex": start_index,
+            "itemsPerPage": resources.len(),
+            "Resources": resources,
+        }),
+    )
+}
+
+fn parse_json(body: &[u8]) -> Result<Value> {
+    if body.is_empty() {
+        return Err(syntax("the request needs a JSON body"));
+    }
+    serde_json::from_slice(body).map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
+}
+
+fn resource_type_for_endpoint(segment: &str) -> Option<ResourceType> {
+    match segment {
+        "Users" => Some(ResourceType::User),
+        "Groups" => Some(ResourceType::Group),
+        _ => None,
+    }
+}
+
+fn resource_type_named(name: &str) -> Option<ResourceType> {
+    match name {
+        "User" => Some(ResourceType::User),
+        "Group" => Some(ResourceType::Group),
+        _ => None,
+    }
+}
+
+fn take_password(resource: &mut Value) -> Option<String> {
+    let obj = resource.as_object_mut()?;
+    let key = obj
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case("password"))?
+        .clone();
+    match obj.remove(&key) {
+        Some(Value::String(password)) => Some(password),
+        _ => None,
+    }
+}
+
+/// Takes a new password out of PATCH operations (`path: password`, or a `password` key in a
+/// path-less value) so that only its hash reaches the store.
+fn take_patch_password(ops: &mut Vec<PatchOp>) -> Result<Option<String>> {
+    let mut password = None;
+    let mut kept = Vec::with_capacity(ops.len());
+    for mut op in ops.drain(..) {
+        let names_password = op
+            .path
+            .as_ref()
+            .is_some_and(|p| p.attr.name_is("password") && p.attr.sub_attr.is_none());
+        if names_password {
+            match (op.op, op.value.take()) {
+                (OpKind::Add | OpKind::Replace, Some(Value::String(p))) => password = Some(p),
+                _ => {
+                    return Err(ScimError::bad_request(
+                        ScimType::InvalidValue,
+                        "password can only be set to a string; it cannot be removed",
+                    ))
+                }
+            }
+            continue;
+        }
+        if op.path.is_none() {
+            if let Some(value) = op.value.as_mut() {
+                if let Some(p) = take_password(value) {
+                    password = Some(p);
+                }
+            }
+        }
+        kept.push(op);
+    }
+    *ops = kept;
+    Ok(password)
+}
+
+async fn hash_password(password: Option<String>) -> Result<Option<String>> {
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let salt = SaltString::generate(&mut OsRng);
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| ScimError::new(500, None, format!("could not hash the password: {e}")))
+    })
+    .await
+    .map_err(|_| ScimError::new(500, None, "password hashing failed"))?
+    .map(Some)
+}
+
+/// Replaces a whole `bulkId:<id>` reference (a path segment or a string value).
+fn substitute(text: &str, bulk_ids: &HashMap<String, String>) -> Result<String> {
+    if !text.contains("bulkId:") {
+        return Ok(text.to_owned());
+    }
+    text.split('/')
+        .map(|segment| match segment.strip_prefix("bulkId:") {
+            Some(bulk_id) => bulk_ids.get(bulk_id).cloned().ok_or_else(|| {
+                ScimError::new(
+                    409,
+                    Some(ScimType::InvalidValue),
+                    format!(
+                        "bulkId {bulk_id} does not name a resource created earlier in this request"
+                    ),
+                )
+            }),
+            None => Ok(segment.to_owned()),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|parts| parts.join("/"))
+}
+
+fn substitute_value(value: &mut Value, bulk_ids: &HashMap<String, String>) -> Result<()> {
+    match value {
+        Value::String(s) if s.starts_with("bulkId:") => {
+            *s = substitute(s, bulk_ids)?;
+        }
+        Value::Array(items) => {
+            for item in items {
+                substitute_value(item, bulk_ids)?;
+            }
+        }
+        Value::Object(map) => {
+            for item in map.values_mut() {
+                substitute_value(item, bulk_ids)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
