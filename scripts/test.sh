@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it: formatting, lints, every shipped example config,
-# unit tests and the end-to-end tests against real peers.
+# unit tests, the end-to-end tests against real peers, and the scim2-tester conformance suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +19,5 @@ for file in examples/*.toml; do
 done
 echo "== tests"
 cargo test --workspace -- --test-threads=2
+echo "== SCIM conformance (scim2-tester)"
+scripts/scim-conformance.sh target/debug/portcullis

@@ -273,6 +273,11 @@ impl Patcher<'_, '_> {
             .as_object()
             .ok_or_else(|| invalid_value(format!("{urn} must be an object of its attributes")))?;
         for (key, value) in attrs {
+            if key.eq_ignore_ascii_case("schemas") {
+                // Clients echo the extension's own `schemas` inside it; it is not an
+                // attribute, and the resource's `schemas` is derived anyway.
+                continue;
+            }
             let path = PatchPath::parse(&format!("{urn}:{key}"))
                 .map_err(|e| invalid_path(format!("{key:?} is not an attribute name: {e}")))?;
             self.apply_path(kind, &path, Some(value), true)?;
@@ -913,6 +918,30 @@ impl IdSet {
             .into_iter()
             .filter(|id| present.remove(id))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod extension_object_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_schemas_key_inside_an_extension_object_is_ignored() {
+        let urn = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+        let mut user = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "id": "u1",
+            "userName": "a@x",
+        });
+        let body = json!({
+            "schemas": [PATCH_OP_SCHEMA],
+            "Operations": [{"op": "add", "path": urn, "value": {"schemas": [urn], "employeeNumber": "42"}}],
+        });
+        let ops = parse_patch_request(&body).unwrap();
+        apply_patch(&mut user, ResourceType::User, &ops, &|_| false).unwrap();
+        assert_eq!(user[urn], json!({"employeeNumber": "42"}));
     }
 }
 

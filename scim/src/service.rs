@@ -251,6 +251,10 @@ impl ScimService {
                 self.list_all(req, &params)
             }
             (["Bulk"], &Method::POST) => self.bulk(req).await,
+            // Discovery documents are read-only (RFC 7644 §4).
+            (["ServiceProviderConfig" | "ResourceTypes" | "Schemas", ..], _) => {
+                Err(method_not_allowed(method, req.path))
+            }
             ([kind, rest @ ..], _) => {
                 let rt = resource_type_for_endpoint(kind)
                     .ok_or_else(|| not_found(format!("/{kind}")))?;
@@ -280,18 +284,17 @@ impl ScimService {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
                         let written = self.patch(rt, id, &body, req.if_match, req.actor).await?;
-                        let projection = match (rt, &params.attributes) {
-                            // Members only when asked for by name (see the module doc).
-                            (ResourceType::Group, None) => {
-                                let excluded = match &params.excluded {
-                                    Some(list) => format!("{list},members"),
-                                    None => "members".to_owned(),
-                                };
-                                Projection::new(rt, None, Some(&excluded))
-                            }
-                            _ => params.projection(rt),
-                        };
-                        Ok(self.written(req, rt, written, 200, &projection))
+                        if rt == ResourceType::Group && params.attributes.is_none() {
+                            // 204, as Okta expects for groups: rendering the group would mean
+                            // listing its members (see the module doc).
+                            return Ok(ScimResponse {
+                                status: 204,
+                                etag: written.record.as_ref().and_then(version_of),
+                                location: None,
+                                body: None,
+                            });
+                        }
+                        Ok(self.written(req, rt, written, 200, &params.projection(rt)))
                     }
                     ([id], &Method::DELETE) => {
                         self.delete(rt, id, req.if_match, req.actor).await?;

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Run scim2-tester against a live SCIM server and gate CI on the result.
+
+Tested with scim2-tester 0.5.2 / scim2-client 0.13.2 / scim2-models 0.12.3 / httpx2 2.16.2
+(pip install "scim2-tester[httpx2]==0.5.2").
+
+Usage:
+    run_scim2_tester.py --binary target/debug/portcullis        # starts Portcullis itself
+    run_scim2_tester.py --url http://127.0.0.1:8080/scim/v2 --token TOKEN [options]
+
+Exit status:
+    0  every check category executed at least one check, and no check ended
+       with ERROR or CRITICAL (nor DEVIATION with --strict, nor SKIPPED with
+       --fail-on-skip), and every --require-resource-type was exercised.
+    1  any of the above is violated.
+    2  the tester itself could not run (bad arguments, crash, timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections import defaultdict
+
+from httpx2 import Client
+from scim2_client.engines.httpx2 import SyncSCIMClient
+from scim2_tester import Status
+from scim2_tester import check_server
+
+# Category of a check, from the tags scim2-tester puts on it (scim2_tester/checkers/*.py).
+#   discovery  : service_provider_config_endpoint(_methods), query_all_resource_types,
+#                query_resource_type_by_id, resource_types_schema_validation,
+#                access_invalid_resource_type, resource_types_endpoint_methods,
+#                query_all_schemas, access_schema_by_id, access_invalid_schema,
+#                schemas_endpoint_methods  (+ "service_description" synthetic error)
+#   misc       : random_url
+#   crud       : object_creation, object_query, object_query_without_id,
+#                object_replacement, object_deletion
+#   attributes : object_query_with_attributes, object_list_with_attributes,
+#                search_with_attributes   (tag crud:read:attributes)
+#   patch      : check_add_attribute, check_remove_attribute, check_replace_attribute
+CATEGORIES = ("discovery", "misc", "crud", "attributes", "patch")
+
+FAILING = {Status.ERROR, Status.CRITICAL}
+STATUS_COLUMNS = (
+    Status.SUCCESS,
+    Status.COMPLIANT,
+    Status.ACCEPTABLE,
+    Status.DEVIATION,
+    Status.ERROR,
+    Status.CRITICAL,
+    Status.SKIPPED,
+)
+
+
+def category_of(tags: set[str]) -> str:
+    if "crud:read:attributes" in tags:
+        return "attributes"
+    if any(t.startswith("patch") for t in tags):
+        return "patch"
+    if any(t.startswith("crud") for t in tags):
+        return "crud"
+    if "discovery" in tags:
+        return "discovery"
+    if "misc" in tags:
+        return "misc"
+    return "other"
+
+
+def subcategory_of(tags: set[str]) -> str:
+    specific = sorted(t for t in tags if t not in ("*", "discovery"))
+    return ",".join(specific) or "discovery"
+
+
+def short(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", " | ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_portcullis(binary: str, workdir: str) -> tuple[subprocess.Popen, str, str, str]:
+    """Starts `portcullis serve` on free loopback ports with SCIM on host scim.test.
+    Returns the process, the SCIM base URL, the token and the Host header to send."""
+    port, admin = free_port(), free_port()
+    token = secrets.token_urlsafe(32)
+    config = os.path.join(workdir, "portcullis.toml")
+    with open(config, "w") as f:
+        f.write(f"""data_dir = "data"
+[admin]
+address = "127.0.0.1:{admin}"
+[[listeners]]
+address = "127.0.0.1:{port}"
+[scim]
+host = "scim.test"
+[[scim.tokens]]
+name = "scim2-tester"
+secret = "env:SCIM_TOKEN"
+""")
+    log = open(os.path.join(workdir, "portcullis.log"), "w")
+    proc = subprocess.Popen([binary, "serve", "--config", config], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "SCIM_TOKEN": token})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"portcullis exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}/scim/v2", token, "scim.test"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("portcullis did not become ready in 30 s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", help="Start this portcullis binary on free ports and test it")
+    p.add_argument("--url", help="SCIM base URL, e.g. http://127.0.0.1:8080/scim/v2")
+    p.add_argument("--token", help="Bearer token (sent as 'Authorization: Bearer TOKEN')")
+    p.add_argument("--content-type", default="application/scim+json",
+                   help="Accept and Content-Type header sent on every request "
+                        "(default application/scim+json; scim2-client itself sets none, "
+                        "so httpx2 would send Content-Type: application/json and Accept: */*). "
+                        "Pass '' to keep the httpx2 defaults.")
+    p.add_argument("--host-header", help="Override the Host header (e.g. when the server routes by virtual host "
+                                         "but is reached at 127.0.0.1)")
+    p.add_argument("--http-timeout", type=float, default=30.0, help="Per-request timeout, seconds (default 30)")
+    p.add_argument("--max-seconds", type=int, default=900, help="Abort the whole run after N seconds (default 900)")
+    p.add_argument("--resource-type", action="append", dest="resource_types",
+                   help="Only test these resource type names (repeatable). Default: every discovered type.")
+    p.add_argument("--require-resource-type", action="append", dest="required_types",
+                   help="Fail unless crud, attributes and patch checks executed for this resource type "
+                        "(repeatable; default: User and Group).")
+    p.add_argument("--include-tag", action="append", dest="include_tags",
+                   help="Pass include_tags to check_server (repeatable). Default: all.")
+    p.add_argument("--exclude-tag", action="append", dest="exclude_tags",
+                   help="Pass exclude_tags to check_server (repeatable). Default: none.")
+    p.add_argument("--strict", action="store_true", help="Also fail on DEVIATION results")
+    p.add_argument("--fail-on-skip", action="store_true", help="Also fail on any SKIPPED result")
+    p.add_argument("--insecure", action="store_true", help="Do not verify TLS certificates")
+    p.add_argument("-v", "--verbose", action="store_true", help="List every check, not only the problems")
+    p.add_argument("--json", metavar="FILE", help="Write every result as JSON to FILE")
+    args = p.parse_args()
+    if args.binary:
+        with tempfile.TemporaryDirectory(prefix="scim2-tester-") as workdir:
+            proc, args.url, args.token, args.host_header = start_portcullis(args.binary, workdir)
+            try:
+                return run(args)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    if not (args.url and args.token):
+        p.error("give --binary, or --url and --token")
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    def on_alarm(signum, frame):  # noqa: ARG001
+        raise TimeoutError(f"scim2-tester run exceeded --max-seconds={args.max_seconds}")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(args.max_seconds)
+
+    headers = {"Authorization": f"Bearer {args.token}"}
+    if args.content_type:
+        headers["Accept"] = args.content_type
+        headers["Content-Type"] = args.content_type
+    if args.host_header:
+        headers["Host"] = args.host_header
+
+    base_url = args.url.rstrip("/") + "/"  # httpx2 appends relative paths ("/Users") under it
+    started = time.monotonic()
+    try:
+        with Client(base_url=base_url, headers=headers, timeout=args.http_timeout,
+                    verify=not args.insecure) as http:
+            scim = SyncSCIMClient(http)
+            results = check_server(
+                scim,
+                raise_exceptions=False,
+                include_tags=set(args.include_tags) if args.include_tags else None,
+                exclude_tags=set(args.exclude_tags) if args.exclude_tags else None,
+                resource_types=args.resource_types,
+            )
+    except Exception as exc:  # tester crash / timeout / network failure outside a check
+        print(f"FATAL: scim2-tester did not complete: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.alarm(0)
+    elapsed = time.monotonic() - started
+
+    by_cat: dict[str, Counter] = defaultdict(Counter)
+    by_sub: dict[tuple[str, str, str], Counter] = defaultdict(Counter)
+    for r in results:
+        cat = category_of(r.tags)
+        by_cat[cat][r.status] += 1
+        by_sub[(cat, subcategory_of(r.tags), r.resource_type or "-")][r.status] += 1
+
+    cols = [s.name for s in STATUS_COLUMNS]
+    print(f"scim2-tester against {args.url}: {len(results)} results in {elapsed:.1f}s\n")
+    header = f"{'category':<11} {'tag':<24} {'resource':<9} " + " ".join(f"{c[:8]:>8}" for c in cols)
+    print(header)
+    print("-" * len(header))
+    for key in sorted(by_sub, key=lambda k: (CATEGORIES.index(k[0]) if k[0] in CATEGORIES else 99, k[1], k[2])):
+        c = by_sub[key]
+        print(f"{key[0]:<11} {key[1]:<24} {key[2]:<9} " + " ".join(f"{c[s]:>8}" for s in STATUS_COLUMNS))
+    print("-" * len(header))
+    for cat in list(CATEGORIES) + sorted(set(by_cat) - set(CATEGORIES)):
+        c = by_cat[cat]
+        print(f"{cat:<11} {'TOTAL':<24} {'':<9} " + " ".join(f"{c[s]:>8}" for s in STATUS_COLUMNS))
+    print()
+
+    problems: list[str] = []
+    bad_statuses = set(FAILING)
+    if args.strict:
+        bad_statuses.add(Status.DEVIATION)
+    if args.fail_on_skip:
+        bad_statuses.add(Status.SKIPPED)
+
+    for r in results:
+        if r.status in bad_statuses or args.verbose or r.status in (Status.SKIPPED, Status.DEVIATION):
+            mark = "FAIL" if r.status in bad_statuses else "info"
+            line = (f"[{mark}] {r.status.name:<9} {category_of(r.tags):<10} {r.title} "
+                    f"({r.resource_type or '-'}): {short(r.reason or '', 400)}")
+            print(line)
+            if r.status in bad_statuses and r.data is not None:
+                print(f"        data: {short(r.data, 600)}")
+        if r.status in bad_statuses:
+            problems.append(f"{r.status.name} in {r.title}")
+
+    executed = {cat: sum(n for s, n in by_cat[cat].items() if s != Status.SKIPPED) for cat in CATEGORIES}
+    for cat, n in executed.items():
+        if n == 0:
+            problems.append(f"category '{cat}' executed zero checks")
+
+    required_types = args.required_types if args.required_types is not None else ["User", "Group"]
+    if args.resource_types:
+        required_types = [t for t in required_types if t in args.resource_types]
+    for rt in required_types:
+        for cat in ("crud", "attributes", "patch"):
+            n = sum(n for (c, _, t), cnt in by_sub.items() if c == cat and t == rt
+                    for s, n in cnt.items() if s != Status.SKIPPED)
+            if n == 0:
+                problems.append(f"resource type '{rt}' executed zero '{cat}' checks")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"status": r.status.name, "category": category_of(r.tags), "title": r.title,
+                        "tags": sorted(r.tags), "resource_type": r.resource_type, "reason": r.reason,
+                        "data": None if r.data is None else short(r.data, 4000)} for r in results],
+                      f, indent=2)
+
+    print()
+    failed = sum(1 for r in results if r.status in bad_statuses)
+    passed = sum(1 for r in results if r.status not in bad_statuses and r.status != Status.SKIPPED)
+    if problems:
+        print(f"RESULT: FAIL ({len(problems)} problem(s))")
+        for pr in sorted(set(problems)):
+            print(f"  - {pr}" + (f" x{problems.count(pr)}" if problems.count(pr) > 1 else ""))
+        print(f"scim2-tester: {passed} passed, {max(failed, 1)} failed")
+        return 1
+    print("RESULT: PASS (every category executed, no ERROR/CRITICAL)")
+    print(f"scim2-tester: {passed} passed, 0 failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
