@@ -580,6 +580,18 @@ impl ScimService {
         if_match: Option<&str>,
         actor: &str,
     ) -> Result<Written> {
+        // `id` is read-only: a PUT may repeat it but not change it. (Validation drops read-only
+        // attributes, so this is checked on the body as sent.)
+        let sent_id = body
+            .as_object()
+            .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("id")))
+            .map(|(_, v)| v);
+        if let Some(sent) = sent_id.filter(|v| v.as_str() != Some(id)) {
+            return Err(ScimError::bad_request(
+                ScimType::Mutability,
+                format!("id is read-only: this resource's id is {id}, not {sent}"),
+            ));
+        }
         let mut resource = validate_resource(rt, body, Mode::Replace)?;
         let password_hash = hash_password(take_password(&mut resource)).await?;
         self.directory

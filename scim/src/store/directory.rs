@@ -9,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::index::{fold, Index};
+use super::index::{fold, format_id, Id, Index};
 use super::writer::Overlay;
 use super::{Change, Command, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH};
 use crate::error::ScimError;
@@ -48,14 +48,14 @@ impl Drop for Directory {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserStatus {
     pub row: Row,
-    pub id: Arc<str>,
+    pub id: Id,
     pub active: bool,
 }
 
 /// One member of a group, for rendering `members`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
-    pub id: Arc<str>,
+    pub id: String,
     pub rt: ResourceType,
     pub display: Option<String>,
 }
@@ -63,7 +63,7 @@ pub struct Member {
 /// One group a user or group is in, for rendering a User's `groups`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberOf {
-    pub id: Arc<str>,
+    pub id: String,
     pub display: String,
     pub direct: bool,
 }
@@ -99,8 +99,8 @@ impl Directory {
         let mut members = Vec::new();
         let mut bad = 0usize;
         let (seq, next_row) = storage.load(&mut |loaded| match loaded {
-            Loaded::Resource(rt, row, record) => {
-                if !index.insert_loaded(rt, row, &record) {
+            Loaded::Resource(rt, row, json) => {
+                if !index.insert_stored(rt, row, json) {
                     bad += 1;
                 }
             }
@@ -183,7 +183,7 @@ impl Directory {
         let entry = index.user(row)?;
         Some(UserStatus {
             row,
-            id: entry.id.clone(),
+            id: entry.id,
             active: entry.active,
         })
     }
@@ -215,13 +215,13 @@ impl Directory {
             .filter_map(|member| {
                 if let Some(user) = index.user(member) {
                     Some(Member {
-                        id: user.id.clone(),
+                        id: format_id(user.id),
                         rt: ResourceType::User,
                         display: None,
                     })
                 } else {
                     index.group(member).map(|group| Member {
-                        id: group.id.clone(),
+                        id: format_id(group.id),
                         rt: ResourceType::Group,
                         display: Some(group.display_name.to_string()),
                     })
@@ -241,7 +241,7 @@ impl Directory {
             .into_iter()
             .filter_map(|(group, direct)| {
                 index.group(group).map(|g| MemberOf {
-                    id: g.id.clone(),
+                    id: format_id(g.id),
                     display: g.display_name.to_string(),
                     direct,
                 })
@@ -279,10 +279,7 @@ impl Directory {
                     rows.dedup();
                     rows
                 }
-                None => match rt {
-                    ResourceType::User => index.users.keys().copied().collect(),
-                    ResourceType::Group => index.groups.keys().copied().collect(),
-                },
+                None => index.rows(rt).collect(),
             }
         };
 
@@ -330,9 +327,9 @@ impl Directory {
             .filter_map(|m| {
                 let id = index
                     .user(m)
-                    .map(|u| u.id.clone())
-                    .or_else(|| index.group(m).map(|g| g.id.clone()))?;
-                Some(json!({ "value": &*id }))
+                    .map(|u| u.id)
+                    .or_else(|| index.group(m).map(|g| g.id))?;
+                Some(json!({ "value": format_id(id) }))
             })
             .collect();
         if let Some(obj) = resource.as_object_mut() {
@@ -414,29 +411,24 @@ fn lookup(
 ) -> Option<Vec<Row>> {
     let is = |a: &str| name.eq_ignore_ascii_case(a);
     let sub_is = |s: &str| sub.is_some_and(|x| x.eq_ignore_ascii_case(s));
-    let rows_of = |map: &std::collections::HashMap<Box<str>, Vec<Row>>, key: &str| {
-        map.get(key).cloned().unwrap_or_default()
-    };
     match rt {
         ResourceType::User if is("userName") && sub.is_none() => {
             Some(index.user_by_name(value).into_iter().collect())
         }
         ResourceType::User if is("externalId") && sub.is_none() => {
-            Some(rows_of(&index.user_by_external_id, value))
+            Some(index.users_by_external_id(value))
         }
         ResourceType::User if is("emails") && (sub.is_none() || sub_is("value")) => {
-            Some(rows_of(&index.user_by_email, &fold(value)))
+            Some(index.users_by_email(value))
         }
         ResourceType::Group if is("displayName") && sub.is_none() => Some(
             index
-                .group_by_name
-                .get(&*fold(value))
-                .copied()
+                .group_by_folded_name(&fold(value))
                 .into_iter()
                 .collect(),
         ),
         ResourceType::Group if is("externalId") && sub.is_none() => {
-            Some(rows_of(&index.group_by_external_id, value))
+            Some(index.groups_by_external_id(value))
         }
         ResourceType::Group if is("members") && (sub.is_none() || sub_is("value")) => {
             let member = index.row_of(value).map(|(_, row)| row);

@@ -29,7 +29,7 @@ use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
 pub use directory::{Directory, Member, MemberOf, Page, Query, SortOrder, UserStatus};
-pub use index::Index;
+pub use index::{format_id, parse_id, Id, Index};
 
 /// Internal, stable row number of a resource: creation order, never reused.
 pub type Row = u64;
@@ -133,9 +133,10 @@ impl Batch {
     }
 }
 
-/// What [`Storage::load`] hands back, in any order.
-pub enum Loaded {
-    Resource(ResourceType, Row, Record),
+/// What [`Storage::load`] hands back, in any order. A resource comes as the JSON of its
+/// [`Record`], so loading can read just the indexed fields.
+pub enum Loaded<'a> {
+    Resource(ResourceType, Row, &'a [u8]),
     Member { group: Row, member: Row },
 }
 
@@ -158,7 +159,7 @@ impl From<StoreError> for ScimError {
 /// A durable backend for the directory.
 pub trait Storage: Send + Sync + 'static {
     /// Visits every stored resource and membership; returns `(seq, next_row)`.
-    fn load(&self, visit: &mut dyn FnMut(Loaded)) -> Result<(Seq, Row), StoreError>;
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError>;
     /// Reads the records at `rows` (missing ones are skipped), in one consistent view.
     fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError>;
     /// Writes `batch` durably: when this returns `Ok`, the batch survives a crash.

@@ -15,6 +15,9 @@ use crate::schema::ResourceType;
 /// The on-disk format version. A database written by another version is refused at start.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
 const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
@@ -40,7 +43,11 @@ impl RedbStorage {
     /// Opens (or creates) `directory.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("directory.redb");
-        let db = Database::create(&path)
+        // Lookups are answered by the in-memory index; redb's cache only serves record reads,
+        // so it is kept small rather than redb's 1 GiB default.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         {
@@ -77,14 +84,13 @@ fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
 }
 
 impl Storage for RedbStorage {
-    fn load(&self, visit: &mut dyn FnMut(Loaded)) -> Result<(Seq, Row), StoreError> {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         for rt in [ResourceType::User, ResourceType::Group] {
             let resources = txn.open_table(table(rt)).map_err(backend)?;
             for entry in resources.iter().map_err(backend)? {
                 let (row, bytes) = entry.map_err(backend)?;
-                let row = row.value();
-                visit(Loaded::Resource(rt, row, decode(row, bytes.value())?));
+                visit(Loaded::Resource(rt, row.value(), bytes.value()));
             }
         }
         let members = txn.open_table(MEMBERS).map_err(backend)?;

@@ -225,18 +225,6 @@ impl<'a> Overlay<'a> {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        if let Some(sent) = resource
-            .as_object()
-            .and_then(|o| get_ci(o, "id"))
-            .and_then(Value::as_str)
-        {
-            if sent != id {
-                return Err(ScimError::bad_request(
-                    ScimType::Mutability,
-                    format!("id is read-only: this resource's id is {id}, not {sent}"),
-                ));
-            }
-        }
         // A PUT that leaves `members` out keeps them: clients that PUT groups manage members by
         // PATCH, and silently emptying a 100,000-member group is the worse reading of the RFC.
         let members = take_members(rt, &mut resource);
@@ -465,14 +453,14 @@ impl<'a> Overlay<'a> {
     fn user_name_owner(&self, folded: &str) -> Option<Row> {
         match self.user_names.get(folded) {
             Some(owner) => *owner,
-            None => self.index.user_by_name.get(folded).copied(),
+            None => self.index.user_by_folded_name(folded),
         }
     }
 
     fn group_name_owner(&self, folded: &str) -> Option<Row> {
         match self.group_names.get(folded) {
             Some(owner) => *owner,
-            None => self.index.group_by_name.get(folded).copied(),
+            None => self.index.group_by_folded_name(folded),
         }
     }
 
@@ -555,9 +543,9 @@ impl<'a> Overlay<'a> {
             }
             if seen.insert(group) {
                 stack.extend(
-                    self.members_now(group).into_iter().filter(|m| {
-                        self.index.groups.contains_key(m) || self.is_group_in_batch(*m)
-                    }),
+                    self.members_now(group)
+                        .into_iter()
+                        .filter(|m| self.index.group(*m).is_some() || self.is_group_in_batch(*m)),
                 );
             }
         }
