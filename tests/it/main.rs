@@ -15,11 +15,35 @@ mod limits;
 mod proxying;
 mod reload;
 mod routing;
+mod scim_crash;
+mod scim_entra;
+mod scim_okta;
+mod scim_protocol;
 mod tls;
 mod websocket;
 
-use portcullis_tests::Echo;
+use portcullis_tests::{ConfigBuilder, Echo, Portcullis, ScimClient};
 use reqwest::StatusCode;
+
+/// The SCIM host of every SCIM test.
+const SCIM_HOST: &str = "auth.test";
+/// The bearer token of [`scim_server`]'s one `[[scim.tokens]]` entry, named `okta`.
+const SCIM_TOKEN: &str = "okta-token-0123456789abcdefghij";
+
+/// The config of a `portcullis` that serves SCIM on `auth.test` over plain HTTP, with one
+/// token ([`SCIM_TOKEN`]).
+fn scim_config() -> ConfigBuilder {
+    ConfigBuilder::new()
+        .http_listener()
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+}
+
+/// A running `portcullis` from [`scim_config`] and a client holding its token.
+async fn scim_server() -> (Portcullis, ScimClient) {
+    let cfg = scim_config();
+    let px = cfg.start().await;
+    (px, ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN))
+}
 
 /// Sends a GET and parses the upstream's echo; panics (with the body) on anything but 200.
 async fn get_echo(client: &reqwest::Client, url: &str) -> Echo {

@@ -36,7 +36,14 @@ fn base() -> reqwest::ClientBuilder {
 
 /// A plain-HTTP/1.1 client.
 pub fn plain_client() -> reqwest::Client {
-    base().http1_only().build().expect("build reqwest client")
+    plain_client_builder()
+        .build()
+        .expect("build reqwest client")
+}
+
+/// The builder of [`plain_client`], to change a setting (e.g. the timeout) before building.
+pub fn plain_client_builder() -> reqwest::ClientBuilder {
+    base().http1_only()
 }
 
 /// A TLS client trusting only `ca`, offering `h2` and `http/1.1` by ALPN, recording TLS info.

@@ -45,6 +45,48 @@ impl Route {
     }
 }
 
+/// One `[[scim.tokens]]` entry.
+#[derive(Debug, Clone)]
+pub struct ScimToken {
+    pub name: String,
+    /// The clear token, as clients send it after `Bearer `.
+    pub secret: String,
+    /// RFC 3339 time after which the token is refused.
+    pub expires: Option<String>,
+    /// Writes `secret_sha256` (the hash) instead of `secret`.
+    pub as_sha256: bool,
+}
+
+impl ScimToken {
+    /// A token (at least 24 characters, as the config requires) that never expires.
+    pub fn new(name: &str, secret: &str) -> ScimToken {
+        ScimToken {
+            name: name.to_owned(),
+            secret: secret.to_owned(),
+            expires: None,
+            as_sha256: false,
+        }
+    }
+
+    pub fn expires(mut self, rfc3339: &str) -> ScimToken {
+        self.expires = Some(rfc3339.to_owned());
+        self
+    }
+
+    pub fn as_sha256(mut self) -> ScimToken {
+        self.as_sha256 = true;
+        self
+    }
+}
+
+/// The `[scim]` section.
+#[derive(Debug, Clone)]
+struct Scim {
+    host: String,
+    tokens: Vec<ScimToken>,
+    settings: Vec<(String, String)>,
+}
+
 /// The whole config file. Ports are picked when a listener is added, so the test knows them
 /// before the proxy starts.
 #[derive(Debug, Clone)]
@@ -54,6 +96,7 @@ pub struct ConfigBuilder {
     https: Option<(SocketAddr, Vec<CertFiles>)>,
     server: Vec<(String, String)>,
     routes: Vec<Route>,
+    scim: Option<Scim>,
 }
 
 impl ConfigBuilder {
@@ -69,6 +112,7 @@ impl ConfigBuilder {
                 ("reload_poll_interval".to_owned(), "\"500ms\"".to_owned()),
             ],
             routes: Vec::new(),
+            scim: None,
         }
     }
 
@@ -100,6 +144,45 @@ impl ConfigBuilder {
     pub fn without_routes(mut self) -> ConfigBuilder {
         self.routes.clear();
         self
+    }
+
+    /// Turns SCIM on at `<scheme>://<host>/scim/v2` with these `(name, secret)` tokens,
+    /// replacing any tokens set before (limits set by [`Self::scim_setting`] stay).
+    pub fn scim(self, host: &str, tokens: &[(&str, &str)]) -> ConfigBuilder {
+        let tokens = tokens
+            .iter()
+            .map(|(name, secret)| ScimToken::new(name, secret))
+            .collect();
+        self.scim_tokens(host, tokens)
+    }
+
+    /// Like [`Self::scim`], with tokens that may expire or be given by their hash.
+    pub fn scim_tokens(mut self, host: &str, tokens: Vec<ScimToken>) -> ConfigBuilder {
+        let settings = self.scim.take().map(|s| s.settings).unwrap_or_default();
+        self.scim = Some(Scim {
+            host: host.to_owned(),
+            tokens,
+            settings,
+        });
+        self
+    }
+
+    /// Sets `[scim] key = value` (`max_request_body_bytes`, `max_bulk_operations`,
+    /// `max_results`), `value` being raw TOML.
+    pub fn scim_setting(mut self, key: &str, value: &str) -> ConfigBuilder {
+        let scim = self
+            .scim
+            .as_mut()
+            .expect("call .scim(host, tokens) before .scim_setting");
+        scim.settings.retain(|(k, _)| k != key);
+        scim.settings.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// `http://<scim host>:<http port>/scim/v2`.
+    pub fn scim_base_url(&self) -> String {
+        let scim = self.scim.as_ref().expect("config has no [scim] section");
+        self.http_url(&scim.host, "/scim/v2")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -164,6 +247,23 @@ impl ConfigBuilder {
                 let _ = writeln!(out, "{line}");
             }
         }
+        if let Some(scim) = &self.scim {
+            let _ = writeln!(out, "\n[scim]\nhost = {}", toml_str(&scim.host));
+            for (key, value) in &scim.settings {
+                let _ = writeln!(out, "{key} = {value}");
+            }
+            for token in &scim.tokens {
+                let _ = writeln!(out, "\n[[scim.tokens]]\nname = {}", toml_str(&token.name));
+                if token.as_sha256 {
+                    let _ = writeln!(out, "secret_sha256 = \"{}\"", sha256_hex(&token.secret));
+                } else {
+                    let _ = writeln!(out, "secret = {}", toml_str(&token.secret));
+                }
+                if let Some(expires) = &token.expires {
+                    let _ = writeln!(out, "expires = {}", toml_str(expires));
+                }
+            }
+        }
         out
     }
 
@@ -181,6 +281,30 @@ impl Default for ConfigBuilder {
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// SHA-256 of `text` as lower-case hex, by coreutils' `sha256sum` (as the README tells users
+/// to compute `secret_sha256`), which spares the harness a hashing dependency.
+fn sha256_hex(text: &str) -> String {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("sha256sum stdin")
+        .write_all(text.as_bytes())
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    let hex = String::from_utf8_lossy(&out.stdout);
+    hex.split_whitespace()
+        .next()
+        .expect("sha256sum printed a hash")
+        .to_owned()
 }
 
 /// A TOML basic string.

@@ -3,9 +3,11 @@
 //!
 //! It owns: an in-process upstream that echoes what it received ([`upstream`]), throw-away
 //! certificates ([`tls`]), a config-file builder ([`config`]), the child process running
-//! `portcullis serve` ([`process`]) and clients, including a raw one for bytes a normal client
-//! would normalise ([`client`]). It does not own any assertion about the proxy: those are the
-//! tests in `it/`, compiled as one binary. Read `it/proxying.rs` first.
+//! `portcullis serve` ([`process`], which can also kill it with `SIGKILL` and restart it on
+//! the same data), clients, including a raw one for bytes a normal client would normalise
+//! ([`client`]), a SCIM client ([`scim`]) and a seeded random generator ([`rng`]). It does
+//! not own any assertion about the proxy: those are the tests in `it/`, compiled as one
+//! binary. Read `it/proxying.rs` first, and `it/scim_okta.rs` for SCIM.
 //!
 //! Nothing here uses a fixed port or kills processes by name: each test starts its own
 //! upstreams and its own `portcullis`, so tests run in parallel.
@@ -15,14 +17,17 @@
 pub mod client;
 pub mod config;
 pub mod process;
+pub mod rng;
+pub mod scim;
 pub mod tls;
 pub mod upstream;
 
 use std::net::TcpListener;
 
 pub use client::{raw_request, RawResponse};
-pub use config::{ConfigBuilder, Route};
+pub use config::{ConfigBuilder, Route, ScimToken};
 pub use process::Portcullis;
+pub use scim::{ScimClient, ScimResponse};
 pub use tls::{CertFiles, TestCa};
 pub use upstream::{Echo, Upstream};
 

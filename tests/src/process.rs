@@ -2,6 +2,7 @@
 //! one-shot commands (`check-config`, `--version`).
 
 use std::fs::File;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -53,24 +54,15 @@ pub struct Portcullis {
 impl Portcullis {
     /// Writes `config` to a temporary directory, spawns `portcullis serve --config FILE` and
     /// waits (bounded) until `GET /readyz` on the config's `[admin] address` answers 200.
+    /// The process runs in that directory, so a relative `data_dir` lives there too.
     pub async fn start(config: &str) -> Portcullis {
         let admin = admin_address(config);
         let dir = tempfile::tempdir().expect("tempdir for portcullis");
         let config_path = dir.path().join("portcullis.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("portcullis.log");
-        let log = File::create(&log_path).expect("create log file");
-        let child = Command::new(binary())
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn portcullis");
+        File::create(&log_path).expect("create log file");
+        let child = spawn_serve(dir.path(), &config_path, &log_path);
         let mut px = Portcullis {
             child: Some(child),
             dir,
@@ -81,6 +73,44 @@ impl Portcullis {
         };
         px.wait_ready().await;
         px
+    }
+
+    /// Kills the process with `SIGKILL`, as a crash would, and reaps it. Nothing is flushed
+    /// or closed by the process itself.
+    pub fn kill_hard(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_exit() {
+            return status;
+        }
+        let mut child = self.child.take().expect("portcullis was already reaped");
+        let _ = kill(
+            Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32")),
+            Signal::SIGKILL,
+        );
+        let status = child.wait().expect("wait for killed portcullis");
+        self.exit = Some(status);
+        status
+    }
+
+    /// Starts `portcullis serve` again on the same config file in the same directory (so the
+    /// same `data_dir` and ports) after the previous process exited, and waits until ready.
+    /// Its output is appended to the same log.
+    pub async fn restart(&mut self) {
+        if self.child.is_some() && self.try_exit().is_none() {
+            panic!("Portcullis::restart: the previous process is still running");
+        }
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("open log file");
+        let _ = writeln!(log, "----- harness: restarting portcullis -----");
+        self.child = Some(spawn_serve(
+            self.dir.path(),
+            &self.config_path,
+            &self.log_path,
+        ));
+        self.exit = None;
+        self.admin = admin_address(&self.config());
+        self.wait_ready().await;
     }
 
     async fn wait_ready(&mut self) {
@@ -211,6 +241,26 @@ impl Drop for Portcullis {
             }
         }
     }
+}
+
+/// Spawns `portcullis serve --config <config_path>` in `dir`, appending its output to `log_path`.
+fn spawn_serve(dir: &Path, config_path: &Path, log_path: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log_path)
+        .expect("open log file");
+    Command::new(binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(config_path)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn portcullis")
 }
 
 /// The `[admin] address` of a config text; the harness needs it to probe readiness.

@@ -1,0 +1,824 @@
+//! SCIM 2.0 protocol behaviour that every client relies on: discovery documents, Bulk, ETags,
+//! RFC 7644 error bodies, bearer-token authentication (expiry, rotation, reload), the body
+//! limit, passwords, deletes and nested groups.
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::client::{chunked, raw_request};
+use portcullis_tests::scim::{
+    patch_ops, user, ScimClient, BULK_REQUEST_SCHEMA, BULK_RESPONSE_SCHEMA, ENTERPRISE_USER_SCHEMA,
+    GROUP_SCHEMA, LIST_RESPONSE_SCHEMA, USER_SCHEMA,
+};
+use portcullis_tests::{Portcullis, ScimToken};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::{scim_config, scim_server, SCIM_HOST, SCIM_TOKEN};
+
+/// The attribute named `name` in a `/Schemas` resource.
+fn attribute<'a>(schema: &'a Value, name: &str) -> &'a Value {
+    schema["attributes"]
+        .as_array()
+        .and_then(|attrs| attrs.iter().find(|a| a["name"] == name))
+        .unwrap_or_else(|| panic!("schema {} has no attribute {name}", schema["id"]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_describes_users_groups_and_the_enterprise_extension() {
+    let cfg = scim_config()
+        .scim_setting("max_bulk_operations", "7")
+        .scim_setting("max_results", "50")
+        .scim_setting("max_request_body_bytes", "65536");
+    let _px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+
+    let spc = scim.get("/ServiceProviderConfig").await.expect(200);
+    let body = &spc.body;
+    assert_eq!(
+        body["schemas"],
+        json!(["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"]),
+        "{}",
+        spc.text
+    );
+    assert_eq!(body["patch"]["supported"], true);
+    assert_eq!(body["bulk"]["supported"], true);
+    assert_eq!(body["bulk"]["maxOperations"], 7, "{}", spc.text);
+    assert_eq!(body["bulk"]["maxPayloadSize"], 65536, "{}", spc.text);
+    assert_eq!(body["filter"]["supported"], true);
+    assert_eq!(body["filter"]["maxResults"], 50, "{}", spc.text);
+    assert_eq!(body["etag"]["supported"], true);
+    assert!(body["sort"]["supported"].is_boolean());
+    assert!(body["changePassword"]["supported"].is_boolean());
+    let schemes = body["authenticationSchemes"]
+        .as_array()
+        .expect("authenticationSchemes");
+    assert!(
+        schemes.iter().any(|s| s["type"] == "oauthbearertoken"),
+        "{}",
+        spc.text
+    );
+
+    let types = scim.get("/ResourceTypes").await.expect(200);
+    assert_eq!(types.body["schemas"], json!([LIST_RESPONSE_SCHEMA]));
+    assert_eq!(types.body["totalResults"], 2, "{}", types.text);
+    let resources = types.resources();
+    let user_type = resources
+        .iter()
+        .find(|r| r["name"] == "User")
+        .expect("a User resource type");
+    assert_eq!(user_type["endpoint"], "/Users");
+    assert_eq!(user_type["schema"], USER_SCHEMA);
+    assert_eq!(
+        user_type["schemaExtensions"],
+        json!([{"schema": ENTERPRISE_USER_SCHEMA, "required": false}]),
+        "{}",
+        types.text
+    );
+    let group_type = resources
+        .iter()
+        .find(|r| r["name"] == "Group")
+        .expect("a Group resource type");
+    assert_eq!(group_type["endpoint"], "/Groups");
+    assert_eq!(group_type["schema"], GROUP_SCHEMA);
+    let one = scim.get("/ResourceTypes/User").await.expect(200);
+    assert_eq!(&one.body, user_type);
+
+    let schemas = scim.get("/Schemas").await.expect(200);
+    let list = schemas.resources();
+    let ids: Vec<&str> = list.iter().filter_map(|s| s["id"].as_str()).collect();
+    for urn in [USER_SCHEMA, GROUP_SCHEMA, ENTERPRISE_USER_SCHEMA] {
+        assert!(ids.contains(&urn), "/Schemas lacks {urn}: {ids:?}");
+    }
+    let user_schema = list.iter().find(|s| s["id"] == USER_SCHEMA).unwrap();
+    let user_name = attribute(user_schema, "userName");
+    assert_eq!(user_name["uniqueness"], "server");
+    assert_eq!(user_name["caseExact"], false);
+    assert_eq!(user_name["required"], true);
+    assert_eq!(attribute(user_schema, "password")["returned"], "never");
+    let emails = attribute(user_schema, "emails");
+    assert_eq!(emails["multiValued"], true);
+    assert_eq!(emails["type"], "complex");
+    assert!(emails["subAttributes"].is_array());
+    let group_schema = list.iter().find(|s| s["id"] == GROUP_SCHEMA).unwrap();
+    assert_eq!(attribute(group_schema, "members")["multiValued"], true);
+    assert!(attribute(group_schema, "displayName").is_object());
+    let enterprise = scim
+        .get(&format!("/Schemas/{ENTERPRISE_USER_SCHEMA}"))
+        .await
+        .expect(200);
+    for name in ["employeeNumber", "department", "manager"] {
+        attribute(&enterprise.body, name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_resolves_bulk_ids_and_honours_its_limits() {
+    let cfg = scim_config().scim_setting("max_bulk_operations", "5");
+    let _px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+
+    let request = json!({
+        "schemas": [BULK_REQUEST_SCHEMA],
+        "Operations": [
+            {"method": "POST", "path": "/Users", "bulkId": "u1", "data": user("bulk-ann@example.com")},
+            {"method": "POST", "path": "/Groups", "bulkId": "g1",
+             "data": {"schemas": [GROUP_SCHEMA], "displayName": "bulk-group",
+                      "members": [{"type": "User", "value": "bulkId:u1"}]}},
+            {"method": "PATCH", "path": "/Users/bulkId:u1",
+             "data": patch_ops(json!([{"op": "replace", "path": "title", "value": "Bulk"}]))}
+        ]
+    });
+    let resp = scim.post("/Bulk", &request).await.expect(200);
+    assert_eq!(
+        resp.body["schemas"],
+        json!([BULK_RESPONSE_SCHEMA]),
+        "{}",
+        resp.text
+    );
+    let ops = resp.body["Operations"].as_array().expect("Operations");
+    assert_eq!(ops.len(), 3, "{}", resp.text);
+    assert_eq!(ops[0]["status"], "201", "{}", resp.text);
+    assert_eq!(ops[0]["bulkId"], "u1");
+    assert_eq!(ops[1]["status"], "201", "{}", resp.text);
+    assert_eq!(ops[2]["status"], "200", "{}", resp.text);
+    let user_location = ops[0]["location"].as_str().expect("location of the user");
+    let user_id = user_location.rsplit('/').next().unwrap().to_owned();
+    let group_location = ops[1]["location"].as_str().expect("location of the group");
+    let group_id = group_location.rsplit('/').next().unwrap().to_owned();
+    assert_eq!(user_location, format!("{}/Users/{user_id}", scim.base()));
+
+    let got = scim.get(&format!("/Users/{user_id}")).await.expect(200);
+    assert_eq!(got.body["userName"], "bulk-ann@example.com");
+    assert_eq!(got.body["title"], "Bulk", "{}", got.text);
+    assert_eq!(scim.member_ids(&group_id).await, vec![user_id.clone()]);
+
+    // failOnErrors = 2: the second error ends the request; what follows is not done.
+    let request = json!({
+        "schemas": [BULK_REQUEST_SCHEMA],
+        "failOnErrors": 2,
+        "Operations": [
+            {"method": "POST", "path": "/Users", "bulkId": "a", "data": user("bulk-a@example.com")},
+            {"method": "POST", "path": "/Users", "bulkId": "dup", "data": user("BULK-ANN@example.com")},
+            {"method": "POST", "path": "/Users", "bulkId": "bad", "data": {"schemas": [USER_SCHEMA]}},
+            {"method": "POST", "path": "/Users", "bulkId": "b", "data": user("bulk-b@example.com")},
+            {"method": "POST", "path": "/Users", "bulkId": "c", "data": user("bulk-c@example.com")}
+        ]
+    });
+    let resp = scim.post("/Bulk", &request).await.expect(200);
+    let ops = resp.body["Operations"].as_array().expect("Operations");
+    let statuses: Vec<&str> = ops.iter().filter_map(|o| o["status"].as_str()).collect();
+    assert_eq!(statuses, ["201", "409", "400"], "{}", resp.text);
+    assert_eq!(
+        ops[1]["response"]["scimType"], "uniqueness",
+        "{}",
+        resp.text
+    );
+    assert_eq!(ops[1]["response"]["status"], "409", "{}", resp.text);
+    assert_eq!(ops[2]["response"]["status"], "400", "{}", resp.text);
+    for (name, present) in [
+        ("bulk-a@example.com", 1),
+        ("bulk-b@example.com", 0),
+        ("bulk-c@example.com", 0),
+    ] {
+        let found = scim
+            .filter("/Users", &format!("userName eq \"{name}\""))
+            .await
+            .expect(200);
+        assert_eq!(
+            found.body["totalResults"], present,
+            "{name}: {}",
+            found.text
+        );
+    }
+
+    // More operations than advertised: 413, and none of them is done.
+    let too_many: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("x{i}"),
+                   "data": user(&format!("bulk-x{i}@example.com"))})
+        })
+        .collect();
+    let request = json!({"schemas": [BULK_REQUEST_SCHEMA], "Operations": too_many});
+    scim.post("/Bulk", &request).await.expect_error(413, None);
+    let found = scim
+        .filter("/Users", "userName sw \"bulk-x\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etags_make_reads_conditional_and_writes_safe() {
+    let (_px, scim) = scim_server().await;
+    let created = scim.create_user("etag@example.com").await;
+    let id = created.id();
+    let path = format!("/Users/{id}");
+    let etag = created.etag().expect("ETag on create").to_owned();
+
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.etag(), Some(etag.as_str()));
+    assert_eq!(got.body["meta"]["version"], etag.as_str());
+
+    let not_modified = scim
+        .request(Method::GET, &path, &[], None, &[("if-none-match", &etag)])
+        .await
+        .expect(304);
+    assert_eq!(not_modified.text, "", "a 304 has no body");
+    scim.request(
+        Method::GET,
+        &path,
+        &[],
+        None,
+        &[("if-none-match", "W/\"not-the-version\"")],
+    )
+    .await
+    .expect(200);
+
+    // Someone else changes the user: the first ETag is now stale.
+    let mut body = got.body.clone();
+    body["title"] = json!("First");
+    let first = scim.put(&path, &body).await.expect(200);
+    let current = first.etag().expect("ETag on PUT").to_owned();
+    assert_ne!(current, etag);
+
+    body["title"] = json!("Stale");
+    scim.request(Method::PUT, &path, &[], Some(&body), &[("if-match", &etag)])
+        .await
+        .expect_error(412, None);
+    let patch = patch_ops(json!([{"op": "replace", "path": "title", "value": "Stale"}]));
+    scim.request(
+        Method::PATCH,
+        &path,
+        &[],
+        Some(&patch),
+        &[("if-match", &etag)],
+    )
+    .await
+    .expect_error(412, None);
+    scim.request(Method::DELETE, &path, &[], None, &[("if-match", &etag)])
+        .await
+        .expect_error(412, None);
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.body["title"], "First", "a 412 changed the user");
+    assert_eq!(got.etag(), Some(current.as_str()));
+    // The old ETag no longer yields a 304.
+    scim.request(Method::GET, &path, &[], None, &[("if-none-match", &etag)])
+        .await
+        .expect(200);
+
+    body["title"] = json!("Second");
+    let second = scim
+        .request(
+            Method::PUT,
+            &path,
+            &[],
+            Some(&body),
+            &[("if-match", &current)],
+        )
+        .await
+        .expect(200);
+    let newest = second.etag().expect("ETag on PUT").to_owned();
+    assert_ne!(newest, current);
+    assert_eq!(second.body["meta"]["version"], newest.as_str());
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.body["title"], "Second");
+    assert_eq!(got.etag(), Some(newest.as_str()));
+    scim.request(Method::GET, &path, &[], None, &[("if-none-match", &newest)])
+        .await
+        .expect(304);
+
+    scim.request(Method::DELETE, &path, &[], None, &[("if-match", &newest)])
+        .await
+        .expect(204);
+    scim.get(&path).await.expect_error(404, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_is_an_rfc_7644_error_body_and_changes_nothing() {
+    let (_px, scim) = scim_server().await;
+    let created = scim.create_user("errors@example.com").await;
+    let id = created.id();
+    let path = format!("/Users/{id}");
+    let etag = created.etag().unwrap().to_owned();
+
+    // A filter that does not parse, and one on an unknown attribute.
+    scim.get_query("/Users", &[("filter", "userName xx \"a\"")])
+        .await
+        .expect_error(400, Some("invalidFilter"));
+    scim.get_query("/Users", &[("filter", "userName eq \"a\" and (")])
+        .await
+        .expect_error(400, Some("invalidFilter"));
+    scim.get_query("/Users", &[("filter", "noSuchAttribute eq \"a\"")])
+        .await
+        .expect_error(400, Some("invalidFilter"));
+
+    // A body that is not JSON.
+    let bad = scim
+        .try_raw(
+            Method::POST,
+            "/Users",
+            &[],
+            Some(b"{\"schemas\": [".to_vec()),
+            &[],
+        )
+        .await
+        .unwrap();
+    bad.expect_error(400, Some("invalidSyntax"));
+
+    // An attribute the schema does not have: refused, not dropped.
+    let mut unknown = user("unknown-attr@example.com");
+    unknown["favouriteColour"] = json!("green");
+    let resp = scim.post("/Users", &unknown).await.expect_error(400, None);
+    let scim_type = resp.body["scimType"].as_str().unwrap_or_default();
+    assert!(
+        ["invalidSyntax", "invalidValue"].contains(&scim_type),
+        "unknown attribute on POST: {}",
+        resp.text
+    );
+    let found = scim
+        .filter("/Users", "userName eq \"unknown-attr@example.com\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+    let unknown_patch =
+        patch_ops(json!([{"op": "replace", "path": "favouriteColour", "value": "x"}]));
+    let resp = scim
+        .patch(&path, &unknown_patch)
+        .await
+        .expect_error(400, None);
+    let scim_type = resp.body["scimType"].as_str().unwrap_or_default();
+    assert!(
+        ["invalidPath", "invalidSyntax", "invalidValue"].contains(&scim_type),
+        "unknown attribute in PATCH: {}",
+        resp.text
+    );
+    // A value of the wrong type.
+    let mut wrong = user("wrong-type@example.com");
+    wrong["active"] = json!("maybe");
+    let resp = scim.post("/Users", &wrong).await.expect_error(400, None);
+    let scim_type = resp.body["scimType"].as_str().unwrap_or_default();
+    assert!(
+        ["invalidSyntax", "invalidValue"].contains(&scim_type),
+        "{}",
+        resp.text
+    );
+    // A PATCH body without the PatchOp schema, and one with an unknown op.
+    scim.patch(
+        &path,
+        &json!({"Operations": [{"op": "replace", "path": "title", "value": "x"}]}),
+    )
+    .await
+    .expect_error(400, Some("invalidSyntax"));
+    scim.patch(
+        &path,
+        &patch_ops(json!([{"op": "frobnicate", "path": "title", "value": "x"}])),
+    )
+    .await
+    .expect_error(400, Some("invalidSyntax"));
+
+    // Changing the id by PATCH (PUT: see `changing_the_id_by_put_is_a_mutability_error`).
+    scim.patch(
+        &path,
+        &patch_ops(json!([{"op": "replace", "path": "id", "value": "another-id"}])),
+    )
+    .await
+    .expect_error(400, Some("mutability"));
+    scim.patch(
+        &path,
+        &patch_ops(json!([{"op": "replace", "value": {"id": "another-id"}}])),
+    )
+    .await
+    .expect_error(400, Some("mutability"));
+
+    // Removing a required attribute.
+    let resp = scim
+        .patch(
+            &path,
+            &patch_ops(json!([{"op": "remove", "path": "userName"}])),
+        )
+        .await
+        .expect_error(400, None);
+    assert!(resp.body["scimType"].is_string(), "{}", resp.text);
+
+    // Uniqueness, not found, wrong method, unknown endpoint.
+    scim.post("/Users", &user("ERRORS@example.com"))
+        .await
+        .expect_error(409, Some("uniqueness"));
+    scim.get("/Users/no-such-id").await.expect_error(404, None);
+    scim.put("/Users/no-such-id", &user("nobody@example.com"))
+        .await
+        .expect_error(404, None);
+    scim.delete("/Groups/no-such-id")
+        .await
+        .expect_error(404, None);
+    scim.get("/NoSuchEndpoint").await.expect_error(404, None);
+    scim.request(Method::DELETE, "/Users", &[], None, &[])
+        .await
+        .expect_error(405, None);
+
+    // None of it changed the user.
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.etag(), Some(etag.as_str()), "{}", got.text);
+    assert_eq!(got.body["id"], id.as_str());
+    assert_eq!(got.body.get("favouriteColour"), None);
+    let all = scim.get("/Users").await.expect(200);
+    assert_eq!(all.body["totalResults"], 1, "{}", all.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_the_id_by_put_is_a_mutability_error() {
+    let (_px, scim) = scim_server().await;
+    let created = scim.create_user("put-id@example.com").await;
+    let id = created.id();
+    let path = format!("/Users/{id}");
+    let etag = created.etag().unwrap().to_owned();
+
+    // Sending the resource's own id is fine (and changes nothing).
+    let mut body = scim.get(&path).await.expect(200).body;
+    body["title"] = json!("Same id");
+    let same = scim.put(&path, &body).await.expect(200);
+    assert_eq!(same.body["id"], id.as_str());
+    let etag_after_same = same.etag().unwrap().to_owned();
+    assert_ne!(etag_after_same, etag);
+
+    body["id"] = json!("another-id");
+    body["title"] = json!("Another id");
+    scim.put(&path, &body)
+        .await
+        .expect_error(400, Some("mutability"));
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(
+        got.body["title"], "Same id",
+        "the refused PUT changed the user"
+    );
+    assert_eq!(got.etag(), Some(etag_after_same.as_str()));
+}
+
+/// Asserts a 401 with a SCIM error body and a Bearer challenge.
+#[track_caller]
+fn assert_refused(resp: portcullis_tests::ScimResponse) {
+    let resp = resp.expect_error(401, None);
+    let challenge = resp.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.to_ascii_lowercase().starts_with("bearer"),
+        "401 without a Bearer challenge: {:?}",
+        resp.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_missing_wrong_expired_rotated_and_hashed() {
+    let tokens = vec![
+        ScimToken::new("okta", SCIM_TOKEN),
+        ScimToken::new("okta-next", "okta-next-token-0123456789abcdef"),
+        ScimToken::new("entra", "entra-token-0123456789abcdefghij").as_sha256(),
+        ScimToken::new("old", "old-token-0123456789abcdefghijkl").expires("2020-01-01T00:00:00Z"),
+        ScimToken::new("later", "later-token-0123456789abcdefghij").expires("2999-01-01T00:00:00Z"),
+    ];
+    let cfg = scim_config().scim_tokens(SCIM_HOST, tokens);
+    let _px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+
+    assert_refused(scim.with_token(None).get("/Users").await);
+    assert_refused(
+        scim.with_token(Some("okta-token-0123456789abcdefghiX"))
+            .get("/Users")
+            .await,
+    );
+    assert_refused(scim.with_token(Some("")).get("/Users").await);
+    // An expired token, on reads and writes.
+    let old = scim.with_token(Some("old-token-0123456789abcdefghijkl"));
+    assert_refused(old.get("/Users").await);
+    assert_refused(old.post("/Users", &user("by-old@example.com")).await);
+    // Not Bearer.
+    let basic = scim
+        .with_token(None)
+        .request(
+            Method::GET,
+            "/Users",
+            &[],
+            None,
+            &[("authorization", &format!("Basic {SCIM_TOKEN}"))],
+        )
+        .await;
+    assert_refused(basic);
+    // Even discovery needs a token.
+    assert_refused(scim.with_token(None).get("/ServiceProviderConfig").await);
+
+    // Every valid token works at once: the current, the next (rotation), the hashed one and
+    // the one that expires later.
+    for (i, token) in [
+        SCIM_TOKEN,
+        "okta-next-token-0123456789abcdef",
+        "entra-token-0123456789abcdefghij",
+        "later-token-0123456789abcdefghij",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let client = scim.with_token(Some(token));
+        client.get("/Users").await.expect(200);
+        client
+            .create_user(&format!("by-token-{i}@example.com"))
+            .await;
+    }
+    let all = scim.get("/Users").await.expect(200);
+    assert_eq!(all.body["totalResults"], 4, "{}", all.text);
+    // Nothing was written by a refused request.
+    let found = scim
+        .filter("/Users", "userName eq \"by-old@example.com\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0);
+}
+
+/// Polls `GET /Users` with `client` (bounded) until it is answered `status`.
+async fn wait_for_status(px: &Portcullis, client: &ScimClient, status: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client.get("/Users").await;
+        if resp.status == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {} 10 s after the reload ({}); output:\n{}",
+            resp.status,
+            resp.text,
+            px.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_rotation_by_config_reload() {
+    const NEW: &str = "rotated-token-0123456789abcdef";
+    let cfg = scim_config();
+    let px = cfg.start().await;
+    let old = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let new = old.with_token(Some(NEW));
+    old.create_user("before-rotation@example.com").await;
+    assert_refused(new.get("/Users").await);
+
+    // Rotation, step 1: the operator adds the new token next to the old one and sends SIGHUP.
+    let both = cfg
+        .clone()
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN), ("okta-2", NEW)]);
+    px.rewrite_config(&both.toml());
+    px.reload();
+    wait_for_status(&px, &new, 200, "the added token").await;
+    old.get("/Users").await.expect(200);
+    new.create_user("during-rotation@example.com").await;
+
+    // Step 2: the IdP uses the new token; the old one is removed.
+    let only_new = cfg.clone().scim(SCIM_HOST, &[("okta-2", NEW)]);
+    px.rewrite_config(&only_new.toml());
+    px.reload();
+    wait_for_status(&px, &old, 401, "the removed token").await;
+    assert_refused(old.get("/Users").await);
+    assert_refused(old.post("/Users", &user("by-old-token@example.com")).await);
+
+    // The new one works, and the directory survived both reloads.
+    let found = new
+        .filter("/Users", "userName eq \"before-rotation@example.com\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 1, "{}", found.text);
+    new.create_user("after-rotation@example.com").await;
+    let all = new.get("/Users").await.expect(200);
+    assert_eq!(all.body["totalResults"], 3, "{}", all.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_the_limit_are_refused_with_413() {
+    const LIMIT: usize = 4096;
+    let cfg = scim_config().scim_setting("max_request_body_bytes", &LIMIT.to_string());
+    let px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+
+    // Just under the limit: accepted.
+    let mut small = user("small@example.com");
+    small["displayName"] = json!("s".repeat(LIMIT - 200));
+    assert!(serde_json::to_vec(&small).unwrap().len() < LIMIT);
+    scim.post("/Users", &small).await.expect(201);
+
+    // Over it, with a Content-Length.
+    let mut big = user("big@example.com");
+    big["displayName"] = json!("b".repeat(LIMIT + 10));
+    scim.post("/Users", &big).await.expect_error(413, None);
+
+    // Over it, chunked (no Content-Length to refuse up front).
+    let body = serde_json::to_vec(&big).unwrap();
+    let mut request = format!(
+        "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
+         Content-Type: application/scim+json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(&chunked(&body, 1000));
+    let resp = raw_request(cfg.http_addr(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("chunked oversized POST: {e}; output:\n{}", px.log()));
+    assert_eq!(resp.status, 413, "{}", resp.body_text());
+    let error: Value = serde_json::from_slice(&resp.body).expect("a JSON error body");
+    assert_eq!(error["status"], "413", "{error}");
+    assert_eq!(
+        error["schemas"],
+        json!(["urn:ietf:params:scim:api:messages:2.0:Error"])
+    );
+
+    // Neither oversized user exists, and the server still answers.
+    let found = scim
+        .filter("/Users", "userName eq \"big@example.com\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+    let all = scim.get("/Users").await.expect(200);
+    assert_eq!(all.body["totalResults"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_are_accepted_and_never_returned() {
+    let (_px, scim) = scim_server().await;
+    let secret = "Pa55word-that-must-not-leak";
+    let mut body = user("pw@example.com");
+    body["password"] = json!(secret);
+    let created = scim.post("/Users", &body).await.expect(201);
+    let id = created.id();
+    let path = format!("/Users/{id}");
+
+    let no_leak = |what: &str, text: &str| {
+        assert!(
+            !text.contains(secret),
+            "{what} returned the password: {text}"
+        );
+        assert!(
+            !text.to_ascii_lowercase().contains("\"password\""),
+            "{what} returned a password attribute: {text}"
+        );
+    };
+    no_leak("POST", &created.text);
+    no_leak("GET", &scim.get(&path).await.expect(200).text);
+    no_leak("list", &scim.get("/Users").await.expect(200).text);
+    no_leak(
+        "GET ?attributes=password",
+        &scim
+            .get_query(&path, &[("attributes", "password")])
+            .await
+            .expect(200)
+            .text,
+    );
+    no_leak(
+        "list ?attributes=password,userName",
+        &scim
+            .get_query("/Users", &[("attributes", "password,userName")])
+            .await
+            .expect(200)
+            .text,
+    );
+    let search = scim
+        .post(
+            "/Users/.search",
+            &json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+                "attributes": ["password", "userName"],
+                "filter": "userName eq \"pw@example.com\""
+            }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(search.body["totalResults"], 1, "{}", search.text);
+    no_leak("POST /.search", &search.text);
+
+    // Changed by PATCH and by PUT: accepted, still never returned.
+    let patch =
+        patch_ops(json!([{"op": "replace", "path": "password", "value": "N3w-secret-value"}]));
+    let patched = scim.patch(&path, &patch).await.expect_success();
+    no_leak("PATCH", &patched.text);
+    let mut put = scim.get(&path).await.expect(200).body;
+    put["password"] = json!(secret);
+    no_leak("PUT", &scim.put(&path, &put).await.expect(200).text);
+    no_leak("GET after PUT", &scim.get(&path).await.expect(200).text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_user_removes_it_from_every_group() {
+    let (_px, scim) = scim_server().await;
+    let gone = scim.create_user("leaver@example.com").await.id();
+    let stays = scim.create_user("stayer@example.com").await.id();
+    let inner = scim.create_group("inner", &[&gone, &stays]).await.id();
+    let outer = scim.create_group("outer", &[&gone, &inner]).await.id();
+    let solo = scim.create_group("solo", &[&gone]).await.id();
+    assert_eq!(scim.member_ids(&solo).await, vec![gone.clone()]);
+
+    scim.delete(&format!("/Users/{gone}")).await.expect(204);
+    scim.get(&format!("/Users/{gone}"))
+        .await
+        .expect_error(404, None);
+    assert_eq!(scim.member_ids(&inner).await, vec![stays.clone()]);
+    assert_eq!(scim.member_ids(&outer).await, vec![inner.clone()]);
+    assert_eq!(scim.member_ids(&solo).await, Vec::<String>::new());
+    // Deleting again: 404, and the userName is free for a new user.
+    scim.delete(&format!("/Users/{gone}"))
+        .await
+        .expect_error(404, None);
+    let again = scim.create_user("leaver@example.com").await.id();
+    assert_ne!(again, gone);
+    assert_eq!(scim.member_ids(&solo).await, Vec::<String>::new());
+
+    // Deleting a group removes it from the groups it was in.
+    scim.delete(&format!("/Groups/{inner}")).await.expect(204);
+    assert_eq!(scim.member_ids(&outer).await, Vec::<String>::new());
+    let user = scim.get(&format!("/Users/{stays}")).await.expect(200);
+    assert_eq!(user.body.get("groups"), None, "{}", user.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_groups_show_direct_and_indirect_membership() {
+    let (_px, scim) = scim_server().await;
+    let ann = scim.create_user("nested-ann@example.com").await.id();
+    let bob = scim.create_user("nested-bob@example.com").await.id();
+    let team = scim.create_group("team", &[&ann]).await.id();
+    let dept = scim.create_group("dept", &[&team, &bob]).await.id();
+    let org = scim.create_group("org", &[&dept]).await.id();
+
+    let dept_group = scim.get(&format!("/Groups/{dept}")).await.expect(200);
+    let members = dept_group.body["members"].as_array().expect("members");
+    let team_member = members
+        .iter()
+        .find(|m| m["value"] == team.as_str())
+        .unwrap_or_else(|| panic!("team is not a member of dept: {}", dept_group.text));
+    assert_eq!(team_member["type"], "Group", "{}", dept_group.text);
+    let bob_member = members.iter().find(|m| m["value"] == bob.as_str()).unwrap();
+    assert_eq!(bob_member["type"], "User", "{}", dept_group.text);
+
+    let memberships = |body: &Value| -> Vec<(String, String)> {
+        let mut list: Vec<(String, String)> = body
+            .get("groups")
+            .and_then(Value::as_array)
+            .map(|groups| {
+                groups
+                    .iter()
+                    .map(|g| {
+                        (
+                            g["value"].as_str().unwrap_or_default().to_owned(),
+                            g["type"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        list.sort();
+        list
+    };
+    let expected = |pairs: &[(&String, &str)]| -> Vec<(String, String)> {
+        let mut list: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(id, kind)| ((*id).clone(), (*kind).to_owned()))
+            .collect();
+        list.sort();
+        list
+    };
+    let ann_user = scim.get(&format!("/Users/{ann}")).await.expect(200);
+    assert_eq!(
+        memberships(&ann_user.body),
+        expected(&[(&team, "direct"), (&dept, "indirect"), (&org, "indirect")]),
+        "{}",
+        ann_user.text
+    );
+    let bob_user = scim.get(&format!("/Users/{bob}")).await.expect(200);
+    assert_eq!(
+        memberships(&bob_user.body),
+        expected(&[(&dept, "direct"), (&org, "indirect")]),
+        "{}",
+        bob_user.text
+    );
+
+    // A cycle is refused and changes nothing.
+    let cycle = patch_ops(json!([{"op": "add", "path": "members", "value": [{"value": org}]}]));
+    scim.patch(&format!("/Groups/{team}"), &cycle)
+        .await
+        .expect_error(400, None);
+    assert_eq!(scim.member_ids(&team).await, vec![ann.clone()]);
+
+    // Taking team out of dept ends the indirect memberships through it.
+    let remove =
+        patch_ops(json!([{"op": "remove", "path": format!("members[value eq \"{team}\"]")}]));
+    scim.patch(&format!("/Groups/{dept}"), &remove)
+        .await
+        .expect_success();
+    let ann_user = scim.get(&format!("/Users/{ann}")).await.expect(200);
+    assert_eq!(
+        memberships(&ann_user.body),
+        expected(&[(&team, "direct")]),
+        "{}",
+        ann_user.text
+    );
+    let bob_user = scim.get(&format!("/Users/{bob}")).await.expect(200);
+    assert_eq!(
+        memberships(&bob_user.body),
+        expected(&[(&dept, "direct"), (&org, "indirect")]),
+        "{}",
+        bob_user.text
+    );
+}
