@@ -11,7 +11,13 @@ python3 examples/upstream.py 127.0.0.1 8081 &
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
 
-echo
-echo "Portcullis demo: open http://localhost:8080/  (metrics: http://127.0.0.1:9090/metrics)"
-echo
+cat <<'MSG'
+
+Portcullis demo
+  proxied sample upstream: http://localhost:8080/
+  SCIM directory:          curl -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
+                                http://auth.localhost:8080/scim/v2/Users
+  metrics:                 http://127.0.0.1:9090/metrics
+
+MSG
 target/debug/portcullis serve --config examples/demo.toml

@@ -364,7 +364,7 @@ impl ScimService {
                 });
             }
         }
-        let body = self.render(req.base_url, rt, &record, &params.projection(rt));
+        let body = self.render(req.base_url, rt, record, &params.projection(rt));
         Ok(ScimResponse {
             status: 200,
             etag,
@@ -430,7 +430,7 @@ impl ScimService {
         let projection = params.projection(rt);
         let resources: Vec<Value> = page
             .records
-            .iter()
+            .into_iter()
             .map(|r| self.render(req.base_url, rt, r, &projection))
             .collect();
         Ok(list_response(page.total, query.start_index, resources))
@@ -451,7 +451,7 @@ impl ScimService {
             let projection = params.projection(rt);
             resources.extend(
                 page.records
-                    .iter()
+                    .into_iter()
                     .map(|r| self.render(req.base_url, rt, r, &projection)),
             );
         }
@@ -469,10 +469,10 @@ impl ScimService {
         &self,
         base: &str,
         rt: ResourceType,
-        record: &Record,
+        record: Record,
         projection: &Projection,
     ) -> Value {
-        let mut resource = record.resource.clone();
+        let mut resource = record.resource;
         let Some(obj) = resource.as_object_mut() else {
             return resource;
         };
@@ -553,7 +553,7 @@ impl ScimService {
             status,
             etag: version_of(&record),
             location: (status == 201).then_some(location),
-            body: Some(self.render(req.base_url, rt, &record, projection)),
+            body: Some(self.render(req.base_url, rt, record, projection)),
         }
     }
 

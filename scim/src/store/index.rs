@@ -82,8 +82,12 @@ impl Hasher for PreHashed {
     }
 
     fn write_u128(&mut self, n: u128) {
-        // Ids are random UUIDs: either half is already well mixed.
-        self.0 = n as u64 ^ (n >> 64) as u64;
+        // Ids the writer assigns are random, but imported ones need not be (sequential ids
+        // put every key in one probe group), so mix the bits (the murmur3 finalizer).
+        let mut x = n as u64 ^ (n >> 64) as u64;
+        x = (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x = (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        self.0 = x ^ (x >> 33);
     }
 }
 
