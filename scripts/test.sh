@@ -19,5 +19,7 @@ for file in examples/*.toml; do
 done
 echo "== tests"
 cargo test --workspace -- --test-threads=2
+echo "== fuzz targets (a few seconds each)"
+scripts/fuzz.sh 10
 echo "== SCIM conformance (scim2-tester)"
 scripts/scim-conformance.sh target/debug/portcullis
