@@ -22,6 +22,9 @@ pub(crate) struct File {
     #[serde(default)]
     pub routes: Vec<Route>,
     pub scim: Option<Scim>,
+    pub oidc: Option<Oidc>,
+    #[serde(default)]
+    pub jwt_issuers: Vec<JwtIssuer>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +78,7 @@ pub(crate) struct Route {
     pub max_request_body_bytes: Option<i64>,
     pub tls_verify: Option<bool>,
     pub tls_ca: Option<PathBuf>,
+    pub accept: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,4 +113,54 @@ impl std::fmt::Debug for ScimToken {
             .field("expires", &self.expires)
             .finish()
     }
+}
+
+/// `Debug` is written by hand: `client_secret` may be the clear secret.
+#[derive(Deserialize)]
+pub(crate) struct Oidc {
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub auth_host: Option<String>,
+    pub auth_scheme: Option<String>,
+    pub cookie_domain: Option<String>,
+    pub cookie_name: Option<String>,
+    pub session_idle_timeout: Option<String>,
+    pub session_lifetime: Option<String>,
+    pub refresh: Option<bool>,
+    pub id_token_algorithms: Option<Vec<String>>,
+    pub post_logout_redirect: Option<String>,
+}
+
+impl std::fmt::Debug for Oidc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oidc")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("scopes", &self.scopes)
+            .field("auth_host", &self.auth_host)
+            .field("auth_scheme", &self.auth_scheme)
+            .field("cookie_domain", &self.cookie_domain)
+            .field("cookie_name", &self.cookie_name)
+            .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("session_lifetime", &self.session_lifetime)
+            .field("refresh", &self.refresh)
+            .field("id_token_algorithms", &self.id_token_algorithms)
+            .field("post_logout_redirect", &self.post_logout_redirect)
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct JwtIssuer {
+    pub issuer: Option<String>,
+    pub audiences: Option<Vec<String>>,
+    pub jwks_uri: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub leeway: Option<String>,
 }

@@ -54,6 +54,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `None` when the file has no `[scim]` section: SCIM is off.
     pub scim: Option<ScimConfig>,
+    /// `None` when the file has no `[oidc]` section: nobody signs in with a browser.
+    pub oidc: Option<OidcConfig>,
+    /// Issuers whose bearer JWTs are accepted on routes that take `bearer`; issuers unique.
+    pub jwt_issuers: Vec<JwtIssuer>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +125,19 @@ pub struct Route {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub max_request_body_bytes: u64,
+    /// Credentials this route takes, at least one of them required; empty for a public route
+    /// (no authentication). `Session` appears only with [`Config::oidc`], `Bearer` only with
+    /// [`Config::jwt_issuers`].
+    pub accept: Vec<Credential>,
+}
+
+/// A credential a route accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// A browser session, signed in through [`OidcConfig`].
+    Session,
+    /// `Authorization: Bearer <JWT>` from one of [`Config::jwt_issuers`].
+    Bearer,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,4 +184,96 @@ pub struct ScimToken {
     pub sha256: [u8; 32],
     /// Unix seconds after which the token is refused; `None` for never.
     pub expires_at: Option<i64>,
+}
+
+/// Sign-in for people with OpenID Connect (authorization code flow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcConfig {
+    /// The issuer exactly as written (a trailing `/` is kept): it is compared with the `iss` of
+    /// discovery and ID tokens as a string. `https`, or `http` to a loopback host.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Scopes requested; always include `openid`.
+    pub scopes: Vec<String>,
+    /// Lower-case `host[:port]` whose `/.portcullis/callback` the IdP redirects to, as it is
+    /// registered with the IdP.
+    pub auth_host: String,
+    pub auth_scheme: Scheme,
+    /// `.parent.domain` the session cookie is set for, covering `auth_host`; `None` for a
+    /// cookie per host.
+    pub cookie_domain: Option<String>,
+    /// Session cookie name, without the `__Host-` prefix the proxy adds on TLS when there is
+    /// no `cookie_domain`.
+    pub cookie_name: String,
+    /// A session unused for this long ends.
+    pub session_idle_timeout: Duration,
+    /// A session ends this long after sign-in, used or not.
+    pub session_lifetime: Duration,
+    /// Refresh the session's tokens with the IdP's refresh token when the ID token expires.
+    pub refresh: bool,
+    /// Algorithms an ID token may be signed with; never `none` or HMAC.
+    pub id_token_algorithms: Vec<JwtAlgorithm>,
+    /// Absolute URL passed to the IdP's `end_session_endpoint` as `post_logout_redirect_uri`.
+    pub post_logout_redirect: Option<String>,
+}
+
+/// An issuer whose bearer JWTs machines and agents present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtIssuer {
+    /// The issuer exactly as written, compared with a token's `iss` as a string.
+    pub issuer: String,
+    /// A token's `aud` must hold at least one of these.
+    pub audiences: Vec<String>,
+    /// Where the signing keys are; `None` to take `jwks_uri` from the issuer's discovery
+    /// document.
+    pub jwks_uri: Option<String>,
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`; at most 5 minutes.
+    pub leeway: Duration,
+}
+
+/// A JWS signature algorithm Portcullis accepts. There is deliberately no `none` and no HMAC
+/// (`HS*`): a token must be signed with a key only the issuer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    /// Every algorithm, in the order the configuration reference lists them.
+    pub const ALL: [JwtAlgorithm; 9] = [
+        Self::RS256,
+        Self::RS384,
+        Self::RS512,
+        Self::PS256,
+        Self::PS384,
+        Self::PS512,
+        Self::ES256,
+        Self::ES384,
+        Self::EdDSA,
+    ];
+
+    /// The `alg` header value (RFC 7518, RFC 8037).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
+            Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
+            Self::EdDSA => "EdDSA",
+        }
+    }
 }

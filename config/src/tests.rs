@@ -54,9 +54,16 @@ address = "127.0.0.1:8443"
 tls = { cert = "a.pem", key = "a-key.pem" }
 "#;
 
+/// The required keys of `[oidc]`, four lines without a final newline; `auth_host` is left to
+/// each case.
+const OIDC: &str = r#"[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis"
+client_secret = "SECRET""#;
+
 struct Case {
     name: &'static str,
-    /// `LISTENERS` is replaced by [`LISTENERS`], `SECRET` by [`TOKEN`].
+    /// `LISTENERS` is replaced by [`LISTENERS`], `OIDC` by [`OIDC`], then `SECRET` by [`TOKEN`].
     text: &'static str,
     /// Every problem expected, as (path, line if it matters, part of the message).
     problems: &'static [(&'static str, Option<usize>, &'static str)],
@@ -531,6 +538,378 @@ secret_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A0
             problems: &[("scim.tokens[0].expiry", Some(15), "unknown key")],
         },
         Case {
+            name: "oidc without its required keys",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\n",
+            problems: &[
+                ("oidc.issuer", Some(10), "missing required key"),
+                ("oidc.client_id", Some(10), "missing required key"),
+                ("oidc.client_secret", Some(10), "missing required key"),
+                ("oidc.auth_host", Some(10), "missing required key"),
+            ],
+        },
+        Case {
+            name: "oidc issuer over plain http to another machine",
+            text: r#"data_dir = "data"
+LISTENERS
+[oidc]
+issuer = "http://idp.example.com"
+client_id = "portcullis"
+client_secret = "SECRET"
+auth_host = "auth.example.com"
+"#,
+            problems: &[("oidc.issuer", Some(11), "must be https")],
+        },
+        Case {
+            name: "empty client id, empty client secret",
+            text: r#"data_dir = "data"
+LISTENERS
+[oidc]
+issuer = "https://idp.example.com"
+client_id = " "
+client_secret = ""
+auth_host = "auth.example.com"
+"#,
+            problems: &[
+                ("oidc.client_id", Some(12), "must not be empty"),
+                ("oidc.client_secret", Some(13), "the client secret is empty"),
+            ],
+        },
+        Case {
+            name: "client secret from an unset variable",
+            text: r#"data_dir = "data"
+LISTENERS
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis"
+client_secret = "env:IDP_CLIENT_KEY"
+auth_host = "auth.example.com"
+"#,
+            problems: &[("oidc.client_secret", Some(13), "IDP_CLIENT_KEY is not set")],
+        },
+        Case {
+            name: "scopes without openid, with a space, twice",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nscopes = [\"email\", \"read write\", \"email\"]\n",
+            problems: &[
+                ("oidc.scopes[1]", Some(15), "not a scope"),
+                ("oidc.scopes[2]", Some(15), "`email` is listed twice"),
+                ("oidc.scopes", Some(15), "must include \"openid\""),
+            ],
+        },
+        Case {
+            name: "auth host with a scheme",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"https://auth.example.com\"\n",
+            problems: &[("oidc.auth_host", Some(14), "has a scheme")],
+        },
+        Case {
+            name: "auth host with a path",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com/login\"\n",
+            problems: &[("oidc.auth_host", Some(14), "has a path")],
+        },
+        Case {
+            name: "auth host not in lower case",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"Auth.Example.com:8443\"\n",
+            problems: &[(
+                "oidc.auth_host",
+                Some(14),
+                "lower case: `auth.example.com:8443`",
+            )],
+        },
+        Case {
+            name: "auth host with a wildcard",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"*.example.com\"\n",
+            problems: &[("oidc.auth_host", Some(14), "not a host name")],
+        },
+        Case {
+            name: "auth host with a bad port",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com:https\"\n",
+            problems: &[("oidc.auth_host", Some(14), "not a port number")],
+        },
+        Case {
+            name: "unknown auth scheme",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nauth_scheme = \"HTTPS\"\n",
+            problems: &[("oidc.auth_scheme", Some(15), "unknown scheme `HTTPS`")],
+        },
+        Case {
+            name: "https sign-in (the default) without a TLS listener",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8080"
+OIDC
+auth_host = "auth.example.com"
+"#,
+            problems: &[("oidc.auth_scheme", Some(4), "needs a listener with `tls`")],
+        },
+        Case {
+            name: "http sign-in without a plain listener",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { cert = "a.pem", key = "a-key.pem" }
+OIDC
+auth_host = "auth.example.com"
+auth_scheme = "http"
+"#,
+            problems: &[(
+                "oidc.auth_scheme",
+                Some(10),
+                "needs a listener without `tls`",
+            )],
+        },
+        Case {
+            name: "cookie domain without a leading dot",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.corp.example.com\"\ncookie_domain = \"corp.example.com\"\n",
+            problems: &[("oidc.cookie_domain", Some(15), "must start with `.`")],
+        },
+        Case {
+            name: "cookie domain not covering the auth host",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.corp.example.com:8443\"\ncookie_domain = \".p.example.com\"\n",
+            problems: &[(
+                "oidc.cookie_domain",
+                Some(15),
+                "auth_host `auth.corp.example.com` is not under `.p.example.com`",
+            )],
+        },
+        Case {
+            name: "cookie domain not in lower case",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.corp.example.com\"\ncookie_domain = \".Corp.example.com\"\n",
+            problems: &[(
+                "oidc.cookie_domain",
+                Some(15),
+                "lower case: `.corp.example.com`",
+            )],
+        },
+        Case {
+            name: "cookie domain with an IP auth host",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"10.0.0.1\"\ncookie_domain = \".0.0.1\"\n",
+            problems: &[("oidc.cookie_domain", Some(15), "not an IP address")],
+        },
+        Case {
+            name: "cookie name with a dot",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\ncookie_name = \"portcullis.session\"\n",
+            problems: &[("oidc.cookie_name", Some(15), "not a cookie name")],
+        },
+        Case {
+            name: "cookie name too long",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\ncookie_name = \"a-cookie-name-that-goes-on-for-more-than-sixty-four-characters-01\"\n",
+            problems: &[("oidc.cookie_name", Some(15), "1 to 64 characters")],
+        },
+        Case {
+            name: "cookie name with the __Host- prefix",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\ncookie_name = \"__host-session\"\n",
+            problems: &[("oidc.cookie_name", Some(15), "without its prefix")],
+        },
+        Case {
+            name: "session timeouts too short or not durations",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+session_idle_timeout = "30s"
+session_lifetime = "a day"
+"#,
+            problems: &[
+                ("oidc.session_idle_timeout", Some(15), "at least 1m"),
+                ("oidc.session_lifetime", Some(16), "not a duration"),
+            ],
+        },
+        Case {
+            name: "id token algorithms: none, HMAC, wrong case, unknown, twice",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+id_token_algorithms = ["RS256", "none", "HS256", "es256", "RS1024", "RS256"]
+"#,
+            problems: &[
+                ("oidc.id_token_algorithms[1]", Some(15), "`none` is never allowed"),
+                ("oidc.id_token_algorithms[2]", Some(15), "`HS256` is not allowed"),
+                ("oidc.id_token_algorithms[3]", Some(15), "write `ES256`"),
+                (
+                    "oidc.id_token_algorithms[4]",
+                    Some(15),
+                    "`RS1024` is not a supported algorithm: expected one of RS256",
+                ),
+                ("oidc.id_token_algorithms[5]", Some(15), "listed twice"),
+            ],
+        },
+        Case {
+            name: "no id token algorithms",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nid_token_algorithms = []\n",
+            problems: &[(
+                "oidc.id_token_algorithms",
+                Some(15),
+                "at least one algorithm",
+            )],
+        },
+        Case {
+            name: "relative post-logout redirect",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\npost_logout_redirect = \"/signed-out\"\n",
+            problems: &[("oidc.post_logout_redirect", Some(15), "is not a URL")],
+        },
+        Case {
+            name: "post-logout redirect with a fragment",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\npost_logout_redirect = \"https://corp.example.com/#bye\"\n",
+            problems: &[("oidc.post_logout_redirect", Some(15), "fragment")],
+        },
+        Case {
+            name: "unknown key in oidc",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nrefresh_tokens = true\n",
+            problems: &[("oidc.refresh_tokens", Some(15), "unknown key")],
+        },
+        Case {
+            name: "jwt issuer without its required keys",
+            text: "data_dir = \"data\"\nLISTENERS\n[[jwt_issuers]]\njwks_uri = \"https://idp.example.com/keys\"\n",
+            problems: &[
+                ("jwt_issuers[0].issuer", Some(10), "missing required key"),
+                ("jwt_issuers[0].audiences", Some(10), "missing required key"),
+            ],
+        },
+        Case {
+            name: "jwt issuer URLs: http, query, fragment, upper case, not a URL",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "http://idp.example.com"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://idp.example.com/?tenant=1"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://idp.example.com/#x"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://IdP.example.com"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "idp.example.com"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://idp.example.com /"
+audiences = ["api"]
+"#,
+            problems: &[
+                ("jwt_issuers[0].issuer", Some(11), "must be https"),
+                ("jwt_issuers[1].issuer", Some(14), "query"),
+                ("jwt_issuers[2].issuer", Some(17), "fragment"),
+                ("jwt_issuers[3].issuer", Some(20), "lower case"),
+                ("jwt_issuers[4].issuer", Some(23), "not a URL"),
+                ("jwt_issuers[5].issuer", Some(26), "no spaces"),
+            ],
+        },
+        Case {
+            name: "the same jwt issuer twice",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://idp.example.com/"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://idp.example.com/"
+audiences = ["other-api"]
+"#,
+            problems: &[(
+                "jwt_issuers[1].issuer",
+                Some(14),
+                "already listed in jwt_issuers[0]",
+            )],
+        },
+        Case {
+            name: "jwt issuer audiences: none, empty, twice",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://a.example.com"
+audiences = []
+[[jwt_issuers]]
+issuer = "https://b.example.com"
+audiences = ["api", "", "api"]
+"#,
+            problems: &[
+                ("jwt_issuers[0].audiences", Some(12), "at least one audience"),
+                ("jwt_issuers[1].audiences[1]", Some(15), "never empty"),
+                ("jwt_issuers[1].audiences[2]", Some(15), "`api` is listed twice"),
+            ],
+        },
+        Case {
+            name: "jwks uri over plain http, with a fragment",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://a.example.com"
+audiences = ["api"]
+jwks_uri = "http://a.example.com/keys"
+[[jwt_issuers]]
+issuer = "https://b.example.com"
+audiences = ["api"]
+jwks_uri = "https://b.example.com/keys#1"
+"#,
+            problems: &[
+                ("jwt_issuers[0].jwks_uri", Some(13), "must be https"),
+                ("jwt_issuers[1].jwks_uri", Some(17), "fragment"),
+            ],
+        },
+        Case {
+            name: "jwt issuer algorithms and leeway",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://a.example.com"
+audiences = ["api"]
+algorithms = ["HS512", "None"]
+leeway = "10m"
+[[jwt_issuers]]
+issuer = "https://b.example.com"
+audiences = ["api"]
+leeway = "soon"
+"#,
+            problems: &[
+                ("jwt_issuers[0].algorithms[0]", Some(13), "`HS512` is not allowed"),
+                ("jwt_issuers[0].algorithms[1]", Some(13), "`none` is never allowed"),
+                ("jwt_issuers[0].leeway", Some(14), "at most 5m"),
+                ("jwt_issuers[1].leeway", Some(18), "not a duration"),
+            ],
+        },
+        Case {
+            name: "route accepting a session without oidc, bearer without issuers",
+            text: r#"data_dir = "data"
+LISTENERS
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["session", "bearer"]
+"#,
+            problems: &[
+                ("routes[0].accept[0]", Some(13), "needs an [oidc] section"),
+                ("routes[0].accept[1]", Some(13), "needs at least one [[jwt_issuers]]"),
+            ],
+        },
+        Case {
+            name: "route accept: public with others, twice, unknown, empty",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public", "session"]
+[[routes]]
+from = "https://b.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["session", "session", "cookie"]
+[[routes]]
+from = "https://c.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = []
+"#,
+            problems: &[
+                ("routes[0].accept[0]", Some(18), "cannot be combined"),
+                ("routes[1].accept[1]", Some(22), "`session` is listed twice"),
+                ("routes[1].accept[2]", Some(22), "unknown credential `cookie`"),
+                ("routes[2].accept", Some(26), "[\"public\"] for no authentication"),
+            ],
+        },
+        Case {
             name: "TOML syntax error",
             text: "data_dir = \"data\"\n[server\nthreads = 2\n",
             problems: &[("", Some(2), "")],
@@ -547,6 +926,7 @@ secret_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A0
         let text = case
             .text
             .replace("LISTENERS", LISTENERS)
+            .replace("OIDC", OIDC)
             .replace("SECRET", TOKEN);
         let errors = match fixture.parse(&text) {
             Ok(_) => panic!("{}: expected problems, the file was accepted", case.name),
@@ -585,11 +965,16 @@ secret_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A0
     }
 }
 
-/// The clear secrets written in `text`: every `secret = "..."` that is not `env:` or `file:`.
+/// The clear secrets written in `text`: every `secret = "..."` or `client_secret = "..."` that
+/// is not `env:` or `file:`.
 fn literal_secrets(text: &str) -> Vec<&str> {
     text.lines()
-        .filter_map(|line| line.strip_prefix("secret = \""))
+        .filter_map(|line| {
+            line.strip_prefix("secret = \"")
+                .or_else(|| line.strip_prefix("client_secret = \""))
+        })
         .filter_map(|rest| rest.strip_suffix('"'))
+        .filter(|secret| !secret.is_empty())
         .filter(|secret| !secret.starts_with("env:") && !secret.starts_with("file:"))
         .collect()
 }
@@ -760,6 +1145,7 @@ to = ["http://127.0.0.1"]
                 connect_timeout: Duration::from_secs(1),
                 read_timeout: Duration::from_secs(120),
                 max_request_body_bytes: 2048,
+                accept: vec![],
             },
             Route {
                 name: "http://*.example.com".into(),
@@ -780,9 +1166,12 @@ to = ["http://127.0.0.1"]
                 connect_timeout: Duration::from_secs(5),
                 read_timeout: Duration::from_secs(60),
                 max_request_body_bytes: 1000,
+                accept: vec![],
             },
         ],
         scim: None,
+        oidc: None,
+        jwt_issuers: vec![],
     };
     assert_eq!(config, expected);
 }
@@ -814,7 +1203,11 @@ to = ["https://127.0.0.1"]
     assert_eq!(server.reload_poll_interval, Duration::from_secs(2));
     assert_eq!(config.admin, None);
     assert_eq!(config.scim, None);
+    assert_eq!(config.oidc, None);
+    assert_eq!(config.jwt_issuers, []);
     let route = &config.routes[0];
+    // Without [oidc] Portcullis is a plain reverse proxy: routes are public.
+    assert_eq!(route.accept, []);
     assert_eq!(route.path_prefix, "/");
     assert!(!route.preserve_host && !route.websockets);
     assert_eq!(route.connect_timeout, Duration::from_secs(5));
@@ -964,4 +1357,216 @@ secret = "{TOKEN}"
     assert_eq!(scim.max_bulk_operations, 1000);
     assert_eq!(scim.max_results, 1000);
     assert_eq!(scim.tokens[0].expires_at, None);
+}
+
+#[test]
+fn sign_in() {
+    let fixture = Fixture::new();
+    let dir = fixture.path();
+    let client_secret = "oidc-client-secret-from-the-environment";
+    let env = |name: &str| (name == "OIDC_CLIENT_SECRET").then(|| client_secret.to_string());
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[oidc]
+issuer = "https://corp.okta.com/"
+client_id = "portcullis"
+client_secret = "env:OIDC_CLIENT_SECRET"
+scopes = ["openid", "email", "groups"]
+auth_host = "auth.corp.example.com:8443"
+auth_scheme = "http"
+cookie_domain = ".corp.example.com"
+cookie_name = "pc_session-1"
+session_idle_timeout = "30m"
+session_lifetime = "12h"
+refresh = true
+id_token_algorithms = ["RS384", "RS512", "PS384", "PS512", "ES384", "EdDSA"]
+post_logout_redirect = "https://corp.example.com/signed-out?from=portcullis"
+
+[[jwt_issuers]]
+issuer = "https://corp.okta.com/oauth2/default"
+audiences = ["api://portcullis", "api://grafana"]
+jwks_uri = "https://login.example.com/discovery/v2.0/keys?appid=42"
+algorithms = ["ES256"]
+leeway = "0s"
+
+[[jwt_issuers]]
+issuer = "http://127.0.0.1:9000"
+audiences = ["test"]
+
+[[routes]]
+from = "https://app.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+
+[[routes]]
+from = "https://api.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer"]
+
+[[routes]]
+from = "https://both.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer", "session"]
+
+[[routes]]
+from = "https://status.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+"#
+    );
+    let config = parse(&text, dir, &env).unwrap();
+    let expected = OidcConfig {
+        issuer: "https://corp.okta.com/".into(),
+        client_id: "portcullis".into(),
+        client_secret: Secret::new(client_secret.into()),
+        scopes: vec!["openid".into(), "email".into(), "groups".into()],
+        auth_host: "auth.corp.example.com:8443".into(),
+        auth_scheme: Scheme::Http,
+        cookie_domain: Some(".corp.example.com".into()),
+        cookie_name: "pc_session-1".into(),
+        session_idle_timeout: Duration::from_secs(30 * 60),
+        session_lifetime: Duration::from_secs(12 * 3600),
+        refresh: true,
+        id_token_algorithms: vec![
+            JwtAlgorithm::RS384,
+            JwtAlgorithm::RS512,
+            JwtAlgorithm::PS384,
+            JwtAlgorithm::PS512,
+            JwtAlgorithm::ES384,
+            JwtAlgorithm::EdDSA,
+        ],
+        post_logout_redirect: Some("https://corp.example.com/signed-out?from=portcullis".into()),
+    };
+    assert_eq!(config.oidc, Some(expected));
+    let expected = vec![
+        JwtIssuer {
+            issuer: "https://corp.okta.com/oauth2/default".into(),
+            audiences: vec!["api://portcullis".into(), "api://grafana".into()],
+            jwks_uri: Some("https://login.example.com/discovery/v2.0/keys?appid=42".into()),
+            algorithms: vec![JwtAlgorithm::ES256],
+            leeway: Duration::ZERO,
+        },
+        JwtIssuer {
+            issuer: "http://127.0.0.1:9000".into(),
+            audiences: vec!["test".into()],
+            jwks_uri: None,
+            algorithms: vec![
+                JwtAlgorithm::RS256,
+                JwtAlgorithm::ES256,
+                JwtAlgorithm::PS256,
+                JwtAlgorithm::EdDSA,
+            ],
+            leeway: Duration::from_secs(60),
+        },
+    ];
+    assert_eq!(config.jwt_issuers, expected);
+    let accept: Vec<&[Credential]> = config.routes.iter().map(|r| &r.accept[..]).collect();
+    use Credential::{Bearer, Session};
+    assert_eq!(accept, [&[Session][..], &[Bearer], &[Bearer, Session], &[]]);
+
+    let debug = format!("{config:?}");
+    assert!(
+        !debug.contains(client_secret),
+        "Debug shows a secret: {debug}"
+    );
+}
+
+#[test]
+fn sign_in_defaults() {
+    let fixture = Fixture::new();
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis"
+client_secret = "a-literal-client-secret"
+auth_host = "auth.example.com"
+
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+"#
+    );
+    let config = fixture.parse(&text).unwrap();
+    let oidc = config.oidc.as_ref().unwrap();
+    assert_eq!(oidc.issuer, "https://idp.example.com");
+    assert_eq!(oidc.client_secret.expose(), "a-literal-client-secret");
+    assert_eq!(oidc.scopes, ["openid", "email", "profile"]);
+    assert_eq!(oidc.auth_scheme, Scheme::Https);
+    assert_eq!(oidc.cookie_domain, None);
+    assert_eq!(oidc.cookie_name, "portcullis_session");
+    assert_eq!(oidc.session_idle_timeout, Duration::from_secs(8 * 3600));
+    assert_eq!(oidc.session_lifetime, Duration::from_secs(24 * 3600));
+    assert!(!oidc.refresh);
+    assert_eq!(
+        oidc.id_token_algorithms,
+        [
+            JwtAlgorithm::RS256,
+            JwtAlgorithm::ES256,
+            JwtAlgorithm::PS256,
+            JwtAlgorithm::EdDSA
+        ]
+    );
+    assert_eq!(oidc.post_logout_redirect, None);
+    assert_eq!(config.jwt_issuers, []);
+    // With [oidc], a route without `accept` takes a browser session.
+    assert_eq!(config.routes[0].accept, [Credential::Session]);
+    assert!(!format!("{config:?}").contains("a-literal-client-secret"));
+}
+
+#[test]
+fn routes_are_public_by_default_without_oidc_even_with_jwt_issuers() {
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[[jwt_issuers]]
+issuer = "https://idp.example.com"
+audiences = ["api"]
+
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+
+[[routes]]
+from = "https://api.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer"]
+"#
+    );
+    let config = Fixture::new().parse(&text).unwrap();
+    assert_eq!(config.routes[0].accept, []);
+    assert_eq!(config.routes[1].accept, [Credential::Bearer]);
+}
+
+#[test]
+fn issuers_over_http_only_on_loopback_and_kept_as_written() {
+    let fixture = Fixture::new();
+    for issuer in [
+        "http://127.0.0.1:9000/",
+        "http://localhost:3000",
+        "http://[::1]:8080/realms/test/",
+        "https://idp.example.com/tenant/",
+    ] {
+        let text = format!(
+            "data_dir = \"data\"\n{LISTENERS}\n[oidc]\nissuer = \"{issuer}\"\nclient_id = \"c\"\n\
+             client_secret = \"s\"\nauth_host = \"127.0.0.1:8443\"\n\
+             [[jwt_issuers]]\nissuer = \"{issuer}\"\naudiences = [\"api\"]\n"
+        );
+        let config = fixture.parse(&text).unwrap();
+        assert_eq!(config.oidc.unwrap().issuer, issuer);
+        assert_eq!(config.jwt_issuers[0].issuer, issuer);
+    }
+}
+
+#[test]
+fn jwt_algorithm_names() {
+    let names: Vec<&str> = JwtAlgorithm::ALL.iter().map(|a| a.as_str()).collect();
+    assert_eq!(
+        names,
+        ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+    );
 }

@@ -6,7 +6,7 @@
 //! assembled [`Config`] is returned only if no problem was found at all, so placeholder values
 //! never escape.
 
-use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +17,9 @@ use time::OffsetDateTime;
 
 use crate::file;
 use crate::model::{
-    AdminConfig, CertificateFiles, Config, Listener, ListenerTls, LogConfig, LogFormat, Route,
-    Scheme, ScimConfig, ScimToken, ServerConfig, Upstream,
+    AdminConfig, CertificateFiles, Config, Credential, JwtAlgorithm, JwtIssuer, Listener,
+    ListenerTls, LogConfig, LogFormat, OidcConfig, Route, Scheme, ScimConfig, ScimToken,
+    ServerConfig, Upstream,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -80,6 +81,10 @@ pub(crate) fn convert(
         }
     };
 
+    let sign_in = SignIn {
+        oidc: file.oidc.is_some(),
+        jwt_issuers: !file.jwt_issuers.is_empty(),
+    };
     let mut routes = Vec::new();
     let mut route_keys: Vec<(Scheme, String, String, usize)> = Vec::new();
     for (i, raw) in file.routes.into_iter().enumerate() {
@@ -113,7 +118,7 @@ pub(crate) fn convert(
                 }
             }
         }
-        routes.push(route(raw, from, &path, &server, base_dir, p));
+        routes.push(route(raw, from, &path, &server, sign_in, base_dir, p));
     }
 
     // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
@@ -122,6 +127,24 @@ pub(crate) fn convert(
         None => Some(None),
         Some(raw) => scim(raw, &root.key("scim"), base_dir, env, p).map(Some),
     };
+
+    let oidc = match file.oidc {
+        None => Some(None),
+        Some(raw) => {
+            let path = root.key("oidc");
+            oidc(
+                raw,
+                &path,
+                has_tls_listener,
+                has_plain_listener,
+                base_dir,
+                env,
+                p,
+            )
+            .map(Some)
+        }
+    };
+    let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
 
     if !p.is_empty() {
         return None;
@@ -134,6 +157,8 @@ pub(crate) fn convert(
         listeners: listeners.into_iter().collect::<Option<_>>()?,
         routes: routes.into_iter().collect::<Option<_>>()?,
         scim: scim?,
+        oidc: oidc?,
+        jwt_issuers: jwt_issuers?,
     })
 }
 
@@ -280,11 +305,19 @@ fn route_from(from: &str) -> Result<From, String> {
     })
 }
 
+/// Which ways of signing in the file configures, deciding what routes may accept.
+#[derive(Clone, Copy)]
+struct SignIn {
+    oidc: bool,
+    jwt_issuers: bool,
+}
+
 fn route(
     raw: file::Route,
     from: Option<From>,
     path: &KeyPath,
     server: &ServerConfig,
+    sign_in: SignIn,
     base_dir: &Path,
     p: &mut Problems<'_>,
 ) -> Option<Route> {
@@ -337,6 +370,7 @@ fn route(
         .max_request_body_bytes
         .and_then(|n| in_range(n, 0..=i64::MAX, &path.key("max_request_body_bytes"), p))
         .unwrap_or(server.max_request_body_bytes);
+    let accept = accept(raw.accept, &path.key("accept"), sign_in, p);
     let from = from?;
     Some(Route {
         name: raw.from?,
@@ -349,7 +383,62 @@ fn route(
         connect_timeout,
         read_timeout,
         max_request_body_bytes,
+        accept,
     })
+}
+
+/// A route's `accept`: which credentials it takes. Without the key, routes take a session when
+/// `[oidc]` is configured and are public otherwise, so a file without sign-in is a plain
+/// reverse proxy.
+fn accept(
+    raw: Option<Vec<String>>,
+    path: &KeyPath,
+    sign_in: SignIn,
+    p: &mut Problems<'_>,
+) -> Vec<Credential> {
+    let Some(names) = raw else {
+        return if sign_in.oidc {
+            vec![Credential::Session]
+        } else {
+            Vec::new()
+        };
+    };
+    if names.is_empty() {
+        p.add(
+            path,
+            "needs \"session\", \"bearer\" or both, or [\"public\"] for no authentication",
+        );
+    }
+    duplicates(&names, path, p);
+    let mut accept = Vec::new();
+    for (j, name) in names.iter().enumerate() {
+        let item = path.index(j);
+        match name.as_str() {
+            "session" if !sign_in.oidc => p.add(
+                &item,
+                "\"session\" needs an [oidc] section: nobody can sign in without one",
+            ),
+            "session" => accept.push(Credential::Session),
+            "bearer" if !sign_in.jwt_issuers => p.add(
+                &item,
+                "\"bearer\" needs at least one [[jwt_issuers]] to verify tokens against",
+            ),
+            "bearer" => accept.push(Credential::Bearer),
+            "public" if names.iter().any(|n| n != "public") => p.add(
+                &item,
+                "\"public\" takes no authentication, so it cannot be combined with \
+                 \"session\" or \"bearer\"",
+            ),
+            "public" => {}
+            other => p.add(
+                &item,
+                format!(
+                    "unknown credential `{other}`: expected \"session\", \"bearer\" or \"public\""
+                ),
+            ),
+        }
+    }
+    accept
 }
 
 fn scim(
@@ -479,6 +568,402 @@ fn scim(
         max_results,
         tokens: tokens.into_iter().collect::<Option<_>>()?,
     })
+}
+
+fn oidc(
+    raw: file::Oidc,
+    path: &KeyPath,
+    has_tls_listener: bool,
+    has_plain_listener: bool,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems<'_>,
+) -> Option<OidcConfig> {
+    let issuer = checked(raw.issuer, &path.key("issuer"), p, issuer);
+    let client_id = checked(raw.client_id, &path.key("client_id"), p, |id| {
+        if id.trim().is_empty() {
+            return Err("must not be empty".to_owned());
+        }
+        Ok(id)
+    });
+    let client_secret = checked(raw.client_secret, &path.key("client_secret"), p, |raw| {
+        let secret = resolve_secret(&raw, env, base_dir)?;
+        if secret.expose().is_empty() {
+            return Err("the client secret is empty".to_owned());
+        }
+        Ok(secret)
+    });
+    let scopes = scopes(raw.scopes, &path.key("scopes"), p);
+
+    let auth_host = checked(raw.auth_host, &path.key("auth_host"), p, auth_host);
+    let scheme_path = path.key("auth_scheme");
+    let auth_scheme = match raw.auth_scheme.as_deref() {
+        None | Some("https") => Scheme::Https,
+        Some("http") => Scheme::Http,
+        Some(other) => {
+            p.add(
+                &scheme_path,
+                format!("unknown scheme `{other}`: expected \"https\" or \"http\""),
+            );
+            Scheme::Https
+        }
+    };
+    match auth_scheme {
+        Scheme::Https if !has_tls_listener => p.add(
+            &scheme_path,
+            "the sign-in callback is served over https (the default), which needs a listener \
+             with `tls`; auth_scheme = \"http\" is for tests and demos",
+        ),
+        Scheme::Http if !has_plain_listener => p.add(
+            &scheme_path,
+            "the sign-in callback is served over http, which needs a listener without `tls`",
+        ),
+        _ => {}
+    }
+    let cookie_domain_path = path.key("cookie_domain");
+    let cookie_domain = raw.cookie_domain.and_then(|domain| {
+        cookie_domain(domain, auth_host.as_ref())
+            .map_err(|message| p.add(&cookie_domain_path, message))
+            .ok()
+    });
+    let cookie_name_path = path.key("cookie_name");
+    let cookie_name = match raw.cookie_name {
+        None => "portcullis_session".to_owned(),
+        Some(name) => cookie_name(&name)
+            .map_err(|message| p.add(&cookie_name_path, message))
+            .map(|()| name)
+            .unwrap_or_default(),
+    };
+    let minute = Duration::from_secs(60);
+    let session_idle_timeout = duration(
+        raw.session_idle_timeout,
+        Duration::from_secs(8 * 3600),
+        minute,
+        &path.key("session_idle_timeout"),
+        p,
+    );
+    let session_lifetime = duration(
+        raw.session_lifetime,
+        Duration::from_secs(24 * 3600),
+        minute,
+        &path.key("session_lifetime"),
+        p,
+    );
+    let id_token_algorithms =
+        algorithms(raw.id_token_algorithms, &path.key("id_token_algorithms"), p);
+    let logout_path = path.key("post_logout_redirect");
+    let post_logout_redirect = raw.post_logout_redirect.and_then(|url| {
+        web_url(&url)
+            .map_err(|message| p.add(&logout_path, message))
+            .ok()?;
+        Some(url)
+    });
+
+    Some(OidcConfig {
+        issuer: issuer?,
+        client_id: client_id?,
+        client_secret: client_secret?,
+        scopes,
+        auth_host: auth_host?.host_port,
+        auth_scheme,
+        cookie_domain,
+        cookie_name,
+        session_idle_timeout,
+        session_lifetime,
+        refresh: raw.refresh.unwrap_or(false),
+        id_token_algorithms,
+        post_logout_redirect,
+    })
+}
+
+fn jwt_issuers(
+    raw: Vec<file::JwtIssuer>,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Option<Vec<JwtIssuer>> {
+    let mut issuers = Vec::new();
+    // (issuer, index) of the issuers seen so far, to report duplicates.
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let path = path.index(i);
+        let issuer_path = path.key("issuer");
+        let issuer = checked(raw.issuer, &issuer_path, p, issuer);
+        if let Some(issuer) = &issuer {
+            match seen.iter().find(|(s, _)| s == issuer) {
+                Some((_, first)) => p.add(
+                    &issuer_path,
+                    format!("issuer `{issuer}` is already listed in jwt_issuers[{first}]"),
+                ),
+                None => seen.push((issuer.clone(), i)),
+            }
+        }
+        let audiences_path = path.key("audiences");
+        let audiences = match raw.audiences {
+            None => {
+                p.add(
+                    &audiences_path,
+                    format!("{MISSING}: the audiences a token must be for"),
+                );
+                Vec::new()
+            }
+            Some(audiences) => {
+                if audiences.is_empty() {
+                    p.add(&audiences_path, "needs at least one audience");
+                }
+                for (j, audience) in audiences.iter().enumerate() {
+                    if audience.is_empty() {
+                        p.add(&audiences_path.index(j), "an audience is never empty");
+                    }
+                }
+                duplicates(&audiences, &audiences_path, p);
+                audiences
+            }
+        };
+        let jwks_path = path.key("jwks_uri");
+        let jwks_uri = raw.jwks_uri.and_then(|url| {
+            web_url(&url)
+                .and_then(|parts| https_or_loopback(&parts))
+                .map_err(|message| p.add(&jwks_path, message))
+                .ok()?;
+            Some(url)
+        });
+        let algorithms = algorithms(raw.algorithms, &path.key("algorithms"), p);
+        let leeway = leeway(raw.leeway, &path.key("leeway"), p);
+        issuers.push(issuer.map(|issuer| JwtIssuer {
+            issuer,
+            audiences,
+            jwks_uri,
+            algorithms,
+            leeway,
+        }));
+    }
+    issuers.into_iter().collect()
+}
+
+/// An issuer identifier: an `https` URL (`http` to a loopback host, for tests and demos) with
+/// no query or fragment. It is kept exactly as written, trailing `/` included, because it is
+/// compared with the IdP's `iss` as a string.
+fn issuer(url: String) -> Result<String, String> {
+    if url.contains('?') {
+        return Err("a query (`?...`) is not allowed in an issuer".to_owned());
+    }
+    let parts = web_url(&url)?;
+    https_or_loopback(&parts)?;
+    let lower_scheme = url.starts_with("https://") || url.starts_with("http://");
+    if !lower_scheme || parts.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(
+            "write the scheme and host in lower case, as the IdP does: issuers compare exactly"
+                .to_owned(),
+        );
+    }
+    Ok(url)
+}
+
+/// An absolute `http(s)` URL used with an IdP, where a query is allowed but a fragment is not.
+fn web_url(url: &str) -> Result<UrlParts<'_>, String> {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a URL has no spaces or control characters".to_owned());
+    }
+    if url.contains('#') {
+        return Err("a fragment (`#...`) is not allowed".to_owned());
+    }
+    let without_query = url.split_once('?').map_or(url, |(base, _)| base);
+    let parts = split_url(without_query)?;
+    if !parts.bracketed && !is_host_name(parts.host) {
+        return Err(format!("`{}` is not a host name", parts.host));
+    }
+    Ok(parts)
+}
+
+/// Tokens and keys are fetched and trusted only over TLS, except from this machine, where
+/// tests and demos run their IdP.
+fn https_or_loopback(parts: &UrlParts<'_>) -> Result<(), String> {
+    let loopback = ["127.0.0.1", "localhost", "::1"]
+        .iter()
+        .any(|host| parts.host.eq_ignore_ascii_case(host));
+    if parts.scheme == Scheme::Http && !loopback {
+        return Err(
+            "must be https: http is allowed only to 127.0.0.1, localhost or ::1, for tests and \
+             demos"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+fn scopes(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<String> {
+    let Some(scopes) = raw else {
+        return ["openid", "email", "profile"].map(String::from).to_vec();
+    };
+    // RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+    let scope_char = |b: u8| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e);
+    for (j, scope) in scopes.iter().enumerate() {
+        if scope.is_empty() || !scope.bytes().all(scope_char) {
+            p.add(
+                &path.index(j),
+                format!("`{scope}` is not a scope: printable ASCII without spaces, `\"` or `\\`"),
+            );
+        }
+    }
+    duplicates(&scopes, path, p);
+    if !scopes.iter().any(|s| s == "openid") {
+        p.add(
+            path,
+            "must include \"openid\": without it the IdP issues no ID token",
+        );
+    }
+    scopes
+}
+
+/// The algorithms a signature may use, by default the common asymmetric ones.
+fn algorithms(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<JwtAlgorithm> {
+    let Some(names) = raw else {
+        return vec![
+            JwtAlgorithm::RS256,
+            JwtAlgorithm::ES256,
+            JwtAlgorithm::PS256,
+            JwtAlgorithm::EdDSA,
+        ];
+    };
+    if names.is_empty() {
+        p.add(path, "needs at least one algorithm");
+    }
+    duplicates(&names, path, p);
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(j, name)| {
+            algorithm(name)
+                .map_err(|message| p.add(&path.index(j), message))
+                .ok()
+        })
+        .collect()
+}
+
+fn algorithm(name: &str) -> Result<JwtAlgorithm, String> {
+    if let Some(algorithm) = JwtAlgorithm::ALL.into_iter().find(|a| a.as_str() == name) {
+        return Ok(algorithm);
+    }
+    if name.eq_ignore_ascii_case("none") {
+        return Err("`none` is never allowed: an unsigned token proves nothing".to_owned());
+    }
+    if name
+        .get(..2)
+        .is_some_and(|hs| hs.eq_ignore_ascii_case("hs"))
+    {
+        return Err(format!(
+            "`{name}` is not allowed: an HMAC signature is made with a shared secret, and a \
+             verifier holding only public keys can be fooled into using one as the secret"
+        ));
+    }
+    if let Some(algorithm) = JwtAlgorithm::ALL
+        .into_iter()
+        .find(|a| a.as_str().eq_ignore_ascii_case(name))
+    {
+        return Err(format!(
+            "write `{}`: algorithm names are case-sensitive",
+            algorithm.as_str()
+        ));
+    }
+    let all: Vec<&str> = JwtAlgorithm::ALL.iter().map(|a| a.as_str()).collect();
+    Err(format!(
+        "`{name}` is not a supported algorithm: expected one of {}",
+        all.join(", ")
+    ))
+}
+
+/// `auth_host` as written, and its host part.
+struct AuthHost {
+    host_port: String,
+    host: String,
+    is_ip: bool,
+}
+
+/// The host the IdP redirects to, written as registered with it: a lower-case host and an
+/// optional port (the callback URL must match the registration exactly), no scheme or path.
+fn auth_host(raw: String) -> Result<AuthHost, String> {
+    if raw.contains("://") {
+        return Err(format!(
+            "`{raw}` has a scheme: write host[:port] alone and the scheme in `auth_scheme`"
+        ));
+    }
+    if raw.contains('/') {
+        return Err(format!(
+            "`{raw}` has a path: write host[:port] alone; the callback is always \
+             /.portcullis/callback"
+        ));
+    }
+    let (host, bracketed, port) = split_authority(&raw)?;
+    if host.is_empty() || (!bracketed && !is_host_name(host)) {
+        return Err(format!(
+            "`{raw}` is not a host name with an optional port (wildcards are not allowed here)"
+        ));
+    }
+    if port == Some(0) {
+        return Err("`0` is not a port number".to_owned());
+    }
+    let lower = raw.to_ascii_lowercase();
+    if lower != raw {
+        return Err(format!("write the host in lower case: `{lower}`"));
+    }
+    let is_ip = bracketed || host.parse::<Ipv4Addr>().is_ok();
+    Ok(AuthHost {
+        host: host.to_owned(),
+        host_port: raw,
+        is_ip,
+    })
+}
+
+/// A `.parent.domain` covering `auth_host`, so that the cookie the callback sets reaches
+/// every host under it. Route hosts are not checked: which routes share it is the operator's
+/// choice.
+fn cookie_domain(domain: String, auth_host: Option<&AuthHost>) -> Result<String, String> {
+    let Some(name) = domain.strip_prefix('.') else {
+        return Err(format!(
+            "`{domain}` must start with `.`: e.g. \".corp.example.com\" shares the session \
+             with every host under corp.example.com"
+        ));
+    };
+    if !is_host_name(name) {
+        return Err(format!(
+            "`{domain}` is not a domain (wildcards are not allowed here)"
+        ));
+    }
+    let lower = domain.to_ascii_lowercase();
+    if lower != domain {
+        return Err(format!("write the domain in lower case: `{lower}`"));
+    }
+    if let Some(auth) = auth_host {
+        if auth.is_ip {
+            return Err(
+                "a cookie domain needs auth_host to be a host name, not an IP address".to_owned(),
+            );
+        }
+        if auth.host != name && !auth.host.ends_with(&domain) {
+            return Err(format!(
+                "auth_host `{}` is not under `{domain}`: a browser refuses a cookie for a \
+                 domain the host setting it is not in",
+                auth.host
+            ));
+        }
+    }
+    Ok(domain)
+}
+
+fn cookie_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(format!(
+            "`{name}` is not a cookie name: 1 to 64 characters of A-Z, a-z, 0-9, `_` and `-`"
+        ));
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.starts_with("__host-") || lower.starts_with("__secure-") {
+        return Err(format!(
+            "write `{name}` without its prefix: Portcullis adds `__Host-` itself where it applies"
+        ));
+    }
+    Ok(())
 }
 
 /// SCIM is served on one exact host, so unlike a route's `from` this is a bare host name: no
@@ -623,6 +1108,22 @@ fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
     if authority.contains('@') {
         return Err("user information (`user@`) is not allowed".to_owned());
     }
+    let (host, bracketed, port) = split_authority(authority)?;
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(UrlParts {
+        scheme,
+        host,
+        bracketed,
+        port,
+        path,
+    })
+}
+
+/// `host[:port]` or `[ipv6][:port]` into the host (without brackets), whether it was
+/// bracketed, and the port.
+fn split_authority(authority: &str) -> Result<(&str, bool, Option<u16>), String> {
     let (host, bracketed, port) = match authority.strip_prefix('[') {
         Some(literal) => {
             let Some((host, after)) = literal.split_once(']') else {
@@ -642,22 +1143,13 @@ fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
             None => (authority, false, None),
         },
     };
-    if host.is_empty() {
-        return Err(format!("`{url}` has no host"));
-    }
     let port = port
         .map(|port| {
             port.parse::<u16>()
                 .map_err(|_| format!("`{port}` is not a port number"))
         })
         .transpose()?;
-    Ok(UrlParts {
-        scheme,
-        host,
-        bracketed,
-        port,
-        path,
-    })
+    Ok((host, bracketed, port))
 }
 
 /// A DNS name or IPv4 address: letters, digits, `-`, `_` and dots between non-empty labels.
@@ -675,6 +1167,26 @@ fn required<T>(value: Option<T>, path: &KeyPath, p: &mut Problems<'_>) -> Option
         p.add(path, MISSING);
     }
     value
+}
+
+/// A required value, converted (and so checked) by `check`.
+fn checked<T, U>(
+    value: Option<T>,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+    check: impl FnOnce(T) -> Result<U, String>,
+) -> Option<U> {
+    let value = required(value, path, p)?;
+    check(value).map_err(|message| p.add(path, message)).ok()
+}
+
+/// Reports every value of a list after its first occurrence.
+fn duplicates(values: &[String], path: &KeyPath, p: &mut Problems<'_>) {
+    for (j, value) in values.iter().enumerate() {
+        if values[..j].contains(value) {
+            p.add(&path.index(j), format!("`{value}` is listed twice"));
+        }
+    }
 }
 
 fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Option<SocketAddr> {
@@ -730,10 +1242,30 @@ fn duration(
             format!("must be at least {}", humantime::format_duration(min)),
         ),
         Ok(d) => return d,
-        Err(e) => p.add(
-            path,
-            format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\""),
-        ),
+        Err(e) => p.add(path, not_a_duration(&raw, e)),
     }
     default
+}
+
+/// Clock skew allowed when checking token times: zero up to five minutes, 60s by default.
+fn leeway(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Duration {
+    let default = Duration::from_secs(60);
+    let max = Duration::from_secs(5 * 60);
+    let Some(raw) = raw else { return default };
+    match humantime::parse_duration(&raw) {
+        Ok(d) if d > max => p.add(
+            path,
+            format!(
+                "must be at most {}: more lets expired tokens in",
+                humantime::format_duration(max)
+            ),
+        ),
+        Ok(d) => return d,
+        Err(e) => p.add(path, not_a_duration(&raw, e)),
+    }
+    default
+}
+
+fn not_a_duration(raw: &str, e: humantime::DurationError) -> String {
+    format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\"")
 }
