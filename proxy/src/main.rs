@@ -6,6 +6,7 @@
 //! `portcullis-config`. Read `proxy.rs` first: its module doc lists the request phases.
 
 mod admin;
+mod auth;
 mod logging;
 mod metrics;
 mod pages;
@@ -112,8 +113,14 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let directory = open_directory(&config.data_dir)?;
+    let auth = Arc::new(auth::Auth::new(&config.data_dir)?);
     let runtime = Runtime::build(config, &directory)?;
-    let shared = Arc::new(Shared::new(config_path.to_path_buf(), directory, runtime)?);
+    let shared = Arc::new(Shared::new(
+        config_path.to_path_buf(),
+        directory,
+        auth,
+        runtime,
+    )?);
 
     let conf = ServerConf {
         threads: server_config.threads,
@@ -152,6 +159,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service(
         "reload",
         reload::Reloader::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "oidc discovery",
+        auth::DiscoveryService::new(shared.clone()),
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");

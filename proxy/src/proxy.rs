@@ -22,6 +22,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
+use portcullis_config::Credential;
+
+use crate::auth;
 use crate::pages;
 use crate::path;
 use crate::routes::{CompiledRoute, Match};
@@ -56,6 +59,8 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// Answered by the SCIM endpoint rather than proxied.
     scim: bool,
+    /// Who is calling, once authenticated.
+    caller: Option<auth::Caller>,
     _in_flight: InFlight,
 }
 
@@ -76,6 +81,7 @@ impl ProxyHttp for Proxy {
             upstream_started: None,
             body_bytes: 0,
             scim: false,
+            caller: None,
             _in_flight: InFlight::new(),
         }
     }
@@ -97,27 +103,44 @@ impl ProxyHttp for Proxy {
             Ok(normalized) => normalized,
             Err(_) => return pages::respond(session, StatusCode::BAD_REQUEST).await,
         };
+        let Some(host) = request_host(req) else {
+            return pages::respond(session, StatusCode::BAD_REQUEST).await;
+        };
+        let host = host.into_owned();
+        let origin = request_origin(req, ctx.tls);
+        let normalized = normalized.into_owned();
         if let Some(own) = normalized.strip_prefix("/.portcullis/") {
             let status = match own {
                 "healthz" => StatusCode::OK,
                 "readyz" if self.shared.is_draining() => StatusCode::SERVICE_UNAVAILABLE,
                 "readyz" => StatusCode::OK,
-                _ => StatusCode::NOT_FOUND,
+                endpoint => {
+                    let auth_request = auth::endpoints::Request {
+                        origin: &origin,
+                        host: &host,
+                        tls: ctx.tls,
+                    };
+                    let served = self
+                        .shared
+                        .auth
+                        .serve(session, &runtime.config, endpoint, &auth_request)
+                        .await?;
+                    match served {
+                        Some(done) => return Ok(done),
+                        None => StatusCode::NOT_FOUND,
+                    }
+                }
             };
             return pages::respond(session, status).await;
         }
 
-        let Some(host) = request_host(req) else {
-            return pages::respond(session, StatusCode::BAD_REQUEST).await;
-        };
         if let Some(scim) = runtime
             .scim
             .as_ref()
             .filter(|s| s.claims(&host, &normalized))
         {
             ctx.scim = true;
-            let path = normalized.into_owned();
-            return scim.serve(session, &path, ctx.tls).await;
+            return scim.serve(session, &normalized, ctx.tls).await;
         }
         let route = match runtime
             .routes
@@ -135,13 +158,44 @@ impl ProxyHttp for Proxy {
             }
         };
 
+        if !route.config.accept.is_empty() {
+            let caller = self
+                .shared
+                .auth
+                .authenticate(
+                    &runtime.config,
+                    &route.config.accept,
+                    session.req_header(),
+                    ctx.tls,
+                    auth::oidc::now_unix(),
+                )
+                .await;
+            match caller {
+                Some(caller) => ctx.caller = Some(caller),
+                None => {
+                    let auth_request = auth::endpoints::Request {
+                        origin: &origin,
+                        host: &host,
+                        tls: ctx.tls,
+                    };
+                    let sessions = route.config.accept.contains(&Credential::Session);
+                    return self
+                        .shared
+                        .auth
+                        .challenge(session, &runtime.config, &auth_request, sessions)
+                        .await;
+                }
+            }
+        }
+
+        let req = session.req_header();
         if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
             return pages::respond(session, StatusCode::PAYLOAD_TOO_LARGE).await;
         }
-        if let Cow::Owned(normalized) = normalized {
+        if normalized != req.uri.path() {
             ctx.normalized_path = Some(normalized);
         }
-        ctx.host = host.into_owned();
+        ctx.host = host;
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
         Ok(false)
@@ -318,6 +372,7 @@ impl ProxyHttp for Proxy {
             path = %req.uri.path(),
             status,
             route,
+            user = ctx.caller.as_ref().map(auth::Caller::log_name),
             upstream = ctx.upstream,
             duration_us = ctx.started.elapsed().as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
@@ -395,6 +450,18 @@ fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
     } else {
         Some(Cow::Borrowed(host))
     }
+}
+
+/// `scheme://host[:port]` as the client addressed this request.
+fn request_origin(req: &RequestHeader, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let authority = req
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    format!("{scheme}://{authority}")
 }
 
 fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> String {

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use portcullis_config::{Config, Scheme};
 use portcullis_scim::store::Directory;
 
+use crate::auth::Auth;
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
@@ -74,6 +75,8 @@ pub struct Shared {
     /// The directory outlives configurations: a reload keeps it (changing `data_dir` needs a
     /// restart).
     pub directory: Arc<Directory>,
+    /// Sessions, the OIDC provider and issuers' keys: kept across reloads.
+    pub auth: Arc<Auth>,
     pub runtime: ArcSwap<Runtime>,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
@@ -84,6 +87,7 @@ impl Shared {
     pub fn new(
         config_path: PathBuf,
         directory: Arc<Directory>,
+        auth: Arc<Auth>,
         runtime: Runtime,
     ) -> Result<Self, String> {
         let mut resolvers = HashMap::new();
@@ -96,6 +100,7 @@ impl Shared {
         Ok(Self {
             config_path,
             directory,
+            auth,
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             draining: AtomicBool::new(false),

@@ -1,0 +1,236 @@
+//! Signed JWTs from identity providers: key sets fetched from each issuer, cached, and
+//! refetched when a token names a key we don't have (the IdP rotated), at most once per
+//! [`REFETCH_AFTER`]; verification with an explicit algorithm allow-list, never `none` and
+//! never HMAC (a public key must not become an HMAC secret).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
+
+use portcullis_config::JwtAlgorithm;
+
+/// Shortest time between two fetches of one key set triggered by unknown keys.
+pub const REFETCH_AFTER: Duration = Duration::from_secs(10);
+/// Longest JWT accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Largest key set document accepted.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JwtError {
+    #[error("the token is not a compact JWS")]
+    Malformed,
+    #[error("the token's algorithm is not allowed")]
+    Algorithm,
+    #[error("no key of the issuer matches the token")]
+    UnknownKey,
+    #[error("the issuer's keys could not be fetched")]
+    KeysUnavailable,
+    #[error("the token is invalid: {0}")]
+    Invalid(String),
+}
+
+pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::RS384 => Algorithm::RS384,
+        JwtAlgorithm::RS512 => Algorithm::RS512,
+        JwtAlgorithm::PS256 => Algorithm::PS256,
+        JwtAlgorithm::PS384 => Algorithm::PS384,
+        JwtAlgorithm::PS512 => Algorithm::PS512,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+        JwtAlgorithm::ES384 => Algorithm::ES384,
+        JwtAlgorithm::EdDSA => Algorithm::EdDSA,
+    }
+}
+
+/// Three non-empty base64url segments and nothing else: a token with trailing bytes, spaces
+/// or padding is not a token.
+pub fn is_compact_jws(token: &str) -> bool {
+    token.len() <= MAX_TOKEN_BYTES
+        && token.split('.').count() == 3
+        && token.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+struct Keys {
+    by_kid: HashMap<String, Arc<DecodingKey>>,
+    /// Keys without a `kid`, tried when the token has none.
+    anonymous: Vec<Arc<DecodingKey>>,
+    /// The raw document, for other parsers of the same set (the ID-token verifier).
+    raw: Arc<serde_json::Value>,
+}
+
+/// One issuer's key set.
+pub struct Jwks {
+    uri: String,
+    http: reqwest::Client,
+    keys: ArcSwapOption<Keys>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+impl Jwks {
+    pub fn new(uri: String, http: reqwest::Client) -> Self {
+        Self {
+            uri,
+            http,
+            keys: ArcSwapOption::empty(),
+            last_fetch: Mutex::new(None),
+        }
+    }
+
+    /// The key set as last fetched, as JSON.
+    pub fn raw(&self) -> Option<Arc<serde_json::Value>> {
+        self.keys.load().as_ref().map(|k| k.raw.clone())
+    }
+
+    /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`).
+    /// A failed fetch keeps the last good set.
+    pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
+        let mut last = self.last_fetch.lock().await;
+        if !force && last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let keys = self.fetch().await;
+        match keys {
+            Ok(keys) => {
+                self.keys.store(Some(Arc::new(keys)));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(uri = %self.uri, "could not fetch the key set: {e}");
+                Err(JwtError::KeysUnavailable)
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Keys, String> {
+        let response = self
+            .http
+            .get(&self.uri)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("status {}", response.status()));
+        }
+        let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+        if bytes.len() > MAX_JWKS_BYTES {
+            return Err("key set too large".to_owned());
+        }
+        let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
+        let mut by_kid = HashMap::new();
+        let mut anonymous = Vec::new();
+        for jwk in &set.keys {
+            // A symmetric key in a public key set is never used; a key of a type we cannot use
+            // is skipped, not fatal.
+            if matches!(
+                jwk.algorithm,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+            ) {
+                continue;
+            }
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let key = Arc::new(key);
+            match &jwk.common.key_id {
+                Some(kid) => {
+                    by_kid.insert(kid.clone(), key);
+                }
+                None => anonymous.push(key),
+            }
+        }
+        Ok(Keys {
+            by_kid,
+            anonymous,
+            raw: Arc::new(raw),
+        })
+    }
+
+    fn candidates(&self, kid: Option<&str>) -> Vec<Arc<DecodingKey>> {
+        let Some(keys) = self.keys.load_full() else {
+            return Vec::new();
+        };
+        match kid {
+            Some(kid) => keys.by_kid.get(kid).cloned().into_iter().collect(),
+            None => keys
+                .anonymous
+                .iter()
+                .chain(keys.by_kid.values())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Verifies `token`'s signature and the checks in `validation`, returning its claims.
+    pub async fn verify<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<T, JwtError> {
+        if !is_compact_jws(token) {
+            return Err(JwtError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        if !validation.algorithms.contains(&header.alg) {
+            return Err(JwtError::Algorithm);
+        }
+        let mut keys = self.candidates(header.kid.as_deref());
+        if keys.is_empty() {
+            // Unknown key: the IdP may have rotated. Refetch (rate-limited) and look again.
+            let _ = self.refresh(false).await;
+            keys = self.candidates(header.kid.as_deref());
+        }
+        if keys.is_empty() {
+            return Err(JwtError::UnknownKey);
+        }
+        let mut last = JwtError::UnknownKey;
+        for key in keys {
+            match jsonwebtoken::decode::<T>(token, &key, validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) => last = JwtError::Invalid(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bare_compact_tokens_pass_the_syntax_check() {
+        assert!(is_compact_jws("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"));
+        for bad in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "a..c",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln ",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln garbage",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln==",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n",
+        ] {
+            assert!(!is_compact_jws(bad), "{bad:?}");
+        }
+        assert!(!is_compact_jws(&format!(
+            "a.b.{}",
+            "c".repeat(MAX_TOKEN_BYTES)
+        )));
+    }
+}

@@ -1,0 +1,463 @@
+//! OpenID Connect sign-in for people: discovery of the provider, the authorization-code flow
+//! with PKCE, `state` and `nonce`, ID-token verification, and back-channel logout tokens.
+//!
+//! The provider is discovered in the background (retried with backoff while the IdP is down)
+//! and kept across reloads; while it is unknown, existing sessions keep working and new
+//! sign-ins get a 503. A sign-in in progress is remembered server-side by its `state` for ten
+//! minutes, bound to the browser that started it by a cookie whose hash is stored with it, and
+//! can be completed once.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use openidconnect::core::{
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod, CoreGrantType,
+    CoreIdTokenVerifier, CoreJsonWebKey, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType,
+    CoreSubjectIdentifierType,
+};
+use openidconnect::{
+    AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret,
+    CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata,
+    RedirectUrl, Scope,
+};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use portcullis_config::{JwtAlgorithm, OidcConfig};
+
+use super::jwt::{algorithm, Jwks, JwtError};
+use super::sessions::Identity;
+
+/// How long a started sign-in may take.
+const PENDING_FOR: u64 = 600;
+/// Most sign-ins in progress at once; beyond it new ones are refused until old ones expire.
+const MAX_PENDING: usize = 10_000;
+/// Back-channel logout `jti`s remembered against replay.
+const MAX_SEEN_JTIS: usize = 100_000;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct LogoutMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_session_endpoint: Option<String>,
+}
+impl AdditionalProviderMetadata for LogoutMetadata {}
+
+pub type Metadata = ProviderMetadata<
+    LogoutMetadata,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
+/// A discovered provider.
+pub struct Provider {
+    pub issuer: String,
+    pub metadata: Metadata,
+    pub jwks: Jwks,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignInError {
+    #[error("sign-in is unavailable: the identity provider has not been reached yet")]
+    ProviderUnavailable,
+    #[error("too many sign-ins are in progress; try again shortly")]
+    Busy,
+    #[error("this sign-in link has expired or was already used; start again")]
+    UnknownState,
+    #[error("this sign-in was started in another browser; start again")]
+    WrongBrowser,
+    #[error("the identity provider refused the sign-in: {0}")]
+    Refused(String),
+    #[error("the identity provider could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the identity provider's answer could not be verified: {0}")]
+    Invalid(String),
+}
+
+struct Pending {
+    pkce_verifier: String,
+    nonce: String,
+    return_to: String,
+    browser: [u8; 32],
+    redirect_uri: String,
+    created: u64,
+}
+
+/// What the browser needs to start a sign-in: where to go, and the cookie binding it.
+pub struct Started {
+    pub authorize_url: String,
+    pub browser_cookie: String,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_token() -> String {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw)
+}
+
+fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
+    match alg {
+        JwtAlgorithm::RS256 => CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+        JwtAlgorithm::RS384 => CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+        JwtAlgorithm::RS512 => CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+        JwtAlgorithm::PS256 => CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+        JwtAlgorithm::PS384 => CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+        JwtAlgorithm::PS512 => CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+        JwtAlgorithm::ES256 => CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+        JwtAlgorithm::ES384 => CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+        JwtAlgorithm::EdDSA => CoreJwsSigningAlgorithm::EdDsa,
+    }
+}
+
+/// The OIDC relying party: state that outlives configuration reloads.
+pub struct Oidc {
+    http: reqwest::Client,
+    provider: ArcSwapOption<Provider>,
+    pending: DashMap<String, Pending>,
+    seen_jtis: DashMap<String, u64>,
+}
+
+impl Oidc {
+    pub fn new(http: reqwest::Client) -> Self {
+        Self {
+            http,
+            provider: ArcSwapOption::empty(),
+            pending: DashMap::new(),
+            seen_jtis: DashMap::new(),
+        }
+    }
+
+    pub fn provider(&self) -> Option<Arc<Provider>> {
+        self.provider.load_full()
+    }
+
+    /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
+    pub async fn discover(&self, issuer: &str) -> Result<(), String> {
+        let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
+        let metadata = Metadata::discover_async(issuer_url, &self.http)
+            .await
+            .map_err(|e| format!("discovery of {issuer} failed: {e}"))?;
+        let jwks = Jwks::new(metadata.jwks_uri().url().to_string(), self.http.clone());
+        jwks.refresh(true)
+            .await
+            .map_err(|e| format!("keys of {issuer}: {e}"))?;
+        self.provider.store(Some(Arc::new(Provider {
+            issuer: issuer.to_owned(),
+            metadata,
+            jwks,
+        })));
+        Ok(())
+    }
+
+    /// Starts a sign-in that returns to `return_to` through `redirect_uri`.
+    pub fn start(
+        &self,
+        config: &OidcConfig,
+        redirect_uri: &str,
+        return_to: String,
+        now: u64,
+    ) -> Result<Started, SignInError> {
+        let provider = self
+            .provider()
+            .filter(|p| p.issuer == config.issuer)
+            .ok_or(SignInError::ProviderUnavailable)?;
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.retain(|_, p| p.created + PENDING_FOR > now);
+            if self.pending.len() >= MAX_PENDING {
+                return Err(SignInError::Busy);
+            }
+        }
+        let client = CoreClient::from_provider_metadata(
+            provider.metadata.clone(),
+            ClientId::new(config.client_id.clone()),
+            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
+        )
+        .set_redirect_uri(
+            RedirectUrl::new(redirect_uri.to_owned())
+                .map_err(|e| SignInError::Invalid(e.to_string()))?,
+        );
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client
+            .authorize_url(
+                AuthenticationFlow::<CoreResponseType>::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in config.scopes.iter().filter(|s| *s != "openid") {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, state, nonce) = request.url();
+        let browser_cookie = random_token();
+        self.pending.insert(
+            state.secret().clone(),
+            Pending {
+                pkce_verifier: verifier.secret().clone(),
+                nonce: nonce.secret().clone(),
+                return_to,
+                browser: Sha256::digest(browser_cookie.as_bytes()).into(),
+                redirect_uri: redirect_uri.to_owned(),
+                created: now,
+            },
+        );
+        Ok(Started {
+            authorize_url: url.to_string(),
+            browser_cookie,
+        })
+    }
+
+    /// Completes a sign-in: checks `state` and the browser, exchanges the code, verifies the
+    /// ID token. Returns who signed in and where they were going.
+    pub async fn finish(
+        &self,
+        config: &OidcConfig,
+        state: &str,
+        code: &str,
+        browser_cookie: Option<&str>,
+        now: u64,
+    ) -> Result<(Identity, String), SignInError> {
+        // Removed whatever happens next: a state is good for one attempt.
+        let (_, pending) = self
+            .pending
+            .remove(state)
+            .ok_or(SignInError::UnknownState)?;
+        if pending.created + PENDING_FOR <= now {
+            return Err(SignInError::UnknownState);
+        }
+        let presented: [u8; 32] =
+            Sha256::digest(browser_cookie.unwrap_or_default().as_bytes()).into();
+        if browser_cookie.is_none()
+            || !bool::from(subtle::ConstantTimeEq::ct_eq(
+                &presented[..],
+                &pending.browser[..],
+            ))
+        {
+            return Err(SignInError::WrongBrowser);
+        }
+        let provider = self
+            .provider()
+            .filter(|p| p.issuer == config.issuer)
+            .ok_or(SignInError::ProviderUnavailable)?;
+        let client = CoreClient::from_provider_metadata(
+            provider.metadata.clone(),
+            ClientId::new(config.client_id.clone()),
+            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
+        )
+        .set_redirect_uri(
+            RedirectUrl::new(pending.redirect_uri.clone())
+                .map_err(|e| SignInError::Invalid(e.to_string()))?,
+        );
+        let response = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| SignInError::Invalid(e.to_string()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                openidconnect::RequestTokenError::ServerResponse(r) => {
+                    SignInError::Refused(r.error().to_string())
+                }
+                other => SignInError::Unreachable(other.to_string()),
+            })?;
+        let id_token = openidconnect::TokenResponse::id_token(&response)
+            .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
+        let nonce = Nonce::new(pending.nonce.clone());
+        let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
+            Err(SignInError::Invalid(e)) if e.contains("key") => {
+                // Perhaps the IdP rotated its keys since we fetched them.
+                let _ = provider.jwks.refresh(false).await;
+                self.verify_id_token(config, &provider, id_token, &nonce)?
+            }
+            other => other?,
+        };
+        let lifetime = config.session_lifetime.as_secs();
+        let identity = Identity {
+            issuer: provider.issuer.clone(),
+            subject: claims.subject().to_string(),
+            email: claims.email().map(|e| e.to_string()),
+            name: claims
+                .name()
+                .and_then(|n| n.get(None))
+                .map(|n| n.to_string()),
+            idp_session: None,
+            created: now,
+            expires: now + lifetime,
+            id_token: Some(id_token.to_string()),
+        };
+        let identity = Identity {
+            idp_session: sid_of(&id_token.to_string()),
+            ..identity
+        };
+        Ok((identity, pending.return_to))
+    }
+
+    fn verify_id_token(
+        &self,
+        config: &OidcConfig,
+        provider: &Provider,
+        id_token: &openidconnect::core::CoreIdToken,
+        nonce: &Nonce,
+    ) -> Result<openidconnect::core::CoreIdTokenClaims, SignInError> {
+        let raw = provider
+            .jwks
+            .raw()
+            .ok_or_else(|| SignInError::Invalid("no keys".into()))?;
+        let keys: CoreJsonWebKeySet = serde_json::from_value((*raw).clone())
+            .map_err(|e| SignInError::Invalid(format!("key set: {e}")))?;
+        let issuer = IssuerUrl::new(provider.issuer.clone())
+            .map_err(|e| SignInError::Invalid(e.to_string()))?;
+        // A public client verifier: no client secret, so no HMAC-signed ID tokens.
+        let verifier = CoreIdTokenVerifier::new_public_client(
+            ClientId::new(config.client_id.clone()),
+            issuer,
+            keys,
+        )
+        .set_allowed_algs(config.id_token_algorithms.iter().copied().map(core_alg));
+        id_token
+            .claims(&verifier, nonce)
+            .cloned()
+            .map_err(|e| SignInError::Invalid(e.to_string()))
+    }
+
+    /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6) and returns
+    /// `(sub, sid)`; at least one is present.
+    pub async fn verify_logout_token(
+        &self,
+        config: &OidcConfig,
+        token: &str,
+        now: u64,
+    ) -> Result<(Option<String>, Option<String>), JwtError> {
+        let provider = self
+            .provider()
+            .filter(|p| p.issuer == config.issuer)
+            .ok_or(JwtError::KeysUnavailable)?;
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        validation.algorithms = config
+            .id_token_algorithms
+            .iter()
+            .copied()
+            .map(algorithm)
+            .collect();
+        validation.set_issuer(&[&provider.issuer]);
+        validation.set_audience(&[&config.client_id]);
+        validation.set_required_spec_claims(&["iss", "aud"]);
+        validation.validate_exp = false;
+        validation.leeway = 60;
+        let claims: LogoutClaims = provider.jwks.verify(token, &validation).await?;
+        let invalid = |why: &str| JwtError::Invalid(why.to_owned());
+        if claims.nonce.is_some() {
+            return Err(invalid("a logout token must not carry a nonce"));
+        }
+        let is_logout_event = claims
+            .events
+            .as_ref()
+            .and_then(|e| e.as_object())
+            .is_some_and(|e| e.contains_key("http://schemas.openid.net/event/backchannel-logout"));
+        if !is_logout_event {
+            return Err(invalid("not a back-channel logout event"));
+        }
+        let iat = claims.iat.ok_or_else(|| invalid("no iat"))?;
+        if iat > now + 60 || iat + PENDING_FOR < now {
+            return Err(invalid("iat is out of range"));
+        }
+        if claims.exp.is_some_and(|exp| exp + 60 < now) {
+            return Err(invalid("expired"));
+        }
+        if claims.sub.is_none() && claims.sid.is_none() {
+            return Err(invalid("neither sub nor sid"));
+        }
+        let jti = claims.jti.ok_or_else(|| invalid("no jti"))?;
+        if self.seen_jtis.len() >= MAX_SEEN_JTIS {
+            self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
+        }
+        if self.seen_jtis.insert(jti, now).is_some() {
+            return Err(invalid("this logout token was already used"));
+        }
+        Ok((claims.sub, claims.sid))
+    }
+
+    /// Forgets sign-ins started long ago.
+    pub fn sweep(&self, now: u64) {
+        self.pending.retain(|_, p| p.created + PENDING_FOR > now);
+        self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
+    }
+}
+
+#[derive(Deserialize)]
+struct LogoutClaims {
+    sub: Option<String>,
+    sid: Option<String>,
+    iat: Option<u64>,
+    exp: Option<u64>,
+    jti: Option<String>,
+    nonce: Option<serde_json::Value>,
+    events: Option<serde_json::Value>,
+}
+
+/// The `sid` claim of an already verified ID token.
+fn sid_of(id_token: &str) -> Option<String> {
+    let payload = id_token.split('.').nth(1)?;
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("sid")?.as_str().map(str::to_owned)
+}
+
+/// Retries discovery of the configured issuer until it succeeds (backoff 1 s to 60 s), and
+/// again whenever a reload names another issuer. Keys are refetched on demand (unknown `kid`).
+pub async fn discovery_loop(
+    oidc: Arc<Oidc>,
+    issuer: impl Fn() -> Option<String>,
+    mut shutdown: pingora::server::ShutdownWatch,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match issuer() {
+            None => Duration::from_secs(5),
+            Some(issuer) => {
+                let current = oidc.provider().map(|p| p.issuer.clone());
+                let due = current.as_deref() != Some(&issuer);
+                if due {
+                    match oidc.discover(&issuer).await {
+                        Ok(()) => {
+                            tracing::info!(%issuer, "identity provider discovered");
+                            backoff = Duration::from_secs(1);
+                            Duration::from_secs(5)
+                        }
+                        Err(e) => {
+                            tracing::warn!("{e}; retrying in {}s", backoff.as_secs());
+                            let wait = backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(60));
+                            wait
+                        }
+                    }
+                } else {
+                    oidc.sweep(now_unix());
+                    Duration::from_secs(5)
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

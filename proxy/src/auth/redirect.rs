@@ -1,0 +1,143 @@
+//! Where a person may be sent after signing in: only to a URL on a host Portcullis serves.
+//!
+//! The return URL comes from the request that triggered sign-in, or from `rd=` on
+//! `/.portcullis/sign_in`, which anyone can craft; an open redirect there would let a phishing
+//! link borrow the company's sign-in page. So the rule is strict and simple: an absolute
+//! `http`/`https` URL whose host is exactly a configured host (or matches a configured
+//! `*.` wildcard), without user info; or a path on the current host that cannot be read as
+//! anything else. Everything else — protocol-relative `//x`, backslashes, control characters,
+//! `https:x` without slashes, percent-encoded slashes, look-alike hosts — is refused.
+
+/// Hosts a return URL may point at: lower-case names, and `*.suffix` wildcards.
+#[derive(Debug, Default, Clone)]
+pub struct Hosts {
+    exact: Vec<String>,
+    /// Suffixes including the leading dot (`.corp.example.com` for `*.corp.example.com`).
+    wildcard: Vec<String>,
+}
+
+impl Hosts {
+    pub fn new<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut set = Self::default();
+        for host in hosts {
+            let host = host.to_ascii_lowercase();
+            match host.strip_prefix('*') {
+                Some(suffix) => set.wildcard.push(suffix.to_owned()),
+                None => set.exact.push(host),
+            }
+        }
+        set
+    }
+
+    pub fn contains(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.exact.contains(&host)
+            || self
+                .wildcard
+                .iter()
+                .any(|suffix| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+    }
+}
+
+/// The URL to send the person to, or `None` when `raw` is not safe. `origin` is
+/// `scheme://host[:port]` of the request being served, for path-only return URLs.
+pub fn safe_return_url(raw: &str, origin: &str, hosts: &Hosts) -> Option<String> {
+    if raw.is_empty()
+        || raw.len() > 2048
+        || raw.contains('\\')
+        || raw.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return None;
+    }
+    if raw.starts_with('/') {
+        // A path on this host. `//x` and `/%2f…` could be read as another host by someone.
+        let second = raw.as_bytes().get(1).copied();
+        if second == Some(b'/')
+            || raw.to_ascii_lowercase().contains("%2f")
+            || raw.to_ascii_lowercase().contains("%5c")
+        {
+            return None;
+        }
+        return Some(format!("{origin}{raw}"));
+    }
+    let lower = raw.to_ascii_lowercase();
+    if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+        return None;
+    }
+    let url = url::Url::parse(raw).ok()?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return None;
+    }
+    let host = url.host_str()?;
+    hosts.contains(host).then(|| url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_redirect_table() {
+        let hosts = Hosts::new([
+            "corp.example.com",
+            "auth.corp.example.com",
+            "*.apps.example.com",
+        ]);
+        let origin = "https://corp.example.com";
+        let allowed = [
+            ("/dashboard?x=1", "https://corp.example.com/dashboard?x=1"),
+            ("https://corp.example.com/a", "https://corp.example.com/a"),
+            (
+                "https://CORP.example.com:8443/a",
+                "https://corp.example.com:8443/a",
+            ),
+            (
+                "http://auth.corp.example.com/",
+                "http://auth.corp.example.com/",
+            ),
+            (
+                "https://grafana.apps.example.com/d",
+                "https://grafana.apps.example.com/d",
+            ),
+        ];
+        for (raw, want) in allowed {
+            assert_eq!(
+                safe_return_url(raw, origin, &hosts).as_deref(),
+                Some(want),
+                "{raw:?}"
+            );
+        }
+        let refused = [
+            "//evil.com",
+            "//evil.com/path",
+            "/\\evil.com",
+            "/\t/evil.com",
+            "/\n/evil.com",
+            "\\\\evil.com",
+            "https:evil.com",
+            "https:/evil.com",
+            "http:\\\\evil.com",
+            "/%2f/evil.com",
+            "/%2F%2Fevil.com",
+            "/%5cevil.com",
+            "https://evil.com",
+            "https://corp.example.com.evil.com/",
+            "https://evilcorp.example.com/",
+            "https://corp.example.com@evil.com/",
+            "https://user:pass@corp.example.com/",
+            "https://apps.example.com/",
+            "javascript:alert(1)",
+            "data:text/html,hi",
+            "ftp://corp.example.com/",
+            " https://corp.example.com/",
+            "",
+        ];
+        for raw in refused {
+            assert_eq!(
+                safe_return_url(raw, origin, &hosts),
+                None,
+                "{raw:?} must be refused"
+            );
+        }
+    }
+}

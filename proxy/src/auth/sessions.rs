@@ -1,0 +1,252 @@
+//! Server-side sessions: the cookie holds only a random id; the session lives here, so any
+//! session can be ended at once (sign-out, back-channel logout, deprovisioning).
+//!
+//! Sessions are kept in memory for lookups and in `sessions.redb` in `data_dir` so they survive
+//! a restart. Only the SHA-256 of a session id is stored or indexed: a copy of the database
+//! does not let anyone present a session.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use rand::RngCore;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+
+/// Length of a session id in bytes (encoded as 43 URL-safe base64 characters in the cookie).
+const ID_BYTES: usize = 32;
+
+pub type SessionKey = [u8; 32];
+
+/// Who signed in, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    /// The IdP's session id (`sid`), for back-channel logout.
+    pub idp_session: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds after which the session ends whatever happens.
+    pub expires: u64,
+    /// The ID token, kept for `id_token_hint` at sign-out. Never logged.
+    #[serde(default)]
+    pub id_token: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub identity: Identity,
+    /// Unix seconds of the last request, for the idle timeout.
+    last_seen: AtomicU64,
+}
+
+impl Session {
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    pub fn touch(&self, now: u64) {
+        // Only ever moves forward; a coarse store keeps the cache line quiet.
+        if self.last_seen() + 5 <= now {
+            self.last_seen.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the session may be used at `now`.
+    pub fn is_live(&self, now: u64, idle_timeout: u64) -> bool {
+        now < self.identity.expires && now < self.last_seen().saturating_add(idle_timeout)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    identity: Identity,
+    last_seen: u64,
+}
+
+pub struct Sessions {
+    db: Database,
+    live: DashMap<SessionKey, Arc<Session>>,
+}
+
+fn key_of(id: &str) -> SessionKey {
+    Sha256::digest(id.as_bytes()).into()
+}
+
+impl Sessions {
+    /// Opens `sessions.redb` in `data_dir` and loads every session that has not expired.
+    pub fn open(data_dir: &Path, now: u64) -> Result<Self, String> {
+        let path = data_dir.join("sessions.redb");
+        let db = Database::builder()
+            .set_cache_size(8 * 1024 * 1024)
+            .create(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        let live = DashMap::new();
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
+        for entry in table.iter().map_err(|e| e.to_string())? {
+            let (key, value) = entry.map_err(|e| e.to_string())?;
+            let Ok(key) = SessionKey::try_from(key.value()) else {
+                continue;
+            };
+            // A record this build cannot read is treated as signed out.
+            let Ok(stored) = serde_json::from_slice::<Stored>(value.value()) else {
+                continue;
+            };
+            if stored.identity.expires > now {
+                live.insert(
+                    key,
+                    Arc::new(Session {
+                        identity: stored.identity,
+                        last_seen: AtomicU64::new(stored.last_seen),
+                    }),
+                );
+            }
+        }
+        drop(table);
+        drop(txn);
+        Ok(Self { db, live })
+    }
+
+    /// Creates a session for `identity`; returns the id for the cookie. Durable on return.
+    pub fn create(&self, identity: Identity, now: u64) -> Result<String, String> {
+        let mut raw = [0u8; ID_BYTES];
+        rand::rng().fill_bytes(&mut raw);
+        let id = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+        let key = key_of(&id);
+        let stored = Stored {
+            identity,
+            last_seen: now,
+        };
+        let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
+            table
+                .insert(key.as_slice(), bytes.as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        self.live.insert(
+            key,
+            Arc::new(Session {
+                identity: stored.identity,
+                last_seen: AtomicU64::new(now),
+            }),
+        );
+        Ok(id)
+    }
+
+    /// The session a cookie value names, if any. Malformed values are simply "no session".
+    pub fn get(&self, id: &str) -> Option<(SessionKey, Arc<Session>)> {
+        if id.len() != 43
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return None;
+        }
+        let key = key_of(id);
+        self.live.get(&key).map(|s| (key, s.clone()))
+    }
+
+    /// Ends the sessions for which `matches` is true. Durable on return.
+    pub fn end_where(&self, matches: impl Fn(&Identity) -> bool) -> Result<usize, String> {
+        let keys: Vec<SessionKey> = self
+            .live
+            .iter()
+            .filter(|entry| matches(&entry.value().identity))
+            .map(|entry| *entry.key())
+            .collect();
+        self.end(&keys)?;
+        Ok(keys.len())
+    }
+
+    /// Ends the given sessions: gone from memory first (so no request is served by them from
+    /// this moment), then from disk.
+    pub fn end(&self, keys: &[SessionKey]) -> Result<(), String> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for key in keys {
+            self.live.remove(key);
+        }
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
+            for key in keys {
+                table.remove(key.as_slice()).map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.live.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(sub: &str, expires: u64) -> Identity {
+        Identity {
+            issuer: "https://idp.test".into(),
+            subject: sub.into(),
+            email: Some(format!("{sub}@corp.test")),
+            name: None,
+            idp_session: Some(format!("sid-{sub}")),
+            created: 100,
+            expires,
+            id_token: None,
+        }
+    }
+
+    #[test]
+    fn sessions_survive_a_restart_and_end_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob) = {
+            let sessions = Sessions::open(dir.path(), 100).unwrap();
+            let alice = sessions.create(identity("alice", 10_000), 100).unwrap();
+            let bob = sessions.create(identity("bob", 10_000), 100).unwrap();
+            assert_eq!(alice.len(), 43);
+            assert!(sessions.get(&alice).is_some());
+            (alice, bob)
+        };
+        let sessions = Sessions::open(dir.path(), 200).unwrap();
+        assert_eq!(sessions.count(), 2);
+        let (_, session) = sessions.get(&alice).unwrap();
+        assert!(session.is_live(200, 3600));
+        assert!(!session.is_live(100 + 3600, 3600), "idle timeout");
+        assert!(!session.is_live(10_000, 1_000_000), "absolute lifetime");
+
+        assert_eq!(sessions.end_where(|i| i.subject == "alice").unwrap(), 1);
+        assert!(sessions.get(&alice).is_none());
+        assert!(sessions.get(&bob).is_some());
+        drop(sessions);
+        let sessions = Sessions::open(dir.path(), 300).unwrap();
+        assert!(sessions.get(&alice).is_none(), "ending is durable");
+        assert!(sessions.get(&bob).is_some());
+    }
+
+    #[test]
+    fn malformed_and_unknown_ids_are_no_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions::open(dir.path(), 0).unwrap();
+        for bad in ["", "x", &"a".repeat(43), &"é".repeat(22), &"a".repeat(4096)] {
+            assert!(sessions.get(bad).is_none());
+        }
+    }
+}
