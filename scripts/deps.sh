@@ -5,9 +5,10 @@ set -euo pipefail
 
 level=${1:-build}
 want=(cmake)
+browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
-  test) ;;
-  bench) want+=(nginx-light wrk) ;;
+  test) want+=("${browser[@]}") ;;
+  bench) want+=("${browser[@]}" nginx-light wrk) ;;
   build) ;;
   *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
 esac
@@ -22,4 +23,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The sign-in tests run a real OpenID provider (tests/idp, oidc-provider) under Node.js 20+; the
+# test harness runs `npm ci` there itself on first use. Debian's own nodejs is too old for it.
+if [ "$level" != build ]; then
+  node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  if [ "$node_major" -lt 20 ] || ! command -v npm >/dev/null; then
+    echo "Node.js 20+ with npm is needed for the test IdP (found: $(node --version 2>/dev/null || echo none))" >&2
+    exit 1
+  fi
 fi

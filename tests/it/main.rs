@@ -10,6 +10,7 @@ mod admin;
 mod balancing;
 mod config_check;
 mod headers;
+mod idp_harness;
 mod lifecycle;
 mod limits;
 mod proxying;

@@ -5,18 +5,24 @@
 //! certificates ([`tls`]), a config-file builder ([`config`]), the child process running
 //! `portcullis serve` ([`process`], which can also kill it with `SIGKILL` and restart it on
 //! the same data), clients, including a raw one for bytes a normal client would normalise
-//! ([`client`]), a SCIM client ([`scim`]) and a seeded random generator ([`rng`]). It does
-//! not own any assertion about the proxy: those are the tests in `it/`, compiled as one
-//! binary. Read `it/proxying.rs` first, and `it/scim_okta.rs` for SCIM.
+//! ([`client`]), a SCIM client ([`scim`]), a seeded random generator ([`rng`]), a real OpenID
+//! provider (`oidc-provider` under Node, [`idp`]), a headless Chromium driven over WebDriver
+//! ([`browser`]) and a stand-in relying party that records what it receives ([`recorder`]).
+//! It does not own any assertion about the proxy: those are the tests in `it/`, compiled as
+//! one binary. Read `it/proxying.rs` first, `it/scim_okta.rs` for SCIM, and
+//! `it/idp_harness.rs` for the IdP and the browser.
 //!
 //! Nothing here uses a fixed port or kills processes by name: each test starts its own
 //! upstreams and its own `portcullis`, so tests run in parallel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod browser;
 pub mod client;
 pub mod config;
+pub mod idp;
 pub mod process;
+pub mod recorder;
 pub mod rng;
 pub mod scim;
 pub mod tls;
@@ -24,9 +30,12 @@ pub mod upstream;
 
 use std::net::TcpListener;
 
+pub use browser::{Browser, BrowserCookie, BrowserOptions};
 pub use client::{raw_request, RawResponse};
 pub use config::{ConfigBuilder, Route, ScimToken};
+pub use idp::{Idp, IdpClient, IdpOutage, IdpResource, IdpSetup, IdpUser, Pkce};
 pub use process::Portcullis;
+pub use recorder::{Recorded, Recorder};
 pub use scim::{ScimClient, ScimResponse};
 pub use tls::{CertFiles, TestCa};
 pub use upstream::{Echo, Upstream};

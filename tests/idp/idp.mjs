@@ -1,0 +1,530 @@
+// A real OpenID provider for Portcullis' end-to-end tests: the OpenID-certified `oidc-provider`
+// package on 127.0.0.1, set up entirely by the test, plus a few test-control endpoints.
+//
+// Usage: node idp.mjs SETUP.json      (or the setup JSON on stdin)
+//
+// The setup (every key optional but `clients` and `users`):
+//   port              listen port on 127.0.0.1; 0 (the default) lets the kernel pick one
+//   issuer            the issuer URL; `{port}` in it is replaced by the port listened on
+//                     (default "http://127.0.0.1:{port}")
+//   clients           oidc-provider client metadata, snake_case, as in dynamic registration
+//                     (`{port}` in any string value is replaced too)
+//   users             [{ sub, email, password, name, groups, email_verified }]
+//   resources         [{ indicator, audience, scope, access_token_ttl, alg }]: resource servers whose
+//                     access tokens are JWTs with `aud` = audience (resource indicators, RFC 8707)
+//   default_resource  the indicator a client-credentials request without `resource` gets
+//   ttl               oidc-provider `ttl` overrides in seconds ({ AccessToken: 60, ... })
+//   logout_auto_submit  whether the RP-initiated logout page submits itself (default true)
+//
+// The login form (at the interaction URL) is plain HTML with inputs `login` and `password`;
+// consent is granted automatically, so no consent page ever appears.
+//
+// Test-control endpoints (not OIDC), all answering JSON:
+//   GET  /test/health
+//   POST /test/rotate-keys         {keep_old}: fresh RS256 + ES256 keys sign from now on; the
+//                                  previous ones stay in the JWKS only when keep_old is true
+//   POST /test/backchannel-logout  {sub, client_id, end_session?}: sends a real logout token to
+//                                  the client's backchannel_logout_uri for each session of `sub`
+//                                  with that client, then ends those sessions (unless
+//                                  end_session is false)
+//   POST /test/stop-serving        {mode: "503" | "reset"}: every non-/test/ request gets a 503,
+//                                  or has its connection reset
+//   POST /test/start-serving       back to normal
+//
+// Prints one line `ready {"port":…,"issuer":…}` on stdout once listening.
+
+import { randomBytes, generateKeyPairSync, timingSafeEqual } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+
+import Provider, { errors } from 'oidc-provider';
+
+// ----- setup -------------------------------------------------------------------------------
+
+function readSetup() {
+  const path = process.argv[2];
+  const text = path && path !== '-' ? readFileSync(path, 'utf8') : readFileSync(0, 'utf8');
+  return JSON.parse(text);
+}
+
+const setup = readSetup();
+
+function substitutePort(value, port) {
+  if (typeof value === 'string') return value.replaceAll('{port}', String(port));
+  if (Array.isArray(value)) return value.map((v) => substitutePort(v, port));
+  if (value && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, substitutePort(v, port)]));
+  }
+  return value;
+}
+
+const users = new Map(
+  (setup.users || []).map((u) => {
+    const sub = u.sub ?? u.accountId ?? u.account_id;
+    if (!sub) throw new Error(`user without sub: ${JSON.stringify(u)}`);
+    return [sub, { ...u, sub }];
+  }),
+);
+
+const resources = new Map((setup.resources || []).map((r) => [r.indicator, r]));
+
+// ----- keys --------------------------------------------------------------------------------
+
+let keyGeneration = 0;
+
+function newSigningKeys() {
+  keyGeneration += 1;
+  const tag = `${keyGeneration}-${randomBytes(4).toString('hex')}`;
+  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  return [
+    { ...rsa, kid: `rs256-${tag}`, alg: 'RS256', use: 'sig' },
+    { ...ec, kid: `es256-${tag}`, alg: 'ES256', use: 'sig' },
+  ];
+}
+
+// The first keys of an algorithm sign; later ones are published for verification only.
+let signingKeys = newSigningKeys();
+// Cookie-signing keys outlive key rotation, so sessions survive a provider rebuild.
+const cookieKeys = [randomBytes(32).toString('hex')];
+
+// ----- storage -----------------------------------------------------------------------------
+
+// One store for every model, kept across provider rebuilds (key rotation), and enumerable so
+// the back-channel logout endpoint can find a user's sessions.
+const store = new Map(); // "Model:id" -> { payload, expiresAt }
+const sessionUids = new Map(); // uid -> session id
+const userCodes = new Map(); // userCode -> id
+const grantMembers = new Map(); // grantId -> Set<"Model:id">
+
+function live(key) {
+  const entry = store.get(key);
+  if (!entry) return undefined;
+  if (entry.expiresAt !== undefined && entry.expiresAt <= Date.now()) {
+    store.delete(key);
+    return undefined;
+  }
+  return entry.payload;
+}
+
+class Adapter {
+  constructor(model) {
+    this.model = model;
+  }
+
+  key(id) {
+    return `${this.model}:${id}`;
+  }
+
+  async upsert(id, payload, expiresIn) {
+    const key = this.key(id);
+    const expiresAt = typeof expiresIn === 'number' ? Date.now() + expiresIn * 1000 : undefined;
+    store.set(key, { payload, expiresAt });
+    if (this.model === 'Session' && payload.uid) sessionUids.set(payload.uid, id);
+    if (payload.userCode) userCodes.set(payload.userCode, id);
+    if (payload.grantId) {
+      if (!grantMembers.has(payload.grantId)) grantMembers.set(payload.grantId, new Set());
+      grantMembers.get(payload.grantId).add(key);
+    }
+  }
+
+  async find(id) {
+    return live(this.key(id));
+  }
+
+  async findByUid(uid) {
+    const id = sessionUids.get(uid);
+    return id === undefined ? undefined : this.find(id);
+  }
+
+  async findByUserCode(userCode) {
+    const id = userCodes.get(userCode);
+    return id === undefined ? undefined : this.find(id);
+  }
+
+  async consume(id) {
+    const payload = live(this.key(id));
+    if (payload) payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) {
+    store.delete(this.key(id));
+  }
+
+  async revokeByGrantId(grantId) {
+    for (const key of grantMembers.get(grantId) || []) store.delete(key);
+    grantMembers.delete(grantId);
+  }
+}
+
+function sessionsOf(sub) {
+  const found = [];
+  for (const key of store.keys()) {
+    if (!key.startsWith('Session:')) continue;
+    const payload = live(key);
+    if (payload && payload.accountId === sub) found.push({ id: key.slice('Session:'.length), payload });
+  }
+  return found;
+}
+
+// ----- pages -------------------------------------------------------------------------------
+
+function esc(value) {
+  return String(value ?? '')
+    .replaceAll('&', '&amp;')
+    .replaceAll('<', '&lt;')
+    .replaceAll('>', '&gt;')
+    .replaceAll('"', '&quot;')
+    .replaceAll("'", '&#39;');
+}
+
+function page(title, body) {
+  return `<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>${esc(title)}</title></head>
+<body>
+<h1>${esc(title)}</h1>
+${body}
+</body>
+</html>
+`;
+}
+
+function loginPage(uid, clientId, login, error) {
+  return page(
+    'Sign in to the test IdP',
+    `<p>Client: <code>${esc(clientId)}</code></p>
+${error ? `<p id="error" role="alert">${esc(error)}</p>` : ''}
+<form id="login-form" method="post" action="/interaction/${esc(uid)}/login">
+  <label>Email or user id <input type="text" id="login" name="login" value="${esc(login)}" autofocus></label>
+  <label>Password <input type="password" id="password" name="password"></label>
+  <button type="submit" id="submit">Sign in</button>
+</form>`,
+  );
+}
+
+// ----- the provider ------------------------------------------------------------------------
+
+function claimsOf(user) {
+  return {
+    sub: user.sub,
+    email: user.email,
+    email_verified: user.email_verified ?? true,
+    name: user.name,
+    preferred_username: user.preferred_username ?? user.email,
+    groups: user.groups ?? [],
+  };
+}
+
+function resourceServerInfo(indicator) {
+  const r = resources.get(indicator);
+  if (!r) throw new errors.InvalidTarget(`unknown resource indicator ${indicator}`);
+  return {
+    scope: r.scope ?? '',
+    audience: r.audience ?? indicator,
+    accessTokenTTL: r.access_token_ttl ?? 3600,
+    accessTokenFormat: 'jwt',
+    jwt: { sign: { alg: r.alg ?? 'RS256' } },
+  };
+}
+
+function buildProvider(issuer, clients) {
+  const configuration = {
+    clients,
+    jwks: { keys: signingKeys },
+    adapter: Adapter,
+    cookies: {
+      keys: cookieKeys,
+      long: { httpOnly: true, sameSite: 'lax', secure: false },
+      short: { httpOnly: true, sameSite: 'lax', secure: false },
+    },
+    claims: {
+      openid: ['sub'],
+      email: ['email', 'email_verified'],
+      profile: ['name', 'preferred_username', 'groups'],
+      groups: ['groups'],
+    },
+    scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
+    // Claims asked for by scope go into the ID token too, not only to userinfo.
+    conformIdTokenClaims: false,
+    async findAccount(_ctx, sub) {
+      const user = users.get(sub);
+      if (!user) return undefined;
+      return {
+        accountId: sub,
+        async claims() {
+          return claimsOf(user);
+        },
+      };
+    },
+    // Grant everything that is asked for: the tests never see a consent page.
+    async loadExistingGrant(ctx) {
+      const { oidc } = ctx;
+      const grantId = oidc.result?.consent?.grantId || oidc.session.grantIdFor(oidc.client.clientId);
+      let grant = grantId ? await oidc.provider.Grant.find(grantId) : undefined;
+      if (!grant) {
+        grant = new oidc.provider.Grant({ accountId: oidc.session.accountId, clientId: oidc.client.clientId });
+      }
+      const scopes = [...oidc.requestParamOIDCScopes];
+      if (scopes.length) grant.addOIDCScope(scopes.join(' '));
+      const claims = [...oidc.requestParamClaims];
+      if (claims.length) grant.addOIDCClaims(claims);
+      for (const [indicator, server] of Object.entries(oidc.resourceServers || {})) {
+        if (server.scope) grant.addResourceScope(indicator, server.scope);
+      }
+      await grant.save();
+      return grant;
+    },
+    interactions: {
+      url: (_ctx, interaction) => `/interaction/${interaction.uid}`,
+    },
+    features: {
+      devInteractions: { enabled: false },
+      backchannelLogout: { enabled: true },
+      clientCredentials: { enabled: true },
+      revocation: { enabled: true },
+      introspection: { enabled: true },
+      userinfo: { enabled: true },
+      rpInitiatedLogout: {
+        enabled: true,
+        async logoutSource(ctx, form) {
+          const auto = setup.logout_auto_submit ?? true;
+          const withLogout = form.replace('</form>', '<input type="hidden" name="logout" value="yes"/></form>');
+          ctx.body = page(
+            'Sign out of the test IdP',
+            `${withLogout}
+<button type="submit" id="logout" form="op.logoutForm">Yes, sign me out</button>
+${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' : ''}`,
+          );
+        },
+        async postLogoutSuccessSource(ctx) {
+          ctx.body = page('Signed out of the test IdP', '<p id="signed-out">You are signed out.</p>');
+        },
+      },
+      resourceIndicators: {
+        enabled: true,
+        async defaultResource(ctx, _client, oneOf) {
+          if (oneOf) return oneOf;
+          if (ctx.oidc.params?.grant_type === 'client_credentials') return setup.default_resource;
+          return undefined;
+        },
+        async getResourceServerInfo(_ctx, indicator) {
+          return resourceServerInfo(indicator);
+        },
+        async useGrantedResource() {
+          return true;
+        },
+      },
+    },
+    async issueRefreshToken(_ctx, client) {
+      return client.grantTypeAllowed('refresh_token');
+    },
+    async renderError(ctx, out) {
+      ctx.type = 'html';
+      ctx.body = page(
+        'Test IdP error',
+        Object.entries(out)
+          .map(([k, v]) => `<p class="${esc(k)}"><strong>${esc(k)}</strong>: ${esc(v)}</p>`)
+          .join('\n'),
+      );
+    },
+    ttl: {
+      AccessToken: 3600,
+      AuthorizationCode: 60,
+      ClientCredentials: 3600,
+      IdToken: 3600,
+      Interaction: 600,
+      RefreshToken: 24 * 3600,
+      Session: 24 * 3600,
+      Grant: 24 * 3600,
+      ...(setup.ttl || {}),
+    },
+    // The default fetch refuses loopback addresses (SSRF protection); every client of a test
+    // lives on loopback.
+    fetch(url, options) {
+      const { dispatcher: _ignored, ...rest } = options;
+      return globalThis.fetch(url, rest);
+    },
+  };
+  const provider = new Provider(issuer, configuration);
+  provider.proxy = false;
+  provider.on('server_error', (_ctx, err) => console.error('server_error', err));
+  provider.on('backchannel.error', (_ctx, err) => console.error('backchannel.error', err.message));
+  return provider;
+}
+
+// ----- HTTP --------------------------------------------------------------------------------
+
+async function readBody(req, limit = 64 * 1024) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > limit) throw new Error('body too large');
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+function send(res, status, type, body, headers = {}) {
+  res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store', ...headers });
+  res.end(body);
+}
+
+function sendJson(res, status, value) {
+  send(res, status, 'application/json', JSON.stringify(value));
+}
+
+function passwordMatches(given, expected) {
+  const a = Buffer.from(String(given ?? ''));
+  const b = Buffer.from(String(expected ?? ''));
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+function findUser(login) {
+  if (users.has(login)) return users.get(login);
+  const lower = String(login ?? '').toLowerCase();
+  return [...users.values()].find((u) => u.email && u.email.toLowerCase() === lower);
+}
+
+async function handleInteraction(provider, req, res, url) {
+  const match = url.pathname.match(/^\/interaction\/([^/]+)(\/login)?$/);
+  if (!match) return send(res, 404, 'text/plain', 'not found\n');
+  let details;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch (err) {
+    return send(res, 400, 'text/html', page('Test IdP error', `<p>${esc(err.message)}</p>`));
+  }
+  const { uid, prompt, params } = details;
+  if (uid !== match[1]) return send(res, 400, 'text/plain', 'interaction mismatch\n');
+
+  if (prompt.name !== 'login') {
+    // Consent (or anything else): granted without asking, see loadExistingGrant.
+    const grant = new provider.Grant({ accountId: details.session?.accountId, clientId: params.client_id });
+    if (params.scope) grant.addOIDCScope(params.scope);
+    const grantId = await grant.save();
+    return provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+  }
+
+  if (req.method === 'GET' && !match[2]) {
+    return send(res, 200, 'text/html; charset=utf-8', loginPage(uid, params.client_id, params.login_hint, ''));
+  }
+  if (req.method !== 'POST' || !match[2]) return send(res, 405, 'text/plain', 'method not allowed\n');
+
+  const form = new URLSearchParams(await readBody(req));
+  const login = form.get('login');
+  const user = findUser(login);
+  if (!user || !passwordMatches(form.get('password'), user.password)) {
+    const html = loginPage(uid, params.client_id, login, 'Wrong email or password.');
+    return send(res, 401, 'text/html; charset=utf-8', html);
+  }
+  return provider.interactionFinished(
+    req,
+    res,
+    { login: { accountId: user.sub, amr: ['pwd'] } },
+    { mergeWithLastSubmission: false },
+  );
+}
+
+async function backchannelLogout(provider, body) {
+  const { sub, client_id: clientId } = body;
+  const endSession = body.end_session ?? true;
+  const client = await provider.Client.find(clientId);
+  if (!client) return [404, { error: `unknown client ${clientId}` }];
+  if (!client.backchannelLogoutUri) return [400, { error: `client ${clientId} has no backchannel_logout_uri` }];
+  const sids = [];
+  const errorsSeen = [];
+  for (const { id, payload } of sessionsOf(sub)) {
+    const authorization = payload.authorizations?.[clientId];
+    if (!authorization) continue;
+    try {
+      await client.backchannelLogout(sub, authorization.sid);
+      sids.push(authorization.sid);
+    } catch (err) {
+      errorsSeen.push(err.message);
+    }
+    if (endSession) {
+      if (authorization.grantId) await new Adapter('Grant').destroy(authorization.grantId);
+      await new Adapter('Session').destroy(id);
+    }
+  }
+  if (errorsSeen.length) return [502, { error: errorsSeen.join('; '), sids }];
+  return [200, { sent: sids.length, sids }];
+}
+
+let provider;
+let outage = null; // null, "503" or "reset"
+let clientsConfig;
+let issuer;
+
+async function handleTest(req, res, url) {
+  let body = {};
+  if (req.method === 'POST') {
+    const text = await readBody(req);
+    body = text.trim() ? JSON.parse(text) : {};
+  }
+  switch (`${req.method} ${url.pathname}`) {
+    case 'GET /test/health':
+      return sendJson(res, 200, { ok: true, issuer, outage, kids: signingKeys.map((k) => k.kid) });
+    case 'POST /test/rotate-keys': {
+      const old = signingKeys;
+      signingKeys = [...newSigningKeys(), ...(body.keep_old ? old : [])];
+      provider = buildProvider(issuer, clientsConfig);
+      return sendJson(res, 200, { kids: signingKeys.map((k) => k.kid) });
+    }
+    case 'POST /test/backchannel-logout': {
+      const [status, value] = await backchannelLogout(provider, body);
+      return sendJson(res, status, value);
+    }
+    case 'POST /test/stop-serving':
+      outage = body.mode === 'reset' ? 'reset' : '503';
+      return sendJson(res, 200, { outage });
+    case 'POST /test/start-serving':
+      outage = null;
+      return sendJson(res, 200, { outage });
+    default:
+      return sendJson(res, 404, { error: 'unknown test endpoint' });
+  }
+}
+
+const server = http.createServer(async (req, res) => {
+  try {
+    const url = new URL(req.url, 'http://127.0.0.1');
+    if (url.pathname.startsWith('/test/')) return await handleTest(req, res, url);
+    if (outage === 'reset') return req.socket.destroy();
+    if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
+    const current = provider;
+    if (url.pathname.startsWith('/interaction/')) return await handleInteraction(current, req, res, url);
+    return current.callback()(req, res);
+  } catch (err) {
+    console.error('idp request error', err);
+    if (!res.headersSent) send(res, 500, 'text/plain', `${err.message}\n`);
+    else res.destroy();
+  }
+});
+// Tests may hold idle keep-alive connections; do not let them pin the process on exit.
+server.keepAliveTimeout = 5000;
+
+server.listen(setup.port ?? 0, '127.0.0.1', () => {
+  const { port } = server.address();
+  issuer = substitutePort(setup.issuer ?? 'http://127.0.0.1:{port}', port);
+  clientsConfig = substitutePort(setup.clients || [], port);
+  try {
+    provider = buildProvider(issuer, clientsConfig);
+  } catch (err) {
+    console.error('invalid setup:', err.message);
+    process.exit(2);
+  }
+  process.stdout.write(`ready ${JSON.stringify({ port, issuer })}\n`);
+});
+
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => process.exit(0));
+}
+// The harness holds our stdin open; when it goes away, so do we.
+if (process.argv[2] && process.argv[2] !== '-') {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('error', () => process.exit(0));
+  process.stdin.resume();
+}
