@@ -301,7 +301,7 @@ impl Auth {
             .oidc
             .finish(oidc, &state, &code, browser.as_deref(), now)
             .await;
-        let (identity, return_to) = match finished {
+        let (identity, refresh, return_to) = match finished {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
@@ -313,7 +313,7 @@ impl Auth {
             .clone()
             .unwrap_or_else(|| identity.subject.clone());
         let lifetime = oidc.session_lifetime.as_secs();
-        let id = match self.sessions.create(identity, now) {
+        let id = match self.sessions.create(identity, refresh, now) {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!("cannot store the session: {e}");

@@ -127,6 +127,33 @@ impl Auth {
             if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
                 return None;
             }
+            if let Some(refresh) = &session.refresh {
+                let mut state = refresh.lock().await;
+                if state.due <= now {
+                    match self
+                        .oidc
+                        .refresh(oidc, &state, &session.identity.subject, now)
+                        .await
+                    {
+                        Ok(Some(next)) => {
+                            if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
+                                tracing::warn!("cannot save the refreshed session: {e}");
+                            }
+                            *state = next;
+                        }
+                        Ok(None) => {
+                            // The IdP no longer vouches for this person: the session ends.
+                            drop(state);
+                            if let Err(e) = self.sessions.end(&[key]) {
+                                tracing::error!("cannot end the session: {e}");
+                            }
+                            return None;
+                        }
+                        // IdP outage: existing sessions keep working until it is back.
+                        Err(e) => tracing::warn!("session refresh postponed: {e}"),
+                    }
+                }
+            }
             session.touch(now);
             return Some(Caller::Person {
                 session: key,

@@ -20,8 +20,8 @@ use openidconnect::core::{
 };
 use openidconnect::{
     AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret,
-    CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata,
-    RedirectUrl, Scope,
+    CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
+    ProviderMetadata, RedirectUrl, RefreshToken, Scope,
 };
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use portcullis_config::{JwtAlgorithm, OidcConfig};
 
 use super::jwt::{algorithm, Jwks, JwtError};
-use super::sessions::Identity;
+use super::sessions::{Identity, Refresh};
 
 /// How long a started sign-in may take.
 const PENDING_FOR: u64 = 600;
@@ -233,7 +233,7 @@ impl Oidc {
         code: &str,
         browser_cookie: Option<&str>,
         now: u64,
-    ) -> Result<(Identity, String), SignInError> {
+    ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
         // Removed whatever happens next: a state is good for one attempt.
         let (_, pending) = self
             .pending
@@ -288,6 +288,7 @@ impl Oidc {
             }
             other => other?,
         };
+
         let lifetime = config.session_lifetime.as_secs();
         let identity = Identity {
             issuer: provider.issuer.clone(),
@@ -306,7 +307,62 @@ impl Oidc {
             idp_session: sid_of(&id_token.to_string()),
             ..identity
         };
-        Ok((identity, pending.return_to))
+        let refresh = match (config.refresh, response.refresh_token()) {
+            (true, Some(token)) => Some(Refresh {
+                refresh_token: token.secret().clone(),
+                due: u64::try_from(claims.expiration().timestamp()).unwrap_or(now),
+            }),
+            _ => None,
+        };
+        Ok((identity, refresh, pending.return_to))
+    }
+
+    /// Refreshes a session's tokens with the IdP. `Ok(Some)` with the new state, `Ok(None)`
+    /// when the IdP refused (the person's access there has ended), `Err` when it could not be
+    /// asked (an outage: the session keeps working on what it has).
+    pub async fn refresh(
+        &self,
+        config: &OidcConfig,
+        current: &Refresh,
+        subject: &str,
+        now: u64,
+    ) -> Result<Option<Refresh>, SignInError> {
+        let provider = self
+            .provider()
+            .filter(|p| p.issuer == config.issuer)
+            .ok_or(SignInError::ProviderUnavailable)?;
+        let client = CoreClient::from_provider_metadata(
+            provider.metadata.clone(),
+            ClientId::new(config.client_id.clone()),
+            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
+        );
+        let response = client
+            .exchange_refresh_token(&RefreshToken::new(current.refresh_token.clone()))
+            .map_err(|e| SignInError::Invalid(e.to_string()))?
+            .request_async(&self.http)
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            Err(openidconnect::RequestTokenError::ServerResponse(_)) => return Ok(None),
+            Err(e) => return Err(SignInError::Unreachable(e.to_string())),
+        };
+        let due = match openidconnect::TokenResponse::id_token(&response) {
+            Some(id_token) => {
+                // A refreshed ID token carries no nonce; it must still be valid and be about
+                // the same person.
+                let claims =
+                    self.verify_id_token(config, &provider, id_token, |_: Option<&Nonce>| Ok(()))?;
+                if claims.subject().as_str() != subject {
+                    return Ok(None);
+                }
+                u64::try_from(claims.expiration().timestamp()).unwrap_or(now)
+            }
+            None => now + response.expires_in().map_or(300, |d| d.as_secs()),
+        };
+        let refresh_token = response
+            .refresh_token()
+            .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
+        Ok(Some(Refresh { refresh_token, due }))
     }
 
     fn verify_id_token(
@@ -314,7 +370,7 @@ impl Oidc {
         config: &OidcConfig,
         provider: &Provider,
         id_token: &openidconnect::core::CoreIdToken,
-        nonce: &Nonce,
+        nonce: impl openidconnect::NonceVerifier,
     ) -> Result<openidconnect::core::CoreIdTokenClaims, SignInError> {
         let raw = provider
             .jwks

@@ -40,11 +40,29 @@ pub struct Identity {
     pub id_token: Option<String>,
 }
 
+/// The IdP's tokens kept to refresh a session (`[oidc] refresh = true`). Never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refresh {
+    pub refresh_token: String,
+    /// Unix seconds when the current ID token expires: the next refresh is due then.
+    pub due: u64,
+}
+
+impl std::fmt::Debug for Refresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresh")
+            .field("due", &self.due)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug)]
 pub struct Session {
     pub identity: Identity,
     /// Unix seconds of the last request, for the idle timeout.
     last_seen: AtomicU64,
+    /// Present when the session is refreshed with the IdP; one refresh at a time.
+    pub refresh: Option<tokio::sync::Mutex<Refresh>>,
 }
 
 impl Session {
@@ -69,6 +87,8 @@ impl Session {
 struct Stored {
     identity: Identity,
     last_seen: u64,
+    #[serde(default)]
+    refresh: Option<Refresh>,
 }
 
 pub struct Sessions {
@@ -109,6 +129,7 @@ impl Sessions {
                     Arc::new(Session {
                         identity: stored.identity,
                         last_seen: AtomicU64::new(stored.last_seen),
+                        refresh: stored.refresh.map(tokio::sync::Mutex::new),
                     }),
                 );
             }
@@ -119,7 +140,12 @@ impl Sessions {
     }
 
     /// Creates a session for `identity`; returns the id for the cookie. Durable on return.
-    pub fn create(&self, identity: Identity, now: u64) -> Result<String, String> {
+    pub fn create(
+        &self,
+        identity: Identity,
+        refresh: Option<Refresh>,
+        now: u64,
+    ) -> Result<String, String> {
         let mut raw = [0u8; ID_BYTES];
         rand::rng().fill_bytes(&mut raw);
         let id = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
@@ -127,8 +153,37 @@ impl Sessions {
         let stored = Stored {
             identity,
             last_seen: now,
+            refresh,
         };
-        let bytes = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+        self.write(&key, &stored)?;
+        self.live.insert(
+            key,
+            Arc::new(Session {
+                identity: stored.identity,
+                last_seen: AtomicU64::new(now),
+                refresh: stored.refresh.map(tokio::sync::Mutex::new),
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Saves a session's new refresh state (after a refresh with the IdP).
+    pub fn save_refresh(
+        &self,
+        key: &SessionKey,
+        session: &Session,
+        refresh: &Refresh,
+    ) -> Result<(), String> {
+        let stored = Stored {
+            identity: session.identity.clone(),
+            last_seen: session.last_seen(),
+            refresh: Some(refresh.clone()),
+        };
+        self.write(key, &stored)
+    }
+
+    fn write(&self, key: &SessionKey, stored: &Stored) -> Result<(), String> {
+        let bytes = serde_json::to_vec(stored).map_err(|e| e.to_string())?;
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
@@ -136,15 +191,7 @@ impl Sessions {
                 .insert(key.as_slice(), bytes.as_slice())
                 .map_err(|e| e.to_string())?;
         }
-        txn.commit().map_err(|e| e.to_string())?;
-        self.live.insert(
-            key,
-            Arc::new(Session {
-                identity: stored.identity,
-                last_seen: AtomicU64::new(now),
-            }),
-        );
-        Ok(id)
+        txn.commit().map_err(|e| e.to_string())
     }
 
     /// The session a cookie value names, if any. Malformed values are simply "no session".
@@ -219,8 +266,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (alice, bob) = {
             let sessions = Sessions::open(dir.path(), 100).unwrap();
-            let alice = sessions.create(identity("alice", 10_000), 100).unwrap();
-            let bob = sessions.create(identity("bob", 10_000), 100).unwrap();
+            let alice = sessions
+                .create(identity("alice", 10_000), None, 100)
+                .unwrap();
+            let refresh = Refresh {
+                refresh_token: "rt".into(),
+                due: 500,
+            };
+            let bob = sessions
+                .create(identity("bob", 10_000), Some(refresh), 100)
+                .unwrap();
             assert_eq!(alice.len(), 43);
             assert!(sessions.get(&alice).is_some());
             (alice, bob)
@@ -238,7 +293,13 @@ mod tests {
         drop(sessions);
         let sessions = Sessions::open(dir.path(), 300).unwrap();
         assert!(sessions.get(&alice).is_none(), "ending is durable");
-        assert!(sessions.get(&bob).is_some());
+        let (_, bob) = sessions.get(&bob).unwrap();
+        let refresh = bob.refresh.as_ref().unwrap().try_lock().unwrap();
+        assert_eq!(refresh.due, 500, "refresh state survives a restart");
+        assert!(
+            !format!("{refresh:?}").contains("rt\""),
+            "refresh token never in Debug"
+        );
     }
 
     #[test]
