@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Builds Portcullis and runs it on the demo: a sample upstream behind the proxy.
-# Open http://localhost:8080/ once it says it is ready; Ctrl-C stops everything.
+# Builds Portcullis and runs it on the demo: a sample upstream behind the proxy, and a local
+# OpenID provider to sign in at. Open http://localhost:8080/ once it says it is ready and sign
+# in as alice@example.com with password "demo"; Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps.sh build
 cargo build -p portcullis
+if [ ! -d tests/idp/node_modules ]; then
+  (cd tests/idp && npm ci --silent --no-audit --no-fund)
+fi
 
 python3 examples/upstream.py 127.0.0.1 8081 &
 upstream=$!
-trap 'kill $upstream 2>/dev/null || true' EXIT
+IDP_DETACHED=1 node tests/idp/idp.mjs examples/demo-idp.json >target/demo-idp.log 2>&1 &
+idp=$!
+trap 'kill $upstream $idp 2>/dev/null || true' EXIT
 
 cat <<'MSG'
 
 Portcullis demo
-  proxied sample upstream: http://localhost:8080/
+  proxied sample upstream: http://localhost:8080/   (sign in as alice@example.com / demo)
+  who am I:                http://localhost:8080/.portcullis/me
   SCIM directory:          curl -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
                                 http://auth.localhost:8080/scim/v2/Users
   metrics:                 http://127.0.0.1:9090/metrics

@@ -522,8 +522,9 @@ server.listen(setup.port ?? 0, '127.0.0.1', () => {
 for (const signal of ['SIGTERM', 'SIGINT']) {
   process.on(signal, () => process.exit(0));
 }
-// The harness holds our stdin open; when it goes away, so do we.
-if (process.argv[2] && process.argv[2] !== '-') {
+// The harness holds our stdin open; when it goes away, so do we (IDP_DETACHED=1 opts out, for
+// the demo, which runs us in the background and stops us with a signal).
+if (process.argv[2] && process.argv[2] !== '-' && process.env.IDP_DETACHED !== '1') {
   process.stdin.on('end', () => process.exit(0));
   process.stdin.on('error', () => process.exit(0));
   process.stdin.resume();
