@@ -47,8 +47,6 @@ impl Proxy {
 pub struct RequestCtx {
     started: Instant,
     route: Option<Arc<CompiledRoute>>,
-    /// The client's host, lower-cased and without port.
-    host: String,
     /// The normalized path when it differs from what the client sent.
     normalized_path: Option<String>,
     tls: bool,
@@ -72,7 +70,6 @@ impl ProxyHttp for Proxy {
         RequestCtx {
             started: Instant::now(),
             route: None,
-            host: String::new(),
             normalized_path: None,
             tls: false,
             round_robin_start: 0,
@@ -106,11 +103,13 @@ impl ProxyHttp for Proxy {
         let Some(host) = request_host(req) else {
             return pages::respond(session, StatusCode::BAD_REQUEST).await;
         };
-        let host = host.into_owned();
-        let origin = request_origin(req, ctx.tls);
-        let normalized = normalized.into_owned();
+        // `host` and `normalized` borrow the request on the common path; the branches that
+        // answer from here (needing the session mutably) take owned copies first.
         if let Some(own) = normalized.strip_prefix("/.portcullis/") {
-            let status = match own {
+            let endpoint = own.to_owned();
+            let host = host.into_owned();
+            let origin = request_origin(req, ctx.tls);
+            let status = match endpoint.as_str() {
                 "healthz" => StatusCode::OK,
                 "readyz" if self.shared.is_draining() => StatusCode::SERVICE_UNAVAILABLE,
                 "readyz" => StatusCode::OK,
@@ -140,7 +139,8 @@ impl ProxyHttp for Proxy {
             .filter(|s| s.claims(&host, &normalized))
         {
             ctx.scim = true;
-            return scim.serve(session, &normalized, ctx.tls).await;
+            let path = normalized.into_owned();
+            return scim.serve(session, &path, ctx.tls).await;
         }
         let route = match runtime
             .routes
@@ -157,6 +157,9 @@ impl ProxyHttp for Proxy {
                 return pages::respond(session, StatusCode::NOT_FOUND).await;
             }
         };
+        if let Cow::Owned(normalized) = normalized {
+            ctx.normalized_path = Some(normalized);
+        }
 
         if !route.config.accept.is_empty() {
             let caller = self
@@ -165,7 +168,7 @@ impl ProxyHttp for Proxy {
                 .authenticate(
                     &runtime.config,
                     &route.config.accept,
-                    session.req_header(),
+                    req,
                     ctx.tls,
                     auth::oidc::now_unix(),
                 )
@@ -173,6 +176,8 @@ impl ProxyHttp for Proxy {
             match caller {
                 Some(caller) => ctx.caller = Some(caller),
                 None => {
+                    let host = host.into_owned();
+                    let origin = request_origin(req, ctx.tls);
                     let auth_request = auth::endpoints::Request {
                         origin: &origin,
                         host: &host,
@@ -188,14 +193,9 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        let req = session.req_header();
         if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
             return pages::respond(session, StatusCode::PAYLOAD_TOO_LARGE).await;
         }
-        if normalized != req.uri.path() {
-            ctx.normalized_path = Some(normalized);
-        }
-        ctx.host = host;
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
         Ok(false)
@@ -368,7 +368,7 @@ impl ProxyHttp for Proxy {
             target: "access",
             client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
             method = %req.method,
-            host = %ctx.host,
+            host = req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
             path = %req.uri.path(),
             status,
             route,
