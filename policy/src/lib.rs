@@ -1,6 +1,70 @@
 //! Authorization decisions for Portcullis: an identity and a request in, allow or deny with the
-//! rule and a reason out.
+//! deciding rule and a reason a person can read out.
 //!
-//! This crate will stay pure — no I/O, no async, no pingora — so it can be property-tested and
-//! benchmarked alone, and it fails closed on anything it cannot evaluate. It is empty until the
-//! authorization issue lands; the proxy routes without policy until then.
+//! What it owns: the rule model ([`RuleSpec`]), its validation and compilation into an immutable
+//! [`Policy`] (once per configuration load), and [`Policy::evaluate`] (once per request: no
+//! allocation, each of the subject's names hashed once whatever the number of rules).
+//!
+//! What it deliberately does not do: no I/O, no async, no configuration parsing (the config
+//! crate builds [`RuleSpec`]s and names each rule by its key path), no directory lookups (the
+//! proxy finds the SCIM user and its transitive groups and hands them in as a [`Subject`]), no
+//! path normalization (the proxy's one normalizing function does that; a path that is visibly
+//! not normalized is refused here rather than matched).
+//!
+//! The semantics in short — [`Policy::evaluate`] has the full order:
+//! - deny rules are checked before allow rules and win over any of them;
+//! - a request nobody signed in for (`None`) is allowed only by a `public` rule;
+//! - a deactivated subject is refused everywhere except where a `public` rule allows the
+//!   request, since public rules let in everyone, signed in or not;
+//! - whatever cannot be evaluated is refused. It fails closed.
+//!
+//! Read first: the tests at the bottom of `src/policy.rs` (one per criterion and condition) and
+//! the property tests in `tests/properties.rs`; `benches/decision.rs` measures one evaluation.
+
+mod index;
+mod policy;
+mod reason;
+mod spec;
+
+pub use policy::Policy;
+pub use reason::{Conditions, Decision, Match, Reason};
+pub use spec::{PolicyError, Problem, RuleSpec};
+
+/// Whether the subject is a person (signed in through OIDC) or a machine (bearer token of a
+/// service account). Rules treat both alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubjectKind {
+    Person,
+    Machine,
+}
+
+/// The caller as the directory knows it right now. Borrowed, so it costs nothing to build
+/// per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub kind: SubjectKind,
+    /// The SCIM `userName`, e.g. `alice@corp.example`.
+    pub user_name: &'a str,
+    /// The address `email_domains` rules look at; the proxy decides which one (the SCIM
+    /// primary email, say). Without one, no `email_domains` criterion matches.
+    pub email: Option<&'a str>,
+    /// The SCIM `active` flag.
+    pub active: bool,
+    /// Every group the subject is in, directly or through nested groups.
+    pub groups: &'a [GroupRef<'a>],
+}
+
+/// One of the subject's groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRef<'a> {
+    pub display_name: &'a str,
+    pub external_id: Option<&'a str>,
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The normalized path (no query), exactly as it is routed and sent upstream.
+    pub path: &'a str,
+}

@@ -1,0 +1,1352 @@
+//! The compiled policy and its evaluation.
+//!
+//! Compiling numbers the rules, deny rules first, and indexes every name a rule mentions (group,
+//! group id, user, email domain) into a table from that name to the set of rules naming it.
+//! Evaluating looks each of the subject's names up once, ORs the rule sets it finds into a bit
+//! set of "rules whose who-criteria match", and takes the lowest-numbered of those whose
+//! conditions (method, path) also hold. Because deny rules have the lowest numbers, any matching
+//! deny rule is found before any allow rule: deny wins by construction.
+
+use std::ops::ControlFlow;
+
+use crate::index::{empty_bits, has_bit, set_bit, Compare, RuleBits, StrIndex};
+use crate::reason::{Conditions, Decision, Match, Reason};
+use crate::spec::{email_domain, is_token, parse_domain, path_problem, PolicyError, Problem};
+use crate::{Request, RuleSpec, Subject};
+
+/// Rules examined per pass over the subject's names: 256 rules fit in a bit set on the stack.
+/// A policy with more rules makes one pass per 256 of them.
+const CHUNK_WORDS: usize = 4;
+
+/// The methods that get a bit of their own; any other token is compared as a string.
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// A compiled, immutable set of allow and deny rules for one route. Build it once per
+/// configuration load with [`Policy::compile`], share it (it is `Send + Sync`), and call
+/// [`Policy::evaluate`] per request; evaluation does not allocate.
+///
+/// A policy with no rules refuses everything.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Deny rules first, then allow rules, each in the order given.
+    rules: Box<[Rule]>,
+    words: usize,
+    deny_rules: RuleBits,
+    groups: StrIndex,
+    group_ids: StrIndex,
+    users: StrIndex,
+    domains: StrIndex,
+    /// `*.corp.example` is stored as `corp.example`.
+    subdomains_of: StrIndex,
+    any_signed_in: RuleBits,
+    public: RuleBits,
+    /// Indices of the allow rules with `public`.
+    public_allow: Box<[usize]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    name: Box<str>,
+    effect: Effect,
+    methods: Option<MethodSet>,
+    /// Longest first, so the prefix a reason names is the most specific one.
+    paths: Option<Box<[Box<str>]>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct MethodSet {
+    /// One bit per entry of `KNOWN_METHODS`.
+    known: u16,
+    /// Other methods, upper-cased.
+    other: Box<[Box<str>]>,
+}
+
+#[derive(Clone, Copy)]
+enum Method<'r> {
+    Known(u16),
+    Other(&'r str),
+}
+
+impl<'r> Method<'r> {
+    fn of(method: &'r str) -> Self {
+        KNOWN_METHODS
+            .iter()
+            .position(|known| known.eq_ignore_ascii_case(method))
+            .map_or(Method::Other(method), |i| Method::Known(1 << i))
+    }
+}
+
+impl MethodSet {
+    fn contains(&self, method: Method<'_>) -> bool {
+        match method {
+            Method::Known(bit) => self.known & bit != 0,
+            Method::Other(name) => self.other.iter().any(|m| m.eq_ignore_ascii_case(name)),
+        }
+    }
+}
+
+/// `/admin` matches `/admin` and `/admin/…` but not `/adminx`; `/admin/` matches `/admin/…`.
+/// The same rule as route prefixes.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+impl Rule {
+    fn conditions_hold(&self, method: Method<'_>, path: &str) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|prefixes| prefixes.iter().any(|prefix| prefix_matches(prefix, path)))
+    }
+
+    fn matching_prefix(&self, path: &str) -> Option<&str> {
+        self.paths
+            .as_ref()?
+            .iter()
+            .find(|prefix| prefix_matches(prefix, path))
+            .map(|prefix| &**prefix)
+    }
+}
+
+/// Who is asking, as far as the rules care.
+#[derive(Clone, Copy)]
+enum Caller<'a> {
+    Anonymous,
+    /// Deny rules still see its names; allow rules only let it through if they are `public`.
+    Inactive(Subject<'a>),
+    Active(Subject<'a>),
+}
+
+impl Policy {
+    /// Checks and compiles the rules. Every problem in every rule is reported, each with the
+    /// rule's name and the field at fault.
+    pub fn compile(allow: Vec<RuleSpec>, deny: Vec<RuleSpec>) -> Result<Self, Vec<PolicyError>> {
+        let total = allow.len() + deny.len();
+        let words = total.div_ceil(64);
+        let mut builder = Builder {
+            policy: Policy {
+                rules: Box::default(),
+                words,
+                deny_rules: empty_bits(words),
+                groups: StrIndex::new(Compare::UnicodeCase, words),
+                group_ids: StrIndex::new(Compare::Exact, words),
+                users: StrIndex::new(Compare::UnicodeCase, words),
+                domains: StrIndex::new(Compare::AsciiCase, words),
+                subdomains_of: StrIndex::new(Compare::AsciiCase, words),
+                any_signed_in: empty_bits(words),
+                public: empty_bits(words),
+                public_allow: Box::default(),
+            },
+            rules: Vec::with_capacity(total),
+            public_allow: Vec::new(),
+            errors: Vec::new(),
+        };
+        for (position, spec) in deny.iter().enumerate() {
+            builder.add(Effect::Deny, position, spec);
+        }
+        for (position, spec) in allow.iter().enumerate() {
+            builder.add(Effect::Allow, position, spec);
+        }
+        if !builder.errors.is_empty() {
+            return Err(builder.errors);
+        }
+        let mut policy = builder.policy;
+        policy.rules = builder.rules.into_boxed_slice();
+        policy.public_allow = builder.public_allow.into_boxed_slice();
+        Ok(policy)
+    }
+
+    /// The number of rules, allow and deny.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether the policy has no rules (and so refuses everything).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Decides whether `subject` (`None` when nobody is signed in) may make `request`.
+    ///
+    /// In order:
+    /// 1. a request whose method is not an HTTP token or whose path is not a normalized absolute
+    ///    path is refused ([`Reason::Unevaluable`]);
+    /// 2. a deactivated subject is refused ([`Reason::Deactivated`]) unless a `public` allow rule
+    ///    covers the request: public rules let everyone in, signed in or not, so deactivation
+    ///    changes nothing there;
+    /// 3. the first deny rule that matches refuses ([`Reason::Denied`]), whatever the allow
+    ///    rules say; deny rules match a deactivated subject by its names too (but not by
+    ///    `any_signed_in`, which means *active*);
+    /// 4. the first allow rule that matches allows ([`Reason::Allowed`]); for an anonymous or
+    ///    deactivated caller only `public` rules can match;
+    /// 5. otherwise the request is refused ([`Reason::NotSignedIn`], [`Reason::Deactivated`] or
+    ///    [`Reason::NoRuleAllows`]).
+    pub fn evaluate<'a>(
+        &'a self,
+        subject: Option<&Subject<'a>>,
+        request: &Request<'a>,
+    ) -> Decision<'a> {
+        if !is_token(request.method) {
+            return Decision::deny(Reason::Unevaluable {
+                problem: "the method is not an HTTP token",
+            });
+        }
+        if path_problem(request.path).is_some() {
+            return Decision::deny(Reason::Unevaluable {
+                problem: "the path is not a normalized absolute path",
+            });
+        }
+        let method = Method::of(request.method);
+        let caller = match subject {
+            None => Caller::Anonymous,
+            Some(&subject) if subject.active => Caller::Active(subject),
+            Some(&subject) => Caller::Inactive(subject),
+        };
+        let mut hits = Hits::default();
+        let Some(index) = self.first_match(caller, method, request.path, &mut hits) else {
+            return Decision::deny(match caller {
+                Caller::Anonymous => Reason::NotSignedIn,
+                Caller::Inactive(_) => Reason::Deactivated,
+                Caller::Active(subject) => Reason::NoRuleAllows {
+                    user: subject.user_name,
+                    method: request.method,
+                    path: request.path,
+                },
+            });
+        };
+        self.decide(index, caller, &hits, method, request)
+    }
+
+    fn decide<'a>(
+        &'a self,
+        index: usize,
+        caller: Caller<'a>,
+        hits: &Hits<'a>,
+        method: Method<'_>,
+        request: &Request<'a>,
+    ) -> Decision<'a> {
+        let Some(rule) = self.rules.get(index) else {
+            return Decision::deny(Reason::Unevaluable {
+                problem: "the policy matched a rule it does not have",
+            });
+        };
+        if rule.effect == Effect::Deny
+            && matches!(caller, Caller::Inactive(_))
+            && !self.public_allows(method, request.path)
+        {
+            return Decision::deny(Reason::Deactivated);
+        }
+        let Some(by) = self.explain(index, caller, hits) else {
+            return Decision::deny(Reason::Unevaluable {
+                problem: "the policy matched a rule it cannot account for",
+            });
+        };
+        let conditions = Conditions {
+            method: rule.methods.as_ref().map(|_| request.method),
+            path_prefix: rule.matching_prefix(request.path),
+        };
+        let name = &*rule.name;
+        match rule.effect {
+            Effect::Deny => Decision {
+                allowed: false,
+                rule: Some(name),
+                reason: Reason::Denied {
+                    rule: name,
+                    by,
+                    conditions,
+                },
+            },
+            Effect::Allow => Decision {
+                allowed: true,
+                rule: Some(name),
+                reason: Reason::Allowed {
+                    rule: name,
+                    by,
+                    conditions,
+                },
+            },
+        }
+    }
+
+    /// The lowest-numbered rule whose who-criteria match `caller` and whose conditions hold;
+    /// `hits` is left with the names that matched on the pass that found it.
+    fn first_match<'a>(
+        &'a self,
+        caller: Caller<'a>,
+        method: Method<'_>,
+        path: &str,
+        hits: &mut Hits<'a>,
+    ) -> Option<usize> {
+        for chunk in 0..self.words.div_ceil(CHUNK_WORDS) {
+            let base = chunk * CHUNK_WORDS;
+            hits.clear();
+            let who = self.who_matches(caller, base, hits);
+            for (offset, &word) in who.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let index = (base + offset) * 64 + word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    if self
+                        .rules
+                        .get(index)
+                        .is_some_and(|rule| rule.conditions_hold(method, path))
+                    {
+                        return Some(index);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The rules in words `base..base + CHUNK_WORDS` whose who-criteria match `caller`.
+    fn who_matches<'a>(
+        &'a self,
+        caller: Caller<'a>,
+        base: usize,
+        hits: &mut Hits<'a>,
+    ) -> [u64; CHUNK_WORDS] {
+        let mut who = [0; CHUNK_WORDS];
+        let mut add = |bits: &[u64], only: Option<&[u64]>| {
+            for (i, word) in who.iter_mut().enumerate() {
+                let bits = bits.get(base + i).copied().unwrap_or(0);
+                let only = only.map_or(u64::MAX, |only| only.get(base + i).copied().unwrap_or(0));
+                *word |= bits & only;
+            }
+        };
+        match caller {
+            Caller::Anonymous => {}
+            Caller::Inactive(subject) => {
+                let _: ControlFlow<()> = self.names_matching(&subject, |by, bits| {
+                    add(bits, Some(&self.deny_rules));
+                    hits.record(by, bits);
+                    ControlFlow::Continue(())
+                });
+            }
+            Caller::Active(subject) => {
+                let _: ControlFlow<()> = self.names_matching(&subject, |by, bits| {
+                    add(bits, None);
+                    hits.record(by, bits);
+                    ControlFlow::Continue(())
+                });
+                add(&self.any_signed_in, None);
+            }
+        }
+        add(&self.public, None);
+        who
+    }
+
+    /// Which criterion of rule `index` matched `caller`, in the order user, group (by name or
+    /// id, in the subject's group order), email domain, any signed-in, public.
+    fn explain<'a>(
+        &'a self,
+        index: usize,
+        caller: Caller<'a>,
+        hits: &Hits<'a>,
+    ) -> Option<Match<'a>> {
+        let named = |subject: &Subject<'a>| {
+            if let Some(known) = hits.find(index) {
+                return known;
+            }
+            match self.names_matching(subject, |by, bits| {
+                if has_bit(bits, index) {
+                    ControlFlow::Break(by)
+                } else {
+                    ControlFlow::Continue(())
+                }
+            }) {
+                ControlFlow::Break(by) => Some(by),
+                ControlFlow::Continue(()) => None,
+            }
+        };
+        let is_deny = has_bit(&self.deny_rules, index);
+        let by = match caller {
+            Caller::Anonymous => None,
+            Caller::Inactive(subject) if is_deny => named(&subject),
+            Caller::Inactive(_) => None,
+            Caller::Active(subject) => named(&subject).or_else(|| {
+                has_bit(&self.any_signed_in, index).then_some(Match::SignedIn(subject.user_name))
+            }),
+        };
+        by.or_else(|| has_bit(&self.public, index).then_some(Match::Public))
+    }
+
+    /// Calls `visit` with every entry of the name tables that one of the subject's own names
+    /// (userName, group displayNames and externalIds, email domain) finds.
+    fn names_matching<'a, B>(
+        &'a self,
+        subject: &Subject<'a>,
+        mut visit: impl FnMut(Match<'a>, &'a [u64]) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
+        if let Some(entry) = self.users.get(subject.user_name) {
+            visit(Match::User(subject.user_name), &entry.rules)?;
+        }
+        if !self.groups.is_empty() || !self.group_ids.is_empty() {
+            for group in subject.groups {
+                if let Some(entry) = self.groups.get(group.display_name) {
+                    visit(Match::Group(group.display_name), &entry.rules)?;
+                }
+                if let Some(id) = group.external_id {
+                    if let Some(entry) = self.group_ids.get(id) {
+                        visit(Match::GroupId(id), &entry.rules)?;
+                    }
+                }
+            }
+        }
+        let Some(domain) = subject.email.and_then(email_domain) else {
+            return ControlFlow::Continue(());
+        };
+        if let Some(entry) = self.domains.get(domain) {
+            let by = Match::EmailDomain {
+                domain,
+                entry: &entry.key,
+                wildcard: false,
+            };
+            visit(by, &entry.rules)?;
+        }
+        if !self.subdomains_of.is_empty() {
+            // Every parent of the domain below a non-empty label: for `a.b.corp.example`, that is
+            // `b.corp.example`, `corp.example` and `example`, never the domain itself.
+            let mut previous = b'.';
+            for (i, byte) in domain.bytes().enumerate() {
+                if byte == b'.' && previous != b'.' {
+                    let parent = domain.get(i + 1..).unwrap_or_default();
+                    if let Some(entry) = self.subdomains_of.get(parent) {
+                        let by = Match::EmailDomain {
+                            domain,
+                            entry: &entry.key,
+                            wildcard: true,
+                        };
+                        visit(by, &entry.rules)?;
+                    }
+                }
+                previous = byte;
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn public_allows(&self, method: Method<'_>, path: &str) -> bool {
+        self.public_allow.iter().any(|&index| {
+            self.rules
+                .get(index)
+                .is_some_and(|rule| rule.conditions_hold(method, path))
+        })
+    }
+}
+
+/// The names the collecting pass found, in the order it found them, so that naming the criterion
+/// of the deciding rule does not look every name up again. Only the first few are kept; past
+/// that, the reason is found by looking the names up again.
+struct Hits<'a> {
+    found: [(Match<'a>, &'a [u64]); HIT_CAPACITY],
+    len: usize,
+    complete: bool,
+}
+
+const HIT_CAPACITY: usize = 8;
+
+impl Default for Hits<'_> {
+    fn default() -> Self {
+        Self {
+            found: [(Match::Public, &[]); HIT_CAPACITY],
+            len: 0,
+            complete: true,
+        }
+    }
+}
+
+impl<'a> Hits<'a> {
+    fn clear(&mut self) {
+        self.len = 0;
+        self.complete = true;
+    }
+
+    fn record(&mut self, by: Match<'a>, bits: &'a [u64]) {
+        match self.found.get_mut(self.len) {
+            Some(slot) => {
+                *slot = (by, bits);
+                self.len += 1;
+            }
+            None => self.complete = false,
+        }
+    }
+
+    /// `Some(answer)` when the recorded names settle which name of rule `index` matched
+    /// (`Some(None)`: none did); `None` when some names were not recorded.
+    fn find(&self, index: usize) -> Option<Option<Match<'a>>> {
+        let recorded = self.found.get(..self.len).unwrap_or_default();
+        match recorded.iter().find(|(_, bits)| has_bit(bits, index)) {
+            Some(&(by, _)) => Some(Some(by)),
+            None if self.complete => Some(None),
+            None => None,
+        }
+    }
+}
+
+struct Builder {
+    policy: Policy,
+    rules: Vec<Rule>,
+    public_allow: Vec<usize>,
+    errors: Vec<PolicyError>,
+}
+
+impl Builder {
+    fn add(&mut self, effect: Effect, position: usize, spec: &RuleSpec) {
+        let index = self.rules.len();
+        let label = match (spec.name.trim().is_empty(), effect) {
+            (false, _) => spec.name.clone(),
+            (true, Effect::Allow) => format!("allow[{position}]"),
+            (true, Effect::Deny) => format!("deny[{position}]"),
+        };
+        let mut errors = Vec::new();
+        let mut error = |field: String, problem: Problem| {
+            errors.push(PolicyError {
+                rule: label.clone(),
+                field,
+                problem,
+            });
+        };
+        if spec.name.trim().is_empty() {
+            error(String::new(), Problem::NoName);
+        }
+        let names_someone = !spec.groups.is_empty()
+            || !spec.group_ids.is_empty()
+            || !spec.users.is_empty()
+            || !spec.email_domains.is_empty()
+            || spec.any_signed_in
+            || spec.public;
+        if !names_someone {
+            error(String::new(), Problem::NoWho);
+        }
+        if spec.public && effect == Effect::Deny {
+            error(".public".into(), Problem::PublicInDeny);
+        }
+
+        let policy = &mut self.policy;
+        for (field, values, table) in [
+            ("groups", &spec.groups, &mut policy.groups),
+            ("group_ids", &spec.group_ids, &mut policy.group_ids),
+            ("users", &spec.users, &mut policy.users),
+        ] {
+            for (i, value) in values.iter().enumerate() {
+                if value.trim().is_empty() {
+                    error(format!(".{field}[{i}]"), Problem::Empty);
+                } else {
+                    table.insert(value, index);
+                }
+            }
+        }
+        for (i, value) in spec.email_domains.iter().enumerate() {
+            let field = format!(".email_domains[{i}]");
+            if value.trim().is_empty() {
+                error(field, Problem::Empty);
+                continue;
+            }
+            match parse_domain(value) {
+                Ok((domain, false)) => policy.domains.insert(&domain, index),
+                Ok((domain, true)) => policy.subdomains_of.insert(&domain, index),
+                Err(why) => error(
+                    field,
+                    Problem::BadDomain {
+                        value: value.clone(),
+                        why,
+                    },
+                ),
+            }
+        }
+        if spec.any_signed_in {
+            set_bit(&mut policy.any_signed_in, index);
+        }
+        if spec.public {
+            set_bit(&mut policy.public, index);
+            if effect == Effect::Allow {
+                self.public_allow.push(index);
+            }
+        }
+        if effect == Effect::Deny {
+            set_bit(&mut policy.deny_rules, index);
+        }
+
+        let methods = spec.methods.as_ref().map(|methods| {
+            if methods.is_empty() {
+                error(".methods".into(), Problem::EmptyList);
+            }
+            let mut set = MethodSet::default();
+            let mut other: Vec<Box<str>> = Vec::new();
+            for (i, value) in methods.iter().enumerate() {
+                let field = format!(".methods[{i}]");
+                if value.trim().is_empty() {
+                    error(field, Problem::Empty);
+                } else if !is_token(value) {
+                    error(
+                        field,
+                        Problem::BadMethod {
+                            value: value.clone(),
+                        },
+                    );
+                } else if let Method::Known(bit) = Method::of(value) {
+                    set.known |= bit;
+                } else {
+                    let upper = value.to_ascii_uppercase();
+                    if !other.iter().any(|m| **m == *upper) {
+                        other.push(upper.into_boxed_str());
+                    }
+                }
+            }
+            set.other = other.into_boxed_slice();
+            set
+        });
+
+        let paths = spec.paths.as_ref().map(|paths| {
+            if paths.is_empty() {
+                error(".paths".into(), Problem::EmptyList);
+            }
+            let mut prefixes: Vec<Box<str>> = Vec::with_capacity(paths.len());
+            for (i, value) in paths.iter().enumerate() {
+                let field = format!(".paths[{i}]");
+                if value.is_empty() {
+                    error(field, Problem::Empty);
+                } else if let Some(why) = path_problem(value) {
+                    error(
+                        field,
+                        Problem::BadPath {
+                            value: value.clone(),
+                            why,
+                        },
+                    );
+                } else {
+                    prefixes.push(value.as_str().into());
+                }
+            }
+            prefixes.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+            prefixes.dedup();
+            prefixes.into_boxed_slice()
+        });
+
+        self.errors.append(&mut errors);
+        self.rules.push(Rule {
+            name: label.into_boxed_str(),
+            effect,
+            methods,
+            paths,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GroupRef, SubjectKind};
+
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| (*v).to_owned()).collect()
+    }
+
+    fn rule(name: &str) -> RuleSpec {
+        RuleSpec::new(name)
+    }
+
+    fn groups(name: &str, names: &[&str]) -> RuleSpec {
+        RuleSpec {
+            groups: strings(names),
+            ..rule(name)
+        }
+    }
+
+    fn compile(allow: Vec<RuleSpec>, deny: Vec<RuleSpec>) -> Policy {
+        match Policy::compile(allow, deny) {
+            Ok(policy) => policy,
+            Err(errors) => panic!("{errors:?}"),
+        }
+    }
+
+    fn errors(allow: Vec<RuleSpec>, deny: Vec<RuleSpec>) -> Vec<String> {
+        match Policy::compile(allow, deny) {
+            Ok(_) => panic!("compiled"),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    const SRE: [GroupRef<'static>; 2] = [
+        GroupRef {
+            display_name: "Everyone",
+            external_id: None,
+        },
+        GroupRef {
+            display_name: "SRE",
+            external_id: Some("00gSRE"),
+        },
+    ];
+
+    fn alice() -> Subject<'static> {
+        Subject {
+            kind: SubjectKind::Person,
+            user_name: "alice@corp.example",
+            email: Some("alice@corp.example"),
+            active: true,
+            groups: &SRE,
+        }
+    }
+
+    fn with_email(email: &'static str) -> Subject<'static> {
+        Subject {
+            email: Some(email),
+            groups: &[],
+            ..alice()
+        }
+    }
+
+    fn get(path: &'static str) -> Request<'static> {
+        Request {
+            method: "GET",
+            path,
+        }
+    }
+
+    fn allowed(policy: &Policy, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
+        policy.evaluate(subject, request).allowed
+    }
+
+    fn why(policy: &Policy, subject: Option<&Subject<'_>>, request: &Request<'_>) -> String {
+        policy.evaluate(subject, request).reason.to_string()
+    }
+
+    #[test]
+    fn groups_match_by_display_name_in_any_case() {
+        let policy = compile(vec![groups("allow[0]", &["sre"])], vec![]);
+        let decision = policy.evaluate(Some(&alice()), &get("/"));
+        assert!(decision.allowed);
+        assert_eq!(decision.rule, Some("allow[0]"));
+        assert_eq!(
+            decision.reason.to_string(),
+            "allowed by allow[0]: member of group SRE"
+        );
+        let policy = compile(vec![groups("allow[0]", &["SR", "sre-leads"])], vec![]);
+        assert!(!allowed(&policy, Some(&alice()), &get("/")));
+    }
+
+    #[test]
+    fn group_ids_match_external_ids_exactly() {
+        let by_id = |id: &str| {
+            compile(
+                vec![RuleSpec {
+                    group_ids: strings(&[id]),
+                    ..rule("r")
+                }],
+                vec![],
+            )
+        };
+        let policy = by_id("00gSRE");
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/")),
+            "allowed by r: member of the group with externalId 00gSRE"
+        );
+        assert!(!allowed(&by_id("00gsre"), Some(&alice()), &get("/")));
+        // A display name is not an externalId.
+        assert!(!allowed(&by_id("SRE"), Some(&alice()), &get("/")));
+    }
+
+    #[test]
+    fn users_match_user_name_in_any_case() {
+        let policy = compile(
+            vec![RuleSpec {
+                users: strings(&["Alice@Corp.Example"]),
+                ..rule("r")
+            }],
+            vec![],
+        );
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/")),
+            "allowed by r: user alice@corp.example"
+        );
+        let bob = Subject {
+            user_name: "bob@corp.example",
+            ..alice()
+        };
+        assert!(!allowed(&policy, Some(&bob), &get("/")));
+        // The email is not the userName.
+        let machine = Subject {
+            kind: SubjectKind::Machine,
+            user_name: "ci-bot",
+            email: Some("alice@corp.example"),
+            ..alice()
+        };
+        assert!(!allowed(&policy, Some(&machine), &get("/")));
+    }
+
+    fn domains(entries: &[&str]) -> Policy {
+        compile(
+            vec![RuleSpec {
+                email_domains: strings(entries),
+                ..rule("r")
+            }],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn email_domains_match_after_the_only_at() {
+        let exact = domains(&["corp.example"]);
+        for ok in [
+            "alice@corp.example",
+            "ALICE@CORP.EXAMPLE",
+            "a+b@Corp.Example",
+        ] {
+            assert!(allowed(&exact, Some(&with_email(ok)), &get("/")), "{ok}");
+        }
+        for no in [
+            "a@b@corp.example",
+            "corp.example",
+            "@corp.example",
+            "alice@x.corp.example",
+            "alice@evilcorp.example",
+            "alice@corp.example.evil",
+            "alice@corp.example.",
+            "alice@\u{212A}orp.example",
+        ] {
+            assert!(!allowed(&exact, Some(&with_email(no)), &get("/")), "{no}");
+        }
+        let no_email = Subject {
+            email: None,
+            ..alice()
+        };
+        assert!(!allowed(&exact, Some(&no_email), &get("/")));
+        assert_eq!(
+            why(&exact, Some(&with_email("Alice@CORP.example")), &get("/")),
+            "allowed by r: email domain CORP.example"
+        );
+    }
+
+    #[test]
+    fn subdomain_wildcards_match_below_but_not_the_apex_or_look_alikes() {
+        let wildcard = domains(&["*.Corp.Example"]);
+        for ok in ["a@x.corp.example", "a@a.b.corp.example", "a@X.CORP.EXAMPLE"] {
+            assert!(allowed(&wildcard, Some(&with_email(ok)), &get("/")), "{ok}");
+        }
+        for no in [
+            "a@corp.example",
+            "a@evilcorp.example",
+            "a@x.evilcorp.example",
+            "a@.corp.example",
+            "a@x..corp.example",
+            "a@x.corp.example.evil",
+            "a@b@x.corp.example",
+            "x.corp.example",
+        ] {
+            assert!(
+                !allowed(&wildcard, Some(&with_email(no)), &get("/")),
+                "{no}"
+            );
+        }
+        assert_eq!(
+            why(&wildcard, Some(&with_email("a@eu.corp.example")), &get("/")),
+            "allowed by r: email domain eu.corp.example, under *.corp.example"
+        );
+        let both = domains(&["corp.example", "*.corp.example"]);
+        assert!(allowed(
+            &both,
+            Some(&with_email("a@corp.example")),
+            &get("/")
+        ));
+        assert!(allowed(
+            &both,
+            Some(&with_email("a@x.corp.example")),
+            &get("/")
+        ));
+    }
+
+    #[test]
+    fn any_signed_in_means_any_active_subject() {
+        let policy = compile(
+            vec![RuleSpec {
+                any_signed_in: true,
+                ..rule("r")
+            }],
+            vec![],
+        );
+        let nobody_special = Subject {
+            kind: SubjectKind::Machine,
+            user_name: "ci-bot",
+            email: None,
+            active: true,
+            groups: &[],
+        };
+        assert_eq!(
+            why(&policy, Some(&nobody_special), &get("/x")),
+            "allowed by r: signed in as ci-bot"
+        );
+        assert_eq!(
+            why(&policy, None, &get("/x")),
+            "no rule allows this: not signed in"
+        );
+        let inactive = Subject {
+            active: false,
+            ..alice()
+        };
+        assert_eq!(
+            why(&policy, Some(&inactive), &get("/x")),
+            "the account is deactivated"
+        );
+    }
+
+    #[test]
+    fn public_lets_everyone_in() {
+        let policy = compile(
+            vec![RuleSpec {
+                public: true,
+                ..rule("r")
+            }],
+            vec![],
+        );
+        for subject in [None, Some(alice())] {
+            let decision = policy.evaluate(subject.as_ref(), &get("/"));
+            assert!(decision.allowed);
+            assert_eq!(
+                decision.reason.to_string(),
+                "allowed by r: open to everyone"
+            );
+        }
+    }
+
+    #[test]
+    fn methods_are_case_insensitive_and_absent_means_all() {
+        let policy = compile(
+            vec![RuleSpec {
+                methods: Some(strings(&["get", "HEAD", "propfind"])),
+                ..groups("r", &["sre"])
+            }],
+            vec![],
+        );
+        for method in ["GET", "get", "HEAD", "PROPFIND", "PropFind"] {
+            let request = Request { method, path: "/" };
+            assert!(allowed(&policy, Some(&alice()), &request), "{method}");
+        }
+        for method in ["POST", "DELETE", "PROP", "MKCOL"] {
+            let request = Request { method, path: "/" };
+            assert!(!allowed(&policy, Some(&alice()), &request), "{method}");
+        }
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/")),
+            "allowed by r: member of group SRE, method GET"
+        );
+        let everything = compile(vec![groups("r", &["sre"])], vec![]);
+        let request = Request {
+            method: "X-ANYTHING",
+            path: "/",
+        };
+        assert!(allowed(&everything, Some(&alice()), &request));
+    }
+
+    #[test]
+    fn paths_match_at_segment_boundaries_and_case_sensitively() {
+        let policy = compile(
+            vec![RuleSpec {
+                paths: Some(strings(&["/admin", "/api/"])),
+                ..groups("r", &["sre"])
+            }],
+            vec![],
+        );
+        for ok in ["/admin", "/admin/", "/admin/x", "/api/", "/api/v1"] {
+            assert!(allowed(&policy, Some(&alice()), &get(ok)), "{ok}");
+        }
+        for no in [
+            "/adminx", "/Admin", "/ADMIN/x", "/api", "/apix", "/", "/x/admin",
+        ] {
+            assert!(!allowed(&policy, Some(&alice()), &get(no)), "{no}");
+        }
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/admin/users")),
+            "allowed by r: member of group SRE, path under /admin"
+        );
+        let root = compile(
+            vec![RuleSpec {
+                paths: Some(strings(&["/", "/a"])),
+                ..groups("r", &["sre"])
+            }],
+            vec![],
+        );
+        assert!(allowed(&root, Some(&alice()), &get("/anything/at/all")));
+        // The most specific prefix is the one named.
+        assert_eq!(
+            why(&root, Some(&alice()), &get("/a/b")),
+            "allowed by r: member of group SRE, path under /a"
+        );
+    }
+
+    #[test]
+    fn deny_wins_over_allow_and_the_first_of_each_decides() {
+        let policy = compile(
+            vec![
+                groups("routes[0].allow[0]", &["eng"]),
+                groups("routes[0].allow[1]", &["sre"]),
+                RuleSpec {
+                    any_signed_in: true,
+                    ..rule("routes[0].allow[2]")
+                },
+            ],
+            vec![
+                RuleSpec {
+                    methods: Some(strings(&["DELETE"])),
+                    ..groups("routes[0].deny[0]", &["contractors", "sre"])
+                },
+                groups("routes[0].deny[1]", &["everyone"]),
+            ],
+        );
+        let deleting = Request {
+            method: "DELETE",
+            path: "/v1/x",
+        };
+        let decision = policy.evaluate(Some(&alice()), &deleting);
+        assert!(!decision.allowed);
+        assert_eq!(decision.rule, Some("routes[0].deny[0]"));
+        assert_eq!(
+            decision.reason.to_string(),
+            "denied by routes[0].deny[0]: member of group SRE, method DELETE"
+        );
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/")),
+            "denied by routes[0].deny[1]: member of group Everyone"
+        );
+        let only_sre = Subject {
+            groups: &SRE[1..],
+            ..alice()
+        };
+        assert_eq!(
+            why(&policy, Some(&only_sre), &get("/")),
+            "allowed by routes[0].allow[1]: member of group SRE"
+        );
+        let nobody = Subject {
+            groups: &[],
+            ..alice()
+        };
+        assert_eq!(
+            why(&policy, Some(&nobody), &get("/")),
+            "allowed by routes[0].allow[2]: signed in as alice@corp.example"
+        );
+    }
+
+    #[test]
+    fn a_deny_rule_beats_public() {
+        let policy = compile(
+            vec![RuleSpec {
+                public: true,
+                ..rule("allow")
+            }],
+            vec![RuleSpec {
+                paths: Some(strings(&["/admin"])),
+                ..groups("deny", &["sre"])
+            }],
+        );
+        assert!(!allowed(&policy, Some(&alice()), &get("/admin")));
+        assert!(allowed(&policy, Some(&alice()), &get("/other")));
+        // Nothing in a deny rule can name an anonymous caller.
+        assert!(allowed(&policy, None, &get("/admin")));
+    }
+
+    #[test]
+    fn anonymous_callers_only_get_public_rules() {
+        let policy = compile(
+            vec![
+                RuleSpec {
+                    any_signed_in: true,
+                    users: strings(&["alice@corp.example"]),
+                    email_domains: strings(&["corp.example"]),
+                    ..groups("signed-in", &["everyone"])
+                },
+                RuleSpec {
+                    public: true,
+                    paths: Some(strings(&["/public"])),
+                    ..rule("public")
+                },
+            ],
+            vec![],
+        );
+        let decision = policy.evaluate(None, &get("/"));
+        assert_eq!(decision.rule, None);
+        assert_eq!(decision.reason, Reason::NotSignedIn);
+        assert!(allowed(&policy, None, &get("/public/logo.png")));
+    }
+
+    #[test]
+    fn deactivated_subjects_are_refused_except_on_public_rules() {
+        let inactive = Subject {
+            active: false,
+            ..alice()
+        };
+        let policy = compile(
+            vec![
+                groups("sre", &["sre"]),
+                RuleSpec {
+                    users: strings(&["alice@corp.example"]),
+                    ..rule("alice")
+                },
+                RuleSpec {
+                    public: true,
+                    paths: Some(strings(&["/status"])),
+                    ..rule("status")
+                },
+            ],
+            vec![RuleSpec {
+                paths: Some(strings(&["/status/internal"])),
+                ..groups("no-internal", &["everyone"])
+            }],
+        );
+        let decision = policy.evaluate(Some(&inactive), &get("/"));
+        assert!(!decision.allowed);
+        assert_eq!(decision.rule, None);
+        assert_eq!(decision.reason, Reason::Deactivated);
+        assert_eq!(
+            why(&policy, Some(&inactive), &get("/status")),
+            "allowed by status: open to everyone, path under /status"
+        );
+        // On a public route, deny rules still apply to the subject's own names.
+        assert_eq!(
+            why(&policy, Some(&inactive), &get("/status/internal")),
+            "denied by no-internal: member of group Everyone, path under /status/internal"
+        );
+        // Off it, deactivation is the reason, even where a deny rule matches too.
+        let deny_everywhere = compile(
+            vec![groups("sre", &["sre"])],
+            vec![groups("deny", &["everyone"])],
+        );
+        assert_eq!(
+            deny_everywhere.evaluate(Some(&inactive), &get("/")).reason,
+            Reason::Deactivated
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_caller_and_nothing_about_anyone_else() {
+        let policy = compile(
+            vec![RuleSpec {
+                users: strings(&["bob@corp.example"]),
+                email_domains: strings(&["partner.example"]),
+                ..groups("routes[1].allow[0]", &["finance", "sre"])
+            }],
+            vec![RuleSpec {
+                users: strings(&["carol@corp.example"]),
+                ..groups("routes[1].deny[0]", &["contractors"])
+            }],
+        );
+        let nobody = Subject {
+            groups: &SRE[..1],
+            ..alice()
+        };
+        let reason = why(&policy, Some(&nobody), &get("/admin"));
+        assert_eq!(reason, "no rule allows alice@corp.example to GET /admin");
+        let reason = why(&policy, Some(&alice()), &get("/admin"));
+        assert_eq!(reason, "allowed by routes[1].allow[0]: member of group SRE");
+        for secret in [
+            "bob",
+            "carol",
+            "finance",
+            "partner",
+            "contractors",
+            "Everyone",
+        ] {
+            assert!(!reason.contains(secret), "{reason}");
+        }
+    }
+
+    #[test]
+    fn requests_that_cannot_be_evaluated_are_refused_even_when_public() {
+        let policy = compile(
+            vec![RuleSpec {
+                public: true,
+                ..rule("r")
+            }],
+            vec![RuleSpec {
+                paths: Some(strings(&["/admin"])),
+                ..groups("d", &["sre"])
+            }],
+        );
+        for (method, path) in [
+            ("GET", "admin"),
+            ("GET", "//admin"),
+            ("GET", "/./admin"),
+            ("GET", "/x/../admin"),
+            ("GET", "/admin?x=1"),
+            ("GET", ""),
+            ("", "/"),
+            ("G ET", "/"),
+        ] {
+            let decision = policy.evaluate(Some(&alice()), &Request { method, path });
+            assert!(!decision.allowed, "{method} {path}");
+            assert!(
+                matches!(decision.reason, Reason::Unevaluable { .. }),
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_reason_is_found_past_the_first_few_matching_names() {
+        // Ten names match something; the deciding rule is named by the tenth.
+        let names: Vec<String> = (0..10).map(|i| format!("g{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let policy = compile(
+            vec![
+                RuleSpec {
+                    paths: Some(strings(&["/elsewhere"])),
+                    ..groups("elsewhere", &refs[..9])
+                },
+                groups("decides", &["G9"]),
+            ],
+            vec![],
+        );
+        let member_of: Vec<GroupRef<'_>> = names
+            .iter()
+            .map(|name| GroupRef {
+                display_name: name,
+                external_id: None,
+            })
+            .collect();
+        let subject = Subject {
+            groups: &member_of,
+            ..alice()
+        };
+        assert_eq!(
+            why(&policy, Some(&subject), &get("/")),
+            "allowed by decides: member of group g9"
+        );
+        assert_eq!(
+            why(&policy, Some(&subject), &get("/elsewhere")),
+            "allowed by elsewhere: member of group g0, path under /elsewhere"
+        );
+    }
+
+    #[test]
+    fn an_empty_policy_refuses_everything() {
+        let policy = compile(vec![], vec![]);
+        assert!(policy.is_empty());
+        assert!(!allowed(&policy, Some(&alice()), &get("/")));
+        assert!(!allowed(&policy, None, &get("/")));
+    }
+
+    #[test]
+    fn policies_beyond_one_chunk_keep_their_order() {
+        // 300 allow rules and 300 deny rules: three passes of 256.
+        let mut allow: Vec<RuleSpec> = (0..300)
+            .map(|i| groups(&format!("allow[{i}]"), &[&format!("g{i}")]))
+            .collect();
+        let mut deny: Vec<RuleSpec> = (0..300)
+            .map(|i| groups(&format!("deny[{i}]"), &[&format!("d{i}")]))
+            .collect();
+        allow.push(groups("allow[300]", &["sre"]));
+        deny.push(RuleSpec {
+            paths: Some(strings(&["/admin"])),
+            ..groups("deny[300]", &["sre"])
+        });
+        let policy = compile(allow, deny);
+        assert_eq!(policy.len(), 602);
+        assert_eq!(
+            policy.evaluate(Some(&alice()), &get("/admin")).rule,
+            Some("deny[300]")
+        );
+        assert_eq!(
+            policy.evaluate(Some(&alice()), &get("/")).rule,
+            Some("allow[300]")
+        );
+        let in_many = [
+            GroupRef {
+                display_name: "g299",
+                external_id: None,
+            },
+            GroupRef {
+                display_name: "g7",
+                external_id: None,
+            },
+            GroupRef {
+                display_name: "d280",
+                external_id: None,
+            },
+        ];
+        let subject = Subject {
+            groups: &in_many,
+            ..alice()
+        };
+        assert_eq!(
+            policy.evaluate(Some(&subject), &get("/")).rule,
+            Some("deny[280]")
+        );
+        let subject = Subject {
+            groups: &in_many[..2],
+            ..alice()
+        };
+        assert_eq!(
+            policy.evaluate(Some(&subject), &get("/")).rule,
+            Some("allow[7]")
+        );
+    }
+
+    #[test]
+    fn compile_reports_every_problem_with_its_place() {
+        let found = errors(
+            vec![
+                rule("routes[0].allow[0]"),
+                RuleSpec {
+                    groups: strings(&["sre", " "]),
+                    group_ids: strings(&[""]),
+                    users: strings(&[""]),
+                    email_domains: strings(&["*.corp.*", "corp.example", ""]),
+                    methods: Some(strings(&["GET", "BAD METHOD", ""])),
+                    paths: Some(strings(&["admin", "/ok", "", "/a//b"])),
+                    ..rule("routes[0].allow[1]")
+                },
+                RuleSpec {
+                    any_signed_in: true,
+                    methods: Some(vec![]),
+                    paths: Some(vec![]),
+                    ..rule("")
+                },
+            ],
+            vec![RuleSpec {
+                public: true,
+                ..rule("routes[0].deny[0]")
+            }],
+        );
+        let expected = [
+            "routes[0].deny[0].public: `public` is only allowed in allow rules",
+            "routes[0].allow[0]: the rule names nobody: give at least one of groups, group_ids, \
+             users, email_domains, any_signed_in or public",
+            "routes[0].allow[1].groups[1]: is empty",
+            "routes[0].allow[1].group_ids[0]: is empty",
+            "routes[0].allow[1].users[0]: is empty",
+            "routes[0].allow[1].email_domains[0]: \"*.corp.*\" is not a valid email domain: * is \
+             only allowed as the whole first label, as in *.corp.example",
+            "routes[0].allow[1].email_domains[2]: is empty",
+            "routes[0].allow[1].methods[1]: \"BAD METHOD\" is not a valid HTTP method",
+            "routes[0].allow[1].methods[2]: is empty",
+            "routes[0].allow[1].paths[0]: \"admin\" is not a valid path prefix: it does not start \
+             with /",
+            "routes[0].allow[1].paths[2]: is empty",
+            "routes[0].allow[1].paths[3]: \"/a//b\" is not a valid path prefix: it holds an empty \
+             segment (//)",
+            "allow[2]: the rule has no name",
+            "allow[2].methods: is an empty list, which would match nothing; leave it out to match \
+             everything",
+            "allow[2].paths: is an empty list, which would match nothing; leave it out to match \
+             everything",
+        ];
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn policies_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Policy>();
+    }
+}

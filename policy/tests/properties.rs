@@ -1,0 +1,414 @@
+//! Property tests of the policy engine: random policies against random callers and requests,
+//! drawn from small pools of names so that rules actually match.
+//!
+//! Besides the promised properties (deny always wins, anonymous and deactivated callers only get
+//! in through public rules, evaluation is deterministic and total), every decision is compared
+//! with `reference`, a deliberately naive reading of the rules straight off the `RuleSpec`s.
+
+// Test code: a rule set that does not compile is a bug in the test itself.
+#![allow(clippy::panic)]
+
+use portcullis_policy::{GroupRef, Policy, Reason, Request, RuleSpec, Subject, SubjectKind};
+use proptest::prelude::*;
+use proptest::sample::select;
+
+const GROUPS: &[&str] = &[
+    "sre",
+    "SRE",
+    "eng",
+    "Contractors",
+    "contractors",
+    "équipe",
+    "ÉQUIPE",
+];
+const GROUP_IDS: &[&str] = &["00g1", "00G1", "00g2"];
+const USERS: &[&str] = &[
+    "alice@corp.example",
+    "ALICE@Corp.Example",
+    "bob@corp.example",
+    "ci-bot",
+];
+const DOMAINS: &[&str] = &[
+    "corp.example",
+    "CORP.example",
+    "*.corp.example",
+    "other.example",
+    "*.other.example",
+];
+const EMAILS: &[&str] = &[
+    "alice@corp.example",
+    "Alice@CORP.EXAMPLE",
+    "a@b@corp.example",
+    "corp.example",
+    "x@eu.corp.example",
+    "x@A.B.Corp.Example",
+    "x@evilcorp.example",
+    "x@x..corp.example",
+    "x@.corp.example",
+    "x@other.example",
+    "x@y.other.example",
+];
+const METHODS: &[&str] = &[
+    "GET", "get", "POST", "DELETE", "delete", "PROPFIND", "PATCH",
+];
+const PREFIXES: &[&str] = &["/", "/admin", "/admin/", "/api", "/api/v1"];
+const PATHS: &[&str] = &[
+    "/",
+    "/admin",
+    "/adminx",
+    "/admin/",
+    "/admin/x",
+    "/api",
+    "/api/v1",
+    "/api/v1/x",
+    "/apix",
+    "/Admin",
+];
+
+fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec(select(pool).prop_map(str::to_owned), 0..=max)
+}
+
+fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
+    (
+        strings(GROUPS, 2),
+        strings(GROUP_IDS, 1),
+        strings(USERS, 2),
+        strings(DOMAINS, 2),
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(if allow_public { 0.2 } else { 0.0 }),
+        prop::option::weighted(0.4, prop::collection::vec(select(METHODS), 1..=2)),
+        prop::option::weighted(0.4, prop::collection::vec(select(PREFIXES), 1..=2)),
+    )
+        .prop_map(
+            |(groups, group_ids, users, email_domains, any_signed_in, public, methods, paths)| {
+                let mut spec = RuleSpec {
+                    name: String::new(),
+                    groups,
+                    group_ids,
+                    users,
+                    email_domains,
+                    any_signed_in,
+                    public,
+                    methods: methods.map(|m| m.into_iter().map(str::to_owned).collect()),
+                    paths: paths.map(|p| p.into_iter().map(str::to_owned).collect()),
+                };
+                let names_someone = !spec.groups.is_empty()
+                    || !spec.group_ids.is_empty()
+                    || !spec.users.is_empty()
+                    || !spec.email_domains.is_empty()
+                    || spec.any_signed_in
+                    || spec.public;
+                if !names_someone {
+                    spec.groups.push("sre".to_owned());
+                }
+                spec
+            },
+        )
+}
+
+fn named(rules: Vec<RuleSpec>, kind: &str) -> Vec<RuleSpec> {
+    rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| RuleSpec {
+            name: format!("{kind}[{i}]"),
+            ..rule
+        })
+        .collect()
+}
+
+fn rules() -> impl Strategy<Value = (Vec<RuleSpec>, Vec<RuleSpec>)> {
+    (
+        prop::collection::vec(rule(true), 0..6),
+        prop::collection::vec(rule(false), 0..4),
+    )
+        .prop_map(|(allow, deny)| (named(allow, "allow"), named(deny, "deny")))
+}
+
+/// A subject as owned data; `Subject` borrows from it.
+#[derive(Debug, Clone)]
+struct Caller {
+    machine: bool,
+    user_name: &'static str,
+    email: Option<&'static str>,
+    active: bool,
+    groups: Vec<GroupRef<'static>>,
+}
+
+impl Caller {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            kind: if self.machine {
+                SubjectKind::Machine
+            } else {
+                SubjectKind::Person
+            },
+            user_name: self.user_name,
+            email: self.email,
+            active: self.active,
+            groups: &self.groups,
+        }
+    }
+}
+
+fn caller() -> impl Strategy<Value = Caller> {
+    let group = (select(GROUPS), prop::option::of(select(GROUP_IDS))).prop_map(
+        |(display_name, external_id)| GroupRef {
+            display_name,
+            external_id,
+        },
+    );
+    (
+        any::<bool>(),
+        select(USERS),
+        prop::option::weighted(0.8, select(EMAILS)),
+        prop::bool::weighted(0.7),
+        prop::collection::vec(group, 0..4),
+    )
+        .prop_map(|(machine, user_name, email, active, groups)| Caller {
+            machine,
+            user_name,
+            email,
+            active,
+            groups,
+        })
+}
+
+fn request() -> impl Strategy<Value = Request<'static>> {
+    (select(METHODS), select(PATHS)).prop_map(|(method, path)| Request { method, path })
+}
+
+// ---- the naive reading of the rules ----
+
+fn email_domain(email: &str) -> Option<String> {
+    let parts: Vec<&str> = email.split('@').collect();
+    match parts.as_slice() {
+        [local, domain] if !local.is_empty() && !domain.is_empty() => Some(domain.to_lowercase()),
+        _ => None,
+    }
+}
+
+fn domain_matches(entry: &str, domain: &str) -> bool {
+    let entry = entry.to_lowercase();
+    match entry.strip_prefix("*.") {
+        None => domain == entry,
+        Some(parent) => domain
+            .strip_suffix(&format!(".{parent}"))
+            .is_some_and(|below| {
+                !below.is_empty()
+                    && !below.starts_with('.')
+                    && !below.ends_with('.')
+                    && !below.contains("..")
+            }),
+    }
+}
+
+/// Whether the rule's names (not `any_signed_in`, not `public`) match the subject.
+fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
+    let user = subject.user_name.to_lowercase();
+    rule.users.iter().any(|u| u.to_lowercase() == user)
+        || subject.groups.iter().any(|g| {
+            rule.groups
+                .iter()
+                .any(|name| name.to_lowercase() == g.display_name.to_lowercase())
+                || g.external_id
+                    .is_some_and(|id| rule.group_ids.iter().any(|r| r == id))
+        })
+        || subject.email.and_then(email_domain).is_some_and(|domain| {
+            rule.email_domains
+                .iter()
+                .any(|entry| domain_matches(entry, &domain))
+        })
+}
+
+fn conditions_hold(rule: &RuleSpec, request: &Request<'_>) -> bool {
+    let method_ok = rule.methods.as_ref().is_none_or(|methods| {
+        methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(request.method))
+    });
+    let path_ok = rule.paths.as_ref().is_none_or(|prefixes| {
+        prefixes.iter().any(|prefix| {
+            request.path == prefix
+                || (request.path.starts_with(prefix.as_str())
+                    && (prefix.ends_with('/') || request.path[prefix.len()..].starts_with('/')))
+        })
+    });
+    method_ok && path_ok
+}
+
+/// Whether deny rule `rule` matches: its names match the subject (active or not), or it has
+/// `any_signed_in` and the subject is active.
+fn deny_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
+    conditions_hold(rule, request)
+        && subject.is_some_and(|s| names_match(rule, s) || (rule.any_signed_in && s.active))
+}
+
+fn allow_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
+    conditions_hold(rule, request)
+        && (rule.public
+            || subject.is_some_and(|s| s.active && (rule.any_signed_in || names_match(rule, s))))
+}
+
+/// `(allowed, deciding rule)` by a plain reading of the documented order.
+fn reference(
+    allow: &[RuleSpec],
+    deny: &[RuleSpec],
+    subject: Option<&Subject<'_>>,
+    request: &Request<'_>,
+) -> (bool, Option<String>) {
+    let inactive = subject.is_some_and(|s| !s.active);
+    let public_covers = allow
+        .iter()
+        .any(|r| r.public && conditions_hold(r, request));
+    if inactive && !public_covers {
+        return (false, None);
+    }
+    if let Some(rule) = deny.iter().find(|r| deny_matches(r, subject, request)) {
+        return (false, Some(rule.name.clone()));
+    }
+    match allow.iter().find(|r| allow_matches(r, subject, request)) {
+        Some(rule) => (true, Some(rule.name.clone())),
+        None => (false, None),
+    }
+}
+
+fn compiled(allow: &[RuleSpec], deny: &[RuleSpec]) -> Policy {
+    match Policy::compile(allow.to_vec(), deny.to_vec()) {
+        Ok(policy) => policy,
+        Err(errors) => panic!("generated rules do not compile: {errors:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn deny_always_wins(
+        (allow, deny) in rules(),
+        caller in caller(),
+        anonymous in prop::bool::weighted(0.2),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let subject = caller.subject();
+        let subject = (!anonymous).then_some(&subject);
+        let decision = policy.evaluate(subject, &request);
+        if deny.iter().any(|rule| deny_matches(rule, subject, &request)) {
+            prop_assert!(!decision.allowed, "{}", decision.reason);
+        }
+        if decision.allowed {
+            let by_a_rule = matches!(decision.reason, Reason::Allowed { .. });
+            prop_assert!(by_a_rule, "{}", decision.reason);
+        }
+    }
+
+    #[test]
+    fn anonymous_callers_are_only_let_in_by_public_rules(
+        (allow, deny) in rules(),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let decision = policy.evaluate(None, &request);
+        if decision.allowed {
+            let rule = allow.iter().find(|r| Some(r.name.as_str()) == decision.rule);
+            prop_assert!(rule.is_some_and(|r| r.public), "{}", decision.reason);
+        } else {
+            prop_assert_eq!(decision.reason, Reason::NotSignedIn);
+        }
+    }
+
+    #[test]
+    fn deactivated_subjects_are_only_let_in_by_public_rules(
+        (allow, deny) in rules(),
+        caller in caller(),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let caller = Caller { active: false, ..caller };
+        let decision = policy.evaluate(Some(&caller.subject()), &request);
+        if decision.allowed {
+            let rule = allow.iter().find(|r| Some(r.name.as_str()) == decision.rule);
+            prop_assert!(rule.is_some_and(|r| r.public), "{}", decision.reason);
+        }
+    }
+
+    #[test]
+    fn decisions_agree_with_the_plain_reading_and_are_deterministic(
+        (allow, deny) in rules(),
+        caller in caller(),
+        anonymous in prop::bool::weighted(0.2),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let subject = caller.subject();
+        let subject = (!anonymous).then_some(&subject);
+        let decision = policy.evaluate(subject, &request);
+        prop_assert_eq!(decision, policy.evaluate(subject, &request));
+        let (allowed, rule) = reference(&allow, &deny, subject, &request);
+        prop_assert_eq!(decision.allowed, allowed, "{}", decision.reason);
+        prop_assert_eq!(decision.rule.map(str::to_owned), rule, "{}", decision.reason);
+    }
+
+    #[test]
+    fn any_input_gets_a_decision_and_refusals_fail_closed(
+        specs in prop::collection::vec(
+            (
+                prop::collection::vec(".{0,6}", 0..3),
+                prop::collection::vec(".{0,12}", 0..3),
+                any::<bool>(),
+                any::<bool>(),
+                prop::option::of(prop::collection::vec("[A-Za-z ]{0,4}", 0..3)),
+                prop::option::of(prop::collection::vec("/?[a-z/.]{0,5}", 0..3)),
+            ),
+            0..5,
+        ),
+        deny_count in 0usize..5,
+        user_name in ".{0,10}",
+        email in prop::option::of("[a-zA-Z@.*]{0,12}"),
+        active in any::<bool>(),
+        group_names in prop::collection::vec(".{0,6}", 0..4),
+        method in ".{0,8}",
+        path in "[a-z/.?%#]{0,10}",
+    ) {
+        let specs: Vec<RuleSpec> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (groups, email_domains, any_signed_in, public, methods, paths))| RuleSpec {
+                name: format!("r{i}"),
+                groups,
+                email_domains,
+                any_signed_in,
+                public,
+                methods,
+                paths,
+                ..RuleSpec::default()
+            })
+            .collect();
+        let split = deny_count.min(specs.len());
+        let deny = specs[..split].to_vec();
+        let allow = specs[split..].to_vec();
+        // Compiling arbitrary rules never panics; when it succeeds, evaluating never does.
+        let Ok(policy) = Policy::compile(allow, deny) else { return Ok(()) };
+        let groups: Vec<GroupRef<'_>> = group_names
+            .iter()
+            .map(|name| GroupRef { display_name: name, external_id: Some(name) })
+            .collect();
+        let subject = Subject {
+            kind: SubjectKind::Person,
+            user_name: &user_name,
+            email: email.as_deref(),
+            active,
+            groups: &groups,
+        };
+        let request = Request { method: &method, path: &path };
+        for subject in [None, Some(&subject)] {
+            let decision = policy.evaluate(subject, &request);
+            prop_assert_eq!(decision, policy.evaluate(subject, &request));
+            let by_a_rule = matches!(decision.reason, Reason::Allowed { .. });
+            prop_assert_eq!(decision.allowed, by_a_rule);
+            prop_assert!(!decision.reason.to_string().is_empty());
+        }
+    }
+}
