@@ -68,6 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(Record {
                 resource,
                 password_hash: None,
+                valid_since: Some(0),
             }),
         ));
     }
@@ -92,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(Record {
                 resource,
                 password_hash: None,
+                valid_since: Some(0),
             }),
         ));
         batch

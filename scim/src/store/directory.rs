@@ -9,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::index::{fold, format_id, Id, Index};
+use super::index::{fold, format_id, GroupEntry, Id, Index, UserEntry};
 use super::writer::Overlay;
 use super::{Change, Command, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH};
 use crate::error::ScimError;
@@ -50,6 +50,24 @@ pub struct UserStatus {
     pub row: Row,
     pub id: Id,
     pub active: bool,
+}
+
+/// How the proxy finds a caller's SCIM user.
+#[derive(Debug, Clone, Copy)]
+pub enum SubjectKey<'a> {
+    /// `userName`, case-insensitively.
+    UserName(&'a str),
+    /// One of the user's `emails`, case-insensitively; must name exactly one user.
+    Email(&'a str),
+    /// `externalId`, exactly; must name exactly one user.
+    ExternalId(&'a str),
+}
+
+/// A user as the authorization path sees it: borrowed from the index under its read lock,
+/// with every group it is in, directly or through nested groups.
+pub struct SubjectView<'a> {
+    pub user: &'a UserEntry,
+    pub groups: Vec<&'a GroupEntry>,
 }
 
 /// One member of a group, for rendering `members`.
@@ -174,6 +192,36 @@ impl Directory {
     pub fn counts(&self) -> (usize, usize) {
         let index = self.index();
         (index.user_count(), index.group_count())
+    }
+
+    /// Runs `f` on the user `key` finds (or `None`), from memory, under one consistent view of
+    /// the directory: a write answered before this call is visible, one answered after is not.
+    pub fn with_subject<R>(
+        &self,
+        key: SubjectKey<'_>,
+        f: impl FnOnce(Option<SubjectView<'_>>) -> R,
+    ) -> R {
+        let index = self.index();
+        let only = |rows: Vec<Row>| match rows.as_slice() {
+            [row] => Some(*row),
+            // Ambiguous: refuse rather than guess which user is meant.
+            _ => None,
+        };
+        let row = match key {
+            SubjectKey::UserName(name) => index.user_by_name(name),
+            SubjectKey::Email(email) => only(index.users_by_email(email)),
+            SubjectKey::ExternalId(id) => only(index.users_by_external_id(id)),
+        };
+        let view = row.and_then(|row| {
+            let user = index.user(row)?;
+            let groups = index
+                .groups_of(row)
+                .into_iter()
+                .filter_map(|(group, _)| index.group(group))
+                .collect();
+            Some(SubjectView { user, groups })
+        });
+        f(view)
     }
 
     /// The user whose `userName` is `user_name` (case-insensitively).

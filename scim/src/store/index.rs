@@ -38,6 +38,9 @@ pub struct UserEntry {
     pub emails: Box<[Box<str>]>,
     pub active: bool,
     pub version: Seq,
+    /// Sessions that began before this change sequence are no longer valid (see
+    /// [`Record::valid_since`]).
+    pub valid_since: Seq,
     /// The groups this user is directly in.
     pub parents: Vec<Row>,
 }
@@ -252,6 +255,7 @@ pub fn user_entry(record: &Record) -> Option<UserEntry> {
             .and_then(Value::as_bool)
             .unwrap_or(true),
         version: version_of(resource),
+        valid_since: record.valid_since.unwrap_or(0),
         parents: Vec::new(),
     })
 }
@@ -425,7 +429,7 @@ impl Index {
     pub(super) fn insert_stored(&mut self, rt: ResourceType, row: Row, json: &[u8]) -> bool {
         let fast = serde_json::from_slice::<StoredFields<'_>>(json)
             .ok()
-            .and_then(|stored| stored.resource.entry(rt));
+            .and_then(|stored| stored.resource.entry(rt, stored.valid_since.unwrap_or(0)));
         match fast {
             Some(Entry::User(entry)) => self.insert_user(row, entry),
             Some(Entry::Group(entry)) => self.insert_group(row, entry),
@@ -605,6 +609,8 @@ enum Entry {
 struct StoredFields<'a> {
     #[serde(borrow)]
     resource: Fields<'a>,
+    #[serde(default)]
+    valid_since: Option<Seq>,
 }
 
 #[derive(Deserialize)]
@@ -639,7 +645,7 @@ struct MetaField<'a> {
 }
 
 impl Fields<'_> {
-    fn entry(self, rt: ResourceType) -> Option<Entry> {
+    fn entry(self, rt: ResourceType, valid_since: Seq) -> Option<Entry> {
         let id = parse_id(&self.id)?;
         let version = self
             .meta
@@ -661,6 +667,7 @@ impl Fields<'_> {
                     .collect(),
                 active: self.active.unwrap_or(true),
                 version,
+                valid_since,
                 parents: Vec::new(),
             }),
             ResourceType::Group => Entry::Group(GroupEntry {

@@ -28,8 +28,10 @@ use crate::error::ScimError;
 use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
-pub use directory::{Directory, Member, MemberOf, Page, Query, SortOrder, UserStatus};
-pub use index::{format_id, parse_id, Id, Index};
+pub use directory::{
+    Directory, Member, MemberOf, Page, Query, SortOrder, SubjectKey, SubjectView, UserStatus,
+};
+pub use index::{format_id, parse_id, GroupEntry, Id, Index, UserEntry};
 
 /// Internal, stable row number of a resource: creation order, never reused.
 pub type Row = u64;
@@ -46,6 +48,11 @@ pub struct Record {
     pub resource: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
+    /// For a User: the change sequence from which sign-ins count. Set at creation and whenever
+    /// the user is deactivated, so a session that began before it is over for good, even if
+    /// the user is later re-activated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_since: Option<Seq>,
 }
 
 /// A write, evaluated by the writer against the state left by the writes before it.

@@ -363,3 +363,43 @@ async fn a_database_of_another_version_is_refused() {
     let err = RedbStorage::open(tmp.path()).err().unwrap();
     assert!(err.to_string().contains("schema version 99"), "{err}");
 }
+
+#[tokio::test]
+async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let epoch = |dir: &Directory| {
+        dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
+            v.map(|v| (v.user.active, v.user.valid_since))
+        })
+    };
+    {
+        let dir = open(tmp.path());
+        let dana = create(&dir, ResourceType::User, user("dana@x"))
+            .await
+            .unwrap();
+        assert_eq!(epoch(&dir), Some((true, dana.seq)), "created");
+        let rename = patch_body(json!([{"op": "replace", "path": "title", "value": "Eng"}]));
+        patch(&dir, ResourceType::User, &dana.id, rename)
+            .await
+            .unwrap();
+        assert_eq!(
+            epoch(&dir),
+            Some((true, dana.seq)),
+            "a profile change keeps it"
+        );
+        let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+        let off = patch(&dir, ResourceType::User, &dana.id, off)
+            .await
+            .unwrap();
+        assert_eq!(epoch(&dir), Some((false, off.seq)), "deactivation moves it");
+        let on = patch_body(json!([{"op": "replace", "value": {"active": true}}]));
+        patch(&dir, ResourceType::User, &dana.id, on).await.unwrap();
+        assert_eq!(epoch(&dir), Some((true, off.seq)), "re-activation keeps it");
+    }
+    let dir = open(tmp.path());
+    assert_eq!(
+        epoch(&dir).map(|e| e.1),
+        Some(3),
+        "and it survives a restart"
+    );
+}

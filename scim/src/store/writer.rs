@@ -357,9 +357,28 @@ impl<'a> Overlay<'a> {
                 "version": etag(self.seq),
             }),
         );
+        let valid_since = match rt {
+            ResourceType::Group => None,
+            ResourceType::User => {
+                let active = |r: &Value| {
+                    r.as_object()
+                        .and_then(|o| get_ci(o, "active"))
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true)
+                };
+                let deactivated = |p: &Record| active(&p.resource) && !active(&resource);
+                match previous {
+                    // Created, or deactivated by this change.
+                    None => Some(self.seq),
+                    Some(p) if deactivated(p) => Some(self.seq),
+                    Some(p) => p.valid_since.or(Some(0)),
+                }
+            }
+        };
         let record = Record {
             resource,
             password_hash,
+            valid_since,
         };
         self.ids.insert(id.clone(), Some((rt, row)));
         self.put_record(rt, row, Some(record.clone()));
