@@ -6,6 +6,7 @@
 //! `portcullis-config`. Read `proxy.rs` first: its module doc lists the request phases.
 
 mod admin;
+mod assertion;
 mod auth;
 mod logging;
 mod metrics;

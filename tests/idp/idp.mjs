@@ -329,9 +329,10 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
       );
     },
     ttl: {
-      AccessToken: 3600,
+      // Access tokens for a resource server live as long as its access_token_ttl says.
+      AccessToken: (_ctx, token) => token.resourceServer?.accessTokenTTL ?? 3600,
       AuthorizationCode: 60,
-      ClientCredentials: 3600,
+      ClientCredentials: (_ctx, token) => token.resourceServer?.accessTokenTTL ?? 3600,
       IdToken: 3600,
       Interaction: 600,
       RefreshToken: 24 * 3600,

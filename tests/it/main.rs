@@ -20,6 +20,8 @@ mod scim_crash;
 mod scim_entra;
 mod scim_okta;
 mod scim_protocol;
+mod signin;
+mod signin_machine;
 mod tls;
 mod websocket;
 

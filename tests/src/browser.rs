@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 /// How long chromedriver may take to listen.
-const DRIVER_TIMEOUT: Duration = Duration::from_secs(20);
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one WebDriver command may take (a navigation waits for the page load).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(45);
 /// Page-load limit inside Chromium, below [`COMMAND_TIMEOUT`].

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::tls::TestCa;
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Resolves every name to 127.0.0.1 (reqwest then uses the URL's port), so tests can use
 /// host names like `app.test` and never leave the machine.
@@ -68,6 +68,11 @@ pub fn tls_client_any_cert() -> reqwest::Client {
         .tls_info(true)
         .build()
         .expect("build reqwest TLS client")
+}
+
+/// The builder of [`tls_client`], to change a setting (cookies, redirects) before building.
+pub fn tls_client_builder(ca: &TestCa) -> reqwest::ClientBuilder {
+    tls_builder(ca)
 }
 
 fn tls_builder(ca: &TestCa) -> reqwest::ClientBuilder {

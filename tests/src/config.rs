@@ -38,6 +38,13 @@ impl Route {
         self.set(&format!("websockets = {on}"))
     }
 
+    /// `accept = [...]`: which credentials the route takes (`"session"`, `"bearer"`, or
+    /// `"public"` alone).
+    pub fn accept(self, credentials: &[&str]) -> Route {
+        let list: Vec<String> = credentials.iter().map(|c| toml_str(c)).collect();
+        self.set(&format!("accept = [{}]", list.join(", ")))
+    }
+
     /// Adds a raw `key = value` line to the route table.
     pub fn set(mut self, line: &str) -> Route {
         self.extra.push(line.to_owned());
@@ -87,6 +94,76 @@ struct Scim {
     settings: Vec<(String, String)>,
 }
 
+/// The `[oidc]` section: browser sign-in with OpenID Connect.
+#[derive(Debug, Clone)]
+pub struct Oidc {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub auth_host: String,
+    /// Other keys, `(key, raw TOML value)`, e.g. `("cookie_domain", "\".corp.test\"")`.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Oidc {
+    /// `[oidc]` with the four required keys and `auth_scheme = "http"` (tests speak plain
+    /// HTTP); `auth_host` is `host[:port]`.
+    pub fn new(issuer: &str, client_id: &str, client_secret: &str, auth_host: &str) -> Oidc {
+        Oidc {
+            issuer: issuer.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.to_owned(),
+            auth_host: auth_host.to_owned(),
+            settings: vec![("auth_scheme".to_owned(), "\"http\"".to_owned())],
+        }
+    }
+
+    /// Sets `key = value`, `value` being raw TOML (`"8h"` with its quotes, `true`, `[..]`).
+    pub fn set(mut self, key: &str, value: &str) -> Oidc {
+        self.settings.retain(|(k, _)| k != key);
+        self.settings.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// One `[[jwt_issuers]]` entry: an issuer of bearer JWTs for machines.
+#[derive(Debug, Clone)]
+pub struct JwtIssuer {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Other keys, `(key, raw TOML value)`: `jwks_uri`, `algorithms`, `leeway`.
+    pub settings: Vec<(String, String)>,
+}
+
+impl JwtIssuer {
+    pub fn new(issuer: &str, audiences: &[&str]) -> JwtIssuer {
+        JwtIssuer {
+            issuer: issuer.to_owned(),
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            settings: Vec::new(),
+        }
+    }
+
+    /// Sets `key = value`, `value` being raw TOML.
+    pub fn set(mut self, key: &str, value: &str) -> JwtIssuer {
+        self.settings.retain(|(k, _)| k != key);
+        self.settings.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// `jwks_uri = "<uri>"` (instead of the issuer's discovery document).
+    pub fn jwks_uri(self, uri: &str) -> JwtIssuer {
+        let value = toml_str(uri);
+        self.set("jwks_uri", &value)
+    }
+
+    /// `leeway = "<duration>"`, e.g. `"0s"`.
+    pub fn leeway(self, leeway: &str) -> JwtIssuer {
+        let value = toml_str(leeway);
+        self.set("leeway", &value)
+    }
+}
+
 /// The whole config file. Ports are picked when a listener is added, so the test knows them
 /// before the proxy starts.
 #[derive(Debug, Clone)]
@@ -97,6 +174,8 @@ pub struct ConfigBuilder {
     server: Vec<(String, String)>,
     routes: Vec<Route>,
     scim: Option<Scim>,
+    oidc: Option<Oidc>,
+    jwt_issuers: Vec<JwtIssuer>,
 }
 
 impl ConfigBuilder {
@@ -113,6 +192,8 @@ impl ConfigBuilder {
             ],
             routes: Vec::new(),
             scim: None,
+            oidc: None,
+            jwt_issuers: Vec::new(),
         }
     }
 
@@ -137,6 +218,18 @@ impl ConfigBuilder {
 
     pub fn route(mut self, route: Route) -> ConfigBuilder {
         self.routes.push(route);
+        self
+    }
+
+    /// Turns browser sign-in on with this `[oidc]` section (replacing any set before).
+    pub fn oidc(mut self, oidc: Oidc) -> ConfigBuilder {
+        self.oidc = Some(oidc);
+        self
+    }
+
+    /// Adds a `[[jwt_issuers]]` entry.
+    pub fn jwt_issuer(mut self, issuer: JwtIssuer) -> ConfigBuilder {
+        self.jwt_issuers.push(issuer);
         self
     }
 
@@ -245,6 +338,31 @@ impl ConfigBuilder {
             );
             for line in &route.extra {
                 let _ = writeln!(out, "{line}");
+            }
+        }
+        if let Some(oidc) = &self.oidc {
+            let _ = writeln!(
+                out,
+                "\n[oidc]\nissuer = {}\nclient_id = {}\nclient_secret = {}\nauth_host = {}",
+                toml_str(&oidc.issuer),
+                toml_str(&oidc.client_id),
+                toml_str(&oidc.client_secret),
+                toml_str(&oidc.auth_host)
+            );
+            for (key, value) in &oidc.settings {
+                let _ = writeln!(out, "{key} = {value}");
+            }
+        }
+        for issuer in &self.jwt_issuers {
+            let audiences: Vec<String> = issuer.audiences.iter().map(|a| toml_str(a)).collect();
+            let _ = writeln!(
+                out,
+                "\n[[jwt_issuers]]\nissuer = {}\naudiences = [{}]",
+                toml_str(&issuer.issuer),
+                audiences.join(", ")
+            );
+            for (key, value) in &issuer.settings {
+                let _ = writeln!(out, "{key} = {value}");
             }
         }
         if let Some(scim) = &self.scim {

@@ -26,7 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
 /// How long `start` waits for the `ready` line.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `npm ci` may take on first use.
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one request to the IdP may take.

@@ -32,7 +32,7 @@ use std::net::TcpListener;
 
 pub use browser::{Browser, BrowserCookie, BrowserOptions};
 pub use client::{raw_request, RawResponse};
-pub use config::{ConfigBuilder, Route, ScimToken};
+pub use config::{ConfigBuilder, JwtIssuer, Oidc, Route, ScimToken};
 pub use idp::{Idp, IdpClient, IdpOutage, IdpResource, IdpSetup, IdpUser, Pkce};
 pub use process::Portcullis;
 pub use recorder::{Recorded, Recorder};

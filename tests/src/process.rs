@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 /// How long `start` waits for `/readyz`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_TIMEOUT: Duration = Duration::from_secs(40);
 /// How long a one-shot command may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -198,9 +198,13 @@ impl Jwks {
         if keys.is_empty() {
             return Err(JwtError::UnknownKey);
         }
+        // Verify with exactly the token's (allowed) algorithm: jsonwebtoken refuses a key whose
+        // family differs from any algorithm in the list, and the list spans families.
+        let mut exact = validation.clone();
+        exact.algorithms = vec![header.alg];
         let mut last = JwtError::UnknownKey;
         for key in keys {
-            match jsonwebtoken::decode::<T>(token, &key, validation) {
+            match jsonwebtoken::decode::<T>(token, &key, &exact) {
                 Ok(data) => return Ok(data.claims),
                 Err(e) => last = JwtError::Invalid(e.to_string()),
             }

@@ -54,6 +54,8 @@ pub struct Auth {
     pub sessions: Sessions,
     /// Key sets of the bearer-token issuers, by issuer.
     issuers: DashMap<String, Arc<Jwks>>,
+    /// When fetching an issuer's keys for the first time last failed.
+    issuer_failures: DashMap<String, std::time::Instant>,
     http: reqwest::Client,
 }
 
@@ -100,6 +102,7 @@ impl Auth {
             oidc: Arc::new(Oidc::new(http.clone())),
             sessions: Sessions::open(data_dir, oidc::now_unix())?,
             issuers: DashMap::new(),
+            issuer_failures: DashMap::new(),
             http,
         })
     }
@@ -121,8 +124,9 @@ impl Auth {
         }
         if accept.contains(&Credential::Session) {
             let oidc = config.oidc.as_ref()?;
-            let id = cookie(req, &session_cookie_name(oidc, tls))
-                .or_else(|| cookie(req, &oidc.cookie_name))?;
+            // Only the exact name: on TLS without a cookie domain that is the `__Host-` one,
+            // which no sibling host and no plain-http page can have set.
+            let id = cookie(req, &session_cookie_name(oidc, tls))?;
             let (key, session) = self.sessions.get(id)?;
             if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
                 return None;
@@ -200,6 +204,21 @@ impl Auth {
         if let Some(jwks) = self.issuers.get(&issuer.issuer) {
             return Ok(jwks.clone());
         }
+        // While an issuer cannot be reached, don't let every request try again.
+        if let Some(failed) = self.issuer_failures.get(&issuer.issuer) {
+            if failed.elapsed() < jwt::REFETCH_AFTER {
+                return Err(JwtError::KeysUnavailable);
+            }
+        }
+        let result = self.first_fetch(issuer).await;
+        if result.is_err() {
+            self.issuer_failures
+                .insert(issuer.issuer.clone(), std::time::Instant::now());
+        }
+        result
+    }
+
+    async fn first_fetch(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
         let uri = match &issuer.jwks_uri {
             Some(uri) => uri.clone(),
             None => self.discover_jwks_uri(&issuer.issuer).await.map_err(|e| {

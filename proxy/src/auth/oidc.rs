@@ -86,6 +86,22 @@ pub enum SignInError {
     Invalid(String),
 }
 
+/// Why an ID token was refused: a bad signature may mean the IdP rotated its keys.
+#[derive(Debug)]
+enum IdTokenError {
+    Signature(String),
+    Other(String),
+}
+
+impl From<IdTokenError> for SignInError {
+    fn from(e: IdTokenError) -> Self {
+        match e {
+            IdTokenError::Signature(e) => SignInError::Invalid(format!("signature: {e}")),
+            IdTokenError::Other(e) => SignInError::Invalid(e),
+        }
+    }
+}
+
 struct Pending {
     pkce_verifier: String,
     nonce: String,
@@ -281,8 +297,9 @@ impl Oidc {
             .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
         let nonce = Nonce::new(pending.nonce.clone());
         let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
-            Err(SignInError::Invalid(e)) if e.contains("key") => {
-                // Perhaps the IdP rotated its keys since we fetched them.
+            Err(IdTokenError::Signature(_)) => {
+                // Perhaps the IdP rotated its keys since we fetched them: refetch (rate
+                // limited) and try once more.
                 let _ = provider.jwks.refresh(false).await;
                 self.verify_id_token(config, &provider, id_token, &nonce)?
             }
@@ -371,15 +388,15 @@ impl Oidc {
         provider: &Provider,
         id_token: &openidconnect::core::CoreIdToken,
         nonce: impl openidconnect::NonceVerifier,
-    ) -> Result<openidconnect::core::CoreIdTokenClaims, SignInError> {
+    ) -> Result<openidconnect::core::CoreIdTokenClaims, IdTokenError> {
         let raw = provider
             .jwks
             .raw()
-            .ok_or_else(|| SignInError::Invalid("no keys".into()))?;
+            .ok_or_else(|| IdTokenError::Other("no keys".into()))?;
         let keys: CoreJsonWebKeySet = serde_json::from_value((*raw).clone())
-            .map_err(|e| SignInError::Invalid(format!("key set: {e}")))?;
+            .map_err(|e| IdTokenError::Other(format!("key set: {e}")))?;
         let issuer = IssuerUrl::new(provider.issuer.clone())
-            .map_err(|e| SignInError::Invalid(e.to_string()))?;
+            .map_err(|e| IdTokenError::Other(e.to_string()))?;
         // A public client verifier: no client secret, so no HMAC-signed ID tokens.
         let verifier = CoreIdTokenVerifier::new_public_client(
             ClientId::new(config.client_id.clone()),
@@ -390,7 +407,12 @@ impl Oidc {
         id_token
             .claims(&verifier, nonce)
             .cloned()
-            .map_err(|e| SignInError::Invalid(e.to_string()))
+            .map_err(|e| match e {
+                openidconnect::ClaimsVerificationError::SignatureVerification(e) => {
+                    IdTokenError::Signature(e.to_string())
+                }
+                other => IdTokenError::Other(other.to_string()),
+            })
     }
 
     /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6) and returns

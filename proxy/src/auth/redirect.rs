@@ -50,12 +50,14 @@ pub fn safe_return_url(raw: &str, origin: &str, hosts: &Hosts) -> Option<String>
         return None;
     }
     if raw.starts_with('/') {
-        // A path on this host. `//x` and `/%2f…` could be read as another host by someone.
-        let second = raw.as_bytes().get(1).copied();
-        if second == Some(b'/')
-            || raw.to_ascii_lowercase().contains("%2f")
-            || raw.to_ascii_lowercase().contains("%5c")
-        {
+        // A path on this host. `//x` and `/%2f…` could be read as another host by someone;
+        // the query may hold encoded slashes (`?next=%2Fhome`).
+        let path = raw
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if path.as_bytes().get(1) == Some(&b'/') || path.contains("%2f") || path.contains("%5c") {
             return None;
         }
         return Some(format!("{origin}{raw}"));
@@ -86,6 +88,10 @@ mod tests {
         let origin = "https://corp.example.com";
         let allowed = [
             ("/dashboard?x=1", "https://corp.example.com/dashboard?x=1"),
+            (
+                "/search?next=%2Fhome",
+                "https://corp.example.com/search?next=%2Fhome",
+            ),
             ("https://corp.example.com/a", "https://corp.example.com/a"),
             (
                 "https://CORP.example.com:8443/a",

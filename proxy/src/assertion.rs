@@ -1,0 +1,948 @@
+//! The signed identity assertion sent to upstreams (`X-Portcullis-Assertion`).
+//!
+//! This module owns three things:
+//!
+//! - **The signing keys.** ES256 (P-256) keys live in `data_dir/assertion-keys/`, one PKCS#8 PEM
+//!   file per key, named `<kid>.pem` where the kid is the key's RFC 7638 JWK thumbprint. Files are
+//!   created with mode 0600 (the directory 0700) and carry their creation time in a line before
+//!   the PEM block. The newest key signs; an older key stays published until every token it can
+//!   have signed has expired (its successor's creation + the token TTL + 5 minutes of slack for
+//!   clock skew and for a server that has not yet picked up a rotation), then its file is deleted.
+//!   Rotation is a plain function over the directory ([`rotate_keys`]) so that the CLI can run
+//!   it while a server is up; a running [`Signer`] picks the new key up on [`Signer::refresh`].
+//! - **The JWKS** ([`Signer::jwks_json`], served at [`JWKS_PATH`]): every published public key.
+//! - **The assertion cache.** An ECDSA signature costs more than the whole proxy hop, so a token
+//!   is signed once per identity and route and reused until [`REFRESH_MARGIN_SECS`] before it
+//!   expires. A cached token is only served when *every* claim it carries (issuer, audience,
+//!   subject, email, groups), the caller's `version` and the current signing kid are unchanged;
+//!   so a change of groups or a key rotation never serves a stale token, whatever `version`
+//!   means to the caller. There is one slot per (issuer, route, subject): a changed identity
+//!   overwrites its slot rather than adding one, and the cache is cleared when it reaches
+//!   [`CACHE_CAPACITY`] slots. Tokens carry no `jti` so that they can be reused.
+//!
+//! Time is always a parameter (unix seconds), so that expiry and key retirement are testable.
+
+use std::fs;
+use std::hash::{BuildHasher, RandomState};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use dashmap::DashMap;
+use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use p256::SecretKey;
+use rand::TryRngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The request header that carries the assertion to the upstream.
+pub const ASSERTION_HEADER: &str = "x-portcullis-assertion";
+
+/// Where the JWKS of the published assertion keys is served.
+pub const JWKS_PATH: &str = "/.portcullis/jwks.json";
+
+/// The directory under `data_dir` that holds the keys.
+pub const KEY_DIR: &str = "assertion-keys";
+
+/// How long a retired key stays published beyond the token TTL.
+pub const RETIREMENT_GRACE_SECS: u64 = 300;
+
+/// A cached token is re-signed once it expires in this many seconds or fewer (at most half the
+/// TTL for very short TTLs).
+pub const REFRESH_MARGIN_SECS: u64 = 30;
+
+/// The most (issuer, route, subject) slots the cache holds before it is cleared.
+pub const CACHE_CAPACITY: usize = 100_000;
+
+/// The shortest accepted token TTL.
+const MIN_TTL_SECS: u64 = 10;
+
+/// The line before the PEM block that records when the key was created.
+const CREATED_PREFIX: &str = "Created: ";
+
+/// The claims of one assertion. `version` must change whenever the identity's groups or state
+/// change (for example the directory's change sequence for that user); the cache additionally
+/// compares every claim, so it is a fast path, not the only guard.
+#[derive(Debug, Clone, Copy)]
+pub struct AssertionClaims<'a> {
+    /// `iss`: who asserts, e.g. `https://auth.example.com`.
+    pub issuer: &'a str,
+    /// `aud`: the route name.
+    pub audience: &'a str,
+    /// `sub`: the identity.
+    pub subject: &'a str,
+    /// `email`, omitted when `None`.
+    pub email: Option<&'a str>,
+    /// `groups`, always present (possibly empty).
+    pub groups: &'a [&'a str],
+    /// Changes whenever the identity's groups or active state change.
+    pub version: u64,
+}
+
+#[derive(Serialize)]
+struct JwtClaims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    sub: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    groups: &'a [&'a str],
+    iat: u64,
+    exp: u64,
+}
+
+/// One loaded key.
+struct Key {
+    kid: Arc<str>,
+    created: u64,
+    signing: SigningKey,
+    /// base64url of the public point's coordinates.
+    x: String,
+    y: String,
+    /// base64url of the JOSE header, computed once.
+    header_b64: String,
+}
+
+/// The published keys, newest (signing) first, and their JWKS.
+struct KeySet {
+    keys: Vec<Arc<Key>>,
+    jwks: String,
+}
+
+impl KeySet {
+    fn new(keys: Vec<Key>) -> Result<KeySet, String> {
+        if keys.is_empty() {
+            return Err("no assertion signing key".to_string());
+        }
+        let jwk: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kty": "EC",
+                    "crv": "P-256",
+                    "x": k.x,
+                    "y": k.y,
+                    "kid": &*k.kid,
+                    "alg": "ES256",
+                    "use": "sig",
+                })
+            })
+            .collect();
+        let jwks = serde_json::to_string(&serde_json::json!({ "keys": jwk }))
+            .map_err(|e| format!("serializing the JWKS: {e}"))?;
+        Ok(KeySet {
+            keys: keys.into_iter().map(Arc::new).collect(),
+            jwks,
+        })
+    }
+
+    fn signing(&self) -> Option<&Arc<Key>> {
+        self.keys.first()
+    }
+
+    fn same_keys(&self, other: &[Key]) -> bool {
+        self.keys.len() == other.len()
+            && self
+                .keys
+                .iter()
+                .zip(other)
+                .all(|(a, b)| a.kid == b.kid && a.created == b.created)
+    }
+}
+
+/// A cached token and everything it was signed for.
+struct Cached {
+    issuer: Box<str>,
+    audience: Box<str>,
+    subject: Box<str>,
+    email: Option<Box<str>>,
+    groups: Box<[Box<str>]>,
+    version: u64,
+    kid: Arc<str>,
+    iat: u64,
+    exp: u64,
+    token: Arc<str>,
+}
+
+impl Cached {
+    fn serves(&self, c: &AssertionClaims<'_>, kid: &str, now: u64, margin: u64) -> bool {
+        self.version == c.version
+            && &*self.kid == kid
+            && self.iat <= now
+            && self.exp > now.saturating_add(margin)
+            && &*self.subject == c.subject
+            && &*self.audience == c.audience
+            && &*self.issuer == c.issuer
+            && self.email.as_deref() == c.email
+            && self.groups.len() == c.groups.len()
+            && self.groups.iter().zip(c.groups).all(|(a, b)| &**a == *b)
+    }
+}
+
+/// Signs assertions and publishes the keys that verify them. Cheap to share behind an `Arc`.
+pub struct Signer {
+    dir: PathBuf,
+    ttl: u64,
+    margin: u64,
+    keys: ArcSwap<KeySet>,
+    cache: DashMap<u64, Cached>,
+    slot_hasher: RandomState,
+    /// Serializes rotation and refresh within this process.
+    maintenance: Mutex<()>,
+}
+
+impl Signer {
+    /// Loads the keys in `data_dir/assertion-keys/` (creating the directory and a first key if
+    /// there is none), deleting keys retired by `now`.
+    pub fn open(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<Signer, String> {
+        let ttl = check_ttl(token_ttl)?;
+        let dir = key_dir(data_dir);
+        ensure_dir(&dir)?;
+        let mut keys = load_published(&dir, now, ttl)?;
+        if keys.is_empty() {
+            keys.push(generate_key(&dir, now)?);
+        }
+        let set = KeySet::new(keys)?;
+        Ok(Signer {
+            dir,
+            ttl,
+            margin: REFRESH_MARGIN_SECS.min(ttl / 2),
+            keys: ArcSwap::from_pointee(set),
+            cache: DashMap::new(),
+            slot_hasher: RandomState::new(),
+            maintenance: Mutex::new(()),
+        })
+    }
+
+    /// The token lifetime.
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl)
+    }
+
+    /// The kid of the key that signs new assertions.
+    pub fn signing_kid(&self) -> Option<Arc<str>> {
+        self.keys.load().signing().map(|k| k.kid.clone())
+    }
+
+    /// The JWKS (`{"keys":[...]}`) of every published key, to serve at [`JWKS_PATH`].
+    pub fn jwks_json(&self) -> String {
+        self.keys.load().jwks.clone()
+    }
+
+    /// The assertion for `claims` at `now`: the cached token if it was signed for exactly these
+    /// claims and version by the current signing key and expires more than the refresh margin
+    /// from now, else a freshly signed one (`iat` = now, `exp` = now + TTL).
+    pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<Arc<str>, String> {
+        let keys = self.keys.load();
+        let key = keys
+            .signing()
+            .ok_or_else(|| "no assertion signing key".to_string())?;
+        let slot = self
+            .slot_hasher
+            .hash_one((claims.issuer, claims.audience, claims.subject));
+        if let Some(hit) = self.cache.get(&slot) {
+            if hit.serves(claims, &key.kid, now, self.margin) {
+                return Ok(hit.token.clone());
+            }
+        }
+        let exp = now.saturating_add(self.ttl);
+        let token: Arc<str> = sign(key, claims, now, exp)?.into();
+        if self.cache.len() >= CACHE_CAPACITY && !self.cache.contains_key(&slot) {
+            self.cache.clear();
+        }
+        self.cache.insert(
+            slot,
+            Cached {
+                issuer: claims.issuer.into(),
+                audience: claims.audience.into(),
+                subject: claims.subject.into(),
+                email: claims.email.map(Into::into),
+                groups: claims.groups.iter().map(|g| (*g).into()).collect(),
+                version: claims.version,
+                kid: key.kid.clone(),
+                iat: now,
+                exp,
+                token: token.clone(),
+            },
+        );
+        Ok(token)
+    }
+
+    /// Generates a new signing key in the directory, retires keys whose tokens have all expired,
+    /// and switches to the new key. Returns the new kid.
+    pub fn rotate(&self, now: u64) -> Result<String, String> {
+        let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
+        let kid = rotate_dir(&self.dir, now, self.ttl)?;
+        self.refresh_locked(now)?;
+        Ok(kid)
+    }
+
+    /// Re-reads the key directory (picking up a rotation made by the CLI), retires keys whose
+    /// tokens have all expired, and drops expired cache entries. Call it periodically (every
+    /// minute is plenty) and on reload. On error the current keys stay in use.
+    pub fn refresh(&self, now: u64) -> Result<(), String> {
+        let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
+        self.refresh_locked(now)
+    }
+
+    fn refresh_locked(&self, now: u64) -> Result<(), String> {
+        self.cache.retain(|_, c| c.exp > now);
+        let keys = load_published(&self.dir, now, self.ttl)?;
+        if keys.is_empty() {
+            return Err(format!(
+                "{}: no assertion keys left on disk; keeping the keys in memory",
+                self.dir.display()
+            ));
+        }
+        if !self.keys.load().same_keys(&keys) {
+            let set = KeySet::new(keys)?;
+            tracing::info!(
+                signing_kid = set.signing().map(|k| &*k.kid).unwrap_or(""),
+                published = set.keys.len(),
+                "assertion keys updated"
+            );
+            self.keys.store(Arc::new(set));
+        }
+        Ok(())
+    }
+}
+
+/// `data_dir/assertion-keys`.
+pub fn key_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEY_DIR)
+}
+
+/// Generates a new signing key in `data_dir/assertion-keys/` and deletes keys whose tokens have
+/// all expired by `now`. For `portcullis rotate-assertion-key`: a running server picks the new
+/// key up on its next [`Signer::refresh`]. Returns the new kid.
+pub fn rotate_keys(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<String, String> {
+    let ttl = check_ttl(token_ttl)?;
+    let dir = key_dir(data_dir);
+    ensure_dir(&dir)?;
+    rotate_dir(&dir, now, ttl)
+}
+
+/// Deletes the keys in `data_dir/assertion-keys/` whose tokens have all expired by `now` (never
+/// the newest). Returns the kids of the keys still published, newest first.
+pub fn prune_keys(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<Vec<String>, String> {
+    let ttl = check_ttl(token_ttl)?;
+    let keys = load_published(&key_dir(data_dir), now, ttl)?;
+    Ok(keys.iter().map(|k| k.kid.to_string()).collect())
+}
+
+fn check_ttl(token_ttl: Duration) -> Result<u64, String> {
+    let ttl = token_ttl.as_secs();
+    if ttl < MIN_TTL_SECS {
+        return Err(format!(
+            "assertion token TTL must be at least {MIN_TTL_SECS} s, not {token_ttl:?}"
+        ));
+    }
+    Ok(ttl)
+}
+
+fn rotate_dir(dir: &Path, now: u64, ttl: u64) -> Result<String, String> {
+    let existing = read_keys(dir)?;
+    // The new key must be the newest even if the clock went backwards.
+    let created = match existing.first() {
+        Some(newest) if newest.created >= now => newest.created.saturating_add(1),
+        _ => now,
+    };
+    let key = generate_key(dir, created)?;
+    let kid = key.kid.to_string();
+    load_published(dir, now, ttl)?;
+    tracing::info!(kid = %kid, "generated a new assertion signing key");
+    Ok(kid)
+}
+
+/// How many of `keys` (newest first) are still published at `now`: the newest always; an older
+/// one while tokens it signed before its successor took over can still be valid.
+fn retained(keys: &[Key], now: u64, ttl: u64) -> usize {
+    let mut keep = keys.len().min(1);
+    while keep < keys.len() {
+        let successor = &keys[keep - 1];
+        let retires = successor
+            .created
+            .saturating_add(ttl)
+            .saturating_add(RETIREMENT_GRACE_SECS);
+        if now > retires {
+            break;
+        }
+        keep += 1;
+    }
+    keep
+}
+
+/// Reads the directory, deletes the files of retired keys, returns the published ones.
+fn load_published(dir: &Path, now: u64, ttl: u64) -> Result<Vec<Key>, String> {
+    let mut keys = read_keys(dir)?;
+    let keep = retained(&keys, now, ttl);
+    for old in keys.drain(keep..) {
+        let path = key_path(dir, &old.kid);
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(kid = %old.kid, "deleted retired assertion key"),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "could not delete retired assertion key; it is no longer published"
+            ),
+        }
+    }
+    Ok(keys)
+}
+
+fn key_path(dir: &Path, kid: &str) -> PathBuf {
+    dir.join(format!("{kid}.pem"))
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), String> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+}
+
+/// Every `*.pem` key in `dir`, newest first (ties broken by kid, so the order is stable).
+fn read_keys(dir: &Path) -> Result<Vec<Key>, String> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("reading {}: {e}", dir.display())),
+    };
+    let mut keys = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue; // temporary files of an interrupted write
+        }
+        let Some(kid) = name.strip_suffix(".pem") else {
+            continue;
+        };
+        let path = entry.path();
+        keys.push(read_key(&path, kid)?);
+    }
+    keys.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.kid.cmp(&a.kid)));
+    Ok(keys)
+}
+
+fn read_key(path: &Path, kid_from_name: &str) -> Result<Key, String> {
+    let bad = |why: String| format!("assertion key {}: {why}", path.display());
+    let text = fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "assertion key is readable by other users; chmod 600 it");
+        }
+    }
+    let begin = text
+        .find("-----BEGIN")
+        .ok_or_else(|| bad("no PEM block".to_string()))?;
+    let created = text[..begin]
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(CREATED_PREFIX))
+        .ok_or_else(|| {
+            bad(format!(
+                "no `{CREATED_PREFIX}<unix seconds>` line before the PEM block"
+            ))
+        })?
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| bad(format!("bad creation time: {e}")))?;
+    let secret = SecretKey::from_pkcs8_pem(text[begin..].trim_end())
+        .map_err(|e| bad(format!("not a PKCS#8 P-256 private key: {e}")))?;
+    let key = Key::new(SigningKey::from(&secret), created)?;
+    if &*key.kid != kid_from_name {
+        return Err(bad(format!(
+            "the file name does not match the key's id {}",
+            key.kid
+        )));
+    }
+    Ok(key)
+}
+
+impl Key {
+    fn new(signing: SigningKey, created: u64) -> Result<Key, String> {
+        let point = signing.verifying_key().as_affine().to_encoded_point(false);
+        let (Some(x), Some(y)) = (point.x(), point.y()) else {
+            return Err("the public key is the identity point".to_string());
+        };
+        let x = URL_SAFE_NO_PAD.encode(x);
+        let y = URL_SAFE_NO_PAD.encode(y);
+        // RFC 7638: the required members, lexicographic order, no whitespace.
+        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
+        let header = serde_json::json!({ "alg": "ES256", "typ": "JWT", "kid": kid });
+        let header_b64 = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&header).map_err(|e| format!("serializing the header: {e}"))?,
+        );
+        Ok(Key {
+            kid: kid.into(),
+            created,
+            signing,
+            x,
+            y,
+            header_b64,
+        })
+    }
+}
+
+/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, written to a temporary file,
+/// synced and renamed into place).
+fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
+    let secret = random_secret()?;
+    let key = Key::new(SigningKey::from(&secret), created)?;
+    let pem = secret
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| format!("encoding the assertion key: {e}"))?;
+    let path = key_path(dir, &key.kid);
+    let tmp = dir.join(format!(".{}.pem.tmp", key.kid));
+    let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(fail("removing", e)),
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| fail("creating", e))?;
+    let contents = format!(
+        "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{}",
+        key.kid,
+        pem.as_str()
+    );
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| fail("writing", e))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(|e| fail("renaming", e))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(key)
+}
+
+fn random_secret() -> Result<SecretKey, String> {
+    // A uniformly random 32-byte string is a valid scalar except with probability ~2^-32.
+    for _ in 0..16 {
+        let mut bytes = p256::FieldBytes::default();
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|e| format!("reading the OS random source: {e}"))?;
+        let secret = SecretKey::from_bytes(&bytes);
+        p256::elliptic_curve::zeroize::Zeroize::zeroize(bytes.as_mut_slice());
+        if let Ok(secret) = secret {
+            return Ok(secret);
+        }
+    }
+    Err("could not generate a P-256 key".to_string())
+}
+
+fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<String, String> {
+    let body = serde_json::to_vec(&JwtClaims {
+        iss: claims.issuer,
+        aud: claims.audience,
+        sub: claims.subject,
+        email: claims.email,
+        groups: claims.groups,
+        iat,
+        exp,
+    })
+    .map_err(|e| format!("serializing the assertion: {e}"))?;
+    let mut token = String::with_capacity(key.header_b64.len() + body.len() * 4 / 3 + 100);
+    token.push_str(&key.header_b64);
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(&body, &mut token);
+    let signature: Signature = key
+        .signing
+        .try_sign(token.as_bytes())
+        .map_err(|e| format!("signing the assertion: {e}"))?;
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::jwk::JwkSet;
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    use serde_json::Value;
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    const TTL: Duration = Duration::from_secs(300);
+    const T0: u64 = 1_700_000_000;
+
+    fn real_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn claims<'a>(aud: &'a str, groups: &'a [&'a str], version: u64) -> AssertionClaims<'a> {
+        AssertionClaims {
+            issuer: "https://auth.example.com",
+            audience: aud,
+            subject: "2819c223-7f76-453a-919d-413861904646",
+            email: Some("alice@corp.example"),
+            groups,
+            version,
+        }
+    }
+
+    fn kid_of(token: &str) -> String {
+        jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+    }
+
+    fn jwks_kids(signer: &Signer) -> Vec<String> {
+        let set: JwkSet = serde_json::from_str(&signer.jwks_json()).unwrap();
+        set.keys
+            .iter()
+            .map(|k| k.common.key_id.clone().unwrap())
+            .collect()
+    }
+
+    fn verify(signer: &Signer, token: &str, aud: &str) -> Result<Value, String> {
+        let set: JwkSet = serde_json::from_str(&signer.jwks_json()).unwrap();
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        assert_eq!(header.alg, Algorithm::ES256);
+        let kid = header.kid.ok_or("no kid")?;
+        let jwk = set.find(&kid).ok_or("kid not in JWKS")?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.leeway = 0;
+        validation.set_issuer(&["https://auth.example.com"]);
+        validation.set_audience(&[aud]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        jsonwebtoken::decode::<Value>(token, &key, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| e.to_string())
+    }
+
+    fn pem_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(key_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn token_verifies_against_the_jwks_and_carries_the_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = real_now();
+        let signer = Signer::open(dir.path(), now, TTL).unwrap();
+        let groups = ["admins", "eng"];
+        let token = signer
+            .assertion(&claims("grafana", &groups, 1), now)
+            .unwrap();
+        let got = verify(&signer, &token, "grafana").unwrap();
+        assert_eq!(got["iss"], "https://auth.example.com");
+        assert_eq!(got["aud"], "grafana");
+        assert_eq!(got["sub"], "2819c223-7f76-453a-919d-413861904646");
+        assert_eq!(got["email"], "alice@corp.example");
+        assert_eq!(got["groups"], serde_json::json!(["admins", "eng"]));
+        assert_eq!(got["iat"], now);
+        assert_eq!(got["exp"], now + 300);
+        assert!(got.get("jti").is_none());
+        // Wrong audience is refused by the verifier.
+        assert!(verify(&signer, &token, "other").is_err());
+
+        // No email: the claim is omitted.
+        let mut c = claims("grafana", &[], 2);
+        c.email = None;
+        let token = signer.assertion(&c, now).unwrap();
+        let got = verify(&signer, &token, "grafana").unwrap();
+        assert!(got.get("email").is_none());
+        assert_eq!(got["groups"], serde_json::json!([]));
+
+        // The JWKS is what the issue promises.
+        let jwks: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
+        let k = &jwks["keys"][0];
+        assert_eq!(k["kty"], "EC");
+        assert_eq!(k["crv"], "P-256");
+        assert_eq!(k["alg"], "ES256");
+        assert_eq!(k["use"], "sig");
+        assert_eq!(k["kid"], kid_of(&token).as_str());
+        assert_eq!(k["kid"].as_str().unwrap().len(), 43);
+    }
+
+    #[test]
+    fn kid_is_the_rfc7638_thumbprint() {
+        // RFC 7638 thumbprints are over the canonical JSON; recompute from the JWKS members.
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let jwks: Value = serde_json::from_str(&signer.jwks_json()).unwrap();
+        let k = &jwks["keys"][0];
+        let canonical = serde_json::to_string(&serde_json::json!({
+            "crv": k["crv"], "kty": k["kty"], "x": k["x"], "y": k["y"],
+        }))
+        .unwrap(); // serde_json (without preserve_order) sorts keys
+        assert_eq!(
+            k["kid"].as_str().unwrap(),
+            URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn cache_reuses_tokens_and_never_serves_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let g1 = ["eng"];
+        let a = signer.assertion(&claims("grafana", &g1, 7), T0).unwrap();
+        let b = signer
+            .assertion(&claims("grafana", &g1, 7), T0 + 100)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "same inputs reuse the token");
+
+        // Another route, another version, other groups, another email: a new token.
+        let other_route = signer.assertion(&claims("wiki", &g1, 7), T0).unwrap();
+        assert_ne!(other_route, a);
+        let new_version = signer.assertion(&claims("grafana", &g1, 8), T0).unwrap();
+        assert!(!Arc::ptr_eq(&new_version, &a));
+        let g2 = ["eng", "admins"];
+        // Even if the caller forgot to bump the version, changed groups are not served stale.
+        let new_groups = signer.assertion(&claims("grafana", &g2, 8), T0).unwrap();
+        assert!(!Arc::ptr_eq(&new_groups, &new_version));
+        let body = |t: &str| {
+            let part = t.split('.').nth(1).unwrap();
+            serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+        };
+        assert_eq!(
+            body(&new_groups)["groups"],
+            serde_json::json!(["eng", "admins"])
+        );
+        let mut c = claims("grafana", &g2, 8);
+        c.email = Some("alice@new.example");
+        let new_email = signer.assertion(&c, T0).unwrap();
+        assert_eq!(body(&new_email)["email"], "alice@new.example");
+
+        // Re-signed when it would expire within the margin, not before.
+        let c = claims("grafana", &g2, 8);
+        let t1 = signer.assertion(&c, T0).unwrap();
+        let t2 = signer.assertion(&c, T0 + 300 - 31).unwrap();
+        assert!(Arc::ptr_eq(&t1, &t2));
+        let t3 = signer.assertion(&c, T0 + 300 - 30).unwrap();
+        assert!(!Arc::ptr_eq(&t1, &t3));
+        assert_eq!(body(&t3)["iat"], T0 + 270);
+    }
+
+    #[test]
+    fn rotation_publishes_both_keys_then_retires_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let old_kid = signer.signing_kid().unwrap().to_string();
+        let c = claims("grafana", &["eng"], 1);
+        let before = signer.assertion(&c, T0).unwrap();
+        assert_eq!(kid_of(&before), old_kid);
+
+        let t1 = T0 + 1000;
+        let new_kid = signer.rotate(t1).unwrap();
+        assert_ne!(new_kid, old_kid);
+        assert_eq!(&*signer.signing_kid().unwrap(), new_kid);
+        let after = signer.assertion(&c, t1).unwrap();
+        assert_eq!(
+            kid_of(&after),
+            new_kid,
+            "a cached token of the old key is not served"
+        );
+        let mut kids = jwks_kids(&signer);
+        kids.sort();
+        let mut want = vec![old_kid.clone(), new_kid.clone()];
+        want.sort();
+        assert_eq!(kids, want);
+        assert_eq!(pem_files(dir.path()).len(), 2);
+
+        // Still published at the end of the grace period...
+        signer.refresh(t1 + 300 + 300).unwrap();
+        assert_eq!(jwks_kids(&signer).len(), 2);
+        // ...and gone, file included, right after.
+        signer.refresh(t1 + 300 + 301).unwrap();
+        assert_eq!(jwks_kids(&signer), vec![new_kid.clone()]);
+        assert_eq!(pem_files(dir.path()), vec![format!("{new_kid}.pem")]);
+    }
+
+    #[test]
+    fn cli_rotation_is_picked_up_by_refresh_and_old_keys_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let k1 = signer.signing_kid().unwrap().to_string();
+        let k2 = rotate_keys(dir.path(), T0 + 10, TTL).unwrap();
+        // Rotated twice in a row: every key is still published (k1 signed until k2 appeared).
+        let k3 = rotate_keys(dir.path(), T0 + 20, TTL).unwrap();
+        assert_eq!(&*signer.signing_kid().unwrap(), k1, "not before a refresh");
+        signer.refresh(T0 + 30).unwrap();
+        assert_eq!(&*signer.signing_kid().unwrap(), k3);
+        assert_eq!(jwks_kids(&signer), vec![k3.clone(), k2.clone(), k1.clone()]);
+        // k1 retires at k2's creation + ttl + grace, k2 at k3's.
+        assert_eq!(
+            prune_keys(dir.path(), T0 + 10 + 600, TTL).unwrap(),
+            vec![k3.clone(), k2.clone(), k1.clone()]
+        );
+        assert_eq!(
+            prune_keys(dir.path(), T0 + 10 + 601, TTL).unwrap(),
+            vec![k3.clone(), k2.clone()]
+        );
+        assert_eq!(
+            prune_keys(dir.path(), T0 + 20 + 601, TTL).unwrap(),
+            vec![k3.clone()]
+        );
+        // The newest is kept forever.
+        assert_eq!(
+            prune_keys(dir.path(), T0 + 10_000_000, TTL).unwrap(),
+            vec![k3.clone()]
+        );
+        signer.refresh(T0 + 10_000_000).unwrap();
+        assert_eq!(jwks_kids(&signer), vec![k3]);
+    }
+
+    #[test]
+    fn rotation_with_a_clock_behind_still_makes_the_new_key_the_signer() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let new_kid = signer.rotate(T0 - 100).unwrap();
+        assert_eq!(&*signer.signing_kid().unwrap(), new_kid);
+    }
+
+    #[test]
+    fn restart_keeps_the_signing_key_and_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Signer::open(dir.path(), T0, TTL).unwrap();
+        let kid = first.signing_kid().unwrap();
+        let rotated = first.rotate(T0 + 5).unwrap();
+        drop(first);
+        let again = Signer::open(dir.path(), T0 + 60, TTL).unwrap();
+        assert_eq!(&*again.signing_kid().unwrap(), rotated);
+        assert_eq!(jwks_kids(&again).len(), 2);
+        assert!(jwks_kids(&again).contains(&kid.to_string()));
+
+        let keys = key_dir(dir.path());
+        assert_eq!(
+            fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for name in pem_files(dir.path()) {
+            let mode = fs::metadata(keys.join(&name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        // The file is a standard PKCS#8 PEM after the preamble.
+        let text = fs::read_to_string(keys.join(format!("{rotated}.pem"))).unwrap();
+        assert!(text.contains("-----BEGIN PRIVATE KEY-----"));
+        assert!(text.contains(&format!("{CREATED_PREFIX}{}", T0 + 5)));
+    }
+
+    #[test]
+    fn corrupt_or_misnamed_key_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let kid = signer.signing_kid().unwrap();
+        let keys = key_dir(dir.path());
+        let path = keys.join(format!("{kid}.pem"));
+        let good = fs::read_to_string(&path).unwrap();
+
+        fs::write(
+            &path,
+            format!("{CREATED_PREFIX}{T0}\n-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n"),
+        )
+        .unwrap();
+        let err = Signer::open(dir.path(), T0, TTL).err().unwrap();
+        assert!(
+            err.contains(&*kid) && err.contains("not a PKCS#8 P-256 private key"),
+            "{err}"
+        );
+        // A running signer keeps its keys when a refresh finds garbage.
+        assert!(signer.refresh(T0).is_err());
+        assert_eq!(signer.signing_kid().unwrap(), kid);
+
+        fs::write(&path, "garbage").unwrap();
+        let err = Signer::open(dir.path(), T0, TTL).err().unwrap();
+        assert!(err.contains("no PEM block"), "{err}");
+
+        let no_created = good
+            .lines()
+            .filter(|l| !l.starts_with(CREATED_PREFIX))
+            .collect::<Vec<_>>()
+            .join("\n");
+        fs::write(&path, no_created).unwrap();
+        let err = Signer::open(dir.path(), T0, TTL).err().unwrap();
+        assert!(err.contains("Created:"), "{err}");
+
+        fs::remove_file(&path).unwrap();
+        fs::write(keys.join("renamed.pem"), &good).unwrap();
+        let err = Signer::open(dir.path(), T0, TTL).err().unwrap();
+        assert!(err.contains("does not match"), "{err}");
+
+        // Temporary files and non-PEM files are ignored.
+        fs::remove_file(keys.join("renamed.pem")).unwrap();
+        fs::write(keys.join(".abc.pem.tmp"), "partial").unwrap();
+        fs::write(keys.join("README"), "hello").unwrap();
+        assert!(Signer::open(dir.path(), T0, TTL).is_ok());
+
+        assert!(Signer::open(dir.path(), T0, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        for i in 0..CACHE_CAPACITY {
+            // Fill without signing: the bound is about slots, not tokens.
+            signer.cache.insert(
+                i as u64,
+                Cached {
+                    issuer: "".into(),
+                    audience: "".into(),
+                    subject: "".into(),
+                    email: None,
+                    groups: Box::new([]),
+                    version: 0,
+                    kid: "".into(),
+                    iat: T0,
+                    exp: T0 + 300,
+                    token: "".into(),
+                },
+            );
+        }
+        signer.assertion(&claims("grafana", &[], 1), T0).unwrap();
+        assert_eq!(signer.cache.len(), 1);
+        signer.refresh(T0 + 301).unwrap();
+        assert_eq!(signer.cache.len(), 0, "expired entries are dropped");
+    }
+
+    #[test]
+    fn bench_sign_vs_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let groups = ["eng", "admins", "oncall"];
+        let n = 200u64;
+        let start = Instant::now();
+        for v in 0..n {
+            signer
+                .assertion(&claims("grafana", &groups, v), T0)
+                .unwrap();
+        }
+        let sign = start.elapsed() / n as u32;
+        let c = claims("grafana", &groups, n);
+        signer.assertion(&c, T0).unwrap();
+        let hits = 100_000u32;
+        let start = Instant::now();
+        for _ in 0..hits {
+            std::hint::black_box(signer.assertion(std::hint::black_box(&c), T0).unwrap());
+        }
+        let hit = start.elapsed() / hits;
+        println!("assertion: sign {sign:?}/token, cached hit {hit:?}/token");
+    }
+}
