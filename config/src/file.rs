@@ -7,7 +7,8 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct File {
@@ -25,6 +26,8 @@ pub(crate) struct File {
     pub oidc: Option<Oidc>,
     #[serde(default)]
     pub jwt_issuers: Vec<JwtIssuer>,
+    #[serde(default)]
+    pub identity: Identity,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +82,64 @@ pub(crate) struct Route {
     pub tls_verify: Option<bool>,
     pub tls_ca: Option<PathBuf>,
     pub accept: Option<Vec<String>>,
+    pub allow: Option<Rules>,
+    pub deny: Option<Rules>,
+    pub identity_headers: Option<bool>,
+    pub assertion: Option<bool>,
+    pub token_groups: Option<bool>,
+}
+
+/// A route's `allow` or `deny`: one rule as a table (`allow = { groups = ["sre"] }`) or several
+/// as an array of tables (`[[routes.allow]]`).
+///
+/// Deserialized by hand rather than as an untagged enum: an untagged enum buffers the value and
+/// deserializes it again out of sight of `serde_ignored`, so unknown keys inside a rule would
+/// pass unreported.
+#[derive(Debug)]
+pub(crate) enum Rules {
+    One(Rule),
+    Many(Vec<Rule>),
+}
+
+impl<'de> Deserialize<'de> for Rules {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RulesVisitor;
+
+        impl<'de> Visitor<'de> for RulesVisitor {
+            type Value = Rules;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a rule (a table such as { groups = [\"sre\"] }) or an array of rules")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Rules, A::Error> {
+                Rule::deserialize(de::value::MapAccessDeserializer::new(map)).map(Rules::One)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Rules, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Rules::Many)
+            }
+        }
+
+        deserializer.deserialize_any(RulesVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    expecting = "a rule: a table of groups, group_ids, users, email_domains, \
+                     any_signed_in, machines, public, methods and paths"
+)]
+pub(crate) struct Rule {
+    pub groups: Option<Vec<String>>,
+    pub group_ids: Option<Vec<String>>,
+    pub users: Option<Vec<String>>,
+    pub email_domains: Option<Vec<String>>,
+    pub any_signed_in: Option<bool>,
+    pub machines: Option<bool>,
+    pub public: Option<bool>,
+    pub methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +215,18 @@ impl std::fmt::Debug for Oidc {
             .field("post_logout_redirect", &self.post_logout_redirect)
             .finish()
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Identity {
+    pub claim: Option<String>,
+    pub scim_attribute: Option<String>,
+    pub machine_claim: Option<String>,
+    pub machine_scim_attribute: Option<String>,
+    pub header_user: Option<String>,
+    pub header_email: Option<String>,
+    pub header_groups: Option<String>,
+    pub allow_sample_rate: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

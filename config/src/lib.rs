@@ -4,6 +4,9 @@
 //! [`model`] holds the validated [`Config`] the rest of Portcullis uses. `validate` converts one
 //! into the other and is the only place that checks anything; it reports every problem at once,
 //! each with its key path and line ([`ConfigErrors`]), so one `check-config` run lists them all.
+//! A route's `allow` and `deny` rules are checked by compiling them with
+//! `portcullis_policy::Policy::compile`, the very compile the proxy runs, so a file that passes
+//! here never fails there.
 //!
 //! It deliberately does no I/O beyond reading the configuration file, the certificate, key and
 //! CA files it refers to, and secret files (`file:`), plus resolving upstream host names. It

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use portcullis_policy::RuleSpec;
+
 /// A secret value read from the file, the environment (`env:NAME`) or a file (`file:PATH`).
 ///
 /// Its `Debug` output never shows the value, so a secret cannot leak through a log line.
@@ -58,6 +60,9 @@ pub struct Config {
     pub oidc: Option<OidcConfig>,
     /// Issuers whose bearer JWTs are accepted on routes that take `bearer`; issuers unique.
     pub jwt_issuers: Vec<JwtIssuer>,
+    /// How a signed-in caller is found in the SCIM directory and told to upstreams; the
+    /// defaults when the file has no `[identity]` section.
+    pub identity: IdentityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +134,30 @@ pub struct Route {
     /// (no authentication). `Session` appears only with [`Config::oidc`], `Bearer` only with
     /// [`Config::jwt_issuers`].
     pub accept: Vec<Credential>,
+    /// Who may use the route, for [`portcullis_policy::Policy::compile`]: each rule named by
+    /// its key path (`routes[2].allow[0]`, or `routes[2].allow` for a single rule written as a
+    /// table), in file order. The rules compile: validation compiled them.
+    ///
+    /// Never empty. A route that takes credentials has at least one allow rule (a file without
+    /// one is refused: it would let nobody in). A public route (`accept` empty) has only
+    /// `public` rules; without `allow` in the file it gets one, `public = true` alone, named
+    /// `routes[i].allow`, so the proxy can evaluate every route's policy the same way.
+    ///
+    /// A `public` rule on a route that takes credentials lets anyone in, signed in or not,
+    /// where it applies; the proxy asks for sign-in only when no public rule covers the request.
+    pub allow: Vec<RuleSpec>,
+    /// Rules that refuse whatever the allow rules say, named like `allow`. Empty on public
+    /// routes: every criterion of a deny rule names a caller, and nobody signs in there.
+    pub deny: Vec<RuleSpec>,
+    /// Set [`IdentityConfig::header_user`], `header_email` and `header_groups` on requests
+    /// sent upstream (default on).
+    pub identity_headers: bool,
+    /// Set `X-Portcullis-Assertion`, a signed JWT of the caller's identity, on requests sent
+    /// upstream (default on).
+    pub assertion: bool,
+    /// When a signed-in caller has no SCIM user, take their groups from the token's `groups`
+    /// claim instead of refusing them (default off).
+    pub token_groups: bool,
 }
 
 /// A credential a route accepts.
@@ -216,6 +245,106 @@ pub struct OidcConfig {
     pub id_token_algorithms: Vec<JwtAlgorithm>,
     /// Absolute URL passed to the IdP's `end_session_endpoint` as `post_logout_redirect_uri`.
     pub post_logout_redirect: Option<String>,
+}
+
+/// How a signed-in caller is found in the SCIM directory, and the names of the identity headers
+/// sent upstream.
+///
+/// Any claim may be matched against any attribute except that a person's `sub` is never
+/// matched against [`ScimAttribute::Emails`] (a `sub` is not an address) and a machine's claim
+/// never is (service accounts are found by name or id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityConfig {
+    /// The ID-token claim that finds a person's SCIM user.
+    pub claim: IdentityClaim,
+    /// The SCIM attribute `claim` is matched against.
+    pub scim_attribute: ScimAttribute,
+    /// The access-token claim that finds a machine's SCIM user (its service account).
+    pub machine_claim: MachineClaim,
+    /// The SCIM attribute `machine_claim` is matched against: `UserName` or `ExternalId`.
+    pub machine_scim_attribute: ScimAttribute,
+    /// Header names for the caller's `userName`, email and groups, as written; each starts with
+    /// `X-Portcullis-` (in any case), so clients can never send it (such headers are stripped
+    /// on the way in). Distinct from each other and from `X-Portcullis-Assertion`, even
+    /// compared case-insensitively with `_` read as `-`.
+    pub header_user: String,
+    pub header_email: String,
+    pub header_groups: String,
+    /// Fraction of allowed requests also written to the audit log, `0.0..=1.0`; refusals are
+    /// always written.
+    pub allow_sample_rate: f64,
+}
+
+impl Default for IdentityConfig {
+    /// What a file without `[identity]` gets.
+    fn default() -> Self {
+        Self {
+            claim: IdentityClaim::Email,
+            scim_attribute: ScimAttribute::UserName,
+            machine_claim: MachineClaim::Sub,
+            machine_scim_attribute: ScimAttribute::UserName,
+            header_user: "X-Portcullis-User".to_owned(),
+            header_email: "X-Portcullis-Email".to_owned(),
+            header_groups: "X-Portcullis-Groups".to_owned(),
+            allow_sample_rate: 0.0,
+        }
+    }
+}
+
+/// The ID-token claim that identifies a person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityClaim {
+    Email,
+    Sub,
+}
+
+impl IdentityClaim {
+    /// The claim's name in the token and in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Sub => "sub",
+        }
+    }
+}
+
+/// The access-token claim that identifies a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MachineClaim {
+    Sub,
+    ClientId,
+}
+
+impl MachineClaim {
+    /// The claim's name in the token and in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sub => "sub",
+            Self::ClientId => "client_id",
+        }
+    }
+}
+
+/// The SCIM user attribute a claim is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScimAttribute {
+    /// `userName`, compared case-insensitively.
+    UserName,
+    /// Any of the user's `emails[].value`, compared case-insensitively.
+    Emails,
+    /// `externalId`, compared exactly.
+    ExternalId,
+}
+
+impl ScimAttribute {
+    /// The attribute's name in SCIM and in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserName => "userName",
+            Self::Emails => "emails",
+            Self::ExternalId => "externalId",
+        }
+    }
 }
 
 /// An issuer whose bearer JWTs machines and agents present.

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use portcullis_policy::RuleSpec;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
@@ -881,6 +882,8 @@ accept = ["session", "bearer"]
             problems: &[
                 ("routes[0].accept[0]", Some(13), "needs an [oidc] section"),
                 ("routes[0].accept[1]", Some(13), "needs at least one [[jwt_issuers]]"),
+                // Still true once `accept` is fixed.
+                ("routes[0].allow", Some(10), "no allow rule lets anyone in"),
             ],
         },
         Case {
@@ -906,8 +909,236 @@ accept = []
                 ("routes[0].accept[0]", Some(18), "cannot be combined"),
                 ("routes[1].accept[1]", Some(22), "`session` is listed twice"),
                 ("routes[1].accept[2]", Some(22), "unknown credential `cookie`"),
+                ("routes[1].allow", Some(19), "no allow rule lets anyone in"),
                 ("routes[2].accept", Some(26), "[\"public\"] for no authentication"),
             ],
+        },
+        Case {
+            name: "rules of both forms: every compile problem at its key",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["sre", ""], methods = ["GET", "BAD METHOD"] }
+deny = { public = true, users = ["mallory@corp.example"] }
+[[routes]]
+from = "https://b.example.com"
+to = ["http://127.0.0.1:3000"]
+[[routes.allow]]
+email_domains = ["*.corp.*"]
+paths = ["admin"]
+[[routes.allow]]
+methods = []
+[[routes.deny]]
+group_ids = [""]
+"#,
+            problems: &[
+                ("routes[0].allow.groups[1]", Some(18), "is empty"),
+                ("routes[0].allow.methods[1]", Some(18), "not a valid HTTP method"),
+                ("routes[0].deny.public", Some(19), "only allowed in allow rules"),
+                (
+                    "routes[1].allow[0].email_domains[0]",
+                    Some(24),
+                    "\"*.corp.*\" is not a valid email domain",
+                ),
+                ("routes[1].allow[0].paths[0]", Some(25), "does not start with /"),
+                ("routes[1].allow[1]", Some(26), "the rule names nobody"),
+                ("routes[1].allow[1].methods", Some(27), "is an empty list"),
+                ("routes[1].deny[0].group_ids[0]", Some(29), "is empty"),
+            ],
+        },
+        Case {
+            name: "unknown keys inside rules of both forms",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["sre"], group = ["ops"] }
+[[routes.deny]]
+users = ["mallory@corp.example"]
+method = ["DELETE"]
+"#,
+            problems: &[
+                ("routes[0].allow.group", Some(18), "unknown key"),
+                ("routes[0].deny[0].method", Some(21), "unknown key"),
+            ],
+        },
+        Case {
+            name: "a rule that is not a table",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = "sre"
+"#,
+            problems: &[("", Some(18), "expected a rule")],
+        },
+        Case {
+            name: "routes that require sign-in but let nobody in",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+[[routes]]
+from = "https://api.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["session"]
+deny = { users = ["mallory@corp.example"] }
+[[routes]]
+from = "https://c.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = []
+deny = []
+"#,
+            problems: &[
+                (
+                    "routes[0].allow",
+                    Some(15),
+                    "route requires sign-in but no allow rule lets anyone in (without `accept`, \
+                     a route takes a session when [oidc] is configured)",
+                ),
+                (
+                    "routes[1].allow",
+                    Some(18),
+                    "route requires sign-in but no allow rule lets anyone in: add",
+                ),
+                ("routes[2].allow", Some(26), "is an empty list of rules"),
+                ("routes[2].deny", Some(27), "is an empty list of rules"),
+            ],
+        },
+        Case {
+            name: "rules naming callers on public routes",
+            text: r#"data_dir = "data"
+LISTENERS
+[[routes]]
+from = "https://status.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { public = true, paths = ["/status"] }
+[[routes]]
+from = "https://open.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+allow = { groups = ["sre"], any_signed_in = true }
+[[routes]]
+from = "https://plain.example.com"
+to = ["http://127.0.0.1:3000"]
+[[routes.deny]]
+users = ["mallory@corp.example"]
+[[routes.deny]]
+public = true
+"#,
+            problems: &[
+                (
+                    "routes[1].allow.groups",
+                    Some(18),
+                    "nobody signs in on this public route (accept = [\"public\"])",
+                ),
+                ("routes[1].allow.any_signed_in", Some(18), "needs a signed-in caller"),
+                (
+                    "routes[2].deny[0].users",
+                    Some(23),
+                    "nobody signs in on this public route (no `accept` and no [oidc])",
+                ),
+                ("routes[2].deny[1].public", Some(25), "only allowed in allow rules"),
+            ],
+        },
+        Case {
+            name: "machines on a route that takes no bearer tokens",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["sre"], machines = true }
+"#,
+            problems: &[(
+                "routes[0].allow.machines",
+                Some(18),
+                "this route does not accept \"bearer\"",
+            )],
+        },
+        Case {
+            name: "identity: unknown choices, bad header names, sample rate, unknown key",
+            text: r#"data_dir = "data"
+LISTENERS
+[identity]
+claim = "upn"
+scim_attribute = "username"
+machine_claim = "azp"
+machine_scim_attribute = "emails"
+header_user = "X-User"
+header_email = "X-Portcullis User"
+header_groups = "X-Portcullis-"
+allow_sample_rate = 1.5
+colour = "blue"
+"#,
+            problems: &[
+                (
+                    "identity.claim",
+                    Some(11),
+                    "unknown claim `upn`: expected \"email\" or \"sub\"",
+                ),
+                ("identity.scim_attribute", Some(12), "write \"userName\""),
+                (
+                    "identity.machine_claim",
+                    Some(13),
+                    "unknown claim `azp`: expected \"sub\" or \"client_id\"",
+                ),
+                ("identity.machine_scim_attribute", Some(14), "carries no email address"),
+                ("identity.header_user", Some(15), "must start with X-Portcullis-"),
+                ("identity.header_email", Some(16), "is not a header name"),
+                ("identity.header_groups", Some(17), "and go on after it"),
+                ("identity.allow_sample_rate", Some(18), "1.5 is out of range"),
+                ("identity.colour", Some(19), "unknown key"),
+            ],
+        },
+        Case {
+            name: "identity: sub against emails, headers that clash",
+            text: r#"data_dir = "data"
+LISTENERS
+[identity]
+claim = "sub"
+scim_attribute = "emails"
+machine_scim_attribute = "ExternalID"
+header_user = "X-Portcullis-Who_Am_I"
+header_email = "x-portcullis-who-am-i"
+header_groups = "X-PORTCULLIS-ASSERTION"
+allow_sample_rate = nan
+"#,
+            problems: &[
+                ("identity.scim_attribute", Some(12), "not an email address"),
+                ("identity.machine_scim_attribute", Some(13), "write \"externalId\""),
+                (
+                    "identity.header_email",
+                    Some(15),
+                    "the same header as identity.header_user",
+                ),
+                ("identity.header_groups", Some(16), "is taken: X-Portcullis-Assertion carries the signed assertion"),
+                ("identity.allow_sample_rate", Some(17), "out of range"),
+            ],
+        },
+        Case {
+            name: "identity: a header named like a default one",
+            text: "data_dir = \"data\"\nLISTENERS\n[identity]\nheader_groups = \"X-Portcullis-user\"\n",
+            problems: &[(
+                "identity.header_groups",
+                Some(11),
+                "the same header as identity.header_user",
+            )],
         },
         Case {
             name: "TOML syntax error",
@@ -1146,6 +1377,11 @@ to = ["http://127.0.0.1"]
                 read_timeout: Duration::from_secs(120),
                 max_request_body_bytes: 2048,
                 accept: vec![],
+                allow: vec![public_rule("routes[0].allow")],
+                deny: vec![],
+                identity_headers: true,
+                assertion: true,
+                token_groups: false,
             },
             Route {
                 name: "http://*.example.com".into(),
@@ -1167,13 +1403,27 @@ to = ["http://127.0.0.1"]
                 read_timeout: Duration::from_secs(60),
                 max_request_body_bytes: 1000,
                 accept: vec![],
+                allow: vec![public_rule("routes[1].allow")],
+                deny: vec![],
+                identity_headers: true,
+                assertion: true,
+                token_groups: false,
             },
         ],
         scim: None,
         oidc: None,
         jwt_issuers: vec![],
+        identity: IdentityConfig::default(),
     };
     assert_eq!(config, expected);
+}
+
+/// The rule a public route gets when the file gives it no `allow`.
+fn public_rule(name: &str) -> RuleSpec {
+    RuleSpec {
+        public: true,
+        ..RuleSpec::new(name)
+    }
 }
 
 #[test]
@@ -1217,6 +1467,220 @@ to = ["https://127.0.0.1"]
     assert!(upstream.tls && upstream.verify_tls);
     assert_eq!(upstream.port, 443);
     assert_eq!(upstream.ca_file, None);
+    // A public route without `allow` is open to everyone through one implicit public rule.
+    assert_eq!(route.allow, [public_rule("routes[0].allow")]);
+    assert_eq!(route.deny, []);
+    assert!(route.identity_headers && route.assertion && !route.token_groups);
+    let identity = &config.identity;
+    assert_eq!(identity.claim, IdentityClaim::Email);
+    assert_eq!(identity.scim_attribute, ScimAttribute::UserName);
+    assert_eq!(identity.machine_claim, MachineClaim::Sub);
+    assert_eq!(identity.machine_scim_attribute, ScimAttribute::UserName);
+    assert_eq!(identity.header_user, "X-Portcullis-User");
+    assert_eq!(identity.header_email, "X-Portcullis-Email");
+    assert_eq!(identity.header_groups, "X-Portcullis-Groups");
+    assert_eq!(identity.allow_sample_rate, 0.0);
+    assert_eq!(*identity, IdentityConfig::default());
+}
+
+#[test]
+fn authorization_rules_in_both_forms() {
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis"
+client_secret = "a-literal-client-secret"
+auth_host = "auth.example.com"
+
+[[jwt_issuers]]
+issuer = "https://idp.example.com"
+audiences = ["api"]
+
+# One rule each, written as a table.
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = {{ groups = ["sre"], methods = ["GET"] }}
+deny = {{ users = ["mallory@corp.example"] }}
+
+# Several, as arrays of tables; every key of a rule.
+[[routes]]
+from = "https://api.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["session", "bearer"]
+identity_headers = false
+assertion = false
+token_groups = true
+
+[[routes.allow]]
+groups = ["sre", "Platform Engineering"]
+group_ids = ["00gSRE"]
+users = ["alice@corp.example"]
+email_domains = ["corp.example", "*.corp.example"]
+
+[[routes.allow]]
+machines = true
+methods = ["GET", "HEAD"]
+paths = ["/v1/", "/v2"]
+
+[[routes.deny]]
+any_signed_in = true
+paths = ["/admin"]
+
+# Public where a public rule applies, sign-in elsewhere.
+[[routes]]
+from = "https://docs.example.com"
+to = ["http://127.0.0.1:3000"]
+
+[[routes.allow]]
+public = true
+paths = ["/public/"]
+
+[[routes.allow]]
+any_signed_in = true
+
+# Public routes: public rules only, or none.
+[[routes]]
+from = "https://status.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+allow = {{ public = true, methods = ["GET"] }}
+
+[[routes]]
+from = "https://open.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+"#
+    );
+    let config = Fixture::new().parse(&text).unwrap();
+    let strings =
+        |values: &[&str]| -> Vec<String> { values.iter().map(|v| v.to_string()).collect() };
+    let rule = RuleSpec::new;
+    let expected: [(Vec<RuleSpec>, Vec<RuleSpec>); 5] = [
+        (
+            vec![RuleSpec {
+                groups: strings(&["sre"]),
+                methods: Some(strings(&["GET"])),
+                ..rule("routes[0].allow")
+            }],
+            vec![RuleSpec {
+                users: strings(&["mallory@corp.example"]),
+                ..rule("routes[0].deny")
+            }],
+        ),
+        (
+            vec![
+                RuleSpec {
+                    groups: strings(&["sre", "Platform Engineering"]),
+                    group_ids: strings(&["00gSRE"]),
+                    users: strings(&["alice@corp.example"]),
+                    email_domains: strings(&["corp.example", "*.corp.example"]),
+                    ..rule("routes[1].allow[0]")
+                },
+                RuleSpec {
+                    machines: true,
+                    methods: Some(strings(&["GET", "HEAD"])),
+                    paths: Some(strings(&["/v1/", "/v2"])),
+                    ..rule("routes[1].allow[1]")
+                },
+            ],
+            vec![RuleSpec {
+                any_signed_in: true,
+                paths: Some(strings(&["/admin"])),
+                ..rule("routes[1].deny[0]")
+            }],
+        ),
+        (
+            vec![
+                RuleSpec {
+                    public: true,
+                    paths: Some(strings(&["/public/"])),
+                    ..rule("routes[2].allow[0]")
+                },
+                RuleSpec {
+                    any_signed_in: true,
+                    ..rule("routes[2].allow[1]")
+                },
+            ],
+            vec![],
+        ),
+        (
+            vec![RuleSpec {
+                public: true,
+                methods: Some(strings(&["GET"])),
+                ..rule("routes[3].allow")
+            }],
+            vec![],
+        ),
+        (vec![public_rule("routes[4].allow")], vec![]),
+    ];
+    for (route, (allow, deny)) in config.routes.iter().zip(expected) {
+        assert_eq!(route.allow, allow, "{}", route.name);
+        assert_eq!(route.deny, deny, "{}", route.name);
+        // What validation accepted compiles.
+        let policy = portcullis_policy::Policy::compile(allow, deny).unwrap();
+        assert!(!policy.is_empty());
+    }
+    let flags: Vec<(bool, bool, bool)> = config
+        .routes
+        .iter()
+        .map(|r| (r.identity_headers, r.assertion, r.token_groups))
+        .collect();
+    let on = (true, true, false);
+    assert_eq!(flags, [on, (false, false, true), on, on, on]);
+}
+
+#[test]
+fn identity() {
+    let text = format!(
+        r#"
+data_dir = "data"
+{LISTENERS}
+[identity]
+claim = "sub"
+scim_attribute = "externalId"
+machine_claim = "client_id"
+machine_scim_attribute = "externalId"
+header_user = "x-portcullis-login"
+header_email = "X-PORTCULLIS-MAIL"
+header_groups = "X-Portcullis-Member_Of"
+allow_sample_rate = 1
+"#
+    );
+    let config = Fixture::new().parse(&text).unwrap();
+    let expected = IdentityConfig {
+        claim: IdentityClaim::Sub,
+        scim_attribute: ScimAttribute::ExternalId,
+        machine_claim: MachineClaim::ClientId,
+        machine_scim_attribute: ScimAttribute::ExternalId,
+        header_user: "x-portcullis-login".into(),
+        header_email: "X-PORTCULLIS-MAIL".into(),
+        header_groups: "X-Portcullis-Member_Of".into(),
+        allow_sample_rate: 1.0,
+    };
+    assert_eq!(config.identity, expected);
+
+    // Every combination but a `sub` against `emails`.
+    for (claim, attribute) in [
+        ("email", "userName"),
+        ("email", "emails"),
+        ("email", "externalId"),
+        ("sub", "userName"),
+        ("sub", "externalId"),
+    ] {
+        let text = format!(
+            "data_dir = \"data\"\n{LISTENERS}\n[identity]\nclaim = \"{claim}\"\n\
+             scim_attribute = \"{attribute}\"\nallow_sample_rate = 0.25\n"
+        );
+        let identity = Fixture::new().parse(&text).unwrap().identity;
+        assert_eq!(identity.claim.as_str(), claim);
+        assert_eq!(identity.scim_attribute.as_str(), attribute);
+        assert_eq!(identity.allow_sample_rate, 0.25);
+    }
+    assert_eq!(MachineClaim::ClientId.as_str(), "client_id");
 }
 
 #[test]
@@ -1398,16 +1862,19 @@ audiences = ["test"]
 [[routes]]
 from = "https://app.corp.example.com"
 to = ["http://127.0.0.1:3000"]
+allow = {{ any_signed_in = true }}
 
 [[routes]]
 from = "https://api.corp.example.com"
 to = ["http://127.0.0.1:3000"]
 accept = ["bearer"]
+allow = {{ machines = true }}
 
 [[routes]]
 from = "https://both.corp.example.com"
 to = ["http://127.0.0.1:3000"]
 accept = ["bearer", "session"]
+allow = {{ any_signed_in = true }}
 
 [[routes]]
 from = "https://status.corp.example.com"
@@ -1488,6 +1955,7 @@ auth_host = "auth.example.com"
 [[routes]]
 from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
+allow = {{ any_signed_in = true }}
 "#
     );
     let config = fixture.parse(&text).unwrap();
@@ -1535,6 +2003,7 @@ to = ["http://127.0.0.1:3000"]
 from = "https://api.example.com"
 to = ["http://127.0.0.1:3000"]
 accept = ["bearer"]
+allow = {{ machines = true }}
 "#
     );
     let config = Fixture::new().parse(&text).unwrap();

@@ -11,15 +11,16 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use portcullis_policy::{Policy, RuleSpec};
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::file;
 use crate::model::{
-    AdminConfig, CertificateFiles, Config, Credential, JwtAlgorithm, JwtIssuer, Listener,
-    ListenerTls, LogConfig, LogFormat, OidcConfig, Route, Scheme, ScimConfig, ScimToken,
-    ServerConfig, Upstream,
+    AdminConfig, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig, JwtAlgorithm,
+    JwtIssuer, Listener, ListenerTls, LogConfig, LogFormat, MachineClaim, OidcConfig, Route,
+    Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -145,6 +146,7 @@ pub(crate) fn convert(
         }
     };
     let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
+    let identity = identity(file.identity, &root.key("identity"), p);
 
     if !p.is_empty() {
         return None;
@@ -159,6 +161,7 @@ pub(crate) fn convert(
         scim: scim?,
         oidc: oidc?,
         jwt_issuers: jwt_issuers?,
+        identity,
     })
 }
 
@@ -370,7 +373,9 @@ fn route(
         .max_request_body_bytes
         .and_then(|n| in_range(n, 0..=i64::MAX, &path.key("max_request_body_bytes"), p))
         .unwrap_or(server.max_request_body_bytes);
+    let access = Access::of(raw.accept.as_deref(), sign_in);
     let accept = accept(raw.accept, &path.key("accept"), sign_in, p);
+    let (allow, deny) = rules(raw.allow, raw.deny, path, access, p);
     let from = from?;
     Some(Route {
         name: raw.from?,
@@ -384,6 +389,11 @@ fn route(
         read_timeout,
         max_request_body_bytes,
         accept,
+        allow,
+        deny,
+        identity_headers: raw.identity_headers.unwrap_or(true),
+        assertion: raw.assertion.unwrap_or(true),
+        token_groups: raw.token_groups.unwrap_or(false),
     })
 }
 
@@ -439,6 +449,401 @@ fn accept(
         }
     }
     accept
+}
+
+/// Whether a route asks for credentials, read off `accept` as written so that a mistake in
+/// `accept` (reported there) does not also make every rule look wrong.
+#[derive(Clone, Copy)]
+enum Access {
+    /// Nobody signs in: `accept = ["public"]` (`written`), or no `accept` and no `[oidc]`.
+    Public { written: bool },
+    /// Callers sign in; `defaulted` when `accept` is left out and `[oidc]` makes it
+    /// `["session"]`.
+    SignIn { defaulted: bool, bearer: bool },
+    /// `accept` is an empty list or mixes `"public"` with credentials: already a problem.
+    Unknown,
+}
+
+impl Access {
+    fn of(accept: Option<&[String]>, sign_in: SignIn) -> Self {
+        match accept {
+            None if sign_in.oidc => Access::SignIn {
+                defaulted: true,
+                bearer: false,
+            },
+            None => Access::Public { written: false },
+            Some([]) => Access::Unknown,
+            Some(names) if names.iter().all(|n| n == "public") => Access::Public { written: true },
+            Some(names) if names.iter().any(|n| n == "public") => Access::Unknown,
+            Some(names) => Access::SignIn {
+                defaulted: false,
+                bearer: names.iter().any(|n| n == "bearer"),
+            },
+        }
+    }
+}
+
+/// A route's `allow` and `deny` rules, each named by its key path, checked by compiling them
+/// with [`Policy::compile`] (every problem it finds is reported at its key), and checked
+/// against the route's `accept`: a route that asks for credentials must let someone in, and
+/// a public route has nobody signed in for its rules to name.
+fn rules(
+    allow: Option<file::Rules>,
+    deny: Option<file::Rules>,
+    path: &KeyPath,
+    access: Access,
+    p: &mut Problems<'_>,
+) -> (Vec<RuleSpec>, Vec<RuleSpec>) {
+    let allow_path = path.key("allow");
+    let allow_written = allow.is_some();
+    let mut allow = rule_list(allow, &allow_path, p);
+    let deny = rule_list(deny, &path.key("deny"), p);
+
+    if let (Access::SignIn { defaulted, .. }, false) = (access, allow_written) {
+        let default = if defaulted {
+            " (without `accept`, a route takes a session when [oidc] is configured)"
+        } else {
+            ""
+        };
+        p.add(
+            &allow_path,
+            format!(
+                "route requires sign-in but no allow rule lets anyone in{default}: add e.g. \
+                 `allow = {{ any_signed_in = true }}` or narrower rules, or \
+                 `accept = [\"public\"]`"
+            ),
+        );
+    }
+    match access {
+        Access::Public { written } => {
+            let why = if written {
+                "accept = [\"public\"]"
+            } else {
+                "no `accept` and no [oidc]"
+            };
+            for (rule_path, spec) in allow.iter().chain(&deny) {
+                for key in caller_criteria(spec) {
+                    p.add(
+                        &rule_path.key(key),
+                        format!(
+                            "needs a signed-in caller, but nobody signs in on this public route \
+                             ({why}): its rules can only be `public = true`"
+                        ),
+                    );
+                }
+            }
+            if !allow_written {
+                let spec = RuleSpec {
+                    public: true,
+                    ..RuleSpec::new(allow_path.to_string())
+                };
+                allow.push((allow_path, spec));
+            }
+        }
+        Access::SignIn { bearer: false, .. } => {
+            for (rule_path, spec) in allow.iter().chain(&deny) {
+                if spec.machines {
+                    p.add(
+                        &rule_path.key("machines"),
+                        "matches nobody here: machines present bearer tokens, and this route \
+                         does not accept \"bearer\"",
+                    );
+                }
+            }
+        }
+        Access::SignIn { .. } | Access::Unknown => {}
+    }
+
+    let allow_specs: Vec<RuleSpec> = allow.iter().map(|(_, spec)| spec.clone()).collect();
+    let deny_specs: Vec<RuleSpec> = deny.iter().map(|(_, spec)| spec.clone()).collect();
+    if let Err(errors) = Policy::compile(allow_specs.clone(), deny_specs.clone()) {
+        for error in errors {
+            let rule_path = allow
+                .iter()
+                .chain(&deny)
+                .find(|(_, spec)| spec.name == error.rule)
+                .map_or(path, |(rule_path, _)| rule_path);
+            p.add(
+                &field_path(rule_path, &error.field),
+                error.problem.to_string(),
+            );
+        }
+    }
+    (allow_specs, deny_specs)
+}
+
+/// The rules under `path`, each with its key path, which is also its name: `path` itself for
+/// one rule written as a table, `path[j]` for an array of them.
+fn rule_list(
+    raw: Option<file::Rules>,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Vec<(KeyPath, RuleSpec)> {
+    match raw {
+        None => Vec::new(),
+        Some(file::Rules::One(rule)) => vec![(path.clone(), rule_spec(rule, path))],
+        Some(file::Rules::Many(rules)) => {
+            if rules.is_empty() {
+                p.add(
+                    path,
+                    "is an empty list of rules: give at least one, or leave the key out",
+                );
+            }
+            rules
+                .into_iter()
+                .enumerate()
+                .map(|(j, rule)| {
+                    let path = path.index(j);
+                    let spec = rule_spec(rule, &path);
+                    (path, spec)
+                })
+                .collect()
+        }
+    }
+}
+
+fn rule_spec(raw: file::Rule, path: &KeyPath) -> RuleSpec {
+    RuleSpec {
+        name: path.to_string(),
+        groups: raw.groups.unwrap_or_default(),
+        group_ids: raw.group_ids.unwrap_or_default(),
+        users: raw.users.unwrap_or_default(),
+        email_domains: raw.email_domains.unwrap_or_default(),
+        any_signed_in: raw.any_signed_in.unwrap_or(false),
+        machines: raw.machines.unwrap_or(false),
+        public: raw.public.unwrap_or(false),
+        methods: raw.methods,
+        paths: raw.paths,
+    }
+}
+
+/// The keys of the rule's who-criteria that name a signed-in caller (all but `public`).
+fn caller_criteria(spec: &RuleSpec) -> Vec<&'static str> {
+    [
+        ("groups", !spec.groups.is_empty()),
+        ("group_ids", !spec.group_ids.is_empty()),
+        ("users", !spec.users.is_empty()),
+        ("email_domains", !spec.email_domains.is_empty()),
+        ("any_signed_in", spec.any_signed_in),
+        ("machines", spec.machines),
+    ]
+    .into_iter()
+    .filter_map(|(key, given)| given.then_some(key))
+    .collect()
+}
+
+/// The key path of a [`portcullis_policy::PolicyError`]'s `field` (`.groups[2]`, `.methods`,
+/// or empty for the rule as a whole) under the rule's own path.
+fn field_path(rule: &KeyPath, field: &str) -> KeyPath {
+    let Some(field) = field.strip_prefix('.') else {
+        return rule.clone();
+    };
+    match field.split_once('[') {
+        None => rule.key(field),
+        Some((key, index)) => {
+            let path = rule.key(key);
+            match index.strip_suffix(']').and_then(|i| i.parse().ok()) {
+                Some(index) => path.index(index),
+                None => path,
+            }
+        }
+    }
+}
+
+/// `[identity]`: how callers are found in the directory and named to upstreams.
+fn identity(raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
+    let default = IdentityConfig::default();
+    let claim = choice(
+        raw.claim,
+        &[("email", IdentityClaim::Email), ("sub", IdentityClaim::Sub)],
+        default.claim,
+        "claim",
+        &path.key("claim"),
+        p,
+    );
+    let attribute_path = path.key("scim_attribute");
+    let scim_attribute = choice(
+        raw.scim_attribute,
+        &[
+            ("userName", ScimAttribute::UserName),
+            ("emails", ScimAttribute::Emails),
+            ("externalId", ScimAttribute::ExternalId),
+        ],
+        default.scim_attribute,
+        "SCIM attribute",
+        &attribute_path,
+        p,
+    );
+    if claim == IdentityClaim::Sub && scim_attribute == ScimAttribute::Emails {
+        p.add(
+            &attribute_path,
+            "claim = \"sub\" is the IdP's id for the person, not an email address: match it \
+             against \"externalId\" or \"userName\", or set claim = \"email\"",
+        );
+    }
+    let machine_claim = choice(
+        raw.machine_claim,
+        &[
+            ("sub", MachineClaim::Sub),
+            ("client_id", MachineClaim::ClientId),
+        ],
+        default.machine_claim,
+        "claim",
+        &path.key("machine_claim"),
+        p,
+    );
+    let machine_attribute_path = path.key("machine_scim_attribute");
+    let machine_scim_attribute = if raw.machine_scim_attribute.as_deref() == Some("emails") {
+        p.add(
+            &machine_attribute_path,
+            "a machine's token carries no email address: expected \"userName\" or \
+             \"externalId\"",
+        );
+        default.machine_scim_attribute
+    } else {
+        choice(
+            raw.machine_scim_attribute,
+            &[
+                ("userName", ScimAttribute::UserName),
+                ("externalId", ScimAttribute::ExternalId),
+            ],
+            default.machine_scim_attribute,
+            "SCIM attribute",
+            &machine_attribute_path,
+            p,
+        )
+    };
+
+    // Each header with its key, checked alone first, then against the others and the
+    // assertion's header.
+    let headers = [
+        ("header_user", raw.header_user, default.header_user),
+        ("header_email", raw.header_email, default.header_email),
+        ("header_groups", raw.header_groups, default.header_groups),
+    ]
+    .map(|(key, raw, default)| {
+        let header_path = path.key(key);
+        let name = match raw {
+            None => default,
+            Some(name) => identity_header(&name)
+                .map_err(|message| p.add(&header_path, message))
+                .map(|()| name)
+                .unwrap_or(default),
+        };
+        (key, header_path, name)
+    });
+    let normalized = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+    for (j, (_, header_path, name)) in headers.iter().enumerate() {
+        if normalized(name) == normalized(ASSERTION_HEADER) {
+            p.add(
+                header_path,
+                format!("`{name}` is taken: {ASSERTION_HEADER} carries the signed assertion"),
+            );
+        } else if let Some((first, _, _)) = headers[..j]
+            .iter()
+            .find(|(_, _, other)| normalized(other) == normalized(name))
+        {
+            p.add(
+                header_path,
+                format!(
+                    "the same header as identity.{first} (header names compare in any case, \
+                     and `_` as `-`)"
+                ),
+            );
+        }
+    }
+    let [(_, _, header_user), (_, _, header_email), (_, _, header_groups)] = headers;
+
+    let allow_sample_rate = match raw.allow_sample_rate {
+        None => default.allow_sample_rate,
+        Some(rate) if (0.0..=1.0).contains(&rate) => rate,
+        Some(rate) => {
+            p.add(
+                &path.key("allow_sample_rate"),
+                format!(
+                    "{rate} is out of range: must be 0.0 (log no allowed request) to 1.0 (log \
+                     every one)"
+                ),
+            );
+            default.allow_sample_rate
+        }
+    };
+    IdentityConfig {
+        claim,
+        scim_attribute,
+        machine_claim,
+        machine_scim_attribute,
+        header_user,
+        header_email,
+        header_groups,
+        allow_sample_rate,
+    }
+}
+
+/// The header the proxy signs the caller's identity into.
+const ASSERTION_HEADER: &str = "X-Portcullis-Assertion";
+
+/// An identity header's name: a valid header name starting with `X-Portcullis-`, the prefix
+/// Portcullis strips from every client request, so that a client can never send it.
+fn identity_header(name: &str) -> Result<(), String> {
+    const PREFIX: &str = "x-portcullis-";
+    if !is_token(name) {
+        return Err(format!(
+            "`{name}` is not a header name: letters, digits and !#$%&'*+-.^_`|~ only"
+        ));
+    }
+    let prefixed = name
+        .get(..PREFIX.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(PREFIX));
+    if !prefixed || name.len() == PREFIX.len() {
+        return Err(format!(
+            "`{name}` must start with X-Portcullis- and go on after it: Portcullis removes such \
+             headers from every client request, so a client can never send one"
+        ));
+    }
+    Ok(())
+}
+
+/// `tchar` of RFC 9110 §5.6.2: what a header name is made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// One of `choices`, spelled exactly, or `default` when the key is left out.
+fn choice<T: Copy>(
+    raw: Option<String>,
+    choices: &[(&str, T)],
+    default: T,
+    what: &str,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> T {
+    let Some(raw) = raw else { return default };
+    if let Some((_, value)) = choices.iter().find(|(name, _)| *name == raw) {
+        return *value;
+    }
+    let message = match choices
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(&raw))
+    {
+        Some((name, _)) => format!("write \"{name}\": names here are case-sensitive"),
+        None => {
+            let names: Vec<String> = choices
+                .iter()
+                .map(|(name, _)| format!("\"{name}\""))
+                .collect();
+            let expected = match names.split_last() {
+                Some((last, [])) => last.clone(),
+                Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                None => String::new(),
+            };
+            format!("unknown {what} `{raw}`: expected {expected}")
+        }
+    };
+    p.add(path, message);
+    default
 }
 
 fn scim(

@@ -31,7 +31,8 @@ pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{PolicyError, Problem, RuleSpec};
 
 /// Whether the subject is a person (signed in through OIDC) or a machine (bearer token of a
-/// service account). Rules treat both alike.
+/// service account). Rules treat both alike, except the `machines` criterion, which only
+/// machines match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SubjectKind {
     Person,

@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use crate::index::{empty_bits, has_bit, set_bit, Compare, RuleBits, StrIndex};
 use crate::reason::{Conditions, Decision, Match, Reason};
 use crate::spec::{email_domain, is_token, parse_domain, path_problem, PolicyError, Problem};
-use crate::{Request, RuleSpec, Subject};
+use crate::{Request, RuleSpec, Subject, SubjectKind};
 
 /// Rules examined per pass over the subject's names: 256 rules fit in a bit set on the stack.
 /// A policy with more rules makes one pass per 256 of them.
@@ -41,6 +41,7 @@ pub struct Policy {
     /// `*.corp.example` is stored as `corp.example`.
     subdomains_of: StrIndex,
     any_signed_in: RuleBits,
+    machines: RuleBits,
     public: RuleBits,
     /// Indices of the allow rules with `public`.
     public_allow: Box<[usize]>,
@@ -146,6 +147,7 @@ impl Policy {
                 domains: StrIndex::new(Compare::AsciiCase, words),
                 subdomains_of: StrIndex::new(Compare::AsciiCase, words),
                 any_signed_in: empty_bits(words),
+                machines: empty_bits(words),
                 public: empty_bits(words),
                 public_allow: Box::default(),
             },
@@ -188,7 +190,7 @@ impl Policy {
     ///    changes nothing there;
     /// 3. the first deny rule that matches refuses ([`Reason::Denied`]), whatever the allow
     ///    rules say; deny rules match a deactivated subject by its names too (but not by
-    ///    `any_signed_in`, which means *active*);
+    ///    `any_signed_in` or `machines`, which mean *active*);
     /// 4. the first allow rule that matches allows ([`Reason::Allowed`]); for an anonymous or
     ///    deactivated caller only `public` rules can match;
     /// 5. otherwise the request is refused ([`Reason::NotSignedIn`], [`Reason::Deactivated`] or
@@ -342,6 +344,9 @@ impl Policy {
                     ControlFlow::Continue(())
                 });
                 add(&self.any_signed_in, None);
+                if subject.kind == SubjectKind::Machine {
+                    add(&self.machines, None);
+                }
             }
         }
         add(&self.public, None);
@@ -349,7 +354,7 @@ impl Policy {
     }
 
     /// Which criterion of rule `index` matched `caller`, in the order user, group (by name or
-    /// id, in the subject's group order), email domain, any signed-in, public.
+    /// id, in the subject's group order), email domain, machine, any signed-in, public.
     fn explain<'a>(
         &'a self,
         index: usize,
@@ -376,9 +381,15 @@ impl Policy {
             Caller::Anonymous => None,
             Caller::Inactive(subject) if is_deny => named(&subject),
             Caller::Inactive(_) => None,
-            Caller::Active(subject) => named(&subject).or_else(|| {
-                has_bit(&self.any_signed_in, index).then_some(Match::SignedIn(subject.user_name))
-            }),
+            Caller::Active(subject) => named(&subject)
+                .or_else(|| {
+                    (subject.kind == SubjectKind::Machine && has_bit(&self.machines, index))
+                        .then_some(Match::Machine(subject.user_name))
+                })
+                .or_else(|| {
+                    has_bit(&self.any_signed_in, index)
+                        .then_some(Match::SignedIn(subject.user_name))
+                }),
         };
         by.or_else(|| has_bit(&self.public, index).then_some(Match::Public))
     }
@@ -527,6 +538,7 @@ impl Builder {
             || !spec.users.is_empty()
             || !spec.email_domains.is_empty()
             || spec.any_signed_in
+            || spec.machines
             || spec.public;
         if !names_someone {
             error(String::new(), Problem::NoWho);
@@ -569,6 +581,9 @@ impl Builder {
         }
         if spec.any_signed_in {
             set_bit(&mut policy.any_signed_in, index);
+        }
+        if spec.machines {
+            set_bit(&mut policy.machines, index);
         }
         if spec.public {
             set_bit(&mut policy.public, index);
@@ -649,7 +664,7 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{GroupRef, SubjectKind};
+    use crate::GroupRef;
 
     fn strings(values: &[&str]) -> Vec<String> {
         values.iter().map(|v| (*v).to_owned()).collect()
@@ -899,6 +914,127 @@ mod tests {
         assert_eq!(
             why(&policy, Some(&inactive), &get("/x")),
             "the account is deactivated"
+        );
+    }
+
+    fn ci_bot() -> Subject<'static> {
+        Subject {
+            kind: SubjectKind::Machine,
+            user_name: "ci-bot",
+            email: None,
+            active: true,
+            groups: &[],
+        }
+    }
+
+    #[test]
+    fn machines_means_any_active_machine_and_no_person() {
+        let policy = compile(
+            vec![RuleSpec {
+                machines: true,
+                ..rule("r")
+            }],
+            vec![],
+        );
+        assert_eq!(
+            why(&policy, Some(&ci_bot()), &get("/x")),
+            "allowed by r: machine ci-bot"
+        );
+        // A machine in groups is still a machine.
+        let grouped = Subject {
+            groups: &SRE,
+            ..ci_bot()
+        };
+        assert!(allowed(&policy, Some(&grouped), &get("/x")));
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/x")),
+            "no rule allows alice@corp.example to GET /x"
+        );
+        assert_eq!(
+            why(&policy, None, &get("/x")),
+            "no rule allows this: not signed in"
+        );
+        let inactive = Subject {
+            active: false,
+            ..ci_bot()
+        };
+        assert_eq!(
+            why(&policy, Some(&inactive), &get("/x")),
+            "the account is deactivated"
+        );
+    }
+
+    #[test]
+    fn machines_in_deny_rules_keep_machines_out_and_people_in() {
+        let policy = compile(
+            vec![
+                RuleSpec {
+                    any_signed_in: true,
+                    ..rule("allow")
+                },
+                RuleSpec {
+                    public: true,
+                    paths: Some(strings(&["/status"])),
+                    ..rule("status")
+                },
+            ],
+            vec![RuleSpec {
+                machines: true,
+                methods: Some(strings(&["DELETE"])),
+                ..rule("no-machine-deletes")
+            }],
+        );
+        let delete = Request {
+            method: "DELETE",
+            path: "/status/x",
+        };
+        assert_eq!(
+            why(&policy, Some(&ci_bot()), &delete),
+            "denied by no-machine-deletes: machine ci-bot, method DELETE"
+        );
+        assert!(allowed(&policy, Some(&ci_bot()), &get("/x")));
+        assert!(allowed(&policy, Some(&alice()), &delete));
+        // Like `any_signed_in`, `machines` means active: a deactivated machine is not named by
+        // it, and where a public rule lets everyone in, it is let in like anyone.
+        let inactive = Subject {
+            active: false,
+            ..ci_bot()
+        };
+        assert_eq!(
+            why(&policy, Some(&inactive), &delete),
+            "allowed by status: open to everyone, path under /status"
+        );
+    }
+
+    #[test]
+    fn a_machine_is_named_before_signed_in_and_after_its_names() {
+        let policy = compile(
+            vec![RuleSpec {
+                machines: true,
+                any_signed_in: true,
+                ..groups("r", &["sre"])
+            }],
+            vec![],
+        );
+        assert_eq!(
+            why(&policy, Some(&ci_bot()), &get("/")),
+            "allowed by r: machine ci-bot"
+        );
+        let grouped = Subject {
+            groups: &SRE,
+            ..ci_bot()
+        };
+        assert_eq!(
+            why(&policy, Some(&grouped), &get("/")),
+            "allowed by r: member of group SRE"
+        );
+        let nobody = Subject {
+            groups: &[],
+            ..alice()
+        };
+        assert_eq!(
+            why(&policy, Some(&nobody), &get("/")),
+            "allowed by r: signed in as alice@corp.example"
         );
     }
 
@@ -1321,7 +1457,7 @@ mod tests {
         let expected = [
             "routes[0].deny[0].public: `public` is only allowed in allow rules",
             "routes[0].allow[0]: the rule names nobody: give at least one of groups, group_ids, \
-             users, email_domains, any_signed_in or public",
+             users, email_domains, any_signed_in, machines or public",
             "routes[0].allow[1].groups[1]: is empty",
             "routes[0].allow[1].group_ids[0]: is empty",
             "routes[0].allow[1].users[0]: is empty",

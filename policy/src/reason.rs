@@ -74,6 +74,8 @@ pub enum Match<'a> {
     },
     /// `any_signed_in`, with the subject's `userName`.
     SignedIn(&'a str),
+    /// `machines`, with the machine's `userName`.
+    Machine(&'a str),
     /// `public`.
     Public,
 }
@@ -131,6 +133,7 @@ impl fmt::Display for Match<'_> {
                 wildcard: true,
             } => write!(f, "email domain {domain}, under *.{entry}"),
             Match::SignedIn(name) => write!(f, "signed in as {name}"),
+            Match::Machine(name) => write!(f, "machine {name}"),
             Match::Public => f.write_str("open to everyone"),
         }
     }
@@ -189,6 +192,14 @@ mod tests {
                 },
                 "allowed by r: email domain eu.corp.example, under *.corp.example, method GET, \
                  path under /api/",
+            ),
+            (
+                Reason::Allowed {
+                    rule: "routes[3].allow",
+                    by: Match::Machine("ci-bot"),
+                    conditions: Conditions::default(),
+                },
+                "allowed by routes[3].allow: machine ci-bot",
             ),
             (Reason::NotSignedIn, "no rule allows this: not signed in"),
             (Reason::Deactivated, "the account is deactivated"),

@@ -6,8 +6,8 @@
 /// [`Policy::compile`](crate::Policy::compile), which reports every problem at once.
 ///
 /// A rule matches a request when its conditions (`methods`, `paths`) match **and** at least one of
-/// its who-criteria (`groups`, `group_ids`, `users`, `email_domains`, `any_signed_in`, `public`)
-/// matches the caller.
+/// its who-criteria (`groups`, `group_ids`, `users`, `email_domains`, `any_signed_in`,
+/// `machines`, `public`) matches the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSpec {
     /// Shown in decisions and audit records, e.g. `routes[2].allow[0]`: the key path of the rule
@@ -25,6 +25,9 @@ pub struct RuleSpec {
     pub email_domains: Vec<String>,
     /// Any active subject, person or machine.
     pub any_signed_in: bool,
+    /// Any active machine ([`SubjectKind::Machine`](crate::SubjectKind::Machine)): a service
+    /// account presenting a bearer token, whatever its name or groups.
+    pub machines: bool,
     /// Everyone, including callers who are not signed in and deactivated accounts.
     /// Only allowed in allow rules.
     pub public: bool,
@@ -64,7 +67,7 @@ pub enum Problem {
     NoName,
     #[error(
         "the rule names nobody: give at least one of groups, group_ids, users, email_domains, \
-         any_signed_in or public"
+         any_signed_in, machines or public"
     )]
     NoWho,
     #[error("`public` is only allowed in allow rules")]

@@ -2,13 +2,14 @@
 //! drawn from small pools of names so that rules actually match.
 //!
 //! Besides the promised properties (deny always wins, anonymous and deactivated callers only get
-//! in through public rules, evaluation is deterministic and total), every decision is compared
-//! with `reference`, a deliberately naive reading of the rules straight off the `RuleSpec`s.
+//! in through public rules, only active machines match `machines`, evaluation is deterministic
+//! and total), every decision is compared with `reference`, a deliberately naive reading of the
+//! rules straight off the `RuleSpec`s.
 
 // Test code: a rule set that does not compile is a bug in the test itself.
 #![allow(clippy::panic)]
 
-use portcullis_policy::{GroupRef, Policy, Reason, Request, RuleSpec, Subject, SubjectKind};
+use portcullis_policy::{GroupRef, Match, Policy, Reason, Request, RuleSpec, Subject, SubjectKind};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -76,12 +77,23 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
         strings(USERS, 2),
         strings(DOMAINS, 2),
         prop::bool::weighted(0.2),
+        prop::bool::weighted(0.2),
         prop::bool::weighted(if allow_public { 0.2 } else { 0.0 }),
         prop::option::weighted(0.4, prop::collection::vec(select(METHODS), 1..=2)),
         prop::option::weighted(0.4, prop::collection::vec(select(PREFIXES), 1..=2)),
     )
         .prop_map(
-            |(groups, group_ids, users, email_domains, any_signed_in, public, methods, paths)| {
+            |(
+                groups,
+                group_ids,
+                users,
+                email_domains,
+                any_signed_in,
+                machines,
+                public,
+                methods,
+                paths,
+            )| {
                 let mut spec = RuleSpec {
                     name: String::new(),
                     groups,
@@ -89,6 +101,7 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                     users,
                     email_domains,
                     any_signed_in,
+                    machines,
                     public,
                     methods: methods.map(|m| m.into_iter().map(str::to_owned).collect()),
                     paths: paths.map(|p| p.into_iter().map(str::to_owned).collect()),
@@ -98,6 +111,7 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                     || !spec.users.is_empty()
                     || !spec.email_domains.is_empty()
                     || spec.any_signed_in
+                    || spec.machines
                     || spec.public;
                 if !names_someone {
                     spec.groups.push("sre".to_owned());
@@ -204,7 +218,7 @@ fn domain_matches(entry: &str, domain: &str) -> bool {
     }
 }
 
-/// Whether the rule's names (not `any_signed_in`, not `public`) match the subject.
+/// Whether the rule's names (not `any_signed_in`, `machines` or `public`) match the subject.
 fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
     let user = subject.user_name.to_lowercase();
     rule.users.iter().any(|u| u.to_lowercase() == user)
@@ -238,17 +252,24 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>) -> bool {
     method_ok && path_ok
 }
 
-/// Whether deny rule `rule` matches: its names match the subject (active or not), or it has
-/// `any_signed_in` and the subject is active.
+/// Whether the rule's `any_signed_in` or `machines` matches: both only ever match an active
+/// subject, and `machines` only a machine.
+fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
+    subject.active
+        && (rule.any_signed_in || (rule.machines && subject.kind == SubjectKind::Machine))
+}
+
+/// Whether deny rule `rule` matches: its names match the subject (active or not), or its
+/// `any_signed_in` or `machines` does.
 fn deny_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
     conditions_hold(rule, request)
-        && subject.is_some_and(|s| names_match(rule, s) || (rule.any_signed_in && s.active))
+        && subject.is_some_and(|s| names_match(rule, s) || kind_matches(rule, s))
 }
 
 fn allow_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
     conditions_hold(rule, request)
         && (rule.public
-            || subject.is_some_and(|s| s.active && (rule.any_signed_in || names_match(rule, s))))
+            || subject.is_some_and(|s| kind_matches(rule, s) || (s.active && names_match(rule, s))))
 }
 
 /// `(allowed, deciding rule)` by a plain reading of the documented order.
@@ -335,6 +356,22 @@ proptest! {
     }
 
     #[test]
+    fn only_active_machines_match_as_machines(
+        (allow, deny) in rules(),
+        caller in caller(),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let decision = policy.evaluate(Some(&caller.subject()), &request);
+        if let Reason::Allowed { by: Match::Machine(name), .. }
+        | Reason::Denied { by: Match::Machine(name), .. } = decision.reason
+        {
+            prop_assert!(caller.machine && caller.active, "{}", decision.reason);
+            prop_assert_eq!(name, caller.user_name);
+        }
+    }
+
+    #[test]
     fn decisions_agree_with_the_plain_reading_and_are_deterministic(
         (allow, deny) in rules(),
         caller in caller(),
@@ -359,12 +396,14 @@ proptest! {
                 prop::collection::vec(".{0,12}", 0..3),
                 any::<bool>(),
                 any::<bool>(),
+                any::<bool>(),
                 prop::option::of(prop::collection::vec("[A-Za-z ]{0,4}", 0..3)),
                 prop::option::of(prop::collection::vec("/?[a-z/.]{0,5}", 0..3)),
             ),
             0..5,
         ),
         deny_count in 0usize..5,
+        machine in any::<bool>(),
         user_name in ".{0,10}",
         email in prop::option::of("[a-zA-Z@.*]{0,12}"),
         active in any::<bool>(),
@@ -375,15 +414,18 @@ proptest! {
         let specs: Vec<RuleSpec> = specs
             .into_iter()
             .enumerate()
-            .map(|(i, (groups, email_domains, any_signed_in, public, methods, paths))| RuleSpec {
-                name: format!("r{i}"),
-                groups,
-                email_domains,
-                any_signed_in,
-                public,
-                methods,
-                paths,
-                ..RuleSpec::default()
+            .map(|(i, (groups, email_domains, any_signed_in, machines, public, methods, paths))| {
+                RuleSpec {
+                    name: format!("r{i}"),
+                    groups,
+                    email_domains,
+                    any_signed_in,
+                    machines,
+                    public,
+                    methods,
+                    paths,
+                    ..RuleSpec::default()
+                }
             })
             .collect();
         let split = deny_count.min(specs.len());
@@ -396,7 +438,7 @@ proptest! {
             .map(|name| GroupRef { display_name: name, external_id: Some(name) })
             .collect();
         let subject = Subject {
-            kind: SubjectKind::Person,
+            kind: if machine { SubjectKind::Machine } else { SubjectKind::Person },
             user_name: &user_name,
             email: email.as_deref(),
             active,
