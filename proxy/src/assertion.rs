@@ -222,12 +222,8 @@ impl Signer {
         })
     }
 
-    /// The token lifetime.
-    pub fn token_ttl(&self) -> Duration {
-        Duration::from_secs(self.ttl)
-    }
-
     /// The kid of the key that signs new assertions.
+    #[cfg(test)]
     pub fn signing_kid(&self) -> Option<Arc<str>> {
         self.keys.load().signing().map(|k| k.kid.clone())
     }
@@ -278,6 +274,7 @@ impl Signer {
 
     /// Generates a new signing key in the directory, retires keys whose tokens have all expired,
     /// and switches to the new key. Returns the new kid.
+    #[cfg(test)]
     pub fn rotate(&self, now: u64) -> Result<String, String> {
         let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
         let kid = rotate_dir(&self.dir, now, self.ttl)?;
@@ -332,6 +329,7 @@ pub fn rotate_keys(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<Str
 
 /// Deletes the keys in `data_dir/assertion-keys/` whose tokens have all expired by `now` (never
 /// the newest). Returns the kids of the keys still published, newest first.
+#[cfg(test)]
 pub fn prune_keys(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<Vec<String>, String> {
     let ttl = check_ttl(token_ttl)?;
     let keys = load_published(&key_dir(data_dir), now, ttl)?;
@@ -571,6 +569,37 @@ fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<S
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
     Ok(token)
+}
+
+/// Lifetime of an identity assertion. Upstreams see a fresh one at least every
+/// `TOKEN_TTL - REFRESH_MARGIN_SECS`.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// Re-reads the key directory every minute, so a rotation by `portcullis
+/// rotate-assertion-key` is picked up and retired keys are dropped from the JWKS.
+pub struct KeyRefresher {
+    signer: Arc<Signer>,
+}
+
+impl KeyRefresher {
+    pub fn new(signer: Arc<Signer>) -> Self {
+        Self { signer }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for KeyRefresher {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.signer.refresh(crate::auth::oidc::now_unix()) {
+                tracing::warn!("assertion keys not refreshed: {e}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

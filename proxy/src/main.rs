@@ -8,6 +8,7 @@
 mod admin;
 mod assertion;
 mod auth;
+mod authorize;
 mod logging;
 mod metrics;
 mod pages;
@@ -62,6 +63,13 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Start signing identity assertions with a new key; the old one stays published until
+    /// the tokens it signed have expired. A running proxy picks it up within a minute.
+    RotateAssertionKey {
+        /// The configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +85,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::RotateAssertionKey { config } => {
+            let rotated = portcullis_config::load(&config)
+                .map_err(|errors| {
+                    print_problems(&config, &errors);
+                    "the configuration has problems".to_owned()
+                })
+                .and_then(|config| {
+                    assertion::rotate_keys(
+                        &config.data_dir,
+                        auth::oidc::now_unix(),
+                        assertion::TOKEN_TTL,
+                    )
+                });
+            match rotated {
+                Ok(kid) => {
+                    println!("new assertion signing key: {kid}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { config } => match serve(&config) {
             Ok(never) => match never {},
             Err(message) => {
@@ -114,12 +146,18 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let directory = open_directory(&config.data_dir)?;
-    let auth = Arc::new(auth::Auth::new(&config.data_dir)?);
+    let auth = Arc::new(auth::Auth::new(&config.data_dir, directory.clone())?);
+    let signer = Arc::new(assertion::Signer::open(
+        &config.data_dir,
+        auth::oidc::now_unix(),
+        assertion::TOKEN_TTL,
+    )?);
     let runtime = Runtime::build(config, &directory)?;
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),
         directory,
         auth,
+        signer,
         runtime,
     )?);
 
@@ -164,6 +202,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service(
         "oidc discovery",
         auth::DiscoveryService::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "assertion keys",
+        assertion::KeyRefresher::new(shared.signer.clone()),
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");

@@ -62,3 +62,57 @@ fn page(status: StatusCode) -> String {
         code = status.as_u16(),
     )
 }
+
+/// The 403 for a caller the route's rules refuse: who they are signed in as, which route, why,
+/// and a way to sign out (a browser page), or the same as JSON. Nothing about other users.
+pub async fn forbidden(
+    session: &mut Session,
+    who: &str,
+    route: &str,
+    reason: &str,
+    html: bool,
+) -> Result<bool> {
+    let (content_type, body) = if html {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        let body = format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>403 Forbidden</title></head>\
+             <body><h1>You don't have access to this page</h1>\
+             <p>You are signed in as <strong>{who}</strong>.</p>\
+             <p>{route}: {reason}.</p>\
+             <p>If you should have access, ask for it; changes from your identity provider apply at once.</p>\
+             <form method=\"post\" action=\"/.portcullis/sign_out\"><button type=\"submit\">Sign out</button></form>\
+             <p><small>Portcullis</small></p></body></html>\n",
+            who = esc(who),
+            route = esc(route),
+            reason = esc(reason),
+        );
+        ("text/html; charset=utf-8", body)
+    } else {
+        let body = serde_json::json!({
+            "error": "forbidden",
+            "user": who,
+            "route": route,
+            "reason": reason,
+        })
+        .to_string();
+        ("application/json", body)
+    };
+    let body = Bytes::from(body);
+    let mut response = ResponseHeader::build(StatusCode::FORBIDDEN, Some(3))?;
+    response.insert_header(header::CONTENT_TYPE, content_type)?;
+    response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    response.insert_header(header::CACHE_CONTROL, "no-store")?;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(response), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
+}

@@ -24,7 +24,9 @@ use pingora::ErrorType;
 
 use portcullis_config::Credential;
 
+use crate::assertion::{AssertionClaims, ASSERTION_HEADER};
 use crate::auth;
+use crate::authorize::{self, Verdict};
 use crate::pages;
 use crate::path;
 use crate::routes::{CompiledRoute, Match};
@@ -59,6 +61,8 @@ pub struct RequestCtx {
     scim: bool,
     /// Who is calling, once authenticated.
     caller: Option<auth::Caller>,
+    /// What the upstream is told about the caller, once authorized.
+    forward: Option<authorize::Forward>,
     _in_flight: InFlight,
 }
 
@@ -79,6 +83,7 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             scim: false,
             caller: None,
+            forward: None,
             _in_flight: InFlight::new(),
         }
     }
@@ -109,6 +114,17 @@ impl ProxyHttp for Proxy {
             let endpoint = own.to_owned();
             let host = host.into_owned();
             let origin = request_origin(req, ctx.tls);
+            if normalized == crate::assertion::JWKS_PATH {
+                let jwks = self.shared.signer.jwks_json();
+                return auth::endpoints::respond(
+                    session,
+                    StatusCode::OK,
+                    &[(header::CACHE_CONTROL, "public, max-age=60".to_owned())],
+                    "application/json",
+                    jwks,
+                )
+                .await;
+            }
             let status = match endpoint.as_str() {
                 "healthz" => StatusCode::OK,
                 "readyz" if self.shared.is_draining() => StatusCode::SERVICE_UNAVAILABLE,
@@ -161,7 +177,8 @@ impl ProxyHttp for Proxy {
             ctx.normalized_path = Some(normalized);
         }
 
-        if !route.config.accept.is_empty() {
+        {
+            let policy = &route.policy;
             let caller = self
                 .shared
                 .auth
@@ -173,9 +190,77 @@ impl ProxyHttp for Proxy {
                     auth::oidc::now_unix(),
                 )
                 .await;
-            match caller {
-                Some(caller) => ctx.caller = Some(caller),
-                None => {
+            let path = ctx.normalized_path.as_deref().unwrap_or(req.uri.path());
+            let method = req.method.as_str();
+            let verdict = caller.as_ref().map(|caller| {
+                authorize::decide(
+                    &self.shared.directory,
+                    &runtime.config.identity,
+                    policy,
+                    route.config.token_groups,
+                    caller,
+                    method,
+                    path,
+                )
+            });
+            // Without a caller, only a public rule can let the request in.
+            let anonymous_ok = caller.is_none()
+                && policy
+                    .evaluate(None, &portcullis_policy::Request { method, path })
+                    .allowed;
+            match (caller, verdict) {
+                (Some(caller), Some(Verdict::Allow(forward))) => {
+                    ctx.caller = Some(caller);
+                    ctx.forward = Some(forward);
+                }
+                (Some(caller), Some(Verdict::Deny { who, rule, reason })) => {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "refusal",
+                        user = %who,
+                        route = %route.config.name,
+                        rule = rule.as_deref().unwrap_or("-"),
+                        method,
+                        path,
+                        reason = %reason,
+                    );
+                    ctx.caller = Some(caller);
+                    ctx.route = Some(route.clone());
+                    let browser = auth::is_browser_navigation(req)
+                        || req
+                            .headers
+                            .get(header::ACCEPT)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.contains("text/html"));
+                    return pages::forbidden(session, &who, &route.config.name, &reason, browser)
+                        .await;
+                }
+                (_, _) if anonymous_ok => {}
+                (None, _) if route.config.accept.is_empty() => {
+                    // A public route whose public rules don't cover this request: there is no
+                    // way to sign in here, so it is simply refused.
+                    ctx.route = Some(route.clone());
+                    return pages::forbidden(
+                        session,
+                        "anonymous",
+                        &route.config.name,
+                        "this address is not public",
+                        auth::is_browser_navigation(req),
+                    )
+                    .await;
+                }
+                (caller, verdict) => {
+                    if let (
+                        Some(auth::Caller::Person { session: key, .. }),
+                        Some(Verdict::SessionRevoked),
+                    ) = (&caller, &verdict)
+                    {
+                        // Deactivated (or re-created) since this person signed in: the
+                        // session is over for good.
+                        if let Err(e) = self.shared.auth.sessions.end(&[*key]) {
+                            tracing::error!("cannot end a revoked session: {e}");
+                        }
+                    }
                     let host = host.into_owned();
                     let origin = request_origin(req, ctx.tls);
                     let auth_request = auth::endpoints::Request {
@@ -243,6 +328,40 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         strip_identity_headers(upstream_request);
+        if let (Some(route), Some(forward)) = (&ctx.route, &ctx.forward) {
+            if route.config.identity_headers {
+                let headers = &self.shared.runtime.load().headers;
+                upstream_request.insert_header(headers.user.clone(), forward.user.as_str())?;
+                if let Some(email) = &forward.email {
+                    upstream_request.insert_header(headers.email.clone(), email.as_str())?;
+                }
+                upstream_request.insert_header(headers.groups.clone(), forward.groups.as_str())?;
+            }
+            if route.config.assertion {
+                let runtime = self.shared.runtime.load();
+                let issuer = runtime.assertion_issuer.as_str();
+                let groups: Vec<&str> = forward.group_names.iter().map(String::as_str).collect();
+                let claims = AssertionClaims {
+                    issuer,
+                    audience: &route.config.name,
+                    subject: &forward.user,
+                    email: forward.email.as_deref(),
+                    groups: &groups,
+                    version: forward.version,
+                };
+                // Fail closed: an upstream that relies on the assertion never gets the request
+                // without it.
+                let token = self
+                    .shared
+                    .signer
+                    .assertion(&claims, auth::oidc::now_unix())
+                    .or_err(
+                        ErrorType::InternalError,
+                        "cannot sign the identity assertion",
+                    )?;
+                upstream_request.insert_header(ASSERTION_HEADER, &*token)?;
+            }
+        }
 
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             upstream_request.insert_header("x-forwarded-for", addr.ip().to_string())?;

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use portcullis_config::{Config, Scheme};
+use portcullis_policy::Policy;
 use portcullis_scim::store::Directory;
 
+use crate::assertion::Signer;
 use crate::auth::Auth;
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
@@ -26,6 +28,30 @@ pub struct Runtime {
     /// Port of the first TLS listener, used when redirecting a plain request to https.
     pub https_port: Option<u16>,
     pub scim: Option<Scim>,
+    /// The identity header names, parsed once.
+    pub headers: IdentityHeaders,
+    /// `iss` of the identity assertions: the sign-in origin, or `portcullis` without sign-in.
+    pub assertion_issuer: String,
+}
+
+pub struct IdentityHeaders {
+    pub user: http::HeaderName,
+    pub email: http::HeaderName,
+    pub groups: http::HeaderName,
+}
+
+impl IdentityHeaders {
+    fn new(identity: &portcullis_config::IdentityConfig) -> Result<Self, String> {
+        let name = |s: &str| {
+            http::HeaderName::try_from(s.to_ascii_lowercase())
+                .map_err(|e| format!("identity header {s}: {e}"))
+        };
+        Ok(Self {
+            user: name(&identity.header_user)?,
+            email: name(&identity.header_email)?,
+            groups: name(&identity.header_groups)?,
+        })
+    }
 }
 
 impl Runtime {
@@ -36,10 +62,18 @@ impl Runtime {
             .map(|route| {
                 let upstreams =
                     UpstreamSet::new(route).map_err(|e| format!("route {}: {e}", route.name))?;
+                // check-config compiled these already; a failure here is a bug, and the route
+                // is refused rather than left open.
+                let policy =
+                    Policy::compile(route.allow.clone(), route.deny.clone()).map_err(|errors| {
+                        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                        format!("route {}: {}", route.name, list.join("; "))
+                    })?;
                 Ok(Arc::new(CompiledRoute {
                     config: route.clone(),
                     upstreams,
                     metrics: RouteMetrics::new(&route.name),
+                    policy,
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -56,6 +90,17 @@ impl Runtime {
             routes: RouteTable::new(routes),
             https_port,
             scim,
+            headers: IdentityHeaders::new(&config.identity)?,
+            assertion_issuer: config.oidc.as_ref().map_or_else(
+                || "portcullis".to_owned(),
+                |oidc| {
+                    let scheme = match oidc.auth_scheme {
+                        Scheme::Https => "https",
+                        Scheme::Http => "http",
+                    };
+                    format!("{scheme}://{}", oidc.auth_host)
+                },
+            ),
             config,
         })
     }
@@ -77,6 +122,8 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     /// Sessions, the OIDC provider and issuers' keys: kept across reloads.
     pub auth: Arc<Auth>,
+    /// Signs the identity assertions sent upstream.
+    pub signer: Arc<Signer>,
     pub runtime: ArcSwap<Runtime>,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
@@ -88,6 +135,7 @@ impl Shared {
         config_path: PathBuf,
         directory: Arc<Directory>,
         auth: Arc<Auth>,
+        signer: Arc<Signer>,
         runtime: Runtime,
     ) -> Result<Self, String> {
         let mut resolvers = HashMap::new();
@@ -101,6 +149,7 @@ impl Shared {
             config_path,
             directory,
             auth,
+            signer,
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             draining: AtomicBool::new(false),

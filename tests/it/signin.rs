@@ -158,10 +158,18 @@ impl Fixture {
             oidc = oidc.set("id_token_algorithms", algorithms);
         }
         let mut cfg = cfg
-            .route(Route::new("http://app.test", &[&app]))
-            .route(Route::new("http://corp.example.com", &[&app]))
-            .route(Route::new("http://api.test", &[&api]).accept(&["bearer"]))
-            .route(Route::new("http://both.test", &[&api]).accept(&["session", "bearer"]))
+            .route(Route::new("http://app.test", &[&app]).any_signed_in())
+            .route(Route::new("http://corp.example.com", &[&app]).any_signed_in())
+            .route(
+                Route::new("http://api.test", &[&api])
+                    .accept(&["bearer"])
+                    .any_signed_in(),
+            )
+            .route(
+                Route::new("http://both.test", &[&api])
+                    .accept(&["session", "bearer"])
+                    .any_signed_in(),
+            )
             .oidc(oidc)
             .jwt_issuer(idp_issuer);
         for issuer in options.extra_issuers {
@@ -1376,8 +1384,8 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     .start()
     .await;
     let cfg = cfg
-        .route(Route::new("http://app.corp.test", &[&app]))
-        .route(Route::new("http://wiki.corp.test", &[&wiki]))
+        .route(Route::new("http://app.corp.test", &[&app]).any_signed_in())
+        .route(Route::new("http://wiki.corp.test", &[&wiki]).any_signed_in())
         .oidc(
             Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
                 .set("cookie_domain", "\".corp.test\""),
@@ -1456,15 +1464,17 @@ async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
     )
     .start()
     .await;
-    let cfg = cfg.route(Route::new("https://app.test", &[&app])).oidc(
-        Oidc::new(
-            idp.issuer(),
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &format!("app.test:{port}"),
-        )
-        .set("auth_scheme", "\"https\""),
-    );
+    let cfg = cfg
+        .route(Route::new("https://app.test", &[&app]).any_signed_in())
+        .oidc(
+            Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            )
+            .set("auth_scheme", "\"https\""),
+        );
     let px = cfg.start().await;
     let tls = || {
         portcullis_tests::client::tls_client_builder(&ca)
@@ -1525,15 +1535,17 @@ async fn on_tls_only_the_host_prefixed_cookie_is_a_session() {
     )
     .start()
     .await;
-    let cfg = cfg.route(Route::new("https://app.test", &[&app])).oidc(
-        Oidc::new(
-            idp.issuer(),
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &format!("app.test:{port}"),
-        )
-        .set("auth_scheme", "\"https\""),
-    );
+    let cfg = cfg
+        .route(Route::new("https://app.test", &[&app]).any_signed_in())
+        .oidc(
+            Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            )
+            .set("auth_scheme", "\"https\""),
+        );
     let px = cfg.start().await;
     let tls = || {
         portcullis_tests::client::tls_client_builder(&ca)

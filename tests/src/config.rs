@@ -45,6 +45,13 @@ impl Route {
         self.set(&format!("accept = [{}]", list.join(", ")))
     }
 
+    /// Lets in anyone who signed in or presents a valid token, judged on the token's own claims
+    /// when they are not in the SCIM directory (for tests of sign-in itself).
+    pub fn any_signed_in(self) -> Route {
+        self.set("allow = { any_signed_in = true }")
+            .set("token_groups = true")
+    }
+
     /// Adds a raw `key = value` line to the route table.
     pub fn set(mut self, line: &str) -> Route {
         self.extra.push(line.to_owned());

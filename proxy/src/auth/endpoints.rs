@@ -301,13 +301,16 @@ impl Auth {
             .oidc
             .finish(oidc, &state, &code, browser.as_deref(), now)
             .await;
-        let (identity, refresh, return_to) = match finished {
+        let (mut identity, refresh, return_to) = match finished {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
                 return sign_in_failed(session, &e).await;
             }
         };
+        // Sessions count from the directory as it is now: a deactivation answered before this
+        // point does not end this new session.
+        identity.directory_seq = self.directory.seq();
         let who = identity
             .email
             .clone()

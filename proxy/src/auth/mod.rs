@@ -45,12 +45,15 @@ pub enum Caller {
         issuer: String,
         subject: String,
         client_id: Option<String>,
+        /// The token's `groups` claim (for `token_groups` routes).
+        groups: Vec<String>,
     },
 }
 
 /// Authentication state that outlives configuration reloads.
 pub struct Auth {
     pub oidc: Arc<Oidc>,
+    directory: Arc<portcullis_scim::store::Directory>,
     pub sessions: Sessions,
     /// Key sets of the bearer-token issuers, by issuer.
     issuers: DashMap<String, Arc<Jwks>>,
@@ -66,6 +69,8 @@ struct MachineClaims {
     client_id: Option<String>,
     #[serde(default)]
     azp: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,13 +90,17 @@ impl Caller {
                 issuer,
                 subject,
                 client_id,
+                ..
             } => format!("{}@{issuer}", client_id.as_deref().unwrap_or(subject)),
         }
     }
 }
 
 impl Auth {
-    pub fn new(data_dir: &std::path::Path) -> Result<Self, String> {
+    pub fn new(
+        data_dir: &std::path::Path,
+        directory: Arc<portcullis_scim::store::Directory>,
+    ) -> Result<Self, String> {
         // IdP calls never follow redirects (SSRF) and are bounded in time.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -100,6 +109,7 @@ impl Auth {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Self {
             oidc: Arc::new(Oidc::new(http.clone())),
+            directory,
             sessions: Sessions::open(data_dir, oidc::now_unix())?,
             issuers: DashMap::new(),
             issuer_failures: DashMap::new(),
@@ -197,6 +207,7 @@ impl Auth {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
             client_id: claims.client_id.or(claims.azp),
+            groups: claims.groups,
         })
     }
 

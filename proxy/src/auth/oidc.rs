@@ -319,9 +319,24 @@ impl Oidc {
             created: now,
             expires: now + lifetime,
             id_token: Some(id_token.to_string()),
+            directory_seq: 0,
+            groups: Vec::new(),
         };
+        let raw_claims = payload_of(&id_token.to_string());
         let identity = Identity {
-            idp_session: sid_of(&id_token.to_string()),
+            idp_session: raw_claims
+                .as_ref()
+                .and_then(|c| c.get("sid")?.as_str().map(str::to_owned)),
+            groups: raw_claims
+                .as_ref()
+                .and_then(|c| c.get("groups")?.as_array().cloned())
+                .map(|groups| {
+                    groups
+                        .iter()
+                        .filter_map(|g| g.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
             ..identity
         };
         let refresh = match (config.refresh, response.refresh_token()) {
@@ -490,13 +505,13 @@ struct LogoutClaims {
     events: Option<serde_json::Value>,
 }
 
-/// The `sid` claim of an already verified ID token.
-fn sid_of(id_token: &str) -> Option<String> {
+/// The claims of an already verified ID token, for the ones openidconnect's core types don't
+/// carry (`sid`, `groups`).
+fn payload_of(id_token: &str) -> Option<serde_json::Value> {
     let payload = id_token.split('.').nth(1)?;
     let bytes =
         base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("sid")?.as_str().map(str::to_owned)
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Retries discovery of the configured issuer until it succeeds (backoff 1 s to 60 s), and

@@ -38,6 +38,14 @@ pub struct Identity {
     /// The ID token, kept for `id_token_hint` at sign-out. Never logged.
     #[serde(default)]
     pub id_token: Option<String>,
+    /// The directory's change sequence when this person signed in: a deactivation after it
+    /// ends the session for good.
+    #[serde(default)]
+    pub directory_seq: u64,
+    /// The ID token's `groups` claim, used only on routes with `token_groups = true` for
+    /// people who are not in the directory.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The IdP's tokens kept to refresh a session (`[oidc] refresh = true`). Never logged.
@@ -258,6 +266,8 @@ mod tests {
             created: 100,
             expires,
             id_token: None,
+            directory_seq: 0,
+            groups: Vec::new(),
         }
     }
 
