@@ -17,6 +17,15 @@ IDP_DETACHED=1 node tests/idp/idp.mjs examples/demo-idp.json >target/demo-idp.lo
 idp=$!
 trap 'kill $upstream $idp 2>/dev/null || true' EXIT
 
+target/debug/portcullis serve --config examples/demo.toml &
+portcullis=$!
+trap 'kill $upstream $idp $portcullis 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9090/readyz", timeout=1)' 2>/dev/null && break
+  sleep 0.2
+done
+python3 examples/provision_demo.py
+
 cat <<'MSG'
 
 Portcullis demo
@@ -25,6 +34,8 @@ Portcullis demo
   SCIM directory:          curl -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
                                 http://auth.localhost:8080/scim/v2/Users
   metrics:                 http://127.0.0.1:9090/metrics
+Deactivate alice over SCIM (PATCH {"op":"replace","value":{"active":false}}) and her very next
+request is refused.
 
 MSG
-target/debug/portcullis serve --config examples/demo.toml
+wait $portcullis

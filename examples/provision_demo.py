@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Provisions the demo directory over SCIM, as an identity provider would: the user
+alice@example.com in the group "eng". Safe to run again (existing entries are kept)."""
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+BASE = "http://127.0.0.1:8080/scim/v2"
+HEADERS = {
+    "Host": "auth.localhost:8080",
+    "Authorization": "Bearer demo-scim-token-change-me-0123456789",
+    "Content-Type": "application/scim+json",
+}
+
+
+def call(method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(BASE + path, data=data, method=method, headers=HEADERS)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def find(kind, attr, value):
+    query = urllib.parse.urlencode({"filter": f'{attr} eq "{value}"'})
+    status, body = call("GET", f"/{kind}?{query}")
+    resources = (body or {}).get("Resources") or []
+    return resources[0]["id"] if status == 200 and resources else None
+
+
+alice = find("Users", "userName", "alice@example.com")
+if alice is None:
+    status, body = call("POST", "/Users", {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": "alice@example.com",
+        "name": {"givenName": "Alice", "familyName": "Demo"},
+        "emails": [{"value": "alice@example.com", "type": "work", "primary": True}],
+        "active": True,
+    })
+    if status != 201:
+        sys.exit(f"could not create alice: {status} {body}")
+    alice = body["id"]
+if find("Groups", "displayName", "eng") is None:
+    status, body = call("POST", "/Groups", {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "displayName": "eng",
+        "members": [{"value": alice}],
+    })
+    if status != 201:
+        sys.exit(f"could not create the group eng: {status} {body}")
+print(f"directory ready: alice@example.com ({alice}) in group eng")
