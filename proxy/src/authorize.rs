@@ -227,3 +227,29 @@ fn decide_on_token(
     };
     Verdict::Allow(forward.with_version())
 }
+
+/// The directory's view of a caller, for `/.portcullis/me`.
+pub struct DirectoryView {
+    pub user_name: String,
+    pub active: bool,
+    pub groups: Vec<String>,
+}
+
+pub fn directory_view(
+    directory: &Directory,
+    identity: &IdentityConfig,
+    caller: &Caller,
+) -> Option<DirectoryView> {
+    let key = subject_key(identity, caller)?;
+    directory.with_subject(key, |view| {
+        view.map(|view| DirectoryView {
+            user_name: view.user.user_name.to_string(),
+            active: view.user.active,
+            groups: view
+                .groups
+                .iter()
+                .map(|g| g.display_name.to_string())
+                .collect(),
+        })
+    })
+}

@@ -498,6 +498,9 @@ impl Auth {
             ),
             Caller::Machine { subject, .. } => ("machine", subject.clone(), None, None, None),
         };
+        // The directory's view of this caller: their SCIM user and every group they are in.
+        let directory =
+            crate::authorize::directory_view(&self.directory, &config.identity, &caller);
         if wants_json {
             let body = serde_json::json!({
                 "kind": kind,
@@ -505,6 +508,11 @@ impl Auth {
                 "email": email,
                 "name": name,
                 "session_expires": expires,
+                "directory": directory.as_ref().map(|d| serde_json::json!({
+                    "user_name": d.user_name,
+                    "active": d.active,
+                    "groups": d.groups,
+                })),
             });
             return respond(
                 session,
@@ -528,6 +536,22 @@ impl Auth {
                 "<p>Your session ends at the latest {} seconds from now.</p>",
                 expires.saturating_sub(now_unix())
             ));
+        }
+        match &directory {
+            Some(d) => {
+                let groups: Vec<String> = d.groups.iter().map(|g| escape(g)).collect();
+                rows.push_str(&format!(
+                    "<p>Directory user <strong>{}</strong>{}; groups: {}.</p>",
+                    escape(&d.user_name),
+                    if d.active { "" } else { " (deactivated)" },
+                    if groups.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        groups.join(", ")
+                    },
+                ));
+            }
+            None => rows.push_str("<p>You are not a user in the directory.</p>"),
         }
         rows.push_str("<form method=\"post\" action=\"/.portcullis/sign_out\"><button type=\"submit\">Sign out</button></form>");
         html(session, StatusCode::OK, "Who am I", &rows).await
