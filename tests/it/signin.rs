@@ -65,6 +65,8 @@ pub(crate) struct Options {
     /// Raw TOML list for `[oidc] id_token_algorithms` and the IdP issuer's `algorithms`
     /// (default: not set, so the documented default list applies).
     pub algorithms: Option<&'static str>,
+    /// `[oidc] refresh = true`, with ID tokens living this many seconds at the IdP.
+    pub refresh_every: Option<u64>,
 }
 
 /// `algorithms` limited to one family. Workaround for a Portcullis bug: with an allow-list
@@ -83,6 +85,7 @@ impl Default for Options {
             idp_issuer_leeway: None,
             extra_issuers: Vec::new(),
             algorithms: None,
+            refresh_every: None,
         }
     }
 }
@@ -135,7 +138,11 @@ impl Fixture {
             .iter()
             .map(|host| callback(host))
             .collect();
-        let idp = idp_setup(&redirect_uris, &backchannel).start().await;
+        let mut setup = idp_setup(&redirect_uris, &backchannel);
+        if let Some(seconds) = options.refresh_every {
+            setup = setup.ttl("IdToken", seconds);
+        }
+        let idp = setup.start().await;
         assert!(
             idp.issuer().starts_with("http://127.0.0.1:"),
             "{}",
@@ -156,6 +163,9 @@ impl Fixture {
         if let Some(algorithms) = options.algorithms {
             idp_issuer = idp_issuer.set("algorithms", algorithms);
             oidc = oidc.set("id_token_algorithms", algorithms);
+        }
+        if options.refresh_every.is_some() {
+            oidc = oidc.set("refresh", "true");
         }
         let mut cfg = cfg
             .route(Route::new("http://app.test", &[&app]).any_signed_in())
@@ -300,8 +310,12 @@ impl Fixture {
 /// logout to `backchannel`), the `build-agent` machine client, alice and bob, and three
 /// resources ([`API`], [`OTHER_API`], [`SHORT_API`]).
 pub(crate) fn idp_setup(redirect_uris: &[String], backchannel: &str) -> IdpSetup {
-    let mut portcullis =
-        IdpClient::new(CLIENT_ID, CLIENT_SECRET).backchannel_logout_uri(backchannel);
+    let mut portcullis = IdpClient::new(CLIENT_ID, CLIENT_SECRET)
+        .backchannel_logout_uri(backchannel)
+        .metadata(
+            "grant_types",
+            serde_json::json!(["authorization_code", "refresh_token"]),
+        );
     for uri in redirect_uris {
         portcullis = portcullis.redirect_uri(uri);
     }
@@ -1634,4 +1648,33 @@ async fn sessions_and_their_ends_survive_a_restart() {
     fx.wait_sign_in_available(WAIT).await;
     let again = fx.sign_in(&client(), &page, BOB, BOB_PASSWORD).await;
     assert_session_works(&page, &again.cookie).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_refresh_with_the_idp_and_end_when_it_refuses() {
+    // The IdP's logout tokens go elsewhere, so only a refused refresh can end the session.
+    let recorder = portcullis_tests::recorder::Recorder::start().await;
+    let fx = Fixture::start_with(Options {
+        backchannel: Backchannel::At(recorder.url("/logout")),
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    // Twice past the ID token's lifetime: each next request refreshes it with the IdP (the
+    // second time with the refresh token the first refresh returned), and is served.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_session_works(&url, &signed.cookie).await;
+    }
+
+    // The IdP ends alice's session: her refresh token dies with it, so at the next expiry the
+    // refresh is refused and Portcullis ends the session.
+    fx.idp.backchannel_logout("alice", CLIENT_ID).await;
+    assert_session_works(&url, &signed.cookie).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(&fx, &url, &signed.cookie).await;
 }
