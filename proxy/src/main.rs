@@ -7,6 +7,7 @@
 
 mod admin;
 mod assertion;
+mod audit;
 mod auth;
 mod authorize;
 mod logging;
@@ -70,6 +71,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the audit log: SCIM changes, refusals and sampled allowed requests. Safe to run
+    /// while the proxy is running.
+    Audit {
+        /// The configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only records by or about this user or SCIM token (case-insensitive).
+        #[arg(long)]
+        user: Option<String>,
+        /// Only records from this RFC 3339 time on, or from this long ago (`90s`, `15m`, `1h`,
+        /// `2d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the records as stored, one JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +127,27 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Audit {
+            config,
+            user,
+            since,
+            json,
+        } => {
+            let printed = load_config(&config).and_then(|loaded| {
+                let since = since
+                    .map(|s| audit::parse_since(&s, time::OffsetDateTime::now_utc()))
+                    .transpose()?;
+                let filter = audit::Filter { user, since };
+                audit::run_cli(&loaded.data_dir, &filter, json)
+            });
+            match printed {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { config } => match serve(&config) {
             Ok(never) => match never {},
             Err(message) => {
@@ -117,6 +156,13 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn load_config(path: &Path) -> Result<portcullis_config::Config, String> {
+    portcullis_config::load(path).map_err(|errors| {
+        print_problems(path, &errors);
+        "the configuration has problems".to_owned()
+    })
 }
 
 fn print_problems(file: &Path, errors: &portcullis_config::ConfigErrors) {
@@ -145,7 +191,8 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();
     let server_config = config.server.clone();
-    let directory = open_directory(&config.data_dir)?;
+    let audit = Arc::new(audit::Audit::open(&config.data_dir)?);
+    let directory = open_directory(&config.data_dir, &audit)?;
     let auth = Arc::new(auth::Auth::new(&config.data_dir, directory.clone())?);
     let signer = Arc::new(assertion::Signer::open(
         &config.data_dir,
@@ -158,6 +205,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         directory,
         auth,
         signer,
+        audit,
         runtime,
     )?);
 
@@ -213,11 +261,16 @@ fn serve(config_path: &Path) -> Result<Never, String> {
 }
 
 /// Opens the directory in `data_dir`, rebuilding its in-memory index.
-fn open_directory(data_dir: &Path) -> Result<Arc<Directory>, String> {
+/// Every committed change also goes to the audit log.
+fn open_directory(data_dir: &Path, audit: &audit::Audit) -> Result<Arc<Directory>, String> {
     let started = std::time::Instant::now();
     let storage = RedbStorage::open(data_dir).map_err(|e| e.to_string())?;
-    let directory = Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
-        .map_err(|e| e.to_string())?;
+    let directory = Directory::open_with_sink(
+        Arc::new(storage),
+        Box::new(time::OffsetDateTime::now_utc),
+        Some(audit.change_sink()),
+    )
+    .map_err(|e| e.to_string())?;
     let (users, groups) = directory.counts();
     tracing::info!(
         users,

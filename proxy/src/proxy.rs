@@ -210,19 +210,24 @@ impl ProxyHttp for Proxy {
                     .allowed;
             match (caller, verdict) {
                 (Some(caller), Some(Verdict::Allow(forward))) => {
+                    self.shared.audit.allow_sampled(
+                        runtime.config.identity.allow_sample_rate,
+                        &forward.user,
+                        &route.config.name,
+                        method,
+                        path,
+                    );
                     ctx.caller = Some(caller);
                     ctx.forward = Some(forward);
                 }
                 (Some(caller), Some(Verdict::Deny { who, rule, reason })) => {
-                    tracing::warn!(
-                        target: "audit",
-                        event = "refusal",
-                        user = %who,
-                        route = %route.config.name,
-                        rule = rule.as_deref().unwrap_or("-"),
+                    self.shared.audit.refusal(
+                        &who,
+                        &route.config.name,
+                        rule.as_deref(),
+                        &reason,
                         method,
                         path,
-                        reason = %reason,
                     );
                     ctx.caller = Some(caller);
                     ctx.route = Some(route.clone());
@@ -235,10 +240,26 @@ impl ProxyHttp for Proxy {
                     return pages::forbidden(session, &who, &route.config.name, &reason, browser)
                         .await;
                 }
-                (_, _) if anonymous_ok => {}
+                (_, _) if anonymous_ok => {
+                    self.shared.audit.allow_sampled(
+                        runtime.config.identity.allow_sample_rate,
+                        "anonymous",
+                        &route.config.name,
+                        method,
+                        path,
+                    );
+                }
                 (None, _) if route.config.accept.is_empty() => {
                     // A public route whose public rules don't cover this request: there is no
                     // way to sign in here, so it is simply refused.
+                    self.shared.audit.refusal(
+                        "anonymous",
+                        &route.config.name,
+                        None,
+                        "this address is not public",
+                        method,
+                        path,
+                    );
                     ctx.route = Some(route.clone());
                     return pages::forbidden(
                         session,

@@ -13,6 +13,7 @@ use portcullis_policy::Policy;
 use portcullis_scim::store::Directory;
 
 use crate::assertion::Signer;
+use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
@@ -124,6 +125,8 @@ pub struct Shared {
     pub auth: Arc<Auth>,
     /// Signs the identity assertions sent upstream.
     pub signer: Arc<Signer>,
+    /// The audit log's sender; its writer thread lives as long as the process.
+    pub audit: Arc<Audit>,
     pub runtime: ArcSwap<Runtime>,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
@@ -136,6 +139,7 @@ impl Shared {
         directory: Arc<Directory>,
         auth: Arc<Auth>,
         signer: Arc<Signer>,
+        audit: Arc<Audit>,
         runtime: Runtime,
     ) -> Result<Self, String> {
         let mut resolvers = HashMap::new();
@@ -150,6 +154,7 @@ impl Shared {
             directory,
             auth,
             signer,
+            audit,
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             draining: AtomicBool::new(false),

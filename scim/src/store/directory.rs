@@ -20,6 +20,11 @@ use crate::schema::ResourceType;
 /// The clock the writer stamps `meta` with; a parameter so tests can move time.
 pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
 
+/// Receives the changes of every committed batch, in commit order, once they are durable and
+/// before the writes are answered (the audit log). It runs on the writer thread, so it must
+/// hand them off without blocking.
+pub type ChangeSink = Box<dyn Fn(&[Change]) + Send>;
+
 struct Job {
     command: Command,
     actor: String,
@@ -113,6 +118,15 @@ pub struct Page {
 impl Directory {
     /// Loads `storage` into a fresh index and starts the writer thread.
     pub fn open(storage: Arc<dyn Storage>, clock: Clock) -> Result<Self, StoreError> {
+        Self::open_with_sink(storage, clock, None)
+    }
+
+    /// [`Directory::open`], also handing every committed batch's changes to `sink`.
+    pub fn open_with_sink(
+        storage: Arc<dyn Storage>,
+        clock: Clock,
+        sink: Option<ChangeSink>,
+    ) -> Result<Self, StoreError> {
         let mut index = Index::default();
         let mut members = Vec::new();
         let mut bad = 0usize;
@@ -141,7 +155,7 @@ impl Directory {
             let index = index.clone();
             thread::Builder::new()
                 .name("directory-writer".to_owned())
-                .spawn(move || write_loop(&*storage, &index, &jobs, &clock))
+                .spawn(move || write_loop(&*storage, &index, &jobs, &clock, sink.as_ref()))
                 .map_err(|e| StoreError::Backend(format!("cannot start the writer: {e}")))?
         };
         Ok(Self {
@@ -538,6 +552,7 @@ fn write_loop(
     index: &RwLock<Index>,
     jobs: &mpsc::Receiver<Job>,
     clock: &Clock,
+    sink: Option<&ChangeSink>,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut batch_jobs = vec![first];
@@ -577,6 +592,9 @@ fn write_loop(
                     fail_all(batch_jobs, "the directory index is unusable");
                     continue;
                 }
+            }
+            if let Some(sink) = sink.filter(|_| !batch.changes.is_empty()) {
+                sink(&batch.changes);
             }
         }
         for (job, result) in batch_jobs.into_iter().zip(results) {

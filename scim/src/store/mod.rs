@@ -29,7 +29,8 @@ use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
 pub use directory::{
-    Directory, Member, MemberOf, Page, Query, SortOrder, SubjectKey, SubjectView, UserStatus,
+    ChangeSink, Directory, Member, MemberOf, Page, Query, SortOrder, SubjectKey, SubjectView,
+    UserStatus,
 };
 pub use index::{format_id, parse_id, GroupEntry, Id, Index, UserEntry};
 

@@ -403,3 +403,46 @@ async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
         "and it survives a restart"
     );
 }
+
+#[tokio::test]
+async fn committed_changes_reach_the_sink_before_the_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = Arc::new(RedbStorage::open(tmp.path()).unwrap());
+    let seen: Arc<std::sync::Mutex<Vec<Change>>> = Arc::default();
+    let sink = {
+        let seen = seen.clone();
+        Box::new(move |changes: &[Change]| seen.lock().unwrap().extend_from_slice(changes))
+    };
+    let dir =
+        Directory::open_with_sink(storage, Box::new(time::OffsetDateTime::now_utc), Some(sink))
+            .unwrap();
+    let a = create(&dir, ResourceType::User, user("a@x")).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // A write that fails commits nothing and reports nothing.
+    create(&dir, ResourceType::User, user("a@x"))
+        .await
+        .unwrap_err();
+    dir.write(
+        Command::Delete {
+            rt: ResourceType::User,
+            id: a.id.clone(),
+            if_match: None,
+        },
+        "okta",
+    )
+    .await
+    .unwrap();
+    let seen = seen.lock().unwrap();
+    let ops: Vec<(&str, &str, &str)> = seen
+        .iter()
+        .map(|c| (c.op.as_str(), c.actor.as_str(), c.id.as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("create", "test", a.id.as_str()),
+            ("delete", "okta", a.id.as_str())
+        ]
+    );
+    assert!(seen[0].seq < seen[1].seq);
+}

@@ -1,0 +1,449 @@
+//! The audit log: one append-only JSON-lines file, `data_dir/audit.jsonl`, with a record for
+//! every committed SCIM change, every refusal and a sample of allowed requests.
+//!
+//! Recording never blocks the request path: records go over a bounded channel to one writer
+//! thread, which appends whatever has queued up and fsyncs once per batch. If the channel is
+//! full (the disk cannot keep up), the record is dropped, counted and logged; SCIM changes
+//! dropped that way are still in the directory's own change table. Every record is also
+//! emitted through `tracing` (target `audit`), dropped or not.
+//!
+//! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
+//! strings. `portcullis audit` reads the file back ([`run_cli`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use portcullis_scim::store::{Change, ChangeSink};
+
+pub const FILE_NAME: &str = "audit.jsonl";
+
+/// Records that may wait for the writer before new ones are dropped.
+const QUEUE: usize = 16_384;
+/// Records the writer appends with one write and one fsync at most.
+const MAX_BATCH: usize = 1024;
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Entry {
+    /// A committed SCIM change; `actor` is the SCIM token's name.
+    Change {
+        seq: u64,
+        time: String,
+        actor: String,
+        op: String,
+        resource_type: String,
+        id: String,
+        summary: String,
+    },
+    Refusal {
+        time: String,
+        user: String,
+        route: String,
+        #[serde(default)]
+        rule: Option<String>,
+        reason: String,
+        method: String,
+        path: String,
+    },
+    Allow {
+        time: String,
+        user: String,
+        route: String,
+        method: String,
+        path: String,
+    },
+}
+
+impl From<&Change> for Entry {
+    fn from(c: &Change) -> Self {
+        Entry::Change {
+            seq: c.seq,
+            time: c.time.clone(),
+            actor: c.actor.clone(),
+            op: c.op.clone(),
+            resource_type: c.resource_type.clone(),
+            id: c.id.clone(),
+            summary: c.summary.clone(),
+        }
+    }
+}
+
+impl Entry {
+    pub fn time(&self) -> &str {
+        match self {
+            Entry::Change { time, .. }
+            | Entry::Refusal { time, .. }
+            | Entry::Allow { time, .. } => time,
+        }
+    }
+
+    /// The person or token the record is about.
+    pub fn who(&self) -> &str {
+        match self {
+            Entry::Change { actor, .. } => actor,
+            Entry::Refusal { user, .. } | Entry::Allow { user, .. } => user,
+        }
+    }
+
+    /// One line a person can read.
+    pub fn human(&self) -> String {
+        match self {
+            Entry::Change {
+                seq,
+                time,
+                actor,
+                op,
+                resource_type,
+                id,
+                summary,
+            } => format!("{time} change  #{seq} by {actor}: {op} {resource_type} {id} ({summary})"),
+            Entry::Refusal {
+                time,
+                user,
+                route,
+                rule,
+                reason,
+                method,
+                path,
+            } => format!(
+                "{time} refusal {user} {method} {path} on route {route}{}: {reason}",
+                by_rule(rule)
+            ),
+            Entry::Allow {
+                time,
+                user,
+                route,
+                method,
+                path,
+            } => format!("{time} allow   {user} {method} {path} on route {route}"),
+        }
+    }
+}
+
+fn by_rule(rule: &Option<String>) -> String {
+    rule.as_deref()
+        .map_or_else(String::new, |rule| format!(" by {rule}"))
+}
+
+/// The sending side of the audit log, shared by every request.
+pub struct Audit {
+    queue: SyncSender<Entry>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// Opens (creating, mode 0600) `data_dir/audit.jsonl` for appending and starts the writer.
+    pub fn open(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+        let (queue, records) = mpsc::sync_channel(QUEUE);
+        thread::Builder::new()
+            .name("audit-writer".to_owned())
+            .spawn(move || write_loop(file, &path, &records))
+            .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+        Ok(Self {
+            queue,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// What the directory calls with each committed batch of SCIM changes.
+    pub fn change_sink(&self) -> ChangeSink {
+        let queue = self.queue.clone();
+        let dropped = self.dropped.clone();
+        Box::new(move |changes: &[Change]| {
+            for change in changes {
+                tracing::info!(
+                    target: "audit",
+                    event = "change",
+                    seq = change.seq,
+                    actor = %change.actor,
+                    op = %change.op,
+                    resource_type = %change.resource_type,
+                    id = %change.id,
+                    summary = %change.summary,
+                );
+                enqueue(&queue, &dropped, Entry::from(change));
+            }
+        })
+    }
+
+    pub fn refusal(
+        &self,
+        user: &str,
+        route: &str,
+        rule: Option<&str>,
+        reason: &str,
+        method: &str,
+        path: &str,
+    ) {
+        tracing::warn!(
+            target: "audit",
+            event = "refusal",
+            user,
+            route,
+            rule = rule.unwrap_or("-"),
+            method,
+            path,
+            reason,
+        );
+        self.send(Entry::Refusal {
+            time: now(),
+            user: user.to_owned(),
+            route: route.to_owned(),
+            rule: rule.map(str::to_owned),
+            reason: reason.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+
+    /// Records an allowed request with probability `rate` (`0.0` never, `1.0` always).
+    pub fn allow_sampled(&self, rate: f64, user: &str, route: &str, method: &str, path: &str) {
+        if rate <= 0.0 || (rate < 1.0 && rand::random::<f64>() >= rate) {
+            return;
+        }
+        tracing::info!(target: "audit", event = "allow", user, route, method, path);
+        self.send(Entry::Allow {
+            time: now(),
+            user: user.to_owned(),
+            route: route.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+
+    fn send(&self, entry: Entry) {
+        enqueue(&self.queue, &self.dropped, entry);
+    }
+}
+
+fn enqueue(queue: &SyncSender<Entry>, dropped: &AtomicU64, entry: Entry) {
+    match queue.try_send(entry) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // At the 1st, 2nd, 4th, 8th... drop, so a flood of drops is not a flood of lines.
+            if n.is_power_of_two() {
+                tracing::error!(
+                    target: "audit",
+                    dropped = n,
+                    "the audit log cannot keep up; records dropped so far: {n}"
+                );
+            }
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(target: "audit", "the audit writer has stopped; record dropped");
+        }
+    }
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+fn write_loop(mut file: File, path: &Path, records: &Receiver<Entry>) {
+    let mut buffer = Vec::new();
+    while let Ok(first) = records.recv() {
+        buffer.clear();
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(entry) = next {
+            match serde_json::to_writer(&mut buffer, &entry) {
+                Ok(()) => buffer.push(b'\n'),
+                Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
+            }
+            n += 1;
+            next = if n < MAX_BATCH {
+                records.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        // One write of whole lines: with O_APPEND, a reader never sees two records interleaved.
+        if let Err(e) = file.write_all(&buffer).and_then(|()| file.sync_data()) {
+            tracing::error!(
+                target: "audit",
+                "cannot append {n} records to {}: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// What `portcullis audit` selects.
+pub struct Filter {
+    /// Matches the actor or the user, case-insensitively.
+    pub user: Option<String>,
+    pub since: Option<OffsetDateTime>,
+}
+
+impl Filter {
+    fn matches(&self, entry: &Entry) -> bool {
+        if let Some(user) = &self.user {
+            if !entry.who().eq_ignore_ascii_case(user) {
+                return false;
+            }
+        }
+        if let Some(since) = self.since {
+            match OffsetDateTime::parse(entry.time(), &Rfc3339) {
+                Ok(time) if time >= since => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// `--since`: an RFC 3339 time, or a duration back from `now` such as `90s`, `15m`, `1h`, `2d`.
+pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    if let Ok(time) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(time);
+    }
+    let bad = || format!("--since {text:?}: expected an RFC 3339 time or a duration like 1h, 30m");
+    let unit_at = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: i64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    let back = time::Duration::seconds(number.checked_mul(seconds).ok_or_else(bad)?);
+    now.checked_sub(back).ok_or_else(bad)
+}
+
+/// `portcullis audit`: prints the records of `data_dir/audit.jsonl` that `filter` selects.
+/// Reading while the server appends is safe: only whole lines are read.
+pub fn run_cli(data_dir: &Path, filter: &Filter, json: bool) -> Result<(), String> {
+    let path: PathBuf = data_dir.join(FILE_NAME);
+    let file = File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        // A line without its newline is still being written.
+        if read == 0 || !line.ends_with('\n') {
+            break;
+        }
+        number += 1;
+        let text = line.trim_end();
+        if text.is_empty() {
+            continue;
+        }
+        let entry: Entry = match serde_json::from_str(text) {
+            Ok(entry) => entry,
+            Err(e) => {
+                eprintln!("{}:{number}: skipped: {e}", path.display());
+                continue;
+            }
+        };
+        if !filter.matches(&entry) {
+            continue;
+        }
+        let written = if json {
+            writeln!(out, "{text}")
+        } else {
+            writeln!(out, "{}", entry.human())
+        };
+        if written.is_err() {
+            // The reader went away (`| head`): nothing more to do.
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_a_duration() {
+        let now = OffsetDateTime::parse("2025-01-02T03:04:05Z", &Rfc3339).unwrap();
+        let at = |s: &str| parse_since(s, now).unwrap().format(&Rfc3339).unwrap();
+        assert_eq!(at("1h"), "2025-01-02T02:04:05Z");
+        assert_eq!(at("30m"), "2025-01-02T02:34:05Z");
+        assert_eq!(at("2d"), "2024-12-31T03:04:05Z");
+        assert_eq!(at("2020-05-06T07:08:09Z"), "2020-05-06T07:08:09Z");
+        for bad in ["", "h", "1", "1y", "-1h", "yesterday"] {
+            assert!(parse_since(bad, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_filter() {
+        let entry = Entry::Refusal {
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            user: "Alice@corp.example".to_owned(),
+            route: "app".to_owned(),
+            rule: Some("routes[0].deny[0]".to_owned()),
+            reason: "member of group contractors".to_owned(),
+            method: "DELETE".to_owned(),
+            path: "/admin".to_owned(),
+        };
+        let line = serde_json::to_string(&entry).unwrap();
+        assert!(line.contains(r#""event":"refusal""#), "{line}");
+        assert_eq!(serde_json::from_str::<Entry>(&line).unwrap(), entry);
+        let since = |s: &str| Some(OffsetDateTime::parse(s, &Rfc3339).unwrap());
+        let filter = |user: Option<&str>, since| Filter {
+            user: user.map(str::to_owned),
+            since,
+        };
+        assert!(filter(Some("alice@CORP.example"), None).matches(&entry));
+        assert!(!filter(Some("bob@corp.example"), None).matches(&entry));
+        assert!(filter(None, since("2025-01-02T03:04:05Z")).matches(&entry));
+        assert!(!filter(None, since("2025-01-02T03:04:06Z")).matches(&entry));
+    }
+
+    #[test]
+    fn the_file_is_appended_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path()).unwrap();
+        audit.refusal("a", "r", None, "why", "GET", "/");
+        audit.allow_sampled(1.0, "b", "r", "GET", "/x");
+        audit.allow_sampled(0.0, "c", "r", "GET", "/y");
+        let path = dir.path().join(FILE_NAME);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if text.lines().count() == 2 {
+                assert!(text.contains(r#""user":"b""#) && !text.contains(r#""user":"c""#));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,176 @@
+//! The audit log end to end: SCIM changes, refusals and sampled allows land in
+//! `data_dir/audit.jsonl`, `portcullis audit` reads them back with its filters, and the file
+//! keeps growing across a restart.
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::process::run;
+use portcullis_tests::scim::{patch_ops, ScimClient};
+use portcullis_tests::{Portcullis, Route, Upstream};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::{scim_config, SCIM_TOKEN};
+
+/// `portcullis audit --config <px's config> <args>`; panics unless it succeeds.
+async fn audit(px: &Portcullis, args: &[&str]) -> Vec<String> {
+    let config = px.config_path().display().to_string();
+    let mut all = vec!["audit", "--config", &config];
+    all.extend_from_slice(args);
+    let out = run(px.dir(), &all).await;
+    assert!(out.status.success(), "portcullis {all:?}: {}", out.stderr);
+    out.stdout.lines().map(str::to_owned).collect()
+}
+
+/// The records that `args` select, as JSON, once `done` holds for them (the log is written
+/// just after the answers, by another thread).
+async fn audit_json_until(
+    px: &Portcullis,
+    args: &[&str],
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<Value> = audit(px, &all)
+            .await
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit log never had what was expected: {records:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn of_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["event"] == event).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
+    let up = Upstream::start("up").await;
+    let cfg = scim_config().route(
+        Route::new("http://open.test", &[&up])
+            .accept(&["public"])
+            .set("allow = { public = true, paths = [\"/open\"] }"),
+    );
+    let toml = format!("{}\n[identity]\nallow_sample_rate = 1.0\n", cfg.toml());
+    let mut px = Portcullis::start(&toml).await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+
+    let id = scim.create_user("carol@corp.example").await.id();
+    scim.patch(
+        &format!("/Users/{id}"),
+        &patch_ops(json!([{"op": "replace", "path": "active", "value": false}])),
+    )
+    .await
+    .expect_success();
+    scim.delete(&format!("/Users/{id}")).await.expect(204);
+
+    let client = portcullis_tests::client::plain_client();
+    let refused = client
+        .delete(cfg.http_url("open.test", "/closed?token=s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let allowed = client
+        .get(cfg.http_url("open.test", "/open/page"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+
+    let records = audit_json_until(&px, &[], |r| {
+        of_event(r, "change").len() == 3
+            && of_event(r, "refusal").len() == 1
+            && of_event(r, "allow").len() == 1
+    })
+    .await;
+    let changes = of_event(&records, "change");
+    let ops: Vec<&str> = changes.iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["create", "patch", "delete"], "{records:#?}");
+    for change in &changes {
+        assert_eq!(change["actor"], "okta", "{change}");
+        assert_eq!(change["resource_type"], "User", "{change}");
+        assert_eq!(change["id"], id.as_str(), "{change}");
+    }
+    let seqs: Vec<u64> = changes.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let refusal = of_event(&records, "refusal")[0];
+    assert_eq!(refusal["user"], "anonymous", "{refusal}");
+    assert_eq!(refusal["method"], "DELETE", "{refusal}");
+    assert_eq!(
+        refusal["path"], "/closed",
+        "the query is never logged: {refusal}"
+    );
+    assert!(refusal["route"].as_str().is_some_and(|r| !r.is_empty()));
+    assert!(refusal["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    let allow = of_event(&records, "allow")[0];
+    assert_eq!(allow["path"], "/open/page", "{allow}");
+
+    // Human-readable by default, one line a record; no secrets anywhere.
+    let lines = audit(&px, &[]).await;
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    assert!(
+        lines[0].contains("okta") && lines[0].contains("create"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[3].contains("refusal") && lines[3].contains("/closed"),
+        "{lines:#?}"
+    );
+    let file = std::fs::read_to_string(px.dir().join("data/audit.jsonl")).unwrap();
+    assert!(
+        !file.contains(SCIM_TOKEN) && !file.contains("s3cret"),
+        "{file}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(px.dir().join("data/audit.jsonl"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // --user matches the actor or the user, in any case.
+    assert_eq!(audit(&px, &["--user", "OKTA"]).await.len(), 3);
+    let mine = audit(&px, &["--user", "Anonymous"]).await;
+    assert_eq!(mine.len(), 2, "{mine:#?}");
+    assert!(
+        mine[0].contains("refusal") && mine[1].contains("allow"),
+        "{mine:#?}"
+    );
+    assert!(audit(&px, &["--user", "nobody"]).await.is_empty());
+    // --since takes a duration back from now or an RFC 3339 time.
+    assert_eq!(audit(&px, &["--since", "1h"]).await.len(), 5);
+    assert!(audit(&px, &["--since", "2999-01-01T00:00:00Z"])
+        .await
+        .is_empty());
+    assert_eq!(
+        audit(&px, &["--since", "2000-01-01T00:00:00Z", "--user", "okta"])
+            .await
+            .len(),
+        3
+    );
+    let config = px.config_path().display().to_string();
+    let bad = run(px.dir(), &["audit", "--config", &config, "--since", "soon"]).await;
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("--since"), "{}", bad.stderr);
+
+    // The file survives a restart, and the restarted server appends to it.
+    px.terminate().await;
+    px.restart().await;
+    let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 3).await;
+    assert_eq!(records[0]["op"], "create");
+    scim.create_user("dave@corp.example").await;
+    let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 4).await;
+    assert_eq!(records[3]["op"], "create");
+    assert!(records[3]["seq"].as_u64() > records[2]["seq"].as_u64());
+}
