@@ -236,12 +236,13 @@ fn serve(config_path: &Path) -> Result<Never, String> {
             None => proxy.add_tcp(&address),
         }
     }
-    server.add_service(proxy);
+    let proxy = server.add_service(proxy);
 
     if let Some(admin) = admin {
         let mut service = Service::new("admin".to_owned(), admin::Admin::new(shared.clone()));
         service.add_tcp(&admin.address.to_string());
-        server.add_service(service);
+        // /readyz must not say ready before the proxy's listeners accept connections.
+        server.add_service(service).add_dependency(&proxy);
     }
     server.add_service(background_service(
         "reload",

@@ -8,6 +8,7 @@
 
 mod admin;
 mod audit;
+mod authz;
 mod balancing;
 mod config_check;
 mod headers;

@@ -43,7 +43,7 @@ pub(crate) const BINDING_COOKIE: &str = "portcullis_signin";
 pub(crate) const BROWSER_ACCEPT: &str =
     "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
 /// Every wait for the IdP or Portcullis to change state is bounded by this.
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(40);
 
 /// Where the IdP sends back-channel logout tokens for the `portcullis` client.
 pub(crate) enum Backchannel {

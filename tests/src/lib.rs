@@ -28,7 +28,9 @@ pub mod scim;
 pub mod tls;
 pub mod upstream;
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
+use std::sync::Mutex;
 
 pub use browser::{Browser, BrowserCookie, BrowserOptions};
 pub use client::{raw_request, RawResponse};
@@ -40,8 +42,17 @@ pub use scim::{ScimClient, ScimResponse};
 pub use tls::{CertFiles, TestCa};
 pub use upstream::{Echo, Upstream};
 
-/// A loopback port that was free a moment ago (bound to port 0, read, released).
+/// A loopback port that was free a moment ago (bound to port 0, read, released), and never
+/// handed out before by this process: the kernel may give a just-released port again, and two
+/// listeners of one config (or of two tests running in parallel) must not get the same one.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local addr").port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port that was not handed out before");
 }
