@@ -20,8 +20,9 @@ use openidconnect::core::{
 };
 use openidconnect::{
     AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret,
-    CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
-    ProviderMetadata, RedirectUrl, RefreshToken, Scope,
+    CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
+    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl,
+    RefreshToken, Scope,
 };
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,26 @@ pub struct Provider {
     pub issuer: String,
     pub metadata: Metadata,
     pub jwks: Jwks,
+}
+
+/// The relying-party client built from a provider's metadata.
+type Client = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+impl Provider {
+    fn client(&self, config: &OidcConfig) -> Client {
+        CoreClient::from_provider_metadata(
+            self.metadata.clone(),
+            ClientId::new(config.client_id.clone()),
+            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +186,13 @@ impl Oidc {
         self.provider.load_full()
     }
 
+    /// The provider of `config`'s issuer, once discovered.
+    fn current(&self, config: &OidcConfig) -> Result<Arc<Provider>, SignInError> {
+        self.provider()
+            .filter(|p| p.issuer == config.issuer)
+            .ok_or(SignInError::ProviderUnavailable)
+    }
+
     /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
     pub async fn discover(&self, issuer: &str) -> Result<(), String> {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
@@ -191,22 +219,14 @@ impl Oidc {
         return_to: String,
         now: u64,
     ) -> Result<Started, SignInError> {
-        let provider = self
-            .provider()
-            .filter(|p| p.issuer == config.issuer)
-            .ok_or(SignInError::ProviderUnavailable)?;
+        let provider = self.current(config)?;
         if self.pending.len() >= MAX_PENDING {
             self.pending.retain(|_, p| p.created + PENDING_FOR > now);
             if self.pending.len() >= MAX_PENDING {
                 return Err(SignInError::Busy);
             }
         }
-        let client = CoreClient::from_provider_metadata(
-            provider.metadata.clone(),
-            ClientId::new(config.client_id.clone()),
-            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
-        )
-        .set_redirect_uri(
+        let client = provider.client(config).set_redirect_uri(
             RedirectUrl::new(redirect_uri.to_owned())
                 .map_err(|e| SignInError::Invalid(e.to_string()))?,
         );
@@ -268,16 +288,8 @@ impl Oidc {
         {
             return Err(SignInError::WrongBrowser);
         }
-        let provider = self
-            .provider()
-            .filter(|p| p.issuer == config.issuer)
-            .ok_or(SignInError::ProviderUnavailable)?;
-        let client = CoreClient::from_provider_metadata(
-            provider.metadata.clone(),
-            ClientId::new(config.client_id.clone()),
-            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
-        )
-        .set_redirect_uri(
+        let provider = self.current(config)?;
+        let client = provider.client(config).set_redirect_uri(
             RedirectUrl::new(pending.redirect_uri.clone())
                 .map_err(|e| SignInError::Invalid(e.to_string()))?,
         );
@@ -359,15 +371,8 @@ impl Oidc {
         subject: &str,
         now: u64,
     ) -> Result<Option<Refresh>, SignInError> {
-        let provider = self
-            .provider()
-            .filter(|p| p.issuer == config.issuer)
-            .ok_or(SignInError::ProviderUnavailable)?;
-        let client = CoreClient::from_provider_metadata(
-            provider.metadata.clone(),
-            ClientId::new(config.client_id.clone()),
-            Some(ClientSecret::new(config.client_secret.expose().to_owned())),
-        );
+        let provider = self.current(config)?;
+        let client = provider.client(config);
         let response = client
             .exchange_refresh_token(&RefreshToken::new(current.refresh_token.clone()))
             .map_err(|e| SignInError::Invalid(e.to_string()))?
