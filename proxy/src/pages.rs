@@ -102,17 +102,5 @@ pub async fn forbidden(
         .to_string();
         ("application/json", body)
     };
-    let body = Bytes::from(body);
-    let mut response = ResponseHeader::build(StatusCode::FORBIDDEN, Some(3))?;
-    response.insert_header(header::CONTENT_TYPE, content_type)?;
-    response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    response.insert_header(header::CACHE_CONTROL, "no-store")?;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(response), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(true)
+    crate::auth::endpoints::respond(session, StatusCode::FORBIDDEN, &[], content_type, body).await
 }
