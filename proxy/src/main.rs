@@ -5,23 +5,6 @@
 //! `portcullis-policy` and `portcullis-scim`, and the configuration model in
 //! `portcullis-config`. Read `proxy.rs` first: its module doc lists the request phases.
 
-mod admin;
-mod assertion;
-mod audit;
-mod auth;
-mod authorize;
-mod logging;
-mod metrics;
-mod pages;
-mod path;
-mod proxy;
-mod reload;
-mod routes;
-mod scim_http;
-mod state;
-mod tls;
-mod upstream;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -37,7 +20,8 @@ use pingora::services::listening::Service;
 use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
-use crate::state::{Runtime, Shared};
+use portcullis::state::{Runtime, Shared};
+use portcullis::{admin, assertion, audit, auth, logging, proxy, reload};
 
 // The proxy allocates small, short-lived buffers per request; mimalloc is measurably faster at
 // that than the system allocator (bench/proxy.py).

@@ -84,7 +84,7 @@ impl ProxyHttp for Proxy {
             scim: false,
             caller: None,
             forward: None,
-            _in_flight: InFlight::new(),
+            _in_flight: InFlight::begin(),
         }
     }
 
@@ -335,7 +335,7 @@ impl ProxyHttp for Proxy {
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             route.upstreams.mark_down(index, Instant::now());
             // Nothing has been sent upstream yet, so any request may go to the next upstream.
-            if ctx.attempt < route.upstreams.len() {
+            if ctx.attempt < route.upstreams.count() {
                 e.set_retry(true);
             }
         }

@@ -177,7 +177,7 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 pub struct InFlight(());
 
 impl InFlight {
-    pub fn new() -> Self {
+    pub fn begin() -> Self {
         IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
         Self(())
     }

@@ -53,7 +53,8 @@ impl UpstreamSet {
         })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many upstreams the route has.
+    pub fn count(&self) -> usize {
         self.upstreams.len()
     }
 

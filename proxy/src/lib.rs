@@ -1,0 +1,23 @@
+//! The `portcullis` library: everything the `portcullis` binary runs, as modules, so that
+//! benchmarks (`proxy/benches/`) can drive the real decision path.
+//!
+//! The pingora data plane is [`proxy`]: read its module doc first, it lists the request phases.
+//! Policy and directory logic live in `portcullis-policy` and `portcullis-scim`, and the
+//! configuration model in `portcullis-config`.
+
+pub mod admin;
+pub mod assertion;
+pub mod audit;
+pub mod auth;
+pub mod authorize;
+pub mod logging;
+pub mod metrics;
+pub mod pages;
+pub mod path;
+pub mod proxy;
+pub mod reload;
+pub mod routes;
+pub mod scim_http;
+pub mod state;
+pub mod tls;
+pub mod upstream;
