@@ -19,5 +19,6 @@ pub mod reload;
 pub mod routes;
 pub mod scim_http;
 pub mod state;
+pub mod streams;
 pub mod tls;
 pub mod upstream;

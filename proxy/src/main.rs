@@ -21,7 +21,7 @@ use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
 use portcullis::state::{Runtime, Shared};
-use portcullis::{admin, assertion, audit, auth, logging, proxy, reload};
+use portcullis::{admin, assertion, audit, auth, logging, proxy, reload, streams};
 
 // The proxy allocates small, short-lived buffers per request; mimalloc is measurably faster at
 // that than the system allocator (bench/proxy.py).
@@ -239,6 +239,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service(
         "assertion keys",
         assertion::KeyRefresher::new(shared.signer.clone()),
+    ));
+    server.add_service(background_service(
+        "stream watcher",
+        streams::Watcher::new(shared.clone()),
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");

@@ -5,9 +5,12 @@
 //! 2. `upstream_peer`: choose an upstream (round-robin over the healthy ones).
 //! 3. `upstream_request_filter`: strip client-sent identity headers, set `X-Forwarded-*` and
 //!    `Host`, send the normalized path.
-//! 4. `request_body_filter`: enforce the body limit on streamed bodies.
-//! 5. `fail_to_connect` / `fail_to_proxy`: mark dead upstreams and retry, or answer with a page.
-//! 6. `logging`: metrics and one access-log line.
+//! 4. `connected_to_upstream`: watch websockets and event streams of signed-in callers, so
+//!    they can be cut when access is revoked (see [`crate::streams`]).
+//! 5. `request_body_filter` / `response_body_filter`: enforce the body limit on streamed
+//!    bodies; let no chunk or frame cross for a caller who has lost access since.
+//! 6. `fail_to_connect` / `fail_to_proxy`: mark dead upstreams and retry, or answer with a page.
+//! 7. `logging`: metrics and one access-log line.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use crate::pages;
 use crate::path;
 use crate::routes::{CompiledRoute, Match};
 use crate::state::{InFlight, Runtime, Shared};
+use crate::streams::{Recheck, Registration};
 
 /// Headers whose names start with this (case-insensitively, `_` read as `-`) are Portcullis'
 /// own and are never taken from a client.
@@ -59,10 +63,15 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// Answered by the SCIM endpoint rather than proxied.
     scim: bool,
-    /// Who is calling, once authenticated.
+    /// Who is calling, once authenticated but refused.
     caller: Option<auth::Caller>,
+    /// Who is calling and what they were let in for, once authorized.
+    recheck: Option<Arc<Recheck>>,
     /// What the upstream is told about the caller, once authorized.
     forward: Option<authorize::Forward>,
+    /// A websocket or event stream: watched while open, see [`crate::streams`].
+    long_lived: bool,
+    registration: Option<Registration>,
     _in_flight: InFlight,
 }
 
@@ -83,7 +92,10 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             scim: false,
             caller: None,
+            recheck: None,
             forward: None,
+            long_lived: false,
+            registration: None,
             _in_flight: InFlight::begin(),
         }
     }
@@ -179,6 +191,8 @@ impl ProxyHttp for Proxy {
 
         {
             let policy = &route.policy;
+            // Read before deciding, so a later change is always noticed by `Recheck`.
+            let decided_at = self.shared.directory.visible_seq();
             let caller = self
                 .shared
                 .auth
@@ -217,8 +231,15 @@ impl ProxyHttp for Proxy {
                         method,
                         path,
                     );
-                    ctx.caller = Some(caller);
+                    ctx.recheck = Some(Arc::new(Recheck::new(
+                        caller,
+                        route.clone(),
+                        method,
+                        path,
+                        decided_at,
+                    )));
                     ctx.forward = Some(forward);
+                    ctx.long_lived = is_long_lived(req);
                 }
                 (Some(caller), Some(Verdict::Deny { who, rule, reason })) => {
                     self.shared.audit.refusal(
@@ -444,6 +465,27 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let (true, Some(recheck)) = (ctx.long_lived, &ctx.recheck) {
+            // Fail closed: a connection that could not be cut is not made.
+            let registration = self
+                .shared
+                .streams
+                .register(fd, recheck.clone())
+                .or_err(ErrorType::InternalError, "cannot watch the connection")?;
+            ctx.registration = Some(registration);
+        }
+        Ok(())
+    }
+
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -451,6 +493,7 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        ctx.still_allowed(&self.shared)?;
         if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
             ctx.body_bytes = ctx.body_bytes.saturating_add(chunk.len() as u64);
             if ctx.body_bytes > route.config.max_request_body_bytes {
@@ -458,6 +501,17 @@ impl ProxyHttp for Proxy {
             }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        ctx.still_allowed(&self.shared)?;
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -512,12 +566,41 @@ impl ProxyHttp for Proxy {
             path = %req.uri.path(),
             status,
             route,
-            user = ctx.caller.as_ref().map(auth::Caller::log_name),
+            user = ctx.caller().map(auth::Caller::log_name),
             upstream = ctx.upstream,
             duration_us = ctx.started.elapsed().as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
         );
     }
+}
+
+impl RequestCtx {
+    fn caller(&self) -> Option<&auth::Caller> {
+        match &self.recheck {
+            Some(recheck) => Some(&recheck.caller),
+            None => self.caller.as_ref(),
+        }
+    }
+
+    /// Refuses to pass on one more chunk or frame for a caller who has lost access.
+    fn still_allowed(&self, shared: &Shared) -> Result<()> {
+        match &self.recheck {
+            Some(recheck) if !recheck.still_allowed(shared) => {
+                Error::e_explain(ErrorType::HTTPStatus(403), "access revoked")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A websocket upgrade or an event stream: a request that may stay open for hours.
+fn is_long_lived(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::UPGRADE)
+        || req.headers.get_all(header::ACCEPT).iter().any(|v| {
+            v.as_bytes()
+                .windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+        })
 }
 
 /// Removes every header a client might use to pose as Portcullis: `X-Portcullis-*` in any case,

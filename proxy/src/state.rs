@@ -18,6 +18,7 @@ use crate::auth::Auth;
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
+use crate::streams::Streams;
 use crate::tls::{CertSet, SniResolver};
 use crate::upstream::UpstreamSet;
 
@@ -130,6 +131,8 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
+    /// Open websockets and event streams, cut when their caller loses access.
+    pub streams: Arc<Streams>,
     draining: AtomicBool,
 }
 
@@ -157,6 +160,7 @@ impl Shared {
             audit,
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
+            streams: Arc::default(),
             draining: AtomicBool::new(false),
         })
     }

@@ -6,6 +6,8 @@
 //!   over SCIM; not one request *sent after the SCIM answer arrived* may be answered 2xx
 //!   (deactivation, removal from the group, deletion of the group or the user, and a machine
 //!   token whose service account is deactivated).
+//! - Open websockets: not one frame crosses, either way, once a deactivation is answered, and
+//!   the connection is closed, busy or idle.
 //! - Header spoofing: every spelling of the identity headers a client may send is dropped; the
 //!   upstream sees exactly what Portcullis asserts.
 //! - Path normalization: what the deny rule sees is what the upstream gets.
@@ -20,14 +22,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use portcullis_tests::idp::{jwt_claims, jwt_header, verify_with};
 use portcullis_tests::scim::patch_ops;
+use portcullis_tests::upstream::stamp;
 use portcullis_tests::{
     raw_request, ConfigBuilder, Echo, JwtIssuer, Oidc, Route, ScimClient, ScimResponse, Upstream,
 };
 use reqwest::header::{ACCEPT, CONTENT_TYPE, COOKIE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::signin::{
     assert_session_refused, assert_session_works, bare_client, client, get_with_session, idp_setup,
@@ -79,6 +86,7 @@ impl Authz {
         let cfg = cfg
             .route(
                 Route::new(APP_ROUTE, &[&app])
+                    .websockets(true)
                     .set("allow = { groups = [\"eng\"] }")
                     .set("deny = { groups = [\"eng\"], paths = [\"/admin\"] }"),
             )
@@ -382,6 +390,215 @@ async fn deactivation_refuses_the_next_request_and_ends_the_session() {
     let echo = assert_session_works(&url, &fresh).await;
     assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
     assert_session_refused(&t.fx, &url, &cookie).await;
+}
+
+type Websocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a websocket to `path` on the app route with the session `cookie`.
+async fn open_websocket(t: &Authz, path: &str, cookie: &str) -> Websocket {
+    let port = t.fx.cfg.http_addr().port();
+    let mut request = format!("ws://app.test:{port}{path}")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "cookie",
+        HeaderValue::from_str(&format!("{SESSION_COOKIE}={cookie}")).unwrap(),
+    );
+    let stream = tokio::net::TcpStream::connect(t.fx.cfg.http_addr())
+        .await
+        .unwrap();
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+    .expect("websocket handshake timed out")
+    .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// The stamp in `tick <stamp>` or `msg <stamp>`.
+fn sent_at(message: &str) -> u64 {
+    message
+        .split_once(' ')
+        .and_then(|(_, stamp)| stamp.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected message {message:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_websocket_carries_not_one_frame_after_deactivation_and_is_closed() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    // Busy: the upstream sends a tick every 20 ms and the client a message every 10 ms, each
+    // stamped with when it was sent. Idle: an echo nobody speaks on.
+    let (mut busy_tx, mut busy_rx) = open_websocket(&t, "/ws-ticks", &cookie).await.split();
+    let mut idle = open_websocket(&t, "/ws", &cookie).await;
+
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop_sending.clone();
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            // Bounded: at most 2000 messages (20 s).
+            while sent < 2000 && !stop.load(Ordering::Relaxed) {
+                if busy_tx
+                    .send(Message::text(format!("msg {}", stamp())))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        })
+    };
+    let ticks = Arc::new(Mutex::new(Vec::<String>::new()));
+    let receiver = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                match tokio::time::timeout_at(deadline, busy_rx.next()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        ticks.lock().unwrap().push(text.to_string());
+                    }
+                    Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return true,
+                    Ok(Some(Ok(_))) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+    };
+
+    // Both directions work before.
+    let until = Instant::now() + Duration::from_secs(10);
+    while (ticks.lock().unwrap().len() < 5 || t.fx.app.ws_received().len() < 5)
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ticks.lock().unwrap().len() >= 5,
+        "no ticks arrive through the proxy"
+    );
+    assert!(
+        t.fx.app.ws_received().len() >= 5,
+        "no messages reach the upstream"
+    );
+
+    t.set_active(&t.alice_id, false).await.expect_success();
+    let answered = stamp();
+
+    // The busy connection is closed; keep sending meanwhile, to show nothing gets through.
+    let closed = tokio::time::timeout(Duration::from_secs(10), receiver)
+        .await
+        .expect("the receiver is bounded")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_sending.store(true, Ordering::Relaxed);
+    let sent = sender.await.unwrap();
+    assert!(
+        closed,
+        "the busy websocket was still open 10 s after the deactivation"
+    );
+
+    let late_ticks: Vec<String> = ticks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|tick| sent_at(tick) >= answered)
+        .cloned()
+        .collect();
+    assert!(
+        late_ticks.is_empty(),
+        "ticks sent by the upstream after the SCIM answer reached the client: {late_ticks:?}"
+    );
+    let late_messages: Vec<String> =
+        t.fx.app
+            .ws_received()
+            .into_iter()
+            .filter(|msg| sent_at(msg) >= answered)
+            .collect();
+    assert!(
+        late_messages.is_empty(),
+        "messages sent by the client after the SCIM answer reached the upstream \
+         ({sent} sent in all): {late_messages:?}"
+    );
+
+    // The idle connection, on which nothing was said, is closed too.
+    let idle_end = tokio::time::timeout(Duration::from_secs(5), idle.next()).await;
+    assert!(
+        matches!(
+            idle_end,
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))
+        ),
+        "the idle websocket was not closed within 5 s of the deactivation: {idle_end:?}"
+    );
+    // And the session is over.
+    assert_session_refused(&t.fx, &t.app_url("/work"), &cookie).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    // A plain streaming response (not an event stream): only the per-chunk check guards it.
+    let mut resp = get_with_session(&t.app_url("/stream-ticks"), &cookie, "text/plain").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let mut received = String::new();
+    while received.lines().count() < 5 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+            .await
+            .expect("ticks arrive")
+            .expect("the stream is fine")
+            .expect("the stream goes on");
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    t.remove_member(&t.eng_id, &t.alice_id)
+        .await
+        .expect_success();
+    let answered = stamp();
+
+    // Read on until the stream ends (it would run for 20 s); it must end early, with an error.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => received.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) => return "completed",
+                Err(_) => return "cut",
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok("cut"), "the stream was not cut");
+    let late: Vec<&str> = received
+        .lines()
+        .filter(|line| sent_at(line) >= answered)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "chunks sent by the upstream after the SCIM answer reached the client: {late:?}"
+    );
+    // The cut is audited (by the audit thread, just after).
+    let log = t.fx.px.dir().join("data/audit.jsonl");
+    let until = Instant::now() + Duration::from_secs(10);
+    let audited = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("open connection closed") || Instant::now() > until {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        audited
+            .lines()
+            .any(|line| line.contains("open connection closed") && line.contains(ALICE)),
+        "the cut is not in the audit log:\n{audited}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,17 +1,21 @@
 //! A real HTTP/1.1 upstream that answers every request with a JSON [`Echo`] of what it received.
 //!
-//! Endpoints: `/ws` is a websocket echo (when the request asks for an upgrade), `/slow?ms=N`
-//! answers after N milliseconds (for drain and in-flight tests), everything else echoes at once.
+//! Endpoints: `/ws` is a websocket echo (when the request asks for an upgrade); `/ws-ticks`
+//! is a websocket that sends `tick <stamp>` every 20 ms and records every message it receives
+//! (see [`stamp`] and [`Upstream::ws_received`]); `/stream-ticks` is a streaming response
+//! with one `tick <stamp>` line every 20 ms (at most 1000); `/slow?ms=N` answers after N milliseconds
+//! (for drain and in-flight tests); everything else echoes at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -68,6 +72,15 @@ impl Echo {
 struct State {
     name: String,
     seen: Mutex<Vec<Echo>>,
+    /// Messages received on `/ws-ticks` websockets.
+    ws_received: Mutex<Vec<String>>,
+}
+
+/// Microseconds since this process first asked: one clock for the tests and their upstreams,
+/// to say which side of an event a message was sent on.
+pub fn stamp() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 /// A running upstream on `127.0.0.1:<ephemeral>`. Stops when dropped.
@@ -92,6 +105,7 @@ impl Upstream {
         let state = Arc::new(State {
             name: name.to_owned(),
             seen: Mutex::new(Vec::new()),
+            ws_received: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Upstream {
@@ -123,6 +137,15 @@ impl Upstream {
     /// How many requests were received so far.
     pub fn count(&self) -> usize {
         self.state.seen.lock().expect("upstream state").len()
+    }
+
+    /// Every message received on a `/ws-ticks` websocket so far.
+    pub fn ws_received(&self) -> Vec<String> {
+        self.state
+            .ws_received
+            .lock()
+            .expect("upstream state")
+            .clone()
     }
 
     /// Closes the listening socket and every open connection, as a crashed upstream would.
@@ -164,7 +187,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 async fn handle(
     mut req: Request<Incoming>,
     state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let wants_websocket = req
         .headers()
         .get(header::UPGRADE)
@@ -203,17 +226,22 @@ async fn handle(
         .push(echo.clone());
 
     let path = parts.uri.path();
-    if path == "/ws" && wants_websocket {
+    if (path == "/ws" || path == "/ws-ticks") && wants_websocket {
         let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
             return Ok(plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
         };
         let accept = derive_accept_key(key.as_bytes());
+        let ticks = path == "/ws-ticks";
+        let state = state.clone();
         tokio::spawn(async move {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
             let mut ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            if ticks {
+                return tick_and_record(ws, &state).await;
+            }
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_text() || msg.is_binary() {
                     if ws.send(msg).await.is_err() {
@@ -224,7 +252,7 @@ async fn handle(
                 }
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
+        let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = resp.headers_mut();
         h.insert(
@@ -240,6 +268,14 @@ async fn handle(
         }
         return Ok(resp);
     }
+    if path == "/stream-ticks" {
+        let mut resp = Response::new(ticks());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
+        return Ok(resp);
+    }
     if path == "/slow" {
         let ms = parts
             .uri
@@ -252,7 +288,7 @@ async fn handle(
     }
 
     let body = serde_json::to_vec(&echo).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(Bytes::from(body)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
@@ -263,8 +299,54 @@ async fn handle(
     Ok(resp)
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+/// Sends `tick <stamp>` every 20 ms and records every text message, until either side fails.
+async fn tick_and_record<S>(mut ws: WebSocketStream<S>, state: &State)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let tick = format!("tick {}", stamp());
+                if ws.send(tokio_tungstenite::tungstenite::Message::text(tick)).await.is_err() {
+                    return;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(msg)) if msg.is_text() => {
+                    if let Ok(text) = msg.into_text() {
+                        state.ws_received.lock().expect("upstream state").push(text.to_string());
+                    }
+                }
+                Some(Ok(msg)) if !msg.is_close() => {}
+                _ => return,
+            }
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// One `tick <stamp>` line every 20 ms, at most 1000.
+fn ticks() -> Body {
+    let ticks = futures_util::stream::unfold(0u32, |n| async move {
+        if n >= 1000 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let line = Bytes::from(format!("tick {}\n", stamp()));
+        Some((Ok(hyper::body::Frame::data(line)), n + 1))
+    });
+    StreamBody::new(ticks).boxed_unsync()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(text.as_bytes())));
     *resp.status_mut() = status;
     resp
 }

@@ -37,6 +37,8 @@ pub struct Directory {
     /// `None` only while dropping, so the writer sees its queue close and stops.
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<thread::JoinHandle<()>>,
+    /// The sequence number of the last batch made visible, for those who act on changes.
+    visible: tokio::sync::watch::Sender<Seq>,
 }
 
 impl Drop for Directory {
@@ -150,12 +152,16 @@ impl Directory {
         index.next_row = next_row;
         let index = Arc::new(RwLock::new(index));
         let (writer, jobs) = mpsc::channel();
+        let visible = tokio::sync::watch::Sender::new(seq);
         let writer_thread = {
             let storage = storage.clone();
             let index = index.clone();
+            let visible = visible.clone();
             thread::Builder::new()
                 .name("directory-writer".to_owned())
-                .spawn(move || write_loop(&*storage, &index, &jobs, &clock, sink.as_ref()))
+                .spawn(move || {
+                    write_loop(&*storage, &index, &jobs, &clock, sink.as_ref(), &visible)
+                })
                 .map_err(|e| StoreError::Backend(format!("cannot start the writer: {e}")))?
         };
         Ok(Self {
@@ -163,6 +169,7 @@ impl Directory {
             index,
             writer: Some(writer),
             writer_thread: Some(writer_thread),
+            visible,
         })
     }
 
@@ -201,6 +208,18 @@ impl Directory {
     /// The sequence number of the last committed change.
     pub fn seq(&self) -> Seq {
         self.index().seq()
+    }
+
+    /// The sequence number of the last batch made visible to reads. Cheaper than
+    /// [`Directory::seq`]; a write is counted here before it is answered.
+    pub fn visible_seq(&self) -> Seq {
+        *self.visible.borrow()
+    }
+
+    /// Wakes on every committed batch, once it is visible to reads (and before the writes in
+    /// it are answered); the value is [`Directory::seq`] after the batch.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Seq> {
+        self.visible.subscribe()
     }
 
     pub fn counts(&self) -> (usize, usize) {
@@ -553,6 +572,7 @@ fn write_loop(
     jobs: &mpsc::Receiver<Job>,
     clock: &Clock,
     sink: Option<&ChangeSink>,
+    visible: &tokio::sync::watch::Sender<Seq>,
 ) {
     while let Ok(first) = jobs.recv() {
         let mut batch_jobs = vec![first];
@@ -586,13 +606,17 @@ fn write_loop(
                 fail_all(batch_jobs, "the directory could not save the change; retry");
                 continue;
             }
-            match index.write() {
-                Ok(mut guard) => guard.apply(&batch),
+            let seq = match index.write() {
+                Ok(mut guard) => {
+                    guard.apply(&batch);
+                    guard.seq()
+                }
                 Err(_) => {
                     fail_all(batch_jobs, "the directory index is unusable");
                     continue;
                 }
-            }
+            };
+            visible.send_replace(seq);
             if let Some(sink) = sink.filter(|_| !batch.changes.is_empty()) {
                 sink(&batch.changes);
             }
