@@ -27,6 +27,24 @@ pub struct Forward {
     /// Changes whenever the user's standing or groups may have changed; keys caches of
     /// anything derived from them (the signed assertion).
     pub version: u64,
+    /// The rule that allowed and why, when asked for (`portcullis explain`).
+    pub why: Option<Why>,
+}
+
+/// The rule behind an allow, in words.
+#[derive(Debug, Clone)]
+pub struct Why {
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+impl Why {
+    fn of(decision: &portcullis_policy::Decision<'_>) -> Self {
+        Self {
+            rule: decision.rule.map(str::to_owned),
+            reason: decision.reason.to_string(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -79,6 +97,51 @@ pub fn decide(
     method: &str,
     path: &str,
 ) -> Verdict {
+    judge(
+        directory,
+        identity,
+        policy,
+        token_groups,
+        caller,
+        method,
+        path,
+        false,
+    )
+}
+
+/// [`decide`], also saying which rule allowed and why ([`Forward::why`]).
+pub fn decide_explained(
+    directory: &Directory,
+    identity: &IdentityConfig,
+    policy: &Policy,
+    token_groups: bool,
+    caller: &Caller,
+    method: &str,
+    path: &str,
+) -> Verdict {
+    judge(
+        directory,
+        identity,
+        policy,
+        token_groups,
+        caller,
+        method,
+        path,
+        true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    directory: &Directory,
+    identity: &IdentityConfig,
+    policy: &Policy,
+    token_groups: bool,
+    caller: &Caller,
+    method: &str,
+    path: &str,
+    explain: bool,
+) -> Verdict {
     let who = caller.log_name();
     let Some(key) = subject_key(identity, caller) else {
         return Verdict::Deny {
@@ -98,7 +161,7 @@ pub fn decide(
     directory.with_subject(key, |view| {
         let Some(view) = view else {
             if token_groups {
-                return decide_on_token(policy, caller, kind, email, method, path);
+                return decide_on_token(policy, caller, kind, email, method, path, explain);
             }
             return Verdict::Deny {
                 who: who.clone(),
@@ -157,6 +220,7 @@ pub fn decide(
                 .map(|g| g.display_name.to_string())
                 .collect(),
             version: 0,
+            why: explain.then(|| Why::of(&decision)),
         };
         Verdict::Allow(forward.with_version())
     })
@@ -180,6 +244,7 @@ fn decide_on_token(
     email: Option<&str>,
     method: &str,
     path: &str,
+    explain: bool,
 ) -> Verdict {
     let (name, token_groups) = match caller {
         Caller::Person { identity, .. } => (
@@ -224,6 +289,7 @@ fn decide_on_token(
             .replace(|c: char| c.is_control(), ""),
         group_names: token_groups.clone(),
         version: 0,
+        why: explain.then(|| Why::of(&decision)),
     };
     Verdict::Allow(forward.with_version())
 }

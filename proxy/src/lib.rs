@@ -10,6 +10,7 @@ pub mod assertion;
 pub mod audit;
 pub mod auth;
 pub mod authorize;
+pub mod explain;
 pub mod logging;
 pub mod metrics;
 pub mod pages;

@@ -21,7 +21,7 @@ use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
 use portcullis::state::{Runtime, Shared};
-use portcullis::{admin, assertion, audit, auth, logging, proxy, reload, streams};
+use portcullis::{admin, assertion, audit, auth, explain, logging, proxy, reload, streams};
 
 // The proxy allocates small, short-lived buffers per request; mimalloc is measurably faster at
 // that than the system allocator (bench/proxy.py).
@@ -54,6 +54,26 @@ enum Command {
         /// The configuration file (for `data_dir`).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Say whether a person may make a request, and which rule decides, judged against the
+    /// live directory (by asking the running proxy over its admin listener, or, when none is
+    /// running, from `data_dir`). Exits 0 when allowed, 1 when denied, 2 on an error.
+    Explain {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who signs in: the claim `[identity]` maps to a directory user (their email by
+        /// default).
+        #[arg(long)]
+        user: String,
+        /// The full URL requested, e.g. `https://app.example/admin`.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the audit log: SCIM changes, refusals and sampled allowed requests. Safe to run
     /// while the proxy is running.
@@ -129,6 +149,33 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("portcullis: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Explain {
+            config,
+            user,
+            url,
+            method,
+            json,
+        } => {
+            let explained = load_config(&config)
+                .and_then(|config| explain::run_cli(config, &user, &url, &method))
+                .and_then(|answer| {
+                    let text = if json {
+                        serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())?
+                    } else {
+                        answer.to_string()
+                    };
+                    println!("{text}");
+                    Ok(answer.allowed)
+                });
+            match explained {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

@@ -601,6 +601,70 @@ async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group
     );
 }
 
+/// `portcullis explain` for `user` on `url` with the test's config; (exit code, stdout).
+async fn explain(t: &Authz, user: &str, url: &str, method: &str) -> (i32, String) {
+    let config = t.fx.px.config_path().display().to_string();
+    let out = portcullis_tests::process::run(
+        t.fx.px.dir(),
+        &[
+            "explain", "--config", &config, "--user", user, "--url", url, "--method", method,
+        ],
+    )
+    .await;
+    let code = out.status.code().unwrap_or(-1);
+    assert!(code == 0 || code == 1, "explain failed: {}", out.stderr);
+    (code, out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_judges_against_the_live_directory_with_or_without_a_running_proxy() {
+    let mut t = Authz::start().await;
+    let work = t.app_url("/work");
+
+    let (code, out) = explain(&t, ALICE, &work, "GET").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with(&format!("ALLOW GET {work}")), "{out}");
+    assert!(
+        out.contains(&format!("user:   {ALICE} (active; groups: {GROUP})")),
+        "{out}"
+    );
+    assert!(out.contains("rule:   routes[0].allow"), "{out}");
+
+    // The deny rule, however the path is spelled; the path is judged as the proxy judges it.
+    for path in ["/admin", "/x/../admin", "//admin", "/%61dmin/users"] {
+        let (code, out) = explain(&t, ALICE, &t.app_url(path), "POST").await;
+        assert_eq!(code, 1, "{path}: {out}");
+        assert!(out.starts_with("DENY POST"), "{path}: {out}");
+        assert!(out.contains("rule:   routes[0].deny"), "{path}: {out}");
+    }
+    let (code, out) = explain(&t, ALICE, &t.app_url("/admin%2fx"), "GET").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused with 400"), "{out}");
+
+    // Strangers, and addresses no route serves.
+    let (code, out) = explain(&t, "mallory@example.com", &work, "GET").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("user:   not in the directory"), "{out}");
+    let (code, out) = explain(&t, ALICE, "http://nowhere.test/", "GET").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no route serves this address"), "{out}");
+
+    // The live directory: a SCIM change shows at once.
+    t.remove_member(&t.eng_id, &t.alice_id)
+        .await
+        .expect_success();
+    let (code, out) = explain(&t, ALICE, &work, "GET").await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("groups: none"), "{out}");
+
+    // Without a running proxy, explain reads the directory it left behind.
+    t.add_member(&t.eng_id, &t.alice_id).await.expect_success();
+    t.fx.px.kill_hard();
+    let (code, out) = explain(&t, ALICE, &work, "GET").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("groups: {GROUP}")), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn removal_from_the_group_refuses_the_next_request_and_re_adding_restores_it() {
     let t = Authz::start().await;

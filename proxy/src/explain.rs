@@ -1,0 +1,295 @@
+//! `portcullis explain`: the decision a person's request would get, and the rule behind it,
+//! judged against the live directory exactly as a request is.
+//!
+//! A running proxy holds the directory's file open, so the command asks it, over the admin
+//! listener (`GET /explain?user=…&url=…&method=…`), to judge from memory. With no proxy
+//! running, the command opens the directory itself.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use portcullis_config::{Config, Credential, Scheme};
+use portcullis_policy::Request;
+use portcullis_scim::store::redb::RedbStorage;
+use portcullis_scim::store::Directory;
+
+use crate::auth::sessions::Identity;
+use crate::auth::Caller;
+use crate::authorize::{self, Verdict};
+use crate::path;
+use crate::routes::Match;
+use crate::state::Runtime;
+
+/// Longest `user`, `url` or `method` accepted.
+const MAX_INPUT: usize = 4096;
+
+/// The answer, as printed (or sent as JSON by the admin listener).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Explanation {
+    pub allowed: bool,
+    pub method: String,
+    pub url: String,
+    /// The route the URL is served by, if any.
+    pub route: Option<String>,
+    /// The directory user the sign-in maps to, as it is right now.
+    pub directory_user: Option<DirectoryUser>,
+    /// The deciding rule, when a rule decided.
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DirectoryUser {
+    pub user_name: String,
+    pub active: bool,
+    pub groups: Vec<String>,
+}
+
+/// Judges `method url` for the person who signs in as `user` (the claim `[identity]` maps to
+/// a directory user: their email by default), as if they had just signed in.
+pub fn explain(
+    runtime: &Runtime,
+    directory: &Directory,
+    user: &str,
+    url: &str,
+    method: &str,
+) -> Result<Explanation, String> {
+    if user.is_empty() || user.len() > MAX_INPUT || url.len() > MAX_INPUT {
+        return Err("user and url must be given, each at most 4096 bytes".to_owned());
+    }
+    let method = method.to_ascii_uppercase();
+    let parsed = Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let scheme = match parsed.scheme() {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        other => {
+            return Err(format!(
+                "{url:?}: the scheme must be http or https, not {other}"
+            ))
+        }
+    };
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("{url:?} has no host"))?
+        .to_ascii_lowercase();
+    let caller = Caller::Person {
+        session: [0; 32],
+        identity: Identity {
+            issuer: String::new(),
+            subject: user.to_owned(),
+            email: Some(user.to_owned()),
+            name: None,
+            idp_session: None,
+            created: 0,
+            expires: u64::MAX,
+            id_token: None,
+            // Signed in after every change so far: only what the directory says now counts.
+            directory_seq: u64::MAX,
+            groups: Vec::new(),
+        },
+    };
+    let directory_user = authorize::directory_view(directory, &runtime.config.identity, &caller)
+        .map(|view| DirectoryUser {
+            user_name: view.user_name,
+            active: view.active,
+            groups: view.groups,
+        });
+    let mut answer = Explanation {
+        allowed: false,
+        method: method.clone(),
+        url: url.to_owned(),
+        route: None,
+        directory_user,
+        rule: None,
+        reason: String::new(),
+    };
+    // The path exactly as typed, normalized by the proxy's one function (the URL parser's
+    // own clean-up would hide what a client can send).
+    let path = match path::normalize(raw_path(url)) {
+        Ok(path) => path.into_owned(),
+        Err(e) => {
+            answer.reason = format!("refused with 400: {e}");
+            return Ok(answer);
+        }
+    };
+    let route = match runtime.routes.find(scheme, &host, &path) {
+        Match::Found(route) => route,
+        Match::WrongScheme(route) => {
+            answer.route = Some(route.config.name.clone());
+            answer.reason = format!(
+                "route {} serves this address over the other scheme only",
+                route.config.name
+            );
+            return Ok(answer);
+        }
+        Match::None => {
+            answer.reason = "no route serves this address (404)".to_owned();
+            return Ok(answer);
+        }
+    };
+    answer.route = Some(route.config.name.clone());
+    if !route.config.accept.is_empty() && !route.config.accept.contains(&Credential::Session) {
+        answer.reason = format!(
+            "route {} takes bearer tokens only: people cannot sign in to it",
+            route.config.name
+        );
+        return Ok(answer);
+    }
+    if route.config.accept.is_empty() {
+        // A public route: nobody signs in, and only its public rules let anyone in.
+        let decision = route.policy.evaluate(
+            None,
+            &Request {
+                method: &method,
+                path: &path,
+            },
+        );
+        answer.allowed = decision.allowed;
+        answer.rule = decision.rule.map(str::to_owned);
+        answer.reason = decision.reason.to_string();
+        return Ok(answer);
+    }
+    match authorize::decide_explained(
+        directory,
+        &runtime.config.identity,
+        &route.policy,
+        route.config.token_groups,
+        &caller,
+        &method,
+        &path,
+    ) {
+        Verdict::Allow(forward) => {
+            answer.allowed = true;
+            if let Some(why) = forward.why {
+                answer.rule = why.rule;
+                answer.reason = why.reason;
+            }
+        }
+        Verdict::Deny { rule, reason, .. } => {
+            answer.rule = rule;
+            answer.reason = reason;
+        }
+        Verdict::SessionRevoked => {
+            answer.reason = "the user was deactivated since signing in".to_owned();
+        }
+    }
+    Ok(answer)
+}
+
+/// `portcullis explain`: asks the running proxy over its admin listener, or, when none is
+/// running, opens the directory in `data_dir` and judges from it.
+pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Explanation, String> {
+    if let Some(admin) = &config.admin {
+        match ask_running(admin.address, user, url, method)? {
+            Some(answer) => return Ok(answer),
+            None => tracing::debug!("no proxy answers on the admin listener"),
+        }
+    }
+    let storage = RedbStorage::open(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it an \
+             [admin] listener and explain asks it instead)",
+            config.data_dir.display()
+        )
+    })?;
+    let directory = Arc::new(
+        Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
+            .map_err(|e| format!("cannot load the directory: {e}"))?,
+    );
+    let runtime = Runtime::build(config, &directory)?;
+    explain(&runtime, &directory, user, url, method)
+}
+
+/// The running proxy's answer, or `None` when nothing listens on `admin`.
+fn ask_running(
+    admin: SocketAddr,
+    user: &str,
+    url: &str,
+    method: &str,
+) -> Result<Option<Explanation>, String> {
+    let mut admin = admin;
+    if admin.ip().is_unspecified() {
+        admin.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("user", user)
+        .append_pair("url", url)
+        .append_pair("method", method)
+        .finish();
+    let endpoint = format!("http://{admin}/explain?{query}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let response = match client.get(&endpoint).send().await {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => return Ok(None),
+            Err(e) => return Err(format!("the admin listener at {admin} did not answer: {e}")),
+        };
+        let status = response.status();
+        let body = response.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{admin} answered {status}: {}", body.trim()));
+        }
+        serde_json::from_str(&body)
+            .map(Some)
+            .map_err(|e| format!("{admin} answered something else than an explanation: {e}"))
+    })
+}
+
+/// The path of `url` as written: after the authority, before any `?` or `#`.
+fn raw_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    rest.find('/').map_or("/", |slash| &rest[slash..])
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.allowed { "ALLOW" } else { "DENY" };
+        writeln!(f, "{verdict} {} {}", self.method, self.url)?;
+        writeln!(f, "  route:  {}", self.route.as_deref().unwrap_or("(none)"))?;
+        match &self.directory_user {
+            Some(user) => writeln!(
+                f,
+                "  user:   {} ({}; groups: {})",
+                user.user_name,
+                if user.active { "active" } else { "inactive" },
+                if user.groups.is_empty() {
+                    "none".to_owned()
+                } else {
+                    user.groups.join(", ")
+                }
+            )?,
+            None => writeln!(f, "  user:   not in the directory")?,
+        }
+        writeln!(f, "  rule:   {}", self.rule.as_deref().unwrap_or("(none)"))?;
+        write!(f, "  reason: {}", self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_path;
+
+    #[test]
+    fn the_path_is_taken_as_written() {
+        assert_eq!(raw_path("https://app.example"), "/");
+        assert_eq!(
+            raw_path("https://app.example/x/../admin?a=/b"),
+            "/x/../admin"
+        );
+        assert_eq!(raw_path("https://app.example//admin#/frag"), "//admin");
+        assert_eq!(raw_path("http://app.example:8080/%61dmin"), "/%61dmin");
+    }
+}
