@@ -192,7 +192,7 @@ impl ProxyHttp for Proxy {
         {
             let policy = &route.policy;
             // Read before deciding, so a later change is always noticed by `Recheck`.
-            let decided_at = self.shared.directory.visible_seq();
+            let decided_at = crate::streams::at(&self.shared);
             let caller = self
                 .shared
                 .auth

@@ -5,12 +5,13 @@
 //! for hours. Two mechanisms hold such connections to the same rule as requests:
 //!
 //! - Every body chunk and websocket frame, in either direction, is checked before it crosses
-//!   the proxy ([`Recheck::still_allowed`]): if the directory changed since the last decision,
-//!   the decision is made again, and a refusal ends the connection. A directory write is
+//!   the proxy ([`Recheck::still_allowed`]): if the directory changed, or sessions were ended
+//!   (sign-out, back-channel logout), since the last decision, the decision is made again, and
+//!   a refusal ends the connection. A directory write is
 //!   visible before it is answered, so once the SCIM answer is sent, nothing more crosses for a
 //!   caller it removed.
 //! - An idle connection has no chunk to check, so the [`Watcher`] decides again for every open
-//!   websocket and event stream on each directory change, and shuts down the upstream socket
+//!   websocket and event stream on each directory change and each ended session, and shuts down the upstream socket
 //!   of each refused one; pingora then ends the request and closes the client's connection.
 
 use std::collections::HashMap;
@@ -37,8 +38,10 @@ pub struct Recheck {
     pub route: Arc<CompiledRoute>,
     pub method: String,
     pub path: String,
-    /// The directory's sequence number read just before the last allowing decision.
+    /// The directory's sequence number and the count of session ends, read just before the
+    /// last allowing decision.
     decided_at: AtomicU64,
+    sessions_at: AtomicU64,
     /// Set once the connection has been refused, so the refusal is recorded once.
     cut: AtomicBool,
 }
@@ -49,7 +52,7 @@ impl Recheck {
         route: Arc<CompiledRoute>,
         method: &str,
         path: &str,
-        decided_at: Seq,
+        (decided_at, sessions_at): (Seq, u64),
     ) -> Self {
         Self {
             caller,
@@ -57,35 +60,47 @@ impl Recheck {
             method: method.to_owned(),
             path: path.to_owned(),
             decided_at: AtomicU64::new(decided_at),
+            sessions_at: AtomicU64::new(sessions_at),
             cut: AtomicBool::new(false),
         }
     }
 
-    /// Whether the caller may still use this connection. Costs one read of the directory's
-    /// sequence number unless the directory has changed since the last decision. A refusal is
-    /// audited (once per connection).
+    /// Whether the caller may still use this connection. Costs two counter reads unless the
+    /// directory changed or sessions ended since the last decision. A refusal is audited (once
+    /// per connection).
     pub fn still_allowed(&self, shared: &Shared) -> bool {
         if self.cut.load(Ordering::Acquire) {
             return false;
         }
         // Read before deciding: a change that lands during the decision forces another one.
-        let seq = shared.directory.visible_seq();
-        if seq == self.decided_at.load(Ordering::Acquire) {
+        let (seq, ends) = at(shared);
+        if seq == self.decided_at.load(Ordering::Acquire)
+            && ends == self.sessions_at.load(Ordering::Acquire)
+        {
             return true;
         }
-        let runtime = shared.runtime.load();
-        let verdict = authorize::decide(
-            &shared.directory,
-            &runtime.config.identity,
-            &self.route.policy,
-            self.route.config.token_groups,
-            &self.caller,
-            &self.method,
-            &self.path,
-        );
+        let verdict = match &self.caller {
+            Caller::Person { session, .. } if !shared.auth.sessions.exists(session) => {
+                Verdict::Deny {
+                    who: self.caller.log_name(),
+                    rule: None,
+                    reason: "the session has ended".to_owned(),
+                }
+            }
+            caller => authorize::decide(
+                &shared.directory,
+                &shared.runtime.load().config.identity,
+                &self.route.policy,
+                self.route.config.token_groups,
+                caller,
+                &self.method,
+                &self.path,
+            ),
+        };
         let (who, rule, reason) = match verdict {
             Verdict::Allow(_) => {
                 self.decided_at.store(seq, Ordering::Release);
+                self.sessions_at.store(ends, Ordering::Release);
                 return true;
             }
             Verdict::SessionRevoked => (
@@ -107,6 +122,11 @@ impl Recheck {
         }
         false
     }
+}
+
+/// Where the directory and the sessions are now, for [`Recheck::new`]: read it before deciding.
+pub fn at(shared: &Shared) -> (Seq, u64) {
+    (shared.directory.visible_seq(), shared.auth.sessions.ends())
 }
 
 /// One open websocket or event stream.
@@ -212,16 +232,23 @@ impl Watcher {
 impl BackgroundService for Watcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.shared.directory.subscribe();
+        let mut ends = self.shared.auth.sessions.subscribe_ends();
         loop {
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return;
                     }
+                    changes.borrow_and_update();
+                }
+                ended = ends.changed() => {
+                    if ended.is_err() {
+                        return;
+                    }
+                    ends.borrow_and_update();
                 }
                 _ = shutdown.changed() => return,
             }
-            changes.borrow_and_update();
             self.shared.streams.sweep(&self.shared);
         }
     }

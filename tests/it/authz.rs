@@ -601,6 +601,38 @@ async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_out_closes_the_sessions_open_websockets() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let other = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let mut idle = open_websocket(&t, "/ws", &cookie).await;
+    let mut other_ws = open_websocket(&t, "/ws", &other).await;
+
+    let resp = bare_client()
+        .post(t.app_url("/.portcullis/sign_out"))
+        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+        .header(reqwest::header::ORIGIN, t.fx.app_origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+
+    let end = tokio::time::timeout(Duration::from_secs(5), idle.next()).await;
+    assert!(
+        matches!(end, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))),
+        "the signed-out session's websocket was not closed within 5 s: {end:?}"
+    );
+    // Alice's other session, in another browser, carries on.
+    other_ws.send(Message::text("still here")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), other_ws.next())
+        .await
+        .expect("the other session's websocket answers")
+        .expect("open")
+        .unwrap();
+    assert_eq!(echoed, Message::text("still here"));
+}
+
 /// `portcullis explain` for `user` on `url` with the test's config; (exit code, stdout).
 async fn explain(t: &Authz, user: &str, url: &str, method: &str) -> (i32, String) {
     let config = t.fx.px.config_path().display().to_string();

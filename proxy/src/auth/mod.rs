@@ -36,8 +36,8 @@ const MAX_COOKIE_BYTES: usize = 8 * 1024;
 #[derive(Debug, Clone)]
 pub enum Caller {
     Person {
-        /// Which session, so it can be ended when the person is deprovisioned.
-        #[allow(dead_code)]
+        /// Which session, so it can be ended when the person is deprovisioned, and its open
+        /// connections closed when it ends.
         session: SessionKey,
         identity: Identity,
     },

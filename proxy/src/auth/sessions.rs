@@ -102,6 +102,8 @@ struct Stored {
 pub struct Sessions {
     db: Database,
     live: DashMap<SessionKey, Arc<Session>>,
+    /// How many times sessions were ended, for those who act on it (open connections).
+    ended: tokio::sync::watch::Sender<u64>,
 }
 
 fn key_of(id: &str) -> SessionKey {
@@ -144,7 +146,11 @@ impl Sessions {
         }
         drop(table);
         drop(txn);
-        Ok(Self { db, live })
+        Ok(Self {
+            db,
+            live,
+            ended: tokio::sync::watch::Sender::new(0),
+        })
     }
 
     /// Creates a session for `identity`; returns the id for the cookie. Durable on return.
@@ -215,6 +221,22 @@ impl Sessions {
         self.live.get(&key).map(|s| (key, s.clone()))
     }
 
+    /// Whether the session `key` names is still on (it may have expired: see
+    /// [`Session::is_live`]).
+    pub fn exists(&self, key: &SessionKey) -> bool {
+        self.live.contains_key(key)
+    }
+
+    /// Counts the calls to [`Sessions::end`] that ended something.
+    pub fn ends(&self) -> u64 {
+        *self.ended.borrow()
+    }
+
+    /// Wakes whenever sessions are ended.
+    pub fn subscribe_ends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ended.subscribe()
+    }
+
     /// Ends the sessions for which `matches` is true. Durable on return.
     pub fn end_where(&self, matches: impl Fn(&Identity) -> bool) -> Result<usize, String> {
         let keys: Vec<SessionKey> = self
@@ -236,6 +258,7 @@ impl Sessions {
         for key in keys {
             self.live.remove(key);
         }
+        self.ended.send_modify(|ended| *ended += 1);
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(SESSIONS).map_err(|e| e.to_string())?;
