@@ -109,30 +109,10 @@ pub fn decide(
     )
 }
 
-/// [`decide`], also saying which rule allowed and why ([`Forward::why`]).
-pub fn decide_explained(
-    directory: &Directory,
-    identity: &IdentityConfig,
-    policy: &Policy,
-    token_groups: bool,
-    caller: &Caller,
-    method: &str,
-    path: &str,
-) -> Verdict {
-    judge(
-        directory,
-        identity,
-        policy,
-        token_groups,
-        caller,
-        method,
-        path,
-        true,
-    )
-}
-
+/// [`decide`]; with `explain`, an allow also says which rule allowed and why
+/// ([`Forward::why`]).
 #[allow(clippy::too_many_arguments)]
-fn judge(
+pub fn judge(
     directory: &Directory,
     identity: &IdentityConfig,
     policy: &Policy,
@@ -294,7 +274,8 @@ fn decide_on_token(
     Verdict::Allow(forward.with_version())
 }
 
-/// The directory's view of a caller, for `/.portcullis/me`.
+/// The directory's view of a caller, for `/.portcullis/me` and `portcullis explain`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct DirectoryView {
     pub user_name: String,
     pub active: bool,

@@ -19,7 +19,7 @@ use portcullis_scim::store::Directory;
 
 use crate::auth::sessions::Identity;
 use crate::auth::Caller;
-use crate::authorize::{self, Verdict};
+use crate::authorize::{self, DirectoryView, Verdict};
 use crate::path;
 use crate::routes::Match;
 use crate::state::Runtime;
@@ -36,17 +36,10 @@ pub struct Explanation {
     /// The route the URL is served by, if any.
     pub route: Option<String>,
     /// The directory user the sign-in maps to, as it is right now.
-    pub directory_user: Option<DirectoryUser>,
+    pub directory_user: Option<DirectoryView>,
     /// The deciding rule, when a rule decided.
     pub rule: Option<String>,
     pub reason: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DirectoryUser {
-    pub user_name: String,
-    pub active: bool,
-    pub groups: Vec<String>,
 }
 
 /// Judges `method url` for the person who signs in as `user` (the claim `[identity]` maps to
@@ -92,12 +85,7 @@ pub fn explain(
             groups: Vec::new(),
         },
     };
-    let directory_user = authorize::directory_view(directory, &runtime.config.identity, &caller)
-        .map(|view| DirectoryUser {
-            user_name: view.user_name,
-            active: view.active,
-            groups: view.groups,
-        });
+    let directory_user = authorize::directory_view(directory, &runtime.config.identity, &caller);
     let mut answer = Explanation {
         allowed: false,
         method: method.clone(),
@@ -153,7 +141,7 @@ pub fn explain(
         answer.reason = decision.reason.to_string();
         return Ok(answer);
     }
-    match authorize::decide_explained(
+    match authorize::judge(
         directory,
         &runtime.config.identity,
         &route.policy,
@@ -161,6 +149,7 @@ pub fn explain(
         &caller,
         &method,
         &path,
+        true,
     ) {
         Verdict::Allow(forward) => {
             answer.allowed = true;
