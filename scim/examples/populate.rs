@@ -1,5 +1,7 @@
 //! Fills a data directory with a large synthetic directory, for benchmarks (bench/scim.py):
 //! `cargo run --release -p portcullis-scim --example populate -- DATA_DIR USERS GROUPS`.
+//! The decision-path benchmark (`proxy/benches/decision.rs`) includes this file as a module and
+//! calls [`populate`], so both measure the very same directory.
 //!
 //! Users are `user{n}@bench.example` with id `00000000-0000-4000-8000-{n:012}`; groups are
 //! `group{n}` with id `00000000-0000-4000-9000-{n:012}`. Every user is in one of the groups
@@ -7,7 +9,7 @@
 //! 10, so a benchmark can change a large and a small group. Records go straight to storage in
 //! large transactions, as the writer would have stored them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::json;
@@ -38,9 +40,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let usage = "usage: populate DATA_DIR USERS GROUPS";
     let dir = PathBuf::from(args.next().ok_or(usage)?);
     let users: u64 = args.next().ok_or(usage)?.parse()?;
-    let groups: u64 = args.next().ok_or(usage)?.parse::<u64>()?.max(2);
-    std::fs::create_dir_all(&dir)?;
-    let storage = RedbStorage::open(&dir)?;
+    let groups: u64 = args.next().ok_or(usage)?.parse()?;
+    populate(&dir, users, groups)
+}
+
+/// Writes `users` users and `groups` groups (at least 2) into a new directory store in `dir`.
+pub fn populate(dir: &Path, users: u64, groups: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let groups = groups.max(2);
+    std::fs::create_dir_all(dir)?;
+    let storage = RedbStorage::open(dir)?;
     let started = Instant::now();
 
     // Rows: users 1..=users, groups after them.

@@ -1,0 +1,333 @@
+//! The authorization decision as the proxy makes it for every request on a route with rules,
+//! against a real directory of 1,000,000 users and 10,000 groups (redb storage, the in-memory
+//! index the proxy builds at start-up):
+//!
+//! cookie header → `Auth::authenticate` (cookie parse, session lookup, idle/absolute limits)
+//! → `authorize::decide` (SCIM user by `userName`, active, signed in after the last
+//! deactivation, transitive groups, the route's compiled policy, the upstream's identity).
+//!
+//! Benchmarks:
+//! - `session/one_user`: the same session every time (everything in cache);
+//! - `session/random_user`: one of 10,000 sessions of random users, so the index lookups miss
+//!   the CPU caches as they would with many people signed in;
+//! - `machine/decide`: a machine caller whose bearer JWT is already verified; JWT signature
+//!   verification is *not* included (it is measured end to end in `bench/proxy.py`).
+//!
+//! Criterion reports the mean and median of batched iterations. The p99 is computed here by
+//! timing 200,000 single iterations each (`Instant::now` around one call; the timer's own cost
+//! is measured and reported beside it), written to `target/bench-results/decision.json`.
+//!
+//! `cargo bench -p portcullis --bench decision` (`-- --quick` for a short run).
+//! `PORTCULLIS_BENCH_USERS` changes the number of users (default 1,000,000). The populated
+//! directory is cached in `target/bench-data/` (about 600 MB for 1,000,000 users).
+
+// Benchmark code: a setup that fails is a bug in the benchmark, reported by panicking.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use pingora::http::RequestHeader;
+
+use portcullis::auth::oidc::now_unix;
+use portcullis::auth::sessions::Identity;
+use portcullis::auth::{session_cookie_name, Auth, Caller};
+use portcullis::authorize::{decide, Verdict};
+use portcullis_config::Config;
+use portcullis_policy::Policy;
+use portcullis_scim::store::redb::RedbStorage;
+use portcullis_scim::store::Directory;
+
+#[path = "../../scim/examples/populate.rs"]
+#[allow(dead_code)]
+mod populate;
+
+const GROUPS: u64 = 10_000;
+const SESSIONS: usize = 10_000;
+/// group0 holds the first 100,000 users (populate.rs); the route allows it.
+const GROUP0_MEMBERS: u64 = 100_000;
+const TIMED_ITERATIONS: usize = 200_000;
+
+/// The route as the proxy would load it: sessions and bearer tokens, members of `group0`
+/// allowed, nobody under `/admin` but `group1`.
+const CONFIG: &str = r#"
+data_dir = "/nonexistent"
+
+[[listeners]]
+address = "127.0.0.1:1"
+
+[oidc]
+issuer = "http://127.0.0.1:2"
+client_id = "bench"
+client_secret = "bench-secret-0123456789abcdef0123456789"
+auth_host = "app.test"
+auth_scheme = "http"
+
+[[jwt_issuers]]
+issuer = "http://127.0.0.1:2"
+audiences = ["bench-api"]
+algorithms = ["RS256"]
+
+[[routes]]
+from = "http://app.test"
+to = ["http://127.0.0.1:3"]
+accept = ["session", "bearer"]
+allow = { groups = ["group0"] }
+deny = { groups = ["group0"], paths = ["/admin"] }
+"#;
+
+fn users() -> u64 {
+    std::env::var("PORTCULLIS_BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+fn target_dir() -> PathBuf {
+    // CARGO_MANIFEST_DIR is proxy/; the workspace's target/ is beside it.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("target")
+}
+
+/// The populated directory store, built once and kept under target/bench-data/.
+fn directory_data(users: u64) -> PathBuf {
+    let dir = target_dir()
+        .join("bench-data")
+        .join(format!("directory-{users}-{GROUPS}"));
+    let done = dir.join("populated");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!(
+            "populating {users} users and {GROUPS} groups in {} ...",
+            dir.display()
+        );
+        populate::populate(&dir, users, GROUPS).expect("populate");
+        std::fs::write(&done, b"").expect("mark populated");
+    }
+    dir
+}
+
+/// Polls a future that never waits (a session without refresh) to completion.
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("authenticate waited: the benchmark measures the in-memory path"),
+    }
+}
+
+struct Fixture {
+    config: Config,
+    policy: Policy,
+    auth: Auth,
+    directory: Arc<Directory>,
+    /// Requests carrying a session cookie, one per session.
+    requests: Vec<RequestHeader>,
+    machine: Caller,
+    _sessions_dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let users = users();
+        assert!(users >= GROUP0_MEMBERS, "at least {GROUP0_MEMBERS} users");
+        let data = directory_data(users);
+        let started = Instant::now();
+        let storage = RedbStorage::open(&data).expect("open storage");
+        let directory = Arc::new(
+            Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
+                .expect("open directory"),
+        );
+        eprintln!(
+            "directory loaded: {:?} (users, groups) in {:.1} s",
+            directory.counts(),
+            started.elapsed().as_secs_f64()
+        );
+        let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
+            .unwrap_or_else(|e| panic!("bench config: {e}"));
+        let route = &config.routes[0];
+        // As state.rs compiles each route's rules at load.
+        let policy = Policy::compile(route.allow.clone(), route.deny.clone())
+            .unwrap_or_else(|_| panic!("the bench route's rules compile"));
+
+        let sessions_dir = tempfile::tempdir().expect("tempdir");
+        let auth = Auth::new(sessions_dir.path(), directory.clone()).expect("auth");
+        let oidc = config.oidc.as_ref().expect("oidc");
+        let cookie_name = session_cookie_name(oidc, false);
+        let now = now_unix();
+        let seq = directory.seq();
+        // 10,000 sessions of random members of group0 (all allowed), created in memory and in
+        // sessions.redb exactly as a sign-in does.
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut requests = Vec::with_capacity(SESSIONS);
+        for _ in 0..SESSIONS {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let n = rng % GROUP0_MEMBERS;
+            let email = format!("user{n}@bench.example");
+            let identity = Identity {
+                issuer: oidc.issuer.clone(),
+                subject: format!("sub-{n}"),
+                email: Some(email),
+                name: None,
+                idp_session: None,
+                created: now,
+                expires: now + 86_400,
+                id_token: None,
+                directory_seq: seq,
+                groups: Vec::new(),
+            };
+            let id = auth
+                .sessions
+                .create(identity, None, now)
+                .expect("create session");
+            let mut req = RequestHeader::build("GET", b"/projects/42", None).expect("request");
+            req.insert_header("host", "app.test").expect("host");
+            req.insert_header("accept", "application/json")
+                .expect("accept");
+            req.insert_header("cookie", format!("theme=dark; {cookie_name}={id}; lang=en"))
+                .expect("cookie");
+            requests.push(req);
+        }
+        let machine = Caller::Machine {
+            issuer: "http://127.0.0.1:2".into(),
+            subject: "user7@bench.example".into(),
+            client_id: Some("user7@bench.example".into()),
+            groups: Vec::new(),
+        };
+        Fixture {
+            config,
+            policy,
+            auth,
+            directory,
+            requests,
+            machine,
+            _sessions_dir: sessions_dir,
+        }
+    }
+
+    /// One request's authentication and authorization, as `proxy.rs` runs them.
+    fn session_decision(&self, req: &RequestHeader) -> bool {
+        let route = &self.config.routes[0];
+        let caller =
+            ready(
+                self.auth
+                    .authenticate(&self.config, &route.accept, req, false, now_unix()),
+            );
+        let Some(caller) = caller else {
+            return false;
+        };
+        let path = req.uri.path();
+        let verdict = decide(
+            &self.directory,
+            &self.config.identity,
+            &self.policy,
+            route.token_groups,
+            &caller,
+            req.method.as_str(),
+            path,
+        );
+        matches!(verdict, Verdict::Allow(_))
+    }
+
+    fn machine_decision(&self) -> bool {
+        let route = &self.config.routes[0];
+        let verdict = decide(
+            &self.directory,
+            &self.config.identity,
+            &self.policy,
+            route.token_groups,
+            &self.machine,
+            "GET",
+            "/projects/42",
+        );
+        matches!(verdict, Verdict::Allow(_))
+    }
+}
+
+/// Median, p99 and mean of `iterations` single timed calls of `f`, in nanoseconds.
+fn timed(iterations: usize, mut f: impl FnMut(usize) -> bool) -> serde_json::Value {
+    let mut ns = Vec::with_capacity(iterations);
+    let mut allowed = 0usize;
+    for i in 0..iterations {
+        let t0 = Instant::now();
+        let ok = black_box(f(black_box(i)));
+        ns.push(t0.elapsed().as_nanos() as u64);
+        allowed += usize::from(ok);
+    }
+    assert_eq!(allowed, iterations, "every benchmarked request is allowed");
+    ns.sort_unstable();
+    let at = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize];
+    let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64;
+    serde_json::json!({
+        "iterations": iterations,
+        "median_ns": at(0.5),
+        "p90_ns": at(0.9),
+        "p99_ns": at(0.99),
+        "p999_ns": at(0.999),
+        "mean_ns": mean,
+    })
+}
+
+fn benches(c: &mut Criterion) {
+    let fx = Fixture::new();
+    assert!(
+        fx.session_decision(&fx.requests[0]),
+        "the session is allowed"
+    );
+    assert!(fx.machine_decision(), "the machine is allowed");
+
+    let mut group = c.benchmark_group("session");
+    group.bench_function("one_user", |b| {
+        let req = &fx.requests[0];
+        b.iter(|| fx.session_decision(black_box(req)));
+    });
+    group.bench_function("random_user", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i = (i + 7919) % SESSIONS;
+            fx.session_decision(black_box(&fx.requests[i]))
+        });
+    });
+    group.finish();
+    let mut group = c.benchmark_group("machine");
+    group.bench_function("decide", |b| b.iter(|| fx.machine_decision()));
+    group.finish();
+
+    // Per-iteration timings for the percentiles criterion does not give.
+    let timer = timed(TIMED_ITERATIONS, |_| true);
+    let one = timed(TIMED_ITERATIONS, |_| fx.session_decision(&fx.requests[0]));
+    let random = timed(TIMED_ITERATIONS, |i| {
+        fx.session_decision(&fx.requests[(i * 7919) % SESSIONS])
+    });
+    let machine = timed(TIMED_ITERATIONS, |_| fx.machine_decision());
+    let (users, groups) = fx.directory.counts();
+    let out = serde_json::json!({
+        "users": users,
+        "groups": groups,
+        "sessions": SESSIONS,
+        "timer_overhead": timer,
+        "session/one_user": one,
+        "session/random_user": random,
+        "machine/decide": machine,
+    });
+    eprintln!("per-iteration timings: {out:#}");
+    let dir = target_dir().join("bench-results");
+    std::fs::create_dir_all(&dir).expect("create target/bench-results");
+    std::fs::write(dir.join("decision.json"), out.to_string()).expect("write decision.json");
+}
+
+criterion_group!(decision, benches);
+criterion_main!(decision);
