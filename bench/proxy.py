@@ -1,167 +1,143 @@
 #!/usr/bin/env python3
-"""Plain reverse-proxy throughput: Portcullis vs nginx, side by side, same upstream.
+"""Proxy throughput and latency: Portcullis vs nginx, side by side, same upstream.
 
-Both proxies get one worker thread and keep-alive connections to the same upstream (an nginx
-`return 200` with a 20-byte body). Load is `wrk -t1 -c32 -d6s --latency`, alternating the two
-proxies for several rounds; the medians and the ratio are printed. A benchmark, not a test: it
-never fails on noise.
+Systems (each with one worker thread, keep-alive to the same upstream, an nginx `return 200`
+with a 20-byte body):
 
-Usage: bench/proxy.py [--rounds N] [--duration S] [--connections C]
+- upstream alone (no proxy);
+- nginx 1 worker as a plain reverse proxy (the reference);
+- Portcullis as a plain proxy (a public route, `Host: plain.test`);
+- Portcullis with a signed-in session and a group policy (`Host: app.test`, the session cookie
+  of alice, who signed in at the test IdP through the real authorization-code flow and is
+  provisioned over SCIM into the allowed group `eng`);
+- Portcullis with a machine JWT (`Host: api.test`, `Authorization: Bearer` a client-credentials
+  token from the test IdP; the service account is provisioned into `eng`).
+
+The three Portcullis variants are routes of one process (1 worker thread). Load is
+`wrk -t1 -c32 -d6s --latency`, the systems alternating within each round (order rotated every
+round); medians of the rounds and ratios to nginx are printed. A benchmark, not a test: it never
+fails on noise, only when something does not work (a non-2xx answer, a failed sign-in).
+
+Usage: bench/proxy.py [--rounds N] [--duration S] [--connections C] [--json OUT]
 """
 import argparse
+import json
 import os
-import re
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import free_port, log, median, start_nginx_proxy, start_upstream, verdict, wait_http, wrk  # noqa: E402
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TARGET = 0.9  # issue 5: authenticated requests/s >= 0.9x nginx as a plain proxy
 
 
-def wait_http(url, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status < 500:
-                    return
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
+def systems(stack, upstream_port, nginx_port, cookie, token):
+    """name -> (url, extra wrk headers)."""
+    portcullis = f"http://127.0.0.1:{stack.port}/"
+    return {
+        "upstream alone": (f"http://127.0.0.1:{upstream_port}/", []),
+        "nginx proxy": (f"http://127.0.0.1:{nginx_port}/", []),
+        "portcullis plain": (portcullis, ["Host: plain.test"]),
+        "portcullis session+policy": (portcullis, ["Host: app.test", f"Cookie: portcullis_session={cookie}",
+                                                   "Accept: application/json"]),
+        "portcullis machine JWT": (portcullis, ["Host: api.test", f"Authorization: Bearer {token}",
+                                                "Accept: application/json"]),
+    }
 
 
-def nginx_conf(tmp, body):
-    return f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx-%s.pid;
-error_log {tmp}/nginx-%s-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body-%s;
-  proxy_temp_path {tmp}/proxy-%s;
-  fastcgi_temp_path {tmp}/fcgi-%s;
-  uwsgi_temp_path {tmp}/uwsgi-%s;
-  scgi_temp_path {tmp}/scgi-%s;
-  {body}
-}}
-"""
+def check(url, headers):
+    """One request must be answered 200 by the upstream through the proxy."""
+    import urllib.request
+    req = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+        if r.status != 200 or b"hello from upstream" not in body:
+            raise SystemExit(f"{url} {headers}: {r.status} {body[:200]}")
 
 
-def start_nginx(tmp, name, body):
-    conf = nginx_conf(tmp, body).replace("%s", name)
-    path = os.path.join(tmp, f"nginx-{name}.conf")
-    with open(path, "w") as f:
-        f.write(conf)
-    return subprocess.Popen(["nginx", "-c", path, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run(args):
+    for tool in ("wrk", "node", "cargo"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: run scripts/deps.sh bench")
+    common.nginx_bin()
+    common.build_release()
+
+    tmp = tempfile.mkdtemp(prefix="portcullis-bench-proxy-")
+    upstream_port, nginx_port = free_port(), free_port()
+    procs, stack = [], None
+    try:
+        procs.append(start_upstream(tmp, upstream_port))
+        procs.append(start_nginx_proxy(tmp, nginx_port, upstream_port))
+        wait_http(f"http://127.0.0.1:{upstream_port}/")
+        wait_http(f"http://127.0.0.1:{nginx_port}/")
+        stack = common.Stack(tmp, threads=1, upstream_port=upstream_port)
+        cookie = stack.sign_in()
+        token = stack.machine_token()
+        targets = systems(stack, upstream_port, nginx_port, cookie, token)
+        for url, headers in targets.values():
+            check(url, headers)
+
+        results = {name: [] for name in targets}
+        names = list(targets)
+        for round_no in range(args.rounds):
+            order = names[round_no % len(names):] + names[:round_no % len(names)]
+            for name in order:
+                url, headers = targets[name]
+                wrk(url, 1, args.connections, headers)  # warm-up: fill connection pools and caches
+                run_ = wrk(url, args.duration, args.connections, headers)
+                results[name].append(run_)
+                log(f"round {round_no + 1}: {name:26} {run_['rps']:9.0f} req/s  p50 {run_['p50']:6.3f} ms  "
+                    f"p99 {run_['p99']:6.3f} ms  non-2xx {run_['non2xx']}  socket errors {run_['sockerr']}")
+                if run_["non2xx"] or run_["sockerr"]:
+                    # A refused or failed request means the measurement is not of what it claims.
+                    raise SystemExit(f"{name}: {run_['non2xx']} non-2xx and {run_['sockerr']} socket errors; "
+                                     f"Portcullis log:\n{stack.log_tail()}")
+    finally:
+        if stack:
+            stack.stop()
+        for p in procs:
+            common.stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {}
+    nginx_rps = median(r["rps"] for r in results["nginx proxy"])
+    for name, runs in results.items():
+        rps = median(r["rps"] for r in runs)
+        summary[name] = {
+            "rps": rps, "p50": median(r["p50"] for r in runs), "p99": median(r["p99"] for r in runs),
+            "ratio_to_nginx": rps / nginx_rps, "runs": runs,
+        }
+    return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
+            "threads": 1, "target_ratio": TARGET, "systems": summary}
 
 
-def wrk(url, duration, connections):
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-        capture_output=True, text=True, timeout=duration + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
+def report(result):
+    print(f"\nwrk -t1 -c{result['connections']} -d{result['duration']}s, median of {result['rounds']} rounds, "
+          f"1 worker thread each, {os.cpu_count()} cores\n")
+    print("| system | requests/s | p50 (ms) | p99 (ms) | / nginx | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, s in result["systems"].items():
+        target = "-"
+        if name.startswith("portcullis"):
+            target = f">= {TARGET}x: {verdict(s['ratio_to_nginx'] >= TARGET)}"
+        print(f"| {name} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {s['ratio_to_nginx']:.2f}x | {target} |")
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=6)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args()
-
-    for tool in ("nginx", "wrk", "cargo"):
-        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
-            raise SystemExit(f"{tool} is missing: run scripts/deps.sh bench")
-    os.environ["PATH"] += ":/usr/sbin"
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target", "release", "portcullis")
-
-    tmp = tempfile.mkdtemp(prefix="portcullis-bench-")
-    upstream_port, nginx_port, portcullis_port = free_port(), free_port(), free_port()
-    procs = []
-    try:
-        procs.append(start_nginx(tmp, "upstream", f"""
-  server {{ listen 127.0.0.1:{upstream_port}; keepalive_requests 1000000;
-    location / {{ return 200 "hello from upstream\\n"; }} }}"""))
-        procs.append(start_nginx(tmp, "proxy", f"""
-  upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{nginx_port}; keepalive_requests 1000000;
-    location / {{ proxy_pass http://backend; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $remote_addr; }} }}"""))
-        config = os.path.join(tmp, "portcullis.toml")
-        with open(config, "w") as f:
-            f.write(f"""
-data_dir = "{tmp}/data"
-[log]
-level = "warn"
-[server]
-threads = 1
-[[listeners]]
-address = "127.0.0.1:{portcullis_port}"
-[[routes]]
-from = "http://127.0.0.1"
-to = ["http://127.0.0.1:{upstream_port}"]
-""")
-        procs.append(subprocess.Popen([binary, "serve", "--config", config],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        targets = {
-            "upstream alone": f"http://127.0.0.1:{upstream_port}/",
-            "nginx proxy": f"http://127.0.0.1:{nginx_port}/",
-            "portcullis proxy": f"http://127.0.0.1:{portcullis_port}/",
-        }
-        for url in targets.values():
-            wait_http(url)
-        results = {name: [] for name in targets}
-        for round_no in range(args.rounds):
-            for name, url in targets.items():
-                wrk(url, 1, args.connections)  # warm-up: fill connection pools
-                rps, p99, errors = wrk(url, args.duration, args.connections)
-                results[name].append((rps, p99, errors))
-                print(f"round {round_no + 1}: {name:18} {rps:10.0f} req/s  p99 {p99:6.2f} ms  non-2xx {errors}",
-                      file=sys.stderr)
-
-        print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s, median of {args.rounds} rounds, "
-              f"1 worker each, {os.cpu_count()} cores\n")
-        print("| system | requests/s | p99 (ms) | non-2xx |")
-        print("|---|---:|---:|---:|")
-        medians = {}
-        for name, runs in results.items():
-            rps = statistics.median(r[0] for r in runs)
-            p99 = statistics.median(r[1] for r in runs)
-            medians[name] = (rps, p99)
-            print(f"| {name} | {rps:,.0f} | {p99:.2f} | {sum(r[2] for r in runs)} |")
-        ratio = medians["portcullis proxy"][0] / medians["nginx proxy"][0]
-        verdict = "met" if ratio >= 0.9 else "not met"
-        print(f"\nPortcullis / nginx throughput: {ratio:.2f}x (target >= 0.9x: {verdict})")
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = run(args)
+    report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,553 @@
+"""Shared pieces of the benchmarks: processes on free loopback ports, nginx, wrk, the test IdP
+(tests/idp, a real `oidc-provider`), sign-in with a plain HTTP client, and SCIM requests.
+
+Everything listens on 127.0.0.1 with ports the kernel picks; every wait is bounded.
+"""
+import base64
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDP_DIR = os.path.join(ROOT, "tests", "idp")
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=30, want=None, headers=None):
+    """Poll url until it answers (a status < 500, or exactly `want`); return the seconds taken."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=1) as r:
+                if (want is None and r.status < 500) or r.status == want:
+                    return time.monotonic() - started
+        except urllib.error.HTTPError as e:
+            if (want is None and e.code < 500) or e.code == want:
+                return time.monotonic() - started
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up within {timeout}s")
+
+
+def stop(proc, timeout=15):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def median(values):
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def verdict(ok):
+    return "met" if ok else "not met"
+
+
+def machine():
+    """Cores, memory, kernel and CPU model of this machine."""
+    with open("/proc/meminfo") as f:
+        mem_gib = int(re.search(r"MemTotal:\s+(\d+) kB", f.read()).group(1)) / 2**20
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        m = re.search(r"model name\s*:\s*(.+)", f.read())
+        if m:
+            model = m.group(1).strip()
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "kernel": os.uname().release,
+        "cpu": model,
+    }
+
+
+def binary():
+    return os.path.join(ROOT, "target", "release", "portcullis")
+
+
+def build_release():
+    subprocess.run(["cargo", "build", "--release", "-p", "portcullis"], cwd=ROOT, check=True)
+
+
+# --- nginx and wrk ------------------------------------------------------------------------------
+
+def nginx_bin():
+    for path in ("/usr/sbin/nginx", "/usr/bin/nginx"):
+        if os.path.exists(path):
+            return path
+    raise SystemExit("nginx is missing: run scripts/deps.sh bench")
+
+
+def start_nginx(tmp, name, body):
+    """One nginx process (1 worker, no daemon) with `body` inside its `http {}` block."""
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-{name}.pid;
+error_log {tmp}/nginx-{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body-{name};
+  proxy_temp_path {tmp}/proxy-{name};
+  fastcgi_temp_path {tmp}/fcgi-{name};
+  uwsgi_temp_path {tmp}/uwsgi-{name};
+  scgi_temp_path {tmp}/scgi-{name};
+  {body}
+}}
+"""
+    path = os.path.join(tmp, f"nginx-{name}.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return subprocess.Popen([nginx_bin(), "-c", path, "-p", tmp],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_upstream(tmp, port):
+    """The upstream every proxy forwards to: nginx answering 200 with a 20-byte body."""
+    return start_nginx(tmp, "upstream", f"""
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+    location / {{ return 200 "hello from upstream\\n"; }} }}""")
+
+
+def start_nginx_proxy(tmp, port, upstream_port):
+    return start_nginx(tmp, "proxy", f"""
+  upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
+
+
+def _ms(value, unit):
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk(url, duration, connections, headers=(), script=None, timeout_s=10):
+    """Runs `wrk -t1`; returns dict(rps, p50, p99 in ms, non2xx, sockerr, requests)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", f"{timeout_s}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script:
+        cmd += ["-s", script]
+    cmd.append(url)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not rps:
+        raise SystemExit(f"could not parse wrk output for {url}:\n{out}")
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(rps.group(1)),
+        "p50": _ms(*p50.groups()),
+        "p99": _ms(*p99.groups()),
+        "requests": int(total.group(1)) if total else 0,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "sockerr": sum(int(x) for x in sock.groups()) if sock else 0,
+    }
+
+
+# --- the test IdP -------------------------------------------------------------------------------
+
+def ensure_idp_modules():
+    if not os.path.isdir(os.path.join(IDP_DIR, "node_modules")):
+        log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
+        subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+
+
+class Idp:
+    """`node tests/idp/idp.mjs` with a setup (see that file's header); stops with the object."""
+
+    def __init__(self, tmp, setup):
+        ensure_idp_modules()
+        path = os.path.join(tmp, "idp-setup.json")
+        with open(path, "w") as f:
+            json.dump(setup, f)
+        self.log_path = os.path.join(tmp, "idp.log")
+        self.log = open(self.log_path, "w")
+        # The IdP exits when its stdin closes, so it never outlives this process.
+        self.proc = subprocess.Popen(["node", os.path.join(IDP_DIR, "idp.mjs"), path], cwd=IDP_DIR,
+                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            with open(self.log_path) as f:
+                text = f.read()
+            ready = [line for line in text.splitlines() if line.startswith("ready ")]
+            if ready:
+                info = json.loads(ready[0][len("ready "):])
+                self.port, self.issuer = info["port"], info["issuer"]
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"the test IdP did not start:\n{text[-3000:]}")
+            time.sleep(0.05)
+
+    def client_credentials(self, client_id, secret, resource, scope):
+        form = urllib.parse.urlencode({"grant_type": "client_credentials", "resource": resource,
+                                       "scope": scope})
+        basic = base64.b64encode(f"{urllib.parse.quote(client_id)}:{urllib.parse.quote(secret)}".encode())
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/token", body=form, headers={
+            "Authorization": f"Basic {basic.decode()}",
+            "Content-Type": "application/x-www-form-urlencoded"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read() or b"{}")
+        conn.close()
+        if resp.status != 200 or "access_token" not in body:
+            raise SystemExit(f"client-credentials token refused: {resp.status} {body}")
+        return body["access_token"]
+
+    def stop(self):
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        stop(self.proc, timeout=5)
+        self.log.close()
+
+
+def idp_setup(portcullis_port, users, machine_id, machine_secret, client_id, client_secret,
+              resource, audience):
+    """The IdP: one web client (callback on app.test), one machine client, `users`, one API."""
+    return {
+        "port": 0,
+        "clients": [
+            {
+                "client_id": client_id,
+                "client_secret": client_secret,
+                "redirect_uris": [f"http://app.test:{portcullis_port}/.portcullis/callback"],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "token_endpoint_auth_method": "client_secret_basic",
+                "backchannel_logout_uri": f"http://127.0.0.1:{portcullis_port}/.portcullis/backchannel_logout",
+                "backchannel_logout_session_required": True,
+            },
+            {
+                "client_id": machine_id,
+                "client_secret": machine_secret,
+                "redirect_uris": ["http://127.0.0.1:9/unused"],
+                "grant_types": ["client_credentials"],
+                "response_types": [],
+                "token_endpoint_auth_method": "client_secret_basic",
+            },
+        ],
+        "users": [{"sub": u["sub"], "email": u["email"], "password": u["password"], "name": u["sub"],
+                   "groups": [], "email_verified": True} for u in users],
+        "resources": [{"indicator": resource, "audience": audience, "scope": "api:read",
+                       "access_token_ttl": 3600, "alg": "RS256"}],
+        "default_resource": resource,
+        "ttl": {},
+        "logout_auto_submit": True,
+    }
+
+
+# --- HTTP with a Host header, cookies kept by hand ----------------------------------------------
+
+class Browserless:
+    """A plain HTTP client that signs in like a browser would: it keeps cookies per host and
+    follows no redirect on its own. Every connection goes to 127.0.0.1; the URL's host name is
+    only sent as `Host` (so app.test needs no DNS)."""
+
+    def __init__(self):
+        self.cookies = {}  # host -> {name: value}
+
+    def request(self, method, url, body=None, headers=None):
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection("127.0.0.1", u.port or 80, timeout=30)
+        h = {"Host": u.netloc, "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        jar = self.cookies.get(u.hostname, {})
+        if jar:
+            h["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
+        h.update(headers or {})
+        path = u.path or "/"
+        if u.query:
+            path += "?" + u.query
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        data = resp.read()
+        for name, value in resp.getheaders():
+            if name.lower() == "set-cookie":
+                pair = value.split(";", 1)[0]
+                if "=" in pair:
+                    k, v = pair.split("=", 1)
+                    self.cookies.setdefault(u.hostname, {})[k.strip()] = v.strip()
+        conn.close()
+        return resp.status, resp.getheader("Location"), data.decode("utf-8", "replace")
+
+
+def absolute(base, location):
+    return urllib.parse.urljoin(base, location)
+
+
+def sign_in(start_url, login, password, cookie_name="portcullis_session"):
+    """The authorization-code sign-in, as a browser does it but without one: Portcullis → IdP
+    login form → Portcullis callback. Returns the session cookie's value."""
+    client = Browserless()
+    status, location, body = client.request("GET", start_url)
+    if status != 302 or not location:
+        raise SystemExit(f"GET {start_url} was not sent to sign in: {status} {body[:300]}")
+    url = absolute(start_url, location)
+    posted = False
+    for _ in range(12):
+        host = urllib.parse.urlsplit(url).hostname
+        if host == urllib.parse.urlsplit(start_url).hostname:
+            # Back at Portcullis: the callback sets the session cookie.
+            status, location, body = client.request("GET", url)
+            value = client.cookies.get(host, {}).get(cookie_name)
+            if status != 302 or not value:
+                raise SystemExit(f"the callback {url} failed: {status} {body[:300]}")
+            return value
+        status, location, body = client.request("GET", url)
+        if status in (301, 302, 303, 307, 308):
+            url = absolute(url, location)
+            continue
+        m = re.search(r'<form[^>]*action="([^"]+)"', body)
+        if status != 200 or not m or posted:
+            raise SystemExit(f"sign-in at the IdP stopped at {url} with {status}: {body[:500]}")
+        form = urllib.parse.urlencode({"login": login, "password": password})
+        status, location, body = client.request(
+            "POST", absolute(url, m.group(1).replace("&amp;", "&")), body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        posted = True
+        if status not in (302, 303) or not location:
+            raise SystemExit(f"the IdP refused the sign-in of {login}: {status} {body[:300]}")
+        url = absolute(url, location)
+    raise SystemExit(f"sign-in did not come back to Portcullis (last URL {url})")
+
+
+class Scim:
+    """SCIM requests to Portcullis' directory (`Host: <scim host>`), one keep-alive connection."""
+
+    def __init__(self, port, host, token):
+        self.port, self.host, self.token = port, host, token
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def request(self, method, path, body=None):
+        headers = {"Host": self.host, "Authorization": f"Bearer {self.token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/scim+json"
+            body = json.dumps(body)
+        try:
+            self.conn.request(method, f"/scim/v2{path}", body=body, headers=headers)
+            resp = self.conn.getresponse()
+        except (http.client.HTTPException, OSError):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.conn.request(method, f"/scim/v2{path}", body=body, headers=headers)
+            resp = self.conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None)
+
+    def create_user(self, user_name):
+        status, body = self.request("POST", "/Users", {"schemas": [USER_SCHEMA], "userName": user_name,
+                                                        "emails": [{"value": user_name, "primary": True}]
+                                                        if "@" in user_name else [],
+                                                        "active": True})
+        if status != 201:
+            raise SystemExit(f"SCIM create user {user_name}: {status} {body}")
+        return body["id"]
+
+    def create_group(self, name, member_ids):
+        status, body = self.request("POST", "/Groups", {"schemas": [GROUP_SCHEMA], "displayName": name,
+                                                         "members": [{"value": m} for m in member_ids]})
+        if status != 201:
+            raise SystemExit(f"SCIM create group {name}: {status} {body}")
+        return body["id"]
+
+    def set_active(self, user_id, active):
+        return self.request("PATCH", f"/Users/{user_id}", {
+            "schemas": [PATCH_SCHEMA], "Operations": [{"op": "replace", "value": {"active": active}}]})
+
+    def remove_member(self, group_id, user_id):
+        return self.request("PATCH", f"/Groups/{group_id}", {
+            "schemas": [PATCH_SCHEMA],
+            "Operations": [{"op": "remove", "path": f'members[value eq "{user_id}"]'}]})
+
+    def add_member(self, group_id, user_id):
+        return self.request("PATCH", f"/Groups/{group_id}", {
+            "schemas": [PATCH_SCHEMA],
+            "Operations": [{"op": "add", "path": "members", "value": [{"value": user_id}]}]})
+
+    def close(self):
+        self.conn.close()
+
+
+def random_secret(n=24):
+    return secrets.token_urlsafe(n)
+
+
+# --- Portcullis with sign-in, machine tokens and SCIM -------------------------------------------
+
+SCIM_HOST = "auth.test"
+SCIM_TOKEN = "bench-scim-token-0123456789abcdef"
+CLIENT_ID = "portcullis-bench"
+MACHINE_ID = "bench-agent"
+API = "https://api.bench.test/"
+API_AUD = "portcullis-bench-api"
+GROUP = "eng"
+ALICE = {"sub": "alice", "email": "alice@bench.test", "password": "correct horse battery staple"}
+
+
+class Stack:
+    """An upstream (nginx `return 200`), the test IdP and one Portcullis with three routes to
+    that upstream: `plain.test` (public, no authentication), `app.test` (signed-in members of
+    `eng`, session cookie) and `api.test` (members of `eng`, bearer JWT). SCIM on `auth.test`
+    provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
+    """
+
+    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn"):
+        self.tmp = tmp
+        self.procs = []
+        self.idp = None
+        self.client_secret = random_secret(32)
+        self.machine_secret = random_secret(32)
+        self.port, self.admin_port = free_port(), free_port()
+        try:
+            if upstream_port is None:
+                upstream_port = free_port()
+                self.procs.append(start_upstream(tmp, upstream_port))
+                wait_http(f"http://127.0.0.1:{upstream_port}/")
+            self.upstream_port = upstream_port
+            self.idp = Idp(tmp, idp_setup(self.port, [ALICE], MACHINE_ID, self.machine_secret, CLIENT_ID,
+                                          self.client_secret, API, API_AUD))
+            self.config = os.path.join(tmp, "portcullis-auth.toml")
+            upstream = f"http://127.0.0.1:{upstream_port}"
+            with open(self.config, "w") as f:
+                f.write(f"""
+data_dir = "{tmp}/data-auth"
+[log]
+level = "{log_level}"
+[server]
+threads = {threads}
+[admin]
+address = "127.0.0.1:{self.admin_port}"
+[[listeners]]
+address = "127.0.0.1:{self.port}"
+
+[[routes]]
+from = "http://plain.test"
+to = ["{upstream}"]
+accept = ["public"]
+
+[[routes]]
+from = "http://app.test"
+to = ["{upstream}"]
+accept = ["session"]
+allow = {{ groups = ["{GROUP}"] }}
+
+[[routes]]
+from = "http://api.test"
+to = ["{upstream}"]
+accept = ["bearer"]
+allow = {{ groups = ["{GROUP}"] }}
+
+[oidc]
+issuer = "{self.idp.issuer}"
+client_id = "{CLIENT_ID}"
+client_secret = "{self.client_secret}"
+auth_host = "app.test:{self.port}"
+auth_scheme = "http"
+session_lifetime = "2h"
+# RS256 only: see RS256_ONLY in tests/it/signin.rs.
+id_token_algorithms = ["RS256"]
+
+[[jwt_issuers]]
+issuer = "{self.idp.issuer}"
+audiences = ["{API_AUD}"]
+algorithms = ["RS256"]
+
+[scim]
+host = "{SCIM_HOST}"
+[[scim.tokens]]
+name = "bench"
+secret = "{SCIM_TOKEN}"
+""")
+            self.log = open(os.path.join(tmp, "portcullis-auth.log"), "w")
+            self.proc = subprocess.Popen([binary(), "serve", "--config", self.config],
+                                         stdout=self.log, stderr=subprocess.STDOUT)
+            self.procs.append(self.proc)
+            wait_http(f"http://127.0.0.1:{self.admin_port}/readyz", want=200, timeout=60)
+            wait_http(f"http://127.0.0.1:{self.port}/", headers={"Host": "plain.test"})
+            # Sign-in works once Portcullis has discovered the IdP.
+            deadline = time.monotonic() + 30
+            while Browserless().request("GET", self.url("app.test", "/.portcullis/sign_in?rd=%2F"))[0] != 302:
+                if time.monotonic() > deadline:
+                    raise SystemExit("sign-in never became available")
+                time.sleep(0.1)
+            self.scim = Scim(self.port, SCIM_HOST, SCIM_TOKEN)
+            self.alice_id = self.scim.create_user(ALICE["email"])
+            self.machine_id = self.scim.create_user(MACHINE_ID)
+            self.group_id = self.scim.create_group(GROUP, [self.alice_id, self.machine_id])
+        except BaseException:
+            common_log = self.log_tail() if hasattr(self, "log") else ""
+            self.stop()
+            if common_log:
+                log(f"Portcullis output:\n{common_log}")
+            raise
+
+    def url(self, host, path="/"):
+        return f"http://{host}:{self.port}{path}"
+
+    def sign_in(self):
+        """A fresh session of alice; returns the cookie value."""
+        return sign_in(self.url("app.test", "/"), ALICE["email"], ALICE["password"])
+
+    def machine_token(self):
+        return self.idp.client_credentials(MACHINE_ID, self.machine_secret, API, "api:read")
+
+    def stop(self):
+        for p in reversed(self.procs):
+            stop(p)
+        if self.idp:
+            self.idp.stop()
+        if hasattr(self, "scim"):
+            self.scim.close()
+        if hasattr(self, "log"):
+            self.log.close()
+
+    def log_tail(self):
+        try:
+            with open(os.path.join(self.tmp, "portcullis-auth.log")) as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
