@@ -23,7 +23,7 @@ token. Servers listen on 127.0.0.1 only, on free ports; every load is bounded in
 time; temporary data (about 570 MB for 1,000,000 users) is deleted at the end. A benchmark, not
 a test: it prints figures and ratios and never fails on noise.
 
-Usage: bench/scim.py [--rounds N] [--duration S] [--users N]
+Usage: bench/scim.py [--rounds N] [--duration S] [--users N] [--json OUT]
 Needs: scripts/deps.sh bench (wrk); the venv target/bench-venv is created if missing.
 """
 import argparse
@@ -528,6 +528,28 @@ def report(args, creates, large, load_start):
         print("| " + " | ".join(row) + " |")
 
 
+def write_json(args, creates, large):
+    """The medians report() prints, for the suite's summary table."""
+    out = {"rounds": args.rounds, "duration": args.duration, "users": args.users, "groups": GROUPS,
+           "creates": {}, "lookups": {}, "ref_users": large["ref_users"]}
+    for (system, clients), runs in creates.items():
+        out["creates"][f"{system} c{clients}"] = {"rps": median(runs, "rps"), "p99": median(runs, "p99")}
+    for system, runs in large["lookups"].items():
+        out["lookups"][system] = {"rps": median(runs, "rps"), "p99": median(runs, "p99")}
+    for group, key in ((0, "patch_100k"), (1, "patch_10")):
+        rows = large["patches"][group]
+        out[key] = {"median_ms": statistics.median(r[0] for r in rows),
+                    "p99_ms": statistics.median(r[1] for r in rows), "errors": sum(r[2] for r in rows)}
+    pr = large["per_round"]
+    out["startup_s"] = statistics.median(pr["startup_s"])
+    out["rss_start_mib"] = statistics.median(pr["rss_start"])
+    out["rss_after_mib"] = statistics.median(pr["rss_after"])
+    out["populate_s"] = large["populate_s"]
+    out["disk_mb"] = large["disk_mb"]
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 # --- setup -------------------------------------------------------------------------------------
 
 def ensure_tools():
@@ -547,6 +569,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--users", type=int, default=1_000_000, help="users in Portcullis' large directory")
+    parser.add_argument("--json", help="also write the results as JSON to this file (for bench/suite.py)")
     args = parser.parse_args()
     needed = BIG_GROUP_MEMBERS + 2 * PATCH_N * args.rounds
     if args.users < needed:
@@ -560,6 +583,8 @@ def main():
         creates = measure_creates(args, binary, tmp)
         large = measure_large_directory(args, binary, tmp)
         report(args, creates, large, load_start)
+        if args.json:
+            write_json(args, creates, large)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,21 @@
+# Benchmarks only; building and testing use cargo directly (see README.md).
+#
+#   make bench            the whole suite: writes bench/results/<date>.md and .svg (~30 min)
+#   make bench QUICK=1    a short version for iteration (100k users, 1 round, short loads)
+#   make bench ONLY=proxy,revocation   some parts only (decision, proxy, scim, revocation, profile)
+#
+# Takes /tmp/bench.lock so that two benchmark runs on one machine never overlap.
+
+QUICK ?=
+ONLY ?=
+
+.PHONY: bench bench-deps
+
+bench: bench-deps
+	flock /tmp/bench.lock python3 bench/suite.py $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
+
+bench-deps:
+	scripts/deps.sh bench
+	@if [ ! -d tests/idp/node_modules ]; then cd tests/idp && npm ci --silent --no-audit --no-fund; fi
+	@if [ ! -x target/bench-venv/bin/scim2-server ]; then \
+		python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q scim2-server==0.8.3; fi
