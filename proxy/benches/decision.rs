@@ -115,6 +115,16 @@ fn directory_data(users: u64) -> PathBuf {
     dir
 }
 
+/// An RS256 ID token's shape and size (header.claims.signature, base64url), not a valid one.
+fn fake_id_token(n: u64) -> String {
+    let part = |len: usize| -> String {
+        (0..len)
+            .map(|i| char::from(b'A' + ((i as u64 + n) % 26) as u8))
+            .collect()
+    };
+    format!("{}.{}.{}", part(100), part(450), part(342))
+}
+
 /// Polls a future that never waits (a session without refresh) to completion.
 fn ready<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
@@ -185,7 +195,9 @@ impl Fixture {
                 idp_session: None,
                 created: now,
                 expires: now + 86_400,
-                id_token: None,
+                // A real session keeps its ID token (about 900 bytes from the test IdP), and
+                // `authenticate` hands the identity on by value, so it is here too.
+                id_token: Some(fake_id_token(n)),
                 directory_seq: seq,
                 groups: Vec::new(),
             };
