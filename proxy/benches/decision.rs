@@ -195,8 +195,7 @@ impl Fixture {
                 idp_session: None,
                 created: now,
                 expires: now + 86_400,
-                // A real session keeps its ID token (about 900 bytes from the test IdP), and
-                // `authenticate` hands the identity on by value, so it is here too.
+                // A real session keeps its ID token (about 900 bytes from the test IdP).
                 id_token: Some(fake_id_token(n)),
                 directory_seq: seq,
                 groups: Vec::new(),

@@ -71,7 +71,7 @@ pub fn explain(
         .to_ascii_lowercase();
     let caller = Caller::Person {
         session: [0; 32],
-        identity: Identity {
+        identity: Arc::new(Identity {
             issuer: String::new(),
             subject: user.to_owned(),
             email: Some(user.to_owned()),
@@ -83,7 +83,7 @@ pub fn explain(
             // Signed in after every change so far: only what the directory says now counts.
             directory_seq: u64::MAX,
             groups: Vec::new(),
-        },
+        }),
     };
     let directory_user = authorize::directory_view(directory, &runtime.config.identity, &caller);
     let mut answer = Explanation {

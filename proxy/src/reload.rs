@@ -78,6 +78,8 @@ impl Reloader {
             resolver.replace(certs);
         }
         self.shared.runtime.store(Arc::new(runtime));
+        // Issuers' rules may have changed: tokens are verified afresh.
+        self.shared.auth.verified.config_changed();
         Ok(())
     }
 }

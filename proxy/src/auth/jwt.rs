@@ -4,6 +4,7 @@
 //! never HMAC (a public key must not become an HMAC secret).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct Jwks {
     uri: String,
     http: reqwest::Client,
     keys: ArcSwapOption<Keys>,
+    /// Counts the key sets installed, so what was verified against an older one is known.
+    generation: AtomicU64,
     last_fetch: Mutex<Option<Instant>>,
 }
 
@@ -85,8 +88,14 @@ impl Jwks {
             uri,
             http,
             keys: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             last_fetch: Mutex::new(None),
         }
+    }
+
+    /// Which key set is installed; changes with every fetch. Read it before verifying.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The key set as last fetched, as JSON.
@@ -106,6 +115,7 @@ impl Jwks {
         match keys {
             Ok(keys) => {
                 self.keys.store(Some(Arc::new(keys)));
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
             Err(e) => {

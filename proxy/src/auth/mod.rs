@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod oidc;
 pub mod redirect;
 pub mod sessions;
+pub mod verified;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use portcullis_config::{Config, Credential, JwtIssuer};
 use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::Oidc;
 use self::sessions::{Identity, SessionKey, Sessions};
+use self::verified::Verified;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
 const MAX_COOKIE_BYTES: usize = 8 * 1024;
@@ -39,7 +41,7 @@ pub enum Caller {
         /// Which session, so it can be ended when the person is deprovisioned, and its open
         /// connections closed when it ends.
         session: SessionKey,
-        identity: Identity,
+        identity: Arc<Identity>,
     },
     Machine {
         issuer: String,
@@ -59,12 +61,15 @@ pub struct Auth {
     issuers: DashMap<String, Arc<Jwks>>,
     /// When fetching an issuer's keys for the first time last failed.
     issuer_failures: DashMap<String, std::time::Instant>,
+    /// Bearer tokens already verified.
+    pub verified: Verified,
     http: reqwest::Client,
 }
 
 #[derive(Deserialize)]
 struct MachineClaims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
@@ -113,6 +118,7 @@ impl Auth {
             sessions: Sessions::open(data_dir, oidc::now_unix())?,
             issuers: DashMap::new(),
             issuer_failures: DashMap::new(),
+            verified: Verified::default(),
             http,
         })
     }
@@ -129,7 +135,7 @@ impl Auth {
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
                 // A request that presents a token is judged by it, never by a cookie too.
-                return self.verify_bearer(config, token).await.ok();
+                return self.verify_bearer(config, token, now).await.ok();
             }
         }
         if accept.contains(&Credential::Session) {
@@ -177,7 +183,18 @@ impl Auth {
         None
     }
 
-    async fn verify_bearer(&self, config: &Config, token: &str) -> Result<Caller, JwtError> {
+    async fn verify_bearer(
+        &self,
+        config: &Config,
+        token: &str,
+        now: u64,
+    ) -> Result<Caller, JwtError> {
+        let hash = Verified::hash(token);
+        if let Some(caller) = self.verified.get(&hash, now) {
+            return Ok(caller);
+        }
+        // Read before verifying: a reload or key refetch meanwhile makes the entry stale.
+        let epoch = self.verified.epoch();
         if !jwt::is_compact_jws(token) {
             return Err(JwtError::Malformed);
         }
@@ -195,6 +212,7 @@ impl Auth {
             .find(|i| i.issuer == claimed.iss)
             .ok_or_else(|| JwtError::Invalid("unknown issuer".into()))?;
         let jwks = self.jwks_for(issuer).await?;
+        let keys = jwks.generation();
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
         validation.algorithms = issuer.algorithms.iter().copied().map(algorithm).collect();
         validation.set_issuer(&[&issuer.issuer]);
@@ -203,12 +221,21 @@ impl Auth {
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
-        Ok(Caller::Machine {
+        let caller = Caller::Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
             client_id: claims.client_id.or(claims.azp),
             groups: claims.groups,
-        })
+        };
+        let entry = verified::Entry {
+            caller: caller.clone(),
+            valid_until: claims.exp.saturating_add(validation.leeway),
+            jwks,
+            keys,
+            epoch,
+        };
+        self.verified.insert(hash, entry, now);
+        Ok(caller)
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {

@@ -66,7 +66,8 @@ impl std::fmt::Debug for Refresh {
 
 #[derive(Debug)]
 pub struct Session {
-    pub identity: Identity,
+    /// Shared with every request's caller: never copied per request.
+    pub identity: Arc<Identity>,
     /// Unix seconds of the last request, for the idle timeout.
     last_seen: AtomicU64,
     /// Present when the session is refreshed with the IdP; one refresh at a time.
@@ -137,7 +138,7 @@ impl Sessions {
                 live.insert(
                     key,
                     Arc::new(Session {
-                        identity: stored.identity,
+                        identity: Arc::new(stored.identity),
                         last_seen: AtomicU64::new(stored.last_seen),
                         refresh: stored.refresh.map(tokio::sync::Mutex::new),
                     }),
@@ -173,7 +174,7 @@ impl Sessions {
         self.live.insert(
             key,
             Arc::new(Session {
-                identity: stored.identity,
+                identity: Arc::new(stored.identity),
                 last_seen: AtomicU64::new(now),
                 refresh: stored.refresh.map(tokio::sync::Mutex::new),
             }),
@@ -189,7 +190,7 @@ impl Sessions {
         refresh: &Refresh,
     ) -> Result<(), String> {
         let stored = Stored {
-            identity: session.identity.clone(),
+            identity: Identity::clone(&session.identity),
             last_seen: session.last_seen(),
             refresh: Some(refresh.clone()),
         };
