@@ -11,7 +11,14 @@ with a 20-byte body):
   of alice, who signed in at the test IdP through the real authorization-code flow and is
   provisioned over SCIM into the allowed group `eng`);
 - Portcullis with a machine JWT (`Host: api.test`, `Authorization: Bearer` a client-credentials
-  token from the test IdP; the service account is provisioned into `eng`).
+  token from the test IdP; the service account is provisioned into `eng`);
+- bare pingora (`proxy/examples/pingora_floor.rs`: a pingora proxy with no filters and no
+  modules, the same runtime settings and allocator): the floor under Portcullis, showing how
+  much of the gap to nginx is pingora's own.
+
+Each system's CPU time per request (user + system, from /proc, the proxy process only) is
+printed beside requests/s: on a 2-core machine shared with wrk and the upstream, requests/s
+swing between runs far more than CPU per request does.
 
 The three Portcullis variants are routes of one process (1 worker thread). Load is
 `wrk -t1 -c32 -d6s --latency`, the systems alternating within each round (order rotated every
@@ -24,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -34,7 +42,20 @@ from common import free_port, log, median, start_nginx_proxy, start_upstream, ve
 TARGET = 0.9  # issue 5: authenticated requests/s >= 0.9x nginx as a plain proxy
 
 
-def systems(stack, upstream_port, nginx_port, cookie, token):
+def cpu_seconds(pid):
+    """User and system CPU seconds of a process and its children (nginx's worker)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    user, system = int(fields[11]) / ticks, int(fields[12]) / ticks
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        for child in f.read().split():
+            child_user, child_system = cpu_seconds(int(child))
+            user, system = user + child_user, system + child_system
+    return user, system
+
+
+def systems(stack, upstream_port, nginx_port, floor_port, cookie, token):
     """name -> (url, extra wrk headers)."""
     portcullis = f"http://127.0.0.1:{stack.port}/"
     return {
@@ -45,6 +66,7 @@ def systems(stack, upstream_port, nginx_port, cookie, token):
                                                    "Accept: application/json"]),
         "portcullis machine JWT": (portcullis, ["Host: api.test", f"Authorization: Bearer {token}",
                                                 "Accept: application/json"]),
+        "bare pingora": (f"http://127.0.0.1:{floor_port}/", []),
     }
 
 
@@ -64,19 +86,28 @@ def run(args):
             raise SystemExit(f"{tool} is missing: run scripts/deps.sh bench")
     common.nginx_bin()
     common.build_release()
+    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
+                   cwd=common.ROOT, check=True)
+    floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
 
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-proxy-")
-    upstream_port, nginx_port = free_port(), free_port()
+    upstream_port, nginx_port, floor_port = free_port(), free_port(), free_port()
     procs, stack = [], None
     try:
         procs.append(start_upstream(tmp, upstream_port))
         procs.append(start_nginx_proxy(tmp, nginx_port, upstream_port))
+        nginx_proxy = procs[-1]
+        procs.append(subprocess.Popen([floor_bin, f"127.0.0.1:{floor_port}", f"127.0.0.1:{upstream_port}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        floor = procs[-1]
         wait_http(f"http://127.0.0.1:{upstream_port}/")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
+        wait_http(f"http://127.0.0.1:{floor_port}/")
         stack = common.Stack(tmp, threads=1, upstream_port=upstream_port)
         cookie = stack.sign_in()
         token = stack.machine_token()
-        targets = systems(stack, upstream_port, nginx_port, cookie, token)
+        targets = systems(stack, upstream_port, nginx_port, floor_port, cookie, token)
+        pids = {"upstream alone": procs[0].pid, "nginx proxy": nginx_proxy.pid, "bare pingora": floor.pid}
         for url, headers in targets.values():
             check(url, headers)
 
@@ -87,7 +118,13 @@ def run(args):
             for name in order:
                 url, headers = targets[name]
                 wrk(url, 1, args.connections, headers)  # warm-up: fill connection pools and caches
+                pid = pids.get(name, stack.proc.pid)
+                before = cpu_seconds(pid)
                 run_ = wrk(url, args.duration, args.connections, headers)
+                after = cpu_seconds(pid)
+                requests = max(run_["rps"] * args.duration, 1)
+                run_["user_us"] = (after[0] - before[0]) / requests * 1e6
+                run_["sys_us"] = (after[1] - before[1]) / requests * 1e6
                 results[name].append(run_)
                 log(f"round {round_no + 1}: {name:26} {run_['rps']:9.0f} req/s  p50 {run_['p50']:6.3f} ms  "
                     f"p99 {run_['p99']:6.3f} ms  non-2xx {run_['non2xx']}  socket errors {run_['sockerr']}")
@@ -108,6 +145,7 @@ def run(args):
         rps = median(r["rps"] for r in runs)
         summary[name] = {
             "rps": rps, "p50": median(r["p50"] for r in runs), "p99": median(r["p99"] for r in runs),
+            "user_us": median(r["user_us"] for r in runs), "sys_us": median(r["sys_us"] for r in runs),
             "ratio_to_nginx": rps / nginx_rps, "runs": runs,
         }
     return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
@@ -117,13 +155,15 @@ def run(args):
 def report(result):
     print(f"\nwrk -t1 -c{result['connections']} -d{result['duration']}s, median of {result['rounds']} rounds, "
           f"1 worker thread each, {os.cpu_count()} cores\n")
-    print("| system | requests/s | p50 (ms) | p99 (ms) | / nginx | target |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| system | requests/s | p50 (ms) | p99 (ms) | CPU/request user + sys (µs) | / nginx | target |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name, s in result["systems"].items():
         target = "-"
         if name.startswith("portcullis"):
             target = f">= {TARGET}x: {verdict(s['ratio_to_nginx'] >= TARGET)}"
-        print(f"| {name} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {s['ratio_to_nginx']:.2f}x | {target} |")
+        cpu = f"{s['user_us']:.1f} + {s['sys_us']:.1f}"
+        print(f"| {name} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {cpu} | "
+              f"{s['ratio_to_nginx']:.2f}x | {target} |")
 
 
 def main():

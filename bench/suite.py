@@ -99,8 +99,9 @@ def summary_rows(r):
             target, result = "-", "-"
             if name.startswith("portcullis"):
                 target, result = ">= 0.9x nginx", common.verdict(v["ratio_to_nginx"] >= 0.9)
-            rows.append(("proxy, 1 worker", f"{name}: req/s, p50 / p99",
-                         f"{v['rps']:,.0f}, {v['p50']:.2f} / {v['p99']:.2f} ms",
+            cpu = f", CPU {v['user_us']:.1f} + {v['sys_us']:.1f} µs" if "user_us" in v else ""
+            rows.append(("proxy, 1 worker", f"{name}: req/s, p50 / p99, CPU/request user + sys",
+                         f"{v['rps']:,.0f}, {v['p50']:.2f} / {v['p99']:.2f} ms{cpu}",
                          f"nginx {s['nginx proxy']['rps']:,.0f}", f"{v['ratio_to_nginx']:.2f}x", target, result))
     sc = r.get("scim")
     if sc:
@@ -151,7 +152,8 @@ def svg_chart(r, title):
         nginx = s["nginx proxy"]["rps"]
         panels.append(("Proxy throughput, requests/s (1 worker thread, wrk -c32); line = 0.9x nginx",
                        [(k, v["rps"], f"{v['rps']:,.0f}  ({v['ratio_to_nginx']:.2f}x nginx, p99 {v['p99']:.2f} ms)",
-                         "#888" if k == "upstream alone" else "#4a7" if k == "nginx proxy" else "#37c")
+                         "#888" if k == "upstream alone" else "#4a7" if k == "nginx proxy"
+                         else "#bbb" if k == "bare pingora" else "#37c")
                         for k, v in s.items()], 0.9 * nginx))
     sc = r.get("scim")
     if sc:
