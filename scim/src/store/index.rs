@@ -200,10 +200,15 @@ impl std::fmt::Debug for Index {
 
 /// Case folding for case-insensitive attributes (`userName`, `displayName`, emails).
 pub fn fold(s: &str) -> Box<str> {
+    folded(s).into()
+}
+
+/// [`fold`] without a copy when `s` is folded already (lookups, on the request path).
+pub fn folded(s: &str) -> Cow<'_, str> {
     if s.chars().any(char::is_uppercase) {
-        s.to_lowercase().into_boxed_str()
+        Cow::Owned(s.to_lowercase())
     } else {
-        Box::from(s)
+        Cow::Borrowed(s)
     }
 }
 
@@ -346,7 +351,7 @@ impl Index {
     }
 
     pub fn user_by_name(&self, user_name: &str) -> Option<Row> {
-        self.user_by_folded_name(&fold(user_name))
+        self.user_by_folded_name(&folded(user_name))
     }
 
     pub fn users_by_external_id(&self, external_id: &str) -> Vec<Row> {
@@ -360,10 +365,13 @@ impl Index {
     }
 
     pub fn users_by_email(&self, email: &str) -> Vec<Row> {
-        let folded = fold(email);
+        let email = folded(email);
         self.user_by_email
-            .get(self.key(&folded))
-            .filter(|&row| self.user(row).is_some_and(|u| u.emails.contains(&folded)))
+            .get(self.key(&email))
+            .filter(|&row| {
+                self.user(row)
+                    .is_some_and(|u| u.emails.iter().any(|e| **e == *email))
+            })
             .collect()
     }
 
@@ -371,7 +379,7 @@ impl Index {
     pub fn group_by_folded_name(&self, folded: &str) -> Option<Row> {
         self.group_by_name.get(self.key(folded)).find(|&row| {
             self.group(row)
-                .is_some_and(|g| *fold(&g.display_name) == *folded)
+                .is_some_and(|g| self::folded(&g.display_name) == folded)
         })
     }
 
@@ -407,6 +415,14 @@ impl Index {
     /// The groups `member` is in, directly or through nested groups, with whether each is
     /// direct. Cycles are impossible (the writer refuses them) but are tolerated anyway.
     pub fn groups_of(&self, member: Row) -> Vec<(Row, bool)> {
+        let direct: Vec<Row> = self.parents_of(member).collect();
+        if direct.iter().all(|&g| self.parents_of(g).next().is_none()) {
+            // No nested groups (the common case): no set needed.
+            let mut groups: Vec<(Row, bool)> = direct.into_iter().map(|g| (g, true)).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            return groups;
+        }
         let mut seen: HashMap<Row, bool> = HashMap::new();
         let mut frontier: Vec<Row> = self.parents_of(member).collect();
         for &g in &frontier {
