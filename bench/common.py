@@ -97,6 +97,19 @@ def machine():
     }
 
 
+def run_cli(parser, run, report):
+    """Parses the arguments (adding `--json`), runs, prints the report, writes the JSON; returns
+    the result. The shared tail of every part's `main`."""
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    args = parser.parse_args()
+    result = run(args)
+    report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def binary():
     return os.path.join(ROOT, "target", "release", "portcullis")
 

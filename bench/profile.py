@@ -11,7 +11,6 @@ kept in target/bench-results/ for `perf report -i ...`.
 Usage: bench/profile.py [--duration S] [--json OUT]
 """
 import argparse
-import json
 import os
 import re
 import shutil
@@ -144,13 +143,7 @@ def report(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds of perf record per path")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    common.run_cli(parser, run, report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ fails on noise, only when something does not work (a non-2xx answer, a failed si
 Usage: bench/proxy.py [--rounds N] [--duration S] [--connections C] [--json OUT]
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -171,13 +170,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=6)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    common.run_cli(parser, run, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Usage: bench/revocation.py [--rounds N] [--workers W] [--json OUT]
 """
 import argparse
 import http.client
-import json
 import os
 import shutil
 import sys
@@ -222,13 +221,7 @@ def main():
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-requests", type=int, default=20_000, help="per thread and scenario round")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per scenario round")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    result = common.run_cli(parser, run, report)
     leaked = sum(s["allowed_after_total"] for s in result["scenarios"].values())
     if leaked:
         # Not noise: a request sent after the SCIM answer was allowed.

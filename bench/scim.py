@@ -33,8 +33,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +42,10 @@ import time
 import urllib.parse
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import ROOT, free_port, log, percentile, stop, verdict, wait_http  # noqa: E402
+
 VENV = os.path.join(ROOT, "target", "bench-venv")
 SCIM2_SERVER = "scim2-server==0.8.3"
 TOKEN = "bench-scim-token-0123456789abcdef"
@@ -57,10 +58,6 @@ USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def user_id(n):
     return f"00000000-0000-4000-8000-{n:012}"
 
@@ -70,36 +67,6 @@ def group_id(n):
 
 
 # --- processes and HTTP ------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, timeout=20, want=None):
-    """Poll url until it answers (a status < 500, or exactly `want`); return the seconds taken."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if (want is None and r.status < 500) or r.status == want:
-                    return time.monotonic() - started
-        except Exception:
-            pass
-        time.sleep(0.02)
-    raise SystemExit(f"{url} did not come up within {timeout}s")
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 def rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
@@ -208,29 +175,14 @@ end
 
 
 def wrk(tmp, lua, url, duration, connections):
-    """Run wrk with a Lua script; returns dict(rps, p99 ms, non2xx, socket errors)."""
+    """`wrk` with the Lua script `lua`; returns dict(rps, p50, p99 ms, non2xx, sockerr)."""
     script = os.path.join(tmp, f"wrk-{random.getrandbits(32):08x}.lua")
     with open(script, "w") as f:
         f.write(lua)
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency",
-         "-s", script, url],
-        capture_output=True, text=True, timeout=duration + 30,
-    ).stdout
-    os.unlink(script)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not rps:
-        raise SystemExit(f"could not parse wrk output:\n{out}")
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {
-        "rps": float(rps.group(1)),
-        "p99": float(p99.group(1)) * scale,
-        "non2xx": int(non2xx.group(1)) if non2xx else 0,
-        "sockerr": sum(int(x) for x in sock.groups()) if sock else 0,
-    }
+    try:
+        return common.wrk(url, duration, connections, script=script)
+    finally:
+        os.unlink(script)
 
 
 def wrk_create(tmp, server, duration, connections):
@@ -369,11 +321,6 @@ def patch_latencies(server, round_no, users):
     return latencies, errors
 
 
-def percentile(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
 def measure_large_directory(args, binary, tmp):
     """2, 3 and 4: lookups on both systems; PATCH, start-up and RSS on Portcullis."""
     data_dir = os.path.join(tmp, "data-large")
@@ -434,25 +381,11 @@ def measure_large_directory(args, binary, tmp):
 
 # --- output ------------------------------------------------------------------------------------
 
-def machine():
-    with open("/proc/meminfo") as f:
-        mem_gib = int(re.search(r"MemTotal:\s+(\d+) kB", f.read()).group(1)) / 2**20
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        m = re.search(r"model name\s*:\s*(.+)", f.read())
-        if m:
-            model = m.group(1).strip()
-    return f"{os.cpu_count()} CPUs ({model}), {mem_gib:.1f} GiB memory"
-
-
-def verdict(ok):
-    return "met" if ok else "not met"
-
-
 def report(args, creates, large, load_start):
     summary = []
     print(f"\n## SCIM benchmark: Portcullis vs scim2-server 0.8.3\n")
-    print(f"Machine: {machine()}; load average {load_start:.2f} before, {os.getloadavg()[0]:.2f} after "
+    machine = common.machine()
+    print(f"Machine: {machine['cores']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB memory; load average {load_start:.2f} before, {os.getloadavg()[0]:.2f} after "
           "(wrk and the servers share these CPUs).  ")
     print(f"Median of {args.rounds} round(s), systems alternating each round; wrk -t1 -d{args.duration}s. "
           f"Portcullis: {os.cpu_count()} worker threads, durable (fsync per commit batch). "
