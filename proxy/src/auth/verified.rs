@@ -90,6 +90,13 @@ mod tests {
         }
     }
 
+    fn jwks() -> Arc<Jwks> {
+        Arc::new(Jwks::new(
+            "http://127.0.0.1:9/jwks".to_owned(),
+            reqwest::Client::new(),
+        ))
+    }
+
     fn entry(verified: &Verified, jwks: &Arc<Jwks>, valid_until: u64) -> Entry {
         Entry {
             caller: machine(),
@@ -103,10 +110,7 @@ mod tests {
     #[test]
     fn a_verification_holds_until_the_token_expires_or_the_config_changes() {
         let verified = Verified::default();
-        let jwks = Arc::new(Jwks::new(
-            "http://127.0.0.1:9/jwks".to_owned(),
-            reqwest::Client::new(),
-        ));
+        let jwks = jwks();
         let token = Verified::hash("header.payload.signature");
         assert!(verified.get(&token, 100).is_none());
 
@@ -129,10 +133,7 @@ mod tests {
     #[test]
     fn the_cache_is_bounded() {
         let verified = Verified::default();
-        let jwks = Arc::new(Jwks::new(
-            "http://127.0.0.1:9/jwks".to_owned(),
-            reqwest::Client::new(),
-        ));
+        let jwks = jwks();
         for n in 0..MAX_ENTRIES + 10 {
             let valid_until = if n % 2 == 0 { 50 } else { 200 };
             let e = entry(&verified, &jwks, valid_until);
