@@ -13,6 +13,12 @@ case "$level" in
   *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
 esac
 
+# The SCIM conformance tester (test) and scim2-server (bench) run in venvs: Debian's own python3
+# needs python3-venv for that (a python3 built elsewhere, e.g. pyenv, has it built in).
+if [ "$level" != build ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  want+=(python3-venv)
+fi
+
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
