@@ -31,7 +31,9 @@
 //                                  or has its connection reset
 //   POST /test/start-serving       back to normal
 //
-// Prints one line `ready {"port":…,"issuer":…}` on stdout once listening.
+// Prints one line `ready {"port":…,"issuer":…}` on stdout once listening, and before it a
+// `phase NAME +MS` line as each step of start-up completes (milliseconds since the process
+// started), so a start that stalls shows where.
 
 import { randomBytes, generateKeyPairSync, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -41,6 +43,12 @@ import Provider, { errors } from 'oidc-provider';
 
 // ----- setup -------------------------------------------------------------------------------
 
+function phase(name) {
+  process.stdout.write(`phase ${name} +${Math.round(performance.now())}\n`);
+}
+
+phase('imported');
+
 function readSetup() {
   const path = process.argv[2];
   const text = path && path !== '-' ? readFileSync(path, 'utf8') : readFileSync(0, 'utf8');
@@ -48,6 +56,7 @@ function readSetup() {
 }
 
 const setup = readSetup();
+phase('setup-read');
 
 function substitutePort(value, port) {
   if (typeof value === 'string') return value.replaceAll('{port}', String(port));
@@ -85,6 +94,7 @@ function newSigningKeys() {
 
 // The first keys of an algorithm sign; later ones are published for verification only.
 let signingKeys = newSigningKeys();
+phase('keys-generated');
 // Cookie-signing keys outlive key rotation, so sessions survive a provider rebuild.
 const cookieKeys = [randomBytes(32).toString('hex')];
 
@@ -509,6 +519,7 @@ server.keepAliveTimeout = 5000;
 
 server.listen(setup.port ?? 0, '127.0.0.1', () => {
   const { port } = server.address();
+  phase('listening');
   issuer = substitutePort(setup.issuer ?? 'http://127.0.0.1:{port}', port);
   clientsConfig = substitutePort(setup.clients || [], port);
   try {

@@ -139,8 +139,12 @@ impl Browser {
                 panic!("chromedriver exited with {status} before listening:\n{text}");
             }
             if Instant::now() > deadline {
+                let report = crate::diagnose::report(driver.id(), DRIVER_TIMEOUT);
                 kill_group(&mut driver);
-                panic!("chromedriver not listening after {DRIVER_TIMEOUT:?}:\n{text}");
+                panic!(
+                    "chromedriver not listening after {DRIVER_TIMEOUT:?}\n{report}\
+                     ----- its output -----\n{text}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };

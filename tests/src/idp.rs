@@ -8,6 +8,9 @@
 //!
 //! `node_modules` is installed with `npm ci` on first use when missing (once per machine, under
 //! a file lock, bounded in time), so a fresh clone needs only `node` and `npm` on the `PATH`.
+//!
+//! A start that does not print `ready` in time is reported with what the node process was
+//! doing ([`crate::diagnose`]) and each start-up phase it reached (`phase` lines in its log).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -360,9 +363,13 @@ impl Idp {
                 panic!("the test IdP exited with {status} before it was ready; output:\n{text}");
             }
             if Instant::now() > deadline {
+                let report = crate::diagnose::report(child.id(), READY_TIMEOUT);
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the test IdP was not ready after {READY_TIMEOUT:?}; output:\n{text}");
+                panic!(
+                    "the test IdP was not ready after {READY_TIMEOUT:?}\n{report}\
+                     ----- its output -----\n{text}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
@@ -837,10 +844,11 @@ fn ensure_node_modules(dir: &Path) {
             break status;
         }
         if Instant::now() > deadline {
+            let report = crate::diagnose::report(child.id(), NPM_TIMEOUT);
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "`npm ci` in {} did not finish within {NPM_TIMEOUT:?}:\n{}",
+                "`npm ci` in {} did not finish within {NPM_TIMEOUT:?}\n{report}----- its output -----\n{}",
                 dir.display(),
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             );

@@ -20,6 +20,7 @@
 pub mod browser;
 pub mod client;
 pub mod config;
+pub mod diagnose;
 pub mod idp;
 pub mod process;
 pub mod recorder;

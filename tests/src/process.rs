@@ -131,8 +131,14 @@ impl Portcullis {
                 }
             }
             if Instant::now() > deadline {
+                let report = self
+                    .child
+                    .as_ref()
+                    .map(|c| crate::diagnose::report(c.id(), READY_TIMEOUT))
+                    .unwrap_or_default();
                 panic!(
-                    "portcullis not ready after {READY_TIMEOUT:?} ({url}); config:\n{}\noutput:\n{}",
+                    "portcullis not ready after {READY_TIMEOUT:?} ({url})\n{report}config:\n{}\n\
+                     output:\n{}",
                     self.config(),
                     self.log()
                 );
