@@ -35,7 +35,7 @@
 // `phase NAME +MS` line as each step of start-up completes (milliseconds since the process
 // started), so a start that stalls shows where.
 
-import { randomBytes, generateKeyPairSync, timingSafeEqual } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 
@@ -81,11 +81,27 @@ const resources = new Map((setup.resources || []).map((r) => [r.indicator, r]));
 
 let keyGeneration = 0;
 
+// A private key as a JWK. The key is generated as PEM and imported again before it is exported
+// as a JWK, never exported from the generated KeyObject itself: in Node.js 20, exporting a
+// generated key as a JWK holds the key's mutex while it allocates, an allocation may start a
+// garbage collection, and the collection may destroy the finished key-generation job, whose
+// destructor takes the same mutex. The process then waits on itself forever (a futex wait on
+// the main thread, seen under load as a test IdP that never printed `ready`). The imported
+// key has a mutex of its own, which no job shares.
+function newPrivateJwk(type, options) {
+  const { privateKey } = generateKeyPairSync(type, {
+    ...options,
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+  });
+  return createPrivateKey(privateKey).export({ format: 'jwk' });
+}
+
 function newSigningKeys() {
   keyGeneration += 1;
   const tag = `${keyGeneration}-${randomBytes(4).toString('hex')}`;
-  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
-  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  const rsa = newPrivateJwk('rsa', { modulusLength: 2048 });
+  const ec = newPrivateJwk('ec', { namedCurve: 'P-256' });
   return [
     { ...rsa, kid: `rs256-${tag}`, alg: 'RS256', use: 'sig' },
     { ...ec, kid: `es256-${tag}`, alg: 'ES256', use: 'sig' },
