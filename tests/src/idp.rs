@@ -6,8 +6,9 @@
 //! logout on demand, and a simulated outage. The node process is killed when the [`Idp`] is
 //! dropped (and exits by itself when the test process goes away, as its stdin closes).
 //!
-//! `node_modules` is installed with `npm ci` on first use when missing (once per machine, under
-//! a file lock, bounded in time), so a fresh clone needs only `node` and `npm` on the `PATH`.
+//! `node_modules` is installed with `npm ci` on first use when missing or installed from another
+//! `package-lock.json` (once per machine, under a file lock, bounded in time), so a fresh clone
+//! needs only `node` and `npm` on the `PATH`.
 //!
 //! A start that does not print `ready` in time is reported with what the node process was
 //! doing ([`crate::diagnose`]) and each start-up phase it reached (`phase` lines in its log).
@@ -806,11 +807,22 @@ fn form_action(html: &str) -> Option<String> {
     Some(action.replace("&amp;", "&"))
 }
 
-/// Runs `npm ci` in `dir` unless its `node_modules` is complete, holding a lock file so that
-/// test processes running in parallel install once.
+/// Runs `npm ci` in `dir` unless its `node_modules` was installed from the current
+/// `package-lock.json`, holding a lock file so that test processes and threads running in
+/// parallel install once.
+///
+/// "Installed" is a marker the harness writes after `npm ci` succeeds, holding the lock file's
+/// SHA-256: a package's own files appear one by one while `npm ci` runs, so their presence says
+/// nothing about whether the install is complete, and a tree installed from an older lock file
+/// is not the one the tests expect.
 fn ensure_node_modules(dir: &Path) {
-    let installed = |d: &Path| d.join("node_modules/oidc-provider/package.json").is_file();
-    if installed(dir) {
+    let lock_hash = {
+        let lock = std::fs::read(dir.join("package-lock.json")).expect("read package-lock.json");
+        format!("{:x}", Sha256::digest(&lock))
+    };
+    let marker = dir.join("node_modules/.portcullis-installed");
+    let installed = || std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == lock_hash);
+    if installed() {
         return;
     }
     let lock_path = std::env::temp_dir().join("portcullis-tests-idp-npm.lock");
@@ -818,7 +830,7 @@ fn ensure_node_modules(dir: &Path) {
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .expect("lock npm lock file");
-    if installed(dir) {
+    if installed() {
         return;
     }
     let npm = std::env::var("PORTCULLIS_NPM").unwrap_or_else(|_| "npm".to_owned());
@@ -858,8 +870,9 @@ fn ensure_node_modules(dir: &Path) {
     let output = std::fs::read_to_string(&log_path).unwrap_or_default();
     let _ = std::fs::remove_file(&log_path);
     assert!(
-        status.success() && installed(dir),
+        status.success(),
         "`npm ci` in {} failed ({status}):\n{output}",
         dir.display()
     );
+    std::fs::write(&marker, &lock_hash).expect("write the install marker");
 }

@@ -43,17 +43,41 @@ pub use scim::{ScimClient, ScimResponse};
 pub use tls::{CertFiles, TestCa};
 pub use upstream::{Echo, Upstream};
 
-/// A loopback port that was free a moment ago (bound to port 0, read, released), and never
-/// handed out before by this process: the kernel may give a just-released port again, and two
-/// listeners of one config (or of two tests running in parallel) must not get the same one.
+/// A loopback port for a server a test starts later (a Portcullis listener, say), free now and
+/// never handed out before by this process.
+///
+/// The port comes from below the kernel's ephemeral range (`ip_local_port_range`), which is
+/// where every `bind(…:0)` gets its port: the IdP, chromedriver, the upstreams and the clients'
+/// own sockets all take theirs there. A port reserved here and released until the server binds
+/// it (or between a server's kill and its restart) can therefore not be taken by any of them.
+/// Where a process starts in the range is random, so two test processes rarely probe the
+/// same ports, and each port is checked free by binding it.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    for _ in 0..1000 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local addr").port();
-        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
-            return port;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (low, high) = reserved_range();
+    let span = u32::from(high - low);
+    let offset = rand::random::<u32>() % span;
+    for step in 0..span {
+        let port = low + u16::try_from((offset + step) % span).expect("within the span");
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        given.insert(port);
+        return port;
     }
-    panic!("no loopback port that was not handed out before");
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// Ports `free_port` hands out: from 10000 up to the start of the ephemeral range.
+fn reserved_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    assert!(
+        ephemeral_low > 11_000,
+        "the ephemeral port range starts at {ephemeral_low}: the tests need ports below it"
+    );
+    (10_000, ephemeral_low)
 }
