@@ -1,7 +1,15 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` and `/explain` (for
 //! `portcullis explain`), apart from proxied traffic. It answers anyone who can reach it, so
 //! keep it on loopback or a private network.
+//!
+//! `/readyz` says ready only once this process listens on every proxy listener's port. pingora
+//! reports its proxy service ready before it binds the listeners (and retries for ever while
+//! another process holds a port), so a probe that trusted that would send traffic to a port
+//! nobody serves, or someone else does. Until then the answer is 503, naming the listener.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,11 +21,50 @@ use crate::state::Shared;
 
 pub struct Admin {
     shared: Arc<Shared>,
+    /// The proxy's listener addresses, as bound at start (changing them needs a restart).
+    listeners: Vec<SocketAddr>,
+    /// Set once every listener has accepted a connection.
+    listening: AtomicBool,
 }
 
 impl Admin {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        let listeners = shared
+            .runtime
+            .load()
+            .config
+            .listeners
+            .iter()
+            .map(|l| l.address)
+            .collect();
+        Self {
+            shared,
+            listeners,
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    async fn readiness(&self) -> (StatusCode, &'static str, Vec<u8>) {
+        if self.shared.is_draining() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                b"draining\n".to_vec(),
+            );
+        }
+        if !self.listening.load(Ordering::Acquire) {
+            let bound = listening_ports();
+            if let Some(missing) = self.listeners.iter().find(|l| !bound.contains(&l.port())) {
+                let text = format!("starting: not listening on {missing} yet\n");
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    text.into_bytes(),
+                );
+            }
+            self.listening.store(true, Ordering::Release);
+        }
+        (StatusCode::OK, "text/plain", b"ready\n".to_vec())
     }
 
     /// `?user=…&url=…[&method=…]`: the [`Explanation`](crate::explain::Explanation) as JSON.
@@ -57,17 +104,51 @@ impl Admin {
     }
 }
 
+/// The ports of the TCP sockets this process listens on, from `/proc/self/net/tcp{,6}`: a
+/// socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors.
+fn listening_ports() -> HashSet<u16> {
+    let own: HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|entry| {
+                let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let inode = target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?;
+                Some(inode.to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = HashSet::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        ports.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(|line| listening_port(line, &own)),
+        );
+    }
+    ports
+}
+
+/// The local port of one `/proc/net/tcp` line, if it is a listening socket of ours.
+fn listening_port(line: &str, own: &HashSet<String>) -> Option<u16> {
+    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+    if *state != "0A" || !own.contains(*inode) {
+        return None;
+    }
+    u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if self.shared.is_draining() => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                b"draining\n".to_vec(),
-            ),
-            "/readyz" => (StatusCode::OK, "text/plain", b"ready\n".to_vec()),
+            "/readyz" => self.readiness().await,
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -92,5 +173,33 @@ impl ServeHttp for Admin {
             .headers_mut()
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_sees_the_listeners_of_this_process_only() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening_ports().contains(&port));
+        drop(listener);
+        assert!(!listening_ports().contains(&port));
+
+        // A socket of another process (an inode not among ours) does not count.
+        let own: HashSet<String> = ["1234".to_owned()].into();
+        let line = |state: &str, inode: &str| {
+            format!("0: 0100007F:1F90 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 {inode} 1")
+        };
+        assert_eq!(listening_port(&line("0A", "1234"), &own), Some(8080));
+        assert_eq!(listening_port(&line("0A", "999"), &own), None);
+        assert_eq!(
+            listening_port(&line("01", "1234"), &own),
+            None,
+            "established"
+        );
+        assert_eq!(listening_port("garbage", &own), None);
     }
 }

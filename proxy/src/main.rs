@@ -272,7 +272,8 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     if let Some(admin) = admin {
         let mut service = Service::new("admin".to_owned(), admin::Admin::new(shared.clone()));
         service.add_tcp(&admin.address.to_string());
-        // /readyz must not say ready before the proxy's listeners accept connections.
+        // The admin listener starts after the proxy service; /readyz itself checks that the
+        // proxy's listeners accept connections (see `admin`).
         server.add_service(service).add_dependency(&proxy);
     }
     server.add_service(background_service(

@@ -1,7 +1,7 @@
 //! The admin listener: probes and Prometheus metrics.
 
 use portcullis_tests::client::plain_client;
-use portcullis_tests::{ConfigBuilder, Route, Upstream};
+use portcullis_tests::{ConfigBuilder, Portcullis, Route, Upstream};
 use reqwest::StatusCode;
 
 use crate::get_echo;
@@ -164,4 +164,46 @@ async fn probes_and_metrics() {
         .map(|s| s.value)
         .sum();
     assert_eq!(inf_buckets, count, "+Inf buckets equal the count:\n{text}");
+}
+
+/// `/readyz` is the signal everything waits on (load balancers, the test harness): it says
+/// ready only once the proxy listens on its port, not while another process holds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn not_ready_until_the_proxy_listens_on_its_port() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test/", &[&up]));
+    // Another process's listener on the proxy's port (std binds it as pingora would, with
+    // SO_REUSEADDR, and pingora's bind fails for as long as it is open).
+    let squatter = std::net::TcpListener::bind(cfg.http_addr()).expect("bind the port first");
+    let mut px = Portcullis::spawn(&cfg.toml());
+    let client = plain_client();
+
+    // Up and answering on the admin listener, but the proxy's port is someone else's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let body = loop {
+        if let Ok(resp) = client.get(px.admin_url("/readyz")).send().await {
+            assert_ne!(
+                resp.status(),
+                StatusCode::OK,
+                "ready while another process holds the port"
+            );
+            break resp.text().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admin listener never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        body.contains(&format!("not listening on {}", cfg.http_addr())),
+        "{body}"
+    );
+
+    // Once the port is free, pingora binds it, and only then is the proxy ready.
+    drop(squatter);
+    px.wait_ready().await;
+    get_echo(&client, &cfg.http_url("app.test", "/after")).await;
 }

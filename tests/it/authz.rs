@@ -107,7 +107,6 @@ impl Authz {
             app,
             api,
         };
-        wait_listening(fx.cfg.http_addr()).await;
         fx.wait_sign_in_available(Duration::from_secs(15)).await;
 
         let alice_id = scim.create_user(ALICE).await.id();
@@ -178,17 +177,6 @@ impl Authz {
                 ),
             )
             .await
-    }
-}
-
-/// Waits (at most 10 s) until `addr` accepts connections. `Portcullis::start` waits for the
-/// admin listener's `/readyz` only, and under load the proxy listener can be bound a moment
-/// later (seen as "error sending request" on the very first request).
-async fn wait_listening(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -56,6 +56,13 @@ impl Portcullis {
     /// waits (bounded) until `GET /readyz` on the config's `[admin] address` answers 200.
     /// The process runs in that directory, so a relative `data_dir` lives there too.
     pub async fn start(config: &str) -> Portcullis {
+        let mut px = Portcullis::spawn(config);
+        px.wait_ready().await;
+        px
+    }
+
+    /// Like [`Portcullis::start`], without waiting for `/readyz`.
+    pub fn spawn(config: &str) -> Portcullis {
         let admin = admin_address(config);
         let dir = tempfile::tempdir().expect("tempdir for portcullis");
         let config_path = dir.path().join("portcullis.toml");
@@ -63,16 +70,14 @@ impl Portcullis {
         let log_path = dir.path().join("portcullis.log");
         File::create(&log_path).expect("create log file");
         let child = spawn_serve(dir.path(), &config_path, &log_path);
-        let mut px = Portcullis {
+        Portcullis {
             child: Some(child),
             dir,
             config_path,
             log_path,
             admin,
             exit: None,
-        };
-        px.wait_ready().await;
-        px
+        }
     }
 
     /// Kills the process with `SIGKILL`, as a crash would, and reaps it. Nothing is flushed
@@ -113,7 +118,8 @@ impl Portcullis {
         self.wait_ready().await;
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits (bounded) until `GET /readyz` answers 200; panics with a diagnosis otherwise.
+    pub async fn wait_ready(&mut self) {
         let client = crate::client::plain_client();
         let url = self.admin_url("/readyz");
         let deadline = Instant::now() + READY_TIMEOUT;
