@@ -1,8 +1,8 @@
 //! Lookup tables from a name (group, user, domain) to the set of rules that name it, so that one
 //! evaluation hashes each of the subject's names once, whatever the number of rules.
 //!
-//! Case-insensitive tables store the folded key (each char's `to_lowercase`, the same folding the
-//! SCIM directory uses for `userName`) and fold the probe while hashing and comparing it, so a
+//! Case-insensitive tables store the folded key ([`crate::fold`], the same folding the SCIM
+//! directory uses for `userName`) and fold the probe while hashing and comparing it, so a
 //! lookup never allocates. The hash is computed here, not by `std`'s SipHash: keys come from the
 //! configuration, so a probe chosen by a caller can at worst land in a bucket of configured keys.
 
@@ -138,9 +138,9 @@ impl StrIndex {
     }
 }
 
-/// `s` with every char replaced by its lower-case mapping.
+/// `s` folded as [`crate::fold`] folds it, owned.
 pub(crate) fn fold(s: &str) -> String {
-    s.chars().flat_map(char::to_lowercase).collect()
+    crate::fold(s).into_owned()
 }
 
 /// `folded == fold(probe)`, without building `fold(probe)`.

@@ -26,6 +26,8 @@ mod policy;
 mod reason;
 mod spec;
 
+use std::borrow::Cow;
+
 pub use policy::Policy;
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{PolicyError, Problem, RuleSpec};
@@ -68,4 +70,47 @@ pub struct Request<'a> {
     pub method: &'a str,
     /// The normalized path (no query), exactly as it is routed and sent upstream.
     pub path: &'a str,
+}
+
+/// How Portcullis compares names without regard to case (user names, group names, email
+/// addresses, in rules and in the SCIM directory alike): each char replaced by its lower-case
+/// mapping (`char::to_lowercase`), one char at a time. The directory folds with this same
+/// function, so a rule matches a name however either spells its case.
+///
+/// `str::to_lowercase` is not the same: it lower-cases a capital sigma at the end of a word to
+/// `ς` and elsewhere to `σ`, so `ΟΔΥΣΣΕΥΣ` would fold to two different strings.
+pub fn fold(s: &str) -> Cow<'_, str> {
+    let folded_already = if s.is_ascii() {
+        !s.bytes().any(|b| b.is_ascii_uppercase())
+    } else {
+        s.chars().all(|c| {
+            let mut lower = c.to_lowercase();
+            lower.next() == Some(c) && lower.next().is_none()
+        })
+    };
+    if folded_already {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(s.chars().flat_map(char::to_lowercase).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fold;
+
+    #[test]
+    fn folding_is_per_char_and_borrows_what_is_folded_already() {
+        assert_eq!(fold("Alice@Corp.Example"), "alice@corp.example");
+        assert!(matches!(
+            fold("alice@corp.example"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // A final capital sigma folds like any other: no word context.
+        assert_eq!(fold("ΟΔΥΣΣΕΥΣ"), "οδυσσευσ");
+        assert_eq!(fold("οδυσσευσ"), "οδυσσευσ");
+        // A title-case letter is not upper case, and still has a lower-case mapping.
+        assert_eq!(fold("ǅemal"), "ǆemal");
+        assert_eq!(fold("İ"), "i\u{307}");
+    }
 }

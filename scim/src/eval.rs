@@ -325,7 +325,11 @@ fn compare(def: &AttributeDef, stored: &Value, op: CompareOp, wanted: &CompValue
             if def.case_exact || def.ty == AttrType::DateTime {
                 compare_strings(stored, s, op)
             } else {
-                compare_strings(&stored.to_lowercase(), &s.to_lowercase(), op)
+                compare_strings(
+                    &portcullis_policy::fold(stored),
+                    &portcullis_policy::fold(s),
+                    op,
+                )
             }
         }
         _ => false,

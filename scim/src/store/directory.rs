@@ -546,7 +546,7 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
             None => top,
         };
         Some(match leaf {
-            Value::String(s) => s.to_lowercase(),
+            Value::String(s) => portcullis_policy::fold(s).into_owned(),
             other => other.to_string(),
         })
     };

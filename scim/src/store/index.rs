@@ -198,18 +198,15 @@ impl std::fmt::Debug for Index {
     }
 }
 
-/// Case folding for case-insensitive attributes (`userName`, `displayName`, emails).
+/// Case folding for case-insensitive attributes (`userName`, `displayName`, emails): the one
+/// folding authorization rules use too ([`portcullis_policy::fold`]).
 pub fn fold(s: &str) -> Box<str> {
     folded(s).into()
 }
 
 /// [`fold`] without a copy when `s` is folded already (lookups, on the request path).
 pub fn folded(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_uppercase) {
-        Cow::Owned(s.to_lowercase())
-    } else {
-        Cow::Borrowed(s)
-    }
+    portcullis_policy::fold(s)
 }
 
 /// The `W/"<seq>"` entity tag of a resource last changed at `seq`.

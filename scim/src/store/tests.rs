@@ -446,3 +446,23 @@ async fn committed_changes_reach_the_sink_before_the_answer() {
     );
     assert!(seen[0].seq < seen[1].seq);
 }
+
+#[tokio::test]
+async fn names_fold_as_authorization_rules_fold_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    // A final capital sigma: `str::to_lowercase` would fold it to `ς`, the rules to `σ`.
+    create(&dir, ResourceType::User, user("ΟΔΥΣΣΕΥΣ"))
+        .await
+        .unwrap();
+    let rule_spelling = portcullis_policy::fold("ΟΔΥΣΣΕΥΣ");
+    assert!(dir.user_by_name(&rule_spelling).is_some());
+    assert!(dir.user_by_name("Οδυσσευσ").is_some());
+    assert_eq!(
+        query(&dir, ResourceType::User, r#"userName eq "οδυσσευσ""#).len(),
+        1
+    );
+    // A second user whose name folds to the same string is the same name.
+    let again = create(&dir, ResourceType::User, user("οδυσσευσ")).await;
+    assert_eq!(again.unwrap_err().scim_type, Some(ScimType::Uniqueness));
+}
