@@ -31,17 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use dashmap::DashMap;
-use p256::ecdsa::signature::Signer as _;
-use p256::ecdsa::{Signature, SigningKey};
-use p256::elliptic_curve::sec1::ToEncodedPoint;
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use p256::SecretKey;
 use rand::TryRngCore;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 /// The request header that carries the assertion to the upstream.
 pub const ASSERTION_HEADER: &str = "x-portcullis-assertion";
@@ -101,14 +97,14 @@ struct JwtClaims<'a> {
 
 /// One loaded key.
 struct Key {
+    /// The key's RFC 7638 JWK thumbprint.
     kid: Arc<str>,
     created: u64,
-    signing: SigningKey,
-    /// base64url of the public point's coordinates.
-    x: String,
-    y: String,
-    /// base64url of the JOSE header, computed once.
-    header_b64: String,
+    encoding: EncodingKey,
+    /// The public key as the JWKS publishes it.
+    jwk: Jwk,
+    /// The JOSE header of every token it signs.
+    header: Header,
 }
 
 /// The published keys, newest (signing) first, and their JWKS.
@@ -122,22 +118,10 @@ impl KeySet {
         if keys.is_empty() {
             return Err("no assertion signing key".to_string());
         }
-        let jwk: Vec<serde_json::Value> = keys
-            .iter()
-            .map(|k| {
-                serde_json::json!({
-                    "kty": "EC",
-                    "crv": "P-256",
-                    "x": k.x,
-                    "y": k.y,
-                    "kid": &*k.kid,
-                    "alg": "ES256",
-                    "use": "sig",
-                })
-            })
-            .collect();
-        let jwks = serde_json::to_string(&serde_json::json!({ "keys": jwk }))
-            .map_err(|e| format!("serializing the JWKS: {e}"))?;
+        let set = JwkSet {
+            keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+        };
+        let jwks = serde_json::to_string(&set).map_err(|e| format!("serializing the JWKS: {e}"))?;
         Ok(KeySet {
             keys: keys.into_iter().map(Arc::new).collect(),
             jwks,
@@ -458,7 +442,7 @@ fn read_key(path: &Path, kid_from_name: &str) -> Result<Key, String> {
         .map_err(|e| bad(format!("bad creation time: {e}")))?;
     let secret = SecretKey::from_pkcs8_pem(text[begin..].trim_end())
         .map_err(|e| bad(format!("not a PKCS#8 P-256 private key: {e}")))?;
-    let key = Key::new(SigningKey::from(&secret), created)?;
+    let key = Key::new(&secret, created)?;
     if &*key.kid != kid_from_name {
         return Err(bad(format!(
             "the file name does not match the key's id {}",
@@ -469,27 +453,26 @@ fn read_key(path: &Path, kid_from_name: &str) -> Result<Key, String> {
 }
 
 impl Key {
-    fn new(signing: SigningKey, created: u64) -> Result<Key, String> {
-        let point = signing.verifying_key().as_affine().to_encoded_point(false);
-        let (Some(x), Some(y)) = (point.x(), point.y()) else {
-            return Err("the public key is the identity point".to_string());
-        };
-        let x = URL_SAFE_NO_PAD.encode(x);
-        let y = URL_SAFE_NO_PAD.encode(y);
-        // RFC 7638: the required members, lexicographic order, no whitespace.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
-        let header = serde_json::json!({ "alg": "ES256", "typ": "JWT", "kid": kid });
-        let header_b64 = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&header).map_err(|e| format!("serializing the header: {e}"))?,
-        );
+    fn new(secret: &SecretKey, created: u64) -> Result<Key, String> {
+        let der = secret
+            .to_pkcs8_der()
+            .map_err(|e| format!("encoding the assertion key: {e}"))?;
+        let encoding = EncodingKey::from_ec_der(der.as_bytes());
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256)
+            .map_err(|e| format!("the assertion key's public part: {e}"))?;
+        let kid = jwk
+            .thumbprint(ThumbprintHash::SHA256)
+            .map_err(|e| format!("the assertion key's thumbprint: {e}"))?;
+        jwk.common.key_id = Some(kid.clone());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.clone());
         Ok(Key {
             kid: kid.into(),
             created,
-            signing,
-            x,
-            y,
-            header_b64,
+            encoding,
+            jwk,
+            header,
         })
     }
 }
@@ -498,7 +481,7 @@ impl Key {
 /// synced and renamed into place).
 fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
     let secret = random_secret()?;
-    let key = Key::new(SigningKey::from(&secret), created)?;
+    let key = Key::new(&secret, created)?;
     let pem = secret
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| format!("encoding the assertion key: {e}"))?;
@@ -548,7 +531,7 @@ fn random_secret() -> Result<SecretKey, String> {
 }
 
 fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<String, String> {
-    let body = serde_json::to_vec(&JwtClaims {
+    let claims = JwtClaims {
         iss: claims.issuer,
         aud: claims.audience,
         sub: claims.subject,
@@ -556,19 +539,9 @@ fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<S
         groups: claims.groups,
         iat,
         exp,
-    })
-    .map_err(|e| format!("serializing the assertion: {e}"))?;
-    let mut token = String::with_capacity(key.header_b64.len() + body.len() * 4 / 3 + 100);
-    token.push_str(&key.header_b64);
-    token.push('.');
-    URL_SAFE_NO_PAD.encode_string(&body, &mut token);
-    let signature: Signature = key
-        .signing
-        .try_sign(token.as_bytes())
-        .map_err(|e| format!("signing the assertion: {e}"))?;
-    token.push('.');
-    URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
-    Ok(token)
+    };
+    jsonwebtoken::encode(&key.header, &claims, &key.encoding)
+        .map_err(|e| format!("signing the assertion: {e}"))
 }
 
 /// Lifetime of an identity assertion. Upstreams see a fresh one at least every
@@ -605,9 +578,11 @@ impl pingora::services::background::BackgroundService for KeyRefresher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::jwk::JwkSet;
-    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use jsonwebtoken::{DecodingKey, Validation};
     use serde_json::Value;
+    use sha2::{Digest, Sha256};
     use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
     const TTL: Duration = Duration::from_secs(300);
