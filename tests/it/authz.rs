@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::signin::{
     assert_session_refused, assert_session_works, bare_client, client, get_with_session, idp_setup,
     Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID,
-    CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, RS256_ONLY, SESSION_COOKIE,
+    CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -73,16 +73,13 @@ impl Authz {
         let redirect_uris = vec![format!("http://app.test:{port}/.portcullis/callback")];
         let backchannel = format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout");
         let idp = idp_setup(&redirect_uris, &backchannel).start().await;
-        // Workaround, see RS256_ONLY in signin.rs.
-        let algorithms = RS256_ONLY.expect("a list");
         let oidc = Oidc::new(
             idp.issuer(),
             CLIENT_ID,
             CLIENT_SECRET,
             &format!("app.test:{port}"),
         )
-        .set("session_lifetime", "\"2h\"")
-        .set("id_token_algorithms", algorithms);
+        .set("session_lifetime", "\"2h\"");
         let cfg = cfg
             .route(
                 Route::new(APP_ROUTE, &[&app])
@@ -96,7 +93,7 @@ impl Authz {
                     .set("allow = { groups = [\"eng\"] }"),
             )
             .oidc(oidc)
-            .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]).set("algorithms", algorithms))
+            .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
         let px = cfg.start().await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);

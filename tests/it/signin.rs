@@ -62,20 +62,9 @@ pub(crate) struct Options {
     pub idp_issuer_leeway: Option<&'static str>,
     /// More `[[jwt_issuers]]`.
     pub extra_issuers: Vec<JwtIssuer>,
-    /// Raw TOML list for `[oidc] id_token_algorithms` and the IdP issuer's `algorithms`
-    /// (default: not set, so the documented default list applies).
-    pub algorithms: Option<&'static str>,
     /// `[oidc] refresh = true`, with ID tokens living this many seconds at the IdP.
     pub refresh_every: Option<u64>,
 }
-
-/// `algorithms` limited to one family. Workaround for a Portcullis bug: with an allow-list
-/// mixing key families (the documented default, `["RS256", "ES256", "PS256", "EdDSA"]`),
-/// every bearer JWT and every back-channel logout token is refused, because
-/// `proxy/src/auth/jwt.rs` `Jwks::verify` hands the whole list to `jsonwebtoken::decode`,
-/// which answers `InvalidAlgorithm` unless every listed algorithm is of the key's family.
-/// The tests of the default list are `#[ignore]`d until that is fixed.
-pub(crate) const RS256_ONLY: Option<&str> = Some("[\"RS256\"]");
 
 impl Default for Options {
     fn default() -> Options {
@@ -84,7 +73,6 @@ impl Default for Options {
             idp_down_at_start: false,
             idp_issuer_leeway: None,
             extra_issuers: Vec::new(),
-            algorithms: None,
             refresh_every: None,
         }
     }
@@ -160,10 +148,6 @@ impl Fixture {
             &format!("app.test:{port}"),
         )
         .set("session_lifetime", "\"2h\"");
-        if let Some(algorithms) = options.algorithms {
-            idp_issuer = idp_issuer.set("algorithms", algorithms);
-            oidc = oidc.set("id_token_algorithms", algorithms);
-        }
         if options.refresh_every.is_some() {
             oidc = oidc.set("refresh", "true");
         }
@@ -1118,12 +1102,7 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backchannel_logout_from_the_idp_ends_the_session() {
-    let fx = Fixture::start_with(Options {
-        // Workaround, see RS256_ONLY (the default list is tested by an ignored test).
-        algorithms: RS256_ONLY,
-        ..Options::default()
-    })
-    .await;
+    let fx = Fixture::start().await;
     let page = fx.app_url("/dashboard");
     let alice = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     let alice_again = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
@@ -1170,8 +1149,6 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
     let rp = Recorder::start().await;
     let fx = Fixture::start_with(Options {
         backchannel: Backchannel::At(rp.url("/bcl")),
-        // Workaround, see RS256_ONLY.
-        algorithms: RS256_ONLY,
         ..Options::default()
     })
     .await;

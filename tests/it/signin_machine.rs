@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::signin::{
     bare_client, client, header, now_unix, Fixture, Options, ALICE, ALICE_PASSWORD, API, API_AUD,
-    BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, OTHER_API, RS256_ONLY,
+    BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, OTHER_API,
     SESSION_COOKIE, SHORT_API,
 };
 
@@ -379,8 +379,6 @@ fn rsa_public_encodings(jwk: &Jwk) -> (String, String, Vec<u8>, Vec<u8>, Vec<u8>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes() {
     let fx = Fixture::start_with(Options {
-        // Workaround, see RS256_ONLY (the default list is tested by an ignored test).
-        algorithms: RS256_ONLY,
         ..Options::default()
     })
     .await;
@@ -513,8 +511,6 @@ async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes()
 async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
     let fx = Fixture::start_with(Options {
         idp_issuer_leeway: Some("0s"),
-        // Workaround, see RS256_ONLY.
-        algorithms: RS256_ONLY,
         ..Options::default()
     })
     .await;
@@ -840,8 +836,6 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_tokens_follow_idp_key_rotation_without_a_restart() {
     let fx = Fixture::start_with(Options {
-        // Workaround, see RS256_ONLY (the default list is tested by an ignored test).
-        algorithms: RS256_ONLY,
         ..Options::default()
     })
     .await;
@@ -871,8 +865,6 @@ async fn bearer_tokens_follow_idp_key_rotation_without_a_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_tokens_keep_working_on_the_last_good_keys_while_the_idp_is_down() {
     let fx = Fixture::start_with(Options {
-        // Workaround, see RS256_ONLY (the default list is tested by an ignored test).
-        algorithms: RS256_ONLY,
         ..Options::default()
     })
     .await;

@@ -6,9 +6,9 @@
 //!   one durable transaction (group commit), then makes the batch visible in the index at once
 //!   and only then answers. So a write answered 2xx is on disk, and every read that starts after
 //!   the answer sees it.
-//! - [`Storage`] is the one trait a backend implements (redb here, [`redb::RedbStorage`]); it
-//!   persists batches stamped with a monotonically increasing change sequence and loads them
-//!   back at start. A PostgreSQL backend for several replicas implements the same trait.
+//! - [`Storage`] is the one trait a backend implements; it persists batches stamped with a
+//!   monotonically increasing change sequence and loads them back at start. The one backend
+//!   today is redb, on the local disk ([`redb::RedbStorage`]).
 //! - [`Index`] holds every User and Group in compact form, memberships in both directions,
 //!   and the unique names. Group member lists live only as rows, never inside the Group's
 //!   stored resource, so adding one member to a 100,000-member group writes one row.
