@@ -3,8 +3,8 @@
 //! index the proxy builds at start-up):
 //!
 //! cookie header → `Auth::authenticate` (cookie parse, session lookup, idle/absolute limits)
-//! → `authorize::decide` (SCIM user by `userName`, active, signed in after the last
-//! deactivation, transitive groups, the route's compiled policy, the upstream's identity).
+//! → `Gate::admit` (SCIM user by `userName`, active, signed in after the last deactivation,
+//! transitive groups, the route's compiled policy, the upstream's identity).
 //!
 //! Benchmarks:
 //! - `session/one_user`: the same session every time (everything in cache);
@@ -41,10 +41,10 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
-use portcullis::auth::oidc::now_unix;
-use portcullis::auth::sessions::Identity;
-use portcullis::auth::{session_cookie_name, Auth, Caller};
-use portcullis::authorize::{decide, Verdict};
+use portcullis::auth::{session_cookie_name, Auth};
+use portcullis::caller::{Caller, Identity, Machine};
+use portcullis::clock::now_unix;
+use portcullis::gate::{Admission, Client, Facts, Gate, Presented};
 use portcullis_config::Config;
 use portcullis_policy::Policy;
 use portcullis_scim::store::redb::RedbStorage;
@@ -218,12 +218,12 @@ impl Fixture {
                 .expect("cookie");
             requests.push(req);
         }
-        let machine = Caller::Machine {
+        let machine = Caller::Machine(Arc::new(Machine {
             issuer: "http://127.0.0.1:2".into(),
             subject: "user7@bench.example".into(),
             client_id: Some("user7@bench.example".into()),
             groups: Vec::new(),
-        };
+        }));
         Fixture {
             config,
             policy,
@@ -235,42 +235,43 @@ impl Fixture {
         }
     }
 
-    /// One request's authentication and authorization, as `proxy.rs` runs them.
+    fn gate(&self) -> Gate<'_> {
+        Gate {
+            directory: &self.directory,
+            identity: &self.config.identity,
+        }
+    }
+
+    fn facts<'a>(&'a self, req: &'a RequestHeader) -> Facts<'a> {
+        Facts {
+            route: &self.config.routes[0],
+            policy: &self.policy,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            client: Client::of(&req.headers),
+        }
+    }
+
+    /// One request's authentication and admission, as `proxy.rs` runs them.
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.config.routes[0];
-        let caller =
+        let authentication =
             ready(
                 self.auth
                     .authenticate(&self.config, &route.accept, req, false, now_unix()),
             );
-        let Some(caller) = caller else {
-            return false;
-        };
-        let path = req.uri.path();
-        let verdict = decide(
-            &self.directory,
-            &self.config.identity,
-            &self.policy,
-            route.token_groups,
-            &caller,
-            req.method.as_str(),
-            path,
-        );
-        matches!(verdict, Verdict::Allow(_))
+        let admission = self
+            .gate()
+            .admit(&self.facts(req), authentication.presented());
+        matches!(admission, Admission::Allow(_))
     }
 
-    fn machine_decision(&self) -> bool {
-        let route = &self.config.routes[0];
-        let verdict = decide(
-            &self.directory,
-            &self.config.identity,
-            &self.policy,
-            route.token_groups,
-            &self.machine,
-            "GET",
-            "/projects/42",
+    fn machine_decision(&self, req: &RequestHeader) -> bool {
+        let admission = self.gate().admit(
+            &self.facts(req),
+            Presented::Caller(self.machine.principal()),
         );
-        matches!(verdict, Verdict::Allow(_))
+        matches!(admission, Admission::Allow(_))
     }
 }
 
@@ -324,7 +325,10 @@ fn benches(c: &mut Criterion) {
         fx.session_decision(&fx.requests[0]),
         "the session is allowed"
     );
-    assert!(fx.machine_decision(), "the machine is allowed");
+    assert!(
+        fx.machine_decision(&fx.requests[0]),
+        "the machine is allowed"
+    );
 
     let mut group = c.benchmark_group("session");
     group.bench_function("one_user", |b| {
@@ -348,7 +352,9 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
     let mut group = c.benchmark_group("machine");
-    group.bench_function("decide", |b| b.iter(|| fx.machine_decision()));
+    group.bench_function("decide", |b| {
+        b.iter(|| fx.machine_decision(&fx.requests[0]))
+    });
     group.finish();
 
     // Per-iteration timings for the percentiles criterion does not give.
@@ -364,7 +370,11 @@ fn benches(c: &mut Criterion) {
         |i| warm(random_request(i)),
         |i| fx.session_decision(random_request(i)),
     );
-    let machine = timed(TIMED_ITERATIONS, |_| {}, |_| fx.machine_decision());
+    let machine = timed(
+        TIMED_ITERATIONS,
+        |_| {},
+        |_| fx.machine_decision(&fx.requests[0]),
+    );
     let (users, groups) = fx.directory.counts();
     let out = serde_json::json!({
         "users": users,

@@ -548,33 +548,6 @@ fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<S
 /// `TOKEN_TTL - REFRESH_MARGIN_SECS`.
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
-/// Re-reads the key directory every minute, so a rotation by `portcullis
-/// rotate-assertion-key` is picked up and retired keys are dropped from the JWKS.
-pub struct KeyRefresher {
-    signer: Arc<Signer>,
-}
-
-impl KeyRefresher {
-    pub fn new(signer: Arc<Signer>) -> Self {
-        Self { signer }
-    }
-}
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for KeyRefresher {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                _ = shutdown.changed() => return,
-            }
-            if let Err(e) = self.signer.refresh(crate::auth::oidc::now_unix()) {
-                tracing::warn!("assertion keys not refreshed: {e}");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

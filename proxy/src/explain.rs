@@ -1,5 +1,5 @@
 //! `portcullis explain`: the decision a person's request would get, and the rule behind it,
-//! judged against the live directory exactly as a request is.
+//! judged by the gate ([`crate::gate`]) against the live directory, exactly as a request is.
 //!
 //! A running proxy holds the directory's file open, so the command asks it, over the admin
 //! listener (`GET /explain?user=…&url=…&method=…`), to judge from memory. With no proxy
@@ -12,14 +12,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use portcullis_config::{Config, Credential, Scheme};
-use portcullis_policy::Request;
+use portcullis_config::{Config, IdentityClaim, Scheme};
 use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
-use crate::auth::sessions::Identity;
-use crate::auth::Caller;
-use crate::authorize::{self, DirectoryView, Verdict};
+use crate::caller::{Identity, Principal};
+use crate::gate::{Admission, Client, DirectoryView, Facts, Presented, Refused};
 use crate::path;
 use crate::routes::Match;
 use crate::state::Runtime;
@@ -42,8 +40,34 @@ pub struct Explanation {
     pub reason: String,
 }
 
-/// Judges `method url` for the person who signs in as `user` (the claim `[identity]` maps to
-/// a directory user: their email by default), as if they had just signed in.
+/// The person who signs in as `user` (the value of the claim `[identity]` maps to a directory
+/// user: their email by default), as if they had signed in just now: their sign-in counts from
+/// the directory as it is.
+fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identity {
+    let (subject, email) = match runtime.config.identity.claim {
+        IdentityClaim::Email => (user.to_owned(), Some(user.to_owned())),
+        IdentityClaim::Sub => (user.to_owned(), None),
+    };
+    Identity {
+        issuer: runtime
+            .config
+            .oidc
+            .as_ref()
+            .map(|o| o.issuer.clone())
+            .unwrap_or_default(),
+        subject,
+        email,
+        name: None,
+        idp_session: None,
+        created: 0,
+        expires: u64::MAX,
+        id_token: None,
+        directory_seq: directory.seq(),
+        groups: Vec::new(),
+    }
+}
+
+/// Judges `method url` for the person who signs in as `user`, as if they had just signed in.
 pub fn explain(
     runtime: &Runtime,
     directory: &Directory,
@@ -69,29 +93,18 @@ pub fn explain(
         .host_str()
         .ok_or_else(|| format!("{url:?} has no host"))?
         .to_ascii_lowercase();
-    let caller = Caller::Person {
-        session: [0; 32],
-        identity: Arc::new(Identity {
-            issuer: String::new(),
-            subject: user.to_owned(),
-            email: Some(user.to_owned()),
-            name: None,
-            idp_session: None,
-            created: 0,
-            expires: u64::MAX,
-            id_token: None,
-            // Signed in after every change so far: only what the directory says now counts.
-            directory_seq: u64::MAX,
-            groups: Vec::new(),
-        }),
+    let gate = crate::gate::Gate {
+        directory,
+        identity: &runtime.config.identity,
     };
-    let directory_user = authorize::directory_view(directory, &runtime.config.identity, &caller);
+    let identity = signed_in_now(runtime, directory, user);
+    let principal = Principal::Person(&identity);
     let mut answer = Explanation {
         allowed: false,
         method: method.clone(),
         url: url.to_owned(),
         route: None,
-        directory_user,
+        directory_user: gate.directory_view(principal),
         rule: None,
         reason: String::new(),
     };
@@ -120,50 +133,31 @@ pub fn explain(
         }
     };
     answer.route = Some(route.config.name.clone());
-    if !route.config.accept.is_empty() && !route.config.accept.contains(&Credential::Session) {
-        answer.reason = format!(
-            "route {} takes bearer tokens only: people cannot sign in to it",
-            route.config.name
-        );
-        return Ok(answer);
-    }
-    if route.config.accept.is_empty() {
-        // A public route: nobody signs in, and only its public rules let anyone in.
-        let decision = route.policy.evaluate(
-            None,
-            &Request {
-                method: &method,
-                path: &path,
-            },
-        );
-        answer.allowed = decision.allowed;
-        answer.rule = decision.rule.map(str::to_owned);
-        answer.reason = decision.reason.to_string();
-        return Ok(answer);
-    }
-    match authorize::judge(
-        directory,
-        &runtime.config.identity,
-        &route.policy,
-        route.config.token_groups,
-        &caller,
-        &method,
-        &path,
-        true,
-    ) {
-        Verdict::Allow(forward) => {
+    let facts = Facts {
+        route: &route.config,
+        policy: &route.policy,
+        method: &method,
+        path: &path,
+        client: Client::Browser,
+    };
+    match gate.explain(&facts, Presented::Caller(principal)) {
+        Admission::Allow(pass) => {
             answer.allowed = true;
-            if let Some(why) = forward.why {
+            if let Some(why) = pass.why {
                 answer.rule = why.rule;
                 answer.reason = why.reason;
             }
         }
-        Verdict::Deny { rule, reason, .. } => {
-            answer.rule = rule;
-            answer.reason = reason;
+        Admission::Refuse(Refused::Forbid(refusal)) => {
+            answer.rule = refusal.rule;
+            answer.reason = refusal.reason;
         }
-        Verdict::SessionRevoked => {
-            answer.reason = "the user was deactivated since signing in".to_owned();
+        // Someone who has just signed in is asked to sign in only where people cannot.
+        Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. }) => {
+            answer.reason = format!(
+                "route {} takes bearer tokens only: people cannot sign in to it",
+                route.config.name
+            );
         }
     }
     Ok(answer)

@@ -21,7 +21,7 @@ use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
 use portcullis::state::{Runtime, Shared};
-use portcullis::{admin, assertion, audit, auth, explain, logging, proxy, reload, streams};
+use portcullis::{admin, assertion, audit, auth, clock, explain, logging, proxy, reload, services};
 
 // The proxy allocates small, short-lived buffers per request; mimalloc is measurably faster at
 // that than the system allocator (bench/proxy.py).
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                 .and_then(|config| {
                     assertion::rotate_keys(
                         &config.data_dir,
-                        auth::oidc::now_unix(),
+                        clock::now_unix(),
                         assertion::TOKEN_TTL,
                     )
                 });
@@ -227,7 +227,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let auth = Arc::new(auth::Auth::new(&config.data_dir, directory.clone())?);
     let signer = Arc::new(assertion::Signer::open(
         &config.data_dir,
-        auth::oidc::now_unix(),
+        clock::now_unix(),
         assertion::TOKEN_TTL,
     )?);
     let runtime = Runtime::build(config, &directory)?;
@@ -282,15 +282,15 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     ));
     server.add_service(background_service(
         "oidc discovery",
-        auth::DiscoveryService::new(shared.clone()),
+        services::Discovery::new(shared.clone()),
     ));
     server.add_service(background_service(
         "assertion keys",
-        assertion::KeyRefresher::new(shared.signer.clone()),
+        services::KeyRefresher::new(shared.signer.clone()),
     ));
     server.add_service(background_service(
         "stream watcher",
-        streams::Watcher::new(shared.clone()),
+        services::Watcher::new(shared.clone()),
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");

@@ -1,12 +1,20 @@
-//! The data plane: pingora's `ProxyHttp` phases for every request.
+//! The data plane: pingora's `ProxyHttp` phases for every request. This is glue: what it
+//! decides, it asks the gate (`gate.rs`); what it answers itself, it writes with `reply.rs`.
 //!
-//! 1. `request_filter`: snapshot the configuration, bound the request head, answer Portcullis'
-//!    own endpoints, normalize the path once, find the route, check the body size.
+//! 1. `request_filter`, in order:
+//!    1. snapshot the configuration; bound the request head (431);
+//!    2. normalize the path once (400), find the host (400);
+//!    3. answer Portcullis' own endpoints (`/.portcullis/…`) and SCIM;
+//!    4. find the route (404, or 308 to https);
+//!    5. authenticate: the session cookie or bearer token, from memory ([`crate::auth`]);
+//!    6. ask the gate whether to let the request in ([`crate::gate::Gate::admit`]);
+//!    7. a refusal is answered in [`Proxy::refuse`], the one place an admission becomes a 302,
+//!       401 or 403; a request let in is remembered for step 5 below, and its body size bounded.
 //! 2. `upstream_peer`: choose an upstream (round-robin over the healthy ones).
-//! 3. `upstream_request_filter`: strip client-sent identity headers, set `X-Forwarded-*` and
-//!    `Host`, send the normalized path.
-//! 4. `connected_to_upstream`: watch websockets and event streams of signed-in callers, so
-//!    they can be cut when access is revoked (see [`crate::streams`]).
+//! 3. `upstream_request_filter`: strip client-sent identity headers, set the caller's identity
+//!    headers and signed assertion, `X-Forwarded-*` and `Host`, send the normalized path.
+//! 4. `connected_to_upstream`: watch websockets and event streams, so they can be cut when
+//!    their caller loses access (see [`crate::streams`]).
 //! 5. `request_body_filter` / `response_body_filter`: enforce the body limit on streamed
 //!    bodies; let no chunk or frame cross for a caller who has lost access since.
 //! 6. `fail_to_connect` / `fail_to_proxy`: mark dead upstreams and retry, or answer with a page.
@@ -25,13 +33,16 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use portcullis_config::Credential;
+use portcullis_config::Scheme;
 
-use crate::assertion::{AssertionClaims, ASSERTION_HEADER};
-use crate::auth;
-use crate::authorize::{self, Verdict};
-use crate::pages;
+use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
+use crate::auth::endpoints::{self, Served, SIGN_OUT_FORM};
+use crate::auth::Authentication;
+use crate::caller::Caller;
+use crate::clock::now_unix;
+use crate::gate::{Admission, Client, Facts, Forward, Refusal, Refused};
 use crate::path;
+use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
 use crate::state::{InFlight, Runtime, Shared};
 use crate::streams::{Recheck, Registration};
@@ -63,16 +74,28 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// Answered by the SCIM endpoint rather than proxied.
     scim: bool,
-    /// Who is calling, once authenticated but refused.
-    caller: Option<auth::Caller>,
-    /// Who is calling and what they were let in for, once authorized.
+    /// Who is calling, once authenticated, let in or not (for the access log).
+    caller: Option<Caller>,
+    /// What the upstream is told about the caller, once let in.
+    forward: Option<Forward>,
+    /// A request let in with a caller: judged again while its body or connection lasts.
     recheck: Option<Arc<Recheck>>,
-    /// What the upstream is told about the caller, once authorized.
-    forward: Option<authorize::Forward>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
     registration: Option<Registration>,
     _in_flight: InFlight,
+}
+
+/// The request as step 1.7 needs it after the session has been borrowed mutably.
+struct Asked {
+    method: String,
+    path: String,
+    client: Client,
+    /// `scheme://host[:port]` as the client addressed the request.
+    origin: String,
+    host: String,
+    tls: bool,
+    path_and_query: String,
 }
 
 #[async_trait]
@@ -92,8 +115,8 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             scim: false,
             caller: None,
-            recheck: None,
             forward: None,
+            recheck: None,
             long_lived: false,
             registration: None,
             _in_flight: InFlight::begin(),
@@ -101,66 +124,36 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // 1.1 The configuration this request lives by, whatever reloads meanwhile.
         let runtime = self.shared.runtime.load_full();
-        let server = &runtime.config.server;
         ctx.tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
-
         let req = session.req_header();
-        if head_size(req) > server.max_request_header_bytes {
-            return pages::respond(session, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+        if head_size(req) > runtime.config.server.max_request_header_bytes {
+            return reply::send(
+                session,
+                Reply::status_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+            )
+            .await;
         }
 
-        let raw_path = req.uri.path();
-        let normalized = match path::normalize(raw_path) {
-            Ok(normalized) => normalized,
-            Err(_) => return pages::respond(session, StatusCode::BAD_REQUEST).await,
+        // 1.2 One normalized path, routed, judged and sent upstream.
+        let Ok(normalized) = path::normalize(req.uri.path()) else {
+            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
         };
         let Some(host) = request_host(req) else {
-            return pages::respond(session, StatusCode::BAD_REQUEST).await;
+            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
         };
-        // `host` and `normalized` borrow the request on the common path; the branches that
-        // answer from here (needing the session mutably) take owned copies first.
-        if let Some(own) = normalized.strip_prefix("/.portcullis/") {
-            let endpoint = own.to_owned();
-            let host = host.into_owned();
-            let origin = request_origin(req, ctx.tls);
-            if normalized == crate::assertion::JWKS_PATH {
-                let jwks = self.shared.signer.jwks_json();
-                return auth::endpoints::respond(
-                    session,
-                    StatusCode::OK,
-                    &[(header::CACHE_CONTROL, "public, max-age=60".to_owned())],
-                    "application/json",
-                    jwks,
-                )
-                .await;
-            }
-            let status = match endpoint.as_str() {
-                "healthz" => StatusCode::OK,
-                "readyz" if self.shared.is_draining() => StatusCode::SERVICE_UNAVAILABLE,
-                "readyz" => StatusCode::OK,
-                endpoint => {
-                    let auth_request = auth::endpoints::Request {
-                        origin: &origin,
-                        host: &host,
-                        tls: ctx.tls,
-                    };
-                    let served = self
-                        .shared
-                        .auth
-                        .serve(session, &runtime.config, endpoint, &auth_request)
-                        .await?;
-                    match served {
-                        Some(done) => return Ok(done),
-                        None => StatusCode::NOT_FOUND,
-                    }
-                }
-            };
-            return pages::respond(session, status).await;
-        }
 
+        // 1.3 Portcullis' own endpoints and SCIM.
+        if let Some(endpoint) = normalized.strip_prefix("/.portcullis/") {
+            let endpoint = endpoint.to_owned();
+            let host = host.into_owned();
+            return self
+                .own_endpoint(session, &runtime, &endpoint, &host, ctx.tls)
+                .await;
+        }
         if let Some(scim) = runtime
             .scim
             .as_ref()
@@ -170,158 +163,113 @@ impl ProxyHttp for Proxy {
             let path = normalized.into_owned();
             return scim.serve(session, &path, ctx.tls).await;
         }
+
+        // 1.4 The route.
         let route = match runtime
             .routes
             .find(Runtime::scheme_of(ctx.tls), &host, &normalized)
         {
             Match::Found(route) => route.clone(),
-            Match::WrongScheme(route)
-                if route.config.scheme == portcullis_config::Scheme::Https =>
-            {
+            Match::WrongScheme(route) if route.config.scheme == Scheme::Https => {
                 let location = https_location(&host, runtime.https_port, req);
-                return pages::redirect(session, &location).await;
+                let reply = Reply::status_page(StatusCode::PERMANENT_REDIRECT)
+                    .header(header::LOCATION, location);
+                return reply::send(session, reply).await;
             }
             Match::WrongScheme(_) | Match::None => {
-                return pages::respond(session, StatusCode::NOT_FOUND).await;
+                return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
         if let Cow::Owned(normalized) = normalized {
             ctx.normalized_path = Some(normalized);
         }
+        let path = ctx.normalized_path.as_deref().unwrap_or(req.uri.path());
 
-        {
-            let policy = &route.policy;
-            // Read before deciding, so a later change is always noticed by `Recheck`.
-            let decided_at = crate::streams::at(&self.shared);
-            let caller = self
-                .shared
-                .auth
-                .authenticate(
-                    &runtime.config,
-                    &route.config.accept,
-                    req,
-                    ctx.tls,
-                    auth::oidc::now_unix(),
-                )
-                .await;
-            let path = ctx.normalized_path.as_deref().unwrap_or(req.uri.path());
-            let method = req.method.as_str();
-            let verdict = caller.as_ref().map(|caller| {
-                authorize::decide(
-                    &self.shared.directory,
-                    &runtime.config.identity,
-                    policy,
-                    route.config.token_groups,
-                    caller,
-                    method,
-                    path,
-                )
-            });
-            // Without a caller, only a public rule can let the request in.
-            let anonymous_ok = caller.is_none()
-                && policy
-                    .evaluate(None, &portcullis_policy::Request { method, path })
-                    .allowed;
-            match (caller, verdict) {
-                (Some(caller), Some(Verdict::Allow(forward))) => {
-                    self.shared.audit.allow_sampled(
-                        runtime.config.identity.allow_sample_rate,
-                        &forward.user,
-                        &route.config.name,
-                        method,
-                        path,
-                    );
-                    ctx.recheck = Some(Arc::new(Recheck::new(
-                        caller,
-                        route.clone(),
-                        method,
-                        path,
-                        decided_at,
-                    )));
-                    ctx.forward = Some(forward);
-                    ctx.long_lived = is_long_lived(req);
-                }
-                (Some(caller), Some(Verdict::Deny { who, rule, reason })) => {
-                    self.shared.audit.refusal(
-                        &who,
-                        &route.config.name,
-                        rule.as_deref(),
-                        &reason,
-                        method,
-                        path,
-                    );
-                    ctx.caller = Some(caller);
-                    ctx.route = Some(route.clone());
-                    let browser = auth::is_browser_navigation(req)
-                        || req
-                            .headers
-                            .get(header::ACCEPT)
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|v| v.contains("text/html"));
-                    return pages::forbidden(session, &who, &route.config.name, &reason, browser)
-                        .await;
-                }
-                (_, _) if anonymous_ok => {
-                    self.shared.audit.allow_sampled(
-                        runtime.config.identity.allow_sample_rate,
-                        "anonymous",
-                        &route.config.name,
-                        method,
-                        path,
-                    );
-                }
-                (None, _) if route.config.accept.is_empty() => {
-                    // A public route whose public rules don't cover this request: there is no
-                    // way to sign in here, so it is simply refused.
-                    self.shared.audit.refusal(
-                        "anonymous",
-                        &route.config.name,
-                        None,
-                        "this address is not public",
-                        method,
-                        path,
-                    );
-                    ctx.route = Some(route.clone());
-                    return pages::forbidden(
+        // 1.5 Who is calling. The marks are read first, so that a change landing while the
+        // decision is made is noticed by the recheck of an open connection.
+        let decided_at = self.shared.marks();
+        let authentication = self
+            .shared
+            .auth
+            .authenticate(
+                &runtime.config,
+                &route.config.accept,
+                req,
+                ctx.tls,
+                now_unix(),
+            )
+            .await;
+
+        // 1.6 The gate.
+        let client = Client::of(&req.headers);
+        let facts = Facts {
+            route: &route.config,
+            policy: &route.policy,
+            method: req.method.as_str(),
+            path,
+            client,
+        };
+        let admission = self
+            .shared
+            .gate(&runtime)
+            .admit(&facts, authentication.presented());
+
+        // 1.7 In, or answered here.
+        let pass = match admission {
+            Admission::Allow(pass) => pass,
+            Admission::Refuse(refused) => {
+                let asked = Asked {
+                    method: facts.method.to_owned(),
+                    path: facts.path.to_owned(),
+                    client,
+                    origin: request_origin(req, ctx.tls),
+                    host: host.into_owned(),
+                    tls: ctx.tls,
+                    path_and_query: req
+                        .uri
+                        .path_and_query()
+                        .map_or("/", |pq| pq.as_str())
+                        .to_owned(),
+                };
+                ctx.caller = authentication.caller().cloned();
+                ctx.route = Some(route.clone());
+                let caller = ctx.caller.as_ref();
+                return self
+                    .answer(
                         session,
-                        "anonymous",
+                        &runtime,
                         &route.config.name,
-                        "this address is not public",
-                        auth::is_browser_navigation(req),
+                        &asked,
+                        caller,
+                        refused,
                     )
                     .await;
-                }
-                (caller, verdict) => {
-                    if let (
-                        Some(auth::Caller::Person { session: key, .. }),
-                        Some(Verdict::SessionRevoked),
-                    ) = (&caller, &verdict)
-                    {
-                        // Deactivated (or re-created) since this person signed in: the
-                        // session is over for good.
-                        if let Err(e) = self.shared.auth.sessions.end(&[*key]) {
-                            tracing::error!("cannot end a revoked session: {e}");
-                        }
-                    }
-                    let host = host.into_owned();
-                    let origin = request_origin(req, ctx.tls);
-                    let auth_request = auth::endpoints::Request {
-                        origin: &origin,
-                        host: &host,
-                        tls: ctx.tls,
-                    };
-                    let sessions = route.config.accept.contains(&Credential::Session);
-                    return self
-                        .shared
-                        .auth
-                        .challenge(session, &runtime.config, &auth_request, sessions)
-                        .await;
-                }
             }
+        };
+        self.shared.audit.allow_sampled(
+            runtime.config.identity.allow_sample_rate,
+            pass.forward
+                .as_ref()
+                .map_or("anonymous", |f| f.user.as_str()),
+            &route.config.name,
+            facts.method,
+            facts.path,
+        );
+        if let Authentication::Caller(caller) = authentication {
+            ctx.recheck = Some(Arc::new(Recheck::new(
+                caller.clone(),
+                &route.config.name,
+                facts.method,
+                facts.path,
+                client,
+                decided_at,
+            )));
+            ctx.caller = Some(caller);
+            ctx.long_lived = is_long_lived(req);
         }
-
+        ctx.forward = pass.forward;
         if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
-            return pages::respond(session, StatusCode::PAYLOAD_TOO_LARGE).await;
+            return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
@@ -393,14 +341,10 @@ impl ProxyHttp for Proxy {
                 };
                 // Fail closed: an upstream that relies on the assertion never gets the request
                 // without it.
-                let token = self
-                    .shared
-                    .signer
-                    .assertion(&claims, auth::oidc::now_unix())
-                    .or_err(
-                        ErrorType::InternalError,
-                        "cannot sign the identity assertion",
-                    )?;
+                let token = self.shared.signer.assertion(&claims, now_unix()).or_err(
+                    ErrorType::InternalError,
+                    "cannot sign the identity assertion",
+                )?;
                 upstream_request.insert_header(ASSERTION_HEADER, &*token)?;
             }
         }
@@ -534,7 +478,7 @@ impl ProxyHttp for Proxy {
         // A response already started cannot be replaced; the connection is simply closed.
         if code > 0 && session.response_written().is_none() {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-            if let Err(write_error) = pages::send(session, status, None).await {
+            if let Err(write_error) = reply::send(session, Reply::status_page(status)).await {
                 tracing::debug!(error = %write_error, "could not send the error page");
             }
         }
@@ -566,7 +510,7 @@ impl ProxyHttp for Proxy {
             path = %req.uri.path(),
             status,
             route,
-            user = ctx.caller().map(auth::Caller::log_name),
+            user = ctx.caller.as_ref().map(Caller::log_name),
             upstream = ctx.upstream,
             duration_us = ctx.started.elapsed().as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
@@ -575,22 +519,186 @@ impl ProxyHttp for Proxy {
 }
 
 impl RequestCtx {
-    fn caller(&self) -> Option<&auth::Caller> {
-        match &self.recheck {
-            Some(recheck) => Some(&recheck.caller),
-            None => self.caller.as_ref(),
-        }
-    }
-
     /// Refuses to pass on one more chunk or frame for a caller who has lost access.
     fn still_allowed(&self, shared: &Shared) -> Result<()> {
         match &self.recheck {
-            Some(recheck) if !recheck.still_allowed(shared) => {
+            Some(recheck) if !shared.still_allowed(recheck) => {
                 Error::e_explain(ErrorType::HTTPStatus(403), "access revoked")
             }
             _ => Ok(()),
         }
     }
+}
+
+impl Proxy {
+    /// Serves `/.portcullis/<endpoint>` on any host.
+    async fn own_endpoint(
+        &self,
+        session: &mut Session,
+        runtime: &Runtime,
+        endpoint: &str,
+        host: &str,
+        tls: bool,
+    ) -> Result<bool> {
+        let reply = match endpoint {
+            e if Some(e) == JWKS_PATH.strip_prefix("/.portcullis/") => Reply::with_body(
+                StatusCode::OK,
+                "application/json",
+                self.shared.signer.jwks_json().into(),
+            )
+            .header(header::CACHE_CONTROL, "public, max-age=60"),
+            "healthz" => Reply::status_page(StatusCode::OK),
+            "readyz" if self.shared.is_draining() => {
+                Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            "readyz" => Reply::status_page(StatusCode::OK),
+            _ => {
+                let origin = request_origin(session.req_header(), tls);
+                let request = endpoints::Request {
+                    origin: &origin,
+                    host,
+                    tls,
+                };
+                let served = self
+                    .shared
+                    .auth
+                    .serve(session, &runtime.config, endpoint, &request)
+                    .await?;
+                match served {
+                    Some(Served::Reply(reply)) => reply,
+                    Some(Served::Unauthenticated) => {
+                        let req = session.req_header();
+                        let asked = Asked {
+                            method: req.method.as_str().to_owned(),
+                            path: format!("/.portcullis/{endpoint}"),
+                            client: Client::of(&req.headers),
+                            origin: origin.clone(),
+                            host: host.to_owned(),
+                            tls,
+                            path_and_query: req
+                                .uri
+                                .path_and_query()
+                                .map_or("/", |pq| pq.as_str())
+                                .to_owned(),
+                        };
+                        let refused = crate::gate::sign_in_or_challenge(
+                            &asked.method,
+                            asked.client,
+                            runtime.config.oidc.is_some(),
+                            false,
+                            false,
+                        );
+                        return self
+                            .answer(session, runtime, "", &asked, None, refused)
+                            .await;
+                    }
+                    None => Reply::status_page(StatusCode::NOT_FOUND),
+                }
+            }
+        };
+        reply::send(session, reply).await
+    }
+
+    /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
+    /// or a refusal (403, audited), after ending a session the directory has revoked.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        runtime: &Runtime,
+        route: &str,
+        asked: &Asked,
+        caller: Option<&Caller>,
+        refused: Refused,
+    ) -> Result<bool> {
+        if refused.revokes_session() {
+            if let Some(Caller::Person { session: key, .. }) = caller {
+                // Deactivated (or re-created) since this person signed in: the session is over
+                // for good.
+                if let Err(e) = self.shared.auth.sessions.end(&[*key]) {
+                    tracing::error!("cannot end a revoked session: {e}");
+                }
+            }
+        }
+        let reply = match refused {
+            Refused::SignIn { .. } => match &runtime.config.oidc {
+                Some(oidc) => {
+                    let request = endpoints::Request {
+                        origin: &asked.origin,
+                        host: &asked.host,
+                        tls: asked.tls,
+                    };
+                    let return_to = format!("{}{}", asked.origin, asked.path_and_query);
+                    self.shared.auth.start_sign_in(oidc, &request, return_to)
+                }
+                None => challenge(false),
+            },
+            Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
+            Refused::Forbid(refusal) => {
+                self.shared.audit.refusal(
+                    refusal.who.as_deref().unwrap_or("anonymous"),
+                    route,
+                    refusal.rule.as_deref(),
+                    &refusal.reason,
+                    &asked.method,
+                    &asked.path,
+                );
+                forbidden(&refusal, route, asked.client)
+            }
+        };
+        reply::send(session, reply).await
+    }
+}
+
+/// 401 with a bearer challenge (RFC 6750).
+fn challenge(invalid_token: bool) -> Reply {
+    let scheme = if invalid_token {
+        "Bearer realm=\"portcullis\", error=\"invalid_token\""
+    } else {
+        "Bearer realm=\"portcullis\""
+    };
+    let body = serde_json::json!({
+        "error": "unauthenticated",
+        "detail": "sign in or present a valid bearer token",
+    });
+    Reply::json(StatusCode::UNAUTHORIZED, &body).header(header::WWW_AUTHENTICATE, scheme)
+}
+
+/// The 403: who the caller is signed in as, which route, why, and a way to sign out (a page
+/// for a browser), or the same as JSON. Nothing about other users.
+fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
+    if client == Client::Api {
+        let body = serde_json::json!({
+            "error": "forbidden",
+            "user": refusal.who,
+            "route": route,
+            "reason": refusal.reason,
+        });
+        return Reply::json(StatusCode::FORBIDDEN, &body);
+    }
+    let who = match &refusal.who {
+        Some(who) => format!(
+            "<p>You are signed in as <strong>{}</strong>.</p>",
+            escape(who)
+        ),
+        None => "<p>You are not signed in.</p>".to_owned(),
+    };
+    let sign_out = if refusal.who.is_some() {
+        SIGN_OUT_FORM
+    } else {
+        ""
+    };
+    let content = format!(
+        "{who}<p>{route}: {reason}.</p>\
+         <p>If you should have access, ask for it; changes from your identity provider apply at once.</p>\
+         {sign_out}",
+        route = escape(route),
+        reason = escape(&refusal.reason),
+    );
+    Reply::page(
+        StatusCode::FORBIDDEN,
+        "You don't have access to this page",
+        &content,
+    )
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours.

@@ -77,9 +77,7 @@ impl Reloader {
         for (resolver, certs) in cert_sets {
             resolver.replace(certs);
         }
-        self.shared.runtime.store(Arc::new(runtime));
-        // Issuers' rules may have changed: tokens are verified afresh.
-        self.shared.auth.verified.config_changed();
+        self.shared.install(runtime);
         Ok(())
     }
 }

@@ -20,6 +20,8 @@ pub struct CompiledRoute {
 /// first match is the longest prefix.
 #[derive(Default)]
 pub struct RouteTable {
+    /// Every route by its name (`from` as written, unique).
+    by_name: HashMap<String, Arc<CompiledRoute>>,
     exact: HashMap<String, Vec<Arc<CompiledRoute>>>,
     /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
     wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
@@ -36,6 +38,10 @@ impl RouteTable {
     pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
         let mut exact: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
         let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
+        let by_name = routes
+            .iter()
+            .map(|r| (r.config.name.clone(), r.clone()))
+            .collect();
         for route in routes {
             match route.config.host.strip_prefix('*') {
                 Some(suffix) => wildcard.entry(suffix.to_owned()).or_default().push(route),
@@ -55,7 +61,16 @@ impl RouteTable {
             .for_each(|(_, routes)| by_prefix_len(routes));
         // The most specific wildcard (longest suffix) is tried first.
         wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
-        Self { exact, wildcard }
+        Self {
+            by_name,
+            exact,
+            wildcard,
+        }
+    }
+
+    /// The route named `name` (its `from` as written).
+    pub fn by_name(&self, name: &str) -> Option<&Arc<CompiledRoute>> {
+        self.by_name.get(name)
     }
 
     /// Finds the route for a lower-cased `host` (without port) and a normalized `path`.

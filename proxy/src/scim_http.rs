@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header;
-use pingora::http::ResponseHeader;
+use http::{header, StatusCode};
 use pingora::proxy::Session;
 use pingora::Result;
 use sha2::{Digest, Sha256};
@@ -16,6 +15,8 @@ use portcullis_config::{ScimConfig, ScimToken};
 use portcullis_scim::service::{Limits, ScimRequest, ScimResponse, ScimService};
 use portcullis_scim::store::Directory;
 use portcullis_scim::ScimError;
+
+use crate::reply::{self, Reply};
 
 /// Where SCIM lives on its host.
 pub const BASE_PATH: &str = "/scim/v2";
@@ -140,40 +141,37 @@ impl Scim {
 }
 
 async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
+    // The unread body may still be on the wire: `reply::send` closes the connection after it.
     let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));
-    // The unread body may still be on the wire: answer and close.
-    session.set_keepalive(None);
     write(session, &ScimResponse::error(&error), false).await
 }
 
 async fn write(session: &mut Session, response: &ScimResponse, challenge: bool) -> Result<bool> {
-    let body = match &response.body {
-        Some(value) => Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
-        None => Bytes::new(),
+    reply::send(session, scim_reply(response, challenge)).await
+}
+
+/// The SCIM service's answer as a reply: `application/scim+json`, with its `ETag` and
+/// `Location`, and the bearer challenge on a 401.
+fn scim_reply(response: &ScimResponse, challenge: bool) -> Reply {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut reply = match &response.body {
+        Some(value) => Reply::with_body(
+            status,
+            "application/scim+json",
+            Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+        ),
+        None => Reply::empty(status),
     };
-    let mut head = ResponseHeader::build(response.status, Some(6))?;
-    if response.body.is_some() {
-        head.insert_header(header::CONTENT_TYPE, "application/scim+json")?;
-    }
-    head.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    head.insert_header(header::CACHE_CONTROL, "no-store")?;
     if let Some(etag) = &response.etag {
-        head.insert_header(header::ETAG, etag.as_str())?;
+        reply = reply.header(header::ETAG, etag.as_str());
     }
     if let Some(location) = &response.location {
-        head.insert_header(header::LOCATION, location.as_str())?;
+        reply = reply.header(header::LOCATION, location.as_str());
     }
     if challenge {
-        head.insert_header(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-scim\"")?;
+        reply = reply.header(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-scim\"");
     }
-    let head_only = body.is_empty();
-    session
-        .write_response_header(Box::new(head), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(true)
+    reply
 }
 
 #[cfg(test)]

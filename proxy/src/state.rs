@@ -1,4 +1,7 @@
-//! The state every request reads: the compiled configuration, swapped whole on reload.
+//! The state every request reads: the compiled configuration, swapped whole on reload, and
+//! the process-wide services around it ([`Shared`]). Only the top of the crate (the pingora
+//! glue in `proxy.rs`, the admin listener, the background services and reload) reaches for
+//! [`Shared`]; everything below it takes plain values.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,10 +18,12 @@ use portcullis_scim::store::Directory;
 use crate::assertion::Signer;
 use crate::audit::Audit;
 use crate::auth::Auth;
+use crate::caller::Caller;
+use crate::gate::{Admission, Cause, Facts, Gate, Presented, Refusal, Refused};
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
-use crate::streams::Streams;
+use crate::streams::{Marks, Recheck, Streams};
 use crate::tls::{CertSet, SniResolver};
 use crate::upstream::UpstreamSet;
 
@@ -133,6 +138,9 @@ pub struct Shared {
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
     /// Open websockets and event streams, cut when their caller loses access.
     pub streams: Arc<Streams>,
+    /// Counts the configurations installed after the first; wakes whoever re-judges open
+    /// connections.
+    reloads: tokio::sync::watch::Sender<u64>,
     draining: AtomicBool,
 }
 
@@ -161,8 +169,103 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             streams: Arc::default(),
+            reloads: tokio::sync::watch::Sender::new(0),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// Installs a new configuration: new requests use it, open connections are judged again
+    /// under it, and bearer tokens are verified afresh (issuers' rules may have changed).
+    pub fn install(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+        self.auth.verified.config_changed();
+        self.reloads.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes whenever a configuration is installed.
+    pub fn subscribe_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Where the directory, the sessions and the configuration stand: read before deciding.
+    pub fn marks(&self) -> Marks {
+        Marks {
+            directory: self.directory.visible_seq(),
+            session_ends: self.auth.sessions.ends(),
+            config: *self.reloads.borrow(),
+        }
+    }
+
+    /// The gate over the live directory and `runtime`'s `[identity]`.
+    pub fn gate<'a>(&'a self, runtime: &'a Runtime) -> Gate<'a> {
+        Gate {
+            directory: &self.directory,
+            identity: &runtime.config.identity,
+        }
+    }
+
+    /// Whether an open connection may carry on: judged again by the gate, under the current
+    /// configuration, when anything changed since its last decision. The first refusal is
+    /// audited. Used for every chunk and frame and by the sweep of idle connections alike.
+    pub fn still_allowed(&self, open: &Recheck) -> bool {
+        open.still_allowed(
+            self.marks(),
+            |open| self.rejudge(open),
+            |open, refused| self.audit_cut(open, &refused),
+        )
+    }
+
+    fn rejudge(&self, open: &Recheck) -> Admission {
+        let runtime = self.runtime.load();
+        let Some(route) = runtime.routes.by_name(&open.route) else {
+            return Admission::Refuse(Refused::Forbid(Refusal {
+                who: Some(open.caller.log_name()),
+                rule: None,
+                cause: Cause::RouteRemoved,
+                reason: "the route is no longer in the configuration".to_owned(),
+            }));
+        };
+        let presented = match &open.caller {
+            Caller::Person { session, .. } if !self.auth.sessions.exists(session) => {
+                Presented::Invalid { bearer: false }
+            }
+            caller => Presented::Caller(caller.principal()),
+        };
+        let facts = Facts {
+            route: &route.config,
+            policy: &route.policy,
+            method: &open.method,
+            path: &open.path,
+            client: open.client,
+        };
+        self.gate(&runtime).admit(&facts, presented)
+    }
+
+    fn audit_cut(&self, open: &Recheck, refused: &Admission) {
+        let (who, rule, reason) = match refused {
+            Admission::Refuse(Refused::Forbid(refusal)) => (
+                refusal
+                    .who
+                    .clone()
+                    .unwrap_or_else(|| open.caller.log_name()),
+                refusal.rule.as_deref(),
+                refusal.reason.as_str(),
+            ),
+            Admission::Refuse(r) if r.revokes_session() => (
+                open.caller.log_name(),
+                None,
+                "the user was deactivated or re-created since signing in",
+            ),
+            _ => (open.caller.log_name(), None, "the session has ended"),
+        };
+        self.audit.refusal(
+            &who,
+            &open.route,
+            rule,
+            &format!("open connection closed: {reason}"),
+            &open.method,
+            &open.path,
+        );
     }
 
     pub fn is_draining(&self) -> bool {

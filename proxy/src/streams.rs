@@ -1,18 +1,22 @@
-//! Long-lived connections — websockets and event streams — and cutting them the moment their
+//! Long-lived connections (websockets and event streams) and cutting them the moment their
 //! caller loses access.
 //!
-//! A request is authorized when it arrives, but a websocket or an event stream can then live
-//! for hours. Two mechanisms hold such connections to the same rule as requests:
+//! A request is judged when it arrives, but a websocket or an event stream can then live for
+//! hours. Two mechanisms hold such connections to the same rule as requests, and both judge
+//! with the same gate, under the configuration current at that moment:
 //!
 //! - Every body chunk and websocket frame, in either direction, is checked before it crosses
-//!   the proxy ([`Recheck::still_allowed`]): if the directory changed, or sessions were ended
-//!   (sign-out, back-channel logout), since the last decision, the decision is made again, and
-//!   a refusal ends the connection. A directory write is
+//!   the proxy ([`Recheck::still_allowed`]): if the directory changed, sessions were ended
+//!   (sign-out, back-channel logout) or the configuration was reloaded since the last decision,
+//!   the decision is made again, and a refusal ends the connection. A directory write is
 //!   visible before it is answered, so once the SCIM answer is sent, nothing more crosses for a
 //!   caller it removed.
-//! - An idle connection has no chunk to check, so the [`Watcher`] decides again for every open
-//!   websocket and event stream on each directory change and each ended session, and shuts down the upstream socket
-//!   of each refused one; pingora then ends the request and closes the client's connection.
+//! - An idle connection has no chunk to check, so on each such change every open connection is
+//!   judged again ([`Streams::sweep`]) and the upstream socket of each refused one is shut
+//!   down; pingora then ends the request and closes the client's connection.
+//!
+//! This module keeps the connections and knows when to judge again; what the judgement is, is
+//! the caller's closure (the gate, see `state.rs`).
 
 use std::collections::HashMap;
 use std::io;
@@ -21,112 +25,101 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-
 use portcullis_scim::store::Seq;
 
-use crate::auth::Caller;
-use crate::authorize::{self, Verdict};
-use crate::routes::CompiledRoute;
-use crate::state::Shared;
+use crate::caller::Caller;
+use crate::gate::{Admission, Client};
 
-/// What an allowed request was let in as, to decide again later.
+/// Where everything a decision depends on stands: read it before deciding, so a change that
+/// lands during the decision forces another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks {
+    /// The directory's visible change sequence.
+    pub directory: Seq,
+    /// How many times sessions were ended.
+    pub session_ends: u64,
+    /// How many times the configuration was reloaded.
+    pub config: u64,
+}
+
+/// What an allowed request was let in as, to judge it again later.
 pub struct Recheck {
     pub caller: Caller,
-    pub route: Arc<CompiledRoute>,
+    /// The route's name: it is judged again under the route of that name in the configuration
+    /// current then (a route that is gone lets nothing through).
+    pub route: String,
     pub method: String,
     pub path: String,
-    /// The directory's sequence number and the count of session ends, read just before the
-    /// last allowing decision.
-    decided_at: AtomicU64,
-    sessions_at: AtomicU64,
-    /// Set once the connection has been refused, so the refusal is recorded once.
+    pub client: Client,
+    /// The marks read just before the last allowing decision.
+    directory: AtomicU64,
+    session_ends: AtomicU64,
+    config: AtomicU64,
+    /// Set once the connection has been refused, so the refusal is reported once.
     cut: AtomicBool,
 }
 
 impl Recheck {
     pub fn new(
         caller: Caller,
-        route: Arc<CompiledRoute>,
+        route: &str,
         method: &str,
         path: &str,
-        (decided_at, sessions_at): (Seq, u64),
+        client: Client,
+        decided_at: Marks,
     ) -> Self {
         Self {
             caller,
-            route,
+            route: route.to_owned(),
             method: method.to_owned(),
             path: path.to_owned(),
-            decided_at: AtomicU64::new(decided_at),
-            sessions_at: AtomicU64::new(sessions_at),
+            client,
+            directory: AtomicU64::new(decided_at.directory),
+            session_ends: AtomicU64::new(decided_at.session_ends),
+            config: AtomicU64::new(decided_at.config),
             cut: AtomicBool::new(false),
         }
     }
 
-    /// Whether the caller may still use this connection. Costs two counter reads unless the
-    /// directory changed or sessions ended since the last decision. A refusal is audited (once
-    /// per connection).
-    pub fn still_allowed(&self, shared: &Shared) -> bool {
+    fn decided_at(&self) -> Marks {
+        Marks {
+            directory: self.directory.load(Ordering::Acquire),
+            session_ends: self.session_ends.load(Ordering::Acquire),
+            config: self.config.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether the connection may carry on, given where things stand `now` (read before
+    /// calling). When nothing moved since the last decision this costs three counter reads;
+    /// otherwise `judge` decides again, and the first refusal is handed to `on_cut` (to be
+    /// recorded), once per connection.
+    pub fn still_allowed(
+        &self,
+        now: Marks,
+        judge: impl FnOnce(&Recheck) -> Admission,
+        on_cut: impl FnOnce(&Recheck, Admission),
+    ) -> bool {
         if self.cut.load(Ordering::Acquire) {
             return false;
         }
-        // Read before deciding: a change that lands during the decision forces another one.
-        let (seq, ends) = at(shared);
-        if seq == self.decided_at.load(Ordering::Acquire)
-            && ends == self.sessions_at.load(Ordering::Acquire)
-        {
+        if now == self.decided_at() {
             return true;
         }
-        let verdict = match &self.caller {
-            Caller::Person { session, .. } if !shared.auth.sessions.exists(session) => {
-                Verdict::Deny {
-                    who: self.caller.log_name(),
-                    rule: None,
-                    reason: "the session has ended".to_owned(),
+        match judge(self) {
+            Admission::Allow(_) => {
+                self.directory.store(now.directory, Ordering::Release);
+                self.session_ends.store(now.session_ends, Ordering::Release);
+                self.config.store(now.config, Ordering::Release);
+                true
+            }
+            refused => {
+                if !self.cut.swap(true, Ordering::AcqRel) {
+                    on_cut(self, refused);
                 }
+                false
             }
-            caller => authorize::decide(
-                &shared.directory,
-                &shared.runtime.load().config.identity,
-                &self.route.policy,
-                self.route.config.token_groups,
-                caller,
-                &self.method,
-                &self.path,
-            ),
-        };
-        let (who, rule, reason) = match verdict {
-            Verdict::Allow(_) => {
-                self.decided_at.store(seq, Ordering::Release);
-                self.sessions_at.store(ends, Ordering::Release);
-                return true;
-            }
-            Verdict::SessionRevoked => (
-                self.caller.log_name(),
-                None,
-                "the user was deactivated or re-created since signing in".to_owned(),
-            ),
-            Verdict::Deny { who, rule, reason } => (who, rule, reason),
-        };
-        if !self.cut.swap(true, Ordering::AcqRel) {
-            shared.audit.refusal(
-                &who,
-                &self.route.config.name,
-                rule.as_deref(),
-                &format!("open connection closed: {reason}"),
-                &self.method,
-                &self.path,
-            );
         }
-        false
     }
-}
-
-/// Where the directory and the sessions are now, for [`Recheck::new`]: read it before deciding.
-pub fn at(shared: &Shared) -> (Seq, u64) {
-    (shared.directory.visible_seq(), shared.auth.sessions.ends())
 }
 
 /// One open websocket or event stream.
@@ -183,15 +176,15 @@ impl Streams {
         })
     }
 
-    /// Decides again for every open connection; shuts down those refused.
-    fn sweep(&self, shared: &Shared) {
+    /// Judges every open connection again with `still_allowed`; shuts down those refused.
+    pub fn sweep(&self, still_allowed: impl Fn(&Recheck) -> bool) {
         let open: Vec<(Arc<Recheck>, Arc<TcpStream>)> = self
             .lock()
             .values()
             .map(|open| (open.recheck.clone(), open.upstream.clone()))
             .collect();
         for (recheck, upstream) in open {
-            if recheck.still_allowed(shared) {
+            if still_allowed(&recheck) {
                 continue;
             }
             match upstream.shutdown(Shutdown::Both) {
@@ -199,7 +192,7 @@ impl Streams {
                 // Already closed by either side: nothing left to cut.
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => tracing::error!(
-                    route = %recheck.route.config.name,
+                    route = %recheck.route,
                     "cannot close a connection whose caller lost access: {e}"
                 ),
             }
@@ -215,41 +208,4 @@ fn duplicate(fd: RawFd) -> io::Result<TcpStream> {
     // and the borrow ends before it returns. The duplicate is ours to own and close.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     borrowed.try_clone_to_owned().map(TcpStream::from)
-}
-
-/// Decides again for every open long-lived connection whenever the directory changes.
-pub struct Watcher {
-    shared: Arc<Shared>,
-}
-
-impl Watcher {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Watcher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut changes = self.shared.directory.subscribe();
-        let mut ends = self.shared.auth.sessions.subscribe_ends();
-        loop {
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    changes.borrow_and_update();
-                }
-                ended = ends.changed() => {
-                    if ended.is_err() {
-                        return;
-                    }
-                    ends.borrow_and_update();
-                }
-                _ = shutdown.changed() => return,
-            }
-            self.shared.streams.sweep(&self.shared);
-        }
-    }
 }

@@ -7,17 +7,19 @@
 //! - `backchannel_logout`: the IdP's logout token ends the matching sessions at once;
 //! - `me`: who you are signed in as (HTML, or JSON for `Accept: application/json`).
 
-use bytes::Bytes;
 use http::{header, StatusCode};
-use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
 use portcullis_config::{Config, OidcConfig, Scheme};
 
-use super::oidc::{now_unix, SignInError};
+use super::oidc::SignInError;
 use super::redirect::{safe_return_url, Hosts};
-use super::{cookie, is_browser_navigation, session_cookie_name, Auth, Caller};
+use super::{cookie, session_cookie_name, Auth};
+use crate::caller::Caller;
+use crate::clock::now_unix;
+use crate::gate::Gate;
+use crate::reply::{escape, Reply};
 
 /// The cookie binding a sign-in in progress to the browser that started it.
 const BROWSER_COOKIE: &str = "portcullis_signin";
@@ -33,69 +35,20 @@ pub struct Request<'a> {
     pub tls: bool,
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
+/// What an endpoint answers.
+pub enum Served {
+    Reply(Reply),
+    /// The endpoint needs a signed-in caller and there is none: answered as the gate answers
+    /// any request without one (`/.portcullis/me`).
+    Unauthenticated,
 }
 
-fn page(title: &str, body: &str) -> String {
-    format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title></head>\
-         <body><h1>{t}</h1>{body}<p><small>Portcullis</small></p></body></html>\n",
-        t = escape(title)
-    )
-}
-
-pub async fn respond(
-    session: &mut Session,
-    status: StatusCode,
-    headers: &[(header::HeaderName, String)],
-    content_type: &str,
-    body: String,
-) -> Result<bool> {
-    let body = Bytes::from(body);
-    let mut head = ResponseHeader::build(status, Some(headers.len() + 3))?;
-    head.insert_header(header::CONTENT_TYPE, content_type)?;
-    head.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    head.insert_header(header::CACHE_CONTROL, "no-store")?;
-    for (name, value) in headers {
-        head.append_header(name.clone(), value.as_str())?;
-    }
-    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
-    session
-        .write_response_header(Box::new(head), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(true)
-}
-
-async fn html(session: &mut Session, status: StatusCode, title: &str, body: &str) -> Result<bool> {
-    respond(
-        session,
-        status,
-        &[],
-        "text/html; charset=utf-8",
-        page(title, body),
-    )
-    .await
-}
-
-async fn redirect(session: &mut Session, location: &str, cookies: Vec<String>) -> Result<bool> {
-    let mut headers = vec![(header::LOCATION, location.to_owned())];
-    headers.extend(cookies.into_iter().map(|c| (header::SET_COOKIE, c)));
-    respond(
-        session,
-        StatusCode::FOUND,
-        &headers,
-        "text/html; charset=utf-8",
-        String::new(),
-    )
-    .await
+fn redirect(location: &str, cookies: Vec<String>) -> Reply {
+    cookies
+        .into_iter()
+        .fold(Reply::redirect(StatusCode::FOUND, location), |reply, c| {
+            reply.header(header::SET_COOKIE, c)
+        })
 }
 
 /// Hosts Portcullis serves: where a return URL may point.
@@ -151,51 +104,9 @@ fn browser_cookie(tls: bool, value: &str, max_age: u64) -> String {
 }
 
 impl Auth {
-    /// Answers a request that needs a caller and has none.
-    pub async fn challenge(
-        &self,
-        session: &mut Session,
-        config: &Config,
-        req: &Request<'_>,
-        sessions_accepted: bool,
-    ) -> Result<bool> {
-        let navigation = is_browser_navigation(session.req_header());
-        if let (true, true, Some(oidc)) = (sessions_accepted, navigation, &config.oidc) {
-            let path_and_query = session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_owned();
-            let return_to = format!("{}{path_and_query}", req.origin);
-            return self
-                .start_sign_in(session, config, oidc, req, return_to)
-                .await;
-        }
-        let scheme = if sessions_accepted && !navigation {
-            "Bearer realm=\"portcullis\", error=\"invalid_token\""
-        } else {
-            "Bearer realm=\"portcullis\""
-        };
-        respond(
-            session,
-            StatusCode::UNAUTHORIZED,
-            &[(header::WWW_AUTHENTICATE, scheme.to_owned())],
-            "application/json",
-            "{\"error\":\"unauthenticated\",\"detail\":\"sign in or present a valid bearer token\"}"
-                .to_owned(),
-        )
-        .await
-    }
-
-    async fn start_sign_in(
-        &self,
-        session: &mut Session,
-        config: &Config,
-        oidc: &OidcConfig,
-        req: &Request<'_>,
-        return_to: String,
-    ) -> Result<bool> {
+    /// Starts a sign-in that returns to `return_to`: the redirect to the IdP, with the cookie
+    /// binding the sign-in to this browser.
+    pub fn start_sign_in(&self, oidc: &OidcConfig, req: &Request<'_>, return_to: String) -> Reply {
         // With one cookie for every host, sign-in runs on the auth host, where the callback
         // lands and the browser-binding cookie must be set.
         let auth_host = oidc.auth_host.split(':').next().unwrap_or_default();
@@ -205,29 +116,28 @@ impl Auth {
                 auth_origin(oidc),
                 form_urlencoded::byte_serialize(return_to.as_bytes()).collect::<String>()
             );
-            return redirect(session, &location, Vec::new()).await;
+            return redirect(&location, Vec::new());
         }
-        let _ = config;
         match self
             .oidc
             .start(oidc, &redirect_uri(oidc, req), return_to, now_unix())
         {
             Ok(started) => {
                 let cookie = browser_cookie(req.tls, &started.browser_cookie, 600);
-                redirect(session, &started.authorize_url, vec![cookie]).await
+                redirect(&started.authorize_url, vec![cookie])
             }
-            Err(e) => sign_in_failed(session, &e).await,
+            Err(e) => sign_in_failed(&e),
         }
     }
 
-    /// Serves `/.portcullis/<endpoint>`; returns `Ok(false)` for an endpoint that isn't ours.
+    /// Serves `/.portcullis/<endpoint>`; `None` for an endpoint that isn't ours.
     pub async fn serve(
         &self,
         session: &mut Session,
         config: &Config,
         endpoint: &str,
         req: &Request<'_>,
-    ) -> Result<Option<bool>> {
+    ) -> Result<Option<Served>> {
         let Some(oidc) = &config.oidc else {
             return Ok(None);
         };
@@ -243,57 +153,49 @@ impl Auth {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.into_owned())
         };
-        let answer = match (endpoint, &method) {
+        let reply = match (endpoint, &method) {
             ("sign_in", &http::Method::GET) => {
                 let hosts = served_hosts(config);
                 let rd = param("rd").unwrap_or_else(|| "/".to_owned());
                 match safe_return_url(&rd, req.origin, &hosts) {
-                    Some(return_to) => self.start_sign_in(session, config, oidc, req, return_to).await?,
-                    None => {
-                        html(
-                            session,
-                            StatusCode::BAD_REQUEST,
-                            "Sign-in link refused",
-                            "<p>This sign-in link would send you to an address Portcullis does not serve.</p>",
-                        )
-                        .await?
-                    }
+                    Some(return_to) => self.start_sign_in(oidc, req, return_to),
+                    None => Reply::page(
+                        StatusCode::BAD_REQUEST,
+                        "Sign-in link refused",
+                        "<p>This sign-in link would send you to an address Portcullis does not serve.</p>",
+                    ),
                 }
             }
-            ("callback", &http::Method::GET) => self.callback(session, oidc, req, &param).await?,
+            ("callback", &http::Method::GET) => self.callback(session, oidc, req, &param).await,
             ("sign_out", &http::Method::GET) => {
-                html(
-                    session,
-                    StatusCode::OK,
-                    "Sign out",
-                    "<form method=\"post\" action=\"/.portcullis/sign_out\"><button type=\"submit\">Sign out</button></form>",
-                )
-                .await?
+                Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
             }
-            ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req).await?,
+            ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req),
             ("backchannel_logout", &http::Method::POST) => {
                 self.backchannel_logout(session, oidc).await?
             }
-            ("me", &http::Method::GET) => self.me(session, config, req).await?,
+            ("me", &http::Method::GET) => match self.me(session, config, req).await {
+                Some(reply) => reply,
+                None => return Ok(Some(Served::Unauthenticated)),
+            },
             _ => return Ok(None),
         };
-        Ok(Some(answer))
+        Ok(Some(Served::Reply(reply)))
     }
 
     async fn callback(
         &self,
-        session: &mut Session,
+        session: &Session,
         oidc: &OidcConfig,
         req: &Request<'_>,
         param: &(dyn Fn(&str) -> Option<String> + Sync),
-    ) -> Result<bool> {
+    ) -> Reply {
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
-            return sign_in_failed(session, &SignInError::Refused(format!("{error} {detail}")))
-                .await;
+            return sign_in_failed(&SignInError::Refused(format!("{error} {detail}")));
         }
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
-            return sign_in_failed(session, &SignInError::UnknownState).await;
+            return sign_in_failed(&SignInError::UnknownState);
         };
         let browser = cookie(session.req_header(), BROWSER_COOKIE).map(str::to_owned);
         let now = now_unix();
@@ -305,7 +207,7 @@ impl Auth {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
-                return sign_in_failed(session, &e).await;
+                return sign_in_failed(&e);
             }
         };
         // Sessions count from the directory as it is now: a deactivation answered before this
@@ -320,13 +222,11 @@ impl Auth {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!("cannot store the session: {e}");
-                return html(
-                    session,
+                return Reply::page(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Sign-in unavailable",
                     "<p>Your sign-in could not be saved. Try again shortly.</p>",
-                )
-                .await;
+                );
             }
         };
         tracing::info!(user = %who, "signed in");
@@ -334,36 +234,28 @@ impl Auth {
             session_cookie(oidc, req.tls, &id, lifetime),
             browser_cookie(req.tls, "", 0),
         ];
-        redirect(session, &return_to, cookies).await
+        redirect(&return_to, cookies)
     }
 
-    async fn sign_out(
-        &self,
-        session: &mut Session,
-        oidc: &OidcConfig,
-        req: &Request<'_>,
-    ) -> Result<bool> {
+    fn sign_out(&self, session: &Session, oidc: &OidcConfig, req: &Request<'_>) -> Reply {
         // CSRF: a cross-site form post must not sign anyone out. Browsers send Origin on POST;
         // without it, fall back to Referer.
         let headers = &session.req_header().headers;
         let origin = headers
             .get(header::ORIGIN)
             .or_else(|| headers.get(header::REFERER))
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.to_owned());
-        let same_origin = origin.as_deref().is_some_and(|o| {
+            .and_then(|v| v.to_str().ok());
+        let same_origin = origin.is_some_and(|o| {
             o == req.origin
                 || o.strip_prefix(req.origin)
                     .is_some_and(|rest| rest.starts_with('/'))
         });
         if !same_origin {
-            return html(
-                session,
+            return Reply::page(
                 StatusCode::FORBIDDEN,
                 "Sign-out refused",
                 "<p>Sign out from the page Portcullis shows at /.portcullis/sign_out.</p>",
-            )
-            .await;
+            );
         }
         let name = session_cookie_name(oidc, req.tls);
         let current = cookie(session.req_header(), &name)
@@ -395,26 +287,18 @@ impl Auth {
                         q.append_pair("post_logout_redirect_uri", after);
                     }
                 }
-                redirect(session, url.as_str(), vec![clear]).await
+                redirect(url.as_str(), vec![clear])
             }
-            None => {
-                respond(
-                    session,
-                    StatusCode::OK,
-                    &[(header::SET_COOKIE, clear)],
-                    "text/html; charset=utf-8",
-                    page("Signed out", "<p>You are signed out.</p>"),
-                )
-                .await
-            }
+            None => Reply::page(StatusCode::OK, "Signed out", "<p>You are signed out.</p>")
+                .header(header::SET_COOKIE, clear),
         }
     }
 
-    async fn backchannel_logout(&self, session: &mut Session, oidc: &OidcConfig) -> Result<bool> {
+    async fn backchannel_logout(&self, session: &mut Session, oidc: &OidcConfig) -> Result<Reply> {
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {
-                return json_error(session, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request").await;
+                return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
             }
             body.extend_from_slice(&chunk);
         }
@@ -422,52 +306,40 @@ impl Auth {
             .find(|(k, _)| k == "logout_token")
             .map(|(_, v)| v.into_owned());
         let Some(token) = token else {
-            return json_error(session, StatusCode::BAD_REQUEST, "invalid_request").await;
+            return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
         };
         let now = now_unix();
-        match self.oidc.verify_logout_token(oidc, &token, now).await {
-            Ok((sub, sid)) => {
-                let issuer = &oidc.issuer;
-                let ended = self.sessions.end_where(|identity| {
-                    identity.issuer == *issuer
-                        && match (&sid, &sub) {
-                            (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
-                            (None, Some(sub)) => identity.subject == *sub,
-                            (None, None) => false,
-                        }
-                });
-                match ended {
-                    Ok(n) => {
-                        tracing::info!(sessions = n, "back-channel logout");
-                        respond(
-                            session,
-                            StatusCode::OK,
-                            &[],
-                            "application/json",
-                            String::new(),
-                        )
-                        .await
-                    }
-                    Err(e) => {
-                        tracing::error!("back-channel logout could not end sessions: {e}");
-                        json_error(
-                            session,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "temporarily_unavailable",
-                        )
-                        .await
-                    }
-                }
-            }
+        let (sub, sid) = match self.oidc.verify_logout_token(oidc, &token, now).await {
+            Ok(names) => names,
             Err(e) => {
                 tracing::warn!(error = %e, "back-channel logout token refused");
-                json_error(session, StatusCode::BAD_REQUEST, "invalid_request").await
+                return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
             }
-        }
+        };
+        let issuer = &oidc.issuer;
+        let ended = self.sessions.end_where(|identity| {
+            identity.issuer == *issuer
+                && match (&sid, &sub) {
+                    (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
+                    (None, Some(sub)) => identity.subject == *sub,
+                    (None, None) => false,
+                }
+        });
+        Ok(match ended {
+            Ok(n) => {
+                tracing::info!(sessions = n, "back-channel logout");
+                Reply::empty(StatusCode::OK)
+            }
+            Err(e) => {
+                tracing::error!("back-channel logout could not end sessions: {e}");
+                json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+            }
+        })
     }
 
-    async fn me(&self, session: &mut Session, config: &Config, req: &Request<'_>) -> Result<bool> {
-        let caller = self
+    /// Who the caller is signed in as; `None` when nobody is.
+    async fn me(&self, session: &Session, config: &Config, req: &Request<'_>) -> Option<Reply> {
+        let authentication = self
             .authenticate(
                 config,
                 &[
@@ -479,16 +351,14 @@ impl Auth {
                 now_unix(),
             )
             .await;
+        let caller = authentication.caller()?;
         let wants_json = session
             .req_header()
             .headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
-        let Some(caller) = caller else {
-            return self.challenge(session, config, req, true).await;
-        };
-        let (kind, subject, email, name, expires) = match &caller {
+        let (kind, subject, email, name, expires) = match caller {
             Caller::Person { identity, .. } => (
                 "person",
                 identity.subject.clone(),
@@ -496,11 +366,14 @@ impl Auth {
                 identity.name.clone(),
                 Some(identity.expires),
             ),
-            Caller::Machine { subject, .. } => ("machine", subject.clone(), None, None, None),
+            Caller::Machine(machine) => ("machine", machine.subject.clone(), None, None, None),
         };
         // The directory's view of this caller: their SCIM user and every group they are in.
-        let directory =
-            crate::authorize::directory_view(&self.directory, &config.identity, &caller);
+        let gate = Gate {
+            directory: &self.directory,
+            identity: &config.identity,
+        };
+        let directory = gate.directory_view(caller.principal());
         if wants_json {
             let body = serde_json::json!({
                 "kind": kind,
@@ -514,14 +387,7 @@ impl Auth {
                     "groups": d.groups,
                 })),
             });
-            return respond(
-                session,
-                StatusCode::OK,
-                &[],
-                "application/json",
-                body.to_string(),
-            )
-            .await;
+            return Some(Reply::json(StatusCode::OK, &body));
         }
         let mut rows = format!(
             "<p>Signed in as <strong>{}</strong>",
@@ -553,23 +419,19 @@ impl Auth {
             }
             None => rows.push_str("<p>You are not a user in the directory.</p>"),
         }
-        rows.push_str("<form method=\"post\" action=\"/.portcullis/sign_out\"><button type=\"submit\">Sign out</button></form>");
-        html(session, StatusCode::OK, "Who am I", &rows).await
+        rows.push_str(SIGN_OUT_FORM);
+        Some(Reply::page(StatusCode::OK, "Who am I", &rows))
     }
 }
 
-async fn json_error(session: &mut Session, status: StatusCode, error: &str) -> Result<bool> {
-    respond(
-        session,
-        status,
-        &[],
-        "application/json",
-        serde_json::json!({ "error": error }).to_string(),
-    )
-    .await
+/// The sign-out button: a same-origin POST.
+pub const SIGN_OUT_FORM: &str = "<form method=\"post\" action=\"/.portcullis/sign_out\"><button type=\"submit\">Sign out</button></form>";
+
+fn json_error(status: StatusCode, error: &str) -> Reply {
+    Reply::json(status, &serde_json::json!({ "error": error }))
 }
 
-async fn sign_in_failed(session: &mut Session, e: &SignInError) -> Result<bool> {
+fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
         SignInError::ProviderUnavailable | SignInError::Busy | SignInError::Unreachable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -579,11 +441,9 @@ async fn sign_in_failed(session: &mut Session, e: &SignInError) -> Result<bool> 
         }
         SignInError::Invalid(_) => StatusCode::BAD_GATEWAY,
     };
-    html(
-        session,
+    Reply::page(
         status,
         "Sign-in did not complete",
         &format!("<p>{}</p>", escape(&e.to_string())),
     )
-    .await
 }

@@ -1,13 +1,12 @@
 //! Who is calling: browser sessions (OpenID Connect sign-in) and bearer JWTs (machines and
 //! agents), and Portcullis' own sign-in endpoints under `/.portcullis/`.
 //!
-//! - [`Auth::authenticate`] turns a request into a [`Caller`] from memory only: a session
-//!   cookie looked up in [`sessions::Sessions`], or a bearer JWT verified against its
-//!   issuer's cached keys.
-//! - [`Auth::challenge`] answers a request that needs a caller and has none: a browser
-//!   navigation goes to sign-in (302), anything else gets 401 with `WWW-Authenticate`.
+//! - [`Auth::authenticate`] turns a request into an [`Authentication`] from memory only: a
+//!   session cookie looked up in [`sessions::Sessions`], or a bearer JWT verified against its
+//!   issuer's cached keys. Whether that caller gets in is the gate's question
+//!   ([`crate::gate`]), not this module's.
 //! - [`endpoints`] serves `/.portcullis/sign_in`, `callback`, `sign_out`,
-//!   `backchannel_logout` and `me`.
+//!   `backchannel_logout` and `me`, and starts a sign-in when the gate asks for one.
 
 pub mod endpoints;
 pub mod jwt;
@@ -28,42 +27,62 @@ use portcullis_config::{Config, Credential, JwtIssuer};
 
 use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::Oidc;
-use self::sessions::{Identity, SessionKey, Sessions};
+use self::sessions::Sessions;
 use self::verified::Verified;
+use crate::caller::{Caller, Machine};
+use crate::gate::Presented;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
 const MAX_COOKIE_BYTES: usize = 8 * 1024;
-
-/// The caller of a request, once authenticated.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    Person {
-        /// Which session, so it can be ended when the person is deprovisioned, and its open
-        /// connections closed when it ends.
-        session: SessionKey,
-        identity: Arc<Identity>,
-    },
-    Machine {
-        issuer: String,
-        subject: String,
-        client_id: Option<String>,
-        /// The token's `groups` claim (for `token_groups` routes).
-        groups: Vec<String>,
-    },
-}
 
 /// Authentication state that outlives configuration reloads.
 pub struct Auth {
     pub oidc: Arc<Oidc>,
     directory: Arc<portcullis_scim::store::Directory>,
     pub sessions: Sessions,
-    /// Key sets of the bearer-token issuers, by issuer.
-    issuers: DashMap<String, Arc<Jwks>>,
-    /// When fetching an issuer's keys for the first time last failed.
-    issuer_failures: DashMap<String, std::time::Instant>,
+    /// Key sets of the bearer-token issuers, by what identifies them: the issuer and its
+    /// configured `jwks_uri` (a reload that changes the URI gets a key set of its own).
+    issuers: DashMap<KeySetId, Arc<Jwks>>,
+    /// When fetching a key set for the first time last failed.
+    issuer_failures: DashMap<KeySetId, std::time::Instant>,
     /// Bearer tokens already verified.
     pub verified: Verified,
     http: reqwest::Client,
+}
+
+/// An issuer's key set: the issuer, and its `jwks_uri` (`None` for the one its discovery
+/// document names).
+type KeySetId = (String, Option<String>);
+
+/// What a request presented, once looked at.
+#[derive(Debug, Clone)]
+pub enum Authentication {
+    /// No credential the route takes.
+    Nothing,
+    /// A credential that did not verify: an unknown, expired or ended session, or a refused
+    /// bearer token.
+    Invalid {
+        bearer: bool,
+    },
+    Caller(Caller),
+}
+
+impl Authentication {
+    /// What the gate is shown.
+    pub fn presented(&self) -> Presented<'_> {
+        match self {
+            Authentication::Nothing => Presented::Nothing,
+            Authentication::Invalid { bearer } => Presented::Invalid { bearer: *bearer },
+            Authentication::Caller(caller) => Presented::Caller(caller.principal()),
+        }
+    }
+
+    pub fn caller(&self) -> Option<&Caller> {
+        match self {
+            Authentication::Caller(caller) => Some(caller),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -83,24 +102,6 @@ struct IssuerOnly {
     iss: String,
 }
 
-impl Caller {
-    /// A short name for logs: the person's email (or subject), or the machine's client id.
-    pub fn log_name(&self) -> String {
-        match self {
-            Caller::Person { identity, .. } => identity
-                .email
-                .clone()
-                .unwrap_or_else(|| identity.subject.clone()),
-            Caller::Machine {
-                issuer,
-                subject,
-                client_id,
-                ..
-            } => format!("{}@{issuer}", client_id.as_deref().unwrap_or(subject)),
-        }
-    }
-}
-
 impl Auth {
     pub fn new(
         data_dir: &std::path::Path,
@@ -115,7 +116,7 @@ impl Auth {
         Ok(Self {
             oidc: Arc::new(Oidc::new(http.clone())),
             directory,
-            sessions: Sessions::open(data_dir, oidc::now_unix())?,
+            sessions: Sessions::open(data_dir, crate::clock::now_unix())?,
             issuers: DashMap::new(),
             issuer_failures: DashMap::new(),
             verified: Verified::default(),
@@ -123,7 +124,7 @@ impl Auth {
         })
     }
 
-    /// The caller of `req` for a route accepting `accept`, or `None`.
+    /// What `req` presents to a route accepting `accept`.
     pub async fn authenticate(
         &self,
         config: &Config,
@@ -131,56 +132,66 @@ impl Auth {
         req: &RequestHeader,
         tls: bool,
         now: u64,
-    ) -> Option<Caller> {
+    ) -> Authentication {
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
                 // A request that presents a token is judged by it, never by a cookie too.
-                return self.verify_bearer(config, token, now).await.ok();
+                return match self.verify_bearer(config, token, now).await {
+                    Ok(caller) => Authentication::Caller(caller),
+                    Err(_) => Authentication::Invalid { bearer: true },
+                };
             }
         }
-        if accept.contains(&Credential::Session) {
-            let oidc = config.oidc.as_ref()?;
-            // Only the exact name: on TLS without a cookie domain that is the `__Host-` one,
-            // which no sibling host and no plain-http page can have set.
-            let id = cookie(req, &session_cookie_name(oidc, tls))?;
-            let (key, session) = self.sessions.get(id)?;
-            if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
-                return None;
-            }
-            if let Some(refresh) = &session.refresh {
-                let mut state = refresh.lock().await;
-                if state.due <= now {
-                    match self
-                        .oidc
-                        .refresh(oidc, &state, &session.identity.subject, now)
-                        .await
-                    {
-                        Ok(Some(next)) => {
-                            if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
-                                tracing::warn!("cannot save the refreshed session: {e}");
-                            }
-                            *state = next;
+        if !accept.contains(&Credential::Session) {
+            return Authentication::Nothing;
+        }
+        let Some(oidc) = config.oidc.as_ref() else {
+            return Authentication::Nothing;
+        };
+        // Only the exact name: on TLS without a cookie domain that is the `__Host-` one, which
+        // no sibling host and no plain-http page can have set.
+        let Some(id) = cookie(req, &session_cookie_name(oidc, tls)) else {
+            return Authentication::Nothing;
+        };
+        let invalid = Authentication::Invalid { bearer: false };
+        let Some((key, session)) = self.sessions.get(id) else {
+            return invalid;
+        };
+        if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
+            return invalid;
+        }
+        if let Some(refresh) = &session.refresh {
+            let mut state = refresh.lock().await;
+            if state.due <= now {
+                match self
+                    .oidc
+                    .refresh(oidc, &state, &session.identity.subject, now)
+                    .await
+                {
+                    Ok(Some(next)) => {
+                        if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
+                            tracing::warn!("cannot save the refreshed session: {e}");
                         }
-                        Ok(None) => {
-                            // The IdP no longer vouches for this person: the session ends.
-                            drop(state);
-                            if let Err(e) = self.sessions.end(&[key]) {
-                                tracing::error!("cannot end the session: {e}");
-                            }
-                            return None;
-                        }
-                        // IdP outage: existing sessions keep working until it is back.
-                        Err(e) => tracing::warn!("session refresh postponed: {e}"),
+                        *state = next;
                     }
+                    Ok(None) => {
+                        // The IdP no longer vouches for this person: the session ends.
+                        drop(state);
+                        if let Err(e) = self.sessions.end(&[key]) {
+                            tracing::error!("cannot end the session: {e}");
+                        }
+                        return invalid;
+                    }
+                    // IdP outage: existing sessions keep working until it is back.
+                    Err(e) => tracing::warn!("session refresh postponed: {e}"),
                 }
             }
-            session.touch(now);
-            return Some(Caller::Person {
-                session: key,
-                identity: session.identity.clone(),
-            });
         }
-        None
+        session.touch(now);
+        Authentication::Caller(Caller::Person {
+            session: key,
+            identity: session.identity.clone(),
+        })
     }
 
     async fn verify_bearer(
@@ -221,12 +232,12 @@ impl Auth {
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
-        let caller = Caller::Machine {
+        let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
             client_id: claims.client_id.or(claims.azp),
             groups: claims.groups,
-        };
+        }));
         let entry = verified::Entry {
             caller: caller.clone(),
             valid_until: claims.exp.saturating_add(validation.leeway),
@@ -239,19 +250,24 @@ impl Auth {
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
-        if let Some(jwks) = self.issuers.get(&issuer.issuer) {
+        let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
+        if let Some(jwks) = self.issuers.get(&id) {
             return Ok(jwks.clone());
         }
         // While an issuer cannot be reached, don't let every request try again.
-        if let Some(failed) = self.issuer_failures.get(&issuer.issuer) {
+        if let Some(failed) = self.issuer_failures.get(&id) {
             if failed.elapsed() < jwt::REFETCH_AFTER {
                 return Err(JwtError::KeysUnavailable);
             }
         }
         let result = self.first_fetch(issuer).await;
-        if result.is_err() {
-            self.issuer_failures
-                .insert(issuer.issuer.clone(), std::time::Instant::now());
+        match &result {
+            Ok(jwks) => {
+                self.issuers.insert(id, jwks.clone());
+            }
+            Err(_) => {
+                self.issuer_failures.insert(id, std::time::Instant::now());
+            }
         }
         result
     }
@@ -266,7 +282,6 @@ impl Auth {
         };
         let jwks = Arc::new(Jwks::new(uri, self.http.clone()));
         jwks.refresh(true).await?;
-        self.issuers.insert(issuer.issuer.clone(), jwks.clone());
         Ok(jwks)
     }
 
@@ -334,52 +349,4 @@ pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
         }
     }
     None
-}
-
-/// Whether the request is a browser navigating to a page (it may be sent to sign in), as
-/// opposed to an API call or a script (which gets a 401).
-pub fn is_browser_navigation(req: &RequestHeader) -> bool {
-    let method_ok = req.method == http::Method::GET || req.method == http::Method::HEAD;
-    let accepts_html = req
-        .headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/html"));
-    let is_xhr = req
-        .headers
-        .get("x-requested-with")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"));
-    let fetch_mode_ok = req
-        .headers
-        .get("sec-fetch-mode")
-        .is_none_or(|v| v.as_bytes() == b"navigate");
-    method_ok && accepts_html && !is_xhr && fetch_mode_ok
-}
-
-/// Discovers the configured OpenID provider in the background (see [`oidc::discovery_loop`]).
-pub struct DiscoveryService {
-    shared: Arc<crate::state::Shared>,
-}
-
-impl DiscoveryService {
-    pub fn new(shared: Arc<crate::state::Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for DiscoveryService {
-    async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
-        let shared = self.shared.clone();
-        let issuer = move || {
-            shared
-                .runtime
-                .load()
-                .config
-                .oidc
-                .as_ref()
-                .map(|o| o.issuer.clone())
-        };
-        oidc::discovery_loop(self.shared.auth.oidc.clone(), issuer, shutdown).await;
-    }
 }

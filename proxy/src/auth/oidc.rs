@@ -31,7 +31,8 @@ use sha2::{Digest, Sha256};
 use portcullis_config::{JwtAlgorithm, OidcConfig};
 
 use super::jwt::{algorithm, Jwks, JwtError};
-use super::sessions::{Identity, Refresh};
+use super::sessions::Refresh;
+use crate::caller::Identity;
 
 /// How long a started sign-in may take.
 const PENDING_FOR: u64 = 600;

@@ -15,38 +15,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::caller::{Identity, SessionKey};
+
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 
 /// Length of a session id in bytes (encoded as 43 URL-safe base64 characters in the cookie).
 const ID_BYTES: usize = 32;
-
-pub type SessionKey = [u8; 32];
-
-/// Who signed in, and for how long.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub issuer: String,
-    pub subject: String,
-    pub email: Option<String>,
-    pub name: Option<String>,
-    /// The IdP's session id (`sid`), for back-channel logout.
-    pub idp_session: Option<String>,
-    /// Unix seconds.
-    pub created: u64,
-    /// Unix seconds after which the session ends whatever happens.
-    pub expires: u64,
-    /// The ID token, kept for `id_token_hint` at sign-out. Never logged.
-    #[serde(default)]
-    pub id_token: Option<String>,
-    /// The directory's change sequence when this person signed in: a deactivation after it
-    /// ends the session for good.
-    #[serde(default)]
-    pub directory_seq: u64,
-    /// The ID token's `groups` claim, used only on routes with `token_groups = true` for
-    /// people who are not in the directory.
-    #[serde(default)]
-    pub groups: Vec<String>,
-}
 
 /// The IdP's tokens kept to refresh a session (`[oidc] refresh = true`). Never logged.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use super::jwt::Jwks;
-use super::Caller;
+use crate::caller::Caller;
 
 /// Most tokens remembered; past this, expired ones are dropped, and if that is not enough,
 /// all of them (each is then verified again once).
@@ -82,12 +82,12 @@ mod tests {
     use super::*;
 
     fn machine() -> Caller {
-        Caller::Machine {
+        Caller::Machine(Arc::new(crate::caller::Machine {
             issuer: "https://idp.test".to_owned(),
             subject: "build-agent".to_owned(),
             client_id: None,
             groups: Vec::new(),
-        }
+        }))
     }
 
     fn jwks() -> Arc<Jwks> {

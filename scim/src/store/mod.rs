@@ -15,6 +15,7 @@
 
 mod directory;
 mod index;
+pub mod memory;
 pub mod redb;
 mod writer;
 

@@ -1,0 +1,99 @@
+//! Who is calling: the types every layer shares. Authentication makes them (a session lookup,
+//! a verified bearer token), the gate judges them, open connections keep them. They hold no
+//! behaviour beyond naming the caller.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub type SessionKey = [u8; 32];
+
+/// Who signed in, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    /// The IdP's session id (`sid`), for back-channel logout.
+    pub idp_session: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds after which the session ends whatever happens.
+    pub expires: u64,
+    /// The ID token, kept for `id_token_hint` at sign-out. Never logged.
+    #[serde(default)]
+    pub id_token: Option<String>,
+    /// The directory's change sequence when this person signed in: a deactivation after it
+    /// ends the session for good.
+    #[serde(default)]
+    pub directory_seq: u64,
+    /// The ID token's `groups` claim, used only on routes with `token_groups = true` for
+    /// people who are not in the directory.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// A machine or agent, as its verified bearer token names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub issuer: String,
+    pub subject: String,
+    /// `client_id`, or else `azp`.
+    pub client_id: Option<String>,
+    /// The token's `groups` claim (for `token_groups` routes).
+    pub groups: Vec<String>,
+}
+
+/// The caller of a request, once authenticated. Cheap to clone: it is shared by every request
+/// the same session or token makes.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Person {
+        /// Which session, so it can be ended when the person is deprovisioned, and its open
+        /// connections closed when it ends.
+        session: SessionKey,
+        identity: Arc<Identity>,
+    },
+    Machine(Arc<Machine>),
+}
+
+/// Who a caller is, without how they came in: what the gate judges. `explain` makes one for a
+/// person who has not signed in at all.
+#[derive(Debug, Clone, Copy)]
+pub enum Principal<'a> {
+    Person(&'a Identity),
+    Machine(&'a Machine),
+}
+
+impl Caller {
+    pub fn principal(&self) -> Principal<'_> {
+        match self {
+            Caller::Person { identity, .. } => Principal::Person(identity),
+            Caller::Machine(machine) => Principal::Machine(machine),
+        }
+    }
+
+    /// A short name for logs: see [`Principal::log_name`].
+    pub fn log_name(&self) -> String {
+        self.principal().log_name()
+    }
+}
+
+impl Principal<'_> {
+    /// A short name for logs: the person's email (or subject), or `client@issuer` for a
+    /// machine.
+    pub fn log_name(&self) -> String {
+        match self {
+            Principal::Person(identity) => identity
+                .email
+                .clone()
+                .unwrap_or_else(|| identity.subject.clone()),
+            Principal::Machine(machine) => format!(
+                "{}@{}",
+                machine.client_id.as_deref().unwrap_or(&machine.subject),
+                machine.issuer
+            ),
+        }
+    }
+}

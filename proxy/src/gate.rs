@@ -1,0 +1,566 @@
+//! The gate: the one code that decides who gets in. Requests, open websockets and streams (when
+//! they are judged again) and `portcullis explain` all ask it, with plain values in and a plain
+//! [`Admission`] out: no sockets, no pingora session, no disk.
+//!
+//! What it is given:
+//! - the request's facts ([`Facts`]): the route, the normalized path, the method and the kind of
+//!   client ([`Client`], the one definition of "a browser");
+//! - what the caller presented ([`Presented`]): nothing, something that did not verify, or a
+//!   verified caller ([`Principal`]).
+//!
+//! What it decides, from memory only: the caller → their SCIM user (by the `[identity]`
+//! mapping) → still active, and signed in after their last deactivation? → their groups
+//! (transitive) → the route's policy. The directory is read under one consistent view
+//! (`Directory::with_subject`), so a SCIM write answered before the question is always seen.
+//!
+//! The answer is one of four ([`Admission`]): let in, with what the upstream is told; send the
+//! browser to sign in; answer 401 with a challenge; or refuse with 403, with the typed cause and
+//! the deciding rule. Which of 302, 401 and 403 a refusal gets is decided here, from the types,
+//! and nowhere else.
+
+use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+
+use http::header::{self, HeaderMap};
+
+use portcullis_config::{
+    Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
+};
+use portcullis_policy::{Decision, GroupRef, Policy, Reason, Request, Subject, SubjectKind};
+use portcullis_scim::store::{Directory, SubjectKey};
+
+use crate::caller::{Identity, Machine, Principal};
+
+/// What kind of client sent a request: the one definition every choice that depends on it
+/// uses (a sign-in redirect or a 401; a refusal as a page or as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// A browser loading or submitting a page: it accepts HTML, and it is not a page's script
+    /// (`X-Requested-With: XMLHttpRequest`, or a `Sec-Fetch-Mode` other than `navigate`).
+    Browser,
+    /// Anything else: API clients, command-line tools, a page's own `fetch()`.
+    Api,
+}
+
+impl Client {
+    pub fn of(headers: &HeaderMap) -> Client {
+        let accepts_html = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        let script = headers
+            .get("x-requested-with")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"))
+            || headers
+                .get("sec-fetch-mode")
+                .is_some_and(|v| v.as_bytes() != b"navigate");
+        if accepts_html && !script {
+            Client::Browser
+        } else {
+            Client::Api
+        }
+    }
+}
+
+/// The request being judged.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub route: &'a Route,
+    /// The route's rules, compiled.
+    pub policy: &'a Policy,
+    pub method: &'a str,
+    /// The normalized path, exactly as it is routed and sent upstream.
+    pub path: &'a str,
+    pub client: Client,
+}
+
+/// What the caller presented, once authentication has looked at it.
+#[derive(Debug, Clone, Copy)]
+pub enum Presented<'a> {
+    /// No credential this route takes.
+    Nothing,
+    /// A credential that did not verify: an unknown, expired or ended session (`bearer` false),
+    /// or a bearer token that was refused (`bearer` true).
+    Invalid { bearer: bool },
+    /// A verified caller.
+    Caller(Principal<'a>),
+}
+
+/// The gate's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// Let in.
+    Allow(Pass),
+    Refuse(Refused),
+}
+
+/// How a request that is not let in is answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refused {
+    /// Send the browser to sign in, and back here afterwards. With `revoked`, the session the
+    /// request carried began before its user was deactivated (or re-created): it is over.
+    SignIn { revoked: bool },
+    /// 401 with a `WWW-Authenticate` challenge; `invalid_token` when a bearer token was
+    /// presented and refused (RFC 6750 §3.1). `revoked` as for [`Refused::SignIn`].
+    Challenge { invalid_token: bool, revoked: bool },
+    /// 403.
+    Forbid(Refusal),
+}
+
+impl Refused {
+    /// Whether the session the request carried is over and must be ended.
+    pub fn revokes_session(&self) -> bool {
+        matches!(
+            self,
+            Refused::SignIn { revoked: true } | Refused::Challenge { revoked: true, .. }
+        )
+    }
+}
+
+/// A request let in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pass {
+    /// What the upstream is told about the caller; `None` when a public rule lets the request
+    /// in without one.
+    pub forward: Option<Forward>,
+    /// The deciding rule and why, when the gate was asked to explain ([`Gate::explain`]).
+    pub why: Option<Why>,
+}
+
+/// What the upstream is told about an allowed caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The SCIM `userName` (lower-cased).
+    pub user: String,
+    pub email: Option<String>,
+    /// Display names of every group, comma-separated.
+    pub groups: String,
+    pub group_names: Vec<String>,
+    /// Changes whenever the user's standing or groups may have changed; keys caches of
+    /// anything derived from them (the signed assertion).
+    pub version: u64,
+}
+
+/// The rule behind a decision, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Why {
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+/// A refused request: who, which rule, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Who was refused, as the refusal page names them: the directory's `userName`, or the
+    /// caller's own name when the directory does not know them; `None` when nobody signed in.
+    pub who: Option<String>,
+    /// The deciding rule, when a rule decided.
+    pub rule: Option<String>,
+    pub cause: Cause,
+    /// The sentence the caller and the audit log are given.
+    pub reason: String,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A deny rule matched.
+    DenyRule,
+    /// No allow rule covers this caller and request.
+    NoRuleAllows,
+    /// The directory has the account deactivated.
+    Deactivated,
+    /// The request cannot be judged (a method or path the policy cannot evaluate).
+    Unevaluable,
+    /// The caller's identifying claim names no user in the directory.
+    NotInDirectory,
+    /// The caller's token has no claim to look them up by.
+    NoIdentifyingClaim,
+    /// Nobody signed in, on a public route whose public rules do not cover this request.
+    NotPublic,
+    /// An open connection's route is no longer in the configuration.
+    RouteRemoved,
+}
+
+/// The gate, over the live directory and the current `[identity]` mapping.
+#[derive(Clone, Copy)]
+pub struct Gate<'a> {
+    pub directory: &'a Directory,
+    pub identity: &'a IdentityConfig,
+}
+
+/// The directory's view of a caller, for `/.portcullis/me` and `portcullis explain`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectoryView {
+    pub user_name: String,
+    pub active: bool,
+    pub groups: Vec<String>,
+}
+
+/// The outcome of judging a caller the gate could look up.
+enum Judged {
+    Allow(Pass),
+    Refuse(Refusal),
+    /// The session began before the user was deactivated or re-created.
+    Revoked,
+}
+
+impl Gate<'_> {
+    /// Decides whether `presented` may make the request `facts` describe.
+    pub fn admit(&self, facts: &Facts<'_>, presented: Presented<'_>) -> Admission {
+        self.judge(facts, presented, false)
+    }
+
+    /// [`Gate::admit`], and an allow also says which rule allowed and why ([`Pass::why`]).
+    pub fn explain(&self, facts: &Facts<'_>, presented: Presented<'_>) -> Admission {
+        self.judge(facts, presented, true)
+    }
+
+    fn judge(&self, facts: &Facts<'_>, presented: Presented<'_>, explain: bool) -> Admission {
+        let request = Request {
+            method: facts.method,
+            path: facts.path,
+        };
+        let principal = match presented {
+            // A caller of a kind the route does not take is no caller there.
+            Presented::Caller(principal) if takes(facts.route, principal) => principal,
+            Presented::Caller(_) | Presented::Nothing => {
+                return self.anonymous(facts, &request, false, explain)
+            }
+            Presented::Invalid { bearer } => {
+                return self.anonymous(facts, &request, bearer, explain)
+            }
+        };
+        match self.resolve(facts, &request, principal, explain) {
+            Judged::Allow(pass) => Admission::Allow(pass),
+            // Someone the directory cannot place is still anyone: public rules let them in.
+            Judged::Refuse(refusal)
+                if matches!(
+                    refusal.cause,
+                    Cause::NotInDirectory | Cause::NoIdentifyingClaim
+                ) =>
+            {
+                match facts.policy.evaluate(None, &request) {
+                    decision if decision.allowed => allow_anonymous(&decision, explain),
+                    _ => Admission::Refuse(Refused::Forbid(refusal)),
+                }
+            }
+            Judged::Refuse(refusal) => Admission::Refuse(Refused::Forbid(refusal)),
+            // The session is over for good: the person signs in again.
+            Judged::Revoked => unauthenticated(facts, false, true),
+        }
+    }
+
+    /// The answer for a request with no valid caller: in by a public rule, refused on a public
+    /// route, or asked to sign in or to authenticate.
+    fn anonymous(
+        &self,
+        facts: &Facts<'_>,
+        request: &Request<'_>,
+        invalid_token: bool,
+        explain: bool,
+    ) -> Admission {
+        let decision = facts.policy.evaluate(None, request);
+        if decision.allowed {
+            return allow_anonymous(&decision, explain);
+        }
+        if facts.route.accept.is_empty() {
+            // A public route whose public rules don't cover this request: there is no way to
+            // sign in here, so it is simply refused.
+            return Admission::Refuse(Refused::Forbid(Refusal {
+                who: None,
+                rule: None,
+                cause: Cause::NotPublic,
+                reason: "this address is not public".to_owned(),
+            }));
+        }
+        unauthenticated(facts, invalid_token, false)
+    }
+
+    /// The claim and the SCIM attribute that find `principal` in the directory.
+    fn mapping(&self, principal: Principal<'_>) -> (&'static str, ScimAttribute) {
+        match principal {
+            Principal::Person(_) => (self.identity.claim.as_str(), self.identity.scim_attribute),
+            Principal::Machine(_) => (
+                self.identity.machine_claim.as_str(),
+                self.identity.machine_scim_attribute,
+            ),
+        }
+    }
+
+    /// Looks the caller up and applies the route's policy to them.
+    fn resolve(
+        &self,
+        facts: &Facts<'_>,
+        request: &Request<'_>,
+        principal: Principal<'_>,
+        explain: bool,
+    ) -> Judged {
+        let who = principal.log_name();
+        let (claim, attribute) = self.mapping(principal);
+        let Some(key) = subject_key(self.identity, principal) else {
+            return Judged::Refuse(Refusal {
+                who: Some(who),
+                rule: None,
+                cause: Cause::NoIdentifyingClaim,
+                reason: format!(
+                    "the sign-in carries no {claim} claim, which identifies a directory user"
+                ),
+            });
+        };
+        let (kind, email, session_epoch) = match principal {
+            Principal::Person(identity) => (
+                SubjectKind::Person,
+                identity.email.as_deref(),
+                Some(identity.directory_seq),
+            ),
+            Principal::Machine(_) => (SubjectKind::Machine, None, None),
+        };
+        self.directory.with_subject(key, |view| {
+            let Some(view) = view else {
+                if facts.route.token_groups {
+                    return on_token(facts, request, principal, kind, email, explain);
+                }
+                return Judged::Refuse(Refusal {
+                    reason: format!(
+                        "{who} is not a user in the directory (its {claim} claim was looked up \
+                         as the SCIM {})",
+                        attribute.as_str()
+                    ),
+                    who: Some(who.clone()),
+                    rule: None,
+                    cause: Cause::NotInDirectory,
+                });
+            };
+            if session_epoch.is_some_and(|epoch| epoch < view.user.valid_since) {
+                return Judged::Revoked;
+            }
+            let groups: Vec<GroupRef<'_>> = view
+                .groups
+                .iter()
+                .map(|g| GroupRef {
+                    display_name: &g.display_name,
+                    external_id: g.external_id.as_deref(),
+                })
+                .collect();
+            let subject = Subject {
+                kind,
+                user_name: &view.user.user_name,
+                email,
+                active: view.user.active,
+                groups: &groups,
+            };
+            let decision = facts.policy.evaluate(Some(&subject), request);
+            if !decision.allowed {
+                return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
+            }
+            let forward = Forward::new(
+                view.user.user_name.to_string(),
+                email
+                    .map(str::to_owned)
+                    .or_else(|| view.user.emails.first().map(|e| e.to_string())),
+                view.groups
+                    .iter()
+                    .map(|g| g.display_name.to_string())
+                    .collect(),
+            );
+            Judged::Allow(Pass {
+                forward: Some(forward),
+                why: explain.then(|| Why::of(&decision)),
+            })
+        })
+    }
+
+    /// The directory's view of a caller, if the directory knows them.
+    pub fn directory_view(&self, principal: Principal<'_>) -> Option<DirectoryView> {
+        let key = subject_key(self.identity, principal)?;
+        self.directory.with_subject(key, |view| {
+            view.map(|view| DirectoryView {
+                user_name: view.user.user_name.to_string(),
+                active: view.user.active,
+                groups: view
+                    .groups
+                    .iter()
+                    .map(|g| g.display_name.to_string())
+                    .collect(),
+            })
+        })
+    }
+}
+
+fn unauthenticated(facts: &Facts<'_>, invalid_token: bool, revoked: bool) -> Admission {
+    Admission::Refuse(sign_in_or_challenge(
+        facts.method,
+        facts.client,
+        facts.route.accept.contains(&Credential::Session),
+        invalid_token,
+        revoked,
+    ))
+}
+
+/// How a request that needs a caller and has none is answered: a browser asking for a page
+/// where people can sign in (`sessions`) is sent to sign in (302); anything else gets a 401.
+/// Only a GET or HEAD is sent to sign in: any other request could not be replayed afterwards.
+pub fn sign_in_or_challenge(
+    method: &str,
+    client: Client,
+    sessions: bool,
+    invalid_token: bool,
+    revoked: bool,
+) -> Refused {
+    let replayable = matches!(method, "GET" | "HEAD");
+    if client == Client::Browser && replayable && sessions {
+        Refused::SignIn { revoked }
+    } else {
+        Refused::Challenge {
+            invalid_token,
+            revoked,
+        }
+    }
+}
+
+/// Whether `route` takes the credential `principal` came with.
+fn takes(route: &Route, principal: Principal<'_>) -> bool {
+    let credential = match principal {
+        Principal::Person(_) => Credential::Session,
+        Principal::Machine(_) => Credential::Bearer,
+    };
+    route.accept.contains(&credential)
+}
+
+fn allow_anonymous(decision: &Decision<'_>, explain: bool) -> Admission {
+    Admission::Allow(Pass {
+        forward: None,
+        why: explain.then(|| Why::of(decision)),
+    })
+}
+
+fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
+    let cause = match decision.reason {
+        Reason::Denied { .. } => Cause::DenyRule,
+        Reason::Deactivated => Cause::Deactivated,
+        Reason::Unevaluable { .. } => Cause::Unevaluable,
+        // `NotSignedIn` cannot come with a subject; `Allowed` is not a refusal.
+        Reason::NoRuleAllows { .. } | Reason::NotSignedIn | Reason::Allowed { .. } => {
+            Cause::NoRuleAllows
+        }
+    };
+    Refusal {
+        who,
+        rule: decision.rule.map(str::to_owned),
+        cause,
+        reason: decision.reason.to_string(),
+    }
+}
+
+/// Judges a caller the directory does not know on their token's own claims (name, email,
+/// `groups`), for routes with `token_groups`.
+fn on_token(
+    facts: &Facts<'_>,
+    request: &Request<'_>,
+    principal: Principal<'_>,
+    kind: SubjectKind,
+    email: Option<&str>,
+    explain: bool,
+) -> Judged {
+    let (name, token_groups) = match principal {
+        Principal::Person(identity) => (
+            identity.email.as_deref().unwrap_or(&identity.subject),
+            &identity.groups,
+        ),
+        Principal::Machine(machine) => (
+            machine.client_id.as_deref().unwrap_or(&machine.subject),
+            &machine.groups,
+        ),
+    };
+    let user = portcullis_policy::fold(name).into_owned();
+    let groups: Vec<GroupRef<'_>> = token_groups
+        .iter()
+        .map(|g| GroupRef {
+            display_name: g,
+            external_id: None,
+        })
+        .collect();
+    let subject = Subject {
+        kind,
+        user_name: &user,
+        email,
+        active: true,
+        groups: &groups,
+    };
+    let decision = facts.policy.evaluate(Some(&subject), request);
+    if !decision.allowed {
+        return Judged::Refuse(refusal(Some(user.clone()), &decision));
+    }
+    let why = explain.then(|| Why::of(&decision));
+    let forward = Forward::new(user.clone(), email.map(str::to_owned), token_groups.clone());
+    Judged::Allow(Pass {
+        forward: Some(forward),
+        why,
+    })
+}
+
+/// The directory key the `[identity]` mapping looks a caller up by, if their token has the
+/// claim it needs.
+fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Option<SubjectKey<'a>> {
+    let (value, attribute) = match principal {
+        Principal::Person(who) => (person_claim(identity, who)?, identity.scim_attribute),
+        Principal::Machine(machine) => (
+            machine_claim(identity, machine)?,
+            identity.machine_scim_attribute,
+        ),
+    };
+    Some(match attribute {
+        ScimAttribute::UserName => SubjectKey::UserName(value),
+        ScimAttribute::Emails => SubjectKey::Email(value),
+        ScimAttribute::ExternalId => SubjectKey::ExternalId(value),
+    })
+}
+
+fn person_claim<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<&'a str> {
+    match identity.claim {
+        IdentityClaim::Email => who.email.as_deref(),
+        IdentityClaim::Sub => Some(who.subject.as_str()),
+    }
+}
+
+fn machine_claim<'a>(identity: &IdentityConfig, machine: &'a Machine) -> Option<&'a str> {
+    match identity.machine_claim {
+        MachineClaim::Sub => Some(machine.subject.as_str()),
+        MachineClaim::ClientId => machine.client_id.as_deref(),
+    }
+}
+
+impl Forward {
+    /// What the upstream is told, stamped with its version: a hash of everything in it, so
+    /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
+    fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Forward {
+        let mut groups = String::new();
+        for (i, group) in group_names.iter().enumerate() {
+            if i > 0 {
+                groups.push_str(", ");
+            }
+            // Header values cannot hold control characters; a group name with one is shown
+            // without it.
+            let _ = write!(groups, "{}", group.replace(|c: char| c.is_control(), ""));
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&user, &email, &groups).hash(&mut hasher);
+        Forward {
+            user,
+            email,
+            groups,
+            group_names,
+            version: hasher.finish(),
+        }
+    }
+}
+
+impl Why {
+    fn of(decision: &Decision<'_>) -> Why {
+        Why {
+            rule: decision.rule.map(str::to_owned),
+            reason: decision.reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Every answer Portcullis writes itself (its pages, JSON errors, SCIM bodies and redirects)
+//! goes through [`send`]: one HTML template, one escaper and one keep-alive rule.
+//!
+//! - **Template.** [`Reply::page`] wraps a title and already-escaped HTML content in the one
+//!   page every Portcullis page uses; [`escape`] is the one escaper (`& < > " '`).
+//! - **Keep-alive.** After its own answer Portcullis reuses the connection only when the whole
+//!   request has been read and it was understood: a request body left unread would be parsed as
+//!   the next request, and after a 400 nothing more on the connection can be trusted.
+//! - **HEAD** gets the head of the answer, never its body.
+//!
+//! A [`Reply`] is a plain value, so everything that decides what to answer is tested without a
+//! connection; only [`send`] touches pingora.
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::StatusCode;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+/// An answer, ready to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: StatusCode,
+    /// `None` for an answer without a body.
+    pub content_type: Option<&'static str>,
+    pub body: Bytes,
+    /// Further headers, in order (`Location`, `Set-Cookie`, `WWW-Authenticate`, …).
+    pub headers: Vec<(HeaderName, String)>,
+}
+
+impl Reply {
+    /// An HTML page: `title` (plain text) and `content` (HTML, with every value in it escaped).
+    pub fn page(status: StatusCode, title: &str, content: &str) -> Reply {
+        let title = escape(title);
+        let html = format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>{title}</title></head>\
+             <body><h1>{title}</h1>{content}<p><small>Portcullis</small></p></body></html>\n"
+        );
+        Reply::with_body(status, "text/html; charset=utf-8", html.into())
+    }
+
+    /// The page for a status Portcullis answers without more to say (404, 413, 502, …).
+    pub fn status_page(status: StatusCode) -> Reply {
+        let explanation = match status.as_u16() {
+            200 => "ok",
+            308 => "This address is served over HTTPS.",
+            400 => "The request could not be understood.",
+            404 => "Nothing is served at this address.",
+            413 => "The request body is larger than this service accepts.",
+            431 => "The request headers are larger than this service accepts.",
+            502 => "The service behind this address could not be reached. Try again shortly.",
+            503 => "The service is not available right now. Try again shortly.",
+            504 => "The service behind this address did not answer in time.",
+            _ => "The request could not be completed.",
+        };
+        let title = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        Reply::page(status, &title, &format!("<p>{}</p>", escape(explanation)))
+    }
+
+    /// A JSON answer.
+    pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+        Reply::with_body(status, "application/json", value.to_string().into())
+    }
+
+    /// A body of any type.
+    pub fn with_body(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
+        Reply {
+            status,
+            content_type: Some(content_type),
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    /// An answer with no body.
+    pub fn empty(status: StatusCode) -> Reply {
+        Reply {
+            status,
+            content_type: None,
+            body: Bytes::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A redirect (`status` is 302, 303 or 308) to `location`, with no body.
+    pub fn redirect(status: StatusCode, location: &str) -> Reply {
+        Reply::empty(status).header(header::LOCATION, location)
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: HeaderName, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Whether the connection may carry another request after this answer, for a request
+    /// whose body was read to the end or not.
+    pub fn keeps_connection(&self, request_body_read: bool) -> bool {
+        request_body_read && self.status != StatusCode::BAD_REQUEST
+    }
+}
+
+/// Writes `reply` and ends the request; `Ok(true)`, as `request_filter` answers when it has
+/// responded itself.
+pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
+    let mut head = ResponseHeader::build(reply.status, Some(reply.headers.len() + 3))?;
+    if let Some(content_type) = reply.content_type {
+        head.insert_header(header::CONTENT_TYPE, content_type)?;
+    }
+    head.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    head.insert_header(header::CACHE_CONTROL, "no-store")?;
+    for (name, value) in &reply.headers {
+        head.append_header(name.clone(), value.as_str())?;
+    }
+    if !reply.keeps_connection(session.is_body_done()) {
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == http::Method::HEAD || reply.body.is_empty();
+    session
+        .write_response_header(Box::new(head), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(true)
+}
+
+/// `s` safe inside HTML text and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(reply: &Reply) -> &str {
+        std::str::from_utf8(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn the_escaper_covers_text_and_both_quotes() {
+        assert_eq!(
+            escape(r#"<a href="x" title='y'>&</a>"#),
+            "&lt;a href=&quot;x&quot; title=&#39;y&#39;&gt;&amp;&lt;/a&gt;"
+        );
+        assert_eq!(escape("alice@corp.example"), "alice@corp.example");
+    }
+
+    #[test]
+    fn pages_share_one_template_and_escape_the_title() {
+        let page = Reply::page(StatusCode::OK, "Who's <here>", "<p>x</p>");
+        let html = text(&page);
+        assert!(html.starts_with("<!doctype html>"), "{html}");
+        assert!(
+            html.contains("<title>Who&#39;s &lt;here&gt;</title>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<h1>Who&#39;s &lt;here&gt;</h1><p>x</p>"),
+            "{html}"
+        );
+        assert_eq!(page.content_type, Some("text/html; charset=utf-8"));
+        let status = Reply::status_page(StatusCode::NOT_FOUND);
+        assert!(text(&status).contains("<h1>404 Not Found</h1>"));
+        assert!(text(&status).contains("Nothing is served at this address."));
+    }
+
+    #[test]
+    fn the_connection_is_kept_only_after_a_whole_understood_request() {
+        let forbidden = Reply::json(StatusCode::FORBIDDEN, &serde_json::json!({}));
+        assert!(forbidden.keeps_connection(true));
+        assert!(!forbidden.keeps_connection(false), "a body is left unread");
+        assert!(!Reply::status_page(StatusCode::BAD_REQUEST).keeps_connection(true));
+        assert!(Reply::redirect(StatusCode::FOUND, "/x").keeps_connection(true));
+    }
+
+    #[test]
+    fn redirects_carry_their_location_and_no_body() {
+        let reply = Reply::redirect(StatusCode::FOUND, "https://idp.example/auth?x=1")
+            .header(header::SET_COOKIE, "a=b");
+        assert!(reply.body.is_empty());
+        assert_eq!(reply.content_type, None);
+        assert_eq!(
+            reply.headers,
+            vec![
+                (header::LOCATION, "https://idp.example/auth?x=1".to_owned()),
+                (header::SET_COOKIE, "a=b".to_owned()),
+            ]
+        );
+    }
+}

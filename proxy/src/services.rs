@@ -1,0 +1,116 @@
+//! The background services the server runs beside the listeners. Each is a thin loop around
+//! work that lives elsewhere, woken by a timer, a signal or a change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::assertion::Signer;
+use crate::auth::oidc;
+use crate::clock::now_unix;
+use crate::state::Shared;
+
+/// Discovers the configured OpenID provider, and again when `[oidc] issuer` changes (see
+/// [`oidc::discovery_loop`]).
+pub struct Discovery {
+    shared: Arc<Shared>,
+}
+
+impl Discovery {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Discovery {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let shared = self.shared.clone();
+        let issuer = move || {
+            shared
+                .runtime
+                .load()
+                .config
+                .oidc
+                .as_ref()
+                .map(|o| o.issuer.clone())
+        };
+        oidc::discovery_loop(self.shared.auth.oidc.clone(), issuer, shutdown).await;
+    }
+}
+
+/// Re-reads the assertion key directory every minute, so a rotation by `portcullis
+/// rotate-assertion-key` is picked up and retired keys are dropped from the JWKS.
+pub struct KeyRefresher {
+    signer: Arc<Signer>,
+}
+
+impl KeyRefresher {
+    pub fn new(signer: Arc<Signer>) -> Self {
+        Self { signer }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for KeyRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.signer.refresh(now_unix()) {
+                tracing::warn!("assertion keys not refreshed: {e}");
+            }
+        }
+    }
+}
+
+/// Judges every open websocket and event stream again whenever the directory changes,
+/// sessions end or the configuration is reloaded, and cuts those refused (see `streams.rs`).
+pub struct Watcher {
+    shared: Arc<Shared>,
+}
+
+impl Watcher {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut changes = self.shared.directory.subscribe();
+        let mut ends = self.shared.auth.sessions.subscribe_ends();
+        let mut reloads = self.shared.subscribe_reloads();
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    changes.borrow_and_update();
+                }
+                ended = ends.changed() => {
+                    if ended.is_err() {
+                        return;
+                    }
+                    ends.borrow_and_update();
+                }
+                reloaded = reloads.changed() => {
+                    if reloaded.is_err() {
+                        return;
+                    }
+                    reloads.borrow_and_update();
+                }
+                _ = shutdown.changed() => return,
+            }
+            let shared = &self.shared;
+            shared.streams.sweep(|open| shared.still_allowed(open));
+        }
+    }
+}
