@@ -1,14 +1,172 @@
-//! Serde structs that mirror the configuration file, key for key.
+//! Serde structs that mirror the configuration file, key for key, and [`read`], which fills
+//! them from the TOML document.
 //!
 //! Nothing here checks a value. Anything that can be wrong is kept as written (strings, `i64`,
 //! `Option` for required keys) so that `validate` sees the whole file and can report every
-//! problem at once, instead of serde stopping at the first. Unknown keys are not rejected here
-//! either: `parse` collects them all with `serde_ignored`.
+//! problem at once, instead of serde stopping at the first. What serde itself rejects, a value
+//! of the wrong type, does not stop the rest either: [`read`] reports it at its key path and
+//! reads the file without it. Unknown keys are not rejected but collected, all of them, with
+//! `serde_ignored`.
 
 use std::path::PathBuf;
 
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::problems::{line_of, remove, value_at, KeyPath, Problems};
+
+/// Reads `doc` into a [`File`], adding to `p` every unknown key and every value of the wrong
+/// type, each at its key path, in the order they are written.
+///
+/// serde stops at the first value of the wrong type. So each one is reported, the table entry
+/// holding it is removed from the document (the whole array, for an element, so that the
+/// indexes of the others still match the file), and the document is read again, until it
+/// reads. What is removed is skipped ([`Problems::skip`]): the checks do not report it again
+/// as missing. `Err` is an error serde gives no value for, reported for the whole file.
+pub(crate) fn read(
+    doc: &Spanned<DeTable<'_>>,
+    p: &mut Problems<'_>,
+) -> Result<File, toml::de::Error> {
+    let mut readable = doc.clone();
+    let mut found: Vec<(KeyPath, String)> = Vec::new();
+    let mut removed = Vec::new();
+    let file = loop {
+        let mut unknown = Vec::new();
+        let deserializer = toml::de::Deserializer::from(readable.clone());
+        let error = match serde_ignored::deserialize(deserializer, |path| {
+            unknown.push(KeyPath::from_ignored(&path));
+        }) {
+            Ok(file) => {
+                found.extend(
+                    unknown
+                        .into_iter()
+                        .map(|path| (path, "unknown key".to_owned())),
+                );
+                break file;
+            }
+            Err(error) => error,
+        };
+        let Some((path, value)) = error
+            .span()
+            .and_then(|span| value_at(readable.get_ref(), &span))
+        else {
+            return Err(error);
+        };
+        let message = wrong_type(error.message(), value);
+        let entry = path.entry();
+        if !remove(readable.get_mut(), &entry) {
+            return Err(error);
+        }
+        found.push((path, message));
+        removed.push(entry);
+    };
+    // serde visits keys in the order of toml's map, not of the file.
+    found.sort_by_key(|(path, _)| line_of(doc.get_ref(), path));
+    for (path, message) in found {
+        p.add(&path, message);
+    }
+    for entry in removed {
+        p.skip(entry);
+    }
+    Ok(file)
+}
+
+/// serde's "invalid type: integer `42`, expected a string" as "expected a string, found an
+/// integer": types named as in TOML rather than Rust, and without the value, which may be a
+/// secret written under the wrong key. Any other message is kept as it is.
+fn wrong_type(message: &str, found: &DeValue<'_>) -> String {
+    let expected = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    let Some((_, expected)) = expected else {
+        return message.to_owned();
+    };
+    let expected = match expected {
+        "i64" => "an integer",
+        "f64" => "a number",
+        "path string" => "a string",
+        "a boolean" => "true or false",
+        "a sequence" => "an array",
+        name if name.starts_with("struct ") => "a table",
+        custom => custom,
+    };
+    let found = match found {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    };
+    format!("expected {expected}, found {found}")
+}
+
+/// Gives the tables of the file a `Deserialize` that takes a table and nothing else.
+///
+/// Each is derived with `#[serde(remote = "Self")]`, which puts the derived code in an inherent
+/// `deserialize`, for this impl to call. A derived struct would also take an array, reading its
+/// elements as the fields in order: `server = [4]` would set `threads`, and `[[oidc]]` would be
+/// reported as an `issuer` of the wrong type instead of an array where a table goes.
+macro_rules! tables {
+    ($($name:ident),* $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                $name::deserialize(TableOnly(deserializer))
+            }
+        }
+    )*};
+}
+
+tables!(
+    Log,
+    Server,
+    Admin,
+    Listener,
+    Tls,
+    CertificatePair,
+    Route,
+    Rule,
+    Scim,
+    ScimToken,
+    Oidc,
+    Identity,
+    JwtIssuer,
+);
+
+/// A deserializer that hands its visitor a table, and reports anything else as a value of the
+/// wrong type, worded by the visitor.
+struct TableOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for TableOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(TableVisitor(visitor))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+struct TableVisitor<V>(V);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for TableVisitor<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(map)
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct File {
@@ -31,12 +189,14 @@ pub(crate) struct File {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Log {
     pub format: Option<String>,
     pub level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Server {
     pub threads: Option<i64>,
     pub shutdown_timeout: Option<String>,
@@ -46,11 +206,13 @@ pub(crate) struct Server {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Admin {
     pub address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Listener {
     pub address: Option<String>,
     pub tls: Option<Tls>,
@@ -58,6 +220,7 @@ pub(crate) struct Listener {
 
 /// `cert` + `key`, `certificates`, or both (then `cert` + `key` comes first).
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Tls {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -65,12 +228,14 @@ pub(crate) struct Tls {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct CertificatePair {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Route {
     pub from: Option<String>,
     pub to: Option<Vec<String>>,
@@ -130,6 +295,7 @@ impl<'de> Deserialize<'de> for Rules {
     expecting = "a rule: a table of groups, group_ids, users, email_domains, \
                      any_signed_in, machines, public, methods and paths"
 )]
+#[serde(remote = "Self")]
 pub(crate) struct Rule {
     pub groups: Option<Vec<String>>,
     pub group_ids: Option<Vec<String>>,
@@ -143,6 +309,7 @@ pub(crate) struct Rule {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Scim {
     pub host: Option<String>,
     pub max_request_body_bytes: Option<i64>,
@@ -155,6 +322,7 @@ pub(crate) struct Scim {
 /// `Debug` is written by hand: `secret` may be the clear token, and so may a mistaken
 /// `secret_sha256`.
 #[derive(Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct ScimToken {
     pub name: Option<String>,
     pub secret: Option<String>,
@@ -178,6 +346,7 @@ impl std::fmt::Debug for ScimToken {
 
 /// `Debug` is written by hand: `client_secret` may be the clear secret.
 #[derive(Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Oidc {
     pub issuer: Option<String>,
     pub client_id: Option<String>,
@@ -218,6 +387,7 @@ impl std::fmt::Debug for Oidc {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct Identity {
     pub claim: Option<String>,
     pub scim_attribute: Option<String>,
@@ -230,6 +400,7 @@ pub(crate) struct Identity {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub(crate) struct JwtIssuer {
     pub issuer: Option<String>,
     pub audiences: Option<Vec<String>>,

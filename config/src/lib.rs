@@ -2,8 +2,10 @@
 //!
 //! This crate owns two layers. `file` holds serde structs that mirror the file key for key;
 //! [`model`] holds the validated [`Config`] the rest of Portcullis uses. `validate` converts one
-//! into the other and is the only place that checks anything; it reports every problem at once,
-//! each with its key path and line ([`ConfigErrors`]), so one `check-config` run lists them all.
+//! into the other and is the only place that checks values. Every problem is reported at once,
+//! each with its key path and line ([`ConfigErrors`]), so one `check-config` run lists them all:
+//! an unknown key or a value of the wrong type, found while `file::read` fills the serde
+//! structs, does not keep the rest of the file from being read and checked.
 //! A route's `allow` and `deny` rules are checked by compiling them with
 //! `portcullis_policy::Policy::compile`, the very compile the proxy runs, so a file that passes
 //! here never fails there.
@@ -29,7 +31,7 @@ use std::path::Path;
 use toml::de::DeTable;
 
 pub use model::*;
-use problems::{line_at, KeyPath, Problems};
+use problems::{line_at, Problems};
 pub use problems::{ConfigErrors, Problem};
 
 /// Reads and validates the configuration file at `path`.
@@ -58,17 +60,8 @@ pub fn parse(
         ConfigErrors::whole_file(line, e.message().to_owned())
     };
     let doc = DeTable::parse(text).map_err(toml_error)?;
-    let mut unknown = Vec::new();
-    let deserializer = toml::de::Deserializer::from(doc.clone());
-    let file: file::File = serde_ignored::deserialize(deserializer, |path| {
-        unknown.push(KeyPath::from_ignored(&path));
-    })
-    .map_err(toml_error)?;
-
     let mut problems = Problems::new(text, doc.get_ref());
-    for path in &unknown {
-        problems.add(path, "unknown key");
-    }
+    let file = file::read(&doc, &mut problems).map_err(toml_error)?;
     match validate::convert(file, base_dir, env, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_errors()),

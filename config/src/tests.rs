@@ -980,7 +980,7 @@ from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
 allow = "sre"
 "#,
-            problems: &[("", Some(18), "expected a rule")],
+            problems: &[("routes[0].allow", Some(18), "expected a rule")],
         },
         Case {
             name: "routes that require sign-in but let nobody in",
@@ -1148,7 +1148,7 @@ allow_sample_rate = nan
         Case {
             name: "wrong type",
             text: "data_dir = \"data\"\n[server]\nthreads = \"two\"\nLISTENERS",
-            problems: &[("", Some(3), "invalid type")],
+            problems: &[("server.threads", Some(3), "expected an integer, found a string")],
         },
     ];
 
@@ -2037,5 +2037,179 @@ fn jwt_algorithm_names() {
     assert_eq!(
         names,
         ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+    );
+}
+
+/// What `check-config` prints for `text`: every problem, one a line.
+fn check_config_output(text: &str) -> String {
+    match Fixture::new().parse(text) {
+        Ok(_) => panic!("expected problems, the file was accepted:\n{text}"),
+        Err(errors) => errors.to_string(),
+    }
+}
+
+#[test]
+fn a_value_of_the_wrong_type_hides_no_other_problem() {
+    let text = r#"data_dir = "data"
+[log]
+colour = "blue"
+[[listeners]]
+address = "127.0.0.1:8080"
+[[routes]]
+from = 42
+to = ["http://127.0.0.1:3000"]
+read_timeout = "soon"
+[[routes]]
+from = "http://b.example.com"
+"#;
+    // The route whose `from` cannot be read is still checked, and is not also told that
+    // `from` is missing.
+    assert_eq!(
+        check_config_output(text),
+        "line 3: log.colour: unknown key\n\
+         line 7: routes[0].from: expected a string, found an integer\n\
+         line 9: routes[0].read_timeout: `soon` is not a duration (expected number at 0): \
+         write e.g. \"30s\" or \"500ms\"\n\
+         line 10: routes[1].to: missing required key: at least one upstream URL"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_inside_a_rule() {
+    let text = r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8080"
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis"
+client_secret = "a-literal-client-secret"
+auth_host = "auth.example.com"
+auth_scheme = "http"
+[[routes]]
+from = "http://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = "sre", paths = ["admin"] }
+[[routes.deny]]
+users = ["mallory@corp.example"]
+methods = ["DELETE", 3]
+"#;
+    // Without `groups` the allow rule names nobody, and without `methods` the deny rule
+    // denies everything: neither is said, as both go away with the type errors.
+    assert_eq!(
+        check_config_output(text),
+        "line 13: routes[0].allow.groups: expected an array, found a string\n\
+         line 16: routes[0].deny[0].methods[1]: expected a string, found an integer\n\
+         line 13: routes[0].allow.paths[0]: \"admin\" is not a valid path prefix: it does not \
+         start with /"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_in_server_and_a_bad_value_in_oidc() {
+    let text = r#"data_dir = "data"
+[server]
+threads = "two"
+[[listeners]]
+address = "127.0.0.1:8080"
+[oidc]
+issuer = "http://idp.example.com"
+client_id = "portcullis"
+client_secret = "a-literal-client-secret"
+auth_host = "auth.example.com"
+auth_scheme = "http"
+"#;
+    assert_eq!(
+        check_config_output(text),
+        "line 3: server.threads: expected an integer, found a string\n\
+         line 7: oidc.issuer: must be https: http is allowed only to 127.0.0.1, localhost or \
+         ::1, for tests and demos"
+    );
+}
+
+#[test]
+fn every_value_of_the_wrong_type_is_reported() {
+    let text = r#"data_dir = 7
+[server]
+threads = "two"
+shutdown_timeout = 30
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = true
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000", 3000]
+preserve_host = "yes"
+accept = "bearer"
+[scim]
+host = "auth.example.com"
+[[scim.tokens]]
+name = "okta"
+secret_sha256 = 1234
+expires = 2027-01-01T00:00:00Z
+"#;
+    // Each key that cannot be read counts as given: the listener as one with `tls` for the
+    // https route, `accept` as not known for the rules, `secret_sha256` as the token's hash.
+    assert_eq!(
+        check_config_output(text),
+        "line 1: data_dir: expected a string, found an integer\n\
+         line 3: server.threads: expected an integer, found a string\n\
+         line 4: server.shutdown_timeout: expected a string, found an integer\n\
+         line 7: listeners[0].tls: expected a table, found a boolean\n\
+         line 10: routes[0].to[1]: expected a string, found an integer\n\
+         line 11: routes[0].preserve_host: expected true or false, found a string\n\
+         line 12: routes[0].accept: expected an array, found a string\n\
+         line 17: scim.tokens[0].secret_sha256: expected a string, found an integer\n\
+         line 18: scim.tokens[0].expires: expected a string, found a date-time"
+    );
+}
+
+#[test]
+fn tables_and_arrays_of_tables_mistaken_for_each_other() {
+    let text = r#"data_dir = "data"
+server = [4]
+[[listeners]]
+address = "127.0.0.1:8080"
+[[oidc]]
+issuer = "https://idp.example.com"
+[jwt_issuers]
+issuer = "https://idp.example.com"
+audiences = ["api"]
+[[routes]]
+from = "http://app.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["session", "bearer"]
+allow = { any_signed_in = true }
+"#;
+    // A table is never read from an array, element by field (`server = [4]` is not
+    // `threads = 4`). The route is not told that "session" needs [oidc] and "bearer"
+    // [[jwt_issuers]].
+    assert_eq!(
+        check_config_output(text),
+        "line 2: server: expected a table, found an array\n\
+         line 5: oidc: expected a table, found an array\n\
+         line 7: jwt_issuers: expected an array, found a table"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_not_quoted() {
+    // A token written where the list of tokens goes.
+    let text = format!(
+        "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8080\"\n[scim]\n\
+         host = \"auth.example.com\"\ntokens = \"{TOKEN}\"\n"
+    );
+    assert_eq!(
+        check_config_output(&text),
+        "line 6: scim.tokens: expected an array, found a string"
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_is_the_only_problem_reported() {
+    // Nothing can be read from a file that is not TOML, so nothing else is reported.
+    let text = "data_dir = 7\n[server\nthreads = \"two\"\n";
+    assert_eq!(
+        check_config_output(text),
+        "line 2: unclosed table, expected `]`"
     );
 }

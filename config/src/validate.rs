@@ -5,6 +5,11 @@
 //! that is wrong. A helper returns `None` (or a default) only after adding a problem, and the
 //! assembled [`Config`] is returned only if no problem was found at all, so placeholder values
 //! never escape.
+//!
+//! A value of the wrong type is reported while the file is read, and is absent here. Where
+//! whether a key is given changes what other keys may be, such a value counts as given
+//! ([`Problems::skipped`]), so that `tls = true` is reported once, and not again as a missing
+//! TLS listener for every https route.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
@@ -43,8 +48,15 @@ pub(crate) fn convert(
     if file.listeners.is_empty() {
         p.add(&listeners_path, "at least one [[listeners]] is required");
     }
-    let has_tls_listener = file.listeners.iter().any(|l| l.tls.is_some());
-    let has_plain_listener = file.listeners.iter().any(|l| l.tls.is_none());
+    // Listeners that could not be read may be of either kind.
+    let unread_listeners = p.skipped(&listeners_path);
+    let has_tls_listener = unread_listeners
+        || file
+            .listeners
+            .iter()
+            .enumerate()
+            .any(|(i, l)| l.tls.is_some() || p.skipped(&listeners_path.index(i).key("tls")));
+    let has_plain_listener = unread_listeners || file.listeners.iter().any(|l| l.tls.is_none());
     let mut listeners = Vec::new();
     let mut addresses: Vec<(SocketAddr, usize)> = Vec::new();
     for (i, raw) in file.listeners.into_iter().enumerate() {
@@ -83,8 +95,8 @@ pub(crate) fn convert(
     };
 
     let sign_in = SignIn {
-        oidc: file.oidc.is_some(),
-        jwt_issuers: !file.jwt_issuers.is_empty(),
+        oidc: file.oidc.is_some() || p.skipped(&root.key("oidc")),
+        jwt_issuers: !file.jwt_issuers.is_empty() || p.skipped(&root.key("jwt_issuers")),
     };
     let mut routes = Vec::new();
     let mut route_keys: Vec<(Scheme, String, String, usize)> = Vec::new();
@@ -373,8 +385,13 @@ fn route(
         .max_request_body_bytes
         .and_then(|n| in_range(n, 0..=i64::MAX, &path.key("max_request_body_bytes"), p))
         .unwrap_or(server.max_request_body_bytes);
-    let access = Access::of(raw.accept.as_deref(), sign_in);
-    let accept = accept(raw.accept, &path.key("accept"), sign_in, p);
+    let accept_path = path.key("accept");
+    let access = if p.skipped(&accept_path) {
+        Access::Unknown
+    } else {
+        Access::of(raw.accept.as_deref(), sign_in)
+    };
+    let accept = accept(raw.accept, &accept_path, sign_in, p);
     let (allow, deny) = rules(raw.allow, raw.deny, path, access, p);
     let from = from?;
     Some(Route {
@@ -460,7 +477,8 @@ enum Access {
     /// Callers sign in; `defaulted` when `accept` is left out and `[oidc]` makes it
     /// `["session"]`.
     SignIn { defaulted: bool, bearer: bool },
-    /// `accept` is an empty list or mixes `"public"` with credentials: already a problem.
+    /// `accept` is an empty list, mixes `"public"` with credentials, or is not a list of
+    /// strings: already a problem.
     Unknown,
 }
 
@@ -914,10 +932,12 @@ fn scim(
                 (path.key("secret"), None)
             }
             (None, None) => {
-                p.add(
-                    &path.key("secret"),
-                    format!("{MISSING}: give `secret` or `secret_sha256`"),
-                );
+                if !p.skipped(&path.key("secret_sha256")) {
+                    p.add(
+                        &path.key("secret"),
+                        format!("{MISSING}: give `secret` or `secret_sha256`"),
+                    );
+                }
                 (path.key("secret"), None)
             }
             (Some(secret), None) => {
