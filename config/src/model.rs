@@ -1,14 +1,20 @@
 //! The validated configuration the rest of Portcullis uses.
 //!
 //! Every value here has already been checked: addresses parse, files exist and hold what they
-//! should, durations are positive, routes are unambiguous. Code that receives a [`Config`] never
-//! re-validates it.
+//! should, durations are positive, routes are unambiguous. What the proxy needs compiled or
+//! loaded is held compiled or loaded (each route's policy, header names, certificates and their
+//! keys, upstream CAs), so building the proxy's state from a [`Config`] cannot fail: nothing is
+//! read or compiled a second time. Code that receives a [`Config`] never re-validates it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_policy::RuleSpec;
+use http::{HeaderName, HeaderValue};
+use portcullis_policy::{Policy, RuleSpec};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
 
 /// A secret value read from the file, the environment (`env:NAME`) or a file (`file:PATH`).
 ///
@@ -106,6 +112,25 @@ pub struct CertificateFiles {
     pub key: PathBuf,
     /// DNS names (possibly `*.` wildcards) the leaf certificate is valid for, lower-cased.
     pub names: Vec<String>,
+    /// The chain and its key, loaded and checked to match.
+    pub loaded: LoadedKey,
+}
+
+/// A certificate chain and its private key, as read when the configuration was loaded. Equal
+/// when the certificates are; `Debug` shows neither the certificates nor the key.
+#[derive(Clone)]
+pub struct LoadedKey(pub Arc<CertifiedKey>);
+
+impl PartialEq for LoadedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.cert == other.0.cert
+    }
+}
+
+impl std::fmt::Debug for LoadedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LoadedKey({} certificates)", self.0.cert.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +174,8 @@ pub struct Route {
     /// Rules that refuse whatever the allow rules say, named like `allow`. Empty on public
     /// routes: every criterion of a deny rule names a caller, and nobody signs in there.
     pub deny: Vec<RuleSpec>,
+    /// `allow` and `deny`, compiled (once, here).
+    pub policy: Arc<Policy>,
     /// Set [`IdentityConfig::header_user`], `header_email` and `header_groups` on requests
     /// sent upstream (default on).
     pub identity_headers: bool,
@@ -183,6 +210,11 @@ pub struct Upstream {
     pub verify_tls: bool,
     /// PEM bundle of extra CA certificates trusted for this upstream.
     pub ca_file: Option<PathBuf>,
+    /// The certificates of `ca_file`, each checked to parse as X.509.
+    pub ca: Option<Arc<[CertificateDer<'static>]>>,
+    /// `Host` sent to this upstream unless the route preserves the client's: the host, and the
+    /// port unless it is the scheme's default.
+    pub host_header: HeaderValue,
 }
 
 /// SCIM 2.0 provisioning, served at `<scheme>://<host>/scim/v2` on every listener.
@@ -263,13 +295,13 @@ pub struct IdentityConfig {
     pub machine_claim: MachineClaim,
     /// The SCIM attribute `machine_claim` is matched against: `UserName` or `ExternalId`.
     pub machine_scim_attribute: ScimAttribute,
-    /// Header names for the caller's `userName`, email and groups, as written; each starts with
+    /// Header names for the caller's `userName`, email and groups; each starts with
     /// `X-Portcullis-` (in any case), so clients can never send it (such headers are stripped
     /// on the way in). Distinct from each other and from `X-Portcullis-Assertion`, even
     /// compared case-insensitively with `_` read as `-`.
-    pub header_user: String,
-    pub header_email: String,
-    pub header_groups: String,
+    pub header_user: HeaderName,
+    pub header_email: HeaderName,
+    pub header_groups: HeaderName,
     /// Fraction of allowed requests also written to the audit log, `0.0..=1.0`; refusals are
     /// always written.
     pub allow_sample_rate: f64,
@@ -283,9 +315,9 @@ impl Default for IdentityConfig {
             scim_attribute: ScimAttribute::UserName,
             machine_claim: MachineClaim::Sub,
             machine_scim_attribute: ScimAttribute::UserName,
-            header_user: "X-Portcullis-User".to_owned(),
-            header_email: "X-Portcullis-Email".to_owned(),
-            header_groups: "X-Portcullis-Groups".to_owned(),
+            header_user: HeaderName::from_static("x-portcullis-user"),
+            header_email: HeaderName::from_static("x-portcullis-email"),
+            header_groups: HeaderName::from_static("x-portcullis-groups"),
             allow_sample_rate: 0.0,
         }
     }

@@ -2,9 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use portcullis_policy::RuleSpec;
+use http::{HeaderName, HeaderValue};
+use portcullis_policy::{Policy, RuleSpec};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
@@ -1306,6 +1310,19 @@ to = ["http://127.0.0.1"]
     let config = fixture.parse(text).unwrap();
     let dir = fixture.path();
     let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    // What was loaded: each listener key with its own chain, the upstream CA's certificates.
+    let pem_certs = |file: &str| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(dir.join(file))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let tls = config.listeners[1].tls.as_ref().unwrap();
+    let loaded = |i: usize| tls.certificates[i].loaded.clone();
+    assert_eq!(loaded(0).0.cert, pem_certs("a.pem"));
+    assert_eq!(loaded(1).0.cert, pem_certs("b.pem"));
+    let ca: Arc<[CertificateDer<'static>]> = pem_certs("ca.pem").into();
+    let public = |name: &str| Arc::new(Policy::compile(vec![public_rule(name)], vec![]).unwrap());
     let expected = Config {
         data_dir: dir.join("./data"),
         log: LogConfig {
@@ -1335,11 +1352,13 @@ to = ["http://127.0.0.1"]
                             cert: dir.join("a.pem"),
                             key: dir.join("a-key.pem"),
                             names: vec!["app.example.com".into(), "*.example.com".into()],
+                            loaded: loaded(0),
                         },
                         CertificateFiles {
                             cert: dir.join("b.pem"),
                             key: dir.join("b-key.pem"),
                             names: vec!["b.example.org".into()],
+                            loaded: loaded(1),
                         },
                     ],
                 }),
@@ -1360,6 +1379,8 @@ to = ["http://127.0.0.1"]
                         address: addr("127.0.0.1:3000"),
                         verify_tls: false,
                         ca_file: Some(dir.join("ca.pem")),
+                        ca: Some(ca.clone()),
+                        host_header: HeaderValue::from_static("127.0.0.1:3000"),
                     },
                     Upstream {
                         url: "https://[::1]:8443/".into(),
@@ -1369,6 +1390,8 @@ to = ["http://127.0.0.1"]
                         address: addr("[::1]:8443"),
                         verify_tls: false,
                         ca_file: Some(dir.join("ca.pem")),
+                        ca: Some(ca.clone()),
+                        host_header: HeaderValue::from_static("[::1]:8443"),
                     },
                 ],
                 preserve_host: true,
@@ -1379,6 +1402,7 @@ to = ["http://127.0.0.1"]
                 accept: vec![],
                 allow: vec![public_rule("routes[0].allow")],
                 deny: vec![],
+                policy: public("routes[0].allow"),
                 identity_headers: true,
                 assertion: true,
                 token_groups: false,
@@ -1396,6 +1420,8 @@ to = ["http://127.0.0.1"]
                     address: addr("127.0.0.1:80"),
                     verify_tls: true,
                     ca_file: None,
+                    ca: None,
+                    host_header: HeaderValue::from_static("127.0.0.1"),
                 }],
                 preserve_host: false,
                 websockets: false,
@@ -1405,6 +1431,7 @@ to = ["http://127.0.0.1"]
                 accept: vec![],
                 allow: vec![public_rule("routes[1].allow")],
                 deny: vec![],
+                policy: public("routes[1].allow"),
                 identity_headers: true,
                 assertion: true,
                 token_groups: false,
@@ -1656,9 +1683,9 @@ allow_sample_rate = 1
         scim_attribute: ScimAttribute::ExternalId,
         machine_claim: MachineClaim::ClientId,
         machine_scim_attribute: ScimAttribute::ExternalId,
-        header_user: "x-portcullis-login".into(),
-        header_email: "X-PORTCULLIS-MAIL".into(),
-        header_groups: "X-Portcullis-Member_Of".into(),
+        header_user: HeaderName::from_static("x-portcullis-login"),
+        header_email: HeaderName::from_static("x-portcullis-mail"),
+        header_groups: HeaderName::from_static("x-portcullis-member_of"),
         allow_sample_rate: 1.0,
     };
     assert_eq!(config.identity, expected);

@@ -15,9 +15,12 @@ pub(crate) enum PairError {
     Key(String),
 }
 
-/// Loads a certificate chain and its key, checks they match, and returns the DNS names in the
-/// leaf's subjectAltName, lower-cased.
-pub(crate) fn load_pair(cert: &Path, key: &Path) -> Result<Vec<String>, Vec<PairError>> {
+/// Loads a certificate chain and its key, checks they match, and returns them with the DNS
+/// names in the leaf's subjectAltName, lower-cased.
+pub(crate) fn load_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(CertifiedKey, Vec<String>), Vec<PairError>> {
     let chain = read_certificates(cert).map_err(PairError::Cert);
     let private_key = read_private_key(key).map_err(PairError::Key);
     let (chain, private_key) = match (chain, private_key) {
@@ -31,7 +34,7 @@ pub(crate) fn load_pair(cert: &Path, key: &Path) -> Result<Vec<String>, Vec<Pair
     };
     let names = dns_names(&chain[0]).map_err(|e| vec![PairError::Cert(e)])?;
     match CertifiedKey::from_der(chain, private_key, &default_provider()) {
-        Ok(_) => Ok(names),
+        Ok(certified) => Ok((certified, names)),
         Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
             Err(vec![PairError::Key(format!(
                 "{} does not match the certificate in {}",
@@ -56,6 +59,22 @@ pub(crate) fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'stati
         return Err(format!("no PEM certificate in {}", path.display()));
     }
     Ok(chain)
+}
+
+/// The CA certificates an upstream is verified against: every PEM certificate in the file, each
+/// checked to parse as X.509 (as the TLS client will parse it).
+pub(crate) fn read_ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = read_certificates(path)?;
+    for (i, der) in certificates.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der).map_err(|e| {
+            format!(
+                "certificate {} in {} is not X.509: {e}",
+                i + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(certificates)
 }
 
 fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {

@@ -14,9 +14,12 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use portcullis_policy::{Policy, RuleSpec};
+use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -24,8 +27,8 @@ use time::OffsetDateTime;
 use crate::file;
 use crate::model::{
     AdminConfig, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig, JwtAlgorithm,
-    JwtIssuer, Listener, ListenerTls, LogConfig, LogFormat, MachineClaim, OidcConfig, Route,
-    Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
+    JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim, OidcConfig,
+    Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -276,7 +279,12 @@ fn listener_tls(
     for (pair_path, cert, key) in pairs {
         let (cert, key) = (base_dir.join(cert), base_dir.join(key));
         match tls::load_pair(&cert, &key) {
-            Ok(names) => certificates.push(CertificateFiles { cert, key, names }),
+            Ok((certified, names)) => certificates.push(CertificateFiles {
+                cert,
+                key,
+                names,
+                loaded: LoadedKey(Arc::new(certified)),
+            }),
             Err(errors) => {
                 for error in errors {
                     match error {
@@ -336,10 +344,10 @@ fn route(
     base_dir: &Path,
     p: &mut Problems<'_>,
 ) -> Option<Route> {
-    let ca_file = raw.tls_ca.and_then(|ca| {
+    let ca = raw.tls_ca.and_then(|ca| {
         let ca = base_dir.join(ca);
-        match tls::read_certificates(&ca) {
-            Ok(_) => Some(ca),
+        match tls::read_ca_certificates(&ca) {
+            Ok(certificates) => Some((ca, Arc::<[CertificateDer<'static>]>::from(certificates))),
             Err(message) => {
                 p.add(&path.key("tls_ca"), message);
                 None
@@ -361,7 +369,7 @@ fn route(
             .into_iter()
             .enumerate()
             .filter_map(|(j, url)| {
-                upstream(url, verify_tls, ca_file.clone())
+                upstream(url, verify_tls, ca.clone())
                     .map_err(|message| p.add(&to_path.index(j), message))
                     .ok()
             })
@@ -392,7 +400,7 @@ fn route(
         Access::of(raw.accept.as_deref(), sign_in)
     };
     let accept = accept(raw.accept, &accept_path, sign_in, p);
-    let (allow, deny) = rules(raw.allow, raw.deny, path, access, p);
+    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, access, p);
     let from = from?;
     Some(Route {
         name: raw.from?,
@@ -408,6 +416,7 @@ fn route(
         accept,
         allow,
         deny,
+        policy: Arc::new(policy?),
         identity_headers: raw.identity_headers.unwrap_or(true),
         assertion: raw.assertion.unwrap_or(true),
         token_groups: raw.token_groups.unwrap_or(false),
@@ -511,7 +520,7 @@ fn rules(
     path: &KeyPath,
     access: Access,
     p: &mut Problems<'_>,
-) -> (Vec<RuleSpec>, Vec<RuleSpec>) {
+) -> (Vec<RuleSpec>, Vec<RuleSpec>, Option<Policy>) {
     let allow_path = path.key("allow");
     let allow_written = allow.is_some();
     let mut allow = rule_list(allow, &allow_path, p);
@@ -574,20 +583,24 @@ fn rules(
 
     let allow_specs: Vec<RuleSpec> = allow.iter().map(|(_, spec)| spec.clone()).collect();
     let deny_specs: Vec<RuleSpec> = deny.iter().map(|(_, spec)| spec.clone()).collect();
-    if let Err(errors) = Policy::compile(allow_specs.clone(), deny_specs.clone()) {
-        for error in errors {
-            let rule_path = allow
-                .iter()
-                .chain(&deny)
-                .find(|(_, spec)| spec.name == error.rule)
-                .map_or(path, |(rule_path, _)| rule_path);
-            p.add(
-                &field_path(rule_path, &error.field),
-                error.problem.to_string(),
-            );
+    let policy = match Policy::compile(allow_specs.clone(), deny_specs.clone()) {
+        Ok(policy) => Some(policy),
+        Err(errors) => {
+            for error in errors {
+                let rule_path = allow
+                    .iter()
+                    .chain(&deny)
+                    .find(|(_, spec)| spec.name == error.rule)
+                    .map_or(path, |(rule_path, _)| rule_path);
+                p.add(
+                    &field_path(rule_path, &error.field),
+                    error.problem.to_string(),
+                );
+            }
+            None
         }
-    }
-    (allow_specs, deny_specs)
+    };
+    (allow_specs, deny_specs, policy)
 }
 
 /// The rules under `path`, each with its key path, which is also its name: `path` itself for
@@ -745,14 +758,13 @@ fn identity(raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Identi
             None => default,
             Some(name) => identity_header(&name)
                 .map_err(|message| p.add(&header_path, message))
-                .map(|()| name)
                 .unwrap_or(default),
         };
         (key, header_path, name)
     });
-    let normalized = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+    let normalized = |name: &HeaderName| name.as_str().replace('_', "-");
     for (j, (_, header_path, name)) in headers.iter().enumerate() {
-        if normalized(name) == normalized(ASSERTION_HEADER) {
+        if normalized(name) == ASSERTION_HEADER.to_ascii_lowercase() {
             p.add(
                 header_path,
                 format!("`{name}` is taken: {ASSERTION_HEADER} carries the signed assertion"),
@@ -803,7 +815,7 @@ const ASSERTION_HEADER: &str = "X-Portcullis-Assertion";
 
 /// An identity header's name: a valid header name starting with `X-Portcullis-`, the prefix
 /// Portcullis strips from every client request, so that a client can never send it.
-fn identity_header(name: &str) -> Result<(), String> {
+fn identity_header(name: &str) -> Result<HeaderName, String> {
     const PREFIX: &str = "x-portcullis-";
     if !is_token(name) {
         return Err(format!(
@@ -819,7 +831,7 @@ fn identity_header(name: &str) -> Result<(), String> {
              headers from every client request, so a client can never send one"
         ));
     }
-    Ok(())
+    HeaderName::try_from(name).map_err(|e| format!("`{name}` is not a header name: {e}"))
 }
 
 /// `tchar` of RFC 9110 §5.6.2: what a header name is made of.
@@ -1469,7 +1481,11 @@ fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
     Ok(sha256)
 }
 
-fn upstream(url: String, verify_tls: bool, ca_file: Option<PathBuf>) -> Result<Upstream, String> {
+fn upstream(
+    url: String,
+    verify_tls: bool,
+    ca: Option<(PathBuf, Arc<[CertificateDer<'static>]>)>,
+) -> Result<Upstream, String> {
     let parts = split_url(&url)?;
     if !parts.path.is_empty() && parts.path != "/" {
         return Err(format!(
@@ -1488,6 +1504,19 @@ fn upstream(url: String, verify_tls: bool, ca_file: Option<PathBuf>) -> Result<U
         .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
         .next()
         .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+    let bracketed = if parts.bracketed {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let host_header = if port == if tls { 443 } else { 80 } {
+        bracketed
+    } else {
+        format!("{bracketed}:{port}")
+    };
+    let host_header = HeaderValue::try_from(host_header)
+        .map_err(|e| format!("`{host}` cannot be sent as a Host header: {e}"))?;
+    let (ca_file, ca) = ca.unzip();
     Ok(Upstream {
         url,
         tls,
@@ -1496,6 +1525,8 @@ fn upstream(url: String, verify_tls: bool, ca_file: Option<PathBuf>) -> Result<U
         address,
         verify_tls,
         ca_file,
+        ca,
+        host_header,
     })
 }
 

@@ -27,7 +27,7 @@ pub(crate) fn has_bit(bits: &[u64], rule: usize) -> bool {
         .is_some_and(|word| word & (1 << (rule % 64)) != 0)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
     /// The key as stored: folded for case-insensitive tables.
     pub key: Box<str>,
@@ -46,7 +46,7 @@ pub(crate) enum Compare {
     UnicodeCase,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StrIndex {
     compare: Compare,
     words: usize,

@@ -27,8 +27,9 @@ const KNOWN_METHODS: [&str; 9] = [
 /// configuration load with [`Policy::compile`], share it (it is `Send + Sync`), and call
 /// [`Policy::evaluate`] per request; evaluation does not allocate.
 ///
-/// A policy with no rules refuses everything.
-#[derive(Debug, Clone)]
+/// A policy with no rules refuses everything. Two policies compiled from the same rules are
+/// equal.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Deny rules first, then allow rules, each in the order given.
     rules: Box<[Rule]>,
@@ -53,7 +54,7 @@ enum Effect {
     Deny,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Rule {
     name: Box<str>,
     effect: Effect,
@@ -62,7 +63,7 @@ struct Rule {
     paths: Option<Box<[Box<str>]>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct MethodSet {
     /// One bit per entry of `KNOWN_METHODS`.
     known: u16,

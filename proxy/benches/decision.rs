@@ -46,7 +46,6 @@ use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
 use portcullis::gate::{Admission, Client, Facts, Gate, Presented};
 use portcullis_config::Config;
-use portcullis_policy::Policy;
 use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::Directory;
 
@@ -145,7 +144,6 @@ fn ready<F: Future>(future: F) -> F::Output {
 
 struct Fixture {
     config: Config,
-    policy: Policy,
     auth: Auth,
     directory: Arc<Directory>,
     /// Requests carrying a session cookie, one per session.
@@ -172,10 +170,6 @@ impl Fixture {
         );
         let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
             .unwrap_or_else(|e| panic!("bench config: {e}"));
-        let route = &config.routes[0];
-        // As state.rs compiles each route's rules at load.
-        let policy = Policy::compile(route.allow.clone(), route.deny.clone())
-            .unwrap_or_else(|_| panic!("the bench route's rules compile"));
 
         let sessions_dir = tempfile::tempdir().expect("tempdir");
         let auth = Auth::new(sessions_dir.path(), directory.clone()).expect("auth");
@@ -226,7 +220,6 @@ impl Fixture {
         }));
         Fixture {
             config,
-            policy,
             auth,
             directory,
             requests,
@@ -245,7 +238,6 @@ impl Fixture {
     fn facts<'a>(&'a self, req: &'a RequestHeader) -> Facts<'a> {
         Facts {
             route: &self.config.routes[0],
-            policy: &self.policy,
             method: req.method.as_str(),
             path: req.uri.path(),
             client: Client::of(&req.headers),

@@ -135,7 +135,6 @@ pub fn explain(
     answer.route = Some(route.config.name.clone());
     let facts = Facts {
         route: &route.config,
-        policy: &route.policy,
         method: &method,
         path: &path,
         client: Client::Browser,
@@ -183,7 +182,7 @@ pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Ex
         Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
             .map_err(|e| format!("cannot load the directory: {e}"))?,
     );
-    let runtime = Runtime::build(config, &directory)?;
+    let runtime = Runtime::build(config, &directory);
     explain(&runtime, &directory, user, url, method)
 }
 

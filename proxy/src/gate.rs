@@ -26,7 +26,7 @@ use http::header::{self, HeaderMap};
 use portcullis_config::{
     Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
 };
-use portcullis_policy::{Decision, GroupRef, Policy, Reason, Request, Subject, SubjectKind};
+use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{Directory, SubjectKey};
 
 use crate::caller::{Identity, Machine, Principal};
@@ -65,9 +65,8 @@ impl Client {
 /// The request being judged.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
+    /// The route, with its compiled rules.
     pub route: &'a Route,
-    /// The route's rules, compiled.
-    pub policy: &'a Policy,
     pub method: &'a str,
     /// The normalized path, exactly as it is routed and sent upstream.
     pub path: &'a str,
@@ -240,7 +239,7 @@ impl Gate<'_> {
                     Cause::NotInDirectory | Cause::NoIdentifyingClaim
                 ) =>
             {
-                match facts.policy.evaluate(None, &request) {
+                match facts.route.policy.evaluate(None, &request) {
                     decision if decision.allowed => allow_anonymous(&decision, explain),
                     _ => Admission::Refuse(Refused::Forbid(refusal)),
                 }
@@ -260,7 +259,7 @@ impl Gate<'_> {
         invalid_token: bool,
         explain: bool,
     ) -> Admission {
-        let decision = facts.policy.evaluate(None, request);
+        let decision = facts.route.policy.evaluate(None, request);
         if decision.allowed {
             return allow_anonymous(&decision, explain);
         }
@@ -350,7 +349,7 @@ impl Gate<'_> {
                 active: view.user.active,
                 groups: &groups,
             };
-            let decision = facts.policy.evaluate(Some(&subject), request);
+            let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
                 return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
             }
@@ -488,7 +487,7 @@ fn on_token(
         active: true,
         groups: &groups,
     };
-    let decision = facts.policy.evaluate(Some(&subject), request);
+    let decision = facts.route.policy.evaluate(Some(&subject), request);
     if !decision.allowed {
         return Judged::Refuse(refusal(Some(user.clone()), &decision));
     }

@@ -230,7 +230,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         clock::now_unix(),
         assertion::TOKEN_TTL,
     )?);
-    let runtime = Runtime::build(config, &directory)?;
+    let runtime = Runtime::build(config, &directory);
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),
         directory,
@@ -238,7 +238,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         signer,
         audit,
         runtime,
-    )?);
+    ));
 
     let conf = ServerConf {
         threads: server_config.threads,

@@ -63,6 +63,8 @@ impl Proxy {
 
 pub struct RequestCtx {
     started: Instant,
+    /// The configuration this request lives by, whatever reloads meanwhile.
+    runtime: Option<Arc<Runtime>>,
     route: Option<Arc<CompiledRoute>>,
     /// The normalized path when it differs from what the client sent.
     normalized_path: Option<String>,
@@ -105,6 +107,7 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             started: Instant::now(),
+            runtime: None,
             route: None,
             normalized_path: None,
             tls: false,
@@ -126,6 +129,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // 1.1 The configuration this request lives by, whatever reloads meanwhile.
         let runtime = self.shared.runtime.load_full();
+        ctx.runtime = Some(runtime.clone());
         ctx.tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
@@ -204,7 +208,6 @@ impl ProxyHttp for Proxy {
         let client = Client::of(&req.headers);
         let facts = Facts {
             route: &route.config,
-            policy: &route.policy,
             method: req.method.as_str(),
             path,
             client,
@@ -318,17 +321,18 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         strip_identity_headers(upstream_request);
-        if let (Some(route), Some(forward)) = (&ctx.route, &ctx.forward) {
+        if let (Some(runtime), Some(route), Some(forward)) = (&ctx.runtime, &ctx.route, &ctx.forward)
+        {
             if route.config.identity_headers {
-                let headers = &self.shared.runtime.load().headers;
-                upstream_request.insert_header(headers.user.clone(), forward.user.as_str())?;
+                let names = &runtime.config.identity;
+                upstream_request.insert_header(names.header_user.clone(), forward.user.as_str())?;
                 if let Some(email) = &forward.email {
-                    upstream_request.insert_header(headers.email.clone(), email.as_str())?;
+                    upstream_request.insert_header(names.header_email.clone(), email.as_str())?;
                 }
-                upstream_request.insert_header(headers.groups.clone(), forward.groups.as_str())?;
+                upstream_request
+                    .insert_header(names.header_groups.clone(), forward.groups.as_str())?;
             }
             if route.config.assertion {
-                let runtime = self.shared.runtime.load();
                 let issuer = runtime.assertion_issuer.as_str();
                 let groups: Vec<&str> = forward.group_names.iter().map(String::as_str).collect();
                 let claims = AssertionClaims {

@@ -63,20 +63,15 @@ impl Reloader {
                 "listener addresses, admin, threads and data_dir take effect only after a restart"
             );
         }
-        // Load every certificate before swapping anything, so a bad one changes nothing.
-        let mut cert_sets = Vec::new();
+        // Loading the file loaded its certificates: nothing past this point can fail.
         for listener in &config.listeners {
             if let (Some(tls), Some(resolver)) =
                 (&listener.tls, self.shared.resolvers.get(&listener.address))
             {
-                let certs = CertSet::load(tls).map_err(|e| vec![e])?;
-                cert_sets.push((resolver.clone(), certs));
+                resolver.replace(CertSet::new(tls));
             }
         }
-        let runtime = Runtime::build(config, &self.shared.directory).map_err(|e| vec![e])?;
-        for (resolver, certs) in cert_sets {
-            resolver.replace(certs);
-        }
+        let runtime = Runtime::build(config, &self.shared.directory);
         self.shared.install(runtime);
         Ok(())
     }

@@ -12,8 +12,6 @@ pub struct CompiledRoute {
     pub config: Route,
     pub upstreams: UpstreamSet,
     pub metrics: crate::metrics::RouteMetrics,
-    /// The route's rules, compiled once (a public route has a `public` allow rule).
-    pub policy: portcullis_policy::Policy,
 }
 
 /// Routes indexed by host. Within a host, routes are ordered by descending prefix length so the

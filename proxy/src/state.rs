@@ -12,7 +12,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use portcullis_config::{Config, Scheme};
-use portcullis_policy::Policy;
 use portcullis_scim::store::Directory;
 
 use crate::assertion::Signer;
@@ -35,55 +34,25 @@ pub struct Runtime {
     /// Port of the first TLS listener, used when redirecting a plain request to https.
     pub https_port: Option<u16>,
     pub scim: Option<Scim>,
-    /// The identity header names, parsed once.
-    pub headers: IdentityHeaders,
     /// `iss` of the identity assertions: the sign-in origin, or `portcullis` without sign-in.
     pub assertion_issuer: String,
 }
 
-pub struct IdentityHeaders {
-    pub user: http::HeaderName,
-    pub email: http::HeaderName,
-    pub groups: http::HeaderName,
-}
-
-impl IdentityHeaders {
-    fn new(identity: &portcullis_config::IdentityConfig) -> Result<Self, String> {
-        let name = |s: &str| {
-            http::HeaderName::try_from(s.to_ascii_lowercase())
-                .map_err(|e| format!("identity header {s}: {e}"))
-        };
-        Ok(Self {
-            user: name(&identity.header_user)?,
-            email: name(&identity.header_email)?,
-            groups: name(&identity.header_groups)?,
-        })
-    }
-}
-
 impl Runtime {
-    pub fn build(config: Config, directory: &Arc<Directory>) -> Result<Self, String> {
+    /// The state for `config`. It cannot fail: the configuration holds everything compiled and
+    /// loaded already (see `portcullis_config::model`).
+    pub fn build(config: Config, directory: &Arc<Directory>) -> Self {
         let routes = config
             .routes
             .iter()
             .map(|route| {
-                let upstreams =
-                    UpstreamSet::new(route).map_err(|e| format!("route {}: {e}", route.name))?;
-                // check-config compiled these already; a failure here is a bug, and the route
-                // is refused rather than left open.
-                let policy =
-                    Policy::compile(route.allow.clone(), route.deny.clone()).map_err(|errors| {
-                        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                        format!("route {}: {}", route.name, list.join("; "))
-                    })?;
-                Ok(Arc::new(CompiledRoute {
+                Arc::new(CompiledRoute {
                     config: route.clone(),
-                    upstreams,
+                    upstreams: UpstreamSet::new(route),
                     metrics: RouteMetrics::new(&route.name),
-                    policy,
-                }))
+                })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect();
         let https_port = config
             .listeners
             .iter()
@@ -93,11 +62,10 @@ impl Runtime {
             .scim
             .as_ref()
             .map(|scim| Scim::new(scim, directory.clone()));
-        Ok(Self {
+        Self {
             routes: RouteTable::new(routes),
             https_port,
             scim,
-            headers: IdentityHeaders::new(&config.identity)?,
             assertion_issuer: config.oidc.as_ref().map_or_else(
                 || "portcullis".to_owned(),
                 |oidc| {
@@ -109,7 +77,7 @@ impl Runtime {
                 },
             ),
             config,
-        })
+        }
     }
 
     pub fn scheme_of(tls: bool) -> Scheme {
@@ -152,15 +120,17 @@ impl Shared {
         signer: Arc<Signer>,
         audit: Arc<Audit>,
         runtime: Runtime,
-    ) -> Result<Self, String> {
-        let mut resolvers = HashMap::new();
-        for listener in &runtime.config.listeners {
-            if let Some(tls) = &listener.tls {
-                let certs = CertSet::load(tls)?;
-                resolvers.insert(listener.address, Arc::new(SniResolver::new(certs)));
-            }
-        }
-        Ok(Self {
+    ) -> Self {
+        let resolvers = runtime
+            .config
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                let certs = CertSet::new(listener.tls.as_ref()?);
+                Some((listener.address, Arc::new(SniResolver::new(certs))))
+            })
+            .collect();
+        Self {
             config_path,
             directory,
             auth,
@@ -171,7 +141,7 @@ impl Shared {
             streams: Arc::default(),
             reloads: tokio::sync::watch::Sender::new(0),
             draining: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Installs a new configuration: new requests use it, open connections are judged again
@@ -233,7 +203,6 @@ impl Shared {
         };
         let facts = Facts {
             route: &route.config,
-            policy: &route.policy,
             method: &open.method,
             path: &open.path,
             client: open.client,

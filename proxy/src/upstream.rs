@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::utils::tls::WrappedX509;
+use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use portcullis_config::{Route, Upstream};
@@ -34,23 +35,21 @@ struct Backend {
 }
 
 impl UpstreamSet {
-    pub fn new(route: &Route) -> Result<Self, String> {
+    pub fn new(route: &Route) -> Self {
         let upstreams = route
             .upstreams
             .iter()
-            .map(|upstream| {
-                Ok(Backend {
-                    peer: build_peer(route, upstream)?,
-                    host_header: host_header(upstream)?,
-                    down_until_ms: AtomicU64::new(0),
-                })
+            .map(|upstream| Backend {
+                peer: build_peer(route, upstream),
+                host_header: upstream.host_header.clone(),
+                down_until_ms: AtomicU64::new(0),
             })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(Self {
+            .collect();
+        Self {
             upstreams,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
-        })
+        }
     }
 
     /// How many upstreams the route has.
@@ -108,22 +107,7 @@ impl UpstreamSet {
     }
 }
 
-fn host_header(upstream: &Upstream) -> Result<HeaderValue, String> {
-    let default_port = if upstream.tls { 443 } else { 80 };
-    let host = if upstream.host.contains(':') {
-        format!("[{}]", upstream.host)
-    } else {
-        upstream.host.clone()
-    };
-    let value = if upstream.port == default_port {
-        host
-    } else {
-        format!("{host}:{}", upstream.port)
-    };
-    HeaderValue::from_str(&value).map_err(|e| format!("{}: bad host: {e}", upstream.url))
-}
-
-fn build_peer(route: &Route, upstream: &Upstream) -> Result<HttpPeer, String> {
+fn build_peer(route: &Route, upstream: &Upstream) -> HttpPeer {
     let sni = if upstream.tls {
         upstream.host.clone()
     } else {
@@ -142,22 +126,21 @@ fn build_peer(route: &Route, upstream: &Upstream) -> Result<HttpPeer, String> {
     } else {
         HttpUpstreamRequestPolicy::deny_upgrades()
     };
-    if let Some(ca_file) = &upstream.ca_file {
-        options.ca = Some(Arc::from(load_ca(ca_file)?));
+    if let Some(ca) = &upstream.ca {
+        options.ca = Some(wrap_ca(ca));
     }
-    Ok(peer)
+    peer
 }
 
-fn load_ca(path: &std::path::Path) -> Result<Vec<WrappedX509>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut certs = Vec::new();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-        let wrapped = WrappedX509::try_new(cert.to_vec(), |der| {
-            X509Certificate::from_der(der).map(|(_, parsed)| parsed)
+/// The upstream's CA certificates as pingora takes them. Validation parsed each with the same
+/// parser, so none is dropped here; if one were, the upstream would be trusted less, not more.
+fn wrap_ca(ca: &[CertificateDer<'static>]) -> Arc<[WrappedX509]> {
+    ca.iter()
+        .filter_map(|der| {
+            WrappedX509::try_new(der.to_vec(), |der| {
+                X509Certificate::from_der(der).map(|(_, parsed)| parsed)
+            })
+            .ok()
         })
-        .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-        certs.push(wrapped);
-    }
-    Ok(certs)
+        .collect()
 }
