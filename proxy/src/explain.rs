@@ -262,7 +262,24 @@ impl std::fmt::Display for Explanation {
 
 #[cfg(test)]
 mod tests {
-    use super::raw_path;
+    use super::*;
+    use crate::testing::World;
+
+    const ALICE: &str = "alice@corp.example";
+
+    async fn world() -> World {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        world
+    }
+
+    fn ask(world: &World, user: &str, url: &str, method: &str) -> Explanation {
+        match explain(&world.runtime(), &world.directory, user, url, method) {
+            Ok(answer) => answer,
+            Err(e) => panic!("{user} {method} {url}: {e}"),
+        }
+    }
 
     #[test]
     fn the_path_is_taken_as_written() {
@@ -273,5 +290,120 @@ mod tests {
         );
         assert_eq!(raw_path("https://app.example//admin#/frag"), "//admin");
         assert_eq!(raw_path("http://app.example:8080/%61dmin"), "/%61dmin");
+    }
+
+    #[tokio::test]
+    async fn an_allow_names_the_route_the_user_and_the_rule() {
+        let world = world().await;
+        let answer = ask(&world, ALICE, "http://app.test/work", "get");
+        assert!(answer.allowed);
+        assert_eq!(answer.method, "GET");
+        assert_eq!(answer.route.as_deref(), Some("http://app.test"));
+        assert_eq!(answer.rule.as_deref(), Some("routes[0].allow[0]"));
+        let user = answer
+            .directory_user
+            .clone()
+            .expect("alice is in the directory");
+        assert_eq!((user.user_name.as_str(), user.active), (ALICE, true));
+        assert_eq!(user.groups, ["eng"]);
+        assert!(answer
+            .to_string()
+            .starts_with("ALLOW GET http://app.test/work"));
+    }
+
+    #[tokio::test]
+    async fn the_path_is_judged_as_the_proxy_normalizes_it() {
+        let world = world().await;
+        for url in [
+            "http://app.test/admin",
+            "http://app.test/x/../admin",
+            "http://app.test//admin",
+            "http://app.test/%61dmin/users",
+        ] {
+            let answer = ask(&world, ALICE, url, "POST");
+            assert!(!answer.allowed, "{url}");
+            assert_eq!(answer.rule.as_deref(), Some("routes[0].deny"), "{url}");
+        }
+        let answer = ask(&world, ALICE, "http://app.test/admin%2fx", "GET");
+        assert!(
+            answer.reason.starts_with("refused with 400"),
+            "{}",
+            answer.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn strangers_and_unserved_addresses_are_explained() {
+        let world = world().await;
+        let answer = ask(&world, "mallory@example.com", "http://app.test/work", "GET");
+        assert!(!answer.allowed);
+        assert!(answer.directory_user.is_none());
+        assert!(answer.reason.contains("not a user in the directory"));
+        let answer = ask(&world, ALICE, "http://nowhere.test/", "GET");
+        assert!(answer.reason.contains("no route serves this address"));
+        let answer = ask(&world, ALICE, "https://app.test/", "GET");
+        assert!(
+            answer.reason.contains("over the other scheme only"),
+            "{}",
+            answer.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn people_cannot_sign_in_to_a_route_for_bearer_tokens() {
+        let world = world().await;
+        let answer = ask(&world, ALICE, "http://api.test/v1", "GET");
+        assert!(!answer.allowed);
+        assert!(
+            answer.reason.contains("takes bearer tokens only"),
+            "{}",
+            answer.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn public_addresses_are_open_to_anyone_and_others_on_a_public_route_are_not() {
+        let world = world().await;
+        let open = ask(
+            &world,
+            "anyone@example.com",
+            "http://open.test/open/x",
+            "GET",
+        );
+        assert!(open.allowed);
+        assert_eq!(open.rule.as_deref(), Some("routes[2].allow"));
+        let closed = ask(
+            &world,
+            "anyone@example.com",
+            "http://open.test/closed",
+            "GET",
+        );
+        assert!(!closed.allowed);
+        assert_eq!(closed.reason, "this address is not public");
+    }
+
+    #[tokio::test]
+    async fn a_change_in_the_directory_shows_at_once() {
+        let world = world().await;
+        assert!(ask(&world, ALICE, "http://app.test/work", "GET").allowed);
+        world.set_active(&world.id_of(ALICE), false).await;
+        let answer = ask(&world, ALICE, "http://app.test/work", "GET");
+        assert!(!answer.allowed);
+        assert!(answer.reason.contains("deactivated"), "{}", answer.reason);
+        assert!(
+            answer.to_string().contains("(inactive; groups: eng)"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_questions_are_errors() {
+        let world = world().await;
+        let runtime = world.runtime();
+        let err = |user: &str, url: &str| explain(&runtime, &world.directory, user, url, "GET");
+        assert!(err("", "http://app.test/").is_err());
+        assert!(err(ALICE, "ftp://app.test/").is_err());
+        assert!(err(ALICE, "not a url").is_err());
+        assert!(err(ALICE, &format!("http://app.test/{}", "a".repeat(5000))).is_err());
     }
 }

@@ -563,3 +563,587 @@ impl Why {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::caller::Identity;
+    use crate::testing::{config, machine, World};
+
+    const ALICE: &str = "alice@corp.example";
+    const BOB: &str = "bob@corp.example";
+    const BOT: &str = "build-bot";
+
+    /// alice and the build bot are in `eng`; bob is in no group.
+    async fn world() -> World {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        world.user(BOB).await;
+        let bot = world.user(BOT).await;
+        world.group("eng", &[&alice, &bot]).await;
+        world
+    }
+
+    fn facts<'a>(world: &'a World, route: usize, method: &'a str, path: &'a str) -> Facts<'a> {
+        Facts {
+            route: &world.config.routes[route],
+            method,
+            path,
+            client: Client::Browser,
+        }
+    }
+
+    fn as_person(world: &World, identity: &Identity, route: usize, path: &str) -> Admission {
+        world.gate().admit(
+            &facts(world, route, "GET", path),
+            Presented::Caller(Principal::Person(identity)),
+        )
+    }
+
+    fn forbidden(admission: Admission) -> Refusal {
+        match admission {
+            Admission::Refuse(Refused::Forbid(refusal)) => refusal,
+            other => panic!("expected a 403, got {other:?}"),
+        }
+    }
+
+    fn allowed(admission: Admission) -> Pass {
+        match admission {
+            Admission::Allow(pass) => pass,
+            other => panic!("expected to be let in, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_of_an_allowed_group_is_let_in_and_named_to_the_upstream() {
+        let world = world().await;
+        let pass = allowed(as_person(&world, &world.person(ALICE), 0, "/work"));
+        let forward = pass.forward.expect("the upstream is told who");
+        assert_eq!(forward.user, ALICE);
+        assert_eq!(forward.email.as_deref(), Some(ALICE));
+        assert_eq!(forward.groups, "eng");
+        assert_eq!(forward.group_names, ["eng"]);
+        assert_eq!(pass.why, None, "only explain says why");
+    }
+
+    #[tokio::test]
+    async fn someone_no_rule_allows_is_forbidden_with_their_own_name() {
+        let world = world().await;
+        let refusal = forbidden(as_person(&world, &world.person(BOB), 0, "/work"));
+        assert_eq!(refusal.cause, Cause::NoRuleAllows);
+        assert_eq!(refusal.who.as_deref(), Some(BOB));
+        assert_eq!(refusal.rule, None);
+        assert!(
+            refusal.reason.contains("no rule allows"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deny_rule_wins_over_the_allow_rule_and_is_named() {
+        let world = world().await;
+        let refusal = forbidden(as_person(&world, &world.person(ALICE), 0, "/admin/users"));
+        assert_eq!(refusal.cause, Cause::DenyRule);
+        assert_eq!(refusal.rule.as_deref(), Some("routes[0].deny"));
+    }
+
+    #[tokio::test]
+    async fn a_deactivated_user_is_forbidden_even_in_an_allowed_group() {
+        let world = world().await;
+        let carol = world.user("carol@corp.example").await;
+        world.group("eng2", &[&carol]).await;
+        world.set_active(&carol, false).await;
+        // Signed in after the deactivation: the session is fine, the account is not.
+        let identity = world.person("carol@corp.example");
+        let refusal = forbidden(as_person(&world, &identity, 0, "/work"));
+        assert_eq!(refusal.cause, Cause::Deactivated);
+    }
+
+    #[tokio::test]
+    async fn a_session_from_before_a_deactivation_is_revoked_and_signs_in_again() {
+        let world = world().await;
+        let alice = world.person(ALICE);
+        let id = world.id_of(ALICE);
+        world.set_active(&id, false).await;
+        world.set_active(&id, true).await;
+        // Active again, but the session began before the deactivation: it is over.
+        let browser = as_person(&world, &alice, 0, "/work");
+        assert_eq!(
+            browser,
+            Admission::Refuse(Refused::SignIn { revoked: true })
+        );
+        let api = world.gate().admit(
+            &Facts {
+                client: Client::Api,
+                ..facts(&world, 0, "GET", "/work")
+            },
+            Presented::Caller(Principal::Person(&alice)),
+        );
+        assert_eq!(
+            api,
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: false,
+                revoked: true
+            })
+        );
+        // Signing in again works.
+        allowed(as_person(&world, &world.person(ALICE), 0, "/work"));
+    }
+
+    #[tokio::test]
+    async fn a_stranger_is_told_which_claim_was_looked_up_and_where() {
+        let world = world().await;
+        let refusal = forbidden(as_person(
+            &world,
+            &world.person("eve@else.example"),
+            0,
+            "/work",
+        ));
+        assert_eq!(refusal.cause, Cause::NotInDirectory);
+        assert_eq!(refusal.who.as_deref(), Some("eve@else.example"));
+        assert!(
+            refusal.reason.contains("not a user in the directory")
+                && refusal.reason.contains("email claim")
+                && refusal.reason.contains("userName"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stranger_still_gets_what_public_rules_give_anyone() {
+        let world = world().await;
+        let pass = allowed(as_person(
+            &world,
+            &world.person("eve@else.example"),
+            0,
+            "/public/x",
+        ));
+        assert_eq!(pass.forward, None, "let in as anyone, not as a user");
+    }
+
+    #[tokio::test]
+    async fn a_sign_in_without_the_identifying_claim_is_refused_and_says_so() {
+        let world = world().await;
+        let mut identity = world.person(ALICE);
+        identity.email = None;
+        let refusal = forbidden(as_person(&world, &identity, 0, "/work"));
+        assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
+        assert!(
+            refusal.reason.contains("no email claim"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn nobody_signed_in_a_browser_asking_for_a_page_is_sent_to_sign_in() {
+        let world = world().await;
+        for method in ["GET", "HEAD"] {
+            let admission = world
+                .gate()
+                .admit(&facts(&world, 0, method, "/work"), Presented::Nothing);
+            assert_eq!(
+                admission,
+                Admission::Refuse(Refused::SignIn { revoked: false }),
+                "{method}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn nobody_signed_in_a_browser_posting_gets_401_as_it_cannot_be_replayed() {
+        let world = world().await;
+        let admission = world
+            .gate()
+            .admit(&facts(&world, 0, "POST", "/work"), Presented::Nothing);
+        assert_eq!(
+            admission,
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: false,
+                revoked: false
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn an_api_client_without_credentials_gets_401() {
+        let world = world().await;
+        let api = Facts {
+            client: Client::Api,
+            ..facts(&world, 0, "GET", "/work")
+        };
+        assert_eq!(
+            world.gate().admit(&api, Presented::Nothing),
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: false,
+                revoked: false
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_bearer_token_is_told_invalid_token() {
+        let world = world().await;
+        let api = Facts {
+            client: Client::Api,
+            ..facts(&world, 0, "GET", "/work")
+        };
+        assert_eq!(
+            world
+                .gate()
+                .admit(&api, Presented::Invalid { bearer: true }),
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: true,
+                revoked: false
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_session_cookie_in_a_browser_signs_in_again() {
+        let world = world().await;
+        let admission = world.gate().admit(
+            &facts(&world, 0, "GET", "/work"),
+            Presented::Invalid { bearer: false },
+        );
+        assert_eq!(
+            admission,
+            Admission::Refuse(Refused::SignIn { revoked: false })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_public_rule_lets_anyone_in_without_an_identity() {
+        let world = world().await;
+        let pass = allowed(
+            world
+                .gate()
+                .admit(&facts(&world, 0, "GET", "/public/page"), Presented::Nothing),
+        );
+        assert_eq!(pass.forward, None);
+    }
+
+    #[tokio::test]
+    async fn a_public_route_refuses_what_it_does_not_cover_without_asking_to_sign_in() {
+        let world = world().await;
+        allowed(
+            world
+                .gate()
+                .admit(&facts(&world, 2, "GET", "/open/x"), Presented::Nothing),
+        );
+        let refusal = forbidden(
+            world
+                .gate()
+                .admit(&facts(&world, 2, "GET", "/closed"), Presented::Nothing),
+        );
+        assert_eq!(refusal.cause, Cause::NotPublic);
+        assert_eq!(refusal.who, None, "nobody signed in");
+    }
+
+    #[tokio::test]
+    async fn a_route_for_bearer_tokens_never_sends_a_browser_to_sign_in() {
+        let world = world().await;
+        let admission = world
+            .gate()
+            .admit(&facts(&world, 1, "GET", "/v1"), Presented::Nothing);
+        assert_eq!(
+            admission,
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: false,
+                revoked: false
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_person_is_no_caller_on_a_route_for_bearer_tokens_only() {
+        let world = world().await;
+        let admission = as_person(&world, &world.person(ALICE), 1, "/v1");
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Challenge { .. })),
+            "{admission:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_machine_in_an_allowed_group_is_let_in() {
+        let world = world().await;
+        let bot = machine(BOT);
+        let pass = allowed(world.gate().admit(
+            &facts(&world, 1, "GET", "/v1/builds"),
+            Presented::Caller(Principal::Machine(&bot)),
+        ));
+        assert_eq!(pass.forward.map(|f| f.user), Some(BOT.to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_machine_is_no_caller_on_a_route_for_sessions_only() {
+        let world = world().await;
+        let bot = machine(BOT);
+        let admission = world.gate().admit(
+            &facts(&world, 4, "GET", "/"),
+            Presented::Caller(Principal::Machine(&bot)),
+        );
+        assert_eq!(
+            admission,
+            Admission::Refuse(Refused::SignIn { revoked: false })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deactivated_service_account_is_forbidden() {
+        let world = world().await;
+        world.set_active(&world.id_of(BOT), false).await;
+        let bot = machine(BOT);
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 1, "GET", "/v1"),
+            Presented::Caller(Principal::Machine(&bot)),
+        ));
+        assert_eq!(refusal.cause, Cause::Deactivated);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_machine_is_not_in_the_directory() {
+        let world = world().await;
+        let ghost = machine("ghost");
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 1, "GET", "/v1"),
+            Presented::Caller(Principal::Machine(&ghost)),
+        ));
+        assert_eq!(refusal.cause, Cause::NotInDirectory);
+        assert!(refusal.reason.contains("sub claim"), "{}", refusal.reason);
+    }
+
+    #[tokio::test]
+    async fn a_machine_without_the_mapped_claim_says_which() {
+        let world = World::with(config("[identity]\nmachine_claim = \"client_id\"\n"));
+        let bot = machine(BOT); // no client_id
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 1, "GET", "/v1"),
+            Presented::Caller(Principal::Machine(&bot)),
+        ));
+        assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
+        assert!(refusal.reason.contains("client_id"), "{}", refusal.reason);
+    }
+
+    #[tokio::test]
+    async fn token_groups_judge_a_stranger_on_the_token_s_own_groups() {
+        let world = world().await;
+        let mut contractor = world.person("dan@partner.example");
+        contractor.groups = vec!["contractors".to_owned()];
+        let pass = allowed(as_person(&world, &contractor, 3, "/"));
+        let forward = pass.forward.expect("named to the upstream");
+        assert_eq!(forward.user, "dan@partner.example");
+        assert_eq!(forward.group_names, ["contractors"]);
+
+        let mut other = world.person("erin@partner.example");
+        other.groups = vec!["visitors".to_owned()];
+        assert_eq!(
+            forbidden(as_person(&world, &other, 3, "/")).cause,
+            Cause::NoRuleAllows
+        );
+    }
+
+    #[tokio::test]
+    async fn token_groups_never_override_the_directory_for_someone_it_knows() {
+        let world = world().await;
+        let mut bob = world.person(BOB);
+        bob.groups = vec!["contractors".to_owned()];
+        let refusal = forbidden(as_person(&world, &bob, 3, "/"));
+        assert_eq!(
+            refusal.cause,
+            Cause::NoRuleAllows,
+            "bob's directory groups count"
+        );
+    }
+
+    #[tokio::test]
+    async fn explaining_says_which_rule_allowed_and_why() {
+        let world = world().await;
+        let alice = world.person(ALICE);
+        let pass = allowed(world.gate().explain(
+            &facts(&world, 0, "GET", "/work"),
+            Presented::Caller(Principal::Person(&alice)),
+        ));
+        let why = pass.why.expect("explain says why");
+        assert_eq!(why.rule.as_deref(), Some("routes[0].allow[0]"));
+        assert!(why.reason.contains("eng"), "{}", why.reason);
+    }
+
+    #[tokio::test]
+    async fn a_rule_naming_a_final_sigma_matches_the_directory_s_user() {
+        let world = World::new();
+        world.user("Οδυσσευς@ithaca.example").await;
+        world.user("ΟΔΥΣΣΕΥΣ").await;
+        allowed(as_person(&world, &world.person("οδυσσευσ"), 4, "/"));
+    }
+
+    #[tokio::test]
+    async fn people_can_be_found_by_sub_as_the_external_id() {
+        let world = World::with(config(
+            "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n",
+        ));
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        let mut identity = world.person("not-the-user-name@x.example");
+        identity.subject = format!("ext-{ALICE}");
+        let pass = allowed(as_person(&world, &identity, 0, "/work"));
+        assert_eq!(pass.forward.map(|f| f.user), Some(ALICE.to_owned()));
+    }
+
+    #[tokio::test]
+    async fn people_can_be_found_by_any_of_their_emails() {
+        let world = World::with(config("[identity]\nscim_attribute = \"emails\"\n"));
+        let user = world
+            .scim(
+                http::Method::POST,
+                "/Users",
+                serde_json::json!({
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                    "userName": "asmith",
+                    "emails": [{"value": "a.smith@corp.example"}, {"value": "alice@corp.example"}],
+                }),
+            )
+            .await;
+        let id = user["id"].as_str().unwrap_or_default().to_owned();
+        world.group("eng", &[&id]).await;
+        let pass = allowed(as_person(
+            &world,
+            &world.person("Alice@Corp.Example"),
+            0,
+            "/x",
+        ));
+        assert_eq!(pass.forward.map(|f| f.user), Some("asmith".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn the_version_changes_with_what_the_upstream_is_told() {
+        let world = world().await;
+        let alice = world.person(ALICE);
+        let version = |world: &World| {
+            allowed(as_person(world, &alice, 0, "/work"))
+                .forward
+                .map(|f| f.version)
+        };
+        let before = version(&world);
+        assert_eq!(before, version(&world), "stable while nothing changes");
+        world.group("sre", &[&world.id_of(ALICE)]).await;
+        assert_ne!(before, version(&world), "a new group, a new version");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_is_not_normalized_cannot_be_judged() {
+        let world = world().await;
+        let refusal = forbidden(as_person(&world, &world.person(ALICE), 0, "/x/../admin"));
+        assert_eq!(refusal.cause, Cause::Unevaluable);
+    }
+
+    #[tokio::test]
+    async fn the_directory_view_shows_a_known_caller_and_nothing_for_a_stranger() {
+        let world = world().await;
+        let alice = world.person(ALICE);
+        let view = world.gate().directory_view(Principal::Person(&alice));
+        assert_eq!(
+            view,
+            Some(DirectoryView {
+                user_name: ALICE.to_owned(),
+                active: true,
+                groups: vec!["eng".to_owned()],
+            })
+        );
+        let eve = world.person("eve@else.example");
+        assert_eq!(world.gate().directory_view(Principal::Person(&eve)), None);
+    }
+
+    #[test]
+    fn group_names_are_joined_for_one_header_without_control_characters() {
+        let forward = Forward::new(
+            "alice".to_owned(),
+            None,
+            vec!["eng".to_owned(), "on\r\ncall".to_owned()],
+        );
+        assert_eq!(forward.groups, "eng, oncall");
+        assert_eq!(forward.group_names, ["eng", "on\r\ncall"]);
+    }
+
+    fn client(headers: &[(&'static str, &'static str)]) -> Client {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        Client::of(&map)
+    }
+
+    #[test]
+    fn a_browser_is_a_page_request_that_accepts_html() {
+        let html = "text/html,application/xhtml+xml,*/*;q=0.8";
+        assert_eq!(client(&[("accept", html)]), Client::Browser);
+        assert_eq!(
+            client(&[("accept", html), ("sec-fetch-mode", "navigate")]),
+            Client::Browser
+        );
+        assert_eq!(
+            client(&[("accept", "*/*"), ("accept", html)]),
+            Client::Browser
+        );
+    }
+
+    #[test]
+    fn scripts_and_api_clients_are_not_browsers() {
+        let html = "text/html";
+        assert_eq!(client(&[]), Client::Api);
+        assert_eq!(client(&[("accept", "application/json")]), Client::Api);
+        assert_eq!(
+            client(&[("accept", html), ("x-requested-with", "XMLHttpRequest")]),
+            Client::Api
+        );
+        assert_eq!(
+            client(&[("accept", html), ("sec-fetch-mode", "cors")]),
+            Client::Api
+        );
+    }
+
+    #[test]
+    fn only_a_browser_asking_for_a_page_where_people_sign_in_is_sent_to_sign_in() {
+        let sign_in =
+            |method, client, sessions| sign_in_or_challenge(method, client, sessions, false, false);
+        assert_eq!(
+            sign_in("GET", Client::Browser, true),
+            Refused::SignIn { revoked: false }
+        );
+        assert!(matches!(
+            sign_in("GET", Client::Browser, false),
+            Refused::Challenge { .. }
+        ));
+        assert!(matches!(
+            sign_in("DELETE", Client::Browser, true),
+            Refused::Challenge { .. }
+        ));
+        assert!(matches!(
+            sign_in("GET", Client::Api, true),
+            Refused::Challenge { .. }
+        ));
+    }
+
+    #[test]
+    fn only_a_revocation_ends_the_session() {
+        assert!(Refused::SignIn { revoked: true }.revokes_session());
+        assert!(Refused::Challenge {
+            invalid_token: false,
+            revoked: true
+        }
+        .revokes_session());
+        assert!(!Refused::SignIn { revoked: false }.revokes_session());
+        assert!(!Refused::Forbid(Refusal {
+            who: None,
+            rule: None,
+            cause: Cause::NotPublic,
+            reason: String::new(),
+        })
+        .revokes_session());
+    }
+}

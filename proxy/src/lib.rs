@@ -24,5 +24,7 @@ pub mod scim_http;
 pub mod services;
 pub mod state;
 pub mod streams;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod upstream;

@@ -321,7 +321,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         strip_identity_headers(upstream_request);
-        if let (Some(runtime), Some(route), Some(forward)) = (&ctx.runtime, &ctx.route, &ctx.forward)
+        if let (Some(runtime), Some(route), Some(forward)) =
+            (&ctx.runtime, &ctx.route, &ctx.forward)
         {
             if route.config.identity_headers {
                 let names = &runtime.config.identity;
@@ -817,6 +818,94 @@ mod tests {
             req.append_header(name.to_string(), *value).unwrap();
         }
         req
+    }
+
+    fn refusal(who: Option<&str>, reason: &str) -> Refusal {
+        Refusal {
+            who: who.map(str::to_owned),
+            rule: Some("routes[0].deny".to_owned()),
+            cause: crate::gate::Cause::DenyRule,
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn body(reply: &Reply) -> String {
+        String::from_utf8_lossy(&reply.body).into_owned()
+    }
+
+    #[test]
+    fn an_api_client_is_refused_in_json_naming_only_itself() {
+        let reply = forbidden(
+            &refusal(Some("alice@corp.example"), "denied by routes[0].deny"),
+            "http://app.test",
+            Client::Api,
+        );
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(reply.content_type, Some("application/json"));
+        let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(json["error"], "forbidden");
+        assert_eq!(json["user"], "alice@corp.example");
+        assert_eq!(json["route"], "http://app.test");
+        assert_eq!(json["reason"], "denied by routes[0].deny");
+    }
+
+    #[test]
+    fn a_browser_is_refused_with_a_page_and_a_way_to_sign_out() {
+        let reply = forbidden(
+            &refusal(Some("<alice>"), "no rule allows <alice> to GET /x"),
+            "http://app.test",
+            Client::Browser,
+        );
+        let html = body(&reply);
+        assert_eq!(reply.content_type, Some("text/html; charset=utf-8"));
+        assert!(
+            html.contains("signed in as <strong>&lt;alice&gt;</strong>"),
+            "{html}"
+        );
+        assert!(html.contains("http://app.test: no rule allows &lt;alice&gt; to GET /x."));
+        assert!(html.contains(SIGN_OUT_FORM), "{html}");
+    }
+
+    #[test]
+    fn nobody_signed_in_is_not_shown_as_anyone_nor_offered_to_sign_out() {
+        let reply = forbidden(
+            &refusal(None, "this address is not public"),
+            "r",
+            Client::Browser,
+        );
+        let html = body(&reply);
+        assert!(html.contains("You are not signed in."), "{html}");
+        assert!(!html.contains("anonymous"), "{html}");
+        assert!(!html.contains("sign_out"), "{html}");
+        let reply = forbidden(
+            &refusal(None, "this address is not public"),
+            "r",
+            Client::Api,
+        );
+        let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(json["user"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_challenge_says_invalid_token_only_for_a_refused_token() {
+        let header = |reply: &Reply| {
+            reply
+                .headers
+                .iter()
+                .find(|(name, _)| name == header::WWW_AUTHENTICATE)
+                .map(|(_, value)| value.clone())
+        };
+        let plain = challenge(false);
+        assert_eq!(plain.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            header(&plain).as_deref(),
+            Some("Bearer realm=\"portcullis\"")
+        );
+        let invalid = challenge(true);
+        assert_eq!(
+            header(&invalid).as_deref(),
+            Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
+        );
     }
 
     #[test]

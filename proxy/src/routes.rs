@@ -111,6 +111,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routes_are_found_by_name_and_by_host_and_path() {
+        let config = crate::testing::config("");
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                Arc::new(CompiledRoute {
+                    config: route.clone(),
+                    upstreams: UpstreamSet::new(route),
+                    metrics: crate::metrics::RouteMetrics::new(&route.name),
+                })
+            })
+            .collect();
+        let table = RouteTable::new(routes);
+        let name = |m: Match<'_>| match m {
+            Match::Found(route) => route.config.name.clone(),
+            Match::WrongScheme(route) => format!("wrong scheme: {}", route.config.name),
+            Match::None => "none".to_owned(),
+        };
+        assert_eq!(
+            name(table.find(Scheme::Http, "app.test", "/x")),
+            "http://app.test"
+        );
+        assert_eq!(
+            name(table.find(Scheme::Https, "app.test", "/x")),
+            "wrong scheme: http://app.test"
+        );
+        assert_eq!(name(table.find(Scheme::Http, "nowhere.test", "/")), "none");
+        assert!(table.by_name("http://api.test").is_some());
+        assert!(
+            table.by_name("http://API.test").is_none(),
+            "names are as written"
+        );
+    }
+
+    #[test]
     fn prefixes_match_at_segment_boundaries() {
         assert!(prefix_matches("/", "/anything"));
         assert!(prefix_matches("/v1", "/v1"));

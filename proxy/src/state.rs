@@ -17,8 +17,7 @@ use portcullis_scim::store::Directory;
 use crate::assertion::Signer;
 use crate::audit::Audit;
 use crate::auth::Auth;
-use crate::caller::Caller;
-use crate::gate::{Admission, Cause, Facts, Gate, Presented, Refusal, Refused};
+use crate::gate::{Admission, Gate, Refused};
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
@@ -187,27 +186,9 @@ impl Shared {
 
     fn rejudge(&self, open: &Recheck) -> Admission {
         let runtime = self.runtime.load();
-        let Some(route) = runtime.routes.by_name(&open.route) else {
-            return Admission::Refuse(Refused::Forbid(Refusal {
-                who: Some(open.caller.log_name()),
-                rule: None,
-                cause: Cause::RouteRemoved,
-                reason: "the route is no longer in the configuration".to_owned(),
-            }));
-        };
-        let presented = match &open.caller {
-            Caller::Person { session, .. } if !self.auth.sessions.exists(session) => {
-                Presented::Invalid { bearer: false }
-            }
-            caller => Presented::Caller(caller.principal()),
-        };
-        let facts = Facts {
-            route: &route.config,
-            method: &open.method,
-            path: &open.path,
-            client: open.client,
-        };
-        self.gate(&runtime).admit(&facts, presented)
+        crate::streams::rejudge(&self.gate(&runtime), &runtime.routes, open, |session| {
+            self.auth.sessions.exists(session)
+        })
     }
 
     fn audit_cut(&self, open: &Recheck, refused: &Admission) {

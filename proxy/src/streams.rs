@@ -27,8 +27,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use portcullis_scim::store::Seq;
 
-use crate::caller::Caller;
-use crate::gate::{Admission, Client};
+use crate::caller::{Caller, SessionKey};
+use crate::gate::{Admission, Cause, Client, Facts, Gate, Presented, Refusal, Refused};
+use crate::routes::RouteTable;
 
 /// Where everything a decision depends on stands: read it before deciding, so a change that
 /// lands during the decision forces another one.
@@ -122,6 +123,38 @@ impl Recheck {
     }
 }
 
+/// Judges an open connection again with the gate: under the route of its name in `routes` (the
+/// current configuration's; a route that is gone refuses), for its caller as they are now (a
+/// person whose session has ended is no longer signed in).
+pub fn rejudge(
+    gate: &Gate<'_>,
+    routes: &RouteTable,
+    open: &Recheck,
+    session_live: impl Fn(&SessionKey) -> bool,
+) -> Admission {
+    let Some(route) = routes.by_name(&open.route) else {
+        return Admission::Refuse(Refused::Forbid(Refusal {
+            who: Some(open.caller.log_name()),
+            rule: None,
+            cause: Cause::RouteRemoved,
+            reason: "the route is no longer in the configuration".to_owned(),
+        }));
+    };
+    let presented = match &open.caller {
+        Caller::Person { session, .. } if !session_live(session) => {
+            Presented::Invalid { bearer: false }
+        }
+        caller => Presented::Caller(caller.principal()),
+    };
+    let facts = Facts {
+        route: &route.config,
+        method: &open.method,
+        path: &open.path,
+        client: open.client,
+    };
+    gate.admit(&facts, presented)
+}
+
 /// One open websocket or event stream.
 struct Open {
     recheck: Arc<Recheck>,
@@ -208,4 +241,149 @@ fn duplicate(fd: RawFd) -> io::Result<TcpStream> {
     // and the borrow ends before it returns. The duplicate is ours to own and close.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     borrowed.try_clone_to_owned().map(TcpStream::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::gate::Pass;
+    use crate::testing::{parse, World, CONFIG};
+
+    const ALICE: &str = "alice@corp.example";
+    const APP: &str = "http://app.test";
+
+    fn marks(directory: Seq) -> Marks {
+        Marks {
+            directory,
+            session_ends: 0,
+            config: 0,
+        }
+    }
+
+    fn allow() -> Admission {
+        Admission::Allow(Pass {
+            forward: None,
+            why: None,
+        })
+    }
+
+    fn open(world: &World, route: &str) -> Recheck {
+        let caller = Caller::Person {
+            session: [7; 32],
+            identity: Arc::new(world.person(ALICE)),
+        };
+        Recheck::new(caller, route, "GET", "/ws", Client::Browser, marks(0))
+    }
+
+    #[test]
+    fn nothing_changed_nothing_is_judged() {
+        let world = World::new();
+        let open = open(&world, APP);
+        let judged = |_: &Recheck| -> Admission { panic!("judged although nothing changed") };
+        assert!(open.still_allowed(marks(0), judged, |_, _| panic!("cut")));
+    }
+
+    #[test]
+    fn a_change_is_judged_once_and_an_allow_is_remembered() {
+        let world = World::new();
+        let open = open(&world, APP);
+        let judged = Cell::new(0);
+        let judge = |_: &Recheck| {
+            judged.set(judged.get() + 1);
+            allow()
+        };
+        assert!(open.still_allowed(marks(5), judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(marks(5), judge, |_, _| panic!("cut")));
+        assert_eq!(judged.get(), 1, "the second time nothing had moved");
+        let reload = Marks {
+            config: 1,
+            ..marks(5)
+        };
+        assert!(open.still_allowed(reload, judge, |_, _| panic!("cut")));
+        assert_eq!(judged.get(), 2, "a reload is a change");
+    }
+
+    #[test]
+    fn a_refusal_cuts_for_good_and_is_reported_once() {
+        let world = World::new();
+        let open = open(&world, APP);
+        let cuts = Cell::new(0);
+        let refuse = |_: &Recheck| Admission::Refuse(Refused::SignIn { revoked: false });
+        let on_cut = |_: &Recheck, _: Admission| cuts.set(cuts.get() + 1);
+        assert!(!open.still_allowed(marks(1), refuse, on_cut));
+        assert!(!open.still_allowed(marks(2), |_| allow(), on_cut));
+        assert_eq!(cuts.get(), 1);
+    }
+
+    async fn eng_world() -> World {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        world
+    }
+
+    #[tokio::test]
+    async fn an_open_connection_is_judged_by_the_gate_under_its_route() {
+        let world = eng_world().await;
+        let runtime = world.runtime();
+        let open = open(&world, APP);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        assert!(matches!(admission, Admission::Allow(_)), "{admission:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_caller_left_the_group_is_refused() {
+        let world = eng_world().await;
+        let runtime = world.runtime();
+        let open = open(&world, APP);
+        let eng = world.directory.groups_of(&world.id_of(ALICE));
+        let eng = eng.first().map(|g| g.id.clone()).unwrap_or_default();
+        world.remove_member(&eng, &world.id_of(ALICE)).await;
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.who.as_deref() == Some(ALICE)),
+            "{admission:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_session_ended_is_refused() {
+        let world = eng_world().await;
+        let runtime = world.runtime();
+        let open = open(&world, APP);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| false);
+        assert_eq!(
+            admission,
+            Admission::Refuse(Refused::SignIn { revoked: false })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_on_a_route_a_reload_removed_is_refused() {
+        let world = eng_world().await;
+        let runtime = world.runtime();
+        let open = open(&world, "http://gone.test");
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::RouteRemoved),
+            "{admission:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_judged_under_the_current_configuration_not_its_first() {
+        let world = eng_world().await;
+        let open = open(&world, APP);
+        // A reload: the route's deny rule now covers /ws.
+        let text = CONFIG.replace("paths = [\"/admin\"]", "paths = [\"/ws\"]");
+        let runtime = crate::state::Runtime::build(parse(&text), &world.directory);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::DenyRule),
+            "{admission:?}"
+        );
+    }
 }

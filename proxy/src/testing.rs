@@ -1,0 +1,239 @@
+//! Test fixtures for the crate's unit tests: a real directory (in memory, written through the
+//! SCIM service exactly as an IdP writes it) and a real configuration (parsed and validated
+//! from TOML), with no sockets and no disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Method;
+use serde_json::{json, Value};
+
+use portcullis_config::Config;
+use portcullis_scim::service::{Limits, ScimRequest, ScimService};
+use portcullis_scim::store::memory::MemoryStorage;
+use portcullis_scim::store::Directory;
+
+use crate::caller::{Identity, Machine};
+use crate::gate::Gate;
+use crate::state::Runtime;
+
+/// The configuration the tests judge against. Routes, in order:
+/// - `routes[0]` `http://app.test`: sessions and bearer tokens; group `eng` allowed, `/public`
+///   open to anyone, `/admin` denied to `eng`;
+/// - `routes[1]` `http://api.test`: bearer tokens only; group `eng` allowed;
+/// - `routes[2]` `http://open.test`: public, `/open` only;
+/// - `routes[3]` `http://tg.test`: sessions and tokens, `token_groups`; group `contractors`;
+/// - `routes[4]` `http://odysseus.test`: sessions; the user `ΟΔΥΣΣΕΥΣ` only.
+pub const CONFIG: &str = r#"
+data_dir = "/nonexistent"
+
+[[listeners]]
+address = "127.0.0.1:1"
+
+[oidc]
+issuer = "http://127.0.0.1:2"
+client_id = "portcullis"
+client_secret = "test-secret-0123456789abcdef0123456789"
+auth_host = "app.test"
+auth_scheme = "http"
+
+[[jwt_issuers]]
+issuer = "http://127.0.0.1:2"
+audiences = ["api"]
+
+[[routes]]
+from = "http://app.test"
+to = ["http://127.0.0.1:3"]
+accept = ["session", "bearer"]
+allow = [{ groups = ["eng"] }, { public = true, paths = ["/public"] }]
+deny = { groups = ["eng"], paths = ["/admin"] }
+
+[[routes]]
+from = "http://api.test"
+to = ["http://127.0.0.1:3"]
+accept = ["bearer"]
+allow = { groups = ["eng"] }
+
+[[routes]]
+from = "http://open.test"
+to = ["http://127.0.0.1:3"]
+accept = ["public"]
+allow = { public = true, paths = ["/open"] }
+
+[[routes]]
+from = "http://tg.test"
+to = ["http://127.0.0.1:3"]
+accept = ["session", "bearer"]
+token_groups = true
+allow = { groups = ["contractors"] }
+
+[[routes]]
+from = "http://odysseus.test"
+to = ["http://127.0.0.1:3"]
+accept = ["session"]
+allow = { users = ["ΟΔΥΣΣΕΥΣ"] }
+"#;
+
+/// `CONFIG` with `extra` appended (an `[identity]` table, say), validated.
+pub fn config(extra: &str) -> Config {
+    parse(&format!("{CONFIG}\n{extra}"))
+}
+
+/// A configuration file's text, validated.
+pub fn parse(text: &str) -> Config {
+    match portcullis_config::parse(text, Path::new("/"), &|_| None) {
+        Ok(config) => config,
+        Err(errors) => panic!("the test configuration has problems: {errors:?}"),
+    }
+}
+
+/// A directory in memory and the SCIM service in front of it.
+pub struct World {
+    pub directory: Arc<Directory>,
+    scim: ScimService,
+    pub config: Config,
+}
+
+impl World {
+    pub fn new() -> World {
+        World::with(config(""))
+    }
+
+    pub fn with(config: Config) -> World {
+        let storage = Arc::new(MemoryStorage::default());
+        let directory = match Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)) {
+            Ok(directory) => Arc::new(directory),
+            Err(e) => panic!("open the directory: {e}"),
+        };
+        let limits = Limits {
+            max_body_bytes: 1 << 20,
+            max_bulk_operations: 100,
+            max_results: 100,
+        };
+        World {
+            scim: ScimService::new(directory.clone(), limits),
+            directory,
+            config,
+        }
+    }
+
+    pub fn gate(&self) -> Gate<'_> {
+        Gate {
+            directory: &self.directory,
+            identity: &self.config.identity,
+        }
+    }
+
+    pub fn runtime(&self) -> Runtime {
+        Runtime::build(self.config.clone(), &self.directory)
+    }
+
+    /// One SCIM request, as an IdP sends it; panics unless it succeeds.
+    pub async fn scim(&self, method: Method, path: &str, body: Value) -> Value {
+        let body = body.to_string();
+        let response = self
+            .scim
+            .handle(ScimRequest {
+                method: &method,
+                path,
+                query: None,
+                if_match: None,
+                if_none_match: None,
+                body: body.as_bytes(),
+                base_url: "http://auth.test/scim/v2",
+                actor: "test",
+            })
+            .await;
+        assert!(
+            (200..300).contains(&response.status),
+            "SCIM {method} {path} answered {}: {:?}",
+            response.status,
+            response.body
+        );
+        response.body.unwrap_or(Value::Null)
+    }
+
+    /// Creates a user (userName = email = `name`, externalId `ext-<name>`); returns its id.
+    pub async fn user(&self, name: &str) -> String {
+        let user = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": name,
+            "externalId": format!("ext-{name}"),
+            "active": true,
+            "emails": [{"type": "work", "value": name, "primary": true}],
+        });
+        id(&self.scim(Method::POST, "/Users", user).await)
+    }
+
+    /// Creates a group with these member ids; returns its id.
+    pub async fn group(&self, name: &str, members: &[&str]) -> String {
+        let members: Vec<Value> = members.iter().map(|m| json!({ "value": m })).collect();
+        let group = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": name,
+            "members": members,
+        });
+        id(&self.scim(Method::POST, "/Groups", group).await)
+    }
+
+    /// The SCIM id of the user `user_name`.
+    pub fn id_of(&self, user_name: &str) -> String {
+        match self.directory.user_by_name(user_name) {
+            Some(status) => portcullis_scim::store::format_id(status.id),
+            None => panic!("no user {user_name}"),
+        }
+    }
+
+    /// Okta's deactivation: a no-path replace of `active`.
+    pub async fn set_active(&self, user: &str, active: bool) {
+        let ops = json!([{"op": "replace", "value": {"active": active}}]);
+        self.scim(Method::PATCH, &format!("/Users/{user}"), patch(ops))
+            .await;
+    }
+
+    pub async fn remove_member(&self, group: &str, user: &str) {
+        let ops = json!([{"op": "remove", "path": format!("members[value eq \"{user}\"]")}]);
+        self.scim(Method::PATCH, &format!("/Groups/{group}"), patch(ops))
+            .await;
+    }
+
+    /// A person signed in as `email` just now (after every change so far).
+    pub fn person(&self, email: &str) -> Identity {
+        Identity {
+            issuer: "http://127.0.0.1:2".to_owned(),
+            subject: format!("sub-{email}"),
+            email: Some(email.to_owned()),
+            name: None,
+            idp_session: None,
+            created: 0,
+            expires: u64::MAX,
+            id_token: None,
+            directory_seq: self.directory.seq(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// A machine whose token's `sub` is `subject`.
+pub fn machine(subject: &str) -> Machine {
+    Machine {
+        issuer: "http://127.0.0.1:2".to_owned(),
+        subject: subject.to_owned(),
+        client_id: None,
+        groups: Vec::new(),
+    }
+}
+
+fn patch(ops: Value) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": ops,
+    })
+}
+
+fn id(resource: &Value) -> String {
+    match resource["id"].as_str() {
+        Some(id) => id.to_owned(),
+        None => panic!("no id in {resource}"),
+    }
+}
