@@ -245,6 +245,9 @@ impl Fixture {
     }
 
     /// One request's authentication and admission, as `proxy.rs` runs them.
+    // Never inlined, so that `valgrind --tool=callgrind --toggle-collect='*session_decision*'`
+    // counts the instructions of exactly one decision per call.
+    #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.config.routes[0];
         let authentication =
@@ -258,6 +261,7 @@ impl Fixture {
         matches!(admission, Admission::Allow(_))
     }
 
+    #[inline(never)]
     fn machine_decision(&self, req: &RequestHeader) -> bool {
         let admission = self.gate().admit(
             &self.facts(req),

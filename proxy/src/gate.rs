@@ -48,16 +48,19 @@ impl Client {
             .get_all(header::ACCEPT)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
+        if !accepts_html {
+            return Client::Api;
+        }
         let script = headers
             .get("x-requested-with")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"xmlhttprequest"))
             || headers
                 .get("sec-fetch-mode")
                 .is_some_and(|v| v.as_bytes() != b"navigate");
-        if accepts_html && !script {
-            Client::Browser
-        } else {
+        if script {
             Client::Api
+        } else {
+            Client::Browser
         }
     }
 }
@@ -295,11 +298,10 @@ impl Gate<'_> {
         principal: Principal<'_>,
         explain: bool,
     ) -> Judged {
-        let who = principal.log_name();
         let (claim, attribute) = self.mapping(principal);
         let Some(key) = subject_key(self.identity, principal) else {
             return Judged::Refuse(Refusal {
-                who: Some(who),
+                who: Some(principal.log_name()),
                 rule: None,
                 cause: Cause::NoIdentifyingClaim,
                 reason: format!(
@@ -320,13 +322,14 @@ impl Gate<'_> {
                 if facts.route.token_groups {
                     return on_token(facts, request, principal, kind, email, explain);
                 }
+                let who = principal.log_name();
                 return Judged::Refuse(Refusal {
                     reason: format!(
                         "{who} is not a user in the directory (its {claim} claim was looked up \
                          as the SCIM {})",
                         attribute.as_str()
                     ),
-                    who: Some(who.clone()),
+                    who: Some(who),
                     rule: None,
                     cause: Cause::NotInDirectory,
                 });

@@ -112,19 +112,8 @@ mod tests {
 
     #[test]
     fn routes_are_found_by_name_and_by_host_and_path() {
-        let config = crate::testing::config("");
-        let routes = config
-            .routes
-            .iter()
-            .map(|route| {
-                Arc::new(CompiledRoute {
-                    config: route.clone(),
-                    upstreams: UpstreamSet::new(route),
-                    metrics: crate::metrics::RouteMetrics::new(&route.name),
-                })
-            })
-            .collect();
-        let table = RouteTable::new(routes);
+        let runtime = crate::testing::World::new().runtime();
+        let table = &runtime.routes;
         let name = |m: Match<'_>| match m {
             Match::Found(route) => route.config.name.clone(),
             Match::WrongScheme(route) => format!("wrong scheme: {}", route.config.name),

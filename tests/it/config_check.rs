@@ -118,6 +118,22 @@ async fn check_config_reports_every_problem_with_line_and_path() {
             ],
         ),
         (
+            // A value of the wrong type is reported at its key path, and hides nothing else.
+            "a type error beside other problems",
+            format!(
+                "data_dir = \"./data\"\ncolour = \"red\" # <A>\n\n[[listeners]]\n\
+                 address = \"127.0.0.1:{port}\"\n\n[[routes]]\nfrom = 42 # <B>\n\
+                 to = [\"http://127.0.0.1:9\"]\n\n[[routes]] # <C>\nfrom = \"http://b.test\"\n\
+                 \n[server]\nthreads = \"two\" # <D>\n"
+            ),
+            vec![
+                problem("<A>", "colour", Some("unknown key")),
+                problem("<B>", "routes[0].from", Some("expected a string, found an integer")),
+                problem("<C>", "routes[1].to", Some("missing")),
+                problem("<D>", "server.threads", Some("expected an integer")),
+            ],
+        ),
+        (
             "host name as listener address",
             "data_dir = \"./data\"\n[[listeners]]\naddress = \"localhost:8080\" # <A>\n"
                 .to_owned(),
