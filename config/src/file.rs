@@ -252,6 +252,7 @@ pub(crate) struct Route {
     pub identity_headers: Option<bool>,
     pub assertion: Option<bool>,
     pub token_groups: Option<bool>,
+    pub pass_authorization: Option<bool>,
 }
 
 /// A route's `allow` or `deny`: one rule as a table (`allow = { groups = ["sre"] }`) or several

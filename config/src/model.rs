@@ -185,6 +185,10 @@ pub struct Route {
     /// When a signed-in caller has no SCIM user, take their groups from the token's `groups`
     /// claim instead of refusing them (default off).
     pub token_groups: bool,
+    /// Send a bearer token Portcullis verified on to the upstream in `Authorization` (default
+    /// off: the token is Portcullis' credential, and the upstream gets the assertion instead).
+    /// Only on routes that accept `bearer`.
+    pub pass_authorization: bool,
 }
 
 /// A credential a route accepts.

@@ -1406,6 +1406,7 @@ to = ["http://127.0.0.1"]
                 identity_headers: true,
                 assertion: true,
                 token_groups: false,
+                pass_authorization: false,
             },
             Route {
                 name: "http://*.example.com".into(),
@@ -1435,6 +1436,7 @@ to = ["http://127.0.0.1"]
                 identity_headers: true,
                 assertion: true,
                 token_groups: false,
+                pass_authorization: false,
             },
         ],
         scim: None,

@@ -400,6 +400,13 @@ fn route(
         Access::of(raw.accept.as_deref(), sign_in)
     };
     let accept = accept(raw.accept, &accept_path, sign_in, p);
+    let pass_authorization = raw.pass_authorization.unwrap_or(false);
+    if pass_authorization && !accept.contains(&Credential::Bearer) {
+        p.add(
+            &path.key("pass_authorization"),
+            "passes on a verified bearer token, and this route does not accept \"bearer\"",
+        );
+    }
     let (allow, deny, policy) = rules(raw.allow, raw.deny, path, access, p);
     let from = from?;
     Some(Route {
@@ -420,6 +427,7 @@ fn route(
         identity_headers: raw.identity_headers.unwrap_or(true),
         assertion: raw.assertion.unwrap_or(true),
         token_groups: raw.token_groups.unwrap_or(false),
+        pass_authorization,
     })
 }
 

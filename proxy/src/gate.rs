@@ -537,15 +537,7 @@ impl Forward {
     /// What the upstream is told, stamped with its version: a hash of everything in it, so
     /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
     fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Forward {
-        let mut groups = String::new();
-        for (i, group) in group_names.iter().enumerate() {
-            if i > 0 {
-                groups.push_str(", ");
-            }
-            // Header values cannot hold control characters; a group name with one is shown
-            // without it.
-            let _ = write!(groups, "{}", group.replace(|c: char| c.is_control(), ""));
-        }
+        let groups = groups_header(&group_names);
         let mut hasher = std::hash::DefaultHasher::new();
         (&user, &email, &groups).hash(&mut hasher);
         Forward {
@@ -556,6 +548,26 @@ impl Forward {
             version: hasher.finish(),
         }
     }
+}
+
+/// The groups header: each name percent-encoded as UTF-8 (every byte but the unreserved
+/// `A-Z a-z 0-9 - . _ ~` written `%XX`), the names separated by `, `. So a group named
+/// `eng, admins` is one group (`eng%2C%20admins`), never two, and any name fits in a header.
+fn groups_header(names: &[String]) -> String {
+    let mut header = String::new();
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            header.push_str(", ");
+        }
+        for &b in name.as_bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                header.push(char::from(b));
+            } else {
+                let _ = write!(header, "%{b:02X}");
+            }
+        }
+    }
+    header
 }
 
 impl Why {
@@ -1063,14 +1075,25 @@ mod tests {
     }
 
     #[test]
-    fn group_names_are_joined_for_one_header_without_control_characters() {
+    fn each_group_name_is_encoded_so_none_can_pose_as_two() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let forward = Forward::new(
             "alice".to_owned(),
             None,
-            vec!["eng".to_owned(), "on\r\ncall".to_owned()],
+            names(&["eng", "eng, admins", "on\r\ncall", "Équipe 100%"]),
         );
-        assert_eq!(forward.groups, "eng, oncall");
-        assert_eq!(forward.group_names, ["eng", "on\r\ncall"]);
+        assert_eq!(
+            forward.groups,
+            "eng, eng%2C%20admins, on%0D%0Acall, %C3%89quipe%20100%25"
+        );
+        assert_eq!(
+            forward.group_names[1], "eng, admins",
+            "the assertion keeps them as they are"
+        );
+        assert_eq!(
+            groups_header(&names(&["sre", "db-admins_2.x~"])),
+            "sre, db-admins_2.x~"
+        );
     }
 
     fn client(headers: &[(&'static str, &'static str)]) -> Client {

@@ -1,5 +1,6 @@
 //! The one function that turns a request path into the path Portcullis routes, authorizes and
-//! sends upstream.
+//! sends upstream ([`normalize`]), and the one that reads the request target it comes from
+//! ([`target`]).
 //!
 //! Routing and policy must see exactly what the upstream will see, so the path is normalized once
 //! and the normalized form is forwarded. Anything whose meaning depends on how the upstream would
@@ -17,6 +18,58 @@ pub enum PathError {
         "the path holds an encoded '/', '\\' or NUL, or a raw '\\', whose meaning is ambiguous"
     )]
     Ambiguous,
+    #[error("the request target is neither a path nor an http(s) URL of a host")]
+    BadTarget,
+}
+
+/// A request target, split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// The host of an absolute-form target (`http://host[:port]/…`), lower-cased by nobody yet,
+    /// without the port; `None` for an origin-form target (`/…`).
+    pub host: Option<&'a str>,
+    /// The path, as sent (not normalized).
+    pub path: &'a str,
+    /// What follows the `?`, if anything.
+    pub query: Option<&'a str>,
+}
+
+/// Reads a request target as an upstream would have to: origin-form (`/path?query`) or
+/// absolute-form (`http://host/path?query`, `https://…`) only. Anything else (`*`, an
+/// authority, `foo:/admin`, a fragment, userinfo) is refused: upstreams read such targets in
+/// different ways (Go's `net/http` serves `foo:/admin` as `/admin`), so none is passed on.
+pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
+    let raw = std::str::from_utf8(raw).map_err(|_| PathError::BadTarget)?;
+    if raw.contains('#') {
+        return Err(PathError::BadTarget);
+    }
+    let (host, rest) = if raw.starts_with('/') {
+        (None, raw)
+    } else {
+        let scheme_end = raw.find("://").ok_or(PathError::BadTarget)?;
+        let scheme = &raw[..scheme_end];
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err(PathError::BadTarget);
+        }
+        let after = &raw[scheme_end + 3..];
+        let authority_end = after.find(['/', '?']).unwrap_or(after.len());
+        let (authority, rest) = after.split_at(authority_end);
+        if authority.is_empty() || authority.contains('@') {
+            return Err(PathError::BadTarget);
+        }
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => &authority[..v6.find(']').ok_or(PathError::BadTarget)? + 2],
+            None => authority.split(':').next().unwrap_or(authority),
+        };
+        (Some(host), rest)
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    };
+    // `http://host` and `http://host?q` ask for the root.
+    let path = if path.is_empty() { "/" } else { path };
+    Ok(Target { host, path, query })
 }
 
 /// Normalizes `path` (the part of the request target before any `?`).
@@ -190,6 +243,50 @@ mod tests {
         for (input, want) in table {
             assert_eq!(normalize(input), Err(want), "input {input:?}");
         }
+    }
+
+    #[test]
+    fn request_targets_are_paths_or_urls_of_a_host() {
+        fn t(raw: &str) -> Result<Target<'_>, PathError> {
+            target(raw.as_bytes())
+        }
+        let origin = |path, query| Target {
+            host: None,
+            path,
+            query,
+        };
+        assert_eq!(t("/a/b?x=1&y"), Ok(origin("/a/b", Some("x=1&y"))));
+        assert_eq!(t("/"), Ok(origin("/", None)));
+        assert_eq!(
+            t("http://App.Test:8080/admin?x"),
+            Ok(Target {
+                host: Some("App.Test"),
+                path: "/admin",
+                query: Some("x"),
+            })
+        );
+        assert_eq!(
+            t("HTTPS://[::1]:8443"),
+            Ok(Target {
+                host: Some("[::1]"),
+                path: "/",
+                query: None,
+            })
+        );
+        for bad in [
+            "foo:/admin",
+            "*",
+            "app.test:443",
+            "ftp://app.test/",
+            "http://user@app.test/",
+            "http:///admin",
+            "/a#frag",
+            "admin",
+            "",
+        ] {
+            assert_eq!(t(bad), Err(PathError::BadTarget), "{bad:?}");
+        }
+        assert_eq!(target(b"/caf\xff"), Err(PathError::BadTarget));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use pingora::ErrorType;
 use portcullis_config::Scheme;
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
-use crate::auth::endpoints::{self, Served, SIGN_OUT_FORM};
+use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
 use crate::auth::Authentication;
 use crate::caller::Caller;
 use crate::clock::now_unix;
@@ -46,10 +46,6 @@ use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
 use crate::state::{InFlight, Runtime, Shared};
 use crate::streams::{Recheck, Registration};
-
-/// Headers whose names start with this (case-insensitively, `_` read as `-`) are Portcullis'
-/// own and are never taken from a client.
-const IDENTITY_PREFIX: &[u8] = b"x-portcullis-";
 
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -66,8 +62,9 @@ pub struct RequestCtx {
     /// The configuration this request lives by, whatever reloads meanwhile.
     runtime: Option<Arc<Runtime>>,
     route: Option<Arc<CompiledRoute>>,
-    /// The normalized path when it differs from what the client sent.
-    normalized_path: Option<String>,
+    /// The request target the upstream gets, when it is not the one the client sent: the
+    /// normalized path and the query.
+    upstream_target: Option<String>,
     tls: bool,
     round_robin_start: usize,
     attempt: usize,
@@ -109,7 +106,7 @@ impl ProxyHttp for Proxy {
             started: Instant::now(),
             runtime: None,
             route: None,
-            normalized_path: None,
+            upstream_target: None,
             tls: false,
             round_robin_start: 0,
             attempt: 0,
@@ -142,11 +139,16 @@ impl ProxyHttp for Proxy {
             .await;
         }
 
-        // 1.2 One normalized path, routed, judged and sent upstream.
-        let Ok(normalized) = path::normalize(req.uri.path()) else {
+        // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
+        // host served here. Then one normalized path: routed, judged and sent upstream.
+        let (Ok(target), Some(host)) = (path::target(req.raw_path()), request_host(req)) else {
             return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
         };
-        let Some(host) = request_host(req) else {
+        let foreign = |named: &str| !named.eq_ignore_ascii_case(&host) || !runtime.serves(&host);
+        if target.host.is_some_and(foreign) {
+            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+        }
+        let Ok(normalized) = path::normalize(target.path) else {
             return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
         };
 
@@ -184,10 +186,21 @@ impl ProxyHttp for Proxy {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
-        if let Cow::Owned(normalized) = normalized {
-            ctx.normalized_path = Some(normalized);
+        let path: &str = &normalized;
+        // The upstream gets the path judged and the query as sent: the request line is rebuilt
+        // unless it already says exactly that.
+        let as_sent = target.host.is_none()
+            && matches!(normalized, Cow::Borrowed(_))
+            && req
+                .uri
+                .path_and_query()
+                .is_some_and(|pq| pq.as_str().as_bytes() == req.raw_path());
+        if !as_sent {
+            ctx.upstream_target = Some(match target.query {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_owned(),
+            });
         }
-        let path = ctx.normalized_path.as_deref().unwrap_or(req.uri.path());
 
         // 1.5 Who is calling. The marks are read first, so that a change landing while the
         // decision is made is noticed by the recheck of an open connection.
@@ -320,7 +333,17 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        strip_identity_headers(upstream_request);
+        // What is Portcullis' own never reaches the upstream: headers only it may set, its
+        // cookies, and a bearer token it verified (unless the route passes it on).
+        strip_reserved_headers(upstream_request);
+        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
+            strip_own_cookies(upstream_request, &oidc.cookie_name);
+        }
+        if let (Some(Caller::Machine(_)), Some(route)) = (&ctx.caller, &ctx.route) {
+            if !route.config.pass_authorization {
+                upstream_request.remove_header(&header::AUTHORIZATION);
+            }
+        }
         if let (Some(runtime), Some(route), Some(forward)) =
             (&ctx.runtime, &ctx.route, &ctx.forward)
         {
@@ -354,11 +377,11 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            upstream_request.insert_header("x-forwarded-for", addr.ip().to_string())?;
-        }
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|addr| addr.ip());
         let proto = if ctx.tls { "https" } else { "http" };
-        upstream_request.insert_header("x-forwarded-proto", proto)?;
         let client_host = session
             .req_header()
             .headers
@@ -368,6 +391,14 @@ impl ProxyHttp for Proxy {
                 let authority = session.req_header().uri.authority()?;
                 HeaderValue::from_str(authority.as_str()).ok()
             });
+        upstream_request.insert_header(
+            header::FORWARDED,
+            forwarded(client_ip, client_host.as_ref(), proto),
+        )?;
+        if let Some(ip) = client_ip {
+            upstream_request.insert_header("x-forwarded-for", ip.to_string())?;
+        }
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
         if let Some(client_host) = client_host {
             upstream_request.insert_header("x-forwarded-host", client_host.clone())?;
             let route = ctx.route.as_ref().filter(|r| r.config.preserve_host);
@@ -383,15 +414,14 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        if let Some(path) = &ctx.normalized_path {
-            let target = match upstream_request.uri.query() {
-                Some(query) => format!("{path}?{query}"),
-                None => path.clone(),
-            };
-            let uri = http::Uri::builder().path_and_query(target).build().or_err(
-                ErrorType::InvalidHTTPHeader,
-                "normalized path is not a valid URI",
-            )?;
+        if let Some(target) = &ctx.upstream_target {
+            let uri = http::Uri::builder()
+                .path_and_query(target.as_str())
+                .build()
+                .or_err(
+                    ErrorType::InvalidHTTPHeader,
+                    "the normalized request target is not a valid URI",
+                )?;
             upstream_request.set_uri(uri);
         }
         Ok(())
@@ -716,32 +746,115 @@ fn is_long_lived(req: &RequestHeader) -> bool {
         })
 }
 
-/// Removes every header a client might use to pose as Portcullis: `X-Portcullis-*` in any case,
-/// with `_` standing for `-`. Header names arrive lower-cased.
-fn strip_identity_headers(request: &mut RequestHeader) {
-    let is_identity = |name: &[u8]| {
-        name.len() >= IDENTITY_PREFIX.len()
-            && name
-                .iter()
-                .zip(IDENTITY_PREFIX)
-                .all(|(&b, &want)| b.to_ascii_lowercase() == want || (want == b'-' && b == b'_'))
+/// Whether a client-sent header is one only Portcullis may set, so that no client can change
+/// who the upstream believes is calling or how it reads the request:
+///
+/// - its own identity headers, `X-Portcullis-*`;
+/// - the headers a proxy sets to describe the original request: `Forwarded`, `X-Forwarded-*`,
+///   `X-Real-IP`, `X-Original-*` (`X-Original-URL`, …) and `X-Rewrite-URL` (Portcullis sets
+///   `Forwarded` and `X-Forwarded-For`, `-Proto` and `-Host` itself);
+/// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
+///   which would let a client dodge a rule on methods.
+///
+/// Header names arrive lower-cased; `_` is read as `-`, as some servers read it.
+fn is_reserved(name: &[u8]) -> bool {
+    const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
+    const NAMES: [&[u8]; 6] = [
+        b"forwarded",
+        b"x-real-ip",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-method-override",
+        b"x-http-method",
+    ];
+    let same = |b: u8, want: u8| b.to_ascii_lowercase() == want || (want == b'-' && b == b'_');
+    let starts = |prefix: &[u8]| {
+        name.len() >= prefix.len() && name.iter().zip(prefix).all(|(&b, &w)| same(b, w))
     };
-    if !request
-        .headers
-        .keys()
-        .any(|name| is_identity(name.as_str().as_bytes()))
-    {
+    let equals = |word: &[u8]| name.len() == word.len() && starts(word);
+    PREFIXES.iter().any(|p| starts(p)) || NAMES.iter().any(|w| equals(w))
+}
+
+/// Removes every header [`is_reserved`] names.
+fn strip_reserved_headers(request: &mut RequestHeader) {
+    let reserved = |name: &http::HeaderName| is_reserved(name.as_str().as_bytes());
+    if !request.headers.keys().any(reserved) {
         return;
     }
     let doomed: Vec<http::HeaderName> = request
         .headers
         .keys()
-        .filter(|name| is_identity(name.as_str().as_bytes()))
+        .filter(|n| reserved(n))
         .cloned()
         .collect();
     for name in doomed {
         request.remove_header(&name);
     }
+}
+
+/// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
+/// either of its names) and the sign-in binding. The other cookies stay, in order. A `Cookie`
+/// header that is not text is dropped whole: it cannot be told free of them.
+fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
+    let host_prefixed = format!("__Host-{session_cookie}");
+    let own = [session_cookie, host_prefixed.as_str(), BROWSER_COOKIE];
+    let mentions_own = |value: &HeaderValue| {
+        let bytes = value.as_bytes();
+        value.to_str().is_err()
+            || own
+                .iter()
+                .any(|name| bytes.windows(name.len()).any(|w| w == name.as_bytes()))
+    };
+    if !request
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(mentions_own)
+    {
+        return;
+    }
+    let kept: Vec<String> = request
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| {
+            let pairs: Vec<&str> = value
+                .to_str()
+                .ok()?
+                .split(';')
+                .map(str::trim)
+                .filter(|pair| {
+                    let name = pair.split_once('=').map_or(*pair, |(name, _)| name).trim();
+                    !pair.is_empty() && !own.contains(&name)
+                })
+                .collect();
+            (!pairs.is_empty()).then(|| pairs.join("; "))
+        })
+        .collect();
+    request.remove_header(&header::COOKIE);
+    for value in kept {
+        // Each part came from a valid header value, so the joined value is one too.
+        let _ = request.append_header(header::COOKIE, value);
+    }
+}
+
+/// `Forwarded` (RFC 7239) for the request: who sent it, to which host, over which protocol.
+fn forwarded(client: Option<std::net::IpAddr>, host: Option<&HeaderValue>, proto: &str) -> String {
+    let mut value = String::new();
+    match client {
+        Some(std::net::IpAddr::V6(ip)) => value.push_str(&format!("for=\"[{ip}]\";")),
+        Some(ip) => value.push_str(&format!("for={ip};")),
+        None => value.push_str("for=unknown;"),
+    }
+    // A host is a quoted-string: it may hold a `:`, and never holds `"` or `\`.
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        if !host.contains(['"', '\\']) {
+            value.push_str(&format!("host=\"{host}\";"));
+        }
+    }
+    value.push_str("proto=");
+    value.push_str(proto);
+    value
 }
 
 /// Size of the request head as it arrived, near enough to bound it: request line and headers.
@@ -920,10 +1033,72 @@ mod tests {
             ("X-Portcullisx", "kept: not the prefix"),
             ("Accept", "text/html"),
         ]);
-        strip_identity_headers(&mut req);
+        strip_reserved_headers(&mut req);
         let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "x-portcullisx"]);
+    }
+
+    #[test]
+    fn forwarding_and_method_override_headers_are_portcullis_own() {
+        let mut req = request(&[
+            ("Forwarded", "for=10.0.0.1;host=admin.internal"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-Prefix", "/admin"),
+            ("X_Forwarded_Host", "admin.internal"),
+            ("X-Real-IP", "10.0.0.1"),
+            ("X-Original-URL", "/admin"),
+            ("X-Rewrite-URL", "/admin"),
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("X-Method-Override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("X-Forwarded", "kept: not a forwarding header of any proxy"),
+            ("X-Request-Id", "kept"),
+        ]);
+        strip_reserved_headers(&mut req);
+        let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["x-forwarded", "x-request-id"]);
+    }
+
+    #[test]
+    fn portcullis_cookies_are_removed_and_the_others_kept_in_order() {
+        let mut req = request(&[
+            ("Cookie", "theme=dark; portcullis_session=SECRET; lang=en"),
+            ("Cookie", "__Host-portcullis_session=SECRET"),
+            (
+                "Cookie",
+                "portcullis_signin=BINDING; portcullis_session_other=kept",
+            ),
+        ]);
+        strip_own_cookies(&mut req, "portcullis_session");
+        let cookies: Vec<&str> = req
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            cookies,
+            ["theme=dark; lang=en", "portcullis_session_other=kept"]
+        );
+
+        let mut untouched = request(&[("Cookie", "a=1;b=2")]);
+        strip_own_cookies(&mut untouched, "portcullis_session");
+        assert_eq!(untouched.headers[header::COOKIE], "a=1;b=2", "left as sent");
+    }
+
+    #[test]
+    fn forwarded_names_the_client_host_and_protocol() {
+        let host = HeaderValue::from_static("app.test:8080");
+        assert_eq!(
+            forwarded(Some("10.1.2.3".parse().unwrap()), Some(&host), "https"),
+            "for=10.1.2.3;host=\"app.test:8080\";proto=https"
+        );
+        assert_eq!(
+            forwarded(Some("::1".parse().unwrap()), None, "http"),
+            "for=\"[::1]\";proto=http"
+        );
     }
 
     #[test]

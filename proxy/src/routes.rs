@@ -66,6 +66,15 @@ impl RouteTable {
         }
     }
 
+    /// Whether some route serves the lower-cased `host`.
+    pub fn serves(&self, host: &str) -> bool {
+        self.exact.contains_key(host)
+            || self
+                .wildcard
+                .iter()
+                .any(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+    }
+
     /// The route named `name` (its `from` as written).
     pub fn by_name(&self, name: &str) -> Option<&Arc<CompiledRoute>> {
         self.by_name.get(name)

@@ -79,6 +79,18 @@ impl Runtime {
         }
     }
 
+    /// Whether Portcullis answers for the lower-cased `host` (without port): a route's host,
+    /// the SCIM host or the sign-in host.
+    pub fn serves(&self, host: &str) -> bool {
+        self.routes.serves(host)
+            || self.scim.as_ref().is_some_and(|scim| scim.host == host)
+            || self
+                .config
+                .oidc
+                .as_ref()
+                .is_some_and(|oidc| oidc.auth_host.split(':').next() == Some(host))
+    }
+
     pub fn scheme_of(tls: bool) -> Scheme {
         if tls {
             Scheme::Https

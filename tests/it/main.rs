@@ -11,6 +11,7 @@ mod audit;
 mod authz;
 mod balancing;
 mod config_check;
+mod hardening;
 mod headers;
 mod idp_harness;
 mod lifecycle;

@@ -23,6 +23,7 @@ pub mod config;
 pub mod diagnose;
 pub mod idp;
 pub mod process;
+pub mod raw_upstream;
 pub mod recorder;
 pub mod rng;
 pub mod scim;

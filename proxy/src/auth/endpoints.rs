@@ -22,7 +22,7 @@ use crate::gate::Gate;
 use crate::reply::{escape, Reply};
 
 /// The cookie binding a sign-in in progress to the browser that started it.
-const BROWSER_COOKIE: &str = "portcullis_signin";
+pub const BROWSER_COOKIE: &str = "portcullis_signin";
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 

@@ -1,0 +1,328 @@
+//! Upstreams see only what was authorized (issue #12), tested the way an attacker with a valid
+//! low-privilege session would try it, against an upstream that records the raw bytes of every
+//! request line and header it receives:
+//!
+//! - request targets an upstream framework reads differently from Portcullis are refused, and
+//!   the upstream gets exactly the path that was judged, never the client's raw target;
+//! - Portcullis' own credentials (its session cookie, a bearer token it verified) and client
+//!   headers only a proxy may set (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Original-URL`,
+//!   `X-Rewrite-URL`, method overrides) never reach the upstream;
+//! - a group name with a comma cannot pose as two groups in the groups header.
+
+use serde_json::json;
+
+use portcullis_tests::raw_upstream::{RawRequest, RawUpstream};
+use portcullis_tests::{
+    raw_request, ConfigBuilder, JwtIssuer, Oidc, Portcullis, Route, ScimClient,
+};
+
+use crate::signin::{
+    client, idp_setup, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, CLIENT_ID, CLIENT_SECRET,
+    MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
+};
+use crate::{SCIM_HOST, SCIM_TOKEN};
+
+/// Portcullis in front of one raw upstream:
+/// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
+/// - `http://api.test`: bearer tokens of group `eng`;
+/// - `http://pass.test`: the same, with `pass_authorization = true`.
+///
+/// alice and the build-agent machine are in `eng`.
+struct Hardened {
+    fx: Fixture,
+    raw: RawUpstream,
+}
+
+impl Hardened {
+    async fn start() -> Hardened {
+        let raw = RawUpstream::start().await;
+        let app = portcullis_tests::Upstream::start("unused-app").await;
+        let api = portcullis_tests::Upstream::start("unused-api").await;
+        let cfg = ConfigBuilder::new().http_listener();
+        let port = cfg.http_addr().port();
+        let idp = idp_setup(
+            &[format!("http://app.test:{port}/.portcullis/callback")],
+            &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
+        )
+        .start()
+        .await;
+        let cfg = cfg
+            .route(
+                Route::to_urls("http://app.test", vec![raw.url()])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set("deny = { groups = [\"eng\"], paths = [\"/admin\"] }"),
+            )
+            .route(
+                Route::to_urls("http://api.test", vec![raw.url()])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::to_urls("http://pass.test", vec![raw.url()])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set("pass_authorization = true"),
+            )
+            .oidc(Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            ))
+            .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
+        let px = Portcullis::start(&cfg.toml()).await;
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        let alice = scim.create_user(ALICE).await.id();
+        let machine = scim.create_user(MACHINE_ID).await.id();
+        scim.create_group("eng", &[&alice, &machine]).await;
+        scim.create_group("eng, admins", &[&alice]).await;
+        let fx = Fixture {
+            cfg,
+            idp,
+            px,
+            app,
+            api,
+        };
+        fx.wait_sign_in_available(std::time::Duration::from_secs(40))
+            .await;
+        Hardened { fx, raw }
+    }
+
+    async fn sign_in(&self) -> String {
+        self.fx
+            .sign_in(&client(), &self.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie
+    }
+
+    async fn machine_token(&self) -> String {
+        self.fx
+            .idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+            .await
+    }
+
+    /// Sends `request_line` and `headers` (each `Name: value`) as raw bytes; returns the status
+    /// and what the upstream received for it, if anything.
+    async fn send(&self, request_line: &str, headers: &[String]) -> (u16, Option<RawRequest>) {
+        let before = self.raw.count();
+        let mut bytes = format!("{request_line}\r\n");
+        for header in headers {
+            bytes.push_str(header);
+            bytes.push_str("\r\n");
+        }
+        bytes.push_str("Connection: close\r\n\r\n");
+        let addr = self.fx.cfg.http_addr();
+        let response = raw_request(addr, bytes.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{request_line}: {e}"));
+        let received = (self.raw.count() > before).then(|| self.raw.last());
+        (response.status, received)
+    }
+
+    fn host(&self, host: &str) -> String {
+        format!("Host: {host}:{}", self.fx.cfg.http_addr().port())
+    }
+
+    fn session(&self, cookie: &str) -> String {
+        format!("Cookie: {SESSION_COOKIE}={cookie}")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_upstream() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let port = t.fx.cfg.http_addr().port();
+    let (host, session) = (t.host("app.test"), t.session(&cookie));
+
+    // Refused before anything reaches the upstream: Go's net/http serves `foo:/admin` as
+    // /admin, and none of these is a path or a URL of a host served here.
+    for target in [
+        "foo:/admin".to_owned(),
+        "*".to_owned(),
+        "app.test:443".to_owned(),
+        "http://elsewhere.test/admin".to_owned(),
+        format!("http://api.test:{port}/admin"),
+    ] {
+        let (status, received) = t
+            .send(
+                &format!("GET {target} HTTP/1.1"),
+                &[host.clone(), session.clone()],
+            )
+            .await;
+        assert_eq!(status, 400, "GET {target}");
+        assert_eq!(received, None, "GET {target} reached the upstream");
+    }
+
+    // What is let in reaches the upstream as the path that was judged, with the query as sent.
+    for (target, upstream) in [
+        ("/work?q=1", "/work?q=1".to_owned()),
+        ("/x/../work/./a?q=%2F", "/work/a?q=%2F".to_owned()),
+        ("/%77ork//b", "/work/b".to_owned()),
+        // A fragment is the client's alone.
+        ("/work#/../admin", "/work".to_owned()),
+        (
+            &*format!("http://app.test:{port}/w%6Frk?abs=1"),
+            "/work?abs=1".to_owned(),
+        ),
+    ] {
+        let (status, received) = t
+            .send(
+                &format!("GET {target} HTTP/1.1"),
+                &[host.clone(), session.clone()],
+            )
+            .await;
+        assert_eq!(status, 200, "GET {target}");
+        let received =
+            received.unwrap_or_else(|| panic!("GET {target} did not reach the upstream"));
+        assert_eq!(
+            received.line,
+            format!("GET {upstream} HTTP/1.1"),
+            "GET {target}"
+        );
+    }
+
+    // The deny rule holds however the path is spelled in the target.
+    for target in [
+        "/admin",
+        "/x/../admin",
+        &*format!("http://app.test:{port}/%61dmin"),
+    ] {
+        let (status, received) = t
+            .send(
+                &format!("GET {target} HTTP/1.1"),
+                &[host.clone(), session.clone()],
+            )
+            .await;
+        assert_eq!(status, 403, "GET {target}");
+        assert_eq!(received, None, "GET {target} reached the upstream");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let host = t.host("app.test");
+    let spoofed = [
+        "Forwarded: for=10.9.9.9;host=admin.internal;proto=https",
+        "X-Forwarded-For: 10.9.9.9",
+        "X-Forwarded-Host: admin.internal",
+        "X-Forwarded-Prefix: /admin",
+        "X-Real-IP: 10.9.9.9",
+        "X-Original-URL: /admin",
+        "X-Rewrite-URL: /admin",
+        "X-HTTP-Method-Override: DELETE",
+        "X-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+    ];
+    let mut headers = vec![
+        host.clone(),
+        format!("Cookie: theme=dark; {SESSION_COOKIE}={cookie}; lang=en"),
+        "Cookie: portcullis_signin=binding; other=1".to_owned(),
+    ];
+    headers.extend(spoofed.iter().map(|h| (*h).to_owned()));
+    let (status, received) = t.send("GET /page HTTP/1.1", &headers).await;
+    assert_eq!(status, 200);
+    let received = received.expect("the request reached the upstream");
+
+    let everything = received.headers.join("\n");
+    assert!(
+        !everything.contains(&cookie),
+        "the session id reached the upstream:\n{everything}"
+    );
+    assert_eq!(
+        received.header_all("cookie"),
+        ["theme=dark; lang=en", "other=1"]
+    );
+    for name in [
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-method-override",
+        "x-http-method",
+    ] {
+        assert_eq!(
+            received.header(name),
+            None,
+            "{name} reached the upstream:\n{everything}"
+        );
+    }
+    assert!(
+        !everything.contains("10.9.9.9"),
+        "a spoofed address:\n{everything}"
+    );
+    assert!(
+        !everything.contains("admin.internal"),
+        "a spoofed host:\n{everything}"
+    );
+    // Portcullis' own forwarding headers, one of each.
+    let port = t.fx.cfg.http_addr().port();
+    assert_eq!(
+        received.header_all("forwarded"),
+        [format!("for=127.0.0.1;host=\"app.test:{port}\";proto=http")]
+    );
+    assert_eq!(received.header_all("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(
+        received.header_all("x-forwarded-host"),
+        [format!("app.test:{port}")]
+    );
+
+    // A bearer token Portcullis verified is its credential: not passed on, unless the route
+    // says so.
+    let token = t.machine_token().await;
+    let authorization = format!("Authorization: Bearer {token}");
+    let (status, received) = t
+        .send(
+            "GET /v1/builds HTTP/1.1",
+            &[t.host("api.test"), authorization.clone()],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let received = received.expect("the machine's request reached the upstream");
+    assert_eq!(received.header("authorization"), None);
+    assert!(!received.headers.join("\n").contains(&token));
+    let (status, received) = t
+        .send(
+            "GET /v1/builds HTTP/1.1",
+            &[t.host("pass.test"), authorization],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let received = received.expect("the machine's request reached the upstream");
+    assert_eq!(
+        received.header("authorization"),
+        Some(format!("Bearer {token}").as_str()),
+        "pass_authorization = true passes the verified token on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_name_with_a_comma_is_one_group_in_the_header() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let (status, received) = t
+        .send(
+            "GET /page HTTP/1.1",
+            &[t.host("app.test"), t.session(&cookie)],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let received = received.expect("the request reached the upstream");
+    let groups = received.header("x-portcullis-groups").unwrap_or_default();
+    let mut names: Vec<&str> = groups.split(", ").collect();
+    names.sort_unstable();
+    assert_eq!(names, ["eng", "eng%2C%20admins"], "{groups}");
+    // The assertion carries the names as they are.
+    let assertion = received
+        .header("x-portcullis-assertion")
+        .unwrap_or_default();
+    let claims = portcullis_tests::idp::jwt_claims(assertion);
+    let mut claimed: Vec<String> = serde_json::from_value(claims["groups"].clone()).unwrap();
+    claimed.sort_unstable();
+    assert_eq!(claimed, ["eng", "eng, admins"], "{}", json!(claims));
+}
