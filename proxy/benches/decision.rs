@@ -191,6 +191,7 @@ impl Fixture {
                 issuer: oidc.issuer.clone(),
                 subject: format!("sub-{n}"),
                 email: Some(email),
+                email_verified: None,
                 name: None,
                 idp_session: None,
                 created: now,

@@ -14,6 +14,10 @@ pub struct Identity {
     pub issuer: String,
     pub subject: String,
     pub email: Option<String>,
+    /// The ID token's `email_verified`, when it has one. An email the IdP says it has not
+    /// verified (`Some(false)`) identifies nobody.
+    #[serde(default)]
+    pub email_verified: Option<bool>,
     pub name: Option<String>,
     /// The IdP's session id (`sid`), for back-channel logout.
     pub idp_session: Option<String>,

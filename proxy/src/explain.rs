@@ -57,6 +57,7 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
             .unwrap_or_default(),
         subject,
         email,
+        email_verified: None,
         name: None,
         idp_session: None,
         created: 0,

@@ -300,27 +300,33 @@ impl Gate<'_> {
     ) -> Judged {
         let (claim, attribute) = self.mapping(principal);
         let Some(key) = subject_key(self.identity, principal) else {
+            let reason = match principal {
+                Principal::Person(identity) if unverified(identity) && claim == "email" => {
+                    format!(
+                        "the identity provider has not verified the email {} \
+                         (email_verified is false), so it identifies nobody",
+                        identity.email.as_deref().unwrap_or_default()
+                    )
+                }
+                _ => format!(
+                    "the sign-in carries no {claim} claim, which identifies a directory user"
+                ),
+            };
             return Judged::Refuse(Refusal {
                 who: Some(principal.log_name()),
                 rule: None,
                 cause: Cause::NoIdentifyingClaim,
-                reason: format!(
-                    "the sign-in carries no {claim} claim, which identifies a directory user"
-                ),
+                reason,
             });
         };
-        let (kind, email, session_epoch) = match principal {
-            Principal::Person(identity) => (
-                SubjectKind::Person,
-                identity.email.as_deref(),
-                Some(identity.directory_seq),
-            ),
-            Principal::Machine(_) => (SubjectKind::Machine, None, None),
+        let (kind, session_epoch) = match principal {
+            Principal::Person(identity) => (SubjectKind::Person, Some(identity.directory_seq)),
+            Principal::Machine(_) => (SubjectKind::Machine, None),
         };
         self.directory.with_subject(key, |view| {
             let Some(view) = view else {
                 if facts.route.token_groups {
-                    return on_token(facts, request, principal, kind, email, explain);
+                    return on_token(facts, request, principal, kind, explain);
                 }
                 let who = principal.log_name();
                 return Judged::Refuse(Refusal {
@@ -345,6 +351,9 @@ impl Gate<'_> {
                     external_id: g.external_id.as_deref(),
                 })
                 .collect();
+            // The directory's email (its primary one), never the token's: the IdP provisions
+            // it, while a token's email is whatever the account at the IdP says.
+            let email = view.user.emails.first().map(|e| &**e);
             let subject = Subject {
                 kind,
                 user_name: &view.user.user_name,
@@ -358,9 +367,7 @@ impl Gate<'_> {
             }
             let forward = Forward::new(
                 view.user.user_name.to_string(),
-                email
-                    .map(str::to_owned)
-                    .or_else(|| view.user.emails.first().map(|e| e.to_string())),
+                email.map(str::to_owned),
                 view.groups
                     .iter()
                     .map(|g| g.display_name.to_string())
@@ -462,14 +469,15 @@ fn on_token(
     request: &Request<'_>,
     principal: Principal<'_>,
     kind: SubjectKind,
-    email: Option<&str>,
     explain: bool,
 ) -> Judged {
+    // Only a verified email: an unverified one names nobody and matches no email domain.
+    let email = match principal {
+        Principal::Person(identity) if !unverified(identity) => identity.email.as_deref(),
+        _ => None,
+    };
     let (name, token_groups) = match principal {
-        Principal::Person(identity) => (
-            identity.email.as_deref().unwrap_or(&identity.subject),
-            &identity.groups,
-        ),
+        Principal::Person(identity) => (email.unwrap_or(&identity.subject), &identity.groups),
         Principal::Machine(machine) => (
             machine.client_id.as_deref().unwrap_or(&machine.subject),
             &machine.groups,
@@ -519,8 +527,15 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
     })
 }
 
+/// Whether the IdP said it has not verified the person's email. An IdP that does not say
+/// (Entra ID sends no `email_verified`) is taken at its word that the email is theirs.
+fn unverified(identity: &Identity) -> bool {
+    identity.email_verified == Some(false)
+}
+
 fn person_claim<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<&'a str> {
     match identity.claim {
+        IdentityClaim::Email if unverified(who) => None,
         IdentityClaim::Email => who.email.as_deref(),
         IdentityClaim::Sub => Some(who.subject.as_str()),
     }
@@ -752,6 +767,93 @@ mod tests {
             "{}",
             refusal.reason
         );
+    }
+
+    #[tokio::test]
+    async fn an_email_the_idp_has_not_verified_identifies_nobody() {
+        let world = world().await;
+        let mut identity = world.person(ALICE);
+        identity.email_verified = Some(false);
+        let refusal = forbidden(as_person(&world, &identity, 0, "/work"));
+        assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
+        assert!(
+            refusal.reason.contains("not verified"),
+            "{}",
+            refusal.reason
+        );
+        identity.email_verified = Some(true);
+        allowed(as_person(&world, &identity, 0, "/work"));
+    }
+
+    /// People found by `sub` as the `externalId`, so the token's email is not what finds them.
+    fn by_sub() -> World {
+        World::with(config(
+            "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n",
+        ))
+    }
+
+    #[tokio::test]
+    async fn email_domains_judge_the_directory_s_email_not_the_token_s() {
+        let world = by_sub();
+        world
+            .user_with_emails("asmith", "ext-a", &[("a.smith@corp.example", true)])
+            .await;
+        world
+            .user_with_emails("bsmith", "ext-b", &[("b.smith@elsewhere.example", true)])
+            .await;
+        let mut a = world.person("a@elsewhere.example");
+        a.subject = "ext-a".to_owned();
+        let pass = allowed(as_person(&world, &a, 5, "/"));
+        assert_eq!(
+            pass.forward.and_then(|f| f.email).as_deref(),
+            Some("a.smith@corp.example"),
+            "the upstream is told the directory's email too"
+        );
+        let mut b = world.person("b@corp.example");
+        b.subject = "ext-b".to_owned();
+        assert_eq!(
+            forbidden(as_person(&world, &b, 5, "/")).cause,
+            Cause::NoRuleAllows,
+            "a token's email at corp.example does not make bob one of corp.example"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_directory_s_email_is_its_primary_one() {
+        let world = by_sub();
+        world
+            .user_with_emails(
+                "csmith",
+                "ext-c",
+                &[("c@home.example", false), ("c.smith@corp.example", true)],
+            )
+            .await;
+        let mut c = world.person("c@home.example");
+        c.subject = "ext-c".to_owned();
+        let pass = allowed(as_person(&world, &c, 5, "/"));
+        assert_eq!(
+            pass.forward.and_then(|f| f.email).as_deref(),
+            Some("c.smith@corp.example")
+        );
+    }
+
+    #[tokio::test]
+    async fn token_groups_never_trust_an_unverified_email() {
+        let world = world().await;
+        let mut contractor = world.person("dan@partner.example");
+        contractor.groups = vec!["contractors".to_owned()];
+        contractor.email_verified = Some(false);
+        // Found by email, so an unverified one identifies nobody at all.
+        assert_eq!(
+            forbidden(as_person(&world, &contractor, 3, "/")).cause,
+            Cause::NoIdentifyingClaim
+        );
+        // Found by sub: judged on the token, named by sub, with no email.
+        let world = by_sub();
+        let pass = allowed(as_person(&world, &contractor, 3, "/"));
+        let forward = pass.forward.expect("named to the upstream");
+        assert_eq!(forward.user, "sub-dan@partner.example");
+        assert_eq!(forward.email, None);
     }
 
     #[tokio::test]

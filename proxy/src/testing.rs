@@ -23,7 +23,8 @@ use crate::state::Runtime;
 /// - `routes[1]` `http://api.test`: bearer tokens only; group `eng` allowed;
 /// - `routes[2]` `http://open.test`: public, `/open` only;
 /// - `routes[3]` `http://tg.test`: sessions and tokens, `token_groups`; group `contractors`;
-/// - `routes[4]` `http://odysseus.test`: sessions; the user `ΟΔΥΣΣΕΥΣ` only.
+/// - `routes[4]` `http://odysseus.test`: sessions; the user `ΟΔΥΣΣΕΥΣ` only;
+/// - `routes[5]` `http://mail.test`: sessions; anyone with an email at `corp.example`.
 pub const CONFIG: &str = r#"
 data_dir = "/nonexistent"
 
@@ -72,6 +73,12 @@ from = "http://odysseus.test"
 to = ["http://127.0.0.1:3"]
 accept = ["session"]
 allow = { users = ["ΟΔΥΣΣΕΥΣ"] }
+
+[[routes]]
+from = "http://mail.test"
+to = ["http://127.0.0.1:3"]
+accept = ["session"]
+allow = { email_domains = ["corp.example"] }
 "#;
 
 /// `CONFIG` with `extra` appended (an `[identity]` table, say), validated.
@@ -165,6 +172,26 @@ impl World {
         id(&self.scim(Method::POST, "/Users", user).await)
     }
 
+    /// Creates a user with this `externalId` and these `(email, primary)`; returns its id.
+    pub async fn user_with_emails(
+        &self,
+        name: &str,
+        external_id: &str,
+        emails: &[(&str, bool)],
+    ) -> String {
+        let emails: Vec<Value> = emails
+            .iter()
+            .map(|(value, primary)| json!({ "value": value, "primary": primary }))
+            .collect();
+        let user = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": name,
+            "externalId": external_id,
+            "emails": emails,
+        });
+        id(&self.scim(Method::POST, "/Users", user).await)
+    }
+
     /// Creates a group with these member ids; returns its id.
     pub async fn group(&self, name: &str, members: &[&str]) -> String {
         let members: Vec<Value> = members.iter().map(|m| json!({ "value": m })).collect();
@@ -203,6 +230,7 @@ impl World {
             issuer: "http://127.0.0.1:2".to_owned(),
             subject: format!("sub-{email}"),
             email: Some(email.to_owned()),
+            email_verified: None,
             name: None,
             idp_session: None,
             created: 0,

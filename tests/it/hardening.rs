@@ -13,7 +13,7 @@ use serde_json::json;
 
 use portcullis_tests::raw_upstream::{RawRequest, RawUpstream};
 use portcullis_tests::{
-    raw_request, ConfigBuilder, JwtIssuer, Oidc, Portcullis, Route, ScimClient,
+    raw_request, ConfigBuilder, IdpUser, JwtIssuer, Oidc, Portcullis, Route, ScimClient,
 };
 
 use crate::signin::{
@@ -22,12 +22,16 @@ use crate::signin::{
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
+/// Provisioned in `eng`, but the IdP has not verified the email her account has.
+const CAROL: &str = "carol@corp.test";
+const CAROL_PASSWORD: &str = "carol's password, long enough";
+
 /// Portcullis in front of one raw upstream:
 /// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
 /// - `http://api.test`: bearer tokens of group `eng`;
 /// - `http://pass.test`: the same, with `pass_authorization = true`.
 ///
-/// alice and the build-agent machine are in `eng`.
+/// alice, carol and the build-agent machine are in `eng`.
 struct Hardened {
     fx: Fixture,
     raw: RawUpstream,
@@ -40,10 +44,14 @@ impl Hardened {
         let api = portcullis_tests::Upstream::start("unused-api").await;
         let cfg = ConfigBuilder::new().http_listener();
         let port = cfg.http_addr().port();
+        // carol's IdP account has an email the IdP has not verified.
+        let mut carol = IdpUser::new("carol", CAROL, CAROL_PASSWORD);
+        carol.email_verified = false;
         let idp = idp_setup(
             &[format!("http://app.test:{port}/.portcullis/callback")],
             &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
         )
+        .user(carol)
         .start()
         .await;
         let cfg = cfg
@@ -75,7 +83,8 @@ impl Hardened {
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let alice = scim.create_user(ALICE).await.id();
         let machine = scim.create_user(MACHINE_ID).await.id();
-        scim.create_group("eng", &[&alice, &machine]).await;
+        let carol = scim.create_user(CAROL).await.id();
+        scim.create_group("eng", &[&alice, &machine, &carol]).await;
         scim.create_group("eng, admins", &[&alice]).await;
         let fx = Fixture {
             cfg,
@@ -325,4 +334,35 @@ async fn a_group_name_with_a_comma_is_one_group_in_the_header() {
     let mut claimed: Vec<String> = serde_json::from_value(claims["groups"].clone()).unwrap();
     claimed.sort_unstable();
     assert_eq!(claimed, ["eng", "eng, admins"], "{}", json!(claims));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_the_idp_has_not_verified_identifies_nobody() {
+    let t = Hardened::start().await;
+    // carol signs in: the IdP vouches for her account, not for the email it carries.
+    let carol =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), CAROL, CAROL_PASSWORD)
+            .await
+            .cookie;
+    let (status, received) = t
+        .send(
+            "GET /page HTTP/1.1",
+            &[
+                t.host("app.test"),
+                t.session(&carol),
+                "Accept: application/json".to_owned(),
+            ],
+        )
+        .await;
+    assert_eq!(status, 403, "an unverified email found a directory user");
+    assert_eq!(received, None);
+    // alice's verified email finds her.
+    let alice = t.sign_in().await;
+    let (status, _) = t
+        .send(
+            "GET /page HTTP/1.1",
+            &[t.host("app.test"), t.session(&alice)],
+        )
+        .await;
+    assert_eq!(status, 200);
 }

@@ -324,6 +324,7 @@ impl Oidc {
             issuer: provider.issuer.clone(),
             subject: claims.subject().to_string(),
             email: claims.email().map(|e| e.to_string()),
+            email_verified: claims.email_verified(),
             name: claims
                 .name()
                 .and_then(|n| n.get(None))

@@ -259,6 +259,7 @@ mod tests {
             issuer: "https://idp.test".into(),
             subject: sub.into(),
             email: Some(format!("{sub}@corp.test")),
+            email_verified: None,
             name: None,
             idp_session: Some(format!("sid-{sub}")),
             created: 100,

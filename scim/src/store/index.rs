@@ -34,7 +34,7 @@ pub struct UserEntry {
     /// `userName`, case-folded.
     pub user_name: Box<str>,
     pub external_id: Option<Box<str>>,
-    /// Every `emails[].value`, case-folded.
+    /// Every `emails[].value`, case-folded; the `primary` one first (the directory's email).
     pub emails: Box<[Box<str>]>,
     pub active: bool,
     pub version: Seq,
@@ -237,12 +237,12 @@ pub fn user_entry(record: &Record) -> Option<UserEntry> {
         .and_then(|o| get_ci(o, "emails"))
         .and_then(Value::as_array)
         .map(|emails| {
-            emails
-                .iter()
-                .filter_map(|e| e.as_object().and_then(|o| get_ci(o, "value")))
-                .filter_map(Value::as_str)
-                .map(fold)
-                .collect()
+            primary_first(emails.iter().filter_map(|e| {
+                let email = e.as_object()?;
+                let value = get_ci(email, "value").and_then(Value::as_str)?;
+                let primary = get_ci(email, "primary").and_then(Value::as_bool);
+                Some((fold(value), primary == Some(true)))
+            }))
         })
         .unwrap_or_default();
     Some(UserEntry {
@@ -649,6 +649,17 @@ struct Fields<'a> {
 struct EmailField<'a> {
     #[serde(borrow, default)]
     value: Option<Cow<'a, str>>,
+    /// Any JSON: a value of another type must not keep the user out of the index.
+    #[serde(default)]
+    primary: Option<Value>,
+}
+
+/// The emails in the order given, but the (first) primary one first.
+fn primary_first(emails: impl Iterator<Item = (Box<str>, bool)>) -> Box<[Box<str>]> {
+    let mut emails: Vec<(Box<str>, bool)> = emails.collect();
+    // Stable: the others keep their order.
+    emails.sort_by_key(|(_, primary)| !primary);
+    emails.into_iter().map(|(email, _)| email).collect()
 }
 
 #[derive(Deserialize)]
@@ -673,11 +684,10 @@ impl Fields<'_> {
                 id,
                 user_name: fold(&self.user_name?),
                 external_id,
-                emails: self
-                    .emails
-                    .iter()
-                    .filter_map(|e| e.value.as_deref().map(fold))
-                    .collect(),
+                emails: primary_first(self.emails.iter().filter_map(|e| {
+                    let primary = e.primary.as_ref().and_then(Value::as_bool);
+                    Some((fold(e.value.as_deref()?), primary == Some(true)))
+                })),
                 active: self.active.unwrap_or(true),
                 version,
                 valid_since,
