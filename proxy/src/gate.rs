@@ -351,9 +351,15 @@ impl Gate<'_> {
                     external_id: g.external_id.as_deref(),
                 })
                 .collect();
-            // The directory's email (its primary one), never the token's: the IdP provisions
-            // it, while a token's email is whatever the account at the IdP says.
-            let email = view.user.emails.first().map(|e| &**e);
+            // The directory's email, never the token's: the IdP provisions the directory, while
+            // a token's email is whatever the account at the IdP says. That is the primary
+            // email, else the first, else the userName when it is an address (as Okta sends it).
+            let email = view
+                .user
+                .emails
+                .first()
+                .map(|e| &**e)
+                .or_else(|| Some(&*view.user.user_name).filter(|name| name.contains('@')));
             let subject = Subject {
                 kind,
                 user_name: &view.user.user_name,
@@ -815,6 +821,30 @@ mod tests {
             forbidden(as_person(&world, &b, 5, "/")).cause,
             Cause::NoRuleAllows,
             "a token's email at corp.example does not make bob one of corp.example"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_emails_the_directory_s_email_is_a_user_name_in_email_form() {
+        let world = by_sub();
+        world
+            .user_with_emails("d.smith@corp.example", "ext-d", &[])
+            .await;
+        world.user_with_emails("esmith", "ext-e", &[]).await;
+        let mut d = world.person("d@elsewhere.example");
+        d.subject = "ext-d".to_owned();
+        let pass = allowed(as_person(&world, &d, 5, "/"));
+        assert_eq!(
+            pass.forward.and_then(|f| f.email).as_deref(),
+            Some("d.smith@corp.example")
+        );
+        let mut e = world.person("e@corp.example");
+        e.subject = "ext-e".to_owned();
+        let refusal = forbidden(as_person(&world, &e, 5, "/"));
+        assert_eq!(
+            refusal.cause,
+            Cause::NoRuleAllows,
+            "no email in the directory at all"
         );
     }
 
