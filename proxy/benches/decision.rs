@@ -218,6 +218,7 @@ impl Fixture {
             subject: "user7@bench.example".into(),
             client_id: Some("user7@bench.example".into()),
             groups: Vec::new(),
+            expires: u64::MAX,
         }));
         Fixture {
             config,

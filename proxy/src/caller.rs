@@ -47,6 +47,9 @@ pub struct Machine {
     pub client_id: Option<String>,
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,
+    /// Unix seconds from which the token no longer vouches for the machine: its `exp` plus
+    /// the issuer's leeway.
+    pub expires: u64,
 }
 
 /// The caller of a request, once authenticated. Cheap to clone: it is shared by every request

@@ -70,7 +70,8 @@ impl BackgroundService for KeyRefresher {
 }
 
 /// Judges every open websocket and event stream again whenever the directory changes,
-/// sessions end or the configuration is reloaded, and cuts those refused (see `streams.rs`).
+/// sessions end or the configuration is reloaded, and at least once a second (grants end with
+/// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`).
 pub struct Watcher {
     shared: Arc<Shared>,
 }
@@ -87,8 +88,11 @@ impl BackgroundService for Watcher {
         let mut changes = self.shared.directory.subscribe();
         let mut ends = self.shared.auth.sessions.subscribe_ends();
         let mut reloads = self.shared.subscribe_reloads();
+        let mut seconds = tokio::time::interval(Duration::from_secs(1));
+        seconds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = seconds.tick() => {}
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return;

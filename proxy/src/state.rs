@@ -174,6 +174,7 @@ impl Shared {
             directory: self.directory.visible_seq(),
             session_ends: self.auth.sessions.ends(),
             config: *self.reloads.borrow(),
+            second: crate::clock::now_unix(),
         }
     }
 
@@ -198,8 +199,16 @@ impl Shared {
 
     fn rejudge(&self, open: &Recheck) -> Admission {
         let runtime = self.runtime.load();
-        crate::streams::rejudge(&self.gate(&runtime), &runtime.routes, open, |session| {
-            self.auth.sessions.exists(session)
+        let now = crate::clock::now_unix();
+        // A session that has ended, or idled or lived past its time, no longer vouches.
+        let idle = runtime
+            .config
+            .oidc
+            .as_ref()
+            .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
+        let gate = self.gate(&runtime);
+        crate::streams::rejudge(&gate, &runtime.routes, open, now, |key| {
+            self.auth.sessions.is_live(key, now, idle)
         })
     }
 
@@ -218,7 +227,15 @@ impl Shared {
                 None,
                 "the user was deactivated or re-created since signing in",
             ),
-            _ => (open.caller.log_name(), None, "the session has ended"),
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: true,
+                ..
+            }) => (open.caller.log_name(), None, "the bearer token has expired"),
+            _ => (
+                open.caller.log_name(),
+                None,
+                "the session has ended or expired",
+            ),
         };
         self.audit.refusal(
             &who,

@@ -41,6 +41,9 @@ pub struct Marks {
     pub session_ends: u64,
     /// How many times the configuration was reloaded.
     pub config: u64,
+    /// The unix second: grants end with time (a session's expiry, a token's `exp`), so an
+    /// open connection is judged again at least once a second while it carries anything.
+    pub second: u64,
 }
 
 /// What an allowed request was let in as, to judge it again later.
@@ -56,6 +59,7 @@ pub struct Recheck {
     directory: AtomicU64,
     session_ends: AtomicU64,
     config: AtomicU64,
+    second: AtomicU64,
     /// Set once the connection has been refused, so the refusal is reported once.
     cut: AtomicBool,
 }
@@ -78,6 +82,7 @@ impl Recheck {
             directory: AtomicU64::new(decided_at.directory),
             session_ends: AtomicU64::new(decided_at.session_ends),
             config: AtomicU64::new(decided_at.config),
+            second: AtomicU64::new(decided_at.second),
             cut: AtomicBool::new(false),
         }
     }
@@ -87,11 +92,12 @@ impl Recheck {
             directory: self.directory.load(Ordering::Acquire),
             session_ends: self.session_ends.load(Ordering::Acquire),
             config: self.config.load(Ordering::Acquire),
+            second: self.second.load(Ordering::Acquire),
         }
     }
 
     /// Whether the connection may carry on, given where things stand `now` (read before
-    /// calling). When nothing moved since the last decision this costs three counter reads;
+    /// calling). When nothing moved since the last decision this costs four counter reads;
     /// otherwise `judge` decides again, and the first refusal is handed to `on_cut` (to be
     /// recorded), once per connection.
     pub fn still_allowed(
@@ -111,6 +117,7 @@ impl Recheck {
                 self.directory.store(now.directory, Ordering::Release);
                 self.session_ends.store(now.session_ends, Ordering::Release);
                 self.config.store(now.config, Ordering::Release);
+                self.second.store(now.second, Ordering::Release);
                 true
             }
             refused => {
@@ -124,12 +131,14 @@ impl Recheck {
 }
 
 /// Judges an open connection again with the gate: under the route of its name in `routes` (the
-/// current configuration's; a route that is gone refuses), for its caller as they are now (a
-/// person whose session has ended is no longer signed in).
+/// current configuration's; a route that is gone refuses), for its caller as they are at `now`
+/// (a person whose session has ended or expired, or a machine whose token has expired, is no
+/// longer a caller).
 pub fn rejudge(
     gate: &Gate<'_>,
     routes: &RouteTable,
     open: &Recheck,
+    now: u64,
     session_live: impl Fn(&SessionKey) -> bool,
 ) -> Admission {
     let Some(route) = routes.by_name(&open.route) else {
@@ -144,6 +153,7 @@ pub fn rejudge(
         Caller::Person { session, .. } if !session_live(session) => {
             Presented::Invalid { bearer: false }
         }
+        Caller::Machine(machine) if now >= machine.expires => Presented::Invalid { bearer: true },
         caller => Presented::Caller(caller.principal()),
     };
     let facts = Facts {
@@ -258,8 +268,7 @@ mod tests {
     fn marks(directory: Seq) -> Marks {
         Marks {
             directory,
-            session_ends: 0,
-            config: 0,
+            ..Marks::default()
         }
     }
 
@@ -304,6 +313,12 @@ mod tests {
         };
         assert!(open.still_allowed(reload, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 2, "a reload is a change");
+        let a_second_later = Marks {
+            second: 1,
+            ..reload
+        };
+        assert!(open.still_allowed(a_second_later, judge, |_, _| panic!("cut")));
+        assert_eq!(judged.get(), 3, "so is the passing of a second");
     }
 
     #[test]
@@ -330,7 +345,7 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, APP);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
         assert!(matches!(admission, Admission::Allow(_)), "{admission:?}");
     }
 
@@ -342,7 +357,7 @@ mod tests {
         let eng = world.directory.groups_of(&world.id_of(ALICE));
         let eng = eng.first().map(|g| g.id.clone()).unwrap_or_default();
         world.remove_member(&eng, &world.id_of(ALICE)).await;
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.who.as_deref() == Some(ALICE)),
             "{admission:?}"
@@ -354,10 +369,37 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, APP);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| false);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| false);
         assert_eq!(
             admission,
             Admission::Refuse(Refused::SignIn { revoked: false })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_machine_connection_ends_when_its_token_expires() {
+        let world = World::new();
+        let bot = world.user("build-bot").await;
+        world.group("eng", &[&bot]).await;
+        let runtime = world.runtime();
+        let mut machine = crate::testing::machine("build-bot");
+        machine.expires = 1_000;
+        let open = Recheck::new(
+            Caller::Machine(Arc::new(machine)),
+            "http://api.test",
+            "GET",
+            "/ws",
+            Client::Api,
+            marks(0),
+        );
+        let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true);
+        assert!(matches!(at(999), Admission::Allow(_)), "{:?}", at(999));
+        assert_eq!(
+            at(1_000),
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: true,
+                revoked: false
+            })
         );
     }
 
@@ -366,7 +408,7 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, "http://gone.test");
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::RouteRemoved),
             "{admission:?}"
@@ -380,7 +422,7 @@ mod tests {
         // A reload: the route's deny rule now covers /ws.
         let text = CONFIG.replace("paths = [\"/admin\"]", "paths = [\"/ws\"]");
         let runtime = crate::state::Runtime::build(parse(&text), &world.directory);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::DenyRule),
             "{admission:?}"

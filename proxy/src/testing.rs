@@ -249,6 +249,7 @@ pub fn machine(subject: &str) -> Machine {
         subject: subject.to_owned(),
         client_id: None,
         groups: Vec::new(),
+        expires: u64::MAX,
     }
 }
 

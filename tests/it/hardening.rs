@@ -7,7 +7,9 @@
 //! - Portcullis' own credentials (its session cookie, a bearer token it verified) and client
 //!   headers only a proxy may set (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Original-URL`,
 //!   `X-Rewrite-URL`, method overrides) never reach the upstream;
-//! - a group name with a comma cannot pose as two groups in the groups header.
+//! - a group name with a comma cannot pose as two groups in the groups header;
+//! - an unverified email identifies nobody;
+//! - an open websocket ends when its grant does: a token's `exp`, a reload that now denies.
 
 use serde_json::json;
 
@@ -18,7 +20,7 @@ use portcullis_tests::{
 
 use crate::signin::{
     client, idp_setup, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, CLIENT_ID, CLIENT_SECRET,
-    MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
+    MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE, SHORT_API,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -365,4 +367,191 @@ async fn an_email_the_idp_has_not_verified_identifies_nobody() {
         )
         .await;
     assert_eq!(status, 200);
+}
+
+// ----- open connections end when their grant ends (item 8) ----------------------------------
+
+/// Portcullis with websockets on a session route (`app.test`, group `eng`) and a bearer route
+/// (`api.test`, group `eng`, the IdP's tokens with no leeway), in front of echo upstreams.
+struct Streaming {
+    fx: Fixture,
+    /// The configuration with `deny` added to the app route, for a reload.
+    denying: String,
+}
+
+impl Streaming {
+    async fn start() -> Streaming {
+        let app = portcullis_tests::Upstream::start("app").await;
+        let api = portcullis_tests::Upstream::start("api").await;
+        let base = ConfigBuilder::new().http_listener();
+        let port = base.http_addr().port();
+        let idp = idp_setup(
+            &[format!("http://app.test:{port}/.portcullis/callback")],
+            &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
+        )
+        .start()
+        .await;
+        let app_route = || {
+            Route::new("http://app.test", &[&app])
+                .websockets(true)
+                .set("allow = { groups = [\"eng\"] }")
+        };
+        let with = |app_route: Route| {
+            base.clone()
+                .route(app_route)
+                .route(
+                    Route::new("http://api.test", &[&api])
+                        .websockets(true)
+                        .accept(&["bearer"])
+                        .set("allow = { groups = [\"eng\"] }"),
+                )
+                .oidc(Oidc::new(
+                    idp.issuer(),
+                    CLIENT_ID,
+                    CLIENT_SECRET,
+                    &format!("app.test:{port}"),
+                ))
+                .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]).leeway("0s"))
+                .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+        };
+        let cfg = with(app_route());
+        let denying =
+            with(app_route().set("deny = { groups = [\"eng\"], paths = [\"/ws\"] }")).toml();
+        let px = Portcullis::start(&cfg.toml()).await;
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        let alice = scim.create_user(ALICE).await.id();
+        let machine = scim.create_user(MACHINE_ID).await.id();
+        scim.create_group("eng", &[&alice, &machine]).await;
+        let fx = Fixture {
+            cfg,
+            idp,
+            px,
+            app,
+            api,
+        };
+        fx.wait_sign_in_available(std::time::Duration::from_secs(40))
+            .await;
+        Streaming { fx, denying }
+    }
+
+    /// Opens a websocket to `ws://<host><path>` with one extra request header.
+    async fn websocket(
+        &self,
+        host: &str,
+        path: &str,
+        header: (&'static str, String),
+    ) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let port = self.fx.cfg.http_addr().port();
+        let mut request = format!("ws://{host}:{port}{path}")
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            header.0,
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&header.1).unwrap(),
+        );
+        let stream = tokio::net::TcpStream::connect(self.fx.cfg.http_addr())
+            .await
+            .unwrap();
+        let (ws, resp) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio_tungstenite::client_async(request, stream),
+        )
+        .await
+        .expect("the websocket handshake timed out")
+        .expect("the websocket handshake through the proxy");
+        assert_eq!(resp.status(), 101);
+        ws
+    }
+
+    /// Waits (at most `within`) for the websocket to be closed by the other end; reads and
+    /// drops whatever arrives meanwhile. True if it was closed.
+    async fn closed_within<S>(ws: &mut S, within: std::time::Duration) -> bool
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+    {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return true,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Waits (bounded) until the audit log has a record containing every one of `words`.
+    async fn audited(&self, words: &[&str]) -> String {
+        let log = self.fx.px.dir().join("data/audit.jsonl");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no audit record with {words:?}:\n{text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_s_websocket_ends_when_its_token_expires() {
+    let t = Streaming::start().await;
+    // A token that lives 3 s (the IdP's short resource), and no leeway.
+    let token =
+        t.fx.idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(SHORT_API))
+            .await;
+    let exp = portcullis_tests::idp::jwt_claims(&token)["exp"]
+        .as_u64()
+        .expect("the token has an exp");
+    let mut ticks = t
+        .websocket(
+            "api.test",
+            "/ws-ticks",
+            ("authorization", format!("Bearer {token}")),
+        )
+        .await;
+    let closed = Streaming::closed_within(&mut ticks, std::time::Duration::from_secs(15)).await;
+    assert!(closed, "the websocket outlived its token by more than 10 s");
+    assert!(
+        crate::signin::now_unix() >= exp,
+        "the websocket was closed before its token expired"
+    );
+    t.audited(&["open connection closed", "bearer token has expired"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
+    let t = Streaming::start().await;
+    let cookie =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let mut idle = t
+        .websocket(
+            "app.test",
+            "/ws",
+            ("cookie", format!("{SESSION_COOKIE}={cookie}")),
+        )
+        .await;
+    // Nothing said on it, and nothing changes in the directory: only the configuration.
+    t.fx.px.rewrite_config(&t.denying);
+    t.fx.px.reload();
+    let closed = Streaming::closed_within(&mut idle, std::time::Duration::from_secs(15)).await;
+    assert!(
+        closed,
+        "the websocket stayed open after a reload that denies it"
+    );
+    t.audited(&["open connection closed", "routes[0].deny", ALICE])
+        .await;
 }

@@ -232,15 +232,17 @@ impl Auth {
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
+        let valid_until = claims.exp.saturating_add(validation.leeway);
         let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
             client_id: claims.client_id.or(claims.azp),
             groups: claims.groups,
+            expires: valid_until,
         }));
         let entry = verified::Entry {
             caller: caller.clone(),
-            valid_until: claims.exp.saturating_add(validation.leeway),
+            valid_until,
             jwks,
             keys,
             epoch,

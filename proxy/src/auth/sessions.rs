@@ -196,10 +196,12 @@ impl Sessions {
         self.live.get(&key).map(|s| (key, s.clone()))
     }
 
-    /// Whether the session `key` names is still on (it may have expired: see
+    /// Whether the session `key` names is on and may be used at `now` (see
     /// [`Session::is_live`]).
-    pub fn exists(&self, key: &SessionKey) -> bool {
-        self.live.contains_key(key)
+    pub fn is_live(&self, key: &SessionKey, now: u64, idle_timeout: u64) -> bool {
+        self.live
+            .get(key)
+            .is_some_and(|session| session.is_live(now, idle_timeout))
     }
 
     /// Counts the calls to [`Sessions::end`] that ended something.

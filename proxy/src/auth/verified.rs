@@ -87,6 +87,7 @@ mod tests {
             subject: "build-agent".to_owned(),
             client_id: None,
             groups: Vec::new(),
+            expires: u64::MAX,
         }))
     }
 
