@@ -209,6 +209,7 @@ pub(crate) struct Server {
 #[serde(remote = "Self")]
 pub(crate) struct Admin {
     pub address: Option<String>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

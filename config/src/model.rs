@@ -85,10 +85,22 @@ pub struct ServerConfig {
     pub reload_poll_interval: Duration,
 }
 
-/// A listener serving `/healthz`, `/readyz` and `/metrics`, kept apart from the proxied traffic.
+/// A listener serving `/healthz`, `/readyz`, `/metrics` and `/explain`, kept apart from the
+/// proxied traffic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub address: SocketAddr,
+    /// The bearer token `/metrics` and `/explain` require. Without one they answer only on a
+    /// loopback address, to requests whose `Host` is a loopback name.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin listener's bearer token: the value (for `portcullis explain`, which presents it)
+/// and its SHA-256 (what the listener compares, in constant time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminToken {
+    pub secret: Secret,
+    pub sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq)]

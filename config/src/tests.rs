@@ -1338,6 +1338,7 @@ to = ["http://127.0.0.1"]
         },
         admin: Some(AdminConfig {
             address: addr("127.0.0.1:9090"),
+            token: None,
         }),
         listeners: vec![
             Listener {
@@ -2240,5 +2241,30 @@ fn a_toml_syntax_error_is_the_only_problem_reported() {
     assert_eq!(
         check_config_output(text),
         "line 2: unclosed table, expected `]`"
+    );
+}
+
+#[test]
+fn the_admin_token_is_a_secret_kept_with_its_hash() {
+    let fixture = Fixture::new();
+    let text = |token: &str| {
+        format!("data_dir = \"data\"\n{LISTENERS}\n[admin]\naddress = \"127.0.0.1:9\"\ntoken = \"{token}\"\n")
+    };
+    let config = fixture.parse(&text(TOKEN)).unwrap();
+    let token = config.admin.and_then(|a| a.token).unwrap();
+    assert_eq!(token.secret.expose(), TOKEN);
+    assert_eq!(
+        token.sha256,
+        <[u8; 32]>::from(Sha256::digest(TOKEN.as_bytes()))
+    );
+    assert!(!format!("{token:?}").contains(TOKEN), "never in Debug");
+
+    let errors = fixture.parse(&text("short")).unwrap_err();
+    let problem = &errors.problems[0];
+    assert_eq!(problem.path, "admin.token");
+    assert!(problem.message.contains("too short"), "{problem}");
+    assert!(
+        !problem.message.contains("short\""),
+        "the value is not repeated"
     );
 }

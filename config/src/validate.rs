@@ -26,9 +26,9 @@ use time::OffsetDateTime;
 
 use crate::file;
 use crate::model::{
-    AdminConfig, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig, JwtAlgorithm,
-    JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim, OidcConfig,
-    Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
+    AdminConfig, AdminToken, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig,
+    JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim,
+    OidcConfig, Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -93,7 +93,20 @@ pub(crate) fn convert(
             if let Some((_, i)) = addresses.iter().find(|(a, _)| Some(*a) == address) {
                 p.add(&path, format!("same address as listeners[{i}]"));
             }
-            address.map(|address| Some(AdminConfig { address }))
+            let token_path = root.key("admin").key("token");
+            let token = match admin.token {
+                None => Some(None),
+                Some(raw) => resolve_secret(&raw, env, base_dir)
+                    .and_then(|secret| {
+                        let sha256 = token_secret_hash(&raw, env, base_dir)?;
+                        Ok(Some(AdminToken { secret, sha256 }))
+                    })
+                    .map_err(|message| p.add(&token_path, message))
+                    .ok(),
+            };
+            address
+                .zip(token)
+                .map(|(address, token)| Some(AdminConfig { address, token }))
         }
     };
 

@@ -1,6 +1,13 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` and `/explain` (for
-//! `portcullis explain`), apart from proxied traffic. It answers anyone who can reach it, so
-//! keep it on loopback or a private network.
+//! `portcullis explain`), apart from proxied traffic.
+//!
+//! The probes (`/healthz`, `/readyz`) answer anyone. `/metrics` and `/explain` tell about the
+//! directory and the traffic, so they answer only:
+//! - with `[admin] token`, a request presenting it as a bearer token (compared by SHA-256, in
+//!   constant time);
+//! - without one, on a loopback address only, and only to a request whose `Host` is a loopback
+//!   name (`localhost`, `127.0.0.1`, `[::1]`), so a web page a browser on the machine loads
+//!   cannot reach them by pointing a DNS name of its own at 127.0.0.1 (DNS rebinding).
 //!
 //! `/readyz` says ready only once this process listens on every proxy listener's port. pingora
 //! reports its proxy service ready before it binds the listeners (and retries for ever while
@@ -8,7 +15,7 @@
 //! nobody serves, or someone else does. Until then the answer is 503, naming the listener.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,11 +23,17 @@ use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use portcullis_config::AdminConfig;
 
 use crate::state::Shared;
 
 pub struct Admin {
     shared: Arc<Shared>,
+    /// As the configuration had it at start (changing it needs a restart).
+    config: Option<AdminConfig>,
     /// The proxy's listener addresses, as bound at start (changing them needs a restart).
     listeners: Vec<SocketAddr>,
     /// Set once every listener has accepted a connection.
@@ -29,18 +42,66 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(shared: Arc<Shared>) -> Self {
-        let listeners = shared
-            .runtime
-            .load()
-            .config
-            .listeners
-            .iter()
-            .map(|l| l.address)
-            .collect();
+        let runtime = shared.runtime.load();
+        let listeners = runtime.config.listeners.iter().map(|l| l.address).collect();
+        let config = runtime.config.admin.clone();
+        drop(runtime);
         Self {
             shared,
+            config,
             listeners,
             listening: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a request for `/metrics` or `/explain` may be answered; the refusal otherwise.
+    fn guard(&self, req: &http::request::Parts) -> Result<(), (StatusCode, &'static str, Vec<u8>)> {
+        match self.config.as_ref().and_then(|c| c.token.as_ref()) {
+            Some(token) => {
+                let presented = req
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, token)| Sha256::digest(token.trim().as_bytes()));
+                match presented {
+                    Some(digest) if bool::from(digest.as_slice().ct_eq(&token.sha256)) => Ok(()),
+                    _ => Err((
+                        StatusCode::UNAUTHORIZED,
+                        "text/plain",
+                        b"the [admin] token is required\n".to_vec(),
+                    )),
+                }
+            }
+            None => {
+                let on_loopback = self
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| c.address.ip().is_loopback());
+                if !on_loopback {
+                    return Err((
+                        StatusCode::FORBIDDEN,
+                        "text/plain",
+                        b"set [admin] token to reach /metrics and /explain on an address other than loopback\n"
+                            .to_vec(),
+                    ));
+                }
+                let host = req
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if !is_loopback_name(host) {
+                    return Err((
+                        StatusCode::FORBIDDEN,
+                        "text/plain",
+                        b"not a loopback Host: without [admin] token, /metrics and /explain answer only to localhost\n"
+                            .to_vec(),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -104,6 +165,17 @@ impl Admin {
     }
 }
 
+/// Whether a `Host` header value names this machine: `localhost` or a loopback address, with
+/// or without a port.
+fn is_loopback_name(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The ports of the TCP sockets this process listens on, from `/proc/self/net/tcp{,6}`: a
 /// socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors.
 fn listening_ports() -> HashSet<u16> {
@@ -149,12 +221,15 @@ impl ServeHttp for Admin {
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => self.readiness().await,
-            "/metrics" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                crate::metrics::render(),
-            ),
-            "/explain" => self.explain(session.req_header().uri.query().unwrap_or_default()),
+            "/metrics" | "/explain" => match self.guard(session.req_header()) {
+                Err(refusal) => refusal,
+                Ok(()) if session.req_header().uri.path() == "/metrics" => (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    crate::metrics::render(),
+                ),
+                Ok(()) => self.explain(session.req_header().uri.query().unwrap_or_default()),
+            },
             _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         };
         let mut response = Response::new(body);
@@ -179,6 +254,30 @@ impl ServeHttp for Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_names_are_loopback_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST:9090",
+            "127.0.0.1",
+            "127.0.0.1:9090",
+            "[::1]:9090",
+            "127.8.9.10",
+        ] {
+            assert!(is_loopback_name(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:9090",
+            "10.0.0.1",
+            "[::2]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!is_loopback_name(host), "{host}");
+        }
+    }
 
     #[test]
     fn readiness_sees_the_listeners_of_this_process_only() {

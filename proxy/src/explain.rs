@@ -167,7 +167,8 @@ pub fn explain(
 /// running, opens the directory in `data_dir` and judges from it.
 pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Explanation, String> {
     if let Some(admin) = &config.admin {
-        match ask_running(admin.address, user, url, method)? {
+        let token = admin.token.as_ref().map(|t| t.secret.expose());
+        match ask_running(admin.address, token, user, url, method)? {
             Some(answer) => return Ok(answer),
             None => tracing::debug!("no proxy answers on the admin listener"),
         }
@@ -190,6 +191,7 @@ pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Ex
 /// The running proxy's answer, or `None` when nothing listens on `admin`.
 fn ask_running(
     admin: SocketAddr,
+    token: Option<&str>,
     user: &str,
     url: &str,
     method: &str,
@@ -214,7 +216,11 @@ fn ask_running(
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| e.to_string())?;
-        let response = match client.get(&endpoint).send().await {
+        let mut request = client.get(&endpoint);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = match request.send().await {
             Ok(response) => response,
             Err(e) if e.is_connect() => return Ok(None),
             Err(e) => return Err(format!("the admin listener at {admin} did not answer: {e}")),

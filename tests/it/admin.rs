@@ -207,3 +207,101 @@ async fn not_ready_until_the_proxy_listens_on_its_port() {
     px.wait_ready().await;
     get_echo(&client, &cfg.http_url("app.test", "/after")).await;
 }
+
+/// `/metrics` and `/explain` tell about the directory and the traffic: without `[admin] token`
+/// they answer only to loopback Host names (so a page in a browser on the machine cannot reach
+/// them through a DNS name pointed at 127.0.0.1); the probes answer anyone.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_metrics_and_explain_answer_only_loopback_hosts() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test/", &[&up]));
+    let px = cfg.start().await;
+    let client = plain_client();
+    let get = |path: &str, host: Option<&str>| {
+        let mut request = client.get(px.admin_url(path));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        request.send()
+    };
+    for path in [
+        "/metrics",
+        "/explain?user=a%40b.example&url=http%3A%2F%2Fapp.test%2F",
+    ] {
+        assert_eq!(
+            get(path, None).await.unwrap().status(),
+            StatusCode::OK,
+            "{path}"
+        );
+        assert_eq!(
+            get(path, Some("localhost")).await.unwrap().status(),
+            StatusCode::OK
+        );
+        for host in ["attacker.example", "attacker.example:80", "10.0.0.1"] {
+            let resp = get(path, Some(host)).await.unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::FORBIDDEN,
+                "{path} for Host {host}"
+            );
+        }
+    }
+    for probe in ["/healthz", "/readyz"] {
+        let resp = get(probe, Some("attacker.example")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{probe} answers anyone");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
+    const TOKEN: &str = "admin-token-0123456789abcdefghij";
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .admin_token(TOKEN)
+        .route(Route::new("http://app.test/", &[&up]));
+    let px = cfg.start().await;
+    let client = plain_client();
+    let metrics = px.admin_url("/metrics");
+    let resp = client.get(&metrics).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "no token");
+    let resp = client
+        .get(&metrics)
+        .bearer_auth("admin-token-0123456789abcdefghiJ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "a wrong token");
+    let resp = client
+        .get(&metrics)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = client.get(px.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "probes need no token");
+
+    // `portcullis explain` reads the token from the configuration and presents it.
+    let config = px.config_path().display().to_string();
+    let out = portcullis_tests::process::run(
+        px.dir(),
+        &[
+            "explain",
+            "--config",
+            &config,
+            "--user",
+            "a@b.example",
+            "--url",
+            "http://app.test/",
+        ],
+    )
+    .await;
+    assert!(out.status.code() == Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("ALLOW GET http://app.test/"),
+        "{out:?}"
+    );
+}

@@ -176,6 +176,8 @@ impl JwtIssuer {
 #[derive(Debug, Clone)]
 pub struct ConfigBuilder {
     admin: SocketAddr,
+    /// `[admin] token`, raw TOML.
+    admin_token: Option<String>,
     http: Option<SocketAddr>,
     https: Option<(SocketAddr, Vec<CertFiles>)>,
     server: Vec<(String, String)>,
@@ -190,6 +192,7 @@ impl ConfigBuilder {
     pub fn new() -> ConfigBuilder {
         ConfigBuilder {
             admin: loopback(free_port()),
+            admin_token: None,
             http: None,
             https: None,
             server: vec![
@@ -220,6 +223,12 @@ impl ConfigBuilder {
     pub fn server(mut self, key: &str, value: &str) -> ConfigBuilder {
         self.server.retain(|(k, _)| k != key);
         self.server.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets `[admin] token` to `token`.
+    pub fn admin_token(mut self, token: &str) -> ConfigBuilder {
+        self.admin_token = Some(toml_str(token));
         self
     }
 
@@ -315,6 +324,9 @@ impl ConfigBuilder {
             let _ = writeln!(out, "{key} = {value}");
         }
         let _ = writeln!(out, "\n[admin]\naddress = \"{}\"", self.admin);
+        if let Some(token) = &self.admin_token {
+            let _ = writeln!(out, "token = {token}");
+        }
         if let Some(addr) = self.http {
             let _ = writeln!(out, "\n[[listeners]]\naddress = \"{addr}\"");
         }
