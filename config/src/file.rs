@@ -217,6 +217,7 @@ pub(crate) struct Admin {
 pub(crate) struct Listener {
     pub address: Option<String>,
     pub tls: Option<Tls>,
+    pub allow_plain_http: Option<bool>,
 }
 
 /// `cert` + `key`, `certificates`, or both (then `cert` + `key` comes first).

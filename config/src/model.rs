@@ -107,6 +107,18 @@ pub struct AdminToken {
 pub struct Listener {
     pub address: SocketAddr,
     pub tls: Option<ListenerTls>,
+    /// On a plain-HTTP listener whose address is not loopback, let SCIM and sign-in through
+    /// anyway (`allow_plain_http = true`: behind a proxy that terminates TLS). Without it, a
+    /// SCIM token or a sign-in there would cross the network in clear: both are refused.
+    pub allow_plain_http: bool,
+}
+
+impl Listener {
+    /// Whether SCIM and sign-in may be served on this listener: over TLS, on a loopback
+    /// address, or where the file allows plain HTTP.
+    pub fn carries_credentials(&self) -> bool {
+        self.tls.is_some() || self.address.ip().is_loopback() || self.allow_plain_http
+    }
 }
 
 /// Certificates served by a TLS listener. The first one is the default; the others are chosen

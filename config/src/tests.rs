@@ -83,6 +83,16 @@ fn bad_configs() {
             problems: &[("foo", Some(2), "unknown key")],
         },
         Case {
+            name: "allow_plain_http on a TLS listener",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = { cert = \"a.pem\", key = \"a-key.pem\" }\nallow_plain_http = true\n",
+            problems: &[("listeners[0].allow_plain_http", Some(5), "plain-HTTP listeners")],
+        },
+        Case {
+            name: "pass_authorization on a route that takes no bearer token",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\npass_authorization = true\n",
+            problems: &[("routes[0].pass_authorization", None, "does not accept \"bearer\"")],
+        },
+        Case {
             name: "unknown nested keys, all reported",
             text: "data_dir = \"data\"\n[server]\nthreds = 2\n[log]\nformatt = \"json\"\nLISTENERS",
             problems: &[
@@ -1344,9 +1354,11 @@ to = ["http://127.0.0.1"]
             Listener {
                 address: addr("127.0.0.1:8080"),
                 tls: None,
+                allow_plain_http: false,
             },
             Listener {
                 address: addr("[::1]:8443"),
+                allow_plain_http: false,
                 tls: Some(ListenerTls {
                     certificates: vec![
                         CertificateFiles {

@@ -74,15 +74,22 @@ pub(crate) fn convert(
                 None => addresses.push((address, i)),
             }
         }
+        let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
+        if allow_plain_http && raw.tls.is_some() {
+            p.add(
+                &path.key("allow_plain_http"),
+                "is for plain-HTTP listeners, and this one serves TLS",
+            );
+        }
         let tls = match raw.tls {
             None => Some(None),
             Some(tls) => listener_tls(tls, &path.key("tls"), base_dir, p).map(Some),
         };
-        listeners.push(
-            address
-                .zip(tls)
-                .map(|(address, tls)| Listener { address, tls }),
-        );
+        listeners.push(address.zip(tls).map(|(address, tls)| Listener {
+            address,
+            tls,
+            allow_plain_http,
+        }));
     }
 
     let admin = match file.admin {

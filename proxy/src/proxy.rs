@@ -166,6 +166,9 @@ impl ProxyHttp for Proxy {
             .filter(|s| s.claims(&host, &normalized))
         {
             ctx.scim = true;
+            if !runtime.carries_credentials(local_addr(session), ctx.tls) {
+                return crate::scim_http::refuse(session, PLAIN_HTTP).await;
+            }
             let path = normalized.into_owned();
             return scim.serve(session, &path, ctx.tls).await;
         }
@@ -587,6 +590,9 @@ impl Proxy {
                 Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
             }
             "readyz" => Reply::status_page(StatusCode::OK),
+            "sign_in" | "callback" if !runtime.carries_credentials(local_addr(session), tls) => {
+                plain_http_page()
+            }
             _ => {
                 let origin = request_origin(session.req_header(), tls);
                 let request = endpoints::Request {
@@ -655,6 +661,11 @@ impl Proxy {
             }
         }
         let reply = match refused {
+            Refused::SignIn { .. }
+                if !runtime.carries_credentials(local_addr(session), asked.tls) =>
+            {
+                plain_http_page()
+            }
             Refused::SignIn { .. } => match &runtime.config.oidc {
                 Some(oidc) => {
                     let request = endpoints::Request {
@@ -682,6 +693,24 @@ impl Proxy {
         };
         reply::send(session, reply).await
     }
+}
+
+/// Why SCIM and sign-in are refused on a plain-HTTP listener that is not on loopback.
+const PLAIN_HTTP: &str = "SCIM and sign-in need HTTPS: this listener serves plain HTTP on an \
+     address other than loopback (use a TLS listener, or set allow_plain_http = true on it \
+     behind a proxy that terminates TLS)";
+
+fn plain_http_page() -> Reply {
+    Reply::page(
+        StatusCode::FORBIDDEN,
+        "Sign-in needs HTTPS",
+        &format!("<p>{}.</p>", escape(PLAIN_HTTP)),
+    )
+}
+
+/// The address of this end of the client's connection.
+fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
+    session.server_addr().and_then(|a| a.as_inet()).copied()
 }
 
 /// 401 with a bearer challenge (RFC 6750).

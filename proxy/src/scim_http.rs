@@ -140,6 +140,12 @@ impl Scim {
     }
 }
 
+/// Answers a SCIM request with a 403 SCIM error saying `why`, without looking at it.
+pub async fn refuse(session: &mut Session, why: &str) -> Result<bool> {
+    let error = ScimError::new(403, None, why);
+    write(session, &ScimResponse::error(&error), false).await
+}
+
 async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
     // The unread body may still be on the wire: `reply::send` closes the connection after it.
     let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));

@@ -91,6 +91,27 @@ impl Runtime {
                 .is_some_and(|oidc| oidc.auth_host.split(':').next() == Some(host))
     }
 
+    /// Whether SCIM and sign-in may be served to a request that arrived at `local` (see
+    /// `Listener::carries_credentials`). A request on no listener of this configuration (a
+    /// reload removed it) may not: fail closed.
+    pub fn carries_credentials(&self, local: Option<SocketAddr>, tls: bool) -> bool {
+        if tls {
+            return true;
+        }
+        let Some(local) = local else {
+            return false;
+        };
+        self.config
+            .listeners
+            .iter()
+            .find(|l| {
+                l.tls.is_none()
+                    && l.address.port() == local.port()
+                    && (l.address.ip() == local.ip() || l.address.ip().is_unspecified())
+            })
+            .is_some_and(|l| l.carries_credentials())
+    }
+
     pub fn scheme_of(tls: bool) -> Scheme {
         if tls {
             Scheme::Https

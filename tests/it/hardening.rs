@@ -555,3 +555,75 @@ async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
     t.audited(&["open connection closed", "routes[0].deny", ALICE])
         .await;
 }
+
+// ----- plain HTTP (item 12) -----------------------------------------------------------------
+
+/// A SCIM token or a sign-in on a plain-HTTP listener that is not on loopback would cross the
+/// network in clear: refused, unless the listener says a TLS-terminating proxy is in front.
+#[tokio::test(flavor = "multi_thread")]
+async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
+    for allowed in [false, true] {
+        let app = portcullis_tests::Upstream::start("app").await;
+        let mut cfg = ConfigBuilder::new().http_listener_on_all_interfaces();
+        if allowed {
+            cfg = cfg.allow_plain_http();
+        }
+        let port = cfg.http_addr().port();
+        let idp = idp_setup(
+            &[format!("http://app.test:{port}/.portcullis/callback")],
+            "http://127.0.0.1:9/unused",
+        )
+        .start()
+        .await;
+        let cfg = cfg
+            .route(Route::new("http://app.test", &[&app]).any_signed_in())
+            .oidc(Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            ))
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
+        let px = Portcullis::start(&cfg.toml()).await;
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        let created = scim
+            .post("/Users", &portcullis_tests::scim::user("dana@corp.test"))
+            .await;
+        let fx = Fixture {
+            cfg: cfg.clone(),
+            idp,
+            px,
+            app,
+            api: portcullis_tests::Upstream::start("unused").await,
+        };
+        if allowed {
+            assert_eq!(
+                created.status, 201,
+                "allow_plain_http = true lets SCIM through"
+            );
+            fx.wait_sign_in_available(std::time::Duration::from_secs(40))
+                .await;
+            // A browser is sent to the IdP.
+            fx.start_sign_in(&client(), &fx.app_url("/page")).await;
+            continue;
+        }
+        assert_eq!(created.status, 403, "SCIM over plain HTTP off loopback");
+        let detail = created.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("need HTTPS"), "{}", created.body);
+        for url in [
+            fx.app_url("/.portcullis/sign_in?rd=%2F"),
+            fx.app_url("/.portcullis/callback?state=x&code=y"),
+            fx.app_url("/page"),
+        ] {
+            let resp = client()
+                .get(&url)
+                .header("accept", crate::signin::BROWSER_ACCEPT)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 403, "{url}");
+            let page = resp.text().await.unwrap();
+            assert!(page.contains("need HTTPS"), "{url}: {page}");
+        }
+    }
+}

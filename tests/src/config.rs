@@ -179,6 +179,8 @@ pub struct ConfigBuilder {
     /// `[admin] token`, raw TOML.
     admin_token: Option<String>,
     http: Option<SocketAddr>,
+    /// The HTTP listener is bound to 0.0.0.0 (its port is `http`'s), with these extra lines.
+    http_any_interface: Option<Vec<String>>,
     https: Option<(SocketAddr, Vec<CertFiles>)>,
     server: Vec<(String, String)>,
     routes: Vec<Route>,
@@ -194,6 +196,7 @@ impl ConfigBuilder {
             admin: loopback(free_port()),
             admin_token: None,
             http: None,
+            http_any_interface: None,
             https: None,
             server: vec![
                 ("threads".to_owned(), "2".to_owned()),
@@ -210,6 +213,23 @@ impl ConfigBuilder {
     /// Adds a plain HTTP listener on a free port.
     pub fn http_listener(mut self) -> ConfigBuilder {
         self.http = Some(loopback(free_port()));
+        self
+    }
+
+    /// Like [`ConfigBuilder::http_listener`], but bound to every interface (`0.0.0.0`), as a
+    /// listener that is not on loopback. The clients still reach it on 127.0.0.1.
+    pub fn http_listener_on_all_interfaces(mut self) -> ConfigBuilder {
+        self.http = Some(loopback(free_port()));
+        self.http_any_interface = Some(Vec::new());
+        self
+    }
+
+    /// Sets `allow_plain_http = true` on the listener of
+    /// [`ConfigBuilder::http_listener_on_all_interfaces`].
+    pub fn allow_plain_http(mut self) -> ConfigBuilder {
+        self.http_any_interface
+            .get_or_insert_with(Vec::new)
+            .push("allow_plain_http = true".to_owned());
         self
     }
 
@@ -328,7 +348,21 @@ impl ConfigBuilder {
             let _ = writeln!(out, "token = {token}");
         }
         if let Some(addr) = self.http {
-            let _ = writeln!(out, "\n[[listeners]]\naddress = \"{addr}\"");
+            match &self.http_any_interface {
+                None => {
+                    let _ = writeln!(out, "\n[[listeners]]\naddress = \"{addr}\"");
+                }
+                Some(lines) => {
+                    let _ = writeln!(
+                        out,
+                        "\n[[listeners]]\naddress = \"0.0.0.0:{}\"",
+                        addr.port()
+                    );
+                    for line in lines {
+                        let _ = writeln!(out, "{line}");
+                    }
+                }
+            }
         }
         if let Some((addr, certs)) = &self.https {
             let list: Vec<String> = certs
