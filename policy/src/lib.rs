@@ -28,7 +28,7 @@ mod spec;
 
 use std::borrow::Cow;
 
-pub use policy::Policy;
+pub use policy::{loosely_within, Policy};
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{PolicyError, Problem, RuleSpec};
 

@@ -96,7 +96,7 @@ impl MethodSet {
 }
 
 /// `/admin` matches `/admin` and `/admin/…` but not `/adminx`; `/admin/` matches `/admin/…`.
-/// The same rule as route prefixes.
+/// The same rule as route prefixes. How allow rules read a path: strictly.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
@@ -104,20 +104,64 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// Whether `path` is within `prefix` as the most lenient common upstream could read it: each
+/// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
+/// segments left empty gone, and letters compared in any ASCII case (Express and ASP.NET read
+/// `/ADMIN` as `/admin`). The boundaries are those of [`prefix_matches`]. This is how deny rules
+/// and route selection read a path, so that no spelling an upstream understands as a denied
+/// path, or as another route's, slips past; allow rules read strictly.
+///
+/// `path` is normalized (no empty or dot segments), as everything Portcullis judges is.
+pub fn loosely_within(prefix: &str, path: &str) -> bool {
+    if !path.contains(';') && !prefix.contains(';') {
+        // No parameters: the lenient reading is the strict one, in any ASCII case.
+        let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+        return path.len() >= prefix.len()
+            && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && (prefix.ends_with(b"/")
+                || path.len() == prefix.len()
+                || path[prefix.len()] == b'/');
+    }
+    let mut segments = loose_segments(path);
+    for want in loose_segments(prefix) {
+        match segments.next() {
+            Some(got) if got.eq_ignore_ascii_case(want) => {}
+            _ => return false,
+        }
+    }
+    !prefix.ends_with('/') || prefix == "/" || segments.next().is_some() || path.ends_with('/')
+}
+
+/// The segments of a path as [`loosely_within`] reads them.
+fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/')
+        .map(|segment| segment.split_once(';').map_or(segment, |(name, _)| name))
+        .filter(|segment| !segment.is_empty())
+}
+
 impl Rule {
+    /// Whether the rule's conditions hold: its methods, and its paths (read loosely by a deny
+    /// rule, strictly by an allow rule; see [`loosely_within`]).
     fn conditions_hold(&self, method: Method<'_>, path: &str) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method))
             && self
                 .paths
                 .as_ref()
-                .is_none_or(|prefixes| prefixes.iter().any(|prefix| prefix_matches(prefix, path)))
+                .is_none_or(|prefixes| prefixes.iter().any(|prefix| self.within(prefix, path)))
+    }
+
+    fn within(&self, prefix: &str, path: &str) -> bool {
+        match self.effect {
+            Effect::Deny => loosely_within(prefix, path),
+            Effect::Allow => prefix_matches(prefix, path),
+        }
     }
 
     fn matching_prefix(&self, path: &str) -> Option<&str> {
         self.paths
             .as_ref()?
             .iter()
-            .find(|prefix| prefix_matches(prefix, path))
+            .find(|prefix| self.within(prefix, path))
             .map(|prefix| &**prefix)
     }
 }
@@ -1085,6 +1129,49 @@ mod tests {
             path: "/",
         };
         assert!(allowed(&everything, Some(&alice()), &request));
+    }
+
+    #[test]
+    fn deny_rules_read_paths_as_the_most_lenient_upstream_would() {
+        let policy = compile(
+            vec![groups("in", &["sre"])],
+            vec![RuleSpec {
+                paths: Some(strings(&["/admin", "/api/"])),
+                ..groups("out", &["sre"])
+            }],
+        );
+        for denied in [
+            "/admin",
+            "/ADMIN",
+            "/Admin/users",
+            "/admin;jsessionid=1",
+            "/admin;x/y",
+            "/;x/admin",
+            "/API/v1",
+            "/api;v=2/",
+        ] {
+            let decision = policy.evaluate(Some(&alice()), &get(denied));
+            assert_eq!(decision.rule, Some("out"), "{denied}");
+        }
+        for allowed_path in ["/adminx", "/admin2/x", "/x/admin", "/api", "/apix;a/"] {
+            assert!(
+                allowed(&policy, Some(&alice()), &get(allowed_path)),
+                "{allowed_path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lenient_reading_keeps_segment_boundaries() {
+        assert!(loosely_within("/", "/anything"));
+        assert!(loosely_within("/v1", "/V1;x"));
+        assert!(loosely_within("/v1", "/v1;x/y"));
+        assert!(!loosely_within("/v1", "/v1x"));
+        assert!(!loosely_within("/v1", "/v1x;y"));
+        assert!(loosely_within("/v1/", "/v1;x/"));
+        assert!(loosely_within("/v1/", "/V1/a"));
+        assert!(!loosely_within("/v1/", "/v1;x"));
+        assert!(loosely_within("/a/b", "/a;p/;q/B"));
     }
 
     #[test]

@@ -64,6 +64,11 @@ const PATHS: &[&str] = &[
     "/api/v1/x",
     "/apix",
     "/Admin",
+    "/ADMIN/x",
+    "/admin;jsessionid=1",
+    "/admin;x/y",
+    "/;x/admin",
+    "/API;v=1/V1/x",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -236,20 +241,38 @@ fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
         })
 }
 
-fn conditions_hold(rule: &RuleSpec, request: &Request<'_>) -> bool {
+fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
     let method_ok = rule.methods.as_ref().is_none_or(|methods| {
         methods
             .iter()
             .any(|m| m.eq_ignore_ascii_case(request.method))
     });
+    // A deny rule reads the path as the most lenient upstream would; an allow rule, strictly.
+    let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
+    let path = read(request.path);
     let path_ok = rule.paths.as_ref().is_none_or(|prefixes| {
-        prefixes.iter().any(|prefix| {
-            request.path == prefix
-                || (request.path.starts_with(prefix.as_str())
-                    && (prefix.ends_with('/') || request.path[prefix.len()..].starts_with('/')))
+        prefixes.iter().map(|prefix| read(prefix)).any(|prefix| {
+            path == prefix
+                || (path.starts_with(prefix.as_str())
+                    && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
         })
     });
     method_ok && path_ok
+}
+
+/// A path as the most lenient upstream reads it: each segment without its `;` parameters,
+/// empty segments gone, letters in lower case; a trailing `/` kept.
+fn loosely(path: &str) -> String {
+    let segments: Vec<String> = path
+        .split('/')
+        .map(|s| s.split(';').next().unwrap_or_default().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut read = format!("/{}", segments.join("/"));
+    if path.ends_with('/') && read != "/" {
+        read.push('/');
+    }
+    read
 }
 
 /// Whether the rule's `any_signed_in` or `machines` matches: both only ever match an active
@@ -262,12 +285,12 @@ fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
 /// Whether deny rule `rule` matches: its names match the subject (active or not), or its
 /// `any_signed_in` or `machines` does.
 fn deny_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
-    conditions_hold(rule, request)
+    conditions_hold(rule, request, true)
         && subject.is_some_and(|s| names_match(rule, s) || kind_matches(rule, s))
 }
 
 fn allow_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
-    conditions_hold(rule, request)
+    conditions_hold(rule, request, false)
         && (rule.public
             || subject.is_some_and(|s| kind_matches(rule, s) || (s.active && names_match(rule, s))))
 }
@@ -282,7 +305,7 @@ fn reference(
     let inactive = subject.is_some_and(|s| !s.active);
     let public_covers = allow
         .iter()
-        .any(|r| r.public && conditions_hold(r, request));
+        .any(|r| r.public && conditions_hold(r, request, false));
     if inactive && !public_covers {
         return (false, None);
     }

@@ -15,7 +15,8 @@ pub enum PathError {
     #[error("the path holds a malformed percent-escape")]
     BadEscape,
     #[error(
-        "the path holds an encoded '/', '\\' or NUL, or a raw '\\', whose meaning is ambiguous"
+        "the path holds an encoded '/', '\\' or NUL, a raw '\\', or a dot segment with ';' \
+         parameters, whose meaning is ambiguous"
     )]
     Ambiguous,
     #[error("the request target is neither a path nor an http(s) URL of a host")]
@@ -78,9 +79,13 @@ pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
 ///   upper-cased (`%c3` → `%C3`);
 /// - empty segments collapse (`//a` → `/a`), `.` segments vanish, `..` removes the segment
 ///   before it and never climbs above the root; `%2e` counts as `.`;
-/// - a trailing `/` is kept.
+/// - a trailing `/` is kept;
+/// - `;` parameters are kept (`/a;jsessionid=1/b`), but a dot segment with parameters
+///   (`..;x`, `.;`), which some servers resolve as a dot segment and others read as a name, is
+///   refused.
 ///
-/// Letter case is preserved: `/Admin` and `/admin` are different paths.
+/// Letter case is preserved: `/Admin` and `/admin` are different paths to an allow rule. (Deny
+/// rules and route selection read them alike: `portcullis_policy::loosely_within`.)
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -95,6 +100,11 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let mut trailing_slash = false;
     for segment in decoded.split('/').skip(1) {
         trailing_slash = false;
+        // `..;x` is `..` to Tomcat, Jetty and Spring, and a plain name to everyone else:
+        // refused rather than guessed.
+        if let Some((".." | ".", _)) = segment.split_once(';') {
+            return Err(PathError::Ambiguous);
+        }
         match segment {
             "" | "." => trailing_slash = true,
             ".." => {
@@ -127,7 +137,13 @@ fn is_normal(bytes: &[u8]) -> bool {
             b'/' if previous == b'/' && i > 0 => return false,
             b'.' if previous == b'/' => {
                 let rest = &bytes[i + 1..];
-                if rest.is_empty() || rest[0] == b'/' || rest.starts_with(b"./") || rest == b"." {
+                if rest.is_empty()
+                    || rest[0] == b'/'
+                    || rest[0] == b';'
+                    || rest.starts_with(b"./")
+                    || rest.starts_with(b".;")
+                    || rest == b"."
+                {
                     return false;
                 }
             }
@@ -219,6 +235,8 @@ mod tests {
             ("/a/.b", "/a/.b"),
             ("/a/..b", "/a/..b"),
             ("/%7euser", "/~user"),
+            ("/a;jsessionid=1/b", "/a;jsessionid=1/b"),
+            ("/a/..b;x", "/a/..b;x"),
         ];
         for (input, want) in table {
             assert_eq!(normalize(input).as_deref(), Ok(want), "input {input:?}");
@@ -233,6 +251,10 @@ mod tests {
             ("/a%5cb", PathError::Ambiguous),
             ("/a\\b", PathError::Ambiguous),
             ("/a%00", PathError::Ambiguous),
+            ("/public/..;/admin", PathError::Ambiguous),
+            ("/public/..;x=1/admin", PathError::Ambiguous),
+            ("/a/.;/b", PathError::Ambiguous),
+            ("/a/%2e%2e;/b", PathError::Ambiguous),
             ("/a%", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("/a%zz", PathError::BadEscape),

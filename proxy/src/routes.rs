@@ -80,7 +80,10 @@ impl RouteTable {
         self.by_name.get(name)
     }
 
-    /// Finds the route for a lower-cased `host` (without port) and a normalized `path`.
+    /// Finds the route for a lower-cased `host` (without port) and a normalized `path`. Path
+    /// prefixes are read as the most lenient upstream reads a path (`;` parameters dropped, any
+    /// ASCII case: [`portcullis_policy::loosely_within`]), so no spelling an upstream reads as
+    /// inside a route's prefix lands on another route.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
         let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
             self.wildcard
@@ -91,7 +94,7 @@ impl RouteTable {
         let mut wrong_scheme = None;
         for routes in candidates {
             for route in routes {
-                if !prefix_matches(&route.config.path_prefix, path) {
+                if !portcullis_policy::loosely_within(&route.config.path_prefix, path) {
                     continue;
                 }
                 if route.config.scheme == scheme {
@@ -104,14 +107,6 @@ impl RouteTable {
             }
         }
         wrong_scheme.map_or(Match::None, Match::WrongScheme)
-    }
-}
-
-/// `/v1/` matches `/v1/…`; `/v1` matches `/v1` and `/v1/…` but not `/v1x`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
-        None => false,
     }
 }
 
@@ -137,20 +132,25 @@ mod tests {
             "wrong scheme: http://app.test"
         );
         assert_eq!(name(table.find(Scheme::Http, "nowhere.test", "/")), "none");
+        // A prefix holds however an upstream could read the path, and at segment boundaries.
+        for path in ["/v1/", "/v1/x", "/V1/x", "/v1;jsessionid=1/x", "/v1;x/"] {
+            assert_eq!(
+                name(table.find(Scheme::Http, "app.test", path)),
+                "http://app.test/v1/",
+                "{path}"
+            );
+        }
+        for path in ["/v1", "/v1x/y", "/v10/"] {
+            assert_eq!(
+                name(table.find(Scheme::Http, "app.test", path)),
+                "http://app.test",
+                "{path}"
+            );
+        }
         assert!(table.by_name("http://api.test").is_some());
         assert!(
             table.by_name("http://API.test").is_none(),
             "names are as written"
         );
-    }
-
-    #[test]
-    fn prefixes_match_at_segment_boundaries() {
-        assert!(prefix_matches("/", "/anything"));
-        assert!(prefix_matches("/v1", "/v1"));
-        assert!(prefix_matches("/v1", "/v1/x"));
-        assert!(!prefix_matches("/v1", "/v1x"));
-        assert!(prefix_matches("/v1/", "/v1/x"));
-        assert!(!prefix_matches("/v1/", "/v1"));
     }
 }

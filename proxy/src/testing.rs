@@ -24,7 +24,8 @@ use crate::state::Runtime;
 /// - `routes[2]` `http://open.test`: public, `/open` only;
 /// - `routes[3]` `http://tg.test`: sessions and tokens, `token_groups`; group `contractors`;
 /// - `routes[4]` `http://odysseus.test`: sessions; the user `ΟΔΥΣΣΕΥΣ` only;
-/// - `routes[5]` `http://mail.test`: sessions; anyone with an email at `corp.example`.
+/// - `routes[5]` `http://mail.test`: sessions; anyone with an email at `corp.example`;
+/// - `routes[6]` `http://app.test/v1/`: bearer tokens; group `eng`.
 pub const CONFIG: &str = r#"
 data_dir = "/nonexistent"
 
@@ -79,6 +80,12 @@ from = "http://mail.test"
 to = ["http://127.0.0.1:3"]
 accept = ["session"]
 allow = { email_domains = ["corp.example"] }
+
+[[routes]]
+from = "http://app.test/v1/"
+to = ["http://127.0.0.1:3"]
+accept = ["bearer"]
+allow = { groups = ["eng"] }
 "#;
 
 /// `CONFIG` with `extra` appended (an `[identity]` table, say), validated.

@@ -31,7 +31,8 @@ const CAROL_PASSWORD: &str = "carol's password, long enough";
 /// Portcullis in front of one raw upstream:
 /// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
 /// - `http://api.test`: bearer tokens of group `eng`;
-/// - `http://pass.test`: the same, with `pass_authorization = true`.
+/// - `http://pass.test`: the same, with `pass_authorization = true`;
+/// - `http://app.test/v1/`: bearer tokens of group `eng` only.
 ///
 /// alice, carol and the build-agent machine are in `eng`.
 struct Hardened {
@@ -64,6 +65,11 @@ impl Hardened {
             )
             .route(
                 Route::to_urls("http://api.test", vec![raw.url()])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::to_urls("http://app.test/v1/", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
@@ -624,6 +630,54 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
             assert_eq!(resp.status(), 403, "{url}");
             let page = resp.text().await.unwrap();
             assert!(page.contains("need HTTPS"), "{url}: {page}");
+        }
+    }
+}
+
+// ----- paths as any upstream reads them (item 2) --------------------------------------------
+
+/// Tomcat, Jetty and Spring drop `;` parameters and resolve `..;`; Express and ASP.NET route
+/// paths in any case. No such spelling gets past a deny rule or lands on another route.
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let (host, session) = (t.host("app.test"), t.session(&cookie));
+    let json = "Accept: application/json".to_owned();
+    // (target, status; what the upstream receives when let in)
+    let table: &[(&str, u16, Option<&str>)] = &[
+        ("/admin;x", 403, None),
+        ("/admin;jsessionid=1/users", 403, None),
+        ("/ADMIN", 403, None),
+        ("/Admin/users", 403, None),
+        ("/;x/admin", 403, None),
+        // A dot segment with parameters is `..` to some servers and a name to others.
+        ("/public/..;/admin", 400, None),
+        ("/public/..;x=1/admin", 400, None),
+        ("/public/.;/admin", 400, None),
+        ("/public/%2e%2e;/admin", 400, None),
+        // Parameters are kept where nothing is denied.
+        ("/work;jsessionid=1", 200, Some("/work;jsessionid=1")),
+        // /v1/ takes bearer tokens only, however its prefix is spelled: a session is no
+        // caller there.
+        ("/V1/builds", 401, None),
+        ("/v1;x/builds", 401, None),
+        ("/v1x", 200, Some("/v1x")),
+    ];
+    for &(target, status, upstream) in table {
+        let (got, received) = t
+            .send(
+                &format!("GET {target} HTTP/1.1"),
+                &[host.clone(), session.clone(), json.clone()],
+            )
+            .await;
+        assert_eq!(got, status, "GET {target}");
+        match upstream {
+            Some(path) => {
+                let line = received.map(|r| r.line);
+                assert_eq!(line, Some(format!("GET {path} HTTP/1.1")), "GET {target}");
+            }
+            None => assert_eq!(received, None, "GET {target} reached the upstream"),
         }
     }
 }
