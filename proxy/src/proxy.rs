@@ -822,7 +822,7 @@ fn strip_reserved_headers(request: &mut RequestHeader) {
 }
 
 /// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
-/// either of its names) and the sign-in binding. The other cookies stay, in order. A `Cookie`
+/// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
 /// header that is not text is dropped whole: it cannot be told free of them.
 fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
     let host_prefixed = format!("__Host-{session_cookie}");
@@ -854,7 +854,7 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
                 .map(str::trim)
                 .filter(|pair| {
                     let name = pair.split_once('=').map_or(*pair, |(name, _)| name).trim();
-                    !pair.is_empty() && !own.contains(&name)
+                    !pair.is_empty() && !own.contains(&name) && !name.starts_with(BROWSER_COOKIE)
                 })
                 .collect();
             (!pairs.is_empty()).then(|| pairs.join("; "))

@@ -238,7 +238,7 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     let mut headers = vec![
         host.clone(),
         format!("Cookie: theme=dark; {SESSION_COOKIE}={cookie}; lang=en"),
-        "Cookie: portcullis_signin=binding; other=1".to_owned(),
+        "Cookie: portcullis_signin_0123456789abcdef=pending; other=1".to_owned(),
     ];
     headers.extend(spoofed.iter().map(|h| (*h).to_owned()));
     let (status, received) = t.send("GET /page HTTP/1.1", &headers).await;

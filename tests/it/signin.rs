@@ -37,8 +37,27 @@ pub(crate) const BOB: &str = "bob@corp.test";
 pub(crate) const BOB_PASSWORD: &str = "bob's password, long enough";
 /// The session cookie over plain HTTP (no `__Host-` prefix without TLS).
 pub(crate) const SESSION_COOKIE: &str = "portcullis_session";
-/// The cookie binding a sign-in in progress to its browser.
+/// The cookies carrying sign-ins in progress are named this, `_`, and 16 hex digits of the
+/// SHA-256 of the sign-in's state.
 pub(crate) const BINDING_COOKIE: &str = "portcullis_signin";
+
+/// The name of the cookie that carries the sign-in with this `state`.
+pub(crate) fn binding_cookie_name(state: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(state.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{BINDING_COOKIE}_{hex}")
+}
+
+/// The `Set-Cookie` line of a sign-in's cookie, if `resp` sets one.
+pub(crate) fn binding_cookie(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|line| line.starts_with(BINDING_COOKIE))
+        .map(str::to_owned)
+}
 /// An `Accept` header as a browser sends it when navigating.
 pub(crate) const BROWSER_ACCEPT: &str =
     "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
@@ -214,7 +233,7 @@ impl Fixture {
         let resp = navigate(client, url).await;
         let status = resp.status();
         let location = header(&resp, LOCATION.as_str());
-        let binding = set_cookie(&resp, BINDING_COOKIE);
+        let binding = binding_cookie(&resp);
         assert_eq!(
             status,
             StatusCode::FOUND,
@@ -228,6 +247,12 @@ impl Fixture {
         );
         let binding = binding.expect("the sign-in sets the browser-binding cookie");
         assert!(binding.contains("HttpOnly"), "{binding}");
+        assert!(binding.contains("Path=/.portcullis/callback;"), "{binding}");
+        let state = query_param(&location, "state").expect("a state");
+        assert!(
+            binding.starts_with(&format!("{}=", binding_cookie_name(&state))),
+            "the cookie is named after the sign-in's state {state}: {binding}"
+        );
         for (param, want) in [
             ("response_type", Some("code")),
             ("client_id", Some(CLIENT_ID)),
@@ -503,7 +528,7 @@ async fn chromium_signs_in_through_the_idp_and_lands_on_the_original_page() {
     // The binding cookie is gone once used.
     assert!(
         !all.iter()
-            .any(|c| c.name == BINDING_COOKIE && !c.value.is_empty()),
+            .any(|c| c.name.starts_with(BINDING_COOKIE) && !c.value.is_empty()),
         "{all:?}"
     );
 
@@ -772,16 +797,34 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
     let cookie = cookie_value(&set_cookie(&resp, SESSION_COOKIE).expect("session"));
     assert_session_works(&original, &cookie).await;
 
-    // … once: the same state and code again are refused, by the same browser and by a
-    // browser holding that browser's binding cookie value.
+    // … once: the same state and code again are refused, by the same browser and from
+    // elsewhere.
     refused("a replayed callback", get(&browser, &callback).await);
     refused(
         "a replayed callback from elsewhere",
         get(&client(), &callback).await,
     );
+    // Even a replay that carries the sign-in's own cookie gets no session: the IdP redeems
+    // a code once.
+    let resp = navigate(&bare_client(), &original).await;
+    let line = binding_cookie(&resp).expect("a sign-in cookie");
+    let pair = line.split(';').next().unwrap_or_default().to_owned();
+    let authorize = header(&resp, "location").expect("to the IdP");
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let with_cookie = || bare_client().get(&callback).header(COOKIE, &pair).send();
+    let resp = with_cookie().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND, "the cookie's first use");
+    assert!(set_cookie(&resp, SESSION_COOKIE).is_some());
+    let resp = with_cookie().await.unwrap();
+    let status = resp.status();
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    refused(
+        "a replay with the sign-in's cookie",
+        (status, session, resp.text().await.unwrap_or_default()),
+    );
 
-    // A callback from another browser (no binding cookie) is refused, and burns the state:
-    // the browser that started it cannot finish it either.
+    // A callback from another browser (no sign-in cookie) is refused; it cannot spoil the
+    // sign-in of the browser that started it, which finishes it.
     let victim = client();
     let authorize = fx.start_sign_in(&victim, &original).await;
     let callback = fx.idp_login(&authorize, BOB, BOB_PASSWORD).await;
@@ -789,15 +832,32 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         "a callback from another browser",
         get(&client(), &callback).await,
     );
-    refused(
-        "a state already tried elsewhere",
-        get(&victim, &callback).await,
-    );
+    let (status, session, body) = get(&victim, &callback).await;
+    assert_eq!(status, StatusCode::FOUND, "the starting browser: {body}");
+    assert!(session.is_some(), "the starting browser is signed in");
 
-    // A wrong binding cookie is the same as none.
+    // A wrong sign-in cookie is the same as none: one under the state's name with another
+    // value, and another browser's genuine one, sealed for its own state.
     let victim = client();
     let authorize = fx.start_sign_in(&victim, &original).await;
     let callback = fx.idp_login(&authorize, BOB, BOB_PASSWORD).await;
+    let state = query_param(&callback, "state").unwrap();
+    let other = navigate(&bare_client(), &fx.app_url("/.portcullis/sign_in?rd=%2F")).await;
+    let other = cookie_value(&binding_cookie(&other).expect("a sign-in cookie"));
+    for value in [random_token(32), other] {
+        let resp = bare_client()
+            .get(&callback)
+            .header(COOKIE, format!("{}={value}", binding_cookie_name(&state)))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let session = set_cookie(&resp, SESSION_COOKIE);
+        refused(
+            "a wrong sign-in cookie",
+            (status, session, resp.text().await.unwrap_or_default()),
+        );
+    }
     let resp = bare_client()
         .get(&callback)
         .header(COOKIE, format!("{BINDING_COOKIE}={}", random_token(32)))
@@ -830,6 +890,56 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         "an injected code: {status} {body}"
     );
     assert!(session.is_none(), "an injected code set a session");
+}
+
+/// 10,001 anonymous sign-in starts (one more than the server-side table of pending sign-ins
+/// once held) leave nothing behind for a real sign-in to wait on; and two sign-ins started
+/// in two tabs of one browser both finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_sign_in_starts_cannot_exhaust_sign_in_and_tabs_do_not_collide() {
+    let fx = Fixture::start().await;
+    let start = fx.app_url("/.portcullis/sign_in?rd=%2F");
+    let flood: Vec<_> = (0..4)
+        .map(|task| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                let http = bare_client();
+                let count = if task == 0 { 2_501 } else { 2_500 };
+                for _ in 0..count {
+                    let resp = http
+                        .get(&start)
+                        .header(ACCEPT, "text/html")
+                        .send()
+                        .await
+                        .expect("GET sign_in");
+                    assert_eq!(resp.status(), StatusCode::FOUND, "an anonymous start");
+                }
+            })
+        })
+        .collect();
+    for task in flood {
+        task.await.expect("the flood task");
+    }
+
+    // Two tabs: both sign-ins are started before either returns.
+    let browser = client();
+    let first = fx.start_sign_in(&browser, &fx.app_url("/first")).await;
+    let second = fx.start_sign_in(&browser, &fx.app_url("/second")).await;
+    for (authorize, path) in [(second, "/second"), (first, "/first")] {
+        let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+        let resp = browser.get(&callback).send().await.expect("GET callback");
+        let status = resp.status();
+        let location = header(&resp, LOCATION.as_str());
+        let session = set_cookie(&resp, SESSION_COOKIE);
+        assert_eq!(
+            status,
+            StatusCode::FOUND,
+            "the sign-in to {path}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        assert_eq!(location.as_deref(), Some(&*fx.app_url(path)));
+        assert_session_works(&fx.app_url(path), &cookie_value(&session.expect("session"))).await;
+    }
 }
 
 // ----- (g) the return URL ------------------------------------------------------------------
@@ -899,7 +1009,7 @@ async fn sign_in_return_urls_are_checked_against_the_served_hosts() {
         let resp = navigate(&http, &url).await;
         let status = resp.status();
         let location = header(&resp, "location");
-        let binding = set_cookie(&resp, BINDING_COOKIE);
+        let binding = binding_cookie(&resp);
         let body = resp.text().await.unwrap_or_default();
         assert_eq!(status, StatusCode::BAD_REQUEST, "rd={rd:?} ({url}): {body}");
         assert!(location.is_none(), "rd={rd:?} redirected to {location:?}");

@@ -13,7 +13,7 @@ use pingora::Result;
 
 use portcullis_config::{Config, OidcConfig, Scheme};
 
-use super::oidc::SignInError;
+use super::oidc::{pending_cookie_name, SignInError, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
 use super::{cookie, session_cookie_name, Auth};
 use crate::caller::Caller;
@@ -21,7 +21,7 @@ use crate::clock::now_unix;
 use crate::gate::Gate;
 use crate::reply::{escape, Reply};
 
-/// The cookie binding a sign-in in progress to the browser that started it.
+/// The cookies carrying sign-ins in progress are named this, `_`, and a digest of the state.
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
@@ -98,9 +98,10 @@ fn session_cookie(oidc: &OidcConfig, tls: bool, value: &str, max_age: u64) -> St
     cookie
 }
 
-fn browser_cookie(tls: bool, value: &str, max_age: u64) -> String {
+/// A sign-in's cookie: sent to the callback only.
+fn browser_cookie(tls: bool, name: &str, value: &str, max_age: u64) -> String {
     let secure = if tls { "; Secure" } else { "" };
-    format!("{BROWSER_COOKIE}={value}; Path=/.portcullis/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
+    format!("{name}={value}; Path=/.portcullis/callback; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
 }
 
 impl Auth {
@@ -118,12 +119,21 @@ impl Auth {
             );
             return redirect(&location, Vec::new());
         }
-        match self
-            .oidc
-            .start(oidc, &redirect_uri(oidc, req), return_to, now_unix())
-        {
+        let started = self.oidc.start(
+            oidc,
+            &redirect_uri(oidc, req),
+            return_to,
+            BROWSER_COOKIE,
+            now_unix(),
+        );
+        match started {
             Ok(started) => {
-                let cookie = browser_cookie(req.tls, &started.browser_cookie, 600);
+                let cookie = browser_cookie(
+                    req.tls,
+                    &started.cookie_name,
+                    &started.cookie_value,
+                    PENDING_FOR,
+                );
                 redirect(&started.authorize_url, vec![cookie])
             }
             Err(e) => sign_in_failed(&e),
@@ -197,11 +207,12 @@ impl Auth {
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
             return sign_in_failed(&SignInError::UnknownState);
         };
-        let browser = cookie(session.req_header(), BROWSER_COOKIE).map(str::to_owned);
+        let cookie_name = pending_cookie_name(BROWSER_COOKIE, &state);
+        let sealed = cookie(session.req_header(), &cookie_name).map(str::to_owned);
         let now = now_unix();
         let finished = self
             .oidc
-            .finish(oidc, &state, &code, browser.as_deref(), now)
+            .finish(oidc, &state, &code, sealed.as_deref(), now)
             .await;
         let (mut identity, refresh, return_to) = match finished {
             Ok(done) => done,
@@ -232,7 +243,7 @@ impl Auth {
         tracing::info!(user = %who, "signed in");
         let cookies = vec![
             session_cookie(oidc, req.tls, &id, lifetime),
-            browser_cookie(req.tls, "", 0),
+            browser_cookie(req.tls, &cookie_name, "", 0),
         ];
         redirect(&return_to, cookies)
     }
@@ -433,7 +444,7 @@ fn json_error(status: StatusCode, error: &str) -> Reply {
 
 fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
-        SignInError::ProviderUnavailable | SignInError::Busy | SignInError::Unreachable(_) => {
+        SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         SignInError::UnknownState | SignInError::WrongBrowser | SignInError::Refused(_) => {

@@ -12,6 +12,7 @@ pub mod endpoints;
 pub mod jwt;
 pub mod oidc;
 pub mod redirect;
+pub mod sealed;
 pub mod sessions;
 pub mod verified;
 

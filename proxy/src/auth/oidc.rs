@@ -3,9 +3,12 @@
 //!
 //! The provider is discovered in the background (retried with backoff while the IdP is down)
 //! and kept across reloads; while it is unknown, existing sessions keep working and new
-//! sign-ins get a 503. A sign-in in progress is remembered server-side by its `state` for ten
-//! minutes, bound to the browser that started it by a cookie whose hash is stored with it, and
-//! can be completed once.
+//! sign-ins get a 503. A sign-in in progress is kept by the browser that started it, not by
+//! the server: its PKCE verifier, nonce and return address are sealed (see [`super::sealed`])
+//! into a cookie named after, and bound to, its `state`, good for ten minutes. Nobody can fill
+//! a server-side table of pending sign-ins, several tabs can sign in at once, and a callback
+//! without the cookie (another browser) cannot finish it. The IdP redeems a code once, so a
+//! replayed callback is refused there.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,20 +27,18 @@ use openidconnect::{
     OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl,
     RefreshToken, Scope,
 };
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use portcullis_config::{JwtAlgorithm, OidcConfig};
 
 use super::jwt::{algorithm, Jwks, JwtError};
+use super::sealed::Sealer;
 use super::sessions::Refresh;
 use crate::caller::Identity;
 
 /// How long a started sign-in may take.
-const PENDING_FOR: u64 = 600;
-/// Most sign-ins in progress at once; beyond it new ones are refused until old ones expire.
-const MAX_PENDING: usize = 10_000;
+pub const PENDING_FOR: u64 = 600;
 /// Back-channel logout `jti`s remembered against replay.
 const MAX_SEEN_JTIS: usize = 100_000;
 
@@ -94,8 +95,6 @@ impl Provider {
 pub enum SignInError {
     #[error("sign-in is unavailable: the identity provider has not been reached yet")]
     ProviderUnavailable,
-    #[error("too many sign-ins are in progress; try again shortly")]
-    Busy,
     #[error("this sign-in link has expired or was already used; start again")]
     UnknownState,
     #[error("this sign-in was started in another browser; start again")]
@@ -124,31 +123,40 @@ impl From<IdTokenError> for SignInError {
     }
 }
 
+/// A sign-in in progress, as sealed into the browser's cookie.
+#[derive(Deserialize, Serialize)]
 struct Pending {
     pkce_verifier: String,
     nonce: String,
     return_to: String,
-    browser: [u8; 32],
     redirect_uri: String,
     created: u64,
 }
 
-/// What the browser needs to start a sign-in: where to go, and the cookie binding it.
+/// What the browser needs to start a sign-in: where to go, and the cookie that carries it.
 pub struct Started {
     pub authorize_url: String,
-    pub browser_cookie: String,
+    pub cookie_name: String,
+    pub cookie_value: String,
+}
+
+/// The name of the cookie carrying the sign-in with this `state`: one per sign-in, so that
+/// sign-ins in several tabs do not overwrite each other.
+pub fn pending_cookie_name(prefix: &str, state: &str) -> String {
+    let digest = Sha256::digest(state.as_bytes());
+    let mut name = String::with_capacity(prefix.len() + 17);
+    name.push_str(prefix);
+    name.push('_');
+    for byte in &digest[..8] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
 }
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn random_token() -> String {
-    let mut raw = [0u8; 32];
-    rand::rng().fill_bytes(&mut raw);
-    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw)
 }
 
 fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
@@ -169,7 +177,7 @@ fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
 pub struct Oidc {
     http: reqwest::Client,
     provider: ArcSwapOption<Provider>,
-    pending: DashMap<String, Pending>,
+    sealer: Sealer,
     seen_jtis: DashMap<String, u64>,
 }
 
@@ -178,7 +186,7 @@ impl Oidc {
         Self {
             http,
             provider: ArcSwapOption::empty(),
-            pending: DashMap::new(),
+            sealer: Sealer::new(),
             seen_jtis: DashMap::new(),
         }
     }
@@ -212,21 +220,17 @@ impl Oidc {
         Ok(())
     }
 
-    /// Starts a sign-in that returns to `return_to` through `redirect_uri`.
+    /// Starts a sign-in that returns to `return_to` through `redirect_uri`; its cookie's name
+    /// begins with `cookie_prefix`.
     pub fn start(
         &self,
         config: &OidcConfig,
         redirect_uri: &str,
         return_to: String,
+        cookie_prefix: &str,
         now: u64,
     ) -> Result<Started, SignInError> {
         let provider = self.current(config)?;
-        if self.pending.len() >= MAX_PENDING {
-            self.pending.retain(|_, p| p.created + PENDING_FOR > now);
-            if self.pending.len() >= MAX_PENDING {
-                return Err(SignInError::Busy);
-            }
-        }
         let client = provider.client(config).set_redirect_uri(
             RedirectUrl::new(redirect_uri.to_owned())
                 .map_err(|e| SignInError::Invalid(e.to_string()))?,
@@ -243,51 +247,42 @@ impl Oidc {
             request = request.add_scope(Scope::new(scope.clone()));
         }
         let (url, state, nonce) = request.url();
-        let browser_cookie = random_token();
-        self.pending.insert(
-            state.secret().clone(),
-            Pending {
-                pkce_verifier: verifier.secret().clone(),
-                nonce: nonce.secret().clone(),
-                return_to,
-                browser: Sha256::digest(browser_cookie.as_bytes()).into(),
-                redirect_uri: redirect_uri.to_owned(),
-                created: now,
-            },
-        );
+        let pending = Pending {
+            pkce_verifier: verifier.secret().clone(),
+            nonce: nonce.secret().clone(),
+            return_to,
+            redirect_uri: redirect_uri.to_owned(),
+            created: now,
+        };
+        let plain =
+            serde_json::to_vec(&pending).map_err(|e| SignInError::Invalid(e.to_string()))?;
         Ok(Started {
             authorize_url: url.to_string(),
-            browser_cookie,
+            cookie_name: pending_cookie_name(cookie_prefix, state.secret()),
+            cookie_value: self.sealer.seal(state.secret().as_bytes(), &plain),
         })
     }
 
-    /// Completes a sign-in: checks `state` and the browser, exchanges the code, verifies the
-    /// ID token. Returns who signed in and where they were going.
+    /// Completes a sign-in: opens the sign-in sealed for `state` in the browser's cookie,
+    /// exchanges the code, verifies the ID token. Returns who signed in and where they were
+    /// going.
     pub async fn finish(
         &self,
         config: &OidcConfig,
         state: &str,
         code: &str,
-        browser_cookie: Option<&str>,
+        sealed: Option<&str>,
         now: u64,
     ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
-        // Removed whatever happens next: a state is good for one attempt.
-        let (_, pending) = self
-            .pending
-            .remove(state)
+        let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
+        // Altered, sealed for another state, or sealed before a restart: unknown here.
+        let pending: Pending = self
+            .sealer
+            .open(state.as_bytes(), sealed)
+            .and_then(|plain| serde_json::from_slice(&plain).ok())
             .ok_or(SignInError::UnknownState)?;
-        if pending.created + PENDING_FOR <= now {
+        if pending.created + PENDING_FOR <= now || pending.created > now + 60 {
             return Err(SignInError::UnknownState);
-        }
-        let presented: [u8; 32] =
-            Sha256::digest(browser_cookie.unwrap_or_default().as_bytes()).into();
-        if browser_cookie.is_none()
-            || !bool::from(subtle::ConstantTimeEq::ct_eq(
-                &presented[..],
-                &pending.browser[..],
-            ))
-        {
-            return Err(SignInError::WrongBrowser);
         }
         let provider = self.current(config)?;
         let client = provider.client(config).set_redirect_uri(
@@ -494,9 +489,8 @@ impl Oidc {
         Ok((claims.sub, claims.sid))
     }
 
-    /// Forgets sign-ins started long ago.
+    /// Forgets logout tokens too old to be accepted again.
     pub fn sweep(&self, now: u64) {
-        self.pending.retain(|_, p| p.created + PENDING_FOR > now);
         self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
     }
 }

@@ -1,0 +1,108 @@
+//! Values sealed for the client to carry: encrypted and authenticated (ChaCha20-Poly1305)
+//! under a key that never leaves this process, and bound to a context (the associated data)
+//! they must be opened with. A sealed value the client altered, or one shown with another
+//! context, does not open.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+
+/// Seals and opens values under one random key, made at start.
+pub struct Sealer {
+    key: LessSafeKey,
+}
+
+impl Default for Sealer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sealer {
+    pub fn new() -> Self {
+        let mut raw = [0u8; 32];
+        rand::rng().fill_bytes(&mut raw);
+        // ChaCha20-Poly1305 takes any 32-byte key; `new` fails only on another length.
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &raw)
+            .unwrap_or_else(|_| unreachable!("a 32-byte key"));
+        Self {
+            key: LessSafeKey::new(unbound),
+        }
+    }
+
+    /// `plain` sealed for `context`, as URL-safe base64 (nonce, ciphertext, tag). Nonces are
+    /// random: 96 bits are far beyond what one key seals in a process' life.
+    pub fn seal(&self, context: &[u8], plain: &[u8]) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut sealed = Vec::with_capacity(NONCE_LEN + plain.len() + CHACHA20_POLY1305.tag_len());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(plain);
+        let mut in_out = sealed.split_off(NONCE_LEN);
+        if self
+            .key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context),
+                &mut in_out,
+            )
+            .is_err()
+        {
+            // Only for inputs beyond ChaCha20's 256 GiB limit.
+            unreachable!("a value far smaller than the cipher's limit");
+        }
+        sealed.extend_from_slice(&in_out);
+        URL_SAFE_NO_PAD.encode(sealed)
+    }
+
+    /// The value sealed for `context`; `None` when it was altered, sealed for another context
+    /// or by another key, or is not base64 at all.
+    pub fn open(&self, context: &[u8], sealed: &str) -> Option<Vec<u8>> {
+        let raw = URL_SAFE_NO_PAD.decode(sealed).ok()?;
+        if raw.len() < NONCE_LEN + CHACHA20_POLY1305.tag_len() {
+            return None;
+        }
+        let (nonce, rest) = raw.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut in_out = rest.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(context), &mut in_out)
+            .ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_value_opens_only_unaltered_with_its_context_and_key() {
+        let sealer = Sealer::new();
+        let sealed = sealer.seal(b"state-1", b"the verifier");
+        assert_eq!(
+            sealer.open(b"state-1", &sealed).as_deref(),
+            Some(&b"the verifier"[..])
+        );
+        // The plain text does not show through.
+        assert!(!sealed.contains("verifier"));
+        let raw = URL_SAFE_NO_PAD.decode(&sealed).unwrap_or_default();
+        assert!(!raw.windows(8).any(|w| w == b"verifier"));
+
+        assert_eq!(sealer.open(b"state-2", &sealed), None, "another context");
+        assert_eq!(Sealer::new().open(b"state-1", &sealed), None, "another key");
+        for at in [0, NONCE_LEN, raw.len() - 1] {
+            let mut altered = raw.clone();
+            altered[at] ^= 1;
+            let altered = URL_SAFE_NO_PAD.encode(altered);
+            assert_eq!(sealer.open(b"state-1", &altered), None, "byte {at} altered");
+        }
+        for junk in ["", "!!!", "AAAA", &sealed[..sealed.len() - 4]] {
+            assert_eq!(sealer.open(b"state-1", junk), None, "{junk:?}");
+        }
+        // Sealing twice gives different texts (fresh nonces).
+        assert_ne!(sealed, sealer.seal(b"state-1", b"the verifier"));
+    }
+}
