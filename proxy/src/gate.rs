@@ -27,7 +27,7 @@ use portcullis_config::{
     Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
-use portcullis_scim::store::{Directory, SubjectKey};
+use portcullis_scim::store::{Directory, Lookup, SubjectKey};
 
 use crate::caller::{Identity, Machine, Principal};
 
@@ -323,22 +323,38 @@ impl Gate<'_> {
             Principal::Person(identity) => (SubjectKind::Person, Some(identity.directory_seq)),
             Principal::Machine(_) => (SubjectKind::Machine, None),
         };
-        self.directory.with_subject(key, |view| {
-            let Some(view) = view else {
-                if facts.route.token_groups {
+        self.directory.with_subject(key, |lookup| {
+            let view = match lookup {
+                Lookup::Found(view) => view,
+                // Token groups speak only for strangers: never for someone the directory
+                // cannot tell apart or the IdP removed.
+                Lookup::Unknown if facts.route.token_groups => {
                     return on_token(facts, request, principal, kind, explain);
                 }
-                let who = principal.log_name();
-                return Judged::Refuse(Refusal {
-                    reason: format!(
-                        "{who} is not a user in the directory (its {claim} claim was looked up \
-                         as the SCIM {})",
-                        attribute.as_str()
-                    ),
-                    who: Some(who),
-                    rule: None,
-                    cause: Cause::NotInDirectory,
-                });
+                lookup => {
+                    let who = principal.log_name();
+                    let attribute = attribute.as_str();
+                    let reason = match lookup {
+                        Lookup::Ambiguous(count) => format!(
+                            "{who}'s {claim} claim names {count} directory users (as the SCIM \
+                             {attribute}), and Portcullis will not guess which one"
+                        ),
+                        Lookup::Deleted => format!(
+                            "{who} was deleted from the directory (its {claim} claim names a \
+                             removed user's SCIM {attribute})"
+                        ),
+                        _ => format!(
+                            "{who} is not a user in the directory (its {claim} claim was \
+                             looked up as the SCIM {attribute})"
+                        ),
+                    };
+                    return Judged::Refuse(Refusal {
+                        reason,
+                        who: Some(who),
+                        rule: None,
+                        cause: Cause::NotInDirectory,
+                    });
+                }
             };
             if session_epoch.is_some_and(|epoch| epoch < view.user.valid_since) {
                 return Judged::Revoked;
@@ -389,8 +405,8 @@ impl Gate<'_> {
     /// The directory's view of a caller, if the directory knows them.
     pub fn directory_view(&self, principal: Principal<'_>) -> Option<DirectoryView> {
         let key = subject_key(self.identity, principal)?;
-        self.directory.with_subject(key, |view| {
-            view.map(|view| DirectoryView {
+        self.directory.with_subject(key, |lookup| {
+            lookup.found().map(|view| DirectoryView {
                 user_name: view.user.user_name.to_string(),
                 active: view.user.active,
                 groups: view
@@ -607,6 +623,8 @@ mod tests {
     use super::*;
     use crate::caller::Identity;
     use crate::testing::{config, machine, World};
+    use http::Method;
+    use serde_json::Value;
 
     const ALICE: &str = "alice@corp.example";
     const BOB: &str = "bob@corp.example";
@@ -1093,6 +1111,43 @@ mod tests {
             forbidden(as_person(&world, &other, 3, "/")).cause,
             Cause::NoRuleAllows
         );
+    }
+
+    #[tokio::test]
+    async fn token_groups_never_admit_someone_deactivated_deleted_or_ambiguous() {
+        // Looked up by email, which two users may share.
+        let world = World::with(config("[identity]\nscim_attribute = \"emails\"\n"));
+        let carol = world.user("carol@corp.example").await;
+        world.set_active(&carol, false).await;
+        let dave = world.user("dave@corp.example").await;
+        world
+            .scim(Method::DELETE, &format!("/Users/{dave}"), Value::Null)
+            .await;
+        world
+            .user_with_emails("erin-1", "e1", &[("erin@corp.example", true)])
+            .await;
+        world
+            .user_with_emails("erin-2", "e2", &[("erin@corp.example", true)])
+            .await;
+        for (email, cause, says) in [
+            ("carol@corp.example", Cause::Deactivated, "deactivated"),
+            ("dave@corp.example", Cause::NotInDirectory, "was deleted"),
+            (
+                "erin@corp.example",
+                Cause::NotInDirectory,
+                "names 2 directory users",
+            ),
+        ] {
+            let mut caller = world.person(email);
+            caller.groups = vec!["contractors".to_owned()];
+            let refusal = forbidden(as_person(&world, &caller, 3, "/"));
+            assert_eq!(refusal.cause, cause, "{email}: {}", refusal.reason);
+            assert!(refusal.reason.contains(says), "{email}: {}", refusal.reason);
+        }
+        // A stranger with the same token groups is admitted: the route works.
+        let mut stranger = world.person("frank@partner.example");
+        stranger.groups = vec!["contractors".to_owned()];
+        allowed(as_person(&world, &stranger, 3, "/"));
     }
 
     #[tokio::test]

@@ -77,6 +77,7 @@ pub fn populate(dir: &Path, users: u64, groups: u64) -> Result<(), Box<dyn std::
                 resource,
                 password_hash: None,
                 valid_since: Some(0),
+                retired: false,
             }),
         ));
     }
@@ -102,6 +103,7 @@ pub fn populate(dir: &Path, users: u64, groups: u64) -> Result<(), Box<dyn std::
                 resource,
                 password_hash: None,
                 valid_since: Some(0),
+                retired: false,
             }),
         ));
         batch

@@ -27,14 +27,22 @@ use crate::{SCIM_HOST, SCIM_TOKEN};
 /// Provisioned in `eng`, but the IdP has not verified the email her account has.
 const CAROL: &str = "carol@corp.test";
 const CAROL_PASSWORD: &str = "carol's password, long enough";
+/// In `eng` by her IdP account's `groups` claim; provisioned, but in no group.
+const DORA: &str = "dora@corp.test";
+const DORA_PASSWORD: &str = "dora's password, long enough";
+/// In `eng` by his IdP account's `groups` claim; never provisioned.
+const ERIK: &str = "erik@partner.test";
+const ERIK_PASSWORD: &str = "erik's password, long enough";
 
 /// Portcullis in front of one raw upstream:
 /// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
 /// - `http://api.test`: bearer tokens of group `eng`;
 /// - `http://pass.test`: the same, with `pass_authorization = true`;
-/// - `http://app.test/v1/`: bearer tokens of group `eng` only.
+/// - `http://app.test/v1/`: bearer tokens of group `eng` only;
+/// - `http://app.test/contractors/`: sessions of group `eng`, with `token_groups`.
 ///
-/// alice, carol and the build-agent machine are in `eng`.
+/// alice, carol and the build-agent machine are in `eng`; dora is provisioned in no group;
+/// dora and erik have `eng` in their IdP accounts' `groups` claim.
 struct Hardened {
     fx: Fixture,
     raw: RawUpstream,
@@ -55,6 +63,8 @@ impl Hardened {
             &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
         )
         .user(carol)
+        .user(IdpUser::new("dora", DORA, DORA_PASSWORD).groups(&["eng"]))
+        .user(IdpUser::new("erik", ERIK, ERIK_PASSWORD).groups(&["eng"]))
         .start()
         .await;
         let cfg = cfg
@@ -72,6 +82,11 @@ impl Hardened {
                 Route::to_urls("http://app.test/v1/", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::to_urls("http://app.test/contractors/", vec![raw.url()])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set("token_groups = true"),
             )
             .route(
                 Route::to_urls("http://pass.test", vec![raw.url()])
@@ -92,6 +107,7 @@ impl Hardened {
         let alice = scim.create_user(ALICE).await.id();
         let machine = scim.create_user(MACHINE_ID).await.id();
         let carol = scim.create_user(CAROL).await.id();
+        scim.create_user(DORA).await;
         scim.create_group("eng", &[&alice, &machine, &carol]).await;
         scim.create_group("eng, admins", &[&alice]).await;
         let fx = Fixture {
@@ -373,6 +389,53 @@ async fn an_email_the_idp_has_not_verified_identifies_nobody() {
         )
         .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_groups_never_admit_someone_the_directory_deleted() {
+    async fn get(t: &Hardened, cookie: &str) -> (u16, Option<RawRequest>) {
+        let headers = [
+            t.host("app.test"),
+            t.session(cookie),
+            "Accept: application/json".to_owned(),
+        ];
+        t.send("GET /contractors/plan HTTP/1.1", &headers).await
+    }
+    let mut t = Hardened::start().await;
+    let page = t.fx.app_url("/contractors/");
+    let dora =
+        t.fx.sign_in(&client(), &page, DORA, DORA_PASSWORD)
+            .await
+            .cookie;
+    let erik =
+        t.fx.sign_in(&client(), &page, ERIK, ERIK_PASSWORD)
+            .await
+            .cookie;
+    // The directory knows dora, in no group: her token's groups do not count.
+    assert_eq!(get(&t, &dora).await.0, 403);
+    // erik is a stranger to the directory: judged on his token's groups.
+    let (status, received) = get(&t, &erik).await;
+    assert_eq!(status, 200);
+    assert!(received.is_some());
+
+    // The IdP deletes dora. The directory remembers whom it removed: her token's groups still
+    // do not count, after a restart too.
+    let scim = ScimClient::new(&t.fx.cfg.scim_base_url(), SCIM_TOKEN);
+    let found = scim
+        .get(&format!("/Users?filter=userName%20eq%20%22{DORA}%22"))
+        .await;
+    let id = found.body["Resources"][0]["id"]
+        .as_str()
+        .expect("dora's id")
+        .to_owned();
+    assert_eq!(scim.delete(&format!("/Users/{id}")).await.status, 204);
+    let (status, received) = get(&t, &dora).await;
+    assert_eq!(status, 403, "a deleted user got in on her token's groups");
+    assert_eq!(received, None);
+    t.fx.px.kill_hard();
+    t.fx.px.restart().await;
+    assert_eq!(get(&t, &dora).await.0, 403, "after a restart");
+    assert_eq!(get(&t, &erik).await.0, 200, "after a restart");
 }
 
 // ----- open connections end when their grant ends (item 8) ----------------------------------

@@ -9,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::index::{fold, format_id, GroupEntry, Id, Index, UserEntry};
+use super::index::{fold, format_id, GroupEntry, Id, Index, Retired, UserEntry};
 use super::writer::Overlay;
 use super::{Change, Command, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH};
 use crate::error::ScimError;
@@ -68,6 +68,29 @@ pub enum SubjectKey<'a> {
     Email(&'a str),
     /// `externalId`, exactly; must name exactly one user.
     ExternalId(&'a str),
+}
+
+/// What the directory knows of a caller.
+pub enum Lookup<'a> {
+    /// Exactly one user.
+    Found(SubjectView<'a>),
+    /// Nobody has this identifier, and no deleted user had it.
+    Unknown,
+    /// Several users have it (emails and `externalId` need not be unique): refused rather
+    /// than guessed.
+    Ambiguous(usize),
+    /// Nobody has it now, but a user the IdP deleted had it.
+    Deleted,
+}
+
+impl<'a> Lookup<'a> {
+    /// The user, when exactly one was found.
+    pub fn found(self) -> Option<SubjectView<'a>> {
+        match self {
+            Lookup::Found(view) => Some(view),
+            _ => None,
+        }
+    }
 }
 
 /// A user as the authorization path sees it: borrowed from the index under its read lock,
@@ -227,34 +250,37 @@ impl Directory {
         (index.user_count(), index.group_count())
     }
 
-    /// Runs `f` on the user `key` finds (or `None`), from memory, under one consistent view of
-    /// the directory: a write answered before this call is visible, one answered after is not.
-    pub fn with_subject<R>(
-        &self,
-        key: SubjectKey<'_>,
-        f: impl FnOnce(Option<SubjectView<'_>>) -> R,
-    ) -> R {
+    /// Runs `f` on what `key` finds, from memory, under one consistent view of the
+    /// directory: a write answered before this call is visible, one answered after is not.
+    pub fn with_subject<R>(&self, key: SubjectKey<'_>, f: impl FnOnce(Lookup<'_>) -> R) -> R {
         let index = self.index();
-        let only = |rows: Vec<Row>| match rows.as_slice() {
-            [row] => Some(*row),
-            // Ambiguous: refuse rather than guess which user is meant.
-            _ => None,
+        let (rows, retired) = match key {
+            SubjectKey::UserName(name) => (
+                index.user_by_name(name).into_iter().collect(),
+                (Retired::UserName, name),
+            ),
+            SubjectKey::Email(email) => (index.users_by_email(email), (Retired::Email, email)),
+            SubjectKey::ExternalId(id) => {
+                (index.users_by_external_id(id), (Retired::ExternalId, id))
+            }
         };
-        let row = match key {
-            SubjectKey::UserName(name) => index.user_by_name(name),
-            SubjectKey::Email(email) => only(index.users_by_email(email)),
-            SubjectKey::ExternalId(id) => only(index.users_by_external_id(id)),
+        let lookup = match rows.as_slice() {
+            [row] => match index.user(*row) {
+                Some(user) => Lookup::Found(SubjectView {
+                    user,
+                    groups: index
+                        .groups_of(*row)
+                        .into_iter()
+                        .filter_map(|(group, _)| index.group(group))
+                        .collect(),
+                }),
+                None => Lookup::Unknown,
+            },
+            [] if index.was_deleted(retired.0, retired.1) => Lookup::Deleted,
+            [] => Lookup::Unknown,
+            more => Lookup::Ambiguous(more.len()),
         };
-        let view = row.and_then(|row| {
-            let user = index.user(row)?;
-            let groups = index
-                .groups_of(row)
-                .into_iter()
-                .filter_map(|(group, _)| index.group(group))
-                .collect();
-            Some(SubjectView { user, groups })
-        });
-        f(view)
+        f(lookup)
     }
 
     /// The user whose `userName` is `user_name` (case-insensitively).

@@ -166,6 +166,17 @@ pub struct Index {
     group_by_external_id: HashIndex,
     /// Group → its direct members (users and groups).
     members: HashMap<Row, HashSet<Row, foldhash::fast::RandomState>, foldhash::fast::RandomState>,
+    /// The identifiers of deleted users, hashed with their kind (see [`Retired`]). A hash
+    /// collision can only make a stranger look deleted: refused, never admitted.
+    retired: HashSet<u64, BuildHasherDefault<PreHashed>>,
+}
+
+/// Which identifier of a deleted user a retired key hashes.
+#[derive(Clone, Copy, Hash)]
+pub enum Retired {
+    UserName,
+    Email,
+    ExternalId,
 }
 
 impl Default for Index {
@@ -184,6 +195,7 @@ impl Default for Index {
             group_by_name: HashIndex::default(),
             group_by_external_id: HashIndex::default(),
             members: HashMap::default(),
+            retired: HashSet::default(),
         }
     }
 }
@@ -351,6 +363,49 @@ impl Index {
         self.user_by_folded_name(&folded(user_name))
     }
 
+    /// Whether a deleted user was known by this identifier (`userName` and emails
+    /// case-insensitively, `externalId` exactly).
+    pub fn was_deleted(&self, kind: Retired, value: &str) -> bool {
+        let value = match kind {
+            Retired::ExternalId => Cow::Borrowed(value),
+            Retired::UserName | Retired::Email => folded(value),
+        };
+        self.retired.contains(&self.retired_key(kind, &value))
+    }
+
+    fn retired_key(&self, kind: Retired, value: &str) -> u64 {
+        self.hasher.hash_one((kind, value))
+    }
+
+    /// Remembers the identifiers of a deleted user.
+    fn insert_retired(&mut self, record: &Record) {
+        let Some(resource) = record.resource.as_object() else {
+            return;
+        };
+        let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
+        let mut keys = Vec::new();
+        if let Some(name) = text("userName") {
+            keys.push(self.retired_key(Retired::UserName, &fold(name)));
+        }
+        if let Some(id) = text("externalId") {
+            keys.push(self.retired_key(Retired::ExternalId, id));
+        }
+        for email in get_ci(resource, "emails")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(value) = email
+                .as_object()
+                .and_then(|e| get_ci(e, "value"))
+                .and_then(Value::as_str)
+            {
+                keys.push(self.retired_key(Retired::Email, &fold(value)));
+            }
+        }
+        self.retired.extend(keys);
+    }
+
     pub fn users_by_external_id(&self, external_id: &str) -> Vec<Row> {
         self.user_by_external_id
             .get(self.key(external_id))
@@ -456,6 +511,10 @@ impl Index {
     }
 
     pub(super) fn insert_loaded(&mut self, rt: ResourceType, row: Row, record: &Record) -> bool {
+        if record.retired {
+            self.insert_retired(record);
+            return true;
+        }
         match rt {
             ResourceType::User => match user_entry(record) {
                 Some(entry) => self.insert_user(row, entry),
@@ -592,7 +651,7 @@ impl Index {
             if let Some(record) = record {
                 // The writer only commits records it built, so they always have an id and a
                 // name; a record that somehow lacks them stays out of the index (not found).
-                if self.insert_loaded(*rt, *row, record) {
+                if self.insert_loaded(*rt, *row, record) && !record.retired {
                     for group in parents.unwrap_or_default() {
                         self.insert_member(group, *row);
                     }

@@ -30,8 +30,8 @@ use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
 pub use directory::{
-    ChangeSink, Directory, Member, MemberOf, Page, Query, SortOrder, SubjectKey, SubjectView,
-    UserStatus,
+    ChangeSink, Directory, Lookup, Member, MemberOf, Page, Query, SortOrder, SubjectKey,
+    SubjectView, UserStatus,
 };
 pub use index::{format_id, parse_id, GroupEntry, Id, Index, UserEntry};
 
@@ -55,6 +55,11 @@ pub struct Record {
     /// the user is later re-activated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since: Option<Seq>,
+    /// A deleted User, kept as its identifiers only (`userName`, `emails`, `externalId`), so
+    /// that a token naming them is known to name someone the IdP removed ([`Lookup::Deleted`]).
+    /// Never served, never found by id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 /// A write, evaluated by the writer against the state left by the writes before it.

@@ -369,7 +369,7 @@ async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
     let tmp = tempfile::tempdir().unwrap();
     let epoch = |dir: &Directory| {
         dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
-            v.map(|v| (v.user.active, v.user.valid_since))
+            v.found().map(|v| (v.user.active, v.user.valid_since))
         })
     };
     {
@@ -465,4 +465,75 @@ async fn names_fold_as_authorization_rules_fold_them() {
     // A second user whose name folds to the same string is the same name.
     let again = create(&dir, ResourceType::User, user("οδυσσευσ")).await;
     assert_eq!(again.unwrap_err().scim_type, Some(ScimType::Uniqueness));
+}
+
+#[tokio::test]
+async fn a_deleted_user_stays_known_as_deleted_across_restarts_until_someone_takes_the_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lookup = |dir: &Directory, key: SubjectKey<'_>| {
+        dir.with_subject(key, |l| match l {
+            Lookup::Found(v) => format!("found {}", v.user.user_name),
+            Lookup::Unknown => "unknown".to_owned(),
+            Lookup::Ambiguous(n) => format!("ambiguous {n}"),
+            Lookup::Deleted => "deleted".to_owned(),
+        })
+    };
+    let keys = [
+        SubjectKey::UserName("Dana@X"),
+        SubjectKey::Email("DANA@x"),
+        SubjectKey::ExternalId("ext-dana@x"),
+    ];
+    {
+        let dir = open(tmp.path());
+        let dana = create(&dir, ResourceType::User, user("dana@x"))
+            .await
+            .unwrap();
+        let gid =
+            json!({"schemas": [GROUP], "displayName": "eng", "members": [{"value": dana.id}]});
+        create(&dir, ResourceType::Group, gid).await.unwrap();
+        for key in keys {
+            assert_eq!(lookup(&dir, key), "found dana@x", "{key:?}");
+        }
+        assert_eq!(
+            lookup(&dir, SubjectKey::ExternalId("EXT-dana@x")),
+            "unknown"
+        );
+        let delete = Command::Delete {
+            rt: ResourceType::User,
+            id: dana.id.clone(),
+            if_match: None,
+        };
+        dir.write(delete, "test").await.unwrap();
+        for key in keys {
+            assert_eq!(lookup(&dir, key), "deleted", "{key:?}");
+        }
+        // Gone as a resource: not found by id, not listed, not a member.
+        assert!(dir.get(ResourceType::User, &dana.id).unwrap().is_none());
+        assert!(query(&dir, ResourceType::User, "userName eq \"dana@x\"").is_empty());
+        assert_eq!(dir.counts(), (0, 1));
+        // Deleting it again is a 404, as for any id that is gone.
+        let again = Command::Delete {
+            rt: ResourceType::User,
+            id: dana.id,
+            if_match: None,
+        };
+        assert_eq!(dir.write(again, "test").await.unwrap_err().status, 404);
+    }
+    let dir = open(tmp.path());
+    for key in keys {
+        assert_eq!(lookup(&dir, key), "deleted", "after a restart: {key:?}");
+    }
+    assert_eq!(dir.counts(), (0, 1));
+    // Someone new takes the name: they are who it names now.
+    create(&dir, ResourceType::User, user("dana@x"))
+        .await
+        .unwrap();
+    for key in keys {
+        assert_eq!(lookup(&dir, key), "found dana@x", "{key:?}");
+    }
+    // Two users with one email: ambiguous, never a guess.
+    let mut twin = user("twin@x");
+    twin["emails"] = json!([{"value": "dana@x"}]);
+    create(&dir, ResourceType::User, twin).await.unwrap();
+    assert_eq!(lookup(&dir, SubjectKey::Email("dana@x")), "ambiguous 2");
 }

@@ -279,7 +279,11 @@ impl<'a> Overlay<'a> {
             }
         }
         self.ids.insert(id.to_owned(), None);
-        self.put_record(rt, row, None);
+        let retired = match rt {
+            ResourceType::User => Some(retired(current)),
+            ResourceType::Group => None,
+        };
+        self.put_record(rt, row, retired);
         self.seq += 1;
         self.log(actor, "delete", rt, id, "deleted".to_owned());
         Ok(Written {
@@ -379,6 +383,7 @@ impl<'a> Overlay<'a> {
             resource,
             password_hash,
             valid_since,
+            retired: false,
         };
         self.ids.insert(id.clone(), Some((rt, row)));
         self.put_record(rt, row, Some(record.clone()));
@@ -450,16 +455,18 @@ impl<'a> Overlay<'a> {
         Ok((row, record))
     }
 
+    /// The live record at `row`: a deleted user's identifiers are no record.
     fn record(&self, rt: ResourceType, row: Row) -> Result<Option<Record>, ScimError> {
-        if let Some((_, record)) = self.records.get(&row) {
-            return Ok(record.clone());
-        }
-        Ok(self
-            .storage
-            .records(rt, &[row])?
-            .into_iter()
-            .next()
-            .map(|(_, record)| record))
+        let record = match self.records.get(&row) {
+            Some((_, record)) => record.clone(),
+            None => self
+                .storage
+                .records(rt, &[row])?
+                .into_iter()
+                .next()
+                .map(|(_, record)| record),
+        };
+        Ok(record.filter(|r| !r.retired))
     }
 
     fn row_of(&self, id: &str) -> Option<(ResourceType, Row)> {
@@ -678,5 +685,23 @@ fn member_summary(changes: &crate::patch::MemberChanges) -> String {
             changes.added.join(","),
             changes.removed.join(",")
         ),
+    }
+}
+
+/// What stays of a deleted user: the identifiers a token could name them by.
+fn retired(current: &Record) -> Record {
+    let mut kept = serde_json::Map::new();
+    if let Some(resource) = current.resource.as_object() {
+        for name in ["userName", "emails", "externalId"] {
+            if let Some(value) = get_ci(resource, name) {
+                kept.insert(name.to_owned(), value.clone());
+            }
+        }
+    }
+    Record {
+        resource: Value::Object(kept),
+        password_hash: None,
+        valid_since: None,
+        retired: true,
     }
 }
