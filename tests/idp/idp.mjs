@@ -27,9 +27,10 @@
 //                                  the client's backchannel_logout_uri for each session of `sub`
 //                                  with that client, then ends those sessions (unless
 //                                  end_session is false)
-//   POST /test/stop-serving        {mode: "503" | "reset"}: every non-/test/ request gets a 503,
-//                                  or has its connection reset
-//   POST /test/start-serving       back to normal
+//   POST /test/stop-serving        {mode: "503" | "reset" | "hang"}: every non-/test/ request
+//                                  gets a 503, has its connection reset, or is never answered
+//   POST /test/start-serving       back to normal (unanswered requests have their connections
+//                                  closed)
 //
 // Prints one line `ready {"port":…,"issuer":…}` on stdout once listening, and before it a
 // `phase NAME +MS` line as each step of start-up completes (milliseconds since the process
@@ -481,7 +482,8 @@ async function backchannelLogout(provider, body) {
 }
 
 let provider;
-let outage = null; // null, "503" or "reset"
+let outage = null; // null, "503", "reset" or "hang"
+const hung = new Set(); // sockets of requests held unanswered
 let clientsConfig;
 let issuer;
 
@@ -505,10 +507,12 @@ async function handleTest(req, res, url) {
       return sendJson(res, status, value);
     }
     case 'POST /test/stop-serving':
-      outage = body.mode === 'reset' ? 'reset' : '503';
+      outage = ['reset', 'hang'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
+      for (const socket of hung) socket.destroy();
+      hung.clear();
       return sendJson(res, 200, { outage });
     default:
       return sendJson(res, 404, { error: 'unknown test endpoint' });
@@ -520,6 +524,11 @@ const server = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://127.0.0.1');
     if (url.pathname.startsWith('/test/')) return await handleTest(req, res, url);
     if (outage === 'reset') return req.socket.destroy();
+    if (outage === 'hang') {
+      hung.add(req.socket);
+      req.socket.once('close', () => hung.delete(req.socket));
+      return;
+    }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     const current = provider;
     if (url.pathname.startsWith('/interaction/')) return await handleInteraction(current, req, res, url);

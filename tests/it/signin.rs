@@ -1737,6 +1737,71 @@ async fn sessions_and_their_ends_survive_a_restart() {
     assert_session_works(&page, &again.cookie).await;
 }
 
+/// A refresh whose new ID token fails verification ends the session: here Portcullis has
+/// since been told to accept only ES256 ID tokens, and the IdP signs them with RS256.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_whose_id_token_fails_verification_ends_the_session() {
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    let strict = fx.cfg.toml().replacen(
+        "\n[oidc]\n",
+        "\n[oidc]\nid_token_algorithms = [\"ES256\"]\n",
+        1,
+    );
+    assert_ne!(strict, fx.cfg.toml(), "the config has an [oidc] section");
+    fx.px.rewrite_config(&strict);
+    fx.px.reload_and_wait().await;
+    // Until the ID token expires nothing is asked of the IdP: the session works.
+    assert_session_works(&url, &signed.cookie).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(&fx, &url, &signed.cookie).await;
+    assert!(
+        fx.px
+            .log()
+            .contains("the refreshed ID token failed verification"),
+        "{}",
+        fx.px.log()
+    );
+}
+
+/// While the IdP takes connections but never answers, a session whose refresh is due keeps
+/// working, and only the first request waits on the IdP (up to Portcullis' 10 s timeout for
+/// IdP calls): refreshes then pause (5 s, doubling up to a minute), so the next ones go ahead
+/// without asking it.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fx.idp.set_outage(IdpOutage::Hang).await;
+    // The first request waits for the refresh to time out, and is served on what the
+    // session has.
+    assert_session_works(&url, &signed.cookie).await;
+    // Each of the next ones would wait 10 s more if it asked the IdP again.
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_session_works(&url, &signed.cookie).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "5 requests took {took:?} with the IdP hanging: they waited on it"
+    );
+    fx.idp.set_outage(IdpOutage::Off).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_refresh_with_the_idp_and_end_when_it_refuses() {
     // The IdP's logout tokens go elsewhere, so only a refused refresh can end the session.

@@ -268,6 +268,9 @@ pub enum IdpOutage {
     Unavailable,
     /// Every OIDC request has its connection reset without an answer.
     Reset,
+    /// Every OIDC request is held, never answered (until the outage ends): an IdP that
+    /// accepts connections and then times out.
+    Hang,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -485,6 +488,10 @@ impl Idp {
             }
             IdpOutage::Reset => {
                 self.control("/test/stop-serving", json!({ "mode": "reset" }))
+                    .await
+            }
+            IdpOutage::Hang => {
+                self.control("/test/stop-serving", json!({ "mode": "hang" }))
                     .await
             }
         };

@@ -198,6 +198,29 @@ impl Portcullis {
         self.signal(Signal::SIGHUP);
     }
 
+    /// Sends `SIGHUP` and waits (bounded) until the log says the configuration was reloaded;
+    /// panics, with the log, if it was refused or nothing was said in time.
+    pub async fn reload_and_wait(&self) {
+        let count = |log: &str, what: &str| log.matches(what).count();
+        let before = self.log();
+        let (done, refused) = ("configuration reloaded", "configuration not reloaded");
+        self.reload();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let log = self.log();
+            if count(&log, refused) > count(&before, refused) {
+                panic!("the reload was refused:\n{log}");
+            }
+            if count(&log, done) > count(&before, done) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("no reload within {READY_TIMEOUT:?}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn signal(&self, signal: Signal) {
         kill(self.pid(), signal).expect("signal portcullis");
     }

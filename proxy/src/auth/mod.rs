@@ -27,7 +27,7 @@ use serde::Deserialize;
 use portcullis_config::{Config, Credential, JwtIssuer};
 
 use self::jwt::{algorithm, Jwks, JwtError};
-use self::oidc::Oidc;
+use self::oidc::{Oidc, Refreshed};
 use self::sessions::Sessions;
 use self::verified::Verified;
 use crate::caller::{Caller, Machine};
@@ -161,31 +161,35 @@ impl Auth {
         if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
             return invalid;
         }
-        if let Some(refresh) = &session.refresh {
-            let mut state = refresh.lock().await;
-            if state.due <= now {
-                match self
-                    .oidc
-                    .refresh(oidc, &state, &session.identity.subject, now)
-                    .await
-                {
-                    Ok(Some(next)) => {
-                        if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
-                            tracing::warn!("cannot save the refreshed session: {e}");
-                        }
-                        *state = next;
+        // A refresh in progress for this session (another request) is not waited on, nor is
+        // an IdP that was unreachable a moment ago.
+        let due = session.refresh.as_ref().and_then(|refresh| {
+            let state = refresh.try_lock().ok()?;
+            (state.due <= now && !self.oidc.refresh_paused(now)).then_some(state)
+        });
+        if let Some(mut state) = due {
+            match self
+                .oidc
+                .refresh(oidc, &state, &session.identity.subject, now)
+                .await
+            {
+                Ok(Refreshed::Renewed(next)) => {
+                    if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
+                        tracing::warn!("cannot save the refreshed session: {e}");
                     }
-                    Ok(None) => {
-                        // The IdP no longer vouches for this person: the session ends.
-                        drop(state);
-                        if let Err(e) = self.sessions.end(&[key]) {
-                            tracing::error!("cannot end the session: {e}");
-                        }
-                        return invalid;
-                    }
-                    // IdP outage: existing sessions keep working until it is back.
-                    Err(e) => tracing::warn!("session refresh postponed: {e}"),
+                    *state = next;
                 }
+                Ok(Refreshed::Ended(why)) => {
+                    // The IdP no longer vouches for this person: the session ends.
+                    tracing::info!(user = %session.identity.subject, "session ended at refresh: {why}");
+                    drop(state);
+                    if let Err(e) = self.sessions.end(&[key]) {
+                        tracing::error!("cannot end the session: {e}");
+                    }
+                    return invalid;
+                }
+                // IdP outage: existing sessions keep working until it is back.
+                Err(e) => tracing::warn!("session refresh postponed: {e}"),
             }
         }
         session.touch(now);

@@ -10,6 +10,7 @@
 //! without the cookie (another browser) cannot finish it. The IdP redeems a code once, so a
 //! replayed callback is refused there.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -173,12 +174,30 @@ fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
     }
 }
 
+/// What a refresh with the IdP came to.
+#[derive(Debug)]
+pub enum Refreshed {
+    /// The IdP vouches for the person again: the session's new refresh state.
+    Renewed(Refresh),
+    /// The IdP refused, or its answer failed verification: the session is over.
+    Ended(String),
+}
+
+/// The first and the longest pause in refreshing while the IdP is unreachable: at most one
+/// request per pause waits on it.
+const MIN_REFRESH_BACKOFF: u64 = 5;
+const MAX_REFRESH_BACKOFF: u64 = 60;
+
 /// The OIDC relying party: state that outlives configuration reloads.
 pub struct Oidc {
     http: reqwest::Client,
     provider: ArcSwapOption<Provider>,
     sealer: Sealer,
     seen_jtis: DashMap<String, u64>,
+    /// While the IdP is unreachable, refreshes pause until this Unix second (see
+    /// [`Oidc::refresh_paused`]); `refresh_backoff` seconds, doubling to a minute.
+    refresh_paused_until: AtomicU64,
+    refresh_backoff: AtomicU64,
 }
 
 impl Oidc {
@@ -188,6 +207,8 @@ impl Oidc {
             provider: ArcSwapOption::empty(),
             sealer: Sealer::new(),
             seen_jtis: DashMap::new(),
+            refresh_paused_until: AtomicU64::new(0),
+            refresh_backoff: AtomicU64::new(0),
         }
     }
 
@@ -358,16 +379,45 @@ impl Oidc {
         Ok((identity, refresh, pending.return_to))
     }
 
-    /// Refreshes a session's tokens with the IdP. `Ok(Some)` with the new state, `Ok(None)`
-    /// when the IdP refused (the person's access there has ended), `Err` when it could not be
-    /// asked (an outage: the session keeps working on what it has).
+    /// Whether refreshes are paused at `now`, because the IdP was unreachable a moment ago:
+    /// sessions then keep working on what they have, and no request waits on the IdP.
+    pub fn refresh_paused(&self, now: u64) -> bool {
+        now < self.refresh_paused_until.load(Ordering::Relaxed)
+    }
+
+    /// Refreshes a session's tokens with the IdP: [`Refreshed`] when the IdP answered, `Err`
+    /// when it could not be asked (an outage: the session keeps working on what it has, and
+    /// refreshes pause, 5 s at first, doubling up to a minute).
     pub async fn refresh(
         &self,
         config: &OidcConfig,
         current: &Refresh,
         subject: &str,
         now: u64,
-    ) -> Result<Option<Refresh>, SignInError> {
+    ) -> Result<Refreshed, SignInError> {
+        let result = self.ask_refresh(config, current, subject, now).await;
+        match &result {
+            Err(_) => {
+                let backoff = (self.refresh_backoff.load(Ordering::Relaxed) * 2)
+                    .clamp(MIN_REFRESH_BACKOFF, MAX_REFRESH_BACKOFF);
+                self.refresh_backoff.store(backoff, Ordering::Relaxed);
+                // From when the IdP gave up, not from when it was asked: a hanging IdP may
+                // have taken many seconds to.
+                self.refresh_paused_until
+                    .store(now_unix().max(now) + backoff, Ordering::Relaxed);
+            }
+            Ok(_) => self.refresh_backoff.store(0, Ordering::Relaxed),
+        }
+        result
+    }
+
+    async fn ask_refresh(
+        &self,
+        config: &OidcConfig,
+        current: &Refresh,
+        subject: &str,
+        now: u64,
+    ) -> Result<Refreshed, SignInError> {
         let provider = self.current(config)?;
         let client = provider.client(config);
         let response = client
@@ -377,17 +427,42 @@ impl Oidc {
             .await;
         let response = match response {
             Ok(response) => response,
-            Err(openidconnect::RequestTokenError::ServerResponse(_)) => return Ok(None),
+            Err(openidconnect::RequestTokenError::ServerResponse(r)) => {
+                let error = r.error().to_string();
+                // RFC 6749 §5.2 errors end the session; an IdP saying it is in trouble
+                // (RFC 6749 §4.1.2.1's two) is an outage.
+                if matches!(error.as_str(), "server_error" | "temporarily_unavailable") {
+                    return Err(SignInError::Unreachable(error));
+                }
+                return Ok(Refreshed::Ended(format!("the IdP refused: {error}")));
+            }
             Err(e) => return Err(SignInError::Unreachable(e.to_string())),
         };
         let due = match openidconnect::TokenResponse::id_token(&response) {
             Some(id_token) => {
                 // A refreshed ID token carries no nonce; it must still be valid and be about
-                // the same person.
-                let claims =
-                    self.verify_id_token(config, &provider, id_token, |_: Option<&Nonce>| Ok(()))?;
+                // the same person. One that is not ends the session.
+                let no_nonce = |_: Option<&Nonce>| Ok(());
+                let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
+                    Err(IdTokenError::Signature(_)) => {
+                        // Perhaps the IdP rotated its keys: refetch (rate limited), once.
+                        let _ = provider.jwks.refresh(false).await;
+                        self.verify_id_token(config, &provider, id_token, no_nonce)
+                    }
+                    other => other,
+                };
+                let claims = match verified {
+                    Ok(claims) => claims,
+                    Err(IdTokenError::Signature(e) | IdTokenError::Other(e)) => {
+                        return Ok(Refreshed::Ended(format!(
+                            "the refreshed ID token failed verification: {e}"
+                        )))
+                    }
+                };
                 if claims.subject().as_str() != subject {
-                    return Ok(None);
+                    return Ok(Refreshed::Ended(
+                        "the refreshed ID token is about someone else".to_owned(),
+                    ));
                 }
                 u64::try_from(claims.expiration().timestamp()).unwrap_or(now)
             }
@@ -396,7 +471,7 @@ impl Oidc {
         let refresh_token = response
             .refresh_token()
             .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
-        Ok(Some(Refresh { refresh_token, due }))
+        Ok(Refreshed::Renewed(Refresh { refresh_token, due }))
     }
 
     fn verify_id_token(
