@@ -219,6 +219,9 @@ impl Fixture {
             client_id: Some("user7@bench.example".into()),
             groups: Vec::new(),
             expires: u64::MAX,
+            for_itself: true,
+            email: None,
+            email_verified: None,
         }));
         Fixture {
             config,

@@ -47,6 +47,14 @@ pub struct Machine {
     pub client_id: Option<String>,
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,
+    /// Whether the issuer gave the token to a client for itself (client credentials), as
+    /// [`crate::auth::is_client_token`] reads its marks: a machine. A token a client holds for
+    /// a person is judged as that person (the `[identity]` person mapping, `SubjectKind::Person`),
+    /// so `machines = true` never names it and it never borrows a service account's groups.
+    pub for_itself: bool,
+    /// The token's `email` and `email_verified`, for a person's token.
+    pub email: Option<String>,
+    pub email_verified: Option<bool>,
     /// Unix seconds from which the token no longer vouches for the machine: its `exp` plus
     /// the issuer's leeway.
     pub expires: u64,

@@ -283,6 +283,9 @@ impl Gate<'_> {
     fn mapping(&self, principal: Principal<'_>) -> (&'static str, ScimAttribute) {
         match principal {
             Principal::Person(_) => (self.identity.claim.as_str(), self.identity.scim_attribute),
+            Principal::Machine(token) if !token.for_itself => {
+                (self.identity.claim.as_str(), self.identity.scim_attribute)
+            }
             Principal::Machine(_) => (
                 self.identity.machine_claim.as_str(),
                 self.identity.machine_scim_attribute,
@@ -321,6 +324,8 @@ impl Gate<'_> {
         };
         let (kind, session_epoch) = match principal {
             Principal::Person(identity) => (SubjectKind::Person, Some(identity.directory_seq)),
+            // A person's token, held by a client acting for them: a person.
+            Principal::Machine(token) if !token.for_itself => (SubjectKind::Person, None),
             Principal::Machine(_) => (SubjectKind::Machine, None),
         };
         self.directory.with_subject(key, |lookup| {
@@ -496,10 +501,16 @@ fn on_token(
     // Only a verified email: an unverified one names nobody and matches no email domain.
     let email = match principal {
         Principal::Person(identity) if !unverified(identity) => identity.email.as_deref(),
+        Principal::Machine(token) if !token.for_itself && token.email_verified != Some(false) => {
+            token.email.as_deref()
+        }
         _ => None,
     };
     let (name, token_groups) = match principal {
         Principal::Person(identity) => (email.unwrap_or(&identity.subject), &identity.groups),
+        Principal::Machine(token) if !token.for_itself => {
+            (email.unwrap_or(&token.subject), &token.groups)
+        }
         Principal::Machine(machine) => (
             machine.client_id.as_deref().unwrap_or(&machine.subject),
             &machine.groups,
@@ -537,6 +548,14 @@ fn on_token(
 fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Option<SubjectKey<'a>> {
     let (value, attribute) = match principal {
         Principal::Person(who) => (person_claim(identity, who)?, identity.scim_attribute),
+        Principal::Machine(token) if !token.for_itself => {
+            let value = match identity.claim {
+                IdentityClaim::Email if token.email_verified == Some(false) => None,
+                IdentityClaim::Email => token.email.as_deref(),
+                IdentityClaim::Sub => Some(token.subject.as_str()),
+            }?;
+            (value, identity.scim_attribute)
+        }
         Principal::Machine(machine) => (
             machine_claim(identity, machine)?,
             identity.machine_scim_attribute,
@@ -1148,6 +1167,45 @@ mod tests {
         let mut stranger = world.person("frank@partner.example");
         stranger.groups = vec!["contractors".to_owned()];
         allowed(as_person(&world, &stranger, 3, "/"));
+    }
+
+    #[tokio::test]
+    async fn a_person_s_token_is_judged_as_the_person_never_as_a_machine() {
+        let world = World::with(config(
+            "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+             accept = [\"bearer\"]\nallow = { machines = true }\n",
+        ));
+        let alice = world.user(ALICE).await;
+        world.user(BOT).await;
+        world.group("eng", &[&alice]).await;
+        let bots = world.config.routes.len() - 1;
+        let bot = machine(BOT);
+        allowed(world.gate().admit(
+            &facts(&world, bots, "GET", "/"),
+            Presented::Caller(Principal::Machine(&bot)),
+        ));
+        // alice's own token, held by a client acting for her: its sub is her userName (as
+        // Okta's is), so the machine mapping would find her.
+        let mut hers = machine(ALICE);
+        hers.for_itself = false;
+        hers.email = Some(ALICE.to_owned());
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, bots, "GET", "/"),
+            Presented::Caller(Principal::Machine(&hers)),
+        ));
+        assert_eq!(refusal.cause, Cause::NoRuleAllows, "{}", refusal.reason);
+        // As herself, her groups count: the `eng` route for bearer tokens lets her in.
+        allowed(world.gate().admit(
+            &facts(&world, 1, "GET", "/"),
+            Presented::Caller(Principal::Machine(&hers)),
+        ));
+        // An unverified email on her token names nobody.
+        hers.email_verified = Some(false);
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 1, "GET", "/"),
+            Presented::Caller(Principal::Machine(&hers)),
+        ));
+        assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
     }
 
     #[tokio::test]

@@ -257,6 +257,9 @@ pub fn machine(subject: &str) -> Machine {
         client_id: None,
         groups: Vec::new(),
         expires: u64::MAX,
+        for_itself: true,
+        email: None,
+        email_verified: None,
     }
 }
 

@@ -13,6 +13,8 @@
 
 use serde_json::json;
 
+use portcullis_tests::idp::{jwt_claims, query_param, random_token};
+
 use portcullis_tests::raw_upstream::{RawRequest, RawUpstream};
 use portcullis_tests::{
     raw_request, ConfigBuilder, IdpUser, JwtIssuer, Oidc, Portcullis, Route, ScimClient,
@@ -30,6 +32,9 @@ const CAROL_PASSWORD: &str = "carol's password, long enough";
 /// In `eng` by her IdP account's `groups` claim; provisioned, but in no group.
 const DORA: &str = "dora@corp.test";
 const DORA_PASSWORD: &str = "dora's password, long enough";
+/// Her IdP subject is her login, as Okta's are, and her SCIM userName too.
+const OLGA: &str = "olga@corp.test";
+const OLGA_PASSWORD: &str = "olga's password, long enough";
 /// In `eng` by his IdP account's `groups` claim; never provisioned.
 const ERIK: &str = "erik@partner.test";
 const ERIK_PASSWORD: &str = "erik's password, long enough";
@@ -39,7 +44,8 @@ const ERIK_PASSWORD: &str = "erik's password, long enough";
 /// - `http://api.test`: bearer tokens of group `eng`;
 /// - `http://pass.test`: the same, with `pass_authorization = true`;
 /// - `http://app.test/v1/`: bearer tokens of group `eng` only;
-/// - `http://app.test/contractors/`: sessions of group `eng`, with `token_groups`.
+/// - `http://app.test/contractors/`: sessions of group `eng`, with `token_groups`;
+/// - `http://bots.test`: bearer tokens of any machine (`machines = true`).
 ///
 /// alice, carol and the build-agent machine are in `eng`; dora is provisioned in no group;
 /// dora and erik have `eng` in their IdP accounts' `groups` claim.
@@ -65,6 +71,7 @@ impl Hardened {
         .user(carol)
         .user(IdpUser::new("dora", DORA, DORA_PASSWORD).groups(&["eng"]))
         .user(IdpUser::new("erik", ERIK, ERIK_PASSWORD).groups(&["eng"]))
+        .user(IdpUser::new(OLGA, OLGA, OLGA_PASSWORD))
         .start()
         .await;
         let cfg = cfg
@@ -89,6 +96,11 @@ impl Hardened {
                     .set("token_groups = true"),
             )
             .route(
+                Route::to_urls("http://bots.test", vec![raw.url()])
+                    .accept(&["bearer"])
+                    .set("allow = { machines = true }"),
+            )
+            .route(
                 Route::to_urls("http://pass.test", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }")
@@ -108,6 +120,7 @@ impl Hardened {
         let machine = scim.create_user(MACHINE_ID).await.id();
         let carol = scim.create_user(CAROL).await.id();
         scim.create_user(DORA).await;
+        scim.create_user(OLGA).await;
         scim.create_group("eng", &[&alice, &machine, &carol]).await;
         scim.create_group("eng, admins", &[&alice]).await;
         let fx = Fixture {
@@ -436,6 +449,65 @@ async fn token_groups_never_admit_someone_the_directory_deleted() {
     t.fx.px.restart().await;
     assert_eq!(get(&t, &dora).await.0, 403, "after a restart");
     assert_eq!(get(&t, &erik).await.0, 200, "after a restart");
+}
+
+/// A person's access token (the code flow, for the API as a resource) is not a machine's,
+/// although the machine mapping (`sub` → `userName`) would find her: `machines = true` does
+/// not name it. The machine's client-credentials token passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_s_access_token_never_passes_a_machine_only_rule() {
+    let t = Hardened::start().await;
+    let idp = &t.fx.idp;
+    let redirect_uri = t.fx.app_url("/.portcullis/callback");
+    let pkce = portcullis_tests::idp::Pkce::new();
+    let (state, nonce) = (random_token(16), random_token(16));
+    let authorize = idp.authorization_url(
+        CLIENT_ID,
+        &redirect_uri,
+        "openid api:read",
+        &state,
+        &nonce,
+        &pkce,
+    ) + &format!("&resource={}", urlencoding(API));
+    let back = idp.sign_in_http(&authorize, OLGA, OLGA_PASSWORD).await;
+    let code = query_param(&back, "code").expect("a code");
+    let tokens = idp
+        .token_request(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &[
+                ("grant_type", "authorization_code".to_owned()),
+                ("code", code),
+                ("redirect_uri", redirect_uri.clone()),
+                ("code_verifier", pkce.verifier.clone()),
+                ("resource", API.to_owned()),
+            ],
+        )
+        .await;
+    let hers = tokens["access_token"].as_str().expect("an access token");
+    let claims = jwt_claims(hers);
+    assert_eq!(claims["sub"], OLGA, "{claims}");
+    assert_eq!(claims["client_id"], CLIENT_ID, "{claims}");
+
+    let bearer = |token: &str| format!("Authorization: Bearer {token}");
+    let (status, received) = t
+        .send("GET /deploy HTTP/1.1", &[t.host("bots.test"), bearer(hers)])
+        .await;
+    assert_eq!(status, 403, "a person's token passed `machines = true`");
+    assert_eq!(received, None);
+    let machine = t.machine_token().await;
+    let (status, _) = t
+        .send(
+            "GET /deploy HTTP/1.1",
+            &[t.host("bots.test"), bearer(&machine)],
+        )
+        .await;
+    assert_eq!(status, 200, "the machine's own token");
+}
+
+/// `value` percent-encoded for a query.
+fn urlencoding(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 // ----- open connections end when their grant ends (item 8) ----------------------------------

@@ -931,7 +931,11 @@ async fn idp_tokens_are_accepted_with_the_default_algorithm_list() {
     let now = now_unix();
     let token = es.sign(
         Some(&es.kid),
-        &json!({ "iss": keys.issuer(), "aud": OWN_AUD, "sub": "agent", "exp": now + 600 }),
+        // A client-credentials token, as RFC 9068 shapes one: its `sub` is the client's id.
+        &json!({
+            "iss": keys.issuer(), "aud": OWN_AUD, "sub": "agent", "client_id": "agent",
+            "exp": now + 600,
+        }),
     );
     assert_accepted(&own.url("api.test", "/v1"), &token, "an ES256 token").await;
 }

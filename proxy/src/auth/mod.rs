@@ -94,8 +94,66 @@ struct MachineClaims {
     client_id: Option<String>,
     #[serde(default)]
     azp: Option<String>,
+    #[serde(flatten)]
+    marks: ClientTokenMarks,
     #[serde(default)]
     groups: Vec<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    email_verified: Option<bool>,
+}
+
+/// The claims by which issuers mark a token they gave a client for itself, not for a person.
+#[derive(Debug, Default, Deserialize)]
+pub struct ClientTokenMarks {
+    /// Okta's client id.
+    #[serde(default)]
+    cid: Option<String>,
+    /// Entra ID's (v1) client id.
+    #[serde(default)]
+    appid: Option<String>,
+    /// Entra ID's object id: an app-only token's `sub` and `oid` are both its service
+    /// principal's.
+    #[serde(default)]
+    oid: Option<String>,
+    /// Entra ID's optional claim: `app` for an app-only token, `user` for a person's.
+    #[serde(default)]
+    idtyp: Option<String>,
+    /// Auth0's grant type: `client-credentials`.
+    #[serde(default)]
+    gty: Option<String>,
+}
+
+/// Whether an access token was given to a client for itself (the client-credentials grant),
+/// rather than to a client acting for a person. Each issuer marks this its own way:
+/// - RFC 9068 (oidc-provider, and others that follow it): `sub` is the client's id
+///   (`client_id`, or `azp`);
+/// - Okta: `sub` equals `cid`;
+/// - Microsoft Entra ID: `idtyp` is `app`, or `sub` equals `oid` (v2) or `appid` (v1);
+/// - Auth0: `gty` is `client-credentials`.
+///
+/// A token without any of these marks is a person's.
+pub fn is_client_token(
+    sub: &str,
+    client_id: Option<&str>,
+    azp: Option<&str>,
+    marks: &ClientTokenMarks,
+) -> bool {
+    if let Some(idtyp) = &marks.idtyp {
+        return idtyp == "app";
+    }
+    [
+        client_id,
+        azp,
+        marks.cid.as_deref(),
+        marks.appid.as_deref(),
+        marks.oid.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|id| id == sub)
+        || marks.gty.as_deref() == Some("client-credentials")
 }
 
 #[derive(Deserialize)]
@@ -238,12 +296,21 @@ impl Auth {
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
         let valid_until = claims.exp.saturating_add(validation.leeway);
+        let for_itself = is_client_token(
+            &claims.sub,
+            claims.client_id.as_deref(),
+            claims.azp.as_deref(),
+            &claims.marks,
+        );
         let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
             client_id: claims.client_id.or(claims.azp),
             groups: claims.groups,
             expires: valid_until,
+            for_itself,
+            email: claims.email,
+            email_verified: claims.email_verified,
         }));
         let entry = verified::Entry {
             caller: caller.clone(),
@@ -356,4 +423,73 @@ pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(
+        claims: serde_json::Value,
+    ) -> (String, Option<String>, Option<String>, ClientTokenMarks) {
+        let sub = claims["sub"].as_str().unwrap_or_default().to_owned();
+        let text = |name: &str| claims[name].as_str().map(str::to_owned);
+        let marks = serde_json::from_value(claims.clone()).unwrap_or_default();
+        (sub, text("client_id"), text("azp"), marks)
+    }
+
+    #[test]
+    fn each_issuer_s_mark_of_a_client_s_own_token_is_read_and_a_person_s_token_is_not_one() {
+        use serde_json::json;
+        let cases = [
+            // RFC 9068 (oidc-provider): client credentials have sub = client_id.
+            (
+                json!({"sub": "build-agent", "client_id": "build-agent"}),
+                true,
+            ),
+            (json!({"sub": "alice", "client_id": "portcullis"}), false),
+            // Okta: sub = cid for client credentials; a person's sub is their login.
+            (json!({"sub": "0oa1", "cid": "0oa1"}), true),
+            (
+                json!({"sub": "alice@corp.example", "cid": "0oa1", "uid": "00u1"}),
+                false,
+            ),
+            // Entra ID: idtyp when configured, else sub = oid (v2) or appid (v1).
+            (
+                json!({"sub": "sp-1", "oid": "sp-1", "azp": "app-1", "idtyp": "app"}),
+                true,
+            ),
+            (json!({"sub": "sp-1", "oid": "sp-1", "azp": "app-1"}), true),
+            (
+                json!({"sub": "pairwise", "oid": "user-1", "azp": "app-1"}),
+                false,
+            ),
+            (
+                json!({"sub": "pairwise", "oid": "user-1", "idtyp": "user"}),
+                false,
+            ),
+            // idtyp decides alone: a person's token is not an app's because an id repeats.
+            (json!({"sub": "x", "oid": "x", "idtyp": "user"}), false),
+            (json!({"sub": "app-1", "appid": "app-1"}), true),
+            // Auth0: gty.
+            (
+                json!({"sub": "abc@clients", "azp": "abc", "gty": "client-credentials"}),
+                true,
+            ),
+            (
+                json!({"sub": "auth0|1", "azp": "abc", "gty": "password"}),
+                false,
+            ),
+            // No marks at all: a person's.
+            (json!({"sub": "someone"}), false),
+        ];
+        for (claims, client) in cases {
+            let (sub, client_id, azp, marks) = marks(claims.clone());
+            assert_eq!(
+                is_client_token(&sub, client_id.as_deref(), azp.as_deref(), &marks),
+                client,
+                "{claims}"
+            );
+        }
+    }
 }

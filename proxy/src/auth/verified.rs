@@ -82,13 +82,7 @@ mod tests {
     use super::*;
 
     fn machine() -> Caller {
-        Caller::Machine(Arc::new(crate::caller::Machine {
-            issuer: "https://idp.test".to_owned(),
-            subject: "build-agent".to_owned(),
-            client_id: None,
-            groups: Vec::new(),
-            expires: u64::MAX,
-        }))
+        Caller::Machine(Arc::new(crate::testing::machine("build-agent")))
     }
 
     fn jwks() -> Arc<Jwks> {
