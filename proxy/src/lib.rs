@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod caller;
 pub mod clock;
+pub mod cookies;
 pub mod explain;
 pub mod gate;
 pub mod logging;

@@ -40,6 +40,7 @@ use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
 use crate::auth::Authentication;
 use crate::caller::Caller;
 use crate::clock::now_unix;
+use crate::cookies;
 use crate::gate::{Admission, Client, Facts, Forward, Refusal, Refused};
 use crate::path;
 use crate::reply::{self, escape, Reply};
@@ -842,23 +843,12 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
     {
         return;
     }
+    let is_own = |name: &str| own.contains(&name) || name.starts_with(BROWSER_COOKIE);
     let kept: Vec<String> = request
         .headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|value| {
-            let pairs: Vec<&str> = value
-                .to_str()
-                .ok()?
-                .split(';')
-                .map(str::trim)
-                .filter(|pair| {
-                    let name = pair.split_once('=').map_or(*pair, |(name, _)| name).trim();
-                    !pair.is_empty() && !own.contains(&name) && !name.starts_with(BROWSER_COOKIE)
-                })
-                .collect();
-            (!pairs.is_empty()).then(|| pairs.join("; "))
-        })
+        .filter_map(|value| cookies::without(value.to_str().ok()?, is_own))
         .collect();
     request.remove_header(&header::COOKIE);
     for value in kept {

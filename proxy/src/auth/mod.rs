@@ -403,26 +403,14 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
-/// The value of cookie `name`, from bounded `Cookie` headers; anything malformed is absent.
+/// The value of cookie `name` (see [`crate::cookies`]), from `Cookie` headers of at most
+/// `MAX_COOKIE_BYTES` in all; a header that is not text is skipped.
 pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
-    let mut total = 0;
-    for value in req.headers.get_all(header::COOKIE) {
-        total += value.len();
-        if total > MAX_COOKIE_BYTES {
-            return None;
-        }
-        let Ok(value) = value.to_str() else {
-            continue;
-        };
-        for pair in value.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k == name {
-                    return Some(v.trim_matches('"'));
-                }
-            }
-        }
+    let values = req.headers.get_all(header::COOKIE);
+    if values.iter().map(|v| v.len()).sum::<usize>() > MAX_COOKIE_BYTES {
+        return None;
     }
-    None
+    crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
 }
 
 #[cfg(test)]
@@ -436,6 +424,19 @@ mod tests {
         let text = |name: &str| claims[name].as_str().map(str::to_owned);
         let marks = serde_json::from_value(claims.clone()).unwrap_or_default();
         (sub, text("client_id"), text("azp"), marks)
+    }
+
+    #[test]
+    fn cookie_headers_beyond_the_bound_carry_no_session() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("cookie", "portcullis_session=abc")
+            .unwrap();
+        assert_eq!(cookie(&req, "portcullis_session"), Some("abc"));
+        // A sibling host that stuffs the cookie jar (cookie bombing) gets no further than a
+        // sign-in: past the bound nothing is read, not even the real session.
+        let padding = format!("pad={}", "x".repeat(MAX_COOKIE_BYTES));
+        req.append_header("cookie", padding).unwrap();
+        assert_eq!(cookie(&req, "portcullis_session"), None);
     }
 
     #[test]
