@@ -362,6 +362,7 @@ pub(crate) struct Oidc {
     pub session_idle_timeout: Option<String>,
     pub session_lifetime: Option<String>,
     pub refresh: Option<bool>,
+    pub userinfo: Option<String>,
     pub id_token_algorithms: Option<Vec<String>>,
     pub post_logout_redirect: Option<String>,
 }
@@ -383,6 +384,7 @@ impl std::fmt::Debug for Oidc {
             .field("session_idle_timeout", &self.session_idle_timeout)
             .field("session_lifetime", &self.session_lifetime)
             .field("refresh", &self.refresh)
+            .field("userinfo", &self.userinfo)
             .field("id_token_algorithms", &self.id_token_algorithms)
             .field("post_logout_redirect", &self.post_logout_redirect)
             .finish()

@@ -157,6 +157,21 @@ impl std::fmt::Debug for LoadedKey {
     }
 }
 
+/// When sign-in asks the provider's UserInfo endpoint (OpenID Connect Core §5.3) for the
+/// claims Portcullis uses. A provider need not put claims asked for by scope (`email`,
+/// `profile`) into the ID token when it issues an access token; they are then only at UserInfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UserInfo {
+    /// When the ID token lacks `email`, or `groups` while a route has `token_groups`, and the
+    /// provider has a UserInfo endpoint.
+    #[default]
+    Auto,
+    /// At every sign-in; a provider without a UserInfo endpoint cannot sign anyone in.
+    Always,
+    /// Never: only the ID token's claims count.
+    Never,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     Http,
@@ -301,6 +316,8 @@ pub struct OidcConfig {
     pub session_lifetime: Duration,
     /// Refresh the session's tokens with the IdP's refresh token when the ID token expires.
     pub refresh: bool,
+    /// When sign-in asks the provider's UserInfo endpoint for claims.
+    pub userinfo: UserInfo,
     /// Algorithms an ID token may be signed with; never `none` or HMAC.
     pub id_token_algorithms: Vec<JwtAlgorithm>,
     /// Absolute URL passed to the IdP's `end_session_endpoint` as `post_logout_redirect_uri`.

@@ -1887,6 +1887,7 @@ cookie_name = "pc_session-1"
 session_idle_timeout = "30m"
 session_lifetime = "12h"
 refresh = true
+userinfo = "always"
 id_token_algorithms = ["RS384", "RS512", "PS384", "PS512", "ES384", "EdDSA"]
 post_logout_redirect = "https://corp.example.com/signed-out?from=portcullis"
 
@@ -1937,6 +1938,7 @@ accept = ["public"]
         session_idle_timeout: Duration::from_secs(30 * 60),
         session_lifetime: Duration::from_secs(12 * 3600),
         refresh: true,
+        userinfo: UserInfo::Always,
         id_token_algorithms: vec![
             JwtAlgorithm::RS384,
             JwtAlgorithm::RS512,

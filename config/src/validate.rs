@@ -29,6 +29,7 @@ use crate::model::{
     AdminConfig, AdminToken, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig,
     JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim,
     OidcConfig, Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
+    UserInfo,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -1114,6 +1115,18 @@ fn oidc(
         &path.key("session_lifetime"),
         p,
     );
+    let userinfo = choice(
+        raw.userinfo,
+        &[
+            ("auto", UserInfo::Auto),
+            ("always", UserInfo::Always),
+            ("never", UserInfo::Never),
+        ],
+        UserInfo::Auto,
+        "userinfo setting",
+        &path.key("userinfo"),
+        p,
+    );
     let id_token_algorithms =
         algorithms(raw.id_token_algorithms, &path.key("id_token_algorithms"), p);
     let logout_path = path.key("post_logout_redirect");
@@ -1136,6 +1149,7 @@ fn oidc(
         session_idle_timeout,
         session_lifetime,
         refresh: raw.refresh.unwrap_or(false),
+        userinfo,
         id_token_algorithms,
         post_logout_redirect,
     })

@@ -15,6 +15,9 @@
 //   default_resource  the indicator a client-credentials request without `resource` gets
 //   ttl               oidc-provider `ttl` overrides in seconds ({ AccessToken: 60, ... })
 //   logout_auto_submit  whether the RP-initiated logout page submits itself (default true)
+//   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
+//                     claims asked for by scope are only at UserInfo when an access token is
+//                     issued; false puts them in the ID token too
 //
 // The login form (at the interaction URL) is plain HTML with inputs `login` and `password`;
 // consent is granted automatically, so no consent page ever appears.
@@ -272,8 +275,7 @@ function buildProvider(issuer, clients) {
       groups: ['groups'],
     },
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
-    // Claims asked for by scope go into the ID token too, not only to userinfo.
-    conformIdTokenClaims: false,
+    conformIdTokenClaims: setup.conform_id_token_claims ?? true,
     async findAccount(_ctx, sub) {
       const user = users.get(sub);
       if (!user) return undefined;

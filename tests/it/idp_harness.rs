@@ -291,15 +291,34 @@ async fn chromium_signs_in_at_the_idp_and_backchannel_logout_reaches_the_client(
     let id_token = tokens["id_token"].as_str().expect("id_token");
     let id = idp.verify_jwt(id_token, CLIENT_ID).await.unwrap();
     assert_eq!(id["sub"], "alice", "{id}");
-    assert_eq!(id["email"], "alice@corp.test", "{id}");
-    assert_eq!(id["email_verified"], true, "{id}");
-    assert_eq!(id["name"], "Alice Liddell", "{id}");
-    assert_eq!(
-        id["groups"],
-        serde_json::json!(["engineering", "admins"]),
-        "{id}"
-    );
     assert_eq!(id["nonce"], nonce.as_str(), "{id}");
+    // As the provider ships (OpenID Connect Core §5.4): claims asked for by scope are at
+    // UserInfo, not in an ID token issued with an access token.
+    assert!(id.get("email").is_none(), "{id}");
+    let userinfo = idp.discovery().await["userinfo_endpoint"]
+        .as_str()
+        .expect("a userinfo_endpoint")
+        .to_owned();
+    let access_token = tokens["access_token"].as_str().expect("access_token");
+    let info = reqwest::Client::new()
+        .get(&userinfo)
+        .bearer_auth(access_token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    assert_eq!(info["sub"], "alice", "{info}");
+    assert_eq!(info["email"], "alice@corp.test", "{info}");
+    assert_eq!(info["email_verified"], true, "{info}");
+    assert_eq!(info["name"], "Alice Liddell", "{info}");
+    assert_eq!(
+        info["groups"],
+        serde_json::json!(["engineering", "admins"]),
+        "{info}"
+    );
     let sid = id["sid"].as_str().expect("sid in the ID token").to_owned();
 
     // The IdP's session cookie lives in the browser; a second authorization skips the form.

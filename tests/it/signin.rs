@@ -1737,6 +1737,46 @@ async fn sessions_and_their_ends_survive_a_restart() {
     assert_session_works(&page, &again.cookie).await;
 }
 
+/// oidc-provider as it ships serves claims asked for by scope (`email`, `profile`, `groups`)
+/// only at UserInfo when it issues an access token (OpenID Connect Core §5.4). With the default
+/// configuration Portcullis asks UserInfo at sign-in, and alice is who her email says, with her
+/// token's groups; with `userinfo = "never"` her sign-in carries no email and names nobody.
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_the_id_token_lacks_are_fetched_from_userinfo_at_sign_in() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    let echo = assert_session_works(&url, &signed.cookie).await;
+    assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
+    assert_eq!(echo.header("x-portcullis-email"), Some(ALICE));
+    let me = get_with_session(
+        &fx.app_url("/.portcullis/me"),
+        &signed.cookie,
+        "application/json",
+    )
+    .await
+    .text()
+    .await
+    .unwrap_or_default();
+    assert!(
+        me.contains("Alice Liddell"),
+        "the name, from UserInfo: {me}"
+    );
+
+    let never = fx
+        .cfg
+        .toml()
+        .replacen("\n[oidc]\n", "\n[oidc]\nuserinfo = \"never\"\n", 1);
+    fx.px.rewrite_config(&never);
+    fx.px.reload_and_wait().await;
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("no email claim"), "{body}");
+}
+
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has
 /// since been told to accept only ES256 ID tokens, and the IdP signs them with RS256.
 #[tokio::test(flavor = "multi_thread")]

@@ -197,6 +197,11 @@ pub struct IdpSetup {
     pub ttl: serde_json::Map<String, Value>,
     /// Whether the RP-initiated logout page submits itself.
     pub logout_auto_submit: bool,
+    /// Whether claims asked for by scope (`email`, `profile`, `groups`) are left out of an ID
+    /// token issued with an access token, and served only at UserInfo, as OpenID Connect Core
+    /// §5.4 allows and oidc-provider does by default. True by default: the tests meet the
+    /// provider as it ships.
+    pub conform_id_token_claims: bool,
 }
 
 impl Default for IdpSetup {
@@ -210,6 +215,7 @@ impl Default for IdpSetup {
             default_resource: None,
             ttl: serde_json::Map::new(),
             logout_auto_submit: true,
+            conform_id_token_claims: true,
         }
     }
 }
@@ -251,6 +257,13 @@ impl IdpSetup {
 
     pub fn logout_auto_submit(mut self, on: bool) -> IdpSetup {
         self.logout_auto_submit = on;
+        self
+    }
+
+    /// Puts claims asked for by scope into ID tokens too (`false`), or serves them only at
+    /// UserInfo when an access token is issued (`true`, the default).
+    pub fn conform_id_token_claims(mut self, on: bool) -> IdpSetup {
+        self.conform_id_token_claims = on;
         self
     }
 

@@ -176,7 +176,11 @@ impl Auth {
                     ),
                 }
             }
-            ("callback", &http::Method::GET) => self.callback(session, oidc, req, &param).await,
+            ("callback", &http::Method::GET) => {
+                let wants_groups = config.routes.iter().any(|r| r.token_groups);
+                self.callback(session, oidc, req, &param, wants_groups)
+                    .await
+            }
             ("sign_out", &http::Method::GET) => {
                 Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
             }
@@ -199,6 +203,7 @@ impl Auth {
         oidc: &OidcConfig,
         req: &Request<'_>,
         param: &(dyn Fn(&str) -> Option<String> + Sync),
+        wants_groups: bool,
     ) -> Reply {
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
@@ -212,7 +217,7 @@ impl Auth {
         let now = now_unix();
         let finished = self
             .oidc
-            .finish(oidc, &state, &code, sealed.as_deref(), now)
+            .finish(oidc, &state, &code, sealed.as_deref(), wants_groups, now)
             .await;
         let (mut identity, refresh, return_to) = match finished {
             Ok(done) => done,

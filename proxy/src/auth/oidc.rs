@@ -17,21 +17,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use openidconnect::core::{
-    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod, CoreGrantType,
-    CoreIdTokenVerifier, CoreJsonWebKey, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm,
-    CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType,
-    CoreSubjectIdentifierType,
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
+    CoreGenderClaim, CoreGrantType, CoreIdTokenVerifier, CoreJsonWebKey, CoreJsonWebKeySet,
+    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm,
+    CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret,
-    CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
+    AccessToken, AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId,
+    ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce,
     OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl,
-    RefreshToken, Scope,
+    RefreshToken, Scope, SubjectIdentifier, UserInfoClaims,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use portcullis_config::{JwtAlgorithm, OidcConfig};
+use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
 use super::jwt::{algorithm, Jwks, JwtError};
 use super::sealed::Sealer;
@@ -285,14 +285,17 @@ impl Oidc {
     }
 
     /// Completes a sign-in: opens the sign-in sealed for `state` in the browser's cookie,
-    /// exchanges the code, verifies the ID token. Returns who signed in and where they were
-    /// going.
+    /// exchanges the code, verifies the ID token, and asks UserInfo for what it lacks (see
+    /// [`UserInfo`]; `wants_groups` when a route judges on the token's `groups`). Returns who
+    /// signed in and where they were going.
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
         config: &OidcConfig,
         state: &str,
         code: &str,
         sealed: Option<&str>,
+        wants_groups: bool,
         now: u64,
     ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
@@ -335,39 +338,58 @@ impl Oidc {
             other => other?,
         };
 
+        // Claims the ID token lacks may be at UserInfo (OpenID Connect Core §5.4): a provider
+        // need not put claims asked for by scope into the ID token when it issues an access
+        // token. Asked at sign-in only, never on the request path.
+        let raw_claims = payload_of(&id_token.to_string());
+        let id_groups = raw_claims
+            .as_ref()
+            .and_then(|c| string_list(c.get("groups")?));
+        let ask = match config.userinfo {
+            UserInfo::Never => false,
+            UserInfo::Always => true,
+            UserInfo::Auto => {
+                (claims.email().is_none() || (wants_groups && id_groups.is_none()))
+                    && provider.metadata.userinfo_endpoint().is_some()
+            }
+        };
+        let info = match ask {
+            true => Some(
+                self.user_info(config, &provider, response.access_token(), claims.subject())
+                    .await?,
+            ),
+            false => None,
+        };
+        // An email and whether it is verified always come from the same answer.
+        let (email, email_verified) = match (claims.email(), &info) {
+            (Some(email), _) => (Some(email.to_string()), claims.email_verified()),
+            (None, Some(info)) => (info.email().map(|e| e.to_string()), info.email_verified()),
+            (None, None) => (None, None),
+        };
+        let name = claims
+            .name()
+            .or_else(|| info.as_ref()?.name())
+            .and_then(|n| n.get(None))
+            .map(|n| n.to_string());
+        let groups = id_groups
+            .or_else(|| string_list(info.as_ref()?.additional_claims().groups.as_ref()?))
+            .unwrap_or_default();
+
         let lifetime = config.session_lifetime.as_secs();
         let identity = Identity {
             issuer: provider.issuer.clone(),
             subject: claims.subject().to_string(),
-            email: claims.email().map(|e| e.to_string()),
-            email_verified: claims.email_verified(),
-            name: claims
-                .name()
-                .and_then(|n| n.get(None))
-                .map(|n| n.to_string()),
-            idp_session: None,
+            email,
+            email_verified,
+            name,
+            idp_session: raw_claims
+                .as_ref()
+                .and_then(|c| c.get("sid")?.as_str().map(str::to_owned)),
             created: now,
             expires: now + lifetime,
             id_token: Some(id_token.to_string()),
             directory_seq: 0,
-            groups: Vec::new(),
-        };
-        let raw_claims = payload_of(&id_token.to_string());
-        let identity = Identity {
-            idp_session: raw_claims
-                .as_ref()
-                .and_then(|c| c.get("sid")?.as_str().map(str::to_owned)),
-            groups: raw_claims
-                .as_ref()
-                .and_then(|c| c.get("groups")?.as_array().cloned())
-                .map(|groups| {
-                    groups
-                        .iter()
-                        .filter_map(|g| g.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ..identity
+            groups,
         };
         let refresh = match (config.refresh, response.refresh_token()) {
             (true, Some(token)) => Some(Refresh {
@@ -472,6 +494,38 @@ impl Oidc {
             .refresh_token()
             .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
         Ok(Refreshed::Renewed(Refresh { refresh_token, due }))
+    }
+
+    /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must
+    /// be about `subject` (OpenID Connect Core §5.3.4); a signed one must verify.
+    async fn user_info(
+        &self,
+        config: &OidcConfig,
+        provider: &Provider,
+        access_token: &AccessToken,
+        subject: &SubjectIdentifier,
+    ) -> Result<UserInfoClaims<MoreClaims, CoreGenderClaim>, SignInError> {
+        let client = provider.client(config);
+        let request = client
+            .user_info(access_token.clone(), Some(subject.clone()))
+            .map_err(|_| {
+                SignInError::Invalid(
+                    "the provider has no UserInfo endpoint, and [oidc] userinfo = \"always\""
+                        .to_owned(),
+                )
+            })?;
+        request
+            .request_async(&self.http)
+            .await
+            .map_err(|e| match e {
+                openidconnect::UserInfoError::Request(e) => {
+                    SignInError::Unreachable(format!("UserInfo: {e}"))
+                }
+                openidconnect::UserInfoError::ClaimsVerification(e) => {
+                    SignInError::Invalid(format!("UserInfo: {e}"))
+                }
+                other => SignInError::Invalid(format!("UserInfo: {other}")),
+            })
     }
 
     fn verify_id_token(
@@ -579,6 +633,25 @@ struct LogoutClaims {
     jti: Option<String>,
     nonce: Option<serde_json::Value>,
     events: Option<serde_json::Value>,
+}
+
+/// The UserInfo claims beyond the standard ones that Portcullis reads: `groups`, as any JSON
+/// (only a list of strings counts), so an unexpected shape never fails a sign-in.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct MoreClaims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    groups: Option<serde_json::Value>,
+}
+
+impl openidconnect::AdditionalClaims for MoreClaims {}
+
+/// The strings of a JSON list; `None` for anything else.
+fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
+    value.as_array().map(|list| {
+        list.iter()
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect()
+    })
 }
 
 /// The claims of an already verified ID token, for the ones openidconnect's core types don't
