@@ -162,8 +162,8 @@ impl std::fmt::Debug for LoadedKey {
 /// `profile`) into the ID token when it issues an access token; they are then only at UserInfo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UserInfo {
-    /// When the ID token lacks `email`, or `groups` while a route has `token_groups`, and the
-    /// provider has a UserInfo endpoint.
+    /// When the ID token lacks `email`, the `[identity] claim`, or `groups` while a route has
+    /// `token_groups`, and the provider has a UserInfo endpoint.
     #[default]
     Auto,
     /// At every sign-in; a provider without a UserInfo endpoint cannot sign anyone in.
@@ -368,36 +368,44 @@ impl Default for IdentityConfig {
     }
 }
 
-/// The ID-token claim that identifies a person.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The claim (of the ID token, or of UserInfo) that identifies a person.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentityClaim {
+    /// `email`, only when the IdP has not said it is unverified (`email_verified: false`).
     Email,
     Sub,
+    /// Any other claim with a string value: `oid`, `preferred_username`, `upn`, custom ones.
+    Named(String),
 }
 
 impl IdentityClaim {
     /// The claim's name in the token and in the file.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             Self::Email => "email",
             Self::Sub => "sub",
+            Self::Named(name) => name,
         }
     }
 }
 
 /// The access-token claim that identifies a machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MachineClaim {
     Sub,
+    /// `client_id`, or else `azp`.
     ClientId,
+    /// Any other claim with a string value: `azp`, `appid`, `oid`, `cid`, custom ones.
+    Named(String),
 }
 
 impl MachineClaim {
     /// The claim's name in the token and in the file.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             Self::Sub => "sub",
             Self::ClientId => "client_id",
+            Self::Named(name) => name,
         }
     }
 }

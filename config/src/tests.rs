@@ -1086,13 +1086,13 @@ allow = { groups = ["sre"], machines = true }
             )],
         },
         Case {
-            name: "identity: unknown choices, bad header names, sample rate, unknown key",
+            name: "identity: claims that name nobody, bad header names, sample rate, unknown key",
             text: r#"data_dir = "data"
 LISTENERS
 [identity]
-claim = "upn"
+claim = "groups"
 scim_attribute = "username"
-machine_claim = "azp"
+machine_claim = "exp"
 machine_scim_attribute = "emails"
 header_user = "X-User"
 header_email = "X-Portcullis User"
@@ -1104,14 +1104,10 @@ colour = "blue"
                 (
                     "identity.claim",
                     Some(11),
-                    "unknown claim `upn`: expected \"email\" or \"sub\"",
+                    "`groups` lists many values, not one caller",
                 ),
                 ("identity.scim_attribute", Some(12), "write \"userName\""),
-                (
-                    "identity.machine_claim",
-                    Some(13),
-                    "unknown claim `azp`: expected \"sub\" or \"client_id\"",
-                ),
+                ("identity.machine_claim", Some(13), "`exp` is a time"),
                 ("identity.machine_scim_attribute", Some(14), "carries no email address"),
                 ("identity.header_user", Some(15), "must start with X-Portcullis-"),
                 ("identity.header_email", Some(16), "is not a header name"),
@@ -1712,6 +1708,10 @@ allow_sample_rate = 1
         ("email", "externalId"),
         ("sub", "userName"),
         ("sub", "externalId"),
+        ("oid", "externalId"),
+        ("preferred_username", "userName"),
+        ("upn", "emails"),
+        ("https://corp.example/employee_id", "externalId"),
     ] {
         let text = format!(
             "data_dir = \"data\"\n{LISTENERS}\n[identity]\nclaim = \"{claim}\"\n\
@@ -1723,6 +1723,32 @@ allow_sample_rate = 1
         assert_eq!(identity.allow_sample_rate, 0.25);
     }
     assert_eq!(MachineClaim::ClientId.as_str(), "client_id");
+    let text = format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\nmachine_claim = \"azp\"\n");
+    let identity = Fixture::new().parse(&text).unwrap().identity;
+    assert_eq!(identity.machine_claim, MachineClaim::Named("azp".into()));
+
+    // Claims that never name one caller, and names that are no claim, say why.
+    for (claim, says) in [
+        ("groups", "lists many values"),
+        ("aud", "audience"),
+        ("exp", "is a time"),
+        ("email_verified", "is a flag"),
+        ("", "1 to 128 characters"),
+        ("two words", "no spaces"),
+    ] {
+        for key in ["claim", "machine_claim"] {
+            let text =
+                format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\n{key} = \"{claim}\"\n");
+            let errors = Fixture::new().parse(&text).unwrap_err();
+            let problem = &errors.problems[0];
+            assert_eq!(problem.path, format!("identity.{key}"), "{claim:?}");
+            assert!(
+                problem.message.contains(says),
+                "{claim:?}: {}",
+                problem.message
+            );
+        }
+    }
 }
 
 #[test]

@@ -710,17 +710,43 @@ fn field_path(rule: &KeyPath, field: &str) -> KeyPath {
     }
 }
 
+/// A claim that can name a caller: a claim name whose value is a string. The claims that are
+/// never one caller's string (times, audiences, lists, flags) are refused with the reason.
+fn claim_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == ' ') {
+        return Err("expected a claim name: 1 to 128 characters, no spaces".to_owned());
+    }
+    let why = match name {
+        "exp" | "iat" | "nbf" | "auth_time" | "updated_at" => "is a time",
+        "aud" => "is the token's audience, not the caller",
+        "iss" => "is the issuer, the same for every caller",
+        "nonce" | "jti" | "at_hash" | "c_hash" | "sid" => "changes with every sign-in",
+        "groups" | "roles" | "scp" | "scope" | "amr" | "wids" => {
+            "lists many values, not one caller"
+        }
+        "email_verified" | "phone_number_verified" => "is a flag",
+        _ => return Ok(()),
+    };
+    Err(format!("`{name}` {why}: it cannot name a directory user"))
+}
+
 /// `[identity]`: how callers are found in the directory and named to upstreams.
 fn identity(raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
     let default = IdentityConfig::default();
-    let claim = choice(
-        raw.claim,
-        &[("email", IdentityClaim::Email), ("sub", IdentityClaim::Sub)],
-        default.claim,
-        "claim",
-        &path.key("claim"),
-        p,
-    );
+    let claim = match raw.claim {
+        None => default.claim,
+        Some(name) => match claim_name(&name) {
+            Err(message) => {
+                p.add(&path.key("claim"), message);
+                default.claim
+            }
+            Ok(()) => match name.as_str() {
+                "email" => IdentityClaim::Email,
+                "sub" => IdentityClaim::Sub,
+                _ => IdentityClaim::Named(name),
+            },
+        },
+    };
     let attribute_path = path.key("scim_attribute");
     let scim_attribute = choice(
         raw.scim_attribute,
@@ -741,17 +767,20 @@ fn identity(raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Identi
              against \"externalId\" or \"userName\", or set claim = \"email\"",
         );
     }
-    let machine_claim = choice(
-        raw.machine_claim,
-        &[
-            ("sub", MachineClaim::Sub),
-            ("client_id", MachineClaim::ClientId),
-        ],
-        default.machine_claim,
-        "claim",
-        &path.key("machine_claim"),
-        p,
-    );
+    let machine_claim = match raw.machine_claim {
+        None => default.machine_claim,
+        Some(name) => match claim_name(&name) {
+            Err(message) => {
+                p.add(&path.key("machine_claim"), message);
+                default.machine_claim
+            }
+            Ok(()) => match name.as_str() {
+                "sub" => MachineClaim::Sub,
+                "client_id" => MachineClaim::ClientId,
+                _ => MachineClaim::Named(name),
+            },
+        },
+    };
     let machine_attribute_path = path.key("machine_scim_attribute");
     let machine_scim_attribute = if raw.machine_scim_attribute.as_deref() == Some("emails") {
         p.add(

@@ -200,6 +200,7 @@ impl Fixture {
                 id_token: Some(fake_id_token(n)),
                 directory_seq: seq,
                 groups: Vec::new(),
+                claims: Default::default(),
             };
             let id = auth
                 .sessions
@@ -222,6 +223,7 @@ impl Fixture {
             for_itself: true,
             email: None,
             email_verified: None,
+            claims: Default::default(),
         }));
         Fixture {
             config,

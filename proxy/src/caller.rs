@@ -2,11 +2,42 @@
 //! a verified bearer token), the gate judges them, open connections keep them. They hold no
 //! behaviour beyond naming the caller.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub type SessionKey = [u8; 32];
+
+/// A caller's string-valued claims, by name: what an `[identity]` mapping to any claim reads.
+pub type Claims = BTreeMap<String, String>;
+
+/// Most claims kept per caller, longest claim name and longest value: tokens are untrusted
+/// in size, and a claim that names a person is short.
+const MAX_CLAIMS: usize = 64;
+const MAX_CLAIM_NAME: usize = 128;
+const MAX_CLAIM_VALUE: usize = 1024;
+
+/// Adds the string claims of `object` that `claims` lacks, within the bounds above.
+pub fn add_string_claims<'a>(
+    claims: &mut Claims,
+    object: impl IntoIterator<Item = (&'a String, &'a serde_json::Value)>,
+) {
+    for (name, value) in object {
+        if claims.len() >= MAX_CLAIMS {
+            return;
+        }
+        let Some(value) = value.as_str() else {
+            continue;
+        };
+        if name.len() <= MAX_CLAIM_NAME
+            && value.len() <= MAX_CLAIM_VALUE
+            && !claims.contains_key(name)
+        {
+            claims.insert(name.clone(), value.to_owned());
+        }
+    }
+}
 
 /// Who signed in, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +67,10 @@ pub struct Identity {
     /// people who are not in the directory.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// The string claims of the ID token, then of UserInfo for what it lacked (see
+    /// [`add_string_claims`]), for a mapping by any claim.
+    #[serde(default)]
+    pub claims: Claims,
 }
 
 /// A machine or agent, as its verified bearer token names it.
@@ -55,6 +90,8 @@ pub struct Machine {
     /// The token's `email` and `email_verified`, for a person's token.
     pub email: Option<String>,
     pub email_verified: Option<bool>,
+    /// The token's string claims (see [`add_string_claims`]), for a mapping by any claim.
+    pub claims: Claims,
     /// Unix seconds from which the token no longer vouches for the machine: its `exp` plus
     /// the issuer's leeway.
     pub expires: u64,

@@ -44,10 +44,15 @@ pub struct Explanation {
 /// user: their email by default), as if they had signed in just now: their sign-in counts from
 /// the directory as it is.
 fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identity {
-    let (subject, email) = match runtime.config.identity.claim {
+    let claim = &runtime.config.identity.claim;
+    let (subject, email) = match claim {
         IdentityClaim::Email => (user.to_owned(), Some(user.to_owned())),
-        IdentityClaim::Sub => (user.to_owned(), None),
+        IdentityClaim::Sub | IdentityClaim::Named(_) => (user.to_owned(), None),
     };
+    let mut claims = crate::caller::Claims::new();
+    if let IdentityClaim::Named(name) = claim {
+        claims.insert(name.clone(), user.to_owned());
+    }
     Identity {
         issuer: runtime
             .config
@@ -65,6 +70,7 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
         id_token: None,
         directory_seq: directory.seq(),
         groups: Vec::new(),
+        claims,
     }
 }
 

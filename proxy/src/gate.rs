@@ -29,7 +29,7 @@ use portcullis_config::{
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{Directory, Lookup, SubjectKey};
 
-use crate::caller::{Identity, Machine, Principal};
+use crate::caller::{Claims, Identity, Machine, Principal};
 
 /// What kind of client sent a request: the one definition every choice that depends on it
 /// uses (a sign-in redirect or a 401; a refusal as a page or as JSON).
@@ -280,7 +280,7 @@ impl Gate<'_> {
     }
 
     /// The claim and the SCIM attribute that find `principal` in the directory.
-    fn mapping(&self, principal: Principal<'_>) -> (&'static str, ScimAttribute) {
+    fn mapping(&self, principal: Principal<'_>) -> (&str, ScimAttribute) {
         match principal {
             Principal::Person(_) => (self.identity.claim.as_str(), self.identity.scim_attribute),
             Principal::Machine(token) if !token.for_itself => {
@@ -337,21 +337,24 @@ impl Gate<'_> {
                     return on_token(facts, request, principal, kind, explain);
                 }
                 lookup => {
+                    // Which claim and value were looked up, against which attribute: the
+                    // usual first-day mistake is a mapping that does not match, and this
+                    // says how.
                     let who = principal.log_name();
                     let attribute = attribute.as_str();
+                    let looked_up = format!(
+                        "its {claim} claim, \"{}\", was looked up as the SCIM {attribute}",
+                        key_value(key)
+                    );
                     let reason = match lookup {
                         Lookup::Ambiguous(count) => format!(
-                            "{who}'s {claim} claim names {count} directory users (as the SCIM \
-                             {attribute}), and Portcullis will not guess which one"
+                            "{who} matches {count} directory users ({looked_up}), and \
+                             Portcullis will not guess which one"
                         ),
-                        Lookup::Deleted => format!(
-                            "{who} was deleted from the directory (its {claim} claim names a \
-                             removed user's SCIM {attribute})"
-                        ),
-                        _ => format!(
-                            "{who} is not a user in the directory (its {claim} claim was \
-                             looked up as the SCIM {attribute})"
-                        ),
+                        Lookup::Deleted => {
+                            format!("{who} was deleted from the directory ({looked_up})")
+                        }
+                        _ => format!("{who} is not a user in the directory ({looked_up})"),
                     };
                     return Judged::Refuse(Refusal {
                         reason,
@@ -549,11 +552,12 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
     let (value, attribute) = match principal {
         Principal::Person(who) => (person_claim(identity, who)?, identity.scim_attribute),
         Principal::Machine(token) if !token.for_itself => {
-            let value = match identity.claim {
-                IdentityClaim::Email if token.email_verified == Some(false) => None,
-                IdentityClaim::Email => token.email.as_deref(),
-                IdentityClaim::Sub => Some(token.subject.as_str()),
-            }?;
+            let value = claim_of(
+                &identity.claim,
+                (token.email.as_deref(), token.email_verified),
+                &token.subject,
+                &token.claims,
+            )?;
             (value, identity.scim_attribute)
         }
         Principal::Machine(machine) => (
@@ -568,6 +572,14 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
     })
 }
 
+fn key_value<'a>(key: SubjectKey<'a>) -> &'a str {
+    match key {
+        SubjectKey::UserName(value) | SubjectKey::Email(value) | SubjectKey::ExternalId(value) => {
+            value
+        }
+    }
+}
+
 /// Whether the IdP said it has not verified the person's email. An IdP that does not say
 /// (Entra ID sends no `email_verified`) is taken at its word that the email is theirs.
 fn unverified(identity: &Identity) -> bool {
@@ -575,17 +587,35 @@ fn unverified(identity: &Identity) -> bool {
 }
 
 fn person_claim<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<&'a str> {
-    match identity.claim {
-        IdentityClaim::Email if unverified(who) => None,
-        IdentityClaim::Email => who.email.as_deref(),
-        IdentityClaim::Sub => Some(who.subject.as_str()),
+    claim_of(
+        &identity.claim,
+        (who.email.as_deref(), who.email_verified),
+        &who.subject,
+        &who.claims,
+    )
+}
+
+/// The value of a person's identifying `claim`: an email only when not unverified, `sub`, or
+/// any other string claim.
+fn claim_of<'a>(
+    claim: &IdentityClaim,
+    (email, verified): (Option<&'a str>, Option<bool>),
+    subject: &'a str,
+    claims: &'a Claims,
+) -> Option<&'a str> {
+    match claim {
+        IdentityClaim::Email if verified == Some(false) => None,
+        IdentityClaim::Email => email,
+        IdentityClaim::Sub => Some(subject),
+        IdentityClaim::Named(name) => claims.get(name).map(String::as_str),
     }
 }
 
 fn machine_claim<'a>(identity: &IdentityConfig, machine: &'a Machine) -> Option<&'a str> {
-    match identity.machine_claim {
+    match &identity.machine_claim {
         MachineClaim::Sub => Some(machine.subject.as_str()),
         MachineClaim::ClientId => machine.client_id.as_deref(),
+        MachineClaim::Named(name) => machine.claims.get(name).map(String::as_str),
     }
 }
 
@@ -1154,7 +1184,7 @@ mod tests {
             (
                 "erin@corp.example",
                 Cause::NotInDirectory,
-                "names 2 directory users",
+                "matches 2 directory users",
             ),
         ] {
             let mut caller = world.person(email);
@@ -1206,6 +1236,47 @@ mod tests {
             Presented::Caller(Principal::Machine(&hers)),
         ));
         assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
+    }
+
+    #[tokio::test]
+    async fn any_string_claim_can_find_a_person_and_a_miss_says_which_value_was_looked_up() {
+        // Entra ID's way: the user's object id, provisioned as the SCIM externalId.
+        let world = World::with(config(
+            "[identity]\nclaim = \"oid\"\nscim_attribute = \"externalId\"\n\
+             machine_claim = \"azp\"\n",
+        ));
+        let alice = world.user(ALICE).await;
+        let bot = world.user(BOT).await;
+        world.group("eng", &[&alice, &bot]).await;
+        let mut person = world.person("someone-else@example.com");
+        person.claims.insert("oid".into(), format!("ext-{ALICE}"));
+        let pass = allowed(as_person(&world, &person, 0, "/work"));
+        assert_eq!(pass.forward.expect("named").user, ALICE);
+
+        // Without the claim: nobody; with another value: the refusal names claim, value and
+        // attribute.
+        let mut nobody = world.person(ALICE);
+        assert_eq!(
+            forbidden(as_person(&world, &nobody, 0, "/work")).cause,
+            Cause::NoIdentifyingClaim
+        );
+        nobody.claims.insert("oid".into(), "0000-1111".into());
+        let refusal = forbidden(as_person(&world, &nobody, 0, "/work"));
+        assert!(
+            refusal
+                .reason
+                .contains("its oid claim, \"0000-1111\", was looked up as the SCIM externalId"),
+            "{}",
+            refusal.reason
+        );
+
+        // A machine by its token's `azp`, against userName.
+        let mut token = machine("some-sub");
+        token.claims.insert("azp".into(), BOT.into());
+        allowed(world.gate().admit(
+            &facts(&world, 1, "GET", "/"),
+            Presented::Caller(Principal::Machine(&token)),
+        ));
     }
 
     #[tokio::test]

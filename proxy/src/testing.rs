@@ -245,6 +245,7 @@ impl World {
             id_token: None,
             directory_seq: self.directory.seq(),
             groups: Vec::new(),
+            claims: Default::default(),
         }
     }
 }
@@ -260,6 +261,7 @@ pub fn machine(subject: &str) -> Machine {
         for_itself: true,
         email: None,
         email_verified: None,
+        claims: Default::default(),
     }
 }
 

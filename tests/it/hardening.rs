@@ -35,6 +35,11 @@ const DORA_PASSWORD: &str = "dora's password, long enough";
 /// Her IdP subject is her login, as Okta's are, and her SCIM userName too.
 const OLGA: &str = "olga@corp.test";
 const OLGA_PASSWORD: &str = "olga's password, long enough";
+/// Provisioned in `eng` by his work login, which his IdP account has as `preferred_username`;
+/// his email there is a personal one.
+const QUINN: &str = "quinn@corp.test";
+const QUINN_EMAIL: &str = "quinn.personal@mail.test";
+const QUINN_PASSWORD: &str = "quinn's password, long enough";
 /// In `eng` by his IdP account's `groups` claim; never provisioned.
 const ERIK: &str = "erik@partner.test";
 const ERIK_PASSWORD: &str = "erik's password, long enough";
@@ -72,6 +77,7 @@ impl Hardened {
         .user(IdpUser::new("dora", DORA, DORA_PASSWORD).groups(&["eng"]))
         .user(IdpUser::new("erik", ERIK, ERIK_PASSWORD).groups(&["eng"]))
         .user(IdpUser::new(OLGA, OLGA, OLGA_PASSWORD))
+        .user(IdpUser::new("quinn", QUINN_EMAIL, QUINN_PASSWORD).preferred_username(QUINN))
         .start()
         .await;
         let cfg = cfg
@@ -119,9 +125,11 @@ impl Hardened {
         let alice = scim.create_user(ALICE).await.id();
         let machine = scim.create_user(MACHINE_ID).await.id();
         let carol = scim.create_user(CAROL).await.id();
+        let quinn = scim.create_user(QUINN).await.id();
         scim.create_user(DORA).await;
         scim.create_user(OLGA).await;
-        scim.create_group("eng", &[&alice, &machine, &carol]).await;
+        scim.create_group("eng", &[&alice, &machine, &carol, &quinn])
+            .await;
         scim.create_group("eng, admins", &[&alice]).await;
         let fx = Fixture {
             cfg,
@@ -449,6 +457,43 @@ async fn token_groups_never_admit_someone_the_directory_deleted() {
     t.fx.px.restart().await;
     assert_eq!(get(&t, &dora).await.0, 403, "after a restart");
     assert_eq!(get(&t, &erik).await.0, 200, "after a restart");
+}
+
+/// `[identity] claim` may be any string claim. Looked up by email, quinn (whose IdP email is a
+/// personal one) is nobody, and the refusal says which claim and value were looked up against
+/// which SCIM attribute; with `claim = "preferred_username"` (served at UserInfo only, as the
+/// provider ships) he is the provisioned `quinn@corp.test`.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_string_claim_finds_a_person_and_a_miss_says_which_value_was_looked_up() {
+    let t = Hardened::start().await;
+    let page = t.fx.app_url("/page");
+    let quinn =
+        t.fx.sign_in(&client(), &page, QUINN_EMAIL, QUINN_PASSWORD)
+            .await
+            .cookie;
+    let resp = crate::signin::get_with_session(&page, &quinn, "text/html").await;
+    assert_eq!(resp.status(), 403);
+    let body = resp.text().await.unwrap_or_default();
+    assert!(
+        body.contains("its email claim, &quot;quinn.personal@mail.test&quot;, was looked up as the SCIM userName"),
+        "{body}"
+    );
+
+    let by_login = format!(
+        "{}\n[identity]\nclaim = \"preferred_username\"\n",
+        t.fx.cfg.toml()
+    );
+    t.fx.px.rewrite_config(&by_login);
+    t.fx.px.reload_and_wait().await;
+    let quinn =
+        t.fx.sign_in(&client(), &page, QUINN_EMAIL, QUINN_PASSWORD)
+            .await
+            .cookie;
+    let headers = [t.host("app.test"), t.session(&quinn)];
+    let (status, received) = t.send("GET /page HTTP/1.1", &headers).await;
+    assert_eq!(status, 200);
+    let received = received.expect("reached the upstream");
+    assert_eq!(received.header_all("x-portcullis-user"), [QUINN]);
 }
 
 /// A person's access token (the code flow, for the API as a resource) is not a machine's,

@@ -114,6 +114,9 @@ pub struct IdpUser {
     pub name: String,
     pub groups: Vec<String>,
     pub email_verified: bool,
+    /// The `preferred_username` claim; the email when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preferred_username: Option<String>,
 }
 
 impl IdpUser {
@@ -125,7 +128,13 @@ impl IdpUser {
             name: sub.to_owned(),
             groups: Vec::new(),
             email_verified: true,
+            preferred_username: None,
         }
+    }
+
+    pub fn preferred_username(mut self, name: &str) -> IdpUser {
+        self.preferred_username = Some(name.to_owned());
+        self
     }
 
     pub fn name(mut self, name: &str) -> IdpUser {

@@ -13,7 +13,7 @@ use pingora::Result;
 
 use portcullis_config::{Config, OidcConfig, Scheme};
 
-use super::oidc::{pending_cookie_name, SignInError, PENDING_FOR};
+use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
 use super::{cookie, session_cookie_name, Auth};
 use crate::caller::Caller;
@@ -177,9 +177,11 @@ impl Auth {
                 }
             }
             ("callback", &http::Method::GET) => {
-                let wants_groups = config.routes.iter().any(|r| r.token_groups);
-                self.callback(session, oidc, req, &param, wants_groups)
-                    .await
+                let wants = Wanted {
+                    claim: config.identity.claim.as_str(),
+                    groups: config.routes.iter().any(|r| r.token_groups),
+                };
+                self.callback(session, oidc, req, &param, wants).await
             }
             ("sign_out", &http::Method::GET) => {
                 Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
@@ -203,7 +205,7 @@ impl Auth {
         oidc: &OidcConfig,
         req: &Request<'_>,
         param: &(dyn Fn(&str) -> Option<String> + Sync),
-        wants_groups: bool,
+        wants: Wanted<'_>,
     ) -> Reply {
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
@@ -217,7 +219,7 @@ impl Auth {
         let now = now_unix();
         let finished = self
             .oidc
-            .finish(oidc, &state, &code, sealed.as_deref(), wants_groups, now)
+            .finish(oidc, &state, &code, sealed.as_deref(), wants, now)
             .await;
         let (mut identity, refresh, return_to) = match finished {
             Ok(done) => done,

@@ -102,6 +102,9 @@ struct MachineClaims {
     email: Option<String>,
     #[serde(default)]
     email_verified: Option<bool>,
+    /// Every claim, for the string ones a mapping by any claim reads.
+    #[serde(flatten)]
+    all: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The claims by which issuers mark a token they gave a client for itself, not for a person.
@@ -311,6 +314,11 @@ impl Auth {
             for_itself,
             email: claims.email,
             email_verified: claims.email_verified,
+            claims: {
+                let mut strings = crate::caller::Claims::new();
+                crate::caller::add_string_claims(&mut strings, &claims.all);
+                strings
+            },
         }));
         let entry = verified::Entry {
             caller: caller.clone(),

@@ -36,7 +36,7 @@ use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 use super::jwt::{algorithm, Jwks, JwtError};
 use super::sealed::Sealer;
 use super::sessions::Refresh;
-use crate::caller::Identity;
+use crate::caller::{add_string_claims, Claims, Identity};
 
 /// How long a started sign-in may take.
 pub const PENDING_FOR: u64 = 600;
@@ -285,9 +285,8 @@ impl Oidc {
     }
 
     /// Completes a sign-in: opens the sign-in sealed for `state` in the browser's cookie,
-    /// exchanges the code, verifies the ID token, and asks UserInfo for what it lacks (see
-    /// [`UserInfo`]; `wants_groups` when a route judges on the token's `groups`). Returns who
-    /// signed in and where they were going.
+    /// exchanges the code, verifies the ID token, and asks UserInfo for what it lacks of what
+    /// Portcullis `wants` (see [`UserInfo`]). Returns who signed in and where they were going.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
@@ -295,7 +294,7 @@ impl Oidc {
         state: &str,
         code: &str,
         sealed: Option<&str>,
-        wants_groups: bool,
+        wants: Wanted<'_>,
         now: u64,
     ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
@@ -349,7 +348,10 @@ impl Oidc {
             UserInfo::Never => false,
             UserInfo::Always => true,
             UserInfo::Auto => {
-                (claims.email().is_none() || (wants_groups && id_groups.is_none()))
+                let lacks = |name: &str| raw_claims.as_ref().is_none_or(|c| c.get(name).is_none());
+                (claims.email().is_none()
+                    || lacks(wants.claim)
+                    || (wants.groups && id_groups.is_none()))
                     && provider.metadata.userinfo_endpoint().is_some()
             }
         };
@@ -372,8 +374,27 @@ impl Oidc {
             .and_then(|n| n.get(None))
             .map(|n| n.to_string());
         let groups = id_groups
-            .or_else(|| string_list(info.as_ref()?.additional_claims().groups.as_ref()?))
+            .or_else(|| string_list(info.as_ref()?.additional_claims().rest.get("groups")?))
             .unwrap_or_default();
+        let mut strings = Claims::new();
+        if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
+            add_string_claims(&mut strings, object);
+        }
+        if let Some(info) = &info {
+            let standard = [
+                ("email", info.email().map(|e| e.to_string())),
+                (
+                    "preferred_username",
+                    info.preferred_username().map(|u| u.to_string()),
+                ),
+            ];
+            let standard: Vec<(String, serde_json::Value)> = standard
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_owned(), value?.into())))
+                .collect();
+            add_string_claims(&mut strings, standard.iter().map(|(n, v)| (n, v)));
+            add_string_claims(&mut strings, &info.additional_claims().rest);
+        }
 
         let lifetime = config.session_lifetime.as_secs();
         let identity = Identity {
@@ -390,6 +411,7 @@ impl Oidc {
             id_token: Some(id_token.to_string()),
             directory_seq: 0,
             groups,
+            claims: strings,
         };
         let refresh = match (config.refresh, response.refresh_token()) {
             (true, Some(token)) => Some(Refresh {
@@ -635,12 +657,21 @@ struct LogoutClaims {
     events: Option<serde_json::Value>,
 }
 
-/// The UserInfo claims beyond the standard ones that Portcullis reads: `groups`, as any JSON
-/// (only a list of strings counts), so an unexpected shape never fails a sign-in.
+/// What sign-in wants of the provider's claims: the one that identifies a person (see
+/// `[identity] claim`), and `groups` when a route judges on the token's groups.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub claim: &'a str,
+    pub groups: bool,
+}
+
+/// The UserInfo claims beyond the standard ones, as any JSON (`groups` counts only as a list of
+/// strings; a mapping by any claim reads the strings), so an unexpected shape never fails a
+/// sign-in.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct MoreClaims {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    groups: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rest: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl openidconnect::AdditionalClaims for MoreClaims {}

@@ -269,6 +269,7 @@ mod tests {
             id_token: None,
             directory_seq: 0,
             groups: Vec::new(),
+            claims: Default::default(),
         }
     }
 
