@@ -394,6 +394,7 @@ impl std::fmt::Debug for Oidc {
 #[derive(Debug, Default, Deserialize)]
 #[serde(remote = "Self")]
 pub(crate) struct Identity {
+    pub preset: Option<String>,
     pub claim: Option<String>,
     pub scim_attribute: Option<String>,
     pub machine_claim: Option<String>,

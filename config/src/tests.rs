@@ -1727,6 +1727,38 @@ allow_sample_rate = 1
     let identity = Fixture::new().parse(&text).unwrap().identity;
     assert_eq!(identity.machine_claim, MachineClaim::Named("azp".into()));
 
+    // Presets fill what each IdP's default SCIM provisioning matches; explicit keys win.
+    for (preset, extra, expected) in [
+        ("entra", "", ("oid", "externalId", "oid", "externalId")),
+        ("okta", "", ("sub", "externalId", "sub", "userName")),
+        (
+            "entra",
+            "claim = \"preferred_username\"\nscim_attribute = \"userName\"\n",
+            ("preferred_username", "userName", "oid", "externalId"),
+        ),
+    ] {
+        let text =
+            format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\npreset = \"{preset}\"\n{extra}");
+        let identity = Fixture::new().parse(&text).unwrap().identity;
+        let got = (
+            identity.claim.as_str(),
+            identity.scim_attribute.as_str(),
+            identity.machine_claim.as_str(),
+            identity.machine_scim_attribute.as_str(),
+        );
+        assert_eq!(got, expected, "{preset} {extra:?}");
+    }
+    let text = format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\npreset = \"Entra\"\n");
+    let errors = Fixture::new().parse(&text).unwrap_err();
+    assert_eq!(errors.problems[0].path, "identity.preset");
+    assert!(
+        errors.problems[0]
+            .message
+            .contains("expected \"entra\" or \"okta\""),
+        "{}",
+        errors.problems[0].message
+    );
+
     // Claims that never name one caller, and names that are no claim, say why.
     for (claim, says) in [
         ("groups", "lists many values"),

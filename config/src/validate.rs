@@ -730,8 +730,42 @@ fn claim_name(name: &str) -> Result<(), String> {
     Err(format!("`{name}` {why}: it cannot name a directory user"))
 }
 
+/// The mapping each IdP's default SCIM provisioning matches, by preset name: `(claim,
+/// scim_attribute, machine_claim, machine_scim_attribute)`. Explicit keys override it.
+///
+/// - `entra`: Microsoft Entra ID provisions a user's object id as `externalId` (and the UPN as
+///   `userName`); its tokens carry the object id as `oid`, for people and for an app's service
+///   principal alike.
+/// - `okta`: Okta provisions its user id (`00u…`) as `externalId` (and the login as
+///   `userName`); its ID tokens carry that id as `sub`. A client-credentials token's `sub` is
+///   the client id (`0oa…`), the service account's `userName`.
+const PRESETS: &[(&str, [&str; 4])] = &[
+    ("entra", ["oid", "externalId", "oid", "externalId"]),
+    ("okta", ["sub", "externalId", "sub", "userName"]),
+];
+
 /// `[identity]`: how callers are found in the directory and named to upstreams.
-fn identity(raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
+fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
+    if let Some(preset) = raw.preset.take() {
+        match PRESETS.iter().find(|(name, _)| *name == preset) {
+            Some((_, [claim, attribute, machine_claim, machine_attribute])) => {
+                let fill = |key: &mut Option<String>, value: &str| {
+                    key.get_or_insert_with(|| value.to_owned());
+                };
+                fill(&mut raw.claim, claim);
+                fill(&mut raw.scim_attribute, attribute);
+                fill(&mut raw.machine_claim, machine_claim);
+                fill(&mut raw.machine_scim_attribute, machine_attribute);
+            }
+            None => {
+                let names: Vec<String> = PRESETS.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+                p.add(
+                    &path.key("preset"),
+                    format!("unknown preset `{preset}`: expected {}", names.join(" or ")),
+                );
+            }
+        }
+    }
     let default = IdentityConfig::default();
     let claim = match raw.claim {
         None => default.claim,

@@ -9,12 +9,18 @@
 //                     (default "http://127.0.0.1:{port}")
 //   clients           oidc-provider client metadata, snake_case, as in dynamic registration
 //                     (`{port}` in any string value is replaced too)
-//   users             [{ sub, email, password, name, groups, email_verified }]
+//   users             [{ sub, email, password, name, groups, email_verified, preferred_username,
+//                     oid }]
 //   resources         [{ indicator, audience, scope, access_token_ttl, alg }]: resource servers whose
 //                     access tokens are JWTs with `aud` = audience (resource indicators, RFC 8707)
 //   default_resource  the indicator a client-credentials request without `resource` gets
 //   ttl               oidc-provider `ttl` overrides in seconds ({ AccessToken: 60, ... })
 //   logout_auto_submit  whether the RP-initiated logout page submits itself (default true)
+//   profile           how tokens look: "conformant" (the default: oidc-provider as it ships),
+//                     "entra" (Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`,
+//                     `preferred_username` (the UPN) and `name` in the ID token, no `email`), or
+//                     "okta" (claims per scope, `groups` only when the `groups` scope is asked;
+//                     give users Okta-style subs, `00u…`)
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -39,7 +45,7 @@
 // `phase NAME +MS` line as each step of start-up completes (milliseconds since the process
 // started), so a start that stalls shows where.
 
-import { createPrivateKey, generateKeyPairSync, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 
@@ -235,7 +241,20 @@ ${error ? `<p id="error" role="alert">${esc(error)}</p>` : ''}
 
 // ----- the provider ------------------------------------------------------------------------
 
+const profile = setup.profile ?? 'conformant';
+/// The tenant id the entra profile puts in `tid`.
+const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
+
 function claimsOf(user) {
+  if (profile === 'entra') {
+    return {
+      sub: user.sub,
+      oid: user.oid,
+      tid: ENTRA_TENANT,
+      preferred_username: user.preferred_username ?? user.email,
+      name: user.name,
+    };
+  }
   return {
     sub: user.sub,
     email: user.email,
@@ -269,13 +288,28 @@ function buildProvider(issuer, clients) {
       short: { httpOnly: true, sameSite: 'lax', secure: false },
     },
     claims: {
-      openid: ['sub'],
-      email: ['email', 'email_verified'],
-      profile: ['name', 'preferred_username', 'groups'],
-      groups: ['groups'],
-    },
+      conformant: {
+        openid: ['sub'],
+        email: ['email', 'email_verified'],
+        profile: ['name', 'preferred_username', 'groups'],
+        groups: ['groups'],
+      },
+      entra: { openid: ['sub', 'oid', 'tid'], profile: ['name', 'preferred_username'] },
+      okta: {
+        openid: ['sub'],
+        email: ['email', 'email_verified'],
+        profile: ['name', 'preferred_username'],
+        groups: ['groups'],
+      },
+    }[profile],
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
-    conformIdTokenClaims: setup.conform_id_token_claims ?? true,
+    // Entra ID puts its claims in the ID token whatever else it issues.
+    conformIdTokenClaims: profile === 'entra' ? false : setup.conform_id_token_claims ?? true,
+    // Entra ID's `sub` is pairwise: one value per person and application.
+    subjectTypes: profile === 'entra' ? ['public', 'pairwise'] : ['public'],
+    async pairwiseIdentifier(_ctx, accountId, client) {
+      return createHash('sha256').update(`${client.sectorIdentifier}|${accountId}`).digest('base64url');
+    },
     async findAccount(_ctx, sub) {
       const user = users.get(sub);
       if (!user) return undefined;
@@ -548,7 +582,9 @@ server.listen(setup.port ?? 0, '127.0.0.1', () => {
   const { port } = server.address();
   phase('listening');
   issuer = substitutePort(setup.issuer ?? 'http://127.0.0.1:{port}', port);
-  clientsConfig = substitutePort(setup.clients || [], port);
+  clientsConfig = substitutePort(setup.clients || [], port).map((c) =>
+    profile === 'entra' ? { subject_type: 'pairwise', ...c } : c,
+  );
   try {
     provider = buildProvider(issuer, clientsConfig);
   } catch (err) {

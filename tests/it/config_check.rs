@@ -73,6 +73,54 @@ fn valid_base(port: u16) -> String {
     )
 }
 
+/// The complete configurations of the setup guides are valid as written, once their
+/// placeholders are filled and their files exist.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_setup_guides_configurations_are_valid() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("auth", &["auth.corp.example.com"]);
+    for guide in ["entra-id.md", "okta.md"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs")
+            .join(guide);
+        let doc = std::fs::read_to_string(&path).expect("the guide");
+        let section = doc
+            .split("## 4. A complete configuration")
+            .nth(1)
+            .expect("a complete configuration section");
+        let toml = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "a-client-secret-0123456789").unwrap();
+        let text = toml
+            .replace("/etc/portcullis/tls.pem", &cert.cert.display().to_string())
+            .replace(
+                "/etc/portcullis/tls-key.pem",
+                &cert.key.display().to_string(),
+            )
+            .replace("/etc/portcullis/entra-client-secret", "secret")
+            .replace("/etc/portcullis/okta-client-secret", "secret")
+            .replace("<tenant-id>", "72f988bf-86f1-41af-91ab-2d7cd011db47")
+            .replace(
+                "<application (client) id>",
+                "6731de76-14a6-49ae-97bc-6eba6914391e",
+            )
+            .replace("<sha256 of the secret token>", &"ab".repeat(32))
+            .replace("<sha256 of the SCIM token>", &"ab".repeat(32))
+            .replace("0.0.0.0:443", &format!("127.0.0.1:{}", free_port()))
+            .replace("/var/lib/portcullis", "./data");
+        assert!(
+            !text.contains('<'),
+            "{guide}: a placeholder is left:\n{text}"
+        );
+        let out = check_config(dir.path(), &text).await;
+        assert!(out.status.success(), "{guide}: {out:?}\nconfig:\n{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn check_config_accepts_a_valid_file() {
     let ca = TestCa::new();

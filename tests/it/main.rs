@@ -14,6 +14,7 @@ mod config_check;
 mod hardening;
 mod headers;
 mod idp_harness;
+mod idp_profiles;
 mod lifecycle;
 mod limits;
 mod proxying;

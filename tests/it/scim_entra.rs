@@ -12,7 +12,7 @@ use crate::scim_server;
 
 const EXTERNAL_ID: &str = "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159";
 
-fn entra_user(user_name: &str, external_id: &str) -> Value {
+pub(crate) fn entra_user(user_name: &str, external_id: &str) -> Value {
     json!({
         "schemas": [USER_SCHEMA, ENTERPRISE_USER_SCHEMA],
         "externalId": external_id,

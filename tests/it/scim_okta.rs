@@ -48,7 +48,7 @@ async fn lookup_one(scim: &ScimClient, user_name: &str) -> Value {
     found["Resources"][0].clone()
 }
 
-fn okta_user(user_name: &str, given: &str, family: &str) -> Value {
+pub(crate) fn okta_user(user_name: &str, given: &str, family: &str) -> Value {
     json!({
         "schemas": [USER_SCHEMA],
         "userName": user_name,

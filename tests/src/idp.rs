@@ -117,6 +117,9 @@ pub struct IdpUser {
     /// The `preferred_username` claim; the email when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preferred_username: Option<String>,
+    /// The `oid` claim (the user's object id) in the `entra` profile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oid: Option<String>,
 }
 
 impl IdpUser {
@@ -129,7 +132,13 @@ impl IdpUser {
             groups: Vec::new(),
             email_verified: true,
             preferred_username: None,
+            oid: None,
         }
+    }
+
+    pub fn oid(mut self, oid: &str) -> IdpUser {
+        self.oid = Some(oid.to_owned());
+        self
     }
 
     pub fn preferred_username(mut self, name: &str) -> IdpUser {
@@ -211,6 +220,24 @@ pub struct IdpSetup {
     /// §5.4 allows and oidc-provider does by default. True by default: the tests meet the
     /// provider as it ships.
     pub conform_id_token_claims: bool,
+    /// How tokens look: `conformant` (oidc-provider as it ships), `entra` or `okta`; see
+    /// [`IdpProfile`].
+    pub profile: IdpProfile,
+}
+
+/// The shapes of tokens the test IdP issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdpProfile {
+    /// oidc-provider as it ships: claims asked for by scope only at UserInfo when an access
+    /// token is issued.
+    Conformant,
+    /// Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`, `preferred_username` (the UPN) and
+    /// `name` in the ID token, no `email`.
+    Entra,
+    /// Okta: claims per scope, `groups` only when the `groups` scope is asked; users' subs are
+    /// Okta ids (`00u…`), as the test gives them.
+    Okta,
 }
 
 impl Default for IdpSetup {
@@ -225,6 +252,7 @@ impl Default for IdpSetup {
             ttl: serde_json::Map::new(),
             logout_auto_submit: true,
             conform_id_token_claims: true,
+            profile: IdpProfile::Conformant,
         }
     }
 }
@@ -266,6 +294,11 @@ impl IdpSetup {
 
     pub fn logout_auto_submit(mut self, on: bool) -> IdpSetup {
         self.logout_auto_submit = on;
+        self
+    }
+
+    pub fn profile(mut self, profile: IdpProfile) -> IdpSetup {
+        self.profile = profile;
         self
     }
 

@@ -37,7 +37,7 @@ use std::sync::Mutex;
 pub use browser::{Browser, BrowserCookie, BrowserOptions};
 pub use client::{raw_request, RawResponse};
 pub use config::{ConfigBuilder, JwtIssuer, Oidc, Route, ScimToken};
-pub use idp::{Idp, IdpClient, IdpOutage, IdpResource, IdpSetup, IdpUser, Pkce};
+pub use idp::{Idp, IdpClient, IdpOutage, IdpProfile, IdpResource, IdpSetup, IdpUser, Pkce};
 pub use process::Portcullis;
 pub use recorder::{Recorded, Recorder};
 pub use scim::{ScimClient, ScimResponse};
