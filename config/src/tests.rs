@@ -1759,6 +1759,15 @@ allow_sample_rate = 1
         errors.problems[0].message
     );
 
+    // A client's id names no person, but may name a machine.
+    let text = format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\nclaim = \"azp\"\n");
+    let errors = Fixture::new().parse(&text).unwrap_err();
+    assert!(
+        errors.problems[0].message.contains("cannot name a person"),
+        "{}",
+        errors.problems[0].message
+    );
+
     // Claims that never name one caller, and names that are no claim, say why.
     for (claim, says) in [
         ("groups", "lists many values"),
@@ -1767,6 +1776,7 @@ allow_sample_rate = 1
         ("email_verified", "is a flag"),
         ("", "1 to 128 characters"),
         ("two words", "no spaces"),
+        ("tid", "same for many callers"),
     ] {
         for key in ["claim", "machine_claim"] {
             let text =

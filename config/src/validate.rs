@@ -725,9 +725,23 @@ fn claim_name(name: &str) -> Result<(), String> {
             "lists many values, not one caller"
         }
         "email_verified" | "phone_number_verified" => "is a flag",
+        "tid" | "ver" | "uti" | "aio" | "idp" => "is the same for many callers",
         _ => return Ok(()),
     };
     Err(format!("`{name}` {why}: it cannot name a directory user"))
+}
+
+/// A claim that can name a person: one of [`claim_name`], but not one that names the client
+/// a person signed in through, which is the same for everyone who uses it.
+fn person_claim_name(name: &str) -> Result<(), String> {
+    claim_name(name)?;
+    match name {
+        "azp" | "client_id" | "cid" | "appid" => Err(format!(
+            "`{name}` names the application a person signs in through, the same for everyone \
+             who uses it: it cannot name a person (it may name a machine, as machine_claim)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The mapping each IdP's default SCIM provisioning matches, by preset name: `(claim,
@@ -769,7 +783,7 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
     let default = IdentityConfig::default();
     let claim = match raw.claim {
         None => default.claim,
-        Some(name) => match claim_name(&name) {
+        Some(name) => match person_claim_name(&name) {
             Err(message) => {
                 p.add(&path.key("claim"), message);
                 default.claim

@@ -129,7 +129,18 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
             _ => return false,
         }
     }
-    !prefix.ends_with('/') || prefix == "/" || segments.next().is_some() || path.ends_with('/')
+    !prefix.ends_with('/')
+        || prefix == "/"
+        || segments.next().is_some()
+        || loosely_ends_in_slash(path)
+}
+
+/// Whether `path` ends in `/` as a reader that drops `;` parameters sees it: `/admin/;x` is
+/// `/admin/` to Tomcat, Jetty and Spring.
+fn loosely_ends_in_slash(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|last| last.split(';').next() == Some(""))
 }
 
 /// The segments of a path as [`loosely_within`] reads them.
@@ -1172,6 +1183,16 @@ mod tests {
         assert!(loosely_within("/v1/", "/V1/a"));
         assert!(!loosely_within("/v1/", "/v1;x"));
         assert!(loosely_within("/a/b", "/a;p/;q/B"));
+        // A last segment of parameters only reads as a trailing `/`.
+        for path in [
+            "/admin/;x",
+            "/ADMIN/;jsessionid=1",
+            "/admin;a/;b",
+            "/admin/;",
+        ] {
+            assert!(loosely_within("/admin/", path), "{path}");
+        }
+        assert!(!loosely_within("/admin/", "/admin;x"));
     }
 
     #[test]

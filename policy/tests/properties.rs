@@ -69,6 +69,8 @@ const PATHS: &[&str] = &[
     "/admin;x/y",
     "/;x/admin",
     "/API;v=1/V1/x",
+    "/admin/;x",
+    "/ADMIN;a/;b",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -269,7 +271,9 @@ fn loosely(path: &str) -> String {
         .filter(|s| !s.is_empty())
         .collect();
     let mut read = format!("/{}", segments.join("/"));
-    if path.ends_with('/') && read != "/" {
+    // A last segment of parameters only (`/a/;x`) reads as a trailing `/`.
+    let last = path.rsplit('/').next().unwrap_or_default();
+    if last.split(';').next() == Some("") && read != "/" {
         read.push('/');
     }
     read

@@ -18,6 +18,16 @@ const MAX_CLAIMS: usize = 64;
 const MAX_CLAIM_NAME: usize = 128;
 const MAX_CLAIM_VALUE: usize = 1024;
 
+/// The string claims of a JSON object's bytes (a token's payload), within the bounds below;
+/// empty for anything that is not an object.
+pub fn string_claims(json: &[u8]) -> Claims {
+    let mut claims = Claims::new();
+    if let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(json) {
+        add_string_claims(&mut claims, &object);
+    }
+    claims
+}
+
 /// Adds the string claims of `object` that `claims` lacks, within the bounds above.
 pub fn add_string_claims<'a>(
     claims: &mut Claims,
@@ -133,19 +143,53 @@ impl Caller {
 }
 
 impl Principal<'_> {
-    /// A short name for logs: the person's email (or subject), or `client@issuer` for a
-    /// machine.
+    /// A short name for logs: the person's email (or subject), also for a person's bearer
+    /// token, or `client@issuer` for a machine.
     pub fn log_name(&self) -> String {
         match self {
             Principal::Person(identity) => identity
                 .email
                 .clone()
                 .unwrap_or_else(|| identity.subject.clone()),
+            Principal::Machine(token) if !token.for_itself => {
+                token.email.clone().unwrap_or_else(|| token.subject.clone())
+            }
             Principal::Machine(machine) => format!(
                 "{}@{}",
                 machine.client_id.as_deref().unwrap_or(&machine.subject),
                 machine.issuer
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_string_claim_of_a_payload_is_kept_within_bounds() {
+        // An Entra ID app-only access token's claims: every one a mapping may name is kept,
+        // those the verifier also reads (`sub`, `azp`) and the marks (`oid`, `idtyp`) too.
+        let payload = serde_json::json!({
+            "aud": "api://portcullis", "iss": "https://login.microsoftonline.com/t/v2.0",
+            "exp": 1_900_000_000u64, "sub": "sp-oid", "oid": "sp-oid", "azp": "app-id",
+            "appid": "app-id", "tid": "t", "idtyp": "app", "roles": ["Reader"],
+            "upn": "x".repeat(MAX_CLAIM_VALUE + 1),
+        });
+        let claims = string_claims(payload.to_string().as_bytes());
+        for name in ["sub", "oid", "azp", "appid", "tid", "idtyp", "aud", "iss"] {
+            assert!(claims.contains_key(name), "{name}: {claims:?}");
+        }
+        assert!(!claims.contains_key("exp"), "not a string");
+        assert!(!claims.contains_key("roles"), "not a string");
+        assert!(!claims.contains_key("upn"), "longer than the bound");
+        assert!(string_claims(b"[1,2]").is_empty());
+
+        let many: serde_json::Map<String, serde_json::Value> = (0..200)
+            .map(|i| (format!("c{i:03}"), serde_json::Value::from("v")))
+            .collect();
+        let claims = string_claims(serde_json::Value::Object(many).to_string().as_bytes());
+        assert_eq!(claims.len(), MAX_CLAIMS);
     }
 }

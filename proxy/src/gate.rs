@@ -332,8 +332,10 @@ impl Gate<'_> {
             let view = match lookup {
                 Lookup::Found(view) => view,
                 // Token groups speak only for strangers: never for someone the directory
-                // cannot tell apart or the IdP removed.
-                Lookup::Unknown if facts.route.token_groups => {
+                // cannot tell apart or the IdP removed, and never for a person's bearer token,
+                // whose claims may name them differently from their ID token (Okta's access
+                // tokens carry the login as `sub`): not found there is not "a stranger".
+                Lookup::Unknown if facts.route.token_groups && !person_token(principal) => {
                     return on_token(facts, request, principal, kind, explain);
                 }
                 lookup => {
@@ -570,6 +572,11 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
         ScimAttribute::Emails => SubjectKey::Email(value),
         ScimAttribute::ExternalId => SubjectKey::ExternalId(value),
     })
+}
+
+/// Whether `principal` is a bearer token a client holds for a person.
+fn person_token(principal: Principal<'_>) -> bool {
+    matches!(principal, Principal::Machine(token) if !token.for_itself)
 }
 
 fn key_value<'a>(key: SubjectKey<'a>) -> &'a str {
@@ -1229,6 +1236,17 @@ mod tests {
             &facts(&world, 1, "GET", "/"),
             Presented::Caller(Principal::Machine(&hers)),
         ));
+        // A person's token the directory does not know is not a stranger's: token groups do
+        // not judge it.
+        let mut unknown = machine("sub-of-someone");
+        unknown.for_itself = false;
+        unknown.email = Some("dan@partner.example".to_owned());
+        unknown.groups = vec!["contractors".to_owned()];
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 3, "GET", "/"),
+            Presented::Caller(Principal::Machine(&unknown)),
+        ));
+        assert_eq!(refusal.cause, Cause::NotInDirectory, "{}", refusal.reason);
         // An unverified email on her token names nobody.
         hers.email_verified = Some(false);
         let refusal = forbidden(world.gate().admit(

@@ -215,7 +215,17 @@ impl Auth {
             return sign_in_failed(&SignInError::UnknownState);
         };
         let cookie_name = pending_cookie_name(BROWSER_COOKIE, &state);
-        let sealed = cookie(session.req_header(), &cookie_name).map(str::to_owned);
+        // Read without the bound on session cookies: sign-ins in progress in other tabs are
+        // sent here too (pingora bounds the request head as a whole).
+        let headers = &session.req_header().headers;
+        let sealed = crate::cookies::find(
+            headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+            &cookie_name,
+        )
+        .map(str::to_owned);
         let now = now_unix();
         let finished = self
             .oidc
@@ -225,7 +235,15 @@ impl Auth {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
-                return sign_in_failed(&e);
+                // Whatever happened, this sign-in's cookie is spent: nothing piles up.
+                let mut reply = sign_in_failed(&e);
+                if sealed.is_some() {
+                    reply.headers.push((
+                        header::SET_COOKIE,
+                        browser_cookie(req.tls, &cookie_name, "", 0),
+                    ));
+                }
+                return reply;
             }
         };
         // Sessions count from the directory as it is now: a deactivation answered before this

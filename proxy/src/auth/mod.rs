@@ -102,9 +102,6 @@ struct MachineClaims {
     email: Option<String>,
     #[serde(default)]
     email_verified: Option<bool>,
-    /// Every claim, for the string ones a mapping by any claim reads.
-    #[serde(flatten)]
-    all: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The claims by which issuers mark a token they gave a client for itself, not for a person.
@@ -314,11 +311,8 @@ impl Auth {
             for_itself,
             email: claims.email,
             email_verified: claims.email_verified,
-            claims: {
-                let mut strings = crate::caller::Claims::new();
-                crate::caller::add_string_claims(&mut strings, &claims.all);
-                strings
-            },
+            // Every string claim of the (now verified) payload, for a mapping by any claim.
+            claims: crate::caller::string_claims(&bytes),
         }));
         let entry = verified::Entry {
             caller: caller.clone(),

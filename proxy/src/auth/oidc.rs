@@ -252,6 +252,7 @@ impl Oidc {
         now: u64,
     ) -> Result<Started, SignInError> {
         let provider = self.current(config)?;
+        let return_to = within_cookie(return_to);
         let client = provider.client(config).set_redirect_uri(
             RedirectUrl::new(redirect_uri.to_owned())
                 .map_err(|e| SignInError::Invalid(e.to_string()))?,
@@ -356,10 +357,25 @@ impl Oidc {
             }
         };
         let info = match ask {
-            true => Some(
-                self.user_info(config, &provider, response.access_token(), claims.subject())
-                    .await?,
-            ),
+            true => {
+                let answer = self
+                    .user_info(config, &provider, response.access_token(), claims.subject())
+                    .await;
+                match answer {
+                    Ok(info) => Some(info),
+                    // Asked only in case (`auto`), an endpoint that does not answer leaves the
+                    // ID token's claims: whoever they fail to identify is refused later. An
+                    // answer about someone else, or one that fails verification, ends the
+                    // sign-in whatever the setting.
+                    Err(UserInfoFailure::Unanswered(e)) if config.userinfo == UserInfo::Auto => {
+                        tracing::warn!("UserInfo not used: {e}");
+                        None
+                    }
+                    Err(UserInfoFailure::Unanswered(e) | UserInfoFailure::Invalid(e)) => {
+                        return Err(e)
+                    }
+                }
+            }
             false => None,
         };
         // An email and whether it is verified always come from the same answer.
@@ -489,8 +505,13 @@ impl Oidc {
                 let no_nonce = |_: Option<&Nonce>| Ok(());
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
                     Err(IdTokenError::Signature(_)) => {
-                        // Perhaps the IdP rotated its keys: refetch (rate limited), once.
-                        let _ = provider.jwks.refresh(false).await;
+                        // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
+                        // that cannot be fetched are an outage, not a verdict on the session.
+                        if provider.jwks.refresh(false).await.is_err() {
+                            return Err(SignInError::Unreachable(
+                                "the identity provider's keys could not be fetched".to_owned(),
+                            ));
+                        }
                         self.verify_id_token(config, &provider, id_token, no_nonce)
                     }
                     other => other,
@@ -526,27 +547,29 @@ impl Oidc {
         provider: &Provider,
         access_token: &AccessToken,
         subject: &SubjectIdentifier,
-    ) -> Result<UserInfoClaims<MoreClaims, CoreGenderClaim>, SignInError> {
+    ) -> Result<UserInfoClaims<MoreClaims, CoreGenderClaim>, UserInfoFailure> {
         let client = provider.client(config);
         let request = client
             .user_info(access_token.clone(), Some(subject.clone()))
             .map_err(|_| {
-                SignInError::Invalid(
+                UserInfoFailure::Unanswered(SignInError::Invalid(
                     "the provider has no UserInfo endpoint, and [oidc] userinfo = \"always\""
                         .to_owned(),
-                )
+                ))
             })?;
         request
             .request_async(&self.http)
             .await
             .map_err(|e| match e {
-                openidconnect::UserInfoError::Request(e) => {
-                    SignInError::Unreachable(format!("UserInfo: {e}"))
-                }
                 openidconnect::UserInfoError::ClaimsVerification(e) => {
-                    SignInError::Invalid(format!("UserInfo: {e}"))
+                    UserInfoFailure::Invalid(SignInError::Invalid(format!("UserInfo: {e}")))
                 }
-                other => SignInError::Invalid(format!("UserInfo: {other}")),
+                openidconnect::UserInfoError::Request(e) => {
+                    UserInfoFailure::Unanswered(SignInError::Unreachable(format!("UserInfo: {e}")))
+                }
+                other => {
+                    UserInfoFailure::Unanswered(SignInError::Invalid(format!("UserInfo: {other}")))
+                }
             })
     }
 
@@ -657,6 +680,42 @@ struct LogoutClaims {
     events: Option<serde_json::Value>,
 }
 
+/// The longest return address a sign-in's cookie carries: with the rest sealed and encoded,
+/// the cookie stays well within the 4096 bytes browsers keep.
+const MAX_RETURN_TO: usize = 1536;
+
+/// `return_to`, shortened to fit a sign-in's cookie: without its query, else the root of its
+/// origin (an absolute URL) or `/`. A deep link that long loses its query rather than the
+/// sign-in.
+fn within_cookie(return_to: String) -> String {
+    if return_to.len() <= MAX_RETURN_TO {
+        return return_to;
+    }
+    let without_query = return_to.split('?').next().unwrap_or_default();
+    if without_query.len() <= MAX_RETURN_TO {
+        return without_query.to_owned();
+    }
+    match without_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let origin = rest.split('/').next().unwrap_or_default();
+            let root = format!("{scheme}://{origin}/");
+            if root.len() <= MAX_RETURN_TO {
+                root
+            } else {
+                "/".to_owned()
+            }
+        }
+        None => "/".to_owned(),
+    }
+}
+
+/// Why UserInfo gave nothing: it did not answer usefully (unreachable, an error status, an
+/// answer that does not parse), or it answered about someone else or failed verification.
+enum UserInfoFailure {
+    Unanswered(SignInError),
+    Invalid(SignInError),
+}
+
 /// What sign-in wants of the provider's claims: the one that identifies a person (see
 /// `[identity] claim`), and `groups` when a route judges on the token's groups.
 #[derive(Debug, Clone, Copy)]
@@ -732,5 +791,37 @@ pub async fn discovery_loop(
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_return_address_too_long_for_a_cookie_loses_its_query_then_its_path() {
+        let short = "https://app.test/a?b=c".to_owned();
+        assert_eq!(within_cookie(short.clone()), short);
+        let long_query = format!("https://app.test/board?q={}", "x".repeat(4000));
+        assert_eq!(within_cookie(long_query), "https://app.test/board");
+        let long_path = format!("https://app.test/{}?q=1", "p".repeat(4000));
+        assert_eq!(within_cookie(long_path), "https://app.test/");
+        assert_eq!(within_cookie(format!("/{}", "p".repeat(4000))), "/");
+        // The sealed cookie of the longest return address fits a browser's 4096 bytes.
+        let sealer = Sealer::new();
+        let pending = Pending {
+            pkce_verifier: "v".repeat(43),
+            nonce: "n".repeat(43),
+            return_to: "r".repeat(MAX_RETURN_TO),
+            redirect_uri: format!("https://{}/.portcullis/callback", "h".repeat(253)),
+            created: u64::MAX,
+        };
+        let plain = serde_json::to_vec(&pending).unwrap_or_default();
+        let sealed = sealer.seal(b"state", &plain);
+        let name = pending_cookie_name("portcullis_signin", "state");
+        let line = format!(
+            "{name}={sealed}; Path=/.portcullis/callback; HttpOnly; SameSite=Lax; Max-Age=600; Secure"
+        );
+        assert!(line.len() < 4096, "{} bytes", line.len());
     }
 }

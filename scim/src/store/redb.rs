@@ -12,8 +12,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{Batch, Change, Loaded, Record, Row, Seq, Storage, StoreError};
 use crate::schema::ResourceType;
 
-/// The on-disk format version. A database written by another version is refused at start.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The on-disk format version. A database of a newer version is refused at start; one of an
+/// older version this build can read is upgraded in place.
+///
+/// - 1: Users, Groups, memberships, changes.
+/// - 2: also retired Users (a deleted user's identifiers, [`super::Record::retired`]), which
+///   a version-1 build would read as corrupt. Nothing to convert: 1 is stamped 2.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -62,6 +67,10 @@ impl RedbStorage {
                         .map_err(backend)?;
                 }
                 Some(SCHEMA_VERSION) => {}
+                Some(1) => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(backend)?;
+                }
                 Some(found) => {
                     return Err(StoreError::Version {
                         found,

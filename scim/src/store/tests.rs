@@ -365,6 +365,33 @@ async fn a_database_of_another_version_is_refused() {
 }
 
 #[tokio::test]
+async fn a_version_1_database_is_upgraded_in_place() {
+    use ::redb::ReadableDatabase;
+    let tmp = tempfile::tempdir().unwrap();
+    let meta: ::redb::TableDefinition<&str, u64> = ::redb::TableDefinition::new("meta");
+    {
+        let db = ::redb::Database::create(tmp.path().join("directory.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(meta)
+            .unwrap()
+            .insert("schema_version", 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    drop(RedbStorage::open(tmp.path()).unwrap());
+    let db = ::redb::Database::open(tmp.path().join("directory.redb")).unwrap();
+    let txn = db.begin_read().unwrap();
+    let version = txn
+        .open_table(meta)
+        .unwrap()
+        .get("schema_version")
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(version, super::redb::SCHEMA_VERSION);
+}
+
+#[tokio::test]
 async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
     let tmp = tempfile::tempdir().unwrap();
     let epoch = |dir: &Directory| {
