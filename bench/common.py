@@ -168,6 +168,78 @@ def start_nginx_proxy(tmp, port, upstream_port):
       proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
 
 
+# --- Apache with mod_auth_openidc: the identity-aware peer ---------------------------------------
+
+APACHE_MODULES = "/usr/lib/apache2/modules"
+APACHE_CLIENT_ID = "apache-bench"
+
+
+def apache_bin():
+    for path in ("/usr/sbin/apache2", "/usr/sbin/httpd"):
+        if os.path.exists(path) and os.path.exists(os.path.join(APACHE_MODULES, "mod_auth_openidc.so")):
+            return path
+    raise SystemExit("Apache with mod_auth_openidc is missing: run scripts/deps.sh bench")
+
+
+def start_apache_oidc(tmp, port, upstream_port, issuer, client_secret):
+    """Apache 2.4 with mod_auth_openidc in front of the upstream, one worker process (event MPM,
+    64 threads): `/plain` is proxied to anyone; everything else needs a signed-in session
+    (sessions in shared memory) whose `groups` claim holds `eng`, the same requirement as the
+    Portcullis session route."""
+    run = os.path.join(tmp, "apache-run")
+    os.makedirs(run, exist_ok=True)
+    modules = ["mpm_event", "authn_core", "authz_core", "proxy", "proxy_http", "auth_openidc"]
+    load = "\n".join(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so" for m in modules)
+    conf = f"""
+ServerRoot "{tmp}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {run}/apache.pid
+DefaultRuntimeDir {run}
+ErrorLog {tmp}/apache-error.log
+LogLevel warn
+{load}
+User www-data
+Group www-data
+ServerLimit 1
+StartServers 1
+ThreadLimit 64
+ThreadsPerChild 64
+MaxRequestWorkers 64
+MinSpareThreads 1
+MaxSpareThreads 64
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 30
+
+OIDCProviderMetadataURL {issuer}/.well-known/openid-configuration
+OIDCClientID {APACHE_CLIENT_ID}
+OIDCClientSecret {client_secret}
+OIDCRedirectURI http://127.0.0.1:{port}/redirect_uri
+OIDCCryptoPassphrase {random_secret(32)}
+OIDCScope "openid email profile"
+OIDCSessionType server-cache
+OIDCCacheType shm
+OIDCSessionInactivityTimeout 7200
+
+ProxyPass "/redirect_uri" "!"
+ProxyPass "/" "http://127.0.0.1:{upstream_port}/"
+<Location "/">
+  AuthType openid-connect
+  Require claim groups:eng
+</Location>
+<Location "/plain">
+  AuthType None
+  Require all granted
+</Location>
+"""
+    path = os.path.join(tmp, "apache.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    out = open(os.path.join(tmp, "apache-start.log"), "w")
+    return subprocess.Popen([apache_bin(), "-f", path, "-DFOREGROUND"], stdout=out, stderr=subprocess.STDOUT)
+
+
 def _ms(value, unit):
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
@@ -260,8 +332,20 @@ class Idp:
 
 
 def idp_setup(portcullis_port, users, machine_id, machine_secret, client_id, client_secret,
-              resource, audience):
-    """The IdP: one web client (callback on app.test), one machine client, `users`, one API."""
+              resource, audience, apache=None):
+    """The IdP: one web client (callback on app.test), one machine client, `users` (in the
+    token group `eng`, which Apache's requirement reads), one API; with `apache = (port,
+    secret)`, Apache's client too."""
+    clients = []
+    if apache:
+        clients.append({
+            "client_id": APACHE_CLIENT_ID,
+            "client_secret": apache[1],
+            "redirect_uris": [f"http://127.0.0.1:{apache[0]}/redirect_uri"],
+            "grant_types": ["authorization_code"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "client_secret_basic",
+        })
     return {
         "port": 0,
         "clients": [
@@ -283,9 +367,9 @@ def idp_setup(portcullis_port, users, machine_id, machine_secret, client_id, cli
                 "response_types": [],
                 "token_endpoint_auth_method": "client_secret_basic",
             },
-        ],
+        ] + clients,
         "users": [{"sub": u["sub"], "email": u["email"], "password": u["password"], "name": u["sub"],
-                   "groups": [], "email_verified": True} for u in users],
+                   "groups": [GROUP], "email_verified": True} for u in users],
         "resources": [{"indicator": resource, "audience": audience, "scope": "api:read",
                        "access_token_ttl": 3600, "alg": "RS256"}],
         "default_resource": resource,
@@ -343,7 +427,7 @@ def sign_in(start_url, login, password, cookie_name="portcullis_session"):
     posted = False
     for _ in range(12):
         host = urllib.parse.urlsplit(url).hostname
-        if host == urllib.parse.urlsplit(start_url).hostname:
+        if urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(start_url).netloc:
             # Back at Portcullis: the callback sets the session cookie.
             status, location, body = client.request("GET", url)
             value = client.cookies.get(host, {}).get(cookie_name)
@@ -448,7 +532,7 @@ class Stack:
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
     """
 
-    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn"):
+    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None):
         self.tmp = tmp
         self.procs = []
         self.idp = None
@@ -462,7 +546,7 @@ class Stack:
                 wait_http(f"http://127.0.0.1:{upstream_port}/")
             self.upstream_port = upstream_port
             self.idp = Idp(tmp, idp_setup(self.port, [ALICE], MACHINE_ID, self.machine_secret, CLIENT_ID,
-                                          self.client_secret, API, API_AUD))
+                                          self.client_secret, API, API_AUD, apache=apache))
             self.config = os.path.join(tmp, "portcullis-auth.toml")
             upstream = f"http://127.0.0.1:{upstream_port}"
             with open(self.config, "w") as f:
@@ -501,7 +585,7 @@ client_secret = "{self.client_secret}"
 auth_host = "app.test:{self.port}"
 auth_scheme = "http"
 session_lifetime = "2h"
-# RS256 only: see RS256_ONLY in tests/it/signin.rs.
+# RS256 only, as Apache's mod_auth_openidc is signed in with: the same work per sign-in.
 id_token_algorithms = ["RS256"]
 
 [[jwt_issuers]]

@@ -14,11 +14,16 @@ with a 20-byte body):
   token from the test IdP; the service account is provisioned into `eng`);
 - bare pingora (`proxy/examples/pingora_floor.rs`: a pingora proxy with no filters and no
   modules, the same runtime settings and allocator): the floor under Portcullis, showing how
-  much of the gap to nginx is pingora's own.
+  much of the gap to nginx is pingora's own;
+- Apache 2.4 with mod_auth_openidc, the identity-aware peer (one worker process, event MPM):
+  plain (`/plain`, no authentication) and with a session (alice signed in at the same test IdP
+  through the same authorization-code flow; sessions in shared memory; `Require claim
+  groups:eng`, the equivalent of the Portcullis group policy).
 
-Each system's CPU time per request (user + system, from /proc, the proxy process only) is
-printed beside requests/s: on a 2-core machine shared with wrk and the upstream, requests/s
-swing between runs far more than CPU per request does.
+Each system's CPU time per request (user + system, from /proc, the proxy process and its
+children only) is the headline, printed first: on a 2-core machine shared with wrk and the
+upstream, requests/s swing between runs far more than CPU per request does. Portcullis rows
+also show their ratio to Apache's matching row (CPU per request: how many times less).
 
 The three Portcullis variants are routes of one process (1 worker thread). Load is
 `wrk -t1 -c32 -d6s --latency`, the systems alternating within each round (order rotated every
@@ -54,9 +59,10 @@ def cpu_seconds(pid):
     return user, system
 
 
-def systems(stack, upstream_port, nginx_port, floor_port, cookie, token):
+def systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie):
     """name -> (url, extra wrk headers)."""
     portcullis = f"http://127.0.0.1:{stack.port}/"
+    apache = f"http://127.0.0.1:{apache_port}"
     return {
         "upstream alone": (f"http://127.0.0.1:{upstream_port}/", []),
         "nginx proxy": (f"http://127.0.0.1:{nginx_port}/", []),
@@ -66,7 +72,13 @@ def systems(stack, upstream_port, nginx_port, floor_port, cookie, token):
         "portcullis machine JWT": (portcullis, ["Host: api.test", f"Authorization: Bearer {token}",
                                                 "Accept: application/json"]),
         "bare pingora": (f"http://127.0.0.1:{floor_port}/", []),
+        "apache+openidc plain": (f"{apache}/plain", []),
+        "apache+openidc session+claim": (f"{apache}/", [f"Cookie: mod_auth_openidc_session={apache_cookie}"]),
     }
+
+# Each Portcullis row and the Apache row it is compared with.
+APACHE_PEER = {"portcullis plain": "apache+openidc plain",
+               "portcullis session+policy": "apache+openidc session+claim"}
 
 
 def check(url, headers):
@@ -84,13 +96,15 @@ def run(args):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: run scripts/deps.sh bench")
     common.nginx_bin()
+    common.apache_bin()
     common.build_release()
     subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
                    cwd=common.ROOT, check=True)
     floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
 
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-proxy-")
-    upstream_port, nginx_port, floor_port = free_port(), free_port(), free_port()
+    upstream_port, nginx_port, floor_port, apache_port = free_port(), free_port(), free_port(), free_port()
+    apache_secret = common.random_secret(32)
     procs, stack = [], None
     try:
         procs.append(start_upstream(tmp, upstream_port))
@@ -102,11 +116,17 @@ def run(args):
         wait_http(f"http://127.0.0.1:{upstream_port}/")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
         wait_http(f"http://127.0.0.1:{floor_port}/")
-        stack = common.Stack(tmp, threads=1, upstream_port=upstream_port)
+        stack = common.Stack(tmp, threads=1, upstream_port=upstream_port, apache=(apache_port, apache_secret))
         cookie = stack.sign_in()
         token = stack.machine_token()
-        targets = systems(stack, upstream_port, nginx_port, floor_port, cookie, token)
-        pids = {"upstream alone": procs[0].pid, "nginx proxy": nginx_proxy.pid, "bare pingora": floor.pid}
+        procs.append(common.start_apache_oidc(tmp, apache_port, upstream_port, stack.idp.issuer, apache_secret))
+        apache = procs[-1]
+        wait_http(f"http://127.0.0.1:{apache_port}/plain")
+        apache_cookie = common.sign_in(f"http://127.0.0.1:{apache_port}/", common.ALICE["email"],
+                                       common.ALICE["password"], cookie_name="mod_auth_openidc_session")
+        targets = systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie)
+        pids = {"upstream alone": procs[0].pid, "nginx proxy": nginx_proxy.pid, "bare pingora": floor.pid,
+                "apache+openidc plain": apache.pid, "apache+openidc session+claim": apache.pid}
         for url, headers in targets.values():
             check(url, headers)
 
@@ -145,8 +165,12 @@ def run(args):
         summary[name] = {
             "rps": rps, "p50": median(r["p50"] for r in runs), "p99": median(r["p99"] for r in runs),
             "user_us": median(r["user_us"] for r in runs), "sys_us": median(r["sys_us"] for r in runs),
+            "cpu_us": median(r["user_us"] + r["sys_us"] for r in runs),
             "ratio_to_nginx": rps / nginx_rps, "runs": runs,
         }
+    for name, peer in APACHE_PEER.items():
+        # How many times less CPU per request Portcullis spends than Apache on the same work.
+        summary[name]["cpu_vs_apache"] = summary[peer]["cpu_us"] / max(summary[name]["cpu_us"], 1e-9)
     return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
             "threads": 1, "target_ratio": TARGET, "systems": summary}
 
@@ -154,15 +178,16 @@ def run(args):
 def report(result):
     print(f"\nwrk -t1 -c{result['connections']} -d{result['duration']}s, median of {result['rounds']} rounds, "
           f"1 worker thread each, {os.cpu_count()} cores\n")
-    print("| system | requests/s | p50 (ms) | p99 (ms) | CPU/request user + sys (µs) | / nginx | target |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| system | CPU/request (µs) | user + sys | requests/s | p50 (ms) | p99 (ms) | / nginx req/s "
+          "| Apache's CPU / ours | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, s in result["systems"].items():
         target = "-"
         if name.startswith("portcullis"):
             target = f">= {TARGET}x: {verdict(s['ratio_to_nginx'] >= TARGET)}"
-        cpu = f"{s['user_us']:.1f} + {s['sys_us']:.1f}"
-        print(f"| {name} | {s['rps']:,.0f} | {s['p50']:.3f} | {s['p99']:.3f} | {cpu} | "
-              f"{s['ratio_to_nginx']:.2f}x | {target} |")
+        vs_apache = f"{s['cpu_vs_apache']:.1f}x" if "cpu_vs_apache" in s else "-"
+        print(f"| {name} | {s['cpu_us']:.1f} | {s['user_us']:.1f} + {s['sys_us']:.1f} | {s['rps']:,.0f} | "
+              f"{s['p50']:.3f} | {s['p99']:.3f} | {s['ratio_to_nginx']:.2f}x | {vs_apache} | {target} |")
 
 
 def main():
