@@ -240,6 +240,62 @@ ProxyPass "/" "http://127.0.0.1:{upstream_port}/"
     return subprocess.Popen([apache_bin(), "-f", path, "-DFOREGROUND"], stdout=out, stderr=subprocess.STDOUT)
 
 
+# --- TLS and HTTP/2 -------------------------------------------------------------------------------
+
+def make_tls_cert(tmp, name="plain.test"):
+    """A self-signed P-256 certificate for `name` and 127.0.0.1 (openssl CLI); (cert, key)."""
+    cert, key = os.path.join(tmp, f"{name}.pem"), os.path.join(tmp, f"{name}-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "2", "-subj", f"/CN={name}", "-addext",
+                    f"subjectAltName=DNS:{name},IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def start_nginx_tls_proxy(tmp, port, upstream_port, cert, key):
+    """nginx 1 worker terminating TLS (OpenSSL) with HTTP/1.1 and HTTP/2 (ALPN), keep-alive to
+    the upstream as in the plain proxy."""
+    return start_nginx(tmp, "tls-proxy", f"""
+  upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port} ssl http2; keepalive_requests 1000000;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:1m;
+    http2_max_requests 1000000;
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
+
+
+def h2load(url, duration, connections, headers=()):
+    """Runs `h2load` (HTTP/2 over TLS, one thread, one stream per connection at a time, like
+    wrk's one request per connection); returns dict(rps, p50=None, p99=None, non2xx, sockerr,
+    requests, mean_ms)."""
+    cmd = ["h2load", "-t1", f"-c{connections}", "-m1", f"-D{duration}"]
+    for h in headers:
+        # HTTP/2 has no Host header: the authority pseudo-header says it (a `Host` is a 400).
+        if h.lower().startswith("host:"):
+            h = ":authority:" + h.split(":", 1)[1]
+        cmd += ["-H", h]
+    cmd.append(url)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                     r"(\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if not rps or not done or not codes:
+        raise SystemExit(f"could not parse h2load output for {url}:\n{out}")
+    return {
+        "rps": float(rps.group(1)),
+        "p50": None,
+        "p99": None,
+        "mean_ms": _ms(*mean.groups()) if mean else None,
+        "requests": int(done.group(2)),
+        "non2xx": sum(int(x) for x in codes.groups()[1:]),
+        "sockerr": int(done.group(5)) + int(done.group(6)),
+    }
+
+
 def _ms(value, unit):
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
@@ -532,13 +588,15 @@ class Stack:
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
     """
 
-    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None):
+    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None):
         self.tmp = tmp
         self.procs = []
         self.idp = None
         self.client_secret = random_secret(32)
         self.machine_secret = random_secret(32)
         self.port, self.admin_port = free_port(), free_port()
+        # With `tls = (cert, key)`, a TLS listener too, and `https://plain.test` on it.
+        self.tls_port = free_port() if tls else None
         try:
             if upstream_port is None:
                 upstream_port = free_port()
@@ -549,6 +607,12 @@ class Stack:
                                           self.client_secret, API, API_AUD, apache=apache))
             self.config = os.path.join(tmp, "portcullis-auth.toml")
             upstream = f"http://127.0.0.1:{upstream_port}"
+            tls_listener = tls_route = ""
+            if tls:
+                tls_listener = (f'[[listeners]]\naddress = "127.0.0.1:{self.tls_port}"\n'
+                                f'tls = {{ cert = "{tls[0]}", key = "{tls[1]}" }}\n')
+                tls_route = f'[[routes]]\nfrom = "https://plain.test"\nto = ["{upstream}"]\naccept = ["public"]\n'
+
             with open(self.config, "w") as f:
                 f.write(f"""
 data_dir = "{tmp}/data-auth"
@@ -560,12 +624,12 @@ threads = {threads}
 address = "127.0.0.1:{self.admin_port}"
 [[listeners]]
 address = "127.0.0.1:{self.port}"
-
+{tls_listener}
 [[routes]]
 from = "http://plain.test"
 to = ["{upstream}"]
 accept = ["public"]
-
+{tls_route}
 [[routes]]
 from = "http://app.test"
 to = ["{upstream}"]

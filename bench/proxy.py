@@ -18,7 +18,12 @@ with a 20-byte body):
 - Apache 2.4 with mod_auth_openidc, the identity-aware peer (one worker process, event MPM):
   plain (`/plain`, no authentication) and with a session (alice signed in at the same test IdP
   through the same authorization-code flow; sessions in shared memory; `Require claim
-  groups:eng`, the equivalent of the Portcullis group policy).
+  groups:eng`, the equivalent of the Portcullis group policy);
+- Portcullis with `threads = 2` (a second process, same routes), session + group policy: how
+  throughput grows with a second core on a machine whose two cores wrk and the upstream share;
+- TLS termination with keep-alive, each proxy plain: nginx (OpenSSL) and Portcullis (rustls) over
+  HTTPS/1.1 with wrk, and over HTTP/2 with h2load (one thread, one stream per connection at a
+  time, like wrk; h2load reports a mean latency, not percentiles).
 
 Each system's CPU time per request (user + system, from /proc, the proxy process and its
 children only) is the headline, printed first: on a 2-core machine shared with wrk and the
@@ -59,10 +64,13 @@ def cpu_seconds(pid):
     return user, system
 
 
-def systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie):
-    """name -> (url, extra wrk headers)."""
+def systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie,
+            nginx_tls_port, stack2, cookie2):
+    """name -> (url, extra headers[, load tool: wrk unless h2load])."""
     portcullis = f"http://127.0.0.1:{stack.port}/"
     apache = f"http://127.0.0.1:{apache_port}"
+    portcullis_tls = f"https://127.0.0.1:{stack.tls_port}/"
+    nginx_tls = f"https://127.0.0.1:{nginx_tls_port}/"
     return {
         "upstream alone": (f"http://127.0.0.1:{upstream_port}/", []),
         "nginx proxy": (f"http://127.0.0.1:{nginx_port}/", []),
@@ -74,6 +82,12 @@ def systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_
         "bare pingora": (f"http://127.0.0.1:{floor_port}/", []),
         "apache+openidc plain": (f"{apache}/plain", []),
         "apache+openidc session+claim": (f"{apache}/", [f"Cookie: mod_auth_openidc_session={apache_cookie}"]),
+        "portcullis session+policy, 2 threads": (f"http://127.0.0.1:{stack2.port}/", [
+            "Host: app.test", f"Cookie: portcullis_session={cookie2}", "Accept: application/json"]),
+        "nginx https proxy": (nginx_tls, ["Host: plain.test"]),
+        "portcullis https plain": (portcullis_tls, ["Host: plain.test"]),
+        "nginx http2 proxy": (nginx_tls, ["Host: plain.test"], common.h2load),
+        "portcullis http2 plain": (portcullis_tls, ["Host: plain.test"], common.h2load),
     }
 
 # Each Portcullis row and the Apache row it is compared with.
@@ -83,9 +97,12 @@ APACHE_PEER = {"portcullis plain": "apache+openidc plain",
 
 def check(url, headers):
     """One request must be answered 200 by the upstream through the proxy."""
+    import ssl
     import urllib.request
     req = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
-    with urllib.request.urlopen(req, timeout=10) as r:
+    # The bench's own self-signed certificate: this checks the answer, not the certificate.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
+    with urllib.request.urlopen(req, timeout=10, context=context) as r:
         body = r.read()
         if r.status != 200 or b"hello from upstream" not in body:
             raise SystemExit(f"{url} {headers}: {r.status} {body[:200]}")
@@ -104,19 +121,24 @@ def run(args):
 
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-proxy-")
     upstream_port, nginx_port, floor_port, apache_port = free_port(), free_port(), free_port(), free_port()
+    nginx_tls_port = free_port()
     apache_secret = common.random_secret(32)
-    procs, stack = [], None
+    procs, stack, stack2 = [], None, None
     try:
         procs.append(start_upstream(tmp, upstream_port))
         procs.append(start_nginx_proxy(tmp, nginx_port, upstream_port))
         nginx_proxy = procs[-1]
+        cert, key = common.make_tls_cert(tmp)
+        procs.append(common.start_nginx_tls_proxy(tmp, nginx_tls_port, upstream_port, cert, key))
+        nginx_tls = procs[-1]
         procs.append(subprocess.Popen([floor_bin, f"127.0.0.1:{floor_port}", f"127.0.0.1:{upstream_port}"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         floor = procs[-1]
         wait_http(f"http://127.0.0.1:{upstream_port}/")
         wait_http(f"http://127.0.0.1:{nginx_port}/")
         wait_http(f"http://127.0.0.1:{floor_port}/")
-        stack = common.Stack(tmp, threads=1, upstream_port=upstream_port, apache=(apache_port, apache_secret))
+        stack = common.Stack(tmp, threads=1, upstream_port=upstream_port, apache=(apache_port, apache_secret),
+                             tls=(cert, key))
         cookie = stack.sign_in()
         token = stack.machine_token()
         procs.append(common.start_apache_oidc(tmp, apache_port, upstream_port, stack.idp.issuer, apache_secret))
@@ -124,10 +146,17 @@ def run(args):
         wait_http(f"http://127.0.0.1:{apache_port}/plain")
         apache_cookie = common.sign_in(f"http://127.0.0.1:{apache_port}/", common.ALICE["email"],
                                        common.ALICE["password"], cookie_name="mod_auth_openidc_session")
-        targets = systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie)
+        tmp2 = os.path.join(tmp, "two-threads")
+        os.makedirs(tmp2)
+        stack2 = common.Stack(tmp2, threads=2, upstream_port=upstream_port)
+        cookie2 = stack2.sign_in()
+        targets = systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_port, apache_cookie,
+                          nginx_tls_port, stack2, cookie2)
         pids = {"upstream alone": procs[0].pid, "nginx proxy": nginx_proxy.pid, "bare pingora": floor.pid,
-                "apache+openidc plain": apache.pid, "apache+openidc session+claim": apache.pid}
-        for url, headers in targets.values():
+                "apache+openidc plain": apache.pid, "apache+openidc session+claim": apache.pid,
+                "nginx https proxy": nginx_tls.pid, "nginx http2 proxy": nginx_tls.pid,
+                "portcullis session+policy, 2 threads": stack2.proc.pid}
+        for url, headers, *_ in targets.values():
             check(url, headers)
 
         results = {name: [] for name in targets}
@@ -135,23 +164,27 @@ def run(args):
         for round_no in range(args.rounds):
             order = names[round_no % len(names):] + names[:round_no % len(names)]
             for name in order:
-                url, headers = targets[name]
-                wrk(url, 1, args.connections, headers)  # warm-up: fill connection pools and caches
+                url, headers, *tool = targets[name]
+                load = tool[0] if tool else wrk
+                load(url, 1, args.connections, headers)  # warm-up: fill connection pools and caches
                 pid = pids.get(name, stack.proc.pid)
                 before = cpu_seconds(pid)
-                run_ = wrk(url, args.duration, args.connections, headers)
+                run_ = load(url, args.duration, args.connections, headers)
                 after = cpu_seconds(pid)
                 requests = max(run_["rps"] * args.duration, 1)
                 run_["user_us"] = (after[0] - before[0]) / requests * 1e6
                 run_["sys_us"] = (after[1] - before[1]) / requests * 1e6
                 results[name].append(run_)
-                log(f"round {round_no + 1}: {name:26} {run_['rps']:9.0f} req/s  p50 {run_['p50']:6.3f} ms  "
-                    f"p99 {run_['p99']:6.3f} ms  non-2xx {run_['non2xx']}  socket errors {run_['sockerr']}")
+                log(f"round {round_no + 1}: {name:28} {run_['rps']:9.0f} req/s  "
+                    f"CPU {run_['user_us'] + run_['sys_us']:6.1f} µs/req  "
+                    f"non-2xx {run_['non2xx']}  socket errors {run_['sockerr']}")
                 if run_["non2xx"] or run_["sockerr"]:
                     # A refused or failed request means the measurement is not of what it claims.
                     raise SystemExit(f"{name}: {run_['non2xx']} non-2xx and {run_['sockerr']} socket errors; "
                                      f"Portcullis log:\n{stack.log_tail()}")
     finally:
+        if stack2:
+            stack2.stop()
         if stack:
             stack.stop()
         for p in procs:
@@ -162,8 +195,10 @@ def run(args):
     nginx_rps = median(r["rps"] for r in results["nginx proxy"])
     for name, runs in results.items():
         rps = median(r["rps"] for r in runs)
+        latency = {key: (median(r[key] for r in runs) if runs[0].get(key) is not None else None)
+                   for key in ("p50", "p99", "mean_ms")}
         summary[name] = {
-            "rps": rps, "p50": median(r["p50"] for r in runs), "p99": median(r["p99"] for r in runs),
+            "rps": rps, **latency,
             "user_us": median(r["user_us"] for r in runs), "sys_us": median(r["sys_us"] for r in runs),
             "cpu_us": median(r["user_us"] + r["sys_us"] for r in runs),
             "ratio_to_nginx": rps / nginx_rps, "runs": runs,
@@ -180,14 +215,16 @@ def report(result):
           f"1 worker thread each, {os.cpu_count()} cores\n")
     print("| system | CPU/request (µs) | user + sys | requests/s | p50 (ms) | p99 (ms) | / nginx req/s "
           "| Apache's CPU / ours | target |")
+    ms = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, s in result["systems"].items():
         target = "-"
         if name.startswith("portcullis"):
             target = f">= {TARGET}x: {verdict(s['ratio_to_nginx'] >= TARGET)}"
         vs_apache = f"{s['cpu_vs_apache']:.1f}x" if "cpu_vs_apache" in s else "-"
+        p50 = ms(s["p50"]) if s["p50"] is not None else f"mean {ms(s.get('mean_ms'))}"
         print(f"| {name} | {s['cpu_us']:.1f} | {s['user_us']:.1f} + {s['sys_us']:.1f} | {s['rps']:,.0f} | "
-              f"{s['p50']:.3f} | {s['p99']:.3f} | {s['ratio_to_nginx']:.2f}x | {vs_apache} | {target} |")
+              f"{p50} | {ms(s['p99'])} | {s['ratio_to_nginx']:.2f}x | {vs_apache} | {target} |")
 
 
 def main():

@@ -105,8 +105,10 @@ def summary_rows(r):
             reference = f"nginx {s['nginx proxy']['rps']:,.0f}"
             if "cpu_vs_apache" in v:
                 reference += f"; Apache+openidc uses {v['cpu_vs_apache']:.1f}x the CPU"
+            latency = (f"{v['p50']:.2f} / {v['p99']:.2f} ms" if v.get("p50") is not None
+                       else f"mean {v['mean_ms']:.2f} ms" if v.get("mean_ms") is not None else "-")
             rows.append(("proxy, 1 worker", f"{name}: CPU/request (user + sys), req/s, p50 / p99",
-                         f"{cpu}{v['rps']:,.0f}/s, {v['p50']:.2f} / {v['p99']:.2f} ms",
+                         f"{cpu}{v['rps']:,.0f}/s, {latency}",
                          reference, f"{v['ratio_to_nginx']:.2f}x", target, result))
     sc = r.get("scim")
     if sc:
@@ -156,7 +158,8 @@ def svg_chart(r, title):
         s = p["systems"]
         nginx = s["nginx proxy"]["rps"]
         panels.append(("Proxy throughput, requests/s (1 worker thread, wrk -c32); line = 0.9x nginx",
-                       [(k, v["rps"], f"{v['rps']:,.0f}  ({v['ratio_to_nginx']:.2f}x nginx, p99 {v['p99']:.2f} ms)",
+                       [(k, v["rps"], f"{v['rps']:,.0f}  ({v['ratio_to_nginx']:.2f}x nginx"
+                         + (f", p99 {v['p99']:.2f} ms)" if v.get("p99") is not None else ")"),
                          "#888" if k == "upstream alone" else "#4a7" if k == "nginx proxy"
                          else "#bbb" if k == "bare pingora" else "#c73" if k.startswith("apache")
                          else "#37c")

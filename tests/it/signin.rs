@@ -295,7 +295,20 @@ impl Fixture {
         password: &str,
     ) -> SignedIn {
         let authorize = self.start_sign_in(client, url).await;
-        let callback = self.idp_login(&authorize, login, password).await;
+        self.finish_sign_in(client, &authorize, login, password)
+            .await
+    }
+
+    /// The rest of a sign-in started at `authorize` (see [`Fixture::start_sign_in`]): the IdP's
+    /// login, then the callback with `client`, which must redirect and set the session cookie.
+    pub async fn finish_sign_in(
+        &self,
+        client: &reqwest::Client,
+        authorize: &str,
+        login: &str,
+        password: &str,
+    ) -> SignedIn {
+        let callback = self.idp_login(authorize, login, password).await;
         let resp = client.get(&callback).send().await.expect("GET callback");
         let status = resp.status();
         let location = header(&resp, LOCATION.as_str());
@@ -926,19 +939,11 @@ async fn anonymous_sign_in_starts_cannot_exhaust_sign_in_and_tabs_do_not_collide
     let first = fx.start_sign_in(&browser, &fx.app_url("/first")).await;
     let second = fx.start_sign_in(&browser, &fx.app_url("/second")).await;
     for (authorize, path) in [(second, "/second"), (first, "/first")] {
-        let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-        let resp = browser.get(&callback).send().await.expect("GET callback");
-        let status = resp.status();
-        let location = header(&resp, LOCATION.as_str());
-        let session = set_cookie(&resp, SESSION_COOKIE);
-        assert_eq!(
-            status,
-            StatusCode::FOUND,
-            "the sign-in to {path}: {}",
-            resp.text().await.unwrap_or_default()
-        );
-        assert_eq!(location.as_deref(), Some(&*fx.app_url(path)));
-        assert_session_works(&fx.app_url(path), &cookie_value(&session.expect("session"))).await;
+        let signed = fx
+            .finish_sign_in(&browser, &authorize, ALICE, ALICE_PASSWORD)
+            .await;
+        assert_eq!(signed.landed, fx.app_url(path));
+        assert_session_works(&fx.app_url(path), &signed.cookie).await;
     }
 }
 
