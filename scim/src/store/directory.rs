@@ -254,31 +254,38 @@ impl Directory {
     /// directory: a write answered before this call is visible, one answered after is not.
     pub fn with_subject<R>(&self, key: SubjectKey<'_>, f: impl FnOnce(Lookup<'_>) -> R) -> R {
         let index = self.index();
-        let (rows, retired) = match key {
-            SubjectKey::UserName(name) => (
-                index.user_by_name(name).into_iter().collect(),
-                (Retired::UserName, name),
-            ),
-            SubjectKey::Email(email) => (index.users_by_email(email), (Retired::Email, email)),
-            SubjectKey::ExternalId(id) => {
-                (index.users_by_external_id(id), (Retired::ExternalId, id))
-            }
+        let found = |row: Row| match index.user(row) {
+            Some(user) => Lookup::Found(SubjectView {
+                user,
+                groups: index
+                    .groups_of(row)
+                    .into_iter()
+                    .filter_map(|(group, _)| index.group(group))
+                    .collect(),
+            }),
+            None => Lookup::Unknown,
         };
-        let lookup = match rows.as_slice() {
-            [row] => match index.user(*row) {
-                Some(user) => Lookup::Found(SubjectView {
-                    user,
-                    groups: index
-                        .groups_of(*row)
-                        .into_iter()
-                        .filter_map(|(group, _)| index.group(group))
-                        .collect(),
-                }),
-                None => Lookup::Unknown,
+        // Retired identifiers are consulted only on a miss: a live user is who a name names.
+        let missed = |kind: Retired, value: &str| match index.was_deleted(kind, value) {
+            true => Lookup::Deleted,
+            false => Lookup::Unknown,
+        };
+        let lookup = match key {
+            // userName is unique: at most one row, and no list to build on the request path.
+            SubjectKey::UserName(name) => match index.user_by_name(name) {
+                Some(row) => found(row),
+                None => missed(Retired::UserName, name),
             },
-            [] if index.was_deleted(retired.0, retired.1) => Lookup::Deleted,
-            [] => Lookup::Unknown,
-            more => Lookup::Ambiguous(more.len()),
+            SubjectKey::Email(email) => match index.users_by_email(email).as_slice() {
+                [row] => found(*row),
+                [] => missed(Retired::Email, email),
+                more => Lookup::Ambiguous(more.len()),
+            },
+            SubjectKey::ExternalId(id) => match index.users_by_external_id(id).as_slice() {
+                [row] => found(*row),
+                [] => missed(Retired::ExternalId, id),
+                more => Lookup::Ambiguous(more.len()),
+            },
         };
         f(lookup)
     }
