@@ -93,7 +93,7 @@ pub struct Machine {
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,
     /// Whether the issuer gave the token to a client for itself (client credentials), as
-    /// [`crate::auth::is_client_token`] reads its marks: a machine. A token a client holds for
+    /// the authenticator reads its marks (`is_client_token`): a machine. A token a client holds for
     /// a person is judged as that person (the `[identity]` person mapping, `SubjectKind::Person`),
     /// so `machines = true` never names it and it never borrows a service account's groups.
     pub for_itself: bool,

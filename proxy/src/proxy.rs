@@ -8,7 +8,7 @@
 //!    4. find the route (404, or 308 to https);
 //!    5. authenticate: the session cookie or bearer token, from memory ([`crate::auth`]);
 //!    6. ask the gate whether to let the request in ([`crate::gate::Gate::admit`]);
-//!    7. a refusal is answered in [`Proxy::refuse`], the one place an admission becomes a 302,
+//!    7. a refusal is answered in `Proxy::answer`, the one place an admission becomes a 302,
 //!       401 or 403; a request let in is remembered for step 5 below, and its body size bounded.
 //! 2. `upstream_peer`: choose an upstream (round-robin over the healthy ones).
 //! 3. `upstream_request_filter`: strip client-sent identity headers, set the caller's identity
