@@ -826,12 +826,12 @@ fn strip_reserved_headers(request: &mut RequestHeader) {
 /// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
 /// header that is not text is dropped whole: it cannot be told free of them.
 fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
-    let host_prefixed = format!("__Host-{session_cookie}");
-    let own = [session_cookie, host_prefixed.as_str(), BROWSER_COOKIE];
+    // Every own name contains one of these two (`__Host-` + the session's name included), so
+    // a request without either, nearly all of them, is left as it is without a copy.
     let mentions_own = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         value.to_str().is_err()
-            || own
+            || [session_cookie, BROWSER_COOKIE]
                 .iter()
                 .any(|name| bytes.windows(name.len()).any(|w| w == name.as_bytes()))
     };
@@ -843,7 +843,11 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
     {
         return;
     }
-    let is_own = |name: &str| own.contains(&name) || name.starts_with(BROWSER_COOKIE);
+    let is_own = |name: &str| {
+        name == session_cookie
+            || name.strip_prefix("__Host-") == Some(session_cookie)
+            || name.starts_with(BROWSER_COOKIE)
+    };
     let kept: Vec<String> = request
         .headers
         .get_all(header::COOKIE)
