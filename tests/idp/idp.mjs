@@ -19,8 +19,9 @@
 //   profile           how tokens look: "conformant" (the default: oidc-provider as it ships),
 //                     "entra" (Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`,
 //                     `preferred_username` (the UPN) and `name` in the ID token, no `email`), or
-//                     "okta" (claims per scope, `groups` only when the `groups` scope is asked;
-//                     give users Okta-style subs, `00u…`)
+//                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
+//                     answer to the code flow has them; `groups` only when the `groups` scope is
+//                     asked; give users Okta-style subs, `00u…`)
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -303,8 +304,10 @@ function buildProvider(issuer, clients) {
       },
     }[profile],
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
-    // Entra ID puts its claims in the ID token whatever else it issues.
-    conformIdTokenClaims: profile === 'entra' ? false : setup.conform_id_token_claims ?? true,
+    // Entra ID puts its claims in the ID token whatever else it issues, and so does Okta in the
+    // ID token its token endpoint returns for the code flow (its "thin" ID token is the
+    // implicit flow's); the conformant profile is the package as it ships.
+    conformIdTokenClaims: profile === 'conformant' ? setup.conform_id_token_claims ?? true : false,
     // Entra ID's `sub` is pairwise: one value per person and application.
     subjectTypes: profile === 'entra' ? ['public', 'pairwise'] : ['public'],
     async pairwiseIdentifier(_ctx, accountId, client) {

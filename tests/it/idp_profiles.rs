@@ -1,6 +1,7 @@
 //! Sign-in against the test IdP in the shapes real IdPs give tokens (issue #13): the provider
 //! as it ships (scope claims only at UserInfo), Microsoft Entra ID (a pairwise `sub`, `oid`,
-//! `preferred_username`, no `email`) and Okta (`sub` is the Okta user id, claims per scope).
+//! `preferred_username`, no `email`) and Okta (`sub` is the Okta user id, the scopes' claims in the
+//! ID token, so no UserInfo is needed).
 //! For each, the same person is provisioned with that IdP's own SCIM requests, signs in through
 //! headless Chromium, reaches the upstream as the provisioned user, and is refused on the next
 //! request once the IdP deactivates them over SCIM.

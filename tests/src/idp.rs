@@ -235,8 +235,10 @@ pub enum IdpProfile {
     /// Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`, `preferred_username` (the UPN) and
     /// `name` in the ID token, no `email`.
     Entra,
-    /// Okta: claims per scope, `groups` only when the `groups` scope is asked; users' subs are
-    /// Okta ids (`00u…`), as the test gives them.
+    /// Okta: the claims of the scopes asked for in the ID token (as Okta's token endpoint
+    /// returns it for the code flow), `groups` only when the `groups` scope is asked; users'
+    /// subs are Okta ids (`00u…`), as the test gives them.
+    /// (`conform_id_token_claims` applies to the conformant profile only.)
     Okta,
 }
 
