@@ -134,6 +134,7 @@ tables!(
     Oidc,
     Identity,
     JwtIssuer,
+    Postgres,
 );
 
 /// A deserializer that hands its visitor a table, and reports anything else as a value of the
@@ -186,6 +187,15 @@ pub(crate) struct File {
     pub jwt_issuers: Vec<JwtIssuer>,
     #[serde(default)]
     pub identity: Identity,
+    pub postgres: Option<Postgres>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
+pub(crate) struct Postgres {
+    pub url: Option<String>,
+    pub pool_size: Option<i64>,
+    pub max_staleness: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -69,6 +69,22 @@ pub struct Config {
     /// How a signed-in caller is found in the SCIM directory and told to upstreams; the
     /// defaults when the file has no `[identity]` section.
     pub identity: IdentityConfig,
+    /// `None` when the file has no `[postgres]` section: the directory lives in `data_dir`.
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// The PostgreSQL database several replicas share (`[postgres]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PostgresConfig {
+    /// A `postgres://` URL or a `key=value` connection string; it may carry a password.
+    /// TLS to the server as the URL's `sslmode` asks (`require` verifies the certificate
+    /// against the system's roots).
+    pub url: Secret,
+    /// Connections kept for reads of whole records (SCIM answers).
+    pub pool_size: usize,
+    /// How long a replica that has lost the change feed keeps admitting callers; also the
+    /// longest a dead replica can hold up a SCIM answer.
+    pub max_staleness: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -120,6 +120,23 @@ timeout = "5s"
             ],
         },
         Case {
+            name: "postgres: every key checked",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=sometimes\"\npool_size = 0\nmax_staleness = \"10m\"\n",
+            problems: &[
+                ("postgres.url", None, "not a PostgreSQL connection URL"),
+                ("postgres.pool_size", None, "must be 1 to 64"),
+                ("postgres.max_staleness", None, "at most 1m"),
+            ],
+        },
+        Case {
+            name: "postgres: url required, max_staleness not too short",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nmax_staleness = \"10ms\"\n",
+            problems: &[
+                ("postgres.url", None, "missing required key"),
+                ("postgres.max_staleness", None, "at least 200ms"),
+            ],
+        },
+        Case {
             name: "missing data_dir",
             text: "LISTENERS",
             problems: &[("data_dir", None, "missing required key")],
@@ -1452,6 +1469,7 @@ to = ["http://127.0.0.1"]
         oidc: None,
         jwt_issuers: vec![],
         identity: IdentityConfig::default(),
+        postgres: None,
     };
     assert_eq!(config, expected);
 }

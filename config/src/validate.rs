@@ -28,8 +28,8 @@ use crate::file;
 use crate::model::{
     AdminConfig, AdminToken, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig,
     JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim,
-    OidcConfig, Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig, Upstream,
-    UserInfo,
+    OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig,
+    Upstream, UserInfo,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -183,6 +183,10 @@ pub(crate) fn convert(
     };
     let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
     let identity = identity(file.identity, &root.key("identity"), p);
+    let postgres = match file.postgres {
+        None => Some(None),
+        Some(raw) => postgres(raw, &root.key("postgres"), base_dir, env, p).map(Some),
+    };
 
     if !p.is_empty() {
         return None;
@@ -198,6 +202,7 @@ pub(crate) fn convert(
         oidc: oidc?,
         jwt_issuers: jwt_issuers?,
         identity,
+        postgres: postgres?,
     })
 }
 
@@ -1799,6 +1804,48 @@ fn in_range<T: TryFrom<i64>>(
         p.add(path, message);
     }
     converted
+}
+
+fn postgres(
+    raw: file::Postgres,
+    path: &KeyPath,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems<'_>,
+) -> Option<PostgresConfig> {
+    let url_path = path.key("url");
+    let url = required(raw.url, &url_path, p).and_then(|raw| {
+        let checked = resolve_secret(&raw, env, base_dir).and_then(|url| {
+            // The parser's messages name the option at fault, never a value.
+            url.expose()
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("is not a PostgreSQL connection URL: {e}"))?;
+            Ok(url)
+        });
+        checked.map_err(|message| p.add(&url_path, message)).ok()
+    });
+    let pool_size = raw
+        .pool_size
+        .and_then(|n| in_range(n, 1..=64, &path.key("pool_size"), p))
+        .unwrap_or(4);
+    let max_staleness = duration(
+        raw.max_staleness,
+        Duration::from_secs(2),
+        Duration::from_millis(200),
+        &path.key("max_staleness"),
+        p,
+    );
+    if max_staleness > Duration::from_secs(60) {
+        p.add(
+            &path.key("max_staleness"),
+            "must be at most 1m: a dead replica holds up SCIM answers this long",
+        );
+    }
+    Some(PostgresConfig {
+        url: url?,
+        pool_size,
+        max_staleness,
+    })
 }
 
 /// A humantime duration such as `30s` or `1m 30s`; never zero, and at least `min`.

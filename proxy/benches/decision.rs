@@ -239,6 +239,7 @@ impl Fixture {
         Gate {
             directory: &self.directory,
             identity: &self.config.identity,
+            current: true,
         }
     }
 

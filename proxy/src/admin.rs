@@ -125,6 +125,14 @@ impl Admin {
             }
             self.listening.store(true, Ordering::Release);
         }
+        if let Some(freshness) = self.shared.freshness.as_ref().filter(|f| !f.is_current()) {
+            let text = format!("not ready: {}\n", freshness.problem());
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                text.into_bytes(),
+            );
+        }
         (StatusCode::OK, "text/plain", b"ready\n".to_vec())
     }
 

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use portcullis_config::{Config, IdentityClaim, Scheme};
+use portcullis_scim::store::postgres::{PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::Directory;
+use portcullis_scim::store::{Directory, Storage};
 
 use crate::caller::{Identity, Principal};
 use crate::gate::{Admission, Client, DirectoryView, Facts, Presented, Refused};
@@ -103,6 +104,7 @@ pub fn explain(
     let gate = crate::gate::Gate {
         directory,
         identity: &runtime.config.identity,
+        current: true,
     };
     let identity = signed_in_now(runtime, directory, user);
     let principal = Principal::Person(&identity);
@@ -158,6 +160,9 @@ pub fn explain(
             answer.rule = refusal.rule;
             answer.reason = refusal.reason;
         }
+        Admission::Refuse(Refused::Unavailable) => {
+            answer.reason = "the directory is not known to be current".to_owned();
+        }
         // Someone who has just signed in is asked to sign in only where people cannot.
         Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. }) => {
             answer.reason = format!(
@@ -179,15 +184,25 @@ pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Ex
             None => tracing::debug!("no proxy answers on the admin listener"),
         }
     }
-    let storage = RedbStorage::open(&config.data_dir).map_err(|e| {
-        format!(
-            "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it an \
-             [admin] listener and explain asks it instead)",
-            config.data_dir.display()
-        )
-    })?;
+    let storage: Arc<dyn Storage> = match &config.postgres {
+        Some(postgres) => Arc::new(
+            PgStorage::open(&PgOptions {
+                url: postgres.url.expose().to_owned(),
+                pool_size: 1,
+                max_staleness: postgres.max_staleness,
+            })
+            .map_err(|e| format!("cannot open the directory in PostgreSQL: {e}"))?,
+        ),
+        None => Arc::new(RedbStorage::open(&config.data_dir).map_err(|e| {
+            format!(
+                "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it \
+                 an [admin] listener and explain asks it instead)",
+                config.data_dir.display()
+            )
+        })?),
+    };
     let directory = Arc::new(
-        Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
+        Directory::open(storage, Box::new(time::OffsetDateTime::now_utc))
             .map_err(|e| format!("cannot load the directory: {e}"))?,
     );
     let runtime = Runtime::build(config, &directory);

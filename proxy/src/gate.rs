@@ -107,6 +107,9 @@ pub enum Refused {
     Challenge { invalid_token: bool, revoked: bool },
     /// 403.
     Forbid(Refusal),
+    /// 503: this replica cannot be sure its directory is current (it has lost the shared
+    /// store's change feed), so it judges nobody who needs the directory.
+    Unavailable,
 }
 
 impl Refused {
@@ -189,6 +192,9 @@ pub enum Cause {
 pub struct Gate<'a> {
     pub directory: &'a Directory,
     pub identity: &'a IdentityConfig,
+    /// Whether the directory is known to be current. Always true with an embedded store;
+    /// with a shared one, while this replica's lease on the change feed holds.
+    pub current: bool,
 }
 
 /// The directory's view of a caller, for `/.portcullis/me` and `portcullis explain`.
@@ -233,6 +239,10 @@ impl Gate<'_> {
                 return self.anonymous(facts, &request, bearer, explain)
             }
         };
+        if !self.current {
+            // Fail closed: a directory that may miss a revocation answers for nobody.
+            return Admission::Refuse(Refused::Unavailable);
+        }
         match self.resolve(facts, &request, principal, explain) {
             Judged::Allow(pass) => Admission::Allow(pass),
             // Someone the directory cannot place is still anyone: public rules let them in.

@@ -17,8 +17,9 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use portcullis_scim::store::postgres::{Freshness, PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::Directory;
+use portcullis_scim::store::{Directory, StoreError};
 
 use portcullis::state::{Runtime, Shared};
 use portcullis::{admin, assertion, audit, auth, clock, explain, logging, proxy, reload, services};
@@ -223,7 +224,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let audit = Arc::new(audit::Audit::open(&config.data_dir)?);
-    let directory = open_directory(&config.data_dir, &audit)?;
+    let (directory, freshness) = open_directory(&config, &audit)?;
     let auth = Arc::new(auth::Auth::new(&config.data_dir, directory.clone())?);
     let signer = Arc::new(assertion::Signer::open(
         &config.data_dir,
@@ -234,6 +235,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),
         directory,
+        freshness,
         auth,
         signer,
         audit,
@@ -297,11 +299,45 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.run_forever()
 }
 
-/// Opens the directory in `data_dir`, rebuilding its in-memory index.
-/// Every committed change also goes to the audit log.
-fn open_directory(data_dir: &Path, audit: &audit::Audit) -> Result<Arc<Directory>, String> {
+/// Opens the directory, rebuilding its in-memory index: from `data_dir`, or with `[postgres]`
+/// from the shared database, followed by a thread of its own (this replica's lease is the
+/// second value). Every committed change also goes to the audit log.
+fn open_directory(
+    config: &portcullis_config::Config,
+    audit: &audit::Audit,
+) -> Result<(Arc<Directory>, Option<Arc<Freshness>>), String> {
+    if let Some(postgres) = &config.postgres {
+        let storage = PgStorage::open(&PgOptions {
+            url: postgres.url.expose().to_owned(),
+            pool_size: postgres.pool_size,
+            max_staleness: postgres.max_staleness,
+        })
+        .map_err(|e| e.to_string())?;
+        match storage.migrate() {
+            Ok(()) => {}
+            Err(e @ StoreError::Version { .. }) => return Err(format!("PostgreSQL: {e}")),
+            // Started anyway, not ready: the follower connects (and migrates) when it can.
+            Err(e) => tracing::warn!("PostgreSQL: {e}; not ready until it answers"),
+        }
+        let freshness = storage.freshness();
+        let fleet = storage.fleet();
+        let directory = Arc::new(
+            Directory::open_unloaded(
+                Arc::new(storage),
+                Box::new(time::OffsetDateTime::now_utc),
+                Some(audit.change_sink()),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let following = directory.clone();
+        std::thread::Builder::new()
+            .name("directory-feed".to_owned())
+            .spawn(move || fleet.follow(&|| following.catch_up()))
+            .map_err(|e| format!("cannot start the directory feed: {e}"))?;
+        return Ok((directory, Some(freshness)));
+    }
     let started = std::time::Instant::now();
-    let storage = RedbStorage::open(data_dir).map_err(|e| e.to_string())?;
+    let storage = RedbStorage::open(&config.data_dir).map_err(|e| e.to_string())?;
     let directory = Directory::open_with_sink(
         Arc::new(storage),
         Box::new(time::OffsetDateTime::now_utc),
@@ -316,7 +352,7 @@ fn open_directory(data_dir: &Path, audit: &audit::Audit) -> Result<Arc<Directory
         elapsed_ms = started.elapsed().as_millis() as u64,
         "directory loaded"
     );
-    Ok(Arc::new(directory))
+    Ok((Arc::new(directory), None))
 }
 
 /// SIGHUP's default action ends the process. Registering a handler now, before the listeners

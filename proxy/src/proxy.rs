@@ -587,7 +587,7 @@ impl Proxy {
             )
             .header(header::CACHE_CONTROL, "public, max-age=60"),
             "healthz" => Reply::status_page(StatusCode::OK),
-            "readyz" if self.shared.is_draining() => {
+            "readyz" if self.shared.is_draining() || !self.shared.directory_is_current() => {
                 Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
             }
             "readyz" => Reply::status_page(StatusCode::OK),
@@ -680,6 +680,13 @@ impl Proxy {
                 None => challenge(false),
             },
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
+            Refused::Unavailable => Reply::page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Temporarily unavailable",
+                "<p>This replica has lost touch with the directory and cannot be sure who \
+                 may come in, so it lets nobody in until it has caught up. Try again in a \
+                 moment.</p>",
+            ),
             Refused::Forbid(refusal) => {
                 self.shared.audit.refusal(
                     refusal.who.as_deref().unwrap_or("anonymous"),

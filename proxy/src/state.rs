@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use portcullis_config::{Config, Scheme};
+use portcullis_scim::store::postgres::Freshness;
 use portcullis_scim::store::Directory;
 
 use crate::assertion::Signer;
@@ -127,6 +128,8 @@ pub struct Shared {
     /// The directory outlives configurations: a reload keeps it (changing `data_dir` needs a
     /// restart).
     pub directory: Arc<Directory>,
+    /// With a shared store (`[postgres]`): this replica's lease on the change feed.
+    pub freshness: Option<Arc<Freshness>>,
     /// Sessions, the OIDC provider and issuers' keys: kept across reloads.
     pub auth: Arc<Auth>,
     /// Signs the identity assertions sent upstream.
@@ -148,6 +151,7 @@ impl Shared {
     pub fn new(
         config_path: PathBuf,
         directory: Arc<Directory>,
+        freshness: Option<Arc<Freshness>>,
         auth: Arc<Auth>,
         signer: Arc<Signer>,
         audit: Arc<Audit>,
@@ -165,6 +169,7 @@ impl Shared {
         Self {
             config_path,
             directory,
+            freshness,
             auth,
             signer,
             audit,
@@ -189,6 +194,12 @@ impl Shared {
         self.reloads.subscribe()
     }
 
+    /// Whether the directory is known to be current: always with the embedded store; with a
+    /// shared one, while this replica's lease on its change feed holds.
+    pub fn directory_is_current(&self) -> bool {
+        self.freshness.as_ref().is_none_or(|f| f.is_current())
+    }
+
     /// Where the directory, the sessions and the configuration stand: read before deciding.
     pub fn marks(&self) -> Marks {
         Marks {
@@ -196,6 +207,7 @@ impl Shared {
             session_ends: self.auth.sessions.ends(),
             config: *self.reloads.borrow(),
             second: crate::clock::now_unix(),
+            current: self.directory_is_current(),
         }
     }
 
@@ -204,6 +216,7 @@ impl Shared {
         Gate {
             directory: &self.directory,
             identity: &runtime.config.identity,
+            current: self.directory_is_current(),
         }
     }
 

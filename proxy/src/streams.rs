@@ -44,6 +44,9 @@ pub struct Marks {
     /// The unix second: grants end with time (a session's expiry, a token's `exp`), so an
     /// open connection is judged again at least once a second while it carries anything.
     pub second: u64,
+    /// Whether the directory is known to be current: open connections are judged again the
+    /// moment a replica loses its lease on the shared store's feed.
+    pub current: bool,
 }
 
 /// What an allowed request was let in as, to judge it again later.
@@ -60,6 +63,7 @@ pub struct Recheck {
     session_ends: AtomicU64,
     config: AtomicU64,
     second: AtomicU64,
+    current: AtomicBool,
     /// Set once the connection has been refused, so the refusal is reported once.
     cut: AtomicBool,
 }
@@ -83,6 +87,7 @@ impl Recheck {
             session_ends: AtomicU64::new(decided_at.session_ends),
             config: AtomicU64::new(decided_at.config),
             second: AtomicU64::new(decided_at.second),
+            current: AtomicBool::new(decided_at.current),
             cut: AtomicBool::new(false),
         }
     }
@@ -93,11 +98,12 @@ impl Recheck {
             session_ends: self.session_ends.load(Ordering::Acquire),
             config: self.config.load(Ordering::Acquire),
             second: self.second.load(Ordering::Acquire),
+            current: self.current.load(Ordering::Acquire),
         }
     }
 
     /// Whether the connection may carry on, given where things stand `now` (read before
-    /// calling). When nothing moved since the last decision this costs four counter reads;
+    /// calling). When nothing moved since the last decision this costs five reads;
     /// otherwise `judge` decides again, and the first refusal is handed to `on_cut` (to be
     /// recorded), once per connection.
     pub fn still_allowed(
@@ -118,6 +124,7 @@ impl Recheck {
                 self.session_ends.store(now.session_ends, Ordering::Release);
                 self.config.store(now.config, Ordering::Release);
                 self.second.store(now.second, Ordering::Release);
+                self.current.store(now.current, Ordering::Release);
                 true
             }
             refused => {

@@ -135,6 +135,7 @@ impl World {
         Gate {
             directory: &self.directory,
             identity: &self.config.identity,
+            current: true,
         }
     }
 

@@ -27,7 +27,7 @@ pub const RESOURCE_TYPE_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Re
 static USER_EXTENSIONS: [&SchemaDef; 1] = [&ENTERPRISE_USER];
 
 /// The resource types served under `/Users` and `/Groups`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ResourceType {
     User,
     Group,

@@ -186,7 +186,8 @@ struct Sample {
 }
 
 /// Builds one authenticated request of the load.
-type MakeRequest = Arc<dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync>;
+pub(crate) type MakeRequest =
+    Arc<dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync>;
 
 /// A GET of `url` with the session cookie, as an API client.
 fn with_session(url: String, cookie: String) -> MakeRequest {
@@ -210,7 +211,7 @@ fn with_bearer(url: String, token: String) -> MakeRequest {
 /// runs `revoke` (one SCIM request) once some have been allowed, notes the instant its answer
 /// arrived, keeps sending for a while, and asserts that no request sent after that instant
 /// got a 2xx, and that each of them got one of `refused_with`.
-async fn revocation_under_load(
+pub(crate) async fn revocation_under_load(
     what: &str,
     make: MakeRequest,
     revoke: impl Future<Output = ScimResponse>,

@@ -19,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod proxying;
 mod reload;
+mod replicas;
 mod routing;
 mod scim_crash;
 mod scim_entra;

@@ -187,6 +187,8 @@ pub struct ConfigBuilder {
     scim: Option<Scim>,
     oidc: Option<Oidc>,
     jwt_issuers: Vec<JwtIssuer>,
+    /// `[postgres]` as `(key, raw TOML value)` lines.
+    postgres: Vec<(String, String)>,
 }
 
 impl ConfigBuilder {
@@ -207,7 +209,17 @@ impl ConfigBuilder {
             scim: None,
             oidc: None,
             jwt_issuers: Vec::new(),
+            postgres: Vec::new(),
         }
+    }
+
+    /// Keeps the directory in PostgreSQL at `url` (`[postgres]`), with this `max_staleness`.
+    pub fn postgres(mut self, url: &str, max_staleness: &str) -> ConfigBuilder {
+        self.postgres = vec![
+            ("url".to_owned(), toml_str(url)),
+            ("max_staleness".to_owned(), toml_str(max_staleness)),
+        ];
+        self
     }
 
     /// Adds a plain HTTP listener on a free port.
@@ -403,6 +415,12 @@ impl ConfigBuilder {
                 toml_str(&oidc.auth_host)
             );
             for (key, value) in &oidc.settings {
+                let _ = writeln!(out, "{key} = {value}");
+            }
+        }
+        if !self.postgres.is_empty() {
+            out.push_str("\n[postgres]\n");
+            for (key, value) in &self.postgres {
                 let _ = writeln!(out, "{key} = {value}");
             }
         }

@@ -405,9 +405,11 @@ impl Auth {
             Caller::Machine(machine) => ("machine", machine.subject.clone(), None, None, None),
         };
         // The directory's view of this caller: their SCIM user and every group they are in.
+        // (A view only, never an admission: it is shown even while a replica catches up.)
         let gate = Gate {
             directory: &self.directory,
             identity: &config.identity,
+            current: true,
         };
         let directory = gate.directory_view(caller.principal());
         if wants_json {

@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 
 use super::index::{fold, format_id, GroupEntry, Id, Index, Retired, UserEntry};
 use super::writer::Overlay;
-use super::{Change, Command, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH};
+use super::{
+    Batch, Change, Command, Feed, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH,
+};
 use crate::error::ScimError;
 use crate::eval::{check_filter, matches_checked, references_attribute};
 use crate::filter::{AttrExpr, AttrOp, AttrPath, CompValue, CompareOp, Filter};
@@ -25,7 +27,12 @@ pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
 /// hand them off without blocking.
 pub type ChangeSink = Box<dyn Fn(&[Change]) + Send>;
 
-struct Job {
+enum Job {
+    Write(Write),
+    CatchUp(mpsc::SyncSender<Result<Seq, StoreError>>),
+}
+
+struct Write {
     command: Command,
     actor: String,
     reply: oneshot::Sender<Result<Written, ScimError>>,
@@ -152,27 +159,28 @@ impl Directory {
         clock: Clock,
         sink: Option<ChangeSink>,
     ) -> Result<Self, StoreError> {
-        let mut index = Index::default();
-        let mut members = Vec::new();
-        let mut bad = 0usize;
-        let (seq, next_row) = storage.load(&mut |loaded| match loaded {
-            Loaded::Resource(rt, row, json) => {
-                if !index.insert_stored(rt, row, json) {
-                    bad += 1;
-                }
-            }
-            Loaded::Member { group, member } => members.push((group, member)),
-        })?;
-        if bad > 0 {
-            return Err(StoreError::Corrupt(format!(
-                "{bad} stored resources lack an id or name"
-            )));
-        }
-        for (group, member) in members {
-            index.insert_member(group, member);
-        }
-        index.seq = seq;
-        index.next_row = next_row;
+        let index = load_index(&*storage)?;
+        Self::start(storage, index, clock, sink)
+    }
+
+    /// Starts on an empty index, for a shared store: the first [`Directory::catch_up`] loads
+    /// it (or replays it from the store's feed). Until then it knows nobody, and callers
+    /// that need to be sure it is current ask their lease (see `postgres::Freshness`).
+    pub fn open_unloaded(
+        storage: Arc<dyn Storage>,
+        clock: Clock,
+        sink: Option<ChangeSink>,
+    ) -> Result<Self, StoreError> {
+        Self::start(storage, Index::default(), clock, sink)
+    }
+
+    fn start(
+        storage: Arc<dyn Storage>,
+        index: Index,
+        clock: Clock,
+        sink: Option<ChangeSink>,
+    ) -> Result<Self, StoreError> {
+        let seq = index.seq;
         let index = Arc::new(RwLock::new(index));
         let (writer, jobs) = mpsc::channel();
         let visible = tokio::sync::watch::Sender::new(seq);
@@ -183,7 +191,14 @@ impl Directory {
             thread::Builder::new()
                 .name("directory-writer".to_owned())
                 .spawn(move || {
-                    write_loop(&*storage, &index, &jobs, &clock, sink.as_ref(), &visible)
+                    let writer = Writer {
+                        storage: &*storage,
+                        index: &index,
+                        clock: &clock,
+                        sink: sink.as_ref(),
+                        visible: &visible,
+                    };
+                    writer.run(&jobs)
                 })
                 .map_err(|e| StoreError::Backend(format!("cannot start the writer: {e}")))?
         };
@@ -196,15 +211,30 @@ impl Directory {
         })
     }
 
+    /// Applies what other processes committed to a shared store since this index was last
+    /// brought up to date (reloading in full if the store no longer keeps the batches in
+    /// between). Blocks until done; returns the sequence number now visible.
+    pub fn catch_up(&self) -> Result<Seq, StoreError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("the directory is closing".to_owned()))?
+            .send(Job::CatchUp(reply))
+            .map_err(|_| StoreError::Backend("the directory writer has stopped".to_owned()))?;
+        answer
+            .recv()
+            .map_err(|_| StoreError::Backend("the directory writer has stopped".to_owned()))?
+    }
+
     /// Performs a write on behalf of `actor` (the SCIM token's name). Returns once the write
     /// is durable and visible to every later read.
     pub async fn write(&self, command: Command, actor: &str) -> Result<Written, ScimError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
+        let job = Job::Write(Write {
             command,
             actor: actor.to_owned(),
             reply,
-        };
+        });
         self.writer
             .as_ref()
             .ok_or_else(|| ScimError::new(503, None, "the directory is closing"))?
@@ -599,70 +629,230 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
     });
 }
 
-fn write_loop(
-    storage: &dyn Storage,
-    index: &RwLock<Index>,
-    jobs: &mpsc::Receiver<Job>,
-    clock: &Clock,
-    sink: Option<&ChangeSink>,
-    visible: &tokio::sync::watch::Sender<Seq>,
-) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch_jobs = vec![first];
-        while batch_jobs.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch_jobs.push(job),
-                Err(_) => break,
+/// Reads the whole of `storage` into a new index.
+fn load_index(storage: &dyn Storage) -> Result<Index, StoreError> {
+    let mut index = Index::default();
+    let mut members = Vec::new();
+    let mut bad = 0usize;
+    let (seq, next_row) = storage.load(&mut |loaded| match loaded {
+        Loaded::Resource(rt, row, json) => {
+            if !index.insert_stored(rt, row, json) {
+                bad += 1;
             }
         }
-        let now = clock()
-            .format(&Rfc3339)
-            .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
-        let (results, batch) = {
-            let Ok(guard) = index.read() else {
-                fail_all(batch_jobs, "the directory index is unusable");
-                continue;
+        Loaded::Member { group, member } => members.push((group, member)),
+    })?;
+    if bad > 0 {
+        return Err(StoreError::Corrupt(format!(
+            "{bad} stored resources lack an id or name"
+        )));
+    }
+    for (group, member) in members {
+        index.insert_member(group, member);
+    }
+    index.seq = seq;
+    index.next_row = next_row;
+    Ok(index)
+}
+
+/// Most times a batch is rebuilt because another replica committed first.
+const MAX_ATTEMPTS: usize = 16;
+
+/// The writer thread: the only one that changes the index.
+struct Writer<'a> {
+    storage: &'a dyn Storage,
+    index: &'a RwLock<Index>,
+    clock: &'a Clock,
+    sink: Option<&'a ChangeSink>,
+    visible: &'a tokio::sync::watch::Sender<Seq>,
+}
+
+/// Writes committed and visible here, answered once the store has settled them.
+struct Settled {
+    seq: Seq,
+    committed: std::time::Instant,
+    answers: Vec<(Write, Result<Written, ScimError>)>,
+}
+
+impl Writer<'_> {
+    fn run(&self, jobs: &mpsc::Receiver<Job>) {
+        // A shared store answers writes only once the other replicas have them (or cannot
+        // admit anyone), which may take a while; a thread of its own waits for that, in
+        // commit order, so the writer goes on committing meanwhile.
+        let (settle, settled) = mpsc::channel::<Settled>();
+        let settler = self.storage.is_shared().then(|| {
+            let storage = self.storage;
+            move || settle_loop(storage, &settled)
+        });
+        thread::scope(|scope| {
+            if let Some(settler) = settler {
+                scope.spawn(settler);
+            }
+            while let Ok(first) = jobs.recv() {
+                let mut writes = Vec::new();
+                let mut next = Some(first);
+                while let Some(job) = next.take() {
+                    match job {
+                        Job::Write(write) => writes.push(write),
+                        Job::CatchUp(reply) => {
+                            let _ = reply.send(self.catch_up());
+                        }
+                    }
+                    if writes.len() < MAX_BATCH {
+                        next = jobs.try_recv().ok();
+                    }
+                }
+                if !writes.is_empty() {
+                    self.write(writes, &settle);
+                }
+            }
+            drop(settle);
+        });
+    }
+
+    fn write(&self, writes: Vec<Write>, settle: &mpsc::Sender<Settled>) {
+        for _ in 0..MAX_ATTEMPTS {
+            let now = (self.clock)()
+                .format(&Rfc3339)
+                .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+            let (results, batch) = {
+                let Ok(guard) = self.index.read() else {
+                    return fail_all(writes, "the directory index is unusable");
+                };
+                let mut overlay = Overlay::new(&guard, self.storage, now);
+                let results: Vec<Result<Written, ScimError>> = writes
+                    .iter()
+                    .map(|write| overlay.execute(&write.command, &write.actor))
+                    .collect();
+                (results, overlay.into_batch())
             };
-            let mut overlay = Overlay::new(&guard, storage, now);
-            let results: Vec<Result<Written, ScimError>> = batch_jobs
-                .iter()
-                .map(|job| overlay.execute(&job.command, &job.actor))
-                .collect();
-            (results, overlay.into_batch())
+            let mut seq = batch.seq;
+            if !batch.is_empty() {
+                match self.storage.commit(&batch) {
+                    Ok(()) => {}
+                    Err(StoreError::Behind) => {
+                        // Built on an old directory: bring it up to date and build again.
+                        if let Err(e) = self.catch_up() {
+                            tracing::error!("directory catch-up failed: {e}");
+                            return fail_all(writes, "the directory is not reachable; retry");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "directory commit failed, {} writes refused: {e}",
+                            writes.len()
+                        );
+                        return fail_all(writes, "the directory could not save the change; retry");
+                    }
+                }
+                match self.apply(&batch) {
+                    Some(now) => seq = now,
+                    None => return fail_all(writes, "the directory index is unusable"),
+                }
+            }
+            let answers = writes.into_iter().zip(results).collect();
+            if self.storage.is_shared() {
+                let settled = Settled {
+                    seq,
+                    committed: std::time::Instant::now(),
+                    answers,
+                };
+                if let Err(mpsc::SendError(settled)) = settle.send(settled) {
+                    answer(settled.answers);
+                }
+            } else {
+                answer(answers);
+            }
+            return;
+        }
+        fail_all(
+            writes,
+            "the directory is too busy with other replicas' writes; retry",
+        );
+    }
+
+    /// Makes a committed batch visible; returns the sequence number after it.
+    fn apply(&self, batch: &Batch) -> Option<Seq> {
+        let seq = {
+            let mut guard = self.index.write().ok()?;
+            guard.apply(batch);
+            guard.seq()
         };
-        if !batch.is_empty() {
-            if let Err(e) = storage.commit(&batch) {
-                tracing::error!(
-                    "directory commit failed, {} writes refused: {e}",
-                    batch_jobs.len()
-                );
-                fail_all(batch_jobs, "the directory could not save the change; retry");
-                continue;
-            }
-            let seq = match index.write() {
-                Ok(mut guard) => {
-                    guard.apply(&batch);
-                    guard.seq()
-                }
-                Err(_) => {
-                    fail_all(batch_jobs, "the directory index is unusable");
-                    continue;
-                }
-            };
-            visible.send_replace(seq);
-            if let Some(sink) = sink.filter(|_| !batch.changes.is_empty()) {
-                sink(&batch.changes);
-            }
+        self.visible.send_replace(seq);
+        if let Some(sink) = self.sink.filter(|_| !batch.changes.is_empty()) {
+            sink(&batch.changes);
         }
-        for (job, result) in batch_jobs.into_iter().zip(results) {
-            // The requester may have gone away; the write stands either way.
-            let _ = job.reply.send(result);
+        Some(seq)
+    }
+
+    fn catch_up(&self) -> Result<Seq, StoreError> {
+        loop {
+            let after = self.index.read().map_err(|_| unusable())?.seq();
+            match self.storage.feed(after)? {
+                Feed::Batches(batches) if batches.is_empty() => return Ok(after),
+                Feed::Batches(batches) => {
+                    for batch in &batches {
+                        self.apply(batch).ok_or_else(unusable)?;
+                    }
+                }
+                Feed::Gap => {
+                    let started = std::time::Instant::now();
+                    let index = load_index(self.storage)?;
+                    let (seq, users, groups) = (index.seq, index.user_count(), index.group_count());
+                    *self.index.write().map_err(|_| unusable())? = index;
+                    self.visible.send_replace(seq);
+                    tracing::info!(
+                        users,
+                        groups,
+                        seq,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "directory loaded"
+                    );
+                }
+            }
         }
     }
 }
 
-fn fail_all(jobs: Vec<Job>, why: &str) {
-    for job in jobs {
-        let _ = job.reply.send(Err(ScimError::new(503, None, why)));
+fn unusable() -> StoreError {
+    StoreError::Backend("the directory index is unusable".to_owned())
+}
+
+fn settle_loop(storage: &dyn Storage, settled: &mpsc::Receiver<Settled>) {
+    while let Ok(Settled {
+        seq,
+        committed,
+        answers,
+    }) = settled.recv()
+    {
+        match storage.settle(seq, committed) {
+            Ok(()) => answer(answers),
+            Err(e) => {
+                // Committed, but not known to be everywhere: not a success to report. SCIM
+                // clients retry, and a retried write finds the change already made.
+                tracing::error!("directory change {seq} not confirmed by every replica: {e}");
+                for (write, _) in answers {
+                    let _ = write.reply.send(Err(ScimError::new(
+                        503,
+                        None,
+                        "the change is saved but not yet confirmed by every replica; retry",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn answer(answers: Vec<(Write, Result<Written, ScimError>)>) {
+    for (write, result) in answers {
+        // The requester may have gone away; the write stands either way.
+        let _ = write.reply.send(result);
+    }
+}
+
+fn fail_all(writes: Vec<Write>, why: &str) {
+    for write in writes {
+        let _ = write.reply.send(Err(ScimError::new(503, None, why)));
     }
 }

@@ -7,8 +7,9 @@
 //!   and only then answers. So a write answered 2xx is on disk, and every read that starts after
 //!   the answer sees it.
 //! - [`Storage`] is the one trait a backend implements; it persists batches stamped with a
-//!   monotonically increasing change sequence and loads them back at start. The one backend
-//!   today is redb, on the local disk ([`redb::RedbStorage`]).
+//!   monotonically increasing change sequence and loads them back at start. Two backends:
+//!   redb on the local disk ([`redb::RedbStorage`]), and PostgreSQL shared by several replicas
+//!   ([`postgres::PgStorage`]), whose changes every replica follows into its own index.
 //! - [`Index`] holds every User and Group in compact form, memberships in both directions,
 //!   and the unique names. Group member lists live only as rows, never inside the Group's
 //!   stored resource, so adding one member to a 100,000-member group writes one row.
@@ -16,6 +17,7 @@
 mod directory;
 mod index;
 pub mod memory;
+pub mod postgres;
 pub mod redb;
 mod writer;
 
@@ -129,8 +131,10 @@ pub struct Change {
 }
 
 /// Everything one transaction writes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Batch {
+    /// The sequence number this batch was built on: the store's, when it is committed.
+    pub base: Seq,
     /// The sequence number after this batch.
     pub seq: Seq,
     pub next_row: Row,
@@ -162,6 +166,17 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the directory data has schema version {found}; this build reads version {expected}")]
     Version { found: u64, expected: u64 },
+    /// A shared store moved on since the batch was built: the writer catches up and retries.
+    #[error("another replica changed the directory first")]
+    Behind,
+}
+
+/// What a shared store has committed since a given sequence number ([`Storage::feed`]).
+pub enum Feed {
+    /// The batches, oldest first, each built on the one before; empty when nothing is new.
+    Batches(Vec<Batch>),
+    /// The batches right after it are no longer kept: reload in full.
+    Gap,
 }
 
 impl From<StoreError> for ScimError {
@@ -180,4 +195,23 @@ pub trait Storage: Send + Sync + 'static {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Changes with a sequence above `after`, oldest first, at most `limit`.
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError>;
+
+    /// Whether other processes write to this store too. Then [`Storage::commit`] refuses a
+    /// batch not built on the store's latest sequence ([`StoreError::Behind`]), the writer
+    /// catches up through [`Storage::feed`], and writes are answered after
+    /// [`Storage::settle`].
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// The batches committed after `after`, by any process.
+    fn feed(&self, _after: Seq) -> Result<Feed, StoreError> {
+        Ok(Feed::Batches(Vec::new()))
+    }
+
+    /// Returns once no other process can admit anyone on a directory older than `seq`,
+    /// whose batch was committed at (or before) `committed`.
+    fn settle(&self, _seq: Seq, _committed: std::time::Instant) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

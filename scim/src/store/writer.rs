@@ -66,6 +66,7 @@ impl<'a> Overlay<'a> {
     pub fn into_batch(self) -> Batch {
         let mut records = self.records;
         Batch {
+            base: self.index.seq,
             seq: self.seq,
             next_row: self.next_row,
             records: self

@@ -1,0 +1,861 @@
+//! The shared backend: one PostgreSQL database behind several replicas.
+//!
+//! Every replica keeps the whole directory in its own in-memory index, as with redb, and
+//! decides requests from it alone. What PostgreSQL adds is one order of changes for the fleet
+//! and a way to know that every replica has them:
+//!
+//! - **One sequence, no gaps.** A batch commits in one transaction that first locks the
+//!   `seq` row of `directory_meta` (`FOR UPDATE`) and checks that the batch was built on that
+//!   sequence. The lock is held until the commit, so batches commit one at a time in sequence
+//!   order: once a reader sees sequence N, every batch below N is visible too. A batch built
+//!   on an older directory is refused ([`StoreError::Behind`]); its writer catches up and
+//!   builds it again.
+//! - **The feed.** Each batch is also kept whole in `directory_feed`, keyed by its sequence,
+//!   and its commit notifies `portcullis_feed`. Replicas apply the feed in order; one that
+//!   finds a hole (the rows were pruned) reloads in full.
+//! - **Leases.** Each replica has a row in `portcullis_replicas`: the sequence it has applied
+//!   and a lease, `lease_until`. [`Fleet::follow`] renews the lease only in a statement that
+//!   also checks the replica has applied everything committed, and the replica counts its own
+//!   lease from *before* it sent the renewal ([`Freshness`]), so it lapses locally no later
+//!   than the database says. A replica whose lease has lapsed refuses callers until renewed.
+//! - **Settling.** A write is answered once every other replica has applied it or has a
+//!   lapsed lease ([`Storage::settle`]); both are judged by the database's clock, which the
+//!   leases were set with. So once a write is answered, no replica can admit anyone on a
+//!   directory without it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, IsolationLevel, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{Batch, Change, Feed, Loaded, Record, Row, Seq, Storage, StoreError};
+use crate::schema::ResourceType;
+
+/// The schema version this build knows. A database of a newer version is refused.
+///
+/// - 1: the directory (resources, memberships, changes, feed) and the replicas' leases.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The migrations, in order: `MIGRATIONS[v - 1]` takes the schema from `v - 1` to `v`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+CREATE TABLE directory_meta (key text PRIMARY KEY, value bigint NOT NULL);
+INSERT INTO directory_meta VALUES ('seq', 0), ('next_row', 1);
+CREATE TABLE directory_users (row_id bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE directory_groups (row_id bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE directory_members (
+    group_row bigint NOT NULL,
+    member_row bigint NOT NULL,
+    PRIMARY KEY (group_row, member_row)
+);
+CREATE TABLE directory_changes (seq bigint PRIMARY KEY, change bytea NOT NULL);
+CREATE TABLE directory_feed (
+    seq bigint PRIMARY KEY,
+    base bigint NOT NULL,
+    batch bytea NOT NULL,
+    committed timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE portcullis_replicas (
+    id text PRIMARY KEY,
+    applied_seq bigint NOT NULL,
+    lease_until timestamptz NOT NULL,
+    seen timestamptz NOT NULL DEFAULT now()
+);
+"#];
+
+/// Serializes migrations across replicas starting at once (a session advisory lock).
+const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
+
+/// Feed batches read per query while catching up.
+const FEED_PAGE: i64 = 64;
+
+/// How long feed batches are kept: a replica that was away longer reloads in full.
+const FEED_RETENTION: &str = "1 hour";
+
+/// Slack added to a lease when judging, from this side, that it must have lapsed.
+const CLOCK_MARGIN: Duration = Duration::from_millis(100);
+
+/// Settings for [`PgStorage::open`].
+#[derive(Clone)]
+pub struct PgOptions {
+    /// A connection string or URL (it may hold a password: never log it).
+    pub url: String,
+    pub pool_size: usize,
+    pub max_staleness: Duration,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Connects as the URL asks: over TLS (verified against the system's roots) unless
+/// `sslmode=disable`.
+struct Connector {
+    config: postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn new(url: &str) -> Result<Self, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("the PostgreSQL URL does not parse: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives_idle(Duration::from_secs(10));
+        config.application_name("portcullis");
+        let tls = match config.get_ssl_mode() {
+            SslMode::Disable => None,
+            _ => {
+                let mut roots = rustls::RootCertStore::empty();
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(backend)?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                Some(MakeRustlsConnect::new(tls))
+            }
+        };
+        Ok(Self { config, tls })
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let client = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
+    }
+}
+
+/// A connection and when it was last used.
+struct Conn {
+    client: Client,
+    used: Instant,
+}
+
+/// A connection idle this long is checked (one round trip) before it is used: after a
+/// server restart, its first query would fail.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            used: Instant::now(),
+        }
+    }
+
+    fn usable(&mut self) -> bool {
+        if self.client.is_closed() {
+            return false;
+        }
+        self.used.elapsed() < IDLE_CHECK || self.client.is_valid(Duration::from_secs(2)).is_ok()
+    }
+}
+
+/// A few connections for reads, opened on demand and dropped when they fail.
+struct Pool {
+    connector: Arc<Connector>,
+    idle: Mutex<Vec<Conn>>,
+    size: usize,
+}
+
+impl Pool {
+    /// Runs `f` on a pooled connection. The synchronous client drives its own small runtime,
+    /// which cannot run on an async runtime's thread (a SCIM read on a proxy worker): from
+    /// there, `f` runs on a short-lived thread of its own, and the caller waits, as it would
+    /// for a disk read.
+    fn with<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.with_here(f);
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.with_here(f))
+                .join()
+                .unwrap_or_else(|_| Err(backend("a PostgreSQL read panicked")))
+        })
+    }
+
+    fn with_here<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = lock(&self.idle).pop();
+        let mut conn = match pooled.and_then(|mut conn| conn.usable().then_some(conn)) {
+            Some(conn) => conn,
+            None => Conn::new(self.connector.connect()?),
+        };
+        let result = f(&mut conn.client);
+        conn.used = Instant::now();
+        let mut idle = lock(&self.idle);
+        if result.is_ok() && !conn.client.is_closed() && idle.len() < self.size {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values (connections) stay usable after a panic elsewhere.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A dedicated connection, reopened after it fails.
+struct Dedicated {
+    connector: Arc<Connector>,
+    client: Option<Conn>,
+    /// Run on every new connection (a `LISTEN`).
+    setup: &'static str,
+}
+
+impl Dedicated {
+    fn get(&mut self) -> Result<&mut Client, StoreError> {
+        if !self.client.as_mut().is_some_and(Conn::usable) {
+            self.client = None;
+            let mut client = self.connector.connect()?;
+            client.batch_execute(self.setup).map_err(backend)?;
+            self.client = Some(Conn::new(client));
+        }
+        let conn = self
+            .client
+            .as_mut()
+            .ok_or_else(|| StoreError::Backend("no connection".to_owned()))?;
+        conn.used = Instant::now();
+        Ok(&mut conn.client)
+    }
+
+    /// Runs `f`, dropping the connection if it fails (it may be half-way through something).
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = f(self.get()?);
+        // A refused batch leaves the connection as it was; any other failure may not.
+        if matches!(&result, Err(e) if !matches!(e, StoreError::Behind)) {
+            self.client = None;
+        }
+        result
+    }
+}
+
+/// This replica's lease, as it judges it itself: on the monotonic clock, counted from before
+/// the renewal was sent, so it never outlasts the lease the database granted.
+pub struct Freshness {
+    start: Instant,
+    /// Nanoseconds after `start` when the lease lapses; 0 while there is none.
+    until: AtomicU64,
+    max_staleness: Duration,
+    /// Why there is no lease, for `/readyz`.
+    problem: Mutex<String>,
+}
+
+impl Freshness {
+    fn new(max_staleness: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            until: AtomicU64::new(0),
+            max_staleness,
+            problem: Mutex::new("not yet caught up with the directory".to_owned()),
+        }
+    }
+
+    /// Why the directory is not known to be current (meaningful when it is not).
+    pub fn problem(&self) -> String {
+        lock(&self.problem).clone()
+    }
+
+    /// Whether this replica's directory is known to be current within `max_staleness`.
+    pub fn is_current(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now < self.until.load(Ordering::Acquire)
+    }
+
+    fn renewed(&self, sent: Instant) {
+        let until = sent.saturating_duration_since(self.start) + self.max_staleness;
+        let until = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX);
+        self.until.store(until, Ordering::Release);
+    }
+
+    fn lapse(&self, problem: String) {
+        self.until.store(0, Ordering::Release);
+        *lock(&self.problem) = problem;
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
+    }
+}
+
+pub struct PgStorage {
+    /// This process in `portcullis_replicas`.
+    replica: String,
+    pool: Pool,
+    writer: Mutex<Dedicated>,
+    settler: Mutex<Dedicated>,
+    freshness: Arc<Freshness>,
+}
+
+fn table(rt: ResourceType) -> &'static str {
+    match rt {
+        ResourceType::User => "directory_users",
+        ResourceType::Group => "directory_groups",
+    }
+}
+
+fn to_sql(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is out of range")))
+}
+
+fn from_sql(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is out of range")))
+}
+
+impl PgStorage {
+    /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
+    pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
+        let connector = Arc::new(Connector::new(&options.url)?);
+        Ok(Self {
+            replica: uuid::Uuid::new_v4().to_string(),
+            pool: Pool {
+                connector: connector.clone(),
+                idle: Mutex::new(Vec::new()),
+                size: options.pool_size.max(1),
+            },
+            writer: Mutex::new(Dedicated {
+                connector: connector.clone(),
+                client: None,
+                setup: "",
+            }),
+            settler: Mutex::new(Dedicated {
+                connector,
+                client: None,
+                setup: "LISTEN portcullis_applied",
+            }),
+            freshness: Arc::new(Freshness::new(options.max_staleness)),
+        })
+    }
+
+    /// Brings the schema up to date, under a lock so that replicas may start at once, and
+    /// refuses a database whose schema is newer than this build's ([`StoreError::Version`]).
+    /// [`Fleet::follow`] does the same whenever it connects.
+    pub fn migrate(&self) -> Result<(), StoreError> {
+        self.pool.with(migrate)
+    }
+
+    pub fn freshness(&self) -> Arc<Freshness> {
+        self.freshness.clone()
+    }
+
+    /// Follows the feed for `catch_up`, renewing this replica's lease: see [`Fleet`].
+    pub fn fleet(&self) -> Fleet {
+        Fleet {
+            replica: self.replica.clone(),
+            connector: self.pool.connector.clone(),
+            freshness: self.freshness.clone(),
+        }
+    }
+}
+
+/// Applies the migrations this database lacks, holding an advisory lock meanwhile.
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(backend)?;
+    let result = migrate_locked(client);
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+    result?;
+    unlocked.map_err(backend)?;
+    Ok(())
+}
+
+fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('portcullis_schema') IS NOT NULL", &[])
+        .map_err(backend)?
+        .try_get(0)
+        .map_err(backend)?;
+    if !exists {
+        client
+            .batch_execute("CREATE TABLE portcullis_schema (version integer NOT NULL)")
+            .map_err(backend)?;
+    }
+    let found: Option<i32> = client
+        .query_opt("SELECT max(version) FROM portcullis_schema", &[])
+        .map_err(backend)?
+        .and_then(|row| row.get::<_, Option<i32>>(0));
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::Version {
+            found: u64::try_from(found).unwrap_or(0),
+            expected: SCHEMA_VERSION as u64,
+        });
+    }
+    for version in found + 1..=SCHEMA_VERSION {
+        let Some(sql) = usize::try_from(version - 1)
+            .ok()
+            .and_then(|i| MIGRATIONS.get(i))
+        else {
+            break;
+        };
+        let mut txn = client.transaction().map_err(backend)?;
+        txn.batch_execute(sql).map_err(backend)?;
+        txn.execute("DELETE FROM portcullis_schema", &[])
+            .map_err(backend)?;
+        txn.execute(
+            "INSERT INTO portcullis_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        tracing::info!(version, "PostgreSQL schema migrated");
+    }
+    Ok(())
+}
+
+fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("row {row}: {e}")))
+}
+
+fn meta(client: &mut impl postgres::GenericClient, key: &str) -> Result<u64, StoreError> {
+    let row = client
+        .query_one("SELECT value FROM directory_meta WHERE key = $1", &[&key])
+        .map_err(backend)?;
+    from_sql(row.try_get(0).map_err(backend)?)
+}
+
+impl Storage for PgStorage {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        // Called by the directory's writer (or `portcullis explain`), never on a runtime.
+        self.pool.with_here(|client| {
+            // One snapshot for everything, so the rows match the sequence number.
+            let mut txn = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(backend)?;
+            let seq = meta(&mut txn, "seq")?;
+            let next_row = meta(&mut txn, "next_row")?;
+            for rt in [ResourceType::User, ResourceType::Group] {
+                let query = format!("SELECT row_id, record FROM {}", table(rt));
+                let mut rows = txn
+                    .query_raw(query.as_str(), std::iter::empty::<i64>())
+                    .map_err(backend)?;
+                while let Some(row) = rows.next().map_err(backend)? {
+                    let id = from_sql(row.try_get(0).map_err(backend)?)?;
+                    let bytes: &[u8] = row.try_get(1).map_err(backend)?;
+                    visit(Loaded::Resource(rt, id, bytes));
+                }
+            }
+            let mut rows = txn
+                .query_raw(
+                    "SELECT group_row, member_row FROM directory_members",
+                    std::iter::empty::<i64>(),
+                )
+                .map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                let group = from_sql(row.try_get(0).map_err(backend)?)?;
+                let member = from_sql(row.try_get(1).map_err(backend)?)?;
+                visit(Loaded::Member { group, member });
+            }
+            drop(rows);
+            txn.commit().map_err(backend)?;
+            Ok((seq, next_row))
+        })
+    }
+
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = rows
+            .iter()
+            .map(|&row| to_sql(row))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let query = format!(
+            "SELECT row_id, record FROM {} WHERE row_id = ANY($1)",
+            table(rt)
+        );
+        let found = self.pool.with(|client| {
+            let mut found = HashMap::with_capacity(rows.len());
+            for row in client.query(query.as_str(), &[&wanted]).map_err(backend)? {
+                let id = from_sql(row.try_get(0).map_err(backend)?)?;
+                let bytes: &[u8] = row.try_get(1).map_err(backend)?;
+                found.insert(id, decode(id, bytes)?);
+            }
+            Ok(found)
+        })?;
+        // In the order asked for, as the redb backend answers.
+        let mut found = found;
+        Ok(rows
+            .iter()
+            .filter_map(|row| found.remove(row).map(|record| (*row, record)))
+            .collect())
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.changes.is_empty() || batch.seq <= batch.base {
+            return Err(StoreError::Backend(
+                "a batch that changes nothing cannot be committed".to_owned(),
+            ));
+        }
+        let feed = serde_json::to_vec(batch).map_err(backend)?;
+        let mut upserts: [(Vec<i64>, Vec<Vec<u8>>); 2] = Default::default();
+        let mut deletes: [Vec<i64>; 2] = Default::default();
+        // A row appears once per statement (ON CONFLICT may not touch a row twice): the last
+        // state of each wins, as in the batch.
+        let mut last: HashMap<(usize, Row), usize> = HashMap::new();
+        for (i, (rt, row, _)) in batch.records.iter().enumerate() {
+            last.insert((*rt as usize, *row), i);
+        }
+        for (i, (rt, row, record)) in batch.records.iter().enumerate() {
+            let slot = *rt as usize;
+            if last.get(&(slot, *row)) != Some(&i) {
+                continue;
+            }
+            match record {
+                Some(record) => {
+                    upserts[slot].0.push(to_sql(*row)?);
+                    upserts[slot]
+                        .1
+                        .push(serde_json::to_vec(record).map_err(backend)?);
+                }
+                None => deletes[slot].push(to_sql(*row)?),
+            }
+        }
+        let mut members: HashMap<(Row, Row), bool> = HashMap::new();
+        for &(group, member, present) in &batch.members {
+            members.insert((group, member), present);
+        }
+        let (mut added, mut removed) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for ((group, member), present) in members {
+            let into = if present { &mut added } else { &mut removed };
+            into.0.push(to_sql(group)?);
+            into.1.push(to_sql(member)?);
+        }
+        let mut change_seqs = Vec::with_capacity(batch.changes.len());
+        let mut change_bytes = Vec::with_capacity(batch.changes.len());
+        for change in &batch.changes {
+            change_seqs.push(to_sql(change.seq)?);
+            change_bytes.push(serde_json::to_vec(change).map_err(backend)?);
+        }
+        let (base, seq, next_row) = (
+            to_sql(batch.base)?,
+            to_sql(batch.seq)?,
+            to_sql(batch.next_row)?,
+        );
+
+        lock(&self.writer).run(|client| {
+            let mut txn = client.transaction().map_err(backend)?;
+            // The lock that orders commits: held until this transaction ends.
+            let current: i64 = txn
+                .query_one(
+                    "SELECT value FROM directory_meta WHERE key = 'seq' FOR UPDATE",
+                    &[],
+                )
+                .map_err(backend)?
+                .try_get(0)
+                .map_err(backend)?;
+            if current != base {
+                return Err(StoreError::Behind);
+            }
+            for rt in [ResourceType::User, ResourceType::Group] {
+                let slot = rt as usize;
+                let table = table(rt);
+                if !upserts[slot].0.is_empty() {
+                    txn.execute(
+                        format!(
+                            "INSERT INTO {table} (row_id, record) \
+                             SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
+                             ON CONFLICT (row_id) DO UPDATE SET record = excluded.record"
+                        )
+                        .as_str(),
+                        &[&upserts[slot].0, &upserts[slot].1],
+                    )
+                    .map_err(backend)?;
+                }
+                if !deletes[slot].is_empty() {
+                    txn.execute(
+                        format!("DELETE FROM {table} WHERE row_id = ANY($1)").as_str(),
+                        &[&deletes[slot]],
+                    )
+                    .map_err(backend)?;
+                }
+            }
+            if !added.0.is_empty() {
+                txn.execute(
+                    "INSERT INTO directory_members (group_row, member_row) \
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
+                    &[&added.0, &added.1],
+                )
+                .map_err(backend)?;
+            }
+            if !removed.0.is_empty() {
+                txn.execute(
+                    "DELETE FROM directory_members m USING unnest($1::bigint[], $2::bigint[]) \
+                     AS gone(group_row, member_row) \
+                     WHERE m.group_row = gone.group_row AND m.member_row = gone.member_row",
+                    &[&removed.0, &removed.1],
+                )
+                .map_err(backend)?;
+            }
+            txn.execute(
+                "INSERT INTO directory_changes (seq, change) \
+                 SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                &[&change_seqs, &change_bytes],
+            )
+            .map_err(backend)?;
+            txn.execute(
+                "INSERT INTO directory_feed (seq, base, batch) VALUES ($1, $2, $3)",
+                &[&seq, &base, &feed],
+            )
+            .map_err(backend)?;
+            txn.execute(
+                "UPDATE directory_meta SET value = CASE key WHEN 'seq' THEN $1::bigint ELSE $2::bigint END \
+                 WHERE key IN ('seq', 'next_row')",
+                &[&seq, &next_row],
+            )
+            .map_err(backend)?;
+            // Delivered at commit, to every replica following the feed.
+            txn.execute("SELECT pg_notify('portcullis_feed', $1::bigint::text)", &[&seq])
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+    }
+
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let after = to_sql(after)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.pool.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT seq, change FROM directory_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit],
+                )
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    let seq: i64 = row.try_get(0).map_err(backend)?;
+                    let bytes: &[u8] = row.try_get(1).map_err(backend)?;
+                    serde_json::from_slice(bytes)
+                        .map_err(|e| StoreError::Corrupt(format!("change {seq}: {e}")))
+                })
+                .collect()
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
+        let after_sql = to_sql(after)?;
+        self.pool.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT seq, base, batch FROM directory_feed WHERE seq > $1 \
+                     ORDER BY seq LIMIT $2",
+                    &[&after_sql, &FEED_PAGE],
+                )
+                .map_err(backend)?;
+            if rows.is_empty() {
+                // Nothing new, or the batches after `after` were pruned.
+                return Ok(if meta(client, "seq")? > after {
+                    Feed::Gap
+                } else {
+                    Feed::Batches(Vec::new())
+                });
+            }
+            let mut expected = after;
+            let mut batches = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let base = from_sql(row.try_get(1).map_err(backend)?)?;
+                if base != expected {
+                    return Ok(Feed::Gap);
+                }
+                let bytes: &[u8] = row.try_get(2).map_err(backend)?;
+                let batch: Batch = serde_json::from_slice(bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("feed batch {base}: {e}")))?;
+                expected = batch.seq;
+                batches.push(batch);
+            }
+            Ok(Feed::Batches(batches))
+        })
+    }
+
+    fn settle(&self, seq: Seq, committed: Instant) -> Result<(), StoreError> {
+        let max_staleness = self.freshness.max_staleness;
+        // A replica that never confirms has let its lease lapse by then (see `Fleet`).
+        let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
+        let seq = to_sql(seq)?;
+        let mut settler = lock(&self.settler);
+        loop {
+            let waiting = settler.run(|client| {
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FROM portcullis_replicas \
+                         WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()",
+                        &[&self.replica, &seq],
+                    )
+                    .map_err(backend)?;
+                let waiting: i64 = row.try_get(0).map_err(backend)?;
+                if waiting > 0 {
+                    // Woken by a replica confirming, or to look again.
+                    let mut notifications = client.notifications();
+                    let _ = notifications
+                        .timeout_iter(Duration::from_millis(20))
+                        .next()
+                        .map_err(backend)?;
+                    while notifications.iter().next().map_err(backend)?.is_some() {}
+                }
+                Ok(waiting)
+            });
+            match waiting {
+                Ok(0) => return Ok(()),
+                Ok(_) if Instant::now() > lapsed_by + max_staleness => {
+                    return Err(StoreError::Backend(
+                        "replicas kept renewing their lease without applying the change".to_owned(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Cannot ask: wait until every lease granted before the commit has lapsed.
+                    tracing::warn!(
+                        "cannot read the replicas' progress, waiting out their leases: {e}"
+                    );
+                    std::thread::sleep(lapsed_by.saturating_duration_since(Instant::now()));
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// This replica's part in the fleet: follows the feed and holds the lease.
+pub struct Fleet {
+    replica: String,
+    connector: Arc<Connector>,
+    freshness: Arc<Freshness>,
+}
+
+impl Fleet {
+    /// Runs forever on the calling thread: waits for feed notifications (or a quarter of
+    /// `max_staleness`), has `catch_up` apply what is new and report the sequence now applied,
+    /// then renews the lease if that is everything committed. Reconnects after failures; the
+    /// lease lapses meanwhile, and this replica refuses callers until it has caught up.
+    pub fn follow(&self, catch_up: &dyn Fn() -> Result<Seq, StoreError>) -> ! {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.follow_connected(catch_up) {
+                Ok(never) => match never {},
+                Err(StoreError::Version { found, expected }) => {
+                    // Another replica, newer than this one, migrated the database.
+                    tracing::error!(
+                        "the PostgreSQL schema is version {found}, newer than this build's \
+                         {expected}; stopping"
+                    );
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    self.freshness
+                        .lapse(format!("lost the directory feed: {e}"));
+                    tracing::warn!("lost the directory feed, retrying in {backoff:?}: {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn follow_connected(
+        &self,
+        catch_up: &dyn Fn() -> Result<Seq, StoreError>,
+    ) -> Result<std::convert::Infallible, StoreError> {
+        let mut client = self.connector.connect()?;
+        migrate(&mut client)?;
+        client
+            .batch_execute("LISTEN portcullis_feed")
+            .map_err(backend)?;
+        let staleness_ms =
+            i64::try_from(self.freshness.max_staleness.as_millis()).unwrap_or(i64::MAX);
+        client
+            .execute(
+                "INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
+                 VALUES ($1, 0, '-infinity') ON CONFLICT (id) DO NOTHING",
+                &[&self.replica],
+            )
+            .map_err(backend)?;
+        // Replicas gone for a day are forgotten; lapsed ones are never waited for anyway.
+        client
+            .execute(
+                "DELETE FROM portcullis_replicas WHERE seen < now() - interval '1 day'",
+                &[],
+            )
+            .map_err(backend)?;
+        let mut last_prune = Instant::now();
+        let interval = self.freshness.max_staleness / 4;
+        loop {
+            let applied = to_sql(catch_up()?)?;
+            let sent = Instant::now();
+            // Renewed only if nothing newer than what this replica applied is committed; a
+            // lease that begins before the statement runs is never longer than the one
+            // granted.
+            let renewed = client
+                .query(
+                    "WITH renewed AS ( \
+                       UPDATE portcullis_replicas \
+                       SET applied_seq = $2::bigint, seen = now(), \
+                           lease_until = statement_timestamp() + $3::bigint * interval '1 millisecond' \
+                       WHERE id = $1 \
+                         AND $2 >= (SELECT value FROM directory_meta WHERE key = 'seq') \
+                       RETURNING 1) \
+                     SELECT pg_notify('portcullis_applied', $2::bigint::text) FROM renewed",
+                    &[&self.replica, &applied, &staleness_ms],
+                )
+                .map_err(backend)?;
+            if renewed.is_empty() {
+                // Something was committed meanwhile: apply it first.
+                continue;
+            }
+            self.freshness.renewed(sent);
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = Instant::now();
+                client
+                    .execute(
+                        &format!(
+                            "DELETE FROM directory_feed WHERE committed < now() - interval '{FEED_RETENTION}'"
+                        ),
+                        &[],
+                    )
+                    .map_err(backend)?;
+            }
+            {
+                let mut notifications = client.notifications();
+                let _ = notifications
+                    .timeout_iter(interval)
+                    .next()
+                    .map_err(backend)?;
+                while notifications.iter().next().map_err(backend)?.is_some() {}
+            }
+            if client.is_closed() {
+                return Err(StoreError::Backend("the connection closed".to_owned()));
+            }
+        }
+    }
+}

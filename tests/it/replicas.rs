@@ -1,0 +1,466 @@
+//! Several replicas on one PostgreSQL (issue #10), end to end: a real PostgreSQL server in a
+//! cluster made for the test, the real IdP issuing client-credentials tokens, and three
+//! `portcullis serve` processes, A, B and C, that share the database and nothing else.
+//!
+//! - A SCIM write on any replica is answered only once every replica has it: the creation of
+//!   a caller admits them on B and C at once, and after a revocation is answered not one
+//!   request is allowed on any replica, under load.
+//! - A replica started late catches up; one cut off for longer than `max_staleness` (stopped
+//!   with `SIGSTOP`) holds up an answer by at most about `max_staleness`, and refuses every
+//!   caller until it has caught up; it is never seen admitting the revoked one.
+//! - PostgreSQL restarting under load: the replicas fail closed (503) during the gap, never
+//!   admit a caller revoked just before it, and catch up without being restarted.
+//! - `kill -9` of a replica during SCIM writes loses no acknowledged write.
+//! - Migrations: from empty, idempotent, safe with replicas starting at once, and a schema
+//!   newer than the binary's is refused at start with a clear message.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use portcullis_tests::scim::{patch_ops, user};
+use portcullis_tests::{
+    ConfigBuilder, Idp, JwtIssuer, Portcullis, Postgres, Route, ScimClient, ScimResponse, Upstream,
+};
+use reqwest::header::ACCEPT;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::authz::{revocation_under_load, MakeRequest};
+use crate::signin::{bare_client, idp_setup, API, API_AUD, MACHINE_ID, MACHINE_SECRET};
+use crate::{SCIM_HOST, SCIM_TOKEN};
+
+const API_ROUTE: &str = "http://api.test";
+const MAX_STALENESS: Duration = Duration::from_secs(2);
+
+/// One replica: its process, the config it was built from, and a SCIM client for it.
+struct Replica {
+    px: Portcullis,
+    cfg: ConfigBuilder,
+    scim: ScimClient,
+}
+
+impl Replica {
+    fn api_url(&self, path: &str) -> String {
+        self.cfg.http_url("api.test", path)
+    }
+}
+
+/// PostgreSQL, the IdP, an upstream, and the config every replica shares.
+struct Fleet {
+    pg: Postgres,
+    idp: Idp,
+    api: Upstream,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let pg = Postgres::start().await;
+        let idp = idp_setup(&[], "http://127.0.0.1:9/unused").start().await;
+        let api = Upstream::start("api").await;
+        Fleet { pg, idp, api }
+    }
+
+    /// A replica's config: its own ports and `data_dir`, everything else the same.
+    fn config(&self) -> ConfigBuilder {
+        ConfigBuilder::new()
+            .http_listener()
+            .route(
+                Route::new(API_ROUTE, &[&self.api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
+            .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+            .postgres(&self.pg.url(), &format!("{}s", MAX_STALENESS.as_secs()))
+    }
+
+    fn spawn(&self) -> Replica {
+        let cfg = self.config();
+        let px = Portcullis::spawn(&cfg.toml());
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        Replica { px, cfg, scim }
+    }
+
+    async fn replica(&self) -> Replica {
+        let mut replica = self.spawn();
+        replica.px.wait_ready().await;
+        replica
+    }
+
+    async fn token(&self) -> String {
+        self.idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+            .await
+    }
+}
+
+async fn status(url: &str, token: &str) -> u16 {
+    match bare_client()
+        .get(url)
+        .bearer_auth(token)
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+    {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// A GET with the bearer token, to each of `urls` in turn.
+fn round_robin(urls: Vec<String>, token: String) -> MakeRequest {
+    let next = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |c: &reqwest::Client| {
+        let i = next.fetch_add(1, Ordering::Relaxed) % urls.len();
+        c.get(&urls[i])
+            .bearer_auth(&token)
+            .header(ACCEPT, "application/json")
+    })
+}
+
+async fn set_active(scim: &ScimClient, id: &str, active: bool) -> ScimResponse {
+    scim.patch(
+        &format!("/Users/{id}"),
+        &patch_ops(json!([{"op": "replace", "value": {"active": active}}])),
+    )
+    .await
+}
+
+async fn remove_member(scim: &ScimClient, group: &str, member: &str) -> ScimResponse {
+    scim.patch(
+        &format!("/Groups/{group}"),
+        &patch_ops(json!([{
+            "op": "remove",
+            "path": format!("members[value eq \"{member}\"]"),
+        }])),
+    )
+    .await
+}
+
+async fn add_member(scim: &ScimClient, group: &str, member: &str) -> ScimResponse {
+    scim.patch(
+        &format!("/Groups/{group}"),
+        &patch_ops(json!([{"op": "add", "path": "members", "value": [{"value": member}]}])),
+    )
+    .await
+}
+
+/// `/readyz` on the replica's admin listener: the status and the text.
+async fn readyz(replica: &Replica) -> (u16, String) {
+    match bare_client()
+        .get(replica.px.admin_url("/readyz"))
+        .send()
+        .await
+    {
+        Ok(resp) => (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        ),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Polls `check` every 20 ms until it is true, for at most `timeout`; false if it never was.
+async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
+    let fleet = Fleet::start().await;
+    let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
+    let token = fleet.token().await;
+    let urls: Vec<String> = [&a, &b, &c].iter().map(|r| r.api_url("/v1/jobs")).collect();
+
+    // Provisioned on A: once answered, B and C admit the machine on their first request.
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let eng = a
+        .scim
+        .create_group("eng", &[&machine])
+        .await
+        .expect_success()
+        .id();
+    for url in &urls {
+        assert_eq!(
+            status(url, &token).await,
+            200,
+            "{url} right after the answer"
+        );
+    }
+    // Every replica serves SCIM, and reads what the others wrote.
+    let read = c
+        .scim
+        .get(&format!("/Users/{machine}"))
+        .await
+        .expect_success();
+    assert_eq!(read.body["userName"], MACHINE_ID);
+
+    // Deactivated on A, under load on B and C.
+    revocation_under_load(
+        "deactivation on A, load on B and C",
+        round_robin(urls[1..].to_vec(), token.clone()),
+        set_active(&a.scim, &machine, false),
+        &[403],
+    )
+    .await;
+    // Re-activated on B; removed from the group on C, under load on A and B.
+    set_active(&b.scim, &machine, true).await.expect_success();
+    for url in &urls {
+        assert_eq!(status(url, &token).await, 200, "{url} after re-activation");
+    }
+    revocation_under_load(
+        "group removal on C, load on A and B",
+        round_robin(urls[..2].to_vec(), token.clone()),
+        remove_member(&c.scim, &eng, &machine),
+        &[403],
+    )
+    .await;
+    // Back in the group (on A), then the user deleted on B, under load on all three.
+    add_member(&a.scim, &eng, &machine).await.expect_success();
+    for url in &urls {
+        assert_eq!(status(url, &token).await, 200, "{url} after re-adding");
+    }
+    revocation_under_load(
+        "deletion on B, load on A, B and C",
+        round_robin(urls.clone(), token.clone()),
+        b.scim.delete(&format!("/Users/{machine}")),
+        &[403],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_admit_the_revoked() {
+    let fleet = Fleet::start().await;
+    let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
+    let token = fleet.token().await;
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    a.scim
+        .create_group("eng", &[&machine])
+        .await
+        .expect_success();
+
+    // C starts after the writes: ready only once it has them.
+    let c = fleet.replica().await;
+    assert_eq!(status(&c.api_url("/"), &token).await, 200, "late replica");
+
+    // B stops answering anything (SIGSTOP): the deactivation is answered once B's lease has
+    // lapsed, so within about max_staleness.
+    b.px.signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    set_active(&a.scim, &machine, false).await.expect_success();
+    let waited = started.elapsed();
+    eprintln!("deactivation answered {waited:?} after B stopped");
+    assert!(
+        waited < MAX_STALENESS + Duration::from_secs(3),
+        "a stopped replica held the answer up for {waited:?}"
+    );
+    assert_eq!(status(&c.api_url("/"), &token).await, 403);
+
+    // B resumes with a lapsed lease: refused (503) until caught up, then 403; never 200.
+    b.px.signal(Signal::SIGCONT);
+    let url = b.api_url("/");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut settled = false;
+    while !settled && Instant::now() < deadline {
+        let s = status(&url, &token).await;
+        seen.push(s);
+        settled = s == 403;
+        if !settled {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(settled, "B never settled on 403: {seen:?}");
+    assert!(
+        seen.iter().all(|s| *s == 403 || *s == 503),
+        "B answered the revoked caller with {seen:?}"
+    );
+    assert_eq!(readyz(&b).await.0, 200, "B is ready again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_restarting() {
+    let mut fleet = Fleet::start().await;
+    let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
+    let token = fleet.token().await;
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let other = a
+        .scim
+        .create_user("other-agent")
+        .await
+        .expect_success()
+        .id();
+    let eng = a
+        .scim
+        .create_group("eng", &[&machine, &other])
+        .await
+        .expect_success()
+        .id();
+    // Revoked just before the gap.
+    remove_member(&a.scim, &eng, &machine)
+        .await
+        .expect_success();
+    let urls = [a.api_url("/"), b.api_url("/")];
+
+    fleet.pg.stop();
+    let stopped = Instant::now();
+    // Both replicas fail closed within max_staleness (and a bit), and say why.
+    for (name, (url, replica)) in ["A", "B"].iter().zip(urls.iter().zip([&a, &b])) {
+        let refused = eventually(MAX_STALENESS * 3, || {
+            let (url, token) = (url.clone(), token.clone());
+            async move { status(&url, &token).await == 503 }
+        })
+        .await;
+        assert!(refused, "{name} kept admitting without its database");
+        let (code, text) = readyz(replica).await;
+        assert_eq!(code, 503, "{name} /readyz during the gap: {text}");
+        assert!(text.contains("not ready"), "{name}: {text}");
+    }
+    eprintln!(
+        "both replicas refused {:?} after the stop",
+        stopped.elapsed()
+    );
+    // SCIM writes are refused during the gap, not acknowledged and lost.
+    let during = a.scim.post("/Users", &user("written-during-the-gap")).await;
+    assert_eq!(during.status, 503, "{}", during.body);
+
+    fleet.pg.start_again().await;
+    for (name, replica) in ["A", "B"].iter().zip([&a, &b]) {
+        let ready = eventually(Duration::from_secs(60), || async {
+            readyz(replica).await.0 == 200
+        })
+        .await;
+        assert!(
+            ready,
+            "{name} did not catch up: {:?}",
+            readyz(replica).await
+        );
+    }
+    for url in &urls {
+        assert_eq!(
+            status(url, &token).await,
+            403,
+            "{url}: revoked before the gap"
+        );
+    }
+    // And the fleet takes writes again.
+    set_active(&b.scim, &other, false).await.expect_success();
+    a.scim
+        .create_user("written-after-the-gap")
+        .await
+        .expect_success();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_a_replica_during_scim_writes_loses_no_acknowledged_write() {
+    let fleet = Fleet::start().await;
+    let (mut a, b) = tokio::join!(fleet.replica(), fleet.replica());
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let scim = ScimClient::new(&a.cfg.scim_base_url(), SCIM_TOKEN);
+        let acknowledged = acknowledged.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..400 {
+                let name = format!("user-{w}-{i}");
+                let body = user(&name);
+                match scim
+                    .try_request(Method::POST, "/Users", &[], Some(&body), &[])
+                    .await
+                {
+                    Ok(resp) if resp.status == 201 => {
+                        acknowledged.lock().unwrap().push((name, resp.id()));
+                    }
+                    // Killed: unanswered writes may or may not have been made.
+                    _ => break,
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().unwrap().len() < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.px.kill_hard();
+    for writer in writers {
+        let _ = writer.await;
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 200,
+        "only {} writes acknowledged",
+        acknowledged.len()
+    );
+    for (name, id) in &acknowledged {
+        let read = b.scim.get(&format!("/Users/{id}")).await;
+        assert_eq!(read.status, 200, "{name} was acknowledged, then lost");
+        assert_eq!(read.body["userName"], name.as_str());
+    }
+    eprintln!(
+        "{} acknowledged writes all present on B",
+        acknowledged.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
+    let fleet = Fleet::start().await;
+    // Three replicas start on an empty database at the same moment.
+    let mut replicas = [fleet.spawn(), fleet.spawn(), fleet.spawn()];
+    for replica in &mut replicas {
+        replica.px.wait_ready().await;
+    }
+    let version = fleet
+        .pg
+        .query("SELECT version FROM portcullis_schema")
+        .await
+        .unwrap();
+    assert_eq!(version, vec![vec![Some("1".to_owned())]], "one schema row");
+    replicas[0].scim.create_user("alice").await.expect_success();
+    // Idempotent: a restart migrates nothing and keeps the data.
+    replicas[1].px.kill_hard();
+    replicas[1].px.restart().await;
+    let found = replicas[1]
+        .scim
+        .get("/Users?filter=userName%20eq%20%22alice%22")
+        .await;
+    assert_eq!(found.expect_success().body["totalResults"], 1);
+
+    // A database migrated by a newer build is refused at start, saying so.
+    fleet
+        .pg
+        .query("UPDATE portcullis_schema SET version = 99")
+        .await
+        .unwrap();
+    let mut newer = fleet.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = newer.px.try_exit() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "started against a newer schema");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = newer.px.log();
+    assert!(
+        log.contains("schema version 99") && log.contains("this build reads version 1"),
+        "{log}"
+    );
+}
