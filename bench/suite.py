@@ -9,6 +9,7 @@ Parts (each can also be run alone, see bench/README.md):
   scim        bench/scim.py        Portcullis vs scim2-server; RSS and start-up with 1M users
   revocation  bench/revocation.py  SCIM answer -> refusal under load
   profile     bench/profile.py     perf record of Portcullis under wrk load
+  replicas    bench/replicas.py    SCIM on PostgreSQL: creates/s vs redb, write latency with 3 replicas
 
 A part that fails to run is reported as failed in the results and makes the suite exit
 non-zero at the end; slow figures never do (they are "not met").
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
-PARTS = ["decision", "proxy", "scim", "revocation", "profile"]
+PARTS = ["decision", "proxy", "scim", "revocation", "profile", "replicas"]
 RESULTS = os.path.join(ROOT, "target", "bench-results")
 DECISION_TARGET_NS = 2000
 
@@ -36,10 +37,12 @@ def settings(quick):
     if quick:
         return {"users": 101_000, "decision_args": ["--quick"], "proxy": ["--rounds", "1", "--duration", "2"],
                 "scim": ["--rounds", "1", "--duration", "2", "--users", "101000"],
-                "revocation": ["--rounds", "1"], "profile": ["--duration", "3"]}
+                "revocation": ["--rounds", "1"], "profile": ["--duration", "3"],
+                "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"]}
     return {"users": 1_000_000, "decision_args": [], "proxy": ["--rounds", "3", "--duration", "6"],
             "scim": ["--rounds", "3", "--duration", "5", "--users", "1000000"],
-            "revocation": ["--rounds", "3"], "profile": ["--duration", "8"]}
+            "revocation": ["--rounds", "3"], "profile": ["--duration", "8"],
+            "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"]}
 
 
 def run_part(name, cmd, env=None, timeout=3600):
@@ -141,6 +144,16 @@ def summary_rows(r):
                                        f"after the answer", f"{s['first_refusal_ms_median']:.2f} ms / "
                                                             f"{s['allowed_after_total']} of {s['sent_after_total']}",
                          "-", "-", "0 allowed", common.verdict(s["allowed_after_total"] == 0)))
+    rp = r.get("replicas")
+    if rp:
+        pg, redb = rp["creates_c16"]["postgres"], rp["creates_c16"]["redb"]
+        rows.append(("replicas", "SCIM creates/s, 16 clients, directory on PostgreSQL (reference: redb)",
+                     f"{pg['rps']:,.0f}/s", f"{redb['rps']:,.0f}/s", f"{pg['rps'] / redb['rps']:.2f}x",
+                     ">= 10,000/s", common.verdict(pg["rps"] >= 10_000)))
+        three = rp["latency"]["replicas_3"]
+        rows.append(("replicas", "SCIM write latency with 3 replicas (answered once B and C have it), median / p99",
+                     f"{three['median_ms']:.2f} / {three['p99_ms']:.2f} ms", "-", "-", "p99 < 20 ms",
+                     common.verdict(three["p99_ms"] < 20)))
     return rows
 
 
@@ -256,13 +269,16 @@ def main():
             details["decision"] = out
         else:
             failed.append("decision")
-    for name in ("proxy", "scim", "revocation", "profile"):
+    for name in ("proxy", "scim", "revocation", "profile", "replicas"):
         if name not in parts:
             continue
         out_json = os.path.join(RESULTS, f"{name}.json")
         if os.path.exists(out_json):
             os.unlink(out_json)
-        ok, out, _ = run_part(name, [py, os.path.join(bench_dir, f"{name}.py"), *cfg[name], "--json", out_json])
+        # The replicas part runs against a throw-away PostgreSQL server.
+        wrap = [os.path.join(ROOT, "scripts", "with-postgres.sh")] if name == "replicas" else []
+        ok, out, _ = run_part(name, [*wrap, py, os.path.join(bench_dir, f"{name}.py"), *cfg[name],
+                                     "--json", out_json])
         data = load(out_json)
         if data is not None:
             results[name] = data
@@ -299,7 +315,7 @@ def main():
     if prof is not None:
         lines += ["## Profile of the slowest paths", ""]
         lines += profile_notes(prof)
-    for name in ("decision", "proxy", "scim", "revocation", "profile"):
+    for name in ("decision", "proxy", "scim", "revocation", "profile", "replicas"):
         if name in details:
             lines += ["", f"## Details: {name}", "", details_text(name, details[name])]
     with open(md_path, "w") as f:

@@ -23,3 +23,5 @@ echo "== fuzz targets (a few seconds each)"
 scripts/fuzz.sh 10
 echo "== SCIM conformance (scim2-tester)"
 scripts/scim-conformance.sh target/debug/portcullis
+echo "== SCIM conformance (scim2-tester), the directory in PostgreSQL"
+scripts/with-postgres.sh scripts/scim-conformance.sh target/debug/portcullis --postgres

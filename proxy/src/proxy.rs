@@ -170,6 +170,10 @@ impl ProxyHttp for Proxy {
             if !runtime.carries_credentials(local_addr(session), ctx.tls) {
                 return crate::scim_http::refuse(session, PLAIN_HTTP).await;
             }
+            if !self.shared.directory_is_current() {
+                // Reads would answer from a directory that may be stale (empty, at start).
+                return crate::scim_http::unavailable(session).await;
+            }
             let path = normalized.into_owned();
             return scim.serve(session, &path, ctx.tls).await;
         }

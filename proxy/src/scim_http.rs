@@ -146,6 +146,16 @@ pub async fn refuse(session: &mut Session, why: &str) -> Result<bool> {
     write(session, &ScimResponse::error(&error), false).await
 }
 
+/// 503: this replica is not known to hold the current directory (a shared store's feed).
+pub async fn unavailable(session: &mut Session) -> Result<bool> {
+    let error = ScimError::new(
+        503,
+        None,
+        "this replica is catching up with the shared directory; retry",
+    );
+    write(session, &ScimResponse::error(&error), false).await
+}
+
 async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
     // The unread body may still be on the wire: `reply::send` closes the connection after it.
     let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));

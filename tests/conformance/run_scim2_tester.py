@@ -94,8 +94,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_portcullis(binary: str, workdir: str) -> tuple[subprocess.Popen, str, str, str]:
-    """Starts `portcullis serve` on free loopback ports with SCIM on host scim.test.
+def start_portcullis(binary: str, workdir: str, postgres: bool) -> tuple[subprocess.Popen, str, str, str]:
+    """Starts `portcullis serve` on free loopback ports with SCIM on host scim.test (its
+    directory in PostgreSQL at $PORTCULLIS_POSTGRES_URL with `postgres`).
     Returns the process, the SCIM base URL, the token and the Host header to send."""
     port, admin = free_port(), free_port()
     token = secrets.token_urlsafe(32)
@@ -112,6 +113,10 @@ host = "scim.test"
 name = "scim2-tester"
 secret = "env:SCIM_TOKEN"
 """)
+        if postgres:
+            if not os.environ.get("PORTCULLIS_POSTGRES_URL"):
+                raise SystemExit("--postgres needs PORTCULLIS_POSTGRES_URL (scripts/with-postgres.sh sets it)")
+            f.write('[postgres]\nurl = "env:PORTCULLIS_POSTGRES_URL"\n')
     log = open(os.path.join(workdir, "portcullis.log"), "w")
     proc = subprocess.Popen([binary, "serve", "--config", config], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "SCIM_TOKEN": token})
@@ -132,6 +137,8 @@ secret = "env:SCIM_TOKEN"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", help="Start this portcullis binary on free ports and test it")
+    p.add_argument("--postgres", action="store_true",
+                   help="With --binary: keep its directory in PostgreSQL at $PORTCULLIS_POSTGRES_URL")
     p.add_argument("--url", help="SCIM base URL, e.g. http://127.0.0.1:8080/scim/v2")
     p.add_argument("--token", help="Bearer token (sent as 'Authorization: Bearer TOKEN')")
     p.add_argument("--content-type", default="application/scim+json",
@@ -160,7 +167,7 @@ def main() -> int:
     args = p.parse_args()
     if args.binary:
         with tempfile.TemporaryDirectory(prefix="scim2-tester-") as workdir:
-            proc, args.url, args.token, args.host_header = start_portcullis(args.binary, workdir)
+            proc, args.url, args.token, args.host_header = start_portcullis(args.binary, workdir, args.postgres)
             try:
                 return run(args)
             finally:

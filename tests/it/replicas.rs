@@ -32,7 +32,11 @@ use crate::signin::{bare_client, idp_setup, API, API_AUD, MACHINE_ID, MACHINE_SE
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
 const API_ROUTE: &str = "http://api.test";
-const MAX_STALENESS: Duration = Duration::from_secs(2);
+/// Long enough that a loaded 2-core machine does not stall a replica's renewals past it (a
+/// lapse would be a 503, never a wrong answer, but the tests count on 200s).
+const MAX_STALENESS: Duration = Duration::from_secs(3);
+/// What a refused request gets: 403, or 503 from a replica whose lease lapsed meanwhile.
+const REFUSED: &[u16] = &[403, 503];
 
 /// One replica: its process, the config it was built from, and a SCIM client for it.
 struct Replica {
@@ -69,6 +73,7 @@ impl Fleet {
             .route(
                 Route::new(API_ROUTE, &[&self.api])
                     .accept(&["bearer"])
+                    .websockets(true)
                     .set("allow = { groups = [\"eng\"] }"),
             )
             .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
@@ -96,7 +101,20 @@ impl Fleet {
     }
 }
 
+/// The status of a GET with the bearer token, asked again (bounded) while it is 503: a replica
+/// may briefly lose its lease on a loaded machine, and is then right to refuse.
 async fn status(url: &str, token: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = status_once(url, token).await;
+        if status != 503 || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status_once(url: &str, token: &str) -> u16 {
     match bare_client()
         .get(url)
         .bearer_auth(token)
@@ -145,6 +163,45 @@ async fn add_member(scim: &ScimClient, group: &str, member: &str) -> ScimRespons
         &patch_ops(json!([{"op": "add", "path": "members", "value": [{"value": member}]}])),
     )
     .await
+}
+
+type Websocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A websocket to the upstream's `/ws-ticks` through `replica`, with the bearer token.
+async fn websocket(replica: &Replica, token: &str) -> Websocket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let addr = replica.cfg.http_addr();
+    let mut request = format!("ws://api.test:{}/ws-ticks", addr.port())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+    .expect("the websocket handshake timed out")
+    .expect("the websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Whether the other end closes `ws` within `within`; what arrives meanwhile is dropped.
+async fn closed_within(ws: &mut Websocket, within: Duration) -> bool {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_)) | None) => {
+                return true
+            }
+            Ok(Some(Ok(_))) => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// `/readyz` on the replica's admin listener: the status and the text.
@@ -210,14 +267,19 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
         .expect_success();
     assert_eq!(read.body["userName"], MACHINE_ID);
 
-    // Deactivated on A, under load on B and C.
+    // Deactivated on A, under load on B and C, with a websocket open on C.
+    let mut ticks = websocket(&c, &token).await;
     revocation_under_load(
         "deactivation on A, load on B and C",
         round_robin(urls[1..].to_vec(), token.clone()),
         set_active(&a.scim, &machine, false),
-        &[403],
+        REFUSED,
     )
     .await;
+    assert!(
+        closed_within(&mut ticks, Duration::from_secs(5)).await,
+        "the websocket on C outlived the deactivation"
+    );
     // Re-activated on B; removed from the group on C, under load on A and B.
     set_active(&b.scim, &machine, true).await.expect_success();
     for url in &urls {
@@ -227,7 +289,7 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
         "group removal on C, load on A and B",
         round_robin(urls[..2].to_vec(), token.clone()),
         remove_member(&c.scim, &eng, &machine),
-        &[403],
+        REFUSED,
     )
     .await;
     // Back in the group (on A), then the user deleted on B, under load on all three.
@@ -239,7 +301,7 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
         "deletion on B, load on A, B and C",
         round_robin(urls.clone(), token.clone()),
         b.scim.delete(&format!("/Users/{machine}")),
-        &[403],
+        REFUSED,
     )
     .await;
 }
@@ -266,8 +328,14 @@ async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_ad
     set_active(&a.scim, &machine, false).await.expect_success();
     let waited = started.elapsed();
     eprintln!("deactivation answered {waited:?} after B stopped");
+    // B's lease was renewed at most a quarter of max_staleness before it stopped: the answer
+    // must have waited for it to lapse (a writer that did not wait would answer at once).
     assert!(
-        waited < MAX_STALENESS + Duration::from_secs(3),
+        waited >= MAX_STALENESS / 2,
+        "answered after {waited:?}, while B could still hold a lease"
+    );
+    assert!(
+        waited < MAX_STALENESS + Duration::from_secs(5),
         "a stopped replica held the answer up for {waited:?}"
     );
     assert_eq!(status(&c.api_url("/"), &token).await, 403);
@@ -279,7 +347,7 @@ async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_ad
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut settled = false;
     while !settled && Instant::now() < deadline {
-        let s = status(&url, &token).await;
+        let s = status_once(&url, &token).await;
         seen.push(s);
         settled = s == 403;
         if !settled {
@@ -324,7 +392,7 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
     for (name, (url, replica)) in ["A", "B"].iter().zip(urls.iter().zip([&a, &b])) {
         let refused = eventually(MAX_STALENESS * 3, || {
             let (url, token) = (url.clone(), token.clone());
-            async move { status(&url, &token).await == 503 }
+            async move { status_once(&url, &token).await == 503 }
         })
         .await;
         assert!(refused, "{name} kept admitting without its database");

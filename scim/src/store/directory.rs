@@ -1,5 +1,6 @@
 //! [`Directory`]: the store as handlers and the proxy see it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::thread;
@@ -29,7 +30,7 @@ pub type ChangeSink = Box<dyn Fn(&[Change]) + Send>;
 
 enum Job {
     Write(Write),
-    CatchUp(mpsc::SyncSender<Result<Seq, StoreError>>),
+    CatchUp(mpsc::SyncSender<Result<(Seq, Seq), StoreError>>),
 }
 
 struct Write {
@@ -193,6 +194,7 @@ impl Directory {
                 .spawn(move || {
                     let writer = Writer {
                         storage: &*storage,
+                        foreign: AtomicU64::new(0),
                         index: &index,
                         clock: &clock,
                         sink: sink.as_ref(),
@@ -213,8 +215,10 @@ impl Directory {
 
     /// Applies what other processes committed to a shared store since this index was last
     /// brought up to date (reloading in full if the store no longer keeps the batches in
-    /// between). Blocks until done; returns the sequence number now visible.
-    pub fn catch_up(&self) -> Result<Seq, StoreError> {
+    /// between). Blocks until done; returns the sequence number now visible, and the
+    /// sequence number after the last batch ever applied from the store rather than written
+    /// here (which other writers may be waiting for).
+    pub fn catch_up(&self) -> Result<(Seq, Seq), StoreError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         self.writer
             .as_ref()
@@ -661,6 +665,8 @@ const MAX_ATTEMPTS: usize = 16;
 /// The writer thread: the only one that changes the index.
 struct Writer<'a> {
     storage: &'a dyn Storage,
+    /// The sequence after the last batch applied from the store's feed (or reload).
+    foreign: AtomicU64,
     index: &'a RwLock<Index>,
     clock: &'a Clock,
     sink: Option<&'a ChangeSink>,
@@ -786,14 +792,17 @@ impl Writer<'_> {
         Some(seq)
     }
 
-    fn catch_up(&self) -> Result<Seq, StoreError> {
+    fn catch_up(&self) -> Result<(Seq, Seq), StoreError> {
         loop {
             let after = self.index.read().map_err(|_| unusable())?.seq();
             match self.storage.feed(after)? {
-                Feed::Batches(batches) if batches.is_empty() => return Ok(after),
+                Feed::Batches(batches) if batches.is_empty() => {
+                    return Ok((after, self.foreign.load(Ordering::Acquire)))
+                }
                 Feed::Batches(batches) => {
                     for batch in &batches {
-                        self.apply(batch).ok_or_else(unusable)?;
+                        let seq = self.apply(batch).ok_or_else(unusable)?;
+                        self.foreign.store(seq, Ordering::Release);
                     }
                 }
                 Feed::Gap => {
@@ -802,6 +811,7 @@ impl Writer<'_> {
                     let (seq, users, groups) = (index.seq, index.user_count(), index.group_count());
                     *self.index.write().map_err(|_| unusable())? = index;
                     self.visible.send_replace(seq);
+                    self.foreign.store(seq, Ordering::Release);
                     tracing::info!(
                         users,
                         groups,

@@ -88,6 +88,11 @@ pub struct PgOptions {
     pub max_staleness: Duration,
 }
 
+fn lock_timeout_setup(max_staleness: Duration) -> String {
+    let quarter = (max_staleness / 4).max(Duration::from_millis(50));
+    format!("SET lock_timeout = {}", quarter.as_millis())
+}
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -100,14 +105,29 @@ struct Connector {
 }
 
 impl Connector {
-    fn new(url: &str) -> Result<Self, StoreError> {
+    /// `max_staleness` bounds how long a stalled peer may hold anything up.
+    fn new(url: &str, max_staleness: Duration) -> Result<Self, StoreError> {
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Backend(format!("the PostgreSQL URL does not parse: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
-        config.keepalives_idle(Duration::from_secs(10));
+        // A replica that stops (paused, partitioned) inside a transaction would keep the
+        // sequence row locked, and every other replica's commits and lease renewals would wait
+        // on it: the server ends such a session after a quarter of `max_staleness`, and a
+        // connection whose peer stopped answering is dropped about as quickly.
+        let quarter = (max_staleness / 4).max(Duration::from_millis(50));
+        let options = format!(
+            "-c idle_in_transaction_session_timeout={} {}",
+            quarter.as_millis(),
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim());
+        config.tcp_user_timeout(max_staleness);
+        config.keepalives_idle(Duration::from_secs(1));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
         config.application_name("portcullis");
         let tls = match config.get_ssl_mode() {
             SslMode::Disable => None,
@@ -145,7 +165,7 @@ struct Conn {
 
 /// A connection idle this long is checked (one round trip) before it is used: after a
 /// server restart, its first query would fail.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+const IDLE_CHECK: Duration = Duration::from_millis(100);
 
 impl Conn {
     fn new(client: Client) -> Self {
@@ -220,8 +240,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Dedicated {
     connector: Arc<Connector>,
     client: Option<Conn>,
-    /// Run on every new connection (a `LISTEN`).
-    setup: &'static str,
+    /// Run on every new connection (a `LISTEN`, a `SET`).
+    setup: String,
 }
 
 impl Dedicated {
@@ -229,7 +249,7 @@ impl Dedicated {
         if !self.client.as_mut().is_some_and(Conn::usable) {
             self.client = None;
             let mut client = self.connector.connect()?;
-            client.batch_execute(self.setup).map_err(backend)?;
+            client.batch_execute(&self.setup).map_err(backend)?;
             self.client = Some(Conn::new(client));
         }
         let conn = self
@@ -329,7 +349,7 @@ fn from_sql(n: i64) -> Result<u64, StoreError> {
 impl PgStorage {
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
-        let connector = Arc::new(Connector::new(&options.url)?);
+        let connector = Arc::new(Connector::new(&options.url, options.max_staleness)?);
         Ok(Self {
             replica: uuid::Uuid::new_v4().to_string(),
             pool: Pool {
@@ -340,12 +360,13 @@ impl PgStorage {
             writer: Mutex::new(Dedicated {
                 connector: connector.clone(),
                 client: None,
-                setup: "",
+                // A commit waits this long at most for another replica's to finish.
+                setup: lock_timeout_setup(options.max_staleness),
             }),
             settler: Mutex::new(Dedicated {
                 connector,
                 client: None,
-                setup: "LISTEN portcullis_applied",
+                setup: "LISTEN portcullis_applied".to_owned(),
             }),
             freshness: Arc::new(Freshness::new(options.max_staleness)),
         })
@@ -667,33 +688,46 @@ impl Storage for PgStorage {
     fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
         let after_sql = to_sql(after)?;
         self.pool.with(|client| {
-            let rows = client
+            // The batches and the sequence from one snapshot: a commit in between would look
+            // like a gap.
+            let mut txn = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(backend)?;
+            let seq = meta(&mut txn, "seq")?;
+            let rows = txn
                 .query(
                     "SELECT seq, base, batch FROM directory_feed WHERE seq > $1 \
                      ORDER BY seq LIMIT $2",
                     &[&after_sql, &FEED_PAGE],
                 )
                 .map_err(backend)?;
+            txn.commit().map_err(backend)?;
             if rows.is_empty() {
-                // Nothing new, or the batches after `after` were pruned.
-                return Ok(if meta(client, "seq")? > after {
-                    Feed::Gap
-                } else {
+                // Nothing new; or the batches after `after` were pruned; or the store is
+                // behind this index (restored from a backup): reload it as it is.
+                return Ok(if seq == after {
                     Feed::Batches(Vec::new())
+                } else {
+                    Feed::Gap
                 });
             }
             let mut expected = after;
             let mut batches = Vec::with_capacity(rows.len());
             for row in &rows {
                 let base = from_sql(row.try_get(1).map_err(backend)?)?;
-                if base != expected {
-                    return Ok(Feed::Gap);
-                }
                 let bytes: &[u8] = row.try_get(2).map_err(backend)?;
-                let batch: Batch = serde_json::from_slice(bytes)
-                    .map_err(|e| StoreError::Corrupt(format!("feed batch {base}: {e}")))?;
-                expected = batch.seq;
-                batches.push(batch);
+                // A batch this build cannot read (another version wrote it) is a gap too:
+                // the tables themselves are read by the full reload.
+                match serde_json::from_slice::<Batch>(bytes) {
+                    Ok(batch) if base == expected && batch.base == base => {
+                        expected = batch.seq;
+                        batches.push(batch);
+                    }
+                    _ => return Ok(Feed::Gap),
+                }
             }
             Ok(Feed::Batches(batches))
         })
@@ -756,25 +790,31 @@ pub struct Fleet {
 
 impl Fleet {
     /// Runs forever on the calling thread: waits for feed notifications (or a quarter of
-    /// `max_staleness`), has `catch_up` apply what is new and report the sequence now applied,
-    /// then renews the lease if that is everything committed. Reconnects after failures; the
-    /// lease lapses meanwhile, and this replica refuses callers until it has caught up.
-    pub fn follow(&self, catch_up: &dyn Fn() -> Result<Seq, StoreError>) -> ! {
+    /// `max_staleness`), has `catch_up` apply what is new (it reports the sequence now applied,
+    /// and the last one applied from the feed), then renews the lease if that is everything
+    /// committed: when the quarter is up, or at once when other replicas' batches were
+    /// applied, since their writers wait for it. Reconnects after failures; the lease lapses
+    /// meanwhile, and this replica refuses callers until it has caught up.
+    pub fn follow(&self, catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>) -> ! {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.follow_connected(catch_up) {
+            let started = Instant::now();
+            match self
+                .follow_connected(catch_up)
+                .map_err(|e| (e, started.elapsed()))
+            {
                 Ok(never) => match never {},
-                Err(StoreError::Version { found, expected }) => {
-                    // Another replica, newer than this one, migrated the database.
-                    tracing::error!(
-                        "the PostgreSQL schema is version {found}, newer than this build's \
-                         {expected}; stopping"
-                    );
+                Err((e @ StoreError::Version { .. }, _)) => {
+                    // A newer build migrated the database: this one cannot read it safely.
+                    tracing::error!("PostgreSQL: {e}; stopping");
                     std::process::exit(1);
                 }
-                Err(e) => {
+                Err((e, connected_for)) => {
                     self.freshness
                         .lapse(format!("lost the directory feed: {e}"));
+                    if connected_for > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(50);
+                    }
                     tracing::warn!("lost the directory feed, retrying in {backoff:?}: {e}");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -783,9 +823,50 @@ impl Fleet {
         }
     }
 
+    /// Renews this replica's lease if it has applied everything committed; false if not.
+    ///
+    /// The sequence is read `FOR SHARE`, so the renewal and a commit (which locks the same row
+    /// `FOR UPDATE` until it ends) never overlap: either the renewal commits first, and the
+    /// writer's settling then sees this lease and waits for the replica to apply the batch, or
+    /// the renewal reads the batch's sequence and fails.
+    fn renew(
+        &self,
+        client: &mut Client,
+        applied: i64,
+        staleness_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut txn = client.transaction().map_err(backend)?;
+        let seq: i64 = txn
+            .query_one(
+                "SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE",
+                &[],
+            )
+            .map_err(backend)?
+            .try_get(0)
+            .map_err(backend)?;
+        if seq != applied {
+            return Ok(false);
+        }
+        txn.execute(
+            "INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
+             VALUES ($1, $2, statement_timestamp() + $3::bigint * interval '1 millisecond') \
+             ON CONFLICT (id) DO UPDATE SET applied_seq = excluded.applied_seq, \
+                 lease_until = excluded.lease_until, seen = now()",
+            &[&self.replica, &applied, &staleness_ms],
+        )
+        .map_err(backend)?;
+        txn.execute(
+            "SELECT pg_notify('portcullis_applied', $1::bigint::text)",
+            &[&applied],
+        )
+        .map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(true)
+    }
+
     fn follow_connected(
         &self,
-        catch_up: &dyn Fn() -> Result<Seq, StoreError>,
+        catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
     ) -> Result<std::convert::Infallible, StoreError> {
         let mut client = self.connector.connect()?;
         migrate(&mut client)?;
@@ -794,13 +875,6 @@ impl Fleet {
             .map_err(backend)?;
         let staleness_ms =
             i64::try_from(self.freshness.max_staleness.as_millis()).unwrap_or(i64::MAX);
-        client
-            .execute(
-                "INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
-                 VALUES ($1, 0, '-infinity') ON CONFLICT (id) DO NOTHING",
-                &[&self.replica],
-            )
-            .map_err(backend)?;
         // Replicas gone for a day are forgotten; lapsed ones are never waited for anyway.
         client
             .execute(
@@ -810,30 +884,25 @@ impl Fleet {
             .map_err(backend)?;
         let mut last_prune = Instant::now();
         let interval = self.freshness.max_staleness / 4;
+        // Renewed on schedule, and whenever other replicas' batches were applied (their
+        // writers wait for that); this replica's own batches, applied by its writer, wait for
+        // nobody here.
+        let mut renew_by = Instant::now();
+        let mut reported = None;
         loop {
-            let applied = to_sql(catch_up()?)?;
-            let sent = Instant::now();
-            // Renewed only if nothing newer than what this replica applied is committed; a
-            // lease that begins before the statement runs is never longer than the one
-            // granted.
-            let renewed = client
-                .query(
-                    "WITH renewed AS ( \
-                       UPDATE portcullis_replicas \
-                       SET applied_seq = $2::bigint, seen = now(), \
-                           lease_until = statement_timestamp() + $3::bigint * interval '1 millisecond' \
-                       WHERE id = $1 \
-                         AND $2 >= (SELECT value FROM directory_meta WHERE key = 'seq') \
-                       RETURNING 1) \
-                     SELECT pg_notify('portcullis_applied', $2::bigint::text) FROM renewed",
-                    &[&self.replica, &applied, &staleness_ms],
-                )
-                .map_err(backend)?;
-            if renewed.is_empty() {
-                // Something was committed meanwhile: apply it first.
-                continue;
+            let (seq, foreign) = catch_up()?;
+            if reported != Some(foreign) || Instant::now() >= renew_by {
+                // Counted from before the renewal is sent: never longer than the lease granted.
+                let sent = Instant::now();
+                if !self.renew(&mut client, to_sql(seq)?, staleness_ms)? {
+                    // Something was committed meanwhile: apply it first.
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                self.freshness.renewed(sent);
+                renew_by = sent + interval;
+                reported = Some(foreign);
             }
-            self.freshness.renewed(sent);
             if last_prune.elapsed() > Duration::from_secs(60) {
                 last_prune = Instant::now();
                 client
@@ -848,7 +917,7 @@ impl Fleet {
             {
                 let mut notifications = client.notifications();
                 let _ = notifications
-                    .timeout_iter(interval)
+                    .timeout_iter(renew_by.saturating_duration_since(Instant::now()))
                     .next()
                     .map_err(backend)?;
                 while notifications.iter().next().map_err(backend)?.is_some() {}

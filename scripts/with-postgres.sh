@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs a command with a throw-away PostgreSQL server: a cluster initdb makes in a temporary
+# directory, on a free loopback port, its socket in that directory, removed afterwards. The
+# command finds it in $PORTCULLIS_POSTGRES_URL. As root, the server runs as the `postgres` user.
+# Usage: scripts/with-postgres.sh COMMAND [ARGS...]
+set -euo pipefail
+
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -x "$bin/initdb" ] || { echo "PostgreSQL is not installed: run scripts/deps.sh test" >&2; exit 1; }
+dir=$(mktemp -d -t portcullis-pg-XXXXXX)
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then
+  chown postgres:postgres "$dir"
+  as_pg=(runuser -u postgres --)
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 >"$dir/initdb.log"
+"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 120 \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+cleanup() {
+  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+export PORTCULLIS_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres?sslmode=disable"
+"$@"
