@@ -93,8 +93,17 @@ fn lock_timeout_setup(max_staleness: Duration) -> String {
     format!("SET lock_timeout = {}", quarter.as_millis())
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// The error with its causes (`postgres::Error` alone says only "db error"). Server messages
+/// name objects and options, never the connection's password.
+fn backend(e: impl std::error::Error) -> StoreError {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    StoreError::Backend(message)
 }
 
 /// Connects as the URL asks: over TLS (verified against the system's roots) unless
@@ -206,7 +215,9 @@ impl Pool {
             scope
                 .spawn(|| self.with_here(f))
                 .join()
-                .unwrap_or_else(|_| Err(backend("a PostgreSQL read panicked")))
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Backend("a PostgreSQL read panicked".to_owned()))
+                })
         })
     }
 
