@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::time::{clock_gettime, ClockId};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, IsolationLevel, NoTls};
 use tokio_postgres::config::SslMode;
@@ -285,11 +286,12 @@ impl Dedicated {
     }
 }
 
-/// This replica's lease, as it judges it itself: on the monotonic clock, counted from before
-/// the renewal was sent, so it never outlasts the lease the database granted.
+/// This replica's lease, as it judges it itself: counted from before the renewal was sent, so
+/// it never outlasts the lease the database granted, on `CLOCK_BOOTTIME`, which (unlike the
+/// monotonic clock `Instant` reads) keeps counting while the machine is suspended: a host
+/// that wakes after a long pause finds its lease over.
 pub struct Freshness {
-    start: Instant,
-    /// Nanoseconds after `start` when the lease lapses; 0 while there is none.
+    /// The boot-clock nanoseconds when the lease lapses; 0 while there is none.
     until: AtomicU64,
     max_staleness: Duration,
     /// Why there is no lease, for `/readyz`.
@@ -299,7 +301,6 @@ pub struct Freshness {
 impl Freshness {
     fn new(max_staleness: Duration) -> Self {
         Self {
-            start: Instant::now(),
             until: AtomicU64::new(0),
             max_staleness,
             problem: Mutex::new("not yet caught up with the directory".to_owned()),
@@ -313,14 +314,14 @@ impl Freshness {
 
     /// Whether this replica's directory is known to be current within `max_staleness`.
     pub fn is_current(&self) -> bool {
-        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        now < self.until.load(Ordering::Acquire)
+        boot_nanos() < self.until.load(Ordering::Acquire)
     }
 
-    fn renewed(&self, sent: Instant) {
-        let until = sent.saturating_duration_since(self.start) + self.max_staleness;
-        let until = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX);
-        self.until.store(until, Ordering::Release);
+    /// Renewed by a statement sent at `sent` ([`boot_nanos`]).
+    fn renewed(&self, sent: u64) {
+        let staleness = u64::try_from(self.max_staleness.as_nanos()).unwrap_or(u64::MAX);
+        self.until
+            .store(sent.saturating_add(staleness), Ordering::Release);
     }
 
     fn lapse(&self, problem: String) {
@@ -330,6 +331,18 @@ impl Freshness {
 
     pub fn max_staleness(&self) -> Duration {
         self.max_staleness
+    }
+}
+
+/// Nanoseconds on `CLOCK_BOOTTIME`; `u64::MAX` (no lease holds) if it cannot be read.
+fn boot_nanos() -> u64 {
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(t) => u64::try_from(t.tv_sec())
+            .ok()
+            .and_then(|s| s.checked_mul(1_000_000_000))
+            .and_then(|ns| ns.checked_add(u64::try_from(t.tv_nsec()).ok()?))
+            .unwrap_or(u64::MAX),
+        Err(_) => u64::MAX,
     }
 }
 
@@ -904,14 +917,15 @@ impl Fleet {
             let (seq, foreign) = catch_up()?;
             if reported != Some(foreign) || Instant::now() >= renew_by {
                 // Counted from before the renewal is sent: never longer than the lease granted.
-                let sent = Instant::now();
+                let sent = boot_nanos();
+                let sent_at = Instant::now();
                 if !self.renew(&mut client, to_sql(seq)?, staleness_ms)? {
                     // Something was committed meanwhile: apply it first.
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
                 self.freshness.renewed(sent);
-                renew_by = sent + interval;
+                renew_by = sent_at + interval;
                 reported = Some(foreign);
             }
             if last_prune.elapsed() > Duration::from_secs(60) {
@@ -937,5 +951,25 @@ impl Fleet {
                 return Err(StoreError::Backend("the connection closed".to_owned()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_holds_from_before_its_renewal_was_sent_until_it_lapses() {
+        let lease = Freshness::new(Duration::from_secs(2));
+        assert!(!lease.is_current(), "no lease before the first renewal");
+        lease.renewed(boot_nanos());
+        assert!(lease.is_current());
+        // A renewal sent 3 s ago has already lapsed (a host that slept through it).
+        lease.renewed(boot_nanos() - 3_000_000_000);
+        assert!(!lease.is_current());
+        lease.renewed(boot_nanos());
+        lease.lapse("lost the feed".to_owned());
+        assert!(!lease.is_current());
+        assert_eq!(lease.problem(), "lost the feed");
     }
 }
