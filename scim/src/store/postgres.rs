@@ -819,12 +819,19 @@ impl Fleet {
     /// committed: when the quarter is up, or at once when other replicas' batches were
     /// applied, since their writers wait for it. Reconnects after failures; the lease lapses
     /// meanwhile, and this replica refuses callers until it has caught up.
-    pub fn follow(&self, catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>) -> ! {
+    ///
+    /// `visible` is the sequence already applied here: a notification of a batch this replica
+    /// wrote itself needs no catching up.
+    pub fn follow(
+        &self,
+        catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
+        visible: &dyn Fn() -> Seq,
+    ) -> ! {
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = Instant::now();
             match self
-                .follow_connected(catch_up)
+                .follow_connected(catch_up, visible)
                 .map_err(|e| (e, started.elapsed()))
             {
                 Ok(never) => match never {},
@@ -891,6 +898,7 @@ impl Fleet {
     fn follow_connected(
         &self,
         catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
+        visible: &dyn Fn() -> Seq,
     ) -> Result<std::convert::Infallible, StoreError> {
         let mut client = self.connector.connect()?;
         migrate(&mut client)?;
@@ -939,13 +947,24 @@ impl Fleet {
                     )
                     .map_err(backend)?;
             }
-            {
+            // Wait for news; batches already applied here (this replica's own) are no news.
+            loop {
+                let mut notified = None;
                 let mut notifications = client.notifications();
-                let _ = notifications
-                    .timeout_iter(renew_by.saturating_duration_since(Instant::now()))
+                let timeout = renew_by.saturating_duration_since(Instant::now());
+                let mut first = notifications
+                    .timeout_iter(timeout)
                     .next()
                     .map_err(backend)?;
-                while notifications.iter().next().map_err(backend)?.is_some() {}
+                while let Some(notification) = first.take() {
+                    // An unreadable payload counts as news.
+                    let seq = notification.payload().parse::<Seq>().unwrap_or(Seq::MAX);
+                    notified = notified.max(Some(seq));
+                    first = notifications.iter().next().map_err(backend)?;
+                }
+                if notified.is_none_or(|seq| seq > visible()) || Instant::now() >= renew_by {
+                    break;
+                }
             }
             if client.is_closed() {
                 return Err(StoreError::Backend("the connection closed".to_owned()));
