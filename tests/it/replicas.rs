@@ -532,3 +532,57 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writes_on_two_replicas_all_land_once_and_every_replica_sees_them() {
+    let fleet = Fleet::start().await;
+    let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
+    // Writers on A and B at once: each batch is built on one replica's directory and is
+    // refused if the other committed first, then built again on the caught-up directory.
+    let mut writers = Vec::new();
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        for w in 0..4 {
+            let scim = ScimClient::new(&replica.cfg.scim_base_url(), SCIM_TOKEN);
+            writers.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..40 {
+                    let resp = scim.post("/Users", &user(&format!("{name}-{w}-{i}"))).await;
+                    assert_eq!(resp.status, 201, "{}", resp.body);
+                    ids.push(resp.id());
+                }
+                ids
+            }));
+        }
+    }
+    let mut ids = Vec::new();
+    for writer in writers {
+        ids.extend(writer.await.unwrap());
+    }
+    // The same userName written on both replicas at once: exactly one wins.
+    let contested = user("contested");
+    let (x, y) = tokio::join!(
+        a.scim.post("/Users", &contested),
+        b.scim.post("/Users", &contested)
+    );
+    let mut statuses = [x.status, y.status];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{} / {}", x.body, y.body);
+
+    // C, which wrote nothing, has every one of them, each once.
+    let all = c.scim.get("/Users?count=1000").await.expect_success();
+    assert_eq!(all.body["totalResults"], ids.len() + 1);
+    for id in &ids {
+        c.scim.get(&format!("/Users/{id}")).await.expect_success();
+    }
+    // And the change sequence has no gaps: one change per user, numbered from 1 up.
+    let seqs = fleet
+        .pg
+        .query("SELECT count(*), min(seq), max(seq) FROM directory_changes")
+        .await
+        .unwrap();
+    let n = (ids.len() + 1).to_string();
+    assert_eq!(
+        seqs,
+        vec![vec![Some(n.clone()), Some("1".to_owned()), Some(n)]]
+    );
+}

@@ -4,12 +4,12 @@
 //! decides requests from it alone. What PostgreSQL adds is one order of changes for the fleet
 //! and a way to know that every replica has them:
 //!
-//! - **One sequence, no gaps.** A batch commits in one transaction that first locks the
-//!   `seq` row of `directory_meta` (`FOR UPDATE`) and checks that the batch was built on that
-//!   sequence. The lock is held until the commit, so batches commit one at a time in sequence
-//!   order: once a reader sees sequence N, every batch below N is visible too. A batch built
-//!   on an older directory is refused ([`StoreError::Behind`]); its writer catches up and
-//!   builds it again.
+//! - **One sequence, no gaps.** A batch commits in one statement (one implicit transaction)
+//!   that locks the `seq` row of `directory_meta` (`FOR UPDATE`) and writes only if the batch
+//!   was built on that sequence. The lock is held until the commit, so batches commit one at
+//!   a time in sequence order: once a reader sees sequence N, every batch below N is visible
+//!   too. A batch built on an older directory is refused ([`StoreError::Behind`]); its writer
+//!   catches up and builds it again.
 //! - **The feed.** Each batch is also kept whole in `directory_feed`, keyed by its sequence,
 //!   and its commit notifies `portcullis_feed`. Replicas apply the feed in order; one that
 //!   finds a hole (the rows were pruned) reloads in full.
@@ -171,6 +171,8 @@ impl Connector {
 struct Conn {
     client: Client,
     used: Instant,
+    /// Statements prepared on this connection (parsed and planned once, not per call).
+    prepared: HashMap<&'static str, postgres::Statement>,
 }
 
 /// A connection idle this long is checked (one round trip) before it is used: after a
@@ -182,7 +184,18 @@ impl Conn {
         Self {
             client,
             used: Instant::now(),
+            prepared: HashMap::new(),
         }
+    }
+
+    /// `sql`, prepared on this connection the first time it is asked for.
+    fn prepare(&mut self, sql: &'static str) -> Result<postgres::Statement, StoreError> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).map_err(backend)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
     }
 
     fn usable(&mut self) -> bool {
@@ -257,7 +270,7 @@ struct Dedicated {
 }
 
 impl Dedicated {
-    fn get(&mut self) -> Result<&mut Client, StoreError> {
+    fn get(&mut self) -> Result<&mut Conn, StoreError> {
         if !self.client.as_mut().is_some_and(Conn::usable) {
             self.client = None;
             let mut client = self.connector.connect()?;
@@ -269,13 +282,13 @@ impl Dedicated {
             .as_mut()
             .ok_or_else(|| StoreError::Backend("no connection".to_owned()))?;
         conn.used = Instant::now();
-        Ok(&mut conn.client)
+        Ok(conn)
     }
 
     /// Runs `f`, dropping the connection if it fails (it may be half-way through something).
     fn run<T>(
         &mut self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let result = f(self.get()?);
         // A refused batch leaves the connection as it was; any other failure may not.
@@ -606,81 +619,71 @@ impl Storage for PgStorage {
             to_sql(batch.next_row)?,
         );
 
-        lock(&self.writer).run(|client| {
-            let mut txn = client.transaction().map_err(backend)?;
-            // The lock that orders commits: held until this transaction ends.
-            let current: i64 = txn
+        // One statement, so one round trip and one implicit transaction: it locks the `seq`
+        // row (`FOR UPDATE`: it waits for a commit in progress, then reads the latest value)
+        // and writes only if the batch was built on that value. Every part is gated on `ok`.
+        const COMMIT: &str = "\
+            WITH lock AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR UPDATE), \
+            ok AS (SELECT 1 FROM lock WHERE value = $1), \
+            users AS (INSERT INTO directory_users (row_id, record) \
+                SELECT * FROM unnest($2::bigint[], $3::bytea[]) WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
+            gone_users AS (DELETE FROM directory_users \
+                WHERE row_id = ANY($4::bigint[]) AND EXISTS (SELECT 1 FROM ok)), \
+            groups AS (INSERT INTO directory_groups (row_id, record) \
+                SELECT * FROM unnest($5::bigint[], $6::bytea[]) WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
+            gone_groups AS (DELETE FROM directory_groups \
+                WHERE row_id = ANY($7::bigint[]) AND EXISTS (SELECT 1 FROM ok)), \
+            added AS (INSERT INTO directory_members (group_row, member_row) \
+                SELECT * FROM unnest($8::bigint[], $9::bigint[]) WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT DO NOTHING), \
+            removed AS (DELETE FROM directory_members m \
+                USING unnest($10::bigint[], $11::bigint[]) AS gone(group_row, member_row) \
+                WHERE m.group_row = gone.group_row AND m.member_row = gone.member_row \
+                  AND EXISTS (SELECT 1 FROM ok)), \
+            changes AS (INSERT INTO directory_changes (seq, change) \
+                SELECT * FROM unnest($12::bigint[], $13::bytea[]) WHERE EXISTS (SELECT 1 FROM ok)), \
+            feed AS (INSERT INTO directory_feed (seq, base, batch) \
+                SELECT $14::bigint, $1::bigint, $15::bytea WHERE EXISTS (SELECT 1 FROM ok)), \
+            meta AS (UPDATE directory_meta \
+                SET value = CASE key WHEN 'seq' THEN $14::bigint ELSE $16::bigint END \
+                WHERE key IN ('seq', 'next_row') AND EXISTS (SELECT 1 FROM ok)), \
+            notify AS (SELECT pg_notify('portcullis_feed', $14::bigint::text) FROM ok) \
+            SELECT value, (SELECT count(*) FROM notify) FROM lock";
+        let [user_upserts, group_upserts] = &upserts;
+        let [user_deletes, group_deletes] = &deletes;
+        lock(&self.writer).run(|conn| {
+            let commit = conn.prepare(COMMIT)?;
+            let row = conn
+                .client
                 .query_one(
-                    "SELECT value FROM directory_meta WHERE key = 'seq' FOR UPDATE",
-                    &[],
+                    &commit,
+                    &[
+                        &base,
+                        &user_upserts.0,
+                        &user_upserts.1,
+                        user_deletes,
+                        &group_upserts.0,
+                        &group_upserts.1,
+                        group_deletes,
+                        &added.0,
+                        &added.1,
+                        &removed.0,
+                        &removed.1,
+                        &change_seqs,
+                        &change_bytes,
+                        &seq,
+                        &feed,
+                        &next_row,
+                    ],
                 )
-                .map_err(backend)?
-                .try_get(0)
                 .map_err(backend)?;
+            let current: i64 = row.try_get(0).map_err(backend)?;
             if current != base {
                 return Err(StoreError::Behind);
             }
-            for rt in [ResourceType::User, ResourceType::Group] {
-                let slot = rt as usize;
-                let table = table(rt);
-                if !upserts[slot].0.is_empty() {
-                    txn.execute(
-                        format!(
-                            "INSERT INTO {table} (row_id, record) \
-                             SELECT * FROM unnest($1::bigint[], $2::bytea[]) \
-                             ON CONFLICT (row_id) DO UPDATE SET record = excluded.record"
-                        )
-                        .as_str(),
-                        &[&upserts[slot].0, &upserts[slot].1],
-                    )
-                    .map_err(backend)?;
-                }
-                if !deletes[slot].is_empty() {
-                    txn.execute(
-                        format!("DELETE FROM {table} WHERE row_id = ANY($1)").as_str(),
-                        &[&deletes[slot]],
-                    )
-                    .map_err(backend)?;
-                }
-            }
-            if !added.0.is_empty() {
-                txn.execute(
-                    "INSERT INTO directory_members (group_row, member_row) \
-                     SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING",
-                    &[&added.0, &added.1],
-                )
-                .map_err(backend)?;
-            }
-            if !removed.0.is_empty() {
-                txn.execute(
-                    "DELETE FROM directory_members m USING unnest($1::bigint[], $2::bigint[]) \
-                     AS gone(group_row, member_row) \
-                     WHERE m.group_row = gone.group_row AND m.member_row = gone.member_row",
-                    &[&removed.0, &removed.1],
-                )
-                .map_err(backend)?;
-            }
-            txn.execute(
-                "INSERT INTO directory_changes (seq, change) \
-                 SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-                &[&change_seqs, &change_bytes],
-            )
-            .map_err(backend)?;
-            txn.execute(
-                "INSERT INTO directory_feed (seq, base, batch) VALUES ($1, $2, $3)",
-                &[&seq, &base, &feed],
-            )
-            .map_err(backend)?;
-            txn.execute(
-                "UPDATE directory_meta SET value = CASE key WHEN 'seq' THEN $1::bigint ELSE $2::bigint END \
-                 WHERE key IN ('seq', 'next_row')",
-                &[&seq, &next_row],
-            )
-            .map_err(backend)?;
-            // Delivered at commit, to every replica following the feed.
-            txn.execute("SELECT pg_notify('portcullis_feed', $1::bigint::text)", &[&seq])
-                .map_err(backend)?;
-            txn.commit().map_err(backend)
+            Ok(())
         })
     }
 
@@ -764,13 +767,14 @@ impl Storage for PgStorage {
         let seq = to_sql(seq)?;
         let mut settler = lock(&self.settler);
         loop {
-            let waiting = settler.run(|client| {
+            let waiting = settler.run(|conn| {
+                let waiting = conn.prepare(
+                    "SELECT count(*) FROM portcullis_replicas \
+                     WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()",
+                )?;
+                let client = &mut conn.client;
                 let row = client
-                    .query_one(
-                        "SELECT count(*) FROM portcullis_replicas \
-                         WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()",
-                        &[&self.replica, &seq],
-                    )
+                    .query_one(&waiting, &[&self.replica, &seq])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
                 if waiting > 0 {
