@@ -23,7 +23,6 @@ Usage: scripts/with-postgres.sh bench/replicas.py [--rounds N] [--duration S] [-
 """
 import argparse
 import http.client
-import json
 import os
 import shutil
 import statistics
@@ -34,8 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import ROOT, free_port, log, percentile, stop, wait_http  # noqa: E402
-from scim import TOKEN, USER_SCHEMA, PATCH_SCHEMA, request, wrk_create  # noqa: E402
+from common import log, percentile  # noqa: E402
+from scim import USER_SCHEMA, PATCH_SCHEMA, Portcullis, request, wrk_create  # noqa: E402
 
 
 def psql(url, sql):
@@ -52,44 +51,10 @@ def fresh_database(base_url, name):
     return base_url.replace("/postgres?", f"/{name}?")
 
 
-class Replica:
+def start_replica(binary, tmp, name, pg_url=None):
     """A Portcullis serving only SCIM, its directory in PostgreSQL at `pg_url` (or redb)."""
-
-    def __init__(self, binary, tmp, name, pg_url=None):
-        self.port, admin_port = free_port(), free_port()
-        self.base = "/scim/v2"
-        self.url = f"http://127.0.0.1:{self.port}{self.base}"
-        config = os.path.join(tmp, f"portcullis-{name}.toml")
-        postgres = f'[postgres]\nurl = "{pg_url}"\n' if pg_url else ""
-        with open(config, "w") as f:
-            f.write(f"""
-data_dir = "{os.path.join(tmp, 'data-' + name)}"
-[log]
-level = "warn"
-[server]
-threads = {os.cpu_count()}
-[admin]
-address = "127.0.0.1:{admin_port}"
-[[listeners]]
-address = "127.0.0.1:{self.port}"
-[scim]
-host = "127.0.0.1"
-[[scim.tokens]]
-name = "bench"
-secret = "{TOKEN}"
-{postgres}""")
-        self.log = open(os.path.join(tmp, f"portcullis-{name}.log"), "w")
-        self.proc = subprocess.Popen([binary, "serve", "--config", config],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://127.0.0.1:{admin_port}/readyz", timeout=120, want=200)
-        except SystemExit:
-            self.stop()
-            raise
-
-    def stop(self):
-        stop(self.proc)
-        self.log.close()
+    extra = f'[postgres]\nurl = "{pg_url}"\n' if pg_url else ""
+    return Portcullis(binary, tmp, os.path.join(tmp, f"data-{name}"), name, extra)
 
 
 def measure_creates(args, binary, tmp, base_url):
@@ -99,7 +64,7 @@ def measure_creates(args, binary, tmp, base_url):
         for system in order:
             name = f"create{round_no}{system}"
             pg = fresh_database(base_url, name) if system == "postgres" else None
-            replica = Replica(binary, tmp, name, pg)
+            replica = start_replica(binary, tmp, name, pg)
             try:
                 wrk_create(tmp, replica, 1, 16)  # warm-up
                 run = wrk_create(tmp, replica, args.duration, 16)
@@ -142,7 +107,7 @@ def measure_latency(args, binary, tmp, base_url):
         all_latencies = []
         for round_no in range(args.rounds):
             pg = fresh_database(base_url, f"latency{fleet}r{round_no}")
-            replicas = [Replica(binary, tmp, f"lat{fleet}-{round_no}-{i}", pg) for i in range(fleet)]
+            replicas = [start_replica(binary, tmp, f"lat{fleet}-{round_no}-{i}", pg) for i in range(fleet)]
             try:
                 latencies = write_latencies(args, replicas)
             finally:

@@ -87,9 +87,10 @@ def request(conn, method, path, body=None):
 
 
 class Portcullis:
-    """A Portcullis process serving only SCIM; start-up time is spawn -> /readyz 200."""
+    """A Portcullis process serving only SCIM; start-up time is spawn -> /readyz 200.
+    `extra` is appended to its config (bench/replicas.py adds `[postgres]`)."""
 
-    def __init__(self, binary, tmp, data_dir, name):
+    def __init__(self, binary, tmp, data_dir, name, extra=""):
         self.port, admin_port = free_port(), free_port()
         self.base = "/scim/v2"
         self.url = f"http://127.0.0.1:{self.port}{self.base}"
@@ -110,7 +111,7 @@ host = "127.0.0.1"
 [[scim.tokens]]
 name = "bench"
 secret = "{TOKEN}"
-""")
+{extra}""")
         self.log = open(os.path.join(tmp, f"portcullis-{name}.log"), "w")
         self.proc = subprocess.Popen([binary, "serve", "--config", config],
                                      stdout=self.log, stderr=subprocess.STDOUT)

@@ -32,8 +32,6 @@ use portcullis_tests::{
 use reqwest::header::{ACCEPT, CONTENT_TYPE, COOKIE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::signin::{
@@ -378,30 +376,13 @@ async fn deactivation_refuses_the_next_request_and_ends_the_session() {
     assert_session_refused(&t.fx, &url, &cookie).await;
 }
 
-type Websocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+type Websocket = portcullis_tests::client::Websocket;
 
 /// Opens a websocket to `path` on the app route with the session `cookie`.
 async fn open_websocket(t: &Authz, path: &str, cookie: &str) -> Websocket {
-    let port = t.fx.cfg.http_addr().port();
-    let mut request = format!("ws://app.test:{port}{path}")
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "cookie",
-        HeaderValue::from_str(&format!("{SESSION_COOKIE}={cookie}")).unwrap(),
-    );
-    let stream = tokio::net::TcpStream::connect(t.fx.cfg.http_addr())
+    let cookie = format!("{SESSION_COOKIE}={cookie}");
+    portcullis_tests::client::websocket(t.fx.cfg.http_addr(), "app.test", path, ("cookie", &cookie))
         .await
-        .unwrap();
-    let (ws, resp) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::client_async(request, stream),
-    )
-    .await
-    .expect("websocket handshake timed out")
-    .expect("websocket handshake through the proxy");
-    assert_eq!(resp.status(), 101);
-    ws
 }
 
 /// The stamp in `tick <stamp>` or `msg <stamp>`.

@@ -626,46 +626,14 @@ impl Streaming {
         host: &str,
         path: &str,
         header: (&'static str, String),
-    ) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let port = self.fx.cfg.http_addr().port();
-        let mut request = format!("ws://{host}:{port}{path}")
-            .into_client_request()
-            .unwrap();
-        request.headers_mut().insert(
-            header.0,
-            tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&header.1).unwrap(),
-        );
-        let stream = tokio::net::TcpStream::connect(self.fx.cfg.http_addr())
-            .await
-            .unwrap();
-        let (ws, resp) = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            tokio_tungstenite::client_async(request, stream),
+    ) -> portcullis_tests::client::Websocket {
+        portcullis_tests::client::websocket(
+            self.fx.cfg.http_addr(),
+            host,
+            path,
+            (header.0, &header.1),
         )
         .await
-        .expect("the websocket handshake timed out")
-        .expect("the websocket handshake through the proxy");
-        assert_eq!(resp.status(), 101);
-        ws
-    }
-
-    /// Waits (at most `within`) for the websocket to be closed by the other end; reads and
-    /// drops whatever arrives meanwhile. True if it was closed.
-    async fn closed_within<S>(ws: &mut S, within: std::time::Duration) -> bool
-    where
-        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-            + Unpin,
-    {
-        use futures_util::StreamExt;
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, ws.next()).await {
-                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return true,
-                Ok(Some(Ok(_))) => {}
-                Err(_) => return false,
-            }
-        }
     }
 
     /// Waits (bounded) until the audit log has a record containing every one of `words`.
@@ -686,8 +654,6 @@ impl Streaming {
     }
 }
 
-use tokio_tungstenite::tungstenite::Message;
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_s_websocket_ends_when_its_token_expires() {
     let t = Streaming::start().await;
@@ -706,7 +672,9 @@ async fn a_machine_s_websocket_ends_when_its_token_expires() {
             ("authorization", format!("Bearer {token}")),
         )
         .await;
-    let closed = Streaming::closed_within(&mut ticks, std::time::Duration::from_secs(15)).await;
+    let closed =
+        portcullis_tests::client::closed_within(&mut ticks, std::time::Duration::from_secs(15))
+            .await;
     assert!(closed, "the websocket outlived its token by more than 10 s");
     assert!(
         crate::signin::now_unix() >= exp,
@@ -733,7 +701,9 @@ async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
     // Nothing said on it, and nothing changes in the directory: only the configuration.
     t.fx.px.rewrite_config(&t.denying);
     t.fx.px.reload();
-    let closed = Streaming::closed_within(&mut idle, std::time::Duration::from_secs(15)).await;
+    let closed =
+        portcullis_tests::client::closed_within(&mut idle, std::time::Duration::from_secs(15))
+            .await;
     assert!(
         closed,
         "the websocket stayed open after a reload that denies it"

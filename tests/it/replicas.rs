@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use portcullis_tests::client::{closed_within, websocket};
 use portcullis_tests::scim::{patch_ops, user};
 use portcullis_tests::{
     ConfigBuilder, Idp, JwtIssuer, Portcullis, Postgres, Route, ScimClient, ScimResponse, Upstream,
@@ -165,45 +166,6 @@ async fn add_member(scim: &ScimClient, group: &str, member: &str) -> ScimRespons
     .await
 }
 
-type Websocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// A websocket to the upstream's `/ws-ticks` through `replica`, with the bearer token.
-async fn websocket(replica: &Replica, token: &str) -> Websocket {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let addr = replica.cfg.http_addr();
-    let mut request = format!("ws://api.test:{}/ws-ticks", addr.port())
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (ws, resp) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::client_async(request, stream),
-    )
-    .await
-    .expect("the websocket handshake timed out")
-    .expect("the websocket handshake through the proxy");
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-/// Whether the other end closes `ws` within `within`; what arrives meanwhile is dropped.
-async fn closed_within(ws: &mut Websocket, within: Duration) -> bool {
-    use futures_util::StreamExt;
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_)) | None) => {
-                return true
-            }
-            Ok(Some(Ok(_))) => {}
-            Err(_) => return false,
-        }
-    }
-}
-
 /// `/readyz` on the replica's admin listener: the status and the text.
 async fn readyz(replica: &Replica) -> (u16, String) {
     match bare_client()
@@ -268,7 +230,14 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
     assert_eq!(read.body["userName"], MACHINE_ID);
 
     // Deactivated on A, under load on B and C, with a websocket open on C.
-    let mut ticks = websocket(&c, &token).await;
+    let bearer = format!("Bearer {token}");
+    let mut ticks = websocket(
+        c.cfg.http_addr(),
+        "api.test",
+        "/ws-ticks",
+        ("authorization", &bearer),
+    )
+    .await;
     revocation_under_load(
         "deactivation on A, load on B and C",
         round_robin(urls[1..].to_vec(), token.clone()),

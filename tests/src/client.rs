@@ -272,3 +272,50 @@ pub fn chunked(body: &[u8], chunk_size: usize) -> Vec<u8> {
     out.extend_from_slice(b"0\r\n\r\n");
     out
 }
+
+/// A websocket opened through a proxy listener.
+pub type Websocket = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Opens a websocket to `ws://<host>:<listener's port><path>` over a connection to the
+/// listener at `addr`, with one extra request header; asserts the `101` (bounded wait).
+pub async fn websocket(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    header: (&str, &str),
+) -> Websocket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let mut request = format!("ws://{host}:{}{path}", addr.port())
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        HeaderName::from_bytes(header.0.as_bytes()).unwrap(),
+        HeaderValue::from_str(header.1).unwrap(),
+    );
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+    .expect("the websocket handshake timed out")
+    .expect("the websocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Waits (at most `within`) for the other end to close `ws`; reads and drops whatever arrives
+/// meanwhile. True if it was closed.
+pub async fn closed_within(ws: &mut Websocket, within: Duration) -> bool {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return true,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => return false,
+        }
+    }
+}

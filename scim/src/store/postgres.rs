@@ -497,17 +497,22 @@ fn meta(client: &mut impl postgres::GenericClient, key: &str) -> Result<u64, Sto
     from_sql(row.try_get(0).map_err(backend)?)
 }
 
+/// A read-only transaction whose every query sees the same committed state.
+fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(backend)
+}
+
 impl Storage for PgStorage {
     fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
         // Called by the directory's writer (or `portcullis explain`), never on a runtime.
         self.pool.with_here(|client| {
             // One snapshot for everything, so the rows match the sequence number.
-            let mut txn = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(backend)?;
+            let mut txn = snapshot(client)?;
             let seq = meta(&mut txn, "seq")?;
             let next_row = meta(&mut txn, "next_row")?;
             for rt in [ResourceType::User, ResourceType::Group] {
@@ -717,12 +722,7 @@ impl Storage for PgStorage {
         self.pool.with(|client| {
             // The batches and the sequence from one snapshot: a commit in between would look
             // like a gap.
-            let mut txn = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(backend)?;
+            let mut txn = snapshot(client)?;
             let seq = meta(&mut txn, "seq")?;
             let rows = txn
                 .query(
