@@ -41,13 +41,14 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
+use portcullis::auth::sessions::Kept;
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
 use portcullis::gate::{Admission, Client, Facts, Gate, Presented};
 use portcullis_config::Config;
 use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::Directory;
+use portcullis_scim::store::{Directory, Sinks};
 
 #[path = "../../scim/examples/populate.rs"]
 #[allow(dead_code)]
@@ -149,7 +150,6 @@ struct Fixture {
     /// Requests carrying a session cookie, one per session.
     requests: Vec<RequestHeader>,
     machine: Caller,
-    _sessions_dir: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -159,9 +159,18 @@ impl Fixture {
         let data = directory_data(users);
         let started = Instant::now();
         let storage = RedbStorage::open(&data).expect("open storage");
+        let kept = Arc::new(Kept::default());
+        let sinks = Sinks {
+            changes: None,
+            entries: Some(kept.clone()),
+        };
         let directory = Arc::new(
-            Directory::open(Arc::new(storage), Box::new(time::OffsetDateTime::now_utc))
-                .expect("open directory"),
+            Directory::open_with_sinks(
+                Arc::new(storage),
+                Box::new(time::OffsetDateTime::now_utc),
+                sinks,
+            )
+            .expect("open directory"),
         );
         eprintln!(
             "directory loaded: {:?} (users, groups) in {:.1} s",
@@ -171,14 +180,21 @@ impl Fixture {
         let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
             .unwrap_or_else(|e| panic!("bench config: {e}"));
 
-        let sessions_dir = tempfile::tempdir().expect("tempdir");
-        let auth = Auth::new(sessions_dir.path(), directory.clone()).expect("auth");
+        let auth = Auth::new(directory.clone(), kept).expect("auth");
+        let writes = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // The sessions of an earlier run are kept in the cached directory: end them first.
+        writes
+            .block_on(auth.sessions.end_where(|_| true))
+            .expect("end old sessions");
         let oidc = config.oidc.as_ref().expect("oidc");
         let cookie_name = session_cookie_name(oidc, false);
         let now = now_unix();
         let seq = directory.seq();
-        // 10,000 sessions of random members of group0 (all allowed), created in memory and in
-        // sessions.redb exactly as a sign-in does.
+        // 10,000 sessions of random members of group0 (all allowed), created in memory and
+        // beside the directory exactly as a sign-in does.
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
         let mut requests = Vec::with_capacity(SESSIONS);
         for _ in 0..SESSIONS {
@@ -202,9 +218,8 @@ impl Fixture {
                 groups: Vec::new(),
                 claims: Default::default(),
             };
-            let id = auth
-                .sessions
-                .create(identity, None, now)
+            let id = writes
+                .block_on(auth.sessions.create(identity, None, now))
                 .expect("create session");
             let mut req = RequestHeader::build("GET", b"/projects/42", None).expect("request");
             req.insert_header("host", "app.test").expect("host");
@@ -231,7 +246,6 @@ impl Fixture {
             directory,
             requests,
             machine,
-            _sessions_dir: sessions_dir,
         }
     }
 

@@ -133,6 +133,13 @@ impl Admin {
                 text.into_bytes(),
             );
         }
+        if !self.shared.auth.sessions.can_seal() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                b"starting: no sign-in sealing key yet\n".to_vec(),
+            );
+        }
         (StatusCode::OK, "text/plain", b"ready\n".to_vec())
     }
 

@@ -19,7 +19,7 @@ use pingora::services::listening::Service;
 
 use portcullis_scim::store::postgres::{Freshness, PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::{Directory, StoreError};
+use portcullis_scim::store::{Directory, Sinks, StoreError};
 
 use portcullis::state::{Runtime, Shared};
 use portcullis::{admin, assertion, audit, auth, clock, explain, logging, proxy, reload, services};
@@ -224,8 +224,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let audit = Arc::new(audit::Audit::open(&config.data_dir)?);
-    let (directory, freshness) = open_directory(&config, &audit)?;
-    let auth = Arc::new(auth::Auth::new(&config.data_dir, directory.clone())?);
+    let kept = Arc::new(auth::sessions::Kept::default());
+    let (directory, freshness) = open_directory(&config, &audit, &kept)?;
+    let auth = Arc::new(auth::Auth::new(directory.clone(), kept)?);
     let signer = Arc::new(assertion::Signer::open(
         &config.data_dir,
         clock::now_unix(),
@@ -291,6 +292,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         services::KeyRefresher::new(shared.signer.clone()),
     ));
     server.add_service(background_service(
+        "sessions",
+        services::SessionKeeper::new(shared.clone()),
+    ));
+    server.add_service(background_service(
         "stream watcher",
         services::Watcher::new(shared.clone()),
     ));
@@ -301,11 +306,17 @@ fn serve(config_path: &Path) -> Result<Never, String> {
 
 /// Opens the directory, rebuilding its in-memory index: from `data_dir`, or with `[postgres]`
 /// from the shared database, followed by a thread of its own (this replica's lease is the
-/// second value). Every committed change also goes to the audit log.
+/// second value). Every committed change also goes to the audit log, and `kept` holds the
+/// entries kept beside the directory.
 fn open_directory(
     config: &portcullis_config::Config,
     audit: &audit::Audit,
+    kept: &Arc<auth::sessions::Kept>,
 ) -> Result<(Arc<Directory>, Option<Arc<Freshness>>), String> {
+    let sinks = || Sinks {
+        changes: Some(audit.change_sink()),
+        entries: Some(kept.clone()),
+    };
     if let Some(postgres) = &config.postgres {
         let storage = PgStorage::open(&PgOptions {
             url: postgres.url.expose().to_owned(),
@@ -325,7 +336,7 @@ fn open_directory(
             Directory::open_unloaded(
                 Arc::new(storage),
                 Box::new(time::OffsetDateTime::now_utc),
-                Some(audit.change_sink()),
+                sinks(),
             )
             .map_err(|e| e.to_string())?,
         );
@@ -338,10 +349,10 @@ fn open_directory(
     }
     let started = std::time::Instant::now();
     let storage = RedbStorage::open(&config.data_dir).map_err(|e| e.to_string())?;
-    let directory = Directory::open_with_sink(
+    let directory = Directory::open_with_sinks(
         Arc::new(storage),
         Box::new(time::OffsetDateTime::now_utc),
-        Some(audit.change_sink()),
+        sinks(),
     )
     .map_err(|e| e.to_string())?;
     let (users, groups) = directory.counts();

@@ -659,10 +659,14 @@ impl Proxy {
         if refused.revokes_session() {
             if let Some(Caller::Person { session: key, .. }) = caller {
                 // Deactivated (or re-created) since this person signed in: the session is over
-                // for good.
-                if let Err(e) = self.shared.auth.sessions.end(&[*key]) {
-                    tracing::error!("cannot end a revoked session: {e}");
-                }
+                // for good. Ended in the background: every replica's gate refuses the session
+                // meanwhile, so this refusal need not wait for the store and the other replicas.
+                let (shared, key) = (self.shared.clone(), *key);
+                tokio::spawn(async move {
+                    if let Err(e) = shared.auth.sessions.end(&[key]).await {
+                        tracing::error!("cannot end a revoked session: {e}");
+                    }
+                });
             }
         }
         let reply = match refused {

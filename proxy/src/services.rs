@@ -42,6 +42,89 @@ impl BackgroundService for Discovery {
     }
 }
 
+/// Keeps sessions and sign-in right across replicas and restarts (see
+/// [`crate::auth::sessions`]): at start, copies sessions kept by an older version and keeps a
+/// first sign-in sealing key; then, every few minutes, writes back when sessions were last used
+/// here and forgets those that are over.
+pub struct SessionKeeper {
+    shared: Arc<Shared>,
+}
+
+impl SessionKeeper {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Waits `pause`; false when shutting down.
+    async fn pause(shutdown: &mut ShutdownWatch, pause: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for SessionKeeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let shared = &self.shared;
+        let sessions = &shared.auth.sessions;
+        let data_dir = shared.runtime.load().config.data_dir.clone();
+        let mut imported = false;
+        // Until the directory is current (with PostgreSQL, caught up), what is kept is unknown.
+        loop {
+            if shared.directory_is_current() {
+                if !imported {
+                    match sessions.import(&data_dir, now_unix()).await {
+                        Ok(0) => imported = true,
+                        Ok(n) => {
+                            tracing::info!(sessions = n, "sessions imported from sessions.redb");
+                            imported = true;
+                        }
+                        Err(e) => tracing::warn!("sessions.redb not imported yet: {e}"),
+                    }
+                }
+                match sessions.keep_sealing_key().await {
+                    Ok(made) if imported => {
+                        if made {
+                            tracing::info!("sign-in sealing key made");
+                        }
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("no sign-in sealing key yet: {e}"),
+                }
+            }
+            if !Self::pause(&mut shutdown, Duration::from_millis(200)).await {
+                return;
+            }
+        }
+        loop {
+            let idle = shared
+                .runtime
+                .load()
+                .config
+                .oidc
+                .as_ref()
+                .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
+            let every = (idle / 8).clamp(30, 300);
+            if !Self::pause(&mut shutdown, Duration::from_secs(every)).await {
+                return;
+            }
+            if idle == 0 || !shared.directory_is_current() {
+                continue;
+            }
+            match sessions.maintain(now_unix(), idle, every).await {
+                Ok((0, 0)) => {}
+                Ok((touched, forgotten)) => {
+                    tracing::debug!(touched, forgotten, "sessions maintained")
+                }
+                Err(e) => tracing::warn!("sessions not maintained: {e}"),
+            }
+        }
+    }
+}
+
 /// Re-reads the assertion key directory every minute, so a rotation by `portcullis
 /// rotate-assertion-key` is picked up and retired keys are dropped from the JWKS.
 pub struct KeyRefresher {

@@ -205,14 +205,40 @@ fn with_bearer(url: String, token: String) -> MakeRequest {
     })
 }
 
+/// The answer to what revokes a caller: it must have succeeded; named in messages.
+pub(crate) trait Revoked {
+    /// Asserts success; returns `METHOD url`.
+    fn succeeded(self) -> String;
+}
+
+impl Revoked for ScimResponse {
+    fn succeeded(self) -> String {
+        let answer = self.expect_success();
+        format!("{} {}", answer.method, answer.url)
+    }
+}
+
+/// A sign-out (a redirect to the IdP, or a page saying so).
+impl Revoked for reqwest::Response {
+    fn succeeded(self) -> String {
+        let status = self.status();
+        assert!(
+            status == StatusCode::FOUND || status == StatusCode::OK,
+            "{} answered {status}",
+            self.url()
+        );
+        format!("POST {}", self.url())
+    }
+}
+
 /// Sends requests from [`LOAD_WORKERS`] clients continuously (bounded in count and time),
-/// runs `revoke` (one SCIM request) once some have been allowed, notes the instant its answer
-/// arrived, keeps sending for a while, and asserts that no request sent after that instant
-/// got a 2xx, and that each of them got one of `refused_with`.
+/// runs `revoke` (one SCIM request, or a sign-out) once some have been allowed, notes the
+/// instant its answer arrived, keeps sending for a while, and asserts that no request sent
+/// after that instant got a 2xx, and that each of them got one of `refused_with`.
 pub(crate) async fn revocation_under_load(
     what: &str,
     make: MakeRequest,
-    revoke: impl Future<Output = ScimResponse>,
+    revoke: impl Future<Output = impl Revoked>,
     refused_with: &[u16],
 ) {
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
@@ -259,7 +285,7 @@ pub(crate) async fn revocation_under_load(
 
     let answer = revoke.await;
     let answered = Instant::now();
-    let answer = answer.expect_success();
+    let answer = answer.succeeded();
 
     // Keep going until enough requests were sent after the answer (bounded).
     let deadline = answered + Duration::from_secs(3);
@@ -294,10 +320,8 @@ pub(crate) async fn revocation_under_load(
     );
     assert!(
         after.len() >= 50,
-        "{what}: only {} requests were sent after the SCIM answer ({} {})",
+        "{what}: only {} requests were sent after the SCIM answer ({answer})",
         after.len(),
-        answer.method,
-        answer.url
     );
     let leaked: Vec<String> = after
         .iter()

@@ -5,6 +5,10 @@
 //! - A SCIM write on any replica is answered only once every replica has it: the creation of
 //!   a caller admits them on B and C at once, and after a revocation is answered not one
 //!   request is allowed on any replica, under load.
+//! - People sign in through any replica, and the IdP's callback may land on another: SCIM
+//!   writes on A, a sign-in on B, load on C. After a deactivation, group removal, deletion or
+//!   sign-out is answered, not one request with that session is allowed on any replica, and its
+//!   websocket on C is cut; the IdP's back-channel logout at C ends the session on A and B.
 //! - A replica started late catches up; one cut off for longer than `max_staleness` (stopped
 //!   with `SIGSTOP`) holds up an answer by at most about `max_staleness`, and refuses every
 //!   caller until it has caught up; it is never seen admitting the revoked one.
@@ -14,6 +18,7 @@
 //! - Migrations: from empty, idempotent, safe with replicas starting at once, and a schema
 //!   newer than the binary's is refused at start with a clear message.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,14 +27,19 @@ use nix::sys::signal::Signal;
 use portcullis_tests::client::{closed_within, websocket};
 use portcullis_tests::scim::{patch_ops, user};
 use portcullis_tests::{
-    ConfigBuilder, Idp, JwtIssuer, Portcullis, Postgres, Route, ScimClient, ScimResponse, Upstream,
+    ConfigBuilder, Idp, JwtIssuer, Oidc, Portcullis, Postgres, Route, ScimClient, ScimResponse,
+    Upstream,
 };
-use reqwest::header::ACCEPT;
+use reqwest::header::{HeaderName, ACCEPT, AUTHORIZATION, COOKIE, ORIGIN};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::authz::{revocation_under_load, MakeRequest};
-use crate::signin::{bare_client, idp_setup, API, API_AUD, MACHINE_ID, MACHINE_SECRET};
+use crate::authz::{revocation_under_load, MakeRequest, Revoked};
+use crate::signin::{
+    bare_client, client, cookie_value, get_with_session, header, idp_setup, navigate, set_cookie,
+    wait_sign_in_available_at, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD, CLIENT_ID,
+    CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
+};
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
 const API_ROUTE: &str = "http://api.test";
@@ -57,6 +67,8 @@ struct Fleet {
     pg: Postgres,
     idp: Idp,
     api: Upstream,
+    /// `auth_host` when people sign in (see [`Fleet::start_signing_in`]).
+    auth_host: Option<String>,
 }
 
 impl Fleet {
@@ -64,26 +76,70 @@ impl Fleet {
         let pg = Postgres::start().await;
         let idp = idp_setup(&[], "http://127.0.0.1:9/unused").start().await;
         let api = Upstream::start("api").await;
-        Fleet { pg, idp, api }
+        Fleet {
+            pg,
+            idp,
+            api,
+            auth_host: None,
+        }
     }
 
-    /// A replica's config: its own ports and `data_dir`, everything else the same.
-    fn config(&self) -> ConfigBuilder {
-        ConfigBuilder::new()
-            .http_listener()
-            .route(
-                Route::new(API_ROUTE, &[&self.api])
-                    .accept(&["bearer"])
-                    .websockets(true)
-                    .set("allow = { groups = [\"eng\"] }"),
-            )
-            .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
-            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
-            .postgres(&self.pg.url(), &format!("{}s", MAX_STALENESS.as_secs()))
+    /// A fleet people sign in to at `http://app.test`, through replicas on the listeners of
+    /// `configs` (each is an origin registered with the IdP). The IdP's back-channel logouts
+    /// go to the last.
+    async fn start_signing_in(configs: &[ConfigBuilder]) -> Fleet {
+        let callbacks: Vec<String> = configs
+            .iter()
+            .map(|c| c.http_url("app.test", "/.portcullis/callback"))
+            .collect();
+        let last = configs[configs.len() - 1].http_addr();
+        let backchannel = format!("http://{last}/.portcullis/backchannel_logout");
+        let pg = Postgres::start().await;
+        let idp = idp_setup(&callbacks, &backchannel).start().await;
+        let api = Upstream::start("api").await;
+        Fleet {
+            pg,
+            idp,
+            api,
+            auth_host: Some(format!("app.test:{}", configs[0].http_addr().port())),
+        }
+    }
+
+    /// A replica's config on `cfg`'s listener: its own ports and `data_dir`, everything else
+    /// the same.
+    fn config_on(&self, cfg: ConfigBuilder) -> ConfigBuilder {
+        let cfg = match &self.auth_host {
+            Some(auth_host) => cfg
+                .route(
+                    Route::new("http://app.test", &[&self.api])
+                        .websockets(true)
+                        .set("allow = { groups = [\"eng\"] }"),
+                )
+                .oidc(Oidc::new(
+                    self.idp.issuer(),
+                    CLIENT_ID,
+                    CLIENT_SECRET,
+                    auth_host,
+                )),
+            None => cfg,
+        };
+        cfg.route(
+            Route::new(API_ROUTE, &[&self.api])
+                .accept(&["bearer"])
+                .websockets(true)
+                .set("allow = { groups = [\"eng\"] }"),
+        )
+        .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+        .postgres(&self.pg.url(), &format!("{}s", MAX_STALENESS.as_secs()))
     }
 
     fn spawn(&self) -> Replica {
-        let cfg = self.config();
+        self.spawn_on(ConfigBuilder::new().http_listener())
+    }
+
+    fn spawn_on(&self, cfg: ConfigBuilder) -> Replica {
+        let cfg = self.config_on(cfg);
         let px = Portcullis::spawn(&cfg.toml());
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         Replica { px, cfg, scim }
@@ -129,14 +185,49 @@ async fn status_once(url: &str, token: &str) -> u16 {
 }
 
 /// A GET with the bearer token, to each of `urls` in turn.
-fn round_robin(urls: Vec<String>, token: String) -> MakeRequest {
+fn round_robin(urls: Vec<String>, credential: (HeaderName, String)) -> MakeRequest {
     let next = Arc::new(AtomicUsize::new(0));
     Arc::new(move |c: &reqwest::Client| {
         let i = next.fetch_add(1, Ordering::Relaxed) % urls.len();
         c.get(&urls[i])
-            .bearer_auth(&token)
+            .header(&credential.0, &credential.1)
             .header(ACCEPT, "application/json")
     })
+}
+
+/// The header that presents a bearer token.
+fn bearer(token: &str) -> (HeaderName, String) {
+    (AUTHORIZATION, format!("Bearer {token}"))
+}
+
+/// The header that presents a session.
+fn session(cookie: &str) -> (HeaderName, String) {
+    (COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+}
+
+/// [`revocation_under_load`] on `urls`, presenting `credential`, while the caller also has a
+/// websocket open to `host` on `replica`, which must be cut within seconds of the answer.
+async fn revoked_with_a_websocket_open(
+    what: &str,
+    (replica, host): (&Replica, &str),
+    credential: (HeaderName, String),
+    urls: Vec<String>,
+    revoke: impl Future<Output = impl Revoked>,
+    refused_with: &[u16],
+) {
+    let header = (credential.0.as_str(), credential.1.as_str());
+    let mut ws = websocket(replica.cfg.http_addr(), host, "/ws-ticks", header).await;
+    revocation_under_load(
+        what,
+        round_robin(urls, credential.clone()),
+        revoke,
+        refused_with,
+    )
+    .await;
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(5)).await,
+        "{what}: the websocket outlived the answer"
+    );
 }
 
 async fn set_active(scim: &ScimClient, id: &str, active: bool) -> ScimResponse {
@@ -230,25 +321,15 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
     assert_eq!(read.body["userName"], MACHINE_ID);
 
     // Deactivated on A, under load on B and C, with a websocket open on C.
-    let bearer = format!("Bearer {token}");
-    let mut ticks = websocket(
-        c.cfg.http_addr(),
-        "api.test",
-        "/ws-ticks",
-        ("authorization", &bearer),
-    )
-    .await;
-    revocation_under_load(
-        "deactivation on A, load on B and C",
-        round_robin(urls[1..].to_vec(), token.clone()),
+    revoked_with_a_websocket_open(
+        "deactivation on A, load on B and C, a websocket on C",
+        (&c, "api.test"),
+        bearer(&token),
+        urls[1..].to_vec(),
         set_active(&a.scim, &machine, false),
         REFUSED,
     )
     .await;
-    assert!(
-        closed_within(&mut ticks, Duration::from_secs(5)).await,
-        "the websocket on C outlived the deactivation"
-    );
     // Re-activated on B; removed from the group on C, under load on A and B.
     set_active(&b.scim, &machine, true).await.expect_success();
     for url in &urls {
@@ -256,7 +337,7 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
     }
     revocation_under_load(
         "group removal on C, load on A and B",
-        round_robin(urls[..2].to_vec(), token.clone()),
+        round_robin(urls[..2].to_vec(), bearer(&token)),
         remove_member(&c.scim, &eng, &machine),
         REFUSED,
     )
@@ -268,11 +349,182 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
     }
     revocation_under_load(
         "deletion on B, load on A, B and C",
-        round_robin(urls.clone(), token.clone()),
+        round_robin(urls.clone(), bearer(&token)),
         b.scim.delete(&format!("/Users/{machine}")),
         REFUSED,
     )
     .await;
+}
+
+/// Refusals of a session that ended (deactivation, sign-out), or from a replica whose lease
+/// lapsed meanwhile.
+const SESSION_ENDED: &[u16] = &[401, 503];
+
+/// Signs `login` in with a fresh browser-like client: the sign-in starts on `start`, and its
+/// callback lands on `callback`, as a load balancer in front of both may send it. Returns the
+/// session cookie's value.
+async fn sign_in_through(
+    fleet: &Fleet,
+    (start, callback): (&Replica, &Replica),
+    login: &str,
+    password: &str,
+) -> String {
+    let browser = client();
+    let page = start.cfg.http_url("app.test", "/dashboard");
+    let resp = navigate(&browser, &page).await;
+    assert_eq!(
+        resp.status(),
+        302,
+        "{page} must send the browser to sign in"
+    );
+    let authorize = header(&resp, "location").unwrap_or_default();
+    assert!(authorize.starts_with(fleet.idp.issuer()), "{authorize}");
+    let back = fleet.idp.sign_in_http(&authorize, login, password).await;
+    let sent_to = start.cfg.http_url("app.test", "/.portcullis/callback?");
+    let query = back
+        .strip_prefix(&sent_to)
+        .unwrap_or_else(|| panic!("the IdP sent the browser to {back}, not to {sent_to}"));
+    let landed = callback
+        .cfg
+        .http_url("app.test", &format!("/.portcullis/callback?{query}"));
+    let resp = browser.get(&landed).send().await.expect("GET callback");
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    let status = resp.status();
+    assert_eq!(
+        status,
+        302,
+        "the callback failed: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    cookie_value(&session.expect("the callback sets the session cookie"))
+}
+
+async fn sign_out(replica: &Replica, cookie: &str) -> reqwest::Response {
+    bare_client()
+        .post(replica.cfg.http_url("app.test", "/.portcullis/sign_out"))
+        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+        .header(ORIGIN, replica.cfg.http_url("app.test", ""))
+        .send()
+        .await
+        .expect("POST sign_out")
+}
+
+/// The status `replica` answers an API call presenting the session.
+async fn with_session(replica: &Replica, cookie: &str) -> u16 {
+    let url = replica.cfg.http_url("app.test", "/v1/jobs");
+    get_with_session(&url, cookie, "application/json")
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them() {
+    let configs: Vec<ConfigBuilder> = (0..3)
+        .map(|_| ConfigBuilder::new().http_listener())
+        .collect();
+    let fleet = Fleet::start_signing_in(&configs).await;
+    let mut replicas: Vec<Replica> = configs.into_iter().map(|c| fleet.spawn_on(c)).collect();
+    for replica in &mut replicas {
+        replica.px.wait_ready().await;
+        let url = replica
+            .cfg
+            .http_url("app.test", "/.portcullis/sign_in?rd=%2F");
+        wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
+    }
+    let [a, b, c]: [Replica; 3] = replicas.try_into().ok().expect("three replicas");
+    let urls: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|r| r.cfg.http_url("app.test", "/v1/jobs"))
+        .collect();
+
+    // SCIM writes on A; a sign-in started on B whose callback lands on A; load on C.
+    let alice = a.scim.create_user(ALICE).await.expect_success().id();
+    let bob = a.scim.create_user(BOB).await.expect_success().id();
+    let eng = a
+        .scim
+        .create_group("eng", &[&alice, &bob])
+        .await
+        .expect_success()
+        .id();
+    let cookie = sign_in_through(&fleet, (&b, &a), ALICE, ALICE_PASSWORD).await;
+    for replica in [&a, &b, &c] {
+        assert_eq!(with_session(replica, &cookie).await, 200, "a fresh session");
+    }
+    revoked_with_a_websocket_open(
+        "deactivation on A, sessions on B and C, a websocket on C",
+        (&c, "app.test"),
+        session(&cookie),
+        urls[1..].to_vec(),
+        set_active(&a.scim, &alice, false),
+        SESSION_ENDED,
+    )
+    .await;
+    // Re-activated: the old session stays over everywhere; a new one works.
+    set_active(&b.scim, &alice, true).await.expect_success();
+    for replica in [&a, &b, &c] {
+        assert!(SESSION_ENDED.contains(&with_session(replica, &cookie).await));
+    }
+    let cookie = sign_in_through(&fleet, (&c, &b), ALICE, ALICE_PASSWORD).await;
+    revocation_under_load(
+        "group removal on B, sessions on A and C",
+        round_robin(vec![urls[0].clone(), urls[2].clone()], session(&cookie)),
+        remove_member(&b.scim, &eng, &alice),
+        &[403, 503],
+    )
+    .await;
+    add_member(&c.scim, &eng, &alice).await.expect_success();
+    for replica in [&a, &b, &c] {
+        assert_eq!(with_session(replica, &cookie).await, 200, "back in eng");
+    }
+    revocation_under_load(
+        "deletion on C, sessions on A, B and C",
+        round_robin(urls.clone(), session(&cookie)),
+        c.scim.delete(&format!("/Users/{alice}")),
+        &[403, 503],
+    )
+    .await;
+
+    // Sign-out on B ends the session on A and C, and cuts its websocket on C.
+    let cookie = sign_in_through(&fleet, (&a, &c), BOB, BOB_PASSWORD).await;
+    let other = sign_in_through(&fleet, (&c, &c), BOB, BOB_PASSWORD).await;
+    revoked_with_a_websocket_open(
+        "sign-out on B, sessions on A and C, a websocket on C",
+        (&c, "app.test"),
+        session(&cookie),
+        vec![urls[0].clone(), urls[2].clone()],
+        sign_out(&b, &cookie),
+        SESSION_ENDED,
+    )
+    .await;
+    // Bob's other session carries on, until the IdP logs him out: its back-channel logout
+    // reaches C, and A and B refuse at once.
+    for replica in [&a, &b, &c] {
+        assert_eq!(
+            with_session(replica, &other).await,
+            200,
+            "the other session"
+        );
+    }
+    let sids = fleet.idp.backchannel_logout("bob", CLIENT_ID).await;
+    assert!(!sids.is_empty());
+    for replica in [&a, &b] {
+        assert_eq!(
+            with_session(replica, &other).await,
+            401,
+            "after the IdP's logout"
+        );
+    }
+    // Every replica publishes the same sealing keys: none made its own.
+    let keys = fleet
+        .pg
+        .query("SELECT count(*) FROM directory_entries WHERE kind = 'sealing-key'")
+        .await
+        .unwrap();
+    assert!(
+        matches!(keys[0][0].as_deref(), Some("1" | "2" | "3")),
+        "{keys:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -468,7 +720,7 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         .query("SELECT version FROM portcullis_schema")
         .await
         .unwrap();
-    assert_eq!(version, vec![vec![Some("1".to_owned())]], "one schema row");
+    assert_eq!(version, vec![vec![Some("2".to_owned())]], "one schema row");
     replicas[0].scim.create_user("alice").await.expect_success();
     // Idempotent: a restart migrates nothing and keeps the data.
     replicas[1].px.kill_hard();
@@ -497,7 +749,7 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
     assert!(!status.success());
     let log = newer.px.log();
     assert!(
-        log.contains("schema version 99") && log.contains("this build reads version 1"),
+        log.contains("schema version 99") && log.contains("this build reads version 2"),
         "{log}"
     );
 }
@@ -543,15 +795,26 @@ async fn concurrent_writes_on_two_replicas_all_land_once_and_every_replica_sees_
     for id in &ids {
         c.scim.get(&format!("/Users/{id}")).await.expect_success();
     }
-    // And the change sequence has no gaps: one change per user, numbered from 1 up.
-    let seqs = fleet
+    // One change per user, and a sequence without gaps: every batch in the feed (which also
+    // carries what sign-in keeps beside the directory) was built on the one before it.
+    let changes = fleet
         .pg
-        .query("SELECT count(*), min(seq), max(seq) FROM directory_changes")
+        .query("SELECT count(*) FROM directory_changes")
         .await
         .unwrap();
-    let n = (ids.len() + 1).to_string();
+    assert_eq!(changes, vec![vec![Some((ids.len() + 1).to_string())]]);
+    let chained = fleet
+        .pg
+        .query(
+            "SELECT bool_and(base = before) FROM \
+             (SELECT base, lag(seq, 1, 0::bigint) OVER (ORDER BY seq) AS before \
+              FROM directory_feed) AS feed",
+        )
+        .await
+        .unwrap();
     assert_eq!(
-        seqs,
-        vec![vec![Some(n.clone()), Some("1".to_owned()), Some(n)]]
+        chained,
+        vec![vec![Some("t".to_owned())]],
+        "each batch built on the last"
     );
 }

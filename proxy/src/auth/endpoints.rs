@@ -186,7 +186,7 @@ impl Auth {
             ("sign_out", &http::Method::GET) => {
                 Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
             }
-            ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req),
+            ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req).await,
             ("backchannel_logout", &http::Method::POST) => {
                 self.backchannel_logout(session, oidc).await?
             }
@@ -254,7 +254,7 @@ impl Auth {
             .clone()
             .unwrap_or_else(|| identity.subject.clone());
         let lifetime = oidc.session_lifetime.as_secs();
-        let id = match self.sessions.create(identity, refresh, now) {
+        let id = match self.sessions.create(identity, refresh, now).await {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!("cannot store the session: {e}");
@@ -273,7 +273,7 @@ impl Auth {
         redirect(&return_to, cookies)
     }
 
-    fn sign_out(&self, session: &Session, oidc: &OidcConfig, req: &Request<'_>) -> Reply {
+    async fn sign_out(&self, session: &Session, oidc: &OidcConfig, req: &Request<'_>) -> Reply {
         // CSRF: a cross-site form post must not sign anyone out. Browsers send Origin on POST;
         // without it, fall back to Referer.
         let headers = &session.req_header().headers;
@@ -299,7 +299,7 @@ impl Auth {
             .map(|(key, s)| (key, s.identity.id_token.clone()));
         let mut id_token_hint = None;
         if let Some((key, id_token)) = current {
-            if let Err(e) = self.sessions.end(&[key]) {
+            if let Err(e) = self.sessions.end(&[key]).await {
                 tracing::error!("cannot end the session: {e}");
             }
             id_token_hint = id_token;
@@ -353,14 +353,17 @@ impl Auth {
             }
         };
         let issuer = &oidc.issuer;
-        let ended = self.sessions.end_where(|identity| {
-            identity.issuer == *issuer
-                && match (&sid, &sub) {
-                    (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
-                    (None, Some(sub)) => identity.subject == *sub,
-                    (None, None) => false,
-                }
-        });
+        let ended = self
+            .sessions
+            .end_where(|identity| {
+                identity.issuer == *issuer
+                    && match (&sid, &sub) {
+                        (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
+                        (None, Some(sub)) => identity.subject == *sub,
+                        (None, None) => false,
+                    }
+            })
+            .await;
         Ok(match ended {
             Ok(n) => {
                 tracing::info!(sessions = n, "back-channel logout");

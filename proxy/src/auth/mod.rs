@@ -28,7 +28,7 @@ use portcullis_config::{Config, Credential, JwtIssuer};
 
 use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::{Oidc, Refreshed};
-use self::sessions::Sessions;
+use self::sessions::{Kept, Sessions};
 use self::verified::Verified;
 use crate::caller::{Caller, Machine};
 use crate::gate::Presented;
@@ -162,9 +162,10 @@ struct IssuerOnly {
 }
 
 impl Auth {
+    /// Over `directory`, whose entries `kept` holds (see [`sessions::Kept`]).
     pub fn new(
-        data_dir: &std::path::Path,
         directory: Arc<portcullis_scim::store::Directory>,
+        kept: Arc<Kept>,
     ) -> Result<Self, String> {
         // IdP calls never follow redirects (SSRF) and are bounded in time.
         let http = reqwest::Client::builder()
@@ -173,9 +174,9 @@ impl Auth {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Self {
-            oidc: Arc::new(Oidc::new(http.clone())),
+            oidc: Arc::new(Oidc::new(http.clone(), kept.clone())),
+            sessions: Sessions::new(kept, directory.clone()),
             directory,
-            sessions: Sessions::open(data_dir, crate::clock::now_unix())?,
             issuers: DashMap::new(),
             issuer_failures: DashMap::new(),
             verified: Verified::default(),
@@ -232,7 +233,7 @@ impl Auth {
                 .await
             {
                 Ok(Refreshed::Renewed(next)) => {
-                    if let Err(e) = self.sessions.save_refresh(&key, &session, &next) {
+                    if let Err(e) = self.sessions.save_refresh(&key, &session, &next).await {
                         tracing::warn!("cannot save the refreshed session: {e}");
                     }
                     *state = next;
@@ -241,7 +242,7 @@ impl Auth {
                     // The IdP no longer vouches for this person: the session ends.
                     tracing::info!(user = %session.identity.subject, "session ended at refresh: {why}");
                     drop(state);
-                    if let Err(e) = self.sessions.end(&[key]) {
+                    if let Err(e) = self.sessions.end(&[key]).await {
                         tracing::error!("cannot end the session: {e}");
                     }
                     return invalid;

@@ -5,7 +5,8 @@
 //! and kept across reloads; while it is unknown, existing sessions keep working and new
 //! sign-ins get a 503. A sign-in in progress is kept by the browser that started it, not by
 //! the server: its PKCE verifier, nonce and return address are sealed (see [`super::sealed`])
-//! into a cookie named after, and bound to, its `state`, good for ten minutes. Nobody can fill
+//! into a cookie named after, and bound to, its `state`, good for ten minutes. Every replica
+//! holds the same sealing keys, so the callback may land on any of them. Nobody can fill
 //! a server-side table of pending sign-ins, several tabs can sign in at once, and a callback
 //! without the cookie (another browser) cannot finish it. The IdP redeems a code once, so a
 //! replayed callback is refused there.
@@ -34,8 +35,7 @@ use sha2::{Digest, Sha256};
 use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
 use super::jwt::{algorithm, Jwks, JwtError};
-use super::sealed::Sealer;
-use super::sessions::Refresh;
+use super::sessions::{Kept, Refresh};
 use crate::caller::{add_string_claims, Claims, Identity};
 
 /// How long a started sign-in may take.
@@ -192,7 +192,8 @@ const MAX_REFRESH_BACKOFF: u64 = 60;
 pub struct Oidc {
     http: reqwest::Client,
     provider: ArcSwapOption<Provider>,
-    sealer: Sealer,
+    /// The keys sign-ins are sealed with, kept beside the directory.
+    kept: Arc<Kept>,
     seen_jtis: DashMap<String, u64>,
     /// While the IdP is unreachable, refreshes pause until this Unix second (see
     /// [`Oidc::refresh_paused`]); `refresh_backoff` seconds, doubling to a minute.
@@ -201,11 +202,11 @@ pub struct Oidc {
 }
 
 impl Oidc {
-    pub fn new(http: reqwest::Client) -> Self {
+    pub fn new(http: reqwest::Client, kept: Arc<Kept>) -> Self {
         Self {
             http,
             provider: ArcSwapOption::empty(),
-            sealer: Sealer::new(),
+            kept,
             seen_jtis: DashMap::new(),
             refresh_paused_until: AtomicU64::new(0),
             refresh_backoff: AtomicU64::new(0),
@@ -278,10 +279,13 @@ impl Oidc {
         };
         let plain =
             serde_json::to_vec(&pending).map_err(|e| SignInError::Invalid(e.to_string()))?;
+        // Until the first sealing key is kept (see `Discovery`), sign-in waits like discovery.
+        let sealers = self.kept.sealers();
+        let (_, sealer) = sealers.first().ok_or(SignInError::ProviderUnavailable)?;
         Ok(Started {
             authorize_url: url.to_string(),
             cookie_name: pending_cookie_name(cookie_prefix, state.secret()),
-            cookie_value: self.sealer.seal(state.secret().as_bytes(), &plain),
+            cookie_value: sealer.seal(state.secret().as_bytes(), &plain),
         })
     }
 
@@ -299,10 +303,12 @@ impl Oidc {
         now: u64,
     ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
-        // Altered, sealed for another state, or sealed before a restart: unknown here.
+        // Altered, sealed for another state, or under a key no longer kept: unknown here.
         let pending: Pending = self
-            .sealer
-            .open(state.as_bytes(), sealed)
+            .kept
+            .sealers()
+            .iter()
+            .find_map(|(_, sealer)| sealer.open(state.as_bytes(), sealed))
             .and_then(|plain| serde_json::from_slice(&plain).ok())
             .ok_or(SignInError::UnknownState)?;
         if pending.created + PENDING_FOR <= now || pending.created > now + 60 {
@@ -796,6 +802,7 @@ pub async fn discovery_loop(
 
 #[cfg(test)]
 mod tests {
+    use super::super::sealed::Sealer;
     use super::*;
 
     #[test]
@@ -808,7 +815,7 @@ mod tests {
         assert_eq!(within_cookie(long_path), "https://app.test/");
         assert_eq!(within_cookie(format!("/{}", "p".repeat(4000))), "/");
         // The sealed cookie of the longest return address fits a browser's 4096 bytes.
-        let sealer = Sealer::new();
+        let sealer = Sealer::random();
         let pending = Pending {
             pkce_verifier: "v".repeat(43),
             nonce: "n".repeat(43),

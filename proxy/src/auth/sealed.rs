@@ -1,34 +1,37 @@
 //! Values sealed for the client to carry: encrypted and authenticated (ChaCha20-Poly1305)
-//! under a key that never leaves this process, and bound to a context (the associated data)
-//! they must be opened with. A sealed value the client altered, or one shown with another
-//! context, does not open.
+//! under a key that never leaves Portcullis' store (every replica holds the same keys, see
+//! [`super::sessions::SEALING_KEY`]), and bound to a context (the associated data) they must
+//! be opened with. A sealed value the client altered, or one shown with another context, does
+//! not open.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 
-/// Seals and opens values under one random key, made at start.
+/// Seals and opens values under one key.
 pub struct Sealer {
     key: LessSafeKey,
 }
 
-impl Default for Sealer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Sealer {
-    pub fn new() -> Self {
+    /// A new random key, as URL-safe base64: what [`Sealer::from_encoded_key`] takes.
+    pub fn generate_encoded_key() -> String {
         let mut raw = [0u8; 32];
         rand::rng().fill_bytes(&mut raw);
-        // ChaCha20-Poly1305 takes any 32-byte key; `new` fails only on another length.
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &raw)
-            .unwrap_or_else(|_| unreachable!("a 32-byte key"));
-        Self {
-            key: LessSafeKey::new(unbound),
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The sealer of a key made by [`Sealer::generate_encoded_key`]; `None` for anything else.
+    pub fn from_encoded_key(encoded: &str) -> Option<Self> {
+        let raw = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+        if raw.len() != 32 {
+            return None;
         }
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &raw).ok()?;
+        Some(Self {
+            key: LessSafeKey::new(unbound),
+        })
     }
 
     /// `plain` sealed for `context`, as URL-safe base64 (nonce, ciphertext, tag). Nonces are
@@ -78,9 +81,23 @@ impl Sealer {
 mod tests {
     use super::*;
 
+    impl Sealer {
+        pub fn random() -> Self {
+            Self::from_encoded_key(&Self::generate_encoded_key()).unwrap()
+        }
+    }
+
+    #[test]
+    fn only_32_byte_keys_make_a_sealer() {
+        assert!(Sealer::from_encoded_key(&Sealer::generate_encoded_key()).is_some());
+        for bad in ["", "!!", &URL_SAFE_NO_PAD.encode([7u8; 16])] {
+            assert!(Sealer::from_encoded_key(bad).is_none(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn a_sealed_value_opens_only_unaltered_with_its_context_and_key() {
-        let sealer = Sealer::new();
+        let sealer = Sealer::random();
         let sealed = sealer.seal(b"state-1", b"the verifier");
         assert_eq!(
             sealer.open(b"state-1", &sealed).as_deref(),
@@ -92,7 +109,11 @@ mod tests {
         assert!(!raw.windows(8).any(|w| w == b"verifier"));
 
         assert_eq!(sealer.open(b"state-2", &sealed), None, "another context");
-        assert_eq!(Sealer::new().open(b"state-1", &sealed), None, "another key");
+        assert_eq!(
+            Sealer::random().open(b"state-1", &sealed),
+            None,
+            "another key"
+        );
         for at in [0, NONCE_LEN, raw.len() - 1] {
             let mut altered = raw.clone();
             altered[at] ^= 1;

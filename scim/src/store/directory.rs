@@ -13,7 +13,8 @@ use tokio::sync::oneshot;
 use super::index::{fold, format_id, GroupEntry, Id, Index, Retired, UserEntry};
 use super::writer::Overlay;
 use super::{
-    Batch, Change, Command, Feed, Loaded, Record, Row, Seq, Storage, StoreError, Written, MAX_BATCH,
+    Batch, Change, Command, Entry, Feed, Loaded, Record, Row, Seq, Storage, StoreError, Written,
+    MAX_BATCH,
 };
 use crate::error::ScimError;
 use crate::eval::{check_filter, matches_checked, references_attribute};
@@ -27,6 +28,22 @@ pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
 /// before the writes are answered (the audit log). It runs on the writer thread, so it must
 /// hand them off without blocking.
 pub type ChangeSink = Box<dyn Fn(&[Change]) + Send>;
+
+/// Holds the entries kept beside the directory ([`Entry`]) in memory for whoever owns them.
+/// It is called on the writer thread, in commit order, so it must not block.
+pub trait EntrySink: Send + Sync {
+    /// Every kept entry, replacing what was held: at start, and after a full reload.
+    fn load(&self, entries: Vec<Entry>);
+    /// The entries of a committed batch, in order, before the batch's writes are answered.
+    fn apply(&self, entries: &[Entry]);
+}
+
+/// Who hears of committed batches besides the index.
+#[derive(Default)]
+pub struct Sinks {
+    pub changes: Option<ChangeSink>,
+    pub entries: Option<Arc<dyn EntrySink>>,
+}
 
 enum Job {
     Write(Write),
@@ -151,17 +168,21 @@ pub struct Page {
 impl Directory {
     /// Loads `storage` into a fresh index and starts the writer thread.
     pub fn open(storage: Arc<dyn Storage>, clock: Clock) -> Result<Self, StoreError> {
-        Self::open_with_sink(storage, clock, None)
+        Self::open_with_sinks(storage, clock, Sinks::default())
     }
 
-    /// [`Directory::open`], also handing every committed batch's changes to `sink`.
-    pub fn open_with_sink(
+    /// [`Directory::open`], also handing every committed batch's changes and entries to
+    /// `sinks`.
+    pub fn open_with_sinks(
         storage: Arc<dyn Storage>,
         clock: Clock,
-        sink: Option<ChangeSink>,
+        sinks: Sinks,
     ) -> Result<Self, StoreError> {
-        let index = load_index(&*storage)?;
-        Self::start(storage, index, clock, sink)
+        let (index, entries) = load_index(&*storage)?;
+        if let Some(sink) = &sinks.entries {
+            sink.load(entries);
+        }
+        Self::start(storage, index, clock, sinks)
     }
 
     /// Starts on an empty index, for a shared store: the first [`Directory::catch_up`] loads
@@ -170,16 +191,16 @@ impl Directory {
     pub fn open_unloaded(
         storage: Arc<dyn Storage>,
         clock: Clock,
-        sink: Option<ChangeSink>,
+        sinks: Sinks,
     ) -> Result<Self, StoreError> {
-        Self::start(storage, Index::default(), clock, sink)
+        Self::start(storage, Index::default(), clock, sinks)
     }
 
     fn start(
         storage: Arc<dyn Storage>,
         index: Index,
         clock: Clock,
-        sink: Option<ChangeSink>,
+        sinks: Sinks,
     ) -> Result<Self, StoreError> {
         let seq = index.seq;
         let index = Arc::new(RwLock::new(index));
@@ -197,7 +218,7 @@ impl Directory {
                         foreign: AtomicU64::new(0),
                         index: &index,
                         clock: &clock,
-                        sink: sink.as_ref(),
+                        sinks: &sinks,
                         visible: &visible,
                     };
                     writer.run(&jobs)
@@ -633,10 +654,11 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
     });
 }
 
-/// Reads the whole of `storage` into a new index.
-fn load_index(storage: &dyn Storage) -> Result<Index, StoreError> {
+/// Reads the whole of `storage` into a new index, and the entries kept beside it.
+fn load_index(storage: &dyn Storage) -> Result<(Index, Vec<Entry>), StoreError> {
     let mut index = Index::default();
     let mut members = Vec::new();
+    let mut entries = Vec::new();
     let mut bad = 0usize;
     let (seq, next_row) = storage.load(&mut |loaded| match loaded {
         Loaded::Resource(rt, row, json) => {
@@ -645,6 +667,7 @@ fn load_index(storage: &dyn Storage) -> Result<Index, StoreError> {
             }
         }
         Loaded::Member { group, member } => members.push((group, member)),
+        Loaded::Entry(entry) => entries.push(entry),
     })?;
     if bad > 0 {
         return Err(StoreError::Corrupt(format!(
@@ -656,7 +679,7 @@ fn load_index(storage: &dyn Storage) -> Result<Index, StoreError> {
     }
     index.seq = seq;
     index.next_row = next_row;
-    Ok(index)
+    Ok((index, entries))
 }
 
 /// Most times a batch is rebuilt because another replica committed first.
@@ -669,7 +692,7 @@ struct Writer<'a> {
     foreign: AtomicU64,
     index: &'a RwLock<Index>,
     clock: &'a Clock,
-    sink: Option<&'a ChangeSink>,
+    sinks: &'a Sinks,
     visible: &'a tokio::sync::watch::Sender<Seq>,
 }
 
@@ -785,8 +808,21 @@ impl Writer<'_> {
             guard.apply(batch);
             guard.seq()
         };
+        if let Some(sink) = self
+            .sinks
+            .entries
+            .as_ref()
+            .filter(|_| !batch.entries.is_empty())
+        {
+            sink.apply(&batch.entries);
+        }
         self.visible.send_replace(seq);
-        if let Some(sink) = self.sink.filter(|_| !batch.changes.is_empty()) {
+        if let Some(sink) = self
+            .sinks
+            .changes
+            .as_ref()
+            .filter(|_| !batch.changes.is_empty())
+        {
             sink(&batch.changes);
         }
         Some(seq)
@@ -807,9 +843,12 @@ impl Writer<'_> {
                 }
                 Feed::Gap => {
                     let started = std::time::Instant::now();
-                    let index = load_index(self.storage)?;
+                    let (index, entries) = load_index(self.storage)?;
                     let (seq, users, groups) = (index.seq, index.user_count(), index.group_count());
                     *self.index.write().map_err(|_| unusable())? = index;
+                    if let Some(sink) = &self.sinks.entries {
+                        sink.load(entries);
+                    }
                     self.visible.send_replace(seq);
                     self.foreign.store(seq, Ordering::Release);
                     tracing::info!(

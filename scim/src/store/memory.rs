@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
 
-use super::{Batch, Change, Loaded, Record, Row, Seq, Storage, StoreError};
+use super::{Batch, Change, Entry, Loaded, Record, Row, Seq, Storage, StoreError};
 use crate::schema::ResourceType;
 
 #[derive(Default)]
@@ -21,6 +21,7 @@ struct State {
     resources: HashMap<(ResourceType, Row), Vec<u8>>,
     members: BTreeSet<(Row, Row)>,
     changes: BTreeMap<Seq, Change>,
+    entries: BTreeMap<(String, String), String>,
 }
 
 impl MemoryStorage {
@@ -37,6 +38,13 @@ impl Storage for MemoryStorage {
         }
         for &(group, member) in &state.members {
             visit(Loaded::Member { group, member });
+        }
+        for ((kind, key), value) in &state.entries {
+            visit(Loaded::Entry(Entry {
+                kind: kind.clone(),
+                key: key.clone(),
+                value: Some(value.clone()),
+            }));
         }
         Ok((state.seq, state.next_row.max(1)))
     }
@@ -77,6 +85,13 @@ impl Storage for MemoryStorage {
         }
         for change in &batch.changes {
             state.changes.insert(change.seq, change.clone());
+        }
+        for entry in &batch.entries {
+            let key = (entry.kind.clone(), entry.key.clone());
+            match &entry.value {
+                Some(value) => state.entries.insert(key, value.clone()),
+                None => state.entries.remove(&key),
+            };
         }
         state.seq = batch.seq;
         state.next_row = batch.next_row;

@@ -32,8 +32,8 @@ use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
 pub use directory::{
-    ChangeSink, Directory, Lookup, Member, MemberOf, Page, Query, SortOrder, SubjectKey,
-    SubjectView, UserStatus,
+    ChangeSink, Directory, EntrySink, Lookup, Member, MemberOf, Page, Query, Sinks, SortOrder,
+    SubjectKey, SubjectView, UserStatus,
 };
 pub use index::{format_id, parse_id, GroupEntry, Id, Index, UserEntry};
 
@@ -92,6 +92,8 @@ pub enum Command {
         id: String,
         if_match: Option<String>,
     },
+    /// Keeps (or, with no value, forgets) entries beside the directory; never refused.
+    Put(Vec<Entry>),
 }
 
 impl Command {
@@ -101,6 +103,7 @@ impl Command {
             Self::Replace { .. } => "replace",
             Self::Patch { .. } => "patch",
             Self::Delete { .. } => "delete",
+            Self::Put(_) => "put",
         }
     }
 }
@@ -130,6 +133,17 @@ pub struct Change {
     pub summary: String,
 }
 
+/// A value kept beside the directory for the proxy (its sessions, its sign-in keys), committed
+/// and fed to every replica exactly as Users and Groups are, so that all of them hold the same
+/// entries in the same order (see [`EntrySink`]). Opaque here: `kind` names the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: String,
+    pub key: String,
+    /// `None` forgets the entry.
+    pub value: Option<String>,
+}
+
 /// Everything one transaction writes.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Batch {
@@ -143,11 +157,16 @@ pub struct Batch {
     /// `(group, member, present)`.
     pub members: Vec<(Row, Row, bool)>,
     pub changes: Vec<Change>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<Entry>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.members.is_empty() && self.changes.is_empty()
+        self.records.is_empty()
+            && self.members.is_empty()
+            && self.changes.is_empty()
+            && self.entries.is_empty()
     }
 }
 
@@ -155,7 +174,12 @@ impl Batch {
 /// [`Record`], so loading can read just the indexed fields.
 pub enum Loaded<'a> {
     Resource(ResourceType, Row, &'a [u8]),
-    Member { group: Row, member: Row },
+    Member {
+        group: Row,
+        member: Row,
+    },
+    /// A kept entry (its value is always present).
+    Entry(Entry),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,16 +34,18 @@ use postgres::{Client, IsolationLevel, NoTls};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Batch, Change, Feed, Loaded, Record, Row, Seq, Storage, StoreError};
+use super::{Batch, Change, Entry, Feed, Loaded, Record, Row, Seq, Storage, StoreError};
 use crate::schema::ResourceType;
 
 /// The schema version this build knows. A database of a newer version is refused.
 ///
 /// - 1: the directory (resources, memberships, changes, feed) and the replicas' leases.
-pub const SCHEMA_VERSION: i32 = 1;
+/// - 2: the entries kept beside the directory ([`super::Entry`]: sessions, sign-in keys).
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order: `MIGRATIONS[v - 1]` takes the schema from `v - 1` to `v`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
 CREATE TABLE directory_meta (key text PRIMARY KEY, value bigint NOT NULL);
 INSERT INTO directory_meta VALUES ('seq', 0), ('next_row', 1);
 CREATE TABLE directory_users (row_id bigint PRIMARY KEY, record bytea NOT NULL);
@@ -66,7 +68,16 @@ CREATE TABLE portcullis_replicas (
     lease_until timestamptz NOT NULL,
     seen timestamptz NOT NULL DEFAULT now()
 );
-"#];
+"#,
+    r#"
+CREATE TABLE directory_entries (
+    kind text NOT NULL,
+    key text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+"#,
+];
 
 /// Serializes migrations across replicas starting at once (a session advisory lock).
 const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
@@ -538,6 +549,20 @@ impl Storage for PgStorage {
                 visit(Loaded::Member { group, member });
             }
             drop(rows);
+            let mut rows = txn
+                .query_raw(
+                    "SELECT kind, key, value FROM directory_entries",
+                    std::iter::empty::<i64>(),
+                )
+                .map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                visit(Loaded::Entry(Entry {
+                    kind: row.try_get(0).map_err(backend)?,
+                    key: row.try_get(1).map_err(backend)?,
+                    value: Some(row.try_get(2).map_err(backend)?),
+                }));
+            }
+            drop(rows);
             txn.commit().map_err(backend)?;
             Ok((seq, next_row))
         })
@@ -573,7 +598,7 @@ impl Storage for PgStorage {
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        if batch.changes.is_empty() || batch.seq <= batch.base {
+        if batch.is_empty() || batch.seq <= batch.base {
             return Err(StoreError::Backend(
                 "a batch that changes nothing cannot be committed".to_owned(),
             ));
@@ -618,6 +643,25 @@ impl Storage for PgStorage {
             change_seqs.push(to_sql(change.seq)?);
             change_bytes.push(serde_json::to_vec(change).map_err(backend)?);
         }
+        // Entries, likewise the last state of each.
+        let mut kept: HashMap<(&str, &str), Option<&str>> = HashMap::new();
+        for entry in &batch.entries {
+            kept.insert((&entry.kind, &entry.key), entry.value.as_deref());
+        }
+        let (mut put, mut forgotten) = ((vec![], vec![], vec![]), (vec![], vec![]));
+        for ((kind, key), value) in kept {
+            match value {
+                Some(value) => {
+                    put.0.push(kind);
+                    put.1.push(key);
+                    put.2.push(value);
+                }
+                None => {
+                    forgotten.0.push(kind);
+                    forgotten.1.push(key);
+                }
+            }
+        }
         let (base, seq, next_row) = (
             to_sql(batch.base)?,
             to_sql(batch.seq)?,
@@ -649,6 +693,13 @@ impl Storage for PgStorage {
                   AND EXISTS (SELECT 1 FROM ok)), \
             changes AS (INSERT INTO directory_changes (seq, change) \
                 SELECT * FROM unnest($12::bigint[], $13::bytea[]) WHERE EXISTS (SELECT 1 FROM ok)), \
+            put AS (INSERT INTO directory_entries (kind, key, value) \
+                SELECT * FROM unnest($17::text[], $18::text[], $19::text[]) \
+                WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value), \
+            forgotten AS (DELETE FROM directory_entries e \
+                USING unnest($20::text[], $21::text[]) AS gone(kind, key) \
+                WHERE e.kind = gone.kind AND e.key = gone.key AND EXISTS (SELECT 1 FROM ok)), \
             feed AS (INSERT INTO directory_feed (seq, base, batch) \
                 SELECT $14::bigint, $1::bigint, $15::bytea WHERE EXISTS (SELECT 1 FROM ok)), \
             meta AS (UPDATE directory_meta \
@@ -681,6 +732,11 @@ impl Storage for PgStorage {
                         &seq,
                         &feed,
                         &next_row,
+                        &put.0,
+                        &put.1,
+                        &put.2,
+                        &forgotten.0,
+                        &forgotten.1,
                     ],
                 )
                 .map_err(backend)?;

@@ -1,7 +1,8 @@
 //! The embedded backend: one redb database file in `data_dir`.
 //!
 //! Tables: `users` and `groups` (row → the record as JSON), `members` ((group, member) → ()),
-//! `changes` (seq → the change as JSON) and `meta` (the schema version, the change sequence and
+//! `changes` (seq → the change as JSON), `entries` ((kind, key) → value, see
+//! [`super::Entry`]) and `meta` (the schema version, the change sequence and
 //! the next row number). Each batch is one write transaction with redb's default
 //! `Durability::Immediate`: when `commit` returns, the batch is on disk.
 
@@ -9,7 +10,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Batch, Change, Loaded, Record, Row, Seq, Storage, StoreError};
+use super::{Batch, Change, Entry, Loaded, Record, Row, Seq, Storage, StoreError};
 use crate::schema::ResourceType;
 
 /// The on-disk format version. A database of a newer version is refused at start; one of an
@@ -18,6 +19,9 @@ use crate::schema::ResourceType;
 /// - 1: Users, Groups, memberships, changes.
 /// - 2: also retired Users (a deleted user's identifiers, [`super::Record::retired`]), which
 ///   a version-1 build would read as corrupt. Nothing to convert: 1 is stamped 2.
+///
+/// The `entries` table came without a new version: a build that predates it ignores it (and
+/// so knows no sessions).
 pub const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache.
@@ -28,6 +32,7 @@ const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
 const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
 const MEMBERS: TableDefinition<(u64, u64), ()> = TableDefinition::new("members");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+const ENTRIES: TableDefinition<(&str, &str), &str> = TableDefinition::new("entries");
 
 pub struct RedbStorage {
     db: Database,
@@ -82,6 +87,7 @@ impl RedbStorage {
             txn.open_table(GROUPS).map_err(backend)?;
             txn.open_table(MEMBERS).map_err(backend)?;
             txn.open_table(CHANGES).map_err(backend)?;
+            txn.open_table(ENTRIES).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         Ok(Self { db })
@@ -107,6 +113,16 @@ impl Storage for RedbStorage {
             let (key, _) = entry.map_err(backend)?;
             let (group, member) = key.value();
             visit(Loaded::Member { group, member });
+        }
+        let entries = txn.open_table(ENTRIES).map_err(backend)?;
+        for entry in entries.iter().map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            let (kind, key) = key.value();
+            visit(Loaded::Entry(Entry {
+                kind: kind.to_owned(),
+                key: key.to_owned(),
+                value: Some(value.value().to_owned()),
+            }));
         }
         let meta = txn.open_table(META).map_err(backend)?;
         let seq = meta.get("seq").map_err(backend)?.map_or(0, |v| v.value());
@@ -166,6 +182,15 @@ impl Storage for RedbStorage {
                 changes
                     .insert(change.seq, bytes.as_slice())
                     .map_err(backend)?;
+            }
+            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+            for entry in &batch.entries {
+                let key = (entry.kind.as_str(), entry.key.as_str());
+                match &entry.value {
+                    Some(value) => entries.insert(key, value.as_str()).map(drop),
+                    None => entries.remove(key).map(drop),
+                }
+                .map_err(backend)?;
             }
             let mut meta = txn.open_table(META).map_err(backend)?;
             meta.insert("seq", batch.seq).map_err(backend)?;

@@ -440,9 +440,12 @@ async fn committed_changes_reach_the_sink_before_the_answer() {
         let seen = seen.clone();
         Box::new(move |changes: &[Change]| seen.lock().unwrap().extend_from_slice(changes))
     };
-    let dir =
-        Directory::open_with_sink(storage, Box::new(time::OffsetDateTime::now_utc), Some(sink))
-            .unwrap();
+    let sinks = Sinks {
+        changes: Some(sink),
+        entries: None,
+    };
+    let dir = Directory::open_with_sinks(storage, Box::new(time::OffsetDateTime::now_utc), sinks)
+        .unwrap();
     let a = create(&dir, ResourceType::User, user("a@x")).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
     // A write that fails commits nothing and reports nothing.
@@ -563,4 +566,78 @@ async fn a_deleted_user_stays_known_as_deleted_across_restarts_until_someone_tak
     twin["emails"] = json!([{"value": "dana@x"}]);
     create(&dir, ResourceType::User, twin).await.unwrap();
     assert_eq!(lookup(&dir, SubjectKey::Email("dana@x")), "ambiguous 2");
+}
+
+/// Holds entries as an [`EntrySink`] is told of them.
+#[derive(Default)]
+struct Held(std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>);
+
+impl EntrySink for Held {
+    fn load(&self, entries: Vec<Entry>) {
+        let mut held = self.0.lock().unwrap();
+        held.clear();
+        drop(held);
+        self.apply(&entries);
+    }
+
+    fn apply(&self, entries: &[Entry]) {
+        let mut held = self.0.lock().unwrap();
+        for e in entries {
+            let key = (e.kind.clone(), e.key.clone());
+            match &e.value {
+                Some(v) => held.insert(key, v.clone()),
+                None => held.remove(&key),
+            };
+        }
+    }
+}
+
+fn entry(key: &str, value: Option<&str>) -> Entry {
+    Entry {
+        kind: "session".to_owned(),
+        key: key.to_owned(),
+        value: value.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn entries_are_kept_in_order_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |held: &Arc<Held>| {
+        let storage = Arc::new(RedbStorage::open(tmp.path()).unwrap());
+        let sinks = Sinks {
+            changes: None,
+            entries: Some(held.clone()),
+        };
+        Directory::open_with_sinks(storage, Box::new(time::OffsetDateTime::now_utc), sinks).unwrap()
+    };
+    let held = Arc::new(Held::default());
+    let dir = open(&held);
+    let before = dir.seq();
+    let put = dir
+        .write(
+            Command::Put(vec![entry("a", Some("1")), entry("b", Some("2"))]),
+            "sessions",
+        )
+        .await
+        .unwrap();
+    // Held before the write is answered, under a sequence number of its own.
+    assert_eq!(put.seq, before + 1);
+    assert_eq!(held.0.lock().unwrap().len(), 2);
+    dir.write(
+        Command::Put(vec![entry("a", None), entry("b", Some("3"))]),
+        "sessions",
+    )
+    .await
+    .unwrap();
+    let now: Vec<_> = held.0.lock().unwrap().clone().into_iter().collect();
+    let want = vec![(("session".to_owned(), "b".to_owned()), "3".to_owned())];
+    assert_eq!(now, want);
+    drop(dir);
+
+    let reopened = Arc::new(Held::default());
+    let dir = open(&reopened);
+    let now: Vec<_> = reopened.0.lock().unwrap().clone().into_iter().collect();
+    assert_eq!(now, want);
+    assert_eq!(dir.seq(), before + 2);
 }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Value};
 
 use super::index::{etag, fold, Index};
-use super::{Batch, Change, Command, Record, Row, Seq, Storage, Written};
+use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
 use crate::schema::ResourceType;
@@ -34,6 +34,7 @@ pub struct Overlay<'a> {
     members: HashMap<(Row, Row), bool>,
     member_order: Vec<(Row, Row)>,
     changes: Vec<Change>,
+    entries: Vec<Entry>,
 }
 
 fn not_found(rt: ResourceType, id: &str) -> ScimError {
@@ -60,6 +61,7 @@ impl<'a> Overlay<'a> {
             members: HashMap::new(),
             member_order: Vec::new(),
             changes: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
@@ -80,6 +82,7 @@ impl<'a> Overlay<'a> {
                 .filter_map(|key| self.members.get(key).map(|&p| (key.0, key.1, p)))
                 .collect(),
             changes: self.changes,
+            entries: self.entries,
         }
     }
 
@@ -177,6 +180,16 @@ impl<'a> Overlay<'a> {
             Command::Delete { rt, id, if_match } => {
                 let (row, current) = self.current(*rt, id, if_match.as_deref())?;
                 self.delete(*rt, row, &current, id, actor)
+            }
+            Command::Put(entries) => {
+                // A sequence number of its own, so replicas apply entries in commit order too.
+                self.seq += 1;
+                self.entries.extend(entries.iter().cloned());
+                Ok(Written {
+                    seq: self.seq,
+                    id: String::new(),
+                    record: None,
+                })
             }
         }
     }
