@@ -1,11 +1,13 @@
-//! The audit log: one append-only JSON-lines file, `data_dir/audit.jsonl`, with a record for
-//! every committed SCIM change, every refusal and a sample of allowed requests.
+//! The audit log: a record for every committed SCIM change, every refusal and a sample of
+//! allowed requests, as JSON lines: appended to `data_dir/audit.jsonl` on one machine, or with
+//! `[postgres]` to the fleet's table, `portcullis_audit`, where every replica's records meet
+//! (each SCIM change is recorded by the replica that committed it).
 //!
 //! Recording never blocks the request path: records go over a bounded channel to one writer
-//! thread, which appends whatever has queued up and fsyncs once per batch. If the channel is
-//! full (the disk cannot keep up), the record is dropped, counted and logged; SCIM changes
-//! dropped that way are still in the directory's own change table. Every record is also
-//! emitted through `tracing` (target `audit`), dropped or not.
+//! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
+//! If the channel is full (the store cannot keep up), the record is dropped, counted and
+//! logged; SCIM changes dropped that way are still in the directory's own change table. Every
+//! record is also emitted through `tracing` (target `audit`), dropped or not.
 //!
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
@@ -23,14 +25,37 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use portcullis_scim::store::postgres::AuditLog;
 use portcullis_scim::store::{Change, ChangeSink};
 
 pub const FILE_NAME: &str = "audit.jsonl";
 
 /// Records that may wait for the writer before new ones are dropped.
 const QUEUE: usize = 16_384;
-/// Records the writer appends with one write and one fsync at most.
+/// Records the writer appends with one write and one fsync (or one INSERT) at most.
 const MAX_BATCH: usize = 1024;
+
+/// How often the writer tries to append a batch before it drops it; it waits a second after
+/// each failure (PostgreSQL restarting), while new records queue up.
+const ATTEMPTS: u32 = 10;
+
+/// Where the records are kept.
+pub enum Destination {
+    /// `data_dir/audit.jsonl`: one machine's log.
+    File(PathBuf),
+    /// The fleet's table in PostgreSQL (`[postgres]`).
+    Postgres(Box<AuditLog>),
+}
+
+impl Destination {
+    /// Where the records of the configuration in `data_dir`, with `postgres`, are kept.
+    pub fn of(data_dir: &Path, postgres: Option<AuditLog>) -> Destination {
+        match postgres {
+            Some(log) => Destination::Postgres(Box::new(log)),
+            None => Destination::File(data_dir.join(FILE_NAME)),
+        }
+    }
+}
 
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,19 +168,25 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens (creating, mode 0600) `data_dir/audit.jsonl` for appending and starts the writer.
-    pub fn open(data_dir: &Path) -> Result<Self, String> {
-        let path = data_dir.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+    /// Starts the writer to `destination`; a file is opened (created with mode 0600) for
+    /// appending first.
+    pub fn open(destination: Destination) -> Result<Self, String> {
+        let mut store = match destination {
+            Destination::File(path) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+                Store::File(file, path)
+            }
+            Destination::Postgres(log) => Store::Postgres(log),
+        };
         let (queue, records) = mpsc::sync_channel(QUEUE);
         thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || write_loop(file, &path, &records))
+            .spawn(move || write_loop(&mut store, &records))
             .map_err(|e| format!("cannot start the audit writer: {e}"))?;
         Ok(Self {
             queue,
@@ -261,31 +292,59 @@ fn now() -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
-fn write_loop(mut file: File, path: &Path, records: &Receiver<Entry>) {
-    let mut buffer = Vec::new();
+/// An open [`Destination`].
+enum Store {
+    File(File, PathBuf),
+    Postgres(Box<AuditLog>),
+}
+
+impl Store {
+    /// Appends `lines` (each a record and its newline) durably.
+    fn append(&mut self, lines: &[String]) -> Result<(), String> {
+        match self {
+            // One write of whole lines: with O_APPEND, a reader never sees two records
+            // interleaved.
+            Store::File(file, path) => file
+                .write_all(lines.concat().as_bytes())
+                .and_then(|()| file.sync_data())
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Store::Postgres(log) => {
+                let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
+                log.append(&records).map_err(|e| format!("PostgreSQL: {e}"))
+            }
+        }
+    }
+}
+
+fn write_loop(store: &mut Store, records: &Receiver<Entry>) {
+    let mut lines = Vec::new();
     while let Ok(first) = records.recv() {
-        buffer.clear();
+        lines.clear();
         let mut next = Some(first);
-        let mut n = 0;
         while let Some(entry) = next {
-            match serde_json::to_writer(&mut buffer, &entry) {
-                Ok(()) => buffer.push(b'\n'),
+            match serde_json::to_string(&entry) {
+                Ok(line) => lines.push(line + "\n"),
                 Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
             }
-            n += 1;
-            next = if n < MAX_BATCH {
+            next = if lines.len() < MAX_BATCH {
                 records.try_recv().ok()
             } else {
                 None
             };
         }
-        // One write of whole lines: with O_APPEND, a reader never sees two records interleaved.
-        if let Err(e) = file.write_all(&buffer).and_then(|()| file.sync_data()) {
-            tracing::error!(
-                target: "audit",
-                "cannot append {n} records to {}: {e}",
-                path.display()
-            );
+        for attempt in 1..=ATTEMPTS {
+            match store.append(&lines) {
+                Ok(()) => break,
+                Err(e) if attempt == ATTEMPTS => tracing::error!(
+                    target: "audit",
+                    "cannot append {} records, dropped: {e}",
+                    lines.len()
+                ),
+                Err(e) => {
+                    tracing::warn!(target: "audit", "cannot append {} records yet: {e}", lines.len());
+                    thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
         }
     }
 }
@@ -335,48 +394,69 @@ pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
     now.checked_sub(back).ok_or_else(bad)
 }
 
-/// `portcullis audit`: prints the records of `data_dir/audit.jsonl` that `filter` selects.
-/// Reading while the server appends is safe: only whole lines are read.
-pub fn run_cli(data_dir: &Path, filter: &Filter, json: bool) -> Result<(), String> {
-    let path: PathBuf = data_dir.join(FILE_NAME);
-    let file = File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// `portcullis audit`: prints the records kept at `destination` that `filter` selects.
+/// Reading while the server appends is safe: only whole records are read.
+pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<(), String> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut reader = BufReader::new(file);
-    let mut line = String::new();
-    let mut number = 0usize;
-    loop {
-        line.clear();
-        let read = reader
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        // A line without its newline is still being written.
-        if read == 0 || !line.ends_with('\n') {
-            break;
-        }
-        number += 1;
-        let text = line.trim_end();
-        if text.is_empty() {
-            continue;
-        }
+    let mut print = |text: &str, place: &dyn Fn() -> String| -> bool {
         let entry: Entry = match serde_json::from_str(text) {
             Ok(entry) => entry,
             Err(e) => {
-                eprintln!("{}:{number}: skipped: {e}", path.display());
-                continue;
+                eprintln!("{}: skipped: {e}", place());
+                return true;
             }
         };
         if !filter.matches(&entry) {
-            continue;
+            return true;
         }
         let written = if json {
             writeln!(out, "{text}")
         } else {
             writeln!(out, "{}", entry.human())
         };
-        if written.is_err() {
-            // The reader went away (`| head`): nothing more to do.
-            break;
+        // A reader that went away (`| head`) wants nothing more.
+        written.is_ok()
+    };
+    match destination {
+        Destination::File(path) => {
+            let file =
+                File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let mut reader = BufReader::new(file);
+            let mut line = String::new();
+            let mut number = 0usize;
+            loop {
+                line.clear();
+                let read = reader
+                    .read_line(&mut line)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                // A line without its newline is still being written.
+                if read == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                number += 1;
+                let text = line.trim_end();
+                if !text.is_empty() && !print(text, &|| format!("{}:{number}", path.display())) {
+                    break;
+                }
+            }
+        }
+        Destination::Postgres(mut log) => {
+            let mut after = 0;
+            loop {
+                let page = log
+                    .read(after, 1_000)
+                    .map_err(|e| format!("cannot read the audit log from PostgreSQL: {e}"))?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                after = *last;
+                for (id, text) in &page {
+                    if !print(text, &|| format!("portcullis_audit id {id}")) {
+                        return Ok(());
+                    }
+                }
+            }
         }
     }
     Ok(())
@@ -428,7 +508,7 @@ mod tests {
     fn the_file_is_appended_and_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let audit = Audit::open(dir.path()).unwrap();
+        let audit = Audit::open(Destination::of(dir.path(), None)).unwrap();
         audit.refusal("a", "r", None, "why", "GET", "/");
         audit.allow_sampled(1.0, "b", "r", "GET", "/x");
         audit.allow_sampled(0.0, "c", "r", "GET", "/y");

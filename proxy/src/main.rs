@@ -143,7 +143,10 @@ fn main() -> ExitCode {
                     .map(|s| audit::parse_since(&s, time::OffsetDateTime::now_utc()))
                     .transpose()?;
                 let filter = audit::Filter { user, since };
-                audit::run_cli(&loaded.data_dir, &filter, json)
+                let postgres = open_postgres(&loaded)?;
+                let kept_at =
+                    audit::Destination::of(&loaded.data_dir, postgres.map(|pg| pg.audit_log()));
+                audit::run_cli(kept_at, &filter, json)
             });
             match printed {
                 Ok(()) => ExitCode::SUCCESS,
@@ -223,9 +226,13 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();
     let server_config = config.server.clone();
-    let audit = Arc::new(audit::Audit::open(&config.data_dir)?);
+    let postgres = open_postgres(&config)?;
+    let audit = Arc::new(audit::Audit::open(audit::Destination::of(
+        &config.data_dir,
+        postgres.as_ref().map(PgStorage::audit_log),
+    ))?);
     let kept = Arc::new(auth::sessions::Kept::default());
-    let (directory, freshness) = open_directory(&config, &audit, &kept)?;
+    let (directory, freshness) = open_directory(&config, postgres, &audit, &kept)?;
     let auth = Arc::new(auth::Auth::new(directory.clone(), kept)?);
     let signer = Arc::new(assertion::Signer::open(
         &config.data_dir,
@@ -304,12 +311,29 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.run_forever()
 }
 
-/// Opens the directory, rebuilding its in-memory index: from `data_dir`, or with `[postgres]`
-/// from the shared database, followed by a thread of its own (this replica's lease is the
-/// second value). Every committed change also goes to the audit log, and `kept` holds the
+/// The shared store of `[postgres]`, if configured (not yet connected).
+fn open_postgres(config: &portcullis_config::Config) -> Result<Option<PgStorage>, String> {
+    config
+        .postgres
+        .as_ref()
+        .map(|postgres| {
+            PgStorage::open(&PgOptions {
+                url: postgres.url.expose().to_owned(),
+                pool_size: postgres.pool_size,
+                max_staleness: postgres.max_staleness,
+            })
+            .map_err(|e| e.to_string())
+        })
+        .transpose()
+}
+
+/// Opens the directory, rebuilding its in-memory index: from `data_dir`, or from `postgres`
+/// (shared by several replicas), followed by a thread of its own (this replica's lease is the
+/// second value). Every change committed here also goes to the audit log, and `kept` holds the
 /// entries kept beside the directory.
 fn open_directory(
     config: &portcullis_config::Config,
+    postgres: Option<PgStorage>,
     audit: &audit::Audit,
     kept: &Arc<auth::sessions::Kept>,
 ) -> Result<(Arc<Directory>, Option<Arc<Freshness>>), String> {
@@ -317,13 +341,7 @@ fn open_directory(
         changes: Some(audit.change_sink()),
         entries: Some(kept.clone()),
     };
-    if let Some(postgres) = &config.postgres {
-        let storage = PgStorage::open(&PgOptions {
-            url: postgres.url.expose().to_owned(),
-            pool_size: postgres.pool_size,
-            max_staleness: postgres.max_staleness,
-        })
-        .map_err(|e| e.to_string())?;
+    if let Some(storage) = postgres {
         match storage.migrate() {
             Ok(()) => {}
             Err(e @ StoreError::Version { .. }) => return Err(format!("PostgreSQL: {e}")),

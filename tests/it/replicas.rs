@@ -409,6 +409,24 @@ async fn sign_out(replica: &Replica, cookie: &str) -> reqwest::Response {
         .expect("POST sign_out")
 }
 
+/// `portcullis audit --json` with `replica`'s configuration.
+async fn audit_records(replica: &Replica) -> Vec<serde_json::Value> {
+    let config = replica.px.config_path().display().to_string();
+    let out =
+        portcullis_tests::process::run(replica.px.dir(), &["audit", "--config", &config, "--json"])
+            .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "portcullis audit: {}",
+        out.stderr
+    );
+    out.stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON record"))
+        .collect()
+}
+
 /// The status `replica` answers an API call presenting the session.
 async fn with_session(replica: &Replica, cookie: &str) -> u16 {
     let url = replica.cfg.http_url("app.test", "/v1/jobs");
@@ -513,6 +531,37 @@ async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them
             with_session(replica, &other).await,
             401,
             "after the IdP's logout"
+        );
+    }
+    // One audit log for the fleet, read from any replica: every SCIM change once (recorded by
+    // the replica that made it), and the refusals of all of them.
+    let changes = fleet
+        .pg
+        .query("SELECT count(*) FROM directory_changes")
+        .await
+        .unwrap()[0][0]
+        .clone()
+        .unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let records = loop {
+        // Written by each replica's audit thread, a moment after the fact.
+        let records = audit_records(&b).await;
+        let logged = records.iter().filter(|r| r["event"] == "change").count();
+        if logged.to_string() == changes {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{changes} changes, audit log: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for user in [ALICE, BOB] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"] == "refusal" && r["user"] == user),
+            "no refusal of {user} in {records:?}"
         );
     }
     // Every replica publishes the same sealing keys: none made its own.

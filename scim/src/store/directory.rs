@@ -24,9 +24,10 @@ use crate::schema::ResourceType;
 /// The clock the writer stamps `meta` with; a parameter so tests can move time.
 pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
 
-/// Receives the changes of every committed batch, in commit order, once they are durable and
-/// before the writes are answered (the audit log). It runs on the writer thread, so it must
-/// hand them off without blocking.
+/// Receives the changes of every batch this process committed, in commit order, once they are
+/// durable and before the writes are answered (the audit log). With a shared store each change
+/// is thus heard once in the fleet, by the replica that made it. It runs on the writer thread,
+/// so it must hand them off without blocking.
 pub type ChangeSink = Box<dyn Fn(&[Change]) + Send>;
 
 /// Holds the entries kept beside the directory ([`Entry`]) in memory for whoever owns them.
@@ -775,7 +776,7 @@ impl Writer<'_> {
                         return fail_all(writes, "the directory could not save the change; retry");
                     }
                 }
-                match self.apply(&batch) {
+                match self.apply(&batch, true) {
                     Some(now) => seq = now,
                     None => return fail_all(writes, "the directory index is unusable"),
                 }
@@ -801,8 +802,9 @@ impl Writer<'_> {
         );
     }
 
-    /// Makes a committed batch visible; returns the sequence number after it.
-    fn apply(&self, batch: &Batch) -> Option<Seq> {
+    /// Makes a committed batch visible (`own`: committed here, not read from the feed);
+    /// returns the sequence number after it.
+    fn apply(&self, batch: &Batch, own: bool) -> Option<Seq> {
         let seq = {
             let mut guard = self.index.write().ok()?;
             guard.apply(batch);
@@ -817,12 +819,8 @@ impl Writer<'_> {
             sink.apply(&batch.entries);
         }
         self.visible.send_replace(seq);
-        if let Some(sink) = self
-            .sinks
-            .changes
-            .as_ref()
-            .filter(|_| !batch.changes.is_empty())
-        {
+        let changed = own && !batch.changes.is_empty();
+        if let Some(sink) = self.sinks.changes.as_ref().filter(|_| changed) {
             sink(&batch.changes);
         }
         Some(seq)
@@ -837,7 +835,7 @@ impl Writer<'_> {
                 }
                 Feed::Batches(batches) => {
                     for batch in &batches {
-                        let seq = self.apply(batch).ok_or_else(unusable)?;
+                        let seq = self.apply(batch, false).ok_or_else(unusable)?;
                         self.foreign.store(seq, Ordering::Release);
                     }
                 }

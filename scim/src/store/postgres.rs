@@ -40,7 +40,8 @@ use crate::schema::ResourceType;
 /// The schema version this build knows. A database of a newer version is refused.
 ///
 /// - 1: the directory (resources, memberships, changes, feed) and the replicas' leases.
-/// - 2: the entries kept beside the directory ([`super::Entry`]: sessions, sign-in keys).
+/// - 2: the entries kept beside the directory ([`super::Entry`]: sessions, sign-in keys), and
+///   the audit log ([`AuditLog`]).
 pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order: `MIGRATIONS[v - 1]` takes the schema from `v - 1` to `v`.
@@ -75,6 +76,11 @@ CREATE TABLE directory_entries (
     key text NOT NULL,
     value text NOT NULL,
     PRIMARY KEY (kind, key)
+);
+CREATE TABLE portcullis_audit (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    record text NOT NULL
 );
 "#,
 ];
@@ -425,6 +431,17 @@ impl PgStorage {
     /// [`Fleet::follow`] does the same whenever it connects.
     pub fn migrate(&self) -> Result<(), StoreError> {
         self.pool.with(migrate)
+    }
+
+    /// The audit log's table, on a connection of its own.
+    pub fn audit_log(&self) -> AuditLog {
+        AuditLog {
+            conn: Dedicated {
+                connector: self.pool.connector.clone(),
+                client: None,
+                setup: String::new(),
+            },
+        }
     }
 
     pub fn freshness(&self) -> Arc<Freshness> {
@@ -862,6 +879,45 @@ impl Storage for PgStorage {
                 }
             }
         }
+    }
+}
+
+/// The fleet's audit log, `portcullis_audit`: records (JSON text, opaque here) numbered in
+/// the order they were appended. Used by one thread at a time.
+pub struct AuditLog {
+    conn: Dedicated,
+}
+
+impl AuditLog {
+    /// Appends `records` in one statement.
+    pub fn append(&mut self, records: &[&str]) -> Result<(), StoreError> {
+        self.conn.run(|conn| {
+            let insert =
+                conn.prepare("INSERT INTO portcullis_audit (record) SELECT unnest($1::text[])")?;
+            conn.client.execute(&insert, &[&records]).map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    /// Up to `limit` records numbered above `after`, in order, with their numbers.
+    pub fn read(&mut self, after: i64, limit: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        self.conn.run(|conn| {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT id, record FROM portcullis_audit WHERE id > $1 ORDER BY id LIMIT $2",
+                    &[&after, &limit],
+                )
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get(0).map_err(backend)?,
+                        row.try_get(1).map_err(backend)?,
+                    ))
+                })
+                .collect()
+        })
     }
 }
 
