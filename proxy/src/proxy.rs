@@ -591,8 +591,23 @@ impl Proxy {
             )
             .header(header::CACHE_CONTROL, "public, max-age=60"),
             "healthz" => Reply::status_page(StatusCode::OK),
-            "readyz" if self.shared.is_draining() || !self.shared.directory_is_current() => {
+            "readyz"
+                if self.shared.is_draining()
+                    || !self.shared.directory_is_current()
+                    || !self.shared.auth.sessions.can_seal() =>
+            {
                 Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            // Sessions held here may be stale (with a shared store, until caught up): a
+            // session is neither begun nor ended on them.
+            "callback" | "sign_out" | "backchannel_logout"
+                if !self.shared.directory_is_current() =>
+            {
+                Reply::page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Temporarily unavailable",
+                    "<p>Portcullis cannot reach its store just now. Try again in a moment.</p>",
+                )
             }
             "readyz" => Reply::status_page(StatusCode::OK),
             "sign_in" | "callback" if !runtime.carries_credentials(local_addr(session), tls) => {

@@ -43,9 +43,9 @@ impl BackgroundService for Discovery {
 }
 
 /// Keeps sessions and sign-in right across replicas and restarts (see
-/// [`crate::auth::sessions`]): at start, copies sessions kept by an older version and keeps a
-/// first sign-in sealing key; then, every few minutes, writes back when sessions were last used
-/// here and forgets those that are over.
+/// [`crate::auth::sessions`]): at start, moves sessions kept by an older version and keeps a
+/// first sign-in sealing key; then, every eighth of the idle timeout (5 s to 5 min), stores
+/// when sessions were last used here and forgets those that are over.
 pub struct SessionKeeper {
     shared: Arc<Shared>,
 }
@@ -69,33 +69,25 @@ impl BackgroundService for SessionKeeper {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let shared = &self.shared;
         let sessions = &shared.auth.sessions;
-        let data_dir = shared.runtime.load().config.data_dir.clone();
-        let mut imported = false;
         // Until the directory is current (with PostgreSQL, caught up), what is kept is unknown.
-        loop {
-            if shared.directory_is_current() {
-                if !imported {
-                    match sessions.import(&data_dir, now_unix()).await {
-                        Ok(0) => imported = true,
-                        Ok(n) => {
-                            tracing::info!(sessions = n, "sessions imported from sessions.redb");
-                            imported = true;
-                        }
-                        Err(e) => tracing::warn!("sessions.redb not imported yet: {e}"),
-                    }
-                }
-                match sessions.keep_sealing_key().await {
-                    Ok(made) if imported => {
-                        if made {
-                            tracing::info!("sign-in sealing key made");
-                        }
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("no sign-in sealing key yet: {e}"),
-                }
-            }
+        while !shared.directory_is_current() {
             if !Self::pause(&mut shutdown, Duration::from_millis(200)).await {
+                return;
+            }
+        }
+        let data_dir = shared.runtime.load().config.data_dir.clone();
+        match sessions.import(&data_dir, now_unix()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "sessions moved from sessions.redb"),
+            Err(e) => tracing::error!("sessions of sessions.redb not moved: {e}"),
+        }
+        loop {
+            match sessions.keep_sealing_key().await {
+                Ok(true) => tracing::info!("sign-in sealing key made"),
+                Ok(false) => break,
+                Err(e) => tracing::warn!("no sign-in sealing key yet: {e}"),
+            }
+            if !Self::pause(&mut shutdown, Duration::from_secs(1)).await {
                 return;
             }
         }
@@ -107,7 +99,7 @@ impl BackgroundService for SessionKeeper {
                 .oidc
                 .as_ref()
                 .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
-            let every = (idle / 8).clamp(30, 300);
+            let every = (idle / 8).clamp(5, 300);
             if !Self::pause(&mut shutdown, Duration::from_secs(every)).await {
                 return;
             }

@@ -300,7 +300,13 @@ impl Auth {
         let mut id_token_hint = None;
         if let Some((key, id_token)) = current {
             if let Err(e) = self.sessions.end(&[key]).await {
+                // Gone from this replica only: not signed out until the store has it.
                 tracing::error!("cannot end the session: {e}");
+                return Reply::page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-out failed",
+                    "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
+                );
             }
             id_token_hint = id_token;
         }

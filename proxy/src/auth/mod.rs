@@ -222,26 +222,23 @@ impl Auth {
         }
         // A refresh in progress for this session (another request) is not waited on, nor is
         // an IdP that was unreachable a moment ago.
-        let due = session.refresh.as_ref().and_then(|refresh| {
-            let state = refresh.try_lock().ok()?;
-            (state.due <= now && !self.oidc.refresh_paused(now)).then_some(state)
+        let due = session.refresh.as_ref().and_then(|refreshing| {
+            let turn = refreshing.turn.try_lock().ok()?;
+            let state = refreshing.state();
+            (state.due <= now && !self.oidc.refresh_paused(now))
+                .then_some((refreshing, turn, state))
         });
-        if let Some(mut state) = due {
+        if let Some((refreshing, turn, state)) = due {
             match self
                 .oidc
                 .refresh(oidc, &state, &session.identity.subject, now)
                 .await
             {
-                Ok(Refreshed::Renewed(next)) => {
-                    if let Err(e) = self.sessions.save_refresh(&key, &session, &next).await {
-                        tracing::warn!("cannot save the refreshed session: {e}");
-                    }
-                    *state = next;
-                }
+                Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(&key, refreshing, next),
                 Ok(Refreshed::Ended(why)) => {
                     // The IdP no longer vouches for this person: the session ends.
                     tracing::info!(user = %session.identity.subject, "session ended at refresh: {why}");
-                    drop(state);
+                    drop(turn);
                     if let Err(e) = self.sessions.end(&[key]).await {
                         tracing::error!("cannot end the session: {e}");
                     }

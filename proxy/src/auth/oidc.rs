@@ -279,7 +279,8 @@ impl Oidc {
         };
         let plain =
             serde_json::to_vec(&pending).map_err(|e| SignInError::Invalid(e.to_string()))?;
-        // Until the first sealing key is kept (see `Discovery`), sign-in waits like discovery.
+        // Until the first sealing key is kept (see `SessionKeeper`), sign-in waits as for
+        // discovery.
         let sealers = self.kept.sealers();
         let (_, sealer) = sealers.first().ok_or(SignInError::ProviderUnavailable)?;
         Ok(Started {

@@ -8,10 +8,13 @@
 //! all of them once the write is answered (as for any directory write). Only the SHA-256 of a
 //! session id is stored or indexed: a copy of the store does not let anyone present a session.
 //!
-//! Each replica sees only its own requests, so it writes a session's `last_seen` back now and
-//! then ([`Sessions::maintain`]); the others keep the later of theirs and the stored one. The
-//! same sweep forgets sessions that have expired or idled out.
+//! A session never changes once created; what does is kept in entries of its own: when it was
+//! last used (each replica sees only its own requests, so it writes that back now and then,
+//! [`Sessions::maintain`], and every replica keeps the latest it knows) and its refresh state.
+//! Writing those can never bring back a session that ended meanwhile. The same sweep forgets
+//! sessions that have expired or idled out.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +35,10 @@ use crate::caller::{Identity, SessionKey};
 
 /// The entry kind of a session: keyed by the SHA-256 of its id (URL-safe base64).
 pub const SESSION: &str = "session";
+/// When a session was last used, as far as the store knows (Unix seconds), by the same key.
+pub const SESSION_SEEN: &str = "session-seen";
+/// A session's refresh state ([`Refresh`]), by the same key.
+pub const SESSION_REFRESH: &str = "session-refresh";
 /// The entry kind of a key that seals sign-ins in progress (see [`super::sealed`]).
 pub const SEALING_KEY: &str = "sealing-key";
 
@@ -64,12 +71,24 @@ pub struct Session {
     /// Unix seconds of the last request, for the idle timeout.
     last_seen: AtomicU64,
     /// `last_seen` as the store has it.
-    stored_seen: u64,
-    /// Present when the session is refreshed with the IdP; one refresh at a time.
-    pub refresh: Option<tokio::sync::Mutex<Refresh>>,
+    stored_seen: AtomicU64,
+    /// Present when the session is refreshed with the IdP.
+    pub refresh: Option<Refreshing>,
 }
 
 impl Session {
+    fn new(stored: Stored) -> Self {
+        Self {
+            identity: Arc::new(stored.identity),
+            last_seen: AtomicU64::new(stored.last_seen),
+            stored_seen: AtomicU64::new(stored.last_seen),
+            refresh: stored.refresh.map(|state| Refreshing {
+                turn: tokio::sync::Mutex::new(()),
+                state: std::sync::Mutex::new(state),
+            }),
+        }
+    }
+
     pub fn last_seen(&self) -> u64 {
         self.last_seen.load(Ordering::Relaxed)
     }
@@ -77,7 +96,7 @@ impl Session {
     pub fn touch(&self, now: u64) {
         // Only ever moves forward; a coarse store keeps the cache line quiet.
         if self.last_seen() + 5 <= now {
-            self.last_seen.store(now, Ordering::Relaxed);
+            self.last_seen.fetch_max(now, Ordering::Relaxed);
         }
     }
 
@@ -86,18 +105,41 @@ impl Session {
         now < self.identity.expires && now < self.last_seen().saturating_add(idle_timeout)
     }
 
-    fn stored(&self) -> Stored {
-        Stored {
-            identity: Identity::clone(&self.identity),
-            last_seen: self.last_seen(),
-            refresh: self
-                .refresh
-                .as_ref()
-                .and_then(|r| r.try_lock().ok().map(|r| r.clone())),
-        }
+    /// The store says the session was used at `seen` (here or on another replica).
+    fn seen(&self, seen: u64) {
+        self.last_seen.fetch_max(seen, Ordering::Relaxed);
+        self.stored_seen.fetch_max(seen, Ordering::Relaxed);
     }
 }
 
+/// A session's refresh with the IdP: its state, and a turn, so that one request at a time
+/// refreshes it here.
+#[derive(Debug)]
+pub struct Refreshing {
+    pub turn: tokio::sync::Mutex<()>,
+    state: std::sync::Mutex<Refresh>,
+}
+
+impl Refreshing {
+    pub fn state(&self) -> Refresh {
+        lock(&self.state).clone()
+    }
+
+    fn set(&self, refresh: Refresh) {
+        *lock(&self.state) = refresh;
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values are replaced whole: a panic elsewhere leaves them consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A session as it is created. It never changes after that: when it was last used and its
+/// refresh state are entries of their own ([`SESSION_SEEN`], [`SESSION_REFRESH`]), so that
+/// writing one never brings back a session that ended meanwhile, nor an older refresh token.
 #[derive(Debug, Serialize, Deserialize)]
 struct Stored {
     identity: Identity,
@@ -106,22 +148,21 @@ struct Stored {
     refresh: Option<Refresh>,
 }
 
-impl Stored {
-    fn entry(&self, key: &SessionKey) -> Result<Entry, String> {
-        Ok(Entry {
-            kind: SESSION.to_owned(),
-            key: URL_SAFE_NO_PAD.encode(key),
-            value: Some(serde_json::to_string(self).map_err(|e| e.to_string())?),
-        })
+fn entry(kind: &str, key: &SessionKey, value: Option<String>) -> Entry {
+    Entry {
+        kind: kind.to_owned(),
+        key: URL_SAFE_NO_PAD.encode(key),
+        value,
     }
 }
 
-fn forget(key: &SessionKey) -> Entry {
-    Entry {
-        kind: SESSION.to_owned(),
-        key: URL_SAFE_NO_PAD.encode(key),
-        value: None,
-    }
+fn encode(value: &impl Serialize) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
+}
+
+/// Forgets a session and its parts.
+fn forget(key: &SessionKey) -> [Entry; 3] {
+    [SESSION, SESSION_SEEN, SESSION_REFRESH].map(|kind| entry(kind, key, None))
 }
 
 fn key_of(id: &str) -> SessionKey {
@@ -129,11 +170,14 @@ fn key_of(id: &str) -> SessionKey {
 }
 
 /// What sign-in keeps beside the directory, held in memory and kept current by the
-/// directory's writer (it is the directory's [`EntrySink`]): every session, and the keys that
-/// seal sign-ins in progress.
+/// directory's writer (it is the directory's [`EntrySink`], and only its thread calls it):
+/// every session, and the keys that seal sign-ins in progress.
 #[derive(Default)]
 pub struct Kept {
     sessions: DashMap<SessionKey, Arc<Session>>,
+    /// Parts of sessions that had ended when they were written: forgotten by the next
+    /// [`Sessions::maintain`].
+    orphans: std::sync::Mutex<HashSet<(String, String)>>,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: tokio::sync::watch::Sender<u64>,
     /// By name; the first one seals (so every replica seals with the same key).
@@ -146,46 +190,63 @@ impl Kept {
         self.sealing.load_full()
     }
 
-    /// Applies one entry; returns whether it ended a session.
+    /// Applies one entry (not a sealing key); returns whether it ended a session.
     fn keep(&self, entry: &Entry) -> bool {
-        match entry.kind.as_str() {
-            SESSION => {
-                let Some(key) = parse_key(&entry.key) else {
-                    return false;
-                };
+        let Some(key) = parse_key(&entry.key) else {
+            return false;
+        };
+        let held = || self.sessions.get(&key).map(|s| s.clone());
+        match (entry.kind.as_str(), entry.value.as_deref()) {
+            (SESSION, Some(value)) => {
                 // A record this build cannot read is treated as signed out.
-                let stored = entry
-                    .value
-                    .as_deref()
-                    .and_then(|v| serde_json::from_str::<Stored>(v).ok());
-                match stored {
-                    Some(stored) => {
-                        let seen_here = self.sessions.get(&key).map_or(0, |s| s.last_seen());
-                        let session = Session {
-                            identity: Arc::new(stored.identity),
-                            last_seen: AtomicU64::new(stored.last_seen.max(seen_here)),
-                            stored_seen: stored.last_seen,
-                            refresh: stored.refresh.map(tokio::sync::Mutex::new),
-                        };
-                        self.sessions.insert(key, Arc::new(session));
-                        false
-                    }
-                    None => self.sessions.remove(&key).is_some(),
+                if let Ok(stored) = serde_json::from_str::<Stored>(value) {
+                    self.sessions
+                        .entry(key)
+                        .or_insert_with(|| Arc::new(Session::new(stored)));
                 }
+                false
             }
-            SEALING_KEY => {
-                let sealer = entry.value.as_deref().and_then(Sealer::from_encoded_key);
-                let mut keys = Vec::clone(&self.sealing.load());
-                keys.retain(|(name, _)| *name != entry.key);
-                if let Some(sealer) = sealer {
-                    keys.push((entry.key.clone(), Arc::new(sealer)));
-                    keys.sort_by(|a, b| a.0.cmp(&b.0));
+            (SESSION, None) => self.sessions.remove(&key).is_some(),
+            (SESSION_SEEN, Some(value)) => {
+                match (held(), value.parse()) {
+                    (Some(session), Ok(seen)) => session.seen(seen),
+                    _ => self.orphan(entry),
                 }
-                self.sealing.store(Arc::new(keys));
+                false
+            }
+            (SESSION_REFRESH, Some(value)) => {
+                let refresh = serde_json::from_str::<Refresh>(value).ok();
+                match (held(), refresh) {
+                    (Some(session), Some(refresh)) => match &session.refresh {
+                        Some(refreshing) => refreshing.set(refresh),
+                        None => self.orphan(entry),
+                    },
+                    _ => self.orphan(entry),
+                }
+                false
+            }
+            (SESSION_SEEN | SESSION_REFRESH, None) => {
+                lock(&self.orphans).remove(&(entry.kind.clone(), entry.key.clone()));
                 false
             }
             _ => false,
         }
+    }
+
+    fn orphan(&self, entry: &Entry) {
+        lock(&self.orphans).insert((entry.kind.clone(), entry.key.clone()));
+    }
+
+    fn keep_sealing_key(keys: &mut Vec<(String, Arc<Sealer>)>, entry: &Entry) {
+        keys.retain(|(name, _)| *name != entry.key);
+        if let Some(sealer) = entry.value.as_deref().and_then(Sealer::from_encoded_key) {
+            keys.push((entry.key.clone(), Arc::new(sealer)));
+            keys.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+    }
+
+    fn ended(&self) {
+        self.ended.send_modify(|ended| *ended += 1);
     }
 }
 
@@ -195,29 +256,45 @@ fn parse_key(name: &str) -> Option<SessionKey> {
 
 impl EntrySink for Kept {
     fn load(&self, entries: Vec<Entry>) {
-        // Replaced in place, never emptied first: a session held all along stays usable.
-        let mut loaded = std::collections::HashSet::new();
-        self.sealing.store(Arc::new(Vec::new()));
-        for entry in &entries {
+        let mut sealing = Vec::new();
+        for entry in entries.iter().filter(|e| e.kind == SEALING_KEY) {
+            Self::keep_sealing_key(&mut sealing, entry);
+        }
+        self.sealing.store(Arc::new(sealing));
+        // Sessions first, then their parts. Sessions held all along keep their state and
+        // stay usable throughout; those no longer stored are gone.
+        let mut stored = HashSet::new();
+        for entry in entries.iter().filter(|e| e.kind == SESSION) {
             self.keep(entry);
-            if entry.kind == SESSION {
-                loaded.extend(parse_key(&entry.key));
-            }
+            stored.extend(parse_key(&entry.key));
         }
         let before = self.sessions.len();
-        self.sessions.retain(|key, _| loaded.contains(key));
+        self.sessions.retain(|key, _| stored.contains(key));
+        lock(&self.orphans).clear();
+        for entry in entries
+            .iter()
+            .filter(|e| e.kind == SESSION_SEEN || e.kind == SESSION_REFRESH)
+        {
+            self.keep(entry);
+        }
         if self.sessions.len() < before {
-            self.ended.send_modify(|ended| *ended += 1);
+            self.ended();
         }
     }
 
     fn apply(&self, entries: &[Entry]) {
         let mut ended = false;
         for entry in entries {
-            ended |= self.keep(entry);
+            if entry.kind == SEALING_KEY {
+                let mut keys = Vec::clone(&self.sealing.load());
+                Self::keep_sealing_key(&mut keys, entry);
+                self.sealing.store(Arc::new(keys));
+            } else {
+                ended |= self.keep(entry);
+            }
         }
         if ended {
-            self.ended.send_modify(|ended| *ended += 1);
+            self.ended();
         }
     }
 }
@@ -234,11 +311,7 @@ impl Sessions {
     }
 
     async fn put(&self, entries: Vec<Entry>) -> Result<(), String> {
-        self.directory
-            .write(Command::Put(entries), ACTOR)
-            .await
-            .map(drop)
-            .map_err(|e| e.detail)
+        put(&self.directory, entries).await
     }
 
     /// Creates a session for `identity`; returns the id for the cookie. Durable on return,
@@ -257,22 +330,29 @@ impl Sessions {
             last_seen: now,
             refresh,
         };
-        self.put(vec![stored.entry(&key_of(&id))?]).await?;
+        let value = encode(&stored)?;
+        self.put(vec![entry(SESSION, &key_of(&id), Some(value))])
+            .await?;
         Ok(id)
     }
 
-    /// Saves a session's new refresh state (after a refresh with the IdP).
-    pub async fn save_refresh(
-        &self,
-        key: &SessionKey,
-        session: &Session,
-        refresh: &Refresh,
-    ) -> Result<(), String> {
-        let stored = Stored {
-            refresh: Some(refresh.clone()),
-            ..session.stored()
-        };
-        self.put(vec![stored.entry(key)?]).await
+    /// A refresh with the IdP renewed the session: its new state holds here at once, and is
+    /// stored (for every replica) in the background, so the request that refreshed does not
+    /// wait for the store.
+    pub fn refreshed(&self, key: &SessionKey, refreshing: &Refreshing, refresh: Refresh) {
+        let value = encode(&refresh);
+        refreshing.set(refresh);
+        let directory = self.directory.clone();
+        let key = *key;
+        tokio::spawn(async move {
+            let saved = match value {
+                Ok(value) => put(&directory, vec![entry(SESSION_REFRESH, &key, Some(value))]).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = saved {
+                tracing::warn!("cannot save the refreshed session: {e}");
+            }
+        });
     }
 
     /// The session a cookie value names, if any. Malformed values are simply "no session".
@@ -329,8 +409,8 @@ impl Sessions {
         for key in keys {
             self.kept.sessions.remove(key);
         }
-        self.kept.ended.send_modify(|ended| *ended += 1);
-        self.put(keys.iter().map(forget).collect()).await
+        self.kept.ended();
+        self.put(keys.iter().flat_map(forget).collect()).await
     }
 
     /// Whether a key to seal sign-ins with is kept (sign-in needs one).
@@ -342,7 +422,7 @@ impl Sessions {
     /// do this at once each keep one; all of them then seal with the same (the first by name)
     /// and open with any.
     pub async fn keep_sealing_key(&self) -> Result<bool, String> {
-        if !self.kept.sealers().is_empty() {
+        if self.can_seal() {
             return Ok(false);
         }
         let mut name = [0u8; 16];
@@ -356,69 +436,61 @@ impl Sessions {
         Ok(true)
     }
 
-    /// Writes back the `last_seen` of sessions used here more than `every` seconds after the
-    /// store last had it, and forgets sessions past their lifetime or idle for `idle_timeout`.
-    /// Returns how many sessions it wrote and forgot. Run it every `every` seconds.
+    /// Stores when sessions used here more than `every` seconds after the store last had it
+    /// were last used, and forgets sessions that are over: past their lifetime, or idle for
+    /// `idle_timeout` plus twice `every` (the most another replica's use can be late), and
+    /// parts of sessions that had ended. Returns how many sessions it wrote and forgot. Run
+    /// it every `every` seconds.
     pub async fn maintain(
         &self,
         now: u64,
         idle_timeout: u64,
         every: u64,
     ) -> Result<(usize, usize), String> {
-        let mut touched = Vec::new();
-        let mut over = Vec::new();
-        for entry in self.kept.sessions.iter() {
-            let session = entry.value();
-            if !session.is_live(now, idle_timeout) {
-                over.push(*entry.key());
-            } else if session.last_seen() >= session.stored_seen.saturating_add(every) {
-                touched.push(session.stored().entry(entry.key())?);
+        let mut entries = Vec::new();
+        let (mut touched, mut over) = (0, 0);
+        for held in self.kept.sessions.iter() {
+            let (key, session) = (held.key(), held.value());
+            let last_seen = session.last_seen();
+            if !session.is_live(now, idle_timeout.saturating_add(2 * every)) {
+                over += 1;
+                entries.extend(forget(key));
+            } else if last_seen >= session.stored_seen.load(Ordering::Relaxed) + every {
+                touched += 1;
+                entries.push(entry(SESSION_SEEN, key, Some(last_seen.to_string())));
             }
         }
-        let counts = (touched.len(), over.len());
-        let mut entries = touched;
-        entries.extend(over.iter().map(forget));
+        let orphans: Vec<(String, String)> = lock(&self.kept.orphans).iter().cloned().collect();
+        entries.extend(orphans.into_iter().map(|(kind, key)| Entry {
+            kind,
+            key,
+            value: None,
+        }));
         for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
             self.put(chunk.to_vec()).await?;
         }
-        Ok(counts)
+        Ok((touched, over))
     }
 
-    /// Copies the sessions of `data_dir/sessions.redb`, where sessions were kept before they
-    /// moved beside the directory, into the directory, then renames the file so that this
-    /// happens once. Sessions past their lifetime at `now` are left behind.
+    /// Moves the sessions of `data_dir/sessions.redb`, where sessions were kept before they
+    /// moved beside the directory, into the directory, once: the file is renamed first, so
+    /// a session ended after the move can never come back from it (if the move fails, its
+    /// sessions are lost: their people sign in again). Sessions past their lifetime at `now`
+    /// are left behind.
     pub async fn import(&self, data_dir: &Path, now: u64) -> Result<usize, String> {
         let path = data_dir.join(OLD_FILE);
         if !path.exists() {
             return Ok(0);
         }
-        let entries = {
-            let db = Database::open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let txn = db.begin_read().map_err(|e| e.to_string())?;
-            let mut entries = Vec::new();
-            if let Ok(table) = txn.open_table(OLD_TABLE) {
-                for row in table.iter().map_err(|e| e.to_string())? {
-                    let (key, value) = row.map_err(|e| e.to_string())?;
-                    let Ok(key) = SessionKey::try_from(key.value()) else {
-                        continue;
-                    };
-                    let Ok(stored) = serde_json::from_slice::<Stored>(value.value()) else {
-                        continue;
-                    };
-                    if stored.identity.expires > now {
-                        entries.push(stored.entry(&key)?);
-                    }
-                }
-            }
-            entries
-        };
+        let moved = data_dir.join(format!("{OLD_FILE}.imported"));
+        std::fs::rename(&path, &moved)
+            .map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
+        let entries = tokio::task::spawn_blocking(move || read_old_sessions(&moved, now))
+            .await
+            .map_err(|e| e.to_string())??;
         for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
             self.put(chunk.to_vec()).await?;
         }
-        let done = data_dir.join(format!("{OLD_FILE}.imported"));
-        std::fs::rename(&path, &done)
-            .map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
         Ok(entries.len())
     }
 
@@ -426,6 +498,36 @@ impl Sessions {
     pub fn count(&self) -> usize {
         self.kept.sessions.len()
     }
+}
+
+async fn put(directory: &Directory, entries: Vec<Entry>) -> Result<(), String> {
+    directory
+        .write(Command::Put(entries), ACTOR)
+        .await
+        .map(drop)
+        .map_err(|e| e.detail)
+}
+
+/// The sessions in a `sessions.redb` of an older version that are live at `now`, as entries.
+fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
+    let db = Database::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let mut entries = Vec::new();
+    if let Ok(table) = txn.open_table(OLD_TABLE) {
+        for row in table.iter().map_err(|e| e.to_string())? {
+            let (key, value) = row.map_err(|e| e.to_string())?;
+            let Ok(key) = SessionKey::try_from(key.value()) else {
+                continue;
+            };
+            let Ok(stored) = serde_json::from_slice::<Stored>(value.value()) else {
+                continue;
+            };
+            if stored.identity.expires > now {
+                entries.push(entry(SESSION, &key, Some(encode(&stored)?)));
+            }
+        }
+    }
+    Ok(entries)
 }
 
 /// Entries per directory write when many sessions are written at once.
@@ -502,6 +604,7 @@ mod tests {
             assert!(sessions.get(&alice).is_some(), "held once created");
             (alice, bob)
         };
+        let bob_id = bob.clone();
         let sessions = open(dir.path()).sessions;
         assert_eq!(sessions.count(), 2);
         let (_, session) = sessions.get(&alice).unwrap();
@@ -521,16 +624,43 @@ mod tests {
         drop(sessions);
         let sessions = open(dir.path()).sessions;
         assert!(sessions.get(&alice).is_none(), "ending is durable");
-        let (_, bob) = sessions.get(&bob).unwrap();
-        let refresh = bob.refresh.as_ref().unwrap().try_lock().unwrap();
+        let (bob_key, bob) = sessions.get(&bob).unwrap();
+        let refreshing = bob.refresh.as_ref().unwrap();
+        let refresh = refreshing.state();
         assert_eq!(refresh.due, 500, "refresh state survives a restart");
         assert!(
             !format!("{refresh:?}").contains("rt\""),
             "refresh token never in Debug"
         );
+        // A refresh holds at once and is stored in the background.
+        let next = Refresh {
+            refresh_token: "rt2".into(),
+            due: 900,
+        };
+        sessions.refreshed(&bob_key, refreshing, next);
+        assert_eq!(refreshing.state().due, 900);
+        tokio::task::yield_now().await;
+        // Written after the refresh's write was queued, so after it is stored.
+        sessions
+            .create(identity("carol", 10_000), None, 300)
+            .await
+            .unwrap();
+        drop((bob, sessions));
+        // The refresh's task lets go of the directory a moment after its write.
+        let mut storage = None;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            storage = portcullis_scim::store::redb::RedbStorage::open(dir.path()).ok();
+            if storage.is_some() {
+                break;
+            }
+        }
+        drop(storage.expect("the directory is free again"));
+        let sessions = open(dir.path()).sessions;
+        let (_, bob) = sessions.get(&bob_id).unwrap();
+        assert_eq!(bob.refresh.as_ref().unwrap().state().due, 900, "stored");
         // Only the hash of the id is stored.
-        drop(refresh);
-        drop(sessions);
+        drop((bob, sessions));
         let raw = std::fs::read(dir.path().join("directory.redb")).unwrap();
         assert!(!raw.windows(43).any(|w| w == alice.as_bytes()));
     }
@@ -554,14 +684,29 @@ mod tests {
         // Nothing is due a moment later.
         assert_eq!(sessions.maintain(150, 3_600, 60).await.unwrap(), (0, 0));
         sessions.get(&used).unwrap().1.touch(3_000);
-        assert_eq!(sessions.maintain(3_700, 3_600, 60).await.unwrap(), (1, 2));
-        assert!(sessions.get(&idle).is_none() && sessions.get(&expired).is_none());
+        // Idle for the timeout plus twice the period (another replica's use may be that
+        // late), or past its lifetime: forgotten.
+        assert_eq!(sessions.maintain(3_800, 3_600, 60).await.unwrap(), (1, 1));
+        assert!(sessions.get(&expired).is_none());
+        assert!(sessions.get(&idle).is_some(), "used elsewhere, perhaps");
+        assert_eq!(sessions.maintain(3_900, 3_600, 60).await.unwrap(), (0, 1));
+        assert!(sessions.get(&idle).is_none());
         // Written back: a replica (or a restart) that never saw the use has it.
         drop(sessions);
-        let sessions = open(dir.path()).sessions;
+        let Opened { sessions, kept } = open(dir.path());
         assert_eq!(sessions.count(), 1);
         assert_eq!(sessions.get(&used).unwrap().1.last_seen(), 3_000);
-        assert_eq!(sessions.maintain(3_700, 3_600, 60).await.unwrap(), (0, 0));
+        assert_eq!(sessions.maintain(3_900, 3_600, 60).await.unwrap(), (0, 0));
+
+        // A use written back after the session ended (a late replica) does not bring it back,
+        // and the orphaned part is forgotten.
+        let (key, _) = sessions.get(&used).unwrap();
+        sessions.end(&[key]).await.unwrap();
+        kept.apply(&[entry(SESSION_SEEN, &key, Some("3950".to_owned()))]);
+        assert!(sessions.get(&used).is_none());
+        assert_eq!(lock(&kept.orphans).len(), 1);
+        sessions.maintain(4_000, 3_600, 60).await.unwrap();
+        assert!(lock(&kept.orphans).is_empty());
     }
 
     #[tokio::test]
@@ -622,31 +767,37 @@ mod tests {
     #[test]
     fn a_reload_replaces_sessions_without_a_gap() {
         let kept = Kept::default();
-        let stored = |sub: &str| Stored {
-            identity: identity(sub, 10_000),
-            last_seen: 100,
-            refresh: None,
+        let stored = |sub: &str, key: &SessionKey| {
+            let value = encode(&Stored {
+                identity: identity(sub, 10_000),
+                last_seen: 100,
+                refresh: None,
+            });
+            entry(SESSION, key, Some(value.unwrap()))
         };
         let (a, b) = (key_of(&"a".repeat(43)), key_of(&"b".repeat(43)));
-        kept.apply(&[
-            stored("a").entry(&a).unwrap(),
-            stored("b").entry(&b).unwrap(),
-        ]);
-        kept.sessions.get(&a).unwrap().touch(500);
+        kept.apply(&[stored("a", &a), stored("b", &b)]);
+        let held = kept.sessions.get(&a).unwrap().clone();
+        held.touch(500);
         let ends = kept.ended.subscribe();
-        // Reloaded in full: `b` is gone, `a` stays with the use seen here.
-        kept.load(vec![stored("a").entry(&a).unwrap()]);
+        // Reloaded in full: `b` is gone, `a` is the very session held before (its use here
+        // kept), and the use another replica stored counts.
+        kept.load(vec![
+            entry(SESSION_SEEN, &a, Some("450".to_owned())),
+            stored("a", &a),
+        ]);
         assert_eq!(kept.sessions.len(), 1);
-        assert_eq!(kept.sessions.get(&a).unwrap().last_seen(), 500);
+        assert!(Arc::ptr_eq(&kept.sessions.get(&a).unwrap(), &held));
+        assert_eq!(held.last_seen(), 500);
+        assert_eq!(held.stored_seen.load(Ordering::Relaxed), 450);
         assert!(ends.has_changed().unwrap());
-        // Entries this build cannot read end the session rather than fail.
-        let junk = Entry {
-            kind: SESSION.to_owned(),
-            key: URL_SAFE_NO_PAD.encode(a),
-            value: Some("{".to_owned()),
-        };
-        kept.apply(&[junk]);
-        assert!(kept.sessions.is_empty());
+        // A session this build cannot read is no session.
+        let c = key_of(&"c".repeat(43));
+        kept.apply(&[entry(SESSION, &c, Some("{".to_owned()))]);
+        assert!(kept.sessions.get(&c).is_none());
+        // Values never show in Debug.
+        let shown = format!("{:?}", stored("a", &a));
+        assert!(!shown.contains("corp.test"), "{shown}");
     }
 
     #[tokio::test]

@@ -136,12 +136,25 @@ pub struct Change {
 /// A value kept beside the directory for the proxy (its sessions, its sign-in keys), committed
 /// and fed to every replica exactly as Users and Groups are, so that all of them hold the same
 /// entries in the same order (see [`EntrySink`]). Opaque here: `kind` names the table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub kind: String,
     pub key: String,
-    /// `None` forgets the entry.
+    /// `None` forgets the entry. May be secret (a key, a refresh token): never in `Debug`.
     pub value: Option<String>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("kind", &self.kind)
+            .field("key", &self.key)
+            .field(
+                "value",
+                &self.value.as_ref().map(|v| format!("<{} bytes>", v.len())),
+            )
+            .finish()
+    }
 }
 
 /// Everything one transaction writes.

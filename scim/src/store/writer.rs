@@ -183,7 +183,9 @@ impl<'a> Overlay<'a> {
             }
             Command::Put(entries) => {
                 // A sequence number of its own, so replicas apply entries in commit order too.
-                self.seq += 1;
+                if !entries.is_empty() {
+                    self.seq += 1;
+                }
                 self.entries.extend(entries.iter().cloned());
                 Ok(Written {
                     seq: self.seq,
