@@ -133,11 +133,11 @@ impl Admin {
                 text.into_bytes(),
             );
         }
-        if !self.shared.auth.sessions.can_seal() {
+        if let Some(missing) = self.shared.missing_key() {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                b"starting: no sign-in sealing key yet\n".to_vec(),
+                format!("starting: {missing}\n").into_bytes(),
             );
         }
         (StatusCode::OK, "text/plain", b"ready\n".to_vec())

@@ -10,6 +10,10 @@
 //!   clock skew and for a server that has not yet picked up a rotation), then its file is deleted.
 //!   Rotation is a plain function over the directory ([`rotate_keys`]) so that the CLI can run
 //!   it while a server is up; a running [`Signer`] picks the new key up on [`Signer::refresh`].
+//!   With `[postgres]` the keys are instead entries kept beside the shared directory
+//!   ([`ASSERTION_KEY`], the same text as a key file), so every replica signs with the same
+//!   key and publishes the same JWKS; a rotation ([`rotate_shared`]) reaches every replica
+//!   through the directory's feed, and each picks it up as it arrives.
 //! - **The JWKS** ([`Signer::jwks_json`], served at [`JWKS_PATH`]): every published public key.
 //! - **The assertion cache.** An ECDSA signature costs more than the whole proxy hop, so a token
 //!   is signed once per identity and route and reused until [`REFRESH_MARGIN_SECS`] before it
@@ -38,6 +42,10 @@ use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use p256::SecretKey;
 use rand::TryRngCore;
 use serde::Serialize;
+
+use portcullis_scim::store::Entry;
+
+use crate::auth::sessions::Kept;
 
 /// The request header that carries the assertion to the upstream.
 pub const ASSERTION_HEADER: &str = "x-portcullis-assertion";
@@ -128,6 +136,14 @@ impl KeySet {
         })
     }
 
+    /// No key yet: nothing signs, and the JWKS is empty.
+    fn empty() -> KeySet {
+        KeySet {
+            keys: Vec::new(),
+            jwks: r#"{"keys":[]}"#.to_owned(),
+        }
+    }
+
     fn signing(&self) -> Option<&Arc<Key>> {
         self.keys.first()
     }
@@ -171,9 +187,21 @@ impl Cached {
     }
 }
 
+/// The entry kind of a shared assertion key: keyed by its kid, the value is the key file's
+/// text.
+pub const ASSERTION_KEY: &str = "assertion-key";
+
+/// Where the keys live.
+enum KeyStore {
+    /// `data_dir/assertion-keys/`: one machine's.
+    Dir(PathBuf),
+    /// Kept beside the shared directory: every replica's.
+    Shared(Arc<Kept>),
+}
+
 /// Signs assertions and publishes the keys that verify them. Cheap to share behind an `Arc`.
 pub struct Signer {
-    dir: PathBuf,
+    store: KeyStore,
     ttl: u64,
     margin: u64,
     keys: ArcSwap<KeySet>,
@@ -196,7 +224,7 @@ impl Signer {
         }
         let set = KeySet::new(keys)?;
         Ok(Signer {
-            dir,
+            store: KeyStore::Dir(dir),
             ttl,
             margin: REFRESH_MARGIN_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(set),
@@ -204,6 +232,41 @@ impl Signer {
             slot_hasher: RandomState::new(),
             maintenance: Mutex::new(()),
         })
+    }
+
+    /// Signs with the keys `kept` holds (see [`ASSERTION_KEY`]): none until the first is kept
+    /// ([`first_shared_keys`]); `kept` tells the signer whenever they change.
+    pub fn shared(kept: Arc<Kept>, now: u64, token_ttl: Duration) -> Result<Arc<Signer>, String> {
+        let ttl = check_ttl(token_ttl)?;
+        let keys = shared_keys(&kept, now, ttl)?;
+        let signer = Arc::new(Signer {
+            store: KeyStore::Shared(kept.clone()),
+            ttl,
+            margin: REFRESH_MARGIN_SECS.min(ttl / 2),
+            keys: ArcSwap::from_pointee(KeySet::new(keys).unwrap_or_else(|_| KeySet::empty())),
+            cache: DashMap::new(),
+            slot_hasher: RandomState::new(),
+            maintenance: Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&signer);
+        kept.on_assertion_keys(Box::new(move || {
+            if let Some(signer) = weak.upgrade() {
+                if let Err(e) = signer.refresh(crate::clock::now_unix()) {
+                    tracing::warn!("assertion keys not refreshed: {e}");
+                }
+            }
+        }));
+        Ok(signer)
+    }
+
+    /// Whether the keys are the fleet's, kept beside the shared directory.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.store, KeyStore::Shared(_))
+    }
+
+    /// Whether there is a key to sign with.
+    pub fn can_sign(&self) -> bool {
+        self.keys.load().signing().is_some()
     }
 
     /// The kid of the key that signs new assertions.
@@ -261,7 +324,10 @@ impl Signer {
     #[cfg(test)]
     pub fn rotate(&self, now: u64) -> Result<String, String> {
         let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
-        let kid = rotate_dir(&self.dir, now, self.ttl)?;
+        let KeyStore::Dir(dir) = &self.store else {
+            return Err("shared keys rotate through the directory".to_owned());
+        };
+        let kid = rotate_dir(dir, now, self.ttl)?;
         self.refresh_locked(now)?;
         Ok(kid)
     }
@@ -276,12 +342,18 @@ impl Signer {
 
     fn refresh_locked(&self, now: u64) -> Result<(), String> {
         self.cache.retain(|_, c| c.exp > now);
-        let keys = load_published(&self.dir, now, self.ttl)?;
+        let keys = match &self.store {
+            KeyStore::Dir(dir) => load_published(dir, now, self.ttl)?,
+            KeyStore::Shared(kept) => shared_keys(kept, now, self.ttl)?,
+        };
         if keys.is_empty() {
-            return Err(format!(
-                "{}: no assertion keys left on disk; keeping the keys in memory",
-                self.dir.display()
-            ));
+            return Err(match &self.store {
+                KeyStore::Dir(dir) => format!(
+                    "{}: no assertion keys left on disk; keeping the keys in memory",
+                    dir.display()
+                ),
+                KeyStore::Shared(_) => "no shared assertion key kept yet".to_owned(),
+            });
         }
         if !self.keys.load().same_keys(&keys) {
             let set = KeySet::new(keys)?;
@@ -330,14 +402,18 @@ fn check_ttl(token_ttl: Duration) -> Result<u64, String> {
     Ok(ttl)
 }
 
-fn rotate_dir(dir: &Path, now: u64, ttl: u64) -> Result<String, String> {
-    let existing = read_keys(dir)?;
-    // The new key must be the newest even if the clock went backwards.
-    let created = match existing.first() {
+/// When a key made at `now` after `existing` (newest first) was created: it must be the newest
+/// even if the clock went backwards.
+fn successor_created(existing: &[Key], now: u64) -> u64 {
+    match existing.first() {
         Some(newest) if newest.created >= now => newest.created.saturating_add(1),
         _ => now,
-    };
-    let key = generate_key(dir, created)?;
+    }
+}
+
+fn rotate_dir(dir: &Path, now: u64, ttl: u64) -> Result<String, String> {
+    let existing = read_keys(dir)?;
+    let key = generate_key(dir, successor_created(&existing, now))?;
     let kid = key.kid.to_string();
     load_published(dir, now, ttl)?;
     tracing::info!(kid = %kid, "generated a new assertion signing key");
@@ -419,13 +495,20 @@ fn read_keys(dir: &Path) -> Result<Vec<Key>, String> {
 }
 
 fn read_key(path: &Path, kid_from_name: &str) -> Result<Key, String> {
-    let bad = |why: String| format!("assertion key {}: {why}", path.display());
-    let text = fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text =
+        fs::read_to_string(path).map_err(|e| format!("assertion key {}: {e}", path.display()))?;
     if let Ok(meta) = fs::metadata(path) {
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(path = %path.display(), "assertion key is readable by other users; chmod 600 it");
         }
     }
+    parse_key(&text, kid_from_name, &path.display().to_string())
+}
+
+/// The key in `text` (a key file's), which must be the one `kid_from_name` names; `what` says
+/// where it came from, in errors.
+fn parse_key(text: &str, kid_from_name: &str, what: &str) -> Result<Key, String> {
+    let bad = |why: String| format!("assertion key {what}: {why}");
     let begin = text
         .find("-----BEGIN")
         .ok_or_else(|| bad("no PEM block".to_string()))?;
@@ -477,14 +560,25 @@ impl Key {
     }
 }
 
-/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, written to a temporary file,
-/// synced and renamed into place).
-fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
+/// A new key created at `created`, and its text as a key file holds it.
+fn new_key(created: u64) -> Result<(Key, String), String> {
     let secret = random_secret()?;
     let key = Key::new(&secret, created)?;
     let pem = secret
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| format!("encoding the assertion key: {e}"))?;
+    let text = format!(
+        "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{}",
+        key.kid,
+        pem.as_str()
+    );
+    Ok((key, text))
+}
+
+/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, written to a temporary file,
+/// synced and renamed into place).
+fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
+    let (key, contents) = new_key(created)?;
     let path = key_path(dir, &key.kid);
     let tmp = dir.join(format!(".{}.pem.tmp", key.kid));
     let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
@@ -498,11 +592,6 @@ fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| fail("creating", e))?;
-    let contents = format!(
-        "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{}",
-        key.kid,
-        pem.as_str()
-    );
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("writing", e))?;
@@ -512,6 +601,66 @@ fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
         let _ = d.sync_all();
     }
     Ok(key)
+}
+
+/// The shared keys `kept` holds that are published at `now`, newest first.
+fn shared_keys(kept: &Kept, now: u64, ttl: u64) -> Result<Vec<Key>, String> {
+    let mut keys = kept
+        .assertion_keys()
+        .iter()
+        .map(|(kid, text)| parse_key(text, kid, &format!("{kid} (shared)")))
+        .collect::<Result<Vec<Key>, String>>()?;
+    keys.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.kid.cmp(&a.kid)));
+    keys.truncate(retained(&keys, now, ttl));
+    Ok(keys)
+}
+
+fn shared_entry(kid: &str, text: Option<String>) -> Entry {
+    Entry {
+        kind: ASSERTION_KEY.to_owned(),
+        key: kid.to_owned(),
+        value: text,
+    }
+}
+
+/// The first shared keys, for a fleet that has none: the keys this machine has in
+/// `data_dir/assertion-keys/` (so that a machine joining a fleet keeps its upstreams'
+/// trust), or a new one.
+pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String> {
+    let dir = key_dir(data_dir);
+    let mut entries = Vec::new();
+    for key in read_keys(&dir)? {
+        let text = fs::read_to_string(key_path(&dir, &key.kid))
+            .map_err(|e| format!("assertion key {}: {e}", key.kid))?;
+        entries.push(shared_entry(&key.kid, Some(text)));
+    }
+    if entries.is_empty() {
+        let (key, text) = new_key(now)?;
+        entries.push(shared_entry(&key.kid, Some(text)));
+    }
+    Ok(entries)
+}
+
+/// Rotates the shared keys `existing` (`(kid, text)`): a new signing key, and the keys
+/// retired by `now` forgotten. Returns the new kid and the entries to keep.
+pub fn rotate_shared(
+    existing: &[(String, String)],
+    now: u64,
+    token_ttl: Duration,
+) -> Result<(String, Vec<Entry>), String> {
+    let ttl = check_ttl(token_ttl)?;
+    let mut keys = existing
+        .iter()
+        .map(|(kid, text)| parse_key(text, kid, &format!("{kid} (shared)")))
+        .collect::<Result<Vec<Key>, String>>()?;
+    keys.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.kid.cmp(&a.kid)));
+    let (key, text) = new_key(successor_created(&keys, now))?;
+    let kid = key.kid.to_string();
+    keys.insert(0, key);
+    let keep = retained(&keys, now, ttl);
+    let mut entries = vec![shared_entry(&kid, Some(text))];
+    entries.extend(keys[keep..].iter().map(|old| shared_entry(&old.kid, None)));
+    Ok((kid, entries))
 }
 
 fn random_secret() -> Result<SecretKey, String> {
@@ -715,6 +864,63 @@ mod tests {
         let t3 = signer.assertion(&c, T0 + 300 - 30).unwrap();
         assert!(!Arc::ptr_eq(&t1, &t3));
         assert_eq!(body(&t3)["iat"], T0 + 270);
+    }
+
+    /// `entries` applied to `kept` as the directory's writer would.
+    fn keep(kept: &Kept, entries: &[Entry]) {
+        use portcullis_scim::store::EntrySink;
+        kept.apply(entries);
+    }
+
+    fn shared_texts(kept: &Kept) -> Vec<(String, String)> {
+        Vec::clone(&kept.assertion_keys())
+    }
+
+    #[test]
+    fn shared_keys_start_from_this_machines_rotate_for_all_and_retire() {
+        // A machine with a key file joins a fleet without keys: its key becomes the fleet's.
+        let t0 = real_now();
+        let dir = tempfile::tempdir().unwrap();
+        let local = Signer::open(dir.path(), t0, TTL).unwrap();
+        let local_kid = local.signing_kid().unwrap().to_string();
+        let kept = Arc::new(Kept::default());
+        let signer = Signer::shared(kept.clone(), t0, TTL).unwrap();
+        assert!(
+            !signer.can_sign() && jwks_kids(&signer).is_empty(),
+            "none yet"
+        );
+        assert!(signer.assertion(&claims("grafana", &[], 1), t0).is_err());
+        let first = first_shared_keys(dir.path(), t0).unwrap();
+        keep(&kept, &first);
+        assert_eq!(signer.signing_kid().as_deref(), Some(local_kid.as_str()));
+        let token = signer.assertion(&claims("grafana", &[], 1), t0).unwrap();
+        verify(&local, &token, "grafana").expect("the machine's old JWKS still verifies");
+
+        // A rotation (as the CLI makes it, from the stored keys) is picked up on arrival.
+        let t1 = t0 + 1000;
+        let (new_kid, entries) = rotate_shared(&shared_texts(&kept), t1, TTL).unwrap();
+        assert_eq!(entries.len(), 1, "nothing retired yet");
+        keep(&kept, &entries);
+        assert_eq!(signer.signing_kid().as_deref(), Some(new_kid.as_str()));
+        assert_eq!(jwks_kids(&signer).len(), 2);
+        // Once every token of the old key has expired, the next rotation forgets it.
+        let t2 = t1 + 300 + 301;
+        let (newest, entries) = rotate_shared(&shared_texts(&kept), t2, TTL).unwrap();
+        let forgotten: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.value.is_none())
+            .map(|e| e.key.as_str())
+            .collect();
+        assert_eq!(forgotten, vec![local_kid.as_str()]);
+        keep(&kept, &entries);
+        let mut want = vec![new_kid, newest];
+        want.sort();
+        let mut got = jwks_kids(&signer);
+        got.sort();
+        assert_eq!(got, want);
+        // A fleet without local keys starts with a new one.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(first_shared_keys(empty.path(), t0).unwrap().len(), 1);
     }
 
     #[test]

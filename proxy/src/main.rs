@@ -109,18 +109,7 @@ fn main() -> ExitCode {
             }
         },
         Command::RotateAssertionKey { config } => {
-            let rotated = portcullis_config::load(&config)
-                .map_err(|errors| {
-                    print_problems(&config, &errors);
-                    "the configuration has problems".to_owned()
-                })
-                .and_then(|config| {
-                    assertion::rotate_keys(
-                        &config.data_dir,
-                        clock::now_unix(),
-                        assertion::TOKEN_TTL,
-                    )
-                });
+            let rotated = load_config(&config).and_then(|config| rotate_assertion_key(&config));
             match rotated {
                 Ok(kid) => {
                     println!("new assertion signing key: {kid}");
@@ -232,13 +221,19 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         postgres.as_ref().map(PgStorage::audit_log),
     ))?);
     let kept = Arc::new(auth::sessions::Kept::default());
+    // With a shared store the assertion keys are too, once the directory has them.
+    let signer = match &postgres {
+        Some(_) => {
+            assertion::Signer::shared(kept.clone(), clock::now_unix(), assertion::TOKEN_TTL)?
+        }
+        None => Arc::new(assertion::Signer::open(
+            &config.data_dir,
+            clock::now_unix(),
+            assertion::TOKEN_TTL,
+        )?),
+    };
     let (directory, freshness) = open_directory(&config, postgres, &audit, &kept)?;
     let auth = Arc::new(auth::Auth::new(directory.clone(), kept)?);
-    let signer = Arc::new(assertion::Signer::open(
-        &config.data_dir,
-        clock::now_unix(),
-        assertion::TOKEN_TTL,
-    )?);
     let runtime = Runtime::build(config, &directory);
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),
@@ -309,6 +304,20 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");
     server.run_forever()
+}
+
+/// A new assertion signing key: in `data_dir`, or with `[postgres]` kept for every replica.
+fn rotate_assertion_key(config: &portcullis_config::Config) -> Result<String, String> {
+    let now = clock::now_unix();
+    let Some(postgres) = open_postgres(config)? else {
+        return assertion::rotate_keys(&config.data_dir, now, assertion::TOKEN_TTL);
+    };
+    let fail = |e: StoreError| format!("PostgreSQL: {e}");
+    postgres.migrate().map_err(fail)?;
+    let existing = postgres.entries(assertion::ASSERTION_KEY).map_err(fail)?;
+    let (kid, entries) = assertion::rotate_shared(&existing, now, assertion::TOKEN_TTL)?;
+    postgres.put_entries(entries).map_err(fail)?;
+    Ok(kid)
 }
 
 /// The shared store of `[postgres]`, if configured (not yet connected).

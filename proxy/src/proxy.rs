@@ -594,7 +594,7 @@ impl Proxy {
             "readyz"
                 if self.shared.is_draining()
                     || !self.shared.directory_is_current()
-                    || !self.shared.auth.sessions.can_seal() =>
+                    || self.shared.missing_key().is_some() =>
             {
                 Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
             }

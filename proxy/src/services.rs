@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::assertion::Signer;
+use crate::assertion::{self, Signer};
 use crate::auth::oidc;
 use crate::clock::now_unix;
 use crate::state::Shared;
@@ -55,6 +55,29 @@ impl SessionKeeper {
         Self { shared }
     }
 
+    /// Keeps a first sign-in sealing key, and with a shared store the first assertion keys,
+    /// unless they are kept already.
+    async fn keep_first_keys(&self, data_dir: &std::path::Path) -> Result<(), String> {
+        let (sessions, signer) = (&self.shared.auth.sessions, &self.shared.signer);
+        if sessions
+            .keep_sealing_key()
+            .await
+            .map_err(|e| format!("no sign-in sealing key yet: {e}"))?
+        {
+            tracing::info!("sign-in sealing key made");
+        }
+        if signer.is_shared() && !signer.can_sign() {
+            let first = assertion::first_shared_keys(data_dir, now_unix())?;
+            let kids: Vec<String> = first.iter().map(|e| e.key.clone()).collect();
+            sessions
+                .keep(first)
+                .await
+                .map_err(|e| format!("no assertion signing key yet: {e}"))?;
+            tracing::info!(?kids, "first shared assertion keys kept");
+        }
+        Ok(())
+    }
+
     /// Waits `pause`; false when shutting down.
     async fn pause(shutdown: &mut ShutdownWatch, pause: Duration) -> bool {
         tokio::select! {
@@ -82,10 +105,10 @@ impl BackgroundService for SessionKeeper {
             Err(e) => tracing::error!("sessions of sessions.redb not moved: {e}"),
         }
         loop {
-            match sessions.keep_sealing_key().await {
-                Ok(true) => tracing::info!("sign-in sealing key made"),
-                Ok(false) => break,
-                Err(e) => tracing::warn!("no sign-in sealing key yet: {e}"),
+            match self.keep_first_keys(&data_dir).await {
+                Ok(()) if shared.missing_key().is_none() => break,
+                Ok(()) => {}
+                Err(e) => tracing::warn!("{e}"),
             }
             if !Self::pause(&mut shutdown, Duration::from_secs(1)).await {
                 return;

@@ -200,6 +200,17 @@ impl Shared {
         self.freshness.as_ref().is_none_or(|f| f.is_current())
     }
 
+    /// The key this process still lacks, made once at start (see `services::Keeper`), if any.
+    pub fn missing_key(&self) -> Option<&'static str> {
+        if !self.auth.sessions.can_seal() {
+            return Some("no sign-in sealing key yet");
+        }
+        if !self.signer.can_sign() {
+            return Some("no assertion signing key yet");
+        }
+        None
+    }
+
     /// Where the directory, the sessions and the configuration stand: read before deciding.
     pub fn marks(&self) -> Marks {
         Marks {

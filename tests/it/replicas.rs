@@ -9,6 +9,8 @@
 //!   writes on A, a sign-in on B, load on C. After a deactivation, group removal, deletion or
 //!   sign-out is answered, not one request with that session is allowed on any replica, and its
 //!   websocket on C is cut; the IdP's back-channel logout at C ends the session on A and B.
+//! - One audit log for the fleet (each SCIM change once), and one set of assertion keys: every
+//!   replica publishes the same JWKS, and a rotation with the CLI reaches all of them.
 //! - A replica started late catches up; one cut off for longer than `max_staleness` (stopped
 //!   with `SIGSTOP`) holds up an answer by at most about `max_staleness`, and refuses every
 //!   caller until it has caught up; it is never seen admitting the revoked one.
@@ -25,10 +27,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use portcullis_tests::client::{closed_within, websocket};
+use portcullis_tests::idp::{jwt_claims, verify_with};
 use portcullis_tests::scim::{patch_ops, user};
 use portcullis_tests::{
-    ConfigBuilder, Idp, JwtIssuer, Oidc, Portcullis, Postgres, Route, ScimClient, ScimResponse,
-    Upstream,
+    ConfigBuilder, Echo, Idp, JwtIssuer, Oidc, Portcullis, Postgres, Route, ScimClient,
+    ScimResponse, Upstream,
 };
 use reqwest::header::{HeaderName, ACCEPT, AUTHORIZATION, COOKIE, ORIGIN};
 use reqwest::Method;
@@ -574,6 +577,102 @@ async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them
         matches!(keys[0][0].as_deref(), Some("1" | "2" | "3")),
         "{keys:?}"
     );
+}
+
+/// The JWKS `replica` publishes.
+async fn jwks_of(replica: &Replica) -> jsonwebtoken::jwk::JwkSet {
+    let url = replica.cfg.http_url("api.test", "/.portcullis/jwks.json");
+    let text = bare_client()
+        .get(&url)
+        .send()
+        .await
+        .expect("GET jwks")
+        .text()
+        .await
+        .unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"))
+}
+
+fn kids(jwks: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
+    let mut kids: Vec<String> = jwks
+        .keys
+        .iter()
+        .filter_map(|k| k.common.key_id.clone())
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// The identity assertion `replica` sends the upstream for the bearer token.
+async fn assertion_via(replica: &Replica, token: &str) -> String {
+    let resp = bare_client()
+        .get(replica.api_url("/v1/whoami"))
+        .bearer_auth(token)
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let echo = Echo::parse(&resp.bytes().await.unwrap_or_default());
+    echo.header("x-portcullis-assertion")
+        .expect("an assertion upstream")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_signs_with_the_same_keys_and_a_rotation_reaches_them_all() {
+    let fleet = Fleet::start().await;
+    let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    a.scim
+        .create_group("eng", &[&machine])
+        .await
+        .expect_success();
+    let token = fleet.token().await;
+
+    // The replicas started at once on an empty database; they publish one JWKS, and an
+    // assertion from any of them verifies against the JWKS of any other.
+    let first = kids(&jwks_of(&a).await);
+    assert!(!first.is_empty());
+    for replica in [&b, &c] {
+        assert_eq!(kids(&jwks_of(replica).await), first);
+    }
+    let verify = |jwks: &jsonwebtoken::jwk::JwkSet, token: &str| {
+        let claims = jwt_claims(token);
+        let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
+        verify_with(jwks, token, &issuer, API_ROUTE)
+    };
+    let from_b = assertion_via(&b, &token).await;
+    verify(&jwks_of(&c).await, &from_b).expect("B's assertion verifies with C's JWKS");
+
+    // Rotated with the CLI on A's machine: B and C publish the new key and sign with it.
+    let config = a.px.config_path().display().to_string();
+    let out =
+        portcullis_tests::process::run(a.px.dir(), &["rotate-assertion-key", "--config", &config])
+            .await;
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let kid = out
+        .stdout
+        .trim()
+        .strip_prefix("new assertion signing key: ")
+        .unwrap_or_else(|| panic!("{}", out.stdout))
+        .to_owned();
+    for replica in [&a, &b, &c] {
+        let published = eventually(Duration::from_secs(10), || async {
+            kids(&jwks_of(replica).await).contains(&kid)
+        })
+        .await;
+        assert!(published, "{kid} not published");
+        let assertion = assertion_via(replica, &token).await;
+        let signed_with = jsonwebtoken::decode_header(&assertion)
+            .ok()
+            .and_then(|h| h.kid);
+        assert_eq!(signed_with.as_deref(), Some(kid.as_str()));
+        verify(&jwks_of(&a).await, &assertion).expect("verifies with A's JWKS");
+    }
+    // The old key stays published while tokens it signed may be live.
+    let all = kids(&jwks_of(&c).await);
+    assert!(first.iter().all(|k| all.contains(k)), "{all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use portcullis_scim::store::{Command, Directory, Entry, EntrySink};
 
 use super::sealed::Sealer;
+use crate::assertion::ASSERTION_KEY;
 use crate::caller::{Identity, SessionKey};
 
 /// The entry kind of a session: keyed by the SHA-256 of its id (URL-safe base64).
@@ -169,9 +170,10 @@ fn key_of(id: &str) -> SessionKey {
     Sha256::digest(id.as_bytes()).into()
 }
 
-/// What sign-in keeps beside the directory, held in memory and kept current by the
+/// What Portcullis keeps beside the directory, held in memory and kept current by the
 /// directory's writer (it is the directory's [`EntrySink`], and only its thread calls it):
-/// every session, and the keys that seal sign-ins in progress.
+/// every session, the keys that seal sign-ins in progress, and (with a shared store) the
+/// identity-assertion keys.
 #[derive(Default)]
 pub struct Kept {
     sessions: DashMap<SessionKey, Arc<Session>>,
@@ -182,6 +184,10 @@ pub struct Kept {
     ended: tokio::sync::watch::Sender<u64>,
     /// By name; the first one seals (so every replica seals with the same key).
     sealing: ArcSwap<Vec<(String, Arc<Sealer>)>>,
+    /// The shared identity-assertion keys, `(kid, text)` (see [`crate::assertion`]), and who
+    /// is told when they change.
+    assertion_keys: ArcSwap<Vec<(String, String)>>,
+    assertion_keys_changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Kept {
@@ -190,7 +196,23 @@ impl Kept {
         self.sealing.load_full()
     }
 
-    /// Applies one entry (not a sealing key); returns whether it ended a session.
+    /// The shared assertion keys, `(kid, text)`.
+    pub fn assertion_keys(&self) -> Arc<Vec<(String, String)>> {
+        self.assertion_keys.load_full()
+    }
+
+    /// Calls `changed` whenever the assertion keys change (once: the first caller is the one).
+    pub fn on_assertion_keys(&self, changed: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.assertion_keys_changed.set(changed);
+    }
+
+    fn assertion_keys_changed(&self) {
+        if let Some(changed) = self.assertion_keys_changed.get() {
+            changed();
+        }
+    }
+
+    /// Applies one entry (not a key); returns whether it ended a session.
     fn keep(&self, entry: &Entry) -> bool {
         let Some(key) = parse_key(&entry.key) else {
             return false;
@@ -237,6 +259,13 @@ impl Kept {
         lock(&self.orphans).insert((entry.kind.clone(), entry.key.clone()));
     }
 
+    fn keep_assertion_key(keys: &mut Vec<(String, String)>, entry: &Entry) {
+        keys.retain(|(kid, _)| *kid != entry.key);
+        if let Some(text) = &entry.value {
+            keys.push((entry.key.clone(), text.clone()));
+        }
+    }
+
     fn keep_sealing_key(keys: &mut Vec<(String, Arc<Sealer>)>, entry: &Entry) {
         keys.retain(|(name, _)| *name != entry.key);
         if let Some(sealer) = entry.value.as_deref().and_then(Sealer::from_encoded_key) {
@@ -261,6 +290,12 @@ impl EntrySink for Kept {
             Self::keep_sealing_key(&mut sealing, entry);
         }
         self.sealing.store(Arc::new(sealing));
+        let mut assertion_keys = Vec::new();
+        for entry in entries.iter().filter(|e| e.kind == ASSERTION_KEY) {
+            Self::keep_assertion_key(&mut assertion_keys, entry);
+        }
+        self.assertion_keys.store(Arc::new(assertion_keys));
+        self.assertion_keys_changed();
         // Sessions first, then their parts. Sessions held all along keep their state and
         // stay usable throughout; those no longer stored are gone.
         let mut stored = HashSet::new();
@@ -289,6 +324,11 @@ impl EntrySink for Kept {
                 let mut keys = Vec::clone(&self.sealing.load());
                 Self::keep_sealing_key(&mut keys, entry);
                 self.sealing.store(Arc::new(keys));
+            } else if entry.kind == ASSERTION_KEY {
+                let mut keys = Vec::clone(&self.assertion_keys.load());
+                Self::keep_assertion_key(&mut keys, entry);
+                self.assertion_keys.store(Arc::new(keys));
+                self.assertion_keys_changed();
             } else {
                 ended |= self.keep(entry);
             }
@@ -411,6 +451,11 @@ impl Sessions {
         }
         self.kept.ended();
         self.put(keys.iter().flat_map(forget).collect()).await
+    }
+
+    /// Keeps `entries` of kinds other than sessions (keys), as given.
+    pub async fn keep(&self, entries: Vec<Entry>) -> Result<(), String> {
+        self.put(entries).await
     }
 
     /// Whether a key to seal sign-ins with is kept (sign-in needs one).

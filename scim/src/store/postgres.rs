@@ -433,6 +433,55 @@ impl PgStorage {
         self.pool.with(migrate)
     }
 
+    /// The entries of `kind` kept beside the directory, `(key, value)`.
+    pub fn entries(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.pool.with(|client| {
+            let rows = client
+                .query(
+                    "SELECT key, value FROM directory_entries WHERE kind = $1 ORDER BY key",
+                    &[&kind],
+                )
+                .map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get(0).map_err(backend)?,
+                        row.try_get(1).map_err(backend)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    /// Commits `entries` as a batch of their own, without a directory loaded (for the CLI):
+    /// built on the sequence as it is, and again if another replica commits first. Every
+    /// replica applies it from the feed; this does not wait for them.
+    pub fn put_entries(&self, entries: Vec<super::Entry>) -> Result<Seq, StoreError> {
+        for _ in 0..16 {
+            let (base, next_row) = self.pool.with(|client| {
+                let mut txn = snapshot(client)?;
+                let seq = meta(&mut txn, "seq")?;
+                let next_row = meta(&mut txn, "next_row")?;
+                txn.commit().map_err(backend)?;
+                Ok((seq, next_row))
+            })?;
+            let batch = Batch {
+                base,
+                seq: base + 1,
+                next_row,
+                entries: entries.clone(),
+                ..Batch::default()
+            };
+            match self.commit(&batch) {
+                Err(StoreError::Behind) => continue,
+                result => return result.map(|()| batch.seq),
+            }
+        }
+        Err(StoreError::Backend(
+            "the directory is too busy with other writes; retry".to_owned(),
+        ))
+    }
+
     /// The audit log's table, on a connection of its own.
     pub fn audit_log(&self) -> AuditLog {
         AuditLog {
