@@ -586,9 +586,10 @@ class Stack:
     that upstream: `plain.test` (public, no authentication), `app.test` (signed-in members of
     `eng`, session cookie) and `api.test` (members of `eng`, bearer JWT). SCIM on `auth.test`
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
+    `extra` is appended to its configuration (a `[postgres]` table, say).
     """
 
-    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None):
+    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra=""):
         self.tmp = tmp
         self.procs = []
         self.idp = None
@@ -662,6 +663,7 @@ host = "{SCIM_HOST}"
 [[scim.tokens]]
 name = "bench"
 secret = "{SCIM_TOKEN}"
+{extra}
 """)
             self.log = open(os.path.join(tmp, "portcullis-auth.log"), "w")
             self.proc = subprocess.Popen([binary(), "serve", "--config", self.config],

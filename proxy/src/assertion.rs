@@ -259,9 +259,13 @@ impl Signer {
         Ok(signer)
     }
 
-    /// Whether the keys are the fleet's, kept beside the shared directory.
-    pub fn is_shared(&self) -> bool {
-        matches!(self.store, KeyStore::Shared(_))
+    /// Whether the fleet has no keys yet (with a shared store), so this replica makes the first
+    /// ([`first_shared_keys`]).
+    pub fn needs_first_keys(&self) -> bool {
+        match &self.store {
+            KeyStore::Shared(kept) => kept.assertion_keys().is_empty(),
+            KeyStore::Dir(_) => false,
+        }
     }
 
     /// Whether there is a key to sign with.
@@ -604,12 +608,17 @@ fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
 }
 
 /// The shared keys `kept` holds that are published at `now`, newest first.
+/// A key this build cannot read is left out (and said so), never the reason to sign with none.
 fn shared_keys(kept: &Kept, now: u64, ttl: u64) -> Result<Vec<Key>, String> {
-    let mut keys = kept
+    let mut keys: Vec<Key> = kept
         .assertion_keys()
         .iter()
-        .map(|(kid, text)| parse_key(text, kid, &format!("{kid} (shared)")))
-        .collect::<Result<Vec<Key>, String>>()?;
+        .filter_map(|(kid, text)| {
+            parse_key(text, kid, &format!("{kid} (shared)"))
+                .inspect_err(|e| tracing::warn!("{e}; not published"))
+                .ok()
+        })
+        .collect();
     keys.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.kid.cmp(&a.kid)));
     keys.truncate(retained(&keys, now, ttl));
     Ok(keys)
@@ -625,14 +634,23 @@ fn shared_entry(kid: &str, text: Option<String>) -> Entry {
 
 /// The first shared keys, for a fleet that has none: the keys this machine has in
 /// `data_dir/assertion-keys/` (so that a machine joining a fleet keeps its upstreams'
-/// trust), or a new one.
+/// trust), or a new one. Keys taken from the machine count as created at `now` (in their
+/// order): should several replicas start at once and each bring its own, every key is then
+/// published a whole token lifetime after another takes over, as after a rotation.
 pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String> {
     let dir = key_dir(data_dir);
     let mut entries = Vec::new();
-    for key in read_keys(&dir)? {
+    for (age, key) in (0u64..).zip(read_keys(&dir)?) {
         let text = fs::read_to_string(key_path(&dir, &key.kid))
             .map_err(|e| format!("assertion key {}: {e}", key.kid))?;
-        entries.push(shared_entry(&key.kid, Some(text)));
+        let begin = text.find("-----BEGIN").unwrap_or(0);
+        let restamped = format!(
+            "Portcullis assertion signing key {}\n{CREATED_PREFIX}{}\n{}",
+            key.kid,
+            now.saturating_sub(age),
+            &text[begin..]
+        );
+        entries.push(shared_entry(&key.kid, Some(restamped)));
     }
     if entries.is_empty() {
         let (key, text) = new_key(now)?;

@@ -1,7 +1,9 @@
 //! The audit log: a record for every committed SCIM change, every refusal and a sample of
-//! allowed requests, as JSON lines: appended to `data_dir/audit.jsonl` on one machine, or with
-//! `[postgres]` to the fleet's table, `portcullis_audit`, where every replica's records meet
-//! (each SCIM change is recorded by the replica that committed it).
+//! allowed requests, as JSON lines: appended to `data_dir/audit.jsonl` on one machine. With
+//! `[postgres]`, every replica appends its refusals and allows to the fleet's table,
+//! `portcullis_audit`, and the SCIM changes are the directory's own change table, written by
+//! the very commit that makes each (exactly once); `portcullis audit` reads both, in time
+//! order.
 //!
 //! Recording never blocks the request path: records go over a bounded channel to one writer
 //! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
@@ -12,6 +14,7 @@
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -165,12 +168,15 @@ fn by_rule(rule: &Option<String>) -> String {
 pub struct Audit {
     queue: SyncSender<Entry>,
     dropped: Arc<AtomicU64>,
+    /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
+    changes_in_store: bool,
 }
 
 impl Audit {
     /// Starts the writer to `destination`; a file is opened (created with mode 0600) for
     /// appending first.
     pub fn open(destination: Destination) -> Result<Self, String> {
+        let changes_in_store = matches!(destination, Destination::Postgres(_));
         let mut store = match destination {
             Destination::File(path) => {
                 let file = OpenOptions::new()
@@ -191,13 +197,15 @@ impl Audit {
         Ok(Self {
             queue,
             dropped: Arc::new(AtomicU64::new(0)),
+            changes_in_store,
         })
     }
 
-    /// What the directory calls with each committed batch of SCIM changes.
+    /// What the directory calls with each batch of SCIM changes this process committed.
     pub fn change_sink(&self) -> ChangeSink {
         let queue = self.queue.clone();
         let dropped = self.dropped.clone();
+        let record = !self.changes_in_store;
         Box::new(move |changes: &[Change]| {
             for change in changes {
                 tracing::info!(
@@ -210,7 +218,9 @@ impl Audit {
                     id = %change.id,
                     summary = %change.summary,
                 );
-                enqueue(&queue, &dropped, Entry::from(change));
+                if record {
+                    enqueue(&queue, &dropped, Entry::from(change));
+                }
             }
         })
     }
@@ -394,6 +404,21 @@ pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
     now.checked_sub(back).ok_or_else(bad)
 }
 
+/// Records read from PostgreSQL per query.
+const PAGE: i64 = 1_000;
+
+/// Whether RFC 3339 time `a` is before (or at) `b`; a time that does not parse comes first.
+fn earlier(a: &str, b: &str) -> bool {
+    match (
+        OffsetDateTime::parse(a, &Rfc3339),
+        OffsetDateTime::parse(b, &Rfc3339),
+    ) {
+        (Ok(a), Ok(b)) => a <= b,
+        (Err(_), _) => true,
+        (Ok(_), Err(_)) => false,
+    }
+}
+
 /// `portcullis audit`: prints the records kept at `destination` that `filter` selects.
 /// Reading while the server appends is safe: only whole records are read.
 pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<(), String> {
@@ -442,19 +467,43 @@ pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<
             }
         }
         Destination::Postgres(mut log) => {
-            let mut after = 0;
+            // Two logs, each in order, merged by time.
+            let fail = |e| format!("cannot read the audit log from PostgreSQL: {e}");
+            let (mut changes, mut records) = (VecDeque::new(), VecDeque::new());
+            let (mut change_after, mut record_after) = (Some(0), Some(0));
             loop {
-                let page = log
-                    .read(after, 1_000)
-                    .map_err(|e| format!("cannot read the audit log from PostgreSQL: {e}"))?;
-                let Some((last, _)) = page.last() else {
-                    break;
-                };
-                after = *last;
-                for (id, text) in &page {
-                    if !print(text, &|| format!("portcullis_audit id {id}")) {
-                        return Ok(());
+                if let (true, Some(after)) = (changes.is_empty(), change_after) {
+                    changes.extend(log.changes(after, PAGE).map_err(fail)?);
+                    change_after = changes.back().map(|c: &Change| c.seq);
+                }
+                if let (true, Some(after)) = (records.is_empty(), record_after) {
+                    records.extend(log.read(after, PAGE).map_err(fail)?);
+                    record_after = records.back().map(|(id, _)| *id);
+                }
+                let change_first = match (changes.front(), records.front()) {
+                    (None, None) => break,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (Some(change), Some((_, text))) => {
+                        let time = serde_json::from_str::<Entry>(text).ok();
+                        time.is_none_or(|entry| earlier(&change.time, entry.time()))
                     }
+                };
+                let printed = if change_first {
+                    let Some(change) = changes.pop_front() else {
+                        break;
+                    };
+                    let text =
+                        serde_json::to_string(&Entry::from(&change)).map_err(|e| e.to_string())?;
+                    print(&text, &|| format!("directory change {}", change.seq))
+                } else {
+                    let Some((id, text)) = records.pop_front() else {
+                        break;
+                    };
+                    print(&text, &|| format!("portcullis_audit id {id}"))
+                };
+                if !printed {
+                    break;
                 }
             }
         }

@@ -66,7 +66,7 @@ impl SessionKeeper {
         {
             tracing::info!("sign-in sealing key made");
         }
-        if signer.is_shared() && !signer.can_sign() {
+        if signer.needs_first_keys() {
             let first = assertion::first_shared_keys(data_dir, now_unix())?;
             let kids: Vec<String> = first.iter().map(|e| e.key.clone()).collect();
             sessions

@@ -235,6 +235,11 @@ impl Auth {
                 .await
             {
                 Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(&key, refreshing, next),
+                Ok(Refreshed::Ended(_))
+                    if self
+                        .sessions
+                        .refreshed_elsewhere(refreshing, &state.refresh_token)
+                        .await => {}
                 Ok(Refreshed::Ended(why)) => {
                     // The IdP no longer vouches for this person: the session ends.
                     tracing::info!(user = %session.identity.subject, "session ended at refresh: {why}");

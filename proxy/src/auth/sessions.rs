@@ -126,8 +126,13 @@ impl Refreshing {
         lock(&self.state).clone()
     }
 
+    /// Takes `refresh` unless it is older than the state held (a late or replayed write): a
+    /// refresh token the IdP has rotated away never comes back.
     fn set(&self, refresh: Refresh) {
-        *lock(&self.state) = refresh;
+        let mut state = lock(&self.state);
+        if refresh.due >= state.due {
+            *state = refresh;
+        }
     }
 }
 
@@ -180,6 +185,9 @@ pub struct Kept {
     /// Parts of sessions that had ended when they were written: forgotten by the next
     /// [`Sessions::maintain`].
     orphans: std::sync::Mutex<HashSet<(String, String)>>,
+    /// Sessions taken out of memory by [`Sessions::end`] whose end the store has not applied
+    /// yet: put back if the store refuses it, so that a retry finds them.
+    ending: dashmap::DashSet<SessionKey>,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: tokio::sync::watch::Sender<u64>,
     /// By name; the first one seals (so every replica seals with the same key).
@@ -228,7 +236,10 @@ impl Kept {
                 }
                 false
             }
-            (SESSION, None) => self.sessions.remove(&key).is_some(),
+            (SESSION, None) => {
+                self.ending.remove(&key);
+                self.sessions.remove(&key).is_some()
+            }
             (SESSION_SEEN, Some(value)) => {
                 match (held(), value.parse()) {
                     (Some(session), Ok(seen)) => session.seen(seen),
@@ -303,8 +314,12 @@ impl EntrySink for Kept {
             self.keep(entry);
             stored.extend(parse_key(&entry.key));
         }
-        let before = self.sessions.len();
-        self.sessions.retain(|key, _| stored.contains(key));
+        let mut removed = 0;
+        self.sessions.retain(|key, _| {
+            let kept = stored.contains(key);
+            removed += usize::from(!kept);
+            kept
+        });
         lock(&self.orphans).clear();
         for entry in entries
             .iter()
@@ -312,13 +327,13 @@ impl EntrySink for Kept {
         {
             self.keep(entry);
         }
-        if self.sessions.len() < before {
+        if removed > 0 {
             self.ended();
         }
     }
 
     fn apply(&self, entries: &[Entry]) {
-        let mut ended = false;
+        let (mut ended, mut assertion_keys) = (false, false);
         for entry in entries {
             if entry.kind == SEALING_KEY {
                 let mut keys = Vec::clone(&self.sealing.load());
@@ -328,10 +343,14 @@ impl EntrySink for Kept {
                 let mut keys = Vec::clone(&self.assertion_keys.load());
                 Self::keep_assertion_key(&mut keys, entry);
                 self.assertion_keys.store(Arc::new(keys));
-                self.assertion_keys_changed();
+                assertion_keys = true;
             } else {
                 ended |= self.keep(entry);
             }
+        }
+        // Once per batch: a rotation and the retirements it brings are seen together.
+        if assertion_keys {
+            self.assertion_keys_changed();
         }
         if ended {
             self.ended();
@@ -442,15 +461,47 @@ impl Sessions {
 
     /// Ends the given sessions: gone from this replica's memory first (so no request is served
     /// by them here from this moment), then from the store and every other replica.
+    ///
+    /// If the store refuses, the sessions are put back here (unless another end reached them
+    /// meanwhile): not ended anywhere, they must still be found by a retry.
     pub async fn end(&self, keys: &[SessionKey]) -> Result<(), String> {
         if keys.is_empty() {
             return Ok(());
         }
+        let mut taken = Vec::new();
         for key in keys {
-            self.kept.sessions.remove(key);
+            if let Some((key, session)) = self.kept.sessions.remove(key) {
+                self.kept.ending.insert(key);
+                taken.push((key, session));
+            }
         }
         self.kept.ended();
-        self.put(keys.iter().flat_map(forget).collect()).await
+        let stored = self.put(keys.iter().flat_map(forget).collect()).await;
+        if stored.is_err() {
+            for (key, session) in taken {
+                if self.kept.ending.remove(&key).is_some() {
+                    self.kept.sessions.insert(key, session);
+                }
+            }
+        }
+        stored
+    }
+
+    /// Whether the refresh that `used` refresh token was refused for has been done by another
+    /// replica: its new state reaches this one within the time a write takes to settle, which
+    /// this waits for (on a shared store only). The IdP refuses a rotated token it has just
+    /// renewed, and that must not end the session.
+    pub async fn refreshed_elsewhere(&self, refreshing: &Refreshing, used: &str) -> bool {
+        let deadline = std::time::Instant::now() + REFRESH_SETTLE;
+        loop {
+            if refreshing.state().refresh_token != used {
+                return true;
+            }
+            if !self.directory.is_shared() || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.
@@ -483,8 +534,9 @@ impl Sessions {
 
     /// Stores when sessions used here more than `every` seconds after the store last had it
     /// were last used, and forgets sessions that are over: past their lifetime, or idle for
-    /// `idle_timeout` plus twice `every` (the most another replica's use can be late), and
-    /// parts of sessions that had ended. Returns how many sessions it wrote and forgot. Run
+    /// `idle_timeout` plus three times `every` (more than another replica's use can be late:
+    /// its sweeps come every `every`, plus the time their writes take), and parts of sessions
+    /// that had ended. Returns how many sessions it wrote and forgot. Run
     /// it every `every` seconds.
     pub async fn maintain(
         &self,
@@ -497,7 +549,7 @@ impl Sessions {
         for held in self.kept.sessions.iter() {
             let (key, session) = (held.key(), held.value());
             let last_seen = session.last_seen();
-            if !session.is_live(now, idle_timeout.saturating_add(2 * every)) {
+            if !session.is_live(now, idle_timeout.saturating_add(3 * every)) {
                 over += 1;
                 entries.extend(forget(key));
             } else if last_seen >= session.stored_seen.load(Ordering::Relaxed) + every {
@@ -574,6 +626,10 @@ fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
     }
     Ok(entries)
 }
+
+/// The longest a write takes to reach every replica (their `max_staleness` is at most a
+/// minute, and 2 s by default): see [`Sessions::refreshed_elsewhere`].
+const REFRESH_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Entries per directory write when many sessions are written at once.
 const MAX_ENTRIES_PER_WRITE: usize = 1_000;
@@ -693,7 +749,7 @@ mod tests {
         drop((bob, sessions));
         // The refresh's task lets go of the directory a moment after its write.
         let mut storage = None;
-        for _ in 0..100 {
+        for _ in 0..1000 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             storage = portcullis_scim::store::redb::RedbStorage::open(dir.path()).ok();
             if storage.is_some() {

@@ -284,6 +284,11 @@ impl Directory {
         }
     }
 
+    /// Whether other processes write to the same store (see [`Storage::is_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.storage.is_shared()
+    }
+
     /// The sequence number of the last committed change.
     pub fn seq(&self) -> Seq {
         self.index().seq()

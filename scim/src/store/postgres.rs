@@ -574,6 +574,24 @@ fn meta(client: &mut impl postgres::GenericClient, key: &str) -> Result<u64, Sto
     from_sql(row.try_get(0).map_err(backend)?)
 }
 
+/// Up to `limit` changes with a sequence above `after`, in order.
+fn read_changes(client: &mut Client, after: Seq, limit: i64) -> Result<Vec<Change>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT seq, change FROM directory_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&to_sql(after)?, &limit],
+        )
+        .map_err(backend)?;
+    rows.iter()
+        .map(|row| {
+            let seq: i64 = row.try_get(0).map_err(backend)?;
+            let bytes: &[u8] = row.try_get(1).map_err(backend)?;
+            serde_json::from_slice(bytes)
+                .map_err(|e| StoreError::Corrupt(format!("change {seq}: {e}")))
+        })
+        .collect()
+}
+
 /// A read-only transaction whose every query sees the same committed state.
 fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
     client
@@ -815,24 +833,8 @@ impl Storage for PgStorage {
     }
 
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let after = to_sql(after)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.pool.with(|client| {
-            let rows = client
-                .query(
-                    "SELECT seq, change FROM directory_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    &[&after, &limit],
-                )
-                .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    let seq: i64 = row.try_get(0).map_err(backend)?;
-                    let bytes: &[u8] = row.try_get(1).map_err(backend)?;
-                    serde_json::from_slice(bytes)
-                        .map_err(|e| StoreError::Corrupt(format!("change {seq}: {e}")))
-                })
-                .collect()
-        })
+        self.pool.with(|client| read_changes(client, after, limit))
     }
 
     fn is_shared(&self) -> bool {
@@ -931,8 +933,9 @@ impl Storage for PgStorage {
     }
 }
 
-/// The fleet's audit log, `portcullis_audit`: records (JSON text, opaque here) numbered in
-/// the order they were appended. Used by one thread at a time.
+/// The fleet's audit log: `portcullis_audit`, records (JSON text, opaque here) numbered in
+/// the order they were appended, and the directory's own changes. Used by one thread at a
+/// time.
 pub struct AuditLog {
     conn: Dedicated,
 }
@@ -946,6 +949,13 @@ impl AuditLog {
             conn.client.execute(&insert, &[&records]).map_err(backend)?;
             Ok(())
         })
+    }
+
+    /// Up to `limit` directory changes with a sequence above `after`, in order: the SCIM part
+    /// of the audit, kept exactly once by the commit that made each.
+    pub fn changes(&mut self, after: Seq, limit: i64) -> Result<Vec<Change>, StoreError> {
+        self.conn
+            .run(|conn| read_changes(&mut conn.client, after, limit))
     }
 
     /// Up to `limit` records numbered above `after`, in order, with their numbers.
