@@ -147,8 +147,8 @@ def measure_authenticated(args, tmp, base_url):
             stack = common.Stack(where, threads=1, extra=extra)
             try:
                 cookie = stack.sign_in()
-                url = stack.url("app.test", "/")
-                headers = [f"Cookie: portcullis_session={cookie}"]
+                url = f"http://127.0.0.1:{stack.port}/"
+                headers = ["Host: app.test", f"Cookie: portcullis_session={cookie}", "Accept: application/json"]
                 common.wrk(url, 1, 32, headers)  # warm-up
                 before = cpu_seconds(stack.proc.pid)
                 run_ = common.wrk(url, args.duration, 32, headers)

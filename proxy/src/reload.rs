@@ -148,6 +148,14 @@ impl BackgroundService for Drainer {
         } else {
             tracing::info!("drained, exiting");
         }
+        if let Some(freshness) = self.shared.freshness.clone() {
+            // Writers on other replicas stop waiting for this one at once.
+            let wait = freshness.max_staleness();
+            let left = tokio::task::spawn_blocking(move || freshness.leave(wait)).await;
+            if !matches!(left, Ok(true)) {
+                tracing::warn!("left the fleet without deleting this replica's lease");
+            }
+        }
         crate::logging::flush();
         std::process::exit(0);
     }

@@ -676,6 +676,33 @@ async fn every_replica_signs_with_the_same_keys_and_a_rotation_reaches_them_all(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_shuts_down_leaves_the_fleet_and_holds_up_no_write() {
+    let fleet = Fleet::start().await;
+    let (a, mut b) = tokio::join!(fleet.replica(), fleet.replica());
+    let leases = "SELECT count(*) FROM portcullis_replicas WHERE lease_until > now()";
+    let two = eventually(Duration::from_secs(10), || async {
+        fleet.pg.query(leases).await.ok() == Some(vec![vec![Some("2".to_owned())]])
+    })
+    .await;
+    assert!(two, "both replicas hold a lease");
+    let status = b.px.terminate().await;
+    assert!(status.success(), "{status:?}");
+    // Its row is gone at once, not left to lapse: A's writes wait for nobody.
+    let rows = fleet
+        .pg
+        .query("SELECT count(*) FROM portcullis_replicas")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Some("1".to_owned())]]);
+    let started = Instant::now();
+    a.scim
+        .create_user("after-b@corp.test")
+        .await
+        .expect_success();
+    eprintln!("a write right after B left: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_admit_the_revoked() {
     let fleet = Fleet::start().await;
     let (a, b) = tokio::join!(fleet.replica(), fleet.replica());

@@ -24,7 +24,7 @@
 //!   directory without it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -326,12 +326,17 @@ pub struct Freshness {
     max_staleness: Duration,
     /// Why there is no lease, for `/readyz`.
     problem: Mutex<String>,
+    /// Asked to leave the fleet ([`Freshness::leave`]), and gone.
+    leaving: AtomicBool,
+    left: AtomicBool,
 }
 
 impl Freshness {
     fn new(max_staleness: Duration) -> Self {
         Self {
             until: AtomicU64::new(0),
+            leaving: AtomicBool::new(false),
+            left: AtomicBool::new(false),
             max_staleness,
             problem: Mutex::new("not yet caught up with the directory".to_owned()),
         }
@@ -361,6 +366,22 @@ impl Freshness {
 
     pub fn max_staleness(&self) -> Duration {
         self.max_staleness
+    }
+
+    /// Leaves the fleet, at shutdown: the lease lapses here, and this replica's row is deleted
+    /// so that no writer waits for it to lapse there (up to `max_staleness` per answer during
+    /// a rolling restart). Waits (at most `wait`) for the feed's thread to do it; false if it
+    /// did not (then writers wait out the lease).
+    pub fn leave(&self, wait: Duration) -> bool {
+        self.leaving.store(true, Ordering::Release);
+        let deadline = Instant::now() + wait;
+        while !self.left.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -1097,6 +1118,21 @@ impl Fleet {
         let mut renew_by = Instant::now();
         let mut reported = None;
         loop {
+            if self.freshness.leaving.load(Ordering::Acquire) {
+                // Renewed no more: the lease lapses here first, then goes from the table.
+                self.freshness
+                    .lapse("left the fleet (shutting down)".to_owned());
+                client
+                    .execute(
+                        "DELETE FROM portcullis_replicas WHERE id = $1",
+                        &[&self.replica],
+                    )
+                    .map_err(backend)?;
+                self.freshness.left.store(true, Ordering::Release);
+                loop {
+                    std::thread::park();
+                }
+            }
             let (seq, foreign) = catch_up()?;
             if reported != Some(foreign) || Instant::now() >= renew_by {
                 // Counted from before the renewal is sent: never longer than the lease granted.
@@ -1137,7 +1173,10 @@ impl Fleet {
                     notified = notified.max(Some(seq));
                     first = notifications.iter().next().map_err(backend)?;
                 }
-                if notified.is_none_or(|seq| seq > visible()) || Instant::now() >= renew_by {
+                if notified.is_none_or(|seq| seq > visible())
+                    || Instant::now() >= renew_by
+                    || self.freshness.leaving.load(Ordering::Acquire)
+                {
                     break;
                 }
             }
