@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use dashmap::DashMap;
+use http::HeaderValue;
 use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
@@ -169,7 +171,9 @@ struct Cached {
     kid: Arc<str>,
     iat: u64,
     exp: u64,
-    token: Arc<str>,
+    /// The token as a header value: checked once, when signed, and shared by every request
+    /// it is sent with.
+    token: HeaderValue,
 }
 
 impl Cached {
@@ -287,7 +291,7 @@ impl Signer {
     /// The assertion for `claims` at `now`: the cached token if it was signed for exactly these
     /// claims and version by the current signing key and expires more than the refresh margin
     /// from now, else a freshly signed one (`iat` = now, `exp` = now + TTL).
-    pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<Arc<str>, String> {
+    pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<HeaderValue, String> {
         let keys = self.keys.load();
         let key = keys
             .signing()
@@ -301,7 +305,8 @@ impl Signer {
             }
         }
         let exp = now.saturating_add(self.ttl);
-        let token: Arc<str> = sign(key, claims, now, exp)?.into();
+        let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, now, exp)?))
+            .map_err(|e| format!("the signed assertion is no header value: {e}"))?;
         if self.cache.len() >= CACHE_CAPACITY && !self.cache.contains_key(&slot) {
             self.cache.clear();
         }
@@ -718,6 +723,14 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Signer {
+        /// [`Signer::assertion`] as text.
+        fn token(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<String, String> {
+            self.assertion(claims, now)
+                .map(|value| value.to_str().unwrap_or_default().to_owned())
+        }
+    }
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     use jsonwebtoken::{DecodingKey, Validation};
@@ -790,9 +803,7 @@ mod tests {
         let now = real_now();
         let signer = Signer::open(dir.path(), now, TTL).unwrap();
         let groups = ["admins", "eng"];
-        let token = signer
-            .assertion(&claims("grafana", &groups, 1), now)
-            .unwrap();
+        let token = signer.token(&claims("grafana", &groups, 1), now).unwrap();
         let got = verify(&signer, &token, "grafana").unwrap();
         assert_eq!(got["iss"], "https://auth.example.com");
         assert_eq!(got["aud"], "grafana");
@@ -808,7 +819,7 @@ mod tests {
         // No email: the claim is omitted.
         let mut c = claims("grafana", &[], 2);
         c.email = None;
-        let token = signer.assertion(&c, now).unwrap();
+        let token = signer.token(&c, now).unwrap();
         let got = verify(&signer, &token, "grafana").unwrap();
         assert!(got.get("email").is_none());
         assert_eq!(got["groups"], serde_json::json!([]));
@@ -845,24 +856,27 @@ mod tests {
     fn cache_reuses_tokens_and_never_serves_stale_ones() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        // The very same bytes: a cached token is shared, not copied.
+        let same =
+            |x: &HeaderValue, y: &HeaderValue| x.as_bytes().as_ptr() == y.as_bytes().as_ptr();
         let g1 = ["eng"];
         let a = signer.assertion(&claims("grafana", &g1, 7), T0).unwrap();
         let b = signer
             .assertion(&claims("grafana", &g1, 7), T0 + 100)
             .unwrap();
-        assert!(Arc::ptr_eq(&a, &b), "same inputs reuse the token");
+        assert!(same(&a, &b), "same inputs reuse the token");
 
         // Another route, another version, other groups, another email: a new token.
         let other_route = signer.assertion(&claims("wiki", &g1, 7), T0).unwrap();
         assert_ne!(other_route, a);
         let new_version = signer.assertion(&claims("grafana", &g1, 8), T0).unwrap();
-        assert!(!Arc::ptr_eq(&new_version, &a));
+        assert!(!same(&new_version, &a));
         let g2 = ["eng", "admins"];
         // Even if the caller forgot to bump the version, changed groups are not served stale.
         let new_groups = signer.assertion(&claims("grafana", &g2, 8), T0).unwrap();
-        assert!(!Arc::ptr_eq(&new_groups, &new_version));
-        let body = |t: &str| {
-            let part = t.split('.').nth(1).unwrap();
+        assert!(!same(&new_groups, &new_version));
+        let body = |t: &HeaderValue| {
+            let part = t.to_str().unwrap().split('.').nth(1).unwrap();
             serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
         };
         assert_eq!(
@@ -878,9 +892,9 @@ mod tests {
         let c = claims("grafana", &g2, 8);
         let t1 = signer.assertion(&c, T0).unwrap();
         let t2 = signer.assertion(&c, T0 + 300 - 31).unwrap();
-        assert!(Arc::ptr_eq(&t1, &t2));
+        assert!(same(&t1, &t2));
         let t3 = signer.assertion(&c, T0 + 300 - 30).unwrap();
-        assert!(!Arc::ptr_eq(&t1, &t3));
+        assert!(!same(&t1, &t3));
         assert_eq!(body(&t3)["iat"], T0 + 270);
     }
 
@@ -907,11 +921,11 @@ mod tests {
             !signer.can_sign() && jwks_kids(&signer).is_empty(),
             "none yet"
         );
-        assert!(signer.assertion(&claims("grafana", &[], 1), t0).is_err());
+        assert!(signer.token(&claims("grafana", &[], 1), t0).is_err());
         let first = first_shared_keys(dir.path(), t0).unwrap();
         keep(&kept, &first);
         assert_eq!(signer.signing_kid().as_deref(), Some(local_kid.as_str()));
-        let token = signer.assertion(&claims("grafana", &[], 1), t0).unwrap();
+        let token = signer.token(&claims("grafana", &[], 1), t0).unwrap();
         verify(&local, &token, "grafana").expect("the machine's old JWKS still verifies");
 
         // A rotation (as the CLI makes it, from the stored keys) is picked up on arrival.
@@ -947,14 +961,14 @@ mod tests {
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
         let old_kid = signer.signing_kid().unwrap().to_string();
         let c = claims("grafana", &["eng"], 1);
-        let before = signer.assertion(&c, T0).unwrap();
+        let before = signer.token(&c, T0).unwrap();
         assert_eq!(kid_of(&before), old_kid);
 
         let t1 = T0 + 1000;
         let new_kid = signer.rotate(t1).unwrap();
         assert_ne!(new_kid, old_kid);
         assert_eq!(&*signer.signing_kid().unwrap(), new_kid);
-        let after = signer.assertion(&c, t1).unwrap();
+        let after = signer.token(&c, t1).unwrap();
         assert_eq!(
             kid_of(&after),
             new_kid,
@@ -1113,11 +1127,11 @@ mod tests {
                     kid: "".into(),
                     iat: T0,
                     exp: T0 + 300,
-                    token: "".into(),
+                    token: HeaderValue::from_static(""),
                 },
             );
         }
-        signer.assertion(&claims("grafana", &[], 1), T0).unwrap();
+        signer.token(&claims("grafana", &[], 1), T0).unwrap();
         assert_eq!(signer.cache.len(), 1);
         signer.refresh(T0 + 301).unwrap();
         assert_eq!(signer.cache.len(), 0, "expired entries are dropped");
@@ -1131,13 +1145,11 @@ mod tests {
         let n = 200u64;
         let start = Instant::now();
         for v in 0..n {
-            signer
-                .assertion(&claims("grafana", &groups, v), T0)
-                .unwrap();
+            signer.token(&claims("grafana", &groups, v), T0).unwrap();
         }
         let sign = start.elapsed() / n as u32;
         let c = claims("grafana", &groups, n);
-        signer.assertion(&c, T0).unwrap();
+        signer.token(&c, T0).unwrap();
         let hits = 100_000u32;
         let start = Instant::now();
         for _ in 0..hits {

@@ -29,3 +29,4 @@ pub mod streams;
 mod testing;
 pub mod tls;
 pub mod upstream;
+pub mod watched;

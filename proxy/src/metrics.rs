@@ -58,10 +58,16 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
     })
 });
 
+/// The statuses whose request counters a route holds ready (the label lookup is a hash and a
+/// lock per request); others are looked up.
+const COMMON_STATUSES: [u16; 8] = [200, 204, 302, 304, 401, 403, 404, 503];
+
 /// The metric handles of one route. Requests that match no route use the `""` route.
 pub struct RouteMetrics {
     name: String,
     upstream_duration: Option<prometheus::Histogram>,
+    /// The request counters of [`COMMON_STATUSES`], in that order.
+    common: Vec<IntCounter>,
 }
 
 impl RouteMetrics {
@@ -71,9 +77,26 @@ impl RouteMetrics {
                 .get_metric_with_label_values(&[name])
                 .ok()
         });
+        let common = METRICS.as_ref().map_or_else(Vec::new, |m| {
+            let mut buf = itoa::Buffer::new();
+            COMMON_STATUSES
+                .iter()
+                .filter_map(|status| {
+                    m.requests
+                        .get_metric_with_label_values(&[name, buf.format(*status)])
+                        .ok()
+                })
+                .collect()
+        });
         Self {
             name: name.to_owned(),
             upstream_duration,
+            // All or none: the positions must match COMMON_STATUSES.
+            common: if common.len() == COMMON_STATUSES.len() {
+                common
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -84,7 +107,11 @@ impl RouteMetrics {
     }
 
     pub fn count_request(&self, status: u16) {
-        count_request(&self.name, status);
+        let ready = COMMON_STATUSES.iter().position(|s| *s == status);
+        match ready.and_then(|i| self.common.get(i)) {
+            Some(counter) => counter.inc(),
+            None => count_request(&self.name, status),
+        }
     }
 }
 

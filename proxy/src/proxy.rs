@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::StatusCode;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -101,6 +102,10 @@ struct Asked {
 #[async_trait]
 impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules: pingora's default response compression (off at level 0, but
+    /// still set up and called for every request) is of no use to Portcullis.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
@@ -381,7 +386,7 @@ impl ProxyHttp for Proxy {
                     ErrorType::InternalError,
                     "cannot sign the identity assertion",
                 )?;
-                upstream_request.insert_header(ASSERTION_HEADER, &*token)?;
+                upstream_request.insert_header(ASSERTION_HEADER, token)?;
             }
         }
 
@@ -893,16 +898,18 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
 
 /// `Forwarded` (RFC 7239) for the request: who sent it, to which host, over which protocol.
 fn forwarded(client: Option<std::net::IpAddr>, host: Option<&HeaderValue>, proto: &str) -> String {
-    let mut value = String::new();
-    match client {
-        Some(std::net::IpAddr::V6(ip)) => value.push_str(&format!("for=\"[{ip}]\";")),
-        Some(ip) => value.push_str(&format!("for={ip};")),
-        None => value.push_str("for=unknown;"),
-    }
+    use std::fmt::Write;
+    let mut value = String::with_capacity(96);
+    // Writing to a String cannot fail.
+    let _ = match client {
+        Some(std::net::IpAddr::V6(ip)) => write!(value, "for=\"[{ip}]\";"),
+        Some(ip) => write!(value, "for={ip};"),
+        None => write!(value, "for=unknown;"),
+    };
     // A host is a quoted-string: it may hold a `:`, and never holds `"` or `\`.
     if let Some(host) = host.and_then(|h| h.to_str().ok()) {
         if !host.contains(['"', '\\']) {
-            value.push_str(&format!("host=\"{host}\";"));
+            let _ = write!(value, "host=\"{host}\";");
         }
     }
     value.push_str("proto=");

@@ -25,6 +25,7 @@ use crate::scim_http::Scim;
 use crate::streams::{Marks, Recheck, Streams};
 use crate::tls::{CertSet, SniResolver};
 use crate::upstream::UpstreamSet;
+use crate::watched::Watched;
 
 /// One configuration, compiled for the hot path. Requests hold an `Arc` to the one they started
 /// with, so a reload never changes the rules under an in-flight request.
@@ -143,7 +144,7 @@ pub struct Shared {
     pub streams: Arc<Streams>,
     /// Counts the configurations installed after the first; wakes whoever re-judges open
     /// connections.
-    reloads: tokio::sync::watch::Sender<u64>,
+    reloads: Watched,
     draining: AtomicBool,
 }
 
@@ -176,7 +177,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             streams: Arc::default(),
-            reloads: tokio::sync::watch::Sender::new(0),
+            reloads: Watched::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -186,7 +187,7 @@ impl Shared {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.auth.verified.config_changed();
-        self.reloads.send_modify(|n| *n += 1);
+        self.reloads.bump();
     }
 
     /// Wakes whenever a configuration is installed.
@@ -216,7 +217,7 @@ impl Shared {
         Marks {
             directory: self.directory.visible_seq(),
             session_ends: self.auth.sessions.ends(),
-            config: *self.reloads.borrow(),
+            config: self.reloads.get(),
             second: crate::clock::now_unix(),
             current: self.directory_is_current(),
         }

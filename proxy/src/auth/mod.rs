@@ -389,11 +389,14 @@ impl Auth {
 }
 
 /// The session cookie's name: `__Host-` prefixed on TLS when the cookie is for one host only.
-pub fn session_cookie_name(oidc: &portcullis_config::OidcConfig, tls: bool) -> String {
+pub fn session_cookie_name(
+    oidc: &portcullis_config::OidcConfig,
+    tls: bool,
+) -> std::borrow::Cow<'_, str> {
     if tls && oidc.cookie_domain.is_none() {
-        format!("__Host-{}", oidc.cookie_name)
+        format!("__Host-{}", oidc.cookie_name).into()
     } else {
-        oidc.cookie_name.clone()
+        oidc.cookie_name.as_str().into()
     }
 }
 

@@ -33,6 +33,7 @@ use portcullis_scim::store::{Command, Directory, Entry, EntrySink};
 use super::sealed::Sealer;
 use crate::assertion::ASSERTION_KEY;
 use crate::caller::{Identity, SessionKey};
+use crate::watched::Watched;
 
 /// The entry kind of a session: keyed by the SHA-256 of its id (URL-safe base64).
 pub const SESSION: &str = "session";
@@ -189,7 +190,7 @@ pub struct Kept {
     /// yet: put back if the store refuses it, so that a retry finds them.
     ending: dashmap::DashSet<SessionKey>,
     /// How many times sessions were ended, for those who act on it (open connections).
-    ended: tokio::sync::watch::Sender<u64>,
+    ended: Watched,
     /// By name; the first one seals (so every replica seals with the same key).
     sealing: ArcSwap<Vec<(String, Arc<Sealer>)>>,
     /// The shared identity-assertion keys, `(kid, text)` (see [`crate::assertion`]), and who
@@ -286,7 +287,7 @@ impl Kept {
     }
 
     fn ended(&self) {
-        self.ended.send_modify(|ended| *ended += 1);
+        self.ended.bump();
     }
 }
 
@@ -438,7 +439,7 @@ impl Sessions {
 
     /// Counts the times sessions were ended.
     pub fn ends(&self) -> u64 {
-        *self.kept.ended.borrow()
+        self.kept.ended.get()
     }
 
     /// Wakes whenever sessions are ended.

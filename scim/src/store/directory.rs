@@ -64,7 +64,28 @@ pub struct Directory {
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<thread::JoinHandle<()>>,
     /// The sequence number of the last batch made visible, for those who act on changes.
-    visible: tokio::sync::watch::Sender<Seq>,
+    visible: Arc<Visible>,
+}
+
+/// The sequence number of the last batch made visible: read without a lock (every request
+/// reads it), and watched by those who act on changes.
+struct Visible {
+    seq: AtomicU64,
+    watch: tokio::sync::watch::Sender<Seq>,
+}
+
+impl Visible {
+    fn new(seq: Seq) -> Self {
+        Self {
+            seq: AtomicU64::new(seq),
+            watch: tokio::sync::watch::Sender::new(seq),
+        }
+    }
+
+    fn set(&self, seq: Seq) {
+        self.seq.store(seq, Ordering::Release);
+        self.watch.send_replace(seq);
+    }
 }
 
 impl Drop for Directory {
@@ -206,7 +227,7 @@ impl Directory {
         let seq = index.seq;
         let index = Arc::new(RwLock::new(index));
         let (writer, jobs) = mpsc::channel();
-        let visible = tokio::sync::watch::Sender::new(seq);
+        let visible = Arc::new(Visible::new(seq));
         let writer_thread = {
             let storage = storage.clone();
             let index = index.clone();
@@ -297,13 +318,13 @@ impl Directory {
     /// The sequence number of the last batch made visible to reads. Cheaper than
     /// [`Directory::seq`]; a write is counted here before it is answered.
     pub fn visible_seq(&self) -> Seq {
-        *self.visible.borrow()
+        self.visible.seq.load(Ordering::Acquire)
     }
 
     /// Wakes on every committed batch, once it is visible to reads (and before the writes in
     /// it are answered); the value is [`Directory::seq`] after the batch.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Seq> {
-        self.visible.subscribe()
+        self.visible.watch.subscribe()
     }
 
     pub fn counts(&self) -> (usize, usize) {
@@ -699,7 +720,7 @@ struct Writer<'a> {
     index: &'a RwLock<Index>,
     clock: &'a Clock,
     sinks: &'a Sinks,
-    visible: &'a tokio::sync::watch::Sender<Seq>,
+    visible: &'a Visible,
 }
 
 /// Writes committed and visible here, answered once the store has settled them.
@@ -823,7 +844,7 @@ impl Writer<'_> {
         {
             sink.apply(&batch.entries);
         }
-        self.visible.send_replace(seq);
+        self.visible.set(seq);
         let changed = own && !batch.changes.is_empty();
         if let Some(sink) = self.sinks.changes.as_ref().filter(|_| changed) {
             sink(&batch.changes);
@@ -852,7 +873,7 @@ impl Writer<'_> {
                     if let Some(sink) = &self.sinks.entries {
                         sink.load(entries);
                     }
-                    self.visible.send_replace(seq);
+                    self.visible.set(seq);
                     self.foreign.store(seq, Ordering::Release);
                     tracing::info!(
                         users,
