@@ -50,9 +50,10 @@ enum Command {
         file: PathBuf,
     },
     /// Start signing identity assertions with a new key; the old one stays published until
-    /// the tokens it signed have expired. A running proxy picks it up within a minute.
+    /// the tokens it signed have expired. A running proxy picks it up within a minute; with
+    /// `[postgres]`, every replica does as soon as the key reaches it.
     RotateAssertionKey {
-        /// The configuration file (for `data_dir`).
+        /// The configuration file (for `data_dir`, or `[postgres]`).
         #[arg(long, short)]
         config: PathBuf,
     },

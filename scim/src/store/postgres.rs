@@ -463,14 +463,7 @@ impl PgStorage {
                     &[&kind],
                 )
                 .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    Ok((
-                        row.try_get(0).map_err(backend)?,
-                        row.try_get(1).map_err(backend)?,
-                    ))
-                })
-                .collect()
+            pairs(&rows)
         })
     }
 
@@ -593,6 +586,22 @@ fn meta(client: &mut impl postgres::GenericClient, key: &str) -> Result<u64, Sto
         .query_one("SELECT value FROM directory_meta WHERE key = $1", &[&key])
         .map_err(backend)?;
     from_sql(row.try_get(0).map_err(backend)?)
+}
+
+/// The first two columns of `rows`.
+fn pairs<A, B>(rows: &[postgres::Row]) -> Result<Vec<(A, B)>, StoreError>
+where
+    A: for<'a> postgres::types::FromSql<'a>,
+    B: for<'a> postgres::types::FromSql<'a>,
+{
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0).map_err(backend)?,
+                row.try_get(1).map_err(backend)?,
+            ))
+        })
+        .collect()
 }
 
 /// Up to `limit` changes with a sequence above `after`, in order.
@@ -989,14 +998,7 @@ impl AuditLog {
                     &[&after, &limit],
                 )
                 .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    Ok((
-                        row.try_get(0).map_err(backend)?,
-                        row.try_get(1).map_err(backend)?,
-                    ))
-                })
-                .collect()
+            pairs(&rows)
         })
     }
 }
