@@ -240,7 +240,7 @@ impl ProxyHttp for Proxy {
         };
         let admission = self
             .shared
-            .gate(&runtime)
+            .gate(&runtime, &decided_at)
             .admit(&facts, authentication.presented());
 
         // 1.7 In, or answered here.

@@ -223,12 +223,14 @@ impl Shared {
         }
     }
 
-    /// The gate over the live directory and `runtime`'s `[identity]`.
-    pub fn gate<'a>(&'a self, runtime: &'a Runtime) -> Gate<'a> {
+    /// The gate over the live directory and `runtime`'s `[identity]`, deciding as of `marks`
+    /// (read just before, with whether the directory is current: the lease is read once per
+    /// decision).
+    pub fn gate<'a>(&'a self, runtime: &'a Runtime, marks: &Marks) -> Gate<'a> {
         Gate {
             directory: &self.directory,
             identity: &runtime.config.identity,
-            current: self.directory_is_current(),
+            current: marks.current,
         }
     }
 
@@ -236,14 +238,15 @@ impl Shared {
     /// configuration, when anything changed since its last decision. The first refusal is
     /// audited. Used for every chunk and frame and by the sweep of idle connections alike.
     pub fn still_allowed(&self, open: &Recheck) -> bool {
+        let marks = self.marks();
         open.still_allowed(
-            self.marks(),
-            |open| self.rejudge(open),
+            marks,
+            |open| self.rejudge(open, &marks),
             |open, refused| self.audit_cut(open, &refused),
         )
     }
 
-    fn rejudge(&self, open: &Recheck) -> Admission {
+    fn rejudge(&self, open: &Recheck, marks: &Marks) -> Admission {
         let runtime = self.runtime.load();
         let now = crate::clock::now_unix();
         // A session that has ended, or idled or lived past its time, no longer vouches.
@@ -252,7 +255,7 @@ impl Shared {
             .oidc
             .as_ref()
             .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
-        let gate = self.gate(&runtime);
+        let gate = self.gate(&runtime, marks);
         crate::streams::rejudge(&gate, &runtime.routes, open, now, |key| {
             self.auth.sessions.is_live(key, now, idle)
         })
