@@ -13,6 +13,14 @@ use crate::auth::oidc;
 use crate::clock::now_unix;
 use crate::state::Shared;
 
+/// Waits `how_long`; false when the server is shutting down.
+async fn pause(shutdown: &mut ShutdownWatch, how_long: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(how_long) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
 /// Discovers the configured OpenID provider, and again when `[oidc] issuer` changes (see
 /// [`oidc::discovery_loop`]).
 pub struct Discovery {
@@ -77,14 +85,6 @@ impl SessionKeeper {
         }
         Ok(())
     }
-
-    /// Waits `pause`; false when shutting down.
-    async fn pause(shutdown: &mut ShutdownWatch, pause: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => true,
-            _ = shutdown.changed() => false,
-        }
-    }
 }
 
 #[async_trait]
@@ -94,7 +94,7 @@ impl BackgroundService for SessionKeeper {
         let sessions = &shared.auth.sessions;
         // Until the directory is current (with PostgreSQL, caught up), what is kept is unknown.
         while !shared.directory_is_current() {
-            if !Self::pause(&mut shutdown, Duration::from_millis(200)).await {
+            if !pause(&mut shutdown, Duration::from_millis(200)).await {
                 return;
             }
         }
@@ -110,7 +110,7 @@ impl BackgroundService for SessionKeeper {
                 Ok(()) => {}
                 Err(e) => tracing::warn!("{e}"),
             }
-            if !Self::pause(&mut shutdown, Duration::from_secs(1)).await {
+            if !pause(&mut shutdown, Duration::from_secs(1)).await {
                 return;
             }
         }
@@ -123,7 +123,7 @@ impl BackgroundService for SessionKeeper {
                 .as_ref()
                 .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
             let every = (idle / 8).clamp(5, 300);
-            if !Self::pause(&mut shutdown, Duration::from_secs(every)).await {
+            if !pause(&mut shutdown, Duration::from_secs(every)).await {
                 return;
             }
             if idle == 0 || !shared.directory_is_current() {
@@ -155,11 +155,7 @@ impl KeyRefresher {
 #[async_trait]
 impl BackgroundService for KeyRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                _ = shutdown.changed() => return,
-            }
+        while pause(&mut shutdown, Duration::from_secs(60)).await {
             if let Err(e) = self.signer.refresh(now_unix()) {
                 tracing::warn!("assertion keys not refreshed: {e}");
             }

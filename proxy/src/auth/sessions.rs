@@ -370,10 +370,6 @@ impl Sessions {
         Self { kept, directory }
     }
 
-    async fn put(&self, entries: Vec<Entry>) -> Result<(), String> {
-        put(&self.directory, entries).await
-    }
-
     /// Creates a session for `identity`; returns the id for the cookie. Durable on return,
     /// and known to every replica.
     pub async fn create(
@@ -391,8 +387,11 @@ impl Sessions {
             refresh,
         };
         let value = encode(&stored)?;
-        self.put(vec![entry(SESSION, &key_of(&id), Some(value))])
-            .await?;
+        put(
+            &self.directory,
+            vec![entry(SESSION, &key_of(&id), Some(value))],
+        )
+        .await?;
         Ok(id)
     }
 
@@ -477,7 +476,7 @@ impl Sessions {
             }
         }
         self.kept.ended();
-        let stored = self.put(keys.iter().flat_map(forget).collect()).await;
+        let stored = put(&self.directory, keys.iter().flat_map(forget).collect()).await;
         if stored.is_err() {
             for (key, session) in taken {
                 if self.kept.ending.remove(&key).is_some() {
@@ -507,7 +506,7 @@ impl Sessions {
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.
     pub async fn keep(&self, entries: Vec<Entry>) -> Result<(), String> {
-        self.put(entries).await
+        put(&self.directory, entries).await
     }
 
     /// Whether a key to seal sign-ins with is kept (sign-in needs one).
@@ -529,7 +528,7 @@ impl Sessions {
             key: URL_SAFE_NO_PAD.encode(name),
             value: Some(Sealer::generate_encoded_key()),
         };
-        self.put(vec![entry]).await?;
+        put(&self.directory, vec![entry]).await?;
         Ok(true)
     }
 
@@ -565,7 +564,7 @@ impl Sessions {
             value: None,
         }));
         for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
-            self.put(chunk.to_vec()).await?;
+            put(&self.directory, chunk.to_vec()).await?;
         }
         Ok((touched, over))
     }
@@ -587,7 +586,7 @@ impl Sessions {
             .await
             .map_err(|e| e.to_string())??;
         for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
-            self.put(chunk.to_vec()).await?;
+            put(&self.directory, chunk.to_vec()).await?;
         }
         Ok(entries.len())
     }
