@@ -21,23 +21,44 @@ pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 pub const ENTERPRISE_USER_SCHEMA: &str =
     "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
 pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+/// draft-abbey-scim-agent-extension-00 §5.1.
+pub const AGENT_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Agent";
+/// draft-abbey-scim-agent-extension-00 §5.2.
+pub const AGENTIC_APPLICATION_SCHEMA: &str =
+    "urn:ietf:params:scim:schemas:core:2.0:AgenticApplication";
+/// Portcullis' own Agent extension: what an IdP must be able to set but the draft makes
+/// read-only (`owners`, `applications`), and `expires`.
+pub const PORTCULLIS_AGENT_SCHEMA: &str = "urn:portcullis:params:scim:schemas:extension:2.0:Agent";
 pub const SCHEMA_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Schema";
 pub const RESOURCE_TYPE_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ResourceType";
 
 static USER_EXTENSIONS: [&SchemaDef; 1] = [&ENTERPRISE_USER];
+static AGENT_EXTENSIONS: [&SchemaDef; 1] = [&PORTCULLIS_AGENT];
 
-/// The resource types served under `/Users` and `/Groups`.
+/// The resource types served under `/Users`, `/Groups`, `/Agents` and `/AgenticApplications`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ResourceType {
     User,
     Group,
+    Agent,
+    AgenticApplication,
 }
 
 impl ResourceType {
+    /// Every resource type, in `/ResourceTypes` order.
+    pub const ALL: [ResourceType; 4] = [
+        Self::User,
+        Self::Group,
+        Self::Agent,
+        Self::AgenticApplication,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::User => "User",
             Self::Group => "Group",
+            Self::Agent => "Agent",
+            Self::AgenticApplication => "AgenticApplication",
         }
     }
 
@@ -45,13 +66,44 @@ impl ResourceType {
         match self {
             Self::User => "/Users",
             Self::Group => "/Groups",
+            Self::Agent => "/Agents",
+            Self::AgenticApplication => "/AgenticApplications",
         }
+    }
+
+    /// The type whose endpoint is `/{segment}`.
+    pub fn from_endpoint(segment: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|rt| rt.endpoint().get(1..) == Some(segment))
+    }
+
+    /// The type called `name` (as in `/ResourceTypes/{name}` and a member's `type`).
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|rt| rt.name() == name)
+    }
+
+    /// The attribute that names a resource of this type, unique among them (compared
+    /// case-insensitively).
+    pub fn name_attribute(self) -> &'static str {
+        match self {
+            Self::User => "userName",
+            Self::Group => "displayName",
+            Self::Agent | Self::AgenticApplication => "name",
+        }
+    }
+
+    /// Whether a resource of this type can be a member of a Group.
+    pub fn can_be_member(self) -> bool {
+        self != Self::AgenticApplication
     }
 
     pub fn core_schema(self) -> &'static SchemaDef {
         match self {
             Self::User => &USER,
             Self::Group => &GROUP,
+            Self::Agent => &AGENT,
+            Self::AgenticApplication => &AGENTIC_APPLICATION,
         }
     }
 
@@ -59,7 +111,8 @@ impl ResourceType {
     pub fn extensions(self) -> &'static [&'static SchemaDef] {
         match self {
             Self::User => &USER_EXTENSIONS,
-            Self::Group => &[],
+            Self::Agent => &AGENT_EXTENSIONS,
+            Self::Group | Self::AgenticApplication => &[],
         }
     }
 
@@ -431,23 +484,7 @@ pub static USER: SchemaDef = SchemaDef {
                 .canonical(&["work", "home", "other"]),
             AttributeDef::new("primary", Boolean, "Whether this is the preferred address."),
         ]),
-        AttributeDef::new(
-            "groups",
-            Complex,
-            "Groups the user belongs to, directly or not.",
-        )
-        .multi()
-        .mutability(ReadOnly)
-        .sub(&[
-            string("value", "The identifier of the User's group.").mutability(ReadOnly),
-            AttributeDef::new("$ref", Reference, "The URI of the Group.")
-                .mutability(ReadOnly)
-                .refs(&["User", "Group"]),
-            string("display", "A human-readable name of the group.").mutability(ReadOnly),
-            string("type", "How the membership was derived.")
-                .mutability(ReadOnly)
-                .canonical(&["direct", "indirect"]),
-        ]),
+        GROUPS_OF_MEMBER,
         AttributeDef::new(
             "entitlements",
             Complex,
@@ -527,12 +564,274 @@ pub static GROUP: SchemaDef = SchemaDef {
                     .mutability(Immutable),
                 AttributeDef::new("$ref", Reference, "The URI of the member resource.")
                     .mutability(Immutable)
-                    .refs(&["User", "Group"]),
+                    .refs(&["User", "Group", "Agent"]),
                 string("display", "A human-readable name of the member.").mutability(ReadOnly),
+                // "Agent" is Portcullis' addition: the agent draft has agents in groups (its
+                // read-only `groups`) but no member type for them.
                 string("type", "The type of the member.")
                     .mutability(Immutable)
-                    .canonical(&["User", "Group"]),
+                    .canonical(&["User", "Group", "Agent"]),
             ]),
+    ],
+};
+
+/// A User's or Agent's read-only `groups`.
+const GROUPS_OF_MEMBER: AttributeDef = AttributeDef::new(
+    "groups",
+    Complex,
+    "Groups the resource belongs to, directly or not.",
+)
+.multi()
+.mutability(ReadOnly)
+.sub(&[
+    string("value", "The identifier of the group.").mutability(ReadOnly),
+    AttributeDef::new("$ref", Reference, "The URI of the Group.")
+        .mutability(ReadOnly)
+        .refs(&["User", "Group"]),
+    string("display", "A human-readable name of the group.").mutability(ReadOnly),
+    string("type", "How the membership was derived.")
+        .mutability(ReadOnly)
+        .canonical(&["direct", "indirect"]),
+]);
+
+/// `value`, `$ref`, `display` pointing at other resources.
+macro_rules! reference_subs {
+    ($mutability:expr, $types:expr) => {
+        &[
+            string("value", "The id of the referenced resource.")
+                .case_exact()
+                .mutability($mutability),
+            AttributeDef::new("$ref", Reference, "The URI of the referenced resource.")
+                .mutability($mutability)
+                .refs($types),
+            string(
+                "display",
+                "A human-readable name of the referenced resource.",
+            )
+            .mutability(ReadOnly),
+        ]
+    };
+}
+
+/// The Agent of draft-abbey-scim-agent-extension-00 §5.1 and §6.1, with `displayName` and
+/// `description`, which its prose has and its schema JSON lacks.
+///
+/// Where draft-wzdk-scim-agent-resource-00 differs: it calls the agent's identifier
+/// `agentUserName` rather than `name`, has no AgenticApplication resource (nor `applications`,
+/// `parent` or `protocols`), and its `owners` point at Users only. Portcullis serves the first
+/// draft's names; an IdP on the second maps `agentUserName` to `name`.
+pub static AGENT: SchemaDef = SchemaDef {
+    id: AGENT_SCHEMA,
+    name: "Agent",
+    description: "An AI agent",
+    is_extension: false,
+    attributes: &[
+        string(
+            "name",
+            "Unique identifier for the Agent, typically used by the agent to authenticate.",
+        )
+        .required()
+        .unique(),
+        string(
+            "displayName",
+            "The name of the Agent, suitable for display.",
+        ),
+        string("description", "What the Agent is for."),
+        string("agentType", "The kind of agent, such as 'Assistant'."),
+        AttributeDef::new("active", Boolean, "Whether the Agent may authenticate."),
+        GROUPS_OF_MEMBER,
+        AttributeDef::new("entitlements", Complex, "Entitlements of the Agent.")
+            .multi()
+            .sub(multi_value_subs!(
+                string("value", "The value of an entitlement."),
+                &[]
+            )),
+        AttributeDef::new("roles", Complex, "Roles of the Agent.")
+            .multi()
+            .sub(multi_value_subs!(
+                string("value", "The value of a role."),
+                &[]
+            )),
+        AttributeDef::new(
+            "x509Certificates",
+            Complex,
+            "Certificates issued to the Agent.",
+        )
+        .multi()
+        .sub(multi_value_subs!(
+            AttributeDef::new(
+                "value",
+                AttrType::Binary,
+                "The value of an X.509 certificate."
+            )
+            .case_exact(),
+            &[]
+        )),
+        // The draft makes `applications` and `owners` read-only without saying who sets them;
+        // Portcullis fills them from its extension (PORTCULLIS_AGENT), which an IdP can write.
+        AttributeDef::new(
+            "applications",
+            Complex,
+            "The AgenticApplications the Agent belongs to.",
+        )
+        .multi()
+        .mutability(ReadOnly)
+        .sub(reference_subs!(ReadOnly, &["AgenticApplication"])),
+        string(
+            "subject",
+            "The subject by which the Agent is known to a federated token issuer.",
+        )
+        .mutability(ReadOnly),
+        AttributeDef::new(
+            "owners",
+            Complex,
+            "The Users or Groups accountable for the Agent.",
+        )
+        .multi()
+        .mutability(ReadOnly)
+        .sub(reference_subs!(ReadOnly, &["User", "Group"])),
+        AttributeDef::new("protocols", Complex, "The protocols the Agent supports.")
+            .multi()
+            .mutability(ReadOnly)
+            .sub(&[
+                string("type", "The protocol, such as A2A, OpenAPI or MCP-Server.")
+                    .mutability(ReadOnly),
+                AttributeDef::new(
+                    "specificationUrl",
+                    Reference,
+                    "Where the protocol's description of the Agent is.",
+                )
+                .mutability(ReadOnly)
+                .refs(&["external"]),
+            ]),
+        AttributeDef::new("parent", Complex, "The Agent this one belongs to.")
+            .mutability(ReadOnly)
+            .sub(reference_subs!(ReadOnly, &["Agent"])),
+    ],
+};
+
+/// What decides whether an agent is admitted, settable by an IdP (see [`AGENT`]).
+pub static PORTCULLIS_AGENT: SchemaDef = SchemaDef {
+    id: PORTCULLIS_AGENT_SCHEMA,
+    name: "PortcullisAgent",
+    description: "Who answers for an Agent, where it runs, and until when it may act",
+    is_extension: true,
+    attributes: &[
+        AttributeDef::new(
+            "owners",
+            Complex,
+            "Users, or Groups whose members, accountable for the Agent: it is admitted only \
+             while one of them is an active User.",
+        )
+        .multi()
+        .sub(&[
+            string("value", "The id of the owning User or Group.").case_exact(),
+            AttributeDef::new("$ref", Reference, "The URI of the owner.").refs(&["User", "Group"]),
+            string("display", "A human-readable name of the owner.").mutability(ReadOnly),
+            string("type", "The type of the owner.").canonical(&["User", "Group"]),
+        ]),
+        AttributeDef::new(
+            "applications",
+            Complex,
+            "The AgenticApplications the Agent runs in: it is admitted only while all are \
+             active.",
+        )
+        .multi()
+        .sub(&[
+            string("value", "The id of the AgenticApplication.").case_exact(),
+            AttributeDef::new("$ref", Reference, "The URI of the AgenticApplication.")
+                .refs(&["AgenticApplication"]),
+            string("display", "A human-readable name of the application.").mutability(ReadOnly),
+        ]),
+        AttributeDef::new(
+            "expires",
+            DateTime,
+            "When the Agent stops being admitted, whatever else holds.",
+        ),
+    ],
+};
+
+/// The AgenticApplication of draft-abbey-scim-agent-extension-00 §5.2. That draft describes
+/// its attributes in prose only; their characteristics here follow the authors' later
+/// editor's copy.
+pub static AGENTIC_APPLICATION: SchemaDef = SchemaDef {
+    id: AGENTIC_APPLICATION_SCHEMA,
+    name: "AgenticApplication",
+    description: "Applications that host or provide access to agents",
+    is_extension: false,
+    attributes: &[
+        string("name", "The name of the Agentic Application.")
+            .required()
+            .unique(),
+        string(
+            "displayName",
+            "The name of the application, suitable for display.",
+        ),
+        string("description", "What the application is for."),
+        AttributeDef::new(
+            "active",
+            Boolean,
+            "Whether the application is operational: agents in an inactive one are refused.",
+        ),
+        AttributeDef::new("applicationUrls", Complex, "URLs of the application.")
+            .multi()
+            .sub(&[
+                string("value", "The URL."),
+                string("type", "What the URL is for.").canonical(&[
+                    "ssoEndpoint",
+                    "loginPage",
+                    "api",
+                    "homepage",
+                ]),
+                AttributeDef::new("primary", Boolean, "Whether this is the preferred URL."),
+                string("description", "What the URL is for, in words."),
+            ]),
+        AttributeDef::new(
+            "lastAccessed",
+            DateTime,
+            "When an agent or user last used the application.",
+        )
+        .mutability(ReadOnly),
+        AttributeDef::new(
+            "oAuthConfiguration",
+            Complex,
+            "How the application takes part in OAuth.",
+        )
+        .multi()
+        .sub(&[
+            string("clientId", "The OAuth client identifier (RFC 6749 §2.2)."),
+            string("description", "What this configuration is for."),
+            string("audienceUri", "The audience (RFC 7519 §4.1.3)."),
+            string("issuerUri", "The issuer (RFC 7519 §4.1.1)."),
+            AttributeDef::new("redirectUri", Reference, "Redirection endpoints.")
+                .multi()
+                .refs(&["uri"]),
+        ]),
+        AttributeDef::new("agents", Complex, "Agents the application exposes.")
+            .multi()
+            .sub(&[
+                string("value", "The id of the Agent.").case_exact(),
+                AttributeDef::new("$ref", Reference, "The URI of the Agent.")
+                    .mutability(ReadOnly)
+                    .refs(&["Agent"]),
+                string("display", "The name of the Agent.").mutability(ReadOnly),
+                string("type", "How the application relates to the Agent.").canonical(&[
+                    "owned",
+                    "authorized",
+                    "guest",
+                ]),
+            ]),
+        AttributeDef::new(
+            "externalIdentifiers",
+            Complex,
+            "Identifiers of the application in other systems.",
+        )
+        .multi()
+        .sub(&[
+            string("type", "The kind of identifier."),
+            string("value", "The identifier."),
+            string("system", "The system that assigned it."),
+        ]),
     ],
 };
 
@@ -632,8 +931,15 @@ pub fn schema_json(schema: &SchemaDef, base: &str) -> Value {
 }
 
 /// Every schema served, in `/Schemas` order.
-pub fn all_schemas() -> [&'static SchemaDef; 3] {
-    [&USER, &ENTERPRISE_USER, &GROUP]
+pub fn all_schemas() -> [&'static SchemaDef; 6] {
+    [
+        &USER,
+        &ENTERPRISE_USER,
+        &GROUP,
+        &AGENT,
+        &PORTCULLIS_AGENT,
+        &AGENTIC_APPLICATION,
+    ]
 }
 
 /// The `/Schemas` resources (wrap them in a ListResponse to answer `GET /Schemas`).
@@ -666,9 +972,10 @@ pub fn resource_type_json(rt: ResourceType, base: &str) -> Value {
     })
 }
 
-/// The `/ResourceTypes` resources: User (with the enterprise extension) and Group.
+/// The `/ResourceTypes` resources: User (with the enterprise extension), Group, Agent (with
+/// Portcullis' extension) and AgenticApplication.
 pub fn resource_types_json(base: &str) -> Vec<Value> {
-    [ResourceType::User, ResourceType::Group]
+    ResourceType::ALL
         .into_iter()
         .map(|rt| resource_type_json(rt, base))
         .collect()
@@ -767,7 +1074,7 @@ mod tests {
     #[test]
     fn schemas_document_follows_rfc_7643_section_7() {
         let docs = schemas_json("https://auth.example.com/scim/v2");
-        assert_eq!(docs.len(), 3);
+        assert_eq!(docs.len(), 6);
         let user = &docs[0];
         assert_eq!(user["schemas"], json!([SCHEMA_SCHEMA]));
         assert_eq!(user["id"], USER_SCHEMA);
@@ -805,6 +1112,34 @@ mod tests {
         assert_eq!(profile["referenceTypes"], json!(["external"]));
         assert_eq!(docs[1]["id"], ENTERPRISE_USER_SCHEMA);
         assert_eq!(docs[2]["attributes"][1]["subAttributes"][1]["name"], "$ref");
+        assert_eq!(docs[3]["id"], AGENT_SCHEMA);
+        let agent_name = &docs[3]["attributes"][0];
+        assert_eq!(
+            (
+                &agent_name["name"],
+                &agent_name["required"],
+                &agent_name["uniqueness"]
+            ),
+            (&json!("name"), &json!(true), &json!("server"))
+        );
+    }
+
+    #[test]
+    fn agents_keep_the_drafts_read_only_links_and_take_them_through_the_extension() {
+        let agent = ResourceType::Agent;
+        let owners = resolve(agent, &path("owners")).unwrap();
+        assert!(owners.is_read_only());
+        let urn = format!("{PORTCULLIS_AGENT_SCHEMA}:owners");
+        let writable = resolve(agent, &path(&urn)).unwrap();
+        assert!(!writable.is_read_only() && writable.multi_valued);
+        let expires = resolve(agent, &path(&format!("{PORTCULLIS_AGENT_SCHEMA}:expires")));
+        assert_eq!(expires.map(|e| e.ty), Some(DateTime));
+        assert_eq!(
+            ResourceType::from_endpoint("AgenticApplications"),
+            Some(ResourceType::AgenticApplication)
+        );
+        assert_eq!(ResourceType::named("Agent"), Some(agent));
+        assert!(!ResourceType::AgenticApplication.can_be_member());
     }
 
     #[test]

@@ -24,9 +24,11 @@ use crate::patch::{parse_patch_request, OpKind, PatchOp};
 use crate::project::Projection;
 use crate::schema::{
     all_schemas, resource_type_json, resource_types_json, schema_json, ResourceType,
+    PORTCULLIS_AGENT_SCHEMA,
 };
 use crate::store::{Command, Directory, Query, Record, SortOrder, Written};
 use crate::validate::{validate_resource, Mode};
+use crate::value::get_ci;
 
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 pub const SEARCH_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:SearchRequest";
@@ -109,10 +111,7 @@ fn version_of(record: &Record) -> Option<String> {
 }
 
 fn endpoint(rt: ResourceType) -> &'static str {
-    match rt {
-        ResourceType::User => "Users",
-        ResourceType::Group => "Groups",
-    }
+    rt.endpoint().trim_start_matches('/')
 }
 
 /// The query parameters that shape a listing, from a query string or a SearchRequest body.
@@ -228,7 +227,7 @@ impl ScimService {
             (["ServiceProviderConfig"], &Method::GET) => Ok(self.service_provider_config(req)),
             (["ResourceTypes"], &Method::GET) => Ok(list_of(resource_types_json(req.base_url))),
             (["ResourceTypes", name], &Method::GET) => {
-                let rt = resource_type_named(name).ok_or_else(|| not_found(name))?;
+                let rt = ResourceType::named(name).ok_or_else(|| not_found(name))?;
                 Ok(ScimResponse::json(
                     200,
                     resource_type_json(rt, req.base_url),
@@ -256,7 +255,7 @@ impl ScimService {
                 Err(method_not_allowed(method, req.path))
             }
             ([kind, rest @ ..], _) => {
-                let rt = resource_type_for_endpoint(kind)
+                let rt = ResourceType::from_endpoint(kind)
                     .ok_or_else(|| not_found(format!("/{kind}")))?;
                 match (rest, method) {
                     ([], &Method::GET) => {
@@ -329,6 +328,9 @@ impl ScimService {
                 "changePassword": {"supported": true},
                 "sort": {"supported": true},
                 "etag": {"supported": true},
+                // No `agentExtension` (draft-abbey-scim-agent-extension-00 §4.1): strict RFC
+                // 7643 clients refuse an attribute the ServiceProviderConfig schema lacks.
+                // Agents and AgenticApplications are announced in /ResourceTypes instead.
                 "authenticationSchemes": [{
                     "type": "oauthbearertoken",
                     "name": "Bearer token",
@@ -445,7 +447,7 @@ impl ScimService {
             count: None,
             ..query.clone()
         };
-        for rt in [ResourceType::User, ResourceType::Group] {
+        for rt in ResourceType::ALL {
             let page = self.directory.query(rt, &all)?;
             total += page.total;
             let projection = params.projection(rt);
@@ -509,7 +511,7 @@ impl ScimService {
                     .collect();
                 obj.insert("members".to_owned(), Value::Array(members));
             }
-            ResourceType::User if projection.includes("groups") => {
+            ResourceType::User | ResourceType::Agent if projection.includes("groups") => {
                 let groups: Vec<Value> = self
                     .directory
                     .groups_of(&id)
@@ -529,7 +531,45 @@ impl ScimService {
             }
             _ => {}
         }
+        if rt == ResourceType::Agent {
+            self.mirror_agent_links(base, obj);
+        }
         projection.apply(&resource)
+    }
+
+    /// The draft's read-only `owners` and `applications`, filled from Portcullis' extension,
+    /// where the IdP sets them (see [`crate::schema::AGENT`]).
+    fn mirror_agent_links(&self, base: &str, agent: &mut Map<String, Value>) {
+        let Some(extension) = get_ci(agent, PORTCULLIS_AGENT_SCHEMA).and_then(Value::as_object)
+        else {
+            return;
+        };
+        let mut mirrored = Vec::new();
+        for name in ["owners", "applications"] {
+            let links: Vec<Value> = get_ci(extension, name)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|link| {
+                    let id = link.get("value").and_then(Value::as_str)?;
+                    let mut out = Map::new();
+                    out.insert("value".to_owned(), json!(id));
+                    if let Some(rt) = self.directory.kind_of(id) {
+                        out.insert(
+                            "$ref".to_owned(),
+                            json!(format!("{base}/{}/{id}", endpoint(rt))),
+                        );
+                    }
+                    Some(Value::Object(out))
+                })
+                .collect();
+            if !links.is_empty() {
+                mirrored.push((name, links));
+            }
+        }
+        for (name, links) in mirrored {
+            agent.insert(name.to_owned(), Value::Array(links));
+        }
     }
 
     fn written(
@@ -756,8 +796,8 @@ impl ScimService {
         let if_match = op.get("version").and_then(Value::as_str);
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let (rt, id) = match segments.as_slice() {
-            [kind] => (resource_type_for_endpoint(kind), None),
-            [kind, id] => (resource_type_for_endpoint(kind), Some(*id)),
+            [kind] => (ResourceType::from_endpoint(kind), None),
+            [kind, id] => (ResourceType::from_endpoint(kind), Some(*id)),
             _ => (None, None),
         };
         let rt = rt.ok_or_else(|| not_found(&path))?;
@@ -813,22 +853,6 @@ fn parse_json(body: &[u8]) -> Result<Value> {
         return Err(syntax("the request needs a JSON body"));
     }
     serde_json::from_slice(body).map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
-}
-
-fn resource_type_for_endpoint(segment: &str) -> Option<ResourceType> {
-    match segment {
-        "Users" => Some(ResourceType::User),
-        "Groups" => Some(ResourceType::Group),
-        _ => None,
-    }
-}
-
-fn resource_type_named(name: &str) -> Option<ResourceType> {
-    match name {
-        "User" => Some(ResourceType::User),
-        "Group" => Some(ResourceType::Group),
-        _ => None,
-    }
 }
 
 fn take_password(resource: &mut Value) -> Option<String> {

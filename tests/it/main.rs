@@ -21,6 +21,7 @@ mod proxying;
 mod reload;
 mod replicas;
 mod routing;
+mod scim_agents;
 mod scim_crash;
 mod scim_entra;
 mod scim_okta;

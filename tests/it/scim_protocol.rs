@@ -60,7 +60,7 @@ async fn discovery_describes_users_groups_and_the_enterprise_extension() {
 
     let types = scim.get("/ResourceTypes").await.expect(200);
     assert_eq!(types.body["schemas"], json!([LIST_RESPONSE_SCHEMA]));
-    assert_eq!(types.body["totalResults"], 2, "{}", types.text);
+    assert_eq!(types.body["totalResults"], 4, "{}", types.text);
     let resources = types.resources();
     let user_type = resources
         .iter()

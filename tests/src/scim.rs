@@ -14,6 +14,10 @@ pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
 pub const ENTERPRISE_USER_SCHEMA: &str =
     "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+pub const AGENT_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Agent";
+pub const AGENTIC_APPLICATION_SCHEMA: &str =
+    "urn:ietf:params:scim:schemas:core:2.0:AgenticApplication";
+pub const PORTCULLIS_AGENT_SCHEMA: &str = "urn:portcullis:params:scim:schemas:extension:2.0:Agent";
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 pub const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
@@ -288,6 +292,18 @@ impl ScimClient {
             .expect(201)
     }
 
+    /// Creates an Agent (see [`agent`]); panics unless 201.
+    pub async fn create_agent(
+        &self,
+        name: &str,
+        owners: &[&str],
+        applications: &[&str],
+    ) -> ScimResponse {
+        self.post("/Agents", &agent(name, owners, applications))
+            .await
+            .expect(201)
+    }
+
     /// The ids of a Group's members, as `GET /Groups/{id}` shows them, sorted.
     pub async fn member_ids(&self, group_id: &str) -> Vec<String> {
         let resp = self.get(&format!("/Groups/{group_id}")).await.expect(200);
@@ -318,6 +334,28 @@ pub fn user(user_name: &str) -> Value {
 pub fn group(display_name: &str, members: &[&str]) -> Value {
     let members: Vec<Value> = members.iter().map(|id| json!({"value": id})).collect();
     json!({"schemas": [GROUP_SCHEMA], "displayName": display_name, "members": members})
+}
+
+/// An Agent body owned by these Users or Groups (ids) and running in these
+/// AgenticApplications (ids), its `externalId` `client-{name}`.
+pub fn agent(name: &str, owners: &[&str], applications: &[&str]) -> Value {
+    let links = |ids: &[&str]| {
+        ids.iter()
+            .map(|id| json!({"value": id}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "schemas": [AGENT_SCHEMA, PORTCULLIS_AGENT_SCHEMA],
+        "name": name,
+        "externalId": format!("client-{name}"),
+        "active": true,
+        PORTCULLIS_AGENT_SCHEMA: {"owners": links(owners), "applications": links(applications)},
+    })
+}
+
+/// An AgenticApplication body.
+pub fn agentic_application(name: &str) -> Value {
+    json!({"schemas": [AGENTIC_APPLICATION_SCHEMA], "name": name, "active": true})
 }
 
 /// A PatchOp body around `operations` (a JSON array).

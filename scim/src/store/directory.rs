@@ -10,7 +10,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::index::{fold, format_id, GroupEntry, Id, Index, Retired, UserEntry};
+use super::index::{
+    fold, format_id, AgentEntry, AgentRefusal, GroupEntry, Id, Index, Retired, UserEntry,
+};
 use super::writer::Overlay;
 use super::{
     Batch, Change, Command, Entry, Feed, Loaded, Record, Row, Seq, Storage, StoreError, Written,
@@ -145,6 +147,58 @@ impl<'a> Lookup<'a> {
 pub struct SubjectView<'a> {
     pub user: &'a UserEntry,
     pub groups: Vec<&'a GroupEntry>,
+}
+
+/// How the proxy finds a caller's SCIM Agent.
+#[derive(Debug, Clone, Copy)]
+pub enum AgentKey<'a> {
+    /// `name`, case-insensitively.
+    Name(&'a str),
+    /// `externalId`, exactly; must name exactly one agent.
+    ExternalId(&'a str),
+}
+
+/// What the directory knows of an agent.
+pub enum AgentLookup<'a> {
+    Found(AgentView<'a>),
+    /// No agent has this identifier, and no deleted agent had it.
+    Unknown,
+    /// Several agents have this `externalId`: refused rather than guessed.
+    Ambiguous(usize),
+    /// No agent has it now, but one the IdP deleted had it.
+    Deleted,
+}
+
+/// An agent as the authorization path sees it, with its owner chain judged.
+pub struct AgentView<'a> {
+    pub agent: &'a AgentEntry,
+    /// Every group the agent is in, directly or through nested groups.
+    pub groups: Vec<&'a GroupEntry>,
+    /// Whether it may act now (see [`Index::agent_standing`]).
+    pub standing: Result<(), AgentRefusal>,
+    /// The owners it stands through: active owning users, and owning groups with an active
+    /// member.
+    pub owners: Vec<Owner<'a>>,
+    /// The groups those owners are in: an owning user's groups, and an owning group with the
+    /// groups it is in (its active member is in all of them).
+    pub owner_groups: Vec<&'a GroupEntry>,
+}
+
+/// One owner an agent stands through.
+#[derive(Debug, Clone, Copy)]
+pub enum Owner<'a> {
+    User(&'a UserEntry),
+    Group(&'a GroupEntry),
+}
+
+impl Owner<'_> {
+    /// The owner's `userName`, or the group's `displayName`.
+    pub fn name(&self) -> &str {
+        match self {
+            Owner::User(user) => &user.user_name,
+            Owner::Group(group) => &group.display_name,
+        }
+    }
 }
 
 /// One member of a group, for rendering `members`.
@@ -372,6 +426,67 @@ impl Directory {
         f(lookup)
     }
 
+    /// Runs `f` on the agent `key` finds, its owner chain judged at Unix time `now`, under one
+    /// consistent view of the directory (as [`Directory::with_subject`]).
+    pub fn with_agent<R>(
+        &self,
+        key: AgentKey<'_>,
+        now: i64,
+        f: impl FnOnce(AgentLookup<'_>) -> R,
+    ) -> R {
+        let index = self.index();
+        let found = |row: Row| {
+            let Some(agent) = index.agent(row) else {
+                return AgentLookup::Unknown;
+            };
+            let group = |row: Row| index.group(row);
+            let mut owners = Vec::new();
+            let mut owner_rows = Vec::new();
+            for (rt, row) in index.active_owners(agent) {
+                match rt {
+                    ResourceType::User => {
+                        owners.extend(index.user(row).map(Owner::User));
+                        owner_rows.extend(index.groups_of(row).into_iter().map(|(g, _)| g));
+                    }
+                    _ => {
+                        owners.extend(group(row).map(Owner::Group));
+                        owner_rows.push(row);
+                        owner_rows.extend(index.groups_of(row).into_iter().map(|(g, _)| g));
+                    }
+                }
+            }
+            owner_rows.sort_unstable();
+            owner_rows.dedup();
+            AgentLookup::Found(AgentView {
+                agent,
+                groups: index
+                    .groups_of(row)
+                    .into_iter()
+                    .filter_map(|(g, _)| group(g))
+                    .collect(),
+                standing: index.agent_standing(agent, now),
+                owners,
+                owner_groups: owner_rows.into_iter().filter_map(group).collect(),
+            })
+        };
+        let missed = |kind: Retired, value: &str| match index.was_deleted(kind, value) {
+            true => AgentLookup::Deleted,
+            false => AgentLookup::Unknown,
+        };
+        let lookup = match key {
+            AgentKey::Name(name) => match index.agent_by_name(name) {
+                Some(row) => found(row),
+                None => missed(Retired::AgentName, name),
+            },
+            AgentKey::ExternalId(id) => match index.agents_by_external_id(id).as_slice() {
+                [row] => found(*row),
+                [] => missed(Retired::AgentExternalId, id),
+                more => AgentLookup::Ambiguous(more.len()),
+            },
+        };
+        f(lookup)
+    }
+
     /// The user whose `userName` is `user_name` (case-insensitively).
     pub fn user_by_name(&self, user_name: &str) -> Option<UserStatus> {
         let index = self.index();
@@ -382,6 +497,11 @@ impl Directory {
             id: entry.id,
             active: entry.active,
         })
+    }
+
+    /// The type of the resource whose id is `id`, if there is one.
+    pub fn kind_of(&self, id: &str) -> Option<ResourceType> {
+        self.index().row_of(id).map(|(rt, _)| rt)
     }
 
     pub fn get(&self, rt: ResourceType, id: &str) -> Result<Option<Record>, ScimError> {
@@ -414,6 +534,12 @@ impl Directory {
                         id: format_id(user.id),
                         rt: ResourceType::User,
                         display: None,
+                    })
+                } else if let Some(agent) = index.agent(member) {
+                    Some(Member {
+                        id: format_id(agent.id),
+                        rt: ResourceType::Agent,
+                        display: Some(agent.name.to_string()),
                     })
                 } else {
                     index.group(member).map(|group| Member {
@@ -524,7 +650,8 @@ impl Directory {
                 let id = index
                     .user(m)
                     .map(|u| u.id)
-                    .or_else(|| index.group(m).map(|g| g.id))?;
+                    .or_else(|| index.group(m).map(|g| g.id))
+                    .or_else(|| index.agent(m).map(|a| a.id))?;
                 Some(json!({ "value": format_id(id) }))
             })
             .collect();
@@ -634,6 +761,18 @@ fn lookup(
                     .unwrap_or_default(),
             )
         }
+        ResourceType::Agent if is("name") && sub.is_none() => {
+            Some(index.agent_by_name(value).into_iter().collect())
+        }
+        ResourceType::Agent if is("externalId") && sub.is_none() => {
+            Some(index.agents_by_external_id(value))
+        }
+        ResourceType::AgenticApplication if is("name") && sub.is_none() => Some(
+            index
+                .application_by_folded_name(&fold(value))
+                .into_iter()
+                .collect(),
+        ),
         _ if is("id") && sub.is_none() => Some(
             index
                 .row_of(value)

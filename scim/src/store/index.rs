@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Batch, Record, Row, Seq};
-use crate::schema::ResourceType;
+use crate::schema::{ResourceType, PORTCULLIS_AGENT_SCHEMA};
 use crate::value::get_ci;
 
 /// A resource id in compact form. Ids are UUIDs assigned by the writer; holding them as 16
@@ -55,6 +55,38 @@ pub struct GroupEntry {
     pub parents: Vec<Row>,
 }
 
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    pub id: Id,
+    /// `name`, as given; unique compared case-insensitively.
+    pub name: Box<str>,
+    pub external_id: Option<Box<str>>,
+    pub active: bool,
+    /// Unix time from which the agent is refused (the Portcullis extension's `expires`; an
+    /// unreadable one is in the past).
+    pub expires: Option<i64>,
+    /// The ids of its AgenticApplications (the Portcullis extension's `applications`); an id
+    /// that is not a Portcullis id is kept as [`NO_ID`], which names nothing.
+    pub applications: Box<[Id]>,
+    /// The ids of its owners, Users or Groups (the Portcullis extension's `owners`).
+    pub owners: Box<[Id]>,
+    pub version: Seq,
+    /// The groups this agent is directly in.
+    pub parents: Vec<Row>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplicationEntry {
+    pub id: Id,
+    pub name: Box<str>,
+    pub external_id: Option<Box<str>>,
+    pub active: bool,
+    pub version: Seq,
+}
+
+/// The nil UUID: the writer assigns random (v4) ids only, so it is nobody's.
+pub const NO_ID: Id = 0;
+
 /// One row of the directory. Rows are dense (creation order), so the index is a vector.
 #[derive(Debug, Clone, Default)]
 enum Slot {
@@ -62,6 +94,55 @@ enum Slot {
     Empty,
     User(UserEntry),
     Group(GroupEntry),
+    Agent(AgentEntry),
+    Application(ApplicationEntry),
+}
+
+impl Slot {
+    fn kind(&self) -> Option<ResourceType> {
+        match self {
+            Slot::Empty => None,
+            Slot::User(_) => Some(ResourceType::User),
+            Slot::Group(_) => Some(ResourceType::Group),
+            Slot::Agent(_) => Some(ResourceType::Agent),
+            Slot::Application(_) => Some(ResourceType::AgenticApplication),
+        }
+    }
+
+    /// The groups a user, group or agent is directly in.
+    fn parents_mut(&mut self) -> Option<&mut Vec<Row>> {
+        match self {
+            Slot::User(user) => Some(&mut user.parents),
+            Slot::Group(group) => Some(&mut group.parents),
+            Slot::Agent(agent) => Some(&mut agent.parents),
+            Slot::Empty | Slot::Application(_) => None,
+        }
+    }
+}
+
+/// Why an agent is not admitted ([`Index::agent_standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentRefusal {
+    /// The agent itself is deactivated.
+    Inactive,
+    /// Its `expires` has passed.
+    Expired,
+    /// One of its AgenticApplications is deactivated or gone.
+    ApplicationInactive,
+    /// None of its owners is an active user (directly, or as an active member of an owning
+    /// group).
+    NoActiveOwner,
+}
+
+impl AgentRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inactive => "the agent is deactivated",
+            Self::Expired => "the agent has expired",
+            Self::ApplicationInactive => "the agent's application is deactivated or deleted",
+            Self::NoActiveOwner => "no owner of the agent is an active user",
+        }
+    }
 }
 
 /// A hasher for keys that already are hashes (the secondary indexes below).
@@ -153,8 +234,8 @@ pub struct Index {
     pub(super) seq: Seq,
     pub(super) next_row: Row,
     slots: Vec<Slot>,
-    user_count: usize,
-    group_count: usize,
+    /// How many resources of each type, by `ResourceType as usize`.
+    counts: [usize; 4],
     ids: PreHashedMap<Id, Row>,
     /// Seeded per process, so nobody can aim keys at one hash bucket.
     hasher: foldhash::quality::RandomState,
@@ -164,19 +245,26 @@ pub struct Index {
     /// Group `displayName`, case-folded: unique.
     group_by_name: HashIndex,
     group_by_external_id: HashIndex,
-    /// Group → its direct members (users and groups).
+    /// Agent `name`, case-folded: unique.
+    agent_by_name: HashIndex,
+    agent_by_external_id: HashIndex,
+    /// AgenticApplication `name`, case-folded: unique.
+    application_by_name: HashIndex,
+    /// Group → its direct members (users, groups and agents).
     members: HashMap<Row, HashSet<Row, foldhash::fast::RandomState>, foldhash::fast::RandomState>,
-    /// The identifiers of deleted users, hashed with their kind (see [`Retired`]). A hash
-    /// collision can only make a stranger look deleted: refused, never admitted.
+    /// The identifiers of deleted users and agents, hashed with their kind (see [`Retired`]).
+    /// A hash collision can only make a stranger look deleted: refused, never admitted.
     retired: HashSet<u64, BuildHasherDefault<PreHashed>>,
 }
 
-/// Which identifier of a deleted user a retired key hashes.
+/// Which identifier of a deleted user or agent a retired key hashes.
 #[derive(Clone, Copy, Hash)]
 pub enum Retired {
     UserName,
     Email,
     ExternalId,
+    AgentName,
+    AgentExternalId,
 }
 
 impl Default for Index {
@@ -185,8 +273,7 @@ impl Default for Index {
             seq: 0,
             next_row: 1,
             slots: Vec::new(),
-            user_count: 0,
-            group_count: 0,
+            counts: [0; 4],
             ids: PreHashedMap::default(),
             hasher: foldhash::quality::RandomState::default(),
             user_by_name: HashIndex::default(),
@@ -194,6 +281,9 @@ impl Default for Index {
             user_by_email: HashIndex::default(),
             group_by_name: HashIndex::default(),
             group_by_external_id: HashIndex::default(),
+            agent_by_name: HashIndex::default(),
+            agent_by_external_id: HashIndex::default(),
+            application_by_name: HashIndex::default(),
             members: HashMap::default(),
             retired: HashSet::default(),
         }
@@ -204,8 +294,7 @@ impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Index")
             .field("seq", &self.seq)
-            .field("users", &self.user_count)
-            .field("groups", &self.group_count)
+            .field("counts", &self.counts)
             .finish_non_exhaustive()
     }
 }
@@ -285,6 +374,61 @@ pub fn group_entry(record: &Record) -> Option<GroupEntry> {
     })
 }
 
+/// The `value`s of the Portcullis extension's `name` links (`owners`, `applications`).
+fn linked_ids(extension: Option<&serde_json::Map<String, Value>>, name: &str) -> Box<[Id]> {
+    extension
+        .and_then(|e| get_ci(e, name))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|link| link.as_object().and_then(|l| get_ci(l, "value")))
+        .map(|value| value.as_str().and_then(parse_id).unwrap_or(NO_ID))
+        .collect()
+}
+
+fn active_of(resource: &serde_json::Map<String, Value>) -> bool {
+    // Without `active`, a resource is active (RFC 7643 leaves the default to the provider).
+    get_ci(resource, "active")
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+}
+
+pub fn agent_entry(record: &Record) -> Option<AgentEntry> {
+    let resource = record.resource.as_object()?;
+    let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
+    let extension = get_ci(resource, PORTCULLIS_AGENT_SCHEMA).and_then(Value::as_object);
+    let expires = extension.and_then(|e| get_ci(e, "expires")).map(|at| {
+        at.as_str()
+            .and_then(|at| {
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map_or(i64::MIN, |at| at.unix_timestamp())
+    });
+    Some(AgentEntry {
+        id: parse_id(text("id")?)?,
+        name: Box::from(text("name")?),
+        external_id: text("externalId").map(Box::from),
+        active: active_of(resource),
+        expires,
+        applications: linked_ids(extension, "applications"),
+        owners: linked_ids(extension, "owners"),
+        version: version_of(&record.resource),
+        parents: Vec::new(),
+    })
+}
+
+pub fn application_entry(record: &Record) -> Option<ApplicationEntry> {
+    let resource = record.resource.as_object()?;
+    let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
+    Some(ApplicationEntry {
+        id: parse_id(text("id")?)?,
+        name: Box::from(text("name")?),
+        external_id: text("externalId").map(Box::from),
+        active: active_of(resource),
+        version: version_of(&record.resource),
+    })
+}
+
 impl Index {
     fn key(&self, s: &str) -> u64 {
         self.hasher.hash_one(s)
@@ -311,20 +455,34 @@ impl Index {
     }
 
     pub fn user_count(&self) -> usize {
-        self.user_count
+        self.count(ResourceType::User)
     }
 
     pub fn group_count(&self) -> usize {
-        self.group_count
+        self.count(ResourceType::Group)
+    }
+
+    pub fn count(&self, rt: ResourceType) -> usize {
+        self.counts.get(rt as usize).copied().unwrap_or(0)
+    }
+
+    fn counted(&mut self, rt: ResourceType, added: bool) {
+        if let Some(count) = self.counts.get_mut(rt as usize) {
+            *count = if added {
+                *count + 1
+            } else {
+                count.saturating_sub(1)
+            };
+        }
     }
 
     pub fn row_of(&self, id: &str) -> Option<(ResourceType, Row)> {
-        let row = *self.ids.get(&parse_id(id)?)?;
-        match self.slot(row) {
-            Slot::User(_) => Some((ResourceType::User, row)),
-            Slot::Group(_) => Some((ResourceType::Group, row)),
-            Slot::Empty => None,
-        }
+        self.row_of_id(parse_id(id)?)
+    }
+
+    pub fn row_of_id(&self, id: Id) -> Option<(ResourceType, Row)> {
+        let row = *self.ids.get(&id)?;
+        Some((self.slot(row).kind()?, row))
     }
 
     pub fn user(&self, row: Row) -> Option<&UserEntry> {
@@ -341,15 +499,123 @@ impl Index {
         }
     }
 
-    /// Rows of every user (or group), in creation order.
+    pub fn agent(&self, row: Row) -> Option<&AgentEntry> {
+        match self.slot(row) {
+            Slot::Agent(agent) => Some(agent),
+            _ => None,
+        }
+    }
+
+    pub fn application(&self, row: Row) -> Option<&ApplicationEntry> {
+        match self.slot(row) {
+            Slot::Application(application) => Some(application),
+            _ => None,
+        }
+    }
+
+    /// Rows of every resource of type `rt`, in creation order.
     pub fn rows(&self, rt: ResourceType) -> impl Iterator<Item = Row> + '_ {
-        self.slots.iter().enumerate().filter_map(move |(i, slot)| {
-            let wanted = matches!(
-                (rt, slot),
-                (ResourceType::User, Slot::User(_)) | (ResourceType::Group, Slot::Group(_))
-            );
-            wanted.then_some(i as Row)
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, slot)| (slot.kind() == Some(rt)).then_some(i as Row))
+    }
+
+    /// The agent whose `name` is `name`, case-insensitively.
+    pub fn agent_by_name(&self, name: &str) -> Option<Row> {
+        let name = folded(name);
+        self.agent_by_name
+            .get(self.key(&name))
+            .find(|&row| self.agent(row).is_some_and(|a| folded(&a.name) == name))
+    }
+
+    pub fn agents_by_external_id(&self, external_id: &str) -> Vec<Row> {
+        self.agent_by_external_id
+            .get(self.key(external_id))
+            .filter(|&row| {
+                self.agent(row)
+                    .is_some_and(|a| a.external_id.as_deref() == Some(external_id))
+            })
+            .collect()
+    }
+
+    /// The AgenticApplication whose folded `name` is `folded`.
+    pub fn application_by_folded_name(&self, folded: &str) -> Option<Row> {
+        self.application_by_name.get(self.key(folded)).find(|&row| {
+            self.application(row)
+                .is_some_and(|a| self::folded(&a.name) == folded)
         })
+    }
+
+    /// The resource of type `rt` whose folded unique name is `folded`.
+    pub fn by_folded_name(&self, rt: ResourceType, folded: &str) -> Option<Row> {
+        match rt {
+            ResourceType::User => self.user_by_folded_name(folded),
+            ResourceType::Group => self.group_by_folded_name(folded),
+            ResourceType::Agent => self.agent_by_name(folded),
+            ResourceType::AgenticApplication => self.application_by_folded_name(folded),
+        }
+    }
+
+    /// Whether `agent` may act now (`now`: Unix time), by the owner chain: it is active and
+    /// not expired, every AgenticApplication it names is active, and at least one of its
+    /// owners is an active user (directly, or through an owning group's members).
+    pub fn agent_standing(&self, agent: &AgentEntry, now: i64) -> Result<(), AgentRefusal> {
+        if !agent.active {
+            return Err(AgentRefusal::Inactive);
+        }
+        if agent.expires.is_some_and(|expires| expires <= now) {
+            return Err(AgentRefusal::Expired);
+        }
+        let application_active = |&id: &Id| {
+            let row = self.ids.get(&id);
+            row.and_then(|&row| self.application(row))
+                .is_some_and(|a| a.active)
+        };
+        if !agent.applications.iter().all(application_active) {
+            return Err(AgentRefusal::ApplicationInactive);
+        }
+        if self.active_owners(agent).next().is_none() {
+            return Err(AgentRefusal::NoActiveOwner);
+        }
+        Ok(())
+    }
+
+    /// The owners of `agent` through which it stands: each owning User that is active, and
+    /// each owning Group with an active user among its members (nested groups included).
+    pub fn active_owners<'a>(
+        &'a self,
+        agent: &'a AgentEntry,
+    ) -> impl Iterator<Item = (ResourceType, Row)> + 'a {
+        agent.owners.iter().filter_map(|id| {
+            let (rt, row) = self.row_of_id(*id)?;
+            let stands = match rt {
+                ResourceType::User => self.user(row).is_some_and(|u| u.active),
+                ResourceType::Group => self.has_active_user(row),
+                ResourceType::Agent | ResourceType::AgenticApplication => false,
+            };
+            stands.then_some((rt, row))
+        })
+    }
+
+    /// Whether some active user is in `group`, directly or through nested groups. Stops at
+    /// the first one found, so a group of mostly active users answers at once.
+    fn has_active_user(&self, group: Row) -> bool {
+        let mut seen = HashSet::new();
+        let mut stack = vec![group];
+        while let Some(group) = stack.pop() {
+            if !seen.insert(group) {
+                continue;
+            }
+            for member in self.members_of(group) {
+                match self.slot(member) {
+                    Slot::User(user) if user.active => return true,
+                    Slot::Group(_) => stack.push(member),
+                    _ => {}
+                }
+            }
+        }
+        false
     }
 
     /// The user whose folded `userName` is `folded`.
@@ -367,8 +633,8 @@ impl Index {
     /// case-insensitively, `externalId` exactly).
     pub fn was_deleted(&self, kind: Retired, value: &str) -> bool {
         let value = match kind {
-            Retired::ExternalId => Cow::Borrowed(value),
-            Retired::UserName | Retired::Email => folded(value),
+            Retired::ExternalId | Retired::AgentExternalId => Cow::Borrowed(value),
+            Retired::UserName | Retired::Email | Retired::AgentName => folded(value),
         };
         self.retired.contains(&self.retired_key(kind, &value))
     }
@@ -377,13 +643,23 @@ impl Index {
         self.hasher.hash_one((kind, value))
     }
 
-    /// Remembers the identifiers of a deleted user.
-    fn insert_retired(&mut self, record: &Record) {
+    /// Remembers the identifiers of a deleted user or agent.
+    fn insert_retired(&mut self, rt: ResourceType, record: &Record) {
         let Some(resource) = record.resource.as_object() else {
             return;
         };
         let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
         let mut keys = Vec::new();
+        if rt == ResourceType::Agent {
+            if let Some(name) = text("name") {
+                keys.push(self.retired_key(Retired::AgentName, &fold(name)));
+            }
+            if let Some(id) = text("externalId") {
+                keys.push(self.retired_key(Retired::AgentExternalId, id));
+            }
+            self.retired.extend(keys);
+            return;
+        }
         if let Some(name) = text("userName") {
             keys.push(self.retired_key(Retired::UserName, &fold(name)));
         }
@@ -459,7 +735,8 @@ impl Index {
         let parents: &[Row] = match self.slot(member) {
             Slot::User(user) => &user.parents,
             Slot::Group(group) => &group.parents,
-            Slot::Empty => &[],
+            Slot::Agent(agent) => &agent.parents,
+            Slot::Empty | Slot::Application(_) => &[],
         };
         parents.iter().copied()
     }
@@ -495,13 +772,15 @@ impl Index {
 
     /// Indexes a stored record given as its JSON bytes, reading only the indexed fields.
     pub(super) fn insert_stored(&mut self, rt: ResourceType, row: Row, json: &[u8]) -> bool {
-        let fast = serde_json::from_slice::<StoredFields<'_>>(json)
-            .ok()
+        let fast = matches!(rt, ResourceType::User | ResourceType::Group)
+            .then(|| serde_json::from_slice::<StoredFields<'_>>(json).ok())
+            .flatten()
             .and_then(|stored| stored.resource.entry(rt, stored.valid_since.unwrap_or(0)));
         match fast {
             Some(Entry::User(entry)) => self.insert_user(row, entry),
             Some(Entry::Group(entry)) => self.insert_group(row, entry),
-            // Not in the canonical shape the writer stores: read it the slow, lenient way.
+            // Agents and applications (fewer, and with nested fields), or not in the canonical
+            // shape the writer stores: read it the slow, lenient way.
             None => {
                 return serde_json::from_slice::<Record>(json)
                     .is_ok_and(|record| self.insert_loaded(rt, row, &record));
@@ -512,7 +791,7 @@ impl Index {
 
     pub(super) fn insert_loaded(&mut self, rt: ResourceType, row: Row, record: &Record) -> bool {
         if record.retired {
-            self.insert_retired(record);
+            self.insert_retired(rt, record);
             return true;
         }
         match rt {
@@ -524,16 +803,22 @@ impl Index {
                 Some(entry) => self.insert_group(row, entry),
                 None => return false,
             },
+            ResourceType::Agent => match agent_entry(record) {
+                Some(entry) => self.insert_agent(row, entry),
+                None => return false,
+            },
+            ResourceType::AgenticApplication => match application_entry(record) {
+                Some(entry) => self.insert_application(row, entry),
+                None => return false,
+            },
         }
         true
     }
 
     pub(super) fn insert_member(&mut self, group: Row, member: Row) {
         self.members.entry(group).or_default().insert(member);
-        let parents = match self.slot_mut(member) {
-            Some(Slot::User(user)) => &mut user.parents,
-            Some(Slot::Group(group)) => &mut group.parents,
-            _ => return,
+        let Some(parents) = self.slot_mut(member).and_then(Slot::parents_mut) else {
+            return;
         };
         if !parents.contains(&group) {
             parents.push(group);
@@ -547,10 +832,8 @@ impl Index {
                 self.members.remove(&group);
             }
         }
-        let parents = match self.slot_mut(member) {
-            Some(Slot::User(user)) => &mut user.parents,
-            Some(Slot::Group(group)) => &mut group.parents,
-            _ => return,
+        let Some(parents) = self.slot_mut(member).and_then(Slot::parents_mut) else {
+            return;
         };
         parents.retain(|&g| g != group);
     }
@@ -580,7 +863,7 @@ impl Index {
         };
         *slot = Slot::User(entry);
         if new {
-            self.user_count += 1;
+            self.counted(ResourceType::User, true);
         }
     }
 
@@ -589,7 +872,7 @@ impl Index {
         let Slot::User(entry) = std::mem::take(slot) else {
             return None;
         };
-        self.user_count -= 1;
+        self.counted(ResourceType::User, false);
         self.ids.remove(&entry.id);
         self.user_by_name.remove(self.key(&entry.user_name), row);
         if let Some(external_id) = &entry.external_id {
@@ -621,7 +904,7 @@ impl Index {
         };
         *slot = Slot::Group(entry);
         if new {
-            self.group_count += 1;
+            self.counted(ResourceType::Group, true);
         }
     }
 
@@ -630,7 +913,7 @@ impl Index {
         let Slot::Group(entry) = std::mem::take(slot) else {
             return None;
         };
-        self.group_count -= 1;
+        self.counted(ResourceType::Group, false);
         self.ids.remove(&entry.id);
         self.group_by_name
             .remove(self.key(&fold(&entry.display_name)), row);
@@ -640,6 +923,71 @@ impl Index {
         Some(entry)
     }
 
+    fn insert_agent(&mut self, row: Row, mut entry: AgentEntry) {
+        let name_key = self.key(&fold(&entry.name));
+        let external_key = entry.external_id.as_deref().map(|e| self.key(e));
+        self.ids.insert(entry.id, row);
+        self.agent_by_name.insert(name_key, row);
+        if let Some(key) = external_key {
+            self.agent_by_external_id.insert(key, row);
+        }
+        let Some(slot) = self.slot_mut(row) else {
+            return;
+        };
+        let new = match slot {
+            Slot::Agent(old) => {
+                entry.parents = std::mem::take(&mut old.parents);
+                false
+            }
+            _ => true,
+        };
+        *slot = Slot::Agent(entry);
+        if new {
+            self.counted(ResourceType::Agent, true);
+        }
+    }
+
+    fn remove_agent(&mut self, row: Row) -> Option<AgentEntry> {
+        let slot = self.slot_mut(row)?;
+        let Slot::Agent(entry) = std::mem::take(slot) else {
+            return None;
+        };
+        self.counted(ResourceType::Agent, false);
+        self.ids.remove(&entry.id);
+        self.agent_by_name.remove(self.key(&fold(&entry.name)), row);
+        if let Some(external_id) = &entry.external_id {
+            self.agent_by_external_id.remove(self.key(external_id), row);
+        }
+        Some(entry)
+    }
+
+    fn insert_application(&mut self, row: Row, entry: ApplicationEntry) {
+        let name_key = self.key(&fold(&entry.name));
+        self.ids.insert(entry.id, row);
+        self.application_by_name.insert(name_key, row);
+        let Some(slot) = self.slot_mut(row) else {
+            return;
+        };
+        let new = !matches!(slot, Slot::Application(_));
+        *slot = Slot::Application(entry);
+        if new {
+            self.counted(ResourceType::AgenticApplication, true);
+        }
+    }
+
+    fn remove_application(&mut self, row: Row) {
+        let Some(slot) = self.slot_mut(row) else {
+            return;
+        };
+        let Slot::Application(entry) = std::mem::take(slot) else {
+            return;
+        };
+        self.counted(ResourceType::AgenticApplication, false);
+        self.ids.remove(&entry.id);
+        self.application_by_name
+            .remove(self.key(&fold(&entry.name)), row);
+    }
+
     /// Makes a committed batch visible. Records are replaced whole (keeping memberships);
     /// memberships change row by row.
     pub(super) fn apply(&mut self, batch: &Batch) {
@@ -647,6 +995,11 @@ impl Index {
             let parents = match rt {
                 ResourceType::User => self.remove_user(*row).map(|u| u.parents),
                 ResourceType::Group => self.remove_group(*row).map(|g| g.parents),
+                ResourceType::Agent => self.remove_agent(*row).map(|a| a.parents),
+                ResourceType::AgenticApplication => {
+                    self.remove_application(*row);
+                    None
+                }
             };
             if let Some(record) = record {
                 // The writer only commits records it built, so they always have an id and a
@@ -759,6 +1112,7 @@ impl Fields<'_> {
                 version,
                 parents: Vec::new(),
             }),
+            ResourceType::Agent | ResourceType::AgenticApplication => return None,
         })
     }
 }

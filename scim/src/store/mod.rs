@@ -1,5 +1,5 @@
-//! The directory store: durable Users, Groups and memberships, and the in-memory index that
-//! answers the hot questions without touching disk.
+//! The directory store: durable Users, Groups, Agents, AgenticApplications and memberships,
+//! and the in-memory index that answers the hot questions without touching disk.
 //!
 //! - [`Directory`] is what handlers and the proxy use. Writes are [`Command`]s: a single writer
 //!   thread evaluates them in order against the current state, commits a whole batch of them in
@@ -10,8 +10,9 @@
 //!   monotonically increasing change sequence and loads them back at start. Two backends:
 //!   redb on the local disk ([`redb::RedbStorage`]), and PostgreSQL shared by several replicas
 //!   ([`postgres::PgStorage`]), whose changes every replica follows into its own index.
-//! - [`Index`] holds every User and Group in compact form, memberships in both directions,
-//!   and the unique names. Group member lists live only as rows, never inside the Group's
+//! - [`Index`] holds every User, Group, Agent and AgenticApplication in compact form,
+//!   memberships in both directions, and the unique names. It also judges an agent's owner
+//!   chain ([`Index::agent_standing`]). Group member lists live only as rows, never inside the Group's
 //!   stored resource, so adding one member to a 100,000-member group writes one row.
 
 mod directory;
@@ -32,10 +33,13 @@ use crate::patch::PatchOp;
 use crate::schema::ResourceType;
 
 pub use directory::{
-    ChangeSink, Directory, EntrySink, Lookup, Member, MemberOf, Page, Query, Sinks, SortOrder,
-    SubjectKey, SubjectView, UserStatus,
+    AgentKey, AgentLookup, AgentView, ChangeSink, Directory, EntrySink, Lookup, Member, MemberOf,
+    Owner, Page, Query, Sinks, SortOrder, SubjectKey, SubjectView, UserStatus,
 };
-pub use index::{format_id, parse_id, GroupEntry, Id, Index, UserEntry};
+pub use index::{
+    format_id, parse_id, AgentEntry, AgentRefusal, ApplicationEntry, GroupEntry, Id, Index,
+    UserEntry,
+};
 
 /// Internal, stable row number of a resource: creation order, never reused.
 pub type Row = u64;

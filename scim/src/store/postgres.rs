@@ -42,7 +42,8 @@ use crate::schema::ResourceType;
 /// - 1: the directory (resources, memberships, changes, feed) and the replicas' leases.
 /// - 2: the entries kept beside the directory ([`super::Entry`]: sessions, sign-in keys), and
 ///   the audit log ([`AuditLog`]).
-pub const SCHEMA_VERSION: i32 = 2;
+/// - 3: Agents and AgenticApplications.
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The migrations, in order: `MIGRATIONS[v - 1]` takes the schema from `v - 1` to `v`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -82,6 +83,10 @@ CREATE TABLE portcullis_audit (
     at timestamptz NOT NULL DEFAULT now(),
     record text NOT NULL
 );
+"#,
+    r#"
+CREATE TABLE directory_agents (row_id bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE directory_agentic_applications (row_id bigint PRIMARY KEY, record bytea NOT NULL);
 "#,
 ];
 
@@ -410,6 +415,8 @@ fn table(rt: ResourceType) -> &'static str {
     match rt {
         ResourceType::User => "directory_users",
         ResourceType::Group => "directory_groups",
+        ResourceType::Agent => "directory_agents",
+        ResourceType::AgenticApplication => "directory_agentic_applications",
     }
 }
 
@@ -640,7 +647,7 @@ impl Storage for PgStorage {
             let mut txn = snapshot(client)?;
             let seq = meta(&mut txn, "seq")?;
             let next_row = meta(&mut txn, "next_row")?;
-            for rt in [ResourceType::User, ResourceType::Group] {
+            for rt in ResourceType::ALL {
                 let query = format!("SELECT row_id, record FROM {}", table(rt));
                 let mut rows = txn
                     .query_raw(query.as_str(), std::iter::empty::<i64>())
@@ -718,8 +725,9 @@ impl Storage for PgStorage {
             ));
         }
         let feed = serde_json::to_vec(batch).map_err(backend)?;
-        let mut upserts: [(Vec<i64>, Vec<Vec<u8>>); 2] = Default::default();
-        let mut deletes: [Vec<i64>; 2] = Default::default();
+        // By `ResourceType as usize`.
+        let mut upserts: [(Vec<i64>, Vec<Vec<u8>>); 4] = Default::default();
+        let mut deletes: [Vec<i64>; 4] = Default::default();
         // A row appears once per statement (ON CONFLICT may not touch a row twice): the last
         // state of each wins, as in the batch.
         let mut last: HashMap<(usize, Row), usize> = HashMap::new();
@@ -731,14 +739,18 @@ impl Storage for PgStorage {
             if last.get(&(slot, *row)) != Some(&i) {
                 continue;
             }
+            let (Some(upsert), Some(delete)) = (upserts.get_mut(slot), deletes.get_mut(slot))
+            else {
+                return Err(StoreError::Backend(
+                    "no table for this resource type".to_owned(),
+                ));
+            };
             match record {
                 Some(record) => {
-                    upserts[slot].0.push(to_sql(*row)?);
-                    upserts[slot]
-                        .1
-                        .push(serde_json::to_vec(record).map_err(backend)?);
+                    upsert.0.push(to_sql(*row)?);
+                    upsert.1.push(serde_json::to_vec(record).map_err(backend)?);
                 }
-                None => deletes[slot].push(to_sql(*row)?),
+                None => delete.push(to_sql(*row)?),
             }
         }
         let mut members: HashMap<(Row, Row), bool> = HashMap::new();
@@ -798,6 +810,16 @@ impl Storage for PgStorage {
                 ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
             gone_groups AS (DELETE FROM directory_groups \
                 WHERE row_id = ANY($7::bigint[]) AND EXISTS (SELECT 1 FROM ok)), \
+            agents AS (INSERT INTO directory_agents (row_id, record) \
+                SELECT * FROM unnest($22::bigint[], $23::bytea[]) WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
+            gone_agents AS (DELETE FROM directory_agents \
+                WHERE row_id = ANY($24::bigint[]) AND EXISTS (SELECT 1 FROM ok)), \
+            applications AS (INSERT INTO directory_agentic_applications (row_id, record) \
+                SELECT * FROM unnest($25::bigint[], $26::bytea[]) WHERE EXISTS (SELECT 1 FROM ok) \
+                ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
+            gone_applications AS (DELETE FROM directory_agentic_applications \
+                WHERE row_id = ANY($27::bigint[]) AND EXISTS (SELECT 1 FROM ok)), \
             added AS (INSERT INTO directory_members (group_row, member_row) \
                 SELECT * FROM unnest($8::bigint[], $9::bigint[]) WHERE EXISTS (SELECT 1 FROM ok) \
                 ON CONFLICT DO NOTHING), \
@@ -821,8 +843,8 @@ impl Storage for PgStorage {
                 WHERE key IN ('seq', 'next_row') AND EXISTS (SELECT 1 FROM ok)), \
             notify AS (SELECT pg_notify('portcullis_feed', $14::bigint::text) FROM ok) \
             SELECT value, (SELECT count(*) FROM notify) FROM lock";
-        let [user_upserts, group_upserts] = &upserts;
-        let [user_deletes, group_deletes] = &deletes;
+        let [user_upserts, group_upserts, agent_upserts, application_upserts] = &upserts;
+        let [user_deletes, group_deletes, agent_deletes, application_deletes] = &deletes;
         lock(&self.writer).run(|conn| {
             let commit = conn.prepare(COMMIT)?;
             let row = conn
@@ -851,6 +873,12 @@ impl Storage for PgStorage {
                         &put.2,
                         &forgotten.0,
                         &forgotten.1,
+                        &agent_upserts.0,
+                        &agent_upserts.1,
+                        agent_deletes,
+                        &application_upserts.0,
+                        &application_upserts.1,
+                        application_deletes,
                     ],
                 )
                 .map_err(backend)?;

@@ -1,6 +1,7 @@
 //! The embedded backend: one redb database file in `data_dir`.
 //!
-//! Tables: `users` and `groups` (row → the record as JSON), `members` ((group, member) → ()),
+//! Tables: `users`, `groups`, `agents` and `agentic_applications` (row → the record as
+//! JSON), `members` ((group, member) → ()),
 //! `changes` (seq → the change as JSON), `entries` ((kind, key) → value, see
 //! [`super::Entry`]) and `meta` (the schema version, the change sequence and
 //! the next row number). Each batch is one write transaction with redb's default
@@ -19,10 +20,13 @@ use crate::schema::ResourceType;
 /// - 1: Users, Groups, memberships, changes.
 /// - 2: also retired Users (a deleted user's identifiers, [`super::Record::retired`]), which
 ///   a version-1 build would read as corrupt. Nothing to convert: 1 is stamped 2.
+/// - 3: also Agents and AgenticApplications, which an older build would silently not see
+///   (and so not know an agent's group memberships). Nothing to convert: 1 and 2 are
+///   stamped 3.
 ///
 /// The `entries` table came without a new version: a build that predates it ignores it (and
 /// so knows no sessions).
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// redb's page cache.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -30,6 +34,8 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
 const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups");
+const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
+const APPLICATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("agentic_applications");
 const MEMBERS: TableDefinition<(u64, u64), ()> = TableDefinition::new("members");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const ENTRIES: TableDefinition<(&str, &str), &str> = TableDefinition::new("entries");
@@ -46,6 +52,8 @@ fn table(rt: ResourceType) -> TableDefinition<'static, u64, &'static [u8]> {
     match rt {
         ResourceType::User => USERS,
         ResourceType::Group => GROUPS,
+        ResourceType::Agent => AGENTS,
+        ResourceType::AgenticApplication => APPLICATIONS,
     }
 }
 
@@ -72,7 +80,7 @@ impl RedbStorage {
                         .map_err(backend)?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(1) => {
+                Some(1 | 2) => {
                     meta.insert("schema_version", SCHEMA_VERSION)
                         .map_err(backend)?;
                 }
@@ -83,8 +91,9 @@ impl RedbStorage {
                     })
                 }
             }
-            txn.open_table(USERS).map_err(backend)?;
-            txn.open_table(GROUPS).map_err(backend)?;
+            for rt in ResourceType::ALL {
+                txn.open_table(table(rt)).map_err(backend)?;
+            }
             txn.open_table(MEMBERS).map_err(backend)?;
             txn.open_table(CHANGES).map_err(backend)?;
             txn.open_table(ENTRIES).map_err(backend)?;
@@ -101,7 +110,7 @@ fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
 impl Storage for RedbStorage {
     fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
-        for rt in [ResourceType::User, ResourceType::Group] {
+        for rt in ResourceType::ALL {
             let resources = txn.open_table(table(rt)).map_err(backend)?;
             for entry in resources.iter().map_err(backend)? {
                 let (row, bytes) = entry.map_err(backend)?;
@@ -151,13 +160,15 @@ impl Storage for RedbStorage {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         {
-            let mut users = txn.open_table(USERS).map_err(backend)?;
-            let mut groups = txn.open_table(GROUPS).map_err(backend)?;
+            // By `ResourceType as usize`.
+            let mut tables = Vec::with_capacity(ResourceType::ALL.len());
+            for rt in ResourceType::ALL {
+                tables.push(txn.open_table(table(rt)).map_err(backend)?);
+            }
             for (rt, row, record) in &batch.records {
-                let resources = match rt {
-                    ResourceType::User => &mut users,
-                    ResourceType::Group => &mut groups,
-                };
+                let resources = tables
+                    .get_mut(*rt as usize)
+                    .ok_or_else(|| backend("no table for this resource type"))?;
                 match record {
                     Some(record) => {
                         let bytes = serde_json::to_vec(record).map_err(backend)?;

@@ -641,3 +641,269 @@ async fn entries_are_kept_in_order_and_survive_a_restart() {
     assert_eq!(now, want);
     assert_eq!(dir.seq(), before + 2);
 }
+
+const AGENT: &str = "urn:ietf:params:scim:schemas:core:2.0:Agent";
+const APPLICATION: &str = "urn:ietf:params:scim:schemas:core:2.0:AgenticApplication";
+const AGENT_EXT: &str = crate::schema::PORTCULLIS_AGENT_SCHEMA;
+
+fn agent(name: &str, owners: &[&str], applications: &[&str], expires: Option<&str>) -> Value {
+    let links = |ids: &[&str]| {
+        ids.iter()
+            .map(|id| json!({"value": id}))
+            .collect::<Vec<_>>()
+    };
+    let mut extension = json!({"owners": links(owners), "applications": links(applications)});
+    if let Some(at) = expires {
+        extension["expires"] = json!(at);
+    }
+    json!({
+        "schemas": [AGENT, AGENT_EXT],
+        "name": name,
+        "externalId": format!("client-{name}"),
+        "active": true,
+        AGENT_EXT: extension,
+    })
+}
+
+fn standing(dir: &Directory, name: &str) -> Option<Result<(), AgentRefusal>> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    dir.with_agent(AgentKey::Name(name), now, |found| match found {
+        AgentLookup::Found(view) => Some(view.standing),
+        _ => None,
+    })
+}
+
+fn set_active(active: bool) -> Value {
+    patch_body(json!([{"op": "replace", "path": "active", "value": active}]))
+}
+
+#[tokio::test]
+async fn an_agent_stands_only_while_its_owner_chain_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let alice = create(&dir, ResourceType::User, user("alice"))
+        .await
+        .unwrap()
+        .id;
+    let bob = create(&dir, ResourceType::User, user("bob"))
+        .await
+        .unwrap()
+        .id;
+    let eng = create(
+        &dir,
+        ResourceType::Group,
+        json!({"schemas": [GROUP], "displayName": "eng", "members": [{"value": alice}]}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let app = create(
+        &dir,
+        ResourceType::AgenticApplication,
+        json!({"schemas": [APPLICATION], "name": "Helpdesk"}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let (user_rt, group_rt, app_rt) = (
+        ResourceType::User,
+        ResourceType::Group,
+        ResourceType::AgenticApplication,
+    );
+    create(
+        &dir,
+        ResourceType::Agent,
+        agent("by-group", &[&eng], &[&app], None),
+    )
+    .await
+    .unwrap();
+    create(
+        &dir,
+        ResourceType::Agent,
+        agent("by-bob", &[&bob], &[], None),
+    )
+    .await
+    .unwrap();
+    let past = "2020-01-01T00:00:00Z";
+    create(
+        &dir,
+        ResourceType::Agent,
+        agent("old", &[&bob], &[], Some(past)),
+    )
+    .await
+    .unwrap();
+    let nobody = "00000000-0000-4000-8000-000000000000";
+    create(
+        &dir,
+        ResourceType::Agent,
+        agent("orphan", &[nobody], &[], None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(standing(&dir, "BY-GROUP"), Some(Ok(())));
+    assert_eq!(standing(&dir, "by-bob"), Some(Ok(())));
+    assert_eq!(standing(&dir, "old"), Some(Err(AgentRefusal::Expired)));
+    assert_eq!(
+        standing(&dir, "orphan"),
+        Some(Err(AgentRefusal::NoActiveOwner))
+    );
+
+    // The owning group's only active member goes: so does the agent.
+    patch(&dir, user_rt, &alice, set_active(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        standing(&dir, "by-group"),
+        Some(Err(AgentRefusal::NoActiveOwner))
+    );
+    patch(&dir, user_rt, &alice, set_active(true))
+        .await
+        .unwrap();
+    assert_eq!(standing(&dir, "by-group"), Some(Ok(())));
+    let remove_alice = patch_body(json!([
+        {"op": "remove", "path": format!("members[value eq \"{alice}\"]")}
+    ]));
+    patch(&dir, group_rt, &eng, remove_alice).await.unwrap();
+    assert_eq!(
+        standing(&dir, "by-group"),
+        Some(Err(AgentRefusal::NoActiveOwner))
+    );
+    // A nested group's active member stands for the owning group.
+    let sre = create(
+        &dir,
+        ResourceType::Group,
+        json!({"schemas": [GROUP], "displayName": "sre", "members": [{"value": alice}]}),
+    )
+    .await
+    .unwrap()
+    .id;
+    let add_sre = patch_body(json!([{"op": "add", "path": "members", "value": [{"value": sre}]}]));
+    patch(&dir, group_rt, &eng, add_sre).await.unwrap();
+    assert_eq!(standing(&dir, "by-group"), Some(Ok(())));
+
+    // The application goes inactive, then away.
+    patch(&dir, app_rt, &app, set_active(false)).await.unwrap();
+    assert_eq!(
+        standing(&dir, "by-group"),
+        Some(Err(AgentRefusal::ApplicationInactive))
+    );
+    patch(&dir, app_rt, &app, set_active(true)).await.unwrap();
+    assert_eq!(standing(&dir, "by-group"), Some(Ok(())));
+    dir.write(
+        Command::Delete {
+            rt: app_rt,
+            id: app.clone(),
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        standing(&dir, "by-group"),
+        Some(Err(AgentRefusal::ApplicationInactive))
+    );
+
+    // The owning user is deleted.
+    dir.write(
+        Command::Delete {
+            rt: user_rt,
+            id: bob,
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        standing(&dir, "by-bob"),
+        Some(Err(AgentRefusal::NoActiveOwner))
+    );
+}
+
+#[tokio::test]
+async fn agents_are_unique_by_name_join_groups_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent_id, eng) = {
+        let dir = open(tmp.path());
+        let alice = create(&dir, ResourceType::User, user("alice"))
+            .await
+            .unwrap()
+            .id;
+        let id = create(
+            &dir,
+            ResourceType::Agent,
+            agent("Helper", &[&alice], &[], None),
+        )
+        .await
+        .unwrap()
+        .id;
+        let taken = create(
+            &dir,
+            ResourceType::Agent,
+            agent("helper", &[&alice], &[], None),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(taken.status, 409);
+        // Names are unique per type: a user may share an agent's name.
+        create(&dir, ResourceType::User, user("Helper"))
+            .await
+            .unwrap();
+        let app = create(
+            &dir,
+            ResourceType::AgenticApplication,
+            json!({"schemas": [APPLICATION], "name": "Portal"}),
+        )
+        .await
+        .unwrap()
+        .id;
+        let group =
+            |members: Value| json!({"schemas": [GROUP], "displayName": "bots", "members": members});
+        let refused = create(&dir, ResourceType::Group, group(json!([{"value": app}])))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, 400);
+        let eng = create(
+            &dir,
+            ResourceType::Group,
+            group(json!([{"value": id, "type": "Agent"}])),
+        )
+        .await
+        .unwrap()
+        .id;
+        let found = |filter: &str| query(&dir, ResourceType::Agent, filter) == [id.as_str()];
+        assert!(found("name eq \"HELPER\""));
+        assert!(found("externalId eq \"client-Helper\""));
+        (id, eng)
+    };
+    let dir = open(tmp.path());
+    let members = dir.members(&eng);
+    assert_eq!(members.len(), 1);
+    assert_eq!(
+        (members[0].id.as_str(), members[0].rt),
+        (agent_id.as_str(), ResourceType::Agent)
+    );
+    assert_eq!(dir.groups_of(&agent_id)[0].display, "bots");
+    assert_eq!(standing(&dir, "helper"), Some(Ok(())));
+
+    dir.write(
+        Command::Delete {
+            rt: ResourceType::Agent,
+            id: agent_id.clone(),
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    assert!(dir.members(&eng).is_empty());
+    let deleted = |dir: &Directory| {
+        dir.with_agent(AgentKey::ExternalId("client-Helper"), 0, |found| {
+            matches!(found, AgentLookup::Deleted)
+        })
+    };
+    assert!(deleted(&dir));
+    drop(dir);
+    assert!(deleted(&open(tmp.path())));
+}

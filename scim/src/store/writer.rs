@@ -28,8 +28,8 @@ pub struct Overlay<'a> {
     records: HashMap<Row, (ResourceType, Option<Record>)>,
     record_order: Vec<Row>,
     ids: HashMap<String, Option<(ResourceType, Row)>>,
-    user_names: HashMap<Box<str>, Option<Row>>,
-    group_names: HashMap<Box<str>, Option<Row>>,
+    /// Unique names (folded) taken or freed in this batch, by resource type.
+    names: HashMap<(ResourceType, Box<str>), Option<Row>>,
     /// `(group, member) → present` for memberships changed in this batch.
     members: HashMap<(Row, Row), bool>,
     member_order: Vec<(Row, Row)>,
@@ -56,8 +56,7 @@ impl<'a> Overlay<'a> {
             records: HashMap::new(),
             record_order: Vec::new(),
             ids: HashMap::new(),
-            user_names: HashMap::new(),
-            group_names: HashMap::new(),
+            names: HashMap::new(),
             members: HashMap::new(),
             member_order: Vec::new(),
             changes: Vec::new(),
@@ -282,22 +281,14 @@ impl<'a> Overlay<'a> {
                 self.set_member(row, member, false);
             }
         }
-        match rt {
-            ResourceType::User => {
-                if let Some(name) = str_of(&current.resource, "userName") {
-                    self.user_names.insert(fold(name), None);
-                }
-            }
-            ResourceType::Group => {
-                if let Some(name) = str_of(&current.resource, "displayName") {
-                    self.group_names.insert(fold(name), None);
-                }
-            }
+        if let Some(name) = str_of(&current.resource, rt.name_attribute()) {
+            self.names.insert((rt, fold(name)), None);
         }
         self.ids.insert(id.to_owned(), None);
+        // Deleted users and agents are remembered by the identifiers a token names them by.
         let retired = match rt {
-            ResourceType::User => Some(retired(current)),
-            ResourceType::Group => None,
+            ResourceType::User | ResourceType::Agent => Some(retired(rt, current)),
+            ResourceType::Group | ResourceType::AgenticApplication => None,
         };
         self.put_record(rt, row, retired);
         self.seq += 1;
@@ -332,20 +323,15 @@ impl<'a> Overlay<'a> {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| ScimError::new(500, None, "resource without id"))?;
-        let (name_attr, names_are_users) = match rt {
-            ResourceType::User => ("userName", true),
-            ResourceType::Group => ("displayName", false),
-        };
+        let name_attr = rt.name_attribute();
         let name = get_ci(obj, name_attr)
             .and_then(Value::as_str)
             .ok_or_else(|| invalid(format!("{name_attr} is required")))?;
         let folded = fold(name);
-        let owner = if names_are_users {
-            self.user_name_owner(&folded)
-        } else {
-            self.group_name_owner(&folded)
-        };
-        if owner.is_some_and(|owner| owner != row) {
+        if self
+            .name_owner(rt, &folded)
+            .is_some_and(|owner| owner != row)
+        {
             return Err(ScimError::new(
                 409,
                 Some(ScimType::Uniqueness),
@@ -356,11 +342,11 @@ impl<'a> Overlay<'a> {
             if let Some(old) = str_of(&previous.resource, name_attr) {
                 let old = fold(old);
                 if old != folded {
-                    self.name_map(names_are_users).insert(old, None);
+                    self.names.insert((rt, old), None);
                 }
             }
         }
-        self.name_map(names_are_users).insert(folded, Some(row));
+        self.names.insert((rt, folded), Some(row));
 
         self.seq += 1;
         let created = previous
@@ -378,7 +364,7 @@ impl<'a> Overlay<'a> {
             }),
         );
         let valid_since = match rt {
-            ResourceType::Group => None,
+            ResourceType::Group | ResourceType::Agent | ResourceType::AgenticApplication => None,
             ResourceType::User => {
                 let active = |r: &Value| {
                     r.as_object()
@@ -409,14 +395,6 @@ impl<'a> Overlay<'a> {
             id,
             record: Some(record),
         })
-    }
-
-    fn name_map(&mut self, users: bool) -> &mut HashMap<Box<str>, Option<Row>> {
-        if users {
-            &mut self.user_names
-        } else {
-            &mut self.group_names
-        }
     }
 
     fn log(&mut self, actor: &str, op: &str, rt: ResourceType, id: &str, summary: String) {
@@ -492,17 +470,11 @@ impl<'a> Overlay<'a> {
         }
     }
 
-    fn user_name_owner(&self, folded: &str) -> Option<Row> {
-        match self.user_names.get(folded) {
+    /// The row of type `rt` whose unique name folds to `folded`, as of this batch.
+    fn name_owner(&self, rt: ResourceType, folded: &str) -> Option<Row> {
+        match self.names.get(&(rt, Box::from(folded))) {
             Some(owner) => *owner,
-            None => self.index.user_by_folded_name(folded),
-        }
-    }
-
-    fn group_name_owner(&self, folded: &str) -> Option<Row> {
-        match self.group_names.get(folded) {
-            Some(owner) => *owner,
-            None => self.index.group_by_folded_name(folded),
+            None => self.index.by_folded_name(rt, folded),
         }
     }
 
@@ -551,8 +523,8 @@ impl<'a> Overlay<'a> {
         true
     }
 
-    /// Resolves member ids to rows: each must be an existing User or Group, and a group may
-    /// not end up inside itself.
+    /// Resolves member ids to rows: each must be an existing User, Group or Agent, and a group
+    /// may not end up inside itself.
     fn member_rows(&self, group: Row, ids: &[String]) -> Result<Vec<Row>, ScimError> {
         if ids.len() > MAX_MEMBER_CHANGES {
             return Err(ScimError::bad_request(
@@ -564,7 +536,10 @@ impl<'a> Overlay<'a> {
             .map(|id| {
                 let (rt, row) = self
                     .row_of(id)
-                    .ok_or_else(|| invalid(format!("member {id} is not a known User or Group")))?;
+                    .filter(|(rt, _)| rt.can_be_member())
+                    .ok_or_else(|| {
+                        invalid(format!("member {id} is not a known User, Group or Agent"))
+                    })?;
                 if rt == ResourceType::Group && self.reaches(row, group) {
                     return Err(invalid(format!(
                         "group {id} contains this group: adding it would make a cycle"
@@ -642,8 +617,7 @@ impl<'a> Overlay<'a> {
             records: self.records.clone(),
             record_order: self.record_order.len(),
             ids: self.ids.clone(),
-            user_names: self.user_names.clone(),
-            group_names: self.group_names.clone(),
+            names: self.names.clone(),
             members: self.members.clone(),
             member_order: self.member_order.len(),
             changes: self.changes.len(),
@@ -656,8 +630,7 @@ impl<'a> Overlay<'a> {
         self.records = c.records;
         self.record_order.truncate(c.record_order);
         self.ids = c.ids;
-        self.user_names = c.user_names;
-        self.group_names = c.group_names;
+        self.names = c.names;
         self.members = c.members;
         self.member_order.truncate(c.member_order);
         self.changes.truncate(c.changes);
@@ -670,8 +643,7 @@ struct Checkpoint {
     records: HashMap<Row, (ResourceType, Option<Record>)>,
     record_order: usize,
     ids: HashMap<String, Option<(ResourceType, Row)>>,
-    user_names: HashMap<Box<str>, Option<Row>>,
-    group_names: HashMap<Box<str>, Option<Row>>,
+    names: HashMap<(ResourceType, Box<str>), Option<Row>>,
     members: HashMap<(Row, Row), bool>,
     member_order: usize,
     changes: usize,
@@ -689,7 +661,7 @@ fn str_of<'v>(resource: &'v Value, name: &str) -> Option<&'v str> {
 fn take_members(rt: ResourceType, resource: &mut Value) -> Option<Vec<String>> {
     match rt {
         ResourceType::Group => take_member_ids(resource),
-        ResourceType::User => None,
+        ResourceType::User | ResourceType::Agent | ResourceType::AgenticApplication => None,
     }
 }
 
@@ -704,11 +676,15 @@ fn member_summary(changes: &crate::patch::MemberChanges) -> String {
     }
 }
 
-/// What stays of a deleted user: the identifiers a token could name them by.
-fn retired(current: &Record) -> Record {
+/// What stays of a deleted user or agent: the identifiers a token could name it by.
+fn retired(rt: ResourceType, current: &Record) -> Record {
     let mut kept = serde_json::Map::new();
+    let identifiers: &[&str] = match rt {
+        ResourceType::Agent => &["name", "externalId"],
+        _ => &["userName", "emails", "externalId"],
+    };
     if let Some(resource) = current.resource.as_object() {
-        for name in ["userName", "emails", "externalId"] {
+        for &name in identifiers {
             if let Some(value) = get_ci(resource, name) {
                 kept.insert(name.to_owned(), value.clone());
             }
