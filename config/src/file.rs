@@ -306,7 +306,8 @@ impl<'de> Deserialize<'de> for Rules {
 #[derive(Debug, Deserialize)]
 #[serde(
     expecting = "a rule: a table of groups, group_ids, users, email_domains, \
-                     any_signed_in, machines, public, methods and paths"
+                     any_signed_in, machines, agents, agent_groups, agent_owner_groups, public, \
+                     methods and paths"
 )]
 #[serde(remote = "Self")]
 pub(crate) struct Rule {
@@ -316,6 +317,9 @@ pub(crate) struct Rule {
     pub email_domains: Option<Vec<String>>,
     pub any_signed_in: Option<bool>,
     pub machines: Option<bool>,
+    pub agents: Option<bool>,
+    pub agent_groups: Option<Vec<String>>,
+    pub agent_owner_groups: Option<Vec<String>>,
     pub public: Option<bool>,
     pub methods: Option<Vec<String>>,
     pub paths: Option<Vec<String>>,
@@ -409,6 +413,8 @@ pub(crate) struct Identity {
     pub scim_attribute: Option<String>,
     pub machine_claim: Option<String>,
     pub machine_scim_attribute: Option<String>,
+    pub agent_claim: Option<String>,
+    pub agent_scim_attribute: Option<String>,
     pub header_user: Option<String>,
     pub header_email: Option<String>,
     pub header_groups: Option<String>,

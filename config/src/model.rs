@@ -356,6 +356,11 @@ pub struct IdentityConfig {
     pub machine_claim: MachineClaim,
     /// The SCIM attribute `machine_claim` is matched against: `UserName` or `ExternalId`.
     pub machine_scim_attribute: ScimAttribute,
+    /// The claim of a client's own token (client credentials) that names a SCIM Agent; a
+    /// token it names no agent by is a machine's. Also read from a delegated token's `act`.
+    pub agent_claim: MachineClaim,
+    /// The Agent attribute `agent_claim` is matched against.
+    pub agent_scim_attribute: AgentAttribute,
     /// Header names for the caller's `userName`, email and groups; each starts with
     /// `X-Portcullis-` (in any case), so clients can never send it (such headers are stripped
     /// on the way in). Distinct from each other and from `X-Portcullis-Assertion`, even
@@ -376,6 +381,8 @@ impl Default for IdentityConfig {
             scim_attribute: ScimAttribute::UserName,
             machine_claim: MachineClaim::Sub,
             machine_scim_attribute: ScimAttribute::UserName,
+            agent_claim: MachineClaim::ClientId,
+            agent_scim_attribute: AgentAttribute::Name,
             header_user: HeaderName::from_static("x-portcullis-user"),
             header_email: HeaderName::from_static("x-portcullis-email"),
             header_groups: HeaderName::from_static("x-portcullis-groups"),
@@ -422,6 +429,25 @@ impl MachineClaim {
             Self::Sub => "sub",
             Self::ClientId => "client_id",
             Self::Named(name) => name,
+        }
+    }
+}
+
+/// The SCIM Agent attribute an agent's claim is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AgentAttribute {
+    /// `name`, compared case-insensitively.
+    Name,
+    /// `externalId`, compared exactly.
+    ExternalId,
+}
+
+impl AgentAttribute {
+    /// The attribute's name in SCIM and in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Name => "name",
+            Self::ExternalId => "externalId",
         }
     }
 }

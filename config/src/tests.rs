@@ -1700,6 +1700,8 @@ claim = "sub"
 scim_attribute = "externalId"
 machine_claim = "client_id"
 machine_scim_attribute = "externalId"
+agent_claim = "azp"
+agent_scim_attribute = "externalId"
 header_user = "x-portcullis-login"
 header_email = "X-PORTCULLIS-MAIL"
 header_groups = "X-Portcullis-Member_Of"
@@ -1712,6 +1714,8 @@ allow_sample_rate = 1
         scim_attribute: ScimAttribute::ExternalId,
         machine_claim: MachineClaim::ClientId,
         machine_scim_attribute: ScimAttribute::ExternalId,
+        agent_claim: MachineClaim::Named("azp".to_owned()),
+        agent_scim_attribute: AgentAttribute::ExternalId,
         header_user: HeaderName::from_static("x-portcullis-login"),
         header_email: HeaderName::from_static("x-portcullis-mail"),
         header_groups: HeaderName::from_static("x-portcullis-member_of"),

@@ -26,10 +26,10 @@ use time::OffsetDateTime;
 
 use crate::file;
 use crate::model::{
-    AdminConfig, AdminToken, CertificateFiles, Config, Credential, IdentityClaim, IdentityConfig,
-    JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig, LogFormat, MachineClaim,
-    OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig, ScimToken, ServerConfig,
-    Upstream, UserInfo,
+    AdminConfig, AdminToken, AgentAttribute, CertificateFiles, Config, Credential, IdentityClaim,
+    IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig,
+    LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig,
+    ScimToken, ServerConfig, Upstream, UserInfo,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -603,12 +603,19 @@ fn rules(
         }
         Access::SignIn { bearer: false, .. } => {
             for (rule_path, spec) in allow.iter().chain(&deny) {
-                if spec.machines {
-                    p.add(
-                        &rule_path.key("machines"),
-                        "matches nobody here: machines present bearer tokens, and this route \
-                         does not accept \"bearer\"",
-                    );
+                for (key, given) in [
+                    ("machines", spec.machines),
+                    ("agents", spec.agents),
+                    ("agent_groups", !spec.agent_groups.is_empty()),
+                    ("agent_owner_groups", !spec.agent_owner_groups.is_empty()),
+                ] {
+                    if given {
+                        p.add(
+                            &rule_path.key(key),
+                            "matches nobody here: machines and agents present bearer tokens, \
+                             and this route does not accept \"bearer\"",
+                        );
+                    }
                 }
             }
         }
@@ -676,6 +683,9 @@ fn rule_spec(raw: file::Rule, path: &KeyPath) -> RuleSpec {
         email_domains: raw.email_domains.unwrap_or_default(),
         any_signed_in: raw.any_signed_in.unwrap_or(false),
         machines: raw.machines.unwrap_or(false),
+        agents: raw.agents.unwrap_or(false),
+        agent_groups: raw.agent_groups.unwrap_or_default(),
+        agent_owner_groups: raw.agent_owner_groups.unwrap_or_default(),
         public: raw.public.unwrap_or(false),
         methods: raw.methods,
         paths: raw.paths,
@@ -691,6 +701,9 @@ fn caller_criteria(spec: &RuleSpec) -> Vec<&'static str> {
         ("email_domains", !spec.email_domains.is_empty()),
         ("any_signed_in", spec.any_signed_in),
         ("machines", spec.machines),
+        ("agents", spec.agents),
+        ("agent_groups", !spec.agent_groups.is_empty()),
+        ("agent_owner_groups", !spec.agent_owner_groups.is_empty()),
     ]
     .into_iter()
     .filter_map(|(key, given)| given.then_some(key))
@@ -820,20 +833,39 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
              against \"externalId\" or \"userName\", or set claim = \"email\"",
         );
     }
-    let machine_claim = match raw.machine_claim {
-        None => default.machine_claim,
-        Some(name) => match claim_name(&name) {
-            Err(message) => {
-                p.add(&path.key("machine_claim"), message);
-                default.machine_claim
-            }
-            Ok(()) => match name.as_str() {
-                "sub" => MachineClaim::Sub,
-                "client_id" => MachineClaim::ClientId,
-                _ => MachineClaim::Named(name),
+    let client_claim =
+        |raw: Option<String>, key: &str, default: MachineClaim, p: &mut Problems<'_>| match raw {
+            None => default,
+            Some(name) => match claim_name(&name) {
+                Err(message) => {
+                    p.add(&path.key(key), message);
+                    default
+                }
+                Ok(()) => match name.as_str() {
+                    "sub" => MachineClaim::Sub,
+                    "client_id" => MachineClaim::ClientId,
+                    _ => MachineClaim::Named(name),
+                },
             },
-        },
-    };
+        };
+    let machine_claim = client_claim(raw.machine_claim, "machine_claim", default.machine_claim, p);
+    let agent_claim = client_claim(
+        raw.agent_claim,
+        "agent_claim",
+        default.agent_claim.clone(),
+        p,
+    );
+    let agent_scim_attribute = choice(
+        raw.agent_scim_attribute,
+        &[
+            ("name", AgentAttribute::Name),
+            ("externalId", AgentAttribute::ExternalId),
+        ],
+        default.agent_scim_attribute,
+        "Agent attribute",
+        &path.key("agent_scim_attribute"),
+        p,
+    );
     let machine_attribute_path = path.key("machine_scim_attribute");
     let machine_scim_attribute = if raw.machine_scim_attribute.as_deref() == Some("emails") {
         p.add(
@@ -880,6 +912,11 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
                 header_path,
                 format!("`{name}` is taken: {ASSERTION_HEADER} carries the signed assertion"),
             );
+        } else if normalized(name) == AGENT_HEADER.to_ascii_lowercase() {
+            p.add(
+                header_path,
+                format!("`{name}` is taken: {AGENT_HEADER} names the agent making a request"),
+            );
         } else if let Some((first, _, _)) = headers[..j]
             .iter()
             .find(|(_, _, other)| normalized(other) == normalized(name))
@@ -914,6 +951,8 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
         scim_attribute,
         machine_claim,
         machine_scim_attribute,
+        agent_claim,
+        agent_scim_attribute,
         header_user,
         header_email,
         header_groups,
@@ -923,6 +962,8 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
 
 /// The header the proxy signs the caller's identity into.
 const ASSERTION_HEADER: &str = "X-Portcullis-Assertion";
+/// The header that names the agent making a request.
+const AGENT_HEADER: &str = "X-Portcullis-Agent";
 
 /// An identity header's name: a valid header name starting with `X-Portcullis-`, the prefix
 /// Portcullis strips from every client request, so that a client can never send it.

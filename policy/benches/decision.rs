@@ -91,9 +91,11 @@ fn bench(c: &mut Criterion) {
         email: Some("alice@eu.corp.example"),
         active: true,
         groups: &groups,
+        owner_groups: &[],
     };
     let outsider = Subject {
         groups: &groups[..49],
+        owner_groups: &[],
         ..alice
     };
     let get = Request {
@@ -110,6 +112,7 @@ fn bench(c: &mut Criterion) {
     }];
     let contractor = Subject {
         groups: &contractor_groups,
+        owner_groups: &[],
         ..alice
     };
 

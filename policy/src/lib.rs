@@ -32,13 +32,16 @@ pub use policy::{loosely_within, Policy};
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{PolicyError, Problem, RuleSpec};
 
-/// Whether the subject is a person (signed in through OIDC) or a machine (bearer token of a
-/// service account). Rules treat both alike, except the `machines` criterion, which only
-/// machines match.
+/// Whether the subject is a person (signed in through OIDC), a machine (bearer token of a
+/// service account) or an AI agent (bearer token of a SCIM Agent). Rules treat people and
+/// machines alike, except the `machines` criterion, which only machines match. Agents are
+/// matched by the agent criteria only (`agents`, `agent_groups`, `agent_owner_groups`), so a
+/// rule written for people never lets an agent in by accident: least privilege.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SubjectKind {
     Person,
     Machine,
+    Agent,
 }
 
 /// The caller as the directory knows it right now. Borrowed, so it costs nothing to build
@@ -46,15 +49,18 @@ pub enum SubjectKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subject<'a> {
     pub kind: SubjectKind,
-    /// The SCIM `userName`, e.g. `alice@corp.example`.
+    /// The SCIM `userName`, e.g. `alice@corp.example` (an agent's `name`).
     pub user_name: &'a str,
     /// The address `email_domains` rules look at; the proxy decides which one (the SCIM
     /// primary email, say). Without one, no `email_domains` criterion matches.
     pub email: Option<&'a str>,
-    /// The SCIM `active` flag.
+    /// The SCIM `active` flag; for an agent, whether its owner chain holds.
     pub active: bool,
     /// Every group the subject is in, directly or through nested groups.
     pub groups: &'a [GroupRef<'a>],
+    /// For an agent, the groups its owners are in (see `agent_owner_groups`); empty for
+    /// anyone else.
+    pub owner_groups: &'a [GroupRef<'a>],
 }
 
 /// One of the subject's groups.

@@ -43,6 +43,9 @@ pub struct Policy {
     subdomains_of: StrIndex,
     any_signed_in: RuleBits,
     machines: RuleBits,
+    agents: RuleBits,
+    agent_groups: StrIndex,
+    agent_owner_groups: StrIndex,
     public: RuleBits,
     /// Indices of the allow rules with `public`.
     public_allow: Box<[usize]>,
@@ -204,6 +207,9 @@ impl Policy {
                 subdomains_of: StrIndex::new(Compare::AsciiCase, words),
                 any_signed_in: empty_bits(words),
                 machines: empty_bits(words),
+                agents: empty_bits(words),
+                agent_groups: StrIndex::new(Compare::UnicodeCase, words),
+                agent_owner_groups: StrIndex::new(Compare::UnicodeCase, words),
                 public: empty_bits(words),
                 public_allow: Box::default(),
             },
@@ -399,9 +405,13 @@ impl Policy {
                     hits.record(by, bits);
                     ControlFlow::Continue(())
                 });
-                add(&self.any_signed_in, None);
-                if subject.kind == SubjectKind::Machine {
-                    add(&self.machines, None);
+                match subject.kind {
+                    SubjectKind::Person => add(&self.any_signed_in, None),
+                    SubjectKind::Machine => {
+                        add(&self.any_signed_in, None);
+                        add(&self.machines, None);
+                    }
+                    SubjectKind::Agent => add(&self.agents, None),
                 }
             }
         }
@@ -437,6 +447,10 @@ impl Policy {
             Caller::Anonymous => None,
             Caller::Inactive(subject) if is_deny => named(&subject),
             Caller::Inactive(_) => None,
+            Caller::Active(subject) if subject.kind == SubjectKind::Agent => named(&subject)
+                .or_else(|| {
+                    has_bit(&self.agents, index).then_some(Match::Agent(subject.user_name))
+                }),
             Caller::Active(subject) => named(&subject)
                 .or_else(|| {
                     (subject.kind == SubjectKind::Machine && has_bit(&self.machines, index))
@@ -451,12 +465,37 @@ impl Policy {
     }
 
     /// Calls `visit` with every entry of the name tables that one of the subject's own names
-    /// (userName, group displayNames and externalIds, email domain) finds.
+    /// (userName, group displayNames and externalIds, email domain; for an agent, its groups
+    /// and its owners' groups) finds.
     fn names_matching<'a, B>(
         &'a self,
         subject: &Subject<'a>,
         mut visit: impl FnMut(Match<'a>, &'a [u64]) -> ControlFlow<B>,
     ) -> ControlFlow<B> {
+        if subject.kind == SubjectKind::Agent {
+            for (groups, table, by) in [
+                (
+                    subject.groups,
+                    &self.agent_groups,
+                    Match::AgentGroup as fn(_) -> _,
+                ),
+                (
+                    subject.owner_groups,
+                    &self.agent_owner_groups,
+                    Match::AgentOwnerGroup,
+                ),
+            ] {
+                if table.is_empty() {
+                    continue;
+                }
+                for group in groups {
+                    if let Some(entry) = table.get(group.display_name) {
+                        visit(by(group.display_name), &entry.rules)?;
+                    }
+                }
+            }
+            return ControlFlow::Continue(());
+        }
         if let Some(entry) = self.users.get(subject.user_name) {
             visit(Match::User(subject.user_name), &entry.rules)?;
         }
@@ -595,6 +634,9 @@ impl Builder {
             || !spec.email_domains.is_empty()
             || spec.any_signed_in
             || spec.machines
+            || spec.agents
+            || !spec.agent_groups.is_empty()
+            || !spec.agent_owner_groups.is_empty()
             || spec.public;
         if !names_someone {
             error(String::new(), Problem::NoWho);
@@ -608,6 +650,12 @@ impl Builder {
             ("groups", &spec.groups, &mut policy.groups),
             ("group_ids", &spec.group_ids, &mut policy.group_ids),
             ("users", &spec.users, &mut policy.users),
+            ("agent_groups", &spec.agent_groups, &mut policy.agent_groups),
+            (
+                "agent_owner_groups",
+                &spec.agent_owner_groups,
+                &mut policy.agent_owner_groups,
+            ),
         ] {
             for (i, value) in values.iter().enumerate() {
                 if value.trim().is_empty() {
@@ -640,6 +688,9 @@ impl Builder {
         }
         if spec.machines {
             set_bit(&mut policy.machines, index);
+        }
+        if spec.agents {
+            set_bit(&mut policy.agents, index);
         }
         if spec.public {
             set_bit(&mut policy.public, index);
@@ -769,6 +820,7 @@ mod tests {
             email: Some("alice@corp.example"),
             active: true,
             groups: &SRE,
+            owner_groups: &[],
         }
     }
 
@@ -776,6 +828,7 @@ mod tests {
         Subject {
             email: Some(email),
             groups: &[],
+            owner_groups: &[],
             ..alice()
         }
     }
@@ -954,6 +1007,7 @@ mod tests {
             email: None,
             active: true,
             groups: &[],
+            owner_groups: &[],
         };
         assert_eq!(
             why(&policy, Some(&nobody_special), &get("/x")),
@@ -980,7 +1034,119 @@ mod tests {
             email: None,
             active: true,
             groups: &[],
+            owner_groups: &[],
         }
+    }
+
+    const ENG: [GroupRef<'static>; 1] = [GroupRef {
+        display_name: "Eng",
+        external_id: None,
+    }];
+
+    /// An agent in group SRE whose owners are in Eng.
+    fn helper_bot() -> Subject<'static> {
+        Subject {
+            kind: SubjectKind::Agent,
+            user_name: "helper-bot",
+            email: None,
+            active: true,
+            groups: &SRE,
+            owner_groups: &ENG,
+        }
+    }
+
+    #[test]
+    fn agents_are_let_in_by_the_agent_criteria_alone() {
+        let policy = compile(
+            vec![
+                groups("people", &["sre"]),
+                RuleSpec {
+                    any_signed_in: true,
+                    machines: true,
+                    email_domains: strings(&["corp.example"]),
+                    ..rule("anyone")
+                },
+                RuleSpec {
+                    agent_owner_groups: strings(&["eng"]),
+                    paths: Some(strings(&["/owned"])),
+                    ..rule("owned")
+                },
+                RuleSpec {
+                    agent_groups: strings(&["sre"]),
+                    paths: Some(strings(&["/grouped"])),
+                    ..rule("grouped")
+                },
+                RuleSpec {
+                    agents: true,
+                    paths: Some(strings(&["/agents"])),
+                    ..rule("agents")
+                },
+            ],
+            vec![],
+        );
+        let bot = helper_bot();
+        // The people's rules name SRE and anyone signed in: not an agent.
+        assert_eq!(
+            why(&policy, Some(&bot), &get("/x")),
+            "no rule allows helper-bot to GET /x"
+        );
+        assert_eq!(
+            why(&policy, Some(&bot), &get("/owned")),
+            "allowed by owned: agent owned by a member of group Eng, path under /owned"
+        );
+        assert_eq!(
+            why(&policy, Some(&bot), &get("/grouped")),
+            "allowed by grouped: agent in group SRE, path under /grouped"
+        );
+        assert_eq!(
+            why(&policy, Some(&bot), &get("/agents")),
+            "allowed by agents: agent helper-bot, path under /agents"
+        );
+        // Nobody else is let in by the agent criteria: alice is in SRE, yet only as a person.
+        assert_eq!(
+            why(&policy, Some(&alice()), &get("/grouped")),
+            "allowed by people: member of group SRE"
+        );
+        let person_in_eng = Subject {
+            groups: &ENG,
+            email: None,
+            ..alice()
+        };
+        let decision = policy.evaluate(Some(&person_in_eng), &get("/owned"));
+        assert_eq!(decision.rule, Some("anyone"), "{}", decision.reason);
+        // An agent whose owner chain broke is deactivated.
+        let broken = Subject {
+            active: false,
+            ..bot
+        };
+        assert_eq!(
+            why(&policy, Some(&broken), &get("/agents")),
+            "the account is deactivated"
+        );
+    }
+
+    #[test]
+    fn agent_criteria_in_deny_rules_keep_agents_out() {
+        let policy = compile(
+            vec![RuleSpec {
+                agents: true,
+                ..rule("agents")
+            }],
+            vec![RuleSpec {
+                agent_owner_groups: strings(&["ENG"]),
+                methods: Some(strings(&["DELETE"])),
+                ..rule("no-deletes")
+            }],
+        );
+        let delete = Request {
+            method: "DELETE",
+            path: "/x",
+        };
+        assert_eq!(
+            why(&policy, Some(&helper_bot()), &delete),
+            "denied by no-deletes: agent owned by a member of group Eng, method DELETE"
+        );
+        assert!(allowed(&policy, Some(&helper_bot()), &get("/x")));
     }
 
     #[test]
@@ -999,6 +1165,7 @@ mod tests {
         // A machine in groups is still a machine.
         let grouped = Subject {
             groups: &SRE,
+            owner_groups: &[],
             ..ci_bot()
         };
         assert!(allowed(&policy, Some(&grouped), &get("/x")));
@@ -1078,6 +1245,7 @@ mod tests {
         );
         let grouped = Subject {
             groups: &SRE,
+            owner_groups: &[],
             ..ci_bot()
         };
         assert_eq!(
@@ -1086,6 +1254,7 @@ mod tests {
         );
         let nobody = Subject {
             groups: &[],
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1267,6 +1436,7 @@ mod tests {
         );
         let only_sre = Subject {
             groups: &SRE[1..],
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1275,6 +1445,7 @@ mod tests {
         );
         let nobody = Subject {
             groups: &[],
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1388,6 +1559,7 @@ mod tests {
         );
         let nobody = Subject {
             groups: &SRE[..1],
+            owner_groups: &[],
             ..alice()
         };
         let reason = why(&policy, Some(&nobody), &get("/admin"));
@@ -1461,6 +1633,7 @@ mod tests {
             .collect();
         let subject = Subject {
             groups: &member_of,
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1521,6 +1694,7 @@ mod tests {
         ];
         let subject = Subject {
             groups: &in_many,
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1529,6 +1703,7 @@ mod tests {
         );
         let subject = Subject {
             groups: &in_many[..2],
+            owner_groups: &[],
             ..alice()
         };
         assert_eq!(
@@ -1566,7 +1741,7 @@ mod tests {
         let expected = [
             "routes[0].deny[0].public: `public` is only allowed in allow rules",
             "routes[0].allow[0]: the rule names nobody: give at least one of groups, group_ids, \
-             users, email_domains, any_signed_in, machines or public",
+             users, email_domains, any_signed_in, machines, agents, agent_groups, agent_owner_groups or public",
             "routes[0].allow[1].groups[1]: is empty",
             "routes[0].allow[1].group_ids[0]: is empty",
             "routes[0].allow[1].users[0]: is empty",

@@ -76,6 +76,12 @@ pub enum Match<'a> {
     SignedIn(&'a str),
     /// `machines`, with the machine's `userName`.
     Machine(&'a str),
+    /// `agents`, with the agent's `name`.
+    Agent(&'a str),
+    /// `agent_groups`: one of the agent's groups.
+    AgentGroup(&'a str),
+    /// `agent_owner_groups`: one of its owners' groups.
+    AgentOwnerGroup(&'a str),
     /// `public`.
     Public,
 }
@@ -134,6 +140,11 @@ impl fmt::Display for Match<'_> {
             } => write!(f, "email domain {domain}, under *.{entry}"),
             Match::SignedIn(name) => write!(f, "signed in as {name}"),
             Match::Machine(name) => write!(f, "machine {name}"),
+            Match::Agent(name) => write!(f, "agent {name}"),
+            Match::AgentGroup(name) => write!(f, "agent in group {name}"),
+            Match::AgentOwnerGroup(name) => {
+                write!(f, "agent owned by a member of group {name}")
+            }
             Match::Public => f.write_str("open to everyone"),
         }
     }
@@ -200,6 +211,14 @@ mod tests {
                     conditions: Conditions::default(),
                 },
                 "allowed by routes[3].allow: machine ci-bot",
+            ),
+            (
+                Reason::Allowed {
+                    rule: "routes[4].allow",
+                    by: Match::AgentOwnerGroup("eng"),
+                    conditions: Conditions::default(),
+                },
+                "allowed by routes[4].allow: agent owned by a member of group eng",
             ),
             (Reason::NotSignedIn, "no rule allows this: not signed in"),
             (Reason::Deactivated, "the account is deactivated"),

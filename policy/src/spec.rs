@@ -7,7 +7,9 @@
 ///
 /// A rule matches a request when its conditions (`methods`, `paths`) match **and** at least one of
 /// its who-criteria (`groups`, `group_ids`, `users`, `email_domains`, `any_signed_in`,
-/// `machines`, `public`) matches the caller.
+/// `machines`, `agents`, `agent_groups`, `agent_owner_groups`, `public`) matches the caller.
+/// An agent is matched only by the `agent*` criteria and `public`; people and machines never
+/// by those.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSpec {
     /// Shown in decisions and audit records, e.g. `routes[2].allow[0]`: the key path of the rule
@@ -28,6 +30,13 @@ pub struct RuleSpec {
     /// Any active machine ([`SubjectKind::Machine`](crate::SubjectKind::Machine)): a service
     /// account presenting a bearer token, whatever its name or groups.
     pub machines: bool,
+    /// Any active agent ([`SubjectKind::Agent`](crate::SubjectKind::Agent)): one whose owner
+    /// chain holds.
+    pub agents: bool,
+    /// Agents in these groups (`displayName`, case-insensitively), directly or not.
+    pub agent_groups: Vec<String>,
+    /// Agents whose owners are in these groups (`displayName`, case-insensitively).
+    pub agent_owner_groups: Vec<String>,
     /// Everyone, including callers who are not signed in and deactivated accounts.
     /// Only allowed in allow rules.
     pub public: bool,
@@ -67,7 +76,7 @@ pub enum Problem {
     NoName,
     #[error(
         "the rule names nobody: give at least one of groups, group_ids, users, email_domains, \
-         any_signed_in, machines or public"
+         any_signed_in, machines, agents, agent_groups, agent_owner_groups or public"
     )]
     NoWho,
     #[error("`public` is only allowed in allow rules")]

@@ -85,6 +85,9 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
         strings(DOMAINS, 2),
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.2),
+        prop::bool::weighted(0.2),
+        strings(GROUPS, 1),
+        strings(GROUPS, 1),
         prop::bool::weighted(if allow_public { 0.2 } else { 0.0 }),
         prop::option::weighted(0.4, prop::collection::vec(select(METHODS), 1..=2)),
         prop::option::weighted(0.4, prop::collection::vec(select(PREFIXES), 1..=2)),
@@ -97,6 +100,9 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                 email_domains,
                 any_signed_in,
                 machines,
+                agents,
+                agent_groups,
+                agent_owner_groups,
                 public,
                 methods,
                 paths,
@@ -109,6 +115,9 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                     email_domains,
                     any_signed_in,
                     machines,
+                    agents,
+                    agent_groups,
+                    agent_owner_groups,
                     public,
                     methods: methods.map(|m| m.into_iter().map(str::to_owned).collect()),
                     paths: paths.map(|p| p.into_iter().map(str::to_owned).collect()),
@@ -119,6 +128,9 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                     || !spec.email_domains.is_empty()
                     || spec.any_signed_in
                     || spec.machines
+                    || spec.agents
+                    || !spec.agent_groups.is_empty()
+                    || !spec.agent_owner_groups.is_empty()
                     || spec.public;
                 if !names_someone {
                     spec.groups.push("sre".to_owned());
@@ -150,25 +162,23 @@ fn rules() -> impl Strategy<Value = (Vec<RuleSpec>, Vec<RuleSpec>)> {
 /// A subject as owned data; `Subject` borrows from it.
 #[derive(Debug, Clone)]
 struct Caller {
-    machine: bool,
+    kind: SubjectKind,
     user_name: &'static str,
     email: Option<&'static str>,
     active: bool,
     groups: Vec<GroupRef<'static>>,
+    owner_groups: Vec<GroupRef<'static>>,
 }
 
 impl Caller {
     fn subject(&self) -> Subject<'_> {
         Subject {
-            kind: if self.machine {
-                SubjectKind::Machine
-            } else {
-                SubjectKind::Person
-            },
+            kind: self.kind,
             user_name: self.user_name,
             email: self.email,
             active: self.active,
             groups: &self.groups,
+            owner_groups: &self.owner_groups,
         }
     }
 }
@@ -180,20 +190,34 @@ fn caller() -> impl Strategy<Value = Caller> {
             external_id,
         },
     );
+    let kinds = vec![
+        SubjectKind::Person,
+        SubjectKind::Machine,
+        SubjectKind::Agent,
+    ];
     (
-        any::<bool>(),
+        select(kinds),
         select(USERS),
         prop::option::weighted(0.8, select(EMAILS)),
         prop::bool::weighted(0.7),
-        prop::collection::vec(group, 0..4),
+        prop::collection::vec(group.clone(), 0..4),
+        prop::collection::vec(group, 0..3),
     )
-        .prop_map(|(machine, user_name, email, active, groups)| Caller {
-            machine,
-            user_name,
-            email,
-            active,
-            groups,
-        })
+        .prop_map(
+            |(kind, user_name, email, active, groups, owner_groups)| Caller {
+                kind,
+                user_name,
+                email,
+                active,
+                groups,
+                // Only an agent has owners.
+                owner_groups: if kind == SubjectKind::Agent {
+                    owner_groups
+                } else {
+                    Vec::new()
+                },
+            },
+        )
 }
 
 fn request() -> impl Strategy<Value = Request<'static>> {
@@ -225,8 +249,21 @@ fn domain_matches(entry: &str, domain: &str) -> bool {
     }
 }
 
-/// Whether the rule's names (not `any_signed_in`, `machines` or `public`) match the subject.
+/// Whether the rule's names (not `any_signed_in`, `machines`, `agents` or `public`) match the
+/// subject. An agent is named only by `agent_groups` and `agent_owner_groups`, anyone else
+/// never by those.
 fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
+    let in_any = |names: &[String], groups: &[GroupRef<'_>]| {
+        groups.iter().any(|g| {
+            names
+                .iter()
+                .any(|name| name.to_lowercase() == g.display_name.to_lowercase())
+        })
+    };
+    if subject.kind == SubjectKind::Agent {
+        return in_any(&rule.agent_groups, subject.groups)
+            || in_any(&rule.agent_owner_groups, subject.owner_groups);
+    }
     let user = subject.user_name.to_lowercase();
     rule.users.iter().any(|u| u.to_lowercase() == user)
         || subject.groups.iter().any(|g| {
@@ -279,11 +316,16 @@ fn loosely(path: &str) -> String {
     read
 }
 
-/// Whether the rule's `any_signed_in` or `machines` matches: both only ever match an active
-/// subject, and `machines` only a machine.
+/// Whether the rule's `any_signed_in`, `machines` or `agents` matches: each only ever matches
+/// an active subject; `machines` only a machine, `agents` only an agent, and `any_signed_in`
+/// anyone but an agent.
 fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
     subject.active
-        && (rule.any_signed_in || (rule.machines && subject.kind == SubjectKind::Machine))
+        && match subject.kind {
+            SubjectKind::Person => rule.any_signed_in,
+            SubjectKind::Machine => rule.any_signed_in || rule.machines,
+            SubjectKind::Agent => rule.agents,
+        }
 }
 
 /// Whether deny rule `rule` matches: its names match the subject (active or not), or its
@@ -393,8 +435,31 @@ proptest! {
         if let Reason::Allowed { by: Match::Machine(name), .. }
         | Reason::Denied { by: Match::Machine(name), .. } = decision.reason
         {
-            prop_assert!(caller.machine && caller.active, "{}", decision.reason);
+            prop_assert!(caller.kind == SubjectKind::Machine && caller.active, "{}", decision.reason);
             prop_assert_eq!(name, caller.user_name);
+        }
+    }
+
+    #[test]
+    fn agents_get_in_only_by_the_agent_criteria_and_nobody_else_does(
+        (allow, deny) in rules(),
+        caller in caller(),
+        request in request(),
+    ) {
+        let policy = compiled(&allow, &deny);
+        let decision = policy.evaluate(Some(&caller.subject()), &request);
+        let Reason::Allowed { by, .. } = decision.reason else {
+            return Ok(());
+        };
+        let by_agent_criterion =
+            matches!(by, Match::Agent(_) | Match::AgentGroup(_) | Match::AgentOwnerGroup(_));
+        match caller.kind {
+            SubjectKind::Agent => prop_assert!(
+                by_agent_criterion || by == Match::Public,
+                "{}",
+                decision.reason
+            ),
+            _ => prop_assert!(!by_agent_criterion, "{}", decision.reason),
         }
     }
 
@@ -470,6 +535,7 @@ proptest! {
             email: email.as_deref(),
             active,
             groups: &groups,
+            owner_groups: &[],
         };
         let request = Request { method: &method, path: &path };
         for subject in [None, Some(&subject)] {

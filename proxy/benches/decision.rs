@@ -239,6 +239,7 @@ impl Fixture {
             email: None,
             email_verified: None,
             claims: Default::default(),
+            act: None,
         }));
         Fixture {
             config,
@@ -254,6 +255,7 @@ impl Fixture {
             directory: &self.directory,
             identity: &self.config.identity,
             current: true,
+            now: now_unix(),
         }
     }
 

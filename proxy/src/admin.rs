@@ -28,6 +28,7 @@ use subtle::ConstantTimeEq;
 
 use portcullis_config::AdminConfig;
 
+use crate::explain::Who;
 use crate::state::Shared;
 
 pub struct Admin {
@@ -143,29 +144,41 @@ impl Admin {
         (StatusCode::OK, "text/plain", b"ready\n".to_vec())
     }
 
-    /// `?user=…&url=…[&method=…]`: the [`Explanation`](crate::explain::Explanation) as JSON.
+    /// `?user=…&url=…[&method=…]`, or `?agent=…[&on_behalf_of=…]&url=…[&method=…]`: the
+    /// [`Explanation`](crate::explain::Explanation) as JSON.
     fn explain(&self, query: &str) -> (StatusCode, &'static str, Vec<u8>) {
-        let (mut user, mut url, mut method) = (None, None, None);
+        let (mut user, mut agent, mut on_behalf_of, mut url, mut method) =
+            (None, None, None, None, None);
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "user" => user = Some(value),
+                "agent" => agent = Some(value),
+                "on_behalf_of" => on_behalf_of = Some(value),
                 "url" => url = Some(value),
                 "method" => method = Some(value),
                 _ => {}
             }
         }
-        let (Some(user), Some(url)) = (user, url) else {
+        let who = match (&user, &agent) {
+            (Some(user), None) => Some(Who::Person(user)),
+            (None, Some(agent)) => Some(Who::Agent {
+                name: agent,
+                on_behalf_of: on_behalf_of.as_deref(),
+            }),
+            _ => None,
+        };
+        let (Some(who), Some(url)) = (who, url) else {
             return (
                 StatusCode::BAD_REQUEST,
                 "text/plain",
-                b"user and url are required\n".to_vec(),
+                b"url and one of user or agent are required\n".to_vec(),
             );
         };
         let runtime = self.shared.runtime.load();
         let explained = crate::explain::explain(
             &runtime,
             &self.shared.directory,
-            &user,
+            who,
             &url,
             method.as_deref().unwrap_or("GET"),
         );

@@ -89,6 +89,12 @@ pub struct AssertionClaims<'a> {
     pub email: Option<&'a str>,
     /// `groups`, always present (possibly empty).
     pub groups: &'a [&'a str],
+    /// `portcullis_agent`: the SCIM Agent making the request, if an agent is; `sub` is then
+    /// the agent itself, or the person it acts for (see `delegated`).
+    pub agent: Option<&'a str>,
+    /// Whether the agent acts for the person in `sub` (a delegated token): then `act` is
+    /// `{"sub": agent}`, as in RFC 8693 §4.1.
+    pub delegated: bool,
     /// Changes whenever the identity's groups or active state change.
     pub version: u64,
 }
@@ -101,8 +107,18 @@ struct JwtClaims<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
     groups: &'a [&'a str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    portcullis_agent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    act: Option<ActClaim<'a>>,
     iat: u64,
     exp: u64,
+}
+
+/// RFC 8693 §4.1's actor.
+#[derive(Serialize)]
+struct ActClaim<'a> {
+    sub: &'a str,
 }
 
 /// One loaded key.
@@ -167,6 +183,8 @@ struct Cached {
     subject: Box<str>,
     email: Option<Box<str>>,
     groups: Box<[Box<str>]>,
+    agent: Option<Box<str>>,
+    delegated: bool,
     version: u64,
     kid: Arc<str>,
     iat: u64,
@@ -186,6 +204,8 @@ impl Cached {
             && &*self.audience == c.audience
             && &*self.issuer == c.issuer
             && self.email.as_deref() == c.email
+            && self.agent.as_deref() == c.agent
+            && self.delegated == c.delegated
             && self.groups.len() == c.groups.len()
             && self.groups.iter().zip(c.groups).all(|(a, b)| &**a == *b)
     }
@@ -318,6 +338,8 @@ impl Signer {
                 subject: claims.subject.into(),
                 email: claims.email.map(Into::into),
                 groups: claims.groups.iter().map(|g| (*g).into()).collect(),
+                agent: claims.agent.map(Into::into),
+                delegated: claims.delegated,
                 version: claims.version,
                 kid: key.kid.clone(),
                 iat: now,
@@ -709,6 +731,11 @@ fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<S
         sub: claims.subject,
         email: claims.email,
         groups: claims.groups,
+        portcullis_agent: claims.agent,
+        act: claims
+            .agent
+            .filter(|_| claims.delegated)
+            .map(|sub| ActClaim { sub }),
         iat,
         exp,
     };
@@ -755,6 +782,8 @@ mod tests {
             subject: "2819c223-7f76-453a-919d-413861904646",
             email: Some("alice@corp.example"),
             groups,
+            agent: None,
+            delegated: false,
             version,
         }
     }
@@ -1123,6 +1152,8 @@ mod tests {
                     subject: "".into(),
                     email: None,
                     groups: Box::new([]),
+                    agent: None,
+                    delegated: false,
                     version: 0,
                     kid: "".into(),
                     iat: T0,

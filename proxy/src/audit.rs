@@ -60,6 +60,28 @@ impl Destination {
     }
 }
 
+/// The agent behind a request: its name, the owners it stands through (users' `userName`s,
+/// groups' `displayName`s) and, for a delegated token, the person it acts for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    #[serde(default)]
+    pub owners: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+}
+
+impl AgentRecord {
+    /// `agent NAME (owners: A, B)`, and `for PERSON` when delegated.
+    pub fn human(&self) -> String {
+        let mut text = format!("agent {} (owners: {})", self.name, self.owners.join(", "));
+        if let Some(person) = &self.on_behalf_of {
+            text.push_str(&format!(" for {person}"));
+        }
+        text
+    }
+}
+
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -83,6 +105,8 @@ pub enum Entry {
         reason: String,
         method: String,
         path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentRecord>,
     },
     Allow {
         time: String,
@@ -90,6 +114,8 @@ pub enum Entry {
         route: String,
         method: String,
         path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentRecord>,
     },
 }
 
@@ -144,8 +170,10 @@ impl Entry {
                 reason,
                 method,
                 path,
+                agent,
             } => format!(
-                "{time} refusal {user} {method} {path} on route {route}{}: {reason}",
+                "{time} refusal {user}{} {method} {path} on route {route}{}: {reason}",
+                through(agent),
                 by_rule(rule)
             ),
             Entry::Allow {
@@ -154,9 +182,19 @@ impl Entry {
                 route,
                 method,
                 path,
-            } => format!("{time} allow   {user} {method} {path} on route {route}"),
+                agent,
+            } => format!(
+                "{time} allow   {user}{} {method} {path} on route {route}",
+                through(agent)
+            ),
         }
     }
+}
+
+fn through(agent: &Option<AgentRecord>) -> String {
+    agent
+        .as_ref()
+        .map_or_else(String::new, |agent| format!(" [{}]", agent.human()))
 }
 
 fn by_rule(rule: &Option<String>) -> String {
@@ -225,6 +263,7 @@ impl Audit {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn refusal(
         &self,
         user: &str,
@@ -233,6 +272,7 @@ impl Audit {
         reason: &str,
         method: &str,
         path: &str,
+        agent: Option<&AgentRecord>,
     ) {
         tracing::warn!(
             target: "audit",
@@ -243,6 +283,7 @@ impl Audit {
             method,
             path,
             reason,
+            agent = agent.map(|a| a.name.as_str()).unwrap_or("-"),
         );
         self.send(Entry::Refusal {
             time: now(),
@@ -252,11 +293,20 @@ impl Audit {
             reason: reason.to_owned(),
             method: method.to_owned(),
             path: path.to_owned(),
+            agent: agent.cloned(),
         });
     }
 
     /// Records an allowed request with probability `rate` (`0.0` never, `1.0` always).
-    pub fn allow_sampled(&self, rate: f64, user: &str, route: &str, method: &str, path: &str) {
+    pub fn allow_sampled(
+        &self,
+        rate: f64,
+        user: &str,
+        route: &str,
+        method: &str,
+        path: &str,
+        agent: Option<&AgentRecord>,
+    ) {
         if rate <= 0.0 || (rate < 1.0 && rand::random::<f64>() >= rate) {
             return;
         }
@@ -267,6 +317,7 @@ impl Audit {
             route: route.to_owned(),
             method: method.to_owned(),
             path: path.to_owned(),
+            agent: agent.cloned(),
         });
     }
 
@@ -538,6 +589,7 @@ mod tests {
             reason: "member of group contractors".to_owned(),
             method: "DELETE".to_owned(),
             path: "/admin".to_owned(),
+            agent: None,
         };
         let line = serde_json::to_string(&entry).unwrap();
         assert!(line.contains(r#""event":"refusal""#), "{line}");
@@ -558,9 +610,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let audit = Audit::open(Destination::of(dir.path(), None)).unwrap();
-        audit.refusal("a", "r", None, "why", "GET", "/");
-        audit.allow_sampled(1.0, "b", "r", "GET", "/x");
-        audit.allow_sampled(0.0, "c", "r", "GET", "/y");
+        audit.refusal("a", "r", None, "why", "GET", "/", None);
+        audit.allow_sampled(1.0, "b", "r", "GET", "/x", None);
+        audit.allow_sampled(0.0, "c", "r", "GET", "/y", None);
         let path = dir.path().join(FILE_NAME);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

@@ -105,6 +105,19 @@ pub struct Machine {
     /// Unix seconds from which the token no longer vouches for the machine: its `exp` plus
     /// the issuer's leeway.
     pub expires: u64,
+    /// Who acts for the token's subject, when the token is delegated (RFC 8693 §4.1 `act`):
+    /// an agent acting for a person. Only the current actor counts; earlier ones (an `act`
+    /// inside `act`) are not judged.
+    pub act: Option<Actor>,
+}
+
+/// The current actor of a delegated token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// Its `sub`.
+    pub subject: String,
+    /// Its string claims (`sub`, `client_id`, …), for the agent mapping.
+    pub claims: Claims,
 }
 
 /// The caller of a request, once authenticated. Cheap to clone: it is shared by every request

@@ -1,5 +1,6 @@
-//! `portcullis explain`: the decision a person's request would get, and the rule behind it,
-//! judged by the gate ([`crate::gate`]) against the live directory, exactly as a request is.
+//! `portcullis explain`: the decision a person's or an agent's request would get, and the rule
+//! behind it, judged by the gate ([`crate::gate`]) against the live directory, exactly as a
+//! request is.
 //!
 //! A running proxy holds the directory's file open, so the command asks it, over the admin
 //! listener (`GET /explain?user=…&url=…&method=…`), to judge from memory. With no proxy
@@ -17,14 +18,37 @@ use portcullis_scim::store::postgres::{PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::{Directory, Storage};
 
-use crate::caller::{Identity, Principal};
-use crate::gate::{Admission, Client, DirectoryView, Facts, Presented, Refused};
+use crate::caller::{Actor, Claims, Identity, Machine, Principal};
+use crate::gate::{Admission, AgentRecord, Client, DirectoryView, Facts, Presented, Refused};
 use crate::path;
 use crate::routes::Match;
 use crate::state::Runtime;
 
-/// Longest `user`, `url` or `method` accepted.
+/// Longest `user`, `agent`, `url` or `method` accepted.
 const MAX_INPUT: usize = 4096;
+
+/// Whose request is explained.
+#[derive(Debug, Clone, Copy)]
+pub enum Who<'a> {
+    /// The person who signs in as this (the value of the claim `[identity]` maps to a
+    /// directory user: their email by default), as if they had just signed in.
+    Person(&'a str),
+    /// The agent whose token's `agent_claim` is `name` (its `name` by default), calling for
+    /// itself or, with a delegated token, for the person `on_behalf_of` names (as `Person`).
+    Agent {
+        name: &'a str,
+        on_behalf_of: Option<&'a str>,
+    },
+}
+
+impl Who<'_> {
+    fn inputs(&self) -> [Option<&str>; 2] {
+        match *self {
+            Who::Person(user) => [Some(user), None],
+            Who::Agent { name, on_behalf_of } => [Some(name), on_behalf_of],
+        }
+    }
+}
 
 /// The answer, as printed (or sent as JSON by the admin listener).
 #[derive(Debug, Serialize, Deserialize)]
@@ -34,8 +58,12 @@ pub struct Explanation {
     pub url: String,
     /// The route the URL is served by, if any.
     pub route: Option<String>,
-    /// The directory user the sign-in maps to, as it is right now.
+    /// The directory user the sign-in maps to (for an agent, the person it acts for), as it
+    /// is right now.
     pub directory_user: Option<DirectoryView>,
+    /// The agent, its owners and whom it acts for, when an agent asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRecord>,
     /// The deciding rule, when a rule decided.
     pub rule: Option<String>,
     pub reason: String,
@@ -75,16 +103,57 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
     }
 }
 
-/// Judges `method url` for the person who signs in as `user`, as if they had just signed in.
+/// The token an agent presents: its own (client credentials), or one delegated to it by the
+/// person `on_behalf_of` names. Its `agent_claim` (and `sub`, `client_id`) is `name`.
+fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Machine {
+    let identity = &runtime.config.identity;
+    let mut agent_claims = Claims::new();
+    for claim in ["sub", "client_id", identity.agent_claim.as_str()] {
+        agent_claims.insert(claim.to_owned(), name.to_owned());
+    }
+    let token = |subject: &str, claims: Claims| Machine {
+        issuer: String::new(),
+        subject: subject.to_owned(),
+        client_id: Some(name.to_owned()),
+        groups: Vec::new(),
+        for_itself: true,
+        email: None,
+        email_verified: None,
+        claims,
+        expires: u64::MAX,
+        act: None,
+    };
+    let Some(person) = on_behalf_of else {
+        return token(name, agent_claims);
+    };
+    // Delegated: the person by the `[identity]` person mapping, the agent as the actor.
+    let mut claims = Claims::new();
+    if let IdentityClaim::Named(claim) = &identity.claim {
+        claims.insert(claim.clone(), person.to_owned());
+    }
+    Machine {
+        for_itself: false,
+        email: (identity.claim == IdentityClaim::Email).then(|| person.to_owned()),
+        act: Some(Actor {
+            subject: name.to_owned(),
+            claims: agent_claims,
+        }),
+        ..token(person, claims)
+    }
+}
+
+/// Judges `method url` for `who`, as if they had just signed in (or presented a token).
 pub fn explain(
     runtime: &Runtime,
     directory: &Directory,
-    user: &str,
+    who: Who<'_>,
     url: &str,
     method: &str,
 ) -> Result<Explanation, String> {
-    if user.is_empty() || user.len() > MAX_INPUT || url.len() > MAX_INPUT {
-        return Err("user and url must be given, each at most 4096 bytes".to_owned());
+    let [first, second] = who.inputs();
+    let too_long = |input: Option<&str>| input.is_some_and(|i| i.is_empty() || i.len() > MAX_INPUT);
+    if first.is_none() || too_long(first) || too_long(second) || url.len() > MAX_INPUT {
+        return Err("user (or agent) and url must be given, each at most 4096 bytes".to_owned());
     }
     let method = method.to_ascii_uppercase();
     let parsed = Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -105,15 +174,31 @@ pub fn explain(
         directory,
         identity: &runtime.config.identity,
         current: true,
+        now: crate::clock::now_unix(),
     };
-    let identity = signed_in_now(runtime, directory, user);
-    let principal = Principal::Person(&identity);
+    let (identity, token);
+    let principal = match who {
+        Who::Person(user) => {
+            identity = signed_in_now(runtime, directory, user);
+            Principal::Person(&identity)
+        }
+        Who::Agent { name, on_behalf_of } => {
+            token = agent_token(runtime, name, on_behalf_of);
+            Principal::Machine(&token)
+        }
+    };
     let mut answer = Explanation {
         allowed: false,
         method: method.clone(),
         url: url.to_owned(),
         route: None,
-        directory_user: gate.directory_view(principal),
+        directory_user: match who {
+            Who::Agent {
+                on_behalf_of: None, ..
+            } => None,
+            _ => gate.directory_view(principal),
+        },
+        agent: None,
         rule: None,
         reason: String::new(),
     };
@@ -151,6 +236,7 @@ pub fn explain(
     match gate.explain(&facts, Presented::Caller(principal)) {
         Admission::Allow(pass) => {
             answer.allowed = true;
+            answer.agent = pass.forward.and_then(|f| f.agent);
             if let Some(why) = pass.why {
                 answer.rule = why.rule;
                 answer.reason = why.reason;
@@ -159,16 +245,24 @@ pub fn explain(
         Admission::Refuse(Refused::Forbid(refusal)) => {
             answer.rule = refusal.rule;
             answer.reason = refusal.reason;
+            answer.agent = refusal.agent;
         }
         Admission::Refuse(Refused::Unavailable) => {
             answer.reason = "the directory is not known to be current".to_owned();
         }
-        // Someone who has just signed in is asked to sign in only where people cannot.
+        // Someone who has just signed in is asked to sign in only where people cannot; an
+        // agent's token, only where bearer tokens are not taken.
         Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. }) => {
-            answer.reason = format!(
-                "route {} takes bearer tokens only: people cannot sign in to it",
-                route.config.name
-            );
+            answer.reason = match who {
+                Who::Person(_) => format!(
+                    "route {} takes bearer tokens only: people cannot sign in to it",
+                    route.config.name
+                ),
+                Who::Agent { .. } => format!(
+                    "route {} does not take bearer tokens: agents cannot call it",
+                    route.config.name
+                ),
+            };
         }
     }
     Ok(answer)
@@ -176,10 +270,15 @@ pub fn explain(
 
 /// `portcullis explain`: asks the running proxy over its admin listener, or, when none is
 /// running, opens the directory in `data_dir` and judges from it.
-pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Explanation, String> {
+pub fn run_cli(
+    config: Config,
+    who: Who<'_>,
+    url: &str,
+    method: &str,
+) -> Result<Explanation, String> {
     if let Some(admin) = &config.admin {
         let token = admin.token.as_ref().map(|t| t.secret.expose());
-        match ask_running(admin.address, token, user, url, method)? {
+        match ask_running(admin.address, token, who, url, method)? {
             Some(answer) => return Ok(answer),
             None => tracing::debug!("no proxy answers on the admin listener"),
         }
@@ -206,14 +305,14 @@ pub fn run_cli(config: Config, user: &str, url: &str, method: &str) -> Result<Ex
             .map_err(|e| format!("cannot load the directory: {e}"))?,
     );
     let runtime = Runtime::build(config, &directory);
-    explain(&runtime, &directory, user, url, method)
+    explain(&runtime, &directory, who, url, method)
 }
 
 /// The running proxy's answer, or `None` when nothing listens on `admin`.
 fn ask_running(
     admin: SocketAddr,
     token: Option<&str>,
-    user: &str,
+    who: Who<'_>,
     url: &str,
     method: &str,
 ) -> Result<Option<Explanation>, String> {
@@ -221,8 +320,18 @@ fn ask_running(
     if admin.ip().is_unspecified() {
         admin.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
-    let query = form_urlencoded::Serializer::new(String::new())
-        .append_pair("user", user)
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    match who {
+        Who::Person(user) => query.append_pair("user", user),
+        Who::Agent { name, on_behalf_of } => {
+            query.append_pair("agent", name);
+            match on_behalf_of {
+                Some(user) => query.append_pair("on_behalf_of", user),
+                None => &mut query,
+            }
+        }
+    };
+    let query = query
         .append_pair("url", url)
         .append_pair("method", method)
         .finish();
@@ -281,7 +390,11 @@ impl std::fmt::Display for Explanation {
                     user.groups.join(", ")
                 }
             )?,
+            None if self.agent.is_some() => {}
             None => writeln!(f, "  user:   not in the directory")?,
+        }
+        if let Some(agent) = &self.agent {
+            writeln!(f, "  agent:  {}", agent.human())?;
         }
         writeln!(f, "  rule:   {}", self.rule.as_deref().unwrap_or("(none)"))?;
         write!(f, "  reason: {}", self.reason)
@@ -303,7 +416,13 @@ mod tests {
     }
 
     fn ask(world: &World, user: &str, url: &str, method: &str) -> Explanation {
-        match explain(&world.runtime(), &world.directory, user, url, method) {
+        match explain(
+            &world.runtime(),
+            &world.directory,
+            Who::Person(user),
+            url,
+            method,
+        ) {
             Ok(answer) => answer,
             Err(e) => panic!("{user} {method} {url}: {e}"),
         }
@@ -428,7 +547,9 @@ mod tests {
     async fn bad_questions_are_errors() {
         let world = world().await;
         let runtime = world.runtime();
-        let err = |user: &str, url: &str| explain(&runtime, &world.directory, user, url, "GET");
+        let err = |user: &str, url: &str| {
+            explain(&runtime, &world.directory, Who::Person(user), url, "GET")
+        };
         assert!(err("", "http://app.test/").is_err());
         assert!(err(ALICE, "ftp://app.test/").is_err());
         assert!(err(ALICE, "not a url").is_err());

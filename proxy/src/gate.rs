@@ -24,12 +24,13 @@ use std::hash::{Hash, Hasher};
 use http::header::{self, HeaderMap};
 
 use portcullis_config::{
-    Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
+    AgentAttribute, Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
-use portcullis_scim::store::{Directory, Lookup, SubjectKey};
+use portcullis_scim::store::{AgentKey, AgentLookup, Directory, GroupEntry, Lookup, SubjectKey};
 
-use crate::caller::{Claims, Identity, Machine, Principal};
+pub use crate::audit::AgentRecord;
+use crate::caller::{Actor, Claims, Identity, Machine, Principal};
 
 /// What kind of client sent a request: the one definition every choice that depends on it
 /// uses (a sign-in redirect or a 401; a refusal as a page or as JSON).
@@ -144,6 +145,9 @@ pub struct Forward {
     /// Changes whenever the user's standing or groups may have changed; keys caches of
     /// anything derived from them (the signed assertion).
     pub version: u64,
+    /// The agent making the request: the caller itself (then `user` is its name), or the
+    /// actor of a delegated token (then `user` is the person it acts for).
+    pub agent: Option<AgentRecord>,
 }
 
 /// The rule behind a decision, in words.
@@ -164,6 +168,8 @@ pub struct Refusal {
     pub cause: Cause,
     /// The sentence the caller and the audit log are given.
     pub reason: String,
+    /// The agent refused, or the agent of a refused delegated token.
+    pub agent: Option<AgentRecord>,
 }
 
 /// Why a request is refused.
@@ -195,6 +201,8 @@ pub struct Gate<'a> {
     /// Whether the directory is known to be current. Always true with an embedded store;
     /// with a shared one, while this replica's lease on the change feed holds.
     pub current: bool,
+    /// Unix seconds: an agent's `expires` is judged against it.
+    pub now: u64,
 }
 
 /// The directory's view of a caller, for `/.portcullis/me` and `portcullis explain`.
@@ -284,6 +292,7 @@ impl Gate<'_> {
                 rule: None,
                 cause: Cause::NotPublic,
                 reason: "this address is not public".to_owned(),
+                agent: None,
             }));
         }
         unauthenticated(facts, invalid_token, false)
@@ -303,8 +312,190 @@ impl Gate<'_> {
         }
     }
 
-    /// Looks the caller up and applies the route's policy to them.
+    /// Looks the caller up and applies the route's policy to them: a delegated token as both
+    /// its person and its agent, a client's own token as the agent it names if there is one
+    /// (else as a machine), anyone else as a directory user.
     fn resolve(
+        &self,
+        facts: &Facts<'_>,
+        request: &Request<'_>,
+        principal: Principal<'_>,
+        explain: bool,
+    ) -> Judged {
+        if let Principal::Machine(token) = principal {
+            if let Some(actor) = &token.act {
+                return self.delegated(facts, request, principal, actor, explain);
+            }
+            if token.for_itself {
+                let named = client_claim(&self.identity.agent_claim, token);
+                if let Some(judged) = named.and_then(|v| self.agent(facts, request, v, explain)) {
+                    return judged;
+                }
+            }
+        }
+        self.user(facts, request, principal, explain)
+    }
+
+    /// A delegated token (RFC 8693): let in only if both the person it is for and the agent
+    /// acting for them are.
+    fn delegated(
+        &self,
+        facts: &Facts<'_>,
+        request: &Request<'_>,
+        principal: Principal<'_>,
+        actor: &Actor,
+        explain: bool,
+    ) -> Judged {
+        let claim = self.identity.agent_claim.as_str();
+        let Some(value) = actor_claim(&self.identity.agent_claim, actor) else {
+            return Judged::Refuse(Refusal {
+                who: Some(principal.log_name()),
+                rule: None,
+                cause: Cause::NoIdentifyingClaim,
+                reason: format!("the token's act claim has no {claim} claim, which names an agent"),
+                agent: None,
+            });
+        };
+        let agent = match self.agent(facts, request, value, explain) {
+            Some(Judged::Allow(pass)) => pass,
+            Some(Judged::Refuse(mut refusal)) => {
+                if let Some(agent) = &mut refusal.agent {
+                    agent.on_behalf_of = Some(principal.log_name());
+                }
+                return Judged::Refuse(refusal);
+            }
+            Some(Judged::Revoked) => return Judged::Revoked,
+            None => {
+                return Judged::Refuse(Refusal {
+                    who: Some(principal.log_name()),
+                    rule: None,
+                    cause: Cause::NotInDirectory,
+                    reason: format!(
+                        "the token acts through \"{value}\" (its act claim's {claim}), which \
+                         is not an agent in the directory"
+                    ),
+                    agent: None,
+                })
+            }
+        };
+        let mut record = agent.forward.and_then(|f| f.agent);
+        match self.user(facts, request, principal, explain) {
+            Judged::Allow(person) => {
+                let Some(mut forward) = person.forward else {
+                    // Only a public rule lets a request in without a caller: none to delegate.
+                    return Judged::Allow(person);
+                };
+                if let Some(agent) = &mut record {
+                    agent.on_behalf_of = Some(forward.user.clone());
+                }
+                forward.agent = record;
+                let why = match (person.why, agent.why) {
+                    (Some(person), Some(agent)) => Some(Why {
+                        rule: person.rule,
+                        reason: format!("{}; and for the agent, {}", person.reason, agent.reason),
+                    }),
+                    (person, _) => person,
+                };
+                Judged::Allow(Pass {
+                    forward: Some(forward),
+                    why,
+                })
+            }
+            Judged::Refuse(mut refusal) => {
+                if let (Some(agent), Some(who)) = (&mut record, &refusal.who) {
+                    agent.on_behalf_of = Some(who.clone());
+                }
+                refusal.agent = record;
+                Judged::Refuse(refusal)
+            }
+            Judged::Revoked => Judged::Revoked,
+        }
+    }
+
+    /// Judges the agent whose `agent_scim_attribute` is `value`; `None` when no agent has it
+    /// and none that had it was deleted (the caller is then no agent).
+    fn agent(
+        &self,
+        facts: &Facts<'_>,
+        request: &Request<'_>,
+        value: &str,
+        explain: bool,
+    ) -> Option<Judged> {
+        let key = match self.identity.agent_scim_attribute {
+            AgentAttribute::Name => AgentKey::Name(value),
+            AgentAttribute::ExternalId => AgentKey::ExternalId(value),
+        };
+        let now = i64::try_from(self.now).unwrap_or(i64::MAX);
+        self.directory.with_agent(key, now, |lookup| {
+            let attribute = self.identity.agent_scim_attribute.as_str();
+            let refuse = |reason: String| {
+                Some(Judged::Refuse(Refusal {
+                    who: Some(format!("agent {value}")),
+                    rule: None,
+                    cause: Cause::NotInDirectory,
+                    reason,
+                    agent: None,
+                }))
+            };
+            let view = match lookup {
+                AgentLookup::Found(view) => view,
+                AgentLookup::Unknown => return None,
+                AgentLookup::Ambiguous(count) => {
+                    return refuse(format!(
+                        "{count} agents have the {attribute} \"{value}\", and Portcullis will \
+                         not guess which one"
+                    ))
+                }
+                AgentLookup::Deleted => {
+                    return refuse(format!(
+                        "the agent with the {attribute} \"{value}\" was deleted from the \
+                         directory"
+                    ))
+                }
+            };
+            let name = view.agent.name.to_string();
+            let record = AgentRecord {
+                name: name.clone(),
+                owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
+                on_behalf_of: None,
+            };
+            let groups = group_refs(&view.groups);
+            let owner_groups = group_refs(&view.owner_groups);
+            let subject = Subject {
+                kind: SubjectKind::Agent,
+                user_name: &view.agent.name,
+                email: None,
+                active: view.standing.is_ok(),
+                groups: &groups,
+                owner_groups: &owner_groups,
+            };
+            let decision = facts.route.policy.evaluate(Some(&subject), request);
+            if !decision.allowed {
+                let mut refusal = refusal(Some(name), &decision);
+                if let (Reason::Deactivated, Err(why)) = (decision.reason, view.standing) {
+                    refusal.reason = format!("the agent is refused: {}", why.as_str());
+                }
+                refusal.agent = Some(record);
+                return Some(Judged::Refuse(refusal));
+            }
+            let mut forward = Forward::new(
+                name,
+                None,
+                view.groups
+                    .iter()
+                    .map(|g| g.display_name.to_string())
+                    .collect(),
+            );
+            forward.agent = Some(record);
+            Some(Judged::Allow(Pass {
+                forward: Some(forward),
+                why: explain.then(|| Why::of(&decision)),
+            }))
+        })
+    }
+
+    /// Looks a directory user up and applies the route's policy to them.
+    fn user(
         &self,
         facts: &Facts<'_>,
         request: &Request<'_>,
@@ -330,6 +521,7 @@ impl Gate<'_> {
                 rule: None,
                 cause: Cause::NoIdentifyingClaim,
                 reason,
+                agent: None,
             });
         };
         let (kind, session_epoch) = match principal {
@@ -373,20 +565,14 @@ impl Gate<'_> {
                         who: Some(who),
                         rule: None,
                         cause: Cause::NotInDirectory,
+                        agent: None,
                     });
                 }
             };
             if session_epoch.is_some_and(|epoch| epoch < view.user.valid_since) {
                 return Judged::Revoked;
             }
-            let groups: Vec<GroupRef<'_>> = view
-                .groups
-                .iter()
-                .map(|g| GroupRef {
-                    display_name: &g.display_name,
-                    external_id: g.external_id.as_deref(),
-                })
-                .collect();
+            let groups = group_refs(&view.groups);
             // The directory's email, never the token's: the IdP provisions the directory, while
             // a token's email is whatever the account at the IdP says. That is the primary
             // email, else the first, else the userName when it is an address (as Okta sends it).
@@ -402,6 +588,7 @@ impl Gate<'_> {
                 email,
                 active: view.user.active,
                 groups: &groups,
+                owner_groups: &[],
             };
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
@@ -501,7 +688,18 @@ fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
         rule: decision.rule.map(str::to_owned),
         cause,
         reason: decision.reason.to_string(),
+        agent: None,
     }
+}
+
+fn group_refs<'a>(groups: &[&'a GroupEntry]) -> Vec<GroupRef<'a>> {
+    groups
+        .iter()
+        .map(|g| GroupRef {
+            display_name: &g.display_name,
+            external_id: g.external_id.as_deref(),
+        })
+        .collect()
 }
 
 /// Judges a caller the directory does not know on their token's own claims (name, email,
@@ -545,6 +743,7 @@ fn on_token(
         email,
         active: true,
         groups: &groups,
+        owner_groups: &[],
     };
     let decision = facts.route.policy.evaluate(Some(&subject), request);
     if !decision.allowed {
@@ -573,7 +772,7 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
             (value, identity.scim_attribute)
         }
         Principal::Machine(machine) => (
-            machine_claim(identity, machine)?,
+            client_claim(&identity.machine_claim, machine)?,
             identity.machine_scim_attribute,
         ),
     };
@@ -628,12 +827,27 @@ fn claim_of<'a>(
     }
 }
 
-fn machine_claim<'a>(identity: &IdentityConfig, machine: &'a Machine) -> Option<&'a str> {
-    match &identity.machine_claim {
+/// The value of a client token's `claim` (`machine_claim`, `agent_claim`).
+fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a str> {
+    match claim {
         MachineClaim::Sub => Some(machine.subject.as_str()),
         MachineClaim::ClientId => machine.client_id.as_deref(),
         MachineClaim::Named(name) => machine.claims.get(name).map(String::as_str),
     }
+}
+
+/// The value of `claim` in a delegated token's `act`; an actor without it is named by `sub`
+/// (RFC 8693 §4.1 requires only that the actor be identified).
+fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> Option<&'a str> {
+    let named = match claim {
+        MachineClaim::Sub => None,
+        MachineClaim::ClientId => actor
+            .claims
+            .get("client_id")
+            .or_else(|| actor.claims.get("azp")),
+        MachineClaim::Named(name) => actor.claims.get(name),
+    };
+    Some(named.map_or(actor.subject.as_str(), String::as_str))
 }
 
 impl Forward {
@@ -649,6 +863,7 @@ impl Forward {
             groups,
             group_names,
             version: hasher.finish(),
+            agent: None,
         }
     }
 }
@@ -688,7 +903,7 @@ mod tests {
 
     use super::*;
     use crate::caller::Identity;
-    use crate::testing::{config, machine, World};
+    use crate::testing::{agent_token, config, delegated_token, machine, World};
     use http::Method;
     use serde_json::Value;
 
@@ -1513,7 +1728,124 @@ mod tests {
             rule: None,
             cause: Cause::NotPublic,
             reason: String::new(),
+            agent: None,
         })
         .revokes_session());
+    }
+
+    /// A route for agents owned by `eng` members, and for `eng` people.
+    const AGENTS_ROUTE: &str = "[[routes]]\nfrom = \"http://agents.test\"\n\
+        to = [\"http://127.0.0.1:3\"]\naccept = [\"bearer\"]\n\
+        allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]\n";
+
+    /// `world()` plus the agents route (the last), an application, and the agent `helper`
+    /// owned by alice in it.
+    async fn agents_world() -> (World, usize, String, String) {
+        let world = World::with(config(AGENTS_ROUTE));
+        let alice = world.user(ALICE).await;
+        world.user(BOB).await;
+        let bot = world.user(BOT).await;
+        world.group("eng", &[&alice, &bot]).await;
+        let app = world.application("Helpdesk").await;
+        let helper = world.agent("helper", &[&alice], &[&app], None).await;
+        let route = world.config.routes.len() - 1;
+        (world, route, app, helper)
+    }
+
+    fn as_machine(world: &World, token: &Machine, route: usize) -> Admission {
+        world.gate().admit(
+            &facts(world, route, "GET", "/tickets"),
+            Presented::Caller(Principal::Machine(token)),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_agent_is_let_in_by_its_owners_groups_and_named_as_an_agent() {
+        let (world, route, _, _) = agents_world().await;
+        let pass = allowed(as_machine(&world, &agent_token("helper"), route));
+        let forward = pass.forward.expect("the upstream is told who");
+        assert_eq!(forward.user, "helper");
+        let agent = forward.agent.expect("an agent");
+        assert_eq!(
+            (agent.name.as_str(), agent.owners.as_slice()),
+            ("helper", &[ALICE.to_owned()][..])
+        );
+        // Not on a route for people: alice's own `eng` does not speak for her agent.
+        let refusal = forbidden(as_machine(&world, &agent_token("helper"), 1));
+        assert_eq!(refusal.cause, Cause::NoRuleAllows, "{}", refusal.reason);
+        assert_eq!(refusal.agent.map(|a| a.name), Some("helper".to_owned()));
+        // A client the directory has no agent for is a machine, as before.
+        let pass = allowed(as_machine(&world, &agent_token(BOT), 1));
+        assert!(pass.forward.is_some_and(|f| f.agent.is_none()));
+    }
+
+    #[tokio::test]
+    async fn each_link_of_the_owner_chain_refuses_the_agent() {
+        let (world, route, app, helper) = agents_world().await;
+        let refused = |why: &str| {
+            let refusal = forbidden(as_machine(&world, &agent_token("helper"), route));
+            assert_eq!(refusal.cause, Cause::Deactivated, "{}", refusal.reason);
+            assert!(refusal.reason.contains(why), "{}", refusal.reason);
+        };
+        let alice = world.id_of(ALICE);
+        world.set_active(&alice, false).await;
+        refused("no owner of the agent is an active user");
+        world.set_active(&alice, true).await;
+        allowed(as_machine(&world, &agent_token("helper"), route));
+        world
+            .set_active_at(&format!("/AgenticApplications/{app}"), false)
+            .await;
+        refused("application is deactivated or deleted");
+        world
+            .set_active_at(&format!("/AgenticApplications/{app}"), true)
+            .await;
+        world
+            .set_active_at(&format!("/Agents/{helper}"), false)
+            .await;
+        refused("the agent is deactivated");
+        // Expired: refused, whatever else holds.
+        world
+            .agent("old", &[&alice], &[], Some("2020-01-01T00:00:00Z"))
+            .await;
+        let refusal = forbidden(as_machine(&world, &agent_token("old"), route));
+        assert!(refusal.reason.contains("expired"), "{}", refusal.reason);
+        // Deleted: refused, never taken for a machine of the same name.
+        world
+            .scim(Method::DELETE, &format!("/Agents/{helper}"), Value::Null)
+            .await;
+        let refusal = forbidden(as_machine(&world, &agent_token("helper"), route));
+        assert_eq!(refusal.cause, Cause::NotInDirectory);
+        assert!(refusal.reason.contains("was deleted"), "{}", refusal.reason);
+    }
+
+    #[tokio::test]
+    async fn a_delegated_token_is_let_in_only_when_both_are_allowed() {
+        let (world, route, _, _) = agents_world().await;
+        // alice (in eng) through helper (owned by alice): both allowed.
+        let pass = allowed(as_machine(&world, &delegated_token(ALICE, "helper"), route));
+        let forward = pass.forward.expect("forwarded");
+        assert_eq!(forward.user, ALICE);
+        let agent = forward.agent.expect("the agent");
+        assert_eq!(agent.name, "helper");
+        assert_eq!(agent.on_behalf_of.as_deref(), Some(ALICE));
+        // bob (in no group) through the same agent: the person is refused.
+        let refusal = forbidden(as_machine(&world, &delegated_token(BOB, "helper"), route));
+        assert_eq!(refusal.who.as_deref(), Some(BOB), "{}", refusal.reason);
+        assert_eq!(
+            refusal.agent.and_then(|a| a.on_behalf_of),
+            Some(BOB.to_owned())
+        );
+        // alice through an agent whose owner is bob: the agent is refused.
+        let bob = world.id_of(BOB);
+        world.agent("bobs", &[&bob], &[], None).await;
+        let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "bobs"), route));
+        assert_eq!(refusal.who.as_deref(), Some("bobs"), "{}", refusal.reason);
+        // alice through a client that is no agent: refused.
+        let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "nobody"), route));
+        assert!(
+            refusal.reason.contains("not an agent"),
+            "{}",
+            refusal.reason
+        );
     }
 }

@@ -66,8 +66,15 @@ enum Command {
         config: PathBuf,
         /// Who signs in: the claim `[identity]` maps to a directory user (their email by
         /// default).
+        #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+        user: Option<String>,
+        /// Or the agent that calls: the value of its token's `agent_claim` (its SCIM `name` by
+        /// default).
         #[arg(long)]
-        user: String,
+        agent: Option<String>,
+        /// With --agent: the person the agent acts for (a delegated token), named as --user.
+        #[arg(long, requires = "agent")]
+        on_behalf_of: Option<String>,
         /// The full URL requested, e.g. `https://app.example/admin`.
         #[arg(long)]
         url: String,
@@ -149,12 +156,21 @@ fn main() -> ExitCode {
         Command::Explain {
             config,
             user,
+            agent,
+            on_behalf_of,
             url,
             method,
             json,
         } => {
+            let who = match (&user, &agent) {
+                (_, Some(name)) => explain::Who::Agent {
+                    name,
+                    on_behalf_of: on_behalf_of.as_deref(),
+                },
+                (user, None) => explain::Who::Person(user.as_deref().unwrap_or_default()),
+            };
             let explained = load_config(&config)
-                .and_then(|config| explain::run_cli(config, &user, &url, &method))
+                .and_then(|config| explain::run_cli(config, who, &url, &method))
                 .and_then(|answer| {
                     let text = if json {
                         serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())?

@@ -283,6 +283,7 @@ impl ProxyHttp for Proxy {
             &route.config.name,
             facts.method,
             facts.path,
+            pass.forward.as_ref().and_then(|f| f.agent.as_ref()),
         );
         if let Authentication::Caller(caller) = authentication {
             ctx.recheck = Some(Arc::new(Recheck::new(
@@ -368,6 +369,9 @@ impl ProxyHttp for Proxy {
                 }
                 upstream_request
                     .insert_header(names.header_groups.clone(), forward.groups.as_str())?;
+                if let Some(agent) = &forward.agent {
+                    upstream_request.insert_header(AGENT_HEADER, agent.name.as_str())?;
+                }
             }
             if route.config.assertion {
                 let issuer = runtime.assertion_issuer.as_str();
@@ -378,6 +382,11 @@ impl ProxyHttp for Proxy {
                     subject: &forward.user,
                     email: forward.email.as_deref(),
                     groups: &groups,
+                    agent: forward.agent.as_ref().map(|a| a.name.as_str()),
+                    delegated: forward
+                        .agent
+                        .as_ref()
+                        .is_some_and(|a| a.on_behalf_of.is_some()),
                     version: forward.version,
                 };
                 // Fail closed: an upstream that relies on the assertion never gets the request
@@ -723,6 +732,7 @@ impl Proxy {
                     &refusal.reason,
                     &asked.method,
                     &asked.path,
+                    refusal.agent.as_ref(),
                 );
                 forbidden(&refusal, route, asked.client)
             }
@@ -730,6 +740,10 @@ impl Proxy {
         reply::send(session, reply).await
     }
 }
+
+/// The header that names the agent making a request (an agent's own, or a delegated token's
+/// actor). Like every `X-Portcullis-` header, a client's own is stripped on the way in.
+pub const AGENT_HEADER: &str = "x-portcullis-agent";
 
 /// Why SCIM and sign-in are refused on a plain-HTTP listener that is not on loopback.
 const PLAIN_HTTP: &str = "SCIM and sign-in need HTTPS: this listener serves plain HTTP on an \
@@ -999,6 +1013,7 @@ mod tests {
             rule: Some("routes[0].deny".to_owned()),
             cause: crate::gate::Cause::DenyRule,
             reason: reason.to_owned(),
+            agent: None,
         }
     }
 

@@ -231,6 +231,7 @@ impl Shared {
             directory: &self.directory,
             identity: &runtime.config.identity,
             current: marks.current,
+            now: marks.second,
         }
     }
 
@@ -293,6 +294,10 @@ impl Shared {
             &format!("open connection closed: {reason}"),
             &open.method,
             &open.path,
+            match refused {
+                Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
+                _ => None,
+            },
         );
     }
 

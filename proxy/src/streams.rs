@@ -154,6 +154,7 @@ pub fn rejudge(
             rule: None,
             cause: Cause::RouteRemoved,
             reason: "the route is no longer in the configuration".to_owned(),
+            agent: None,
         }));
     };
     let presented = match &open.caller {

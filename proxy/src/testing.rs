@@ -136,6 +136,7 @@ impl World {
             directory: &self.directory,
             identity: &self.config.identity,
             current: true,
+            now: crate::clock::now_unix(),
         }
     }
 
@@ -211,6 +212,50 @@ impl World {
         id(&self.scim(Method::POST, "/Groups", group).await)
     }
 
+    /// Creates an AgenticApplication; returns its id.
+    pub async fn application(&self, name: &str) -> String {
+        let application = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:AgenticApplication"],
+            "name": name,
+        });
+        id(&self
+            .scim(Method::POST, "/AgenticApplications", application)
+            .await)
+    }
+
+    /// Creates an Agent owned by `owners` (ids), in `applications` (ids), until `expires`
+    /// (RFC 3339) if given; returns its id.
+    pub async fn agent(
+        &self,
+        name: &str,
+        owners: &[&str],
+        applications: &[&str],
+        expires: Option<&str>,
+    ) -> String {
+        const EXTENSION: &str = portcullis_scim::schema::PORTCULLIS_AGENT_SCHEMA;
+        let links = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| json!({ "value": id }))
+                .collect::<Vec<_>>()
+        };
+        let mut extension = json!({ "owners": links(owners), "applications": links(applications) });
+        if let Some(at) = expires {
+            extension["expires"] = json!(at);
+        }
+        let agent = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Agent", EXTENSION],
+            "name": name,
+            EXTENSION: extension,
+        });
+        id(&self.scim(Method::POST, "/Agents", agent).await)
+    }
+
+    /// Sets `active` on the resource at `path` (`/Agents/{id}`, say).
+    pub async fn set_active_at(&self, path: &str, active: bool) {
+        let ops = json!([{"op": "replace", "path": "active", "value": active}]);
+        self.scim(Method::PATCH, path, patch(ops)).await;
+    }
+
     /// The SCIM id of the user `user_name`.
     pub fn id_of(&self, user_name: &str) -> String {
         match self.directory.user_by_name(user_name) {
@@ -251,6 +296,31 @@ impl World {
     }
 }
 
+/// An agent's own client-credentials token: `client_id` names it.
+pub fn agent_token(client_id: &str) -> Machine {
+    Machine {
+        client_id: Some(client_id.to_owned()),
+        ..machine(client_id)
+    }
+}
+
+/// A token delegated to the agent `client_id` by the person `email` (RFC 8693).
+pub fn delegated_token(email: &str, client_id: &str) -> Machine {
+    let mut claims = crate::caller::Claims::new();
+    claims.insert("sub".to_owned(), client_id.to_owned());
+    claims.insert("client_id".to_owned(), client_id.to_owned());
+    Machine {
+        client_id: Some(client_id.to_owned()),
+        for_itself: false,
+        email: Some(email.to_owned()),
+        act: Some(crate::caller::Actor {
+            subject: client_id.to_owned(),
+            claims,
+        }),
+        ..machine(&format!("sub-{email}"))
+    }
+}
+
 /// A machine whose token's `sub` is `subject`.
 pub fn machine(subject: &str) -> Machine {
     Machine {
@@ -263,6 +333,7 @@ pub fn machine(subject: &str) -> Machine {
         email: None,
         email_verified: None,
         claims: Default::default(),
+        act: None,
     }
 }
 

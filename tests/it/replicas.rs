@@ -895,7 +895,7 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         .query("SELECT version FROM portcullis_schema")
         .await
         .unwrap();
-    assert_eq!(version, vec![vec![Some("2".to_owned())]], "one schema row");
+    assert_eq!(version, vec![vec![Some("3".to_owned())]], "one schema row");
     replicas[0].scim.create_user("alice").await.expect_success();
     // Idempotent: a restart migrates nothing and keeps the data.
     replicas[1].px.kill_hard();
@@ -924,7 +924,7 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
     assert!(!status.success());
     let log = newer.px.log();
     assert!(
-        log.contains("schema version 99") && log.contains("this build reads version 2"),
+        log.contains("schema version 99") && log.contains("this build reads version 3"),
         "{log}"
     );
 }

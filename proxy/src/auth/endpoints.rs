@@ -419,6 +419,7 @@ impl Auth {
             directory: &self.directory,
             identity: &config.identity,
             current: true,
+            now: crate::clock::now_unix(),
         };
         let directory = gate.directory_view(caller.principal());
         if wants_json {

@@ -30,7 +30,7 @@ use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::{Oidc, Refreshed};
 use self::sessions::{Kept, Sessions};
 use self::verified::Verified;
-use crate::caller::{Caller, Machine};
+use crate::caller::{Actor, Caller, Machine};
 use crate::gate::Presented;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
@@ -102,6 +102,24 @@ struct MachineClaims {
     email: Option<String>,
     #[serde(default)]
     email_verified: Option<bool>,
+    /// RFC 8693 §4.1: the actor of a delegated token, a JSON object.
+    #[serde(default)]
+    act: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The current actor of a delegated token's `act` claim; one without a string `sub` names
+/// nobody, and the token is refused.
+fn actor(act: &serde_json::Map<String, serde_json::Value>) -> Result<Actor, JwtError> {
+    let subject = act
+        .get("sub")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| JwtError::Invalid("the act claim has no sub".into()))?;
+    let mut claims = crate::caller::Claims::new();
+    crate::caller::add_string_claims(&mut claims, act);
+    Ok(Actor {
+        subject: subject.to_owned(),
+        claims,
+    })
 }
 
 /// The claims by which issuers mark a token they gave a client for itself, not for a person.
@@ -305,6 +323,7 @@ impl Auth {
             claims.azp.as_deref(),
             &claims.marks,
         );
+        let act = claims.act.as_ref().map(actor).transpose()?;
         let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
@@ -316,6 +335,7 @@ impl Auth {
             email_verified: claims.email_verified,
             // Every string claim of the (now verified) payload, for a mapping by any claim.
             claims: crate::caller::string_claims(&bytes),
+            act,
         }));
         let entry = verified::Entry {
             caller: caller.clone(),
