@@ -72,9 +72,13 @@ pub struct AgentRecord {
 }
 
 impl AgentRecord {
-    /// `agent NAME (owners: A, B)`, and `for PERSON` when delegated.
+    /// `NAME (owners: A, B)`, and `for PERSON` when delegated.
     pub fn human(&self) -> String {
-        let mut text = format!("agent {} (owners: {})", self.name, self.owners.join(", "));
+        let owners = match self.owners.as_slice() {
+            [] => "none active".to_owned(),
+            owners => owners.join(", "),
+        };
+        let mut text = format!("{} (owners: {owners})", self.name);
         if let Some(person) = &self.on_behalf_of {
             text.push_str(&format!(" for {person}"));
         }
@@ -194,7 +198,7 @@ impl Entry {
 fn through(agent: &Option<AgentRecord>) -> String {
     agent
         .as_ref()
-        .map_or_else(String::new, |agent| format!(" [{}]", agent.human()))
+        .map_or_else(String::new, |agent| format!(" [agent {}]", agent.human()))
 }
 
 fn by_rule(rule: &Option<String>) -> String {

@@ -26,6 +26,13 @@
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
 //
+// Token exchange (RFC 8693), as an IdP that lets an agent act for a person offers it: a client
+// allowed the grant `urn:ietf:params:oauth:grant-type:token-exchange` presents a person's ID
+// token from this IdP (`subject_token`, `subject_token_type` …:id_token) and a `resource`, and
+// gets a JWT access token for that resource whose `sub` is the person and whose `act` is
+// `{sub, client_id}` of the client, the actor (RFC 8693 §4.1). It is registered with
+// oidc-provider's own `registerGrantType`.
+//
 // The login form (at the interaction URL) is plain HTML with inputs `login` and `password`;
 // consent is granted automatically, so no consent page ever appears.
 //
@@ -278,6 +285,48 @@ function resourceServerInfo(indicator) {
   };
 }
 
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const TOKEN_EXCHANGE_PARAMS = new Set(['subject_token', 'subject_token_type', 'resource', 'requested_token_type']);
+const ID_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:id_token';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+
+// The token-exchange grant (see the header): the client acts for the person in the ID token.
+async function tokenExchange(ctx) {
+  const { client, params, provider } = ctx.oidc;
+  if (params.subject_token_type !== ID_TOKEN_TYPE) {
+    throw new errors.InvalidRequest(`subject_token_type must be ${ID_TOKEN_TYPE}`);
+  }
+  let claims;
+  try {
+    claims = JSON.parse(Buffer.from(String(params.subject_token).split('.')[1], 'base64url'));
+  } catch {
+    throw new errors.InvalidGrant('subject_token is not a JWT');
+  }
+  const audience = Array.isArray(claims.aud) ? claims.aud[0] : claims.aud;
+  const issuedTo = await provider.Client.find(String(audience));
+  if (!issuedTo) throw new errors.InvalidGrant('subject_token was issued to no known client');
+  // Its signature, issuer and audience; the expiry is checked below (validate ignores it).
+  const { payload } = await provider.IdToken.validate(params.subject_token, issuedTo);
+  if (!(payload.exp > Date.now() / 1000)) throw new errors.InvalidGrant('subject_token has expired');
+  if (!users.has(payload.sub)) throw new errors.InvalidGrant('subject_token names nobody');
+  const indicator = params.resource ?? setup.default_resource;
+  if (!indicator) throw new errors.InvalidTarget('resource is required');
+  const server = resourceServerInfo(indicator);
+  const token = new provider.AccessToken({
+    accountId: payload.sub,
+    client,
+    gty: 'token-exchange',
+    scope: server.scope,
+    resourceServer: new provider.ResourceServer(indicator, server),
+  });
+  ctx.body = {
+    access_token: await token.save(),
+    issued_token_type: ACCESS_TOKEN_TYPE,
+    token_type: 'Bearer',
+    expires_in: token.expiration,
+  };
+}
+
 function buildProvider(issuer, clients) {
   const configuration = {
     clients,
@@ -382,6 +431,11 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
         },
       },
     },
+    // A token-exchange token's actor is the client it was issued to (see tokenExchange).
+    async extraTokenClaims(_ctx, token) {
+      if (token.gty !== 'token-exchange') return undefined;
+      return { act: { sub: token.clientId, client_id: token.clientId } };
+    },
     async issueRefreshToken(_ctx, client) {
       return client.grantTypeAllowed('refresh_token');
     },
@@ -415,6 +469,7 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
   };
   const provider = new Provider(issuer, configuration);
   provider.proxy = false;
+  provider.registerGrantType(TOKEN_EXCHANGE, tokenExchange, TOKEN_EXCHANGE_PARAMS);
   provider.on('server_error', (_ctx, err) => console.error('server_error', err));
   provider.on('backchannel.error', (_ctx, err) => console.error('backchannel.error', err.message));
   return provider;

@@ -9,37 +9,50 @@
 //!   owner is deactivated, the owner leaves the owning group, the application is deactivated
 //!   or the agent itself is.
 //! - An open websocket is cut when the agent's `expires` passes, with no SCIM write at all.
+//! - Delegation (RFC 8693): a person's token exchanged at the IdP for one whose `act` names the
+//!   agent is let in only while both the person and the agent are allowed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_tests::client::{closed_within, websocket};
-use portcullis_tests::scim::{agentic_application, patch_ops, PORTCULLIS_AGENT_SCHEMA};
+use portcullis_tests::idp::{jwt_claims, query_param, random_token, TOKEN_EXCHANGE};
+use portcullis_tests::scim::{
+    agentic_application, patch_ops, PORTCULLIS_AGENT_SCHEMA, USER_SCHEMA,
+};
 use portcullis_tests::{
-    ConfigBuilder, Echo, Idp, IdpClient, JwtIssuer, Portcullis, Route, ScimClient, ScimResponse,
-    Upstream,
+    ConfigBuilder, Echo, Idp, IdpClient, JwtIssuer, Pkce, Portcullis, Route, ScimClient,
+    ScimResponse, Upstream,
 };
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+use crate::audit::{audit_json_until, of_event};
 use crate::authz::{revocation_under_load, MakeRequest};
-use crate::signin::{bare_client, idp_setup, now_unix, API, API_AUD, ALICE};
+use crate::signin::{
+    bare_client, idp_setup, now_unix, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
+    CLIENT_ID, CLIENT_SECRET,
+};
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
 /// The agent's OAuth client at the IdP; its token's `client_id` is the Agent's `name`.
 const AGENT_ID: &str = "helpdesk-agent";
 const AGENT_SECRET: &str = "helpdesk-agent-secret-0123456789abcdefghij";
-/// The route agents call: those whose owners are in `eng`.
+/// The route agents call: those whose owners are in `eng`, and people in `eng` (through a
+/// delegated token).
 const AGENTS_ROUTE: &str = "http://agents.test";
+/// Where the IdP sends people back to: nowhere (the tests read the code off the redirect).
+const UNUSED: &str = "http://127.0.0.1:9/unused";
 
 /// A running IdP (with the agent's client), Portcullis serving SCIM and the agents route, and
-/// the directory: alice in `eng`, the application `Helpdesk`, and the agent owned by `eng`
-/// running in it.
+/// the directory: alice in `eng`, bob in no group (each with the IdP's `sub` as `externalId`,
+/// which people's tokens are mapped by), the application `Helpdesk`, and the agent owned by
+/// `eng` running in it.
 struct Agents {
     idp: Idp,
     cfg: ConfigBuilder,
-    _px: Portcullis,
+    px: Portcullis,
     _api: Upstream,
     scim: ScimClient,
     alice: String,
@@ -51,23 +64,36 @@ struct Agents {
 impl Agents {
     async fn start() -> Agents {
         let api = Upstream::start("api").await;
-        let unused = "http://127.0.0.1:9/unused";
-        let setup = idp_setup(&[unused.to_owned()], unused)
-            .client(IdpClient::new(AGENT_ID, AGENT_SECRET).redirect_uri(unused));
-        let idp = setup.start().await;
+        let agent_client = IdpClient::new(AGENT_ID, AGENT_SECRET)
+            .redirect_uri(UNUSED)
+            .metadata("grant_types", json!(["client_credentials", TOKEN_EXCHANGE]));
+        let idp = idp_setup(&[UNUSED.to_owned()], UNUSED)
+            .client(agent_client)
+            .start()
+            .await;
         let cfg = ConfigBuilder::new()
             .http_listener()
             .route(
                 Route::new(AGENTS_ROUTE, &[&api])
                     .accept(&["bearer"])
                     .websockets(true)
-                    .set("allow = { agent_owner_groups = [\"eng\"] }"),
+                    .set("allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]"),
             )
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
-        let px = cfg.start().await;
+        // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
+        // allowed request is audited.
+        let identity = "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n\
+                        allow_sample_rate = 1.0\n";
+        let px = Portcullis::start(&format!("{}\n{identity}", cfg.toml())).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
-        let alice = scim.create_user(ALICE).await.id();
+        let person = |user_name: &str, sub: &str| json!({"schemas": [USER_SCHEMA], "userName": user_name, "externalId": sub});
+        let alice = scim
+            .post("/Users", &person(ALICE, "alice"))
+            .await
+            .expect(201)
+            .id();
+        scim.post("/Users", &person(BOB, "bob")).await.expect(201);
         let eng = scim.create_group("eng", &[&alice]).await.id();
         let app = scim
             .post("/AgenticApplications", &agentic_application("Helpdesk"))
@@ -77,7 +103,7 @@ impl Agents {
         let mut t = Agents {
             idp,
             cfg,
-            _px: px,
+            px,
             _api: api,
             scim,
             alice,
@@ -110,10 +136,46 @@ impl Agents {
         self.scim.post("/Agents", &body).await
     }
 
+    /// A token the agent holds for the person who signs in as `login`: their ID token (from
+    /// the code flow of the IdP's other client) exchanged by the agent's client.
+    async fn delegated(&self, login: &str, password: &str) -> String {
+        let pkce = Pkce::new();
+        let authorize = self.idp.authorization_url(
+            CLIENT_ID,
+            UNUSED,
+            "openid email",
+            &random_token(16),
+            &random_token(16),
+            &pkce,
+        );
+        let back = self.idp.sign_in_http(&authorize, login, password).await;
+        let code = query_param(&back, "code").expect("a code");
+        let tokens = self
+            .idp
+            .exchange_code(CLIENT_ID, CLIENT_SECRET, &code, UNUSED, &pkce.verifier)
+            .await;
+        let id_token = tokens["id_token"].as_str().expect("an ID token");
+        self.idp
+            .exchange_token(AGENT_ID, AGENT_SECRET, id_token, API)
+            .await
+    }
+
     async fn token(&self) -> String {
         self.idp
             .client_credentials_token(AGENT_ID, AGENT_SECRET, Some(API))
             .await
+    }
+
+    /// `portcullis explain` of `GET /tickets` with `who` (`--agent …`); (exit code, stdout).
+    async fn explain(&self, who: &[&str]) -> (i32, String) {
+        let config = self.px.config_path().display().to_string();
+        let url = self.url("/tickets");
+        let mut args = vec!["explain", "--config", &config, "--url", &url];
+        args.extend_from_slice(who);
+        let out = portcullis_tests::process::run(self.px.dir(), &args).await;
+        let code = out.status.code().unwrap_or(-1);
+        assert!(code == 0 || code == 1, "explain failed: {}", out.stderr);
+        (code, out.stdout)
     }
 
     fn url(&self, path: &str) -> String {
@@ -158,8 +220,8 @@ fn with_bearer(url: String, token: String) -> MakeRequest {
 
 /// RFC 3339, `seconds` from now.
 fn in_seconds(seconds: u64) -> String {
-    let at = time::OffsetDateTime::from_unix_timestamp((now_unix() + seconds) as i64)
-        .expect("a time");
+    let at =
+        time::OffsetDateTime::from_unix_timestamp((now_unix() + seconds) as i64).expect("a time");
     at.format(&time::format_description::well_known::Rfc3339)
         .expect("formatted")
 }
@@ -168,14 +230,18 @@ fn in_seconds(seconds: u64) -> String {
 async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
     let t = Agents::start().await;
     let token = t.token().await;
-    let claims = portcullis_tests::idp::jwt_claims(&token);
+    let claims = jwt_claims(&token);
     assert_eq!(claims["client_id"], AGENT_ID, "{claims}");
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let echo = Echo::parse(body.as_bytes());
     assert_eq!(echo.header("x-portcullis-user"), Some(AGENT_ID));
     assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
-    assert_eq!(echo.header("authorization"), None, "the token stays with Portcullis");
+    assert_eq!(
+        echo.header("authorization"),
+        None,
+        "the token stays with Portcullis"
+    );
 
     // The owner chain is judged on every request, and the refusal says which link broke.
     t.set_active(&format!("/Users/{}", t.alice), false)
@@ -183,7 +249,10 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         .expect_success();
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert!(body.contains("no owner of the agent is an active user"), "{body}");
+    assert!(
+        body.contains("no owner of the agent is an active user"),
+        "{body}"
+    );
     t.set_active(&format!("/Users/{}", t.alice), true)
         .await
         .expect_success();
@@ -205,11 +274,19 @@ async fn a_hundred_times_created_called_deactivated_and_refused() {
             .await
             .expect(200);
         let (status, body) = t.call(&token).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "cycle {cycle}, deactivated: {body}");
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "cycle {cycle}, deactivated: {body}"
+        );
         assert!(body.contains("the agent is deactivated"), "{body}");
         t.scim.delete(&format!("/Agents/{id}")).await.expect(204);
         let (status, body) = t.call(&token).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "cycle {cycle}, deleted: {body}");
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "cycle {cycle}, deleted: {body}"
+        );
     }
     eprintln!("100 agent lifecycles in {:?}", started.elapsed());
 }
@@ -223,18 +300,40 @@ async fn under_load_no_request_is_let_in_after_any_link_of_the_owner_chain_break
     let app = format!("/AgenticApplications/{}", t.app);
     let agent = format!("/Agents/{}", t.agent);
 
-    revocation_under_load("owner deactivated", load(), t.set_active(&alice, false), &[403]).await;
+    revocation_under_load(
+        "owner deactivated",
+        load(),
+        t.set_active(&alice, false),
+        &[403],
+    )
+    .await;
     t.set_active(&alice, true).await.expect_success();
 
-    revocation_under_load("owner left the owning group", load(), t.members("remove"), &[403])
-        .await;
+    revocation_under_load(
+        "owner left the owning group",
+        load(),
+        t.members("remove"),
+        &[403],
+    )
+    .await;
     t.members("add").await.expect_success();
 
-    revocation_under_load("application deactivated", load(), t.set_active(&app, false), &[403])
-        .await;
+    revocation_under_load(
+        "application deactivated",
+        load(),
+        t.set_active(&app, false),
+        &[403],
+    )
+    .await;
     t.set_active(&app, true).await.expect_success();
 
-    revocation_under_load("agent deactivated", load(), t.set_active(&agent, false), &[403]).await;
+    revocation_under_load(
+        "agent deactivated",
+        load(),
+        t.set_active(&agent, false),
+        &[403],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -258,12 +357,10 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
         ("authorization", &authorization),
     )
     .await;
-    let expiry = time::OffsetDateTime::parse(
-        &expires,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .expect("an RFC 3339 time")
-    .unix_timestamp() as u64;
+    let expiry =
+        time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339)
+            .expect("an RFC 3339 time")
+            .unix_timestamp() as u64;
     assert!(
         now_unix() < expiry,
         "the websocket opened only after the expiry: the machine is too loaded to tell"
@@ -271,10 +368,104 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
     // Nothing is written to the directory: time alone ends the agent's access.
     let closed = closed_within(&mut ws, Duration::from_secs(20)).await;
     let at = now_unix();
-    assert!(closed, "the websocket was still open 20 s after opening ({expires})");
+    assert!(
+        closed,
+        "the websocket was still open 20 s after opening ({expires})"
+    );
     assert!(at >= expiry, "cut at {at}, before the expiry {expiry}");
-    assert!(at <= expiry + 3, "cut at {at}, more than 3 s after the expiry {expiry}");
+    assert!(
+        at <= expiry + 3,
+        "cut at {at}, more than 3 s after the expiry {expiry}"
+    );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("expired"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_are() {
+    let t = Agents::start().await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    let claims = jwt_claims(&for_alice);
+    assert_eq!(claims["sub"], "alice", "{claims}");
+    assert_eq!(claims["act"]["sub"], AGENT_ID, "{claims}");
+
+    // alice is in eng, and her agent is owned by eng: in, and the upstream is told both.
+    let (status, body) = t.call(&for_alice).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let echo = Echo::parse(body.as_bytes());
+    assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
+    assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
+    let assertion = echo
+        .header("x-portcullis-assertion")
+        .expect("the signed assertion");
+    let asserted = jwt_claims(assertion);
+    assert_eq!(asserted["sub"], ALICE, "{asserted}");
+    assert_eq!(asserted["act"], json!({"sub": AGENT_ID}), "{asserted}");
+    assert_eq!(asserted["portcullis_agent"], AGENT_ID, "{asserted}");
+
+    // bob is in no group: the same agent acting for him is refused, for him.
+    let for_bob = t.delegated(BOB, BOB_PASSWORD).await;
+    let (status, body) = t.call(&for_bob).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains(BOB), "{body}");
+
+    // The agent deactivated: alice's delegated token is refused too.
+    let agent = format!("/Agents/{}", t.agent);
+    t.set_active(&agent, false).await.expect(200);
+    let (status, body) = t.call(&for_alice).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("the agent is deactivated"), "{body}");
+    t.set_active(&agent, true).await.expect(200);
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
+
+    // The audit log names the agent, its owners and the person, allowed or refused.
+    let records = audit_json_until(&t.px, &[], |r| {
+        of_event(r, "allow").len() >= 2 && of_event(r, "refusal").len() >= 2
+    })
+    .await;
+    let allow = of_event(&records, "allow")[0];
+    assert_eq!(allow["user"], ALICE, "{allow}");
+    assert_eq!(
+        allow["agent"],
+        json!({"name": AGENT_ID, "owners": ["eng"], "on_behalf_of": ALICE}),
+        "{allow}"
+    );
+    let for_bob = of_event(&records, "refusal")[0];
+    assert_eq!(for_bob["user"], BOB, "{for_bob}");
+    assert_eq!(for_bob["agent"]["on_behalf_of"], BOB, "{for_bob}");
+
+    // `portcullis explain` answers the same, for the agent alone and on behalf of each.
+    let url = t.url("/tickets");
+    let (code, out) = t.explain(&["--agent", AGENT_ID]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("agent:  {AGENT_ID} (owners: eng)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("agent owned by a member of group eng"),
+        "{out}"
+    );
+    let (code, out) = t
+        .explain(&["--agent", AGENT_ID, "--on-behalf-of", "alice"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("ALLOW GET {url}")), "{out}");
+    assert!(out.contains(&format!("for {ALICE}")), "{out}");
+    let (code, out) = t
+        .explain(&["--agent", AGENT_ID, "--on-behalf-of", "bob"])
+        .await;
+    assert_eq!(code, 1, "{out}");
+
+    // alice leaves eng: she is refused (and so is her agent, whose only owner she was).
+    t.members("remove").await.expect_success();
+    let (status, body) = t.call(&for_alice).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (code, out) = t.explain(&["--agent", AGENT_ID]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no owner of the agent is an active user"),
+        "{out}"
+    );
 }

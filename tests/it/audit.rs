@@ -24,7 +24,7 @@ async fn audit(px: &Portcullis, args: &[&str]) -> Vec<String> {
 
 /// The records that `args` select, as JSON, once `done` holds for them (the log is written
 /// just after the answers, by another thread).
-async fn audit_json_until(
+pub(crate) async fn audit_json_until(
     px: &Portcullis,
     args: &[&str],
     done: impl Fn(&[Value]) -> bool,
@@ -49,7 +49,7 @@ async fn audit_json_until(
     }
 }
 
-fn of_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
+pub(crate) fn of_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["event"] == event).collect()
 }
 

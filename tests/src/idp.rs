@@ -55,6 +55,9 @@ pub struct IdpClient {
     pub extra: serde_json::Map<String, Value>,
 }
 
+/// The grant type of RFC 8693 token exchange, which the test IdP offers (see `idp.mjs`).
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
 impl IdpClient {
     /// A confidential client (`client_secret_basic`) allowed `authorization_code`,
     /// `refresh_token` and `client_credentials`, with no redirect URI yet. (Use secrets of 32+
@@ -552,6 +555,32 @@ impl Idp {
                     .await
             }
         };
+    }
+
+    /// A token delegated to `client_id` (an agent) by the person whose `id_token` it holds
+    /// (RFC 8693 token exchange): a JWT for `resource` whose `sub` is the person and whose `act`
+    /// names the client. The client must be allowed the grant (see [`TOKEN_EXCHANGE`]).
+    pub async fn exchange_token(
+        &self,
+        client_id: &str,
+        secret: &str,
+        id_token: &str,
+        resource: &str,
+    ) -> String {
+        let form = [
+            ("grant_type", TOKEN_EXCHANGE.to_owned()),
+            ("subject_token", id_token.to_owned()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token".to_owned(),
+            ),
+            ("resource", resource.to_owned()),
+        ];
+        let v = self.token_request(client_id, secret, &form).await;
+        v["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access_token in {v}"))
+            .to_owned()
     }
 
     /// A real client-credentials access token from the token endpoint: a JWT for `resource`
