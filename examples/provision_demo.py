@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Provisions the demo directory over SCIM, as an identity provider would: the user
-alice@example.com in the group "eng". Safe to run again (existing entries are kept)."""
+alice@example.com in the group "eng", and the AI agent "demo-agent" owned by alice, running in
+the AgenticApplication "Demo assistants". Safe to run again (existing entries are kept)."""
 import json
 import sys
 import urllib.error
@@ -52,4 +53,29 @@ if find("Groups", "displayName", "eng") is None:
     })
     if status != 201:
         sys.exit(f"could not create the group eng: {status} {body}")
-print(f"directory ready: alice@example.com ({alice}) in group eng")
+application = find("AgenticApplications", "name", "Demo assistants")
+if application is None:
+    status, body = call("POST", "/AgenticApplications", {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:AgenticApplication"],
+        "name": "Demo assistants",
+        "active": True,
+    })
+    if status != 201:
+        sys.exit(f"could not create the application: {status} {body}")
+    application = body["id"]
+EXTENSION = "urn:portcullis:params:scim:schemas:extension:2.0:Agent"
+if find("Agents", "name", "demo-agent") is None:
+    # Its name is its OAuth client's id, which its client-credentials tokens carry.
+    status, body = call("POST", "/Agents", {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Agent", EXTENSION],
+        "name": "demo-agent",
+        "displayName": "Demo ticket assistant",
+        "agentType": "Assistant",
+        "active": True,
+        EXTENSION: {"owners": [{"value": alice, "type": "User"}],
+                    "applications": [{"value": application}]},
+    })
+    if status != 201:
+        sys.exit(f"could not create the agent: {status} {body}")
+print(f"directory ready: alice@example.com ({alice}) in group eng; "
+      "the agent demo-agent, owned by alice")

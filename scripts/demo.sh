@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Portcullis and runs it on the demo: a sample upstream behind the proxy, and a local
 # OpenID provider to sign in at. Open http://localhost:8080/ once it says it is ready and sign
-# in as alice@example.com with password "demo"; Ctrl-C stops everything.
+# in as alice@example.com with password "demo"; Ctrl-C stops everything. On the way up it shows
+# alice's AI agent calling through Portcullis until alice is deactivated (agent_demo.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,12 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 python3 examples/provision_demo.py
+for _ in $(seq 150); do
+  python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9400/.well-known/openid-configuration", timeout=1)' 2>/dev/null && break
+  sleep 0.2
+done
+echo
+python3 examples/agent_demo.py
 
 cat <<'MSG'
 
@@ -35,7 +42,8 @@ Portcullis demo
                                 http://auth.localhost:8080/scim/v2/Users
   metrics:                 http://127.0.0.1:9090/metrics
 Deactivate alice over SCIM (PATCH {"op":"replace","value":{"active":false}}) and her very next
-request is refused.
+request is refused. Her AI agent too: python3 examples/agent_demo.py shows the agent's call
+through http://api.localhost:8080 refused the moment alice is deactivated.
 
 MSG
 wait $portcullis

@@ -1086,6 +1086,32 @@ public = true
             ],
         },
         Case {
+            name: "agent rules on a route that takes no bearer tokens, or naming nobody",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = [{ agents = true }, { agent_owner_groups = ["eng"], agent_groups = [" "] }]
+"#,
+            problems: &[
+                ("routes[0].allow[0].agents", Some(18), "does not accept \"bearer\""),
+                (
+                    "routes[0].allow[1].agent_groups",
+                    Some(18),
+                    "does not accept \"bearer\"",
+                ),
+                (
+                    "routes[0].allow[1].agent_owner_groups",
+                    Some(18),
+                    "does not accept \"bearer\"",
+                ),
+                ("routes[0].allow[1].agent_groups[0]", Some(18), "is empty"),
+            ],
+        },
+        Case {
             name: "machines on a route that takes no bearer tokens",
             text: r#"data_dir = "data"
 LISTENERS
