@@ -4,7 +4,8 @@ the other, and writes bench/results/<YYYY-MM-DD>.md (every figure, its target an
 the machine) and bench/results/<YYYY-MM-DD>.svg (the side-by-side comparisons).
 
 Parts (each can also be run alone, see bench/README.md):
-  decision    cargo bench -p portcullis --bench decision  (criterion + per-iteration p99)
+  decision    cargo bench -p portcullis --bench decision  (criterion + per-iteration p99; people,
+              machines, and agents of a group owner among 100k agents)
   proxy       bench/proxy.py       upstream, nginx, Portcullis plain / session+policy / JWT, Apache+openidc
   scim        bench/scim.py        Portcullis vs scim2-server; RSS and start-up with 1M users
   revocation  bench/revocation.py  SCIM answer -> refusal under load
@@ -86,7 +87,9 @@ def summary_rows(r):
     if d:
         for bench, label in (("session/random_user", "session → user → groups → policy, random of 10k sessions"),
                              ("session/one_user", "the same, one session (hot caches)"),
-                             ("machine/decide", "machine caller → user → groups → policy (JWT already verified)")):
+                             ("machine/decide", "machine caller → user → groups → policy (JWT already verified)"),
+                             ("agent/random_agent", "agent of a group owner → owner chain → owners' groups → policy, "
+                                                    "random of 100k agents")):
             t = d.get(bench)
             if not t:
                 continue
@@ -193,7 +196,7 @@ def svg_chart(r, title):
     d = r.get("decision")
     if d:
         bars = []
-        for bench in ("session/random_user", "session/one_user", "machine/decide"):
+        for bench in ("session/random_user", "session/one_user", "machine/decide", "agent/random_agent"):
             t = d.get(bench)
             if t:
                 med = d.get("criterion", {}).get(bench) or t["median_ns"]
@@ -264,7 +267,7 @@ def main():
         d = load(decision_json)
         if ok and d:
             d["criterion"] = {b: criterion_median(b) for b in ("session/random_user", "session/one_user",
-                                                               "machine/decide")}
+                                                               "machine/decide", "agent/random_agent")}
             results["decision"] = d
             details["decision"] = out
         else:

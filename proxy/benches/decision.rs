@@ -13,7 +13,12 @@
 //!   itself is read once before the timed call, as pingora has just parsed it when the proxy
 //!   decides (10,000 pre-built heads would otherwise count cache misses the proxy never has);
 //! - `machine/decide`: a machine caller whose bearer JWT is already verified; JWT signature
-//!   verification is *not* included (it is measured end to end in `bench/proxy.py`).
+//!   verification is *not* included (it is measured end to end in `bench/proxy.py`);
+//! - `agent/random_agent`: one of 100,000 AI agents (`PORTCULLIS_BENCH_AGENTS`), each owned by
+//!   the 100,000-member `group0` and running in an AgenticApplication, calling with a verified
+//!   client-credentials token: the agent by `client_id`, its owner chain (active, not expired,
+//!   its application active, an active member of the owning group) and its owners' groups,
+//!   then a route that admits agents whose owners are in `group0`.
 //!
 //! Criterion reports the mean and median of batched iterations. The p99 is computed here by
 //! timing 200,000 single iterations each (`Instant::now` around one call; the timer's own cost
@@ -58,6 +63,8 @@ const GROUPS: u64 = 10_000;
 const SESSIONS: usize = 10_000;
 /// group0 holds the first 100,000 users (populate.rs); the route allows it.
 const GROUP0_MEMBERS: u64 = 100_000;
+/// Agents the benchmarked ones are drawn from (`PORTCULLIS_BENCH_AGENTS` changes it).
+const AGENTS: u64 = 100_000;
 const TIMED_ITERATIONS: usize = 200_000;
 
 /// The route as the proxy would load it: sessions and bearer tokens, members of `group0`
@@ -86,6 +93,12 @@ to = ["http://127.0.0.1:3"]
 accept = ["session", "bearer"]
 allow = { groups = ["group0"] }
 deny = { groups = ["group0"], paths = ["/admin"] }
+
+[[routes]]
+from = "http://agents.test"
+to = ["http://127.0.0.1:3"]
+accept = ["bearer"]
+allow = { agent_owner_groups = ["group0"] }
 "#;
 
 fn users() -> u64 {
@@ -93,6 +106,13 @@ fn users() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000)
+}
+
+fn agents() -> u64 {
+    std::env::var("PORTCULLIS_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(AGENTS)
 }
 
 fn target_dir() -> PathBuf {
@@ -104,18 +124,18 @@ fn target_dir() -> PathBuf {
 }
 
 /// The populated directory store, built once and kept under target/bench-data/.
-fn directory_data(users: u64) -> PathBuf {
+fn directory_data(users: u64, agents: u64) -> PathBuf {
     let dir = target_dir()
         .join("bench-data")
-        .join(format!("directory-{users}-{GROUPS}"));
+        .join(format!("directory-{users}-{GROUPS}-{agents}"));
     let done = dir.join("populated");
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!(
-            "populating {users} users and {GROUPS} groups in {} ...",
+            "populating {users} users, {GROUPS} groups and {agents} agents in {} ...",
             dir.display()
         );
-        populate::populate(&dir, users, GROUPS).expect("populate");
+        populate::populate(&dir, users, GROUPS, agents).expect("populate");
         std::fs::write(&done, b"").expect("mark populated");
     }
     dir
@@ -150,13 +170,15 @@ struct Fixture {
     /// Requests carrying a session cookie, one per session.
     requests: Vec<RequestHeader>,
     machine: Caller,
+    /// A verified client-credentials token of each agent.
+    agents: Vec<Caller>,
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let users = users();
+        let (users, agents) = (users(), agents().max(1));
         assert!(users >= GROUP0_MEMBERS, "at least {GROUP0_MEMBERS} users");
-        let data = directory_data(users);
+        let data = directory_data(users, agents);
         let started = Instant::now();
         let storage = RedbStorage::open(&data).expect("open storage");
         let kept = Arc::new(Kept::default());
@@ -241,12 +263,30 @@ impl Fixture {
             claims: Default::default(),
             act: None,
         }));
+        let agents = (0..agents)
+            .map(|n| {
+                let name = format!("agent{n}");
+                Caller::Machine(Arc::new(Machine {
+                    issuer: "http://127.0.0.1:2".into(),
+                    subject: name.clone(),
+                    client_id: Some(name),
+                    groups: Vec::new(),
+                    expires: u64::MAX,
+                    for_itself: true,
+                    email: None,
+                    email_verified: None,
+                    claims: Default::default(),
+                    act: None,
+                }))
+            })
+            .collect();
         Fixture {
             config,
             auth,
             directory,
             requests,
             machine,
+            agents,
         }
     }
 
@@ -282,6 +322,17 @@ impl Fixture {
         let admission = self
             .gate()
             .admit(&self.facts(req), authentication.presented());
+        matches!(admission, Admission::Allow(_))
+    }
+
+    /// An agent's verified token on the agents route, as `proxy.rs` admits it.
+    #[inline(never)]
+    fn agent_decision(&self, req: &RequestHeader, agent: &Caller) -> bool {
+        let facts = Facts {
+            route: &self.config.routes[1],
+            ..self.facts(req)
+        };
+        let admission = self.gate().admit(&facts, Presented::Caller(agent.principal()));
         matches!(admission, Admission::Allow(_))
     }
 
@@ -349,6 +400,10 @@ fn benches(c: &mut Criterion) {
         fx.machine_decision(&fx.requests[0]),
         "the machine is allowed"
     );
+    assert!(
+        fx.agent_decision(&fx.requests[0], &fx.agents[0]),
+        "the agent is allowed"
+    );
 
     let mut group = c.benchmark_group("session");
     group.bench_function("one_user", |b| {
@@ -376,6 +431,16 @@ fn benches(c: &mut Criterion) {
         b.iter(|| fx.machine_decision(&fx.requests[0]))
     });
     group.finish();
+    let random_agent = |i: usize| &fx.agents[(i * 7919) % fx.agents.len()];
+    let mut group = c.benchmark_group("agent");
+    group.bench_function("random_agent", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i += 1;
+            fx.agent_decision(&fx.requests[0], black_box(random_agent(i)))
+        })
+    });
+    group.finish();
 
     // Per-iteration timings for the percentiles criterion does not give.
     let random_request = |i: usize| &fx.requests[(i * 7919) % SESSIONS];
@@ -395,15 +460,22 @@ fn benches(c: &mut Criterion) {
         |_| {},
         |_| fx.machine_decision(&fx.requests[0]),
     );
+    let agent = timed(
+        TIMED_ITERATIONS,
+        |_| {},
+        |i| fx.agent_decision(&fx.requests[0], random_agent(i)),
+    );
     let (users, groups) = fx.directory.counts();
     let out = serde_json::json!({
         "users": users,
         "groups": groups,
+        "agents": fx.agents.len(),
         "sessions": SESSIONS,
         "timer_overhead": timer,
         "session/one_user": one,
         "session/random_user": random,
         "machine/decide": machine,
+        "agent/random_agent": agent,
     });
     eprintln!("per-iteration timings: {out:#}");
     let dir = target_dir().join("bench-results");

@@ -1,13 +1,15 @@
 //! Fills a data directory with a large synthetic directory, for benchmarks (bench/scim.py):
-//! `cargo run --release -p portcullis-scim --example populate -- DATA_DIR USERS GROUPS`.
+//! `cargo run --release -p portcullis-scim --example populate -- DATA_DIR USERS GROUPS [AGENTS]`.
 //! The decision-path benchmark (`proxy/benches/decision.rs`) includes this file as a module and
 //! calls [`populate`], so both measure the very same directory.
 //!
 //! Users are `user{n}@bench.example` with id `00000000-0000-4000-8000-{n:012}`; groups are
 //! `group{n}` with id `00000000-0000-4000-9000-{n:012}`. Every user is in one of the groups
 //! (round-robin); `group0` additionally holds the first 100,000 users and `group1` holds
-//! 10, so a benchmark can change a large and a small group. Records go straight to storage in
-//! large transactions, as the writer would have stored them.
+//! 10, so a benchmark can change a large and a small group. Agents are `agent{n}` with id
+//! `00000000-0000-4000-a000-{n:012}`, each owned by `group0` (a group owner: an active member
+//! stands for it) and running in the one AgenticApplication `bench-app`. Records go straight
+//! to storage in large transactions, as the writer would have stored them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +28,12 @@ fn group_id(n: u64) -> String {
     format!("00000000-0000-4000-9000-{n:012}")
 }
 
+fn agent_id(n: u64) -> String {
+    format!("00000000-0000-4000-a000-{n:012}")
+}
+
+const APPLICATION_ID: &str = "00000000-0000-4000-b000-000000000000";
+
 fn meta(rt: &str, seq: u64) -> serde_json::Value {
     json!({
         "resourceType": rt,
@@ -37,27 +45,36 @@ fn meta(rt: &str, seq: u64) -> serde_json::Value {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: populate DATA_DIR USERS GROUPS";
+    let usage = "usage: populate DATA_DIR USERS GROUPS [AGENTS]";
     let dir = PathBuf::from(args.next().ok_or(usage)?);
     let users: u64 = args.next().ok_or(usage)?.parse()?;
     let groups: u64 = args.next().ok_or(usage)?.parse()?;
-    populate(&dir, users, groups)
+    let agents: u64 = args.next().map_or(Ok(0), |a| a.parse())?;
+    populate(&dir, users, groups, agents)
 }
 
-/// Writes `users` users and `groups` groups (at least 2) into a new directory store in `dir`.
-pub fn populate(dir: &Path, users: u64, groups: u64) -> Result<(), Box<dyn std::error::Error>> {
+/// Writes `users` users, `groups` groups (at least 2) and `agents` agents (with their one
+/// application, when there are any) into a new directory store in `dir`.
+pub fn populate(
+    dir: &Path,
+    users: u64,
+    groups: u64,
+    agents: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let groups = groups.max(2);
     std::fs::create_dir_all(dir)?;
     let storage = RedbStorage::open(dir)?;
     let started = Instant::now();
 
-    // Rows: users 1..=users, groups after them.
+    // Rows: users 1..=users, groups after them, then agents, then the application.
     let group_row = |g: u64| users + 1 + g;
+    let agent_row = |a: u64| users + groups + 1 + a;
+    let application_row = users + groups + agents + 1;
     let mut seq = 0u64;
     let mut batch = Batch::default();
     let flush = |batch: &mut Batch, seq: u64| -> Result<(), Box<dyn std::error::Error>> {
         batch.seq = seq;
-        batch.next_row = users + groups + 1;
+        batch.next_row = application_row + 1;
         storage.commit(batch)?;
         *batch = Batch::default();
         Ok(())
@@ -120,10 +137,55 @@ pub fn populate(dir: &Path, users: u64, groups: u64) -> Result<(), Box<dyn std::
         }
     }
     flush(&mut batch, seq)?;
+    if agents > 0 {
+        seq += 1;
+        let resource = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:AgenticApplication"],
+            "id": APPLICATION_ID,
+            "name": "bench-app",
+            "active": true,
+            "meta": meta("AgenticApplication", seq),
+        });
+        batch.records.push((
+            ResourceType::AgenticApplication,
+            application_row,
+            Some(record(resource)),
+        ));
+    }
+    const EXTENSION: &str = portcullis_scim::schema::PORTCULLIS_AGENT_SCHEMA;
+    for n in 0..agents {
+        seq += 1;
+        let resource = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Agent", EXTENSION],
+            "id": agent_id(n),
+            "name": format!("agent{n}"),
+            "active": true,
+            EXTENSION: {
+                "owners": [{"value": group_id(0), "type": "Group"}],
+                "applications": [{"value": APPLICATION_ID}],
+            },
+            "meta": meta("Agent", seq),
+        });
+        batch
+            .records
+            .push((ResourceType::Agent, agent_row(n), Some(record(resource))));
+        if batch.records.len() >= 20_000 {
+            flush(&mut batch, seq)?;
+        }
+    }
+    flush(&mut batch, seq)?;
     eprintln!(
-        "populated {} users and {groups} groups in {:.1}s",
-        users,
+        "populated {users} users, {groups} groups and {agents} agents in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn record(resource: serde_json::Value) -> Record {
+    Record {
+        resource,
+        password_hash: None,
+        valid_since: None,
+        retired: false,
+    }
 }
