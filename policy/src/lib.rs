@@ -34,9 +34,10 @@ pub use spec::{PolicyError, Problem, RuleSpec};
 
 /// Whether the subject is a person (signed in through OIDC), a machine (bearer token of a
 /// service account) or an AI agent (bearer token of a SCIM Agent). Rules treat people and
-/// machines alike, except the `machines` criterion, which only machines match. Agents are
-/// matched by the agent criteria only (`agents`, `agent_groups`, `agent_owner_groups`), so a
-/// rule written for people never lets an agent in by accident: least privilege.
+/// machines alike, except the `machines` criterion, which only machines match. An agent is let
+/// in only by the agent criteria (`agents`, `agent_groups`, `agent_owner_groups`), so an allow
+/// rule written for people never lets an agent in by accident; but deny rules refuse it by its
+/// own names too (`users`, `groups`, `group_ids`, `any_signed_in`): least privilege both ways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SubjectKind {
     Person,

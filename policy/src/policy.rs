@@ -401,7 +401,9 @@ impl Policy {
             }
             Caller::Active(subject) => {
                 let _: ControlFlow<()> = self.names_matching(&subject, |by, bits| {
-                    add(bits, None);
+                    // An agent's own names (its groups, its name) count in deny rules only.
+                    let allows = subject.kind != SubjectKind::Agent || by.names_an_agent();
+                    add(bits, (!allows).then_some(&*self.deny_rules));
                     hits.record(by, bits);
                     ControlFlow::Continue(())
                 });
@@ -411,7 +413,10 @@ impl Policy {
                         add(&self.any_signed_in, None);
                         add(&self.machines, None);
                     }
-                    SubjectKind::Agent => add(&self.agents, None),
+                    SubjectKind::Agent => {
+                        add(&self.agents, None);
+                        add(&self.any_signed_in, Some(&self.deny_rules));
+                    }
                 }
             }
         }
@@ -427,12 +432,17 @@ impl Policy {
         caller: Caller<'a>,
         hits: &Hits<'a>,
     ) -> Option<Match<'a>> {
+        let is_deny = has_bit(&self.deny_rules, index);
+        // Which of the subject's names can have matched this rule (see `who_matches`).
+        let counts = |subject: &Subject<'a>, by: Match<'a>| {
+            is_deny || subject.kind != SubjectKind::Agent || by.names_an_agent()
+        };
         let named = |subject: &Subject<'a>| {
-            if let Some(known) = hits.find(index) {
+            if let Some(known) = hits.find(index, |by| counts(subject, by)) {
                 return known;
             }
             match self.names_matching(subject, |by, bits| {
-                if has_bit(bits, index) {
+                if has_bit(bits, index) && counts(subject, by) {
                     ControlFlow::Break(by)
                 } else {
                     ControlFlow::Continue(())
@@ -442,14 +452,15 @@ impl Policy {
                 ControlFlow::Continue(()) => None,
             }
         };
-        let is_deny = has_bit(&self.deny_rules, index);
         let by = match caller {
             Caller::Anonymous => None,
             Caller::Inactive(subject) if is_deny => named(&subject),
             Caller::Inactive(_) => None,
             Caller::Active(subject) if subject.kind == SubjectKind::Agent => named(&subject)
+                .or_else(|| has_bit(&self.agents, index).then_some(Match::Agent(subject.user_name)))
                 .or_else(|| {
-                    has_bit(&self.agents, index).then_some(Match::Agent(subject.user_name))
+                    (is_deny && has_bit(&self.any_signed_in, index))
+                        .then_some(Match::SignedIn(subject.user_name))
                 }),
             Caller::Active(subject) => named(&subject)
                 .or_else(|| {
@@ -465,8 +476,8 @@ impl Policy {
     }
 
     /// Calls `visit` with every entry of the name tables that one of the subject's own names
-    /// (userName, group displayNames and externalIds, email domain; for an agent, its groups
-    /// and its owners' groups) finds.
+    /// (userName, group displayNames and externalIds, email domain; for an agent, first its
+    /// groups and its owners' groups in the agent tables) finds.
     fn names_matching<'a, B>(
         &'a self,
         subject: &Subject<'a>,
@@ -494,7 +505,6 @@ impl Policy {
                     }
                 }
             }
-            return ControlFlow::Continue(());
         }
         if let Some(entry) = self.users.get(subject.user_name) {
             visit(Match::User(subject.user_name), &entry.rules)?;
@@ -591,10 +601,14 @@ impl<'a> Hits<'a> {
     }
 
     /// `Some(answer)` when the recorded names settle which name of rule `index` matched
-    /// (`Some(None)`: none did); `None` when some names were not recorded.
-    fn find(&self, index: usize) -> Option<Option<Match<'a>>> {
+    /// (`Some(None)`: none did), of those `counts` lets match it; `None` when some names were
+    /// not recorded.
+    fn find(&self, index: usize, counts: impl Fn(Match<'a>) -> bool) -> Option<Option<Match<'a>>> {
         let recorded = self.found.get(..self.len).unwrap_or_default();
-        match recorded.iter().find(|(_, bits)| has_bit(bits, index)) {
+        match recorded
+            .iter()
+            .find(|&&(by, bits)| has_bit(bits, index) && counts(by))
+        {
             Some(&(by, _)) => Some(Some(by)),
             None if self.complete => Some(None),
             None => None,
@@ -1147,6 +1161,36 @@ mod tests {
             "denied by no-deletes: agent owned by a member of group Eng, method DELETE"
         );
         assert!(allowed(&policy, Some(&helper_bot()), &get("/x")));
+
+        // A deny rule written for people refuses an agent by its own groups, and by
+        // `any_signed_in`, though no allow rule for people lets it in.
+        let policy = compile(
+            vec![RuleSpec {
+                agents: true,
+                ..rule("agents")
+            }],
+            vec![
+                groups("quarantine", &["sre"]),
+                RuleSpec {
+                    any_signed_in: true,
+                    paths: Some(strings(&["/admin"])),
+                    ..rule("no-admin")
+                },
+            ],
+        );
+        assert_eq!(
+            why(&policy, Some(&helper_bot()), &get("/x")),
+            "denied by quarantine: member of group SRE"
+        );
+        let ungrouped = Subject {
+            groups: &[],
+            ..helper_bot()
+        };
+        assert!(allowed(&policy, Some(&ungrouped), &get("/x")));
+        assert_eq!(
+            why(&policy, Some(&ungrouped), &get("/admin")),
+            "denied by no-admin: signed in as helper-bot, path under /admin"
+        );
     }
 
     #[test]

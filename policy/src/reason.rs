@@ -86,6 +86,16 @@ pub enum Match<'a> {
     Public,
 }
 
+impl Match<'_> {
+    /// Whether this is one of the agent criteria, the only names that let an agent in.
+    pub fn names_an_agent(&self) -> bool {
+        matches!(
+            self,
+            Match::Agent(_) | Match::AgentGroup(_) | Match::AgentOwnerGroup(_)
+        )
+    }
+}
+
 /// The rule's conditions as they applied: the request's method when the rule restricts
 /// methods, the matching prefix when it restricts paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -8,8 +8,9 @@
 /// A rule matches a request when its conditions (`methods`, `paths`) match **and** at least one of
 /// its who-criteria (`groups`, `group_ids`, `users`, `email_domains`, `any_signed_in`,
 /// `machines`, `agents`, `agent_groups`, `agent_owner_groups`, `public`) matches the caller.
-/// An agent is matched only by the `agent*` criteria and `public`; people and machines never
-/// by those.
+/// An allow rule lets an agent in only by the `agent*` criteria (or `public`); a deny rule
+/// refuses it by those and by its own name and groups (`users`, `groups`, `group_ids`) and
+/// `any_signed_in`. People and machines are never matched by the `agent*` criteria.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSpec {
     /// Shown in decisions and audit records, e.g. `routes[2].allow[0]`: the key path of the rule

@@ -250,9 +250,9 @@ fn domain_matches(entry: &str, domain: &str) -> bool {
 }
 
 /// Whether the rule's names (not `any_signed_in`, `machines`, `agents` or `public`) match the
-/// subject. An agent is named only by `agent_groups` and `agent_owner_groups`, anyone else
-/// never by those.
-fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
+/// subject, in a `deny` rule or an allow rule. Only an agent is named by `agent_groups` and
+/// `agent_owner_groups`; in an allow rule, only by those.
+fn names_match(rule: &RuleSpec, subject: &Subject<'_>, deny: bool) -> bool {
     let in_any = |names: &[String], groups: &[GroupRef<'_>]| {
         groups.iter().any(|g| {
             names
@@ -261,8 +261,11 @@ fn names_match(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
         })
     };
     if subject.kind == SubjectKind::Agent {
-        return in_any(&rule.agent_groups, subject.groups)
+        let by_agent_criteria = in_any(&rule.agent_groups, subject.groups)
             || in_any(&rule.agent_owner_groups, subject.owner_groups);
+        if by_agent_criteria || !deny {
+            return by_agent_criteria;
+        }
     }
     let user = subject.user_name.to_lowercase();
     rule.users.iter().any(|u| u.to_lowercase() == user)
@@ -318,13 +321,13 @@ fn loosely(path: &str) -> String {
 
 /// Whether the rule's `any_signed_in`, `machines` or `agents` matches: each only ever matches
 /// an active subject; `machines` only a machine, `agents` only an agent, and `any_signed_in`
-/// anyone but an agent.
-fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
+/// anyone, but an agent only in a `deny` rule.
+fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>, deny: bool) -> bool {
     subject.active
         && match subject.kind {
             SubjectKind::Person => rule.any_signed_in,
             SubjectKind::Machine => rule.any_signed_in || rule.machines,
-            SubjectKind::Agent => rule.agents,
+            SubjectKind::Agent => rule.agents || (deny && rule.any_signed_in),
         }
 }
 
@@ -332,13 +335,15 @@ fn kind_matches(rule: &RuleSpec, subject: &Subject<'_>) -> bool {
 /// `any_signed_in` or `machines` does.
 fn deny_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
     conditions_hold(rule, request, true)
-        && subject.is_some_and(|s| names_match(rule, s) || kind_matches(rule, s))
+        && subject.is_some_and(|s| names_match(rule, s, true) || kind_matches(rule, s, true))
 }
 
 fn allow_matches(rule: &RuleSpec, subject: Option<&Subject<'_>>, request: &Request<'_>) -> bool {
     conditions_hold(rule, request, false)
         && (rule.public
-            || subject.is_some_and(|s| kind_matches(rule, s) || (s.active && names_match(rule, s))))
+            || subject.is_some_and(|s| {
+                kind_matches(rule, s, false) || (s.active && names_match(rule, s, false))
+            }))
 }
 
 /// `(allowed, deciding rule)` by a plain reading of the documented order.

@@ -332,7 +332,9 @@ impl Fixture {
             route: &self.config.routes[1],
             ..self.facts(req)
         };
-        let admission = self.gate().admit(&facts, Presented::Caller(agent.principal()));
+        let admission = self
+            .gate()
+            .admit(&facts, Presented::Caller(agent.principal()));
         matches!(admission, Admission::Allow(_))
     }
 

@@ -312,9 +312,12 @@ impl Gate<'_> {
         }
     }
 
-    /// Looks the caller up and applies the route's policy to them: a delegated token as both
-    /// its person and its agent, a client's own token as the agent it names if there is one
-    /// (else as a machine), anyone else as a directory user.
+    /// Looks the caller up and applies the route's policy to them:
+    /// - a delegated token (with `act`) as both its person and the agent acting for them;
+    /// - a person's token held by a client that is an agent, likewise: an agent cannot shed
+    ///   its owner chain by holding a person's token;
+    /// - a client's own token as the agent it names, if there is one, else as a machine;
+    /// - anyone else as a directory user.
     fn resolve(
         &self,
         facts: &Facts<'_>,
@@ -322,40 +325,69 @@ impl Gate<'_> {
         principal: Principal<'_>,
         explain: bool,
     ) -> Judged {
-        if let Principal::Machine(token) = principal {
-            if let Some(actor) = &token.act {
-                return self.delegated(facts, request, principal, actor, explain);
-            }
-            if token.for_itself {
-                let named = client_claim(&self.identity.agent_claim, token);
-                if let Some(judged) = named.and_then(|v| self.agent(facts, request, v, explain)) {
-                    return judged;
-                }
-            }
-        }
-        self.user(facts, request, principal, explain)
+        let Principal::Machine(token) = principal else {
+            return self.user(facts, request, principal, explain);
+        };
+        let claim = &self.identity.agent_claim;
+        let judged = match (&token.act, token.for_itself) {
+            (Some(_), true) => Some(Judged::Refuse(Refusal {
+                who: Some(principal.log_name()),
+                rule: None,
+                cause: Cause::NoIdentifyingClaim,
+                reason: "the token is delegated (it has an act claim), but its subject is a \
+                         client, not a person"
+                    .to_owned(),
+                agent: None,
+            })),
+            (Some(actor), false) => Some(match actor_claim(claim, actor) {
+                Some(agent) => self.delegated(facts, request, principal, agent, true, explain),
+                None => Judged::Refuse(Refusal {
+                    who: Some(principal.log_name()),
+                    rule: None,
+                    cause: Cause::NoIdentifyingClaim,
+                    reason: format!(
+                        "the token's act claim has no {} claim, which names an agent",
+                        claim.as_str()
+                    ),
+                    agent: None,
+                }),
+            }),
+            (None, false) => client_claim(claim, token)
+                .filter(|agent| self.agent_known(agent))
+                .map(|agent| self.delegated(facts, request, principal, agent, false, explain)),
+            (None, true) => client_claim(claim, token)
+                .and_then(|agent| self.agent(facts, request, agent, explain)),
+        };
+        judged.unwrap_or_else(|| self.user(facts, request, principal, explain))
     }
 
-    /// A delegated token (RFC 8693): let in only if both the person it is for and the agent
-    /// acting for them are.
+    /// Whether `value` names an agent, live or deleted.
+    fn agent_known(&self, value: &str) -> bool {
+        let key = self.agent_key(value);
+        self.directory
+            .with_agent(key, 0, |lookup| !matches!(lookup, AgentLookup::Unknown))
+    }
+
+    fn agent_key<'v>(&self, value: &'v str) -> AgentKey<'v> {
+        match self.identity.agent_scim_attribute {
+            AgentAttribute::Name => AgentKey::Name(value),
+            AgentAttribute::ExternalId => AgentKey::ExternalId(value),
+        }
+    }
+
+    /// A token an agent holds for a person (RFC 8693 delegation, `by_act`, or a person's token
+    /// issued to the agent's client): let in only if both the person and the agent, `value`
+    /// by `agent_claim`, are.
     fn delegated(
         &self,
         facts: &Facts<'_>,
         request: &Request<'_>,
         principal: Principal<'_>,
-        actor: &Actor,
+        value: &str,
+        by_act: bool,
         explain: bool,
     ) -> Judged {
         let claim = self.identity.agent_claim.as_str();
-        let Some(value) = actor_claim(&self.identity.agent_claim, actor) else {
-            return Judged::Refuse(Refusal {
-                who: Some(principal.log_name()),
-                rule: None,
-                cause: Cause::NoIdentifyingClaim,
-                reason: format!("the token's act claim has no {claim} claim, which names an agent"),
-                agent: None,
-            });
-        };
         let agent = match self.agent(facts, request, value, explain) {
             Some(Judged::Allow(pass)) => pass,
             Some(Judged::Refuse(mut refusal)) => {
@@ -366,16 +398,21 @@ impl Gate<'_> {
             }
             Some(Judged::Revoked) => return Judged::Revoked,
             None => {
+                let through = if by_act {
+                    "its act claim's"
+                } else {
+                    "its client's"
+                };
                 return Judged::Refuse(Refusal {
                     who: Some(principal.log_name()),
                     rule: None,
                     cause: Cause::NotInDirectory,
                     reason: format!(
-                        "the token acts through \"{value}\" (its act claim's {claim}), which \
-                         is not an agent in the directory"
+                        "the token acts through \"{value}\" ({through} {claim}), which is not \
+                         an agent in the directory"
                     ),
                     agent: None,
-                })
+                });
             }
         };
         let mut record = agent.forward.and_then(|f| f.agent);
@@ -421,16 +458,13 @@ impl Gate<'_> {
         value: &str,
         explain: bool,
     ) -> Option<Judged> {
-        let key = match self.identity.agent_scim_attribute {
-            AgentAttribute::Name => AgentKey::Name(value),
-            AgentAttribute::ExternalId => AgentKey::ExternalId(value),
-        };
+        let key = self.agent_key(value);
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         self.directory.with_agent(key, now, |lookup| {
             let attribute = self.identity.agent_scim_attribute.as_str();
             let refuse = |reason: String| {
                 Some(Judged::Refuse(Refusal {
-                    who: Some(format!("agent {value}")),
+                    who: Some(agent_user(value)),
                     rule: None,
                     cause: Cause::NotInDirectory,
                     reason,
@@ -471,7 +505,7 @@ impl Gate<'_> {
             };
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
-                let mut refusal = refusal(Some(name), &decision);
+                let mut refusal = refusal(Some(agent_user(&name)), &decision);
                 if let (Reason::Deactivated, Err(why)) = (decision.reason, view.standing) {
                     refusal.reason = format!("the agent is refused: {}", why.as_str());
                 }
@@ -479,7 +513,7 @@ impl Gate<'_> {
                 return Some(Judged::Refuse(refusal));
             }
             let mut forward = Forward::new(
-                name,
+                agent_user(&name),
                 None,
                 view.groups
                     .iter()
@@ -692,6 +726,13 @@ fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
     }
 }
 
+/// How an agent is named where a user would be (the user header, the assertion's `sub`, the
+/// audit log): `agent:` and its name, so that no upstream takes it for a person of that
+/// `userName`. (`X-Portcullis-Agent` carries the bare name.)
+fn agent_user(name: &str) -> String {
+    format!("agent:{name}")
+}
+
 fn group_refs<'a>(groups: &[&'a GroupEntry]) -> Vec<GroupRef<'a>> {
     groups
         .iter()
@@ -836,18 +877,21 @@ fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a st
     }
 }
 
-/// The value of `claim` in a delegated token's `act`; an actor without it is named by `sub`
-/// (RFC 8693 §4.1 requires only that the actor be identified).
+/// The value of `claim` in a delegated token's `act`. With `client_id` (the default), an actor
+/// without one is named by its `sub`, which RFC 8693 §4.1's actors (clients) carry as their
+/// client id; any other claim must be there.
 fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> Option<&'a str> {
-    let named = match claim {
-        MachineClaim::Sub => None,
-        MachineClaim::ClientId => actor
-            .claims
-            .get("client_id")
-            .or_else(|| actor.claims.get("azp")),
-        MachineClaim::Named(name) => actor.claims.get(name),
-    };
-    Some(named.map_or(actor.subject.as_str(), String::as_str))
+    match claim {
+        MachineClaim::Sub => Some(actor.subject.as_str()),
+        MachineClaim::ClientId => Some(
+            actor
+                .claims
+                .get("client_id")
+                .or_else(|| actor.claims.get("azp"))
+                .map_or(actor.subject.as_str(), String::as_str),
+        ),
+        MachineClaim::Named(name) => actor.claims.get(name).map(String::as_str),
+    }
 }
 
 impl Forward {
@@ -1764,7 +1808,8 @@ mod tests {
         let (world, route, _, _) = agents_world().await;
         let pass = allowed(as_machine(&world, &agent_token("helper"), route));
         let forward = pass.forward.expect("the upstream is told who");
-        assert_eq!(forward.user, "helper");
+        // Never taken for a person of that name.
+        assert_eq!(forward.user, "agent:helper");
         let agent = forward.agent.expect("an agent");
         assert_eq!(
             (agent.name.as_str(), agent.owners.as_slice()),
@@ -1839,7 +1884,12 @@ mod tests {
         let bob = world.id_of(BOB);
         world.agent("bobs", &[&bob], &[], None).await;
         let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "bobs"), route));
-        assert_eq!(refusal.who.as_deref(), Some("bobs"), "{}", refusal.reason);
+        assert_eq!(
+            refusal.who.as_deref(),
+            Some("agent:bobs"),
+            "{}",
+            refusal.reason
+        );
         // alice through a client that is no agent: refused.
         let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "nobody"), route));
         assert!(
@@ -1847,5 +1897,41 @@ mod tests {
             "{}",
             refusal.reason
         );
+        // A delegated token whose subject is a client, not a person: refused.
+        let mut of_a_client = delegated_token(ALICE, "helper");
+        of_a_client.for_itself = true;
+        let refusal = forbidden(as_machine(&world, &of_a_client, route));
+        assert_eq!(
+            refusal.cause,
+            Cause::NoIdentifyingClaim,
+            "{}",
+            refusal.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_person_s_token_held_by_an_agent_is_judged_as_delegated_to_it() {
+        let (world, route, _, helper) = agents_world().await;
+        // alice's own token, issued to the agent's client (no act claim).
+        let mut held = delegated_token(ALICE, "helper");
+        held.act = None;
+        let pass = allowed(as_machine(&world, &held, route));
+        let agent = pass
+            .forward
+            .and_then(|f| f.agent)
+            .expect("the agent is named");
+        assert_eq!(agent.on_behalf_of.as_deref(), Some(ALICE));
+        world
+            .set_active_at(&format!("/Agents/{helper}"), false)
+            .await;
+        let refusal = forbidden(as_machine(&world, &held, route));
+        assert!(refusal.reason.contains("deactivated"), "{}", refusal.reason);
+        // Held by a client that is no agent, it is alice's, as before.
+        let mut hers = delegated_token(ALICE, "webapp");
+        hers.act = None;
+        let pass = allowed(as_machine(&world, &hers, route));
+        assert!(pass
+            .forward
+            .is_some_and(|f| f.user == ALICE && f.agent.is_none()));
     }
 }

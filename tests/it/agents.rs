@@ -235,7 +235,9 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let echo = Echo::parse(body.as_bytes());
-    assert_eq!(echo.header("x-portcullis-user"), Some(AGENT_ID));
+    // Named so that no upstream takes it for a person of the same name.
+    let user = format!("agent:{AGENT_ID}");
+    assert_eq!(echo.header("x-portcullis-user"), Some(user.as_str()));
     assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
     assert_eq!(
         echo.header("authorization"),

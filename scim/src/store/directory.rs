@@ -440,7 +440,7 @@ impl Directory {
                 return AgentLookup::Unknown;
             };
             let group = |row: Row| index.group(row);
-            let mut owners = Vec::new();
+            let mut owners = Vec::with_capacity(agent.owners.len());
             let mut owner_rows = Vec::new();
             for (rt, row) in index.active_owners(agent) {
                 match rt {
@@ -457,6 +457,13 @@ impl Directory {
             }
             owner_rows.sort_unstable();
             owner_rows.dedup();
+            let standing =
+                index
+                    .agent_standing_but_owners(agent, now)
+                    .and(match owners.is_empty() {
+                        true => Err(AgentRefusal::NoActiveOwner),
+                        false => Ok(()),
+                    });
             AgentLookup::Found(AgentView {
                 agent,
                 groups: index
@@ -464,7 +471,7 @@ impl Directory {
                     .into_iter()
                     .filter_map(|(g, _)| group(g))
                     .collect(),
-                standing: index.agent_standing(agent, now),
+                standing,
                 owners,
                 owner_groups: owner_rows.into_iter().filter_map(group).collect(),
             })

@@ -374,15 +374,22 @@ pub fn group_entry(record: &Record) -> Option<GroupEntry> {
     })
 }
 
-/// The `value`s of the Portcullis extension's `name` links (`owners`, `applications`).
+/// The ids the Portcullis extension's `name` links (`owners`, `applications`) point at. A link
+/// that names no Portcullis id (no `value`, or not one of ours) is [`NO_ID`], which names
+/// nothing: an application link like that refuses the agent, an owner link stands for nobody.
 fn linked_ids(extension: Option<&serde_json::Map<String, Value>>, name: &str) -> Box<[Id]> {
     extension
         .and_then(|e| get_ci(e, name))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|link| link.as_object().and_then(|l| get_ci(l, "value")))
-        .map(|value| value.as_str().and_then(parse_id).unwrap_or(NO_ID))
+        .map(|link| {
+            link.as_object()
+                .and_then(|l| get_ci(l, "value"))
+                .and_then(Value::as_str)
+                .and_then(parse_id)
+                .unwrap_or(NO_ID)
+        })
         .collect()
 }
 
@@ -561,6 +568,19 @@ impl Index {
     /// not expired, every AgenticApplication it names is active, and at least one of its
     /// owners is an active user (directly, or through an owning group's members).
     pub fn agent_standing(&self, agent: &AgentEntry, now: i64) -> Result<(), AgentRefusal> {
+        self.agent_standing_but_owners(agent, now)?;
+        match self.active_owners(agent).next() {
+            Some(_) => Ok(()),
+            None => Err(AgentRefusal::NoActiveOwner),
+        }
+    }
+
+    /// [`Index::agent_standing`] but for its owners, for a caller that walks them anyway.
+    pub fn agent_standing_but_owners(
+        &self,
+        agent: &AgentEntry,
+        now: i64,
+    ) -> Result<(), AgentRefusal> {
         if !agent.active {
             return Err(AgentRefusal::Inactive);
         }
@@ -574,9 +594,6 @@ impl Index {
         };
         if !agent.applications.iter().all(application_active) {
             return Err(AgentRefusal::ApplicationInactive);
-        }
-        if self.active_owners(agent).next().is_none() {
-            return Err(AgentRefusal::NoActiveOwner);
         }
         Ok(())
     }
@@ -599,8 +616,15 @@ impl Index {
     }
 
     /// Whether some active user is in `group`, directly or through nested groups. Stops at
-    /// the first one found, so a group of mostly active users answers at once.
+    /// the first one found, so a group of mostly active users answers at once, without
+    /// allocating; only a group with no active direct member has its nested groups walked.
     fn has_active_user(&self, group: Row) -> bool {
+        let direct = self
+            .members_of(group)
+            .any(|member| matches!(self.slot(member), Slot::User(user) if user.active));
+        if direct {
+            return true;
+        }
         let mut seen = HashSet::new();
         let mut stack = vec![group];
         while let Some(group) = stack.pop() {

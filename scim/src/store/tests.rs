@@ -747,6 +747,15 @@ async fn an_agent_stands_only_while_its_owner_chain_holds() {
         standing(&dir, "orphan"),
         Some(Err(AgentRefusal::NoActiveOwner))
     );
+    // An application link that names no id ties the agent to an application it cannot be
+    // sure of: refused, not taken as no application.
+    let mut unsure = agent("unsure", &[&bob], &[], None);
+    unsure[AGENT_EXT]["applications"] = json!([{"display": "Helpdesk"}]);
+    create(&dir, ResourceType::Agent, unsure).await.unwrap();
+    assert_eq!(
+        standing(&dir, "unsure"),
+        Some(Err(AgentRefusal::ApplicationInactive))
+    );
 
     // The owning group's only active member goes: so does the agent.
     patch(&dir, user_rt, &alice, set_active(false))
