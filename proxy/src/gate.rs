@@ -487,9 +487,8 @@ impl Gate<'_> {
                     ))
                 }
             };
-            let name = view.agent.name.to_string();
             let record = AgentRecord {
-                name: name.clone(),
+                name: view.agent.name.to_string(),
                 owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
                 on_behalf_of: None,
             };
@@ -505,7 +504,7 @@ impl Gate<'_> {
             };
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
-                let mut refusal = refusal(Some(agent_user(&name)), &decision);
+                let mut refusal = refusal(Some(agent_user(&record.name)), &decision);
                 if let (Reason::Deactivated, Err(why)) = (decision.reason, view.standing) {
                     refusal.reason = format!("the agent is refused: {}", why.as_str());
                 }
@@ -513,7 +512,7 @@ impl Gate<'_> {
                 return Some(Judged::Refuse(refusal));
             }
             let mut forward = Forward::new(
-                agent_user(&name),
+                agent_user(&record.name),
                 None,
                 view.groups
                     .iter()

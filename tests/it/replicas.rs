@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use portcullis_tests::client::{closed_within, websocket};
 use portcullis_tests::idp::{jwt_claims, verify_with};
-use portcullis_tests::scim::{patch_ops, user};
+use portcullis_tests::scim::{agent, patch_ops, user};
 use portcullis_tests::{
     ConfigBuilder, Echo, Idp, JwtIssuer, Oidc, Portcullis, Postgres, Route, ScimClient,
     ScimResponse, Upstream,
@@ -130,7 +130,7 @@ impl Fleet {
             Route::new(API_ROUTE, &[&self.api])
                 .accept(&["bearer"])
                 .websockets(true)
-                .set("allow = { groups = [\"eng\"] }"),
+                .set("allow = [{ groups = [\"eng\"] }, { agent_owner_groups = [\"eng\"] }]"),
         )
         .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
         .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
@@ -992,4 +992,56 @@ async fn concurrent_writes_on_two_replicas_all_land_once_and_every_replica_sees_
         vec![vec![Some("t".to_owned())]],
         "each batch built on the last"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
+    let fleet = Fleet::start().await;
+    let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
+    // The IdP's machine client is, in the directory, an agent owned by the group eng.
+    let token = fleet.token().await;
+    let urls: Vec<String> = [&a, &b, &c].iter().map(|r| r.api_url("/v1/jobs")).collect();
+    let alice = a.scim.create_user(ALICE).await.expect_success().id();
+    let eng = a
+        .scim
+        .create_group("eng", &[&alice])
+        .await
+        .expect_success()
+        .id();
+    let bot = b
+        .scim
+        .post("/Agents", &agent(MACHINE_ID, &[&eng], &[]))
+        .await
+        .expect(201)
+        .id();
+    for url in &urls {
+        assert_eq!(
+            status(url, &token).await,
+            200,
+            "{url} right after the answer"
+        );
+    }
+    // Its only active owner deactivated on A, under load on B and C, a websocket open on C.
+    revoked_with_a_websocket_open(
+        "the owner deactivated on A, load on B and C, a websocket on C",
+        (&c, "api.test"),
+        bearer(&token),
+        urls[1..].to_vec(),
+        set_active(&a.scim, &alice, false),
+        REFUSED,
+    )
+    .await;
+    set_active(&b.scim, &alice, true).await.expect_success();
+    for url in &urls {
+        assert_eq!(status(url, &token).await, 200, "{url} after re-activation");
+    }
+    // The agent itself deactivated on C, under load on A and B.
+    let off = patch_ops(json!([{"op": "replace", "path": "active", "value": false}]));
+    revocation_under_load(
+        "the agent deactivated on C, load on A and B",
+        round_robin(urls[..2].to_vec(), bearer(&token)),
+        c.scim.patch(&format!("/Agents/{bot}"), &off),
+        REFUSED,
+    )
+    .await;
 }

@@ -441,22 +441,21 @@ impl Directory {
             };
             let group = |row: Row| index.group(row);
             let mut owners = Vec::with_capacity(agent.owners.len());
-            let mut owner_rows = Vec::new();
+            let mut owner_groups: Vec<&GroupEntry> = Vec::new();
             for (rt, row) in index.active_owners(agent) {
-                match rt {
-                    ResourceType::User => {
-                        owners.extend(index.user(row).map(Owner::User));
-                        owner_rows.extend(index.groups_of(row).into_iter().map(|(g, _)| g));
-                    }
-                    _ => {
-                        owners.extend(group(row).map(Owner::Group));
-                        owner_rows.push(row);
-                        owner_rows.extend(index.groups_of(row).into_iter().map(|(g, _)| g));
-                    }
+                if rt == ResourceType::User {
+                    owners.extend(index.user(row).map(Owner::User));
+                } else if let Some(owning) = group(row) {
+                    owners.push(Owner::Group(owning));
+                    owner_groups.push(owning);
                 }
+                let groups = index.groups_of(row).into_iter();
+                owner_groups.extend(groups.filter_map(|(g, _)| group(g)));
             }
-            owner_rows.sort_unstable();
-            owner_rows.dedup();
+            if owner_groups.len() > 1 {
+                owner_groups.sort_unstable_by_key(|g| std::ptr::from_ref(*g));
+                owner_groups.dedup_by(|a, b| std::ptr::eq(*a, *b));
+            }
             let standing =
                 index
                     .agent_standing_but_owners(agent, now)
@@ -473,7 +472,7 @@ impl Directory {
                     .collect(),
                 standing,
                 owners,
-                owner_groups: owner_rows.into_iter().filter_map(group).collect(),
+                owner_groups,
             })
         };
         let missed = |kind: Retired, value: &str| match index.was_deleted(kind, value) {
