@@ -440,7 +440,7 @@ impl Directory {
                 return AgentLookup::Unknown;
             };
             let group = |row: Row| index.group(row);
-            let mut owners = Vec::with_capacity(agent.owners.len());
+            let mut owners = Vec::with_capacity(agent.owners().len());
             let mut owner_groups: Vec<&GroupEntry> = Vec::new();
             for (rt, row) in index.active_owners(agent) {
                 if rt == ResourceType::User {

@@ -55,6 +55,8 @@ pub struct GroupEntry {
     pub parents: Vec<Row>,
 }
 
+/// An agent, no larger than a [`UserEntry`] (checked below), so that agents do not make the
+/// slot of every user larger.
 #[derive(Debug, Clone)]
 pub struct AgentEntry {
     pub id: Id,
@@ -62,17 +64,37 @@ pub struct AgentEntry {
     pub name: Box<str>,
     pub external_id: Option<Box<str>>,
     pub active: bool,
-    /// Unix time from which the agent is refused (the Portcullis extension's `expires`; an
-    /// unreadable one is in the past).
-    pub expires: Option<i64>,
-    /// The ids of its AgenticApplications (the Portcullis extension's `applications`); an id
-    /// that is not a Portcullis id is kept as [`NO_ID`], which names nothing.
-    pub applications: Box<[Id]>,
-    /// The ids of its owners, Users or Groups (the Portcullis extension's `owners`).
-    pub owners: Box<[Id]>,
+    /// How many of `links` are owners.
+    owner_count: u32,
+    /// Unix time from which the agent is refused: the Portcullis extension's `expires` (an
+    /// unreadable one is in the past), `i64::MAX` without one.
+    pub expires: i64,
+    /// The ids of its owners, then of its AgenticApplications, in one allocation (one memory
+    /// read when the agent is judged): see [`AgentEntry::owners`] and
+    /// [`AgentEntry::applications`].
+    links: Box<[Id]>,
     pub version: Seq,
     /// The groups this agent is directly in.
     pub parents: Vec<Row>,
+}
+
+const _: () = assert!(std::mem::size_of::<AgentEntry>() <= std::mem::size_of::<UserEntry>());
+
+impl AgentEntry {
+    /// The ids of its owners, Users or Groups (the Portcullis extension's `owners`).
+    pub fn owners(&self) -> &[Id] {
+        self.links
+            .get(..self.owner_count as usize)
+            .unwrap_or_default()
+    }
+
+    /// The ids of its AgenticApplications (the extension's `applications`); an id that is not
+    /// a Portcullis id is kept as [`NO_ID`], which names nothing.
+    pub fn applications(&self) -> &[Id] {
+        self.links
+            .get(self.owner_count as usize..)
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -377,7 +399,10 @@ pub fn group_entry(record: &Record) -> Option<GroupEntry> {
 /// The ids the Portcullis extension's `name` links (`owners`, `applications`) point at. A link
 /// that names no Portcullis id (no `value`, or not one of ours) is [`NO_ID`], which names
 /// nothing: an application link like that refuses the agent, an owner link stands for nobody.
-fn linked_ids(extension: Option<&serde_json::Map<String, Value>>, name: &str) -> Box<[Id]> {
+fn linked_ids<'a>(
+    extension: Option<&'a serde_json::Map<String, Value>>,
+    name: &str,
+) -> impl Iterator<Item = Id> + 'a {
     extension
         .and_then(|e| get_ci(e, name))
         .and_then(Value::as_array)
@@ -390,7 +415,6 @@ fn linked_ids(extension: Option<&serde_json::Map<String, Value>>, name: &str) ->
                 .and_then(parse_id)
                 .unwrap_or(NO_ID)
         })
-        .collect()
 }
 
 fn active_of(resource: &serde_json::Map<String, Value>) -> bool {
@@ -404,21 +428,27 @@ pub fn agent_entry(record: &Record) -> Option<AgentEntry> {
     let resource = record.resource.as_object()?;
     let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
     let extension = get_ci(resource, PORTCULLIS_AGENT_SCHEMA).and_then(Value::as_object);
-    let expires = extension.and_then(|e| get_ci(e, "expires")).map(|at| {
-        at.as_str()
-            .and_then(|at| {
-                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .map_or(i64::MIN, |at| at.unix_timestamp())
-    });
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let expires = extension
+        .and_then(|e| get_ci(e, "expires"))
+        .map_or(i64::MAX, |at| {
+            at.as_str()
+                .and_then(|at| time::OffsetDateTime::parse(at, rfc3339).ok())
+                .map_or(i64::MIN, |at| at.unix_timestamp())
+        });
+    let mut links: Vec<Id> = linked_ids(extension, "owners").collect();
+    // More owners than a u32 counts cannot come in a bounded SCIM body; if they did, the
+    // extra ones would be read as applications, which refuse the agent rather than admit it.
+    let owner_count = u32::try_from(links.len()).unwrap_or(u32::MAX);
+    links.extend(linked_ids(extension, "applications"));
     Some(AgentEntry {
         id: parse_id(text("id")?)?,
         name: Box::from(text("name")?),
         external_id: text("externalId").map(Box::from),
         active: active_of(resource),
+        owner_count,
         expires,
-        applications: linked_ids(extension, "applications"),
-        owners: linked_ids(extension, "owners"),
+        links: links.into_boxed_slice(),
         version: version_of(&record.resource),
         parents: Vec::new(),
     })
@@ -584,7 +614,7 @@ impl Index {
         if !agent.active {
             return Err(AgentRefusal::Inactive);
         }
-        if agent.expires.is_some_and(|expires| expires <= now) {
+        if agent.expires <= now {
             return Err(AgentRefusal::Expired);
         }
         let application_active = |&id: &Id| {
@@ -592,7 +622,7 @@ impl Index {
             row.and_then(|&row| self.application(row))
                 .is_some_and(|a| a.active)
         };
-        if !agent.applications.iter().all(application_active) {
+        if !agent.applications().iter().all(application_active) {
             return Err(AgentRefusal::ApplicationInactive);
         }
         Ok(())
@@ -604,7 +634,7 @@ impl Index {
         &'a self,
         agent: &'a AgentEntry,
     ) -> impl Iterator<Item = (ResourceType, Row)> + 'a {
-        agent.owners.iter().filter_map(|id| {
+        agent.owners().iter().filter_map(|id| {
             let (rt, row) = self.row_of_id(*id)?;
             let stands = match rt {
                 ResourceType::User => self.user(row).is_some_and(|u| u.active),
