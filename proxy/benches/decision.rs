@@ -151,6 +151,22 @@ fn fake_id_token(n: u64) -> String {
     format!("{}.{}.{}", part(100), part(450), part(342))
 }
 
+/// A verified client-credentials token of the client `client_id` (also its `sub`).
+fn client_token(client_id: &str) -> Caller {
+    Caller::Machine(Arc::new(Machine {
+        issuer: "http://127.0.0.1:2".into(),
+        subject: client_id.into(),
+        client_id: Some(client_id.into()),
+        groups: Vec::new(),
+        expires: u64::MAX,
+        for_itself: true,
+        email: None,
+        email_verified: None,
+        claims: Default::default(),
+        act: None,
+    }))
+}
+
 /// Polls a future that never waits (a session without refresh) to completion.
 fn ready<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
@@ -251,34 +267,9 @@ impl Fixture {
                 .expect("cookie");
             requests.push(req);
         }
-        let machine = Caller::Machine(Arc::new(Machine {
-            issuer: "http://127.0.0.1:2".into(),
-            subject: "user7@bench.example".into(),
-            client_id: Some("user7@bench.example".into()),
-            groups: Vec::new(),
-            expires: u64::MAX,
-            for_itself: true,
-            email: None,
-            email_verified: None,
-            claims: Default::default(),
-            act: None,
-        }));
+        let machine = client_token("user7@bench.example");
         let agents = (0..agents)
-            .map(|n| {
-                let name = format!("agent{n}");
-                Caller::Machine(Arc::new(Machine {
-                    issuer: "http://127.0.0.1:2".into(),
-                    subject: name.clone(),
-                    client_id: Some(name),
-                    groups: Vec::new(),
-                    expires: u64::MAX,
-                    for_itself: true,
-                    email: None,
-                    email_verified: None,
-                    claims: Default::default(),
-                    act: None,
-                }))
-            })
+            .map(|n| client_token(&format!("agent{n}")))
             .collect();
         Fixture {
             config,

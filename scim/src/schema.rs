@@ -342,6 +342,21 @@ macro_rules! multi_value_subs {
     };
 }
 
+/// The sub-attributes of `entitlements`, `roles` and `x509Certificates`, the same for Users
+/// and Agents (RFC 7643 §4.1.2; draft-abbey-scim-agent-extension-00 §6.1).
+const ENTITLEMENT_SUBS: &[AttributeDef] =
+    multi_value_subs!(string("value", "The value of an entitlement."), &[]);
+const ROLE_SUBS: &[AttributeDef] = multi_value_subs!(string("value", "The value of a role."), &[]);
+const CERTIFICATE_SUBS: &[AttributeDef] = multi_value_subs!(
+    AttributeDef::new(
+        "value",
+        AttrType::Binary,
+        "The value of an X.509 certificate."
+    )
+    .case_exact(),
+    &[]
+);
+
 /// `id`, `externalId`, `meta` (RFC 7643 §3.1), resolved as part of every core schema.
 pub static COMMON_ATTRIBUTES: &[AttributeDef] = &[
     string(
@@ -491,31 +506,17 @@ pub static USER: SchemaDef = SchemaDef {
             "A list of entitlements for the User.",
         )
         .multi()
-        .sub(multi_value_subs!(
-            string("value", "The value of an entitlement."),
-            &[]
-        )),
+        .sub(ENTITLEMENT_SUBS),
         AttributeDef::new("roles", Complex, "A list of roles for the User.")
             .multi()
-            .sub(multi_value_subs!(
-                string("value", "The value of a role."),
-                &[]
-            )),
+            .sub(ROLE_SUBS),
         AttributeDef::new(
             "x509Certificates",
             Complex,
             "Certificates issued to the User.",
         )
         .multi()
-        .sub(multi_value_subs!(
-            AttributeDef::new(
-                "value",
-                AttrType::Binary,
-                "The value of an X.509 certificate."
-            )
-            .case_exact(),
-            &[]
-        )),
+        .sub(CERTIFICATE_SUBS),
     ],
 };
 
@@ -642,31 +643,17 @@ pub static AGENT: SchemaDef = SchemaDef {
         GROUPS_OF_MEMBER,
         AttributeDef::new("entitlements", Complex, "Entitlements of the Agent.")
             .multi()
-            .sub(multi_value_subs!(
-                string("value", "The value of an entitlement."),
-                &[]
-            )),
+            .sub(ENTITLEMENT_SUBS),
         AttributeDef::new("roles", Complex, "Roles of the Agent.")
             .multi()
-            .sub(multi_value_subs!(
-                string("value", "The value of a role."),
-                &[]
-            )),
+            .sub(ROLE_SUBS),
         AttributeDef::new(
             "x509Certificates",
             Complex,
             "Certificates issued to the Agent.",
         )
         .multi()
-        .sub(multi_value_subs!(
-            AttributeDef::new(
-                "value",
-                AttrType::Binary,
-                "The value of an X.509 certificate."
-            )
-            .case_exact(),
-            &[]
-        )),
+        .sub(CERTIFICATE_SUBS),
         // The draft makes `applications` and `owners` read-only without saying who sets them;
         // Portcullis fills them from its extension (PORTCULLIS_AGENT), which an IdP can write.
         AttributeDef::new(

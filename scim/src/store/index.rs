@@ -892,7 +892,7 @@ impl Index {
         parents.retain(|&g| g != group);
     }
 
-    fn insert_user(&mut self, row: Row, mut entry: UserEntry) {
+    fn insert_user(&mut self, row: Row, entry: UserEntry) {
         let name_key = self.key(&entry.user_name);
         let external_key = entry.external_id.as_deref().map(|e| self.key(e));
         let email_keys: Vec<u64> = entry.emails.iter().map(|e| self.key(e)).collect();
@@ -904,20 +904,25 @@ impl Index {
         for key in email_keys {
             self.user_by_email.insert(key, row);
         }
+        self.place(row, Slot::User(entry));
+    }
+
+    /// Puts `entry` at `row`. An entry that replaces one of its type keeps that one's
+    /// memberships (a replaced user is still in its groups); a new one is counted.
+    fn place(&mut self, row: Row, mut entry: Slot) {
+        let Some(kind) = entry.kind() else {
+            return;
+        };
         let Some(slot) = self.slot_mut(row) else {
             return;
         };
-        // A replaced user keeps its memberships.
-        let new = match slot {
-            Slot::User(old) => {
-                entry.parents = std::mem::take(&mut old.parents);
-                false
-            }
-            _ => true,
-        };
-        *slot = Slot::User(entry);
+        let new = slot.kind() != Some(kind);
+        if let (false, Some(old), Some(parents)) = (new, slot.parents_mut(), entry.parents_mut()) {
+            *parents = std::mem::take(old);
+        }
+        *slot = entry;
         if new {
-            self.counted(ResourceType::User, true);
+            self.counted(kind, true);
         }
     }
 
@@ -938,7 +943,7 @@ impl Index {
         Some(entry)
     }
 
-    fn insert_group(&mut self, row: Row, mut entry: GroupEntry) {
+    fn insert_group(&mut self, row: Row, entry: GroupEntry) {
         let name_key = self.key(&fold(&entry.display_name));
         let external_key = entry.external_id.as_deref().map(|e| self.key(e));
         self.ids.insert(entry.id, row);
@@ -946,20 +951,7 @@ impl Index {
         if let Some(key) = external_key {
             self.group_by_external_id.insert(key, row);
         }
-        let Some(slot) = self.slot_mut(row) else {
-            return;
-        };
-        let new = match slot {
-            Slot::Group(old) => {
-                entry.parents = std::mem::take(&mut old.parents);
-                false
-            }
-            _ => true,
-        };
-        *slot = Slot::Group(entry);
-        if new {
-            self.counted(ResourceType::Group, true);
-        }
+        self.place(row, Slot::Group(entry));
     }
 
     fn remove_group(&mut self, row: Row) -> Option<GroupEntry> {
@@ -977,7 +969,7 @@ impl Index {
         Some(entry)
     }
 
-    fn insert_agent(&mut self, row: Row, mut entry: AgentEntry) {
+    fn insert_agent(&mut self, row: Row, entry: AgentEntry) {
         let name_key = self.key(&fold(&entry.name));
         let external_key = entry.external_id.as_deref().map(|e| self.key(e));
         self.ids.insert(entry.id, row);
@@ -985,20 +977,7 @@ impl Index {
         if let Some(key) = external_key {
             self.agent_by_external_id.insert(key, row);
         }
-        let Some(slot) = self.slot_mut(row) else {
-            return;
-        };
-        let new = match slot {
-            Slot::Agent(old) => {
-                entry.parents = std::mem::take(&mut old.parents);
-                false
-            }
-            _ => true,
-        };
-        *slot = Slot::Agent(entry);
-        if new {
-            self.counted(ResourceType::Agent, true);
-        }
+        self.place(row, Slot::Agent(entry));
     }
 
     fn remove_agent(&mut self, row: Row) -> Option<AgentEntry> {
@@ -1019,14 +998,7 @@ impl Index {
         let name_key = self.key(&fold(&entry.name));
         self.ids.insert(entry.id, row);
         self.application_by_name.insert(name_key, row);
-        let Some(slot) = self.slot_mut(row) else {
-            return;
-        };
-        let new = !matches!(slot, Slot::Application(_));
-        *slot = Slot::Application(entry);
-        if new {
-            self.counted(ResourceType::AgenticApplication, true);
-        }
+        self.place(row, Slot::Application(entry));
     }
 
     fn remove_application(&mut self, row: Row) {
