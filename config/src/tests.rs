@@ -1777,12 +1777,27 @@ allow_sample_rate = 1
 
     // Presets fill what each IdP's default SCIM provisioning matches; explicit keys win.
     for (preset, extra, expected) in [
-        ("entra", "", ("oid", "externalId", "oid", "externalId")),
-        ("okta", "", ("sub", "externalId", "sub", "userName")),
+        (
+            "entra",
+            "",
+            ("oid", "externalId", "oid", "externalId", "client_id"),
+        ),
+        ("okta", "", ("sub", "externalId", "sub", "userName", "cid")),
         (
             "entra",
             "claim = \"preferred_username\"\nscim_attribute = \"userName\"\n",
-            ("preferred_username", "userName", "oid", "externalId"),
+            (
+                "preferred_username",
+                "userName",
+                "oid",
+                "externalId",
+                "client_id",
+            ),
+        ),
+        (
+            "okta",
+            "agent_claim = \"azp\"\n",
+            ("sub", "externalId", "sub", "userName", "azp"),
         ),
     ] {
         let text =
@@ -1793,6 +1808,7 @@ allow_sample_rate = 1
             identity.scim_attribute.as_str(),
             identity.machine_claim.as_str(),
             identity.machine_scim_attribute.as_str(),
+            identity.agent_claim.as_str(),
         );
         assert_eq!(got, expected, "{preset} {extra:?}");
     }

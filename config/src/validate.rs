@@ -763,24 +763,30 @@ fn person_claim_name(name: &str) -> Result<(), String> {
 }
 
 /// The mapping each IdP's default SCIM provisioning matches, by preset name: `(claim,
-/// scim_attribute, machine_claim, machine_scim_attribute)`. Explicit keys override it.
+/// scim_attribute, machine_claim, machine_scim_attribute, agent_claim)`. Explicit keys
+/// override it.
 ///
 /// - `entra`: Microsoft Entra ID provisions a user's object id as `externalId` (and the UPN as
 ///   `userName`); its tokens carry the object id as `oid`, for people and for an app's service
 ///   principal alike.
 /// - `okta`: Okta provisions its user id (`00u…`) as `externalId` (and the login as
 ///   `userName`); its ID tokens carry that id as `sub`. A client-credentials token's `sub` is
-///   the client id (`0oa…`), the service account's `userName`.
-const PRESETS: &[(&str, [&str; 4])] = &[
-    ("entra", ["oid", "externalId", "oid", "externalId"]),
-    ("okta", ["sub", "externalId", "sub", "userName"]),
+///   the client id (`0oa…`), the service account's `userName`; Okta names the client `cid`
+///   (no `client_id`), so that is the claim that names an agent.
+/// - Entra ID's v2 tokens name the client `azp`, which the default `client_id` reads.
+const PRESETS: &[(&str, [&str; 5])] = &[
+    (
+        "entra",
+        ["oid", "externalId", "oid", "externalId", "client_id"],
+    ),
+    ("okta", ["sub", "externalId", "sub", "userName", "cid"]),
 ];
 
 /// `[identity]`: how callers are found in the directory and named to upstreams.
 fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
     if let Some(preset) = raw.preset.take() {
         match PRESETS.iter().find(|(name, _)| *name == preset) {
-            Some((_, [claim, attribute, machine_claim, machine_attribute])) => {
+            Some((_, [claim, attribute, machine_claim, machine_attribute, agent_claim])) => {
                 let fill = |key: &mut Option<String>, value: &str| {
                     key.get_or_insert_with(|| value.to_owned());
                 };
@@ -788,6 +794,7 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
                 fill(&mut raw.scim_attribute, attribute);
                 fill(&mut raw.machine_claim, machine_claim);
                 fill(&mut raw.machine_scim_attribute, machine_attribute);
+                fill(&mut raw.agent_claim, agent_claim);
             }
             None => {
                 let names: Vec<String> = PRESETS.iter().map(|(n, _)| format!("\"{n}\"")).collect();
