@@ -12,7 +12,6 @@
 //! - Delegation (RFC 8693): a person's token exchanged at the IdP for one whose `act` names the
 //!   agent is let in only while both the person and the agent are allowed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_tests::client::{closed_within, websocket};
@@ -29,7 +28,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::audit::{audit_json_until, of_event};
-use crate::authz::{revocation_under_load, MakeRequest};
+use crate::authz::{revocation_under_load, with_bearer};
 use crate::signin::{
     bare_client, idp_setup, now_unix, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
     CLIENT_ID, CLIENT_SECRET,
@@ -208,14 +207,6 @@ impl Agents {
             .patch(&format!("/Groups/{}", self.eng), &patch_ops(ops))
             .await
     }
-}
-
-fn with_bearer(url: String, token: String) -> MakeRequest {
-    Arc::new(move |c: &reqwest::Client| {
-        c.get(&url)
-            .bearer_auth(&token)
-            .header(ACCEPT, "application/json")
-    })
 }
 
 /// RFC 3339, `seconds` from now.

@@ -197,7 +197,7 @@ fn with_session(url: String, cookie: String) -> MakeRequest {
 }
 
 /// A GET of `url` with a bearer token.
-fn with_bearer(url: String, token: String) -> MakeRequest {
+pub(crate) fn with_bearer(url: String, token: String) -> MakeRequest {
     Arc::new(move |c: &reqwest::Client| {
         c.get(&url)
             .bearer_auth(&token)

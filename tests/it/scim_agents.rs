@@ -9,14 +9,8 @@ use portcullis_tests::scim::{
 use portcullis_tests::ScimClient;
 use serde_json::{json, Value};
 
+use crate::scim_protocol::attribute;
 use crate::scim_server;
-
-fn attribute<'a>(schema: &'a Value, name: &str) -> &'a Value {
-    schema["attributes"]
-        .as_array()
-        .and_then(|attrs| attrs.iter().find(|a| a["name"] == name))
-        .unwrap_or_else(|| panic!("schema {} has no attribute {name}", schema["id"]))
-}
 
 /// The ids a filtered listing of `path` finds.
 async fn found(scim: &ScimClient, path: &str, filter: &str) -> Vec<String> {

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::{scim_config, scim_server, SCIM_HOST, SCIM_TOKEN};
 
 /// The attribute named `name` in a `/Schemas` resource.
-fn attribute<'a>(schema: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn attribute<'a>(schema: &'a Value, name: &str) -> &'a Value {
     schema["attributes"]
         .as_array()
         .and_then(|attrs| attrs.iter().find(|a| a["name"] == name))
