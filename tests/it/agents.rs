@@ -65,7 +65,10 @@ impl Agents {
         let api = Upstream::start("api").await;
         let agent_client = IdpClient::new(AGENT_ID, AGENT_SECRET)
             .redirect_uri(UNUSED)
-            .metadata("grant_types", json!(["client_credentials", TOKEN_EXCHANGE]));
+            .metadata(
+                "grant_types",
+                json!(["client_credentials", "authorization_code", TOKEN_EXCHANGE]),
+            );
         let idp = idp_setup(&[UNUSED.to_owned()], UNUSED)
             .client(agent_client)
             .start()
@@ -159,6 +162,36 @@ impl Agents {
             .await
     }
 
+    /// A person's own access token issued to the agent's client by the code flow: what Okta's
+    /// and Entra ID's on-behalf-of exchanges give, the person as `sub`, the agent as the client
+    /// (`client_id`), and no `act` claim.
+    async fn issued_to_agent(&self, login: &str, password: &str) -> String {
+        let pkce = Pkce::new();
+        let authorize = self.idp.authorization_url(
+            AGENT_ID,
+            UNUSED,
+            "openid",
+            &random_token(16),
+            &random_token(16),
+            &pkce,
+        );
+        let authorize = format!("{authorize}&resource={}", url_encode(API));
+        let back = self.idp.sign_in_http(&authorize, login, password).await;
+        let code = query_param(&back, "code").expect("a code");
+        let form = [
+            ("grant_type", "authorization_code".to_owned()),
+            ("code", code),
+            ("redirect_uri", UNUSED.to_owned()),
+            ("code_verifier", pkce.verifier.clone()),
+            ("resource", API.to_owned()),
+        ];
+        let tokens = self.idp.token_request(AGENT_ID, AGENT_SECRET, &form).await;
+        tokens["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned()
+    }
+
     async fn token(&self) -> String {
         self.idp
             .client_credentials_token(AGENT_ID, AGENT_SECRET, Some(API))
@@ -207,6 +240,10 @@ impl Agents {
             .patch(&format!("/Groups/{}", self.eng), &patch_ops(ops))
             .await
     }
+}
+
+fn url_encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
 
 /// RFC 3339, `seconds` from now.
@@ -411,6 +448,25 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
     assert!(body.contains("the agent is deactivated"), "{body}");
     t.set_active(&agent, true).await.expect(200);
     assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
+
+    // A person's own token issued to the agent's client (no `act`, as Okta's and Entra ID's
+    // on-behalf-of tokens are) is judged the same way: the agent cannot shed its owner chain.
+    let held = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
+    let claims = jwt_claims(&held);
+    assert_eq!(
+        (&claims["sub"], &claims["client_id"], claims.get("act")),
+        (&json!("alice"), &json!(AGENT_ID), None),
+        "{claims}"
+    );
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let echo = Echo::parse(body.as_bytes());
+    assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
+    assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
+    t.set_active(&agent, false).await.expect(200);
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    t.set_active(&agent, true).await.expect(200);
 
     // The audit log names the agent, its owners and the person, allowed or refused.
     let records = audit_json_until(&t.px, &[], |r| {
