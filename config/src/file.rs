@@ -135,6 +135,7 @@ tables!(
     Identity,
     JwtIssuer,
     Postgres,
+    Console,
 );
 
 /// A deserializer that hands its visitor a table, and reports anything else as a value of the
@@ -188,6 +189,15 @@ pub(crate) struct File {
     #[serde(default)]
     pub identity: Identity,
     pub postgres: Option<Postgres>,
+    pub console: Option<Console>,
+}
+
+/// `[console]`: who may open the console, in the rule syntax of routes.
+#[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
+pub(crate) struct Console {
+    pub allow: Option<Rules>,
+    pub deny: Option<Rules>,
 }
 
 #[derive(Debug, Deserialize)]

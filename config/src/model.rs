@@ -71,7 +71,12 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// `None` when the file has no `[postgres]` section: the directory lives in `data_dir`.
     pub postgres: Option<PostgresConfig>,
+    /// `None` when the file has no `[console]` section: there is no console.
+    pub console: Option<Route>,
 }
+
+/// The path under which the console is served on the auth host.
+pub const CONSOLE_PATH: &str = "/.portcullis/console/";
 
 /// The PostgreSQL database several replicas share (`[postgres]`).
 #[derive(Debug, Clone, PartialEq)]

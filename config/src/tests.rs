@@ -120,6 +120,28 @@ timeout = "5s"
             ],
         },
         Case {
+            name: "console without [oidc]",
+            text: "data_dir = \"data\"\nLISTENERS\n[console]\nallow = { groups = [\"sre\"] }\n",
+            problems: &[("console", None, "needs an [oidc] section")],
+        },
+        Case {
+            name: "console: no allow rule, public rules, machines",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\n[console]\ndeny = [{ public = true }]\n",
+            problems: &[
+                ("console.deny[0].public", None, "never public"),
+                ("console.allow", None, "lets in nobody without an allow rule"),
+            ],
+        },
+        Case {
+            name: "console: rules checked as a route's",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\n[console]\nallow = { public = true, machines = true, groups = [\"\"] }\n",
+            problems: &[
+                ("console.allow.public", None, "never public"),
+                ("console.allow.machines", None, "does not accept \"bearer\""),
+                ("console.allow.groups[0]", None, ""),
+            ],
+        },
+        Case {
             name: "postgres: every key checked",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=sometimes\"\npool_size = 0\nmax_staleness = \"10m\"\n",
             problems: &[
@@ -1496,6 +1518,7 @@ to = ["http://127.0.0.1"]
         jwt_issuers: vec![],
         identity: IdentityConfig::default(),
         postgres: None,
+        console: None,
     };
     assert_eq!(config, expected);
 }
@@ -2413,4 +2436,26 @@ fn the_admin_token_is_a_secret_kept_with_its_hash() {
         !problem.message.contains("short\""),
         "the value is not repeated"
     );
+}
+
+#[test]
+fn the_console_is_a_route_on_the_auth_host_for_sessions() {
+    let fx = Fixture::new();
+    let text = format!(
+        "data_dir = \"data\"\n{LISTENERS}\n{OIDC}\nauth_host = \"auth.example.com:8443\"\n[console]\nallow = {{ groups = [\"sre\"] }}\ndeny = {{ users = [\"mallory@example.com\"] }}\n"
+    )
+    .replace("SECRET", TOKEN);
+    let config = fx.parse(&text).unwrap();
+    let console = config.console.unwrap();
+    assert_eq!(console.host, "auth.example.com");
+    assert_eq!(console.path_prefix, CONSOLE_PATH);
+    assert_eq!(console.accept, vec![Credential::Session]);
+    assert_eq!(console.allow[0].name, "console.allow");
+    assert_eq!(console.deny[0].name, "console.deny");
+    assert!(console.upstreams.is_empty());
+    assert!(!console.token_groups && !console.assertion && !console.identity_headers);
+    let without = fx
+        .parse(&format!("data_dir = \"data\"\n{LISTENERS}"))
+        .unwrap();
+    assert!(without.console.is_none());
 }

@@ -29,7 +29,7 @@ use crate::model::{
     AdminConfig, AdminToken, AgentAttribute, CertificateFiles, Config, Credential, IdentityClaim,
     IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig,
     LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig,
-    ScimToken, ServerConfig, Upstream, UserInfo,
+    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -188,6 +188,11 @@ pub(crate) fn convert(
         Some(raw) => postgres(raw, &root.key("postgres"), base_dir, env, p).map(Some),
     };
 
+    let console = match file.console {
+        None => Some(None),
+        Some(raw) => console(raw, &root.key("console"), oidc.as_ref(), &server, p).map(Some),
+    };
+
     if !p.is_empty() {
         return None;
     }
@@ -203,6 +208,89 @@ pub(crate) fn convert(
         jwt_issuers: jwt_issuers?,
         identity,
         postgres: postgres?,
+        console: console?,
+    })
+}
+
+/// `[console]`: the console is judged as a route Portcullis serves itself, on the auth host
+/// under [`CONSOLE_PATH`], to people signed in with a session whom its rules let in. `oidc`
+/// is `None` when `[oidc]` could not be read (a problem already).
+fn console(
+    raw: file::Console,
+    path: &KeyPath,
+    oidc: Option<&Option<OidcConfig>>,
+    server: &ServerConfig,
+    p: &mut Problems<'_>,
+) -> Option<Route> {
+    let public_rules = |rules: &Option<file::Rules>, path: KeyPath| -> Vec<KeyPath> {
+        match rules {
+            Some(file::Rules::One(rule)) if rule.public == Some(true) => vec![path.key("public")],
+            Some(file::Rules::Many(rules)) => rules
+                .iter()
+                .enumerate()
+                .filter(|(_, rule)| rule.public == Some(true))
+                .map(|(j, _)| path.index(j).key("public"))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    for public in public_rules(&raw.allow, path.key("allow"))
+        .into_iter()
+        .chain(public_rules(&raw.deny, path.key("deny")))
+    {
+        p.add(
+            &public,
+            "the console is never public: its pages show the directory and the audit log",
+        );
+    }
+    if raw.allow.is_none() {
+        p.add(
+            &path.key("allow"),
+            "the console lets in nobody without an allow rule: add e.g. \
+             `allow = { groups = [\"sre\"] }`, or leave out [console]",
+        );
+        return None;
+    }
+    let access = Access::SignIn {
+        defaulted: false,
+        bearer: false,
+    };
+    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, access, p);
+    let oidc = match oidc {
+        Some(Some(oidc)) => oidc,
+        Some(None) => {
+            p.add(
+                path,
+                "the console is for people who sign in: it needs an [oidc] section",
+            );
+            return None;
+        }
+        None => return None,
+    };
+    Some(Route {
+        name: "console".to_owned(),
+        scheme: oidc.auth_scheme,
+        host: oidc
+            .auth_host
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        path_prefix: CONSOLE_PATH.to_owned(),
+        upstreams: Vec::new(),
+        preserve_host: false,
+        websockets: false,
+        connect_timeout: Duration::ZERO,
+        read_timeout: Duration::ZERO,
+        max_request_body_bytes: server.max_request_body_bytes.min(64 * 1024),
+        accept: vec![Credential::Session],
+        allow,
+        deny,
+        policy: Arc::new(policy?),
+        identity_headers: false,
+        assertion: false,
+        token_groups: false,
+        pass_authorization: false,
     })
 }
 

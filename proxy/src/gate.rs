@@ -823,6 +823,12 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
     })
 }
 
+/// The directory key a signed-in person is looked up by (see `[identity]`), if their sign-in
+/// has the claim it needs.
+pub fn person_key<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<SubjectKey<'a>> {
+    subject_key(identity, Principal::Person(who))
+}
+
 /// Whether `principal` is a bearer token a client holds for a person.
 fn person_token(principal: Principal<'_>) -> bool {
     matches!(principal, Principal::Machine(token) if !token.for_itself)

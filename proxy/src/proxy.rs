@@ -34,7 +34,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use portcullis_config::Scheme;
+use portcullis_config::{Scheme, CONSOLE_PATH};
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
@@ -97,6 +97,25 @@ struct Asked {
     host: String,
     tls: bool,
     path_and_query: String,
+}
+
+impl Asked {
+    /// `req`, judged at the normalized `path`.
+    fn of(req: &RequestHeader, path: String, origin: String, host: String, tls: bool) -> Asked {
+        Asked {
+            method: req.method.as_str().to_owned(),
+            path,
+            client: Client::of(&req.headers),
+            origin,
+            host,
+            tls,
+            path_and_query: req
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
+        }
+    }
 }
 
 #[async_trait]
@@ -247,19 +266,13 @@ impl ProxyHttp for Proxy {
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
-                let asked = Asked {
-                    method: facts.method.to_owned(),
-                    path: facts.path.to_owned(),
-                    client,
-                    origin: request_origin(req, ctx.tls),
-                    host: host.into_owned(),
-                    tls: ctx.tls,
-                    path_and_query: req
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |pq| pq.as_str())
-                        .to_owned(),
-                };
+                let asked = Asked::of(
+                    req,
+                    facts.path.to_owned(),
+                    request_origin(req, ctx.tls),
+                    host.into_owned(),
+                    ctx.tls,
+                );
                 ctx.caller = authentication.caller().cloned();
                 ctx.route = Some(route.clone());
                 let caller = ctx.caller.as_ref();
@@ -605,6 +618,11 @@ impl Proxy {
             )
             .header(header::CACHE_CONTROL, "public, max-age=60"),
             "healthz" => Reply::status_page(StatusCode::OK),
+            "style.css" => reply::stylesheet(),
+            "console" => Reply::redirect(StatusCode::PERMANENT_REDIRECT, CONSOLE_PATH),
+            e if e.starts_with("console/") => {
+                return self.console(session, runtime, endpoint, host, tls).await;
+            }
             "readyz"
                 if self.shared.is_draining()
                     || !self.shared.directory_is_current()
@@ -642,20 +660,13 @@ impl Proxy {
                 match served {
                     Some(Served::Reply(reply)) => reply,
                     Some(Served::Unauthenticated) => {
-                        let req = session.req_header();
-                        let asked = Asked {
-                            method: req.method.as_str().to_owned(),
-                            path: format!("/.portcullis/{endpoint}"),
-                            client: Client::of(&req.headers),
-                            origin: origin.clone(),
-                            host: host.to_owned(),
+                        let asked = Asked::of(
+                            session.req_header(),
+                            format!("/.portcullis/{endpoint}"),
+                            origin.clone(),
+                            host.to_owned(),
                             tls,
-                            path_and_query: req
-                                .uri
-                                .path_and_query()
-                                .map_or("/", |pq| pq.as_str())
-                                .to_owned(),
-                        };
+                        );
                         let refused = crate::gate::sign_in_or_challenge(
                             &asked.method,
                             asked.client,
@@ -670,6 +681,73 @@ impl Proxy {
                     None => Reply::status_page(StatusCode::NOT_FOUND),
                 }
             }
+        };
+        reply::send(session, reply).await
+    }
+
+    /// Serves the console (`/.portcullis/console/…`, see [`crate::console`]) on the auth host,
+    /// to callers the gate lets in by `[console]`, judged as a route.
+    async fn console(
+        &self,
+        session: &mut Session,
+        runtime: &Runtime,
+        endpoint: &str,
+        host: &str,
+        tls: bool,
+    ) -> Result<bool> {
+        let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
+            return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
+        };
+        if !runtime.carries_credentials(local_addr(session), tls) {
+            return reply::send(session, plain_http_page()).await;
+        }
+        let req = session.req_header();
+        let path = format!("/.portcullis/{endpoint}");
+        let decided_at = self.shared.marks();
+        let authentication = self
+            .shared
+            .auth
+            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
+            .await;
+        let facts = Facts {
+            route,
+            method: req.method.as_str(),
+            path: &path,
+            client: Client::of(&req.headers),
+        };
+        let admission = self
+            .shared
+            .gate(runtime, &decided_at)
+            .admit(&facts, authentication.presented());
+        let pass = match admission {
+            Admission::Allow(pass) => pass,
+            Admission::Refuse(refused) => {
+                let origin = request_origin(req, tls);
+                let asked = Asked::of(req, path, origin, host.to_owned(), tls);
+                let caller = authentication.caller();
+                return self
+                    .answer(session, runtime, &route.name, &asked, caller, refused)
+                    .await;
+            }
+        };
+        let reply = match (&req.method, pass.forward) {
+            (&http::Method::GET | &http::Method::HEAD, Some(viewer)) => {
+                let console = crate::console::Console {
+                    runtime,
+                    directory: &self.shared.directory,
+                    sessions: &self.shared.auth.sessions,
+                    viewer: &viewer.user,
+                    now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
+                };
+                let page = endpoint.strip_prefix("console/").unwrap_or_default();
+                console.get(page, req.uri.query().unwrap_or_default())
+            }
+            (&http::Method::GET | &http::Method::HEAD, None) => {
+                // A public rule would let in nobody in particular; `[console]` refuses them.
+                Reply::status_page(StatusCode::FORBIDDEN)
+            }
+            _ => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
+                .header(header::ALLOW, "GET, HEAD"),
         };
         reply::send(session, reply).await
     }

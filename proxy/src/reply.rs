@@ -32,13 +32,11 @@ pub struct Reply {
 impl Reply {
     /// An HTML page: `title` (plain text) and `content` (HTML, with every value in it escaped).
     pub fn page(status: StatusCode, title: &str, content: &str) -> Reply {
-        let title = escape(title);
-        let html = format!(
-            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-             <title>{title}</title></head>\
-             <body><h1>{title}</h1>{content}<p><small>Portcullis</small></p></body></html>\n"
-        );
+        Reply::html(status, document(title, "", content))
+    }
+
+    /// An HTML document made by [`document`].
+    pub fn html(status: StatusCode, html: String) -> Reply {
         Reply::with_body(status, "text/html; charset=utf-8", html.into())
     }
 
@@ -115,7 +113,13 @@ pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
         head.insert_header(header::CONTENT_TYPE, content_type)?;
     }
     head.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
-    head.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if !reply
+        .headers
+        .iter()
+        .any(|(name, _)| name == header::CACHE_CONTROL)
+    {
+        head.insert_header(header::CACHE_CONTROL, "no-store")?;
+    }
     for (name, value) in &reply.headers {
         head.append_header(name.clone(), value.as_str())?;
     }
@@ -130,6 +134,32 @@ pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
         session.write_response_body(Some(reply.body), true).await?;
     }
     Ok(true)
+}
+
+/// Where Portcullis serves its stylesheet, on every host.
+pub const STYLESHEET: &str = "/.portcullis/style.css";
+
+/// The stylesheet itself.
+pub fn stylesheet() -> Reply {
+    Reply::with_body(
+        StatusCode::OK,
+        "text/css; charset=utf-8",
+        Bytes::from_static(include_bytes!("../assets/style.css")),
+    )
+    .header(header::CACHE_CONTROL, "public, max-age=3600")
+}
+
+/// The one page template: `title` (plain text), `nav` (HTML for the top bar, after the name;
+/// empty on pages outside the console) and `content` (HTML, with every value in it escaped).
+pub fn document(title: &str, nav: &str, content: &str) -> String {
+    let title = escape(title);
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title}</title><link rel=\"stylesheet\" href=\"{STYLESHEET}\"></head>\
+         <body><header class=\"bar\"><span class=\"brand\">Portcullis</span>{nav}</header>\
+         <main><h1>{title}</h1>{content}</main></body></html>\n"
+    )
 }
 
 /// `s` safe inside HTML text and attribute values.

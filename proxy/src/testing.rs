@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use portcullis_config::Config;
 use portcullis_scim::service::{Limits, ScimRequest, ScimService};
 use portcullis_scim::store::memory::MemoryStorage;
-use portcullis_scim::store::Directory;
+use portcullis_scim::store::{Directory, Sinks};
+
+use crate::auth::sessions::{Kept, Sessions};
 
 use crate::caller::{Identity, Machine};
 use crate::gate::Gate;
@@ -104,6 +106,8 @@ pub fn parse(text: &str) -> Config {
 /// A directory in memory and the SCIM service in front of it.
 pub struct World {
     pub directory: Arc<Directory>,
+    /// Sessions kept beside the directory, as the server keeps them.
+    pub sessions: Sessions,
     scim: ScimService,
     pub config: Config,
 }
@@ -115,7 +119,13 @@ impl World {
 
     pub fn with(config: Config) -> World {
         let storage = Arc::new(MemoryStorage::default());
-        let directory = match Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)) {
+        let kept = Arc::new(Kept::default());
+        let sinks = Sinks {
+            changes: None,
+            entries: Some(kept.clone()),
+        };
+        let clock = Box::new(time::OffsetDateTime::now_utc);
+        let directory = match Directory::open_with_sinks(storage, clock, sinks) {
             Ok(directory) => Arc::new(directory),
             Err(e) => panic!("open the directory: {e}"),
         };
@@ -126,6 +136,7 @@ impl World {
         };
         World {
             scim: ScimService::new(directory.clone(), limits),
+            sessions: Sessions::new(kept, directory.clone()),
             directory,
             config,
         }

@@ -12,6 +12,7 @@ mod audit;
 mod authz;
 mod balancing;
 mod config_check;
+mod console;
 mod hardening;
 mod headers;
 mod idp_harness;

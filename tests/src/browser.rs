@@ -63,6 +63,8 @@ pub struct BrowserOptions {
     pub extra_args: Vec<String>,
     /// Accept any TLS certificate (default true: tests use throw-away CAs).
     pub accept_insecure_certs: bool,
+    /// Run pages' scripts (default true); false starts Chromium with scripts off.
+    pub javascript: bool,
 }
 
 impl Default for BrowserOptions {
@@ -71,6 +73,7 @@ impl Default for BrowserOptions {
             host_resolver_rules: "MAP * 127.0.0.1".to_owned(),
             extra_args: Vec::new(),
             accept_insecure_certs: true,
+            javascript: true,
         }
     }
 }
@@ -164,6 +167,9 @@ impl Browser {
             "--host-resolver-rules={}",
             options.host_resolver_rules
         ));
+        if !options.javascript {
+            args.push("--blink-settings=scriptEnabled=false".to_owned());
+        }
         args.extend(options.extra_args);
         let capabilities = json!({
             "capabilities": {

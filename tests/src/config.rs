@@ -189,6 +189,8 @@ pub struct ConfigBuilder {
     jwt_issuers: Vec<JwtIssuer>,
     /// `[postgres]` as `(key, raw TOML value)` lines.
     postgres: Vec<(String, String)>,
+    /// `[console]` as raw TOML lines; no section when empty.
+    console: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -210,7 +212,14 @@ impl ConfigBuilder {
             oidc: None,
             jwt_issuers: Vec::new(),
             postgres: Vec::new(),
+            console: Vec::new(),
         }
+    }
+
+    /// Adds a line (raw TOML, `allow = { groups = ["sre"] }` say) to `[console]`.
+    pub fn console(mut self, line: &str) -> ConfigBuilder {
+        self.console.push(line.to_owned());
+        self
     }
 
     /// Keeps the directory in PostgreSQL at `url` (`[postgres]`), with this `max_staleness`.
@@ -416,6 +425,12 @@ impl ConfigBuilder {
             );
             for (key, value) in &oidc.settings {
                 let _ = writeln!(out, "{key} = {value}");
+            }
+        }
+        if !self.console.is_empty() {
+            out.push_str("\n[console]\n");
+            for line in &self.console {
+                let _ = writeln!(out, "{line}");
             }
         }
         if !self.postgres.is_empty() {

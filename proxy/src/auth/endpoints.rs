@@ -446,9 +446,10 @@ impl Auth {
         }
         rows.push_str("</p>");
         if let Some(expires) = expires {
+            let left = i64::try_from(expires.saturating_sub(now_unix())).unwrap_or(i64::MAX);
             rows.push_str(&format!(
-                "<p>Your session ends at the latest {} seconds from now.</p>",
-                expires.saturating_sub(now_unix())
+                "<p>Your session ends at the latest {}.</p>",
+                crate::human::relative(left)
             ));
         }
         match &directory {

@@ -448,15 +448,19 @@ impl Sessions {
 
     /// Ends the sessions for which `matches` is true. Durable on return.
     pub async fn end_where(&self, matches: impl Fn(&Identity) -> bool) -> Result<usize, String> {
-        let keys: Vec<SessionKey> = self
-            .kept
+        let keys: Vec<SessionKey> = self.find(matches).into_iter().map(|(key, _)| key).collect();
+        self.end(&keys).await?;
+        Ok(keys.len())
+    }
+
+    /// The sessions held here for which `matches` is true.
+    pub fn find(&self, matches: impl Fn(&Identity) -> bool) -> Vec<(SessionKey, Arc<Session>)> {
+        self.kept
             .sessions
             .iter()
             .filter(|entry| matches(&entry.value().identity))
-            .map(|entry| *entry.key())
-            .collect();
-        self.end(&keys).await?;
-        Ok(keys.len())
+            .map(|entry| (*entry.key(), entry.value().clone()))
+            .collect()
     }
 
     /// Ends the given sessions: gone from this replica's memory first (so no request is served
@@ -591,7 +595,7 @@ impl Sessions {
         Ok(entries.len())
     }
 
-    #[cfg(test)]
+    /// How many sessions are held here.
     pub fn count(&self) -> usize {
         self.kept.sessions.len()
     }

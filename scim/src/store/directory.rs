@@ -505,6 +505,12 @@ impl Directory {
         })
     }
 
+    /// Reads the index under one consistent view, for pages that show the directory (the
+    /// console). Writes wait while `f` runs: keep it to a bounded walk.
+    pub fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
+        f(&self.index())
+    }
+
     /// The type of the resource whose id is `id`, if there is one.
     pub fn kind_of(&self, id: &str) -> Option<ResourceType> {
         self.index().row_of(id).map(|(rt, _)| rt)

@@ -1,0 +1,371 @@
+//! The console: pages under `/.portcullis/console/` on the auth host that show the live
+//! directory (users, groups, agents) to the people `[console]` lets in.
+//!
+//! Who may look is decided by the gate, exactly as for a route (the console is a route in the
+//! configuration, `Config::console`): the pingora glue in `proxy.rs` admits the caller, then
+//! asks [`Console::get`] for the page. Everything here is a plain function of the directory,
+//! the sessions and the configuration as they are at that moment: no copies, no caches.
+//!
+//! Pages are server-rendered HTML in the one template ([`crate::reply::document`]), work
+//! without JavaScript, and escape every value ([`escape`]). Lists are paged and searched in
+//! memory; a page holds the directory's read lock only while it walks the index.
+
+mod directory;
+
+use http::StatusCode;
+
+use portcullis_scim::store::Directory;
+
+use crate::auth::sessions::Sessions;
+use crate::reply::{document, escape, Reply};
+use crate::state::Runtime;
+
+/// Rows on one page of a list.
+pub const PAGE_SIZE: usize = 50;
+/// Longest search text taken.
+const MAX_SEARCH: usize = 256;
+
+/// What a console page is made from.
+pub struct Console<'a> {
+    pub runtime: &'a Runtime,
+    pub directory: &'a Directory,
+    pub sessions: &'a Sessions,
+    /// The `userName` of the person looking.
+    pub viewer: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+/// The query parameters the pages take.
+#[derive(Debug, Default)]
+pub struct Params {
+    /// Search text, trimmed, at most [`MAX_SEARCH`] bytes.
+    pub q: String,
+    /// 1-based page number.
+    pub page: usize,
+}
+
+impl Params {
+    pub fn parse(query: &str) -> Params {
+        let mut params = Params {
+            q: String::new(),
+            page: 1,
+        };
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "q" => {
+                    let mut q = value.trim().to_owned();
+                    if q.len() > MAX_SEARCH {
+                        let mut end = MAX_SEARCH;
+                        while !q.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        q.truncate(end);
+                    }
+                    params.q = q;
+                }
+                "page" => params.page = value.parse().unwrap_or(1).clamp(1, 1 << 24),
+                _ => {}
+            }
+        }
+        params
+    }
+}
+
+/// The sections in the top bar, by path under the console.
+const SECTIONS: [(&str, &str); 4] = [
+    ("", "Overview"),
+    ("users", "Users"),
+    ("groups", "Groups"),
+    ("agents", "Agents"),
+];
+
+impl Console<'_> {
+    /// The page at `page` (the path after `/.portcullis/console/`) for `query`.
+    pub fn get(&self, page: &str, query: &str) -> Reply {
+        let params = Params::parse(query);
+        let mut parts = page.trim_end_matches('/').splitn(2, '/');
+        let section = parts.next().unwrap_or_default();
+        let rest = parts.next();
+        let shown = match (section, rest) {
+            ("", None) => Some(self.overview()),
+            ("users", None) => Some(self.users(&params)),
+            ("users", Some(id)) => self.user(id),
+            ("groups", None) => Some(self.groups(&params)),
+            ("groups", Some(id)) => self.group(id, &params),
+            ("agents", None) => Some(self.agents(&params)),
+            ("agents", Some(id)) => self.agent(id),
+            _ => None,
+        };
+        match shown {
+            Some(shown) => Reply::html(
+                StatusCode::OK,
+                document(&shown.title, &self.bar(section), &shown.content),
+            ),
+            None => Reply::html(
+                StatusCode::NOT_FOUND,
+                document(
+                    "Not found",
+                    &self.bar(section),
+                    "<p>Nothing in the directory is at this address.</p>",
+                ),
+            ),
+        }
+    }
+
+    /// The top bar: the sections, the current one marked, and who is looking.
+    fn bar(&self, current: &str) -> String {
+        let mut nav = String::from("<nav>");
+        for (path, name) in SECTIONS {
+            let mark = if path == current {
+                " aria-current=\"page\""
+            } else {
+                ""
+            };
+            nav.push_str(&format!("<a href=\"{}\"{mark}>{name}</a>", link(path)));
+        }
+        nav.push_str("</nav>");
+        nav.push_str(&format!(
+            "<a class=\"who\" href=\"/.portcullis/me\">{}</a>",
+            escape(self.viewer)
+        ));
+        nav
+    }
+}
+
+/// A page's title (plain text) and content (HTML).
+struct Shown {
+    title: String,
+    content: String,
+}
+
+/// The URL of `path` under the console.
+fn link(path: &str) -> String {
+    format!("{}{path}", portcullis_config::CONSOLE_PATH)
+}
+
+/// `n` with thousands separated: `1,000,000`.
+fn count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whether `haystack` contains `needle` (already case-folded), ignoring case.
+fn contains_folded(haystack: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    if haystack.is_ascii() && needle.is_ascii() {
+        return haystack
+            .as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+    }
+    portcullis_policy::fold(haystack).contains(needle)
+}
+
+/// The previous/next links of a list of `total` items at `params`, for the list at `path`.
+fn pager(path: &str, params: &Params, total: usize, noun: &str) -> String {
+    let pages = total.div_ceil(PAGE_SIZE).max(1);
+    let here = |page: usize| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        if !params.q.is_empty() {
+            query.append_pair("q", &params.q);
+        }
+        query.append_pair("page", &page.to_string());
+        format!("{}?{}", link(path), escape(&query.finish()))
+    };
+    let mut html = format!(
+        "<div class=\"pager\"><span>{} {noun}{} · page {} of {}</span>",
+        count(total),
+        if total == 1 { "" } else { "s" },
+        count(params.page.min(pages)),
+        count(pages)
+    );
+    if params.page > 1 {
+        html.push_str(&format!(
+            "<a rel=\"prev\" href=\"{}\">Previous</a>",
+            here((params.page - 1).min(pages))
+        ));
+    }
+    if params.page < pages {
+        html.push_str(&format!(
+            "<a rel=\"next\" href=\"{}\">Next</a>",
+            here(params.page + 1)
+        ));
+    }
+    html.push_str("</div>");
+    html
+}
+
+/// The search form of the list at `path`.
+fn search_form(path: &str, params: &Params, placeholder: &str) -> String {
+    format!(
+        "<form class=\"search\" method=\"get\" action=\"{}\"><input type=\"search\" name=\"q\" \
+         value=\"{}\" placeholder=\"{}\" aria-label=\"Search\"><button type=\"submit\">Search</button></form>",
+        link(path),
+        escape(&params.q),
+        escape(placeholder)
+    )
+}
+
+/// A yes/no cell.
+fn flag(on: bool, yes: &str, no: &str) -> String {
+    if on {
+        format!("<span class=\"yes\">{yes}</span>")
+    } else {
+        format!("<span class=\"no\">{no}</span>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_bounded() {
+        let p = Params::parse("q=%20Alice%20&page=3");
+        assert_eq!((p.q.as_str(), p.page), ("Alice", 3));
+        let p = Params::parse(&format!("q={}&page=-1", "é".repeat(200)));
+        assert!(p.q.len() <= MAX_SEARCH && p.page == 1);
+        assert_eq!(Params::parse("page=99999999999").page, 1 << 24);
+    }
+
+    #[test]
+    fn counts_and_search_read_as_people_expect() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_000_000), "1,000,000");
+        assert!(contains_folded("Alice@Example.com", "alice@"));
+        assert!(contains_folded("ÉMILE", "émile"));
+        assert!(!contains_folded("bob", "alice"));
+    }
+
+    #[test]
+    fn the_pager_keeps_the_search() {
+        let params = Params {
+            q: "a&b".to_owned(),
+            page: 2,
+        };
+        let html = pager("users", &params, 120, "user");
+        assert!(html.contains("120 users · page 2 of 3"), "{html}");
+        assert!(html.contains("q=a%26b&amp;page=1"), "{html}");
+        assert!(html.contains("q=a%26b&amp;page=3"), "{html}");
+    }
+}
+
+#[cfg(test)]
+mod pages {
+    use super::*;
+    use crate::testing::World;
+
+    fn text(reply: &Reply) -> &str {
+        std::str::from_utf8(&reply.body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_directory_is_shown_live_searched_and_paged() {
+        let world = World::new();
+        let alice = world.user("alice@corp.example").await;
+        let bob = world.user("<b>bob</b>@corp.example").await;
+        let platform = world.group("platform", &[&alice]).await;
+        let eng = world.group("eng", &[&platform, &bob]).await;
+        let app = world.application("assistant").await;
+        let agent = world.agent("helper", &[&alice], &[&app], None).await;
+        for i in 0..120 {
+            world.user(&format!("user{i:03}@corp.example")).await;
+        }
+        let runtime = world.runtime();
+        let console = Console {
+            runtime: &runtime,
+            directory: &world.directory,
+            sessions: &world.sessions,
+            viewer: "alice@corp.example",
+            now: crate::clock::now_unix() as i64,
+        };
+
+        let overview = console.get("", "");
+        assert!(
+            text(&overview).contains("<strong>122</strong>Users"),
+            "{}",
+            text(&overview)
+        );
+
+        // Search by any identifier, case-insensitively; values escaped.
+        let found = console.get("users", "q=ALICE");
+        assert!(text(&found).contains("alice@corp.example"));
+        assert!(
+            text(&found).contains("1 user · page 1 of 1"),
+            "{}",
+            text(&found)
+        );
+        let escaped = console.get("users", "q=bob");
+        assert!(text(&escaped).contains("&lt;b&gt;bob&lt;/b&gt;@corp.example"));
+        assert!(!text(&escaped).contains("<b>bob</b>"));
+
+        // Paging: 122 users, 50 a page.
+        let page3 = console.get("users", "page=3");
+        assert!(
+            text(&page3).contains("122 users · page 3 of 3"),
+            "{}",
+            text(&page3)
+        );
+        assert!(text(&page3).contains("user119@corp.example"));
+        assert!(!text(&page3).contains("user000@corp.example"));
+
+        // alice: in platform directly, in eng through platform; no session yet.
+        let page = console.get(&format!("users/{alice}"), "");
+        let html = text(&page);
+        assert!(html.contains("<h1>alice@corp.example</h1>"), "{html}");
+        assert!(html.contains("through platform"), "{html}");
+        assert!(html.contains("No session."), "{html}");
+        world
+            .sessions
+            .create(
+                world.person("alice@corp.example"),
+                None,
+                crate::clock::now_unix(),
+            )
+            .await
+            .unwrap();
+        let page = console.get(&format!("users/{alice}"), "");
+        assert!(
+            text(&page).contains("1 session, last seen"),
+            "{}",
+            text(&page)
+        );
+
+        // eng's members: the group platform and bob.
+        let page = console.get(&format!("groups/{eng}"), "");
+        let html = text(&page);
+        assert!(html.contains(">platform</a></td><td>Group"), "{html}");
+        assert!(html.contains("2 direct members"), "{html}");
+
+        // The agent stands through alice; once she is deactivated, it may not act.
+        let page = console.get(&format!("agents/{agent}"), "");
+        assert!(
+            text(&page).contains("<span class=\"yes\">yes</span>"),
+            "{}",
+            text(&page)
+        );
+        world.set_active(&alice, false).await;
+        let page = console.get(&format!("agents/{agent}"), "");
+        assert!(text(&page).contains("no owner"), "{}", text(&page));
+
+        // Unknown pages and ids, and an id of another type.
+        for page in ["nope", "users/not-an-id", &format!("groups/{alice}")] {
+            assert_eq!(
+                console.get(page, "").status,
+                StatusCode::NOT_FOUND,
+                "{page}"
+            );
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Times as people read them: "in 24 hours", "3 minutes ago".
+
+/// `seconds` from now (negative: in the past) in words, rounded to the nearest unit.
+pub fn relative(seconds: i64) -> String {
+    let span = seconds.unsigned_abs();
+    if span < 5 {
+        return "just now".to_owned();
+    }
+    let (count, unit) = match span {
+        0..60 => (span, "second"),
+        60..3_570 => ((span + 30) / 60, "minute"),
+        3_570..172_800 => ((span + 1_800) / 3_600, "hour"),
+        _ => ((span + 43_200) / 86_400, "day"),
+    };
+    let plural = if count == 1 { "" } else { "s" };
+    if seconds > 0 {
+        format!("in {count} {unit}{plural}")
+    } else {
+        format!("{count} {unit}{plural} ago")
+    }
+}
+
+/// Unix time `at` as an RFC 3339 UTC time, to the second.
+pub fn timestamp(at: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(at)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| at.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_words() {
+        assert_eq!(relative(86_399), "in 24 hours");
+        assert_eq!(relative(-180), "3 minutes ago");
+        assert_eq!(relative(-61), "1 minute ago");
+        assert_eq!(relative(2), "just now");
+        assert_eq!(relative(30), "in 30 seconds");
+        assert_eq!(relative(3_599), "in 1 hour");
+        assert_eq!(relative(-7 * 86_400), "7 days ago");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+    }
+}

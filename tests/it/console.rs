@@ -1,0 +1,246 @@
+//! The console (issue 16), end to end: the real binary, the real oidc-provider for sign-in and
+//! SCIM provisioning over HTTP, and headless Chromium for the pages.
+//!
+//! - bob, in `sre` (the `[console]` rule), signs in from the browser and finds alice in `eng`,
+//!   with scripts turned off: the pages are plain HTML, links and GET forms;
+//! - alice, in `eng` only, is refused with the gate's 403 page, and the refusal is audited;
+//! - the pages show the directory as it is: a deactivation is on the next page load.
+
+use std::time::Duration;
+
+use portcullis_tests::scim::patch_ops;
+use portcullis_tests::{
+    Browser, BrowserOptions, ConfigBuilder, Oidc, Portcullis, Route, ScimClient, Upstream,
+};
+use reqwest::header::ACCEPT;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::signin::{
+    client, get_with_session, idp_setup, navigate, Fixture, ALICE, ALICE_PASSWORD, BOB,
+    BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET,
+};
+use crate::{SCIM_HOST, SCIM_TOKEN};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+/// A running IdP, Portcullis with `app.test` (for `eng`) and the console (for `sre`) on the
+/// auth host `app.test`, and the directory: alice in `eng`, bob in `sre`.
+struct Console {
+    fx: Fixture,
+    scim: ScimClient,
+    alice_id: String,
+}
+
+impl Console {
+    async fn start() -> Console {
+        let app = Upstream::start("app").await;
+        let api = Upstream::start("api").await;
+        let cfg = ConfigBuilder::new().http_listener();
+        let port = cfg.http_addr().port();
+        let redirect_uris = vec![format!("http://app.test:{port}/.portcullis/callback")];
+        let backchannel = format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout");
+        let idp = idp_setup(&redirect_uris, &backchannel).start().await;
+        let oidc = Oidc::new(
+            idp.issuer(),
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &format!("app.test:{port}"),
+        );
+        let cfg = cfg
+            .route(Route::new("http://app.test", &[&app]).set("allow = { groups = [\"eng\"] }"))
+            .oidc(oidc)
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+            .console("allow = { groups = [\"sre\"] }");
+        let px: Portcullis = cfg.start().await;
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        let fx = Fixture {
+            cfg,
+            idp,
+            px,
+            app,
+            api,
+        };
+        fx.wait_sign_in_available(WAIT).await;
+        let alice_id = scim.create_user(ALICE).await.id();
+        let bob_id = scim.create_user(BOB).await.id();
+        scim.create_group("eng", &[&alice_id]).await.id();
+        scim.create_group("sre", &[&bob_id]).await.id();
+        Console { fx, scim, alice_id }
+    }
+
+    fn console_url(&self, path: &str) -> String {
+        self.fx.app_url(&format!("/.portcullis/console/{path}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chromium_an_operator_signs_in_and_finds_alice_in_eng_with_scripts_off() {
+    let t = Console::start().await;
+    let browser = Browser::start_with(BrowserOptions {
+        javascript: false,
+        ..BrowserOptions::default()
+    })
+    .await;
+
+    // Signing in from the console's own address lands back on it.
+    let overview = t.console_url("");
+    browser.goto(&overview).await;
+    browser
+        .wait_for_url(|u| u.contains("/interaction/"), WAIT)
+        .await;
+    browser.fill("input[name=login]", BOB).await;
+    browser.fill("input[name=password]", BOB_PASSWORD).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for_url(|u| u == overview, WAIT).await;
+    let text = browser.wait_for_text("Sessions", WAIT).await;
+    assert!(text.contains("Users"), "{text}");
+    assert!(
+        text.contains(BOB),
+        "the top bar names who is looking: {text}"
+    );
+
+    // Users → search (a GET form) → alice → her groups.
+    browser.click("nav a[href$='/console/users']").await;
+    browser.wait_for_text("userName", WAIT).await;
+    browser.fill("input[name=q]", "alice").await;
+    browser.click("form.search button[type=submit]").await;
+    browser
+        .wait_for_url(|u| u.contains("/console/users?q=alice"), WAIT)
+        .await;
+    let list = browser.wait_for_text("1 user · page 1 of 1", WAIT).await;
+    assert!(list.contains(ALICE), "{list}");
+    browser
+        .click(&format!("a[href$='/console/users/{}']", t.alice_id))
+        .await;
+    let page = browser.wait_for_text("Groups", WAIT).await;
+    assert!(page.contains(ALICE), "{page}");
+    assert!(page.contains("eng"), "alice is shown in eng: {page}");
+    assert!(page.contains("active"), "{page}");
+
+    // The stylesheet is Portcullis' own, served from the same origin.
+    let source = browser.page_source().await;
+    assert!(
+        source.contains("href=\"/.portcullis/style.css\""),
+        "{source}"
+    );
+    assert!(
+        !source.contains("<script"),
+        "no script on the page: {source}"
+    );
+    browser.quit().await;
+
+    let css = client()
+        .get(t.fx.app_url("/.portcullis/style.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.status(), StatusCode::OK);
+    assert!(css.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/css"));
+    assert!(css
+        .text()
+        .await
+        .unwrap()
+        .contains("prefers-color-scheme: dark"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_outside_the_console_rule_is_refused_and_audited() {
+    let t = Console::start().await;
+
+    // Nobody signed in: a browser is sent to sign in, an API client gets 401.
+    let resp = navigate(&client(), &t.console_url("users")).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let resp = client().get(t.console_url("users")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // alice is in eng, not sre: the gate's 403, for pages and lists alike.
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    for path in ["", "users", &format!("users/{}", t.alice_id)] {
+        let resp = get_with_session(&t.console_url(path), &alice, BROWSER_ACCEPT).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        let page = resp.text().await.unwrap();
+        assert!(page.contains(ALICE), "the 403 says who: {page}");
+        assert!(!page.contains("Sessions"), "{page}");
+    }
+    let log = t.fx.px.dir().join("data/audit.jsonl");
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let audited = text.lines().any(|line| {
+            line.contains("\"refusal\"")
+                && line.contains(ALICE)
+                && line.contains("\"route\":\"console\"")
+        });
+        if audited {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the refusal is not in the audit log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Only on the auth host, and only for reading.
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await;
+    let resp = client()
+        .post(t.console_url("users"))
+        .header("cookie", format!("portcullis_session={}", bob.cookie))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_show_the_directory_as_it_is_now() {
+    let t = Console::start().await;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let alice_page = t.console_url(&format!("users/{}", t.alice_id));
+    let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("class=\"yes\">active"), "{page}");
+    assert!(page.contains("No session."), "{page}");
+
+    // alice signs in: her session is on her page.
+    t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+        .await;
+    let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("1 session, last seen"), "{page}");
+
+    // The IdP deactivates her: the next page load says so.
+    let resp = t
+        .scim
+        .patch(
+            &format!("/Users/{}", t.alice_id),
+            &patch_ops(json!([{"op": "replace", "value": {"active": false}}])),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text);
+    let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("class=\"no\">deactivated"), "{page}");
+}
