@@ -38,6 +38,7 @@ cat <<'MSG'
 Portcullis demo
   proxied sample upstream: http://localhost:8080/   (sign in as alice@example.com / demo)
   who am I:                http://localhost:8080/.portcullis/me
+  console:                 http://localhost:8080/.portcullis/console/   (alice is in "eng")
   SCIM directory:          curl -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
                                 http://auth.localhost:8080/scim/v2/Users
   metrics:                 http://127.0.0.1:9090/metrics

@@ -176,64 +176,60 @@ pub fn explain(
         current: true,
         now: crate::clock::now_unix(),
     };
-    let (identity, token);
-    let principal = match who {
-        Who::Person(user) => {
-            identity = signed_in_now(runtime, directory, user);
-            Principal::Person(&identity)
-        }
-        Who::Agent { name, on_behalf_of } => {
-            token = agent_token(runtime, name, on_behalf_of);
-            Principal::Machine(&token)
-        }
-    };
     let mut answer = Explanation {
         allowed: false,
         method: method.clone(),
         url: url.to_owned(),
         route: None,
-        directory_user: match who {
-            Who::Agent {
-                on_behalf_of: None, ..
-            } => None,
-            _ => gate.directory_view(principal),
-        },
+        directory_user: None,
         agent: None,
         rule: None,
         reason: String::new(),
     };
     // The path exactly as typed, normalized by the proxy's one function (the URL parser's
     // own clean-up would hide what a client can send).
-    let path = match path::normalize(raw_path(url)) {
-        Ok(path) => path.into_owned(),
-        Err(e) => {
-            answer.reason = format!("refused with 400: {e}");
-            return Ok(answer);
-        }
+    let target = match path::normalize(raw_path(url)) {
+        Err(e) => Err(format!("refused with 400: {e}")),
+        Ok(path) => match runtime.routes.find(scheme, &host, &path) {
+            Match::Found(route) => Ok((route, path.into_owned())),
+            Match::WrongScheme(route) => {
+                answer.route = Some(route.config.name.clone());
+                Err(format!(
+                    "route {} serves this address over the other scheme only",
+                    route.config.name
+                ))
+            }
+            Match::None => Err("no route serves this address (404)".to_owned()),
+        },
     };
-    let route = match runtime.routes.find(scheme, &host, &path) {
-        Match::Found(route) => route,
-        Match::WrongScheme(route) => {
-            answer.route = Some(route.config.name.clone());
-            answer.reason = format!(
-                "route {} serves this address over the other scheme only",
-                route.config.name
-            );
-            return Ok(answer);
-        }
-        Match::None => {
-            answer.reason = "no route serves this address (404)".to_owned();
+    let (view, judged) = with_principal(runtime, directory, who, |principal| {
+        let view = match who {
+            Who::Agent {
+                on_behalf_of: None, ..
+            } => None,
+            _ => gate.directory_view(principal),
+        };
+        let judged = target.map(|(route, path)| {
+            let facts = Facts {
+                route: &route.config,
+                method: &method,
+                path: &path,
+                client: Client::Browser,
+            };
+            (route, gate.explain(&facts, Presented::Caller(principal)))
+        });
+        (view, judged)
+    });
+    answer.directory_user = view;
+    let (route, admission) = match judged {
+        Ok(judged) => judged,
+        Err(reason) => {
+            answer.reason = reason;
             return Ok(answer);
         }
     };
     answer.route = Some(route.config.name.clone());
-    let facts = Facts {
-        route: &route.config,
-        method: &method,
-        path: &path,
-        client: Client::Browser,
-    };
-    match gate.explain(&facts, Presented::Caller(principal)) {
+    match admission {
         Admission::Allow(pass) => {
             answer.allowed = true;
             answer.agent = pass.forward.and_then(|f| f.agent);
@@ -266,6 +262,48 @@ pub fn explain(
         }
     }
     Ok(answer)
+}
+
+/// Calls `f` with what `who` presents: a person as if they had just signed in, or an agent's
+/// token (see [`Who`]).
+fn with_principal<R>(
+    runtime: &Runtime,
+    directory: &Directory,
+    who: Who<'_>,
+    f: impl FnOnce(Principal<'_>) -> R,
+) -> R {
+    match who {
+        Who::Person(user) => f(Principal::Person(&signed_in_now(runtime, directory, user))),
+        Who::Agent { name, on_behalf_of } => f(Principal::Machine(&agent_token(
+            runtime,
+            name,
+            on_behalf_of,
+        ))),
+    }
+}
+
+/// Whether `route` lets `who` in for `method path` (normalized), judged by the gate exactly
+/// as [`explain`] judges: the console's "who can reach" asks this of every user and agent.
+pub fn lets_in(
+    runtime: &Runtime,
+    gate: &crate::gate::Gate<'_>,
+    who: Who<'_>,
+    route: &portcullis_config::Route,
+    method: &str,
+    path: &str,
+) -> bool {
+    let facts = Facts {
+        route,
+        method,
+        path,
+        client: Client::Browser,
+    };
+    with_principal(runtime, gate.directory, who, |principal| {
+        matches!(
+            gate.admit(&facts, Presented::Caller(principal)),
+            Admission::Allow(_)
+        )
+    })
 }
 
 /// `portcullis explain`: asks the running proxy over its admin listener, or, when none is

@@ -6,8 +6,10 @@
 //! - alice, in `eng` only, is refused with the gate's 403 page, and the refusal is audited;
 //! - the pages show the directory as it is: a deactivation is on the next page load.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use portcullis_tests::rng::Rng;
 use portcullis_tests::scim::patch_ops;
 use portcullis_tests::{
     Browser, BrowserOptions, ConfigBuilder, Oidc, Portcullis, Route, ScimClient, Upstream,
@@ -48,7 +50,14 @@ impl Console {
             &format!("app.test:{port}"),
         );
         let cfg = cfg
-            .route(Route::new("http://app.test", &[&app]).set("allow = { groups = [\"eng\"] }"))
+            .route(
+                Route::new("http://app.test", &[&app])
+                    .set(
+                        "allow = [{ groups = [\"eng\"] }, \
+                         { email_domains = [\"partner.test\"], methods = [\"GET\"] }]",
+                    )
+                    .set("deny = { groups = [\"contractors\"], paths = [\"/admin\"] }"),
+            )
             .oidc(oidc)
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
             .console("allow = { groups = [\"sre\"] }");
@@ -236,11 +245,162 @@ async fn the_pages_show_the_directory_as_it_is_now() {
             &patch_ops(json!([{"op": "replace", "value": {"active": false}}])),
         )
         .await;
-    assert_eq!(resp.status, 200, "{}", resp.text);
+    assert!((200..300).contains(&resp.status), "{}", resp.text);
     let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
         .await
         .text()
         .await
         .unwrap();
     assert!(page.contains("class=\"no\">deactivated"), "{page}");
+}
+
+fn refs(ids: &[String]) -> Vec<&str> {
+    ids.iter().map(String::as_str).collect()
+}
+
+/// The user names in the "who can reach" table of a route page.
+fn reach_rows(page: &str) -> Vec<String> {
+    const ROW: &str = "<tr><td><a href=\"/.portcullis/console/users/";
+    page.split(ROW)
+        .skip(1)
+        .filter_map(|rest| {
+            let (_, after) = rest.split_once("\">")?;
+            let (name, tail) = after.split_once("</a>")?;
+            // Rows of this table have one cell; the routes table's have two.
+            tail.starts_with("</td></tr>").then(|| name.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn who_can_reach_a_route_matches_explain_for_every_user() {
+    let t = Console::start().await;
+    let seed = Rng::seed_from_env("CONSOLE_SEED");
+    println!("CONSOLE_SEED={seed}");
+    let mut rng = Rng::new(seed);
+
+    // 200 users at two domains, some deactivated, in eng, in platform (nested in eng) and in
+    // contractors at random.
+    let mut everyone = vec![ALICE.to_owned(), BOB.to_owned()];
+    let (mut eng, mut platform, mut contractors) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..200 {
+        let domain = if rng.next_u64().is_multiple_of(3) {
+            "partner.test"
+        } else {
+            "corp.test"
+        };
+        let name = format!("user{i:03}@{domain}");
+        let id = t.scim.create_user(&name).await.id();
+        if rng.next_u64().is_multiple_of(8) {
+            let resp = t
+                .scim
+                .patch(
+                    &format!("/Users/{id}"),
+                    &patch_ops(json!([{"op": "replace", "value": {"active": false}}])),
+                )
+                .await;
+            assert!((200..300).contains(&resp.status), "{}", resp.text);
+        }
+        for (group, one_in) in [(&mut eng, 3), (&mut platform, 4), (&mut contractors, 6)] {
+            if rng.next_u64().is_multiple_of(one_in) {
+                group.push(id.clone());
+            }
+        }
+        everyone.push(name);
+    }
+    let platform_id = t.scim.create_group("platform", &refs(&platform)).await.id();
+    eng.push(platform_id);
+    t.scim.create_group("engineering", &refs(&eng)).await.id();
+    t.scim
+        .create_group("contractors", &refs(&contractors))
+        .await
+        .id();
+    // The rule names `eng`; the group above is `engineering`, so make eng hold it.
+    let eng_id = t
+        .scim
+        .get("/Groups?filter=displayName%20eq%20%22eng%22")
+        .await
+        .body["Resources"][0]["id"]
+        .as_str()
+        .expect("eng")
+        .to_owned();
+    let engineering = t
+        .scim
+        .get("/Groups?filter=displayName%20eq%20%22engineering%22")
+        .await
+        .body["Resources"][0]["id"]
+        .as_str()
+        .expect("engineering")
+        .to_owned();
+    let resp = t
+        .scim
+        .patch(
+            &format!("/Groups/{eng_id}"),
+            &patch_ops(
+                json!([{"op": "add", "path": "members", "value": [{"value": engineering}]}]),
+            ),
+        )
+        .await;
+    assert!((200..300).contains(&resp.status), "{}", resp.text);
+
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let admin = portcullis_tests::client::plain_client_builder()
+        .build()
+        .unwrap();
+    for (method, path) in [("GET", "/"), ("POST", "/"), ("GET", "/admin/x")] {
+        // Every page of the console's list.
+        let mut listed = Vec::new();
+        for page in 1.. {
+            let url = t.console_url(&format!(
+                "routes/0?method={method}&path={}&page={page}",
+                url::form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>()
+            ));
+            let html = get_with_session(&url, &bob, BROWSER_ACCEPT)
+                .await
+                .text()
+                .await
+                .unwrap();
+            listed.extend(reach_rows(&html));
+            if !html.contains("rel=\"next\"") {
+                break;
+            }
+            assert!(page < 20, "the pager never ends: {html}");
+        }
+        let listed_set: BTreeSet<String> = listed.iter().cloned().collect();
+        assert_eq!(listed.len(), listed_set.len(), "listed twice: {listed:?}");
+
+        // explain, over the admin listener, for every user.
+        let target = t.fx.app_url(path);
+        let mut allowed = BTreeSet::new();
+        for user in &everyone {
+            let answer = admin
+                .get(format!("http://{}/explain", t.fx.cfg.admin_addr()))
+                .query(&[
+                    ("user", user.as_str()),
+                    ("url", &target),
+                    ("method", method),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+            if answer["allowed"] == json!(true) {
+                allowed.insert(user.clone());
+            }
+        }
+        assert_eq!(
+            listed_set, allowed,
+            "{method} {path}: the console's list differs from explain (seed {seed})"
+        );
+        assert!(
+            !allowed.is_empty() && allowed.len() < everyone.len(),
+            "{method} {path}: a property check needs both answers: {allowed:?}"
+        );
+    }
 }

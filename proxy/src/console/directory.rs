@@ -212,7 +212,7 @@ impl Console<'_> {
                 ));
             }
             html.push_str("</tbody></table></div>");
-            html.push_str(&pager("users", params, listing.total, "user"));
+            html.push_str(&pager("users", &[], params, listing.total, "user"));
             html
         });
         Shown {
@@ -239,6 +239,8 @@ impl Console<'_> {
             ));
             Some((user.user_name.to_string(), user, html))
         })?;
+        content.push_str("<h2>Routes</h2>");
+        content.push_str(&self.routes_of(&user));
         // Sessions are held beside the directory, not under its lock.
         let identity = &self.runtime.config.identity;
         let sessions = self
@@ -286,7 +288,7 @@ impl Console<'_> {
                 ));
             }
             html.push_str("</tbody></table></div>");
-            html.push_str(&pager("groups", params, listing.total, "group"));
+            html.push_str(&pager("groups", &[], params, listing.total, "group"));
             html
         });
         Shown {
@@ -334,7 +336,13 @@ impl Console<'_> {
                 q: String::new(),
                 page: params.page,
             };
-            html.push_str(&pager(&here, &no_search, members.len(), "direct member"));
+            html.push_str(&pager(
+                &here,
+                &[],
+                &no_search,
+                members.len(),
+                "direct member",
+            ));
             Some(Shown {
                 title: group.display_name.to_string(),
                 content: html,
@@ -364,7 +372,7 @@ impl Console<'_> {
                 ));
             }
             html.push_str("</tbody></table></div>");
-            html.push_str(&pager("agents", params, listing.total, "agent"));
+            html.push_str(&pager("agents", &[], params, listing.total, "agent"));
             html
         });
         Shown {

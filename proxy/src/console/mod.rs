@@ -10,6 +10,7 @@
 //! without JavaScript, and escape every value ([`escape`]). Lists are paged and searched in
 //! memory; a page holds the directory's read lock only while it walks the index.
 
+mod access;
 mod directory;
 
 use http::StatusCode;
@@ -73,11 +74,13 @@ impl Params {
 }
 
 /// The sections in the top bar, by path under the console.
-const SECTIONS: [(&str, &str); 4] = [
+const SECTIONS: [(&str, &str); 6] = [
     ("", "Overview"),
     ("users", "Users"),
     ("groups", "Groups"),
     ("agents", "Agents"),
+    ("routes", "Routes"),
+    ("explain", "Explain"),
 ];
 
 impl Console<'_> {
@@ -95,6 +98,9 @@ impl Console<'_> {
             ("groups", Some(id)) => self.group(id, &params),
             ("agents", None) => Some(self.agents(&params)),
             ("agents", Some(id)) => self.agent(id),
+            ("routes", None) => Some(self.routes()),
+            ("routes", Some(index)) => self.route(index, query, &params),
+            ("explain", None) => Some(self.explain_page(query)),
             _ => None,
         };
         match shown {
@@ -171,11 +177,13 @@ fn contains_folded(haystack: &str, needle: &str) -> bool {
     portcullis_policy::fold(haystack).contains(needle)
 }
 
-/// The previous/next links of a list of `total` items at `params`, for the list at `path`.
-fn pager(path: &str, params: &Params, total: usize, noun: &str) -> String {
+/// The previous/next links of a list of `total` items at `params`, for the list at `path`
+/// with the query parameters `fixed`.
+fn pager(path: &str, fixed: &[(&str, &str)], params: &Params, total: usize, noun: &str) -> String {
     let pages = total.div_ceil(PAGE_SIZE).max(1);
     let here = |page: usize| {
         let mut query = form_urlencoded::Serializer::new(String::new());
+        query.extend_pairs(fixed);
         if !params.q.is_empty() {
             query.append_pair("q", &params.q);
         }
@@ -254,7 +262,7 @@ mod tests {
             q: "a&b".to_owned(),
             page: 2,
         };
-        let html = pager("users", &params, 120, "user");
+        let html = pager("users", &[], &params, 120, "user");
         assert!(html.contains("120 users · page 2 of 3"), "{html}");
         assert!(html.contains("q=a%26b&amp;page=1"), "{html}");
         assert!(html.contains("q=a%26b&amp;page=3"), "{html}");
@@ -367,5 +375,63 @@ mod pages {
                 "{page}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn routes_say_who_can_reach_them_as_explain_does() {
+        let world = World::new();
+        let alice = world.user("alice@corp.example").await;
+        let bob = world.user("bob@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        world.group("contractors", &[&bob]).await;
+        let runtime = world.runtime();
+        let console = Console {
+            runtime: &runtime,
+            directory: &world.directory,
+            sessions: &world.sessions,
+            viewer: "alice@corp.example",
+            now: crate::clock::now_unix() as i64,
+        };
+        let routes = console.get("routes", "");
+        assert!(
+            text(&routes).contains(">http://odysseus.test</a>"),
+            "{}",
+            text(&routes)
+        );
+
+        // routes[0]: eng may, except under /admin.
+        let html = text(&console.get("routes/0", "")).to_owned();
+        assert!(html.contains("<strong>1</strong> of 2 users"), "{html}");
+        assert!(html.contains(">alice@corp.example</a></td></tr>"), "{html}");
+        assert!(!html.contains(">bob@corp.example</a></td></tr>"), "{html}");
+        let html = text(&console.get("routes/0", "method=DELETE&path=/admin/x")).to_owned();
+        assert!(html.contains("<strong>0</strong> of 2 users"), "{html}");
+        assert!(
+            html.contains("routes[0].deny"),
+            "the rules are shown: {html}"
+        );
+        assert_eq!(console.get("routes/99", "").status, StatusCode::NOT_FOUND);
+
+        // The explain form answers as explain does.
+        let html = text(&console.get(
+            "explain",
+            "user=bob%40corp.example&url=http%3A%2F%2Fapp.test%2F",
+        ))
+        .to_owned();
+        assert!(html.contains("class=\"no\">Refused"), "{html}");
+        let html = text(&console.get(
+            "explain",
+            "user=alice%40corp.example&url=http%3A%2F%2Fapp.test%2Fx&method=get",
+        ))
+        .to_owned();
+        assert!(html.contains("class=\"yes\">Allowed"), "{html}");
+        assert!(html.contains("routes[0].allow"), "{html}");
+
+        // A user's page lists the routes they can reach.
+        let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
+        assert!(
+            html.contains(">http://app.test</a></td><td><span class=\"yes\">allowed"),
+            "{html}"
+        );
     }
 }

@@ -1,0 +1,407 @@
+//! Who can reach what: each route's rules and the users and agents they let in, the routes a
+//! user can reach, and the inline explain form. Every answer is the gate's own, asked as
+//! `portcullis explain` asks it ([`crate::explain::lets_in`]), so the console and `explain`
+//! cannot disagree.
+
+use portcullis_config::{AgentAttribute, Credential, Route, ScimAttribute};
+use portcullis_policy::RuleSpec;
+use portcullis_scim::schema::ResourceType;
+use portcullis_scim::store::{format_id, AgentEntry, Id, UserEntry};
+
+use super::{count, flag, link, pager, Console, Params, Shown, PAGE_SIZE};
+use crate::explain::{explain, lets_in, Who};
+use crate::gate::Gate;
+use crate::path;
+use crate::reply::escape;
+
+/// What a directory user presents when they sign in, by the `[identity]` mapping: the value of
+/// the attribute people are looked up by. `None`: nobody can sign in as them.
+fn signs_in_as(attribute: ScimAttribute, user: &UserEntry) -> Option<String> {
+    match attribute {
+        ScimAttribute::UserName => Some(user.user_name.to_string()),
+        ScimAttribute::Emails => user.emails.first().map(|e| e.to_string()),
+        ScimAttribute::ExternalId => user.external_id.as_deref().map(str::to_owned),
+    }
+}
+
+fn agent_presents(attribute: AgentAttribute, agent: &AgentEntry) -> Option<String> {
+    match attribute {
+        AgentAttribute::Name => Some(agent.name.to_string()),
+        AgentAttribute::ExternalId => agent.external_id.as_deref().map(str::to_owned),
+    }
+}
+
+/// The users and agents a route lets in for one request, each `(id, name)` in creation order.
+pub struct Reach {
+    pub users: Vec<(Id, String)>,
+    pub user_total: usize,
+    pub agents: Vec<(Id, String)>,
+    pub agent_total: usize,
+}
+
+/// The request a route page judges: a method and a normalized path.
+struct Asked {
+    method: String,
+    path: String,
+}
+
+impl Console<'_> {
+    fn gate(&self) -> Gate<'_> {
+        Gate {
+            directory: self.directory,
+            identity: &self.runtime.config.identity,
+            current: true,
+            now: u64::try_from(self.now).unwrap_or_default(),
+        }
+    }
+
+    /// Who `route` lets in for `method path`: every user and agent of the directory, each
+    /// judged by the gate.
+    pub fn reach(&self, route: &Route, method: &str, path: &str) -> Reach {
+        let identity = &self.runtime.config.identity;
+        // Read first, judged after: the gate takes the directory's lock for each.
+        let (users, agents) = self.directory.read(|index| {
+            let users: Vec<(Id, String, Option<String>)> = index
+                .rows(ResourceType::User)
+                .filter_map(|row| index.user(row))
+                .map(|u| {
+                    let presents = signs_in_as(identity.scim_attribute, u);
+                    (u.id, u.user_name.to_string(), presents)
+                })
+                .collect();
+            let agents: Vec<(Id, String, Option<String>)> = index
+                .rows(ResourceType::Agent)
+                .filter_map(|row| index.agent(row))
+                .map(|a| {
+                    let presents = agent_presents(identity.agent_scim_attribute, a);
+                    (a.id, a.name.to_string(), presents)
+                })
+                .collect();
+            (users, agents)
+        });
+        let gate = self.gate();
+        let people = route.accept.contains(&Credential::Session);
+        let tokens = route.accept.contains(&Credential::Bearer);
+        let admitted = |who: Who<'_>| lets_in(self.runtime, &gate, who, route, method, path);
+        let users: Vec<(Id, String)> = users
+            .into_iter()
+            .filter(|(_, _, presents)| {
+                presents
+                    .as_deref()
+                    .is_some_and(|p| people && admitted(Who::Person(p)))
+            })
+            .map(|(id, name, _)| (id, name))
+            .collect();
+        let agents: Vec<(Id, String)> = agents
+            .into_iter()
+            .filter(|(_, _, presents)| {
+                presents.as_deref().is_some_and(|name| {
+                    tokens
+                        && admitted(Who::Agent {
+                            name,
+                            on_behalf_of: None,
+                        })
+                })
+            })
+            .map(|(id, name, _)| (id, name))
+            .collect();
+        Reach {
+            user_total: users.len(),
+            users,
+            agent_total: agents.len(),
+            agents,
+        }
+    }
+
+    pub(super) fn routes(&self) -> Shown {
+        let mut html = String::from(
+            "<div class=\"table\"><table><thead><tr><th>Route</th><th>Takes</th>\
+             <th>Allow rules</th><th>Deny rules</th></tr></thead><tbody>",
+        );
+        for (i, route) in self.runtime.config.routes.iter().enumerate() {
+            html.push_str(&format!(
+                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                link(&format!("routes/{i}")),
+                escape(&route.name),
+                takes(route),
+                route.allow.len(),
+                route.deny.len()
+            ));
+        }
+        html.push_str("</tbody></table></div>");
+        html.push_str(&self.explain_form("", "", "GET"));
+        Shown {
+            title: "Routes".to_owned(),
+            content: html,
+        }
+    }
+
+    pub(super) fn route(&self, index: &str, query: &str, params: &Params) -> Option<Shown> {
+        let route = self
+            .runtime
+            .config
+            .routes
+            .get(index.parse::<usize>().ok()?)?;
+        let asked = asked(route, query);
+        let mut html = format!("<p>Takes {}.</p>", takes(route));
+        html.push_str("<h2>Rules</h2>");
+        html.push_str(&rules_table(route));
+        html.push_str(&format!(
+            "<h2>Who can reach it</h2><form class=\"inline\" method=\"get\" action=\"{}\">\
+             <select name=\"method\" aria-label=\"Method\">{}</select>\
+             <input type=\"text\" name=\"path\" value=\"{}\" aria-label=\"Path\">\
+             <button type=\"submit\">Judge</button></form>",
+            link(&format!("routes/{index}")),
+            method_options(&asked.method),
+            escape(&asked.path)
+        ));
+        let reach = self.reach(route, &asked.method, &asked.path);
+        let total = self.directory.read(|index| index.count(ResourceType::User));
+        html.push_str(&format!(
+            "<p><strong>{}</strong> of {} users and <strong>{}</strong> agents may {} {}.</p>",
+            count(reach.user_total),
+            count(total),
+            count(reach.agent_total),
+            escape(&asked.method),
+            escape(&asked.path)
+        ));
+        html.push_str("<div class=\"table\"><table><thead><tr><th>User</th></tr></thead><tbody>");
+        let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
+        for (id, name) in reach.users.iter().skip(skip).take(PAGE_SIZE) {
+            html.push_str(&format!(
+                "<tr><td><a href=\"{}\">{}</a></td></tr>",
+                link(&format!("users/{}", format_id(*id))),
+                escape(name)
+            ));
+        }
+        html.push_str("</tbody></table></div>");
+        html.push_str(&pager(
+            &format!("routes/{index}"),
+            &[("method", &asked.method), ("path", &asked.path)],
+            params,
+            reach.user_total,
+            "user",
+        ));
+        if !reach.agents.is_empty() {
+            html.push_str("<h2>Agents</h2><ul>");
+            for (id, name) in reach.agents.iter().take(PAGE_SIZE) {
+                html.push_str(&format!(
+                    "<li><a href=\"{}\">{}</a></li>",
+                    link(&format!("agents/{}", format_id(*id))),
+                    escape(name)
+                ));
+            }
+            html.push_str("</ul>");
+        }
+        Some(Shown {
+            title: route.name.clone(),
+            content: html,
+        })
+    }
+
+    /// The routes `user` can reach, each judged for `GET` at its path prefix.
+    pub(super) fn routes_of(&self, user: &UserEntry) -> String {
+        let identity = &self.runtime.config.identity;
+        let Some(presents) = signs_in_as(identity.scim_attribute, user) else {
+            return format!(
+                "<p class=\"muted\">Nobody signs in as this user: they have no {}.</p>",
+                identity.scim_attribute.as_str()
+            );
+        };
+        let gate = self.gate();
+        let mut html = String::from(
+            "<div class=\"table\"><table><thead><tr><th>Route</th><th>GET at its root</th></tr></thead><tbody>",
+        );
+        for (i, route) in self.runtime.config.routes.iter().enumerate() {
+            let people = route.accept.contains(&Credential::Session) || route.accept.is_empty();
+            let ok = people
+                && lets_in(
+                    self.runtime,
+                    &gate,
+                    Who::Person(&presents),
+                    route,
+                    "GET",
+                    &route.path_prefix,
+                );
+            html.push_str(&format!(
+                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td></tr>",
+                link(&format!("routes/{i}")),
+                escape(&route.name),
+                flag(ok, "allowed", "refused")
+            ));
+        }
+        html.push_str("</tbody></table></div>");
+        html
+    }
+
+    /// The explain page: the form, and the answer when one was asked.
+    pub(super) fn explain_page(&self, query: &str) -> Shown {
+        let field = |name: &str| {
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let (user, agent, url) = (field("user"), field("agent"), field("url"));
+        let method = match field("method") {
+            m if m.is_empty() => "GET".to_owned(),
+            m => m.to_ascii_uppercase(),
+        };
+        let mut html = self.explain_form(&user, &url, &method);
+        let who = match (user.is_empty(), agent.is_empty()) {
+            (false, true) => Some(Who::Person(&user)),
+            (true, false) => Some(Who::Agent {
+                name: &agent,
+                on_behalf_of: None,
+            }),
+            (false, false) => Some(Who::Agent {
+                name: &agent,
+                on_behalf_of: Some(&user),
+            }),
+            (true, true) => None,
+        };
+        if let (Some(who), false) = (who, url.is_empty()) {
+            match explain(self.runtime, self.directory, who, &url, &method) {
+                Ok(answer) => {
+                    html.push_str(&format!(
+                        "<h2>{}</h2><dl class=\"facts\"><dt>Route</dt><dd>{}</dd><dt>Rule</dt>\
+                         <dd>{}</dd><dt>Reason</dt><dd>{}</dd></dl>",
+                        flag(answer.allowed, "Allowed", "Refused"),
+                        escape(answer.route.as_deref().unwrap_or("none")),
+                        escape(answer.rule.as_deref().unwrap_or("none")),
+                        escape(&answer.reason)
+                    ));
+                }
+                Err(e) => html.push_str(&format!("<p class=\"no\">{}</p>", escape(&e))),
+            }
+        }
+        Shown {
+            title: "Explain".to_owned(),
+            content: html,
+        }
+    }
+
+    fn explain_form(&self, user: &str, url: &str, method: &str) -> String {
+        format!(
+            "<h2>Explain a request</h2><form class=\"inline\" method=\"get\" action=\"{}\">\
+             <input type=\"text\" name=\"user\" value=\"{}\" placeholder=\"user (as they sign in)\" aria-label=\"User\">\
+             <input type=\"text\" name=\"agent\" placeholder=\"or agent\" aria-label=\"Agent\">\
+             <input type=\"url\" name=\"url\" value=\"{}\" placeholder=\"https://app.example.com/path\" aria-label=\"URL\">\
+             <select name=\"method\" aria-label=\"Method\">{}</select>\
+             <button type=\"submit\">Explain</button></form>",
+            link("explain"),
+            escape(user),
+            escape(url),
+            method_options(method)
+        )
+    }
+}
+
+/// The method and path a route page judges (`?method=&path=`), by default `GET` at the
+/// route's prefix. A path that does not normalize is judged as the prefix.
+fn asked(route: &Route, query: &str) -> Asked {
+    let mut asked = Asked {
+        method: "GET".to_owned(),
+        path: route.path_prefix.clone(),
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "method" if METHODS.contains(&&*value) => asked.method = value.into_owned(),
+            "path" if value.starts_with('/') && value.len() <= 4096 => {
+                if let Ok(path) = path::normalize(&value) {
+                    asked.path = path.into_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+    asked
+}
+
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+fn method_options(selected: &str) -> String {
+    METHODS
+        .iter()
+        .map(|m| {
+            let mark = if *m == selected { " selected" } else { "" };
+            format!("<option{mark}>{m}</option>")
+        })
+        .collect()
+}
+
+/// What a route takes, in words.
+fn takes(route: &Route) -> String {
+    if route.accept.is_empty() {
+        return "anyone (public)".to_owned();
+    }
+    let names: Vec<&str> = route
+        .accept
+        .iter()
+        .map(|c| match c {
+            Credential::Session => "signed-in people",
+            Credential::Bearer => "bearer tokens",
+        })
+        .collect();
+    names.join(" and ")
+}
+
+/// The route's rules as written, one row each.
+fn rules_table(route: &Route) -> String {
+    let mut html = String::from(
+        "<div class=\"table\"><table><thead><tr><th>Rule</th><th>Effect</th><th>Who</th>\
+         <th>Where</th></tr></thead><tbody>",
+    );
+    let rows = route
+        .allow
+        .iter()
+        .map(|r| (r, "allow"))
+        .chain(route.deny.iter().map(|r| (r, "deny")));
+    for (rule, effect) in rows {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&rule.name),
+            flag(effect == "allow", "allow", "deny"),
+            escape(&who_of(rule)),
+            escape(&where_of(rule))
+        ));
+    }
+    html.push_str("</tbody></table></div>");
+    html
+}
+
+fn who_of(rule: &RuleSpec) -> String {
+    let mut parts = Vec::new();
+    let list = |name: &str, values: &[String]| {
+        (!values.is_empty()).then(|| format!("{name} {}", values.join(", ")))
+    };
+    parts.extend(list("groups", &rule.groups));
+    parts.extend(list("group ids", &rule.group_ids));
+    parts.extend(list("users", &rule.users));
+    parts.extend(list("email domains", &rule.email_domains));
+    parts.extend(list("agent groups", &rule.agent_groups));
+    parts.extend(list("agents owned by", &rule.agent_owner_groups));
+    for (on, name) in [
+        (rule.any_signed_in, "anyone signed in"),
+        (rule.machines, "any machine"),
+        (rule.agents, "any agent"),
+        (rule.public, "anyone (public)"),
+    ] {
+        if on {
+            parts.push(name.to_owned());
+        }
+    }
+    parts.join("; ")
+}
+
+fn where_of(rule: &RuleSpec) -> String {
+    let methods = rule
+        .methods
+        .as_ref()
+        .map_or_else(|| "any method".to_owned(), |m| m.join(", "));
+    let paths = rule
+        .paths
+        .as_ref()
+        .map_or_else(|| "any path".to_owned(), |p| p.join(", "));
+    format!("{methods}; {paths}")
+}
