@@ -121,6 +121,15 @@ pub enum Entry {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentRecord>,
     },
+    /// An action taken in the console: `actor` (the `userName` of who took it) did `action`
+    /// (`end_sessions`, `reload`) to `target`, with `outcome`.
+    Action {
+        time: String,
+        actor: String,
+        action: String,
+        target: String,
+        outcome: String,
+    },
 }
 
 impl From<&Change> for Entry {
@@ -142,15 +151,34 @@ impl Entry {
         match self {
             Entry::Change { time, .. }
             | Entry::Refusal { time, .. }
-            | Entry::Allow { time, .. } => time,
+            | Entry::Allow { time, .. }
+            | Entry::Action { time, .. } => time,
         }
     }
 
     /// The person or token the record is about.
     pub fn who(&self) -> &str {
         match self {
-            Entry::Change { actor, .. } => actor,
+            Entry::Change { actor, .. } | Entry::Action { actor, .. } => actor,
             Entry::Refusal { user, .. } | Entry::Allow { user, .. } => user,
+        }
+    }
+
+    /// The `event` it is stored as.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Entry::Change { .. } => "change",
+            Entry::Refusal { .. } => "refusal",
+            Entry::Allow { .. } => "allow",
+            Entry::Action { .. } => "action",
+        }
+    }
+
+    /// The route of a refusal or an allow.
+    pub fn route(&self) -> Option<&str> {
+        match self {
+            Entry::Refusal { route, .. } | Entry::Allow { route, .. } => Some(route),
+            Entry::Change { .. } | Entry::Action { .. } => None,
         }
     }
 
@@ -191,6 +219,13 @@ impl Entry {
                 "{time} allow   {user}{} {method} {path} on route {route}",
                 through(agent)
             ),
+            Entry::Action {
+                time,
+                actor,
+                action,
+                target,
+                outcome,
+            } => format!("{time} action  {actor}: {action} {target} ({outcome})"),
         }
     }
 }
@@ -209,6 +244,8 @@ fn by_rule(rule: &Option<String>) -> String {
 /// The sending side of the audit log, shared by every request.
 pub struct Audit {
     queue: SyncSender<Entry>,
+    /// The log, to read back (the console's timeline).
+    reader: Arc<Reader>,
     dropped: Arc<AtomicU64>,
     /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
     changes_in_store: bool,
@@ -216,8 +253,9 @@ pub struct Audit {
 
 impl Audit {
     /// Starts the writer to `destination`; a file is opened (created with mode 0600) for
-    /// appending first.
-    pub fn open(destination: Destination) -> Result<Self, String> {
+    /// appending first. `read_from` is the same log, for reading it back (with `[postgres]`,
+    /// a connection of its own).
+    pub fn open(destination: Destination, read_from: Destination) -> Result<Self, String> {
         let changes_in_store = matches!(destination, Destination::Postgres(_));
         let mut store = match destination {
             Destination::File(path) => {
@@ -238,9 +276,15 @@ impl Audit {
             .map_err(|e| format!("cannot start the audit writer: {e}"))?;
         Ok(Self {
             queue,
+            reader: Arc::new(Reader::new(read_from)),
             dropped: Arc::new(AtomicU64::new(0)),
             changes_in_store,
         })
+    }
+
+    /// The log, to read back.
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
     }
 
     /// What the directory calls with each batch of SCIM changes this process committed.
@@ -265,6 +309,18 @@ impl Audit {
                 }
             }
         })
+    }
+
+    /// Records an action taken in the console.
+    pub fn action(&self, actor: &str, action: &str, target: &str, outcome: &str) {
+        tracing::warn!(target: "audit", event = "action", actor, action, target, outcome);
+        self.send(Entry::Action {
+            time: now(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome: outcome.to_owned(),
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -414,24 +470,46 @@ fn write_loop(store: &mut Store, records: &Receiver<Entry>) {
     }
 }
 
-/// What `portcullis audit` selects.
+/// Which records to show (`portcullis audit`, the console's timeline); `Default` selects all.
+#[derive(Debug, Default)]
 pub struct Filter {
     /// Matches the actor or the user, case-insensitively.
     pub user: Option<String>,
     pub since: Option<OffsetDateTime>,
+    pub until: Option<OffsetDateTime>,
+    /// The `event`: `change`, `refusal`, `allow` or `action`.
+    pub kind: Option<String>,
+    /// The route (refusals and allows; `console` for the console's).
+    pub route: Option<String>,
 }
 
 impl Filter {
-    fn matches(&self, entry: &Entry) -> bool {
+    pub fn matches(&self, entry: &Entry) -> bool {
         if let Some(user) = &self.user {
             if !entry.who().eq_ignore_ascii_case(user) {
                 return false;
             }
         }
-        if let Some(since) = self.since {
-            match OffsetDateTime::parse(entry.time(), &Rfc3339) {
-                Ok(time) if time >= since => {}
-                _ => return false,
+        if self
+            .kind
+            .as_deref()
+            .is_some_and(|kind| kind != entry.kind())
+        {
+            return false;
+        }
+        if let Some(route) = &self.route {
+            if entry.route() != Some(route.as_str()) {
+                return false;
+            }
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Ok(time) = OffsetDateTime::parse(entry.time(), &Rfc3339) else {
+                return false;
+            };
+            if self.since.is_some_and(|since| time < since)
+                || self.until.is_some_and(|until| time > until)
+            {
+                return false;
             }
         }
         true
@@ -476,17 +554,10 @@ fn earlier(a: &str, b: &str) -> bool {
 
 /// `portcullis audit`: prints the records kept at `destination` that `filter` selects.
 /// Reading while the server appends is safe: only whole records are read.
-pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<(), String> {
+pub fn run_cli(mut destination: Destination, filter: &Filter, json: bool) -> Result<(), String> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut print = |text: &str, place: &dyn Fn() -> String| -> bool {
-        let entry: Entry = match serde_json::from_str(text) {
-            Ok(entry) => entry,
-            Err(e) => {
-                eprintln!("{}: skipped: {e}", place());
-                return true;
-            }
-        };
+    each(&mut destination, &mut |text, entry| {
         if !filter.matches(&entry) {
             return true;
         }
@@ -497,11 +568,52 @@ pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<
         };
         // A reader that went away (`| head`) wants nothing more.
         written.is_ok()
+    })
+}
+
+/// Reads the records kept at a destination for those who show them (the console), one
+/// reader at a time.
+pub struct Reader(std::sync::Mutex<Destination>);
+
+impl Reader {
+    pub fn new(destination: Destination) -> Reader {
+        Reader(std::sync::Mutex::new(destination))
+    }
+
+    /// Calls `f` with each record, oldest first, until it returns false.
+    pub fn each(&self, f: &mut dyn FnMut(&str, Entry) -> bool) -> Result<(), String> {
+        let mut destination = self
+            .0
+            .lock()
+            .map_err(|_| "the audit reader failed earlier".to_owned())?;
+        each(&mut destination, f)
+    }
+}
+
+/// Calls `f` with each record kept at `destination` (its text and what it says), oldest
+/// first, until it returns false. A line that does not parse is skipped, with a note on
+/// stderr. Only whole records are read, so reading while the server appends is safe.
+fn each(
+    destination: &mut Destination,
+    f: &mut dyn FnMut(&str, Entry) -> bool,
+) -> Result<(), String> {
+    let mut visit = |text: &str, place: &dyn Fn() -> String| -> bool {
+        match serde_json::from_str::<Entry>(text) {
+            Ok(entry) => f(text, entry),
+            Err(e) => {
+                eprintln!("{}: skipped: {e}", place());
+                true
+            }
+        }
     };
     match destination {
         Destination::File(path) => {
-            let file =
-                File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                // Nothing recorded yet.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            };
             let mut reader = BufReader::new(file);
             let mut line = String::new();
             let mut number = 0usize;
@@ -516,12 +628,12 @@ pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<
                 }
                 number += 1;
                 let text = line.trim_end();
-                if !text.is_empty() && !print(text, &|| format!("{}:{number}", path.display())) {
+                if !text.is_empty() && !visit(text, &|| format!("{}:{number}", path.display())) {
                     break;
                 }
             }
         }
-        Destination::Postgres(mut log) => {
+        Destination::Postgres(log) => {
             // Two logs, each in order, merged by time.
             let fail = |e| format!("cannot read the audit log from PostgreSQL: {e}");
             let (mut changes, mut records) = (VecDeque::new(), VecDeque::new());
@@ -544,20 +656,20 @@ pub fn run_cli(destination: Destination, filter: &Filter, json: bool) -> Result<
                         time.is_none_or(|entry| earlier(&change.time, entry.time()))
                     }
                 };
-                let printed = if change_first {
+                let more = if change_first {
                     let Some(change) = changes.pop_front() else {
                         break;
                     };
                     let text =
                         serde_json::to_string(&Entry::from(&change)).map_err(|e| e.to_string())?;
-                    print(&text, &|| format!("directory change {}", change.seq))
+                    visit(&text, &|| format!("directory change {}", change.seq))
                 } else {
                     let Some((id, text)) = records.pop_front() else {
                         break;
                     };
-                    print(&text, &|| format!("portcullis_audit id {id}"))
+                    visit(&text, &|| format!("portcullis_audit id {id}"))
                 };
-                if !printed {
+                if !more {
                     break;
                 }
             }
@@ -602,6 +714,7 @@ mod tests {
         let filter = |user: Option<&str>, since| Filter {
             user: user.map(str::to_owned),
             since,
+            ..Filter::default()
         };
         assert!(filter(Some("alice@CORP.example"), None).matches(&entry));
         assert!(!filter(Some("bob@corp.example"), None).matches(&entry));
@@ -613,7 +726,8 @@ mod tests {
     fn the_file_is_appended_and_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let audit = Audit::open(Destination::of(dir.path(), None)).unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
         audit.refusal("a", "r", None, "why", "GET", "/", None);
         audit.allow_sampled(1.0, "b", "r", "GET", "/x", None);
         audit.allow_sampled(0.0, "c", "r", "GET", "/y", None);

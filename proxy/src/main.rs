@@ -139,7 +139,11 @@ fn main() -> ExitCode {
                 let since = since
                     .map(|s| audit::parse_since(&s, time::OffsetDateTime::now_utc()))
                     .transpose()?;
-                let filter = audit::Filter { user, since };
+                let filter = audit::Filter {
+                    user,
+                    since,
+                    ..audit::Filter::default()
+                };
                 let postgres = open_postgres(&loaded)?;
                 let kept_at =
                     audit::Destination::of(&loaded.data_dir, postgres.map(|pg| pg.audit_log()));
@@ -233,10 +237,13 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let postgres = open_postgres(&config)?;
-    let audit = Arc::new(audit::Audit::open(audit::Destination::of(
-        &config.data_dir,
-        postgres.as_ref().map(PgStorage::audit_log),
-    ))?);
+    let audit_log = || {
+        audit::Destination::of(
+            &config.data_dir,
+            postgres.as_ref().map(PgStorage::audit_log),
+        )
+    };
+    let audit = Arc::new(audit::Audit::open(audit_log(), audit_log())?);
     let kept = Arc::new(auth::sessions::Kept::default());
     // With a shared store the assertion keys are too, once the directory has them.
     let signer = match &postgres {

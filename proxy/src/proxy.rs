@@ -730,24 +730,68 @@ impl Proxy {
                     .await;
             }
         };
-        let reply = match (&req.method, pass.forward) {
-            (&http::Method::GET | &http::Method::HEAD, Some(viewer)) => {
-                let console = crate::console::Console {
-                    runtime,
-                    directory: &self.shared.directory,
-                    sessions: &self.shared.auth.sessions,
-                    viewer: &viewer.user,
-                    now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
-                };
-                let page = endpoint.strip_prefix("console/").unwrap_or_default();
-                console.get(page, req.uri.query().unwrap_or_default())
+        let (Some(viewer), Some(Caller::Person { session: key, .. })) =
+            (pass.forward, authentication.caller())
+        else {
+            // Only a person's session gets this far (`[console]` takes nothing else).
+            return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await;
+        };
+        let method = req.method.clone();
+        let origin = request_origin(req, tls);
+        let same_origin = endpoints::same_origin(&req.headers, &origin);
+        let query = req.uri.query().unwrap_or_default().to_owned();
+        let page = endpoint
+            .strip_prefix("console/")
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_owned();
+        let console = crate::console::Console {
+            runtime: self.shared.runtime.load_full(),
+            directory: self.shared.directory.clone(),
+            sessions: self.shared.auth.sessions.clone(),
+            audit: self.shared.audit.clone(),
+            config_path: self.shared.config_path.clone(),
+            csrf: crate::console::csrf_token(key),
+            viewer: viewer.user,
+            now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
+        };
+        let reply = match method {
+            // Pages walk the directory and read the audit log: off this worker thread, which
+            // serves the proxied traffic.
+            http::Method::GET | http::Method::HEAD => {
+                tokio::task::spawn_blocking(move || console.get(&page, &query))
+                    .await
+                    .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR))
             }
-            (&http::Method::GET | &http::Method::HEAD, None) => {
-                // A public rule would let in nobody in particular; `[console]` refuses them.
-                Reply::status_page(StatusCode::FORBIDDEN)
-            }
+            http::Method::POST => match console.action(&page) {
+                Some(act) => {
+                    let limit = route.max_request_body_bytes;
+                    let mut form = Vec::new();
+                    while let Some(chunk) = session.read_request_body().await? {
+                        if (form.len() + chunk.len()) as u64 > limit {
+                            return reply::send(
+                                session,
+                                Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE),
+                            )
+                            .await;
+                        }
+                        form.extend_from_slice(&chunk);
+                    }
+                    let shared = self.shared.clone();
+                    let reload = || async move {
+                        tokio::task::spawn_blocking(move || {
+                            crate::reload::reload(&shared, "console")
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(vec![format!("the reload stopped: {e}")]))
+                    };
+                    console.post(act, &form, same_origin, reload).await
+                }
+                None => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
+                    .header(header::ALLOW, "GET, HEAD"),
+            },
             _ => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
-                .header(header::ALLOW, "GET, HEAD"),
+                .header(header::ALLOW, "GET, HEAD, POST"),
         };
         reply::send(session, reply).await
     }

@@ -26,55 +26,64 @@ impl Reloader {
     }
 
     fn reload(&self, why: &str) {
-        match self.try_reload() {
-            Ok(()) => {
-                crate::metrics::count_reload(true);
-                tracing::info!(reason = why, "configuration reloaded");
-            }
-            Err(problems) => {
-                crate::metrics::count_reload(false);
-                for problem in &problems {
-                    tracing::error!(reason = why, "configuration not reloaded: {problem}");
-                }
-            }
-        }
+        // Problems are logged by `reload`.
+        let _ = reload(&self.shared, why);
     }
+}
 
-    fn try_reload(&self) -> Result<(), Vec<String>> {
-        let config = portcullis_config::load(&self.shared.config_path).map_err(|errors| {
-            errors
-                .problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        })?;
-        let current = self.shared.runtime.load();
-        let old = &current.config;
-        if config
-            .listeners
-            .iter()
-            .map(|l| l.address)
-            .ne(old.listeners.iter().map(|l| l.address))
-            || config.admin != old.admin
-            || config.server.threads != old.server.threads
-            || config.data_dir != old.data_dir
-        {
-            tracing::warn!(
-                "listener addresses, admin, threads and data_dir take effect only after a restart"
-            );
+/// Reads the config file again and, if it has no problems, swaps it in (see the module doc);
+/// `why` is logged. Returns the problems of a file that changed nothing.
+pub fn reload(shared: &Shared, why: &str) -> Result<(), Vec<String>> {
+    match try_reload(shared) {
+        Ok(()) => {
+            crate::metrics::count_reload(true);
+            tracing::info!(reason = why, "configuration reloaded");
+            Ok(())
         }
-        // Loading the file loaded its certificates: nothing past this point can fail.
-        for listener in &config.listeners {
-            if let (Some(tls), Some(resolver)) =
-                (&listener.tls, self.shared.resolvers.get(&listener.address))
-            {
-                resolver.replace(CertSet::new(tls));
+        Err(problems) => {
+            crate::metrics::count_reload(false);
+            for problem in &problems {
+                tracing::error!(reason = why, "configuration not reloaded: {problem}");
             }
+            Err(problems)
         }
-        let runtime = Runtime::build(config, &self.shared.directory);
-        self.shared.install(runtime);
-        Ok(())
     }
+}
+
+fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
+    let config = portcullis_config::load(&shared.config_path).map_err(|errors| {
+        errors
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    })?;
+    let current = shared.runtime.load();
+    let old = &current.config;
+    if config
+        .listeners
+        .iter()
+        .map(|l| l.address)
+        .ne(old.listeners.iter().map(|l| l.address))
+        || config.admin != old.admin
+        || config.server.threads != old.server.threads
+        || config.data_dir != old.data_dir
+    {
+        tracing::warn!(
+            "listener addresses, admin, threads and data_dir take effect only after a restart"
+        );
+    }
+    // Loading the file loaded its certificates: nothing past this point can fail.
+    for listener in &config.listeners {
+        if let (Some(tls), Some(resolver)) =
+            (&listener.tls, shared.resolvers.get(&listener.address))
+        {
+            resolver.replace(CertSet::new(tls));
+        }
+    }
+    let runtime = Runtime::build(config, &shared.directory);
+    shared.install(runtime);
+    Ok(())
 }
 
 #[async_trait]

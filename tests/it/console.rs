@@ -19,8 +19,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::signin::{
-    client, get_with_session, idp_setup, navigate, Fixture, ALICE, ALICE_PASSWORD, BOB,
-    BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET,
+    assert_session_refused, assert_session_works, client, get_with_session, idp_setup, navigate,
+    Fixture, ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -32,6 +32,7 @@ struct Console {
     fx: Fixture,
     scim: ScimClient,
     alice_id: String,
+    eng_id: String,
 }
 
 impl Console {
@@ -73,9 +74,14 @@ impl Console {
         fx.wait_sign_in_available(WAIT).await;
         let alice_id = scim.create_user(ALICE).await.id();
         let bob_id = scim.create_user(BOB).await.id();
-        scim.create_group("eng", &[&alice_id]).await.id();
+        let eng_id = scim.create_group("eng", &[&alice_id]).await.id();
         scim.create_group("sre", &[&bob_id]).await.id();
-        Console { fx, scim, alice_id }
+        Console {
+            fx,
+            scim,
+            alice_id,
+            eng_id,
+        }
     }
 
     fn console_url(&self, path: &str) -> String {
@@ -126,6 +132,24 @@ async fn chromium_an_operator_signs_in_and_finds_alice_in_eng_with_scripts_off()
     assert!(page.contains(ALICE), "{page}");
     assert!(page.contains("eng"), "alice is shown in eng: {page}");
     assert!(page.contains("active"), "{page}");
+
+    // alice has a session; bob ends it from her page, confirming on the next.
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    assert_session_works(&t.fx.app_url("/work"), &alice).await;
+    browser
+        .goto(&t.console_url(&format!("users/{}", t.alice_id)))
+        .await;
+    browser.wait_for_text("1 session, last seen", WAIT).await;
+    browser.click("a[href$='/end_sessions']").await;
+    let confirm = browser.wait_for_text("Ending them signs", WAIT).await;
+    assert!(confirm.contains("has 1 session"), "{confirm}");
+    browser.click("button[type=submit]").await;
+    let done = browser.wait_for_text("ended 1 session", WAIT).await;
+    assert!(done.contains(ALICE), "{done}");
+    assert_session_refused(&t.fx, &t.fx.app_url("/work"), &alice).await;
 
     // The stylesheet is Portcullis' own, served from the same origin.
     let source = browser.page_source().await;
@@ -310,32 +334,16 @@ async fn who_can_reach_a_route_matches_explain_for_every_user() {
     }
     let platform_id = t.scim.create_group("platform", &refs(&platform)).await.id();
     eng.push(platform_id);
-    t.scim.create_group("engineering", &refs(&eng)).await.id();
+    // The rule names `eng`, which holds `engineering` (and so, through it, `platform`).
+    let engineering = t.scim.create_group("engineering", &refs(&eng)).await.id();
     t.scim
         .create_group("contractors", &refs(&contractors))
         .await
         .id();
-    // The rule names `eng`; the group above is `engineering`, so make eng hold it.
-    let eng_id = t
-        .scim
-        .get("/Groups?filter=displayName%20eq%20%22eng%22")
-        .await
-        .body["Resources"][0]["id"]
-        .as_str()
-        .expect("eng")
-        .to_owned();
-    let engineering = t
-        .scim
-        .get("/Groups?filter=displayName%20eq%20%22engineering%22")
-        .await
-        .body["Resources"][0]["id"]
-        .as_str()
-        .expect("engineering")
-        .to_owned();
     let resp = t
         .scim
         .patch(
-            &format!("/Groups/{eng_id}"),
+            &format!("/Groups/{}", t.eng_id),
             &patch_ops(
                 json!([{"op": "add", "path": "members", "value": [{"value": engineering}]}]),
             ),
@@ -402,5 +410,102 @@ async fn who_can_reach_a_route_matches_explain_for_every_user() {
             !allowed.is_empty() && allowed.len() < everyone.len(),
             "{method} {path}: a property check needs both answers: {allowed:?}"
         );
+    }
+}
+
+/// The CSRF token in a console page's form.
+fn form_token(page: &str) -> String {
+    let (_, rest) = page
+        .split_once("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("no form token: {page}"));
+    rest.split('"').next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
+    let t = Console::start().await;
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let action = t.console_url(&format!("users/{}/end_sessions", t.alice_id));
+    let page = get_with_session(&action, &bob, BROWSER_ACCEPT)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let token = form_token(&page);
+    let post = |origin: &str, form: String| {
+        client()
+            .post(&action)
+            .header("cookie", format!("portcullis_session={bob}"))
+            .header(ACCEPT, BROWSER_ACCEPT)
+            .header("origin", origin.to_owned())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+    };
+    let own = t.fx.app_origin();
+    // Another site's page posting the whole form, token and all; the console's own origin
+    // without the token, or with another session's.
+    for (origin, form) in [
+        ("http://evil.test", format!("csrf={token}")),
+        ("null", format!("csrf={token}")),
+        (own.as_str(), String::new()),
+        (own.as_str(), format!("csrf={}", "0".repeat(64))),
+    ] {
+        let resp = post(origin, form.clone()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{origin} {form}");
+        assert_session_works(&t.fx.app_url("/still"), &alice).await;
+    }
+    // The token is the session's: the same on every form of bob's pages.
+    let bobs_page = form_token(
+        &get_with_session(&t.console_url("reload"), &bob, BROWSER_ACCEPT)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(bobs_page, token, "one token per session");
+
+    // The same post from the console's origin does it.
+    let resp = post(&own, format!("csrf={token}")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_session_refused(&t.fx, &t.fx.app_url("/after"), &alice).await;
+
+    // Re-reading the configuration from the console, audited with the refusals.
+    let reload = t.console_url("reload");
+    let resp = client()
+        .post(&reload)
+        .header("cookie", format!("portcullis_session={bob}"))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .header("origin", own.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.text().await.unwrap().contains("is in use"));
+    let log = t.fx.px.dir().join("data/audit.jsonl");
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let actions = text.lines().filter(|l| l.contains("\"action\"")).count();
+        let forged = text
+            .lines()
+            .filter(|l| l.contains("not sent from the console itself"))
+            .count();
+        if actions == 2 && forged == 4 {
+            assert!(text.contains("\"action\":\"end_sessions\""), "{text}");
+            assert!(text.contains("\"outcome\":\"reloaded\""), "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

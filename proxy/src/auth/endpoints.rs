@@ -276,17 +276,7 @@ impl Auth {
     async fn sign_out(&self, session: &Session, oidc: &OidcConfig, req: &Request<'_>) -> Reply {
         // CSRF: a cross-site form post must not sign anyone out. Browsers send Origin on POST;
         // without it, fall back to Referer.
-        let headers = &session.req_header().headers;
-        let origin = headers
-            .get(header::ORIGIN)
-            .or_else(|| headers.get(header::REFERER))
-            .and_then(|v| v.to_str().ok());
-        let same_origin = origin.is_some_and(|o| {
-            o == req.origin
-                || o.strip_prefix(req.origin)
-                    .is_some_and(|rest| rest.starts_with('/'))
-        });
-        if !same_origin {
+        if !same_origin(&session.req_header().headers, req.origin) {
             return Reply::page(
                 StatusCode::FORBIDDEN,
                 "Sign-out refused",
@@ -471,6 +461,20 @@ impl Auth {
         rows.push_str(SIGN_OUT_FORM);
         Some(Reply::page(StatusCode::OK, "Who am I", &rows))
     }
+}
+
+/// Whether a form post with `headers` comes from a page of `origin` (`scheme://host[:port]`):
+/// browsers send `Origin` on a POST; without it, `Referer` is asked.
+pub fn same_origin(headers: &http::HeaderMap, origin: &str) -> bool {
+    let sent = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    sent.is_some_and(|o| {
+        o == origin
+            || o.strip_prefix(origin)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
 }
 
 /// The sign-out button: a same-origin POST.

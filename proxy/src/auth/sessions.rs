@@ -359,7 +359,9 @@ impl EntrySink for Kept {
     }
 }
 
-/// The sessions, over what [`Kept`] holds and the directory that stores them.
+/// The sessions, over what [`Kept`] holds and the directory that stores them. A clone is
+/// another handle on the same sessions.
+#[derive(Clone)]
 pub struct Sessions {
     kept: Arc<Kept>,
     directory: Arc<Directory>,

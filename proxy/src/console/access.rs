@@ -45,10 +45,10 @@ struct Asked {
     path: String,
 }
 
-impl Console<'_> {
+impl Console {
     fn gate(&self) -> Gate<'_> {
         Gate {
-            directory: self.directory,
+            directory: &self.directory,
             identity: &self.runtime.config.identity,
             current: true,
             now: u64::try_from(self.now).unwrap_or_default(),
@@ -82,7 +82,7 @@ impl Console<'_> {
         let gate = self.gate();
         let people = route.accept.contains(&Credential::Session);
         let tokens = route.accept.contains(&Credential::Bearer);
-        let admitted = |who: Who<'_>| lets_in(self.runtime, &gate, who, route, method, path);
+        let admitted = |who: Who<'_>| lets_in(&self.runtime, &gate, who, route, method, path);
         let users: Vec<(Id, String)> = users
             .into_iter()
             .filter(|(_, _, presents)| {
@@ -129,6 +129,10 @@ impl Console<'_> {
             ));
         }
         html.push_str("</tbody></table></div>");
+        html.push_str(&format!(
+            "<p><a href=\"{}\">Re-read the configuration</a></p>",
+            link("reload")
+        ));
         html.push_str(&self.explain_form("", "", "GET"));
         Shown {
             title: "Routes".to_owned(),
@@ -216,7 +220,7 @@ impl Console<'_> {
             let people = route.accept.contains(&Credential::Session) || route.accept.is_empty();
             let ok = people
                 && lets_in(
-                    self.runtime,
+                    &self.runtime,
                     &gate,
                     Who::Person(&presents),
                     route,
@@ -261,7 +265,7 @@ impl Console<'_> {
             (true, true) => None,
         };
         if let (Some(who), false) = (who, url.is_empty()) {
-            match explain(self.runtime, self.directory, who, &url, &method) {
+            match explain(&self.runtime, &self.directory, who, &url, &method) {
                 Ok(answer) => {
                     html.push_str(&format!(
                         "<h2>{}</h2><dl class=\"facts\"><dt>Route</dt><dd>{}</dd><dt>Rule</dt>\

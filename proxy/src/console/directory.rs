@@ -152,7 +152,7 @@ fn groups_table(index: &Index, member: Row) -> String {
 }
 
 /// Whether directory key `key` (a person's sign-in) names `user`.
-fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
+pub(super) fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
     match key {
         SubjectKey::UserName(name) => portcullis_policy::fold(name) == *user.user_name,
         SubjectKey::Email(email) => {
@@ -163,7 +163,7 @@ fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
     }
 }
 
-impl Console<'_> {
+impl Console {
     pub(super) fn overview(&self) -> Shown {
         let counts = self.directory.read(|index| {
             [
@@ -184,6 +184,7 @@ impl Console<'_> {
             "<div class=\"card\"><strong>{}</strong>Sessions</div></div>",
             count(self.sessions.count())
         ));
+        content.push_str(&self.activity());
         Shown {
             title: "Console".to_owned(),
             content,
@@ -241,6 +242,8 @@ impl Console<'_> {
         })?;
         content.push_str("<h2>Routes</h2>");
         content.push_str(&self.routes_of(&user));
+        content.push_str("<h2>Recent records</h2>");
+        content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
         let identity = &self.runtime.config.identity;
         let sessions = self
@@ -252,11 +255,13 @@ impl Console<'_> {
             Some(seen) => {
                 let ago = i64::try_from(seen).unwrap_or(i64::MAX) - self.now;
                 content.push_str(&format!(
-                    "<p>{} session{}, last seen <time datetime=\"{}\">{}</time>.</p>",
+                    "<p>{} session{}, last seen <time datetime=\"{}\">{}</time>. \
+                     <a href=\"{}\">End them</a></p>",
                     count(sessions.len()),
                     if sessions.len() == 1 { "" } else { "s" },
                     timestamp(self.now + ago),
-                    relative(ago)
+                    relative(ago),
+                    link(&format!("users/{id}/end_sessions"))
                 ));
             }
         }

@@ -11,12 +11,20 @@
 //! memory; a page holds the directory's read lock only while it walks the index.
 
 mod access;
+mod actions;
+mod audit;
 mod directory;
+
+pub use actions::{csrf_token, Act};
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use http::StatusCode;
 
 use portcullis_scim::store::Directory;
 
+use crate::audit::Audit;
 use crate::auth::sessions::Sessions;
 use crate::reply::{document, escape, Reply};
 use crate::state::Runtime;
@@ -26,13 +34,20 @@ pub const PAGE_SIZE: usize = 50;
 /// Longest search text taken.
 const MAX_SEARCH: usize = 256;
 
-/// What a console page is made from.
-pub struct Console<'a> {
-    pub runtime: &'a Runtime,
-    pub directory: &'a Directory,
-    pub sessions: &'a Sessions,
+/// What a console page is made from: owned, so that a page is made off the proxy's worker
+/// threads (see [`Console::get`]).
+pub struct Console {
+    pub runtime: Arc<Runtime>,
+    pub directory: Arc<Directory>,
+    pub sessions: Sessions,
+    /// The audit log: read for the timeline, and where actions are recorded.
+    pub audit: Arc<Audit>,
+    /// The configuration file, which the reload action reads.
+    pub config_path: PathBuf,
+    /// The CSRF token of the viewer's session (see [`csrf_token`]): every form carries it.
+    pub csrf: String,
     /// The `userName` of the person looking.
-    pub viewer: &'a str,
+    pub viewer: String,
     /// Unix seconds.
     pub now: i64,
 }
@@ -74,19 +89,27 @@ impl Params {
 }
 
 /// The sections in the top bar, by path under the console.
-const SECTIONS: [(&str, &str); 6] = [
+const SECTIONS: [(&str, &str); 7] = [
     ("", "Overview"),
     ("users", "Users"),
     ("groups", "Groups"),
     ("agents", "Agents"),
     ("routes", "Routes"),
     ("explain", "Explain"),
+    ("audit", "Audit"),
 ];
 
-impl Console<'_> {
+impl Console {
     /// The page at `page` (the path after `/.portcullis/console/`) for `query`.
     pub fn get(&self, page: &str, query: &str) -> Reply {
         let params = Params::parse(query);
+        if let Some(act) = self.action(page.trim_end_matches('/')) {
+            let shown = self.confirm(&act);
+            return Reply::html(
+                StatusCode::OK,
+                document(&shown.title, &self.bar(""), &shown.content),
+            );
+        }
         let mut parts = page.trim_end_matches('/').splitn(2, '/');
         let section = parts.next().unwrap_or_default();
         let rest = parts.next();
@@ -101,6 +124,7 @@ impl Console<'_> {
             ("routes", None) => Some(self.routes()),
             ("routes", Some(index)) => self.route(index, query, &params),
             ("explain", None) => Some(self.explain_page(query)),
+            ("audit", None) => Some(self.audit_page(query, &params)),
             _ => None,
         };
         match shown {
@@ -133,7 +157,7 @@ impl Console<'_> {
         nav.push_str("</nav>");
         nav.push_str(&format!(
             "<a class=\"who\" href=\"/.portcullis/me\">{}</a>",
-            escape(self.viewer)
+            escape(&self.viewer)
         ));
         nav
     }
@@ -278,6 +302,21 @@ mod pages {
         std::str::from_utf8(&reply.body).unwrap()
     }
 
+    /// The console of `world`, looked at by alice, with an audit log in `dir`.
+    fn console_of(world: &World, dir: &std::path::Path) -> Console {
+        let log = || crate::audit::Destination::of(dir, None);
+        Console {
+            runtime: Arc::new(world.runtime()),
+            directory: world.directory.clone(),
+            sessions: world.sessions.clone(),
+            audit: Arc::new(Audit::open(log(), log()).unwrap()),
+            config_path: dir.join("portcullis.toml"),
+            csrf: "the-token".to_owned(),
+            viewer: "alice@corp.example".to_owned(),
+            now: crate::clock::now_unix() as i64,
+        }
+    }
+
     #[tokio::test]
     async fn the_directory_is_shown_live_searched_and_paged() {
         let world = World::new();
@@ -290,14 +329,8 @@ mod pages {
         for i in 0..120 {
             world.user(&format!("user{i:03}@corp.example")).await;
         }
-        let runtime = world.runtime();
-        let console = Console {
-            runtime: &runtime,
-            directory: &world.directory,
-            sessions: &world.sessions,
-            viewer: "alice@corp.example",
-            now: crate::clock::now_unix() as i64,
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
 
         let overview = console.get("", "");
         assert!(
@@ -384,14 +417,8 @@ mod pages {
         let bob = world.user("bob@corp.example").await;
         world.group("eng", &[&alice]).await;
         world.group("contractors", &[&bob]).await;
-        let runtime = world.runtime();
-        let console = Console {
-            runtime: &runtime,
-            directory: &world.directory,
-            sessions: &world.sessions,
-            viewer: "alice@corp.example",
-            now: crate::clock::now_unix() as i64,
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
         let routes = console.get("routes", "");
         assert!(
             text(&routes).contains(">http://odysseus.test</a>"),
@@ -433,5 +460,77 @@ mod pages {
             html.contains(">http://app.test</a></td><td><span class=\"yes\">allowed"),
             "{html}"
         );
+    }
+
+    #[tokio::test]
+    async fn actions_are_confirmed_guarded_and_audited() {
+        let world = World::new();
+        let bob = world.user("bob@corp.example").await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let now = crate::clock::now_unix();
+        for _ in 0..2 {
+            world
+                .sessions
+                .create(world.person("bob@corp.example"), None, now)
+                .await
+                .unwrap();
+        }
+        let live = || world.sessions.find(|_| true).len();
+        assert_eq!(live(), 2);
+
+        // The confirmation page carries the form, with the token.
+        let page = console.get(&format!("users/{bob}/end_sessions"), "");
+        let html = text(&page);
+        assert!(html.contains("bob@corp.example has 2 sessions"), "{html}");
+        assert!(html.contains("name=\"csrf\" value=\"the-token\""), "{html}");
+        assert!(html.contains("method=\"post\""), "{html}");
+
+        // Without the token, or from another origin: refused, nothing done.
+        let act = || {
+            console
+                .action(&format!("users/{bob}/end_sessions"))
+                .unwrap()
+        };
+        let never = || async { panic!("no reload") };
+        let refused = console.post(act(), b"csrf=wrong", true, never).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        let refused = console.post(act(), b"csrf=the-token", false, never).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert_eq!(live(), 2);
+
+        let done = console.post(act(), b"csrf=the-token", true, never).await;
+        assert_eq!(done.status, StatusCode::OK);
+        assert!(text(&done).contains("ended 2 sessions"), "{}", text(&done));
+        assert_eq!(live(), 0);
+
+        // A reload whose file has problems says so.
+        let failed = || async { Err(vec!["routes[0].to: missing".to_owned()]) };
+        let done = console
+            .post(Act::Reload, b"csrf=the-token", true, failed)
+            .await;
+        assert!(
+            text(&done).contains("routes[0].to: missing"),
+            "{}",
+            text(&done)
+        );
+
+        // Audited: the two refusals and the two actions.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let audit = text(&console.get("audit", "")).to_owned();
+            if audit.contains("ended 2 sessions") && audit.contains("not reloaded: 1 problem") {
+                assert!(audit.contains("4 records"), "{audit}");
+                assert!(
+                    audit.contains("not sent from the console itself"),
+                    "{audit}"
+                );
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{audit}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let only = text(&console.get("audit", "kind=action")).to_owned();
+        assert!(only.contains("2 records"), "{only}");
     }
 }

@@ -1,0 +1,406 @@
+//! The audit timeline: the records of the audit log, newest first, filtered and paged, and a
+//! chart of refusals and SCIM changes per hour over the last day. Read from the log itself on
+//! every page (the file, or PostgreSQL's tables with `[postgres]`).
+
+use std::collections::VecDeque;
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
+use crate::audit::{parse_since, Entry, Filter};
+use crate::human::relative;
+use crate::reply::escape;
+
+/// Pages of the timeline one may ask for: a page costs memory for every record before it.
+const MAX_PAGE: usize = 2_000;
+/// Hours the chart covers.
+const HOURS: usize = 24;
+
+/// The timeline's query: the filter, as typed (to show it back), and as understood.
+struct Asked {
+    who: String,
+    kind: String,
+    route: String,
+    since: String,
+    until: String,
+    filter: Filter,
+    /// Why a time was not understood.
+    problem: Option<String>,
+}
+
+fn asked(query: &str, now: OffsetDateTime) -> Asked {
+    let field = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().chars().take(256).collect::<String>())
+            .unwrap_or_default()
+    };
+    let (who, kind, route, since, until) = (
+        field("who"),
+        field("kind"),
+        field("route"),
+        field("since"),
+        field("until"),
+    );
+    let mut problem = None;
+    let mut time = |text: &str| {
+        (!text.is_empty())
+            .then(|| parse_since(text, now))
+            .and_then(|parsed| parsed.map_err(|e| problem = Some(e)).ok())
+    };
+    let filter = Filter {
+        user: (!who.is_empty()).then(|| who.clone()),
+        since: time(&since),
+        until: time(&until),
+        kind: KINDS
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(k, _)| (*k).to_owned()),
+        route: (!route.is_empty()).then(|| route.clone()),
+    };
+    Asked {
+        who,
+        kind,
+        route,
+        since,
+        until,
+        filter,
+        problem,
+    }
+}
+
+const KINDS: [(&str, &str); 4] = [
+    ("change", "SCIM changes"),
+    ("refusal", "refusals"),
+    ("allow", "allowed requests"),
+    ("action", "console actions"),
+];
+
+/// Refusals and changes in each of the last [`HOURS`] hours, oldest first.
+#[derive(Default)]
+struct PerHour {
+    refusals: [usize; HOURS],
+    changes: [usize; HOURS],
+}
+
+impl PerHour {
+    fn add(&mut self, entry: &Entry, now: i64) {
+        let Ok(at) = OffsetDateTime::parse(entry.time(), &Rfc3339) else {
+            return;
+        };
+        let ago = now - at.unix_timestamp();
+        if !(0..(HOURS as i64) * 3600).contains(&ago) {
+            return;
+        }
+        let slot = HOURS - 1 - (ago / 3600) as usize;
+        match entry {
+            Entry::Refusal { .. } => self.refusals[slot] += 1,
+            Entry::Change { .. } => self.changes[slot] += 1,
+            _ => {}
+        }
+    }
+
+    /// An inline SVG bar chart, each hour a pair of bars.
+    fn svg(&self) -> String {
+        let top = self
+            .refusals
+            .iter()
+            .chain(&self.changes)
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (width, height, base) = (24 * 20 + 40, 140, 120);
+        let mut svg = format!(
+            "<svg class=\"chart\" viewBox=\"0 0 {width} {height}\" role=\"img\" \
+             aria-label=\"Refusals and SCIM changes per hour, last 24 hours\">"
+        );
+        for hour in 0..HOURS {
+            let x = 30 + hour * 20;
+            for (offset, value, class) in [
+                (0, self.refusals[hour], "refusals"),
+                (9, self.changes[hour], "changes"),
+            ] {
+                let h = value * 100 / top;
+                svg.push_str(&format!(
+                    "<rect class=\"{class}\" x=\"{}\" y=\"{}\" width=\"8\" height=\"{h}\">\
+                     <title>{value} {class}</title></rect>",
+                    x + offset,
+                    base - h
+                ));
+            }
+        }
+        svg.push_str(&format!(
+            "<text x=\"30\" y=\"{}\">24 h ago</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">now</text>\
+             <text x=\"0\" y=\"12\">{top}</text></svg>",
+            base + 15,
+            width - 10,
+            base + 15
+        ));
+        let total = |v: &[usize; HOURS]| v.iter().sum::<usize>();
+        format!(
+            "<figure>{svg}<figcaption><span class=\"no\">■</span> {} refusals · \
+             <span style=\"color:var(--accent)\">■</span> {} SCIM changes in the last 24 hours\
+             </figcaption></figure>",
+            count(total(&self.refusals)),
+            count(total(&self.changes))
+        )
+    }
+}
+
+impl Console {
+    fn now_time(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(self.now).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// The newest records `filter` selects, for page `page` (newest first), with how many it
+    /// selects in all and the chart of the last day.
+    fn newest(&self, filter: &Filter, page: usize) -> Result<(Vec<Entry>, usize, PerHour), String> {
+        let keep = page.min(MAX_PAGE) * PAGE_SIZE;
+        let mut kept: VecDeque<Entry> = VecDeque::new();
+        let mut total = 0;
+        let mut chart = PerHour::default();
+        self.audit.reader().each(&mut |_, entry| {
+            chart.add(&entry, self.now);
+            if filter.matches(&entry) {
+                total += 1;
+                if kept.len() == keep {
+                    kept.pop_front();
+                }
+                kept.push_back(entry);
+            }
+            true
+        })?;
+        // `kept` ends with the newest; page `page` is the last PAGE_SIZE before those of the
+        // pages in front of it.
+        let newer = (page.min(MAX_PAGE) - 1) * PAGE_SIZE;
+        let shown = kept.len().saturating_sub(newer);
+        let mut entries: Vec<Entry> = kept.into_iter().take(shown).collect();
+        entries.reverse();
+        entries.truncate(PAGE_SIZE);
+        Ok((entries, total, chart))
+    }
+
+    pub(super) fn audit_page(&self, query: &str, params: &Params) -> Shown {
+        let asked = asked(query, self.now_time());
+        let mut html = format!(
+            "<form class=\"inline\" method=\"get\" action=\"{}\">\
+             <input type=\"text\" name=\"who\" value=\"{}\" placeholder=\"actor or user\" aria-label=\"Actor or user\">\
+             <select name=\"kind\" aria-label=\"Event\"><option value=\"\">every event</option>{}</select>\
+             <input type=\"text\" name=\"route\" value=\"{}\" placeholder=\"route\" aria-label=\"Route\">\
+             <input type=\"text\" name=\"since\" value=\"{}\" placeholder=\"since (1h, 2d, RFC 3339)\" aria-label=\"Since\">\
+             <input type=\"text\" name=\"until\" value=\"{}\" placeholder=\"until\" aria-label=\"Until\">\
+             <button type=\"submit\">Filter</button></form>",
+            link("audit"),
+            escape(&asked.who),
+            KINDS
+                .iter()
+                .map(|(k, name)| {
+                    let mark = if *k == asked.kind { " selected" } else { "" };
+                    format!("<option value=\"{k}\"{mark}>{name}</option>")
+                })
+                .collect::<String>(),
+            escape(&asked.route),
+            escape(&asked.since),
+            escape(&asked.until)
+        );
+        if let Some(problem) = &asked.problem {
+            html.push_str(&format!("<p class=\"no\">{}</p>", escape(problem)));
+        }
+        match self.newest(&asked.filter, params.page) {
+            Ok((entries, total, chart)) => {
+                html.insert_str(0, &chart.svg());
+                html.push_str(&self.timeline(&entries));
+                let fixed = [
+                    ("who", asked.who.as_str()),
+                    ("kind", asked.kind.as_str()),
+                    ("route", asked.route.as_str()),
+                    ("since", asked.since.as_str()),
+                    ("until", asked.until.as_str()),
+                ];
+                let fixed: Vec<(&str, &str)> =
+                    fixed.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+                let shown_total = total.min(MAX_PAGE * PAGE_SIZE);
+                html.push_str(&pager("audit", &fixed, params, shown_total, "record"));
+            }
+            Err(e) => html.push_str(&format!(
+                "<p class=\"no\">The audit log cannot be read: {}</p>",
+                escape(&e)
+            )),
+        }
+        Shown {
+            title: "Audit".to_owned(),
+            content: html,
+        }
+    }
+
+    /// The last day in a chart, and the newest records, for the overview.
+    pub(super) fn activity(&self) -> String {
+        match self.newest(&Filter::default(), 1) {
+            Ok((entries, _, chart)) => format!(
+                "<h2>The last 24 hours</h2>{}<h2>Newest records</h2>{}<p><a href=\"{}\">The whole timeline</a></p>",
+                chart.svg(),
+                self.timeline(&entries[..entries.len().min(10)]),
+                link("audit")
+            ),
+            Err(e) => format!(
+                "<p class=\"no\">The audit log cannot be read: {}</p>",
+                escape(&e)
+            ),
+        }
+    }
+
+    /// The newest records about `user_name`, for their page.
+    pub(super) fn recent_records(&self, user_name: &str) -> String {
+        let filter = Filter {
+            user: Some(user_name.to_owned()),
+            ..Filter::default()
+        };
+        match self.newest(&filter, 1) {
+            Ok((entries, total, _)) if total > 0 => {
+                let mut html = self.timeline(&entries[..entries.len().min(10)]);
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query.append_pair("who", user_name);
+                html.push_str(&format!(
+                    "<p><a href=\"{}?{}\">All {} records</a></p>",
+                    link("audit"),
+                    escape(&query.finish()),
+                    count(total)
+                ));
+                html
+            }
+            Ok(_) => "<p class=\"muted\">No record.</p>".to_owned(),
+            Err(e) => format!(
+                "<p class=\"no\">The audit log cannot be read: {}</p>",
+                escape(&e)
+            ),
+        }
+    }
+
+    /// The records as a table, in the order given.
+    fn timeline(&self, entries: &[Entry]) -> String {
+        let mut html = String::from(
+            "<div class=\"table\"><table><thead><tr><th>When</th><th>Event</th><th>Who</th>\
+             <th>What</th></tr></thead><tbody>",
+        );
+        for entry in entries {
+            let when = OffsetDateTime::parse(entry.time(), &Rfc3339).map_or_else(
+                |_| escape(entry.time()),
+                |at| {
+                    format!(
+                        "<time datetime=\"{}\" title=\"{}\">{}</time>",
+                        escape(entry.time()),
+                        escape(entry.time()),
+                        relative(at.unix_timestamp() - self.now)
+                    )
+                },
+            );
+            let what = match entry {
+                Entry::Change {
+                    seq,
+                    op,
+                    resource_type,
+                    id,
+                    summary,
+                    ..
+                } => {
+                    let section = match resource_type.as_str() {
+                        "User" => Some("users"),
+                        "Group" => Some("groups"),
+                        "Agent" => Some("agents"),
+                        _ => None,
+                    };
+                    let target = match section {
+                        Some(section) if op != "delete" => format!(
+                            "<a href=\"{}\">{}</a>",
+                            link(&format!("{section}/{}", escape(id))),
+                            escape(id)
+                        ),
+                        _ => escape(id),
+                    };
+                    format!(
+                        "#{seq} {} {} {target} <span class=\"muted\">({})</span>",
+                        escape(op),
+                        escape(resource_type),
+                        escape(summary)
+                    )
+                }
+                Entry::Refusal {
+                    route,
+                    rule,
+                    reason,
+                    method,
+                    path,
+                    ..
+                } => format!(
+                    "{} {} on {}: {} <span class=\"muted\">(rule {})</span>",
+                    escape(method),
+                    escape(path),
+                    escape(route),
+                    escape(reason),
+                    escape(rule.as_deref().unwrap_or("none"))
+                ),
+                Entry::Allow {
+                    route,
+                    method,
+                    path,
+                    ..
+                } => format!("{} {} on {}", escape(method), escape(path), escape(route)),
+                Entry::Action {
+                    action,
+                    target,
+                    outcome,
+                    ..
+                } => format!("{} {}: {}", escape(action), escape(target), escape(outcome)),
+            };
+            let kind = match entry {
+                Entry::Refusal { .. } => "<span class=\"no\">refusal</span>".to_owned(),
+                other => other.kind().to_owned(),
+            };
+            html.push_str(&format!(
+                "<tr><td>{when}</td><td>{kind}</td><td>{}</td><td>{what}</td></tr>",
+                escape(entry.who())
+            ));
+        }
+        html.push_str("</tbody></table></div>");
+        html
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_counts_the_last_day_by_hour() {
+        let now = 1_000_000;
+        let at = |ago: i64| {
+            OffsetDateTime::from_unix_timestamp(now - ago)
+                .unwrap()
+                .format(&Rfc3339)
+                .unwrap()
+        };
+        let refusal = |ago| Entry::Refusal {
+            time: at(ago),
+            user: "a".to_owned(),
+            route: "r".to_owned(),
+            rule: None,
+            reason: "x".to_owned(),
+            method: "GET".to_owned(),
+            path: "/".to_owned(),
+            agent: None,
+        };
+        let mut chart = PerHour::default();
+        for ago in [10, 20, 3_700, 86_399, 86_400, -5] {
+            chart.add(&refusal(ago), now);
+        }
+        assert_eq!(chart.refusals[HOURS - 1], 2);
+        assert_eq!(chart.refusals[HOURS - 2], 1);
+        assert_eq!(chart.refusals[0], 1);
+        assert_eq!(chart.refusals.iter().sum::<usize>(), 4);
+        let svg = chart.svg();
+        assert!(svg.starts_with("<figure><svg class=\"chart\""), "{svg}");
+        assert!(svg.contains("4 refusals"), "{svg}");
+    }
+}
