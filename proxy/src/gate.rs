@@ -27,7 +27,9 @@ use portcullis_config::{
     AgentAttribute, Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
-use portcullis_scim::store::{AgentKey, AgentLookup, Directory, GroupEntry, Lookup, SubjectKey};
+use portcullis_scim::store::{
+    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, SubjectKey, UserEntry,
+};
 
 pub use crate::audit::AgentRecord;
 use crate::caller::{Actor, Claims, Identity, Machine, Principal};
@@ -606,23 +608,8 @@ impl Gate<'_> {
                 return Judged::Revoked;
             }
             let groups = group_refs(&view.groups);
-            // The directory's email, never the token's: the IdP provisions the directory, while
-            // a token's email is whatever the account at the IdP says. That is the primary
-            // email, else the first, else the userName when it is an address (as Okta sends it).
-            let email = view
-                .user
-                .emails
-                .first()
-                .map(|e| &**e)
-                .or_else(|| Some(&*view.user.user_name).filter(|name| name.contains('@')));
-            let subject = Subject {
-                kind,
-                user_name: &view.user.user_name,
-                email,
-                active: view.user.active,
-                groups: &groups,
-                owner_groups: &[],
-            };
+            let subject = user_subject(kind, view.user, &groups);
+            let email = subject.email;
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
                 return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
@@ -827,6 +814,77 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
 /// has the claim it needs.
 pub fn person_key<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<SubjectKey<'a>> {
     subject_key(identity, Principal::Person(who))
+}
+
+/// The policy's view of the directory user `user`, in `groups` (every group they are in).
+fn user_subject<'a>(
+    kind: SubjectKind,
+    user: &'a UserEntry,
+    groups: &'a [GroupRef<'a>],
+) -> Subject<'a> {
+    // The directory's email, never the token's: the IdP provisions the directory, while a
+    // token's email is whatever the account at the IdP says. That is the primary email, else
+    // the first, else the userName when it is an address (as Okta sends it).
+    let email = user
+        .emails
+        .first()
+        .map(|e| &**e)
+        .or_else(|| Some(&*user.user_name).filter(|name| name.contains('@')));
+    Subject {
+        kind,
+        user_name: &user.user_name,
+        email,
+        active: user.active,
+        groups,
+        owner_groups: &[],
+    }
+}
+
+/// Whether `route` lets in, for `request`, the person who signs in as the directory user at
+/// `row` just now: what [`Gate::admit`] answers for them (and `portcullis explain` says),
+/// worked out from `index` alone, so that the console can ask it of a million users.
+///
+/// They present the value of the attribute `[identity]` looks people up by. Found as exactly
+/// this user, they are judged by the policy as the gate judges a person; found as nobody in
+/// particular (an email or `externalId` several users share, or none at all), they are
+/// anyone, whom only a public rule lets in.
+pub fn admits_person(
+    identity: &IdentityConfig,
+    route: &Route,
+    request: &Request<'_>,
+    index: &Index,
+    row: Row,
+) -> bool {
+    let Some(user) = index.user(row) else {
+        return false;
+    };
+    let unique = |rows: Vec<Row>| rows.as_slice() == [row];
+    let found = route.accept.contains(&Credential::Session)
+        && match identity.scim_attribute {
+            ScimAttribute::UserName => true,
+            ScimAttribute::Emails => user
+                .emails
+                .first()
+                .is_some_and(|email| unique(index.users_by_email(email))),
+            ScimAttribute::ExternalId => user
+                .external_id
+                .as_deref()
+                .is_some_and(|id| unique(index.users_by_external_id(id))),
+        };
+    if !found {
+        return route.policy.evaluate(None, request).allowed;
+    }
+    let groups: Vec<GroupRef<'_>> = index
+        .groups_of(row)
+        .into_iter()
+        .filter_map(|(group, _)| index.group(group))
+        .map(|g| GroupRef {
+            display_name: &g.display_name,
+            external_id: g.external_id.as_deref(),
+        })
+        .collect();
+    let subject = user_subject(SubjectKind::Person, user, &groups);
+    route.policy.evaluate(Some(&subject), request).allowed
 }
 
 /// Whether `principal` is a bearer token a client holds for a person.

@@ -1,28 +1,20 @@
 //! Who can reach what: each route's rules and the users and agents they let in, the routes a
-//! user can reach, and the inline explain form. Every answer is the gate's own, asked as
-//! `portcullis explain` asks it ([`crate::explain::lets_in`]), so the console and `explain`
-//! cannot disagree.
+//! user can reach, and the inline explain form. Every answer is the gate's: people are judged
+//! by [`admits_person`] (what the gate answers for someone who has just signed in, from the
+//! index, so a million users take a moment), agents as `portcullis explain` judges them
+//! ([`crate::explain::lets_in`]). The e2e tests hold the console's lists to `explain`'s
+//! answers for every user.
 
-use portcullis_config::{AgentAttribute, Credential, Route, ScimAttribute};
-use portcullis_policy::RuleSpec;
+use portcullis_config::{AgentAttribute, Credential, Route};
+use portcullis_policy::{Request, RuleSpec};
 use portcullis_scim::schema::ResourceType;
-use portcullis_scim::store::{format_id, AgentEntry, Id, UserEntry};
+use portcullis_scim::store::{format_id, AgentEntry, Id, Index, Row};
 
 use super::{count, flag, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::explain::{explain, lets_in, Who};
-use crate::gate::Gate;
+use crate::gate::{admits_person, Gate};
 use crate::path;
 use crate::reply::escape;
-
-/// What a directory user presents when they sign in, by the `[identity]` mapping: the value of
-/// the attribute people are looked up by. `None`: nobody can sign in as them.
-fn signs_in_as(attribute: ScimAttribute, user: &UserEntry) -> Option<String> {
-    match attribute {
-        ScimAttribute::UserName => Some(user.user_name.to_string()),
-        ScimAttribute::Emails => user.emails.first().map(|e| e.to_string()),
-        ScimAttribute::ExternalId => user.external_id.as_deref().map(str::to_owned),
-    }
-}
 
 fn agent_presents(attribute: AgentAttribute, agent: &AgentEntry) -> Option<String> {
     match attribute {
@@ -46,6 +38,11 @@ struct Asked {
 }
 
 impl Console {
+    #[cfg(test)]
+    pub(super) fn gate_for_tests(&self) -> Gate<'_> {
+        self.gate()
+    }
+
     fn gate(&self) -> Gate<'_> {
         Gate {
             directory: &self.directory,
@@ -55,56 +52,40 @@ impl Console {
         }
     }
 
-    /// Who `route` lets in for `method path`: every user and agent of the directory, each
-    /// judged by the gate.
+    /// Who `route` lets in for `method path`: every user of the directory, each judged as the
+    /// gate judges a person who has just signed in ([`admits_person`]), and every agent, each
+    /// judged by the gate as `explain` judges it.
     pub fn reach(&self, route: &Route, method: &str, path: &str) -> Reach {
         let identity = &self.runtime.config.identity;
-        // Read first, judged after: the gate takes the directory's lock for each.
-        let (users, agents) = self.directory.read(|index| {
-            let users: Vec<(Id, String, Option<String>)> = index
-                .rows(ResourceType::User)
-                .filter_map(|row| index.user(row))
-                .map(|u| {
-                    let presents = signs_in_as(identity.scim_attribute, u);
-                    (u.id, u.user_name.to_string(), presents)
-                })
-                .collect();
-            let agents: Vec<(Id, String, Option<String>)> = index
-                .rows(ResourceType::Agent)
-                .filter_map(|row| index.agent(row))
-                .map(|a| {
-                    let presents = agent_presents(identity.agent_scim_attribute, a);
-                    (a.id, a.name.to_string(), presents)
-                })
-                .collect();
-            (users, agents)
+        let request = Request { method, path };
+        let mut users = Vec::new();
+        self.directory.scan(ResourceType::User, |index, row| {
+            if admits_person(identity, route, &request, index, row) {
+                users.extend(index.user(row).map(|u| (u.id, u.user_name.to_string())));
+            }
         });
-        let gate = self.gate();
-        let people = route.accept.contains(&Credential::Session);
-        let tokens = route.accept.contains(&Credential::Bearer);
-        let admitted = |who: Who<'_>| lets_in(&self.runtime, &gate, who, route, method, path);
-        let users: Vec<(Id, String)> = users
-            .into_iter()
-            .filter(|(_, _, presents)| {
-                presents
-                    .as_deref()
-                    .is_some_and(|p| people && admitted(Who::Person(p)))
-            })
-            .map(|(id, name, _)| (id, name))
-            .collect();
-        let agents: Vec<(Id, String)> = agents
-            .into_iter()
-            .filter(|(_, _, presents)| {
-                presents.as_deref().is_some_and(|name| {
-                    tokens
-                        && admitted(Who::Agent {
-                            name,
-                            on_behalf_of: None,
-                        })
-                })
-            })
-            .map(|(id, name, _)| (id, name))
-            .collect();
+        let mut agents = Vec::new();
+        if route.accept.contains(&Credential::Bearer) {
+            // Read first, judged after: the gate takes the directory's lock for each.
+            let mut candidates = Vec::new();
+            self.directory.scan(ResourceType::Agent, |index, row| {
+                if let Some(agent) = index.agent(row) {
+                    let presents = agent_presents(identity.agent_scim_attribute, agent);
+                    candidates.push((agent.id, agent.name.to_string(), presents));
+                }
+            });
+            let gate = self.gate();
+            for (id, name, presents) in candidates {
+                let Some(presents) = presents else { continue };
+                let who = Who::Agent {
+                    name: &presents,
+                    on_behalf_of: None,
+                };
+                if lets_in(&self.runtime, &gate, who, route, method, path) {
+                    agents.push((id, name));
+                }
+            }
+        }
         Reach {
             user_total: users.len(),
             users,
@@ -203,35 +184,26 @@ impl Console {
         })
     }
 
-    /// The routes `user` can reach, each judged for `GET` at its path prefix.
-    pub(super) fn routes_of(&self, user: &UserEntry) -> String {
+    /// The routes the user at `row` can reach, each judged for `GET` at its path prefix.
+    pub(super) fn routes_of(&self, index: &Index, row: Row) -> String {
         let identity = &self.runtime.config.identity;
-        let Some(presents) = signs_in_as(identity.scim_attribute, user) else {
-            return format!(
-                "<p class=\"muted\">Nobody signs in as this user: they have no {}.</p>",
-                identity.scim_attribute.as_str()
-            );
-        };
-        let gate = self.gate();
         let mut html = String::from(
             "<div class=\"table\"><table><thead><tr><th>Route</th><th>GET at its root</th></tr></thead><tbody>",
         );
         for (i, route) in self.runtime.config.routes.iter().enumerate() {
-            let people = route.accept.contains(&Credential::Session) || route.accept.is_empty();
-            let ok = people
-                && lets_in(
-                    &self.runtime,
-                    &gate,
-                    Who::Person(&presents),
-                    route,
-                    "GET",
-                    &route.path_prefix,
-                );
+            let request = Request {
+                method: "GET",
+                path: &route.path_prefix,
+            };
             html.push_str(&format!(
                 "<tr><td><a href=\"{}\">{}</a></td><td>{}</td></tr>",
                 link(&format!("routes/{i}")),
                 escape(&route.name),
-                flag(ok, "allowed", "refused")
+                flag(
+                    admits_person(identity, route, &request, index, row),
+                    "allowed",
+                    "refused"
+                )
             ));
         }
         html.push_str("</tbody></table></div>");

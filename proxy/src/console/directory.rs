@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use portcullis_scim::schema::ResourceType;
-use portcullis_scim::store::{format_id, AgentEntry, Index, Row, SubjectKey, UserEntry};
+use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
 use super::PAGE_SIZE;
 use super::{contains_folded, count, flag, link, pager, search_form, Console, Params, Shown};
@@ -18,22 +18,25 @@ struct Listing {
     rows: Vec<Row>,
 }
 
-/// The rows of type `rt` for which `matches` holds, the page `params` asks for.
+/// The rows of type `rt` for which `matches` holds, the page `params` asks for, walking the
+/// directory a batch at a time ([`Directory::scan`]).
 fn list(
-    index: &Index,
+    directory: &Directory,
     rt: ResourceType,
     params: &Params,
-    matches: impl Fn(Row) -> bool,
+    matches: impl Fn(&Index, Row) -> bool,
 ) -> Listing {
     let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
     let mut total = 0;
     let mut rows = Vec::with_capacity(PAGE_SIZE);
-    for row in index.rows(rt).filter(|&row| matches(row)) {
-        if total >= skip && rows.len() < PAGE_SIZE {
-            rows.push(row);
+    directory.scan(rt, |index, row| {
+        if matches(index, row) {
+            if total >= skip && rows.len() < PAGE_SIZE {
+                rows.push(row);
+            }
+            total += 1;
         }
-        total += 1;
-    }
+    });
     Listing { total, rows }
 }
 
@@ -193,10 +196,10 @@ impl Console {
 
     pub(super) fn users(&self, params: &Params) -> Shown {
         let q = portcullis_policy::fold(&params.q);
+        let listing = list(&self.directory, ResourceType::User, params, |index, row| {
+            index.user(row).is_some_and(|u| user_matches(u, &q))
+        });
         let content = self.directory.read(|index| {
-            let listing = list(index, ResourceType::User, params, |row| {
-                index.user(row).is_some_and(|u| user_matches(u, &q))
-            });
             let mut html = search_form("users", params, "userName, email or externalId");
             html.push_str(
                 "<div class=\"table\"><table><thead><tr><th>userName</th><th>Email</th>\
@@ -223,7 +226,7 @@ impl Console {
     }
 
     pub(super) fn user(&self, id: &str) -> Option<Shown> {
-        let (title, user, mut content) = self.directory.read(|index| {
+        let (title, user, mut content, routes) = self.directory.read(|index| {
             let (ResourceType::User, row) = index.row_of(id)? else {
                 return None;
             };
@@ -238,10 +241,11 @@ impl Console {
                 escape(&user.emails.join(", ")),
                 groups_table(index, row)
             ));
-            Some((user.user_name.to_string(), user, html))
+            let routes = self.routes_of(index, row);
+            Some((user.user_name.to_string(), user, html, routes))
         })?;
         content.push_str("<h2>Routes</h2>");
-        content.push_str(&self.routes_of(&user));
+        content.push_str(&routes);
         content.push_str("<h2>Recent records</h2>");
         content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
@@ -270,12 +274,17 @@ impl Console {
 
     pub(super) fn groups(&self, params: &Params) -> Shown {
         let q = portcullis_policy::fold(&params.q);
-        let content = self.directory.read(|index| {
-            let listing = list(index, ResourceType::Group, params, |row| {
+        let listing = list(
+            &self.directory,
+            ResourceType::Group,
+            params,
+            |index, row| {
                 index
                     .group(row)
                     .is_some_and(|g| named_matches(&g.display_name, g.external_id.as_deref(), &q))
-            });
+            },
+        );
+        let content = self.directory.read(|index| {
             let mut html = search_form("groups", params, "displayName or externalId");
             html.push_str(
                 "<div class=\"table\"><table><thead><tr><th>displayName</th><th>externalId</th>\
@@ -357,12 +366,17 @@ impl Console {
 
     pub(super) fn agents(&self, params: &Params) -> Shown {
         let q = portcullis_policy::fold(&params.q);
-        let content = self.directory.read(|index| {
-            let listing = list(index, ResourceType::Agent, params, |row| {
+        let listing = list(
+            &self.directory,
+            ResourceType::Agent,
+            params,
+            |index, row| {
                 index
                     .agent(row)
                     .is_some_and(|a| named_matches(&a.name, a.external_id.as_deref(), &q))
-            });
+            },
+        );
+        let content = self.directory.read(|index| {
             let mut html = search_form("agents", params, "name or externalId");
             html.push_str(
                 "<div class=\"table\"><table><thead><tr><th>name</th><th>externalId</th>\

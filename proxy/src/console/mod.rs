@@ -533,4 +533,87 @@ mod pages {
         let only = text(&console.get("audit", "kind=action")).to_owned();
         assert!(only.contains("2 records"), "{only}");
     }
+
+    /// Who can reach each route, as the console works it out, against the gate as `explain`
+    /// asks it, for every user, under each way `[identity]` finds people: emails and
+    /// `externalId`s that several users share, users without one, deactivated users.
+    #[tokio::test]
+    async fn who_can_reach_agrees_with_the_gate_under_every_mapping() {
+        use crate::explain::{lets_in, Who};
+        for (mapping, attribute) in [
+            ("", "userName"),
+            ("[identity]\nscim_attribute = \"emails\"", "emails"),
+            (
+                "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"",
+                "externalId",
+            ),
+        ] {
+            let world = World::with(crate::testing::config(mapping));
+            let a = world
+                .user_with_emails("a@corp.example", "x-1", &[("a@corp.example", true)])
+                .await;
+            let b = world
+                .user_with_emails("b@corp.example", "x-2", &[("shared@corp.example", true)])
+                .await;
+            let c = world
+                .user_with_emails("c@corp.example", "x-2", &[("shared@corp.example", true)])
+                .await;
+            let d = world.user_with_emails("ΟΔΥΣΣΕΥΣ", "x-3", &[]).await;
+            let e = world.user("e@other.example").await;
+            world.set_active(&e, false).await;
+            world.group("eng", &[&a, &b, &d]).await;
+            world.group("contractors", &[&c]).await;
+            let dir = tempfile::tempdir().unwrap();
+            let console = console_of(&world, dir.path());
+            let gate = console.gate_for_tests();
+            for route in &console.runtime.config.routes {
+                for (method, path) in [("GET", "/"), ("DELETE", "/admin/x"), ("GET", "/open")] {
+                    let reach = console.reach(route, method, path);
+                    let reached: Vec<&str> =
+                        reach.users.iter().map(|(_, name)| name.as_str()).collect();
+                    for user in [
+                        "a@corp.example",
+                        "b@corp.example",
+                        "c@corp.example",
+                        "ΟΔΥΣΣΕΥΣ",
+                        "e@other.example",
+                    ] {
+                        let entry = world.directory.read(|index| {
+                            index
+                                .user(index.user_by_name(user).unwrap())
+                                .unwrap()
+                                .clone()
+                        });
+                        let presents = match attribute {
+                            "userName" => Some(entry.user_name.to_string()),
+                            "emails" => entry.emails.first().map(|e| e.to_string()),
+                            _ => entry.external_id.as_deref().map(str::to_owned),
+                        };
+                        let expected = match &presents {
+                            Some(value) => lets_in(
+                                &console.runtime,
+                                &gate,
+                                Who::Person(value),
+                                route,
+                                method,
+                                path,
+                            ),
+                            // Nobody signs in as them: they are anyone.
+                            None => {
+                                let request = portcullis_policy::Request { method, path };
+                                route.policy.evaluate(None, &request).allowed
+                            }
+                        };
+                        let folded = portcullis_policy::fold(user);
+                        assert_eq!(
+                            reached.contains(&&*folded),
+                            expected,
+                            "{attribute}: {} {method} {path} for {user}",
+                            route.name
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

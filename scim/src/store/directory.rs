@@ -506,9 +506,29 @@ impl Directory {
     }
 
     /// Reads the index under one consistent view, for pages that show the directory (the
-    /// console). Writes wait while `f` runs: keep it to a bounded walk.
+    /// console). Writes wait while `f` runs (and requests wait for a waiting write): keep it
+    /// short; walk many rows with [`Directory::scan`].
     pub fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
         f(&self.index())
+    }
+
+    /// Calls `f` with every row of type `rt`, in order, a few thousand rows at a time, each
+    /// batch under one consistent view: a write waits for one batch at most, never for the
+    /// whole walk. A write between batches may or may not be seen by the walk.
+    pub fn scan(&self, rt: ResourceType, mut f: impl FnMut(&Index, Row)) {
+        const BATCH: Row = 4_096;
+        let mut start: Row = 0;
+        loop {
+            let index = self.index();
+            let end = start.saturating_add(BATCH);
+            for row in index.rows_between(rt, start, end) {
+                f(&index, row);
+            }
+            if end >= index.row_end() {
+                return;
+            }
+            start = end;
+        }
     }
 
     /// The type of the resource whose id is `id`, if there is one.

@@ -552,10 +552,33 @@ impl Index {
 
     /// Rows of every resource of type `rt`, in creation order.
     pub fn rows(&self, rt: ResourceType) -> impl Iterator<Item = Row> + '_ {
+        self.rows_between(rt, 0, Row::MAX)
+    }
+
+    /// The rows of type `rt` from `start` up to (not including) `end`, in order.
+    pub fn rows_between(
+        &self,
+        rt: ResourceType,
+        start: Row,
+        end: Row,
+    ) -> impl Iterator<Item = Row> + '_ {
+        let clamp = |row: Row| {
+            usize::try_from(row)
+                .unwrap_or(usize::MAX)
+                .min(self.slots.len())
+        };
+        let (start, end) = (clamp(start), clamp(end));
         self.slots
+            .get(start..end.max(start))
+            .unwrap_or_default()
             .iter()
             .enumerate()
-            .filter_map(move |(i, slot)| (slot.kind() == Some(rt)).then_some(i as Row))
+            .filter_map(move |(i, slot)| (slot.kind() == Some(rt)).then_some((start + i) as Row))
+    }
+
+    /// One past the highest row there has been.
+    pub fn row_end(&self) -> Row {
+        self.slots.len() as Row
     }
 
     /// The agent whose `name` is `name`, case-insensitively.
