@@ -11,6 +11,7 @@ Parts (each can also be run alone, see bench/README.md):
   revocation  bench/revocation.py  SCIM answer -> refusal under load
   profile     bench/profile.py     perf record of Portcullis under wrk load
   replicas    bench/replicas.py    SCIM on PostgreSQL: creates/s vs redb, write latency with 3 replicas
+  console     bench/console.py     console pages at 1M users; proxy req/s while a client polls the console
 
 A part that fails to run is reported as failed in the results and makes the suite exit
 non-zero at the end; slow figures never do (they are "not met").
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
-PARTS = ["decision", "proxy", "scim", "revocation", "profile", "replicas"]
+PARTS = ["decision", "proxy", "scim", "revocation", "profile", "replicas", "console"]
 RESULTS = os.path.join(ROOT, "target", "bench-results")
 DECISION_TARGET_NS = 2000
 
@@ -39,11 +40,13 @@ def settings(quick):
         return {"users": 101_000, "decision_args": ["--quick"], "proxy": ["--rounds", "1", "--duration", "2"],
                 "scim": ["--rounds", "1", "--duration", "2", "--users", "101000"],
                 "revocation": ["--rounds", "1"], "profile": ["--duration", "3"],
-                "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"]}
+                "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"],
+                "console": ["--rounds", "2", "--duration", "2", "--users", "101000"]}
     return {"users": 1_000_000, "decision_args": [], "proxy": ["--rounds", "3", "--duration", "6"],
             "scim": ["--rounds", "3", "--duration", "5", "--users", "1000000"],
             "revocation": ["--rounds", "3"], "profile": ["--duration", "8"],
-            "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"]}
+            "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"],
+            "console": ["--rounds", "4", "--duration", "5", "--users", "1000000"]}
 
 
 def run_part(name, cmd, env=None, timeout=3600):
@@ -157,6 +160,19 @@ def summary_rows(r):
         rows.append(("replicas", "SCIM write latency with 3 replicas (answered once B and C have it), median / p99",
                      f"{three['median_ms']:.2f} / {three['p99_ms']:.2f} ms", "-", "-", "p99 < 20 ms",
                      common.verdict(three["p99_ms"] < 20)))
+    co = r.get("console")
+    if co:
+        pages = co["pages"]
+        for page in pages["pages"]:
+            if page["page"].startswith(("users list", "who can reach")):
+                rows.append(("console", f"{page['page']}, {pages['users']:,} users (median)",
+                             f"{page['median_ms']:.1f} ms", "-", "-", "< 100 ms",
+                             common.verdict(page["median_ms"] < 100)))
+        poll = co["polling"]
+        rows.append(("console", f"authenticated req/s while a client loads a console page every "
+                                f"{poll['interval_s']} s (reference: no client)",
+                     f"{poll['polled_rps']:,.0f}/s", f"{poll['alone_rps']:,.0f}/s", f"{poll['ratio']:.3f}x",
+                     ">= 0.98x", common.verdict(poll["ratio"] >= 0.98)))
     return rows
 
 
@@ -272,7 +288,7 @@ def main():
             details["decision"] = out
         else:
             failed.append("decision")
-    for name in ("proxy", "scim", "revocation", "profile", "replicas"):
+    for name in ("proxy", "scim", "revocation", "profile", "replicas", "console"):
         if name not in parts:
             continue
         out_json = os.path.join(RESULTS, f"{name}.json")
@@ -318,7 +334,7 @@ def main():
     if prof is not None:
         lines += ["## Profile of the slowest paths", ""]
         lines += profile_notes(prof)
-    for name in ("decision", "proxy", "scim", "revocation", "profile", "replicas"):
+    for name in ("decision", "proxy", "scim", "revocation", "profile", "replicas", "console"):
         if name in details:
             lines += ["", f"## Details: {name}", "", details_text(name, details[name])]
     with open(md_path, "w") as f:

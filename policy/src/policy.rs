@@ -242,6 +242,16 @@ impl Policy {
         self.rules.is_empty()
     }
 
+    /// Whether any rule names a group (`groups`, `group_ids`, `agent_groups`,
+    /// `agent_owner_groups`): if none does, a subject's groups never change a decision, and
+    /// a caller judging many subjects may leave them out.
+    pub fn reads_groups(&self) -> bool {
+        !(self.groups.is_empty()
+            && self.group_ids.is_empty()
+            && self.agent_groups.is_empty()
+            && self.agent_owner_groups.is_empty())
+    }
+
     /// Decides whether `subject` (`None` when nobody is signed in) may make `request`.
     ///
     /// In order:
@@ -1812,5 +1822,26 @@ mod tests {
     fn policies_can_be_shared_across_threads() {
         fn shareable<T: Send + Sync>() {}
         shareable::<Policy>();
+    }
+
+    #[test]
+    fn a_policy_says_whether_it_reads_groups() {
+        let rule = |name: &str| RuleSpec::new(name);
+        let anyone = RuleSpec {
+            any_signed_in: true,
+            ..rule("a")
+        };
+        let eng = RuleSpec {
+            groups: vec!["eng".to_owned()],
+            ..rule("b")
+        };
+        let owners = RuleSpec {
+            agent_owner_groups: vec!["eng".to_owned()],
+            ..rule("c")
+        };
+        let compile = |allow, deny| Policy::compile(allow, deny).unwrap();
+        assert!(!compile(vec![anyone.clone()], vec![]).reads_groups());
+        assert!(compile(vec![anyone.clone()], vec![eng]).reads_groups());
+        assert!(compile(vec![owners], vec![]).reads_groups());
     }
 }

@@ -23,12 +23,11 @@ fn agent_presents(attribute: AgentAttribute, agent: &AgentEntry) -> Option<Strin
     }
 }
 
-/// The users and agents a route lets in for one request, each `(id, name)` in creation order.
+/// The users and agents a route lets in for one request, in creation order: users by row
+/// (named only for the page shown), agents by `(id, name)`.
 pub struct Reach {
-    pub users: Vec<(Id, String)>,
-    pub user_total: usize,
+    pub users: Vec<Row>,
     pub agents: Vec<(Id, String)>,
-    pub agent_total: usize,
 }
 
 /// The request a route page judges: a method and a normalized path.
@@ -61,7 +60,7 @@ impl Console {
         let mut users = Vec::new();
         self.directory.scan(ResourceType::User, |index, row| {
             if admits_person(identity, route, &request, index, row) {
-                users.extend(index.user(row).map(|u| (u.id, u.user_name.to_string())));
+                users.push(row);
             }
         });
         let mut agents = Vec::new();
@@ -86,12 +85,7 @@ impl Console {
                 }
             }
         }
-        Reach {
-            user_total: users.len(),
-            users,
-            agent_total: agents.len(),
-            agents,
-        }
+        Reach { users, agents }
     }
 
     pub(super) fn routes(&self) -> Shown {
@@ -144,27 +138,38 @@ impl Console {
         let total = self.directory.read(|index| index.count(ResourceType::User));
         html.push_str(&format!(
             "<p><strong>{}</strong> of {} users and <strong>{}</strong> agents may {} {}.</p>",
-            count(reach.user_total),
+            count(reach.users.len()),
             count(total),
-            count(reach.agent_total),
+            count(reach.agents.len()),
             escape(&asked.method),
             escape(&asked.path)
         ));
         html.push_str("<div class=\"table\"><table><thead><tr><th>User</th></tr></thead><tbody>");
         let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
-        for (id, name) in reach.users.iter().skip(skip).take(PAGE_SIZE) {
-            html.push_str(&format!(
-                "<tr><td><a href=\"{}\">{}</a></td></tr>",
-                link(&format!("users/{}", format_id(*id))),
-                escape(name)
-            ));
-        }
+        let page: Vec<Row> = reach
+            .users
+            .iter()
+            .skip(skip)
+            .take(PAGE_SIZE)
+            .copied()
+            .collect();
+        html.push_str(&self.directory.read(|index| {
+            let mut rows = String::new();
+            for user in page.iter().filter_map(|&row| index.user(row)) {
+                rows.push_str(&format!(
+                    "<tr><td><a href=\"{}\">{}</a></td></tr>",
+                    link(&format!("users/{}", format_id(user.id))),
+                    escape(&user.user_name)
+                ));
+            }
+            rows
+        }));
         html.push_str("</tbody></table></div>");
         html.push_str(&pager(
             &format!("routes/{index}"),
             &[("method", &asked.method), ("path", &asked.path)],
             params,
-            reach.user_total,
+            reach.users.len(),
             "user",
         ));
         if !reach.agents.is_empty() {

@@ -569,8 +569,14 @@ mod pages {
             for route in &console.runtime.config.routes {
                 for (method, path) in [("GET", "/"), ("DELETE", "/admin/x"), ("GET", "/open")] {
                     let reach = console.reach(route, method, path);
-                    let reached: Vec<&str> =
-                        reach.users.iter().map(|(_, name)| name.as_str()).collect();
+                    let reached: Vec<String> = world.directory.read(|index| {
+                        reach
+                            .users
+                            .iter()
+                            .filter_map(|&row| index.user(row))
+                            .map(|u| u.user_name.to_string())
+                            .collect()
+                    });
                     for user in [
                         "a@corp.example",
                         "b@corp.example",
@@ -606,7 +612,7 @@ mod pages {
                         };
                         let folded = portcullis_policy::fold(user);
                         assert_eq!(
-                            reached.contains(&&*folded),
+                            reached.contains(&folded.to_string()),
                             expected,
                             "{attribute}: {} {method} {path} for {user}",
                             route.name
