@@ -125,6 +125,7 @@ impl Console {
         let mut html = format!("<p>Takes {}.</p>", takes(route));
         html.push_str("<h2>Rules</h2>");
         html.push_str(&rules_table(route));
+        html.push_str(&self.named_groups(route));
         html.push_str(&format!(
             "<h2>Who can reach it</h2><form class=\"inline\" method=\"get\" action=\"{}\">\
              <select name=\"method\" aria-label=\"Method\">{}</select>\
@@ -186,6 +187,61 @@ impl Console {
         Some(Shown {
             title: route.name.clone(),
             content: html,
+        })
+    }
+
+    /// The groups the route's rules name, each with what names it and its direct members.
+    fn named_groups(&self, route: &Route) -> String {
+        let mut named: Vec<(Row, String)> = Vec::new();
+        self.directory.read(|index| {
+            let rules = route
+                .allow
+                .iter()
+                .map(|r| (r, "allow"))
+                .chain(route.deny.iter().map(|r| (r, "deny")));
+            for (rule, effect) in rules {
+                let by_name = [
+                    (&rule.groups, "groups"),
+                    (&rule.agent_groups, "agent_groups"),
+                    (&rule.agent_owner_groups, "agent_owner_groups"),
+                ];
+                for (names, key) in by_name {
+                    for name in names {
+                        let folded = portcullis_policy::fold(name);
+                        if let Some(row) = index.group_by_folded_name(&folded) {
+                            named.push((row, format!("{} ({effect}, {key})", rule.name)));
+                        }
+                    }
+                }
+                for id in &rule.group_ids {
+                    for row in index.groups_by_external_id(id) {
+                        named.push((row, format!("{} ({effect}, group_ids)", rule.name)));
+                    }
+                }
+            }
+        });
+        if named.is_empty() {
+            return String::new();
+        }
+        self.directory.read(|index| {
+            let mut html = String::from(
+                "<h2>Groups its rules name</h2><div class=\"table\"><table><thead><tr>\
+                 <th>Group</th><th>Named by</th><th>Direct members</th></tr></thead><tbody>",
+            );
+            for (row, by) in &named {
+                let Some(group) = index.group(*row) else {
+                    continue;
+                };
+                html.push_str(&format!(
+                    "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
+                    link(&format!("groups/{}", format_id(group.id))),
+                    escape(&group.display_name),
+                    escape(by),
+                    count(index.members_of(*row).count())
+                ));
+            }
+            html.push_str("</tbody></table></div>");
+            html
         })
     }
 

@@ -437,6 +437,10 @@ mod pages {
             html.contains("routes[0].deny"),
             "the rules are shown: {html}"
         );
+        assert!(
+            html.contains(">eng</a></td><td>routes[0].allow[0] (allow, groups)</td><td>1</td>"),
+            "the groups the rules name: {html}"
+        );
         assert_eq!(console.get("routes/99", "").status, StatusCode::NOT_FOUND);
 
         // The explain form answers as explain does.
