@@ -38,11 +38,6 @@ PAGES = ["", "users", "routes/1", "audit"]
 def page_timings(users):
     """Runs the console page bench; returns its JSON."""
     env = {**os.environ, "PORTCULLIS_BENCH_USERS": str(users)}
-    # The benchmark directory is the decision bench's: populate it (once) if it is missing.
-    data = os.path.join(common.ROOT, "target", "bench-data", f"directory-{users}-10000-100000", "populated")
-    if not os.path.exists(data):
-        subprocess.run(["cargo", "bench", "-p", "portcullis", "--bench", "decision", "--", "--quick"],
-                       cwd=common.ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cargo", "bench", "-p", "portcullis", "--bench", "console"], cwd=common.ROOT, env=env,
                    check=True, stdout=sys.stderr)
     with open(os.path.join(common.ROOT, "target", "bench-results", "console.json")) as f:

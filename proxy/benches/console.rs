@@ -16,7 +16,8 @@
 //! `target/bench-results/console.json`. No page is timed inside another's lock, and nothing
 //! is cached between rounds (the pages cache nothing).
 //!
-//! `cargo bench -p portcullis --bench console`; `PORTCULLIS_BENCH_USERS` as for `decision`.
+//! `cargo bench -p portcullis --bench console`; `PORTCULLIS_BENCH_USERS` as for `decision`
+//! (the directory is the same, populated by whichever runs first).
 
 // Benchmark code: a setup that fails is a bug in the benchmark, reported by panicking.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
@@ -24,17 +25,20 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod shared;
+
+use shared::{agents, open_directory, target_dir, users};
+
 use portcullis::audit::{Audit, Destination};
-use portcullis::auth::sessions::{Kept, Sessions};
+use portcullis::auth::sessions::Sessions;
 use portcullis::console::Console;
 use portcullis::state::Runtime;
 use portcullis_scim::schema::ResourceType;
-use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::{format_id, Directory, Sinks};
+use portcullis_scim::store::format_id;
 
 const ROUNDS: usize = 7;
 /// Under this, a page is on target.
@@ -70,27 +74,6 @@ allow = { any_signed_in = true }
 allow = { groups = ["group1"] }
 "#;
 
-fn users() -> u64 {
-    std::env::var("PORTCULLIS_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
-fn agents() -> u64 {
-    std::env::var("PORTCULLIS_BENCH_AGENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
-}
-
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("target")
-}
-
 fn median(mut ms: Vec<f64>) -> f64 {
     ms.sort_by(f64::total_cmp);
     ms[ms.len() / 2]
@@ -98,33 +81,7 @@ fn median(mut ms: Vec<f64>) -> f64 {
 
 fn main() {
     let (users, agents) = (users(), agents());
-    let data = target_dir()
-        .join("bench-data")
-        .join(format!("directory-{users}-10000-{agents}"));
-    assert!(
-        data.join("populated").exists(),
-        "{} is not populated: run `cargo bench -p portcullis --bench decision` first",
-        data.display()
-    );
-    let started = Instant::now();
-    let kept = Arc::new(Kept::default());
-    let sinks = Sinks {
-        changes: None,
-        entries: Some(kept.clone()),
-    };
-    let directory = Arc::new(
-        Directory::open_with_sinks(
-            Arc::new(RedbStorage::open(&data).expect("open storage")),
-            Box::new(time::OffsetDateTime::now_utc),
-            sinks,
-        )
-        .expect("open directory"),
-    );
-    eprintln!(
-        "directory loaded: {:?} (users, groups) in {:.1} s",
-        directory.counts(),
-        started.elapsed().as_secs_f64()
-    );
+    let (directory, kept) = open_directory(users, agents);
     let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
         .unwrap_or_else(|e| panic!("bench config: {e}"));
     let runtime = Arc::new(Runtime::build(config, &directory));

@@ -37,7 +37,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::future::Future;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -46,25 +46,20 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
-use portcullis::auth::sessions::Kept;
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
 use portcullis::gate::{Admission, Client, Facts, Gate, Presented};
 use portcullis_config::Config;
-use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::{Directory, Sinks};
+use portcullis_scim::store::Directory;
 
-#[path = "../../scim/examples/populate.rs"]
-#[allow(dead_code)]
-mod populate;
+mod shared;
 
-const GROUPS: u64 = 10_000;
+use shared::{agents, open_directory, target_dir, users};
+
 const SESSIONS: usize = 10_000;
 /// group0 holds the first 100,000 users (populate.rs); the route allows it.
 const GROUP0_MEMBERS: u64 = 100_000;
-/// Agents the benchmarked ones are drawn from (`PORTCULLIS_BENCH_AGENTS` changes it).
-const AGENTS: u64 = 100_000;
 const TIMED_ITERATIONS: usize = 200_000;
 
 /// The route as the proxy would load it: sessions and bearer tokens, members of `group0`
@@ -100,46 +95,6 @@ to = ["http://127.0.0.1:3"]
 accept = ["bearer"]
 allow = { agent_owner_groups = ["group0"] }
 "#;
-
-fn users() -> u64 {
-    std::env::var("PORTCULLIS_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
-fn agents() -> u64 {
-    std::env::var("PORTCULLIS_BENCH_AGENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(AGENTS)
-}
-
-fn target_dir() -> PathBuf {
-    // CARGO_MANIFEST_DIR is proxy/; the workspace's target/ is beside it.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("target")
-}
-
-/// The populated directory store, built once and kept under target/bench-data/.
-fn directory_data(users: u64, agents: u64) -> PathBuf {
-    let dir = target_dir()
-        .join("bench-data")
-        .join(format!("directory-{users}-{GROUPS}-{agents}"));
-    let done = dir.join("populated");
-    if !done.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-        eprintln!(
-            "populating {users} users, {GROUPS} groups and {agents} agents in {} ...",
-            dir.display()
-        );
-        populate::populate(&dir, users, GROUPS, agents).expect("populate");
-        std::fs::write(&done, b"").expect("mark populated");
-    }
-    dir
-}
 
 /// An RS256 ID token's shape and size (header.claims.signature, base64url), not a valid one.
 fn fake_id_token(n: u64) -> String {
@@ -194,27 +149,7 @@ impl Fixture {
     fn new() -> Fixture {
         let (users, agents) = (users(), agents().max(1));
         assert!(users >= GROUP0_MEMBERS, "at least {GROUP0_MEMBERS} users");
-        let data = directory_data(users, agents);
-        let started = Instant::now();
-        let storage = RedbStorage::open(&data).expect("open storage");
-        let kept = Arc::new(Kept::default());
-        let sinks = Sinks {
-            changes: None,
-            entries: Some(kept.clone()),
-        };
-        let directory = Arc::new(
-            Directory::open_with_sinks(
-                Arc::new(storage),
-                Box::new(time::OffsetDateTime::now_utc),
-                sinks,
-            )
-            .expect("open directory"),
-        );
-        eprintln!(
-            "directory loaded: {:?} (users, groups) in {:.1} s",
-            directory.counts(),
-            started.elapsed().as_secs_f64()
-        );
+        let (directory, kept) = open_directory(users, agents);
         let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
             .unwrap_or_else(|e| panic!("bench config: {e}"));
 

@@ -27,7 +27,7 @@ use portcullis_tests::idp::{jwt_claims, jwt_header, verify_with};
 use portcullis_tests::scim::patch_ops;
 use portcullis_tests::upstream::stamp;
 use portcullis_tests::{
-    raw_request, ConfigBuilder, Echo, JwtIssuer, Oidc, Route, ScimClient, ScimResponse, Upstream,
+    raw_request, ConfigBuilder, Echo, JwtIssuer, Route, ScimClient, ScimResponse, Upstream,
 };
 use reqwest::header::{ACCEPT, CONTENT_TYPE, COOKIE};
 use reqwest::StatusCode;
@@ -35,9 +35,9 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::signin::{
-    assert_session_refused, assert_session_works, bare_client, client, get_with_session, idp_setup,
-    Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID,
-    CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
+    assert_session_refused, assert_session_works, bare_client, client, get_with_session,
+    idp_for_app_test, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
+    BROWSER_ACCEPT, MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -67,17 +67,8 @@ impl Authz {
         let app = Upstream::start("app").await;
         let api = Upstream::start("api").await;
         let cfg = ConfigBuilder::new().http_listener();
-        let port = cfg.http_addr().port();
-        let redirect_uris = vec![format!("http://app.test:{port}/.portcullis/callback")];
-        let backchannel = format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout");
-        let idp = idp_setup(&redirect_uris, &backchannel).start().await;
-        let oidc = Oidc::new(
-            idp.issuer(),
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &format!("app.test:{port}"),
-        )
-        .set("session_lifetime", "\"2h\"");
+        let (idp, oidc) = idp_for_app_test(&cfg).await;
+        let oidc = oidc.set("session_lifetime", "\"2h\"");
         let cfg = cfg
             .route(
                 Route::new(APP_ROUTE, &[&app])

@@ -12,15 +12,15 @@ use std::time::Duration;
 use portcullis_tests::rng::Rng;
 use portcullis_tests::scim::patch_ops;
 use portcullis_tests::{
-    Browser, BrowserOptions, ConfigBuilder, Oidc, Portcullis, Route, ScimClient, Upstream,
+    Browser, BrowserOptions, ConfigBuilder, Portcullis, Route, ScimClient, Upstream,
 };
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::signin::{
-    assert_session_refused, assert_session_works, client, get_with_session, idp_setup, navigate,
-    Fixture, ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET,
+    assert_session_refused, assert_session_works, client, get_with_session, idp_for_app_test,
+    navigate, Fixture, ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, BROWSER_ACCEPT,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -40,16 +40,7 @@ impl Console {
         let app = Upstream::start("app").await;
         let api = Upstream::start("api").await;
         let cfg = ConfigBuilder::new().http_listener();
-        let port = cfg.http_addr().port();
-        let redirect_uris = vec![format!("http://app.test:{port}/.portcullis/callback")];
-        let backchannel = format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout");
-        let idp = idp_setup(&redirect_uris, &backchannel).start().await;
-        let oidc = Oidc::new(
-            idp.issuer(),
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &format!("app.test:{port}"),
-        );
+        let (idp, oidc) = idp_for_app_test(&cfg).await;
         let cfg = cfg
             .route(
                 Route::new("http://app.test", &[&app])

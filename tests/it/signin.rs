@@ -358,6 +358,23 @@ pub(crate) fn idp_setup(redirect_uris: &[String], backchannel: &str) -> IdpSetup
         )
 }
 
+/// The IdP of [`idp_setup`] for a Portcullis whose listener is `cfg`'s HTTP one, with
+/// `app.test` as its auth host (callback and back-channel logout there), and the `[oidc]`
+/// section that signs people in at it.
+pub(crate) async fn idp_for_app_test(cfg: &ConfigBuilder) -> (Idp, Oidc) {
+    let port = cfg.http_addr().port();
+    let redirect_uris = vec![format!("http://app.test:{port}/.portcullis/callback")];
+    let backchannel = format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout");
+    let idp = idp_setup(&redirect_uris, &backchannel).start().await;
+    let oidc = Oidc::new(
+        idp.issuer(),
+        CLIENT_ID,
+        CLIENT_SECRET,
+        &format!("app.test:{port}"),
+    );
+    (idp, oidc)
+}
+
 /// Polls `url` (a `/.portcullis/sign_in` URL) with `client` until it redirects to the IdP
 /// (Portcullis has discovered it), for at most `timeout`.
 pub(crate) async fn wait_sign_in_available_at(
