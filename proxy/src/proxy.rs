@@ -38,7 +38,7 @@ use portcullis_config::{Scheme, CONSOLE_PATH};
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
-use crate::auth::Authentication;
+use crate::auth::{cookie, session_cookie_name, Authentication};
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::cookies;
@@ -730,8 +730,14 @@ impl Proxy {
                     .await;
             }
         };
-        let (Some(viewer), Some(Caller::Person { session: key, .. })) =
-            (pass.forward, authentication.caller())
+        // The form token comes from the session id itself (see `csrf_token`).
+        let session_id = runtime
+            .config
+            .oidc
+            .as_ref()
+            .and_then(|oidc| cookie(req, &session_cookie_name(oidc, tls)));
+        let (Some(viewer), Some(Caller::Person { .. }), Some(session_id)) =
+            (pass.forward, authentication.caller(), session_id)
         else {
             // Only a person's session gets this far (`[console]` takes nothing else).
             return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await;
@@ -751,18 +757,21 @@ impl Proxy {
             sessions: self.shared.auth.sessions.clone(),
             audit: self.shared.audit.clone(),
             config_path: self.shared.config_path.clone(),
-            csrf: crate::console::csrf_token(key),
+            csrf: crate::console::csrf_token(session_id),
             viewer: viewer.user,
             now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
         };
         let reply = match method {
             // Pages walk the directory and read the audit log: off this worker thread, which
             // serves the proxied traffic.
-            http::Method::GET | http::Method::HEAD => {
-                tokio::task::spawn_blocking(move || console.get(&page, &query))
+            // At most a few at once, so that however many are asked for (a page of images
+            // pointing at the console, say), they take no more than that from the proxy.
+            http::Method::GET | http::Method::HEAD => match CONSOLE_PAGES.acquire().await {
+                Ok(_turn) => tokio::task::spawn_blocking(move || console.get(&page, &query))
                     .await
-                    .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR))
-            }
+                    .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR)),
+                Err(_) => Reply::status_page(StatusCode::SERVICE_UNAVAILABLE),
+            },
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
@@ -787,12 +796,23 @@ impl Proxy {
                     };
                     console.post(act, &form, same_origin, reload).await
                 }
+                // An action on a user who is not (or no longer) in the directory.
+                None if page.ends_with("/end_sessions") => {
+                    Reply::status_page(StatusCode::NOT_FOUND)
+                }
                 None => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
                     .header(header::ALLOW, "GET, HEAD"),
             },
             _ => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
                 .header(header::ALLOW, "GET, HEAD, POST"),
         };
+        // Never in a frame (a click there would be the viewer's own), no script, no
+        // resource or form target but this origin, and no console address in a Referer.
+        let reply = reply
+            .header(header::X_FRAME_OPTIONS, "DENY")
+            .header(header::CONTENT_SECURITY_POLICY, CONSOLE_POLICY)
+            .header(header::REFERRER_POLICY, "same-origin")
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
         reply::send(session, reply).await
     }
 
@@ -862,6 +882,14 @@ impl Proxy {
         reply::send(session, reply).await
     }
 }
+
+/// Console pages made at once; more wait their turn.
+static CONSOLE_PAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The console's Content-Security-Policy: its pages have no script and load only the
+/// stylesheet, from this origin.
+const CONSOLE_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The header that names the agent making a request (an agent's own, or a delegated token's
 /// actor). Like every `X-Portcullis-` header, a client's own is stripped on the way in.

@@ -234,11 +234,18 @@ async fn the_pages_show_the_directory_as_it_is_now() {
             .await
             .cookie;
     let alice_page = t.console_url(&format!("users/{}", t.alice_id));
-    let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let resp = get_with_session(&alice_page, &bob, BROWSER_ACCEPT).await;
+    // Never framed, no script, and no console address in a Referer.
+    for (name, want) in [
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "same-origin"),
+        ("cache-control", "no-store"),
+    ] {
+        assert_eq!(resp.headers()[name], want, "{name}");
+    }
+    let policy = resp.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("frame-ancestors 'none'") && policy.contains("default-src 'none'"));
+    let page = resp.text().await.unwrap();
     assert!(page.contains("class=\"yes\">active"), "{page}");
     assert!(page.contains("No session."), "{page}");
 

@@ -237,7 +237,7 @@ impl Console {
                     link(&format!("groups/{}", format_id(group.id))),
                     escape(&group.display_name),
                     escape(by),
-                    count(index.members_of(*row).count())
+                    count(index.member_count(*row))
                 ));
             }
             html.push_str("</tbody></table></div>");

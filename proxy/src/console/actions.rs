@@ -13,9 +13,11 @@ use subtle::ConstantTimeEq;
 
 use super::directory::names_user;
 use super::{link, Console, Shown};
+use crate::auth::sessions::Sessions;
 use crate::caller::SessionKey;
 use crate::gate::person_key;
 use crate::reply::{document, escape, Reply};
+use crate::state::Runtime;
 
 /// An action the console can take.
 pub enum Act {
@@ -23,11 +25,13 @@ pub enum Act {
     Reload,
 }
 
-/// The CSRF token of the session `key`: only its holder's pages carry it.
-pub fn csrf_token(key: &SessionKey) -> String {
+/// The CSRF token of the session whose id (the cookie's value) is `session_id`: only its
+/// holder's pages carry it, and nothing stored lets anyone work it out (the store keeps only
+/// the session id's SHA-256, and this is another hash of the id itself).
+pub fn csrf_token(session_id: &str) -> String {
     let digest = Sha256::new()
         .chain_update(b"portcullis console form\0")
-        .chain_update(key)
+        .chain_update(session_id.as_bytes())
         .finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -56,21 +60,19 @@ impl Console {
         }
     }
 
-    /// How many sessions `user` has here.
-    fn sessions_of(&self, user: &UserEntry) -> Vec<SessionKey> {
-        let identity = &self.runtime.config.identity;
-        self.sessions
-            .find(|who| person_key(identity, who).is_some_and(|key| names_user(key, user)))
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect()
+    /// The sessions `user` has, found off the worker thread (it walks every session).
+    async fn sessions_of(&self, user: &UserEntry) -> Vec<SessionKey> {
+        let (sessions, runtime, user) = (self.sessions.clone(), self.runtime.clone(), user.clone());
+        tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user))
+            .await
+            .unwrap_or_default()
     }
 
     /// The confirmation page of `act`.
     pub(super) fn confirm(&self, act: &Act) -> Shown {
         let (title, question, button) = match act {
             Act::EndSessions(user) => {
-                let n = self.sessions_of(user).len();
+                let n = sessions_of(&self.sessions, &self.runtime, user).len();
                 (
                     format!("End {}'s sessions", user.user_name),
                     format!(
@@ -135,7 +137,7 @@ impl Console {
         }
         let (title, content) = match act {
             Act::EndSessions(user) => {
-                let keys = self.sessions_of(&user);
+                let keys = self.sessions_of(&user).await;
                 let outcome = match self.sessions.end(&keys).await {
                     Ok(()) => format!(
                         "ended {} session{}",
@@ -195,4 +197,14 @@ impl Console {
     fn page(&self, status: StatusCode, title: &str, content: &str) -> Reply {
         Reply::html(status, document(title, &self.bar(""), content))
     }
+}
+
+/// The sessions held here of the person who signs in as `user`.
+fn sessions_of(sessions: &Sessions, runtime: &Runtime, user: &UserEntry) -> Vec<SessionKey> {
+    let identity = &runtime.config.identity;
+    sessions
+        .find(|who| person_key(identity, who).is_some_and(|key| names_user(key, user)))
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect()
 }

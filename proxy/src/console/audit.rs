@@ -141,7 +141,7 @@ impl PerHour {
         let total = |v: &[usize; HOURS]| v.iter().sum::<usize>();
         format!(
             "<figure>{svg}<figcaption><span class=\"no\">■</span> {} refusals · \
-             <span style=\"color:var(--accent)\">■</span> {} SCIM changes in the last 24 hours\
+             <span class=\"accent\">■</span> {} SCIM changes in the last 24 hours\
              </figcaption></figure>",
             count(total(&self.refusals)),
             count(total(&self.changes))

@@ -265,7 +265,7 @@ impl Console {
                     if sessions.len() == 1 { "" } else { "s" },
                     timestamp(self.now + ago),
                     relative(ago),
-                    link(&format!("users/{id}/end_sessions"))
+                    link(&format!("users/{}/end_sessions", format_id(user.id)))
                 ));
             }
         }
@@ -298,7 +298,7 @@ impl Console {
                     "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                     resource_link("groups", group.id, &group.display_name),
                     escape(group.external_id.as_deref().unwrap_or("")),
-                    count(index.members_of(row).count())
+                    count(index.member_count(row))
                 ));
             }
             html.push_str("</tbody></table></div>");
@@ -312,14 +312,19 @@ impl Console {
     }
 
     pub(super) fn group(&self, id: &str, params: &Params) -> Option<Shown> {
-        self.directory.read(|index| {
+        // The members are copied out under the lock and sorted after it: a million-member
+        // group must not hold up writes (and the requests behind them) while it is sorted.
+        let (row, mut members) = self.directory.read(|index| {
             let (ResourceType::Group, row) = index.row_of(id)? else {
                 return None;
             };
+            Some((row, index.members_of(row).collect::<Vec<Row>>()))
+        })?;
+        members.sort_unstable();
+        let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
+        let page: Vec<Row> = members.iter().skip(skip).take(PAGE_SIZE).copied().collect();
+        self.directory.read(|index| {
             let group = index.group(row)?;
-            let mut members: Vec<Row> = index.members_of(row).collect();
-            members.sort_unstable();
-            let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
             let mut html = format!(
                 "<dl class=\"facts\"><dt>id</dt><dd>{}</dd><dt>externalId</dt><dd>{}</dd></dl>\
                  <h2>In groups</h2>{}<h2>Members</h2>",
@@ -331,7 +336,7 @@ impl Console {
                 "<div class=\"table\"><table><thead><tr><th>Member</th><th>Type</th>\
                  <th>Active</th></tr></thead><tbody>",
             );
-            for &member in members.iter().skip(skip).take(PAGE_SIZE) {
+            for &member in &page {
                 let Some((kind, name)) = member_link(index, member) else {
                     continue;
                 };
@@ -434,11 +439,13 @@ impl Console {
             };
             let expires = if agent.expires == i64::MAX {
                 "never".to_owned()
+            } else if agent.expires == i64::MIN {
+                flag(false, "", "unreadable, so the agent is refused")
             } else {
                 format!(
                     "<time datetime=\"{}\">{}</time>",
                     timestamp(agent.expires),
-                    relative(agent.expires - self.now)
+                    relative(agent.expires.saturating_sub(self.now))
                 )
             };
             let content = format!(

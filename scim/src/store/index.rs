@@ -808,6 +808,11 @@ impl Index {
         self.members.get(&group).into_iter().flatten().copied()
     }
 
+    /// How many direct members `group` has, without walking them.
+    pub fn member_count(&self, group: Row) -> usize {
+        self.members.get(&group).map_or(0, |m| m.len())
+    }
+
     pub fn parents_of(&self, member: Row) -> impl Iterator<Item = Row> + '_ {
         let parents: &[Row] = match self.slot(member) {
             Slot::User(user) => &user.parents,
