@@ -147,31 +147,33 @@ impl Admin {
     /// `?user=…&url=…[&method=…]`, or `?agent=…[&on_behalf_of=…]&url=…[&method=…]`: the
     /// [`Explanation`](crate::explain::Explanation) as JSON.
     fn explain(&self, query: &str) -> (StatusCode, &'static str, Vec<u8>) {
-        let (mut user, mut agent, mut on_behalf_of, mut url, mut method) =
-            (None, None, None, None, None);
+        let (mut user, mut agent, mut machine, mut on_behalf_of, mut url, mut method) =
+            (None, None, None, None, None, None);
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "user" => user = Some(value),
                 "agent" => agent = Some(value),
+                "machine" => machine = Some(value),
                 "on_behalf_of" => on_behalf_of = Some(value),
                 "url" => url = Some(value),
                 "method" => method = Some(value),
                 _ => {}
             }
         }
-        let who = match (&user, &agent) {
-            (Some(user), None) => Some(Who::Person(user)),
-            (None, Some(agent)) => Some(Who::Agent {
+        let who = match (&user, &agent, &machine) {
+            (Some(user), None, None) => Some(Who::Person(user)),
+            (None, Some(agent), None) => Some(Who::Agent {
                 name: agent,
                 on_behalf_of: on_behalf_of.as_deref(),
             }),
+            (None, None, Some(machine)) => Some(Who::Machine(machine)),
             _ => None,
         };
         let (Some(who), Some(url)) = (who, url) else {
             return (
                 StatusCode::BAD_REQUEST,
                 "text/plain",
-                b"url and one of user or agent are required\n".to_vec(),
+                b"url and one of user, agent or machine are required\n".to_vec(),
             );
         };
         let runtime = self.shared.runtime.load();

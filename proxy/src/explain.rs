@@ -39,12 +39,15 @@ pub enum Who<'a> {
         name: &'a str,
         on_behalf_of: Option<&'a str>,
     },
+    /// A machine calling with its client's own token, whose `machine_claim` is this (what
+    /// finds its service account), from a client that is no agent.
+    Machine(&'a str),
 }
 
 impl Who<'_> {
     fn inputs(&self) -> [Option<&str>; 2] {
         match *self {
-            Who::Person(user) => [Some(user), None],
+            Who::Person(user) | Who::Machine(user) => [Some(user), None],
             Who::Agent { name, on_behalf_of } => [Some(name), on_behalf_of],
         }
     }
@@ -100,6 +103,27 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
         directory_seq: directory.seq(),
         groups: Vec::new(),
         claims,
+    }
+}
+
+/// A client's own token whose `machine_claim` is `value` (and so its `sub` and `client_id`).
+fn machine_token(runtime: &Runtime, value: &str) -> Machine {
+    let mut claims = Claims::new();
+    claims.insert(
+        runtime.config.identity.machine_claim.as_str().to_owned(),
+        value.to_owned(),
+    );
+    Machine {
+        issuer: String::new(),
+        subject: value.to_owned(),
+        client_id: Some(value.to_owned()),
+        groups: Vec::new(),
+        for_itself: true,
+        email: None,
+        email_verified: None,
+        claims,
+        expires: u64::MAX,
+        act: None,
     }
 }
 
@@ -254,9 +278,14 @@ pub fn explain(
                     "route {} takes bearer tokens only: people cannot sign in to it",
                     route.config.name
                 ),
-                Who::Agent { .. } => format!(
-                    "route {} does not take bearer tokens: agents cannot call it",
-                    route.config.name
+                Who::Agent { .. } | Who::Machine(_) => format!(
+                    "route {} does not take bearer tokens: {} cannot call it",
+                    route.config.name,
+                    if matches!(who, Who::Machine(_)) {
+                        "machines"
+                    } else {
+                        "agents"
+                    }
                 ),
             };
         }
@@ -274,6 +303,7 @@ fn with_principal<R>(
 ) -> R {
     match who {
         Who::Person(user) => f(Principal::Person(&signed_in_now(runtime, directory, user))),
+        Who::Machine(value) => f(Principal::Machine(&machine_token(runtime, value))),
         Who::Agent { name, on_behalf_of } => f(Principal::Machine(&agent_token(
             runtime,
             name,
@@ -361,6 +391,7 @@ fn ask_running(
     let mut query = form_urlencoded::Serializer::new(String::new());
     match who {
         Who::Person(user) => query.append_pair("user", user),
+        Who::Machine(machine) => query.append_pair("machine", machine),
         Who::Agent { name, on_behalf_of } => {
             query.append_pair("agent", name);
             match on_behalf_of {

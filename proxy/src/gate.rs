@@ -856,12 +856,38 @@ pub fn admits_person(
     index: &Index,
     row: Row,
 ) -> bool {
+    let found_by = (Credential::Session, identity.scim_attribute);
+    admits_user(SubjectKind::Person, found_by, route, request, index, row)
+}
+
+/// [`admits_person`] for a machine calling with its client's own token, found as the user at
+/// `row` (its service account) by `machine_scim_attribute`, from a client that is no agent.
+pub fn admits_machine(
+    identity: &IdentityConfig,
+    route: &Route,
+    request: &Request<'_>,
+    index: &Index,
+    row: Row,
+) -> bool {
+    let found_by = (Credential::Bearer, identity.machine_scim_attribute);
+    admits_user(SubjectKind::Machine, found_by, route, request, index, row)
+}
+
+/// A caller of `kind`, presenting `credential`, found as the user at `row` by `attribute`.
+fn admits_user(
+    kind: SubjectKind,
+    (credential, attribute): (Credential, ScimAttribute),
+    route: &Route,
+    request: &Request<'_>,
+    index: &Index,
+    row: Row,
+) -> bool {
     let Some(user) = index.user(row) else {
         return false;
     };
     let unique = |rows: Vec<Row>| rows.as_slice() == [row];
-    let found = route.accept.contains(&Credential::Session)
-        && match identity.scim_attribute {
+    let found = route.accept.contains(&credential)
+        && match attribute {
             ScimAttribute::UserName => true,
             ScimAttribute::Emails => user
                 .emails
@@ -908,7 +934,7 @@ pub fn admits_person(
             .collect();
         &many
     };
-    let subject = user_subject(SubjectKind::Person, user, groups);
+    let subject = user_subject(kind, user, groups);
     route.policy.evaluate(Some(&subject), request).allowed
 }
 

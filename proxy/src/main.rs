@@ -66,12 +66,16 @@ enum Command {
         config: PathBuf,
         /// Who signs in: the claim `[identity]` maps to a directory user (their email by
         /// default).
-        #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+        #[arg(long, required_unless_present_any = ["agent", "machine"], conflicts_with_all = ["agent", "machine"])]
         user: Option<String>,
         /// Or the agent that calls: the value of its token's `agent_claim` (its SCIM `name` by
         /// default).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "machine")]
         agent: Option<String>,
+        /// Or a machine calling with its own token: the value of its `machine_claim`, which
+        /// finds its service account (`sub` by default), from a client that is no agent.
+        #[arg(long)]
+        machine: Option<String>,
         /// With --agent: the person the agent acts for (a delegated token), named as --user.
         #[arg(long, requires = "agent")]
         on_behalf_of: Option<String>,
@@ -161,17 +165,19 @@ fn main() -> ExitCode {
             config,
             user,
             agent,
+            machine,
             on_behalf_of,
             url,
             method,
             json,
         } => {
-            let who = match (&user, &agent) {
-                (_, Some(name)) => explain::Who::Agent {
+            let who = match (&user, &agent, &machine) {
+                (_, Some(name), _) => explain::Who::Agent {
                     name,
                     on_behalf_of: on_behalf_of.as_deref(),
                 },
-                (user, None) => explain::Who::Person(user.as_deref().unwrap_or_default()),
+                (_, None, Some(machine)) => explain::Who::Machine(machine),
+                (user, None, None) => explain::Who::Person(user.as_deref().unwrap_or_default()),
             };
             let explained = load_config(&config)
                 .and_then(|config| explain::run_cli(config, who, &url, &method))

@@ -631,6 +631,38 @@ async fn explain(t: &Authz, user: &str, url: &str, method: &str) -> (i32, String
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn explain_judges_a_machine_by_its_service_account() {
+    let t = Authz::start().await;
+    let config = t.fx.px.config_path().display().to_string();
+    let api = t.api_url("/jobs");
+    let explain_machine = || async {
+        let out = portcullis_tests::process::run(
+            t.fx.px.dir(),
+            &[
+                "explain",
+                "--config",
+                &config,
+                "--machine",
+                MACHINE_ID,
+                "--url",
+                &api,
+            ],
+        )
+        .await;
+        (out.status.code().unwrap_or(-1), out.stdout)
+    };
+    let (code, out) = explain_machine().await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rule:   routes[1].allow"), "{out}");
+    // People cannot sign in to the bearer-only route, whoever they are.
+    let (code, out) = explain(&t, MACHINE_ID, &api, "GET").await;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(t.set_active(&t.machine_id, false).await.status, 200);
+    let (code, out) = explain_machine().await;
+    assert_eq!(code, 1, "a deactivated service account: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn explain_judges_against_the_live_directory_with_or_without_a_running_proxy() {
     let mut t = Authz::start().await;
     let work = t.app_url("/work");

@@ -280,16 +280,16 @@ fn refs(ids: &[String]) -> Vec<&str> {
     ids.iter().map(String::as_str).collect()
 }
 
-/// The user names in the "who can reach" table of a route page.
+/// The user names in the "who can reach" table of a route page (the only links to users
+/// there).
 fn reach_rows(page: &str) -> Vec<String> {
-    const ROW: &str = "<tr><td><a href=\"/.portcullis/console/users/";
-    page.split(ROW)
+    const LINK: &str = "<a href=\"/.portcullis/console/users/";
+    page.split(LINK)
         .skip(1)
         .filter_map(|rest| {
             let (_, after) = rest.split_once("\">")?;
-            let (name, tail) = after.split_once("</a>")?;
-            // Rows of this table have one cell; the routes table's have two.
-            tail.starts_with("</td></tr>").then(|| name.to_owned())
+            let (name, _) = after.split_once("</a>")?;
+            Some(name.to_owned())
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use portcullis_scim::store::{format_id, AgentEntry, Id, Index, Row};
 
 use super::{count, flag, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::explain::{explain, lets_in, Who};
-use crate::gate::{admits_person, Gate};
+use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
 use crate::reply::escape;
 
@@ -24,10 +24,28 @@ fn agent_presents(attribute: AgentAttribute, agent: &AgentEntry) -> Option<Strin
 }
 
 /// The users and agents a route lets in for one request, in creation order: users by row
-/// (named only for the page shown), agents by `(id, name)`.
+/// (named only for the page shown) with how they get in, agents by `(id, name)`.
 pub struct Reach {
-    pub users: Vec<Row>,
+    pub users: Vec<(Row, Via)>,
     pub agents: Vec<(Id, String)>,
+}
+
+/// How a user gets in: signed in as a person, with a machine token as a service account, or
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Via {
+    pub person: bool,
+    pub machine: bool,
+}
+
+impl Via {
+    fn words(self) -> &'static str {
+        match (self.person, self.machine) {
+            (true, true) => "signed in, or as a machine",
+            (true, false) => "signed in",
+            _ => "as a machine",
+        }
+    }
 }
 
 /// The request a route page judges: a method and a normalized path.
@@ -58,9 +76,14 @@ impl Console {
         let identity = &self.runtime.config.identity;
         let request = Request { method, path };
         let mut users = Vec::new();
+        let machines = route.accept.contains(&Credential::Bearer);
         self.directory.scan(ResourceType::User, |index, row| {
-            if admits_person(identity, route, &request, index, row) {
-                users.push(row);
+            let via = Via {
+                person: admits_person(identity, route, &request, index, row),
+                machine: machines && admits_machine(identity, route, &request, index, row),
+            };
+            if via.person || via.machine {
+                users.push((row, via));
             }
         });
         let mut agents = Vec::new();
@@ -145,9 +168,11 @@ impl Console {
             escape(&asked.method),
             escape(&asked.path)
         ));
-        html.push_str("<div class=\"table\"><table><thead><tr><th>User</th></tr></thead><tbody>");
+        html.push_str(
+            "<div class=\"table\"><table><thead><tr><th>User</th><th>Gets in</th></tr></thead><tbody>",
+        );
         let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
-        let page: Vec<Row> = reach
+        let page: Vec<(Row, Via)> = reach
             .users
             .iter()
             .skip(skip)
@@ -156,11 +181,15 @@ impl Console {
             .collect();
         html.push_str(&self.directory.read(|index| {
             let mut rows = String::new();
-            for user in page.iter().filter_map(|&row| index.user(row)) {
+            for (user, via) in page
+                .iter()
+                .filter_map(|&(row, via)| Some((index.user(row)?, via)))
+            {
                 rows.push_str(&format!(
-                    "<tr><td><a href=\"{}\">{}</a></td></tr>",
+                    "<tr><td><a href=\"{}\">{}</a></td><td>{}</td></tr>",
                     link(&format!("users/{}", format_id(user.id))),
-                    escape(&user.user_name)
+                    escape(&user.user_name),
+                    via.words()
                 ));
             }
             rows
@@ -245,26 +274,26 @@ impl Console {
         })
     }
 
-    /// The routes the user at `row` can reach, each judged for `GET` at its path prefix.
+    /// The routes the user at `row` can reach, each judged for `GET` at its path prefix: signed
+    /// in as a person, and with a machine token as a service account.
     pub(super) fn routes_of(&self, index: &Index, row: Row) -> String {
         let identity = &self.runtime.config.identity;
         let mut html = String::from(
-            "<div class=\"table\"><table><thead><tr><th>Route</th><th>GET at its root</th></tr></thead><tbody>",
+            "<div class=\"table\"><table><thead><tr><th>Route</th><th>GET at its root, signed in</th>\
+             <th>as a machine</th></tr></thead><tbody>",
         );
         for (i, route) in self.runtime.config.routes.iter().enumerate() {
             let request = Request {
                 method: "GET",
                 path: &route.path_prefix,
             };
+            let judged = |admits: bool| flag(admits, "allowed", "refused");
             html.push_str(&format!(
-                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td></tr>",
+                "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
                 link(&format!("routes/{i}")),
                 escape(&route.name),
-                flag(
-                    admits_person(identity, route, &request, index, row),
-                    "allowed",
-                    "refused"
-                )
+                judged(admits_person(identity, route, &request, index, row)),
+                judged(admits_machine(identity, route, &request, index, row))
             ));
         }
         html.push_str("</tbody></table></div>");
@@ -279,23 +308,29 @@ impl Console {
                 .map(|(_, v)| v.trim().to_owned())
                 .unwrap_or_default()
         };
-        let (user, agent, url) = (field("user"), field("agent"), field("url"));
+        let (user, agent, machine, url) = (
+            field("user"),
+            field("agent"),
+            field("machine"),
+            field("url"),
+        );
         let method = match field("method") {
             m if m.is_empty() => "GET".to_owned(),
             m => m.to_ascii_uppercase(),
         };
         let mut html = self.explain_form(&user, &url, &method);
-        let who = match (user.is_empty(), agent.is_empty()) {
-            (false, true) => Some(Who::Person(&user)),
-            (true, false) => Some(Who::Agent {
+        let who = match (user.is_empty(), agent.is_empty(), machine.is_empty()) {
+            (false, true, true) => Some(Who::Person(&user)),
+            (true, false, true) => Some(Who::Agent {
                 name: &agent,
                 on_behalf_of: None,
             }),
-            (false, false) => Some(Who::Agent {
+            (false, false, true) => Some(Who::Agent {
                 name: &agent,
                 on_behalf_of: Some(&user),
             }),
-            (true, true) => None,
+            (true, true, false) => Some(Who::Machine(&machine)),
+            _ => None,
         };
         if let (Some(who), false) = (who, url.is_empty()) {
             match explain(&self.runtime, &self.directory, who, &url, &method) {
@@ -323,6 +358,7 @@ impl Console {
             "<h2>Explain a request</h2><form class=\"inline\" method=\"get\" action=\"{}\">\
              <input type=\"text\" name=\"user\" value=\"{}\" placeholder=\"user (as they sign in)\" aria-label=\"User\">\
              <input type=\"text\" name=\"agent\" placeholder=\"or agent\" aria-label=\"Agent\">\
+             <input type=\"text\" name=\"machine\" placeholder=\"or machine\" aria-label=\"Machine\">\
              <input type=\"url\" name=\"url\" value=\"{}\" placeholder=\"https://app.example.com/path\" aria-label=\"URL\">\
              <select name=\"method\" aria-label=\"Method\">{}</select>\
              <button type=\"submit\">Explain</button></form>",

@@ -429,8 +429,11 @@ mod pages {
         // routes[0]: eng may, except under /admin.
         let html = text(&console.get("routes/0", "")).to_owned();
         assert!(html.contains("<strong>1</strong> of 2 users"), "{html}");
-        assert!(html.contains(">alice@corp.example</a></td></tr>"), "{html}");
-        assert!(!html.contains(">bob@corp.example</a></td></tr>"), "{html}");
+        assert!(
+            html.contains(">alice@corp.example</a></td><td>signed in, or as a machine</td></tr>"),
+            "{html}"
+        );
+        assert!(!html.contains(">bob@corp.example</a>"), "{html}");
         let html = text(&console.get("routes/0", "method=DELETE&path=/admin/x")).to_owned();
         assert!(html.contains("<strong>0</strong> of 2 users"), "{html}");
         assert!(
@@ -539,20 +542,31 @@ mod pages {
     }
 
     /// Who can reach each route, as the console works it out, against the gate as `explain`
-    /// asks it, for every user, under each way `[identity]` finds people: emails and
-    /// `externalId`s that several users share, users without one, deactivated users.
+    /// asks it, for every user, signed in and as a machine, under each way `[identity]` finds
+    /// people and service accounts: emails and `externalId`s that several users share, users
+    /// without one, deactivated users.
     #[tokio::test]
     async fn who_can_reach_agrees_with_the_gate_under_every_mapping() {
         use crate::explain::{lets_in, Who};
-        for (mapping, attribute) in [
-            ("", "userName"),
-            ("[identity]\nscim_attribute = \"emails\"", "emails"),
+        // (`[identity]`, how people are found, how service accounts are found).
+        for (mapping, attribute, machine_attribute) in [
+            ("", "userName", "userName"),
             (
-                "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"",
+                "[identity]\nscim_attribute = \"emails\"",
+                "emails",
+                "userName",
+            ),
+            (
+                "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n\
+                 machine_scim_attribute = \"externalId\"",
+                "externalId",
                 "externalId",
             ),
         ] {
-            let world = World::with(crate::testing::config(mapping));
+            // And a route for any machine: only service accounts get in.
+            let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                        accept = [\"bearer\"]\nallow = { machines = true }";
+            let world = World::with(crate::testing::config(&format!("{mapping}\n{bots}")));
             let a = world
                 .user_with_emails("a@corp.example", "x-1", &[("a@corp.example", true)])
                 .await;
@@ -570,60 +584,62 @@ mod pages {
             let dir = tempfile::tempdir().unwrap();
             let console = console_of(&world, dir.path());
             let gate = console.gate_for_tests();
+            let users = [
+                "a@corp.example",
+                "b@corp.example",
+                "c@corp.example",
+                "ΟΔΥΣΣΕΥΣ",
+                "e@other.example",
+            ];
+            let mut admitted = 0;
             for route in &console.runtime.config.routes {
                 for (method, path) in [("GET", "/"), ("DELETE", "/admin/x"), ("GET", "/open")] {
                     let reach = console.reach(route, method, path);
-                    let reached: Vec<String> = world.directory.read(|index| {
-                        reach
-                            .users
-                            .iter()
-                            .filter_map(|&row| index.user(row))
-                            .map(|u| u.user_name.to_string())
-                            .collect()
-                    });
-                    for user in [
-                        "a@corp.example",
-                        "b@corp.example",
-                        "c@corp.example",
-                        "ΟΔΥΣΣΕΥΣ",
-                        "e@other.example",
-                    ] {
-                        let entry = world.directory.read(|index| {
-                            index
-                                .user(index.user_by_name(user).unwrap())
-                                .unwrap()
-                                .clone()
+                    for user in users {
+                        let (row, entry) = world.directory.read(|index| {
+                            let row = index.user_by_name(user).unwrap();
+                            (row, index.user(row).unwrap().clone())
                         });
-                        let presents = match attribute {
+                        let presents = |attribute: &str| match attribute {
                             "userName" => Some(entry.user_name.to_string()),
                             "emails" => entry.emails.first().map(|e| e.to_string()),
                             _ => entry.external_id.as_deref().map(str::to_owned),
                         };
-                        let expected = match &presents {
-                            Some(value) => lets_in(
-                                &console.runtime,
-                                &gate,
-                                Who::Person(value),
-                                route,
-                                method,
-                                path,
-                            ),
-                            // Nobody signs in as them: they are anyone.
+                        let (person_presents, machine_presents) =
+                            (presents(attribute), presents(machine_attribute));
+                        let judged = |who: Option<Who<'_>>| match who {
+                            Some(who) => lets_in(&console.runtime, &gate, who, route, method, path),
+                            // Nobody presents this: they are anyone.
                             None => {
                                 let request = portcullis_policy::Request { method, path };
                                 route.policy.evaluate(None, &request).allowed
                             }
                         };
-                        let folded = portcullis_policy::fold(user);
+                        let person = judged(person_presents.as_deref().map(Who::Person));
+                        let machine = route
+                            .accept
+                            .contains(&portcullis_config::Credential::Bearer)
+                            && judged(machine_presents.as_deref().map(Who::Machine));
+                        let via = reach
+                            .users
+                            .iter()
+                            .find(|(r, _)| *r == row)
+                            .map(|(_, via)| *via);
+                        let expected =
+                            (person || machine).then_some(access::Via { person, machine });
                         assert_eq!(
-                            reached.contains(&folded.to_string()),
-                            expected,
+                            via, expected,
                             "{attribute}: {} {method} {path} for {user}",
                             route.name
                         );
+                        admitted += usize::from(expected.is_some());
                     }
                 }
             }
+            assert!(
+                admitted > 5,
+                "{attribute}: a check needs both answers ({admitted})"
+            );
         }
     }
 }
