@@ -579,7 +579,10 @@ mod pages {
             let d = world.user_with_emails("ΟΔΥΣΣΕΥΣ", "x-3", &[]).await;
             let e = world.user("e@other.example").await;
             world.set_active(&e, false).await;
-            world.group("eng", &[&a, &b, &d]).await;
+            // f is in eng only through platform.
+            let f = world.user("f@corp.example").await;
+            let platform = world.group("platform", &[&f]).await;
+            world.group("eng", &[&a, &b, &d, &platform]).await;
             world.group("contractors", &[&c]).await;
             let dir = tempfile::tempdir().unwrap();
             let console = console_of(&world, dir.path());
@@ -590,6 +593,7 @@ mod pages {
                 "c@corp.example",
                 "ΟΔΥΣΣΕΥΣ",
                 "e@other.example",
+                "f@corp.example",
             ];
             let mut admitted = 0;
             for route in &console.runtime.config.routes {
