@@ -515,20 +515,36 @@ impl Directory {
     /// Calls `f` with every row of type `rt`, in order, a few thousand rows at a time, each
     /// batch under one consistent view: a write waits for one batch at most, never for the
     /// whole walk. A write between batches may or may not be seen by the walk.
-    pub fn scan(&self, rt: ResourceType, mut f: impl FnMut(&Index, Row)) {
+    pub fn scan(&self, rt: ResourceType, f: impl FnMut(&Index, Row)) {
+        self.scan_rows(rt, 0..Row::MAX, f);
+    }
+
+    /// [`Directory::scan`] over the rows in `rows` only (so that parts of one walk can run on
+    /// several threads).
+    pub fn scan_rows(
+        &self,
+        rt: ResourceType,
+        rows: std::ops::Range<Row>,
+        mut f: impl FnMut(&Index, Row),
+    ) {
         const BATCH: Row = 4_096;
-        let mut start: Row = 0;
+        let mut start = rows.start;
         loop {
             let index = self.index();
-            let end = start.saturating_add(BATCH);
+            let end = start.saturating_add(BATCH).min(rows.end);
             for row in index.rows_between(rt, start, end) {
                 f(&index, row);
             }
-            if end >= index.row_end() {
+            if end >= rows.end || end >= index.row_end() {
                 return;
             }
             start = end;
         }
+    }
+
+    /// One past the highest row there has been: where a walk of every row ends.
+    pub fn row_end(&self) -> Row {
+        self.index().row_end()
     }
 
     /// The type of the resource whose id is `id`, if there is one.
