@@ -106,17 +106,12 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
     }
 }
 
-/// A client's own token whose `machine_claim` is `value` (and so its `sub` and `client_id`).
-fn machine_token(runtime: &Runtime, value: &str) -> Machine {
-    let mut claims = Claims::new();
-    claims.insert(
-        runtime.config.identity.machine_claim.as_str().to_owned(),
-        value.to_owned(),
-    );
+/// A verified token of the client `client`, for `subject`, with `claims`.
+fn client_token(client: &str, subject: &str, claims: Claims) -> Machine {
     Machine {
         issuer: String::new(),
-        subject: value.to_owned(),
-        client_id: Some(value.to_owned()),
+        subject: subject.to_owned(),
+        client_id: Some(client.to_owned()),
         groups: Vec::new(),
         for_itself: true,
         email: None,
@@ -127,6 +122,16 @@ fn machine_token(runtime: &Runtime, value: &str) -> Machine {
     }
 }
 
+/// A client's own token whose `machine_claim` is `value` (and so its `sub` and `client_id`).
+fn machine_token(runtime: &Runtime, value: &str) -> Machine {
+    let mut claims = Claims::new();
+    claims.insert(
+        runtime.config.identity.machine_claim.as_str().to_owned(),
+        value.to_owned(),
+    );
+    client_token(value, value, claims)
+}
+
 /// The token an agent presents: its own (client credentials), or one delegated to it by the
 /// person `on_behalf_of` names. Its `agent_claim` (and `sub`, `client_id`) is `name`.
 fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Machine {
@@ -135,18 +140,7 @@ fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Mac
     for claim in ["sub", "client_id", identity.agent_claim.as_str()] {
         agent_claims.insert(claim.to_owned(), name.to_owned());
     }
-    let token = |subject: &str, claims: Claims| Machine {
-        issuer: String::new(),
-        subject: subject.to_owned(),
-        client_id: Some(name.to_owned()),
-        groups: Vec::new(),
-        for_itself: true,
-        email: None,
-        email_verified: None,
-        claims,
-        expires: u64::MAX,
-        act: None,
-    };
+    let token = |subject: &str, claims: Claims| client_token(name, subject, claims);
     let Some(person) = on_behalf_of else {
         return token(name, agent_claims);
     };

@@ -193,24 +193,15 @@ async fn a_person_outside_the_console_rule_is_refused_and_audited() {
         assert!(page.contains(ALICE), "the 403 says who: {page}");
         assert!(!page.contains("Sessions"), "{page}");
     }
-    let log = t.fx.px.dir().join("data/audit.jsonl");
-    let until = std::time::Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let audited = text.lines().any(|line| {
-            line.contains("\"refusal\"")
-                && line.contains(ALICE)
-                && line.contains("\"route\":\"console\"")
-        });
-        if audited {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "the refusal is not in the audit log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    t.fx.px
+        .audit_log_until(WAIT, |text| {
+            text.lines().any(|line| {
+                line.contains("\"refusal\"")
+                    && line.contains(ALICE)
+                    && line.contains("\"route\":\"console\"")
+            })
+        })
+        .await;
 
     // Only on the auth host, and only for reading.
     let bob =
@@ -489,21 +480,17 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.unwrap().contains("is in use"));
-    let log = t.fx.px.dir().join("data/audit.jsonl");
-    let until = std::time::Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let actions = text.lines().filter(|l| l.contains("\"action\"")).count();
-        let forged = text
-            .lines()
-            .filter(|l| l.contains("not sent from the console itself"))
-            .count();
-        if actions == 2 && forged == 4 {
-            assert!(text.contains("\"action\":\"end_sessions\""), "{text}");
-            assert!(text.contains("\"outcome\":\"reloaded\""), "{text}");
-            break;
-        }
-        assert!(std::time::Instant::now() < until, "{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let text =
+        t.fx.px
+            .audit_log_until(WAIT, |text| {
+                let actions = text.lines().filter(|l| l.contains("\"action\"")).count();
+                let forged = text
+                    .lines()
+                    .filter(|l| l.contains("not sent from the console itself"))
+                    .count();
+                actions == 2 && forged == 4
+            })
+            .await;
+    assert!(text.contains("\"action\":\"end_sessions\""), "{text}");
+    assert!(text.contains("\"outcome\":\"reloaded\""), "{text}");
 }

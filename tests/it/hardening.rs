@@ -638,19 +638,15 @@ impl Streaming {
 
     /// Waits (bounded) until the audit log has a record containing every one of `words`.
     async fn audited(&self, words: &[&str]) -> String {
-        let log = self.fx.px.dir().join("data/audit.jsonl");
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| words.iter().all(|w| l.contains(w))) {
-                return line.to_owned();
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "no audit record with {words:?}:\n{text}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let has = |line: &str| words.iter().all(|w| line.contains(w));
+        let text = self
+            .fx
+            .px
+            .audit_log_until(std::time::Duration::from_secs(10), |text| {
+                text.lines().any(has)
+            })
+            .await;
+        text.lines().find(|l| has(l)).unwrap_or_default().to_owned()
     }
 }
 

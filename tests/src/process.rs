@@ -52,6 +52,25 @@ pub struct Portcullis {
 }
 
 impl Portcullis {
+    /// Waits, up to `timeout`, until the audit log (`data/audit.jsonl`) satisfies `done`;
+    /// returns its text. Records reach the log just after what they record, from the audit
+    /// writer thread. Panics with the log when the time is up.
+    pub async fn audit_log_until(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let log = self.dir().join("data/audit.jsonl");
+        let until = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < until,
+                "the audit log never got there:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Writes `config` to a temporary directory, spawns `portcullis serve --config FILE` and
     /// waits (bounded) until `GET /readyz` on the config's `[admin] address` answers 200.
     /// The process runs in that directory, so a relative `data_dir` lives there too.
