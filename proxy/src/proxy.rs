@@ -426,12 +426,14 @@ impl ProxyHttp for Proxy {
                 let authority = session.req_header().uri.authority()?;
                 HeaderValue::from_str(authority.as_str()).ok()
             });
-        upstream_request.insert_header(
-            header::FORWARDED,
-            forwarded(client_ip, client_host.as_ref(), proto),
-        )?;
-        if let Some(ip) = client_ip {
-            upstream_request.insert_header("x-forwarded-for", ip.to_string())?;
+        let (forwarded, forwarded_for) =
+            forwarding_headers(client_ip, client_host.as_ref(), ctx.tls).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "the Forwarded header made for the request is not a valid header value",
+            )?;
+        upstream_request.insert_header(header::FORWARDED, forwarded)?;
+        if let Some(forwarded_for) = forwarded_for {
+            upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
         }
         upstream_request.insert_header("x-forwarded-proto", proto)?;
         if let Some(client_host) = client_host {
@@ -1060,6 +1062,49 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
     }
 }
 
+/// The `Forwarded` and `X-Forwarded-For` values of the last request a worker thread sent
+/// upstream, with what they were made from. The requests of a connection share client, host
+/// and protocol, so most requests take them from here instead of writing them again.
+struct Forwarding {
+    client: Option<std::net::IpAddr>,
+    host: Option<HeaderValue>,
+    tls: bool,
+    forwarded: HeaderValue,
+    forwarded_for: Option<HeaderValue>,
+}
+
+thread_local! {
+    static LAST_FORWARDING: std::cell::RefCell<Option<Forwarding>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `Forwarded` and `X-Forwarded-For` for a request from `client` to `host`.
+fn forwarding_headers(
+    client: Option<std::net::IpAddr>,
+    host: Option<&HeaderValue>,
+    tls: bool,
+) -> std::result::Result<(HeaderValue, Option<HeaderValue>), http::header::InvalidHeaderValue> {
+    LAST_FORWARDING.with_borrow_mut(|last| {
+        let same = |l: &&Forwarding| l.client == client && l.tls == tls && l.host.as_ref() == host;
+        if let Some(last) = last.as_ref().filter(same) {
+            return Ok((last.forwarded.clone(), last.forwarded_for.clone()));
+        }
+        let proto = if tls { "https" } else { "http" };
+        let made = Forwarding {
+            client,
+            host: host.cloned(),
+            tls,
+            forwarded: HeaderValue::try_from(forwarded(client, host, proto))?,
+            forwarded_for: client
+                .map(|ip| HeaderValue::try_from(ip.to_string()))
+                .transpose()?,
+        };
+        let values = (made.forwarded.clone(), made.forwarded_for.clone());
+        *last = Some(made);
+        Ok(values)
+    })
+}
+
 /// `Forwarded` (RFC 7239) for the request: who sent it, to which host, over which protocol.
 fn forwarded(client: Option<std::net::IpAddr>, host: Option<&HeaderValue>, proto: &str) -> String {
     use std::fmt::Write;
@@ -1324,6 +1369,38 @@ mod tests {
             forwarded(Some("::1".parse().unwrap()), None, "http"),
             "for=\"[::1]\";proto=http"
         );
+    }
+
+    #[test]
+    fn forwarding_headers_follow_every_change_of_client_host_and_protocol() {
+        let a = HeaderValue::from_static("app.test");
+        let b = HeaderValue::from_static("other.test:8443");
+        let ips: [Option<std::net::IpAddr>; 3] = [
+            Some("10.1.2.3".parse().unwrap()),
+            Some("2001:db8::7".parse().unwrap()),
+            None,
+        ];
+        // Every sequence of two different requests on one thread: the second never gets the
+        // first one's values.
+        for first in &ips {
+            for second in &ips {
+                for (h1, h2) in [(Some(&a), Some(&b)), (Some(&b), None), (None, Some(&a))] {
+                    for (t1, t2) in [(false, false), (false, true), (true, false)] {
+                        for (ip, host, tls) in
+                            [(*first, h1, t1), (*second, h2, t2), (*first, h1, t1)]
+                        {
+                            let (fwd, xff) = forwarding_headers(ip, host, tls).unwrap();
+                            let proto = if tls { "https" } else { "http" };
+                            assert_eq!(fwd.to_str().unwrap(), forwarded(ip, host, proto));
+                            assert_eq!(
+                                xff.map(|v| v.to_str().unwrap().to_owned()),
+                                ip.map(|ip| ip.to_string())
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
