@@ -80,6 +80,37 @@ def verdict(ok):
     return "met" if ok else "not met"
 
 
+def thread_cpu_ns(pid):
+    """Nanoseconds each thread of a process has run, by thread id (`/proc/<pid>/task/*/schedstat`)."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                threads[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended between the listing and the read
+    return threads
+
+
+def pin(pid, cpu):
+    """Pins every thread of a process and of its children (nginx's worker) to one CPU. Threads
+    started later inherit it from the thread that starts them."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:
+            pass  # the thread ended
+    for child in children:
+        pin(child, cpu)
+
+
+def quartiles(values):
+    values = sorted(values)
+    return [values[len(values) // 4], values[(3 * len(values)) // 4]]
+
+
 def machine():
     """Cores, memory, kernel and CPU model of this machine."""
     with open("/proc/meminfo") as f:

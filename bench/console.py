@@ -40,7 +40,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import log, median, verdict, wrk  # noqa: E402
+from common import log, median, pin, quartiles, thread_cpu_ns, verdict, wrk  # noqa: E402
 
 PAGE_TARGET_MS = 100.0
 POLL_TARGET = 0.98
@@ -88,37 +88,6 @@ class Poller(threading.Thread):
                 self.failures += 1
             self.times_ms.append((time.monotonic() - started) * 1e3)
             self.stop_event.wait(self.interval)
-
-
-def thread_cpu_ns(pid):
-    """Nanoseconds each thread of a process has run, by thread id (`/proc/<pid>/task/*/schedstat`)."""
-    threads = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                threads[int(tid)] = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # the thread ended between the listing and the read
-    return threads
-
-
-def pin(pid, cpu):
-    """Pins every thread of a process and of its children (nginx's worker) to one CPU. Threads
-    started later inherit it from the thread that starts them."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {cpu})
-        except OSError:
-            pass  # the thread ended
-    for child in children:
-        pin(child, cpu)
-
-
-def quartiles(values):
-    values = sorted(values)
-    return [values[len(values) // 4], values[(3 * len(values)) // 4]]
 
 
 def polling(args):

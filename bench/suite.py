@@ -7,6 +7,7 @@ Parts (each can also be run alone, see bench/README.md):
   decision    cargo bench -p portcullis --bench decision  (criterion + per-iteration p99; people,
               machines, and agents of a group owner among 100k agents)
   proxy       bench/proxy.py       upstream, nginx, Portcullis plain / session+policy / JWT, Apache+openidc
+  floor       bench/floor.py       Portcullis' CPU per request above bare pingora, side by side on one core
   scim        bench/scim.py        Portcullis vs scim2-server; RSS and start-up with 1M users
   revocation  bench/revocation.py  SCIM answer -> refusal under load
   profile     bench/profile.py     perf record of Portcullis under wrk load
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
-PARTS = ["decision", "proxy", "scim", "revocation", "profile", "replicas", "console"]
+PARTS = ["decision", "proxy", "floor", "scim", "revocation", "profile", "replicas", "console"]
 RESULTS = os.path.join(ROOT, "target", "bench-results")
 DECISION_TARGET_NS = 2000
 
@@ -41,12 +42,14 @@ def settings(quick):
                 "scim": ["--rounds", "1", "--duration", "2", "--users", "101000"],
                 "revocation": ["--rounds", "1"], "profile": ["--duration", "3"],
                 "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"],
-                "console": ["--rounds", "2", "--duration", "2", "--users", "101000"]}
+                "console": ["--rounds", "2", "--duration", "2", "--users", "101000"],
+                "floor": ["--rounds", "2", "--duration", "2"]}
     return {"users": 1_000_000, "decision_args": [], "proxy": ["--rounds", "3", "--duration", "6"],
             "scim": ["--rounds", "3", "--duration", "5", "--users", "1000000"],
             "revocation": ["--rounds", "3"], "profile": ["--duration", "8"],
             "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"],
-            "console": ["--rounds", "12", "--duration", "4", "--users", "1000000"]}
+            "console": ["--rounds", "12", "--duration", "4", "--users", "1000000"],
+            "floor": ["--rounds", "7", "--duration", "5"]}
 
 
 def run_part(name, cmd, env=None, timeout=3600):
@@ -160,6 +163,19 @@ def summary_rows(r):
         rows.append(("replicas", "SCIM write latency with 3 replicas (answered once B and C have it), median / p99",
                      f"{three['median_ms']:.2f} / {three['p99_ms']:.2f} ms", "-", "-", "p99 < 20 ms",
                      common.verdict(three["p99_ms"] < 20)))
+    fl = r.get("floor")
+    if fl:
+        floor = fl["systems"]["bare pingora"]
+        for name in ("portcullis plain", "portcullis session+policy"):
+            s = fl["systems"][name]
+            q1, q3 = s["above_floor_quartiles"]
+            target, result = "-", "-"
+            if name == "portcullis session+policy":
+                target, result = f"<= {fl['target_us']:.0f} µs above", common.verdict(s["above_floor_us"] <= fl["target_us"])
+            rows.append(("floor", f"{name}: CPU per request above bare pingora, side by side on one core "
+                                  f"(median of {fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs)",
+                         f"{s['cpu_us']:.2f} µs", f"{floor['cpu_us']:.2f} µs",
+                         f"+{s['above_floor_us']:.2f} µs", target, result))
     co = r.get("console")
     if co:
         pages = co["pages"]
@@ -294,7 +310,7 @@ def main():
             details["decision"] = out
         else:
             failed.append("decision")
-    for name in ("proxy", "scim", "revocation", "profile", "replicas", "console"):
+    for name in ("proxy", "floor", "scim", "revocation", "profile", "replicas", "console"):
         if name not in parts:
             continue
         out_json = os.path.join(RESULTS, f"{name}.json")
@@ -340,7 +356,7 @@ def main():
     if prof is not None:
         lines += ["## Profile of the slowest paths", ""]
         lines += profile_notes(prof)
-    for name in ("decision", "proxy", "scim", "revocation", "profile", "replicas", "console"):
+    for name in ("decision", "proxy", "floor", "scim", "revocation", "profile", "replicas", "console"):
         if name in details:
             lines += ["", f"## Details: {name}", "", details_text(name, details[name])]
     with open(md_path, "w") as f:
