@@ -49,7 +49,7 @@ def settings(quick):
             "revocation": ["--rounds", "3"], "profile": ["--duration", "8"],
             "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"],
             "console": ["--rounds", "12", "--duration", "4", "--users", "1000000"],
-            "floor": ["--rounds", "7", "--duration", "5"]}
+            "floor": ["--rounds", "7", "--duration", "5", "--profile"]}
 
 
 def run_part(name, cmd, env=None, timeout=3600):
@@ -173,7 +173,8 @@ def summary_rows(r):
             if name == "portcullis session+policy":
                 target, result = f"<= {fl['target_us']:.0f} µs above", common.verdict(s["above_floor_us"] <= fl["target_us"])
             rows.append(("floor", f"{name}: CPU per request above bare pingora, side by side on one core "
-                                  f"(median of {fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs)",
+                                  f"(median of {fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs; "
+                                  f"{s['floor_ratio']:.3f}x the floor's)",
                          f"{s['cpu_us']:.2f} µs", f"{floor['cpu_us']:.2f} µs",
                          f"+{s['above_floor_us']:.2f} µs", target, result))
     co = r.get("console")
