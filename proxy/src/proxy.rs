@@ -235,7 +235,8 @@ impl ProxyHttp for Proxy {
         }
 
         // 1.5 Who is calling. The marks are read first, so that a change landing while the
-        // decision is made is noticed by the recheck of an open connection.
+        // decision is made is noticed by the recheck of an open connection. Their second is
+        // the decision's "now".
         let decided_at = self.shared.marks();
         let authentication = self
             .shared
@@ -245,7 +246,7 @@ impl ProxyHttp for Proxy {
                 &route.config.accept,
                 req,
                 ctx.tls,
-                now_unix(),
+                decided_at.second,
             )
             .await;
 
