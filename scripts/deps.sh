@@ -8,7 +8,8 @@ want=(cmake)
 browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
   test) want+=("${browser[@]}" postgresql) ;;   # postgresql: the replicas tests make their own cluster
-  bench) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client) ;;
+  # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`
+  bench) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf) ;;
   build) ;;
   *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
 esac
