@@ -566,15 +566,12 @@ async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group
         "chunks sent by the upstream after the SCIM answer reached the client: {late:?}"
     );
     // The cut is audited (by the audit thread, just after).
-    let log = t.fx.px.dir().join("data/audit.jsonl");
-    let until = Instant::now() + Duration::from_secs(10);
-    let audited = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("open connection closed") || Instant::now() > until {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let audited =
+        t.fx.px
+            .audit_log_until(Duration::from_secs(10), |text| {
+                text.contains("open connection closed")
+            })
+            .await;
     assert!(
         audited
             .lines()
