@@ -64,7 +64,7 @@ PARTS = [
     ("… authentication (cookie, session)", "portcullis::auth::Auth::authenticate::", None),
     ("… the route", "portcullis::routes::RouteTable::find", None),
     ("the upstream_request_filter hook", "ProxyHttp>::upstream_request_filter::", None),
-    ("… adding headers (pingora's insert_header)", "pingora_http::insert_header_value",
+    ("… adding and removing headers (the header map)", "http::header::map::HeaderMap<T>::",
      "ProxyHttp>::upstream_request_filter::"),
     ("… the signed assertion (cached)", "portcullis::assertion::Signer::assertion", None),
     ("the upstream_peer hook", "ProxyHttp>::upstream_peer::", None),
@@ -164,7 +164,8 @@ def perf_stacks(script):
             if pid and frames:
                 yield pid, frames
             pid, frames = None, []
-        elif line[0] in "\t ":
+        elif line.startswith("\t"):
+            # A frame. A sample's first line is its pid, right-aligned: it may start with spaces.
             parts = line.split(None, 1)
             frames.append(parts[1] if len(parts) > 1 else "?")
         else:

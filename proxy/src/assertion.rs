@@ -50,7 +50,8 @@ use portcullis_scim::store::Entry;
 use crate::auth::sessions::Kept;
 
 /// The request header that carries the assertion to the upstream.
-pub const ASSERTION_HEADER: &str = "x-portcullis-assertion";
+pub const ASSERTION_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-portcullis-assertion");
 
 /// Where the JWKS of the published assertion keys is served.
 pub const JWKS_PATH: &str = "/.portcullis/jwks.json";

@@ -25,15 +25,18 @@ pub fn find<'a>(headers: impl IntoIterator<Item = &'a str>, name: &str) -> Optio
 /// them (`; `), in order; `None` when nothing is left. Anything that is not a `name=value` pair
 /// stays as it was sent: it is no cookie of ours.
 pub fn without(header: &str, drop: impl Fn(&str) -> bool) -> Option<String> {
-    let kept: Vec<&str> = header
-        .split(';')
-        .map(str::trim)
-        .filter(|pair| {
-            let name = pair.split_once('=').map_or(*pair, |(name, _)| name).trim();
-            !pair.is_empty() && !drop(name)
-        })
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("; "))
+    let mut kept = String::new();
+    for pair in header.split(';').map(str::trim) {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
+        if pair.is_empty() || drop(name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
+    (!kept.is_empty()).then_some(kept)
 }
 
 fn unquote(value: &str) -> &str {

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
@@ -56,6 +56,134 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// What the upstream is sent, from the request as the client sent it: Portcullis' own
+    /// headers, cookies and verified bearer token taken out; the caller's identity, the signed
+    /// assertion, `Forwarded`, `X-Forwarded-*` and `Host` put in; the path the gate judged.
+    fn edit_upstream_request(
+        &self,
+        session: &Session,
+        request: &mut http::request::Parts,
+        ctx: &RequestCtx,
+    ) -> Result<()> {
+        let headers = &mut request.headers;
+        // Room for every header added below, so the map grows at most once.
+        headers
+            .try_reserve(10)
+            .or_err(ErrorType::InvalidHTTPHeader, "too many request headers")?;
+        // What is Portcullis' own never reaches the upstream: headers only it may set, its
+        // cookies, and a bearer token it verified (unless the route passes it on).
+        strip_reserved_headers(headers);
+        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
+            strip_own_cookies(headers, &oidc.cookie_name);
+        }
+        if let (Some(Caller::Machine(_)), Some(route)) = (&ctx.caller, &ctx.route) {
+            if !route.config.pass_authorization {
+                headers.remove(header::AUTHORIZATION);
+            }
+        }
+        let mut set = |name: HeaderName, value: HeaderValue| {
+            headers
+                .try_insert(name, value)
+                .map(drop)
+                .or_err(ErrorType::InvalidHTTPHeader, "too many request headers")
+        };
+        let text = |value: &str| {
+            HeaderValue::from_str(value).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "an identity header value is not a valid header value",
+            )
+        };
+        if let (Some(runtime), Some(route), Some(forward)) =
+            (&ctx.runtime, &ctx.route, &ctx.forward)
+        {
+            if route.config.identity_headers {
+                let names = &runtime.config.identity;
+                set(names.header_user.clone(), text(&forward.user)?)?;
+                if let Some(email) = &forward.email {
+                    set(names.header_email.clone(), text(email)?)?;
+                }
+                set(names.header_groups.clone(), text(&forward.groups)?)?;
+                if let Some(agent) = &forward.agent {
+                    set(AGENT_HEADER, text(&agent.name)?)?;
+                }
+            }
+            if route.config.assertion {
+                let issuer = runtime.assertion_issuer.as_str();
+                let groups: Vec<&str> = forward.group_names.iter().map(String::as_str).collect();
+                let claims = AssertionClaims {
+                    issuer,
+                    audience: &route.config.name,
+                    subject: &forward.user,
+                    email: forward.email.as_deref(),
+                    groups: &groups,
+                    agent: forward.agent.as_ref().map(|a| a.name.as_str()),
+                    delegated: forward
+                        .agent
+                        .as_ref()
+                        .is_some_and(|a| a.on_behalf_of.is_some()),
+                    version: forward.version,
+                };
+                // Fail closed: an upstream that relies on the assertion never gets the request
+                // without it.
+                let token = self.shared.signer.assertion(&claims, now_unix()).or_err(
+                    ErrorType::InternalError,
+                    "cannot sign the identity assertion",
+                )?;
+                set(ASSERTION_HEADER, token)?;
+            }
+        }
+
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|addr| addr.ip());
+        let proto = if ctx.tls { "https" } else { "http" };
+        let client_host = session
+            .req_header()
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                let authority = session.req_header().uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
+        let (forwarded, forwarded_for) =
+            forwarding_headers(client_ip, client_host.as_ref(), ctx.tls).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "the Forwarded header made for the request is not a valid header value",
+            )?;
+        set(header::FORWARDED, forwarded)?;
+        if let Some(forwarded_for) = forwarded_for {
+            set(X_FORWARDED_FOR, forwarded_for)?;
+        }
+        set(X_FORWARDED_PROTO, HeaderValue::from_static(proto))?;
+        if let Some(client_host) = client_host {
+            set(X_FORWARDED_HOST, client_host.clone())?;
+            let route = ctx.route.as_ref().filter(|r| r.config.preserve_host);
+            if route.is_some() {
+                set(header::HOST, client_host)?;
+            }
+        }
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            if !route.config.preserve_host {
+                if let Some(host) = route.upstreams.host_header(index) {
+                    set(header::HOST, host.clone())?;
+                }
+            }
+        }
+
+        if let Some(target) = &ctx.upstream_target {
+            request.uri = http::Uri::builder()
+                .path_and_query(target.as_str())
+                .build()
+                .or_err(
+                    ErrorType::InvalidHTTPHeader,
+                    "the normalized request target is not a valid URI",
+                )?;
+        }
+        Ok(())
     }
 }
 
@@ -361,108 +489,17 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        // What is Portcullis' own never reaches the upstream: headers only it may set, its
-        // cookies, and a bearer token it verified (unless the route passes it on).
-        strip_reserved_headers(upstream_request);
-        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
-            strip_own_cookies(upstream_request, &oidc.cookie_name);
-        }
-        if let (Some(Caller::Machine(_)), Some(route)) = (&ctx.caller, &ctx.route) {
-            if !route.config.pass_authorization {
-                upstream_request.remove_header(&header::AUTHORIZATION);
-            }
-        }
-        if let (Some(runtime), Some(route), Some(forward)) =
-            (&ctx.runtime, &ctx.route, &ctx.forward)
-        {
-            if route.config.identity_headers {
-                let names = &runtime.config.identity;
-                upstream_request.insert_header(names.header_user.clone(), forward.user.as_str())?;
-                if let Some(email) = &forward.email {
-                    upstream_request.insert_header(names.header_email.clone(), email.as_str())?;
-                }
-                upstream_request
-                    .insert_header(names.header_groups.clone(), forward.groups.as_str())?;
-                if let Some(agent) = &forward.agent {
-                    upstream_request.insert_header(AGENT_HEADER, agent.name.as_str())?;
-                }
-            }
-            if route.config.assertion {
-                let issuer = runtime.assertion_issuer.as_str();
-                let groups: Vec<&str> = forward.group_names.iter().map(String::as_str).collect();
-                let claims = AssertionClaims {
-                    issuer,
-                    audience: &route.config.name,
-                    subject: &forward.user,
-                    email: forward.email.as_deref(),
-                    groups: &groups,
-                    agent: forward.agent.as_ref().map(|a| a.name.as_str()),
-                    delegated: forward
-                        .agent
-                        .as_ref()
-                        .is_some_and(|a| a.on_behalf_of.is_some()),
-                    version: forward.version,
-                };
-                // Fail closed: an upstream that relies on the assertion never gets the request
-                // without it.
-                let token = self.shared.signer.assertion(&claims, now_unix()).or_err(
-                    ErrorType::InternalError,
-                    "cannot sign the identity assertion",
-                )?;
-                upstream_request.insert_header(ASSERTION_HEADER, token)?;
-            }
-        }
-
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|addr| addr.ip());
-        let proto = if ctx.tls { "https" } else { "http" };
-        let client_host = session
-            .req_header()
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| {
-                let authority = session.req_header().uri.authority()?;
-                HeaderValue::from_str(authority.as_str()).ok()
-            });
-        let (forwarded, forwarded_for) =
-            forwarding_headers(client_ip, client_host.as_ref(), ctx.tls).or_err(
-                ErrorType::InvalidHTTPHeader,
-                "the Forwarded header made for the request is not a valid header value",
-            )?;
-        upstream_request.insert_header(header::FORWARDED, forwarded)?;
-        if let Some(forwarded_for) = forwarded_for {
-            upstream_request.insert_header("x-forwarded-for", forwarded_for)?;
-        }
-        upstream_request.insert_header("x-forwarded-proto", proto)?;
-        if let Some(client_host) = client_host {
-            upstream_request.insert_header("x-forwarded-host", client_host.clone())?;
-            let route = ctx.route.as_ref().filter(|r| r.config.preserve_host);
-            if route.is_some() {
-                upstream_request.insert_header(header::HOST, client_host)?;
-            }
-        }
-        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
-            if !route.config.preserve_host {
-                if let Some(host) = route.upstreams.host_header(index) {
-                    upstream_request.insert_header(header::HOST, host.clone())?;
-                }
-            }
-        }
-
-        if let Some(target) = &ctx.upstream_target {
-            let uri = http::Uri::builder()
-                .path_and_query(target.as_str())
-                .build()
-                .or_err(
-                    ErrorType::InvalidHTTPHeader,
-                    "the normalized request target is not a valid URI",
-                )?;
-            upstream_request.set_uri(uri);
-        }
-        Ok(())
+        // The request is edited as plain `http` parts, not through `RequestHeader`'s methods:
+        // those parse every name again and keep a second map with the client's spelling of each
+        // name, which together cost more per request than anything else Portcullis does. Names
+        // go upstream in their standard case (`Host`, `Content-Length`, ...) or in lower case,
+        // as every request from an HTTP/2 client always has.
+        let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+        let mut parts =
+            http::request::Parts::from(std::mem::replace(upstream_request, placeholder));
+        let edited = self.edit_upstream_request(session, &mut parts, ctx);
+        *upstream_request = RequestHeader::from(parts);
+        edited
     }
 
     async fn upstream_response_filter(
@@ -896,7 +933,11 @@ const CONSOLE_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'sel
 
 /// The header that names the agent making a request (an agent's own, or a delegated token's
 /// actor). Like every `X-Portcullis-` header, a client's own is stripped on the way in.
-pub const AGENT_HEADER: &str = "x-portcullis-agent";
+pub const AGENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-agent");
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Why SCIM and sign-in are refused on a plain-HTTP listener that is not on loopback.
 const PLAIN_HTTP: &str = "SCIM and sign-in need HTTPS: this listener serves plain HTTP on an \
@@ -1008,26 +1049,21 @@ fn is_reserved(name: &[u8]) -> bool {
 }
 
 /// Removes every header [`is_reserved`] names.
-fn strip_reserved_headers(request: &mut RequestHeader) {
-    let reserved = |name: &http::HeaderName| is_reserved(name.as_str().as_bytes());
-    if !request.headers.keys().any(reserved) {
+fn strip_reserved_headers(headers: &mut http::HeaderMap) {
+    let reserved = |name: &HeaderName| is_reserved(name.as_str().as_bytes());
+    if !headers.keys().any(reserved) {
         return;
     }
-    let doomed: Vec<http::HeaderName> = request
-        .headers
-        .keys()
-        .filter(|n| reserved(n))
-        .cloned()
-        .collect();
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| reserved(n)).cloned().collect();
     for name in doomed {
-        request.remove_header(&name);
+        headers.remove(&name);
     }
 }
 
 /// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
 /// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
 /// header that is not text is dropped whole: it cannot be told free of them.
-fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
+fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
     // Every own name contains one of these two (`__Host-` + the session's name included), so
     // a request without either, nearly all of them, is left as it is without a copy.
     let mentions_own = |value: &HeaderValue| {
@@ -1037,12 +1073,7 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
                 .iter()
                 .any(|name| bytes.windows(name.len()).any(|w| w == name.as_bytes()))
     };
-    if !request
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .any(mentions_own)
-    {
+    if !headers.get_all(header::COOKIE).iter().any(mentions_own) {
         return;
     }
     let is_own = |name: &str| {
@@ -1050,16 +1081,17 @@ fn strip_own_cookies(request: &mut RequestHeader, session_cookie: &str) {
             || name.strip_prefix("__Host-") == Some(session_cookie)
             || name.starts_with(BROWSER_COOKIE)
     };
-    let kept: Vec<String> = request
-        .headers
+    let kept: Vec<HeaderValue> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| cookies::without(value.to_str().ok()?, is_own))
-        .collect();
-    request.remove_header(&header::COOKIE);
-    for value in kept {
         // Each part came from a valid header value, so the joined value is one too.
-        let _ = request.append_header(header::COOKIE, value);
+        .filter_map(|value| HeaderValue::try_from(value).ok())
+        .collect();
+    headers.remove(header::COOKIE);
+    for value in kept {
+        // No more values than were just removed: the map has room for them.
+        let _ = headers.try_append(header::COOKIE, value);
     }
 }
 
@@ -1203,6 +1235,11 @@ mod tests {
         req
     }
 
+    /// The headers of a request built by [`request`], as the upstream request is edited.
+    fn header_map(headers: &[(&str, &str)]) -> http::HeaderMap {
+        http::request::Parts::from(request(headers)).headers
+    }
+
     fn refusal(who: Option<&str>, reason: &str) -> Refusal {
         Refusal {
             who: who.map(str::to_owned),
@@ -1294,7 +1331,7 @@ mod tests {
 
     #[test]
     fn identity_headers_are_stripped_in_every_spelling() {
-        let mut req = request(&[
+        let mut req = header_map(&[
             ("X-Portcullis-User", "mallory"),
             ("x-portcullis-groups", "admins"),
             ("X_Portcullis_User", "mallory"),
@@ -1305,14 +1342,14 @@ mod tests {
             ("Accept", "text/html"),
         ]);
         strip_reserved_headers(&mut req);
-        let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        let mut names: Vec<&str> = req.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "x-portcullisx"]);
     }
 
     #[test]
     fn forwarding_and_method_override_headers_are_portcullis_own() {
-        let mut req = request(&[
+        let mut req = header_map(&[
             ("Forwarded", "for=10.0.0.1;host=admin.internal"),
             ("X-Forwarded-For", "10.0.0.1"),
             ("X-Forwarded-Prefix", "/admin"),
@@ -1327,14 +1364,14 @@ mod tests {
             ("X-Request-Id", "kept"),
         ]);
         strip_reserved_headers(&mut req);
-        let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        let mut names: Vec<&str> = req.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["x-forwarded", "x-request-id"]);
     }
 
     #[test]
     fn portcullis_cookies_are_removed_and_the_others_kept_in_order() {
-        let mut req = request(&[
+        let mut req = header_map(&[
             ("Cookie", "theme=dark; portcullis_session=SECRET; lang=en"),
             ("Cookie", "__Host-portcullis_session=SECRET"),
             (
@@ -1344,7 +1381,6 @@ mod tests {
         ]);
         strip_own_cookies(&mut req, "portcullis_session");
         let cookies: Vec<&str> = req
-            .headers
             .get_all(header::COOKIE)
             .iter()
             .map(|v| v.to_str().unwrap())
@@ -1354,9 +1390,9 @@ mod tests {
             ["theme=dark; lang=en", "portcullis_session_other=kept"]
         );
 
-        let mut untouched = request(&[("Cookie", "a=1;b=2")]);
+        let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);
         strip_own_cookies(&mut untouched, "portcullis_session");
-        assert_eq!(untouched.headers[header::COOKIE], "a=1;b=2", "left as sent");
+        assert_eq!(untouched[header::COOKIE], "a=1;b=2", "left as sent");
     }
 
     #[test]
