@@ -248,14 +248,14 @@ impl Asked {
 
 #[async_trait]
 impl ProxyHttp for Proxy {
-    type CTX = RequestCtx;
+    type CTX = Box<RequestCtx>;
 
     /// No downstream modules: pingora's default response compression (off at level 0, but
     /// still set up and called for every request) is of no use to Portcullis.
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx {
+        Box::new(RequestCtx {
             started: Instant::now(),
             runtime: None,
             route: None,
@@ -273,7 +273,7 @@ impl ProxyHttp for Proxy {
             long_lived: false,
             registration: None,
             _in_flight: InFlight::begin(),
-        }
+        })
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
