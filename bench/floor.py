@@ -71,7 +71,7 @@ PARTS = [
     ("the upstream_response_filter hook", "ProxyHttp>::upstream_response_filter::", None),
     ("the body filter hooks (Portcullis: the revocation check)", "_body_filter", None),
     ("the logging hook", "ProxyHttp>::logging::", None),
-    ("dropping Portcullis' request context", "drop_in_place<portcullis::proxy::RequestCtx>", None),
+    ("dropping Portcullis' request context", "drop_in_place<alloc::boxed::Box<portcullis::proxy::RequestCtx>>", None),
 ]
 
 
