@@ -330,8 +330,13 @@ def main():
 
     date = started.strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
-    md_path = os.path.join(args.out, f"{date}.md")
-    svg_path = os.path.join(args.out, f"{date}.svg")
+    # A second run on the same day gets files of its own (<date>-2.md, ...), not the first's.
+    name, n = date, 1
+    while os.path.exists(os.path.join(args.out, f"{name}.md")):
+        n += 1
+        name = f"{date}-{n}"
+    md_path = os.path.join(args.out, f"{name}.md")
+    svg_path = os.path.join(args.out, f"{name}.svg")
     m = common.machine()
     mode = "quick (QUICK=1: fewer users, rounds and seconds)" if args.quick else "full"
     lines = [
@@ -342,7 +347,7 @@ def main():
         "A shared machine: the load generators, the systems measured and other work share these cores.  ",
         f"Run: `make bench{' QUICK=1' if args.quick else ''}` ({mode}), started {started:%H:%M}, "
         f"took {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min; "
-        f"commit {git_head()}. Chart: [{date}.svg]({date}.svg).",
+        f"commit {git_head()}. Chart: [{name}.svg]({name}.svg).",
         "",
     ]
     if failed:
