@@ -9,14 +9,20 @@ same time instead:
 - bare pingora (`proxy/examples/pingora_floor.rs`), Portcullis on its public route (`plain`)
   and Portcullis on the signed-in, group-authorized route (`session+policy`), each a separate
   process with one worker thread, all pinned to the same CPU;
+- and the same pingora sending what Portcullis sends for alice: her identity headers, the
+  signed assertion, `Forwarded` and `X-Forwarded-*`, captured from one request through
+  Portcullis and sent as they are, with Portcullis' default upstream timeouts (`pingora +
+  Portcullis' headers and timeouts`). It splits the session route's cost in two: what keeping
+  that contract with the upstream costs any proxy on pingora (its row), and what Portcullis' own
+  work costs (authentication, the gate, making the headers, metrics: the rest);
 - the same request to each but for the host: alice's session cookie and `Accept:
-  application/json`, so that all three parse the same headers;
+  application/json`, so that all of them parse the same headers;
 - each loaded by its own `wrk -t1 -c32` at the same moment; the `wrk`s and the upstream (nginx
   `return 200`) are pinned to the other CPU;
 - each process's CPU time from `/proc/<pid>/task/*/schedstat` (nanoseconds, every thread),
   divided by the requests its `wrk` completed.
 
-Whatever the machine does to that CPU, it does to all three in the same seconds, so the
+Whatever the machine does to that CPU, it does to all of them in the same seconds, so the
 difference between them is Portcullis' own cost, not the moment's. It is still in the moment's
 µs: when the machine runs slow, every figure grows, the difference with them, and the ratio to
 the floor stays where it was; both are printed. The two Portcullis rows are
@@ -26,7 +32,7 @@ Target (issue 15): `session+policy` within 2 µs per request of the floor, as th
 rounds' differences. A benchmark, not a test: it never fails on noise, only when something does
 not work.
 
-With `--profile`, one more window is recorded by `perf record --call-graph dwarf` for all three
+With `--profile`, one more window is recorded by `perf record --call-graph dwarf` for all the
 processes at once, and the time spent under each part of Portcullis (its `ProxyHttp` hooks and
 what they call) and under the parts of pingora both run is given in µs per request, next to the
 floor's: where the difference goes. perf samples the CPU at a fixed rate, so a part's samples,
@@ -37,12 +43,15 @@ Usage: bench/floor.py [--rounds N] [--duration S] [--connections C] [--profile] 
 import argparse
 import collections
 import concurrent.futures
+import http.client
+import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +84,51 @@ PARTS = [
 ]
 
 
+# The host the session Portcullis also routes to the capture: as long as `app.test`.
+CAPTURE_HOST = "cap.test"
+HEADERS_FLOOR = "pingora + Portcullis' headers and timeouts"
+
+
+class Capture:
+    """An upstream that keeps the headers of the requests it answers: what Portcullis adds to
+    a signed-in request, for the floor to send too."""
+
+    def __init__(self):
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append([(name.lower(), value) for name, value in self.headers.items()])
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def added(self, port, headers):
+        """The headers Portcullis (listening on `port`) adds to a request with `headers`: its
+        identity headers, the assertion, `Forwarded` and `X-Forwarded-*`."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/", headers=dict(h.split(": ", 1) for h in headers))
+        status = conn.getresponse().status
+        conn.close()
+        ours = ("forwarded", "x-forwarded-", "x-portcullis-")
+        added = [(n, v) for n, v in (self.seen[-1] if self.seen else []) if n.startswith(ours)]
+        if status != 200 or not any(n.startswith("x-portcullis-") for n, _ in added):
+            raise SystemExit(f"the capture of Portcullis' headers failed: {status}, {added}")
+        return added
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def process_cpu_ns(pid):
     return sum(thread_cpu_ns(pid).values())
 
@@ -87,8 +141,9 @@ def run(args):
                    cwd=common.ROOT, check=True, stdout=sys.stderr)
     floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-floor-")
-    upstream_port, floor_port = free_port(), free_port()
+    upstream_port, floor_port, headers_port = free_port(), free_port(), free_port()
     procs, stacks = [], []
+    capture = Capture()
     try:
         procs.append(common.start_upstream(tmp, upstream_port))
         wait_http(f"http://127.0.0.1:{upstream_port}/")
@@ -98,13 +153,27 @@ def run(args):
         for name in ("plain", "session"):
             path = os.path.join(tmp, name)
             os.makedirs(path)
-            stacks.append(common.Stack(path, threads=1, upstream_port=upstream_port))
+            # The session one also routes `cap.test` (a name as long as `app.test`, the
+            # assertion's audience) to the capture, as `app.test` is routed.
+            extra = "" if name == "plain" else (
+                f'[[routes]]\nfrom = "http://{CAPTURE_HOST}"\nto = ["http://127.0.0.1:{capture.port}"]\n'
+                f'accept = ["session"]\nallow = {{ groups = ["{common.GROUP}"] }}\n')
+            stacks.append(common.Stack(path, threads=1, upstream_port=upstream_port, extra=extra))
         plain, session = stacks
         cookie = session.sign_in()
         # The same request to each, bar the host: the floor parses and forwards the same headers.
         same = [f"Cookie: portcullis_session={cookie}", "Accept: application/json"]
+        added = capture.added(session.port, [f"Host: {CAPTURE_HOST}", *same])
+        log("captured from Portcullis: " + ", ".join(f"{name} ({len(value)} bytes)" for name, value in added))
+        headers_file = os.path.join(tmp, "portcullis-headers")
+        with open(headers_file, "w") as f:
+            f.writelines(f"{name}: {value}\n" for name, value in added)
+        procs.append(subprocess.Popen([floor_bin, f"127.0.0.1:{headers_port}", f"127.0.0.1:{upstream_port}",
+                                       headers_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_http(f"http://127.0.0.1:{headers_port}/")
         systems = {
             "bare pingora": (procs[1].pid, f"http://127.0.0.1:{floor_port}/", ["Host: app.test", *same]),
+            HEADERS_FLOOR: (procs[2].pid, f"http://127.0.0.1:{headers_port}/", ["Host: app.test", *same]),
             "portcullis plain": (plain.proc.pid, f"http://127.0.0.1:{plain.port}/", ["Host: plain.test", *same]),
             "portcullis session+policy": (session.proc.pid, f"http://127.0.0.1:{session.port}/",
                                           ["Host: app.test", *same]),
@@ -138,6 +207,7 @@ def run(args):
             log(f"round {round_no + 1}: " + "  ".join(
                 f"{name} {results[name][-1]['cpu_us']:.2f} µs" for name in systems))
     finally:
+        capture.stop()
         for stack in stacks:
             stack.stop()
         for p in procs:
@@ -152,8 +222,12 @@ def run(args):
         summary[name] = {"cpu_us": median(r["cpu_us"] for r in runs), "rps": median(r["rps"] for r in runs),
                          "above_floor_us": median(above), "above_floor_quartiles": quartiles(above),
                          "floor_ratio": median(r["cpu_us"] / f for r, f in zip(runs, floor)), "runs": runs}
+    # Portcullis' own work on the session route: above the pingora that sends the same headers.
+    own = sorted(s["cpu_us"] - h["cpu_us"] for s, h in
+                 zip(results["portcullis session+policy"], results[HEADERS_FLOOR]))
     return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
-            "core_busy": median(busy), "target_us": TARGET_US, "systems": summary, "profile": profile}
+            "core_busy": median(busy), "target_us": TARGET_US, "systems": summary,
+            "own_work_us": median(own), "own_work_quartiles": quartiles(own), "profile": profile}
 
 
 def perf_stacks(script):
@@ -227,6 +301,11 @@ def report(result):
         target = (f"<= {TARGET_US:.0f} µs: {verdict(s['above_floor_us'] <= TARGET_US)}"
                   if name == "portcullis session+policy" else "-")
         print(f"| {name} | {s['cpu_us']:.2f} | {above} | {s['floor_ratio']:.3f} | {target} |")
+    session, headers = result["systems"]["portcullis session+policy"], result["systems"][HEADERS_FLOOR]
+    q1, q3 = result["own_work_quartiles"]
+    print(f"\nOf the session route's {session['above_floor_us']:.2f} µs above the floor, sending its headers "
+          f"with its timeouts costs pingora {headers['above_floor_us']:.2f} µs (the `{HEADERS_FLOOR}` row); Portcullis' own "
+          f"work is the rest: {result['own_work_us']:.2f} µs ({q1:.2f} to {q3:.2f}), median of the rounds.")
     report_profile(result.get("profile"))
 
 
@@ -237,7 +316,7 @@ def report_profile(profile):
         print(f"\nNo profile: {profile['error']}")
         return
     names = list(profile)
-    print("\nWhere the time goes, µs per request from one window of `perf record` of the three at once "
+    print("\nWhere the time goes, µs per request from one window of `perf record` of all of them at once "
           "(callees included; a part inside another is marked …):\n")
     print("| part | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
