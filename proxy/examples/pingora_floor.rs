@@ -2,7 +2,7 @@
 //!
 //! `bench/proxy.py` runs it beside Portcullis, so the benchmark separates what
 //! Portcullis adds per request from what pingora itself costs. Not a product: no TLS, no
-//! timeouts, no configuration file.
+//! configuration file, and no timeouts unless it is given headers to send (below).
 //!
 //! With a third argument, a file of `name: value` lines, it also sends those headers upstream
 //! and drops the client's `Cookie`: the same request Portcullis sends for a signed-in caller
