@@ -227,7 +227,8 @@ def run(args):
                  zip(results["portcullis session+policy"], results[HEADERS_FLOOR]))
     return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
             "core_busy": median(busy), "target_us": TARGET_US, "systems": summary,
-            "own_work_us": median(own), "own_work_quartiles": quartiles(own), "profile": profile}
+            "headers_floor": HEADERS_FLOOR, "own_work_us": median(own), "own_work_quartiles": quartiles(own),
+            "profile": profile}
 
 
 def perf_stacks(script):

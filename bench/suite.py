@@ -179,7 +179,7 @@ def summary_rows(r):
                          f"+{s['above_floor_us']:.2f} µs", target, result))
         if "own_work_us" in fl:
             q1, q3 = fl["own_work_quartiles"]
-            headers = [n for n in fl["systems"] if n.startswith("pingora + ")][0]
+            headers = fl["headers_floor"]
             session = fl["systems"]["portcullis session+policy"]
             rows.append(("floor", f"portcullis session+policy: its own work, above `{headers}` (median of "
                                   f"{fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs)",
