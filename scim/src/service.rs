@@ -657,7 +657,7 @@ impl ScimService {
         actor: &str,
     ) -> Result<Written> {
         let mut ops = parse_patch_request(body)?;
-        let password = take_patch_password(&mut ops)?;
+        let password = take_patch_password(rt, &mut ops)?;
         let password_hash = hash_password(password).await?;
         self.directory
             .write(
@@ -868,8 +868,13 @@ fn take_password(resource: &mut Value) -> Option<String> {
 }
 
 /// Takes a new password out of PATCH operations (`path: password`, or a `password` key in a
-/// path-less value) so that only its hash reaches the store.
-fn take_patch_password(ops: &mut Vec<PatchOp>) -> Result<Option<String>> {
+/// path-less value) so that only its hash reaches the store. A resource whose schema has no
+/// `password` keeps such operations, and the patch refuses them as it refuses any attribute
+/// the schema lacks.
+fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Option<String>> {
+    if rt.core_schema().attribute("password").is_none() {
+        return Ok(None);
+    }
     let mut password = None;
     let mut kept = Vec::with_capacity(ops.len());
     for mut op in ops.drain(..) {

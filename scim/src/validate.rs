@@ -173,20 +173,35 @@ fn put(
 
 /// Takes a Group's `members` out of a validated value, as ids in order without duplicates;
 /// `None` when the value has no `members` at all (which a PUT reads as "leave them").
-pub fn take_member_ids(group: &mut Value) -> Option<Vec<String>> {
-    let members = group.as_object_mut()?.remove("members")?;
+///
+/// A member without an id is `400 invalidValue`, as in a PATCH: dropping it would store a
+/// group short of a member the client named, or empty a group that a PUT replaces.
+pub fn take_member_ids(group: &mut Value) -> Result<Option<Vec<String>>, ScimError> {
+    let Some(members) = group.as_object_mut().and_then(|g| g.remove("members")) else {
+        return Ok(None);
+    };
+    let no_id = || {
+        ScimError::bad_request(
+            ScimType::InvalidValue,
+            "each member must have its id as \"value\"",
+        )
+    };
     let Value::Array(members) = members else {
-        return Some(Vec::new());
+        return Err(no_id());
     };
     let mut seen = std::collections::HashSet::new();
-    Some(
-        members
-            .iter()
-            .filter_map(|m| m.get("value").and_then(Value::as_str))
-            .filter(|id| seen.insert(id.to_string()))
-            .map(str::to_owned)
-            .collect(),
-    )
+    let mut ids = Vec::with_capacity(members.len());
+    for member in &members {
+        let id = member
+            .get("value")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(no_id)?;
+        if seen.insert(id) {
+            ids.push(id.to_owned());
+        }
+    }
+    Ok(Some(ids))
 }
 
 #[cfg(test)]
@@ -272,7 +287,7 @@ mod tests {
             }),
         );
         assert_eq!(group["members"][0], json!({"value": "u1"}));
-        assert_eq!(take_member_ids(&mut group).unwrap(), ["u1", "u2"]);
+        assert_eq!(take_member_ids(&mut group).unwrap().unwrap(), ["u1", "u2"]);
         assert_eq!(group.get("members"), None);
     }
 

@@ -425,6 +425,54 @@ async fn every_error_is_an_rfc_7644_error_body_and_changes_nothing() {
     assert_eq!(all.body["totalResults"], 1, "{}", all.text);
 }
 
+/// A member the client names without its id is refused, not dropped: dropped, a PUT of
+/// `[{"display": ...}]` would empty the group. A Group has no `password` to PATCH either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_write_naming_a_member_without_its_id_or_a_password_changes_nothing() {
+    let (_px, scim) = scim_server().await;
+    let member = scim.create_user("kept-member@example.com").await.id();
+    let created = scim.create_group("kept", &[&member]).await;
+    let path = format!("/Groups/{}", created.id());
+    let etag = created.etag().unwrap().to_owned();
+
+    let without_ids = [
+        json!([{"display": "kept-member@example.com"}]),
+        json!([{"$ref": format!("https://scim.test/scim/v2/Users/{member}")}]),
+        json!([{"value": member}, {"value": ""}]),
+        json!([{"value": 7}]),
+    ];
+    for members in without_ids {
+        let body = json!({"schemas": [GROUP_SCHEMA], "displayName": "kept", "members": members});
+        scim.put(&path, &body)
+            .await
+            .expect_error(400, Some("invalidValue"));
+        let body = json!({"schemas": [GROUP_SCHEMA], "displayName": "new", "members": members});
+        scim.post("/Groups", &body)
+            .await
+            .expect_error(400, Some("invalidValue"));
+    }
+    scim.patch(
+        &path,
+        &patch_ops(json!([{"op": "replace", "path": "password", "value": "x"}])),
+    )
+    .await
+    .expect_error(400, Some("invalidPath"));
+    let resp = scim
+        .patch(
+            &path,
+            &patch_ops(json!([{"op": "replace", "value": {"password": "x"}}])),
+        )
+        .await
+        .expect_error(400, None);
+    assert!(resp.body["scimType"].is_string(), "{}", resp.text);
+
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.etag(), Some(etag.as_str()), "{}", got.text);
+    assert_eq!(scim.member_ids(&created.id()).await, vec![member]);
+    let groups = scim.get("/Groups").await.expect(200);
+    assert_eq!(groups.body["totalResults"], 1, "{}", groups.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn changing_the_id_by_put_is_a_mutability_error() {
     let (_px, scim) = scim_server().await;

@@ -202,7 +202,7 @@ impl<'a> Overlay<'a> {
         password_hash: Option<String>,
         actor: &str,
     ) -> Result<Written, ScimError> {
-        let members = take_members(rt, &mut resource);
+        let members = take_members(rt, &mut resource)?;
         let row = self.next_row;
         self.next_row += 1;
         let id = uuid::Uuid::new_v4().to_string();
@@ -242,7 +242,7 @@ impl<'a> Overlay<'a> {
             .to_owned();
         // A PUT that leaves `members` out keeps them: clients that PUT groups manage members by
         // PATCH, and silently emptying a 100,000-member group is the worse reading of the RFC.
-        let members = take_members(rt, &mut resource);
+        let members = take_members(rt, &mut resource)?;
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("id".to_owned(), Value::String(id));
         }
@@ -658,10 +658,10 @@ fn str_of<'v>(resource: &'v Value, name: &str) -> Option<&'v str> {
 
 /// A Group's member ids, taken out of its validated resource: members are stored as rows,
 /// never inside the group.
-fn take_members(rt: ResourceType, resource: &mut Value) -> Option<Vec<String>> {
+fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<String>>, ScimError> {
     match rt {
         ResourceType::Group => take_member_ids(resource),
-        ResourceType::User | ResourceType::Agent | ResourceType::AgenticApplication => None,
+        ResourceType::User | ResourceType::Agent | ResourceType::AgenticApplication => Ok(None),
     }
 }
 
