@@ -1180,20 +1180,37 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
 }
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
-/// `:authority` for HTTP/2.
+/// `:authority` for HTTP/2. `None` unless it is a host name, an IPv4 address or a bracketed
+/// IPv6 address, with at most a numeric port: `evil.test/x.corp.test` would otherwise match a
+/// `*.corp.test` route and reach the upstream as `X-Forwarded-Host`, where an application that
+/// builds links from it would send its users to `evil.test`.
 fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
     let raw = match req.headers.get(header::HOST) {
         Some(value) => value.to_str().ok()?,
         None => req.uri.authority()?.as_str(),
     };
-    let host = if let Some(rest) = raw.strip_prefix('[') {
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
-        let end = rest.find(']')?;
-        &raw[..end + 2]
+        let (v6, after) = rest.split_once(']')?;
+        let port = if after.is_empty() {
+            ""
+        } else {
+            after.strip_prefix(':')?
+        };
+        let address_byte = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+        if v6.is_empty() || !v6.bytes().all(address_byte) {
+            return None;
+        }
+        (&raw[..v6.len() + 2], port)
     } else {
-        raw.rsplit_once(':').map_or(raw, |(host, _port)| host)
+        let (host, port) = raw.rsplit_once(':').unwrap_or((raw, ""));
+        let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        if !host.bytes().all(name_byte) {
+            return None;
+        }
+        (host, port)
     };
-    if host.is_empty() {
+    if host.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -1452,6 +1469,32 @@ mod tests {
         );
         assert_eq!(host("app.example.com").as_deref(), Some("app.example.com"));
         assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(
+            host("[::ffff:10.0.0.1]").as_deref(),
+            Some("[::ffff:10.0.0.1]")
+        );
+        assert_eq!(host("10.0.0.1:").as_deref(), Some("10.0.0.1"));
         assert_eq!(host(":80"), None);
+    }
+
+    #[test]
+    fn a_host_that_is_not_a_name_or_an_address_is_no_host() {
+        for value in [
+            "evil.test/x.corp.test",
+            "evil.test?.corp.test",
+            "evil.test#.corp.test",
+            "evil.test\\x.corp.test",
+            "user@a.corp.test",
+            "a.corp.test:80x",
+            "a.corp.test:80:80",
+            "[::1]evil",
+            "[::1]:8x",
+            "[evil.test/]",
+            "[]",
+            "a\"b.corp.test",
+        ] {
+            let req = request(&[("Host", value)]);
+            assert_eq!(request_host(&req), None, "{value}");
+        }
     }
 }

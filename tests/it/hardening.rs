@@ -50,7 +50,8 @@ const ERIK_PASSWORD: &str = "erik's password, long enough";
 /// - `http://pass.test`: the same, with `pass_authorization = true`;
 /// - `http://app.test/v1/`: bearer tokens of group `eng` only;
 /// - `http://app.test/contractors/`: sessions of group `eng`, with `token_groups`;
-/// - `http://bots.test`: bearer tokens of any machine (`machines = true`).
+/// - `http://bots.test`: bearer tokens of any machine (`machines = true`);
+/// - `http://*.pages.test`: public.
 ///
 /// alice, carol and the build-agent machine are in `eng`; dora is provisioned in no group;
 /// dora and erik have `eng` in their IdP accounts' `groups` claim.
@@ -106,6 +107,7 @@ impl Hardened {
                     .accept(&["bearer"])
                     .set("allow = { machines = true }"),
             )
+            .route(Route::to_urls("http://*.pages.test", vec![raw.url()]).accept(&["public"]))
             .route(
                 Route::to_urls("http://pass.test", vec![raw.url()])
                     .accept(&["bearer"])
@@ -253,6 +255,36 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
         assert_eq!(status, 403, "GET {target}");
         assert_eq!(received, None, "GET {target} reached the upstream");
     }
+}
+
+/// A `Host` that is not a host name or address is refused: `evil.test/x.pages.test` ends in
+/// a wildcard route's suffix, and an application that builds links from `X-Forwarded-Host`
+/// would send its users to `evil.test`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_header_that_is_not_a_host_never_reaches_the_upstream() {
+    let t = Hardened::start().await;
+    let port = t.fx.cfg.http_addr().port();
+    for host in [
+        format!("evil.test/x.pages.test:{port}"),
+        format!("evil.test?.pages.test:{port}"),
+        format!("evil.test#.pages.test:{port}"),
+        format!("evil.test\\.pages.test:{port}"),
+        format!("a.pages.test:{port}x"),
+    ] {
+        let (status, received) = t
+            .send("GET /page HTTP/1.1", &[format!("Host: {host}")])
+            .await;
+        assert_eq!(status, 400, "Host: {host}");
+        assert_eq!(received, None, "Host: {host} reached the upstream");
+    }
+
+    let host = format!("A.Pages.test:{port}");
+    let (status, received) = t
+        .send("GET /page HTTP/1.1", &[format!("Host: {host}")])
+        .await;
+    assert_eq!(status, 200, "Host: {host}");
+    let received = received.expect("the page reached the upstream");
+    assert_eq!(received.header_all("x-forwarded-host"), [host.as_str()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
