@@ -749,6 +749,12 @@ async fn passwords_are_accepted_and_never_returned() {
     no_leak("GET after PUT", &scim.get(&path).await.expect(200).text);
 }
 
+/// The current ETag of a group.
+async fn etag_of(scim: &ScimClient, group: &str) -> String {
+    let got = scim.get(&format!("/Groups/{group}")).await.expect(200);
+    got.etag().expect("a group's ETag").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_user_removes_it_from_every_group() {
     let (_px, scim) = scim_server().await;
@@ -758,8 +764,32 @@ async fn deleting_a_user_removes_it_from_every_group() {
     let outer = scim.create_group("outer", &[&gone, &inner]).await.id();
     let solo = scim.create_group("solo", &[&gone]).await.id();
     assert_eq!(scim.member_ids(&solo).await, vec![gone.clone()]);
+    let solo_etag = etag_of(&scim, &solo).await;
 
     scim.delete(&format!("/Users/{gone}")).await.expect(204);
+    // The groups it left have a new version: the old ETag is no longer current.
+    let solo_path = format!("/Groups/{solo}");
+    scim.request(
+        Method::GET,
+        &solo_path,
+        &[],
+        None,
+        &[("if-none-match", &solo_etag)],
+    )
+    .await
+    .expect(200);
+    assert_ne!(etag_of(&scim, &solo).await, solo_etag);
+    let rename = patch_ops(json!([{"op": "replace", "path": "displayName", "value": "x"}]));
+    scim.request(
+        Method::PATCH,
+        &solo_path,
+        &[],
+        Some(&rename),
+        &[("if-match", &solo_etag)],
+    )
+    .await
+    .expect_error(412, None);
+    let outer_etag = etag_of(&scim, &outer).await;
     scim.get(&format!("/Users/{gone}"))
         .await
         .expect_error(404, None);
@@ -774,9 +804,10 @@ async fn deleting_a_user_removes_it_from_every_group() {
     assert_ne!(again, gone);
     assert_eq!(scim.member_ids(&solo).await, Vec::<String>::new());
 
-    // Deleting a group removes it from the groups it was in.
+    // Deleting a group removes it from the groups it was in, which change version too.
     scim.delete(&format!("/Groups/{inner}")).await.expect(204);
     assert_eq!(scim.member_ids(&outer).await, Vec::<String>::new());
+    assert_ne!(etag_of(&scim, &outer).await, outer_etag);
     let user = scim.get(&format!("/Users/{stays}")).await.expect(200);
     assert_eq!(user.body.get("groups"), None, "{}", user.text);
 }

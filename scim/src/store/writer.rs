@@ -271,10 +271,14 @@ impl<'a> Overlay<'a> {
         id: &str,
         actor: &str,
     ) -> Result<Written, ScimError> {
-        // Out of every group it was in, and (a group) emptied of its members.
+        self.seq += 1;
+        // Out of every group it was in, and (a group) emptied of its members. The groups it
+        // leaves show other members now: a new version, or a client holding the old ETag
+        // would be told its copy still stands.
         let parents: Vec<Row> = self.parents_now(row);
         for group in parents {
             self.set_member(group, row, false);
+            self.restamp(ResourceType::Group, group)?;
         }
         if rt == ResourceType::Group {
             for member in self.members_now(row) {
@@ -291,7 +295,6 @@ impl<'a> Overlay<'a> {
             ResourceType::Group | ResourceType::AgenticApplication => None,
         };
         self.put_record(rt, row, retired);
-        self.seq += 1;
         self.log(actor, "delete", rt, id, "deleted".to_owned());
         Ok(Written {
             seq: self.seq,
@@ -407,6 +410,24 @@ impl<'a> Overlay<'a> {
             id: id.to_owned(),
             summary,
         });
+    }
+
+    /// Gives the resource at `row` this command's version and time, for a change to what it
+    /// shows that was not a write to it.
+    fn restamp(&mut self, rt: ResourceType, row: Row) -> Result<(), ScimError> {
+        let Some(mut record) = self.record(rt, row)? else {
+            return Ok(());
+        };
+        if let Some(meta) = record
+            .resource
+            .get_mut("meta")
+            .and_then(Value::as_object_mut)
+        {
+            meta.insert("lastModified".to_owned(), Value::String(self.now.clone()));
+            meta.insert("version".to_owned(), Value::String(etag(self.seq)));
+        }
+        self.put_record(rt, row, Some(record));
+        Ok(())
     }
 
     fn put_record(&mut self, rt: ResourceType, row: Row, record: Option<Record>) {
