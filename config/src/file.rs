@@ -439,4 +439,5 @@ pub(crate) struct JwtIssuer {
     pub jwks_uri: Option<String>,
     pub algorithms: Option<Vec<String>>,
     pub leeway: Option<String>,
+    pub jwks_refresh: Option<String>,
 }

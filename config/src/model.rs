@@ -78,6 +78,9 @@ pub struct Config {
 /// The path under which the console is served on the auth host.
 pub const CONSOLE_PATH: &str = "/.portcullis/console/";
 
+/// How old an IdP's key set may grow before it is fetched again, unless configured otherwise.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
+
 /// The PostgreSQL database several replicas share (`[postgres]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PostgresConfig {
@@ -492,6 +495,9 @@ pub struct JwtIssuer {
     pub algorithms: Vec<JwtAlgorithm>,
     /// Clock skew allowed on `exp`, `nbf` and `iat`; at most 5 minutes.
     pub leeway: Duration,
+    /// How old the key set may grow before it is fetched again, so that a key the issuer
+    /// withdraws stops verifying within this time; 5 minutes by default, at least 10 seconds.
+    pub jwks_refresh: Duration,
 }
 
 /// A JWS signature algorithm Portcullis accepts. There is deliberately no `none` and no HMAC

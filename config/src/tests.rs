@@ -915,12 +915,14 @@ leeway = "10m"
 issuer = "https://b.example.com"
 audiences = ["api"]
 leeway = "soon"
+jwks_refresh = "1s"
 "#,
             problems: &[
                 ("jwt_issuers[0].algorithms[0]", Some(13), "`HS512` is not allowed"),
                 ("jwt_issuers[0].algorithms[1]", Some(13), "`none` is never allowed"),
                 ("jwt_issuers[0].leeway", Some(14), "at most 5m"),
                 ("jwt_issuers[1].leeway", Some(18), "not a duration"),
+                ("jwt_issuers[1].jwks_refresh", Some(19), "at least 10s"),
             ],
         },
         Case {
@@ -2052,6 +2054,7 @@ audiences = ["api://portcullis", "api://grafana"]
 jwks_uri = "https://login.example.com/discovery/v2.0/keys?appid=42"
 algorithms = ["ES256"]
 leeway = "0s"
+jwks_refresh = "1m"
 
 [[jwt_issuers]]
 issuer = "http://127.0.0.1:9000"
@@ -2112,6 +2115,7 @@ accept = ["public"]
             jwks_uri: Some("https://login.example.com/discovery/v2.0/keys?appid=42".into()),
             algorithms: vec![JwtAlgorithm::ES256],
             leeway: Duration::ZERO,
+            jwks_refresh: Duration::from_secs(60),
         },
         JwtIssuer {
             issuer: "http://127.0.0.1:9000".into(),
@@ -2124,6 +2128,7 @@ accept = ["public"]
                 JwtAlgorithm::EdDSA,
             ],
             leeway: Duration::from_secs(60),
+            jwks_refresh: JWKS_REFRESH,
         },
     ];
     assert_eq!(config.jwt_issuers, expected);

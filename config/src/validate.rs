@@ -29,7 +29,7 @@ use crate::model::{
     AdminConfig, AdminToken, AgentAttribute, CertificateFiles, Config, Credential, IdentityClaim,
     IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig,
     LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig,
-    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH,
+    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::resolve_secret;
@@ -1426,12 +1426,20 @@ fn jwt_issuers(
         });
         let algorithms = algorithms(raw.algorithms, &path.key("algorithms"), p);
         let leeway = leeway(raw.leeway, &path.key("leeway"), p);
+        let jwks_refresh = duration(
+            raw.jwks_refresh,
+            JWKS_REFRESH,
+            Duration::from_secs(10),
+            &path.key("jwks_refresh"),
+            p,
+        );
         issuers.push(issuer.map(|issuer| JwtIssuer {
             issuer,
             audiences,
             jwks_uri,
             algorithms,
             leeway,
+            jwks_refresh,
         }));
     }
     issuers.into_iter().collect()

@@ -320,6 +320,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         services::Discovery::new(shared.clone()),
     ));
     server.add_service(background_service(
+        "idp keys",
+        services::IdpKeys::new(shared.clone()),
+    ));
+    server.add_service(background_service(
         "assertion keys",
         services::KeyRefresher::new(shared.signer.clone()),
     ));

@@ -163,6 +163,31 @@ impl BackgroundService for KeyRefresher {
     }
 }
 
+/// Fetches the IdPs' key sets again as they age (see [`crate::auth::Auth::refresh_aged_key_sets`]),
+/// looking every second.
+pub struct IdpKeys {
+    shared: Arc<Shared>,
+}
+
+impl IdpKeys {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for IdpKeys {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while pause(&mut shutdown, Duration::from_secs(1)).await {
+            let runtime = self.shared.runtime.load_full();
+            self.shared
+                .auth
+                .refresh_aged_key_sets(&runtime.config)
+                .await;
+        }
+    }
+}
+
 /// Judges every open websocket and event stream again whenever the directory changes,
 /// sessions end or the configuration is reloaded, and at least once a second (grants end with
 /// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`).

@@ -77,8 +77,9 @@ pub(crate) struct Options {
     pub backchannel: Backchannel,
     /// Start Portcullis while the IdP answers 503 to everything (never reached).
     pub idp_down_at_start: bool,
-    /// `leeway` of the IdP's `[[jwt_issuers]]` entry (default: the config's default).
-    pub idp_issuer_leeway: Option<&'static str>,
+    /// Settings of the IdP's `[[jwt_issuers]]` entry, `(key, raw TOML value)`, e.g.
+    /// `("leeway", "\"0s\"")` (default: none, the config's defaults).
+    pub idp_issuer_settings: Vec<(&'static str, &'static str)>,
     /// More `[[jwt_issuers]]`.
     pub extra_issuers: Vec<JwtIssuer>,
     /// `[oidc] refresh = true`, with ID tokens living this many seconds at the IdP.
@@ -90,7 +91,7 @@ impl Default for Options {
         Options {
             backchannel: Backchannel::Portcullis,
             idp_down_at_start: false,
-            idp_issuer_leeway: None,
+            idp_issuer_settings: Vec::new(),
             extra_issuers: Vec::new(),
             refresh_every: None,
         }
@@ -157,8 +158,8 @@ impl Fixture {
         );
 
         let mut idp_issuer = JwtIssuer::new(idp.issuer(), &[API_AUD]);
-        if let Some(leeway) = options.idp_issuer_leeway {
-            idp_issuer = idp_issuer.leeway(leeway);
+        for (key, value) in &options.idp_issuer_settings {
+            idp_issuer = idp_issuer.set(key, value);
         }
         let mut oidc = Oidc::new(
             idp.issuer(),

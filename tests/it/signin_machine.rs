@@ -510,7 +510,7 @@ async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes()
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
     let fx = Fixture::start_with(Options {
-        idp_issuer_leeway: Some("0s"),
+        idp_issuer_settings: vec![("leeway", "\"0s\"")],
         ..Options::default()
     })
     .await;
@@ -858,6 +858,45 @@ async fn bearer_tokens_follow_idp_key_rotation_without_a_restart() {
     assert_accepted(&url, &after, "a token signed with the new key").await;
     assert_refused(&url, &before, "a token signed with a key the IdP withdrew").await;
     assert_accepted(&url, &after, "the new token, again").await;
+}
+
+/// A key the IdP withdraws stops verifying once the key set is `jwks_refresh` old, though no
+/// token names a new key (which would have Portcullis fetch the set at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_the_idp_withdraws_stops_verifying_within_jwks_refresh() {
+    let fx = Fixture::start_with(Options {
+        idp_issuer_settings: vec![("jwks_refresh", "\"10s\"")],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("api.test", "/v1");
+    let before = fx
+        .idp
+        .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+        .await;
+    assert_accepted(&url, &before, "a token before the rotation").await;
+    fx.idp.rotate_keys(false).await;
+    let rotated = Instant::now();
+
+    // Refused once the set is fetched again: 10 s after the last fetch, and a second to look.
+    let deadline = rotated + Duration::from_secs(60);
+    loop {
+        let (status, body) = bearer(&url, &before).await;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "a token signed with a withdrawn key still verifies 60 s after the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = fx
+        .idp
+        .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+        .await;
+    assert_accepted(&url, &after, "a token signed with the new key").await;
 }
 
 // ----- the IdP down ---------------------------------------------------------------------------

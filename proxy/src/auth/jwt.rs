@@ -1,7 +1,8 @@
 //! Signed JWTs from identity providers: key sets fetched from each issuer, cached, and
 //! refetched when a token names a key we don't have (the IdP rotated), at most once per
-//! [`REFETCH_AFTER`]; verification with an explicit algorithm allow-list, never `none` and
-//! never HMAC (a public key must not become an HMAC secret).
+//! [`REFETCH_AFTER`], and as they age (see `services::IdpKeys`), so that a key the IdP
+//! withdraws stops verifying; verification with an explicit algorithm allow-list, never `none`
+//! and never HMAC (a public key must not become an HMAC secret).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,8 +104,17 @@ impl Jwks {
         self.keys.load().as_ref().map(|k| k.raw.clone())
     }
 
+    /// Whether the key set was last fetched (or tried) at least `age` ago. False while a
+    /// fetch is under way.
+    pub fn older_than(&self, age: Duration) -> bool {
+        self.last_fetch
+            .try_lock()
+            .is_ok_and(|last| last.is_none_or(|at| at.elapsed() >= age))
+    }
+
     /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`).
-    /// A failed fetch keeps the last good set.
+    /// A failed fetch keeps the last good set. A set that has not changed is kept as it is,
+    /// and so is what was verified with it.
     pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
         let mut last = self.last_fetch.lock().await;
         if !force && last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
@@ -113,6 +123,7 @@ impl Jwks {
         *last = Some(Instant::now());
         let keys = self.fetch().await;
         match keys {
+            Ok(keys) if self.raw().is_some_and(|raw| *raw == *keys.raw) => Ok(()),
             Ok(keys) => {
                 self.keys.store(Some(Arc::new(keys)));
                 self.generation.fetch_add(1, Ordering::AcqRel);

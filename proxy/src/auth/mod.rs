@@ -24,7 +24,7 @@ use http::header;
 use pingora::http::RequestHeader;
 use serde::Deserialize;
 
-use portcullis_config::{Config, Credential, JwtIssuer};
+use portcullis_config::{Config, Credential, JwtIssuer, JWKS_REFRESH};
 
 use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::{Oidc, Refreshed};
@@ -346,6 +346,26 @@ impl Auth {
         };
         self.verified.insert(hash, entry, now);
         Ok(caller)
+    }
+
+    /// Fetches again the key sets that have aged past their `jwks_refresh` (the sign-in
+    /// provider's past [`JWKS_REFRESH`]), so a key an IdP withdraws stops verifying even when
+    /// no token names one of its new keys. A set that cannot be fetched is kept.
+    pub async fn refresh_aged_key_sets(&self, config: &Config) {
+        for issuer in &config.jwt_issuers {
+            let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
+            let Some(jwks) = self.issuers.get(&id).map(|j| j.clone()) else {
+                continue; // not used yet: the first token fetches it
+            };
+            if jwks.older_than(issuer.jwks_refresh) {
+                let _ = jwks.refresh(false).await;
+            }
+        }
+        if let Some(provider) = self.oidc.provider() {
+            if provider.jwks.older_than(JWKS_REFRESH) {
+                let _ = provider.jwks.refresh(false).await;
+            }
+        }
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
