@@ -389,6 +389,21 @@ async fn deactivation_refuses_the_next_request_and_ends_the_session() {
     let echo = assert_session_works(&url, &fresh).await;
     assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
     assert_session_refused(&t.fx, &url, &cookie).await;
+
+    // Signed in while deactivated (her IdP account still works), she gets nowhere, and that
+    // session does not come to life when she is re-activated.
+    t.set_active(&t.alice_id, false).await.expect_success();
+    let inactive = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let resp = get_with_session(&url, &inactive, "application/json").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::FORBIDDEN,
+        "signed in while deactivated"
+    );
+    t.set_active(&t.alice_id, true).await.expect_success();
+    assert_session_refused(&t.fx, &url, &inactive).await;
+    let again = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &again).await;
 }
 
 type Websocket = portcullis_tests::client::Websocket;

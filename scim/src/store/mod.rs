@@ -57,8 +57,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
     /// For a User: the change sequence from which sign-ins count. Set at creation and whenever
-    /// the user is deactivated, so a session that began before it is over for good, even if
-    /// the user is later re-activated.
+    /// the user is deactivated or re-activated, so a session that began before it is over for
+    /// good: one from before a deactivation stays over after a re-activation, and one begun
+    /// while inactive does not come to life with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since: Option<Seq>,
     /// A deleted User, kept as its identifiers only (`userName`, `emails`, `externalId`), so

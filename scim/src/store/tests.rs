@@ -392,7 +392,7 @@ async fn a_version_1_database_is_upgraded_in_place() {
 }
 
 #[tokio::test]
-async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
+async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     let epoch = |dir: &Directory| {
         dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
@@ -420,13 +420,14 @@ async fn deactivation_moves_the_sign_in_epoch_and_reactivation_keeps_it() {
             .unwrap();
         assert_eq!(epoch(&dir), Some((false, off.seq)), "deactivation moves it");
         let on = patch_body(json!([{"op": "replace", "value": {"active": true}}]));
-        patch(&dir, ResourceType::User, &dana.id, on).await.unwrap();
-        assert_eq!(epoch(&dir), Some((true, off.seq)), "re-activation keeps it");
+        let on = patch(&dir, ResourceType::User, &dana.id, on).await.unwrap();
+        assert_eq!(epoch(&dir), Some((true, on.seq)), "re-activation moves it");
+        assert!(on.seq > off.seq);
     }
     let dir = open(tmp.path());
     assert_eq!(
         epoch(&dir).map(|e| e.1),
-        Some(3),
+        Some(4),
         "and it survives a restart"
     );
 }

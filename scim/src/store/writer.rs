@@ -375,11 +375,13 @@ impl<'a> Overlay<'a> {
                         .and_then(Value::as_bool)
                         .unwrap_or(true)
                 };
-                let deactivated = |p: &Record| active(&p.resource) && !active(&resource);
+                let toggled = |p: &Record| active(&p.resource) != active(&resource);
                 match previous {
-                    // Created, or deactivated by this change.
+                    // Created, or deactivated or re-activated by this change: a session that
+                    // began while the user was inactive is no more a way back in than one
+                    // from before.
                     None => Some(self.seq),
-                    Some(p) if deactivated(p) => Some(self.seq),
+                    Some(p) if toggled(p) => Some(self.seq),
                     Some(p) => p.valid_since.or(Some(0)),
                 }
             }
