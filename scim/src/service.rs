@@ -801,7 +801,6 @@ impl ScimService {
             _ => (None, None),
         };
         let rt = rt.ok_or_else(|| not_found(&path))?;
-        let projection = Projection::default_for(rt);
         let written = match (&method, id) {
             (&Method::POST, None) => {
                 let bulk_id = op
@@ -822,11 +821,18 @@ impl ScimService {
             _ => return Err(method_not_allowed(&method, &path)),
         };
         let (written, status) = written;
-        let location = format!("{}/{}/{}", req.base_url, endpoint(rt), written.id);
-        let mut response = self.written(req, rt, written, status, &projection);
-        response.body = None;
-        response.location = Some(location);
-        Ok(response)
+        // A Bulk result carries no resource, so none is rendered: a group's would list every
+        // member.
+        Ok(ScimResponse {
+            status: if written.record.is_some() {
+                status
+            } else {
+                204
+            },
+            etag: written.record.as_ref().and_then(version_of),
+            location: Some(format!("{}/{}/{}", req.base_url, endpoint(rt), written.id)),
+            body: None,
+        })
     }
 }
 
