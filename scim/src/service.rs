@@ -438,18 +438,32 @@ impl ScimService {
         Ok(list_response(page.total, query.start_index, resources))
     }
 
+    /// A root search (RFC 7644 §3.4.3): every type's matches, one type after another, paged
+    /// as one list. Each type is asked only for the part of the page that falls in it, so a
+    /// page costs what it holds, not the whole directory. A filter that names an attribute
+    /// some type lacks matches nothing of that type; one that no type can read is refused.
     fn list_all(&self, req: &ScimRequest<'_>, params: &ListParams) -> Result<ScimResponse> {
         let query = self.query_of(params)?;
-        let mut total = 0;
-        let mut resources = Vec::new();
-        let all = Query {
-            start_index: 1,
-            count: None,
-            ..query.clone()
-        };
+        let mut skip = query.start_index - 1;
+        let mut room = query.count.unwrap_or(self.limits.max_results);
+        let (mut total, mut resources, mut unreadable) = (0, Vec::new(), Vec::new());
         for rt in ResourceType::ALL {
-            let page = self.directory.query(rt, &all)?;
+            let part = Query {
+                start_index: skip + 1,
+                count: Some(room),
+                ..query.clone()
+            };
+            let page = match self.directory.query(rt, &part) {
+                Ok(page) => page,
+                Err(e) if e.scim_type == Some(ScimType::InvalidFilter) => {
+                    unreadable.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             total += page.total;
+            skip = skip.saturating_sub(page.total);
+            room = room.saturating_sub(page.records.len());
             let projection = params.projection(rt);
             resources.extend(
                 page.records
@@ -457,11 +471,9 @@ impl ScimService {
                     .map(|r| self.render(req.base_url, rt, r, &projection)),
             );
         }
-        let resources = resources
-            .into_iter()
-            .skip(query.start_index - 1)
-            .take(query.count.unwrap_or(usize::MAX))
-            .collect();
+        if unreadable.len() == ResourceType::ALL.len() {
+            return Err(unreadable.swap_remove(0));
+        }
         Ok(list_response(total, query.start_index, resources))
     }
 

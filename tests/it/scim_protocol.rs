@@ -425,6 +425,102 @@ async fn every_error_is_an_rfc_7644_error_body_and_changes_nothing() {
     assert_eq!(all.body["totalResults"], 1, "{}", all.text);
 }
 
+/// `POST /.search` at the root pages over every type as one list, Users first, and a filter
+/// on an attribute only some types have matches nothing of the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_search_pages_across_types_as_one_list() {
+    let (_px, scim) = scim_server().await;
+    let mut users = Vec::new();
+    for name in [
+        "root-a@example.com",
+        "root-b@example.com",
+        "root-c@example.com",
+    ] {
+        users.push(scim.create_user(name).await.id());
+    }
+    let groups = [
+        scim.create_group("root-g1", &[&users[0]]).await.id(),
+        scim.create_group("root-g2", &[]).await.id(),
+    ];
+    let search = |start: usize, count: usize, filter: Option<&str>| {
+        let mut body = json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+            "startIndex": start,
+            "count": count,
+        });
+        if let Some(filter) = filter {
+            body["filter"] = json!(filter);
+        }
+        body
+    };
+    let ids = |resp: &portcullis_tests::ScimResponse| -> Vec<String> {
+        resp.resources()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    let page = scim
+        .post("/.search", &search(1, 100, None))
+        .await
+        .expect(200);
+    assert_eq!(page.body["totalResults"], 5, "{}", page.text);
+    assert_eq!(ids(&page), [&users[..], &groups[..]].concat());
+    let page = scim.post("/.search", &search(2, 2, None)).await.expect(200);
+    assert_eq!(page.body["totalResults"], 5, "{}", page.text);
+    assert_eq!(page.body["startIndex"], 2, "{}", page.text);
+    assert_eq!(ids(&page), [users[1].clone(), users[2].clone()]);
+    let page = scim.post("/.search", &search(3, 2, None)).await.expect(200);
+    assert_eq!(ids(&page), [users[2].clone(), groups[0].clone()]);
+    let page = scim
+        .post("/.search", &search(5, 10, None))
+        .await
+        .expect(200);
+    assert_eq!(ids(&page), [groups[1].clone()]);
+    let page = scim
+        .post("/.search", &search(6, 10, None))
+        .await
+        .expect(200);
+    assert_eq!(page.body["totalResults"], 5, "{}", page.text);
+    assert_eq!(ids(&page), Vec::<String>::new());
+    let page = scim.post("/.search", &search(1, 0, None)).await.expect(200);
+    assert_eq!(page.body["totalResults"], 5, "{}", page.text);
+    assert_eq!(ids(&page), Vec::<String>::new());
+
+    let filter = "userName sw \"root-b\"";
+    let page = scim
+        .post("/.search", &search(1, 10, Some(filter)))
+        .await
+        .expect(200);
+    assert_eq!(page.body["totalResults"], 1, "{}", page.text);
+    assert_eq!(ids(&page), [users[1].clone()]);
+    let filter = "userName sw \"root-\"";
+    let page = scim
+        .post("/.search", &search(2, 1, Some(filter)))
+        .await
+        .expect(200);
+    assert_eq!(page.body["totalResults"], 3, "{}", page.text);
+    assert_eq!(ids(&page), [users[1].clone()]);
+    let page = scim
+        .get_query(
+            "/Users",
+            &[("filter", filter), ("startIndex", "3"), ("count", "5")],
+        )
+        .await
+        .expect(200);
+    assert_eq!(page.body["totalResults"], 3, "{}", page.text);
+    assert_eq!(ids(&page), [users[2].clone()]);
+    let filter = "displayName eq \"root-g2\"";
+    let page = scim
+        .post("/.search", &search(1, 10, Some(filter)))
+        .await
+        .expect(200);
+    assert_eq!(ids(&page), [groups[1].clone()]);
+    scim.post("/.search", &search(1, 10, Some("noSuchAttribute eq \"x\"")))
+        .await
+        .expect_error(400, Some("invalidFilter"));
+}
+
 /// A member the client names without its id is refused, not dropped: dropped, a PUT of
 /// `[{"display": ...}]` would empty the group. A Group has no `password` to PATCH either.
 #[tokio::test(flavor = "multi_thread")]

@@ -663,6 +663,9 @@ impl Directory {
             });
         }
 
+        // Unsorted, only the page's matches are kept; sorted, every match is.
+        let in_page = |n: usize| query.sort_by.is_some() || (n >= start && n - start < count);
+        let mut total = 0;
         let mut matched: Vec<Record> = Vec::new();
         for chunk in rows.chunks(1024) {
             for (row, record) in self.storage.records(rt, chunk)? {
@@ -676,14 +679,20 @@ impl Directory {
                     Some(filter) => matches_checked(filter, &record.resource, rt)?,
                 };
                 if keep {
-                    matched.push(record);
+                    if in_page(total) {
+                        matched.push(record);
+                    }
+                    total += 1;
                 }
             }
         }
-        if let Some(sort_by) = &query.sort_by {
-            sort_records(&mut matched, sort_by, query.sort_order);
-        }
-        let total = matched.len();
+        let Some(sort_by) = &query.sort_by else {
+            return Ok(Page {
+                total,
+                records: matched,
+            });
+        };
+        sort_records(&mut matched, sort_by, query.sort_order);
         let records = matched.into_iter().skip(start).take(count).collect();
         Ok(Page { total, records })
     }
