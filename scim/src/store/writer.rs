@@ -35,6 +35,16 @@ pub struct Overlay<'a> {
     member_order: Vec<(Row, Row)>,
     changes: Vec<Change>,
     entries: Vec<Entry>,
+    /// What the command being run replaced in the maps above, to put back if it fails.
+    undo: Vec<Undo>,
+}
+
+/// One map entry as it was before a command changed it (`None`: it was not there).
+enum Undo {
+    Record(Row, Option<(ResourceType, Option<Record>)>),
+    Id(String, Option<Option<(ResourceType, Row)>>),
+    Name((ResourceType, Box<str>), Option<Option<Row>>),
+    Member((Row, Row), Option<bool>),
 }
 
 fn not_found(rt: ResourceType, id: &str) -> ScimError {
@@ -61,6 +71,7 @@ impl<'a> Overlay<'a> {
             member_order: Vec::new(),
             changes: Vec::new(),
             entries: Vec::new(),
+            undo: Vec::new(),
         }
     }
 
@@ -87,13 +98,14 @@ impl<'a> Overlay<'a> {
 
     /// Evaluates one command. On error the overlay is left as it was before the command.
     pub fn execute(&mut self, command: &Command, actor: &str) -> Result<Written, ScimError> {
-        // Commands are atomic: work on a copy of the overlay's bookkeeping and keep it only on
-        // success. The copies are small: they hold this batch's changes, not the directory.
+        // Commands are atomic: every entry a command replaces is kept aside, and put back if
+        // the command fails. What a command costs does not grow with the batch it is in.
         let checkpoint = self.checkpoint();
         let result = self.run(command, actor);
         if result.is_err() {
             self.restore(checkpoint);
         }
+        self.undo.clear();
         result
     }
 
@@ -286,9 +298,9 @@ impl<'a> Overlay<'a> {
             }
         }
         if let Some(name) = str_of(&current.resource, rt.name_attribute()) {
-            self.names.insert((rt, fold(name)), None);
+            self.set_name((rt, fold(name)), None);
         }
-        self.ids.insert(id.to_owned(), None);
+        self.set_id(id.to_owned(), None);
         // Deleted users and agents are remembered by the identifiers a token names them by.
         let retired = match rt {
             ResourceType::User | ResourceType::Agent => Some(retired(rt, current)),
@@ -345,11 +357,11 @@ impl<'a> Overlay<'a> {
             if let Some(old) = str_of(&previous.resource, name_attr) {
                 let old = fold(old);
                 if old != folded {
-                    self.names.insert((rt, old), None);
+                    self.set_name((rt, old), None);
                 }
             }
         }
-        self.names.insert((rt, folded), Some(row));
+        self.set_name((rt, folded), Some(row));
 
         self.seq += 1;
         let created = previous
@@ -392,7 +404,7 @@ impl<'a> Overlay<'a> {
             valid_since,
             retired: false,
         };
-        self.ids.insert(id.clone(), Some((rt, row)));
+        self.set_id(id.clone(), Some((rt, row)));
         self.put_record(rt, row, Some(record.clone()));
         self.log(actor, op, rt, &id, summary.to_owned());
         Ok(Written {
@@ -433,9 +445,21 @@ impl<'a> Overlay<'a> {
     }
 
     fn put_record(&mut self, rt: ResourceType, row: Row, record: Option<Record>) {
-        if self.records.insert(row, (rt, record)).is_none() {
+        let before = self.records.insert(row, (rt, record));
+        if before.is_none() {
             self.record_order.push(row);
         }
+        self.undo.push(Undo::Record(row, before));
+    }
+
+    fn set_id(&mut self, id: String, owner: Option<(ResourceType, Row)>) {
+        let before = self.ids.insert(id.clone(), owner);
+        self.undo.push(Undo::Id(id, before));
+    }
+
+    fn set_name(&mut self, name: (ResourceType, Box<str>), owner: Option<Row>) {
+        let before = self.names.insert(name.clone(), owner);
+        self.undo.push(Undo::Name(name, before));
     }
 
     /// The current record of `id`, checked against `If-Match`.
@@ -540,9 +564,11 @@ impl<'a> Overlay<'a> {
         if self.is_member(group, member) == present {
             return false;
         }
-        if self.members.insert((group, member), present).is_none() {
+        let before = self.members.insert((group, member), present);
+        if before.is_none() {
             self.member_order.push((group, member));
         }
+        self.undo.push(Undo::Member((group, member), before));
         true
     }
 
@@ -637,39 +663,51 @@ impl<'a> Overlay<'a> {
         Checkpoint {
             seq: self.seq,
             next_row: self.next_row,
-            records: self.records.clone(),
             record_order: self.record_order.len(),
-            ids: self.ids.clone(),
-            names: self.names.clone(),
-            members: self.members.clone(),
             member_order: self.member_order.len(),
             changes: self.changes.len(),
+            entries: self.entries.len(),
         }
     }
 
+    /// Back to `c`: the counters and orders by length, the maps by undoing, last first, what
+    /// was replaced since.
     fn restore(&mut self, c: Checkpoint) {
+        fn put_back<K: Eq + std::hash::Hash, V>(
+            map: &mut HashMap<K, V>,
+            key: K,
+            before: Option<V>,
+        ) {
+            match before {
+                Some(value) => map.insert(key, value),
+                None => map.remove(&key),
+            };
+        }
+        while let Some(undo) = self.undo.pop() {
+            match undo {
+                Undo::Record(row, before) => put_back(&mut self.records, row, before),
+                Undo::Id(id, before) => put_back(&mut self.ids, id, before),
+                Undo::Name(name, before) => put_back(&mut self.names, name, before),
+                Undo::Member(key, before) => put_back(&mut self.members, key, before),
+            }
+        }
         self.seq = c.seq;
         self.next_row = c.next_row;
-        self.records = c.records;
         self.record_order.truncate(c.record_order);
-        self.ids = c.ids;
-        self.names = c.names;
-        self.members = c.members;
         self.member_order.truncate(c.member_order);
         self.changes.truncate(c.changes);
+        self.entries.truncate(c.entries);
     }
 }
 
+/// The overlay's counters and the lengths of its ordered lists, before a command.
 struct Checkpoint {
     seq: Seq,
     next_row: Row,
-    records: HashMap<Row, (ResourceType, Option<Record>)>,
     record_order: usize,
-    ids: HashMap<String, Option<(ResourceType, Row)>>,
-    names: HashMap<(ResourceType, Box<str>), Option<Row>>,
-    members: HashMap<(Row, Row), bool>,
     member_order: usize,
     changes: usize,
+    entries: usize,
 }
 
 fn str_of<'v>(resource: &'v Value, name: &str) -> Option<&'v str> {
@@ -718,5 +756,84 @@ fn retired(rt: ResourceType, current: &Record) -> Record {
         password_hash: None,
         valid_since: None,
         retired: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::schema::{GROUP_SCHEMA, USER_SCHEMA};
+    use crate::store::memory::MemoryStorage;
+
+    fn create(rt: ResourceType, resource: Value) -> Command {
+        Command::Create {
+            rt,
+            resource,
+            password_hash: None,
+        }
+    }
+
+    /// A command that fails after changing names, records and members leaves the batch as the
+    /// commands before it made it, and the commands after it see that.
+    #[test]
+    fn a_failed_command_leaves_the_batch_as_it_was() {
+        let (index, storage) = (Index::default(), MemoryStorage::default());
+        let mut overlay = Overlay::new(&index, &storage, "2026-12-01T00:00:00Z".to_owned());
+        let user = json!({"schemas": [USER_SCHEMA], "userName": "ann"});
+        let ann = overlay
+            .execute(&create(ResourceType::User, user), "t")
+            .unwrap();
+        let group = json!({"schemas": [GROUP_SCHEMA], "displayName": "eng", "members": [{"value": ann.id}]});
+        let eng = overlay
+            .execute(&create(ResourceType::Group, group), "t")
+            .unwrap();
+        let seq = overlay.seq;
+
+        // Renamed, and its members replaced by ann and someone unknown: refused after the
+        // rename and the record were written into the overlay.
+        let renamed = json!({"schemas": [GROUP_SCHEMA], "displayName": "ops",
+            "members": [{"value": "nobody"}]});
+        let replace = Command::Replace {
+            rt: ResourceType::Group,
+            id: eng.id.clone(),
+            resource: renamed,
+            password_hash: None,
+            if_match: None,
+        };
+        assert!(overlay.execute(&replace, "t").is_err());
+        // And a delete of someone unknown.
+        let delete = Command::Delete {
+            rt: ResourceType::User,
+            id: "nobody".to_owned(),
+            if_match: None,
+        };
+        assert!(overlay.execute(&delete, "t").is_err());
+
+        assert_eq!(overlay.seq, seq);
+        let eng_row = overlay.row_of(&eng.id).unwrap().1;
+        let ann_row = overlay.row_of(&ann.id).unwrap().1;
+        assert!(overlay.is_member(eng_row, ann_row));
+        assert_eq!(
+            overlay.name_owner(ResourceType::Group, "eng"),
+            Some(eng_row)
+        );
+        assert_eq!(overlay.name_owner(ResourceType::Group, "ops"), None);
+        let record = overlay
+            .record(ResourceType::Group, eng_row)
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.resource["displayName"], "eng");
+
+        // The name the failed command held is free for the next one.
+        let ops = json!({"schemas": [GROUP_SCHEMA], "displayName": "ops"});
+        overlay
+            .execute(&create(ResourceType::Group, ops), "t")
+            .unwrap();
+        let batch = overlay.into_batch();
+        assert_eq!(batch.records.len(), 3);
+        assert_eq!(batch.members, [(eng_row, ann_row, true)]);
+        assert_eq!(batch.changes.len(), 3);
     }
 }
