@@ -33,7 +33,8 @@ use crate::state::Shared;
 
 pub struct Admin {
     shared: Arc<Shared>,
-    /// As the configuration had it at start (changing it needs a restart).
+    /// As the configuration had it at start: its address needs a restart to change. Its token
+    /// is read from the configuration in force, so a reload that rotates it takes effect.
     config: Option<AdminConfig>,
     /// The proxy's listener addresses, as bound at start (changing them needs a restart).
     listeners: Vec<SocketAddr>,
@@ -57,7 +58,8 @@ impl Admin {
 
     /// Whether a request for `/metrics` or `/explain` may be answered; the refusal otherwise.
     fn guard(&self, req: &http::request::Parts) -> Result<(), (StatusCode, &'static str, Vec<u8>)> {
-        match self.config.as_ref().and_then(|c| c.token.as_ref()) {
+        let runtime = self.shared.runtime.load();
+        match runtime.config.admin.as_ref().and_then(|c| c.token.as_ref()) {
             Some(token) => {
                 let presented = req
                     .headers

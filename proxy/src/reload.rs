@@ -2,10 +2,11 @@
 //!
 //! A reload compiles the new file into a new [`Runtime`] and swaps it in whole: requests already
 //! running keep the one they started with. A file with problems changes nothing; each problem is
-//! logged. Listener addresses, threads and the admin listener are fixed at start: changing them
-//! needs a restart, and the reload says so.
+//! logged. Listener addresses, threads and the admin listener's address are fixed at start:
+//! changing them needs a restart, and the reload says so. Reloads take turns: one that read the
+//! file earlier never installs its configuration over one that read it later.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -51,6 +52,10 @@ pub fn reload(shared: &Shared, why: &str) -> Result<(), Vec<String>> {
 }
 
 fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
+    // Held from reading the file to installing what it says (the console's "Re-read", SIGHUP
+    // and the file poll run apart).
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
     let config = portcullis_config::load(&shared.config_path).map_err(|errors| {
         errors
             .problems
@@ -65,12 +70,12 @@ fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
         .iter()
         .map(|l| l.address)
         .ne(old.listeners.iter().map(|l| l.address))
-        || config.admin != old.admin
+        || config.admin.as_ref().map(|a| a.address) != old.admin.as_ref().map(|a| a.address)
         || config.server.threads != old.server.threads
         || config.data_dir != old.data_dir
     {
         tracing::warn!(
-            "listener addresses, admin, threads and data_dir take effect only after a restart"
+            "listener addresses, the admin address, threads and data_dir take effect only after a restart"
         );
     }
     // Loading the file loaded its certificates: nothing past this point can fail.

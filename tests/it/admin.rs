@@ -304,4 +304,18 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
         out.stdout.starts_with("ALLOW GET http://app.test/"),
         "{out:?}"
     );
+
+    // A reload that rotates the token: the old one is refused at once, the new one works.
+    const ROTATED: &str = "rotated-admin-token-0123456789abcd";
+    px.rewrite_config(&cfg.clone().admin_token(ROTATED).toml());
+    px.reload_and_wait().await;
+    let with = |token: &'static str| client.get(&metrics).bearer_auth(token).send();
+    let resp = with(TOKEN).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "the rotated-out token"
+    );
+    let resp = with(ROTATED).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the new token");
 }
