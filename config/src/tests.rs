@@ -733,6 +733,11 @@ auth_scheme = "http"
             )],
         },
         Case {
+            name: "cookie domain that is a top-level domain",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.corp\"\ncookie_domain = \".corp\"\n",
+            problems: &[("oidc.cookie_domain", Some(15), "`.corp` is a top-level domain")],
+        },
+        Case {
             name: "cookie domain with an IP auth host",
             text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"10.0.0.1\"\ncookie_domain = \".0.0.1\"\n",
             problems: &[("oidc.cookie_domain", Some(15), "not an IP address")],

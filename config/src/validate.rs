@@ -1634,6 +1634,12 @@ fn cookie_domain(domain: String, auth_host: Option<&AuthHost>) -> Result<String,
             "`{domain}` is not a domain (wildcards are not allowed here)"
         ));
     }
+    if !name.contains('.') {
+        return Err(format!(
+            "`{domain}` is a top-level domain: the session would go to every host under it; \
+             name your own, e.g. \".corp.example.com\""
+        ));
+    }
     let lower = domain.to_ascii_lowercase();
     if lower != domain {
         return Err(format!("write the domain in lower case: `{lower}`"));
