@@ -559,12 +559,15 @@ impl Directory {
         if kind != rt {
             return Ok(None);
         }
+        // A deleted user's remains are no record: with a shared store, another replica's
+        // delete may be stored before this index has it.
         Ok(self
             .storage
             .records(rt, &[row])?
             .into_iter()
             .next()
-            .map(|(_, r)| r))
+            .map(|(_, r)| r)
+            .filter(|r| !r.retired))
     }
 
     /// The direct members of group `id`, in creation order of the members.
@@ -659,7 +662,11 @@ impl Directory {
             let records = self.storage.records(rt, &page)?;
             return Ok(Page {
                 total: rows.len(),
-                records: records.into_iter().map(|(_, r)| r).collect(),
+                records: records
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .filter(|r| !r.retired)
+                    .collect(),
             });
         }
 
@@ -669,6 +676,9 @@ impl Directory {
         let mut matched: Vec<Record> = Vec::new();
         for chunk in rows.chunks(1024) {
             for (row, record) in self.storage.records(rt, chunk)? {
+                if record.retired {
+                    continue; // deleted by another replica, not yet in this index
+                }
                 let keep = match &query.filter {
                     None => true,
                     Some(filter) if needs_members => {
@@ -1011,7 +1021,17 @@ impl Writer<'_> {
                     answers,
                 };
                 if let Err(mpsc::SendError(settled)) = settle.send(settled) {
-                    answer(settled.answers);
+                    // Nobody can wait for the other replicas: the writes are committed, but
+                    // not answered as done before the others may still admit what they undo.
+                    let writes = settled
+                        .answers
+                        .into_iter()
+                        .map(|(write, _)| write)
+                        .collect();
+                    fail_all(
+                        writes,
+                        "the write is stored, but other replicas could not be waited for; retry",
+                    );
                 }
             } else {
                 answer(answers);
