@@ -404,7 +404,13 @@ fn open_directory(
         let following = directory.clone();
         std::thread::Builder::new()
             .name("directory-feed".to_owned())
-            .spawn(move || fleet.follow(&|| following.catch_up(), &|| following.visible_seq()))
+            .spawn(move || {
+                fleet.follow(
+                    &|| following.catch_up(),
+                    &|| following.visible_seq(),
+                    &|| following.foreign_seq(),
+                )
+            })
             .map_err(|e| format!("cannot start the directory feed: {e}"))?;
         return Ok((directory, Some(freshness)));
     }

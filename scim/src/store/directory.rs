@@ -74,6 +74,8 @@ pub struct Directory {
 struct Visible {
     seq: AtomicU64,
     watch: tokio::sync::watch::Sender<Seq>,
+    /// The sequence after the last batch applied from the store's feed (or reload).
+    foreign: AtomicU64,
 }
 
 impl Visible {
@@ -81,6 +83,7 @@ impl Visible {
         Self {
             seq: AtomicU64::new(seq),
             watch: tokio::sync::watch::Sender::new(seq),
+            foreign: AtomicU64::new(0),
         }
     }
 
@@ -291,7 +294,6 @@ impl Directory {
                 .spawn(move || {
                     let writer = Writer {
                         storage: &*storage,
-                        foreign: AtomicU64::new(0),
                         index: &index,
                         clock: &clock,
                         sinks: &sinks,
@@ -373,6 +375,11 @@ impl Directory {
     /// [`Directory::seq`]; a write is counted here before it is answered.
     pub fn visible_seq(&self) -> Seq {
         self.visible.seq.load(Ordering::Acquire)
+    }
+
+    /// The sequence number after the last batch of another replica applied here.
+    pub fn foreign_seq(&self) -> Seq {
+        self.visible.foreign.load(Ordering::Acquire)
     }
 
     /// Wakes on every committed batch, once it is visible to reads (and before the writes in
@@ -921,8 +928,6 @@ const MAX_ATTEMPTS: usize = 16;
 /// The writer thread: the only one that changes the index.
 struct Writer<'a> {
     storage: &'a dyn Storage,
-    /// The sequence after the last batch applied from the store's feed (or reload).
-    foreign: AtomicU64,
     index: &'a RwLock<Index>,
     clock: &'a Clock,
     sinks: &'a Sinks,
@@ -1073,12 +1078,12 @@ impl Writer<'_> {
             let after = self.index.read().map_err(|_| unusable())?.seq();
             match self.storage.feed(after)? {
                 Feed::Batches(batches) if batches.is_empty() => {
-                    return Ok((after, self.foreign.load(Ordering::Acquire)))
+                    return Ok((after, self.visible.foreign.load(Ordering::Acquire)))
                 }
                 Feed::Batches(batches) => {
                     for batch in &batches {
                         let seq = self.apply(batch, false).ok_or_else(unusable)?;
-                        self.foreign.store(seq, Ordering::Release);
+                        self.visible.foreign.store(seq, Ordering::Release);
                     }
                 }
                 Feed::Gap => {
@@ -1090,7 +1095,7 @@ impl Writer<'_> {
                         sink.load(entries);
                     }
                     self.visible.set(seq);
-                    self.foreign.store(seq, Ordering::Release);
+                    self.visible.foreign.store(seq, Ordering::Release);
                     tracing::info!(
                         users,
                         groups,

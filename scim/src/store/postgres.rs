@@ -1047,17 +1047,20 @@ impl Fleet {
     /// meanwhile, and this replica refuses callers until it has caught up.
     ///
     /// `visible` is the sequence already applied here: a notification of a batch this replica
-    /// wrote itself needs no catching up.
+    /// wrote itself needs no catching up. `foreign` is the last one applied from other
+    /// replicas' batches, by this thread or by the writer catching up before it commits: a
+    /// change of it is reported at once, whoever applied it.
     pub fn follow(
         &self,
         catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
         visible: &dyn Fn() -> Seq,
+        foreign: &dyn Fn() -> Seq,
     ) -> ! {
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = Instant::now();
             match self
-                .follow_connected(catch_up, visible)
+                .follow_connected(catch_up, visible, foreign)
                 .map_err(|e| (e, started.elapsed()))
             {
                 Ok(never) => match never {},
@@ -1125,6 +1128,7 @@ impl Fleet {
         &self,
         catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
         visible: &dyn Fn() -> Seq,
+        foreign: &dyn Fn() -> Seq,
     ) -> Result<std::convert::Infallible, StoreError> {
         let mut client = self.connector.connect()?;
         migrate(&mut client)?;
@@ -1163,8 +1167,8 @@ impl Fleet {
                     std::thread::park();
                 }
             }
-            let (seq, foreign) = catch_up()?;
-            if reported != Some(foreign) || Instant::now() >= renew_by {
+            let (seq, applied_foreign) = catch_up()?;
+            if reported != Some(applied_foreign) || Instant::now() >= renew_by {
                 // Counted from before the renewal is sent: never longer than the lease granted.
                 let sent = boot_nanos();
                 let sent_at = Instant::now();
@@ -1175,7 +1179,7 @@ impl Fleet {
                 }
                 self.freshness.renewed(sent);
                 renew_by = sent_at + interval;
-                reported = Some(foreign);
+                reported = Some(applied_foreign);
             }
             if last_prune.elapsed() > Duration::from_secs(60) {
                 last_prune = Instant::now();
@@ -1188,7 +1192,8 @@ impl Fleet {
                     )
                     .map_err(backend)?;
             }
-            // Wait for news; batches already applied here (this replica's own) are no news.
+            // Wait for news; batches already applied here are no news, unless the writer applied
+            // other replicas' batches (their writers wait for this replica to report them).
             loop {
                 let mut notified = None;
                 let mut notifications = client.notifications();
@@ -1204,6 +1209,7 @@ impl Fleet {
                     first = notifications.iter().next().map_err(backend)?;
                 }
                 if notified.is_none_or(|seq| seq > visible())
+                    || reported != Some(foreign())
                     || Instant::now() >= renew_by
                     || self.freshness.leaving.load(Ordering::Acquire)
                 {
