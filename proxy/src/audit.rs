@@ -182,9 +182,10 @@ impl Entry {
         }
     }
 
-    /// One line a person can read.
+    /// One line a person can read. Control characters are shown escaped: a name pushed over
+    /// SCIM or a requested path cannot start a line of its own or restyle the terminal.
     pub fn human(&self) -> String {
-        match self {
+        let line = match self {
             Entry::Change {
                 seq,
                 time,
@@ -226,7 +227,19 @@ impl Entry {
                 target,
                 outcome,
             } => format!("{time} action  {actor}: {action} {target} ({outcome})"),
+        };
+        if !line.chars().any(char::is_control) {
+            return line;
         }
+        let mut shown = String::with_capacity(line.len() + 8);
+        for c in line.chars() {
+            if c.is_control() {
+                shown.extend(c.escape_default());
+            } else {
+                shown.push(c);
+            }
+        }
+        shown
     }
 }
 
@@ -693,6 +706,26 @@ mod tests {
         for bad in ["", "h", "1", "1y", "-1h", "yesterday"] {
             assert!(parse_since(bad, now).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_human_line_shows_control_characters_escaped() {
+        let entry = Entry::Change {
+            seq: 7,
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            actor: "okta".to_owned(),
+            op: "create".to_owned(),
+            resource_type: "User".to_owned(),
+            id: "u1".to_owned(),
+            summary: "created userName \"eve\n2025-01-02T03:04:06Z change  #8 by okta\u{1b}[2K\""
+                .to_owned(),
+        };
+        let line = entry.human();
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(
+            line.contains("eve\\n2025") && line.contains("\\u{1b}[2K"),
+            "{line}"
+        );
     }
 
     #[test]

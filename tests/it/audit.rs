@@ -102,6 +102,20 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
         assert_eq!(change["resource_type"], "User", "{change}");
         assert_eq!(change["id"], id.as_str(), "{change}");
     }
+    // Who was created and deleted, by name; a deactivation in so many words.
+    let summaries: Vec<&str> = changes
+        .iter()
+        .map(|c| c["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        summaries,
+        [
+            "created userName \"carol@corp.example\"",
+            "attributes, deactivated",
+            "deleted userName \"carol@corp.example\""
+        ],
+        "{records:#?}"
+    );
     let seqs: Vec<u64> = changes.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     let refusal = of_event(&records, "refusal")[0];

@@ -307,7 +307,11 @@ impl<'a> Overlay<'a> {
             ResourceType::Group | ResourceType::AgenticApplication => None,
         };
         self.put_record(rt, row, retired);
-        self.log(actor, "delete", rt, id, "deleted".to_owned());
+        let summary = match str_of(&current.resource, rt.name_attribute()) {
+            Some(name) => format!("deleted {} {name:?}", rt.name_attribute()),
+            None => "deleted".to_owned(),
+        };
+        self.log(actor, "delete", rt, id, summary);
         Ok(Written {
             seq: self.seq,
             id: id.to_owned(),
@@ -343,6 +347,12 @@ impl<'a> Overlay<'a> {
             .and_then(Value::as_str)
             .ok_or_else(|| invalid(format!("{name_attr} is required")))?;
         let folded = fold(name);
+        // What the audit trail says: the resource by name (a created one has no other), and a
+        // deactivation or re-activation in so many words.
+        let mut summary = match previous {
+            None => format!("{summary} {name_attr} {name:?}"),
+            Some(_) => summary.to_owned(),
+        };
         if self
             .name_owner(rt, &folded)
             .is_some_and(|owner| owner != row)
@@ -388,6 +398,13 @@ impl<'a> Overlay<'a> {
                         .unwrap_or(true)
                 };
                 let toggled = |p: &Record| active(&p.resource) != active(&resource);
+                if previous.is_some_and(toggled) {
+                    summary.push_str(if active(&resource) {
+                        ", re-activated"
+                    } else {
+                        ", deactivated"
+                    });
+                }
                 match previous {
                     // Created, or deactivated or re-activated by this change: a session that
                     // began while the user was inactive is no more a way back in than one
@@ -406,7 +423,7 @@ impl<'a> Overlay<'a> {
         };
         self.set_id(id.clone(), Some((rt, row)));
         self.put_record(rt, row, Some(record.clone()));
-        self.log(actor, op, rt, &id, summary.to_owned());
+        self.log(actor, op, rt, &id, summary);
         Ok(Written {
             seq: self.seq,
             id,
