@@ -437,11 +437,18 @@ impl Store {
     fn append(&mut self, lines: &[String]) -> Result<(), String> {
         match self {
             // One write of whole lines: with O_APPEND, a reader never sees two records
-            // interleaved.
-            Store::File(file, path) => file
-                .write_all(lines.concat().as_bytes())
-                .and_then(|()| file.sync_data())
-                .map_err(|e| format!("{}: {e}", path.display())),
+            // interleaved. A write that fails part way (a full disk) is cut off again, so the
+            // retry neither follows a torn record nor repeats the ones that made it.
+            Store::File(file, path) => {
+                let before = file.metadata().map(|m| m.len());
+                let written = file
+                    .write_all(lines.concat().as_bytes())
+                    .and_then(|()| file.sync_data());
+                if let (Err(_), Ok(len)) = (&written, before) {
+                    let _ = file.set_len(len);
+                }
+                written.map_err(|e| format!("{}: {e}", path.display()))
+            }
             Store::Postgres(log) => {
                 let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                 log.append(&records).map_err(|e| format!("PostgreSQL: {e}"))
