@@ -276,6 +276,9 @@ impl ProxyHttp for Proxy {
         })
     }
 
+    /// The endpoints, SCIM and refusals are awaited boxed: pingora boxes this hook's future
+    /// for every request, and their state machines (kilobytes, the console's and SCIM's) would
+    /// otherwise make it that large and be copied for every proxied request.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // 1.1 The configuration this request lives by, whatever reloads meanwhile.
         let runtime = self.shared.runtime.load_full();
@@ -309,9 +312,7 @@ impl ProxyHttp for Proxy {
         if let Some(endpoint) = normalized.strip_prefix("/.portcullis/") {
             let endpoint = endpoint.to_owned();
             let host = host.into_owned();
-            return self
-                .own_endpoint(session, &runtime, &endpoint, &host, ctx.tls)
-                .await;
+            return Box::pin(self.own_endpoint(session, &runtime, &endpoint, &host, ctx.tls)).await;
         }
         if let Some(scim) = runtime
             .scim
@@ -327,7 +328,7 @@ impl ProxyHttp for Proxy {
                 return crate::scim_http::unavailable(session).await;
             }
             let path = normalized.into_owned();
-            return scim.serve(session, &path, ctx.tls).await;
+            return Box::pin(scim.serve(session, &path, ctx.tls)).await;
         }
 
         // 1.4 The route.
@@ -405,16 +406,15 @@ impl ProxyHttp for Proxy {
                 ctx.caller = authentication.caller().cloned();
                 ctx.route = Some(route.clone());
                 let caller = ctx.caller.as_ref();
-                return self
-                    .answer(
-                        session,
-                        &runtime,
-                        &route.config.name,
-                        &asked,
-                        caller,
-                        refused,
-                    )
-                    .await;
+                return Box::pin(self.answer(
+                    session,
+                    &runtime,
+                    &route.config.name,
+                    &asked,
+                    caller,
+                    refused,
+                ))
+                .await;
             }
         };
         self.shared.audit.allow_sampled(
