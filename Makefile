@@ -2,7 +2,7 @@
 #
 #   make bench            the whole suite: writes bench/results/<date>.md and .svg (~30 min)
 #   make bench QUICK=1    a short version for iteration (100k users, 1 round, short loads)
-#   make bench ONLY=proxy,revocation   some parts only (decision, proxy, floor, scim, revocation, profile, replicas, console)
+#   make bench ONLY=proxy,revocation   some parts only (decision, proxy, floor, instructions, scim, revocation, profile, replicas, console)
 #
 # Takes /tmp/bench.lock so that two benchmark runs on one machine never overlap.
 

@@ -617,10 +617,12 @@ class Stack:
     that upstream: `plain.test` (public, no authentication), `app.test` (signed-in members of
     `eng`, session cookie) and `api.test` (members of `eng`, bearer JWT). SCIM on `auth.test`
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
-    `extra` is appended to its configuration (a `[postgres]` table, say).
+    `extra` is appended to its configuration (a `[postgres]` table, say); `prefix` is put before
+    its command line (`valgrind …`, say), and then start-up may take minutes.
     """
 
-    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra=""):
+    def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra="",
+                 prefix=()):
         self.tmp = tmp
         self.procs = []
         self.idp = None
@@ -697,13 +699,14 @@ secret = "{SCIM_TOKEN}"
 {extra}
 """)
             self.log = open(os.path.join(tmp, "portcullis-auth.log"), "w")
-            self.proc = subprocess.Popen([binary(), "serve", "--config", self.config],
+            self.proc = subprocess.Popen([*prefix, binary(), "serve", "--config", self.config],
                                          stdout=self.log, stderr=subprocess.STDOUT)
             self.procs.append(self.proc)
-            wait_http(f"http://127.0.0.1:{self.admin_port}/readyz", want=200, timeout=60)
-            wait_http(f"http://127.0.0.1:{self.port}/", headers={"Host": "plain.test"})
+            slow = 10 if prefix else 1
+            wait_http(f"http://127.0.0.1:{self.admin_port}/readyz", want=200, timeout=60 * slow)
+            wait_http(f"http://127.0.0.1:{self.port}/", headers={"Host": "plain.test"}, timeout=30 * slow)
             # Sign-in works once Portcullis has discovered the IdP.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 30 * slow
             while Browserless().request("GET", self.url("app.test", "/.portcullis/sign_in?rd=%2F"))[0] != 302:
                 if time.monotonic() > deadline:
                     raise SystemExit("sign-in never became available")

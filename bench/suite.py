@@ -8,6 +8,7 @@ Parts (each can also be run alone, see bench/README.md):
               machines, and agents of a group owner among 100k agents)
   proxy       bench/proxy.py       upstream, nginx, Portcullis plain / session+policy / JWT, Apache+openidc
   floor       bench/floor.py       Portcullis' CPU per request above bare pingora, side by side on one core
+  instructions bench/instructions.py  instructions per request, Portcullis and bare pingora (callgrind)
   scim        bench/scim.py        Portcullis vs scim2-server; RSS and start-up with 1M users
   revocation  bench/revocation.py  SCIM answer -> refusal under load
   profile     bench/profile.py     perf record of Portcullis under wrk load
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import ROOT, log  # noqa: E402
 
-PARTS = ["decision", "proxy", "floor", "scim", "revocation", "profile", "replicas", "console"]
+PARTS = ["decision", "proxy", "floor", "instructions", "scim", "revocation", "profile", "replicas", "console"]
 RESULTS = os.path.join(ROOT, "target", "bench-results")
 DECISION_TARGET_NS = 2000
 
@@ -43,13 +44,13 @@ def settings(quick):
                 "revocation": ["--rounds", "1"], "profile": ["--duration", "3"],
                 "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"],
                 "console": ["--rounds", "2", "--duration", "2", "--users", "101000"],
-                "floor": ["--rounds", "2", "--duration", "2"]}
+                "floor": ["--rounds", "2", "--duration", "2"], "instructions": ["--requests", "500"]}
     return {"users": 1_000_000, "decision_args": [], "proxy": ["--rounds", "3", "--duration", "6"],
             "scim": ["--rounds", "3", "--duration", "5", "--users", "1000000"],
             "revocation": ["--rounds", "3"], "profile": ["--duration", "8"],
             "replicas": ["--rounds", "3", "--duration", "5", "--writes", "300"],
             "console": ["--rounds", "12", "--duration", "4", "--users", "1000000"],
-            "floor": ["--rounds", "7", "--duration", "5", "--profile"]}
+            "floor": ["--rounds", "7", "--duration", "5", "--profile"], "instructions": ["--requests", "2000"]}
 
 
 def run_part(name, cmd, env=None, timeout=3600):
@@ -185,6 +186,14 @@ def summary_rows(r):
                                   f"{fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs)",
                          f"{session['cpu_us']:.2f} µs", f"{fl['systems'][headers]['cpu_us']:.2f} µs",
                          f"+{fl['own_work_us']:.2f} µs", "-", "-"))
+    ins = r.get("instructions")
+    if ins:
+        per = ins["per_request"]
+        floor_ins = per["bare pingora"]
+        for name in [n for n in per if n != "bare pingora"]:
+            rows.append(("instructions", f"{name}: instructions per request in user space, above bare pingora "
+                                         f"(callgrind, {ins['requests']:,} requests)",
+                         f"{per[name]:,.0f}", f"{floor_ins:,.0f}", f"{per[name] / floor_ins:.3f}x", "-", "-"))
     co = r.get("console")
     if co:
         pages = co["pages"]
@@ -319,7 +328,7 @@ def main():
             details["decision"] = out
         else:
             failed.append("decision")
-    for name in ("proxy", "floor", "scim", "revocation", "profile", "replicas", "console"):
+    for name in ("proxy", "floor", "instructions", "scim", "revocation", "profile", "replicas", "console"):
         if name not in parts:
             continue
         out_json = os.path.join(RESULTS, f"{name}.json")
@@ -370,7 +379,8 @@ def main():
     if prof is not None:
         lines += ["## Profile of the slowest paths", ""]
         lines += profile_notes(prof)
-    for name in ("decision", "proxy", "floor", "scim", "revocation", "profile", "replicas", "console"):
+    for name in ("decision", "proxy", "floor", "instructions", "scim", "revocation", "profile", "replicas",
+                 "console"):
         if name in details:
             lines += ["", f"## Details: {name}", "", details_text(name, details[name])]
     with open(md_path, "w") as f:
