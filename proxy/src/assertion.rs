@@ -89,7 +89,7 @@ pub struct AssertionClaims<'a> {
     /// `email`, omitted when `None`.
     pub email: Option<&'a str>,
     /// `groups`, always present (possibly empty).
-    pub groups: &'a [&'a str],
+    pub groups: &'a [String],
     /// `portcullis_agent`: the SCIM Agent making the request, if an agent is; `sub` is then
     /// the agent itself, or the person it acts for (see `delegated`).
     pub agent: Option<&'a str>,
@@ -107,7 +107,7 @@ struct JwtClaims<'a> {
     sub: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
-    groups: &'a [&'a str],
+    groups: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     portcullis_agent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,7 +208,7 @@ impl Cached {
             && self.agent.as_deref() == c.agent
             && self.delegated == c.delegated
             && self.groups.len() == c.groups.len()
-            && self.groups.iter().zip(c.groups).all(|(a, b)| &**a == *b)
+            && self.groups.iter().zip(c.groups).all(|(a, b)| **a == **b)
     }
 }
 
@@ -338,7 +338,7 @@ impl Signer {
                 audience: claims.audience.into(),
                 subject: claims.subject.into(),
                 email: claims.email.map(Into::into),
-                groups: claims.groups.iter().map(|g| (*g).into()).collect(),
+                groups: claims.groups.iter().map(|g| g.as_str().into()).collect(),
                 agent: claims.agent.map(Into::into),
                 delegated: claims.delegated,
                 version: claims.version,
@@ -776,7 +776,7 @@ mod tests {
             .as_secs()
     }
 
-    fn claims<'a>(aud: &'a str, groups: &'a [&'a str], version: u64) -> AssertionClaims<'a> {
+    fn claims<'a>(aud: &'a str, groups: &'a [String], version: u64) -> AssertionClaims<'a> {
         AssertionClaims {
             issuer: "https://auth.example.com",
             audience: aud,
@@ -832,7 +832,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = real_now();
         let signer = Signer::open(dir.path(), now, TTL).unwrap();
-        let groups = ["admins", "eng"];
+        let groups = ["admins", "eng"].map(String::from);
         let token = signer.token(&claims("grafana", &groups, 1), now).unwrap();
         let got = verify(&signer, &token, "grafana").unwrap();
         assert_eq!(got["iss"], "https://auth.example.com");
@@ -889,7 +889,7 @@ mod tests {
         // The very same bytes: a cached token is shared, not copied.
         let same =
             |x: &HeaderValue, y: &HeaderValue| x.as_bytes().as_ptr() == y.as_bytes().as_ptr();
-        let g1 = ["eng"];
+        let g1 = ["eng"].map(String::from);
         let a = signer.assertion(&claims("grafana", &g1, 7), T0).unwrap();
         let b = signer
             .assertion(&claims("grafana", &g1, 7), T0 + 100)
@@ -901,7 +901,7 @@ mod tests {
         assert_ne!(other_route, a);
         let new_version = signer.assertion(&claims("grafana", &g1, 8), T0).unwrap();
         assert!(!same(&new_version, &a));
-        let g2 = ["eng", "admins"];
+        let g2 = ["eng", "admins"].map(String::from);
         // Even if the caller forgot to bump the version, changed groups are not served stale.
         let new_groups = signer.assertion(&claims("grafana", &g2, 8), T0).unwrap();
         assert!(!same(&new_groups, &new_version));
@@ -990,7 +990,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
         let old_kid = signer.signing_kid().unwrap().to_string();
-        let c = claims("grafana", &["eng"], 1);
+        let eng = ["eng"].map(String::from);
+        let c = claims("grafana", &eng, 1);
         let before = signer.token(&c, T0).unwrap();
         assert_eq!(kid_of(&before), old_kid);
 
@@ -1173,7 +1174,7 @@ mod tests {
     fn bench_sign_vs_cached() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
-        let groups = ["eng", "admins", "oncall"];
+        let groups = ["eng", "admins", "oncall"].map(String::from);
         let n = 200u64;
         let start = Instant::now();
         for v in 0..n {

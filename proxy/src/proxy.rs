@@ -111,13 +111,12 @@ impl Proxy {
             }
             if route.config.assertion {
                 let issuer = runtime.assertion_issuer.as_str();
-                let groups: Vec<&str> = forward.group_names.iter().map(String::as_str).collect();
                 let claims = AssertionClaims {
                     issuer,
                     audience: &route.config.name,
                     subject: &forward.user,
                     email: forward.email.as_deref(),
-                    groups: &groups,
+                    groups: &forward.group_names,
                     agent: forward.agent.as_ref().map(|a| a.name.as_str()),
                     delegated: forward
                         .agent
