@@ -2,7 +2,7 @@
 """Instructions per request: Portcullis against bare pingora, counted, not timed.
 
 `bench/floor.py` times CPU per request side by side; on a shared virtual machine its differences
-still move by a µs or more between rounds. Instructions executed do not: this part runs each
+still move by a µs or more between rounds. Instructions executed hardly do: this part runs each
 system under valgrind's callgrind, sends the same N keep-alive requests to each, one after the
 other (after a warm-up, not counted), and counts the instructions the thread serving them executed
 in user space. The systems and the requests are `bench/floor.py`'s: bare pingora, the same
@@ -12,9 +12,10 @@ Portcullis on its public route and on the signed-in, group-authorized route.
 What it does not count: time in the kernel (the sockets: about half of every system's CPU here,
 and the same syscalls for all), and how fast each instruction runs (cache misses, branches).
 Under valgrind the CPU has no SHA extensions, so the SHA-256 of the session cookie is counted as
-done in software: several thousand instructions that take about 0.1 µs with SHA-NI on this
-machine's CPU. Treat the figures as where the work is and how it changes from commit to commit;
-CPU time stays `bench/floor.py`'s.
+done in software: about 3,500 instructions that the `sha2` crate otherwise does with the CPU's
+SHA extensions. Between runs the counts move by a few hundred instructions per request (under
+0.5%). Treat them as where the work is and how it changes from commit to commit; CPU time stays
+`bench/floor.py`'s.
 
 It also lists the Portcullis functions that cost most per signed-in request, callees included.
 
