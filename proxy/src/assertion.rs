@@ -27,7 +27,7 @@
 //! Time is always a parameter (unix seconds), so that expiry and key retirement are testable.
 
 use std::fs;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -230,8 +230,8 @@ pub struct Signer {
     ttl: u64,
     margin: u64,
     keys: ArcSwap<KeySet>,
-    cache: DashMap<u64, Cached>,
-    slot_hasher: RandomState,
+    cache: DashMap<u64, Cached, foldhash::fast::RandomState>,
+    slot_hasher: foldhash::quality::RandomState,
     /// Serializes rotation and refresh within this process.
     maintenance: Mutex<()>,
 }
@@ -253,8 +253,8 @@ impl Signer {
             ttl,
             margin: REFRESH_MARGIN_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(set),
-            cache: DashMap::new(),
-            slot_hasher: RandomState::new(),
+            cache: DashMap::default(),
+            slot_hasher: foldhash::quality::RandomState::default(),
             maintenance: Mutex::new(()),
         })
     }
@@ -269,8 +269,8 @@ impl Signer {
             ttl,
             margin: REFRESH_MARGIN_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(KeySet::new(keys).unwrap_or_else(|_| KeySet::empty())),
-            cache: DashMap::new(),
-            slot_hasher: RandomState::new(),
+            cache: DashMap::default(),
+            slot_hasher: foldhash::quality::RandomState::default(),
             maintenance: Mutex::new(()),
         });
         let weak = Arc::downgrade(&signer);

@@ -19,7 +19,7 @@
 //! and nowhere else.
 
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
 use http::header::{self, HeaderMap};
 
@@ -1013,14 +1013,13 @@ impl Forward {
     /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
     fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Forward {
         let groups = groups_header(&group_names);
-        let mut hasher = std::hash::DefaultHasher::new();
-        (&user, &email, &groups).hash(&mut hasher);
+        let version = foldhash::quality::FixedState::default().hash_one((&user, &email, &groups));
         Forward {
             user,
             email,
             groups,
             group_names,
-            version: hasher.finish(),
+            version,
             agent: None,
         }
     }

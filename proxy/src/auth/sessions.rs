@@ -182,7 +182,9 @@ fn key_of(id: &str) -> SessionKey {
 /// identity-assertion keys.
 #[derive(Default)]
 pub struct Kept {
-    sessions: DashMap<SessionKey, Arc<Session>>,
+    /// Keyed by the SHA-256 of the cookie: foldhash, not SipHash, for the map's own hash (a
+    /// lookup never inserts, and only Portcullis makes the tokens of what is in it).
+    sessions: DashMap<SessionKey, Arc<Session>, foldhash::fast::RandomState>,
     /// Parts of sessions that had ended when they were written: forgotten by the next
     /// [`Sessions::maintain`].
     orphans: std::sync::Mutex<HashSet<(String, String)>>,

@@ -36,7 +36,8 @@ pub struct Entry {
 
 #[derive(Default)]
 pub struct Verified {
-    entries: DashMap<TokenHash, Entry>,
+    /// Keyed by the SHA-256 of the token: foldhash, not SipHash, for the map's own hash.
+    entries: DashMap<TokenHash, Entry, foldhash::fast::RandomState>,
     /// Bumped on every reload: issuers' rules (audiences, algorithms, leeway) may have changed.
     epoch: AtomicU64,
 }
