@@ -17,7 +17,8 @@ SHA extensions. Between runs the counts move by a few hundred instructions per r
 0.5%). Treat them as where the work is and how it changes from commit to commit; CPU time stays
 `bench/floor.py`'s.
 
-It also lists the Portcullis functions that cost most per signed-in request, callees included.
+It also lists the Portcullis functions that cost most per signed-in request, callees included,
+and keeps each system's data in target/bench-results/callgrind-<system>.out (`callgrind_annotate`).
 
 Usage: bench/instructions.py [--requests N] [--json OUT]
 """
@@ -39,6 +40,8 @@ import floor  # noqa: E402
 from common import free_port, log, wait_http  # noqa: E402
 
 WARM_UP = 300
+# Where each system's callgrind data is kept, for `callgrind_annotate`.
+RESULTS = os.path.join(common.ROOT, "target", "bench-results")
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
 SESSION = "portcullis session+policy"
 
@@ -131,6 +134,7 @@ def run(args):
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-instructions-")
     outs = os.path.join(tmp, "callgrind")
     os.makedirs(outs)
+    os.makedirs(RESULTS, exist_ok=True)
     upstream_port, floor_port, headers_port = free_port(), free_port(), free_port()
     procs, stack = [], None
     capture = floor.Capture()
@@ -163,6 +167,8 @@ def run(args):
         for name, pid, out, port, host in systems:
             dump = count(pid, os.path.join(outs, out), port, host, cookie, args.requests)
             results[name] = totals(dump) / args.requests
+            kept = os.path.join(RESULTS, f"callgrind-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.out")
+            shutil.copyfile(dump, kept)
             log(f"{name}: {results[name]:,.0f} instructions per request")
             if name == SESSION:
                 functions = portcullis_functions(dump, args.requests)
@@ -173,7 +179,7 @@ def run(args):
         for p in procs:
             common.stop(p, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"requests": args.requests, "per_request": results, "functions": functions}
+    return {"requests": args.requests, "per_request": results, "functions": functions, "data": RESULTS}
 
 
 def report(result):
