@@ -47,11 +47,7 @@ pub enum Client {
 
 impl Client {
     pub fn of(headers: &HeaderMap) -> Client {
-        let accepts_html = headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")));
-        if !accepts_html {
+        if !accepts(headers, b"text/html") {
             return Client::Api;
         }
         let script = headers
@@ -66,6 +62,17 @@ impl Client {
             Client::Browser
         }
     }
+}
+
+/// Whether an `Accept` header of the request names `media` (media types are
+/// case-insensitive).
+pub fn accepts(headers: &HeaderMap, media: &[u8]) -> bool {
+    !media.is_empty()
+        && headers.get_all(header::ACCEPT).iter().any(|v| {
+            v.as_bytes()
+                .windows(media.len())
+                .any(|w| w.eq_ignore_ascii_case(media))
+        })
 }
 
 /// The request being judged.
@@ -1832,6 +1839,7 @@ mod tests {
             client(&[("accept", "*/*"), ("accept", html)]),
             Client::Browser
         );
+        assert_eq!(client(&[("accept", "Text/HTML")]), Client::Browser);
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::auth::{cookie, session_cookie_name, Authentication};
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::cookies;
-use crate::gate::{Admission, Client, Facts, Forward, Refusal, Refused};
+use crate::gate::{accepts, Admission, Client, Facts, Forward, Refusal, Refused};
 use crate::path;
 use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
@@ -1010,12 +1010,7 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours.
 fn is_long_lived(req: &RequestHeader) -> bool {
-    req.headers.contains_key(header::UPGRADE)
-        || req.headers.get_all(header::ACCEPT).iter().any(|v| {
-            v.as_bytes()
-                .windows(17)
-                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
-        })
+    req.headers.contains_key(header::UPGRADE) || accepts(&req.headers, b"text/event-stream")
 }
 
 /// Whether a client-sent header is one only Portcullis may set, so that no client can change

@@ -14,13 +14,17 @@ pub struct CompiledRoute {
     pub metrics: crate::metrics::RouteMetrics,
 }
 
+/// Keyed by what the configuration names (hosts, route names): foldhash rather than SipHash, as
+/// nothing a client sends is ever inserted.
+type Named<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Routes indexed by host. Within a host, routes are ordered by descending prefix length so the
 /// first match is the longest prefix.
 #[derive(Default)]
 pub struct RouteTable {
     /// Every route by its name (`from` as written, unique).
-    by_name: HashMap<String, Arc<CompiledRoute>>,
-    exact: HashMap<String, Vec<Arc<CompiledRoute>>>,
+    by_name: Named<Arc<CompiledRoute>>,
+    exact: Named<Vec<Arc<CompiledRoute>>>,
     /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
     wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
 }
@@ -34,7 +38,7 @@ pub enum Match<'a> {
 
 impl RouteTable {
     pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
-        let mut exact: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
+        let mut exact: Named<Vec<Arc<CompiledRoute>>> = Named::default();
         let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
         let by_name = routes
             .iter()
