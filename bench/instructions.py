@@ -23,9 +23,7 @@ and keeps each system's data in target/bench-results/callgrind-<system>.out (`ca
 Usage: bench/instructions.py [--requests N] [--json OUT]
 """
 import argparse
-import collections
 import http.client
-import json
 import os
 import re
 import shutil
@@ -208,13 +206,7 @@ def report(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    common.run_cli(parser, run, report)
 
 
 if __name__ == "__main__":
