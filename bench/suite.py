@@ -191,8 +191,8 @@ def summary_rows(r):
         per = ins["per_request"]
         floor_ins = per["bare pingora"]
         for name in [n for n in per if n != "bare pingora"]:
-            rows.append(("instructions", f"{name}: instructions per request in user space, above bare pingora "
-                                         f"(callgrind, {ins['requests']:,} requests)",
+            rows.append(("instructions", f"{name}: instructions per request in user space by the serving thread "
+                                         f"(callgrind, {ins['requests']:,} requests; reference: bare pingora)",
                          f"{per[name]:,.0f}", f"{floor_ins:,.0f}", f"{per[name] / floor_ins:.3f}x", "-", "-"))
     co = r.get("console")
     if co:
