@@ -129,6 +129,21 @@ class Capture:
         self.server.server_close()
 
 
+def build():
+    """Builds Portcullis and bare pingora (release); returns bare pingora's binary."""
+    common.build_release()
+    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
+                   cwd=common.ROOT, check=True, stdout=sys.stderr)
+    return os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
+
+
+def capture_route(capture):
+    """The route of `CAPTURE_HOST` (a name as long as `app.test`, the assertion's audience) to
+    `capture`, as `app.test` is routed: added to a Portcullis whose headers are captured."""
+    return (f'[[routes]]\nfrom = "http://{CAPTURE_HOST}"\nto = ["http://127.0.0.1:{capture.port}"]\n'
+            f'accept = ["session"]\nallow = {{ groups = ["{common.GROUP}"] }}\n')
+
+
 def process_cpu_ns(pid):
     return sum(thread_cpu_ns(pid).values())
 
@@ -136,10 +151,7 @@ def process_cpu_ns(pid):
 def run(args):
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two CPUs: one for the proxies, one for the load and the upstream")
-    common.build_release()
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
-                   cwd=common.ROOT, check=True, stdout=sys.stderr)
-    floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
+    floor_bin = build()
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-floor-")
     upstream_port, floor_port, headers_port = free_port(), free_port(), free_port()
     procs, stacks = [], []
@@ -153,11 +165,7 @@ def run(args):
         for name in ("plain", "session"):
             path = os.path.join(tmp, name)
             os.makedirs(path)
-            # The session one also routes `cap.test` (a name as long as `app.test`, the
-            # assertion's audience) to the capture, as `app.test` is routed.
-            extra = "" if name == "plain" else (
-                f'[[routes]]\nfrom = "http://{CAPTURE_HOST}"\nto = ["http://127.0.0.1:{capture.port}"]\n'
-                f'accept = ["session"]\nallow = {{ groups = ["{common.GROUP}"] }}\n')
+            extra = "" if name == "plain" else capture_route(capture)
             stacks.append(common.Stack(path, threads=1, upstream_port=upstream_port, extra=extra))
         plain, session = stacks
         cookie = session.sign_in()

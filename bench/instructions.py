@@ -68,8 +68,8 @@ def control(*args):
 
 
 def count(pid, out, port, host, cookie, requests):
-    """The dump of the thread that served `requests` requests (after a warm-up) in `pid`: the one
-    that executed the most instructions meanwhile. The other threads' work (pingora's timer tick,
+    """(dump, instructions) of the thread that served `requests` requests (after a warm-up) in
+    `pid`: the one that executed the most instructions meanwhile. The other threads' work (pingora's timer tick,
     Portcullis' background services) is periodic: it grows with the wall time valgrind takes,
     not with the requests, and no request is handed to them."""
     drive(port, host, cookie, WARM_UP)
@@ -84,7 +84,7 @@ def count(pid, out, port, host, cookie, requests):
         dumps = sorted(os.path.join(os.path.dirname(out), f) for f in set(os.listdir(os.path.dirname(out))) - before
                        if f.startswith(os.path.basename(out) + "."))
         if dumps and dumps == seen:
-            return max(dumps, key=totals)
+            return max(((dump, totals(dump)) for dump in dumps), key=lambda counted: counted[1])
         if time.monotonic() > deadline:
             raise SystemExit(f"callgrind wrote no dump for pid {pid}")
         seen = dumps
@@ -125,10 +125,7 @@ def run(args):
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed (scripts/deps.sh bench installs valgrind)")
-    common.build_release()
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
-                   cwd=common.ROOT, check=True, stdout=sys.stderr)
-    floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
+    floor_bin = floor.build()
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-instructions-")
     outs = os.path.join(tmp, "callgrind")
     os.makedirs(outs)
@@ -140,9 +137,8 @@ def run(args):
         procs.append(common.start_upstream(tmp, upstream_port))
         wait_http(f"http://127.0.0.1:{upstream_port}/")
         os.makedirs(os.path.join(tmp, "portcullis"))
-        extra = (f'[[routes]]\nfrom = "http://{floor.CAPTURE_HOST}"\nto = ["http://127.0.0.1:{capture.port}"]\n'
-                 f'accept = ["session"]\nallow = {{ groups = ["{common.GROUP}"] }}\n')
-        stack = common.Stack(os.path.join(tmp, "portcullis"), threads=1, upstream_port=upstream_port, extra=extra,
+        stack = common.Stack(os.path.join(tmp, "portcullis"), threads=1, upstream_port=upstream_port,
+                             extra=floor.capture_route(capture),
                              prefix=callgrind(os.path.join(outs, "portcullis")))
         cookie = stack.sign_in()
         same = [f"Cookie: portcullis_session={cookie}", "Accept: application/json"]
@@ -163,8 +159,8 @@ def run(args):
         ]
         results, functions = {}, []
         for name, pid, out, port, host in systems:
-            dump = count(pid, os.path.join(outs, out), port, host, cookie, args.requests)
-            results[name] = totals(dump) / args.requests
+            dump, instructions = count(pid, os.path.join(outs, out), port, host, cookie, args.requests)
+            results[name] = instructions / args.requests
             kept = os.path.join(RESULTS, f"callgrind-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.out")
             shutil.copyfile(dump, kept)
             log(f"{name}: {results[name]:,.0f} instructions per request")
