@@ -531,6 +531,9 @@ impl Policy {
                 }
             }
         }
+        if self.domains.is_empty() && self.subdomains_of.is_empty() {
+            return ControlFlow::Continue(());
+        }
         let Some(domain) = subject.email.and_then(email_domain) else {
             return ControlFlow::Continue(());
         };

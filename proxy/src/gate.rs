@@ -525,7 +525,7 @@ impl Gate<'_> {
                 None,
                 view.groups
                     .iter()
-                    .map(|g| g.display_name.to_string())
+                    .map(|g| String::from(&*g.display_name))
                     .collect(),
             );
             forward.agent = Some(record);
@@ -622,11 +622,11 @@ impl Gate<'_> {
                 return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
             }
             let forward = Forward::new(
-                view.user.user_name.to_string(),
+                String::from(&*view.user.user_name),
                 email.map(str::to_owned),
                 view.groups
                     .iter()
-                    .map(|g| g.display_name.to_string())
+                    .map(|g| String::from(&*g.display_name))
                     .collect(),
             );
             Judged::Allow(Pass {
