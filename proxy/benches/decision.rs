@@ -49,7 +49,7 @@ use pingora::http::RequestHeader;
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
-use portcullis::gate::{Admission, Client, Facts, Gate, Presented};
+use portcullis::gate::{Admission, Client, Facts, Forwards, Gate, Presented};
 use portcullis_config::Config;
 use portcullis_scim::store::Directory;
 
@@ -143,6 +143,8 @@ struct Fixture {
     machine: Caller,
     /// A verified client-credentials token of each agent.
     agents: Vec<Caller>,
+    /// Kept as the server keeps them.
+    forwards: Forwards,
 }
 
 impl Fixture {
@@ -213,6 +215,7 @@ impl Fixture {
             requests,
             machine,
             agents,
+            forwards: Forwards::default(),
         }
     }
 
@@ -222,6 +225,7 @@ impl Fixture {
             identity: &self.config.identity,
             current: true,
             now: now_unix(),
+            forwards: Some(&self.forwards),
         }
     }
 

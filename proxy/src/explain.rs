@@ -193,6 +193,7 @@ pub fn explain(
         identity: &runtime.config.identity,
         current: true,
         now: crate::clock::now_unix(),
+        forwards: None,
     };
     let mut answer = Explanation {
         allowed: false,

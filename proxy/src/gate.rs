@@ -18,17 +18,21 @@
 //! the deciding rule. Which of 302, 401 and 403 a refusal gets is decided here, from the types,
 //! and nowhere else.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::BuildHasher;
+use std::ops::Deref;
+use std::sync::Arc;
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 
 use portcullis_config::{
     AgentAttribute, Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{
-    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, SubjectKey, UserEntry,
+    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, Stamp, SubjectKey, UserEntry,
 };
 
 pub use crate::audit::AgentRecord;
@@ -142,9 +146,29 @@ pub struct Pass {
     pub why: Option<Why>,
 }
 
-/// What the upstream is told about an allowed caller.
+/// What the upstream is told about an allowed caller: who ([`Named`], read through `Deref`)
+/// and the agent, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
+    /// Shared by a directory user's requests while the directory does not change (see
+    /// [`Forwards`]).
+    pub named: Arc<Named>,
+    /// The agent making the request: the caller itself (then `user` is its name), or the
+    /// actor of a delegated token (then `user` is the person it acts for).
+    pub agent: Option<AgentRecord>,
+}
+
+impl Deref for Forward {
+    type Target = Named;
+
+    fn deref(&self) -> &Named {
+        &self.named
+    }
+}
+
+/// Who the upstream is told an allowed caller is.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Named {
     /// The SCIM `userName` (lower-cased).
     pub user: String,
     pub email: Option<String>,
@@ -154,9 +178,51 @@ pub struct Forward {
     /// Changes whenever the user's standing or groups may have changed; keys caches of
     /// anything derived from them (the signed assertion).
     pub version: u64,
-    /// The agent making the request: the caller itself (then `user` is its name), or the
-    /// actor of a delegated token (then `user` is the person it acts for).
-    pub agent: Option<AgentRecord>,
+    /// `user`, `email` and `groups` as header values; `None` when one of them cannot be one
+    /// (then a route with identity headers refuses the request rather than send it without).
+    pub values: Option<IdentityValues>,
+}
+
+/// The identity headers' values.
+#[derive(Debug, PartialEq, Eq)]
+pub struct IdentityValues {
+    pub user: HeaderValue,
+    pub email: Option<HeaderValue>,
+    pub groups: HeaderValue,
+}
+
+/// The [`Named`] of directory users, made once per user and state of the directory and shared
+/// by their requests, instead of once per request. One map per worker thread, so a hit takes no
+/// lock and touches no counter another thread uses. A hit needs the view's whole [`Stamp`]:
+/// any change to the directory makes every entry stale, and the next request makes it anew.
+#[derive(Default)]
+pub struct Forwards {
+    threads: thread_local::ThreadLocal<RefCell<NamedByRow>>,
+}
+
+type NamedByRow = HashMap<Row, (Stamp, Arc<Named>), foldhash::fast::RandomState>;
+
+/// Users kept per worker thread; past it the thread's map starts over.
+const FORWARDS_PER_THREAD: usize = 4096;
+
+impl Forwards {
+    /// The `Named` made by `make` for the view `stamp` names, made now unless kept.
+    fn get_or_make(&self, stamp: Stamp, make: impl FnOnce() -> Named) -> Arc<Named> {
+        let Ok(mut kept) = self.threads.get_or_default().try_borrow_mut() else {
+            return Arc::new(make());
+        };
+        if let Some((at, named)) = kept.get(&stamp.row) {
+            if *at == stamp {
+                return named.clone();
+            }
+        }
+        let named = Arc::new(make());
+        if kept.len() >= FORWARDS_PER_THREAD && !kept.contains_key(&stamp.row) {
+            kept.clear();
+        }
+        kept.insert(stamp.row, (stamp, named.clone()));
+        named
+    }
 }
 
 /// The rule behind a decision, in words.
@@ -212,6 +278,9 @@ pub struct Gate<'a> {
     pub current: bool,
     /// Unix seconds: an agent's `expires` is judged against it.
     pub now: u64,
+    /// Where what directory users' requests tell the upstream is kept; `None` makes it anew
+    /// for every request.
+    pub forwards: Option<&'a Forwards>,
 }
 
 /// The directory's view of a caller, for `/.portcullis/me` and `portcullis explain`.
@@ -621,14 +690,21 @@ impl Gate<'_> {
             if !decision.allowed {
                 return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
             }
-            let forward = Forward::new(
-                String::from(&*view.user.user_name),
-                email.map(str::to_owned),
-                view.groups
-                    .iter()
-                    .map(|g| String::from(&*g.display_name))
-                    .collect(),
-            );
+            let make = || {
+                Named::new(
+                    String::from(&*view.user.user_name),
+                    email.map(str::to_owned),
+                    view.groups
+                        .iter()
+                        .map(|g| String::from(&*g.display_name))
+                        .collect(),
+                )
+            };
+            let named = match self.forwards {
+                Some(forwards) => forwards.get_or_make(view.stamp, make),
+                None => Arc::new(make()),
+            };
+            let forward = Forward { named, agent: None };
             Judged::Allow(Pass {
                 forward: Some(forward),
                 why: explain.then(|| Why::of(&decision)),
@@ -1016,18 +1092,38 @@ fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> Option<&'a str> {
 }
 
 impl Forward {
-    /// What the upstream is told, stamped with its version: a hash of everything in it, so
-    /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
     fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Forward {
+        Forward {
+            named: Arc::new(Named::new(user, email, group_names)),
+            agent: None,
+        }
+    }
+}
+
+impl Named {
+    /// Who the upstream is told of, stamped with its version: a hash of everything in it, so
+    /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
+    fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Named {
         let groups = groups_header(&group_names);
         let version = foldhash::quality::FixedState::default().hash_one((&user, &email, &groups));
-        Forward {
+        let value = |text: &str| HeaderValue::from_str(text).ok();
+        let values = (|| {
+            Some(IdentityValues {
+                user: value(&user)?,
+                email: match &email {
+                    Some(email) => Some(value(email)?),
+                    None => None,
+                },
+                groups: value(&groups)?,
+            })
+        })();
+        Named {
             user,
             email,
             groups,
             group_names,
             version,
-            agent: None,
+            values,
         }
     }
 }
@@ -1125,6 +1221,38 @@ mod tests {
         assert_eq!(forward.groups, "eng");
         assert_eq!(forward.group_names, ["eng"]);
         assert_eq!(pass.why, None, "only explain says why");
+    }
+
+    #[tokio::test]
+    async fn what_the_upstream_is_told_is_kept_only_while_the_directory_holds_still() {
+        let world = world().await;
+        let alice = world.person(ALICE);
+        let named = |world: &World| {
+            let pass = allowed(as_person(world, &alice, 0, "/work"));
+            pass.forward.expect("the upstream is told who").named
+        };
+        let first = named(&world);
+        assert!(Arc::ptr_eq(&first, &named(&world)), "kept between requests");
+        assert_eq!(
+            first.values.as_ref().map(|v| (&v.user, &v.groups)),
+            Some((
+                &HeaderValue::from_static(ALICE),
+                &HeaderValue::from_static("eng")
+            ))
+        );
+
+        // alice joins a second group: her very next request tells the upstream so.
+        world.group("ops", &[&world.id_of(ALICE)]).await;
+        let joined = named(&world);
+        assert!(!Arc::ptr_eq(&first, &joined));
+        assert!(joined.group_names.contains(&"ops".to_owned()), "{joined:?}");
+        assert_ne!(joined.version, first.version);
+
+        // A change to someone else is a change too: made anew, and the same.
+        world.user("carol@corp.example").await;
+        let again = named(&world);
+        assert!(!Arc::ptr_eq(&joined, &again));
+        assert_eq!(*joined, *again);
     }
 
     #[tokio::test]
@@ -1274,7 +1402,7 @@ mod tests {
         a.subject = "ext-a".to_owned();
         let pass = allowed(as_person(&world, &a, 5, "/"));
         assert_eq!(
-            pass.forward.and_then(|f| f.email).as_deref(),
+            pass.forward.and_then(|f| f.email.clone()).as_deref(),
             Some("a.smith@corp.example"),
             "the upstream is told the directory's email too"
         );
@@ -1298,7 +1426,7 @@ mod tests {
         d.subject = "ext-d".to_owned();
         let pass = allowed(as_person(&world, &d, 5, "/"));
         assert_eq!(
-            pass.forward.and_then(|f| f.email).as_deref(),
+            pass.forward.and_then(|f| f.email.clone()).as_deref(),
             Some("d.smith@corp.example")
         );
         let mut e = world.person("e@corp.example");
@@ -1325,7 +1453,7 @@ mod tests {
         c.subject = "ext-c".to_owned();
         let pass = allowed(as_person(&world, &c, 5, "/"));
         assert_eq!(
-            pass.forward.and_then(|f| f.email).as_deref(),
+            pass.forward.and_then(|f| f.email.clone()).as_deref(),
             Some("c.smith@corp.example")
         );
     }
@@ -1487,7 +1615,7 @@ mod tests {
             &facts(&world, 1, "GET", "/v1/builds"),
             Presented::Caller(Principal::Machine(&bot)),
         ));
-        assert_eq!(pass.forward.map(|f| f.user), Some(BOT.to_owned()));
+        assert_eq!(pass.forward.map(|f| f.user.clone()), Some(BOT.to_owned()));
     }
 
     #[tokio::test]
@@ -1730,7 +1858,7 @@ mod tests {
         let mut identity = world.person("not-the-user-name@x.example");
         identity.subject = format!("ext-{ALICE}");
         let pass = allowed(as_person(&world, &identity, 0, "/work"));
-        assert_eq!(pass.forward.map(|f| f.user), Some(ALICE.to_owned()));
+        assert_eq!(pass.forward.map(|f| f.user.clone()), Some(ALICE.to_owned()));
     }
 
     #[tokio::test]
@@ -1755,7 +1883,10 @@ mod tests {
             0,
             "/x",
         ));
-        assert_eq!(pass.forward.map(|f| f.user), Some("asmith".to_owned()));
+        assert_eq!(
+            pass.forward.map(|f| f.user.clone()),
+            Some("asmith".to_owned())
+        );
     }
 
     #[tokio::test]

@@ -100,11 +100,15 @@ impl Proxy {
         {
             if route.config.identity_headers {
                 let names = &runtime.config.identity;
-                set(names.header_user.clone(), text(&forward.user)?)?;
-                if let Some(email) = &forward.email {
-                    set(names.header_email.clone(), text(email)?)?;
+                let values = forward.values.as_ref().or_err(
+                    ErrorType::InvalidHTTPHeader,
+                    "an identity header value is not a valid header value",
+                )?;
+                set(names.header_user.clone(), values.user.clone())?;
+                if let Some(email) = &values.email {
+                    set(names.header_email.clone(), email.clone())?;
                 }
-                set(names.header_groups.clone(), text(&forward.groups)?)?;
+                set(names.header_groups.clone(), values.groups.clone())?;
                 if let Some(agent) = &forward.agent {
                     set(AGENT_HEADER, text(&agent.name)?)?;
                 }
@@ -797,7 +801,7 @@ impl Proxy {
             audit: self.shared.audit.clone(),
             config_path: self.shared.config_path.clone(),
             csrf: crate::console::csrf_token(session_id),
-            viewer: viewer.user,
+            viewer: viewer.user.clone(),
             now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
         };
         let reply = match method {

@@ -18,7 +18,7 @@ use portcullis_scim::store::Directory;
 use crate::assertion::Signer;
 use crate::audit::Audit;
 use crate::auth::Auth;
-use crate::gate::{Admission, Gate, Refused};
+use crate::gate::{Admission, Forwards, Gate, Refused};
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
@@ -142,6 +142,8 @@ pub struct Shared {
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
     /// Open websockets and event streams, cut when their caller loses access.
     pub streams: Arc<Streams>,
+    /// What directory users' requests tell the upstream, kept while the directory holds still.
+    forwards: Forwards,
     /// Counts the configurations installed after the first; wakes whoever re-judges open
     /// connections.
     reloads: Watched,
@@ -177,6 +179,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             streams: Arc::default(),
+            forwards: Forwards::default(),
             reloads: Watched::default(),
             draining: AtomicBool::new(false),
         }
@@ -232,6 +235,7 @@ impl Shared {
             identity: &runtime.config.identity,
             current: marks.current,
             now: marks.second,
+            forwards: Some(&self.forwards),
         }
     }
 

@@ -16,7 +16,7 @@ use portcullis_scim::store::{Directory, Sinks};
 use crate::auth::sessions::{Kept, Sessions};
 
 use crate::caller::{Identity, Machine};
-use crate::gate::Gate;
+use crate::gate::{Forwards, Gate};
 use crate::state::Runtime;
 
 /// The configuration the tests judge against. Routes, in order:
@@ -110,6 +110,9 @@ pub struct World {
     pub sessions: Sessions,
     scim: ScimService,
     pub config: Config,
+    /// Kept as the server keeps them, so every test of the gate also tests that what a user's
+    /// requests tell the upstream is never kept past a change.
+    forwards: Forwards,
 }
 
 impl World {
@@ -139,6 +142,7 @@ impl World {
             sessions: Sessions::new(kept, directory.clone()),
             directory,
             config,
+            forwards: Forwards::default(),
         }
     }
 
@@ -148,6 +152,7 @@ impl World {
             identity: &self.config.identity,
             current: true,
             now: crate::clock::now_unix(),
+            forwards: Some(&self.forwards),
         }
     }
 

@@ -410,6 +410,7 @@ impl Auth {
             identity: &config.identity,
             current: true,
             now: crate::clock::now_unix(),
+            forwards: None,
         };
         let directory = gate.directory_view(caller.principal());
         if wants_json {

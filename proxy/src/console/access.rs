@@ -105,6 +105,7 @@ impl Console {
             identity: &self.runtime.config.identity,
             current: true,
             now: u64::try_from(self.now).unwrap_or_default(),
+            forwards: None,
         }
     }
 

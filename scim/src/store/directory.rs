@@ -150,6 +150,17 @@ impl<'a> Lookup<'a> {
 pub struct SubjectView<'a> {
     pub user: &'a UserEntry,
     pub groups: Vec<&'a GroupEntry>,
+    pub stamp: Stamp,
+}
+
+/// Which user a [`SubjectView`] shows, in which state of which index: two views with the same
+/// stamp show the same user with the same attributes and groups. It keys caches of what is
+/// derived from a view; any change to the directory makes every stamp new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub generation: u64,
+    pub seq: Seq,
+    pub row: Row,
 }
 
 /// How the proxy finds a caller's SCIM Agent.
@@ -405,6 +416,11 @@ impl Directory {
                     .into_iter()
                     .filter_map(|(group, _)| index.group(group))
                     .collect(),
+                stamp: Stamp {
+                    generation: index.generation(),
+                    seq: index.seq(),
+                    row,
+                },
             }),
             None => Lookup::Unknown,
         };

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -253,6 +254,9 @@ impl HashIndex {
 }
 
 pub struct Index {
+    /// Tells this index from every other the process made: rows and sequence numbers say
+    /// the same thing only within one index (a reload numbers rows anew).
+    generation: u64,
     pub(super) seq: Seq,
     pub(super) next_row: Row,
     slots: Vec<Slot>,
@@ -289,9 +293,13 @@ pub enum Retired {
     AgentExternalId,
 }
 
+/// The next [`Index::generation`].
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
 impl Default for Index {
     fn default() -> Self {
         Self {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             seq: 0,
             next_row: 1,
             slots: Vec::new(),
@@ -489,6 +497,10 @@ impl Index {
 
     pub fn seq(&self) -> Seq {
         self.seq
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn user_count(&self) -> usize {

@@ -34,7 +34,7 @@ use crate::schema::ResourceType;
 
 pub use directory::{
     AgentKey, AgentLookup, AgentView, ChangeSink, Directory, EntrySink, Lookup, Member, MemberOf,
-    Owner, Page, Query, Sinks, SortOrder, SubjectKey, SubjectView, UserStatus,
+    Owner, Page, Query, Sinks, SortOrder, Stamp, SubjectKey, SubjectView, UserStatus,
 };
 pub use index::{
     format_id, parse_id, AgentEntry, AgentRefusal, ApplicationEntry, GroupEntry, Id, Index,
