@@ -13,8 +13,10 @@ What it does not count: time in the kernel (the sockets: about half of every sys
 and the same syscalls for all), and how fast each instruction runs (cache misses, branches).
 Under valgrind the CPU has no SHA extensions, so the SHA-256 of the session cookie is counted as
 done in software: about 3,500 instructions that the `sha2` crate otherwise does with the CPU's
-SHA extensions. Between runs the counts move by a few hundred instructions per request (under
-0.5%). Treat them as where the work is and how it changes from commit to commit; CPU time stays
+SHA extensions. A large memcpy (glibc's `rep movsb`) is counted as one instruction per byte,
+where the CPU copies 32 bytes or more per cycle; the table says how much of each count is
+copying (most of it pingora's copy of each request's future, about 13 kB). Between runs the
+counts move by a few hundred instructions per request (under 0.5%). Treat them as where the work is and how it changes from commit to commit; CPU time stays
 `bench/floor.py`'s.
 
 It also lists the Portcullis functions that cost most per signed-in request, callees included,
@@ -106,6 +108,16 @@ def totals(dump):
         time.sleep(0.2)
 
 
+def copies(dump):
+    """The instructions `dump` counts in libc's memcpy/memmove. Valgrind counts a large copy
+    (glibc's `rep movsb`, used above a few kB) as one instruction per byte, where the CPU moves
+    32 bytes or more per cycle: these are the counts least like time."""
+    text = subprocess.run(["callgrind_annotate", "--auto=no", "--inclusive=no", "--threshold=100", dump],
+                          capture_output=True, text=True, timeout=600).stdout
+    return sum(int(m.group(1).replace(",", "")) for m in
+               re.finditer(r"^\s*([\d,]+)\s+\([\s\d.]+%\)\s+\S*(?:memcpy|memmove)\S*:", text, re.M))
+
+
 def portcullis_functions(dump, requests, top=14):
     """Portcullis' own functions by instructions per request, callees included, as callgrind
     lists them: a function partly inlined into another is listed once per source file of its
@@ -157,10 +169,11 @@ def run(args):
             ("portcullis plain", stack.proc.pid, "portcullis", stack.port, "plain.test"),
             (SESSION, stack.proc.pid, "portcullis", stack.port, "app.test"),
         ]
-        results, functions = {}, []
+        results, copied, functions = {}, {}, []
         for name, pid, out, port, host in systems:
             dump, instructions = count(pid, os.path.join(outs, out), port, host, cookie, args.requests)
             results[name] = instructions / args.requests
+            copied[name] = copies(dump) / args.requests
             kept = os.path.join(RESULTS, f"callgrind-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.out")
             shutil.copyfile(dump, kept)
             log(f"{name}: {results[name]:,.0f} instructions per request")
@@ -173,7 +186,8 @@ def run(args):
         for p in procs:
             common.stop(p, timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"requests": args.requests, "per_request": results, "functions": functions, "data": RESULTS}
+    return {"requests": args.requests, "per_request": results, "copies": copied, "functions": functions,
+            "data": RESULTS}
 
 
 def report(result):
@@ -181,11 +195,13 @@ def report(result):
     floor_ = per["bare pingora"]
     print(f"\nInstructions executed in user space per request by the thread serving them (callgrind), over "
           f"{result['requests']:,} keep-alive requests to each after a warm-up of {WARM_UP}:\n")
-    print("| system | instructions per request | above bare pingora | x bare pingora |")
-    print("|---|---:|---:|---:|")
+    print("| system | instructions per request | above bare pingora | x bare pingora | of which in memcpy |")
+    print("|---|---:|---:|---:|---:|")
     for name, n in per.items():
         above = "-" if name == "bare pingora" else f"+{n - floor_:,.0f}"
-        print(f"| {name} | {n:,.0f} | {above} | {n / floor_:.3f} |")
+        print(f"| {name} | {n:,.0f} | {above} | {n / floor_:.3f} | {result['copies'][name]:,.0f} |")
+    print("\n(Valgrind counts a large memcpy as one instruction per byte copied; the CPU copies 32 bytes "
+          "or more per cycle. Most of these are pingora's copy of each request's future.)")
     own = per[SESSION] - per[floor.HEADERS_FLOOR]
     print(f"\nPortcullis' own work on the session route, above `{floor.HEADERS_FLOOR}`: "
           f"{own:+,.0f} instructions per request ({own / per[floor.HEADERS_FLOOR]:+.1%}).")
