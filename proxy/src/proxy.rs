@@ -100,10 +100,14 @@ impl Proxy {
         {
             if route.config.identity_headers {
                 let names = &runtime.config.identity;
-                let values = forward.values.as_ref().or_err(
-                    ErrorType::InvalidHTTPHeader,
-                    "an identity header value is not a valid header value",
-                )?;
+                // `or_err_with`: pingora's `or_err` on an `Option` makes its error even when
+                // there is none to report.
+                let values = forward
+                    .values
+                    .as_ref()
+                    .or_err_with(ErrorType::InvalidHTTPHeader, || {
+                        "an identity header value is not a valid header value"
+                    })?;
                 set(names.header_user.clone(), values.user.clone())?;
                 if let Some(email) = &values.email {
                     set(names.header_email.clone(), email.clone())?;

@@ -838,13 +838,15 @@ impl Index {
     /// The groups `member` is in, directly or through nested groups, with whether each is
     /// direct. Cycles are impossible (the writer refuses them) but are tolerated anyway.
     pub fn groups_of(&self, member: Row) -> Vec<(Row, bool)> {
-        let direct: Vec<Row> = self.parents_of(member).collect();
-        if direct.iter().all(|&g| self.parents_of(g).next().is_none()) {
+        let mut direct: Vec<(Row, bool)> = self.parents_of(member).map(|g| (g, true)).collect();
+        if direct
+            .iter()
+            .all(|&(g, _)| self.parents_of(g).next().is_none())
+        {
             // No nested groups (the common case): no set needed.
-            let mut groups: Vec<(Row, bool)> = direct.into_iter().map(|g| (g, true)).collect();
-            groups.sort_unstable();
-            groups.dedup();
-            return groups;
+            direct.sort_unstable();
+            direct.dedup();
+            return direct;
         }
         let mut seen: HashMap<Row, bool> = HashMap::new();
         let mut frontier: Vec<Row> = self.parents_of(member).collect();
