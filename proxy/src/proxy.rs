@@ -47,7 +47,7 @@ use crate::path;
 use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
 use crate::state::{InFlight, Runtime, Shared};
-use crate::streams::{Recheck, Registration};
+use crate::streams::{Marks, Recheck, Registration};
 
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -214,7 +214,15 @@ pub struct RequestCtx {
     caller: Option<Caller>,
     /// What the upstream is told about the caller, once let in.
     forward: Option<Forward>,
-    /// A request let in with a caller: judged again while its body or connection lasts.
+    /// For a request let in with a caller: the marks read just before it was let in. Its body
+    /// and connection carry on while they stand; once they move, it is judged again
+    /// (`recheck`).
+    decided_at: Option<Marks>,
+    /// The kind of client the request was let in as.
+    client: Client,
+    /// A request let in with a caller, as it is judged again while its body or connection
+    /// lasts: made when first needed (a websocket or event stream, or marks that moved), from
+    /// the caller, the route, the method and the judged path.
     recheck: Option<Arc<Recheck>>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
@@ -276,6 +284,8 @@ impl ProxyHttp for Proxy {
             scim: false,
             caller: None,
             forward: None,
+            decided_at: None,
+            client: Client::Api,
             recheck: None,
             long_lived: false,
             registration: None,
@@ -434,24 +444,25 @@ impl ProxyHttp for Proxy {
             facts.path,
             pass.forward.as_ref().and_then(|f| f.agent.as_ref()),
         );
-        if let Authentication::Caller(caller) = authentication {
-            ctx.recheck = Some(Arc::new(Recheck::new(
-                caller.clone(),
-                &route.config.name,
-                facts.method,
-                facts.path,
-                client,
-                decided_at,
-            )));
-            ctx.caller = Some(caller);
-            ctx.long_lived = is_long_lived(req);
-        }
+        let caller = match authentication {
+            Authentication::Caller(caller) => Some(caller),
+            _ => None,
+        };
+        let long_lived = caller.is_some() && is_long_lived(req);
+        ctx.decided_at = caller.is_some().then_some(decided_at);
+        ctx.client = client;
+        ctx.caller = caller;
+        ctx.long_lived = long_lived;
         ctx.forward = pass.forward;
         if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
             return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
+        if long_lived {
+            // Watched from the moment it connects upstream (`connected_to_upstream`).
+            ctx.recheck(session.req_header());
+        }
         Ok(false)
     }
 
@@ -549,12 +560,12 @@ impl ProxyHttp for Proxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.still_allowed(&self.shared)?;
+        ctx.still_allowed(&self.shared, session.req_header())?;
         if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
             ctx.body_bytes = ctx.body_bytes.saturating_add(chunk.len() as u64);
             if ctx.body_bytes > route.config.max_request_body_bytes {
@@ -566,12 +577,12 @@ impl ProxyHttp for Proxy {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<std::time::Duration>> {
-        ctx.still_allowed(&self.shared)?;
+        ctx.still_allowed(&self.shared, session.req_header())?;
         Ok(None)
     }
 
@@ -636,14 +647,48 @@ impl ProxyHttp for Proxy {
 }
 
 impl RequestCtx {
-    /// Refuses to pass on one more chunk or frame for a caller who has lost access.
-    fn still_allowed(&self, shared: &Shared) -> Result<()> {
-        match &self.recheck {
-            Some(recheck) if !shared.still_allowed(recheck) => {
+    /// Refuses to pass on one more chunk or frame for a caller who has lost access. While
+    /// nothing moved since the request was let in, that is a read of the marks.
+    fn still_allowed(&mut self, shared: &Shared, req: &RequestHeader) -> Result<()> {
+        let Some(decided_at) = self.decided_at else {
+            return Ok(());
+        };
+        if self.recheck.is_none() && shared.marks() == decided_at {
+            return Ok(());
+        }
+        match self.recheck(req) {
+            Some(recheck) if !shared.still_allowed(&recheck) => {
                 Error::e_explain(ErrorType::HTTPStatus(403), "access revoked")
             }
             _ => Ok(()),
         }
+    }
+
+    /// The request's [`Recheck`], made on first need from what it was let in with: its caller,
+    /// route, method and the path it was judged on (`req` is the client's request).
+    fn recheck(&mut self, req: &RequestHeader) -> Option<Arc<Recheck>> {
+        if self.recheck.is_none() {
+            let (Some(caller), Some(route), Some(decided_at)) =
+                (&self.caller, &self.route, self.decided_at)
+            else {
+                return None;
+            };
+            // The judged path: the one sent upstream, which is the client's own unless the
+            // target was rebuilt (its query follows the first `?`, which no path holds).
+            let path = match &self.upstream_target {
+                Some(target) => target.split_once('?').map_or(target.as_str(), |(p, _)| p),
+                None => req.uri.path(),
+            };
+            self.recheck = Some(Arc::new(Recheck::new(
+                caller.clone(),
+                &route.config.name,
+                req.method.as_str(),
+                path,
+                self.client,
+                decided_at,
+            )));
+        }
+        self.recheck.clone()
     }
 }
 
