@@ -32,7 +32,8 @@ use portcullis_config::{
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{
-    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, Stamp, SubjectKey, UserEntry,
+    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, Seq, Stamp, SubjectKey,
+    UserEntry,
 };
 
 pub use crate::audit::AgentRecord;
@@ -193,17 +194,24 @@ pub struct IdentityValues {
 
 /// The [`Named`] of directory users, made once per user and state of the directory and shared
 /// by their requests, instead of once per request. One map per worker thread, so a hit takes no
-/// lock and touches no counter another thread uses. A hit needs the view's whole [`Stamp`]:
-/// any change to the directory makes every entry stale, and the next request makes it anew.
+/// lock and touches no counter another thread uses. A map holds one state of the directory
+/// only: a view of any other (after any change, or a reload) empties it first.
 #[derive(Default)]
 pub struct Forwards {
-    threads: thread_local::ThreadLocal<RefCell<NamedByRow>>,
+    threads: thread_local::ThreadLocal<RefCell<Kept>>,
 }
 
-type NamedByRow = HashMap<Row, (Stamp, Arc<Named>), foldhash::fast::RandomState>;
+/// One worker thread's [`Named`], by row, all made from views of the directory at `state`.
+#[derive(Default)]
+struct Kept {
+    /// The index generation and sequence number of the views they were made from.
+    state: (u64, Seq),
+    named: HashMap<Row, Arc<Named>, foldhash::fast::RandomState>,
+}
 
-/// Users kept per worker thread; past it the thread's map starts over.
-const FORWARDS_PER_THREAD: usize = 4096;
+/// Users kept per worker thread. Past it, the users already kept stay and others are made per
+/// request: a full map never churns.
+const FORWARDS_PER_THREAD: usize = 16_384;
 
 impl Forwards {
     /// The `Named` made by `make` for the view `stamp` names, made now unless kept.
@@ -211,16 +219,18 @@ impl Forwards {
         let Ok(mut kept) = self.threads.get_or_default().try_borrow_mut() else {
             return Arc::new(make());
         };
-        if let Some((at, named)) = kept.get(&stamp.row) {
-            if *at == stamp {
-                return named.clone();
-            }
+        let state = (stamp.generation, stamp.seq);
+        if kept.state != state {
+            kept.named.clear();
+            kept.state = state;
+        }
+        if let Some(named) = kept.named.get(&stamp.row) {
+            return named.clone();
         }
         let named = Arc::new(make());
-        if kept.len() >= FORWARDS_PER_THREAD && !kept.contains_key(&stamp.row) {
-            kept.clear();
+        if kept.named.len() < FORWARDS_PER_THREAD {
+            kept.named.insert(stamp.row, named.clone());
         }
-        kept.insert(stamp.row, (stamp, named.clone()));
         named
     }
 }
