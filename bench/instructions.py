@@ -15,9 +15,10 @@ Under valgrind the CPU has no SHA extensions, so the SHA-256 of the session cook
 done in software: about 3,500 instructions that the `sha2` crate otherwise does with the CPU's
 SHA extensions. A large memcpy (glibc's `rep movsb`) is counted as one instruction per byte,
 where the CPU copies 32 bytes or more per cycle; the table says how much of each count is
-copying (most of it pingora's copy of each request's future, about 13 kB). Between runs the
-counts move by a few hundred instructions per request (under 0.5%). Treat them as where the work is and how it changes from commit to commit; CPU time stays
-`bench/floor.py`'s.
+copying (most of it pingora's copy of each request's future, about 13 kB). Between runs and
+builds a total moves by up to about 700 instructions per request (under 1%), also where the
+code did not change; the functions' own counts move less. Treat them as where the work is and
+how it changes from commit to commit; CPU time stays `bench/floor.py`'s.
 
 It also lists the Portcullis functions that cost most per signed-in request, callees included,
 and keeps each system's data in target/bench-results/callgrind-<system>.out (`callgrind_annotate`).
