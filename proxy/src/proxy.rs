@@ -449,7 +449,7 @@ impl ProxyHttp for Proxy {
             _ => None,
         };
         let long_lived = caller.is_some() && is_long_lived(req);
-        ctx.decided_at = caller.is_some().then_some(decided_at);
+        let judged = caller.is_some();
         ctx.client = client;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
@@ -459,6 +459,8 @@ impl ProxyHttp for Proxy {
         }
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
+        // With the caller and the route set: all a recheck is made from.
+        ctx.decided_at = judged.then_some(decided_at);
         if long_lived {
             // Watched from the moment it connects upstream (`connected_to_upstream`).
             ctx.recheck(session.req_header());
@@ -657,10 +659,9 @@ impl RequestCtx {
             return Ok(());
         }
         match self.recheck(req) {
-            Some(recheck) if !shared.still_allowed(&recheck) => {
-                Error::e_explain(ErrorType::HTTPStatus(403), "access revoked")
-            }
-            _ => Ok(()),
+            Some(recheck) if shared.still_allowed(&recheck) => Ok(()),
+            // Fail closed: a request that cannot be judged again is not carried on.
+            _ => Error::e_explain(ErrorType::HTTPStatus(403), "access revoked"),
         }
     }
 
