@@ -192,18 +192,34 @@ pub struct IdentityValues {
     pub groups: HeaderValue,
 }
 
+impl IdentityValues {
+    /// `None` when one of them cannot be a header value.
+    fn of(user: &str, email: Option<&str>, groups: &str) -> Option<IdentityValues> {
+        let value = |text: &str| HeaderValue::from_str(text).ok();
+        let email = match email {
+            Some(email) => Some(value(email)?),
+            None => None,
+        };
+        Some(IdentityValues {
+            user: value(user)?,
+            email,
+            groups: value(groups)?,
+        })
+    }
+}
+
 /// The [`Named`] of directory users, made once per user and state of the directory and shared
 /// by their requests, instead of once per request. One map per worker thread, so a hit takes no
 /// lock and touches no counter another thread uses. A map holds one state of the directory
 /// only: a view of any other (after any change, or a reload) empties it first.
 #[derive(Default)]
 pub struct Forwards {
-    threads: thread_local::ThreadLocal<RefCell<Kept>>,
+    threads: thread_local::ThreadLocal<RefCell<ThreadForwards>>,
 }
 
 /// One worker thread's [`Named`], by row, all made from views of the directory at `state`.
 #[derive(Default)]
-struct Kept {
+struct ThreadForwards {
     /// The index generation and sequence number of the views they were made from.
     state: (u64, Seq),
     named: HashMap<Row, Arc<Named>, foldhash::fast::RandomState>,
@@ -1116,17 +1132,7 @@ impl Named {
     fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Named {
         let groups = groups_header(&group_names);
         let version = foldhash::quality::FixedState::default().hash_one((&user, &email, &groups));
-        let value = |text: &str| HeaderValue::from_str(text).ok();
-        let values = (|| {
-            Some(IdentityValues {
-                user: value(&user)?,
-                email: match &email {
-                    Some(email) => Some(value(email)?),
-                    None => None,
-                },
-                groups: value(&groups)?,
-            })
-        })();
+        let values = IdentityValues::of(&user, email.as_deref(), &groups);
         Named {
             user,
             email,
