@@ -3,22 +3,27 @@
 //! find Portcullis' own cookies and to remove them before a request goes upstream.
 //!
 //! Depends on nothing else in the crate, so the fuzz targets include it as it is.
+//!
+//! `;` and `=` are found with `memchr`, not `str::split`: it reads a header of a few dozen
+//! bytes in a few steps, where `str`'s searcher takes several instructions a byte, and every
+//! request with a cookie is read here.
 
 /// The cookies in one `Cookie` header value, in order, as `(name, value)`; a quoted value
 /// without its quotes.
 pub fn pairs(header: &str) -> impl Iterator<Item = (&str, &str)> {
-    header.split(';').filter_map(|pair| {
-        let (name, value) = pair.trim().split_once('=')?;
+    parts(header).filter_map(|pair| {
+        let (name, value) = split_once(pair, b'=')?;
         Some((name.trim(), unquote(value.trim())))
     })
 }
 
 /// The value of the first cookie named `name` in `headers` (each one `Cookie` header value).
 pub fn find<'a>(headers: impl IntoIterator<Item = &'a str>, name: &str) -> Option<&'a str> {
-    headers
-        .into_iter()
-        .flat_map(pairs)
-        .find_map(|(n, value)| (n == name).then_some(value))
+    // As `pairs` reads them, with a value trimmed only for the cookie asked for.
+    headers.into_iter().flat_map(parts).find_map(|pair| {
+        let (n, value) = split_once(pair, b'=')?;
+        (n.trim() == name).then(|| unquote(value.trim()))
+    })
 }
 
 /// `header` without the cookies whose names `drop` picks, the rest joined as a browser joins
@@ -26,8 +31,8 @@ pub fn find<'a>(headers: impl IntoIterator<Item = &'a str>, name: &str) -> Optio
 /// stays as it was sent: it is no cookie of ours.
 pub fn without(header: &str, drop: impl Fn(&str) -> bool) -> Option<String> {
     let mut kept = String::new();
-    for pair in header.split(';').map(str::trim) {
-        let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
+    for pair in parts(header).map(str::trim) {
+        let name = split_once(pair, b'=').map_or(pair, |(name, _)| name).trim();
         if pair.is_empty() || drop(name) {
             continue;
         }
@@ -37,6 +42,25 @@ pub fn without(header: &str, drop: impl Fn(&str) -> bool) -> Option<String> {
         kept.push_str(pair);
     }
     (!kept.is_empty()).then_some(kept)
+}
+
+/// The `;`-separated parts of `header`, as `header.split(';')` gives them.
+fn parts(header: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(header);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        let (part, after) = split_once(text, b';').map_or((text, None), |(p, a)| (p, Some(a)));
+        rest = after;
+        Some(part)
+    })
+}
+
+/// `text` before and after the first `delimiter`, an ASCII byte, as `str::split_once` gives
+/// them.
+fn split_once(text: &str, delimiter: u8) -> Option<(&str, &str)> {
+    let at = memchr::memchr(delimiter, text.as_bytes())?;
+    // An ASCII byte is a whole character: both sides are on character boundaries.
+    Some((text.get(..at)?, text.get(at + 1..)?))
 }
 
 fn unquote(value: &str) -> &str {
@@ -69,6 +93,10 @@ mod tests {
         assert_eq!(find(["a=1", "a=2"], "a"), Some("1"), "the first wins");
         assert_eq!(find([header], "junk"), None, "not a pair");
         assert_eq!(find([header], "Theme"), None, "names are case-sensitive");
+        for header in ["", ";", "a", "a=1;", ";;b=2;", "é=ü; x = \"y\" ;z"] {
+            let split: Vec<&str> = header.split(';').collect();
+            assert_eq!(parts(header).collect::<Vec<_>>(), split, "{header:?}");
+        }
     }
 
     #[test]
