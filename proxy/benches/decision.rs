@@ -49,7 +49,7 @@ use pingora::http::RequestHeader;
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
-use portcullis::gate::{Admission, Client, Facts, Forwards, Gate, Presented};
+use portcullis::gate::{Admission, ClientOf, Facts, Forwards, Gate, Presented};
 use portcullis_config::Config;
 use portcullis_scim::store::Directory;
 
@@ -234,7 +234,7 @@ impl Fixture {
             route: &self.config.routes[0],
             method: req.method.as_str(),
             path: req.uri.path(),
-            client: Client::of(&req.headers),
+            client: ClientOf::Headers(&req.headers),
         }
     }
 

@@ -19,7 +19,9 @@ use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::{Directory, Storage};
 
 use crate::caller::{Actor, Claims, Identity, Machine, Principal};
-use crate::gate::{Admission, AgentRecord, Client, DirectoryView, Facts, Presented, Refused};
+use crate::gate::{
+    Admission, AgentRecord, Client, ClientOf, DirectoryView, Facts, Presented, Refused,
+};
 use crate::path;
 use crate::routes::Match;
 use crate::state::Runtime;
@@ -233,7 +235,7 @@ pub fn explain(
                 route: &route.config,
                 method: &method,
                 path: &path,
-                client: Client::Browser,
+                client: ClientOf::Known(Client::Browser),
             };
             (route, gate.explain(&facts, Presented::Caller(principal)))
         });
@@ -321,7 +323,7 @@ pub fn lets_in(
         route,
         method,
         path,
-        client: Client::Browser,
+        client: ClientOf::Known(Client::Browser),
     };
     with_principal(runtime, gate.directory, who, |principal| {
         matches!(

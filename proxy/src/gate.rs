@@ -88,7 +88,24 @@ pub struct Facts<'a> {
     pub method: &'a str,
     /// The normalized path, exactly as it is routed and sent upstream.
     pub path: &'a str,
-    pub client: Client,
+    pub client: ClientOf<'a>,
+}
+
+/// The kind of client a request comes from: known, or read from the request's headers when a
+/// refusal needs it (an allowed request never does).
+#[derive(Debug, Clone, Copy)]
+pub enum ClientOf<'a> {
+    Known(Client),
+    Headers(&'a HeaderMap),
+}
+
+impl ClientOf<'_> {
+    pub fn get(self) -> Client {
+        match self {
+            ClientOf::Known(client) => client,
+            ClientOf::Headers(headers) => Client::of(headers),
+        }
+    }
 }
 
 /// What the caller presented, once authentication has looked at it.
@@ -758,7 +775,7 @@ impl Gate<'_> {
 fn unauthenticated(facts: &Facts<'_>, invalid_token: bool, revoked: bool) -> Admission {
     Admission::Refuse(sign_in_or_challenge(
         facts.method,
-        facts.client,
+        facts.client.get(),
         facts.route.accept.contains(&Credential::Session),
         invalid_token,
         revoked,
@@ -1202,7 +1219,7 @@ mod tests {
             route: &world.config.routes[route],
             method,
             path,
-            client: Client::Browser,
+            client: ClientOf::Known(Client::Browser),
         }
     }
 
@@ -1320,7 +1337,7 @@ mod tests {
         );
         let api = world.gate().admit(
             &Facts {
-                client: Client::Api,
+                client: ClientOf::Known(Client::Api),
                 ..facts(&world, 0, "GET", "/work")
             },
             Presented::Caller(Principal::Person(&alice)),
@@ -1527,7 +1544,7 @@ mod tests {
     async fn an_api_client_without_credentials_gets_401() {
         let world = world().await;
         let api = Facts {
-            client: Client::Api,
+            client: ClientOf::Known(Client::Api),
             ..facts(&world, 0, "GET", "/work")
         };
         assert_eq!(
@@ -1543,7 +1560,7 @@ mod tests {
     async fn a_refused_bearer_token_is_told_invalid_token() {
         let world = world().await;
         let api = Facts {
-            client: Client::Api,
+            client: ClientOf::Known(Client::Api),
             ..facts(&world, 0, "GET", "/work")
         };
         assert_eq!(
@@ -1987,6 +2004,12 @@ mod tests {
             Client::Browser
         );
         assert_eq!(client(&[("accept", "Text/HTML")]), Client::Browser);
+        assert_eq!(
+            client(&[("accept", "application/json, tt text/HTML")]),
+            Client::Browser,
+            "found after other candidates for its first letter, at the very end"
+        );
+        assert_eq!(client(&[("accept", "text/htm")]), Client::Api, "cut short");
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::auth::{cookie, session_cookie_name, Authentication};
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::cookies;
-use crate::gate::{accepts, Admission, Client, Facts, Forward, Refusal, Refused};
+use crate::gate::{accepts, Admission, Client, ClientOf, Facts, Forward, Refusal, Refused};
 use crate::path;
 use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
@@ -218,8 +218,6 @@ pub struct RequestCtx {
     /// and connection carry on while they stand; once they move, it is judged again
     /// (`recheck`).
     decided_at: Option<Marks>,
-    /// The kind of client the request was let in as.
-    client: Client,
     /// A request let in with a caller, as it is judged again while its body or connection
     /// lasts: made when first needed (a websocket or event stream, or marks that moved), from
     /// the caller, the route, the method and the judged path.
@@ -285,7 +283,6 @@ impl ProxyHttp for Proxy {
             caller: None,
             forward: None,
             decided_at: None,
-            client: Client::Api,
             recheck: None,
             long_lived: false,
             registration: None,
@@ -397,12 +394,11 @@ impl ProxyHttp for Proxy {
             .await;
 
         // 1.6 The gate.
-        let client = Client::of(&req.headers);
         let facts = Facts {
             route: &route.config,
             method: req.method.as_str(),
             path,
-            client,
+            client: ClientOf::Headers(&req.headers),
         };
         let admission = self
             .shared
@@ -450,7 +446,6 @@ impl ProxyHttp for Proxy {
         };
         let long_lived = caller.is_some() && is_long_lived(req);
         let judged = caller.is_some();
-        ctx.client = client;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
         ctx.forward = pass.forward;
@@ -666,7 +661,8 @@ impl RequestCtx {
     }
 
     /// The request's [`Recheck`], made on first need from what it was let in with: its caller,
-    /// route, method and the path it was judged on (`req` is the client's request).
+    /// route, method, the path it was judged on and its kind of client (`req` is the client's
+    /// request).
     fn recheck(&mut self, req: &RequestHeader) -> Option<Arc<Recheck>> {
         if self.recheck.is_none() {
             let (Some(caller), Some(route), Some(decided_at)) =
@@ -685,7 +681,7 @@ impl RequestCtx {
                 &route.config.name,
                 req.method.as_str(),
                 path,
-                self.client,
+                Client::of(&req.headers),
                 decided_at,
             )));
         }
@@ -806,7 +802,7 @@ impl Proxy {
             route,
             method: req.method.as_str(),
             path: &path,
-            client: Client::of(&req.headers),
+            client: ClientOf::Headers(&req.headers),
         };
         let admission = self
             .shared

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use portcullis_scim::store::Seq;
 
 use crate::caller::{Caller, SessionKey};
-use crate::gate::{Admission, Cause, Client, Facts, Gate, Presented, Refusal, Refused};
+use crate::gate::{Admission, Cause, Client, ClientOf, Facts, Gate, Presented, Refusal, Refused};
 use crate::routes::RouteTable;
 
 /// Where everything a decision depends on stands: read it before deciding, so a change that
@@ -168,7 +168,7 @@ pub fn rejudge(
         route: &route.config,
         method: &open.method,
         path: &open.path,
-        client: open.client,
+        client: ClientOf::Known(open.client),
     };
     gate.admit(&facts, presented)
 }
