@@ -4,7 +4,7 @@
 //! The probes (`/healthz`, `/readyz`) answer anyone. `/metrics` and `/explain` tell about the
 //! directory and the traffic, so they answer only:
 //! - with `[admin] token`, a request presenting it as a bearer token (compared by SHA-256, in
-//!   constant time);
+//!   constant time); a request refused for want of it is audited (route `admin`);
 //! - without one, on a loopback address only, and only to a request whose `Host` is a loopback
 //!   name (`localhost`, `127.0.0.1`, `[::1]`), so a web page a browser on the machine loads
 //!   cannot reach them by pointing a DNS name of its own at 127.0.0.1 (DNS rebinding).
@@ -30,6 +30,9 @@ use portcullis_config::AdminConfig;
 
 use crate::explain::Who;
 use crate::state::Shared;
+
+/// The route a refused `/metrics` or `/explain` request is audited under.
+const AUDIT_ROUTE: &str = "admin";
 
 pub struct Admin {
     shared: Arc<Shared>,
@@ -68,14 +71,21 @@ impl Admin {
                     .and_then(|v| v.split_once(' '))
                     .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                     .map(|(_, token)| Sha256::digest(token.trim().as_bytes()));
-                match presented {
-                    Some(digest) if bool::from(digest.as_slice().ct_eq(&token.sha256)) => Ok(()),
-                    _ => Err((
-                        StatusCode::UNAUTHORIZED,
-                        "text/plain",
-                        b"the [admin] token is required\n".to_vec(),
-                    )),
-                }
+                let why = match presented {
+                    Some(digest) if bool::from(digest.as_slice().ct_eq(&token.sha256)) => {
+                        return Ok(())
+                    }
+                    Some(_) => "the bearer token is not the [admin] token",
+                    None => "no [admin] bearer token was presented",
+                };
+                let path = req.uri.path();
+                let audit = &self.shared.audit;
+                audit.unverified_refusal(AUDIT_ROUTE, why, req.method.as_str(), path);
+                Err((
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    b"the [admin] token is required\n".to_vec(),
+                ))
             }
             None => {
                 let on_loopback = self

@@ -1,15 +1,19 @@
-//! The audit log: a record for every committed SCIM change, every refusal and a sample of
-//! allowed requests, as JSON lines: appended to `data_dir/audit.jsonl` on one machine. With
-//! `[postgres]`, every replica appends its refusals and allows to the fleet's table,
-//! `portcullis_audit`, and the SCIM changes are the directory's own change table, written by
-//! the very commit that makes each (exactly once); `portcullis audit` reads both, in time
-//! order.
+//! The audit log: a record for every committed SCIM change, every refusal (a 403, a revoked
+//! session, a credential that does not verify) and a sample of allowed requests, as JSON
+//! lines: appended to `data_dir/audit.jsonl` on one machine. With `[postgres]`, every replica
+//! appends its refusals and allows to the fleet's table, `portcullis_audit`, and the SCIM
+//! changes are the directory's own change table, written by the very commit that makes each
+//! (exactly once); `portcullis audit` reads both, in time order. A request for a route that
+//! presents no credential at all is asked for one (a sign-in, a 401), not recorded; one for
+//! SCIM or the admin endpoints, which have no sign-in, is.
 //!
 //! Recording never blocks the request path: records go over a bounded channel to one writer
 //! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
 //! If the channel is full (the store cannot keep up), the record is dropped, counted and
 //! logged; SCIM changes dropped that way are still in the directory's own change table. Every
-//! record is also emitted through `tracing` (target `audit`), dropped or not.
+//! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals of
+//! credentials that name nobody are recorded one by one up to a rate, and counted past it
+//! ([`Audit::unverified_refusal`]).
 //!
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
@@ -21,7 +25,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +41,10 @@ pub const FILE_NAME: &str = "audit.jsonl";
 const QUEUE: usize = 16_384;
 /// Records the writer appends with one write and one fsync (or one INSERT) at most.
 const MAX_BATCH: usize = 1024;
+
+/// Refusals of credentials that name nobody recorded one by one each second (see
+/// [`Audit::unverified_refusal`]); past it, they are counted instead.
+const UNVERIFIED_PER_SECOND: u32 = 100;
 
 /// How often the writer tries to append a batch before it drops it; it waits a second after
 /// each failure (PostgreSQL restarting), while new records queue up.
@@ -262,6 +270,32 @@ pub struct Audit {
     dropped: Arc<AtomicU64>,
     /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
     changes_in_store: bool,
+    unverified: Mutex<Budget>,
+}
+
+/// How many refusals of unverified credentials were recorded this second, and how many were
+/// counted but not recorded since the last one that was.
+#[derive(Debug, Default)]
+struct Budget {
+    second: u64,
+    recorded: u32,
+    unrecorded: u64,
+}
+
+impl Budget {
+    /// Whether a refusal at `second` is recorded; if it is, how many went unrecorded before it.
+    fn take(&mut self, second: u64) -> Option<u64> {
+        if second != self.second {
+            self.second = second;
+            self.recorded = 0;
+        }
+        if self.recorded >= UNVERIFIED_PER_SECOND {
+            self.unrecorded += 1;
+            return None;
+        }
+        self.recorded += 1;
+        Some(std::mem::take(&mut self.unrecorded))
+    }
 }
 
 impl Audit {
@@ -292,6 +326,7 @@ impl Audit {
             reader: Arc::new(Reader::new(read_from)),
             dropped: Arc::new(AtomicU64::new(0)),
             changes_in_store,
+            unverified: Mutex::new(Budget::default()),
         })
     }
 
@@ -368,6 +403,33 @@ impl Audit {
             path: path.to_owned(),
             agent: agent.cloned(),
         });
+    }
+
+    /// Records the refusal of a credential that names nobody Portcullis can trust: a bearer
+    /// token that does not verify, a SCIM or admin token that is not one of ours. The user is
+    /// `anonymous` (an unverified token's claims are anyone's to write) and `reason` says what
+    /// was wrong with it, never what it was.
+    ///
+    /// Anyone can send these, as fast as they like; so that a flood of them neither fills the
+    /// disk nor crowds out the records of real people, at most [`UNVERIFIED_PER_SECOND`] are
+    /// recorded one by one each second. The rest are counted, and the next one recorded says
+    /// how many went unrecorded before it.
+    pub fn unverified_refusal(&self, route: &str, reason: &str, method: &str, path: &str) {
+        let taken = match self.unverified.lock() {
+            Ok(mut budget) => budget.take(crate::clock::now_unix()),
+            Err(_) => Some(0),
+        };
+        match taken {
+            None => {}
+            Some(0) => self.refusal("anonymous", route, None, reason, method, path, None),
+            Some(n) => {
+                let reason = format!(
+                    "{reason} (and {n} earlier refusals of unverified credentials, past \
+                     {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one)"
+                );
+                self.refusal("anonymous", route, None, &reason, method, path, None);
+            }
+        }
     }
 
     /// Records an allowed request with probability `rate` (`0.0` never, `1.0` always).
@@ -760,6 +822,20 @@ mod tests {
         assert!(!filter(Some("bob@corp.example"), None).matches(&entry));
         assert!(filter(None, since("2025-01-02T03:04:05Z")).matches(&entry));
         assert!(!filter(None, since("2025-01-02T03:04:06Z")).matches(&entry));
+    }
+
+    #[test]
+    fn unverified_refusals_past_the_rate_are_counted_and_told_with_the_next_recorded() {
+        let mut budget = Budget::default();
+        for _ in 0..UNVERIFIED_PER_SECOND {
+            assert_eq!(budget.take(7), Some(0));
+        }
+        assert_eq!(budget.take(7), None);
+        assert_eq!(budget.take(7), None);
+        // A new second: recorded again, saying how many were not.
+        assert_eq!(budget.take(8), Some(2));
+        assert_eq!(budget.take(8), Some(0));
+        assert_eq!(budget.take(9), Some(0));
     }
 
     #[test]

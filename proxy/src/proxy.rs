@@ -342,7 +342,7 @@ impl ProxyHttp for Proxy {
                 return crate::scim_http::unavailable(session).await;
             }
             let path = normalized.into_owned();
-            return Box::pin(scim.serve(session, &path, ctx.tls)).await;
+            return Box::pin(scim.serve(session, &path, ctx.tls, &self.shared.audit)).await;
         }
 
         // 1.4 The route.
@@ -418,13 +418,12 @@ impl ProxyHttp for Proxy {
                 );
                 ctx.caller = authentication.caller().cloned();
                 ctx.route = Some(route.clone());
-                let caller = ctx.caller.as_ref();
                 return Box::pin(self.answer(
                     session,
                     &runtime,
                     &route.config.name,
                     &asked,
-                    caller,
+                    &authentication,
                     refused,
                 ))
                 .await;
@@ -764,7 +763,14 @@ impl Proxy {
                             false,
                         );
                         return self
-                            .answer(session, runtime, "", &asked, None, refused)
+                            .answer(
+                                session,
+                                runtime,
+                                "",
+                                &asked,
+                                &Authentication::Nothing,
+                                refused,
+                            )
                             .await;
                     }
                     None => Reply::status_page(StatusCode::NOT_FOUND),
@@ -813,9 +819,15 @@ impl Proxy {
             Admission::Refuse(refused) => {
                 let origin = request_origin(req, tls);
                 let asked = Asked::of(req, path, origin, host.to_owned(), tls);
-                let caller = authentication.caller();
                 return self
-                    .answer(session, runtime, &route.name, &asked, caller, refused)
+                    .answer(
+                        session,
+                        runtime,
+                        &route.name,
+                        &asked,
+                        &authentication,
+                        refused,
+                    )
                     .await;
             }
         };
@@ -906,27 +918,43 @@ impl Proxy {
     }
 
     /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
-    /// or a refusal (403, audited), after ending a session the directory has revoked.
+    /// or a refusal (403), after ending a session the directory has revoked. Audited: every
+    /// 403, every revoked session and every refused bearer token; not a request that presented
+    /// no credential at all, which is only asked for one.
     async fn answer(
         &self,
         session: &mut Session,
         runtime: &Runtime,
         route: &str,
         asked: &Asked,
-        caller: Option<&Caller>,
+        authentication: &Authentication,
         refused: Refused,
     ) -> Result<bool> {
-        if refused.revokes_session() {
-            if let Some(Caller::Person { session: key, .. }) = caller {
-                // Deactivated (or re-created) since this person signed in: the session is over
-                // for good. Ended in the background: every replica's gate refuses the session
-                // meanwhile, so this refusal need not wait for the store and the other replicas.
-                let (shared, key) = (self.shared.clone(), *key);
-                tokio::spawn(async move {
-                    if let Err(e) = shared.auth.sessions.end(&[key]).await {
-                        tracing::error!("cannot end a revoked session: {e}");
-                    }
-                });
+        let audit = &self.shared.audit;
+        if let (true, Some(caller @ Caller::Person { session: key, .. })) =
+            (refused.revokes_session(), authentication.caller())
+        {
+            // Deactivated (or re-created) since this person signed in: the session is over
+            // for good. Ended in the background: every replica's gate refuses the session
+            // meanwhile, so this refusal need not wait for the store and the other replicas.
+            let (shared, key) = (self.shared.clone(), *key);
+            tokio::spawn(async move {
+                if let Err(e) = shared.auth.sessions.end(&[key]).await {
+                    tracing::error!("cannot end a revoked session: {e}");
+                }
+            });
+            let who = caller.log_name();
+            let reason = format!(
+                "the session began before {who} was deactivated or re-created in the \
+                 directory: it is over, and {who} must sign in again"
+            );
+            audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+        }
+        if let Some(why) = authentication.refused_token() {
+            // A 403 instead (a public rule that does not cover the request) is audited below.
+            if matches!(refused, Refused::Challenge { .. }) {
+                let reason = format!("a bearer token was refused: {why}");
+                audit.unverified_refusal(route, &reason, &asked.method, &asked.path);
             }
         }
         let reply = match refused {
@@ -956,7 +984,7 @@ impl Proxy {
                  moment.</p>",
             ),
             Refused::Forbid(refusal) => {
-                self.shared.audit.refusal(
+                audit.refusal(
                     refusal.who.as_deref().unwrap_or("anonymous"),
                     route,
                     refusal.rule.as_deref(),

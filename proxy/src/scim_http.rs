@@ -16,10 +16,14 @@ use portcullis_scim::service::{Limits, ScimRequest, ScimResponse, ScimService};
 use portcullis_scim::store::Directory;
 use portcullis_scim::ScimError;
 
+use crate::audit::Audit;
 use crate::reply::{self, Reply};
 
 /// Where SCIM lives on its host.
 pub const BASE_PATH: &str = "/scim/v2";
+
+/// The route a refused SCIM request is audited under.
+pub const AUDIT_ROUTE: &str = "scim";
 
 /// SCIM as configured: the host it answers on, its tokens, and the service.
 pub struct Scim {
@@ -51,16 +55,20 @@ impl Scim {
     }
 
     /// The name of the token presented in `Authorization`, if it is one of ours and not
-    /// expired. Every configured token is compared, in constant time, whatever matches.
-    fn authenticate(&self, authorization: Option<&[u8]>, now_unix: i64) -> Option<&str> {
-        let value = authorization?;
-        let (scheme, token) = value.split_at(value.iter().position(|&b| b == b' ')?);
-        if !scheme.eq_ignore_ascii_case(b"bearer") {
-            return None;
-        }
+    /// expired; otherwise what was wrong with it (never the token itself). Every configured
+    /// token is compared, in constant time, whatever matches.
+    fn authenticate(&self, authorization: Option<&[u8]>, now_unix: i64) -> Result<&str, String> {
+        let not_bearer = || "the Authorization header holds no bearer token".to_owned();
+        let value = authorization.ok_or_else(|| "no SCIM bearer token was presented".to_owned())?;
+        let (scheme, token) = value.split_at(
+            value
+                .iter()
+                .position(|&b| b == b' ')
+                .ok_or_else(not_bearer)?,
+        );
         let token = token.trim_ascii();
-        if token.is_empty() {
-            return None;
+        if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+            return Err(not_bearer());
         }
         let digest: [u8; 32] = Sha256::digest(token).into();
         let mut found = None;
@@ -69,26 +77,35 @@ impl Scim {
                 found = Some(candidate);
             }
         }
-        let token = found?;
+        let token =
+            found.ok_or_else(|| "the bearer token is not one of the SCIM tokens".to_owned())?;
         if token.expires_at.is_some_and(|at| now_unix >= at) {
-            return None;
+            return Err(format!("the SCIM token \"{}\" has expired", token.name));
         }
-        Some(&token.name)
+        Ok(&token.name)
     }
 
     /// Serves one SCIM request (the caller has checked [`Self::claims`]).
-    pub async fn serve(&self, session: &mut Session, path: &str, tls: bool) -> Result<bool> {
+    /// A refused token is audited (see [`Audit::unverified_refusal`]).
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        path: &str,
+        tls: bool,
+        audit: &Audit,
+    ) -> Result<bool> {
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let req = session.req_header();
         let authorization = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        let Some(actor) = self
-            .authenticate(authorization, now_unix)
-            .map(str::to_owned)
-        else {
-            let error = ScimError::new(401, None, "a valid SCIM bearer token is required");
-            return write(session, &ScimResponse::error(&error), true).await;
+        let actor = match self.authenticate(authorization, now_unix) {
+            Ok(actor) => actor.to_owned(),
+            Err(why) => {
+                audit.unverified_refusal(AUDIT_ROUTE, &why, req.method.as_str(), path);
+                let error = ScimError::new(401, None, "a valid SCIM bearer token is required");
+                return write(session, &ScimResponse::error(&error), true).await;
+            }
         };
 
         let limit = self.service.limits().max_body_bytes;
@@ -229,6 +246,7 @@ mod tests {
         let auth = |v: &str, now| {
             scim.authenticate(Some(v.as_bytes()), now)
                 .map(str::to_owned)
+                .ok()
         };
         assert_eq!(
             auth("Bearer okta-secret-0123456789abcdef", 0).as_deref(),
@@ -247,7 +265,30 @@ mod tests {
         assert_eq!(auth("Basic okta-secret-0123456789abcdef", 0), None);
         assert_eq!(auth("Bearer ", 0), None);
         assert_eq!(auth("Bearer", 0), None);
-        assert_eq!(scim.authenticate(None, 0), None);
+        assert_eq!(scim.authenticate(None, 0).ok(), None);
+    }
+
+    #[test]
+    fn a_refused_token_is_told_apart_without_being_repeated() {
+        let scim = scim(vec![token("old", "old-secret-0123456789abcdef", Some(100))]);
+        let why = |v: Option<&str>| scim.authenticate(v.map(str::as_bytes), 100).unwrap_err();
+        assert_eq!(why(None), "no SCIM bearer token was presented");
+        assert_eq!(
+            why(Some("Basic b2xkLXNlY3JldA==")),
+            "the Authorization header holds no bearer token"
+        );
+        assert_eq!(
+            why(Some("Bearer ")),
+            "the Authorization header holds no bearer token"
+        );
+        assert_eq!(
+            why(Some("Bearer wrong-secret-0123456789abcdef")),
+            "the bearer token is not one of the SCIM tokens"
+        );
+        assert_eq!(
+            why(Some("Bearer old-secret-0123456789abcdef")),
+            "the SCIM token \"old\" has expired"
+        );
     }
 
     #[test]

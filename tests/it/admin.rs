@@ -3,6 +3,7 @@
 use portcullis_tests::client::plain_client;
 use portcullis_tests::{ConfigBuilder, Portcullis, Route, Upstream};
 use reqwest::StatusCode;
+use serde_json::Value;
 
 use crate::get_echo;
 
@@ -283,6 +284,27 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
     assert_eq!(resp.status(), StatusCode::OK);
     let resp = client.get(px.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "probes need no token");
+    // Both refusals are audited, by what was wrong, never with the token.
+    let records = crate::audit::audit_json_until(&px, &[], |r| {
+        crate::audit::of_event(r, "refusal").len() == 2
+    })
+    .await;
+    let reasons: Vec<&Value> = records.iter().map(|r| &r["reason"]).collect();
+    assert_eq!(
+        reasons,
+        [
+            "no [admin] bearer token was presented",
+            "the bearer token is not the [admin] token"
+        ],
+        "{records:#?}"
+    );
+    for refusal in &records {
+        assert_eq!(refusal["route"], "admin", "{refusal}");
+        assert_eq!(refusal["user"], "anonymous", "{refusal}");
+        assert_eq!(refusal["path"], "/metrics", "{refusal}");
+    }
+    let log = std::fs::read_to_string(px.dir().join("data/audit.jsonl")).unwrap();
+    assert!(!log.contains("admin-token-"), "{log}");
 
     // `portcullis explain` reads the token from the configuration and presents it.
     let config = px.config_path().display().to_string();

@@ -1268,3 +1268,97 @@ async fn refusals_say_who_which_route_and_why_and_nothing_about_others() {
     assert!(!html.contains(ALICE), "{html}");
     assert_no_leak("bob's page", &html);
 }
+
+// ----- refusals of credentials in the audit log ------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_were() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+
+    // A machine's token with its signature changed, and something that is no JWT at all.
+    let token = t.machine_token().await;
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let forged = format!("{signed}.{}", signature.chars().rev().collect::<String>());
+    let api = t.api_url("/v1/jobs");
+    for bearer in [forged.as_str(), "not-a-jwt-at-all"] {
+        let resp = bare_client()
+            .get(&api)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{bearer}");
+    }
+    // A SCIM client with a token that is not one of the SCIM tokens.
+    const WRONG_SCIM_TOKEN: &str = "wrong-scim-token-0123456789abcdef";
+    let wrong = ScimClient::new(&t.fx.cfg.scim_base_url(), WRONG_SCIM_TOKEN);
+    wrong.get("/Users").await.expect(401);
+    // Alice's session, once she is deactivated: over, and she is told to sign in again.
+    t.set_active(&t.alice_id, false).await.expect_success();
+    let resp = get_with_session(&t.app_url("/work"), &cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let records = crate::audit::audit_json_until(&t.fx.px, &[], |r| {
+        crate::audit::of_event(r, "refusal").len() >= 4
+    })
+    .await;
+    let refusals = crate::audit::of_event(&records, "refusal");
+    let on = |route: &str| -> Vec<&Value> {
+        refusals
+            .iter()
+            .copied()
+            .filter(|r| r["route"] == route)
+            .collect()
+    };
+    let reasons = |records: &[&Value]| -> Vec<String> {
+        records
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Tokens: by nobody (whatever their claims say), with what was wrong.
+    let tokens = on(API_ROUTE);
+    assert_eq!(tokens.len(), 2, "{refusals:#?}");
+    for refusal in &tokens {
+        assert_eq!(refusal["user"], "anonymous", "{refusal}");
+        assert_eq!(refusal["path"], "/v1/jobs", "{refusal}");
+    }
+    let why = reasons(&tokens);
+    assert!(
+        why.iter()
+            .all(|r| r.starts_with("a bearer token was refused: ")),
+        "{why:?}"
+    );
+    assert!(why[1].contains("not a compact JWS"), "{why:?}");
+
+    let scim = on("scim");
+    assert_eq!(scim.len(), 1, "{refusals:#?}");
+    assert_eq!(scim[0]["user"], "anonymous");
+    assert_eq!(scim[0]["method"], "GET");
+    assert_eq!(scim[0]["path"], "/scim/v2/Users");
+    assert_eq!(
+        scim[0]["reason"],
+        "the bearer token is not one of the SCIM tokens"
+    );
+
+    let revoked = on(APP_ROUTE);
+    assert_eq!(revoked.len(), 1, "{refusals:#?}");
+    assert_eq!(revoked[0]["user"], ALICE);
+    assert_eq!(revoked[0]["path"], "/work");
+    let reason = revoked[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("deactivated"), "{reason}");
+
+    // Nothing presented is in the log: not the tokens, not their signatures, not the cookie.
+    let log = std::fs::read_to_string(t.fx.px.dir().join("data/audit.jsonl")).unwrap();
+    for secret in [
+        &forged,
+        signature,
+        WRONG_SCIM_TOKEN,
+        "not-a-jwt-at-all",
+        &cookie,
+    ] {
+        assert!(!log.contains(secret), "the audit log holds {secret}");
+    }
+}

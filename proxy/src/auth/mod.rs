@@ -60,10 +60,11 @@ type KeySetId = (String, Option<String>);
 pub enum Authentication {
     /// No credential the route takes.
     Nothing,
-    /// A credential that did not verify: an unknown, expired or ended session, or a refused
-    /// bearer token.
+    /// A credential that did not verify: an unknown, expired or ended session (`refused_token`
+    /// `None`), or a bearer token, refused for the reason `refused_token` gives (which never
+    /// repeats the token).
     Invalid {
-        bearer: bool,
+        refused_token: Option<String>,
     },
     Caller(Caller),
 }
@@ -73,7 +74,9 @@ impl Authentication {
     pub fn presented(&self) -> Presented<'_> {
         match self {
             Authentication::Nothing => Presented::Nothing,
-            Authentication::Invalid { bearer } => Presented::Invalid { bearer: *bearer },
+            Authentication::Invalid { refused_token } => Presented::Invalid {
+                bearer: refused_token.is_some(),
+            },
             Authentication::Caller(caller) => Presented::Caller(caller.principal()),
         }
     }
@@ -81,6 +84,14 @@ impl Authentication {
     pub fn caller(&self) -> Option<&Caller> {
         match self {
             Authentication::Caller(caller) => Some(caller),
+            _ => None,
+        }
+    }
+
+    /// Why a bearer token was refused, if one was.
+    pub fn refused_token(&self) -> Option<&str> {
+        match self {
+            Authentication::Invalid { refused_token } => refused_token.as_deref(),
             _ => None,
         }
     }
@@ -216,7 +227,9 @@ impl Auth {
                 // A request that presents a token is judged by it, never by a cookie too.
                 return match self.verify_bearer(config, token, now).await {
                     Ok(caller) => Authentication::Caller(caller),
-                    Err(_) => Authentication::Invalid { bearer: true },
+                    Err(why) => Authentication::Invalid {
+                        refused_token: Some(why.to_string()),
+                    },
                 };
             }
         }
@@ -231,7 +244,9 @@ impl Auth {
         let Some(id) = cookie(req, &session_cookie_name(oidc, tls)) else {
             return Authentication::Nothing;
         };
-        let invalid = Authentication::Invalid { bearer: false };
+        let invalid = Authentication::Invalid {
+            refused_token: None,
+        };
         let Some((key, session)) = self.sessions.get(id) else {
             return invalid;
         };
