@@ -12,7 +12,9 @@ Measurements (each repeated --rounds times, alternating the two systems; medians
    a bounded time (20,000 or 120 s, whichever comes first). Target: >= 50x.
 3. Portcullis only: latency of adding one member to the 100,000-member group vs the
    10-member group (sequential PATCH /Groups/{id}, N=500 each, interleaved, users not yet in
-   the group). Target: the 100k-group median within 2x of the 10-group's.
+   the group). Target: the 100k-group median within 2x of the 10-group's. The same for
+   Microsoft Entra ID's check of one membership (`GET /Groups?filter=id eq "G" and members eq
+   "U"&attributes=id`, N=200 each, half for a member).
 4. Portcullis only, with the large directory: start-up time (spawn -> /readyz 200) and VmRSS
    after start-up and after the lookup load. Target: RSS < 1 GiB.
 
@@ -53,6 +55,7 @@ GROUPS = 10_000
 REFERENCE_USERS = 20_000    # users created in scim2-server before its lookups ...
 REFERENCE_FILL_S = 120      # ... or fewer, if this many seconds run out first
 PATCH_N = 500               # PATCHes per group per round
+CHECK_N = 200               # membership checks per group per round
 BIG_GROUP_MEMBERS = 100_000  # group0 holds the first 100,000 users (populate.rs)
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
@@ -322,6 +325,33 @@ def patch_latencies(server, round_no, users):
     return latencies, errors
 
 
+def membership_latencies(server, users, n=CHECK_N):
+    """3b. Microsoft Entra ID's check of one membership, `GET /Groups?filter=id eq "G" and
+    members eq "U"&attributes=id`, sequential, on group0 (100k) and group1 (10), interleaved,
+    for a member and for a user in neither group; ms lists."""
+    latencies = {0: [], 1: []}
+    errors = {0: 0, 1: 0}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    deadline = time.monotonic() + 120
+    try:
+        for i in range(n):
+            if time.monotonic() > deadline:
+                log("membership check hit its 120 s bound; stopping early")
+                break
+            # Users 0..9 are in both groups; users past 100,000 (if any) in neither.
+            member = user_id(i % 10) if i % 2 else user_id(min(users - 1, BIG_GROUP_MEMBERS + i))
+            for group in (0, 1):
+                query = urllib.parse.quote(f'id eq "{group_id(group)}" and members eq "{member}"')
+                t0 = time.perf_counter()
+                status, body = request(conn, "GET", f"{server.base}/Groups?filter={query}&attributes=id")
+                latencies[group].append((time.perf_counter() - t0) * 1e3)
+                if status != 200 or not isinstance(body, dict) or "totalResults" not in body:
+                    errors[group] += 1
+    finally:
+        conn.close()
+    return latencies, errors
+
+
 def measure_large_directory(args, binary, tmp):
     """2, 3 and 4: lookups on both systems; PATCH, start-up and RSS on Portcullis."""
     data_dir = os.path.join(tmp, "data-large")
@@ -343,6 +373,7 @@ def measure_large_directory(args, binary, tmp):
         lookups = {"portcullis": [], "scim2-server": []}
         per_round = {"startup_s": [], "rss_start": [], "rss_after": []}
         patches = {0: [], 1: []}   # per round: (median, p99, errors)
+        checks = {0: [], 1: []}    # the same, for membership checks
         for round_no in range(args.rounds):
             portcullis = Portcullis(binary, tmp, data_dir, f"large-{round_no}")
             try:
@@ -368,6 +399,12 @@ def measure_large_directory(args, binary, tmp):
                 log(f"round {round_no + 1}: PATCH group0 median {patches[0][-1][0]:.2f} ms "
                     f"p99 {patches[0][-1][1]:.2f} ms; group1 median {patches[1][-1][0]:.2f} ms "
                     f"p99 {patches[1][-1][1]:.2f} ms")
+                latencies, errors = membership_latencies(portcullis, args.users)
+                for group in (0, 1):
+                    checks[group].append((statistics.median(latencies[group]),
+                                          percentile(latencies[group], 99), errors[group]))
+                log(f"round {round_no + 1}: membership check group0 median {checks[0][-1][0]:.2f} ms; "
+                    f"group1 median {checks[1][-1][0]:.2f} ms")
             finally:
                 portcullis.stop()
     finally:
@@ -376,7 +413,7 @@ def measure_large_directory(args, binary, tmp):
     return {
         "populate_s": populate_s, "disk_mb": disk_mb,
         "ref_users": ref_users, "fill_s": fill_s, "fill_failed": fill_failed,
-        "lookups": lookups, "per_round": per_round, "patches": patches,
+        "lookups": lookups, "per_round": per_round, "patches": patches, "checks": checks,
     }
 
 
@@ -440,6 +477,23 @@ def report(args, creates, large, load_start):
           f"(target: within 2x: {verdict(ratio <= 2)}). Each PATCH is a durable commit, answered 204.")
     summary.append(("PATCH add member, 100k vs 10-member group (median)", f"{big_med:.2f} ms vs {small_med:.2f} ms",
                     "-", f"{ratio:.2f}x", "<= 2x", verdict(ratio <= 2)))
+
+    big, small = large["checks"][0], large["checks"][1]
+    big_med, small_med = statistics.median(r[0] for r in big), statistics.median(r[0] for r in small)
+    big_p99, small_p99 = statistics.median(r[1] for r in big), statistics.median(r[1] for r in small)
+    ratio = big_med / small_med
+    print(f"\n### 3b. Check one membership as Microsoft Entra ID does (Portcullis, sequential "
+          f"`GET /Groups?filter=id eq \"G\" and members eq \"U\"&attributes=id`, {CHECK_N} per group "
+          "per round, half of them for a member, interleaved)\n")
+    print("| group | members | median ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| group0 | {min(args.users, BIG_GROUP_MEMBERS):,} | {big_med:.2f} | {big_p99:.2f} | {sum(r[2] for r in big)} |")
+    print(f"| group1 | 10 | {small_med:.2f} | {small_p99:.2f} | {sum(r[2] for r in small)} |")
+    print(f"\n100k-group / 10-group: median {ratio:.2f}x, p99 {big_p99 / small_p99:.2f}x "
+          f"(target: within 2x: {verdict(ratio <= 2)}).")
+    summary.append(("membership check, 100k vs 10-member group (median)",
+                    f"{big_med:.2f} ms vs {small_med:.2f} ms", "-", f"{ratio:.2f}x", "<= 2x",
+                    verdict(ratio <= 2)))
 
     pr = large["per_round"]
     rss_start, rss_after = statistics.median(pr["rss_start"]), statistics.median(pr["rss_after"])

@@ -660,6 +660,11 @@ impl Directory {
                 .filter
                 .as_ref()
                 .is_some_and(|f| references_attribute(f, "members"));
+        let deciding = query
+            .filter
+            .as_ref()
+            .filter(|_| needs_members)
+            .and_then(deciding_members);
         let start = query.start_index.max(1) - 1;
         let count = query.count.unwrap_or(usize::MAX);
 
@@ -706,7 +711,7 @@ impl Directory {
                     None => true,
                     Some(filter) if needs_members => {
                         let mut resource = record.resource.clone();
-                        self.attach_member_values(row, &mut resource);
+                        self.attach_member_values(row, deciding.as_deref(), &mut resource);
                         matches_checked(filter, &resource, rt)?
                     }
                     Some(filter) => matches_checked(filter, &record.resource, rt)?,
@@ -730,10 +735,22 @@ impl Directory {
         Ok(Page { total, records })
     }
 
-    fn attach_member_values(&self, row: Row, resource: &mut Value) {
+    /// Puts group `row`'s members into `resource`, as a filter sees them: all of them, or, when
+    /// the filter's member comparisons are decided by the ids in `deciding` alone, those of
+    /// them that are members (looked up one by one, whatever the size of the group).
+    fn attach_member_values(&self, row: Row, deciding: Option<&[&str]>, resource: &mut Value) {
         let index = self.index();
-        let mut rows: Vec<Row> = index.members_of(row).collect();
+        let mut rows: Vec<Row> = match deciding {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| index.row_of(id))
+                .map(|(_, member)| member)
+                .filter(|&member| index.is_member(row, member))
+                .collect(),
+            None => index.members_of(row).collect(),
+        };
         rows.sort_unstable();
+        rows.dedup();
         let members: Vec<Value> = rows
             .into_iter()
             .filter_map(|m| {
@@ -749,6 +766,53 @@ impl Directory {
             obj.insert("members".to_owned(), Value::Array(members));
         }
     }
+}
+
+/// The member ids that alone decide `filter`'s comparisons of a group's `members`, when it
+/// makes them only as `members eq "id"`, `members.value eq "id"` or `members[value eq "id"]`
+/// (those joined by `and` and `or` inside the brackets): each such comparison holds exactly
+/// when its id is a member, so the group's other members cannot change the outcome, however
+/// many it has. That is how Microsoft Entra ID checks one membership (`id eq "G" and members
+/// eq "U"`). `None` for any other comparison of `members` (`pr`, `ne`, `not` inside the
+/// brackets, another sub-attribute), which needs every member.
+pub(super) fn deciding_members(filter: &Filter) -> Option<Vec<&str>> {
+    fn element<'f>(filter: &'f Filter, ids: &mut Vec<&'f str>) -> bool {
+        match filter {
+            Filter::And(l, r) | Filter::Or(l, r) => element(l, ids) && element(r, ids),
+            Filter::Attr(expr) => match eq_string(expr) {
+                Some((path, id)) if path.sub_attr.is_none() && path.name_is("value") => {
+                    ids.push(id);
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+    fn walk<'f>(filter: &'f Filter, ids: &mut Vec<&'f str>) -> bool {
+        match filter {
+            Filter::And(l, r) | Filter::Or(l, r) => walk(l, ids) && walk(r, ids),
+            Filter::Not(inner) => walk(inner, ids),
+            Filter::Attr(expr) if expr.path.name_is("members") => match eq_string(expr) {
+                Some((path, id))
+                    if path
+                        .sub_attr
+                        .as_deref()
+                        .is_none_or(|s| s.eq_ignore_ascii_case("value")) =>
+                {
+                    ids.push(id);
+                    true
+                }
+                _ => false,
+            },
+            Filter::ValuePath { attr, filter, sub } if attr.name_is("members") => {
+                sub.is_none() && element(filter, ids)
+            }
+            Filter::Attr(_) | Filter::ValuePath { .. } => true,
+        }
+    }
+    let mut ids = Vec::new();
+    walk(filter, &mut ids).then_some(ids)
 }
 
 /// Candidate rows for `filter` from the index: a superset of the matches, or `None` when the

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::directory::deciding_members;
 use super::redb::RedbStorage;
 use super::*;
 use crate::error::ScimType;
@@ -81,6 +82,99 @@ fn query(dir: &Directory, rt: ResourceType, filter: &str) -> Vec<String> {
         .iter()
         .map(|r| r.resource["id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+#[tokio::test]
+async fn member_comparisons_read_only_the_members_they_name_and_judge_as_reading_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let mut users = Vec::new();
+    for name in ["a@x", "b@x", "c@x", "d@x"] {
+        users.push(
+            create(&dir, ResourceType::User, user(name))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let [a, b, c, d] = [&users[0], &users[1], &users[2], &users[3]];
+    let group = |name: &str, members: &[&String]| {
+        let members: Vec<Value> = members.iter().map(|id| json!({"value": id})).collect();
+        json!({"schemas": [GROUP], "displayName": name, "members": members})
+    };
+    let g1 = create(&dir, ResourceType::Group, group("g1", &[a, b]))
+        .await
+        .unwrap()
+        .id;
+    let g2 = create(&dir, ResourceType::Group, group("g2", &[b, &g1]))
+        .await
+        .unwrap()
+        .id;
+    let g3 = create(&dir, ResourceType::Group, group("g3", &[]))
+        .await
+        .unwrap()
+        .id;
+    let g4 = create(&dir, ResourceType::Group, group("g4", &[c]))
+        .await
+        .unwrap()
+        .id;
+    let upper = a.to_uppercase();
+    let filters = [
+        format!("members eq \"{a}\""),
+        format!("members eq \"{b}\""),
+        format!("members.value eq \"{b}\""),
+        format!("members[value eq \"{a}\" or value eq \"{c}\"]"),
+        format!("members[value eq \"{a}\" and value eq \"{b}\"]"),
+        format!("not (members eq \"{a}\")"),
+        format!("id eq \"{g1}\" and members eq \"{a}\""),
+        format!("id eq \"{g2}\" and members eq \"{a}\""),
+        format!("members eq \"{g1}\""),
+        format!("members eq \"{d}\""),
+        "members eq \"not-an-id\"".to_owned(),
+        format!("members eq \"{upper}\""),
+        format!("displayName eq \"g1\" or members eq \"{c}\""),
+    ];
+    let want: [&[&String]; 13] = [
+        &[&g1],
+        &[&g1, &g2],
+        &[&g1, &g2],
+        &[&g1, &g4],
+        &[],
+        &[&g2, &g3, &g4],
+        &[&g1],
+        &[],
+        &[&g2],
+        &[],
+        &[],
+        &[],
+        &[&g1, &g4],
+    ];
+    for (filter, want) in filters.iter().zip(want) {
+        let parsed = Filter::parse(filter).unwrap();
+        let deciding = deciding_members(&parsed);
+        assert!(
+            deciding.is_some_and(|ids| !ids.is_empty()),
+            "{filter} is decided by the members it names"
+        );
+        let found = query(&dir, ResourceType::Group, filter);
+        // The same filter, made to need every member (`display` is never rendered, so the
+        // added comparison never holds): the same groups.
+        let every = format!("({filter}) or members.display eq \"x\"");
+        assert_eq!(deciding_members(&Filter::parse(&every).unwrap()), None);
+        assert_eq!(found, query(&dir, ResourceType::Group, &every), "{filter}");
+        let want: Vec<String> = want.iter().map(|id| (*id).clone()).collect();
+        assert_eq!(found, want, "{filter}");
+    }
+    for needs_all in [
+        "members pr".to_owned(),
+        format!("members ne \"{a}\""),
+        format!("members[not (value eq \"{a}\")]"),
+        "members[type eq \"User\"]".to_owned(),
+        format!("members co \"{a}\""),
+    ] {
+        let filter = Filter::parse(&needs_all).unwrap();
+        assert_eq!(deciding_members(&filter), None, "{needs_all}");
+    }
 }
 
 #[tokio::test]
