@@ -46,6 +46,7 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
+use portcullis::audit::{Audit, Destination};
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
@@ -155,7 +156,11 @@ impl Fixture {
         let config = portcullis_config::parse(CONFIG, Path::new("/"), &|_| None)
             .unwrap_or_else(|e| panic!("bench config: {e}"));
 
-        let auth = Auth::new(directory.clone(), kept).expect("auth");
+        // Sign-ins are audited; the bench signs nobody in, so its log stays empty.
+        let log = tempfile::tempdir().expect("audit dir");
+        let destination = || Destination::of(log.path(), None);
+        let audit = Audit::open(destination(), destination()).expect("audit");
+        let auth = Auth::new(directory.clone(), kept, Arc::new(audit)).expect("auth");
         let writes = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1,5 +1,6 @@
 //! The audit log: a record for every committed SCIM change, every refusal (a 403, a revoked
-//! session, a credential that does not verify) and a sample of allowed requests, as JSON
+//! session, a credential that does not verify), every sign-in and sign-out, every console
+//! action and a sample of allowed requests, as JSON
 //! lines: appended to `data_dir/audit.jsonl` on one machine. With `[postgres]`, every replica
 //! appends its refusals and allows to the fleet's table, `portcullis_audit`, and the SCIM
 //! changes are the directory's own change table, written by the very commit that makes each
@@ -18,13 +19,13 @@
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -45,6 +46,9 @@ const MAX_BATCH: usize = 1024;
 /// Refusals of credentials that name nobody recorded one by one each second (see
 /// [`Audit::unverified_refusal`]); past it, they are counted instead.
 const UNVERIFIED_PER_SECOND: u32 = 100;
+
+/// The longest reason recorded for a refusal of unverified credentials, in bytes.
+const MAX_REASON: usize = 512;
 
 /// How often the writer tries to append a batch before it drops it; it waits a second after
 /// each failure (PostgreSQL restarting), while new records queue up.
@@ -138,6 +142,16 @@ pub enum Entry {
         target: String,
         outcome: String,
     },
+    /// A person's session began or ended: `user` signed in (`what` `sign_in`) or out
+    /// (`sign_out`), or the identity provider ended their sessions (`idp_logout`, by
+    /// back-channel logout) or would not renew one (`idp_ended`); `detail` says more.
+    Session {
+        time: String,
+        user: String,
+        what: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
+    },
 }
 
 impl From<&Change> for Entry {
@@ -160,7 +174,8 @@ impl Entry {
             Entry::Change { time, .. }
             | Entry::Refusal { time, .. }
             | Entry::Allow { time, .. }
-            | Entry::Action { time, .. } => time,
+            | Entry::Action { time, .. }
+            | Entry::Session { time, .. } => time,
         }
     }
 
@@ -168,7 +183,9 @@ impl Entry {
     pub fn who(&self) -> &str {
         match self {
             Entry::Change { actor, .. } | Entry::Action { actor, .. } => actor,
-            Entry::Refusal { user, .. } | Entry::Allow { user, .. } => user,
+            Entry::Refusal { user, .. }
+            | Entry::Allow { user, .. }
+            | Entry::Session { user, .. } => user,
         }
     }
 
@@ -179,6 +196,7 @@ impl Entry {
             Entry::Refusal { .. } => "refusal",
             Entry::Allow { .. } => "allow",
             Entry::Action { .. } => "action",
+            Entry::Session { .. } => "session",
         }
     }
 
@@ -186,7 +204,7 @@ impl Entry {
     pub fn route(&self) -> Option<&str> {
         match self {
             Entry::Refusal { route, .. } | Entry::Allow { route, .. } => Some(route),
-            Entry::Change { .. } | Entry::Action { .. } => None,
+            Entry::Change { .. } | Entry::Action { .. } | Entry::Session { .. } => None,
         }
     }
 
@@ -235,6 +253,15 @@ impl Entry {
                 target,
                 outcome,
             } => format!("{time} action  {actor}: {action} {target} ({outcome})"),
+            Entry::Session {
+                time,
+                user,
+                what,
+                detail,
+            } => match detail.as_str() {
+                "" => format!("{time} session {user}: {what}"),
+                detail => format!("{time} session {user}: {what} ({detail})"),
+            },
         };
         if !line.chars().any(char::is_control) {
             return line;
@@ -270,32 +297,79 @@ pub struct Audit {
     dropped: Arc<AtomicU64>,
     /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
     changes_in_store: bool,
-    unverified: Mutex<Budget>,
+    unverified: Arc<Mutex<Budgets>>,
 }
 
-/// How many refusals of unverified credentials were recorded this second, and how many were
-/// counted but not recorded since the last one that was.
+/// Refusals of unverified credentials, per route: how many were recorded this second, and how
+/// many were counted instead since the writer last recorded that count.
+#[derive(Debug, Default)]
+struct Budgets {
+    second: u64,
+    routes: HashMap<String, Budget>,
+}
+
 #[derive(Debug, Default)]
 struct Budget {
-    second: u64,
     recorded: u32,
     unrecorded: u64,
 }
 
-impl Budget {
-    /// Whether a refusal at `second` is recorded; if it is, how many went unrecorded before it.
-    fn take(&mut self, second: u64) -> Option<u64> {
+impl Budgets {
+    /// Whether a refusal on `route` at `second` is recorded one by one; if not, it is counted.
+    fn take(&mut self, route: &str, second: u64) -> bool {
         if second != self.second {
             self.second = second;
-            self.recorded = 0;
+            self.routes.values_mut().for_each(|b| b.recorded = 0);
         }
-        if self.recorded >= UNVERIFIED_PER_SECOND {
-            self.unrecorded += 1;
-            return None;
+        let budget = match self.routes.get_mut(route) {
+            Some(budget) => budget,
+            None => self.routes.entry(route.to_owned()).or_default(),
+        };
+        if budget.recorded < UNVERIFIED_PER_SECOND {
+            budget.recorded += 1;
+            return true;
         }
-        self.recorded += 1;
-        Some(std::mem::take(&mut self.unrecorded))
+        budget.unrecorded += 1;
+        if budget.unrecorded == 1 {
+            tracing::warn!(
+                target: "audit",
+                route,
+                "more than {UNVERIFIED_PER_SECOND} refusals of unverified credentials a second: \
+                 the rest are counted, not recorded one by one"
+            );
+        }
+        false
     }
+
+    /// The refusals counted and not recorded, by route, since this was last asked; and the
+    /// count starts again.
+    fn unrecorded(&mut self) -> Vec<(String, u64)> {
+        let mut counts: Vec<(String, u64)> = self
+            .routes
+            .iter_mut()
+            .filter(|(_, b)| b.unrecorded > 0)
+            .map(|(route, b)| (route.clone(), std::mem::take(&mut b.unrecorded)))
+            .collect();
+        counts.sort();
+        counts
+    }
+}
+
+/// The records of `counts` (see [`Budgets::unrecorded`]).
+fn unrecorded_records(counts: Vec<(String, u64)>) -> impl Iterator<Item = Entry> {
+    counts.into_iter().map(|(route, n)| Entry::Refusal {
+        time: now(),
+        user: "anonymous".to_owned(),
+        route,
+        rule: None,
+        reason: format!(
+            "{n} more refusals of credentials that did not verify, past \
+             {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
+        ),
+        method: "-".to_owned(),
+        path: "-".to_owned(),
+        agent: None,
+    })
 }
 
 impl Audit {
@@ -317,16 +391,18 @@ impl Audit {
             Destination::Postgres(log) => Store::Postgres(log),
         };
         let (queue, records) = mpsc::sync_channel(QUEUE);
+        let unverified = Arc::new(Mutex::new(Budgets::default()));
+        let counted = unverified.clone();
         thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || write_loop(&mut store, &records))
+            .spawn(move || write_loop(&mut store, &records, &counted))
             .map_err(|e| format!("cannot start the audit writer: {e}"))?;
         Ok(Self {
             queue,
             reader: Arc::new(Reader::new(read_from)),
             dropped: Arc::new(AtomicU64::new(0)),
             changes_in_store,
-            unverified: Mutex::new(Budget::default()),
+            unverified,
         })
     }
 
@@ -405,30 +481,35 @@ impl Audit {
         });
     }
 
+    /// Records that `user`'s session began or ended (see [`Entry::Session`]).
+    pub fn session(&self, user: &str, what: &str, detail: &str) {
+        tracing::info!(target: "audit", event = "session", user, what, detail);
+        self.send(Entry::Session {
+            time: now(),
+            user: user.to_owned(),
+            what: what.to_owned(),
+            detail: detail.to_owned(),
+        });
+    }
+
     /// Records the refusal of a credential that names nobody Portcullis can trust: a bearer
-    /// token that does not verify, a SCIM or admin token that is not one of ours. The user is
-    /// `anonymous` (an unverified token's claims are anyone's to write) and `reason` says what
-    /// was wrong with it, never what it was.
+    /// token that does not verify, a SCIM or admin token that is not one of ours, a sign-in
+    /// that fails. The user is `anonymous` (an unverified token's claims are anyone's to
+    /// write) and `reason` says what was wrong with it, never what it was; it is cut to
+    /// [`MAX_REASON`] bytes, as it may quote what the caller sent (an IdP's error description).
     ///
     /// Anyone can send these, as fast as they like; so that a flood of them neither fills the
-    /// disk nor crowds out the records of real people, at most [`UNVERIFIED_PER_SECOND`] are
-    /// recorded one by one each second. The rest are counted, and the next one recorded says
-    /// how many went unrecorded before it.
+    /// disk nor crowds out the records of real people, at most [`UNVERIFIED_PER_SECOND`] a
+    /// route are recorded one by one each second. The rest are counted, and the writer records
+    /// each route's count about once a second (and when it stops).
     pub fn unverified_refusal(&self, route: &str, reason: &str, method: &str, path: &str) {
-        let taken = match self.unverified.lock() {
-            Ok(mut budget) => budget.take(crate::clock::now_unix()),
-            Err(_) => Some(0),
+        let record = match self.unverified.lock() {
+            Ok(mut budgets) => budgets.take(route, crate::clock::now_unix()),
+            Err(_) => true,
         };
-        match taken {
-            None => {}
-            Some(0) => self.refusal("anonymous", route, None, reason, method, path, None),
-            Some(n) => {
-                let reason = format!(
-                    "{reason} (and {n} earlier refusals of unverified credentials, past \
-                     {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one)"
-                );
-                self.refusal("anonymous", route, None, &reason, method, path, None);
-            }
+        if record {
+            let reason = cut(reason, MAX_REASON);
+            self.refusal("anonymous", route, None, reason, method, path, None);
         }
     }
 
@@ -519,37 +600,69 @@ impl Store {
     }
 }
 
-fn write_loop(store: &mut Store, records: &Receiver<Entry>) {
+fn write_loop(store: &mut Store, records: &Receiver<Entry>, unverified: &Mutex<Budgets>) {
     let mut lines = Vec::new();
-    while let Ok(first) = records.recv() {
+    let encode = |lines: &mut Vec<String>, entry: &Entry| match serde_json::to_string(entry) {
+        Ok(line) => lines.push(line + "\n"),
+        Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
+    };
+    loop {
+        // Awake at least once a second, to record the refusals counted meanwhile.
+        let (mut next, stopping) = match records.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(entry) => (Some(entry), false),
+            Err(RecvTimeoutError::Timeout) => (None, false),
+            Err(RecvTimeoutError::Disconnected) => (None, true),
+        };
         lines.clear();
-        let mut next = Some(first);
+        let counted = unverified
+            .lock()
+            .map(|mut budgets| budgets.unrecorded())
+            .unwrap_or_default();
+        for entry in unrecorded_records(counted) {
+            encode(&mut lines, &entry);
+        }
         while let Some(entry) = next {
-            match serde_json::to_string(&entry) {
-                Ok(line) => lines.push(line + "\n"),
-                Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
-            }
+            encode(&mut lines, &entry);
             next = if lines.len() < MAX_BATCH {
                 records.try_recv().ok()
             } else {
                 None
             };
         }
-        for attempt in 1..=ATTEMPTS {
-            match store.append(&lines) {
-                Ok(()) => break,
-                Err(e) if attempt == ATTEMPTS => tracing::error!(
-                    target: "audit",
-                    "cannot append {} records, dropped: {e}",
-                    lines.len()
-                ),
-                Err(e) => {
-                    tracing::warn!(target: "audit", "cannot append {} records yet: {e}", lines.len());
-                    thread::sleep(std::time::Duration::from_secs(1));
-                }
+        if !lines.is_empty() {
+            append(store, &lines);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Appends `lines`, trying again for a while before they are dropped.
+fn append(store: &mut Store, lines: &[String]) {
+    for attempt in 1..=ATTEMPTS {
+        match store.append(lines) {
+            Ok(()) => return,
+            Err(e) if attempt == ATTEMPTS => tracing::error!(
+                target: "audit",
+                "cannot append {} records, dropped: {e}",
+                lines.len()
+            ),
+            Err(e) => {
+                tracing::warn!(target: "audit", "cannot append {} records yet: {e}", lines.len());
+                thread::sleep(std::time::Duration::from_secs(1));
             }
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Which records to show (`portcullis audit`, the console's timeline); `Default` selects all.
@@ -559,7 +672,7 @@ pub struct Filter {
     pub user: Option<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
-    /// The `event`: `change`, `refusal`, `allow` or `action`.
+    /// The `event`: `change`, `refusal`, `allow`, `action` or `session`.
     pub kind: Option<String>,
     /// The route (refusals and allows; `console` for the console's).
     pub route: Option<String>,
@@ -825,17 +938,61 @@ mod tests {
     }
 
     #[test]
-    fn unverified_refusals_past_the_rate_are_counted_and_told_with_the_next_recorded() {
-        let mut budget = Budget::default();
+    fn unverified_refusals_past_the_rate_are_counted_per_route_and_the_counts_recorded() {
+        let mut budgets = Budgets::default();
         for _ in 0..UNVERIFIED_PER_SECOND {
-            assert_eq!(budget.take(7), Some(0));
+            assert!(budgets.take("api", 7));
         }
-        assert_eq!(budget.take(7), None);
-        assert_eq!(budget.take(7), None);
-        // A new second: recorded again, saying how many were not.
-        assert_eq!(budget.take(8), Some(2));
-        assert_eq!(budget.take(8), Some(0));
-        assert_eq!(budget.take(9), Some(0));
+        assert!(!budgets.take("api", 7));
+        assert!(!budgets.take("api", 7));
+        // Another route has a budget of its own.
+        assert!(budgets.take("scim", 7));
+        // A new second: recorded again; what was counted is told once.
+        assert!(budgets.take("api", 8));
+        assert_eq!(budgets.unrecorded(), [("api".to_owned(), 2)]);
+        assert!(budgets.unrecorded().is_empty());
+        let records: Vec<Entry> = unrecorded_records(vec![("api".to_owned(), 2)]).collect();
+        assert!(
+            matches!(&records[..], [Entry::Refusal { route, reason, user, .. }]
+                if route == "api" && user == "anonymous" && reason.starts_with("2 more refusals")),
+            "{records:?}"
+        );
+        assert_eq!(cut("ééé", 3), "é");
+        assert_eq!(cut("abc", 512), "abc");
+    }
+
+    #[test]
+    fn counted_refusals_are_recorded_by_the_writer_within_a_second_or_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
+        let burst = UNVERIFIED_PER_SECOND as usize + 50;
+        for _ in 0..burst {
+            audit.unverified_refusal("api", "a bearer token was refused: expired", "GET", "/");
+        }
+        let path = dir.path().join(FILE_NAME);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let counted: u64 = text
+                .lines()
+                .filter_map(|line| {
+                    let reason =
+                        serde_json::from_str::<serde_json::Value>(line).ok()?["reason"].clone();
+                    let n = reason
+                        .as_str()?
+                        .strip_suffix(" were counted but not recorded one by one")?;
+                    n.split(' ').next()?.parse::<u64>().ok()
+                })
+                .sum();
+            let one_by_one = text.lines().filter(|l| l.contains("expired")).count() as u64;
+            if one_by_one + counted == burst as u64 {
+                assert!(one_by_one >= UNVERIFIED_PER_SECOND as u64, "{text}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     #[test]

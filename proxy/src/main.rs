@@ -88,8 +88,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the audit log: SCIM changes, refusals and sampled allowed requests. Safe to run
-    /// while the proxy is running.
+    /// Print the audit log: SCIM changes, refusals, sign-ins and sign-outs, console actions
+    /// and sampled allowed requests. Safe to run while the proxy is running.
     Audit {
         /// The configuration file (for `data_dir`).
         #[arg(long, short)]
@@ -263,7 +263,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         )?),
     };
     let (directory, freshness) = open_directory(&config, postgres, &audit, &kept)?;
-    let auth = Arc::new(auth::Auth::new(directory.clone(), kept)?);
+    let auth = Arc::new(auth::Auth::new(directory.clone(), kept, audit.clone())?);
     let runtime = Runtime::build(config, &directory);
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),

@@ -951,8 +951,9 @@ impl Proxy {
             audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
         }
         if let Some(why) = authentication.refused_token() {
-            // A 403 instead (a public rule that does not cover the request) is audited below.
-            if matches!(refused, Refused::Challenge { .. }) {
+            // Whether answered 401 or sent to sign in (a browser's page on a route that also
+            // takes sessions). A 403 is audited below.
+            if !matches!(refused, Refused::Forbid(_)) {
                 let reason = format!("a bearer token was refused: {why}");
                 audit.unverified_refusal(route, &reason, &asked.method, &asked.path);
             }

@@ -1294,13 +1294,19 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     const WRONG_SCIM_TOKEN: &str = "wrong-scim-token-0123456789abcdef";
     let wrong = ScimClient::new(&t.fx.cfg.scim_base_url(), WRONG_SCIM_TOKEN);
     wrong.get("/Users").await.expect(401);
+    // The IdP sends someone back refusing them (Okta: not assigned to the application).
+    let callback = t.app_url(
+        "/.portcullis/callback?error=access_denied&error_description=not%20assigned%20to%20the%20app",
+    );
+    let resp = bare_client().get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // Alice's session, once she is deactivated: over, and she is told to sign in again.
     t.set_active(&t.alice_id, false).await.expect_success();
     let resp = get_with_session(&t.app_url("/work"), &cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
     let records = crate::audit::audit_json_until(&t.fx.px, &[], |r| {
-        crate::audit::of_event(r, "refusal").len() >= 4
+        crate::audit::of_event(r, "refusal").len() >= 5
     })
     .await;
     let refusals = crate::audit::of_event(&records, "refusal");
@@ -1331,7 +1337,22 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
             .all(|r| r.starts_with("a bearer token was refused: ")),
         "{why:?}"
     );
+    // In fixed words: the changed signature may not even decode.
+    assert!(
+        why[0].ends_with("its signature does not verify")
+            || why[0].ends_with("it is not a well-formed JWT"),
+        "{why:?}"
+    );
     assert!(why[1].contains("not a compact JWS"), "{why:?}");
+
+    let sign_in = on("oidc");
+    assert_eq!(sign_in.len(), 1, "{refusals:#?}");
+    assert_eq!(sign_in[0]["path"], "/.portcullis/callback");
+    assert_eq!(
+        sign_in[0]["reason"],
+        "a sign-in was refused: the identity provider refused the sign-in: access_denied \
+         not assigned to the app"
+    );
 
     let scim = on("scim");
     assert_eq!(scim.len(), 1, "{refusals:#?}");

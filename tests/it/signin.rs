@@ -1229,6 +1229,36 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
         .await
         .unwrap();
     assert!(resp.status() == StatusCode::FOUND || resp.status() == StatusCode::OK);
+
+    // Each sign-in and sign-out is in the audit log, by the person's name; nothing else is
+    // about a session (the refused posts ended none).
+    assert_eq!(
+        session_events(&fx, 4).await,
+        [
+            (ALICE, "sign_in"),
+            (ALICE, "sign_out"),
+            (BOB, "sign_in"),
+            (BOB, "sign_out")
+        ]
+        .map(|(who, what)| (who.to_owned(), what.to_owned()))
+    );
+}
+
+/// The first `n` `session` records of the audit log, as (user, what), once there are `n`.
+async fn session_events(fx: &Fixture, n: usize) -> Vec<(String, String)> {
+    let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
+        crate::audit::of_event(r, "session").len() >= n
+    })
+    .await;
+    crate::audit::of_event(&records, "session")
+        .iter()
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap().to_owned(),
+                r["what"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 // ----- (i) back-channel logout -------------------------------------------------------------
@@ -1273,6 +1303,43 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{what}");
     }
     assert_session_works(&page, &bob.cookie).await;
+
+    // The audit log has the sign-ins, one logout by the IdP per session of alice's, and the
+    // two tokens refused (not what was no token at all), none quoted.
+    let mut events = session_events(&fx, 5).await;
+    events.sort();
+    let ended = "idp_logout".to_owned();
+    assert_eq!(
+        events,
+        [
+            (ALICE.to_owned(), ended.clone()),
+            (ALICE.to_owned(), ended),
+            (ALICE.to_owned(), "sign_in".to_owned()),
+            (ALICE.to_owned(), "sign_in".to_owned()),
+            (BOB.to_owned(), "sign_in".to_owned()),
+        ]
+    );
+    let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
+        crate::audit::of_event(r, "refusal").len() >= 2
+    })
+    .await;
+    let refusals = crate::audit::of_event(&records, "refusal");
+    assert_eq!(refusals.len(), 2, "{refusals:#?}");
+    for refusal in refusals {
+        assert_eq!(refusal["route"], "oidc", "{refusal}");
+        assert_eq!(refusal["user"], "anonymous", "{refusal}");
+        assert_eq!(
+            refusal["path"], "/.portcullis/backchannel_logout",
+            "{refusal}"
+        );
+        let reason = refusal["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("a back-channel logout token was refused: ")
+                && !reason.contains("garbage")
+                && !reason.contains("a.b.c"),
+            "{refusal}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,10 +16,14 @@ use portcullis_config::{Config, OidcConfig, Scheme};
 use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
 use super::{cookie, session_cookie_name, Auth};
-use crate::caller::Caller;
+use crate::caller::{Caller, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
 use crate::reply::{escape, Reply};
+
+/// The route refusals at Portcullis' own endpoints (the sign-in callback, back-channel
+/// logout, `me`) are audited under.
+const AUDIT_ROUTE: &str = "oidc";
 
 /// The cookies carrying sign-ins in progress are named this, `_`, and a digest of the state.
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
@@ -199,6 +203,16 @@ impl Auth {
         Ok(Some(Served::Reply(reply)))
     }
 
+    /// The page for a sign-in that did not complete, recorded as a refusal (anyone can call
+    /// the callback, so as one of unverified credentials).
+    fn sign_in_refused(&self, e: &SignInError) -> Reply {
+        let reason = format!("a sign-in was refused: {e}");
+        let path = "/.portcullis/callback";
+        self.audit
+            .unverified_refusal(AUDIT_ROUTE, &reason, "GET", path);
+        sign_in_failed(e)
+    }
+
     async fn callback(
         &self,
         session: &Session,
@@ -209,10 +223,10 @@ impl Auth {
     ) -> Reply {
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
-            return sign_in_failed(&SignInError::Refused(format!("{error} {detail}")));
+            return self.sign_in_refused(&SignInError::Refused(format!("{error} {detail}")));
         }
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
-            return sign_in_failed(&SignInError::UnknownState);
+            return self.sign_in_refused(&SignInError::UnknownState);
         };
         let cookie_name = pending_cookie_name(BROWSER_COOKIE, &state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
@@ -236,7 +250,7 @@ impl Auth {
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
                 // Whatever happened, this sign-in's cookie is spent: nothing piles up.
-                let mut reply = sign_in_failed(&e);
+                let mut reply = self.sign_in_refused(&e);
                 if sealed.is_some() {
                     reply.headers.push((
                         header::SET_COOKIE,
@@ -265,7 +279,7 @@ impl Auth {
                 );
             }
         };
-        tracing::info!(user = %who, "signed in");
+        self.audit.session(&who, "sign_in", "");
         let cookies = vec![
             session_cookie(oidc, req.tls, &id, lifetime),
             browser_cookie(req.tls, &cookie_name, "", 0),
@@ -286,9 +300,9 @@ impl Auth {
         let name = session_cookie_name(oidc, req.tls);
         let current = cookie(session.req_header(), &name)
             .and_then(|id| self.sessions.get(id))
-            .map(|(key, s)| (key, s.identity.id_token.clone()));
+            .map(|(key, s)| (key, s.identity.clone()));
         let mut id_token_hint = None;
-        if let Some((key, id_token)) = current {
+        if let Some((key, identity)) = current {
             if let Err(e) = self.sessions.end(&[key]).await {
                 // Gone from this replica only: not signed out until the store has it.
                 tracing::error!("cannot end the session: {e}");
@@ -298,7 +312,9 @@ impl Auth {
                     "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
                 );
             }
-            id_token_hint = id_token;
+            self.audit
+                .session(&Principal::Person(&identity).log_name(), "sign_out", "");
+            id_token_hint = identity.id_token.clone();
         }
         let clear = session_cookie(oidc, req.tls, "", 0);
         let end_session = self.oidc.provider().and_then(|p| {
@@ -344,25 +360,40 @@ impl Auth {
         let (sub, sid) = match self.oidc.verify_logout_token(oidc, &token, now).await {
             Ok(names) => names,
             Err(e) => {
-                tracing::warn!(error = %e, "back-channel logout token refused");
+                let reason = format!("a back-channel logout token was refused: {e}");
+                let path = "/.portcullis/backchannel_logout";
+                self.audit
+                    .unverified_refusal(AUDIT_ROUTE, &reason, "POST", path);
                 return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
             }
         };
         let issuer = &oidc.issuer;
-        let ended = self
-            .sessions
-            .end_where(|identity| {
-                identity.issuer == *issuer
-                    && match (&sid, &sub) {
-                        (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
-                        (None, Some(sub)) => identity.subject == *sub,
-                        (None, None) => false,
-                    }
-            })
-            .await;
-        Ok(match ended {
-            Ok(n) => {
-                tracing::info!(sessions = n, "back-channel logout");
+        let found = self.sessions.find(|identity| {
+            identity.issuer == *issuer
+                && match (&sid, &sub) {
+                    (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
+                    (None, Some(sub)) => identity.subject == *sub,
+                    (None, None) => false,
+                }
+        });
+        let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
+        Ok(match self.sessions.end(&keys).await {
+            Ok(()) => {
+                // Whom the IdP signed out: the people whose sessions these were, else its
+                // subject (no session of theirs was held).
+                let mut people: Vec<String> = found
+                    .iter()
+                    .map(|(_, s)| Principal::Person(&s.identity).log_name())
+                    .collect();
+                people.sort();
+                people.dedup();
+                if people.is_empty() {
+                    people.push(sub.unwrap_or_else(|| "unknown".to_owned()));
+                }
+                let detail = format!("{} session(s) ended", keys.len());
+                for who in &people {
+                    self.audit.session(who, "idp_logout", &detail);
+                }
                 Reply::empty(StatusCode::OK)
             }
             Err(e) => {
@@ -386,6 +417,12 @@ impl Auth {
                 now_unix(),
             )
             .await;
+        if let Some(why) = authentication.refused_token() {
+            let reason = format!("a bearer token was refused: {why}");
+            let path = "/.portcullis/me";
+            self.audit
+                .unverified_refusal(AUDIT_ROUTE, &reason, "GET", path);
+        }
         let caller = authentication.caller()?;
         let wants_json = session
             .req_header()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::de::DeserializeOwned;
@@ -227,10 +228,34 @@ impl Jwks {
         for key in keys {
             match jsonwebtoken::decode::<T>(token, &key, &exact) {
                 Ok(data) => return Ok(data.claims),
-                Err(e) => last = JwtError::Invalid(e.to_string()),
+                Err(e) => last = JwtError::Invalid(refusal(e.kind()).into()),
             }
         }
         Err(last)
+    }
+}
+
+/// Why jsonwebtoken refused a token, in words that never quote it: its own messages may
+/// repeat a character of the token or the value of a claim (it reads the claims before it
+/// checks them), and what was refused goes to the log and the audit.
+fn refusal(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "it is not a well-formed JWT"
+        }
+        ErrorKind::InvalidSignature => "its signature does not verify",
+        ErrorKind::ExpiredSignature => "it has expired",
+        ErrorKind::ImmatureSignature => "it is not valid yet (nbf)",
+        ErrorKind::InvalidIssuer => "it is from another issuer",
+        ErrorKind::InvalidAudience => "it is meant for another audience",
+        ErrorKind::InvalidSubject => "its subject is not the one expected",
+        ErrorKind::MissingRequiredClaim(_) => "a claim it must have is missing",
+        ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => "a claim has the wrong type",
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::MissingAlgorithm
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::InvalidAlgorithmName => "its algorithm is not allowed",
+        _ => "it could not be checked against the issuer's keys",
     }
 }
 

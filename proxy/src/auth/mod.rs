@@ -30,7 +30,8 @@ use self::jwt::{algorithm, Jwks, JwtError};
 use self::oidc::{Oidc, Refreshed};
 use self::sessions::{Kept, Sessions};
 use self::verified::Verified;
-use crate::caller::{Actor, Caller, Machine};
+use crate::audit::Audit;
+use crate::caller::{Actor, Caller, Machine, Principal};
 use crate::gate::Presented;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
@@ -49,6 +50,8 @@ pub struct Auth {
     /// Bearer tokens already verified.
     pub verified: Verified,
     http: reqwest::Client,
+    /// Where sign-ins, sign-outs and refused sign-ins are recorded.
+    audit: Arc<Audit>,
 }
 
 /// An issuer's key set: the issuer, and its `jwks_uri` (`None` for the one its discovery
@@ -195,6 +198,7 @@ impl Auth {
     pub fn new(
         directory: Arc<portcullis_scim::store::Directory>,
         kept: Arc<Kept>,
+        audit: Arc<Audit>,
     ) -> Result<Self, String> {
         // IdP calls never follow redirects (SSRF) and are bounded in time.
         let http = reqwest::Client::builder()
@@ -210,6 +214,7 @@ impl Auth {
             issuer_failures: DashMap::new(),
             verified: Verified::default(),
             http,
+            audit,
         })
     }
 
@@ -275,11 +280,12 @@ impl Auth {
                         .await => {}
                 Ok(Refreshed::Ended(why)) => {
                     // The IdP no longer vouches for this person: the session ends.
-                    tracing::info!(user = %session.identity.subject, "session ended at refresh: {why}");
                     drop(turn);
                     if let Err(e) = self.sessions.end(&[key]).await {
                         tracing::error!("cannot end the session: {e}");
                     }
+                    let who = Principal::Person(&session.identity).log_name();
+                    self.audit.session(&who, "idp_ended", &why);
                     return invalid;
                 }
                 // IdP outage: existing sessions keep working until it is back.

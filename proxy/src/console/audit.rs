@@ -70,11 +70,12 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
     }
 }
 
-const KINDS: [(&str, &str); 4] = [
+const KINDS: [(&str, &str); 5] = [
     ("change", "SCIM changes"),
     ("refusal", "refusals"),
     ("allow", "allowed requests"),
     ("action", "console actions"),
+    ("session", "sign-ins and sign-outs"),
 ];
 
 /// Refusals and changes in each of the last [`HOURS`] hours, oldest first.
@@ -353,6 +354,12 @@ impl Console {
                     outcome,
                     ..
                 } => format!("{} {}: {}", escape(action), escape(target), escape(outcome)),
+                Entry::Session { what, detail, .. } if detail.is_empty() => escape(what),
+                Entry::Session { what, detail, .. } => format!(
+                    "{} <span class=\"muted\">({})</span>",
+                    escape(what),
+                    escape(detail)
+                ),
             };
             let kind = match entry {
                 Entry::Refusal { .. } => "<span class=\"no\">refusal</span>".to_owned(),
