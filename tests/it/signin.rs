@@ -1959,4 +1959,10 @@ async fn sessions_refresh_with_the_idp_and_end_when_it_refuses() {
     assert_session_works(&url, &signed.cookie).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_session_refused(&fx, &url, &signed.cookie).await;
+    // The audit log says the IdP ended it, and why.
+    assert_eq!(
+        session_events(&fx, 2).await,
+        [(ALICE, "sign_in"), (ALICE, "idp_ended")]
+            .map(|(who, what)| (who.to_owned(), what.to_owned()))
+    );
 }
