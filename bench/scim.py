@@ -296,6 +296,31 @@ def fill_reference(server, target, limit_s, clients=16):
     return state["ok"], time.monotonic() - started, state["failed"]
 
 
+def interleaved(server, n, bound_s, what, ask):
+    """n sequential requests to group0 (100k) and group1 (10) each, interleaved, on one
+    keep-alive connection, within bound_s seconds. ask(i, group) gives (method, path, body,
+    whether the answer (status, body) is right). Returns ms lists and error counts per group."""
+    latencies = {0: [], 1: []}
+    errors = {0: 0, 1: 0}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    deadline = time.monotonic() + bound_s
+    try:
+        for i in range(n):
+            if time.monotonic() > deadline:
+                log(f"{what} hit its {bound_s} s bound; stopping early")
+                break
+            for group in (0, 1):
+                method, path, body, right = ask(i, group)
+                t0 = time.perf_counter()
+                answer = request(conn, method, f"{server.base}{path}", body)
+                latencies[group].append((time.perf_counter() - t0) * 1e3)
+                if not right(*answer):
+                    errors[group] += 1
+    finally:
+        conn.close()
+    return latencies, errors
+
+
 def patch_latencies(server, round_no, users):
     """3. Sequential PATCH add-member to group0 (100k) and group1 (10), interleaved; ms lists."""
     # Users in neither group: group0 holds users 0..99,999, group1 users 0..9. The rest of the
@@ -303,53 +328,25 @@ def patch_latencies(server, round_no, users):
     first_free = BIG_GROUP_MEMBERS
     half = (users - first_free) // 2
     starts = {0: first_free + round_no * PATCH_N, 1: first_free + half + round_no * PATCH_N}
-    latencies = {0: [], 1: []}
-    errors = {0: 0, 1: 0}
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    deadline = time.monotonic() + 300
-    try:
-        for i in range(PATCH_N):
-            if time.monotonic() > deadline:
-                log("PATCH measurement hit its 300 s bound; stopping early")
-                break
-            for group in (0, 1):
-                body = {"schemas": [PATCH_SCHEMA], "Operations": [
-                    {"op": "add", "path": "members", "value": [{"value": user_id(starts[group] + i)}]}]}
-                t0 = time.perf_counter()
-                status, _ = request(conn, "PATCH", f"{server.base}/Groups/{group_id(group)}", body)
-                latencies[group].append((time.perf_counter() - t0) * 1e3)
-                if status not in (200, 204):
-                    errors[group] += 1
-    finally:
-        conn.close()
-    return latencies, errors
+
+    def ask(i, group):
+        body = {"schemas": [PATCH_SCHEMA], "Operations": [
+            {"op": "add", "path": "members", "value": [{"value": user_id(starts[group] + i)}]}]}
+        return "PATCH", f"/Groups/{group_id(group)}", body, lambda status, _: status in (200, 204)
+    return interleaved(server, PATCH_N, 300, "PATCH measurement", ask)
 
 
-def membership_latencies(server, users, n=CHECK_N):
+def membership_latencies(server, users):
     """3b. Microsoft Entra ID's check of one membership, `GET /Groups?filter=id eq "G" and
     members eq "U"&attributes=id`, sequential, on group0 (100k) and group1 (10), interleaved,
-    for a member and for a user in neither group; ms lists."""
-    latencies = {0: [], 1: []}
-    errors = {0: 0, 1: 0}
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    deadline = time.monotonic() + 120
-    try:
-        for i in range(n):
-            if time.monotonic() > deadline:
-                log("membership check hit its 120 s bound; stopping early")
-                break
-            # Users 0..9 are in both groups; users past 100,000 (if any) in neither.
-            member = user_id(i % 10) if i % 2 else user_id(min(users - 1, BIG_GROUP_MEMBERS + i))
-            for group in (0, 1):
-                query = urllib.parse.quote(f'id eq "{group_id(group)}" and members eq "{member}"')
-                t0 = time.perf_counter()
-                status, body = request(conn, "GET", f"{server.base}/Groups?filter={query}&attributes=id")
-                latencies[group].append((time.perf_counter() - t0) * 1e3)
-                if status != 200 or not isinstance(body, dict) or "totalResults" not in body:
-                    errors[group] += 1
-    finally:
-        conn.close()
-    return latencies, errors
+    alternately for users 0..9 (in both groups) and for users past 100,000 (in neither, if
+    the directory has them); ms lists."""
+    def ask(i, group):
+        member = user_id(i % 10) if i % 2 else user_id(min(users - 1, BIG_GROUP_MEMBERS + i))
+        query = urllib.parse.quote(f'id eq "{group_id(group)}" and members eq "{member}"')
+        return ("GET", f"/Groups?filter={query}&attributes=id", None,
+                lambda status, body: status == 200 and isinstance(body, dict) and "totalResults" in body)
+    return interleaved(server, CHECK_N, 120, "membership check", ask)
 
 
 def measure_large_directory(args, binary, tmp):
@@ -463,37 +460,16 @@ def report(args, creates, large, load_start):
     summary.append(("lookups/s, 16 connections", f"{p_rps:,.0f}", f"{s_rps:,.0f}", f"{ratio:.1f}x",
                     ">= 50x", verdict(ratio >= 50)))
 
-    big, small = large["patches"][0], large["patches"][1]
-    big_med, small_med = statistics.median(r[0] for r in big), statistics.median(r[0] for r in small)
-    big_p99, small_p99 = statistics.median(r[1] for r in big), statistics.median(r[1] for r in small)
-    ratio = big_med / small_med
-    print(f"\n### 3. Add one member to a group (Portcullis, sequential PATCH, {PATCH_N} per group per round, "
-          "interleaved, 1 keep-alive connection)\n")
-    print("| group | members | median ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| group0 | {min(args.users, BIG_GROUP_MEMBERS):,} | {big_med:.2f} | {big_p99:.2f} | {sum(r[2] for r in big)} |")
-    print(f"| group1 | 10 | {small_med:.2f} | {small_p99:.2f} | {sum(r[2] for r in small)} |")
-    print(f"\n100k-group / 10-group: median {ratio:.2f}x, p99 {big_p99 / small_p99:.2f}x "
-          f"(target: within 2x: {verdict(ratio <= 2)}). Each PATCH is a durable commit, answered 204.")
-    summary.append(("PATCH add member, 100k vs 10-member group (median)", f"{big_med:.2f} ms vs {small_med:.2f} ms",
-                    "-", f"{ratio:.2f}x", "<= 2x", verdict(ratio <= 2)))
-
-    big, small = large["checks"][0], large["checks"][1]
-    big_med, small_med = statistics.median(r[0] for r in big), statistics.median(r[0] for r in small)
-    big_p99, small_p99 = statistics.median(r[1] for r in big), statistics.median(r[1] for r in small)
-    ratio = big_med / small_med
-    print(f"\n### 3b. Check one membership as Microsoft Entra ID does (Portcullis, sequential "
-          f"`GET /Groups?filter=id eq \"G\" and members eq \"U\"&attributes=id`, {CHECK_N} per group "
-          "per round, half of them for a member, interleaved)\n")
-    print("| group | members | median ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| group0 | {min(args.users, BIG_GROUP_MEMBERS):,} | {big_med:.2f} | {big_p99:.2f} | {sum(r[2] for r in big)} |")
-    print(f"| group1 | 10 | {small_med:.2f} | {small_p99:.2f} | {sum(r[2] for r in small)} |")
-    print(f"\n100k-group / 10-group: median {ratio:.2f}x, p99 {big_p99 / small_p99:.2f}x "
-          f"(target: within 2x: {verdict(ratio <= 2)}).")
-    summary.append(("membership check, 100k vs 10-member group (median)",
-                    f"{big_med:.2f} ms vs {small_med:.2f} ms", "-", f"{ratio:.2f}x", "<= 2x",
-                    verdict(ratio <= 2)))
+    summary.append(group_pair(
+        args, large["patches"],
+        f"3. Add one member to a group (Portcullis, sequential PATCH, {PATCH_N} per group per round, "
+        "interleaved, 1 keep-alive connection)",
+        "Each PATCH is a durable commit, answered 204.", "PATCH add member"))
+    summary.append(group_pair(
+        args, large["checks"],
+        "3b. Check one membership as Microsoft Entra ID does (Portcullis, sequential "
+        f"`GET /Groups?filter=id eq \"G\" and members eq \"U\"&attributes=id`, {CHECK_N} per group "
+        "per round, half of them for a member, interleaved)", "", "membership check"))
 
     pr = large["per_round"]
     rss_start, rss_after = statistics.median(pr["rss_start"]), statistics.median(pr["rss_after"])
@@ -514,6 +490,24 @@ def report(args, creates, large, load_start):
     print("|---|---:|---:|---:|---|---|")
     for row in summary:
         print("| " + " | ".join(row) + " |")
+
+
+def group_pair(args, rounds, title, note, label):
+    """Prints the table of a measurement on group0 (100k) and group1 (10); its summary row.
+    rounds: {group: [(median, p99, errors) per round]}."""
+    big, small = rounds[0], rounds[1]
+    big_med, small_med = statistics.median(r[0] for r in big), statistics.median(r[0] for r in small)
+    big_p99, small_p99 = statistics.median(r[1] for r in big), statistics.median(r[1] for r in small)
+    ratio = big_med / small_med
+    print(f"\n### {title}\n")
+    print("| group | members | median ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| group0 | {min(args.users, BIG_GROUP_MEMBERS):,} | {big_med:.2f} | {big_p99:.2f} | {sum(r[2] for r in big)} |")
+    print(f"| group1 | 10 | {small_med:.2f} | {small_p99:.2f} | {sum(r[2] for r in small)} |")
+    print(f"\n100k-group / 10-group: median {ratio:.2f}x, p99 {big_p99 / small_p99:.2f}x "
+          f"(target: within 2x: {verdict(ratio <= 2)}). {note}".rstrip())
+    return (f"{label}, 100k vs 10-member group (median)", f"{big_med:.2f} ms vs {small_med:.2f} ms",
+            "-", f"{ratio:.2f}x", "<= 2x", verdict(ratio <= 2))
 
 
 def write_json(args, creates, large):
