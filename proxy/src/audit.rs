@@ -11,7 +11,8 @@
 //! Recording never blocks the request path: records go over a bounded channel to one writer
 //! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
 //! If the channel is full (the store cannot keep up), the record is dropped, counted and
-//! logged; SCIM changes dropped that way are still in the directory's own change table. Every
+//! logged; SCIM changes dropped that way are still in the directory's own change table. A
+//! graceful exit waits for the writer ([`Audit::flush`]). Every
 //! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals of
 //! credentials that name nobody are recorded one by one up to a rate, and counted past it
 //! ([`Audit::unverified_refusal`]).
@@ -289,9 +290,18 @@ fn by_rule(rule: &Option<String>) -> String {
         .map_or_else(String::new, |rule| format!(" by {rule}"))
 }
 
+/// What the writer thread is sent. Records are the traffic, sent as they are (no box each);
+/// a flush is once per process.
+#[allow(clippy::large_enum_variant)]
+enum Queued {
+    Record(Entry),
+    /// Write everything sent before this, and the refusals counted so far, then say so.
+    Flush(SyncSender<()>),
+}
+
 /// The sending side of the audit log, shared by every request.
 pub struct Audit {
-    queue: SyncSender<Entry>,
+    queue: SyncSender<Queued>,
     /// The log, to read back (the console's timeline).
     reader: Arc<Reader>,
     dropped: Arc<AtomicU64>,
@@ -406,6 +416,27 @@ impl Audit {
         })
     }
 
+    /// Waits, up to `wait`, until every record sent so far (and every refusal counted) is
+    /// written: before the process exits, so that nothing queued in its last moments is lost.
+    /// Whether they were.
+    pub fn flush(&self, wait: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        let (ack, done) = mpsc::sync_channel(1);
+        let mut flush = Queued::Flush(ack);
+        loop {
+            match self.queue.try_send(flush) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if std::time::Instant::now() < deadline => {
+                    flush = again;
+                    thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+    }
+
     /// The log, to read back.
     pub fn reader(&self) -> &Arc<Reader> {
         &self.reader
@@ -501,7 +532,7 @@ impl Audit {
     /// Anyone can send these, as fast as they like; so that a flood of them neither fills the
     /// disk nor crowds out the records of real people, at most [`UNVERIFIED_PER_SECOND`] a
     /// route are recorded one by one each second. The rest are counted, and the writer records
-    /// each route's count about once a second (and when it stops).
+    /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, method: &str, path: &str) {
         let record = match self.unverified.lock() {
             Ok(mut budgets) => budgets.take(route, crate::clock::now_unix()),
@@ -542,8 +573,8 @@ impl Audit {
     }
 }
 
-fn enqueue(queue: &SyncSender<Entry>, dropped: &AtomicU64, entry: Entry) {
-    match queue.try_send(entry) {
+fn enqueue(queue: &SyncSender<Queued>, dropped: &AtomicU64, entry: Entry) {
+    match queue.try_send(Queued::Record(entry)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -600,37 +631,51 @@ impl Store {
     }
 }
 
-fn write_loop(store: &mut Store, records: &Receiver<Entry>, unverified: &Mutex<Budgets>) {
+fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Budgets>) {
+    const COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut lines = Vec::new();
     let encode = |lines: &mut Vec<String>, entry: &Entry| match serde_json::to_string(entry) {
         Ok(line) => lines.push(line + "\n"),
         Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
     };
+    let mut counted_at = std::time::Instant::now();
     loop {
         // Awake at least once a second, to record the refusals counted meanwhile.
-        let (mut next, stopping) = match records.recv_timeout(std::time::Duration::from_secs(1)) {
-            Ok(entry) => (Some(entry), false),
-            Err(RecvTimeoutError::Timeout) => (None, false),
-            Err(RecvTimeoutError::Disconnected) => (None, true),
+        let wait = COUNTS_EVERY.saturating_sub(counted_at.elapsed());
+        let (mut next, mut flush, stopping) = match queue.recv_timeout(wait) {
+            Ok(Queued::Record(entry)) => (Some(entry), None, false),
+            Ok(Queued::Flush(ack)) => (None, Some(ack), false),
+            Err(RecvTimeoutError::Timeout) => (None, None, false),
+            Err(RecvTimeoutError::Disconnected) => (None, None, true),
         };
         lines.clear();
-        let counted = unverified
-            .lock()
-            .map(|mut budgets| budgets.unrecorded())
-            .unwrap_or_default();
-        for entry in unrecorded_records(counted) {
+        while let Some(entry) = next.take() {
             encode(&mut lines, &entry);
+            if lines.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(Queued::Record(entry)) => next = Some(entry),
+                    // Written with this batch: everything sent before it is in it.
+                    Ok(Queued::Flush(ack)) => flush = Some(ack),
+                    Err(_) => {}
+                }
+            }
         }
-        while let Some(entry) = next {
-            encode(&mut lines, &entry);
-            next = if lines.len() < MAX_BATCH {
-                records.try_recv().ok()
-            } else {
-                None
-            };
+        if flush.is_some() || stopping || counted_at.elapsed() >= COUNTS_EVERY {
+            counted_at = std::time::Instant::now();
+            let counted = unverified
+                .lock()
+                .map(|mut budgets| budgets.unrecorded())
+                .unwrap_or_default();
+            for entry in unrecorded_records(counted) {
+                encode(&mut lines, &entry);
+            }
         }
         if !lines.is_empty() {
             append(store, &lines);
+        }
+        if let Some(ack) = flush {
+            // The flusher may have given up waiting.
+            let _ = ack.try_send(());
         }
         if stopping {
             return;
@@ -961,12 +1006,30 @@ mod tests {
         assert_eq!(cut("abc", 512), "abc");
     }
 
+    /// The refusals with a reason containing `marker` in the log `text`, whether recorded one
+    /// by one or counted: (one by one, counted).
+    fn accounted(text: &str, marker: &str) -> (u64, u64) {
+        let counted = text
+            .lines()
+            .filter_map(|line| {
+                let reason =
+                    serde_json::from_str::<serde_json::Value>(line).ok()?["reason"].clone();
+                let n = reason
+                    .as_str()?
+                    .strip_suffix(" were counted but not recorded one by one")?;
+                n.split(' ').next()?.parse::<u64>().ok()
+            })
+            .sum();
+        let one_by_one = text.lines().filter(|l| l.contains(marker)).count() as u64;
+        (one_by_one, counted)
+    }
+
     #[test]
     fn counted_refusals_are_recorded_by_the_writer_within_a_second_or_two() {
         let dir = tempfile::tempdir().unwrap();
         let log = || Destination::of(dir.path(), None);
         let audit = Audit::open(log(), log()).unwrap();
-        let burst = UNVERIFIED_PER_SECOND as usize + 50;
+        let burst = u64::from(UNVERIFIED_PER_SECOND) + 50;
         for _ in 0..burst {
             audit.unverified_refusal("api", "a bearer token was refused: expired", "GET", "/");
         }
@@ -974,25 +1037,36 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let counted: u64 = text
-                .lines()
-                .filter_map(|line| {
-                    let reason =
-                        serde_json::from_str::<serde_json::Value>(line).ok()?["reason"].clone();
-                    let n = reason
-                        .as_str()?
-                        .strip_suffix(" were counted but not recorded one by one")?;
-                    n.split(' ').next()?.parse::<u64>().ok()
-                })
-                .sum();
-            let one_by_one = text.lines().filter(|l| l.contains("expired")).count() as u64;
-            if one_by_one + counted == burst as u64 {
-                assert!(one_by_one >= UNVERIFIED_PER_SECOND as u64, "{text}");
+            let (one_by_one, counted) = accounted(&text, "expired");
+            if one_by_one + counted == burst {
+                assert!(one_by_one >= u64::from(UNVERIFIED_PER_SECOND), "{text}");
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "{text}");
             thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_flush_returns_once_everything_sent_and_counted_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
+        audit.session("alice@corp.example", "sign_out", "");
+        let burst = u64::from(UNVERIFIED_PER_SECOND) + 3;
+        let reason = "the bearer token is not one of the SCIM tokens";
+        for _ in 0..burst {
+            audit.unverified_refusal("scim", reason, "GET", "/");
+        }
+        // No waiting: written when the flush returns, the count included.
+        assert!(audit.flush(std::time::Duration::from_secs(30)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(
+            text.lines().next().is_some_and(|l| l.contains("sign_out")),
+            "{text}"
+        );
+        let (one_by_one, counted) = accounted(&text, "SCIM tokens");
+        assert_eq!(one_by_one + counted, burst, "{text}");
     }
 
     #[test]

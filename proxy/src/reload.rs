@@ -170,6 +170,13 @@ impl BackgroundService for Drainer {
                 tracing::warn!("left the fleet without deleting this replica's lease");
             }
         }
+        // Records queued in the last moments (a sign-out during the drain) are written first.
+        let audit = self.shared.audit.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(5))).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!("exiting before the audit log was written to the end");
+        }
         crate::logging::flush();
         std::process::exit(0);
     }

@@ -379,17 +379,14 @@ impl Auth {
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         Ok(match self.sessions.end(&keys).await {
             Ok(()) => {
-                // Whom the IdP signed out: the people whose sessions these were, else its
-                // subject (no session of theirs was held).
+                // Whom the IdP signed out: the people whose sessions these were. None held
+                // (a token sent again, or to another replica after the first): nothing ended.
                 let mut people: Vec<String> = found
                     .iter()
                     .map(|(_, s)| Principal::Person(&s.identity).log_name())
                     .collect();
                 people.sort();
                 people.dedup();
-                if people.is_empty() {
-                    people.push(sub.unwrap_or_else(|| "unknown".to_owned()));
-                }
                 let detail = format!("{} session(s) ended", keys.len());
                 for who in &people {
                     self.audit.session(who, "idp_logout", &detail);

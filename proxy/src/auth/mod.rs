@@ -281,11 +281,13 @@ impl Auth {
                 Ok(Refreshed::Ended(why)) => {
                     // The IdP no longer vouches for this person: the session ends.
                     drop(turn);
-                    if let Err(e) = self.sessions.end(&[key]).await {
-                        tracing::error!("cannot end the session: {e}");
+                    match self.sessions.end(&[key]).await {
+                        Ok(()) => {
+                            let who = Principal::Person(&session.identity).log_name();
+                            self.audit.session(&who, "idp_ended", &why);
+                        }
+                        Err(e) => tracing::error!("cannot end the session: {e}"),
                     }
-                    let who = Principal::Person(&session.identity).log_name();
-                    self.audit.session(&who, "idp_ended", &why);
                     return invalid;
                 }
                 // IdP outage: existing sessions keep working until it is back.
