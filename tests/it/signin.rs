@@ -1244,6 +1244,55 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_bearer_token_is_audited_also_when_a_browser_is_sent_to_sign_in() {
+    let fx = Fixture::start().await;
+    // A browser's page on a route that takes sessions and tokens: sent to sign in.
+    let resp = bare_client()
+        .get(fx.url("both.test", "/page"))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .bearer_auth("not-a-jwt")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_redirection(), "{}", resp.status());
+    // Who am I, with a token that is no JWT either: 401.
+    let resp = bare_client()
+        .get(fx.app_url("/.portcullis/me"))
+        .header(ACCEPT, "application/json")
+        .bearer_auth("not-a-jwt-either")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
+        crate::audit::of_event(r, "refusal").len() >= 2
+    })
+    .await;
+    let refused: Vec<(&str, &str, &str)> = crate::audit::of_event(&records, "refusal")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["user"], "anonymous", "{r}");
+            (
+                r["route"].as_str().unwrap(),
+                r["path"].as_str().unwrap(),
+                r["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let reason = "a bearer token was refused: the token is not a compact JWS";
+    assert_eq!(
+        refused,
+        [
+            ("http://both.test", "/page", reason),
+            ("oidc", "/.portcullis/me", reason)
+        ]
+    );
+    let log = std::fs::read_to_string(fx.px.dir().join("data/audit.jsonl")).unwrap();
+    assert!(!log.contains("not-a-jwt"), "{log}");
+}
+
 /// The first `n` `session` records of the audit log, as (user, what), once there are `n`.
 async fn session_events(fx: &Fixture, n: usize) -> Vec<(String, String)> {
     let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
