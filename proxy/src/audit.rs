@@ -539,9 +539,15 @@ impl Audit {
             Err(_) => true,
         };
         if record {
-            let reason = cut(reason, MAX_REASON);
+            let reason = crate::reply::cut(reason, MAX_REASON);
             self.refusal("anonymous", route, None, reason, method, path, None);
         }
+    }
+
+    /// Records a bearer token refused for the reason `why` (see [`Self::unverified_refusal`]).
+    pub fn refused_bearer(&self, route: &str, why: &str, method: &str, path: &str) {
+        let reason = format!("a bearer token was refused: {why}");
+        self.unverified_refusal(route, &reason, method, path);
     }
 
     /// Records an allowed request with probability `rate` (`0.0` never, `1.0` always).
@@ -699,15 +705,6 @@ fn append(store: &mut Store, lines: &[String]) {
             }
         }
     }
-}
-
-/// `text` cut to at most `max` bytes, on a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Which records to show (`portcullis audit`, the console's timeline); `Default` selects all.
@@ -1002,8 +999,6 @@ mod tests {
                 if route == "api" && user == "anonymous" && reason.starts_with("2 more refusals")),
             "{records:?}"
         );
-        assert_eq!(cut("ééé", 3), "é");
-        assert_eq!(cut("abc", 512), "abc");
     }
 
     /// The refusals with a reason containing `marker` in the log `text`, whether recorded one

@@ -954,8 +954,7 @@ impl Proxy {
             // Whether answered 401 or sent to sign in (a browser's page on a route that also
             // takes sessions). A 403 is audited below.
             if !matches!(refused, Refused::Forbid(_)) {
-                let reason = format!("a bearer token was refused: {why}");
-                audit.unverified_refusal(route, &reason, &asked.method, &asked.path);
+                audit.refused_bearer(route, why, &asked.method, &asked.path);
             }
         }
         let reply = match refused {

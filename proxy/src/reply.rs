@@ -162,6 +162,15 @@ pub fn document(title: &str, nav: &str, content: &str) -> String {
     )
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// `s` safe inside HTML text and attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -184,6 +193,12 @@ mod tests {
 
     fn text(reply: &Reply) -> &str {
         std::str::from_utf8(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn text_is_cut_on_a_character_boundary() {
+        assert_eq!(cut("ééé", 3), "é");
+        assert_eq!(cut("abc", 512), "abc");
     }
 
     #[test]

@@ -415,10 +415,8 @@ impl Auth {
             )
             .await;
         if let Some(why) = authentication.refused_token() {
-            let reason = format!("a bearer token was refused: {why}");
             let path = "/.portcullis/me";
-            self.audit
-                .unverified_refusal(AUDIT_ROUTE, &reason, "GET", path);
+            self.audit.refused_bearer(AUDIT_ROUTE, why, "GET", path);
         }
         let caller = authentication.caller()?;
         let wants_json = session

@@ -26,7 +26,7 @@ use portcullis_scim::store::Directory;
 
 use crate::audit::Audit;
 use crate::auth::sessions::Sessions;
-use crate::reply::{document, escape, Reply};
+use crate::reply::{cut, document, escape, Reply};
 use crate::state::Runtime;
 
 /// Rows on one page of a list.
@@ -70,15 +70,7 @@ impl Params {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "q" => {
-                    let mut q = value.trim().to_owned();
-                    if q.len() > MAX_SEARCH {
-                        let mut end = MAX_SEARCH;
-                        while !q.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        q.truncate(end);
-                    }
-                    params.q = q;
+                    params.q = cut(value.trim(), MAX_SEARCH).to_owned();
                 }
                 "page" => params.page = value.parse().unwrap_or(1).clamp(1, 1 << 24),
                 _ => {}
