@@ -186,6 +186,15 @@ def summary_rows(r):
                                   f"{fl['rounds']} rounds; quartiles {q1:.2f} to {q3:.2f} µs)",
                          f"{session['cpu_us']:.2f} µs", f"{fl['systems'][headers]['cpu_us']:.2f} µs",
                          f"+{fl['own_work_us']:.2f} µs", "-", "-"))
+        if "apache_share" in fl:
+            q1, q3 = fl["apache_share_quartiles"]
+            beside = fl["beside_apache"]
+            session, apache = beside["portcullis session+policy"], beside[fl["apache"]]
+            rows.append(("floor", f"portcullis session+policy: CPU per request against `{fl['apache']}` "
+                                  f"(Apache + mod_auth_openidc), the two side by side on one core (median of "
+                                  f"the {fl['rounds']} rounds' ratios; quartiles {q1:.3f} to {q3:.3f})",
+                         f"{session['cpu_us']:.2f} µs", f"{apache['cpu_us']:.2f} µs", f"{fl['apache_share']:.3f}x",
+                         f"<= {fl['apache_target']}x", common.verdict(fl["apache_share"] <= fl["apache_target"])))
     ins = r.get("instructions")
     if ins:
         per = ins["per_request"]
