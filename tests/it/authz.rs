@@ -790,6 +790,37 @@ async fn deleting_the_user_refuses_the_next_request_and_a_re_created_user_must_s
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_users_session_does_not_pass_to_the_user_given_her_name() {
+    let t = Authz::start().await;
+    // Carol is in eng from before alice signs in: her record predates alice's session.
+    let carol = t.scim.create_user("carol@corp.test").await.id();
+    t.add_member(&t.eng_id, &carol).await.expect_success();
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let url = t.app_url("/work");
+    assert_session_works(&url, &cookie).await;
+    t.scim
+        .delete(&format!("/Users/{}", t.alice_id))
+        .await
+        .expect_success();
+    let deleted = get_with_session(&url, &cookie, "application/json").await;
+    assert_eq!(deleted.status(), StatusCode::FORBIDDEN, "deleted");
+
+    // The IdP gives alice's name to carol: the session alice signed in with, looked up by
+    // that name, now finds carol, and must not be let in as her.
+    t.scim
+        .patch(
+            &format!("/Users/{carol}"),
+            &patch_ops(json!([{"op": "replace", "path": "userName", "value": ALICE}])),
+        )
+        .await
+        .expect_success();
+    assert_session_refused(&t.fx, &url, &cookie).await;
+    // Whoever signs in as that name now is carol's record, with its groups.
+    let fresh = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() {
     let t = Authz::start().await;
     let token = t.machine_token().await;

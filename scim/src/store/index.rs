@@ -361,9 +361,9 @@ fn version_of(resource: &Value) -> Seq {
         .unwrap_or(0)
 }
 
-pub fn user_entry(record: &Record) -> Option<UserEntry> {
-    let resource = &record.resource;
-    let emails = resource
+/// Every `emails[].value` of a user, case-folded, the `primary` one first.
+fn emails_of(resource: &Value) -> Box<[Box<str>]> {
+    resource
         .as_object()
         .and_then(|o| get_ci(o, "emails"))
         .and_then(Value::as_array)
@@ -375,12 +375,28 @@ pub fn user_entry(record: &Record) -> Option<UserEntry> {
                 Some((fold(value), primary == Some(true)))
             }))
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Whether the user `after` is found by a value `before` was not found by: a `userName`,
+/// `externalId` or email it did not have (compared as the lookups compare them). A sign-in
+/// that was looked up by such a value named someone else, or nobody.
+pub fn gains_identifier(before: &Value, after: &Value) -> bool {
+    let user_name = |r| str_field(r, "userName").map(fold);
+    let old_emails = emails_of(before);
+    user_name(after).is_some_and(|name| user_name(before) != Some(name))
+        || str_field(after, "externalId")
+            .is_some_and(|id| str_field(before, "externalId") != Some(id))
+        || emails_of(after).iter().any(|e| !old_emails.contains(e))
+}
+
+pub fn user_entry(record: &Record) -> Option<UserEntry> {
+    let resource = &record.resource;
     Some(UserEntry {
         id: parse_id(str_field(resource, "id")?)?,
         user_name: fold(str_field(resource, "userName")?),
         external_id: str_field(resource, "externalId").map(Box::from),
-        emails,
+        emails: emails_of(resource),
         // A user without `active` is active (RFC 7643 leaves the default to the provider).
         active: resource
             .as_object()

@@ -527,6 +527,71 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
 }
 
 #[tokio::test]
+async fn a_user_found_by_a_new_identifier_moves_the_sign_in_epoch() {
+    // A deleted user's session is looked up by the name it signed in with: when another user
+    // takes that name (or email, or externalId), the session must not become theirs.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let epoch =
+        |dir: &Directory, key| dir.with_subject(key, |v| v.found().map(|v| v.user.valid_since));
+    let bob = create(&dir, ResourceType::User, user("bob@x"))
+        .await
+        .unwrap();
+    let mut last = bob.seq;
+    let steps = [
+        // (operations, a new identifier?)
+        (
+            json!([{"op": "replace", "path": "title", "value": "Eng"}]),
+            false,
+        ),
+        (
+            json!([{"op": "replace", "path": "userName", "value": "BOB@x"}]),
+            false,
+        ),
+        (
+            json!([{"op": "add", "path": "emails", "value": [{"value": "Bob@X"}]}]),
+            false,
+        ),
+        (
+            json!([{"op": "add", "path": "emails", "value": [{"value": "alice@x"}]}]),
+            true,
+        ),
+        (
+            json!([{"op": "remove", "path": "emails[value eq \"alice@x\"]"}]),
+            false,
+        ),
+        (
+            json!([{"op": "replace", "path": "externalId", "value": "00u1"}]),
+            true,
+        ),
+        (
+            json!([{"op": "replace", "path": "externalId", "value": "00u1"}]),
+            false,
+        ),
+        (json!([{"op": "remove", "path": "externalId"}]), false),
+        (
+            json!([{"op": "replace", "path": "userName", "value": "alice@x"}]),
+            true,
+        ),
+    ];
+    for (ops, moves) in steps {
+        let what = ops.to_string();
+        let written = patch(&dir, ResourceType::User, &bob.id, patch_body(ops))
+            .await
+            .unwrap();
+        let now = epoch(&dir, SubjectKey::UserName("alice@x"))
+            .or_else(|| epoch(&dir, SubjectKey::UserName("bob@x")))
+            .unwrap();
+        if moves {
+            assert_eq!(now, written.seq, "{what} moves it");
+            last = now;
+        } else {
+            assert_eq!(now, last, "{what} keeps it");
+        }
+    }
+}
+
+#[tokio::test]
 async fn committed_changes_reach_the_sink_before_the_answer() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = Arc::new(RedbStorage::open(tmp.path()).unwrap());

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::index::{etag, fold, Index};
+use super::index::{etag, fold, gains_identifier, Index};
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
@@ -398,6 +398,7 @@ impl<'a> Overlay<'a> {
                         .unwrap_or(true)
                 };
                 let toggled = |p: &Record| active(&p.resource) != active(&resource);
+                let gains = |p: &Record| gains_identifier(&p.resource, &resource);
                 if previous.is_some_and(toggled) {
                     summary.push_str(if active(&resource) {
                         ", re-activated"
@@ -411,6 +412,13 @@ impl<'a> Overlay<'a> {
                     // from before.
                     None => Some(self.seq),
                     Some(p) if toggled(p) => Some(self.seq),
+                    // Found by a name, id or email it was not found by: a session signed in
+                    // by that value before now was someone else's (a deleted user's, say),
+                    // not this user's.
+                    Some(p) if gains(p) => {
+                        summary.push_str(", sessions from before ended (a new identifier)");
+                        Some(self.seq)
+                    }
                     Some(p) => p.valid_since.or(Some(0)),
                 }
             }
