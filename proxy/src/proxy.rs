@@ -34,7 +34,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use portcullis_config::{Scheme, CONSOLE_PATH};
+use portcullis_config::{Credential, Scheme, CONSOLE_PATH};
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
@@ -78,8 +78,15 @@ impl Proxy {
         if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
             strip_own_cookies(headers, &oidc.cookie_name);
         }
-        if let (Some(Caller::Machine(_)), Some(route)) = (&ctx.caller, &ctx.route) {
-            if !route.config.pass_authorization {
+        // On a route that takes bearer tokens, `Authorization` is Portcullis' to read: it goes
+        // on only as a token Portcullis verified, and only where the route says so. A token that
+        // did not verify (expired, or its key not fetched yet) is never passed, whatever let
+        // the request in (a public path, say).
+        if let Some(route) = &ctx.route {
+            let verified = matches!(ctx.caller, Some(Caller::Machine(_)));
+            if route.config.accept.contains(&Credential::Bearer)
+                && !(verified && route.config.pass_authorization)
+            {
                 headers.remove(header::AUTHORIZATION);
             }
         }
@@ -1098,15 +1105,24 @@ fn is_long_lived(req: &RequestHeader) -> bool {
 /// - the headers a proxy sets to describe the original request: `Forwarded`, `X-Forwarded-*`,
 ///   `X-Real-IP`, `X-Original-*` (`X-Original-URL`, …) and `X-Rewrite-URL` (Portcullis sets
 ///   `Forwarded` and `X-Forwarded-For`, `-Proto` and `-Host` itself);
+/// - the client addresses CDNs and load balancers set, which frameworks read before the
+///   connection's (`Client-IP`, `X-Client-IP`, `True-Client-IP`, `X-Cluster-Client-IP`,
+///   `CF-Connecting-IP`, `Fastly-Client-IP`);
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
 ///   which would let a client dodge a rule on methods.
 ///
 /// Header names arrive lower-cased; `_` is read as `-`, as some servers read it.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 6] = [
+    const NAMES: [&[u8]; 12] = [
         b"forwarded",
         b"x-real-ip",
+        b"client-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
         b"x-rewrite-url",
         b"x-http-method-override",
         b"x-method-override",

@@ -47,7 +47,7 @@ const ERIK_PASSWORD: &str = "erik's password, long enough";
 /// Portcullis in front of one raw upstream:
 /// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
 /// - `http://api.test`: bearer tokens of group `eng`;
-/// - `http://pass.test`: the same, with `pass_authorization = true`;
+/// - `http://pass.test`: the same, with `pass_authorization = true`, and `/status` public;
 /// - `http://app.test/v1/`: bearer tokens of group `eng` only;
 /// - `http://app.test/contractors/`: sessions of group `eng`, with `token_groups`;
 /// - `http://bots.test`: bearer tokens of any machine (`machines = true`);
@@ -111,7 +111,7 @@ impl Hardened {
             .route(
                 Route::to_urls("http://pass.test", vec![raw.url()])
                     .accept(&["bearer"])
-                    .set("allow = { groups = [\"eng\"] }")
+                    .set("allow = [{ groups = [\"eng\"] }, { public = true, paths = [\"/status\"] }]")
                     .set("pass_authorization = true"),
             )
             .oidc(Oidc::new(
@@ -298,6 +298,12 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "X-Forwarded-Host: admin.internal",
         "X-Forwarded-Prefix: /admin",
         "X-Real-IP: 10.9.9.9",
+        "Client-IP: 10.9.9.9",
+        "X-Client-IP: 10.9.9.9",
+        "True-Client-IP: 10.9.9.9",
+        "X-Cluster-Client-IP: 10.9.9.9",
+        "CF-Connecting-IP: 10.9.9.9",
+        "Fastly-Client-IP: 10.9.9.9",
         "X-Original-URL: /admin",
         "X-Rewrite-URL: /admin",
         "X-HTTP-Method-Override: DELETE",
@@ -326,6 +332,12 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     for name in [
         "x-forwarded-prefix",
         "x-real-ip",
+        "client-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
         "x-original-url",
         "x-rewrite-url",
         "x-http-method-override",
@@ -385,6 +397,36 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         Some(format!("Bearer {token}").as_str()),
         "pass_authorization = true passes the verified token on"
     );
+    // A token that does not verify is never passed on, even where the path lets anyone in: it
+    // may be a good token Portcullis could not check just then (its key not fetched yet).
+    let signature = token.rfind('.').expect("a JWT") + 10;
+    let flipped = if &token[signature..=signature] == "A" {
+        "B"
+    } else {
+        "A"
+    };
+    let forged = format!(
+        "{}{flipped}{}",
+        &token[..signature],
+        &token[signature + 1..]
+    );
+    for host in ["pass.test", "api.test"] {
+        let (status, received) = t
+            .send(
+                "GET /status HTTP/1.1",
+                &[t.host(host), format!("Authorization: Bearer {forged}")],
+            )
+            .await;
+        if host == "pass.test" {
+            assert_eq!(status, 200, "a public path");
+            let received = received.expect("the request reached the upstream");
+            assert_eq!(received.header("authorization"), None, "{host}");
+            assert!(!received.headers.join("\n").contains(&forged[..40]));
+        } else {
+            assert_eq!(status, 401, "{host}: refused, not passed");
+            assert!(received.is_none());
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
