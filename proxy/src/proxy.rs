@@ -569,6 +569,10 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.still_allowed(&self.shared, session.req_header())?;
+        // A request body is bounded; a websocket's frames after the upgrade are not a body.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
             ctx.body_bytes = ctx.body_bytes.saturating_add(chunk.len() as u64);
             if ctx.body_bytes > route.config.max_request_body_bytes {

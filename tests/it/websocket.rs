@@ -17,7 +17,13 @@ async fn websocket_echo_through_the_proxy() {
     let up = Upstream::start("a").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
-        .route(Route::new("http://ws.test", &[&up]).websockets(true));
+        // A bound on request bodies, not on what a websocket carries after the upgrade: the
+        // frames below are 25 times as much.
+        .route(
+            Route::new("http://ws.test", &[&up])
+                .websockets(true)
+                .set("max_request_body_bytes = 4096"),
+        );
     let _px = cfg.start().await;
     let port = cfg.http_addr().port();
 
