@@ -284,6 +284,20 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].from", None, "port is not allowed")],
         },
         Case {
+            name: "a route prefix not spelled as requests are compared",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com/%7Eops//\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[("routes[0].from", None, "write \"/~ops/\"")],
+        },
+        Case {
+            name: "rule paths not spelled as requests are compared",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\nallow = { public = true, paths = [\"/wiki/Special%3AExport\", \"/caf\u{e9}\", \"/a%2fb\"] }\n",
+            problems: &[
+                ("routes[0].allow.paths[0]", None, "write \"/wiki/Special:Export\""),
+                ("routes[0].allow.paths[1]", None, "write \"/caf%C3%A9\""),
+                ("routes[0].allow.paths[2]", None, "an encoded '/'"),
+            ],
+        },
+        Case {
             name: "route with a query",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com/?a=b\"\nto = [\"http://127.0.0.1:3000\"]\n",
             problems: &[("routes[0].from", None, "query")],

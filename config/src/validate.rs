@@ -431,14 +431,16 @@ fn route_from(from: &str) -> Result<From, String> {
             "`{host}` is not a host name (a leading `*.` is the only wildcard allowed)"
         ));
     }
+    let path_prefix = if url.path.is_empty() { "/" } else { url.path };
+    // Requests are routed by their normalized path: a prefix spelled otherwise would never
+    // match, and its requests would fall to another route.
+    if let Some(problem) = portcullis_policy::spelling_problem(path_prefix) {
+        return Err(problem.to_string());
+    }
     Ok(From {
         scheme: url.scheme,
         host,
-        path_prefix: if url.path.is_empty() {
-            "/".to_owned()
-        } else {
-            url.path.to_owned()
-        },
+        path_prefix: path_prefix.to_owned(),
     })
 }
 

@@ -1,11 +1,11 @@
 //! Any bytes as a request target: reading and normalizing must not panic, and a normalized path
-//! is absolute, has no empty or dot segments, and normalizes to itself.
+//! is absolute, printable ASCII, has no empty or dot segments, and normalizes to itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../proxy/src/path.rs"]
+#[path = "../../policy/src/path.rs"]
 mod path;
 
 fuzz_target!(|raw: &[u8]| {
@@ -20,6 +20,7 @@ fuzz_target!(|raw: &[u8]| {
         return;
     };
     assert!(normal.starts_with('/'), "{normal:?}");
+    assert!(normal.bytes().all(|b| b.is_ascii_graphic()), "{normal:?}");
     let inner = normal.strip_suffix('/').unwrap_or(&normal);
     assert!(
         inner

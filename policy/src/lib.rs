@@ -7,9 +7,11 @@
 //!
 //! What it deliberately does not do: no I/O, no async, no configuration parsing (the config
 //! crate builds [`RuleSpec`]s and names each rule by its key path), no directory lookups (the
-//! proxy finds the SCIM user and its transitive groups and hands them in as a [`Subject`]), no
-//! path normalization (the proxy's one normalizing function does that; a path that is visibly
-//! not normalized is refused here rather than matched).
+//! proxy finds the SCIM user and its transitive groups and hands them in as a [`Subject`]). Path
+//! normalization lives here ([`path::normalize`], pure as the rest) but is not done by
+//! [`Policy::evaluate`]: the proxy normalizes each request path once, and a path that is
+//! visibly not normalized is refused here rather than matched. Rule paths are refused unless
+//! they are in that same normal form, so that a rule and a request spell a path alike.
 //!
 //! The semantics in short — [`Policy::evaluate`] has the full order:
 //! - deny rules are checked before allow rules and win over any of them;
@@ -22,6 +24,7 @@
 //! the property tests in `tests/properties.rs`; `benches/decision.rs` measures one evaluation.
 
 mod index;
+pub mod path;
 mod policy;
 mod reason;
 mod spec;
@@ -30,7 +33,7 @@ use std::borrow::Cow;
 
 pub use policy::{loosely_within, Policy};
 pub use reason::{Conditions, Decision, Match, Reason};
-pub use spec::{PolicyError, Problem, RuleSpec};
+pub use spec::{spelling_problem, PolicyError, Problem, RuleSpec};
 
 /// Whether the subject is a person (signed in through OIDC), a machine (bearer token of a
 /// service account) or an AI agent (bearer token of a SCIM Agent). Rules treat people and

@@ -11,7 +11,9 @@ use std::ops::ControlFlow;
 
 use crate::index::{empty_bits, has_bit, set_bit, Compare, RuleBits, StrIndex};
 use crate::reason::{Conditions, Decision, Match, Reason};
-use crate::spec::{email_domain, is_token, parse_domain, path_problem, PolicyError, Problem};
+use crate::spec::{
+    email_domain, is_token, parse_domain, path_problem, spelling_problem, PolicyError, Problem,
+};
 use crate::{Request, RuleSpec, Subject, SubjectKind};
 
 /// Rules examined per pass over the subject's names: 256 rules fit in a bit set on the stack.
@@ -776,6 +778,8 @@ impl Builder {
                             why,
                         },
                     );
+                } else if let Some(problem) = spelling_problem(value) {
+                    error(field, problem);
                 } else {
                     prefixes.push(value.as_str().into());
                 }

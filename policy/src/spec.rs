@@ -2,6 +2,8 @@
 //! ([`PolicyError`]), and the checks shared by compile time and evaluation time (HTTP tokens,
 //! normalized paths, email domains).
 
+use crate::path::PathError;
+
 /// One allow or deny rule, as built by the configuration crate. Plain data: every check happens in
 /// [`Policy::compile`](crate::Policy::compile), which reports every problem at once.
 ///
@@ -92,6 +94,13 @@ pub enum Problem {
     BadMethod { value: String },
     #[error("{value:?} is not a valid path prefix: {why}")]
     BadPath { value: String, why: &'static str },
+    #[error("{value:?} is not a valid path prefix: {error}")]
+    Unreadable { value: String, error: PathError },
+    #[error(
+        "{value:?} is not spelled as Portcullis compares paths: write {normal:?} (letters, \
+         digits and -._~!$&'()*+,=:@ as they are, every other byte as an upper-case %XX)"
+    )]
+    NotNormal { value: String, normal: String },
 }
 
 /// `tchar` of RFC 9110 §5.6.2: what an HTTP method may be made of.
@@ -150,6 +159,23 @@ pub(crate) fn path_problem(path: &str) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// Why `path`, a prefix from the configuration, is not in the one spelling requests are
+/// compared in ([`crate::path::normalize`]), if it is not: a rule on `/caf%c3%a9` would
+/// otherwise never match `/café`, which arrives as `/caf%C3%A9`.
+pub fn spelling_problem(path: &str) -> Option<Problem> {
+    match crate::path::normalize(path) {
+        Ok(normal) if normal == path => None,
+        Ok(normal) => Some(Problem::NotNormal {
+            value: path.to_owned(),
+            normal: normal.into_owned(),
+        }),
+        Err(error) => Some(Problem::Unreadable {
+            value: path.to_owned(),
+            error,
+        }),
+    }
 }
 
 /// Checks an `email_domains` entry and returns `(domain, is_wildcard)`, the domain lower-cased and

@@ -18,7 +18,7 @@ pub mod gate;
 pub mod human;
 pub mod logging;
 pub mod metrics;
-pub mod path;
+pub use portcullis_policy::path;
 pub mod proxy;
 pub mod reload;
 pub mod reply;

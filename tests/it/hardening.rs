@@ -45,7 +45,8 @@ const ERIK: &str = "erik@partner.test";
 const ERIK_PASSWORD: &str = "erik's password, long enough";
 
 /// Portcullis in front of one raw upstream:
-/// - `http://app.test`: sessions; group `eng` allowed, `/admin` denied to everyone in it;
+/// - `http://app.test`: sessions; group `eng` allowed, `/admin`, `/wiki/Special:Export` and
+///   `/@root` denied to everyone in it;
 /// - `http://api.test`: bearer tokens of group `eng`;
 /// - `http://pass.test`: the same, with `pass_authorization = true`, and `/status` public;
 /// - `http://app.test/v1/`: bearer tokens of group `eng` only;
@@ -85,7 +86,9 @@ impl Hardened {
             .route(
                 Route::to_urls("http://app.test", vec![raw.url()])
                     .set("allow = { groups = [\"eng\"] }")
-                    .set("deny = { groups = [\"eng\"], paths = [\"/admin\"] }"),
+                    .set(
+                        "deny = { groups = [\"eng\"], paths = [\"/admin\", \"/wiki/Special:Export\", \"/@root\"] }",
+                    ),
             )
             .route(
                 Route::to_urls("http://api.test", vec![raw.url()])
@@ -876,6 +879,14 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/public/..;x=1/admin", 400, None),
         ("/public/.;/admin", 400, None),
         ("/public/%2e%2e;/admin", 400, None),
+        // An escape of a character a path may hold as it is reads as that character to every
+        // framework: one spelling, judged and sent.
+        ("/wiki/Special%3AExport", 403, None),
+        ("/wiki/Special%3aExport/history", 403, None),
+        ("/%40root", 403, None),
+        ("/%61dmin", 403, None),
+        ("/wiki/Talk%3AMain", 200, Some("/wiki/Talk:Main")),
+        ("/caf%c3%a9|%7c", 200, Some("/caf%C3%A9%7C%7C")),
         // Parameters are kept where nothing is denied.
         ("/work;jsessionid=1", 200, Some("/work;jsessionid=1")),
         // /v1/ takes bearer tokens only, however its prefix is spelled: a session is no

@@ -3,8 +3,10 @@
 //! ([`target`]).
 //!
 //! Routing and policy must see exactly what the upstream will see, so the path is normalized once
-//! and the normalized form is forwarded. Anything whose meaning depends on how the upstream would
-//! decode it (an encoded `/` or `\`, a NUL, a malformed escape) is refused rather than guessed.
+//! and the normalized form is forwarded. Two spellings an upstream decodes alike (`/a:b` and
+//! `/a%3Ab`, `/café` and `/caf%C3%A9`) normalize alike, so a rule on one holds for the other.
+//! Anything whose meaning depends on how the upstream would decode it (an encoded `/` or `\`, a
+//! NUL, a malformed escape) is refused rather than guessed.
 
 use std::borrow::Cow;
 
@@ -75,8 +77,11 @@ pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
 
 /// Normalizes `path` (the part of the request target before any `?`).
 ///
-/// - percent-escapes of unreserved characters are decoded (`%61` → `a`), all others are
-///   upper-cased (`%c3` → `%C3`);
+/// - each byte has one spelling: the characters a path may hold as they are (RFC 3986's
+///   `pchar`: letters, digits, `-._~!$&'()*+,=:@`) are decoded (`%61` → `a`, `%3A` → `:`),
+///   every other byte is an upper-case escape (`%c3` → `%C3`, `é` → `%C3%A9`, `|` → `%7C`).
+///   A raw `;` stays raw (it begins `;` parameters) and `%3B` stays an escape: upstreams read
+///   them differently;
 /// - empty segments collapse (`//a` → `/a`), `.` segments vanish, `..` removes the segment
 ///   before it and never climbs above the root; `%2e` counts as `.`;
 /// - a trailing `/` is kept;
@@ -95,7 +100,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Ok(Cow::Borrowed(path));
     }
 
-    let decoded = decode_unreserved(bytes)?;
+    let decoded = one_spelling(bytes)?;
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in decoded.split('/').skip(1) {
@@ -125,15 +130,39 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
-/// True when `normalize` would return the path unchanged: no escapes, backslashes, empty or dot
-/// segments. This is the common case and costs one pass with no allocation.
+/// Whether byte `b` is spelled as it is in a normalized path: the unreserved characters, the
+/// sub-delimiters but `;`, `:` and `@`. (`/` and a raw `;` also stay, as the structure.)
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
+}
+
+/// True when `normalize` would return the path unchanged: no escapes, no byte that is spelled
+/// as an escape, no empty or dot segments. This is the common case and costs one pass with no
+/// allocation.
 fn is_normal(bytes: &[u8]) -> bool {
     let mut previous = b'/';
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         match b {
-            b'%' | b'\\' | 0 => return false,
             b'/' if previous == b'/' && i > 0 => return false,
             b'.' if previous == b'/' => {
                 let rest = &bytes[i + 1..];
@@ -147,6 +176,8 @@ fn is_normal(bytes: &[u8]) -> bool {
                     return false;
                 }
             }
+            b'/' | b';' => {}
+            b if !is_plain(b) => return false,
             _ => {}
         }
         previous = b;
@@ -155,43 +186,34 @@ fn is_normal(bytes: &[u8]) -> bool {
     true
 }
 
-fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
+/// `bytes` with each byte in its one spelling (see [`normalize`]); an encoded `/`, `\\` or NUL,
+/// a raw `\\` or NUL, or a malformed escape is an error.
+fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
     let mut out = String::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'\\' || b == 0 {
-            return Err(PathError::Ambiguous);
-        }
-        if b != b'%' {
-            // The input is a &str, so copying byte runs keeps it valid UTF-8; push char by char
-            // only for ASCII, and copy multi-byte sequences whole.
-            let start = i;
-            while i < bytes.len() && bytes[i] != b'%' && bytes[i] != b'\\' && bytes[i] != 0 {
-                i += 1;
-            }
-            out.push_str(std::str::from_utf8(&bytes[start..i]).map_err(|_| PathError::BadEscape)?);
-            continue;
-        }
-        let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
-            return Err(PathError::BadEscape);
+        let (byte, escaped) = if bytes[i] == b'%' {
+            let digit = |at: usize| bytes.get(at).copied().and_then(hex);
+            let (Some(h), Some(l)) = (digit(i + 1), digit(i + 2)) else {
+                return Err(PathError::BadEscape);
+            };
+            i += 3;
+            (h << 4 | l, true)
+        } else {
+            i += 1;
+            (bytes[i - 1], false)
         };
-        let (Some(h), Some(l)) = (hex(h), hex(l)) else {
-            return Err(PathError::BadEscape);
-        };
-        let decoded = h << 4 | l;
-        match decoded {
-            b'/' | b'\\' | 0 => return Err(PathError::Ambiguous),
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(char::from(decoded))
-            }
-            _ => {
+        match byte {
+            b'\\' | 0 => return Err(PathError::Ambiguous),
+            b'/' if escaped => return Err(PathError::Ambiguous),
+            b'/' | b';' if !escaped => out.push(char::from(byte)),
+            b if is_plain(b) => out.push(char::from(b)),
+            b => {
                 out.push('%');
-                out.push(char::from(HEX_UPPER[usize::from(h)]));
-                out.push(char::from(HEX_UPPER[usize::from(l)]));
+                out.push(char::from(HEX_UPPER[usize::from(b >> 4)]));
+                out.push(char::from(HEX_UPPER[usize::from(b & 0xF)]));
             }
         }
-        i += 3;
     }
     Ok(out)
 }
@@ -229,7 +251,16 @@ mod tests {
             ("/a//b///c", "/a/b/c"),
             ("/ADMIN", "/ADMIN"),
             ("/caf%c3%a9", "/caf%C3%A9"),
-            ("/café", "/café"),
+            ("/café", "/caf%C3%A9"),
+            ("/wiki/Special%3AExport", "/wiki/Special:Export"),
+            ("/wiki/Special:Export", "/wiki/Special:Export"),
+            ("/%40admin", "/@admin"),
+            ("/%21%24%26%27%28%29%2A%2B%2C%3D", "/!$&'()*+,="),
+            ("/a%3Bb;c", "/a%3Bb;c"),
+            ("/a%3fb%23c%25d", "/a%3Fb%23c%25d"),
+            ("/a|b", "/a%7Cb"),
+            ("/a%7cb", "/a%7Cb"),
+            ("/{x}^`\"<>[]", "/%7Bx%7D%5E%60%22%3C%3E%5B%5D"),
             ("/a%20b", "/a%20b"),
             ("/.well-known/x", "/.well-known/x"),
             ("/a/.b", "/a/.b"),
@@ -315,6 +346,29 @@ mod tests {
     fn normal_paths_are_borrowed() {
         assert!(matches!(normalize("/api/v1/items"), Ok(Cow::Borrowed(_))));
         assert!(matches!(normalize("/a/.b/c"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(normalize("/a:b@c;d=1/e"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn every_byte_has_one_spelling() {
+        // Any byte, raw or escaped, normalizes alike (bar those refused and the `;` that
+        // begins parameters), and the result is normal.
+        for byte in 1..=255u8 {
+            if matches!(byte, b'/' | b'\\' | b'%' | b'?' | b'#' | b';') {
+                continue;
+            }
+            let escaped = format!("/a%{byte:02x}b");
+            let normal = normalize(&escaped).expect("an escape").into_owned();
+            assert_eq!(
+                normalize(&normal).as_deref(),
+                Ok(normal.as_str()),
+                "{escaped}"
+            );
+            if let Some(raw) = char::from_u32(u32::from(byte)).filter(|_| byte < 0x80) {
+                let raw = format!("/a{raw}b");
+                assert_eq!(normalize(&raw).as_deref(), Ok(normal.as_str()), "{raw:?}");
+            }
+        }
     }
 
     #[test]
