@@ -1177,9 +1177,8 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
         return;
     }
     let is_own = |name: &str| {
-        name == session_cookie
-            || name.strip_prefix("__Host-") == Some(session_cookie)
-            || name.starts_with(BROWSER_COOKIE)
+        let name = name.strip_prefix("__Host-").unwrap_or(name);
+        name == session_cookie || name.starts_with(BROWSER_COOKIE)
     };
     let kept: Vec<HeaderValue> = headers
         .get_all(header::COOKIE)
@@ -1495,6 +1494,7 @@ mod tests {
                 "Cookie",
                 "portcullis_signin=BINDING; portcullis_session_other=kept",
             ),
+            ("Cookie", "__Host-portcullis_signin_0123=BINDING; z=1"),
         ]);
         strip_own_cookies(&mut req, "portcullis_session");
         let cookies: Vec<&str> = req
@@ -1504,7 +1504,11 @@ mod tests {
             .collect();
         assert_eq!(
             cookies,
-            ["theme=dark; lang=en", "portcullis_session_other=kept"]
+            [
+                "theme=dark; lang=en",
+                "portcullis_session_other=kept",
+                "z=1"
+            ]
         );
 
         let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);

@@ -55,7 +55,10 @@ pub(crate) fn binding_cookie(resp: &reqwest::Response) -> Option<String> {
         .get_all("set-cookie")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find(|line| line.starts_with(BINDING_COOKIE))
+        .find(|line| {
+            line.trim_start_matches("__Host-")
+                .starts_with(BINDING_COOKIE)
+        })
         .map(str::to_owned)
 }
 /// An `Accept` header as a browser sends it when navigating.
@@ -248,7 +251,22 @@ impl Fixture {
         );
         let binding = binding.expect("the sign-in sets the browser-binding cookie");
         assert!(binding.contains("HttpOnly"), "{binding}");
-        assert!(binding.contains("Path=/.portcullis/callback;"), "{binding}");
+        // On TLS, `__Host-`: no other host (a sibling under the same domain) can plant one.
+        let (binding, on_tls) = match binding.strip_prefix("__Host-") {
+            Some(rest) => {
+                assert!(
+                    rest.contains("Path=/;") && rest.contains("Secure"),
+                    "{rest}"
+                );
+                (rest, true)
+            }
+            None => (binding.as_str(), false),
+        };
+        assert!(
+            on_tls || binding.contains("Path=/.portcullis/callback;"),
+            "{binding}"
+        );
+        assert_eq!(on_tls, url.starts_with("https:"), "{binding}");
         let state = query_param(&location, "state").expect("a state");
         assert!(
             binding.starts_with(&format!("{}=", binding_cookie_name(&state))),
@@ -1841,6 +1859,43 @@ async fn on_tls_only_the_host_prefixed_cookie_is_a_session() {
         "the unprefixed name (which any sibling host or a plain-http response can set) must \
          not be a session on TLS"
     );
+
+    // Nor a sign-in: one planted under the unprefixed name (by a sibling host, for a sign-in
+    // the planter began) is not finished, and signs nobody in.
+    let start = navigate(&bare, &page).await;
+    let binding = binding_cookie(&start).expect("a sign-in cookie");
+    let (name, value) = binding
+        .split(';')
+        .next()
+        .and_then(|pair| pair.split_once('='))
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .unwrap();
+    let unprefixed = name.strip_prefix("__Host-").expect("__Host- on TLS");
+    let authorize = header(&start, LOCATION.as_str()).unwrap();
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let planted = bare
+        .get(&callback)
+        .header(COOKIE, format!("{unprefixed}={value}"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        planted.status(),
+        StatusCode::FOUND,
+        "a planted sign-in was finished"
+    );
+    assert_eq!(
+        set_cookie(&planted, &format!("__Host-{SESSION_COOKIE}")),
+        None
+    );
+    let own = bare
+        .get(&callback)
+        .header(COOKIE, format!("{name}={value}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::FOUND, "the host's own sign-in");
+    assert!(set_cookie(&own, &format!("__Host-{SESSION_COOKIE}")).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,6 +27,8 @@ const AUDIT_ROUTE: &str = "oidc";
 
 /// The cookies carrying sign-ins in progress are named this, `_`, and a digest of the state.
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
+/// The same on TLS (see [`browser_cookie_prefix`]).
+const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 
@@ -102,10 +104,27 @@ fn session_cookie(oidc: &OidcConfig, tls: bool, value: &str, max_age: u64) -> St
     cookie
 }
 
-/// A sign-in's cookie: sent to the callback only.
+/// What a sign-in's cookie name begins with. On TLS, `__Host-`: a cookie of that name can be
+/// set by this host alone, over TLS, so no sibling host under the same domain and no plain-HTTP
+/// answer can plant a sign-in of its own for the callback to finish, signing the browser in as
+/// someone else.
+fn browser_cookie_prefix(tls: bool) -> &'static str {
+    if tls {
+        HOST_BROWSER_COOKIE
+    } else {
+        BROWSER_COOKIE
+    }
+}
+
+/// A sign-in's cookie: sent to the callback only, or on TLS (where `__Host-` needs `Path=/`)
+/// to the whole host, which removes it from what upstreams are sent.
 fn browser_cookie(tls: bool, name: &str, value: &str, max_age: u64) -> String {
-    let secure = if tls { "; Secure" } else { "" };
-    format!("{name}={value}; Path=/.portcullis/callback; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
+    let (path, secure) = if tls {
+        ("/", "; Secure")
+    } else {
+        ("/.portcullis/callback", "")
+    };
+    format!("{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
 }
 
 impl Auth {
@@ -127,7 +146,7 @@ impl Auth {
             oidc,
             &redirect_uri(oidc, req),
             return_to,
-            BROWSER_COOKIE,
+            browser_cookie_prefix(req.tls),
             now_unix(),
         );
         match started {
@@ -228,7 +247,7 @@ impl Auth {
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
             return self.sign_in_refused(&SignInError::UnknownState);
         };
-        let cookie_name = pending_cookie_name(BROWSER_COOKIE, &state);
+        let cookie_name = pending_cookie_name(browser_cookie_prefix(req.tls), &state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
         // sent here too (pingora bounds the request head as a whole).
         let headers = &session.req_header().headers;
