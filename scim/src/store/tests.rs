@@ -527,6 +527,66 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
 }
 
 #[tokio::test]
+async fn a_group_never_ends_up_inside_itself_at_any_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let group = |name: &str, members: &[&str]| {
+        let members: Vec<Value> = members.iter().map(|m| json!({"value": m})).collect();
+        json!({"schemas": [GROUP], "displayName": name, "members": members})
+    };
+    let add = |member: &str| {
+        patch_body(json!([{"op": "add", "path": "members", "value": [{"value": member}]}]))
+    };
+    let u = create(&dir, ResourceType::User, user("u@x"))
+        .await
+        .unwrap()
+        .id;
+    // inner ⊂ middle ⊂ outer, and inner holds a user.
+    let inner = create(&dir, ResourceType::Group, group("inner", &[&u]))
+        .await
+        .unwrap()
+        .id;
+    let middle = create(&dir, ResourceType::Group, group("middle", &[&inner]))
+        .await
+        .unwrap()
+        .id;
+    let outer = create(&dir, ResourceType::Group, group("outer", &[&middle]))
+        .await
+        .unwrap()
+        .id;
+    for (into, member) in [
+        (&inner, &outer),
+        (&inner, &middle),
+        (&middle, &outer),
+        (&inner, &inner),
+    ] {
+        let err = patch(&dir, ResourceType::Group, into, add(member))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 400, "{member} into {into}");
+        assert!(err.detail.contains("cycle"), "{}", err.detail);
+    }
+    assert_eq!(dir.members(&inner).len(), 1, "nothing changed");
+    // Outer holding inner directly too is no cycle; nor is a second group holding outer.
+    patch(&dir, ResourceType::Group, &outer, add(&inner))
+        .await
+        .unwrap();
+    let top = create(&dir, ResourceType::Group, group("top", &[&outer]))
+        .await
+        .unwrap()
+        .id;
+    let names: Vec<String> = dir.groups_of(&u).into_iter().map(|g| g.display).collect();
+    for name in ["inner", "middle", "outer", "top"] {
+        assert!(names.iter().any(|n| n == name), "{name}: {names:?}");
+    }
+    // And a cycle through the group just made is refused too.
+    let err = patch(&dir, ResourceType::Group, &inner, add(&top))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, 400);
+}
+
+#[tokio::test]
 async fn a_user_found_by_a_new_identifier_moves_the_sign_in_epoch() {
     // A deleted user's session is looked up by the name it signed in with: when another user
     // takes that name (or email, or externalId), the session must not become theirs.

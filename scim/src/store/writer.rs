@@ -33,6 +33,12 @@ pub struct Overlay<'a> {
     /// `(group, member) → present` for memberships changed in this batch.
     members: HashMap<(Row, Row), bool>,
     member_order: Vec<(Row, Row)>,
+    /// The keys of `members` by group and by member, so that one group's or one member's
+    /// changes are found without reading every change in the batch (a replaced 100,000-member
+    /// group makes as many). A key undone by a failed command may stay listed: `members` no
+    /// longer has it, and the index's state stands.
+    touched_members: HashMap<Row, Vec<Row>>,
+    touched_parents: HashMap<Row, Vec<Row>>,
     changes: Vec<Change>,
     entries: Vec<Entry>,
     /// What the command being run replaced in the maps above, to put back if it fails.
@@ -69,6 +75,8 @@ impl<'a> Overlay<'a> {
             names: HashMap::new(),
             members: HashMap::new(),
             member_order: Vec::new(),
+            touched_members: HashMap::new(),
+            touched_parents: HashMap::new(),
             changes: Vec::new(),
             entries: Vec::new(),
             undo: Vec::new(),
@@ -559,28 +567,24 @@ impl<'a> Overlay<'a> {
 
     fn members_now(&self, group: Row) -> Vec<Row> {
         let mut rows: HashSet<Row> = self.index.members_of(group).collect();
-        for (&(g, m), &present) in &self.members {
-            if g == group {
-                if present {
-                    rows.insert(m);
-                } else {
-                    rows.remove(&m);
-                }
-            }
+        for &member in self.touched_members.get(&group).into_iter().flatten() {
+            match self.members.get(&(group, member)) {
+                Some(true) => rows.insert(member),
+                Some(false) => rows.remove(&member),
+                None => false,
+            };
         }
         rows.into_iter().collect()
     }
 
     fn parents_now(&self, member: Row) -> Vec<Row> {
         let mut rows: HashSet<Row> = self.index.parents_of(member).collect();
-        for (&(g, m), &present) in &self.members {
-            if m == member {
-                if present {
-                    rows.insert(g);
-                } else {
-                    rows.remove(&g);
-                }
-            }
+        for &group in self.touched_parents.get(&member).into_iter().flatten() {
+            match self.members.get(&(group, member)) {
+                Some(true) => rows.insert(group),
+                Some(false) => rows.remove(&group),
+                None => false,
+            };
         }
         rows.into_iter().collect()
     }
@@ -592,6 +596,8 @@ impl<'a> Overlay<'a> {
         let before = self.members.insert((group, member), present);
         if before.is_none() {
             self.member_order.push((group, member));
+            self.touched_members.entry(group).or_default().push(member);
+            self.touched_parents.entry(member).or_default().push(group);
         }
         self.undo.push(Undo::Member((group, member), before));
         true
@@ -614,7 +620,7 @@ impl<'a> Overlay<'a> {
                     .ok_or_else(|| {
                         invalid(format!("member {id} is not a known User, Group or Agent"))
                     })?;
-                if rt == ResourceType::Group && self.reaches(row, group) {
+                if rt == ResourceType::Group && self.is_or_contains(row, group) {
                     return Err(invalid(format!(
                         "group {id} contains this group: adding it would make a cycle"
                     )));
@@ -624,27 +630,21 @@ impl<'a> Overlay<'a> {
             .collect()
     }
 
-    /// Whether `target` is `from` or a (transitive) member of it.
-    fn reaches(&self, from: Row, target: Row) -> bool {
+    /// Whether group `outer` is `inner` or contains it, through any depth of nesting. Read up
+    /// from `inner` through the groups it is in (few), never down through `outer`'s members (a
+    /// 100,000-member group among them would be read whole).
+    fn is_or_contains(&self, outer: Row, inner: Row) -> bool {
         let mut seen = HashSet::new();
-        let mut stack = vec![from];
+        let mut stack = vec![inner];
         while let Some(group) = stack.pop() {
-            if group == target {
+            if group == outer {
                 return true;
             }
             if seen.insert(group) {
-                stack.extend(
-                    self.members_now(group)
-                        .into_iter()
-                        .filter(|m| self.index.group(*m).is_some() || self.is_group_in_batch(*m)),
-                );
+                stack.extend(self.parents_now(group));
             }
         }
         false
-    }
-
-    fn is_group_in_batch(&self, row: Row) -> bool {
-        matches!(self.records.get(&row), Some((ResourceType::Group, Some(_))))
     }
 
     fn add_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
