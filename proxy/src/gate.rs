@@ -332,6 +332,16 @@ pub struct DirectoryView {
     pub user_name: String,
     pub active: bool,
     pub groups: Vec<String>,
+    /// The caller is a session older than this user's record as it now is (see
+    /// [`outlived`]): the user it names is not the one who signed in.
+    pub outlived: bool,
+}
+
+/// Whether a session from directory sequence `epoch` (`None`: not a session) began before
+/// `valid_since`: before the user was last created, re-activated or given a new identifier,
+/// so that it is not theirs, or no longer.
+fn outlived(epoch: Option<Seq>, valid_since: Seq) -> bool {
+    epoch.is_some_and(|epoch| epoch < valid_since)
 }
 
 /// The outcome of judging a caller the gate could look up.
@@ -678,12 +688,13 @@ impl Gate<'_> {
                 agent: None,
             });
         };
-        let (kind, session_epoch) = match principal {
-            Principal::Person(identity) => (SubjectKind::Person, Some(identity.directory_seq)),
+        let kind = match principal {
             // A person's token, held by a client acting for them: a person.
-            Principal::Machine(token) if !token.for_itself => (SubjectKind::Person, None),
-            Principal::Machine(_) => (SubjectKind::Machine, None),
+            Principal::Person(_) => SubjectKind::Person,
+            Principal::Machine(token) if !token.for_itself => SubjectKind::Person,
+            Principal::Machine(_) => SubjectKind::Machine,
         };
+        let session_epoch = session_epoch(principal);
         self.directory.with_subject(key, |lookup| {
             let view = match lookup {
                 Lookup::Found(view) => view,
@@ -723,7 +734,7 @@ impl Gate<'_> {
                     });
                 }
             };
-            if session_epoch.is_some_and(|epoch| epoch < view.user.valid_since) {
+            if outlived(session_epoch, view.user.valid_since) {
                 return Judged::Revoked;
             }
             let groups = group_refs(&view.groups);
@@ -767,8 +778,17 @@ impl Gate<'_> {
                     .iter()
                     .map(|g| g.display_name.to_string())
                     .collect(),
+                outlived: outlived(session_epoch(principal), view.user.valid_since),
             })
         })
+    }
+}
+
+/// The directory sequence a caller's session began at; `None` for a token.
+fn session_epoch(principal: Principal<'_>) -> Option<Seq> {
+    match principal {
+        Principal::Person(identity) => Some(identity.directory_seq),
+        Principal::Machine(_) => None,
     }
 }
 
@@ -1955,8 +1975,16 @@ mod tests {
                 user_name: ALICE.to_owned(),
                 active: true,
                 groups: vec!["eng".to_owned()],
+                outlived: false,
             })
         );
+        // A session from before her record was made is not hers.
+        let before = Identity {
+            directory_seq: 0,
+            ..alice.clone()
+        };
+        let view = world.gate().directory_view(Principal::Person(&before));
+        assert!(view.is_some_and(|v| v.outlived));
         let eve = world.person("eve@else.example");
         assert_eq!(world.gate().directory_view(Principal::Person(&eve)), None);
     }

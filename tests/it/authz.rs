@@ -814,6 +814,9 @@ async fn a_deleted_users_session_does_not_pass_to_the_user_given_her_name() {
         )
         .await
         .expect_success();
+    // Not at /.portcullis/me either, which would show carol's record as hers.
+    let me = get_with_session(&t.app_url("/.portcullis/me"), &cookie, "application/json").await;
+    assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
     assert_session_refused(&t.fx, &url, &cookie).await;
     // Whoever signs in as that name now is carol's record, with its groups.
     let fresh = t.sign_in(ALICE, ALICE_PASSWORD).await;

@@ -464,6 +464,16 @@ impl Auth {
             forwards: None,
         };
         let directory = gate.directory_view(caller.principal());
+        if let (Some(view), Caller::Person { session: key, .. }) = (&directory, &caller) {
+            if view.outlived {
+                // Not this user's session (any more): ended, as a request through a route
+                // would end it, and answered as no sign-in.
+                if let Err(e) = self.sessions.end(&[*key]).await {
+                    tracing::error!("cannot end the session: {e}");
+                }
+                return None;
+            }
+        }
         if wants_json {
             let body = serde_json::json!({
                 "kind": kind,
