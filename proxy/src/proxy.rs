@@ -211,7 +211,8 @@ pub struct RequestCtx {
     upstream_target: Option<String>,
     tls: bool,
     round_robin_start: usize,
-    attempt: usize,
+    /// The upstreams this request could not reach, before the one it is at (`upstream`).
+    tried: Vec<usize>,
     upstream: Option<usize>,
     upstream_started: Option<Instant>,
     body_bytes: u64,
@@ -282,7 +283,7 @@ impl ProxyHttp for Proxy {
             upstream_target: None,
             tls: false,
             round_robin_start: 0,
-            attempt: 0,
+            tried: Vec::new(),
             upstream: None,
             upstream_started: None,
             body_bytes: 0,
@@ -478,10 +479,11 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
         let now = Instant::now();
-        let (index, peer) = route
-            .upstreams
-            .pick(ctx.round_robin_start, ctx.attempt, now);
-        ctx.attempt += 1;
+        // A retry: the upstream picked last could not be reached.
+        if let Some(failed) = ctx.upstream {
+            ctx.tried.push(failed);
+        }
+        let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         ctx.upstream = Some(index);
         ctx.upstream_started = Some(now);
         Ok(Box::new(peer.clone()))
@@ -497,7 +499,7 @@ impl ProxyHttp for Proxy {
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             route.upstreams.mark_down(index, Instant::now());
             // Nothing has been sent upstream yet, so any request may go to the next upstream.
-            if ctx.attempt < route.upstreams.count() {
+            if ctx.tried.len() + 1 < route.upstreams.count() {
                 e.set_retry(true);
             }
         }

@@ -57,20 +57,24 @@ impl UpstreamSet {
         self.upstreams.len()
     }
 
-    /// Picks the upstream for attempt number `attempt` (0-based) of a request that started at
-    /// round-robin position `start`. Healthy upstreams are preferred in round-robin order.
-    pub fn pick(&self, start: usize, attempt: usize, now: Instant) -> (usize, &HttpPeer) {
+    /// Picks the upstream for a request that started at round-robin position `start` and
+    /// could not reach those in `tried`: the first healthy one not tried yet, in round-robin
+    /// order; when every one left is marked down, the first of those anyway, so that each is
+    /// tried once before the request gives up. (Which are healthy changes as a request's
+    /// attempts fail, so the choice goes by what was tried, never by an attempt's number.)
+    pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, &HttpPeer) {
         let n = self.upstreams.len();
         let now_ms = self.millis(now);
-        let healthy = (0..n)
+        let healthy =
+            |i: &usize| self.upstreams[*i].down_until_ms.load(Ordering::Relaxed) <= now_ms;
+        let mut untried = (0..n)
             .map(|i| (start + i) % n)
-            .filter(|&i| self.upstreams[i].down_until_ms.load(Ordering::Relaxed) <= now_ms);
-        // The attempt-th healthy upstream; past the healthy ones, fall back to plain order so
-        // every upstream gets tried once even when all are marked down.
-        let index = healthy
+            .filter(|i| !tried.contains(i));
+        let index = untried
             .clone()
-            .nth(attempt)
-            .unwrap_or((start + attempt) % n.max(1));
+            .find(healthy)
+            .or_else(|| untried.next())
+            .unwrap_or(start % n.max(1));
         (index, &self.upstreams[index].peer)
     }
 
@@ -143,4 +147,44 @@ fn wrap_ca(ca: &[CertificateDer<'static>]) -> Arc<[WrappedX509]> {
             .ok()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstreams(n: u16) -> UpstreamSet {
+        UpstreamSet {
+            upstreams: (0..n)
+                .map(|i| Backend {
+                    peer: HttpPeer::new(format!("127.0.0.1:{}", 9000 + i), false, String::new()),
+                    host_header: HeaderValue::from_static("up.test"),
+                    down_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_retry_goes_to_an_upstream_not_tried_yet_healthy_ones_first() {
+        let set = upstreams(3);
+        let now = Instant::now();
+        let pick = |tried: &[usize]| set.pick(0, tried, now).0;
+        // The first fails and is marked down: the next one, not the one after it.
+        assert_eq!(pick(&[]), 0);
+        set.mark_down(0, now);
+        assert_eq!(pick(&[0]), 1);
+        // One marked down by another request is passed over while a healthy one is left...
+        set.mark_down(1, now);
+        assert_eq!(pick(&[0]), 2);
+        // ... and tried last, once.
+        set.mark_down(2, now);
+        assert_eq!(pick(&[0, 2]), 1);
+        // All down: each is tried once, in round-robin order from the request's start.
+        assert_eq!(set.pick(1, &[], now).0, 1);
+        assert_eq!(set.pick(1, &[1], now).0, 2);
+        assert_eq!(set.pick(1, &[1, 2], now).0, 0);
+    }
 }

@@ -71,6 +71,26 @@ async fn failover_when_one_upstream_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn with_two_of_three_upstreams_down_every_request_finds_the_third() {
+    let mut a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut c = Upstream::start("c").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&a, &b, &c]).set("connect_timeout = \"1s\""));
+    let _px = cfg.start().await;
+    // Down before any request: each request learns it by failing to connect, and a retry
+    // must not pass over b for an upstream not yet known to be down.
+    a.stop();
+    c.stop();
+    let client = plain_client();
+    for i in 0..12 {
+        let echo = get_echo(&client, &cfg.http_url("app.test", &format!("/only-b/{i}"))).await;
+        assert_eq!(echo.upstream, "b", "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn restarted_upstream_gets_traffic_again() {
     let mut a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
