@@ -984,7 +984,10 @@ impl Proxy {
                         tls: asked.tls,
                     };
                     let return_to = format!("{}{}", asked.origin, asked.path_and_query);
-                    self.shared.auth.start_sign_in(oidc, &request, return_to)
+                    let head = session.req_header();
+                    self.shared
+                        .auth
+                        .start_sign_in(oidc, &request, head, return_to)
                 }
                 None => challenge(false),
             },

@@ -1114,6 +1114,42 @@ async fn sign_in_return_urls_are_checked_against_the_served_hosts() {
 // ----- (h) sign-out ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_browser_with_more_cookies_than_are_read_is_told_so_not_sent_round_the_sign_in() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/stuffed");
+    let alice = fx
+        .sign_in(&client(), &page, ALICE, ALICE_PASSWORD)
+        .await
+        .cookie;
+    // A sibling host can fill the jar (cookie bombing): past 8 KiB none is read, not even the
+    // session, and a sign-in would make one that could not be read back either.
+    let padding = format!("pad={}", "x".repeat(9 * 1024));
+    for cookies in [
+        padding.clone(),
+        format!("{SESSION_COOKIE}={alice}; {padding}"),
+    ] {
+        let resp = bare_client()
+            .get(&page)
+            .header(ACCEPT, BROWSER_ACCEPT)
+            .header(COOKIE, cookies)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert!(resp.text().await.unwrap().contains("Too many cookies"));
+    }
+    let resp = bare_client()
+        .get(fx.app_url("/.portcullis/sign_in?rd=%2F"))
+        .header(COOKIE, padding)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Without them, the same session still works.
+    assert_session_works(&page, &alice).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;
     let alice = client();

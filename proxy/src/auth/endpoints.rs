@@ -8,6 +8,7 @@
 //! - `me`: who you are signed in as (HTML, or JSON for `Accept: application/json`).
 
 use http::{header, StatusCode};
+use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -130,7 +131,24 @@ fn browser_cookie(tls: bool, name: &str, value: &str, max_age: u64) -> String {
 impl Auth {
     /// Starts a sign-in that returns to `return_to`: the redirect to the IdP, with the cookie
     /// binding the sign-in to this browser.
-    pub fn start_sign_in(&self, oidc: &OidcConfig, req: &Request<'_>, return_to: String) -> Reply {
+    pub fn start_sign_in(
+        &self,
+        oidc: &OidcConfig,
+        req: &Request<'_>,
+        head: &RequestHeader,
+        return_to: String,
+    ) -> Reply {
+        // The session it would make could not be read back from among these cookies: the
+        // browser would be sent round the sign-in for ever.
+        if super::cookies_past_bound(head) {
+            return Reply::page(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Too many cookies",
+                "<p>Your browser sends this site more cookies than Portcullis reads, so it \
+                 cannot find your sign-in among them. Clear this site's cookies, then reload \
+                 the page.</p>",
+            );
+        }
         // With one cookie for every host, sign-in runs on the auth host, where the callback
         // lands and the browser-binding cookie must be set.
         let auth_host = oidc.auth_host.split(':').next().unwrap_or_default();
@@ -191,7 +209,9 @@ impl Auth {
                 let hosts = served_hosts(config);
                 let rd = param("rd").unwrap_or_else(|| "/".to_owned());
                 match safe_return_url(&rd, req.origin, &hosts) {
-                    Some(return_to) => self.start_sign_in(oidc, req, return_to),
+                    Some(return_to) => {
+                        self.start_sign_in(oidc, req, session.req_header(), return_to)
+                    }
                     None => Reply::page(
                         StatusCode::BAD_REQUEST,
                         "Sign-in link refused",

@@ -477,11 +477,18 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
 /// The value of cookie `name` (see [`crate::cookies`]), from `Cookie` headers of at most
 /// `MAX_COOKIE_BYTES` in all; a header that is not text is skipped.
 pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
-    let values = req.headers.get_all(header::COOKIE);
-    if values.iter().map(|v| v.len()).sum::<usize>() > MAX_COOKIE_BYTES {
+    if cookies_past_bound(req) {
         return None;
     }
+    let values = req.headers.get_all(header::COOKIE);
     crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
+}
+
+/// Whether the request's `Cookie` headers hold more than `MAX_COOKIE_BYTES` in all, past
+/// which none is read: a session among them is not found, and a sign-in would not help.
+pub fn cookies_past_bound(req: &RequestHeader) -> bool {
+    let values = req.headers.get_all(header::COOKIE);
+    values.iter().map(|v| v.len()).sum::<usize>() > MAX_COOKIE_BYTES
 }
 
 #[cfg(test)]
