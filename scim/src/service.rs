@@ -611,7 +611,7 @@ impl ScimService {
 
     async fn create(&self, rt: ResourceType, body: &Value, actor: &str) -> Result<Written> {
         let mut resource = validate_resource(rt, body, Mode::Create)?;
-        let password_hash = hash_password(take_password(&mut resource)).await?;
+        let password_hash = hash_password(take_password(&mut resource)?).await?;
         self.directory
             .write(
                 Command::Create {
@@ -645,7 +645,7 @@ impl ScimService {
             ));
         }
         let mut resource = validate_resource(rt, body, Mode::Replace)?;
-        let password_hash = hash_password(take_password(&mut resource)).await?;
+        let password_hash = hash_password(take_password(&mut resource)?).await?;
         self.directory
             .write(
                 Command::Replace {
@@ -873,16 +873,31 @@ fn parse_json(body: &[u8]) -> Result<Value> {
     serde_json::from_slice(body).map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
 }
 
-fn take_password(resource: &mut Value) -> Option<String> {
-    let obj = resource.as_object_mut()?;
-    let key = obj
+/// Takes `password` out of a resource or a path-less PATCH value, so that only its hash reaches
+/// the store. One that is not a string is refused, never dropped: the request would be answered
+/// as done with the password unchanged.
+fn take_password(resource: &mut Value) -> Result<Option<String>> {
+    let Some(obj) = resource.as_object_mut() else {
+        return Ok(None);
+    };
+    let Some(key) = obj
         .keys()
-        .find(|k| k.eq_ignore_ascii_case("password"))?
-        .clone();
+        .find(|k| k.eq_ignore_ascii_case("password"))
+        .cloned()
+    else {
+        return Ok(None);
+    };
     match obj.remove(&key) {
-        Some(Value::String(password)) => Some(password),
-        _ => None,
+        Some(Value::String(password)) => Ok(Some(password)),
+        _ => Err(password_not_a_string()),
     }
+}
+
+fn password_not_a_string() -> ScimError {
+    ScimError::bad_request(
+        ScimType::InvalidValue,
+        "password can only be set to a string; it cannot be removed",
+    )
 }
 
 /// Takes a new password out of PATCH operations (`path: password`, or a `password` key in a
@@ -903,18 +918,13 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
         if names_password {
             match (op.op, op.value.take()) {
                 (OpKind::Add | OpKind::Replace, Some(Value::String(p))) => password = Some(p),
-                _ => {
-                    return Err(ScimError::bad_request(
-                        ScimType::InvalidValue,
-                        "password can only be set to a string; it cannot be removed",
-                    ))
-                }
+                _ => return Err(password_not_a_string()),
             }
             continue;
         }
         if op.path.is_none() {
             if let Some(value) = op.value.as_mut() {
-                if let Some(p) = take_password(value) {
+                if let Some(p) = take_password(value)? {
                     password = Some(p);
                 }
             }

@@ -843,6 +843,39 @@ async fn passwords_are_accepted_and_never_returned() {
     put["password"] = json!(secret);
     no_leak("PUT", &scim.put(&path, &put).await.expect(200).text);
     no_leak("GET after PUT", &scim.get(&path).await.expect(200).text);
+
+    // A password that is not a string is refused, however it is sent, and changes nothing:
+    // never answered as done with the password left as it was.
+    let version = scim.get(&path).await.expect(200).etag().map(str::to_owned);
+    for (what, ops) in [
+        (
+            "path-less, a number",
+            json!([{"op": "replace", "value": {"password": 123}}]),
+        ),
+        (
+            "path-less, null",
+            json!([{"op": "replace", "value": {"password": null, "title": "x"}}]),
+        ),
+        (
+            "with a path, null",
+            json!([{"op": "replace", "path": "password", "value": null}]),
+        ),
+    ] {
+        scim.patch(&path, &patch_ops(ops))
+            .await
+            .expect_error(400, Some("invalidValue"));
+        let now = scim.get(&path).await.expect(200);
+        assert_eq!(
+            now.etag().map(str::to_owned),
+            version,
+            "{what} changed the user"
+        );
+    }
+    let mut bad_put = scim.get(&path).await.expect(200).body;
+    bad_put["password"] = json!(["not", "a", "string"]);
+    scim.put(&path, &bad_put)
+        .await
+        .expect_error(400, Some("invalidValue"));
 }
 
 /// The current ETag of a group.
