@@ -148,10 +148,7 @@ impl Jwks {
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
-        let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-        if bytes.len() > MAX_JWKS_BYTES {
-            return Err("key set too large".to_owned());
-        }
+        let bytes = super::bounded::body(response, MAX_JWKS_BYTES).await?;
         let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
         let mut by_kid = HashMap::new();

@@ -8,6 +8,7 @@
 //! - [`endpoints`] serves `/.portcullis/sign_in`, `callback`, `sign_out`,
 //!   `backchannel_logout` and `me`, and starts a sign-in when the gate asks for one.
 
+pub mod bounded;
 pub mod endpoints;
 pub mod jwt;
 pub mod oidc;
@@ -436,17 +437,16 @@ impl Auth {
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
         );
-        let doc: Discovery = self
+        let response = self
             .http
             .get(&url)
             .send()
             .await
             .map_err(|e| e.to_string())?
             .error_for_status()
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
             .map_err(|e| e.to_string())?;
+        let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES).await?;
+        let doc: Discovery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         Ok(doc.jwks_uri)
     }
 }

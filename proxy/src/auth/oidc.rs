@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 
 use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
+use super::bounded;
 use super::jwt::{algorithm, Jwks, JwtError};
 use super::sessions::{Kept, Refresh};
 use crate::caller::{add_string_claims, Claims, Identity};
@@ -227,7 +228,7 @@ impl Oidc {
     /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
     pub async fn discover(&self, issuer: &str) -> Result<(), String> {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
-        let metadata = Metadata::discover_async(issuer_url, &self.http)
+        let metadata = Metadata::discover_async(issuer_url, &bounded::Client(self.http.clone()))
             .await
             .map_err(|e| format!("discovery of {issuer} failed: {e}"))?;
         let jwks = Jwks::new(metadata.jwks_uri().url().to_string(), self.http.clone());
@@ -324,7 +325,7 @@ impl Oidc {
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Invalid(e.to_string()))?
             .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
-            .request_async(&self.http)
+            .request_async(&bounded::Client(self.http.clone()))
             .await
             .map_err(|e| match e {
                 openidconnect::RequestTokenError::ServerResponse(r) => {
@@ -490,7 +491,7 @@ impl Oidc {
         let response = client
             .exchange_refresh_token(&RefreshToken::new(current.refresh_token.clone()))
             .map_err(|e| SignInError::Invalid(e.to_string()))?
-            .request_async(&self.http)
+            .request_async(&bounded::Client(self.http.clone()))
             .await;
         let response = match response {
             Ok(response) => response,
@@ -565,7 +566,7 @@ impl Oidc {
                 ))
             })?;
         request
-            .request_async(&self.http)
+            .request_async(&bounded::Client(self.http.clone()))
             .await
             .map_err(|e| match e {
                 openidconnect::UserInfoError::ClaimsVerification(e) => {

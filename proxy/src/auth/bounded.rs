@@ -1,0 +1,77 @@
+//! Responses from identity providers, read no further than a bound: discovery documents, key
+//! sets, token and UserInfo responses. An IdP (or whatever answers in its name, for a key set
+//! URL of a third-party issuer) sending without end cannot make Portcullis hold it all.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use openidconnect::{AsyncHttpClient, HttpClientError, HttpRequest, HttpResponse};
+
+/// The largest response read from an identity provider. Key sets, discovery documents and
+/// token responses are a few kB; a UserInfo response with every group of a large directory
+/// stays well under this.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// `response`'s body, or an error as soon as it is known to be larger than `limit` (at once
+/// when `Content-Length` says so).
+pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let too_large = || format!("the response is larger than {limit} bytes");
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The HTTP client the OpenID Connect flows are given: reqwest's, with bounded responses.
+#[derive(Clone)]
+pub struct Client(pub reqwest::Client);
+
+impl<'c> AsyncHttpClient<'c> for Client {
+    type Error = HttpClientError<reqwest::Error>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<HttpResponse, Self::Error>> + Send + Sync + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request).map_err(Box::new)?;
+            let response = self.0.execute(request).await.map_err(Box::new)?;
+            let mut answer = http::Response::builder()
+                .status(response.status())
+                .version(response.version());
+            for (name, value) in response.headers() {
+                answer = answer.header(name, value);
+            }
+            let body = body(response, MAX_RESPONSE_BYTES)
+                .await
+                .map_err(HttpClientError::Other)?;
+            answer.body(body).map_err(HttpClientError::Http)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(body: Vec<u8>) -> reqwest::Response {
+        reqwest::Response::from(http::Response::new(body))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_up_to_the_bound_and_no_further() {
+        let small = b"{\"keys\": []}".to_vec();
+        assert_eq!(body(response(small.clone()), 64).await, Ok(small));
+        let large = vec![b'x'; 65];
+        assert!(body(response(large), 64).await.is_err());
+    }
+}
