@@ -424,7 +424,11 @@ fn route_from(from: &str) -> Result<From, String> {
     if url.port.is_some() {
         return Err("a port is not allowed in `from`: routes match by host only".to_owned());
     }
-    let host = url.host.to_ascii_lowercase();
+    // An IPv6 literal as requests carry it in `Host`: bracketed (and in its one text form).
+    let host = match url.host.parse::<Ipv6Addr>() {
+        Ok(v6) if url.bracketed => format!("[{v6}]"),
+        _ => url.host.to_ascii_lowercase(),
+    };
     let name = host.strip_prefix("*.").unwrap_or(&host);
     if !url.bracketed && !is_host_name(name) {
         return Err(format!(

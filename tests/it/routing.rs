@@ -64,7 +64,9 @@ async fn host_matching_ignores_case_and_port() {
         .http_listener()
         .route(Route::new("http://app.test", &[&up]))
         // The host in `from` is lower-cased by the config.
-        .route(Route::new("http://Mixed.Test", &[&mixed]));
+        .route(Route::new("http://Mixed.Test", &[&mixed]))
+        // An IPv6 literal, in any of its spellings, is the one a `Host` header carries.
+        .route(Route::new("http://[0:0::1]", &[&mixed]));
     let _px = cfg.start().await;
     let port = cfg.http_addr().port();
 
@@ -75,6 +77,8 @@ async fn host_matching_ignores_case_and_port() {
         ("app.test:1".to_owned(), "a"),
         (format!("mixed.test:{port}"), "mixed"),
         (format!("MIXED.test:{port}"), "mixed"),
+        (format!("[::1]:{port}"), "mixed"),
+        ("[::1]".to_owned(), "mixed"),
     ];
     for (host, expected) in cases {
         let req = format!("GET /case HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
