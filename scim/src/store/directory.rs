@@ -660,6 +660,12 @@ impl Directory {
                 .filter
                 .as_ref()
                 .is_some_and(|f| references_attribute(f, "members"));
+        // A user's (or agent's) `groups` is not stored either: read from the index, as shown.
+        let needs_groups = matches!(rt, ResourceType::User | ResourceType::Agent)
+            && query
+                .filter
+                .as_ref()
+                .is_some_and(|f| references_attribute(f, "groups"));
         let deciding = query
             .filter
             .as_ref()
@@ -714,6 +720,11 @@ impl Directory {
                         self.attach_member_values(row, deciding.as_deref(), &mut resource);
                         matches_checked(filter, &resource, rt)?
                     }
+                    Some(filter) if needs_groups => {
+                        let mut resource = record.resource.clone();
+                        self.attach_group_values(row, &mut resource);
+                        matches_checked(filter, &resource, rt)?
+                    }
                     Some(filter) => matches_checked(filter, &record.resource, rt)?,
                 };
                 if keep {
@@ -754,16 +765,38 @@ impl Directory {
         let members: Vec<Value> = rows
             .into_iter()
             .filter_map(|m| {
-                let id = index
+                let (id, rt) = index
                     .user(m)
-                    .map(|u| u.id)
-                    .or_else(|| index.group(m).map(|g| g.id))
-                    .or_else(|| index.agent(m).map(|a| a.id))?;
-                Some(json!({ "value": format_id(id) }))
+                    .map(|u| (u.id, ResourceType::User))
+                    .or_else(|| index.group(m).map(|g| (g.id, ResourceType::Group)))
+                    .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)))?;
+                Some(json!({ "value": format_id(id), "type": rt.name() }))
             })
             .collect();
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("members".to_owned(), Value::Array(members));
+        }
+    }
+
+    /// Puts the groups member `row` is in into `resource`, as it is shown ([`Self::groups_of`]):
+    /// `value`, `display` and `type` (`direct` or `indirect`).
+    fn attach_group_values(&self, row: Row, resource: &mut Value) {
+        let index = self.index();
+        let groups: Vec<Value> = index
+            .groups_of(row)
+            .into_iter()
+            .filter_map(|(group, direct)| {
+                index.group(group).map(|g| {
+                    json!({
+                        "value": format_id(g.id),
+                        "display": &*g.display_name,
+                        "type": if direct { "direct" } else { "indirect" },
+                    })
+                })
+            })
+            .collect();
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("groups".to_owned(), Value::Array(groups));
         }
     }
 }

@@ -587,6 +587,77 @@ async fn a_group_never_ends_up_inside_itself_at_any_depth() {
 }
 
 #[tokio::test]
+async fn filters_on_groups_and_member_types_read_them_as_they_are_shown() {
+    // Neither a user's `groups` nor a member's `type` is stored: a filter on them reads them
+    // as a GET shows them, never an absence that matches nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let group = |name: &str, members: &[&str]| {
+        let members: Vec<Value> = members.iter().map(|m| json!({"value": m})).collect();
+        json!({"schemas": [GROUP], "displayName": name, "members": members})
+    };
+    let ann = create(&dir, ResourceType::User, user("ann@x"))
+        .await
+        .unwrap()
+        .id;
+    let ben = create(&dir, ResourceType::User, user("ben@x"))
+        .await
+        .unwrap()
+        .id;
+    create(&dir, ResourceType::User, user("cy@x"))
+        .await
+        .unwrap();
+    let ops = create(&dir, ResourceType::Group, group("ops", &[&ben]))
+        .await
+        .unwrap()
+        .id;
+    let eng = create(&dir, ResourceType::Group, group("eng", &[&ann, &ops]))
+        .await
+        .unwrap()
+        .id;
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let both = sorted(vec![ann.clone(), ben.clone()]);
+    let cases: [(ResourceType, String, Vec<String>); 6] = [
+        (
+            ResourceType::User,
+            format!("groups.value eq \"{eng}\""),
+            both.clone(),
+        ),
+        (
+            ResourceType::User,
+            format!("groups[value eq \"{eng}\" and type eq \"direct\"]"),
+            vec![ann.clone()],
+        ),
+        (
+            ResourceType::User,
+            "groups.display eq \"OPS\"".to_owned(),
+            vec![ben.clone()],
+        ),
+        (
+            ResourceType::User,
+            "not (groups pr)".to_owned(),
+            query(&dir, ResourceType::User, "userName eq \"cy@x\""),
+        ),
+        (
+            ResourceType::Group,
+            "members.type eq \"Group\"".to_owned(),
+            vec![eng.clone()],
+        ),
+        (
+            ResourceType::Group,
+            "members[type eq \"User\"]".to_owned(),
+            sorted(vec![eng.clone(), ops.clone()]),
+        ),
+    ];
+    for (rt, filter, want) in cases {
+        assert_eq!(sorted(query(&dir, rt, &filter)), sorted(want), "{filter}");
+    }
+}
+
+#[tokio::test]
 async fn a_user_found_by_a_new_identifier_moves_the_sign_in_epoch() {
     // A deleted user's session is looked up by the name it signed in with: when another user
     // takes that name (or email, or externalId), the session must not become theirs.
