@@ -98,7 +98,8 @@ pub enum Problem {
     Unreadable { value: String, error: PathError },
     #[error(
         "{value:?} is not spelled as Portcullis compares paths: write {normal:?} (letters, \
-         digits and -._~!$&'()*+,=:@ as they are, every other byte as an upper-case %XX)"
+         digits and -._~!$&'()*,=:@ as they are, a raw ; or + as it is, every other byte as an \
+         upper-case %XX)"
     )]
     NotNormal { value: String, normal: String },
 }

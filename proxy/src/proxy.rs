@@ -78,16 +78,17 @@ impl Proxy {
         if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
             strip_own_cookies(headers, &oidc.cookie_name);
         }
-        // On a route that takes bearer tokens, `Authorization` is Portcullis' to read: it goes
-        // on only as a token Portcullis verified, and only where the route says so. A token that
-        // did not verify (expired, or its key not fetched yet) is never passed, whatever let
-        // the request in (a public path, say).
+        // On a route that takes bearer tokens, a bearer token is Portcullis' to read: it goes
+        // on only as one Portcullis verified, and only where the route says so. One that did
+        // not verify (expired, or its key not fetched yet) is never passed, whatever let the
+        // request in (a public path, say). Another scheme (an upstream's own Basic login) is
+        // the upstream's.
         if let Some(route) = &ctx.route {
             let verified = matches!(ctx.caller, Some(Caller::Machine(_)));
             if route.config.accept.contains(&Credential::Bearer)
                 && !(verified && route.config.pass_authorization)
             {
-                headers.remove(header::AUTHORIZATION);
+                remove_bearer_tokens(headers);
             }
         }
         let mut set = |name: HeaderName, value: HeaderValue| {
@@ -1145,6 +1146,32 @@ fn is_reserved(name: &[u8]) -> bool {
     PREFIXES.iter().any(|p| starts(p)) || NAMES.iter().any(|w| equals(w))
 }
 
+/// Removes the `Authorization` values of the `Bearer` scheme (in any case); the others stay.
+fn remove_bearer_tokens(headers: &mut http::HeaderMap) {
+    let is_bearer = |value: &HeaderValue| {
+        let bytes = value.as_bytes();
+        let scheme = bytes
+            .split(|&b| b == b' ' || b == b'\t')
+            .next()
+            .unwrap_or(bytes);
+        scheme.eq_ignore_ascii_case(b"bearer")
+    };
+    if !headers.get_all(header::AUTHORIZATION).iter().any(is_bearer) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|value| !is_bearer(value))
+        .cloned()
+        .collect();
+    headers.remove(header::AUTHORIZATION);
+    for value in kept {
+        // No more values than were just removed: the map has room for them.
+        let _ = headers.try_append(header::AUTHORIZATION, value);
+    }
+}
+
 /// Removes every header [`is_reserved`] names.
 fn strip_reserved_headers(headers: &mut http::HeaderMap) {
     let reserved = |name: &HeaderName| is_reserved(name.as_str().as_bytes());
@@ -1488,6 +1515,23 @@ mod tests {
         let mut names: Vec<&str> = req.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["x-forwarded", "x-request-id"]);
+    }
+
+    #[test]
+    fn bearer_tokens_are_removed_and_other_schemes_kept() {
+        let mut req = header_map(&[
+            ("Authorization", "Bearer abc"),
+            ("Authorization", "Basic dXNlcjpwYXNz"),
+            ("Authorization", "bEaReR\tdef"),
+            ("Authorization", "Bearer"),
+        ]);
+        remove_bearer_tokens(&mut req);
+        let left: Vec<&str> = req
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["Basic dXNlcjpwYXNz"]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ const AUDIT_ROUTE: &str = "oidc";
 /// The cookies carrying sign-ins in progress are named this, `_`, and a digest of the state.
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
 /// The same on TLS (see [`browser_cookie_prefix`]).
-const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
+pub const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 

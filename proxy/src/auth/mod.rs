@@ -477,18 +477,36 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
 /// The value of cookie `name` (see [`crate::cookies`]), from `Cookie` headers of at most
 /// `MAX_COOKIE_BYTES` in all; a header that is not text is skipped.
 pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
-    if cookies_past_bound(req) {
+    let values = req.headers.get_all(header::COOKIE);
+    if past_bound(&values) {
         return None;
     }
-    let values = req.headers.get_all(header::COOKIE);
     crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
 }
 
 /// Whether the request's `Cookie` headers hold more than `MAX_COOKIE_BYTES` in all, past
 /// which none is read: a session among them is not found, and a sign-in would not help.
+///
+/// Sign-ins in progress on TLS are not counted: `__Host-` cookies only this host sets, a
+/// sealed return URL each, sent with every request while they last. Several tabs sent to
+/// sign in at once must not hide the session the first of them comes back with.
 pub fn cookies_past_bound(req: &RequestHeader) -> bool {
-    let values = req.headers.get_all(header::COOKIE);
-    values.iter().map(|v| v.len()).sum::<usize>() > MAX_COOKIE_BYTES
+    past_bound(&req.headers.get_all(header::COOKIE))
+}
+
+fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
+    let total = values.iter().map(|v| v.len()).sum::<usize>();
+    if total <= MAX_COOKIE_BYTES {
+        return false;
+    }
+    let signing_in: usize = values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(crate::cookies::pairs)
+        .filter(|(name, _)| name.starts_with(endpoints::HOST_BROWSER_COOKIE))
+        .map(|(name, value)| name.len() + value.len() + 2)
+        .sum();
+    total.saturating_sub(signing_in) > MAX_COOKIE_BYTES
 }
 
 #[cfg(test)]
@@ -515,6 +533,30 @@ mod tests {
         let padding = format!("pad={}", "x".repeat(MAX_COOKIE_BYTES));
         req.append_header("cookie", padding).unwrap();
         assert_eq!(cookie(&req, "portcullis_session"), None);
+        assert!(cookies_past_bound(&req));
+
+        // Many sign-ins in progress on TLS (this host's own `__Host-` cookies) do not count;
+        // the same names without the prefix, which any sibling host can set, do.
+        let pending = |prefix: &str| {
+            (0..20)
+                .map(|i| format!("{prefix}_{i:016x}={}", "s".repeat(600)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        for (prefix, counted) in [
+            (endpoints::HOST_BROWSER_COOKIE, false),
+            (endpoints::BROWSER_COOKIE, true),
+        ] {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.append_header(
+                "cookie",
+                format!("portcullis_session=abc; {}", pending(prefix)),
+            )
+            .unwrap();
+            assert_eq!(cookies_past_bound(&req), counted, "{prefix}");
+            let found = cookie(&req, "portcullis_session");
+            assert_eq!(found, (!counted).then_some("abc"), "{prefix}");
+        }
     }
 
     #[test]
