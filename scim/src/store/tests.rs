@@ -43,6 +43,17 @@ async fn create(dir: &Directory, rt: ResourceType, body: Value) -> Result<Writte
     .await
 }
 
+/// A group named `name` with members of those ids.
+fn group(name: &str, members: &[&str]) -> Value {
+    let members: Vec<Value> = members.iter().map(|m| json!({"value": m})).collect();
+    json!({"schemas": [GROUP], "displayName": name, "members": members})
+}
+
+/// The id of a resource created from `body`.
+async fn created(dir: &Directory, rt: ResourceType, body: Value) -> String {
+    create(dir, rt, body).await.unwrap().id
+}
+
 async fn patch(
     dir: &Directory,
     rt: ResourceType,
@@ -530,30 +541,14 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
 async fn a_group_never_ends_up_inside_itself_at_any_depth() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = open(tmp.path());
-    let group = |name: &str, members: &[&str]| {
-        let members: Vec<Value> = members.iter().map(|m| json!({"value": m})).collect();
-        json!({"schemas": [GROUP], "displayName": name, "members": members})
-    };
     let add = |member: &str| {
         patch_body(json!([{"op": "add", "path": "members", "value": [{"value": member}]}]))
     };
-    let u = create(&dir, ResourceType::User, user("u@x"))
-        .await
-        .unwrap()
-        .id;
+    let u = created(&dir, ResourceType::User, user("u@x")).await;
     // inner ⊂ middle ⊂ outer, and inner holds a user.
-    let inner = create(&dir, ResourceType::Group, group("inner", &[&u]))
-        .await
-        .unwrap()
-        .id;
-    let middle = create(&dir, ResourceType::Group, group("middle", &[&inner]))
-        .await
-        .unwrap()
-        .id;
-    let outer = create(&dir, ResourceType::Group, group("outer", &[&middle]))
-        .await
-        .unwrap()
-        .id;
+    let inner = created(&dir, ResourceType::Group, group("inner", &[&u])).await;
+    let middle = created(&dir, ResourceType::Group, group("middle", &[&inner])).await;
+    let outer = created(&dir, ResourceType::Group, group("outer", &[&middle])).await;
     for (into, member) in [
         (&inner, &outer),
         (&inner, &middle),
@@ -571,10 +566,7 @@ async fn a_group_never_ends_up_inside_itself_at_any_depth() {
     patch(&dir, ResourceType::Group, &outer, add(&inner))
         .await
         .unwrap();
-    let top = create(&dir, ResourceType::Group, group("top", &[&outer]))
-        .await
-        .unwrap()
-        .id;
+    let top = created(&dir, ResourceType::Group, group("top", &[&outer])).await;
     let names: Vec<String> = dir.groups_of(&u).into_iter().map(|g| g.display).collect();
     for name in ["inner", "middle", "outer", "top"] {
         assert!(names.iter().any(|n| n == name), "{name}: {names:?}");
@@ -592,29 +584,13 @@ async fn filters_on_groups_and_member_types_read_them_as_they_are_shown() {
     // as a GET shows them, never an absence that matches nothing.
     let tmp = tempfile::tempdir().unwrap();
     let dir = open(tmp.path());
-    let group = |name: &str, members: &[&str]| {
-        let members: Vec<Value> = members.iter().map(|m| json!({"value": m})).collect();
-        json!({"schemas": [GROUP], "displayName": name, "members": members})
-    };
-    let ann = create(&dir, ResourceType::User, user("ann@x"))
-        .await
-        .unwrap()
-        .id;
-    let ben = create(&dir, ResourceType::User, user("ben@x"))
-        .await
-        .unwrap()
-        .id;
+    let ann = created(&dir, ResourceType::User, user("ann@x")).await;
+    let ben = created(&dir, ResourceType::User, user("ben@x")).await;
     create(&dir, ResourceType::User, user("cy@x"))
         .await
         .unwrap();
-    let ops = create(&dir, ResourceType::Group, group("ops", &[&ben]))
-        .await
-        .unwrap()
-        .id;
-    let eng = create(&dir, ResourceType::Group, group("eng", &[&ann, &ops]))
-        .await
-        .unwrap()
-        .id;
+    let ops = created(&dir, ResourceType::Group, group("ops", &[&ben])).await;
+    let eng = created(&dir, ResourceType::Group, group("eng", &[&ann, &ops])).await;
     let sorted = |mut ids: Vec<String>| {
         ids.sort();
         ids
