@@ -390,6 +390,29 @@ pub fn gains_identifier(before: &Value, after: &Value) -> bool {
         || emails_of(after).iter().any(|e| !old_emails.contains(e))
 }
 
+/// The emails (folded) and `externalId` a user had in `before` and has not in `after` (`None`:
+/// deleted): values another user may hold too, who is then found by them alone.
+pub fn released_identifiers<'v>(
+    before: &'v Value,
+    after: Option<&Value>,
+) -> (Vec<Box<str>>, Option<&'v str>) {
+    let kept = after.map(emails_of).unwrap_or_default();
+    let emails = emails_of(before)
+        .into_vec()
+        .into_iter()
+        .filter(|e| !kept.contains(e))
+        .collect();
+    let external_id = str_field(before, "externalId")
+        .filter(|id| after.and_then(|a| str_field(a, "externalId")) != Some(*id));
+    (emails, external_id)
+}
+
+/// Whether user `resource` holds any of `emails` (folded) or `external_id`.
+pub fn holds_any(resource: &Value, emails: &[Box<str>], external_id: Option<&str>) -> bool {
+    emails_of(resource).iter().any(|e| emails.contains(e))
+        || external_id.is_some_and(|id| str_field(resource, "externalId") == Some(id))
+}
+
 pub fn user_entry(record: &Record) -> Option<UserEntry> {
     let resource = &record.resource;
     Some(UserEntry {

@@ -58,10 +58,11 @@ pub struct Record {
     pub password_hash: Option<String>,
     /// For a User: the change sequence from which sign-ins count. Set at creation, whenever
     /// the user is deactivated or re-activated, and when it gains a `userName`, email or
-    /// `externalId` it did not have, so a session that began before it is over for good: one
-    /// from before a deactivation stays over after a re-activation, one begun while inactive
-    /// does not come to life with it, and one signed in by a value another user had (a
-    /// deleted one's) does not pass to this one.
+    /// `externalId` it did not have, or is left alone with one that another user gave up, so a
+    /// session that began before it is over for good: one from before a deactivation stays
+    /// over after a re-activation, one begun while inactive does not come to life with it,
+    /// and one signed in by a value another user had (a deleted one's), or shared, does not
+    /// pass to this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since: Option<Seq>,
     /// A deleted User, kept as its identifiers only (`userName`, `emails`, `externalId`), so

@@ -634,6 +634,65 @@ async fn filters_on_groups_and_member_types_read_them_as_they_are_shown() {
 }
 
 #[tokio::test]
+async fn a_user_left_alone_with_a_shared_identifier_moves_the_sign_in_epoch() {
+    // Two users share an email: a session signed in by it names both and is refused. When one
+    // of them gives the email up (or is deleted), it names the other alone: that session must
+    // not pass to them.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let epoch = |name| {
+        dir.with_subject(SubjectKey::UserName(name), |v| {
+            v.found().map(|v| v.user.valid_since)
+        })
+    };
+    let sharing = |name: &str| {
+        let mut body = user(name);
+        body["emails"] = json!([{"value": name, "primary": true}, {"value": "team@x"}]);
+        body["externalId"] = json!("shared");
+        body
+    };
+    let bob = create(&dir, ResourceType::User, sharing("bob@x"))
+        .await
+        .unwrap();
+    let carol = create(&dir, ResourceType::User, sharing("carol@x"))
+        .await
+        .unwrap();
+    let dan = create(&dir, ResourceType::User, user("dan@x"))
+        .await
+        .unwrap();
+    assert_eq!(epoch("carol@x"), Some(carol.seq));
+    // Bob gives up the shared email: carol holds it alone now.
+    let drop_email = patch_body(json!([{"op": "remove", "path": "emails[value eq \"team@x\"]"}]));
+    let dropped = patch(&dir, ResourceType::User, &bob.id, drop_email)
+        .await
+        .unwrap();
+    assert_eq!(epoch("carol@x"), Some(dropped.seq), "a released email");
+    assert_eq!(
+        epoch("bob@x"),
+        Some(bob.seq),
+        "the one who gave it up keeps his"
+    );
+    // Bob is deleted: the externalId they shared is carol's alone.
+    dir.write(
+        Command::Delete {
+            rt: ResourceType::User,
+            id: bob.id.clone(),
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let after = epoch("carol@x").unwrap();
+    assert!(after > dropped.seq, "a released externalId");
+    assert_eq!(
+        epoch("dan@x"),
+        Some(dan.seq),
+        "a user holding neither is left as he was"
+    );
+}
+
+#[tokio::test]
 async fn a_user_found_by_a_new_identifier_moves_the_sign_in_epoch() {
     // A deleted user's session is looked up by the name it signed in with: when another user
     // takes that name (or email, or externalId), the session must not become theirs.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::index::{etag, fold, gains_identifier, Index};
+use super::index::{etag, fold, gains_identifier, holds_any, released_identifiers, Index};
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
@@ -292,6 +292,9 @@ impl<'a> Overlay<'a> {
         actor: &str,
     ) -> Result<Written, ScimError> {
         self.seq += 1;
+        if rt == ResourceType::User {
+            self.release_identifiers(row, &current.resource, None)?;
+        }
         // Out of every group it was in, and (a group) emptied of its members. The groups it
         // leaves show other members now: a new version, or a client holding the old ETag
         // would be told its copy still stands.
@@ -431,6 +434,9 @@ impl<'a> Overlay<'a> {
                 }
             }
         };
+        if let (ResourceType::User, Some(previous)) = (rt, previous) {
+            self.release_identifiers(row, &previous.resource, Some(&resource))?;
+        }
         let record = Record {
             resource,
             password_hash,
@@ -474,6 +480,41 @@ impl<'a> Overlay<'a> {
             meta.insert("version".to_owned(), Value::String(etag(self.seq)));
         }
         self.put_record(rt, row, Some(record));
+        Ok(())
+    }
+
+    /// Moves `valid_since` of the other users still holding an email or `externalId` that user
+    /// `row` gave up (`after`: `None` when deleted). A session signed in by such a value while
+    /// it named two users was refused as naming both; found by one of them alone now, it must
+    /// not pass to them.
+    fn release_identifiers(
+        &mut self,
+        row: Row,
+        before: &Value,
+        after: Option<&Value>,
+    ) -> Result<(), ScimError> {
+        let (emails, external_id) = released_identifiers(before, after);
+        let mut holders: Vec<Row> = emails
+            .iter()
+            .flat_map(|email| self.index.users_by_email(email))
+            .chain(
+                external_id
+                    .into_iter()
+                    .flat_map(|id| self.index.users_by_external_id(id)),
+            )
+            .filter(|&holder| holder != row)
+            .collect();
+        holders.sort_unstable();
+        holders.dedup();
+        for holder in holders {
+            let Some(mut record) = self.record(ResourceType::User, holder)? else {
+                continue;
+            };
+            if holds_any(&record.resource, &emails, external_id) {
+                record.valid_since = Some(self.seq);
+                self.put_record(ResourceType::User, holder, Some(record));
+            }
+        }
         Ok(())
     }
 
