@@ -383,11 +383,11 @@ fn emails_of(resource: &Value) -> Box<[Box<str>]> {
 /// that was looked up by such a value named someone else, or nobody.
 pub fn gains_identifier(before: &Value, after: &Value) -> bool {
     let user_name = |r| str_field(r, "userName").map(fold);
-    let old_emails = emails_of(before);
+    // What `after` has and `before` had not is what `before`, read backwards, gave up.
+    let (emails, external_id) = released_identifiers(after, Some(before));
     user_name(after).is_some_and(|name| user_name(before) != Some(name))
-        || str_field(after, "externalId")
-            .is_some_and(|id| str_field(before, "externalId") != Some(id))
-        || emails_of(after).iter().any(|e| !old_emails.contains(e))
+        || external_id.is_some()
+        || !emails.is_empty()
 }
 
 /// The emails (folded) and `externalId` a user had in `before` and has not in `after` (`None`:
