@@ -115,6 +115,7 @@ fn client_token(client_id: &str) -> Caller {
         client_id: Some(client_id.into()),
         groups: Vec::new(),
         expires: u64::MAX,
+        issued: Some(u64::MAX),
         for_itself: true,
         email: None,
         email_verified: None,

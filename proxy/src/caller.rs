@@ -105,6 +105,9 @@ pub struct Machine {
     /// Unix seconds from which the token no longer vouches for the machine: its `exp` plus
     /// the issuer's leeway.
     pub expires: u64,
+    /// Its `iat`, Unix seconds: a token issued before its user's record began (created,
+    /// re-activated, given a new identifier) is not theirs, or no longer.
+    pub issued: Option<u64>,
     /// Who acts for the token's subject, when the token is delegated (RFC 8693 §4.1 `act`):
     /// an agent acting for a person. Only the current actor counts; earlier ones (an `act`
     /// inside `act`) are not judged.

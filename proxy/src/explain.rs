@@ -120,6 +120,8 @@ fn client_token(client: &str, subject: &str, claims: Claims) -> Machine {
         email_verified: None,
         claims,
         expires: u64::MAX,
+        // Issued just now, after every change so far.
+        issued: Some(u64::MAX),
         act: None,
     }
 }

@@ -145,8 +145,9 @@ pub enum Refused {
 }
 
 impl Refused {
-    /// Whether the session the request carried is over and must be ended.
-    pub fn revokes_session(&self) -> bool {
+    /// Whether the credential the request carried is older than its user's record: a
+    /// session then is over and must be ended; a token will never pass.
+    pub fn revoked(&self) -> bool {
         matches!(
             self,
             Refused::SignIn { revoked: true } | Refused::Challenge { revoked: true, .. }
@@ -337,18 +338,31 @@ pub struct DirectoryView {
     pub outlived: bool,
 }
 
-/// Whether a session from directory sequence `epoch` (`None`: not a session) began before
-/// `valid_since`: before the user was last created, re-activated or given a new identifier,
-/// so that it is not theirs, or no longer.
-fn outlived(epoch: Option<Seq>, valid_since: Seq) -> bool {
-    epoch.is_some_and(|epoch| epoch < valid_since)
+/// Whether the caller's credential is older than `user`'s record as it stands: a session that
+/// began, or a token issued (`iat`), before the user was last created, re-activated or given
+/// a new identifier, so that it is not theirs, or no longer. A session is dated by the
+/// directory's change sequence, a token by the IdP's clock against the writer's (a token
+/// issued in the seconds after a re-activation by an IdP whose clock is behind is refused
+/// until a newer one is). A token without `iat` cannot show it is not older; it passes only
+/// for a record written before its time was kept. A deactivated user's token is not judged
+/// by its age: it is refused as theirs, with that reason.
+fn outlived(principal: Principal<'_>, user: &UserEntry) -> bool {
+    match principal {
+        Principal::Person(identity) => identity.directory_seq < user.valid_since,
+        Principal::Machine(token) => {
+            user.active
+                && user.valid_since_unix > 0
+                && token.issued.is_none_or(|iat| iat < user.valid_since_unix)
+        }
+    }
 }
 
 /// The outcome of judging a caller the gate could look up.
 enum Judged {
     Allow(Pass),
     Refuse(Refusal),
-    /// The session began before the user was deactivated or re-created.
+    /// The session began, or the token was issued, before the user was last created,
+    /// re-activated or given a new identifier ([`outlived`]).
     Revoked,
 }
 
@@ -397,8 +411,11 @@ impl Gate<'_> {
                 }
             }
             Judged::Refuse(refusal) => Admission::Refuse(Refused::Forbid(refusal)),
-            // The session is over for good: the person signs in again.
-            Judged::Revoked => unauthenticated(facts, false, true),
+            // The session is over for good: the person signs in again. A token is invalid:
+            // its client needs a new one.
+            Judged::Revoked => {
+                unauthenticated(facts, matches!(principal, Principal::Machine(_)), true)
+            }
         }
     }
 
@@ -694,7 +711,6 @@ impl Gate<'_> {
             Principal::Machine(token) if !token.for_itself => SubjectKind::Person,
             Principal::Machine(_) => SubjectKind::Machine,
         };
-        let session_epoch = session_epoch(principal);
         self.directory.with_subject(key, |lookup| {
             let view = match lookup {
                 Lookup::Found(view) => view,
@@ -734,7 +750,7 @@ impl Gate<'_> {
                     });
                 }
             };
-            if outlived(session_epoch, view.user.valid_since) {
+            if outlived(principal, view.user) {
                 return Judged::Revoked;
             }
             let groups = group_refs(&view.groups);
@@ -778,17 +794,9 @@ impl Gate<'_> {
                     .iter()
                     .map(|g| g.display_name.to_string())
                     .collect(),
-                outlived: outlived(session_epoch(principal), view.user.valid_since),
+                outlived: outlived(principal, view.user),
             })
         })
-    }
-}
-
-/// The directory sequence a caller's session began at; `None` for a token.
-fn session_epoch(principal: Principal<'_>) -> Option<Seq> {
-    match principal {
-        Principal::Person(identity) => Some(identity.directory_seq),
-        Principal::Machine(_) => None,
     }
 }
 
@@ -1698,6 +1706,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_issued_before_its_user_was_re_activated_or_re_created_is_invalid() {
+        let world = world().await;
+        let bot = world.id_of(BOT);
+        let judge = |token: &Machine| {
+            world.gate().admit(
+                &facts(&world, 1, "GET", "/v1"),
+                Presented::Caller(Principal::Machine(token)),
+            )
+        };
+        let invalid = Admission::Refuse(Refused::Challenge {
+            invalid_token: true,
+            revoked: true,
+        });
+        let issued = |iat: Option<u64>| Machine {
+            issued: iat,
+            ..machine(BOT)
+        };
+        world.set_active(&bot, false).await;
+        world.set_active(&bot, true).await;
+        let now = crate::clock::now_unix();
+        // Issued before the re-activation (a second before, at the least: `iat` is in
+        // seconds), or not saying when: refused as invalid, so its client gets a new one.
+        assert_eq!(judge(&issued(Some(now - 1))), invalid);
+        assert_eq!(judge(&issued(None)), invalid);
+        // Issued since: in.
+        allowed(judge(&issued(Some(now))));
+        allowed(judge(&issued(Some(now + 60))));
+        // A user written before the time was kept: any token, as before.
+        let entry = |unix| UserEntry {
+            id: 1,
+            user_name: "bot".into(),
+            external_id: None,
+            emails: Box::new([]),
+            active: true,
+            version: 1,
+            valid_since: 5,
+            valid_since_unix: unix,
+            parents: Vec::new(),
+        };
+        assert!(!outlived(Principal::Machine(&issued(None)), &entry(0)));
+        assert!(outlived(Principal::Machine(&issued(None)), &entry(now)));
+    }
+
+    #[tokio::test]
     async fn an_unknown_machine_is_not_in_the_directory() {
         let world = world().await;
         let ghost = machine("ghost");
@@ -2079,13 +2131,13 @@ mod tests {
 
     #[test]
     fn only_a_revocation_ends_the_session() {
-        assert!(Refused::SignIn { revoked: true }.revokes_session());
+        assert!(Refused::SignIn { revoked: true }.revoked());
         assert!(Refused::Challenge {
             invalid_token: false,
             revoked: true
         }
-        .revokes_session());
-        assert!(!Refused::SignIn { revoked: false }.revokes_session());
+        .revoked());
+        assert!(!Refused::SignIn { revoked: false }.revoked());
         assert!(!Refused::Forbid(Refusal {
             who: None,
             rule: None,
@@ -2093,7 +2145,7 @@ mod tests {
             reason: String::new(),
             agent: None,
         })
-        .revokes_session());
+        .revoked());
     }
 
     /// A route for agents owned by `eng` members, and for `eng` people.

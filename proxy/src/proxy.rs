@@ -945,24 +945,35 @@ impl Proxy {
         refused: Refused,
     ) -> Result<bool> {
         let audit = &self.shared.audit;
-        if let (true, Some(caller @ Caller::Person { session: key, .. })) =
-            (refused.revokes_session(), authentication.caller())
-        {
-            // Deactivated (or re-created) since this person signed in: the session is over
-            // for good. Ended in the background: every replica's gate refuses the session
-            // meanwhile, so this refusal need not wait for the store and the other replicas.
-            let (shared, key) = (self.shared.clone(), *key);
-            tokio::spawn(async move {
-                if let Err(e) = shared.auth.sessions.end(&[key]).await {
-                    tracing::error!("cannot end a revoked session: {e}");
-                }
-            });
-            let who = caller.log_name();
-            let reason = format!(
-                "the session began before {who} was deactivated or re-created in the \
-                 directory: it is over, and {who} must sign in again"
-            );
-            audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+        match (refused.revoked(), authentication.caller()) {
+            (true, Some(caller @ Caller::Person { session: key, .. })) => {
+                // Deactivated (or re-created) since this person signed in: the session is
+                // over for good. Ended in the background: every replica's gate refuses the
+                // session meanwhile, so this refusal need not wait for the store and the
+                // other replicas.
+                let (shared, key) = (self.shared.clone(), *key);
+                tokio::spawn(async move {
+                    if let Err(e) = shared.auth.sessions.end(&[key]).await {
+                        tracing::error!("cannot end a revoked session: {e}");
+                    }
+                });
+                let who = caller.log_name();
+                let reason = format!(
+                    "the session began before {who} was deactivated or re-created in the \
+                     directory: it is over, and {who} must sign in again"
+                );
+                audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+            }
+            (true, Some(caller @ Caller::Machine(_))) => {
+                let who = caller.log_name();
+                let reason = format!(
+                    "the bearer token was issued before {who} was last created, re-activated \
+                     or given a new identifier in the directory (or carries no iat): it is \
+                     not theirs, or no longer, and its client needs a new one"
+                );
+                audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+            }
+            _ => {}
         }
         if let Some(why) = authentication.refused_token() {
             // Whether answered 401 or sent to sign in (a browser's page on a route that also

@@ -18,6 +18,7 @@ use portcullis_scim::store::Directory;
 use crate::assertion::Signer;
 use crate::audit::Audit;
 use crate::auth::Auth;
+use crate::caller::Caller;
 use crate::gate::{Admission, Forwards, Gate, Refused};
 use crate::metrics::RouteMetrics;
 use crate::routes::{CompiledRoute, RouteTable};
@@ -276,10 +277,18 @@ impl Shared {
                 refusal.rule.as_deref(),
                 refusal.reason.as_str(),
             ),
-            Admission::Refuse(r) if r.revokes_session() => (
+            Admission::Refuse(r) if r.revoked() => (
                 open.caller.log_name(),
                 None,
-                "the user was deactivated or re-created since signing in",
+                match open.caller {
+                    Caller::Person { .. } => {
+                        "the user was deactivated or re-created since signing in"
+                    }
+                    Caller::Machine(_) => {
+                        "the token was issued before the user was last created, re-activated \
+                         or given a new identifier"
+                    }
+                },
             ),
             Admission::Refuse(Refused::Challenge {
                 invalid_token: true,

@@ -345,6 +345,8 @@ pub fn machine(subject: &str) -> Machine {
         client_id: None,
         groups: Vec::new(),
         expires: u64::MAX,
+        // Issued after every change so far.
+        issued: Some(u64::MAX),
         for_itself: true,
         email: None,
         email_verified: None,

@@ -94,6 +94,7 @@ pub fn populate(
                 resource,
                 password_hash: None,
                 valid_since: Some(0),
+                valid_since_unix: None,
                 retired: false,
             }),
         ));
@@ -120,6 +121,7 @@ pub fn populate(
                 resource,
                 password_hash: None,
                 valid_since: Some(0),
+                valid_since_unix: None,
                 retired: false,
             }),
         ));
@@ -186,6 +188,7 @@ fn record(resource: serde_json::Value) -> Record {
         resource,
         password_hash: None,
         valid_since: None,
+        valid_since_unix: None,
         retired: false,
     }
 }

@@ -34,6 +34,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::signin::now_unix;
 use crate::signin::{
     assert_session_refused, assert_session_works, bare_client, client, get_with_session,
     idp_for_app_test, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
@@ -849,8 +850,42 @@ async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() 
     )
     .await;
 
-    // A machine has no session to end: re-activated, the same token works again.
+    // Re-activated (its secret rotated, say), it does not get its old tokens back: one issued
+    // before is invalid, audited, and its client gets a new one. `iat` is in seconds: the
+    // re-activation waits for the token's second to pass.
+    let iat = jwt_claims(&token)["iat"]
+        .as_u64()
+        .expect("the token has an iat");
+    let bound = Instant::now() + Duration::from_secs(5);
+    while now_unix() <= iat {
+        assert!(Instant::now() < bound, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     t.set_active(&t.machine_id, true).await.expect_success();
+    let resp = bare_client()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = resp.headers()[reqwest::header::WWW_AUTHENTICATE].to_str();
+    assert!(challenge.unwrap().contains("invalid_token"));
+    let records = crate::audit::audit_json_until(&t.fx.px, &[], |r| {
+        crate::audit::of_event(r, "refusal")
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().contains("issued before"))
+    })
+    .await;
+    let refusal = crate::audit::of_event(&records, "refusal")
+        .into_iter()
+        .find(|r| r["reason"].as_str().unwrap().contains("issued before"))
+        .cloned()
+        .unwrap();
+    let who = refusal["user"].as_str().unwrap();
+    assert!(who.starts_with(&format!("{MACHINE_ID}@")), "{refusal}");
+    assert_eq!(refusal["path"], "/v1/jobs", "{refusal}");
+    let token = t.machine_token().await;
     let resp = bare_client()
         .get(&url)
         .bearer_auth(&token)

@@ -297,11 +297,12 @@ where
 async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
     let fleet = Fleet::start().await;
     let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
-    let token = fleet.token().await;
     let urls: Vec<String> = [&a, &b, &c].iter().map(|r| r.api_url("/v1/jobs")).collect();
 
-    // Provisioned on A: once answered, B and C admit the machine on their first request.
+    // Provisioned on A: once answered, B and C admit the machine on their first request. (A
+    // token issued before its user was created is not the user's: fetched after.)
     let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let token = fleet.token().await;
     let eng = a
         .scim
         .create_group("eng", &[&machine])
@@ -333,8 +334,10 @@ async fn a_scim_answer_on_one_replica_holds_on_every_replica_under_load() {
         REFUSED,
     )
     .await;
-    // Re-activated on B; removed from the group on C, under load on A and B.
+    // Re-activated on B (its tokens from before are over: it gets a new one); removed from
+    // the group on C, under load on A and B.
     set_active(&b.scim, &machine, true).await.expect_success();
+    let token = fleet.token().await;
     for url in &urls {
         assert_eq!(status(url, &token).await, 200, "{url} after re-activation");
     }
@@ -706,8 +709,8 @@ async fn a_replica_that_shuts_down_leaves_the_fleet_and_holds_up_no_write() {
 async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_admit_the_revoked() {
     let fleet = Fleet::start().await;
     let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
-    let token = fleet.token().await;
     let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let token = fleet.token().await;
     a.scim
         .create_group("eng", &[&machine])
         .await
@@ -762,8 +765,8 @@ async fn a_late_replica_and_one_cut_off_past_max_staleness_catch_up_and_never_ad
 async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_restarting() {
     let mut fleet = Fleet::start().await;
     let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
-    let token = fleet.token().await;
     let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let token = fleet.token().await;
     let other = a
         .scim
         .create_user("other-agent")

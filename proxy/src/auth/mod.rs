@@ -106,6 +106,8 @@ struct MachineClaims {
     sub: String,
     exp: u64,
     #[serde(default)]
+    iat: Option<u64>,
+    #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
     azp: Option<String>,
@@ -354,6 +356,7 @@ impl Auth {
             client_id: claims.client_id.or(claims.azp),
             groups: claims.groups,
             expires: valid_until,
+            issued: claims.iat,
             for_itself,
             email: claims.email,
             email_verified: claims.email_verified,

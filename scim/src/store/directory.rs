@@ -6,7 +6,6 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::thread;
 
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
@@ -1092,9 +1091,7 @@ impl Writer<'_> {
 
     fn write(&self, writes: Vec<Write>, settle: &mpsc::Sender<Settled>) {
         for _ in 0..MAX_ATTEMPTS {
-            let now = (self.clock)()
-                .format(&Rfc3339)
-                .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+            let now = (self.clock)();
             let (results, batch) = {
                 let Ok(guard) = self.index.read() else {
                     return fail_all(writes, "the directory index is unusable");

@@ -42,6 +42,8 @@ pub struct UserEntry {
     /// Sessions that began before this change sequence are no longer valid (see
     /// [`Record::valid_since`]).
     pub valid_since: Seq,
+    /// When `valid_since` last moved, in Unix seconds; 0 if not known ([`Record::valid_since_unix`]).
+    pub valid_since_unix: u64,
     /// The groups this user is directly in.
     pub parents: Vec<Row>,
 }
@@ -428,6 +430,7 @@ pub fn user_entry(record: &Record) -> Option<UserEntry> {
             .unwrap_or(true),
         version: version_of(resource),
         valid_since: record.valid_since.unwrap_or(0),
+        valid_since_unix: record.valid_since_unix.unwrap_or(0),
         parents: Vec::new(),
     })
 }
@@ -910,7 +913,13 @@ impl Index {
         let fast = matches!(rt, ResourceType::User | ResourceType::Group)
             .then(|| serde_json::from_slice::<StoredFields<'_>>(json).ok())
             .flatten()
-            .and_then(|stored| stored.resource.entry(rt, stored.valid_since.unwrap_or(0)));
+            .and_then(|stored| {
+                let valid_since = (
+                    stored.valid_since.unwrap_or(0),
+                    stored.valid_since_unix.unwrap_or(0),
+                );
+                stored.resource.entry(rt, valid_since)
+            });
         match fast {
             Some(Entry::User(entry)) => self.insert_user(row, entry),
             Some(Entry::Group(entry)) => self.insert_group(row, entry),
@@ -1143,6 +1152,8 @@ struct StoredFields<'a> {
     resource: Fields<'a>,
     #[serde(default)]
     valid_since: Option<Seq>,
+    #[serde(default)]
+    valid_since_unix: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1188,7 +1199,8 @@ struct MetaField<'a> {
 }
 
 impl Fields<'_> {
-    fn entry(self, rt: ResourceType, valid_since: Seq) -> Option<Entry> {
+    /// `valid_since`: the sequence and its Unix time.
+    fn entry(self, rt: ResourceType, valid_since: (Seq, u64)) -> Option<Entry> {
         let id = parse_id(&self.id)?;
         let version = self
             .meta
@@ -1209,7 +1221,8 @@ impl Fields<'_> {
                 })),
                 active: self.active.unwrap_or(true),
                 version,
-                valid_since,
+                valid_since: valid_since.0,
+                valid_since_unix: valid_since.1,
                 parents: Vec::new(),
             }),
             ResourceType::Group => Entry::Group(GroupEntry {

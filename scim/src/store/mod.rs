@@ -65,6 +65,11 @@ pub struct Record {
     /// pass to this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since: Option<Seq>,
+    /// When `valid_since` last moved, in Unix seconds by the writer's clock: a bearer token
+    /// issued (`iat`) before it was issued to someone else, or before a deactivation.
+    /// `None` in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_since_unix: Option<u64>,
     /// A deleted User, kept as its identifiers only (`userName`, `emails`, `externalId`), so
     /// that a token naming them is known to name someone the IdP removed ([`Lookup::Deleted`]).
     /// Never served, never found by id.

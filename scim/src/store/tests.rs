@@ -538,6 +538,45 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
 }
 
 #[tokio::test]
+async fn the_sign_in_epoch_keeps_its_time_for_bearer_tokens() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AtomicI64::new(1_000));
+    let open_at = |clock: &Arc<AtomicI64>| {
+        let storage = Arc::new(RedbStorage::open(tmp.path()).unwrap());
+        let clock = clock.clone();
+        let now = move || {
+            time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
+        };
+        Directory::open(storage, Box::new(now)).unwrap()
+    };
+    let since = |dir: &Directory| {
+        dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
+            v.found().map(|v| v.user.valid_since_unix)
+        })
+    };
+    {
+        let dir = open_at(&clock);
+        let dana = created(&dir, ResourceType::User, user("dana@x")).await;
+        assert_eq!(since(&dir), Some(1_000), "created");
+        clock.store(2_000, Ordering::Relaxed);
+        let title = patch_body(json!([{"op": "replace", "path": "title", "value": "Eng"}]));
+        patch(&dir, ResourceType::User, &dana, title).await.unwrap();
+        assert_eq!(since(&dir), Some(1_000), "a profile change keeps it");
+        clock.store(3_000, Ordering::Relaxed);
+        let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+        patch(&dir, ResourceType::User, &dana, off).await.unwrap();
+        assert_eq!(since(&dir), Some(3_000), "deactivation moves it");
+    }
+    // Read back from the file, by the index's fast path.
+    assert_eq!(
+        since(&open_at(&clock)),
+        Some(3_000),
+        "it survives a restart"
+    );
+}
+
+#[tokio::test]
 async fn a_group_never_ends_up_inside_itself_at_any_depth() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = open(tmp.path());

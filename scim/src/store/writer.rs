@@ -7,6 +7,8 @@
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::index::{etag, fold, gains_identifier, holds_any, released_identifiers, Index};
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
@@ -22,7 +24,9 @@ const MAX_MEMBER_CHANGES: usize = 1_000_000;
 pub struct Overlay<'a> {
     index: &'a Index,
     storage: &'a dyn Storage,
+    /// The batch's time, as `meta` shows it (RFC 3339) and in Unix seconds.
     now: String,
+    unix: u64,
     seq: Seq,
     next_row: Row,
     records: HashMap<Row, (ResourceType, Option<Record>)>,
@@ -62,11 +66,14 @@ fn invalid(detail: impl Into<String>) -> ScimError {
 }
 
 impl<'a> Overlay<'a> {
-    pub fn new(index: &'a Index, storage: &'a dyn Storage, now: String) -> Self {
+    pub fn new(index: &'a Index, storage: &'a dyn Storage, now: OffsetDateTime) -> Self {
         Self {
             index,
             storage,
-            now,
+            now: now
+                .format(&Rfc3339)
+                .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned()),
+            unix: u64::try_from(now.unix_timestamp()).unwrap_or(0),
             seq: index.seq,
             next_row: index.next_row.max(1),
             records: HashMap::new(),
@@ -399,8 +406,10 @@ impl<'a> Overlay<'a> {
                 "version": etag(self.seq),
             }),
         );
-        let valid_since = match rt {
-            ResourceType::Group | ResourceType::Agent | ResourceType::AgenticApplication => None,
+        let (valid_since, valid_since_unix) = match rt {
+            ResourceType::Group | ResourceType::Agent | ResourceType::AgenticApplication => {
+                (None, None)
+            }
             ResourceType::User => {
                 let active = |r: &Value| {
                     r.as_object()
@@ -421,16 +430,16 @@ impl<'a> Overlay<'a> {
                     // Created, or deactivated or re-activated by this change: a session that
                     // began while the user was inactive is no more a way back in than one
                     // from before.
-                    None => Some(self.seq),
-                    Some(p) if toggled(p) => Some(self.seq),
+                    None => self.valid_from_now(),
+                    Some(p) if toggled(p) => self.valid_from_now(),
                     // Found by a name, id or email it was not found by: a session signed in
                     // by that value before now was someone else's (a deleted user's, say),
                     // not this user's.
                     Some(p) if gains(p) => {
                         summary.push_str(", sessions from before ended (a new identifier)");
-                        Some(self.seq)
+                        self.valid_from_now()
                     }
-                    Some(p) => p.valid_since.or(Some(0)),
+                    Some(p) => (p.valid_since.or(Some(0)), p.valid_since_unix),
                 }
             }
         };
@@ -441,6 +450,7 @@ impl<'a> Overlay<'a> {
             resource,
             password_hash,
             valid_since,
+            valid_since_unix,
             retired: false,
         };
         self.set_id(id.clone(), Some((rt, row)));
@@ -511,11 +521,16 @@ impl<'a> Overlay<'a> {
                 continue;
             };
             if holds_any(&record.resource, &emails, external_id) {
-                record.valid_since = Some(self.seq);
+                (record.valid_since, record.valid_since_unix) = self.valid_from_now();
                 self.put_record(ResourceType::User, holder, Some(record));
             }
         }
         Ok(())
+    }
+
+    /// A user's `valid_since` and its time, moved to this change.
+    fn valid_from_now(&self) -> (Option<Seq>, Option<u64>) {
+        (Some(self.seq), Some(self.unix))
     }
 
     fn put_record(&mut self, rt: ResourceType, row: Row, record: Option<Record>) {
@@ -821,6 +836,7 @@ fn retired(rt: ResourceType, current: &Record) -> Record {
         resource: Value::Object(kept),
         password_hash: None,
         valid_since: None,
+        valid_since_unix: None,
         retired: true,
     }
 }
@@ -846,7 +862,7 @@ mod tests {
     #[test]
     fn a_failed_command_leaves_the_batch_as_it_was() {
         let (index, storage) = (Index::default(), MemoryStorage::default());
-        let mut overlay = Overlay::new(&index, &storage, "2026-12-01T00:00:00Z".to_owned());
+        let mut overlay = Overlay::new(&index, &storage, OffsetDateTime::UNIX_EPOCH);
         let user = json!({"schemas": [USER_SCHEMA], "userName": "ann"});
         let ann = overlay
             .execute(&create(ResourceType::User, user), "t")
