@@ -51,6 +51,21 @@ const UNVERIFIED_PER_SECOND: u32 = 100;
 /// The longest reason recorded for a refusal of unverified credentials, in bytes.
 const MAX_REASON: usize = 512;
 
+/// The longest path, method and user name a record keeps, in bytes: a request line may be
+/// far longer (64 KiB and more), and anyone can send one to be refused.
+const MAX_PATH: usize = 1024;
+const MAX_METHOD: usize = 32;
+const MAX_USER: usize = 256;
+
+/// `text`, or its first `max` bytes (on a character boundary) and how much was left out.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let kept = crate::reply::cut(text, max);
+    format!("{kept}…({} bytes more)", text.len() - kept.len())
+}
+
 /// How often the writer tries to append a batch before it drops it; it waits a second after
 /// each failure (PostgreSQL restarting), while new records queue up.
 const ATTEMPTS: u32 = 10;
@@ -489,6 +504,11 @@ impl Audit {
         path: &str,
         agent: Option<&AgentRecord>,
     ) {
+        let (user, method, path) = (
+            bounded(user, MAX_USER),
+            bounded(method, MAX_METHOD),
+            bounded(path, MAX_PATH),
+        );
         tracing::warn!(
             target: "audit",
             event = "refusal",
@@ -502,12 +522,12 @@ impl Audit {
         );
         self.send(Entry::Refusal {
             time: now(),
-            user: user.to_owned(),
+            user,
             route: route.to_owned(),
             rule: rule.map(str::to_owned),
             reason: reason.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
+            method,
+            path,
             agent: agent.cloned(),
         });
     }
@@ -563,13 +583,18 @@ impl Audit {
         if rate <= 0.0 || (rate < 1.0 && rand::random::<f64>() >= rate) {
             return;
         }
+        let (user, method, path) = (
+            bounded(user, MAX_USER),
+            bounded(method, MAX_METHOD),
+            bounded(path, MAX_PATH),
+        );
         tracing::info!(target: "audit", event = "allow", user, route, method, path);
         self.send(Entry::Allow {
             time: now(),
-            user: user.to_owned(),
+            user,
             route: route.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
+            method,
+            path,
             agent: agent.cloned(),
         });
     }

@@ -188,3 +188,26 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     assert_eq!(records[3]["op"], "create");
     assert!(records[3]["seq"].as_u64() > records[2]["seq"].as_u64());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_request_s_long_path_is_recorded_cut() {
+    let up = Upstream::start("up").await;
+    let cfg = scim_config().route(
+        Route::new("http://open.test", &[&up])
+            .accept(&["public"])
+            .set("allow = { public = true, paths = [\"/open\"] }"),
+    );
+    let px = Portcullis::start(&cfg.toml()).await;
+    // Anyone can have a request refused; its path (here 20 kB) is theirs to choose.
+    let long = format!("/closed/{}", "a".repeat(20_000));
+    let refused = portcullis_tests::client::plain_client()
+        .get(cfg.http_url("open.test", &long))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let records = audit_json_until(&px, &[], |r| of_event(r, "refusal").len() == 1).await;
+    let path = of_event(&records, "refusal")[0]["path"].as_str().unwrap();
+    let kept = &long[..1024];
+    assert_eq!(path, format!("{kept}…({} bytes more)", long.len() - 1024));
+}
