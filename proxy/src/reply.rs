@@ -108,7 +108,7 @@ impl Reply {
 /// Writes `reply` and ends the request; `Ok(true)`, as `request_filter` answers when it has
 /// responded itself.
 pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
-    let mut head = ResponseHeader::build(reply.status, Some(reply.headers.len() + 3))?;
+    let mut head = ResponseHeader::build(reply.status, Some(reply.headers.len() + 5))?;
     if let Some(content_type) = reply.content_type {
         head.insert_header(header::CONTENT_TYPE, content_type)?;
     }
@@ -122,6 +122,20 @@ pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
     }
     for (name, value) in &reply.headers {
         head.append_header(name.clone(), value.as_str())?;
+    }
+    // No page of Portcullis' is shown inside another site's frame, where a click on it (sign
+    // out, sign in again) could be someone else's doing. The console sets a stricter policy.
+    if reply
+        .content_type
+        .is_some_and(|t| t.starts_with("text/html"))
+    {
+        let has = |wanted: &HeaderName| reply.headers.iter().any(|(name, _)| name == wanted);
+        if !has(&header::X_FRAME_OPTIONS) {
+            head.insert_header(header::X_FRAME_OPTIONS, "DENY")?;
+        }
+        if !has(&header::CONTENT_SECURITY_POLICY) {
+            head.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")?;
+        }
     }
     if !reply.keeps_connection(session.is_body_done()) {
         session.set_keepalive(None);

@@ -1287,11 +1287,17 @@ async fn refusals_say_who_which_route_and_why_and_nothing_about_others() {
     );
     assert_no_leak("the JSON refusal", &text);
 
-    // A browser: the page, with who, the route, why, and a way to sign out.
+    // A browser: the page, with who, the route, why, and a way to sign out; never inside
+    // another site's frame, where a click on it could be someone else's doing.
     let resp = get_with_session(&url, &cookie, BROWSER_ACCEPT).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let content_type = resp.headers()[CONTENT_TYPE].to_str().unwrap().to_owned();
     assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    assert_eq!(
+        resp.headers()["content-security-policy"],
+        "frame-ancestors 'none'"
+    );
     let html = resp.text().await.unwrap();
     assert!(html.contains(ALICE), "{html}");
     assert!(html.contains(APP_ROUTE), "{html}");
