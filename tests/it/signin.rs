@@ -83,6 +83,8 @@ pub(crate) struct Options {
     /// Settings of the IdP's `[[jwt_issuers]]` entry, `(key, raw TOML value)`, e.g.
     /// `("leeway", "\"0s\"")` (default: none, the config's defaults).
     pub idp_issuer_settings: Vec<(&'static str, &'static str)>,
+    /// Audiences the IdP's `[[jwt_issuers]]` entry accepts besides `API_AUD`.
+    pub more_idp_audiences: Vec<&'static str>,
     /// More `[[jwt_issuers]]`.
     pub extra_issuers: Vec<JwtIssuer>,
     /// `[oidc] refresh = true`, with ID tokens living this many seconds at the IdP.
@@ -95,6 +97,7 @@ impl Default for Options {
             backchannel: Backchannel::Portcullis,
             idp_down_at_start: false,
             idp_issuer_settings: Vec::new(),
+            more_idp_audiences: Vec::new(),
             extra_issuers: Vec::new(),
             refresh_every: None,
         }
@@ -160,7 +163,10 @@ impl Fixture {
             idp.issuer()
         );
 
-        let mut idp_issuer = JwtIssuer::new(idp.issuer(), &[API_AUD]);
+        let audiences: Vec<&str> = std::iter::once(API_AUD)
+            .chain(options.more_idp_audiences.iter().copied())
+            .collect();
+        let mut idp_issuer = JwtIssuer::new(idp.issuer(), &audiences);
         for (key, value) in &options.idp_issuer_settings {
             idp_issuer = idp_issuer.set(key, value);
         }

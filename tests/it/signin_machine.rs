@@ -670,6 +670,51 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
     assert_refused(&url, &short, "an expired token").await;
 }
 
+/// Where the sign-in provider's bearer tokens may be for the sign-in client too (an Entra API
+/// in the same app registration), an ID token verifies as one; it is still no credential: it
+/// travels through the browser at sign-out (`id_token_hint`) and outlives the session.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_token_is_no_bearer_token_even_where_its_audience_is_accepted() {
+    let fx = Fixture::start_with(Options {
+        more_idp_audiences: vec![CLIENT_ID],
+        ..Options::default()
+    })
+    .await;
+    let redirect_uri = fx.app_url("/.portcullis/callback");
+    let pkce = Pkce::new();
+    let authorize = fx.idp.authorization_url(
+        CLIENT_ID,
+        &redirect_uri,
+        "openid email",
+        &random_token(16),
+        &random_token(16),
+        &pkce,
+    );
+    let back = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let tokens = fx
+        .idp
+        .exchange_code(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &query_param(&back, "code").unwrap(),
+            &redirect_uri,
+            &pkce.verifier,
+        )
+        .await;
+    let id_token = tokens["id_token"].as_str().unwrap();
+    let claims = jwt_claims(id_token);
+    assert_eq!(claims["aud"], CLIENT_ID, "{claims}");
+    assert!(claims.get("nonce").is_some(), "{claims}");
+    let url = fx.url("api.test", "/v1/jobs");
+    assert_refused(&url, id_token, "an ID token of the sign-in client").await;
+    // The IdP's access tokens for the API still pass.
+    let token = fx
+        .idp
+        .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+        .await;
+    assert_accepted(&url, &token, "a client-credentials token").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
     // A second issuer whose keys are ours: an ES256 key and an Ed25519 key are published,
@@ -810,6 +855,29 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
             "a tampered subject".into(),
             tampered(&valid, |c| c["sub"] = json!("root")),
         ),
+        (
+            // `iat` dates it against its user's record: one from the future could outlast
+            // a re-activation it came before.
+            "issued 10 minutes from now".into(),
+            es.sign(Some(&es.kid), &claims(&|c| c["iat"] = json!(now + 600))),
+        ),
+        (
+            "a logout token (events)".into(),
+            es.sign(
+                Some(&es.kid),
+                &claims(&|c| {
+                    c["events"] = json!({"http://schemas.openid.net/event/backchannel-logout": {}})
+                }),
+            ),
+        ),
+        ("critical header extensions (crit)".into(), {
+            let mut header = Header::new(es.alg);
+            header.kid = Some(es.kid.clone());
+            header.crit = Some(vec!["urn:example:must-understand".to_owned()]);
+            let mut c = claims(&|_| {});
+            c["urn:example:must-understand"] = json!(true);
+            jsonwebtoken::encode(&header, &c, &es.encoding).expect("sign")
+        }),
     ];
     bad.extend(unsigned_tokens(
         &claims(&|_| {}),

@@ -205,6 +205,13 @@ impl Jwks {
             return Err(JwtError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        // RFC 7515 §4.1.11: extensions the token says must be understood; Portcullis
+        // understands none.
+        if header.crit.is_some() {
+            return Err(JwtError::Invalid(
+                "it names critical header extensions (crit)".into(),
+            ));
+        }
         if !validation.algorithms.contains(&header.alg) {
             return Err(JwtError::Algorithm);
         }

@@ -103,10 +103,19 @@ impl Authentication {
 
 #[derive(Deserialize)]
 struct MachineClaims {
+    iss: String,
     sub: String,
     exp: u64,
     #[serde(default)]
     iat: Option<u64>,
+    #[serde(default)]
+    aud: Audiences,
+    /// An ID token's (see [`not_an_access_token`]).
+    #[serde(default)]
+    nonce: Option<serde::de::IgnoredAny>,
+    /// A logout token's.
+    #[serde(default)]
+    events: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
@@ -122,6 +131,44 @@ struct MachineClaims {
     /// RFC 8693 §4.1: the actor of a delegated token, a JSON object.
     #[serde(default)]
     act: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A token's `aud`: one string or several.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audiences {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audiences {
+    fn contains(&self, audience: &str) -> bool {
+        match self {
+            Audiences::None => false,
+            Audiences::One(one) => one == audience,
+            Audiences::Many(many) => many.iter().any(|a| a == audience),
+        }
+    }
+}
+
+/// Why a verified token is not an access token, if it is not: a logout token (its `events`),
+/// or an ID token of Portcullis' own sign-ins (the sign-in provider's, for its client, with a
+/// `nonce`: Portcullis asks for one with every sign-in, and access tokens carry none). Either
+/// may verify as one where an issuer of bearer tokens is the sign-in provider and its
+/// audiences include the sign-in client (an Entra API in the same app registration), and an ID
+/// token is no credential to present: it is sent through the browser at sign-out
+/// (`id_token_hint`), and outlives the session.
+fn not_an_access_token(config: &Config, claims: &MachineClaims) -> Option<&'static str> {
+    if claims.events.is_some() {
+        return Some("it is a logout token (events)");
+    }
+    let sign_in = config.oidc.as_ref()?;
+    let own = claims.nonce.is_some()
+        && claims.iss == sign_in.issuer
+        && claims.aud.contains(&sign_in.client_id);
+    own.then_some("it is an ID token of a sign-in (nonce), not an access token")
 }
 
 /// The current actor of a delegated token's `act` claim; one without a string `sub` names
@@ -342,6 +389,19 @@ impl Auth {
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
+        if let Some(why) = not_an_access_token(config, &claims) {
+            return Err(JwtError::Invalid(why.into()));
+        }
+        // `iat` dates the token against its user's record (`gate::outlived`): one from the
+        // future could outlast a re-activation it came before.
+        if claims
+            .iat
+            .is_some_and(|iat| iat > now.saturating_add(validation.leeway))
+        {
+            return Err(JwtError::Invalid(
+                "it was issued in the future (iat)".into(),
+            ));
+        }
         let valid_until = claims.exp.saturating_add(validation.leeway);
         let for_itself = is_client_token(
             &claims.sub,
