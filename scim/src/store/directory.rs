@@ -1104,7 +1104,19 @@ impl Writer<'_> {
                 (results, overlay.into_batch())
             };
             let mut seq = batch.seq;
-            if !batch.is_empty() {
+            if batch.is_empty() && self.storage.is_shared() {
+                // Nothing to commit, but the answers may tell of what another replica
+                // committed and this index has yet to apply (a repeated deactivation finds the
+                // user inactive in the store): they are given once this replica has applied
+                // it, and settled at the sequence it reached, as the other replica's are.
+                match self.catch_up() {
+                    Ok((caught_up, _)) => seq = caught_up,
+                    Err(e) => {
+                        tracing::error!("directory catch-up failed: {e}");
+                        return fail_all(writes, "the directory is not reachable; retry");
+                    }
+                }
+            } else if !batch.is_empty() {
                 match self.storage.commit(&batch) {
                     Ok(()) => {}
                     Err(StoreError::Behind) => {

@@ -1281,3 +1281,79 @@ async fn agents_are_unique_by_name_join_groups_and_survive_a_restart() {
     drop(dir);
     assert!(deleted(&open(tmp.path())));
 }
+
+/// One store two directories write to, as replicas share PostgreSQL: a commit must be built
+/// on the latest batch, and the batches are read back through the feed. Nothing follows the
+/// feed in the background, so a directory's index stays where its own writes left it.
+#[derive(Default)]
+struct SharedStore {
+    inner: memory::MemoryStorage,
+    log: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl Storage for SharedStore {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        self.inner.load(visit)
+    }
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.inner.records(rt, rows)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut log = self.log.lock().unwrap();
+        let latest = log
+            .last()
+            .map_or(0, |b| serde_json::from_slice::<Batch>(b).unwrap().seq);
+        if batch.base != latest {
+            return Err(StoreError::Behind);
+        }
+        self.inner.commit(batch)?;
+        log.push(serde_json::to_vec(batch).unwrap());
+        Ok(())
+    }
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.inner.changes(after, limit)
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
+        let log = self.log.lock().unwrap();
+        let batches = log
+            .iter()
+            .map(|b| serde_json::from_slice::<Batch>(b).unwrap());
+        Ok(Feed::Batches(batches.filter(|b| b.seq > after).collect()))
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_changes_nothing_is_answered_once_this_replica_has_what_it_found() {
+    let store = Arc::new(SharedStore::default());
+    let replica = || Directory::open(store.clone(), Box::new(time::OffsetDateTime::now_utc));
+    let (a, b) = (replica().unwrap(), replica().unwrap());
+    let active = |dir: &Directory| {
+        dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
+            v.found().map(|v| v.user.active)
+        })
+    };
+    let dana = created(&a, ResourceType::User, user("dana@x")).await;
+    let off = || patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+    // B deactivates her; A's index has not followed yet.
+    b.catch_up().unwrap();
+    patch(&b, ResourceType::User, &dana, off()).await.unwrap();
+    assert_eq!(active(&a), Some(true));
+    // The IdP repeats it on A, which finds her already inactive in the store: by the time A
+    // answers, its own index refuses her too.
+    patch(&a, ResourceType::User, &dana, off()).await.unwrap();
+    assert_eq!(active(&a), Some(false));
+    // A repeated delete's 404 likewise.
+    let delete = || Command::Delete {
+        rt: ResourceType::User,
+        id: dana.clone(),
+        if_match: None,
+    };
+    b.catch_up().unwrap();
+    b.write(delete(), "test").await.unwrap();
+    assert_eq!(active(&a), Some(false), "not followed yet");
+    assert_eq!(a.write(delete(), "test").await.unwrap_err().status, 404);
+    assert_eq!(active(&a), None);
+}
