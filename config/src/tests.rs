@@ -151,6 +151,16 @@ timeout = "5s"
             ],
         },
         Case {
+            name: "postgres: TLS that may be declined in the clear",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=prefer\"\n",
+            problems: &[("postgres.url", None, "must say sslmode=require")],
+        },
+        Case {
+            name: "postgres: no sslmode at all",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"host=db.internal dbname=portcullis\"\n",
+            problems: &[("postgres.url", None, "must say sslmode=require")],
+        },
+        Case {
             name: "postgres: url required, max_staleness not too short",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nmax_staleness = \"10ms\"\n",
             problems: &[
@@ -1927,6 +1937,23 @@ fn load_reports_an_unreadable_file() {
     let errors = load(&fixture.path().join("missing.toml")).unwrap_err();
     assert_eq!(errors.problems.len(), 1);
     assert!(errors.problems[0].message.contains("cannot read"));
+}
+
+#[test]
+fn postgres_urls_say_whether_tls_is_required_unless_on_a_unix_socket() {
+    let fixture = Fixture::new();
+    for url in [
+        "postgres://u@db.internal/portcullis?sslmode=require",
+        "postgres://u@127.0.0.1:5432/portcullis?sslmode=disable",
+        // A Unix socket carries no TLS: nothing to decline.
+        "host=/run/postgresql dbname=portcullis",
+        "postgres://u@%2Frun%2Fpostgresql/portcullis",
+    ] {
+        let text = format!("data_dir = \"data\"\n{LISTENERS}\n[postgres]\nurl = \"{url}\"\n");
+        if let Err(e) = fixture.parse(&text) {
+            panic!("{url}: {e}");
+        }
+    }
 }
 
 #[test]

@@ -1973,9 +1973,23 @@ fn postgres(
     let url = required(raw.url, &url_path, p).and_then(|raw| {
         let checked = resolve_secret(&raw, env, base_dir).and_then(|url| {
             // The parser's messages name the option at fault, never a value.
-            url.expose()
+            let parsed = url
+                .expose()
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| format!("is not a PostgreSQL connection URL: {e}"))?;
+            // `prefer` (also what a URL without `sslmode` means) goes on in the clear when
+            // the server, or anyone in between, declines TLS: the password with it.
+            let over_tcp = parsed
+                .get_hosts()
+                .iter()
+                .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)));
+            if over_tcp && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
+                return Err("must say sslmode=require (TLS, the server's certificate \
+                            verified) or sslmode=disable (plain TCP, for a network you trust): \
+                            without it, or with sslmode=prefer, the connection goes on in the \
+                            clear when TLS is declined, password included"
+                    .to_owned());
+            }
             Ok(url)
         });
         checked.map_err(|message| p.add(&url_path, message)).ok()
