@@ -255,15 +255,12 @@ impl Shared {
     fn rejudge(&self, open: &Recheck, marks: &Marks) -> Admission {
         let runtime = self.runtime.load();
         let now = crate::clock::now_unix();
-        // A session that has ended, or idled or lived past its time, no longer vouches.
-        let idle = runtime
-            .config
-            .oidc
-            .as_ref()
-            .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
+        // A session that has ended, or idled or lived past its time, or whose provider is no
+        // longer the configured one, no longer vouches.
+        let oidc = runtime.config.oidc.as_ref();
         let gate = self.gate(&runtime, marks);
         crate::streams::rejudge(&gate, &runtime.routes, open, now, |key| {
-            self.auth.sessions.is_live(key, now, idle)
+            oidc.is_some_and(|oidc| self.auth.sessions.vouches(key, now, oidc))
         })
     }
 

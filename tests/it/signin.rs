@@ -2013,6 +2013,28 @@ async fn claims_the_id_token_lacks_are_fetched_from_userinfo_at_sign_in() {
     assert!(body.contains("no email claim"), "{body}");
 }
 
+/// After a reload that moves sign-in to another provider (off a compromised one, say), the old
+/// one's sessions let nobody in: a session vouches only under the configuration as it is now.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouch_for_nobody() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    let issuer = fx.idp.issuer();
+    let moved = fx.cfg.toml().replacen(
+        &format!("issuer = \"{issuer}\""),
+        &format!("issuer = \"{issuer}/elsewhere\""),
+        1,
+    );
+    assert_ne!(moved, fx.cfg.toml(), "the config names the issuer");
+    fx.px.rewrite_config(&moved);
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has
 /// since been told to accept only ES256 ID tokens, and the IdP signs them with RS256.
 #[tokio::test(flavor = "multi_thread")]

@@ -305,7 +305,7 @@ impl Auth {
         let Some((key, session)) = self.sessions.get(id) else {
             return invalid;
         };
-        if !session.is_live(now, oidc.session_idle_timeout.as_secs()) {
+        if !session.vouches(now, oidc) {
             return invalid;
         }
         // A refresh in progress for this session (another request) is not waited on, nor is

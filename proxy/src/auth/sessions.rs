@@ -28,6 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use portcullis_config::OidcConfig;
 use portcullis_scim::store::{Command, Directory, Entry, EntrySink};
 
 use super::sealed::Sealer;
@@ -105,6 +106,17 @@ impl Session {
     /// Whether the session may be used at `now`.
     pub fn is_live(&self, now: u64, idle_timeout: u64) -> bool {
         now < self.identity.expires && now < self.last_seen().saturating_add(idle_timeout)
+    }
+
+    /// Whether the session vouches for its person at `now` under the sign-in configuration
+    /// as it is now, not as it was at sign-in: it is live, no older than `session_lifetime`
+    /// (which a reload may have shortened), and from the configured provider (a reload that
+    /// moves to another one, say off a compromised one, ends the old one's sessions).
+    pub fn vouches(&self, now: u64, oidc: &OidcConfig) -> bool {
+        let lifetime = oidc.session_lifetime.as_secs();
+        self.identity.issuer == oidc.issuer
+            && now < self.identity.created.saturating_add(lifetime)
+            && self.is_live(now, oidc.session_idle_timeout.as_secs())
     }
 
     /// The store says the session was used at `seen` (here or on another replica).
@@ -430,11 +442,12 @@ impl Sessions {
 
     /// Whether the session `key` names is on and may be used at `now` (see
     /// [`Session::is_live`]).
-    pub fn is_live(&self, key: &SessionKey, now: u64, idle_timeout: u64) -> bool {
+    /// [`Session::vouches`] for the session `key`, if held.
+    pub fn vouches(&self, key: &SessionKey, now: u64, oidc: &OidcConfig) -> bool {
         self.kept
             .sessions
             .get(key)
-            .is_some_and(|session| session.is_live(now, idle_timeout))
+            .is_some_and(|session| session.vouches(now, oidc))
     }
 
     /// Counts the times sessions were ended.
@@ -717,6 +730,27 @@ mod tests {
         assert!(session.is_live(200, 3600));
         assert!(!session.is_live(100 + 3600, 3600), "idle timeout");
         assert!(!session.is_live(10_000, 1_000_000), "absolute lifetime");
+        // Under the sign-in configuration as it is now: its provider, its lifetime.
+        let mut oidc = crate::testing::config("").oidc.unwrap();
+        oidc.issuer = session.identity.issuer.clone();
+        oidc.session_idle_timeout = std::time::Duration::from_secs(3600);
+        oidc.session_lifetime = std::time::Duration::from_secs(3600);
+        assert!(session.vouches(200, &oidc));
+        let created = session.identity.created;
+        let shortened = portcullis_config::OidcConfig {
+            session_lifetime: std::time::Duration::from_secs(60),
+            ..oidc.clone()
+        };
+        assert!(session.vouches(created + 59, &shortened));
+        assert!(
+            !session.vouches(created + 60, &shortened),
+            "lifetime shortened"
+        );
+        let moved = portcullis_config::OidcConfig {
+            issuer: "https://elsewhere.example".to_owned(),
+            ..oidc
+        };
+        assert!(!session.vouches(200, &moved), "another provider");
 
         let ends = sessions.subscribe_ends();
         let ended = sessions.end_where(|i| i.subject == "alice").await.unwrap();
