@@ -47,7 +47,7 @@ use crate::path;
 use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
 use crate::state::{InFlight, Runtime, Shared};
-use crate::streams::{Marks, Recheck, Registration};
+use crate::streams::{Marks, Recheck, Registration, Target};
 
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -689,14 +689,16 @@ impl RequestCtx {
                 Some(target) => target.split_once('?').map_or(target.as_str(), |(p, _)| p),
                 None => req.uri.path(),
             };
-            self.recheck = Some(Arc::new(Recheck::new(
-                caller.clone(),
-                &route.config.name,
-                req.method.as_str(),
-                path,
-                Client::of(&req.headers),
-                decided_at,
-            )));
+            let target = Target {
+                route: route.config.name.clone(),
+                scheme: route.config.scheme,
+                host: request_host(req)?.into_owned(),
+                method: req.method.as_str().to_owned(),
+                path: path.to_owned(),
+                client: Client::of(&req.headers),
+                websocket: req.headers.contains_key(header::UPGRADE),
+            };
+            self.recheck = Some(Arc::new(Recheck::new(caller.clone(), target, decided_at)));
         }
         self.recheck.clone()
     }

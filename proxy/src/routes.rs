@@ -22,8 +22,6 @@ type Named<V> = HashMap<String, V, foldhash::fast::RandomState>;
 /// first match is the longest prefix.
 #[derive(Default)]
 pub struct RouteTable {
-    /// Every route by its name (`from` as written, unique).
-    by_name: Named<Arc<CompiledRoute>>,
     exact: Named<Vec<Arc<CompiledRoute>>>,
     /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
     wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
@@ -40,10 +38,6 @@ impl RouteTable {
     pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
         let mut exact: Named<Vec<Arc<CompiledRoute>>> = Named::default();
         let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
-        let by_name = routes
-            .iter()
-            .map(|r| (r.config.name.clone(), r.clone()))
-            .collect();
         for route in routes {
             match route.config.host.strip_prefix('*') {
                 Some(suffix) => wildcard.entry(suffix.to_owned()).or_default().push(route),
@@ -63,11 +57,7 @@ impl RouteTable {
             .for_each(|(_, routes)| by_prefix_len(routes));
         // The most specific wildcard (longest suffix) is tried first.
         wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
-        Self {
-            by_name,
-            exact,
-            wildcard,
-        }
+        Self { exact, wildcard }
     }
 
     /// Whether some route serves the lower-cased `host`.
@@ -77,11 +67,6 @@ impl RouteTable {
                 .wildcard
                 .iter()
                 .any(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-    }
-
-    /// The route named `name` (its `from` as written).
-    pub fn by_name(&self, name: &str) -> Option<&Arc<CompiledRoute>> {
-        self.by_name.get(name)
     }
 
     /// Finds the route for a lower-cased `host` (without port) and a normalized `path`. Path
@@ -119,7 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_are_found_by_name_and_by_host_and_path() {
+    fn routes_are_found_by_host_and_path() {
         let runtime = crate::testing::World::new().runtime();
         let table = &runtime.routes;
         let name = |m: Match<'_>| match m {
@@ -151,10 +136,5 @@ mod tests {
                 "{path}"
             );
         }
-        assert!(table.by_name("http://api.test").is_some());
-        assert!(
-            table.by_name("http://API.test").is_none(),
-            "names are as written"
-        );
     }
 }

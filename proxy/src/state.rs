@@ -299,11 +299,11 @@ impl Shared {
         };
         self.audit.refusal(
             &who,
-            &open.route,
+            &open.target.route,
             rule,
             &format!("open connection closed: {reason}"),
-            &open.method,
-            &open.path,
+            &open.target.method,
+            &open.target.path,
             match refused {
                 Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
                 _ => None,

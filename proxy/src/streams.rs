@@ -25,11 +25,12 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use portcullis_config::Scheme;
 use portcullis_scim::store::Seq;
 
 use crate::caller::{Caller, SessionKey};
 use crate::gate::{Admission, Cause, Client, ClientOf, Facts, Gate, Presented, Refusal, Refused};
-use crate::routes::RouteTable;
+use crate::routes::{Match, RouteTable};
 
 /// Where everything a decision depends on stands: read it before deciding, so a change that
 /// lands during the decision forces another one.
@@ -52,12 +53,7 @@ pub struct Marks {
 /// What an allowed request was let in as, to judge it again later.
 pub struct Recheck {
     pub caller: Caller,
-    /// The route's name: it is judged again under the route of that name in the configuration
-    /// current then (a route that is gone lets nothing through).
-    pub route: String,
-    pub method: String,
-    pub path: String,
-    pub client: Client,
+    pub target: Target,
     /// The marks read just before the last allowing decision.
     directory: AtomicU64,
     session_ends: AtomicU64,
@@ -68,21 +64,30 @@ pub struct Recheck {
     cut: AtomicBool,
 }
 
+/// Where an open connection went, and how: judged again as a request made then would be.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The route's name: the connection is judged again under the route a request to the same
+    /// place would reach in the configuration current then, and only while that is the route
+    /// of this name (one that is gone, or that a more specific route now shadows, lets nothing
+    /// through).
+    pub route: String,
+    pub scheme: Scheme,
+    /// Lower-cased, without port.
+    pub host: String,
+    pub method: String,
+    /// The judged path.
+    pub path: String,
+    pub client: Client,
+    /// A websocket (not an event stream): cut once its route no longer takes websockets.
+    pub websocket: bool,
+}
+
 impl Recheck {
-    pub fn new(
-        caller: Caller,
-        route: &str,
-        method: &str,
-        path: &str,
-        client: Client,
-        decided_at: Marks,
-    ) -> Self {
+    pub fn new(caller: Caller, target: Target, decided_at: Marks) -> Self {
         Self {
             caller,
-            route: route.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-            client,
+            target,
             directory: AtomicU64::new(decided_at.directory),
             session_ends: AtomicU64::new(decided_at.session_ends),
             config: AtomicU64::new(decided_at.config),
@@ -137,10 +142,10 @@ impl Recheck {
     }
 }
 
-/// Judges an open connection again with the gate: under the route of its name in `routes` (the
-/// current configuration's; a route that is gone refuses), for its caller as they are at `now`
-/// (a person whose session has ended or expired, or a machine whose token has expired, is no
-/// longer a caller).
+/// Judges an open connection again with the gate: under the route a request to the same place
+/// reaches in `routes` (the current configuration's), which must still be the one of its name,
+/// for its caller as they are at `now` (a person whose session has ended or expired, or a
+/// machine whose token has expired, is no longer a caller).
 pub fn rejudge(
     gate: &Gate<'_>,
     routes: &RouteTable,
@@ -148,15 +153,23 @@ pub fn rejudge(
     now: u64,
     session_live: impl Fn(&SessionKey) -> bool,
 ) -> Admission {
-    let Some(route) = routes.by_name(&open.route) else {
-        return Admission::Refuse(Refused::Forbid(Refusal {
+    let target = &open.target;
+    let gone = |reason: &str| {
+        Admission::Refuse(Refused::Forbid(Refusal {
             who: Some(open.caller.log_name()),
             rule: None,
             cause: Cause::RouteRemoved,
-            reason: "the route is no longer in the configuration".to_owned(),
+            reason: reason.to_owned(),
             agent: None,
-        }));
+        }))
     };
+    let route = match routes.find(target.scheme, &target.host, &target.path) {
+        Match::Found(route) if route.config.name == target.route => route,
+        _ => return gone("the route is no longer in the configuration for this request"),
+    };
+    if target.websocket && !route.config.websockets {
+        return gone("the route no longer takes websockets");
+    }
     let presented = match &open.caller {
         Caller::Person { session, .. } if !session_live(session) => {
             Presented::Invalid { bearer: false }
@@ -166,9 +179,9 @@ pub fn rejudge(
     };
     let facts = Facts {
         route: &route.config,
-        method: &open.method,
-        path: &open.path,
-        client: ClientOf::Known(open.client),
+        method: &target.method,
+        path: &target.path,
+        client: ClientOf::Known(target.client),
     };
     gate.admit(&facts, presented)
 }
@@ -243,7 +256,7 @@ impl Streams {
                 // Already closed by either side: nothing left to cut.
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => tracing::error!(
-                    route = %recheck.route,
+                    route = %recheck.target.route,
                     "cannot close a connection whose caller lost access: {e}"
                 ),
             }
@@ -287,12 +300,26 @@ mod tests {
         })
     }
 
+    /// An event stream from `/ws` on the route named `route` (`http://host`).
+    fn target(route: &str, client: Client) -> Target {
+        let host = route.trim_start_matches("http://");
+        Target {
+            route: route.to_owned(),
+            scheme: Scheme::Http,
+            host: host.split('/').next().unwrap_or(host).to_owned(),
+            method: "GET".to_owned(),
+            path: "/ws".to_owned(),
+            client,
+            websocket: false,
+        }
+    }
+
     fn open(world: &World, route: &str) -> Recheck {
         let caller = Caller::Person {
             session: [7; 32],
             identity: Arc::new(world.person(ALICE)),
         };
-        Recheck::new(caller, route, "GET", "/ws", Client::Browser, marks(0))
+        Recheck::new(caller, target(route, Client::Browser), marks(0))
     }
 
     #[test]
@@ -394,10 +421,7 @@ mod tests {
         machine.expires = 1_000;
         let open = Recheck::new(
             Caller::Machine(Arc::new(machine)),
-            "http://api.test",
-            "GET",
-            "/ws",
-            Client::Api,
+            target("http://api.test", Client::Api),
             marks(0),
         );
         let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true);
@@ -435,5 +459,40 @@ mod tests {
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::DenyRule),
             "{admission:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_cut_once_its_place_is_another_route_s_or_websockets_end() {
+        let world = eng_world().await;
+        let open = open(&world, APP);
+        let judged = |text: &str, open: &Recheck| {
+            let runtime = crate::state::Runtime::build(parse(text), &world.directory);
+            rejudge(&world.gate(), &runtime.routes, open, 0, |_| true)
+        };
+        let cut = |admission: Admission| matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::RouteRemoved);
+        // A reload adds a route for /ws on the same host, for others: the route of the
+        // connection's name still exists, but a request to it now would not reach it.
+        let narrowed = format!(
+            "{CONFIG}\n[[routes]]\nfrom = \"http://app.test/ws\"\nto = [\"http://127.0.0.1:3\"]\n\
+             allow = {{ groups = [\"sre\"] }}\n"
+        );
+        assert!(cut(judged(&narrowed, &open)));
+        // A websocket, once its route no longer takes them; an event stream carries on.
+        let websockets = CONFIG.replacen(
+            "from = \"http://app.test\"\n",
+            "from = \"http://app.test\"\nwebsockets = true\n",
+            1,
+        );
+        assert!(matches!(judged(&websockets, &open), Admission::Allow(_)));
+        let socket = Recheck::new(
+            open.caller.clone(),
+            Target {
+                websocket: true,
+                ..open.target.clone()
+            },
+            marks(0),
+        );
+        assert!(matches!(judged(&websockets, &socket), Admission::Allow(_)));
+        assert!(cut(judged(CONFIG, &socket)));
     }
 }

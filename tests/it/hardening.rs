@@ -640,6 +640,8 @@ struct Streaming {
     fx: Fixture,
     /// The configuration with `deny` added to the app route, for a reload.
     denying: String,
+    /// The configuration with a route of its own for app.test's `/ws`, for `sre` only.
+    narrowed: String,
 }
 
 impl Streaming {
@@ -680,6 +682,13 @@ impl Streaming {
         let cfg = with(app_route());
         let denying =
             with(app_route().set("deny = { groups = [\"eng\"], paths = [\"/ws\"] }")).toml();
+        let narrowed = with(app_route())
+            .route(
+                Route::new("http://app.test/ws", &[&app])
+                    .websockets(true)
+                    .set("allow = { groups = [\"sre\"] }"),
+            )
+            .toml();
         let px = Portcullis::start(&cfg.toml()).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let alice = scim.create_user(ALICE).await.id();
@@ -694,7 +703,11 @@ impl Streaming {
         };
         fx.wait_sign_in_available(std::time::Duration::from_secs(40))
             .await;
-        Streaming { fx, denying }
+        Streaming {
+            fx,
+            denying,
+            narrowed,
+        }
     }
 
     /// Opens a websocket to `ws://<host><path>` with one extra request header.
@@ -783,6 +796,40 @@ async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
     );
     t.audited(&["open connection closed", "routes[0].deny", ALICE])
         .await;
+}
+
+/// A reload can also give the websocket's path a route of its own, for others: the route the
+/// connection was let in on is still there, but a request to the same place would not reach
+/// it, so the connection is judged as such a request, and ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_gives_the_websocket_s_path_another_route_ends_it() {
+    let t = Streaming::start().await;
+    let cookie =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let mut idle = t
+        .websocket(
+            "app.test",
+            "/ws",
+            ("cookie", format!("{SESSION_COOKIE}={cookie}")),
+        )
+        .await;
+    t.fx.px.rewrite_config(&t.narrowed);
+    t.fx.px.reload();
+    let closed =
+        portcullis_tests::client::closed_within(&mut idle, std::time::Duration::from_secs(15))
+            .await;
+    assert!(
+        closed,
+        "the websocket stayed open on a route that no longer serves its path"
+    );
+    t.audited(&[
+        "open connection closed",
+        "no longer in the configuration",
+        ALICE,
+    ])
+    .await;
 }
 
 // ----- plain HTTP (item 12) -----------------------------------------------------------------
