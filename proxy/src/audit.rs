@@ -11,7 +11,9 @@
 //! Recording never blocks the request path: records go over a bounded channel to one writer
 //! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
 //! If the channel is full (the store cannot keep up), the record is dropped, counted and
-//! logged; SCIM changes dropped that way are still in the directory's own change table. A
+//! logged; SCIM changes dropped that way, or lost to a crash before the write, are still in
+//! the directory's own change table, and the file gets them at the next start
+//! ([`Audit::recover_changes`]). A
 //! graceful exit waits for the writer ([`Audit::flush`]). Every
 //! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals of
 //! credentials that name nobody are recorded one by one up to a rate, and counted past it
@@ -322,6 +324,8 @@ pub struct Audit {
     dropped: Arc<AtomicU64>,
     /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
     changes_in_store: bool,
+    /// The file appended to, when it is one.
+    file: Option<PathBuf>,
     unverified: Arc<Mutex<Budgets>>,
 }
 
@@ -403,6 +407,10 @@ impl Audit {
     /// a connection of its own).
     pub fn open(destination: Destination, read_from: Destination) -> Result<Self, String> {
         let changes_in_store = matches!(destination, Destination::Postgres(_));
+        let file = match &destination {
+            Destination::File(path) => Some(path.clone()),
+            Destination::Postgres(_) => None,
+        };
         let mut store = match destination {
             Destination::File(path) => {
                 let file = OpenOptions::new()
@@ -427,8 +435,44 @@ impl Audit {
             reader: Arc::new(Reader::new(read_from)),
             dropped: Arc::new(AtomicU64::new(0)),
             changes_in_store,
+            file,
             unverified,
         })
+    }
+
+    /// Appends the SCIM changes the directory committed after the last one the file has:
+    /// those a crash took before they were written, or a full queue or a failed write
+    /// dropped. `changes(after, limit)` reads the directory's own change table. Run at start,
+    /// before the directory takes writes; returns how many were appended. Nothing to do when
+    /// the store records the changes itself (PostgreSQL).
+    pub fn recover_changes(
+        &self,
+        changes: impl Fn(u64, usize) -> Result<Vec<Change>, String>,
+    ) -> Result<usize, String> {
+        const PAGE: usize = 1024;
+        let Some(path) = self.file.as_deref().filter(|_| !self.changes_in_store) else {
+            return Ok(0);
+        };
+        let mut after = last_change(path)?;
+        let mut recovered = 0;
+        loop {
+            let page = changes(after, PAGE)?;
+            let Some(last) = page.last() else {
+                return Ok(recovered);
+            };
+            after = last.seq;
+            recovered += page.len();
+            for change in &page {
+                // Waits for room: nothing else is queued this early, and none may be lost.
+                if self
+                    .queue
+                    .send(Queued::Record(Entry::from(change)))
+                    .is_err()
+                {
+                    return Err("the audit writer has stopped".to_owned());
+                }
+            }
+        }
     }
 
     /// Waits, up to `wait`, until every record sent so far (and every refusal counted) is
@@ -712,6 +756,30 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
             return;
         }
     }
+}
+
+/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file).
+/// Only lines that say they are changes are parsed.
+fn last_change(path: &Path) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut last = 0;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if memchr::memmem::find(&line, br#""event":"change""#).is_some() {
+            if let Ok(change) = serde_json::from_slice::<Seq>(&line) {
+                last = last.max(change.seq);
+            }
+        }
+    }
+    Ok(last)
 }
 
 /// Appends `lines`, trying again for a while before they are dropped.
@@ -1111,5 +1179,46 @@ mod tests {
         }
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn changes_the_log_lacks_are_appended_from_the_directory_once() {
+        let world = crate::testing::World::new();
+        for name in ["a@x", "b@x", "c@x", "d@x"] {
+            world.user(name).await;
+        }
+        let changes = |after: u64, limit: usize| {
+            world
+                .directory
+                .changes(after, limit)
+                .map_err(|e| e.detail.clone())
+        };
+        let all = changes(0, 100).unwrap();
+        assert_eq!(all.len(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let seqs = || {
+            let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap_or_default();
+            text.lines()
+                .filter_map(|line| match serde_json::from_str::<Entry>(line) {
+                    Ok(Entry::Change { seq, .. }) => Some(seq),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        {
+            // The first two made it to the log, with a refusal after them; then a crash.
+            let audit = Audit::open(log(), log()).unwrap();
+            (audit.change_sink())(&all[..2]);
+            audit.refusal("a", "r", None, "why", "GET", "/", None);
+            assert!(audit.flush(std::time::Duration::from_secs(5)));
+        }
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 2);
+        assert!(audit.flush(std::time::Duration::from_secs(5)));
+        let expected: Vec<u64> = all.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs(), expected);
+        // Nothing twice.
+        assert_eq!(audit.recover_changes(changes).unwrap(), 0);
     }
 }

@@ -263,6 +263,18 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         )?),
     };
     let (directory, freshness) = open_directory(&config, postgres, &audit, &kept)?;
+    // Committed changes the log lacks (a crash between the commit and the log's write).
+    let recovered = audit.recover_changes(|after, limit| {
+        directory
+            .changes(after, limit)
+            .map_err(|e| format!("cannot read the directory's changes: {}", e.detail))
+    })?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "audit log: changes it lacked appended from the directory"
+        );
+    }
     let auth = Arc::new(auth::Auth::new(directory.clone(), kept, audit.clone())?);
     let runtime = Runtime::build(config, &directory);
     let shared = Arc::new(Shared::new(
