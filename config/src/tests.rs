@@ -151,6 +151,23 @@ timeout = "5s"
             ],
         },
         Case {
+            name: "rule paths no request to the route has",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://a.example.com/api/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true, paths = ["/api/v1", "/", "/API/x"] }
+deny = [{ any_signed_in = true, paths = ["/admin/", "/api"] }, { any_signed_in = true, paths = ["/apix"] }]
+"#,
+            problems: &[
+                ("routes[0].deny[0].paths[0]", None, "starts with `/api/`"),
+                ("routes[0].deny[1].paths[0]", None, "never applies"),
+            ],
+        },
+        Case {
             name: "postgres: TLS that may be declined in the clear",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=prefer\"\n",
             problems: &[("postgres.url", None, "must say sslmode=require")],

@@ -255,7 +255,7 @@ fn console(
         defaulted: false,
         bearer: false,
     };
-    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, access, p);
+    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, CONSOLE_PATH, access, p);
     let oidc = match oidc {
         Some(Some(oidc)) => oidc,
         Some(None) => {
@@ -527,7 +527,8 @@ fn route(
             "passes on a verified bearer token, and this route does not accept \"bearer\"",
         );
     }
-    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, access, p);
+    let prefix = from.as_ref().map_or("/", |from| from.path_prefix.as_str());
+    let (allow, deny, policy) = rules(raw.allow, raw.deny, path, prefix, access, p);
     let from = from?;
     Some(Route {
         name: raw.from?,
@@ -642,10 +643,12 @@ impl Access {
 /// with [`Policy::compile`] (every problem it finds is reported at its key), and checked
 /// against the route's `accept`: a route that asks for credentials must let someone in, and
 /// a public route has nobody signed in for its rules to name.
+/// The rules of a route (or the console) whose requests' paths are within `prefix`.
 fn rules(
     allow: Option<file::Rules>,
     deny: Option<file::Rules>,
     path: &KeyPath,
+    prefix: &str,
     access: Access,
     p: &mut Problems<'_>,
 ) -> (Vec<RuleSpec>, Vec<RuleSpec>, Option<Policy>) {
@@ -653,6 +656,24 @@ fn rules(
     let allow_written = allow.is_some();
     let mut allow = rule_list(allow, &allow_path, p);
     let deny = rule_list(deny, &path.key("deny"), p);
+    // A rule's paths are whole request paths, not relative to the route: one that no request
+    // to the route can have never applies, and a deny that never applies protects nothing.
+    for (rule_path, spec) in allow.iter().chain(&deny) {
+        for (i, rule_prefix) in spec.paths.iter().flatten().enumerate() {
+            let within = |a: &str, b: &str| portcullis_policy::loosely_within(a, b);
+            let written = rule_prefix.starts_with('/');
+            if written && !within(prefix, rule_prefix) && !within(rule_prefix, prefix) {
+                p.add(
+                    &rule_path.key("paths").index(i),
+                    format!(
+                        "no request here has this path, so the rule never applies: every path \
+                         on this route starts with `{prefix}` (paths are whole request paths, \
+                         not relative to the route)"
+                    ),
+                );
+            }
+        }
+    }
 
     if let (Access::SignIn { defaulted, .. }, false) = (access, allow_written) {
         let default = if defaulted {
