@@ -652,6 +652,7 @@ fn enqueue(queue: &SyncSender<Queued>, dropped: &AtomicU64, entry: Entry) {
     match queue.try_send(Queued::Record(entry)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
+            crate::metrics::count_audit_lost("queue_full", 1);
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // At the 1st, 2nd, 4th, 8th... drop, so a flood of drops is not a flood of lines.
             if n.is_power_of_two() {
@@ -663,6 +664,7 @@ fn enqueue(queue: &SyncSender<Queued>, dropped: &AtomicU64, entry: Entry) {
             }
         }
         Err(TrySendError::Disconnected(_)) => {
+            crate::metrics::count_audit_lost("writer_stopped", 1);
             dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "audit", "the audit writer has stopped; record dropped");
         }
@@ -787,11 +789,14 @@ fn append(store: &mut Store, lines: &[String]) {
     for attempt in 1..=ATTEMPTS {
         match store.append(lines) {
             Ok(()) => return,
-            Err(e) if attempt == ATTEMPTS => tracing::error!(
-                target: "audit",
-                "cannot append {} records, dropped: {e}",
-                lines.len()
-            ),
+            Err(e) if attempt == ATTEMPTS => {
+                crate::metrics::count_audit_lost("write_failed", lines.len() as u64);
+                tracing::error!(
+                    target: "audit",
+                    "cannot append {} records, dropped: {e}",
+                    lines.len()
+                );
+            }
             Err(e) => {
                 tracing::warn!(target: "audit", "cannot append {} records yet: {e}", lines.len());
                 thread::sleep(std::time::Duration::from_secs(1));
@@ -1220,5 +1225,29 @@ mod tests {
         assert_eq!(seqs(), expected);
         // Nothing twice.
         assert_eq!(audit.recover_changes(changes).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_record_the_queue_has_no_room_for_is_counted_in_the_metrics() {
+        let lost = || {
+            let page = String::from_utf8(crate::metrics::render()).unwrap();
+            page.lines()
+                .find(|l| l.starts_with("portcullis_audit_records_lost_total{why=\"queue_full\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = lost();
+        let (queue, _records) = mpsc::sync_channel(1);
+        let dropped = AtomicU64::new(0);
+        let entry = || Entry::Session {
+            time: now(),
+            user: "u".to_owned(),
+            what: "sign_in".to_owned(),
+            detail: String::new(),
+        };
+        enqueue(&queue, &dropped, entry());
+        enqueue(&queue, &dropped, entry());
+        assert_eq!(dropped.load(Ordering::Relaxed), 1);
+        assert!(lost() > before, "counted in the metrics");
     }
 }

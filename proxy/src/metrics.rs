@@ -1,4 +1,5 @@
-//! Prometheus metrics: requests by route and status, upstream latency by route.
+//! Prometheus metrics: requests by route and status, upstream latency by route, reloads, and
+//! audit records lost.
 //!
 //! The per-route handles are resolved when a configuration is compiled, so the hot path does
 //! one label lookup (the status) per request and none for the latency histogram.
@@ -14,6 +15,7 @@ struct Metrics {
     requests: IntCounterVec,
     upstream_duration: HistogramVec,
     reloads: IntCounterVec,
+    audit_lost: IntCounterVec,
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
@@ -49,12 +51,24 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
     registry
         .register(Box::new(upstream_duration.clone()))
         .ok()?;
+    let audit_lost = IntCounterVec::new(
+        Opts::new(
+            "portcullis_audit_records_lost_total",
+            "Audit records not written, by why: the queue was full (queue_full), the writer \
+             had stopped (writer_stopped), or the writes kept failing (write_failed). SCIM \
+             changes among them are appended again at the next start.",
+        ),
+        &["why"],
+    )
+    .ok()?;
     registry.register(Box::new(reloads.clone())).ok()?;
+    registry.register(Box::new(audit_lost.clone())).ok()?;
     Some(Metrics {
         registry,
         requests,
         upstream_duration,
         reloads,
+        audit_lost,
     })
 });
 
@@ -132,6 +146,15 @@ pub fn count_reload(ok: bool) {
         let result = if ok { "ok" } else { "error" };
         if let Ok(counter) = m.reloads.get_metric_with_label_values(&[result]) {
             IntCounter::inc(&counter);
+        }
+    }
+}
+
+/// Counts `n` audit records lost, for `why` (see `portcullis_audit_records_lost_total`).
+pub fn count_audit_lost(why: &str, n: u64) {
+    if let Some(m) = METRICS.as_ref() {
+        if let Ok(counter) = m.audit_lost.get_metric_with_label_values(&[why]) {
+            counter.inc_by(n);
         }
     }
 }
