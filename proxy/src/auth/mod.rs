@@ -466,16 +466,16 @@ impl Auth {
                 return Err(JwtError::KeysUnavailable);
             }
         }
-        let result = self.first_fetch(issuer).await;
-        match &result {
-            Ok(jwks) => {
-                self.issuers.insert(id, jwks.clone());
-            }
-            Err(_) => {
+        match self.first_fetch(issuer).await {
+            // Requests that arrived together may each have fetched it: the first one kept is
+            // the one every later request, and every verification remembered, uses, and the
+            // only one refreshed, so that a key the issuer withdraws stops verifying.
+            Ok(jwks) => Ok(self.issuers.entry(id).or_insert(jwks).value().clone()),
+            Err(e) => {
                 self.issuer_failures.insert(id, std::time::Instant::now());
+                Err(e)
             }
         }
-        result
     }
 
     async fn first_fetch(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
@@ -675,5 +675,40 @@ mod tests {
                 "{claims}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn requests_that_first_fetch_an_issuer_s_keys_together_share_one_key_set() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request).await;
+                    let body = r#"{"keys":[]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let log = || crate::audit::Destination::of(dir.path(), None);
+        let audit = Arc::new(Audit::open(log(), log()).unwrap());
+        let auth = Auth::new(world.directory.clone(), Arc::new(Kept::default()), audit).unwrap();
+        let mut issuer = world.config.jwt_issuers[0].clone();
+        issuer.jwks_uri = Some(format!("http://{address}/jwks"));
+        // Both miss the cache, and both fetch, before either keeps what it fetched.
+        let (a, b) = tokio::join!(auth.jwks_for(&issuer), auth.jwks_for(&issuer));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "two key sets for one issuer");
+        let kept = auth.jwks_for(&issuer).await.unwrap();
+        assert!(Arc::ptr_eq(&a, &kept));
     }
 }
