@@ -88,7 +88,8 @@ pub struct Identity {
 pub struct Machine {
     pub issuer: String,
     pub subject: String,
-    /// `client_id`, or else `azp`.
+    /// The client the token was issued to: `client_id`, or else `azp`, `cid` (Okta) or
+    /// `appid` (Entra ID's v1 tokens).
     pub client_id: Option<String>,
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,

@@ -21,7 +21,8 @@
 //                     `preferred_username` (the UPN) and `name` in the ID token, no `email`), or
 //                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
 //                     answer to the code flow has them; `groups` only when the `groups` scope is
-//                     asked; give users Okta-style subs, `00u…`)
+//                     asked; access tokens name their client `cid`, not `client_id`; give users
+//                     Okta-style subs, `00u…`)
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -353,6 +354,16 @@ function buildProvider(issuer, clients) {
       },
     }[profile],
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
+    // Okta's access tokens name their client `cid`, and carry no `client_id` (nor `azp`).
+    formats: {
+      customizers: {
+        async jwt(_ctx, _token, jwt) {
+          if (profile !== 'okta') return;
+          jwt.payload.cid = jwt.payload.client_id;
+          delete jwt.payload.client_id;
+        },
+      },
+    },
     // Entra ID puts its claims in the ID token whatever else it issues, and so does Okta in the
     // ID token its token endpoint returns for the code flow (its "thin" ID token is the
     // implicit flow's); the conformant profile is the package as it ships.

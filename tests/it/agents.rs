@@ -20,8 +20,8 @@ use portcullis_tests::scim::{
     agentic_application, patch_ops, PORTCULLIS_AGENT_SCHEMA, USER_SCHEMA,
 };
 use portcullis_tests::{
-    ConfigBuilder, Echo, Idp, IdpClient, JwtIssuer, Pkce, Portcullis, Route, ScimClient,
-    ScimResponse, Upstream,
+    ConfigBuilder, Echo, Idp, IdpClient, IdpProfile, JwtIssuer, Pkce, Portcullis, Route,
+    ScimClient, ScimResponse, Upstream,
 };
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
@@ -62,6 +62,11 @@ struct Agents {
 
 impl Agents {
     async fn start() -> Agents {
+        Agents::start_with(IdpProfile::Conformant).await
+    }
+
+    /// With the IdP's tokens shaped as `profile`'s are.
+    async fn start_with(profile: IdpProfile) -> Agents {
         let api = Upstream::start("api").await;
         let agent_client = IdpClient::new(AGENT_ID, AGENT_SECRET)
             .redirect_uri(UNUSED)
@@ -71,6 +76,7 @@ impl Agents {
             );
         let idp = idp_setup(&[UNUSED.to_owned()], UNUSED)
             .client(agent_client)
+            .profile(profile)
             .start()
             .await;
         let cfg = ConfigBuilder::new()
@@ -517,4 +523,28 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
         out.contains("no owner of the agent is an active user"),
         "{out}"
     );
+}
+
+/// Okta names an access token's client `cid`, with no `client_id` or `azp`: a person's token
+/// issued to the agent's client is still the agent's to hold, without the `okta` preset, so the
+/// agent's deactivation refuses it (it was judged as the person alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_okta_token_issued_to_the_agent_s_client_holds_the_agent_to_its_chain() {
+    let t = Agents::start_with(IdpProfile::Okta).await;
+    let held = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
+    let claims = jwt_claims(&held);
+    assert_eq!(
+        (&claims["sub"], &claims["cid"], claims.get("client_id")),
+        (&json!("alice"), &json!(AGENT_ID), None),
+        "{claims}"
+    );
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let echo = Echo::parse(body.as_bytes());
+    assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
+    t.set_active(&format!("/Agents/{}", t.agent), false)
+        .await
+        .expect(200);
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }

@@ -239,8 +239,9 @@ pub enum IdpProfile {
     /// `name` in the ID token, no `email`.
     Entra,
     /// Okta: the claims of the scopes asked for in the ID token (as Okta's token endpoint
-    /// returns it for the code flow), `groups` only when the `groups` scope is asked; users'
-    /// subs are Okta ids (`00u…`), as the test gives them.
+    /// returns it for the code flow), `groups` only when the `groups` scope is asked; access
+    /// tokens name their client `cid`, with no `client_id`; users' subs are Okta ids (`00u…`),
+    /// as the test gives them.
     /// (`conform_id_token_claims` applies to the conformant profile only.)
     Okta,
 }

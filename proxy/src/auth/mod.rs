@@ -413,7 +413,12 @@ impl Auth {
         let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
-            client_id: claims.client_id.or(claims.azp),
+            // Okta names the client `cid`, Entra ID's v1 tokens `appid`.
+            client_id: claims
+                .client_id
+                .or(claims.azp)
+                .or_else(|| claims.marks.cid.clone())
+                .or_else(|| claims.marks.appid.clone()),
             groups: claims.groups,
             expires: valid_until,
             issued: claims.iat,
