@@ -834,12 +834,8 @@ async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() 
         "the service account is found by the token's sub"
     );
     let url = t.api_url("/v1/jobs");
-    let resp = bare_client()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let get = |token: &str| bare_client().get(&url).bearer_auth(token).send();
+    let resp = get(&token).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 
     revocation_under_load(
@@ -862,12 +858,7 @@ async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     t.set_active(&t.machine_id, true).await.expect_success();
-    let resp = bare_client()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&token).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let challenge = resp.headers()[reqwest::header::WWW_AUTHENTICATE].to_str();
     assert!(challenge.unwrap().contains("invalid_token"));
@@ -886,23 +877,13 @@ async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() 
     assert!(who.starts_with(&format!("{MACHINE_ID}@")), "{refusal}");
     assert_eq!(refusal["path"], "/v1/jobs", "{refusal}");
     let token = t.machine_token().await;
-    let resp = bare_client()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&token).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     // And removing it from the group refuses it.
     t.remove_member(&t.eng_id, &t.machine_id)
         .await
         .expect_success();
-    let resp = bare_client()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&token).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 

@@ -645,6 +645,32 @@ struct Streaming {
 }
 
 impl Streaming {
+    /// Alice's idle websocket on app.test's `/ws` is closed by a reload to `config` (nothing
+    /// said on it, nothing changed in the directory), and the closing audited with `reasons`.
+    async fn reload_closes_alice_s_websocket(&self, config: &str, reasons: &[&str]) {
+        let cookie = self
+            .fx
+            .sign_in(&client(), &self.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+        let mut idle = self
+            .websocket(
+                "app.test",
+                "/ws",
+                ("cookie", format!("{SESSION_COOKIE}={cookie}")),
+            )
+            .await;
+        self.fx.px.rewrite_config(config);
+        self.fx.px.reload();
+        let closed =
+            portcullis_tests::client::closed_within(&mut idle, std::time::Duration::from_secs(15))
+                .await;
+        assert!(closed, "the websocket stayed open after the reload");
+        let mut audited = vec!["open connection closed", ALICE];
+        audited.extend_from_slice(reasons);
+        self.audited(&audited).await;
+    }
+
     async fn start() -> Streaming {
         let app = portcullis_tests::Upstream::start("app").await;
         let api = portcullis_tests::Upstream::start("api").await;
@@ -773,28 +799,7 @@ async fn a_machine_s_websocket_ends_when_its_token_expires() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
     let t = Streaming::start().await;
-    let cookie =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let mut idle = t
-        .websocket(
-            "app.test",
-            "/ws",
-            ("cookie", format!("{SESSION_COOKIE}={cookie}")),
-        )
-        .await;
-    // Nothing said on it, and nothing changes in the directory: only the configuration.
-    t.fx.px.rewrite_config(&t.denying);
-    t.fx.px.reload();
-    let closed =
-        portcullis_tests::client::closed_within(&mut idle, std::time::Duration::from_secs(15))
-            .await;
-    assert!(
-        closed,
-        "the websocket stayed open after a reload that denies it"
-    );
-    t.audited(&["open connection closed", "routes[0].deny", ALICE])
+    t.reload_closes_alice_s_websocket(&t.denying, &["routes[0].deny"])
         .await;
 }
 
@@ -804,32 +809,8 @@ async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_gives_the_websocket_s_path_another_route_ends_it() {
     let t = Streaming::start().await;
-    let cookie =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let mut idle = t
-        .websocket(
-            "app.test",
-            "/ws",
-            ("cookie", format!("{SESSION_COOKIE}={cookie}")),
-        )
+    t.reload_closes_alice_s_websocket(&t.narrowed, &["no longer in the configuration"])
         .await;
-    t.fx.px.rewrite_config(&t.narrowed);
-    t.fx.px.reload();
-    let closed =
-        portcullis_tests::client::closed_within(&mut idle, std::time::Duration::from_secs(15))
-            .await;
-    assert!(
-        closed,
-        "the websocket stayed open on a route that no longer serves its path"
-    );
-    t.audited(&[
-        "open connection closed",
-        "no longer in the configuration",
-        ALICE,
-    ])
-    .await;
 }
 
 // ----- plain HTTP (item 12) -----------------------------------------------------------------

@@ -310,6 +310,31 @@ impl Fixture {
         back
     }
 
+    /// The IdP's token response to Portcullis' own client for `login`'s code flow, as a
+    /// sign-in gets it (`id_token` with a nonce, `access_token`), fetched by the harness.
+    pub async fn code_flow_tokens(&self, login: &str, password: &str) -> serde_json::Value {
+        let redirect_uri = self.app_url("/.portcullis/callback");
+        let pkce = Pkce::new();
+        let authorize = self.idp.authorization_url(
+            CLIENT_ID,
+            &redirect_uri,
+            "openid email",
+            &random_token(16),
+            &random_token(16),
+            &pkce,
+        );
+        let back = self.idp_login(&authorize, login, password).await;
+        self.idp
+            .exchange_code(
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &query_param(&back, "code").unwrap(),
+                &redirect_uri,
+                &pkce.verifier,
+            )
+            .await
+    }
+
     /// A whole sign-in with `client` (which must keep cookies): `url` → IdP → callback.
     /// Asserts the callback redirects and sets the session cookie.
     pub async fn sign_in(
@@ -1488,27 +1513,7 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
 
     // An ID token of the same IdP and client is not a logout token (it has a nonce and no
     // logout event).
-    let redirect_uri = fx.app_url("/.portcullis/callback");
-    let pkce = Pkce::new();
-    let authorize = fx.idp.authorization_url(
-        CLIENT_ID,
-        &redirect_uri,
-        "openid email",
-        &random_token(16),
-        &random_token(16),
-        &pkce,
-    );
-    let back = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-    let tokens = fx
-        .idp
-        .exchange_code(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &query_param(&back, "code").unwrap(),
-            &redirect_uri,
-            &pkce.verifier,
-        )
-        .await;
+    let tokens = fx.code_flow_tokens(ALICE, ALICE_PASSWORD).await;
     let id_token = tokens["id_token"].as_str().unwrap().to_owned();
     assert_eq!(post(id_token).await, StatusCode::BAD_REQUEST, "an ID token");
     // An access token for a resource neither.

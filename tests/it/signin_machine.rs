@@ -19,8 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use portcullis_tests::idp::{jwt_claims, jwt_header, query_param, random_token};
-use portcullis_tests::{Echo, IdpOutage, JwtIssuer, Pkce};
+use portcullis_tests::idp::{jwt_claims, jwt_header, random_token};
+use portcullis_tests::{Echo, IdpOutage, JwtIssuer};
 use rcgen::PublicKeyData as _;
 use reqwest::header::{ACCEPT, AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
@@ -30,8 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::signin::{
     bare_client, client, header, now_unix, Fixture, Options, ALICE, ALICE_PASSWORD, API, API_AUD,
-    BROWSER_ACCEPT, CLIENT_ID, CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, OTHER_API,
-    SESSION_COOKIE, SHORT_API,
+    BROWSER_ACCEPT, CLIENT_ID, MACHINE_ID, MACHINE_SECRET, OTHER_API, SESSION_COOKIE, SHORT_API,
 };
 
 /// The audience of the tokens of this file's own issuer.
@@ -546,27 +545,7 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
     bad.push(("a token for another audience".into(), other));
 
     // An ID token of the same IdP: its audience is the client, not the API.
-    let redirect_uri = fx.app_url("/.portcullis/callback");
-    let pkce = Pkce::new();
-    let authorize = fx.idp.authorization_url(
-        CLIENT_ID,
-        &redirect_uri,
-        "openid email",
-        &random_token(16),
-        &random_token(16),
-        &pkce,
-    );
-    let back = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-    let tokens = fx
-        .idp
-        .exchange_code(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &query_param(&back, "code").unwrap(),
-            &redirect_uri,
-            &pkce.verifier,
-        )
-        .await;
+    let tokens = fx.code_flow_tokens(ALICE, ALICE_PASSWORD).await;
     bad.push((
         "an ID token".into(),
         tokens["id_token"].as_str().unwrap().to_owned(),
@@ -680,27 +659,7 @@ async fn an_id_token_is_no_bearer_token_even_where_its_audience_is_accepted() {
         ..Options::default()
     })
     .await;
-    let redirect_uri = fx.app_url("/.portcullis/callback");
-    let pkce = Pkce::new();
-    let authorize = fx.idp.authorization_url(
-        CLIENT_ID,
-        &redirect_uri,
-        "openid email",
-        &random_token(16),
-        &random_token(16),
-        &pkce,
-    );
-    let back = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-    let tokens = fx
-        .idp
-        .exchange_code(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &query_param(&back, "code").unwrap(),
-            &redirect_uri,
-            &pkce.verifier,
-        )
-        .await;
+    let tokens = fx.code_flow_tokens(ALICE, ALICE_PASSWORD).await;
     let id_token = tokens["id_token"].as_str().unwrap();
     let claims = jwt_claims(id_token);
     assert_eq!(claims["aud"], CLIENT_ID, "{claims}");
