@@ -504,7 +504,7 @@ impl Gate<'_> {
                 .filter(|agent| self.agent_known(agent))
                 .map(|agent| self.delegated(facts, request, principal, agent, false, explain)),
             (None, true) => client_claim(claim, token)
-                .and_then(|agent| self.agent(facts, request, agent, explain)),
+                .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
         };
         judged.unwrap_or_else(|| self.user(facts, request, principal, explain))
     }
@@ -536,7 +536,11 @@ impl Gate<'_> {
         explain: bool,
     ) -> Judged {
         let claim = self.identity.agent_claim.as_str();
-        let agent = match self.agent(facts, request, value, explain) {
+        let issued = match principal {
+            Principal::Machine(token) => token.issued,
+            Principal::Person(_) => None,
+        };
+        let agent = match self.agent(facts, request, value, issued, explain) {
             Some(Judged::Allow(pass)) => pass,
             Some(Judged::Refuse(mut refusal)) => {
                 if let Some(agent) = &mut refusal.agent {
@@ -604,6 +608,7 @@ impl Gate<'_> {
         facts: &Facts<'_>,
         request: &Request<'_>,
         value: &str,
+        issued: Option<u64>,
         explain: bool,
     ) -> Option<Judged> {
         let key = self.agent_key(value);
@@ -635,6 +640,13 @@ impl Gate<'_> {
                     ))
                 }
             };
+            // A token issued before the agent was last created, re-activated or named
+            // otherwise is not its own, or no longer (as a user's: see `outlived`).
+            let agent = view.agent;
+            let since = agent.valid_since_unix;
+            if agent.active && since > 0 && issued.is_none_or(|iat| iat < since) {
+                return Some(Judged::Revoked);
+            }
             let record = AgentRecord {
                 name: view.agent.name.to_string(),
                 owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
@@ -2193,6 +2205,32 @@ mod tests {
         // A client the directory has no agent for is a machine, as before.
         let pass = allowed(as_machine(&world, &agent_token(BOT), 1));
         assert!(pass.forward.is_some_and(|f| f.agent.is_none()));
+    }
+
+    #[tokio::test]
+    async fn an_agent_s_token_from_before_it_was_re_activated_is_invalid() {
+        let (world, route, _, helper) = agents_world().await;
+        let agent = format!("/Agents/{helper}");
+        world.set_active_at(&agent, false).await;
+        world.set_active_at(&agent, true).await;
+        let now = crate::clock::now_unix();
+        let issued = |iat: Option<u64>| Machine {
+            issued: iat,
+            ..agent_token("helper")
+        };
+        let invalid = Admission::Refuse(Refused::Challenge {
+            invalid_token: true,
+            revoked: true,
+        });
+        assert_eq!(as_machine(&world, &issued(Some(now - 1)), route), invalid);
+        assert_eq!(as_machine(&world, &issued(None), route), invalid);
+        allowed(as_machine(&world, &issued(Some(now)), route));
+        // A person's token held by the agent's client likewise.
+        let held = Machine {
+            issued: Some(now - 1),
+            ..delegated_token(ALICE, "helper")
+        };
+        assert_eq!(as_machine(&world, &held, route), invalid);
     }
 
     #[tokio::test]

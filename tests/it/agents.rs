@@ -298,12 +298,13 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_times_created_called_deactivated_and_refused() {
     let t = Agents::start().await;
-    let token = t.token().await;
     let path = format!("/Agents/{}", t.agent);
     t.scim.delete(&path).await.expect(204);
     let started = Instant::now();
     for cycle in 0..100 {
+        // A token issued before the agent was created is not its own: fetched after.
         let id = t.create_agent(None).await.expect(201).id();
+        let token = t.token().await;
         let (status, body) = t.call(&token).await;
         assert_eq!(status, StatusCode::OK, "cycle {cycle}, created: {body}");
         t.set_active(&format!("/Agents/{id}"), false)
@@ -452,7 +453,12 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
     let (status, body) = t.call(&for_alice).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("the agent is deactivated"), "{body}");
+    // Re-activated, it does not get its tokens from before back (invalid: its client gets a
+    // new one); a new one works.
+    crate::signin::after_the_second_of(&for_alice).await;
     t.set_active(&agent, true).await.expect(200);
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
     assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
 
     // A person's own token issued to the agent's client (no `act`, as Okta's and Entra ID's
@@ -473,6 +479,7 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
     let (status, body) = t.call(&held).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     t.set_active(&agent, true).await.expect(200);
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
 
     // The audit log names the agent, its owners and the person, allowed or refused.
     let records = audit_json_until(&t.px, &[], |r| {

@@ -34,7 +34,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::signin::now_unix;
+use crate::signin::after_the_second_of;
 use crate::signin::{
     assert_session_refused, assert_session_works, bare_client, client, get_with_session,
     idp_for_app_test, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
@@ -849,14 +849,7 @@ async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() 
     // Re-activated (its secret rotated, say), it does not get its old tokens back: one issued
     // before is invalid, audited, and its client gets a new one. `iat` is in seconds: the
     // re-activation waits for the token's second to pass.
-    let iat = jwt_claims(&token)["iat"]
-        .as_u64()
-        .expect("the token has an iat");
-    let bound = Instant::now() + Duration::from_secs(5);
-    while now_unix() <= iat {
-        assert!(Instant::now() < bound, "the clock does not move");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    after_the_second_of(&token).await;
     t.set_active(&t.machine_id, true).await.expect_success();
     let resp = get(&token).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);

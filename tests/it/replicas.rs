@@ -1002,7 +1002,6 @@ async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
     let fleet = Fleet::start().await;
     let (a, b, c) = tokio::join!(fleet.replica(), fleet.replica(), fleet.replica());
     // The IdP's machine client is, in the directory, an agent owned by the group eng.
-    let token = fleet.token().await;
     let urls: Vec<String> = [&a, &b, &c].iter().map(|r| r.api_url("/v1/jobs")).collect();
     let alice = a.scim.create_user(ALICE).await.expect_success().id();
     let eng = a
@@ -1017,6 +1016,8 @@ async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
         .await
         .expect(201)
         .id();
+    // A token issued before its agent was created is not the agent's: fetched after.
+    let token = fleet.token().await;
     for url in &urls {
         assert_eq!(
             status(url, &token).await,

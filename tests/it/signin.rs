@@ -545,6 +545,20 @@ pub(crate) fn cookie_value(line: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Returns once the second `token` was issued in (its `iat`) has passed: a change made after
+/// it (a re-activation, say) is then in a later second than the token, as `iat` and the
+/// directory's times are in whole seconds.
+pub(crate) async fn after_the_second_of(token: &str) {
+    let iat = jwt_claims(token)["iat"]
+        .as_u64()
+        .expect("the token has an iat");
+    let bound = Instant::now() + Duration::from_secs(5);
+    while now_unix() <= iat {
+        assert!(Instant::now() < bound, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()

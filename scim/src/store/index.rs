@@ -77,6 +77,9 @@ pub struct AgentEntry {
     /// [`AgentEntry::applications`].
     links: Box<[Id]>,
     pub version: Seq,
+    /// When the agent was last created, (de)activated or named otherwise, in Unix seconds;
+    /// 0 if not known ([`Record::valid_since_unix`]): its tokens from before are not its own.
+    pub valid_since_unix: u64,
     /// The groups this agent is directly in.
     pub parents: Vec<Row>,
 }
@@ -500,6 +503,7 @@ pub fn agent_entry(record: &Record) -> Option<AgentEntry> {
         expires,
         links: links.into_boxed_slice(),
         version: version_of(&record.resource),
+        valid_since_unix: record.valid_since_unix.unwrap_or(0),
         parents: Vec::new(),
     })
 }

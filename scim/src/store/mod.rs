@@ -66,8 +66,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since: Option<Seq>,
     /// When `valid_since` last moved, in Unix seconds by the writer's clock: a bearer token
-    /// issued (`iat`) before it was issued to someone else, or before a deactivation.
-    /// `None` in records written before it was kept.
+    /// issued (`iat`) before it was issued to someone else, or before a deactivation. For an
+    /// Agent too: set at creation, (de)activation and a new `name` or `externalId`. `None` in
+    /// records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since_unix: Option<u64>,
     /// A deleted User, kept as its identifiers only (`userName`, `emails`, `externalId`), so

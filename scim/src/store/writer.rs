@@ -406,17 +406,36 @@ impl<'a> Overlay<'a> {
                 "version": etag(self.seq),
             }),
         );
+        let active = |r: &Value| {
+            r.as_object()
+                .and_then(|o| get_ci(o, "active"))
+                .and_then(Value::as_bool)
+                .unwrap_or(true)
+        };
         let (valid_since, valid_since_unix) = match rt {
-            ResourceType::Group | ResourceType::Agent | ResourceType::AgenticApplication => {
-                (None, None)
+            ResourceType::Group | ResourceType::AgenticApplication => (None, None),
+            // An agent's tokens are held to it as a user's are: created, deactivated or
+            // re-activated, or named otherwise (a deleted agent's name, say), its tokens from
+            // before are not its own, or no longer.
+            ResourceType::Agent => {
+                let named = |r: &Value| {
+                    let text = |name| r.as_object().and_then(|o| get_ci(o, name)?.as_str());
+                    (
+                        text("name").map(fold),
+                        text("externalId").map(str::to_owned),
+                    )
+                };
+                match previous {
+                    Some(p)
+                        if active(&p.resource) == active(&resource)
+                            && named(&p.resource) == named(&resource) =>
+                    {
+                        (p.valid_since, p.valid_since_unix)
+                    }
+                    _ => self.valid_from_now(),
+                }
             }
             ResourceType::User => {
-                let active = |r: &Value| {
-                    r.as_object()
-                        .and_then(|o| get_ci(o, "active"))
-                        .and_then(Value::as_bool)
-                        .unwrap_or(true)
-                };
                 let toggled = |p: &Record| active(&p.resource) != active(&resource);
                 let gains = |p: &Record| gains_identifier(&p.resource, &resource);
                 if previous.is_some_and(toggled) {
