@@ -327,6 +327,9 @@ pub struct OidcConfig {
     /// Lower-case `host[:port]` whose `/.portcullis/callback` the IdP redirects to, as it is
     /// registered with the IdP.
     pub auth_host: String,
+    /// `auth_host`'s host, as a request's `Host` names it: without the port, an IPv6 literal
+    /// bracketed and in its one text form (`[::1]`).
+    pub auth_host_name: String,
     pub auth_scheme: Scheme,
     /// `.parent.domain` the session cookie is set for, covering `auth_host`; `None` for a
     /// cookie per host.

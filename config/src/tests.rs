@@ -2153,6 +2153,7 @@ accept = ["public"]
         client_secret: Secret::new(client_secret.into()),
         scopes: vec!["openid".into(), "email".into(), "groups".into()],
         auth_host: "auth.corp.example.com:8443".into(),
+        auth_host_name: "auth.corp.example.com".into(),
         auth_scheme: Scheme::Http,
         cookie_domain: Some(".corp.example.com".into()),
         cookie_name: "pc_session-1".into(),
@@ -2227,6 +2228,13 @@ allow = {{ any_signed_in = true }}
     );
     let config = fixture.parse(&text).unwrap();
     let oidc = config.oidc.as_ref().unwrap();
+    assert_eq!(oidc.auth_host_name, "auth.example.com");
+    // An IPv6 literal as a request's Host names it: bracketed, in its one text form.
+    for (written, name) in [("[0:0::1]:8443", "[::1]"), ("[::1]", "[::1]")] {
+        let text = text.replace("\"auth.example.com\"", &format!("\"{written}\""));
+        let config = fixture.parse(&text).unwrap();
+        assert_eq!(config.oidc.unwrap().auth_host_name, name, "{written}");
+    }
     assert_eq!(oidc.issuer, "https://idp.example.com");
     assert_eq!(oidc.client_secret.expose(), "a-literal-client-secret");
     assert_eq!(oidc.scopes, ["openid", "email", "profile"]);

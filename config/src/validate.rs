@@ -270,12 +270,7 @@ fn console(
     Some(Route {
         name: "console".to_owned(),
         scheme: oidc.auth_scheme,
-        host: oidc
-            .auth_host
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
+        host: oidc.auth_host_name.clone(),
         path_prefix: CONSOLE_PATH.to_owned(),
         upstreams: Vec::new(),
         preserve_host: false,
@@ -1387,6 +1382,7 @@ fn oidc(
         client_id: client_id?,
         client_secret: client_secret?,
         scopes,
+        auth_host_name: auth_host.as_ref()?.name.clone(),
         auth_host: auth_host?.host_port,
         auth_scheme,
         cookie_domain,
@@ -1608,6 +1604,8 @@ fn algorithm(name: &str) -> Result<JwtAlgorithm, String> {
 struct AuthHost {
     host_port: String,
     host: String,
+    /// The host as a request's `Host` names it (see `OidcConfig::auth_host_name`).
+    name: String,
     is_ip: bool,
 }
 
@@ -1639,9 +1637,14 @@ fn auth_host(raw: String) -> Result<AuthHost, String> {
         return Err(format!("write the host in lower case: `{lower}`"));
     }
     let is_ip = bracketed || host.parse::<Ipv4Addr>().is_ok();
+    let name = match host.parse::<Ipv6Addr>() {
+        Ok(v6) if bracketed => format!("[{v6}]"),
+        _ => host.to_owned(),
+    };
     Ok(AuthHost {
         host: host.to_owned(),
         host_port: raw,
+        name,
         is_ip,
     })
 }

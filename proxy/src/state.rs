@@ -91,7 +91,7 @@ impl Runtime {
                 .config
                 .oidc
                 .as_ref()
-                .is_some_and(|oidc| oidc.auth_host.split(':').next() == Some(host))
+                .is_some_and(|oidc| oidc.auth_host_name == host)
     }
 
     /// Whether SCIM and sign-in may be served to a request that arrived at `local` (see

@@ -60,10 +60,7 @@ fn redirect(location: &str, cookies: Vec<String>) -> Reply {
 
 /// Hosts Portcullis serves: where a return URL may point.
 pub fn served_hosts(config: &Config) -> Hosts {
-    let auth_host = config
-        .oidc
-        .as_ref()
-        .map(|o| o.auth_host.split(':').next().unwrap_or_default().to_owned());
+    let auth_host = config.oidc.as_ref().map(|o| o.auth_host_name.clone());
     Hosts::new(
         config
             .routes
@@ -151,8 +148,7 @@ impl Auth {
         }
         // With one cookie for every host, sign-in runs on the auth host, where the callback
         // lands and the browser-binding cookie must be set.
-        let auth_host = oidc.auth_host.split(':').next().unwrap_or_default();
-        if oidc.cookie_domain.is_some() && req.host != auth_host {
+        if oidc.cookie_domain.is_some() && req.host != oidc.auth_host_name {
             let location = format!(
                 "{}/.portcullis/sign_in?rd={}",
                 auth_origin(oidc),
