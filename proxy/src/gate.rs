@@ -1737,7 +1737,13 @@ mod tests {
         };
         world.set_active(&bot, false).await;
         world.set_active(&bot, true).await;
-        let now = crate::clock::now_unix();
+        // The second of the re-activation, as the directory keeps it.
+        let now = world
+            .directory
+            .with_subject(SubjectKey::UserName(BOT), |lookup| {
+                lookup.found().map_or(0, |view| view.user.valid_since_unix)
+            });
+        assert!(now > 0);
         // Issued before the re-activation (a second before, at the least: `iat` is in
         // seconds), or not saying when: refused as invalid, so its client gets a new one.
         assert_eq!(judge(&issued(Some(now - 1))), invalid);
@@ -2213,7 +2219,14 @@ mod tests {
         let agent = format!("/Agents/{helper}");
         world.set_active_at(&agent, false).await;
         world.set_active_at(&agent, true).await;
-        let now = crate::clock::now_unix();
+        // The second of the re-activation, as the directory keeps it.
+        let now = world
+            .directory
+            .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
+                AgentLookup::Found(view) => view.agent.valid_since_unix,
+                _ => 0,
+            });
+        assert!(now > 0);
         let issued = |iat: Option<u64>| Machine {
             issued: iat,
             ..agent_token("helper")
