@@ -21,7 +21,8 @@
 //                     `preferred_username` (the UPN) and `name` in the ID token, no `email`), or
 //                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
 //                     answer to the code flow has them; `groups` only when the `groups` scope is
-//                     asked; access tokens name their client `cid`, not `client_id`; give users
+//                     asked; access tokens name their client `cid`, not `client_id`, and a
+//                     person by their login as `sub` and user id as `uid`; give users
 //                     Okta-style subs, `00u…`)
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
@@ -354,13 +355,19 @@ function buildProvider(issuer, clients) {
       },
     }[profile],
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
-    // Okta's access tokens name their client `cid`, and carry no `client_id` (nor `azp`).
+    // Okta's access tokens name their client `cid` (no `client_id`, no `azp`), and a person
+    // by their login as `sub`, with their user id as `uid`.
     formats: {
       customizers: {
-        async jwt(_ctx, _token, jwt) {
+        async jwt(_ctx, token, jwt) {
           if (profile !== 'okta') return;
           jwt.payload.cid = jwt.payload.client_id;
           delete jwt.payload.client_id;
+          const user = token.accountId && users.get(token.accountId);
+          if (user) {
+            jwt.payload.uid = user.sub;
+            jwt.payload.sub = user.preferred_username ?? user.email;
+          }
         },
       },
     },

@@ -91,8 +91,14 @@ impl Agents {
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
         // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
         // allowed request is audited.
-        let identity = "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n\
-                        allow_sample_rate = 1.0\n";
+        // (Okta's access tokens name a person by their login, the `userName` it provisions.)
+        let attribute = match profile {
+            IdpProfile::Okta => "userName",
+            _ => "externalId",
+        };
+        let identity = format!(
+            "[identity]\nclaim = \"sub\"\nscim_attribute = \"{attribute}\"\nallow_sample_rate = 1.0\n"
+        );
         let px = Portcullis::start(&format!("{}\n{identity}", cfg.toml())).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let person = |user_name: &str, sub: &str| json!({"schemas": [USER_SCHEMA], "userName": user_name, "externalId": sub});
@@ -541,10 +547,11 @@ async fn an_okta_token_issued_to_the_agent_s_client_holds_the_agent_to_its_chain
     let held = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
     let claims = jwt_claims(&held);
     assert_eq!(
-        (&claims["sub"], &claims["cid"], claims.get("client_id")),
-        (&json!("alice"), &json!(AGENT_ID), None),
+        (&claims["sub"], &claims["uid"], &claims["cid"]),
+        (&json!(ALICE), &json!("alice"), &json!(AGENT_ID)),
         "{claims}"
     );
+    assert_eq!(claims.get("client_id"), None, "{claims}");
     let (status, body) = t.call(&held).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let echo = Echo::parse(body.as_bytes());

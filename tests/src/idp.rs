@@ -240,8 +240,8 @@ pub enum IdpProfile {
     Entra,
     /// Okta: the claims of the scopes asked for in the ID token (as Okta's token endpoint
     /// returns it for the code flow), `groups` only when the `groups` scope is asked; access
-    /// tokens name their client `cid`, with no `client_id`; users' subs are Okta ids (`00u…`),
-    /// as the test gives them.
+    /// tokens name their client `cid`, with no `client_id`, and a person by their login as `sub`
+    /// (their user id as `uid`); users' subs are Okta ids (`00u…`), as the test gives them.
     /// (`conform_id_token_claims` applies to the conformant profile only.)
     Okta,
 }
