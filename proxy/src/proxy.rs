@@ -1178,10 +1178,15 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap) {
         .filter(|value| !is_bearer(value))
         .cloned()
         .collect();
-    headers.remove(header::AUTHORIZATION);
+    replace_all(headers, header::AUTHORIZATION, kept);
+}
+
+/// Puts `kept` in place of every `name` header, in their order.
+fn replace_all(headers: &mut http::HeaderMap, name: HeaderName, kept: Vec<HeaderValue>) {
+    headers.remove(&name);
     for value in kept {
         // No more values than were just removed: the map has room for them.
-        let _ = headers.try_append(header::AUTHORIZATION, value);
+        let _ = headers.try_append(&name, value);
     }
 }
 
@@ -1232,11 +1237,7 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
         // Each part came from a valid header value, so the joined value is one too.
         .filter_map(|value| HeaderValue::try_from(value).ok())
         .collect();
-    headers.remove(header::COOKIE);
-    for value in kept {
-        // No more values than were just removed: the map has room for them.
-        let _ = headers.try_append(header::COOKIE, value);
-    }
+    replace_all(headers, header::COOKIE, kept);
 }
 
 /// The `Forwarded` and `X-Forwarded-For` values of the last request a worker thread sent
