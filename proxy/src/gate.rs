@@ -349,12 +349,15 @@ pub struct DirectoryView {
 fn outlived(principal: Principal<'_>, user: &UserEntry) -> bool {
     match principal {
         Principal::Person(identity) => identity.directory_seq < user.valid_since,
-        Principal::Machine(token) => {
-            user.active
-                && user.valid_since_unix > 0
-                && token.issued.is_none_or(|iat| iat < user.valid_since_unix)
-        }
+        Principal::Machine(token) => predates(token.issued, user.active, user.valid_since_unix),
     }
+}
+
+/// Whether a token issued at `issued` (`iat`) predates the record it names, a user's or an
+/// agent's, whose `valid_since` moved at `since` (0: not known); see [`outlived`]. An
+/// inactive record's token is not judged by its age: it is refused as inactive.
+fn predates(issued: Option<u64>, active: bool, since: u64) -> bool {
+    active && since > 0 && issued.is_none_or(|iat| iat < since)
 }
 
 /// The outcome of judging a caller the gate could look up.
@@ -642,9 +645,7 @@ impl Gate<'_> {
             };
             // A token issued before the agent was last created, re-activated or named
             // otherwise is not its own, or no longer (as a user's: see `outlived`).
-            let agent = view.agent;
-            let since = agent.valid_since_unix;
-            if agent.active && since > 0 && issued.is_none_or(|iat| iat < since) {
+            if predates(issued, view.agent.active, view.agent.valid_since_unix) {
                 return Some(Judged::Revoked);
             }
             let record = AgentRecord {
