@@ -25,6 +25,8 @@ use tempfile::TempDir;
 
 /// How long chromedriver may take to listen.
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Starts of chromedriver tried when the port it picked is taken (see [`start_driver`]).
+const DRIVER_ATTEMPTS: u32 = 5;
 /// How long one WebDriver command may take (a navigation waits for the page load).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(45);
 /// Page-load limit inside Chromium, below [`COMMAND_TIMEOUT`].
@@ -109,16 +111,10 @@ pub struct Browser {
     log_path: PathBuf,
 }
 
-impl Browser {
-    /// Starts chromedriver and Chromium with [`BrowserOptions::default`].
-    pub async fn start() -> Browser {
-        Browser::start_with(BrowserOptions::default()).await
-    }
-
-    pub async fn start_with(options: BrowserOptions) -> Browser {
-        let profile = tempfile::tempdir().expect("tempdir for the Chromium profile");
-        let log_path = profile.path().join("chromedriver.log");
-        let log = File::create(&log_path).expect("create chromedriver log");
+/// Starts chromedriver, logging to `log_path`; returns it and the port it listens on.
+async fn start_driver(log_path: &Path) -> (Child, u16) {
+    'attempts: for attempt in 1..=DRIVER_ATTEMPTS {
+        let log = File::create(log_path).expect("create chromedriver log");
         let driver_bin = chromedriver_binary();
         let mut cmd = Command::new(&driver_bin);
         cmd.arg("--port=0")
@@ -129,16 +125,21 @@ impl Browser {
             // process it started, and nothing else.
             .process_group(0);
         let mut driver = cmd.spawn().unwrap_or_else(|e| {
-            panic!("spawn {driver_bin}: {e} (install chromium and chromium-driver: scripts/deps.sh test)")
-        });
+                panic!("spawn {driver_bin}: {e} (install chromium and chromium-driver: scripts/deps.sh test)")
+            });
 
         let deadline = Instant::now() + DRIVER_TIMEOUT;
         let port = loop {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
             if let Some(port) = started_port(&text) {
                 break port;
             }
             if let Ok(Some(status)) = driver.try_wait() {
+                // With `--port=0` it picks a port for one address family, then binds the
+                // same one for the other, where something else may hold it: start again.
+                if text.contains("Address already in use") && attempt < DRIVER_ATTEMPTS {
+                    continue 'attempts;
+                }
                 panic!("chromedriver exited with {status} before listening:\n{text}");
             }
             if Instant::now() > deadline {
@@ -146,11 +147,26 @@ impl Browser {
                 kill_group(&mut driver);
                 panic!(
                     "chromedriver not listening after {DRIVER_TIMEOUT:?}\n{report}\
-                     ----- its output -----\n{text}"
+                         ----- its output -----\n{text}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
+        return (driver, port);
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
+impl Browser {
+    /// Starts chromedriver and Chromium with [`BrowserOptions::default`].
+    pub async fn start() -> Browser {
+        Browser::start_with(BrowserOptions::default()).await
+    }
+
+    pub async fn start_with(options: BrowserOptions) -> Browser {
+        let profile = tempfile::tempdir().expect("tempdir for the Chromium profile");
+        let log_path = profile.path().join("chromedriver.log");
+        let (driver, port) = start_driver(&log_path).await;
 
         let http = reqwest::Client::builder()
             .no_proxy()
