@@ -638,7 +638,15 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
         if status == StatusCode::UNAUTHORIZED {
             break;
         }
-        assert_eq!(status, StatusCode::OK, "{body}");
+        // A request let in the second before expiry has its response checked again; in the
+        // next second the token has expired and the request is cut, closed, with a 403 page.
+        let cut_at_expiry = status == StatusCode::FORBIDDEN
+            && body.contains("could not be completed")
+            && now_unix() >= exp;
+        assert!(
+            status == StatusCode::OK || cut_at_expiry,
+            "{status}: {body}"
+        );
         assert!(
             now_unix() <= exp + 1 && Instant::now() < deadline,
             "a token that expired at {exp} is still accepted at {}",
