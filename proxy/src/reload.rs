@@ -2,16 +2,22 @@
 //!
 //! A reload compiles the new file into a new [`Runtime`] and swaps it in whole: requests already
 //! running keep the one they started with. A file with problems changes nothing; each problem is
-//! logged. Listener addresses, threads and the admin listener's address are fixed at start:
-//! changing them needs a restart, and the reload says so. Reloads take turns: one that read the
-//! file earlier never installs its configuration over one that read it later.
+//! logged. What is read only at start ([`AtStart`]: listeners, the admin address, threads,
+//! `data_dir`, `[log]`, `[postgres]`, ...) needs a restart: a reload that changes it installs
+//! the rest and names each such setting, in the log and on the console, until a restart. Reloads
+//! take turns: one that read the file earlier never installs its configuration over one that
+//! read it later. The file poll installs a change once it has held for one interval, so a file
+//! caught half-written is not taken for the new configuration.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use portcullis_config::{Config, LogConfig, PostgresConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::state::{InFlight, Runtime, Shared};
@@ -32,14 +38,84 @@ impl Reloader {
     }
 }
 
+/// The settings read only at start: the listeners, the admin listener's address, threads,
+/// `data_dir`, `[log]`, `[postgres]`, the reload poll's interval and (past its value at start)
+/// the shutdown timeout, as the process started with them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtStart {
+    /// Each listener's address and whether it terminates TLS.
+    listeners: Vec<(SocketAddr, bool)>,
+    admin: Option<SocketAddr>,
+    threads: usize,
+    shutdown_timeout: Duration,
+    reload_poll_interval: Duration,
+    data_dir: PathBuf,
+    log: LogConfig,
+    postgres: Option<PostgresConfig>,
+}
+
+impl AtStart {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| (l.address, l.tls.is_some()))
+                .collect(),
+            admin: config.admin.as_ref().map(|a| a.address),
+            threads: config.server.threads,
+            shutdown_timeout: config.server.shutdown_timeout,
+            reload_poll_interval: config.server.reload_poll_interval,
+            data_dir: config.data_dir.clone(),
+            log: config.log.clone(),
+            postgres: config.postgres.clone(),
+        }
+    }
+
+    /// The settings of `new` that differ from these, by name: they wait for a restart.
+    pub fn awaiting_restart(&self, new: &Config) -> Vec<&'static str> {
+        let new = Self::of(new);
+        [
+            ("listeners", self.listeners != new.listeners),
+            ("admin.address", self.admin != new.admin),
+            ("server.threads", self.threads != new.threads),
+            // Shorter applies at once; the process' own bound on shutting down is set at start.
+            (
+                "server.shutdown_timeout",
+                new.shutdown_timeout > self.shutdown_timeout,
+            ),
+            (
+                "server.reload_poll_interval",
+                self.reload_poll_interval != new.reload_poll_interval,
+            ),
+            ("data_dir", self.data_dir != new.data_dir),
+            ("log", self.log != new.log),
+            ("postgres", self.postgres != new.postgres),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+}
+
 /// Reads the config file again and, if it has no problems, swaps it in (see the module doc);
-/// `why` is logged. Returns the problems of a file that changed nothing.
-pub fn reload(shared: &Shared, why: &str) -> Result<(), Vec<String>> {
+/// `why` is logged. Returns the settings installed but waiting for a restart, or the problems
+/// of a file that changed nothing.
+pub fn reload(shared: &Shared, why: &str) -> Result<Vec<&'static str>, Vec<String>> {
     match try_reload(shared) {
-        Ok(()) => {
+        Ok(awaiting) => {
             crate::metrics::count_reload(true);
-            tracing::info!(reason = why, "configuration reloaded");
-            Ok(())
+            if awaiting.is_empty() {
+                tracing::info!(reason = why, "configuration reloaded");
+            } else {
+                tracing::warn!(
+                    reason = why,
+                    "configuration reloaded; these settings differ from the ones in use and \
+                     take effect only after a restart: {}",
+                    awaiting.join(", ")
+                );
+            }
+            Ok(awaiting)
         }
         Err(problems) => {
             crate::metrics::count_reload(false);
@@ -51,7 +127,7 @@ pub fn reload(shared: &Shared, why: &str) -> Result<(), Vec<String>> {
     }
 }
 
-fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
+fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     // Held from reading the file to installing what it says (the console's "Re-read", SIGHUP
     // and the file poll run apart).
     static TURN: Mutex<()> = Mutex::new(());
@@ -63,21 +139,7 @@ fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
     })?;
-    let current = shared.runtime.load();
-    let old = &current.config;
-    if config
-        .listeners
-        .iter()
-        .map(|l| l.address)
-        .ne(old.listeners.iter().map(|l| l.address))
-        || config.admin.as_ref().map(|a| a.address) != old.admin.as_ref().map(|a| a.address)
-        || config.server.threads != old.server.threads
-        || config.data_dir != old.data_dir
-    {
-        tracing::warn!(
-            "listener addresses, the admin address, threads and data_dir take effect only after a restart"
-        );
-    }
+    let awaiting = shared.at_start.awaiting_restart(&config);
     // Loading the file loaded its certificates: nothing past this point can fail.
     for listener in &config.listeners {
         if let (Some(tls), Some(resolver)) =
@@ -88,7 +150,43 @@ fn try_reload(shared: &Shared) -> Result<(), Vec<String>> {
     }
     let runtime = Runtime::build(config, &shared.directory);
     shared.install(runtime);
-    Ok(())
+    Ok(awaiting)
+}
+
+/// The file poll's view of the config file: a change is reloaded once the next poll finds the
+/// same bytes, so a file read while an editor was still writing it is not installed.
+#[derive(Debug, Default)]
+struct Poll {
+    /// The bytes last reloaded (or the file as it was at start, or at the last `SIGHUP`).
+    installed: Option<Vec<u8>>,
+    /// A change seen by the last poll, not yet reloaded.
+    pending: Option<Vec<u8>>,
+}
+
+impl Poll {
+    fn new(installed: Option<Vec<u8>>) -> Self {
+        Self {
+            installed,
+            pending: None,
+        }
+    }
+
+    /// Takes the file's bytes (`None`: unreadable) as read now; true if it should be reloaded.
+    fn saw(&mut self, now: Option<Vec<u8>>) -> bool {
+        let Some(now) = now else {
+            return false;
+        };
+        if self.installed.as_ref() == Some(&now) {
+            self.pending = None;
+            return false;
+        }
+        if self.pending.as_ref() == Some(&now) {
+            self.installed = self.pending.take();
+            return true;
+        }
+        self.pending = Some(now);
+        false
+    }
 }
 
 #[async_trait]
@@ -109,17 +207,16 @@ impl BackgroundService for Reloader {
             .server
             .reload_poll_interval;
         let mut ticker = tokio::time::interval(poll);
-        let mut last_seen = std::fs::read(&self.shared.config_path).ok();
+        let read = || std::fs::read(&self.shared.config_path).ok();
+        let mut file = Poll::new(read());
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
-                    last_seen = std::fs::read(&self.shared.config_path).ok();
+                    file = Poll::new(read());
                     self.reload("SIGHUP");
                 }
                 _ = ticker.tick() => {
-                    let now = std::fs::read(&self.shared.config_path).ok();
-                    if now.is_some() && now != last_seen {
-                        last_seen = now;
+                    if file.saw(read()) {
                         self.reload("config file changed");
                     }
                 }
@@ -179,5 +276,28 @@ impl BackgroundService for Drainer {
         }
         crate::logging::flush();
         std::process::exit(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_reloads_a_change_once_it_has_held_for_one_interval() {
+        let file = |text: &str| Some(text.as_bytes().to_vec());
+        let mut poll = Poll::new(file("a"));
+        assert!(!poll.saw(file("a")), "unchanged");
+        // Half-written, then whole before the next poll: the half is never installed.
+        assert!(!poll.saw(file("a + half")));
+        assert!(!poll.saw(file("a + half of b")));
+        assert!(!poll.saw(file("b")));
+        assert!(!poll.saw(None), "unreadable (being replaced): no decision");
+        assert!(poll.saw(file("b")), "held for an interval: reloaded");
+        assert!(!poll.saw(file("b")), "reloaded once");
+        // A change undone before it held is no change.
+        assert!(!poll.saw(file("c")));
+        assert!(!poll.saw(file("b")));
+        assert!(!poll.saw(file("b")));
     }
 }

@@ -21,6 +21,7 @@ use crate::auth::Auth;
 use crate::caller::Caller;
 use crate::gate::{Admission, Forwards, Gate, Refused};
 use crate::metrics::RouteMetrics;
+use crate::reload::AtStart;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
 use crate::streams::{Marks, Recheck, Streams};
@@ -139,6 +140,8 @@ pub struct Shared {
     /// The audit log's sender; its writer thread lives as long as the process.
     pub audit: Arc<Audit>,
     pub runtime: ArcSwap<Runtime>,
+    /// The settings as the process started with them, which a reload cannot change.
+    pub at_start: AtStart,
     /// The SNI resolver of each TLS listener, by address, so reload can swap certificates.
     pub resolvers: HashMap<SocketAddr, Arc<SniResolver>>,
     /// Open websockets and event streams, cut when their caller loses access.
@@ -177,6 +180,7 @@ impl Shared {
             auth,
             signer,
             audit,
+            at_start: AtStart::of(&runtime.config),
             runtime: ArcSwap::from_pointee(runtime),
             resolvers,
             streams: Arc::default(),

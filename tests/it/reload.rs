@@ -267,3 +267,43 @@ async fn file_change_is_picked_up_without_a_signal() {
     // reload_poll_interval is 500 ms in the harness' configs.
     wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
 }
+
+/// A reload installs what it can at once and names what waits for a restart (threads here),
+/// each time, until the file asks again for what is in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_names_the_settings_that_wait_for_a_restart() {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/restart");
+    let waiting = "take effect only after a restart: server.threads";
+
+    let more_threads = cfg
+        .clone()
+        .server("threads", "1")
+        .without_routes()
+        .route(Route::new("http://app.test", &[&new]));
+    // (The file poll may reload the new file too: counts only grow.)
+    let said = || px.log().matches(waiting).count();
+    px.rewrite_config(&more_threads.toml());
+    px.reload_and_wait().await;
+    let once = said();
+    assert!(once >= 1, "{}", px.log());
+    // The routes changed at once.
+    assert_eq!(get_echo(&plain_client(), &url).await.upstream, "new");
+
+    // Still waiting: the process runs as it started.
+    px.reload_and_wait().await;
+    assert!(said() > once, "{}", px.log());
+
+    // Back to what is in use: nothing waits.
+    px.rewrite_config(&cfg.toml());
+    px.reload_and_wait().await;
+    let log = px.log();
+    let last = log.lines().rfind(|l| l.contains("configuration reloaded"));
+    assert!(last.is_some_and(|l| !l.contains("restart")), "{log}");
+    assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
+}

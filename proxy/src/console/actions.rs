@@ -110,7 +110,7 @@ impl Console {
     pub async fn post<F, R>(&self, act: Act, form: &[u8], same_origin: bool, reload: F) -> Reply
     where
         F: FnOnce() -> R,
-        R: Future<Output = Result<(), Vec<String>>>,
+        R: Future<Output = Result<Vec<&'static str>, Vec<String>>>,
     {
         let token = form_urlencoded::parse(form)
             .find(|(k, _)| k == "csrf")
@@ -161,10 +161,25 @@ impl Console {
             }
             Act::Reload => {
                 let (outcome, content) = match reload().await {
-                    Ok(()) => (
+                    Ok(awaiting) if awaiting.is_empty() => (
                         "reloaded".to_owned(),
                         "<p>The configuration was read again and is in use.</p>".to_owned(),
                     ),
+                    Ok(awaiting) => {
+                        let list: String = awaiting
+                            .iter()
+                            .map(|name| format!("<li><code>{}</code></li>", escape(name)))
+                            .collect();
+                        (
+                            format!("reloaded; waiting for a restart: {}", awaiting.join(", ")),
+                            format!(
+                                "<p>The configuration was read again and is in use, except \
+                                 these settings: they differ from the ones Portcullis started \
+                                 with and take effect only after a restart.</p>\
+                                 <ul class=\"no\">{list}</ul>"
+                            ),
+                        )
+                    }
                     Err(problems) => {
                         let list: String = problems
                             .iter()

@@ -514,12 +514,27 @@ mod pages {
             text(&done)
         );
 
-        // Audited: the two refusals and the two actions.
+        // A reload that installs settings read only at start names them.
+        let waiting = || async { Ok(vec!["server.threads", "log"]) };
+        let done = console
+            .post(Act::Reload, b"csrf=the-token", true, waiting)
+            .await;
+        assert!(
+            text(&done).contains("take effect only after a restart")
+                && text(&done).contains("<li><code>server.threads</code></li>"),
+            "{}",
+            text(&done)
+        );
+
+        // Audited: the two refusals and the three actions.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let audit = text(&console.get("audit", "")).to_owned();
-            if audit.contains("ended 2 sessions") && audit.contains("not reloaded: 1 problem") {
-                assert!(audit.contains("4 records"), "{audit}");
+            if audit.contains("ended 2 sessions")
+                && audit.contains("not reloaded: 1 problem")
+                && audit.contains("reloaded; waiting for a restart: server.threads, log")
+            {
+                assert!(audit.contains("5 records"), "{audit}");
                 assert!(
                     audit.contains("not sent from the console itself"),
                     "{audit}"
@@ -530,7 +545,7 @@ mod pages {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let only = text(&console.get("audit", "kind=action")).to_owned();
-        assert!(only.contains("2 records"), "{only}");
+        assert!(only.contains("3 records"), "{only}");
     }
 
     /// Who can reach each route, as the console works it out, against the gate as `explain`
