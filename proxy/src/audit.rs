@@ -13,7 +13,8 @@
 //! If the channel is full (the store cannot keep up), the record is dropped, counted and
 //! logged; SCIM changes dropped that way, or lost to a crash before the write, are still in
 //! the directory's own change table, and the file gets them at the next start
-//! ([`Audit::recover_changes`]). A
+//! ([`Audit::recover_changes`]). The file may be rotated by moving it away: the writer then
+//! starts a new one ([`LogFile`]). A
 //! graceful exit waits for the writer ([`Audit::flush`]). Every
 //! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals of
 //! credentials that name nobody are recorded one by one up to a rate, and counted past it
@@ -412,15 +413,7 @@ impl Audit {
             Destination::Postgres(_) => None,
         };
         let mut store = match destination {
-            Destination::File(path) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
-                Store::File(file, path)
-            }
+            Destination::File(path) => Store::File(LogFile::open(path)?),
             Destination::Postgres(log) => Store::Postgres(log),
         };
         let (queue, records) = mpsc::sync_channel(QUEUE);
@@ -679,27 +672,16 @@ fn now() -> String {
 
 /// An open [`Destination`].
 enum Store {
-    File(File, PathBuf),
+    File(LogFile),
     Postgres(Box<AuditLog>),
 }
 
 impl Store {
-    /// Appends `lines` (each a record and its newline) durably.
-    fn append(&mut self, lines: &[String]) -> Result<(), String> {
+    /// Appends `lines` (each a record and its newline) durably; `last_change` is the
+    /// sequence of the last SCIM change among them.
+    fn append(&mut self, lines: &[String], last_change: Option<u64>) -> Result<(), String> {
         match self {
-            // One write of whole lines: with O_APPEND, a reader never sees two records
-            // interleaved. A write that fails part way (a full disk) is cut off again, so the
-            // retry neither follows a torn record nor repeats the ones that made it.
-            Store::File(file, path) => {
-                let before = file.metadata().map(|m| m.len());
-                let written = file
-                    .write_all(lines.concat().as_bytes())
-                    .and_then(|()| file.sync_data());
-                if let (Err(_), Ok(len)) = (&written, before) {
-                    let _ = file.set_len(len);
-                }
-                written.map_err(|e| format!("{}: {e}", path.display()))
-            }
+            Store::File(file) => file.append(lines, last_change),
             Store::Postgres(log) => {
                 let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                 log.append(&records).map_err(|e| format!("PostgreSQL: {e}"))
@@ -708,12 +690,95 @@ impl Store {
     }
 }
 
+/// The log file, followed through rotation: when the file at its path is no longer the one
+/// being written (`logrotate` moved it away, or it was deleted), the next write opens a new
+/// one there. The sequence of the last SCIM change written is also kept beside it
+/// ([`position_path`]), so that [`Audit::recover_changes`] knows where the log stands when
+/// the file has just been rotated and holds none.
+struct LogFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl LogFile {
+    /// Opens `path` for appending, creating it (mode 0600) if there is none.
+    fn open(path: PathBuf) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+        Ok(Self { file, path })
+    }
+
+    /// Whether the file at the path is no longer the one open (moved or deleted). When that
+    /// cannot be told, it is taken as the same.
+    fn rotated(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(there), Ok(open)) => (there.dev(), there.ino()) != (open.dev(), open.ino()),
+            (Err(e), _) => e.kind() == std::io::ErrorKind::NotFound,
+            (Ok(_), Err(_)) => false,
+        }
+    }
+
+    fn append(&mut self, lines: &[String], last_change: Option<u64>) -> Result<(), String> {
+        if self.rotated() {
+            *self = Self::open(self.path.clone())?;
+            tracing::info!(
+                target: "audit",
+                "the audit log was moved away (rotated); writing to a new {}",
+                self.path.display()
+            );
+        }
+        // One write of whole lines: with O_APPEND, a reader never sees two records
+        // interleaved. A write that fails part way (a full disk) is cut off again, so the
+        // retry neither follows a torn record nor repeats the ones that made it.
+        let (file, path) = (&mut self.file, &self.path);
+        let before = file.metadata().map(|m| m.len());
+        let written = file
+            .write_all(lines.concat().as_bytes())
+            .and_then(|()| file.sync_data());
+        if let (Err(_), Ok(len)) = (&written, before) {
+            let _ = file.set_len(len);
+        }
+        written.map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(seq) = last_change {
+            // The records are written: a position not kept only means a change may be
+            // appended a second time after a rotation and a crash.
+            let position = position_path(path);
+            let temporary = position.with_extension("tmp");
+            let kept = std::fs::write(&temporary, format!("{seq}\n"))
+                .and_then(|()| std::fs::rename(&temporary, &position));
+            if let Err(e) = kept {
+                tracing::warn!(target: "audit", "cannot keep {}: {e}", position.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the sequence of the last SCIM change written to the log at `path` is kept: beside
+/// it, under a name rotation leaves alone (`audit.last-change`).
+fn position_path(path: &Path) -> PathBuf {
+    path.with_extension("last-change")
+}
+
 fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Budgets>) {
     const COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut lines = Vec::new();
-    let encode = |lines: &mut Vec<String>, entry: &Entry| match serde_json::to_string(entry) {
-        Ok(line) => lines.push(line + "\n"),
-        Err(e) => tracing::error!(target: "audit", "cannot encode an audit record: {e}"),
+    let encode = |lines: &mut Vec<String>, last_change: &mut Option<u64>, entry: &Entry| {
+        match serde_json::to_string(entry) {
+            Ok(line) => lines.push(line + "\n"),
+            Err(e) => {
+                tracing::error!(target: "audit", "cannot encode an audit record: {e}");
+                return;
+            }
+        }
+        if let Entry::Change { seq, .. } = entry {
+            *last_change = Some((*seq).max(last_change.unwrap_or(0)));
+        }
     };
     let mut counted_at = std::time::Instant::now();
     loop {
@@ -726,8 +791,9 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
             Err(RecvTimeoutError::Disconnected) => (None, None, true),
         };
         lines.clear();
+        let mut last_change = None;
         while let Some(entry) = next.take() {
-            encode(&mut lines, &entry);
+            encode(&mut lines, &mut last_change, &entry);
             if lines.len() < MAX_BATCH {
                 match queue.try_recv() {
                     Ok(Queued::Record(entry)) => next = Some(entry),
@@ -744,11 +810,11 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
                 .map(|mut budgets| budgets.unrecorded())
                 .unwrap_or_default();
             for entry in unrecorded_records(counted) {
-                encode(&mut lines, &entry);
+                encode(&mut lines, &mut last_change, &entry);
             }
         }
         if !lines.is_empty() {
-            append(store, &lines);
+            append(store, &lines, last_change);
         }
         if let Some(ack) = flush {
             // The flusher may have given up waiting.
@@ -760,9 +826,27 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
     }
 }
 
-/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file).
-/// Only lines that say they are changes are parsed.
+/// The sequence of the last SCIM change written to the log file at `path` (0: none): the
+/// last in the file, or the one kept beside it if later (the file was rotated since). Only
+/// lines that say they are changes are parsed.
 fn last_change(path: &Path) -> Result<u64, String> {
+    let position = position_path(path);
+    let kept = match std::fs::read_to_string(&position) {
+        Ok(text) => text.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "{} should hold the sequence of the last SCIM change the audit log has; \
+                 it holds something else (delete it to have every change appended again)",
+                position.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("cannot read {}: {e}", position.display())),
+    };
+    Ok(kept.max(last_change_in(path)?))
+}
+
+/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file).
+fn last_change_in(path: &Path) -> Result<u64, String> {
     #[derive(Deserialize)]
     struct Seq {
         seq: u64,
@@ -785,9 +869,9 @@ fn last_change(path: &Path) -> Result<u64, String> {
 }
 
 /// Appends `lines`, trying again for a while before they are dropped.
-fn append(store: &mut Store, lines: &[String]) {
+fn append(store: &mut Store, lines: &[String], last_change: Option<u64>) {
     for attempt in 1..=ATTEMPTS {
-        match store.append(lines) {
+        match store.append(lines, last_change) {
             Ok(()) => return,
             Err(e) if attempt == ATTEMPTS => {
                 crate::metrics::count_audit_lost("write_failed", lines.len() as u64);
@@ -1225,6 +1309,72 @@ mod tests {
         assert_eq!(seqs(), expected);
         // Nothing twice.
         assert_eq!(audit.recover_changes(changes).unwrap(), 0);
+    }
+
+    /// `logrotate` moves the file away while Portcullis writes it, and again while it is
+    /// stopped: records go on into a new file, private like the first, and the recovery at
+    /// start appends only what no file has.
+    #[tokio::test]
+    async fn a_rotated_log_is_followed_and_recovery_starts_where_it_stood() {
+        use std::os::unix::fs::PermissionsExt;
+        let world = crate::testing::World::new();
+        for name in ["a@x", "b@x", "c@x", "d@x"] {
+            world.user(name).await;
+        }
+        let changes = |after: u64, limit: usize| {
+            world
+                .directory
+                .changes(after, limit)
+                .map_err(|e| e.detail.clone())
+        };
+        let all = changes(0, 100).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let path = dir.path().join(FILE_NAME);
+        let seqs = |path: &Path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            text.lines()
+                .filter_map(|line| match serde_json::from_str::<Entry>(line) {
+                    Ok(Entry::Change { seq, .. }) => Some(seq),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let wait = std::time::Duration::from_secs(5);
+        {
+            let audit = Audit::open(log(), log()).unwrap();
+            (audit.change_sink())(&all[..2]);
+            assert!(audit.flush(wait));
+            std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+            (audit.change_sink())(&all[2..3]);
+            audit.refusal("a", "r", None, "why", "GET", "/", None);
+            assert!(audit.flush(wait));
+        }
+        assert_eq!(
+            seqs(&dir.path().join("audit.jsonl.1")),
+            [all[0].seq, all[1].seq]
+        );
+        assert_eq!(seqs(&path), [all[2].seq]);
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains(r#""event":"refusal""#));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Rotated while stopped: the new file has no change, and only the fourth is missing.
+        std::fs::rename(&path, dir.path().join("audit.jsonl.2")).unwrap();
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 1);
+        assert!(audit.flush(wait));
+        assert_eq!(seqs(&path), [all[3].seq]);
+
+        // A position that is not one is refused, not guessed at.
+        std::fs::write(dir.path().join("audit.last-change"), "soon\n").unwrap();
+        let error = Audit::open(log(), log())
+            .unwrap()
+            .recover_changes(changes)
+            .unwrap_err();
+        assert!(error.contains("audit.last-change"), "{error}");
     }
 
     #[test]

@@ -190,6 +190,8 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
         .map(|line| format!("{line}\n"))
         .collect();
     std::fs::write(&path, kept.concat()).unwrap();
+    // Nor, then, had the log kept the delete's sequence beside it.
+    std::fs::remove_file(px.dir().join("data/audit.last-change")).unwrap();
     px.restart().await;
     let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 3).await;
     assert_eq!(records[0]["op"], "create");
@@ -198,6 +200,32 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 4).await;
     assert_eq!(records[3]["op"], "create");
     assert!(records[3]["seq"].as_u64() > records[2]["seq"].as_u64());
+
+    // Rotated (as logrotate does, by moving the file away) while it runs: the next record
+    // starts a new file, and a restart appends nothing the moved file has.
+    let rotated = px.dir().join("data/audit.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    scim.create_user("erin@corp.example").await;
+    let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 1).await;
+    assert_eq!(
+        records[0]["summary"],
+        "created userName \"erin@corp.example\""
+    );
+    let moved = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        moved
+            .trim_end()
+            .ends_with(r#""summary":"created userName \"dave@corp.example\""}"#),
+        "{moved}"
+    );
+    px.terminate().await;
+    px.restart().await;
+    scim.create_user("fay@corp.example").await;
+    let records = audit_json_until(&px, &["--user", "okta"], |r| r.len() == 2).await;
+    assert_eq!(
+        records[1]["summary"],
+        "created userName \"fay@corp.example\""
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
