@@ -57,11 +57,16 @@ pub struct AtStart {
 impl AtStart {
     pub fn of(config: &Config) -> Self {
         Self {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| (l.address, l.tls.is_some()))
-                .collect(),
+            // In any order: the file's order means nothing to the listeners.
+            listeners: {
+                let mut listeners: Vec<_> = config
+                    .listeners
+                    .iter()
+                    .map(|l| (l.address, l.tls.is_some()))
+                    .collect();
+                listeners.sort();
+                listeners
+            },
             admin: config.admin.as_ref().map(|a| a.address),
             threads: config.server.threads,
             shutdown_timeout: config.server.shutdown_timeout,
@@ -70,6 +75,17 @@ impl AtStart {
             log: config.log.clone(),
             postgres: config.postgres.clone(),
         }
+    }
+
+    /// The directory the process keeps its data in.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// How long shutting down waits for requests in flight: as configured now, but no longer
+    /// than at start, which bounds the process' own wait.
+    pub fn shutdown_timeout(&self, now: &Config) -> Duration {
+        now.server.shutdown_timeout.min(self.shutdown_timeout)
     }
 
     /// The settings of `new` that differ from these, by name: they wait for a restart.
@@ -153,8 +169,9 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     Ok(awaiting)
 }
 
-/// The file poll's view of the config file: a change is reloaded once the next poll finds the
-/// same bytes, so a file read while an editor was still writing it is not installed.
+/// The file poll's view of the config file: a change is reloaded once the next poll, an
+/// interval later, finds the same bytes, so a file read while an editor was still writing it
+/// is not installed.
 #[derive(Debug, Default)]
 struct Poll {
     /// The bytes last reloaded (or the file as it was at start, or at the last `SIGHUP`).
@@ -207,6 +224,9 @@ impl BackgroundService for Reloader {
             .server
             .reload_poll_interval;
         let mut ticker = tokio::time::interval(poll);
+        // Two reads an interval apart, even after a reload that outlasted ticks: ticks missed
+        // meanwhile must not come back to back.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let read = || std::fs::read(&self.shared.config_path).ok();
         let mut file = Poll::new(read());
         loop {
@@ -247,7 +267,10 @@ impl BackgroundService for Drainer {
             }
         }
         self.shared.start_draining();
-        let timeout = self.shared.runtime.load().config.server.shutdown_timeout;
+        let timeout = self
+            .shared
+            .at_start
+            .shutdown_timeout(&self.shared.runtime.load().config);
         let deadline = Instant::now() + timeout;
         tracing::info!(in_flight = InFlight::count(), "draining before exit");
         while InFlight::count() > 0 && Instant::now() < deadline {

@@ -98,7 +98,7 @@ impl BackgroundService for SessionKeeper {
                 return;
             }
         }
-        let data_dir = shared.runtime.load().config.data_dir.clone();
+        let data_dir = shared.at_start.data_dir().to_path_buf();
         match sessions.import(&data_dir, now_unix()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "sessions moved from sessions.redb"),

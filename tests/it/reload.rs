@@ -223,7 +223,8 @@ async fn invalid_new_config_keeps_the_old_one() {
     for (what, text) in invalid {
         px.rewrite_config(&text);
         px.reload();
-        // Longer than the poll interval (500 ms), so the poller has seen the file too.
+        // Longer than two poll intervals (500 ms): time enough for a reload the file poll
+        // would have made.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(
             px.try_exit().is_none(),
