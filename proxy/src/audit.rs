@@ -725,12 +725,22 @@ impl LogFile {
 
     fn append(&mut self, lines: &[String], last_change: Option<u64>) -> Result<(), String> {
         if self.rotated() {
-            *self = Self::open(self.path.clone())?;
-            tracing::info!(
-                target: "audit",
-                "the audit log was moved away (rotated); writing to a new {}",
-                self.path.display()
-            );
+            match Self::open(self.path.clone()) {
+                Ok(new) => {
+                    *self = new;
+                    tracing::info!(
+                        target: "audit",
+                        "the audit log was moved away (rotated); writing to a new {}",
+                        self.path.display()
+                    );
+                }
+                // The moved file still takes records; the next write tries again.
+                Err(e) => tracing::error!(
+                    target: "audit",
+                    "the audit log was moved away, and a new one cannot be made, so records \
+                     still go to the moved file: {e}"
+                ),
+            }
         }
         // One write of whole lines: with O_APPEND, a reader never sees two records
         // interleaved. A write that fails part way (a full disk) is cut off again, so the
@@ -749,7 +759,11 @@ impl LogFile {
             // appended a second time after a rotation and a crash.
             let position = position_path(path);
             let temporary = position.with_extension("tmp");
-            let kept = std::fs::write(&temporary, format!("{seq}\n"))
+            let kept = File::create(&temporary)
+                .and_then(|mut file| {
+                    file.write_all(format!("{seq}\n").as_bytes())?;
+                    file.sync_all()
+                })
                 .and_then(|()| std::fs::rename(&temporary, &position));
             if let Err(e) = kept {
                 tracing::warn!(target: "audit", "cannot keep {}: {e}", position.display());
@@ -830,17 +844,24 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
 /// last in the file, or the one kept beside it if later (the file was rotated since). Only
 /// lines that say they are changes are parsed.
 fn last_change(path: &Path) -> Result<u64, String> {
+    // Unknown (none yet, or damaged by a crash): the file alone says, and a change a rotated
+    // file has may be appended again. Better than not starting.
     let position = position_path(path);
     let kept = match std::fs::read_to_string(&position) {
-        Ok(text) => text.trim().parse::<u64>().map_err(|_| {
-            format!(
-                "{} should hold the sequence of the last SCIM change the audit log has; \
-                 it holds something else (delete it to have every change appended again)",
+        Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
+            tracing::warn!(
+                target: "audit",
+                "{} does not hold a change's sequence; the audit log's last change is taken \
+                 from the log alone",
                 position.display()
-            )
-        })?,
+            );
+            0
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(format!("cannot read {}: {e}", position.display())),
+        Err(e) => {
+            tracing::warn!(target: "audit", "cannot read {}: {e}", position.display());
+            0
+        }
     };
     Ok(kept.max(last_change_in(path)?))
 }
@@ -1368,13 +1389,13 @@ mod tests {
         assert!(audit.flush(wait));
         assert_eq!(seqs(&path), [all[3].seq]);
 
-        // A position that is not one is refused, not guessed at.
-        std::fs::write(dir.path().join("audit.last-change"), "soon\n").unwrap();
-        let error = Audit::open(log(), log())
-            .unwrap()
-            .recover_changes(changes)
-            .unwrap_err();
-        assert!(error.contains("audit.last-change"), "{error}");
+        // A damaged position (a crash while it was written) leaves the file alone to say:
+        // the process starts, and with the file just rotated, every change is appended again.
+        drop(audit);
+        std::fs::rename(&path, dir.path().join("audit.jsonl.3")).unwrap();
+        std::fs::write(dir.path().join("audit.last-change"), "").unwrap();
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 4);
     }
 
     #[test]
