@@ -913,8 +913,11 @@ fn append(store: &mut Store, lines: &[String], last_change: Option<u64>) {
 /// Which records to show (`portcullis audit`, the console's timeline); `Default` selects all.
 #[derive(Debug, Default)]
 pub struct Filter {
-    /// Matches the actor or the user, case-insensitively.
+    /// Matches the actor or the user, case-insensitively, and a console action on them.
     pub user: Option<String>,
+    /// `user`'s directory id: with it, `user` also matches the SCIM changes to that user and
+    /// to the groups whose members were added or removed by it.
+    pub about: Option<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
     /// The `event`: `change`, `refusal`, `allow`, `action` or `session`.
@@ -926,7 +929,16 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, entry: &Entry) -> bool {
         if let Some(user) = &self.user {
-            if !entry.who().eq_ignore_ascii_case(user) {
+            let about = match entry {
+                Entry::Action { target, .. } => target.eq_ignore_ascii_case(user),
+                // An id is a UUID: it appears in a change's summary only as a member's.
+                Entry::Change { id, summary, .. } => self
+                    .about
+                    .as_deref()
+                    .is_some_and(|about| id == about || summary.contains(about)),
+                _ => false,
+            };
+            if !about && !entry.who().eq_ignore_ascii_case(user) {
                 return false;
             }
         }
@@ -1180,6 +1192,39 @@ mod tests {
         assert!(!filter(Some("bob@corp.example"), None).matches(&entry));
         assert!(filter(None, since("2025-01-02T03:04:05Z")).matches(&entry));
         assert!(!filter(None, since("2025-01-02T03:04:06Z")).matches(&entry));
+
+        // Records about a user: the console's actions on them, and, given their id, the
+        // changes to them and to groups' members by it.
+        let id = "0b4ad4b6-7a3e-4f1e-9d55-6a2f9c1d2e3f";
+        let about = Filter {
+            user: Some("carol@corp.example".to_owned()),
+            about: Some(id.to_owned()),
+            ..Filter::default()
+        };
+        let change = |id: &str, summary: &str| Entry::Change {
+            seq: 1,
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            actor: "okta".to_owned(),
+            op: "patch".to_owned(),
+            resource_type: "User".to_owned(),
+            id: id.to_owned(),
+            summary: summary.to_owned(),
+        };
+        assert!(about.matches(&change(id, "attributes, deactivated")));
+        let group = "6f1c2d3e-0000-4000-8000-000000000001";
+        assert!(about.matches(&change(group, &format!("members +[] -[{id}]"))));
+        assert!(!about.matches(&change(group, "members +[] -[someone-else]")));
+        let ended = Entry::Action {
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            actor: "admin@corp.example".to_owned(),
+            action: "end_sessions".to_owned(),
+            target: "Carol@corp.example".to_owned(),
+            outcome: "ended 1 session".to_owned(),
+        };
+        assert!(about.matches(&ended));
+        assert!(!about.matches(&entry), "alice's refusal is not about carol");
+        // Without the id (`portcullis audit --user`), changes are matched by actor only.
+        assert!(!filter(Some("carol@corp.example"), None).matches(&change(id, "deactivated")));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - the pages show the directory as it is: a deactivation is on the next page load.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portcullis_tests::rng::Rng;
 use portcullis_tests::scim::patch_ops;
@@ -265,6 +265,36 @@ async fn the_pages_show_the_directory_as_it_is_now() {
         .await
         .unwrap();
     assert!(page.contains("class=\"no\">deactivated"), "{page}");
+
+    // Her removal from eng is on her page too, beside her deactivation: both are about her,
+    // though made by the IdP's token, to her record and to the group's.
+    let resp = t
+        .scim
+        .patch(
+            &format!("/Groups/{}", t.eng_id),
+            &patch_ops(json!([{
+                "op": "remove",
+                "path": format!("members[value eq \"{}\"]", t.alice_id)
+            }])),
+        )
+        .await;
+    assert!((200..300).contains(&resp.status), "{}", resp.text);
+    let removed = format!("-[{}]", t.alice_id);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = get_with_session(&alice_page, &bob, BROWSER_ACCEPT)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let records = page.split("Recent records").nth(1).unwrap_or_default();
+        if records.contains(&removed) {
+            assert!(records.contains("attributes, deactivated"), "{page}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn refs(ids: &[String]) -> Vec<&str> {

@@ -7,6 +7,8 @@ use std::collections::VecDeque;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use portcullis_scim::store::format_id;
+
 use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::audit::{parse_since, Entry, Filter};
 use crate::human::relative;
@@ -51,6 +53,8 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
     };
     let filter = Filter {
         user: (!who.is_empty()).then(|| who.clone()),
+        // The console knows the directory; `Console::audit_page` looks the user up.
+        about: None,
         since: time(&since),
         until: time(&until),
         kind: KINDS
@@ -184,7 +188,8 @@ impl Console {
     }
 
     pub(super) fn audit_page(&self, query: &str, params: &Params) -> Shown {
-        let asked = asked(query, self.now_time());
+        let mut asked = asked(query, self.now_time());
+        asked.filter.about = self.user_id(&asked.who);
         let mut html = format!(
             "<form class=\"inline\" method=\"get\" action=\"{}\">\
              <input type=\"text\" name=\"who\" value=\"{}\" placeholder=\"actor or user\" aria-label=\"Actor or user\">\
@@ -253,9 +258,19 @@ impl Console {
     }
 
     /// The newest records about `user_name`, for their page.
-    pub(super) fn recent_records(&self, user_name: &str) -> String {
+    /// The directory id of the user named `user_name`, if there is one.
+    fn user_id(&self, user_name: &str) -> Option<String> {
+        self.directory.read(|index| {
+            let row = index.user_by_name(user_name)?;
+            Some(format_id(index.user(row)?.id))
+        })
+    }
+
+    /// The newest records by or about the user `user_name` (`id`), and a link to them all.
+    pub(super) fn recent_records(&self, user_name: &str, id: &str) -> String {
         let filter = Filter {
             user: Some(user_name.to_owned()),
+            about: Some(id.to_owned()),
             ..Filter::default()
         };
         match self.newest(&filter, 1) {
