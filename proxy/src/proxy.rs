@@ -529,9 +529,21 @@ impl ProxyHttp for Proxy {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
+        // session, to sign visitors in as someone else) or clears one is not obeyed.
+        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
+            let dropped = strip_own_set_cookies(upstream_response, &oidc.cookie_name);
+            if dropped > 0 {
+                tracing::warn!(
+                    route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str()),
+                    dropped,
+                    "an upstream's Set-Cookie for Portcullis' own cookie was removed"
+                );
+            }
+        }
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index);
             if let Some(started) = ctx.upstream_started {
@@ -1205,6 +1217,44 @@ fn strip_reserved_headers(headers: &mut http::HeaderMap) {
 /// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
 /// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
 /// header that is not text is dropped whole: it cannot be told free of them.
+/// Whether `name`, a cookie's name, is one of Portcullis' own: the session cookie (named
+/// `session_cookie`) or a sign-in's, with or without a `__Host-` or `__Secure-` prefix.
+fn is_own_cookie(name: &str, session_cookie: &str) -> bool {
+    let unprefixed = ["__Host-", "__Secure-"].iter().find_map(|prefix| {
+        let head = name.get(..prefix.len())?;
+        head.eq_ignore_ascii_case(prefix)
+            .then(|| &name[prefix.len()..])
+    });
+    let name = unprefixed.unwrap_or(name);
+    name == session_cookie || name.starts_with(BROWSER_COOKIE)
+}
+
+/// Takes out of `response` each `Set-Cookie` for one of Portcullis' own cookies; returns how
+/// many. A response without any, nearly all of them, is left as it is.
+fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) -> usize {
+    let own = |value: &HeaderValue| {
+        let line = value.as_bytes();
+        let name = line.split(|&b| b == b'=').next().unwrap_or(line);
+        is_own_cookie(String::from_utf8_lossy(name).trim(), session_cookie)
+    };
+    let set = response.headers.get_all(header::SET_COOKIE);
+    if !set.iter().any(own) {
+        return 0;
+    }
+    let all: Vec<HeaderValue> = set.iter().cloned().collect();
+    response.remove_header(&header::SET_COOKIE);
+    let mut dropped = 0;
+    for value in all {
+        if own(&value) {
+            dropped += 1;
+        } else {
+            // Put back as it came: the name is a known one, the value already a header's.
+            let _ = response.append_header(header::SET_COOKIE, value);
+        }
+    }
+    dropped
+}
+
 fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
     // Every own name contains one of these two (`__Host-` + the session's name included), so
     // a request without either, nearly all of them, is left as it is without a copy.
@@ -1226,10 +1276,7 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
     if !headers.get_all(header::COOKIE).iter().any(mentions_own) {
         return;
     }
-    let is_own = |name: &str| {
-        let name = name.strip_prefix("__Host-").unwrap_or(name);
-        name == session_cookie || name.starts_with(BROWSER_COOKIE)
-    };
+    let is_own = |name: &str| is_own_cookie(name, session_cookie);
     let kept: Vec<HeaderValue> = headers
         .get_all(header::COOKIE)
         .iter()
@@ -1577,6 +1624,43 @@ mod tests {
         let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);
         strip_own_cookies(&mut untouched, "portcullis_session");
         assert_eq!(untouched[header::COOKIE], "a=1;b=2", "left as sent");
+    }
+
+    #[test]
+    fn an_upstream_s_set_cookie_for_portcullis_own_cookies_is_removed() {
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        for line in [
+            "theme=dark; Path=/",
+            "portcullis_session=planted; Path=/",
+            "__SECURE-portcullis_session=planted",
+            " portcullis_signin_0123 =planted",
+            "portcullis_session_other=kept",
+            "lang=en",
+        ] {
+            response.append_header(header::SET_COOKIE, line).unwrap();
+        }
+        assert_eq!(
+            strip_own_set_cookies(&mut response, "portcullis_session"),
+            3
+        );
+        let kept: Vec<&str> = response
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "theme=dark; Path=/",
+                "portcullis_session_other=kept",
+                "lang=en"
+            ]
+        );
+        assert_eq!(
+            strip_own_set_cookies(&mut response, "portcullis_session"),
+            0
+        );
     }
 
     #[test]

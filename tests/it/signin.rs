@@ -1770,6 +1770,28 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     browser.quit().await;
 }
 
+/// An upstream cannot set Portcullis' cookies in a visitor's browser: not its operator's own
+/// session (the visitor would act as them), not a sign-in's, and it cannot clear them; its own
+/// cookies pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
+    let fx = Fixture::start().await;
+    let cookie = fx
+        .sign_in(&client(), &fx.app_url("/"), ALICE, ALICE_PASSWORD)
+        .await
+        .cookie;
+    let resp = get_with_session(&fx.app_url("/set-cookies"), &cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let set: Vec<&str> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(set, ["theme=dark; Path=/"]);
+    assert_session_works(&fx.app_url("/"), &cookie).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
     let ca = portcullis_tests::TestCa::new();

@@ -289,6 +289,21 @@ async fn handle(
 
     let body = serde_json::to_vec(&echo).unwrap_or_default();
     let mut resp = Response::new(full(Bytes::from(body)));
+    if path == "/set-cookies" {
+        // What an upstream could send to plant its operator's session in a visitor's
+        // browser, or to clear theirs, beside a cookie of its own.
+        for line in [
+            "portcullis_session=planted; Path=/; HttpOnly",
+            "__Host-portcullis_session=planted; Path=/; Secure",
+            "__host-portcullis_session=planted; Path=/; Secure",
+            "portcullis_signin_0123=planted; Path=/",
+            "portcullis_session=; Max-Age=0; Domain=corp.test; Path=/",
+            "theme=dark; Path=/",
+        ] {
+            resp.headers_mut()
+                .append(header::SET_COOKIE, header::HeaderValue::from_static(line));
+        }
+    }
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
