@@ -392,8 +392,8 @@ impl Auth {
             return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
         };
         let now = now_unix();
-        let (sub, sid) = match self.oidc.verify_logout_token(oidc, &token, now).await {
-            Ok(names) => names,
+        let logout = match self.oidc.verify_logout_token(oidc, &token, now).await {
+            Ok(logout) => logout,
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
                 let path = "/.portcullis/backchannel_logout";
@@ -402,18 +402,13 @@ impl Auth {
                 return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
             }
         };
-        let issuer = &oidc.issuer;
-        let found = self.sessions.find(|identity| {
-            identity.issuer == *issuer
-                && match (&sid, &sub) {
-                    (Some(sid), _) => identity.idp_session.as_deref() == Some(sid.as_str()),
-                    (None, Some(sub)) => identity.subject == *sub,
-                    (None, None) => false,
-                }
-        });
+        let found = self
+            .sessions
+            .find(|identity| logout.ends(identity, &oidc.issuer));
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         Ok(match self.sessions.end(&keys).await {
             Ok(()) => {
+                self.oidc.used_logout_token(logout, now);
                 // Whom the IdP signed out: the people whose sessions these were. None held
                 // (a token sent again, or to another replica after the first): nothing ended.
                 let mut people: Vec<String> = found

@@ -614,14 +614,16 @@ impl Oidc {
             })
     }
 
-    /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6) and returns
-    /// `(sub, sid)`; at least one is present.
+    /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6), one not used
+    /// before, and returns whom it signs out. Once its sessions are ended, the token is
+    /// [`Oidc::used_logout_token`]: a token whose sessions could not be ended is taken again
+    /// when the IdP retries.
     pub async fn verify_logout_token(
         &self,
         config: &OidcConfig,
         token: &str,
         now: u64,
-    ) -> Result<(Option<String>, Option<String>), JwtError> {
+    ) -> Result<LoggedOut, JwtError> {
         let provider = self
             .provider()
             .filter(|p| p.issuer == config.issuer)
@@ -662,18 +664,50 @@ impl Oidc {
             return Err(invalid("neither sub nor sid"));
         }
         let jti = claims.jti.ok_or_else(|| invalid("no jti"))?;
+        if self.seen_jtis.contains_key(&jti) {
+            return Err(invalid("this logout token was already used"));
+        }
+        Ok(LoggedOut {
+            sub: claims.sub,
+            sid: claims.sid,
+            jti,
+        })
+    }
+
+    /// Remembers that `logout`'s token was used, so it is refused if sent again.
+    pub fn used_logout_token(&self, logout: LoggedOut, now: u64) {
         if self.seen_jtis.len() >= MAX_SEEN_JTIS {
             self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
         }
-        if self.seen_jtis.insert(jti, now).is_some() {
-            return Err(invalid("this logout token was already used"));
-        }
-        Ok((claims.sub, claims.sid))
+        self.seen_jtis.insert(logout.jti, now);
     }
 
     /// Forgets logout tokens too old to be accepted again.
     pub fn sweep(&self, now: u64) {
         self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
+    }
+}
+
+/// Whom a back-channel logout token signs out: the IdP's session `sid`, or every session of
+/// the subject `sub` (at least one is present).
+#[derive(Debug)]
+pub struct LoggedOut {
+    pub sub: Option<String>,
+    pub sid: Option<String>,
+    jti: String,
+}
+
+impl LoggedOut {
+    /// Whether `identity`'s session is one this logout ends: the IdP session it names, or,
+    /// for a session whose ID token had no `sid` (some IdPs send one only in logout tokens),
+    /// any of its subject's.
+    pub fn ends(&self, identity: &crate::caller::Identity, issuer: &str) -> bool {
+        identity.issuer == issuer
+            && match (&self.sid, &self.sub, &identity.idp_session) {
+                (Some(sid), _, Some(session)) => session == sid,
+                (Some(_), Some(sub), None) | (None, Some(sub), _) => identity.subject == *sub,
+                (Some(_), None, None) | (None, None, _) => false,
+            }
     }
 }
 
@@ -806,6 +840,44 @@ pub async fn discovery_loop(
 mod tests {
     use super::super::sealed::Sealer;
     use super::*;
+
+    #[test]
+    fn a_logout_ends_the_idp_session_it_names_or_its_subject_s_sessions_without_one() {
+        let world = crate::testing::World::new();
+        let issuer = "http://127.0.0.1:2";
+        let person = |sid: Option<&str>| crate::caller::Identity {
+            idp_session: sid.map(str::to_owned),
+            ..world.person("alice@corp.example")
+        };
+        let sub = Some(person(None).subject);
+        let logout = |sub: Option<String>, sid: Option<&str>| LoggedOut {
+            sub,
+            sid: sid.map(str::to_owned),
+            jti: "j".to_owned(),
+        };
+        let by_sid = logout(sub.clone(), Some("s1"));
+        assert!(by_sid.ends(&person(Some("s1")), issuer));
+        assert!(
+            !by_sid.ends(&person(Some("s2")), issuer),
+            "another IdP session"
+        );
+        assert!(
+            by_sid.ends(&person(None), issuer),
+            "a session whose ID token named no IdP session: by its subject"
+        );
+        assert!(!logout(None, Some("s1")).ends(&person(None), issuer));
+        let by_sub = logout(sub.clone(), None);
+        assert!(by_sub.ends(&person(Some("s2")), issuer) && by_sub.ends(&person(None), issuer));
+        assert!(
+            !by_sub.ends(&person(None), "https://other.test"),
+            "another issuer"
+        );
+        let bob = crate::caller::Identity {
+            idp_session: None,
+            ..world.person("bob@corp.example")
+        };
+        assert!(!by_sid.ends(&bob, issuer) && !by_sub.ends(&bob, issuer));
+    }
 
     #[test]
     fn a_return_address_too_long_for_a_cookie_loses_its_query_then_its_path() {
