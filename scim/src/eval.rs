@@ -236,8 +236,14 @@ fn check_expr(expr: &AttrExpr, ctx: Ctx) -> Result<(), ScimError> {
             "'{path} {op} null': only eq and ne compare with null"
         ))),
         (AttrType::Boolean, CompValue::Bool(_)) if !ordering && !substring => Ok(()),
-        (AttrType::Boolean, CompValue::Bool(_)) => Err(invalid(format!(
-            "'{path}' is a boolean: use eq or ne, not {op}"
+        // Entra ID writes booleans as strings: `roles[primary eq "True"].value`.
+        (AttrType::Boolean, CompValue::String(s))
+            if !ordering && !substring && string_bool(s).is_some() =>
+        {
+            Ok(())
+        }
+        (AttrType::Boolean, CompValue::Bool(_) | CompValue::String(_)) => Err(invalid(format!(
+            "'{path}' is a boolean: use eq or ne with true or false, not {op} {value}"
         ))),
         (AttrType::Integer | AttrType::Decimal, CompValue::Number(_)) if !substring => Ok(()),
         (AttrType::Integer | AttrType::Decimal, CompValue::Number(_)) => Err(invalid(format!(
@@ -259,6 +265,11 @@ fn check_expr(expr: &AttrExpr, ctx: Ctx) -> Result<(), ScimError> {
             ty.as_str()
         ))),
     }
+}
+
+/// A boolean written as a string (`"True"`, `"false"`), as Entra ID writes them.
+pub(crate) fn string_bool(text: &str) -> Option<bool> {
+    parse_bool(&Value::String(text.to_owned()))
 }
 
 fn eval(filter: &Filter, ctx: Ctx, scope: &Value) -> Result<bool, ScimError> {
@@ -306,6 +317,9 @@ fn eval_expr(expr: &AttrExpr, ctx: Ctx, scope: &Value) -> Result<bool, ScimError
 fn compare(def: &AttributeDef, stored: &Value, op: CompareOp, wanted: &CompValue) -> bool {
     match (def.ty, wanted) {
         (AttrType::Boolean, CompValue::Bool(b)) => parse_bool(stored) == Some(*b),
+        (AttrType::Boolean, CompValue::String(s)) => {
+            string_bool(s).is_some_and(|b| parse_bool(stored) == Some(b))
+        }
         (AttrType::Integer | AttrType::Decimal, CompValue::Number(n)) => {
             let Value::Number(stored) = stored else {
                 return false;
@@ -444,6 +458,9 @@ mod tests {
         yes(
             r#"externalId eq "00u1abcd" and emails[type eq "work"].value eq "bjensen@example.com""#,
         );
+        // Entra ID writes booleans as strings.
+        yes(r#"active eq "True""#);
+        no(r#"active ne "true""#);
         // id is case-exact.
         yes(r#"id eq "2819c223-7f76-453a-919d-413861904646""#);
         no(r#"id eq "2819C223-7F76-453A-919D-413861904646""#);
@@ -545,7 +562,8 @@ mod tests {
         rejected(r#"emails[type eq "work"].nope eq "x""#, "'nope'");
         rejected(r#"userName[value eq "x"]"#, "needs a complex attribute");
         rejected("active gt true", "use eq or ne");
-        rejected(r#"active eq "true""#, "cannot be compared");
+        rejected(r#"active eq "yes""#, "use eq or ne with true or false");
+        rejected(r#"active co "true""#, "use eq or ne");
         rejected("userName eq 5", "cannot be compared");
         rejected(r#"meta.lastModified gt "yesterday""#, "not an RFC 3339");
         rejected(r#"name eq "Barbara""#, "compare one of its sub-attributes");

@@ -647,6 +647,13 @@ fn seed_from_filter(filter: &Filter, parent: &AttributeDef) -> Object {
                     CompValue::Null => continue,
                     CompValue::Bool(b) => Value::Bool(*b),
                     CompValue::Number(n) => Value::Number(n.clone()),
+                    // Stored as the boolean it names (`primary eq "True"`).
+                    CompValue::String(s) if sub.ty == AttrType::Boolean => {
+                        match crate::eval::string_bool(s) {
+                            Some(b) => Value::Bool(b),
+                            None => continue,
+                        }
+                    }
                     CompValue::String(s) => Value::String(s.clone()),
                 };
                 seed.insert(sub.name.into(), json);
@@ -1045,6 +1052,34 @@ mod tests {
                 ENTERPRISE_USER_SCHEMA
             ])
         );
+    }
+
+    /// Entra ID's app role assignment (`SingleAppRoleAssignment`) addresses the primary role
+    /// with the boolean as a string, beside a deactivation in the same request.
+    #[test]
+    fn entra_primary_role_path_with_a_string_boolean() {
+        let u = patched_user(json!([
+            {"op": "Add", "path": "roles[primary eq \"True\"].value", "value": "Admin"},
+            {"op": "Replace", "path": "active", "value": "False"}
+        ]));
+        assert_eq!(u["roles"], json!([{"primary": true, "value": "Admin"}]));
+        assert_eq!(u["active"], json!(false));
+        // Found again by the same path, whichever way the boolean is written.
+        let mut again = u.clone();
+        patch(
+            &mut again,
+            USER,
+            json!([{"op": "Replace", "path": "roles[primary eq \"true\"].value", "value": "Reader"}]),
+        )
+        .unwrap();
+        assert_eq!(
+            again["roles"],
+            json!([{"primary": true, "value": "Reader"}])
+        );
+        let err = user_error(json!([
+            {"op": "Add", "path": "roles[primary eq \"yes\"].value", "value": "Admin"}
+        ]));
+        assert_eq!(err.status, 400, "{err:?}");
     }
 
     #[test]
