@@ -1770,6 +1770,36 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     browser.quit().await;
 }
 
+/// A jar stuffed past what is read for a session (by a sibling host, say) does not leave a
+/// session alive behind a sign-out that said it ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_out_from_a_stuffed_cookie_jar_ends_the_session() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/home");
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let stuffing: Vec<String> = (0..12)
+        .map(|i| format!("sibling{i}={}", "x".repeat(1000)))
+        .collect();
+    let jar = format!(
+        "{}; {SESSION_COOKIE}={}",
+        stuffing.join("; "),
+        signed.cookie
+    );
+    let resp = bare_client()
+        .post(fx.app_url("/.portcullis/sign_out"))
+        .header(ORIGIN, fx.app_origin())
+        .header(COOKIE, jar)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status() == StatusCode::FOUND || resp.status() == StatusCode::OK,
+        "{}",
+        resp.status()
+    );
+    assert_session_refused(&fx, &page, &signed.cookie).await;
+}
+
 /// An upstream cannot set Portcullis' cookies in a visitor's browser: not its operator's own
 /// session (the visitor would act as them), not a sign-in's, and it cannot clear them; its own
 /// cookies pass.

@@ -16,7 +16,7 @@ use portcullis_config::{Config, OidcConfig, Scheme};
 
 use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
-use super::{cookie, session_cookie_name, Auth};
+use super::{cookie_in_any_jar, session_cookie_name, Auth};
 use crate::caller::{Caller, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
@@ -265,16 +265,8 @@ impl Auth {
         };
         let cookie_name = pending_cookie_name(browser_cookie_prefix(req.tls), &state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
-        // sent here too (pingora bounds the request head as a whole).
-        let headers = &session.req_header().headers;
-        let sealed = crate::cookies::find(
-            headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-            &cookie_name,
-        )
-        .map(str::to_owned);
+        // sent here too.
+        let sealed = cookie_in_any_jar(session.req_header(), &cookie_name).map(str::to_owned);
         let now = now_unix();
         let finished = self
             .oidc
@@ -332,8 +324,10 @@ impl Auth {
                 "<p>Sign out from the page Portcullis shows at /.portcullis/sign_out.</p>",
             );
         }
+        // Read whatever else the jar holds: a sign-out that said so but left the session
+        // alive (a jar stuffed by a sibling host) would be worse than none.
         let name = session_cookie_name(oidc, req.tls);
-        let current = cookie(session.req_header(), &name)
+        let current = cookie_in_any_jar(session.req_header(), &name)
             .and_then(|id| self.sessions.get(id))
             .map(|(key, s)| (key, s.identity.clone()));
         let mut id_token_hint = None;

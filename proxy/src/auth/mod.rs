@@ -552,6 +552,14 @@ pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
     crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
 }
 
+/// The value of cookie `name`, however many cookies the request has (pingora bounds the
+/// request head as a whole): for Portcullis' own endpoints, where a jar stuffed past
+/// `MAX_COOKIE_BYTES` must not hide the cookie they act on.
+pub fn cookie_in_any_jar<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
+    let values = req.headers.get_all(header::COOKIE);
+    crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
+}
+
 /// Whether the request's `Cookie` headers hold more than `MAX_COOKIE_BYTES` in all, past
 /// which none is read: a session among them is not found, and a sign-in would not help.
 ///
