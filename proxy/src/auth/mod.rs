@@ -317,12 +317,18 @@ impl Auth {
                 .then_some((refreshing, turn, state))
         });
         if let Some((refreshing, turn, state)) = due {
-            match self
-                .oidc
-                .refresh(oidc, &state, &session.identity.subject, now)
-                .await
-            {
-                Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(&key, refreshing, next),
+            let refreshed = match state.opened(id) {
+                Some(opened) => {
+                    self.oidc
+                        .refresh(oidc, &opened, &session.identity.subject, now)
+                        .await
+                }
+                None => Ok(Refreshed::Ended(
+                    "the refresh token kept for the session does not open".to_owned(),
+                )),
+            };
+            match refreshed {
+                Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(id, &key, refreshing, next),
                 Ok(Refreshed::Ended(_))
                     if self
                         .sessions

@@ -441,6 +441,7 @@ impl Oidc {
             (true, Some(token)) => Some(Refresh {
                 refresh_token: token.secret().clone(),
                 due: u64::try_from(claims.expiration().timestamp()).unwrap_or(now),
+                sealed: false,
             }),
             _ => None,
         };
@@ -544,7 +545,11 @@ impl Oidc {
         let refresh_token = response
             .refresh_token()
             .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
-        Ok(Refreshed::Renewed(Refresh { refresh_token, due }))
+        Ok(Refreshed::Renewed(Refresh {
+            refresh_token,
+            due,
+            sealed: false,
+        }))
     }
 
     /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must

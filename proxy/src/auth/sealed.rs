@@ -34,6 +34,27 @@ impl Sealer {
         })
     }
 
+    /// The sealer of a key derived (HKDF-SHA256) from `secret`, for `purpose`: the same
+    /// secret and purpose give the same key, and nothing else does.
+    pub fn derived(secret: &[u8], purpose: &[u8]) -> Self {
+        use ring::hkdf::{Salt, HKDF_SHA256};
+        let mut raw = [0u8; 32];
+        let filled = Salt::new(HKDF_SHA256, purpose)
+            .extract(secret)
+            .expand(&[b"portcullis sealer"], HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut raw));
+        // Expanding to the hash's own length always succeeds, and 32 bytes make a key.
+        let key = filled
+            .ok()
+            .and_then(|()| UnboundKey::new(&CHACHA20_POLY1305, &raw).ok());
+        match key {
+            Some(unbound) => Self {
+                key: LessSafeKey::new(unbound),
+            },
+            None => unreachable!("HKDF-SHA256 fills a 32-byte ChaCha20-Poly1305 key"),
+        }
+    }
+
     /// `plain` sealed for `context`, as URL-safe base64 (nonce, ciphertext, tag). Nonces are
     /// random: 96 bits are far beyond what one key seals in a process' life.
     pub fn seal(&self, context: &[u8], plain: &[u8]) -> String {

@@ -54,9 +54,52 @@ const ID_BYTES: usize = 32;
 /// The IdP's tokens kept to refresh a session (`[oidc] refresh = true`). Never logged.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refresh {
+    /// As the IdP gave it, or, as sessions keep it ([`Refresh::sealed`]), sealed.
     pub refresh_token: String,
     /// Unix seconds when the current ID token expires: the next refresh is due then.
     pub due: u64,
+    /// Whether `refresh_token` is sealed under its session's id (every one kept since sealing
+    /// began; those kept before hold it as given, until their next refresh).
+    #[serde(default)]
+    pub sealed: bool,
+}
+
+/// What a session's refresh token is sealed for.
+const REFRESH_TOKEN: &[u8] = b"refresh_token";
+
+impl Refresh {
+    /// This state as sessions keep it: the token sealed under a key derived from the
+    /// session's `id`, which is never stored (its hash is), so a copy of the store refreshes
+    /// nobody's session with the IdP.
+    fn sealed_for(self, id: &str) -> Refresh {
+        if self.sealed {
+            return self;
+        }
+        Refresh {
+            refresh_token: token_sealer(id).seal(REFRESH_TOKEN, self.refresh_token.as_bytes()),
+            sealed: true,
+            ..self
+        }
+    }
+
+    /// This state with the token as the IdP gave it, for the session `id`; `None` if it
+    /// does not open (another session's, or damaged).
+    pub fn opened(&self, id: &str) -> Option<Refresh> {
+        if !self.sealed {
+            return Some(self.clone());
+        }
+        let plain = token_sealer(id).open(REFRESH_TOKEN, &self.refresh_token)?;
+        Some(Refresh {
+            refresh_token: String::from_utf8(plain).ok()?,
+            due: self.due,
+            sealed: false,
+        })
+    }
+}
+
+/// The sealer of session `id`'s refresh token.
+fn token_sealer(id: &str) -> Sealer {
+    Sealer::derived(id.as_bytes(), b"portcullis session refresh token")
 }
 
 impl std::fmt::Debug for Refresh {
@@ -400,7 +443,7 @@ impl Sessions {
         let stored = Stored {
             identity,
             last_seen: now,
-            refresh,
+            refresh: refresh.map(|r| r.sealed_for(&id)),
         };
         let value = encode(&stored)?;
         put(
@@ -411,10 +454,11 @@ impl Sessions {
         Ok(id)
     }
 
-    /// A refresh with the IdP renewed the session: its new state holds here at once, and is
-    /// stored (for every replica) in the background, so the request that refreshed does not
-    /// wait for the store.
-    pub fn refreshed(&self, key: &SessionKey, refreshing: &Refreshing, refresh: Refresh) {
+    /// A refresh with the IdP renewed the session `id` (`key`): its new state holds here at
+    /// once, and is stored (for every replica) in the background, so the request that
+    /// refreshed does not wait for the store.
+    pub fn refreshed(&self, id: &str, key: &SessionKey, refreshing: &Refreshing, refresh: Refresh) {
+        let refresh = refresh.sealed_for(id);
         let value = encode(&refresh);
         refreshing.set(refresh);
         let directory = self.directory.clone();
@@ -712,8 +756,9 @@ mod tests {
                 .await
                 .unwrap();
             let refresh = Refresh {
-                refresh_token: "rt".into(),
+                refresh_token: "first-refresh-token".into(),
                 due: 500,
+                sealed: false,
             };
             let bob = sessions
                 .create(identity("bob", 10_000), Some(refresh), 100)
@@ -773,11 +818,20 @@ mod tests {
             "refresh token never in Debug"
         );
         // A refresh holds at once and is stored in the background.
+        // Kept sealed under bob's id: it opens with that id only.
+        assert!(refresh.sealed && !refresh.refresh_token.contains("first-refresh-token"));
+        let opened = refresh.opened(&bob_id).unwrap();
+        assert_eq!(opened.refresh_token, "first-refresh-token");
+        assert!(refresh.opened(&alice).is_none(), "another session's id");
+        // A state kept before sealing began reads as it was written.
+        let legacy: Refresh = serde_json::from_str(r#"{"refresh_token":"old","due":1}"#).unwrap();
+        assert_eq!(legacy.opened(&bob_id).unwrap().refresh_token, "old");
         let next = Refresh {
-            refresh_token: "rt2".into(),
+            refresh_token: "second-refresh-token".into(),
             due: 900,
+            sealed: false,
         };
-        sessions.refreshed(&bob_key, refreshing, next);
+        sessions.refreshed(&bob_id, &bob_key, refreshing, next);
         assert_eq!(refreshing.state().due, 900);
         tokio::task::yield_now().await;
         // Written after the refresh's write was queued, so after it is stored.
@@ -798,11 +852,26 @@ mod tests {
         drop(storage.expect("the directory is free again"));
         let sessions = open(dir.path()).sessions;
         let (_, bob) = sessions.get(&bob_id).unwrap();
-        assert_eq!(bob.refresh.as_ref().unwrap().state().due, 900, "stored");
-        // Only the hash of the id is stored.
+        let state = bob.refresh.as_ref().unwrap().state();
+        assert_eq!(state.due, 900, "stored");
+        assert_eq!(
+            state.opened(&bob_id).unwrap().refresh_token,
+            "second-refresh-token"
+        );
+        // Only the hash of the id is stored, and no refresh token as the IdP gave it.
         drop((bob, sessions));
         let raw = std::fs::read(dir.path().join("directory.redb")).unwrap();
-        assert!(!raw.windows(43).any(|w| w == alice.as_bytes()));
+        for secret in [
+            alice.as_str(),
+            &bob_id,
+            "first-refresh-token",
+            "second-refresh-token",
+        ] {
+            assert!(
+                !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret}"
+            );
+        }
     }
 
     #[tokio::test]
