@@ -1214,9 +1214,6 @@ fn strip_reserved_headers(headers: &mut http::HeaderMap) {
     }
 }
 
-/// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
-/// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
-/// header that is not text is dropped whole: it cannot be told free of them.
 /// Whether `name`, a cookie's name, is one of Portcullis' own: the session cookie (named
 /// `session_cookie`) or a sign-in's, with or without a `__Host-` or `__Secure-` prefix.
 fn is_own_cookie(name: &str, session_cookie: &str) -> bool {
@@ -1233,9 +1230,16 @@ fn is_own_cookie(name: &str, session_cookie: &str) -> bool {
 /// many. A response without any, nearly all of them, is left as it is.
 fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) -> usize {
     let own = |value: &HeaderValue| {
-        let line = value.as_bytes();
-        let name = line.split(|&b| b == b'=').next().unwrap_or(line);
-        is_own_cookie(String::from_utf8_lossy(name).trim(), session_cookie)
+        let line = String::from_utf8_lossy(value.as_bytes());
+        let pair = line.split(';').next().unwrap_or_default();
+        let name = pair.split('=').next().unwrap_or_default().trim();
+        // A nameless cookie (`=portcullis_session=x`) is sent back as its value alone, which
+        // then reads as a cookie of that name (RFC 6265bis §5.6).
+        let sent_as = match name {
+            "" => pair.split('=').nth(1).unwrap_or_default().trim(),
+            name => name,
+        };
+        is_own_cookie(sent_as, session_cookie)
     };
     let set = response.headers.get_all(header::SET_COOKIE);
     if !set.iter().any(own) {
@@ -1255,6 +1259,9 @@ fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) ->
     dropped
 }
 
+/// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
+/// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
+/// header that is not text is dropped whole: it cannot be told free of them.
 fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
     // Every own name contains one of these two (`__Host-` + the session's name included), so
     // a request without either, nearly all of them, is left as it is without a copy.
@@ -1634,6 +1641,7 @@ mod tests {
             "portcullis_session=planted; Path=/",
             "__SECURE-portcullis_session=planted",
             " portcullis_signin_0123 =planted",
+            "=portcullis_session=planted; Path=/app",
             "portcullis_session_other=kept",
             "lang=en",
         ] {
@@ -1641,7 +1649,7 @@ mod tests {
         }
         assert_eq!(
             strip_own_set_cookies(&mut response, "portcullis_session"),
-            3
+            4
         );
         let kept: Vec<&str> = response
             .headers

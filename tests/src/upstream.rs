@@ -298,6 +298,8 @@ async fn handle(
             "__host-portcullis_session=planted; Path=/; Secure",
             "portcullis_signin_0123=planted; Path=/",
             "portcullis_session=; Max-Age=0; Domain=corp.test; Path=/",
+            // Nameless: a browser sends it back as `portcullis_session=planted`.
+            "=portcullis_session=planted; Path=/home",
             "theme=dark; Path=/",
         ] {
             resp.headers_mut()
