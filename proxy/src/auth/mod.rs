@@ -317,10 +317,11 @@ impl Auth {
                 .then_some((refreshing, turn, state))
         });
         if let Some((refreshing, turn, state)) = due {
-            let refreshed = match state.opened(id) {
+            let opened = state.opened(id);
+            let refreshed = match &opened {
                 Some(opened) => {
                     self.oidc
-                        .refresh(oidc, &opened, &session.identity.subject, now)
+                        .refresh(oidc, opened, &session.identity.subject, now)
                         .await
                 }
                 None => Ok(Refreshed::Ended(
@@ -330,10 +331,14 @@ impl Auth {
             match refreshed {
                 Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(id, &key, refreshing, next),
                 Ok(Refreshed::Ended(_))
-                    if self
-                        .sessions
-                        .refreshed_elsewhere(refreshing, &state.refresh_token)
-                        .await => {}
+                    if match &opened {
+                        Some(used) => {
+                            self.sessions
+                                .refreshed_elsewhere(id, refreshing, &used.refresh_token)
+                                .await
+                        }
+                        None => false,
+                    } => {}
                 Ok(Refreshed::Ended(why)) => {
                     // The IdP no longer vouches for this person: the session ends.
                     drop(turn);

@@ -549,14 +549,16 @@ impl Sessions {
         stored
     }
 
-    /// Whether the refresh that `used` refresh token was refused for has been done by another
-    /// replica: its new state reaches this one within the time a write takes to settle, which
-    /// this waits for (on a shared store only). The IdP refuses a rotated token it has just
-    /// renewed, and that must not end the session.
-    pub async fn refreshed_elsewhere(&self, refreshing: &Refreshing, used: &str) -> bool {
+    /// Whether the refresh of session `id` that the refresh token `used` was refused for has
+    /// been done by another replica: its new token reaches this one within the time a write
+    /// takes to settle, which this waits for (on a shared store only). The IdP refuses a
+    /// rotated token it has just renewed, and that must not end the session. (The same token
+    /// sealed again is no new one: each seal differs.)
+    pub async fn refreshed_elsewhere(&self, id: &str, refreshing: &Refreshing, used: &str) -> bool {
         let deadline = std::time::Instant::now() + REFRESH_SETTLE;
         loop {
-            if refreshing.state().refresh_token != used {
+            let now = refreshing.state().opened(id);
+            if now.is_some_and(|now| now.refresh_token != used) {
                 return true;
             }
             if !self.directory.is_shared() || std::time::Instant::now() >= deadline {
@@ -813,9 +815,10 @@ mod tests {
         let refreshing = bob.refresh.as_ref().unwrap();
         let refresh = refreshing.state();
         assert_eq!(refresh.due, 500, "refresh state survives a restart");
+        let shown = format!("{refresh:?}");
         assert!(
-            !format!("{refresh:?}").contains("rt\""),
-            "refresh token never in Debug"
+            !shown.contains("first-refresh-token") && !shown.contains(&refresh.refresh_token),
+            "refresh token never in Debug: {shown}"
         );
         // A refresh holds at once and is stored in the background.
         // Kept sealed under bob's id: it opens with that id only.
