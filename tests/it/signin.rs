@@ -1770,18 +1770,21 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     browser.quit().await;
 }
 
-/// A jar stuffed past what is read for a session (by a sibling host, say) does not leave a
-/// session alive behind a sign-out that said it ended.
+/// A jar stuffed past what is read for a session (by a sibling host, say), or holding two
+/// cookies of the session's name (one set for a longer path), does not leave a session alive
+/// behind a sign-out that said it ended.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_out_from_a_stuffed_cookie_jar_ends_the_session() {
     let fx = Fixture::start().await;
     let page = fx.app_url("/home");
     let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let other = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     let stuffing: Vec<String> = (0..12)
         .map(|i| format!("sibling{i}={}", "x".repeat(1000)))
         .collect();
     let jar = format!(
-        "{}; {SESSION_COOKIE}={}",
+        "{SESSION_COOKIE}={}; {}; {SESSION_COOKIE}={}",
+        other.cookie,
         stuffing.join("; "),
         signed.cookie
     );
@@ -1798,6 +1801,7 @@ async fn a_sign_out_from_a_stuffed_cookie_jar_ends_the_session() {
         resp.status()
     );
     assert_session_refused(&fx, &page, &signed.cookie).await;
+    assert_session_refused(&fx, &page, &other.cookie).await;
 }
 
 /// An upstream cannot set Portcullis' cookies in a visitor's browser: not its operator's own

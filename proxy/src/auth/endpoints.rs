@@ -16,7 +16,7 @@ use portcullis_config::{Config, OidcConfig, Scheme};
 
 use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
-use super::{cookie_in_any_jar, session_cookie_name, Auth};
+use super::{cookie_in_any_jar, cookies_in_any_jar, session_cookie_name, Auth};
 use crate::caller::{Caller, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
@@ -324,27 +324,30 @@ impl Auth {
                 "<p>Sign out from the page Portcullis shows at /.portcullis/sign_out.</p>",
             );
         }
-        // Read whatever else the jar holds: a sign-out that said so but left the session
-        // alive (a jar stuffed by a sibling host) would be worse than none.
+        // Every session the browser sends a cookie of that name for, whatever else the jar
+        // holds: a sign-out that said so but left a session alive (one hidden by a jar stuffed
+        // by a sibling host, or behind another cookie of the name set for a longer path)
+        // would be worse than none. The first is the one requests use.
         let name = session_cookie_name(oidc, req.tls);
-        let current = cookie_in_any_jar(session.req_header(), &name)
-            .and_then(|id| self.sessions.get(id))
-            .map(|(key, s)| (key, s.identity.clone()));
-        let mut id_token_hint = None;
-        if let Some((key, identity)) = current {
-            if let Err(e) = self.sessions.end(&[key]).await {
-                // Gone from this replica only: not signed out until the store has it.
-                tracing::error!("cannot end the session: {e}");
-                return Reply::page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Sign-out failed",
-                    "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
-                );
-            }
-            self.audit
-                .session(&Principal::Person(&identity).log_name(), "sign_out", "");
-            id_token_hint = identity.id_token.clone();
+        let current: Vec<_> = cookies_in_any_jar(session.req_header(), &name)
+            .filter_map(|id| self.sessions.get(id))
+            .map(|(key, s)| (key, s.identity.clone()))
+            .collect();
+        let keys: Vec<_> = current.iter().map(|(key, _)| *key).collect();
+        if let Err(e) = self.sessions.end(&keys).await {
+            // Gone from this replica only: not signed out until the store has it.
+            tracing::error!("cannot end the session: {e}");
+            return Reply::page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-out failed",
+                "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
+            );
         }
+        for (_, identity) in &current {
+            self.audit
+                .session(&Principal::Person(identity).log_name(), "sign_out", "");
+        }
+        let id_token_hint = current.first().and_then(|(_, i)| i.id_token.clone());
         let clear = session_cookie(oidc, req.tls, "", 0);
         let end_session = self.oidc.provider().and_then(|p| {
             p.metadata
@@ -402,7 +405,6 @@ impl Auth {
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         Ok(match self.sessions.end(&keys).await {
             Ok(()) => {
-                self.oidc.used_logout_token(logout, now);
                 // Whom the IdP signed out: the people whose sessions these were. None held
                 // (a token sent again, or to another replica after the first): nothing ended.
                 let mut people: Vec<String> = found
@@ -418,6 +420,7 @@ impl Auth {
                 Reply::empty(StatusCode::OK)
             }
             Err(e) => {
+                self.oidc.unused_logout_token(&logout);
                 tracing::error!("back-channel logout could not end sessions: {e}");
                 json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
             }

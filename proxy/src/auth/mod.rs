@@ -571,6 +571,20 @@ pub fn cookie_in_any_jar<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r s
     crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
 }
 
+/// The values of every cookie named `name`, in the order sent, however many cookies the
+/// request has (see [`cookie_in_any_jar`]).
+pub fn cookies_in_any_jar<'r>(
+    req: &'r RequestHeader,
+    name: &'r str,
+) -> impl Iterator<Item = &'r str> + 'r {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(crate::cookies::pairs)
+        .filter_map(move |(n, value)| (n == name).then_some(value))
+}
+
 /// Whether the request's `Cookie` headers hold more than `MAX_COOKIE_BYTES` in all, past
 /// which none is read: a session among them is not found, and a sign-in would not help.
 ///

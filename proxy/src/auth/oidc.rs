@@ -620,9 +620,8 @@ impl Oidc {
     }
 
     /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6), one not used
-    /// before, and returns whom it signs out. Once its sessions are ended, the token is
-    /// [`Oidc::used_logout_token`]: a token whose sessions could not be ended is taken again
-    /// when the IdP retries.
+    /// before, and returns whom it signs out; it is used from then on. A token whose sessions
+    /// could not be ended is [`Oidc::unused_logout_token`] again, so the IdP's retry is taken.
     pub async fn verify_logout_token(
         &self,
         config: &OidcConfig,
@@ -669,7 +668,10 @@ impl Oidc {
             return Err(invalid("neither sub nor sid"));
         }
         let jti = claims.jti.ok_or_else(|| invalid("no jti"))?;
-        if self.seen_jtis.contains_key(&jti) {
+        if self.seen_jtis.len() >= MAX_SEEN_JTIS {
+            self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
+        }
+        if self.seen_jtis.insert(jti.clone(), now).is_some() {
             return Err(invalid("this logout token was already used"));
         }
         Ok(LoggedOut {
@@ -679,12 +681,9 @@ impl Oidc {
         })
     }
 
-    /// Remembers that `logout`'s token was used, so it is refused if sent again.
-    pub fn used_logout_token(&self, logout: LoggedOut, now: u64) {
-        if self.seen_jtis.len() >= MAX_SEEN_JTIS {
-            self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
-        }
-        self.seen_jtis.insert(logout.jti, now);
+    /// Forgets that `logout`'s token was used: its sessions could not be ended.
+    pub fn unused_logout_token(&self, logout: &LoggedOut) {
+        self.seen_jtis.remove(&logout.jti);
     }
 
     /// Forgets logout tokens too old to be accepted again.
