@@ -200,7 +200,7 @@ impl Fixture {
                 claims: Default::default(),
             };
             let id = writes
-                .block_on(auth.sessions.create(identity, None, now))
+                .block_on(auth.sessions.create(identity, None, &oidc.cookie_name, now))
                 .expect("create session");
             let mut req = RequestHeader::build("GET", b"/projects/42", None).expect("request");
             req.insert_header("host", "app.test").expect("host");

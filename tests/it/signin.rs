@@ -2110,6 +2110,50 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
+/// Renaming the session cookie ends the sessions issued in the old one: browsers keep
+/// sending it, and Portcullis takes out of what upstreams are sent only cookies of the name
+/// it has now, so the old cookie's id must be worth nothing, under either name.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_for_nobody() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    let renamed = fx.cfg.toml().replacen(
+        "\n[oidc]\n",
+        "\n[oidc]\ncookie_name = \"renamed_session\"\n",
+        1,
+    );
+    assert_ne!(renamed, fx.cfg.toml(), "the config has an [oidc] section");
+    fx.px.rewrite_config(&renamed);
+    fx.px.reload_and_wait().await;
+    for name in ["renamed_session", SESSION_COOKIE] {
+        let resp = bare_client()
+            .get(&url)
+            .header(COOKIE, format!("{name}={}", signed.cookie))
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{name}");
+    }
+    // A sign-in now is a session in the new cookie.
+    let c = client();
+    let authorize = fx.start_sign_in(&c, &url).await;
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let resp = c.get(&callback).send().await.unwrap();
+    let again = cookie_value(&set_cookie(&resp, "renamed_session").expect("the new cookie"));
+    let resp = bare_client()
+        .get(&url)
+        .header(COOKIE, format!("renamed_session={again}"))
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has
 /// since been told to accept only ES256 ID tokens, and the IdP signs them with RS256.
 #[tokio::test(flavor = "multi_thread")]

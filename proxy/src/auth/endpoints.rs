@@ -295,7 +295,11 @@ impl Auth {
             .clone()
             .unwrap_or_else(|| identity.subject.clone());
         let lifetime = oidc.session_lifetime.as_secs();
-        let id = match self.sessions.create(identity, refresh, now).await {
+        let id = match self
+            .sessions
+            .create(identity, refresh, &oidc.cookie_name, now)
+            .await
+        {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!("cannot store the session: {e}");

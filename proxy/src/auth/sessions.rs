@@ -120,11 +120,15 @@ pub struct Session {
     stored_seen: AtomicU64,
     /// Present when the session is refreshed with the IdP.
     pub refresh: Option<Refreshing>,
+    /// The name of the cookie it was issued in (`None` for sessions begun before that was
+    /// kept).
+    cookie: Option<String>,
 }
 
 impl Session {
     fn new(stored: Stored) -> Self {
         Self {
+            cookie: stored.cookie,
             identity: Arc::new(stored.identity),
             last_seen: AtomicU64::new(stored.last_seen),
             stored_seen: AtomicU64::new(stored.last_seen),
@@ -153,11 +157,17 @@ impl Session {
 
     /// Whether the session vouches for its person at `now` under the sign-in configuration
     /// as it is now, not as it was at sign-in: it is live, no older than `session_lifetime`
-    /// (which a reload may have shortened), and from the configured provider (a reload that
-    /// moves to another one, say off a compromised one, ends the old one's sessions).
+    /// (which a reload may have shortened), from the configured provider (a reload that
+    /// moves to another one, say off a compromised one, ends the old one's sessions), and
+    /// issued in a cookie of the configured name (browsers keep sending the old name's, which
+    /// upstreams are then sent: renamed, sessions end rather than be worth something there).
     pub fn vouches(&self, now: u64, oidc: &OidcConfig) -> bool {
         let lifetime = oidc.session_lifetime.as_secs();
         self.identity.issuer == oidc.issuer
+            && self
+                .cookie
+                .as_deref()
+                .is_none_or(|name| name == oidc.cookie_name)
             && now < self.identity.created.saturating_add(lifetime)
             && self.is_live(now, oidc.session_idle_timeout.as_secs())
     }
@@ -208,6 +218,9 @@ struct Stored {
     last_seen: u64,
     #[serde(default)]
     refresh: Option<Refresh>,
+    /// `[oidc] cookie_name` when it began; absent from sessions begun before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cookie: Option<String>,
 }
 
 fn entry(kind: &str, key: &SessionKey, value: Option<String>) -> Entry {
@@ -429,12 +442,13 @@ impl Sessions {
         Self { kept, directory }
     }
 
-    /// Creates a session for `identity`; returns the id for the cookie. Durable on return,
-    /// and known to every replica.
+    /// Creates a session for `identity`, in the cookie named `cookie` (`[oidc] cookie_name`);
+    /// returns the id for the cookie. Durable on return, and known to every replica.
     pub async fn create(
         &self,
         identity: Identity,
         refresh: Option<Refresh>,
+        cookie: &str,
         now: u64,
     ) -> Result<String, String> {
         let mut raw = [0u8; ID_BYTES];
@@ -444,6 +458,7 @@ impl Sessions {
             identity,
             last_seen: now,
             refresh: refresh.map(|r| r.sealed_for(&id)),
+            cookie: Some(cookie.to_owned()),
         };
         let value = encode(&stored)?;
         put(
@@ -484,8 +499,6 @@ impl Sessions {
         self.kept.sessions.get(&key).map(|s| (key, s.clone()))
     }
 
-    /// Whether the session `key` names is on and may be used at `now` (see
-    /// [`Session::is_live`]).
     /// [`Session::vouches`] for the session `key`, if held.
     pub fn vouches(&self, key: &SessionKey, now: u64, oidc: &OidcConfig) -> bool {
         self.kept
@@ -754,7 +767,7 @@ mod tests {
         let (alice, bob) = {
             let sessions = open(dir.path()).sessions;
             let alice = sessions
-                .create(identity("alice", 10_000), None, 100)
+                .create(identity("alice", 10_000), None, "portcullis_session", 100)
                 .await
                 .unwrap();
             let refresh = Refresh {
@@ -763,7 +776,12 @@ mod tests {
                 sealed: false,
             };
             let bob = sessions
-                .create(identity("bob", 10_000), Some(refresh), 100)
+                .create(
+                    identity("bob", 10_000),
+                    Some(refresh),
+                    "portcullis_session",
+                    100,
+                )
                 .await
                 .unwrap();
             assert_eq!(alice.len(), 43);
@@ -798,6 +816,12 @@ mod tests {
             ..oidc
         };
         assert!(!session.vouches(200, &moved), "another provider");
+        let renamed = portcullis_config::OidcConfig {
+            cookie_name: "renamed_session".to_owned(),
+            issuer: session.identity.issuer.clone(),
+            ..moved
+        };
+        assert!(!session.vouches(200, &renamed), "a cookie of another name");
 
         let ends = sessions.subscribe_ends();
         let ended = sessions.end_where(|i| i.subject == "alice").await.unwrap();
@@ -839,7 +863,7 @@ mod tests {
         tokio::task::yield_now().await;
         // Written after the refresh's write was queued, so after it is stored.
         sessions
-            .create(identity("carol", 10_000), None, 300)
+            .create(identity("carol", 10_000), None, "portcullis_session", 300)
             .await
             .unwrap();
         drop((bob, sessions));
@@ -882,15 +906,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sessions = open(dir.path()).sessions;
         let used = sessions
-            .create(identity("used", 100_000), None, 100)
+            .create(identity("used", 100_000), None, "portcullis_session", 100)
             .await
             .unwrap();
         let idle = sessions
-            .create(identity("idle", 100_000), None, 100)
+            .create(identity("idle", 100_000), None, "portcullis_session", 100)
             .await
             .unwrap();
         let expired = sessions
-            .create(identity("expired", 1_000), None, 100)
+            .create(identity("expired", 1_000), None, "portcullis_session", 100)
             .await
             .unwrap();
         // Nothing is due a moment later.
@@ -928,11 +952,13 @@ mod tests {
             identity: identity("carol", 10_000),
             last_seen: 100,
             refresh: None,
+            cookie: None,
         };
         let gone = Stored {
             identity: identity("dave", 150),
             last_seen: 100,
             refresh: None,
+            cookie: None,
         };
         {
             let db = Database::create(dir.path().join(OLD_FILE)).unwrap();
@@ -984,6 +1010,7 @@ mod tests {
                 identity: identity(sub, 10_000),
                 last_seen: 100,
                 refresh: None,
+                cookie: None,
             });
             entry(SESSION, key, Some(value.unwrap()))
         };

@@ -364,6 +364,7 @@ mod pages {
             .create(
                 world.person("alice@corp.example"),
                 None,
+                "portcullis_session",
                 crate::clock::now_unix(),
             )
             .await
@@ -471,7 +472,12 @@ mod pages {
         for _ in 0..2 {
             world
                 .sessions
-                .create(world.person("bob@corp.example"), None, now)
+                .create(
+                    world.person("bob@corp.example"),
+                    None,
+                    "portcullis_session",
+                    now,
+                )
                 .await
                 .unwrap();
         }
