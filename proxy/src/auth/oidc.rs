@@ -195,6 +195,8 @@ pub struct Oidc {
     provider: ArcSwapOption<Provider>,
     /// The keys sign-ins are sealed with, kept beside the directory.
     kept: Arc<Kept>,
+    /// The `jti` of each logout token taken, with the time it is counted from (its `iat`, or
+    /// when it was taken if later): kept `PENDING_FOR` past that, as long as it could be sent.
     seen_jtis: DashMap<String, u64>,
     /// While the IdP is unreachable, refreshes pause until this Unix second (see
     /// [`Oidc::refresh_paused`]); `refresh_backoff` seconds, doubling to a minute.
@@ -671,7 +673,9 @@ impl Oidc {
         if self.seen_jtis.len() >= MAX_SEEN_JTIS {
             self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
         }
-        if self.seen_jtis.insert(jti.clone(), now).is_some() {
+        // Kept as long as the token could be taken: until PENDING_FOR after its `iat`, which
+        // may be a minute ahead of now.
+        if self.seen_jtis.insert(jti.clone(), iat.max(now)).is_some() {
             return Err(invalid("this logout token was already used"));
         }
         Ok(LoggedOut {
