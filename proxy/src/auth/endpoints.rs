@@ -333,10 +333,14 @@ impl Auth {
         // by a sibling host, or behind another cookie of the name set for a longer path)
         // would be worse than none. The first is the one requests use.
         let name = session_cookie_name(oidc, req.tls);
-        let current: Vec<_> = cookies_in_any_jar(session.req_header(), &name)
-            .filter_map(|id| self.sessions.get(id))
-            .map(|(key, s)| (key, s.identity.clone()))
-            .collect();
+        let mut current: Vec<_> = Vec::new();
+        for (key, s) in
+            cookies_in_any_jar(session.req_header(), &name).filter_map(|id| self.sessions.get(id))
+        {
+            if current.iter().all(|(k, _)| *k != key) {
+                current.push((key, s.identity.clone()));
+            }
+        }
         let keys: Vec<_> = current.iter().map(|(key, _)| *key).collect();
         if let Err(e) = self.sessions.end(&keys).await {
             // Gone from this replica only: not signed out until the store has it.
@@ -351,7 +355,15 @@ impl Auth {
             self.audit
                 .session(&Principal::Person(identity).log_name(), "sign_out", "");
         }
-        let id_token_hint = current.first().and_then(|(_, i)| i.id_token.clone());
+        // The IdP is told whom to sign out only when that is one person: a cookie another
+        // person planted (for a longer path, without `__Host-`) must not take the hint.
+        let one_person = current.windows(2).all(|pair| {
+            (&pair[0].1.issuer, &pair[0].1.subject) == (&pair[1].1.issuer, &pair[1].1.subject)
+        });
+        let id_token_hint = current
+            .first()
+            .filter(|_| one_person)
+            .and_then(|(_, i)| i.id_token.clone());
         let clear = session_cookie(oidc, req.tls, "", 0);
         let end_session = self.oidc.provider().and_then(|p| {
             p.metadata
