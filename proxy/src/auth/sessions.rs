@@ -945,6 +945,39 @@ mod tests {
         assert!(lock(&kept.orphans).is_empty());
     }
 
+    /// Another replica's refresh is told from this one's by the token it holds, not by its
+    /// seal: the same token sealed again (an IdP that does not rotate them) is no new one.
+    #[tokio::test]
+    async fn a_refresh_elsewhere_is_a_new_token_not_a_new_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let first = Refresh {
+            refresh_token: "t1".into(),
+            due: 500,
+            sealed: false,
+        };
+        let id = sessions
+            .create(
+                identity("erin", 10_000),
+                Some(first),
+                "portcullis_session",
+                100,
+            )
+            .await
+            .unwrap();
+        let (key, session) = sessions.get(&id).unwrap();
+        let refreshing = session.refresh.as_ref().unwrap();
+        let again = |token: &str, due| Refresh {
+            refresh_token: token.into(),
+            due,
+            sealed: false,
+        };
+        sessions.refreshed(&id, &key, refreshing, again("t1", 600));
+        assert!(!sessions.refreshed_elsewhere(&id, refreshing, "t1").await);
+        sessions.refreshed(&id, &key, refreshing, again("t2", 700));
+        assert!(sessions.refreshed_elsewhere(&id, refreshing, "t1").await);
+    }
+
     #[tokio::test]
     async fn sessions_of_an_older_version_are_imported_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -976,7 +1009,12 @@ mod tests {
         }
         let sessions = open(dir.path()).sessions;
         assert_eq!(sessions.import(dir.path(), 200).await.unwrap(), 1);
-        assert!(sessions.get(&"c".repeat(43)).is_some());
+        let (_, carol) = sessions.get(&"c".repeat(43)).unwrap();
+        // No cookie name was kept then: it vouches under any.
+        let mut oidc = crate::testing::config("").oidc.unwrap();
+        oidc.issuer = carol.identity.issuer.clone();
+        oidc.cookie_name = "renamed_session".to_owned();
+        assert!(carol.vouches(200, &oidc));
         assert!(
             sessions.get(&"d".repeat(43)).is_none(),
             "expired: left behind"
