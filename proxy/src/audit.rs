@@ -1336,31 +1336,47 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    #[tokio::test]
-    async fn changes_the_log_lacks_are_appended_from_the_directory_once() {
+    /// A directory four users were created in: four changes.
+    async fn four_changes() -> crate::testing::World {
         let world = crate::testing::World::new();
         for name in ["a@x", "b@x", "c@x", "d@x"] {
             world.user(name).await;
         }
-        let changes = |after: u64, limit: usize| {
+        world
+    }
+
+    /// The directory's change table, as `Audit::recover_changes` reads it.
+    fn changes_of(
+        world: &crate::testing::World,
+    ) -> impl Fn(u64, usize) -> Result<Vec<Change>, String> + Copy + '_ {
+        |after, limit| {
             world
                 .directory
                 .changes(after, limit)
                 .map_err(|e| e.detail.clone())
-        };
+        }
+    }
+
+    /// The sequences of the changes in the log file at `path`, in its order.
+    fn change_seqs(path: &Path) -> Vec<u64> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| match serde_json::from_str::<Entry>(line) {
+                Ok(Entry::Change { seq, .. }) => Some(seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn changes_the_log_lacks_are_appended_from_the_directory_once() {
+        let world = four_changes().await;
+        let changes = changes_of(&world);
         let all = changes(0, 100).unwrap();
         assert_eq!(all.len(), 4);
         let dir = tempfile::tempdir().unwrap();
         let log = || Destination::of(dir.path(), None);
-        let seqs = || {
-            let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap_or_default();
-            text.lines()
-                .filter_map(|line| match serde_json::from_str::<Entry>(line) {
-                    Ok(Entry::Change { seq, .. }) => Some(seq),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        let seqs = || change_seqs(&dir.path().join(FILE_NAME));
         {
             // The first two made it to the log, with a refusal after them; then a crash.
             let audit = Audit::open(log(), log()).unwrap();
@@ -1383,29 +1399,13 @@ mod tests {
     #[tokio::test]
     async fn a_rotated_log_is_followed_and_recovery_starts_where_it_stood() {
         use std::os::unix::fs::PermissionsExt;
-        let world = crate::testing::World::new();
-        for name in ["a@x", "b@x", "c@x", "d@x"] {
-            world.user(name).await;
-        }
-        let changes = |after: u64, limit: usize| {
-            world
-                .directory
-                .changes(after, limit)
-                .map_err(|e| e.detail.clone())
-        };
+        let world = four_changes().await;
+        let changes = changes_of(&world);
         let all = changes(0, 100).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let log = || Destination::of(dir.path(), None);
         let path = dir.path().join(FILE_NAME);
-        let seqs = |path: &Path| {
-            let text = std::fs::read_to_string(path).unwrap();
-            text.lines()
-                .filter_map(|line| match serde_json::from_str::<Entry>(line) {
-                    Ok(Entry::Change { seq, .. }) => Some(seq),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        let seqs = change_seqs;
         let wait = std::time::Duration::from_secs(5);
         {
             let audit = Audit::open(log(), log()).unwrap();
