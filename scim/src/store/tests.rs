@@ -241,49 +241,6 @@ async fn okta_deactivation_is_visible_at_once_and_survives_restart() {
     assert_eq!(dir.seq(), 2);
 }
 
-/// A deactivated user is re-activated by `active: true` only: an update that leaves `active`
-/// out (a remove, a null, a PUT without it) keeps them out.
-#[tokio::test]
-async fn only_active_true_re_activates_a_user() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = open(tmp.path());
-    let bob = create(&dir, ResourceType::User, user("bob@corp.example"))
-        .await
-        .unwrap()
-        .id;
-    let active = || dir.user_by_name("bob@corp.example").map(|u| u.active);
-    let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
-    patch(&dir, ResourceType::User, &bob, off).await.unwrap();
-    assert_eq!(active(), Some(false));
-    for ops in [
-        json!([{"op": "remove", "path": "active"}]),
-        json!([{"op": "replace", "value": {"active": null, "displayName": "Bob"}}]),
-    ] {
-        patch(&dir, ResourceType::User, &bob, patch_body(ops.clone()))
-            .await
-            .unwrap();
-        assert_eq!(active(), Some(false), "{ops}");
-    }
-    let mut without = user("bob@corp.example");
-    without.as_object_mut().unwrap().remove("active");
-    let resource = validate_resource(ResourceType::User, &without, Mode::Replace).unwrap();
-    let replace = Command::Replace {
-        rt: ResourceType::User,
-        id: bob.clone(),
-        resource,
-        password_hash: None,
-        if_match: None,
-    };
-    dir.write(replace, "test").await.unwrap();
-    assert_eq!(active(), Some(false), "a PUT without active");
-    let record = dir.get(ResourceType::User, &bob).unwrap().unwrap();
-    assert_eq!(record.resource["active"], false);
-
-    let on = patch_body(json!([{"op": "replace", "path": "active", "value": true}]));
-    patch(&dir, ResourceType::User, &bob, on).await.unwrap();
-    assert_eq!(active(), Some(true));
-}
-
 #[tokio::test]
 async fn members_change_one_row_at_a_time_and_nest() {
     let tmp = tempfile::tempdir().unwrap();

@@ -390,20 +390,6 @@ impl<'a> Overlay<'a> {
             }
         }
         self.set_name((rt, folded), Some(row));
-        // Only `active: true` re-activates: a deactivated user or agent whose update leaves
-        // `active` out (a remove, a null, a PUT without it) stays deactivated.
-        if let (ResourceType::User | ResourceType::Agent, Some(previous)) = (rt, previous) {
-            let inactive = previous
-                .resource
-                .as_object()
-                .and_then(|o| get_ci(o, "active"))
-                .and_then(Value::as_bool)
-                == Some(false);
-            if inactive && get_ci(obj, "active").and_then(Value::as_bool).is_none() {
-                remove_ci(obj, "active");
-                obj.insert("active".to_owned(), Value::Bool(false));
-            }
-        }
 
         self.seq += 1;
         let created = previous
