@@ -16,7 +16,7 @@ use portcullis_config::{Config, OidcConfig, Scheme};
 
 use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
-use super::{cookie_in_any_jar, cookies_in_any_jar, session_cookie_name, Auth};
+use super::{cookies_in_any_jar, session_cookie_name, Auth};
 use crate::caller::{Caller, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
@@ -266,7 +266,9 @@ impl Auth {
         let cookie_name = pending_cookie_name(browser_cookie_prefix(req.tls), &state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
         // sent here too.
-        let sealed = cookie_in_any_jar(session.req_header(), &cookie_name).map(str::to_owned);
+        let sealed = cookies_in_any_jar(session.req_header(), &cookie_name)
+            .next()
+            .map(str::to_owned);
         let now = now_unix();
         let finished = self
             .oidc

@@ -563,16 +563,9 @@ pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
     crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
 }
 
-/// The value of cookie `name`, however many cookies the request has (pingora bounds the
-/// request head as a whole): for Portcullis' own endpoints, where a jar stuffed past
-/// `MAX_COOKIE_BYTES` must not hide the cookie they act on.
-pub fn cookie_in_any_jar<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
-    let values = req.headers.get_all(header::COOKIE);
-    crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
-}
-
 /// The values of every cookie named `name`, in the order sent, however many cookies the
-/// request has (see [`cookie_in_any_jar`]).
+/// request has (pingora bounds the request head as a whole): for Portcullis' own endpoints,
+/// where a jar stuffed past `MAX_COOKIE_BYTES` must not hide the cookie they act on.
 pub fn cookies_in_any_jar<'r>(
     req: &'r RequestHeader,
     name: &'r str,
