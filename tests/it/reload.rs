@@ -36,6 +36,24 @@ async fn wait_for_upstream(px: &Portcullis, url: &str, upstream: &str, within: D
     );
 }
 
+/// Two upstreams, `old` and `new`, and Portcullis routing `app.test` to `old`.
+async fn old_and_new() -> (Upstream, Upstream, ConfigBuilder, Portcullis) {
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&old]));
+    let px = cfg.start().await;
+    (old, new, cfg, px)
+}
+
+/// `cfg` with `app.test` routed to `new` instead.
+fn to_new(cfg: &ConfigBuilder, new: &Upstream) -> ConfigBuilder {
+    cfg.clone()
+        .without_routes()
+        .route(Route::new("http://app.test", &[new]))
+}
+
 #[derive(Default)]
 struct LoadStats {
     total: AtomicUsize,
@@ -45,12 +63,7 @@ struct LoadStats {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_under_load_loses_no_request() {
-    let old = Upstream::start("old").await;
-    let new = Upstream::start("new").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&old]));
-    let px = cfg.start().await;
+    let (_old, new, cfg, px) = old_and_new().await;
     let url = cfg.http_url("app.test", "/load");
 
     const CLIENTS: usize = 4;
@@ -92,11 +105,7 @@ async fn reload_under_load_loses_no_request() {
     while stats.total.load(Ordering::Relaxed) < 100 && started.elapsed() < MAX_TIME / 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let new_config = cfg
-        .clone()
-        .without_routes()
-        .route(Route::new("http://app.test", &[&new]))
-        .toml();
+    let new_config = to_new(&cfg, &new).toml();
     px.rewrite_config(&new_config);
     for _ in 0..5 {
         px.reload();
@@ -141,12 +150,7 @@ async fn reload_under_load_loses_no_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn in_flight_request_finishes_across_reload() {
-    let old = Upstream::start("old").await;
-    let new = Upstream::start("new").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&old]));
-    let px = cfg.start().await;
+    let (old, new, cfg, px) = old_and_new().await;
 
     let slow_url = cfg.http_url("app.test", "/slow?ms=1500");
     let slow = tokio::spawn(async move {
@@ -161,12 +165,7 @@ async fn in_flight_request_finishes_across_reload() {
     }
     assert_eq!(old.count(), 1, "the slow request reached the old upstream");
 
-    px.rewrite_config(
-        &cfg.clone()
-            .without_routes()
-            .route(Route::new("http://app.test", &[&new]))
-            .toml(),
-    );
+    px.rewrite_config(&to_new(&cfg, &new).toml());
     px.reload();
     wait_for_upstream(
         &px,
@@ -186,20 +185,11 @@ async fn in_flight_request_finishes_across_reload() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_new_config_keeps_the_old_one() {
-    let old = Upstream::start("old").await;
-    let new = Upstream::start("new").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&old]));
-    let mut px = cfg.start().await;
+    let (_old, new, cfg, mut px) = old_and_new().await;
     let client = plain_client();
     let url = cfg.http_url("app.test", "/keep");
 
-    let valid_new = cfg
-        .clone()
-        .without_routes()
-        .route(Route::new("http://app.test", &[&new]))
-        .toml();
+    let valid_new = to_new(&cfg, &new).toml();
     let invalid = [
         (
             "TOML syntax error",
@@ -250,21 +240,11 @@ async fn invalid_new_config_keeps_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn file_change_is_picked_up_without_a_signal() {
-    let old = Upstream::start("old").await;
-    let new = Upstream::start("new").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&old]));
-    let px = cfg.start().await;
+    let (_old, new, cfg, px) = old_and_new().await;
     let url = cfg.http_url("app.test", "/poll");
     assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
 
-    px.rewrite_config(
-        &cfg.clone()
-            .without_routes()
-            .route(Route::new("http://app.test", &[&new]))
-            .toml(),
-    );
+    px.rewrite_config(&to_new(&cfg, &new).toml());
     // reload_poll_interval is 500 ms in the harness' configs.
     wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
 }
@@ -273,20 +253,11 @@ async fn file_change_is_picked_up_without_a_signal() {
 /// each time, until the file asks again for what is in use.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_names_the_settings_that_wait_for_a_restart() {
-    let old = Upstream::start("old").await;
-    let new = Upstream::start("new").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&old]));
-    let px = cfg.start().await;
+    let (_old, new, cfg, px) = old_and_new().await;
     let url = cfg.http_url("app.test", "/restart");
     let waiting = "take effect only after a restart: server.threads";
 
-    let more_threads = cfg
-        .clone()
-        .server("threads", "1")
-        .without_routes()
-        .route(Route::new("http://app.test", &[&new]));
+    let more_threads = to_new(&cfg, &new).server("threads", "1");
     // (The file poll may reload the new file too: counts only grow.)
     let said = || px.log().matches(waiting).count();
     px.rewrite_config(&more_threads.toml());

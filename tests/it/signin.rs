@@ -221,6 +221,17 @@ impl Fixture {
     }
 
     /// `http://app.test:<port><path>`.
+    /// Rewrites the config with `line` added to `[oidc]` and reloads it (waiting until done).
+    pub async fn reload_with_oidc_line(&self, line: &str) {
+        let text = self
+            .cfg
+            .toml()
+            .replacen("\n[oidc]\n", &format!("\n[oidc]\n{line}\n"), 1);
+        assert_ne!(text, self.cfg.toml(), "the config has an [oidc] section");
+        self.px.rewrite_config(&text);
+        self.px.reload_and_wait().await;
+    }
+
     pub fn app_url(&self, path: &str) -> String {
         self.url("app.test", path)
     }
@@ -478,9 +489,19 @@ pub(crate) async fn navigate(client: &reqwest::Client, url: &str) -> reqwest::Re
 
 /// A GET presenting `cookie` as the session cookie, with `accept`.
 pub(crate) async fn get_with_session(url: &str, cookie: &str, accept: &str) -> reqwest::Response {
+    get_with_cookie(url, SESSION_COOKIE, cookie, accept).await
+}
+
+/// A GET presenting `value` as the cookie `name`, with `accept`.
+pub(crate) async fn get_with_cookie(
+    url: &str,
+    name: &str,
+    value: &str,
+    accept: &str,
+) -> reqwest::Response {
     bare_client()
         .get(url)
-        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+        .header(COOKIE, format!("{name}={value}"))
         .header(ACCEPT, accept)
         .send()
         .await
@@ -2074,12 +2095,7 @@ async fn claims_the_id_token_lacks_are_fetched_from_userinfo_at_sign_in() {
         "the name, from UserInfo: {me}"
     );
 
-    let never = fx
-        .cfg
-        .toml()
-        .replacen("\n[oidc]\n", "\n[oidc]\nuserinfo = \"never\"\n", 1);
-    fx.px.rewrite_config(&never);
-    fx.px.reload_and_wait().await;
+    fx.reload_with_oidc_line("userinfo = \"never\"").await;
     let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
     let resp = get_with_session(&url, &signed.cookie, "application/json").await;
     let status = resp.status();
@@ -2120,22 +2136,10 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
 
-    let renamed = fx.cfg.toml().replacen(
-        "\n[oidc]\n",
-        "\n[oidc]\ncookie_name = \"renamed_session\"\n",
-        1,
-    );
-    assert_ne!(renamed, fx.cfg.toml(), "the config has an [oidc] section");
-    fx.px.rewrite_config(&renamed);
-    fx.px.reload_and_wait().await;
+    fx.reload_with_oidc_line("cookie_name = \"renamed_session\"")
+        .await;
     for name in ["renamed_session", SESSION_COOKIE] {
-        let resp = bare_client()
-            .get(&url)
-            .header(COOKIE, format!("{name}={}", signed.cookie))
-            .header(ACCEPT, "application/json")
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_cookie(&url, name, &signed.cookie, "application/json").await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{name}");
     }
     // A sign-in now is a session in the new cookie.
@@ -2144,13 +2148,7 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
     let resp = c.get(&callback).send().await.unwrap();
     let again = cookie_value(&set_cookie(&resp, "renamed_session").expect("the new cookie"));
-    let resp = bare_client()
-        .get(&url)
-        .header(COOKIE, format!("renamed_session={again}"))
-        .header(ACCEPT, "application/json")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_cookie(&url, "renamed_session", &again, "application/json").await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
@@ -2167,14 +2165,8 @@ async fn a_refresh_whose_id_token_fails_verification_ends_the_session() {
     let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
 
-    let strict = fx.cfg.toml().replacen(
-        "\n[oidc]\n",
-        "\n[oidc]\nid_token_algorithms = [\"ES256\"]\n",
-        1,
-    );
-    assert_ne!(strict, fx.cfg.toml(), "the config has an [oidc] section");
-    fx.px.rewrite_config(&strict);
-    fx.px.reload_and_wait().await;
+    fx.reload_with_oidc_line("id_token_algorithms = [\"ES256\"]")
+        .await;
     // Until the ID token expires nothing is asked of the IdP: the session works.
     assert_session_works(&url, &signed.cookie).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
