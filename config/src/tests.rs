@@ -384,6 +384,25 @@ to = ["http://127.0.0.1:3001"]
             problems: &[("routes[1].from", None, "duplicate route")],
         },
         Case {
+            // Routes read paths in any case, a trailing `/` optional: the second is unreachable.
+            name: "duplicate route, as upstreams read paths",
+            text: r#"data_dir = "data"
+LISTENERS
+[[routes]]
+from = "https://app.example.com/Admin/"
+to = ["http://127.0.0.1:3000"]
+
+[[routes]]
+from = "https://app.example.com/admin"
+to = ["http://127.0.0.1:3001"]
+
+[[routes]]
+from = "https://app.example.com/admin/x"
+to = ["http://127.0.0.1:3001"]
+"#,
+            problems: &[("routes[1].from", None, "in any case, a trailing `/` optional")],
+        },
+        Case {
             name: "bad duration",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\nconnect_timeout = \"5 parsecs\"\n",
             problems: &[("routes[0].connect_timeout", None, "not a duration")],

@@ -142,13 +142,23 @@ pub(crate) fn convert(
                 }
                 _ => {}
             }
+            // Prefixes are compared as routes read them (see `loosely_within`): `/Admin/` and
+            // `/admin` are one prefix, and only one of two such routes could be reached.
+            let loosely_same = |a: &str, b: &str| {
+                portcullis_policy::loosely_within(a, b) && portcullis_policy::loosely_within(b, a)
+            };
             let same = |(scheme, host, prefix, _): &&(Scheme, String, String, usize)| {
-                *scheme == from.scheme && *host == from.host && *prefix == from.path_prefix
+                *scheme == from.scheme
+                    && *host == from.host
+                    && loosely_same(prefix, &from.path_prefix)
             };
             match route_keys.iter().find(same) {
                 Some((_, _, _, first)) => p.add(
                     &from_path,
-                    format!("duplicate route: same scheme, host and path as routes[{first}]"),
+                    format!(
+                        "duplicate route: same scheme, host and path as routes[{first}] (paths \
+                         are read as upstreams read them: in any case, a trailing `/` optional)"
+                    ),
                 ),
                 None => {
                     route_keys.push((from.scheme, from.host.clone(), from.path_prefix.clone(), i))

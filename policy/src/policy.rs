@@ -100,8 +100,8 @@ impl MethodSet {
     }
 }
 
-/// `/admin` matches `/admin` and `/admin/…` but not `/adminx`; `/admin/` matches `/admin/…`.
-/// The same rule as route prefixes. How allow rules read a path: strictly.
+/// `/admin` matches `/admin` and `/admin/…` but not `/adminx`; `/admin/` matches `/admin/…`
+/// only. How allow rules read a path: strictly.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
@@ -111,13 +111,19 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// Whether `path` is within `prefix` as the most lenient common upstream could read it: each
 /// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
-/// segments left empty gone, and letters compared in any ASCII case (Express and ASP.NET read
-/// `/ADMIN` as `/admin`). The boundaries are those of [`prefix_matches`]. This is how deny rules
-/// and route selection read a path, so that no spelling an upstream understands as a denied
-/// path, or as another route's, slips past; allow rules read strictly.
+/// segments left empty gone, letters compared in any ASCII case (Express and ASP.NET read
+/// `/ADMIN` as `/admin`), and a prefix's trailing `/` not required of the path (Express, Rails
+/// and ASP.NET serve `/admin` as `/admin/`). The boundaries are segments: `/admin` does not
+/// hold `/adminx`. This is how deny rules and route selection read a path, so that no spelling
+/// an upstream understands as a denied path, or as another route's, slips past; allow rules
+/// read strictly ([`prefix_matches`]).
 ///
 /// `path` is normalized (no empty or dot segments), as everything Portcullis judges is.
 pub fn loosely_within(prefix: &str, path: &str) -> bool {
+    let prefix = match prefix.strip_suffix('/') {
+        Some(bare) if !bare.is_empty() => bare,
+        _ => prefix,
+    };
     if !path.contains(';') && !prefix.contains(';') {
         // No parameters: the lenient reading is the strict one, in any ASCII case.
         let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
@@ -128,24 +134,11 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
                 || path[prefix.len()] == b'/');
     }
     let mut segments = loose_segments(path);
-    for want in loose_segments(prefix) {
-        match segments.next() {
-            Some(got) if got.eq_ignore_ascii_case(want) => {}
-            _ => return false,
-        }
-    }
-    !prefix.ends_with('/')
-        || prefix == "/"
-        || segments.next().is_some()
-        || loosely_ends_in_slash(path)
-}
-
-/// Whether `path` ends in `/` as a reader that drops `;` parameters sees it: `/admin/;x` is
-/// `/admin/` to Tomcat, Jetty and Spring.
-fn loosely_ends_in_slash(path: &str) -> bool {
-    path.rsplit('/')
-        .next()
-        .is_some_and(|last| last.split(';').next() == Some(""))
+    loose_segments(prefix).all(|want| {
+        segments
+            .next()
+            .is_some_and(|got| got.eq_ignore_ascii_case(want))
+    })
 }
 
 /// The segments of a path as [`loosely_within`] reads them.
@@ -1390,11 +1383,14 @@ mod tests {
             "/;x/admin",
             "/API/v1",
             "/api;v=2/",
+            // Express, Rails and ASP.NET serve `/api` as `/api/`.
+            "/api",
+            "/Api;v=2",
         ] {
             let decision = policy.evaluate(Some(&alice()), &get(denied));
             assert_eq!(decision.rule, Some("out"), "{denied}");
         }
-        for allowed_path in ["/adminx", "/admin2/x", "/x/admin", "/api", "/apix;a/"] {
+        for allowed_path in ["/adminx", "/admin2/x", "/x/admin", "/apix", "/apix;a/"] {
             assert!(
                 allowed(&policy, Some(&alice()), &get(allowed_path)),
                 "{allowed_path}"
@@ -1411,7 +1407,12 @@ mod tests {
         assert!(!loosely_within("/v1", "/v1x;y"));
         assert!(loosely_within("/v1/", "/v1;x/"));
         assert!(loosely_within("/v1/", "/V1/a"));
-        assert!(!loosely_within("/v1/", "/v1;x"));
+        // A prefix's trailing `/` is not required: Express serves `/v1` as `/v1/`.
+        for path in ["/v1", "/V1", "/v1;x"] {
+            assert!(loosely_within("/v1/", path), "{path}");
+        }
+        assert!(!loosely_within("/v1/", "/v1x"));
+        assert!(!loosely_within("/v1/", "/v"));
         assert!(loosely_within("/a/b", "/a;p/;q/B"));
         // A last segment of parameters only reads as a trailing `/`.
         for path in [
@@ -1422,7 +1423,7 @@ mod tests {
         ] {
             assert!(loosely_within("/admin/", path), "{path}");
         }
-        assert!(!loosely_within("/admin/", "/admin;x"));
+        assert!(loosely_within("/admin/", "/admin;x"));
     }
 
     #[test]

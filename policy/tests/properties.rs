@@ -289,15 +289,23 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
             .iter()
             .any(|m| m.eq_ignore_ascii_case(request.method))
     });
-    // A deny rule reads the path as the most lenient upstream would; an allow rule, strictly.
+    // A deny rule reads the path as the most lenient upstream would, and a prefix's trailing
+    // `/` as not required (`/api` is served as `/api/`); an allow rule reads both strictly.
     let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
+    let read_prefix = |p: &str| match read(p) {
+        loose if deny && loose.len() > 1 => loose.trim_end_matches('/').to_owned(),
+        read => read,
+    };
     let path = read(request.path);
     let path_ok = rule.paths.as_ref().is_none_or(|prefixes| {
-        prefixes.iter().map(|prefix| read(prefix)).any(|prefix| {
-            path == prefix
-                || (path.starts_with(prefix.as_str())
-                    && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
-        })
+        prefixes
+            .iter()
+            .map(|prefix| read_prefix(prefix))
+            .any(|prefix| {
+                path == prefix
+                    || (path.starts_with(prefix.as_str())
+                        && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
+            })
     });
     method_ok && path_ok
 }

@@ -87,7 +87,7 @@ impl Hardened {
                 Route::to_urls("http://app.test", vec![raw.url()])
                     .set("allow = { groups = [\"eng\"] }")
                     .set(
-                        "deny = { groups = [\"eng\"], paths = [\"/admin\", \"/wiki/Special:Export\", \"/@root\"] }",
+                        "deny = { groups = [\"eng\"], paths = [\"/admin\", \"/wiki/Special:Export\", \"/@root\", \"/ops/\"] }",
                     ),
             )
             .route(
@@ -922,6 +922,13 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/V1/builds", 401, None),
         ("/v1;x/builds", 401, None),
         ("/v1x", 200, Some("/v1x")),
+        // A prefix's trailing `/` is not asked of the path: Express, Rails and ASP.NET serve
+        // `/ops` as `/ops/`, and `/v1` as `/v1/`.
+        ("/ops", 403, None),
+        ("/OPS;x", 403, None),
+        ("/opsx", 200, Some("/opsx")),
+        ("/v1", 401, None),
+        ("/V1;x", 401, None),
     ];
     for &(target, status, upstream) in table {
         let (got, received) = t
