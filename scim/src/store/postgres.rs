@@ -970,21 +970,26 @@ impl Storage for PgStorage {
                 }
                 Ok(waiting)
             });
+            let given_up = Instant::now() > lapsed_by + max_staleness;
             match waiting {
                 Ok(0) => return Ok(()),
-                Ok(_) if Instant::now() > lapsed_by + max_staleness => {
+                Ok(_) if given_up => {
                     return Err(StoreError::Backend(
                         "replicas kept renewing their lease without applying the change".to_owned(),
                     ))
                 }
                 Ok(_) => {}
+                // Cannot ask: ask again (on a new connection) until the same bound. Waiting
+                // out this replica's own `max_staleness` and answering would not do: another
+                // replica's lease may be longer (each replica's file sets its own).
+                Err(e) if given_up => {
+                    return Err(StoreError::Backend(format!(
+                        "cannot read the replicas' progress: {e}"
+                    )))
+                }
                 Err(e) => {
-                    // Cannot ask: wait until every lease granted before the commit has lapsed.
-                    tracing::warn!(
-                        "cannot read the replicas' progress, waiting out their leases: {e}"
-                    );
-                    std::thread::sleep(lapsed_by.saturating_duration_since(Instant::now()));
-                    return Ok(());
+                    tracing::warn!("cannot read the replicas' progress, asking again: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         }
