@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::StatusCode;
@@ -528,10 +529,22 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // After a 101 every byte is passed through unjudged, both ways: only a websocket the
+        // upstream really accepted may have that. A handler that answers 101 to anything (a
+        // status echo, say) would otherwise turn the rest of the connection into requests
+        // Portcullis never sees.
+        if upstream_response.status == StatusCode::SWITCHING_PROTOCOLS
+            && !accepts_websocket(session.req_header(), upstream_response)
+        {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "the upstream switched protocols without accepting the websocket",
+            );
+        }
         // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
         // session, to sign visitors in as someone else) or clears one is not obeyed.
         if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
@@ -1226,6 +1239,30 @@ fn is_own_cookie(name: &str, session_cookie: &str) -> bool {
     name == session_cookie || name.starts_with(BROWSER_COOKIE)
 }
 
+/// Whether `response` (a 101) accepts the websocket `request` asked for: `Upgrade: websocket`
+/// and the `Sec-WebSocket-Accept` of the request's one key (RFC 6455 §4.2.2).
+fn accepts_websocket(request: &RequestHeader, response: &ResponseHeader) -> bool {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    fn one(headers: &http::HeaderMap, name: HeaderName) -> Option<&HeaderValue> {
+        let mut values = headers.get_all(name).iter();
+        values.next().filter(|_| values.next().is_none())
+    }
+    let (Some(key), Some(accept), Some(upgrade)) = (
+        one(&request.headers, header::SEC_WEBSOCKET_KEY),
+        one(&response.headers, header::SEC_WEBSOCKET_ACCEPT),
+        one(&response.headers, header::UPGRADE),
+    ) else {
+        return false;
+    };
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        &[key.as_bytes(), GUID].concat(),
+    );
+    let expected = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+    upgrade.as_bytes().eq_ignore_ascii_case(b"websocket")
+        && accept.as_bytes().trim_ascii() == expected.as_bytes()
+}
+
 /// Takes out of `response` each `Set-Cookie` for one of Portcullis' own cookies; returns how
 /// many. A response without any, nearly all of them, is left as it is.
 fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) -> usize {
@@ -1631,6 +1668,38 @@ mod tests {
         let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);
         strip_own_cookies(&mut untouched, "portcullis_session");
         assert_eq!(untouched[header::COOKIE], "a=1;b=2", "left as sent");
+    }
+
+    #[test]
+    fn a_101_switches_only_when_it_accepts_the_websocket_s_key() {
+        // RFC 6455 §1.3's example key and its accept value.
+        let req = request(&[("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]);
+        let response = |headers: &[(&str, &str)]| {
+            let mut response = ResponseHeader::build(101, None).unwrap();
+            for (name, value) in headers {
+                response.append_header(name.to_string(), *value).unwrap();
+            }
+            response
+        };
+        let accept = ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(accepts_websocket(
+            &req,
+            &response(&[("Upgrade", "WebSocket"), accept])
+        ));
+        for headers in [
+            &[("Upgrade", "websocket")][..],
+            &[accept],
+            &[("Upgrade", "h2c"), accept],
+            &[("Upgrade", "websocket"), ("Sec-WebSocket-Accept", "AAAA")],
+            &[("Upgrade", "websocket"), accept, accept],
+        ] {
+            assert!(!accepts_websocket(&req, &response(headers)), "{headers:?}");
+        }
+        let keyless = request(&[]);
+        assert!(!accepts_websocket(
+            &keyless,
+            &response(&[("Upgrade", "websocket"), accept])
+        ));
     }
 
     #[test]

@@ -114,3 +114,49 @@ async fn websocket_upgrade_is_refused_when_disabled() {
         );
     }
 }
+
+/// After a 101 every byte goes through unjudged: an upstream handler that answers 101 without
+/// accepting the websocket (a status echo, say) must not turn the rest of the connection into
+/// requests Portcullis never sees, with identity headers of the client's choosing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_101_that_does_not_accept_the_websocket_opens_no_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://ws.test", &[&up]).websockets(true));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+
+    let mut stream = TcpStream::connect(cfg.http_addr()).await.unwrap();
+    let requests = format!(
+        "GET /switch HTTP/1.1\r\nHost: ws.test:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n\
+         GET /admin HTTP/1.1\r\nHost: ws.test\r\nX-Portcullis-User: admin@corp.test\r\n\r\n"
+    );
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the status line is in (or the proxy closes).
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match timeout(STEP, stream.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => answer.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("no answer to the upgrade"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    // No tunnel: the bytes after the upgrade request never reached the upstream raw, and no
+    // request it saw carried the client's identity header.
+    assert!(up.ws_received().is_empty(), "{:?}", up.ws_received());
+    for echo in up.seen() {
+        assert!(
+            echo.header("x-portcullis-user").is_none(),
+            "{:?}",
+            echo.headers
+        );
+    }
+}

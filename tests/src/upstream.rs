@@ -139,7 +139,8 @@ impl Upstream {
         self.state.seen.lock().expect("upstream state").len()
     }
 
-    /// Every message received on a `/ws-ticks` websocket so far.
+    /// Every message received on a `/ws-ticks` websocket so far, and what arrived after a
+    /// `/switch` (its bytes as text).
     pub fn ws_received(&self) -> Vec<String> {
         self.state
             .ws_received
@@ -266,6 +267,34 @@ async fn handle(
         if let Ok(v) = header::HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
+        return Ok(resp);
+    }
+    if path == "/switch" {
+        // A handler that switches protocols without being a websocket server (a status
+        // echo, say): 101 without `Sec-WebSocket-Accept`. What arrives after is recorded.
+        let state = state.clone();
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut io, &mut buf).await {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                state.ws_received.lock().expect("upstream state").push(text);
+            }
+        });
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
         return Ok(resp);
     }
     if path == "/stream-ticks" {
