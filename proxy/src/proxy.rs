@@ -1297,8 +1297,10 @@ fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) ->
 }
 
 /// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
-/// either of its names) and sign-ins in progress. The other cookies stay, in order. A `Cookie`
-/// header that is not text is dropped whole: it cannot be told free of them.
+/// either of its names) and sign-ins in progress. The other cookies stay, in order, whatever
+/// bytes they hold, in one `Cookie` header: HTTP/2 clients may send each cookie as a header of
+/// its own, which RFC 9113 §8.2.3 has joined with `; ` for HTTP/1.1 (gunicorn would join them
+/// with `,` into one cookie, Starlette read the first only).
 fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
     // Every own name contains one of these two (`__Host-` + the session's name included), so
     // a request without either, nearly all of them, is left as it is without a copy.
@@ -1312,23 +1314,33 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
                 .windows(name.len())
                 .any(|w| w.first() == first && w == name)
         };
-        value.to_str().is_err()
-            || [session_cookie, BROWSER_COOKIE]
-                .iter()
-                .any(|name| contains(name.as_bytes()))
+        [session_cookie, BROWSER_COOKIE]
+            .iter()
+            .any(|name| contains(name.as_bytes()))
     };
-    if !headers.get_all(header::COOKIE).iter().any(mentions_own) {
+    let all = headers.get_all(header::COOKIE);
+    if all.iter().nth(1).is_none() && !all.iter().any(mentions_own) {
         return;
     }
-    let is_own = |name: &str| is_own_cookie(name, session_cookie);
-    let kept: Vec<HeaderValue> = headers
-        .get_all(header::COOKIE)
+    // A name that is not text is none of Portcullis' (they are ASCII).
+    let is_own = |name: &[u8]| {
+        std::str::from_utf8(name).is_ok_and(|name| is_own_cookie(name, session_cookie))
+    };
+    let mut joined = Vec::new();
+    for kept in all
         .iter()
-        .filter_map(|value| cookies::without(value.to_str().ok()?, is_own))
-        // Each part came from a valid header value, so the joined value is one too.
-        .filter_map(|value| HeaderValue::try_from(value).ok())
-        .collect();
-    replace_all(headers, header::COOKIE, kept);
+        .filter_map(|value| cookies::without(value.as_bytes(), is_own))
+    {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(&kept);
+    }
+    // Each part came from a valid header value, so the joined value is one too.
+    let kept = HeaderValue::from_bytes(&joined)
+        .ok()
+        .filter(|_| !joined.is_empty());
+    replace_all(headers, header::COOKIE, kept.into_iter().collect());
 }
 
 /// The `Forwarded` and `X-Forwarded-For` values of the last request a worker thread sent
@@ -1658,16 +1670,27 @@ mod tests {
             .collect();
         assert_eq!(
             cookies,
-            [
-                "theme=dark; lang=en",
-                "portcullis_session_other=kept",
-                "z=1"
-            ]
+            ["theme=dark; lang=en; portcullis_session_other=kept; z=1"]
         );
 
         let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);
         strip_own_cookies(&mut untouched, "portcullis_session");
         assert_eq!(untouched[header::COOKIE], "a=1;b=2", "left as sent");
+
+        // HTTP/2's crumbs, one cookie a header, go on as one header.
+        let mut crumbs = header_map(&[("Cookie", "a=1"), ("Cookie", "b=2 ")]);
+        strip_own_cookies(&mut crumbs, "portcullis_session");
+        let joined: Vec<_> = crumbs.get_all(header::COOKIE).iter().collect();
+        assert_eq!(joined, ["a=1; b=2"]);
+
+        // Whatever bytes another cookie holds, it stays, and the session beside it goes.
+        let mut latin1 = http::HeaderMap::new();
+        latin1.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"lang=fran\xe7ais; portcullis_session=SECRET").unwrap(),
+        );
+        strip_own_cookies(&mut latin1, "portcullis_session");
+        assert_eq!(latin1[header::COOKIE].as_bytes(), b"lang=fran\xe7ais");
     }
 
     #[test]

@@ -260,6 +260,47 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
     }
 }
 
+/// Another app's cookie that is not ASCII (`lang=français`, set by an upstream on this host or
+/// by a sibling host) hid the session beside it, a sign-in loop, and went upstream with none of
+/// the other cookies. Cookies sent as several headers (HTTP/2's crumbs, one cookie a header)
+/// reach the upstream as one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cookie_that_is_not_ascii_hides_no_session_and_loses_no_cookie() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let host = t.host("app.test");
+    let json = "Accept: application/json".to_owned();
+    let (status, received) = t
+        .send(
+            "GET /work HTTP/1.1",
+            &[
+                host.clone(),
+                format!("Cookie: lang=français; {SESSION_COOKIE}={cookie}; theme=dark"),
+                json.clone(),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let received = received.expect("the upstream saw the request");
+    assert_eq!(received.header_all("cookie"), ["lang=français; theme=dark"]);
+
+    let (status, received) = t
+        .send(
+            "GET /work HTTP/1.1",
+            &[
+                host,
+                "Cookie: a=1".to_owned(),
+                t.session(&cookie),
+                "Cookie: csrftoken=x".to_owned(),
+                json,
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let received = received.expect("the upstream saw the request");
+    assert_eq!(received.header_all("cookie"), ["a=1; csrftoken=x"]);
+}
+
 /// A `Host` that is not a host name or address is refused: `evil.test/x.pages.test` ends in
 /// a wildcard route's suffix, and an application that builds links from `X-Forwarded-Host`
 /// would send its users to `evil.test`.
@@ -330,7 +371,7 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     );
     assert_eq!(
         received.header_all("cookie"),
-        ["theme=dark; lang=en", "other=1"]
+        ["theme=dark; lang=en; other=1"]
     );
     for name in [
         "x-forwarded-prefix",

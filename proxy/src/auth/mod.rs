@@ -554,13 +554,14 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
 }
 
 /// The value of cookie `name` (see [`crate::cookies`]), from `Cookie` headers of at most
-/// `MAX_COOKIE_BYTES` in all; a header that is not text is skipped.
+/// `MAX_COOKIE_BYTES` in all; a value that is not text is none of Portcullis' cookies.
 pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
     let values = req.headers.get_all(header::COOKIE);
     if past_bound(&values) {
         return None;
     }
-    crate::cookies::find(values.iter().filter_map(|v| v.to_str().ok()), name)
+    crate::cookies::find(values.iter().map(|v| v.as_bytes()), name.as_bytes())
+        .and_then(|value| std::str::from_utf8(value).ok())
 }
 
 /// The values of every cookie named `name`, in the order sent, however many cookies the
@@ -573,9 +574,9 @@ pub fn cookies_in_any_jar<'r>(
     req.headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(crate::cookies::pairs)
-        .filter_map(move |(n, value)| (n == name).then_some(value))
+        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
+        .filter(move |(n, _)| *n == name.as_bytes())
+        .filter_map(|(_, value)| std::str::from_utf8(value).ok())
 }
 
 /// Whether the request's `Cookie` headers hold more than `MAX_COOKIE_BYTES` in all, past
@@ -595,9 +596,8 @@ fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
     }
     let signing_in: usize = values
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(crate::cookies::pairs)
-        .filter(|(name, _)| name.starts_with(endpoints::HOST_BROWSER_COOKIE))
+        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
+        .filter(|(name, _)| name.starts_with(endpoints::HOST_BROWSER_COOKIE.as_bytes()))
         .map(|(name, value)| name.len() + value.len() + 2)
         .sum();
     total.saturating_sub(signing_in) > MAX_COOKIE_BYTES
