@@ -247,6 +247,38 @@ fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
+/// Whether `query` has a `_method` parameter as any framework could read one: Laravel and
+/// Symfony take it as the method of a POST. Read leniently: names percent-decoded, in any
+/// case, with what PHP turns into `_` (` `, `.`, `+`) as `_`, and `_method[…]` as `_method`.
+pub fn overrides_method(query: &str) -> bool {
+    query.split(['&', ';']).any(|parameter| {
+        let name = parameter.split('=').next().unwrap_or_default();
+        let (bytes, mut read) = (name.as_bytes(), Vec::with_capacity(name.len()));
+        let mut i = 0;
+        while i < bytes.len() {
+            let escaped = (bytes[i] == b'%')
+                .then(|| Some(hex(*bytes.get(i + 1)?)? << 4 | hex(*bytes.get(i + 2)?)?))
+                .flatten();
+            let b = match escaped {
+                Some(b) => {
+                    i += 3;
+                    b
+                }
+                None => {
+                    i += 1;
+                    bytes[i - 1]
+                }
+            };
+            read.push(match b {
+                b' ' | b'.' | b'+' => b'_',
+                b => b,
+            });
+        }
+        let name = read.split(|&b| b == b'[').next().unwrap_or_default();
+        name.eq_ignore_ascii_case(b"_method")
+    })
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -258,6 +290,32 @@ fn hex(b: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_method_override_is_found_however_it_is_spelled() {
+        for query in [
+            "_method=DELETE",
+            "a=1&_METHOD=delete",
+            "%5Fmethod=DELETE",
+            "%5fmethod",
+            ".method=DELETE",
+            "+method=DELETE",
+            "_method[]=DELETE",
+            "x;_method=PUT",
+        ] {
+            assert!(super::overrides_method(query), "{query}");
+        }
+        for query in [
+            "",
+            "method=DELETE",
+            "a=_method",
+            "__method=x",
+            "_methods=x",
+            "%5",
+        ] {
+            assert!(!super::overrides_method(query), "{query}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -237,6 +237,12 @@ impl Policy {
         self.rules.is_empty()
     }
 
+    /// Whether any rule names methods: only then can a method override (`_method`) change a
+    /// decision.
+    pub fn names_methods(&self) -> bool {
+        self.rules.iter().any(|rule| rule.methods.is_some())
+    }
+
     /// Whether any rule names a group (`groups`, `group_ids`, `agent_groups`,
     /// `agent_owner_groups`): if none does, a subject's groups never change a decision, and
     /// a caller judging many subjects may leave them out.
@@ -748,6 +754,14 @@ impl Builder {
                     if !other.iter().any(|m| **m == *upper) {
                         other.push(upper.into_boxed_str());
                     }
+                }
+            }
+            // Express, Flask, Spring and Go's ServeMux answer HEAD with the GET handler: its
+            // side effects happen and its headers tell. A deny of GET is a deny of HEAD.
+            let (get, head) = (Method::of("GET"), Method::of("HEAD"));
+            if let (Effect::Deny, Method::Known(get), Method::Known(head)) = (effect, get, head) {
+                if set.known & get != 0 {
+                    set.known |= head;
                 }
             }
             set.other = other.into_boxed_slice();
@@ -1363,6 +1377,30 @@ mod tests {
             path: "/",
         };
         assert!(allowed(&everything, Some(&alice()), &request));
+        assert!(policy.names_methods() && !everything.names_methods());
+    }
+
+    #[test]
+    fn a_deny_of_get_is_a_deny_of_head_and_an_allow_of_get_is_not_an_allow_of_head() {
+        // Frameworks answer HEAD with the GET handler.
+        let policy = compile(
+            vec![RuleSpec {
+                methods: Some(strings(&["GET"])),
+                ..groups("in", &["sre"])
+            }],
+            vec![RuleSpec {
+                methods: Some(strings(&["get"])),
+                paths: Some(strings(&["/export"])),
+                ..groups("out", &["sre"])
+            }],
+        );
+        let request = |method, path| Request { method, path };
+        for method in ["GET", "HEAD", "head"] {
+            let decision = policy.evaluate(Some(&alice()), &request(method, "/export"));
+            assert_eq!(decision.rule, Some("out"), "{method}");
+        }
+        assert!(allowed(&policy, Some(&alice()), &request("GET", "/")));
+        assert!(!allowed(&policy, Some(&alice()), &request("HEAD", "/")));
     }
 
     #[test]

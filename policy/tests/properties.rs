@@ -50,7 +50,7 @@ const EMAILS: &[&str] = &[
     "x@y.other.example",
 ];
 const METHODS: &[&str] = &[
-    "GET", "get", "POST", "DELETE", "delete", "PROPFIND", "PATCH",
+    "GET", "get", "HEAD", "POST", "DELETE", "delete", "PROPFIND", "PATCH",
 ];
 const PREFIXES: &[&str] = &["/", "/admin", "/admin/", "/api", "/api/v1"];
 const PATHS: &[&str] = &[
@@ -284,10 +284,14 @@ fn names_match(rule: &RuleSpec, subject: &Subject<'_>, deny: bool) -> bool {
 }
 
 fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
+    // A deny of GET is a deny of HEAD (frameworks answer HEAD with the GET handler).
     let method_ok = rule.methods.as_ref().is_none_or(|methods| {
-        methods
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case(request.method))
+        methods.iter().any(|m| {
+            m.eq_ignore_ascii_case(request.method)
+                || (deny
+                    && m.eq_ignore_ascii_case("GET")
+                    && request.method.eq_ignore_ascii_case("HEAD"))
+        })
     });
     // A deny rule reads the path as the most lenient upstream would, and a prefix's trailing
     // `/` as not required (`/api` is served as `/api/`); an allow rule reads both strictly.

@@ -371,6 +371,16 @@ impl ProxyHttp for Proxy {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
+        // Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
+        // names methods, one in the query would dodge it. (One in a form body is not read
+        // here: the README says so.)
+        if route.config.policy.names_methods()
+            && target
+                .query
+                .is_some_and(portcullis_policy::path::overrides_method)
+        {
+            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+        }
         let path: &str = &normalized;
         // The upstream gets the path judged and the query as sent: the request line is rebuilt
         // unless it already says exactly that.

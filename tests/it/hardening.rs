@@ -96,6 +96,14 @@ impl Hardened {
                     .set("allow = { groups = [\"eng\"] }"),
             )
             .route(
+                Route::to_urls("http://app.test/items/", vec![raw.url()])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set(
+                        "deny = [{ groups = [\"eng\"], methods = [\"DELETE\"] }, \
+                         { groups = [\"eng\"], methods = [\"GET\"], paths = [\"/items/export\"] }]",
+                    ),
+            )
+            .route(
                 Route::to_urls("http://app.test/v1/", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
@@ -257,6 +265,48 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
             .await;
         assert_eq!(status, 403, "GET {target}");
         assert_eq!(received, None, "GET {target} reached the upstream");
+    }
+}
+
+/// A method rule holds however a framework could read the method: HEAD runs the GET handler
+/// (Express, Flask, Spring, Go), and Laravel and Symfony take a POST's `_method` parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let (host, session) = (t.host("app.test"), t.session(&cookie));
+    let json = "Accept: application/json".to_owned();
+    let table: &[(&str, u16)] = &[
+        ("GET /items/export HTTP/1.1", 403),
+        ("HEAD /items/export HTTP/1.1", 403),
+        ("HEAD /Items/Export;x HTTP/1.1", 403),
+        ("HEAD /items/1 HTTP/1.1", 200),
+        ("DELETE /items/1 HTTP/1.1", 403),
+        ("POST /items/1?_method=DELETE HTTP/1.1", 400),
+        ("POST /items/1?a=1&%5Fmethod=delete HTTP/1.1", 400),
+        ("POST /items/1?.method=DELETE HTTP/1.1", 400),
+        ("POST /items/1?method=DELETE HTTP/1.1", 200),
+        // A route whose rules name no method: an override changes no decision there.
+        ("POST /work?_method=DELETE HTTP/1.1", 200),
+    ];
+    for &(line, status) in table {
+        let (got, received) = t
+            .send(
+                line,
+                &[
+                    host.clone(),
+                    session.clone(),
+                    json.clone(),
+                    "Content-Length: 0".to_owned(),
+                ],
+            )
+            .await;
+        assert_eq!(got, status, "{line}");
+        assert_eq!(
+            received.is_some(),
+            status == 200,
+            "{line}: reached the upstream?"
+        );
     }
 }
 
