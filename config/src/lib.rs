@@ -33,6 +33,7 @@ use toml::de::DeTable;
 pub use model::*;
 use problems::{line_at, Problems};
 pub use problems::{ConfigErrors, Problem};
+pub use validate::check_fetch_url;
 
 /// Reads and validates the configuration file at `path`.
 ///

@@ -1513,6 +1513,12 @@ fn web_url(url: &str) -> Result<UrlParts<'_>, String> {
     Ok(parts)
 }
 
+/// Whether `url` may be fetched for keys or tokens, as a configured `jwks_uri` must be: an
+/// absolute URL, https unless to this machine. For what an IdP's discovery document names.
+pub fn check_fetch_url(url: &str) -> Result<(), String> {
+    web_url(url).and_then(|parts| https_or_loopback(&parts))
+}
+
 /// Tokens and keys are fetched and trusted only over TLS, except from this machine, where
 /// tests and demos run their IdP.
 fn https_or_loopback(parts: &UrlParts<'_>) -> Result<(), String> {

@@ -714,6 +714,12 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
         c
     };
     let valid = es.sign(Some(&es.kid), &claims(&|_| {}));
+    let typed = |typ: &str| {
+        let mut header = Header::new(es.alg);
+        header.kid = Some(es.kid.clone());
+        header.typ = Some(typ.to_owned());
+        jsonwebtoken::encode(&header, &claims(&|_| {}), &es.encoding).expect("sign")
+    };
 
     // What must be accepted (so the refusals below are for the reason named).
     assert_accepted(&url, &valid, "a valid token of our own issuer").await;
@@ -837,6 +843,21 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
                 }),
             ),
         ),
+        (
+            // RFC 9449 §7.2: a DPoP-bound token sent as a bearer token may be a stolen one.
+            "bound to a key (cnf)".into(),
+            es.sign(
+                Some(&es.kid),
+                &claims(&|c| {
+                    c["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})
+                }),
+            ),
+        ),
+        (
+            "another type of token (typ logout+jwt)".into(),
+            typed("logout+jwt"),
+        ),
+        ("a DPoP proof (typ dpop+jwt)".into(), typed("dpop+jwt")),
         ("critical header extensions (crit)".into(), {
             let mut header = Header::new(es.alg);
             header.kid = Some(es.kid.clone());
@@ -858,6 +879,7 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
         assert_refused(&url, token, what).await;
     }
     assert_accepted(&url, &valid, "the valid token, still").await;
+    assert_accepted(&url, &typed("application/at+jwt"), "an access token's type").await;
     // Unknown kids refetch the key set, but not once per request.
     assert!(
         keys.fetches() <= 3,

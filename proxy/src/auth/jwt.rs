@@ -66,12 +66,82 @@ pub fn is_compact_jws(token: &str) -> bool {
         })
 }
 
+/// A signing key of a set, and the one algorithm it is for, when the set says (`alg`).
+#[derive(Clone)]
+struct Key {
+    alg: Option<Algorithm>,
+    key: Arc<DecodingKey>,
+}
+
 struct Keys {
-    by_kid: HashMap<String, Arc<DecodingKey>>,
+    /// Several keys may share a `kid` (one per algorithm, say).
+    by_kid: HashMap<String, Vec<Key>>,
     /// Keys without a `kid`, tried when the token has none.
-    anonymous: Vec<Arc<DecodingKey>>,
+    anonymous: Vec<Key>,
     /// The raw document, for other parsers of the same set (the ID-token verifier).
     raw: Arc<serde_json::Value>,
+}
+
+impl Keys {
+    /// A key set document: its signing keys, by `kid`.
+    fn parse(bytes: &[u8]) -> Result<Keys, String> {
+        let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
+        let mut by_kid = HashMap::new();
+        let mut anonymous = Vec::new();
+        for jwk in &set.keys {
+            // A symmetric key in a public key set is never used, nor one published for
+            // encryption (`use`, or an `alg` that signs nothing); a key of a type we cannot
+            // use is skipped, not fatal.
+            if matches!(
+                jwk.algorithm,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+            ) || jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|used| *used != jsonwebtoken::jwk::PublicKeyUse::Signature)
+            {
+                continue;
+            }
+            let alg = match &jwk.common.key_algorithm {
+                None => None,
+                Some(alg) => match alg.to_string().parse::<Algorithm>() {
+                    Ok(alg) => Some(alg),
+                    Err(_) => continue,
+                },
+            };
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let key = Key {
+                alg,
+                key: Arc::new(key),
+            };
+            match &jwk.common.key_id {
+                Some(kid) => by_kid.entry(kid.clone()).or_insert_with(Vec::new).push(key),
+                None => anonymous.push(key),
+            }
+        }
+        Ok(Keys {
+            by_kid,
+            anonymous,
+            raw: Arc::new(raw),
+        })
+    }
+
+    /// The keys that may have signed a token with this `kid` and `alg`: a key the set names
+    /// an algorithm for verifies only that one (an RSA key for RS256 is no PS512 key).
+    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Arc<DecodingKey>> {
+        let named: Box<dyn Iterator<Item = &Key>> = match kid {
+            Some(kid) => Box::new(self.by_kid.get(kid).into_iter().flatten()),
+            None => Box::new(self.anonymous.iter().chain(self.by_kid.values().flatten())),
+        };
+        named
+            .filter(|key| key.alg.is_none_or(|only| only == alg))
+            .map(|key| key.key.clone())
+            .collect()
+    }
 }
 
 /// One issuer's key set.
@@ -149,50 +219,14 @@ impl Jwks {
             return Err(format!("status {}", response.status()));
         }
         let bytes = super::bounded::body(response, MAX_JWKS_BYTES).await?;
-        let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
-        let mut by_kid = HashMap::new();
-        let mut anonymous = Vec::new();
-        for jwk in &set.keys {
-            // A symmetric key in a public key set is never used; a key of a type we cannot use
-            // is skipped, not fatal.
-            if matches!(
-                jwk.algorithm,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
-            ) {
-                continue;
-            }
-            let Ok(key) = DecodingKey::from_jwk(jwk) else {
-                continue;
-            };
-            let key = Arc::new(key);
-            match &jwk.common.key_id {
-                Some(kid) => {
-                    by_kid.insert(kid.clone(), key);
-                }
-                None => anonymous.push(key),
-            }
-        }
-        Ok(Keys {
-            by_kid,
-            anonymous,
-            raw: Arc::new(raw),
-        })
+        Keys::parse(&bytes)
     }
 
-    fn candidates(&self, kid: Option<&str>) -> Vec<Arc<DecodingKey>> {
-        let Some(keys) = self.keys.load_full() else {
-            return Vec::new();
-        };
-        match kid {
-            Some(kid) => keys.by_kid.get(kid).cloned().into_iter().collect(),
-            None => keys
-                .anonymous
-                .iter()
-                .chain(keys.by_kid.values())
-                .cloned()
-                .collect(),
-        }
+    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Arc<DecodingKey>> {
+        self.keys
+            .load()
+            .as_ref()
+            .map_or_else(Vec::new, |keys| keys.candidates(kid, alg))
     }
 
     /// Verifies `token`'s signature and the checks in `validation`, returning its claims.
@@ -215,11 +249,11 @@ impl Jwks {
         if !validation.algorithms.contains(&header.alg) {
             return Err(JwtError::Algorithm);
         }
-        let mut keys = self.candidates(header.kid.as_deref());
+        let mut keys = self.candidates(header.kid.as_deref(), header.alg);
         if keys.is_empty() {
             // Unknown key: the IdP may have rotated. Refetch (rate-limited) and look again.
             let _ = self.refresh(false).await;
-            keys = self.candidates(header.kid.as_deref());
+            keys = self.candidates(header.kid.as_deref(), header.alg);
         }
         if keys.is_empty() {
             return Err(JwtError::UnknownKey);
@@ -286,5 +320,34 @@ mod tests {
             "a.b.{}",
             "c".repeat(MAX_TOKEN_BYTES)
         )));
+    }
+
+    #[test]
+    fn a_key_verifies_only_what_its_set_publishes_it_for() {
+        // RFC 7517's example P-256 public key, published five ways.
+        let key = |extra: &str| {
+            format!(
+                r#"{{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"{extra}}}"#
+            )
+        };
+        let set = format!(
+            r#"{{"keys":[{},{},{},{},{}]}}"#,
+            key(r#","kid":"shared","use":"enc""#),
+            key(r#","kid":"shared","use":"sig","alg":"ES256""#),
+            key(r#","kid":"labelled","alg":"ES384""#),
+            key(r#","kid":"wrapping","alg":"ECDH-ES""#),
+            key(r#","kid":"plain""#),
+        );
+        let keys = Keys::parse(set.as_bytes()).unwrap();
+        let count = |kid, alg| keys.candidates(kid, alg).len();
+        // Two keys share a kid: the encryption one is dropped, the signing one kept.
+        assert_eq!(count(Some("shared"), Algorithm::ES256), 1);
+        // A key published for ES384 is no ES256 key.
+        assert_eq!(count(Some("labelled"), Algorithm::ES256), 0);
+        assert_eq!(count(Some("labelled"), Algorithm::ES384), 1);
+        assert_eq!(count(Some("wrapping"), Algorithm::ES256), 0);
+        assert_eq!(count(Some("plain"), Algorithm::ES256), 1);
+        // Without a kid, every key that fits the algorithm.
+        assert_eq!(count(None, Algorithm::ES256), 2);
     }
 }

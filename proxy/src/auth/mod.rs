@@ -48,6 +48,10 @@ pub struct Auth {
     issuers: DashMap<KeySetId, Arc<Jwks>>,
     /// When fetching a key set for the first time last failed.
     issuer_failures: DashMap<KeySetId, std::time::Instant>,
+    /// Held while a key set is fetched for the first time: the requests that arrive meanwhile
+    /// wait for that fetch instead of each fetching (a cold start under load would send the
+    /// IdP a discovery and a key set request per request, and be rate-limited for it).
+    first_fetches: DashMap<KeySetId, Arc<tokio::sync::Mutex<()>>>,
     /// Bearer tokens already verified.
     pub verified: Verified,
     http: reqwest::Client,
@@ -116,6 +120,10 @@ struct MachineClaims {
     /// A logout token's.
     #[serde(default)]
     events: Option<serde::de::IgnoredAny>,
+    /// RFC 7800: a token bound to a key (DPoP, RFC 9449; mutual TLS, RFC 8705), which only
+    /// its holder's proof makes worth anything.
+    #[serde(default)]
+    cnf: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
@@ -163,6 +171,11 @@ impl Audiences {
 fn not_an_access_token(config: &Config, claims: &MachineClaims) -> Option<&'static str> {
     if claims.events.is_some() {
         return Some("it is a logout token (events)");
+    }
+    // RFC 9449 §7.2: a bound token is not to be taken as a bearer token, and Portcullis checks
+    // no proof of possession: sent as `Bearer`, it may be a stolen one.
+    if claims.cnf.is_some() {
+        return Some("it is bound to a key (cnf) whose possession Portcullis cannot check");
     }
     let sign_in = config.oidc.as_ref()?;
     let own = claims.nonce.is_some()
@@ -262,6 +275,7 @@ impl Auth {
             directory,
             issuers: DashMap::new(),
             issuer_failures: DashMap::new(),
+            first_fetches: DashMap::new(),
             verified: Verified::default(),
             http,
             audit,
@@ -385,6 +399,18 @@ impl Auth {
                 .map_err(|_| JwtError::Malformed)?;
         let claimed: IssuerOnly =
             serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
+        // An access token says it is one (RFC 9068: `at+jwt`) or says nothing of its type
+        // (`JWT`, or no `typ`: Okta, Entra); another type (`logout+jwt`, `dpop+jwt`, a
+        // `secevent+jwt`) is some other token.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        if let Some(typ) = header.typ.as_deref() {
+            let typ = typ.strip_prefix("application/").unwrap_or(typ);
+            if !typ.eq_ignore_ascii_case("jwt") && !typ.eq_ignore_ascii_case("at+jwt") {
+                return Err(JwtError::Invalid(
+                    "its type (typ) is not an access token's".into(),
+                ));
+            }
+        }
         let issuer = config
             .jwt_issuers
             .iter()
@@ -473,18 +499,25 @@ impl Auth {
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
         let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
-        if let Some(jwks) = self.issuers.get(&id) {
-            return Ok(jwks.clone());
-        }
-        // While an issuer cannot be reached, don't let every request try again.
-        if let Some(failed) = self.issuer_failures.get(&id) {
-            if failed.elapsed() < jwt::REFETCH_AFTER {
-                return Err(JwtError::KeysUnavailable);
+        let known = || -> Option<Result<Arc<Jwks>, JwtError>> {
+            if let Some(jwks) = self.issuers.get(&id) {
+                return Some(Ok(jwks.clone()));
             }
+            // While an issuer cannot be reached, don't let every request try again.
+            let failed = self.issuer_failures.get(&id)?;
+            (failed.elapsed() < jwt::REFETCH_AFTER).then_some(Err(JwtError::KeysUnavailable))
+        };
+        if let Some(known) = known() {
+            return known;
+        }
+        let gate = self.first_fetches.entry(id.clone()).or_default().clone();
+        let _fetching = gate.lock().await;
+        // Fetched, or failed, while this request waited.
+        if let Some(known) = known() {
+            return known;
         }
         match self.first_fetch(issuer).await {
-            // Requests that arrived together may each have fetched it: the first one kept is
-            // the one every later request, and every verification remembered, uses, and the
+            // The one every later request, and every verification remembered, uses, and the
             // only one refreshed, so that a key the issuer withdraws stops verifying.
             Ok(jwks) => Ok(self.issuers.entry(id).or_insert(jwks).value().clone()),
             Err(e) => {
@@ -510,6 +543,7 @@ impl Auth {
     async fn discover_jwks_uri(&self, issuer: &str) -> Result<String, String> {
         #[derive(Deserialize)]
         struct Discovery {
+            issuer: String,
             jwks_uri: String,
         }
         let url = format!(
@@ -526,6 +560,12 @@ impl Auth {
             .map_err(|e| e.to_string())?;
         let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES).await?;
         let doc: Discovery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        // OpenID Connect Discovery §4.3: the document is the issuer's only if it says so.
+        if doc.issuer != issuer {
+            return Err("the discovery document names another issuer".to_owned());
+        }
+        portcullis_config::check_fetch_url(&doc.jwks_uri)
+            .map_err(|e| format!("the discovery document's jwks_uri {e}"))?;
         Ok(doc.jwks_uri)
     }
 }
@@ -708,17 +748,27 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn requests_that_first_fetch_an_issuer_s_keys_together_share_one_key_set() {
+    /// An IdP on loopback answering every request with `body` (given its address) after
+    /// `delay`; counts them.
+    async fn idp_answering(
+        body: impl FnOnce(std::net::SocketAddr) -> String,
+        delay: Duration,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let body: Arc<str> = body(address).into();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                let (counted, body) = (counted.clone(), body.clone());
                 tokio::spawn(async move {
                     let mut request = [0u8; 1024];
                     let _ = stream.read(&mut request).await;
-                    let body = r#"{"keys":[]}"#;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
                          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -728,18 +778,65 @@ mod tests {
                 });
             }
         });
+        (address, fetches)
+    }
+
+    fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {
+        let log = || crate::audit::Destination::of(dir, None);
+        let audit = Arc::new(Audit::open(log(), log()).unwrap());
+        Auth::new(world.directory.clone(), Arc::new(Kept::default()), audit).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_that_first_fetch_an_issuer_s_keys_together_share_one_fetch() {
+        // A slow IdP: every request below arrives while the first fetch is out.
+        let keys = |_| r#"{"keys":[]}"#.to_owned();
+        let (address, fetches) = idp_answering(keys, Duration::from_millis(300)).await;
         let world = crate::testing::World::new();
         let dir = tempfile::tempdir().unwrap();
-        let log = || crate::audit::Destination::of(dir.path(), None);
-        let audit = Arc::new(Audit::open(log(), log()).unwrap());
-        let auth = Auth::new(world.directory.clone(), Arc::new(Kept::default()), audit).unwrap();
+        let auth = auth(&world, dir.path());
         let mut issuer = world.config.jwt_issuers[0].clone();
         issuer.jwks_uri = Some(format!("http://{address}/jwks"));
-        // Both miss the cache, and both fetch, before either keeps what it fetched.
-        let (a, b) = tokio::join!(auth.jwks_for(&issuer), auth.jwks_for(&issuer));
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert!(Arc::ptr_eq(&a, &b), "two key sets for one issuer");
+        // Requests miss the cache together: one fetch, one key set.
+        let fetch = || auth.jwks_for(&issuer);
+        let (a, b, c, d) = tokio::join!(fetch(), fetch(), fetch(), fetch());
+        let sets = [a, b, c, d];
+        let first = sets[0].as_ref().unwrap().clone();
+        for set in &sets {
+            assert!(
+                Arc::ptr_eq(&first, set.as_ref().unwrap()),
+                "two key sets for one issuer"
+            );
+        }
+        let fetched = fetches.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fetched, 1, "fetches of the key set");
         let kept = auth.jwks_for(&issuer).await.unwrap();
-        assert!(Arc::ptr_eq(&a, &kept));
+        assert!(Arc::ptr_eq(&first, &kept));
+    }
+
+    #[tokio::test]
+    async fn a_discovery_document_is_the_issuer_s_only_if_it_names_it_and_its_keys_over_tls() {
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&world, dir.path());
+        // (the issuer it names, if not the one asked; its jwks_uri; taken)
+        for (names, jwks_uri, taken) in [
+            (None, "http://127.0.0.1:9/jwks", true),
+            (
+                Some("https://idp.example"),
+                "http://127.0.0.1:9/jwks",
+                false,
+            ),
+            (None, "http://idp.example/jwks", false),
+        ] {
+            let doc = |address| {
+                let own = format!("http://{address}");
+                serde_json::json!({"issuer": names.unwrap_or(&own), "jwks_uri": jwks_uri})
+                    .to_string()
+            };
+            let (address, _) = idp_answering(doc, Duration::ZERO).await;
+            let found = auth.discover_jwks_uri(&format!("http://{address}")).await;
+            assert_eq!(found.is_ok(), taken, "{names:?} {jwks_uri}: {found:?}");
+        }
     }
 }
