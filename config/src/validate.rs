@@ -67,7 +67,7 @@ pub(crate) fn convert(
         let path = listeners_path.index(i);
         let address = socket_addr(raw.address, &path.key("address"), p);
         if let Some(address) = address {
-            match addresses.iter().find(|(a, _)| *a == address) {
+            match addresses.iter().find(|(a, _)| binds_over(*a, address)) {
                 Some((_, first)) => p.add(
                     &path.key("address"),
                     format!("{address} is already used by listeners[{first}]"),
@@ -98,7 +98,10 @@ pub(crate) fn convert(
         Some(admin) => {
             let path = root.key("admin").key("address");
             let address = socket_addr(admin.address, &path, p);
-            if let Some((_, i)) = addresses.iter().find(|(a, _)| Some(*a) == address) {
+            if let Some((_, i)) = addresses
+                .iter()
+                .find(|(a, _)| address.is_some_and(|address| binds_over(*a, address)))
+            {
                 p.add(&path, format!("same address as listeners[{i}]"));
             }
             let token_path = root.key("admin").key("token");
@@ -740,6 +743,34 @@ fn rules(
             }
         }
         Access::SignIn { .. } | Access::Unknown => {}
+    }
+    // A rule's keys are alternatives: names beside one that already lets everyone (or every
+    // signed-in caller) in add nobody, and read as if they narrowed it, which they do not.
+    if !matches!(access, Access::Public { .. }) {
+        for (rule_path, spec) in &allow {
+            let (wide, covered) = if spec.public {
+                ("public", caller_criteria(spec))
+            } else if spec.any_signed_in {
+                let people = ["groups", "group_ids", "users", "email_domains", "machines"];
+                let named = caller_criteria(spec);
+                (
+                    "any_signed_in",
+                    named.into_iter().filter(|k| people.contains(k)).collect(),
+                )
+            } else {
+                continue;
+            };
+            for key in covered {
+                p.add(
+                    &rule_path.key(key),
+                    format!(
+                        "adds nobody: `{wide} = true` in the same rule already lets them in \
+                         (a rule's keys are alternatives, not conditions; to narrow a rule, \
+                         use `methods` or `paths`, or a deny rule)"
+                    ),
+                );
+            }
+        }
     }
 
     let allow_specs: Vec<RuleSpec> = allow.iter().map(|(_, spec)| spec.clone()).collect();
@@ -1773,6 +1804,16 @@ fn token_secret_hash(
     base_dir: &Path,
 ) -> Result<[u8; 32], String> {
     let secret = resolve_secret(raw, env, base_dir)?;
+    // A client's `Authorization` value is read without spaces around it and cannot hold
+    // control characters: a token with either would never match.
+    let token = secret.expose();
+    if token.trim() != token || token.chars().any(char::is_control) {
+        return Err(
+            "the token has spaces or control characters (a second newline at the end \
+                    of its file?): no client could send it"
+                .to_owned(),
+        );
+    }
     if secret.expose().chars().count() < MIN_TOKEN_CHARS {
         return Err(format!(
             "the token is too short: it must be at least {MIN_TOKEN_CHARS} characters"
@@ -1967,14 +2008,31 @@ fn duplicates(values: &[String], path: &KeyPath, p: &mut Problems<'_>) {
 
 fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Option<SocketAddr> {
     let raw = required(raw, path, p)?;
-    raw.parse()
+    let address: SocketAddr = raw
+        .parse()
         .map_err(|_| {
             p.add(
                 path,
                 format!("`{raw}` is not an IP:port address (host names are not allowed here)"),
             )
         })
-        .ok()
+        .ok()?;
+    if address.port() == 0 {
+        // The system would pick a port no client knows, and `/readyz` could not tell it.
+        p.add(path, "port 0 is not a port to listen on: name the port");
+        return None;
+    }
+    Some(address)
+}
+
+/// Whether binding `a` and `b` both would fail: the same port, and the same address or one
+/// that takes every address of the other's family (`0.0.0.0`; `[::]`, which on Linux also
+/// takes IPv4 unless `bindv6only` is set).
+fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |any: SocketAddr, other: SocketAddr| {
+        any.ip().is_unspecified() && (any.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 fn in_range<T: TryFrom<i64>>(
@@ -2017,12 +2075,38 @@ fn postgres(
                 .expose()
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| format!("is not a PostgreSQL connection URL: {e}"))?;
+            // Without a host the connection could only fail, after the ports are bound.
+            if parsed.get_hosts().is_empty() && parsed.get_hostaddrs().is_empty() {
+                return Err(
+                    "names no host: give `host` (a name, an address, or a directory \
+                            holding the server's Unix socket) or `hostaddr`"
+                        .to_owned(),
+                );
+            }
             // `prefer` (also what a URL without `sslmode` means) goes on in the clear when
-            // the server, or anyone in between, declines TLS: the password with it.
-            let over_tcp = parsed
+            // the server, or anyone in between, declines TLS: the password with it. An
+            // address (`hostaddr`) is TCP too.
+            let over_tcp = !parsed.get_hostaddrs().is_empty()
+                || parsed
+                    .get_hosts()
+                    .iter()
+                    .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)));
+            let named = parsed
                 .get_hosts()
                 .iter()
                 .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)));
+            if !parsed.get_hostaddrs().is_empty()
+                && !named
+                && parsed.get_ssl_mode() != tokio_postgres::config::SslMode::Disable
+            {
+                return Err(
+                    "gives `hostaddr` without `host`: TLS has no server name to verify \
+                            the certificate against; add `host` (the name on the server's \
+                            certificate) or say sslmode=disable (plain TCP, for a network you \
+                            trust)"
+                        .to_owned(),
+                );
+            }
             if over_tcp && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
                 return Err("must say sslmode=require (TLS, the server's certificate \
                             verified) or sslmode=disable (plain TCP, for a network you trust): \
@@ -2066,6 +2150,9 @@ fn duration(
     path: &KeyPath,
     p: &mut Problems<'_>,
 ) -> Duration {
+    // Longer than any setting needs, and short enough that no clock reading plus it overflows
+    // (`400000000000y` parses, and made the drain at shutdown panic).
+    const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
     let Some(raw) = raw else { return default };
     match humantime::parse_duration(&raw) {
         Ok(d) if d.is_zero() => p.add(path, "must be greater than zero"),
@@ -2073,6 +2160,7 @@ fn duration(
             path,
             format!("must be at least {}", humantime::format_duration(min)),
         ),
+        Ok(d) if d > LONGEST => p.add(path, "must be at most 10 years"),
         Ok(d) => return d,
         Err(e) => p.add(path, not_a_duration(&raw, e)),
     }

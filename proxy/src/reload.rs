@@ -271,9 +271,9 @@ impl BackgroundService for Drainer {
             .shared
             .at_start
             .shutdown_timeout(&self.shared.runtime.load().config);
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         tracing::info!(in_flight = InFlight::count(), "draining before exit");
-        while InFlight::count() > 0 && Instant::now() < deadline {
+        while InFlight::count() > 0 && deadline.is_none_or(|deadline| Instant::now() < deadline) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = InFlight::count();
