@@ -84,12 +84,20 @@ impl Proxy {
         // not verify (expired, or its key not fetched yet) is never passed, whatever let the
         // request in (a public path, say). Another scheme (an upstream's own Basic login) is
         // the upstream's.
-        if let Some(route) = &ctx.route {
+        // Elsewhere, a token that says it is for Portcullis (one of its issuers', for one of
+        // their audiences) is not passed on either: an agent that sends its token to a
+        // session route must not hand that upstream a token it could replay where Portcullis
+        // takes it. The upstream's own tokens pass.
+        if let (Some(route), Some(runtime)) = (&ctx.route, &ctx.runtime) {
             let verified = matches!(ctx.caller, Some(Caller::Machine(_)));
-            if route.config.accept.contains(&Credential::Bearer)
-                && !(verified && route.config.pass_authorization)
-            {
-                remove_bearer_tokens(headers);
+            if route.config.accept.contains(&Credential::Bearer) {
+                if !(verified && route.config.pass_authorization) {
+                    remove_bearer_tokens(headers, |_| true);
+                }
+            } else if !runtime.config.jwt_issuers.is_empty() {
+                remove_bearer_tokens(headers, |token| {
+                    crate::auth::meant_for_portcullis(&runtime.config, token)
+                });
             }
         }
         let mut set = |name: HeaderName, value: HeaderValue| {
@@ -1194,15 +1202,15 @@ fn is_reserved(name: &[u8]) -> bool {
     PREFIXES.iter().any(|p| starts(p)) || NAMES.iter().any(|w| equals(w))
 }
 
-/// Removes the `Authorization` values of the `Bearer` scheme (in any case); the others stay.
-fn remove_bearer_tokens(headers: &mut http::HeaderMap) {
+/// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
+/// picks (a token that is not text, always); the others stay.
+fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
     let is_bearer = |value: &HeaderValue| {
         let bytes = value.as_bytes();
-        let scheme = bytes
-            .split(|&b| b == b' ' || b == b'\t')
-            .next()
-            .unwrap_or(bytes);
-        scheme.eq_ignore_ascii_case(b"bearer")
+        let mut words = bytes.splitn(2, |&b| b == b' ' || b == b'\t');
+        let scheme = words.next().unwrap_or(bytes);
+        let token = words.next().unwrap_or_default().trim_ascii();
+        scheme.eq_ignore_ascii_case(b"bearer") && std::str::from_utf8(token).map_or(true, &which)
     };
     if !headers.get_all(header::AUTHORIZATION).iter().any(is_bearer) {
         return;
@@ -1652,7 +1660,7 @@ mod tests {
             ("Authorization", "bEaReR\tdef"),
             ("Authorization", "Bearer"),
         ]);
-        remove_bearer_tokens(&mut req);
+        remove_bearer_tokens(&mut req, |_| true);
         let left: Vec<&str> = req
             .get_all(header::AUTHORIZATION)
             .iter()

@@ -521,6 +521,31 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
             assert!(received.is_none());
         }
     }
+    // A route that takes sessions only does not read bearer tokens, but one for Portcullis
+    // (its issuer's, for its audience) is still not handed to that upstream, which could replay
+    // it at api.test; the upstream's own tokens and other schemes pass.
+    let cookie = t.sign_in().await;
+    for (authorization, passed) in [
+        (format!("Bearer {token}"), false),
+        (format!("bearer  {token}"), false),
+        ("Bearer the-upstream-s-own-token".to_owned(), true),
+        ("Basic dXNlcjpwYXNz".to_owned(), true),
+    ] {
+        let (status, received) = t
+            .send(
+                "GET /work HTTP/1.1",
+                &[
+                    t.host("app.test"),
+                    t.session(&cookie),
+                    format!("Authorization: {authorization}"),
+                ],
+            )
+            .await;
+        assert_eq!(status, 200, "{authorization}");
+        let received = received.expect("the request reached the upstream");
+        let expected = passed.then_some(authorization.as_str());
+        assert_eq!(received.header("authorization"), expected);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

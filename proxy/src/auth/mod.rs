@@ -256,6 +256,37 @@ struct IssuerOnly {
     iss: String,
 }
 
+/// Whether `token` says it is a bearer token for Portcullis: a JWT of one of its
+/// `[[jwt_issuers]]` for one of that issuer's audiences. Read without verifying: it decides
+/// only that the token is not passed on to an upstream (which could replay it where
+/// Portcullis takes it).
+pub fn meant_for_portcullis(config: &Config, token: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Addressed {
+        iss: String,
+        #[serde(default)]
+        aud: Audiences,
+    }
+    let Some(payload) = token
+        .split('.')
+        .nth(1)
+        .filter(|_| jwt::is_compact_jws(token))
+    else {
+        return false;
+    };
+    let Ok(bytes) =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+    else {
+        return false;
+    };
+    let Ok(claims) = serde_json::from_slice::<Addressed>(&bytes) else {
+        return false;
+    };
+    config.jwt_issuers.iter().any(|issuer| {
+        issuer.issuer == claims.iss && issuer.audiences.iter().any(|a| claims.aud.contains(a))
+    })
+}
+
 impl Auth {
     /// Over `directory`, whose entries `kept` holds (see [`sessions::Kept`]).
     pub fn new(
