@@ -238,6 +238,7 @@ pub(crate) struct Listener {
     pub address: Option<String>,
     pub tls: Option<Tls>,
     pub allow_plain_http: Option<bool>,
+    pub behind_tls_proxy: Option<bool>,
 }
 
 /// `cert` + `key`, `certificates`, or both (then `cert` + `key` comes first).

@@ -39,6 +39,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The session cookie's name unless `[oidc] cookie_name` says another.
+pub const DEFAULT_COOKIE_NAME: &str = "portcullis_session";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Plain,
@@ -135,13 +138,20 @@ pub struct Listener {
     /// anyway (`allow_plain_http = true`: behind a proxy that terminates TLS). Without it, a
     /// SCIM token or a sign-in there would cross the network in clear: both are refused.
     pub allow_plain_http: bool,
+    /// A plain-HTTP listener that only a proxy or load balancer terminating TLS reaches
+    /// (`behind_tls_proxy = true`): its requests are taken as the https requests its clients
+    /// made (https routes, `__Host-` and `Secure` cookies, `https` origins and redirects).
+    pub behind_tls_proxy: bool,
 }
 
 impl Listener {
-    /// Whether SCIM and sign-in may be served on this listener: over TLS, on a loopback
-    /// address, or where the file allows plain HTTP.
+    /// Whether SCIM and sign-in may be served on this listener: over TLS (its own or a
+    /// proxy's in front), on a loopback address, or where the file allows plain HTTP.
     pub fn carries_credentials(&self) -> bool {
-        self.tls.is_some() || self.address.ip().is_loopback() || self.allow_plain_http
+        self.tls.is_some()
+            || self.address.ip().is_loopback()
+            || self.allow_plain_http
+            || self.behind_tls_proxy
     }
 }
 

@@ -88,6 +88,14 @@ fn bad_configs() {
             problems: &[("listeners[0].allow_plain_http", Some(5), "plain-HTTP listeners")],
         },
         Case {
+            name: "behind_tls_proxy on a TLS listener, and an http route on it alone",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = { cert = \"a.pem\", key = \"a-key.pem\" }\nbehind_tls_proxy = true\n[[listeners]]\naddress = \"0.0.0.0:8080\"\nbehind_tls_proxy = true\n[[routes]]\nfrom = \"http://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            problems: &[
+                ("listeners[0].behind_tls_proxy", Some(5), "plain-HTTP listeners"),
+                ("routes[0].from", Some(10), "needs a listener without `tls`"),
+            ],
+        },
+        Case {
             name: "pass_authorization on a route that takes no bearer token",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\npass_authorization = true\n",
             problems: &[("routes[0].pass_authorization", None, "does not accept \"bearer\"")],
@@ -274,6 +282,13 @@ address = "127.0.0.1:0"
                 ("listeners[3].address", Some(9), "already used by listeners[2]"),
                 ("listeners[4].address", Some(11), "port 0"),
             ],
+        },
+        Case {
+            // [::1] and 0.0.0.0 share no address (the IPv4 wildcard takes IPv4 only): both
+            // are bound, and only the port 0 listener is refused.
+            name: "listeners of one port on addresses that do not overlap",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"0.0.0.0:8080\"\n[[listeners]]\naddress = \"[::1]:8080\"\n[[listeners]]\naddress = \"[::1]:0\"\n",
+            problems: &[("listeners[2].address", Some(7), "port 0")],
         },
         Case {
             name: "admin on an address a listener takes",
@@ -1555,10 +1570,12 @@ to = ["http://127.0.0.1"]
                 address: addr("127.0.0.1:8080"),
                 tls: None,
                 allow_plain_http: false,
+                behind_tls_proxy: false,
             },
             Listener {
                 address: addr("[::1]:8443"),
                 allow_plain_http: false,
+                behind_tls_proxy: false,
                 tls: Some(ListenerTls {
                     certificates: vec![
                         CertificateFiles {

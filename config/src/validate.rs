@@ -54,13 +54,17 @@ pub(crate) fn convert(
     }
     // Listeners that could not be read may be of either kind.
     let unread_listeners = p.skipped(&listeners_path);
+    // A listener behind a proxy that terminates TLS serves https routes, not http ones.
+    let behind_tls_proxy = |l: &file::Listener| l.behind_tls_proxy == Some(true);
     let has_tls_listener = unread_listeners
+        || file.listeners.iter().enumerate().any(|(i, l)| {
+            l.tls.is_some() || behind_tls_proxy(l) || p.skipped(&listeners_path.index(i).key("tls"))
+        });
+    let has_plain_listener = unread_listeners
         || file
             .listeners
             .iter()
-            .enumerate()
-            .any(|(i, l)| l.tls.is_some() || p.skipped(&listeners_path.index(i).key("tls")));
-    let has_plain_listener = unread_listeners || file.listeners.iter().any(|l| l.tls.is_none());
+            .any(|l| l.tls.is_none() && !behind_tls_proxy(l));
     let mut listeners = Vec::new();
     let mut addresses: Vec<(SocketAddr, usize)> = Vec::new();
     for (i, raw) in file.listeners.into_iter().enumerate() {
@@ -76,11 +80,17 @@ pub(crate) fn convert(
             }
         }
         let allow_plain_http = raw.allow_plain_http.unwrap_or(false);
-        if allow_plain_http && raw.tls.is_some() {
-            p.add(
-                &path.key("allow_plain_http"),
-                "is for plain-HTTP listeners, and this one serves TLS",
-            );
+        let behind_tls_proxy = raw.behind_tls_proxy.unwrap_or(false);
+        for (key, set) in [
+            ("allow_plain_http", allow_plain_http),
+            ("behind_tls_proxy", behind_tls_proxy),
+        ] {
+            if set && raw.tls.is_some() {
+                p.add(
+                    &path.key(key),
+                    "is for plain-HTTP listeners, and this one serves TLS",
+                );
+            }
         }
         let tls = match raw.tls {
             None => Some(None),
@@ -90,6 +100,7 @@ pub(crate) fn convert(
             address,
             tls,
             allow_plain_http,
+            behind_tls_proxy,
         }));
     }
 
@@ -140,9 +151,10 @@ pub(crate) fn convert(
                 Scheme::Https if !has_tls_listener => {
                     p.add(&from_path, "an https route needs a listener with `tls`")
                 }
-                Scheme::Http if !has_plain_listener => {
-                    p.add(&from_path, "an http route needs a listener without `tls`")
-                }
+                Scheme::Http if !has_plain_listener => p.add(
+                    &from_path,
+                    "an http route needs a listener without `tls` (nor `behind_tls_proxy`)",
+                ),
                 _ => {}
             }
             // Prefixes are compared as routes read them (see `loosely_within`): `/Admin/` and
@@ -1375,7 +1387,7 @@ fn oidc(
     });
     let cookie_name_path = path.key("cookie_name");
     let cookie_name = match raw.cookie_name {
-        None => "portcullis_session".to_owned(),
+        None => crate::DEFAULT_COOKIE_NAME.to_owned(),
         Some(name) => cookie_name(&name)
             .map_err(|message| p.add(&cookie_name_path, message))
             .map(|()| name)
@@ -2152,7 +2164,8 @@ fn duration(
 ) -> Duration {
     // Longer than any setting needs, and short enough that no clock reading plus it overflows
     // (`400000000000y` parses, and made the drain at shutdown panic).
-    const LONGEST: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+    // Years as humantime counts them (365.25 days), so `10y` itself is taken.
+    const LONGEST: Duration = Duration::from_secs(10 * 31_557_600);
     let Some(raw) = raw else { return default };
     match humantime::parse_duration(&raw) {
         Ok(d) if d.is_zero() => p.add(path, "must be greater than zero"),

@@ -248,8 +248,9 @@ fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Whether `query` has a `_method` parameter as any framework could read one: Laravel and
-/// Symfony take it as the method of a POST. Read leniently: names percent-decoded, in any
-/// case, with what PHP turns into `_` (` `, `.`, `+`) as `_`, and `_method[…]` as `_method`.
+/// Symfony take it as the method of a POST. Read as PHP reads a name, and leniently: decoded
+/// (`%5F`, and `+` as a space), cut at a NUL, leading spaces dropped, ` ` and `.` as `_`,
+/// `_method[…]` as `_method`, in any case.
 pub fn overrides_method(query: &str) -> bool {
     query.split(['&', ';']).any(|parameter| {
         let name = parameter.split('=').next().unwrap_or_default();
@@ -269,13 +270,20 @@ pub fn overrides_method(query: &str) -> bool {
                     bytes[i - 1]
                 }
             };
-            read.push(match b {
-                b' ' | b'.' | b'+' => b'_',
-                b => b,
-            });
+            read.push(if b == b'+' { b' ' } else { b });
         }
-        let name = read.split(|&b| b == b'[').next().unwrap_or_default();
-        name.eq_ignore_ascii_case(b"_method")
+        let name = read.split(|&b| b == 0).next().unwrap_or_default();
+        let name = name.trim_ascii_start();
+        let name = name.split(|&b| b == b'[').next().unwrap_or_default();
+        name.len() == b"_method".len()
+            && name.iter().zip(b"_method").all(|(&got, &want)| {
+                let got = if got == b' ' || got == b'.' {
+                    b'_'
+                } else {
+                    got
+                };
+                got.eq_ignore_ascii_case(&want)
+            })
     })
 }
 
@@ -298,9 +306,12 @@ mod tests {
             "%5Fmethod=DELETE",
             "%5fmethod",
             ".method=DELETE",
-            "+method=DELETE",
             "_method[]=DELETE",
             "x;_method=PUT",
+            // PHP drops leading spaces and stops at a NUL.
+            "+_method=DELETE",
+            "%20%20_method=DELETE",
+            "_method%00x=DELETE",
         ] {
             assert!(super::overrides_method(query), "{query}");
         }
@@ -311,6 +322,8 @@ mod tests {
             "__method=x",
             "_methods=x",
             "%5",
+            // A leading space is dropped, not read as `_`.
+            "+method=DELETE",
         ] {
             assert!(!super::overrides_method(query), "{query}");
         }

@@ -76,9 +76,16 @@ impl Proxy {
         // What is Portcullis' own never reaches the upstream: headers only it may set, its
         // cookies, and a bearer token it verified (unless the route passes it on).
         strip_reserved_headers(headers);
-        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
-            strip_own_cookies(headers, &oidc.cookie_name);
-        }
+        // Without [oidc] (removed by a reload, say) browsers still send the session cookie
+        // they were given: it is taken out under its default name.
+        let session_cookie = ctx
+            .runtime
+            .as_ref()
+            .and_then(|r| r.config.oidc.as_ref())
+            .map_or(portcullis_config::DEFAULT_COOKIE_NAME, |oidc| {
+                oidc.cookie_name.as_str()
+            });
+        strip_own_cookies(headers, session_cookie);
         // On a route that takes bearer tokens, a bearer token is Portcullis' to read: it goes
         // on only as one Portcullis verified, and only where the route says so. One that did
         // not verify (expired, or its key not fetched yet) is never passed, whatever let the
@@ -315,9 +322,11 @@ impl ProxyHttp for Proxy {
         // 1.1 The configuration this request lives by, whatever reloads meanwhile.
         let runtime = self.shared.runtime.load_full();
         ctx.runtime = Some(runtime.clone());
+        // Made over https: to this listener's TLS, or to a proxy's in front of it.
         ctx.tls = session
             .digest()
-            .is_some_and(|digest| digest.ssl_digest.is_some());
+            .is_some_and(|digest| digest.ssl_digest.is_some())
+            || runtime.behind_tls_proxy(local_addr(session));
         let req = session.req_header();
         if head_size(req) > runtime.config.server.max_request_header_bytes {
             return reply::send(
@@ -1091,7 +1100,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Why SCIM and sign-in are refused on a plain-HTTP listener that is not on loopback.
 const PLAIN_HTTP: &str = "SCIM and sign-in need HTTPS: this listener serves plain HTTP on an \
-     address other than loopback (use a TLS listener, or set allow_plain_http = true on it \
+     address other than loopback (use a TLS listener, or set behind_tls_proxy = true on it \
      behind a proxy that terminates TLS)";
 
 fn plain_http_page() -> Reply {

@@ -39,6 +39,9 @@ pub struct Runtime {
     pub scim: Option<Scim>,
     /// `iss` of the identity assertions: the sign-in origin, or `portcullis` without sign-in.
     pub assertion_issuer: String,
+    /// Whether any listener is `behind_tls_proxy`: if none, no request needs its listener
+    /// looked up to know whether it was made over https.
+    behind_tls_proxy: bool,
 }
 
 impl Runtime {
@@ -66,6 +69,7 @@ impl Runtime {
             .as_ref()
             .map(|scim| Scim::new(scim, directory.clone()));
         Self {
+            behind_tls_proxy: config.listeners.iter().any(|l| l.behind_tls_proxy),
             routes: RouteTable::new(routes),
             https_port,
             scim,
@@ -99,21 +103,28 @@ impl Runtime {
     /// `Listener::carries_credentials`). A request on no listener of this configuration (a
     /// reload removed it) may not: fail closed.
     pub fn carries_credentials(&self, local: Option<SocketAddr>, tls: bool) -> bool {
-        if tls {
-            return true;
-        }
-        let Some(local) = local else {
-            return false;
-        };
-        self.config
-            .listeners
-            .iter()
-            .find(|l| {
-                l.tls.is_none()
-                    && l.address.port() == local.port()
-                    && (l.address.ip() == local.ip() || l.address.ip().is_unspecified())
-            })
+        tls || self
+            .plain_listener(local)
             .is_some_and(|l| l.carries_credentials())
+    }
+
+    /// Whether a request that arrived at `local` without TLS was made over https all the same:
+    /// on a listener behind a proxy that terminates TLS (`behind_tls_proxy`).
+    pub fn behind_tls_proxy(&self, local: Option<SocketAddr>) -> bool {
+        self.behind_tls_proxy
+            && self
+                .plain_listener(local)
+                .is_some_and(|l| l.behind_tls_proxy)
+    }
+
+    /// The plain-HTTP listener of this configuration that took a connection at `local`.
+    fn plain_listener(&self, local: Option<SocketAddr>) -> Option<&portcullis_config::Listener> {
+        let local = local?;
+        self.config.listeners.iter().find(|l| {
+            l.tls.is_none()
+                && l.address.port() == local.port()
+                && (l.address.ip() == local.ip() || l.address.ip().is_unspecified())
+        })
     }
 
     pub fn scheme_of(tls: bool) -> Scheme {

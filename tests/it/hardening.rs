@@ -285,6 +285,7 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
         ("POST /items/1?_method=DELETE HTTP/1.1", 400),
         ("POST /items/1?a=1&%5Fmethod=delete HTTP/1.1", 400),
         ("POST /items/1?.method=DELETE HTTP/1.1", 400),
+        ("POST /items/1?+_method=DELETE HTTP/1.1", 400),
         ("POST /items/1?method=DELETE HTTP/1.1", 200),
         // A route whose rules name no method: an override changes no decision there.
         ("POST /work?_method=DELETE HTTP/1.1", 200),

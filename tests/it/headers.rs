@@ -136,6 +136,27 @@ async fn client_identity_headers_never_reach_the_upstream() {
     }
 }
 
+/// Without [oidc] (a reload took it out, say) browsers still send the session cookie they were
+/// given: it never reaches the upstream. Cookies sent as several headers (HTTP/2's crumbs)
+/// reach it as one, as RFC 9113 §8.2.3 has them joined.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_sign_in_the_session_cookie_still_stays_out_and_cookies_go_as_one_header() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+    let req = format!(
+        "GET /c HTTP/1.1\r\nHost: app.test:{port}\r\nCookie: a=1\r\n\
+         Cookie: portcullis_session=SECRET-SESSION-ID\r\nCookie: csrftoken=x\r\n\r\n"
+    );
+    let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.body_text());
+    let echo = Echo::parse(&resp.body);
+    assert_eq!(echo.header_all("cookie"), ["a=1; csrftoken=x"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hop_by_hop_headers_are_not_forwarded() {
     let up = Upstream::start("a").await;

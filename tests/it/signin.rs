@@ -1918,6 +1918,88 @@ async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
     assert_eq!(Echo::parse(&resp.bytes().await.unwrap()).uri, "/secure?q=1");
 }
 
+/// Behind a load balancer that terminates TLS, the browser is on https and Portcullis hears
+/// plain HTTP: with `behind_tls_proxy`, that listener's requests are the https requests they
+/// were. The sign-in comes back to an https callback, the cookie is `__Host-` and `Secure`,
+/// the upstream is told `https`, and a sign-out posted from the https page (its `Origin`) is
+/// taken, where it was refused with 403 as cross-site.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_proxy_that_terminates_tls_requests_are_the_https_ones_they_were() {
+    let ca = portcullis_tests::TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let app = Upstream::start("app").await;
+    // Not on loopback: only the listener's setting lets sign-in through in plain HTTP.
+    let cfg = ConfigBuilder::new()
+        .http_listener_on_all_interfaces()
+        .behind_tls_proxy();
+    let balancer = portcullis_tests::TlsTerminator::start(&cert, cfg.http_addr()).await;
+    let port = balancer.addr().port();
+    let url = |path: &str| format!("https://app.test:{port}{path}");
+    let idp = idp_setup(&[url("/.portcullis/callback")], "http://127.0.0.1:9/unused")
+        .start()
+        .await;
+    let cfg = cfg
+        .route(Route::new("https://app.test", &[&app]).any_signed_in())
+        .oidc(
+            Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            )
+            .set("auth_scheme", "\"https\""),
+        );
+    let px = cfg.start().await;
+    let tls = || {
+        portcullis_tests::client::tls_client_builder(&ca)
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    };
+    wait_sign_in_available_at(&tls(), &url("/.portcullis/sign_in?rd=%2F"), WAIT).await;
+    let fx = Fixture {
+        cfg: cfg.clone(),
+        idp,
+        px,
+        app,
+        api: Upstream::start("unused").await,
+    };
+    let c = tls();
+    let page = url("/secure");
+    let authorize = fx.start_sign_in(&c, &page).await;
+    assert_eq!(
+        query_param(&authorize, "redirect_uri"),
+        Some(url("/.portcullis/callback"))
+    );
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let resp = c.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(header(&resp, "location").as_deref(), Some(&*page));
+    let line = set_cookie(&resp, &format!("__Host-{SESSION_COOKIE}"))
+        .unwrap_or_else(|| panic!("no __Host- session cookie: {:?}", resp.headers()));
+    assert!(
+        cookie_attributes(&line).iter().any(|a| a == "secure"),
+        "{line}"
+    );
+
+    let resp = c.get(&page).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert_eq!(echo.header("x-forwarded-proto"), Some("https"));
+
+    let resp = c
+        .post(url("/.portcullis/sign_out"))
+        .header(ORIGIN, url(""))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND, "the sign-out was taken");
+    let resp = c.get(&page).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "the session ended");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_tls_only_the_host_prefixed_cookie_is_a_session() {
     let ca = portcullis_tests::TestCa::new();

@@ -880,6 +880,7 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
     }
     assert_accepted(&url, &valid, "the valid token, still").await;
     assert_accepted(&url, &typed("application/at+jwt"), "an access token's type").await;
+    assert_accepted(&url, &typed("JOSE"), "RFC 7515's own type").await;
     // Unknown kids refetch the key set, but not once per request.
     assert!(
         keys.fetches() <= 3,

@@ -254,6 +254,15 @@ impl ConfigBuilder {
         self
     }
 
+    /// Sets `behind_tls_proxy = true` on the listener of
+    /// [`ConfigBuilder::http_listener_on_all_interfaces`]: a proxy in front terminates TLS.
+    pub fn behind_tls_proxy(mut self) -> ConfigBuilder {
+        self.http_any_interface
+            .get_or_insert_with(Vec::new)
+            .push("behind_tls_proxy = true".to_owned());
+        self
+    }
+
     /// Adds a TLS listener on a free port; the first certificate is the default.
     pub fn https_listener(mut self, certificates: Vec<CertFiles>) -> ConfigBuilder {
         self.https = Some((loopback(free_port()), certificates));

@@ -43,7 +43,7 @@ pub use postgres::Postgres;
 pub use process::Portcullis;
 pub use recorder::{Recorded, Recorder};
 pub use scim::{ScimClient, ScimResponse};
-pub use tls::{CertFiles, TestCa};
+pub use tls::{CertFiles, TestCa, TlsTerminator};
 pub use upstream::{Echo, Upstream};
 
 /// A loopback port for a server a test starts later (a Portcullis listener, say), free now and

@@ -102,3 +102,62 @@ pub fn san_dns_names(der: &[u8]) -> Vec<String> {
         })
         .collect()
 }
+
+/// A proxy that terminates TLS in front of a plain-HTTP listener, as a load balancer does: it
+/// takes TLS connections on `127.0.0.1:<ephemeral>` with `cert` (HTTP/1.1 by ALPN) and passes
+/// the bytes inside, both ways, to `to`. Stops when dropped.
+pub struct TlsTerminator {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsTerminator {
+    pub async fn start(cert: &CertFiles, to: std::net::SocketAddr) -> TlsTerminator {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.cert)
+            .expect("read the certificate")
+            .collect::<Result<_, _>>()
+            .expect("parse the certificate");
+        let key = PrivateKeyDer::from_pem_file(&cert.key).expect("read the key");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("certificate and key");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the TLS terminator");
+        let addr = listener.local_addr().expect("terminator address");
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut inside) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
+                });
+            }
+        });
+        TlsTerminator { addr, task }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

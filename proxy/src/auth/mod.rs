@@ -436,10 +436,18 @@ impl Auth {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
         if let Some(typ) = header.typ.as_deref() {
             let typ = typ.strip_prefix("application/").unwrap_or(typ);
-            if !typ.eq_ignore_ascii_case("jwt") && !typ.eq_ignore_ascii_case("at+jwt") {
-                return Err(JwtError::Invalid(
-                    "its type (typ) is not an access token's".into(),
-                ));
+            // `JOSE` is RFC 7515's own (SPIFFE's JWT-SVIDs send it).
+            if ["jwt", "at+jwt", "jose"]
+                .iter()
+                .all(|t| !typ.eq_ignore_ascii_case(t))
+            {
+                let why = if typ.eq_ignore_ascii_case("okta-internal-at+jwt") {
+                    "it is a token of Okta's org authorization server, for Okta's own APIs \
+                     (use a custom authorization server)"
+                } else {
+                    "its type (typ) is not an access token's"
+                };
+                return Err(JwtError::Invalid(why.into()));
             }
         }
         let issuer = config
