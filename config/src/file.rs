@@ -276,6 +276,7 @@ pub(crate) struct Route {
     pub assertion: Option<bool>,
     pub token_groups: Option<bool>,
     pub pass_authorization: Option<bool>,
+    pub audiences: Option<Vec<String>>,
 }
 
 /// A route's `allow` or `deny`: one rule as a table (`allow = { groups = ["sre"] }`) or several

@@ -262,6 +262,10 @@ pub struct Route {
     /// off: the token is Portcullis' credential, and the upstream gets the assertion instead).
     /// Only on routes that accept `bearer`.
     pub pass_authorization: bool,
+    /// A bearer token is taken here only when it is for one of these (its `aud`); empty: for
+    /// any of its issuer's `audiences`. So a token minted for one API is not replayed at
+    /// another behind the same issuer (RFC 8725 §3.9).
+    pub audiences: Vec<String>,
 }
 
 /// A credential a route accepts.

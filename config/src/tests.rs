@@ -89,10 +89,11 @@ fn bad_configs() {
         },
         Case {
             name: "behind_tls_proxy on a TLS listener, and an http route on it alone",
-            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = { cert = \"a.pem\", key = \"a-key.pem\" }\nbehind_tls_proxy = true\n[[listeners]]\naddress = \"0.0.0.0:8080\"\nbehind_tls_proxy = true\n[[routes]]\nfrom = \"http://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\n",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = { cert = \"a.pem\", key = \"a-key.pem\" }\nbehind_tls_proxy = true\n[[listeners]]\naddress = \"0.0.0.0:8080\"\nbehind_tls_proxy = true\nallow_plain_http = true\n[[routes]]\nfrom = \"http://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\n",
             problems: &[
                 ("listeners[0].behind_tls_proxy", Some(5), "plain-HTTP listeners"),
-                ("routes[0].from", Some(10), "needs a listener without `tls`"),
+                ("listeners[1].allow_plain_http", Some(9), "choose one"),
+                ("routes[0].from", Some(11), "needs a listener without `tls`"),
             ],
         },
         Case {
@@ -458,6 +459,32 @@ from = "https://app.example.com/api"
 to = ["http://127.0.0.1:3001"]
 "#,
             problems: &[("routes[1].from", None, "duplicate route")],
+        },
+        Case {
+            name: "route audiences no issuer takes, or on a route without bearer",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://idp.example.com"
+audiences = ["api-a"]
+[[routes]]
+from = "https://api.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer"]
+allow = { machines = true }
+audiences = ["api-b", ""]
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+audiences = ["api-a"]
+"#,
+            problems: &[
+                ("routes[0].audiences[0]", None, "no [[jwt_issuers]] takes"),
+                ("routes[0].audiences[1]", None, "never empty"),
+                ("routes[0].audiences[1]", None, "no [[jwt_issuers]] takes"),
+                ("routes[1].audiences", None, "does not accept \"bearer\""),
+            ],
         },
         Case {
             // Routes read paths in any case, a trailing `/` optional: the second is unreachable.
@@ -1637,6 +1664,7 @@ to = ["http://127.0.0.1"]
                 assertion: true,
                 token_groups: false,
                 pass_authorization: false,
+                audiences: Vec::new(),
             },
             Route {
                 name: "http://*.example.com".into(),
@@ -1667,6 +1695,7 @@ to = ["http://127.0.0.1"]
                 assertion: true,
                 token_groups: false,
                 pass_authorization: false,
+                audiences: Vec::new(),
             },
         ],
         scim: None,

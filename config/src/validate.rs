@@ -92,6 +92,13 @@ pub(crate) fn convert(
                 );
             }
         }
+        if allow_plain_http && behind_tls_proxy {
+            p.add(
+                &path.key("allow_plain_http"),
+                "says its requests stay http ones, and `behind_tls_proxy` that they are https \
+                 ones: choose one",
+            );
+        }
         let tls = match raw.tls {
             None => Some(None),
             Some(tls) => listener_tls(tls, &path.key("tls"), base_dir, p).map(Some),
@@ -148,9 +155,10 @@ pub(crate) fn convert(
         });
         if let Some(from) = &from {
             match from.scheme {
-                Scheme::Https if !has_tls_listener => {
-                    p.add(&from_path, "an https route needs a listener with `tls`")
-                }
+                Scheme::Https if !has_tls_listener => p.add(
+                    &from_path,
+                    "an https route needs a listener with `tls` (or `behind_tls_proxy`)",
+                ),
                 Scheme::Http if !has_plain_listener => p.add(
                     &from_path,
                     "an http route needs a listener without `tls` (nor `behind_tls_proxy`)",
@@ -207,6 +215,24 @@ pub(crate) fn convert(
         }
     };
     let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
+    // A route's audience no issuer takes would refuse every token.
+    if let Some(issuers) = &jwt_issuers {
+        for (i, route) in routes.iter().enumerate() {
+            let Some(route) = route else { continue };
+            for (j, audience) in route.audiences.iter().enumerate() {
+                if !issuers
+                    .iter()
+                    .any(|issuer| issuer.audiences.contains(audience))
+                {
+                    p.add(
+                        &root.key("routes").index(i).key("audiences").index(j),
+                        "no [[jwt_issuers]] takes tokens for this audience (add it to an \
+                         issuer's `audiences`)",
+                    );
+                }
+            }
+        }
+    }
     let identity = identity(file.identity, &root.key("identity"), p);
     let postgres = match file.postgres {
         None => Some(None),
@@ -311,6 +337,7 @@ fn console(
         assertion: false,
         token_groups: false,
         pass_authorization: false,
+        audiences: Vec::new(),
     })
 }
 
@@ -547,6 +574,20 @@ fn route(
             "passes on a verified bearer token, and this route does not accept \"bearer\"",
         );
     }
+    let audiences_path = path.key("audiences");
+    let audiences = raw.audiences.unwrap_or_default();
+    if !audiences.is_empty() && !accept.contains(&Credential::Bearer) {
+        p.add(
+            &audiences_path,
+            "narrows the bearer tokens taken, and this route does not accept \"bearer\"",
+        );
+    }
+    for (i, audience) in audiences.iter().enumerate() {
+        if audience.is_empty() {
+            p.add(&audiences_path.index(i), "an audience is never empty");
+        }
+    }
+    duplicates(&audiences, &audiences_path, p);
     let prefix = from.as_ref().map_or("/", |from| from.path_prefix.as_str());
     let (allow, deny, policy) = rules(raw.allow, raw.deny, path, prefix, access, p);
     let from = from?;
@@ -569,6 +610,7 @@ fn route(
         assertion: raw.assertion.unwrap_or(true),
         token_groups: raw.token_groups.unwrap_or(false),
         pass_authorization,
+        audiences,
     })
 }
 
@@ -1371,11 +1413,12 @@ fn oidc(
         Scheme::Https if !has_tls_listener => p.add(
             &scheme_path,
             "the sign-in callback is served over https (the default), which needs a listener \
-             with `tls`; auth_scheme = \"http\" is for tests and demos",
+             with `tls` (or `behind_tls_proxy`); auth_scheme = \"http\" is for tests and demos",
         ),
         Scheme::Http if !has_plain_listener => p.add(
             &scheme_path,
-            "the sign-in callback is served over http, which needs a listener without `tls`",
+            "the sign-in callback is served over http, which needs a listener without `tls` \
+             (nor `behind_tls_proxy`)",
         ),
         _ => {}
     }

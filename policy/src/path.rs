@@ -270,10 +270,16 @@ pub fn overrides_method(query: &str) -> bool {
                     bytes[i - 1]
                 }
             };
-            read.push(if b == b'+' { b' ' } else { b });
+            // A raw `+` is a space; an escaped one (`%2B`) is a `+`.
+            read.push(if b == b'+' && escaped.is_none() {
+                b' '
+            } else {
+                b
+            });
         }
         let name = read.split(|&b| b == 0).next().unwrap_or_default();
-        let name = name.trim_ascii_start();
+        let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
+        let name = &name[start..];
         let name = name.split(|&b| b == b'[').next().unwrap_or_default();
         name.len() == b"_method".len()
             && name.iter().zip(b"_method").all(|(&got, &want)| {
@@ -322,8 +328,9 @@ mod tests {
             "__method=x",
             "_methods=x",
             "%5",
-            // A leading space is dropped, not read as `_`.
+            // A leading space is dropped, not read as `_`; an escaped `+` is no space.
             "+method=DELETE",
+            "%2B_method=DELETE",
         ] {
             assert!(!super::overrides_method(query), "{query}");
         }

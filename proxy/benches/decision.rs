@@ -250,11 +250,13 @@ impl Fixture {
     #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.config.routes[0];
-        let authentication =
-            ready(
-                self.auth
-                    .authenticate(&self.config, &route.accept, req, false, now_unix()),
-            );
+        let authentication = ready(self.auth.authenticate(
+            &self.config,
+            (&route.accept, &route.audiences),
+            req,
+            false,
+            now_unix(),
+        ));
         let admission = self
             .gate()
             .admit(&self.facts(req), authentication.presented());

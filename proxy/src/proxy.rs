@@ -78,14 +78,9 @@ impl Proxy {
         strip_reserved_headers(headers);
         // Without [oidc] (removed by a reload, say) browsers still send the session cookie
         // they were given: it is taken out under its default name.
-        let session_cookie = ctx
-            .runtime
-            .as_ref()
-            .and_then(|r| r.config.oidc.as_ref())
-            .map_or(portcullis_config::DEFAULT_COOKIE_NAME, |oidc| {
-                oidc.cookie_name.as_str()
-            });
-        strip_own_cookies(headers, session_cookie);
+        if let Some(runtime) = &ctx.runtime {
+            strip_own_cookies(headers, runtime.session_cookie());
+        }
         // On a route that takes bearer tokens, a bearer token is Portcullis' to read: it goes
         // on only as one Portcullis verified, and only where the route says so. One that did
         // not verify (expired, or its key not fetched yet) is never passed, whatever let the
@@ -101,9 +96,14 @@ impl Proxy {
                 if !(verified && route.config.pass_authorization) {
                     remove_bearer_tokens(headers, |_| true);
                 }
-            } else if !runtime.config.jwt_issuers.is_empty() {
+            } else if !runtime.config.jwt_issuers.is_empty() || runtime.scim.is_some() {
+                // A SCIM token sent to a mistyped base URL (`/SCIM/v2`) is Portcullis' too.
                 remove_bearer_tokens(headers, |token| {
                     crate::auth::meant_for_portcullis(&runtime.config, token)
+                        || runtime
+                            .scim
+                            .as_ref()
+                            .is_some_and(|scim| scim.issued(token.as_bytes()))
                 });
             }
         }
@@ -423,7 +423,7 @@ impl ProxyHttp for Proxy {
             .auth
             .authenticate(
                 &runtime.config,
-                &route.config.accept,
+                (&route.config.accept, &route.config.audiences),
                 req,
                 ctx.tls,
                 decided_at.second,
@@ -574,8 +574,9 @@ impl ProxyHttp for Proxy {
         }
         // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
         // session, to sign visitors in as someone else) or clears one is not obeyed.
-        if let Some(oidc) = ctx.runtime.as_ref().and_then(|r| r.config.oidc.as_ref()) {
-            let dropped = strip_own_set_cookies(upstream_response, &oidc.cookie_name);
+        // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
+        if let Some(runtime) = &ctx.runtime {
+            let dropped = strip_own_set_cookies(upstream_response, runtime.session_cookie());
             if dropped > 0 {
                 tracing::warn!(
                     route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str()),
@@ -870,7 +871,7 @@ impl Proxy {
         let authentication = self
             .shared
             .auth
-            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
+            .authenticate(&runtime.config, (&route.accept, &[]), req, tls, now_unix())
             .await;
         let facts = Facts {
             route,

@@ -54,6 +54,25 @@ impl Scim {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
+    /// Whether `token` is one of the SCIM tokens (expired or not): Portcullis' credential,
+    /// never an upstream's.
+    pub fn issued(&self, token: &[u8]) -> bool {
+        self.find(token).is_some()
+    }
+
+    /// The SCIM token `token` is. Every configured token is compared, in constant time,
+    /// whatever matches.
+    fn find(&self, token: &[u8]) -> Option<&ScimToken> {
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        let mut found = None;
+        for candidate in &self.tokens {
+            if bool::from(candidate.sha256.ct_eq(&digest)) && found.is_none() {
+                found = Some(candidate);
+            }
+        }
+        found
+    }
+
     /// The name of the token presented in `Authorization`, if it is one of ours and not
     /// expired; otherwise what was wrong with it (never the token itself). Every configured
     /// token is compared, in constant time, whatever matches.
@@ -70,15 +89,9 @@ impl Scim {
         if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
             return Err(not_bearer());
         }
-        let digest: [u8; 32] = Sha256::digest(token).into();
-        let mut found = None;
-        for candidate in &self.tokens {
-            if bool::from(candidate.sha256.ct_eq(&digest)) && found.is_none() {
-                found = Some(candidate);
-            }
-        }
-        let token =
-            found.ok_or_else(|| "the bearer token is not one of the SCIM tokens".to_owned())?;
+        let token = self
+            .find(token)
+            .ok_or_else(|| "the bearer token is not one of the SCIM tokens".to_owned())?;
         if token.expires_at.is_some_and(|at| now_unix >= at) {
             return Err(format!("the SCIM token \"{}\" has expired", token.name));
         }

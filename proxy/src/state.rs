@@ -108,6 +108,17 @@ impl Runtime {
             .is_some_and(|l| l.carries_credentials())
     }
 
+    /// The session cookie's name (without a `__Host-` prefix): `[oidc] cookie_name`, or the
+    /// default one without [oidc], which browsers may still send (a reload took it out).
+    pub fn session_cookie(&self) -> &str {
+        self.config
+            .oidc
+            .as_ref()
+            .map_or(portcullis_config::DEFAULT_COOKIE_NAME, |oidc| {
+                oidc.cookie_name.as_str()
+            })
+    }
+
     /// Whether a request that arrived at `local` without TLS was made over https all the same:
     /// on a listener behind a proxy that terminates TLS (`behind_tls_proxy`).
     pub fn behind_tls_proxy(&self, local: Option<SocketAddr>) -> bool {
@@ -117,13 +128,23 @@ impl Runtime {
                 .is_some_and(|l| l.behind_tls_proxy)
     }
 
-    /// The plain-HTTP listener of this configuration that took a connection at `local`.
+    /// The plain-HTTP listener of this configuration that took a connection at `local`: the
+    /// one bound to that very address, else a wildcard of its family (`0.0.0.0` takes IPv4
+    /// only, `[::]` both).
     fn plain_listener(&self, local: Option<SocketAddr>) -> Option<&portcullis_config::Listener> {
         let local = local?;
-        self.config.listeners.iter().find(|l| {
-            l.tls.is_none()
-                && l.address.port() == local.port()
-                && (l.address.ip() == local.ip() || l.address.ip().is_unspecified())
+        let ip = local.ip().to_canonical();
+        let plain = || {
+            self.config
+                .listeners
+                .iter()
+                .filter(move |l| l.tls.is_none() && l.address.port() == local.port())
+        };
+        plain().find(|l| l.address.ip() == ip).or_else(|| {
+            plain().find(|l| {
+                let any = l.address.ip();
+                any.is_unspecified() && (any.is_ipv6() || ip.is_ipv4())
+            })
         })
     }
 
@@ -355,5 +376,42 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_on_the_listener_of_its_address_or_of_a_wildcard_of_its_family() {
+        let world = crate::testing::World::new();
+        let mut config = world.config.clone();
+        let listener = |address: &str, behind_tls_proxy| portcullis_config::Listener {
+            address: address.parse().unwrap(),
+            tls: None,
+            allow_plain_http: false,
+            behind_tls_proxy,
+        };
+        config.listeners = vec![
+            listener("0.0.0.0:8080", true),
+            listener("[2001:db8::5]:8080", false),
+            listener("[::]:9090", true),
+        ];
+        let runtime = Runtime::build(config, &world.directory);
+        let at = |address: &str| Some(address.parse::<SocketAddr>().unwrap());
+        let behind = |address| runtime.behind_tls_proxy(at(address));
+        assert!(behind("10.0.0.1:8080"));
+        assert!(
+            behind("[::ffff:10.0.0.1]:8080"),
+            "an IPv4 client on a dual-stack socket"
+        );
+        // The IPv4 wildcard takes no IPv6 address: a client reaching the other listener
+        // directly is not taken to be on https, nor let through to sign in.
+        assert!(!behind("[2001:db8::5]:8080"));
+        assert!(!runtime.carries_credentials(at("[2001:db8::5]:8080"), false));
+        assert!(!behind("[2001:db8::6]:8080"));
+        assert!(behind("10.0.0.1:9090") && behind("[2001:db8::6]:9090"));
+        assert!(!behind("10.0.0.1:7070"));
     }
 }

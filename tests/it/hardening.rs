@@ -529,6 +529,8 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     for (authorization, passed) in [
         (format!("Bearer {token}"), false),
         (format!("bearer  {token}"), false),
+        // A SCIM token sent to a mistyped base URL is Portcullis' too.
+        (format!("Bearer {SCIM_TOKEN}"), false),
         ("Bearer the-upstream-s-own-token".to_owned(), true),
         ("Basic dXNlcjpwYXNz".to_owned(), true),
     ] {

@@ -155,6 +155,16 @@ async fn without_sign_in_the_session_cookie_still_stays_out_and_cookies_go_as_on
     assert_eq!(resp.status, 200, "{}", resp.body_text());
     let echo = Echo::parse(&resp.body);
     assert_eq!(echo.header_all("cookie"), ["a=1; csrftoken=x"]);
+    // Nor can an upstream plant one meanwhile, to be found once sign-in is back.
+    let req = format!("GET /set-cookies HTTP/1.1\r\nHost: app.test:{port}\r\n\r\n");
+    let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+    let set: Vec<&str> = resp
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert_eq!(set, ["theme=dark; Path=/"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -89,6 +89,8 @@ pub(crate) struct Options {
     pub extra_issuers: Vec<JwtIssuer>,
     /// `[oidc] refresh = true`, with ID tokens living this many seconds at the IdP.
     pub refresh_every: Option<u64>,
+    /// More routes, each to the `api` upstream.
+    pub extra_routes: Vec<fn(&Upstream) -> Route>,
 }
 
 impl Default for Options {
@@ -100,6 +102,7 @@ impl Default for Options {
             more_idp_audiences: Vec::new(),
             extra_issuers: Vec::new(),
             refresh_every: None,
+            extra_routes: Vec::new(),
         }
     }
 }
@@ -197,6 +200,9 @@ impl Fixture {
             .jwt_issuer(idp_issuer);
         for issuer in options.extra_issuers {
             cfg = cfg.jwt_issuer(issuer);
+        }
+        for route in options.extra_routes {
+            cfg = cfg.route(route(&api));
         }
         if options.idp_down_at_start {
             idp.outage(true).await;

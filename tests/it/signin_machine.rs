@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use portcullis_tests::idp::{jwt_claims, jwt_header, random_token};
-use portcullis_tests::{Echo, IdpOutage, JwtIssuer};
+use portcullis_tests::{Echo, IdpOutage, JwtIssuer, Route};
 use rcgen::PublicKeyData as _;
 use reqwest::header::{ACCEPT, AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
@@ -696,6 +696,13 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
         extra_issuers: vec![JwtIssuer::new(&keys.issuer(), &[OWN_AUD, "own-api-2"])
             .jwks_uri(&keys.jwks_uri())
             .set("algorithms", "[\"ES256\"]")],
+        // An API that takes only tokens minted for it, of the issuer's two audiences.
+        extra_routes: vec![|api| {
+            Route::new("http://api2.test", &[api])
+                .accept(&["bearer"])
+                .any_signed_in()
+                .set("audiences = [\"own-api-2\"]")
+        }],
         ..Options::default()
     })
     .await;
@@ -881,6 +888,26 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
     assert_accepted(&url, &valid, "the valid token, still").await;
     assert_accepted(&url, &typed("application/at+jwt"), "an access token's type").await;
     assert_accepted(&url, &typed("JOSE"), "RFC 7515's own type").await;
+    // A route's own audiences: a token minted for another API of the issuer is not taken
+    // there (RFC 8725 §3.9), though it verifies.
+    let api2 = fx.url("api2.test", "/v1/own");
+    assert_refused(
+        &api2,
+        &valid,
+        "a token for own-api on a route for own-api-2",
+    )
+    .await;
+    let for_api2 = es.sign(
+        Some(&es.kid),
+        &claims(&|c| c["aud"] = json!(["x", "own-api-2"])),
+    );
+    assert_accepted(&api2, &for_api2, "a token for own-api-2").await;
+    assert_accepted(
+        &url,
+        &for_api2,
+        "the same on a route for any of the issuer's",
+    )
+    .await;
     // Unknown kids refetch the key set, but not once per request.
     assert!(
         keys.fetches() <= 3,

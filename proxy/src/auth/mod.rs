@@ -261,30 +261,29 @@ struct IssuerOnly {
 /// only that the token is not passed on to an upstream (which could replay it where
 /// Portcullis takes it).
 pub fn meant_for_portcullis(config: &Config, token: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Addressed {
-        iss: String,
-        #[serde(default)]
-        aud: Audiences,
-    }
-    let Some(payload) = token
+    addressed(token).is_some_and(|claims| {
+        config.jwt_issuers.iter().any(|issuer| {
+            issuer.issuer == claims.iss && issuer.audiences.iter().any(|a| claims.aud.contains(a))
+        })
+    })
+}
+
+/// Whom a JWT says it is from and for, read without verifying.
+#[derive(Deserialize)]
+struct Addressed {
+    iss: String,
+    #[serde(default)]
+    aud: Audiences,
+}
+
+fn addressed(token: &str) -> Option<Addressed> {
+    let payload = token
         .split('.')
         .nth(1)
-        .filter(|_| jwt::is_compact_jws(token))
-    else {
-        return false;
-    };
-    let Ok(bytes) =
-        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
-    else {
-        return false;
-    };
-    let Ok(claims) = serde_json::from_slice::<Addressed>(&bytes) else {
-        return false;
-    };
-    config.jwt_issuers.iter().any(|issuer| {
-        issuer.issuer == claims.iss && issuer.audiences.iter().any(|a| claims.aud.contains(a))
-    })
+        .filter(|_| jwt::is_compact_jws(token))?;
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 impl Auth {
@@ -314,10 +313,12 @@ impl Auth {
     }
 
     /// What `req` presents to a route accepting `accept`.
+    /// Who `req` comes from, by the credentials `accept` names; a bearer token must be for
+    /// one of `audiences` when there are any (a route's own).
     pub async fn authenticate(
         &self,
         config: &Config,
-        accept: &[Credential],
+        (accept, audiences): (&[Credential], &[String]),
         req: &RequestHeader,
         tls: bool,
         now: u64,
@@ -325,7 +326,22 @@ impl Auth {
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
                 // A request that presents a token is judged by it, never by a cookie too.
-                return match self.verify_bearer(config, token, now).await {
+                let verified = self
+                    .verify_bearer(config, token, now)
+                    .await
+                    .and_then(|caller| {
+                        // Verified: its `aud` is the issuer's word.
+                        let for_here = audiences.is_empty()
+                            || addressed(token).is_some_and(|claims| {
+                                audiences.iter().any(|a| claims.aud.contains(a))
+                            });
+                        for_here.then_some(caller).ok_or_else(|| {
+                            JwtError::Invalid(
+                                "it is meant for another audience than this route's".into(),
+                            )
+                        })
+                    });
+                return match verified {
                     Ok(caller) => Authentication::Caller(caller),
                     Err(why) => Authentication::Invalid {
                         refused_token: Some(why.to_string()),
