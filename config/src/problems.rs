@@ -189,6 +189,20 @@ impl<'a> Problems<'a> {
         self.found.is_empty()
     }
 
+    /// Whether anything at or under `path` was reported or left out: what it was read as may
+    /// lack what the file says.
+    pub fn troubled(&self, path: &KeyPath) -> bool {
+        let at = path.to_string();
+        let under = |found: &str| {
+            found == at
+                || found
+                    .strip_prefix(at.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+        };
+        self.found.iter().any(|problem| under(&problem.path))
+            || self.skipped.iter().any(|skipped| skipped.starts_with(path))
+    }
+
     pub fn into_errors(self) -> ConfigErrors {
         ConfigErrors {
             problems: self.found,

@@ -277,11 +277,14 @@ address = "[::]:8443"
 address = "127.0.0.1:8443"
 [[listeners]]
 address = "127.0.0.1:0"
+[[listeners]]
+address = "[::ffff:10.0.0.1]:8080"
 "#,
             problems: &[
                 ("listeners[1].address", Some(5), "already used by listeners[0]"),
                 ("listeners[3].address", Some(9), "already used by listeners[2]"),
                 ("listeners[4].address", Some(11), "port 0"),
+                ("listeners[5].address", Some(13), "write the IPv4 address itself"),
             ],
         },
         Case {
@@ -485,6 +488,24 @@ audiences = ["api-a"]
                 ("routes[0].audiences[1]", None, "no [[jwt_issuers]] takes"),
                 ("routes[1].audiences", None, "does not accept \"bearer\""),
             ],
+        },
+        Case {
+            // The issuer's audiences could not be read: route audiences are not judged
+            // against what is left of it.
+            name: "route audiences beside an issuer whose audiences have the wrong type",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://idp.example.com"
+audiences = "api-a"
+[[routes]]
+from = "https://api.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer"]
+allow = { machines = true }
+audiences = ["api-a"]
+"#,
+            problems: &[("jwt_issuers[0].audiences", None, "")],
         },
         Case {
             // Routes read paths in any case, a trailing `/` optional: the second is unreachable.

@@ -215,8 +215,9 @@ pub(crate) fn convert(
         }
     };
     let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
-    // A route's audience no issuer takes would refuse every token.
-    if let Some(issuers) = &jwt_issuers {
+    // A route's audience no issuer takes would refuse every token. (Issuers that had problems
+    // may have been read without some of their audiences: not judged against.)
+    if let (Some(issuers), false) = (&jwt_issuers, p.troubled(&root.key("jwt_issuers"))) {
         for (i, route) in routes.iter().enumerate() {
             let Some(route) = route else { continue };
             for (j, audience) in route.audiences.iter().enumerate() {
@@ -576,7 +577,7 @@ fn route(
     }
     let audiences_path = path.key("audiences");
     let audiences = raw.audiences.unwrap_or_default();
-    if !audiences.is_empty() && !accept.contains(&Credential::Bearer) {
+    if !audiences.is_empty() && !p.skipped(&accept_path) && !accept.contains(&Credential::Bearer) {
         p.add(
             &audiences_path,
             "narrows the bearer tokens taken, and this route does not accept \"bearer\"",
@@ -2076,6 +2077,15 @@ fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Opt
         // The system would pick a port no client knows, and `/readyz` could not tell it.
         p.add(path, "port 0 is not a port to listen on: name the port");
         return None;
+    }
+    if let std::net::IpAddr::V6(v6) = address.ip() {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            p.add(
+                path,
+                format!("write the IPv4 address itself ({v4}:{})", address.port()),
+            );
+            return None;
+        }
     }
     Some(address)
 }

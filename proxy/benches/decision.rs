@@ -114,6 +114,7 @@ fn client_token(client_id: &str) -> Caller {
         subject: client_id.into(),
         client_id: Some(client_id.into()),
         groups: Vec::new(),
+        audiences: Vec::new(),
         expires: u64::MAX,
         issued: Some(u64::MAX),
         for_itself: true,
@@ -250,13 +251,11 @@ impl Fixture {
     #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.config.routes[0];
-        let authentication = ready(self.auth.authenticate(
-            &self.config,
-            (&route.accept, &route.audiences),
-            req,
-            false,
-            now_unix(),
-        ));
+        let authentication =
+            ready(
+                self.auth
+                    .authenticate(&self.config, &route.accept, req, false, now_unix()),
+            );
         let admission = self
             .gate()
             .admit(&self.facts(req), authentication.presented());

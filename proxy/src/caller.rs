@@ -93,6 +93,9 @@ pub struct Machine {
     pub client_id: Option<String>,
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,
+    /// What the token is for: its `aud` values its issuer's `audiences` hold, which a route
+    /// naming `audiences` asks for one of.
+    pub audiences: Vec<String>,
     /// Whether the issuer gave the token to a client for itself (client credentials), as
     /// the authenticator reads its marks (`is_client_token`): a machine. A token a client holds for
     /// a person is judged as that person (the `[identity]` person mapping, `SubjectKind::Person`),

@@ -108,13 +108,20 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
     }
 }
 
-/// A verified token of the client `client`, for `subject`, with `claims`.
-fn client_token(client: &str, subject: &str, claims: Claims) -> Machine {
+/// A verified token of the client `client`, for `subject`, with `claims`; for every audience
+/// an issuer takes (whichever a route asks for).
+fn client_token(runtime: &Runtime, client: &str, subject: &str, claims: Claims) -> Machine {
     Machine {
         issuer: String::new(),
         subject: subject.to_owned(),
         client_id: Some(client.to_owned()),
         groups: Vec::new(),
+        audiences: runtime
+            .config
+            .jwt_issuers
+            .iter()
+            .flat_map(|issuer| issuer.audiences.iter().cloned())
+            .collect(),
         for_itself: true,
         email: None,
         email_verified: None,
@@ -133,7 +140,7 @@ fn machine_token(runtime: &Runtime, value: &str) -> Machine {
         runtime.config.identity.machine_claim.as_str().to_owned(),
         value.to_owned(),
     );
-    client_token(value, value, claims)
+    client_token(runtime, value, value, claims)
 }
 
 /// The token an agent presents: its own (client credentials), or one delegated to it by the
@@ -144,7 +151,7 @@ fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Mac
     for claim in ["sub", "client_id", identity.agent_claim.as_str()] {
         agent_claims.insert(claim.to_owned(), name.to_owned());
     }
-    let token = |subject: &str, claims: Claims| client_token(name, subject, claims);
+    let token = |subject: &str, claims: Claims| client_token(runtime, name, subject, claims);
     let Some(person) = on_behalf_of else {
         return token(name, agent_claims);
     };

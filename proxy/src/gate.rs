@@ -388,6 +388,12 @@ impl Gate<'_> {
         let principal = match presented {
             // A caller of a kind the route does not take is no caller there.
             Presented::Caller(principal) if takes(facts.route, principal) => principal,
+            // A token of a kind it takes, but not for it: an invalid token here.
+            Presented::Caller(Principal::Machine(_))
+                if facts.route.accept.contains(&Credential::Bearer) =>
+            {
+                return self.anonymous(facts, &request, true, explain)
+            }
             Presented::Caller(_) | Presented::Nothing => {
                 return self.anonymous(facts, &request, false, explain)
             }
@@ -844,13 +850,22 @@ pub fn sign_in_or_challenge(
     }
 }
 
-/// Whether `route` takes the credential `principal` came with.
+/// Whether `route` takes the credential `principal` came with: a session, or a bearer token
+/// for one of the route's `audiences` when it names any (RFC 8725 §3.9: a token minted for
+/// one API of an issuer is not taken by another). Judged on every request and every recheck
+/// of an open connection, so a reload that narrows a route's audiences cuts those too.
 fn takes(route: &Route, principal: Principal<'_>) -> bool {
-    let credential = match principal {
-        Principal::Person(_) => Credential::Session,
-        Principal::Machine(_) => Credential::Bearer,
-    };
-    route.accept.contains(&credential)
+    match principal {
+        Principal::Person(_) => route.accept.contains(&Credential::Session),
+        Principal::Machine(machine) => {
+            route.accept.contains(&Credential::Bearer)
+                && (route.audiences.is_empty()
+                    || machine
+                        .audiences
+                        .iter()
+                        .any(|a| route.audiences.contains(a)))
+        }
+    }
 }
 
 fn allow_anonymous(decision: &Decision<'_>, explain: bool) -> Admission {
@@ -1690,6 +1705,33 @@ mod tests {
             Presented::Caller(Principal::Machine(&bot)),
         ));
         assert_eq!(pass.forward.map(|f| f.user.clone()), Some(BOT.to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_token_for_another_audience_is_an_invalid_token_on_a_route_that_names_its_own() {
+        let mut world = world().await;
+        world.config.routes[1].audiences = vec!["api".to_owned()];
+        let for_api = Machine {
+            audiences: vec!["api".to_owned()],
+            ..machine(BOT)
+        };
+        let judged = |token: &Machine| {
+            world.gate().admit(
+                &facts(&world, 1, "GET", "/v1/builds"),
+                Presented::Caller(Principal::Machine(token)),
+            )
+        };
+        allowed(judged(&for_api));
+        assert!(
+            matches!(
+                judged(&machine(BOT)),
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                })
+            ),
+            "a token for none of the route's audiences"
+        );
     }
 
     #[tokio::test]

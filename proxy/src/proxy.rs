@@ -423,7 +423,7 @@ impl ProxyHttp for Proxy {
             .auth
             .authenticate(
                 &runtime.config,
-                (&route.config.accept, &route.config.audiences),
+                &route.config.accept,
                 req,
                 ctx.tls,
                 decided_at.second,
@@ -871,7 +871,7 @@ impl Proxy {
         let authentication = self
             .shared
             .auth
-            .authenticate(&runtime.config, (&route.accept, &[]), req, tls, now_unix())
+            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
             .await;
         let facts = Facts {
             route,

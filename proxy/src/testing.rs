@@ -344,6 +344,7 @@ pub fn machine(subject: &str) -> Machine {
         subject: subject.to_owned(),
         client_id: None,
         groups: Vec::new(),
+        audiences: Vec::new(),
         expires: u64::MAX,
         // Issued after every change so far.
         issued: Some(u64::MAX),

@@ -450,13 +450,10 @@ impl Auth {
         let authentication = self
             .authenticate(
                 config,
-                (
-                    &[
-                        portcullis_config::Credential::Session,
-                        portcullis_config::Credential::Bearer,
-                    ],
-                    &[],
-                ),
+                &[
+                    portcullis_config::Credential::Session,
+                    portcullis_config::Credential::Bearer,
+                ],
                 session.req_header(),
                 req.tls,
                 now_unix(),

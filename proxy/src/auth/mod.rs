@@ -313,12 +313,10 @@ impl Auth {
     }
 
     /// What `req` presents to a route accepting `accept`.
-    /// Who `req` comes from, by the credentials `accept` names; a bearer token must be for
-    /// one of `audiences` when there are any (a route's own).
     pub async fn authenticate(
         &self,
         config: &Config,
-        (accept, audiences): (&[Credential], &[String]),
+        accept: &[Credential],
         req: &RequestHeader,
         tls: bool,
         now: u64,
@@ -326,22 +324,7 @@ impl Auth {
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
                 // A request that presents a token is judged by it, never by a cookie too.
-                let verified = self
-                    .verify_bearer(config, token, now)
-                    .await
-                    .and_then(|caller| {
-                        // Verified: its `aud` is the issuer's word.
-                        let for_here = audiences.is_empty()
-                            || addressed(token).is_some_and(|claims| {
-                                audiences.iter().any(|a| claims.aud.contains(a))
-                            });
-                        for_here.then_some(caller).ok_or_else(|| {
-                            JwtError::Invalid(
-                                "it is meant for another audience than this route's".into(),
-                            )
-                        })
-                    });
-                return match verified {
+                return match self.verify_bearer(config, token, now).await {
                     Ok(caller) => Authentication::Caller(caller),
                     Err(why) => Authentication::Invalid {
                         refused_token: Some(why.to_string()),
@@ -512,6 +495,12 @@ impl Auth {
                 .or_else(|| claims.marks.cid.clone())
                 .or_else(|| claims.marks.appid.clone()),
             groups: claims.groups,
+            audiences: issuer
+                .audiences
+                .iter()
+                .filter(|a| claims.aud.contains(a))
+                .cloned()
+                .collect(),
             expires: valid_until,
             issued: claims.iat,
             for_itself,
