@@ -1853,19 +1853,24 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
     assert_session_works(&fx.app_url("/"), &cookie).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
-    let ca = portcullis_tests::TestCa::new();
-    let cert = ca.leaf("app", &["app.test"]);
+/// A client that signs in on https: it trusts `ca`, keeps cookies and follows no redirect.
+fn signing_in_client(ca: &portcullis_tests::TestCa) -> reqwest::Client {
+    portcullis_tests::client::tls_client_builder(ca)
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Portcullis on `cfg` (its listeners set), where browsers reach `https://app.test:{port}`
+/// (signed by `ca`): the route `https://app.test` for anyone signed in, sign-in on that host,
+/// ready to sign in.
+async fn https_fixture(cfg: ConfigBuilder, port: u16, ca: &portcullis_tests::TestCa) -> Fixture {
     let app = Upstream::start("app").await;
-    let cfg = ConfigBuilder::new().https_listener(vec![cert]);
-    let port = cfg.https_addr().port();
-    let idp = idp_setup(
-        &[format!("https://app.test:{port}/.portcullis/callback")],
-        "http://127.0.0.1:9/unused",
-    )
-    .start()
-    .await;
+    let url = |path: &str| format!("https://app.test:{port}{path}");
+    let idp = idp_setup(&[url("/.portcullis/callback")], "http://127.0.0.1:9/unused")
+        .start()
+        .await;
     let cfg = cfg
         .route(Route::new("https://app.test", &[&app]).any_signed_in())
         .oidc(
@@ -1878,26 +1883,29 @@ async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
             .set("auth_scheme", "\"https\""),
         );
     let px = cfg.start().await;
-    let tls = || {
-        portcullis_tests::client::tls_client_builder(&ca)
-            .cookie_store(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    };
     wait_sign_in_available_at(
-        &tls(),
-        &cfg.https_url("app.test", "/.portcullis/sign_in?rd=%2F"),
+        &signing_in_client(ca),
+        &url("/.portcullis/sign_in?rd=%2F"),
         WAIT,
     )
     .await;
-    let fx = Fixture {
-        cfg: cfg.clone(),
+    Fixture {
+        cfg,
         idp,
         px,
         app,
         api: Upstream::start("unused").await,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
+    let ca = portcullis_tests::TestCa::new();
+    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("app", &["app.test"])]);
+    let port = cfg.https_addr().port();
+    let fx = https_fixture(cfg, port, &ca).await;
+    let cfg = fx.cfg.clone();
+    let tls = || signing_in_client(&ca);
     let c = tls();
     let page = cfg.https_url("app.test", "/secure?q=1");
     let authorize = fx.start_sign_in(&c, &page).await;
@@ -1932,45 +1940,16 @@ async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn behind_a_proxy_that_terminates_tls_requests_are_the_https_ones_they_were() {
     let ca = portcullis_tests::TestCa::new();
-    let cert = ca.leaf("app", &["app.test"]);
-    let app = Upstream::start("app").await;
     // Not on loopback: only the listener's setting lets sign-in through in plain HTTP.
     let cfg = ConfigBuilder::new()
         .http_listener_on_all_interfaces()
         .behind_tls_proxy();
+    let cert = ca.leaf("app", &["app.test"]);
     let balancer = portcullis_tests::TlsTerminator::start(&cert, cfg.http_addr()).await;
     let port = balancer.addr().port();
     let url = |path: &str| format!("https://app.test:{port}{path}");
-    let idp = idp_setup(&[url("/.portcullis/callback")], "http://127.0.0.1:9/unused")
-        .start()
-        .await;
-    let cfg = cfg
-        .route(Route::new("https://app.test", &[&app]).any_signed_in())
-        .oidc(
-            Oidc::new(
-                idp.issuer(),
-                CLIENT_ID,
-                CLIENT_SECRET,
-                &format!("app.test:{port}"),
-            )
-            .set("auth_scheme", "\"https\""),
-        );
-    let px = cfg.start().await;
-    let tls = || {
-        portcullis_tests::client::tls_client_builder(&ca)
-            .cookie_store(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    };
-    wait_sign_in_available_at(&tls(), &url("/.portcullis/sign_in?rd=%2F"), WAIT).await;
-    let fx = Fixture {
-        cfg: cfg.clone(),
-        idp,
-        px,
-        app,
-        api: Upstream::start("unused").await,
-    };
+    let fx = https_fixture(cfg, port, &ca).await;
+    let tls = || signing_in_client(&ca);
     let c = tls();
     let page = url("/secure");
     let authorize = fx.start_sign_in(&c, &page).await;
@@ -2009,48 +1988,11 @@ async fn behind_a_proxy_that_terminates_tls_requests_are_the_https_ones_they_wer
 #[tokio::test(flavor = "multi_thread")]
 async fn on_tls_only_the_host_prefixed_cookie_is_a_session() {
     let ca = portcullis_tests::TestCa::new();
-    let cert = ca.leaf("app", &["app.test"]);
-    let app = Upstream::start("app").await;
-    let cfg = ConfigBuilder::new().https_listener(vec![cert]);
+    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("app", &["app.test"])]);
     let port = cfg.https_addr().port();
-    let idp = idp_setup(
-        &[format!("https://app.test:{port}/.portcullis/callback")],
-        "http://127.0.0.1:9/unused",
-    )
-    .start()
-    .await;
-    let cfg = cfg
-        .route(Route::new("https://app.test", &[&app]).any_signed_in())
-        .oidc(
-            Oidc::new(
-                idp.issuer(),
-                CLIENT_ID,
-                CLIENT_SECRET,
-                &format!("app.test:{port}"),
-            )
-            .set("auth_scheme", "\"https\""),
-        );
-    let px = cfg.start().await;
-    let tls = || {
-        portcullis_tests::client::tls_client_builder(&ca)
-            .cookie_store(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    };
-    wait_sign_in_available_at(
-        &tls(),
-        &cfg.https_url("app.test", "/.portcullis/sign_in?rd=%2F"),
-        WAIT,
-    )
-    .await;
-    let fx = Fixture {
-        cfg: cfg.clone(),
-        idp,
-        px,
-        app,
-        api: Upstream::start("unused").await,
-    };
+    let fx = https_fixture(cfg, port, &ca).await;
+    let cfg = fx.cfg.clone();
+    let tls = || signing_in_client(&ca);
     let c = tls();
     let page = cfg.https_url("app.test", "/secure");
     let authorize = fx.start_sign_in(&c, &page).await;

@@ -253,21 +253,7 @@ async fn handle(
                 }
             }
         });
-        let mut resp = Response::new(full(Bytes::new()));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(
-            header::UPGRADE,
-            header::HeaderValue::from_static("websocket"),
-        );
-        h.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("Upgrade"),
-        );
-        if let Ok(v) = header::HeaderValue::from_str(&accept) {
-            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-        }
-        return Ok(resp);
+        return Ok(switching(Some(&accept)));
     }
     if path == "/switch" {
         // A handler that switches protocols without being a websocket server (a status
@@ -284,18 +270,7 @@ async fn handle(
                 state.ws_received.lock().expect("upstream state").push(text);
             }
         });
-        let mut resp = Response::new(full(Bytes::new()));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(
-            header::UPGRADE,
-            header::HeaderValue::from_static("websocket"),
-        );
-        h.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("Upgrade"),
-        );
-        return Ok(resp);
+        return Ok(switching(None));
     }
     if path == "/stream-ticks" {
         let mut resp = Response::new(ticks());
@@ -370,6 +345,25 @@ where
             }
         }
     }
+}
+
+/// 101 to a websocket, with the `Sec-WebSocket-Accept` value `accept` if given.
+fn switching(accept: Option<&str>) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    if let Some(Ok(v)) = accept.map(header::HeaderValue::from_str) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
