@@ -70,12 +70,10 @@ impl Admin {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.split_once(' '))
                     .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, token)| Sha256::digest(token.trim().as_bytes()));
+                    .map(|(_, presented)| is_token(token, presented.trim()));
                 let why = match presented {
-                    Some(digest) if bool::from(digest.as_slice().ct_eq(&token.sha256)) => {
-                        return Ok(())
-                    }
-                    Some(_) => "the bearer token is not the [admin] token",
+                    Some(true) => return Ok(()),
+                    Some(false) => "the bearer token is not the [admin] token",
                     None => "no [admin] bearer token was presented",
                 };
                 let path = req.uri.path();
@@ -291,6 +289,12 @@ impl ServeHttp for Admin {
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
         response
     }
+}
+
+/// Whether `presented` is the `[admin]` token, compared in constant time.
+pub fn is_token(token: &portcullis_config::AdminToken, presented: &str) -> bool {
+    let digest = Sha256::digest(presented.as_bytes());
+    bool::from(digest.as_slice().ct_eq(&token.sha256))
 }
 
 #[cfg(test)]

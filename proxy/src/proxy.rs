@@ -96,15 +96,23 @@ impl Proxy {
                 if !(verified && route.config.pass_authorization) {
                     remove_bearer_tokens(headers, |_| true);
                 }
-            } else if !runtime.config.jwt_issuers.is_empty() || runtime.scim.is_some() {
-                // A SCIM token sent to a mistyped base URL (`/SCIM/v2`) is Portcullis' too.
-                remove_bearer_tokens(headers, |token| {
-                    crate::auth::meant_for_portcullis(&runtime.config, token)
-                        || runtime
-                            .scim
-                            .as_ref()
-                            .is_some_and(|scim| scim.issued(token.as_bytes()))
-                });
+            } else {
+                // A SCIM token sent to a mistyped base URL (`/SCIM/v2`), or the admin token to
+                // a routed host, is Portcullis' too.
+                let admin = runtime.config.admin.as_ref().and_then(|a| a.token.as_ref());
+                if !runtime.config.jwt_issuers.is_empty()
+                    || runtime.scim.is_some()
+                    || admin.is_some()
+                {
+                    remove_bearer_tokens(headers, |token| {
+                        crate::auth::meant_for_portcullis(&runtime.config, token)
+                            || runtime
+                                .scim
+                                .as_ref()
+                                .is_some_and(|scim| scim.issued(token.as_bytes()))
+                            || admin.is_some_and(|admin| crate::admin::is_token(admin, token))
+                    });
+                }
             }
         }
         let mut set = |name: HeaderName, value: HeaderValue| {

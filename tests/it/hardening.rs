@@ -26,6 +26,9 @@ use crate::signin::{
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
+/// The `[admin]` token of the hardened configuration.
+const ADMIN_TOKEN: &str = "admin-token-of-the-hardened-fixture";
+
 /// Provisioned in `eng`, but the IdP has not verified the email her account has.
 const CAROL: &str = "carol@corp.test";
 const CAROL_PASSWORD: &str = "carol's password, long enough";
@@ -132,7 +135,8 @@ impl Hardened {
                 &format!("app.test:{port}"),
             ))
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
-            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+            .admin_token(ADMIN_TOKEN);
         let px = Portcullis::start(&cfg.toml()).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let alice = scim.create_user(ALICE).await.id();
@@ -529,8 +533,9 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     for (authorization, passed) in [
         (format!("Bearer {token}"), false),
         (format!("bearer  {token}"), false),
-        // A SCIM token sent to a mistyped base URL is Portcullis' too.
+        // A SCIM token sent to a mistyped base URL is Portcullis' too, and so is the admin's.
         (format!("Bearer {SCIM_TOKEN}"), false),
+        (format!("Bearer {ADMIN_TOKEN}"), false),
         ("Bearer the-upstream-s-own-token".to_owned(), true),
         ("Basic dXNlcjpwYXNz".to_owned(), true),
     ] {
