@@ -39,6 +39,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Whether a socket bound to `bound` takes connections to `ip`: the same address, or a
+/// wildcard of its family (`0.0.0.0` takes IPv4 only; `[::]` takes both, as Linux binds it
+/// unless `bindv6only` is set). `ip` is read as IPv4 when it is an IPv4-mapped address.
+pub fn address_takes(bound: std::net::IpAddr, ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    bound == ip || (bound.is_unspecified() && (bound.is_ipv6() || ip.is_ipv4()))
+}
+
 /// The session cookie's name unless `[oidc] cookie_name` says another.
 pub const DEFAULT_COOKIE_NAME: &str = "portcullis_session";
 

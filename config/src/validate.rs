@@ -2094,10 +2094,8 @@ fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Opt
 /// that takes every address of the other's family (`0.0.0.0`; `[::]`, which on Linux also
 /// takes IPv4 unless `bindv6only` is set).
 fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers = |any: SocketAddr, other: SocketAddr| {
-        any.ip().is_unspecified() && (any.is_ipv6() || other.is_ipv4())
-    };
-    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+    a.port() == b.port()
+        && (crate::address_takes(a.ip(), b.ip()) || crate::address_takes(b.ip(), a.ip()))
 }
 
 fn in_range<T: TryFrom<i64>>(

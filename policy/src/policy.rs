@@ -35,6 +35,8 @@ const KNOWN_METHODS: [&str; 9] = [
 pub struct Policy {
     /// Deny rules first, then allow rules, each in the order given.
     rules: Box<[Rule]>,
+    /// Whether any rule names methods (see [`Policy::names_methods`]).
+    names_methods: bool,
     words: usize,
     deny_rules: RuleBits,
     groups: StrIndex,
@@ -207,6 +209,7 @@ impl Policy {
                 agent_owner_groups: StrIndex::new(Compare::UnicodeCase, words),
                 public: empty_bits(words),
                 public_allow: Box::default(),
+                names_methods: false,
             },
             rules: Vec::with_capacity(total),
             public_allow: Vec::new(),
@@ -224,6 +227,7 @@ impl Policy {
         let mut policy = builder.policy;
         policy.rules = builder.rules.into_boxed_slice();
         policy.public_allow = builder.public_allow.into_boxed_slice();
+        policy.names_methods = policy.rules.iter().any(|rule| rule.methods.is_some());
         Ok(policy)
     }
 
@@ -240,7 +244,7 @@ impl Policy {
     /// Whether any rule names methods: only then can a method override (`_method`) change a
     /// decision.
     pub fn names_methods(&self) -> bool {
-        self.rules.iter().any(|rule| rule.methods.is_some())
+        self.names_methods
     }
 
     /// Whether any rule names a group (`groups`, `group_ids`, `agent_groups`,

@@ -99,20 +99,7 @@ impl Proxy {
             } else {
                 // A SCIM token sent to a mistyped base URL (`/SCIM/v2`), or the admin token to
                 // a routed host, is Portcullis' too.
-                let admin = runtime.config.admin.as_ref().and_then(|a| a.token.as_ref());
-                if !runtime.config.jwt_issuers.is_empty()
-                    || runtime.scim.is_some()
-                    || admin.is_some()
-                {
-                    remove_bearer_tokens(headers, |token| {
-                        crate::auth::meant_for_portcullis(&runtime.config, token)
-                            || runtime
-                                .scim
-                                .as_ref()
-                                .is_some_and(|scim| scim.issued(token.as_bytes()))
-                            || admin.is_some_and(|admin| crate::admin::is_token(admin, token))
-                    });
-                }
+                remove_bearer_tokens(headers, |token| runtime.is_own_token(token));
             }
         }
         let mut set = |name: HeaderName, value: HeaderValue| {
@@ -1223,23 +1210,23 @@ fn is_reserved(name: &[u8]) -> bool {
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
 /// picks (a token that is not text, always); the others stay.
 fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
-    let is_bearer = |value: &HeaderValue| {
+    let values = headers.get_all(header::AUTHORIZATION);
+    // Nearly every request has no `Authorization` at all: nothing is read or copied then.
+    if values.iter().next().is_none() {
+        return;
+    }
+    let removed = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let mut words = bytes.splitn(2, |&b| b == b' ' || b == b'\t');
         let scheme = words.next().unwrap_or(bytes);
         let token = words.next().unwrap_or_default().trim_ascii();
         scheme.eq_ignore_ascii_case(b"bearer") && std::str::from_utf8(token).map_or(true, &which)
     };
-    if !headers.get_all(header::AUTHORIZATION).iter().any(is_bearer) {
-        return;
+    let count = values.iter().count();
+    let kept: Vec<HeaderValue> = values.iter().filter(|v| !removed(v)).cloned().collect();
+    if kept.len() < count {
+        replace_all(headers, header::AUTHORIZATION, kept);
     }
-    let kept: Vec<HeaderValue> = headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .filter(|value| !is_bearer(value))
-        .cloned()
-        .collect();
-    replace_all(headers, header::AUTHORIZATION, kept);
 }
 
 /// Puts `kept` in place of every `name` header, in their order.

@@ -119,6 +119,22 @@ impl Runtime {
             })
     }
 
+    /// Whether a bearer `token` is one of Portcullis' own credentials, never an upstream's: a
+    /// JWT of one of its issuers for one of their audiences, a SCIM token, the admin token.
+    pub fn is_own_token(&self, token: &str) -> bool {
+        crate::auth::meant_for_portcullis(&self.config, token)
+            || self
+                .scim
+                .as_ref()
+                .is_some_and(|scim| scim.issued(token.as_bytes()))
+            || self
+                .config
+                .admin
+                .as_ref()
+                .and_then(|admin| admin.token.as_ref())
+                .is_some_and(|admin| crate::admin::is_token(admin, token))
+    }
+
     /// Whether a request that arrived at `local` without TLS was made over https all the same:
     /// on a listener behind a proxy that terminates TLS (`behind_tls_proxy`).
     pub fn behind_tls_proxy(&self, local: Option<SocketAddr>) -> bool {
@@ -133,19 +149,17 @@ impl Runtime {
     /// only, `[::]` both).
     fn plain_listener(&self, local: Option<SocketAddr>) -> Option<&portcullis_config::Listener> {
         let local = local?;
-        let ip = local.ip().to_canonical();
         let plain = || {
             self.config
                 .listeners
                 .iter()
                 .filter(move |l| l.tls.is_none() && l.address.port() == local.port())
         };
-        plain().find(|l| l.address.ip() == ip).or_else(|| {
-            plain().find(|l| {
-                let any = l.address.ip();
-                any.is_unspecified() && (any.is_ipv6() || ip.is_ipv4())
+        plain()
+            .find(|l| l.address.ip() == local.ip().to_canonical())
+            .or_else(|| {
+                plain().find(|l| portcullis_config::address_takes(l.address.ip(), local.ip()))
             })
-        })
     }
 
     pub fn scheme_of(tls: bool) -> Scheme {

@@ -1898,12 +1898,17 @@ async fn https_fixture(cfg: ConfigBuilder, port: u16, ca: &portcullis_tests::Tes
     }
 }
 
+/// [`https_fixture`] on Portcullis' own TLS listener, with a certificate for `app.test`.
+async fn tls_listener_fixture(ca: &portcullis_tests::TestCa) -> Fixture {
+    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("app", &["app.test"])]);
+    let port = cfg.https_addr().port();
+    https_fixture(cfg, port, ca).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
     let ca = portcullis_tests::TestCa::new();
-    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("app", &["app.test"])]);
-    let port = cfg.https_addr().port();
-    let fx = https_fixture(cfg, port, &ca).await;
+    let fx = tls_listener_fixture(&ca).await;
     let cfg = fx.cfg.clone();
     let tls = || signing_in_client(&ca);
     let c = tls();
@@ -1988,9 +1993,7 @@ async fn behind_a_proxy_that_terminates_tls_requests_are_the_https_ones_they_wer
 #[tokio::test(flavor = "multi_thread")]
 async fn on_tls_only_the_host_prefixed_cookie_is_a_session() {
     let ca = portcullis_tests::TestCa::new();
-    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("app", &["app.test"])]);
-    let port = cfg.https_addr().port();
-    let fx = https_fixture(cfg, port, &ca).await;
+    let fx = tls_listener_fixture(&ca).await;
     let cfg = fx.cfg.clone();
     let tls = || signing_in_client(&ca);
     let c = tls();
