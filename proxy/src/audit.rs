@@ -51,7 +51,7 @@ const MAX_BATCH: usize = 1024;
 /// [`Audit::unverified_refusal`]); past it, they are counted instead.
 const UNVERIFIED_PER_SECOND: u32 = 100;
 
-/// The longest reason recorded for a refusal of unverified credentials, in bytes.
+/// The longest reason recorded for a refusal of a request that names nobody, in bytes.
 const MAX_REASON: usize = 512;
 
 /// The longest path, method and user name a record keeps, in bytes: a request line may be
@@ -330,7 +330,7 @@ pub struct Audit {
     unverified: Arc<Mutex<Budgets>>,
 }
 
-/// Refusals of unverified credentials, per route: how many were recorded this second, and how
+/// Refusals of requests that name nobody, per route: how many were recorded this second, and how
 /// many were counted instead since the writer last recorded that count.
 #[derive(Debug, Default)]
 struct Budgets {
@@ -364,7 +364,7 @@ impl Budgets {
             tracing::warn!(
                 target: "audit",
                 route,
-                "more than {UNVERIFIED_PER_SECOND} refusals of unverified credentials a second: \
+                "more than {UNVERIFIED_PER_SECOND} refusals a second of requests that name nobody: \
                  the rest are counted, not recorded one by one"
             );
         }
@@ -393,7 +393,7 @@ fn unrecorded_records(counts: Vec<(String, u64)>) -> impl Iterator<Item = Entry>
         route,
         rule: None,
         reason: format!(
-            "{n} more refusals of credentials that did not verify, past \
+            "{n} more refusals of requests that named nobody, past \
              {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
         ),
         method: "-".to_owned(),
@@ -569,6 +569,16 @@ impl Audit {
         });
     }
 
+    /// Records the refusal of a session that began before its user `who` was deactivated or
+    /// re-created in the directory (and is ended for it), wherever it was presented.
+    pub fn revoked_session(&self, who: &str, route: &str, method: &str, path: &str) {
+        let reason = format!(
+            "the session began before {who} was deactivated or re-created in the directory: \
+             it is over, and {who} must sign in again"
+        );
+        self.refusal(who, route, None, &reason, method, path, None);
+    }
+
     /// Records that `user`'s session began or ended (see [`Entry::Session`]).
     pub fn session(&self, user: &str, what: &str, detail: &str) {
         tracing::info!(target: "audit", event = "session", user, what, detail);
@@ -580,9 +590,10 @@ impl Audit {
         });
     }
 
-    /// Records the refusal of a credential that names nobody Portcullis can trust: a bearer
+    /// Records the refusal of a request that names nobody Portcullis can trust: a bearer
     /// token that does not verify, a SCIM or admin token that is not one of ours, a sign-in
-    /// that fails. The user is `anonymous` (an unverified token's claims are anyone's to
+    /// that fails, a request with no credential outside a public route's public paths. The
+    /// user is `anonymous` (an unverified token's claims are anyone's to
     /// write) and `reason` says what was wrong with it, never what it was; it is cut to
     /// [`MAX_REASON`] bytes, as it may quote what the caller sent (an IdP's error description).
     ///

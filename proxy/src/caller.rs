@@ -164,15 +164,21 @@ impl Caller {
 
 impl Principal<'_> {
     /// A short name for logs: the person's email (or subject), also for a person's bearer
-    /// token, or `client@issuer` for a machine.
+    /// token, or `client@issuer` for a machine. An email the IdP says it has not verified
+    /// names nobody (anyone may type another's address into their IdP profile): the subject
+    /// stands instead, so such a caller's records never read as another person's.
     pub fn log_name(&self) -> String {
+        let person = |email: &Option<String>, verified: Option<bool>, subject: &String| match email
+        {
+            Some(email) if verified != Some(false) => email.clone(),
+            _ => subject.clone(),
+        };
         match self {
-            Principal::Person(identity) => identity
-                .email
-                .clone()
-                .unwrap_or_else(|| identity.subject.clone()),
+            Principal::Person(identity) => {
+                person(&identity.email, identity.email_verified, &identity.subject)
+            }
             Principal::Machine(token) if !token.for_itself => {
-                token.email.clone().unwrap_or_else(|| token.subject.clone())
+                person(&token.email, token.email_verified, &token.subject)
             }
             Principal::Machine(machine) => format!(
                 "{}@{}",

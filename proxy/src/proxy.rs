@@ -461,16 +461,6 @@ impl ProxyHttp for Proxy {
                 .await;
             }
         };
-        self.shared.audit.allow_sampled(
-            runtime.config.identity.allow_sample_rate,
-            pass.forward
-                .as_ref()
-                .map_or("anonymous", |f| f.user.as_str()),
-            &route.config.name,
-            facts.method,
-            facts.path,
-            pass.forward.as_ref().and_then(|f| f.agent.as_ref()),
-        );
         let caller = match authentication {
             Authentication::Caller(caller) => Some(caller),
             _ => None,
@@ -483,6 +473,17 @@ impl ProxyHttp for Proxy {
         if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
             return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
+        // Recorded once nothing here refuses it any more.
+        self.shared.audit.allow_sampled(
+            runtime.config.identity.allow_sample_rate,
+            ctx.forward
+                .as_ref()
+                .map_or("anonymous", |f| f.user.as_str()),
+            &route.config.name,
+            facts.method,
+            facts.path,
+            ctx.forward.as_ref().and_then(|f| f.agent.as_ref()),
+        );
         ctx.round_robin_start = route.upstreams.start();
         ctx.route = Some(route);
         // With the caller and the route set: all a recheck is made from.
@@ -1007,12 +1008,7 @@ impl Proxy {
                         tracing::error!("cannot end a revoked session: {e}");
                     }
                 });
-                let who = caller.log_name();
-                let reason = format!(
-                    "the session began before {who} was deactivated or re-created in the \
-                     directory: it is over, and {who} must sign in again"
-                );
-                audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+                audit.revoked_session(&caller.log_name(), route, &asked.method, &asked.path);
             }
             (true, Some(caller @ Caller::Machine(_))) => {
                 let who = caller.log_name();
@@ -1022,6 +1018,22 @@ impl Proxy {
                      not theirs, or no longer, and its client needs a new one"
                 );
                 audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+            }
+            // A token that verified but is for none of the route's audiences: refused as an
+            // invalid token there, and recorded by whose it is (a token for another API of
+            // the issuer, replayed here).
+            (false, Some(caller @ Caller::Machine(_)))
+                if !matches!(refused, Refused::Forbid(_) | Refused::Unavailable) =>
+            {
+                audit.refusal(
+                    &caller.log_name(),
+                    route,
+                    None,
+                    "the bearer token is for none of this route's audiences",
+                    &asked.method,
+                    &asked.path,
+                    None,
+                );
             }
             _ => {}
         }
@@ -1062,15 +1074,22 @@ impl Proxy {
                  moment.</p>",
             ),
             Refused::Forbid(refusal) => {
-                audit.refusal(
-                    refusal.who.as_deref().unwrap_or("anonymous"),
-                    route,
-                    refusal.rule.as_deref(),
-                    &refusal.reason,
-                    &asked.method,
-                    &asked.path,
-                    refusal.agent.as_ref(),
-                );
+                match refusal.who.as_deref() {
+                    // Nobody: anyone can send as many of these as they like (to a public
+                    // route, outside its public paths), so they are kept within its budget.
+                    None => {
+                        audit.unverified_refusal(route, &refusal.reason, &asked.method, &asked.path)
+                    }
+                    Some(who) => audit.refusal(
+                        who,
+                        route,
+                        refusal.rule.as_deref(),
+                        &refusal.reason,
+                        &asked.method,
+                        &asked.path,
+                        refusal.agent.as_ref(),
+                    ),
+                }
                 forbidden(&refusal, route, asked.client)
             }
         };

@@ -340,7 +340,21 @@ impl Shared {
             Admission::Refuse(Refused::Challenge {
                 invalid_token: true,
                 ..
-            }) => (open.caller.log_name(), None, "the bearer token has expired"),
+            }) => (
+                open.caller.log_name(),
+                None,
+                match &open.caller {
+                    Caller::Machine(m) if crate::clock::now_unix() < m.expires => {
+                        "the bearer token is no longer for this route's audiences"
+                    }
+                    _ => "the bearer token has expired",
+                },
+            ),
+            Admission::Refuse(Refused::Unavailable) => (
+                open.caller.log_name(),
+                None,
+                "this replica lost touch with the directory",
+            ),
             _ => (
                 open.caller.log_name(),
                 None,

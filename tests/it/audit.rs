@@ -250,3 +250,64 @@ async fn a_refused_request_s_long_path_is_recorded_cut() {
     let kept = &long[..1024];
     assert_eq!(path, format!("{kept}…({} bytes more)", long.len() - 1024));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_anonymous_refusals_is_recorded_within_the_route_s_budget() {
+    let up = Upstream::start("up").await;
+    let cfg = scim_config().route(
+        Route::new("http://open.test", &[&up])
+            .accept(&["public"])
+            .set("allow = { public = true, paths = [\"/open\"] }"),
+    );
+    let px = Portcullis::start(&cfg.toml()).await;
+    // Anyone may ask a public route for what it does not make public, as fast as they like:
+    // each refusal counts, but not each one is written out (the disk, the console).
+    const SENT: usize = 600;
+    let client = portcullis_tests::client::plain_client();
+    let url = cfg.http_url("open.test", "/closed");
+    let started = Instant::now();
+    let mut sent = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url) = (client.clone(), url.clone());
+        sent.spawn(async move {
+            for _ in 0..SENT / 8 {
+                let refused = client.post(&url).send().await.unwrap();
+                assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+            }
+        });
+    }
+    while let Some(done) = sent.join_next().await {
+        done.unwrap();
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+
+    // One by one, or counted: every refusal is accounted for, and no more than the budget
+    // of each second they were sent in is written one by one.
+    let counted = |r: &Value| -> u64 {
+        let reason = r["reason"].as_str().unwrap_or_default();
+        match reason.split_once(" more refusals of requests that named nobody") {
+            Some((n, _)) => n.parse().unwrap(),
+            None => 0,
+        }
+    };
+    let records = audit_json_until(&px, &[], |r| {
+        let refusals = of_event(r, "refusal");
+        let one_by_one = refusals.iter().filter(|r| counted(r) == 0).count() as u64;
+        let counted: u64 = refusals.iter().map(|r| counted(r)).sum();
+        one_by_one + counted == SENT as u64
+    })
+    .await;
+    let one_by_one: Vec<&Value> = of_event(&records, "refusal")
+        .into_iter()
+        .filter(|r| counted(r) == 0)
+        .collect();
+    assert!(
+        one_by_one.len() as u64 <= 100 * (seconds + 1),
+        "{} recorded one by one in {seconds} s",
+        one_by_one.len()
+    );
+    for record in &one_by_one {
+        assert_eq!(record["user"], "anonymous", "{record}");
+        assert_eq!(record["path"], "/closed", "{record}");
+    }
+}

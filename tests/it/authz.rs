@@ -818,6 +818,19 @@ async fn a_deleted_users_session_does_not_pass_to_the_user_given_her_name() {
     // Not at /.portcullis/me either, which would show carol's record as hers.
     let me = get_with_session(&t.app_url("/.portcullis/me"), &cookie, "application/json").await;
     assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
+    // Ended there, and recorded as a refusal at a route would be.
+    let audited =
+        t.fx.px
+            .audit_log_until(Duration::from_secs(10), |text| {
+                text.contains("/.portcullis/me")
+            })
+            .await;
+    assert!(
+        audited.lines().any(|line| line.contains("/.portcullis/me")
+            && line.contains("must sign in again")
+            && line.contains("\"refusal\"")),
+        "the session ended at /.portcullis/me is not in the audit log:\n{audited}"
+    );
     assert_session_refused(&t.fx, &url, &cookie).await;
     // Whoever signs in as that name now is carol's record, with its groups.
     let fresh = t.sign_in(ALICE, ALICE_PASSWORD).await;

@@ -11,6 +11,8 @@
 //! - an unverified email identifies nobody;
 //! - an open websocket ends when its grant does: a token's `exp`, a reload that now denies.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use portcullis_tests::idp::{jwt_claims, query_param, random_token};
@@ -602,6 +604,27 @@ async fn an_email_the_idp_has_not_verified_identifies_nobody() {
         .await;
     assert_eq!(status, 403, "an unverified email found a directory user");
     assert_eq!(received, None);
+    // Nor does it name her in the audit log: her sign-in and her refusal are recorded under
+    // her IdP subject, never under the address anyone could have typed into a profile (the
+    // console and `portcullis audit --user` would show them as that person's).
+    let audited =
+        t.fx.px
+            .audit_log_until(Duration::from_secs(10), |text| {
+                text.contains(r#""event":"refusal""#) && text.contains(r#""what":"sign_in""#)
+            })
+            .await;
+    assert!(
+        !audited.contains(&format!(r#""user":"{CAROL}""#)),
+        "records name carol by her unverified email:\n{audited}"
+    );
+    for event in [r#""event":"refusal""#, r#""what":"sign_in""#] {
+        assert!(
+            audited
+                .lines()
+                .any(|line| line.contains(event) && line.contains(r#""user":"carol""#)),
+            "no {event} record names carol by her subject:\n{audited}"
+        );
+    }
     // alice's verified email finds her.
     let alice = t.sign_in().await;
     let (status, _) = t

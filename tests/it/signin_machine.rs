@@ -897,6 +897,21 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
         "a token for own-api on a route for own-api-2",
     )
     .await;
+    // Recorded by whose token it is, as a replay of a token for another API would be.
+    let audited = fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.contains("none of this route's audiences")
+        })
+        .await;
+    assert!(
+        audited
+            .lines()
+            .any(|line| line.contains("none of this route's audiences")
+                && line.contains("agent-7@")
+                && line.contains("\"refusal\"")),
+        "the refused token is not in the audit log:\n{audited}"
+    );
     let for_api2 = es.sign(
         Some(&es.kid),
         &claims(&|c| c["aud"] = json!(["x", "own-api-2"])),

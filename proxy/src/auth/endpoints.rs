@@ -292,10 +292,7 @@ impl Auth {
         // Sessions count from the directory as it is now: a deactivation answered before this
         // point does not end this new session.
         identity.directory_seq = self.directory.seq();
-        let who = identity
-            .email
-            .clone()
-            .unwrap_or_else(|| identity.subject.clone());
+        let who = Principal::Person(&identity).log_name();
         let lifetime = oidc.session_lifetime.as_secs();
         let id = match self
             .sessions
@@ -492,8 +489,11 @@ impl Auth {
         let directory = gate.directory_view(caller.principal());
         if let (Some(view), Caller::Person { session: key, .. }) = (&directory, &caller) {
             if view.outlived {
-                // Not this user's session (any more): ended, as a request through a route
-                // would end it, and answered as no sign-in.
+                // Not this user's session (any more): ended and recorded, as a request
+                // through a route would end it, and answered as no sign-in.
+                let path = "/.portcullis/me";
+                self.audit
+                    .revoked_session(&caller.log_name(), AUDIT_ROUTE, "GET", path);
                 if let Err(e) = self.sessions.end(&[*key]).await {
                     tracing::error!("cannot end the session: {e}");
                 }
