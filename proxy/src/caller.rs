@@ -50,7 +50,7 @@ pub fn add_string_claims<'a>(
 }
 
 /// Who signed in, and for how long.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub issuer: String,
     pub subject: String,
@@ -81,6 +81,29 @@ pub struct Identity {
     /// [`add_string_claims`]), for a mapping by any claim.
     #[serde(default)]
     pub claims: Claims,
+}
+
+/// Everything but the ID token, which a `{:?}` must never print.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("issuer", &self.issuer)
+            .field("subject", &self.subject)
+            .field("email", &self.email)
+            .field("email_verified", &self.email_verified)
+            .field("name", &self.name)
+            .field("idp_session", &self.idp_session)
+            .field("created", &self.created)
+            .field("expires", &self.expires)
+            .field(
+                "id_token",
+                &self.id_token.as_ref().map(|_| "(kept, not shown)"),
+            )
+            .field("directory_seq", &self.directory_seq)
+            .field("groups", &self.groups)
+            .field("claims", &self.claims)
+            .finish()
+    }
 }
 
 /// A machine or agent, as its verified bearer token names it.
@@ -192,6 +215,27 @@ impl Principal<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_s_debug_never_shows_its_id_token() {
+        let identity = Identity {
+            issuer: "https://idp.example".into(),
+            subject: "alice".into(),
+            email: None,
+            email_verified: None,
+            name: None,
+            idp_session: None,
+            created: 0,
+            expires: 0,
+            id_token: Some("eyJhbGciOiJSUzI1NiJ9.secret-payload.signature".into()),
+            directory_seq: 0,
+            groups: Vec::new(),
+            claims: Claims::new(),
+        };
+        let shown = format!("{identity:?}");
+        assert!(!shown.contains("secret-payload"), "{shown}");
+        assert!(shown.contains("alice"), "{shown}");
+    }
 
     #[test]
     fn every_string_claim_of_a_payload_is_kept_within_bounds() {

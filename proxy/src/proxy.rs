@@ -675,6 +675,21 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    /// What pingora's own warnings and errors say about a request (a failure to reach the
+    /// upstream, say): its method, path and host as the access log has them, never the query,
+    /// which may carry a sign-in's code and state or a client's token. The path is cut, as
+    /// anyone may send one of 64 KiB.
+    fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let path = reply::cut(req.uri.path(), 1024);
+        format!("{} {path}, Host: {}", req.method, reply::cut(host, 256))
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
