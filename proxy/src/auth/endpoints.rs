@@ -574,7 +574,7 @@ fn json_error(status: StatusCode, error: &str) -> Reply {
 
 fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
-        SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
+        SignInError::ProviderUnavailable | SignInError::Busy | SignInError::Unreachable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         SignInError::UnknownState | SignInError::WrongBrowser | SignInError::Refused(_) => {

@@ -12,6 +12,7 @@ pub mod bounded;
 pub mod endpoints;
 pub mod jwt;
 pub mod oidc;
+pub mod once;
 pub mod redirect;
 pub mod sealed;
 pub mod sessions;

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use openidconnect::core::{
     CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
     CoreGenderClaim, CoreGrantType, CoreIdTokenVerifier, CoreJsonWebKey, CoreJsonWebKeySet,
@@ -36,13 +35,14 @@ use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
 use super::bounded;
 use super::jwt::{algorithm, Jwks, JwtError};
+use super::once::{Use, UsedOnce};
 use super::sessions::{Kept, Refresh};
 use crate::caller::{add_string_claims, Claims, Identity};
 
 /// How long a started sign-in may take.
 pub const PENDING_FOR: u64 = 600;
-/// Back-channel logout `jti`s remembered against replay.
-const MAX_SEEN_JTIS: usize = 100_000;
+/// Back-channel logout tokens, and sign-ins, remembered against replay (each).
+const MAX_USES_KEPT: usize = 100_000;
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct LogoutMetadata {
@@ -99,6 +99,8 @@ pub enum SignInError {
     ProviderUnavailable,
     #[error("this sign-in link has expired or was already used; start again")]
     UnknownState,
+    #[error("too many sign-ins are being completed at once; try again in a few minutes")]
+    Busy,
     #[error("this sign-in was started in another browser; start again")]
     WrongBrowser,
     #[error("the identity provider refused the sign-in: {0}")]
@@ -195,9 +197,12 @@ pub struct Oidc {
     provider: ArcSwapOption<Provider>,
     /// The keys sign-ins are sealed with, kept beside the directory.
     kept: Arc<Kept>,
-    /// The `jti` of each logout token taken, with the time it is counted from (its `iat`, or
-    /// when it was taken if later): kept `PENDING_FOR` past that, as long as it could be sent.
-    seen_jtis: DashMap<String, u64>,
+    /// The `jti` of each logout token taken, kept from its `iat` (or when it was taken, if
+    /// later) for `PENDING_FOR`, as long as it could be sent.
+    logout_tokens: UsedOnce,
+    /// The `state` of each sign-in whose code was sent to the IdP, kept as long as its
+    /// sealed cookie could be: a replayed callback (with that cookie) is not sent again.
+    sign_ins: UsedOnce,
     /// While the IdP is unreachable, refreshes pause until this Unix second (see
     /// [`Oidc::refresh_paused`]); `refresh_backoff` seconds, doubling to a minute.
     refresh_paused_until: AtomicU64,
@@ -210,7 +215,8 @@ impl Oidc {
             http,
             provider: ArcSwapOption::empty(),
             kept,
-            seen_jtis: DashMap::new(),
+            logout_tokens: UsedOnce::new(PENDING_FOR, MAX_USES_KEPT),
+            sign_ins: UsedOnce::new(PENDING_FOR, MAX_USES_KEPT),
             refresh_paused_until: AtomicU64::new(0),
             refresh_backoff: AtomicU64::new(0),
         }
@@ -317,6 +323,14 @@ impl Oidc {
             .ok_or(SignInError::UnknownState)?;
         if pending.created + PENDING_FOR <= now || pending.created > now + 60 {
             return Err(SignInError::UnknownState);
+        }
+        // The code goes to the IdP once per sign-in, however often its callback is sent
+        // with its cookie (each exchange is one more request to the IdP's token endpoint,
+        // signed with Portcullis' client secret, under the IdP's rate limits).
+        match self.sign_ins.record(state, pending.created, now) {
+            Use::First => {}
+            Use::Again => return Err(SignInError::UnknownState),
+            Use::Full => return Err(SignInError::Busy),
         }
         let provider = self.current(config)?;
         let client = provider.client(config).set_redirect_uri(
@@ -670,12 +684,10 @@ impl Oidc {
             return Err(invalid("neither sub nor sid"));
         }
         let jti = claims.jti.ok_or_else(|| invalid("no jti"))?;
-        if self.seen_jtis.len() >= MAX_SEEN_JTIS {
-            self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
-        }
         // Kept as long as the token could be taken: until PENDING_FOR after its `iat`, which
-        // may be a minute ahead of now.
-        if self.seen_jtis.insert(jti.clone(), iat.max(now)).is_some() {
+        // may be a minute ahead of now. With no room left to remember it, it is taken all the
+        // same: a replay could only end sessions again.
+        if self.logout_tokens.record(&jti, iat.max(now), now) == Use::Again {
             return Err(invalid("this logout token was already used"));
         }
         Ok(LoggedOut {
@@ -687,12 +699,13 @@ impl Oidc {
 
     /// Forgets that `logout`'s token was used: its sessions could not be ended.
     pub fn unused_logout_token(&self, logout: &LoggedOut) {
-        self.seen_jtis.remove(&logout.jti);
+        self.logout_tokens.forget(&logout.jti);
     }
 
-    /// Forgets logout tokens too old to be accepted again.
+    /// Forgets logout tokens and sign-ins too old to be accepted again.
     pub fn sweep(&self, now: u64) {
-        self.seen_jtis.retain(|_, seen| *seen + PENDING_FOR > now);
+        self.logout_tokens.sweep(now);
+        self.sign_ins.sweep(now);
     }
 }
 
