@@ -556,6 +556,9 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // An answer that comes after its caller lost access crosses no more than its body
+        // would: not its status, nor its headers (a bodiless answer has nothing else).
+        ctx.still_allowed(&self.shared, session.req_header())?;
         // After a 101 every byte is passed through unjudged, both ways: only a websocket the
         // upstream really accepted may have that. A handler that answers 101 to anything (a
         // status echo, say) would otherwise turn the rest of the connection into requests

@@ -540,6 +540,49 @@ async fn an_open_websocket_carries_not_one_frame_after_deactivation_and_is_close
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    // Slow handlers (a long poll, a report): let in, then the upstream takes its time. A GET's
+    // answer has a body; a HEAD's has only its status and headers.
+    let before = t.fx.app.count();
+    let url = t.app_url("/slow?ms=3000");
+    let slow: Vec<_> = [reqwest::Method::GET, reqwest::Method::HEAD]
+        .into_iter()
+        .map(|method| {
+            let request = bare_client()
+                .request(method.clone(), &url)
+                .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+                .header(ACCEPT, "application/json");
+            tokio::spawn(async move { (method, request.send().await.unwrap()) })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.fx.app.count() < before + slow.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the slow requests never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t.remove_member(&t.eng_id, &t.alice_id)
+        .await
+        .expect_success();
+    // The answers, arriving after the removal, are not passed on: not their status, not
+    // their headers (a Location, the upstream's cookies), not their body.
+    for answer in slow {
+        let (method, resp) = answer.await.unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method}: {body}");
+        assert!(
+            !body.contains("\"upstream\""),
+            "{method}: the answer crossed: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group() {
     let t = Authz::start().await;
     let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
