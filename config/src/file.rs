@@ -223,6 +223,7 @@ pub(crate) struct Server {
     pub max_request_header_bytes: Option<i64>,
     pub max_request_body_bytes: Option<i64>,
     pub reload_poll_interval: Option<String>,
+    pub client_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -118,6 +118,9 @@ pub struct ServerConfig {
     pub max_request_body_bytes: u64,
     /// How often the config file is checked for changes (in addition to `SIGHUP`).
     pub reload_poll_interval: Duration,
+    /// How long a client's HTTP/1 connection may sit idle between its requests, and a write of
+    /// an answer wait for the client to read, before the connection is closed.
+    pub client_idle_timeout: Duration,
 }
 
 /// A listener serving `/healthz`, `/readyz`, `/metrics` and `/explain`, kept apart from the

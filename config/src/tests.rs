@@ -547,6 +547,11 @@ to = ["http://127.0.0.1:3001"]
             problems: &[("server.reload_poll_interval", Some(3), "at least 100ms")],
         },
         Case {
+            name: "client idle timeout of nothing",
+            text: "data_dir = \"data\"\n[server]\nclient_idle_timeout = \"0s\"\nLISTENERS",
+            problems: &[("server.client_idle_timeout", Some(3), "greater than zero")],
+        },
+        Case {
             name: "threads = 0",
             text: "data_dir = \"data\"\n[server]\nthreads = 0\nLISTENERS",
             problems: &[("server.threads", Some(3), "must be 1 to 256")],
@@ -1554,6 +1559,7 @@ shutdown_timeout = "10s"
 max_request_header_bytes = 16384
 max_request_body_bytes = 1000
 reload_poll_interval = "500ms"
+client_idle_timeout = "3m"
 
 [admin]
 address = "127.0.0.1:9090"
@@ -1608,6 +1614,7 @@ to = ["http://127.0.0.1"]
             max_request_header_bytes: 16384,
             max_request_body_bytes: 1000,
             reload_poll_interval: Duration::from_millis(500),
+            client_idle_timeout: Duration::from_secs(180),
         },
         admin: Some(AdminConfig {
             address: addr("127.0.0.1:9090"),
@@ -1762,6 +1769,7 @@ to = ["https://127.0.0.1"]
     assert_eq!(server.max_request_header_bytes, 65536);
     assert_eq!(server.max_request_body_bytes, 10 * 1024 * 1024);
     assert_eq!(server.reload_poll_interval, Duration::from_secs(2));
+    assert_eq!(server.client_idle_timeout, Duration::from_secs(75));
     assert_eq!(config.admin, None);
     assert_eq!(config.scim, None);
     assert_eq!(config.oidc, None);

@@ -401,6 +401,13 @@ fn server(raw: file::Server, path: &KeyPath, p: &mut Problems<'_>) -> ServerConf
             &path.key("reload_poll_interval"),
             p,
         ),
+        client_idle_timeout: duration(
+            raw.client_idle_timeout,
+            Duration::from_secs(75),
+            Duration::from_secs(1),
+            &path.key("client_idle_timeout"),
+            p,
+        ),
     }
 }
 

@@ -317,6 +317,13 @@ impl ProxyHttp for Proxy {
         // 1.1 The configuration this request lives by, whatever reloads meanwhile.
         let runtime = self.shared.runtime.load_full();
         ctx.runtime = Some(runtime.clone());
+        // A client connection is not kept for ever (pingora keeps an HTTP/1.1 one idle without
+        // end): idle after this request, or not reading its answer, it is closed in time.
+        let idle = runtime.config.server.client_idle_timeout;
+        if session.get_keepalive() == Some(0) {
+            session.set_keepalive(Some(idle.as_secs()));
+        }
+        session.set_write_timeout(Some(idle));
         // Made over https: to this listener's TLS, or to a proxy's in front of it.
         ctx.tls = session
             .digest()

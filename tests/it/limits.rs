@@ -1,6 +1,10 @@
 //! Size limits on untrusted input: request bodies (per route and server-wide, with
 //! Content-Length and chunked) and request heads.
 
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use portcullis_tests::client::chunked;
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
 
@@ -162,5 +166,66 @@ async fn oversized_request_head_is_refused() {
     assert!(
         !uris.iter().any(|u| u.starts_with("/large-head")),
         "an oversized head reached the upstream: {uris:?}"
+    );
+}
+
+/// Reads `stream` until it ends (or `limit` passes): how many bytes came, and whether it ended.
+async fn read_to_end_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> (usize, bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (total, true),
+            Ok(Ok(n)) => total += n,
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_connections_that_sit_idle_or_read_nothing_are_closed() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("client_idle_timeout", "\"1s\"")
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let host = format!("app.test:{}", cfg.http_addr().port());
+
+    // A kept-alive connection, idle after its answer: closed (pingora's default keeps it for
+    // ever, and every such connection holds a file descriptor).
+    let mut idle = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let request = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = idle.read(&mut head).await.unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    let (_, ended) = read_to_end_within(&mut idle, Duration::from_secs(20)).await;
+    assert!(ended, "an idle kept-alive connection was not closed");
+
+    // A client that asks for a large answer and reads none of it: dropped, not waited on.
+    const MB: usize = 64;
+    let mut stalled = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let request = format!("GET /big?mb={MB} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    // Every buffer on the way fills, then the proxy's write waits on the client.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (read, ended) = read_to_end_within(&mut stalled, Duration::from_secs(60)).await;
+    assert!(
+        ended,
+        "the stalled connection was neither closed nor finished"
+    );
+    assert!(
+        read < MB << 20,
+        "the whole answer ({read} bytes) waited for a client that read nothing"
     );
 }

@@ -280,6 +280,21 @@ async fn handle(
         );
         return Ok(resp);
     }
+    if path == "/big" {
+        // `mb` MiB of `a`, streamed: an answer larger than every buffer on the way.
+        let mb = parts
+            .uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("mb=")))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .min(256);
+        let chunk = Bytes::from(vec![b'a'; 1 << 20]);
+        let chunks = futures_util::stream::iter(
+            (0..mb).map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
+        );
+        return Ok(Response::new(StreamBody::new(chunks).boxed_unsync()));
+    }
     if path == "/slow" {
         let ms = parts
             .uri
