@@ -388,6 +388,7 @@ pub(crate) struct Oidc {
     pub cookie_name: Option<String>,
     pub session_idle_timeout: Option<String>,
     pub session_lifetime: Option<String>,
+    pub max_sessions_per_person: Option<i64>,
     pub refresh: Option<bool>,
     pub userinfo: Option<String>,
     pub id_token_algorithms: Option<Vec<String>>,
@@ -410,6 +411,7 @@ impl std::fmt::Debug for Oidc {
             .field("cookie_name", &self.cookie_name)
             .field("session_idle_timeout", &self.session_idle_timeout)
             .field("session_lifetime", &self.session_lifetime)
+            .field("max_sessions_per_person", &self.max_sessions_per_person)
             .field("refresh", &self.refresh)
             .field("userinfo", &self.userinfo)
             .field("id_token_algorithms", &self.id_token_algorithms)

@@ -366,6 +366,9 @@ pub struct OidcConfig {
     pub session_idle_timeout: Duration,
     /// A session ends this long after sign-in, used or not.
     pub session_lifetime: Duration,
+    /// Sessions one person (issuer and subject) may hold at once: a sign-in past it ends
+    /// their oldest.
+    pub max_sessions_per_person: usize,
     /// Refresh the session's tokens with the IdP's refresh token when the ID token expires.
     pub refresh: bool,
     /// When sign-in asks the provider's UserInfo endpoint for claims.

@@ -2272,6 +2272,7 @@ cookie_domain = ".corp.example.com"
 cookie_name = "pc_session-1"
 session_idle_timeout = "30m"
 session_lifetime = "12h"
+max_sessions_per_person = 3
 refresh = true
 userinfo = "always"
 id_token_algorithms = ["RS384", "RS512", "PS384", "PS512", "ES384", "EdDSA"]
@@ -2325,6 +2326,7 @@ accept = ["public"]
         cookie_name: "pc_session-1".into(),
         session_idle_timeout: Duration::from_secs(30 * 60),
         session_lifetime: Duration::from_secs(12 * 3600),
+        max_sessions_per_person: 3,
         refresh: true,
         userinfo: UserInfo::Always,
         id_token_algorithms: vec![
@@ -2409,6 +2411,7 @@ allow = {{ any_signed_in = true }}
     assert_eq!(oidc.cookie_name, "portcullis_session");
     assert_eq!(oidc.session_idle_timeout, Duration::from_secs(8 * 3600));
     assert_eq!(oidc.session_lifetime, Duration::from_secs(24 * 3600));
+    assert_eq!(oidc.max_sessions_per_person, 50);
     assert!(!oidc.refresh);
     assert_eq!(
         oidc.id_token_algorithms,

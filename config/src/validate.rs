@@ -1493,6 +1493,10 @@ fn oidc(
         cookie_name,
         session_idle_timeout,
         session_lifetime,
+        max_sessions_per_person: raw
+            .max_sessions_per_person
+            .and_then(|n| in_range(n, 1..=10_000, &path.key("max_sessions_per_person"), p))
+            .unwrap_or(50),
         refresh: raw.refresh.unwrap_or(false),
         userinfo,
         id_token_algorithms,

@@ -91,6 +91,8 @@ pub(crate) struct Options {
     pub refresh_every: Option<u64>,
     /// More routes, each to the `api` upstream.
     pub extra_routes: Vec<fn(&Upstream) -> Route>,
+    /// Settings of `[oidc]`, `(key, raw TOML value)`.
+    pub oidc_settings: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Options {
@@ -103,6 +105,7 @@ impl Default for Options {
             extra_issuers: Vec::new(),
             refresh_every: None,
             extra_routes: Vec::new(),
+            oidc_settings: Vec::new(),
         }
     }
 }
@@ -182,6 +185,9 @@ impl Fixture {
         .set("session_lifetime", "\"2h\"");
         if options.refresh_every.is_some() {
             oidc = oidc.set("refresh", "true");
+        }
+        for (key, value) in &options.oidc_settings {
+            oidc = oidc.set(key, value);
         }
         let mut cfg = cfg
             .route(Route::new("http://app.test", &[&app]).any_signed_in())
@@ -1021,6 +1027,43 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         "an injected code: {status} {body}"
     );
     assert!(session.is_none(), "an injected code set a session");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_holds_at_most_max_sessions_per_person_and_the_oldest_ends() {
+    let fx = Fixture::start_with(Options {
+        oidc_settings: vec![("max_sessions_per_person", "2")],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.app_url("/private");
+    // Three browsers (or a script) sign alice in, one after the other, each in a later
+    // second (which one is oldest is known to the second); bob once.
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        let second = now_unix();
+        while now_unix() == second {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        alice.push(
+            fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD)
+                .await
+                .cookie,
+        );
+    }
+    let bob = fx.sign_in(&client(), &url, BOB, BOB_PASSWORD).await.cookie;
+    // Her first session has ended; her two newest, and bob's, go on.
+    assert_session_refused(&fx, &url, &alice[0]).await;
+    for cookie in [&alice[1], &alice[2], &bob] {
+        assert_session_works(&url, cookie).await;
+    }
+    let audited = fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.contains("oldest_ended")
+        })
+        .await;
+    assert_eq!(audited.matches("oldest_ended").count(), 1, "{audited}");
 }
 
 /// 10,001 anonymous sign-in starts (one more than the server-side table of pending sign-ins

@@ -293,6 +293,7 @@ impl Auth {
         // point does not end this new session.
         identity.directory_seq = self.directory.seq();
         let who = Principal::Person(&identity).log_name();
+        let person = (identity.issuer.clone(), identity.subject.clone());
         let lifetime = oidc.session_lifetime.as_secs();
         let id = match self
             .sessions
@@ -310,6 +311,17 @@ impl Auth {
             }
         };
         self.audit.session(&who, "sign_in", "");
+        let keep = oidc.max_sessions_per_person;
+        let person = (person.0.as_str(), person.1.as_str());
+        match self.sessions.end_all_but_newest(person, &id, keep).await {
+            Ok(0) => {}
+            Ok(ended) => {
+                let detail = format!("{ended} past max_sessions_per_person ({keep})");
+                self.audit.session(&who, "oldest_ended", &detail);
+            }
+            // The sign-in stands; the next one tries again.
+            Err(e) => tracing::error!("cannot end a person's oldest sessions: {e}"),
+        }
         let cookies = vec![
             session_cookie(oidc, req.tls, &id, lifetime),
             browser_cookie(req.tls, &cookie_name, "", 0),

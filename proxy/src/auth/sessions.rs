@@ -524,6 +524,32 @@ impl Sessions {
         Ok(keys.len())
     }
 
+    /// Ends the sessions of the person `subject` of `issuer` but the newest `keep`, the one
+    /// `newest` names (just made) among them: someone who signs in again and again (a script
+    /// with an IdP account) cannot fill every replica's memory and the store. Returns how
+    /// many were ended.
+    pub async fn end_all_but_newest(
+        &self,
+        (issuer, subject): (&str, &str),
+        newest: &str,
+        keep: usize,
+    ) -> Result<usize, String> {
+        let mut theirs = self.find(|i| i.issuer == issuer && i.subject == subject);
+        if theirs.len() <= keep {
+            return Ok(0);
+        }
+        let newest = key_of(newest);
+        theirs.retain(|(key, _)| *key != newest);
+        theirs.sort_by_key(|(_, s)| std::cmp::Reverse(s.identity.created));
+        let older: Vec<SessionKey> = theirs
+            .iter()
+            .skip(keep.saturating_sub(1))
+            .map(|(key, _)| *key)
+            .collect();
+        self.end(&older).await?;
+        Ok(older.len())
+    }
+
     /// The sessions held here for which `matches` is true.
     pub fn find(&self, matches: impl Fn(&Identity) -> bool) -> Vec<(SessionKey, Arc<Session>)> {
         self.kept
