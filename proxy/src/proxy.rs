@@ -340,15 +340,19 @@ impl ProxyHttp for Proxy {
 
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
-        let (Ok(target), Some(host)) = (path::target(req.raw_path()), request_host(req)) else {
-            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+        let (target, host) = match (path::target(req.raw_path()), request_host(req)) {
+            (Ok(target), Some(host)) => (target, host),
+            (Err(e), _) => return self.bad_request(session, NO_ROUTE, &e.to_string()).await,
+            (_, None) => return self.bad_request(session, NO_ROUTE, "no valid host").await,
         };
         let foreign = |named: &str| !named.eq_ignore_ascii_case(&host) || !runtime.serves(&host);
         if target.host.is_some_and(foreign) {
-            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+            let why = "an absolute request target names another host than Host";
+            return self.bad_request(session, NO_ROUTE, why).await;
         }
-        let Ok(normalized) = path::normalize(target.path) else {
-            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+        let normalized = match path::normalize(target.path) {
+            Ok(normalized) => normalized,
+            Err(e) => return self.bad_request(session, NO_ROUTE, &e.to_string()).await,
         };
 
         // 1.3 Portcullis' own endpoints and SCIM.
@@ -364,6 +368,13 @@ impl ProxyHttp for Proxy {
         {
             ctx.scim = true;
             if !runtime.carries_credentials(local_addr(session), ctx.tls) {
+                // Its token has just crossed the network in clear: worth a record.
+                self.shared.audit.unverified_refusal(
+                    "scim",
+                    "a SCIM request over plain HTTP off loopback (its token crossed in clear)",
+                    req.method.as_str(),
+                    &normalized,
+                );
                 return crate::scim_http::refuse(session, PLAIN_HTTP).await;
             }
             if !self.shared.directory_is_current() {
@@ -398,7 +409,8 @@ impl ProxyHttp for Proxy {
                 .query
                 .is_some_and(portcullis_policy::path::overrides_method)
         {
-            return reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await;
+            let why = "a method override (_method) in the query, where rules name methods";
+            return self.bad_request(session, &route.config.name, why).await;
         }
         let path: &str = &normalized;
         // The upstream gets the path judged and the query as sent: the request line is rebuilt
@@ -1007,6 +1019,20 @@ impl Proxy {
         reply::send(session, reply).await
     }
 
+    /// A request refused with 400 for how it is written (a request target upstreams read in
+    /// different ways, an encoded `/`, a method override): recorded, as anyone's, on `route`
+    /// (or [`NO_ROUTE`], before one is found) within its budget, with the path as sent.
+    async fn bad_request(&self, session: &mut Session, route: &str, why: &str) -> Result<bool> {
+        let req = session.req_header();
+        let path = String::from_utf8_lossy(req.raw_path());
+        let path = path.split('?').next().unwrap_or_default();
+        let reason = format!("a request was refused as malformed: {why}");
+        self.shared
+            .audit
+            .unverified_refusal(route, &reason, req.method.as_str(), path);
+        reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await
+    }
+
     /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
     /// or a refusal (403), after ending a session the directory has revoked. Audited: every
     /// 403, every revoked session and every refused bearer token; not a request that presented
@@ -1121,6 +1147,9 @@ impl Proxy {
         reply::send(session, reply).await
     }
 }
+
+/// The audit's route for a request refused before a route was found.
+const NO_ROUTE: &str = "-";
 
 /// Console pages made at once; more wait their turn.
 static CONSOLE_PAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);

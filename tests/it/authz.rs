@@ -1168,6 +1168,22 @@ async fn the_deny_rule_sees_the_path_the_upstream_gets() {
         failures.push(format!("the upstream got denied paths: {reached:?}"));
     }
     assert!(failures.is_empty(), "{failures:#?}");
+    // The encoded slashes were probes: each is recorded, with the path as sent.
+    let audited =
+        t.fx.px
+            .audit_log_until(Duration::from_secs(10), |text| {
+                text.contains("/x/..%2fadmin")
+            })
+            .await;
+    for path in ["/admin%2f", "/admin%2F", "/%2fadmin", "/x/..%2fadmin"] {
+        assert!(
+            audited
+                .lines()
+                .any(|line| line.contains(&format!("\"path\":\"{path}\""))
+                    && line.contains("refused as malformed: the path holds an encoded")),
+            "{path} is not in the audit log:\n{audited}"
+        );
+    }
 }
 
 // ----- the signed assertion ------------------------------------------------------------------

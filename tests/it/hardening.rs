@@ -315,6 +315,12 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
             "{line}: reached the upstream?"
         );
     }
+    // An override is an attempt on the rules: recorded, as a request that names nobody.
+    audited(
+        &t.fx.px,
+        &["method override (_method)", "/items/1", "\"anonymous\""],
+    )
+    .await;
 }
 
 /// Another app's cookie that is not ASCII (`lang=français`, set by an upstream on this host or
@@ -901,16 +907,17 @@ impl Streaming {
 
     /// Waits (bounded) until the audit log has a record containing every one of `words`.
     async fn audited(&self, words: &[&str]) -> String {
-        let has = |line: &str| words.iter().all(|w| line.contains(w));
-        let text = self
-            .fx
-            .px
-            .audit_log_until(std::time::Duration::from_secs(10), |text| {
-                text.lines().any(has)
-            })
-            .await;
-        text.lines().find(|l| has(l)).unwrap_or_default().to_owned()
+        audited(&self.fx.px, words).await
     }
+}
+
+/// The first line of `px`'s audit log that holds every one of `words`, once there is one.
+async fn audited(px: &Portcullis, words: &[&str]) -> String {
+    let has = |line: &str| words.iter().all(|w| line.contains(w));
+    let text = px
+        .audit_log_until(Duration::from_secs(10), |text| text.lines().any(has))
+        .await;
+    text.lines().find(|l| has(l)).unwrap_or_default().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1014,6 +1021,12 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
         assert_eq!(created.status, 403, "SCIM over plain HTTP off loopback");
         let detail = created.body["detail"].as_str().unwrap_or_default();
         assert!(detail.contains("need HTTPS"), "{}", created.body);
+        // Its token crossed the network in clear: the operator hears of it.
+        audited(
+            &fx.px,
+            &["\"route\":\"scim\"", "its token crossed in clear"],
+        )
+        .await;
         for url in [
             fx.app_url("/.portcullis/sign_in?rd=%2F"),
             fx.app_url("/.portcullis/callback?state=x&code=y"),

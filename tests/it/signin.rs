@@ -1181,6 +1181,14 @@ async fn sign_in_return_urls_are_checked_against_the_served_hosts() {
         assert!(location.is_none(), "rd={rd:?} redirected to {location:?}");
         assert!(binding.is_none(), "rd={rd:?} started a sign-in");
     }
+    // Each is recorded: a link made to send people elsewhere after signing in.
+    fx.px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.matches("return address (rd) is not one Portcullis serves")
+                .count()
+                >= refused.len()
+        })
+        .await;
 
     // The same few as a careless link would write them: unencoded or singly encoded in the
     // query, sent byte for byte.
@@ -1348,6 +1356,14 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
         assert!(cleared.is_none(), "{what}: {cleared:?}");
         assert_session_works(&page, &signed.cookie).await;
     }
+    // Each forgery is recorded (a forged sign-out is an attack on someone's session).
+    fx.px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.matches("a sign-out was posted from another site")
+                .count()
+                >= 5
+        })
+        .await;
 
     // A same-origin POST ends the session, clears the cookie, and continues to the IdP's
     // end_session_endpoint.

@@ -208,11 +208,20 @@ impl Auth {
                     Some(return_to) => {
                         self.start_sign_in(oidc, req, session.req_header(), return_to)
                     }
-                    None => Reply::page(
-                        StatusCode::BAD_REQUEST,
-                        "Sign-in link refused",
-                        "<p>This sign-in link would send you to an address Portcullis does not serve.</p>",
-                    ),
+                    None => {
+                        // A link made to send someone elsewhere after signing in.
+                        self.audit.unverified_refusal(
+                            AUDIT_ROUTE,
+                            "a sign-in link's return address (rd) is not one Portcullis serves",
+                            "GET",
+                            "/.portcullis/sign_in",
+                        );
+                        Reply::page(
+                            StatusCode::BAD_REQUEST,
+                            "Sign-in link refused",
+                            "<p>This sign-in link would send you to an address Portcullis does not serve.</p>",
+                        )
+                    }
                 }
             }
             ("callback", &http::Method::GET) => {
@@ -333,6 +342,12 @@ impl Auth {
         // CSRF: a cross-site form post must not sign anyone out. Browsers send Origin on POST;
         // without it, fall back to Referer.
         if !same_origin(&session.req_header().headers, req.origin) {
+            self.audit.unverified_refusal(
+                AUDIT_ROUTE,
+                "a sign-out was posted from another site",
+                "POST",
+                "/.portcullis/sign_out",
+            );
             return Reply::page(
                 StatusCode::FORBIDDEN,
                 "Sign-out refused",
