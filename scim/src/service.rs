@@ -935,10 +935,18 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
     Ok(password)
 }
 
+/// Passwords hashed at once: each takes Argon2's 19 MiB and a core for a while, and a SCIM
+/// client may send many creates at once; the rest wait their turn.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn hash_password(password: Option<String>) -> Result<Option<String>> {
     let Some(password) = password else {
         return Ok(None);
     };
+    let _turn = HASHING
+        .acquire()
+        .await
+        .map_err(|_| ScimError::new(503, None, "password hashing is unavailable"))?;
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
         let salt = SaltString::generate(&mut OsRng);
