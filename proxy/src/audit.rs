@@ -942,11 +942,14 @@ impl Filter {
         if let Some(user) = &self.user {
             let about = match entry {
                 Entry::Action { target, .. } => target.eq_ignore_ascii_case(user),
-                // An id is a UUID: it appears in a change's summary only as a member's.
-                Entry::Change { id, summary, .. } => self
-                    .about
-                    .as_deref()
-                    .is_some_and(|about| id == about || summary.contains(about)),
+                // An id is a UUID: it appears in a change's summary as a member's, outside
+                // the quoted names (a group named with someone's id is not about them).
+                Entry::Change { id, summary, .. } => {
+                    let unquoted = summary.rsplit('"').next().unwrap_or_default();
+                    self.about
+                        .as_deref()
+                        .is_some_and(|about| id == about || unquoted.contains(about))
+                }
                 _ => false,
             };
             if !about && !entry.who().eq_ignore_ascii_case(user) {
@@ -1225,6 +1228,11 @@ mod tests {
         let group = "6f1c2d3e-0000-4000-8000-000000000001";
         assert!(about.matches(&change(group, &format!("members +[] -[{id}]"))));
         assert!(!about.matches(&change(group, "members +[] -[someone-else]")));
+        // A group a SCIM client named with carol's id is not about her.
+        let named = format!("created displayName \"{id}\"");
+        assert!(!about.matches(&change(group, &named)));
+        let named = format!("deleted displayName \"members +[{id}]\"");
+        assert!(!about.matches(&change(group, &named)));
         let ended = Entry::Action {
             time: "2025-01-02T03:04:05Z".to_owned(),
             actor: "admin@corp.example".to_owned(),

@@ -326,7 +326,7 @@ impl<'a> Overlay<'a> {
         };
         self.put_record(rt, row, retired);
         let summary = match str_of(&current.resource, rt.name_attribute()) {
-            Some(name) => format!("deleted {} {name:?}", rt.name_attribute()),
+            Some(name) => format!("deleted {} {}", rt.name_attribute(), quoted(name)),
             None => "deleted".to_owned(),
         };
         self.log(actor, "delete", rt, id, summary);
@@ -368,7 +368,7 @@ impl<'a> Overlay<'a> {
         // What the audit trail says: the resource by name (a created one has no other), and a
         // deactivation or re-activation in so many words.
         let mut summary = match previous {
-            None => format!("{summary} {name_attr} {name:?}"),
+            None => format!("{summary} {name_attr} {}", quoted(name)),
             Some(_) => summary.to_owned(),
         };
         if self
@@ -860,6 +860,20 @@ fn retired(rt: ResourceType, current: &Record) -> Record {
     }
 }
 
+/// `name` quoted for an audit summary, cut to its first 256 bytes: a SCIM client may send a
+/// name of any length, and the summary goes to the audit log and the console.
+fn quoted(name: &str) -> String {
+    const MAX: usize = 256;
+    if name.len() <= MAX {
+        return format!("{name:?}");
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}…({} bytes more)", &name[..end], name.len() - end)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -874,6 +888,14 @@ mod tests {
             resource,
             password_hash: None,
         }
+    }
+
+    #[test]
+    fn a_name_in_a_summary_is_quoted_and_cut() {
+        assert_eq!(quoted("ann \"x\""), "\"ann \\\"x\\\"\"");
+        let long = format!("{}é{}", "a".repeat(255), "b".repeat(1000));
+        let shown = quoted(&long);
+        assert_eq!(shown, format!("{:?}…(1002 bytes more)", "a".repeat(255)));
     }
 
     /// A command that fails after changing names, records and members leaves the batch as the
