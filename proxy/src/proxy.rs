@@ -318,7 +318,7 @@ impl ProxyHttp for Proxy {
         let runtime = self.shared.runtime.load_full();
         ctx.runtime = Some(runtime.clone());
         // A client connection is not kept for ever (pingora keeps an HTTP/1.1 one idle without
-        // end): idle after this request, or not reading its answer, it is closed in time.
+        // end): idle after this request, or not reading its answer's body, it is closed in time.
         let idle = runtime.config.server.client_idle_timeout;
         if session.get_keepalive() == Some(0) {
             session.set_keepalive(Some(idle.as_secs()));
@@ -703,13 +703,9 @@ impl ProxyHttp for Proxy {
     /// anyone may send one of 64 KiB.
     fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or_default();
+        let host = request_host(req).unwrap_or_default();
         let path = reply::cut(req.uri.path(), 1024);
-        format!("{} {path}, Host: {}", req.method, reply::cut(host, 256))
+        format!("{} {path}, Host: {}", req.method, reply::cut(&host, 256))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {

@@ -302,7 +302,7 @@ impl Auth {
         // point does not end this new session.
         identity.directory_seq = self.directory.seq();
         let who = Principal::Person(&identity).log_name();
-        let person = (identity.issuer.clone(), identity.subject.clone());
+        let person = identity.clone();
         let lifetime = oidc.session_lifetime.as_secs();
         let id = match self
             .sessions
@@ -321,8 +321,7 @@ impl Auth {
         };
         self.audit.session(&who, "sign_in", "");
         let keep = oidc.max_sessions_per_person;
-        let person = (person.0.as_str(), person.1.as_str());
-        match self.sessions.end_all_but_newest(person, &id, keep).await {
+        match self.sessions.end_all_but_newest(&person, &id, keep).await {
             Ok(0) => {}
             Ok(ended) => {
                 let detail = format!("{ended} past max_sessions_per_person ({keep})");
@@ -601,7 +600,7 @@ fn json_error(status: StatusCode, error: &str) -> Reply {
 
 fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
-        SignInError::ProviderUnavailable | SignInError::Busy | SignInError::Unreachable(_) => {
+        SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         SignInError::UnknownState | SignInError::WrongBrowser | SignInError::Refused(_) => {

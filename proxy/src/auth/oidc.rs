@@ -99,8 +99,6 @@ pub enum SignInError {
     ProviderUnavailable,
     #[error("this sign-in link has expired or was already used; start again")]
     UnknownState,
-    #[error("too many sign-ins are being completed at once; try again in a few minutes")]
-    Busy,
     #[error("this sign-in was started in another browser; start again")]
     WrongBrowser,
     #[error("the identity provider refused the sign-in: {0}")]
@@ -324,15 +322,13 @@ impl Oidc {
         if pending.created + PENDING_FOR <= now || pending.created > now + 60 {
             return Err(SignInError::UnknownState);
         }
-        // The code goes to the IdP once per sign-in, however often its callback is sent
-        // with its cookie (each exchange is one more request to the IdP's token endpoint,
-        // signed with Portcullis' client secret, under the IdP's rate limits).
-        match self.sign_ins.record(state, pending.created, now) {
-            Use::First => {}
-            Use::Again => return Err(SignInError::UnknownState),
-            Use::Full => return Err(SignInError::Busy),
-        }
         let provider = self.current(config)?;
+        // The code goes to the IdP once per sign-in, however often its callback is sent
+        // with its cookie (a reload, a prefetch, a replay): one request to the IdP's token
+        // endpoint, under its rate limits. (Unless a flood of sign-ins made it give way.)
+        if self.sign_ins.record(state, pending.created, now) == Use::Again {
+            return Err(SignInError::UnknownState);
+        }
         let client = provider.client(config).set_redirect_uri(
             RedirectUrl::new(pending.redirect_uri.clone())
                 .map_err(|e| SignInError::Invalid(e.to_string()))?,
@@ -347,7 +343,11 @@ impl Oidc {
                 openidconnect::RequestTokenError::ServerResponse(r) => {
                     SignInError::Refused(r.error().to_string())
                 }
-                other => SignInError::Unreachable(other.to_string()),
+                other => {
+                    // The IdP may never have had the code: it may be sent again.
+                    self.sign_ins.forget(state);
+                    SignInError::Unreachable(other.to_string())
+                }
             })?;
         let id_token = openidconnect::TokenResponse::id_token(&response)
             .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
@@ -685,8 +685,8 @@ impl Oidc {
         }
         let jti = claims.jti.ok_or_else(|| invalid("no jti"))?;
         // Kept as long as the token could be taken: until PENDING_FOR after its `iat`, which
-        // may be a minute ahead of now. With no room left to remember it, it is taken all the
-        // same: a replay could only end sessions again.
+        // may be a minute ahead of now (or until a flood of them made it give way: a replay
+        // could only end sessions again).
         if self.logout_tokens.record(&jti, iat.max(now), now) == Use::Again {
             return Err(invalid("this logout token was already used"));
         }

@@ -1,65 +1,99 @@
 //! What may be used once: a back-channel logout token (its `jti`) and a sign-in (its
 //! `state`). Each use is kept as long as the same thing could be presented again, and no more
-//! than a bound of them at once: anyone can start sign-ins.
+//! than a bound of them at once (anyone can start sign-ins): past it, the oldest kept is
+//! forgotten. Every operation is constant time, whatever is kept: a flood costs its senders
+//! more than it costs Portcullis.
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 
-/// Whether a use is the first.
+/// Whether a use is the first (that Portcullis knows of).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
     First,
     Again,
-    /// As many uses as may be kept are kept, none of them old enough to forget: this one is
-    /// not recorded.
-    Full,
 }
 
 pub struct UsedOnce {
-    /// Each use, with the Unix second it is kept `keep` from.
-    used: DashMap<String, u64>,
+    kept: Mutex<Kept>,
     keep: u64,
     max: usize,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// Each use kept: the Unix second it is kept `keep` from, and its place in `order`.
+    uses: HashMap<String, (u64, u64)>,
+    /// The uses in the order they were recorded, by place; a place no longer in `uses` is
+    /// one forgotten since.
+    order: VecDeque<(u64, String)>,
+    next: u64,
+}
+
+impl Kept {
+    /// Forgets the oldest recorded use; false when there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let Some((place, key)) = self.order.pop_front() else {
+            return false;
+        };
+        if self.uses.get(&key).is_some_and(|&(_, at)| at == place) {
+            self.uses.remove(&key);
+        }
+        true
+    }
+
+    /// Forgets, oldest first, the uses kept long enough.
+    fn forget_old(&mut self, keep: u64, now: u64) {
+        while let Some((place, key)) = self.order.front() {
+            match self.uses.get(key) {
+                Some(&(from, at)) if at == *place && from.saturating_add(keep) > now => return,
+                _ => {
+                    self.forget_oldest();
+                }
+            }
+        }
+    }
 }
 
 impl UsedOnce {
     pub fn new(keep: u64, max: usize) -> Self {
         Self {
-            used: DashMap::new(),
+            kept: Mutex::new(Kept::default()),
             keep,
             max,
         }
     }
 
-    /// Records a use of `key`, kept until `keep` after `from`.
+    /// Records a use of `key`, kept until `keep` after `from` (or until `max` later ones).
     pub fn record(&self, key: &str, from: u64, now: u64) -> Use {
-        if self.used.contains_key(key) {
+        let Ok(mut kept) = self.kept.lock() else {
+            // Poisoned: nothing is known, and nothing is refused for it.
+            return Use::First;
+        };
+        kept.forget_old(self.keep, now);
+        if kept.uses.contains_key(key) {
             return Use::Again;
         }
-        if self.used.len() >= self.max {
-            self.sweep(now);
-            if self.used.len() >= self.max {
-                return Use::Full;
-            }
-        }
-        match self.used.entry(key.to_owned()) {
-            Entry::Occupied(_) => Use::Again,
-            Entry::Vacant(vacant) => {
-                vacant.insert(from);
-                Use::First
-            }
-        }
+        while kept.uses.len() >= self.max && kept.forget_oldest() {}
+        let place = kept.next;
+        kept.next += 1;
+        kept.uses.insert(key.to_owned(), (from, place));
+        kept.order.push_back((place, key.to_owned()));
+        Use::First
     }
 
     /// Forgets a use of `key`: what it was for did not happen.
     pub fn forget(&self, key: &str) {
-        self.used.remove(key);
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.uses.remove(key);
+        }
     }
 
     /// Forgets the uses kept long enough.
     pub fn sweep(&self, now: u64) {
-        self.used
-            .retain(|_, from| from.saturating_add(self.keep) > now);
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.forget_old(self.keep, now);
+        }
     }
 }
 
@@ -68,18 +102,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_use_is_first_once_and_kept_within_its_time_and_the_bound() {
+    fn a_use_is_first_once_kept_for_its_time_and_the_oldest_gives_way() {
         let once = UsedOnce::new(600, 2);
         assert_eq!(once.record("a", 1000, 1000), Use::First);
         assert_eq!(once.record("a", 1000, 1001), Use::Again);
         assert_eq!(once.record("b", 1000, 1001), Use::First);
-        // Full of uses still kept: a new one is not recorded, and so not first either.
-        assert_eq!(once.record("c", 1000, 1002), Use::Full);
-        assert_eq!(once.record("a", 1000, 1002), Use::Again);
-        // Once they are old enough to be forgotten, there is room again.
-        assert_eq!(once.record("c", 1600, 1600), Use::First);
-        assert_eq!(once.record("a", 1600, 1600), Use::First);
-        once.forget("a");
-        assert_eq!(once.record("a", 1600, 1601), Use::First);
+        // Full: the oldest kept gives way to the new one.
+        assert_eq!(once.record("c", 1001, 1002), Use::First);
+        assert_eq!(once.record("b", 1000, 1002), Use::Again);
+        assert_eq!(once.record("c", 1001, 1002), Use::Again);
+        assert_eq!(once.record("a", 1000, 1002), Use::First, "a gave way");
+        // Forgotten, then recorded again: its old place does not take the new one away.
+        once.forget("c");
+        assert_eq!(once.record("c", 1002, 1003), Use::First);
+        assert_eq!(once.record("c", 1002, 1003), Use::Again);
+        // Kept long enough: forgotten.
+        assert_eq!(once.record("c", 1002, 1601), Use::Again);
+        assert_eq!(
+            once.record("c", 1002, 1602),
+            Use::First,
+            "kept 600 s from 1002"
+        );
+        once.sweep(5000);
+        assert_eq!(once.record("a", 5000, 5000), Use::First);
     }
 }

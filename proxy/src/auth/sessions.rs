@@ -524,27 +524,29 @@ impl Sessions {
         Ok(keys.len())
     }
 
-    /// Ends the sessions of the person `subject` of `issuer` but the newest `keep`, the one
-    /// `newest` names (just made) among them: someone who signs in again and again (a script
-    /// with an IdP account) cannot fill every replica's memory and the store. Returns how
-    /// many were ended.
+    /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
+    /// `newest` (just made, under the id `id`) among them: someone who signs in again and
+    /// again (a script with an IdP account) cannot fill every replica's memory and the store.
+    /// Only sessions begun in an earlier second are ended, so two sign-ins that finish at once
+    /// never end each other's. Returns how many were ended.
     pub async fn end_all_but_newest(
         &self,
-        (issuer, subject): (&str, &str),
-        newest: &str,
+        newest: &Identity,
+        id: &str,
         keep: usize,
     ) -> Result<usize, String> {
-        let mut theirs = self.find(|i| i.issuer == issuer && i.subject == subject);
+        let mut theirs = self.find(|i| i.issuer == newest.issuer && i.subject == newest.subject);
         if theirs.len() <= keep {
             return Ok(0);
         }
-        let newest = key_of(newest);
-        theirs.retain(|(key, _)| *key != newest);
+        let key = key_of(id);
+        theirs.retain(|(k, _)| *k != key);
         theirs.sort_by_key(|(_, s)| std::cmp::Reverse(s.identity.created));
         let older: Vec<SessionKey> = theirs
             .iter()
             .skip(keep.saturating_sub(1))
-            .map(|(key, _)| *key)
+            .filter(|(_, s)| s.identity.created < newest.created)
+            .map(|(k, _)| *k)
             .collect();
         self.end(&older).await?;
         Ok(older.len())
