@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_tests::process::run;
 use portcullis_tests::scim::{patch_ops, ScimClient};
-use portcullis_tests::{Portcullis, Route, Upstream};
+use portcullis_tests::{ConfigBuilder, Portcullis, Route, Upstream};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -228,8 +228,9 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_request_s_long_path_is_recorded_cut() {
+/// Portcullis with one public route, `http://open.test`, whose only public paths are under
+/// `/open`: anyone's requests elsewhere there are refused.
+async fn open_route() -> (Upstream, ConfigBuilder, Portcullis) {
     let up = Upstream::start("up").await;
     let cfg = scim_config().route(
         Route::new("http://open.test", &[&up])
@@ -237,6 +238,12 @@ async fn a_refused_request_s_long_path_is_recorded_cut() {
             .set("allow = { public = true, paths = [\"/open\"] }"),
     );
     let px = Portcullis::start(&cfg.toml()).await;
+    (up, cfg, px)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_request_s_long_path_is_recorded_cut() {
+    let (_up, cfg, px) = open_route().await;
     // Anyone can have a request refused; its path (here 20 kB) is theirs to choose.
     let long = format!("/closed/{}", "a".repeat(20_000));
     let refused = portcullis_tests::client::plain_client()
@@ -253,13 +260,7 @@ async fn a_refused_request_s_long_path_is_recorded_cut() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_anonymous_refusals_is_recorded_within_the_route_s_budget() {
-    let up = Upstream::start("up").await;
-    let cfg = scim_config().route(
-        Route::new("http://open.test", &[&up])
-            .accept(&["public"])
-            .set("allow = { public = true, paths = [\"/open\"] }"),
-    );
-    let px = Portcullis::start(&cfg.toml()).await;
+    let (_up, cfg, px) = open_route().await;
     // Anyone may ask a public route for what it does not make public, as fast as they like:
     // each refusal counts, but not each one is written out (the disk, the console).
     const SENT: usize = 600;

@@ -282,13 +282,7 @@ async fn handle(
     }
     if path == "/big" {
         // `mb` MiB of `a`, streamed: an answer larger than every buffer on the way.
-        let mb = parts
-            .uri
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("mb=")))
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(1)
-            .min(256);
+        let mb = query_number(&parts.uri, "mb").unwrap_or(1).min(256) as usize;
         let chunk = Bytes::from(vec![b'a'; 1 << 20]);
         let chunks = futures_util::stream::iter(
             (0..mb).map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
@@ -296,13 +290,7 @@ async fn handle(
         return Ok(Response::new(StreamBody::new(chunks).boxed_unsync()));
     }
     if path == "/slow" {
-        let ms = parts
-            .uri
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(1000)
-            .min(30_000);
+        let ms = query_number(&parts.uri, "ms").unwrap_or(1000).min(30_000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
@@ -379,6 +367,15 @@ fn switching(accept: Option<&str>) -> Response<Body> {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
+}
+
+/// The number the query parameter `name` holds, if any.
+fn query_number(uri: &http::Uri, name: &str) -> Option<u64> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?
+        .parse()
+        .ok()
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
