@@ -603,6 +603,27 @@ impl ProxyHttp for Proxy {
                 );
             }
         }
+        // Nor may it clear them: browsers apply `Clear-Site-Data: "cookies"` to the whole
+        // site, every host of it, so one page would sign its visitors out everywhere.
+        if clears_cookies(&upstream_response.headers) {
+            upstream_response.remove_header(&CLEAR_SITE_DATA);
+            tracing::warn!(
+                route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str()),
+                "an upstream's Clear-Site-Data naming cookies was removed"
+            );
+        }
+        // An answer to someone identified is theirs: a shared cache in front (a CDN, a
+        // caching load balancer) must not keep it for others. The upstream cannot tell, as it
+        // never sees Portcullis' cookie or token; what it says itself stands.
+        if ctx.caller.is_some()
+            && !upstream_response
+                .headers
+                .contains_key(header::CACHE_CONTROL)
+        {
+            upstream_response
+                .insert_header(header::CACHE_CONTROL, "private")
+                .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+        }
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index);
             if let Some(started) = ctx.upstream_started {
@@ -1010,8 +1031,7 @@ impl Proxy {
         let reply = reply
             .header(header::X_FRAME_OPTIONS, "DENY")
             .header(header::CONTENT_SECURITY_POLICY, CONSOLE_POLICY)
-            .header(header::REFERRER_POLICY, "same-origin")
-            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+            .header(header::REFERRER_POLICY, "same-origin");
         reply::send(session, reply).await
     }
 
@@ -1353,6 +1373,19 @@ fn accepts_websocket(request: &RequestHeader, response: &ResponseHeader) -> bool
     let expected = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
     upgrade.as_bytes().eq_ignore_ascii_case(b"websocket")
         && accept.as_bytes().trim_ascii() == expected.as_bytes()
+}
+
+const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+
+/// Whether `headers` ask the browser to clear the site's cookies (`"cookies"` or `"*"`).
+fn clears_cookies(headers: &http::HeaderMap) -> bool {
+    headers.get_all(&CLEAR_SITE_DATA).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(|kind| kind.trim_ascii())
+            .any(|kind| kind.eq_ignore_ascii_case(b"\"cookies\"") || kind == b"\"*\"")
+    })
 }
 
 /// Takes out of `response` each `Set-Cookie` for one of Portcullis' own cookies; returns how

@@ -111,6 +111,14 @@ pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
     let mut head = ResponseHeader::build(reply.status, Some(reply.headers.len() + 5))?;
     if let Some(content_type) = reply.content_type {
         head.insert_header(header::CONTENT_TYPE, content_type)?;
+        // Read as what it says: some answers carry text from the IdP or the directory.
+        if !reply
+            .headers
+            .iter()
+            .any(|(name, _)| name == header::X_CONTENT_TYPE_OPTIONS)
+        {
+            head.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
+        }
     }
     head.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
     if !reply

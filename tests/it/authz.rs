@@ -1344,6 +1344,9 @@ async fn refusals_say_who_which_route_and_why_and_nothing_about_others() {
         resp.headers()["content-security-policy"],
         "frame-ancestors 'none'"
     );
+    // Read as the HTML it says it is, and never kept by a shared cache.
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
     let html = resp.text().await.unwrap();
     assert!(html.contains(ALICE), "{html}");
     assert!(html.contains(APP_ROUTE), "{html}");

@@ -231,6 +231,7 @@ async fn the_pages_show_the_directory_as_it_is_now() {
         ("x-frame-options", "DENY"),
         ("referrer-policy", "same-origin"),
         ("cache-control", "no-store"),
+        ("x-content-type-options", "nosniff"),
     ] {
         assert_eq!(resp.headers()[name], want, "{name}");
     }

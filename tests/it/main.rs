@@ -64,6 +64,8 @@ async fn get_echo(client: &reqwest::Client, url: &str) -> Echo {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status();
+    // An answer to nobody in particular is left as cacheable as the upstream made it.
+    assert_eq!(resp.headers().get("cache-control"), None, "GET {url}");
     let body = resp.bytes().await.expect("read body");
     assert_eq!(
         status,

@@ -1919,6 +1919,16 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
         .filter_map(|v| v.to_str().ok())
         .collect();
     assert_eq!(set, ["theme=dark; Path=/"]);
+    assert_eq!(header(&resp, "clear-site-data"), None);
+    // Its own caching rule stands; an answer for alice that has none is marked hers alone,
+    // so that no shared cache in front serves it to others.
+    assert_eq!(
+        header(&resp, "cache-control").as_deref(),
+        Some("public, max-age=60")
+    );
+    let resp = get_with_session(&fx.app_url("/page"), &cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "cache-control").as_deref(), Some("private"));
     assert_session_works(&fx.app_url("/"), &cookie).await;
 }
 

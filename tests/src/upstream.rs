@@ -312,6 +312,17 @@ async fn handle(
             resp.headers_mut()
                 .append(header::SET_COOKIE, header::HeaderValue::from_static(line));
         }
+        // And to sign them out of every host of the site at once; and a caching rule of its
+        // own for this answer.
+        let h = resp.headers_mut();
+        h.insert(
+            "clear-site-data",
+            header::HeaderValue::from_static("\"cache\", \"Cookies\""),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("public, max-age=60"),
+        );
     }
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
