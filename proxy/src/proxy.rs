@@ -616,6 +616,7 @@ impl ProxyHttp for Proxy {
         // caching load balancer) must not keep it for others. The upstream cannot tell, as it
         // never sees Portcullis' cookie or token; what it says itself stands.
         if ctx.caller.is_some()
+            && upstream_response.status.as_u16() >= 200
             && !upstream_response
                 .headers
                 .contains_key(header::CACHE_CONTROL)
