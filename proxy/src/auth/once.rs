@@ -74,7 +74,10 @@ impl UsedOnce {
         if kept.uses.contains_key(key) {
             return Use::Again;
         }
-        while kept.uses.len() >= self.max && kept.forget_oldest() {}
+        // (The order also holds the places of uses forgotten since: bounded too.)
+        while (kept.uses.len() >= self.max || kept.order.len() >= 2 * self.max)
+            && kept.forget_oldest()
+        {}
         let place = kept.next;
         kept.next += 1;
         kept.uses.insert(key.to_owned(), (from, place));
