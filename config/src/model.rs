@@ -119,7 +119,8 @@ pub struct ServerConfig {
     /// How often the config file is checked for changes (in addition to `SIGHUP`).
     pub reload_poll_interval: Duration,
     /// How long a client's HTTP/1 connection may sit idle between its requests, and a write of
-    /// an answer's body wait for the client to read, before the connection is closed.
+    /// a large or open-ended answer's body wait for the client to read, before the connection
+    /// is closed.
     pub client_idle_timeout: Duration,
 }
 

@@ -318,12 +318,12 @@ impl ProxyHttp for Proxy {
         let runtime = self.shared.runtime.load_full();
         ctx.runtime = Some(runtime.clone());
         // A client connection is not kept for ever (pingora keeps an HTTP/1.1 one idle without
-        // end): idle after this request, or not reading its answer's body, it is closed in time.
-        let idle = runtime.config.server.client_idle_timeout;
+        // end): idle after this request, it is closed in time. (And one that does not read a
+        // large answer: see `upstream_response_filter`.)
         if session.get_keepalive() == Some(0) {
+            let idle = runtime.config.server.client_idle_timeout;
             session.set_keepalive(Some(idle.as_secs()));
         }
-        session.set_write_timeout(Some(idle));
         // Made over https: to this listener's TLS, or to a proxy's in front of it.
         ctx.tls = session
             .digest()
@@ -624,6 +624,14 @@ impl ProxyHttp for Proxy {
             upstream_response
                 .insert_header(header::CACHE_CONTROL, "private")
                 .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+        }
+        // A client that reads none of a large or open-ended answer (a download, a stream, a
+        // websocket) is not waited on for ever. A small one fits the socket's buffers, and
+        // timing every write costs a timer per request.
+        if length_of(&upstream_response.headers).is_none_or(|len| len > SMALL_ANSWER) {
+            if let Some(runtime) = &ctx.runtime {
+                session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
+            }
         }
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index);
@@ -1544,7 +1552,12 @@ fn head_size(req: &RequestHeader) -> usize {
 }
 
 fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
+    length_of(&req.headers)
+}
+
+/// The `Content-Length` `headers` say, if one.
+fn length_of(headers: &http::HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
@@ -1552,6 +1565,9 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Answers up to this long are written without a timeout: they fit the socket's buffers.
+const SMALL_ANSWER: u64 = 64 * 1024;
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
 /// `:authority` for HTTP/2. `None` unless it is a host name, an IPv4 address or a bracketed
