@@ -7,7 +7,7 @@ level=${1:-build}
 want=(cmake)
 browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
-  test) want+=("${browser[@]}" postgresql) ;;   # postgresql: the replicas tests make their own cluster
+  test) want+=("${browser[@]}" postgresql nginx-light) ;;   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front
   # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`;
   # valgrind: `bench/instructions.py` counts instructions per request with callgrind
   bench) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;

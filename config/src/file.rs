@@ -240,6 +240,7 @@ pub(crate) struct Listener {
     pub tls: Option<Tls>,
     pub allow_plain_http: Option<bool>,
     pub behind_tls_proxy: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `cert` + `key`, `certificates`, or both (then `cert` + `key` comes first).

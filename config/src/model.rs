@@ -154,6 +154,11 @@ pub struct Listener {
     /// (`behind_tls_proxy = true`): its requests are taken as the https requests its clients
     /// made (https routes, `__Host-` and `Secure` cookies, `https` origins and redirects).
     pub behind_tls_proxy: bool,
+    /// The proxies or load balancers in front whose `X-Forwarded-For` says who the client is
+    /// (`trusted_proxies`): a connection from one of these addresses is taken to be for the
+    /// address it names last, and so on back while that is one of these too. Empty: every
+    /// client is the address its connection comes from.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Listener {

@@ -97,6 +97,15 @@ fn bad_configs() {
             ],
         },
         Case {
+            name: "trusted_proxies that are not addresses, or every address",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.internal\", \"0.0.0.0/0\", \"10.0.0.0/33\"]\n",
+            problems: &[
+                ("listeners[0].trusted_proxies[1]", Some(4), "`lb.internal` is not an IP address"),
+                ("listeners[0].trusted_proxies[2]", Some(4), "trusts every address"),
+                ("listeners[0].trusted_proxies[3]", Some(4), "not an IP address"),
+            ],
+        },
+        Case {
             name: "pass_authorization on a route that takes no bearer token",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\npass_authorization = true\n",
             problems: &[("routes[0].pass_authorization", None, "does not accept \"bearer\"")],
@@ -1566,6 +1575,7 @@ address = "127.0.0.1:9090"
 
 [[listeners]]
 address = "127.0.0.1:8080"
+trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:db8::1:2/64"]
 
 [[listeners]]
 address = "[::1]:8443"
@@ -1626,11 +1636,15 @@ to = ["http://127.0.0.1"]
                 tls: None,
                 allow_plain_http: false,
                 behind_tls_proxy: false,
+                trusted_proxies: ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/64"]
+                    .map(|net| net.parse().unwrap())
+                    .to_vec(),
             },
             Listener {
                 address: addr("[::1]:8443"),
                 allow_plain_http: false,
                 behind_tls_proxy: false,
+                trusted_proxies: Vec::new(),
                 tls: Some(ListenerTls {
                     certificates: vec![
                         CertificateFiles {

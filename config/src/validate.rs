@@ -103,11 +103,17 @@ pub(crate) fn convert(
             None => Some(None),
             Some(tls) => listener_tls(tls, &path.key("tls"), base_dir, p).map(Some),
         };
+        let trusted_proxies = trusted_proxies(
+            raw.trusted_proxies.unwrap_or_default(),
+            &path.key("trusted_proxies"),
+            p,
+        );
         listeners.push(address.zip(tls).map(|(address, tls)| Listener {
             address,
             tls,
             allow_plain_http,
             behind_tls_proxy,
+            trusted_proxies,
         }));
     }
 
@@ -2104,6 +2110,33 @@ fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Opt
 /// Whether binding `a` and `b` both would fail: the same port, and the same address or one
 /// that takes every address of the other's family (`0.0.0.0`; `[::]`, which on Linux also
 /// takes IPv4 unless `bindv6only` is set).
+/// The addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the proxies in front of a
+/// listener. Not every address: a client could then name itself anyone.
+fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<ipnet::IpNet> {
+    let mut trusted = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.iter().enumerate() {
+        let path = path.index(i);
+        let parsed = raw
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Err(_) => p.add(
+                &path,
+                format!("`{raw}` is not an IP address or network (`10.0.0.5`, `10.0.0.0/8`)"),
+            ),
+            Ok(net) if net.prefix_len() == 0 => p.add(
+                &path,
+                format!(
+                    "`{raw}` trusts every address, so any client could name itself anyone: \
+                     list the proxies' own addresses or networks"
+                ),
+            ),
+            Ok(net) => trusted.push(net.trunc()),
+        }
+    }
+    trusted
+}
+
 fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && (crate::address_takes(a.ip(), b.ip()) || crate::address_takes(b.ip(), a.ip()))

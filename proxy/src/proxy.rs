@@ -21,6 +21,7 @@
 //! 7. `logging`: metrics and one access-log line.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -161,10 +162,7 @@ impl Proxy {
             }
         }
 
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|addr| addr.ip());
+        let client_ip = ctx.client_ip;
         let proto = if ctx.tls { "https" } else { "http" };
         let client_host = session
             .req_header()
@@ -222,6 +220,8 @@ pub struct RequestCtx {
     /// normalized path and the query.
     upstream_target: Option<String>,
     tls: bool,
+    /// The client's address: its connection's, or the one a trusted proxy in front names.
+    client_ip: Option<IpAddr>,
     round_robin_start: usize,
     /// The upstreams this request could not reach, before the one it is at (`upstream`).
     tried: Vec<usize>,
@@ -294,6 +294,7 @@ impl ProxyHttp for Proxy {
             route: None,
             upstream_target: None,
             tls: false,
+            client_ip: None,
             round_robin_start: 0,
             tried: Vec::new(),
             upstream: None,
@@ -325,11 +326,20 @@ impl ProxyHttp for Proxy {
             session.set_keepalive(Some(idle.as_secs()));
         }
         // Made over https: to this listener's TLS, or to a proxy's in front of it.
-        ctx.tls = session
+        let own_tls = session
             .digest()
-            .is_some_and(|digest| digest.ssl_digest.is_some())
-            || runtime.behind_tls_proxy(local_addr(session));
+            .is_some_and(|digest| digest.ssl_digest.is_some());
+        ctx.tls = own_tls || runtime.behind_tls_proxy(local_addr(session));
         let req = session.req_header();
+        ctx.client_ip = runtime.client_ip(
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            local_addr(session),
+            own_tls,
+            &req.headers,
+        );
         if head_size(req) > runtime.config.server.max_request_header_bytes {
             return reply::send(
                 session,
@@ -754,7 +764,11 @@ impl ProxyHttp for Proxy {
         let req = session.req_header();
         tracing::info!(
             target: "access",
-            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
+            client = %ctx
+                .client_ip
+                .or_else(|| session.client_addr()?.as_inet().map(|a| a.ip()))
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
             method = %req.method,
             host = req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
             path = %req.uri.path(),
@@ -1188,7 +1202,7 @@ const CONSOLE_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'sel
 /// actor). Like every `X-Portcullis-` header, a client's own is stripped on the way in.
 pub const AGENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-agent");
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 

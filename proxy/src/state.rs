@@ -4,7 +4,7 @@
 //! [`Shared`]; everything below it takes plain values.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -42,6 +42,9 @@ pub struct Runtime {
     /// Whether any listener is `behind_tls_proxy`: if none, no request needs its listener
     /// looked up to know whether it was made over https.
     behind_tls_proxy: bool,
+    /// Whether any listener names `trusted_proxies`: if none, every client is the address its
+    /// connection comes from, and no listener is looked up to know.
+    trusted_proxies: bool,
 }
 
 impl Runtime {
@@ -70,6 +73,10 @@ impl Runtime {
             .map(|scim| Scim::new(scim, directory.clone()));
         Self {
             behind_tls_proxy: config.listeners.iter().any(|l| l.behind_tls_proxy),
+            trusted_proxies: config
+                .listeners
+                .iter()
+                .any(|l| !l.trusted_proxies.is_empty()),
             routes: RouteTable::new(routes),
             https_port,
             scim,
@@ -144,21 +151,72 @@ impl Runtime {
                 .is_some_and(|l| l.behind_tls_proxy)
     }
 
-    /// The plain-HTTP listener of this configuration that took a connection at `local`: the
-    /// one bound to that very address, else a wildcard of its family (`0.0.0.0` takes IPv4
-    /// only, `[::]` both).
+    /// The address of the client a request came from: `peer`, the address its connection
+    /// comes from, unless the listener (at `local`, with its own TLS or not) trusts `peer` as
+    /// a proxy in front. Then it is the last address `X-Forwarded-For` names, or the one
+    /// before it while that is a trusted proxy too (each appends the address it was reached
+    /// from; what a client wrote itself comes before). An entry that is not an address ends
+    /// the walk at the last proxy: what it was reached from is not known.
+    pub fn client_ip(
+        &self,
+        peer: Option<IpAddr>,
+        local: Option<SocketAddr>,
+        own_tls: bool,
+        headers: &http::HeaderMap,
+    ) -> Option<IpAddr> {
+        let peer = peer?.to_canonical();
+        if !self.trusted_proxies {
+            return Some(peer);
+        }
+        let Some(listener) = self.listener(local, own_tls) else {
+            return Some(peer);
+        };
+        let trusted = |ip: &IpAddr| listener.trusted_proxies.iter().any(|net| net.contains(ip));
+        let mut client = peer;
+        if !trusted(&client) {
+            return Some(client);
+        }
+        let named = headers
+            .get_all(crate::proxy::X_FORWARDED_FOR)
+            .iter()
+            .rev()
+            .flat_map(|value| value.as_bytes().rsplit(|&b| b == b','));
+        for entry in named {
+            match forwarded_address(entry) {
+                Some(ip) => client = ip,
+                None => break,
+            }
+            if !trusted(&client) {
+                break;
+            }
+        }
+        Some(client)
+    }
+
+    /// The plain-HTTP listener of this configuration that took a connection at `local`.
     fn plain_listener(&self, local: Option<SocketAddr>) -> Option<&portcullis_config::Listener> {
+        self.listener(local, false)
+    }
+
+    /// The listener of this configuration, with TLS or without, that took a connection at
+    /// `local`: the one bound to that very address, else a wildcard of its family (`0.0.0.0`
+    /// takes IPv4 only, `[::]` both).
+    fn listener(
+        &self,
+        local: Option<SocketAddr>,
+        tls: bool,
+    ) -> Option<&portcullis_config::Listener> {
         let local = local?;
-        let plain = || {
+        let of_kind = || {
             self.config
                 .listeners
                 .iter()
-                .filter(move |l| l.tls.is_none() && l.address.port() == local.port())
+                .filter(move |l| l.tls.is_some() == tls && l.address.port() == local.port())
         };
-        plain()
+        of_kind()
             .find(|l| l.address.ip() == local.ip().to_canonical())
             .or_else(|| {
-                plain().find(|l| portcullis_config::address_takes(l.address.ip(), local.ip()))
+                of_kind().find(|l| portcullis_config::address_takes(l.address.ip(), local.ip()))
             })
     }
 
@@ -169,6 +227,17 @@ impl Runtime {
             Scheme::Http
         }
     }
+}
+
+/// One entry of `X-Forwarded-For`: an address, with a port as some load balancers add
+/// (`192.0.2.7:5123`, `[2001:db8::7]:5123`).
+fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?.trim();
+    entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 /// Process-wide state shared by the proxy, the admin listener and the reloader.
@@ -420,6 +489,7 @@ mod tests {
             tls: None,
             allow_plain_http: false,
             behind_tls_proxy,
+            trusted_proxies: Vec::new(),
         };
         config.listeners = vec![
             listener("0.0.0.0:8080", true),
@@ -441,5 +511,81 @@ mod tests {
         assert!(!behind("[2001:db8::6]:8080"));
         assert!(behind("10.0.0.1:9090") && behind("[2001:db8::6]:9090"));
         assert!(!behind("10.0.0.1:7070"));
+    }
+
+    #[test]
+    fn a_client_is_the_address_a_trusted_proxy_names_and_no_one_else_s_word_counts() {
+        let world = crate::testing::World::new();
+        let mut config = world.config.clone();
+        let listener = |address: &str, trusted: &[&str]| portcullis_config::Listener {
+            address: address.parse().unwrap(),
+            tls: None,
+            allow_plain_http: false,
+            behind_tls_proxy: false,
+            trusted_proxies: trusted.iter().map(|net| net.parse().unwrap()).collect(),
+        };
+        config.listeners = vec![
+            listener("0.0.0.0:8080", &["10.0.0.0/8", "192.0.2.1/32"]),
+            listener("0.0.0.0:9090", &[]),
+        ];
+        let runtime = Runtime::build(config, &world.directory);
+        let client = |peer: &str, local: &str, forwarded: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in forwarded {
+                headers.append("x-forwarded-for", value.parse().unwrap());
+            }
+            let local = Some(local.parse::<SocketAddr>().unwrap());
+            runtime
+                .client_ip(Some(peer.parse().unwrap()), local, false, &headers)
+                .map(|ip| ip.to_string())
+                .unwrap()
+        };
+        // A load balancer that appends the address it was reached from.
+        assert_eq!(
+            client("10.0.0.9", "10.0.0.1:8080", &["203.0.113.5"]),
+            "203.0.113.5"
+        );
+        // What the client wrote itself comes before: not believed.
+        assert_eq!(
+            client("10.0.0.9", "10.0.0.1:8080", &["198.51.100.1, 203.0.113.5"]),
+            "203.0.113.5"
+        );
+        // Two proxies in a row (a CDN's 192.0.2.1, then the load balancer), in one header
+        // or two, with a port as Azure's gateway writes it.
+        assert_eq!(
+            client(
+                "10.0.0.9",
+                "10.0.0.1:8080",
+                &["198.51.100.1, 203.0.113.5:6001", "192.0.2.1"]
+            ),
+            "203.0.113.5"
+        );
+        // Not from a trusted proxy, or on a listener that trusts none: the connection's.
+        assert_eq!(
+            client("203.0.113.9", "10.0.0.1:8080", &["198.51.100.1"]),
+            "203.0.113.9"
+        );
+        assert_eq!(
+            client("10.0.0.9", "10.0.0.1:9090", &["198.51.100.1"]),
+            "10.0.0.9"
+        );
+        assert_eq!(
+            client("::ffff:10.0.0.9", "10.0.0.1:8080", &["[2001:db8::7]:443"]),
+            "2001:db8::7"
+        );
+        // Nothing named, or something that is not an address: the last proxy is what is known.
+        assert_eq!(client("10.0.0.9", "10.0.0.1:8080", &[]), "10.0.0.9");
+        assert_eq!(
+            client("10.0.0.9", "10.0.0.1:8080", &["unknown"]),
+            "10.0.0.9"
+        );
+        assert_eq!(
+            client(
+                "10.0.0.9",
+                "10.0.0.1:8080",
+                &["203.0.113.5, _hidden, 10.0.0.3"]
+            ),
+            "10.0.0.3"
+        );
     }
 }

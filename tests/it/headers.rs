@@ -2,8 +2,9 @@
 //! Host, hop-by-hop headers, and client-supplied identity headers (which must never reach an
 //! upstream, whatever their spelling).
 
-use portcullis_tests::client::plain_client;
+use portcullis_tests::client::{plain_client, plain_client_builder};
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
+use reqwest::StatusCode;
 
 use crate::get_echo;
 
@@ -23,6 +24,51 @@ async fn forwarded_headers_describe_the_client_request() {
         echo.header_all("x-forwarded-host"),
         vec![format!("app.test:{port}")]
     );
+}
+
+/// Behind a load balancer, the client is the address the balancer names, and only the
+/// balancer's word counts: Debian's nginx in front, reached by the client from 127.0.0.2 and
+/// connecting to Portcullis from 127.0.0.3, the listener's only trusted proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_the_client_is_the_address_it_names() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .http_listener_setting("trusted_proxies = [\"127.0.0.3\"]")
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let balancer =
+        portcullis_tests::Nginx::in_front_of(cfg.http_addr(), [127, 0, 0, 3].into()).await;
+    let client = plain_client_builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let forwarded = |echo: &Echo| {
+        (
+            echo.header_all("x-forwarded-for").join(", "),
+            echo.header_all("forwarded").join(", "),
+        )
+    };
+
+    // What the client claims itself is not taken, through the balancer or round it.
+    let through = format!("http://app.test:{}/via-balancer", balancer.addr().port());
+    let round = cfg.http_url("app.test", "/direct");
+    for url in [&through, &round] {
+        let resp = client
+            .get(url)
+            .header("x-forwarded-for", "198.51.100.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        let (xff, rfc7239) = forwarded(&Echo::parse(&resp.bytes().await.unwrap()));
+        assert_eq!(xff, "127.0.0.2", "{url}");
+        assert!(rfc7239.starts_with("for=127.0.0.2;"), "{url}: {rfc7239}");
+    }
+
+    // The same listener from an address it does not trust: the connection's address.
+    let echo = get_echo(&plain_client(), &cfg.http_url("app.test", "/from-1")).await;
+    assert_eq!(forwarded(&echo).0, "127.0.0.1");
 }
 
 #[tokio::test(flavor = "multi_thread")]

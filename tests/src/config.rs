@@ -179,8 +179,10 @@ pub struct ConfigBuilder {
     /// `[admin] token`, raw TOML.
     admin_token: Option<String>,
     http: Option<SocketAddr>,
-    /// The HTTP listener is bound to 0.0.0.0 (its port is `http`'s), with these extra lines.
-    http_any_interface: Option<Vec<String>>,
+    /// The HTTP listener is bound to 0.0.0.0 (its port is `http`'s).
+    http_any_interface: bool,
+    /// Settings of the HTTP listener beyond its address, raw TOML lines.
+    http_settings: Vec<String>,
     https: Option<(SocketAddr, Vec<CertFiles>)>,
     server: Vec<(String, String)>,
     routes: Vec<Route>,
@@ -200,7 +202,8 @@ impl ConfigBuilder {
             admin: loopback(free_port()),
             admin_token: None,
             http: None,
-            http_any_interface: None,
+            http_any_interface: false,
+            http_settings: Vec::new(),
             https: None,
             server: vec![
                 ("threads".to_owned(), "2".to_owned()),
@@ -241,25 +244,25 @@ impl ConfigBuilder {
     /// listener that is not on loopback. The clients still reach it on 127.0.0.1.
     pub fn http_listener_on_all_interfaces(mut self) -> ConfigBuilder {
         self.http = Some(loopback(free_port()));
-        self.http_any_interface = Some(Vec::new());
+        self.http_any_interface = true;
         self
     }
 
     /// Sets `allow_plain_http = true` on the listener of
     /// [`ConfigBuilder::http_listener_on_all_interfaces`].
-    pub fn allow_plain_http(mut self) -> ConfigBuilder {
-        self.http_any_interface
-            .get_or_insert_with(Vec::new)
-            .push("allow_plain_http = true".to_owned());
-        self
+    pub fn allow_plain_http(self) -> ConfigBuilder {
+        self.http_listener_setting("allow_plain_http = true")
     }
 
     /// Sets `behind_tls_proxy = true` on the listener of
     /// [`ConfigBuilder::http_listener_on_all_interfaces`]: a proxy in front terminates TLS.
-    pub fn behind_tls_proxy(mut self) -> ConfigBuilder {
-        self.http_any_interface
-            .get_or_insert_with(Vec::new)
-            .push("behind_tls_proxy = true".to_owned());
+    pub fn behind_tls_proxy(self) -> ConfigBuilder {
+        self.http_listener_setting("behind_tls_proxy = true")
+    }
+
+    /// Adds `line` (raw TOML: `trusted_proxies = ["127.0.0.3"]`) to the HTTP listener.
+    pub fn http_listener_setting(mut self, line: &str) -> ConfigBuilder {
+        self.http_settings.push(line.to_owned());
         self
     }
 
@@ -378,20 +381,16 @@ impl ConfigBuilder {
             let _ = writeln!(out, "token = {token}");
         }
         if let Some(addr) = self.http {
-            match &self.http_any_interface {
-                None => {
-                    let _ = writeln!(out, "\n[[listeners]]\naddress = \"{addr}\"");
-                }
-                Some(lines) => {
-                    let _ = writeln!(
-                        out,
-                        "\n[[listeners]]\naddress = \"0.0.0.0:{}\"",
-                        addr.port()
-                    );
-                    for line in lines {
-                        let _ = writeln!(out, "{line}");
-                    }
-                }
+            let _ = match self.http_any_interface {
+                false => writeln!(out, "\n[[listeners]]\naddress = \"{addr}\""),
+                true => writeln!(
+                    out,
+                    "\n[[listeners]]\naddress = \"0.0.0.0:{}\"",
+                    addr.port()
+                ),
+            };
+            for line in &self.http_settings {
+                let _ = writeln!(out, "{line}");
             }
         }
         if let Some((addr, certs)) = &self.https {
