@@ -95,6 +95,7 @@ fn main() {
         config_path: logs.path().join("portcullis.toml"),
         csrf: "bench".to_owned(),
         viewer: "user1@bench.example".to_owned(),
+        viewer_ip: None,
         now: time::OffsetDateTime::now_utc().unix_timestamp(),
     };
     let (group0, user) = directory.read(|index| {

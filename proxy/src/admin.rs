@@ -60,7 +60,12 @@ impl Admin {
     }
 
     /// Whether a request for `/metrics` or `/explain` may be answered; the refusal otherwise.
-    fn guard(&self, req: &http::request::Parts) -> Result<(), (StatusCode, &'static str, Vec<u8>)> {
+    /// A refusal is audited with the address it came from, `client`.
+    fn guard(
+        &self,
+        req: &http::request::Parts,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<(), (StatusCode, &'static str, Vec<u8>)> {
         let runtime = self.shared.runtime.load();
         match runtime.config.admin.as_ref().and_then(|c| c.token.as_ref()) {
             Some(token) => {
@@ -76,9 +81,14 @@ impl Admin {
                     Some(false) => "the bearer token is not the [admin] token",
                     None => "no [admin] bearer token was presented",
                 };
-                let path = req.uri.path();
-                let audit = &self.shared.audit;
-                audit.unverified_refusal(AUDIT_ROUTE, why, req.method.as_str(), path);
+                let request = crate::audit::Request {
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    client,
+                };
+                self.shared
+                    .audit
+                    .unverified_refusal(AUDIT_ROUTE, why, &request);
                 Err((
                     StatusCode::UNAUTHORIZED,
                     "text/plain",
@@ -258,10 +268,14 @@ fn listening_port(line: &str, own: &HashSet<String>) -> Option<u16> {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => self.readiness().await,
-            "/metrics" | "/explain" => match self.guard(session.req_header()) {
+            "/metrics" | "/explain" => match self.guard(session.req_header(), client) {
                 Err(refusal) => refusal,
                 Ok(()) if session.req_header().uri.path() == "/metrics" => (
                     StatusCode::OK,

@@ -26,6 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,6 +141,9 @@ pub enum Entry {
         reason: String,
         method: String,
         path: String,
+        /// The address the request came from (see `trusted_proxies`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentRecord>,
     },
@@ -149,6 +153,8 @@ pub enum Entry {
         route: String,
         method: String,
         path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent: Option<AgentRecord>,
     },
@@ -170,6 +176,10 @@ pub enum Entry {
         what: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         detail: String,
+        /// The address of the request that began or ended it; none when the identity
+        /// provider ended it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
     },
 }
 
@@ -219,6 +229,16 @@ impl Entry {
         }
     }
 
+    /// The address the request came from, where a request made the record.
+    pub fn client(&self) -> Option<&str> {
+        match self {
+            Entry::Refusal { client, .. }
+            | Entry::Allow { client, .. }
+            | Entry::Session { client, .. } => client.as_deref(),
+            Entry::Change { .. } | Entry::Action { .. } => None,
+        }
+    }
+
     /// The route of a refusal or an allow.
     pub fn route(&self) -> Option<&str> {
         match self {
@@ -248,9 +268,11 @@ impl Entry {
                 reason,
                 method,
                 path,
+                client,
                 agent,
             } => format!(
-                "{time} refusal {user}{} {method} {path} on route {route}{}: {reason}",
+                "{time} refusal {user}{}{} {method} {path} on route {route}{}: {reason}",
+                from(client),
                 through(agent),
                 by_rule(rule)
             ),
@@ -260,9 +282,11 @@ impl Entry {
                 route,
                 method,
                 path,
+                client,
                 agent,
             } => format!(
-                "{time} allow   {user}{} {method} {path} on route {route}",
+                "{time} allow   {user}{}{} {method} {path} on route {route}",
+                from(client),
                 through(agent)
             ),
             Entry::Action {
@@ -277,9 +301,10 @@ impl Entry {
                 user,
                 what,
                 detail,
+                client,
             } => match detail.as_str() {
-                "" => format!("{time} session {user}: {what}"),
-                detail => format!("{time} session {user}: {what} ({detail})"),
+                "" => format!("{time} session {user}{}: {what}", from(client)),
+                detail => format!("{time} session {user}{}: {what} ({detail})", from(client)),
             },
         };
         if !line.chars().any(char::is_control) {
@@ -295,6 +320,12 @@ impl Entry {
         }
         shown
     }
+}
+
+fn from(client: &Option<String>) -> String {
+    client
+        .as_deref()
+        .map_or_else(String::new, |client| format!(" from {client}"))
 }
 
 fn through(agent: &Option<AgentRecord>) -> String {
@@ -315,6 +346,15 @@ enum Queued {
     Record(Entry),
     /// Write everything sent before this, and the refusals counted so far, then say so.
     Flush(SyncSender<()>),
+}
+
+/// The request a refusal or an allow is about: its method, its path (as judged), and the
+/// address it came from (see `trusted_proxies`).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub client: Option<IpAddr>,
 }
 
 /// The sending side of the audit log, shared by every request.
@@ -398,6 +438,7 @@ fn unrecorded_records(counts: Vec<(String, u64)>) -> impl Iterator<Item = Entry>
         ),
         method: "-".to_owned(),
         path: "-".to_owned(),
+        client: None,
         agent: None,
     })
 }
@@ -530,26 +571,26 @@ impl Audit {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn refusal(
         &self,
         user: &str,
         route: &str,
         rule: Option<&str>,
         reason: &str,
-        method: &str,
-        path: &str,
+        request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
         let (user, method, path) = (
             bounded(user, MAX_USER),
-            bounded(method, MAX_METHOD),
-            bounded(path, MAX_PATH),
+            bounded(request.method, MAX_METHOD),
+            bounded(request.path, MAX_PATH),
         );
+        let client = request.client.map(|ip| ip.to_string());
         tracing::warn!(
             target: "audit",
             event = "refusal",
             user,
+            client = client.as_deref().unwrap_or("-"),
             route,
             rule = rule.unwrap_or("-"),
             method,
@@ -565,28 +606,33 @@ impl Audit {
             reason: reason.to_owned(),
             method,
             path,
+            client,
             agent: agent.cloned(),
         });
     }
 
     /// Records the refusal of a session that began before its user `who` was deactivated or
     /// re-created in the directory (and is ended for it), wherever it was presented.
-    pub fn revoked_session(&self, who: &str, route: &str, method: &str, path: &str) {
+    pub fn revoked_session(&self, who: &str, route: &str, request: &Request<'_>) {
         let reason = format!(
             "the session began before {who} was deactivated or re-created in the directory: \
              it is over, and {who} must sign in again"
         );
-        self.refusal(who, route, None, &reason, method, path, None);
+        self.refusal(who, route, None, &reason, request, None);
     }
 
-    /// Records that `user`'s session began or ended (see [`Entry::Session`]).
-    pub fn session(&self, user: &str, what: &str, detail: &str) {
-        tracing::info!(target: "audit", event = "session", user, what, detail);
+    /// Records that `user`'s session began or ended (see [`Entry::Session`]), in a request
+    /// from `client` (none when the identity provider ended it).
+    pub fn session(&self, user: &str, what: &str, detail: &str, client: Option<IpAddr>) {
+        let client = client.map(|ip| ip.to_string());
+        let shown = client.as_deref().unwrap_or("-");
+        tracing::info!(target: "audit", event = "session", user, client = shown, what, detail);
         self.send(Entry::Session {
             time: now(),
             user: user.to_owned(),
             what: what.to_owned(),
             detail: detail.to_owned(),
+            client,
         });
     }
 
@@ -601,21 +647,21 @@ impl Audit {
     /// disk nor crowds out the records of real people, at most [`UNVERIFIED_PER_SECOND`] a
     /// route are recorded one by one each second. The rest are counted, and the writer records
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
-    pub fn unverified_refusal(&self, route: &str, reason: &str, method: &str, path: &str) {
+    pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
         let record = match self.unverified.lock() {
             Ok(mut budgets) => budgets.take(route, crate::clock::now_unix()),
             Err(_) => true,
         };
         if record {
             let reason = crate::reply::cut(reason, MAX_REASON);
-            self.refusal("anonymous", route, None, reason, method, path, None);
+            self.refusal("anonymous", route, None, reason, request, None);
         }
     }
 
     /// Records a bearer token refused for the reason `why` (see [`Self::unverified_refusal`]).
-    pub fn refused_bearer(&self, route: &str, why: &str, method: &str, path: &str) {
+    pub fn refused_bearer(&self, route: &str, why: &str, request: &Request<'_>) {
         let reason = format!("a bearer token was refused: {why}");
-        self.unverified_refusal(route, &reason, method, path);
+        self.unverified_refusal(route, &reason, request);
     }
 
     /// Records an allowed request with probability `rate` (`0.0` never, `1.0` always).
@@ -624,8 +670,7 @@ impl Audit {
         rate: f64,
         user: &str,
         route: &str,
-        method: &str,
-        path: &str,
+        request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
         if rate <= 0.0 || (rate < 1.0 && rand::random::<f64>() >= rate) {
@@ -633,16 +678,19 @@ impl Audit {
         }
         let (user, method, path) = (
             bounded(user, MAX_USER),
-            bounded(method, MAX_METHOD),
-            bounded(path, MAX_PATH),
+            bounded(request.method, MAX_METHOD),
+            bounded(request.path, MAX_PATH),
         );
-        tracing::info!(target: "audit", event = "allow", user, route, method, path);
+        let client = request.client.map(|ip| ip.to_string());
+        let shown = client.as_deref().unwrap_or("-");
+        tracing::info!(target: "audit", event = "allow", user, client = shown, route, method, path);
         self.send(Entry::Allow {
             time: now(),
             user,
             route: route.to_owned(),
             method,
             path,
+            client,
             agent: agent.cloned(),
         });
     }
@@ -1148,6 +1196,14 @@ fn each(
 mod tests {
     use super::*;
 
+    fn request<'a>(method: &'a str, path: &'a str) -> Request<'a> {
+        Request {
+            method,
+            path,
+            client: None,
+        }
+    }
+
     #[test]
     fn since_takes_a_time_or_a_duration() {
         let now = OffsetDateTime::parse("2025-01-02T03:04:05Z", &Rfc3339).unwrap();
@@ -1191,11 +1247,24 @@ mod tests {
             reason: "member of group contractors".to_owned(),
             method: "DELETE".to_owned(),
             path: "/admin".to_owned(),
+            client: Some("203.0.113.5".to_owned()),
             agent: None,
         };
         let line = serde_json::to_string(&entry).unwrap();
         assert!(line.contains(r#""event":"refusal""#), "{line}");
         assert_eq!(serde_json::from_str::<Entry>(&line).unwrap(), entry);
+        let human = entry.human();
+        assert!(
+            human.contains("Alice@corp.example from 203.0.113.5 DELETE /admin"),
+            "{human}"
+        );
+        // Records written before they said where requests came from are read all the same.
+        let older = line.replace(r#","client":"203.0.113.5""#, "");
+        assert_ne!(older, line);
+        assert_eq!(
+            serde_json::from_str::<Entry>(&older).unwrap().client(),
+            None
+        );
         let since = |s: &str| Some(OffsetDateTime::parse(s, &Rfc3339).unwrap());
         let filter = |user: Option<&str>, since| Filter {
             user: user.map(str::to_owned),
@@ -1293,7 +1362,11 @@ mod tests {
         let audit = Audit::open(log(), log()).unwrap();
         let burst = u64::from(UNVERIFIED_PER_SECOND) + 50;
         for _ in 0..burst {
-            audit.unverified_refusal("api", "a bearer token was refused: expired", "GET", "/");
+            audit.unverified_refusal(
+                "api",
+                "a bearer token was refused: expired",
+                &request("GET", "/"),
+            );
         }
         let path = dir.path().join(FILE_NAME);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -1314,11 +1387,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = || Destination::of(dir.path(), None);
         let audit = Audit::open(log(), log()).unwrap();
-        audit.session("alice@corp.example", "sign_out", "");
+        audit.session("alice@corp.example", "sign_out", "", None);
         let burst = u64::from(UNVERIFIED_PER_SECOND) + 3;
         let reason = "the bearer token is not one of the SCIM tokens";
         for _ in 0..burst {
-            audit.unverified_refusal("scim", reason, "GET", "/");
+            audit.unverified_refusal("scim", reason, &request("GET", "/"));
         }
         // No waiting: written when the flush returns, the count included.
         assert!(audit.flush(std::time::Duration::from_secs(30)));
@@ -1337,9 +1410,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = || Destination::of(dir.path(), None);
         let audit = Audit::open(log(), log()).unwrap();
-        audit.refusal("a", "r", None, "why", "GET", "/", None);
-        audit.allow_sampled(1.0, "b", "r", "GET", "/x", None);
-        audit.allow_sampled(0.0, "c", "r", "GET", "/y", None);
+        audit.refusal("a", "r", None, "why", &request("GET", "/"), None);
+        audit.allow_sampled(1.0, "b", "r", &request("GET", "/x"), None);
+        audit.allow_sampled(0.0, "c", "r", &request("GET", "/y"), None);
         let path = dir.path().join(FILE_NAME);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
@@ -1400,7 +1473,7 @@ mod tests {
             // The first two made it to the log, with a refusal after them; then a crash.
             let audit = Audit::open(log(), log()).unwrap();
             (audit.change_sink())(&all[..2]);
-            audit.refusal("a", "r", None, "why", "GET", "/", None);
+            audit.refusal("a", "r", None, "why", &request("GET", "/"), None);
             assert!(audit.flush(std::time::Duration::from_secs(5)));
         }
         let audit = Audit::open(log(), log()).unwrap();
@@ -1432,7 +1505,7 @@ mod tests {
             assert!(audit.flush(wait));
             std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
             (audit.change_sink())(&all[2..3]);
-            audit.refusal("a", "r", None, "why", "GET", "/", None);
+            audit.refusal("a", "r", None, "why", &request("GET", "/"), None);
             assert!(audit.flush(wait));
         }
         assert_eq!(
@@ -1479,6 +1552,7 @@ mod tests {
             user: "u".to_owned(),
             what: "sign_in".to_owned(),
             detail: String::new(),
+            client: None,
         };
         enqueue(&queue, &dropped, entry());
         enqueue(&queue, &dropped, entry());

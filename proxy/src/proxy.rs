@@ -39,6 +39,7 @@ use pingora::ErrorType;
 use portcullis_config::{Credential, Scheme, CONSOLE_PATH};
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
+use crate::audit;
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
 use crate::auth::{cookie, session_cookie_name, Authentication};
 use crate::caller::Caller;
@@ -253,6 +254,8 @@ struct Asked {
     method: String,
     path: String,
     client: Client,
+    /// The address it came from.
+    client_ip: Option<IpAddr>,
     /// `scheme://host[:port]` as the client addressed the request.
     origin: String,
     host: String,
@@ -262,14 +265,15 @@ struct Asked {
 
 impl Asked {
     /// `req`, judged at the normalized `path`.
-    fn of(req: &RequestHeader, path: String, origin: String, host: String, tls: bool) -> Asked {
+    fn of(req: &RequestHeader, path: String, origin: String, host: String, at: At) -> Asked {
         Asked {
             method: req.method.as_str().to_owned(),
             path,
             client: Client::of(&req.headers),
+            client_ip: at.client_ip,
             origin,
             host,
-            tls,
+            tls: at.tls,
             path_and_query: req
                 .uri
                 .path_and_query()
@@ -277,6 +281,22 @@ impl Asked {
                 .to_owned(),
         }
     }
+
+    /// The request as its audit records say it.
+    fn audited(&self) -> audit::Request<'_> {
+        audit::Request {
+            method: &self.method,
+            path: &self.path,
+            client: self.client_ip,
+        }
+    }
+}
+
+/// How a request reached Portcullis: over https (its own TLS or a proxy's), and from where.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    tls: bool,
+    client_ip: Option<IpAddr>,
 }
 
 #[async_trait]
@@ -352,24 +372,42 @@ impl ProxyHttp for Proxy {
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {
             (Ok(target), Some(host)) => (target, host),
-            (Err(e), _) => return self.bad_request(session, NO_ROUTE, &e.to_string()).await,
-            (_, None) => return self.bad_request(session, NO_ROUTE, "no valid host").await,
+            (Err(e), _) => {
+                return self
+                    .bad_request(session, ctx.client_ip, NO_ROUTE, &e.to_string())
+                    .await
+            }
+            (_, None) => {
+                return self
+                    .bad_request(session, ctx.client_ip, NO_ROUTE, "no valid host")
+                    .await
+            }
         };
         let foreign = |named: &str| !named.eq_ignore_ascii_case(&host) || !runtime.serves(&host);
         if target.host.is_some_and(foreign) {
             let why = "an absolute request target names another host than Host";
-            return self.bad_request(session, NO_ROUTE, why).await;
+            return self
+                .bad_request(session, ctx.client_ip, NO_ROUTE, why)
+                .await;
         }
         let normalized = match path::normalize(target.path) {
             Ok(normalized) => normalized,
-            Err(e) => return self.bad_request(session, NO_ROUTE, &e.to_string()).await,
+            Err(e) => {
+                return self
+                    .bad_request(session, ctx.client_ip, NO_ROUTE, &e.to_string())
+                    .await
+            }
         };
 
         // 1.3 Portcullis' own endpoints and SCIM.
         if let Some(endpoint) = normalized.strip_prefix("/.portcullis/") {
             let endpoint = endpoint.to_owned();
             let host = host.into_owned();
-            return Box::pin(self.own_endpoint(session, &runtime, &endpoint, &host, ctx.tls)).await;
+            let at = At {
+                tls: ctx.tls,
+                client_ip: ctx.client_ip,
+            };
+            return Box::pin(self.own_endpoint(session, &runtime, &endpoint, &host, at)).await;
         }
         if let Some(scim) = runtime
             .scim
@@ -379,11 +417,15 @@ impl ProxyHttp for Proxy {
             ctx.scim = true;
             if !runtime.carries_credentials(local_addr(session), ctx.tls) {
                 // Its token has just crossed the network in clear: worth a record.
+                let request = audit::Request {
+                    method: req.method.as_str(),
+                    path: &normalized,
+                    client: ctx.client_ip,
+                };
                 self.shared.audit.unverified_refusal(
                     "scim",
                     "a SCIM request over plain HTTP off loopback (its token crossed in clear)",
-                    req.method.as_str(),
-                    &normalized,
+                    &request,
                 );
                 return crate::scim_http::refuse(session, PLAIN_HTTP).await;
             }
@@ -392,7 +434,8 @@ impl ProxyHttp for Proxy {
                 return crate::scim_http::unavailable(session).await;
             }
             let path = normalized.into_owned();
-            return Box::pin(scim.serve(session, &path, ctx.tls, &self.shared.audit)).await;
+            let audit = &self.shared.audit;
+            return Box::pin(scim.serve(session, &path, ctx.tls, ctx.client_ip, audit)).await;
         }
 
         // 1.4 The route.
@@ -420,7 +463,9 @@ impl ProxyHttp for Proxy {
                 .is_some_and(portcullis_policy::path::overrides_method)
         {
             let why = "a method override (_method) in the query, where rules name methods";
-            return self.bad_request(session, &route.config.name, why).await;
+            return self
+                .bad_request(session, ctx.client_ip, &route.config.name, why)
+                .await;
         }
         let path: &str = &normalized;
         // The upstream gets the path judged and the query as sent: the request line is rebuilt
@@ -470,12 +515,16 @@ impl ProxyHttp for Proxy {
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
+                let at = At {
+                    tls: ctx.tls,
+                    client_ip: ctx.client_ip,
+                };
                 let asked = Asked::of(
                     req,
                     facts.path.to_owned(),
                     request_origin(req, ctx.tls),
                     host.into_owned(),
-                    ctx.tls,
+                    at,
                 );
                 ctx.caller = authentication.caller().cloned();
                 ctx.route = Some(route.clone());
@@ -509,8 +558,11 @@ impl ProxyHttp for Proxy {
                 .as_ref()
                 .map_or("anonymous", |f| f.user.as_str()),
             &route.config.name,
-            facts.method,
-            facts.path,
+            &audit::Request {
+                method: facts.method,
+                path: facts.path,
+                client: ctx.client_ip,
+            },
             ctx.forward.as_ref().and_then(|f| f.agent.as_ref()),
         );
         ctx.round_robin_start = route.upstreams.start();
@@ -822,6 +874,7 @@ impl RequestCtx {
                 method: req.method.as_str().to_owned(),
                 path: path.to_owned(),
                 client: Client::of(&req.headers),
+                client_ip: self.client_ip,
                 websocket: req.headers.contains_key(header::UPGRADE),
             };
             self.recheck = Some(Arc::new(Recheck::new(caller.clone(), target, decided_at)));
@@ -838,8 +891,9 @@ impl Proxy {
         runtime: &Runtime,
         endpoint: &str,
         host: &str,
-        tls: bool,
+        at: At,
     ) -> Result<bool> {
+        let tls = at.tls;
         let reply = match endpoint {
             e if Some(e) == JWKS_PATH.strip_prefix("/.portcullis/") => Reply::with_body(
                 StatusCode::OK,
@@ -851,7 +905,7 @@ impl Proxy {
             "style.css" => reply::stylesheet(),
             "console" => Reply::redirect(StatusCode::PERMANENT_REDIRECT, CONSOLE_PATH),
             e if e.starts_with("console/") => {
-                return self.console(session, runtime, endpoint, host, tls).await;
+                return self.console(session, runtime, endpoint, host, at).await;
             }
             "readyz"
                 if self.shared.is_draining()
@@ -881,6 +935,7 @@ impl Proxy {
                     origin: &origin,
                     host,
                     tls,
+                    client: at.client_ip,
                 };
                 let served = self
                     .shared
@@ -895,7 +950,7 @@ impl Proxy {
                             format!("/.portcullis/{endpoint}"),
                             origin.clone(),
                             host.to_owned(),
-                            tls,
+                            at,
                         );
                         let refused = crate::gate::sign_in_or_challenge(
                             &asked.method,
@@ -930,8 +985,9 @@ impl Proxy {
         runtime: &Runtime,
         endpoint: &str,
         host: &str,
-        tls: bool,
+        at: At,
     ) -> Result<bool> {
+        let tls = at.tls;
         let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
             return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
         };
@@ -960,7 +1016,7 @@ impl Proxy {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
                 let origin = request_origin(req, tls);
-                let asked = Asked::of(req, path, origin, host.to_owned(), tls);
+                let asked = Asked::of(req, path, origin, host.to_owned(), at);
                 return self
                     .answer(
                         session,
@@ -1002,6 +1058,7 @@ impl Proxy {
             config_path: self.shared.config_path.clone(),
             csrf: crate::console::csrf_token(session_id),
             viewer: viewer.user.clone(),
+            viewer_ip: at.client_ip,
             now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
         };
         let reply = match method {
@@ -1061,14 +1118,25 @@ impl Proxy {
     /// A request refused with 400 for how it is written (a request target upstreams read in
     /// different ways, an encoded `/`, a method override): recorded, as anyone's, on `route`
     /// (or [`NO_ROUTE`], before one is found) within its budget, with the path as sent.
-    async fn bad_request(&self, session: &mut Session, route: &str, why: &str) -> Result<bool> {
+    async fn bad_request(
+        &self,
+        session: &mut Session,
+        client: Option<IpAddr>,
+        route: &str,
+        why: &str,
+    ) -> Result<bool> {
         let req = session.req_header();
         let path = String::from_utf8_lossy(req.raw_path());
         let path = path.split('?').next().unwrap_or_default();
         let reason = format!("a request was refused as malformed: {why}");
+        let request = audit::Request {
+            method: req.method.as_str(),
+            path,
+            client,
+        };
         self.shared
             .audit
-            .unverified_refusal(route, &reason, req.method.as_str(), path);
+            .unverified_refusal(route, &reason, &request);
         reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await
     }
 
@@ -1098,7 +1166,7 @@ impl Proxy {
                         tracing::error!("cannot end a revoked session: {e}");
                     }
                 });
-                audit.revoked_session(&caller.log_name(), route, &asked.method, &asked.path);
+                audit.revoked_session(&caller.log_name(), route, &asked.audited());
             }
             (true, Some(caller @ Caller::Machine(_))) => {
                 let who = caller.log_name();
@@ -1107,7 +1175,7 @@ impl Proxy {
                      or given a new identifier in the directory (or carries no iat): it is \
                      not theirs, or no longer, and its client needs a new one"
                 );
-                audit.refusal(&who, route, None, &reason, &asked.method, &asked.path, None);
+                audit.refusal(&who, route, None, &reason, &asked.audited(), None);
             }
             // A token that verified but is for none of the route's audiences: refused as an
             // invalid token there, and recorded by whose it is (a token for another API of
@@ -1120,8 +1188,7 @@ impl Proxy {
                     route,
                     None,
                     "the bearer token is for none of this route's audiences",
-                    &asked.method,
-                    &asked.path,
+                    &asked.audited(),
                     None,
                 );
             }
@@ -1131,7 +1198,7 @@ impl Proxy {
             // Whether answered 401 or sent to sign in (a browser's page on a route that also
             // takes sessions). A 403 is audited below.
             if !matches!(refused, Refused::Forbid(_)) {
-                audit.refused_bearer(route, why, &asked.method, &asked.path);
+                audit.refused_bearer(route, why, &asked.audited());
             }
         }
         let reply = match refused {
@@ -1146,6 +1213,7 @@ impl Proxy {
                         origin: &asked.origin,
                         host: &asked.host,
                         tls: asked.tls,
+                        client: asked.client_ip,
                     };
                     let return_to = format!("{}{}", asked.origin, asked.path_and_query);
                     let head = session.req_header();
@@ -1167,16 +1235,13 @@ impl Proxy {
                 match refusal.who.as_deref() {
                     // Nobody: anyone can send as many of these as they like (to a public
                     // route, outside its public paths), so they are kept within its budget.
-                    None => {
-                        audit.unverified_refusal(route, &refusal.reason, &asked.method, &asked.path)
-                    }
+                    None => audit.unverified_refusal(route, &refusal.reason, &asked.audited()),
                     Some(who) => audit.refusal(
                         who,
                         route,
                         refusal.rule.as_deref(),
                         &refusal.reason,
-                        &asked.method,
-                        &asked.path,
+                        &asked.audited(),
                         refusal.agent.as_ref(),
                     ),
                 }

@@ -99,12 +99,14 @@ impl Scim {
     }
 
     /// Serves one SCIM request (the caller has checked [`Self::claims`]).
-    /// A refused token is audited (see [`Audit::unverified_refusal`]).
+    /// A refused token is audited (see [`Audit::unverified_refusal`]) with the address it
+    /// came from, `client`.
     pub async fn serve(
         &self,
         session: &mut Session,
         path: &str,
         tls: bool,
+        client: Option<std::net::IpAddr>,
         audit: &Audit,
     ) -> Result<bool> {
         let now_unix = SystemTime::now()
@@ -115,7 +117,12 @@ impl Scim {
         let actor = match self.authenticate(authorization, now_unix) {
             Ok(actor) => actor.to_owned(),
             Err(why) => {
-                audit.unverified_refusal(AUDIT_ROUTE, &why, req.method.as_str(), path);
+                let request = crate::audit::Request {
+                    method: req.method.as_str(),
+                    path,
+                    client,
+                };
+                audit.unverified_refusal(AUDIT_ROUTE, &why, &request);
                 let error = ScimError::new(401, None, "a valid SCIM bearer token is required");
                 return write(session, &ScimResponse::error(&error), true).await;
             }

@@ -435,8 +435,11 @@ impl Shared {
             &open.target.route,
             rule,
             &format!("open connection closed: {reason}"),
-            &open.target.method,
-            &open.target.path,
+            &crate::audit::Request {
+                method: &open.target.method,
+                path: &open.target.path,
+                client: open.target.client_ip,
+            },
             match refused {
                 Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
                 _ => None,

@@ -79,6 +79,8 @@ pub struct Target {
     /// The judged path.
     pub path: String,
     pub client: Client,
+    /// The address it came from.
+    pub client_ip: Option<std::net::IpAddr>,
     /// A websocket (not an event stream): cut once its route no longer takes websockets.
     pub websocket: bool,
 }
@@ -310,6 +312,7 @@ mod tests {
             method: "GET".to_owned(),
             path: "/ws".to_owned(),
             client,
+            client_ip: None,
             websocket: false,
         }
     }

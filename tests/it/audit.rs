@@ -129,6 +129,9 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     assert!(refusal["reason"].as_str().is_some_and(|r| !r.is_empty()));
     let allow = of_event(&records, "allow")[0];
     assert_eq!(allow["path"], "/open/page", "{allow}");
+    for record in [refusal, allow] {
+        assert_eq!(record["client"], "127.0.0.1", "{record}");
+    }
 
     // Human-readable by default, one line a record; no secrets anywhere.
     let lines = audit(&px, &[]).await;
@@ -239,6 +242,46 @@ async fn open_route() -> (Upstream, ConfigBuilder, Portcullis) {
     );
     let px = Portcullis::start(&cfg.toml()).await;
     (up, cfg, px)
+}
+
+/// Behind a load balancer, a refusal says whose request it was: the address the balancer
+/// (Debian's nginx, the listener's trusted proxy, connecting from 127.0.0.3) was reached from,
+/// not the balancer's, and not what the client claims itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_a_refusal_records_the_address_it_names() {
+    let up = Upstream::start("up").await;
+    let cfg = scim_config()
+        .http_listener_setting("trusted_proxies = [\"127.0.0.3\"]")
+        .route(
+            Route::new("http://open.test", &[&up])
+                .accept(&["public"])
+                .set("allow = { public = true, paths = [\"/open\"] }"),
+        );
+    let px = Portcullis::start(&cfg.toml()).await;
+    let balancer =
+        portcullis_tests::Nginx::in_front_of(cfg.http_addr(), [127, 0, 0, 3].into()).await;
+    let client = portcullis_tests::client::plain_client_builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let url = format!("http://open.test:{}/closed", balancer.addr().port());
+    let refused = client
+        .get(&url)
+        .header("x-forwarded-for", "198.51.100.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let records = audit_json_until(&px, &[], |r| of_event(r, "refusal").len() == 1).await;
+    let refusal = of_event(&records, "refusal")[0];
+    assert_eq!(refusal["client"], "127.0.0.2", "{refusal}");
+    let lines = audit(&px, &[]).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refusal anonymous from 127.0.0.2 GET /closed")),
+        "{lines:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

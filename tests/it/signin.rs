@@ -1437,6 +1437,11 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
         ]
         .map(|(who, what)| (who.to_owned(), what.to_owned()))
     );
+    // With the address each came from.
+    let records = crate::audit::audit_json_until(&fx.px, &[], |_| true).await;
+    for record in crate::audit::of_event(&records, "session") {
+        assert_eq!(record["client"], "127.0.0.1", "{record}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,6 +7,8 @@
 //! - `backchannel_logout`: the IdP's logout token ends the matching sessions at once;
 //! - `me`: who you are signed in as (HTML, or JSON for `Accept: application/json`).
 
+use std::net::IpAddr;
+
 use http::{header, StatusCode};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -17,6 +19,7 @@ use portcullis_config::{Config, OidcConfig, Scheme};
 use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
 use super::{cookies_in_any_jar, session_cookie_name, Auth};
+use crate::audit;
 use crate::caller::{Caller, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
@@ -40,6 +43,19 @@ pub struct Request<'a> {
     /// Lower-case host without port.
     pub host: &'a str,
     pub tls: bool,
+    /// The address it came from.
+    pub client: Option<IpAddr>,
+}
+
+impl Request<'_> {
+    /// This request, as an audit record of `method` on `path` says it.
+    fn audited<'b>(&self, method: &'b str, path: &'b str) -> audit::Request<'b> {
+        audit::Request {
+            method,
+            path,
+            client: self.client,
+        }
+    }
 }
 
 /// What an endpoint answers.
@@ -213,8 +229,7 @@ impl Auth {
                         self.audit.unverified_refusal(
                             AUDIT_ROUTE,
                             "a sign-in link's return address (rd) is not one Portcullis serves",
-                            "GET",
-                            "/.portcullis/sign_in",
+                            &req.audited("GET", "/.portcullis/sign_in"),
                         );
                         Reply::page(
                             StatusCode::BAD_REQUEST,
@@ -236,7 +251,7 @@ impl Auth {
             }
             ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req).await,
             ("backchannel_logout", &http::Method::POST) => {
-                self.backchannel_logout(session, oidc).await?
+                self.backchannel_logout(session, oidc, req).await?
             }
             ("me", &http::Method::GET) => match self.me(session, config, req).await {
                 Some(reply) => reply,
@@ -249,11 +264,11 @@ impl Auth {
 
     /// The page for a sign-in that did not complete, recorded as a refusal (anyone can call
     /// the callback, so as one of unverified credentials).
-    fn sign_in_refused(&self, e: &SignInError) -> Reply {
+    fn sign_in_refused(&self, e: &SignInError, req: &Request<'_>) -> Reply {
         let reason = format!("a sign-in was refused: {e}");
-        let path = "/.portcullis/callback";
+        let request = req.audited("GET", "/.portcullis/callback");
         self.audit
-            .unverified_refusal(AUDIT_ROUTE, &reason, "GET", path);
+            .unverified_refusal(AUDIT_ROUTE, &reason, &request);
         sign_in_failed(e)
     }
 
@@ -267,10 +282,11 @@ impl Auth {
     ) -> Reply {
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
-            return self.sign_in_refused(&SignInError::Refused(format!("{error} {detail}")));
+            let e = SignInError::Refused(format!("{error} {detail}"));
+            return self.sign_in_refused(&e, req);
         }
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
-            return self.sign_in_refused(&SignInError::UnknownState);
+            return self.sign_in_refused(&SignInError::UnknownState, req);
         };
         let cookie_name = pending_cookie_name(browser_cookie_prefix(req.tls), &state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
@@ -288,7 +304,7 @@ impl Auth {
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
                 // Whatever happened, this sign-in's cookie is spent: nothing piles up.
-                let mut reply = self.sign_in_refused(&e);
+                let mut reply = self.sign_in_refused(&e, req);
                 if sealed.is_some() {
                     reply.headers.push((
                         header::SET_COOKIE,
@@ -319,13 +335,14 @@ impl Auth {
                 );
             }
         };
-        self.audit.session(&who, "sign_in", "");
+        self.audit.session(&who, "sign_in", "", req.client);
         let keep = oidc.max_sessions_per_person;
         match self.sessions.end_all_but_newest(&person, &id, keep).await {
             Ok(0) => {}
             Ok(ended) => {
                 let detail = format!("{ended} past max_sessions_per_person ({keep})");
-                self.audit.session(&who, "oldest_ended", &detail);
+                self.audit
+                    .session(&who, "oldest_ended", &detail, req.client);
             }
             // The sign-in stands; the next one tries again.
             Err(e) => tracing::error!("cannot end a person's oldest sessions: {e}"),
@@ -344,8 +361,7 @@ impl Auth {
             self.audit.unverified_refusal(
                 AUDIT_ROUTE,
                 "a sign-out was posted from another site",
-                "POST",
-                "/.portcullis/sign_out",
+                &req.audited("POST", "/.portcullis/sign_out"),
             );
             return Reply::page(
                 StatusCode::FORBIDDEN,
@@ -377,8 +393,8 @@ impl Auth {
             );
         }
         for (_, identity) in &current {
-            self.audit
-                .session(&Principal::Person(identity).log_name(), "sign_out", "");
+            let who = Principal::Person(identity).log_name();
+            self.audit.session(&who, "sign_out", "", req.client);
         }
         // The IdP is told whom to sign out only when that is one person: a cookie another
         // person planted (for a longer path, without `__Host-`) must not take the hint.
@@ -415,7 +431,12 @@ impl Auth {
         }
     }
 
-    async fn backchannel_logout(&self, session: &mut Session, oidc: &OidcConfig) -> Result<Reply> {
+    async fn backchannel_logout(
+        &self,
+        session: &mut Session,
+        oidc: &OidcConfig,
+        req: &Request<'_>,
+    ) -> Result<Reply> {
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {
@@ -434,9 +455,9 @@ impl Auth {
             Ok(logout) => logout,
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
-                let path = "/.portcullis/backchannel_logout";
+                let request = req.audited("POST", "/.portcullis/backchannel_logout");
                 self.audit
-                    .unverified_refusal(AUDIT_ROUTE, &reason, "POST", path);
+                    .unverified_refusal(AUDIT_ROUTE, &reason, &request);
                 return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
             }
         };
@@ -456,7 +477,7 @@ impl Auth {
                 people.dedup();
                 let detail = format!("{} session(s) ended", keys.len());
                 for who in &people {
-                    self.audit.session(who, "idp_logout", &detail);
+                    self.audit.session(who, "idp_logout", &detail, req.client);
                 }
                 Reply::empty(StatusCode::OK)
             }
@@ -483,8 +504,8 @@ impl Auth {
             )
             .await;
         if let Some(why) = authentication.refused_token() {
-            let path = "/.portcullis/me";
-            self.audit.refused_bearer(AUDIT_ROUTE, why, "GET", path);
+            let request = req.audited("GET", "/.portcullis/me");
+            self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
         }
         let caller = authentication.caller()?;
         let wants_json = session
@@ -517,9 +538,9 @@ impl Auth {
             if view.outlived {
                 // Not this user's session (any more): ended and recorded, as a request
                 // through a route would end it, and answered as no sign-in.
-                let path = "/.portcullis/me";
+                let request = req.audited("GET", "/.portcullis/me");
                 self.audit
-                    .revoked_session(&caller.log_name(), AUDIT_ROUTE, "GET", path);
+                    .revoked_session(&caller.log_name(), AUDIT_ROUTE, &request);
                 if let Err(e) = self.sessions.end(&[*key]).await {
                     tracing::error!("cannot end the session: {e}");
                 }

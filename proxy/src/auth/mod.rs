@@ -390,7 +390,7 @@ impl Auth {
                     match self.sessions.end(&[key]).await {
                         Ok(()) => {
                             let who = Principal::Person(&session.identity).log_name();
-                            self.audit.session(&who, "idp_ended", &why);
+                            self.audit.session(&who, "idp_ended", &why, None);
                         }
                         Err(e) => tracing::error!("cannot end the session: {e}"),
                     }

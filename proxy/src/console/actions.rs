@@ -124,8 +124,11 @@ impl Console {
                 "console",
                 None,
                 "a console form not sent from the console itself",
-                "POST",
-                &path,
+                &crate::audit::Request {
+                    method: "POST",
+                    path: &path,
+                    client: self.viewer_ip,
+                },
                 None,
             );
             return self.page(

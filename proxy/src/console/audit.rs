@@ -380,8 +380,11 @@ impl Console {
                 Entry::Refusal { .. } => "<span class=\"no\">refusal</span>".to_owned(),
                 other => other.kind().to_owned(),
             };
+            let from = entry.client().map_or_else(String::new, |client| {
+                format!(" <span class=\"muted\">from {}</span>", escape(client))
+            });
             html.push_str(&format!(
-                "<tr><td>{when}</td><td>{kind}</td><td>{}</td><td>{what}</td></tr>",
+                "<tr><td>{when}</td><td>{kind}</td><td>{}{from}</td><td>{what}</td></tr>",
                 escape(entry.who())
             ));
         }
@@ -411,6 +414,7 @@ mod tests {
             reason: "x".to_owned(),
             method: "GET".to_owned(),
             path: "/".to_owned(),
+            client: None,
             agent: None,
         };
         let mut chart = PerHour::default();

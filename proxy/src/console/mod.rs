@@ -48,6 +48,8 @@ pub struct Console {
     pub csrf: String,
     /// The `userName` of the person looking.
     pub viewer: String,
+    /// The address they look from.
+    pub viewer_ip: Option<std::net::IpAddr>,
     /// Unix seconds.
     pub now: i64,
 }
@@ -305,6 +307,7 @@ mod pages {
             config_path: dir.join("portcullis.toml"),
             csrf: "the-token".to_owned(),
             viewer: "alice@corp.example".to_owned(),
+            viewer_ip: None,
             now: crate::clock::now_unix() as i64,
         }
     }
