@@ -66,7 +66,9 @@ pub struct Identity {
     pub created: u64,
     /// Unix seconds after which the session ends whatever happens.
     pub expires: u64,
-    /// The ID token, kept for `id_token_hint` at sign-out. Never logged.
+    /// The ID token, for `id_token_hint` at sign-out. Never logged. Only until the session
+    /// is made, which keeps it sealed apart (`sessions::IdToken`); held here by sessions
+    /// stored before that.
     #[serde(default)]
     pub id_token: Option<String>,
     /// The directory's change sequence when this person signed in: a deactivation after it

@@ -375,14 +375,15 @@ impl Auth {
         // would be worse than none. The first is the one requests use.
         let name = session_cookie_name(oidc, req.tls);
         let mut current: Vec<_> = Vec::new();
-        for (key, s) in
-            cookies_in_any_jar(session.req_header(), &name).filter_map(|id| self.sessions.get(id))
-        {
-            if current.iter().all(|(k, _)| *k != key) {
-                current.push((key, s.identity.clone()));
+        for id in cookies_in_any_jar(session.req_header(), &name) {
+            let Some((key, s)) = self.sessions.get(id) else {
+                continue;
+            };
+            if current.iter().all(|(k, _, _)| *k != key) {
+                current.push((key, s.identity.clone(), s.id_token(id)));
             }
         }
-        let keys: Vec<_> = current.iter().map(|(key, _)| *key).collect();
+        let keys: Vec<_> = current.iter().map(|(key, _, _)| *key).collect();
         if let Err(e) = self.sessions.end(&keys).await {
             // Gone from this replica only: not signed out until the store has it.
             tracing::error!("cannot end the session: {e}");
@@ -392,7 +393,7 @@ impl Auth {
                 "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
             );
         }
-        for (_, identity) in &current {
+        for (_, identity, _) in &current {
             let who = Principal::Person(identity).log_name();
             self.audit.session(&who, "sign_out", "", req.client);
         }
@@ -404,7 +405,7 @@ impl Auth {
         let id_token_hint = current
             .first()
             .filter(|_| one_person)
-            .and_then(|(_, i)| i.id_token.clone());
+            .and_then(|(_, _, id_token)| id_token.clone());
         let clear = session_cookie(oidc, req.tls, "", 0);
         let end_session = self.oidc.provider().and_then(|p| {
             p.metadata

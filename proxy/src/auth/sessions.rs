@@ -102,6 +102,23 @@ fn token_sealer(id: &str) -> Sealer {
     Sealer::derived(id.as_bytes(), b"portcullis session refresh token")
 }
 
+/// What a session's ID token is sealed for.
+const ID_TOKEN: &[u8] = b"id_token";
+
+/// The sealer of session `id`'s ID token.
+fn id_token_sealer(id: &str) -> Sealer {
+    Sealer::derived(id.as_bytes(), b"portcullis session id token")
+}
+
+/// The ID token a session keeps for `id_token_hint` at sign-out. Never logged.
+enum IdToken {
+    /// Sealed under a key derived from the session's id, which is never stored (its hash
+    /// is): a copy of the store holds no one's ID token.
+    Sealed(String),
+    /// As the IdP gave it, in a session begun before ID tokens were sealed.
+    Plain(String),
+}
+
 impl std::fmt::Debug for Refresh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Refresh")
@@ -123,12 +140,18 @@ pub struct Session {
     /// The name of the cookie it was issued in (`None` for sessions begun before that was
     /// kept).
     cookie: Option<String>,
+    id_token: Option<IdToken>,
 }
 
 impl Session {
-    fn new(stored: Stored) -> Self {
+    fn new(mut stored: Stored) -> Self {
+        let id_token = match (stored.id_token, stored.identity.id_token.take()) {
+            (Some(sealed), _) => Some(IdToken::Sealed(sealed)),
+            (None, plain) => plain.map(IdToken::Plain),
+        };
         Self {
             cookie: stored.cookie,
+            id_token,
             identity: Arc::new(stored.identity),
             last_seen: AtomicU64::new(stored.last_seen),
             stored_seen: AtomicU64::new(stored.last_seen),
@@ -177,6 +200,24 @@ impl Session {
         self.last_seen.fetch_max(seen, Ordering::Relaxed);
         self.stored_seen.fetch_max(seen, Ordering::Relaxed);
     }
+
+    /// The ID token this session (whose id is `id`) began with, if the IdP gave one and it
+    /// opens under `id`.
+    pub fn id_token(&self, id: &str) -> Option<String> {
+        match self.id_token.as_ref()? {
+            IdToken::Plain(token) => Some(token.clone()),
+            IdToken::Sealed(sealed) => {
+                let plain = id_token_sealer(id).open(ID_TOKEN, sealed)?;
+                String::from_utf8(plain).ok()
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for IdToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdToken(not shown)")
+    }
 }
 
 /// A session's refresh with the IdP: its state, and a turn, so that one request at a time
@@ -221,6 +262,10 @@ struct Stored {
     /// `[oidc] cookie_name` when it began; absent from sessions begun before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cookie: Option<String>,
+    /// The ID token, sealed (see [`IdToken::Sealed`]); sessions begun before it was sealed
+    /// keep it in `identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
 }
 
 fn entry(kind: &str, key: &SessionKey, value: Option<String>) -> Entry {
@@ -446,7 +491,7 @@ impl Sessions {
     /// returns the id for the cookie. Durable on return, and known to every replica.
     pub async fn create(
         &self,
-        identity: Identity,
+        mut identity: Identity,
         refresh: Option<Refresh>,
         cookie: &str,
         now: u64,
@@ -454,11 +499,16 @@ impl Sessions {
         let mut raw = [0u8; ID_BYTES];
         rand::rng().fill_bytes(&mut raw);
         let id = URL_SAFE_NO_PAD.encode(raw);
+        let id_token = identity
+            .id_token
+            .take()
+            .map(|token| id_token_sealer(&id).seal(ID_TOKEN, token.as_bytes()));
         let stored = Stored {
             identity,
             last_seen: now,
             refresh: refresh.map(|r| r.sealed_for(&id)),
             cookie: Some(cookie.to_owned()),
+            id_token,
         };
         let value = encode(&stored)?;
         put(
@@ -1006,20 +1056,71 @@ mod tests {
         assert!(sessions.refreshed_elsewhere(&id, refreshing, "t1").await);
     }
 
+    /// Every file under `dir`, read whole.
+    fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                found.extend(files(&path));
+            } else {
+                found.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+        found
+    }
+
+    /// A copy of the store holds no one's ID token: it is sealed under the session's id,
+    /// which only the browser's cookie holds, and opens with that id at sign-out.
+    #[tokio::test]
+    async fn the_id_token_is_kept_sealed_and_opens_only_with_the_session_s_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let signature = "c2lnbmF0dXJlLW9mLWZyYW4tcy1pZC10b2tlbg";
+        let token = format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJmcmFuIn0.{signature}");
+        let id = {
+            let sessions = open(dir.path()).sessions;
+            let mut fran = identity("fran", 10_000);
+            fran.id_token = Some(token.clone());
+            let id = sessions.create(fran, None, "portcullis_session", 100).await;
+            id.unwrap()
+        };
+        let stored = files(dir.path());
+        assert!(!stored.is_empty());
+        for (path, bytes) in stored {
+            let found = bytes
+                .windows(signature.len())
+                .any(|w| w == signature.as_bytes());
+            assert!(!found, "{} holds the ID token", path.display());
+        }
+        let sessions = open(dir.path()).sessions;
+        let (_, fran) = sessions.get(&id).unwrap();
+        assert_eq!(fran.id_token(&id), Some(token));
+        assert_eq!(
+            fran.identity.id_token, None,
+            "not shared with every request"
+        );
+        assert_eq!(fran.id_token(&"x".repeat(43)), None, "another session's id");
+    }
+
     #[tokio::test]
     async fn sessions_of_an_older_version_are_imported_once() {
         let dir = tempfile::tempdir().unwrap();
         let old = Stored {
-            identity: identity("carol", 10_000),
+            identity: Identity {
+                id_token: Some("carols.id.token".to_owned()),
+                ..identity("carol", 10_000)
+            },
             last_seen: 100,
             refresh: None,
             cookie: None,
+            id_token: None,
         };
         let gone = Stored {
             identity: identity("dave", 150),
             last_seen: 100,
             refresh: None,
             cookie: None,
+            id_token: None,
         };
         {
             let db = Database::create(dir.path().join(OLD_FILE)).unwrap();
@@ -1038,6 +1139,11 @@ mod tests {
         let sessions = open(dir.path()).sessions;
         assert_eq!(sessions.import(dir.path(), 200).await.unwrap(), 1);
         let (_, carol) = sessions.get(&"c".repeat(43)).unwrap();
+        // Its ID token as it was kept then, for the sign-out's hint.
+        assert_eq!(
+            carol.id_token(&"c".repeat(43)).as_deref(),
+            Some("carols.id.token")
+        );
         // No cookie name was kept then: it vouches under any.
         let mut oidc = crate::testing::config("").oidc.unwrap();
         oidc.issuer = carol.identity.issuer.clone();
@@ -1077,6 +1183,7 @@ mod tests {
                 last_seen: 100,
                 refresh: None,
                 cookie: None,
+                id_token: None,
             });
             entry(SESSION, key, Some(value.unwrap()))
         };
