@@ -2107,11 +2107,10 @@ fn socket_addr(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Opt
     Some(address)
 }
 
-/// Whether binding `a` and `b` both would fail: the same port, and the same address or one
-/// that takes every address of the other's family (`0.0.0.0`; `[::]`, which on Linux also
-/// takes IPv4 unless `bindv6only` is set).
 /// The addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the proxies in front of a
-/// listener. Not every address: a client could then name itself anyone.
+/// listener. Not every address, nor a network written with an address inside it (`10.1.2.3/8`
+/// is more likely a mistyped `/32` than all of `10.0.0.0/8`), nor IPv4 written as IPv6: clients
+/// are compared by their IPv4 address.
 fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<ipnet::IpNet> {
     let mut trusted = Vec::with_capacity(raw.len());
     for (i, raw) in raw.iter().enumerate() {
@@ -2119,24 +2118,51 @@ fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Ve
         let parsed = raw
             .parse::<ipnet::IpNet>()
             .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-        match parsed {
-            Err(_) => p.add(
+        let net = match parsed {
+            Ok(net) => net,
+            Err(_) => {
+                let message =
+                    format!("`{raw}` is not an IP address or network (`10.0.0.5`, `10.0.0.0/8`)");
+                p.add(&path, message);
+                continue;
+            }
+        };
+        let mapped = match net {
+            ipnet::IpNet::V6(v6) => v6.addr().to_ipv4_mapped(),
+            ipnet::IpNet::V4(_) => None,
+        };
+        if let Some(v4) = mapped {
+            p.add(
                 &path,
-                format!("`{raw}` is not an IP address or network (`10.0.0.5`, `10.0.0.0/8`)"),
-            ),
-            Ok(net) if net.prefix_len() == 0 => p.add(
+                format!("write the IPv4 address or network itself ({v4})"),
+            );
+        } else if net.prefix_len() == 0 {
+            p.add(
                 &path,
                 format!(
                     "`{raw}` trusts every address, so any client could name itself anyone: \
                      list the proxies' own addresses or networks"
                 ),
-            ),
-            Ok(net) => trusted.push(net.trunc()),
+            );
+        } else if net.addr() != net.network() {
+            p.add(
+                &path,
+                format!(
+                    "`{raw}` has an address inside its network: write `{}` for the network, \
+                     or the address alone",
+                    net.trunc()
+                ),
+            );
+        } else {
+            trusted.push(net);
         }
     }
     trusted
 }
 
+/// Whether binding `a` and `b` both would fail: the same port, and the same address or one
+/// that takes every address of the other's family (`0.0.0.0`; `[::]`, which on Linux also
+/// takes IPv4 unless `bindv6only` is set).
 fn binds_over(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && (crate::address_takes(a.ip(), b.ip()) || crate::address_takes(b.ip(), a.ip()))

@@ -166,6 +166,9 @@ pub enum Entry {
         action: String,
         target: String,
         outcome: String,
+        /// The address the console was used from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
     },
     /// A person's session began or ended: `user` signed in (`what` `sign_in`) or out
     /// (`sign_out`), or the identity provider ended their sessions (`idp_logout`, by
@@ -234,8 +237,9 @@ impl Entry {
         match self {
             Entry::Refusal { client, .. }
             | Entry::Allow { client, .. }
+            | Entry::Action { client, .. }
             | Entry::Session { client, .. } => client.as_deref(),
-            Entry::Change { .. } | Entry::Action { .. } => None,
+            Entry::Change { .. } => None,
         }
     }
 
@@ -295,7 +299,11 @@ impl Entry {
                 action,
                 target,
                 outcome,
-            } => format!("{time} action  {actor}: {action} {target} ({outcome})"),
+                client,
+            } => format!(
+                "{time} action  {actor}{}: {action} {target} ({outcome})",
+                from(client)
+            ),
             Entry::Session {
                 time,
                 user,
@@ -559,15 +567,33 @@ impl Audit {
         })
     }
 
-    /// Records an action taken in the console.
-    pub fn action(&self, actor: &str, action: &str, target: &str, outcome: &str) {
-        tracing::warn!(target: "audit", event = "action", actor, action, target, outcome);
+    /// Records an action taken in the console, from `client`.
+    pub fn action(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        client: Option<IpAddr>,
+    ) {
+        let client = client.map(|ip| ip.to_string());
+        let shown = client.as_deref().unwrap_or("-");
+        tracing::warn!(
+            target: "audit",
+            event = "action",
+            actor,
+            client = shown,
+            action,
+            target,
+            outcome
+        );
         self.send(Entry::Action {
             time: now(),
             actor: actor.to_owned(),
             action: action.to_owned(),
             target: target.to_owned(),
             outcome: outcome.to_owned(),
+            client,
         });
     }
 
@@ -1308,6 +1334,7 @@ mod tests {
             action: "end_sessions".to_owned(),
             target: "Carol@corp.example".to_owned(),
             outcome: "ended 1 session".to_owned(),
+            client: None,
         };
         assert!(about.matches(&ended));
         assert!(!about.matches(&entry), "alice's refusal is not about carol");

@@ -351,6 +351,13 @@ impl ProxyHttp for Proxy {
             .is_some_and(|digest| digest.ssl_digest.is_some());
         ctx.tls = own_tls || runtime.behind_tls_proxy(local_addr(session));
         let req = session.req_header();
+        if head_size(req) > runtime.config.server.max_request_header_bytes {
+            return reply::send(
+                session,
+                Reply::status_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+            )
+            .await;
+        }
         ctx.client_ip = runtime.client_ip(
             session
                 .client_addr()
@@ -360,13 +367,6 @@ impl ProxyHttp for Proxy {
             own_tls,
             &req.headers,
         );
-        if head_size(req) > runtime.config.server.max_request_header_bytes {
-            return reply::send(
-                session,
-                Reply::status_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-            )
-            .await;
-        }
 
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.

@@ -229,12 +229,15 @@ impl Runtime {
     }
 }
 
-/// One entry of `X-Forwarded-For`: an address, with a port as some load balancers add
-/// (`192.0.2.7:5123`, `[2001:db8::7]:5123`).
+/// One entry of `X-Forwarded-For`: an address, IPv6 in brackets or not, with a port as some
+/// load balancers add (`192.0.2.7:5123`, `[2001:db8::7]:5123`).
 fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
     let entry = std::str::from_utf8(entry).ok()?.trim();
-    entry
-        .parse::<IpAddr>()
+    let bare = entry
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(entry);
+    bare.parse::<IpAddr>()
         .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
         .ok()
         .map(|ip| ip.to_canonical())
@@ -527,22 +530,30 @@ mod tests {
             behind_tls_proxy: false,
             trusted_proxies: trusted.iter().map(|net| net.parse().unwrap()).collect(),
         };
+        let mut tls = listener("10.0.0.2:8443", &["192.0.2.1/32"]);
+        tls.tls = Some(portcullis_config::ListenerTls {
+            certificates: Vec::new(),
+        });
         config.listeners = vec![
             listener("0.0.0.0:8080", &["10.0.0.0/8", "192.0.2.1/32"]),
             listener("0.0.0.0:9090", &[]),
+            listener("10.0.0.1:8443", &[]),
+            tls,
         ];
         let runtime = Runtime::build(config, &world.directory);
-        let client = |peer: &str, local: &str, forwarded: &[&str]| {
+        let on = |own_tls: bool, peer: &str, local: &str, forwarded: &[&str]| {
             let mut headers = http::HeaderMap::new();
             for value in forwarded {
                 headers.append("x-forwarded-for", value.parse().unwrap());
             }
             let local = Some(local.parse::<SocketAddr>().unwrap());
             runtime
-                .client_ip(Some(peer.parse().unwrap()), local, false, &headers)
+                .client_ip(Some(peer.parse().unwrap()), local, own_tls, &headers)
                 .map(|ip| ip.to_string())
                 .unwrap()
         };
+        let client =
+            |peer: &str, local: &str, forwarded: &[&str]| on(false, peer, local, forwarded);
         // A load balancer that appends the address it was reached from.
         assert_eq!(
             client("10.0.0.9", "10.0.0.1:8080", &["203.0.113.5"]),
@@ -562,6 +573,34 @@ mod tests {
                 &["198.51.100.1, 203.0.113.5:6001", "192.0.2.1"]
             ),
             "203.0.113.5"
+        );
+        // Several headers are one list, in their order: the last header's last entry is the
+        // one the nearest proxy appended.
+        assert_eq!(
+            client(
+                "10.0.0.9",
+                "10.0.0.1:8080",
+                &["198.51.100.1", "203.0.113.5"]
+            ),
+            "203.0.113.5"
+        );
+        assert_eq!(
+            client("10.0.0.9", "10.0.0.1:8080", &["[2001:db8::8]"]),
+            "2001:db8::8"
+        );
+        // A TLS listener on a port a plain one also has (on another address) is its own: it
+        // trusts its own proxies only, and the plain one trusts none.
+        assert_eq!(
+            on(true, "192.0.2.1", "10.0.0.2:8443", &["203.0.113.5"]),
+            "203.0.113.5"
+        );
+        assert_eq!(
+            on(true, "10.0.0.9", "10.0.0.2:8443", &["203.0.113.5"]),
+            "10.0.0.9"
+        );
+        assert_eq!(
+            on(false, "192.0.2.1", "10.0.0.1:8443", &["203.0.113.5"]),
+            "192.0.2.1"
         );
         // Not from a trusted proxy, or on a listener that trusts none: the connection's.
         assert_eq!(

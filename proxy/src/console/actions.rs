@@ -149,8 +149,13 @@ impl Console {
                     ),
                     Err(e) => format!("failed: {e}"),
                 };
-                self.audit
-                    .action(&self.viewer, "end_sessions", &user.user_name, &outcome);
+                self.audit.action(
+                    &self.viewer,
+                    "end_sessions",
+                    &user.user_name,
+                    &outcome,
+                    self.viewer_ip,
+                );
                 (
                     format!("{}'s sessions", user.user_name),
                     format!(
@@ -205,6 +210,7 @@ impl Console {
                     "reload",
                     &self.config_path.display().to_string(),
                     &outcome,
+                    self.viewer_ip,
                 );
                 ("Configuration".to_owned(), content)
             }
