@@ -1,18 +1,33 @@
 //! Log output: plain or JSON lines through `tracing`, written off the request path.
+//!
+//! A request's thread only appends its line to a buffer; a writer thread of its own takes what
+//! has gathered and writes it in one system call, at most every [`BATCH_WINDOW`]. So an
+//! access-log line costs a request a copy, not a write and a wake-up of another thread each
+//! (which, with a writer thread per line, cost about as much as the rest of the request's own
+//! work). Lines wait at most that long; past [`MAX_PENDING`] bytes waiting (stdout blocked),
+//! new lines are dropped and counted, and the count is written once it drains.
 
-use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use portcullis_config::{LogConfig, LogFormat};
 
-/// Keeps the background writer alive; taken by [`flush`] at exit so buffered lines are written.
-static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+/// How long the writer lets lines gather after the first one, before writing them at once.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// Bytes of lines that may wait for the writer; past it, lines are dropped.
+const MAX_PENDING: usize = 8 << 20;
+
+/// Stops the writer thread once everything sent is written; taken by [`flush`] at exit.
+static GUARD: Mutex<Option<Guard>> = Mutex::new(None);
 
 pub fn init(config: &LogConfig) {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = batched(std::io::stdout());
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -26,14 +41,214 @@ pub fn init(config: &LogConfig) {
     if let Err(e) = result {
         eprintln!("portcullis: logging already initialised: {e}");
     }
-    if let Ok(mut slot) = GUARD.lock() {
-        *slot = Some(guard);
-    }
+    *lock(&GUARD) = Some(guard);
 }
 
 /// Writes out every buffered log line. Call before `process::exit`.
 pub fn flush() {
-    if let Ok(mut slot) = GUARD.lock() {
-        slot.take();
+    lock(&GUARD).take();
+}
+
+/// Lines waiting for the writer thread.
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    /// Lines dropped since the last write, for lack of room.
+    dropped: u64,
+    /// The writer is waiting for a first line, to be woken by it.
+    idle: bool,
+    /// No more lines: write what is left and stop.
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Everything guarded is left whole between statements: a panic elsewhere breaks nothing.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Where `tracing` writes its lines: the buffer of the writer thread that [`batched`] started.
+#[derive(Clone)]
+struct Lines(Arc<Shared>);
+
+impl Write for &Lines {
+    /// `buf` is one whole line: `tracing`'s formatter writes each event with one call.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut pending = lock(&self.0.pending);
+        if pending.lines.len() + buf.len() > MAX_PENDING {
+            pending.dropped += 1;
+        } else {
+            pending.lines.extend_from_slice(buf);
+            if pending.idle {
+                pending.idle = false;
+                self.0.wake.notify_one();
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Lines {
+    type Writer = &'a Lines;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// Stops the writer thread when dropped, once it has written every line sent before.
+struct Guard {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).closed = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A writer for `tracing` whose lines a thread of its own writes to `out` in batches.
+fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending::default()),
+        wake: Condvar::new(),
+    });
+    let theirs = shared.clone();
+    let write = move || {
+        let mut batch = Vec::new();
+        loop {
+            let (dropped, closed) = {
+                let mut pending = lock(&theirs.pending);
+                while pending.lines.is_empty() && pending.dropped == 0 && !pending.closed {
+                    pending.idle = true;
+                    pending = theirs
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                if !pending.closed {
+                    // Let the lines of the next moments join this one's.
+                    drop(pending);
+                    std::thread::sleep(BATCH_WINDOW);
+                    pending = lock(&theirs.pending);
+                }
+                std::mem::swap(&mut batch, &mut pending.lines);
+                (std::mem::take(&mut pending.dropped), pending.closed)
+            };
+            // A log that cannot be written has nowhere to say so: its lines are lost.
+            let _ = out.write_all(&batch);
+            if dropped > 0 {
+                let note = format!(
+                    "portcullis: {dropped} log lines dropped: stdout is slower than the log\n"
+                );
+                let _ = out.write_all(note.as_bytes());
+            }
+            let _ = out.flush();
+            batch.clear();
+            if closed && lock(&theirs.pending).lines.is_empty() {
+                return;
+            }
+        }
+    };
+    let thread = std::thread::Builder::new()
+        .name("log-writer".to_owned())
+        .spawn(write)
+        .map_err(|e| eprintln!("portcullis: cannot start the log writer thread: {e}"))
+        .ok();
+    let guard = Guard {
+        shared: shared.clone(),
+        thread,
+    };
+    (Lines(shared), guard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the writer thread wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut out = lock(&self.0);
+            out.0.extend_from_slice(buf);
+            out.1 += 1;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_is_written_in_order_in_few_writes_by_the_time_the_guard_is_dropped() {
+        let out = Out::default();
+        let (lines, guard) = batched(out.clone());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let lines = lines.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        let line = format!("thread {t} line {i}\n");
+                        (&lines).write_all(line.as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        drop(guard);
+        let (written, writes) = lock(&out.0).clone();
+        let text = String::from_utf8(written).unwrap();
+        for t in 0..4 {
+            let mine: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .collect();
+            let expected: Vec<String> = (0..1000).map(|i| format!("thread {t} line {i}")).collect();
+            assert_eq!(mine, expected);
+        }
+        assert_eq!(text.lines().count(), 4000);
+        assert!(writes < 400, "{writes} writes for 4000 lines");
+    }
+
+    #[test]
+    fn lines_past_the_bound_are_dropped_and_counted() {
+        let out = Out::default();
+        let (lines, guard) = batched(out.clone());
+        // Held, the writer cannot take the lines: they wait, up to the bound.
+        let held = lock(&out.0);
+        (&lines).write_all(b"first\n").unwrap();
+        std::thread::sleep(BATCH_WINDOW * 3);
+        let mut line = vec![b'x'; (1 << 20) - 1];
+        line.push(b'\n');
+        for _ in 0..(MAX_PENDING >> 20) + 3 {
+            (&lines).write_all(&line).unwrap();
+        }
+        drop(held);
+        drop(guard);
+        let text = String::from_utf8_lossy(&lock(&out.0).0).into_owned();
+        assert!(text.starts_with("first\n"), "{}", &text[..20]);
+        let note = text.lines().last().unwrap();
+        assert!(note.contains("log lines dropped"), "{note}");
     }
 }

@@ -202,6 +202,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => match serve(&config) {
             Ok(never) => match never {},
             Err(message) => {
+                logging::flush();
                 eprintln!("portcullis: {message}");
                 ExitCode::FAILURE
             }

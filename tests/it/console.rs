@@ -528,7 +528,10 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
     for line in text.lines().filter(|l| l.contains("\"action\"")) {
         assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     }
-    for line in text.lines().filter(|l| l.contains("not sent from the console")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains("not sent from the console"))
+    {
         assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     }
 }

@@ -199,6 +199,20 @@ impl Portcullis {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits, up to 10 s, until its output satisfies `done`; returns it. Log lines are written
+    /// in batches, a moment after what they say. Panics with the output when the time is up.
+    pub async fn log_until(&self, done: impl Fn(&str) -> bool) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if done(&log) {
+                return log;
+            }
+            assert!(Instant::now() < until, "the log never got there:\n{log}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn pid(&self) -> Pid {
         let child = self.child.as_ref().expect("portcullis was already reaped");
         Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"))
