@@ -7,9 +7,9 @@
 //! work). Lines wait at most that long; past [`MAX_PENDING`] bytes waiting (stdout blocked),
 //! new lines are dropped and counted, and the count is written once it drains.
 
-use std::io::{IsTerminal, Write};
+use std::io::{ErrorKind, IsTerminal, Write};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -106,18 +106,40 @@ impl<'a> MakeWriter<'a> for Lines {
     }
 }
 
-/// Stops the writer thread when dropped, once it has written every line sent before.
+/// How long an exit waits for the writer to finish: stdout may be a pipe nobody reads.
+const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Stops the writer thread when dropped, once it has written every line sent before (or
+/// after [`EXIT_WAIT`], if it cannot).
 struct Guard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Says the writer is done, by closing.
+    done: Option<Receiver<()>>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         lock(&self.shared.pending).closed = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.done.take() {
+            let _ = done.recv_timeout(EXIT_WAIT);
+        }
+    }
+}
+
+/// Writes `batch` whole: a stdout made non-blocking by whoever shares it is waited for, so
+/// that no line is cut; one closed or failing loses the batch (nowhere is left to say so).
+fn write_whole(out: &mut impl Write, batch: &[u8]) {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        match out.write(rest) {
+            Ok(0) => return,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return,
         }
     }
 }
@@ -129,7 +151,9 @@ fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
         wake: Condvar::new(),
     });
     let theirs = shared.clone();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
     let write = move || {
+        let _done = done_tx;
         let mut batch = Vec::new();
         loop {
             let (dropped, closed) = {
@@ -150,13 +174,12 @@ fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
                 std::mem::swap(&mut batch, &mut pending.lines);
                 (std::mem::take(&mut pending.dropped), pending.closed)
             };
-            // A log that cannot be written has nowhere to say so: its lines are lost.
-            let _ = out.write_all(&batch);
+            write_whole(&mut out, &batch);
             if dropped > 0 {
                 let note = format!(
                     "portcullis: {dropped} log lines dropped: stdout is slower than the log\n"
                 );
-                let _ = out.write_all(note.as_bytes());
+                write_whole(&mut out, note.as_bytes());
             }
             let _ = out.flush();
             batch.clear();
@@ -165,14 +188,13 @@ fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
             }
         }
     };
-    let thread = std::thread::Builder::new()
+    let started = std::thread::Builder::new()
         .name("log-writer".to_owned())
         .spawn(write)
-        .map_err(|e| eprintln!("portcullis: cannot start the log writer thread: {e}"))
-        .ok();
+        .map_err(|e| eprintln!("portcullis: cannot start the log writer thread: {e}"));
     let guard = Guard {
         shared: shared.clone(),
-        thread,
+        done: started.ok().map(|_| done),
     };
     (Lines(shared), guard)
 }
@@ -238,7 +260,9 @@ mod tests {
         // Held, the writer cannot take the lines: they wait, up to the bound.
         let held = lock(&out.0);
         (&lines).write_all(b"first\n").unwrap();
-        std::thread::sleep(BATCH_WINDOW * 3);
+        while !lock(&lines.0.pending).lines.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut line = vec![b'x'; (1 << 20) - 1];
         line.push(b'\n');
         for _ in 0..(MAX_PENDING >> 20) + 3 {

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
@@ -350,7 +350,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");
-    server.run_forever()
+    // pingora's `run_forever` would exit without the log lines still waiting to be written.
+    server.run(RunArgs::default());
+    logging::flush();
+    std::process::exit(0)
 }
 
 /// A new assertion signing key: in `data_dir`, or with `[postgres]` kept for every replica.

@@ -130,8 +130,14 @@ async fn all_upstreams_down_is_502_with_html_page() {
             "{url}: 502 body is not a short HTML page: {body:?}"
         );
     }
-    // The failures are logged (pingora's own lines included), without the query.
-    let log = px.log_until(|log| log.contains("GET /down")).await;
+    // The failures are logged (pingora's own lines included), without the query: read once
+    // both requests' access lines are there, the last lines they made.
+    let both = |log: &str| {
+        let access = |l: &&str| l.contains(" access: ") && l.contains("path=/down");
+        log.lines().filter(access).count() == 2
+    };
+    let log = px.log_until(both).await;
+    assert!(log.contains("GET /down"), "{log}");
     assert!(
         !log.contains("secret-in-the-query"),
         "a query reached the log:\n{log}"
