@@ -486,16 +486,24 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
+    /// A plain-HTTP listener at `address`, with nothing else set.
+    fn plain(address: &str) -> portcullis_config::Listener {
+        portcullis_config::Listener {
+            address: address.parse().unwrap(),
+            tls: None,
+            allow_plain_http: false,
+            behind_tls_proxy: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_request_is_on_the_listener_of_its_address_or_of_a_wildcard_of_its_family() {
         let world = crate::testing::World::new();
         let mut config = world.config.clone();
         let listener = |address: &str, behind_tls_proxy| portcullis_config::Listener {
-            address: address.parse().unwrap(),
-            tls: None,
-            allow_plain_http: false,
             behind_tls_proxy,
-            trusted_proxies: Vec::new(),
+            ..plain(address)
         };
         config.listeners = vec![
             listener("0.0.0.0:8080", true),
@@ -524,11 +532,8 @@ mod tests {
         let world = crate::testing::World::new();
         let mut config = world.config.clone();
         let listener = |address: &str, trusted: &[&str]| portcullis_config::Listener {
-            address: address.parse().unwrap(),
-            tls: None,
-            allow_plain_http: false,
-            behind_tls_proxy: false,
             trusted_proxies: trusted.iter().map(|net| net.parse().unwrap()).collect(),
+            ..plain(address)
         };
         let mut tls = listener("10.0.0.2:8443", &["192.0.2.1/32"]);
         tls.tls = Some(portcullis_config::ListenerTls {

@@ -260,10 +260,7 @@ async fn behind_a_trusted_proxy_a_refusal_records_the_address_it_names() {
     let px = Portcullis::start(&cfg.toml()).await;
     let balancer =
         portcullis_tests::Nginx::in_front_of(cfg.http_addr(), [127, 0, 0, 3].into()).await;
-    let client = portcullis_tests::client::plain_client_builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
+    let client = portcullis_tests::Nginx::client_from([127, 0, 0, 2].into());
     let url = format!("http://open.test:{}/closed", balancer.addr().port());
     let refused = client
         .get(&url)

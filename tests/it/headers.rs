@@ -2,7 +2,7 @@
 //! Host, hop-by-hop headers, and client-supplied identity headers (which must never reach an
 //! upstream, whatever their spelling).
 
-use portcullis_tests::client::{plain_client, plain_client_builder};
+use portcullis_tests::client::plain_client;
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
 use reqwest::StatusCode;
 
@@ -39,10 +39,7 @@ async fn behind_a_trusted_proxy_the_client_is_the_address_it_names() {
     let _px = cfg.start().await;
     let balancer =
         portcullis_tests::Nginx::in_front_of(cfg.http_addr(), [127, 0, 0, 3].into()).await;
-    let client = plain_client_builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .build()
-        .unwrap();
+    let client = portcullis_tests::Nginx::client_from([127, 0, 0, 2].into());
     let forwarded = |echo: &Echo| {
         (
             echo.header_all("x-forwarded-for").join(", "),

@@ -69,6 +69,15 @@ impl Nginx {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// A plain HTTP/1.1 client that connects from `from` (another loopback address, such as
+    /// `127.0.0.2`): a client the balancer and Portcullis can tell from each other.
+    pub fn client_from(from: IpAddr) -> reqwest::Client {
+        crate::client::plain_client_builder()
+            .local_address(from)
+            .build()
+            .expect("build reqwest client")
+    }
 }
 
 impl Drop for Nginx {
