@@ -108,6 +108,11 @@ fn bad_configs() {
             ],
         },
         Case {
+            name: "trusted_proxies that add up to every address",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"0.0.0.0/1\", \"128.0.0.0/2\", \"192.0.0.0/2\"]\n",
+            problems: &[("listeners[0].trusted_proxies", Some(4), "add up to `0.0.0.0/0`")],
+        },
+        Case {
             name: "pass_authorization on a route that takes no bearer token",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\npass_authorization = true\n",
             problems: &[("routes[0].pass_authorization", None, "does not accept \"bearer\"")],

@@ -2157,6 +2157,20 @@ fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Ve
             trusted.push(net);
         }
     }
+    // Networks that each leave some addresses out can still add up to all of them
+    // (`0.0.0.0/1` and `128.0.0.0/1`).
+    if let Some(all) = ipnet::IpNet::aggregate(&trusted)
+        .into_iter()
+        .find(|net| net.prefix_len() == 0)
+    {
+        p.add(
+            path,
+            format!(
+                "together these networks trust every address (they add up to `{all}`), so any \
+                 client could name itself anyone: list the proxies' own addresses or networks"
+            ),
+        );
+    }
     trusted
 }
 
