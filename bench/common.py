@@ -618,11 +618,12 @@ class Stack:
     `eng`, session cookie) and `api.test` (members of `eng`, bearer JWT). SCIM on `auth.test`
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
     `extra` is appended to its configuration (a `[postgres]` table, say); `prefix` is put before
-    its command line (`valgrind …`, say), and then start-up may take minutes.
+    its command line (`valgrind …`, say), and then start-up may take minutes. `program` is the
+    Portcullis binary to run (this checkout's release build unless given).
     """
 
     def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra="",
-                 prefix=()):
+                 prefix=(), program=None):
         self.tmp = tmp
         self.procs = []
         self.idp = None
@@ -699,7 +700,7 @@ secret = "{SCIM_TOKEN}"
 {extra}
 """)
             self.log = open(os.path.join(tmp, "portcullis-auth.log"), "w")
-            self.proc = subprocess.Popen([*prefix, binary(), "serve", "--config", self.config],
+            self.proc = subprocess.Popen([*prefix, program or binary(), "serve", "--config", self.config],
                                          stdout=self.log, stderr=subprocess.STDOUT)
             self.procs.append(self.proc)
             slow = 10 if prefix else 1
