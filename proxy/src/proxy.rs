@@ -652,6 +652,10 @@ impl ProxyHttp for Proxy {
                 "the upstream switched protocols without accepting the websocket",
             );
         }
+        // What the upstream's `Connection` names is about its connection to Portcullis, not the
+        // client's (pingora says its own `Connection` to an HTTP/1 client, and drops these for
+        // HTTP/2 ones): first, so that the rules below see what the client will get.
+        strip_hop_by_hop(upstream_response);
         // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
         // session, to sign visitors in as someone else) or clears one is not obeyed.
         // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
@@ -1461,6 +1465,34 @@ fn accepts_websocket(request: &RequestHeader, response: &ResponseHeader) -> bool
     let expected = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
     upgrade.as_bytes().eq_ignore_ascii_case(b"websocket")
         && accept.as_bytes().trim_ascii() == expected.as_bytes()
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Takes out of an upstream's answer the headers that are for the hop it came over (RFC 9110
+/// §7.6.1): those its `Connection` names (an internal token an upstream hands the proxy, say),
+/// and `Keep-Alive` and `Proxy-Connection`. An answer without `Connection` is left as it is;
+/// so is a 101, whose `Upgrade` the client asked for. The framing headers stay whatever is
+/// named: pingora frames the answer to the client from them.
+fn strip_hop_by_hop(response: &mut ResponseHeader) {
+    if response.status == StatusCode::SWITCHING_PROTOCOLS
+        || !response.headers.contains_key(header::CONNECTION)
+    {
+        return;
+    }
+    let mut named: Vec<HeaderName> = response
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .filter(|name| *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING)
+        .collect();
+    named.extend([KEEP_ALIVE, PROXY_CONNECTION]);
+    for name in &named {
+        response.remove_header(name);
+    }
 }
 
 const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");

@@ -211,7 +211,7 @@ async fn without_sign_in_the_session_cookie_still_stays_out_and_cookies_go_as_on
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hop_by_hop_headers_are_not_forwarded() {
+async fn hop_by_hop_headers_are_not_forwarded_either_way() {
     let up = Upstream::start("a").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
@@ -270,6 +270,27 @@ async fn hop_by_hop_headers_are_not_forwarded() {
             );
         }
         assert_eq!(echo.header("x-end-to-end"), Some("e2e"), "{host}");
+
+        // Nor those of the upstream's answer to the client.
+        let req = format!("GET /hop-by-hop HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+        let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+        assert_eq!(resp.status, 200, "{host}: {}", resp.body_text());
+        let sent = |name: &str| -> Vec<&str> {
+            resp.headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str())
+                .collect()
+        };
+        for name in ["x-internal-token", "keep-alive", "proxy-connection"] {
+            assert!(
+                sent(name).is_empty(),
+                "{host}: the upstream's hop-by-hop {name} reached the client: {:?}",
+                resp.headers
+            );
+        }
+        assert_eq!(sent("connection"), ["keep-alive"], "{host}");
+        assert_eq!(sent("x-end-to-end"), ["kept"], "{host}");
     }
 }
 

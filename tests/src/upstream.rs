@@ -324,6 +324,28 @@ async fn handle(
             header::HeaderValue::from_static("public, max-age=60"),
         );
     }
+    if path == "/hop-by-hop" {
+        // Headers for the proxy alone, as an upstream behind a proxy may send them: what
+        // `Connection` names, and `Keep-Alive`; beside one for the client.
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("keep-alive, X-Internal-Token"),
+        );
+        h.insert(
+            "x-internal-token",
+            header::HeaderValue::from_static("for-the-proxy-only"),
+        );
+        h.insert(
+            "keep-alive",
+            header::HeaderValue::from_static("timeout=5, max=100"),
+        );
+        h.insert(
+            "proxy-connection",
+            header::HeaderValue::from_static("keep-alive"),
+        );
+        h.insert("x-end-to-end", header::HeaderValue::from_static("kept"));
+    }
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
