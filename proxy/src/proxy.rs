@@ -1471,26 +1471,31 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Takes out of an upstream's answer the headers that are for the hop it came over (RFC 9110
-/// §7.6.1): those its `Connection` names (an internal token an upstream hands the proxy, say),
-/// and `Keep-Alive` and `Proxy-Connection`. An answer without `Connection` is left as it is;
-/// so is a 101, whose `Upgrade` the client asked for. The framing headers stay whatever is
-/// named: pingora frames the answer to the client from them.
+/// §7.6.1): `Keep-Alive` and `Proxy-Connection` always, and those its `Connection` names (an
+/// internal token an upstream hands the proxy, say). What the client needs stays whatever is
+/// named: the framing headers (pingora frames the answer to the client from them) and, on a
+/// 101, the `Upgrade` and `Connection` of the websocket it asked for.
 fn strip_hop_by_hop(response: &mut ResponseHeader) {
-    if response.status == StatusCode::SWITCHING_PROTOCOLS
-        || !response.headers.contains_key(header::CONNECTION)
-    {
-        return;
-    }
-    let mut named: Vec<HeaderName> = response
+    let switching = response.status == StatusCode::SWITCHING_PROTOCOLS;
+    let kept = |name: &HeaderName| {
+        *name == header::CONTENT_LENGTH
+            || *name == header::TRANSFER_ENCODING
+            || (switching && (*name == header::UPGRADE || *name == header::CONNECTION))
+    };
+    // Nearly every `Connection` says `keep-alive` or `close` alone: nothing to collect.
+    let named: Vec<HeaderName> = response
         .headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .filter(|name| *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING)
+        .map(<[u8]>::trim_ascii)
+        .filter(|option| {
+            !option.eq_ignore_ascii_case(b"keep-alive") && !option.eq_ignore_ascii_case(b"close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
+        .filter(|name| !kept(name))
         .collect();
-    named.extend([KEEP_ALIVE, PROXY_CONNECTION]);
-    for name in &named {
+    for name in named.iter().chain([&KEEP_ALIVE, &PROXY_CONNECTION]) {
         response.remove_header(name);
     }
 }

@@ -271,26 +271,28 @@ async fn hop_by_hop_headers_are_not_forwarded_either_way() {
         }
         assert_eq!(echo.header("x-end-to-end"), Some("e2e"), "{host}");
 
-        // Nor those of the upstream's answer to the client.
-        let req = format!("GET /hop-by-hop HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
-        let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
-        assert_eq!(resp.status, 200, "{host}: {}", resp.body_text());
-        let sent = |name: &str| -> Vec<&str> {
-            resp.headers
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, value)| value.as_str())
-                .collect()
-        };
-        for name in ["x-internal-token", "keep-alive", "proxy-connection"] {
-            assert!(
-                sent(name).is_empty(),
-                "{host}: the upstream's hop-by-hop {name} reached the client: {:?}",
+        // Nor those of the upstream's answer to the client, named in its `Connection` or not.
+        for target in ["/hop-by-hop", "/hop-by-hop?bare"] {
+            let req = format!("GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+            let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+            assert_eq!(resp.status, 200, "{host}{target}: {}", resp.body_text());
+            let sent = |name: &str| -> Vec<&str> {
                 resp.headers
-            );
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, value)| value.as_str())
+                    .collect()
+            };
+            for name in ["x-internal-token", "keep-alive", "proxy-connection"] {
+                assert!(
+                    sent(name).is_empty(),
+                    "{host}{target}: the upstream's hop-by-hop {name} reached the client: {:?}",
+                    resp.headers
+                );
+            }
+            assert_eq!(sent("connection"), ["keep-alive"], "{host}{target}");
+            assert_eq!(sent("x-end-to-end"), ["kept"], "{host}{target}");
         }
-        assert_eq!(sent("connection"), ["keep-alive"], "{host}");
-        assert_eq!(sent("x-end-to-end"), ["kept"], "{host}");
     }
 }
 

@@ -326,16 +326,19 @@ async fn handle(
     }
     if path == "/hop-by-hop" {
         // Headers for the proxy alone, as an upstream behind a proxy may send them: what
-        // `Connection` names, and `Keep-Alive`; beside one for the client.
+        // `Connection` names, and `Keep-Alive`; beside one for the client. With `?bare`, no
+        // `Connection`: `Keep-Alive` and `Proxy-Connection` are hop-by-hop all the same.
         let h = resp.headers_mut();
-        h.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("keep-alive, X-Internal-Token"),
-        );
-        h.insert(
-            "x-internal-token",
-            header::HeaderValue::from_static("for-the-proxy-only"),
-        );
+        if parts.uri.query() != Some("bare") {
+            h.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("keep-alive, X-Internal-Token"),
+            );
+            h.insert(
+                "x-internal-token",
+                header::HeaderValue::from_static("for-the-proxy-only"),
+            );
+        }
         h.insert(
             "keep-alive",
             header::HeaderValue::from_static("timeout=5, max=100"),
