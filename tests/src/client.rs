@@ -109,6 +109,15 @@ impl RawResponse {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The values of every header named `name` (any case), in the order received.
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
