@@ -8,7 +8,8 @@
 //! the root and under each type, and `/Bulk` with `bulkId` references and `failOnErrors`.
 //!
 //! Passwords are hashed (Argon2id, off the async threads) before a write reaches the store,
-//! and are never returned. A PATCH of a Group answers with the group without `members` unless
+//! and are never returned. Reads of the store (a get, a list, a search) run off the async
+//! threads too: the proxy's workers go on serving requests while one waits or scans. A PATCH of a Group answers with the group without `members` unless
 //! the request asked for them by `attributes`, so a change to a 100,000-member group never
 //! renders the list.
 
@@ -82,6 +83,7 @@ impl ScimResponse {
     }
 }
 
+#[derive(Clone)]
 pub struct ScimService {
     directory: Arc<Directory>,
     limits: Limits,
@@ -247,7 +249,9 @@ impl ScimService {
             ([".search"], &Method::POST) => {
                 // A root search spans both types; list Users then Groups.
                 let params = ListParams::from_search(&parse_json(req.body)?)?;
-                self.list_all(req, &params)
+                let base = req.base_url.to_owned();
+                self.reading(move |scim| scim.list_all(&base, &params))
+                    .await
             }
             (["Bulk"], &Method::POST) => self.bulk(req).await,
             // Discovery documents are read-only (RFC 7644 §4).
@@ -260,11 +264,15 @@ impl ScimService {
                 match (rest, method) {
                     ([], &Method::GET) => {
                         let params = ListParams::from_query(req.query)?;
-                        self.list(req, rt, &params)
+                        let base = req.base_url.to_owned();
+                        self.reading(move |scim| scim.list(&base, rt, &params))
+                            .await
                     }
                     ([".search"], &Method::POST) => {
                         let params = ListParams::from_search(&parse_json(req.body)?)?;
-                        self.list(req, rt, &params)
+                        let base = req.base_url.to_owned();
+                        self.reading(move |scim| scim.list(&base, rt, &params))
+                            .await
                     }
                     ([], &Method::POST) => {
                         let params = ListParams::from_query(req.query)?;
@@ -272,7 +280,13 @@ impl ScimService {
                         let written = self.create(rt, &body, req.actor).await?;
                         Ok(self.written(req, rt, written, 201, &params.projection(rt)))
                     }
-                    ([id], &Method::GET) => self.get(req, rt, id),
+                    ([id], &Method::GET) => {
+                        let params = ListParams::from_query(req.query)?;
+                        let (base, id) = (req.base_url.to_owned(), (*id).to_owned());
+                        let tags = req.if_none_match.map(str::to_owned);
+                        self.reading(move |scim| scim.get(&base, rt, &id, tags.as_deref(), &params))
+                            .await
+                    }
                     ([id], &Method::PUT) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
@@ -345,14 +359,36 @@ impl ScimService {
         )
     }
 
-    fn get(&self, req: &ScimRequest<'_>, rt: ResourceType, id: &str) -> Result<ScimResponse> {
-        let params = ListParams::from_query(req.query)?;
+    /// Runs a read of the store off the async threads, as a blocking task: a read may wait on
+    /// the disk or on PostgreSQL, or go through every resource for a filter no index answers,
+    /// and the proxy's worker thread it would otherwise hold serves every request on its
+    /// connections meanwhile. A few at once; the rest wait their turn without a thread.
+    async fn reading<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ScimService) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let unavailable = || ScimError::new(503, None, "the directory cannot be read now");
+        let _turn = READING.acquire().await.map_err(|_| unavailable())?;
+        let scim = self.clone();
+        tokio::task::spawn_blocking(move || read(&scim))
+            .await
+            .map_err(|_| ScimError::new(500, None, "a directory read failed"))?
+    }
+
+    fn get(
+        &self,
+        base: &str,
+        rt: ResourceType,
+        id: &str,
+        if_none_match: Option<&str>,
+        params: &ListParams,
+    ) -> Result<ScimResponse> {
         let record = self
             .directory
             .get(rt, id)?
             .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
         let etag = version_of(&record);
-        if let (Some(tags), Some(current)) = (req.if_none_match, etag.as_deref()) {
+        if let (Some(tags), Some(current)) = (if_none_match, etag.as_deref()) {
             if tags
                 .split(',')
                 .map(str::trim)
@@ -366,7 +402,7 @@ impl ScimService {
                 });
             }
         }
-        let body = self.render(req.base_url, rt, record, &params.projection(rt));
+        let body = self.render(base, rt, record, &params.projection(rt));
         Ok(ScimResponse {
             status: 200,
             etag,
@@ -421,19 +457,14 @@ impl ScimService {
         })
     }
 
-    fn list(
-        &self,
-        req: &ScimRequest<'_>,
-        rt: ResourceType,
-        params: &ListParams,
-    ) -> Result<ScimResponse> {
+    fn list(&self, base: &str, rt: ResourceType, params: &ListParams) -> Result<ScimResponse> {
         let query = self.query_of(params)?;
         let page = self.directory.query(rt, &query)?;
         let projection = params.projection(rt);
         let resources: Vec<Value> = page
             .records
             .into_iter()
-            .map(|r| self.render(req.base_url, rt, r, &projection))
+            .map(|r| self.render(base, rt, r, &projection))
             .collect();
         Ok(list_response(page.total, query.start_index, resources))
     }
@@ -442,7 +473,7 @@ impl ScimService {
     /// as one list. Each type is asked only for the part of the page that falls in it, so a
     /// page costs what it holds, not the whole directory. A filter that names an attribute
     /// some type lacks matches nothing of that type; one that no type can read is refused.
-    fn list_all(&self, req: &ScimRequest<'_>, params: &ListParams) -> Result<ScimResponse> {
+    fn list_all(&self, base: &str, params: &ListParams) -> Result<ScimResponse> {
         let query = self.query_of(params)?;
         let mut skip = query.start_index - 1;
         let mut room = query.count.unwrap_or(self.limits.max_results);
@@ -468,7 +499,7 @@ impl ScimService {
             resources.extend(
                 page.records
                     .into_iter()
-                    .map(|r| self.render(req.base_url, rt, r, &projection)),
+                    .map(|r| self.render(base, rt, r, &projection)),
             );
         }
         if unreadable.len() == ResourceType::ALL.len() {
@@ -934,6 +965,10 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
     *ops = kept;
     Ok(password)
 }
+
+/// Reads of the store at once (see [`ScimService::reading`]): each holds a blocking thread,
+/// and a client that sends many searches at once gets them answered a few at a time.
+static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// Passwords hashed at once: each takes Argon2's 19 MiB and a core for a while, and a SCIM
 /// client may send many creates at once; the rest wait their turn.

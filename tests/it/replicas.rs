@@ -17,6 +17,8 @@
 //! - PostgreSQL restarting under load: the replicas fail closed (503) during the gap, never
 //!   admit a caller revoked just before it, and catch up without being restarted.
 //! - `kill -9` of a replica during SCIM writes loses no acknowledged write.
+//! - A SCIM read waiting on PostgreSQL (a lock held elsewhere) holds up no proxied request on
+//!   the one worker thread that took it.
 //! - Migrations: from empty, idempotent, safe with replicas starting at once, and a schema
 //!   newer than the binary's is refused at start with a clear message.
 
@@ -1048,4 +1050,68 @@ async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
         REFUSED,
     )
     .await;
+}
+
+/// A SCIM read that waits on PostgreSQL (here on a lock the test holds; in life a search that
+/// reads the whole directory, or a busy or distant server) holds up no proxied request on the
+/// worker thread that took it: it waits off that thread, and is answered once PostgreSQL is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
+    let pg = Postgres::start().await;
+    let up = Upstream::start("app").await;
+    // One worker thread: a read held on it would hold up every request.
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("threads", "1")
+        .route(Route::new("http://app.test", &[&up]))
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+        .postgres(&pg.url(), "30s");
+    let _px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let id = scim.create_user("ada@example.com").await.expect(201).id();
+
+    // The users' table locked, as a long transaction or a migration elsewhere may hold it.
+    let (locker, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    let driver = tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the users' table");
+    let read = tokio::spawn({
+        let (scim, path) = (scim.clone(), format!("/Users/{id}"));
+        async move { scim.get(&path).await }
+    });
+    let waiting = eventually(Duration::from_secs(60), || async {
+        let rows = pg
+            .query(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%directory_users%'",
+            )
+            .await;
+        rows.is_ok_and(|rows| rows.first().and_then(|row| row[0].as_deref()) == Some("1"))
+    })
+    .await;
+    assert!(waiting, "the SCIM read never came to wait on the lock");
+
+    let client = bare_client();
+    for n in 0..5 {
+        let sent = client.get(cfg.http_url("app.test", "/")).send();
+        let answer = tokio::time::timeout(Duration::from_secs(20), sent).await;
+        assert!(
+            matches!(&answer, Ok(Ok(response)) if response.status() == 200),
+            "proxied request {n} was held up by a SCIM read waiting on PostgreSQL: {answer:?}"
+        );
+    }
+    assert!(
+        !read.is_finished(),
+        "the SCIM read was answered while it waited on the lock"
+    );
+
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    let got = read.await.expect("the SCIM read").expect(200);
+    assert_eq!(got.body["userName"], "ada@example.com", "{}", got.text);
+    drop(locker);
+    let _ = driver.await;
 }
