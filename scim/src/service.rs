@@ -368,11 +368,15 @@ impl ScimService {
         read: impl FnOnce(&ScimService) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let unavailable = || ScimError::new(503, None, "the directory cannot be read now");
-        let _turn = READING.acquire().await.map_err(|_| unavailable())?;
+        // The turn goes with the task: a caller that goes away does not end the read.
+        let turn = READING.acquire().await.map_err(|_| unavailable())?;
         let scim = self.clone();
-        tokio::task::spawn_blocking(move || read(&scim))
-            .await
-            .map_err(|_| ScimError::new(500, None, "a directory read failed"))?
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            read(&scim)
+        })
+        .await
+        .map_err(|_| ScimError::new(500, None, "a directory read failed"))?
     }
 
     fn get(
@@ -978,12 +982,14 @@ async fn hash_password(password: Option<String>) -> Result<Option<String>> {
     let Some(password) = password else {
         return Ok(None);
     };
-    let _turn = HASHING
+    // The turn goes with the task: a client that goes away does not end the hashing.
+    let turn = HASHING
         .acquire()
         .await
         .map_err(|_| ScimError::new(503, None, "password hashing is unavailable"))?;
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let _turn = turn;
         let salt = SaltString::generate(&mut OsRng);
         argon2::Argon2::default()
             .hash_password(password.as_bytes(), &salt)
