@@ -673,6 +673,26 @@ impl Directory {
         let start = query.start_index.max(1) - 1;
         let count = query.count.unwrap_or(usize::MAX);
 
+        // Without a filter or sort, only the page itself is read: its rows from the index (not
+        // a list of every row, which made each page of an import cost the whole directory),
+        // then its records from storage.
+        if query.filter.is_none() && query.sort_by.is_none() {
+            let (total, page) = {
+                let index = self.index();
+                let page: Vec<Row> = index.rows(rt).skip(start).take(count).collect();
+                (index.count(rt), page)
+            };
+            let records = self.storage.records(rt, &page)?;
+            return Ok(Page {
+                total,
+                records: records
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .filter(|r| !r.retired)
+                    .collect(),
+            });
+        }
+
         let rows: Vec<Row> = {
             let index = self.index();
             match query
@@ -688,20 +708,6 @@ impl Directory {
                 None => index.rows(rt).collect(),
             }
         };
-
-        // Without a filter or sort, only the page itself is read from storage.
-        if query.filter.is_none() && query.sort_by.is_none() {
-            let page: Vec<Row> = rows.iter().copied().skip(start).take(count).collect();
-            let records = self.storage.records(rt, &page)?;
-            return Ok(Page {
-                total: rows.len(),
-                records: records
-                    .into_iter()
-                    .map(|(_, r)| r)
-                    .filter(|r| !r.retired)
-                    .collect(),
-            });
-        }
 
         // Unsorted, only the page's matches are kept; sorted, every match is.
         let in_page = |n: usize| query.sort_by.is_some() || (n >= start && n - start < count);

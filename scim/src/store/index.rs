@@ -265,6 +265,9 @@ pub struct Index {
     pub(super) seq: Seq,
     pub(super) next_row: Row,
     slots: Vec<Slot>,
+    /// The type of each slot's resource, by row: what a listing scans, a byte a row rather than
+    /// a whole slot's cache line.
+    kinds: Vec<Option<ResourceType>>,
     /// How many resources of each type, by `ResourceType as usize`.
     counts: [usize; 4],
     ids: PreHashedMap<Id, Row>,
@@ -308,6 +311,7 @@ impl Default for Index {
             seq: 0,
             next_row: 1,
             slots: Vec::new(),
+            kinds: Vec::new(),
             counts: [0; 4],
             ids: PreHashedMap::default(),
             hasher: foldhash::quality::RandomState::default(),
@@ -537,8 +541,18 @@ impl Index {
         if i >= self.slots.len() {
             // Rows only grow; a batch never skips more than it allocated.
             self.slots.resize_with(i + 1, Slot::default);
+            self.kinds.resize(i + 1, None);
         }
         self.slots.get_mut(i)
+    }
+
+    /// Empties `row` if it holds a resource of type `rt`; what it held.
+    fn take(&mut self, row: Row, rt: ResourceType) -> Option<Slot> {
+        let i = usize::try_from(row).ok()?;
+        let kind = self.kinds.get_mut(i).filter(|kind| **kind == Some(rt))?;
+        *kind = None;
+        self.counted(rt, false);
+        self.slots.get_mut(i).map(std::mem::take)
     }
 
     pub fn seq(&self) -> Seq {
@@ -623,15 +637,15 @@ impl Index {
         let clamp = |row: Row| {
             usize::try_from(row)
                 .unwrap_or(usize::MAX)
-                .min(self.slots.len())
+                .min(self.kinds.len())
         };
         let (start, end) = (clamp(start), clamp(end));
-        self.slots
+        self.kinds
             .get(start..end.max(start))
             .unwrap_or_default()
             .iter()
             .enumerate()
-            .filter_map(move |(i, slot)| (slot.kind() == Some(rt)).then_some((start + i) as Row))
+            .filter_map(move |(i, kind)| (*kind == Some(rt)).then_some((start + i) as Row))
     }
 
     /// One past the highest row there has been.
@@ -1015,17 +1029,21 @@ impl Index {
             *parents = std::mem::take(old);
         }
         *slot = entry;
+        if let Some(placed) = usize::try_from(row)
+            .ok()
+            .and_then(|i| self.kinds.get_mut(i))
+        {
+            *placed = Some(kind);
+        }
         if new {
             self.counted(kind, true);
         }
     }
 
     fn remove_user(&mut self, row: Row) -> Option<UserEntry> {
-        let slot = self.slot_mut(row)?;
-        let Slot::User(entry) = std::mem::take(slot) else {
+        let Some(Slot::User(entry)) = self.take(row, ResourceType::User) else {
             return None;
         };
-        self.counted(ResourceType::User, false);
         self.ids.remove(&entry.id);
         self.user_by_name.remove(self.key(&entry.user_name), row);
         if let Some(external_id) = &entry.external_id {
@@ -1049,11 +1067,9 @@ impl Index {
     }
 
     fn remove_group(&mut self, row: Row) -> Option<GroupEntry> {
-        let slot = self.slot_mut(row)?;
-        let Slot::Group(entry) = std::mem::take(slot) else {
+        let Some(Slot::Group(entry)) = self.take(row, ResourceType::Group) else {
             return None;
         };
-        self.counted(ResourceType::Group, false);
         self.ids.remove(&entry.id);
         self.group_by_name
             .remove(self.key(&fold(&entry.display_name)), row);
@@ -1075,11 +1091,9 @@ impl Index {
     }
 
     fn remove_agent(&mut self, row: Row) -> Option<AgentEntry> {
-        let slot = self.slot_mut(row)?;
-        let Slot::Agent(entry) = std::mem::take(slot) else {
+        let Some(Slot::Agent(entry)) = self.take(row, ResourceType::Agent) else {
             return None;
         };
-        self.counted(ResourceType::Agent, false);
         self.ids.remove(&entry.id);
         self.agent_by_name.remove(self.key(&fold(&entry.name)), row);
         if let Some(external_id) = &entry.external_id {
@@ -1096,13 +1110,10 @@ impl Index {
     }
 
     fn remove_application(&mut self, row: Row) {
-        let Some(slot) = self.slot_mut(row) else {
+        let Some(Slot::Application(entry)) = self.take(row, ResourceType::AgenticApplication)
+        else {
             return;
         };
-        let Slot::Application(entry) = std::mem::take(slot) else {
-            return;
-        };
-        self.counted(ResourceType::AgenticApplication, false);
         self.ids.remove(&entry.id);
         self.application_by_name
             .remove(self.key(&fold(&entry.name)), row);

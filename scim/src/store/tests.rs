@@ -428,6 +428,69 @@ async fn filters_use_the_index_and_pages_are_stable() {
     assert_eq!(page(21).records.len(), 5);
 }
 
+/// Every page of an unfiltered list, from each start: the type's live resources in creation
+/// order, whatever rows other types and deleted resources hold between them, before and after a
+/// restart (which numbers the rows anew).
+#[tokio::test]
+async fn unfiltered_pages_skip_other_types_and_the_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut users = Vec::new();
+    {
+        let dir = open(tmp.path());
+        for i in 0..12 {
+            let id = created(
+                &dir,
+                ResourceType::User,
+                user(&format!("p{i}@corp.example")),
+            )
+            .await;
+            if i % 3 == 0 {
+                created(&dir, ResourceType::Group, group(&format!("g{i}"), &[])).await;
+            }
+            if i % 4 == 1 {
+                let delete = Command::Delete {
+                    rt: ResourceType::User,
+                    id,
+                    if_match: None,
+                };
+                dir.write(delete, "test").await.unwrap();
+            } else {
+                users.push(id);
+            }
+        }
+        assert_pages(&dir, &users);
+    }
+    assert_pages(&open(tmp.path()), &users);
+}
+
+fn assert_pages(dir: &Directory, users: &[String]) {
+    for start in 1..=users.len() + 2 {
+        let page = dir
+            .query(
+                ResourceType::User,
+                &Query {
+                    start_index: start,
+                    count: Some(4),
+                    ..Query::default()
+                },
+            )
+            .unwrap();
+        let got: Vec<&str> = page
+            .records
+            .iter()
+            .map(|r| r.resource["id"].as_str().unwrap())
+            .collect();
+        let want: Vec<&str> = users
+            .iter()
+            .skip(start - 1)
+            .take(4)
+            .map(String::as_str)
+            .collect();
+        assert_eq!(page.total, users.len(), "total, from {start}");
+        assert_eq!(got, want, "the page from {start}");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_writes_share_commits_and_all_land() {
     let tmp = tempfile::tempdir().unwrap();
