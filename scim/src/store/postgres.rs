@@ -237,9 +237,10 @@ struct Pool {
 
 impl Pool {
     /// Runs `f` on a pooled connection. The synchronous client drives its own small runtime,
-    /// which cannot run on an async runtime's thread (a SCIM read on a proxy worker): from
-    /// there, `f` runs on a short-lived thread of its own, and the caller waits, as it would
-    /// for a disk read.
+    /// which cannot run on an async runtime's thread: from a thread in a runtime's context,
+    /// `f` runs on a short-lived thread of its own, and the caller waits, as it would for a
+    /// disk read. (SCIM reads come from blocking tasks, whose threads have that context too,
+    /// though they could run it themselves; tokio does not tell the two apart.)
     fn with<T: Send>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send,
