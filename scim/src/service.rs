@@ -9,9 +9,10 @@
 //!
 //! Passwords are hashed (Argon2id, off the async threads) before a write reaches the store,
 //! and are never returned. Reads of the store (a get, a list, a search) run off the async
-//! threads too: the proxy's workers go on serving requests while one waits or scans. A PATCH of a Group answers with the group without `members` unless
-//! the request asked for them by `attributes`, so a change to a 100,000-member group never
-//! renders the list.
+//! threads too: the proxy's workers go on serving requests while one waits or scans.
+//!
+//! A PATCH of a Group answers with the group without `members` unless the request asked for
+//! them by `attributes`, so a change to a 100,000-member group never renders the list.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -362,14 +363,23 @@ impl ScimService {
     /// Runs a read of the store off the async threads, as a blocking task: a read may wait on
     /// the disk or on PostgreSQL, or go through every resource for a filter no index answers,
     /// and the proxy's worker thread it would otherwise hold serves every request on its
-    /// connections meanwhile. A few at once; the rest wait their turn without a thread.
+    /// connections meanwhile. A few at once; the rest wait their turn without a thread, for
+    /// [`READ_TURN`] at most.
     async fn reading<T: Send + 'static>(
         &self,
         read: impl FnOnce(&ScimService) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let unavailable = || ScimError::new(503, None, "the directory cannot be read now");
+        let busy = || {
+            let detail = "the directory is busy with other reads (one waiting on PostgreSQL, \
+                          say): try again later";
+            ScimError::new(503, None, detail)
+        };
         // The turn goes with the task: a caller that goes away does not end the read.
-        let turn = READING.acquire().await.map_err(|_| unavailable())?;
+        let turn = tokio::time::timeout(READ_TURN, READING.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| unavailable())?;
         let scim = self.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
@@ -973,6 +983,10 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
 /// Reads of the store at once (see [`ScimService::reading`]): each holds a blocking thread,
 /// and a client that sends many searches at once gets them answered a few at a time.
 static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// How long a read waits for its turn before it is answered 503: reads that do not end (each
+/// waiting on a lock another PostgreSQL session holds, say) do not hold up the rest for ever.
+const READ_TURN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Passwords hashed at once: each takes Argon2's 19 MiB and a core for a while, and a SCIM
 /// client may send many creates at once; the rest wait their turn.

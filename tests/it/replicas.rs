@@ -1052,11 +1052,13 @@ async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
     .await;
 }
 
-/// A SCIM read that waits on PostgreSQL (here on a lock the test holds; in life a search that
-/// reads the whole directory, or a busy or distant server) holds up no proxied request on the
-/// worker thread that took it: it waits off that thread, and is answered once PostgreSQL is.
+/// SCIM reads that wait on PostgreSQL (here on a lock the test holds; in life a search that
+/// reads the whole directory, or a busy or distant server) hold up no proxied request on the
+/// worker thread that took them: they wait off that thread, and are answered once PostgreSQL
+/// is. Four wait at most; a fifth is answered 503 once it has waited its turn for 10 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
+    const READS: usize = 4;
     let pg = Postgres::start().await;
     let up = Upstream::start("app").await;
     // One worker thread: a read held on it would hold up every request.
@@ -1079,21 +1081,25 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
         .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
         .await
         .expect("lock the users' table");
-    let read = tokio::spawn({
-        let (scim, path) = (scim.clone(), format!("/Users/{id}"));
-        async move { scim.get(&path).await }
-    });
+    let reads: Vec<_> = (0..READS)
+        .map(|_| {
+            let (scim, path) = (scim.clone(), format!("/Users/{id}"));
+            tokio::spawn(async move { scim.get(&path).await })
+        })
+        .collect();
+    // Until every read waits on the lock: Portcullis' read of user records, nothing else.
     let waiting = eventually(Duration::from_secs(60), || async {
         let rows = pg
             .query(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%directory_users%'",
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE 'SELECT row_id, record FROM directory_users WHERE row_id%'",
             )
             .await;
-        rows.is_ok_and(|rows| rows.first().and_then(|row| row[0].as_deref()) == Some("1"))
+        let want = READS.to_string();
+        rows.is_ok_and(|rows| rows.first().and_then(|row| row[0].as_deref()) == Some(&*want))
     })
     .await;
-    assert!(waiting, "the SCIM read never came to wait on the lock");
+    assert!(waiting, "the SCIM reads never all came to wait on the lock");
 
     let client = bare_client();
     for n in 0..5 {
@@ -1101,17 +1107,28 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
         let answer = tokio::time::timeout(Duration::from_secs(20), sent).await;
         assert!(
             matches!(&answer, Ok(Ok(response)) if response.status() == 200),
-            "proxied request {n} was held up by a SCIM read waiting on PostgreSQL: {answer:?}"
+            "proxied request {n} was held up by SCIM reads waiting on PostgreSQL: {answer:?}"
         );
     }
+    // One read more waits for a turn, and is told to come back.
+    let asked = Instant::now();
+    let busy = scim.get(&format!("/Users/{id}")).await.expect(503);
     assert!(
-        !read.is_finished(),
-        "the SCIM read was answered while it waited on the lock"
+        asked.elapsed() >= Duration::from_secs(9),
+        "a read answered 503 before it waited its turn: {:?}",
+        asked.elapsed()
+    );
+    assert!(busy.text.contains("busy"), "{}", busy.text);
+    assert!(
+        reads.iter().all(|read| !read.is_finished()),
+        "a SCIM read was answered while it waited on the lock"
     );
 
     locker.batch_execute("COMMIT").await.expect("unlock");
-    let got = read.await.expect("the SCIM read").expect(200);
-    assert_eq!(got.body["userName"], "ada@example.com", "{}", got.text);
+    for read in reads {
+        let got = read.await.expect("the SCIM read").expect(200);
+        assert_eq!(got.body["userName"], "ada@example.com", "{}", got.text);
+    }
     drop(locker);
     let _ = driver.await;
 }
