@@ -1024,7 +1024,8 @@ impl Index {
         let Some(slot) = self.slot_mut(row) else {
             return;
         };
-        let new = slot.kind() != Some(kind);
+        let held = slot.kind();
+        let new = held != Some(kind);
         if let (false, Some(old), Some(parents)) = (new, slot.parents_mut(), entry.parents_mut()) {
             *parents = std::mem::take(old);
         }
@@ -1036,6 +1037,11 @@ impl Index {
             *placed = Some(kind);
         }
         if new {
+            // A row never holds two types in turn, but if stored rows ever said so, the counts
+            // still follow the slots.
+            if let Some(held) = held {
+                self.counted(held, false);
+            }
             self.counted(kind, true);
         }
     }

@@ -430,7 +430,7 @@ async fn filters_use_the_index_and_pages_are_stable() {
 
 /// Every page of an unfiltered list, from each start: the type's live resources in creation
 /// order, whatever rows other types and deleted resources hold between them, before and after a
-/// restart (which numbers the rows anew).
+/// restart (which builds the index again from what is stored).
 #[tokio::test]
 async fn unfiltered_pages_skip_other_types_and_the_deleted() {
     let tmp = tempfile::tempdir().unwrap();
