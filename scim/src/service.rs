@@ -8,8 +8,9 @@
 //! the root and under each type, and `/Bulk` with `bulkId` references and `failOnErrors`.
 //!
 //! Passwords are hashed (Argon2id, off the async threads) before a write reaches the store,
-//! and are never returned. Reads of the store (a get, a list, a search) run off the async
-//! threads too: the proxy's workers go on serving requests while one waits or scans.
+//! and are never returned. Reads of the store that may wait or take long (any from PostgreSQL,
+//! any that may read more than a page of records, any of Groups) run off the async threads
+//! too: the proxy's workers go on serving requests while one waits or scans.
 //!
 //! A PATCH of a Group answers with the group without `members` unless the request asked for
 //! them by `attributes`, so a change to a 100,000-member group never renders the list.
@@ -251,7 +252,7 @@ impl ScimService {
                 // A root search spans both types; list Users then Groups.
                 let params = ListParams::from_search(&parse_json(req.body)?)?;
                 let base = req.base_url.to_owned();
-                self.reading(move |scim| scim.list_all(&base, &params))
+                self.reading(false, move |scim| scim.list_all(&base, &params))
                     .await
             }
             (["Bulk"], &Method::POST) => self.bulk(req).await,
@@ -266,13 +267,15 @@ impl ScimService {
                     ([], &Method::GET) => {
                         let params = ListParams::from_query(req.query)?;
                         let base = req.base_url.to_owned();
-                        self.reading(move |scim| scim.list(&base, rt, &params))
+                        let here = self.is_small(rt, &params);
+                        self.reading(here, move |scim| scim.list(&base, rt, &params))
                             .await
                     }
                     ([".search"], &Method::POST) => {
                         let params = ListParams::from_search(&parse_json(req.body)?)?;
                         let base = req.base_url.to_owned();
-                        self.reading(move |scim| scim.list(&base, rt, &params))
+                        let here = self.is_small(rt, &params);
+                        self.reading(here, move |scim| scim.list(&base, rt, &params))
                             .await
                     }
                     ([], &Method::POST) => {
@@ -285,8 +288,12 @@ impl ScimService {
                         let params = ListParams::from_query(req.query)?;
                         let (base, id) = (req.base_url.to_owned(), (*id).to_owned());
                         let tags = req.if_none_match.map(str::to_owned);
-                        self.reading(move |scim| scim.get(&base, rt, &id, tags.as_deref(), &params))
-                            .await
+                        // One record, from this process' own store: read here.
+                        let here = rt != ResourceType::Group && !self.directory.is_shared();
+                        self.reading(here, move |scim| {
+                            scim.get(&base, rt, &id, tags.as_deref(), &params)
+                        })
+                        .await
                     }
                     ([id], &Method::PUT) => {
                         let params = ListParams::from_query(req.query)?;
@@ -364,11 +371,16 @@ impl ScimService {
     /// the disk or on PostgreSQL, or go through every resource for a filter no index answers,
     /// and the proxy's worker thread it would otherwise hold serves every request on its
     /// connections meanwhile. A few at once; the rest wait their turn without a thread, for
-    /// [`READ_TURN`] at most.
+    /// [`READ_TURN`] at most. A read that is `here` (see [`ScimService::is_small`]) runs where
+    /// it is asked: handing it to another thread would cost more than it does.
     async fn reading<T: Send + 'static>(
         &self,
+        here: bool,
         read: impl FnOnce(&ScimService) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        if here {
+            return read(self);
+        }
         let unavailable = || ScimError::new(503, None, "the directory cannot be read now");
         let busy = || {
             let detail = "the directory is busy with other reads (one waiting on PostgreSQL, \
@@ -387,6 +399,16 @@ impl ScimService {
         })
         .await
         .map_err(|_| ScimError::new(500, None, "a directory read failed"))?
+    }
+
+    /// Whether a list of `rt` with `params` reads little enough to run where it is asked: at
+    /// most [`SMALL_READ`] records, found through the index, from this process' own store (not
+    /// PostgreSQL), and no Group (one renders all its members).
+    fn is_small(&self, rt: ResourceType, params: &ListParams) -> bool {
+        rt != ResourceType::Group
+            && self
+                .query_of(params)
+                .is_ok_and(|query| self.directory.is_small(rt, &query, SMALL_READ))
     }
 
     fn get(
@@ -983,6 +1005,9 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
 /// Reads of the store at once (see [`ScimService::reading`]): each holds a blocking thread,
 /// and a client that sends many searches at once gets them answered a few at a time.
 static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// Records a read may take from the store and still run on the async thread that was asked.
+const SMALL_READ: usize = 100;
 
 /// How long a read waits for its turn before it is answered 503: reads that do not end (each
 /// waiting on a lock another PostgreSQL session holds, say) do not hold up the rest for ever.

@@ -376,6 +376,21 @@ impl Directory {
         self.storage.is_shared()
     }
 
+    /// Whether `query` reads at most `limit` records, all from this process' own storage (not
+    /// PostgreSQL, which is a round trip away): a page without a filter or sort, or the rows the
+    /// index finds for a filter.
+    pub fn is_small(&self, rt: ResourceType, query: &Query, limit: usize) -> bool {
+        if self.is_shared() {
+            return false;
+        }
+        match &query.filter {
+            None => query.sort_by.is_none() && query.count.is_some_and(|count| count <= limit),
+            Some(filter) => {
+                candidates(&self.index(), rt, filter).is_some_and(|rows| rows.len() <= limit)
+            }
+        }
+    }
+
     /// The sequence number of the last committed change.
     pub fn seq(&self) -> Seq {
         self.index().seq()

@@ -463,6 +463,48 @@ async fn unfiltered_pages_skip_other_types_and_the_deleted() {
     assert_pages(&open(tmp.path()), &users);
 }
 
+/// What counts as a small read (one the proxy's worker thread may do itself): a page of at
+/// most the limit without a filter or sort, or a filter the index narrows to at most the limit.
+#[tokio::test]
+async fn small_reads_are_pages_and_index_lookups_within_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    for i in 0..3 {
+        created(
+            &dir,
+            ResourceType::User,
+            user(&format!("s{i}@corp.example")),
+        )
+        .await;
+    }
+    let small = |filter: Option<&str>, count: Option<usize>, limit: usize| {
+        let query = Query {
+            filter: filter.map(|f| Filter::parse(f).unwrap()),
+            count,
+            ..Query::default()
+        };
+        dir.is_small(ResourceType::User, &query, limit)
+    };
+    assert!(small(None, Some(100), 100), "a page of the limit");
+    assert!(!small(None, Some(101), 100), "a page over the limit");
+    assert!(!small(None, None, 100), "every user");
+    assert!(small(Some(r#"userName eq "s1@corp.example""#), None, 1));
+    assert!(small(
+        Some(r#"userName eq "s1@corp.example" or userName eq "s2@corp.example""#),
+        None,
+        2
+    ));
+    assert!(!small(
+        Some(r#"userName eq "s1@corp.example" or userName eq "s2@corp.example""#),
+        None,
+        1
+    ));
+    assert!(
+        !small(Some(r#"name.familyName co "x""#), None, 100),
+        "a filter no index narrows"
+    );
+}
+
 fn assert_pages(dir: &Directory, users: &[String]) {
     for start in 1..=users.len() + 2 {
         let page = dir
