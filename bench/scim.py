@@ -91,9 +91,10 @@ def request(conn, method, path, body=None):
 
 class Portcullis:
     """A Portcullis process serving only SCIM; start-up time is spawn -> /readyz 200.
-    `extra` is appended to its config (bench/replicas.py adds `[postgres]`)."""
+    `extra` is appended to its config (bench/replicas.py adds `[postgres]`, bench/scim_reads.py
+    a route); `threads` is its worker threads (default: one per CPU)."""
 
-    def __init__(self, binary, tmp, data_dir, name, extra=""):
+    def __init__(self, binary, tmp, data_dir, name, extra="", threads=None):
         self.port, admin_port = free_port(), free_port()
         self.base = "/scim/v2"
         self.url = f"http://127.0.0.1:{self.port}{self.base}"
@@ -104,7 +105,7 @@ data_dir = "{data_dir}"
 [log]
 level = "warn"
 [server]
-threads = {os.cpu_count()}
+threads = {threads or os.cpu_count()}
 [admin]
 address = "127.0.0.1:{admin_port}"
 [[listeners]]

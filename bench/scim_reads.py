@@ -34,9 +34,10 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import scim  # noqa: E402
 from common import ROOT, free_port, log, stop, wait_http  # noqa: E402
 
-TOKEN = "bench-scim-token-0123456789abcdef"
+TOKEN = scim.TOKEN
 PAGE = 100
 SEARCH = 'name.familyName co "nobody"'
 
@@ -49,35 +50,8 @@ def build():
 
 def start(tmp, data_dir, upstream_port):
     """Portcullis with one worker thread, SCIM on 127.0.0.1 and `app.test` routed upstream."""
-    port, admin = free_port(), free_port()
-    config = os.path.join(tmp, "portcullis.toml")
-    with open(config, "w") as f:
-        f.write(f"""data_dir = "{data_dir}"
-[log]
-level = "warn"
-[server]
-threads = 1
-[admin]
-address = "127.0.0.1:{admin}"
-[[listeners]]
-address = "127.0.0.1:{port}"
-[scim]
-host = "127.0.0.1"
-[[scim.tokens]]
-name = "bench"
-secret = "{TOKEN}"
-[[routes]]
-from = "http://app.test"
-to = ["http://127.0.0.1:{upstream_port}"]
-""")
-    out = open(os.path.join(tmp, "portcullis.log"), "w")
-    proc = subprocess.Popen([common.binary(), "serve", "--config", config], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{admin}/readyz", timeout=600, want=200)
-    except SystemExit:
-        stop(proc)
-        raise
-    return proc, port
+    route = f'[[routes]]\nfrom = "http://app.test"\nto = ["http://127.0.0.1:{upstream_port}"]\n'
+    return scim.Portcullis(common.binary(), tmp, data_dir, "reads", extra=route, threads=1)
 
 
 def get(conn, path, headers):
@@ -150,10 +124,13 @@ def run(args):
         upstream_port = free_port()
         procs.append(common.start_upstream(tmp, upstream_port))
         wait_http(f"http://127.0.0.1:{upstream_port}/")
-        proc, port = start(tmp, data_dir, upstream_port)
-        procs.append(proc)
-        return {"users": args.users, "page": PAGE, "reads": args.reads,
-                "pages_ms": pages(port, args.users, args.reads), "search": search_while_proxying(port)}
+        portcullis = start(tmp, data_dir, upstream_port)
+        try:
+            return {"users": args.users, "page": PAGE, "reads": args.reads,
+                    "pages_ms": pages(portcullis.port, args.users, args.reads),
+                    "search": search_while_proxying(portcullis.port)}
+        finally:
+            portcullis.stop()
     finally:
         for proc in procs:
             stop(proc)
