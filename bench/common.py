@@ -141,12 +141,39 @@ def run_cli(parser, run, report):
     return result
 
 
+# The build measured: `cargo build --release`'s, or with PORTCULLIS_BUILD another Cargo target
+# directory holding release/portcullis and release/examples/pingora_floor (scripts/pgo.sh makes
+# target/pgo/bin, the build optimized with a profile).
+BUILD = os.path.abspath(os.environ.get("PORTCULLIS_BUILD") or os.path.join(ROOT, "target"))
+
+
+def build_said():
+    """Which build the figures are of, for a report's heading."""
+    if os.environ.get("PORTCULLIS_BUILD"):
+        return f"the build in {BUILD} (PORTCULLIS_BUILD)"
+    return "`cargo build --release`"
+
+
 def binary():
-    return os.path.join(ROOT, "target", "release", "portcullis")
+    return os.path.join(BUILD, "release", "portcullis")
 
 
-def build_release():
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis"], cwd=ROOT, check=True)
+def floor_binary():
+    """Bare pingora (proxy/examples/pingora_floor.rs), of the same build as `binary()`."""
+    return os.path.join(BUILD, "release", "examples", "pingora_floor")
+
+
+def build_release(floor=False):
+    """Builds Portcullis (and with `floor` bare pingora) in release; with PORTCULLIS_BUILD,
+    only checks that build has them."""
+    wanted = [binary()] + ([floor_binary()] if floor else [])
+    if os.environ.get("PORTCULLIS_BUILD"):
+        for path in wanted:
+            if not os.access(path, os.X_OK):
+                raise SystemExit(f"{path} is missing (PORTCULLIS_BUILD={BUILD})")
+        return
+    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--bin", "portcullis",
+                    *(["--example", "pingora_floor"] if floor else [])], cwd=ROOT, check=True)
 
 
 # --- nginx and wrk ------------------------------------------------------------------------------

@@ -143,10 +143,8 @@ class Capture:
 
 def build():
     """Builds Portcullis and bare pingora (release); returns bare pingora's binary."""
-    common.build_release()
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
-                   cwd=common.ROOT, check=True, stdout=sys.stderr)
-    return os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
+    common.build_release(floor=True)
+    return common.floor_binary()
 
 
 def capture_route(capture):
@@ -350,7 +348,8 @@ def profiled(systems, load, args):
 def report(result):
     print(f"\nSide by side on one core: each system under its own wrk -t1 -c{result['connections']} "
           f"-d{result['duration']}s at the same time, {result['rounds']} rounds; the core was "
-          f"{result['core_busy']:.0%} busy. CPU from /proc/<pid>/task/*/schedstat.\n")
+          f"{result['core_busy']:.0%} busy. CPU from /proc/<pid>/task/*/schedstat. Portcullis and bare "
+          f"pingora: {common.build_said()}.\n")
     print("| system | CPU/request (µs), median | above the floor (µs), median of the rounds (quartiles) "
           "| x the floor | target |")
     print("|---|---:|---:|---:|---|")

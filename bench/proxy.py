@@ -114,10 +114,8 @@ def run(args):
             raise SystemExit(f"{tool} is missing: run scripts/deps.sh bench")
     common.nginx_bin()
     common.apache_bin()
-    common.build_release()
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis", "--example", "pingora_floor"],
-                   cwd=common.ROOT, check=True)
-    floor_bin = os.path.join(common.ROOT, "target", "release", "examples", "pingora_floor")
+    common.build_release(floor=True)
+    floor_bin = common.floor_binary()
 
     tmp = tempfile.mkdtemp(prefix="portcullis-bench-proxy-")
     upstream_port, nginx_port, floor_port, apache_port = free_port(), free_port(), free_port(), free_port()
@@ -212,7 +210,7 @@ def run(args):
 
 def report(result):
     print(f"\nwrk -t1 -c{result['connections']} -d{result['duration']}s, median of {result['rounds']} rounds, "
-          f"1 worker thread each, {os.cpu_count()} cores\n")
+          f"1 worker thread each, {os.cpu_count()} cores; Portcullis and bare pingora: {common.build_said()}\n")
     print("| system | CPU/request (µs) | user + sys | requests/s | p50 (ms) | p99 (ms) | / nginx req/s "
           "| Apache's CPU / ours | target |")
     ms = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731

@@ -542,7 +542,7 @@ def ensure_tools():
         log(f"creating {VENV} with {SCIM2_SERVER} ...")
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
         subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", SCIM2_SERVER], check=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "portcullis"], cwd=ROOT, check=True)
+    common.build_release()
     subprocess.run(["cargo", "build", "--release", "-p", "portcullis-scim", "--example", "populate"],
                    cwd=ROOT, check=True)
 
