@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds Portcullis optimized with a profile of itself under load (profile-guided optimization):
+# target/pgo/bin/release/portcullis, with bare pingora built from the same profile beside it
+# (target/pgo/bin/release/examples/pingora_floor), the floor to measure it against.
+#
+#   1. a release build that records what runs (target/pgo/train);
+#   2. the load it records: one short round of bench/proxy.py (plain, signed-in and bearer routes,
+#      HTTPS, HTTP/2, two threads; sign-in through the test IdP) and of bench/scim.py (SCIM
+#      lookups, lists and writes);
+#   3. llvm-profdata of rustc's LLVM merges the records (Debian's llvm-N, installed if missing);
+#   4. the release build again, laid out and inlined by the profile (target/pgo).
+#
+# About 30 min on 2 cores. To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
+# bench/floor.py); bench/ab.py target target/pgo/bin sets it beside `cargo build --release`.
+# Usage: scripts/pgo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+make bench-deps
+
+llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+host=$(rustc -vV | sed -n 's/^host: //p')
+# A raw profile is read only by the llvm-profdata of the LLVM that wrote it.
+profdata=llvm-profdata-$llvm
+if ! command -v "$profdata" >/dev/null; then
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  if ! DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "llvm-$llvm" >/dev/null; then
+    echo "pgo.sh: rustc uses LLVM $llvm, and apt has no llvm-$llvm (its llvm-profdata reads the profiles)" >&2
+    exit 1
+  fi
+fi
+
+# build TARGET_DIR RUSTFLAGS: Portcullis and bare pingora, reachable as TARGET_DIR/bin/release/...
+# (what PORTCULLIS_BUILD and bench/ab.py expect). With --target the flags reach Portcullis and its
+# dependencies, not the build scripts.
+build() {
+  RUSTFLAGS="$2" CARGO_TARGET_DIR="$1" cargo build --release --target "$host" \
+    -p portcullis --bin portcullis --example pingora_floor
+  ln -sfn "$host" "$1/bin"
+}
+
+train=$root/target/pgo/train
+records=$train/records
+rm -rf "$records"
+mkdir -p "$records"
+build "$train" "-Cprofile-generate=$records"
+
+# Each process writes its record when it exits (the benches stop them with SIGTERM).
+PORTCULLIS_BUILD=$train/bin python3 bench/proxy.py --rounds 1 --duration 3 >/dev/null
+PORTCULLIS_BUILD=$train/bin python3 bench/scim.py --rounds 1 --duration 2 --users 101000 >/dev/null
+ls "$records"/*.profraw >/dev/null 2>&1 || { echo "pgo.sh: the load wrote no profile" >&2; exit 1; }
+"$profdata" merge -o "$train/portcullis.profdata" "$records"
+
+build "$root/target/pgo" "-Cprofile-use=$train/portcullis.profdata"
+echo "built target/pgo/bin/release/portcullis (and examples/pingora_floor); measure it with"
+echo "  PORTCULLIS_BUILD=target/pgo/bin python3 bench/floor.py"
