@@ -646,7 +646,7 @@ class Stack:
     provisions alice and the service account `bench-agent` into `eng` before anyone signs in.
     `extra` is appended to its configuration (a `[postgres]` table, say); `prefix` is put before
     its command line (`valgrind …`, say), and then start-up may take minutes. `program` is the
-    Portcullis binary to run (this checkout's release build unless given).
+    Portcullis binary to run (`binary()` unless given).
     """
 
     def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra="",

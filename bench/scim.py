@@ -559,7 +559,7 @@ def main():
         parser.error(f"--users must be at least {needed:,} (100,000 in group0 plus fresh users for the PATCHes)")
 
     ensure_tools()
-    binary = os.path.join(ROOT, "target", "release", "portcullis")
+    binary = common.binary()
     load_start = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="portcullis-scim-bench-")
     try:

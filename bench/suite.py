@@ -373,7 +373,8 @@ def main():
         "A shared machine: the load generators, the systems measured and other work share these cores.  ",
         f"Run: `make bench{' QUICK=1' if args.quick else ''}` ({mode}), started {started:%H:%M}, "
         f"took {(datetime.datetime.now() - started).total_seconds() / 60:.0f} min; "
-        f"commit {git_head()}. Chart: [{name}.svg]({name}.svg).",
+        f"commit {git_head()}; the Portcullis measured: {common.build_said()} (decision and console's "
+        f"in-process criterion benches: `cargo bench`'s build). Chart: [{name}.svg]({name}.svg).",
         "",
     ]
     if failed:

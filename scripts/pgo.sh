@@ -10,8 +10,9 @@
 #   3. llvm-profdata of rustc's LLVM merges the records (Debian's llvm-N, installed if missing);
 #   4. the release build again, laid out and inlined by the profile (target/pgo).
 #
-# About 30 min on 2 cores. To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
-# bench/floor.py); bench/ab.py target target/pgo/bin sets it beside `cargo build --release`.
+# About 22 min on 2 cores. To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
+# bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
+# `cargo build --release`. Flags in RUSTFLAGS are kept (added to).
 # Usage: scripts/pgo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ if ! command -v "$profdata" >/dev/null; then
   sudo_cmd=()
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
-  if ! DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "llvm-$llvm" >/dev/null; then
+  if ! "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "llvm-$llvm" >/dev/null; then
     echo "pgo.sh: rustc uses LLVM $llvm, and apt has no llvm-$llvm (its llvm-profdata reads the profiles)" >&2
     exit 1
   fi
@@ -37,7 +38,7 @@ fi
 # (what PORTCULLIS_BUILD and bench/ab.py expect). With --target the flags reach Portcullis and its
 # dependencies, not the build scripts.
 build() {
-  RUSTFLAGS="$2" CARGO_TARGET_DIR="$1" cargo build --release --target "$host" \
+  RUSTFLAGS="${RUSTFLAGS:-} $2" CARGO_TARGET_DIR="$1" cargo build --release --target "$host" \
     -p portcullis --bin portcullis --example pingora_floor
   ln -sfn "$host" "$1/bin"
 }
@@ -48,12 +49,22 @@ rm -rf "$records"
 mkdir -p "$records"
 build "$train" "-Cprofile-generate=$records"
 
-# Each process writes its record when it exits (the benches stop them with SIGTERM).
-PORTCULLIS_BUILD=$train/bin python3 bench/proxy.py --rounds 1 --duration 3 >/dev/null
-PORTCULLIS_BUILD=$train/bin python3 bench/scim.py --rounds 1 --duration 2 --users 101000 >/dev/null
-ls "$records"/*.profraw >/dev/null 2>&1 || { echo "pgo.sh: the load wrote no profile" >&2; exit 1; }
+# Each process writes its record when it exits (the benches stop them with SIGTERM): one file
+# per binary, Portcullis' and bare pingora's.
+export PORTCULLIS_BUILD=$train/bin
+flock /tmp/bench.lock python3 bench/proxy.py --rounds 1 --duration 3 >/dev/null
+flock /tmp/bench.lock python3 bench/scim.py --rounds 1 --duration 2 --users 101000 >/dev/null
+unset PORTCULLIS_BUILD
+records_written=$(find "$records" -name '*.profraw' | wc -l)
+if [ "$records_written" -lt 2 ]; then
+  echo "pgo.sh: the load wrote $records_written profile records, not one per binary" >&2
+  exit 1
+fi
 "$profdata" merge -o "$train/portcullis.profdata" "$records"
 
+# Built again from nothing: cargo does not rebuild dependencies (pingora, tokio) when only the
+# profile's contents changed.
+rm -rf "$root/target/pgo/$host"
 build "$root/target/pgo" "-Cprofile-use=$train/portcullis.profdata"
 echo "built target/pgo/bin/release/portcullis (and examples/pingora_floor); measure it with"
 echo "  PORTCULLIS_BUILD=target/pgo/bin python3 bench/floor.py"

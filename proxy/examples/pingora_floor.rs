@@ -111,6 +111,10 @@ fn main() {
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        // SIGTERM ends it at once (pingora waits 5 min by default), so that a build recording
+        // a profile (scripts/pgo.sh) writes its record on exit.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
