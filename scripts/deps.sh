@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages Portcullis needs to build, test and benchmark, if missing.
-# Usage: scripts/deps.sh [build|test|bench]   (each level includes the ones before it)
+# Usage: scripts/deps.sh [build|test|bench|pgo]   (each level includes the ones before it)
 set -euo pipefail
 
 level=${1:-build}
@@ -10,10 +10,14 @@ case "$level" in
   test) want+=("${browser[@]}" postgresql nginx-light) ;;   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front
   # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`;
   # valgrind: `bench/instructions.py` counts instructions per request with callgrind
-  bench) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
+  bench|pgo) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
   build) ;;
-  *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|test|bench|pgo]" >&2; exit 2 ;;
 esac
+# pgo (scripts/pgo.sh): the llvm-profdata of rustc's own LLVM, the only one that reads its profiles
+if [ "$level" = pgo ]; then
+  want+=("llvm-$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')")
+fi
 
 # The SCIM conformance tester (test) and scim2-server (bench) run in venvs: Debian's own python3
 # needs python3-venv for that (a python3 built elsewhere, e.g. pyenv, has it built in).

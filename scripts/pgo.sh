@@ -6,8 +6,8 @@
 #   1. a release build that records what runs (target/pgo/train);
 #   2. the load it records: one short round of bench/proxy.py (plain, signed-in and bearer routes,
 #      HTTPS, HTTP/2, two threads; sign-in through the test IdP) and of bench/scim.py (SCIM
-#      lookups, lists and writes);
-#   3. llvm-profdata of rustc's LLVM merges the records (Debian's llvm-N, installed if missing);
+#      creates, lookups and group PATCHes);
+#   3. llvm-profdata of rustc's LLVM merges the records (Debian's llvm-N: scripts/deps.sh pgo);
 #   4. the release build again, laid out and inlined by the profile (target/pgo).
 #
 # About 22 min on 2 cores. To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
@@ -18,21 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+scripts/deps.sh pgo
 make bench-deps
 
-llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 host=$(rustc -vV | sed -n 's/^host: //p')
-# A raw profile is read only by the llvm-profdata of the LLVM that wrote it.
-profdata=llvm-profdata-$llvm
-if ! command -v "$profdata" >/dev/null; then
-  sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  if ! "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "llvm-$llvm" >/dev/null; then
-    echo "pgo.sh: rustc uses LLVM $llvm, and apt has no llvm-$llvm (its llvm-profdata reads the profiles)" >&2
-    exit 1
-  fi
-fi
+profdata=llvm-profdata-$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+command -v "$profdata" >/dev/null || { echo "pgo.sh: $profdata is missing" >&2; exit 1; }
 
 # build TARGET_DIR RUSTFLAGS: Portcullis and bare pingora, reachable as TARGET_DIR/bin/release/...
 # (what PORTCULLIS_BUILD and bench/ab.py expect). With --target the flags reach Portcullis and its
