@@ -210,6 +210,56 @@ impl Proxy {
         }
         Ok(())
     }
+
+    /// What the client is sent of the upstream's answer: the headers for the hop it came over
+    /// taken out, and Portcullis' cookies, which only it sets or clears; an answer to someone
+    /// identified marked private.
+    fn edit_upstream_response(
+        &self,
+        response: &mut http::response::Parts,
+        ctx: &RequestCtx,
+    ) -> Result<()> {
+        let route = || ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
+        let headers = &mut response.headers;
+        // What the upstream's `Connection` names is about its connection to Portcullis, not
+        // the client's (pingora says its own `Connection` to an HTTP/1 client, and drops these
+        // for HTTP/2 ones): first, so that the rules below see what the client will get.
+        strip_hop_by_hop(headers, response.status);
+        // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
+        // session, to sign visitors in as someone else) or clears one is not obeyed.
+        // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
+        if let Some(runtime) = &ctx.runtime {
+            let dropped = strip_own_set_cookies(headers, runtime.session_cookie());
+            if dropped > 0 {
+                tracing::warn!(
+                    route = route(),
+                    dropped,
+                    "an upstream's Set-Cookie for Portcullis' own cookie was removed"
+                );
+            }
+        }
+        // Nor may it clear them: browsers apply `Clear-Site-Data: "cookies"` to the whole
+        // site, every host of it, so one page would sign its visitors out everywhere.
+        if clears_cookies(headers) {
+            headers.remove(&CLEAR_SITE_DATA);
+            tracing::warn!(
+                route = route(),
+                "an upstream's Clear-Site-Data naming cookies was removed"
+            );
+        }
+        // An answer to someone identified is theirs: a shared cache in front (a CDN, a
+        // caching load balancer) must not keep it for others. The upstream cannot tell, as it
+        // never sees Portcullis' cookie or token; what it says itself stands.
+        if ctx.caller.is_some()
+            && response.status.as_u16() >= 200
+            && !headers.contains_key(header::CACHE_CONTROL)
+        {
+            headers
+                .try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+                .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+        }
+        Ok(())
+    }
 }
 
 pub struct RequestCtx {
@@ -652,45 +702,18 @@ impl ProxyHttp for Proxy {
                 "the upstream switched protocols without accepting the websocket",
             );
         }
-        // What the upstream's `Connection` names is about its connection to Portcullis, not the
-        // client's (pingora says its own `Connection` to an HTTP/1 client, and drops these for
-        // HTTP/2 ones): first, so that the rules below see what the client will get.
-        strip_hop_by_hop(upstream_response);
-        // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
-        // session, to sign visitors in as someone else) or clears one is not obeyed.
-        // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
-        if let Some(runtime) = &ctx.runtime {
-            let dropped = strip_own_set_cookies(upstream_response, runtime.session_cookie());
-            if dropped > 0 {
-                tracing::warn!(
-                    route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str()),
-                    dropped,
-                    "an upstream's Set-Cookie for Portcullis' own cookie was removed"
-                );
-            }
-        }
-        // Nor may it clear them: browsers apply `Clear-Site-Data: "cookies"` to the whole
-        // site, every host of it, so one page would sign its visitors out everywhere.
-        if clears_cookies(&upstream_response.headers) {
-            upstream_response.remove_header(&CLEAR_SITE_DATA);
-            tracing::warn!(
-                route = ctx.route.as_ref().map_or("", |r| r.config.name.as_str()),
-                "an upstream's Clear-Site-Data naming cookies was removed"
-            );
-        }
-        // An answer to someone identified is theirs: a shared cache in front (a CDN, a
-        // caching load balancer) must not keep it for others. The upstream cannot tell, as it
-        // never sees Portcullis' cookie or token; what it says itself stands.
-        if ctx.caller.is_some()
-            && upstream_response.status.as_u16() >= 200
-            && !upstream_response
-                .headers
-                .contains_key(header::CACHE_CONTROL)
-        {
-            upstream_response
-                .insert_header(header::CACHE_CONTROL, "private")
-                .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
-        }
+        // The answer is edited as plain `http` parts, as the request is (see
+        // `upstream_request_filter`): through `ResponseHeader`'s methods every name is parsed
+        // again and kept twice, and an answer given `Cache-Control` below grew both maps. Names
+        // go to the client in their standard case or in lower case, as HTTP/2 clients get every
+        // name, and the status with its standard reason phrase, as Envoy (Pomerium's proxy)
+        // sends them by default.
+        let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
+        let mut parts =
+            http::response::Parts::from(std::mem::replace(upstream_response, placeholder));
+        let edited = self.edit_upstream_response(&mut parts, ctx);
+        *upstream_response = ResponseHeader::from(parts);
+        edited?;
         // A client that reads none of a large or open-ended answer (a download, a stream, a
         // websocket) is not waited on for ever. A small one fits the socket's buffers, and
         // timing every write costs a timer per request.
@@ -1475,16 +1498,15 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// internal token an upstream hands the proxy, say). What the client needs stays whatever is
 /// named: the framing headers (pingora frames the answer to the client from them) and, on a
 /// 101, the `Upgrade` and `Connection` of the websocket it asked for.
-fn strip_hop_by_hop(response: &mut ResponseHeader) {
-    let switching = response.status == StatusCode::SWITCHING_PROTOCOLS;
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, status: StatusCode) {
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let kept = |name: &HeaderName| {
         *name == header::CONTENT_LENGTH
             || *name == header::TRANSFER_ENCODING
             || (switching && (*name == header::UPGRADE || *name == header::CONNECTION))
     };
     // Nearly every `Connection` says `keep-alive` or `close` alone: nothing to collect.
-    let named: Vec<HeaderName> = response
-        .headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
@@ -1496,7 +1518,7 @@ fn strip_hop_by_hop(response: &mut ResponseHeader) {
         .filter(|name| !kept(name))
         .collect();
     for name in named.iter().chain([&KEEP_ALIVE, &PROXY_CONNECTION]) {
-        response.remove_header(name);
+        headers.remove(name);
     }
 }
 
@@ -1513,9 +1535,9 @@ fn clears_cookies(headers: &http::HeaderMap) -> bool {
     })
 }
 
-/// Takes out of `response` each `Set-Cookie` for one of Portcullis' own cookies; returns how
-/// many. A response without any, nearly all of them, is left as it is.
-fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) -> usize {
+/// Takes out of `headers`, an answer's, each `Set-Cookie` for one of Portcullis' own cookies;
+/// returns how many. An answer without any, nearly all of them, is left as it is.
+fn strip_own_set_cookies(headers: &mut http::HeaderMap, session_cookie: &str) -> usize {
     let own = |value: &HeaderValue| {
         let line = String::from_utf8_lossy(value.as_bytes());
         let pair = line.split(';').next().unwrap_or_default();
@@ -1528,21 +1550,14 @@ fn strip_own_set_cookies(response: &mut ResponseHeader, session_cookie: &str) ->
         };
         is_own_cookie(sent_as, session_cookie)
     };
-    let set = response.headers.get_all(header::SET_COOKIE);
+    let set = headers.get_all(header::SET_COOKIE);
     if !set.iter().any(own) {
         return 0;
     }
-    let all: Vec<HeaderValue> = set.iter().cloned().collect();
-    response.remove_header(&header::SET_COOKIE);
-    let mut dropped = 0;
-    for value in all {
-        if own(&value) {
-            dropped += 1;
-        } else {
-            // Put back as it came: the name is a known one, the value already a header's.
-            let _ = response.append_header(header::SET_COOKIE, value);
-        }
-    }
+    let count = set.iter().count();
+    let kept: Vec<HeaderValue> = set.iter().filter(|v| !own(v)).cloned().collect();
+    let dropped = count - kept.len();
+    replace_all(headers, header::SET_COOKIE, kept);
     dropped
 }
 
@@ -1985,7 +2000,7 @@ mod tests {
 
     #[test]
     fn an_upstream_s_set_cookie_for_portcullis_own_cookies_is_removed() {
-        let mut response = ResponseHeader::build(200, None).unwrap();
+        let mut headers = http::HeaderMap::new();
         for line in [
             "theme=dark; Path=/",
             "portcullis_session=planted; Path=/",
@@ -1995,14 +2010,10 @@ mod tests {
             "portcullis_session_other=kept",
             "lang=en",
         ] {
-            response.append_header(header::SET_COOKIE, line).unwrap();
+            headers.append(header::SET_COOKIE, HeaderValue::from_static(line));
         }
-        assert_eq!(
-            strip_own_set_cookies(&mut response, "portcullis_session"),
-            4
-        );
-        let kept: Vec<&str> = response
-            .headers
+        assert_eq!(strip_own_set_cookies(&mut headers, "portcullis_session"), 4);
+        let kept: Vec<&str> = headers
             .get_all(header::SET_COOKIE)
             .iter()
             .map(|v| v.to_str().unwrap())
@@ -2015,10 +2026,7 @@ mod tests {
                 "lang=en"
             ]
         );
-        assert_eq!(
-            strip_own_set_cookies(&mut response, "portcullis_session"),
-            0
-        );
+        assert_eq!(strip_own_set_cookies(&mut headers, "portcullis_session"), 0);
     }
 
     #[test]
