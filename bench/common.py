@@ -143,7 +143,7 @@ def run_cli(parser, run, report):
 
 # The build measured: `cargo build --release`'s, or with PORTCULLIS_BUILD another Cargo target
 # directory holding release/portcullis and release/examples/pingora_floor (scripts/pgo.sh makes
-# target/pgo/bin, the build optimized with a profile).
+# target/pgo/bin, the build optimized with profiles).
 BUILD = os.path.abspath(os.environ.get("PORTCULLIS_BUILD") or os.path.join(ROOT, "target"))
 
 

@@ -14,9 +14,11 @@ case "$level" in
   build) ;;
   *) echo "usage: $0 [build|test|bench|pgo]" >&2; exit 2 ;;
 esac
-# pgo (scripts/pgo.sh): the llvm-profdata of rustc's own LLVM, the only one that reads its profiles
+# pgo (scripts/pgo.sh): the llvm-profdata of rustc's own LLVM, the only one that reads its profiles,
+# and BOLT of the same LLVM, which lays the linked binary out again
 if [ "$level" = pgo ]; then
-  want+=("llvm-$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')")
+  llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+  want+=("llvm-$llvm" "bolt-$llvm")
 fi
 
 # The SCIM conformance tester (test) and scim2-server (bench) run in venvs: Debian's own python3
