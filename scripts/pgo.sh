@@ -15,7 +15,7 @@
 #      the hot code of every crate together, pingora's and the standard library's included,
 #      which the compiler, one crate at a time, cannot (target/pgo/bin).
 #
-# About 25 min on 2 cores. To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
+# About 20 min on 2 cores (25 from nothing). To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
 # bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
 # `cargo build --release`, and bench/ab.py target/pgo/<host> target/pgo/bin shows what step 5
 # adds. Flags in RUSTFLAGS are kept (added to).
@@ -30,7 +30,7 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 profdata=llvm-profdata-$llvm
 bolt=llvm-bolt-$llvm
-merge_fdata=/usr/lib/llvm-$llvm/bin/merge-fdata   # Debian installs it only there
+merge_fdata=merge-fdata-$llvm
 for tool in "$profdata" "$bolt" "$merge_fdata"; do
   command -v "$tool" >/dev/null || { echo "pgo.sh: $tool is missing" >&2; exit 1; }
 done
@@ -61,7 +61,7 @@ expect() {
 # 1 to 3: the compiler's profile.
 train=$root/target/pgo/train
 records=$train/records
-rm -rf "$records"
+rm -rf "$records" "$train/bin"   # bin: a symlink earlier versions made
 mkdir -p "$records"
 build "$train" "-Cprofile-generate=$records"
 load "$train/$host"
@@ -85,7 +85,7 @@ mkdir -p "$bolt_train/release/examples" "$bolt_train/records"
 for bin in portcullis examples/pingora_floor; do
   "$bolt" "$pgo/$bin" -o "$bolt_train/release/$bin" -instrument \
     --instrumentation-file="$bolt_train/records/$(basename "$bin")" \
-    --instrumentation-file-append-pid >/dev/null
+    --instrumentation-file-append-pid >"$bolt_train/$(basename "$bin").instrument.log"
 done
 load "$bolt_train"
 expect "$bolt_train/records" ".*.fdata"
@@ -94,12 +94,14 @@ rm -rf "$out"   # a symlink to target/pgo/<host> before BOLT was added
 mkdir -p "$out/release/examples"
 for bin in portcullis examples/pingora_floor; do
   name=$(basename "$bin")
-  "$merge_fdata" "$bolt_train/records/$name".*.fdata > "$bolt_train/$name.fdata" 2>/dev/null
+  "$merge_fdata" "$bolt_train/records/$name".*.fdata >"$bolt_train/$name.fdata" \
+    2>"$bolt_train/$name.merge.log" ||
+    { cat "$bolt_train/$name.merge.log" >&2; exit 1; }
   # Blocks by ext-TSP, functions by cache-directed sort, cold blocks split off, identical
   # functions folded where that is safe. BOLT drops the debug information it cannot rewrite.
   "$bolt" "$pgo/$bin" -o "$out/release/$bin" -data="$bolt_train/$name.fdata" \
     -reorder-blocks=ext-tsp -reorder-functions=cdsort -split-functions -split-all-cold \
-    -split-eh -icf=safe -use-gnu-stack >/dev/null
+    -split-eh -icf=safe -use-gnu-stack >"$bolt_train/$name.bolt.log"   # how much of the profile matched
 done
 echo "built target/pgo/bin/release/portcullis (and examples/pingora_floor); measure it with"
 echo "  PORTCULLIS_BUILD=target/pgo/bin python3 bench/floor.py"

@@ -705,9 +705,10 @@ impl ProxyHttp for Proxy {
         // The answer is edited as plain `http` parts, as the request is (see
         // `upstream_request_filter`): through `ResponseHeader`'s methods every name is parsed
         // again and kept twice, and an answer given `Cache-Control` below grew both maps. Names
-        // go to the client in their standard case or in lower case, as HTTP/2 clients get every
-        // name, and the status with its standard reason phrase, as Envoy (Pomerium's proxy)
-        // sends them by default.
+        // go to the client in lower case, as HTTP/2 clients get every name, bar a dozen common
+        // ones pingora spells in their usual case (`Content-Type`, `Set-Cookie`, ...); the
+        // status goes with its standard reason phrase (none for a code without one), not the
+        // upstream's. Envoy (Pomerium's proxy) sends them so by default.
         let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
         let mut parts =
             http::response::Parts::from(std::mem::replace(upstream_response, placeholder));
