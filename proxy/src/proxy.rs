@@ -1415,11 +1415,6 @@ fn is_reserved(name: &[u8]) -> bool {
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
 /// picks (a token that is not text, always); the others stay.
 fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
-    let values = headers.get_all(header::AUTHORIZATION);
-    // Nearly every request has no `Authorization` at all: nothing is read or copied then.
-    if values.iter().next().is_none() {
-        return;
-    }
     let removed = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let mut words = bytes.splitn(2, |&b| b == b' ' || b == b'\t');
@@ -1427,11 +1422,25 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> b
         let token = words.next().unwrap_or_default().trim_ascii();
         scheme.eq_ignore_ascii_case(b"bearer") && std::str::from_utf8(token).map_or(true, &which)
     };
-    let count = values.iter().count();
-    let kept: Vec<HeaderValue> = values.iter().filter(|v| !removed(v)).cloned().collect();
-    if kept.len() < count {
-        replace_all(headers, header::AUTHORIZATION, kept);
+    remove_values(headers, header::AUTHORIZATION, removed);
+}
+
+/// Removes the `name` values `doomed` picks, the others kept in their order; returns how many
+/// it removed. When it picks none, as for nearly every request and answer, nothing is copied.
+fn remove_values(
+    headers: &mut http::HeaderMap,
+    name: HeaderName,
+    doomed: impl Fn(&HeaderValue) -> bool,
+) -> usize {
+    let values = headers.get_all(&name);
+    if !values.iter().any(&doomed) {
+        return 0;
     }
+    let count = values.iter().count();
+    let kept: Vec<HeaderValue> = values.iter().filter(|v| !doomed(v)).cloned().collect();
+    let removed = count - kept.len();
+    replace_all(headers, name, kept);
+    removed
 }
 
 /// Puts `kept` in place of every `name` header, in their order.
@@ -1551,15 +1560,7 @@ fn strip_own_set_cookies(headers: &mut http::HeaderMap, session_cookie: &str) ->
         };
         is_own_cookie(sent_as, session_cookie)
     };
-    let set = headers.get_all(header::SET_COOKIE);
-    if !set.iter().any(own) {
-        return 0;
-    }
-    let count = set.iter().count();
-    let kept: Vec<HeaderValue> = set.iter().filter(|v| !own(v)).cloned().collect();
-    let dropped = count - kept.len();
-    replace_all(headers, header::SET_COOKIE, kept);
-    dropped
+    remove_values(headers, header::SET_COOKIE, own)
 }
 
 /// Removes Portcullis' own cookies from the `Cookie` headers sent upstream: the session (under
