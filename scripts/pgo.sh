@@ -15,8 +15,8 @@
 #      the hot code of every crate together, pingora's and the standard library's included,
 #      which the compiler, one crate at a time, cannot (target/pgo/bin).
 #
-# About 20 min on 2 cores (25 from nothing). To measure it: PORTCULLIS_BUILD=target/pgo/bin make bench (or
-# bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
+# About 20 min on 2 cores (25 from nothing). To measure it: PORTCULLIS_BUILD=target/pgo/bin make
+# bench (or bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
 # `cargo build --release`, and bench/ab.py target/pgo/<host> target/pgo/bin shows what step 5
 # adds. Flags in RUSTFLAGS are kept (added to).
 # Usage: scripts/pgo.sh
@@ -83,9 +83,10 @@ bolt_train=$root/target/pgo/bolt-train
 rm -rf "$bolt_train"
 mkdir -p "$bolt_train/release/examples" "$bolt_train/records"
 for bin in portcullis examples/pingora_floor; do
+  name=$(basename "$bin")
   "$bolt" "$pgo/$bin" -o "$bolt_train/release/$bin" -instrument \
-    --instrumentation-file="$bolt_train/records/$(basename "$bin")" \
-    --instrumentation-file-append-pid >"$bolt_train/$(basename "$bin").instrument.log"
+    --instrumentation-file="$bolt_train/records/$name" --instrumentation-file-append-pid \
+    >"$bolt_train/$name.instrument.log"
 done
 load "$bolt_train"
 expect "$bolt_train/records" ".*.fdata"
