@@ -58,6 +58,11 @@ expect() {
   done
 }
 
+# What an earlier run built goes first, so that a run that fails leaves no older build where the
+# benchmarks would measure it as this one. (Step 4 builds from nothing anyway: cargo does not
+# rebuild dependencies, pingora and tokio, when only the profile's contents changed.)
+rm -rf "$root/target/pgo/bin" "$root/target/pgo/bolt-train" "$root/target/pgo/$host"
+
 # 1 to 3: the compiler's profile.
 train=$root/target/pgo/train
 records=$train/records
@@ -72,15 +77,12 @@ if [ "$records_written" -lt 2 ]; then
 fi
 "$profdata" merge -o "$train/portcullis.profdata" "$records"
 
-# 4: built again from nothing (cargo does not rebuild dependencies, pingora and tokio, when only
-# the profile's contents changed), with the relocations BOLT needs to move functions.
-rm -rf "$root/target/pgo/$host"
+# 4: built again, from nothing (see above), with the relocations BOLT needs to move functions.
 build "$root/target/pgo" "-Cprofile-use=$train/portcullis.profdata -Clink-arg=-Wl,--emit-relocs"
 pgo=$root/target/pgo/$host/release
 
 # 5: BOLT's profile, then its layout.
 bolt_train=$root/target/pgo/bolt-train
-rm -rf "$bolt_train"
 mkdir -p "$bolt_train/release/examples" "$bolt_train/records"
 for bin in portcullis examples/pingora_floor; do
   name=$(basename "$bin")
@@ -91,7 +93,6 @@ done
 load "$bolt_train"
 expect "$bolt_train/records" ".*.fdata"
 out=$root/target/pgo/bin
-rm -rf "$out"   # a symlink to target/pgo/<host> before BOLT was added
 mkdir -p "$out/release/examples"
 for bin in portcullis examples/pingora_floor; do
   name=$(basename "$bin")
