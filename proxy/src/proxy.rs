@@ -211,54 +211,111 @@ impl Proxy {
         Ok(())
     }
 
-    /// What the client is sent of the upstream's answer: the headers for the hop it came over
-    /// taken out, and Portcullis' cookies, which only it sets or clears; an answer to someone
-    /// identified marked private.
+    /// What the client is sent of the upstream's answer: [`edit_answer`], and a warning for
+    /// each of Portcullis' cookies the upstream tried to set or clear.
     fn edit_upstream_response(
         &self,
         response: &mut http::response::Parts,
         ctx: &RequestCtx,
     ) -> Result<()> {
         let route = || ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
-        let headers = &mut response.headers;
-        // What the upstream's `Connection` names is about its connection to Portcullis, not
-        // the client's (pingora says its own `Connection` to an HTTP/1 client, and drops these
-        // for HTTP/2 ones): first, so that the rules below see what the client will get.
-        strip_hop_by_hop(headers, response.status);
-        // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
-        // session, to sign visitors in as someone else) or clears one is not obeyed.
-        // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
-        if let Some(runtime) = &ctx.runtime {
-            let dropped = strip_own_set_cookies(headers, runtime.session_cookie());
-            if dropped > 0 {
-                tracing::warn!(
-                    route = route(),
-                    dropped,
-                    "an upstream's Set-Cookie for Portcullis' own cookie was removed"
-                );
-            }
+        let session_cookie = ctx.runtime.as_ref().map(|r| r.session_cookie());
+        let edits = edit_answer(response, session_cookie, ctx.caller.is_some())?;
+        if edits.own_set_cookies > 0 {
+            tracing::warn!(
+                route = route(),
+                dropped = edits.own_set_cookies,
+                "an upstream's Set-Cookie for Portcullis' own cookie was removed"
+            );
         }
-        // Nor may it clear them: browsers apply `Clear-Site-Data: "cookies"` to the whole
-        // site, every host of it, so one page would sign its visitors out everywhere.
-        if clears_cookies(headers) {
-            headers.remove(&CLEAR_SITE_DATA);
+        if edits.cleared_cookies {
             tracing::warn!(
                 route = route(),
                 "an upstream's Clear-Site-Data naming cookies was removed"
             );
         }
-        // An answer to someone identified is theirs: a shared cache in front (a CDN, a
-        // caching load balancer) must not keep it for others. The upstream cannot tell, as it
-        // never sees Portcullis' cookie or token; what it says itself stands.
-        if ctx.caller.is_some()
-            && response.status.as_u16() >= 200
-            && !headers.contains_key(header::CACHE_CONTROL)
-        {
-            headers
-                .try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
-                .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
-        }
         Ok(())
+    }
+}
+
+/// What [`edit_answer`] took out that the upstream meant for Portcullis' cookies.
+#[derive(Debug, Default, PartialEq)]
+struct AnswerEdits {
+    own_set_cookies: usize,
+    cleared_cookies: bool,
+}
+
+/// An upstream's answer as the client gets it: the headers for the hop it came over taken out,
+/// and Portcullis' cookies (named `session_cookie`, when there is a runtime), which only it sets
+/// or clears; an answer to someone `identified` marked private.
+fn edit_answer(
+    response: &mut http::response::Parts,
+    session_cookie: Option<&str>,
+    identified: bool,
+) -> Result<AnswerEdits> {
+    let headers = &mut response.headers;
+    let mut edits = AnswerEdits::default();
+    // Most answers have none of the headers edited below: one pass over their names says which
+    // they have, where asking the map for each would hash all six.
+    let mut present = Present::in_answer(headers);
+    // What the upstream's `Connection` names is about its connection to Portcullis, not the
+    // client's (pingora says its own `Connection` to an HTTP/1 client, and drops these for
+    // HTTP/2 ones): first, so that the rules below see what the client will get.
+    if present.hop_by_hop {
+        strip_hop_by_hop(headers, response.status);
+        // `Connection` may name any of the others.
+        present = Present::in_answer(headers);
+    }
+    // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
+    // session, to sign visitors in as someone else) or clears one is not obeyed.
+    // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
+    if let (true, Some(session_cookie)) = (present.set_cookie, session_cookie) {
+        edits.own_set_cookies = strip_own_set_cookies(headers, session_cookie);
+    }
+    // Nor may it clear them: browsers apply `Clear-Site-Data: "cookies"` to the whole site,
+    // every host of it, so one page would sign its visitors out everywhere.
+    if present.clear_site_data && clears_cookies(headers) {
+        headers.remove(&CLEAR_SITE_DATA);
+        edits.cleared_cookies = true;
+    }
+    // An answer to someone identified is theirs: a shared cache in front (a CDN, a caching
+    // load balancer) must not keep it for others. The upstream cannot tell, as it never sees
+    // Portcullis' cookie or token; what it says itself stands.
+    if identified && response.status.as_u16() >= 200 && !present.cache_control {
+        headers
+            .try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+            .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+    }
+    Ok(edits)
+}
+
+/// Which of the headers [`edit_answer`] edits an answer has.
+#[derive(Default)]
+struct Present {
+    /// `Keep-Alive`, `Proxy-Connection`, or a `Connection` that names headers.
+    hop_by_hop: bool,
+    set_cookie: bool,
+    clear_site_data: bool,
+    cache_control: bool,
+}
+
+impl Present {
+    fn in_answer(headers: &http::HeaderMap) -> Self {
+        let mut present = Self::default();
+        for (name, value) in headers {
+            if *name == header::CONNECTION {
+                present.hop_by_hop |= connection_options(value).next().is_some();
+            } else if *name == KEEP_ALIVE || *name == PROXY_CONNECTION {
+                present.hop_by_hop = true;
+            } else if *name == header::SET_COOKIE {
+                present.set_cookie = true;
+            } else if *name == CLEAR_SITE_DATA {
+                present.clear_site_data = true;
+            } else if *name == header::CACHE_CONTROL {
+                present.cache_control = true;
+            }
+        }
+        present
     }
 }
 
@@ -1515,21 +1572,26 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, status: StatusCode) {
             || *name == header::TRANSFER_ENCODING
             || (switching && (*name == header::UPGRADE || *name == header::CONNECTION))
     };
-    // Nearly every `Connection` says `keep-alive` or `close` alone: nothing to collect.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|option| {
-            !option.eq_ignore_ascii_case(b"keep-alive") && !option.eq_ignore_ascii_case(b"close")
-        })
+        .flat_map(connection_options)
         .filter_map(|name| HeaderName::from_bytes(name).ok())
         .filter(|name| !kept(name))
         .collect();
     for name in named.iter().chain([&KEEP_ALIVE, &PROXY_CONNECTION]) {
         headers.remove(name);
     }
+}
+
+/// The options a `Connection` value names (header names, in a valid one) bar `keep-alive` and
+/// `close`, which nearly every one says alone.
+fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    let options = value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii);
+    options.filter(|o| !o.eq_ignore_ascii_case(b"keep-alive") && !o.eq_ignore_ascii_case(b"close"))
 }
 
 const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
@@ -2029,6 +2091,90 @@ mod tests {
             ]
         );
         assert_eq!(strip_own_set_cookies(&mut headers, "portcullis_session"), 0);
+    }
+
+    fn answer(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
+        let mut builder = http::Response::builder().status(status);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn values<'a>(answer: &'a http::response::Parts, name: &str) -> Vec<&'a str> {
+        let all = answer.headers.get_all(name).iter();
+        all.map(|v| v.to_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_answer_to_someone_identified_is_private_unless_it_says_otherwise() {
+        let cookie = Some("portcullis_session");
+        let mut plain = answer(200, &[("content-type", "text/html")]);
+        assert_eq!(
+            edit_answer(&mut plain, cookie, true).unwrap(),
+            AnswerEdits::default()
+        );
+        assert_eq!(values(&plain, "cache-control"), ["private"]);
+        // Nobody identified, or no answer yet: nothing to mark.
+        for (status, identified) in [(200, false), (103, true)] {
+            let mut answer = answer(status, &[("content-type", "text/html")]);
+            edit_answer(&mut answer, cookie, identified).unwrap();
+            assert!(values(&answer, "cache-control").is_empty(), "{status}");
+        }
+        let sent = [
+            ("connection", "keep-alive"),
+            ("cache-control", "public, max-age=60"),
+        ];
+        let mut own = answer(200, &sent);
+        edit_answer(&mut own, cookie, true).unwrap();
+        assert_eq!(values(&own, "cache-control"), ["public, max-age=60"]);
+        // A `Cache-Control` its `Connection` names is the hop's, not the client's: taken out,
+        // the answer is marked as one without.
+        let hop = [
+            ("connection", "keep-alive, Cache-Control"),
+            ("cache-control", "public, max-age=60"),
+        ];
+        let mut hop = answer(200, &hop);
+        edit_answer(&mut hop, cookie, true).unwrap();
+        assert_eq!(values(&hop, "cache-control"), ["private"]);
+        assert_eq!(values(&hop, "connection"), ["keep-alive, Cache-Control"]);
+    }
+
+    #[test]
+    fn an_answer_keeps_its_headers_bar_the_hop_s_and_portcullis_cookies() {
+        let sent = [
+            ("content-type", "text/html"),
+            ("connection", "x-internal"),
+            ("x-internal", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("set-cookie", "theme=dark"),
+            ("set-cookie", "portcullis_session=planted"),
+            ("clear-site-data", "\"cache\", \"cookies\""),
+            ("x-end-to-end", "kept"),
+        ];
+        let mut all = answer(200, &sent);
+        let edits = edit_answer(&mut all, Some("portcullis_session"), false).unwrap();
+        let expected = AnswerEdits {
+            own_set_cookies: 1,
+            cleared_cookies: true,
+        };
+        assert_eq!(edits, expected);
+        let mut names: Vec<&str> = all.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        let kept = ["connection", "content-type", "set-cookie", "x-end-to-end"];
+        assert_eq!(names, kept);
+        assert_eq!(values(&all, "set-cookie"), ["theme=dark"]);
+        // A `Connection` that names nothing else leaves a `Keep-Alive` beside it no less hop's.
+        let mut nothing_named = answer(200, &[("connection", "keep-alive"), ("keep-alive", "5")]);
+        edit_answer(&mut nothing_named, Some("portcullis_session"), false).unwrap();
+        assert_eq!(values(&nothing_named, "connection"), ["keep-alive"]);
+        assert!(values(&nothing_named, "keep-alive").is_empty());
+        // Without a runtime nothing is known of Portcullis' cookies.
+        let mut all = answer(200, &sent);
+        let edits = edit_answer(&mut all, None, false).unwrap();
+        assert_eq!(edits.own_set_cookies, 0);
+        assert_eq!(values(&all, "set-cookie").len(), 2);
     }
 
     #[test]
