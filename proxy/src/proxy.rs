@@ -2121,23 +2121,19 @@ mod tests {
             edit_answer(&mut answer, cookie, identified).unwrap();
             assert!(values(&answer, "cache-control").is_empty(), "{status}");
         }
-        let sent = [
-            ("connection", "keep-alive"),
-            ("cache-control", "public, max-age=60"),
-        ];
-        let mut own = answer(200, &sent);
-        edit_answer(&mut own, cookie, true).unwrap();
-        assert_eq!(values(&own, "cache-control"), ["public, max-age=60"]);
-        // A `Cache-Control` its `Connection` names is the hop's, not the client's: taken out,
-        // the answer is marked as one without.
-        let hop = [
-            ("connection", "keep-alive, Cache-Control"),
-            ("cache-control", "public, max-age=60"),
-        ];
-        let mut hop = answer(200, &hop);
-        edit_answer(&mut hop, cookie, true).unwrap();
-        assert_eq!(values(&hop, "cache-control"), ["private"]);
-        assert_eq!(values(&hop, "connection"), ["keep-alive, Cache-Control"]);
+        // What the upstream says of caching stands, unless its `Connection` names it: then it
+        // is the hop's, taken out, and the answer is marked as one without.
+        let named = "keep-alive, Cache-Control";
+        for (connection, kept) in [("keep-alive", "public, max-age=60"), (named, "private")] {
+            let sent = [
+                ("connection", connection),
+                ("cache-control", "public, max-age=60"),
+            ];
+            let mut answer = answer(200, &sent);
+            edit_answer(&mut answer, cookie, true).unwrap();
+            assert_eq!(values(&answer, "cache-control"), [kept], "{connection}");
+            assert_eq!(values(&answer, "connection"), [connection]);
+        }
     }
 
     #[test]
