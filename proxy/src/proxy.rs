@@ -292,7 +292,8 @@ fn edit_answer(
 /// Which of the headers [`edit_answer`] edits an answer has.
 #[derive(Default)]
 struct Present {
-    /// `Keep-Alive`, `Proxy-Connection`, or a `Connection` that names headers.
+    /// `Keep-Alive`, `Proxy-Connection`, or a `Connection` that names any option but
+    /// `keep-alive` and `close`.
     hop_by_hop: bool,
     set_cookie: bool,
     clear_site_data: bool,
@@ -2161,16 +2162,47 @@ mod tests {
         let kept = ["connection", "content-type", "set-cookie", "x-end-to-end"];
         assert_eq!(names, kept);
         assert_eq!(values(&all, "set-cookie"), ["theme=dark"]);
-        // A `Connection` that names nothing else leaves a `Keep-Alive` beside it no less hop's.
-        let mut nothing_named = answer(200, &[("connection", "keep-alive"), ("keep-alive", "5")]);
-        edit_answer(&mut nothing_named, Some("portcullis_session"), false).unwrap();
-        assert_eq!(values(&nothing_named, "connection"), ["keep-alive"]);
-        assert!(values(&nothing_named, "keep-alive").is_empty());
-        // Without a runtime nothing is known of Portcullis' cookies.
+        // A `Connection` that names nothing else leaves a `Keep-Alive` or `Proxy-Connection`
+        // beside it no less the hop's; and every `Connection` counts, not the first alone.
+        let cases: [&[(&str, &str)]; 3] = [
+            &[("connection", "keep-alive"), ("keep-alive", "5")],
+            &[
+                ("connection", "keep-alive"),
+                ("proxy-connection", "keep-alive"),
+            ],
+            &[
+                ("connection", "x-internal"),
+                ("connection", "keep-alive"),
+                ("x-internal", "s"),
+            ],
+        ];
+        for sent in cases {
+            let mut answer = answer(200, sent);
+            edit_answer(&mut answer, Some("portcullis_session"), false).unwrap();
+            let names: Vec<&str> = answer.headers.keys().map(|n| n.as_str()).collect();
+            assert_eq!(names, ["connection"], "{sent:?}");
+        }
+        // Without a runtime nothing is known of Portcullis' cookies; clearing them is refused
+        // all the same.
         let mut all = answer(200, &sent);
         let edits = edit_answer(&mut all, None, false).unwrap();
-        assert_eq!(edits.own_set_cookies, 0);
+        let expected = AnswerEdits {
+            own_set_cookies: 0,
+            cleared_cookies: true,
+        };
+        assert_eq!(edits, expected);
         assert_eq!(values(&all, "set-cookie").len(), 2);
+        assert!(values(&all, "clear-site-data").is_empty());
+        // Nor do those two need a hop-by-hop header beside them to be seen.
+        let sent = [
+            ("set-cookie", "portcullis_session=planted"),
+            ("clear-site-data", "\"*\""),
+        ];
+        let mut answer = answer(200, &sent);
+        let edits = edit_answer(&mut answer, Some("portcullis_session"), false).unwrap();
+        assert_eq!(edits.own_set_cookies, 1);
+        assert!(edits.cleared_cookies);
+        assert!(answer.headers.is_empty());
     }
 
     #[test]
