@@ -24,10 +24,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-scripts/deps.sh pgo
-make bench-deps
 host=$(rustc -vV | sed -n 's/^host: //p')
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+# Both name paths below (target/pgo/$host is removed): neither may be empty.
+[ -n "$host" ] && [ -n "$llvm" ] || { echo "pgo.sh: rustc -vV names no host or LLVM" >&2; exit 1; }
+# What an earlier run built goes first, so that a run that fails leaves no older build where the
+# benchmarks would measure it as this one. (Step 4 builds from nothing anyway: cargo does not
+# rebuild dependencies, pingora and tokio, when only the profile's contents changed.)
+rm -rf "$root/target/pgo/bin" "$root/target/pgo/bolt-train" "$root/target/pgo/$host"
+
+scripts/deps.sh pgo
+make bench-deps
 profdata=llvm-profdata-$llvm
 bolt=llvm-bolt-$llvm
 merge_fdata=merge-fdata-$llvm
@@ -57,11 +64,6 @@ expect() {
       { echo "pgo.sh: the load wrote no profile record of $name" >&2; exit 1; }
   done
 }
-
-# What an earlier run built goes first, so that a run that fails leaves no older build where the
-# benchmarks would measure it as this one. (Step 4 builds from nothing anyway: cargo does not
-# rebuild dependencies, pingora and tokio, when only the profile's contents changed.)
-rm -rf "$root/target/pgo/bin" "$root/target/pgo/bolt-train" "$root/target/pgo/$host"
 
 # 1 to 3: the compiler's profile.
 train=$root/target/pgo/train
