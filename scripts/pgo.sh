@@ -15,8 +15,8 @@
 #      the hot code of every crate together, pingora's and the standard library's included,
 #      which the compiler, one crate at a time, cannot (target/pgo/bin).
 #
-# About 20 min on 2 cores (25 from nothing). To measure it: PORTCULLIS_BUILD=target/pgo/bin make
-# bench (or bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
+# About 20 to 25 min on 2 cores, more from nothing. To measure it: PORTCULLIS_BUILD=target/pgo/bin
+# make bench (or bench/floor.py); bench/ab.py target target/pgo/bin [--route plain] sets it beside
 # `cargo build --release`, and bench/ab.py target/pgo/<host> target/pgo/bin shows what step 5
 # adds. Flags in RUSTFLAGS are kept (added to).
 # Usage: scripts/pgo.sh
@@ -52,7 +52,8 @@ build() {
 # load BUILD: the training load, run by the build's binaries. Each process writes its record when
 # it exits (the benches stop them with SIGTERM).
 load() {
-  PORTCULLIS_BUILD=$1 flock /tmp/bench.lock python3 bench/proxy.py --rounds 1 --duration 3 >/dev/null
+  PORTCULLIS_BUILD=$1 flock /tmp/bench.lock python3 bench/proxy.py --rounds 1 --duration 3 \
+    >/dev/null
   PORTCULLIS_BUILD=$1 flock /tmp/bench.lock python3 bench/scim.py --rounds 1 --duration 2 \
     --users 101000 >/dev/null
 }
@@ -102,10 +103,11 @@ for bin in portcullis examples/pingora_floor; do
     2>"$bolt_train/$name.merge.log" ||
     { cat "$bolt_train/$name.merge.log" >&2; exit 1; }
   # Blocks by ext-TSP, functions by cache-directed sort, cold blocks split off, identical
-  # functions folded where that is safe. BOLT drops the debug information it cannot rewrite.
+  # functions folded where that is safe. BOLT drops the debug information it cannot rewrite. Its
+  # log says how much of the profile matched.
   "$bolt" "$pgo/$bin" -o "$out/release/$bin" -data="$bolt_train/$name.fdata" \
     -reorder-blocks=ext-tsp -reorder-functions=cdsort -split-functions -split-all-cold \
-    -split-eh -icf=safe -use-gnu-stack >"$bolt_train/$name.bolt.log"   # how much of the profile matched
+    -split-eh -icf=safe -use-gnu-stack >"$bolt_train/$name.bolt.log"
 done
 echo "built target/pgo/bin/release/portcullis (and examples/pingora_floor); measure it with"
 echo "  PORTCULLIS_BUILD=target/pgo/bin python3 bench/floor.py"
