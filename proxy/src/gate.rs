@@ -159,7 +159,7 @@ impl Refused {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pass {
     /// What the upstream is told about the caller; `None` when a public rule lets the request
-    /// in without one.
+    /// in as anyone's: without a caller, or with one the directory has deactivated.
     pub forward: Option<Forward>,
     /// The deciding rule and why, when the gate was asked to explain ([`Gate::explain`]).
     pub why: Option<Why>,
@@ -550,6 +550,8 @@ impl Gate<'_> {
             Principal::Person(_) => None,
         };
         let agent = match self.agent(facts, request, value, issued, explain) {
+            // A deactivated agent, let in by a public rule: so is the request, as anyone's.
+            Some(Judged::Allow(pass)) if pass.forward.is_none() => return Judged::Allow(pass),
             Some(Judged::Allow(pass)) => pass,
             Some(Judged::Refuse(mut refusal)) => {
                 if let Some(agent) = &mut refusal.agent {
@@ -678,6 +680,9 @@ impl Gate<'_> {
                 refusal.agent = Some(record);
                 return Some(Judged::Refuse(refusal));
             }
+            if !subject.active {
+                return Some(Judged::Allow(anyone(&decision, explain)));
+            }
             let mut forward = Forward::new(
                 agent_user(&record.name),
                 None,
@@ -779,6 +784,9 @@ impl Gate<'_> {
             if !decision.allowed {
                 return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
             }
+            if !subject.active {
+                return Judged::Allow(anyone(&decision, explain));
+            }
             let make = || {
                 Named::new(
                     String::from(&*view.user.user_name),
@@ -869,10 +877,17 @@ fn takes(route: &Route, principal: Principal<'_>) -> bool {
 }
 
 fn allow_anonymous(decision: &Decision<'_>, explain: bool) -> Admission {
-    Admission::Allow(Pass {
+    Admission::Allow(anyone(decision, explain))
+}
+
+/// In by a public rule, as anyone: the upstream is told of no caller. So also for a caller the
+/// directory has deactivated (a user, or an agent without an active owner): the upstream cannot
+/// take them for someone the directory still vouches for, and their token is not passed on.
+fn anyone(decision: &Decision<'_>, explain: bool) -> Pass {
+    Pass {
         forward: None,
         why: explain.then(|| Why::of(decision)),
-    })
+    }
 }
 
 fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
@@ -1439,6 +1454,27 @@ mod tests {
             "/public/x",
         ));
         assert_eq!(pass.forward, None, "let in as anyone, not as a user");
+    }
+
+    #[tokio::test]
+    async fn a_deactivated_caller_gets_what_public_rules_give_anyone_and_no_more() {
+        let world = world().await;
+        let carol = world.user("carol@corp.example").await;
+        world.group("eng2", &[&carol]).await;
+        world.set_active(&carol, false).await;
+        world.set_active(&world.id_of(BOT), false).await;
+        let carol = world.person("carol@corp.example");
+        let bot = machine(BOT);
+        let public = facts(&world, 0, "GET", "/public/x");
+        for presented in [Principal::Person(&carol), Principal::Machine(&bot)] {
+            let pass = allowed(world.gate().admit(&public, Presented::Caller(presented)));
+            // In as a stranger would be: the upstream is told of nobody, not of someone the
+            // directory no longer vouches for.
+            assert_eq!(pass.forward, None, "{presented:?}");
+        }
+        // Someone active is still named there.
+        let pass = allowed(as_person(&world, &world.person(ALICE), 0, "/public/x"));
+        assert!(pass.forward.is_some_and(|f| f.user == ALICE));
     }
 
     #[tokio::test]
@@ -2326,6 +2362,32 @@ mod tests {
         let refusal = forbidden(as_machine(&world, &agent_token("helper"), route));
         assert_eq!(refusal.cause, Cause::NotInDirectory);
         assert!(refusal.reason.contains("was deleted"), "{}", refusal.reason);
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_an_active_owner_gets_only_what_public_rules_give_anyone() {
+        let (world, _, _, helper) = agents_world().await;
+        let public = facts(&world, 0, "GET", "/public/x");
+        let admit = |token: &Machine| {
+            allowed(
+                world
+                    .gate()
+                    .admit(&public, Presented::Caller(Principal::Machine(token))),
+            )
+        };
+        assert!(admit(&agent_token("helper")).forward.is_some());
+        // The agent deactivated: neither it, nor alice through it, is named to the upstream.
+        world
+            .set_active_at(&format!("/Agents/{helper}"), false)
+            .await;
+        assert_eq!(admit(&agent_token("helper")).forward, None);
+        assert_eq!(admit(&delegated_token(ALICE, "helper")).forward, None);
+        // Active again, but its only owner deactivated: the same.
+        world
+            .set_active_at(&format!("/Agents/{helper}"), true)
+            .await;
+        world.set_active(&world.id_of(ALICE), false).await;
+        assert_eq!(admit(&agent_token("helper")).forward, None);
     }
 
     #[tokio::test]

@@ -84,16 +84,17 @@ impl Proxy {
             strip_own_cookies(headers, runtime.session_cookie());
         }
         // On a route that takes bearer tokens, a bearer token is Portcullis' to read: it goes
-        // on only as one Portcullis verified, and only where the route says so. One that did
-        // not verify (expired, or its key not fetched yet) is never passed, whatever let the
-        // request in (a public path, say). Another scheme (an upstream's own Basic login) is
-        // the upstream's.
+        // on only as one Portcullis verified and the gate let in as its caller (`forward`),
+        // and only where the route says so. One that did not verify (expired, or its key not
+        // fetched yet), or whose caller the gate did not let in as such (a token for another
+        // audience, a deactivated machine: in by a public rule as anyone), is never passed.
+        // Another scheme (an upstream's own Basic login) is the upstream's.
         // Elsewhere, a token that says it is for Portcullis (one of its issuers', for one of
         // their audiences) is not passed on either: an agent that sends its token to a
         // session route must not hand that upstream a token it could replay where Portcullis
         // takes it. The upstream's own tokens pass.
         if let (Some(route), Some(runtime)) = (&ctx.route, &ctx.runtime) {
-            let verified = matches!(ctx.caller, Some(Caller::Machine(_)));
+            let verified = matches!(ctx.caller, Some(Caller::Machine(_))) && ctx.forward.is_some();
             if route.config.accept.contains(&Credential::Bearer) {
                 if !(verified && route.config.pass_authorization) {
                     remove_bearer_tokens(headers, |_| true);

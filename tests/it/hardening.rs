@@ -565,6 +565,65 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deactivated_machine_on_a_public_path_is_anyone_and_its_token_stays_here() {
+    let t = Hardened::start().await;
+    let token = t.machine_token().await;
+    let authorization = format!("Authorization: Bearer {token}");
+    let (code, received) = t
+        .send(
+            "GET /status HTTP/1.1",
+            &[t.host("pass.test"), authorization.clone()],
+        )
+        .await;
+    assert_eq!(code, 200);
+    let received = received.expect("the request reached the upstream");
+    assert_eq!(received.header("x-portcullis-user"), Some(MACHINE_ID));
+    assert!(received.header("authorization").is_some(), "passed on");
+
+    // The IdP deactivates it; its token is still valid at the IdP.
+    let scim = ScimClient::new(&t.fx.cfg.scim_base_url(), SCIM_TOKEN);
+    let found = scim
+        .filter("/Users", &format!("userName eq \"{MACHINE_ID}\""))
+        .await
+        .resources();
+    let id = found[0]["id"].as_str().expect("the machine's id");
+    scim.patch(
+        &format!("/Users/{id}"),
+        &portcullis_tests::scim::patch_ops(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await
+    .expect_success();
+    let (code, received) = t
+        .send(
+            "GET /v1/builds HTTP/1.1",
+            &[t.host("pass.test"), authorization.clone()],
+        )
+        .await;
+    assert_eq!(code, 403, "refused where a group is needed");
+    assert!(received.is_none());
+    // The public path lets it in as it lets anyone in: the upstream is told of no caller, and
+    // the token, which it could replay while it lasts, is not handed over.
+    let (code, received) = t
+        .send(
+            "GET /status HTTP/1.1",
+            &[t.host("pass.test"), authorization.clone()],
+        )
+        .await;
+    assert_eq!(code, 200);
+    let received = received.expect("the request reached the upstream");
+    let everything = received.headers.join("\n");
+    for name in [
+        "x-portcullis-user",
+        "x-portcullis-groups",
+        "x-portcullis-assertion",
+        "authorization",
+    ] {
+        assert_eq!(received.header(name), None, "{name}:\n{everything}");
+    }
+    assert!(!everything.contains(&token[..40]), "{everything}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_group_name_with_a_comma_is_one_group_in_the_header() {
     let t = Hardened::start().await;
     let cookie = t.sign_in().await;
