@@ -12,8 +12,12 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tracing::{Level, Metadata};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use portcullis_config::{LogConfig, LogFormat};
 
@@ -29,19 +33,36 @@ static GUARD: Mutex<Option<Guard>> = Mutex::new(None);
 pub fn init(config: &LogConfig) {
     let (writer, guard) = batched(std::io::stdout());
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal())
         .with_target(true);
-    let result = match config.format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let lines = match config.format {
+        LogFormat::Plain => lines.boxed(),
+        LogFormat::Json => lines.json().flatten_event(true).boxed(),
     };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines.with_filter(filter_fn(is_written)))
+        .try_init();
     if let Err(e) = result {
         eprintln!("portcullis: logging already initialised: {e}");
     }
     *lock(&GUARD) = Some(guard);
+}
+
+/// Whatever level the configuration asks for, the libraries' own lines are written only from
+/// `info` up: below it, pingora prints every request and answer head it sends and receives
+/// (`Debug` of the headers: session cookies, bearer tokens, the signed assertion), and other
+/// libraries what they send and receive. Portcullis' own lines, which name no secret at any
+/// level, follow the configured level.
+fn is_written(meta: &Metadata<'_>) -> bool {
+    *meta.level() <= Level::INFO || is_own(meta.target())
+}
+
+/// Portcullis' own targets: its crates' modules, and the access and audit lines.
+fn is_own(target: &str) -> bool {
+    target.starts_with("portcullis") || matches!(target, "access" | "audit")
 }
 
 /// Writes out every buffered log line. Call before `process::exit`.

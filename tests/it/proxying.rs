@@ -2,7 +2,7 @@
 //! answers reaches the client, and the error statuses when no route or no upstream is there.
 
 use portcullis_tests::client::plain_client;
-use portcullis_tests::{free_port, ConfigBuilder, Echo, Route, Upstream};
+use portcullis_tests::{free_port, ConfigBuilder, Echo, Portcullis, Route, Upstream};
 use reqwest::StatusCode;
 
 use crate::get_echo;
@@ -67,6 +67,40 @@ async fn methods_and_request_bodies_are_forwarded() {
         up.seen().last().map(|e| e.method.clone()).as_deref(),
         Some("HEAD")
     );
+}
+
+/// `[log] level = "debug"`, as an operator sets it to find a fault: the libraries' own debug
+/// lines (pingora prints every head it sends and receives) would write what requests carry.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_logging_writes_no_credential_a_request_carries() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let toml = cfg.toml();
+    assert!(toml.contains("level = \"info\""), "{toml}");
+    let px = Portcullis::start(&toml.replace("level = \"info\"", "level = \"debug\"")).await;
+    let (password, cookie) = ("c2VjcmV0LXBhc3N3b3Jk", "cookie-secret-0123456789");
+    let resp = plain_client()
+        .get(cfg.http_url("app.test", "/debugged"))
+        .header("authorization", format!("Basic {password}"))
+        .header("cookie", format!("app_session={cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert!(
+        echo.headers.iter().any(|(_, v)| v.contains(cookie)),
+        "the upstream's own cookie reaches it: {:?}",
+        echo.headers
+    );
+    // The access line comes after every line the request made. (Without the ceiling on the
+    // libraries' lines, pingora's would have named both: tried.)
+    let log = px.log_until(|log| log.contains("path=/debugged")).await;
+    for secret in [password, cookie] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
