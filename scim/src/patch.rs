@@ -40,6 +40,7 @@ use crate::eval::{check_element_filter, element_matches};
 use crate::filter::{AttrOp, CompValue, CompareOp, Filter};
 use crate::path::PatchPath;
 use crate::schema::{extension_named_by, resolve_path, AttrType, AttributeDef, ResourceType};
+use crate::validate::{check_value_counts, too_many_values, MAX_VALUES};
 use crate::value::{coerce, get_ci, is_primary, is_unassigned, key_ci, remove_ci, slot_ci, Object};
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -200,6 +201,7 @@ pub fn apply_patch(
     }
     sync_extension_schemas(&mut work, rt);
     check_required(&work, rt)?;
+    check_value_counts(rt, &work)?;
     let resource_changed = work != *original;
     *resource = Value::Object(work);
     Ok(PatchOutcome {
@@ -418,9 +420,15 @@ impl Target {
                     Value::Array(items) => items,
                     _ => Vec::new(),
                 };
+                // Values already there are skipped, each found in one look: a value's JSON
+                // text is one text (object keys sorted), so equal values have equal texts.
+                let mut seen: HashSet<String> = items.iter().map(Value::to_string).collect();
                 for item in new {
-                    if items.contains(&item) {
+                    if !seen.insert(item.to_string()) {
                         continue;
+                    }
+                    if items.len() == MAX_VALUES {
+                        return Err(too_many_values(attr.name));
                     }
                     let primary = is_primary(&item);
                     items.push(item);
@@ -1005,6 +1013,32 @@ mod tests {
         let err = patch(&mut u, USER, ops).expect_err("should fail");
         assert_eq!(u, user(), "a failed PATCH changes nothing");
         err
+    }
+
+    #[test]
+    fn an_add_past_the_most_values_an_attribute_holds_changes_nothing() {
+        let emails = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({"value": format!("u{i}@example.com")}))
+                .collect()
+        };
+        // bjensen has two emails: up to the bound, what is there already or given twice in the
+        // add is not counted again.
+        let mut again = emails(MAX_VALUES - 2);
+        again.extend(emails(MAX_VALUES - 2));
+        again.push(json!({"value": "babs@jensen.org", "type": "home"}));
+        let u = patched_user(json!([{"op": "add", "path": "emails", "value": again}]));
+        assert_eq!(u["emails"].as_array().map(Vec::len), Some(MAX_VALUES));
+        // One more than the bound, by an add or a replace: refused, and nothing changed.
+        for (op, n) in [("add", MAX_VALUES - 1), ("replace", MAX_VALUES + 1)] {
+            let e = user_error(json!([{"op": op, "path": "emails", "value": emails(n)}]));
+            assert_eq!(
+                (e.status, e.scim_type),
+                (400, Some(ScimType::InvalidValue)),
+                "{op}"
+            );
+            assert!(e.detail.contains("emails"), "{op}: {}", e.detail);
+        }
     }
 
     #[test]

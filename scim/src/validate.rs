@@ -30,6 +30,41 @@ pub enum Mode {
     Replace,
 }
 
+/// Most values one multi-valued attribute of a resource may hold (`emails`, `roles`, …; not a
+/// Group's `members`, which are stored apart). An IdP sends a few; without a bound, one user's
+/// list could grow to what a body holds, and be indexed, compared and rewritten with each of
+/// their writes. Far above what an IdP holds for one person, so that no write of real data
+/// (a deactivation least of all) is refused for it.
+pub const MAX_VALUES: usize = 1000;
+
+/// Every multi-valued attribute of `resource`, its extensions' included, holds at most
+/// [`MAX_VALUES`] values: `400 invalidValue` naming the first that holds more.
+pub fn check_value_counts(rt: ResourceType, resource: &Object) -> Result<(), ScimError> {
+    let extensions = rt
+        .extensions()
+        .iter()
+        .filter_map(|ext| get_ci(resource, ext.id)?.as_object());
+    for attrs in std::iter::once(resource).chain(extensions) {
+        for (name, value) in attrs {
+            let Value::Array(values) = value else {
+                continue;
+            };
+            let stored_apart = rt == ResourceType::Group && name.eq_ignore_ascii_case("members");
+            if values.len() > MAX_VALUES && !stored_apart && !name.eq_ignore_ascii_case("schemas") {
+                return Err(too_many_values(name));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn too_many_values(name: &str) -> ScimError {
+    ScimError::bad_request(
+        ScimType::InvalidValue,
+        format!("{name} holds more than {MAX_VALUES} values, the most one attribute may hold"),
+    )
+}
+
 fn syntax(detail: impl Into<String>) -> ScimError {
     ScimError::bad_request(ScimType::InvalidSyntax, detail)
 }
@@ -77,6 +112,7 @@ pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<
         }
     }
     out.insert("schemas".into(), Value::Array(schemas));
+    check_value_counts(rt, &out)?;
     Ok(Value::Object(out))
 }
 
@@ -217,6 +253,23 @@ mod tests {
 
     fn err(rt: ResourceType, body: Value) -> ScimError {
         validate_resource(rt, &body, Mode::Replace).expect_err(&body.to_string())
+    }
+
+    #[test]
+    fn a_multi_valued_attribute_holds_at_most_the_most_values() {
+        let values = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({"value": format!("u{i}@example.com")}))
+                .collect()
+        };
+        let user = |n| json!({"schemas": [USER_SCHEMA], "userName": "a", "emails": values(n)});
+        ok(ResourceType::User, user(MAX_VALUES));
+        let e = err(ResourceType::User, user(MAX_VALUES + 1));
+        assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
+        assert!(e.detail.contains("emails"), "{}", e.detail);
+        // A group's members are stored apart, one row each: not bounded here.
+        let group = json!({"schemas": [GROUP_SCHEMA], "displayName": "g", "members": values(MAX_VALUES + 1)});
+        ok(ResourceType::Group, group);
     }
 
     #[test]

@@ -781,6 +781,40 @@ async fn bodies_over_the_limit_are_refused_with_413() {
     assert_eq!(all.body["totalResults"], 1);
 }
 
+/// An attribute's values are bounded (1,000), however many the body has room for: the IdP is
+/// told which, and the user is as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attribute_with_more_values_than_the_bound_is_refused_and_changes_nothing() {
+    let (_px, scim) = scim_server().await;
+    let emails = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"value": format!("u{i}@example.com"), "type": "other"}))
+            .collect()
+    };
+    let mut many = user("many@example.com");
+    many["emails"] = json!(emails(1001));
+    let e = scim
+        .post("/Users", &many)
+        .await
+        .expect_error(400, Some("invalidValue"));
+    assert!(e.text.contains("emails"), "{}", e.text);
+    many["emails"] = json!(emails(1000));
+    let id = scim.post("/Users", &many).await.expect(201).id();
+    let path = format!("/Users/{id}");
+    let add = patch_ops(
+        json!([{"op": "add", "path": "emails", "value": [{"value": "one-more@example.com"}]}]),
+    );
+    scim.patch(&path, &add)
+        .await
+        .expect_error(400, Some("invalidValue"));
+    let kept = scim.get(&path).await.expect(200);
+    assert_eq!(kept.body["emails"].as_array().map(Vec::len), Some(1000));
+    // What the IdP does next still works: a deactivation.
+    let off = patch_ops(json!([{"op": "replace", "value": {"active": false}}]));
+    let off = scim.patch(&path, &off).await.expect(200);
+    assert_eq!(off.body["active"], false, "{}", off.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_are_accepted_and_never_returned() {
     let (_px, scim) = scim_server().await;

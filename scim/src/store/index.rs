@@ -406,10 +406,11 @@ pub fn released_identifiers<'v>(
     after: Option<&Value>,
 ) -> (Vec<Box<str>>, Option<&'v str>) {
     let kept = after.map(emails_of).unwrap_or_default();
+    let kept: HashSet<&str> = kept.iter().map(|e| &**e).collect();
     let emails = emails_of(before)
         .into_vec()
         .into_iter()
-        .filter(|e| !kept.contains(e))
+        .filter(|e| !kept.contains(&**e))
         .collect();
     let external_id = str_field(before, "externalId")
         .filter(|id| after.and_then(|a| str_field(a, "externalId")) != Some(*id));
