@@ -18,7 +18,8 @@
 //!   admit a caller revoked just before it, and catch up without being restarted.
 //! - `kill -9` of a replica during SCIM writes loses no acknowledged write.
 //! - A SCIM read waiting on PostgreSQL (a lock held elsewhere) holds up no proxied request on
-//!   the one worker thread that took it.
+//!   the one worker thread that took it; a SCIM write that needs a locked table fails soon, and
+//!   the replica keeps its lease.
 //! - Migrations: from empty, idempotent, safe with replicas starting at once, and a schema
 //!   newer than the binary's is refused at start with a clear message.
 
@@ -1131,4 +1132,57 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
     }
     drop(locker);
     let _ = driver.await;
+}
+
+/// The writer also applies the feed that keeps the lease: a write that needs a table another
+/// session has locked (an operator's `LOCK TABLE`, `VACUUM FULL`, `ALTER TABLE`) must fail soon,
+/// not wait with the lease lapsing and every caller refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready() {
+    let pg = Postgres::start().await;
+    let up = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]))
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+        .postgres(&pg.url(), "4s");
+    let px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let id = scim.create_user("ada@example.com").await.expect(201).id();
+    let path = format!("/Users/{id}");
+    let ready = || async {
+        let resp = bare_client().get(px.admin_url("/readyz")).send().await;
+        resp.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    assert_eq!(ready().await, 200);
+
+    let (locker, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    let driver = tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the users' table");
+    // The deactivation needs alice's record: it waits at most a quarter of max_staleness for
+    // the lock (1 s), and is told to try again.
+    let off = patch_ops(json!([{"op": "replace", "value": {"active": false}}]));
+    let answer = tokio::time::timeout(Duration::from_secs(30), scim.patch(&path, &off)).await;
+    let Ok(refused) = answer else {
+        panic!("the write waited on the lock:\n{}", px.log());
+    };
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    // Its lease kept all along: a lapse would show for a while (it renews only when caught up).
+    for _ in 0..10 {
+        assert_eq!(ready().await, 200, "{}", px.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    drop(locker);
+    let _ = driver.await;
+    // The IdP retries, and the write lands.
+    scim.patch(&path, &off).await.expect(200);
+    let got = scim.get(&path).await.expect(200);
+    assert_eq!(got.body["active"], false, "{}", got.text);
 }

@@ -242,6 +242,16 @@ pub trait Storage: Send + Sync + 'static {
     fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError>;
     /// Reads the records at `rows` (missing ones are skipped), in one consistent view.
     fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError>;
+    /// [`Storage::records`], for the directory's writer. With a shared store the writer also
+    /// applies the feed that keeps this replica's lease, so it must not wait long on anything
+    /// (a table another session has locked): a read that would fails, and fails that write.
+    fn records_for_writer(
+        &self,
+        rt: ResourceType,
+        rows: &[Row],
+    ) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.records(rt, rows)
+    }
     /// Writes `batch` durably: when this returns `Ok`, the batch survives a crash.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Changes with a sequence above `after`, oldest first, at most `limit`.

@@ -585,6 +585,32 @@ fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The records at `rows` of `rt`'s table, in the order asked for (as the redb backend answers).
+fn read_records(
+    client: &mut Client,
+    rt: ResourceType,
+    rows: &[Row],
+) -> Result<Vec<(Row, Record)>, StoreError> {
+    let wanted = rows
+        .iter()
+        .map(|&row| to_sql(row))
+        .collect::<Result<Vec<i64>, _>>()?;
+    let query = format!(
+        "SELECT row_id, record FROM {} WHERE row_id = ANY($1)",
+        table(rt)
+    );
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in client.query(query.as_str(), &[&wanted]).map_err(backend)? {
+        let id = from_sql(row.try_get(0).map_err(backend)?)?;
+        let bytes: &[u8] = row.try_get(1).map_err(backend)?;
+        found.insert(id, decode(id, bytes)?);
+    }
+    Ok(rows
+        .iter()
+        .filter_map(|row| found.remove(row).map(|record| (*row, record)))
+        .collect())
+}
+
 fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("row {row}: {e}")))
 }
@@ -694,29 +720,22 @@ impl Storage for PgStorage {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted = rows
-            .iter()
-            .map(|&row| to_sql(row))
-            .collect::<Result<Vec<i64>, _>>()?;
-        let query = format!(
-            "SELECT row_id, record FROM {} WHERE row_id = ANY($1)",
-            table(rt)
-        );
-        let found = self.pool.with(|client| {
-            let mut found = HashMap::with_capacity(rows.len());
-            for row in client.query(query.as_str(), &[&wanted]).map_err(backend)? {
-                let id = from_sql(row.try_get(0).map_err(backend)?)?;
-                let bytes: &[u8] = row.try_get(1).map_err(backend)?;
-                found.insert(id, decode(id, bytes)?);
-            }
-            Ok(found)
-        })?;
-        // In the order asked for, as the redb backend answers.
-        let mut found = found;
-        Ok(rows
-            .iter()
-            .filter_map(|row| found.remove(row).map(|record| (*row, record)))
-            .collect())
+        self.pool.with(|client| read_records(client, rt, rows))
+    }
+
+    /// On the writer's own connection, whose statements wait at most a quarter of
+    /// `max_staleness` for a lock (see [`lock_timeout_setup`]): an operator's `LOCK TABLE`,
+    /// `VACUUM FULL` or `ALTER TABLE` fails the write that needs the table, and the lease is
+    /// kept, where a read from the pool would have waited on it and let the lease lapse.
+    fn records_for_writer(
+        &self,
+        rt: ResourceType,
+        rows: &[Row],
+    ) -> Result<Vec<(Row, Record)>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        lock(&self.writer).run(|conn| read_records(&mut conn.client, rt, rows))
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -902,10 +921,11 @@ impl Storage for PgStorage {
 
     fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
         let after_sql = to_sql(after)?;
-        self.pool.with(|client| {
+        // Read by the writer (catching up): on its connection, as `records_for_writer`.
+        lock(&self.writer).run(|conn| {
             // The batches and the sequence from one snapshot: a commit in between would look
             // like a gap.
-            let mut txn = snapshot(client)?;
+            let mut txn = snapshot(&mut conn.client)?;
             let seq = meta(&mut txn, "seq")?;
             let rows = txn
                 .query(

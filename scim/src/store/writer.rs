@@ -610,7 +610,7 @@ impl<'a> Overlay<'a> {
             Some((_, record)) => record.clone(),
             None => self
                 .storage
-                .records(rt, &[row])?
+                .records_for_writer(rt, &[row])?
                 .into_iter()
                 .next()
                 .map(|(_, record)| record),
