@@ -1424,6 +1424,13 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     );
     let resp = bare_client().get(&callback).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Anyone could have made that link: the page shows the error's code, not its words, to a
+    // browser that started no sign-in (the audit record keeps them).
+    let page = resp.text().await.unwrap_or_default();
+    assert!(
+        page.contains("access_denied") && !page.contains("not assigned"),
+        "{page}"
+    );
     // Alice's session, once she is deactivated: over, and she is told to sign in again.
     t.set_active(&t.alice_id, false).await.expect_success();
     let resp = get_with_session(&t.app_url("/work"), &cookie, "application/json").await;

@@ -906,16 +906,25 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
     // No state or no code at all; an error from the IdP.
     let no_state = callback.replace(&format!("state={state}"), "x=1");
     refused("no state", get(&browser, &no_state).await);
-    refused(
-        "an error from the IdP",
-        get(
-            &browser,
-            &fx.app_url(&format!(
-                "/.portcullis/callback?error=access_denied&state={state}"
-            )),
-        )
-        .await,
+    // An error from the IdP, back in the browser that started the sign-in: its words are
+    // shown there. Elsewhere, where anyone's link could have put them, only its code.
+    let error = fx.app_url(&format!(
+        "/.portcullis/callback?error=access_denied&error_description=not%20assigned&state={state}"
+    ));
+    let answer = get(&browser, &error).await;
+    assert!(
+        answer.2.contains("access_denied not assigned"),
+        "{}",
+        answer.2
     );
+    refused("an error from the IdP", answer);
+    let elsewhere = get(&client(), &error).await;
+    assert!(
+        elsewhere.2.contains("access_denied") && !elsewhere.2.contains("not assigned"),
+        "{}",
+        elsewhere.2
+    );
+    refused("an error from the IdP, in another browser", elsewhere);
 
     // The genuine callback still completes (the forgeries consumed nothing)…
     let resp = browser.get(&callback).send().await.unwrap();

@@ -265,11 +265,15 @@ impl Auth {
     /// The page for a sign-in that did not complete, recorded as a refusal (anyone can call
     /// the callback, so as one of unverified credentials).
     fn sign_in_refused(&self, e: &SignInError, req: &Request<'_>) -> Reply {
+        self.record_refused_sign_in(e, req);
+        sign_in_failed(e)
+    }
+
+    fn record_refused_sign_in(&self, e: &SignInError, req: &Request<'_>) {
         let reason = format!("a sign-in was refused: {e}");
         let request = req.audited("GET", "/.portcullis/callback");
         self.audit
             .unverified_refusal(AUDIT_ROUTE, &reason, &request);
-        sign_in_failed(e)
     }
 
     async fn callback(
@@ -280,15 +284,29 @@ impl Auth {
         param: &(dyn Fn(&str) -> Option<String> + Sync),
         wants: Wanted<'_>,
     ) -> Reply {
+        let pending = |state: &str| pending_cookie_name(browser_cookie_prefix(req.tls), state);
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
             let e = SignInError::Refused(format!("{error} {detail}"));
-            return self.sign_in_refused(&e, req);
+            self.record_refused_sign_in(&e, req);
+            // Anyone can send someone a link to this address with any words in it ("your
+            // account is locked: call …"), to be shown on the company's sign-in host: the IdP's
+            // words are shown only to the browser that started a sign-in under that state.
+            let started_here = param("state").is_some_and(|state| {
+                cookies_in_any_jar(session.req_header(), &pending(&state))
+                    .next()
+                    .is_some()
+            });
+            return if started_here {
+                sign_in_failed(&e)
+            } else {
+                sign_in_failed(&SignInError::Refused(error_code(&error)))
+            };
         }
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
             return self.sign_in_refused(&SignInError::UnknownState, req);
         };
-        let cookie_name = pending_cookie_name(browser_cookie_prefix(req.tls), &state);
+        let cookie_name = pending(&state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
         // sent here too.
         let sealed = cookies_in_any_jar(session.req_header(), &cookie_name)
@@ -618,6 +636,33 @@ pub const SIGN_OUT_FORM: &str = "<form method=\"post\" action=\"/.portcullis/sig
 
 fn json_error(status: StatusCode, error: &str) -> Reply {
     Reply::json(status, &serde_json::json!({ "error": error }))
+}
+
+/// An authorization error as it may be shown to anyone: its code if it is one of those RFC 6749
+/// §4.1.2.1 and OpenID Connect Core §3.1.2.6 define, else none of its words.
+fn error_code(error: &str) -> String {
+    const CODES: [&str; 16] = [
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+        "interaction_required",
+        "login_required",
+        "account_selection_required",
+        "consent_required",
+        "invalid_request_uri",
+        "invalid_request_object",
+        "request_not_supported",
+        "request_uri_not_supported",
+        "registration_not_supported",
+    ];
+    match CODES.iter().find(|&&code| code == error) {
+        Some(code) => (*code).to_owned(),
+        None => "an error Portcullis does not know".to_owned(),
+    }
 }
 
 fn sign_in_failed(e: &SignInError) -> Reply {
