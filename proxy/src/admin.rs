@@ -67,6 +67,16 @@ impl Admin {
         client: Option<std::net::IpAddr>,
     ) -> Result<(), (StatusCode, &'static str, Vec<u8>)> {
         let runtime = self.shared.runtime.load();
+        let refuse = |why: &str| {
+            let request = crate::audit::Request {
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                client,
+            };
+            self.shared
+                .audit
+                .unverified_refusal(AUDIT_ROUTE, why, &request);
+        };
         match runtime.config.admin.as_ref().and_then(|c| c.token.as_ref()) {
             Some(token) => {
                 let presented = req
@@ -81,14 +91,7 @@ impl Admin {
                     Some(false) => "the bearer token is not the [admin] token",
                     None => "no [admin] bearer token was presented",
                 };
-                let request = crate::audit::Request {
-                    method: req.method.as_str(),
-                    path: req.uri.path(),
-                    client,
-                };
-                self.shared
-                    .audit
-                    .unverified_refusal(AUDIT_ROUTE, why, &request);
+                refuse(why);
                 Err((
                     StatusCode::UNAUTHORIZED,
                     "text/plain",
@@ -101,6 +104,7 @@ impl Admin {
                     .as_ref()
                     .is_some_and(|c| c.address.ip().is_loopback());
                 if !on_loopback {
+                    refuse("no [admin] token is set, and the admin listener is not on loopback");
                     return Err((
                         StatusCode::FORBIDDEN,
                         "text/plain",
@@ -114,6 +118,8 @@ impl Admin {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
                 if !is_loopback_name(host) {
+                    // A page in a browser on this machine, through a name pointed at 127.0.0.1.
+                    refuse("no [admin] token is set, and the Host is not a loopback name");
                     return Err((
                         StatusCode::FORBIDDEN,
                         "text/plain",

@@ -253,6 +253,19 @@ async fn without_a_token_metrics_and_explain_answer_only_loopback_hosts() {
         let resp = get(probe, Some("attacker.example")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{probe} answers anyone");
     }
+    // Each refusal is audited, as anyone's.
+    let records = crate::audit::audit_json_until(&px, &[], |r| {
+        crate::audit::of_event(r, "refusal").len() == 6
+    })
+    .await;
+    for refusal in &records {
+        assert_eq!(refusal["route"], "admin", "{refusal}");
+        assert_eq!(refusal["user"], "anonymous", "{refusal}");
+        assert_eq!(
+            refusal["reason"], "no [admin] token is set, and the Host is not a loopback name",
+            "{refusal}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
