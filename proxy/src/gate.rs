@@ -760,9 +760,10 @@ impl Gate<'_> {
                             "{who} matches {count} directory users ({looked_up}), and \
                              Portcullis will not guess which one"
                         ),
-                        Lookup::Deleted => {
-                            format!("{who} was deleted from the directory ({looked_up})")
-                        }
+                        Lookup::Deleted => format!(
+                            "{who} was deleted from the directory, or is found there by \
+                             another value now ({looked_up})"
+                        ),
                         _ => format!("{who} is not a user in the directory ({looked_up})"),
                     };
                     return Judged::Refuse(Refusal {
@@ -1923,6 +1924,31 @@ mod tests {
         let mut stranger = world.person("frank@partner.example");
         stranger.groups = vec!["contractors".to_owned()];
         allowed(as_person(&world, &stranger, 3, "/"));
+    }
+
+    #[tokio::test]
+    async fn token_groups_never_judge_someone_by_what_the_directory_renamed_them_from() {
+        let world = World::new();
+        let carol = world.user("carol@corp.example").await;
+        // Signed in as carol; her ID token said `contractors`, the directory never did.
+        let mut signed_in = world.person("carol@corp.example");
+        signed_in.groups = vec!["contractors".to_owned()];
+        forbidden(as_person(&world, &signed_in, 3, "/"));
+        // The IdP renames her (a new login); her session still names the old one.
+        let rename = serde_json::json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "userName", "value": "carol.new@corp.example"}]
+        });
+        world
+            .scim(Method::PATCH, &format!("/Users/{carol}"), rename)
+            .await;
+        let refusal = forbidden(as_person(&world, &signed_in, 3, "/"));
+        assert_eq!(refusal.cause, Cause::NotInDirectory, "{}", refusal.reason);
+        assert!(
+            refusal.reason.contains("another value now"),
+            "{}",
+            refusal.reason
+        );
     }
 
     #[tokio::test]

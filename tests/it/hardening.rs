@@ -728,8 +728,6 @@ async fn token_groups_never_admit_someone_the_directory_deleted() {
     assert_eq!(status, 200);
     assert!(received.is_some());
 
-    // The IdP deletes dora. The directory remembers whom it removed: her token's groups still
-    // do not count, after a restart too.
     let scim = ScimClient::new(&t.fx.cfg.scim_base_url(), SCIM_TOKEN);
     let found = scim
         .get(&format!("/Users?filter=userName%20eq%20%22{DORA}%22"))
@@ -738,6 +736,20 @@ async fn token_groups_never_admit_someone_the_directory_deleted() {
         .as_str()
         .expect("dora's id")
         .to_owned();
+    // The IdP renames dora; her session still names her by her former login. The directory
+    // knew her by it: her token's groups do not count.
+    let rename = portcullis_tests::scim::patch_ops(
+        json!([{"op": "replace", "path": "userName", "value": "dora.renamed@corp.test"}]),
+    );
+    scim.patch(&format!("/Users/{id}"), &rename)
+        .await
+        .expect_success();
+    let (status, received) = get(&t, &dora).await;
+    assert_eq!(status, 403, "a renamed user got in on her token's groups");
+    assert_eq!(received, None);
+
+    // The IdP deletes dora. The directory remembers whom it removed: her token's groups still
+    // do not count, after a restart too.
     assert_eq!(scim.delete(&format!("/Users/{id}")).await.status, 204);
     let (status, received) = get(&t, &dora).await;
     assert_eq!(status, 403, "a deleted user got in on her token's groups");

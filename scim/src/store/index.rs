@@ -399,6 +399,31 @@ pub fn gains_identifier(before: &Value, after: &Value) -> bool {
         || !emails.is_empty()
 }
 
+/// What user `before` was found by and `after` is not: a `userName` it changed, the emails
+/// and `externalId` it gave up, as the identifiers of a retired record (`userName`, `emails`,
+/// `externalId`: what [`Index`] remembers of a deleted user); `None` if it gave up none. A
+/// sign-in looked up by one of them was this user's, not a stranger's.
+pub fn given_up(before: &Value, after: &Value) -> Option<Value> {
+    let user_name = |r| str_field(r, "userName");
+    let (emails, external_id) = released_identifiers(before, Some(after));
+    let renamed = user_name(before).filter(|&old| user_name(after).map(fold) != Some(fold(old)));
+    if renamed.is_none() && emails.is_empty() && external_id.is_none() {
+        return None;
+    }
+    let mut kept = serde_json::Map::new();
+    if let Some(name) = renamed {
+        kept.insert("userName".to_owned(), Value::from(name));
+    }
+    if !emails.is_empty() {
+        let values = emails.iter().map(|e| serde_json::json!({ "value": &**e }));
+        kept.insert("emails".to_owned(), Value::Array(values.collect()));
+    }
+    if let Some(id) = external_id {
+        kept.insert("externalId".to_owned(), Value::from(id));
+    }
+    Some(Value::Object(kept))
+}
+
 /// The emails (folded) and `externalId` a user had in `before` and has not in `after` (`None`:
 /// deleted): values another user may hold too, who is then found by them alone.
 pub fn released_identifiers<'v>(

@@ -1038,6 +1038,64 @@ async fn a_deleted_user_stays_known_as_deleted_across_restarts_until_someone_tak
     assert_eq!(lookup(&dir, SubjectKey::Email("dana@x")), "ambiguous 2");
 }
 
+#[tokio::test]
+async fn what_a_renamed_user_was_found_by_stays_known_as_no_stranger_s_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lookup = |dir: &Directory, key: SubjectKey<'_>| {
+        dir.with_subject(key, |l| match l {
+            Lookup::Found(v) => format!("found {}", v.user.user_name),
+            Lookup::Unknown => "unknown".to_owned(),
+            Lookup::Ambiguous(n) => format!("ambiguous {n}"),
+            Lookup::Deleted => "deleted".to_owned(),
+        })
+    };
+    let former = [
+        SubjectKey::UserName("Dana@X"),
+        SubjectKey::Email("dana@x"),
+        SubjectKey::ExternalId("ext-dana@x"),
+    ];
+    {
+        let dir = open(tmp.path());
+        let dana = created(&dir, ResourceType::User, user("dana@x")).await;
+        let (rows, _) = dir.counts();
+        // The IdP renames her: a new login, email and externalId, as after a marriage.
+        let rename = patch_body(json!([{"op": "replace", "value": {
+            "userName": "dora@x", "externalId": "ext-dora@x",
+            "emails": [{"type": "work", "value": "dora@x", "primary": true}],
+        }}]));
+        let written = patch(&dir, ResourceType::User, &dana, rename)
+            .await
+            .unwrap();
+        for key in former {
+            assert_eq!(lookup(&dir, key), "deleted", "{key:?}");
+        }
+        assert_eq!(lookup(&dir, SubjectKey::UserName("dora@x")), "found dora@x");
+        // Still one user, as SCIM shows it; the change says what was kept.
+        assert_eq!(dir.counts().0, rows);
+        let changes = dir.changes(written.seq - 1, 10).unwrap();
+        assert!(
+            changes[0].summary.ends_with("former identifiers kept"),
+            "{changes:?}"
+        );
+        // A change that gives up nothing keeps nothing more.
+        let retitle = patch_body(json!([{"op": "replace", "path": "title", "value": "Engineer"}]));
+        let written = patch(&dir, ResourceType::User, &dana, retitle)
+            .await
+            .unwrap();
+        let changes = dir.changes(written.seq - 1, 10).unwrap();
+        assert!(!changes[0].summary.contains("former"), "{changes:?}");
+    }
+    let dir = open(tmp.path());
+    for key in former {
+        assert_eq!(lookup(&dir, key), "deleted", "after a restart: {key:?}");
+    }
+    // Someone new takes the old name: they are who it names now.
+    created(&dir, ResourceType::User, user("dana@x")).await;
+    for key in former {
+        assert_eq!(lookup(&dir, key), "found dana@x", "{key:?}");
+    }
+}
+
 /// Holds entries as an [`EntrySink`] is told of them.
 #[derive(Default)]
 struct Held(std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>);

@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::index::{etag, fold, gains_identifier, holds_any, released_identifiers, Index};
+use super::index::{
+    etag, fold, gains_identifier, given_up, holds_any, released_identifiers, Index,
+};
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
@@ -464,6 +466,19 @@ impl<'a> Overlay<'a> {
         };
         if let (ResourceType::User, Some(previous)) = (rt, previous) {
             self.release_identifiers(row, &previous.resource, Some(&resource))?;
+            // What it was found by and is not any more is remembered, as a deleted user's
+            // identifiers are (a record of its own): a session signed in by its old name is
+            // not a stranger's, to be judged on its token's groups.
+            if let Some(identifiers) = given_up(&previous.resource, &resource) {
+                let kept = self.next_row;
+                self.next_row += 1;
+                self.put_record(
+                    ResourceType::User,
+                    kept,
+                    Some(retired_identifiers(identifiers)),
+                );
+                summary.push_str(", former identifiers kept");
+            }
         }
         let record = Record {
             resource,
@@ -851,8 +866,14 @@ fn retired(rt: ResourceType, current: &Record) -> Record {
             }
         }
     }
+    retired_identifiers(Value::Object(kept))
+}
+
+/// A record that is only `identifiers` remembered: served by no lookup but the index's
+/// "was this deleted".
+fn retired_identifiers(identifiers: Value) -> Record {
     Record {
-        resource: Value::Object(kept),
+        resource: identifiers,
         password_hash: None,
         valid_since: None,
         valid_since_unix: None,
