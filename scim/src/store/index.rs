@@ -399,20 +399,31 @@ pub fn gains_identifier(before: &Value, after: &Value) -> bool {
         || !emails.is_empty()
 }
 
-/// What user `before` was found by and `after` is not: a `userName` it changed, the emails
-/// and `externalId` it gave up, as the identifiers of a retired record (`userName`, `emails`,
-/// `externalId`: what [`Index`] remembers of a deleted user); `None` if it gave up none. A
-/// sign-in looked up by one of them was this user's, not a stranger's.
-pub fn given_up(before: &Value, after: &Value) -> Option<Value> {
-    let user_name = |r| str_field(r, "userName");
-    let (emails, external_id) = released_identifiers(before, Some(after));
-    let renamed = user_name(before).filter(|&old| user_name(after).map(fold) != Some(fold(old)));
-    if renamed.is_none() && emails.is_empty() && external_id.is_none() {
-        return None;
-    }
+/// What `before`, a user or an agent, was found by and `after` is not, as the identifiers of
+/// a retired record (what [`Index`] remembers of a deleted one); `None` if it gave up none (or
+/// is of another type). A user's: a `userName` it changed, the emails and `externalId` it gave
+/// up; an agent's: a `name` or `externalId` it changed. A sign-in or token looked up by one of
+/// them named this one, not a stranger.
+pub fn given_up(rt: ResourceType, before: &Value, after: &Value) -> Option<Value> {
+    let changed = |name: &str, compare: fn(&str) -> Box<str>| {
+        str_field(before, name)
+            .filter(|&old| str_field(after, name).map(compare) != Some(compare(old)))
+    };
     let mut kept = serde_json::Map::new();
-    if let Some(name) = renamed {
-        kept.insert("userName".to_owned(), Value::from(name));
+    let (name, external_id, emails) = match rt {
+        ResourceType::User => {
+            let (emails, external_id) = released_identifiers(before, Some(after));
+            (changed("userName", fold), external_id, emails)
+        }
+        ResourceType::Agent => (
+            changed("name", fold),
+            changed("externalId", |id| Box::from(id)),
+            Vec::new(),
+        ),
+        ResourceType::Group | ResourceType::AgenticApplication => return None,
+    };
+    if let Some(name) = name {
+        kept.insert(rt.name_attribute().to_owned(), Value::from(name));
     }
     if !emails.is_empty() {
         let values = emails.iter().map(|e| serde_json::json!({ "value": &**e }));
@@ -421,7 +432,7 @@ pub fn given_up(before: &Value, after: &Value) -> Option<Value> {
     if let Some(id) = external_id {
         kept.insert("externalId".to_owned(), Value::from(id));
     }
-    Some(Value::Object(kept))
+    (!kept.is_empty()).then_some(Value::Object(kept))
 }
 
 /// The emails (folded) and `externalId` a user had in `before` and has not in `after` (`None`:

@@ -1445,6 +1445,46 @@ async fn agents_are_unique_by_name_join_groups_and_survive_a_restart() {
     assert!(deleted(&open(tmp.path())));
 }
 
+#[tokio::test]
+async fn what_a_renamed_agent_was_found_by_stays_known_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lookup = |dir: &Directory, key: AgentKey<'_>| {
+        dir.with_agent(key, 0, |found| match found {
+            AgentLookup::Found(view) => format!("found {}", view.agent.name),
+            AgentLookup::Deleted => "deleted".to_owned(),
+            AgentLookup::Unknown => "unknown".to_owned(),
+            AgentLookup::Ambiguous(n) => format!("ambiguous {n}"),
+        })
+    };
+    let former = [
+        AgentKey::Name("Helper"),
+        AgentKey::ExternalId("client-helper"),
+    ];
+    {
+        let dir = open(tmp.path());
+        let owner = created(&dir, ResourceType::User, user("own@x")).await;
+        let helper = created(
+            &dir,
+            ResourceType::Agent,
+            agent("helper", &[&owner], &[], None),
+        )
+        .await;
+        let rename = patch_body(json!([{"op": "replace", "value": {
+            "name": "helper-2", "externalId": "client-helper-2"}}]));
+        patch(&dir, ResourceType::Agent, &helper, rename)
+            .await
+            .unwrap();
+        for key in former {
+            assert_eq!(lookup(&dir, key), "deleted", "{key:?}");
+        }
+        assert_eq!(lookup(&dir, AgentKey::Name("helper-2")), "found helper-2");
+    }
+    let dir = open(tmp.path());
+    for key in former {
+        assert_eq!(lookup(&dir, key), "deleted", "after a restart: {key:?}");
+    }
+}
+
 /// One store two directories write to, as replicas share PostgreSQL: a commit must be built
 /// on the latest batch, and the batches are read back through the feed. Nothing follows the
 /// feed in the background, so a directory's index stays where its own writes left it.

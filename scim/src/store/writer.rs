@@ -466,19 +466,15 @@ impl<'a> Overlay<'a> {
         };
         if let (ResourceType::User, Some(previous)) = (rt, previous) {
             self.release_identifiers(row, &previous.resource, Some(&resource))?;
-            // What it was found by and is not any more is remembered, as a deleted user's
-            // identifiers are (a record of its own): a session signed in by its old name is
-            // not a stranger's, to be judged on its token's groups.
-            if let Some(identifiers) = given_up(&previous.resource, &resource) {
-                let kept = self.next_row;
-                self.next_row += 1;
-                self.put_record(
-                    ResourceType::User,
-                    kept,
-                    Some(retired_identifiers(identifiers)),
-                );
-                summary.push_str(", former identifiers kept");
-            }
+        }
+        // What a user or agent was found by and is not any more is remembered, as a deleted
+        // one's identifiers are (a record of its own): a session or token naming it by its
+        // former name is not a stranger's, to be judged on its token's groups.
+        if let Some(identifiers) = previous.and_then(|p| given_up(rt, &p.resource, &resource)) {
+            let kept = self.next_row;
+            self.next_row += 1;
+            self.put_record(rt, kept, Some(retired_identifiers(identifiers)));
+            summary.push_str(", former identifiers kept");
         }
         let record = Record {
             resource,
