@@ -38,24 +38,47 @@ pub enum Mode {
 pub const MAX_VALUES: usize = 1000;
 
 /// Every multi-valued attribute of `resource`, its extensions' included, holds at most
-/// [`MAX_VALUES`] values: `400 invalidValue` naming the first that holds more.
-pub fn check_value_counts(rt: ResourceType, resource: &Object) -> Result<(), ScimError> {
-    let extensions = rt
-        .extensions()
-        .iter()
-        .filter_map(|ext| get_ci(resource, ext.id)?.as_object());
-    for attrs in std::iter::once(resource).chain(extensions) {
-        for (name, value) in attrs {
-            let Value::Array(values) = value else {
-                continue;
-            };
-            let stored_apart = rt == ResourceType::Group && name.eq_ignore_ascii_case("members");
-            if values.len() > MAX_VALUES && !stored_apart && !name.eq_ignore_ascii_case("schemas") {
-                return Err(too_many_values(name));
-            }
+/// [`MAX_VALUES`] values, or no more than it held in `before` (the stored resource a write
+/// replaces: one stored before the bound may keep what it has, and be deactivated): else `400
+/// invalidValue` naming the first that holds more.
+pub fn check_value_counts(
+    rt: ResourceType,
+    resource: &Value,
+    before: Option<&Value>,
+) -> Result<(), ScimError> {
+    for (name, count) in value_counts(rt, resource) {
+        let held = || {
+            before
+                .into_iter()
+                .flat_map(|b| value_counts(rt, b))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map_or(0, |(_, c)| c)
+        };
+        if count > MAX_VALUES && count > held() {
+            return Err(too_many_values(name));
         }
     }
     Ok(())
+}
+
+/// Each multi-valued attribute of `resource` (its extensions' included) and how many values it
+/// holds; not a Group's `members`, stored apart.
+fn value_counts(rt: ResourceType, resource: &Value) -> impl Iterator<Item = (&str, usize)> {
+    let core = resource.as_object();
+    let extensions = rt
+        .extensions()
+        .iter()
+        .filter_map(move |ext| get_ci(core?, ext.id)?.as_object());
+    core.into_iter()
+        .chain(extensions)
+        .flatten()
+        .filter_map(move |(name, value)| {
+            let stored_apart = rt == ResourceType::Group && name.eq_ignore_ascii_case("members");
+            let listed = value
+                .as_array()
+                .filter(|_| !stored_apart && name != "schemas")?;
+            Some((name.as_str(), listed.len()))
+        })
 }
 
 pub(crate) fn too_many_values(name: &str) -> ScimError {
@@ -112,7 +135,6 @@ pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<
         }
     }
     out.insert("schemas".into(), Value::Array(schemas));
-    check_value_counts(rt, &out)?;
     Ok(Value::Object(out))
 }
 
@@ -256,20 +278,30 @@ mod tests {
     }
 
     #[test]
-    fn a_multi_valued_attribute_holds_at_most_the_most_values() {
+    fn a_multi_valued_attribute_holds_at_most_the_most_values_or_what_it_held() {
         let values = |n: usize| -> Vec<Value> {
             (0..n)
                 .map(|i| json!({"value": format!("u{i}@example.com")}))
                 .collect()
         };
         let user = |n| json!({"schemas": [USER_SCHEMA], "userName": "a", "emails": values(n)});
-        ok(ResourceType::User, user(MAX_VALUES));
-        let e = err(ResourceType::User, user(MAX_VALUES + 1));
+        let check = |n, before: Option<usize>| {
+            let before = before.map(user);
+            check_value_counts(ResourceType::User, &user(n), before.as_ref())
+        };
+        check(MAX_VALUES, None).unwrap();
+        let e = check(MAX_VALUES + 1, None).unwrap_err();
         assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
         assert!(e.detail.contains("emails"), "{}", e.detail);
+        assert!(check(MAX_VALUES + 1, Some(MAX_VALUES)).is_err());
+        // A resource stored with more, before the bound: kept as it is, or with fewer (so that
+        // it can still be deactivated), never more.
+        check(MAX_VALUES + 5, Some(MAX_VALUES + 5)).unwrap();
+        check(MAX_VALUES + 2, Some(MAX_VALUES + 5)).unwrap();
+        assert!(check(MAX_VALUES + 6, Some(MAX_VALUES + 5)).is_err());
         // A group's members are stored apart, one row each: not bounded here.
         let group = json!({"schemas": [GROUP_SCHEMA], "displayName": "g", "members": values(MAX_VALUES + 1)});
-        ok(ResourceType::Group, group);
+        check_value_counts(ResourceType::Group, &group, None).unwrap();
     }
 
     #[test]

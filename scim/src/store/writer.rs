@@ -17,7 +17,7 @@ use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
 use crate::schema::ResourceType;
-use crate::validate::take_member_ids;
+use crate::validate::{check_value_counts, take_member_ids};
 use crate::value::{get_ci, remove_ci};
 
 /// Most membership rows a single command may change (a full replace of a huge group).
@@ -352,6 +352,8 @@ impl<'a> Overlay<'a> {
         actor: &str,
         summary: &str,
     ) -> Result<Written, ScimError> {
+        // However it was written (created, replaced, patched): no list past the bound.
+        check_value_counts(rt, &resource, previous.map(|p| &p.resource))?;
         let Some(obj) = resource.as_object_mut() else {
             return Err(invalid("a resource must be a JSON object"));
         };
