@@ -310,6 +310,9 @@ pub enum Cause {
     NotPublic,
     /// An open connection's route is no longer in the configuration.
     RouteRemoved,
+    /// An open connection's caller would be let in now only as anyone (by a public rule), not
+    /// as whom the upstream was told of when it was opened.
+    AsAnyoneOnly,
 }
 
 /// The gate, over the live directory and the current `[identity]` mapping.

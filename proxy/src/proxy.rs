@@ -964,7 +964,9 @@ impl RequestCtx {
                 client_ip: self.client_ip,
                 websocket: req.headers.contains_key(header::UPGRADE),
             };
-            self.recheck = Some(Arc::new(Recheck::new(caller.clone(), target, decided_at)));
+            let identified = self.forward.is_some();
+            let recheck = Recheck::new(caller.clone(), target, identified, decided_at);
+            self.recheck = Some(Arc::new(recheck));
         }
         self.recheck.clone()
     }

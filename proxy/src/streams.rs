@@ -54,6 +54,9 @@ pub struct Marks {
 pub struct Recheck {
     pub caller: Caller,
     pub target: Target,
+    /// Whether it was let in as its caller, whom the upstream was told of (not by a public rule
+    /// as anyone): then it carries on only while the caller is let in as such.
+    pub identified: bool,
     /// The marks read just before the last allowing decision.
     directory: AtomicU64,
     session_ends: AtomicU64,
@@ -86,10 +89,11 @@ pub struct Target {
 }
 
 impl Recheck {
-    pub fn new(caller: Caller, target: Target, decided_at: Marks) -> Self {
+    pub fn new(caller: Caller, target: Target, identified: bool, decided_at: Marks) -> Self {
         Self {
             caller,
             target,
+            identified,
             directory: AtomicU64::new(decided_at.directory),
             session_ends: AtomicU64::new(decided_at.session_ends),
             config: AtomicU64::new(decided_at.config),
@@ -185,7 +189,22 @@ pub fn rejudge(
         path: &target.path,
         client: ClientOf::Known(target.client),
     };
-    gate.admit(&facts, presented)
+    match gate.admit(&facts, presented) {
+        // Let in now only as anyone (deactivated, signed out, its token expired, on a public
+        // path): not as the caller the upstream was told of when it was opened.
+        Admission::Allow(pass) if open.identified && pass.forward.is_none() => {
+            Admission::Refuse(Refused::Forbid(Refusal {
+                who: Some(open.caller.log_name()),
+                rule: None,
+                cause: Cause::AsAnyoneOnly,
+                reason: "the connection was opened as its caller, who is now let in only as \
+                         anyone"
+                    .to_owned(),
+                agent: None,
+            }))
+        }
+        admission => admission,
+    }
 }
 
 /// One open websocket or event stream.
@@ -322,7 +341,7 @@ mod tests {
             session: [7; 32],
             identity: Arc::new(world.person(ALICE)),
         };
-        Recheck::new(caller, target(route, Client::Browser), marks(0))
+        Recheck::new(caller, target(route, Client::Browser), true, marks(0))
     }
 
     #[test]
@@ -425,6 +444,7 @@ mod tests {
         let open = Recheck::new(
             Caller::Machine(Arc::new(machine)),
             target("http://api.test", Client::Api),
+            true,
             marks(0),
         );
         let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true);
@@ -436,6 +456,33 @@ mod tests {
                 revoked: false
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_as_its_caller_ends_when_they_are_let_in_only_as_anyone() {
+        let world = World::new();
+        let bot = world.user("build-bot").await;
+        world.group("eng", &[&bot]).await;
+        let runtime = world.runtime();
+        // Opened on a public path by the build bot, let in as itself (and so named to the
+        // upstream); another, by the same bot let in there as anyone.
+        let public = |identified| {
+            let mut target = target(APP, Client::Api);
+            target.path = "/public/feed".to_owned();
+            let machine = Arc::new(crate::testing::machine("build-bot"));
+            Recheck::new(Caller::Machine(machine), target, identified, marks(0))
+        };
+        let (as_itself, as_anyone) = (public(true), public(false));
+        let judged = |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true);
+        assert!(matches!(judged(&as_itself), Admission::Allow(_)));
+        // Deactivated: the public path still lets it in, but only as anyone.
+        world.set_active(&bot, false).await;
+        let admission = judged(&as_itself);
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::AsAnyoneOnly),
+            "{admission:?}"
+        );
+        assert!(matches!(judged(&as_anyone), Admission::Allow(_)));
     }
 
     #[tokio::test]
@@ -493,6 +540,7 @@ mod tests {
                 websocket: true,
                 ..open.target.clone()
             },
+            true,
             marks(0),
         );
         assert!(matches!(judged(&websockets, &socket), Admission::Allow(_)));
