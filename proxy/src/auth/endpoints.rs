@@ -294,8 +294,7 @@ impl Auth {
             // words are shown only to the browser that started a sign-in under that state.
             let started_here = param("state").is_some_and(|state| {
                 cookies_in_any_jar(session.req_header(), &pending(&state))
-                    .next()
-                    .is_some()
+                    .any(|sealed| self.oidc.started(&state, sealed, now_unix()))
             });
             return if started_here {
                 sign_in_failed(&e)

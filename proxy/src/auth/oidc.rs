@@ -301,16 +301,9 @@ impl Oidc {
     /// exchanges the code, verifies the ID token, and asks UserInfo for what it lacks of what
     /// Portcullis `wants` (see [`UserInfo`]). Returns who signed in and where they were going.
     #[allow(clippy::too_many_arguments)]
-    pub async fn finish(
-        &self,
-        config: &OidcConfig,
-        state: &str,
-        code: &str,
-        sealed: Option<&str>,
-        wants: Wanted<'_>,
-        now: u64,
-    ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
-        let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
+    /// The sign-in in progress that `sealed` (its browser's cookie) holds for `state`, if it
+    /// is one Portcullis started there and it has not expired.
+    fn pending(&self, state: &str, sealed: &str, now: u64) -> Result<Pending, SignInError> {
         // Altered, sealed for another state, or under a key no longer kept: unknown here.
         let pending: Pending = self
             .kept
@@ -322,6 +315,25 @@ impl Oidc {
         if pending.created + PENDING_FOR <= now || pending.created > now + 60 {
             return Err(SignInError::UnknownState);
         }
+        Ok(pending)
+    }
+
+    /// Whether `sealed` is this browser's cookie of a sign-in Portcullis started under `state`.
+    pub fn started(&self, state: &str, sealed: &str, now: u64) -> bool {
+        self.pending(state, sealed, now).is_ok()
+    }
+
+    pub async fn finish(
+        &self,
+        config: &OidcConfig,
+        state: &str,
+        code: &str,
+        sealed: Option<&str>,
+        wants: Wanted<'_>,
+        now: u64,
+    ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
+        let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
+        let pending = self.pending(state, sealed, now)?;
         let provider = self.current(config)?;
         // The code goes to the IdP once per sign-in, however often its callback is sent
         // with its cookie (a reload, a prefetch, a replay): one request to the IdP's token
