@@ -650,7 +650,7 @@ impl Gate<'_> {
                 AgentLookup::Deleted => {
                     return refuse(format!(
                         "the agent with the {attribute} \"{value}\" was deleted from the \
-                         directory"
+                         directory, or is found there by another value now"
                     ))
                 }
             };
