@@ -1057,6 +1057,25 @@ async fn an_agent_s_owner_chain_broken_on_one_replica_holds_on_every_replica() {
 /// reads the whole directory, or a busy or distant server) hold up no proxied request on the
 /// worker thread that took them: they wait off that thread, and are answered once PostgreSQL
 /// is. Four wait at most; a fifth is answered 503 once it has waited its turn for 10 s.
+/// The users' table locked by a session of its own, as a long transaction, `VACUUM FULL` or a
+/// migration elsewhere may hold it, until the client returned commits.
+async fn lock_users_table(
+    pg: &Postgres,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (locker, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    let driver = tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the users' table");
+    (locker, driver)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
     const READS: usize = 4;
@@ -1074,14 +1093,7 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
     let id = scim.create_user("ada@example.com").await.expect(201).id();
 
     // The users' table locked, as a long transaction or a migration elsewhere may hold it.
-    let (locker, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    let driver = tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock the users' table");
+    let (locker, driver) = lock_users_table(&pg).await;
     let reads: Vec<_> = (0..READS)
         .map(|_| {
             let (scim, path) = (scim.clone(), format!("/Users/{id}"));
@@ -1156,16 +1168,9 @@ async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready()
     };
     assert_eq!(ready().await, 200);
 
-    let (locker, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    let driver = tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE directory_users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock the users' table");
-    // The deactivation needs alice's record: it waits at most a quarter of max_staleness for
-    // the lock (1 s), and is told to try again.
+    let (locker, driver) = lock_users_table(&pg).await;
+    // The deactivation needs ada's record: it waits at most a quarter of max_staleness for the
+    // lock (1 s), and is told to try again.
     let off = patch_ops(json!([{"op": "replace", "value": {"active": false}}]));
     let answer = tokio::time::timeout(Duration::from_secs(30), scim.patch(&path, &off)).await;
     let Ok(refused) = answer else {

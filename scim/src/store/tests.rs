@@ -967,17 +967,19 @@ async fn names_fold_as_authorization_rules_fold_them() {
     assert_eq!(again.unwrap_err().scim_type, Some(ScimType::Uniqueness));
 }
 
+/// What looking `key` up in `dir` finds, in words.
+fn lookup(dir: &Directory, key: SubjectKey<'_>) -> String {
+    dir.with_subject(key, |l| match l {
+        Lookup::Found(v) => format!("found {}", v.user.user_name),
+        Lookup::Unknown => "unknown".to_owned(),
+        Lookup::Ambiguous(n) => format!("ambiguous {n}"),
+        Lookup::Deleted => "deleted".to_owned(),
+    })
+}
+
 #[tokio::test]
 async fn a_deleted_user_stays_known_as_deleted_across_restarts_until_someone_takes_the_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let lookup = |dir: &Directory, key: SubjectKey<'_>| {
-        dir.with_subject(key, |l| match l {
-            Lookup::Found(v) => format!("found {}", v.user.user_name),
-            Lookup::Unknown => "unknown".to_owned(),
-            Lookup::Ambiguous(n) => format!("ambiguous {n}"),
-            Lookup::Deleted => "deleted".to_owned(),
-        })
-    };
     let keys = [
         SubjectKey::UserName("Dana@X"),
         SubjectKey::Email("DANA@x"),
@@ -1041,14 +1043,6 @@ async fn a_deleted_user_stays_known_as_deleted_across_restarts_until_someone_tak
 #[tokio::test]
 async fn what_a_renamed_user_was_found_by_stays_known_as_no_stranger_s_across_restarts() {
     let tmp = tempfile::tempdir().unwrap();
-    let lookup = |dir: &Directory, key: SubjectKey<'_>| {
-        dir.with_subject(key, |l| match l {
-            Lookup::Found(v) => format!("found {}", v.user.user_name),
-            Lookup::Unknown => "unknown".to_owned(),
-            Lookup::Ambiguous(n) => format!("ambiguous {n}"),
-            Lookup::Deleted => "deleted".to_owned(),
-        })
-    };
     let former = [
         SubjectKey::UserName("Dana@X"),
         SubjectKey::Email("dana@x"),
