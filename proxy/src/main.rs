@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
@@ -302,6 +303,13 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let conf = server.configuration.clone();
 
     let mut proxy = http_proxy_service_with_name(&conf, proxy::Proxy::new(shared.clone()), "proxy");
+    // An HTTP/2 client that sits idle is closed as an idle HTTP/1 one is (at the value of start:
+    // pingora takes it once). Without it, pingora holds an idle HTTP/2 connection for good.
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(server_config.client_idle_timeout);
+        app.server_options = Some(options);
+    }
     for listener in &listeners {
         let address = listener.address.to_string();
         match shared.resolvers.get(&listener.address) {

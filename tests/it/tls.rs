@@ -81,6 +81,57 @@ async fn sni_selects_the_certificate() {
     }
 }
 
+/// An HTTP/2 client that sits idle is closed after `client_idle_timeout`, as an HTTP/1 one is
+/// (pingora holds it for good otherwise, and each holds a file descriptor and TLS buffers).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .server("client_idle_timeout", "\"1s\"")
+        .route(Route::new("https://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca.ca_pem().as_bytes()) {
+        roots.add(der.expect("the CA's PEM")).expect("the CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(cfg.https_addr())
+        .await
+        .unwrap();
+    let name = ServerName::try_from("app.test").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The connection preface and an empty SETTINGS frame; then nothing.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            // Closed (after a GOAWAY, or as TLS ends).
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            // The server's SETTINGS, its acknowledgement of ours, a GOAWAY.
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("an idle HTTP/2 connection was still open after 30 s"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_is_negotiated_by_alpn_and_http1_still_works() {
     let ca = TestCa::new();
