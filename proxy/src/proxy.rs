@@ -652,8 +652,10 @@ impl ProxyHttp for Proxy {
             Authentication::Caller(caller) => Some(caller),
             _ => None,
         };
-        let long_lived = caller.is_some() && is_long_lived(req);
-        let judged = caller.is_some();
+        // A websocket or event stream is judged again as long as it is open, whoever opened
+        // it: one let in by a public rule ends when a reload takes that rule away.
+        let long_lived = is_long_lived(req);
+        let judged = caller.is_some() || long_lived;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
         ctx.forward = pass.forward;
@@ -943,9 +945,7 @@ impl RequestCtx {
     /// request).
     fn recheck(&mut self, req: &RequestHeader) -> Option<Arc<Recheck>> {
         if self.recheck.is_none() {
-            let (Some(caller), Some(route), Some(decided_at)) =
-                (&self.caller, &self.route, self.decided_at)
-            else {
+            let (Some(route), Some(decided_at)) = (&self.route, self.decided_at) else {
                 return None;
             };
             // The judged path: the one sent upstream, which is the client's own unless the
@@ -965,7 +965,7 @@ impl RequestCtx {
                 websocket: req.headers.contains_key(header::UPGRADE),
             };
             let identified = self.forward.is_some();
-            let recheck = Recheck::new(caller.clone(), target, identified, decided_at);
+            let recheck = Recheck::new(self.caller.clone(), target, identified, decided_at);
             self.recheck = Some(Arc::new(recheck));
         }
         self.recheck.clone()

@@ -387,19 +387,22 @@ impl Shared {
     }
 
     fn audit_cut(&self, open: &Recheck, refused: &Admission) {
-        let (who, rule, reason) = match refused {
-            Admission::Refuse(Refused::Forbid(refusal)) => (
-                refusal
-                    .who
-                    .clone()
-                    .unwrap_or_else(|| open.caller.log_name()),
+        let who = open.who();
+        let (who, rule, reason) = match (refused, &open.caller) {
+            (Admission::Refuse(Refused::Forbid(refusal)), _) => (
+                refusal.who.clone().unwrap_or(who),
                 refusal.rule.as_deref(),
                 refusal.reason.as_str(),
             ),
-            Admission::Refuse(r) if r.revoked() => (
-                open.caller.log_name(),
+            (Admission::Refuse(Refused::Unavailable), _) => {
+                (who, None, "this replica lost touch with the directory")
+            }
+            // Let in by a public rule, which no longer lets anyone in there.
+            (_, None) => (who, None, "the address is no longer open to anyone"),
+            (Admission::Refuse(r), Some(caller)) if r.revoked() => (
+                who,
                 None,
-                match open.caller {
+                match caller {
                     Caller::Person { .. } => {
                         "the user was deactivated or re-created since signing in"
                     }
@@ -409,29 +412,23 @@ impl Shared {
                     }
                 },
             ),
-            Admission::Refuse(Refused::Challenge {
-                invalid_token: true,
-                ..
-            }) => (
-                open.caller.log_name(),
+            (
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                }),
+                Some(caller),
+            ) => (
+                who,
                 None,
-                match &open.caller {
+                match caller {
                     Caller::Machine(m) if crate::clock::now_unix() < m.expires => {
                         "the bearer token is no longer for this route's audiences"
                     }
                     _ => "the bearer token has expired",
                 },
             ),
-            Admission::Refuse(Refused::Unavailable) => (
-                open.caller.log_name(),
-                None,
-                "this replica lost touch with the directory",
-            ),
-            _ => (
-                open.caller.log_name(),
-                None,
-                "the session has ended or expired",
-            ),
+            _ => (who, None, "the session has ended or expired"),
         };
         self.audit.refusal(
             &who,

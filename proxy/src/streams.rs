@@ -52,7 +52,8 @@ pub struct Marks {
 
 /// What an allowed request was let in as, to judge it again later.
 pub struct Recheck {
-    pub caller: Caller,
+    /// `None`: let in with no caller, by a public rule.
+    pub caller: Option<Caller>,
     pub target: Target,
     /// Whether it was let in as its caller, whom the upstream was told of (not by a public rule
     /// as anyone): then it carries on only while the caller is let in as such.
@@ -89,7 +90,12 @@ pub struct Target {
 }
 
 impl Recheck {
-    pub fn new(caller: Caller, target: Target, identified: bool, decided_at: Marks) -> Self {
+    pub fn new(
+        caller: Option<Caller>,
+        target: Target,
+        identified: bool,
+        decided_at: Marks,
+    ) -> Self {
         Self {
             caller,
             target,
@@ -101,6 +107,13 @@ impl Recheck {
             current: AtomicBool::new(decided_at.current),
             cut: AtomicBool::new(false),
         }
+    }
+
+    /// Who it was opened by, for the audit log: the caller, or `anonymous`.
+    pub fn who(&self) -> String {
+        self.caller
+            .as_ref()
+            .map_or_else(|| "anonymous".to_owned(), Caller::log_name)
     }
 
     fn decided_at(&self) -> Marks {
@@ -162,7 +175,7 @@ pub fn rejudge(
     let target = &open.target;
     let gone = |reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
-            who: Some(open.caller.log_name()),
+            who: Some(open.who()),
             rule: None,
             cause: Cause::RouteRemoved,
             reason: reason.to_owned(),
@@ -177,11 +190,14 @@ pub fn rejudge(
         return gone("the route no longer takes websockets");
     }
     let presented = match &open.caller {
-        Caller::Person { session, .. } if !session_live(session) => {
+        None => Presented::Nothing,
+        Some(Caller::Person { session, .. }) if !session_live(session) => {
             Presented::Invalid { bearer: false }
         }
-        Caller::Machine(machine) if now >= machine.expires => Presented::Invalid { bearer: true },
-        caller => Presented::Caller(caller.principal()),
+        Some(Caller::Machine(machine)) if now >= machine.expires => {
+            Presented::Invalid { bearer: true }
+        }
+        Some(caller) => Presented::Caller(caller.principal()),
     };
     let facts = Facts {
         route: &route.config,
@@ -194,7 +210,7 @@ pub fn rejudge(
         // path): not as the caller the upstream was told of when it was opened.
         Admission::Allow(pass) if open.identified && pass.forward.is_none() => {
             Admission::Refuse(Refused::Forbid(Refusal {
-                who: Some(open.caller.log_name()),
+                who: Some(open.who()),
                 rule: None,
                 cause: Cause::AsAnyoneOnly,
                 reason: "the connection was opened as its caller, who is now let in only as \
@@ -341,7 +357,7 @@ mod tests {
             session: [7; 32],
             identity: Arc::new(world.person(ALICE)),
         };
-        Recheck::new(caller, target(route, Client::Browser), true, marks(0))
+        Recheck::new(Some(caller), target(route, Client::Browser), true, marks(0))
     }
 
     #[test]
@@ -442,7 +458,7 @@ mod tests {
         let mut machine = crate::testing::machine("build-bot");
         machine.expires = 1_000;
         let open = Recheck::new(
-            Caller::Machine(Arc::new(machine)),
+            Some(Caller::Machine(Arc::new(machine))),
             target("http://api.test", Client::Api),
             true,
             marks(0),
@@ -470,7 +486,7 @@ mod tests {
             let mut target = target(APP, Client::Api);
             target.path = "/public/feed".to_owned();
             let machine = Arc::new(crate::testing::machine("build-bot"));
-            Recheck::new(Caller::Machine(machine), target, identified, marks(0))
+            Recheck::new(Some(Caller::Machine(machine)), target, identified, marks(0))
         };
         let (as_itself, as_anyone) = (public(true), public(false));
         let judged = |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true);

@@ -152,3 +152,48 @@ async fn a_101_that_does_not_accept_the_websocket_opens_no_tunnel() {
     // No tunnel: the bytes after the upgrade request never reached the upstream.
     assert!(up.ws_received().is_empty(), "{:?}", up.ws_received());
 }
+
+/// A websocket let in by a public rule, with no caller, is judged again on a reload as any
+/// other: once the rule no longer lets anyone in there, it ends, and the closing is audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_websocket_ends_when_a_reload_takes_its_public_rule_away() {
+    let up = Upstream::start("a").await;
+    let route = |allow: &str| {
+        Route::new("http://open.test", &[&up])
+            .websockets(true)
+            .accept(&["public"])
+            .set(&format!("allow = {allow}"))
+    };
+    let cfg = ConfigBuilder::new().http_listener();
+    let open = cfg.clone().route(route("{ public = true }"));
+    let px = open.start().await;
+    let mut ws = portcullis_tests::client::websocket(
+        cfg.http_addr(),
+        "open.test",
+        "/ws",
+        ("x-request", "anonymous"),
+    )
+    .await;
+    // A reload that has nothing to do with it keeps it open.
+    px.rewrite_config(&open.toml().replace("[[routes]]", "# kept\n[[routes]]"));
+    px.reload_and_wait().await;
+    assert!(
+        !portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(2)).await,
+        "closed by a reload that changed nothing for it"
+    );
+    let closed = cfg
+        .clone()
+        .route(route("{ public = true, paths = [\"/status\"] }"));
+    px.rewrite_config(&closed.toml());
+    px.reload();
+    assert!(
+        portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(15)).await,
+        "the websocket stayed open after its public rule was taken away"
+    );
+    let audit = px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.contains("open connection closed")
+        })
+        .await;
+    assert!(audit.contains("anonymous"), "{audit}");
+}
