@@ -466,6 +466,11 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].tls_ca", None, "cannot read")],
         },
         Case {
+            name: "upstream CA with verification off",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"https://127.0.0.1:3000\"]\ntls_verify = false\ntls_ca = \"ca.pem\"\n",
+            problems: &[("routes[0].tls_verify", None, "would be ignored")],
+        },
+        Case {
             name: "duplicate route",
             text: r#"data_dir = "data"
 LISTENERS
@@ -1596,7 +1601,6 @@ websockets = true
 connect_timeout = "1s"
 read_timeout = "2m"
 max_request_body_bytes = 2048
-tls_verify = false
 tls_ca = "ca.pem"
 
 [[routes]]
@@ -1683,7 +1687,7 @@ to = ["http://127.0.0.1"]
                         host: "127.0.0.1".into(),
                         port: 3000,
                         address: addr("127.0.0.1:3000"),
-                        verify_tls: false,
+                        verify_tls: true,
                         ca_file: Some(dir.join("ca.pem")),
                         ca: Some(ca.clone()),
                         host_header: HeaderValue::from_static("127.0.0.1:3000"),
@@ -1694,7 +1698,7 @@ to = ["http://127.0.0.1"]
                         host: "::1".into(),
                         port: 8443,
                         address: addr("[::1]:8443"),
-                        verify_tls: false,
+                        verify_tls: true,
                         ca_file: Some(dir.join("ca.pem")),
                         ca: Some(ca.clone()),
                         host_header: HeaderValue::from_static("[::1]:8443"),

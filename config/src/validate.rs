@@ -536,6 +536,13 @@ fn route(
         }
     });
     let verify_tls = raw.tls_verify.unwrap_or(true);
+    if !verify_tls && ca.is_some() {
+        p.add(
+            &path.key("tls_verify"),
+            "`tls_verify = false` checks no upstream certificate, so `tls_ca` would be ignored: \
+             keep `tls_ca` to verify against it, or drop it",
+        );
+    }
     let to_path = path.key("to");
     let upstreams = match raw.to {
         None => {
