@@ -73,6 +73,11 @@ impl RouteTable {
     /// prefixes are read as the most lenient upstream reads a path (`;` parameters dropped, any
     /// ASCII case: [`portcullis_policy::loosely_within`]), so no spelling an upstream reads as
     /// inside a route's prefix lands on another route.
+    ///
+    /// The longest prefix that holds the path decides, whatever its scheme: a route of the
+    /// other scheme with a shorter prefix does not take the paths it narrows (a plain-HTTP
+    /// `http://app/` does not serve what `https://app/admin` guards). Only a route of the same
+    /// prefix serves the other scheme.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
         let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
             self.wildcard
@@ -80,22 +85,20 @@ impl RouteTable {
                 .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
                 .map(|(_, routes)| routes.as_slice()),
         );
-        let mut wrong_scheme = None;
         for routes in candidates {
-            for route in routes {
-                if !portcullis_policy::loosely_within(&route.config.path_prefix, path) {
-                    continue;
-                }
-                if route.config.scheme == scheme {
-                    return Match::Found(route);
-                }
-                wrong_scheme.get_or_insert(route);
-            }
-            if wrong_scheme.is_some() {
-                break;
-            }
+            let mut holding = routes
+                .iter()
+                .filter(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path));
+            let Some(longest) = holding.next() else {
+                continue;
+            };
+            let prefix = &longest.config.path_prefix;
+            return std::iter::once(longest)
+                .chain(holding.take_while(|route| route.config.path_prefix.len() == prefix.len()))
+                .find(|route| route.config.scheme == scheme)
+                .map_or(Match::WrongScheme(longest), Match::Found);
         }
-        wrong_scheme.map_or(Match::None, Match::WrongScheme)
+        Match::None
     }
 }
 
@@ -145,5 +148,51 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    #[test]
+    fn a_route_of_the_other_scheme_with_a_shorter_prefix_does_not_take_the_paths_it_narrows() {
+        let runtime = crate::testing::World::new().runtime();
+        let like = |scheme: Scheme, prefix: &str| {
+            let mut config = runtime.routes.exact["app.test"][0].config.clone();
+            config.scheme = scheme;
+            config.path_prefix = prefix.to_owned();
+            config.name = format!("{scheme:?} {prefix}");
+            Arc::new(CompiledRoute {
+                upstreams: UpstreamSet::new(&config),
+                metrics: crate::metrics::RouteMetrics::new(&config.name),
+                config,
+            })
+        };
+        let table = RouteTable::new(vec![
+            like(Scheme::Http, ""),
+            like(Scheme::Https, "/admin"),
+            like(Scheme::Https, "/both"),
+            like(Scheme::Http, "/both"),
+            like(Scheme::Http, "/acme"),
+        ]);
+        let name = |scheme: Scheme, path: &str| match table.find(scheme, "app.test", path) {
+            Match::Found(route) => route.config.name.clone(),
+            Match::WrongScheme(route) => format!("wrong scheme: {}", route.config.name),
+            Match::None => "none".to_owned(),
+        };
+        // The plain-HTTP route for the whole host does not serve what the HTTPS one guards,
+        // however the path is spelled: it is sent to HTTPS.
+        for path in ["/admin", "/admin/users", "/ADMIN;x/users"] {
+            assert_eq!(
+                name(Scheme::Http, path),
+                "wrong scheme: Https /admin",
+                "{path}"
+            );
+        }
+        assert_eq!(name(Scheme::Https, "/admin/users"), "Https /admin");
+        assert_eq!(name(Scheme::Http, "/other"), "Http ");
+        // A prefix both schemes have: each scheme's own route.
+        assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");
+        assert_eq!(name(Scheme::Https, "/both/x"), "Https /both");
+        // An HTTPS request under a plain-HTTP route's prefix is not served by it, and no
+        // shorter HTTPS route takes it either.
+        assert_eq!(name(Scheme::Https, "/acme/x"), "wrong scheme: Http /acme");
+        assert_eq!(name(Scheme::Https, "/other"), "wrong scheme: Http ");
     }
 }

@@ -3,7 +3,7 @@
 
 use http::Version;
 use portcullis_tests::client::{
-    peer_certificate, tls_client, tls_client_any_cert, tls_client_http1,
+    peer_certificate, plain_client_builder, tls_client, tls_client_any_cert, tls_client_http1,
 };
 use portcullis_tests::tls::san_dns_names;
 use portcullis_tests::{ConfigBuilder, Echo, Route, TestCa, Upstream};
@@ -79,6 +79,61 @@ async fn sni_selects_the_certificate() {
         let names = san_dns_names(&peer_certificate(&resp));
         assert_eq!(names, vec!["a.test"], "{url}: default certificate");
     }
+}
+
+/// A plain-HTTP route for a whole host does not serve the paths an HTTPS route of that host
+/// guards: the longest prefix decides, and a plain request for one of them is sent to HTTPS.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_http_route_does_not_take_the_paths_an_https_route_of_its_host_narrows() {
+    let ca = TestCa::new();
+    let guarded = Upstream::start("guarded").await;
+    let open = Upstream::start("open").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .https_listener(vec![ca.leaf("a", &["a.test"])])
+        .route(Route::new("https://a.test/admin", &[&guarded]))
+        .route(Route::new("http://a.test", &[&open]));
+    let _px = cfg.start().await;
+    let plain = plain_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("build reqwest client");
+    let https_port = cfg.https_addr().port();
+
+    for (path, to) in [
+        ("/admin/users?x=1", "/admin/users?x=1"),
+        ("/ADMIN/users", "/ADMIN/users"),
+        ("/admin;x/users", "/admin;x/users"),
+    ] {
+        let url = cfg.http_url("a.test", path);
+        let resp = plain.get(&url).send().await.expect("GET");
+        assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT, "{url}");
+        assert_eq!(
+            resp.headers()["location"],
+            format!("https://a.test:{https_port}{to}").as_str(),
+            "{url}"
+        );
+        assert_eq!(guarded.count(), 0, "{url}");
+        assert_eq!(open.count(), 0, "{url}");
+    }
+    // The rest of the host is the plain route's, and the guarded paths are served over HTTPS.
+    let resp = plain
+        .get(cfg.http_url("a.test", "/other"))
+        .send()
+        .await
+        .expect("GET /other");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(Echo::parse(&resp.bytes().await.unwrap()).upstream, "open");
+    let resp = tls_client_http1(&ca)
+        .get(cfg.https_url("a.test", "/admin/users"))
+        .send()
+        .await
+        .expect("GET https /admin/users");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        Echo::parse(&resp.bytes().await.unwrap()).upstream,
+        "guarded"
+    );
 }
 
 /// An HTTP/2 client that sits idle is closed after `client_idle_timeout`, as an HTTP/1 one is
