@@ -29,6 +29,10 @@ pub const AGENTIC_APPLICATION_SCHEMA: &str =
 /// Portcullis' own Agent extension: what an IdP must be able to set but the draft makes
 /// read-only (`owners`, `applications`), and `expires`.
 pub const PORTCULLIS_AGENT_SCHEMA: &str = "urn:portcullis:params:scim:schemas:extension:2.0:Agent";
+/// Microsoft Entra ID names this beside the core schema when it creates a Group (Microsoft's
+/// SCIM endpoint guide shows it so). It carries no attribute: a marker, accepted and dropped.
+pub const ENTRA_GROUP_MARKER: &str =
+    "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group";
 pub const SCHEMA_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Schema";
 pub const RESOURCE_TYPE_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ResourceType";
 
@@ -114,6 +118,12 @@ impl ResourceType {
             Self::Agent => &AGENT_EXTENSIONS,
             Self::Group | Self::AgenticApplication => &[],
         }
+    }
+
+    /// Whether `urn` is a schema an IdP names for this type that carries no attribute, so
+    /// that `schemas` may hold it and the stored resource does not.
+    pub fn is_marker(self, urn: &str) -> bool {
+        self == Self::Group && urn.eq_ignore_ascii_case(ENTRA_GROUP_MARKER)
     }
 
     /// The extension whose URN is `urn`, ignoring ASCII case.

@@ -149,7 +149,8 @@ fn top_level_path(key: &str) -> Result<AttrPath, ScimError> {
     Ok(path.attr)
 }
 
-/// `schemas` must be present, name the core schema, and name nothing this type does not know.
+/// `schemas` must be present, name the core schema, and name nothing this type does not know
+/// (an extension, or a marker an IdP adds: [`ResourceType::is_marker`]).
 fn check_schemas(rt: ResourceType, body: &Object) -> Result<(), ScimError> {
     let core = rt.core_schema().id;
     let schemas = get_ci(body, "schemas")
@@ -166,7 +167,7 @@ fn check_schemas(rt: ResourceType, body: &Object) -> Result<(), ScimError> {
             .ok_or_else(|| syntax("\"schemas\" must hold strings"))?;
         if urn.eq_ignore_ascii_case(core) {
             has_core = true;
-        } else if rt.extension(urn).is_none() {
+        } else if rt.extension(urn).is_none() && !rt.is_marker(urn) {
             return Err(syntax(format!(
                 "schema \"{urn}\" is not supported for a {}",
                 rt.name()
@@ -267,7 +268,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::schema::{ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA, USER_SCHEMA};
+    use crate::schema::{ENTERPRISE_USER_SCHEMA, ENTRA_GROUP_MARKER, GROUP_SCHEMA, USER_SCHEMA};
 
     fn ok(rt: ResourceType, body: Value) -> Value {
         validate_resource(rt, &body, Mode::Create).unwrap_or_else(|e| panic!("{e}"))
@@ -374,6 +375,34 @@ mod tests {
         assert_eq!(group["members"][0], json!({"value": "u1"}));
         assert_eq!(take_member_ids(&mut group).unwrap().unwrap(), ["u1", "u2"]);
         assert_eq!(group.get("members"), None);
+    }
+
+    #[test]
+    fn entras_group_schema_marker_is_accepted_on_a_group_and_dropped() {
+        let group = ok(
+            ResourceType::Group,
+            json!({
+                "schemas": [GROUP_SCHEMA, ENTRA_GROUP_MARKER],
+                "externalId": "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159",
+                "displayName": "displayName",
+                "meta": {"resourceType": "Group"}
+            }),
+        );
+        assert_eq!(group["schemas"], json!([GROUP_SCHEMA]));
+        // It is a Group's marker only, and a body key of that name is still no attribute.
+        let on_a_user = err(
+            ResourceType::User,
+            json!({"schemas": [USER_SCHEMA, ENTRA_GROUP_MARKER], "userName": "a"}),
+        );
+        assert!(on_a_user.detail.contains("not supported"), "{on_a_user}");
+        err(
+            ResourceType::Group,
+            json!({"schemas": [GROUP_SCHEMA, ENTRA_GROUP_MARKER], "displayName": "g", ENTRA_GROUP_MARKER: {"x": 1}}),
+        );
+        err(
+            ResourceType::Group,
+            json!({"schemas": [GROUP_SCHEMA, "urn:example:other:2.0:Group"], "displayName": "g"}),
+        );
     }
 
     #[test]

@@ -199,11 +199,16 @@ async fn entra_group_provisioning() {
         );
     }
 
+    // Entra's create, as Microsoft's SCIM endpoint guide shows it: with its own group schema
+    // URN beside the core one, a marker that carries no attribute.
     let created = scim
         .post(
             "/Groups",
             &json!({
-                "schemas": [GROUP_SCHEMA],
+                "schemas": [
+                    GROUP_SCHEMA,
+                    "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"
+                ],
                 "externalId": "8aa1a0c0-group",
                 "displayName": "Group1DisplayName",
                 "meta": {"resourceType": "Group"},
@@ -212,6 +217,12 @@ async fn entra_group_provisioning() {
         )
         .await
         .expect(201);
+    assert_eq!(
+        created.body["schemas"],
+        json!([GROUP_SCHEMA]),
+        "{}",
+        created.text
+    );
     let gid = created.id();
     let path = format!("/Groups/{gid}");
 
