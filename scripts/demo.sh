@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/deps.sh build
+scripts/deps.sh demo
 cargo build -p portcullis
 if [ ! -d tests/idp/node_modules ]; then
   (cd tests/idp && npm ci --silent --no-audit --no-fund)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages Portcullis needs to build, test and benchmark, if missing.
-# Usage: scripts/deps.sh [build|test|bench|pgo]   (each level includes the ones before it)
+# Usage: scripts/deps.sh [build|demo|test|bench|pgo]   (each level includes the ones before it)
 set -euo pipefail
 
 level=${1:-build}
@@ -11,8 +11,8 @@ case "$level" in
   # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`;
   # valgrind: `bench/instructions.py` counts instructions per request with callgrind
   bench|pgo) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
-  build) ;;
-  *) echo "usage: $0 [build|test|bench|pgo]" >&2; exit 2 ;;
+  build|demo) ;;
+  *) echo "usage: $0 [build|demo|test|bench|pgo]" >&2; exit 2 ;;
 esac
 # pgo (scripts/pgo.sh): the llvm-profdata of rustc's own LLVM, the only one that reads its profiles,
 # and BOLT of the same LLVM, which lays the linked binary out again
@@ -23,7 +23,7 @@ fi
 
 # The SCIM conformance tester (test) and scim2-server (bench) run in venvs: Debian's own python3
 # needs python3-venv for that (a python3 built elsewhere, e.g. pyenv, has it built in).
-if [ "$level" != build ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+if [ "$level" != build ] && [ "$level" != demo ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   want+=(python3-venv)
 fi
 
@@ -39,8 +39,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The sign-in tests run a real OpenID provider (tests/idp, oidc-provider) under Node.js 20+; the
-# test harness runs `npm ci` there itself on first use. Debian's own nodejs is too old for it.
+# The demo and the sign-in tests run a real OpenID provider (tests/idp, oidc-provider) under
+# Node.js 20+; they run `npm ci` there themselves on first use. Debian 12's own nodejs (18) is too
+# old for it, so it is not installed here: the README asks for Node.js 20+ beside Rust.
 if [ "$level" != build ]; then
   node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
   if [ "$node_major" -lt 20 ] || ! command -v npm >/dev/null; then
