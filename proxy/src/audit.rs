@@ -16,9 +16,9 @@
 //! ([`Audit::recover_changes`]). The file may be rotated by moving it away: the writer then
 //! starts a new one ([`LogFile`]). A
 //! graceful exit waits for the writer ([`Audit::flush`]). Every
-//! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals of
-//! credentials that name nobody are recorded one by one up to a rate, and counted past it
-//! ([`Audit::unverified_refusal`]).
+//! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals are
+//! recorded one by one up to a rate per caller and route, and counted past it
+//! ([`Audit::refusal`], [`Audit::unverified_refusal`]).
 //!
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
@@ -43,14 +43,22 @@ use portcullis_scim::store::{Change, ChangeSink};
 
 pub const FILE_NAME: &str = "audit.jsonl";
 
+/// The `user` of a record of a request that names nobody Portcullis can trust.
+const ANONYMOUS: &str = "anonymous";
+
 /// Records that may wait for the writer before new ones are dropped.
 const QUEUE: usize = 16_384;
 /// Records the writer appends with one write and one fsync (or one INSERT) at most.
 const MAX_BATCH: usize = 1024;
 
-/// Refusals of credentials that name nobody recorded one by one each second (see
+/// Refusals of credentials that name nobody recorded one by one each second on a route (see
 /// [`Audit::unverified_refusal`]); past it, they are counted instead.
 const UNVERIFIED_PER_SECOND: u32 = 100;
+
+/// Refusals of one person's (or machine's, or agent's) requests recorded one by one each
+/// second on a route (see [`Audit::refusal`]); past it, they are counted instead. A browser's
+/// page of refused resources fits; a script looping on a forbidden path does not fill the log.
+const NAMED_PER_SECOND: u32 = 20;
 
 /// The longest reason recorded for a refusal of a request that names nobody, in bytes.
 const MAX_REASON: usize = 512;
@@ -375,15 +383,16 @@ pub struct Audit {
     changes_in_store: bool,
     /// The file appended to, when it is one.
     file: Option<PathBuf>,
-    unverified: Arc<Mutex<Budgets>>,
+    budgets: Arc<Mutex<Budgets>>,
 }
 
-/// Refusals of requests that name nobody, per route: how many were recorded this second, and how
-/// many were counted instead since the writer last recorded that count.
+/// Refusals per route and caller (`anonymous` for those that name nobody): how many were
+/// recorded one by one this second, and how many were counted instead since the writer last
+/// recorded that count. Only callers refused this second, or with a count to record, are kept.
 #[derive(Debug, Default)]
 struct Budgets {
     second: u64,
-    routes: HashMap<String, Budget>,
+    routes: HashMap<String, HashMap<String, Budget>>,
 }
 
 #[derive(Debug, Default)]
@@ -393,17 +402,26 @@ struct Budget {
 }
 
 impl Budgets {
-    /// Whether a refusal on `route` at `second` is recorded one by one; if not, it is counted.
-    fn take(&mut self, route: &str, second: u64) -> bool {
+    /// Whether a refusal of `who` on `route` at `second` is recorded one by one, at most
+    /// `per_second` a second; if not, it is counted.
+    fn take(&mut self, who: &str, route: &str, second: u64, per_second: u32) -> bool {
         if second != self.second {
             self.second = second;
-            self.routes.values_mut().for_each(|b| b.recorded = 0);
+            for callers in self.routes.values_mut() {
+                callers.retain(|_, b| b.unrecorded > 0);
+                callers.values_mut().for_each(|b| b.recorded = 0);
+            }
+            self.routes.retain(|_, callers| !callers.is_empty());
         }
-        let budget = match self.routes.get_mut(route) {
-            Some(budget) => budget,
+        let callers = match self.routes.get_mut(route) {
+            Some(callers) => callers,
             None => self.routes.entry(route.to_owned()).or_default(),
         };
-        if budget.recorded < UNVERIFIED_PER_SECOND {
+        let budget = match callers.get_mut(who) {
+            Some(budget) => budget,
+            None => callers.entry(who.to_owned()).or_default(),
+        };
+        if budget.recorded < per_second {
             budget.recorded += 1;
             return true;
         }
@@ -412,42 +430,69 @@ impl Budgets {
             tracing::warn!(
                 target: "audit",
                 route,
-                "more than {UNVERIFIED_PER_SECOND} refusals a second of requests that name nobody: \
-                 the rest are counted, not recorded one by one"
+                user = who,
+                "more than {per_second} refusals a second of {who}'s requests: the rest are \
+                 counted, not recorded one by one"
             );
         }
         false
     }
 
-    /// The refusals counted and not recorded, by route, since this was last asked; and the
-    /// count starts again.
-    fn unrecorded(&mut self) -> Vec<(String, u64)> {
-        let mut counts: Vec<(String, u64)> = self
+    /// The refusals counted and not recorded, by route and caller, since this was last asked;
+    /// and the count starts again.
+    fn unrecorded(&mut self) -> Vec<Unrecorded> {
+        let mut counts: Vec<Unrecorded> = self
             .routes
             .iter_mut()
-            .filter(|(_, b)| b.unrecorded > 0)
-            .map(|(route, b)| (route.clone(), std::mem::take(&mut b.unrecorded)))
+            .flat_map(|(route, callers)| {
+                callers
+                    .iter_mut()
+                    .filter(|(_, b)| b.unrecorded > 0)
+                    .map(|(who, b)| Unrecorded {
+                        route: route.clone(),
+                        who: who.clone(),
+                        count: std::mem::take(&mut b.unrecorded),
+                    })
+            })
             .collect();
-        counts.sort();
+        counts.sort_by(|a, b| (&a.route, &a.who).cmp(&(&b.route, &b.who)));
         counts
     }
 }
 
+/// Refusals of `who` on `route` counted but not recorded one by one (see [`Budgets`]).
+#[derive(Debug, PartialEq, Eq)]
+struct Unrecorded {
+    route: String,
+    who: String,
+    count: u64,
+}
+
 /// The records of `counts` (see [`Budgets::unrecorded`]).
-fn unrecorded_records(counts: Vec<(String, u64)>) -> impl Iterator<Item = Entry> {
-    counts.into_iter().map(|(route, n)| Entry::Refusal {
-        time: now(),
-        user: "anonymous".to_owned(),
-        route,
-        rule: None,
-        reason: format!(
-            "{n} more refusals of requests that named nobody, past \
-             {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
-        ),
-        method: "-".to_owned(),
-        path: "-".to_owned(),
-        client: None,
-        agent: None,
+fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
+    counts.into_iter().map(|Unrecorded { route, who, count }| {
+        let reason = if who == ANONYMOUS {
+            format!(
+                "{count} more refusals of requests that named nobody, past \
+                 {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
+            )
+        } else {
+            format!(
+                "{count} more refusals of {who}'s requests, past {NAMED_PER_SECOND} a second, \
+                 were counted but not recorded one by one"
+            )
+        };
+        Entry::Refusal {
+            time: now(),
+            user: who,
+            route,
+            rule: None,
+            reason,
+            method: "-".to_owned(),
+            path: "-".to_owned(),
+            client: None,
+            agent: None,
+        }
     })
 }
 
@@ -466,8 +511,8 @@ impl Audit {
             Destination::Postgres(log) => Store::Postgres(log),
         };
         let (queue, records) = mpsc::sync_channel(QUEUE);
-        let unverified = Arc::new(Mutex::new(Budgets::default()));
-        let counted = unverified.clone();
+        let budgets = Arc::new(Mutex::new(Budgets::default()));
+        let counted = budgets.clone();
         thread::Builder::new()
             .name("audit-writer".to_owned())
             .spawn(move || write_loop(&mut store, &records, &counted))
@@ -478,7 +523,7 @@ impl Audit {
             dropped: Arc::new(AtomicU64::new(0)),
             changes_in_store,
             file,
-            unverified,
+            budgets,
         })
     }
 
@@ -597,7 +642,36 @@ impl Audit {
         });
     }
 
+    /// Records the refusal of a request from `user` (a person, machine or agent the directory
+    /// or a verified token names) on `route`, by `rule` when one decided it.
+    ///
+    /// So that someone looping on a forbidden path does not fill the disk, at most
+    /// [`NAMED_PER_SECOND`] of one caller's refusals on a route are recorded one by one each
+    /// second. The rest are counted, and the writer records each count about once a second
+    /// (and at [`Audit::flush`]), as for [`Audit::unverified_refusal`].
     pub fn refusal(
+        &self,
+        user: &str,
+        route: &str,
+        rule: Option<&str>,
+        reason: &str,
+        request: &Request<'_>,
+        agent: Option<&AgentRecord>,
+    ) {
+        if self.within_budget(user, route, NAMED_PER_SECOND) {
+            self.record_refusal(user, route, rule, reason, request, agent);
+        }
+    }
+
+    /// Whether a refusal of `who` on `route` is recorded one by one (see [`Budgets::take`]).
+    fn within_budget(&self, who: &str, route: &str, per_second: u32) -> bool {
+        match self.budgets.lock() {
+            Ok(mut budgets) => budgets.take(who, route, crate::clock::now_unix(), per_second),
+            Err(_) => true,
+        }
+    }
+
+    fn record_refusal(
         &self,
         user: &str,
         route: &str,
@@ -674,13 +748,9 @@ impl Audit {
     /// route are recorded one by one each second. The rest are counted, and the writer records
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
-        let record = match self.unverified.lock() {
-            Ok(mut budgets) => budgets.take(route, crate::clock::now_unix()),
-            Err(_) => true,
-        };
-        if record {
+        if self.within_budget(ANONYMOUS, route, UNVERIFIED_PER_SECOND) {
             let reason = crate::reply::cut(reason, MAX_REASON);
-            self.refusal("anonymous", route, None, reason, request, None);
+            self.record_refusal(ANONYMOUS, route, None, reason, request, None);
         }
     }
 
@@ -864,7 +934,7 @@ fn position_path(path: &Path) -> PathBuf {
     path.with_extension("last-change")
 }
 
-fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Budgets>) {
+fn write_loop(store: &mut Store, queue: &Receiver<Queued>, budgets: &Mutex<Budgets>) {
     const COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut lines = Vec::new();
     let encode = |lines: &mut Vec<String>, last_change: &mut Option<u64>, entry: &Entry| {
@@ -904,7 +974,7 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, unverified: &Mutex<Bu
         }
         if flush.is_some() || stopping || counted_at.elapsed() >= COUNTS_EVERY {
             counted_at = std::time::Instant::now();
-            let counted = unverified
+            let counted = budgets
                 .lock()
                 .map(|mut budgets| budgets.unrecorded())
                 .unwrap_or_default();
@@ -1343,23 +1413,56 @@ mod tests {
     }
 
     #[test]
-    fn unverified_refusals_past_the_rate_are_counted_per_route_and_the_counts_recorded() {
+    fn refusals_past_the_rate_are_counted_per_caller_and_route_and_the_counts_recorded() {
         let mut budgets = Budgets::default();
+        let anyone = |b: &mut Budgets, route: &str, second: u64| {
+            b.take(ANONYMOUS, route, second, UNVERIFIED_PER_SECOND)
+        };
         for _ in 0..UNVERIFIED_PER_SECOND {
-            assert!(budgets.take("api", 7));
+            assert!(anyone(&mut budgets, "api", 7));
         }
-        assert!(!budgets.take("api", 7));
-        assert!(!budgets.take("api", 7));
-        // Another route has a budget of its own.
-        assert!(budgets.take("scim", 7));
-        // A new second: recorded again; what was counted is told once.
-        assert!(budgets.take("api", 8));
-        assert_eq!(budgets.unrecorded(), [("api".to_owned(), 2)]);
+        assert!(!anyone(&mut budgets, "api", 7));
+        assert!(!anyone(&mut budgets, "api", 7));
+        // Another route has a budget of its own, and so has each person.
+        assert!(anyone(&mut budgets, "scim", 7));
+        for _ in 0..NAMED_PER_SECOND {
+            assert!(budgets.take("alice", "api", 7, NAMED_PER_SECOND));
+        }
+        assert!(!budgets.take("alice", "api", 7, NAMED_PER_SECOND));
+        assert!(budgets.take("bob", "api", 7, NAMED_PER_SECOND));
+        assert!(budgets.take("alice", "app", 7, NAMED_PER_SECOND));
+        // A new second: recorded again; what was counted is told once; and only the callers
+        // refused since, or with a count to tell, are kept.
+        assert!(anyone(&mut budgets, "api", 8));
+        assert_eq!(budgets.routes["api"].len(), 2, "{budgets:?}");
+        let unrecorded = |route: &str, who: &str, count| Unrecorded {
+            route: route.to_owned(),
+            who: who.to_owned(),
+            count,
+        };
+        assert_eq!(
+            budgets.unrecorded(),
+            [
+                unrecorded("api", "alice", 1),
+                unrecorded("api", ANONYMOUS, 2)
+            ]
+        );
         assert!(budgets.unrecorded().is_empty());
-        let records: Vec<Entry> = unrecorded_records(vec![("api".to_owned(), 2)]).collect();
+        budgets.take("alice", "api", 9, NAMED_PER_SECOND);
+        assert_eq!(budgets.routes.len(), 1, "{budgets:?}");
+        assert_eq!(budgets.routes["api"].len(), 1, "{budgets:?}");
+
+        let records: Vec<Entry> = unrecorded_records(vec![
+            unrecorded("api", ANONYMOUS, 2),
+            unrecorded("api", "alice", 5),
+        ])
+        .collect();
         assert!(
-            matches!(&records[..], [Entry::Refusal { route, reason, user, .. }]
-                if route == "api" && user == "anonymous" && reason.starts_with("2 more refusals")),
+            matches!(&records[..], [
+                Entry::Refusal { route, reason, user, .. },
+                Entry::Refusal { user: alice, reason: hers, .. },
+            ] if route == "api" && user == "anonymous" && reason.starts_with("2 more refusals")
+                && alice == "alice" && hers.starts_with("5 more refusals of alice's requests")),
             "{records:?}"
         );
     }
@@ -1407,6 +1510,34 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{text}");
             thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_person_looping_on_a_refused_path_is_counted_past_the_rate_and_names_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
+        let burst = u64::from(NAMED_PER_SECOND) * 3;
+        for _ in 0..burst {
+            let why = "alice is in none of the groups /admin allows";
+            audit.refusal("alice", "app", None, why, &request("GET", "/admin"), None);
+        }
+        audit.refusal(
+            "bob",
+            "app",
+            None,
+            "bob too",
+            &request("GET", "/admin"),
+            None,
+        );
+        assert!(audit.flush(std::time::Duration::from_secs(30)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let (one_by_one, counted) = accounted(&text, "none of the groups");
+        assert_eq!(one_by_one + counted, burst, "{text}");
+        // Within the second or two the loop took, no more than two seconds' worth one by one.
+        assert!(one_by_one <= 2 * u64::from(NAMED_PER_SECOND), "{text}");
+        assert!(text.contains("more refusals of alice's requests"), "{text}");
+        assert!(text.contains("bob too"), "{text}");
     }
 
     #[test]
