@@ -871,6 +871,24 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
+            name: "refresh without offline_access in the scopes",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nrefresh = true\nscopes = [\"openid\", \"email\"]\n",
+            problems: &[("oidc.scopes", None, "must include \"offline_access\"")],
+        },
+        Case {
+            name: "Entra ID's multi-tenant issuers",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
+            problems: &[
+                ("oidc.issuer", None, "`organizations` endpoint names no one issuer"),
+                ("jwt_issuers[0].issuer", None, "`common` endpoint names no one issuer"),
+            ],
+        },
+        Case {
+            name: "people found by oid without the profile scope",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nscopes = [\"openid\", \"email\"]\n[identity]\npreset = \"entra\"\n",
+            problems: &[("oidc.scopes", None, "must include \"profile\"")],
+        },
+        Case {
             name: "auth host with a scheme",
             text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"https://auth.example.com\"\n",
             problems: &[("oidc.auth_host", Some(14), "has a scheme")],
@@ -1770,6 +1788,23 @@ fn public_rule(name: &str) -> RuleSpec {
 }
 
 #[test]
+fn refresh_asks_for_offline_access_by_default() {
+    let fixture = Fixture::new();
+    let scopes = |refresh: &str| {
+        let text = format!(
+            "data_dir = \"data\"\n{LISTENERS}\n{OIDC}\nauth_host = \"auth.example.com\"\n{refresh}\n"
+        )
+        .replace("SECRET", TOKEN);
+        fixture.parse(&text).unwrap().oidc.unwrap().scopes
+    };
+    assert_eq!(scopes(""), ["openid", "email", "profile"]);
+    assert_eq!(
+        scopes("refresh = true"),
+        ["openid", "email", "profile", "offline_access"]
+    );
+}
+
+#[test]
 fn defaults() {
     let text = r#"
 data_dir = "/var/lib/portcullis"
@@ -2290,7 +2325,7 @@ data_dir = "data"
 issuer = "https://corp.okta.com/"
 client_id = "portcullis"
 client_secret = "env:OIDC_CLIENT_SECRET"
-scopes = ["openid", "email", "groups"]
+scopes = ["openid", "email", "groups", "offline_access"]
 auth_host = "auth.corp.example.com:8443"
 auth_scheme = "http"
 cookie_domain = ".corp.example.com"
@@ -2343,7 +2378,12 @@ accept = ["public"]
         issuer: "https://corp.okta.com/".into(),
         client_id: "portcullis".into(),
         client_secret: Secret::new(client_secret.into()),
-        scopes: vec!["openid".into(), "email".into(), "groups".into()],
+        scopes: vec![
+            "openid".into(),
+            "email".into(),
+            "groups".into(),
+            "offline_access".into(),
+        ],
         auth_host: "auth.corp.example.com:8443".into(),
         auth_host_name: "auth.corp.example.com".into(),
         auth_scheme: Scheme::Http,

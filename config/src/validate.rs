@@ -241,6 +241,17 @@ pub(crate) fn convert(
         }
     }
     let identity = identity(file.identity, &root.key("identity"), p);
+    // Entra ID puts `oid` in an ID token only when the sign-in asks for `profile`, and its
+    // UserInfo has no `oid`: without it, everyone would be refused.
+    if let (Some(Some(oidc)), IdentityClaim::Named(claim)) = (&oidc, &identity.claim) {
+        if claim == "oid" && !oidc.scopes.iter().any(|s| s == "profile") {
+            p.add(
+                &root.key("oidc").key("scopes"),
+                "must include \"profile\" where people are found by `oid`: Entra ID puts `oid` \
+                 in an ID token only when the sign-in asks for `profile`",
+            );
+        }
+    }
     let postgres = match file.postgres {
         None => Some(None),
         Some(raw) => postgres(raw, &root.key("postgres"), base_dir, env, p).map(Some),
@@ -1415,7 +1426,8 @@ fn oidc(
         }
         Ok(secret)
     });
-    let scopes = scopes(raw.scopes, &path.key("scopes"), p);
+    let refresh = raw.refresh.unwrap_or(false);
+    let scopes = scopes(raw.scopes, refresh, &path.key("scopes"), p);
 
     let auth_host = checked(raw.auth_host, &path.key("auth_host"), p, auth_host);
     let scheme_path = path.key("auth_scheme");
@@ -1510,7 +1522,7 @@ fn oidc(
             .max_sessions_per_person
             .and_then(|n| in_range(n, 1..=10_000, &path.key("max_sessions_per_person"), p))
             .unwrap_or(50),
-        refresh: raw.refresh.unwrap_or(false),
+        refresh,
         userinfo,
         id_token_algorithms,
         post_logout_redirect,
@@ -1598,6 +1610,13 @@ fn issuer(url: String) -> Result<String, String> {
     }
     let parts = web_url(&url)?;
     https_or_loopback(&parts)?;
+    if let Some(tenant) = entra_multi_tenant(&url) {
+        return Err(format!(
+            "Entra ID's `{tenant}` endpoint names no one issuer (its discovery document says \
+             `{{tenantid}}`), so no ID token could be checked against it: write your tenant's \
+             issuer, https://login.microsoftonline.com/<tenant-id>/v2.0"
+        ));
+    }
     let lower_scheme = url.starts_with("https://") || url.starts_with("http://");
     if !lower_scheme || parts.host.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err(
@@ -1606,6 +1625,19 @@ fn issuer(url: String) -> Result<String, String> {
         );
     }
     Ok(url)
+}
+
+/// The tenant segment of an Entra ID issuer that stands for many tenants (`common`,
+/// `organizations`, `consumers`), if `url` is one.
+fn entra_multi_tenant(url: &str) -> Option<&str> {
+    let path = url
+        .strip_prefix("https://login.microsoftonline.com/")
+        .or_else(|| url.strip_prefix("https://login.microsoft.com/"))?;
+    let tenant = path.split('/').next()?;
+    ["common", "organizations", "consumers"]
+        .into_iter()
+        .find(|t| tenant.eq_ignore_ascii_case(t))
+        .map(|_| tenant)
 }
 
 /// An absolute `http(s)` URL used with an IdP, where a query is allowed but a fragment is not.
@@ -1646,9 +1678,20 @@ fn https_or_loopback(parts: &UrlParts<'_>) -> Result<(), String> {
     Ok(())
 }
 
-fn scopes(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<String> {
+/// The scopes a sign-in asks for: by default `openid email profile`, and `offline_access` with
+/// `refresh`, as Okta and Entra ID issue a refresh token only to a sign-in that asks for it.
+fn scopes(
+    raw: Option<Vec<String>>,
+    refresh: bool,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Vec<String> {
     let Some(scopes) = raw else {
-        return ["openid", "email", "profile"].map(String::from).to_vec();
+        let mut scopes = ["openid", "email", "profile"].map(String::from).to_vec();
+        if refresh {
+            scopes.push(OFFLINE_ACCESS.to_owned());
+        }
+        return scopes;
     };
     // RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
     let scope_char = |b: u8| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e);
@@ -1667,8 +1710,19 @@ fn scopes(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec
             "must include \"openid\": without it the IdP issues no ID token",
         );
     }
+    if refresh && !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
+        p.add(
+            path,
+            "must include \"offline_access\" with `refresh = true`: Okta and Entra ID issue a \
+             refresh token only to a sign-in that asks for it, and without one no session is \
+             ever refreshed",
+        );
+    }
     scopes
 }
+
+/// The scope that asks an IdP for a refresh token (OpenID Connect Core §11).
+const OFFLINE_ACCESS: &str = "offline_access";
 
 /// The algorithms a signature may use, by default the common asymmetric ones.
 fn algorithms(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<JwtAlgorithm> {

@@ -454,8 +454,15 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
       if (token.gty !== 'token-exchange') return undefined;
       return { act: { sub: token.clientId, client_id: token.clientId } };
     },
-    async issueRefreshToken(_ctx, client) {
-      return client.grantTypeAllowed('refresh_token');
+    // A refresh token only to a sign-in that asked for `offline_access`, as Okta and Entra ID
+    // issue them. They ask no `prompt=consent` for it (the app's consent is given beforehand),
+    // where oidc-provider drops the scope without one (OpenID Connect Core §11): so the scope
+    // as the authorization request asked it is remembered by its nonce (see offlineAsked).
+    async issueRefreshToken(_ctx, client, code) {
+      return (
+        client.grantTypeAllowed('refresh_token') &&
+        (code.scopes.has('offline_access') || (code.nonce !== undefined && offlineAsked.has(code.nonce)))
+      );
     },
     async renderError(ctx, out) {
       ctx.type = 'html';
@@ -595,6 +602,17 @@ async function backchannelLogout(provider, body) {
 
 let provider;
 let outage = null; // null, "503", "reset" or "hang"
+// The nonces of authorization requests that asked for `offline_access` (see issueRefreshToken).
+const offlineAsked = new Set();
+
+function rememberOfflineAccess(url) {
+  const scope = (url.searchParams.get('scope') || '').split(' ');
+  const nonce = url.searchParams.get('nonce');
+  if (scope.includes('offline_access') && nonce) {
+    if (offlineAsked.size >= 10000) offlineAsked.clear();
+    offlineAsked.add(nonce);
+  }
+}
 const hung = new Set(); // sockets of requests held unanswered
 let clientsConfig;
 let issuer;
@@ -643,6 +661,7 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     const current = provider;
+    if (url.pathname === '/auth') rememberOfflineAccess(url);
     if (url.pathname.startsWith('/interaction/')) return await handleInteraction(current, req, res, url);
     return current.callback()(req, res);
   } catch (err) {

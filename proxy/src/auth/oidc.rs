@@ -471,7 +471,15 @@ impl Oidc {
                 due: u64::try_from(claims.expiration().timestamp()).unwrap_or(now),
                 sealed: false,
             }),
-            _ => None,
+            (true, None) => {
+                tracing::warn!(
+                    "the identity provider issued no refresh token (it was asked for \
+                     offline_access): this session lasts its session_lifetime unchecked by the \
+                     IdP; allow the Refresh Token grant and offline_access for this client there"
+                );
+                None
+            }
+            (false, _) => None,
         };
         Ok((identity, refresh, pending.return_to))
     }
