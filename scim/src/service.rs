@@ -256,10 +256,10 @@ impl ScimService {
                     .await
             }
             (["Bulk"], &Method::POST) => self.bulk(req).await,
-            // Discovery documents are read-only (RFC 7644 §4).
-            (["ServiceProviderConfig" | "ResourceTypes" | "Schemas", ..], _) => {
-                Err(method_not_allowed(method, req.path))
-            }
+            // Discovery documents are read-only (RFC 7644 §4); Bulk and a root search are
+            // POSTs only.
+            (["ServiceProviderConfig" | "ResourceTypes" | "Schemas", ..], _)
+            | (["Bulk"] | [".search"], _) => Err(method_not_allowed(method, req.path)),
             ([kind, rest @ ..], _) => {
                 let rt = ResourceType::from_endpoint(kind)
                     .ok_or_else(|| not_found(format!("/{kind}")))?;

@@ -415,6 +415,8 @@ async fn every_error_is_an_rfc_7644_error_body_and_changes_nothing() {
     scim.request(Method::DELETE, "/Users", &[], None, &[])
         .await
         .expect_error(405, None);
+    scim.get("/Bulk").await.expect_error(405, None);
+    scim.get("/.search").await.expect_error(405, None);
 
     // None of it changed the user.
     let got = scim.get(&path).await.expect(200);
