@@ -106,7 +106,21 @@ def pin(pid, cpu):
         pin(child, cpu)
 
 
+def check_upstream_answers(url, headers):
+    """One request with `headers` must be answered 200 by the upstream through the proxy (not a
+    redirect to sign in: urllib follows it, and the sign-in page is not the upstream's)."""
+    import ssl
+    req = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
+    # The bench's own self-signed certificate: this checks the answer, not the certificate.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
+    with urllib.request.urlopen(req, timeout=10, context=context) as r:
+        body = r.read()
+        if r.status != 200 or b"hello from upstream" not in body:
+            raise SystemExit(f"{url} {headers}: {r.status} {body[:200]}")
+
+
 def quartiles(values):
+    """The lower and upper quartile of `values`; of three, the lowest and the highest."""
     values = sorted(values)
     return [values[len(values) // 4], values[(3 * len(values)) // 4]]
 
@@ -639,6 +653,23 @@ GROUP = "eng"
 ALICE = {"sub": "alice", "email": "alice@bench.test", "password": "correct horse battery staple"}
 
 
+def bench_users(n):
+    """Alice and `n - 1` more people like her (in `eng`, with her password)."""
+    return [ALICE] + [{"sub": f"user{i}", "email": f"user{i}@bench.test", "password": ALICE["password"]}
+                      for i in range(1, n)]
+
+
+def rotating_cookies_script(path, cookies):
+    """A wrk script that sends each request with the next of `cookies` (full `Cookie` header
+    values), in turn; written to `path`."""
+    with open(path, "w") as f:
+        f.write("local cookies = {\n")
+        f.writelines(f'  "{c}",\n' for c in cookies)
+        f.write("}\nlocal i = 0\nrequest = function()\n  i = i % #cookies + 1\n"
+                "  wrk.headers[\"Cookie\"] = cookies[i]\n  return wrk.format()\nend\n")
+    return path
+
+
 class Stack:
     """An upstream (nginx `return 200`), the test IdP and one Portcullis with three routes to
     that upstream: `plain.test` (public, no authentication), `app.test` (signed-in members of
@@ -650,7 +681,7 @@ class Stack:
     """
 
     def __init__(self, tmp, threads=1, upstream_port=None, log_level="warn", apache=None, tls=None, extra="",
-                 prefix=(), program=None):
+                 prefix=(), program=None, users=1):
         self.tmp = tmp
         self.procs = []
         self.idp = None
@@ -665,7 +696,8 @@ class Stack:
                 self.procs.append(start_upstream(tmp, upstream_port))
                 wait_http(f"http://127.0.0.1:{upstream_port}/")
             self.upstream_port = upstream_port
-            self.idp = Idp(tmp, idp_setup(self.port, [ALICE], MACHINE_ID, self.machine_secret, CLIENT_ID,
+            self.users = bench_users(users)
+            self.idp = Idp(tmp, idp_setup(self.port, self.users, MACHINE_ID, self.machine_secret, CLIENT_ID,
                                           self.client_secret, API, API_AUD, apache=apache))
             self.config = os.path.join(tmp, "portcullis-auth.toml")
             upstream = f"http://127.0.0.1:{upstream_port}"
@@ -742,7 +774,8 @@ secret = "{SCIM_TOKEN}"
             self.scim = Scim(self.port, SCIM_HOST, SCIM_TOKEN)
             self.alice_id = self.scim.create_user(ALICE["email"])
             self.machine_id = self.scim.create_user(MACHINE_ID)
-            self.group_id = self.scim.create_group(GROUP, [self.alice_id, self.machine_id])
+            others = [self.scim.create_user(u["email"]) for u in self.users[1:]]
+            self.group_id = self.scim.create_group(GROUP, [self.alice_id, self.machine_id, *others])
         except BaseException:
             common_log = self.log_tail() if hasattr(self, "log") else ""
             self.stop()
@@ -753,9 +786,9 @@ secret = "{SCIM_TOKEN}"
     def url(self, host, path="/"):
         return f"http://{host}:{self.port}{path}"
 
-    def sign_in(self):
-        """A fresh session of alice; returns the cookie value."""
-        return sign_in(self.url("app.test", "/"), ALICE["email"], ALICE["password"])
+    def sign_in(self, user=ALICE):
+        """A fresh session of `user` (alice unless said); returns the cookie value."""
+        return sign_in(self.url("app.test", "/"), user["email"], user["password"])
 
     def machine_token(self):
         return self.idp.client_credentials(MACHINE_ID, self.machine_secret, API, "api:read")

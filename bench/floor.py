@@ -46,7 +46,12 @@ what they call) and under the parts of pingora both run is given in µs per requ
 floor's: where the difference goes. perf samples the CPU at a fixed rate, so a part's samples,
 over the requests served in the window, are its µs per request.
 
-Usage: bench/floor.py [--rounds N] [--duration S] [--connections C] [--profile] [--json OUT]
+With `--users N`, N people sign in to Portcullis and to Apache, and each `wrk` sends their
+session cookies in turn, one per request (a wrk script; the floors get Portcullis' cookies, so
+that every system parses the same bytes): no per-user cache stays warm as it does for one
+session. By default one person, alice, with one session: the best case.
+
+Usage: bench/floor.py [--rounds N] [--duration S] [--connections C] [--users N] [--profile] [--json OUT]
 """
 import argparse
 import collections
@@ -186,14 +191,24 @@ def run(args):
             path = os.path.join(tmp, name)
             os.makedirs(path)
             extra, apache = ("", None) if name == "plain" else (capture_route(capture), (apache_port, apache_secret))
-            stacks.append(common.Stack(path, threads=1, upstream_port=upstream_port, extra=extra, apache=apache))
+            stacks.append(common.Stack(path, threads=1, upstream_port=upstream_port, extra=extra, apache=apache,
+                                       users=args.users))
         plain, session = stacks
-        cookie = session.sign_in()
+        cookies = [session.sign_in(user) for user in session.users]
+        cookie = cookies[0]
         procs.append(common.start_apache_oidc(tmp, apache_port, upstream_port, session.idp.issuer, apache_secret))
         apache = procs[-1]
         wait_http(f"http://127.0.0.1:{apache_port}/plain")
-        apache_cookie = common.sign_in(f"http://127.0.0.1:{apache_port}/", common.ALICE["email"],
-                                       common.ALICE["password"], cookie_name="mod_auth_openidc_session")
+        apache_cookies = [common.sign_in(f"http://127.0.0.1:{apache_port}/", user["email"], user["password"],
+                                         cookie_name="mod_auth_openidc_session") for user in session.users]
+        apache_cookie = apache_cookies[0]
+        # With several people, each wrk sends their cookies in turn (see the module doc).
+        scripts = {}
+        if args.users > 1:
+            scripts["portcullis"] = common.rotating_cookies_script(
+                os.path.join(tmp, "portcullis-cookies.lua"), [f"portcullis_session={c}" for c in cookies])
+            scripts["apache"] = common.rotating_cookies_script(
+                os.path.join(tmp, "apache-cookies.lua"), [f"mod_auth_openidc_session={c}" for c in apache_cookies])
         # The same request to each, bar the host: the floor parses and forwards the same headers.
         same = [f"Cookie: portcullis_session={cookie}", "Accept: application/json"]
         added = capture.added(session.port, [f"Host: {CAPTURE_HOST}", *same])
@@ -205,11 +220,13 @@ def run(args):
                                        headers_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with_headers = procs[-1]
         wait_http(f"http://127.0.0.1:{headers_port}/")
+        mine = scripts.get("portcullis")
         systems = {
-            "bare pingora": (bare.pid, f"http://127.0.0.1:{floor_port}/", ["Host: app.test", *same]),
-            HEADERS_FLOOR: (with_headers.pid, f"http://127.0.0.1:{headers_port}/", ["Host: app.test", *same]),
-            "portcullis plain": (plain.proc.pid, f"http://127.0.0.1:{plain.port}/", ["Host: plain.test", *same]),
-            SESSION: (session.proc.pid, f"http://127.0.0.1:{session.port}/", ["Host: app.test", *same]),
+            "bare pingora": (bare.pid, f"http://127.0.0.1:{floor_port}/", ["Host: app.test", *same], mine),
+            HEADERS_FLOOR: (with_headers.pid, f"http://127.0.0.1:{headers_port}/", ["Host: app.test", *same], mine),
+            "portcullis plain": (plain.proc.pid, f"http://127.0.0.1:{plain.port}/", ["Host: plain.test", *same],
+                                 mine),
+            SESSION: (session.proc.pid, f"http://127.0.0.1:{session.port}/", ["Host: app.test", *same], mine),
         }
         # The identity-aware peer, loaded in its own window beside the session route alone: with
         # its 64 threads among the four above, every figure would be of a thrashed core. Apache
@@ -218,8 +235,8 @@ def run(args):
         pair = {SESSION: systems[SESSION],
                 APACHE: (apache.pid, f"http://127.0.0.1:{apache_port}/",
                          [f"Host: 127.0.0.1:{apache_port}", f"Cookie: mod_auth_openidc_session={apache_cookie}",
-                          same[1]])}
-        for name, (pid, _, _) in {**systems, **pair}.items():
+                          same[1]], scripts.get("apache"))}
+        for name, (pid, *_) in {**systems, **pair}.items():
             pin(pid, 1)
         pin(upstream.pid, 0)
         # The wrk processes started from here inherit CPU 0.
@@ -227,19 +244,23 @@ def run(args):
 
         def load(group, duration):
             with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
-                futures = {name: pool.submit(wrk, url, duration, args.connections, headers)
-                           for name, (_, url, headers) in group.items()}
+                futures = {name: pool.submit(wrk, url, duration, args.connections, headers, script)
+                           for name, (_, url, headers, script) in group.items()}
                 return {name: f.result() for name, f in futures.items()}
 
         def measure(group, results):
             """One window of `group` side by side: each one's CPU per request added to `results`;
             how busy the core was."""
-            before = {name: process_cpu_ns(pid) for name, (pid, _, _) in group.items()}
+            before = {name: process_cpu_ns(pid) for name, (pid, *_) in group.items()}
             runs = load(group, args.duration)
-            after = {name: process_cpu_ns(pid) for name, (pid, _, _) in group.items()}
+            after = {name: process_cpu_ns(pid) for name, (pid, *_) in group.items()}
             for name, run_ in runs.items():
                 if run_["non2xx"] or run_["sockerr"]:
                     raise SystemExit(f"{name}: {run_['non2xx']} non-2xx, {run_['sockerr']} socket errors")
+                # wrk counts a redirect as an answer: a session lost during the window would
+                # pass for cheap served requests. It would still be lost now.
+                _, url, headers, _ = group[name]
+                common.check_upstream_answers(url, headers)
                 cpu_us = (after[name] - before[name]) / 1e3 / max(run_["requests"], 1)
                 results[name].append({"cpu_us": cpu_us, "rps": run_["rps"]})
             return sum(after[n] - before[n] for n in group) / 1e9 / args.duration
@@ -256,6 +277,12 @@ def run(args):
             log(f"round {round_no + 1}: " + "  ".join(
                 f"{name} {results[name][-1]['cpu_us']:.2f} µs" for name in systems) + "; beside Apache: " +
                 "  ".join(f"{name} {against_peer[name][-1]['cpu_us']:.2f} µs" for name in pair))
+        # Every person's session still served by both (each window checked alice's): a session
+        # lost on the way would still be lost now.
+        for c, a in zip(cookies, apache_cookies):
+            common.check_upstream_answers(systems[SESSION][1], ["Host: app.test", f"Cookie: portcullis_session={c}"])
+            common.check_upstream_answers(pair[APACHE][1], [f"Host: 127.0.0.1:{apache_port}",
+                                                            f"Cookie: mod_auth_openidc_session={a}"])
     finally:
         capture.stop()
         for stack in stacks:
@@ -277,7 +304,7 @@ def run(args):
                  zip(results[SESSION], results[HEADERS_FLOOR]))
     # Its share of the identity-aware peer's CPU for the same signed-in, group-checked request.
     share = sorted(s["cpu_us"] / a["cpu_us"] for s, a in zip(against_peer[SESSION], against_peer[APACHE]))
-    return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections,
+    return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections, "users": args.users,
             "core_busy": median(busy), "target_us": TARGET_US, "systems": summary,
             "headers_floor": HEADERS_FLOOR, "own_work_us": median(own), "own_work_quartiles": quartiles(own),
             "apache": APACHE, "apache_share": median(share), "apache_share_quartiles": quartiles(share),
@@ -325,7 +352,7 @@ def profiled(systems, load, args):
         return {"error": f"perf record failed: {record.stderr.strip()[:300]}"}
     script = subprocess.run([perf, "script", "-i", data, "-F", "pid,ip,sym", "--no-inline"],
                             capture_output=True, text=True, timeout=1800).stdout
-    by_pid = {pid: name for name, (pid, _, _) in systems.items()}
+    by_pid = {pid: name for name, (pid, *_) in systems.items()}
     samples = {name: collections.Counter() for name in systems}
     for pid, frames in perf_stacks(script):
         name = by_pid.get(pid)
@@ -345,11 +372,21 @@ def profiled(systems, load, args):
     return result
 
 
+def who_signed_in(users):
+    if users == 1:
+        return ("One signed-in user with one session, in a directory of two: Portcullis' per-user caches "
+                "(the gate's decision, the signed assertion) stay warm, its best case (`--users N` for more).")
+    return (f"{users} people signed in, each request with the next one's session cookie (Portcullis' and, "
+            f"beside Apache, Apache's own).")
+
+
 def report(result):
     print(f"\nSide by side on one core: each system under its own wrk -t1 -c{result['connections']} "
           f"-d{result['duration']}s at the same time, {result['rounds']} rounds; the core was "
           f"{result['core_busy']:.0%} busy. CPU from /proc/<pid>/task/*/schedstat. Portcullis and bare "
-          f"pingora: {common.build_said()}.\n")
+          f"pingora: {common.build_said()}. {who_signed_in(result.get('users', 1))} None of the systems "
+          f"logs a line per request (Portcullis at level warn, nginx with access_log off, Apache "
+          f"without mod_log_config).\n")
     print("| system | CPU/request (µs), median | above the floor (µs), median of the rounds (quartiles) "
           "| x the floor | target |")
     print("|---|---:|---:|---:|---|")
@@ -396,6 +433,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--users", type=int, default=1,
+                        help="people signed in, whose session cookies each request takes in turn")
     parser.add_argument("--profile", action="store_true", help="also say where the time goes (perf record)")
     common.run_cli(parser, run, report)
 
