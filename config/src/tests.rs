@@ -871,11 +871,6 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
-            name: "refresh without offline_access in the scopes",
-            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nrefresh = true\nscopes = [\"openid\", \"email\"]\n",
-            problems: &[("oidc.scopes", None, "must include \"offline_access\"")],
-        },
-        Case {
             name: "Entra ID's multi-tenant issuers",
             text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
             problems: &[
@@ -1785,23 +1780,6 @@ fn public_rule(name: &str) -> RuleSpec {
         public: true,
         ..RuleSpec::new(name)
     }
-}
-
-#[test]
-fn refresh_asks_for_offline_access_by_default() {
-    let fixture = Fixture::new();
-    let scopes = |refresh: &str| {
-        let text = format!(
-            "data_dir = \"data\"\n{LISTENERS}\n{OIDC}\nauth_host = \"auth.example.com\"\n{refresh}\n"
-        )
-        .replace("SECRET", TOKEN);
-        fixture.parse(&text).unwrap().oidc.unwrap().scopes
-    };
-    assert_eq!(scopes(""), ["openid", "email", "profile"]);
-    assert_eq!(
-        scopes("refresh = true"),
-        ["openid", "email", "profile", "offline_access"]
-    );
 }
 
 #[test]

@@ -1426,8 +1426,7 @@ fn oidc(
         }
         Ok(secret)
     });
-    let refresh = raw.refresh.unwrap_or(false);
-    let scopes = scopes(raw.scopes, refresh, &path.key("scopes"), p);
+    let scopes = scopes(raw.scopes, &path.key("scopes"), p);
 
     let auth_host = checked(raw.auth_host, &path.key("auth_host"), p, auth_host);
     let scheme_path = path.key("auth_scheme");
@@ -1522,7 +1521,7 @@ fn oidc(
             .max_sessions_per_person
             .and_then(|n| in_range(n, 1..=10_000, &path.key("max_sessions_per_person"), p))
             .unwrap_or(50),
-        refresh,
+        refresh: raw.refresh.unwrap_or(false),
         userinfo,
         id_token_algorithms,
         post_logout_redirect,
@@ -1678,20 +1677,12 @@ fn https_or_loopback(parts: &UrlParts<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// The scopes a sign-in asks for: by default `openid email profile`, and `offline_access` with
-/// `refresh`, as Okta and Entra ID issue a refresh token only to a sign-in that asks for it.
-fn scopes(
-    raw: Option<Vec<String>>,
-    refresh: bool,
-    path: &KeyPath,
-    p: &mut Problems<'_>,
-) -> Vec<String> {
+/// The scopes a sign-in asks for, by default `openid email profile`. (`offline_access`, which
+/// Okta and Entra ID want before they issue a refresh token, is the operator's to add: other
+/// IdPs issue one without it, and some then issue a token that outlives the IdP's session.)
+fn scopes(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<String> {
     let Some(scopes) = raw else {
-        let mut scopes = ["openid", "email", "profile"].map(String::from).to_vec();
-        if refresh {
-            scopes.push(OFFLINE_ACCESS.to_owned());
-        }
-        return scopes;
+        return ["openid", "email", "profile"].map(String::from).to_vec();
     };
     // RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
     let scope_char = |b: u8| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e);
@@ -1710,19 +1701,8 @@ fn scopes(
             "must include \"openid\": without it the IdP issues no ID token",
         );
     }
-    if refresh && !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
-        p.add(
-            path,
-            "must include \"offline_access\" with `refresh = true`: Okta and Entra ID issue a \
-             refresh token only to a sign-in that asks for it, and without one no session is \
-             ever refreshed",
-        );
-    }
     scopes
 }
-
-/// The scope that asks an IdP for a refresh token (OpenID Connect Core §11).
-const OFFLINE_ACCESS: &str = "offline_access";
 
 /// The algorithms a signature may use, by default the common asymmetric ones.
 fn algorithms(raw: Option<Vec<String>>, path: &KeyPath, p: &mut Problems<'_>) -> Vec<JwtAlgorithm> {

@@ -143,6 +143,12 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
     })
 }
 
+/// How many segments a prefix holds as [`loosely_within`] reads it: of two prefixes that both
+/// hold a path, the one with more is the narrower, and two with as many are the same prefix.
+pub fn loose_depth(prefix: &str) -> usize {
+    loose_segments(prefix).count()
+}
+
 /// The segments of a path as [`loosely_within`] reads them.
 fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/')

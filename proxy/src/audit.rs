@@ -386,13 +386,21 @@ pub struct Audit {
     budgets: Arc<Mutex<Budgets>>,
 }
 
-/// Refusals per route and caller (`anonymous` for those that name nobody): how many were
-/// recorded one by one this second, and how many were counted instead since the writer last
-/// recorded that count. Only callers refused this second, or with a count to record, are kept.
+/// Refusals per route and caller: how many were recorded one by one this second, and how many
+/// were counted instead since the writer last recorded that count. Only callers refused this
+/// second, or with a count to record, are kept.
 #[derive(Debug, Default)]
 struct Budgets {
     second: u64,
-    routes: HashMap<String, HashMap<String, Budget>>,
+    routes: HashMap<String, HashMap<Caller, Budget>>,
+}
+
+/// Whose refusals a budget counts: requests that name nobody, or someone's (a person named
+/// `anonymous` included, whose budget is their own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Caller {
+    Anonymous,
+    Named(String),
 }
 
 #[derive(Debug, Default)]
@@ -404,7 +412,7 @@ struct Budget {
 impl Budgets {
     /// Whether a refusal of `who` on `route` at `second` is recorded one by one, at most
     /// `per_second` a second; if not, it is counted.
-    fn take(&mut self, who: &str, route: &str, second: u64, per_second: u32) -> bool {
+    fn take(&mut self, who: &Caller, route: &str, second: u64, per_second: u32) -> bool {
         if second != self.second {
             self.second = second;
             for callers in self.routes.values_mut() {
@@ -419,7 +427,7 @@ impl Budgets {
         };
         let budget = match callers.get_mut(who) {
             Some(budget) => budget,
-            None => callers.entry(who.to_owned()).or_default(),
+            None => callers.entry(who.clone()).or_default(),
         };
         if budget.recorded < per_second {
             budget.recorded += 1;
@@ -427,11 +435,12 @@ impl Budgets {
         }
         budget.unrecorded += 1;
         if budget.unrecorded == 1 {
+            let user = who.name();
             tracing::warn!(
                 target: "audit",
                 route,
-                user = who,
-                "more than {per_second} refusals a second of {who}'s requests: the rest are \
+                user,
+                "more than {per_second} refusals a second of {user}'s requests: the rest are \
                  counted, not recorded one by one"
             );
         }
@@ -460,31 +469,40 @@ impl Budgets {
     }
 }
 
+impl Caller {
+    /// The `user` of the caller's records.
+    fn name(&self) -> &str {
+        match self {
+            Caller::Anonymous => ANONYMOUS,
+            Caller::Named(name) => name,
+        }
+    }
+}
+
 /// Refusals of `who` on `route` counted but not recorded one by one (see [`Budgets`]).
 #[derive(Debug, PartialEq, Eq)]
 struct Unrecorded {
     route: String,
-    who: String,
+    who: Caller,
     count: u64,
 }
 
 /// The records of `counts` (see [`Budgets::unrecorded`]).
 fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
     counts.into_iter().map(|Unrecorded { route, who, count }| {
-        let reason = if who == ANONYMOUS {
-            format!(
+        let reason = match &who {
+            Caller::Anonymous => format!(
                 "{count} more refusals of requests that named nobody, past \
                  {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
-            )
-        } else {
-            format!(
-                "{count} more refusals of {who}'s requests, past {NAMED_PER_SECOND} a second, \
+            ),
+            Caller::Named(name) => format!(
+                "{count} more refusals of {name}'s requests, past {NAMED_PER_SECOND} a second, \
                  were counted but not recorded one by one"
-            )
+            ),
         };
         Entry::Refusal {
             time: now(),
-            user: who,
+            user: who.name().to_owned(),
             route,
             rule: None,
             reason,
@@ -658,13 +676,14 @@ impl Audit {
         request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
-        if self.within_budget(user, route, NAMED_PER_SECOND) {
+        let who = Caller::Named(user.to_owned());
+        if self.within_budget(&who, route, NAMED_PER_SECOND) {
             self.record_refusal(user, route, rule, reason, request, agent);
         }
     }
 
     /// Whether a refusal of `who` on `route` is recorded one by one (see [`Budgets::take`]).
-    fn within_budget(&self, who: &str, route: &str, per_second: u32) -> bool {
+    fn within_budget(&self, who: &Caller, route: &str, per_second: u32) -> bool {
         match self.budgets.lock() {
             Ok(mut budgets) => budgets.take(who, route, crate::clock::now_unix(), per_second),
             Err(_) => true,
@@ -713,12 +732,14 @@ impl Audit {
 
     /// Records the refusal of a session that began before its user `who` was deactivated or
     /// re-created in the directory (and is ended for it), wherever it was presented.
+    /// Always recorded: the session is ended by it, so its next request asks for a sign-in and
+    /// is not refused again.
     pub fn revoked_session(&self, who: &str, route: &str, request: &Request<'_>) {
         let reason = format!(
             "the session began before {who} was deactivated or re-created in the directory: \
              it is over, and {who} must sign in again"
         );
-        self.refusal(who, route, None, &reason, request, None);
+        self.record_refusal(who, route, None, &reason, request, None);
     }
 
     /// Records that `user`'s session began or ended (see [`Entry::Session`]), in a request
@@ -748,7 +769,7 @@ impl Audit {
     /// route are recorded one by one each second. The rest are counted, and the writer records
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
-        if self.within_budget(ANONYMOUS, route, UNVERIFIED_PER_SECOND) {
+        if self.within_budget(&Caller::Anonymous, route, UNVERIFIED_PER_SECOND) {
             let reason = crate::reply::cut(reason, MAX_REASON);
             self.record_refusal(ANONYMOUS, route, None, reason, request, None);
         }
@@ -1416,7 +1437,15 @@ mod tests {
     fn refusals_past_the_rate_are_counted_per_caller_and_route_and_the_counts_recorded() {
         let mut budgets = Budgets::default();
         let anyone = |b: &mut Budgets, route: &str, second: u64| {
-            b.take(ANONYMOUS, route, second, UNVERIFIED_PER_SECOND)
+            b.take(&Caller::Anonymous, route, second, UNVERIFIED_PER_SECOND)
+        };
+        let named = |b: &mut Budgets, who: &str, route: &str, second: u64| {
+            b.take(
+                &Caller::Named(who.to_owned()),
+                route,
+                second,
+                NAMED_PER_SECOND,
+            )
         };
         for _ in 0..UNVERIFIED_PER_SECOND {
             assert!(anyone(&mut budgets, "api", 7));
@@ -1426,35 +1455,38 @@ mod tests {
         // Another route has a budget of its own, and so has each person.
         assert!(anyone(&mut budgets, "scim", 7));
         for _ in 0..NAMED_PER_SECOND {
-            assert!(budgets.take("alice", "api", 7, NAMED_PER_SECOND));
+            assert!(named(&mut budgets, "alice", "api", 7));
         }
-        assert!(!budgets.take("alice", "api", 7, NAMED_PER_SECOND));
-        assert!(budgets.take("bob", "api", 7, NAMED_PER_SECOND));
-        assert!(budgets.take("alice", "app", 7, NAMED_PER_SECOND));
+        assert!(!named(&mut budgets, "alice", "api", 7));
+        assert!(named(&mut budgets, "bob", "api", 7));
+        assert!(named(&mut budgets, "alice", "app", 7));
+        // Someone named `anonymous` is not the requests that name nobody, whose budget is spent.
+        assert!(named(&mut budgets, "anonymous", "api", 7));
         // A new second: recorded again; what was counted is told once; and only the callers
         // refused since, or with a count to tell, are kept.
         assert!(anyone(&mut budgets, "api", 8));
         assert_eq!(budgets.routes["api"].len(), 2, "{budgets:?}");
-        let unrecorded = |route: &str, who: &str, count| Unrecorded {
+        let unrecorded = |route: &str, who: Caller, count| Unrecorded {
             route: route.to_owned(),
-            who: who.to_owned(),
+            who,
             count,
         };
+        let alice = || Caller::Named("alice".to_owned());
         assert_eq!(
             budgets.unrecorded(),
             [
-                unrecorded("api", "alice", 1),
-                unrecorded("api", ANONYMOUS, 2)
+                unrecorded("api", Caller::Anonymous, 2),
+                unrecorded("api", alice(), 1)
             ]
         );
         assert!(budgets.unrecorded().is_empty());
-        budgets.take("alice", "api", 9, NAMED_PER_SECOND);
+        named(&mut budgets, "alice", "api", 9);
         assert_eq!(budgets.routes.len(), 1, "{budgets:?}");
         assert_eq!(budgets.routes["api"].len(), 1, "{budgets:?}");
 
         let records: Vec<Entry> = unrecorded_records(vec![
-            unrecorded("api", ANONYMOUS, 2),
-            unrecorded("api", "alice", 5),
+            unrecorded("api", Caller::Anonymous, 2),
+            unrecorded("api", alice(), 5),
         ])
         .collect();
         assert!(

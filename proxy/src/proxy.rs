@@ -1231,8 +1231,9 @@ impl Proxy {
 
     /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
     /// or a refusal (403), after ending a session the directory has revoked. Audited: every
-    /// 403, every revoked session and every refused bearer token; not a request that presented
-    /// no credential at all, which is only asked for one.
+    /// 403, every revoked session and every refused bearer token (past a rate per caller and
+    /// route, counted: [`crate::audit::Audit::refusal`]); not a request that presented no
+    /// credential at all, which is only asked for one.
     async fn answer(
         &self,
         session: &mut Session,

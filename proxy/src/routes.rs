@@ -18,8 +18,9 @@ pub struct CompiledRoute {
 /// nothing a client sends is ever inserted.
 type Named<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
-/// Routes indexed by host. Within a host, routes are ordered by descending prefix length so the
-/// first match is the longest prefix.
+/// Routes indexed by host. Within a host, routes are ordered by how many segments their prefix
+/// holds, as paths are read ([`portcullis_policy::loose_depth`]), so the first match is the
+/// narrowest prefix.
 #[derive(Default)]
 pub struct RouteTable {
     exact: Named<Vec<Arc<CompiledRoute>>>,
@@ -47,14 +48,14 @@ impl RouteTable {
                     .push(route),
             }
         }
-        let by_prefix_len = |routes: &mut Vec<Arc<CompiledRoute>>| {
-            routes.sort_by_key(|r| std::cmp::Reverse(r.config.path_prefix.len()));
+        let by_depth = |routes: &mut Vec<Arc<CompiledRoute>>| {
+            routes.sort_by_key(|r| {
+                std::cmp::Reverse(portcullis_policy::loose_depth(&r.config.path_prefix))
+            });
         };
-        exact.values_mut().for_each(by_prefix_len);
+        exact.values_mut().for_each(by_depth);
         let mut wildcard: Vec<_> = wildcard.into_iter().collect();
-        wildcard
-            .iter_mut()
-            .for_each(|(_, routes)| by_prefix_len(routes));
+        wildcard.iter_mut().for_each(|(_, routes)| by_depth(routes));
         // The most specific wildcard (longest suffix) is tried first.
         wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         Self { exact, wildcard }
@@ -74,10 +75,10 @@ impl RouteTable {
     /// ASCII case: [`portcullis_policy::loosely_within`]), so no spelling an upstream reads as
     /// inside a route's prefix lands on another route.
     ///
-    /// The longest prefix that holds the path decides, whatever its scheme: a route of the
-    /// other scheme with a shorter prefix does not take the paths it narrows (a plain-HTTP
+    /// The narrowest prefix that holds the path decides, whatever its scheme: a route of the
+    /// other scheme with a wider prefix does not take the paths it narrows (a plain-HTTP
     /// `http://app/` does not serve what `https://app/admin` guards). Only a route of the same
-    /// prefix serves the other scheme.
+    /// prefix, as paths are read (`/api` and `/API/` are one), serves the other scheme.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
         let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
             self.wildcard
@@ -92,9 +93,11 @@ impl RouteTable {
             let Some(longest) = holding.next() else {
                 continue;
             };
-            let prefix = &longest.config.path_prefix;
+            let depth = portcullis_policy::loose_depth(&longest.config.path_prefix);
             return std::iter::once(longest)
-                .chain(holding.take_while(|route| route.config.path_prefix.len() == prefix.len()))
+                .chain(holding.take_while(|route| {
+                    portcullis_policy::loose_depth(&route.config.path_prefix) == depth
+                }))
                 .find(|route| route.config.scheme == scheme)
                 .map_or(Match::WrongScheme(longest), Match::Found);
         }
@@ -170,6 +173,12 @@ mod tests {
             like(Scheme::Https, "/both"),
             like(Scheme::Http, "/both"),
             like(Scheme::Http, "/acme"),
+            // One prefix as paths are read, however spelled.
+            like(Scheme::Http, "/api/"),
+            like(Scheme::Https, "/API"),
+            // `/ab;x` is `/ab` to an upstream: wider than `/ab/c`, though as long.
+            like(Scheme::Http, "/ab;x"),
+            like(Scheme::Https, "/ab/c"),
         ]);
         let name = |scheme: Scheme, path: &str| match table.find(scheme, "app.test", path) {
             Match::Found(route) => route.config.name.clone(),
@@ -194,5 +203,9 @@ mod tests {
         // shorter HTTPS route takes it either.
         assert_eq!(name(Scheme::Https, "/acme/x"), "wrong scheme: Http /acme");
         assert_eq!(name(Scheme::Https, "/other"), "wrong scheme: Http ");
+        assert_eq!(name(Scheme::Http, "/api/x"), "Http /api/");
+        assert_eq!(name(Scheme::Https, "/api/x"), "Https /API");
+        assert_eq!(name(Scheme::Http, "/ab/c/d"), "wrong scheme: Https /ab/c");
+        assert_eq!(name(Scheme::Http, "/ab/d"), "Http /ab;x");
     }
 }

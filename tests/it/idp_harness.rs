@@ -168,7 +168,8 @@ async fn sign_in_with_a_plain_http_client_at_a_named_issuer() {
     let auth = idp.authorization_url(
         CLIENT_ID,
         &redirect_uri,
-        "openid email profile",
+        // A refresh token only to a sign-in that asks for it, as Okta and Entra ID issue them.
+        "openid email profile offline_access",
         &state,
         &nonce,
         &pkce,
@@ -242,7 +243,8 @@ async fn chromium_signs_in_at_the_idp_and_backchannel_logout_reaches_the_client(
     let auth = idp.authorization_url(
         CLIENT_ID,
         &redirect_uri,
-        "openid email profile",
+        // A refresh token only to a sign-in that asks for it, as Okta and Entra ID issue them.
+        "openid email profile offline_access",
         &state,
         &nonce,
         &pkce,

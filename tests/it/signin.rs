@@ -184,7 +184,12 @@ impl Fixture {
         )
         .set("session_lifetime", "\"2h\"");
         if options.refresh_every.is_some() {
-            oidc = oidc.set("refresh", "true");
+            // As an operator of Okta or Entra ID sets it: they issue a refresh token only to a
+            // sign-in that asks for `offline_access` (the test IdP too).
+            oidc = oidc.set("refresh", "true").set(
+                "scopes",
+                r#"["openid", "email", "profile", "offline_access"]"#,
+            );
         }
         for (key, value) in &options.oidc_settings {
             oidc = oidc.set(key, value);

@@ -473,9 +473,10 @@ impl Oidc {
             }),
             (true, None) => {
                 tracing::warn!(
-                    "the identity provider issued no refresh token (it was asked for \
-                     offline_access): this session lasts its session_lifetime unchecked by the \
-                     IdP; allow the Refresh Token grant and offline_access for this client there"
+                    "refresh is on but the identity provider issued no refresh token: this \
+                     session lasts its session_lifetime, unchecked by the IdP (Okta and Entra ID \
+                     issue one only when [oidc] scopes holds offline_access and the client may \
+                     use the Refresh Token grant)"
                 );
                 None
             }
