@@ -410,9 +410,9 @@ struct Budget {
 }
 
 impl Budgets {
-    /// Whether a refusal of `who` on `route` at `second` is recorded one by one, at most
-    /// `per_second` a second; if not, it is counted.
-    fn take(&mut self, who: &Caller, route: &str, second: u64, per_second: u32) -> bool {
+    /// Whether a refusal of `who` on `route` at `second` is recorded one by one (at most
+    /// [`Caller::per_second`]); if not, it is counted.
+    fn take(&mut self, who: &Caller, route: &str, second: u64) -> bool {
         if second != self.second {
             self.second = second;
             for callers in self.routes.values_mut() {
@@ -429,13 +429,13 @@ impl Budgets {
             Some(budget) => budget,
             None => callers.entry(who.clone()).or_default(),
         };
-        if budget.recorded < per_second {
+        if budget.recorded < who.per_second() {
             budget.recorded += 1;
             return true;
         }
         budget.unrecorded += 1;
         if budget.unrecorded == 1 {
-            let user = who.name();
+            let (user, per_second) = (who.name(), who.per_second());
             tracing::warn!(
                 target: "audit",
                 route,
@@ -464,7 +464,7 @@ impl Budgets {
                     })
             })
             .collect();
-        counts.sort_by(|a, b| (&a.route, &a.who).cmp(&(&b.route, &b.who)));
+        counts.sort();
         counts
     }
 }
@@ -477,10 +477,18 @@ impl Caller {
             Caller::Named(name) => name,
         }
     }
+
+    /// How many of the caller's refusals on a route are recorded one by one each second.
+    fn per_second(&self) -> u32 {
+        match self {
+            Caller::Anonymous => UNVERIFIED_PER_SECOND,
+            Caller::Named(_) => NAMED_PER_SECOND,
+        }
+    }
 }
 
 /// Refusals of `who` on `route` counted but not recorded one by one (see [`Budgets`]).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Unrecorded {
     route: String,
     who: Caller,
@@ -490,16 +498,15 @@ struct Unrecorded {
 /// The records of `counts` (see [`Budgets::unrecorded`]).
 fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
     counts.into_iter().map(|Unrecorded { route, who, count }| {
-        let reason = match &who {
-            Caller::Anonymous => format!(
-                "{count} more refusals of requests that named nobody, past \
-                 {UNVERIFIED_PER_SECOND} a second, were counted but not recorded one by one"
-            ),
-            Caller::Named(name) => format!(
-                "{count} more refusals of {name}'s requests, past {NAMED_PER_SECOND} a second, \
-                 were counted but not recorded one by one"
-            ),
+        let per_second = who.per_second();
+        let whose = match &who {
+            Caller::Anonymous => "requests that named nobody".to_owned(),
+            Caller::Named(name) => format!("{name}'s requests"),
         };
+        let reason = format!(
+            "{count} more refusals of {whose}, past {per_second} a second, were counted but not \
+             recorded one by one"
+        );
         Entry::Refusal {
             time: now(),
             user: who.name().to_owned(),
@@ -676,16 +683,15 @@ impl Audit {
         request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
-        let who = Caller::Named(user.to_owned());
-        if self.within_budget(&who, route, NAMED_PER_SECOND) {
+        if self.within_budget(&Caller::Named(user.to_owned()), route) {
             self.record_refusal(user, route, rule, reason, request, agent);
         }
     }
 
     /// Whether a refusal of `who` on `route` is recorded one by one (see [`Budgets::take`]).
-    fn within_budget(&self, who: &Caller, route: &str, per_second: u32) -> bool {
+    fn within_budget(&self, who: &Caller, route: &str) -> bool {
         match self.budgets.lock() {
-            Ok(mut budgets) => budgets.take(who, route, crate::clock::now_unix(), per_second),
+            Ok(mut budgets) => budgets.take(who, route, crate::clock::now_unix()),
             Err(_) => true,
         }
     }
@@ -769,7 +775,7 @@ impl Audit {
     /// route are recorded one by one each second. The rest are counted, and the writer records
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
-        if self.within_budget(&Caller::Anonymous, route, UNVERIFIED_PER_SECOND) {
+        if self.within_budget(&Caller::Anonymous, route) {
             let reason = crate::reply::cut(reason, MAX_REASON);
             self.record_refusal(ANONYMOUS, route, None, reason, request, None);
         }
@@ -1436,16 +1442,10 @@ mod tests {
     #[test]
     fn refusals_past_the_rate_are_counted_per_caller_and_route_and_the_counts_recorded() {
         let mut budgets = Budgets::default();
-        let anyone = |b: &mut Budgets, route: &str, second: u64| {
-            b.take(&Caller::Anonymous, route, second, UNVERIFIED_PER_SECOND)
-        };
+        let anyone =
+            |b: &mut Budgets, route: &str, second: u64| b.take(&Caller::Anonymous, route, second);
         let named = |b: &mut Budgets, who: &str, route: &str, second: u64| {
-            b.take(
-                &Caller::Named(who.to_owned()),
-                route,
-                second,
-                NAMED_PER_SECOND,
-            )
+            b.take(&Caller::Named(who.to_owned()), route, second)
         };
         for _ in 0..UNVERIFIED_PER_SECOND {
             assert!(anyone(&mut budgets, "api", 7));

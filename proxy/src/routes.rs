@@ -93,11 +93,15 @@ impl RouteTable {
             let Some(longest) = holding.next() else {
                 continue;
             };
+            if longest.config.scheme == scheme {
+                return Match::Found(longest);
+            }
+            // Another scheme's: a route of this one serves the path only with the same prefix.
             let depth = portcullis_policy::loose_depth(&longest.config.path_prefix);
-            return std::iter::once(longest)
-                .chain(holding.take_while(|route| {
+            return holding
+                .take_while(|route| {
                     portcullis_policy::loose_depth(&route.config.path_prefix) == depth
-                }))
+                })
                 .find(|route| route.config.scheme == scheme)
                 .map_or(Match::WrongScheme(longest), Match::Found);
         }

@@ -38,6 +38,9 @@
 // The login form (at the interaction URL) is plain HTML with inputs `login` and `password`;
 // consent is granted automatically, so no consent page ever appears.
 //
+// A refresh token is issued only to a sign-in that asked for `offline_access`, as Okta and Entra ID
+// issue them (without asking for `prompt=consent`, which oidc-provider alone would want).
+//
 // Test-control endpoints (not OIDC), all answering JSON:
 //   GET  /test/health
 //   POST /test/rotate-keys         {keep_old}: fresh RS256 + ES256 keys sign from now on; the
