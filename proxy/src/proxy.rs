@@ -867,6 +867,9 @@ impl ProxyHttp for Proxy {
         };
         // A response already started cannot be replaced; the connection is simply closed.
         if code > 0 && session.response_written().is_none() {
+            // The connection ends after the page (`can_reuse_downstream` below), and the page
+            // says so: a client told `keep-alive` sends its next request into a reset.
+            session.set_keepalive(None);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             if let Err(write_error) = reply::send(session, Reply::status_page(status)).await {
                 tracing::debug!(error = %write_error, "could not send the error page");

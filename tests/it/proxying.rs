@@ -148,6 +148,12 @@ async fn all_upstreams_down_is_502_with_html_page() {
     ] {
         let resp = client.get(&url).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{url}");
+        // The connection is closed after the page, and the page says so.
+        assert_eq!(
+            resp.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{url}"
+        );
         let content_type = resp
             .headers()
             .get("content-type")
