@@ -7,10 +7,12 @@ level=${1:-build}
 want=(cmake)
 browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
-  test) want+=("${browser[@]}" postgresql nginx-light) ;;   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front
+  # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front;
+  # libnss-wrapper: a hosts file of the test's own, for an upstream name that moves to a new address
+  test) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper) ;;
   # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`;
   # valgrind: `bench/instructions.py` counts instructions per request with callgrind
-  bench|pgo) want+=("${browser[@]}" postgresql nginx-light wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
+  bench|pgo) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
   build|demo) ;;
   *) echo "usage: $0 [build|demo|test|bench|pgo]" >&2; exit 2 ;;
 esac

@@ -224,6 +224,7 @@ pub(crate) struct Server {
     pub max_request_body_bytes: Option<i64>,
     pub reload_poll_interval: Option<String>,
     pub client_idle_timeout: Option<String>,
+    pub upstream_dns_refresh: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -122,6 +122,9 @@ pub struct ServerConfig {
     /// a large or open-ended answer's body wait for the client to read, before the connection
     /// is closed.
     pub client_idle_timeout: Duration,
+    /// How often an upstream given by a DNS name is resolved again, so that requests follow
+    /// the name to a new address (a cloud load balancer's addresses change).
+    pub upstream_dns_refresh: Duration,
 }
 
 /// A listener serving `/healthz`, `/readyz`, `/metrics` and `/explain`, kept apart from the
@@ -302,7 +305,8 @@ pub struct Upstream {
     /// Host name or IP literal as written in the URL (no brackets), used for SNI and `Host`.
     pub host: String,
     pub port: u16,
-    /// Resolved socket address(es); the first is used.
+    /// The first address `host` resolved to when the file was read; for a DNS name, resolved
+    /// again every `[server] upstream_dns_refresh` while running.
     pub address: SocketAddr,
     /// Verify the upstream's certificate (on by default; only meaningful with `tls`).
     pub verify_tls: bool,

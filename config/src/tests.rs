@@ -573,6 +573,11 @@ to = ["http://127.0.0.1:3001"]
             problems: &[("server.client_idle_timeout", Some(3), "greater than zero")],
         },
         Case {
+            name: "upstream DNS refreshed too often",
+            text: "data_dir = \"data\"\n[server]\nupstream_dns_refresh = \"100ms\"\nLISTENERS",
+            problems: &[("server.upstream_dns_refresh", Some(3), "at least 1s")],
+        },
+        Case {
             name: "threads = 0",
             text: "data_dir = \"data\"\n[server]\nthreads = 0\nLISTENERS",
             problems: &[("server.threads", Some(3), "must be 1 to 256")],
@@ -1594,6 +1599,7 @@ max_request_header_bytes = 16384
 max_request_body_bytes = 1000
 reload_poll_interval = "500ms"
 client_idle_timeout = "3m"
+upstream_dns_refresh = "5s"
 
 [admin]
 address = "127.0.0.1:9090"
@@ -1649,6 +1655,7 @@ to = ["http://127.0.0.1"]
             max_request_body_bytes: 1000,
             reload_poll_interval: Duration::from_millis(500),
             client_idle_timeout: Duration::from_secs(180),
+            upstream_dns_refresh: Duration::from_secs(5),
         },
         admin: Some(AdminConfig {
             address: addr("127.0.0.1:9090"),
@@ -1808,6 +1815,7 @@ to = ["https://127.0.0.1"]
     assert_eq!(server.max_request_body_bytes, 10 * 1024 * 1024);
     assert_eq!(server.reload_poll_interval, Duration::from_secs(2));
     assert_eq!(server.client_idle_timeout, Duration::from_secs(75));
+    assert_eq!(server.upstream_dns_refresh, Duration::from_secs(30));
     assert_eq!(config.admin, None);
     assert_eq!(config.scim, None);
     assert_eq!(config.oidc, None);

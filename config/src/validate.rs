@@ -425,6 +425,13 @@ fn server(raw: file::Server, path: &KeyPath, p: &mut Problems<'_>) -> ServerConf
             &path.key("client_idle_timeout"),
             p,
         ),
+        upstream_dns_refresh: duration(
+            raw.upstream_dns_refresh,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            &path.key("upstream_dns_refresh"),
+            p,
+        ),
     }
 }
 

@@ -353,6 +353,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         services::SessionKeeper::new(shared.clone()),
     ));
     server.add_service(background_service(
+        "upstream dns",
+        services::UpstreamDns::new(shared.clone()),
+    ));
+    server.add_service(background_service(
         "stream watcher",
         services::Watcher::new(shared.clone()),
     ));

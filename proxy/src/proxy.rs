@@ -703,7 +703,7 @@ impl ProxyHttp for Proxy {
         let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         ctx.upstream = Some(index);
         ctx.upstream_started = Some(now);
-        Ok(Box::new(peer.clone()))
+        Ok(Box::new(peer))
     }
 
     fn fail_to_connect(
@@ -714,7 +714,16 @@ impl ProxyHttp for Proxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
-            route.upstreams.mark_down(index, Instant::now());
+            let now = Instant::now();
+            route.upstreams.mark_down(index, now);
+            // Its name may have moved to another address (see `upstream.rs`).
+            if route.upstreams.resolve_after_failure(index, now) {
+                let route = route.clone();
+                tokio::spawn(async move {
+                    let name = &route.config.name;
+                    route.upstreams.resolve_again(name, Some(index)).await;
+                });
+            }
             // Nothing has been sent upstream yet, so any request may go to the next upstream.
             if ctx.tried.len() + 1 < route.upstreams.count() {
                 e.set_retry(true);

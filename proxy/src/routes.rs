@@ -61,6 +61,14 @@ impl RouteTable {
         Self { exact, wildcard }
     }
 
+    /// Every route, in no particular order.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<CompiledRoute>> {
+        self.exact
+            .values()
+            .chain(self.wildcard.iter().map(|(_, routes)| routes))
+            .flatten()
+    }
+
     /// Whether some route serves the lower-cased `host`.
     pub fn serves(&self, host: &str) -> bool {
         self.exact.contains_key(host)

@@ -188,6 +188,43 @@ impl BackgroundService for IdpKeys {
     }
 }
 
+/// Resolves the routes' upstream DNS names again every `[server] upstream_dns_refresh` (see
+/// [`crate::upstream`]).
+pub struct UpstreamDns {
+    shared: Arc<Shared>,
+}
+
+impl UpstreamDns {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for UpstreamDns {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let every = self
+                .shared
+                .runtime
+                .load()
+                .config
+                .server
+                .upstream_dns_refresh;
+            if !pause(&mut shutdown, every).await {
+                return;
+            }
+            let runtime = self.shared.runtime.load_full();
+            for route in runtime.routes.all() {
+                route
+                    .upstreams
+                    .resolve_again(&route.config.name, None)
+                    .await;
+            }
+        }
+    }
+}
+
 /// Judges every open websocket and event stream again whenever the directory changes,
 /// sessions end or the configuration is reloaded, and at least once a second (grants end with
 /// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`).

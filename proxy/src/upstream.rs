@@ -3,10 +3,17 @@
 //! An upstream that refuses a connection is marked down for a short while and skipped; the
 //! request is retried on the next one, so one dead upstream costs no failed requests. When every
 //! upstream is marked down they are all tried anyway: one may have come back.
+//!
+//! An upstream given by a DNS name is resolved again every `[server] upstream_dns_refresh`, and
+//! as soon as it refuses a connection: when the address in use is no longer among the name's,
+//! new connections go to the name's first address (a cloud load balancer's addresses change
+//! while its name stays). While the name cannot be resolved, the last address is kept.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use http::HeaderValue;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
@@ -16,8 +23,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use portcullis_config::{Route, Upstream};
 
-/// How long an upstream that failed to accept a connection is skipped.
+/// How long an upstream that failed to accept a connection is skipped; also the least time
+/// between two resolutions of its name asked for by failures.
 const DOWN_FOR: Duration = Duration::from_secs(5);
+/// Longest a resolution of an upstream's name is waited for.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct UpstreamSet {
     upstreams: Vec<Backend>,
@@ -27,11 +37,16 @@ pub struct UpstreamSet {
 }
 
 struct Backend {
-    peer: HttpPeer,
+    /// Where requests go: its address follows `name` (see [`UpstreamSet::resolve_again`]).
+    peer: ArcSwap<HttpPeer>,
+    /// The upstream's DNS name and port; `None` for an IP literal.
+    name: Option<(String, u16)>,
     /// `Host` sent to this upstream unless the route preserves the client's.
     host_header: HeaderValue,
     /// Milliseconds since `epoch` until which this upstream is considered down; 0 when up.
     down_until_ms: AtomicU64,
+    /// Milliseconds since `epoch` when a failure last had `name` resolved again; 0 never.
+    resolved_for_failure_ms: AtomicU64,
 }
 
 impl UpstreamSet {
@@ -40,9 +55,15 @@ impl UpstreamSet {
             .upstreams
             .iter()
             .map(|upstream| Backend {
-                peer: build_peer(route, upstream),
+                peer: ArcSwap::from_pointee(build_peer(route, upstream)),
+                name: upstream
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .is_err()
+                    .then(|| (upstream.host.clone(), upstream.port)),
                 host_header: upstream.host_header.clone(),
                 down_until_ms: AtomicU64::new(0),
+                resolved_for_failure_ms: AtomicU64::new(0),
             })
             .collect();
         Self {
@@ -62,7 +83,7 @@ impl UpstreamSet {
     /// order; when every one left is marked down, the first of those anyway, so that each is
     /// tried once before the request gives up. (Which are healthy changes as a request's
     /// attempts fail, so the choice goes by what was tried, never by an attempt's number.)
-    pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, &HttpPeer) {
+    pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, HttpPeer) {
         let n = self.upstreams.len();
         let now_ms = self.millis(now);
         let healthy =
@@ -75,7 +96,7 @@ impl UpstreamSet {
             .find(healthy)
             .or_else(|| untried.next())
             .unwrap_or(start % n.max(1));
-        (index, &self.upstreams[index].peer)
+        (index, HttpPeer::clone(&self.upstreams[index].peer.load()))
     }
 
     /// The `Host` header for upstream `index`, as returned by [`Self::pick`].
@@ -92,6 +113,75 @@ impl UpstreamSet {
         if let Some(backend) = self.upstreams.get(index) {
             let until = self.millis(now + DOWN_FOR);
             backend.down_until_ms.store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether upstream `index`, which just refused a connection, should have its name
+    /// resolved again now: it has one, and no failure had it resolved in the last `DOWN_FOR`.
+    pub fn resolve_after_failure(&self, index: usize, now: Instant) -> bool {
+        let Some(backend) = self.upstreams.get(index) else {
+            return false;
+        };
+        let now_ms = self.millis(now);
+        let last = backend.resolved_for_failure_ms.load(Ordering::Relaxed);
+        let wait = u64::try_from(DOWN_FOR.as_millis()).unwrap_or(u64::MAX);
+        backend.name.is_some()
+            && (last == 0 || now_ms.saturating_sub(last) >= wait)
+            && backend
+                .resolved_for_failure_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Resolves the names of the upstreams in `which` (all when `None`) again. An upstream
+    /// whose address is no longer among its name's gets the first of them for new connections
+    /// (pooled ones to the old address idle out) and counts as up; one whose name cannot be
+    /// resolved keeps its address.
+    pub async fn resolve_again(&self, route: &str, which: Option<usize>) {
+        for (index, backend) in self.upstreams.iter().enumerate() {
+            let Some((name, port)) = &backend.name else {
+                continue;
+            };
+            if which.is_some_and(|only| only != index) {
+                continue;
+            }
+            let lookup = tokio::net::lookup_host((name.as_str(), *port));
+            let addresses: Vec<std::net::SocketAddr> =
+                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                    Ok(Ok(found)) => found.collect(),
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                            "route `{route}`: upstream `{name}` not resolved again ({e}); \
+                             its last address is kept"
+                        );
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "route `{route}`: upstream `{name}` not resolved again within \
+                             {RESOLVE_TIMEOUT:?}; its last address is kept"
+                        );
+                        continue;
+                    }
+                };
+            let current = backend.peer.load();
+            let Some(first) = addresses.first() else {
+                continue;
+            };
+            if addresses
+                .iter()
+                .any(|a| current._address.as_inet() == Some(a))
+            {
+                continue;
+            }
+            tracing::info!(
+                "route `{route}`: upstream `{name}` now resolves to {first}, not {}",
+                current._address
+            );
+            let mut peer = HttpPeer::clone(&current);
+            peer._address = (*first).into();
+            backend.peer.store(Arc::new(peer));
+            backend.down_until_ms.store(0, Ordering::Relaxed);
         }
     }
 
@@ -157,9 +247,15 @@ mod tests {
         UpstreamSet {
             upstreams: (0..n)
                 .map(|i| Backend {
-                    peer: HttpPeer::new(format!("127.0.0.1:{}", 9000 + i), false, String::new()),
+                    peer: ArcSwap::from_pointee(HttpPeer::new(
+                        format!("127.0.0.1:{}", 9000 + i),
+                        false,
+                        String::new(),
+                    )),
+                    name: None,
                     host_header: HeaderValue::from_static("up.test"),
                     down_until_ms: AtomicU64::new(0),
+                    resolved_for_failure_ms: AtomicU64::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),

@@ -1,8 +1,11 @@
 //! Several upstreams on one route: round-robin while all are healthy, failover without a
-//! single failed request when one is down.
+//! single failed request when one is down. An upstream named by DNS followed to its new address.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use portcullis_tests::client::plain_client;
-use portcullis_tests::{ConfigBuilder, Route, Upstream};
+use portcullis_tests::{ConfigBuilder, Echo, Portcullis, Route, Upstream};
 
 use crate::get_echo;
 
@@ -133,4 +136,131 @@ async fn restarted_upstream_gets_traffic_again() {
         (3..=7).contains(&from_a),
         "after recovery 10 requests gave {from_a} to the restarted upstream"
     );
+}
+
+/// A hosts file of the test's own for Portcullis' name lookups: nss_wrapper (Debian's
+/// libnss-wrapper, preloaded) makes `getaddrinfo` read it instead of /etc/hosts and DNS, and
+/// reads it again when it changes. Rewriting it moves a name to another address, as a cloud
+/// load balancer's name moves. (Without the library, Portcullis does not start: the name
+/// resolves to nothing.)
+struct Hosts {
+    dir: tempfile::TempDir,
+}
+
+impl Hosts {
+    fn new(name: &str, ip: &str) -> Hosts {
+        let hosts = Hosts {
+            dir: tempfile::tempdir().expect("tempdir for a hosts file"),
+        };
+        hosts.point(name, ip);
+        hosts
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().join("hosts").display().to_string()
+    }
+
+    /// `name` resolves to `ip` from now on (the file is replaced whole, never read half written).
+    fn point(&self, name: &str, ip: &str) {
+        let next = self.dir.path().join("hosts.next");
+        std::fs::write(&next, format!("{ip} {name}\n")).expect("write hosts file");
+        std::fs::rename(&next, self.path()).expect("replace hosts file");
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".to_owned(), "libnss_wrapper.so".to_owned()),
+            ("NSS_WRAPPER_HOSTS".to_owned(), self.path()),
+        ]
+    }
+}
+
+/// Portcullis for `route`, whose upstream is `http://svc.test:<port>`, resolving through `hosts`.
+async fn start_resolving(cfg: &ConfigBuilder, hosts: &Hosts) -> Portcullis {
+    let env = hosts.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Portcullis::start_with_env(&cfg.toml(), &env).await
+}
+
+/// Asks until the answer comes from `upstream`, for at most a minute. Every answer must be a
+/// 200, or else a 502 where `refused` allows it (the upstream's old address refusing).
+async fn until_served_by(client: &reqwest::Client, url: &str, upstream: &str, refused: bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = client
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+        let status = resp.status();
+        let body = resp.bytes().await.expect("read body");
+        if status == 200 && Echo::parse(&body).upstream == upstream {
+            return;
+        }
+        assert!(
+            status == 200 || (refused && status == 502),
+            "{url}: {status} while the name moved"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "requests still went to the name's old address a minute after it moved"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
+    let old = Upstream::start("old").await;
+    let port = old.addr().port();
+    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let hosts = Hosts::new("svc.test", "127.0.0.1");
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("upstream_dns_refresh", "\"1s\"")
+        .route(Route::to_urls(
+            "http://app.test",
+            vec![format!("http://svc.test:{port}")],
+        ));
+    let _px = start_resolving(&cfg, &hosts).await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/where");
+    assert_eq!(get_echo(&client, &url).await.upstream, "old");
+
+    // The old address still answers, so only resolving the name again moves the requests.
+    hosts.point("svc.test", "127.0.0.2");
+    until_served_by(&client, &url, "new", false).await;
+    for _ in 0..5 {
+        assert_eq!(get_echo(&client, &url).await.upstream, "new");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_once() {
+    let mut old = Upstream::start("old").await;
+    let port = old.addr().port();
+    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let hosts = Hosts::new("svc.test", "127.0.0.1");
+    // Far longer than the test: only the refused connection can have the name resolved again.
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("upstream_dns_refresh", "\"1h\"")
+        .route(
+            Route::to_urls("http://app.test", vec![format!("http://svc.test:{port}")])
+                .set("connect_timeout = \"2s\""),
+        );
+    let px = start_resolving(&cfg, &hosts).await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/where");
+    assert_eq!(get_echo(&client, &url).await.upstream, "old");
+
+    hosts.point("svc.test", "127.0.0.2");
+    old.stop();
+    // The first request finds the old address refusing (502) and has the name resolved again.
+    let resp = client.get(&url).send().await.expect("GET after the move");
+    assert_eq!(resp.status(), 502, "{}", px.log());
+    until_served_by(&client, &url, "new", true).await;
+    // Said in the log, within its batching.
+    px.log_until(|log| log.contains("upstream `svc.test` now resolves to 127.0.0.2"))
+        .await;
 }

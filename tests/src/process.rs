@@ -49,6 +49,8 @@ pub struct Portcullis {
     log_path: PathBuf,
     admin: SocketAddr,
     exit: Option<ExitStatus>,
+    /// Added to the process' environment, at every start.
+    env: Vec<(String, String)>,
 }
 
 impl Portcullis {
@@ -80,16 +82,32 @@ impl Portcullis {
         px
     }
 
+    /// Like [`Portcullis::start`], with `env` added to the process' environment.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Portcullis {
+        let mut px = Portcullis::spawn_with_env(config, env);
+        px.wait_ready().await;
+        px
+    }
+
     /// Like [`Portcullis::start`], without waiting for `/readyz`.
     pub fn spawn(config: &str) -> Portcullis {
+        Portcullis::spawn_with_env(config, &[])
+    }
+
+    fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Portcullis {
         let admin = admin_address(config);
         let dir = tempfile::tempdir().expect("tempdir for portcullis");
         let config_path = dir.path().join("portcullis.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("portcullis.log");
         File::create(&log_path).expect("create log file");
-        let child = spawn_serve(dir.path(), &config_path, &log_path);
+        let env: Vec<_> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let child = spawn_serve(dir.path(), &config_path, &log_path, &env);
         Portcullis {
+            env,
             child: Some(child),
             dir,
             config_path,
@@ -131,6 +149,7 @@ impl Portcullis {
             self.dir.path(),
             &self.config_path,
             &self.log_path,
+            &self.env,
         ));
         self.exit = None;
         self.admin = admin_address(&self.config());
@@ -312,7 +331,7 @@ impl Drop for Portcullis {
 }
 
 /// Spawns `portcullis serve --config <config_path>` in `dir`, appending its output to `log_path`.
-fn spawn_serve(dir: &Path, config_path: &Path, log_path: &Path) -> Child {
+fn spawn_serve(dir: &Path, config_path: &Path, log_path: &Path, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -324,6 +343,7 @@ fn spawn_serve(dir: &Path, config_path: &Path, log_path: &Path) -> Child {
         .arg(config_path)
         .current_dir(dir)
         .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone log file"))
         .stderr(log)
