@@ -67,6 +67,11 @@ impl Agents {
 
     /// With the IdP's tokens shaped as `profile`'s are.
     async fn start_with(profile: IdpProfile) -> Agents {
+        Agents::start_accepting(profile, &[API_AUD]).await
+    }
+
+    /// With the IdP's `[[jwt_issuers]]` entry taking `audiences`.
+    async fn start_accepting(profile: IdpProfile, audiences: &[&str]) -> Agents {
         let api = Upstream::start("api").await;
         let agent_client = IdpClient::new(AGENT_ID, AGENT_SECRET)
             .redirect_uri(UNUSED)
@@ -87,7 +92,7 @@ impl Agents {
                     .websockets(true)
                     .set("allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]"),
             )
-            .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
+            .jwt_issuer(JwtIssuer::new(idp.issuer(), audiences))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
         // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
         // allowed request is audited.
@@ -172,6 +177,39 @@ impl Agents {
         self.idp
             .exchange_token(AGENT_ID, AGENT_SECRET, id_token, API)
             .await
+    }
+
+    /// The ID token of `login`'s sign-in at the IdP's other client (`CLIENT_ID`), whose
+    /// authorization request sends a nonce or none (OpenID Connect's code flow needs none).
+    async fn id_token(&self, login: &str, password: &str, nonce: bool) -> String {
+        let pkce = Pkce::new();
+        let mut authorize = url::Url::parse(&self.idp.authorization_url(
+            CLIENT_ID,
+            UNUSED,
+            "openid email",
+            &random_token(16),
+            &random_token(16),
+            &pkce,
+        ))
+        .expect("an authorization URL");
+        if !nonce {
+            let kept: Vec<(String, String)> = authorize
+                .query_pairs()
+                .filter(|(name, _)| name != "nonce")
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect();
+            authorize.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        let back = self
+            .idp
+            .sign_in_http(authorize.as_str(), login, password)
+            .await;
+        let code = query_param(&back, "code").expect("a code");
+        let tokens = self
+            .idp
+            .exchange_code(CLIENT_ID, CLIENT_SECRET, &code, UNUSED, &pkce.verifier)
+            .await;
+        tokens["id_token"].as_str().expect("an ID token").to_owned()
     }
 
     /// A person's own access token issued to the agent's client by the code flow: what Okta's
@@ -561,4 +599,43 @@ async fn an_okta_token_issued_to_the_agent_s_client_holds_the_agent_to_its_chain
         .expect(200);
     let (status, body) = t.call(&held).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+/// An ID token is no bearer token, whichever client's sign-in made it. Where an issuer's
+/// audiences take a client that also signs people in (an Entra ID app registration that is both
+/// the API and a single-page app), a person's ID token verifies as a token for the API; it
+/// travels through browsers (`id_token_hint`), logs and other services, and outlives the
+/// sign-in. Here no `[oidc]` is configured at all: the sign-in is another application's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_token_of_any_sign_in_is_no_bearer_token() {
+    // Known by its nonce; and an Entra ID token without one by its tenant with no client named.
+    for (profile, nonces) in [
+        (IdpProfile::Conformant, &[true][..]),
+        (IdpProfile::Entra, &[true, false][..]),
+    ] {
+        let t = Agents::start_accepting(profile, &[API_AUD, CLIENT_ID]).await;
+        for &nonce in nonces {
+            let id_token = t.id_token(ALICE, ALICE_PASSWORD, nonce).await;
+            let claims = jwt_claims(&id_token);
+            assert_eq!(claims["aud"], CLIENT_ID, "{claims}");
+            assert_eq!(claims.get("nonce").is_some(), nonce, "{claims}");
+            let (status, body) = t.call(&id_token).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{profile:?}, nonce {nonce}: alice's ID token was taken as a bearer token: {body}"
+            );
+        }
+        // Tokens issued for the API still pass: the agent's, and alice's through it.
+        let token = t
+            .idp
+            .client_credentials_token(AGENT_ID, AGENT_SECRET, Some(API))
+            .await;
+        assert_eq!(t.call(&token).await.0, StatusCode::OK, "{profile:?}");
+        // (The test IdP exchanges no Entra-shaped ID token: their `sub` is pairwise.)
+        if profile == IdpProfile::Conformant {
+            let token = t.delegated(ALICE, ALICE_PASSWORD).await;
+            assert_eq!(t.call(&token).await.0, StatusCode::OK, "{profile:?}");
+        }
+    }
 }

@@ -108,16 +108,25 @@ impl Authentication {
 
 #[derive(Deserialize)]
 struct MachineClaims {
-    iss: String,
     sub: String,
     exp: u64,
     #[serde(default)]
     iat: Option<u64>,
     #[serde(default)]
     aud: Audiences,
-    /// An ID token's (see [`not_an_access_token`]).
+    /// The marks of an ID token (see [`not_an_access_token`]).
     #[serde(default)]
     nonce: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    at_hash: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    c_hash: Option<serde::de::IgnoredAny>,
+    /// Keycloak's kind of token, in the payload: `ID` or `Bearer`.
+    #[serde(default)]
+    typ: Option<String>,
+    /// Entra ID's tenant, in its ID and access tokens alike.
+    #[serde(default)]
+    tid: Option<serde::de::IgnoredAny>,
     /// A logout token's.
     #[serde(default)]
     events: Option<serde::de::IgnoredAny>,
@@ -163,13 +172,20 @@ impl Audiences {
 }
 
 /// Why a verified token is not an access token, if it is not: a logout token (its `events`),
-/// or an ID token of Portcullis' own sign-ins (the sign-in provider's, for its client, with a
-/// `nonce`: Portcullis asks for one with every sign-in, and access tokens carry none). Either
-/// may verify as one where an issuer of bearer tokens is the sign-in provider and its
-/// audiences include the sign-in client (an Entra API in the same app registration), and an ID
-/// token is no credential to present: it is sent through the browser at sign-out
-/// (`id_token_hint`), and outlives the session.
-fn not_an_access_token(config: &Config, claims: &MachineClaims) -> Option<&'static str> {
+/// a token bound to a key, or an ID token, of any sign-in. An ID token verifies as an access
+/// token where an issuer's audiences include a client that signs people in (an Entra ID app
+/// registration that is the API and a single-page app too), and it is no credential to
+/// present: it travels through browsers (`id_token_hint`), logs and other services, and
+/// outlives its sign-in. It is known by what only ID tokens carry:
+/// - `nonce` (OpenID Connect Core §2; Portcullis asks for one with every sign-in), except in
+///   Keycloak's access tokens (`typ` `Bearer`), which copy it;
+/// - `at_hash` or `c_hash` (§3.1.3.6, §3.3.2.11);
+/// - Keycloak's `typ` `ID`;
+/// - Entra ID's tenant (`tid`) without the client an access token always names (`azp` in
+///   v2.0 tokens, `appid` in v1.0).
+///
+/// An ID token of another provider without a nonce carries no such mark.
+fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
     if claims.events.is_some() {
         return Some("it is a logout token (events)");
     }
@@ -178,11 +194,22 @@ fn not_an_access_token(config: &Config, claims: &MachineClaims) -> Option<&'stat
     if claims.cnf.is_some() {
         return Some("it is bound to a key (cnf) whose possession Portcullis cannot check");
     }
-    let sign_in = config.oidc.as_ref()?;
-    let own = claims.nonce.is_some()
-        && claims.iss == sign_in.issuer
-        && claims.aud.contains(&sign_in.client_id);
-    own.then_some("it is an ID token of a sign-in (nonce), not an access token")
+    let typ = claims.typ.as_deref();
+    if typ == Some("ID") {
+        return Some("it is an ID token (typ ID), not an access token");
+    }
+    if claims.nonce.is_some() && typ != Some("Bearer") {
+        return Some("it is an ID token of a sign-in (nonce), not an access token");
+    }
+    if claims.at_hash.is_some() || claims.c_hash.is_some() {
+        return Some("it is an ID token (at_hash or c_hash), not an access token");
+    }
+    if claims.tid.is_some() && claims.azp.is_none() && claims.marks.appid.is_none() {
+        return Some(
+            "it is an Entra ID token (tid, and neither azp nor appid), not an access token",
+        );
+    }
+    None
 }
 
 /// The current actor of a delegated token's `act` claim; one without a string `sub` names
@@ -465,7 +492,7 @@ impl Auth {
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
         let claims: MachineClaims = jwks.verify(token, &validation).await?;
-        if let Some(why) = not_an_access_token(config, &claims) {
+        if let Some(why) = not_an_access_token(&claims) {
             return Err(JwtError::Invalid(why.into()));
         }
         // `iat` dates the token against its user's record (`gate::outlived`): one from the
@@ -691,6 +718,38 @@ fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_tokens_are_known_by_what_only_they_carry() {
+        let judge = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "s", "exp": 1, "aud": "api"});
+            if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+                claims.extend(extra.clone());
+            }
+            let claims: MachineClaims = serde_json::from_value(claims).expect("claims");
+            not_an_access_token(&claims)
+        };
+        for id_token in [
+            serde_json::json!({"nonce": "n"}),
+            serde_json::json!({"at_hash": "h"}),
+            serde_json::json!({"c_hash": "h"}),
+            serde_json::json!({"typ": "ID", "azp": "spa"}),
+            // Entra ID's, v1.0 and v2.0: the tenant, no client.
+            serde_json::json!({"tid": "t", "oid": "o"}),
+        ] {
+            assert!(judge(id_token.clone()).is_some(), "{id_token}");
+        }
+        for access_token in [
+            serde_json::json!({}),
+            serde_json::json!({"client_id": "c"}),
+            // Keycloak's access tokens copy the sign-in's nonce.
+            serde_json::json!({"typ": "Bearer", "nonce": "n", "azp": "c"}),
+            serde_json::json!({"tid": "t", "azp": "c"}),
+            serde_json::json!({"tid": "t", "appid": "c"}),
+        ] {
+            assert_eq!(judge(access_token.clone()), None, "{access_token}");
+        }
+    }
 
     fn marks(
         claims: serde_json::Value,
