@@ -837,6 +837,103 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
         .expect_success();
 }
 
+/// The directory's sequence number as PostgreSQL holds it.
+async fn directory_seq(pg: &Postgres) -> String {
+    let rows = pg
+        .query("SELECT value FROM directory_meta WHERE key = 'seq'")
+        .await
+        .expect("read the sequence number");
+    rows[0][0].clone().expect("a sequence number")
+}
+
+/// Waits (bounded) until the replica's `/readyz` answers 200.
+async fn until_ready(name: &str, replica: &Replica) {
+    let ready = eventually(Duration::from_secs(60), || async {
+        readyz(replica).await.0 == 200
+    })
+    .await;
+    assert!(ready, "{name} is not ready: {:?}", readyz(replica).await);
+}
+
+/// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby
+/// that had not received the last commits. A replica that applied a lost batch does not take
+/// the batch written later under the same number for it: it reads the directory again, and
+/// lets in nobody the database no longer grants.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_applied_a_batch_postgres_lost_reads_the_directory_again() {
+    let mut fleet = Fleet::start().await;
+    let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    let other = a
+        .scim
+        .create_user("other-agent")
+        .await
+        .expect_success()
+        .id();
+    let eng = a.scim.create_group("eng", &[]).await.expect_success().id();
+    let token = fleet.token().await;
+    for replica in [&a, &b] {
+        assert_eq!(status(&replica.api_url("/"), &token).await, 403);
+    }
+
+    // The database as it is now is kept aside; then the machine joins eng, acknowledged and
+    // let in on both replicas.
+    fleet.pg.stop();
+    fleet.pg.keep_copy();
+    fleet.pg.start_again().await;
+    until_ready("A", &a).await;
+    until_ready("B", &b).await;
+    add_member(&a.scim, &eng, &machine).await.expect_success();
+    let lost = directory_seq(&fleet.pg).await;
+    for replica in [&a, &b] {
+        assert_eq!(status(&replica.api_url("/"), &token).await, 200);
+    }
+
+    // B sleeps through the loss: the database comes back without the membership, and A,
+    // reading it again, writes another batch under the number B applied last.
+    b.px.signal(Signal::SIGSTOP);
+    let stopped = Instant::now();
+    fleet.pg.stop();
+    fleet.pg.restore_copy();
+    fleet.pg.start_again().await;
+    until_ready("A", &a).await;
+    assert_eq!(
+        status(&a.api_url("/"), &token).await,
+        403,
+        "A after the loss"
+    );
+    add_member(&a.scim, &eng, &other).await.expect_success();
+    assert_eq!(
+        directory_seq(&fleet.pg).await,
+        lost,
+        "the batch written after the loss has the lost one's number"
+    );
+
+    // B, awake once the lease it last renewed has lapsed (the database lost that renewal too:
+    // until then, B's answers are as stale as `max_staleness` allows): refused (503) until
+    // caught up, then 403; never let in.
+    tokio::time::sleep_until((stopped + MAX_STALENESS + Duration::from_secs(1)).into()).await;
+    b.px.signal(Signal::SIGCONT);
+    let url = b.api_url("/");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.iter().filter(|s| **s == 403).count() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "B never settled on 403: {seen:?}"
+        );
+        let s = status_once(&url, &token).await;
+        assert!(
+            REFUSED.contains(&s),
+            "B let in a member PostgreSQL lost: {s} after {seen:?}\n{}",
+            b.px.log()
+        );
+        seen.push(s);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_ready("B", &b).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_replica_during_scim_writes_loses_no_acknowledged_write() {
     let fleet = Fleet::start().await;

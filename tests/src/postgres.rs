@@ -176,6 +176,33 @@ impl Postgres {
         }
     }
 
+    /// Copies the stopped server's data aside, for [`Postgres::restore_copy`].
+    pub fn keep_copy(&self) {
+        self.copy_data("data", "data.kept");
+    }
+
+    /// Puts the data [`Postgres::keep_copy`] kept back in place of the stopped server's: what
+    /// was committed since is lost, as when a backup is restored, or a standby that had not
+    /// received it is promoted.
+    pub fn restore_copy(&self) {
+        let data = self.dir.path().join("data");
+        std::fs::remove_dir_all(&data).expect("remove the PostgreSQL data");
+        self.copy_data("data.kept", "data");
+    }
+
+    /// `cp -a` (owner and modes kept, as the server requires) of `from` to `to` in the cluster's
+    /// directory, while the server is stopped.
+    fn copy_data(&self, from: &str, to: &str) {
+        assert!(self.child.is_none(), "PostgreSQL is running");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.path().join(from))
+            .arg(self.dir.path().join(to))
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "cp -a {from} {to} failed");
+    }
+
     /// Stops the server with a fast shutdown (clients are disconnected) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

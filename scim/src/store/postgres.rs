@@ -406,6 +406,12 @@ fn boot_nanos() -> u64 {
 pub struct PgStorage {
     /// This process in `portcullis_replicas`.
     replica: String,
+    /// The last batch brought into this process' index, and when the database committed it
+    /// (its feed row's `committed`, in microseconds; `None` when it has no feed row). The same
+    /// sequence number committed at another time is another history: the database lost batches
+    /// this replica applied (a restored backup, or a failover to a standby that had not received
+    /// them), and then took others in their place. See [`PgStorage::feed`].
+    applied: Mutex<(Seq, Option<i64>)>,
     pool: Pool,
     writer: Mutex<Dedicated>,
     settler: Mutex<Dedicated>,
@@ -429,12 +435,30 @@ fn from_sql(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is out of range")))
 }
 
+/// A feed row's `committed`, in microseconds.
+const COMMITTED_US: &str = "(extract(epoch FROM committed) * 1000000)::bigint";
+
+/// When the batch of sequence number `seq` was committed ([`COMMITTED_US`]); `None` without a
+/// feed row for it (none yet, or pruned by a build that pruned the last).
+fn committed_at(
+    client: &mut impl postgres::GenericClient,
+    seq: i64,
+) -> Result<Option<i64>, StoreError> {
+    let query = format!("SELECT {COMMITTED_US} FROM directory_feed WHERE seq = $1");
+    client
+        .query_opt(query.as_str(), &[&seq])
+        .map_err(backend)?
+        .map(|row| row.try_get(0).map_err(backend))
+        .transpose()
+}
+
 impl PgStorage {
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
         let connector = Arc::new(Connector::new(&options.url, options.max_staleness)?);
         Ok(Self {
             replica: uuid::Uuid::new_v4().to_string(),
+            applied: Mutex::new((0, None)),
             pool: Pool {
                 connector: connector.clone(),
                 idle: Mutex::new(Vec::new()),
@@ -674,6 +698,7 @@ impl Storage for PgStorage {
             let mut txn = snapshot(client)?;
             let seq = meta(&mut txn, "seq")?;
             let next_row = meta(&mut txn, "next_row")?;
+            let committed = committed_at(&mut txn, to_sql(seq)?)?;
             for rt in ResourceType::ALL {
                 let query = format!("SELECT row_id, record FROM {}", table(rt));
                 let mut rows = txn
@@ -712,6 +737,7 @@ impl Storage for PgStorage {
             }
             drop(rows);
             txn.commit().map_err(backend)?;
+            *lock(&self.applied) = (seq, committed);
             Ok((seq, next_row))
         })
     }
@@ -819,7 +845,9 @@ impl Storage for PgStorage {
         // and writes only if the batch was built on that value. Every part is gated on `ok`.
         const COMMIT: &str = "\
             WITH lock AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR UPDATE), \
-            ok AS (SELECT 1 FROM lock WHERE value = $1), \
+            ok AS (SELECT 1 FROM lock WHERE value = $1 AND (NOT $29::boolean OR \
+                (SELECT (extract(epoch FROM committed) * 1000000)::bigint FROM directory_feed \
+                 WHERE seq = $1) IS NOT DISTINCT FROM $28::bigint)), \
             users AS (INSERT INTO directory_users (row_id, record) \
                 SELECT * FROM unnest($2::bigint[], $3::bytea[]) WHERE EXISTS (SELECT 1 FROM ok) \
                 ON CONFLICT (row_id) DO UPDATE SET record = excluded.record), \
@@ -857,14 +885,20 @@ impl Storage for PgStorage {
                 USING unnest($20::text[], $21::text[]) AS gone(kind, key) \
                 WHERE e.kind = gone.kind AND e.key = gone.key AND EXISTS (SELECT 1 FROM ok)), \
             feed AS (INSERT INTO directory_feed (seq, base, batch) \
-                SELECT $14::bigint, $1::bigint, $15::bytea WHERE EXISTS (SELECT 1 FROM ok)), \
+                SELECT $14::bigint, $1::bigint, $15::bytea WHERE EXISTS (SELECT 1 FROM ok) \
+                RETURNING (extract(epoch FROM committed) * 1000000)::bigint AS committed_us), \
             meta AS (UPDATE directory_meta \
                 SET value = CASE key WHEN 'seq' THEN $14::bigint ELSE $16::bigint END \
                 WHERE key IN ('seq', 'next_row') AND EXISTS (SELECT 1 FROM ok)), \
             notify AS (SELECT pg_notify('portcullis_feed', $14::bigint::text) FROM ok) \
-            SELECT value, (SELECT count(*) FROM notify) FROM lock";
+            SELECT value, (SELECT count(*) FROM notify), (SELECT committed_us FROM feed) FROM lock";
         let [user_upserts, group_upserts, agent_upserts, application_upserts] = &upserts;
         let [user_deletes, group_deletes, agent_deletes, application_deletes] = &deletes;
+        // A batch of the writer, built on the index: committed only on the history the index
+        // holds (`applied`), and then the index's. (Entries written beside it, on whatever the
+        // database holds, go unchecked; the index gets them from the feed.)
+        let (known_seq, known) = *lock(&self.applied);
+        let on_index = known_seq == batch.base;
         lock(&self.writer).run(|conn| {
             let commit = conn.prepare(COMMIT)?;
             let row = conn
@@ -899,12 +933,20 @@ impl Storage for PgStorage {
                         &application_upserts.0,
                         &application_upserts.1,
                         application_deletes,
+                        &known,
+                        &on_index,
                     ],
                 )
                 .map_err(backend)?;
             let current: i64 = row.try_get(0).map_err(backend)?;
-            if current != base {
+            let committed: Option<i64> = row.try_get(2).map_err(backend)?;
+            // Not written: another batch came first, or the index's last batch is not the
+            // database's (catching up reloads it, see `feed`).
+            let Some(committed) = committed.filter(|_| current == base) else {
                 return Err(StoreError::Behind);
+            };
+            if on_index {
+                *lock(&self.applied) = (batch.seq, Some(committed));
             }
             Ok(())
         })
@@ -927,14 +969,28 @@ impl Storage for PgStorage {
             // like a gap.
             let mut txn = snapshot(&mut conn.client)?;
             let seq = meta(&mut txn, "seq")?;
+            let last = committed_at(&mut txn, after_sql)?;
+            let query = format!(
+                "SELECT seq, base, batch, {COMMITTED_US} FROM directory_feed WHERE seq > $1 \
+                 ORDER BY seq LIMIT $2"
+            );
             let rows = txn
-                .query(
-                    "SELECT seq, base, batch FROM directory_feed WHERE seq > $1 \
-                     ORDER BY seq LIMIT $2",
-                    &[&after_sql, &FEED_PAGE],
-                )
+                .query(query.as_str(), &[&after_sql, &FEED_PAGE])
                 .map_err(backend)?;
             txn.commit().map_err(backend)?;
+            // The batch the index was last brought to, committed at another time: the database
+            // lost it (and maybe more), and took others under the same numbers. The batches
+            // after it would apply on the wrong state, and "nothing new" would be false: the
+            // index is read again from the tables.
+            let mut applied = lock(&self.applied);
+            if applied.0 == after && applied.1 != last {
+                tracing::warn!(
+                    seq = after,
+                    "PostgreSQL no longer holds the directory batch this replica applied last \
+                     (a restored backup, or a failover to a standby that lacked it): reloading"
+                );
+                return Ok(Feed::Gap);
+            }
             if rows.is_empty() {
                 // Nothing new; or the batches after `after` were pruned; or the store is
                 // behind this index (restored from a backup): reload it as it is.
@@ -958,6 +1014,9 @@ impl Storage for PgStorage {
                     }
                     _ => return Ok(Feed::Gap),
                 }
+            }
+            if let Some(row) = rows.last() {
+                *applied = (expected, row.try_get(3).map_err(backend)?);
             }
             Ok(Feed::Batches(batches))
         })
@@ -1207,12 +1266,15 @@ impl Fleet {
                 renew_by = sent_at + interval;
                 reported = Some(applied_foreign);
             }
+            // The last batch's row stays, however old: replicas date their index by it (see
+            // `PgStorage::feed`).
             if last_prune.elapsed() > Duration::from_secs(60) {
                 last_prune = Instant::now();
                 client
                     .execute(
                         &format!(
-                            "DELETE FROM directory_feed WHERE committed < now() - interval '{FEED_RETENTION}'"
+                            "DELETE FROM directory_feed WHERE committed < now() - interval '{FEED_RETENTION}' \
+                             AND seq < (SELECT value FROM directory_meta WHERE key = 'seq')"
                         ),
                         &[],
                     )
