@@ -447,4 +447,5 @@ pub(crate) struct JwtIssuer {
     pub algorithms: Option<Vec<String>>,
     pub leeway: Option<String>,
     pub jwks_refresh: Option<String>,
+    pub iat_backdate: Option<String>,
 }

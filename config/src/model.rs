@@ -539,6 +539,11 @@ pub struct JwtIssuer {
     /// How old the key set may grow before it is fetched again, so that a key the issuer
     /// withdraws stops verifying within this time; 5 minutes by default, at least 10 seconds.
     pub jwks_refresh: Duration,
+    /// How long before it issues a token the issuer dates it (`iat`): Entra ID dates its
+    /// tokens 5 minutes early (the default for its issuers), others not at all (0). Added to
+    /// `iat` where a token's age is judged against its user's or agent's record, so that a
+    /// token fetched just after the record was created or re-activated is not taken for older.
+    pub iat_backdate: Duration,
 }
 
 /// A JWS signature algorithm Portcullis accepts. There is deliberately no `none` and no HMAC

@@ -884,6 +884,11 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
+            name: "an issuer dating its tokens far too early",
+            text: "data_dir = \"data\"\nLISTENERS\n[[jwt_issuers]]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\niat_backdate = \"1h\"\n",
+            problems: &[("jwt_issuers[0].iat_backdate", Some(13), "at most 10m")],
+        },
+        Case {
             name: "people found by oid without the profile scope",
             text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com\"\nscopes = [\"openid\", \"email\"]\n[identity]\npreset = \"entra\"\n",
             problems: &[("oidc.scopes", None, "must include \"profile\"")],
@@ -1790,6 +1795,31 @@ fn public_rule(name: &str) -> RuleSpec {
 }
 
 #[test]
+fn entra_issuers_date_their_tokens_five_minutes_early_by_default() {
+    let text = r#"
+data_dir = "/var/lib/portcullis"
+[[listeners]]
+address = "0.0.0.0:8080"
+[[jwt_issuers]]
+issuer = "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/"
+audiences = ["api://portcullis"]
+iat_backdate = "0s"
+[[jwt_issuers]]
+issuer = "https://corp.okta.com/oauth2/default"
+audiences = ["api"]
+"#;
+    let config = Fixture::new().parse(text).unwrap();
+    let backdates: Vec<Duration> = config.jwt_issuers.iter().map(|i| i.iat_backdate).collect();
+    assert_eq!(
+        backdates,
+        [Duration::from_secs(300), Duration::ZERO, Duration::ZERO]
+    );
+}
+
+#[test]
 fn defaults() {
     let text = r#"
 data_dir = "/var/lib/portcullis"
@@ -2331,6 +2361,7 @@ jwks_uri = "https://login.example.com/discovery/v2.0/keys?appid=42"
 algorithms = ["ES256"]
 leeway = "0s"
 jwks_refresh = "1m"
+iat_backdate = "30s"
 
 [[jwt_issuers]]
 issuer = "http://127.0.0.1:9000"
@@ -2399,6 +2430,7 @@ accept = ["public"]
             algorithms: vec![JwtAlgorithm::ES256],
             leeway: Duration::ZERO,
             jwks_refresh: Duration::from_secs(60),
+            iat_backdate: Duration::from_secs(30),
         },
         JwtIssuer {
             issuer: "http://127.0.0.1:9000".into(),
@@ -2412,6 +2444,7 @@ accept = ["public"]
             ],
             leeway: Duration::from_secs(60),
             jwks_refresh: JWKS_REFRESH,
+            iat_backdate: Duration::ZERO,
         },
     ];
     assert_eq!(config.jwt_issuers, expected);

@@ -1595,6 +1595,12 @@ fn jwt_issuers(
             &path.key("jwks_refresh"),
             p,
         );
+        let iat_backdate = iat_backdate(
+            raw.iat_backdate,
+            issuer.as_deref(),
+            &path.key("iat_backdate"),
+            p,
+        );
         issuers.push(issuer.map(|issuer| JwtIssuer {
             issuer,
             audiences,
@@ -1602,6 +1608,7 @@ fn jwt_issuers(
             algorithms,
             leeway,
             jwks_refresh,
+            iat_backdate,
         }));
     }
     issuers.into_iter().collect()
@@ -2373,6 +2380,43 @@ fn leeway(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Duration
             path,
             format!(
                 "must be at most {}: more lets expired tokens in",
+                humantime::format_duration(max)
+            ),
+        ),
+        Ok(d) => return d,
+        Err(e) => p.add(path, not_a_duration(&raw, e)),
+    }
+    default
+}
+
+/// How early an issuer dates its tokens: at most 10 minutes; by default 5 minutes for Entra
+/// ID's issuers, which date every token so (`iat` and `nbf`), and 0 for others.
+fn iat_backdate(
+    raw: Option<String>,
+    issuer: Option<&str>,
+    path: &KeyPath,
+    p: &mut Problems<'_>,
+) -> Duration {
+    const ENTRA: [&str; 5] = [
+        "https://login.microsoftonline.com/",
+        "https://login.microsoft.com/",
+        "https://sts.windows.net/",
+        "https://login.microsoftonline.us/",
+        "https://login.chinacloudapi.cn/",
+    ];
+    let entra = issuer.is_some_and(|issuer| ENTRA.iter().any(|host| issuer.starts_with(host)));
+    let default = if entra {
+        Duration::from_secs(5 * 60)
+    } else {
+        Duration::ZERO
+    };
+    let max = Duration::from_secs(10 * 60);
+    let Some(raw) = raw else { return default };
+    match humantime::parse_duration(&raw) {
+        Ok(d) if d > max => p.add(
+            path,
+            format!(
+                "must be at most {}: more lets tokens issued before a re-activation in",
                 humantime::format_duration(max)
             ),
         ),

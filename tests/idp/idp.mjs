@@ -18,7 +18,9 @@
 //   logout_auto_submit  whether the RP-initiated logout page submits itself (default true)
 //   profile           how tokens look: "conformant" (the default: oidc-provider as it ships),
 //                     "entra" (Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`,
-//                     `preferred_username` (the UPN) and `name` in the ID token, no `email`), or
+//                     `preferred_username` (the UPN) and `name` in the ID token, no `email`;
+//                     access tokens dated 5 minutes early, `iat` and `nbf`, as Entra dates its
+//                     tokens), or
 //                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
 //                     answer to the code flow has them; `groups` only when the `groups` scope is
 //                     asked; access tokens name their client `cid`, not `client_id`, and a
@@ -255,6 +257,8 @@ ${error ? `<p id="error" role="alert">${esc(error)}</p>` : ''}
 // ----- the provider ------------------------------------------------------------------------
 
 const profile = setup.profile ?? 'conformant';
+/// How early Entra ID dates its tokens (`iat`, `nbf`), in seconds.
+const ENTRA_EARLY = 300;
 /// The tenant id the entra profile puts in `tid`.
 const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 
@@ -363,6 +367,10 @@ function buildProvider(issuer, clients) {
     formats: {
       customizers: {
         async jwt(_ctx, token, jwt) {
+          if (profile === 'entra') {
+            jwt.payload.iat -= ENTRA_EARLY;
+            jwt.payload.nbf = jwt.payload.iat;
+          }
           if (profile !== 'okta') return;
           jwt.payload.cid = jwt.payload.client_id;
           delete jwt.payload.client_id;

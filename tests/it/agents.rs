@@ -92,7 +92,14 @@ impl Agents {
                     .websockets(true)
                     .set("allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]"),
             )
-            .jwt_issuer(JwtIssuer::new(idp.issuer(), audiences))
+            .jwt_issuer(match profile {
+                // As for Entra ID's own issuers by default: its tokens are dated 5 minutes
+                // early.
+                IdpProfile::Entra => {
+                    JwtIssuer::new(idp.issuer(), audiences).set("iat_backdate", "\"5m\"")
+                }
+                _ => JwtIssuer::new(idp.issuer(), audiences),
+            })
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
         // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
         // allowed request is audited.
@@ -638,4 +645,28 @@ async fn an_id_token_of_any_sign_in_is_no_bearer_token() {
             assert_eq!(t.call(&token).await.0, StatusCode::OK, "{profile:?}");
         }
     }
+}
+
+/// Entra ID dates its tokens 5 minutes early (`iat`, `nbf`). A token fetched the moment an
+/// agent is provisioned is still not older than the agent: it is let in, and only one issued
+/// before a re-activation is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entra_token_fetched_as_its_agent_is_provisioned_is_let_in() {
+    let t = Agents::start_with(IdpProfile::Entra).await;
+    let token = t.token().await;
+    let claims = jwt_claims(&token);
+    let iat = claims["iat"].as_u64().expect("iat");
+    assert!(iat + 240 < now_unix(), "dated early: {claims}");
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Re-activated after the token was issued: that token is refused, a new one let in.
+    let agent = format!("/Agents/{}", t.agent);
+    t.set_active(&agent, false).await.expect(200);
+    // Records are dated in whole seconds: the re-activation falls in a later one.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    t.set_active(&agent, true).await.expect(200);
+    assert_eq!(t.call(&token).await.0, StatusCode::UNAUTHORIZED);
+    let token = t.token().await;
+    assert_eq!(t.call(&token).await.0, StatusCode::OK);
 }

@@ -530,7 +530,10 @@ impl Auth {
                 .cloned()
                 .collect(),
             expires: valid_until,
-            issued: claims.iat,
+            // When it was issued, where its issuer dates tokens early (Entra ID).
+            issued: claims
+                .iat
+                .map(|iat| iat.saturating_add(issuer.iat_backdate.as_secs())),
             for_itself,
             email: claims.email,
             email_verified: claims.email_verified,
