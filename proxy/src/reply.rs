@@ -11,6 +11,9 @@
 //! A [`Reply`] is a plain value, so everything that decides what to answer is tested without a
 //! connection; only [`send`] touches pingora.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::StatusCode;
@@ -106,8 +109,17 @@ impl Reply {
 }
 
 /// Writes `reply` and ends the request; `Ok(true)`, as `request_filter` answers when it has
-/// responded itself.
-pub async fn send(session: &mut Session, reply: Reply) -> Result<bool> {
+/// responded itself. Boxed: a request refused here pays for the allocation, where the state of
+/// the write would otherwise make every request's `request_filter` that much larger (pingora
+/// boxes that hook's future, and copies it, for every request).
+pub fn send(
+    session: &mut Session,
+    reply: Reply,
+) -> Pin<Box<dyn Future<Output = Result<bool>> + Send + '_>> {
+    Box::pin(write(session, reply))
+}
+
+async fn write(session: &mut Session, reply: Reply) -> Result<bool> {
     let mut head = ResponseHeader::build(reply.status, Some(reply.headers.len() + 5))?;
     if let Some(content_type) = reply.content_type {
         head.insert_header(header::CONTENT_TYPE, content_type)?;

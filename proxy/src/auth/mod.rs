@@ -351,8 +351,15 @@ impl Auth {
     ) -> Authentication {
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
-                // A request that presents a token is judged by it, never by a cookie too.
-                return match self.verify_bearer(config, token, now).await {
+                // A request that presents a token is judged by it, never by a cookie too. A
+                // token verified before is found at once; verifying one is awaited boxed (as
+                // is a refresh, below): its state would make every request's larger.
+                let hash = Verified::hash(token);
+                let verified = match self.verified.get(&hash, now) {
+                    Some(caller) => Ok(caller),
+                    None => Box::pin(self.verify_bearer(config, token, hash, now)).await,
+                };
+                return match verified {
                     Ok(caller) => Authentication::Caller(caller),
                     Err(why) => Authentication::Invalid {
                         refused_token: Some(why.to_string()),
@@ -389,42 +396,52 @@ impl Auth {
                 .then_some((refreshing, turn, state))
         });
         if let Some((refreshing, turn, state)) = due {
-            let opened = state.opened(id);
-            let refreshed = match &opened {
-                Some(opened) => {
-                    self.oidc
-                        .refresh(oidc, opened, &session.identity.subject, now)
-                        .await
-                }
-                None => Ok(Refreshed::Ended(
-                    "the refresh token kept for the session does not open".to_owned(),
-                )),
-            };
-            match refreshed {
-                Ok(Refreshed::Renewed(next)) => self.sessions.refreshed(id, &key, refreshing, next),
-                Ok(Refreshed::Ended(_))
-                    if match &opened {
-                        Some(used) => {
-                            self.sessions
-                                .refreshed_elsewhere(id, refreshing, &used.refresh_token)
-                                .await
-                        }
-                        None => false,
-                    } => {}
-                Ok(Refreshed::Ended(why)) => {
-                    // The IdP no longer vouches for this person: the session ends.
-                    drop(turn);
-                    match self.sessions.end(&[key]).await {
-                        Ok(()) => {
-                            let who = Principal::Person(&session.identity).log_name();
-                            self.audit.session(&who, "idp_ended", &why, None);
-                        }
-                        Err(e) => tracing::error!("cannot end the session: {e}"),
+            // Whether the session still holds once refreshed; boxed, as verifying a token is.
+            let still = Box::pin(async {
+                let opened = state.opened(id);
+                let refreshed = match &opened {
+                    Some(opened) => {
+                        self.oidc
+                            .refresh(oidc, opened, &session.identity.subject, now)
+                            .await
                     }
-                    return invalid;
+                    None => Ok(Refreshed::Ended(
+                        "the refresh token kept for the session does not open".to_owned(),
+                    )),
+                };
+                match refreshed {
+                    Ok(Refreshed::Renewed(next)) => {
+                        self.sessions.refreshed(id, &key, refreshing, next)
+                    }
+                    Ok(Refreshed::Ended(_))
+                        if match &opened {
+                            Some(used) => {
+                                self.sessions
+                                    .refreshed_elsewhere(id, refreshing, &used.refresh_token)
+                                    .await
+                            }
+                            None => false,
+                        } => {}
+                    Ok(Refreshed::Ended(why)) => {
+                        // The IdP no longer vouches for this person: the session ends.
+                        drop(turn);
+                        match self.sessions.end(&[key]).await {
+                            Ok(()) => {
+                                let who = Principal::Person(&session.identity).log_name();
+                                self.audit.session(&who, "idp_ended", &why, None);
+                            }
+                            Err(e) => tracing::error!("cannot end the session: {e}"),
+                        }
+                        return false;
+                    }
+                    // IdP outage: existing sessions keep working until it is back.
+                    Err(e) => tracing::warn!("session refresh postponed: {e}"),
                 }
-                // IdP outage: existing sessions keep working until it is back.
-                Err(e) => tracing::warn!("session refresh postponed: {e}"),
+                true
+            })
+            .await;
+            if !still {
+                return invalid;
             }
         }
         session.touch(now);
@@ -434,16 +451,14 @@ impl Auth {
         })
     }
 
+    /// Verifies a bearer token not found verified already (by its `hash`).
     async fn verify_bearer(
         &self,
         config: &Config,
         token: &str,
+        hash: verified::TokenHash,
         now: u64,
     ) -> Result<Caller, JwtError> {
-        let hash = Verified::hash(token);
-        if let Some(caller) = self.verified.get(&hash, now) {
-            return Ok(caller);
-        }
         // Read before verifying: a reload or key refetch meanwhile makes the entry stale.
         let epoch = self.verified.epoch();
         if !jwt::is_compact_jws(token) {
