@@ -934,6 +934,52 @@ async fn a_replica_that_applied_a_batch_postgres_lost_reads_the_directory_again(
     until_ready("B", &b).await;
 }
 
+/// PostgreSQL's notification queue, shared by every session of the server, is truncated only
+/// past what every listening session has read. A writer that waited for the other replicas'
+/// confirmations listens no more once it has them: nothing holds the queue, which every
+/// replica's renewals keep adding to (full, it fails every commit).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_wrote_holds_up_no_notification_of_postgres() {
+    let fleet = Fleet::start().await;
+    let (a, _b) = tokio::join!(fleet.replica(), fleet.replica());
+    // A's writes wait for B's confirmations.
+    for i in 0..3 {
+        a.scim
+            .create_user(&format!("written-{i}@corp.test"))
+            .await
+            .expect_success();
+    }
+    // 28 MB of notifications on the channel of confirmations: more than a session that
+    // listens and reads nothing takes in before it stops reading the queue.
+    fleet
+        .pg
+        .query(
+            "SELECT pg_notify('portcullis_applied', i::text || repeat('x', 7000)) \
+             FROM generate_series(1, 4000) AS i",
+        )
+        .await
+        .expect("notify");
+    let usage = || async {
+        fleet
+            .pg
+            .query("SELECT pg_notification_queue_usage() < 0.0001")
+            .await
+            .expect("queue usage")[0][0]
+            .as_deref()
+            == Some("t")
+    };
+    assert!(
+        eventually(Duration::from_secs(30), usage).await,
+        "the notification queue is held: {:?}",
+        fleet.pg.query("SELECT pg_notification_queue_usage()").await
+    );
+    // And writes still settle.
+    a.scim
+        .create_user("written-after@corp.test")
+        .await
+        .expect_success();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_replica_during_scim_writes_loses_no_acknowledged_write() {
     let fleet = Fleet::start().await;

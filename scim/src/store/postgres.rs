@@ -297,7 +297,9 @@ impl Dedicated {
         if !self.client.as_mut().is_some_and(Conn::usable) {
             self.client = None;
             let mut client = self.connector.connect()?;
-            client.batch_execute(&self.setup).map_err(backend)?;
+            if !self.setup.is_empty() {
+                client.batch_execute(&self.setup).map_err(backend)?;
+            }
             self.client = Some(Conn::new(client));
         }
         let conn = self
@@ -470,10 +472,11 @@ impl PgStorage {
                 // A commit waits this long at most for another replica's to finish.
                 setup: lock_timeout_setup(options.max_staleness),
             }),
+            // Listening only while it waits (see `settle`).
             settler: Mutex::new(Dedicated {
                 connector,
                 client: None,
-                setup: "LISTEN portcullis_applied".to_owned(),
+                setup: String::new(),
             }),
             freshness: Arc::new(Freshness::new(options.max_staleness)),
         })
@@ -1028,7 +1031,12 @@ impl Storage for PgStorage {
         let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
         let seq = to_sql(seq)?;
         let mut settler = lock(&self.settler);
-        loop {
+        // It listens for replicas' confirmations only while it waits for them: a session that
+        // listens and reads nothing holds PostgreSQL's notification queue (shared by every
+        // database of the server) from being truncated, every replica's renewal adds to it, and
+        // once it is full every commit fails.
+        let mut listening = false;
+        let settled = loop {
             let waiting = settler.run(|conn| {
                 let waiting = conn.prepare(
                     "SELECT count(*) FROM portcullis_replicas \
@@ -1040,7 +1048,14 @@ impl Storage for PgStorage {
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
                 if waiting > 0 {
-                    // Woken by a replica confirming, or to look again.
+                    // Woken by a replica confirming, or to look again (a confirmation sent
+                    // before this listened is found by that look).
+                    if !listening {
+                        client
+                            .batch_execute("LISTEN portcullis_applied")
+                            .map_err(backend)?;
+                        listening = true;
+                    }
                     let mut notifications = client.notifications();
                     let _ = notifications
                         .timeout_iter(Duration::from_millis(20))
@@ -1052,9 +1067,9 @@ impl Storage for PgStorage {
             });
             let given_up = Instant::now() > lapsed_by + max_staleness;
             match waiting {
-                Ok(0) => return Ok(()),
+                Ok(0) => break Ok(()),
                 Ok(_) if given_up => {
-                    return Err(StoreError::Backend(
+                    break Err(StoreError::Backend(
                         "replicas kept renewing their lease without applying the change".to_owned(),
                     ))
                 }
@@ -1063,16 +1078,31 @@ impl Storage for PgStorage {
                 // out this replica's own `max_staleness` and answering would not do: another
                 // replica's lease may be longer (each replica's file sets its own).
                 Err(e) if given_up => {
-                    return Err(StoreError::Backend(format!(
+                    break Err(StoreError::Backend(format!(
                         "cannot read the replicas' progress: {e}"
                     )))
                 }
                 Err(e) => {
+                    // A new connection listens to nothing.
+                    listening = false;
                     tracing::warn!("cannot read the replicas' progress, asking again: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+        };
+        if listening {
+            // What arrived meanwhile is dropped with it; on failure the connection goes.
+            let _ = settler.run(|conn| {
+                let client = &mut conn.client;
+                client
+                    .batch_execute("UNLISTEN portcullis_applied")
+                    .map_err(backend)?;
+                let mut notifications = client.notifications();
+                while notifications.iter().next().map_err(backend)?.is_some() {}
+                Ok(())
+            });
         }
+        settled
     }
 }
 
@@ -1266,15 +1296,16 @@ impl Fleet {
                 renew_by = sent_at + interval;
                 reported = Some(applied_foreign);
             }
-            // The last batch's row stays, however old: replicas date their index by it (see
-            // `PgStorage::feed`).
+            // Batches older than the retention go, but for the newest of them: replicas date
+            // their index by the row of the last batch they applied (see `PgStorage::feed`),
+            // and one that applied it before the directory went quiet still finds it.
             if last_prune.elapsed() > Duration::from_secs(60) {
                 last_prune = Instant::now();
                 client
                     .execute(
                         &format!(
-                            "DELETE FROM directory_feed WHERE committed < now() - interval '{FEED_RETENTION}' \
-                             AND seq < (SELECT value FROM directory_meta WHERE key = 'seq')"
+                            "DELETE FROM directory_feed WHERE seq < (SELECT max(seq) FROM directory_feed \
+                             WHERE committed < now() - interval '{FEED_RETENTION}')"
                         ),
                         &[],
                     )
