@@ -1808,14 +1808,22 @@ issuer = "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/"
 audiences = ["api://portcullis"]
 iat_backdate = "0s"
 [[jwt_issuers]]
+issuer = "https://72f988bf-86f1-41af-91ab-2d7cd011db47.ciamlogin.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+audiences = ["api"]
+[[jwt_issuers]]
 issuer = "https://corp.okta.com/oauth2/default"
+audiences = ["api"]
+[[jwt_issuers]]
+issuer = "https://corp.b2clogin.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0/"
 audiences = ["api"]
 "#;
     let config = Fixture::new().parse(text).unwrap();
     let backdates: Vec<Duration> = config.jwt_issuers.iter().map(|i| i.iat_backdate).collect();
+    let entra = Duration::from_secs(300);
+    // Azure AD B2C's tokens are not dated early.
     assert_eq!(
         backdates,
-        [Duration::from_secs(300), Duration::ZERO, Duration::ZERO]
+        [entra, Duration::ZERO, entra, Duration::ZERO, Duration::ZERO]
     );
 }
 

@@ -2397,14 +2397,22 @@ fn iat_backdate(
     path: &KeyPath,
     p: &mut Problems<'_>,
 ) -> Duration {
+    // Its v2.0 and v1.0 issuers, in the global, US government and China clouds, and External
+    // ID's (`<tenant>.ciamlogin.com`).
     const ENTRA: [&str; 5] = [
         "https://login.microsoftonline.com/",
-        "https://login.microsoft.com/",
         "https://sts.windows.net/",
         "https://login.microsoftonline.us/",
-        "https://login.chinacloudapi.cn/",
+        "https://login.partner.microsoftonline.cn/",
+        "https://sts.chinacloudapi.cn/",
     ];
-    let entra = issuer.is_some_and(|issuer| ENTRA.iter().any(|host| issuer.starts_with(host)));
+    let entra = issuer.is_some_and(|issuer| {
+        ENTRA.iter().any(|prefix| issuer.starts_with(prefix))
+            || issuer
+                .strip_prefix("https://")
+                .and_then(|rest| rest.split('/').next())
+                .is_some_and(|host| host.ends_with(".ciamlogin.com"))
+    });
     let default = if entra {
         Duration::from_secs(5 * 60)
     } else {

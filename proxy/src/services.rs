@@ -214,13 +214,19 @@ impl BackgroundService for UpstreamDns {
             if !pause(&mut shutdown, every).await {
                 return;
             }
+            // The routes at once: a name that hangs holds up no other.
             let runtime = self.shared.runtime.load_full();
+            let mut resolving = tokio::task::JoinSet::new();
             for route in runtime.routes.all() {
-                route
-                    .upstreams
-                    .resolve_again(&route.config.name, None)
-                    .await;
+                let route = route.clone();
+                resolving.spawn(async move {
+                    route
+                        .upstreams
+                        .resolve_again(&route.config.name, None)
+                        .await;
+                });
             }
+            while resolving.join_next().await.is_some() {}
         }
     }
 }

@@ -7,7 +7,8 @@
 //! An upstream given by a DNS name is resolved again every `[server] upstream_dns_refresh`, and
 //! as soon as it refuses a connection: when the address in use is no longer among the name's,
 //! new connections go to the name's first address (a cloud load balancer's addresses change
-//! while its name stays). While the name cannot be resolved, the last address is kept.
+//! while its name stays); after a refusal, to the next of the name's addresses. While the name
+//! cannot be resolved, the last address is kept.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -136,7 +137,8 @@ impl UpstreamSet {
     /// Resolves the names of the upstreams in `which` (all when `None`) again. An upstream
     /// whose address is no longer among its name's gets the first of them for new connections
     /// (pooled ones to the old address idle out) and counts as up; one whose name cannot be
-    /// resolved keeps its address.
+    /// resolved keeps its address. `which` is an upstream that refused a connection: it moves
+    /// to the address after its own among the name's, when the name has another.
     pub async fn resolve_again(&self, route: &str, which: Option<usize>) {
         for (index, backend) in self.upstreams.iter().enumerate() {
             let Some((name, port)) = &backend.name else {
@@ -165,21 +167,25 @@ impl UpstreamSet {
                     }
                 };
             let current = backend.peer.load();
-            let Some(first) = addresses.first() else {
+            let at = addresses
+                .iter()
+                .position(|a| current._address.as_inet() == Some(a));
+            let next = match at {
+                None => addresses.first(),
+                Some(at) if which.is_some() && addresses.len() > 1 => {
+                    addresses.get((at + 1) % addresses.len())
+                }
+                Some(_) => None,
+            };
+            let Some(next) = next else {
                 continue;
             };
-            if addresses
-                .iter()
-                .any(|a| current._address.as_inet() == Some(a))
-            {
-                continue;
-            }
             tracing::info!(
-                "route `{route}`: upstream `{name}` now resolves to {first}, not {}",
+                "route `{route}`: upstream `{name}` now resolves to {next}, not {}",
                 current._address
             );
             let mut peer = HttpPeer::clone(&current);
-            peer._address = (*first).into();
+            peer._address = (*next).into();
             backend.peer.store(Arc::new(peer));
             backend.down_until_ms.store(0, Ordering::Relaxed);
         }

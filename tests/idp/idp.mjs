@@ -20,7 +20,7 @@
 //                     "entra" (Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`,
 //                     `preferred_username` (the UPN) and `name` in the ID token, no `email`;
 //                     access tokens dated 5 minutes early, `iat` and `nbf`, as Entra dates its
-//                     tokens), or
+//                     tokens, with `tid`, and their client as `azp`, not `client_id`), or
 //                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
 //                     answer to the code flow has them; `groups` only when the `groups` scope is
 //                     asked; access tokens name their client `cid`, not `client_id`, and a
@@ -370,6 +370,10 @@ function buildProvider(issuer, clients) {
           if (profile === 'entra') {
             jwt.payload.iat -= ENTRA_EARLY;
             jwt.payload.nbf = jwt.payload.iat;
+            // Entra's v2.0 access tokens name their tenant, and their client as `azp`.
+            jwt.payload.tid = ENTRA_TENANT;
+            jwt.payload.azp = jwt.payload.client_id;
+            delete jwt.payload.client_id;
           }
           if (profile !== 'okta') return;
           jwt.payload.cid = jwt.payload.client_id;

@@ -148,11 +148,11 @@ struct Hosts {
 }
 
 impl Hosts {
-    fn new(name: &str, ip: &str) -> Hosts {
+    fn new(name: &str, ips: &[&str]) -> Hosts {
         let hosts = Hosts {
             dir: tempfile::tempdir().expect("tempdir for a hosts file"),
         };
-        hosts.point(name, ip);
+        hosts.point(name, ips);
         hosts
     }
 
@@ -160,10 +160,12 @@ impl Hosts {
         self.dir.path().join("hosts").display().to_string()
     }
 
-    /// `name` resolves to `ip` from now on (the file is replaced whole, never read half written).
-    fn point(&self, name: &str, ip: &str) {
+    /// `name` resolves to `ips`, in that order, from now on (the file is replaced whole, never
+    /// read half written).
+    fn point(&self, name: &str, ips: &[&str]) {
         let next = self.dir.path().join("hosts.next");
-        std::fs::write(&next, format!("{ip} {name}\n")).expect("write hosts file");
+        let lines: String = ips.iter().map(|ip| format!("{ip} {name}\n")).collect();
+        std::fs::write(&next, lines).expect("write hosts file");
         std::fs::rename(&next, self.path()).expect("replace hosts file");
     }
 
@@ -214,7 +216,7 @@ async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
     let old = Upstream::start("old").await;
     let port = old.addr().port();
     let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let hosts = Hosts::new("svc.test", "127.0.0.1");
+    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
     let cfg = ConfigBuilder::new()
         .http_listener()
         .server("upstream_dns_refresh", "\"1s\"")
@@ -228,7 +230,7 @@ async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
     assert_eq!(get_echo(&client, &url).await.upstream, "old");
 
     // The old address still answers, so only resolving the name again moves the requests.
-    hosts.point("svc.test", "127.0.0.2");
+    hosts.point("svc.test", &["127.0.0.2"]);
     until_served_by(&client, &url, "new", false).await;
     for _ in 0..5 {
         assert_eq!(get_echo(&client, &url).await.upstream, "new");
@@ -240,7 +242,7 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
     let mut old = Upstream::start("old").await;
     let port = old.addr().port();
     let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let hosts = Hosts::new("svc.test", "127.0.0.1");
+    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
     // Far longer than the test: only the refused connection can have the name resolved again.
     let cfg = ConfigBuilder::new()
         .http_listener()
@@ -254,7 +256,7 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
     let url = cfg.http_url("app.test", "/where");
     assert_eq!(get_echo(&client, &url).await.upstream, "old");
 
-    hosts.point("svc.test", "127.0.0.2");
+    hosts.point("svc.test", &["127.0.0.2"]);
     old.stop();
     // The first request finds the old address refusing (502) and has the name resolved again.
     let resp = client.get(&url).send().await.expect("GET after the move");
@@ -263,4 +265,27 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
     // Said in the log, within its batching.
     px.log_until(|log| log.contains("upstream `svc.test` now resolves to 127.0.0.2"))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address() {
+    let mut first = Upstream::start("first").await;
+    let port = first.addr().port();
+    let _second = Upstream::start_on("second", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let hosts = Hosts::new("svc.test", &["127.0.0.1", "127.0.0.2"]);
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("upstream_dns_refresh", "\"1h\"")
+        .route(
+            Route::to_urls("http://app.test", vec![format!("http://svc.test:{port}")])
+                .set("connect_timeout = \"2s\""),
+        );
+    let _px = start_resolving(&cfg, &hosts).await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/where");
+    assert_eq!(get_echo(&client, &url).await.upstream, "first");
+
+    // The first address goes away; the name still lists it, and the second.
+    first.stop();
+    until_served_by(&client, &url, "second", true).await;
 }

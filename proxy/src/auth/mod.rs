@@ -124,6 +124,13 @@ struct MachineClaims {
     /// Keycloak's kind of token, in the payload: `ID` or `Bearer`.
     #[serde(default)]
     typ: Option<String>,
+    /// What an access token grants (scopes, app roles), which no ID token carries by itself.
+    #[serde(default)]
+    scope: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    scp: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    roles: Option<serde::de::IgnoredAny>,
     /// Entra ID's tenant, in its ID and access tokens alike.
     #[serde(default)]
     tid: Option<serde::de::IgnoredAny>,
@@ -177,8 +184,9 @@ impl Audiences {
 /// registration that is the API and a single-page app too), and it is no credential to
 /// present: it travels through browsers (`id_token_hint`), logs and other services, and
 /// outlives its sign-in. It is known by what only ID tokens carry:
-/// - `nonce` (OpenID Connect Core §2; Portcullis asks for one with every sign-in), except in
-///   Keycloak's access tokens (`typ` `Bearer`), which copy it;
+/// - `nonce` (OpenID Connect Core §2; Portcullis asks for one with every sign-in), except
+///   beside what only an access token grants (`scope`, `scp` or `roles`): Azure AD B2C's and
+///   older Keycloak's access tokens copy the sign-in's nonce;
 /// - `at_hash` or `c_hash` (§3.1.3.6, §3.3.2.11);
 /// - Keycloak's `typ` `ID`;
 /// - Entra ID's tenant (`tid`) without the client an access token always names (`azp` in
@@ -198,7 +206,8 @@ fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
     if typ == Some("ID") {
         return Some("it is an ID token (typ ID), not an access token");
     }
-    if claims.nonce.is_some() && typ != Some("Bearer") {
+    let grants = claims.scope.is_some() || claims.scp.is_some() || claims.roles.is_some();
+    if claims.nonce.is_some() && !grants {
         return Some("it is an ID token of a sign-in (nonce), not an access token");
     }
     if claims.at_hash.is_some() || claims.c_hash.is_some() {
@@ -749,6 +758,7 @@ mod tests {
         };
         for id_token in [
             serde_json::json!({"nonce": "n"}),
+            serde_json::json!({"nonce": "n", "typ": "Bearer"}),
             serde_json::json!({"at_hash": "h"}),
             serde_json::json!({"c_hash": "h"}),
             serde_json::json!({"typ": "ID", "azp": "spa"}),
@@ -760,8 +770,9 @@ mod tests {
         for access_token in [
             serde_json::json!({}),
             serde_json::json!({"client_id": "c"}),
-            // Keycloak's access tokens copy the sign-in's nonce.
-            serde_json::json!({"typ": "Bearer", "nonce": "n", "azp": "c"}),
+            // Keycloak's and Azure AD B2C's access tokens copy the sign-in's nonce.
+            serde_json::json!({"typ": "Bearer", "nonce": "n", "azp": "c", "scope": "openid"}),
+            serde_json::json!({"tfp": "B2C_1_signin", "nonce": "n", "azp": "c", "scp": "read"}),
             serde_json::json!({"tid": "t", "azp": "c"}),
             serde_json::json!({"tid": "t", "appid": "c"}),
         ] {
