@@ -709,7 +709,7 @@ impl ProxyHttp for Proxy {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
@@ -718,10 +718,11 @@ impl ProxyHttp for Proxy {
             route.upstreams.mark_down(index, now);
             // Its name may have moved to another address (see `upstream.rs`).
             if route.upstreams.resolve_after_failure(index, now) {
-                let route = route.clone();
+                let (route, address) = (route.clone(), peer._address.clone());
                 tokio::spawn(async move {
                     let name = &route.config.name;
-                    route.upstreams.resolve_again(name, Some(index)).await;
+                    let failed = Some((index, &address));
+                    route.upstreams.resolve_again(name, failed).await;
                 });
             }
             // Nothing has been sent upstream yet, so any request may go to the next upstream.

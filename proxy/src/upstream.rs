@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use http::HeaderValue;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddress;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::utils::tls::WrappedX509;
 use rustls::pki_types::CertificateDer;
@@ -137,14 +138,15 @@ impl UpstreamSet {
     /// Resolves the names of the upstreams in `which` (all when `None`) again. An upstream
     /// whose address is no longer among its name's gets the first of them for new connections
     /// (pooled ones to the old address idle out) and counts as up; one whose name cannot be
-    /// resolved keeps its address. `which` is an upstream that refused a connection: it moves
-    /// to the address after its own among the name's, when the name has another.
-    pub async fn resolve_again(&self, route: &str, which: Option<usize>) {
+    /// resolved keeps its address. `failed` is an upstream and the address it failed to
+    /// connect to: while it still has that address, it moves to the one after it among the
+    /// name's, when the name has another.
+    pub async fn resolve_again(&self, route: &str, failed: Option<(usize, &PeerAddress)>) {
         for (index, backend) in self.upstreams.iter().enumerate() {
             let Some((name, port)) = &backend.name else {
                 continue;
             };
-            if which.is_some_and(|only| only != index) {
+            if failed.is_some_and(|(only, _)| only != index) {
                 continue;
             }
             let lookup = tokio::net::lookup_host((name.as_str(), *port));
@@ -170,9 +172,11 @@ impl UpstreamSet {
             let at = addresses
                 .iter()
                 .position(|a| current._address.as_inet() == Some(a));
+            // (A failure at an address it has left already moves nothing.)
+            let refused = failed.is_some_and(|(_, address)| *address == current._address);
             let next = match at {
                 None => addresses.first(),
-                Some(at) if which.is_some() && addresses.len() > 1 => {
+                Some(at) if refused && addresses.len() > 1 => {
                     addresses.get((at + 1) % addresses.len())
                 }
                 Some(_) => None,
@@ -186,7 +190,11 @@ impl UpstreamSet {
             );
             let mut peer = HttpPeer::clone(&current);
             peer._address = (*next).into();
-            backend.peer.store(Arc::new(peer));
+            // Unless another resolution moved it meanwhile.
+            let before = backend.peer.compare_and_swap(&current, Arc::new(peer));
+            if !Arc::ptr_eq(&before, &current) {
+                continue;
+            }
             backend.down_until_ms.store(0, Ordering::Relaxed);
         }
     }

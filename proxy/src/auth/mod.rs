@@ -124,13 +124,12 @@ struct MachineClaims {
     /// Keycloak's kind of token, in the payload: `ID` or `Bearer`.
     #[serde(default)]
     typ: Option<String>,
-    /// What an access token grants (scopes, app roles), which no ID token carries by itself.
+    /// The scopes an access token grants, which an ID token does not carry (app `roles` it
+    /// may: Entra ID's do).
     #[serde(default)]
     scope: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     scp: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    roles: Option<serde::de::IgnoredAny>,
     /// Entra ID's tenant, in its ID and access tokens alike.
     #[serde(default)]
     tid: Option<serde::de::IgnoredAny>,
@@ -185,8 +184,8 @@ impl Audiences {
 /// present: it travels through browsers (`id_token_hint`), logs and other services, and
 /// outlives its sign-in. It is known by what only ID tokens carry:
 /// - `nonce` (OpenID Connect Core §2; Portcullis asks for one with every sign-in), except
-///   beside what only an access token grants (`scope`, `scp` or `roles`): Azure AD B2C's and
-///   older Keycloak's access tokens copy the sign-in's nonce;
+///   beside the scopes only an access token grants (`scope`, `scp`): Azure AD B2C's and older
+///   Keycloak's access tokens copy the sign-in's nonce;
 /// - `at_hash` or `c_hash` (§3.1.3.6, §3.3.2.11);
 /// - Keycloak's `typ` `ID`;
 /// - Entra ID's tenant (`tid`) without the client an access token always names (`azp` in
@@ -206,7 +205,7 @@ fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
     if typ == Some("ID") {
         return Some("it is an ID token (typ ID), not an access token");
     }
-    let grants = claims.scope.is_some() || claims.scp.is_some() || claims.roles.is_some();
+    let grants = claims.scope.is_some() || claims.scp.is_some();
     if claims.nonce.is_some() && !grants {
         return Some("it is an ID token of a sign-in (nonce), not an access token");
     }
@@ -759,6 +758,7 @@ mod tests {
         for id_token in [
             serde_json::json!({"nonce": "n"}),
             serde_json::json!({"nonce": "n", "typ": "Bearer"}),
+            serde_json::json!({"nonce": "n", "roles": ["admin"]}),
             serde_json::json!({"at_hash": "h"}),
             serde_json::json!({"c_hash": "h"}),
             serde_json::json!({"typ": "ID", "azp": "spa"}),

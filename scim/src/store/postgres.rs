@@ -1066,6 +1066,10 @@ impl Storage for PgStorage {
                 Ok(waiting)
             });
             let given_up = Instant::now() > lapsed_by + max_staleness;
+            if waiting.is_err() {
+                // The connection went with the failure: a new one listens to nothing.
+                listening = false;
+            }
             match waiting {
                 Ok(0) => break Ok(()),
                 Ok(_) if given_up => {
@@ -1083,8 +1087,6 @@ impl Storage for PgStorage {
                     )))
                 }
                 Err(e) => {
-                    // A new connection listens to nothing.
-                    listening = false;
                     tracing::warn!("cannot read the replicas' progress, asking again: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
