@@ -283,8 +283,12 @@ fn edit_answer(
     // load balancer) must not keep it for others. The upstream cannot tell, as it never sees
     // Portcullis' cookie or token; what it says itself stands.
     if identified && response.status.as_u16() >= 200 && !present.cache_control {
+        // Room for pingora's `Date` and `Connection` too: the map grows once, not twice.
         headers
-            .try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+            .try_reserve(3)
+            .and_then(|()| {
+                headers.try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+            })
             .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
     }
     Ok(edits)
