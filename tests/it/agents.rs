@@ -165,24 +165,9 @@ impl Agents {
     /// A token the agent holds for the person who signs in as `login`: their ID token (from
     /// the code flow of the IdP's other client) exchanged by the agent's client.
     async fn delegated(&self, login: &str, password: &str) -> String {
-        let pkce = Pkce::new();
-        let authorize = self.idp.authorization_url(
-            CLIENT_ID,
-            UNUSED,
-            "openid email",
-            &random_token(16),
-            &random_token(16),
-            &pkce,
-        );
-        let back = self.idp.sign_in_http(&authorize, login, password).await;
-        let code = query_param(&back, "code").expect("a code");
-        let tokens = self
-            .idp
-            .exchange_code(CLIENT_ID, CLIENT_SECRET, &code, UNUSED, &pkce.verifier)
-            .await;
-        let id_token = tokens["id_token"].as_str().expect("an ID token");
+        let id_token = self.id_token(login, password, true).await;
         self.idp
-            .exchange_token(AGENT_ID, AGENT_SECRET, id_token, API)
+            .exchange_token(AGENT_ID, AGENT_SECRET, &id_token, API)
             .await
     }
 

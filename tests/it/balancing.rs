@@ -177,7 +177,18 @@ impl Hosts {
     }
 }
 
-/// Portcullis for `route`, whose upstream is `http://svc.test:<port>`, resolving through `hosts`.
+/// `http://app.test` routed to `http://svc.test:<port>`, its name resolved again every `refresh`.
+fn svc_route(port: u16, refresh: &str) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .http_listener()
+        .server("upstream_dns_refresh", &format!("\"{refresh}\""))
+        .route(
+            Route::to_urls("http://app.test", vec![format!("http://svc.test:{port}")])
+                .set("connect_timeout = \"2s\""),
+        )
+}
+
+/// Portcullis on `cfg`, resolving names through `hosts`.
 async fn start_resolving(cfg: &ConfigBuilder, hosts: &Hosts) -> Portcullis {
     let env = hosts.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -217,13 +228,7 @@ async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
     let port = old.addr().port();
     let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .server("upstream_dns_refresh", "\"1s\"")
-        .route(Route::to_urls(
-            "http://app.test",
-            vec![format!("http://svc.test:{port}")],
-        ));
+    let cfg = svc_route(port, "1s");
     let _px = start_resolving(&cfg, &hosts).await;
     let client = plain_client();
     let url = cfg.http_url("app.test", "/where");
@@ -244,13 +249,7 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
     let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
     // Far longer than the test: only the refused connection can have the name resolved again.
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .server("upstream_dns_refresh", "\"1h\"")
-        .route(
-            Route::to_urls("http://app.test", vec![format!("http://svc.test:{port}")])
-                .set("connect_timeout = \"2s\""),
-        );
+    let cfg = svc_route(port, "1h");
     let px = start_resolving(&cfg, &hosts).await;
     let client = plain_client();
     let url = cfg.http_url("app.test", "/where");
@@ -273,13 +272,7 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
     let port = first.addr().port();
     let _second = Upstream::start_on("second", SocketAddr::from(([127, 0, 0, 2], port))).await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1", "127.0.0.2"]);
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .server("upstream_dns_refresh", "\"1h\"")
-        .route(
-            Route::to_urls("http://app.test", vec![format!("http://svc.test:{port}")])
-                .set("connect_timeout = \"2s\""),
-        );
+    let cfg = svc_route(port, "1h");
     let _px = start_resolving(&cfg, &hosts).await;
     let client = plain_client();
     let url = cfg.http_url("app.test", "/where");
