@@ -191,7 +191,8 @@ impl Audiences {
 /// - Entra ID's tenant (`tid`) without the client an access token always names (`azp` in
 ///   v2.0 tokens, `appid` in v1.0).
 ///
-/// An ID token of another provider without a nonce carries no such mark.
+/// An ID token with no nonce, `at_hash` or `c_hash`, from a provider other than Entra ID or
+/// Keycloak, carries no such mark: it is told apart only by its audience.
 fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
     if claims.events.is_some() {
         return Some("it is a logout token (events)");
