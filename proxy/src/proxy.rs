@@ -1464,12 +1464,16 @@ fn is_long_lived(req: &RequestHeader) -> bool {
 ///   connection's (`Client-IP`, `X-Client-IP`, `True-Client-IP`, `X-Cluster-Client-IP`,
 ///   `CF-Connecting-IP`, `Fastly-Client-IP`);
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
-///   which would let a client dodge a rule on methods.
+///   which would let a client dodge a rule on methods;
+/// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
+/// - every name with `_`, as nginx and gunicorn 22 drop them: CGI-style servers read `_` as
+///   `-`, so `X_Portcullis_User` would be `X-Portcullis-User` to them, and gunicorn before 22
+///   takes `SCRIPT_NAME` from a header and strips it from the path the application routes.
 ///
-/// Header names arrive lower-cased; `_` is read as `-`, as some servers read it.
+/// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 12] = [
+    const NAMES: [&[u8]; 13] = [
         b"forwarded",
         b"x-real-ip",
         b"client-ip",
@@ -1482,13 +1486,9 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-http-method-override",
         b"x-method-override",
         b"x-http-method",
+        b"x-script-name",
     ];
-    let same = |b: u8, want: u8| b.to_ascii_lowercase() == want || (want == b'-' && b == b'_');
-    let starts = |prefix: &[u8]| {
-        name.len() >= prefix.len() && name.iter().zip(prefix).all(|(&b, &w)| same(b, w))
-    };
-    let equals = |word: &[u8]| name.len() == word.len() && starts(word);
-    PREFIXES.iter().any(|p| starts(p)) || NAMES.iter().any(|w| equals(w))
+    name.contains(&b'_') || PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`

@@ -6,7 +6,8 @@
 //!   the upstream gets exactly the path that was judged, never the client's raw target;
 //! - Portcullis' own credentials (its session cookie, a bearer token it verified) and client
 //!   headers only a proxy may set (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Original-URL`,
-//!   `X-Rewrite-URL`, method overrides) never reach the upstream;
+//!   `X-Rewrite-URL`, method overrides), and every header named with `_` (`SCRIPT_NAME`),
+//!   never reach the upstream;
 //! - a group name with a comma cannot pose as two groups in the groups header;
 //! - an unverified email identifies nobody;
 //! - an open websocket ends when its grant does: a token's `exp`, a reload that now denies.
@@ -416,6 +417,11 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "X-HTTP-Method-Override: DELETE",
         "X-Method-Override: DELETE",
         "X-HTTP-Method: DELETE",
+        "X-Script-Name: /admin",
+        // gunicorn before 22 strips SCRIPT_NAME from the path the application routes.
+        "SCRIPT_NAME: /page",
+        "script_name: /page",
+        "Legacy_Api_Key: 10.9.9.9",
     ];
     let mut headers = vec![
         host.clone(),
@@ -450,6 +456,7 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "x-http-method-override",
         "x-method-override",
         "x-http-method",
+        "x-script-name",
     ] {
         assert_eq!(
             received.header(name),
@@ -460,6 +467,13 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     assert!(
         !everything.contains("10.9.9.9"),
         "a spoofed address:\n{everything}"
+    );
+    assert!(
+        received
+            .headers
+            .iter()
+            .all(|h| !h.split(':').next().unwrap_or("").contains('_')),
+        "a header named with `_`:\n{everything}"
     );
     assert!(
         !everything.contains("admin.internal"),
