@@ -115,10 +115,12 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
 /// segments left empty gone, letters compared in any ASCII case (Express and ASP.NET read
 /// `/ADMIN` as `/admin`), and a prefix's trailing `/` not required of the path (Express, Rails
-/// and ASP.NET serve `/admin` as `/admin/`). The boundaries are segments: `/admin` does not
-/// hold `/adminx`. This is how deny rules and route selection read a path, so that no spelling
-/// an upstream understands as a denied path, or as another route's, slips past; allow rules
-/// read strictly ([`prefix_matches`]).
+/// and ASP.NET serve `/admin` as `/admin/`), and a format suffix on the path's last segment
+/// when it is the prefix's last (Rails routes `/items/export.csv` to `/items/export`, as
+/// Spring MVC before 5.3 does by default). The boundaries are segments: `/admin` does not hold
+/// `/adminx`. This is how deny rules and route selection read a path, so that no spelling an
+/// upstream understands as a denied path, or as another route's, slips past; allow rules read
+/// strictly ([`prefix_matches`]).
 ///
 /// `path` is normalized (no empty or dot segments), as everything Portcullis judges is.
 pub fn loosely_within(prefix: &str, path: &str) -> bool {
@@ -127,20 +129,38 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
         _ => prefix,
     };
     if !path.contains(';') && !prefix.contains(';') {
-        // No parameters: the lenient reading is the strict one, in any ASCII case.
+        // No parameters: the lenient reading is the strict one, in any ASCII case, with a
+        // format suffix.
         let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
-        return path.len() >= prefix.len()
-            && path[..prefix.len()].eq_ignore_ascii_case(prefix)
-            && (prefix.ends_with(b"/")
-                || path.len() == prefix.len()
-                || path[prefix.len()] == b'/');
+        if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
+            return false;
+        }
+        let rest = &path[prefix.len()..];
+        return prefix.ends_with(b"/") || rest.first().is_none_or(|&b| b == b'/') || {
+            let suffix = rest.strip_suffix(b"/").unwrap_or(rest);
+            suffix[0] == b'.' && !suffix.contains(&b'/')
+        };
     }
-    let mut segments = loose_segments(path);
-    loose_segments(prefix).all(|want| {
-        segments
-            .next()
-            .is_some_and(|got| got.eq_ignore_ascii_case(want))
-    })
+    let mut segments = loose_segments(path).peekable();
+    let mut wants = loose_segments(prefix).peekable();
+    while let Some(want) = wants.next() {
+        let Some(got) = segments.next() else {
+            return false;
+        };
+        if got.eq_ignore_ascii_case(want) {
+            continue;
+        }
+        let last = wants.peek().is_none() && segments.peek().is_none();
+        let (got, want) = (got.as_bytes(), want.as_bytes());
+        let formatted = last
+            && got.len() > want.len()
+            && got[want.len()] == b'.'
+            && got[..want.len()].eq_ignore_ascii_case(want);
+        if !formatted {
+            return false;
+        }
+    }
+    true
 }
 
 /// How many segments a prefix holds as [`loosely_within`] reads it: of two prefixes that both
@@ -1434,11 +1454,21 @@ mod tests {
             // Express, Rails and ASP.NET serve `/api` as `/api/`.
             "/api",
             "/Api;v=2",
+            // Rails serves `/admin.json` as `/admin`.
+            "/admin.json",
+            "/api.xml;v=2/",
         ] {
             let decision = policy.evaluate(Some(&alice()), &get(denied));
             assert_eq!(decision.rule, Some("out"), "{denied}");
         }
-        for allowed_path in ["/adminx", "/admin2/x", "/x/admin", "/apix", "/apix;a/"] {
+        for allowed_path in [
+            "/adminx",
+            "/admin2/x",
+            "/x/admin",
+            "/apix",
+            "/apix;a/",
+            "/admin.json/x",
+        ] {
             assert!(
                 allowed(&policy, Some(&alice()), &get(allowed_path)),
                 "{allowed_path}"
@@ -1472,6 +1502,27 @@ mod tests {
             assert!(loosely_within("/admin/", path), "{path}");
         }
         assert!(loosely_within("/admin/", "/admin;x"));
+        // A format suffix on the path's last segment, when it is the prefix's last.
+        for path in [
+            "/items/export.csv",
+            "/Items/Export.CSV/",
+            "/items/export.tar.gz",
+            "/items/export.csv;x",
+            "/items;a/export;b.json",
+            "/items;a/export.json;b/",
+        ] {
+            assert!(loosely_within("/items/export", path), "{path}");
+            assert!(loosely_within("/items/export/", path), "{path}");
+        }
+        for path in [
+            "/items/exports.csv",
+            "/items/export.csv/x",
+            "/items.csv/export",
+            "/items/export.csv;x/y",
+            "/items/exportcsv",
+        ] {
+            assert!(!loosely_within("/items/export", path), "{path}");
+        }
     }
 
     #[test]

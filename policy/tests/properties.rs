@@ -71,6 +71,10 @@ const PATHS: &[&str] = &[
     "/API;v=1/V1/x",
     "/admin/;x",
     "/ADMIN;a/;b",
+    "/admin.json",
+    "/Admin.csv;x/",
+    "/api/v1.xml",
+    "/admin.json/x",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -293,8 +297,9 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
                     && request.method.eq_ignore_ascii_case("HEAD"))
         })
     });
-    // A deny rule reads the path as the most lenient upstream would, and a prefix's trailing
-    // `/` as not required (`/api` is served as `/api/`); an allow rule reads both strictly.
+    // A deny rule reads the path as the most lenient upstream would, a prefix's trailing `/`
+    // as not required (`/api` is served as `/api/`), and a format suffix on the path's last
+    // segment as none (`/api.json` is served as `/api`); an allow rule reads all strictly.
     let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
     let read_prefix = |p: &str| match read(p) {
         loose if deny && loose.len() > 1 => loose.trim_end_matches('/').to_owned(),
@@ -306,9 +311,15 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
             .iter()
             .map(|prefix| read_prefix(prefix))
             .any(|prefix| {
+                let rest = path.strip_prefix(prefix.as_str());
+                let formatted = |rest: &str| {
+                    let suffix = rest.strip_suffix('/').unwrap_or(rest);
+                    deny && suffix.starts_with('.') && !suffix.contains('/')
+                };
                 path == prefix
-                    || (path.starts_with(prefix.as_str())
-                        && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')))
+                    || rest.is_some_and(|rest| {
+                        prefix.ends_with('/') || rest.starts_with('/') || formatted(rest)
+                    })
             })
     });
     method_ok && path_ok

@@ -1133,7 +1133,8 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
 // ----- paths as any upstream reads them (item 2) --------------------------------------------
 
 /// Tomcat, Jetty and Spring drop `;` parameters and resolve `..;`; Express and ASP.NET route
-/// paths in any case. No such spelling gets past a deny rule or lands on another route.
+/// paths in any case; Rails drops a format suffix. No such spelling gets past a deny rule or
+/// lands on another route.
 #[tokio::test(flavor = "multi_thread")]
 async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
     let t = Hardened::start().await;
@@ -1174,6 +1175,14 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/opsx", 200, Some("/opsx")),
         ("/v1", 401, None),
         ("/V1;x", 401, None),
+        // Rails routes `/items/export.csv` to `/items/export` (`(.:format)`), as Spring MVC
+        // before 5.3 does: a format suffix on the last segment is no other path.
+        ("/items/export.csv", 403, None),
+        ("/Items/Export.json;x", 403, None),
+        ("/admin.json", 403, None),
+        ("/v1.json", 401, None),
+        ("/items/exports.csv", 200, Some("/items/exports.csv")),
+        ("/v1.json/builds", 200, Some("/v1.json/builds")),
     ];
     for &(target, status, upstream) in table {
         let (got, received) = t
