@@ -100,7 +100,16 @@ pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<
     check_schemas(rt, body)?;
     let mut out = Object::new();
     for (key, value) in body {
-        if key.eq_ignore_ascii_case("schemas") || value.is_null() {
+        if key.eq_ignore_ascii_case("schemas") {
+            continue;
+        }
+        if value.is_null() {
+            // Null is unassigned (RFC 7643 §2.5): a Group's `"members": null` empties it, as a
+            // PATCH that replaces members with null does. Dropped, it would read as "leave them"
+            // and keep everyone the client meant to remove.
+            if rt == ResourceType::Group && key.eq_ignore_ascii_case("members") {
+                out.insert("members".to_owned(), Value::Array(Vec::new()));
+            }
             continue;
         }
         if let Some(ext) = rt.extension(key) {
@@ -375,6 +384,17 @@ mod tests {
         assert_eq!(group["members"][0], json!({"value": "u1"}));
         assert_eq!(take_member_ids(&mut group).unwrap().unwrap(), ["u1", "u2"]);
         assert_eq!(group.get("members"), None);
+        // `"members": null` is none, not "leave them" (what a PUT without `members` means).
+        let mut group = ok(
+            ResourceType::Group,
+            json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng", "Members": null}),
+        );
+        assert_eq!(take_member_ids(&mut group).unwrap(), Some(Vec::new()));
+        let mut group = ok(
+            ResourceType::Group,
+            json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng"}),
+        );
+        assert_eq!(take_member_ids(&mut group).unwrap(), None);
     }
 
     #[test]

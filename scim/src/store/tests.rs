@@ -317,6 +317,26 @@ async fn members_change_one_row_at_a_time_and_nest() {
     assert_eq!(err.status, 400);
     assert_eq!(dir.members(&eng).len(), 1);
 
+    // A PUT without `members` keeps them; one with `"members": null` empties the group.
+    let put = |body: Value| Command::Replace {
+        rt: ResourceType::Group,
+        id: all.clone(),
+        resource: validate_resource(ResourceType::Group, &body, Mode::Replace).unwrap(),
+        password_hash: None,
+        if_match: None,
+    };
+    dir.write(
+        put(json!({"schemas": [GROUP], "displayName": "All"})),
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(dir.members(&all).len(), 1);
+    let emptied = json!({"schemas": [GROUP], "displayName": "All", "members": null});
+    dir.write(put(emptied), "test").await.unwrap();
+    assert!(dir.members(&all).is_empty());
+    assert!(dir.groups_of(&a).iter().all(|g| g.display != "All"));
+
     // Deleting a user takes it out of every group.
     dir.write(
         Command::Delete {
