@@ -45,7 +45,8 @@ use crate::value::{coerce, get_ci, is_primary, is_unassigned, key_ci, remove_ci,
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 
-/// Most operations accepted in one PATCH request (advertised in ServiceProviderConfig).
+/// Most operations accepted in one PATCH request (said in the README: RFC 7643's
+/// ServiceProviderConfig has no field for it).
 pub const MAX_PATCH_OPERATIONS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
