@@ -163,8 +163,10 @@ impl Auth {
             );
         }
         // With one cookie for every host, sign-in runs on the auth host, where the callback
-        // lands and the browser-binding cookie must be set.
+        // lands and the browser-binding cookie must be set. The address goes there already
+        // shortened as the sign-in's cookie would shorten it: a longer one is refused there.
         if oidc.cookie_domain.is_some() && req.host != oidc.auth_host_name {
+            let return_to = super::oidc::within_cookie(return_to);
             let location = format!(
                 "{}/.portcullis/sign_in?rd={}",
                 auth_origin(oidc),

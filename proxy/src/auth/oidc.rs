@@ -771,7 +771,7 @@ const MAX_RETURN_TO: usize = 1536;
 /// `return_to`, shortened to fit a sign-in's cookie: without its query, else the root of its
 /// origin (an absolute URL) or `/`. A deep link that long loses its query rather than the
 /// sign-in.
-fn within_cookie(return_to: String) -> String {
+pub(super) fn within_cookie(return_to: String) -> String {
     if return_to.len() <= MAX_RETURN_TO {
         return return_to;
     }
