@@ -22,8 +22,16 @@ pub fn pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 
 /// The value of the first cookie named `name` in `headers` (each one `Cookie` header value).
 pub fn find<'a>(headers: impl IntoIterator<Item = &'a [u8]>, name: &[u8]) -> Option<&'a [u8]> {
-    // As `pairs` reads them, with a value trimmed only for the cookie asked for.
-    headers.into_iter().flat_map(parts).find_map(|pair| {
+    find_all(headers, name).next()
+}
+
+/// The values of every cookie named `name` in `headers`, in order.
+pub fn find_all<'a, 'n, I: IntoIterator<Item = &'a [u8]>>(
+    headers: I,
+    name: &'n [u8],
+) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n, I> {
+    // As `pairs` reads them, with a value trimmed only for the cookies asked for.
+    headers.into_iter().flat_map(parts).filter_map(move |pair| {
         let (n, value) = split_once(pair, b'=')?;
         (n.trim_ascii() == name).then(|| unquote(value.trim_ascii()))
     })
@@ -102,6 +110,8 @@ mod tests {
         assert_eq!(find(&[header], "portcullis_session"), Some("abc"));
         assert_eq!(find(&["a=1", "a=2; b=3"], "b"), Some("3"));
         assert_eq!(find(&["a=1", "a=2"], "a"), Some("1"), "the first wins");
+        let all: Vec<&[u8]> = find_all([&b"a=1; b=2"[..], b" a = \"3\" "], b"a").collect();
+        assert_eq!(all, [&b"1"[..], b"3"]);
         assert_eq!(find(&[header], "junk"), None, "not a pair");
         assert_eq!(find(&[header], "Theme"), None, "names are case-sensitive");
         for header in ["", ";", "a", "a=1;", ";;b=2;", "é=ü; x = \"y\" ;z"] {

@@ -41,7 +41,7 @@ use portcullis_config::{Credential, Scheme, CONSOLE_PATH};
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::audit;
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
-use crate::auth::{cookie, session_cookie_name, Authentication};
+use crate::auth::{cookies, session_cookie_name, Authentication};
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::cookies;
@@ -1135,12 +1135,22 @@ impl Proxy {
                     .await;
             }
         };
-        // The form token comes from the session id itself (see `csrf_token`).
-        let session_id = runtime
+        // The form token comes from the session id itself (see `csrf_token`): that of the
+        // cookie the caller was found by.
+        let cookie_name = runtime
             .config
             .oidc
             .as_ref()
-            .and_then(|oidc| cookie(req, &session_cookie_name(oidc, tls)));
+            .map(|oidc| session_cookie_name(oidc, tls));
+        let session_id = match (authentication.caller(), &cookie_name) {
+            (Some(Caller::Person { session: key, .. }), Some(name)) => {
+                cookies(req, name).find(|id| {
+                    let found = self.shared.auth.sessions.get(id);
+                    found.is_some_and(|(found, _)| found == *key)
+                })
+            }
+            _ => None,
+        };
         let (Some(viewer), Some(Caller::Person { .. }), Some(session_id)) =
             (pass.forward, authentication.caller(), session_id)
         else {

@@ -1854,6 +1854,22 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
         Some(format!("http://{auth}/.portcullis/callback"))
     );
 
+    // A deep link longer than a return address may be (a dashboard's, with its state in the
+    // query) loses its query on the way to the auth host, not the sign-in.
+    let long = cfg.http_url(
+        "app.corp.test",
+        &format!("/board?state={}", "s".repeat(3000)),
+    );
+    let resp = navigate(&c, &long).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let to_auth = header(&resp, "location").unwrap();
+    let board = cfg.http_url("app.corp.test", "/board");
+    assert_eq!(query_param(&to_auth, "rd").as_deref(), Some(&*board));
+    let resp = navigate(&c, &to_auth).await;
+    assert_eq!(resp.status(), StatusCode::FOUND, "{to_auth}");
+    let authorize = header(&resp, "location").unwrap();
+    assert!(authorize.starts_with(idp.issuer()), "{authorize}");
+
     // A real browser signs in once and is signed in on every host under .corp.test.
     let browser = Browser::start().await;
     browser.goto(&page).await;
@@ -1917,6 +1933,39 @@ async fn a_sign_out_from_a_stuffed_cookie_jar_ends_the_session() {
     );
     assert_session_refused(&fx, &page, &signed.cookie).await;
     assert_session_refused(&fx, &page, &other.cookie).await;
+}
+
+/// A browser sends every cookie of the session's name it holds, those for longer paths first.
+/// One planted by a sibling host under the cookie domain, or a session that ended, sent in
+/// front of the live session, does not hide it (it sent the browser round the sign-in for
+/// ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cookie_of_the_session_s_name_sent_first_does_not_hide_the_session() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/home");
+    let ended = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let resp = bare_client()
+        .post(fx.app_url("/.portcullis/sign_out"))
+        .header(ORIGIN, fx.app_origin())
+        .header(COOKIE, format!("{SESSION_COOKIE}={}", ended.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_redirection() || resp.status().is_success());
+    assert_session_refused(&fx, &page, &ended.cookie).await;
+    let planted = "p".repeat(43);
+    for first in [&*planted, &ended.cookie] {
+        let jar = format!("{first}; {SESSION_COOKIE}={}", signed.cookie);
+        assert_session_works(&page, &jar).await;
+    }
+    // Without a live one among them, none is a session.
+    assert_session_refused(
+        &fx,
+        &page,
+        &format!("{planted}; {SESSION_COOKIE}={}", ended.cookie),
+    )
+    .await;
 }
 
 /// An upstream cannot set Portcullis' cookies in a visitor's browser: not its operator's own

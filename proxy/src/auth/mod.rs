@@ -383,19 +383,24 @@ impl Auth {
             return Authentication::Nothing;
         };
         // Only the exact name: on TLS without a cookie domain that is the `__Host-` one, which
-        // no sibling host and no plain-http page can have set.
-        let Some(id) = cookie(req, &session_cookie_name(oidc, tls)) else {
+        // no sibling host and no plain-http page can have set. Of several, the one of a session
+        // that vouches: a stale or planted one sent first must not send the person round the
+        // sign-in for ever.
+        let name = session_cookie_name(oidc, tls);
+        let mut ids = cookies(req, &name).peekable();
+        if ids.peek().is_none() {
             return Authentication::Nothing;
-        };
+        }
         let invalid = Authentication::Invalid {
             refused_token: None,
         };
-        let Some((key, session)) = self.sessions.get(id) else {
+        let held = ids.find_map(|id| {
+            let (key, session) = self.sessions.get(id)?;
+            session.vouches(now, oidc).then_some((id, key, session))
+        });
+        let Some((id, key, session)) = held else {
             return invalid;
         };
-        if !session.vouches(now, oidc) {
-            return invalid;
-        }
         // A refresh in progress for this session (another request) is not waited on, nor is
         // an IdP that was unreachable a moment ago.
         let due = session.refresh.as_ref().and_then(|refreshing| {
@@ -692,15 +697,19 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
-/// The value of cookie `name` (see [`crate::cookies`]), from `Cookie` headers of at most
-/// `MAX_COOKIE_BYTES` in all; a value that is not text is none of Portcullis' cookies.
-pub fn cookie<'r>(req: &'r RequestHeader, name: &str) -> Option<&'r str> {
+/// The values of every cookie named `name` (see [`crate::cookies`]), in the order sent, from
+/// `Cookie` headers of at most `MAX_COOKIE_BYTES` in all; a value that is not text is none of
+/// Portcullis' cookies.
+///
+/// A browser sends every cookie of a name it holds, those set for longer paths first: with a
+/// cookie domain, a sibling host (or an earlier `cookie_domain`) can put one of the session's
+/// name in front of the session.
+pub fn cookies<'r>(req: &'r RequestHeader, name: &'r str) -> impl Iterator<Item = &'r str> {
     let values = req.headers.get_all(header::COOKIE);
-    if past_bound(&values) {
-        return None;
-    }
-    crate::cookies::find(values.iter().map(|v| v.as_bytes()), name.as_bytes())
-        .and_then(|value| std::str::from_utf8(value).ok())
+    let read = !past_bound(&values);
+    let headers = values.iter().filter(move |_| read).map(|v| v.as_bytes());
+    crate::cookies::find_all(headers, name.as_bytes())
+        .filter_map(|value| std::str::from_utf8(value).ok())
 }
 
 /// The values of every cookie named `name`, in the order sent, however many cookies the
@@ -795,12 +804,13 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("cookie", "portcullis_session=abc")
             .unwrap();
-        assert_eq!(cookie(&req, "portcullis_session"), Some("abc"));
+        let cookie = |req: &RequestHeader, name: &str| cookies(req, name).next().map(str::to_owned);
+        assert_eq!(cookie(&req, "portcullis_session").as_deref(), Some("abc"));
         // A sibling host that stuffs the cookie jar (cookie bombing) gets no further than a
         // sign-in: past the bound nothing is read, not even the real session.
         let padding = format!("pad={}", "x".repeat(MAX_COOKIE_BYTES));
         req.append_header("cookie", padding).unwrap();
-        assert_eq!(cookie(&req, "portcullis_session"), None);
+        assert_eq!(cookie(&req, "portcullis_session").as_deref(), None);
         assert!(cookies_past_bound(&req));
 
         // Many sign-ins in progress on TLS (this host's own `__Host-` cookies) do not count;
@@ -823,7 +833,7 @@ mod tests {
             .unwrap();
             assert_eq!(cookies_past_bound(&req), counted, "{prefix}");
             let found = cookie(&req, "portcullis_session");
-            assert_eq!(found, (!counted).then_some("abc"), "{prefix}");
+            assert_eq!(found.as_deref(), (!counted).then_some("abc"), "{prefix}");
         }
     }
 
