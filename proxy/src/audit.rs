@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -1189,12 +1189,17 @@ fn earlier(a: &str, b: &str) -> bool {
     }
 }
 
-/// `portcullis audit`: prints the records kept at `destination` that `filter` selects.
-/// Reading while the server appends is safe: only whole records are read.
-pub fn run_cli(mut destination: Destination, filter: &Filter, json: bool) -> Result<(), String> {
+/// `portcullis audit`: prints the records kept at `destination` that `filter` selects, in
+/// `order`. Reading while the server appends is safe: only whole records are read.
+pub fn run_cli(
+    mut destination: Destination,
+    filter: &Filter,
+    order: Order,
+    json: bool,
+) -> Result<(), String> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    each(&mut destination, &mut |text, entry| {
+    each(&mut destination, order, &mut |text, entry| {
         if !filter.matches(&entry) {
             return true;
         }
@@ -1212,26 +1217,34 @@ pub fn run_cli(mut destination: Destination, filter: &Filter, json: bool) -> Res
 /// reader at a time.
 pub struct Reader(std::sync::Mutex<Destination>);
 
+/// Which end of the log a reading starts from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Order {
+    OldestFirst,
+    NewestFirst,
+}
+
 impl Reader {
     pub fn new(destination: Destination) -> Reader {
         Reader(std::sync::Mutex::new(destination))
     }
 
-    /// Calls `f` with each record, oldest first, until it returns false.
-    pub fn each(&self, f: &mut dyn FnMut(&str, Entry) -> bool) -> Result<(), String> {
+    /// Calls `f` with each record, in `order`, until it returns false.
+    pub fn each(&self, order: Order, f: &mut dyn FnMut(&str, Entry) -> bool) -> Result<(), String> {
         let mut destination = self
             .0
             .lock()
             .map_err(|_| "the audit reader failed earlier".to_owned())?;
-        each(&mut destination, f)
+        each(&mut destination, order, f)
     }
 }
 
-/// Calls `f` with each record kept at `destination` (its text and what it says), oldest
-/// first, until it returns false. A line that does not parse is skipped, with a note on
-/// stderr. Only whole records are read, so reading while the server appends is safe.
+/// Calls `f` with each record kept at `destination` (its text and what it says), in `order`,
+/// until it returns false. A line that does not parse is skipped, with a note on stderr. Only
+/// whole records are read, so reading while the server appends is safe.
 fn each(
     destination: &mut Destination,
+    order: Order,
     f: &mut dyn FnMut(&str, Entry) -> bool,
 ) -> Result<(), String> {
     let mut visit = |text: &str, place: &dyn Fn() -> String| -> bool {
@@ -1245,44 +1258,52 @@ fn each(
     };
     match destination {
         Destination::File(path) => {
-            let file = match File::open(&path) {
+            let mut file = match File::open(&path) {
                 Ok(file) => file,
                 // Nothing recorded yet.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             };
-            let mut reader = BufReader::new(file);
-            let mut line = String::new();
-            let mut number = 0usize;
-            loop {
-                line.clear();
-                let read = reader
-                    .read_line(&mut line)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                // A line without its newline is still being written.
-                if read == 0 || !line.ends_with('\n') {
-                    break;
+            let mut visit_line = |line: &[u8], at: u64| -> bool {
+                let place = || format!("{} at byte {at}", path.display());
+                match std::str::from_utf8(line).map(str::trim_end) {
+                    Ok("") => true,
+                    Ok(text) => visit(text, &place),
+                    Err(e) => {
+                        eprintln!("{}: skipped: {e}", place());
+                        true
+                    }
                 }
-                number += 1;
-                let text = line.trim_end();
-                if !text.is_empty() && !visit(text, &|| format!("{}:{number}", path.display())) {
-                    break;
-                }
-            }
+            };
+            let read = match order {
+                Order::OldestFirst => each_line(&mut file, &mut visit_line),
+                Order::NewestFirst => each_line_from_end(&mut file, &mut visit_line),
+            };
+            read.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         }
         Destination::Postgres(log) => {
             // Two logs, each in order, merged by time.
             let fail = |e| format!("cannot read the audit log from PostgreSQL: {e}");
+            let newest = order == Order::NewestFirst;
             let (mut changes, mut records) = (VecDeque::new(), VecDeque::new());
-            let (mut change_after, mut record_after) = (Some(0), Some(0));
+            // Where each log's next page starts (`Some(None)`: at its end); `None` once read.
+            let (mut change_from, mut record_from) = (Some(None), Some(None));
             loop {
-                if let (true, Some(after)) = (changes.is_empty(), change_after) {
-                    changes.extend(log.changes(after, PAGE).map_err(fail)?);
-                    change_after = changes.back().map(|c: &Change| c.seq);
+                if let (true, Some(from)) = (changes.is_empty(), change_from) {
+                    changes.extend(if newest {
+                        log.changes_before(from, PAGE).map_err(fail)?
+                    } else {
+                        log.changes(from.unwrap_or(0), PAGE).map_err(fail)?
+                    });
+                    change_from = changes.back().map(|c: &Change| Some(c.seq));
                 }
-                if let (true, Some(after)) = (records.is_empty(), record_after) {
-                    records.extend(log.read(after, PAGE).map_err(fail)?);
-                    record_after = records.back().map(|(id, _)| *id);
+                if let (true, Some(from)) = (records.is_empty(), record_from) {
+                    records.extend(if newest {
+                        log.read_before(from, PAGE).map_err(fail)?
+                    } else {
+                        log.read(from.unwrap_or(0), PAGE).map_err(fail)?
+                    });
+                    record_from = records.back().map(|(id, _)| Some(*id));
                 }
                 let change_first = match (changes.front(), records.front()) {
                     (None, None) => break,
@@ -1290,7 +1311,10 @@ fn each(
                     (None, Some(_)) => false,
                     (Some(change), Some((_, text))) => {
                         let time = serde_json::from_str::<Entry>(text).ok();
-                        time.is_none_or(|entry| earlier(&change.time, entry.time()))
+                        time.is_none_or(|entry| match order {
+                            Order::OldestFirst => earlier(&change.time, entry.time()),
+                            Order::NewestFirst => earlier(entry.time(), &change.time),
+                        })
                     }
                 };
                 let more = if change_first {
@@ -1315,9 +1339,120 @@ fn each(
     Ok(())
 }
 
+/// Calls `f` with each whole line of `file` and the offset it starts at, the first first,
+/// until it returns false. A last line without its newline is still being written, and is
+/// left out.
+fn each_line(file: &mut File, f: &mut dyn FnMut(&[u8], u64) -> bool) -> std::io::Result<()> {
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    let mut at = 0;
+    loop {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line)?;
+        if read == 0 || !line.ends_with(b"\n") || !f(&line, at) {
+            return Ok(());
+        }
+        at += read as u64;
+    }
+}
+
+/// [`each_line`], the last line first: read from the end in chunks, so that the newest
+/// records cost what they are, however long the log has grown.
+fn each_line_from_end(
+    file: &mut File,
+    f: &mut dyn FnMut(&[u8], u64) -> bool,
+) -> std::io::Result<()> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut start = file.metadata()?.len();
+    // `start..` of the file, up to the lines already given: the end of a line that begins
+    // before `start`.
+    let mut tail: Vec<u8> = Vec::new();
+    // What follows the file's last newline: nothing, or a line still being written.
+    let mut unfinished = true;
+    while start > 0 {
+        let from = start.saturating_sub(CHUNK);
+        let mut chunk = vec![0; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk)?;
+        chunk.append(&mut tail);
+        start = from;
+        let mut end = chunk.len();
+        for newline in memchr::memrchr_iter(b'\n', &chunk) {
+            let line = &chunk[newline + 1..end];
+            if !std::mem::take(&mut unfinished) && !f(line, start + newline as u64 + 1) {
+                return Ok(());
+            }
+            end = newline;
+        }
+        chunk.truncate(end);
+        tail = chunk;
+    }
+    // The first line, whose beginning is the file's.
+    if !unfinished {
+        f(&tail, 0);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log's lines as `each_line` and `each_line_from_end` give them, with their offsets.
+    fn lines(path: &Path, order: Order) -> Vec<(String, u64)> {
+        let mut file = File::open(path).unwrap();
+        let mut seen = Vec::new();
+        let mut f = |line: &[u8], at: u64| {
+            seen.push((String::from_utf8(line.to_vec()).unwrap(), at));
+            true
+        };
+        match order {
+            Order::OldestFirst => each_line(&mut file, &mut f).unwrap(),
+            Order::NewestFirst => each_line_from_end(&mut file, &mut f).unwrap(),
+        }
+        seen
+    }
+
+    #[test]
+    fn the_log_reads_the_same_from_its_end_as_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // Lines across the reading's 64 KiB chunks, longer than one, and empty ones.
+        let mut text = String::new();
+        for i in 0..5_000 {
+            let len = [0, 1, 17, 70_000, 150_000][i % 5] * usize::from(i % 97 == 0) + i % 300;
+            text.push_str(&format!("{i}:{}\n", "x".repeat(len)));
+            if i % 1_000 == 0 {
+                text.push('\n');
+            }
+        }
+        for (tail, whole) in [("", true), ("{\"being\": \"writ", false)] {
+            std::fs::write(&path, format!("{text}{tail}")).unwrap();
+            let forward = lines(&path, Order::OldestFirst);
+            let mut backward = lines(&path, Order::NewestFirst);
+            backward.reverse();
+            assert_eq!(forward.len(), 5_005, "{whole}");
+            assert!(forward.iter().all(|(line, _)| line.ends_with('\n')));
+            let trimmed: Vec<(&str, u64)> = forward
+                .iter()
+                .map(|(line, at)| (line.trim_end_matches('\n'), *at))
+                .collect();
+            let backward: Vec<(&str, u64)> = backward
+                .iter()
+                .map(|(line, at)| (line.as_str(), *at))
+                .collect();
+            assert_eq!(trimmed, backward, "{whole}");
+        }
+        // A file without a whole line has none; an empty one neither.
+        for text in ["", "no newline yet"] {
+            std::fs::write(&path, text).unwrap();
+            assert!(lines(&path, Order::NewestFirst).is_empty(), "{text:?}");
+            assert!(lines(&path, Order::OldestFirst).is_empty(), "{text:?}");
+        }
+        // One that ends with its only line.
+        std::fs::write(&path, "only\n").unwrap();
+        assert_eq!(lines(&path, Order::NewestFirst), [("only".to_owned(), 0)]);
+    }
 
     fn request<'a>(method: &'a str, path: &'a str) -> Request<'a> {
         Request {

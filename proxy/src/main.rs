@@ -105,6 +105,10 @@ enum Command {
         /// Print the records as stored, one JSON object a line.
         #[arg(long)]
         json: bool,
+        /// Print the newest records first: read from the log's end, so `| head` costs only
+        /// what it prints.
+        #[arg(long)]
+        newest_first: bool,
     },
 }
 
@@ -139,6 +143,7 @@ fn main() -> ExitCode {
             user,
             since,
             json,
+            newest_first,
         } => {
             let printed = load_config(&config).and_then(|loaded| {
                 let since = since
@@ -152,7 +157,12 @@ fn main() -> ExitCode {
                 let postgres = open_postgres(&loaded)?;
                 let kept_at =
                     audit::Destination::of(&loaded.data_dir, postgres.map(|pg| pg.audit_log()));
-                audit::run_cli(kept_at, &filter, json)
+                let order = if newest_first {
+                    audit::Order::NewestFirst
+                } else {
+                    audit::Order::OldestFirst
+                };
+                audit::run_cli(kept_at, &filter, order, json)
             });
             match printed {
                 Ok(()) => ExitCode::SUCCESS,

@@ -420,10 +420,15 @@ async fn sign_out(replica: &Replica, cookie: &str) -> reqwest::Response {
 
 /// `portcullis audit --json` with `replica`'s configuration.
 async fn audit_records(replica: &Replica) -> Vec<serde_json::Value> {
+    audit_records_with(replica, &[]).await
+}
+
+/// `portcullis audit --json` with `replica`'s configuration and `more` arguments.
+async fn audit_records_with(replica: &Replica, more: &[&str]) -> Vec<serde_json::Value> {
     let config = replica.px.config_path().display().to_string();
-    let out =
-        portcullis_tests::process::run(replica.px.dir(), &["audit", "--config", &config, "--json"])
-            .await;
+    let mut args = vec!["audit", "--config", &config, "--json"];
+    args.extend_from_slice(more);
+    let out = portcullis_tests::process::run(replica.px.dir(), &args).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -572,6 +577,20 @@ async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them
                 .any(|r| r["event"] == "refusal" && r["user"] == user),
             "no refusal of {user} in {records:?}"
         );
+    }
+    // Read from its end (the console's reading), the same log: every record, the changes
+    // the newest first. (Replicas' records are not quite in time order among themselves, so
+    // the two readings may interleave the changes with them differently.)
+    let mut newest = audit_records_with(&b, &["--newest-first"]).await;
+    newest.reverse();
+    let changes_of = |records: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        let changes = records.iter().filter(|r| r["event"] == "change");
+        changes.cloned().collect()
+    };
+    assert_eq!(changes_of(&newest), changes_of(&records));
+    assert!(newest.len() >= records.len(), "{newest:?}");
+    for record in &records {
+        assert!(newest.contains(record), "{record} not read from the end");
     }
     // Every replica publishes the same sealing keys: none made its own.
     let keys = fleet

@@ -1,8 +1,7 @@
 //! The audit timeline: the records of the audit log, newest first, filtered and paged, and a
 //! chart of refusals and SCIM changes per hour over the last day. Read from the log itself on
-//! every page (the file, or PostgreSQL's tables with `[postgres]`).
-
-use std::collections::VecDeque;
+//! every page (the file, or PostgreSQL's tables with `[postgres]`), from its newest record
+//! back, and never more than [`READ_LIMIT`] records a page.
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -10,14 +9,35 @@ use time::OffsetDateTime;
 use portcullis_scim::store::format_id;
 
 use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
-use crate::audit::{parse_since, Entry, Filter};
+use crate::audit::{parse_since, Entry, Filter, Order};
 use crate::human::relative;
 use crate::reply::escape;
 
-/// Pages of the timeline one may ask for: a page costs memory for every record before it.
+/// Pages of the timeline one may ask for.
 const MAX_PAGE: usize = 2_000;
 /// Hours the chart covers.
 const HOURS: usize = 24;
+/// Records a page reads at most, the newest first: what a page costs stays bounded however
+/// long the log grows, and anyone can make it grow (refusals are recorded). `portcullis
+/// audit` reads the whole log.
+pub(super) const READ_LIMIT: usize = 100_000;
+/// How far back of `since` a reading goes: records are written in the order they happen,
+/// give or take the moments they wait to be written.
+const SINCE_SLACK: i64 = 60;
+
+/// What a reading of the log found for a page.
+pub(super) struct Found {
+    /// The page's records, newest first.
+    entries: Vec<Entry>,
+    /// How many of the records read the filter selects.
+    selected: usize,
+    /// How many records were read.
+    pub(super) read: usize,
+    /// Whether every record the filter could select was read (not: the reading stopped at
+    /// [`READ_LIMIT`], or once it had what it was asked for).
+    whole: bool,
+    chart: PerHour,
+}
 
 /// The timeline's query: the filter, as typed (to show it back), and as understood.
 struct Asked {
@@ -87,14 +107,17 @@ const KINDS: [(&str, &str); 5] = [
 struct PerHour {
     refusals: [usize; HOURS],
     changes: [usize; HOURS],
+    /// Whether the records read go back further than the chart (or to the log's start).
+    whole: bool,
 }
 
 impl PerHour {
-    fn add(&mut self, entry: &Entry, now: i64) {
-        let Ok(at) = OffsetDateTime::parse(entry.time(), &Rfc3339) else {
+    /// Counts `entry`, made at `at` (Unix seconds).
+    fn add(&mut self, entry: &Entry, at: Option<i64>, now: i64) {
+        let Some(at) = at else {
             return;
         };
-        let ago = now - at.unix_timestamp();
+        let ago = now - at;
         if !(0..(HOURS as i64) * 3600).contains(&ago) {
             return;
         }
@@ -144,9 +167,14 @@ impl PerHour {
             base + 15
         ));
         let total = |v: &[usize; HOURS]| v.iter().sum::<usize>();
+        let of = if self.whole {
+            String::new()
+        } else {
+            format!(", of the newest {} records", count(READ_LIMIT))
+        };
         format!(
             "<figure>{svg}<figcaption><span class=\"no\">■</span> {} refusals · \
-             <span class=\"accent\">■</span> {} SCIM changes in the last 24 hours\
+             <span class=\"accent\">■</span> {} SCIM changes in the last 24 hours{of}\
              </figcaption></figure>",
             count(total(&self.refusals)),
             count(total(&self.changes))
@@ -159,32 +187,72 @@ impl Console {
         OffsetDateTime::from_unix_timestamp(self.now).unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
-    /// The newest records `filter` selects, for page `page` (newest first), with how many it
-    /// selects in all and the chart of the last day.
-    fn newest(&self, filter: &Filter, page: usize) -> Result<(Vec<Entry>, usize, PerHour), String> {
-        let keep = page.min(MAX_PAGE) * PAGE_SIZE;
-        let mut kept: VecDeque<Entry> = VecDeque::new();
-        let mut total = 0;
-        let mut chart = PerHour::default();
-        self.audit.reader().each(&mut |_, entry| {
-            chart.add(&entry, self.now);
-            if filter.matches(&entry) {
-                total += 1;
-                if kept.len() == keep {
-                    kept.pop_front();
+    /// The records `filter` selects for page `page` (newest first), how many it selects in the
+    /// records read, and the chart of the last day. Reads from the newest record back, at most
+    /// [`READ_LIMIT`] of them; without `count`, only until the page and the chart are full.
+    pub(super) fn newest(
+        &self,
+        filter: &Filter,
+        page: usize,
+        count: bool,
+    ) -> Result<Found, String> {
+        let skip = (page.clamp(1, MAX_PAGE) - 1) * PAGE_SIZE;
+        let day_ago = self.now - (HOURS as i64) * 3600;
+        let since = filter
+            .since
+            .map(|since| since.unix_timestamp() - SINCE_SLACK);
+        let mut found = Found {
+            entries: Vec::new(),
+            selected: 0,
+            read: 0,
+            whole: true,
+            chart: PerHour::default(),
+        };
+        let mut past_day = false;
+        self.audit
+            .reader()
+            .each(Order::NewestFirst, &mut |_, entry| {
+                if found.read == READ_LIMIT {
+                    found.whole = false;
+                    return false;
                 }
-                kept.push_back(entry);
-            }
-            true
-        })?;
-        // `kept` ends with the newest; page `page` is the last PAGE_SIZE before those of the
-        // pages in front of it.
-        let newer = (page.min(MAX_PAGE) - 1) * PAGE_SIZE;
-        let shown = kept.len().saturating_sub(newer);
-        let mut entries: Vec<Entry> = kept.into_iter().take(shown).collect();
-        entries.reverse();
-        entries.truncate(PAGE_SIZE);
-        Ok((entries, total, chart))
+                found.read += 1;
+                let at = OffsetDateTime::parse(entry.time(), &Rfc3339)
+                    .ok()
+                    .map(|at| at.unix_timestamp());
+                let older = |than: i64| at.is_some_and(|at| at < than);
+                found.chart.add(&entry, at, self.now);
+                past_day |= older(day_ago);
+                if filter.matches(&entry) {
+                    if found.selected >= skip && found.entries.len() < PAGE_SIZE {
+                        found.entries.push(entry);
+                    }
+                    found.selected += 1;
+                }
+                // Past `since`, nothing more is selected; past the day, nothing more is charted.
+                if past_day && since.is_some_and(older) {
+                    return false;
+                }
+                if !count && past_day && found.entries.len() == PAGE_SIZE {
+                    found.whole = false;
+                    return false;
+                }
+                true
+            })?;
+        found.chart.whole = past_day || found.whole;
+        Ok(found)
+    }
+
+    /// What the page says when the reading stopped at [`READ_LIMIT`].
+    fn read_limit_note(found: &Found) -> String {
+        if found.whole {
+            return String::new();
+        }
+        format!(
+            "<p class=\"muted\">Only the newest {} records are read here. \
+             <code>portcullis audit</code> reads the whole log.</p>",
+            count(READ_LIMIT)
+        )
     }
 
     pub(super) fn audit_page(&self, query: &str, params: &Params) -> Shown {
@@ -214,10 +282,10 @@ impl Console {
         if let Some(problem) = &asked.problem {
             html.push_str(&format!("<p class=\"no\">{}</p>", escape(problem)));
         }
-        match self.newest(&asked.filter, params.page) {
-            Ok((entries, total, chart)) => {
-                html.insert_str(0, &chart.svg());
-                html.push_str(&self.timeline(&entries));
+        match self.newest(&asked.filter, params.page, true) {
+            Ok(found) => {
+                html.insert_str(0, &found.chart.svg());
+                html.push_str(&self.timeline(&found.entries));
                 let fixed = [
                     ("who", asked.who.as_str()),
                     ("kind", asked.kind.as_str()),
@@ -227,8 +295,9 @@ impl Console {
                 ];
                 let fixed: Vec<(&str, &str)> =
                     fixed.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-                let shown_total = total.min(MAX_PAGE * PAGE_SIZE);
+                let shown_total = found.selected.min(MAX_PAGE * PAGE_SIZE);
                 html.push_str(&pager("audit", &fixed, params, shown_total, "record"));
+                html.push_str(&Self::read_limit_note(&found));
             }
             Err(e) => html.push_str(&format!(
                 "<p class=\"no\">The audit log cannot be read: {}</p>",
@@ -243,11 +312,11 @@ impl Console {
 
     /// The last day in a chart, and the newest records, for the overview.
     pub(super) fn activity(&self) -> String {
-        match self.newest(&Filter::default(), 1) {
-            Ok((entries, _, chart)) => format!(
+        match self.newest(&Filter::default(), 1, false) {
+            Ok(found) => format!(
                 "<h2>The last 24 hours</h2>{}<h2>Newest records</h2>{}<p><a href=\"{}\">The whole timeline</a></p>",
-                chart.svg(),
-                self.timeline(&entries[..entries.len().min(10)]),
+                found.chart.svg(),
+                self.timeline(&found.entries[..found.entries.len().min(10)]),
                 link("audit")
             ),
             Err(e) => format!(
@@ -273,16 +342,21 @@ impl Console {
             about: Some(id.to_owned()),
             ..Filter::default()
         };
-        match self.newest(&filter, 1) {
-            Ok((entries, total, _)) if total > 0 => {
-                let mut html = self.timeline(&entries[..entries.len().min(10)]);
+        match self.newest(&filter, 1, true) {
+            Ok(found) if found.selected > 0 => {
+                let mut html = self.timeline(&found.entries[..found.entries.len().min(10)]);
                 let mut query = form_urlencoded::Serializer::new(String::new());
                 query.append_pair("who", user_name);
+                let of = if found.whole {
+                    ""
+                } else {
+                    " of the newest read"
+                };
                 html.push_str(&format!(
-                    "<p><a href=\"{}?{}\">All {} records</a></p>",
+                    "<p><a href=\"{}?{}\">All {} records{of}</a></p>",
                     link("audit"),
                     escape(&query.finish()),
-                    count(total)
+                    count(found.selected)
                 ));
                 html
             }
@@ -417,16 +491,23 @@ mod tests {
             client: None,
             agent: None,
         };
-        let mut chart = PerHour::default();
+        let mut chart = PerHour {
+            whole: true,
+            ..PerHour::default()
+        };
+        let add = |chart: &mut PerHour, entry: &Entry| {
+            let at = OffsetDateTime::parse(entry.time(), &Rfc3339).ok();
+            chart.add(entry, at.map(|at| at.unix_timestamp()), now);
+        };
         for ago in [10, 20, 3_700, 86_399, 86_400, -5] {
-            chart.add(&refusal(ago), now);
+            add(&mut chart, &refusal(ago));
         }
         // As the audit log writes times: with nanoseconds.
         let mut precise = refusal(0);
         if let Entry::Refusal { time, .. } = &mut precise {
             *time = at(30).replace('Z', ".332051961Z");
         }
-        chart.add(&precise, now);
+        add(&mut chart, &precise);
         assert_eq!(chart.refusals[HOURS - 1], 3);
         assert_eq!(chart.refusals[HOURS - 2], 1);
         assert_eq!(chart.refusals[0], 1);

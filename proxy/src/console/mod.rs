@@ -465,6 +465,77 @@ mod pages {
         );
     }
 
+    /// Anyone can make the log grow (refusals are recorded): a page reads it from the newest
+    /// record back, and no further than it needs or than a bound, whatever its size.
+    #[tokio::test]
+    async fn the_timeline_reads_the_log_from_its_end_and_no_further_than_a_bound() {
+        use crate::audit::Entry;
+        let world = World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let refusal = |ago: i64, path: &str| {
+            let time = time::OffsetDateTime::from_unix_timestamp(console.now - ago).unwrap();
+            let entry = Entry::Refusal {
+                time: time
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap(),
+                user: "anonymous".to_owned(),
+                route: "-".to_owned(),
+                rule: None,
+                reason: "a malformed request".to_owned(),
+                method: "GET".to_owned(),
+                path: path.to_owned(),
+                client: None,
+                agent: None,
+            };
+            serde_json::to_string(&entry).unwrap() + "\n"
+        };
+        // Two days of a flood, then the last minutes.
+        let old = 3 * 86_400;
+        let mut log = refusal(old + 1, "/the-oldest");
+        for i in 0..audit::READ_LIMIT {
+            log.push_str(&refusal(old - (i as i64) % 86_400, "/flood"));
+        }
+        for i in 0..60 {
+            log.push_str(&refusal(120 - i, &format!("/recent-{i}")));
+        }
+        std::fs::write(dir.path().join(crate::audit::FILE_NAME), log).unwrap();
+
+        // The landing page: the newest records and the last day, read no further (the 61st
+        // record is older than the day).
+        let overview = console.get("", "");
+        let html = text(&overview);
+        assert!(
+            html.contains("/recent-59") && !html.contains("/flood"),
+            "{html}"
+        );
+        assert!(html.contains("60 refusals"), "{html}");
+        assert!(!html.contains("of the newest"), "{html}");
+        let all = crate::audit::Filter::default();
+        assert_eq!(console.newest(&all, 1, false).unwrap().read, 61);
+
+        // The timeline counts what it reads, and says where it stopped.
+        let page = console.get("audit", "");
+        let html = text(&page);
+        assert!(html.contains("/recent-59"), "{html}");
+        assert!(html.contains("100,000 records"), "{html}");
+        assert!(
+            html.contains("Only the newest 100,000 records are read here"),
+            "{html}"
+        );
+        assert!(!html.contains("/the-oldest"), "{html}");
+        let page = console.get("audit", "page=2000");
+        assert!(text(&page).contains("/flood"), "{}", text(&page));
+        // `since` ends the reading where the records get older.
+        let html = text(&console.get("audit", "since=1h")).to_owned();
+        assert!(html.contains("60 records"), "{html}");
+        assert!(!html.contains("Only the newest"), "{html}");
+        assert_eq!(
+            console.newest(&all, 1, true).unwrap().read,
+            audit::READ_LIMIT
+        );
+    }
+
     #[tokio::test]
     async fn actions_are_confirmed_guarded_and_audited() {
         let world = World::new();

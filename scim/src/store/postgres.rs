@@ -673,6 +673,10 @@ fn read_changes(client: &mut Client, after: Seq, limit: i64) -> Result<Vec<Chang
             &[&to_sql(after)?, &limit],
         )
         .map_err(backend)?;
+    parse_changes(&rows)
+}
+
+fn parse_changes(rows: &[postgres::Row]) -> Result<Vec<Change>, StoreError> {
     rows.iter()
         .map(|row| {
             let seq: i64 = row.try_get(0).map_err(backend)?;
@@ -1131,6 +1135,48 @@ impl AuditLog {
     pub fn changes(&mut self, after: Seq, limit: i64) -> Result<Vec<Change>, StoreError> {
         self.conn
             .run(|conn| read_changes(&mut conn.client, after, limit))
+    }
+
+    /// Up to `limit` directory changes with a sequence below `before` (any, without), the
+    /// newest first.
+    pub fn changes_before(
+        &mut self,
+        before: Option<Seq>,
+        limit: i64,
+    ) -> Result<Vec<Change>, StoreError> {
+        let before = before.map_or(Ok(i64::MAX), to_sql)?;
+        self.conn.run(|conn| {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT seq, change FROM directory_changes WHERE seq < $1 \
+                     ORDER BY seq DESC LIMIT $2",
+                    &[&before, &limit],
+                )
+                .map_err(backend)?;
+            parse_changes(&rows)
+        })
+    }
+
+    /// Up to `limit` records numbered below `before` (any, without), the newest first, with
+    /// their numbers.
+    pub fn read_before(
+        &mut self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let before = before.unwrap_or(i64::MAX);
+        self.conn.run(|conn| {
+            let rows = conn
+                .client
+                .query(
+                    "SELECT id, record FROM portcullis_audit WHERE id < $1 \
+                     ORDER BY id DESC LIMIT $2",
+                    &[&before, &limit],
+                )
+                .map_err(backend)?;
+            pairs(&rows)
+        })
     }
 
     /// Up to `limit` records numbered above `after`, in order, with their numbers.
