@@ -645,6 +645,7 @@ impl ProxyHttp for Proxy {
                     session,
                     &runtime,
                     &route.config.name,
+                    route.config.accept.contains(&Credential::Session),
                     &asked,
                     &authentication,
                     refused,
@@ -1070,6 +1071,7 @@ impl Proxy {
                                 session,
                                 runtime,
                                 "",
+                                runtime.config.oidc.is_some(),
                                 &asked,
                                 &Authentication::Nothing,
                                 refused,
@@ -1128,6 +1130,7 @@ impl Proxy {
                         session,
                         runtime,
                         &route.name,
+                        route.accept.contains(&Credential::Session),
                         &asked,
                         &authentication,
                         refused,
@@ -1261,11 +1264,15 @@ impl Proxy {
     /// 403, every revoked session and every refused bearer token (past a rate per caller and
     /// route, counted: [`crate::audit::Audit::refusal`]); not a request that presented no
     /// credential at all, which is only asked for one.
+    /// `sessions`: whether people sign in where the request was sent (a 401 for a browser's
+    /// form there is a page with a way to sign in).
+    #[allow(clippy::too_many_arguments)]
     async fn answer(
         &self,
         session: &mut Session,
         runtime: &Runtime,
         route: &str,
+        sessions: bool,
         asked: &Asked,
         authentication: &Authentication,
         refused: Refused,
@@ -1318,11 +1325,30 @@ impl Proxy {
                 audit.refused_bearer(route, why, &asked.audited());
             }
         }
+        let signs_in = sessions && runtime.config.oidc.is_some();
         let reply = match refused {
             Refused::SignIn { .. }
                 if !runtime.carries_credentials(local_addr(session), asked.tls) =>
             {
                 plain_http_page()
+            }
+            // A browser's form sent without a session (it ended while the page was open): it
+            // cannot be sent on after a sign-in, so a page says so and offers one, back to the
+            // page the form was on.
+            Refused::Challenge { invalid_token, .. }
+                if signs_in
+                    && asked.client == Client::Browser
+                    && runtime.carries_credentials(local_addr(session), asked.tls) =>
+            {
+                let referer = session.req_header().headers.get(header::REFERER);
+                let back = referer
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|r| {
+                        r.strip_prefix(asked.origin.as_str())
+                            .is_some_and(|p| p.starts_with('/'))
+                    })
+                    .map_or_else(|| format!("{}/", asked.origin), str::to_owned);
+                sign_in_to_send_again(&back, invalid_token)
             }
             Refused::SignIn { .. } => match &runtime.config.oidc {
                 Some(oidc) => {
@@ -1406,13 +1432,35 @@ fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
     session.server_addr().and_then(|a| a.as_inet()).copied()
 }
 
-/// 401 with a bearer challenge (RFC 6750).
-fn challenge(invalid_token: bool) -> Reply {
-    let scheme = if invalid_token {
+/// 401 for a browser's form sent without a session: a page with a way to sign in and come
+/// back to `back`, and the bearer challenge a 401 needs.
+fn sign_in_to_send_again(back: &str, invalid_token: bool) -> Reply {
+    let link = format!(
+        "/.portcullis/sign_in?rd={}",
+        form_urlencoded::byte_serialize(back.as_bytes()).collect::<String>()
+    );
+    let content = format!(
+        "<p>You are not signed in (your session may have ended), so what you sent was not \
+         sent on. Sign in, then send it again.</p>\
+         <p><a class=\"button\" href=\"{}\">Sign in</a></p>",
+        escape(&link)
+    );
+    Reply::page(StatusCode::UNAUTHORIZED, "Sign in to continue", &content)
+        .header(header::WWW_AUTHENTICATE, bearer_challenge(invalid_token))
+}
+
+/// The `WWW-Authenticate` of a 401 (RFC 6750).
+fn bearer_challenge(invalid_token: bool) -> &'static str {
+    if invalid_token {
         "Bearer realm=\"portcullis\", error=\"invalid_token\""
     } else {
         "Bearer realm=\"portcullis\""
-    };
+    }
+}
+
+/// 401 with a bearer challenge (RFC 6750).
+fn challenge(invalid_token: bool) -> Reply {
+    let scheme = bearer_challenge(invalid_token);
     let body = serde_json::json!({
         "error": "unauthenticated",
         "detail": "sign in or present a valid bearer token",

@@ -790,8 +790,15 @@ async fn requests_without_credentials_get_401_unless_they_are_browser_navigation
             c.get(&url).header(ACCEPT, "application/json"),
         ),
         (
-            "POST with Accept: text/html",
-            c.post(&url).header(ACCEPT, BROWSER_ACCEPT).body("x=1"),
+            "POST from a page's script",
+            c.post(&url)
+                .header(ACCEPT, BROWSER_ACCEPT)
+                .header("sec-fetch-mode", "cors")
+                .body("x=1"),
+        ),
+        (
+            "POST for JSON",
+            c.post(&url).header(ACCEPT, "application/json").body("x=1"),
         ),
         (
             "XHR",
@@ -847,6 +854,46 @@ async fn requests_without_credentials_get_401_unless_they_are_browser_navigation
     }
     assert_eq!(fx.app.count(), 0, "nothing reached the upstream");
     assert_eq!(fx.api.count(), 0, "nothing reached the upstream");
+
+    // A browser's form sent without a session (it ended while the page was open) is a 401
+    // too, as a page with a way to sign in and back to the form's page; an API's stays JSON.
+    let form_page = fx.app_url("/orders/new?draft=1");
+    let resp = c
+        .post(fx.app_url("/orders"))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .header("sec-fetch-mode", "navigate")
+        .header(REFERER, &form_page)
+        .body("item=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(header(&resp, WWW_AUTHENTICATE.as_str()).is_some_and(|c| c.starts_with("Bearer")));
+    assert!(header(&resp, "content-type").is_some_and(|t| t.starts_with("text/html")));
+    let page = resp.text().await.unwrap();
+    let link = page
+        .split("href=\"")
+        .find_map(|rest| rest.split('"').next().filter(|l| l.contains("sign_in")))
+        .unwrap_or_else(|| panic!("no sign-in link: {page}"))
+        .replace("&amp;", "&");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &fx.app_url(&link)).await;
+    let signed = fx
+        .finish_sign_in(&browser, &authorize, ALICE, ALICE_PASSWORD)
+        .await;
+    assert_eq!(signed.landed, form_page);
+    // From another site's page, back to this host's root.
+    let resp = c
+        .post(fx.app_url("/orders"))
+        .header(ACCEPT, BROWSER_ACCEPT)
+        .header(REFERER, "http://evil.test/")
+        .send()
+        .await
+        .unwrap();
+    let page = resp.text().await.unwrap();
+    let root = url::form_urlencoded::byte_serialize(fx.app_url("/").as_bytes()).collect::<String>();
+    assert!(page.contains(&format!("sign_in?rd={root}\"")), "{page}");
+    assert_eq!(fx.app.count(), 0, "nothing reached the upstream");
 
     // A browser navigation, by contrast, is sent to sign in, on every session route.
     for host in ["app.test", "corp.example.com", "both.test"] {
