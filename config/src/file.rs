@@ -280,6 +280,7 @@ pub(crate) struct Route {
     pub token_groups: Option<bool>,
     pub pass_authorization: Option<bool>,
     pub audiences: Option<Vec<String>>,
+    pub cors_preflight: Option<bool>,
 }
 
 /// A route's `allow` or `deny`: one rule as a table (`allow = { groups = ["sre"] }`) or several

@@ -286,6 +286,11 @@ pub struct Route {
     /// any of its issuer's `audiences`. So a token minted for one API is not replayed at
     /// another behind the same issuer (RFC 8725 §3.9).
     pub audiences: Vec<String>,
+    /// Let CORS preflights (`OPTIONS` with `Origin` and `Access-Control-Request-Method`, and
+    /// no body) through to the upstream without a caller, for it to answer (default off).
+    /// Browsers send no credentials with a preflight, so without this a cross-origin call
+    /// that carries them is refused before it is made.
+    pub cors_preflight: bool,
 }
 
 /// A credential a route accepts.

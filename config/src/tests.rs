@@ -1742,6 +1742,7 @@ to = ["http://127.0.0.1"]
                 assertion: true,
                 token_groups: false,
                 pass_authorization: false,
+                cors_preflight: false,
                 audiences: Vec::new(),
             },
             Route {
@@ -1773,6 +1774,7 @@ to = ["http://127.0.0.1"]
                 assertion: true,
                 token_groups: false,
                 pass_authorization: false,
+                cors_preflight: false,
                 audiences: Vec::new(),
             },
         ],

@@ -356,6 +356,7 @@ fn console(
         token_groups: false,
         pass_authorization: false,
         audiences: Vec::new(),
+        cors_preflight: false,
     })
 }
 
@@ -650,6 +651,7 @@ fn route(
         token_groups: raw.token_groups.unwrap_or(false),
         pass_authorization,
         audiences,
+        cors_preflight: raw.cors_preflight.unwrap_or(false),
     })
 }
 

@@ -45,7 +45,7 @@ use crate::auth::{cookies, session_cookie_name, Authentication};
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::cookies;
-use crate::gate::{accepts, Admission, Client, ClientOf, Facts, Forward, Refusal, Refused};
+use crate::gate::{accepts, Admission, Client, ClientOf, Facts, Forward, Pass, Refusal, Refused};
 use crate::path;
 use crate::reply::{self, escape, Reply};
 use crate::routes::{CompiledRoute, Match};
@@ -612,17 +612,25 @@ impl ProxyHttp for Proxy {
             )
             .await;
 
-        // 1.6 The gate.
+        // 1.6 The gate. A CORS preflight, where the route lets them through, is the
+        // upstream's to answer: browsers send it without credentials, and it asks for nothing
+        // of anyone's.
         let facts = Facts {
             route: &route.config,
             method: req.method.as_str(),
             path,
             client: ClientOf::Headers(&req.headers),
         };
-        let admission = self
-            .shared
-            .gate(&runtime, &decided_at)
-            .admit(&facts, authentication.presented());
+        let admission = if route.config.cors_preflight && is_cors_preflight(req) {
+            Admission::Allow(Pass {
+                forward: None,
+                why: None,
+            })
+        } else {
+            self.shared
+                .gate(&runtime, &decided_at)
+                .admit(&facts, authentication.presented())
+        };
 
         // 1.7 In, or answered here.
         let pass = match admission {
@@ -1504,6 +1512,20 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
         "You don't have access to this page",
         &content,
     )
+}
+
+/// A CORS preflight (Fetch standard, CORS-preflight request): `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`, and without a body.
+fn is_cors_preflight(req: &RequestHeader) -> bool {
+    let headers = &req.headers;
+    req.method == http::Method::OPTIONS
+        && headers.contains_key(header::ORIGIN)
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|length| length.as_bytes() == b"0")
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours.

@@ -1948,6 +1948,85 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     browser.quit().await;
 }
 
+/// A page on one host calling an API on another with the session (`credentials: "include"`,
+/// under `cookie_domain`) makes the browser send a CORS preflight first, without the cookie.
+/// Where the route lets preflights through, the upstream answers them, as itself; anything
+/// else that is not a preflight still needs a caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_preflights_reach_the_upstream_only_where_the_route_lets_them() {
+    let app = Upstream::start("app").await;
+    let api = Upstream::start("api").await;
+    let cfg = ConfigBuilder::new().http_listener();
+    let port = cfg.http_addr().port();
+    let auth = format!("auth.corp.test:{port}");
+    let idp = idp_setup(
+        &[format!("http://{auth}/.portcullis/callback")],
+        &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
+    )
+    .start()
+    .await;
+    let cfg = cfg
+        .route(Route::new("http://app.corp.test", &[&app]).any_signed_in())
+        .route(
+            Route::new("http://api.corp.test", &[&api])
+                .any_signed_in()
+                .set("cors_preflight = true"),
+        )
+        .oidc(
+            Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
+                .set("cookie_domain", "\".corp.test\""),
+        );
+    let _px = cfg.start().await;
+    let origin = cfg.http_url("app.corp.test", "");
+    let preflight = |host: &str| {
+        bare_client()
+            .request(reqwest::Method::OPTIONS, cfg.http_url(host, "/data"))
+            .header(ORIGIN, &origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+    };
+    let resp = preflight("api.corp.test").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert_eq!(
+        (echo.upstream.as_str(), echo.method.as_str()),
+        ("api", "OPTIONS")
+    );
+    assert!(
+        echo.headers
+            .iter()
+            .all(|(name, _)| !name.starts_with("x-portcullis-")),
+        "a preflight is nobody's: {:?}",
+        echo.headers
+    );
+    // Not where the route does not say so; not an OPTIONS that is no preflight, nor one
+    // with a body; not any other method.
+    let cases = [
+        ("another route", preflight("app.corp.test")),
+        (
+            "no Access-Control-Request-Method",
+            bare_client()
+                .request(
+                    reqwest::Method::OPTIONS,
+                    cfg.http_url("api.corp.test", "/data"),
+                )
+                .header(ORIGIN, &origin),
+        ),
+        ("a body", preflight("api.corp.test").body("x=1")),
+        (
+            "a GET",
+            bare_client()
+                .get(cfg.http_url("api.corp.test", "/data"))
+                .header(ORIGIN, &origin),
+        ),
+    ];
+    for (what, request) in cases {
+        let resp = request.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{what}");
+    }
+    assert_eq!((app.count(), api.count()), (0, 1));
+}
+
 /// A jar stuffed past what is read for a session (by a sibling host, say), or holding two
 /// cookies of the session's name (one set for a longer path), does not leave a session alive
 /// behind a sign-out that said it ended.
