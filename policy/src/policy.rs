@@ -115,22 +115,33 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
 /// segments left empty gone, letters compared in any ASCII case (Express and ASP.NET read
 /// `/ADMIN` as `/admin`), and a prefix's trailing `/` not required of the path (Express, Rails
-/// and ASP.NET serve `/admin` as `/admin/`), and a format suffix on the path's last segment
-/// when it is the prefix's last (Rails routes `/items/export.csv` to `/items/export`, as
-/// Spring MVC before 5.3 does by default). The boundaries are segments: `/admin` does not hold
-/// `/adminx`. This is how deny rules and route selection read a path, so that no spelling an
-/// upstream understands as a denied path, or as another route's, slips past; allow rules read
-/// strictly ([`prefix_matches`]).
+/// and ASP.NET serve `/admin` as `/admin/`). The boundaries are segments: `/admin` does not
+/// hold `/adminx`. This is how route selection reads a path, so that no spelling an upstream
+/// understands as another route's lands elsewhere; deny rules read it so too, and more
+/// ([`denied_within`]); allow rules read strictly ([`prefix_matches`]).
 ///
 /// `path` is normalized (no empty or dot segments), as everything Portcullis judges is.
 pub fn loosely_within(prefix: &str, path: &str) -> bool {
+    within(prefix, path, false)
+}
+
+/// [`loosely_within`], and with a format suffix on the path's last segment when it is the
+/// prefix's last: Rails routes `/items/export.csv` to `/items/export`, as Spring MVC before 5.3
+/// does by default. How deny rules read a path, so that a deny only ever refuses more. Route
+/// selection does not read suffixes: it would move `/status.json` from the route that holds it
+/// to a `/status` route with other rules, where most frameworks serve another page.
+fn denied_within(prefix: &str, path: &str) -> bool {
+    within(prefix, path, true)
+}
+
+fn within(prefix: &str, path: &str, formats: bool) -> bool {
     let prefix = match prefix.strip_suffix('/') {
         Some(bare) if !bare.is_empty() => bare,
         _ => prefix,
     };
     if !path.contains(';') && !prefix.contains(';') {
-        // No parameters: the lenient reading is the strict one, in any ASCII case, with a
-        // format suffix.
+        // No parameters: the lenient reading is the strict one, in any ASCII case (with a
+        // format suffix).
         let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
         if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
             return false;
@@ -138,7 +149,7 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
         let rest = &path[prefix.len()..];
         return prefix.ends_with(b"/") || rest.first().is_none_or(|&b| b == b'/') || {
             let suffix = rest.strip_suffix(b"/").unwrap_or(rest);
-            suffix[0] == b'.' && !suffix.contains(&b'/')
+            formats && suffix[0] == b'.' && !suffix.contains(&b'/')
         };
     }
     let mut segments = loose_segments(path).peekable();
@@ -150,7 +161,7 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
         if got.eq_ignore_ascii_case(want) {
             continue;
         }
-        let last = wants.peek().is_none() && segments.peek().is_none();
+        let last = formats && wants.peek().is_none() && segments.peek().is_none();
         let (got, want) = (got.as_bytes(), want.as_bytes());
         let formatted = last
             && got.len() > want.len()
@@ -178,7 +189,7 @@ fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
 
 impl Rule {
     /// Whether the rule's conditions hold: its methods, and its paths (read loosely by a deny
-    /// rule, strictly by an allow rule; see [`loosely_within`]).
+    /// rule, strictly by an allow rule; see [`denied_within`]).
     fn conditions_hold(&self, method: Method<'_>, path: &str) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method))
             && self
@@ -189,7 +200,7 @@ impl Rule {
 
     fn within(&self, prefix: &str, path: &str) -> bool {
         match self.effect {
-            Effect::Deny => loosely_within(prefix, path),
+            Effect::Deny => denied_within(prefix, path),
             Effect::Allow => prefix_matches(prefix, path),
         }
     }
@@ -1502,7 +1513,8 @@ mod tests {
             assert!(loosely_within("/admin/", path), "{path}");
         }
         assert!(loosely_within("/admin/", "/admin;x"));
-        // A format suffix on the path's last segment, when it is the prefix's last.
+        // For deny rules, a format suffix on the path's last segment, when it is the
+        // prefix's last; not for routes.
         for path in [
             "/items/export.csv",
             "/Items/Export.CSV/",
@@ -1511,8 +1523,10 @@ mod tests {
             "/items;a/export;b.json",
             "/items;a/export.json;b/",
         ] {
-            assert!(loosely_within("/items/export", path), "{path}");
-            assert!(loosely_within("/items/export/", path), "{path}");
+            assert!(denied_within("/items/export", path), "{path}");
+            assert!(denied_within("/items/export/", path), "{path}");
+            let parameters = path.contains(";b.json");
+            assert_eq!(loosely_within("/items/export", path), parameters, "{path}");
         }
         for path in [
             "/items/exports.csv",
@@ -1521,7 +1535,7 @@ mod tests {
             "/items/export.csv;x/y",
             "/items/exportcsv",
         ] {
-            assert!(!loosely_within("/items/export", path), "{path}");
+            assert!(!denied_within("/items/export", path), "{path}");
         }
     }
 

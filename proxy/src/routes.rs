@@ -19,8 +19,8 @@ pub struct CompiledRoute {
 type Named<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// Routes indexed by host. Within a host, routes are ordered by how many segments their prefix
-/// holds, as paths are read ([`portcullis_policy::loose_depth`]), then by its length, so the
-/// first match is the narrowest prefix (`/v1.json` before `/v1`, which holds `/v1.json` too).
+/// holds, as paths are read ([`portcullis_policy::loose_depth`]), so the first match is the
+/// narrowest prefix.
 #[derive(Default)]
 pub struct RouteTable {
     exact: Named<Vec<Arc<CompiledRoute>>>,
@@ -50,8 +50,7 @@ impl RouteTable {
         }
         let by_depth = |routes: &mut Vec<Arc<CompiledRoute>>| {
             routes.sort_by_key(|r| {
-                let prefix = &r.config.path_prefix;
-                std::cmp::Reverse((portcullis_policy::loose_depth(prefix), prefix.len()))
+                std::cmp::Reverse(portcullis_policy::loose_depth(&r.config.path_prefix))
             });
         };
         exact.values_mut().for_each(by_depth);
@@ -106,17 +105,12 @@ impl RouteTable {
                 return Match::Found(longest);
             }
             // Another scheme's: a route of this one serves the path only with the same prefix.
-            let prefix = &longest.config.path_prefix;
-            let depth = portcullis_policy::loose_depth(prefix);
-            let alike = |other: &str| {
-                portcullis_policy::loosely_within(prefix, other)
-                    && portcullis_policy::loosely_within(other, prefix)
-            };
+            let depth = portcullis_policy::loose_depth(&longest.config.path_prefix);
             return holding
                 .take_while(|route| {
                     portcullis_policy::loose_depth(&route.config.path_prefix) == depth
                 })
-                .find(|route| route.config.scheme == scheme && alike(&route.config.path_prefix))
+                .find(|route| route.config.scheme == scheme)
                 .map_or(Match::WrongScheme(longest), Match::Found);
         }
         Match::None
@@ -155,9 +149,6 @@ mod tests {
             "/v1;x/",
             "/v1",
             "/V1;x",
-            // Rails serves `/v1.json` as `/v1`.
-            "/v1.json",
-            "/V1.csv;x",
         ] {
             assert_eq!(
                 name(table.find(Scheme::Http, "app.test", path)),
@@ -165,7 +156,7 @@ mod tests {
                 "{path}"
             );
         }
-        for path in ["/v", "/v1x/y", "/v10/", "/v1.json/x"] {
+        for path in ["/v", "/v1x/y", "/v10/"] {
             assert_eq!(
                 name(table.find(Scheme::Http, "app.test", path)),
                 "http://app.test",
@@ -200,9 +191,6 @@ mod tests {
             // `/ab;x` is `/ab` to an upstream: wider than `/ab/c`, though as long.
             like(Scheme::Http, "/ab;x"),
             like(Scheme::Https, "/ab/c"),
-            // `/v1` holds `/v1.json` too (a format suffix), but `/v1.json` is the narrower.
-            like(Scheme::Http, "/v1"),
-            like(Scheme::Https, "/v1.json"),
         ]);
         let name = |scheme: Scheme, path: &str| match table.find(scheme, "app.test", path) {
             Match::Found(route) => route.config.name.clone(),
@@ -231,12 +219,5 @@ mod tests {
         assert_eq!(name(Scheme::Https, "/api/x"), "Https /API");
         assert_eq!(name(Scheme::Http, "/ab/c/d"), "wrong scheme: Https /ab/c");
         assert_eq!(name(Scheme::Http, "/ab/d"), "Http /ab;x");
-        assert_eq!(
-            name(Scheme::Http, "/v1.json"),
-            "wrong scheme: Https /v1.json"
-        );
-        assert_eq!(name(Scheme::Https, "/V1.json;x"), "Https /v1.json");
-        assert_eq!(name(Scheme::Http, "/v1.csv"), "Http /v1");
-        assert_eq!(name(Scheme::Https, "/v1.csv"), "wrong scheme: Http /v1");
     }
 }
