@@ -104,11 +104,15 @@ pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<
             continue;
         }
         if value.is_null() {
-            // Null is unassigned (RFC 7643 §2.5): a Group's `"members": null` empties it, as a
-            // PATCH that replaces members with null does. Dropped, it would read as "leave them"
-            // and keep everyone the client meant to remove.
-            if rt == ResourceType::Group && key.eq_ignore_ascii_case("members") {
-                out.insert("members".to_owned(), Value::Array(Vec::new()));
+            // Null is unassigned (RFC 7643 §2.5): a Group's `"members": null` (however spelled)
+            // empties it, as a PATCH that replaces members with null does. Dropped, it would
+            // read as "leave them" and keep everyone the client meant to remove.
+            let path = top_level_path(key).ok();
+            let resolved = path.as_ref().and_then(|path| resolve_path(rt, path));
+            if let (Some(path), Some(resolved)) = (&path, resolved) {
+                if rt == ResourceType::Group && resolved.attr.name == "members" {
+                    put(rt, &mut out, path, key, &Value::Array(Vec::new()))?;
+                }
             }
             continue;
         }
@@ -384,12 +388,32 @@ mod tests {
         assert_eq!(group["members"][0], json!({"value": "u1"}));
         assert_eq!(take_member_ids(&mut group).unwrap().unwrap(), ["u1", "u2"]);
         assert_eq!(group.get("members"), None);
-        // `"members": null` is none, not "leave them" (what a PUT without `members` means).
-        let mut group = ok(
-            ResourceType::Group,
-            json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng", "Members": null}),
-        );
-        assert_eq!(take_member_ids(&mut group).unwrap(), Some(Vec::new()));
+        // `"members": null` is none, not "leave them" (what a PUT without `members` means),
+        // however spelled; beside a list of members, it is the attribute given twice.
+        for key in [
+            "Members",
+            "urn:ietf:params:scim:schemas:core:2.0:Group:members",
+        ] {
+            let mut group = ok(
+                ResourceType::Group,
+                json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng", key: null}),
+            );
+            assert_eq!(
+                take_member_ids(&mut group).unwrap(),
+                Some(Vec::new()),
+                "{key}"
+            );
+        }
+        for body in [
+            r#"{"members": [{"value": "u1"}], "Members": null}"#,
+            r#"{"Members": null, "members": [{"value": "u1"}]}"#,
+        ] {
+            let mut body: Value = serde_json::from_str(body).unwrap();
+            body["schemas"] = json!([GROUP_SCHEMA]);
+            body["displayName"] = json!("Eng");
+            let err = validate_resource(ResourceType::Group, &body, Mode::Replace).unwrap_err();
+            assert!(err.detail.contains("given twice"), "{}", err.detail);
+        }
         let mut group = ok(
             ResourceType::Group,
             json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng"}),
