@@ -391,7 +391,7 @@ impl Auth {
         // Every session the browser sends a cookie of that name for, whatever else the jar
         // holds: a sign-out that said so but left a session alive (one hidden by a jar stuffed
         // by a sibling host, or behind another cookie of the name set for a longer path)
-        // would be worse than none. The first is the one requests use.
+        // would be worse than none.
         let name = session_cookie_name(oidc, req.tls);
         let mut current: Vec<_> = Vec::new();
         for id in cookies_in_any_jar(session.req_header(), &name) {

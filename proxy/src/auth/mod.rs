@@ -38,6 +38,9 @@ use crate::gate::Presented;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
 const MAX_COOKIE_BYTES: usize = 8 * 1024;
+/// Cookies of the session's name looked up at most (each costs a hash and a lookup): a
+/// planted one, a stale one, and the session.
+const MAX_SESSION_COOKIES: usize = 4;
 
 /// Authentication state that outlives configuration reloads.
 pub struct Auth {
@@ -394,7 +397,7 @@ impl Auth {
         let invalid = Authentication::Invalid {
             refused_token: None,
         };
-        let held = ids.find_map(|id| {
+        let held = ids.take(MAX_SESSION_COOKIES).find_map(|id| {
             let (key, session) = self.sessions.get(id)?;
             session.vouches(now, oidc).then_some((id, key, session))
         });

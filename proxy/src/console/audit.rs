@@ -220,7 +220,11 @@ impl Console {
                 let at = OffsetDateTime::parse(entry.time(), &Rfc3339)
                     .ok()
                     .map(|at| at.unix_timestamp());
-                let older = |than: i64| at.is_some_and(|at| at < than);
+                // Only records written as they happen say how far back the reading is: a
+                // change left unwritten (a full queue) is written at the next start, with its
+                // own time.
+                let in_order = !matches!(entry, Entry::Change { .. });
+                let older = |than: i64| in_order && at.is_some_and(|at| at < than);
                 found.chart.add(&entry, at, self.now);
                 past_day |= older(day_ago);
                 if filter.matches(&entry) {

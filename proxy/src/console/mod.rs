@@ -499,10 +499,24 @@ mod pages {
         for i in 0..60 {
             log.push_str(&refusal(120 - i, &format!("/recent-{i}")));
         }
+        // A change a full queue left unwritten, written at the next start with its own time.
+        let late = Entry::Change {
+            seq: 1,
+            time: time::OffsetDateTime::from_unix_timestamp(console.now - old)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+            actor: "okta".to_owned(),
+            op: "create".to_owned(),
+            resource_type: "User".to_owned(),
+            id: "u1".to_owned(),
+            summary: "created".to_owned(),
+        };
+        log.push_str(&(serde_json::to_string(&late).unwrap() + "\n"));
         std::fs::write(dir.path().join(crate::audit::FILE_NAME), log).unwrap();
 
-        // The landing page: the newest records and the last day, read no further (the 61st
-        // record is older than the day).
+        // The landing page: the newest records and the last day, read no further (the 62nd
+        // record is older than the day; the late change before the 60 is no sign of it).
         let overview = console.get("", "");
         let html = text(&overview);
         assert!(
@@ -512,7 +526,7 @@ mod pages {
         assert!(html.contains("60 refusals"), "{html}");
         assert!(!html.contains("of the newest"), "{html}");
         let all = crate::audit::Filter::default();
-        assert_eq!(console.newest(&all, 1, false).unwrap().read, 61);
+        assert_eq!(console.newest(&all, 1, false).unwrap().read, 62);
 
         // The timeline counts what it reads, and says where it stopped.
         let page = console.get("audit", "");
@@ -527,7 +541,7 @@ mod pages {
         let page = console.get("audit", "page=2000");
         assert!(text(&page).contains("/flood"), "{}", text(&page));
         // `since` ends the reading where the records get older.
-        let html = text(&console.get("audit", "since=1h")).to_owned();
+        let html = text(&console.get("audit", "since=1h&kind=refusal")).to_owned();
         assert!(html.contains("60 records"), "{html}");
         assert!(!html.contains("Only the newest"), "{html}");
         assert_eq!(
