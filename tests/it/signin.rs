@@ -1811,9 +1811,17 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
     let session = set_cookie(&resp, SESSION_COOKIE);
     let body = resp.text().await.unwrap_or_default();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("Reload this page"), "{body}");
     assert!(session.is_none());
     assert_session_works(&page, &alice.cookie).await;
     fx.idp.outage(false).await;
+    // The IdP never had the code: reloading the callback once it is back finishes the
+    // sign-in (the browser still has the sign-in's cookie).
+    let resp = late.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let bob_late = cookie_value(&set_cookie(&resp, SESSION_COOKIE).expect("a session"));
+    assert_eq!(header(&resp, "location").as_deref(), Some(&*page));
+    assert_session_works(&page, &bob_late).await;
 
     // After the outage, everything as before.
     assert_session_works(&page, &alice.cookie).await;

@@ -322,9 +322,14 @@ impl Auth {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
-                // Whatever happened, this sign-in's cookie is spent: nothing piles up.
+                // This sign-in's cookie is spent, so that nothing piles up; unless the IdP was
+                // not reached, when the code is still good and a reload finishes the sign-in.
+                let retry = matches!(
+                    e,
+                    SignInError::Unreachable(_) | SignInError::ProviderUnavailable
+                );
                 let mut reply = self.sign_in_refused(&e, req);
-                if sealed.is_some() {
+                if sealed.is_some() && !retry {
                     reply.headers.push((
                         header::SET_COOKIE,
                         browser_cookie(req.tls, &cookie_name, "", 0),
@@ -676,9 +681,14 @@ fn sign_in_failed(e: &SignInError) -> Reply {
         }
         SignInError::Invalid(_) => StatusCode::BAD_GATEWAY,
     };
+    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "<p>Reload this page in a moment to try again.</p>"
+    } else {
+        ""
+    };
     Reply::page(
         status,
         "Sign-in did not complete",
-        &format!("<p>{}</p>", escape(&e.to_string())),
+        &format!("<p>{}</p>{retry}", escape(&e.to_string())),
     )
 }

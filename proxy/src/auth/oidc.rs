@@ -99,7 +99,7 @@ pub enum SignInError {
     ProviderUnavailable,
     #[error("this sign-in link has expired or was already used; start again")]
     UnknownState,
-    #[error("this sign-in was started in another browser; start again")]
+    #[error("this sign-in was started in another browser, or too long ago; start again")]
     WrongBrowser,
     #[error("the identity provider refused the sign-in: {0}")]
     Refused(String),
