@@ -1213,6 +1213,30 @@ impl Proxy {
                         }
                         form.extend_from_slice(&chunk);
                     }
+                    // Judged again with the form in, however long it took to come: whoever
+                    // the directory removed from the console meanwhile, or whose session
+                    // ended, acts no more.
+                    let req = session.req_header();
+                    let decided_at = self.shared.marks();
+                    let again = self
+                        .shared
+                        .auth
+                        .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
+                        .await;
+                    let facts = Facts {
+                        route,
+                        method: req.method.as_str(),
+                        path: &path,
+                        client: ClientOf::Known(Client::Browser),
+                    };
+                    let admission = self
+                        .shared
+                        .gate(runtime, &decided_at)
+                        .admit(&facts, again.presented());
+                    if !matches!(admission, Admission::Allow(_)) {
+                        return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
+                            .await;
+                    }
                     let shared = self.shared.clone();
                     let reload = || async move {
                         tokio::task::spawn_blocking(move || {

@@ -32,7 +32,9 @@ struct Console {
     fx: Fixture,
     scim: ScimClient,
     alice_id: String,
+    bob_id: String,
     eng_id: String,
+    sre_id: String,
 }
 
 impl Console {
@@ -66,12 +68,14 @@ impl Console {
         let alice_id = scim.create_user(ALICE).await.id();
         let bob_id = scim.create_user(BOB).await.id();
         let eng_id = scim.create_group("eng", &[&alice_id]).await.id();
-        scim.create_group("sre", &[&bob_id]).await.id();
+        let sre_id = scim.create_group("sre", &[&bob_id]).await.id();
         Console {
             fx,
             scim,
             alice_id,
+            bob_id,
             eng_id,
+            sre_id,
         }
     }
 
@@ -439,6 +443,60 @@ fn form_token(page: &str) -> String {
         .split_once("name=\"csrf\" value=\"")
         .unwrap_or_else(|| panic!("no form token: {page}"));
     rest.split('"').next().unwrap_or_default().to_owned()
+}
+
+/// An action is judged again once its form is in: bob, removed from the console's group while
+/// his post was on its way (a slow link, or one held back), acts no more.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Console::start().await;
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
+    let page = get_with_session(&t.fx.app_url(&action), &bob, BROWSER_ACCEPT)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let form = format!("csrf={}", form_token(&page));
+    let (first, rest) = form.split_at(form.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(t.fx.cfg.http_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {action} HTTP/1.1\r\nHost: app.test:{}\r\nCookie: portcullis_session={bob}\r\n\
+         Origin: {}\r\nAccept: text/html\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{first}",
+        t.fx.cfg.http_addr().port(),
+        t.fx.app_origin(),
+        form.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The IdP takes bob out of `sre` meanwhile, and is answered.
+    let removed = t
+        .scim
+        .patch(
+            &format!("/Groups/{}", t.sre_id),
+            &portcullis_tests::scim::patch_ops(serde_json::json!([{
+                "op": "remove",
+                "path": format!("members[value eq \"{}\"]", t.bob_id),
+            }])),
+        )
+        .await;
+    assert_eq!(removed.status, 204, "{removed:?}");
+    stream.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert_session_works(&t.fx.app_url("/still"), &alice).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
