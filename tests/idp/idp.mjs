@@ -433,6 +433,8 @@ function buildProvider(issuer, clients) {
       revocation: { enabled: true },
       introspection: { enabled: true },
       userinfo: { enabled: true },
+      // Signed UserInfo answers, for a client registered with userinfo_signed_response_alg.
+      jwtUserinfo: { enabled: true },
       rpInitiatedLogout: {
         enabled: true,
         async logoutSource(ctx, form) {

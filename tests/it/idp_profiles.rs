@@ -176,3 +176,82 @@ async fn okta_shaped_tokens_and_provisioning_work_with_the_okta_preset() {
     )
     .await;
 }
+
+/// A provider that signs its UserInfo answers (a client registered with
+/// `userinfo_signed_response_alg`, as Keycloak offers), here with ES256, and with the scopes'
+/// claims only there: the answer verifies with the provider's keys as they are now, also
+/// after it rotates them, and its email identifies the person.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_userinfo_answer_verifies_with_the_provider_s_current_keys() {
+    use crate::signin::{client, cookie_value, header, navigate, set_cookie};
+    let app = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new().http_listener();
+    let port = cfg.http_addr().port();
+    let idp = IdpSetup::new()
+        .client(
+            IdpClient::new(CLIENT_ID, CLIENT_SECRET)
+                .redirect_uri(&format!("http://app.test:{port}/.portcullis/callback"))
+                .metadata("userinfo_signed_response_alg", json!("ES256")),
+        )
+        .user(IdpUser::new("pat", "pat@corp.test", PASSWORD))
+        .start()
+        .await;
+    let cfg = cfg
+        .route(Route::new("http://app.test", &[&app]).set("allow = { groups = [\"eng\"] }"))
+        .oidc(Oidc::new(
+            idp.issuer(),
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &format!("app.test:{port}"),
+        ))
+        .scim(SCIM_HOST, &[("idp", SCIM_TOKEN)]);
+    let _px = Portcullis::start(&cfg.toml()).await;
+    let discovered = std::time::Instant::now();
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let id = scim.create_user("pat@corp.test").await.id();
+    scim.create_group("eng", &[&id]).await;
+    let page = format!("http://app.test:{port}/reports");
+    let sign_in = || async {
+        let browser = client();
+        let deadline = std::time::Instant::now() + WAIT;
+        let authorize = loop {
+            let resp = navigate(&browser, &page).await;
+            match header(&resp, "location") {
+                Some(to) if to.starts_with(idp.issuer()) => break to,
+                other => assert!(
+                    std::time::Instant::now() < deadline,
+                    "sign-in never available: {} {other:?}",
+                    resp.status()
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        let callback = idp
+            .sign_in_http(&authorize, "pat@corp.test", PASSWORD)
+            .await;
+        let resp = browser.get(&callback).send().await.unwrap();
+        let status = resp.status();
+        let session = set_cookie(&resp, SESSION_COOKIE);
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::FOUND, "{body}");
+        cookie_value(&session.expect("a session"))
+    };
+    for round in ["keys as discovered", "keys rotated since"] {
+        let cookie = sign_in().await;
+        let resp = get_with_session(&page, &cookie, "application/json").await;
+        assert_eq!(resp.status(), StatusCode::OK, "{round}");
+        let echo = portcullis_tests::Echo::parse(&resp.bytes().await.unwrap_or_default());
+        assert_eq!(
+            echo.header("x-portcullis-user"),
+            Some("pat@corp.test"),
+            "{round}"
+        );
+        // Portcullis fetches keys again at most every 10 s: a rotation is rare, so give it
+        // that much since it fetched them (at discovery), as `signin::` does.
+        let quiet = std::time::Duration::from_secs(11);
+        if let Some(rest) = quiet.checked_sub(discovered.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        idp.rotate_keys(false).await;
+    }
+}

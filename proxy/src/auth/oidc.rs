@@ -590,7 +590,10 @@ impl Oidc {
     }
 
     /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must
-    /// be about `subject` (OpenID Connect Core §5.3.4); a signed one must verify.
+    /// be about `subject` (OpenID Connect Core §5.3.4). A signed one (`application/jwt`, as a
+    /// client registered with `userinfo_signed_response_alg` gets) must verify as an ID token
+    /// does: with the provider's keys as they are now (fetched again for a key not seen yet),
+    /// under `id_token_algorithms`, and naming this provider and client where it names any.
     async fn user_info(
         &self,
         config: &OidcConfig,
@@ -598,29 +601,67 @@ impl Oidc {
         access_token: &AccessToken,
         subject: &SubjectIdentifier,
     ) -> Result<UserInfoClaims<MoreClaims, CoreGenderClaim>, UserInfoFailure> {
-        let client = provider.client(config);
-        let request = client
-            .user_info(access_token.clone(), Some(subject.clone()))
-            .map_err(|_| {
-                UserInfoFailure::Unanswered(SignInError::Invalid(
-                    "the provider has no UserInfo endpoint, and [oidc] userinfo = \"always\""
-                        .to_owned(),
-                ))
-            })?;
-        request
-            .request_async(&bounded::Client(self.http.clone()))
+        let unanswered =
+            |e: String| UserInfoFailure::Unanswered(SignInError::Invalid(format!("UserInfo: {e}")));
+        let unreachable = |e: String| {
+            UserInfoFailure::Unanswered(SignInError::Unreachable(format!("UserInfo: {e}")))
+        };
+        let invalid =
+            |e: String| UserInfoFailure::Invalid(SignInError::Invalid(format!("UserInfo: {e}")));
+        let endpoint = provider.metadata.userinfo_endpoint().ok_or_else(|| {
+            UserInfoFailure::Unanswered(SignInError::Invalid(
+                "the provider has no UserInfo endpoint, and [oidc] userinfo = \"always\""
+                    .to_owned(),
+            ))
+        })?;
+        let response = self
+            .http
+            .get(endpoint.url().as_str())
+            .bearer_auth(access_token.secret())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
             .await
-            .map_err(|e| match e {
-                openidconnect::UserInfoError::ClaimsVerification(e) => {
-                    UserInfoFailure::Invalid(SignInError::Invalid(format!("UserInfo: {e}")))
-                }
-                openidconnect::UserInfoError::Request(e) => {
-                    UserInfoFailure::Unanswered(SignInError::Unreachable(format!("UserInfo: {e}")))
-                }
-                other => {
-                    UserInfoFailure::Unanswered(SignInError::Invalid(format!("UserInfo: {other}")))
-                }
-            })
+            .map_err(|e| unreachable(e.to_string()))?;
+        if response.status() != reqwest::StatusCode::OK {
+            return Err(unanswered(format!("status {}", response.status())));
+        }
+        let signed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/jwt"));
+        let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES)
+            .await
+            .map_err(unreachable)?;
+        let json = if signed {
+            let token = std::str::from_utf8(&body)
+                .map_err(|_| invalid("the signed answer is not text".to_owned()))?
+                .trim();
+            let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+            validation.algorithms = config
+                .id_token_algorithms
+                .iter()
+                .copied()
+                .map(algorithm)
+                .collect();
+            validation.set_issuer(&[&provider.issuer]);
+            validation.set_audience(&[&config.client_id]);
+            validation.set_required_spec_claims::<&str>(&[]);
+            validation.leeway = 60;
+            let claims: serde_json::Value = provider
+                .jwks
+                .verify(token, &validation)
+                .await
+                .map_err(|e| invalid(e.to_string()))?;
+            serde_json::to_vec(&claims).map_err(|e| invalid(e.to_string()))?
+        } else {
+            body
+        };
+        UserInfoClaims::from_json::<std::io::Error>(&json, Some(subject)).map_err(|e| match e {
+            openidconnect::UserInfoError::ClaimsVerification(e) => invalid(e.to_string()),
+            other => unanswered(other.to_string()),
+        })
     }
 
     fn verify_id_token(
