@@ -1343,6 +1343,81 @@ async fn a_browser_with_more_cookies_than_are_read_is_told_so_not_sent_round_the
     assert_session_works(&page, &alice).await;
 }
 
+/// Signs in at `url` as a browser does, with `browser`'s cookies for the IdP too: the IdP's
+/// login form when it has no session of `login`, else single sign-on. The session's id.
+async fn browser_sign_in(
+    fx: &Fixture,
+    browser: &reqwest::Client,
+    url: &str,
+    login: &str,
+    password: &str,
+) -> String {
+    let mut at = header(&navigate(browser, url).await, LOCATION.as_str()).expect("to the IdP");
+    for _ in 0..10 {
+        if !at.starts_with(fx.idp.issuer()) {
+            break;
+        }
+        let resp = browser.get(&at).send().await.unwrap();
+        at = match header(&resp, LOCATION.as_str()) {
+            Some(to) => url::Url::parse(&at).unwrap().join(&to).unwrap().to_string(),
+            None => {
+                let page = resp.text().await.unwrap();
+                let action = page
+                    .split("action=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or_else(|| panic!("no login form: {page}"));
+                let target = url::Url::parse(&at).unwrap().join(action).unwrap();
+                let resp = browser
+                    .post(target)
+                    .form(&[("login", login), ("password", password)])
+                    .send()
+                    .await
+                    .unwrap();
+                let to = header(&resp, LOCATION.as_str()).expect("the login redirects");
+                url::Url::parse(&at).unwrap().join(&to).unwrap().to_string()
+            }
+        };
+    }
+    let resp = browser.get(&at).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND, "the callback {at}");
+    cookie_value(&set_cookie(&resp, SESSION_COOKIE).expect("a session"))
+}
+
+/// Without a cookie domain each host has its own session: one sign-in at the IdP (single
+/// sign-on) makes one on each host visited. Signing out on one ends those of the same sign-in
+/// at the IdP everywhere, though the IdP tells Portcullis nothing (Entra ID sends no
+/// back-channel logout); another sign-in of the same person stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_out_ends_the_sessions_of_the_same_idp_sign_in_on_every_host() {
+    let fx = Fixture::start().await;
+    let browser = client();
+    let app = fx.app_url("/a");
+    let corp = fx.url("corp.example.com", "/c");
+    let on_app = browser_sign_in(&fx, &browser, &app, ALICE, ALICE_PASSWORD).await;
+    let on_corp = browser_sign_in(&fx, &browser, &corp, ALICE, ALICE_PASSWORD).await;
+    assert_ne!(on_app, on_corp);
+    let elsewhere = fx
+        .sign_in(&client(), &corp, ALICE, ALICE_PASSWORD)
+        .await
+        .cookie;
+    for (url, cookie) in [(&app, &on_app), (&corp, &on_corp), (&corp, &elsewhere)] {
+        assert_session_works(url, cookie).await;
+    }
+    // Signed out on app.test; the browser is not (yet) taken to the IdP's end-session page.
+    let resp = bare_client()
+        .post(fx.app_url("/.portcullis/sign_out"))
+        .header(ORIGIN, fx.app_origin())
+        .header(COOKIE, format!("{SESSION_COOKIE}={on_app}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_redirection(), "{}", resp.status());
+    assert_session_refused(&fx, &app, &on_app).await;
+    assert_session_refused(&fx, &corp, &on_corp).await;
+    assert_session_works(&corp, &elsewhere).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;

@@ -20,7 +20,7 @@ use super::oidc::{pending_cookie_name, SignInError, Wanted, PENDING_FOR};
 use super::redirect::{safe_return_url, Hosts};
 use super::{cookies_in_any_jar, session_cookie_name, Auth};
 use crate::audit;
-use crate::caller::{Caller, Principal};
+use crate::caller::{Caller, Identity, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
 use crate::reply::{escape, Reply};
@@ -405,6 +405,30 @@ impl Auth {
             };
             if current.iter().all(|(k, _, _)| *k != key) {
                 current.push((key, s.identity.clone(), s.id_token(id)));
+            }
+        }
+        // And the sessions of the same sign-in at the IdP (its `sid`) on other hosts: without a
+        // cookie domain each host has a session of its own, and the IdP may never tell them of
+        // this sign-out (Entra ID sends no back-channel logout).
+        let signed_in_at_idp: Vec<(String, String, String)> = current
+            .iter()
+            .filter_map(|(_, identity, _)| {
+                let sid = identity.idp_session.clone()?;
+                Some((identity.issuer.clone(), identity.subject.clone(), sid))
+            })
+            .collect();
+        if !signed_in_at_idp.is_empty() {
+            let same_sign_in = |identity: &Identity| {
+                signed_in_at_idp.iter().any(|(issuer, subject, sid)| {
+                    identity.issuer == *issuer
+                        && identity.subject == *subject
+                        && identity.idp_session.as_deref() == Some(sid.as_str())
+                })
+            };
+            for (key, s) in self.sessions.find(same_sign_in) {
+                if current.iter().all(|(k, _, _)| *k != key) {
+                    current.push((key, s.identity.clone(), None));
+                }
             }
         }
         let keys: Vec<_> = current.iter().map(|(key, _, _)| *key).collect();
