@@ -481,6 +481,12 @@ impl ProxyHttp for Proxy {
             &req.headers,
         );
 
+        // An OPTIONS without a body may be a CORS preflight (see 1.6). Known from the framing
+        // (HTTP/2's end of stream too), which only the session reads.
+        let bodiless_options =
+            session.req_header().method == http::Method::OPTIONS && session.is_body_empty();
+        let req = session.req_header();
+
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {
@@ -613,15 +619,16 @@ impl ProxyHttp for Proxy {
             .await;
 
         // 1.6 The gate. A CORS preflight, where the route lets them through, is the
-        // upstream's to answer: browsers send it without credentials, and it asks for nothing
-        // of anyone's.
+        // upstream's to answer, as nobody's: browsers send it without credentials, and it asks
+        // for nothing of anyone's.
         let facts = Facts {
             route: &route.config,
             method: req.method.as_str(),
             path,
             client: ClientOf::Headers(&req.headers),
         };
-        let admission = if route.config.cors_preflight && is_cors_preflight(req) {
+        let preflight = bodiless_options && route.config.cors_preflight && is_cors_preflight(req);
+        let admission = if preflight {
             Admission::Allow(Pass {
                 forward: None,
                 why: None,
@@ -662,7 +669,7 @@ impl ProxyHttp for Proxy {
             }
         };
         let caller = match authentication {
-            Authentication::Caller(caller) => Some(caller),
+            Authentication::Caller(caller) if !preflight => Some(caller),
             _ => None,
         };
         // A websocket or event stream is judged again as long as it is open, whoever opened
@@ -1215,7 +1222,7 @@ impl Proxy {
                     }
                     // Judged again with the form in, however long it took to come: whoever
                     // the directory removed from the console meanwhile, or whose session
-                    // ended, acts no more.
+                    // ended, acts no more; and by the same session the form's token is of.
                     let req = session.req_header();
                     let decided_at = self.shared.marks();
                     let again = self
@@ -1233,9 +1240,34 @@ impl Proxy {
                         .shared
                         .gate(runtime, &decided_at)
                         .admit(&facts, again.presented());
-                    if !matches!(admission, Admission::Allow(_)) {
-                        return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
-                            .await;
+                    let same_session = match (again.caller(), authentication.caller()) {
+                        (
+                            Some(Caller::Person { session: now, .. }),
+                            Some(Caller::Person { session: then, .. }),
+                        ) => now == then,
+                        _ => false,
+                    };
+                    match admission {
+                        Admission::Allow(_) if same_session => {}
+                        Admission::Allow(_) => {
+                            return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
+                                .await
+                        }
+                        Admission::Refuse(refused) => {
+                            let origin = request_origin(req, tls);
+                            let asked = Asked::of(req, path, origin, host.to_owned(), at);
+                            return self
+                                .answer(
+                                    session,
+                                    runtime,
+                                    &route.name,
+                                    true,
+                                    &asked,
+                                    &again,
+                                    refused,
+                                )
+                                .await;
+                        }
                     }
                     let shared = self.shared.clone();
                     let reload = || async move {
@@ -1372,14 +1404,17 @@ impl Proxy {
                     && asked.client == Client::Browser
                     && runtime.carries_credentials(local_addr(session), asked.tls) =>
             {
+                // A page of this host that sign-in takes as a return address, else its root.
                 let referer = session.req_header().headers.get(header::REFERER);
+                let hosts = endpoints::served_hosts(&runtime.config);
                 let back = referer
                     .and_then(|v| v.to_str().ok())
                     .filter(|r| {
                         r.strip_prefix(asked.origin.as_str())
                             .is_some_and(|p| p.starts_with('/'))
                     })
-                    .map_or_else(|| format!("{}/", asked.origin), str::to_owned);
+                    .and_then(|r| crate::auth::redirect::safe_return_url(r, &asked.origin, &hosts))
+                    .unwrap_or_else(|| format!("{}/", asked.origin));
                 sign_in_to_send_again(&back, invalid_token)
             }
             Refused::SignIn { .. } => match &runtime.config.oidc {
@@ -1538,18 +1573,15 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
     )
 }
 
-/// A CORS preflight (Fetch standard, CORS-preflight request): `OPTIONS` with `Origin` and
-/// `Access-Control-Request-Method`, and without a body.
+/// Whether an `OPTIONS` request without a body is a CORS preflight (Fetch standard,
+/// CORS-preflight request): with `Origin` and `Access-Control-Request-Method`, and nothing
+/// that would keep it open (no upgrade, no event stream).
 fn is_cors_preflight(req: &RequestHeader) -> bool {
     let headers = &req.headers;
     req.method == http::Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-        && !headers.contains_key(header::TRANSFER_ENCODING)
-        && headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .all(|length| length.as_bytes() == b"0")
+        && !is_long_lived(req)
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours.

@@ -206,7 +206,6 @@ async fn a_signed_userinfo_answer_verifies_with_the_provider_s_current_keys() {
         ))
         .scim(SCIM_HOST, &[("idp", SCIM_TOKEN)]);
     let _px = Portcullis::start(&cfg.toml()).await;
-    let discovered = std::time::Instant::now();
     let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
     let id = scim.create_user("pat@corp.test").await.id();
     scim.create_group("eng", &[&id]).await;
@@ -236,8 +235,11 @@ async fn a_signed_userinfo_answer_verifies_with_the_provider_s_current_keys() {
         assert_eq!(status, StatusCode::FOUND, "{body}");
         cookie_value(&session.expect("a session"))
     };
+    // Known once sign-in is first available: the keys were fetched by then.
+    let mut discovered = None;
     for round in ["keys as discovered", "keys rotated since"] {
         let cookie = sign_in().await;
+        let discovered = *discovered.get_or_insert_with(std::time::Instant::now);
         let resp = get_with_session(&page, &cookie, "application/json").await;
         assert_eq!(resp.status(), StatusCode::OK, "{round}");
         let echo = portcullis_tests::Echo::parse(&resp.bytes().await.unwrap_or_default());

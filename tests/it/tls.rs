@@ -272,3 +272,58 @@ async fn http2_is_negotiated_by_alpn_and_http1_still_works() {
     assert_eq!(resp.version(), Version::HTTP_11);
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+/// A CORS preflight is an `OPTIONS` without a body: one sent over HTTP/2 with a body (DATA
+/// frames, no `Content-Length`) or over HTTP/1.1 chunked is no preflight, and needs a caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_options_with_a_body_is_no_cors_preflight_over_http2_or_http1() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("api", &["api.test"]);
+    let up = Upstream::start("api").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(
+            Route::new("https://api.test", &[&up])
+                .set("accept = [\"bearer\"]")
+                .set("allow = { machines = true }")
+                .set("cors_preflight = true"),
+        )
+        .jwt_issuer(portcullis_tests::JwtIssuer::new(
+            "https://idp.invalid",
+            &["api"],
+        ));
+    let _px = cfg.start().await;
+    let url = cfg.https_url("api.test", "/data");
+    let h2 = tls_client(&ca);
+    let preflight = || {
+        h2.request(reqwest::Method::OPTIONS, &url)
+            .header("origin", "https://app.test")
+            .header("access-control-request-method", "POST")
+    };
+    let resp = preflight().send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(up.count(), 1);
+    // The same with a body of unknown length: DATA frames after the headers.
+    let chunks: Vec<Result<&'static [u8], std::io::Error>> = vec![Ok(b"x=1"), Ok(b"&y=2")];
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = preflight().body(body).send().await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Over HTTP/1.1, chunked.
+    let h1 = tls_client_http1(&ca);
+    let chunks: Vec<Result<&'static [u8], std::io::Error>> = vec![Ok(b"x=1")];
+    let resp = h1
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.test")
+        .header("access-control-request-method", "POST")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), Version::HTTP_11);
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(up.count(), 1, "only the preflight reached the upstream");
+}

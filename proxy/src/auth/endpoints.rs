@@ -697,18 +697,19 @@ fn error_code(error: &str) -> String {
 
 fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
-        SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        SignInError::ProviderUnavailable
+        | SignInError::Unreachable(_)
+        | SignInError::UserInfoUnreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         SignInError::UnknownState | SignInError::WrongBrowser | SignInError::Refused(_) => {
             StatusCode::BAD_REQUEST
         }
         SignInError::Invalid(_) => StatusCode::BAD_GATEWAY,
     };
-    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
-        "<p>Reload this page in a moment to try again.</p>"
-    } else {
-        ""
+    let retry = match e {
+        SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
+            "<p>Reload this page in a moment to try again.</p>"
+        }
+        _ => "",
     };
     Reply::page(
         status,

@@ -105,6 +105,10 @@ pub enum SignInError {
     Refused(String),
     #[error("the identity provider could not be reached: {0}")]
     Unreachable(String),
+    /// UserInfo did not answer, after the code was exchanged: a reload cannot finish this
+    /// sign-in (the code is spent), a new one may.
+    #[error("the identity provider's UserInfo endpoint could not be reached: {0}")]
+    UserInfoUnreachable(String),
     #[error("the identity provider's answer could not be verified: {0}")]
     Invalid(String),
 }
@@ -603,9 +607,8 @@ impl Oidc {
     ) -> Result<UserInfoClaims<MoreClaims, CoreGenderClaim>, UserInfoFailure> {
         let unanswered =
             |e: String| UserInfoFailure::Unanswered(SignInError::Invalid(format!("UserInfo: {e}")));
-        let unreachable = |e: String| {
-            UserInfoFailure::Unanswered(SignInError::Unreachable(format!("UserInfo: {e}")))
-        };
+        let unreachable =
+            |e: String| UserInfoFailure::Unanswered(SignInError::UserInfoUnreachable(e));
         let invalid =
             |e: String| UserInfoFailure::Invalid(SignInError::Invalid(format!("UserInfo: {e}")));
         let endpoint = provider.metadata.userinfo_endpoint().ok_or_else(|| {
@@ -658,8 +661,10 @@ impl Oidc {
         } else {
             body
         };
+        // A signed answer that verified but does not read (no `sub`) is no outage.
         UserInfoClaims::from_json::<std::io::Error>(&json, Some(subject)).map_err(|e| match e {
             openidconnect::UserInfoError::ClaimsVerification(e) => invalid(e.to_string()),
+            other if signed => invalid(other.to_string()),
             other => unanswered(other.to_string()),
         })
     }
