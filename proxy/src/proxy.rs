@@ -1100,6 +1100,34 @@ impl Proxy {
         reply::send(session, reply).await
     }
 
+    /// Who asks for the console's `path`, and whether `[console]` (`route`) lets them.
+    async fn judge_console(
+        &self,
+        runtime: &Runtime,
+        route: &portcullis_config::Route,
+        req: &RequestHeader,
+        tls: bool,
+        path: &str,
+    ) -> (Authentication, Admission) {
+        let decided_at = self.shared.marks();
+        let authentication = self
+            .shared
+            .auth
+            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
+            .await;
+        let facts = Facts {
+            route,
+            method: req.method.as_str(),
+            path,
+            client: ClientOf::Headers(&req.headers),
+        };
+        let admission = self
+            .shared
+            .gate(runtime, &decided_at)
+            .admit(&facts, authentication.presented());
+        (authentication, admission)
+    }
+
     /// Serves the console (`/.portcullis/console/…`, see [`crate::console`]) on the auth host,
     /// to callers the gate lets in by `[console]`, judged as a route.
     async fn console(
@@ -1119,22 +1147,7 @@ impl Proxy {
         }
         let req = session.req_header();
         let path = format!("/.portcullis/{endpoint}");
-        let decided_at = self.shared.marks();
-        let authentication = self
-            .shared
-            .auth
-            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
-            .await;
-        let facts = Facts {
-            route,
-            method: req.method.as_str(),
-            path: &path,
-            client: ClientOf::Headers(&req.headers),
-        };
-        let admission = self
-            .shared
-            .gate(runtime, &decided_at)
-            .admit(&facts, authentication.presented());
+        let (authentication, admission) = self.judge_console(runtime, route, req, tls, &path).await;
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
@@ -1224,22 +1237,8 @@ impl Proxy {
                     // the directory removed from the console meanwhile, or whose session
                     // ended, acts no more; and by the same session the form's token is of.
                     let req = session.req_header();
-                    let decided_at = self.shared.marks();
-                    let again = self
-                        .shared
-                        .auth
-                        .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
-                        .await;
-                    let facts = Facts {
-                        route,
-                        method: req.method.as_str(),
-                        path: &path,
-                        client: ClientOf::Known(Client::Browser),
-                    };
-                    let admission = self
-                        .shared
-                        .gate(runtime, &decided_at)
-                        .admit(&facts, again.presented());
+                    let (again, admission) =
+                        self.judge_console(runtime, route, req, tls, &path).await;
                     let same_session = match (again.caller(), authentication.caller()) {
                         (
                             Some(Caller::Person { session: now, .. }),

@@ -1939,10 +1939,10 @@ async fn a_new_sign_in_works_after_the_idp_rotates_its_keys() {
 
 // ----- one cookie for many hosts, TLS, restarts --------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
-    let app = Upstream::start("app").await;
-    let wiki = Upstream::start("wiki").await;
+/// Portcullis with `routes` and one session for every host under `.corp.test`, signed in on
+/// `auth.corp.test`, and the IdP: the configuration, the IdP, Portcullis and the auth host
+/// (with its port).
+async fn under_corp_test(routes: Vec<Route>) -> (ConfigBuilder, Idp, Portcullis, String) {
     let cfg = ConfigBuilder::new().http_listener();
     let port = cfg.http_addr().port();
     let auth = format!("auth.corp.test:{port}");
@@ -1952,14 +1952,23 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     )
     .start()
     .await;
-    let cfg = cfg
-        .route(Route::new("http://app.corp.test", &[&app]).any_signed_in())
-        .route(Route::new("http://wiki.corp.test", &[&wiki]).any_signed_in())
-        .oidc(
-            Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
-                .set("cookie_domain", "\".corp.test\""),
-        );
-    let _px = cfg.start().await;
+    let cfg = routes.into_iter().fold(cfg, ConfigBuilder::route).oidc(
+        Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
+            .set("cookie_domain", "\".corp.test\""),
+    );
+    let px = cfg.start().await;
+    (cfg, idp, px, auth)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
+    let app = Upstream::start("app").await;
+    let wiki = Upstream::start("wiki").await;
+    let (cfg, idp, _px, auth) = under_corp_test(vec![
+        Route::new("http://app.corp.test", &[&app]).any_signed_in(),
+        Route::new("http://wiki.corp.test", &[&wiki]).any_signed_in(),
+    ])
+    .await;
     wait_sign_in_available_at(
         &client(),
         &format!("http://{auth}/.portcullis/sign_in?rd=%2F"),
@@ -2044,27 +2053,13 @@ async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
 async fn cors_preflights_reach_the_upstream_only_where_the_route_lets_them() {
     let app = Upstream::start("app").await;
     let api = Upstream::start("api").await;
-    let cfg = ConfigBuilder::new().http_listener();
-    let port = cfg.http_addr().port();
-    let auth = format!("auth.corp.test:{port}");
-    let idp = idp_setup(
-        &[format!("http://{auth}/.portcullis/callback")],
-        &format!("http://127.0.0.1:{port}/.portcullis/backchannel_logout"),
-    )
-    .start()
+    let (cfg, _idp, _px, _) = under_corp_test(vec![
+        Route::new("http://app.corp.test", &[&app]).any_signed_in(),
+        Route::new("http://api.corp.test", &[&api])
+            .any_signed_in()
+            .set("cors_preflight = true"),
+    ])
     .await;
-    let cfg = cfg
-        .route(Route::new("http://app.corp.test", &[&app]).any_signed_in())
-        .route(
-            Route::new("http://api.corp.test", &[&api])
-                .any_signed_in()
-                .set("cors_preflight = true"),
-        )
-        .oidc(
-            Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
-                .set("cookie_domain", "\".corp.test\""),
-        );
-    let _px = cfg.start().await;
     let origin = cfg.http_url("app.corp.test", "");
     let preflight = |host: &str| {
         bare_client()

@@ -641,17 +641,8 @@ impl Oidc {
             let token = std::str::from_utf8(&body)
                 .map_err(|_| invalid("the signed answer is not text".to_owned()))?
                 .trim();
-            let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-            validation.algorithms = config
-                .id_token_algorithms
-                .iter()
-                .copied()
-                .map(algorithm)
-                .collect();
-            validation.set_issuer(&[&provider.issuer]);
-            validation.set_audience(&[&config.client_id]);
+            let mut validation = from_provider(config, provider);
             validation.set_required_spec_claims::<&str>(&[]);
-            validation.leeway = 60;
             let claims: serde_json::Value = provider
                 .jwks
                 .verify(token, &validation)
@@ -715,18 +706,9 @@ impl Oidc {
             .provider()
             .filter(|p| p.issuer == config.issuer)
             .ok_or(JwtError::KeysUnavailable)?;
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-        validation.algorithms = config
-            .id_token_algorithms
-            .iter()
-            .copied()
-            .map(algorithm)
-            .collect();
-        validation.set_issuer(&[&provider.issuer]);
-        validation.set_audience(&[&config.client_id]);
+        let mut validation = from_provider(config, &provider);
         validation.set_required_spec_claims(&["iss", "aud"]);
         validation.validate_exp = false;
-        validation.leeway = 60;
         let claims: LogoutClaims = provider.jwks.verify(token, &validation).await?;
         let invalid = |why: &str| JwtError::Invalid(why.to_owned());
         if claims.nonce.is_some() {
@@ -797,6 +779,22 @@ impl LoggedOut {
                 (Some(_), None, None) | (None, None, _) => false,
             }
     }
+}
+
+/// How a JWT the sign-in provider signs for this client is checked: under
+/// `id_token_algorithms`, from its issuer, for its client (where named), with a minute's leeway.
+fn from_provider(config: &OidcConfig, provider: &Provider) -> jsonwebtoken::Validation {
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.algorithms = config
+        .id_token_algorithms
+        .iter()
+        .copied()
+        .map(algorithm)
+        .collect();
+    validation.set_issuer(&[&provider.issuer]);
+    validation.set_audience(&[&config.client_id]);
+    validation.leeway = 60;
+    validation
 }
 
 #[derive(Deserialize)]
