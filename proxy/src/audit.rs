@@ -1199,7 +1199,20 @@ pub fn run_cli(
 ) -> Result<(), String> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    // Read from the end, a record older than `since` ends the reading (give or take the
+    // moments records wait to be written; a change written late carries its own time).
+    let stop_before = filter
+        .since
+        .filter(|_| order == Order::NewestFirst)
+        .map(|since| since - time::Duration::minutes(1));
     each(&mut destination, order, &mut |text, entry| {
+        let in_order = !matches!(entry, Entry::Change { .. });
+        if let (Some(stop), true) = (stop_before, in_order) {
+            let at = OffsetDateTime::parse(entry.time(), &Rfc3339);
+            if at.is_ok_and(|at| at < stop) {
+                return false;
+            }
+        }
         if !filter.matches(&entry) {
             return true;
         }

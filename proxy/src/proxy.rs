@@ -1249,8 +1249,21 @@ impl Proxy {
                     match admission {
                         Admission::Allow(_) if same_session => {}
                         Admission::Allow(_) => {
+                            // Another session of the jar than the form's token is of.
+                            let who = again
+                                .caller()
+                                .map_or("anonymous".to_owned(), |c| c.log_name());
+                            let request = audit::Request {
+                                method: "POST",
+                                path: &path,
+                                client: at.client_ip,
+                            };
+                            let why = "a console form was posted by another session than its own";
+                            self.shared
+                                .audit
+                                .refusal(&who, &route.name, None, why, &request, None);
                             return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
-                                .await
+                                .await;
                         }
                         Admission::Refuse(refused) => {
                             let origin = request_origin(req, tls);

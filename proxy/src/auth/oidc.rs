@@ -634,9 +634,10 @@ impl Oidc {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/jwt"));
+        // An answer too large (or cut short) is no answer; a signed one, no valid answer.
         let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| if signed { invalid(e) } else { unanswered(e) })?;
         let json = if signed {
             let token = std::str::from_utf8(&body)
                 .map_err(|_| invalid("the signed answer is not text".to_owned()))?
