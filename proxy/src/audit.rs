@@ -1192,13 +1192,28 @@ fn earlier(a: &str, b: &str) -> bool {
 /// `portcullis audit`: prints the records kept at `destination` that `filter` selects, in
 /// `order`. Reading while the server appends is safe: only whole records are read.
 pub fn run_cli(
-    mut destination: Destination,
+    destination: Destination,
     filter: &Filter,
     order: Order,
     json: bool,
 ) -> Result<(), String> {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    print(
+        destination,
+        filter,
+        order,
+        json,
+        &mut std::io::stdout().lock(),
+    )
+}
+
+/// [`run_cli`], to `out`.
+fn print(
+    mut destination: Destination,
+    filter: &Filter,
+    order: Order,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), String> {
     // Read from the end, a record older than `since` ends the reading (give or take the
     // moments records wait to be written; a change written late carries its own time).
     let stop_before = filter
@@ -1410,6 +1425,60 @@ fn each_line_from_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Read from the end with `--since`, the log is read no further back than that: a record
+    /// written out of order before an older one is not reached.
+    #[test]
+    fn newest_first_since_stops_where_the_records_get_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let refusal = |ago: i64, path: &str| {
+            let time = (now - time::Duration::seconds(ago))
+                .format(&Rfc3339)
+                .unwrap();
+            let entry = Entry::Refusal {
+                time,
+                user: "mallory".to_owned(),
+                route: "app".to_owned(),
+                rule: None,
+                reason: "no".to_owned(),
+                method: "GET".to_owned(),
+                path: path.to_owned(),
+                client: None,
+                agent: None,
+            };
+            serde_json::to_string(&entry).unwrap() + "\n"
+        };
+        let log = [
+            refusal(300, "/behind-the-older-one"),
+            refusal(7_200, "/two-hours-ago"),
+            refusal(60, "/a-minute-ago"),
+        ]
+        .concat();
+        std::fs::write(dir.path().join(FILE_NAME), log).unwrap();
+        let filter = Filter {
+            since: Some(now - time::Duration::hours(1)),
+            ..Filter::default()
+        };
+        let printed = |order: Order| {
+            let mut out = Vec::new();
+            let destination = Destination::of(dir.path(), None);
+            print(destination, &filter, order, true, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let newest_first = printed(Order::NewestFirst);
+        assert!(newest_first.contains("/a-minute-ago"), "{newest_first}");
+        assert!(
+            !newest_first.contains("/behind-the-older-one"),
+            "{newest_first}"
+        );
+        let oldest_first = printed(Order::OldestFirst);
+        assert!(
+            oldest_first.contains("/behind-the-older-one"),
+            "{oldest_first}"
+        );
+        assert!(!oldest_first.contains("/two-hours-ago"), "{oldest_first}");
+    }
 
     /// The log's lines as `each_line` and `each_line_from_end` give them, with their offsets.
     fn lines(path: &Path, order: Order) -> Vec<(String, u64)> {
