@@ -183,6 +183,19 @@ secret = "env:SCIM_TOKEN"
     raise SystemExit("portcullis did not become ready in 30 s")
 
 
+def print_log_tail(path: str, lines: int = 80) -> None:
+    """Prints the end of portcullis' own log, which goes with the temporary directory: why a
+    failed run's answers were what they were (a lapsed lease, a lost connection) is there."""
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError as e:
+        print(f"(portcullis' log is unreadable: {e})")
+        return
+    print(f"== the last {len(tail)} lines of portcullis' log")
+    print("".join(tail), end="")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", help="Start this portcullis binary on free ports and test it")
@@ -218,13 +231,16 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="scim2-tester-") as workdir:
             proc, args.url, args.token, args.host_header = start_portcullis(args.binary, workdir, args.postgres)
             try:
-                return run(args)
+                status = run(args)
             finally:
                 proc.terminate()
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            if status != 0:
+                print_log_tail(os.path.join(workdir, "portcullis.log"))
+            return status
     if not (args.url and args.token):
         p.error("give --binary, or --url and --token")
     return run(args)
