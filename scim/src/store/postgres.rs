@@ -360,11 +360,27 @@ impl Freshness {
         boot_nanos() < self.until.load(Ordering::Acquire)
     }
 
-    /// Renewed by a statement sent at `sent` ([`boot_nanos`]).
+    /// Renewed by a statement sent at `sent` ([`boot_nanos`]). Should it lapse before the
+    /// next renewal without a failure to say why, that renewal was late.
     fn renewed(&self, sent: u64) {
         let staleness = u64::try_from(self.max_staleness.as_nanos()).unwrap_or(u64::MAX);
         self.until
             .store(sent.saturating_add(staleness), Ordering::Release);
+        *lock(&self.problem) = format!(
+            "the lease was not renewed within {:?} (PostgreSQL slow to answer, or this \
+             process stalled)",
+            self.max_staleness
+        );
+    }
+
+    /// The feed was lost (`problem` says how): the lease is not renewed until it is back, and
+    /// lapses when its time is up, not before. Until then the index still holds every change
+    /// answered anywhere: another replica's writer answers without this one only once this
+    /// lease has lapsed in the database too (see [`PgStorage::settle`]), which is no sooner.
+    /// So a dropped connection (a pooler restarting, a terminated backend) refuses nobody
+    /// when it is back within the lease.
+    fn lost(&self, problem: String) {
+        *lock(&self.problem) = problem;
     }
 
     fn lapse(&self, problem: String) {
@@ -1194,6 +1210,19 @@ impl AuditLog {
     }
 }
 
+/// A replica's lease renewal ([`Fleet::renew`]): `$1` the replica, `$2` the sequence it has
+/// applied, `$3` the lease in milliseconds; 1 if renewed, 0 if something newer was committed.
+const RENEW: &str = "\
+    WITH current AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE), \
+    lease AS (INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
+        SELECT $1::text, $2::bigint, statement_timestamp() + $3::bigint * interval '1 millisecond' \
+        FROM current WHERE value = $2::bigint \
+        ON CONFLICT (id) DO UPDATE SET applied_seq = excluded.applied_seq, \
+            lease_until = excluded.lease_until, seen = now() \
+        RETURNING applied_seq), \
+    notify AS (SELECT pg_notify('portcullis_applied', applied_seq::text) FROM lease) \
+    SELECT count(*) FROM notify";
+
 /// This replica's part in the fleet: follows the feed and holds the lease.
 pub struct Fleet {
     replica: String,
@@ -1206,8 +1235,8 @@ impl Fleet {
     /// `max_staleness`), has `catch_up` apply what is new (it reports the sequence now applied,
     /// and the last one applied from the feed), then renews the lease if that is everything
     /// committed: when the quarter is up, or at once when other replicas' batches were
-    /// applied, since their writers wait for it. Reconnects after failures; the lease lapses
-    /// meanwhile, and this replica refuses callers until it has caught up.
+    /// applied, since their writers wait for it. Reconnects after failures; should the lease
+    /// lapse meanwhile, this replica refuses callers until it has caught up.
     ///
     /// `visible` is the sequence already applied here: a notification of a batch this replica
     /// wrote itself needs no catching up. `foreign` is the last one applied from other
@@ -1233,8 +1262,7 @@ impl Fleet {
                     std::process::exit(1);
                 }
                 Err((e, connected_for)) => {
-                    self.freshness
-                        .lapse(format!("lost the directory feed: {e}"));
+                    self.freshness.lost(format!("lost the directory feed: {e}"));
                     if connected_for > Duration::from_secs(10) {
                         backoff = Duration::from_millis(50);
                     }
@@ -1251,40 +1279,21 @@ impl Fleet {
     /// The sequence is read `FOR SHARE`, so the renewal and a commit (which locks the same row
     /// `FOR UPDATE` until it ends) never overlap: either the renewal commits first, and the
     /// writer's settling then sees this lease and waits for the replica to apply the batch, or
-    /// the renewal reads the batch's sequence and fails.
+    /// the renewal reads the batch's sequence and fails. One statement (`renewal`, [`RENEW`]),
+    /// so one round trip, and no transaction left open between statements.
     fn renew(
         &self,
         client: &mut Client,
+        renewal: &postgres::Statement,
         applied: i64,
         staleness_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut txn = client.transaction().map_err(backend)?;
-        let seq: i64 = txn
-            .query_one(
-                "SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE",
-                &[],
-            )
+        let renewed: i64 = client
+            .query_one(renewal, &[&self.replica, &applied, &staleness_ms])
             .map_err(backend)?
             .try_get(0)
             .map_err(backend)?;
-        if seq != applied {
-            return Ok(false);
-        }
-        txn.execute(
-            "INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
-             VALUES ($1, $2, statement_timestamp() + $3::bigint * interval '1 millisecond') \
-             ON CONFLICT (id) DO UPDATE SET applied_seq = excluded.applied_seq, \
-                 lease_until = excluded.lease_until, seen = now()",
-            &[&self.replica, &applied, &staleness_ms],
-        )
-        .map_err(backend)?;
-        txn.execute(
-            "SELECT pg_notify('portcullis_applied', $1::bigint::text)",
-            &[&applied],
-        )
-        .map_err(backend)?;
-        txn.commit().map_err(backend)?;
-        Ok(true)
+        Ok(renewed == 1)
     }
 
     fn follow_connected(
@@ -1307,6 +1316,7 @@ impl Fleet {
                 &[],
             )
             .map_err(backend)?;
+        let renewal = client.prepare(RENEW).map_err(backend)?;
         let mut last_prune = Instant::now();
         let interval = self.freshness.max_staleness / 4;
         // Renewed on schedule, and whenever other replicas' batches were applied (their
@@ -1335,7 +1345,7 @@ impl Fleet {
                 // Counted from before the renewal is sent: never longer than the lease granted.
                 let sent = boot_nanos();
                 let sent_at = Instant::now();
-                if !self.renew(&mut client, to_sql(seq)?, staleness_ms)? {
+                if !self.renew(&mut client, &renewal, to_sql(seq)?, staleness_ms)? {
                     // Something was committed meanwhile: apply it first.
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
@@ -1404,8 +1414,14 @@ mod tests {
         lease.renewed(boot_nanos() - 3_000_000_000);
         assert!(!lease.is_current());
         lease.renewed(boot_nanos());
-        lease.lapse("lost the feed".to_owned());
-        assert!(!lease.is_current());
+        lease.lost("lost the feed".to_owned());
+        assert!(
+            lease.is_current(),
+            "a lost feed ends no lease before its time"
+        );
         assert_eq!(lease.problem(), "lost the feed");
+        lease.lapse("left the fleet".to_owned());
+        assert!(!lease.is_current());
+        assert_eq!(lease.problem(), "left the fleet");
     }
 }
