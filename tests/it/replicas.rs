@@ -879,11 +879,21 @@ async fn dropped_postgres_connections_refuse_nobody_while_the_lease_holds() {
         assert_eq!(status(url, &token).await, 200, "{url}");
     }
 
-    // Every connection of both replicas is ended, mid-load.
+    // Every connection of both replicas is ended, mid-load; the load goes on past the end of
+    // the leases the replicas held then, so only renewals keep them answering.
+    let terminated = std::sync::OnceLock::new();
     let load = async {
         let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && seen.len() < 3000 {
+        let started = Instant::now();
+        let past_the_leases = || {
+            terminated.get().is_some_and(|at: &Instant| {
+                at.elapsed() > MAX_STALENESS + Duration::from_millis(500)
+            })
+        };
+        while !past_the_leases()
+            && started.elapsed() < Duration::from_secs(60)
+            && seen.len() < 50_000
+        {
             seen.push(status_once(&urls[seen.len() % 2], &token).await);
         }
         seen
@@ -898,9 +908,16 @@ async fn dropped_postgres_connections_refuse_nobody_while_the_lease_holds() {
             )
             .await
             .expect("end the replicas' connections");
+        let _ = terminated.set(Instant::now());
         ended[0][0].clone().unwrap_or_default()
     };
     let (seen, ended) = tokio::join!(load, terminate);
+    assert!(
+        terminated
+            .get()
+            .is_some_and(|at| at.elapsed() > MAX_STALENESS),
+        "the load ended before the leases held at the termination would have lapsed"
+    );
     // Each replica holds at least its feed's connection and its writer's.
     assert!(
         ended.parse::<u32>().is_ok_and(|n| n >= 4),
@@ -921,8 +938,50 @@ async fn dropped_postgres_connections_refuse_nobody_while_the_lease_holds() {
         .await
         .expect_success();
     for url in &urls {
-        assert_eq!(status_once(url, &token).await, 403, "{url}");
+        assert_eq!(status(url, &token).await, 403, "{url}");
     }
+}
+
+/// After a failover, the database that judges a replica's lease may have lost its last
+/// renewal (an asynchronous standby), or run on another clock. A replica that reconnects keeps
+/// only as much of its lease as the database holds: writers there answer without it once
+/// that has lapsed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_reconnecting_keeps_only_the_lease_the_database_holds() {
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    let machine = a.scim.create_user(MACHINE_ID).await.expect_success().id();
+    a.scim
+        .create_group("eng", &[&machine])
+        .await
+        .expect_success();
+    let token = fleet.token().await;
+    let url = a.api_url("/");
+    assert_eq!(status(&url, &token).await, 200);
+
+    // The database forgets the lease and ends the connections, in one transaction: a
+    // renewal sent meanwhile waits for it, and goes with its connection.
+    fleet
+        .pg
+        .query(
+            "UPDATE portcullis_replicas SET lease_until = clock_timestamp() - interval '1 second'; \
+             SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'portcullis'",
+        )
+        .await
+        .expect("forget the lease and end the connections");
+    let cut = eventually(MAX_STALENESS * 3, || async {
+        a.px.log()
+            .contains("PostgreSQL holds this replica's lease for less than it counted")
+    })
+    .await;
+    assert!(
+        cut,
+        "the lease held past what the database granted:\n{}",
+        a.px.log()
+    );
+    // Renewed on the database as it is, it answers again.
+    assert_eq!(status(&url, &token).await, 200, "{}", a.px.log());
 }
 
 /// The directory's sequence number as PostgreSQL holds it.

@@ -383,6 +383,18 @@ impl Freshness {
         *lock(&self.problem) = problem;
     }
 
+    /// What is left of the lease as the database now holds it, asked at `sent`
+    /// ([`boot_nanos`]): `None` if it holds none. The lease here ends no later: after a
+    /// failover, the database that judges this replica's lease may have lost the last renewal,
+    /// or run on another clock. True if that cut short a lease that still held here.
+    fn held_by_database(&self, sent: u64, left: Option<Duration>) -> bool {
+        let ends = left.map_or(0, |left| {
+            sent.saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+        });
+        let was = self.until.fetch_min(ends, Ordering::AcqRel);
+        was > ends && was > boot_nanos()
+    }
+
     fn lapse(&self, problem: String) {
         self.until.store(0, Ordering::Release);
         *lock(&self.problem) = problem;
@@ -1223,6 +1235,9 @@ const RENEW: &str = "\
     notify AS (SELECT pg_notify('portcullis_applied', applied_seq::text) FROM lease) \
     SELECT count(*) FROM notify";
 
+/// The first wait before the feed's connection is tried again (see [`Fleet::follow`]).
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+
 /// This replica's part in the fleet: follows the feed and holds the lease.
 pub struct Fleet {
     replica: String,
@@ -1248,27 +1263,23 @@ impl Fleet {
         visible: &dyn Fn() -> Seq,
         foreign: &dyn Fn() -> Seq,
     ) -> ! {
-        let mut backoff = Duration::from_millis(50);
+        // Reset by every renewal; at most a quarter of the lease, so that a connection that
+        // keeps dropping is still tried again within it.
+        let most = (self.freshness.max_staleness / 4).clamp(FIRST_RETRY, Duration::from_secs(2));
+        let mut backoff = FIRST_RETRY;
         loop {
-            let started = Instant::now();
-            match self
-                .follow_connected(catch_up, visible, foreign)
-                .map_err(|e| (e, started.elapsed()))
-            {
+            match self.follow_connected(catch_up, visible, foreign, &mut backoff) {
                 Ok(never) => match never {},
-                Err((e @ StoreError::Version { .. }, _)) => {
+                Err(e @ StoreError::Version { .. }) => {
                     // A newer build migrated the database: this one cannot read it safely.
                     tracing::error!("PostgreSQL: {e}; stopping");
                     std::process::exit(1);
                 }
-                Err((e, connected_for)) => {
+                Err(e) => {
                     self.freshness.lost(format!("lost the directory feed: {e}"));
-                    if connected_for > Duration::from_secs(10) {
-                        backoff = Duration::from_millis(50);
-                    }
                     tracing::warn!("lost the directory feed, retrying in {backoff:?}: {e}");
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(most);
                 }
             }
         }
@@ -1301,9 +1312,32 @@ impl Fleet {
         catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
         visible: &dyn Fn() -> Seq,
         foreign: &dyn Fn() -> Seq,
+        backoff: &mut Duration,
     ) -> Result<std::convert::Infallible, StoreError> {
         let mut client = self.connector.connect()?;
         migrate(&mut client)?;
+        // Kept across the reconnection only as long as this database grants it.
+        let sent = boot_nanos();
+        let left: Option<i64> = client
+            .query_opt(
+                "SELECT (extract(epoch FROM lease_until - clock_timestamp()) * 1000000)::bigint \
+                 FROM portcullis_replicas WHERE id = $1",
+                &[&self.replica],
+            )
+            .map_err(backend)?
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(backend)?;
+        let left = left
+            .and_then(|us| u64::try_from(us).ok())
+            .map(Duration::from_micros);
+        if self.freshness.held_by_database(sent, left) {
+            tracing::warn!(
+                "PostgreSQL holds this replica's lease for less than it counted (a failover to a \
+                 standby that lacked the last renewal, or runs on another clock): cut to what \
+                 the database holds"
+            );
+        }
         client
             .batch_execute("LISTEN portcullis_feed")
             .map_err(backend)?;
@@ -1351,6 +1385,7 @@ impl Fleet {
                     continue;
                 }
                 self.freshness.renewed(sent);
+                *backoff = FIRST_RETRY;
                 renew_by = sent_at + interval;
                 reported = Some(applied_foreign);
             }
@@ -1420,6 +1455,15 @@ mod tests {
             "a lost feed ends no lease before its time"
         );
         assert_eq!(lease.problem(), "lost the feed");
+        // After a failover: the database holds 1 s of it, or none.
+        let asked = boot_nanos();
+        assert!(lease.held_by_database(asked, Some(Duration::from_secs(1))));
+        assert_eq!(lease.until.load(Ordering::Acquire), asked + 1_000_000_000);
+        assert!(!lease.held_by_database(asked, Some(Duration::from_secs(5))));
+        assert_eq!(lease.until.load(Ordering::Acquire), asked + 1_000_000_000);
+        assert!(lease.held_by_database(asked, None));
+        assert!(!lease.is_current());
+        lease.renewed(boot_nanos());
         lease.lapse("left the fleet".to_owned());
         assert!(!lease.is_current());
         assert_eq!(lease.problem(), "left the fleet");
