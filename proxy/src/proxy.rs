@@ -674,7 +674,7 @@ impl ProxyHttp for Proxy {
         };
         // A websocket or event stream is judged again as long as it is open, whoever opened
         // it: one let in by a public rule ends when a reload takes that rule away.
-        let long_lived = is_long_lived(req);
+        let long_lived = is_long_lived(req, route.config.websockets);
         let judged = caller.is_some() || long_lived;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
@@ -995,7 +995,7 @@ impl RequestCtx {
                 path: path.to_owned(),
                 client: Client::of(&req.headers),
                 client_ip: self.client_ip,
-                websocket: req.headers.contains_key(header::UPGRADE),
+                websocket: route.config.websockets && req.headers.contains_key(header::UPGRADE),
             };
             let identified = self.forward.is_some();
             let recheck = Recheck::new(self.caller.clone(), target, identified, decided_at);
@@ -1593,12 +1593,16 @@ fn is_cors_preflight(req: &RequestHeader) -> bool {
     req.method == http::Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-        && !is_long_lived(req)
+        && !is_long_lived(req, true)
 }
 
-/// A websocket upgrade or an event stream: a request that may stay open for hours.
-fn is_long_lived(req: &RequestHeader) -> bool {
-    req.headers.contains_key(header::UPGRADE) || accepts(&req.headers, b"text/event-stream")
+/// A websocket upgrade or an event stream: a request that may stay open for hours. An
+/// `Upgrade` counts only on a route that `takes_websockets`: elsewhere it goes upstream
+/// without it (pingora's `deny_upgrades`), an ordinary request (`curl --http2` on `http:`
+/// asks for `h2c`).
+fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
+    (takes_websockets && req.headers.contains_key(header::UPGRADE))
+        || accepts(&req.headers, b"text/event-stream")
 }
 
 /// Whether a client-sent header is one only Portcullis may set, so that no client can change

@@ -115,6 +115,30 @@ async fn websocket_upgrade_is_refused_when_disabled() {
     }
 }
 
+/// A request that offers an upgrade (`curl --http2` on `http:` asks for `h2c`) on a route
+/// without websockets is an ordinary request: answered in full however long the upstream
+/// takes, not cut as a websocket its route does not take.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_offered_on_a_route_without_websockets_is_an_ordinary_request() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://nows.test", &[&up]).websockets(false));
+    let _px = cfg.start().await;
+    // Past at least one turn of the second, when open connections are judged again.
+    let resp = crate::signin::bare_client()
+        .get(cfg.http_url("nows.test", "/slow?ms=2500"))
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("the whole body");
+    assert!(body.contains("/slow?ms=2500"), "{body}");
+}
+
 /// After a 101 every byte goes through unjudged: an upstream handler that answers 101 without
 /// accepting the websocket (a status echo, say) must not turn the rest of the connection into
 /// requests Portcullis never sees, with identity headers of the client's choosing.
