@@ -177,6 +177,16 @@ pub struct Forward {
     pub agent: Option<AgentRecord>,
 }
 
+impl Forward {
+    /// Whether the upstream is told the same of both: user, email, groups and agent.
+    pub fn names_the_same(&self, other: &Forward) -> bool {
+        let (a, b) = (&*self.named, &*other.named);
+        (Arc::ptr_eq(&self.named, &other.named)
+            || (a.user == b.user && a.email == b.email && a.group_names == b.group_names))
+            && self.agent == other.agent
+    }
+}
+
 impl Deref for Forward {
     type Target = Named;
 
@@ -313,6 +323,9 @@ pub enum Cause {
     /// An open connection's caller would be let in now only as anyone (by a public rule), not
     /// as whom the upstream was told of when it was opened.
     AsAnyoneOnly,
+    /// An open connection's caller is let in now as another user, email, set of groups or
+    /// agent than the upstream was told of when it was opened.
+    IdentityChanged,
 }
 
 /// The gate, over the live directory and the current `[identity]` mapping.

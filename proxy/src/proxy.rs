@@ -997,8 +997,8 @@ impl RequestCtx {
                 client_ip: self.client_ip,
                 websocket: route.config.websockets && req.headers.contains_key(header::UPGRADE),
             };
-            let identified = self.forward.is_some();
-            let recheck = Recheck::new(self.caller.clone(), target, identified, decided_at);
+            let told = self.forward.clone();
+            let recheck = Recheck::new(self.caller.clone(), target, told, decided_at);
             self.recheck = Some(Arc::new(recheck));
         }
         self.recheck.clone()

@@ -29,7 +29,9 @@ use portcullis_config::Scheme;
 use portcullis_scim::store::Seq;
 
 use crate::caller::{Caller, SessionKey};
-use crate::gate::{Admission, Cause, Client, ClientOf, Facts, Gate, Presented, Refusal, Refused};
+use crate::gate::{
+    Admission, Cause, Client, ClientOf, Facts, Forward, Gate, Presented, Refusal, Refused,
+};
 use crate::routes::{Match, RouteTable};
 
 /// Where everything a decision depends on stands: read it before deciding, so a change that
@@ -55,9 +57,11 @@ pub struct Recheck {
     /// `None`: let in with no caller, by a public rule.
     pub caller: Option<Caller>,
     pub target: Target,
-    /// Whether it was let in as its caller, whom the upstream was told of (not by a public rule
-    /// as anyone): then it carries on only while the caller is let in as such.
-    pub identified: bool,
+    /// Who the upstream was told the caller is, when it was let in as its caller (not by a
+    /// public rule as anyone): then it carries on only while the caller is let in as the
+    /// same (user, email, groups, agent). The upstream judged the connection by what it was
+    /// told when it opened: a caller removed from a group it checked must not keep it.
+    pub told: Option<Forward>,
     /// The marks read just before the last allowing decision.
     directory: AtomicU64,
     session_ends: AtomicU64,
@@ -93,13 +97,13 @@ impl Recheck {
     pub fn new(
         caller: Option<Caller>,
         target: Target,
-        identified: bool,
+        told: Option<Forward>,
         decided_at: Marks,
     ) -> Self {
         Self {
             caller,
             target,
-            identified,
+            told,
             directory: AtomicU64::new(decided_at.directory),
             session_ends: AtomicU64::new(decided_at.session_ends),
             config: AtomicU64::new(decided_at.config),
@@ -205,21 +209,35 @@ pub fn rejudge(
         path: &target.path,
         client: ClientOf::Known(target.client),
     };
-    match gate.admit(&facts, presented) {
+    let changed = |cause, reason: &str| {
+        Admission::Refuse(Refused::Forbid(Refusal {
+            who: Some(open.who()),
+            rule: None,
+            cause,
+            reason: reason.to_owned(),
+            agent: None,
+        }))
+    };
+    match (gate.admit(&facts, presented), &open.told) {
         // Let in now only as anyone (deactivated, signed out, its token expired, on a public
         // path): not as the caller the upstream was told of when it was opened.
-        Admission::Allow(pass) if open.identified && pass.forward.is_none() => {
-            Admission::Refuse(Refused::Forbid(Refusal {
-                who: Some(open.who()),
-                rule: None,
-                cause: Cause::AsAnyoneOnly,
-                reason: "the connection was opened as its caller, who is now let in only as \
-                         anyone"
-                    .to_owned(),
-                agent: None,
-            }))
+        (Admission::Allow(pass), Some(_)) if pass.forward.is_none() => changed(
+            Cause::AsAnyoneOnly,
+            "the connection was opened as its caller, who is now let in only as anyone",
+        ),
+        (Admission::Allow(pass), Some(told))
+            if pass
+                .forward
+                .as_ref()
+                .is_some_and(|now| !now.names_the_same(told)) =>
+        {
+            changed(
+                Cause::IdentityChanged,
+                "the caller the upstream was told of when the connection was opened has \
+                 changed (user, email, groups or agent)",
+            )
         }
-        admission => admission,
+        (admission, _) => admission,
     }
 }
 
@@ -357,7 +375,18 @@ mod tests {
             session: [7; 32],
             identity: Arc::new(world.person(ALICE)),
         };
-        Recheck::new(Some(caller), target(route, Client::Browser), true, marks(0))
+        let mut open = Recheck::new(Some(caller), target(route, Client::Browser), None, marks(0));
+        open.told = told(world, &open);
+        open
+    }
+
+    /// Who the upstream is told the caller of `open` is, as things stand.
+    fn told(world: &World, open: &Recheck) -> Option<Forward> {
+        let runtime = world.runtime();
+        match rejudge(&world.gate(), &runtime.routes, open, 0, |_| true) {
+            Admission::Allow(pass) => pass.forward,
+            _ => None,
+        }
     }
 
     #[test]
@@ -457,12 +486,14 @@ mod tests {
         let runtime = world.runtime();
         let mut machine = crate::testing::machine("build-bot");
         machine.expires = 1_000;
-        let open = Recheck::new(
+        let mut open = Recheck::new(
             Some(Caller::Machine(Arc::new(machine))),
             target("http://api.test", Client::Api),
-            true,
+            None,
             marks(0),
         );
+        open.told = told(&world, &open);
+        assert!(open.told.is_some());
         let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true);
         assert!(matches!(at(999), Admission::Allow(_)), "{:?}", at(999));
         assert_eq!(
@@ -486,7 +517,12 @@ mod tests {
             let mut target = target(APP, Client::Api);
             target.path = "/public/feed".to_owned();
             let machine = Arc::new(crate::testing::machine("build-bot"));
-            Recheck::new(Some(Caller::Machine(machine)), target, identified, marks(0))
+            let mut open = Recheck::new(Some(Caller::Machine(machine)), target, None, marks(0));
+            if identified {
+                open.told = told(&world, &open);
+                assert!(open.told.is_some());
+            }
+            open
         };
         let (as_itself, as_anyone) = (public(true), public(false));
         let judged = |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true);
@@ -499,6 +535,25 @@ mod tests {
             "{admission:?}"
         );
         assert!(matches!(judged(&as_anyone), Admission::Allow(_)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_ends_when_its_caller_is_told_of_differently() {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        let admins = world.group("admins", &[&alice]).await;
+        let runtime = world.runtime();
+        let open = open(&world, APP);
+        let judged = || rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        assert!(matches!(judged(), Admission::Allow(_)));
+        // Still let in (eng), but no longer an admin, as the upstream was told at the start.
+        world.remove_member(&admins, &alice).await;
+        let admission = judged();
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::IdentityChanged),
+            "{admission:?}"
+        );
     }
 
     #[tokio::test]
@@ -556,7 +611,7 @@ mod tests {
                 websocket: true,
                 ..open.target.clone()
             },
-            true,
+            open.told.clone(),
             marks(0),
         );
         assert!(matches!(judged(&websockets, &socket), Admission::Allow(_)));

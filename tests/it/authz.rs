@@ -639,6 +639,48 @@ async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group
     );
 }
 
+/// The upstream judged a websocket by the identity headers it got when it opened (an admin
+/// console checking `X-Portcullis-Groups`): removed from a group, the caller loses that
+/// websocket although the route still lets them in, and opens a new one as they now are.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_ends_when_its_caller_s_groups_change_though_the_route_still_lets_them_in() {
+    let t = Authz::start().await;
+    let admins = t.scim.create_group("admins", &[&t.alice_id]).await.id();
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let mut ws = open_websocket(&t, "/ws", &cookie).await;
+    let told =
+        t.fx.app
+            .seen()
+            .last()
+            .map(|echo| echo.header("x-portcullis-groups").map(str::to_owned));
+    assert!(
+        told.flatten()
+            .is_some_and(|groups| groups.contains("admins")),
+        "the upstream was not told of admins"
+    );
+    ws.send(Message::text("as an admin")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(echoed, Ok(Some(Ok(Message::Text(_))))),
+        "{echoed:?}"
+    );
+
+    t.remove_member(&admins, &t.alice_id).await.expect_success();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(end, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))),
+        "the websocket opened as an admin was not closed within 5 s: {end:?}"
+    );
+    // Still in eng: a new one opens, told of her groups as they are.
+    let mut again = open_websocket(&t, "/ws", &cookie).await;
+    again.send(Message::text("as myself")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), again.next()).await;
+    assert!(
+        matches!(echoed, Ok(Some(Ok(Message::Text(_))))),
+        "{echoed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn signing_out_closes_the_sessions_open_websockets() {
     let t = Authz::start().await;
