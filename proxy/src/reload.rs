@@ -45,6 +45,8 @@ impl Reloader {
 pub struct AtStart {
     /// Each listener's address and whether it terminates TLS.
     listeners: Vec<(SocketAddr, bool)>,
+    /// The listeners bound at start, as the file said then.
+    bound: Vec<portcullis_config::Listener>,
     admin: Option<SocketAddr>,
     threads: usize,
     shutdown_timeout: Duration,
@@ -67,6 +69,7 @@ impl AtStart {
                 listeners.sort();
                 listeners
             },
+            bound: config.listeners.clone(),
             admin: config.admin.as_ref().map(|a| a.address),
             threads: config.server.threads,
             shutdown_timeout: config.server.shutdown_timeout,
@@ -86,6 +89,26 @@ impl AtStart {
     /// than at start, which bounds the process' own wait.
     pub fn shutdown_timeout(&self, now: &Config) -> Duration {
         now.server.shutdown_timeout.min(self.shutdown_timeout)
+    }
+
+    /// What `new` says of the sockets bound at start: for each, `new`'s listener of the same
+    /// address and TLS-ness (its certificates, `trusted_proxies`, `behind_tls_proxy`, ...),
+    /// else the one it was bound as. A listener `new` adds, moves or switches to or from TLS
+    /// waits for a restart; meanwhile the bound ones keep serving as they were configured, not
+    /// as nothing (requests find their listener's settings by the address that took them).
+    pub fn bound_listeners(
+        &self,
+        new: &[portcullis_config::Listener],
+    ) -> Vec<portcullis_config::Listener> {
+        self.bound
+            .iter()
+            .map(|bound| {
+                new.iter()
+                    .find(|l| l.address == bound.address && l.tls.is_some() == bound.tls.is_some())
+                    .unwrap_or(bound)
+                    .clone()
+            })
+            .collect()
     }
 
     /// The settings of `new` that differ from these, by name: they wait for a restart.
@@ -148,7 +171,7 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     // and the file poll run apart).
     static TURN: Mutex<()> = Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
-    let config = portcullis_config::load(&shared.config_path).map_err(|errors| {
+    let mut config = portcullis_config::load(&shared.config_path).map_err(|errors| {
         errors
             .problems
             .iter()
@@ -156,6 +179,7 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
             .collect::<Vec<_>>()
     })?;
     let awaiting = shared.at_start.awaiting_restart(&config);
+    config.listeners = shared.at_start.bound_listeners(&config.listeners);
     // Loading the file loaded its certificates: nothing past this point can fail.
     for listener in &config.listeners {
         if let (Some(tls), Some(resolver)) =

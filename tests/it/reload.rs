@@ -249,6 +249,46 @@ async fn file_change_is_picked_up_without_a_signal() {
     wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
 }
 
+/// A reload that moves a listener (a new port) leaves the socket bound at start serving as it
+/// was configured: behind a load balancer that terminates TLS, its requests stay the https
+/// ones they were (they were read as plain http, and https routes redirected to themselves).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_listener_keeps_serving_as_configured_until_the_restart() {
+    let up = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .behind_tls_proxy()
+        .route(Route::new("https://app.test", &[&up]));
+    let px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/page");
+    let proto = || async {
+        let resp = plain_client().get(&url).send().await.expect("an answer");
+        assert_eq!(resp.status(), StatusCode::OK, "{}", px.log());
+        Echo::parse(&resp.bytes().await.unwrap())
+            .header("x-forwarded-proto")
+            .map(str::to_owned)
+    };
+    assert_eq!(proto().await.as_deref(), Some("https"));
+
+    let bound = cfg.http_addr().to_string();
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let moved = elsewhere.local_addr().unwrap().to_string();
+    drop(elsewhere);
+    let text = cfg.toml();
+    assert!(text.contains(&format!("address = \"{bound}\"")), "{text}");
+    px.rewrite_config(&text.replace(
+        &format!("address = \"{bound}\""),
+        &format!("address = \"{moved}\""),
+    ));
+    px.reload_and_wait().await;
+    assert!(
+        px.log().contains("after a restart: listeners"),
+        "{}",
+        px.log()
+    );
+    assert_eq!(proto().await.as_deref(), Some("https"), "{}", px.log());
+}
+
 /// A reload installs what it can at once and names what waits for a restart (threads here),
 /// each time, until the file asks again for what is in use.
 #[tokio::test(flavor = "multi_thread")]
