@@ -178,12 +178,28 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Whether the upstream is told the same of both: user, email, groups and agent.
-    pub fn names_the_same(&self, other: &Forward) -> bool {
-        let (a, b) = (&*self.named, &*other.named);
-        (Arc::ptr_eq(&self.named, &other.named)
-            || (a.user == b.user && a.email == b.email && a.group_names == b.group_names))
-            && self.agent == other.agent
+    /// Whether what the upstream was told in `told` still holds of the caller let in as
+    /// `self`: the same user, email and agent (its name, and whether it acts for someone), and
+    /// every group it was told of (one added takes nothing away).
+    pub fn still_true_of(&self, told: &Forward) -> bool {
+        if Arc::ptr_eq(&self.named, &told.named) {
+            return same_agent(self.agent.as_ref(), told.agent.as_ref());
+        }
+        let (now, then) = (&*self.named, &*told.named);
+        now.user == then.user
+            && now.email == then.email
+            && then.group_names.iter().all(|g| now.group_names.contains(g))
+            && same_agent(self.agent.as_ref(), told.agent.as_ref())
+    }
+}
+
+/// The same agent as the upstream is told of it: its name, and the person it acts for (its
+/// owners are not told).
+fn same_agent(a: Option<&AgentRecord>, b: Option<&AgentRecord>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.name == b.name && a.on_behalf_of == b.on_behalf_of,
+        _ => false,
     }
 }
 

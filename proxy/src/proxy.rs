@@ -995,7 +995,7 @@ impl RequestCtx {
                 path: path.to_owned(),
                 client: Client::of(&req.headers),
                 client_ip: self.client_ip,
-                websocket: route.config.websockets && req.headers.contains_key(header::UPGRADE),
+                websocket: route.config.websockets && asks_for_websocket(req),
             };
             let told = self.forward.clone();
             let recheck = Recheck::new(self.caller.clone(), target, told, decided_at);
@@ -1593,16 +1593,25 @@ fn is_cors_preflight(req: &RequestHeader) -> bool {
     req.method == http::Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-        && !is_long_lived(req, true)
+        && !req.headers.contains_key(header::UPGRADE)
+        && !accepts(&req.headers, b"text/event-stream")
 }
 
-/// A websocket upgrade or an event stream: a request that may stay open for hours. An
-/// `Upgrade` counts only on a route that `takes_websockets`: elsewhere it goes upstream
-/// without it (pingora's `deny_upgrades`), an ordinary request (`curl --http2` on `http:`
-/// asks for `h2c`).
+/// A websocket upgrade or an event stream: a request that may stay open for hours. A
+/// websocket only on a route that `takes_websockets`: elsewhere it goes upstream without its
+/// `Upgrade` (pingora's `deny_upgrades`), an ordinary request, as is an upgrade to anything
+/// else (`curl --http2` on `http:` asks for `h2c`).
 fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
-    (takes_websockets && req.headers.contains_key(header::UPGRADE))
-        || accepts(&req.headers, b"text/event-stream")
+    (takes_websockets && asks_for_websocket(req)) || accepts(&req.headers, b"text/event-stream")
+}
+
+/// Whether the request asks to become a websocket (`Upgrade: websocket`, in any case).
+fn asks_for_websocket(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// Whether a client-sent header is one only Portcullis may set, so that no client can change
@@ -2001,6 +2010,24 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_an_upgrade_to_websocket_asks_for_a_websocket() {
+        let with = |upgrade: &[&str]| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            for value in upgrade {
+                req.append_header("upgrade", *value).unwrap();
+            }
+            super::asks_for_websocket(&req)
+        };
+        assert!(with(&["websocket"]));
+        assert!(with(&["WebSocket"]));
+        assert!(with(&["h2c, websocket"]));
+        assert!(with(&["h2c", "websocket"]));
+        assert!(!with(&["h2c"]));
+        assert!(!with(&["websocket2"]));
+        assert!(!with(&[]));
+    }
+
     use super::*;
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {

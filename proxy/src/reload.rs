@@ -45,8 +45,6 @@ impl Reloader {
 pub struct AtStart {
     /// Each listener's address and whether it terminates TLS.
     listeners: Vec<(SocketAddr, bool)>,
-    /// The listeners bound at start, as the file said then.
-    bound: Vec<portcullis_config::Listener>,
     admin: Option<SocketAddr>,
     threads: usize,
     shutdown_timeout: Duration,
@@ -69,7 +67,6 @@ impl AtStart {
                 listeners.sort();
                 listeners
             },
-            bound: config.listeners.clone(),
             admin: config.admin.as_ref().map(|a| a.address),
             threads: config.server.threads,
             shutdown_timeout: config.server.shutdown_timeout,
@@ -89,26 +86,6 @@ impl AtStart {
     /// than at start, which bounds the process' own wait.
     pub fn shutdown_timeout(&self, now: &Config) -> Duration {
         now.server.shutdown_timeout.min(self.shutdown_timeout)
-    }
-
-    /// What `new` says of the sockets bound at start: for each, `new`'s listener of the same
-    /// address and TLS-ness (its certificates, `trusted_proxies`, `behind_tls_proxy`, ...),
-    /// else the one it was bound as. A listener `new` adds, moves or switches to or from TLS
-    /// waits for a restart; meanwhile the bound ones keep serving as they were configured, not
-    /// as nothing (requests find their listener's settings by the address that took them).
-    pub fn bound_listeners(
-        &self,
-        new: &[portcullis_config::Listener],
-    ) -> Vec<portcullis_config::Listener> {
-        self.bound
-            .iter()
-            .map(|bound| {
-                new.iter()
-                    .find(|l| l.address == bound.address && l.tls.is_some() == bound.tls.is_some())
-                    .unwrap_or(bound)
-                    .clone()
-            })
-            .collect()
     }
 
     /// The settings of `new` that differ from these, by name: they wait for a restart.
@@ -135,6 +112,27 @@ impl AtStart {
         .filter_map(|(name, changed)| changed.then_some(name))
         .collect()
     }
+}
+
+/// What `new` says of the sockets bound at start (`running`, as installed now, which a reload
+/// never adds to): for each, `new`'s listener of the same address and TLS-ness (its
+/// certificates, `trusted_proxies`, `behind_tls_proxy`, ...), else the one installed now (with
+/// the certificates it serves now). A listener `new` adds, moves or switches to or from TLS
+/// waits for a restart; meanwhile the bound ones keep serving as they were configured, not as
+/// nothing (requests find their listener's settings by the address that took them).
+fn bound_listeners(
+    running: &[portcullis_config::Listener],
+    new: &[portcullis_config::Listener],
+) -> Vec<portcullis_config::Listener> {
+    running
+        .iter()
+        .map(|bound| {
+            new.iter()
+                .find(|l| l.address == bound.address && l.tls.is_some() == bound.tls.is_some())
+                .unwrap_or(bound)
+                .clone()
+        })
+        .collect()
 }
 
 /// Reads the config file again and, if it has no problems, swaps it in (see the module doc);
@@ -179,7 +177,7 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
             .collect::<Vec<_>>()
     })?;
     let awaiting = shared.at_start.awaiting_restart(&config);
-    config.listeners = shared.at_start.bound_listeners(&config.listeners);
+    config.listeners = bound_listeners(&shared.runtime.load().config.listeners, &config.listeners);
     // Loading the file loaded its certificates: nothing past this point can fail.
     for listener in &config.listeners {
         if let (Some(tls), Some(resolver)) =
@@ -329,6 +327,34 @@ impl BackgroundService for Drainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_listener_takes_the_new_file_s_settings_if_it_has_it_else_keeps_those_it_serves_with()
+    {
+        let listener = |address: &str, behind_tls_proxy: bool| portcullis_config::Listener {
+            address: address.parse().unwrap(),
+            tls: None,
+            allow_plain_http: false,
+            behind_tls_proxy,
+            trusted_proxies: Vec::new(),
+        };
+        let running = [
+            listener("127.0.0.1:8080", true),
+            listener("127.0.0.1:8081", true),
+        ];
+        // 8080 kept and changed; 8081 moved to 9000, which nothing is bound to.
+        let new = [
+            listener("127.0.0.1:8080", false),
+            listener("127.0.0.1:9000", false),
+        ];
+        assert_eq!(
+            bound_listeners(&running, &new),
+            [
+                listener("127.0.0.1:8080", false),
+                listener("127.0.0.1:8081", true)
+            ]
+        );
+    }
 
     #[test]
     fn the_poll_reloads_a_change_once_it_has_held_for_one_interval() {

@@ -58,9 +58,10 @@ pub struct Recheck {
     pub caller: Option<Caller>,
     pub target: Target,
     /// Who the upstream was told the caller is, when it was let in as its caller (not by a
-    /// public rule as anyone): then it carries on only while the caller is let in as the
-    /// same (user, email, groups, agent). The upstream judged the connection by what it was
-    /// told when it opened: a caller removed from a group it checked must not keep it.
+    /// public rule as anyone): then it carries on only while that still holds (the same user,
+    /// email and agent, in every group it was told of; see [`Forward::still_true_of`]). The
+    /// upstream judged the connection by what it was told when it opened: a caller removed
+    /// from a group it checked must not keep it.
     pub told: Option<Forward>,
     /// The marks read just before the last allowing decision.
     directory: AtomicU64,
@@ -229,12 +230,12 @@ pub fn rejudge(
             if pass
                 .forward
                 .as_ref()
-                .is_some_and(|now| !now.names_the_same(told)) =>
+                .is_some_and(|now| !now.still_true_of(told)) =>
         {
             changed(
                 Cause::IdentityChanged,
-                "the caller the upstream was told of when the connection was opened has \
-                 changed (user, email, groups or agent)",
+                "what the upstream was told of the caller when the connection was opened no \
+                 longer holds (user, email, a group, or agent)",
             )
         }
         (admission, _) => admission,
@@ -547,6 +548,9 @@ mod tests {
         let open = open(&world, APP);
         let judged = || rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
         assert!(matches!(judged(), Admission::Allow(_)));
+        // A group added takes nothing the upstream was told away.
+        world.group("ops", &[&alice]).await;
+        assert!(matches!(judged(), Admission::Allow(_)), "{:?}", judged());
         // Still let in (eng), but no longer an admin, as the upstream was told at the start.
         world.remove_member(&admins, &alice).await;
         let admission = judged();
