@@ -182,13 +182,11 @@ impl Forward {
     /// `self`: the same user, email and agent (its name, and whether it acts for someone), and
     /// every group it was told of (one added takes nothing away).
     pub fn still_true_of(&self, told: &Forward) -> bool {
-        if Arc::ptr_eq(&self.named, &told.named) {
-            return same_agent(self.agent.as_ref(), told.agent.as_ref());
-        }
         let (now, then) = (&*self.named, &*told.named);
-        now.user == then.user
-            && now.email == then.email
-            && then.group_names.iter().all(|g| now.group_names.contains(g))
+        (Arc::ptr_eq(&self.named, &told.named)
+            || (now.user == then.user
+                && now.email == then.email
+                && then.group_names.iter().all(|g| now.group_names.contains(g))))
             && same_agent(self.agent.as_ref(), told.agent.as_ref())
     }
 }
@@ -339,8 +337,8 @@ pub enum Cause {
     /// An open connection's caller would be let in now only as anyone (by a public rule), not
     /// as whom the upstream was told of when it was opened.
     AsAnyoneOnly,
-    /// An open connection's caller is let in now as another user, email, set of groups or
-    /// agent than the upstream was told of when it was opened.
+    /// What the upstream was told of an open connection's caller when it was opened no longer
+    /// holds (see [`Forward::still_true_of`]).
     IdentityChanged,
 }
 

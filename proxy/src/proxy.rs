@@ -1593,8 +1593,8 @@ fn is_cors_preflight(req: &RequestHeader) -> bool {
     req.method == http::Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-        && !req.headers.contains_key(header::UPGRADE)
-        && !accepts(&req.headers, b"text/event-stream")
+        && !headers.contains_key(header::UPGRADE)
+        && !accepts(headers, b"text/event-stream")
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours. A
@@ -2010,6 +2010,8 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn only_an_upgrade_to_websocket_asks_for_a_websocket() {
         let with = |upgrade: &[&str]| {
@@ -2017,7 +2019,7 @@ mod tests {
             for value in upgrade {
                 req.append_header("upgrade", *value).unwrap();
             }
-            super::asks_for_websocket(&req)
+            asks_for_websocket(&req)
         };
         assert!(with(&["websocket"]));
         assert!(with(&["WebSocket"]));
@@ -2027,8 +2029,6 @@ mod tests {
         assert!(!with(&["websocket2"]));
         assert!(!with(&[]));
     }
-
-    use super::*;
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
