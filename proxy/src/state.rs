@@ -378,11 +378,15 @@ impl Shared {
         let runtime = self.runtime.load();
         let now = crate::clock::now_unix();
         // A session that has ended, or idled or lived past its time, or whose provider is no
-        // longer the configured one, no longer vouches.
+        // longer the configured one, no longer vouches; nor does a token whose issuer is no
+        // longer configured to take it.
         let oidc = runtime.config.oidc.as_ref();
         let gate = self.gate(&runtime, marks);
-        crate::streams::rejudge(&gate, &runtime.routes, open, now, |key| {
-            oidc.is_some_and(|oidc| self.auth.sessions.vouches(key, now, oidc))
+        crate::streams::rejudge(&gate, &runtime.routes, open, now, |caller| match caller {
+            Caller::Person { session, .. } => {
+                oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc))
+            }
+            Caller::Machine(machine) => crate::auth::still_takes(&runtime.config, machine),
         })
     }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use portcullis_config::Scheme;
 use portcullis_scim::store::Seq;
 
-use crate::caller::{Caller, SessionKey};
+use crate::caller::Caller;
 use crate::gate::{
     Admission, Cause, Client, ClientOf, Facts, Forward, Gate, Presented, Refusal, Refused,
 };
@@ -168,14 +168,15 @@ impl Recheck {
 
 /// Judges an open connection again with the gate: under the route a request to the same place
 /// reaches in `routes` (the current configuration's), which must still be the one of its name,
-/// for its caller as they are at `now` (a person whose session has ended or expired, or a
-/// machine whose token has expired, is no longer a caller).
+/// for its caller as they are at `now`. A machine whose token has expired, or a caller
+/// `vouched` no longer vouches for (a person whose session has ended or expired, a machine
+/// whose issuer no longer takes its token), is no longer a caller.
 pub fn rejudge(
     gate: &Gate<'_>,
     routes: &RouteTable,
     open: &Recheck,
     now: u64,
-    session_live: impl Fn(&SessionKey) -> bool,
+    vouched: impl Fn(&Caller) -> bool,
 ) -> Admission {
     let target = &open.target;
     let gone = |reason: &str| {
@@ -196,12 +197,12 @@ pub fn rejudge(
     }
     let presented = match &open.caller {
         None => Presented::Nothing,
-        Some(Caller::Person { session, .. }) if !session_live(session) => {
-            Presented::Invalid { bearer: false }
-        }
         Some(Caller::Machine(machine)) if now >= machine.expires => {
             Presented::Invalid { bearer: true }
         }
+        Some(caller) if !vouched(caller) => Presented::Invalid {
+            bearer: matches!(caller, Caller::Machine(_)),
+        },
         Some(caller) => Presented::Caller(caller.principal()),
     };
     let facts = Facts {

@@ -9,6 +9,8 @@
 //!   owner is deactivated, the owner leaves the owning group, the application is deactivated
 //!   or the agent itself is.
 //! - An open websocket is cut when the agent's `expires` passes, with no SCIM write at all.
+//! - An open websocket ends when a reload stops taking the agent's token (its issuer is
+//!   configured for other audiences).
 //! - Delegation (RFC 8693): a person's token exchanged at the IdP for one whose `act` names the
 //!   agent is let in only while both the person and the agent are allowed.
 
@@ -453,6 +455,32 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("expired"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
+    let t = Agents::start().await;
+    let token = t.token().await;
+    let authorization = format!("Bearer {token}");
+    let mut ws = websocket(
+        t.cfg.http_addr(),
+        "agents.test",
+        "/ws",
+        ("authorization", &authorization),
+    )
+    .await;
+    // The IdP's tokens are now taken only for another API: the agent's is taken no longer.
+    let config = t.px.config();
+    let audiences = format!("audiences = [\"{API_AUD}\"]");
+    assert_eq!(config.matches(&audiences).count(), 1, "{config}");
+    t.px.rewrite_config(&config.replace(&audiences, "audiences = [\"another-api\"]"));
+    t.px.reload_and_wait().await;
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(10)).await,
+        "the websocket was still open 10 s after the reload"
+    );
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -291,6 +291,20 @@ pub fn is_client_token(
         || marks.gty.as_deref() == Some("client-credentials")
 }
 
+/// Whether `config` still takes the token `machine` came with as it was taken: its issuer is
+/// still one of `[[jwt_issuers]]`, which still takes every audience it was taken for. Judged
+/// again for open connections, so a reload that stops trusting an issuer, or narrows its
+/// audiences, ends the connections its tokens opened (a new request verifies afresh).
+pub fn still_takes(config: &Config, machine: &Machine) -> bool {
+    config.jwt_issuers.iter().any(|issuer| {
+        issuer.issuer == machine.issuer
+            && machine
+                .audiences
+                .iter()
+                .all(|a| issuer.audiences.contains(a))
+    })
+}
+
 #[derive(Deserialize)]
 struct IssuerOnly {
     iss: String,
@@ -926,6 +940,24 @@ mod tests {
             }
         });
         (address, fetches)
+    }
+
+    #[test]
+    fn a_token_is_taken_again_only_while_its_issuer_takes_every_audience_it_was_taken_for() {
+        let mut config = crate::testing::World::new().config;
+        let mut machine = crate::testing::machine("build-bot");
+        machine.audiences = vec!["api".to_owned()];
+        assert!(still_takes(&config, &machine));
+        config.jwt_issuers[0].audiences = vec!["api".to_owned(), "billing".to_owned()];
+        assert!(still_takes(&config, &machine), "a widened issuer");
+        config.jwt_issuers[0].audiences = vec!["billing".to_owned()];
+        assert!(!still_takes(&config, &machine), "a narrowed issuer");
+        config.jwt_issuers[0].audiences = vec!["api".to_owned()];
+        config.jwt_issuers[0].issuer = "https://other.example".to_owned();
+        assert!(!still_takes(&config, &machine), "another issuer");
+        config.jwt_issuers.clear();
+        machine.audiences.clear();
+        assert!(!still_takes(&config, &machine), "no issuer");
     }
 
     fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {
