@@ -238,6 +238,9 @@ enum Never {}
 
 /// Starts the proxy; returns only if it cannot start.
 fn serve(config_path: &Path) -> Result<Never, String> {
+    // What the file poll compares the file with: read before the file is loaded, so an edit
+    // made while Portcullis starts (between the two reads, or later) is reloaded once it serves.
+    let started_with = std::fs::read(config_path).ok();
     let config = portcullis_config::load(config_path).map_err(|errors| {
         print_problems(config_path, &errors);
         format!(
@@ -344,7 +347,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     }
     server.add_service(background_service(
         "reload",
-        reload::Reloader::new(shared.clone()),
+        reload::Reloader::new(shared.clone(), started_with),
     ));
     server.add_service(background_service(
         "oidc discovery",
@@ -472,7 +475,8 @@ fn open_directory(
 }
 
 /// SIGHUP's default action ends the process. Registering a handler now, before the listeners
-/// start, makes a SIGHUP that arrives during start-up harmless; the reloader then acts on it.
+/// start, makes a SIGHUP that arrives during start-up harmless. It is not acted on: the file
+/// poll reloads the edit it announced (see `reload::Reloader`).
 fn ignore_sighup_until_ready() -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -25,11 +25,16 @@ use crate::tls::CertSet;
 
 pub struct Reloader {
     shared: Arc<Shared>,
+    /// The config file as it was read before it was loaded at start.
+    started_with: Option<Vec<u8>>,
 }
 
 impl Reloader {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(shared: Arc<Shared>, started_with: Option<Vec<u8>>) -> Self {
+        Self {
+            shared,
+            started_with,
+        }
     }
 
     fn reload(&self, why: &str) {
@@ -250,7 +255,9 @@ impl BackgroundService for Reloader {
         // meanwhile must not come back to back.
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let read = || std::fs::read(&self.shared.config_path).ok();
-        let mut file = Poll::new(read());
+        // An edit made during start-up (a directory load can take a while) is caught up with
+        // by the poll: a SIGHUP sent then is not heard here.
+        let mut file = Poll::new(self.started_with.clone());
         loop {
             tokio::select! {
                 _ = hangup.recv() => {

@@ -319,3 +319,46 @@ async fn a_reload_names_the_settings_that_wait_for_a_restart() {
     assert!(last.is_some_and(|l| !l.contains("restart")), "{log}");
     assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
 }
+
+/// An edit made while Portcullis starts, after it read its file, is reloaded once it serves:
+/// the file poll compares the file with what it started with, not with what it finds later.
+/// The start is held in PostgreSQL's handshake: the database is a socket that takes the
+/// connection and answers nothing until the file has been edited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_made_while_starting_is_reloaded_once_started() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free port");
+    let url = format!(
+        "postgres://portcullis@{}/portcullis?sslmode=disable",
+        silent.local_addr().unwrap()
+    );
+    let up = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]))
+        .postgres(&url, "5s");
+    let px = Portcullis::spawn(&cfg.toml());
+    let held = tokio::time::timeout(Duration::from_secs(120), silent.accept())
+        .await
+        .expect("portcullis connects to its database within 120 s")
+        .expect("a connection");
+    // Portcullis has read its file: it waits for its database to answer.
+    let edited = cfg
+        .clone()
+        .route(Route::new("http://other.test", &[&up]))
+        .toml();
+    px.rewrite_config(&edited);
+    drop(held);
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !px.log().contains("configuration reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not reloaded within 60 s:\n{}",
+            px.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(px.log().contains("config file changed"), "{}", px.log());
+}
