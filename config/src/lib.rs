@@ -26,6 +26,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
 use toml::de::DeTable;
@@ -40,13 +41,32 @@ pub use validate::check_fetch_url;
 /// Relative paths in the file are resolved against the directory holding it; `env:` secrets
 /// come from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_resolving(path, &resolve_now)
+}
+
+/// How an upstream's host name and port become the address it is first connected to: by
+/// [`resolve_now`], or by a running proxy that keeps the address in use for a name that does
+/// not resolve just then.
+pub type Resolve<'a> = &'a dyn Fn(&str, u16) -> Result<SocketAddr, String>;
+
+/// The first address `host` resolves to now, with `port`.
+pub fn resolve_now(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))
+}
+
+/// [`load`], with upstream names resolved by `resolve`.
+pub fn load_resolving(path: &Path, resolve: Resolve<'_>) -> Result<Config, ConfigErrors> {
     let unreadable = |e: std::io::Error| {
         ConfigErrors::whole_file(None, format!("cannot read {}: {e}", path.display()))
     };
     let path = std::path::absolute(path).map_err(unreadable)?;
     let text = std::fs::read_to_string(&path).map_err(unreadable)?;
     let base_dir = path.parent().unwrap_or(Path::new("/"));
-    parse(&text, base_dir, &|name| std::env::var(name).ok())
+    parse_resolving(&text, base_dir, &|name| std::env::var(name).ok(), resolve)
 }
 
 /// Validates configuration `text` as if read from a file in `base_dir`, taking `env:` secrets
@@ -56,6 +76,16 @@ pub fn parse(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
+    parse_resolving(text, base_dir, env, &resolve_now)
+}
+
+/// [`parse`], with upstream names resolved by `resolve`.
+pub fn parse_resolving(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve: Resolve<'_>,
+) -> Result<Config, ConfigErrors> {
     let toml_error = |e: toml::de::Error| {
         let line = e.span().map(|span| line_at(text, span.start));
         ConfigErrors::whole_file(line, e.message().to_owned())
@@ -63,7 +93,8 @@ pub fn parse(
     let doc = DeTable::parse(text).map_err(toml_error)?;
     let mut problems = Problems::new(text, doc.get_ref());
     let file = file::read(&doc, &mut problems).map_err(toml_error)?;
-    match validate::convert(file, base_dir, env, &mut problems) {
+    let reach = validate::Reach { base_dir, resolve };
+    match validate::convert(file, &reach, env, &mut problems) {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems.into_errors()),
     }

@@ -11,7 +11,7 @@
 //! ([`Problems::skipped`]), so that `tls = true` is reported once, and not again as a missing
 //! TLS listener for every https route.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,17 +32,25 @@ use crate::model::{
     ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH,
 };
 use crate::problems::{KeyPath, Problems};
-use crate::resolve_secret;
 use crate::tls::{self, PairError};
+use crate::{resolve_secret, Resolve};
 
 const MISSING: &str = "missing required key";
 
+/// What reading the file reaches beyond it: the directory its relative paths start from, and
+/// how upstream names resolve.
+pub(crate) struct Reach<'a> {
+    pub base_dir: &'a Path,
+    pub resolve: Resolve<'a>,
+}
+
 pub(crate) fn convert(
     file: file::File,
-    base_dir: &Path,
+    reach: &Reach<'_>,
     env: &dyn Fn(&str) -> Option<String>,
     p: &mut Problems<'_>,
 ) -> Option<Config> {
+    let base_dir = reach.base_dir;
     let root = KeyPath::default();
     let data_dir = required(file.data_dir, &root.key("data_dir"), p).map(|d| base_dir.join(d));
     let log = log(file.log, &root.key("log"), p);
@@ -194,7 +202,7 @@ pub(crate) fn convert(
                 }
             }
         }
-        routes.push(route(raw, from, &path, &server, sign_in, base_dir, p));
+        routes.push(route(raw, from, &path, &server, sign_in, reach, p));
     }
 
     // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
@@ -541,11 +549,11 @@ fn route(
     path: &KeyPath,
     server: &ServerConfig,
     sign_in: SignIn,
-    base_dir: &Path,
+    reach: &Reach<'_>,
     p: &mut Problems<'_>,
 ) -> Option<Route> {
     let ca = raw.tls_ca.and_then(|ca| {
-        let ca = base_dir.join(ca);
+        let ca = reach.base_dir.join(ca);
         match tls::read_ca_certificates(&ca) {
             Ok(certificates) => Some((ca, Arc::<[CertificateDer<'static>]>::from(certificates))),
             Err(message) => {
@@ -576,7 +584,7 @@ fn route(
             .into_iter()
             .enumerate()
             .filter_map(|(j, url)| {
-                upstream(url, verify_tls, ca.clone())
+                upstream(url, verify_tls, ca.clone(), reach.resolve)
                     .map_err(|message| p.add(&to_path.index(j), message))
                     .ok()
             })
@@ -1976,6 +1984,7 @@ fn upstream(
     url: String,
     verify_tls: bool,
     ca: Option<(PathBuf, Arc<[CertificateDer<'static>]>)>,
+    resolve: Resolve<'_>,
 ) -> Result<Upstream, String> {
     let parts = split_url(&url)?;
     if !parts.path.is_empty() && parts.path != "/" {
@@ -1990,11 +1999,7 @@ fn upstream(
     let tls = parts.scheme == Scheme::Https;
     let port = parts.port.unwrap_or(if tls { 443 } else { 80 });
     let host = parts.host.to_owned();
-    let address = (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+    let address = resolve(&host, port)?;
     let bracketed = if parts.bracketed {
         format!("[{host}]")
     } else {

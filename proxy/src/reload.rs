@@ -174,15 +174,31 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     // and the file poll run apart).
     static TURN: Mutex<()> = Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut config = portcullis_config::load(&shared.config_path).map_err(|errors| {
-        errors
-            .problems
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    })?;
+    let running = shared.runtime.load();
+    // An upstream's name that does not resolve just now (a DNS outage) keeps the address it is
+    // reached at, as between reloads: a reload (a renewed certificate, a rule taken away) is
+    // not refused for it. A name no upstream has yet must resolve.
+    let resolve = |host: &str, port: u16| {
+        portcullis_config::resolve_now(host, port).or_else(|problem| {
+            let kept = running
+                .routes
+                .all()
+                .find_map(|route| route.upstreams.address_of(host, port))
+                .ok_or_else(|| problem.clone())?;
+            tracing::warn!("{problem}; the upstream keeps the address it is reached at, {kept}");
+            Ok(kept)
+        })
+    };
+    let mut config =
+        portcullis_config::load_resolving(&shared.config_path, &resolve).map_err(|errors| {
+            errors
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
     let awaiting = shared.at_start.awaiting_restart(&config);
-    config.listeners = bound_listeners(&shared.runtime.load().config.listeners, &config.listeners);
+    config.listeners = bound_listeners(&running.config.listeners, &config.listeners);
     // Loading the file loaded its certificates: nothing past this point can fail.
     for listener in &config.listeners {
         if let (Some(tls), Some(resolver)) =

@@ -106,6 +106,19 @@ impl UpstreamSet {
         self.upstreams.get(index).map(|b| &b.host_header)
     }
 
+    /// The address the upstream named `host` (a DNS name) with `port` is reached at now, if
+    /// this set has one.
+    pub fn address_of(&self, host: &str, port: u16) -> Option<std::net::SocketAddr> {
+        self.upstreams
+            .iter()
+            .find(|b| {
+                b.name
+                    .as_ref()
+                    .is_some_and(|(n, p)| n == host && *p == port)
+            })
+            .and_then(|b| b.peer.load()._address.as_inet().copied())
+    }
+
     /// The round-robin starting position for a new request.
     pub fn start(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)

@@ -282,3 +282,46 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
     first.stop();
     until_served_by(&client, &url, "second", true).await;
 }
+
+/// A reload while an upstream's name resolves to nothing (a DNS outage) keeps the address the
+/// upstream is reached at, rather than refusing the whole file: a renewed certificate or a
+/// rule taken away is not held up by it. A name no upstream had yet must still resolve.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_while_an_upstream_s_name_does_not_resolve_keeps_its_address() {
+    let svc = Upstream::start("svc").await;
+    let port = svc.addr().port();
+    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
+    let cfg = svc_route(port, "1h");
+    let px = start_resolving(&cfg, &hosts).await;
+    let client = plain_client();
+    assert_eq!(
+        get_echo(&client, &cfg.http_url("app.test", "/where"))
+            .await
+            .upstream,
+        "svc"
+    );
+
+    hosts.point("elsewhere.test", &["127.0.0.1"]);
+    let to_svc = |from: &str| Route::to_urls(from, vec![format!("http://svc.test:{port}")]);
+    let more = cfg.clone().route(to_svc("http://more.test"));
+    px.rewrite_config(&more.toml());
+    px.reload_and_wait().await;
+    assert!(
+        px.log().contains("cannot resolve `svc.test`"),
+        "{}",
+        px.log()
+    );
+    for host in ["app.test", "more.test"] {
+        let echo = get_echo(&client, &more.http_url(host, "/where")).await;
+        assert_eq!(echo.upstream, "svc", "{host}");
+    }
+
+    let typo = more.clone().route(Route::to_urls(
+        "http://typo.test",
+        vec![format!("http://svx.test:{port}")],
+    ));
+    px.rewrite_config(&typo.toml());
+    px.reload();
+    px.log_until(|log| log.contains("configuration not reloaded") && log.contains("svx.test"))
+        .await;
+}
