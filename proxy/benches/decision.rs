@@ -51,7 +51,7 @@ use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
 use portcullis::gate::{Admission, ClientOf, Facts, Forwards, Gate, Presented};
-use portcullis_config::Config;
+use portcullis::state::Runtime;
 use portcullis_scim::store::Directory;
 
 mod shared;
@@ -138,7 +138,7 @@ fn ready<F: Future>(future: F) -> F::Output {
 }
 
 struct Fixture {
-    config: Config,
+    runtime: Runtime,
     auth: Auth,
     directory: Arc<Directory>,
     /// Requests carrying a session cookie, one per session.
@@ -216,7 +216,7 @@ impl Fixture {
             .map(|n| client_token(&format!("agent{n}")))
             .collect();
         Fixture {
-            config,
+            runtime: Runtime::build(config, &directory),
             auth,
             directory,
             requests,
@@ -229,7 +229,7 @@ impl Fixture {
     fn gate(&self) -> Gate<'_> {
         Gate {
             directory: &self.directory,
-            identity: &self.config.identity,
+            identity: &self.runtime.config.identity,
             current: true,
             now: now_unix(),
             forwards: Some(&self.forwards),
@@ -238,7 +238,7 @@ impl Fixture {
 
     fn facts<'a>(&'a self, req: &'a RequestHeader) -> Facts<'a> {
         Facts {
-            route: &self.config.routes[0],
+            route: &self.runtime.config.routes[0],
             method: req.method.as_str(),
             path: req.uri.path(),
             client: ClientOf::Headers(&req.headers),
@@ -250,11 +250,11 @@ impl Fixture {
     // counts the instructions of exactly one decision per call.
     #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
-        let route = &self.config.routes[0];
+        let route = &self.runtime.config.routes[0];
         let authentication =
             ready(
                 self.auth
-                    .authenticate(&self.config, &route.accept, req, false, now_unix()),
+                    .authenticate(&self.runtime, &route.accept, req, false, now_unix()),
             );
         let admission = self
             .gate()
@@ -266,7 +266,7 @@ impl Fixture {
     #[inline(never)]
     fn agent_decision(&self, req: &RequestHeader, agent: &Caller) -> bool {
         let facts = Facts {
-            route: &self.config.routes[1],
+            route: &self.runtime.config.routes[1],
             ..self.facts(req)
         };
         let admission = self

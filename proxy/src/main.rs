@@ -475,8 +475,8 @@ fn open_directory(
 }
 
 /// SIGHUP's default action ends the process. Registering a handler now, before the listeners
-/// start, makes a SIGHUP that arrives during start-up harmless. It is not acted on: the file
-/// poll reloads the edit it announced (see `reload::Reloader`).
+/// start, makes a SIGHUP that arrives during start-up harmless. It may not be acted on: the
+/// file poll reloads the edit it announced (see `reload::Reloader`).
 fn ignore_sighup_until_ready() -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

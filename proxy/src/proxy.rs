@@ -610,7 +610,7 @@ impl ProxyHttp for Proxy {
             .shared
             .auth
             .authenticate(
-                &runtime.config,
+                &runtime,
                 &route.config.accept,
                 req,
                 ctx.tls,
@@ -1062,7 +1062,7 @@ impl Proxy {
                 let served = self
                     .shared
                     .auth
-                    .serve(session, &runtime.config, endpoint, &request)
+                    .serve(session, runtime, endpoint, &request)
                     .await?;
                 match served {
                     Some(Served::Reply(reply)) => reply,
@@ -1113,7 +1113,7 @@ impl Proxy {
         let authentication = self
             .shared
             .auth
-            .authenticate(&runtime.config, &route.accept, req, tls, now_unix())
+            .authenticate(runtime, &route.accept, req, tls, now_unix())
             .await;
         let facts = Facts {
             route,

@@ -45,6 +45,9 @@ pub struct Runtime {
     /// Whether any listener names `trusted_proxies`: if none, every client is the address its
     /// connection comes from, and no listener is looked up to know.
     trusted_proxies: bool,
+    /// Set when it is installed: a bearer token verified under this configuration is taken
+    /// again without verifying only by requests living by it (see `auth::verified`).
+    pub tokens_epoch: u64,
 }
 
 impl Runtime {
@@ -78,6 +81,7 @@ impl Runtime {
                 .iter()
                 .any(|l| !l.trusted_proxies.is_empty()),
             routes: RouteTable::new(routes),
+            tokens_epoch: 0,
             https_port,
             scim,
             assertion_issuer: config.oidc.as_ref().map_or_else(
@@ -310,9 +314,9 @@ impl Shared {
 
     /// Installs a new configuration: new requests use it, open connections are judged again
     /// under it, and bearer tokens are verified afresh (issuers' rules may have changed).
-    pub fn install(&self, runtime: Runtime) {
+    pub fn install(&self, mut runtime: Runtime) {
+        runtime.tokens_epoch = self.auth.verified.config_changed();
         self.runtime.store(Arc::new(runtime));
-        self.auth.verified.config_changed();
         self.reloads.bump();
     }
 
@@ -426,10 +430,19 @@ impl Shared {
                 who,
                 None,
                 match caller {
-                    Caller::Machine(m) if crate::clock::now_unix() < m.expires => {
+                    Caller::Machine(m) if crate::clock::now_unix() >= m.expires => {
+                        "the bearer token has expired"
+                    }
+                    Caller::Machine(m)
+                        if !crate::auth::still_takes(&self.runtime.load().config, m) =>
+                    {
+                        "the token's issuer is no longer configured to take it (removed, or \
+                         its audiences changed)"
+                    }
+                    Caller::Machine(_) => {
                         "the bearer token is no longer for this route's audiences"
                     }
-                    _ => "the bearer token has expired",
+                    Caller::Person { .. } => "the session has ended or expired",
                 },
             ),
             _ => (who, None, "the session has ended or expired"),

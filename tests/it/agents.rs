@@ -481,6 +481,15 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let why = "the token's issuer is no longer configured to take it";
+    audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal").iter().any(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains(why))
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

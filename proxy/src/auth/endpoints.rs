@@ -24,6 +24,7 @@ use crate::caller::{Caller, Identity, Principal};
 use crate::clock::now_unix;
 use crate::gate::Gate;
 use crate::reply::{escape, Reply};
+use crate::state::Runtime;
 
 /// The route refusals at Portcullis' own endpoints (the sign-in callback, back-channel
 /// logout, `me`) are audited under.
@@ -199,10 +200,11 @@ impl Auth {
     pub async fn serve(
         &self,
         session: &mut Session,
-        config: &Config,
+        runtime: &Runtime,
         endpoint: &str,
         req: &Request<'_>,
     ) -> Result<Option<Served>> {
+        let config = &runtime.config;
         let Some(oidc) = &config.oidc else {
             return Ok(None);
         };
@@ -255,7 +257,7 @@ impl Auth {
             ("backchannel_logout", &http::Method::POST) => {
                 self.backchannel_logout(session, oidc, req).await?
             }
-            ("me", &http::Method::GET) => match self.me(session, config, req).await {
+            ("me", &http::Method::GET) => match self.me(session, runtime, req).await {
                 Some(reply) => reply,
                 None => return Ok(Some(Served::Unauthenticated)),
             },
@@ -539,10 +541,11 @@ impl Auth {
     }
 
     /// Who the caller is signed in as; `None` when nobody is.
-    async fn me(&self, session: &Session, config: &Config, req: &Request<'_>) -> Option<Reply> {
+    async fn me(&self, session: &Session, runtime: &Runtime, req: &Request<'_>) -> Option<Reply> {
+        let config = &runtime.config;
         let authentication = self
             .authenticate(
-                config,
+                runtime,
                 &[
                     portcullis_config::Credential::Session,
                     portcullis_config::Credential::Bearer,

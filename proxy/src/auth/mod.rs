@@ -35,6 +35,7 @@ use self::verified::Verified;
 use crate::audit::Audit;
 use crate::caller::{Actor, Caller, Machine, Principal};
 use crate::gate::Presented;
+use crate::state::Runtime;
 
 /// Largest `Cookie` header (all of them together) read when looking for the session.
 const MAX_COOKIE_BYTES: usize = 8 * 1024;
@@ -369,21 +370,23 @@ impl Auth {
     /// What `req` presents to a route accepting `accept`.
     pub async fn authenticate(
         &self,
-        config: &Config,
+        runtime: &Runtime,
         accept: &[Credential],
         req: &RequestHeader,
         tls: bool,
         now: u64,
     ) -> Authentication {
+        let config = &runtime.config;
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
                 // A request that presents a token is judged by it, never by a cookie too. A
                 // token verified before is found at once; verifying one is awaited boxed (as
                 // is a refresh, below): its state would make every request's larger.
                 let hash = Verified::hash(token);
-                let verified = match self.verified.get(&hash, now) {
+                let epoch = runtime.tokens_epoch;
+                let verified = match self.verified.get(&hash, now, epoch) {
                     Some(caller) => Ok(caller),
-                    None => Box::pin(self.verify_bearer(config, token, hash, now)).await,
+                    None => Box::pin(self.verify_bearer(config, epoch, token, hash, now)).await,
                 };
                 return match verified {
                     Ok(caller) => Authentication::Caller(caller),
@@ -483,15 +486,15 @@ impl Auth {
     }
 
     /// Verifies a bearer token not found verified already (by its `hash`).
+    /// Verifies `token` by the rules of `config`, whose epoch is `epoch`.
     async fn verify_bearer(
         &self,
         config: &Config,
+        epoch: u64,
         token: &str,
         hash: verified::TokenHash,
         now: u64,
     ) -> Result<Caller, JwtError> {
-        // Read before verifying: a reload or key refetch meanwhile makes the entry stale.
-        let epoch = self.verified.epoch();
         if !jwt::is_compact_jws(token) {
             return Err(JwtError::Malformed);
         }

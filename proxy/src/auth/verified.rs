@@ -4,8 +4,9 @@
 //!
 //! An entry is used only while everything its verification relied on still holds: the token
 //! has not expired (with the issuer's leeway), the issuer's key set is the one it was checked
-//! against (any refetch starts over), and the configuration has not been reloaded since. Only
-//! the token's SHA-256 is kept, never the token.
+//! against (any refetch starts over), and the request asking lives by the configuration it was
+//! verified under (each installed configuration has an epoch of its own). Only the token's
+//! SHA-256 is kept, never the token.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct Entry {
     pub jwks: Arc<Jwks>,
     /// The key set's generation, read before verifying.
     pub keys: u64,
-    /// [`Verified::epoch`], read before verifying.
+    /// The epoch of the configuration it was verified under (`Runtime::tokens_epoch`).
     pub epoch: u64,
 }
 
@@ -39,6 +40,7 @@ pub struct Verified {
     /// Keyed by the SHA-256 of the token: foldhash, not SipHash, for the map's own hash.
     entries: DashMap<TokenHash, Entry, foldhash::fast::RandomState>,
     /// Bumped on every reload: issuers' rules (audiences, algorithms, leeway) may have changed.
+    /// The epoch of the configuration last installed.
     epoch: AtomicU64,
 }
 
@@ -47,12 +49,13 @@ impl Verified {
         Sha256::digest(token.as_bytes()).into()
     }
 
-    /// The caller a token was verified as, if that verification still holds at `now`.
-    pub fn get(&self, hash: &TokenHash, now: u64) -> Option<Caller> {
+    /// The caller a token was verified as, if that verification still holds at `now` for a
+    /// request living by the configuration of `epoch`.
+    pub fn get(&self, hash: &TokenHash, now: u64, epoch: u64) -> Option<Caller> {
         let entry = self.entries.get(hash)?;
         let holds = now < entry.valid_until
             && entry.keys == entry.jwks.generation()
-            && entry.epoch == self.epoch.load(Ordering::Acquire);
+            && entry.epoch == epoch;
         holds.then(|| entry.caller.clone())
     }
 
@@ -67,14 +70,11 @@ impl Verified {
         self.entries.insert(hash, entry);
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// Forgets every verification: the configuration changed.
-    pub fn config_changed(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Forgets every verification: a configuration is being installed. Returns its epoch.
+    pub fn config_changed(&self) -> u64 {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.entries.clear();
+        epoch
     }
 }
 
@@ -93,13 +93,13 @@ mod tests {
         ))
     }
 
-    fn entry(verified: &Verified, jwks: &Arc<Jwks>, valid_until: u64) -> Entry {
+    fn entry(jwks: &Arc<Jwks>, valid_until: u64) -> Entry {
         Entry {
             caller: machine(),
             valid_until,
             jwks: jwks.clone(),
             keys: jwks.generation(),
-            epoch: verified.epoch(),
+            epoch: 0,
         }
     }
 
@@ -108,22 +108,21 @@ mod tests {
         let verified = Verified::default();
         let jwks = jwks();
         let token = Verified::hash("header.payload.signature");
-        assert!(verified.get(&token, 100).is_none());
+        assert!(verified.get(&token, 100, 0).is_none());
 
-        verified.insert(token, entry(&verified, &jwks, 200), 100);
-        assert!(verified.get(&token, 199).is_some());
-        assert!(verified.get(&token, 200).is_none(), "expired");
-        assert!(verified.get(&Verified::hash("other"), 100).is_none());
+        verified.insert(token, entry(&jwks, 200), 100);
+        assert!(verified.get(&token, 199, 0).is_some());
+        assert!(verified.get(&token, 200, 0).is_none(), "expired");
+        assert!(verified.get(&Verified::hash("other"), 100, 0).is_none());
 
-        verified.config_changed();
-        assert!(verified.get(&token, 150).is_none(), "reloaded");
-        // Verified before the reload, stored after it: never used.
-        let stale = Entry {
-            epoch: verified.epoch() - 1,
-            ..entry(&verified, &jwks, 200)
-        };
-        verified.insert(token, stale, 100);
-        assert!(verified.get(&token, 150).is_none());
+        let reloaded = verified.config_changed();
+        assert_eq!(reloaded, 1);
+        assert!(verified.get(&token, 150, 0).is_none(), "reloaded");
+        // Verified under the old configuration, stored after the reload: used only by
+        // requests living by the old one.
+        verified.insert(token, entry(&jwks, 200), 100);
+        assert!(verified.get(&token, 150, reloaded).is_none());
+        assert!(verified.get(&token, 150, 0).is_some());
     }
 
     #[test]
@@ -132,7 +131,7 @@ mod tests {
         let jwks = jwks();
         for n in 0..MAX_ENTRIES + 10 {
             let valid_until = if n % 2 == 0 { 50 } else { 200 };
-            let e = entry(&verified, &jwks, valid_until);
+            let e = entry(&jwks, valid_until);
             verified.insert(Verified::hash(&n.to_string()), e, 100);
         }
         assert!(verified.entries.len() <= MAX_ENTRIES);
