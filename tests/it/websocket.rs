@@ -221,3 +221,35 @@ async fn an_anonymous_websocket_ends_when_a_reload_takes_its_public_rule_away() 
         .await;
     assert!(audit.contains("anonymous"), "{audit}");
 }
+
+/// A websocket whose upstream sends nothing for the route's `read_timeout` ends, as the README
+/// says: an idle stream needs pings, or a longer `read_timeout` on its route.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_whose_upstream_is_silent_for_the_read_timeout_ends() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::new("http://ws.test", &[&up])
+            .websockets(true)
+            .set("read_timeout = \"2s\""),
+    );
+    let _px = cfg.start().await;
+    let mut ws =
+        portcullis_tests::client::websocket(cfg.http_addr(), "ws.test", "/ws", ("x-test", "1"))
+            .await;
+    timeout(STEP, ws.send(Message::text("hello")))
+        .await
+        .expect("send timed out")
+        .unwrap();
+    let echoed = timeout(STEP, ws.next()).await.expect("echo timed out");
+    assert!(matches!(echoed, Some(Ok(Message::Text(_)))), "{echoed:?}");
+    let idle = std::time::Instant::now();
+    assert!(
+        portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(30)).await,
+        "still open 30 s into a 2 s read_timeout"
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_millis(1500),
+        "ended after {:?}, before the read_timeout",
+        idle.elapsed()
+    );
+}
