@@ -9,6 +9,8 @@
 //! read it later. The file poll installs a change once it has held for one interval, so a file
 //! caught half-written is not taken for the new configuration.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -174,20 +176,28 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     // and the file poll run apart).
     static TURN: Mutex<()> = Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
-    let running = shared.runtime.load();
+    let running = shared.runtime.load_full();
     // An upstream's name that does not resolve just now (a DNS outage) keeps the address it is
     // reached at, as between reloads: a reload (a renewed certificate, a rule taken away) is
-    // not refused for it. A name no upstream has yet must resolve.
+    // not refused for it. A name no upstream has yet must resolve. Each name is looked up once.
+    let looked_up = RefCell::new(HashMap::<(String, u16), Result<SocketAddr, String>>::new());
+    let kept = RefCell::new(Vec::new());
     let resolve = |host: &str, port: u16| {
-        portcullis_config::resolve_now(host, port).or_else(|problem| {
-            let kept = running
+        let key = (host.to_ascii_lowercase(), port);
+        if let Some(known) = looked_up.borrow().get(&key) {
+            return known.clone();
+        }
+        let found = portcullis_config::resolve_now(host, port).or_else(|problem| {
+            let ip = running
                 .routes
                 .all()
-                .find_map(|route| route.upstreams.address_of(host, port))
+                .find_map(|route| route.upstreams.address_of(host))
                 .ok_or_else(|| problem.clone())?;
-            tracing::warn!("{problem}; the upstream keeps the address it is reached at, {kept}");
-            Ok(kept)
-        })
+            kept.borrow_mut().push(format!("{problem}: kept {ip}"));
+            Ok(SocketAddr::new(ip, port))
+        });
+        looked_up.borrow_mut().insert(key, found.clone());
+        found
     };
     let mut config =
         portcullis_config::load_resolving(&shared.config_path, &resolve).map_err(|errors| {
@@ -209,6 +219,11 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     }
     let runtime = Runtime::build(config, &shared.directory);
     shared.install(runtime);
+    for kept in kept.into_inner() {
+        tracing::warn!(
+            "upstream name not resolved at reload ({kept}, the address it is reached at)"
+        );
+    }
     Ok(awaiting)
 }
 

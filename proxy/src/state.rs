@@ -371,21 +371,22 @@ impl Shared {
     /// audited. Used for every chunk and frame and by the sweep of idle connections alike.
     pub fn still_allowed(&self, open: &Recheck) -> bool {
         let marks = self.marks();
+        // One configuration and one "now" for the decision and the record of it.
+        let runtime = self.runtime.load();
+        let now = crate::clock::now_unix();
         open.still_allowed(
             marks,
-            |open| self.rejudge(open, &marks),
-            |open, refused| self.audit_cut(open, &refused),
+            |open| self.rejudge(open, &marks, &runtime, now),
+            |open, refused| self.audit_cut(open, &refused, &runtime, now),
         )
     }
 
-    fn rejudge(&self, open: &Recheck, marks: &Marks) -> Admission {
-        let runtime = self.runtime.load();
-        let now = crate::clock::now_unix();
+    fn rejudge(&self, open: &Recheck, marks: &Marks, runtime: &Runtime, now: u64) -> Admission {
         // A session that has ended, or idled or lived past its time, or whose provider is no
         // longer the configured one, no longer vouches; nor does a token whose issuer is no
         // longer configured to take it.
         let oidc = runtime.config.oidc.as_ref();
-        let gate = self.gate(&runtime, marks);
+        let gate = self.gate(runtime, marks);
         crate::streams::rejudge(&gate, &runtime.routes, open, now, |caller| match caller {
             Caller::Person { session, .. } => {
                 oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc))
@@ -394,7 +395,7 @@ impl Shared {
         })
     }
 
-    fn audit_cut(&self, open: &Recheck, refused: &Admission) {
+    fn audit_cut(&self, open: &Recheck, refused: &Admission, runtime: &Runtime, now: u64) {
         let who = open.who();
         let (who, rule, reason) = match (refused, &open.caller) {
             (Admission::Refuse(Refused::Forbid(refusal)), _) => (
@@ -430,12 +431,8 @@ impl Shared {
                 who,
                 None,
                 match caller {
-                    Caller::Machine(m) if crate::clock::now_unix() >= m.expires => {
-                        "the bearer token has expired"
-                    }
-                    Caller::Machine(m)
-                        if !crate::auth::still_takes(&self.runtime.load().config, m) =>
-                    {
+                    Caller::Machine(m) if now >= m.expires => "the bearer token has expired",
+                    Caller::Machine(m) if !crate::auth::still_takes(&runtime.config, m) => {
                         "the token's issuer is no longer configured to take it (removed, or \
                          its audiences changed)"
                     }

@@ -106,17 +106,17 @@ impl UpstreamSet {
         self.upstreams.get(index).map(|b| &b.host_header)
     }
 
-    /// The address the upstream named `host` (a DNS name) with `port` is reached at now, if
+    /// The address an upstream named `host` (a DNS name, on any port) is reached at now, if
     /// this set has one.
-    pub fn address_of(&self, host: &str, port: u16) -> Option<std::net::SocketAddr> {
+    pub fn address_of(&self, host: &str) -> Option<std::net::IpAddr> {
         self.upstreams
             .iter()
             .find(|b| {
                 b.name
                     .as_ref()
-                    .is_some_and(|(n, p)| n == host && *p == port)
+                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(host))
             })
-            .and_then(|b| b.peer.load()._address.as_inet().copied())
+            .and_then(|b| Some(b.peer.load()._address.as_inet()?.ip()))
     }
 
     /// The round-robin starting position for a new request.

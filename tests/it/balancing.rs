@@ -290,6 +290,7 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
 async fn a_reload_while_an_upstream_s_name_does_not_resolve_keeps_its_address() {
     let svc = Upstream::start("svc").await;
     let port = svc.addr().port();
+    let other = Upstream::start("other-port").await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
     let cfg = svc_route(port, "1h");
     let px = start_resolving(&cfg, &hosts).await;
@@ -301,27 +302,47 @@ async fn a_reload_while_an_upstream_s_name_does_not_resolve_keeps_its_address() 
         "svc"
     );
 
+    // The hosts file no longer has svc.test (it names another host only, so it is not empty).
     hosts.point("elsewhere.test", &["127.0.0.1"]);
-    let to_svc = |from: &str| Route::to_urls(from, vec![format!("http://svc.test:{port}")]);
-    let more = cfg.clone().route(to_svc("http://more.test"));
+    // A route added to the name as it is, and one to the name on another port.
+    let to_svc =
+        |from: &str, port: u16| Route::to_urls(from, vec![format!("http://SVC.test:{port}")]);
+    let more = cfg
+        .clone()
+        .route(to_svc("http://more.test", port))
+        .route(to_svc("http://other.test", other.addr().port()));
     px.rewrite_config(&more.toml());
     px.reload_and_wait().await;
     assert!(
-        px.log().contains("cannot resolve `svc.test`"),
+        px.log().contains("cannot resolve `SVC.test`")
+            || px.log().contains("cannot resolve `svc.test`"),
         "{}",
         px.log()
     );
-    for host in ["app.test", "more.test"] {
+    for (host, upstream) in [
+        ("app.test", "svc"),
+        ("more.test", "svc"),
+        ("other.test", "other-port"),
+    ] {
         let echo = get_echo(&client, &more.http_url(host, "/where")).await;
-        assert_eq!(echo.upstream, "svc", "{host}");
+        assert_eq!(echo.upstream, upstream, "{host}");
     }
 
+    // A name no upstream has must resolve: the file is refused.
     let typo = more.clone().route(Route::to_urls(
         "http://typo.test",
         vec![format!("http://svx.test:{port}")],
     ));
     px.rewrite_config(&typo.toml());
     px.reload();
-    px.log_until(|log| log.contains("configuration not reloaded") && log.contains("svx.test"))
-        .await;
+    // Each lookup may wait on the machine's resolver: a generous bound.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(px.log().contains("configuration not reloaded") && px.log().contains("svx.test")) {
+        assert!(
+            Instant::now() < deadline,
+            "the typo was not refused:\n{}",
+            px.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -485,8 +485,8 @@ impl Auth {
         })
     }
 
-    /// Verifies a bearer token not found verified already (by its `hash`).
-    /// Verifies `token` by the rules of `config`, whose epoch is `epoch`.
+    /// Verifies a bearer token not found verified already (by its `hash`), by the rules of
+    /// `config`, whose epoch is `epoch`.
     async fn verify_bearer(
         &self,
         config: &Config,

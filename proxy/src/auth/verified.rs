@@ -39,8 +39,8 @@ pub struct Entry {
 pub struct Verified {
     /// Keyed by the SHA-256 of the token: foldhash, not SipHash, for the map's own hash.
     entries: DashMap<TokenHash, Entry, foldhash::fast::RandomState>,
-    /// Bumped on every reload: issuers' rules (audiences, algorithms, leeway) may have changed.
-    /// The epoch of the configuration last installed.
+    /// The epoch of the configuration last installed: bumped on every reload, as issuers' rules
+    /// (audiences, algorithms, leeway) may have changed.
     epoch: AtomicU64,
 }
 
@@ -62,7 +62,10 @@ impl Verified {
     /// Remembers a verification.
     pub fn insert(&self, hash: TokenHash, entry: Entry, now: u64) {
         if self.entries.len() >= MAX_ENTRIES {
-            self.entries.retain(|_, entry| now < entry.valid_until);
+            // Also those of an earlier configuration (stored by requests that began under it).
+            let epoch = self.epoch.load(Ordering::Acquire);
+            self.entries
+                .retain(|_, entry| now < entry.valid_until && entry.epoch == epoch);
             if self.entries.len() >= MAX_ENTRIES {
                 self.entries.clear();
             }
