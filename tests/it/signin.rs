@@ -1423,6 +1423,65 @@ async fn a_sign_out_ends_the_sessions_of_the_same_idp_sign_in_on_every_host() {
     assert_session_works(&corp, &elsewhere).await;
 }
 
+/// A reload that moves `[oidc] issuer` to another IdP signs people out here until that one is
+/// discovered: not at the old IdP's end-session endpoint (with the new settings' client), and
+/// the old IdP's ID token is sent nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/page");
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let sign_out = || async {
+        let cookie = fx
+            .sign_in(&client(), &page, ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+        bare_client()
+            .post(fx.app_url("/.portcullis/sign_out"))
+            .header(ORIGIN, fx.app_origin())
+            .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+            .send()
+            .await
+            .unwrap()
+    };
+    // To the IdP's end-session endpoint while it is the configured one.
+    let before = sign_out().await;
+    let to_idp = header(&before, LOCATION.as_str()).unwrap_or_default();
+    assert!(
+        to_idp.starts_with(fx.idp.issuer()),
+        "{}: {to_idp}",
+        before.status()
+    );
+
+    // Nothing listens at the new issuer: it is never discovered.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let moved = format!("http://127.0.0.1:{}", unused.local_addr().unwrap().port());
+    drop(unused);
+    let config = fx.px.config();
+    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
+    let issuer = format!("issuer = \"{}\"", fx.idp.issuer());
+    assert!(oidc.contains(&issuer), "{config}");
+    let oidc = oidc.replacen(&issuer, &format!("issuer = \"{moved}\""), 1);
+    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
+    fx.px.reload_and_wait().await;
+
+    let resp = bare_client()
+        .post(fx.app_url("/.portcullis/sign_out"))
+        .header(ORIGIN, fx.app_origin())
+        .header(COOKIE, format!("{SESSION_COOKIE}={}", signed.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{:?}",
+        header(&resp, LOCATION.as_str())
+    );
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("You are signed out"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;

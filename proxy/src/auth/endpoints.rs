@@ -448,16 +448,20 @@ impl Auth {
             self.audit.session(&who, "sign_out", "", req.client);
         }
         // The IdP is told whom to sign out only when that is one person: a cookie another
-        // person planted (for a longer path, without `__Host-`) must not take the hint.
+        // person planted (for a longer path, without `__Host-`) must not take the hint. Nor is
+        // an ID token another issuer signed (one configured before a reload) sent to this one.
         let one_person = current.windows(2).all(|pair| {
             (&pair[0].1.issuer, &pair[0].1.subject) == (&pair[1].1.issuer, &pair[1].1.subject)
         });
         let id_token_hint = current
             .first()
-            .filter(|_| one_person)
+            .filter(|(_, identity, _)| one_person && identity.issuer == oidc.issuer)
             .and_then(|(_, _, id_token)| id_token.clone());
         let clear = session_cookie(oidc, req.tls, "", 0);
-        let end_session = self.oidc.provider().and_then(|p| {
+        // The configured issuer's end-session endpoint, never another's: after a reload that
+        // moved to another IdP (off a compromised one, say), sign-outs end here until it is
+        // discovered.
+        let end_session = self.oidc.current(oidc).ok().and_then(|p| {
             p.metadata
                 .additional_metadata()
                 .end_session_endpoint

@@ -229,7 +229,7 @@ impl Oidc {
     }
 
     /// The provider of `config`'s issuer, once discovered.
-    fn current(&self, config: &OidcConfig) -> Result<Arc<Provider>, SignInError> {
+    pub(super) fn current(&self, config: &OidcConfig) -> Result<Arc<Provider>, SignInError> {
         self.provider()
             .filter(|p| p.issuer == config.issuer)
             .ok_or(SignInError::ProviderUnavailable)
