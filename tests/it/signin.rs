@@ -1482,6 +1482,80 @@ async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp()
     assert!(body.contains("You are signed out"), "{body}");
 }
 
+/// An authorization response that names another issuer (RFC 9207's `iss`: a mix-up) is
+/// refused, its code never sent to the token endpoint; the response as the IdP sent it then
+/// signs in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_naming_another_issuer_is_refused() {
+    let fx = Fixture::start().await;
+    let bare = bare_client();
+    let page = fx.app_url("/page");
+    let start = navigate(&bare, &page).await;
+    let binding = binding_cookie(&start).expect("a sign-in cookie");
+    let pair = binding.split(';').next().unwrap_or_default().to_owned();
+    let authorize = header(&start, LOCATION.as_str()).unwrap();
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let mut mixed_up = url::Url::parse(&callback).expect("a callback URL");
+    let kept: Vec<(String, String)> = mixed_up
+        .query_pairs()
+        .filter(|(name, _)| name != "iss")
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect();
+    mixed_up
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("iss", "https://mix-up.example");
+    let refused = bare
+        .get(mixed_up.as_str())
+        .header(COOKIE, &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("another identity provider"), "{body}");
+
+    let own = bare
+        .get(&callback)
+        .header(COOKIE, &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::FOUND, "{}", fx.px.log());
+}
+
+/// A sign-in begun before a reload that changed `[oidc] client_id` (or the issuer) is not
+/// finished under the new one: its code is not sent with another client's credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_begun_before_a_reload_changed_the_client_is_begun_again() {
+    let fx = Fixture::start().await;
+    let bare = bare_client();
+    let start = navigate(&bare, &fx.app_url("/page")).await;
+    let binding = binding_cookie(&start).expect("a sign-in cookie");
+    let pair = binding.split(';').next().unwrap_or_default().to_owned();
+    let authorize = header(&start, LOCATION.as_str()).unwrap();
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+
+    let config = fx.px.config();
+    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
+    let client = format!("client_id = \"{CLIENT_ID}\"");
+    assert!(oidc.contains(&client), "{config}");
+    let oidc = oidc.replacen(&client, "client_id = \"another-client\"", 1);
+    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
+    fx.px.reload_and_wait().await;
+
+    let resp = bare
+        .get(&callback)
+        .header(COOKIE, &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("another identity provider"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;

@@ -309,6 +309,11 @@ impl Auth {
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
             return self.sign_in_refused(&SignInError::UnknownState, req);
         };
+        // RFC 9207: an IdP that names itself in its answer must be the configured one (a
+        // sign-in answered by another is a mix-up).
+        if param("iss").is_some_and(|iss| iss != oidc.issuer) {
+            return self.sign_in_refused(&SignInError::OtherProvider, req);
+        }
         let cookie_name = pending(&state);
         // Read without the bound on session cookies: sign-ins in progress in other tabs are
         // sent here too.
@@ -707,9 +712,10 @@ fn sign_in_failed(e: &SignInError) -> Reply {
         SignInError::ProviderUnavailable
         | SignInError::Unreachable(_)
         | SignInError::UserInfoUnreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        SignInError::UnknownState | SignInError::WrongBrowser | SignInError::Refused(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        SignInError::UnknownState
+        | SignInError::WrongBrowser
+        | SignInError::OtherProvider
+        | SignInError::Refused(_) => StatusCode::BAD_REQUEST,
         SignInError::Invalid(_) => StatusCode::BAD_GATEWAY,
     };
     let retry = match e {

@@ -101,6 +101,11 @@ pub enum SignInError {
     UnknownState,
     #[error("this sign-in was started in another browser, or too long ago; start again")]
     WrongBrowser,
+    /// Started with another issuer or client than the configured one (a reload came between),
+    /// or answered in the name of another issuer (RFC 9207's `iss`): its code is not sent to
+    /// this issuer's token endpoint.
+    #[error("this sign-in was started with another identity provider; start again")]
+    OtherProvider,
     #[error("the identity provider refused the sign-in: {0}")]
     Refused(String),
     #[error("the identity provider could not be reached: {0}")]
@@ -137,6 +142,24 @@ struct Pending {
     return_to: String,
     redirect_uri: String,
     created: u64,
+    /// The [`provider_mark`] of the issuer and client it was started with (absent from a
+    /// sign-in a replica of an earlier version started).
+    #[serde(default)]
+    provider: Option<String>,
+}
+
+/// A short digest of `config`'s issuer and client: what a sign-in in progress keeps of them
+/// (the cookie has little room to spare).
+fn provider_mark(config: &OidcConfig) -> String {
+    let digest = Sha256::new()
+        .chain_update(config.issuer.as_bytes())
+        .chain_update([0])
+        .chain_update(config.client_id.as_bytes())
+        .finalize();
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// What the browser needs to start a sign-in: where to go, and the cookie that carries it.
@@ -287,6 +310,7 @@ impl Oidc {
             return_to,
             redirect_uri: redirect_uri.to_owned(),
             created: now,
+            provider: Some(provider_mark(config)),
         };
         let plain =
             serde_json::to_vec(&pending).map_err(|e| SignInError::Invalid(e.to_string()))?;
@@ -339,6 +363,13 @@ impl Oidc {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
         let pending = self.pending(state, sealed, now)?;
         let provider = self.current(config)?;
+        if pending
+            .provider
+            .as_ref()
+            .is_some_and(|started| *started != provider_mark(config))
+        {
+            return Err(SignInError::OtherProvider);
+        }
         // The code goes to the IdP once per sign-in, however often its callback is sent
         // with its cookie (a reload, a prefetch, a replay): one request to the IdP's token
         // endpoint, under its rate limits. (Unless a flood of sign-ins made it give way.)
@@ -983,6 +1014,7 @@ mod tests {
             return_to: "r".repeat(MAX_RETURN_TO),
             redirect_uri: format!("https://{}/.portcullis/callback", "h".repeat(253)),
             created: u64::MAX,
+            provider: Some("p".repeat(16)),
         };
         let plain = serde_json::to_vec(&pending).unwrap_or_default();
         let sealed = sealer.seal(b"state", &plain);
