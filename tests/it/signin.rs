@@ -2342,6 +2342,77 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
     assert_session_works(&fx.app_url("/"), &cookie).await;
 }
 
+/// With `cookie_domain` on TLS the session cookie is `__Secure-` prefixed: no plain-HTTP answer
+/// (a sibling host's, or one forged on the network) can set a cookie of that name, so none can
+/// plant a session of its own for the browser to send first. Sibling hosts on TLS still can:
+/// that is what a shared cookie domain shares.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_tls_with_a_cookie_domain_the_session_cookie_is_secure_prefixed() {
+    let ca = portcullis_tests::TestCa::new();
+    let hosts = ["auth.corp.test", "app.corp.test"];
+    let cfg = ConfigBuilder::new().https_listener(vec![ca.leaf("corp", &hosts)]);
+    let port = cfg.https_addr().port();
+    let app = Upstream::start("app").await;
+    let auth = format!("auth.corp.test:{port}");
+    let idp = idp_setup(
+        &[format!("https://{auth}/.portcullis/callback")],
+        "http://127.0.0.1:9/unused",
+    )
+    .start()
+    .await;
+    let cfg = cfg
+        .route(Route::new("https://app.corp.test", &[&app]).any_signed_in())
+        .oidc(
+            Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
+                .set("auth_scheme", "\"https\"")
+                .set("cookie_domain", "\".corp.test\""),
+        );
+    let _px = cfg.start().await;
+    let c = signing_in_client(&ca);
+    wait_sign_in_available_at(
+        &c,
+        &format!("https://{auth}/.portcullis/sign_in?rd=%2F"),
+        WAIT,
+    )
+    .await;
+    let page = cfg.https_url("app.corp.test", "/page");
+    let to_auth = header(&navigate(&c, &page).await, LOCATION.as_str()).expect("to the auth host");
+    let authorize = header(&navigate(&c, &to_auth).await, LOCATION.as_str()).expect("to the IdP");
+    let callback = idp.sign_in_http(&authorize, ALICE, ALICE_PASSWORD).await;
+    let resp = c.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let line = set_cookie(&resp, &format!("__Secure-{SESSION_COOKIE}"))
+        .unwrap_or_else(|| panic!("no __Secure- session cookie: {:?}", resp.headers()));
+    let attributes = cookie_attributes(&line);
+    for want in ["secure", "httponly", "domain=corp.test"] {
+        assert!(attributes.iter().any(|a| a == want), "{want}: {line}");
+    }
+    let session = line
+        .split(';')
+        .next()
+        .and_then(|pair| pair.split_once('='))
+        .map(|(_, value)| value.to_owned())
+        .expect("a session id");
+    let with = |name: &str| {
+        c.get(&page)
+            .header(COOKIE, format!("{name}={session}"))
+            .header(ACCEPT, "application/json")
+            .send()
+    };
+    assert_eq!(
+        with(&format!("__Secure-{SESSION_COOKIE}"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        with(SESSION_COOKIE).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED,
+        "the unprefixed name, which a plain-HTTP answer can set, is no session on TLS"
+    );
+}
+
 /// A client that signs in on https: it trusts `ca`, keeps cookies and follows no redirect.
 fn signing_in_client(ca: &portcullis_tests::TestCa) -> reqwest::Client {
     portcullis_tests::client::tls_client_builder(ca)

@@ -694,15 +694,18 @@ impl Auth {
     }
 }
 
-/// The session cookie's name: `__Host-` prefixed on TLS when the cookie is for one host only.
+/// The session cookie's name: on TLS `__Host-` prefixed when the cookie is for one host only,
+/// else `__Secure-`.
 pub fn session_cookie_name(
     oidc: &portcullis_config::OidcConfig,
     tls: bool,
 ) -> std::borrow::Cow<'_, str> {
-    if tls && oidc.cookie_domain.is_none() {
-        format!("__Host-{}", oidc.cookie_name).into()
-    } else {
-        oidc.cookie_name.as_str().into()
+    match (tls, &oidc.cookie_domain) {
+        (true, None) => format!("__Host-{}", oidc.cookie_name).into(),
+        // Shared with the domain's hosts, but only over TLS: no plain-HTTP answer (a sibling
+        // host's, or one forged on the network) can plant a session under this name.
+        (true, Some(_)) => format!("__Secure-{}", oidc.cookie_name).into(),
+        (false, _) => oidc.cookie_name.as_str().into(),
     }
 }
 
