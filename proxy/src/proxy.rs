@@ -1233,9 +1233,16 @@ impl Proxy {
                         }
                         form.extend_from_slice(&chunk);
                     }
-                    // Judged again with the form in, however long it took to come: whoever
-                    // the directory removed from the console meanwhile, or whose session
-                    // ended, acts no more; and by the same session the form's token is of.
+                    // Judged again with the form in, however long it took to come, under the
+                    // configuration in force then: whoever the directory or a reload removed
+                    // from the console meanwhile, or whose session ended, acts no more; and by
+                    // the same session the form's token is of.
+                    let runtime = &self.shared.runtime.load_full();
+                    let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host)
+                    else {
+                        return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND))
+                            .await;
+                    };
                     let req = session.req_header();
                     let (again, admission) =
                         self.judge_console(runtime, route, req, tls, &path).await;

@@ -445,22 +445,16 @@ fn form_token(page: &str) -> String {
     rest.split('"').next().unwrap_or_default().to_owned()
 }
 
-/// An action is judged again once its form is in: bob, removed from the console's group while
-/// his post was on its way (a slow link, or one held back), acts no more.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
+/// Bob posts the form of `action` (a console address) in two halves, with `meanwhile` done
+/// between them; the answer, if the connection was not reset under the second half.
+async fn post_held_back(
+    t: &Console,
+    bob: &str,
+    action: &str,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = Console::start().await;
-    let alice =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let bob =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
-            .await
-            .cookie;
-    let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
-    let page = get_with_session(&t.fx.app_url(&action), &bob, BROWSER_ACCEPT)
+    let page = get_with_session(&t.fx.app_url(action), bob, BROWSER_ACCEPT)
         .await
         .text()
         .await
@@ -479,24 +473,78 @@ async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
         form.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    // The IdP takes bob out of `sre` meanwhile, and is answered.
-    let removed = t
-        .scim
-        .patch(
-            &format!("/Groups/{}", t.sre_id),
-            &portcullis_tests::scim::patch_ops(serde_json::json!([{
-                "op": "remove",
-                "path": format!("members[value eq \"{}\"]", t.bob_id),
-            }])),
-        )
-        .await;
-    assert_eq!(removed.status, 204, "{removed:?}");
-    // Refused: 403. (Had the removal landed before the headers were judged, the refusal came
-    // then, and the connection may be reset under the rest of the body: refused as well.)
+    meanwhile.await;
     let _ = stream.write_all(rest.as_bytes()).await;
     let mut answer = Vec::new();
-    if stream.read_to_end(&mut answer).await.is_ok() {
-        let answer = String::from_utf8_lossy(&answer);
+    stream
+        .read_to_end(&mut answer)
+        .await
+        .ok()
+        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// An action is judged again once its form is in: bob, removed from the console's group while
+/// his post was on its way (a slow link, or one held back), acts no more.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
+    let t = Console::start().await;
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
+    // The IdP takes bob out of `sre` meanwhile, and is answered.
+    let remove_bob = async {
+        let removed = t
+            .scim
+            .patch(
+                &format!("/Groups/{}", t.sre_id),
+                &portcullis_tests::scim::patch_ops(serde_json::json!([{
+                    "op": "remove",
+                    "path": format!("members[value eq \"{}\"]", t.bob_id),
+                }])),
+            )
+            .await;
+        assert_eq!(removed.status, 204, "{removed:?}");
+    };
+    // Refused: 403. (Had the removal landed before the headers were judged, the refusal came
+    // then, and the connection may be reset under the rest of the body: refused as well.)
+    if let Some(answer) = post_held_back(&t, &bob, &action, remove_bob).await {
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    }
+    assert_session_works(&t.fx.app_url("/still"), &alice).await;
+}
+
+/// So is one whose poster a reload takes out of `[console] allow` while it arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_whose_poster_a_reload_removes_while_it_arrives_is_refused() {
+    let t = Console::start().await;
+    let alice =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+            .await
+            .cookie;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
+    let config = t.fx.px.config();
+    let (head, console) = config.split_once("[console]").expect("a [console] section");
+    let sre = "allow = { groups = [\"sre\"] }";
+    assert!(console.contains(sre), "{config}");
+    let eng_only = format!(
+        "{head}[console]{}",
+        console.replacen(sre, "allow = { groups = [\"eng\"] }", 1)
+    );
+    let reload = async {
+        t.fx.px.rewrite_config(&eng_only);
+        t.fx.px.reload_and_wait().await;
+    };
+    if let Some(answer) = post_held_back(&t, &bob, &action, reload).await {
         assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     }
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
