@@ -1100,6 +1100,10 @@ pub struct Filter {
     /// `user`'s directory id: with it, `user` also matches the SCIM changes to that user and
     /// to the groups whose members were added or removed by it.
     pub about: Option<String>,
+    /// Other names `user`'s own records go by, case-insensitively: a sign-in or sign-out is
+    /// recorded under the person's email or the IdP's subject, which the directory holds as
+    /// one of their emails or their `externalId`, not always as their `userName`.
+    pub aliases: Vec<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
     /// The `event`: `change`, `refusal`, `allow`, `action` or `session`.
@@ -1123,7 +1127,11 @@ impl Filter {
                 }
                 _ => false,
             };
-            if !about && !entry.who().eq_ignore_ascii_case(user) {
+            let who = entry.who();
+            let theirs = std::iter::once(user)
+                .chain(&self.aliases)
+                .any(|name| who.eq_ignore_ascii_case(name));
+            if !about && !theirs {
                 return false;
             }
         }
@@ -1623,6 +1631,24 @@ mod tests {
             user: Some("carol@corp.example".to_owned()),
             about: Some(id.to_owned()),
             ..Filter::default()
+        };
+        // Her sign-ins, recorded under another of her emails, with it among her aliases.
+        let signed_in = Entry::Session {
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            user: "Carol.Jones@corp.example".to_owned(),
+            what: "sign_in".to_owned(),
+            detail: String::new(),
+            client: None,
+        };
+        assert!(!about.matches(&signed_in));
+        let aliased = Filter {
+            aliases: vec!["carol.jones@corp.example".to_owned()],
+            ..about
+        };
+        assert!(aliased.matches(&signed_in));
+        let about = Filter {
+            aliases: Vec::new(),
+            ..aliased
         };
         let change = |id: &str, summary: &str| Entry::Change {
             seq: 1,

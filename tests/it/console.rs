@@ -302,6 +302,47 @@ async fn the_pages_show_the_directory_as_it_is_now() {
     }
 }
 
+/// A person's page shows their sign-ins, recorded under the email they sign in with, where
+/// their `userName` is another (Entra ID's user principal name, say).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_s_page_shows_the_sign_ins_recorded_under_their_email() {
+    let t = Console::start().await;
+    let bob =
+        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
+            .await
+            .cookie;
+    let upn = t
+        .scim
+        .post(
+            "/Users",
+            &json!({
+                "schemas": [portcullis_tests::scim::USER_SCHEMA],
+                "userName": "a.liddell@corp.onmicrosoft.test",
+                "emails": [{"value": ALICE, "primary": true}],
+            }),
+        )
+        .await
+        .expect(201)
+        .id();
+    t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
+        .await;
+    let page_url = t.console_url(&format!("users/{upn}"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = get_with_session(&page_url, &bob, BROWSER_ACCEPT)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let records = page.split("Recent records").nth(1).unwrap_or_default();
+        if records.contains("sign_in") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no sign-in on the page: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn refs(ids: &[String]) -> Vec<&str> {
     ids.iter().map(String::as_str).collect()
 }

@@ -6,7 +6,7 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use portcullis_scim::store::format_id;
+use portcullis_scim::store::{format_id, UserEntry};
 
 use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::audit::{parse_since, Entry, Filter, Order};
@@ -75,6 +75,7 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
         user: (!who.is_empty()).then(|| who.clone()),
         // The console knows the directory; `Console::audit_page` looks the user up.
         about: None,
+        aliases: Vec::new(),
         since: time(&since),
         until: time(&until),
         kind: KINDS
@@ -261,7 +262,10 @@ impl Console {
 
     pub(super) fn audit_page(&self, query: &str, params: &Params) -> Shown {
         let mut asked = asked(query, self.now_time());
-        asked.filter.about = self.user_id(&asked.who);
+        if let Some((id, aliases)) = self.user_keys(&asked.who) {
+            asked.filter.about = Some(id);
+            asked.filter.aliases = aliases;
+        }
         let mut html = format!(
             "<form class=\"inline\" method=\"get\" action=\"{}\">\
              <input type=\"text\" name=\"who\" value=\"{}\" placeholder=\"actor or user\" aria-label=\"Actor or user\">\
@@ -332,18 +336,21 @@ impl Console {
 
     /// The newest records about `user_name`, for their page.
     /// The directory id of the user named `user_name`, if there is one.
-    fn user_id(&self, user_name: &str) -> Option<String> {
+    /// The id of the directory user `user_name`, and the other names their records go by.
+    fn user_keys(&self, user_name: &str) -> Option<(String, Vec<String>)> {
         self.directory.read(|index| {
-            let row = index.user_by_name(user_name)?;
-            Some(format_id(index.user(row)?.id))
+            let user = index.user(index.user_by_name(user_name)?)?;
+            Some((format_id(user.id), aliases(user)))
         })
     }
 
-    /// The newest records by or about the user `user_name` (`id`), and a link to them all.
-    pub(super) fn recent_records(&self, user_name: &str, id: &str) -> String {
+    /// The newest records by or about `user`, and a link to them all.
+    pub(super) fn recent_records(&self, user: &UserEntry) -> String {
+        let user_name = &*user.user_name;
         let filter = Filter {
             user: Some(user_name.to_owned()),
-            about: Some(id.to_owned()),
+            about: Some(format_id(user.id)),
+            aliases: aliases(user),
             ..Filter::default()
         };
         match self.newest(&filter, 1, true) {
@@ -469,6 +476,16 @@ impl Console {
         html.push_str("</tbody></table></div>");
         html
     }
+}
+
+/// The other names `user`'s own records go by: their emails and `externalId` (see
+/// [`Filter::aliases`]).
+fn aliases(user: &UserEntry) -> Vec<String> {
+    user.emails
+        .iter()
+        .chain(&user.external_id)
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[cfg(test)]
