@@ -16,10 +16,12 @@ use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
 use crate::reply::escape;
 
-/// Every user an allow rule of `route` could let in, in row order, when its rules name only
-/// groups (`groups`, `group_ids`: their members, through nested groups too) and users
-/// (`users`); `None` when a rule may let in anyone (`any_signed_in`, `email_domains`,
-/// `machines`, `public`). Agent criteria let in no user.
+/// Every user an allow rule of `route` could let in, in no order and perhaps more than once
+/// (sorted by the caller, once the index is no longer held: a million-member group must not
+/// hold up writes while it is sorted), when its rules name only groups (`groups`,
+/// `group_ids`: their members, through nested groups too) and users (`users`); `None` when a
+/// rule may let in anyone (`any_signed_in`, `email_domains`, `machines`, `public`). Agent
+/// criteria let in no user.
 fn named_users(route: &Route, index: &Index) -> Option<Vec<Row>> {
     let mut groups: Vec<Row> = Vec::new();
     let mut users: Vec<Row> = Vec::new();
@@ -50,8 +52,6 @@ fn named_users(route: &Route, index: &Index) -> Option<Vec<Row>> {
             }
         }
     }
-    users.sort_unstable();
-    users.dedup();
     Some(users)
 }
 
@@ -129,7 +129,9 @@ impl Console {
             }
         };
         let users = match self.directory.read(|index| named_users(route, index)) {
-            Some(candidates) => {
+            Some(mut candidates) => {
+                candidates.sort_unstable();
+                candidates.dedup();
                 let mut users = Vec::new();
                 // A few thousand at a time, as `Directory::scan` walks.
                 for batch in candidates.chunks(4_096) {
