@@ -23,7 +23,7 @@
 //! Records hold names, routes, paths and reasons, never tokens, cookies, passwords or query
 //! strings. `portcullis audit` reads the file back ([`run_cli`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
@@ -1100,10 +1100,10 @@ pub struct Filter {
     /// `user`'s directory id: with it, `user` also matches the SCIM changes to that user and
     /// to the groups whose members were added or removed by it.
     pub about: Option<String>,
-    /// Other names `user`'s own records go by, case-insensitively: a sign-in or sign-out is
+    /// Other names `user`'s own records go by, in ASCII lower case: a sign-in or sign-out is
     /// recorded under the person's email or the IdP's subject, which the directory holds as
     /// one of their emails or their `externalId`, not always as their `userName`.
-    pub aliases: Vec<String>,
+    pub aliases: HashSet<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
     /// The `event`: `change`, `refusal`, `allow`, `action` or `session`.
@@ -1128,9 +1128,8 @@ impl Filter {
                 _ => false,
             };
             let who = entry.who();
-            let theirs = std::iter::once(user)
-                .chain(&self.aliases)
-                .any(|name| who.eq_ignore_ascii_case(name));
+            let theirs = who.eq_ignore_ascii_case(user)
+                || (!self.aliases.is_empty() && self.aliases.contains(&who.to_ascii_lowercase()));
             if !about && !theirs {
                 return false;
             }
@@ -1642,12 +1641,12 @@ mod tests {
         };
         assert!(!about.matches(&signed_in));
         let aliased = Filter {
-            aliases: vec!["carol.jones@corp.example".to_owned()],
+            aliases: ["carol.jones@corp.example".to_owned()].into(),
             ..about
         };
         assert!(aliased.matches(&signed_in));
         let about = Filter {
-            aliases: Vec::new(),
+            aliases: HashSet::new(),
             ..aliased
         };
         let change = |id: &str, summary: &str| Entry::Change {

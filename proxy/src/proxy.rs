@@ -1253,8 +1253,8 @@ impl Proxy {
                         ) => now == then,
                         _ => false,
                     };
-                    match admission {
-                        Admission::Allow(_) if same_session => {}
+                    let viewer = match admission {
+                        Admission::Allow(pass) if same_session => pass.forward,
                         Admission::Allow(_) => {
                             // Another session of the jar than the form's token is of.
                             let who = again
@@ -1287,7 +1287,20 @@ impl Proxy {
                                 )
                                 .await;
                         }
+                    };
+                    let Some(viewer) = viewer else {
+                        return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
+                            .await;
+                    };
+                    if !runtime.carries_credentials(local_addr(session), tls) {
+                        return reply::send(session, plain_http_page()).await;
                     }
+                    // Acted on as the configuration and the viewer now are.
+                    let console = crate::console::Console {
+                        runtime: runtime.clone(),
+                        viewer: viewer.user.clone(),
+                        ..console
+                    };
                     let shared = self.shared.clone();
                     let reload = || async move {
                         tokio::task::spawn_blocking(move || {

@@ -311,22 +311,22 @@ async fn a_user_s_page_shows_the_sign_ins_recorded_under_their_email() {
         t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
             .await
             .cookie;
-    let upn = t
+    // alice's userName becomes her user principal name; her email stays the one she signs
+    // in with.
+    let renamed = t
         .scim
-        .post(
-            "/Users",
-            &json!({
-                "schemas": [portcullis_tests::scim::USER_SCHEMA],
+        .patch(
+            &format!("/Users/{}", t.alice_id),
+            &patch_ops(json!([{"op": "replace", "value": {
                 "userName": "a.liddell@corp.onmicrosoft.test",
                 "emails": [{"value": ALICE, "primary": true}],
-            }),
+            }}])),
         )
-        .await
-        .expect(201)
-        .id();
+        .await;
+    assert!((200..300).contains(&renamed.status), "{}", renamed.text);
     t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
         .await;
-    let page_url = t.console_url(&format!("users/{upn}"));
+    let page_url = t.console_url(&format!("users/{}", t.alice_id));
     let deadline = Instant::now() + WAIT;
     loop {
         let page = get_with_session(&page_url, &bob, BROWSER_ACCEPT)
@@ -341,6 +341,31 @@ async fn a_user_s_page_shows_the_sign_ins_recorded_under_their_email() {
         assert!(Instant::now() < deadline, "no sign-in on the page: {page}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Another user who lists the same email: her records are not taken for his.
+    let mallory = t
+        .scim
+        .post(
+            "/Users",
+            &json!({
+                "schemas": [portcullis_tests::scim::USER_SCHEMA],
+                "userName": "mallory@corp.test",
+                "emails": [{"value": ALICE}],
+            }),
+        )
+        .await
+        .expect(201)
+        .id();
+    let page = get_with_session(
+        &t.console_url(&format!("users/{mallory}")),
+        &bob,
+        BROWSER_ACCEPT,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let records = page.split("Recent records").nth(1).unwrap_or_default();
+    assert!(!records.contains("sign_in"), "{page}");
 }
 
 fn refs(ids: &[String]) -> Vec<&str> {

@@ -3,10 +3,12 @@
 //! every page (the file, or PostgreSQL's tables with `[postgres]`), from its newest record
 //! back, and never more than [`READ_LIMIT`] records a page.
 
+use std::collections::HashSet;
+
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use portcullis_scim::store::{format_id, UserEntry};
+use portcullis_scim::store::{format_id, Index, Row};
 
 use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::audit::{parse_since, Entry, Filter, Order};
@@ -75,7 +77,7 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
         user: (!who.is_empty()).then(|| who.clone()),
         // The console knows the directory; `Console::audit_page` looks the user up.
         about: None,
-        aliases: Vec::new(),
+        aliases: HashSet::new(),
         since: time(&since),
         until: time(&until),
         kind: KINDS
@@ -334,23 +336,23 @@ impl Console {
         }
     }
 
-    /// The newest records about `user_name`, for their page.
-    /// The directory id of the user named `user_name`, if there is one.
     /// The id of the directory user `user_name`, and the other names their records go by.
-    fn user_keys(&self, user_name: &str) -> Option<(String, Vec<String>)> {
+    fn user_keys(&self, user_name: &str) -> Option<(String, HashSet<String>)> {
         self.directory.read(|index| {
-            let user = index.user(index.user_by_name(user_name)?)?;
-            Some((format_id(user.id), aliases(user)))
+            let row = index.user_by_name(user_name)?;
+            Some((format_id(index.user(row)?.id), aliases(index, row)))
         })
     }
 
-    /// The newest records by or about `user`, and a link to them all.
-    pub(super) fn recent_records(&self, user: &UserEntry) -> String {
-        let user_name = &*user.user_name;
+    /// The newest records by or about the user `user_name`, and a link to them all.
+    pub(super) fn recent_records(&self, user_name: &str) -> String {
+        let Some((id, aliases)) = self.user_keys(user_name) else {
+            return "<p class=\"muted\">No record.</p>".to_owned();
+        };
         let filter = Filter {
             user: Some(user_name.to_owned()),
-            about: Some(format_id(user.id)),
-            aliases: aliases(user),
+            about: Some(id),
+            aliases,
             ..Filter::default()
         };
         match self.newest(&filter, 1, true) {
@@ -478,13 +480,27 @@ impl Console {
     }
 }
 
-/// The other names `user`'s own records go by: their emails and `externalId` (see
-/// [`Filter::aliases`]).
-fn aliases(user: &UserEntry) -> Vec<String> {
-    user.emails
+/// The other names the records of the user at `row` go by (see [`Filter::aliases`]): those of
+/// their emails and their `externalId` that lead to them alone, and are no other user's
+/// `userName`, so that no one else's records are taken for theirs.
+fn aliases(index: &Index, row: Row) -> HashSet<String> {
+    let Some(user) = index.user(row) else {
+        return HashSet::new();
+    };
+    let theirs_alone = |rows: Vec<Row>, name: &str| {
+        rows == [row] && index.user_by_name(name).is_none_or(|named| named == row)
+    };
+    let emails = user
+        .emails
         .iter()
-        .chain(&user.external_id)
-        .map(ToString::to_string)
+        .filter(|email| theirs_alone(index.users_by_email(email), email));
+    let external_id = user
+        .external_id
+        .iter()
+        .filter(|id| theirs_alone(index.users_by_external_id(id), id));
+    emails
+        .chain(external_id)
+        .map(|name| name.to_ascii_lowercase())
         .collect()
 }
 

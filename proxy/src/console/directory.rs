@@ -247,7 +247,7 @@ impl Console {
         content.push_str("<h2>Routes</h2>");
         content.push_str(&routes);
         content.push_str("<h2>Recent records</h2>");
-        content.push_str(&self.recent_records(&user));
+        content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
         let identity = &self.runtime.config.identity;
         let sessions = self
