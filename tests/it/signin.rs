@@ -1516,6 +1516,39 @@ async fn a_callback_naming_another_issuer_is_refused() {
     let body = refused.text().await.unwrap();
     assert!(body.contains("another identity provider"), "{body}");
 
+    // oidc-provider says it names itself in every answer (RFC 9207): one without `iss` is
+    // not its own.
+    let discovery = bare_client()
+        .get(format!(
+            "{}/.well-known/openid-configuration",
+            fx.idp.issuer()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let discovery: serde_json::Value = serde_json::from_slice(&discovery).unwrap();
+    assert_eq!(
+        discovery["authorization_response_iss_parameter_supported"], true,
+        "{discovery}"
+    );
+    let mut unnamed = mixed_up.clone();
+    let kept: Vec<(String, String)> = mixed_up
+        .query_pairs()
+        .filter(|(name, _)| name != "iss")
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect();
+    unnamed.query_pairs_mut().clear().extend_pairs(kept);
+    let refused = bare
+        .get(unnamed.as_str())
+        .header(COOKIE, &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+
     let own = bare
         .get(&callback)
         .header(COOKIE, &pair)

@@ -310,8 +310,12 @@ impl Auth {
             return self.sign_in_refused(&SignInError::UnknownState, req);
         };
         // RFC 9207: an IdP that names itself in its answer must be the configured one (a
-        // sign-in answered by another is a mix-up).
-        if param("iss").is_some_and(|iss| iss != oidc.issuer) {
+        // sign-in answered by another is a mix-up), and one that says it always does must.
+        let mixed_up = match param("iss") {
+            Some(iss) => iss != oidc.issuer,
+            None => self.oidc.names_itself(oidc),
+        };
+        if mixed_up {
             return self.sign_in_refused(&SignInError::OtherProvider, req);
         }
         let cookie_name = pending(&state);

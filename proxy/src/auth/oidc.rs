@@ -44,15 +44,19 @@ pub const PENDING_FOR: u64 = 600;
 /// Back-channel logout tokens, and sign-ins, remembered against replay (each).
 const MAX_USES_KEPT: usize = 100_000;
 
+/// Provider metadata the `openidconnect` crate does not read itself.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-pub struct LogoutMetadata {
+pub struct ExtraMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_session_endpoint: Option<String>,
+    /// RFC 9207: the provider names itself (`iss`) in every authorization response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_response_iss_parameter_supported: Option<bool>,
 }
-impl AdditionalProviderMetadata for LogoutMetadata {}
+impl AdditionalProviderMetadata for ExtraMetadata {}
 
 pub type Metadata = ProviderMetadata<
-    LogoutMetadata,
+    ExtraMetadata,
     CoreAuthDisplay,
     CoreClientAuthMethod,
     CoreClaimName,
@@ -347,6 +351,17 @@ impl Oidc {
     }
 
     /// Whether `sealed` is this browser's cookie of a sign-in Portcullis started under `state`.
+    /// Whether `config`'s provider says it names itself (`iss`) in every authorization
+    /// response (RFC 9207), so that one without it is not its own.
+    pub fn names_itself(&self, config: &OidcConfig) -> bool {
+        self.current(config).is_ok_and(|p| {
+            p.metadata
+                .additional_metadata()
+                .authorization_response_iss_parameter_supported
+                == Some(true)
+        })
+    }
+
     pub fn started(&self, state: &str, sealed: &str, now: u64) -> bool {
         self.pending(state, sealed, now).is_ok()
     }
