@@ -105,11 +105,10 @@ fn redirect_uri(oidc: &OidcConfig, req: &Request<'_>) -> String {
 }
 
 fn session_cookie(oidc: &OidcConfig, tls: bool, value: &str, max_age: u64) -> String {
-    let mut cookie = format!(
-        "{}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}",
-        session_cookie_name(oidc, tls)
-    );
-    if tls {
+    let name = session_cookie_name(oidc, tls);
+    let mut cookie = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}");
+    // A prefixed name is kept by browsers only with `Secure`.
+    if tls || name.starts_with("__") {
         cookie.push_str("; Secure");
     }
     if let Some(domain) = &oidc.cookie_domain {

@@ -694,8 +694,9 @@ impl Auth {
     }
 }
 
-/// The session cookie's name: on TLS `__Host-` prefixed when the cookie is for one host only,
-/// else `__Secure-`.
+/// The session cookie's name: for one host only, `__Host-` prefixed on TLS; shared under a
+/// `cookie_domain`, `__Secure-` prefixed when the auth host that sets it is reached over https,
+/// whatever the scheme of the request that reads it.
 pub fn session_cookie_name(
     oidc: &portcullis_config::OidcConfig,
     tls: bool,
@@ -704,8 +705,10 @@ pub fn session_cookie_name(
         (true, None) => format!("__Host-{}", oidc.cookie_name).into(),
         // Shared with the domain's hosts, but only over TLS: no plain-HTTP answer (a sibling
         // host's, or one forged on the network) can plant a session under this name.
-        (true, Some(_)) => format!("__Secure-{}", oidc.cookie_name).into(),
-        (false, _) => oidc.cookie_name.as_str().into(),
+        (_, Some(_)) if oidc.auth_scheme == portcullis_config::Scheme::Https => {
+            format!("__Secure-{}", oidc.cookie_name).into()
+        }
+        _ => oidc.cookie_name.as_str().into(),
     }
 }
 
