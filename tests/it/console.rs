@@ -79,6 +79,17 @@ impl Console {
         }
     }
 
+    /// The session cookies of alice and bob, each signed in.
+    async fn sign_in_alice_and_bob(&self) -> (String, String) {
+        let app = self.fx.app_url("/");
+        let alice = self
+            .fx
+            .sign_in(&client(), &app, ALICE, ALICE_PASSWORD)
+            .await;
+        let bob = self.fx.sign_in(&client(), &app, BOB, BOB_PASSWORD).await;
+        (alice.cookie, bob.cookie)
+    }
+
     fn console_url(&self, path: &str) -> String {
         self.fx.app_url(&format!("/.portcullis/console/{path}"))
     }
@@ -554,14 +565,7 @@ async fn post_held_back(
 #[tokio::test(flavor = "multi_thread")]
 async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
     let t = Console::start().await;
-    let alice =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let bob =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
-            .await
-            .cookie;
+    let (alice, bob) = t.sign_in_alice_and_bob().await;
     let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
     // The IdP takes bob out of `sre` meanwhile, and is answered.
     let remove_bob = async {
@@ -589,14 +593,7 @@ async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_action_whose_poster_a_reload_removes_while_it_arrives_is_refused() {
     let t = Console::start().await;
-    let alice =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let bob =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
-            .await
-            .cookie;
+    let (alice, bob) = t.sign_in_alice_and_bob().await;
     let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
     let config = t.fx.px.config();
     let (head, console) = config.split_once("[console]").expect("a [console] section");
@@ -619,14 +616,7 @@ async fn an_action_whose_poster_a_reload_removes_while_it_arrives_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
     let t = Console::start().await;
-    let alice =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), ALICE, ALICE_PASSWORD)
-            .await
-            .cookie;
-    let bob =
-        t.fx.sign_in(&client(), &t.fx.app_url("/"), BOB, BOB_PASSWORD)
-            .await
-            .cookie;
+    let (alice, bob) = t.sign_in_alice_and_bob().await;
     let action = t.console_url(&format!("users/{}/end_sessions", t.alice_id));
     let page = get_with_session(&action, &bob, BROWSER_ACCEPT)
         .await
