@@ -281,13 +281,18 @@ fn edit_answer(
     }
     // An answer to someone identified is theirs: a shared cache in front (a CDN, a caching
     // load balancer) must not keep it for others. The upstream cannot tell, as it never sees
-    // Portcullis' cookie or token; what it says itself stands.
-    if identified && response.status.as_u16() >= 200 && !present.cache_control {
-        // Room for pingora's `Date` and `Connection` too: the map grows once, not twice.
+    // Portcullis' cookie or token; what it says itself of who may store it stands.
+    if identified
+        && response.status.as_u16() >= 200
+        && !(present.cache_control && says_who_may_store(headers))
+    {
+        // Room for pingora's `Date` and `Connection` too: the map grows once, not twice. (A
+        // second field line adds to the upstream's: `must-revalidate` becomes
+        // `must-revalidate, private`.)
         headers
             .try_reserve(3)
             .and_then(|()| {
-                headers.try_insert(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+                headers.try_append(header::CACHE_CONTROL, HeaderValue::from_static("private"))
             })
             .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
     }
@@ -1798,6 +1803,22 @@ fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 }
 
 const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+
+/// Whether `headers`' `Cache-Control` says whether a shared cache may store the answer:
+/// `public` or `s-maxage` (it may), `private` or `no-store` (it may not). Any other directive
+/// (`max-age`, `no-cache`, `must-revalidate`, `immutable`) leaves a shared cache free to store
+/// it (RFC 9111 §3).
+fn says_who_may_store(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|directive| {
+            let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            [&b"public"[..], b"s-maxage", b"private", b"no-store"]
+                .iter()
+                .any(|said| name.eq_ignore_ascii_case(said))
+        })
+    })
+}
 
 /// Whether `headers` ask the browser to clear the site's cookies (`"cookies"` or `"*"`).
 fn clears_cookies(headers: &http::HeaderMap) -> bool {

@@ -2372,6 +2372,26 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
     let resp = get_with_session(&fx.app_url("/page"), &cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(header(&resp, "cache-control").as_deref(), Some("private"));
+    // One that does not say whether a shared cache may store it is made private too.
+    for (said, sent) in [
+        ("must-revalidate", vec!["must-revalidate", "private"]),
+        ("max-age=60", vec!["max-age=60", "private"]),
+        ("no-cache", vec!["no-cache", "private"]),
+        ("s-maxage=30", vec!["s-maxage=30"]),
+        ("no-store", vec!["no-store"]),
+        ("Private,%20max-age=5", vec!["Private, max-age=5"]),
+    ] {
+        let url = fx.app_url(&format!("/cache-control?{said}"));
+        let resp = get_with_session(&url, &cookie, "application/json").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let got: Vec<&str> = resp
+            .headers()
+            .get_all("cache-control")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(got, sent, "{said}");
+    }
     assert_session_works(&fx.app_url("/"), &cookie).await;
 }
 

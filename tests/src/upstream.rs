@@ -324,6 +324,13 @@ async fn handle(
             header::HeaderValue::from_static("public, max-age=60"),
         );
     }
+    if path == "/cache-control" {
+        // `?<value>`: this answer's caching rule, as its upstream words it.
+        let value = parts.uri.query().unwrap_or_default().replace("%20", " ");
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(header::CACHE_CONTROL, value);
+        }
+    }
     if path == "/hop-by-hop" {
         // Headers for the proxy alone, as an upstream behind a proxy may send them: what
         // `Connection` names, and `Keep-Alive`; beside one for the client. With `?bare`, no
