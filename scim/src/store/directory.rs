@@ -1126,11 +1126,13 @@ impl Writer<'_> {
             };
             let mut seq = batch.seq;
             if batch.is_empty() && self.storage.is_shared() {
-                // Nothing to commit, but the answers may tell of what another replica
-                // committed and this index has yet to apply (a repeated deactivation finds the
-                // user inactive in the store): they are given once this replica has applied
-                // it, and settled at the sequence it reached, as the other replica's are.
+                // Nothing to commit, but this index may lag what another replica committed.
+                // If catching up brought anything, the writes are built again on it (a member
+                // that replica just added is removed here, not found absent); if not, the
+                // answers hold (a repeated deactivation finds the user inactive in the store)
+                // and are settled at the sequence reached, as the other replica's are.
                 match self.catch_up() {
+                    Ok((caught_up, _)) if caught_up != batch.base => continue,
                     Ok((caught_up, _)) => seq = caught_up,
                     Err(e) => {
                         tracing::error!("directory catch-up failed: {e}");

@@ -1574,3 +1574,29 @@ async fn a_write_that_changes_nothing_is_answered_once_this_replica_has_what_it_
     assert_eq!(a.write(delete(), "test").await.unwrap_err().status, 404);
     assert_eq!(active(&a), None);
 }
+
+/// A write that finds nothing to do on a replica whose index lags is built again once it has
+/// caught up: a member another replica has just added, removed here by a request sent after
+/// that addition was answered, is removed, not "not a member, nothing to remove".
+#[tokio::test]
+async fn a_write_that_finds_nothing_to_do_on_a_lagging_index_is_built_again() {
+    let store = Arc::new(SharedStore::default());
+    let replica = || Directory::open(store.clone(), Box::new(time::OffsetDateTime::now_utc));
+    let (a, b) = (replica().unwrap(), replica().unwrap());
+    let dana = created(&a, ResourceType::User, user("dana@x")).await;
+    let eng = created(&a, ResourceType::Group, group("eng", &[])).await;
+    b.catch_up().unwrap();
+    // B adds her to eng; A's index has not followed yet.
+    let add = patch_body(json!([{"op": "add", "path": "members", "value": [{"value": dana}]}]));
+    patch(&b, ResourceType::Group, &eng, add).await.unwrap();
+    assert!(a.groups_of(&dana).is_empty(), "A has not followed yet");
+    // The IdP removes her through A.
+    let remove = patch_body(json!([{
+        "op": "remove",
+        "path": format!("members[value eq \"{dana}\"]"),
+    }]));
+    patch(&a, ResourceType::Group, &eng, remove).await.unwrap();
+    assert!(a.groups_of(&dana).is_empty(), "on A");
+    b.catch_up().unwrap();
+    assert!(b.groups_of(&dana).is_empty(), "on B: the removal was lost");
+}
