@@ -199,6 +199,15 @@ impl Proxy {
                 }
             }
         }
+        // A watched stream's upstream socket may be shut down by `Streams` until the request
+        // is over, which is after pingora has pooled its connection: a cut then would cut the
+        // next request on it, another caller's. So an event stream's connection is not pooled
+        // (a websocket's never is).
+        if ctx.long_lived && !request.headers.contains_key(header::UPGRADE) {
+            request
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
 
         if let Some(target) = &ctx.upstream_target {
             request.uri = http::Uri::builder()

@@ -253,3 +253,30 @@ async fn a_websocket_whose_upstream_is_silent_for_the_read_timeout_ends() {
         idle.elapsed()
     );
 }
+
+/// An event stream's upstream connection is not pooled (`Connection: close`): the stream
+/// watcher may shut its socket down until the request is over, which is after pingora has
+/// pooled the connection, and the next request on it would be someone else's. Other requests'
+/// connections are pooled as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_s_upstream_connection_is_not_pooled() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let client = portcullis_tests::client::plain_client();
+    let told = |accept: &'static str| {
+        let request = client
+            .get(cfg.http_url("app.test", "/events"))
+            .header("accept", accept);
+        async move {
+            let resp = request.send().await.expect("an answer");
+            assert_eq!(resp.status(), 200);
+            let echo = portcullis_tests::Echo::parse(&resp.bytes().await.unwrap());
+            echo.header("connection").map(str::to_owned)
+        }
+    };
+    assert_eq!(told("text/event-stream").await.as_deref(), Some("close"));
+    assert_ne!(told("application/json").await.as_deref(), Some("close"));
+}
