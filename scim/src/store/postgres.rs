@@ -150,8 +150,11 @@ impl Connector {
         // on it: the server ends such a session after a quarter of `max_staleness`, and a
         // connection whose peer stopped answering is dropped about as quickly.
         let quarter = (max_staleness / 4).max(Duration::from_millis(50));
+        // A change is answered once its commit is flushed: a database or role whose default is
+        // `synchronous_commit = off` (or `local`, past a synchronous standby) would lose
+        // answered changes in a crash (or a failover). Options in the URL come after, and win.
         let options = format!(
-            "-c idle_in_transaction_session_timeout={} {}",
+            "-c idle_in_transaction_session_timeout={} -c synchronous_commit=on {}",
             quarter.as_millis(),
             config.get_options().unwrap_or_default()
         );
