@@ -909,8 +909,12 @@ impl ProxyHttp for Proxy {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
-        // A response already started cannot be replaced; the connection is simply closed.
-        if code > 0 && session.response_written().is_none() {
+        // A response already started cannot be replaced; the connection is simply closed. An
+        // interim one (`100 Continue`, `103 Early Hints`) is no answer yet: the page follows it.
+        let answered = session
+            .response_written()
+            .is_some_and(|written| !written.status.is_informational());
+        if code > 0 && !answered {
             // The connection ends after the page (`can_reuse_downstream` below), and the page
             // says so: a client told `keep-alive` sends its next request into a reset.
             session.set_keepalive(None);

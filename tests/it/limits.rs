@@ -108,6 +108,46 @@ async fn oversized_bodies_are_413() {
     );
 }
 
+/// A client that waits for `100 Continue` before its body (curl does, for a large upload) and
+/// then sends too much gets the 413, not a connection closed without an answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: small.test:{port}\r\nExpect: 100-continue\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("100 Continue within 10 s")
+            .unwrap();
+        assert_eq!(read, 1, "closed before 100 Continue: {interim:?}");
+        interim.push(byte[0]);
+    }
+    let interim = String::from_utf8_lossy(&interim).into_owned();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    let _ = stream.write_all(&chunked(&[b'a'; 2048], 256)).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.starts_with("HTTP/1.1 413"),
+        "after 100 Continue: {rest:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_request_head_is_refused() {
     let up = Upstream::start("a").await;
