@@ -230,7 +230,20 @@ impl Proxy {
     ) -> Result<()> {
         let route = || ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
         let session_cookie = ctx.runtime.as_ref().map(|r| r.session_cookie());
-        let edits = edit_answer(response, session_cookie, ctx.caller.is_some())?;
+        let identified = ctx.caller.is_some();
+        let edits = edit_answer(response, session_cookie, identified)?;
+        // An upstream that keys its answer on who is calling (`Vary: X-Portcullis-User`) keys
+        // it on headers only Portcullis sends it: a cache in front never sees them and would
+        // keep one answer for everyone. So it is private, whatever else it says.
+        if let (true, true, Some(runtime)) = (identified, edits.varies, &ctx.runtime) {
+            let identity = &runtime.config.identity;
+            if varies_on_what_portcullis_tells(&response.headers, identity) {
+                response
+                    .headers
+                    .try_append(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+                    .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+            }
+        }
         if edits.own_set_cookies > 0 {
             tracing::warn!(
                 route = route(),
@@ -253,6 +266,8 @@ impl Proxy {
 struct AnswerEdits {
     own_set_cookies: usize,
     cleared_cookies: bool,
+    /// Not an edit: whether the answer has a `Vary` (read in the same pass).
+    varies: bool,
 }
 
 /// An upstream's answer as the client gets it: the headers for the hop it came over taken out,
@@ -264,10 +279,13 @@ fn edit_answer(
     identified: bool,
 ) -> Result<AnswerEdits> {
     let headers = &mut response.headers;
-    let mut edits = AnswerEdits::default();
     // Most answers have none of the headers edited below: one pass over their names says which
     // they have, where asking the map for each would hash all six.
     let mut present = Present::in_answer(headers);
+    let mut edits = AnswerEdits {
+        varies: present.vary,
+        ..AnswerEdits::default()
+    };
     // What the upstream's `Connection` names is about its connection to Portcullis, not the
     // client's (pingora says its own `Connection` to an HTTP/1 client, and drops these for
     // HTTP/2 ones): first, so that the rules below see what the client will get.
@@ -317,6 +335,7 @@ struct Present {
     set_cookie: bool,
     clear_site_data: bool,
     cache_control: bool,
+    vary: bool,
 }
 
 impl Present {
@@ -333,6 +352,8 @@ impl Present {
                 present.clear_site_data = true;
             } else if *name == header::CACHE_CONTROL {
                 present.cache_control = true;
+            } else if *name == header::VARY {
+                present.vary = true;
             }
         }
         present
@@ -1817,6 +1838,29 @@ fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 
 const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
 
+/// Whether `headers`' `Vary` names a header Portcullis sets on requests to upstreams (or
+/// removes from them): the identity headers as `identity` names them, and every reserved one
+/// ([`is_reserved`]: `X-Portcullis-*`, `Forwarded`, `X-Forwarded-*`, ...).
+fn varies_on_what_portcullis_tells(
+    headers: &http::HeaderMap,
+    identity: &portcullis_config::IdentityConfig,
+) -> bool {
+    let told = [
+        &identity.header_user,
+        &identity.header_email,
+        &identity.header_groups,
+    ];
+    headers.get_all(header::VARY).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|name| {
+            let name = name.trim_ascii().to_ascii_lowercase();
+            is_reserved(&name)
+                || told
+                    .iter()
+                    .any(|t| t.as_str().as_bytes() == name.as_slice())
+        })
+    })
+}
+
 /// Whether `headers`' `Cache-Control` says whether a shared cache may store the answer:
 /// `public` or `s-maxage` (it may), `private` or `no-store` (it may not). Any other directive
 /// (`max-age`, `no-cache`, `must-revalidate`, `immutable`) leaves a shared cache free to store
@@ -2409,6 +2453,7 @@ mod tests {
         let expected = AnswerEdits {
             own_set_cookies: 1,
             cleared_cookies: true,
+            varies: false,
         };
         assert_eq!(edits, expected);
         let mut names: Vec<&str> = all.headers.keys().map(|n| n.as_str()).collect();
@@ -2443,6 +2488,7 @@ mod tests {
         let expected = AnswerEdits {
             own_set_cookies: 0,
             cleared_cookies: true,
+            varies: false,
         };
         assert_eq!(edits, expected);
         assert_eq!(values(&all, "set-cookie").len(), 2);

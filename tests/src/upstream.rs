@@ -325,10 +325,17 @@ async fn handle(
         );
     }
     if path == "/cache-control" {
-        // `?<value>`: this answer's caching rule, as its upstream words it.
-        let value = parts.uri.query().unwrap_or_default().replace("%20", " ");
-        if let Ok(value) = header::HeaderValue::from_str(&value) {
-            resp.headers_mut().insert(header::CACHE_CONTROL, value);
+        // `?cc=…[&vary=…]`: this answer's caching rule, as its upstream words it.
+        let query = parts.uri.query().unwrap_or_default();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let name = match &*name {
+                "cc" => header::CACHE_CONTROL,
+                "vary" => header::VARY,
+                _ => continue,
+            };
+            if let Ok(value) = header::HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, value);
+            }
         }
     }
     if path == "/hop-by-hop" {
