@@ -73,7 +73,7 @@ impl Proxy {
         let headers = &mut request.headers;
         // Room for every header added below, so the map grows at most once.
         headers
-            .try_reserve(10)
+            .try_reserve(11)
             .or_err(ErrorType::InvalidHTTPHeader, "too many request headers")?;
         // What is Portcullis' own never reaches the upstream: headers only it may set, its
         // cookies, and a bearer token it verified (unless the route passes it on).
@@ -202,7 +202,8 @@ impl Proxy {
         // A watched stream's upstream socket may be shut down by `Streams` until the request
         // is over, which is after pingora has pooled its connection: a cut then would cut the
         // next request on it, another caller's. So an event stream's connection is not pooled
-        // (a websocket's never is).
+        // (a websocket's is not once upgraded; one the upstream refuses stops being watched,
+        // see `upstream_response_filter`).
         if ctx.long_lived && !request.headers.contains_key(header::UPGRADE) {
             request
                 .headers
@@ -238,10 +239,9 @@ impl Proxy {
         if let (true, true, Some(runtime)) = (identified, edits.varies, &ctx.runtime) {
             let identity = &runtime.config.identity;
             if varies_on_what_portcullis_tells(&response.headers, identity) {
-                response
-                    .headers
-                    .try_append(header::CACHE_CONTROL, HeaderValue::from_static("private"))
+                let private = made_private(&response.headers)
                     .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
+                response.headers.insert(header::CACHE_CONTROL, private);
             }
         }
         if edits.own_set_cookies > 0 {
@@ -828,6 +828,14 @@ impl ProxyHttp for Proxy {
                 "the upstream switched protocols without accepting the websocket",
             );
         }
+        // A websocket the upstream refused is an ordinary answer, on a connection pingora may
+        // pool: its socket is no longer `Streams`' to shut (the per-chunk check still holds).
+        if ctx.registration.is_some()
+            && !upstream_response.status.is_informational()
+            && asks_for_websocket(session.req_header())
+        {
+            ctx.registration = None;
+        }
         // The answer is edited as plain `http` parts, as the request is (see
         // `upstream_request_filter`): through `ResponseHeader`'s methods every name is parsed
         // again and kept twice, and an answer given `Cache-Control` below grew both maps. Names
@@ -932,9 +940,10 @@ impl ProxyHttp for Proxy {
         };
         // A response already started cannot be replaced; the connection is simply closed. An
         // interim one (`100 Continue`, `103 Early Hints`) is no answer yet: the page follows it.
-        let answered = session
-            .response_written()
-            .is_some_and(|written| !written.status.is_informational());
+        // (A `101` is the answer: what follows it is the websocket's, not HTTP.)
+        let answered = session.response_written().is_some_and(|written| {
+            !written.status.is_informational() || written.status == StatusCode::SWITCHING_PROTOCOLS
+        });
         if code > 0 && !answered {
             // The connection ends after the page (`can_reuse_downstream` below), and the page
             // says so: a client told `keep-alive` sends its next request into a reset.
@@ -1868,13 +1877,37 @@ fn varies_on_what_portcullis_tells(
 fn says_who_may_store(headers: &http::HeaderMap) -> bool {
     headers.get_all(header::CACHE_CONTROL).iter().any(|value| {
         value.as_bytes().split(|&b| b == b',').any(|directive| {
+            let directive = directive.trim_ascii();
             let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
-            let name = name.trim_ascii();
-            [&b"public"[..], b"s-maxage", b"private", b"no-store"]
+            // `private="Set-Cookie"` keeps only those fields from shared caches: it settles
+            // nothing about the rest.
+            [&b"public"[..], b"private", b"no-store"]
                 .iter()
-                .any(|said| name.eq_ignore_ascii_case(said))
+                .any(|said| directive.eq_ignore_ascii_case(said))
+                || name.trim_ascii().eq_ignore_ascii_case(b"s-maxage")
         })
     })
+}
+
+/// `headers`' `Cache-Control` made private, in one field line: `private`, then what else it
+/// says but `public` and `s-maxage` (and any `private`), so no cache reads two opinions.
+fn made_private(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let mut value = b"private".to_vec();
+    for line in headers.get_all(header::CACHE_CONTROL) {
+        for directive in line.as_bytes().split(|&b| b == b',') {
+            let directive = directive.trim_ascii();
+            let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            let dropped = [&b"public"[..], b"s-maxage", b"private"]
+                .iter()
+                .any(|said| name.eq_ignore_ascii_case(said));
+            if !directive.is_empty() && !dropped {
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(directive);
+            }
+        }
+    }
+    HeaderValue::from_bytes(&value).ok()
 }
 
 /// Whether `headers` ask the browser to clear the site's cookies (`"cookies"` or `"*"`).

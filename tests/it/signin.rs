@@ -2382,12 +2382,19 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
         ("cc=s-maxage=30", vec!["s-maxage=30"]),
         ("cc=no-store", vec!["no-store"]),
         ("cc=Private,%20max-age=5", vec!["Private, max-age=5"]),
+        (
+            "cc=private=%22Set-Cookie%22",
+            vec!["private=\"Set-Cookie\"", "private"],
+        ),
         ("cc=public&vary=Accept-Encoding", vec!["public"]),
         (
-            "cc=public&vary=Accept,%20X-Portcullis-User",
-            vec!["public", "private"],
+            "cc=public,%20max-age=60&vary=Accept,%20X-Portcullis-User",
+            vec!["private, max-age=60"],
         ),
-        ("cc=public&vary=x-forwarded-for", vec!["public", "private"]),
+        (
+            "cc=max-age=5&vary=x-forwarded-for",
+            vec!["private, max-age=5"],
+        ),
     ] {
         let url = fx.app_url(&format!("/cache-control?{said}"));
         let resp = get_with_session(&url, &cookie, "application/json").await;

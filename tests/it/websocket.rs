@@ -280,3 +280,35 @@ async fn an_event_stream_s_upstream_connection_is_not_pooled() {
     assert_eq!(told("text/event-stream").await.as_deref(), Some("close"));
     assert_ne!(told("application/json").await.as_deref(), Some("close"));
 }
+
+/// A websocket that fails after its upgrade (its upstream silent past the route's
+/// `read_timeout`) is closed: no error page is written into it, as if it were still HTTP.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_that_fails_after_its_upgrade_gets_no_error_page_inside_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::new("http://ws.test", &[&up])
+            .websockets(true)
+            .set("read_timeout = \"1s\""),
+    );
+    let _px = cfg.start().await;
+    let mut stream = TcpStream::connect(cfg.http_addr()).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: ws.test:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        cfg.http_addr().port()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let _ = timeout(Duration::from_secs(30), stream.read_to_end(&mut received)).await;
+    let received = String::from_utf8_lossy(&received);
+    let (switched, after) = received
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {received:?}"));
+    assert!(switched.starts_with("HTTP/1.1 101"), "{switched}");
+    assert!(
+        !after.contains("HTTP/1.1") && !after.contains("<html"),
+        "an error page inside the websocket: {after:?}"
+    );
+}
