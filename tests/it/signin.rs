@@ -1589,6 +1589,38 @@ async fn a_sign_in_begun_before_a_reload_changed_the_client_is_begun_again() {
     assert!(body.contains("another identity provider"), "{body}");
 }
 
+/// A sign-out after a reload that changed `[oidc] client_id` sends the IdP no `id_token_hint`
+/// of the old client's: the IdP would refuse the pairing, and the sign-out there with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_out_after_the_client_changed_sends_no_hint_of_the_old_client() {
+    let fx = Fixture::start().await;
+    let signed = fx
+        .sign_in(&client(), &fx.app_url("/page"), ALICE, ALICE_PASSWORD)
+        .await;
+    let config = fx.px.config();
+    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
+    let client_line = format!("client_id = \"{CLIENT_ID}\"");
+    assert!(oidc.contains(&client_line), "{config}");
+    let oidc = oidc.replacen(&client_line, "client_id = \"another-client\"", 1);
+    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
+    fx.px.reload_and_wait().await;
+    let resp = bare_client()
+        .post(fx.app_url("/.portcullis/sign_out"))
+        .header(ORIGIN, fx.app_origin())
+        .header(COOKIE, format!("{SESSION_COOKIE}={}", signed.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let location = header(&resp, LOCATION.as_str()).unwrap_or_default();
+    assert_eq!(
+        query_param(&location, "client_id").as_deref(),
+        Some("another-client"),
+        "{location}"
+    );
+    assert_eq!(query_param(&location, "id_token_hint"), None, "{location}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;

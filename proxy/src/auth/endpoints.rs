@@ -457,14 +457,16 @@ impl Auth {
         }
         // The IdP is told whom to sign out only when that is one person: a cookie another
         // person planted (for a longer path, without `__Host-`) must not take the hint. Nor is
-        // an ID token another issuer signed (one configured before a reload) sent to this one.
+        // an ID token another issuer signed, or issued to another client (one configured
+        // before a reload), sent to this one: the IdP would refuse the sign-out.
         let one_person = current.windows(2).all(|pair| {
             (&pair[0].1.issuer, &pair[0].1.subject) == (&pair[1].1.issuer, &pair[1].1.subject)
         });
         let id_token_hint = current
             .first()
             .filter(|(_, identity, _)| one_person && identity.issuer == oidc.issuer)
-            .and_then(|(_, _, id_token)| id_token.clone());
+            .and_then(|(_, _, id_token)| id_token.clone())
+            .filter(|id_token| super::oidc::issued_to(id_token, &oidc.client_id));
         let clear = session_cookie(oidc, req.tls, "", 0);
         // The configured issuer's end-session endpoint, never another's: after a reload that
         // moved to another IdP (off a compromised one, say), sign-outs end here until it is

@@ -921,6 +921,16 @@ fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
 
 /// The claims of an already verified ID token, for the ones openidconnect's core types don't
 /// carry (`sid`, `groups`).
+/// Whether `id_token` (one Portcullis kept, not verified again) was issued to `client_id`: an
+/// IdP refuses an `id_token_hint` from another of its clients.
+pub fn issued_to(id_token: &str, client_id: &str) -> bool {
+    payload_of(id_token).is_some_and(|claims| match &claims["aud"] {
+        serde_json::Value::String(aud) => aud == client_id,
+        serde_json::Value::Array(auds) => auds.iter().any(|aud| aud == client_id),
+        _ => false,
+    })
+}
+
 fn payload_of(id_token: &str) -> Option<serde_json::Value> {
     let payload = id_token.split('.').nth(1)?;
     let bytes =
