@@ -595,18 +595,9 @@ async fn an_action_whose_poster_a_reload_removes_while_it_arrives_is_refused() {
     let t = Console::start().await;
     let (alice, bob) = t.sign_in_alice_and_bob().await;
     let action = format!("/.portcullis/console/users/{}/end_sessions", t.alice_id);
-    let config = t.fx.px.config();
-    let (head, console) = config.split_once("[console]").expect("a [console] section");
     let sre = "allow = { groups = [\"sre\"] }";
-    assert!(console.contains(sre), "{config}");
-    let eng_only = format!(
-        "{head}[console]{}",
-        console.replacen(sre, "allow = { groups = [\"eng\"] }", 1)
-    );
-    let reload = async {
-        t.fx.px.rewrite_config(&eng_only);
-        t.fx.px.reload_and_wait().await;
-    };
+    let eng_only = "allow = { groups = [\"eng\"] }";
+    let reload = t.fx.px.reload_with("[console]", sre, eng_only);
     if let Some(answer) = post_held_back(&t, &bob, &action, reload).await {
         assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     }

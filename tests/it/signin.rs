@@ -1457,13 +1457,9 @@ async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp()
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let moved = format!("http://127.0.0.1:{}", unused.local_addr().unwrap().port());
     drop(unused);
-    let config = fx.px.config();
-    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
     let issuer = format!("issuer = \"{}\"", fx.idp.issuer());
-    assert!(oidc.contains(&issuer), "{config}");
-    let oidc = oidc.replacen(&issuer, &format!("issuer = \"{moved}\""), 1);
-    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
-    fx.px.reload_and_wait().await;
+    let moved = format!("issuer = \"{moved}\"");
+    fx.px.reload_with("[oidc]", &issuer, &moved).await;
 
     let resp = bare_client()
         .post(fx.app_url("/.portcullis/sign_out"))
@@ -1570,13 +1566,9 @@ async fn a_sign_in_begun_before_a_reload_changed_the_client_is_begun_again() {
     let authorize = header(&start, LOCATION.as_str()).unwrap();
     let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
 
-    let config = fx.px.config();
-    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
     let client = format!("client_id = \"{CLIENT_ID}\"");
-    assert!(oidc.contains(&client), "{config}");
-    let oidc = oidc.replacen(&client, "client_id = \"another-client\"", 1);
-    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
-    fx.px.reload_and_wait().await;
+    let another = "client_id = \"another-client\"";
+    fx.px.reload_with("[oidc]", &client, another).await;
 
     let resp = bare
         .get(&callback)
@@ -1597,13 +1589,9 @@ async fn a_sign_out_after_the_client_changed_sends_no_hint_of_the_old_client() {
     let signed = fx
         .sign_in(&client(), &fx.app_url("/page"), ALICE, ALICE_PASSWORD)
         .await;
-    let config = fx.px.config();
-    let (head, oidc) = config.split_once("[oidc]").expect("an [oidc] section");
-    let client_line = format!("client_id = \"{CLIENT_ID}\"");
-    assert!(oidc.contains(&client_line), "{config}");
-    let oidc = oidc.replacen(&client_line, "client_id = \"another-client\"", 1);
-    fx.px.rewrite_config(&format!("{head}[oidc]{oidc}"));
-    fx.px.reload_and_wait().await;
+    let client = format!("client_id = \"{CLIENT_ID}\"");
+    let another = "client_id = \"another-client\"";
+    fx.px.reload_with("[oidc]", &client, another).await;
     let resp = bare_client()
         .post(fx.app_url("/.portcullis/sign_out"))
         .header(ORIGIN, fx.app_origin())

@@ -245,6 +245,24 @@ impl Portcullis {
         std::fs::rename(&tmp, &self.config_path).expect("replace config");
     }
 
+    /// The config file with `old` replaced by `new` in its section `[section]` (which must have
+    /// it), from that section's header on.
+    pub fn config_with(&self, section: &str, old: &str, new: &str) -> String {
+        let config = self.config();
+        let (head, rest) = config
+            .split_once(section)
+            .unwrap_or_else(|| panic!("no {section} in:\n{config}"));
+        assert!(rest.contains(old), "no `{old}` in {section}:\n{config}");
+        format!("{head}{section}{}", rest.replacen(old, new, 1))
+    }
+
+    /// Rewrites the config file as [`Portcullis::config_with`] says and reloads it, waiting
+    /// until it is installed.
+    pub async fn reload_with(&self, section: &str, old: &str, new: &str) {
+        self.rewrite_config(&self.config_with(section, old, new));
+        self.reload_and_wait().await;
+    }
+
     /// Sends `SIGHUP`.
     pub fn reload(&self) {
         self.signal(Signal::SIGHUP);
