@@ -1675,11 +1675,28 @@ fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
 
 /// Whether the request asks to become a websocket (`Upgrade: websocket`, in any case).
 fn asks_for_websocket(req: &RequestHeader) -> bool {
-    req.headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    list_elements(&req.headers, &header::UPGRADE)
+        .any(|token| token.eq_ignore_ascii_case(b"websocket"))
+}
+
+/// The elements of the comma-separated list that the `name` field lines of `headers` make
+/// together, trimmed, empty ones left out (RFC 9110 §5.6.1).
+fn list_elements<'a>(
+    headers: &'a http::HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|element| !element.is_empty())
+}
+
+/// A `Cache-Control` directive's name: what comes before its `=`.
+fn directive_name(directive: &[u8]) -> &[u8] {
+    let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
+    name.trim_ascii()
 }
 
 /// Whether a client-sent header is one only Portcullis may set, so that no client can change
@@ -1859,14 +1876,9 @@ fn varies_on_what_portcullis_tells(
         &identity.header_email,
         &identity.header_groups,
     ];
-    headers.get_all(header::VARY).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b',').any(|name| {
-            let name = name.trim_ascii().to_ascii_lowercase();
-            is_reserved(&name)
-                || told
-                    .iter()
-                    .any(|t| t.as_str().as_bytes() == name.as_slice())
-        })
+    list_elements(headers, &header::VARY).any(|name| {
+        let name = name.to_ascii_lowercase();
+        is_reserved(&name) || told.iter().any(|t| t.as_str().as_bytes() == name)
     })
 }
 
@@ -1875,17 +1887,13 @@ fn varies_on_what_portcullis_tells(
 /// (`max-age`, `no-cache`, `must-revalidate`, `immutable`) leaves a shared cache free to store
 /// it (RFC 9111 §3).
 fn says_who_may_store(headers: &http::HeaderMap) -> bool {
-    headers.get_all(header::CACHE_CONTROL).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b',').any(|directive| {
-            let directive = directive.trim_ascii();
-            let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
-            // `private="Set-Cookie"` keeps only those fields from shared caches: it settles
-            // nothing about the rest.
-            [&b"public"[..], b"private", b"no-store"]
-                .iter()
-                .any(|said| directive.eq_ignore_ascii_case(said))
-                || name.trim_ascii().eq_ignore_ascii_case(b"s-maxage")
-        })
+    list_elements(headers, &header::CACHE_CONTROL).any(|directive| {
+        // `private="Set-Cookie"` keeps only those fields from shared caches: it settles
+        // nothing about the rest.
+        [&b"public"[..], b"private", b"no-store"]
+            .iter()
+            .any(|said| directive.eq_ignore_ascii_case(said))
+            || directive_name(directive).eq_ignore_ascii_case(b"s-maxage")
     })
 }
 
@@ -1893,18 +1901,14 @@ fn says_who_may_store(headers: &http::HeaderMap) -> bool {
 /// says but `public` and `s-maxage` (and any `private`), so no cache reads two opinions.
 fn made_private(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let mut value = b"private".to_vec();
-    for line in headers.get_all(header::CACHE_CONTROL) {
-        for directive in line.as_bytes().split(|&b| b == b',') {
-            let directive = directive.trim_ascii();
-            let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
-            let name = name.trim_ascii();
-            let dropped = [&b"public"[..], b"s-maxage", b"private"]
-                .iter()
-                .any(|said| name.eq_ignore_ascii_case(said));
-            if !directive.is_empty() && !dropped {
-                value.extend_from_slice(b", ");
-                value.extend_from_slice(directive);
-            }
+    for directive in list_elements(headers, &header::CACHE_CONTROL) {
+        let name = directive_name(directive);
+        let dropped = [&b"public"[..], b"s-maxage", b"private"]
+            .iter()
+            .any(|said| name.eq_ignore_ascii_case(said));
+        if !dropped {
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(directive);
         }
     }
     HeaderValue::from_bytes(&value).ok()
@@ -1912,13 +1916,8 @@ fn made_private(headers: &http::HeaderMap) -> Option<HeaderValue> {
 
 /// Whether `headers` ask the browser to clear the site's cookies (`"cookies"` or `"*"`).
 fn clears_cookies(headers: &http::HeaderMap) -> bool {
-    headers.get_all(&CLEAR_SITE_DATA).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(|kind| kind.trim_ascii())
-            .any(|kind| kind.eq_ignore_ascii_case(b"\"cookies\"") || kind == b"\"*\"")
-    })
+    list_elements(headers, &CLEAR_SITE_DATA)
+        .any(|kind| kind.eq_ignore_ascii_case(b"\"cookies\"") || kind == b"\"*\"")
 }
 
 /// Takes out of `headers`, an answer's, each `Set-Cookie` for one of Portcullis' own cookies;
