@@ -122,6 +122,7 @@ fn client_token(client_id: &str) -> Caller {
         email_verified: None,
         claims: Default::default(),
         act: None,
+        signed: None,
     }))
 }
 

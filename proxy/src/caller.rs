@@ -141,6 +141,8 @@ pub struct Machine {
     /// an agent acting for a person. Only the current actor counts; earlier ones (an `act`
     /// inside `act`) are not judged.
     pub act: Option<Actor>,
+    /// The key that verified the token (`None` for one `explain` supposes).
+    pub signed: Option<crate::auth::jwt::SignedWith>,
 }
 
 /// The current actor of a delegated token.

@@ -130,6 +130,7 @@ fn client_token(runtime: &Runtime, client: &str, subject: &str, claims: Claims) 
         // Issued just now, after every change so far.
         issued: Some(u64::MAX),
         act: None,
+        signed: None,
     }
 }
 

@@ -391,7 +391,9 @@ impl Shared {
             Caller::Person { session, .. } => {
                 oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc))
             }
-            Caller::Machine(machine) => crate::auth::still_takes(&runtime.config, machine),
+            Caller::Machine(machine) => {
+                crate::auth::no_longer_takes(&runtime.config, machine).is_none()
+            }
         })
     }
 
@@ -432,13 +434,8 @@ impl Shared {
                 None,
                 match caller {
                     Caller::Machine(m) if now >= m.expires => "the bearer token has expired",
-                    Caller::Machine(m) if !crate::auth::still_takes(&runtime.config, m) => {
-                        "the token's issuer is no longer configured to take it (removed, or \
-                         its audiences changed)"
-                    }
-                    Caller::Machine(_) => {
-                        "the bearer token is no longer for this route's audiences"
-                    }
+                    Caller::Machine(m) => crate::auth::no_longer_takes(&runtime.config, m)
+                        .unwrap_or("the bearer token is no longer for this route's audiences"),
                     Caller::Person { .. } => "the session has ended or expired",
                 },
             ),

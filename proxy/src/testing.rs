@@ -353,6 +353,7 @@ pub fn machine(subject: &str) -> Machine {
         email_verified: None,
         claims: Default::default(),
         act: None,
+        signed: None,
     }
 }
 

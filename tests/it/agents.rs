@@ -11,6 +11,7 @@
 //! - An open websocket is cut when the agent's `expires` passes, with no SCIM write at all.
 //! - An open websocket ends when a reload stops taking the agent's token (its issuer is
 //!   configured for other audiences).
+//! - An open websocket ends when the IdP withdraws the key that signed the agent's token.
 //! - Delegation (RFC 8693): a person's token exchanged at the IdP for one whose `act` names the
 //!   agent is let in only while both the person and the agent are allowed.
 
@@ -481,6 +482,51 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     let why = "the token's issuer is no longer configured to take it";
+    audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal").iter().any(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains(why))
+        })
+    })
+    .await;
+}
+
+/// A key the IdP withdraws ends the connections its tokens opened as soon as Portcullis has
+/// the new key set (here fetched for a token signed with a new key; otherwise at
+/// `jwks_refresh`), not when the tokens expire.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_websocket_ends_when_the_idp_withdraws_the_key_that_signed_its_token() {
+    let t = Agents::start().await;
+    let token = t.token().await;
+    let authorization = format!("Bearer {token}");
+    // The first token Portcullis sees has it fetch the key set.
+    let mut ws = websocket(
+        t.cfg.http_addr(),
+        "agents.test",
+        "/ws",
+        ("authorization", &authorization),
+    )
+    .await;
+    let fetched = Instant::now();
+    // Refetches are rate-limited (10 s): let that pass, then rotate, dropping the old keys.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(fetched.elapsed())).await;
+    t.idp.rotate_keys(false).await;
+    assert!(
+        !closed_within(&mut ws, Duration::from_secs(2)).await,
+        "the websocket closed before Portcullis had the new key set"
+    );
+    // A token signed with a new key has Portcullis fetch the set again.
+    let renewed = t.token().await;
+    let (status, body) = t.call(&renewed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(10)).await,
+        "the websocket was still open 10 s after its token's key was withdrawn"
+    );
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let why = "the token's issuer no longer publishes the key that signed it";
     audit_json_until(&t.px, &[], |records| {
         of_event(records, "refusal").iter().any(|r| {
             r["reason"]

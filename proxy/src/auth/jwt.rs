@@ -71,6 +71,49 @@ pub fn is_compact_jws(token: &str) -> bool {
 struct Key {
     alg: Option<Algorithm>,
     key: Arc<DecodingKey>,
+    thumbprint: Thumbprint,
+}
+
+/// What names a public key whatever its `kid` and other labels: its RFC 7638 thumbprint.
+pub type Thumbprint = Arc<str>;
+
+/// The key that verified a bearer token, and the set it came from: the token vouches for its
+/// caller only while its issuer still publishes the key there.
+#[derive(Clone)]
+pub struct SignedWith {
+    /// The issuer's `jwks_uri` as configured when it was verified (`None`: discovered).
+    pub jwks_uri: Option<String>,
+    pub set: Arc<Jwks>,
+    pub key: Thumbprint,
+    pub alg: Algorithm,
+}
+
+impl PartialEq for SignedWith {
+    fn eq(&self, other: &Self) -> bool {
+        self.jwks_uri == other.jwks_uri
+            && Arc::ptr_eq(&self.set, &other.set)
+            && self.key == other.key
+            && self.alg == other.alg
+    }
+}
+
+impl Eq for SignedWith {}
+
+impl std::fmt::Debug for SignedWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedWith")
+            .field("set", &self.set.uri)
+            .field("key", &self.key)
+            .field("alg", &self.alg)
+            .finish()
+    }
+}
+
+/// A token's verified claims, and the key that verified them.
+pub struct Verified<T> {
+    pub claims: T,
+    pub key: Thumbprint,
+    pub alg: Algorithm,
 }
 
 struct Keys {
@@ -111,12 +154,16 @@ impl Keys {
                     Err(_) => continue,
                 },
             };
-            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            let (Ok(key), Ok(thumbprint)) = (
+                DecodingKey::from_jwk(jwk),
+                jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256),
+            ) else {
                 continue;
             };
             let key = Key {
                 alg,
                 key: Arc::new(key),
+                thumbprint: thumbprint.into(),
             };
             match &jwk.common.key_id {
                 Some(kid) => by_kid.entry(kid.clone()).or_insert_with(Vec::new).push(key),
@@ -132,15 +179,23 @@ impl Keys {
 
     /// The keys that may have signed a token with this `kid` and `alg`: a key the set names
     /// an algorithm for verifies only that one (an RSA key for RS256 is no PS512 key).
-    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Arc<DecodingKey>> {
+    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Key> {
         let named: Box<dyn Iterator<Item = &Key>> = match kid {
             Some(kid) => Box::new(self.by_kid.get(kid).into_iter().flatten()),
             None => Box::new(self.anonymous.iter().chain(self.by_kid.values().flatten())),
         };
         named
             .filter(|key| key.alg.is_none_or(|only| only == alg))
-            .map(|key| key.key.clone())
+            .cloned()
             .collect()
+    }
+
+    /// Whether the set publishes the key `thumbprint` names for `alg`, under any `kid`.
+    fn publishes(&self, thumbprint: &str, alg: Algorithm) -> bool {
+        self.anonymous
+            .iter()
+            .chain(self.by_kid.values().flatten())
+            .any(|key| &*key.thumbprint == thumbprint && key.alg.is_none_or(|only| only == alg))
     }
 }
 
@@ -222,11 +277,21 @@ impl Jwks {
         Keys::parse(&bytes)
     }
 
-    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Arc<DecodingKey>> {
+    fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Key> {
         self.keys
             .load()
             .as_ref()
             .map_or_else(Vec::new, |keys| keys.candidates(kid, alg))
+    }
+
+    /// Whether the key set as last fetched still publishes the key `thumbprint` names, for
+    /// `alg`: what a token was verified with stops vouching for it once its issuer withdraws
+    /// the key.
+    pub fn publishes(&self, thumbprint: &str, alg: Algorithm) -> bool {
+        self.keys
+            .load()
+            .as_ref()
+            .is_some_and(|keys| keys.publishes(thumbprint, alg))
     }
 
     /// Verifies `token`'s signature and the checks in `validation`, returning its claims.
@@ -235,6 +300,15 @@ impl Jwks {
         token: &str,
         validation: &Validation,
     ) -> Result<T, JwtError> {
+        Ok(self.verify_keyed(token, validation).await?.claims)
+    }
+
+    /// As [`Jwks::verify`], also saying which key verified it.
+    pub async fn verify_keyed<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<Verified<T>, JwtError> {
         if !is_compact_jws(token) {
             return Err(JwtError::Malformed);
         }
@@ -264,8 +338,14 @@ impl Jwks {
         exact.algorithms = vec![header.alg];
         let mut last = JwtError::UnknownKey;
         for key in keys {
-            match jsonwebtoken::decode::<T>(token, &key, &exact) {
-                Ok(data) => return Ok(data.claims),
+            match jsonwebtoken::decode::<T>(token, &key.key, &exact) {
+                Ok(data) => {
+                    return Ok(Verified {
+                        claims: data.claims,
+                        key: key.thumbprint,
+                        alg: header.alg,
+                    })
+                }
                 Err(e) => last = JwtError::Invalid(refusal(e.kind()).into()),
             }
         }
@@ -349,5 +429,39 @@ mod tests {
         assert_eq!(count(Some("plain"), Algorithm::ES256), 1);
         // Without a kid, every key that fits the algorithm.
         assert_eq!(count(None, Algorithm::ES256), 2);
+    }
+
+    #[test]
+    fn a_key_is_published_while_a_set_holds_it_for_the_algorithm_under_any_kid() {
+        let key = |extra: &str| {
+            format!(
+                r#"{{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"{extra}}}"#
+            )
+        };
+        let first =
+            Keys::parse(format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"a""#)).as_bytes()).unwrap();
+        let thumbprint = first.candidates(Some("a"), Algorithm::ES256)[0]
+            .thumbprint
+            .clone();
+        assert!(first.publishes(&thumbprint, Algorithm::ES256));
+        let renamed = format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"b""#));
+        let renamed = Keys::parse(renamed.as_bytes()).unwrap();
+        assert!(
+            renamed.publishes(&thumbprint, Algorithm::ES256),
+            "another kid"
+        );
+        let anonymous = Keys::parse(format!(r#"{{"keys":[{}]}}"#, key("")).as_bytes()).unwrap();
+        assert!(anonymous.publishes(&thumbprint, Algorithm::ES256), "no kid");
+        let narrowed = format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"a","alg":"ES384""#));
+        let narrowed = Keys::parse(narrowed.as_bytes()).unwrap();
+        assert!(
+            !narrowed.publishes(&thumbprint, Algorithm::ES256),
+            "for ES384 only"
+        );
+        let withdrawn = Keys::parse(br#"{"keys":[]}"#).unwrap();
+        assert!(
+            !withdrawn.publishes(&thumbprint, Algorithm::ES256),
+            "withdrawn"
+        );
     }
 }

@@ -292,18 +292,43 @@ pub fn is_client_token(
         || marks.gty.as_deref() == Some("client-credentials")
 }
 
-/// Whether `config` still takes the token `machine` came with as it was taken: its issuer is
-/// still one of `[[jwt_issuers]]`, which still takes every audience it was taken for. Judged
-/// again for open connections, so a reload that stops trusting an issuer, or narrows its
-/// audiences, ends the connections its tokens opened (a new request verifies afresh).
-pub fn still_takes(config: &Config, machine: &Machine) -> bool {
-    config.jwt_issuers.iter().any(|issuer| {
-        issuer.issuer == machine.issuer
-            && machine
+/// Why `config` no longer takes the token `machine` came with as it was taken, if it does not:
+/// its issuer must still be one of `[[jwt_issuers]]`, still take every audience it was taken
+/// for, from the same key set, with the token's algorithm, and still publish the key that
+/// signed it. Judged again for open connections (at least once a second), so a reload that
+/// stops trusting an issuer, or a key the issuer withdraws, ends the connections its tokens
+/// opened (a new request verifies afresh).
+pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static str> {
+    let Some(issuer) = config
+        .jwt_issuers
+        .iter()
+        .find(|issuer| issuer.issuer == machine.issuer)
+        .filter(|issuer| {
+            machine
                 .audiences
                 .iter()
                 .all(|a| issuer.audiences.contains(a))
-    })
+        })
+    else {
+        return Some(
+            "the token's issuer is no longer configured to take it (removed, or its audiences \
+             changed)",
+        );
+    };
+    let signed = machine.signed.as_ref()?;
+    if issuer.jwks_uri != signed.jwks_uri {
+        Some("the token's issuer is now configured with another key set (jwks_uri)")
+    } else if !issuer
+        .algorithms
+        .iter()
+        .any(|alg| algorithm(*alg) == signed.alg)
+    {
+        Some("the token's algorithm is no longer allowed for its issuer")
+    } else if !signed.set.publishes(&signed.key, signed.alg) {
+        Some("the token's issuer no longer publishes the key that signed it")
+    } else {
+        None
+    }
 }
 
 #[derive(Deserialize)]
@@ -540,7 +565,9 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
-        let claims: MachineClaims = jwks.verify(token, &validation).await?;
+        let jwt::Verified { claims, key, alg } = jwks
+            .verify_keyed::<MachineClaims>(token, &validation)
+            .await?;
         if let Some(why) = not_an_access_token(&claims) {
             return Err(JwtError::Invalid(why.into()));
         }
@@ -589,6 +616,12 @@ impl Auth {
             // Every string claim of the (now verified) payload, for a mapping by any claim.
             claims: crate::caller::string_claims(&bytes),
             act,
+            signed: Some(jwt::SignedWith {
+                jwks_uri: issuer.jwks_uri.clone(),
+                set: jwks.clone(),
+                key,
+                alg,
+            }),
         }));
         let entry = verified::Entry {
             caller: caller.clone(),
@@ -951,22 +984,90 @@ mod tests {
         (address, fetches)
     }
 
-    #[test]
-    fn a_token_is_taken_again_only_while_its_issuer_takes_every_audience_it_was_taken_for() {
-        let mut config = crate::testing::World::new().config;
+    #[tokio::test]
+    async fn a_token_is_taken_again_only_as_it_was_taken() {
+        let world = crate::testing::World::new();
         let mut machine = crate::testing::machine("build-bot");
         machine.audiences = vec!["api".to_owned()];
-        assert!(still_takes(&config, &machine));
-        config.jwt_issuers[0].audiences = vec!["api".to_owned(), "billing".to_owned()];
-        assert!(still_takes(&config, &machine), "a widened issuer");
-        config.jwt_issuers[0].audiences = vec!["billing".to_owned()];
-        assert!(!still_takes(&config, &machine), "a narrowed issuer");
-        config.jwt_issuers[0].audiences = vec!["api".to_owned()];
-        config.jwt_issuers[0].issuer = "https://other.example".to_owned();
-        assert!(!still_takes(&config, &machine), "another issuer");
-        config.jwt_issuers.clear();
-        machine.audiences.clear();
-        assert!(!still_takes(&config, &machine), "no issuer");
+        let why = |change: &dyn Fn(&mut JwtIssuer), machine: &Machine| {
+            let mut config = world.config.clone();
+            change(&mut config.jwt_issuers[0]);
+            no_longer_takes(&config, machine)
+        };
+        let unchanged = |_: &mut JwtIssuer| {};
+        let audiences = |audiences: &'static [&'static str]| {
+            move |issuer: &mut JwtIssuer| {
+                issuer.audiences = audiences.iter().map(|a| a.to_string()).collect()
+            }
+        };
+        let no_longer = Some(
+            "the token's issuer is no longer configured to take it (removed, or its audiences \
+             changed)",
+        );
+        assert_eq!(why(&unchanged, &machine), None);
+        assert_eq!(
+            why(&audiences(&["api", "billing"]), &machine),
+            None,
+            "a widened issuer"
+        );
+        assert_eq!(
+            why(&audiences(&["billing"]), &machine),
+            no_longer,
+            "a narrowed issuer"
+        );
+        let another = |issuer: &mut JwtIssuer| issuer.issuer = "https://other.example".to_owned();
+        assert_eq!(why(&another, &machine), no_longer, "another issuer");
+        let mut none = world.config.clone();
+        none.jwt_issuers.clear();
+        assert_eq!(no_longer_takes(&none, &machine), no_longer, "no issuer");
+
+        // Verified with a key of the issuer's set: taken while the set publishes that key (under
+        // any kid), from the same set, for an algorithm the issuer still allows.
+        let key = |kid: &str| {
+            format!(
+                r#"{{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"{kid}"}}"#
+            )
+        };
+        let published = key("renamed");
+        let (address, _) =
+            idp_answering(|_| format!(r#"{{"keys":[{published}]}}"#), Duration::ZERO).await;
+        let set = Arc::new(Jwks::new(
+            format!("http://{address}/jwks"),
+            reqwest::Client::new(),
+        ));
+        set.refresh(true).await.unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(&key("first")).unwrap();
+        let thumbprint = jwk
+            .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+            .unwrap();
+        machine.signed = Some(jwt::SignedWith {
+            jwks_uri: world.config.jwt_issuers[0].jwks_uri.clone(),
+            set,
+            key: thumbprint.into(),
+            alg: jsonwebtoken::Algorithm::ES256,
+        });
+        use portcullis_config::JwtAlgorithm::{self, ES256, RS256};
+        let algorithms = |algorithms: &'static [JwtAlgorithm]| {
+            move |issuer: &mut JwtIssuer| issuer.algorithms = algorithms.to_vec()
+        };
+        assert_eq!(why(&algorithms(&[RS256, ES256]), &machine), None);
+        assert_eq!(
+            why(&algorithms(&[RS256]), &machine),
+            Some("the token's algorithm is no longer allowed for its issuer")
+        );
+        let elsewhere =
+            |issuer: &mut JwtIssuer| issuer.jwks_uri = Some("http://127.0.0.1:2/other".to_owned());
+        assert_eq!(
+            why(&elsewhere, &machine),
+            Some("the token's issuer is now configured with another key set (jwks_uri)")
+        );
+        if let Some(signed) = machine.signed.as_mut() {
+            signed.key = "a-key-the-set-does-not-publish".into();
+        }
+        assert_eq!(
+            why(&algorithms(&[RS256, ES256]), &machine),
+            Some("the token's issuer no longer publishes the key that signed it")
+        );
     }
 
     fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {
