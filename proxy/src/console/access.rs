@@ -219,7 +219,7 @@ impl Console {
             "<p><a href=\"{}\">Re-read the configuration</a></p>",
             link("reload")
         ));
-        html.push_str(&self.explain_form("", "", "GET"));
+        html.push_str(&self.explain_form("", "", "", "", "GET"));
         Shown {
             title: "Routes".to_owned(),
             content: html,
@@ -406,7 +406,7 @@ impl Console {
             m if m.is_empty() => "GET".to_owned(),
             m => m.to_ascii_uppercase(),
         };
-        let mut html = self.explain_form(&user, &url, &method);
+        let mut html = self.explain_form(&user, &agent, &machine, &url, &method);
         let who = match (user.is_empty(), agent.is_empty(), machine.is_empty()) {
             (false, true, true) => Some(Who::Person(&user)),
             (true, false, true) => Some(Who::Agent {
@@ -420,6 +420,13 @@ impl Console {
             (true, true, false) => Some(Who::Machine(&machine)),
             _ => None,
         };
+        let asked = !(user.is_empty() && agent.is_empty() && machine.is_empty() && url.is_empty());
+        if asked && (who.is_none() || url.is_empty()) {
+            html.push_str(
+                "<p class=\"no\">Give a URL, and a user, an agent (with the user it acts for, \
+                 if it does) or a machine.</p>",
+            );
+        }
         if let (Some(who), false) = (who, url.is_empty()) {
             match explain(&self.runtime, &self.directory, who, &url, &method) {
                 Ok(answer) => {
@@ -441,17 +448,26 @@ impl Console {
         }
     }
 
-    fn explain_form(&self, user: &str, url: &str, method: &str) -> String {
+    fn explain_form(
+        &self,
+        user: &str,
+        agent: &str,
+        machine: &str,
+        url: &str,
+        method: &str,
+    ) -> String {
         format!(
             "<h2>Explain a request</h2><form class=\"inline\" method=\"get\" action=\"{}\">\
              <input type=\"text\" name=\"user\" value=\"{}\" placeholder=\"user (as they sign in)\" aria-label=\"User\">\
-             <input type=\"text\" name=\"agent\" placeholder=\"or agent\" aria-label=\"Agent\">\
-             <input type=\"text\" name=\"machine\" placeholder=\"or machine\" aria-label=\"Machine\">\
+             <input type=\"text\" name=\"agent\" value=\"{}\" placeholder=\"or agent\" aria-label=\"Agent\">\
+             <input type=\"text\" name=\"machine\" value=\"{}\" placeholder=\"or machine\" aria-label=\"Machine\">\
              <input type=\"url\" name=\"url\" value=\"{}\" placeholder=\"https://app.example.com/path\" aria-label=\"URL\">\
              <select name=\"method\" aria-label=\"Method\">{}</select>\
              <button type=\"submit\">Explain</button></form>",
             link("explain"),
             escape(user),
+            escape(agent),
+            escape(machine),
             escape(url),
             method_options(method)
         )

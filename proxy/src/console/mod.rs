@@ -456,6 +456,23 @@ mod pages {
         .to_owned();
         assert!(html.contains("class=\"yes\">Allowed"), "{html}");
         assert!(html.contains("routes[0].allow"), "{html}");
+        // What was asked stays in the form; a question explain does not take is told so.
+        let html = text(&console.get("explain", "machine=build-bot&url=http%3A%2F%2Fapp.test%2F"))
+            .to_owned();
+        assert!(
+            html.contains("name=\"machine\" value=\"build-bot\""),
+            "{html}"
+        );
+        assert!(html.contains("class=\"no\">Refused"), "{html}");
+        let html = text(&console.get(
+            "explain",
+            "user=bob%40corp.example&machine=build-bot&url=http%3A%2F%2Fapp.test%2F",
+        ))
+        .to_owned();
+        assert!(html.contains("Give a URL, and a user"), "{html}");
+        assert!(!html.contains("Refused"), "{html}");
+        let html = text(&console.get("explain", "")).to_owned();
+        assert!(!html.contains("Give a URL"), "an empty form: {html}");
 
         // A user's page lists the routes they can reach.
         let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
