@@ -84,16 +84,19 @@ pub struct SignedWith {
     /// The issuer's `jwks_uri` as configured when it was verified (`None`: discovered).
     pub jwks_uri: Option<String>,
     pub set: Arc<Jwks>,
-    pub key: Thumbprint,
+    /// The token's `kid`, `alg` and the key that verified it.
+    pub kid: Option<String>,
     pub alg: Algorithm,
+    pub key: Thumbprint,
 }
 
 impl PartialEq for SignedWith {
     fn eq(&self, other: &Self) -> bool {
         self.jwks_uri == other.jwks_uri
             && Arc::ptr_eq(&self.set, &other.set)
-            && self.key == other.key
+            && self.kid == other.kid
             && self.alg == other.alg
+            && self.key == other.key
     }
 }
 
@@ -103,17 +106,19 @@ impl std::fmt::Debug for SignedWith {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SignedWith")
             .field("set", &self.set.uri)
-            .field("key", &self.key)
+            .field("kid", &self.kid)
             .field("alg", &self.alg)
+            .field("key", &self.key)
             .finish()
     }
 }
 
-/// A token's verified claims, and the key that verified them.
+/// A token's verified claims, its `kid` and `alg`, and the key that verified them.
 pub struct Verified<T> {
     pub claims: T,
-    pub key: Thumbprint,
+    pub kid: Option<String>,
     pub alg: Algorithm,
+    pub key: Thumbprint,
 }
 
 struct Keys {
@@ -180,22 +185,30 @@ impl Keys {
     /// The keys that may have signed a token with this `kid` and `alg`: a key the set names
     /// an algorithm for verifies only that one (an RSA key for RS256 is no PS512 key).
     fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<Key> {
+        self.fitting(kid, alg).cloned().collect()
+    }
+
+    fn fitting<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a Key> + 'a {
         let named: Box<dyn Iterator<Item = &Key>> = match kid {
             Some(kid) => Box::new(self.by_kid.get(kid).into_iter().flatten()),
             None => Box::new(self.anonymous.iter().chain(self.by_kid.values().flatten())),
         };
-        named
-            .filter(|key| key.alg.is_none_or(|only| only == alg))
-            .cloned()
-            .collect()
+        named.filter(move |key| key.alg.is_none_or(|only| only == alg))
     }
 
-    /// Whether the set publishes the key `thumbprint` names for `alg`, under any `kid`.
-    fn publishes(&self, thumbprint: &str, alg: Algorithm) -> bool {
-        self.anonymous
-            .iter()
-            .chain(self.by_kid.values().flatten())
-            .any(|key| &*key.thumbprint == thumbprint && key.alg.is_none_or(|only| only == alg))
+    /// Whether a token with this `kid` and `alg` would still be verified with the key
+    /// `thumbprint` names.
+    fn publishes(&self, kid: Option<&str>, alg: Algorithm, thumbprint: &str) -> bool {
+        self.fitting(kid, alg)
+            .any(|key| &*key.thumbprint == thumbprint)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_kid.is_empty() && self.anonymous.is_empty()
     }
 }
 
@@ -250,6 +263,15 @@ impl Jwks {
         let keys = self.fetch().await;
         match keys {
             Ok(keys) if self.raw().is_some_and(|raw| *raw == *keys.raw) => Ok(()),
+            // An issuer always publishes a key it signs with: a set with none Portcullis can
+            // use is an outage at the IdP, not every key withdrawn at once.
+            Ok(keys) if keys.is_empty() && self.keys.load().is_some() => {
+                tracing::warn!(
+                    uri = %self.uri,
+                    "the key set has no signing key Portcullis can use; keeping the last one"
+                );
+                Err(JwtError::KeysUnavailable)
+            }
             Ok(keys) => {
                 self.keys.store(Some(Arc::new(keys)));
                 self.generation.fetch_add(1, Ordering::AcqRel);
@@ -284,14 +306,14 @@ impl Jwks {
             .map_or_else(Vec::new, |keys| keys.candidates(kid, alg))
     }
 
-    /// Whether the key set as last fetched still publishes the key `thumbprint` names, for
-    /// `alg`: what a token was verified with stops vouching for it once its issuer withdraws
-    /// the key.
-    pub fn publishes(&self, thumbprint: &str, alg: Algorithm) -> bool {
+    /// Whether the key set as last fetched still publishes, for a token with this `kid` and
+    /// `alg`, the key `thumbprint` names: a token stops vouching for its caller once its
+    /// issuer withdraws the key that verified it.
+    pub fn publishes(&self, kid: Option<&str>, alg: Algorithm, thumbprint: &str) -> bool {
         self.keys
             .load()
             .as_ref()
-            .is_some_and(|keys| keys.publishes(thumbprint, alg))
+            .is_some_and(|keys| keys.publishes(kid, alg, thumbprint))
     }
 
     /// Verifies `token`'s signature and the checks in `validation`, returning its claims.
@@ -342,8 +364,9 @@ impl Jwks {
                 Ok(data) => {
                     return Ok(Verified {
                         claims: data.claims,
-                        key: key.thumbprint,
+                        kid: header.kid,
                         alg: header.alg,
+                        key: key.thumbprint,
                     })
                 }
                 Err(e) => last = JwtError::Invalid(refusal(e.kind()).into()),
@@ -432,36 +455,38 @@ mod tests {
     }
 
     #[test]
-    fn a_key_is_published_while_a_set_holds_it_for_the_algorithm_under_any_kid() {
+    fn a_key_is_published_while_a_set_holds_it_as_a_token_names_it() {
         let key = |extra: &str| {
             format!(
                 r#"{{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"{extra}}}"#
             )
         };
-        let first =
-            Keys::parse(format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"a""#)).as_bytes()).unwrap();
+        let set = |keys: &[String]| {
+            Keys::parse(format!(r#"{{"keys":[{}]}}"#, keys.join(",")).as_bytes()).unwrap()
+        };
+        let first = set(&[key(r#","kid":"a""#)]);
         let thumbprint = first.candidates(Some("a"), Algorithm::ES256)[0]
             .thumbprint
             .clone();
-        assert!(first.publishes(&thumbprint, Algorithm::ES256));
-        let renamed = format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"b""#));
-        let renamed = Keys::parse(renamed.as_bytes()).unwrap();
+        let published = |keys: &Keys, kid| keys.publishes(kid, Algorithm::ES256, &thumbprint);
+        assert!(published(&first, Some("a")));
+        assert!(!published(&first, Some("b")), "another kid");
+        let grown = set(&[key(r#","kid":"b""#), key(r#","kid":"a""#)]);
+        assert!(published(&grown, Some("a")), "kept beside a new key");
+        // As a request made now would be judged: a token naming kid "a" finds no key.
         assert!(
-            renamed.publishes(&thumbprint, Algorithm::ES256),
-            "another kid"
+            !published(&set(&[key(r#","kid":"b""#)]), Some("a")),
+            "renamed"
         );
-        let anonymous = Keys::parse(format!(r#"{{"keys":[{}]}}"#, key("")).as_bytes()).unwrap();
-        assert!(anonymous.publishes(&thumbprint, Algorithm::ES256), "no kid");
-        let narrowed = format!(r#"{{"keys":[{}]}}"#, key(r#","kid":"a","alg":"ES384""#));
-        let narrowed = Keys::parse(narrowed.as_bytes()).unwrap();
+        assert!(!published(&set(&[key("")]), Some("a")), "unnamed");
+        assert!(published(&set(&[key("")]), None), "a token naming none");
+        let narrowed = set(&[key(r#","kid":"a","alg":"ES384""#)]);
+        assert!(!published(&narrowed, Some("a")), "for ES384 only");
+        assert!(!published(&set(&[]), Some("a")), "withdrawn");
+        assert!(set(&[]).is_empty());
         assert!(
-            !narrowed.publishes(&thumbprint, Algorithm::ES256),
-            "for ES384 only"
-        );
-        let withdrawn = Keys::parse(br#"{"keys":[]}"#).unwrap();
-        assert!(
-            !withdrawn.publishes(&thumbprint, Algorithm::ES256),
-            "withdrawn"
+            set(&[key(r#","kid":"a","use":"enc""#)]).is_empty(),
+            "no signing key"
         );
     }
 }

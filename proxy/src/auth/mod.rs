@@ -324,7 +324,10 @@ pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static st
         .any(|alg| algorithm(*alg) == signed.alg)
     {
         Some("the token's algorithm is no longer allowed for its issuer")
-    } else if !signed.set.publishes(&signed.key, signed.alg) {
+    } else if !signed
+        .set
+        .publishes(signed.kid.as_deref(), signed.alg, &signed.key)
+    {
         Some("the token's issuer no longer publishes the key that signed it")
     } else {
         None
@@ -565,7 +568,12 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = issuer.leeway.as_secs();
-        let jwt::Verified { claims, key, alg } = jwks
+        let jwt::Verified {
+            claims,
+            kid,
+            alg,
+            key,
+        } = jwks
             .verify_keyed::<MachineClaims>(token, &validation)
             .await?;
         if let Some(why) = not_an_access_token(&claims) {
@@ -619,8 +627,9 @@ impl Auth {
             signed: Some(jwt::SignedWith {
                 jwks_uri: issuer.jwks_uri.clone(),
                 set: jwks.clone(),
-                key,
+                kid,
                 alg,
+                key,
             }),
         }));
         let entry = verified::Entry {
@@ -957,20 +966,29 @@ mod tests {
         body: impl FnOnce(std::net::SocketAddr) -> String,
         delay: Duration,
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        idp_answering_in_turn(|address| vec![body(address)], delay).await
+    }
+
+    /// As [`idp_answering`], with the bodies in turn (the last one ever after).
+    async fn idp_answering_in_turn(
+        bodies: impl FnOnce(std::net::SocketAddr) -> Vec<String>,
+        delay: Duration,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let fetches = Arc::new(AtomicUsize::new(0));
         let counted = fetches.clone();
-        let body: Arc<str> = body(address).into();
+        let bodies: Arc<[String]> = bodies(address).into();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let (counted, body) = (counted.clone(), body.clone());
+                let (counted, bodies) = (counted.clone(), bodies.clone());
                 tokio::spawn(async move {
                     let mut request = [0u8; 1024];
                     let _ = stream.read(&mut request).await;
-                    counted.fetch_add(1, Ordering::SeqCst);
+                    let turn = counted.fetch_add(1, Ordering::SeqCst);
+                    let body = &bodies[turn.min(bodies.len() - 1)];
                     tokio::time::sleep(delay).await;
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
@@ -1028,7 +1046,7 @@ mod tests {
                 r#"{{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"{kid}"}}"#
             )
         };
-        let published = key("renamed");
+        let published = key("published");
         let (address, _) =
             idp_answering(|_| format!(r#"{{"keys":[{published}]}}"#), Duration::ZERO).await;
         let set = Arc::new(Jwks::new(
@@ -1043,8 +1061,9 @@ mod tests {
         machine.signed = Some(jwt::SignedWith {
             jwks_uri: world.config.jwt_issuers[0].jwks_uri.clone(),
             set,
-            key: thumbprint.into(),
+            kid: Some("published".to_owned()),
             alg: jsonwebtoken::Algorithm::ES256,
+            key: thumbprint.into(),
         });
         use portcullis_config::JwtAlgorithm::{self, ES256, RS256};
         let algorithms = |algorithms: &'static [JwtAlgorithm]| {
@@ -1068,6 +1087,32 @@ mod tests {
             why(&algorithms(&[RS256, ES256]), &machine),
             Some("the token's issuer no longer publishes the key that signed it")
         );
+    }
+
+    #[tokio::test]
+    async fn a_key_set_with_no_usable_key_is_an_outage_not_every_key_withdrawn() {
+        let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(key).unwrap();
+        let thumbprint = jwk
+            .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
+            .unwrap();
+        let bodies = |_| {
+            vec![
+                format!(r#"{{"keys":[{key}]}}"#),
+                r#"{"keys":[]}"#.to_owned(),
+                r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.to_owned(),
+            ]
+        };
+        let (address, fetches) = idp_answering_in_turn(bodies, Duration::ZERO).await;
+        let set = Jwks::new(format!("http://{address}/jwks"), reqwest::Client::new());
+        let published = || set.publishes(Some("a"), jsonwebtoken::Algorithm::ES256, &thumbprint);
+        set.refresh(true).await.unwrap();
+        assert!(published());
+        for _ in 0..2 {
+            assert_eq!(set.refresh(true).await, Err(JwtError::KeysUnavailable));
+            assert!(published(), "the last usable set is kept");
+        }
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {
