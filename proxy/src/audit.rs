@@ -13,7 +13,8 @@
 //! If the channel is full (the store cannot keep up), the record is dropped, counted and
 //! logged; SCIM changes dropped that way, or lost to a crash before the write, are still in
 //! the directory's own change table, and the file gets them at the next start
-//! ([`Audit::recover_changes`]). The file may be rotated by moving it away: the writer then
+//! ([`Audit::recover_changes`]; the position kept beside the log stays short of the first
+//! change dropped, see [`Losses`]). The file may be rotated by moving it away: the writer then
 //! starts a new one ([`LogFile`]). A
 //! graceful exit waits for the writer ([`Audit::flush`]). Every
 //! record is also emitted through `tracing` (target `audit`), dropped or not. Refusals are
@@ -378,12 +379,42 @@ pub struct Audit {
     queue: SyncSender<Queued>,
     /// The log, to read back (the console's timeline).
     reader: Arc<Reader>,
-    dropped: Arc<AtomicU64>,
+    losses: Arc<Losses>,
     /// Whether SCIM changes are recorded by the store itself (PostgreSQL), not here.
     changes_in_store: bool,
     /// The file appended to, when it is one.
     file: Option<PathBuf>,
     budgets: Arc<Mutex<Budgets>>,
+}
+
+/// What the log has lost since the process started: how many records, and the first SCIM
+/// change among them, short of which the log's position is kept ([`LogFile`]), so that the
+/// next start appends it ([`Audit::recover_changes`]) though later changes were written.
+struct Losses {
+    dropped: AtomicU64,
+    /// The sequence of the first change lost; `u64::MAX`: none.
+    first_change: AtomicU64,
+}
+
+impl Default for Losses {
+    fn default() -> Self {
+        Self {
+            dropped: AtomicU64::new(0),
+            first_change: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Losses {
+    fn lost_change(&self, seq: u64) {
+        self.first_change.fetch_min(seq, Ordering::SeqCst);
+    }
+
+    /// The position a log holding changes up to `last` may keep: every change before the
+    /// first lost one is written.
+    fn position(&self, last: u64) -> u64 {
+        last.min(self.first_change.load(Ordering::SeqCst).saturating_sub(1))
+    }
 }
 
 /// Refusals per route and caller: how many were recorded one by one this second, and how many
@@ -538,25 +569,27 @@ impl Audit {
         let (queue, records) = mpsc::sync_channel(QUEUE);
         let budgets = Arc::new(Mutex::new(Budgets::default()));
         let counted = budgets.clone();
+        let losses = Arc::new(Losses::default());
+        let lost = losses.clone();
         thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || write_loop(&mut store, &records, &counted))
+            .spawn(move || write_loop(&mut store, &records, &counted, &lost))
             .map_err(|e| format!("cannot start the audit writer: {e}"))?;
         Ok(Self {
             queue,
             reader: Arc::new(Reader::new(read_from)),
-            dropped: Arc::new(AtomicU64::new(0)),
+            losses,
             changes_in_store,
             file,
             budgets,
         })
     }
 
-    /// Appends the SCIM changes the directory committed after the last one the file has:
-    /// those a crash took before they were written, or a full queue or a failed write
-    /// dropped. `changes(after, limit)` reads the directory's own change table. Run at start,
-    /// before the directory takes writes; returns how many were appended. Nothing to do when
-    /// the store records the changes itself (PostgreSQL).
+    /// Appends the SCIM changes the directory committed that the log lacks: those a crash
+    /// took before they were written, or a full queue or a failed write dropped, also before
+    /// later ones that were written. `changes(after, limit)` reads the directory's own change
+    /// table. Run at start, before the directory takes writes; returns how many were
+    /// appended. Nothing to do when the store records the changes itself (PostgreSQL).
     pub fn recover_changes(
         &self,
         changes: impl Fn(u64, usize) -> Result<Vec<Change>, String>,
@@ -565,7 +598,7 @@ impl Audit {
         let Some(path) = self.file.as_deref().filter(|_| !self.changes_in_store) else {
             return Ok(0);
         };
-        let mut after = last_change(path)?;
+        let (mut after, written) = log_position(path)?;
         let mut recovered = 0;
         loop {
             let page = changes(after, PAGE)?;
@@ -573,8 +606,8 @@ impl Audit {
                 return Ok(recovered);
             };
             after = last.seq;
-            recovered += page.len();
-            for change in &page {
+            for change in page.iter().filter(|c| !written.contains(&c.seq)) {
+                recovered += 1;
                 // Waits for room: nothing else is queued this early, and none may be lost.
                 if self
                     .queue
@@ -616,7 +649,7 @@ impl Audit {
     /// What the directory calls with each batch of SCIM changes this process committed.
     pub fn change_sink(&self) -> ChangeSink {
         let queue = self.queue.clone();
-        let dropped = self.dropped.clone();
+        let losses = self.losses.clone();
         let record = !self.changes_in_store;
         Box::new(move |changes: &[Change]| {
             for change in changes {
@@ -631,7 +664,7 @@ impl Audit {
                     summary = %change.summary,
                 );
                 if record {
-                    enqueue(&queue, &dropped, Entry::from(change));
+                    enqueue(&queue, &losses, Entry::from(change));
                 }
             }
         })
@@ -819,14 +852,21 @@ impl Audit {
     }
 
     fn send(&self, entry: Entry) {
-        enqueue(&self.queue, &self.dropped, entry);
+        enqueue(&self.queue, &self.losses, entry);
     }
 }
 
-fn enqueue(queue: &SyncSender<Queued>, dropped: &AtomicU64, entry: Entry) {
+fn enqueue(queue: &SyncSender<Queued>, losses: &Losses, entry: Entry) {
+    let lost_change = |refused: &Queued| {
+        if let Queued::Record(Entry::Change { seq, .. }) = refused {
+            losses.lost_change(*seq);
+        }
+    };
+    let dropped = &losses.dropped;
     match queue.try_send(Queued::Record(entry)) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
+        Err(TrySendError::Full(refused)) => {
+            lost_change(&refused);
             crate::metrics::count_audit_lost("queue_full", 1);
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // At the 1st, 2nd, 4th, 8th... drop, so a flood of drops is not a flood of lines.
@@ -838,7 +878,8 @@ fn enqueue(queue: &SyncSender<Queued>, dropped: &AtomicU64, entry: Entry) {
                 );
             }
         }
-        Err(TrySendError::Disconnected(_)) => {
+        Err(TrySendError::Disconnected(refused)) => {
+            lost_change(&refused);
             crate::metrics::count_audit_lost("writer_stopped", 1);
             dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!(target: "audit", "the audit writer has stopped; record dropped");
@@ -883,14 +924,30 @@ struct LogFile {
 }
 
 impl LogFile {
-    /// Opens `path` for appending, creating it (mode 0600) if there is none.
+    /// Opens `path` for appending, creating it (mode 0600) if there is none. A last line a
+    /// crash cut short is ended first, so that it stands alone (unread, as it cannot be) and
+    /// takes no record written after it down with it.
     fn open(path: PathBuf) -> Result<Self, String> {
-        let file = OpenOptions::new()
+        use std::os::unix::fs::FileExt;
+        let cannot =
+            |e: std::io::Error| format!("cannot open the audit log {}: {e}", path.display());
+        let mut file = OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+            .map_err(cannot)?;
+        let len = file.metadata().map_err(cannot)?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            file.read_exact_at(&mut last, len - 1).map_err(cannot)?;
+        }
+        if last != [b'\n'] {
+            file.write_all(b"\n")
+                .and_then(|()| file.sync_data())
+                .map_err(cannot)?;
+        }
         Ok(Self { file, path })
     }
 
@@ -961,19 +1018,35 @@ fn position_path(path: &Path) -> PathBuf {
     path.with_extension("last-change")
 }
 
-fn write_loop(store: &mut Store, queue: &Receiver<Queued>, budgets: &Mutex<Budgets>) {
+/// The first and the last SCIM change of a batch.
+type ChangeSpan = Option<(u64, u64)>;
+
+fn write_loop(
+    store: &mut Store,
+    queue: &Receiver<Queued>,
+    budgets: &Mutex<Budgets>,
+    losses: &Losses,
+) {
     const COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut lines = Vec::new();
-    let encode = |lines: &mut Vec<String>, last_change: &mut Option<u64>, entry: &Entry| {
+    let encode = |lines: &mut Vec<String>, changes: &mut ChangeSpan, entry: &Entry| {
         match serde_json::to_string(entry) {
             Ok(line) => lines.push(line + "\n"),
             Err(e) => {
+                // Counted as lost: the position stays short of it, so the next start
+                // tries again.
                 tracing::error!(target: "audit", "cannot encode an audit record: {e}");
+                if let Entry::Change { seq, .. } = entry {
+                    losses.lost_change(*seq);
+                }
                 return;
             }
         }
         if let Entry::Change { seq, .. } = entry {
-            *last_change = Some((*seq).max(last_change.unwrap_or(0)));
+            *changes = Some(match *changes {
+                Some((first, last)) => (first.min(*seq), last.max(*seq)),
+                None => (*seq, *seq),
+            });
         }
     };
     let mut counted_at = std::time::Instant::now();
@@ -987,9 +1060,9 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, budgets: &Mutex<Budge
             Err(RecvTimeoutError::Disconnected) => (None, None, true),
         };
         lines.clear();
-        let mut last_change = None;
+        let mut changes = None;
         while let Some(entry) = next.take() {
-            encode(&mut lines, &mut last_change, &entry);
+            encode(&mut lines, &mut changes, &entry);
             if lines.len() < MAX_BATCH {
                 match queue.try_recv() {
                     Ok(Queued::Record(entry)) => next = Some(entry),
@@ -1006,11 +1079,11 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, budgets: &Mutex<Budge
                 .map(|mut budgets| budgets.unrecorded())
                 .unwrap_or_default();
             for entry in unrecorded_records(counted) {
-                encode(&mut lines, &mut last_change, &entry);
+                encode(&mut lines, &mut changes, &entry);
             }
         }
         if !lines.is_empty() {
-            append(store, &lines, last_change);
+            append(store, &lines, changes, losses);
         }
         if let Some(ack) = flush {
             // The flusher may have given up waiting.
@@ -1022,62 +1095,78 @@ fn write_loop(store: &mut Store, queue: &Receiver<Queued>, budgets: &Mutex<Budge
     }
 }
 
-/// The sequence of the last SCIM change written to the log file at `path` (0: none): the
-/// last in the file, or the one kept beside it if later (the file was rotated since). Only
-/// lines that say they are changes are parsed.
-fn last_change(path: &Path) -> Result<u64, String> {
+/// Where recovery starts in the log file at `path`, and the changes after that the file
+/// already holds: the position kept beside it (every change up to it was written, see
+/// [`Losses`]), or, where none is kept (or it is damaged), the last change in the file.
+fn log_position(path: &Path) -> Result<(u64, HashSet<u64>), String> {
+    match kept_position(path) {
+        Some(kept) => Ok((kept, changes_in(path, kept)?.1)),
+        None => Ok((changes_in(path, u64::MAX)?.0, HashSet::new())),
+    }
+}
+
+/// The position kept beside the log at `path` ([`position_path`]), if one is.
+fn kept_position(path: &Path) -> Option<u64> {
     // Unknown (none yet, or damaged by a crash): the file alone says, and a change a rotated
     // file has may be appended again. Better than not starting.
     let position = position_path(path);
-    let kept = match std::fs::read_to_string(&position) {
-        Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
+    match std::fs::read_to_string(&position) {
+        Ok(text) => text.trim().parse::<u64>().ok().or_else(|| {
             tracing::warn!(
                 target: "audit",
                 "{} does not hold a change's sequence; the audit log's last change is taken \
                  from the log alone",
                 position.display()
             );
-            0
+            None
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
             tracing::warn!(target: "audit", "cannot read {}: {e}", position.display());
-            0
+            None
         }
-    };
-    Ok(kept.max(last_change_in(path)?))
+    }
 }
 
-/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file).
-fn last_change_in(path: &Path) -> Result<u64, String> {
+/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file), and
+/// those of its changes after `after`. Only lines that say they are changes are parsed.
+fn changes_in(path: &Path, after: u64) -> Result<(u64, HashSet<u64>), String> {
     #[derive(Deserialize)]
     struct Seq {
         seq: u64,
     }
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, HashSet::new())),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let mut last = 0;
+    let (mut last, mut later) = (0, HashSet::new());
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         if memchr::memmem::find(&line, br#""event":"change""#).is_some() {
             if let Ok(change) = serde_json::from_slice::<Seq>(&line) {
                 last = last.max(change.seq);
+                if change.seq > after {
+                    later.insert(change.seq);
+                }
             }
         }
     }
-    Ok(last)
+    Ok((last, later))
 }
 
-/// Appends `lines`, trying again for a while before they are dropped.
-fn append(store: &mut Store, lines: &[String], last_change: Option<u64>) {
+/// Appends `lines`, whose SCIM changes are `changes`, trying again for a while before they
+/// are dropped. The position kept is the last change short of the first one lost.
+fn append(store: &mut Store, lines: &[String], changes: ChangeSpan, losses: &Losses) {
+    let position = changes.map(|(_, last)| losses.position(last));
     for attempt in 1..=ATTEMPTS {
-        match store.append(lines, last_change) {
+        match store.append(lines, position) {
             Ok(()) => return,
             Err(e) if attempt == ATTEMPTS => {
                 crate::metrics::count_audit_lost("write_failed", lines.len() as u64);
+                if let Some((first, _)) = changes {
+                    losses.lost_change(first);
+                }
                 tracing::error!(
                     target: "audit",
                     "cannot append {} records, dropped: {e}",
@@ -1917,6 +2006,64 @@ mod tests {
         assert_eq!(audit.recover_changes(changes).unwrap(), 0);
     }
 
+    /// A change dropped (the queue was full, or its write failed for good) before later ones
+    /// were written is appended at the next start, and only it.
+    #[tokio::test]
+    async fn a_change_lost_before_later_ones_were_written_is_appended_at_the_next_start() {
+        let world = four_changes().await;
+        let changes = changes_of(&world);
+        let all = changes(0, 100).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let seqs = || change_seqs(&dir.path().join(FILE_NAME));
+        let wait = std::time::Duration::from_secs(5);
+        {
+            let audit = Audit::open(log(), log()).unwrap();
+            (audit.change_sink())(&all[..1]);
+            // The second is lost as a full queue loses it; the third and fourth are written.
+            audit.losses.lost_change(all[1].seq);
+            (audit.change_sink())(&all[2..]);
+            assert!(audit.flush(wait));
+        }
+        assert_eq!(seqs(), [all[0].seq, all[2].seq, all[3].seq]);
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 1);
+        assert!(audit.flush(wait));
+        assert_eq!(seqs(), [all[0].seq, all[2].seq, all[3].seq, all[1].seq]);
+        drop(audit);
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 0, "nothing twice");
+    }
+
+    /// A crash that cut the last line short leaves it on its own: the change recovered after
+    /// it is read back, not glued to it.
+    #[tokio::test]
+    async fn a_last_line_a_crash_cut_short_takes_no_record_after_it_down() {
+        let world = four_changes().await;
+        let changes = changes_of(&world);
+        let all = changes(0, 100).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let path = dir.path().join(FILE_NAME);
+        let wait = std::time::Duration::from_secs(5);
+        {
+            let audit = Audit::open(log(), log()).unwrap();
+            (audit.change_sink())(&all[..2]);
+            assert!(audit.flush(wait));
+        }
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        let torn = format!(r#"{{"event":"change","seq":{},"ti"#, all[2].seq);
+        file.write_all(torn.as_bytes()).unwrap();
+        drop(file);
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(changes).unwrap(), 2);
+        assert!(audit.flush(wait));
+        let expected: Vec<u64> = all.iter().map(|c| c.seq).collect();
+        assert_eq!(change_seqs(&path), expected);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(&format!("{torn}\n{{")), "{text}");
+    }
+
     /// `logrotate` moves the file away while Portcullis writes it, and again while it is
     /// stopped: records go on into a new file, private like the first, and the recovery at
     /// start appends only what no file has.
@@ -1978,7 +2125,7 @@ mod tests {
         };
         let before = lost();
         let (queue, _records) = mpsc::sync_channel(1);
-        let dropped = AtomicU64::new(0);
+        let losses = Losses::default();
         let entry = || Entry::Session {
             time: now(),
             user: "u".to_owned(),
@@ -1986,9 +2133,23 @@ mod tests {
             detail: String::new(),
             client: None,
         };
-        enqueue(&queue, &dropped, entry());
-        enqueue(&queue, &dropped, entry());
-        assert_eq!(dropped.load(Ordering::Relaxed), 1);
+        enqueue(&queue, &losses, entry());
+        enqueue(&queue, &losses, entry());
+        assert_eq!(losses.dropped.load(Ordering::Relaxed), 1);
         assert!(lost() > before, "counted in the metrics");
+        assert_eq!(losses.position(9), 9, "no change lost");
+        // A SCIM change dropped holds the log's position short of it.
+        let change = |seq| Entry::Change {
+            time: now(),
+            seq,
+            actor: "okta".to_owned(),
+            op: "create".to_owned(),
+            resource_type: "User".to_owned(),
+            id: "1".to_owned(),
+            summary: String::new(),
+        };
+        enqueue(&queue, &losses, change(7));
+        enqueue(&queue, &losses, change(8));
+        assert_eq!(losses.position(9), 6);
     }
 }
