@@ -219,6 +219,10 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
         "app.test:443".to_owned(),
         "http://elsewhere.test/admin".to_owned(),
         format!("http://api.test:{port}/admin"),
+        // Credentials in a refused target are not recorded (below): pingora refuses userinfo
+        // before Portcullis sees it, and the fragment is not part of the path it records.
+        format!("http://u:s3cret@app.test:{port}/admin"),
+        "/x/..%2fwork#access_token=s3cret".to_owned(),
     ] {
         let (status, received) = t
             .send(
@@ -229,6 +233,14 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
         assert_eq!(status, 400, "GET {target}");
         assert_eq!(received, None, "GET {target} reached the upstream");
     }
+    let audited =
+        t.fx.px
+            .audit_log_until(Duration::from_secs(10), |text| {
+                text.contains("/x/..%2fwork")
+            })
+            .await;
+    assert!(!audited.contains("s3cret"), "{audited}");
+    assert!(audited.contains(r#""path":"/x/..%2fwork""#), "{audited}");
 
     // What is let in reaches the upstream as the path that was judged, with the query as sent.
     for (target, upstream) in [
