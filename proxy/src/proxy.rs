@@ -992,7 +992,13 @@ impl ProxyHttp for Proxy {
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             method = %req.method,
-            host = req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
+            // HTTP/2 names it in `:authority`, and browsers send no `Host` there.
+            host = req
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| Some(req.uri.authority()?.as_str()))
+                .unwrap_or_default(),
             path = %req.uri.path(),
             status,
             route,

@@ -45,15 +45,24 @@ impl Reloader {
     }
 }
 
+/// The bound on an HTTP/2 request's header list that lets every head of up to
+/// `max_request_header_bytes` (as Portcullis counts it) with up to 128 fields reach its own
+/// check: HTTP/2 counts each field 32 bytes more.
+pub fn h2_header_list_size(max_request_header_bytes: usize) -> u32 {
+    u32::try_from(max_request_header_bytes.saturating_add(128 * 32)).unwrap_or(u32::MAX)
+}
+
 /// The settings read only at start: the listeners, the admin listener's address, threads,
-/// `data_dir`, `[log]`, `[postgres]`, the reload poll's interval and (past its value at start)
-/// the shutdown timeout, as the process started with them.
+/// `data_dir`, `[log]`, `[postgres]`, the reload poll's interval and (past their values at
+/// start) the shutdown timeout and, over HTTP/2, the request head bound, as the process
+/// started with them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AtStart {
     /// Each listener's address and whether it terminates TLS.
     listeners: Vec<(SocketAddr, bool)>,
     admin: Option<SocketAddr>,
     threads: usize,
+    max_request_header_bytes: usize,
     shutdown_timeout: Duration,
     reload_poll_interval: Duration,
     data_dir: PathBuf,
@@ -76,6 +85,7 @@ impl AtStart {
             },
             admin: config.admin.as_ref().map(|a| a.address),
             threads: config.server.threads,
+            max_request_header_bytes: config.server.max_request_header_bytes,
             shutdown_timeout: config.server.shutdown_timeout,
             reload_poll_interval: config.server.reload_poll_interval,
             data_dir: config.data_dir.clone(),
@@ -102,6 +112,11 @@ impl AtStart {
             ("listeners", self.listeners != new.listeners),
             ("admin.address", self.admin != new.admin),
             ("server.threads", self.threads != new.threads),
+            // Lower applies at once (Portcullis' own check); HTTP/2's bound is set at start.
+            (
+                "server.max_request_header_bytes (raised, over HTTP/2)",
+                new.max_request_header_bytes > self.max_request_header_bytes,
+            ),
             // Shorter applies at once; the process' own bound on shutting down is set at start.
             (
                 "server.shutdown_timeout",
@@ -365,6 +380,26 @@ impl BackgroundService for Drainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raised_head_bound_waits_for_a_restart_and_a_lowered_one_does_not() {
+        let config = crate::testing::World::new().config;
+        let at_start = AtStart::of(&config);
+        let with = |bytes: usize| {
+            let mut new = config.clone();
+            new.server.max_request_header_bytes = bytes;
+            at_start.awaiting_restart(&new)
+        };
+        let bytes = config.server.max_request_header_bytes;
+        assert!(with(bytes).is_empty());
+        assert!(with(bytes / 2).is_empty());
+        assert_eq!(
+            with(bytes * 2),
+            ["server.max_request_header_bytes (raised, over HTTP/2)"]
+        );
+        // Every head Portcullis takes reaches its own check, up to 128 fields.
+        assert_eq!(h2_header_list_size(65_536), 65_536 + 4_096);
+    }
 
     #[test]
     fn a_bound_listener_takes_the_new_file_s_settings_if_it_has_it_else_keeps_those_it_serves_with()

@@ -273,6 +273,49 @@ async fn http2_is_negotiated_by_alpn_and_http1_still_works() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// A raised head limit holds over HTTP/2 as over HTTP/1.1: a head under it (a browser with
+/// large cookies) is let in, and one past it gets 431.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raised_head_limit_holds_over_http2_too() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(Route::new("https://app.test", &[&up]))
+        .server("max_request_header_bytes", "200000");
+    let px = cfg.start().await;
+    let h2 = tls_client(&ca);
+    for client in [&h2, &tls_client_http1(&ca)] {
+        let resp = client
+            .get(cfg.https_url("app.test", "/big-cookies"))
+            .header("cookie", format!("big={}", "c".repeat(100_000)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.version());
+    }
+    let seen = up.seen();
+    assert_eq!(seen.iter().filter(|e| e.uri == "/big-cookies").count(), 2);
+
+    let resp = h2
+        .get(cfg.https_url("app.test", "/too-big"))
+        .header("x-big", "b".repeat(200_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(!up.seen().iter().any(|e| e.uri == "/too-big"));
+    // The access log names the host an HTTP/2 request was for (its `:authority`).
+    let host = format!("host=\"app.test:{}\"", cfg.https_addr().port());
+    px.log_until(|log| {
+        log.lines()
+            .any(|l| l.contains(" access: ") && l.contains("/too-big") && l.contains(&host))
+    })
+    .await;
+}
+
 /// A CORS preflight is an `OPTIONS` without a body: one sent over HTTP/2 with a body (DATA
 /// frames, no `Content-Length`) or over HTTP/1.1 chunked is no preflight, and needs a caller.
 #[tokio::test(flavor = "multi_thread")]
