@@ -363,6 +363,9 @@ enum Queued {
     Record(Entry),
     /// Write everything sent before this, and the refusals counted so far, then say so.
     Flush(SyncSender<()>),
+    /// Every SCIM change up to this one is in the log once what was sent before this is:
+    /// recovery has appended all the file lacked.
+    Through(u64),
 }
 
 /// The request a refusal or an allow is about: its method, its path (as judged), and the
@@ -603,6 +606,11 @@ impl Audit {
         loop {
             let page = changes(after, PAGE)?;
             let Some(last) = page.last() else {
+                // The position moves past what the file held already, not only to the last
+                // change appended now.
+                if self.queue.send(Queued::Through(after)).is_err() {
+                    return Err("the audit writer has stopped".to_owned());
+                }
                 return Ok(recovered);
             };
             after = last.seq;
@@ -900,11 +908,11 @@ enum Store {
 }
 
 impl Store {
-    /// Appends `lines` (each a record and its newline) durably; `last_change` is the
-    /// sequence of the last SCIM change among them.
-    fn append(&mut self, lines: &[String], last_change: Option<u64>) -> Result<(), String> {
+    /// Appends `lines` (each a record and its newline) durably; `position`, if any, is where
+    /// the log then stands: the last SCIM change up to which every change is written.
+    fn append(&mut self, lines: &[String], position: Option<u64>) -> Result<(), String> {
         match self {
-            Store::File(file) => file.append(lines, last_change),
+            Store::File(file) => file.append(lines, position),
             Store::Postgres(log) => {
                 let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                 log.append(&records).map_err(|e| format!("PostgreSQL: {e}"))
@@ -915,9 +923,9 @@ impl Store {
 
 /// The log file, followed through rotation: when the file at its path is no longer the one
 /// being written (`logrotate` moved it away, or it was deleted), the next write opens a new
-/// one there. The sequence of the last SCIM change written is also kept beside it
-/// ([`position_path`]), so that [`Audit::recover_changes`] knows where the log stands when
-/// the file has just been rotated and holds none.
+/// one there. Where the log stands (the last SCIM change up to which every change is
+/// written) is also kept beside it ([`position_path`]), so that [`Audit::recover_changes`]
+/// knows it also when the file has just been rotated and holds none.
 struct LogFile {
     file: File,
     path: PathBuf,
@@ -944,9 +952,13 @@ impl LogFile {
             file.read_exact_at(&mut last, len - 1).map_err(cannot)?;
         }
         if last != [b'\n'] {
-            file.write_all(b"\n")
-                .and_then(|()| file.sync_data())
-                .map_err(cannot)?;
+            // Not the reason not to start: records still get written, if after the cut one.
+            if let Err(e) = file.write_all(b"\n").and_then(|()| file.sync_data()) {
+                tracing::error!(
+                    target: "audit",
+                    "cannot end the audit log's last line, cut short: {e}"
+                );
+            }
         }
         Ok(Self { file, path })
     }
@@ -1012,8 +1024,8 @@ impl LogFile {
     }
 }
 
-/// Where the sequence of the last SCIM change written to the log at `path` is kept: beside
-/// it, under a name rotation leaves alone (`audit.last-change`).
+/// Where the log at `path` keeps where it stands: beside it, under a name rotation leaves
+/// alone (`audit.last-change`).
 fn position_path(path: &Path) -> PathBuf {
     path.with_extension("last-change")
 }
@@ -1050,14 +1062,20 @@ fn write_loop(
         }
     };
     let mut counted_at = std::time::Instant::now();
+    // Where the log stands at least, once recovery has said so (`Queued::Through`).
+    let mut through = 0;
     loop {
         // Awake at least once a second, to record the refusals counted meanwhile.
         let wait = COUNTS_EVERY.saturating_sub(counted_at.elapsed());
-        let (mut next, mut flush, stopping) = match queue.recv_timeout(wait) {
-            Ok(Queued::Record(entry)) => (Some(entry), None, false),
-            Ok(Queued::Flush(ack)) => (None, Some(ack), false),
-            Err(RecvTimeoutError::Timeout) => (None, None, false),
-            Err(RecvTimeoutError::Disconnected) => (None, None, true),
+        let (mut next, mut flush, mut moved, stopping) = match queue.recv_timeout(wait) {
+            Ok(Queued::Record(entry)) => (Some(entry), None, false, false),
+            Ok(Queued::Flush(ack)) => (None, Some(ack), false, false),
+            Ok(Queued::Through(seq)) => {
+                through = through.max(seq);
+                (None, None, true, false)
+            }
+            Err(RecvTimeoutError::Timeout) => (None, None, false, false),
+            Err(RecvTimeoutError::Disconnected) => (None, None, false, true),
         };
         lines.clear();
         let mut changes = None;
@@ -1068,6 +1086,10 @@ fn write_loop(
                     Ok(Queued::Record(entry)) => next = Some(entry),
                     // Written with this batch: everything sent before it is in it.
                     Ok(Queued::Flush(ack)) => flush = Some(ack),
+                    Ok(Queued::Through(seq)) => {
+                        through = through.max(seq);
+                        moved = true;
+                    }
                     Err(_) => {}
                 }
             }
@@ -1082,8 +1104,12 @@ fn write_loop(
                 encode(&mut lines, &mut changes, &entry);
             }
         }
-        if !lines.is_empty() {
-            append(store, &lines, changes, losses);
+        if !lines.is_empty() || moved {
+            let position = match changes {
+                Some((_, last)) => Some(last.max(through)),
+                None => moved.then_some(through),
+            };
+            append(store, &lines, changes, position, losses);
         }
         if let Some(ack) = flush {
             // The flusher may have given up waiting.
@@ -1156,9 +1182,16 @@ fn changes_in(path: &Path, after: u64) -> Result<(u64, HashSet<u64>), String> {
 }
 
 /// Appends `lines`, whose SCIM changes are `changes`, trying again for a while before they
-/// are dropped. The position kept is the last change short of the first one lost.
-fn append(store: &mut Store, lines: &[String], changes: ChangeSpan, losses: &Losses) {
-    let position = changes.map(|(_, last)| losses.position(last));
+/// are dropped, and keeps the log's position at `position` (the last change in it), short of
+/// the first change lost.
+fn append(
+    store: &mut Store,
+    lines: &[String],
+    changes: ChangeSpan,
+    position: Option<u64>,
+    losses: &Losses,
+) {
+    let position = position.map(|last| losses.position(last));
     for attempt in 1..=ATTEMPTS {
         match store.append(lines, position) {
             Ok(()) => return,
@@ -2033,6 +2066,16 @@ mod tests {
         drop(audit);
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(audit.recover_changes(changes).unwrap(), 0, "nothing twice");
+        // Rotated away before any change was written since: the position held.
+        assert!(audit.flush(wait));
+        drop(audit);
+        std::fs::rename(dir.path().join(FILE_NAME), dir.path().join("audit.jsonl.1")).unwrap();
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(
+            audit.recover_changes(changes).unwrap(),
+            0,
+            "after a rotation"
+        );
     }
 
     /// A crash that cut the last line short leaves it on its own: the change recovered after
