@@ -324,12 +324,11 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         app.server_options = Some(options);
         // An HTTP/2 request's head is bounded by `max_request_header_bytes`, as an HTTP/1 one
         // is, in Portcullis' own check (431). The HTTP/2 layer's bound (pingora's 64 KiB by
-        // default) is set above it, counting as HTTP/2 counts (32 bytes more per field), with
-        // room for 128 fields; it too is taken once, at start.
+        // default) is set above it, counting as HTTP/2 counts; it too is taken once, at start.
+        let list_size = reload::h2_header_list_size(server_config.max_request_header_bytes);
         let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
-        h2.max_header_list_size(reload::h2_header_list_size(
-            server_config.max_request_header_bytes,
-        ));
+        h2.max_header_list_size(list_size);
+        h2.max_concurrent_streams(reload::h2_max_streams(list_size));
         app.h2_options = Some(h2);
     }
     for listener in &listeners {

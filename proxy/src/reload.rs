@@ -45,11 +45,21 @@ impl Reloader {
     }
 }
 
-/// The bound on an HTTP/2 request's header list that lets every head of up to
-/// `max_request_header_bytes` (as Portcullis counts it) with up to 128 fields reach its own
-/// check: HTTP/2 counts each field 32 bytes more.
+/// The bound on an HTTP/2 request's header list that lets a head of up to
+/// `max_request_header_bytes` (as Portcullis counts it) reach its own check: HTTP/2 counts
+/// each field 28 bytes more, and its pseudo-headers too. Room for a field per 112 bytes of
+/// the bound (at least 128 fields): browsers send each cookie as a field of its own.
 pub fn h2_header_list_size(max_request_header_bytes: usize) -> u32 {
-    u32::try_from(max_request_header_bytes.saturating_add(128 * 32)).unwrap_or(u32::MAX)
+    let room = (max_request_header_bytes / 4).max(128 * 32);
+    u32::try_from(max_request_header_bytes.saturating_add(room)).unwrap_or(u32::MAX)
+}
+
+/// How many streams an HTTP/2 client may have open at once, given the bound on each one's
+/// header list: pingora's 100, fewer where heads may be large, so that what a connection's
+/// heads can hold decoded (HPACK lets a client repeat a large field for a few bytes) stays
+/// near 16 MiB.
+pub fn h2_max_streams(header_list_size: u32) -> u32 {
+    (16 * 1024 * 1024 / header_list_size.max(1)).clamp(8, 100)
 }
 
 /// The settings read only at start: the listeners, the admin listener's address, threads,
@@ -114,7 +124,7 @@ impl AtStart {
             ("server.threads", self.threads != new.threads),
             // Lower applies at once (Portcullis' own check); HTTP/2's bound is set at start.
             (
-                "server.max_request_header_bytes (raised, over HTTP/2)",
+                "server.max_request_header_bytes (HTTP/2)",
                 new.max_request_header_bytes > self.max_request_header_bytes,
             ),
             // Shorter applies at once; the process' own bound on shutting down is set at start.
@@ -395,10 +405,13 @@ mod tests {
         assert!(with(bytes / 2).is_empty());
         assert_eq!(
             with(bytes * 2),
-            ["server.max_request_header_bytes (raised, over HTTP/2)"]
+            ["server.max_request_header_bytes (HTTP/2)"]
         );
-        // Every head Portcullis takes reaches its own check, up to 128 fields.
-        assert_eq!(h2_header_list_size(65_536), 65_536 + 4_096);
+        // Every head Portcullis takes reaches its own check, with room for many fields.
+        assert_eq!(h2_header_list_size(65_536), 65_536 + 16_384);
+        assert_eq!(h2_header_list_size(4_096), 4_096 + 4_096);
+        assert_eq!(h2_max_streams(h2_header_list_size(65_536)), 100);
+        assert_eq!(h2_max_streams(h2_header_list_size(1_048_576)), 12);
     }
 
     #[test]
