@@ -5,9 +5,13 @@
 //! - **The signing keys.** ES256 (P-256) keys live in `data_dir/assertion-keys/`, one PKCS#8 PEM
 //!   file per key, named `<kid>.pem` where the kid is the key's RFC 7638 JWK thumbprint. Files are
 //!   created with mode 0600 (the directory 0700) and carry their creation time in a line before
-//!   the PEM block. The newest key signs; an older key stays published until every token it can
-//!   have signed has expired (its successor's creation + the token TTL + 5 minutes of slack for
-//!   clock skew and for a server that has not yet picked up a rotation), then its file is deleted.
+//!   the PEM block, and, for a key made by a rotation, the time it signs from (a line
+//!   `Signs: <unix seconds>`, [`PUBLISH_LEAD`] later by default): a new key is published before
+//!   it signs, so that an upstream that cached the JWKS a moment before the rotation (it is
+//!   served `max-age=60`) has it by then. The newest key that signs by now signs; an older key
+//!   stays published until every token it can have signed has expired (its successor's first
+//!   signing time + the token TTL + 5 minutes of slack for clock skew and for a server that has
+//!   not yet picked up a rotation), then its file is deleted.
 //!   Rotation is a plain function over the directory ([`rotate_keys`]) so that the CLI can run
 //!   it while a server is up; a running [`Signer`] picks the new key up on [`Signer::refresh`].
 //!   With `[postgres]` the keys are instead entries kept beside the shared directory
@@ -75,6 +79,13 @@ const MIN_TTL_SECS: u64 = 10;
 /// The line before the PEM block that records when the key was created.
 const CREATED_PREFIX: &str = "Created: ";
 
+/// The line before the PEM block that records when a key signs from, if not from its creation.
+const SIGNS_PREFIX: &str = "Signs: ";
+
+/// How long a rotation publishes the new key before it signs, by default: the JWKS is served
+/// `max-age=60`, and a server with its keys in `data_dir` picks a rotation up within a minute.
+pub const PUBLISH_LEAD: Duration = Duration::from_secs(180);
+
 /// The claims of one assertion. `version` must change whenever the identity's groups or state
 /// change (for example the directory's change sequence for that user); the cache additionally
 /// compares every claim, so it is a fast path, not the only guard.
@@ -127,6 +138,8 @@ struct Key {
     /// The key's RFC 7638 JWK thumbprint.
     kid: Arc<str>,
     created: u64,
+    /// When it signs from (its creation, but for a key a rotation published ahead).
+    signs: u64,
     encoding: EncodingKey,
     /// The public key as the JWKS publishes it.
     jwk: Jwk,
@@ -163,8 +176,13 @@ impl KeySet {
         }
     }
 
-    fn signing(&self) -> Option<&Arc<Key>> {
-        self.keys.first()
+    /// The key that signs at `now`: the newest that signs by then, else (all of them are
+    /// published ahead) the oldest.
+    fn signing(&self, now: u64) -> Option<&Arc<Key>> {
+        self.keys
+            .iter()
+            .find(|key| key.signs <= now)
+            .or_else(|| self.keys.last())
     }
 
     fn same_keys(&self, other: &[Key]) -> bool {
@@ -173,7 +191,7 @@ impl KeySet {
                 .keys
                 .iter()
                 .zip(other)
-                .all(|(a, b)| a.kid == b.kid && a.created == b.created)
+                .all(|(a, b)| a.kid == b.kid && a.created == b.created && a.signs == b.signs)
     }
 }
 
@@ -245,7 +263,7 @@ impl Signer {
         ensure_dir(&dir)?;
         let mut keys = load_published(&dir, now, ttl)?;
         if keys.is_empty() {
-            keys.push(generate_key(&dir, now)?);
+            keys.push(generate_key(&dir, now, now)?);
         }
         let set = KeySet::new(keys)?;
         Ok(Signer {
@@ -295,13 +313,13 @@ impl Signer {
 
     /// Whether there is a key to sign with.
     pub fn can_sign(&self) -> bool {
-        self.keys.load().signing().is_some()
+        !self.keys.load().keys.is_empty()
     }
 
-    /// The kid of the key that signs new assertions.
+    /// The kid of the key that signs new assertions at `now`.
     #[cfg(test)]
-    pub fn signing_kid(&self) -> Option<Arc<str>> {
-        self.keys.load().signing().map(|k| k.kid.clone())
+    pub fn signing_kid(&self, now: u64) -> Option<Arc<str>> {
+        self.keys.load().signing(now).map(|k| k.kid.clone())
     }
 
     /// The JWKS (`{"keys":[...]}`) of every published key, to serve at [`JWKS_PATH`].
@@ -315,7 +333,7 @@ impl Signer {
     pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<HeaderValue, String> {
         let keys = self.keys.load();
         let key = keys
-            .signing()
+            .signing(now)
             .ok_or_else(|| "no assertion signing key".to_string())?;
         let slot = self
             .slot_hasher
@@ -351,15 +369,15 @@ impl Signer {
         Ok(token)
     }
 
-    /// Generates a new signing key in the directory, retires keys whose tokens have all expired,
-    /// and switches to the new key. Returns the new kid.
+    /// Generates a new signing key in the directory, signing `lead` from `now`, retires keys
+    /// whose tokens have all expired, and publishes the new key. Returns the new kid.
     #[cfg(test)]
-    pub fn rotate(&self, now: u64) -> Result<String, String> {
+    pub fn rotate(&self, now: u64, lead: u64) -> Result<String, String> {
         let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
         let KeyStore::Dir(dir) = &self.store else {
             return Err("shared keys rotate through the directory".to_owned());
         };
-        let kid = rotate_dir(dir, now, self.ttl)?;
+        let kid = rotate_dir(dir, now, lead, self.ttl)?;
         self.refresh_locked(now)?;
         Ok(kid)
     }
@@ -390,7 +408,8 @@ impl Signer {
         if !self.keys.load().same_keys(&keys) {
             let set = KeySet::new(keys)?;
             tracing::info!(
-                signing_kid = set.signing().map(|k| &*k.kid).unwrap_or(""),
+                signing_kid = set.signing(now).map(|k| &*k.kid).unwrap_or(""),
+                newest_signs_from = set.keys.first().map_or(0, |k| k.signs),
                 published = set.keys.len(),
                 "assertion keys updated"
             );
@@ -405,14 +424,21 @@ pub fn key_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(KEY_DIR)
 }
 
-/// Generates a new signing key in `data_dir/assertion-keys/` and deletes keys whose tokens have
-/// all expired by `now`. For `portcullis rotate-assertion-key`: a running server picks the new
-/// key up on its next [`Signer::refresh`]. Returns the new kid.
-pub fn rotate_keys(data_dir: &Path, now: u64, token_ttl: Duration) -> Result<String, String> {
+/// Generates a new signing key in `data_dir/assertion-keys/`, signing `lead` from `now`, and
+/// deletes keys whose tokens have all expired by `now`. For `portcullis rotate-assertion-key`:
+/// a running server publishes the new key on its next [`Signer::refresh`]. Returns the new
+/// kid and when it signs from.
+pub fn rotate_keys(
+    data_dir: &Path,
+    now: u64,
+    lead: Duration,
+    token_ttl: Duration,
+) -> Result<(String, u64), String> {
     let ttl = check_ttl(token_ttl)?;
     let dir = key_dir(data_dir);
     ensure_dir(&dir)?;
-    rotate_dir(&dir, now, ttl)
+    let kid = rotate_dir(&dir, now, lead.as_secs(), ttl)?;
+    Ok((kid, now.saturating_add(lead.as_secs())))
 }
 
 /// Deletes the keys in `data_dir/assertion-keys/` whose tokens have all expired by `now` (never
@@ -443,9 +469,10 @@ fn successor_created(existing: &[Key], now: u64) -> u64 {
     }
 }
 
-fn rotate_dir(dir: &Path, now: u64, ttl: u64) -> Result<String, String> {
+fn rotate_dir(dir: &Path, now: u64, lead: u64, ttl: u64) -> Result<String, String> {
     let existing = read_keys(dir)?;
-    let key = generate_key(dir, successor_created(&existing, now))?;
+    let created = successor_created(&existing, now);
+    let key = generate_key(dir, created, now.saturating_add(lead))?;
     let kid = key.kid.to_string();
     load_published(dir, now, ttl)?;
     tracing::info!(kid = %kid, "generated a new assertion signing key");
@@ -459,7 +486,7 @@ fn retained(keys: &[Key], now: u64, ttl: u64) -> usize {
     while keep < keys.len() {
         let successor = &keys[keep - 1];
         let retires = successor
-            .created
+            .signs
             .saturating_add(ttl)
             .saturating_add(RETIREMENT_GRACE_SECS);
         if now > retires {
@@ -555,9 +582,19 @@ fn parse_key(text: &str, kid_from_name: &str, what: &str) -> Result<Key, String>
         .trim()
         .parse::<u64>()
         .map_err(|e| bad(format!("bad creation time: {e}")))?;
+    let signs = match text[..begin]
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(SIGNS_PREFIX))
+    {
+        Some(signs) => signs
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| bad(format!("bad signing time: {e}")))?,
+        None => created,
+    };
     let secret = SecretKey::from_pkcs8_pem(text[begin..].trim_end())
         .map_err(|e| bad(format!("not a PKCS#8 P-256 private key: {e}")))?;
-    let key = Key::new(&secret, created)?;
+    let key = Key::new(&secret, created, signs)?;
     if &*key.kid != kid_from_name {
         return Err(bad(format!(
             "the file name does not match the key's id {}",
@@ -568,7 +605,7 @@ fn parse_key(text: &str, kid_from_name: &str, what: &str) -> Result<Key, String>
 }
 
 impl Key {
-    fn new(secret: &SecretKey, created: u64) -> Result<Key, String> {
+    fn new(secret: &SecretKey, created: u64, signs: u64) -> Result<Key, String> {
         let der = secret
             .to_pkcs8_der()
             .map_err(|e| format!("encoding the assertion key: {e}"))?;
@@ -585,6 +622,7 @@ impl Key {
         Ok(Key {
             kid: kid.into(),
             created,
+            signs,
             encoding,
             jwk,
             header,
@@ -592,15 +630,16 @@ impl Key {
     }
 }
 
-/// A new key created at `created`, and its text as a key file holds it.
-fn new_key(created: u64) -> Result<(Key, String), String> {
+/// A new key created at `created` that signs from `signs`, and its text as a key file holds
+/// it.
+fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
     let secret = random_secret()?;
-    let key = Key::new(&secret, created)?;
+    let key = Key::new(&secret, created, signs)?;
     let pem = secret
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| format!("encoding the assertion key: {e}"))?;
     let text = format!(
-        "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{}",
+        "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{SIGNS_PREFIX}{signs}\n{}",
         key.kid,
         pem.as_str()
     );
@@ -609,8 +648,8 @@ fn new_key(created: u64) -> Result<(Key, String), String> {
 
 /// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, written to a temporary file,
 /// synced and renamed into place).
-fn generate_key(dir: &Path, created: u64) -> Result<Key, String> {
-    let (key, contents) = new_key(created)?;
+fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
+    let (key, contents) = new_key(created, signs)?;
     let path = key_path(dir, &key.kid);
     let tmp = dir.join(format!(".{}.pem.tmp", key.kid));
     let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
@@ -681,32 +720,36 @@ pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String
         entries.push(shared_entry(&key.kid, Some(restamped)));
     }
     if entries.is_empty() {
-        let (key, text) = new_key(now)?;
+        let (key, text) = new_key(now, now)?;
         entries.push(shared_entry(&key.kid, Some(text)));
     }
     Ok(entries)
 }
 
-/// Rotates the shared keys `existing` (`(kid, text)`): a new signing key, and the keys
-/// retired by `now` forgotten. Returns the new kid and the entries to keep.
+/// Rotates the shared keys `existing` (`(kid, text)`): a new signing key, signing `lead` from
+/// `now`, and the keys retired by `now` forgotten. Returns the new kid, when it signs from,
+/// and the entries to keep.
 pub fn rotate_shared(
     existing: &[(String, String)],
     now: u64,
+    lead: Duration,
     token_ttl: Duration,
-) -> Result<(String, Vec<Entry>), String> {
+) -> Result<(String, u64, Vec<Entry>), String> {
     let ttl = check_ttl(token_ttl)?;
     let mut keys = existing
         .iter()
         .map(|(kid, text)| parse_key(text, kid, &format!("{kid} (shared)")))
         .collect::<Result<Vec<Key>, String>>()?;
     keys.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.kid.cmp(&a.kid)));
-    let (key, text) = new_key(successor_created(&keys, now))?;
+    let created = successor_created(&keys, now);
+    let signs = now.saturating_add(lead.as_secs());
+    let (key, text) = new_key(created, signs)?;
     let kid = key.kid.to_string();
     keys.insert(0, key);
     let keep = retained(&keys, now, ttl);
     let mut entries = vec![shared_entry(&kid, Some(text))];
     entries.extend(keys[keep..].iter().map(|old| shared_entry(&old.kid, None)));
-    Ok((kid, entries))
+    Ok((kid, signs, entries))
 }
 
 fn random_secret() -> Result<SecretKey, String> {
@@ -944,7 +987,7 @@ mod tests {
         let t0 = real_now();
         let dir = tempfile::tempdir().unwrap();
         let local = Signer::open(dir.path(), t0, TTL).unwrap();
-        let local_kid = local.signing_kid().unwrap().to_string();
+        let local_kid = local.signing_kid(t0).unwrap().to_string();
         let kept = Arc::new(Kept::default());
         let signer = Signer::shared(kept.clone(), t0, TTL).unwrap();
         assert!(
@@ -954,20 +997,22 @@ mod tests {
         assert!(signer.token(&claims("grafana", &[], 1), t0).is_err());
         let first = first_shared_keys(dir.path(), t0).unwrap();
         keep(&kept, &first);
-        assert_eq!(signer.signing_kid().as_deref(), Some(local_kid.as_str()));
+        assert_eq!(signer.signing_kid(t0).as_deref(), Some(local_kid.as_str()));
         let token = signer.token(&claims("grafana", &[], 1), t0).unwrap();
         verify(&local, &token, "grafana").expect("the machine's old JWKS still verifies");
 
         // A rotation (as the CLI makes it, from the stored keys) is picked up on arrival.
         let t1 = t0 + 1000;
-        let (new_kid, entries) = rotate_shared(&shared_texts(&kept), t1, TTL).unwrap();
+        let (new_kid, _, entries) =
+            rotate_shared(&shared_texts(&kept), t1, Duration::ZERO, TTL).unwrap();
         assert_eq!(entries.len(), 1, "nothing retired yet");
         keep(&kept, &entries);
-        assert_eq!(signer.signing_kid().as_deref(), Some(new_kid.as_str()));
+        assert_eq!(signer.signing_kid(t1).as_deref(), Some(new_kid.as_str()));
         assert_eq!(jwks_kids(&signer).len(), 2);
         // Once every token of the old key has expired, the next rotation forgets it.
         let t2 = t1 + 300 + 301;
-        let (newest, entries) = rotate_shared(&shared_texts(&kept), t2, TTL).unwrap();
+        let (newest, _, entries) =
+            rotate_shared(&shared_texts(&kept), t2, Duration::ZERO, TTL).unwrap();
         let forgotten: Vec<&str> = entries
             .iter()
             .filter(|e| e.value.is_none())
@@ -989,16 +1034,16 @@ mod tests {
     fn rotation_publishes_both_keys_then_retires_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
-        let old_kid = signer.signing_kid().unwrap().to_string();
+        let old_kid = signer.signing_kid(T0).unwrap().to_string();
         let eng = ["eng"].map(String::from);
         let c = claims("grafana", &eng, 1);
         let before = signer.token(&c, T0).unwrap();
         assert_eq!(kid_of(&before), old_kid);
 
         let t1 = T0 + 1000;
-        let new_kid = signer.rotate(t1).unwrap();
+        let new_kid = signer.rotate(t1, 0).unwrap();
         assert_ne!(new_kid, old_kid);
-        assert_eq!(&*signer.signing_kid().unwrap(), new_kid);
+        assert_eq!(&*signer.signing_kid(t1).unwrap(), new_kid);
         let after = signer.token(&c, t1).unwrap();
         assert_eq!(
             kid_of(&after),
@@ -1021,17 +1066,65 @@ mod tests {
         assert_eq!(pem_files(dir.path()), vec![format!("{new_kid}.pem")]);
     }
 
+    /// A rotated key is published before it signs: an upstream that fetched the JWKS just
+    /// before the rotation verifies every assertion until it signs, by when it has fetched
+    /// the JWKS again.
+    #[test]
+    fn a_rotated_key_is_published_for_its_lead_before_it_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::open(dir.path(), T0, TTL).unwrap();
+        let c = claims("grafana", &[], 1);
+        let old_kid = signer.signing_kid(T0).unwrap().to_string();
+        let t1 = T0 + 1000;
+        let lead = PUBLISH_LEAD.as_secs();
+        let (new_kid, signs) = rotate_keys(dir.path(), t1, PUBLISH_LEAD, TTL).unwrap();
+        assert_eq!(signs, t1 + lead);
+        signer.refresh(t1).unwrap();
+        assert_eq!(jwks_kids(&signer), vec![new_kid.clone(), old_kid.clone()]);
+        for now in [t1, t1 + lead - 1] {
+            assert_eq!(kid_of(&signer.token(&c, now).unwrap()), old_kid, "at {now}");
+        }
+        assert_eq!(kid_of(&signer.token(&c, t1 + lead).unwrap()), new_kid);
+        // Kept across a restart, in the key file.
+        let again = Signer::open(dir.path(), t1 + 1, TTL).unwrap();
+        assert_eq!(&*again.signing_kid(t1 + 1).unwrap(), old_kid);
+        assert_eq!(&*again.signing_kid(t1 + lead).unwrap(), new_kid);
+        // The old key is published until its tokens have expired after the new one took over.
+        signer.refresh(t1 + lead + 300 + 300).unwrap();
+        assert_eq!(jwks_kids(&signer).len(), 2);
+        signer.refresh(t1 + lead + 300 + 301).unwrap();
+        assert_eq!(jwks_kids(&signer), vec![new_kid.clone()]);
+
+        // So with shared keys (which a signer refreshes at the real time as they arrive).
+        let (t0, kept) = (real_now(), Arc::new(Kept::default()));
+        let shared = Signer::shared(kept.clone(), t0, TTL).unwrap();
+        keep(&kept, &first_shared_keys(dir.path(), t0).unwrap());
+        let first = shared.signing_kid(t0).unwrap().to_string();
+        let t1 = t0 + 10;
+        let (next, signs, entries) =
+            rotate_shared(&shared_texts(&kept), t1, PUBLISH_LEAD, TTL).unwrap();
+        keep(&kept, &entries);
+        assert_eq!(signs, t1 + lead);
+        assert!(jwks_kids(&shared).contains(&next));
+        assert_eq!(&*shared.signing_kid(t1 + lead - 1).unwrap(), first);
+        assert_eq!(&*shared.signing_kid(t1 + lead).unwrap(), next);
+    }
+
     #[test]
     fn cli_rotation_is_picked_up_by_refresh_and_old_keys_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
-        let k1 = signer.signing_kid().unwrap().to_string();
-        let k2 = rotate_keys(dir.path(), T0 + 10, TTL).unwrap();
+        let k1 = signer.signing_kid(T0).unwrap().to_string();
+        let (k2, _) = rotate_keys(dir.path(), T0 + 10, Duration::ZERO, TTL).unwrap();
         // Rotated twice in a row: every key is still published (k1 signed until k2 appeared).
-        let k3 = rotate_keys(dir.path(), T0 + 20, TTL).unwrap();
-        assert_eq!(&*signer.signing_kid().unwrap(), k1, "not before a refresh");
+        let (k3, _) = rotate_keys(dir.path(), T0 + 20, Duration::ZERO, TTL).unwrap();
+        assert_eq!(
+            &*signer.signing_kid(T0 + 30).unwrap(),
+            k1,
+            "not before a refresh"
+        );
         signer.refresh(T0 + 30).unwrap();
-        assert_eq!(&*signer.signing_kid().unwrap(), k3);
+        assert_eq!(&*signer.signing_kid(T0 + 30).unwrap(), k3);
         assert_eq!(jwks_kids(&signer), vec![k3.clone(), k2.clone(), k1.clone()]);
         // k1 retires at k2's creation + ttl + grace, k2 at k3's.
         assert_eq!(
@@ -1059,19 +1152,19 @@ mod tests {
     fn rotation_with_a_clock_behind_still_makes_the_new_key_the_signer() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
-        let new_kid = signer.rotate(T0 - 100).unwrap();
-        assert_eq!(&*signer.signing_kid().unwrap(), new_kid);
+        let new_kid = signer.rotate(T0 - 100, 0).unwrap();
+        assert_eq!(&*signer.signing_kid(T0 - 100).unwrap(), new_kid);
     }
 
     #[test]
     fn restart_keeps_the_signing_key_and_files_are_private() {
         let dir = tempfile::tempdir().unwrap();
         let first = Signer::open(dir.path(), T0, TTL).unwrap();
-        let kid = first.signing_kid().unwrap();
-        let rotated = first.rotate(T0 + 5).unwrap();
+        let kid = first.signing_kid(T0).unwrap();
+        let rotated = first.rotate(T0 + 5, 0).unwrap();
         drop(first);
         let again = Signer::open(dir.path(), T0 + 60, TTL).unwrap();
-        assert_eq!(&*again.signing_kid().unwrap(), rotated);
+        assert_eq!(&*again.signing_kid(T0 + 60).unwrap(), rotated);
         assert_eq!(jwks_kids(&again).len(), 2);
         assert!(jwks_kids(&again).contains(&kid.to_string()));
 
@@ -1094,7 +1187,7 @@ mod tests {
     fn corrupt_or_misnamed_key_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let signer = Signer::open(dir.path(), T0, TTL).unwrap();
-        let kid = signer.signing_kid().unwrap();
+        let kid = signer.signing_kid(T0).unwrap();
         let keys = key_dir(dir.path());
         let path = keys.join(format!("{kid}.pem"));
         let good = fs::read_to_string(&path).unwrap();
@@ -1111,7 +1204,7 @@ mod tests {
         );
         // A running signer keeps its keys when a refresh finds garbage.
         assert!(signer.refresh(T0).is_err());
-        assert_eq!(signer.signing_kid().unwrap(), kid);
+        assert_eq!(signer.signing_kid(T0).unwrap(), kid);
 
         fs::write(&path, "garbage").unwrap();
         let err = Signer::open(dir.path(), T0, TTL).err().unwrap();

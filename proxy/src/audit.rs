@@ -1288,18 +1288,8 @@ pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
         return Ok(time);
     }
     let bad = || format!("--since {text:?}: expected an RFC 3339 time or a duration like 1h, 30m");
-    let unit_at = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (number, unit) = text.split_at(unit_at);
-    let number: i64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return Err(bad()),
-    };
-    let back = time::Duration::seconds(number.checked_mul(seconds).ok_or_else(bad)?);
+    let back = crate::clock::parse_duration(text).map_err(|_| bad())?;
+    let back = time::Duration::try_from(back).map_err(|_| bad())?;
     now.checked_sub(back).ok_or_else(bad)
 }
 

@@ -21,6 +21,24 @@ pub fn now_unix() -> u64 {
     }
 }
 
+/// A duration as a command line gives it: a whole number and a unit (`s`, `m`, `h`, `d`, `w`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?}: expected a duration like 30s, 3m, 1h");
+    let unit_at = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    let seconds = number.checked_mul(seconds).ok_or_else(bad)?;
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

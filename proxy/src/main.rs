@@ -57,6 +57,10 @@ enum Command {
         /// The configuration file (for `data_dir`, or `[postgres]`).
         #[arg(long, short)]
         config: PathBuf,
+        /// How long the new key is published before it signs (`30s`, `3m`, `1h`; `0s` signs
+        /// at once): upstreams that cached the key set must have fetched it again by then.
+        #[arg(long, default_value = "3m", value_parser = clock::parse_duration)]
+        publish_for: std::time::Duration,
     },
     /// Say whether a person may make a request, and which rule decides, judged against the
     /// live directory (by asking the running proxy over its admin listener, or, when none is
@@ -125,11 +129,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::RotateAssertionKey { config } => {
-            let rotated = load_config(&config).and_then(|config| rotate_assertion_key(&config));
+        Command::RotateAssertionKey {
+            config,
+            publish_for,
+        } => {
+            let rotated =
+                load_config(&config).and_then(|config| rotate_assertion_key(&config, publish_for));
             match rotated {
-                Ok(kid) => {
+                Ok((kid, signs)) => {
                     println!("new assertion signing key: {kid}");
+                    let from = i64::try_from(signs)
+                        .ok()
+                        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_else(|| signs.to_string());
+                    println!(
+                        "published now; it signs from {from}, {}s from now (the old key until then)",
+                        publish_for.as_secs()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -390,17 +410,23 @@ fn serve(config_path: &Path) -> Result<Never, String> {
 }
 
 /// A new assertion signing key: in `data_dir`, or with `[postgres]` kept for every replica.
-fn rotate_assertion_key(config: &portcullis_config::Config) -> Result<String, String> {
+/// Rotates the assertion keys; the new key signs `lead` from now. Returns its kid and when it
+/// signs from (unix seconds).
+fn rotate_assertion_key(
+    config: &portcullis_config::Config,
+    lead: std::time::Duration,
+) -> Result<(String, u64), String> {
     let now = clock::now_unix();
     let Some(postgres) = open_postgres(config)? else {
-        return assertion::rotate_keys(&config.data_dir, now, assertion::TOKEN_TTL);
+        return assertion::rotate_keys(&config.data_dir, now, lead, assertion::TOKEN_TTL);
     };
     let fail = |e: StoreError| format!("PostgreSQL: {e}");
     postgres.migrate().map_err(fail)?;
     let existing = postgres.entries(assertion::ASSERTION_KEY).map_err(fail)?;
-    let (kid, entries) = assertion::rotate_shared(&existing, now, assertion::TOKEN_TTL)?;
+    let (kid, signs, entries) =
+        assertion::rotate_shared(&existing, now, lead, assertion::TOKEN_TTL)?;
     postgres.put_entries(entries).map_err(fail)?;
-    Ok(kid)
+    Ok((kid, signs))
 }
 
 /// The shared store of `[postgres]`, if configured (not yet connected).

@@ -672,18 +672,43 @@ async fn every_replica_signs_with_the_same_keys_and_a_rotation_reaches_them_all(
     let from_b = assertion_via(&b, &token).await;
     verify(&jwks_of(&c).await, &from_b).expect("B's assertion verifies with C's JWKS");
 
-    // Rotated with the CLI on A's machine: B and C publish the new key and sign with it.
+    // Rotated with the CLI on A's machine: every replica publishes the new key at once and
+    // signs with it from the time the CLI names. Until then, assertions verify with the JWKS
+    // an upstream fetched before the rotation (it may keep it for a minute: max-age=60).
+    let before = jwks_of(&a).await;
     let config = a.px.config_path().display().to_string();
-    let out =
-        portcullis_tests::process::run(a.px.dir(), &["rotate-assertion-key", "--config", &config])
-            .await;
+    let out = portcullis_tests::process::run(
+        a.px.dir(),
+        &[
+            "rotate-assertion-key",
+            "--config",
+            &config,
+            "--publish-for",
+            "10s",
+        ],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
-    let kid = out
-        .stdout
-        .trim()
-        .strip_prefix("new assertion signing key: ")
+    let mut lines = out.stdout.lines();
+    let kid = lines
+        .next()
+        .and_then(|line| line.strip_prefix("new assertion signing key: "))
         .unwrap_or_else(|| panic!("{}", out.stdout))
         .to_owned();
+    let signs = lines
+        .next()
+        .and_then(|line| line.strip_prefix("published now; it signs from "))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|at| {
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .unwrap_or_else(|| panic!("{}", out.stdout))
+        .unix_timestamp();
+    let signed_with = |assertion: &str| {
+        jsonwebtoken::decode_header(assertion)
+            .ok()
+            .and_then(|h| h.kid)
+    };
     for replica in [&a, &b, &c] {
         let published = eventually(Duration::from_secs(10), || async {
             kids(&jwks_of(replica).await).contains(&kid)
@@ -691,10 +716,19 @@ async fn every_replica_signs_with_the_same_keys_and_a_rotation_reaches_them_all(
         .await;
         assert!(published, "{kid} not published");
         let assertion = assertion_via(replica, &token).await;
-        let signed_with = jsonwebtoken::decode_header(&assertion)
-            .ok()
-            .and_then(|h| h.kid);
-        assert_eq!(signed_with.as_deref(), Some(kid.as_str()));
+        if jwt_claims(&assertion)["iat"].as_i64() < Some(signs) {
+            assert!(signed_with(&assertion).is_some_and(|k| k != kid));
+            verify(&before, &assertion).expect("verifies with the JWKS from before");
+        }
+    }
+    for replica in [&a, &b, &c] {
+        let switched = eventually(Duration::from_secs(40), || async {
+            signed_with(&assertion_via(replica, &token).await).as_deref() == Some(kid.as_str())
+        })
+        .await;
+        assert!(switched, "{kid} never signed");
+        let assertion = assertion_via(replica, &token).await;
+        assert!(jwt_claims(&assertion)["iat"].as_i64() >= Some(signs));
         verify(&jwks_of(&a).await, &assertion).expect("verifies with A's JWKS");
     }
     // The old key stays published while tokens it signed may be live.
