@@ -857,8 +857,7 @@ impl ProxyHttp for Proxy {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
             }
         }
-        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
-            route.upstreams.mark_up(index);
+        if let Some(route) = &ctx.route {
             if let Some(started) = ctx.upstream_started {
                 route
                     .metrics
@@ -877,6 +876,10 @@ impl ProxyHttp for Proxy {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // It takes connections (again): a request trying it after failures ends its time out.
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            route.upstreams.mark_up(index);
+        }
         if let (true, Some(recheck)) = (ctx.long_lived, &ctx.recheck) {
             // Fail closed: a connection that could not be cut is not made.
             let registration = self

@@ -1,8 +1,11 @@
 //! Upstream selection: round-robin over the healthy upstreams of a route, with passive health.
 //!
-//! An upstream that refuses a connection is marked down for a short while and skipped; the
-//! request is retried on the next one, so one dead upstream costs no failed requests. When every
-//! upstream is marked down they are all tried anyway: one may have come back.
+//! An upstream that refuses a connection (or does not accept it in time) is marked down for a
+//! short while and skipped; the request is retried on the next one, so one dead upstream costs
+//! no failed requests. Once its time is out, one request tries it again, alone: the others pass
+//! it over until that one has connected, so an upstream that drops connections unanswered holds
+//! up one request per try, not every one sent its way meanwhile. When every upstream is marked
+//! down they are all tried anyway: one may have come back.
 //!
 //! An upstream given by a DNS name is resolved again every `[server] upstream_dns_refresh`, and
 //! as soon as it refuses a connection: when the address in use is no longer among the name's,
@@ -36,6 +39,9 @@ pub struct UpstreamSet {
     next: AtomicUsize,
     /// Reference point for the `down_until` timestamps, which are stored as offsets from it.
     epoch: Instant,
+    /// How long the one request trying an upstream again has to connect before another may:
+    /// the route's `connect_timeout`, and a second.
+    probe_ms: u64,
 }
 
 struct Backend {
@@ -45,7 +51,8 @@ struct Backend {
     name: Option<(String, u16)>,
     /// `Host` sent to this upstream unless the route preserves the client's.
     host_header: HeaderValue,
-    /// Milliseconds since `epoch` until which this upstream is considered down; 0 when up.
+    /// Milliseconds since `epoch` until which this upstream is considered down (or is being
+    /// tried again by one request); 0 when up.
     down_until_ms: AtomicU64,
     /// Milliseconds since `epoch` when a failure last had `name` resolved again; 0 never.
     resolved_for_failure_ms: AtomicU64,
@@ -72,6 +79,7 @@ impl UpstreamSet {
             upstreams,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
+            probe_ms: millis_of(route.connect_timeout.saturating_add(Duration::from_secs(1))),
         }
     }
 
@@ -88,8 +96,22 @@ impl UpstreamSet {
     pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, HttpPeer) {
         let n = self.upstreams.len();
         let now_ms = self.millis(now);
-        let healthy =
-            |i: &usize| self.upstreams[*i].down_until_ms.load(Ordering::Relaxed) <= now_ms;
+        // Up; or down, its time out, and this request the one to try it again.
+        let healthy = |i: &usize| {
+            let down_until = &self.upstreams[*i].down_until_ms;
+            match down_until.load(Ordering::Relaxed) {
+                0 => true,
+                until if until > now_ms => false,
+                until => down_until
+                    .compare_exchange(
+                        until,
+                        now_ms.saturating_add(self.probe_ms),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok(),
+            }
+        };
         let mut untried = (0..n)
             .map(|i| (start + i) % n)
             .filter(|i| !tried.contains(i));
@@ -124,6 +146,7 @@ impl UpstreamSet {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Upstream `index` failed to accept a connection: skipped for `DOWN_FOR`.
     pub fn mark_down(&self, index: usize, now: Instant) {
         if let Some(backend) = self.upstreams.get(index) {
             let until = self.millis(now + DOWN_FOR);
@@ -212,6 +235,7 @@ impl UpstreamSet {
         }
     }
 
+    /// Upstream `index` accepted a connection.
     pub fn mark_up(&self, index: usize) {
         if let Some(backend) = self.upstreams.get(index) {
             if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
@@ -222,10 +246,12 @@ impl UpstreamSet {
 
     fn millis(&self, at: Instant) -> u64 {
         // +1 so that "down until the epoch" is distinguishable from "up" (0).
-        u64::try_from(at.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1)
+        millis_of(at.saturating_duration_since(self.epoch)).saturating_add(1)
     }
+}
+
+fn millis_of(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn build_peer(route: &Route, upstream: &Upstream) -> HttpPeer {
@@ -287,6 +313,7 @@ mod tests {
                 .collect(),
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
+            probe_ms: 6_000,
         }
     }
 
@@ -309,5 +336,28 @@ mod tests {
         assert_eq!(set.pick(1, &[], now).0, 1);
         assert_eq!(set.pick(1, &[1], now).0, 2);
         assert_eq!(set.pick(1, &[1, 2], now).0, 0);
+    }
+
+    #[test]
+    fn an_upstream_whose_time_out_is_over_is_tried_by_one_request_alone() {
+        let set = upstreams(2);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        set.mark_down(0, t0);
+        assert_eq!(set.pick(0, &[], at(4)).0, 1, "down for 5 s");
+        // Its time is out: the first request tries it, the others pass it over meanwhile.
+        assert_eq!(set.pick(0, &[], at(5)).0, 0);
+        assert_eq!(set.pick(0, &[], at(6)).0, 1);
+        assert_eq!(set.pick(0, &[], at(10)).0, 1);
+        // That try did not connect within the connect timeout: another request tries.
+        assert_eq!(set.pick(0, &[], at(11)).0, 0);
+        // It failed: down again.
+        set.mark_down(0, at(11));
+        assert_eq!(set.pick(0, &[], at(15)).0, 1);
+        assert_eq!(set.pick(0, &[], at(16)).0, 0);
+        // It connected: up for every request.
+        set.mark_up(0);
+        assert_eq!(set.pick(0, &[], at(17)).0, 0);
+        assert_eq!(set.pick(0, &[], at(17)).0, 0);
     }
 }

@@ -138,6 +138,69 @@ async fn restarted_upstream_gets_traffic_again() {
     );
 }
 
+/// An upstream that drops connections unanswered (a dead VM, a firewall dropping packets)
+/// holds up one request per try once its time out is over, not every request sent its way
+/// while that try waits for its connect timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
+    // A listener that accepts nothing, its queue filled: further connections go unanswered.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(0).unwrap();
+    let address = silent.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(address);
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+        assert!(queued.len() < 16, "the listener's queue never filled");
+    }
+    let b = Upstream::start("b").await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::to_urls(
+            "http://app.test",
+            vec![format!("http://{address}"), b.url()],
+        )
+        .set("connect_timeout = \"1s\""),
+    );
+    let _px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/steady");
+    // Eight callers at once, for 14 s; the first second, when every caller may find the
+    // silent upstream before it is known to be, is not counted.
+    let started = Instant::now();
+    let callers = (0..8).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let client = plain_client();
+            let (mut slow, mut sent) = (0, 0);
+            while started.elapsed() < Duration::from_secs(15) && sent < 1000 {
+                let asked = Instant::now();
+                assert_eq!(get_echo(&client, &url).await.upstream, "b");
+                if asked.elapsed() >= Duration::from_millis(900)
+                    && asked.duration_since(started) >= Duration::from_secs(1)
+                {
+                    slow += 1;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            slow
+        })
+    });
+    let mut slow = 0;
+    for caller in callers.collect::<Vec<_>>() {
+        slow += caller.await.unwrap();
+    }
+    // Down 5 s after the first failures, then one try (held up 1 s) every 6 s: two or three.
+    assert!(
+        slow <= 3,
+        "{slow} requests waited on the silent upstream's connect timeout"
+    );
+    drop(queued);
+}
+
 /// A hosts file of the test's own for Portcullis' name lookups: nss_wrapper (Debian's
 /// libnss-wrapper, preloaded) makes `getaddrinfo` read it instead of /etc/hosts and DNS, and
 /// reads it again when it changes. Rewriting it moves a name to another address, as a cloud
