@@ -51,11 +51,22 @@ pub type Resolve<'a> = &'a dyn Fn(&str, u16) -> Result<SocketAddr, String>;
 
 /// The first address `host` resolves to now, with `port`.
 pub fn resolve_now(host: &str, port: u16) -> Result<SocketAddr, String> {
-    (host, port)
+    resolve_all(host, port)?
+        .first()
+        .copied()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))
+}
+
+/// Every address `host` resolves to now, with `port`, in the resolver's order.
+pub fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let found: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{host}` resolves to no address"))
+        .collect();
+    if found.is_empty() {
+        return Err(format!("`{host}` resolves to no address"));
+    }
+    Ok(found)
 }
 
 /// [`load`], with upstream names resolved by `resolve`.

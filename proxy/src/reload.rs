@@ -202,9 +202,11 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
     static TURN: Mutex<()> = Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
     let running = shared.runtime.load_full();
-    // An upstream's name that does not resolve just now (a DNS outage) keeps the address it is
-    // reached at, as between reloads: a reload (a renewed certificate, a rule taken away) is
-    // not refused for it. A name no upstream has yet must resolve. Each name is looked up once.
+    // An upstream's name keeps the address it is reached at while the name still lists it (a
+    // failure may have moved it off the first), and also while the name does not resolve just
+    // now (a DNS outage), as between reloads: a reload (a renewed certificate, a rule taken
+    // away) sends nothing back to an address that failed, and is not refused for a name that
+    // does not resolve. A name no upstream has yet must resolve. Each name is looked up once.
     let looked_up = RefCell::new(HashMap::<(String, u16), Result<SocketAddr, String>>::new());
     let kept = RefCell::new(Vec::new());
     let resolve = |host: &str, port: u16| {
@@ -212,15 +214,25 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
         if let Some(known) = looked_up.borrow().get(&key) {
             return known.clone();
         }
-        let found = portcullis_config::resolve_now(host, port).or_else(|problem| {
-            let ip = running
+        let in_use = || {
+            running
                 .routes
                 .all()
                 .find_map(|route| route.upstreams.address_of(host))
-                .ok_or_else(|| problem.clone())?;
-            kept.borrow_mut().push(format!("{problem}: kept {ip}"));
-            Ok(SocketAddr::new(ip, port))
-        });
+        };
+        let found = match portcullis_config::resolve_all(host, port) {
+            Ok(all) => in_use()
+                .map(|ip| SocketAddr::new(ip, port))
+                .filter(|address| all.contains(address))
+                .or_else(|| all.first().copied())
+                .ok_or_else(|| format!("`{host}` resolves to no address")),
+            Err(problem) => in_use()
+                .map(|ip| {
+                    kept.borrow_mut().push(format!("{problem}: kept {ip}"));
+                    SocketAddr::new(ip, port)
+                })
+                .ok_or(problem),
+        };
         looked_up.borrow_mut().insert(key, found.clone());
         found
     };

@@ -336,7 +336,7 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
     let _second = Upstream::start_on("second", SocketAddr::from(([127, 0, 0, 2], port))).await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1", "127.0.0.2"]);
     let cfg = svc_route(port, "1h");
-    let _px = start_resolving(&cfg, &hosts).await;
+    let px = start_resolving(&cfg, &hosts).await;
     let client = plain_client();
     let url = cfg.http_url("app.test", "/where");
     assert_eq!(get_echo(&client, &url).await.upstream, "first");
@@ -344,6 +344,17 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
     // The first address goes away; the name still lists it, and the second.
     first.stop();
     until_served_by(&client, &url, "second", true).await;
+    // A reload (of anything) keeps the address in use while the name lists it: it does not
+    // send requests back to the first, which refuses them.
+    px.reload_with(
+        "[[routes]]",
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"3s\"",
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get_echo(&client, &url).await.upstream, "second");
+    }
 }
 
 /// A reload while an upstream's name resolves to nothing (a DNS outage) keeps the address the
