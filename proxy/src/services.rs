@@ -203,7 +203,10 @@ impl UpstreamDns {
 #[async_trait]
 impl BackgroundService for UpstreamDns {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut reloads = self.shared.subscribe_reloads();
+        let mut since = tokio::time::Instant::now();
         loop {
+            // As configured now: a reload that shortens it does not wait out the longer one.
             let every = self
                 .shared
                 .runtime
@@ -211,9 +214,18 @@ impl BackgroundService for UpstreamDns {
                 .config
                 .server
                 .upstream_dns_refresh;
-            if !pause(&mut shutdown, every).await {
-                return;
+            tokio::select! {
+                _ = tokio::time::sleep_until(since + every) => {}
+                reloaded = reloads.changed() => {
+                    if reloaded.is_err() {
+                        return;
+                    }
+                    reloads.borrow_and_update();
+                    continue;
+                }
+                _ = shutdown.changed() => return,
             }
+            since = tokio::time::Instant::now();
             // The routes at once: a name that hangs holds up no other.
             let runtime = self.shared.runtime.load_full();
             let mut resolving = tokio::task::JoinSet::new();

@@ -305,6 +305,28 @@ async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
     }
 }
 
+/// A reload that shortens `upstream_dns_refresh` applies at once, not after the longer wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_shortens_the_dns_refresh_applies_at_once() {
+    let old = Upstream::start("old").await;
+    let port = old.addr().port();
+    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
+    let cfg = svc_route(port, "1h");
+    let px = start_resolving(&cfg, &hosts).await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/where");
+    assert_eq!(get_echo(&client, &url).await.upstream, "old");
+    px.reload_with(
+        "[server]",
+        "upstream_dns_refresh = \"1h\"",
+        "upstream_dns_refresh = \"1s\"",
+    )
+    .await;
+    hosts.point("svc.test", &["127.0.0.2"]);
+    until_served_by(&client, &url, "new", false).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_once() {
     let mut old = Upstream::start("old").await;
