@@ -485,8 +485,10 @@ fn retained(keys: &[Key], now: u64, ttl: u64) -> usize {
     let mut keep = keys.len().min(1);
     while keep < keys.len() {
         let successor = &keys[keep - 1];
+        // (Its creation is past its predecessor's even where the clock went back.)
         let retires = successor
             .signs
+            .max(successor.created)
             .saturating_add(ttl)
             .saturating_add(RETIREMENT_GRACE_SECS);
         if now > retires {
@@ -711,10 +713,12 @@ pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String
         let text = fs::read_to_string(key_path(&dir, &key.kid))
             .map_err(|e| format!("assertion key {}: {e}", key.kid))?;
         let begin = text.find("-----BEGIN").unwrap_or(0);
+        let created = now.saturating_sub(age);
+        // A key rotated in with a lead still waits for it.
+        let signs = key.signs.max(created);
         let restamped = format!(
-            "Portcullis assertion signing key {}\n{CREATED_PREFIX}{}\n{}",
+            "Portcullis assertion signing key {}\n{CREATED_PREFIX}{created}\n{SIGNS_PREFIX}{signs}\n{}",
             key.kid,
-            now.saturating_sub(age),
             &text[begin..]
         );
         entries.push(shared_entry(&key.kid, Some(restamped)));
@@ -1108,6 +1112,16 @@ mod tests {
         assert!(jwks_kids(&shared).contains(&next));
         assert_eq!(&*shared.signing_kid(t1 + lead - 1).unwrap(), first);
         assert_eq!(&*shared.signing_kid(t1 + lead).unwrap(), next);
+        // A machine's keys that join a fleet keep their lead.
+        let machine = tempfile::tempdir().unwrap();
+        let signer = Signer::open(machine.path(), t0, TTL).unwrap();
+        let signing = signer.signing_kid(t0).unwrap().to_string();
+        let (ahead, _) = rotate_keys(machine.path(), t0, PUBLISH_LEAD, TTL).unwrap();
+        let kept = Arc::new(Kept::default());
+        let fleet = Signer::shared(kept.clone(), t0, TTL).unwrap();
+        keep(&kept, &first_shared_keys(machine.path(), t0).unwrap());
+        assert_eq!(&*fleet.signing_kid(t0).unwrap(), signing);
+        assert_eq!(&*fleet.signing_kid(t0 + lead).unwrap(), ahead);
     }
 
     #[test]

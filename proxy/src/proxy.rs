@@ -857,7 +857,8 @@ impl ProxyHttp for Proxy {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
             }
         }
-        if let Some(route) = &ctx.route {
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            route.upstreams.mark_up(index);
             if let Some(started) = ctx.upstream_started {
                 route
                     .metrics
@@ -870,14 +871,15 @@ impl ProxyHttp for Proxy {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         _peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // It takes connections (again): a request trying it after failures ends its time out.
-        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+        // (A pooled connection tells nothing: a dead host's stay open; see the answer's.)
+        if let (false, Some(route), Some(index)) = (reused, &ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index);
         }
         if let (true, Some(recheck)) = (ctx.long_lived, &ctx.recheck) {

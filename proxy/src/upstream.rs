@@ -231,11 +231,12 @@ impl UpstreamSet {
             if !Arc::ptr_eq(&before, &current) {
                 continue;
             }
-            backend.down_until_ms.store(0, Ordering::Relaxed);
+            // Its time out over: one request tries the new address first (see `pick`).
+            backend.down_until_ms.store(1, Ordering::Relaxed);
         }
     }
 
-    /// Upstream `index` accepted a connection.
+    /// Upstream `index` accepted a connection, or answered on a pooled one.
     pub fn mark_up(&self, index: usize) {
         if let Some(backend) = self.upstreams.get(index) {
             if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
