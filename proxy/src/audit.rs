@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use portcullis_scim::store::postgres::AuditLog;
+use portcullis_scim::store::postgres::{AuditLog, AuditRow};
 use portcullis_scim::store::{Change, ChangeSink};
 
 pub const FILE_NAME: &str = "audit.jsonl";
@@ -1339,13 +1339,13 @@ fn print(
         .since
         .filter(|_| order == Order::NewestFirst)
         .map(|since| since - time::Duration::minutes(1));
-    each(&mut destination, order, &mut |text, entry| {
-        let in_order = !matches!(entry, Entry::Change { .. });
-        if let (Some(stop), true) = (stop_before, in_order) {
-            let at = OffsetDateTime::parse(entry.time(), &Rfc3339);
-            if at.is_ok_and(|at| at < stop) {
-                return false;
-            }
+    let stop_before = stop_before.map(OffsetDateTime::unix_timestamp);
+    each(&mut destination, order, &mut |text, entry, back| {
+        if back
+            .zip(stop_before)
+            .is_some_and(|(back, stop)| back < stop)
+        {
+            return false;
         }
         if !filter.matches(&entry) {
             return true;
@@ -1359,6 +1359,12 @@ fn print(
         written.is_ok()
     })
 }
+
+/// How far back the log is where a record was read, in Unix seconds (reading from the end, a
+/// record with this before a time says nothing later is before it either): when it was
+/// written where the log keeps that (PostgreSQL), else its own time; `None` for a SCIM change
+/// in a file, which may have been written late (at a later start).
+pub type Back = Option<i64>;
 
 /// Reads the records kept at a destination for those who show them (the console), one
 /// reader at a time.
@@ -1377,7 +1383,11 @@ impl Reader {
     }
 
     /// Calls `f` with each record, in `order`, until it returns false.
-    pub fn each(&self, order: Order, f: &mut dyn FnMut(&str, Entry) -> bool) -> Result<(), String> {
+    pub fn each(
+        &self,
+        order: Order,
+        f: &mut dyn FnMut(&str, Entry, Back) -> bool,
+    ) -> Result<(), String> {
         let mut destination = self
             .0
             .lock()
@@ -1392,11 +1402,24 @@ impl Reader {
 fn each(
     destination: &mut Destination,
     order: Order,
-    f: &mut dyn FnMut(&str, Entry) -> bool,
+    f: &mut dyn FnMut(&str, Entry, Back) -> bool,
 ) -> Result<(), String> {
-    let mut visit = |text: &str, place: &dyn Fn() -> String| -> bool {
+    // Records are written in time order, give or take the moments they wait to be, but for
+    // the SCIM changes a file got at a later start; PostgreSQL says when each was written.
+    let unix = |time: &str| {
+        OffsetDateTime::parse(time, &Rfc3339)
+            .ok()
+            .map(OffsetDateTime::unix_timestamp)
+    };
+    let mut visit = |text: &str, written: Option<Back>, place: &dyn Fn() -> String| -> bool {
         match serde_json::from_str::<Entry>(text) {
-            Ok(entry) => f(text, entry),
+            Ok(entry) => {
+                let back = written.unwrap_or_else(|| match entry {
+                    Entry::Change { .. } => None,
+                    _ => unix(entry.time()),
+                });
+                f(text, entry, back)
+            }
             Err(e) => {
                 eprintln!("{}: skipped: {e}", place());
                 true
@@ -1415,7 +1438,7 @@ fn each(
                 let place = || format!("{} at byte {at}", path.display());
                 match std::str::from_utf8(line).map(str::trim_end) {
                     Ok("") => true,
-                    Ok(text) => visit(text, &place),
+                    Ok(text) => visit(text, None, &place),
                     Err(e) => {
                         eprintln!("{}: skipped: {e}", place());
                         true
@@ -1450,14 +1473,14 @@ fn each(
                     } else {
                         log.read(from.unwrap_or(0), PAGE).map_err(fail)?
                     });
-                    record_from = records.back().map(|(id, _)| Some(*id));
+                    record_from = records.back().map(|row: &AuditRow| Some(row.id));
                 }
                 let change_first = match (changes.front(), records.front()) {
                     (None, None) => break,
                     (Some(_), None) => true,
                     (None, Some(_)) => false,
-                    (Some(change), Some((_, text))) => {
-                        let time = serde_json::from_str::<Entry>(text).ok();
+                    (Some(change), Some(row)) => {
+                        let time = serde_json::from_str::<Entry>(&row.record).ok();
                         time.is_none_or(|entry| match order {
                             Order::OldestFirst => earlier(&change.time, entry.time()),
                             Order::NewestFirst => earlier(entry.time(), &change.time),
@@ -1470,12 +1493,18 @@ fn each(
                     };
                     let text =
                         serde_json::to_string(&Entry::from(&change)).map_err(|e| e.to_string())?;
-                    visit(&text, &|| format!("directory change {}", change.seq))
+                    // Committed in order of their sequence.
+                    let back = unix(&change.time);
+                    visit(&text, Some(back), &|| {
+                        format!("directory change {}", change.seq)
+                    })
                 } else {
-                    let Some((id, text)) = records.pop_front() else {
+                    let Some(row) = records.pop_front() else {
                         break;
                     };
-                    visit(&text, &|| format!("portcullis_audit id {id}"))
+                    visit(&row.record, Some(Some(row.written)), &|| {
+                        format!("portcullis_audit id {}", row.id)
+                    })
                 };
                 if !more {
                     break;

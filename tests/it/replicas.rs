@@ -606,6 +606,47 @@ async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them
     );
 }
 
+/// Read from the end since a time, the fleet's log goes by when records were written: a
+/// replica's batch that arrives late (PostgreSQL was out of its reach a while), after newer
+/// records of others, does not end the reading before those.
+#[tokio::test(flavor = "multi_thread")]
+async fn reading_the_fleet_s_log_back_since_a_time_passes_over_records_that_arrived_late() {
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    let record = |path: &str, ago: time::Duration| {
+        let time = (time::OffsetDateTime::now_utc() - ago)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        serde_json::json!({
+            "event": "refusal", "time": time, "user": "mallory", "route": "app",
+            "rule": null, "reason": "no", "method": "GET", "path": path, "client": null,
+        })
+        .to_string()
+    };
+    // Appended as a replica appends its batches: one of five minutes ago, then one made two
+    // hours ago that arrives only now.
+    for (path, ago) in [
+        ("/five-minutes-ago", time::Duration::minutes(5)),
+        ("/two-hours-ago", time::Duration::hours(2)),
+    ] {
+        let sql = format!(
+            "INSERT INTO portcullis_audit (record) VALUES ('{}')",
+            record(path, ago).replace('\'', "''")
+        );
+        fleet.pg.query(&sql).await.expect("INSERT");
+    }
+    let paths = |records: Vec<serde_json::Value>| -> Vec<String> {
+        records
+            .iter()
+            .filter_map(|r| r["path"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let newest = audit_records_with(&a, &["--since", "1h", "--newest-first"]).await;
+    assert_eq!(paths(newest), ["/five-minutes-ago"]);
+    let oldest = audit_records_with(&a, &["--since", "1h"]).await;
+    assert_eq!(paths(oldest), ["/five-minutes-ago"]);
+}
+
 /// The JWKS `replica` publishes.
 async fn jwks_of(replica: &Replica) -> jsonwebtoken::jwk::JwkSet {
     let url = replica.cfg.http_url("api.test", "/.portcullis/jwks.json");

@@ -214,7 +214,7 @@ impl Console {
         let mut past_day = false;
         self.audit
             .reader()
-            .each(Order::NewestFirst, &mut |_, entry| {
+            .each(Order::NewestFirst, &mut |_, entry, back| {
                 if found.read == READ_LIMIT {
                     found.whole = false;
                     return false;
@@ -223,11 +223,9 @@ impl Console {
                 let at = OffsetDateTime::parse(entry.time(), &Rfc3339)
                     .ok()
                     .map(|at| at.unix_timestamp());
-                // Only records written as they happen say how far back the reading is: a
-                // change left unwritten (a full queue) is written at the next start, with its
-                // own time.
-                let in_order = !matches!(entry, Entry::Change { .. });
-                let older = |than: i64| in_order && at.is_some_and(|at| at < than);
+                // How far back the reading is (see `Back`): not a change a file got late, and
+                // with PostgreSQL, when a record was written, not when it was made.
+                let older = |than: i64| back.is_some_and(|back| back < than);
                 found.chart.add(&entry, at, self.now);
                 past_day |= older(day_ago);
                 if filter.matches(&entry) {

@@ -1189,40 +1189,63 @@ impl AuditLog {
         })
     }
 
-    /// Up to `limit` records numbered below `before` (any, without), the newest first, with
-    /// their numbers.
+    /// Up to `limit` records numbered below `before` (any, without), the newest first.
     pub fn read_before(
         &mut self,
         before: Option<i64>,
         limit: i64,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<AuditRow>, StoreError> {
         let before = before.unwrap_or(i64::MAX);
         self.conn.run(|conn| {
             let rows = conn
                 .client
                 .query(
-                    "SELECT id, record FROM portcullis_audit WHERE id < $1 \
-                     ORDER BY id DESC LIMIT $2",
+                    "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
+                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
                     &[&before, &limit],
                 )
                 .map_err(backend)?;
-            pairs(&rows)
+            audit_rows(&rows)
         })
     }
 
-    /// Up to `limit` records numbered above `after`, in order, with their numbers.
-    pub fn read(&mut self, after: i64, limit: i64) -> Result<Vec<(i64, String)>, StoreError> {
+    /// Up to `limit` records numbered above `after`, in order.
+    pub fn read(&mut self, after: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
         self.conn.run(|conn| {
             let rows = conn
                 .client
                 .query(
-                    "SELECT id, record FROM portcullis_audit WHERE id > $1 ORDER BY id LIMIT $2",
+                    "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
+                     WHERE id > $1 ORDER BY id LIMIT $2",
                     &[&after, &limit],
                 )
                 .map_err(backend)?;
-            pairs(&rows)
+            audit_rows(&rows)
         })
     }
+}
+
+/// A record of `portcullis_audit`.
+pub struct AuditRow {
+    /// Its number, in the order records were appended.
+    pub id: i64,
+    /// When it was appended (Unix seconds, the database's clock): a replica's records can
+    /// arrive late, after others' newer ones, and still carry the time they were made.
+    pub written: i64,
+    /// The record (JSON text).
+    pub record: String,
+}
+
+fn audit_rows(rows: &[postgres::Row]) -> Result<Vec<AuditRow>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            Ok(AuditRow {
+                id: row.try_get(0).map_err(backend)?,
+                written: row.try_get(1).map_err(backend)?,
+                record: row.try_get(2).map_err(backend)?,
+            })
+        })
+        .collect()
 }
 
 /// A replica's lease renewal ([`Fleet::renew`]): `$1` the replica, `$2` the sequence it has
