@@ -604,6 +604,13 @@ impl ProxyHttp for Proxy {
                     .header(header::LOCATION, location);
                 return reply::send(session, reply).await;
             }
+            // On this listener's own TLS, a host nothing here serves most likely came on a
+            // connection a browser reused for another name its certificate covers (HTTP/2
+            // coalescing): 421 has it ask again on a connection of its own.
+            Match::WrongScheme(_) | Match::None if own_tls && !runtime.serves(&host) => {
+                let reply = Reply::status_page(StatusCode::MISDIRECTED_REQUEST);
+                return reply::send(session, reply).await;
+            }
             Match::WrongScheme(_) | Match::None => {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }

@@ -273,6 +273,37 @@ async fn http2_is_negotiated_by_alpn_and_http1_still_works() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// Over TLS, a host no route serves (a browser reusing a connection for another name the
+/// certificate covers) is answered 421, so that it asks again on a connection of its own; a
+/// path no route of a served host takes is 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_a_host_served_elsewhere_is_misdirected_and_a_missing_path_not_found() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("corp", &["app.test", "other.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(Route::new("https://app.test/v1", &[&up]));
+    let _px = cfg.start().await;
+    let h2 = tls_client(&ca);
+    let status = |url: String| {
+        let h2 = h2.clone();
+        async move { h2.get(url).send().await.unwrap().status() }
+    };
+    assert_eq!(
+        status(cfg.https_url("other.test", "/v1/x")).await,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    assert_eq!(
+        status(cfg.https_url("app.test", "/elsewhere")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status(cfg.https_url("app.test", "/v1/x")).await,
+        StatusCode::OK
+    );
+}
+
 /// A raised head limit holds over HTTP/2 as over HTTP/1.1: a head under it (a browser with
 /// large cookies) is let in, and one past it gets 431.
 #[tokio::test(flavor = "multi_thread")]
