@@ -1296,18 +1296,6 @@ pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
 /// Records read from PostgreSQL per query.
 const PAGE: i64 = 1_000;
 
-/// Whether RFC 3339 time `a` is before (or at) `b`; a time that does not parse comes first.
-fn earlier(a: &str, b: &str) -> bool {
-    match (
-        OffsetDateTime::parse(a, &Rfc3339),
-        OffsetDateTime::parse(b, &Rfc3339),
-    ) {
-        (Ok(a), Ok(b)) => a <= b,
-        (Err(_), _) => true,
-        (Ok(_), Err(_)) => false,
-    }
-}
-
 /// `portcullis audit`: prints the records kept at `destination` that `filter` selects, in
 /// `order`. Reading while the server appends is safe: only whole records are read.
 pub fn run_cli(
@@ -1479,12 +1467,15 @@ fn each(
                     (None, None) => break,
                     (Some(_), None) => true,
                     (None, Some(_)) => false,
+                    // In the order they were written (a record's own time may be earlier,
+                    // if its replica's batch arrived late): how far back the reading is
+                    // (`Back`) only ever goes back.
                     (Some(change), Some(row)) => {
-                        let time = serde_json::from_str::<Entry>(&row.record).ok();
-                        time.is_none_or(|entry| match order {
-                            Order::OldestFirst => earlier(&change.time, entry.time()),
-                            Order::NewestFirst => earlier(entry.time(), &change.time),
-                        })
+                        let committed = unix(&change.time).unwrap_or(i64::MIN);
+                        match order {
+                            Order::OldestFirst => committed <= row.written,
+                            Order::NewestFirst => committed >= row.written,
+                        }
                     }
                 };
                 let more = if change_first {

@@ -820,6 +820,10 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // It answers: up, whatever becomes of the answer (a pooled connection's too).
+        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
+            route.upstreams.mark_up(index);
+        }
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).
         ctx.still_allowed(&self.shared, session.req_header())?;
@@ -864,8 +868,7 @@ impl ProxyHttp for Proxy {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
             }
         }
-        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
-            route.upstreams.mark_up(index);
+        if let Some(route) = &ctx.route {
             if let Some(started) = ctx.upstream_started {
                 route
                     .metrics

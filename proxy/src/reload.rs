@@ -214,19 +214,19 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
         if let Some(known) = looked_up.borrow().get(&key) {
             return known.clone();
         }
-        let in_use = || {
+        let in_use = |port| {
             running
                 .routes
                 .all()
-                .find_map(|route| route.upstreams.address_of(host))
+                .find_map(|route| route.upstreams.address_of(host, port))
         };
         let found = match portcullis_config::resolve_all(host, port) {
-            Ok(all) => in_use()
+            Ok(all) => in_use(Some(port))
                 .map(|ip| SocketAddr::new(ip, port))
                 .filter(|address| all.contains(address))
                 .or_else(|| all.first().copied())
                 .ok_or_else(|| format!("`{host}` resolves to no address")),
-            Err(problem) => in_use()
+            Err(problem) => in_use(None)
                 .map(|ip| {
                     kept.borrow_mut().push(format!("{problem}: kept {ip}"));
                     SocketAddr::new(ip, port)

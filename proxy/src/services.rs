@@ -225,7 +225,6 @@ impl BackgroundService for UpstreamDns {
                 }
                 _ = shutdown.changed() => return,
             }
-            since = tokio::time::Instant::now();
             // The routes at once: a name that hangs holds up no other.
             let runtime = self.shared.runtime.load_full();
             let mut resolving = tokio::task::JoinSet::new();
@@ -239,6 +238,7 @@ impl BackgroundService for UpstreamDns {
                 });
             }
             while resolving.join_next().await.is_some() {}
+            since = tokio::time::Instant::now();
         }
     }
 }

@@ -128,15 +128,15 @@ impl UpstreamSet {
         self.upstreams.get(index).map(|b| &b.host_header)
     }
 
-    /// The address an upstream named `host` (a DNS name, on any port) is reached at now, if
-    /// this set has one.
-    pub fn address_of(&self, host: &str) -> Option<std::net::IpAddr> {
+    /// The address an upstream named `host` (a DNS name) on `port` (any, if `None`) is
+    /// reached at now, if this set has one.
+    pub fn address_of(&self, host: &str, port: Option<u16>) -> Option<std::net::IpAddr> {
         self.upstreams
             .iter()
             .find(|b| {
-                b.name
-                    .as_ref()
-                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(host))
+                b.name.as_ref().is_some_and(|(n, p)| {
+                    n.eq_ignore_ascii_case(host) && port.is_none_or(|port| port == *p)
+                })
             })
             .and_then(|b| Some(b.peer.load()._address.as_inet()?.ip()))
     }
