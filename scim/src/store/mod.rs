@@ -230,9 +230,16 @@ pub enum Feed {
     Gap,
 }
 
+/// What the IdP is told when the store fails: that it may try again. What failed (a driver's
+/// message, a host name, a statement) goes to the log, not to the client.
 impl From<StoreError> for ScimError {
     fn from(e: StoreError) -> Self {
-        ScimError::new(503, None, e.to_string())
+        tracing::error!("a SCIM request failed in the directory store: {e}");
+        ScimError::new(
+            503,
+            None,
+            "the directory store is unavailable; try again later".to_owned(),
+        )
     }
 }
 

@@ -1600,3 +1600,11 @@ async fn a_write_that_finds_nothing_to_do_on_a_lagging_index_is_built_again() {
     b.catch_up().unwrap();
     assert!(b.groups_of(&dana).is_empty(), "on B: the removal was lost");
 }
+
+#[test]
+fn a_failing_store_tells_the_idp_to_try_again_and_nothing_of_what_failed() {
+    let failed = StoreError::Backend("connection to db.internal:5432 refused".to_owned());
+    let answer = crate::error::ScimError::from(failed);
+    assert_eq!(answer.status, 503);
+    assert!(!answer.detail.contains("db.internal"), "{}", answer.detail);
+}
