@@ -243,6 +243,30 @@ impl Agents {
             .await
     }
 
+    /// A websocket opened on the agents' route with `token`.
+    async fn websocket(&self, token: &str) -> portcullis_tests::client::Websocket {
+        let authorization = format!("Bearer {token}");
+        websocket(
+            self.cfg.http_addr(),
+            "agents.test",
+            "/ws",
+            ("authorization", &authorization),
+        )
+        .await
+    }
+
+    /// Waits until a refusal whose reason says `why` is audited.
+    async fn refusal_audited(&self, why: &str) {
+        audit_json_until(&self.px, &[], |records| {
+            of_event(records, "refusal").iter().any(|r| {
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains(why))
+            })
+        })
+        .await;
+    }
+
     /// `portcullis explain` of `GET /tickets` with `who` (`--agent …`); (exit code, stdout).
     async fn explain(&self, who: &[&str]) -> (i32, String) {
         let config = self.px.config_path().display().to_string();
@@ -425,14 +449,7 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
     let patched = t.scim.patch(&path, &ops).await.expect(200);
     let expires_at = patched.body[PORTCULLIS_AGENT_SCHEMA]["expires"].clone();
     assert_eq!(expires_at, Value::String(expires.clone()));
-    let authorization = format!("Bearer {token}");
-    let mut ws = websocket(
-        t.cfg.http_addr(),
-        "agents.test",
-        "/ws",
-        ("authorization", &authorization),
-    )
-    .await;
+    let mut ws = t.websocket(&token).await;
     let expiry =
         time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339)
             .expect("an RFC 3339 time")
@@ -462,14 +479,7 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
 async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
     let t = Agents::start().await;
     let token = t.token().await;
-    let authorization = format!("Bearer {token}");
-    let mut ws = websocket(
-        t.cfg.http_addr(),
-        "agents.test",
-        "/ws",
-        ("authorization", &authorization),
-    )
-    .await;
+    let mut ws = t.websocket(&token).await;
     // The IdP's tokens are now taken only for another API: the agent's is taken no longer.
     let audiences = format!("audiences = [\"{API_AUD}\"]");
     let another = "audiences = [\"another-api\"]";
@@ -481,15 +491,8 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    let why = "the token's issuer is no longer configured to take it";
-    audit_json_until(&t.px, &[], |records| {
-        of_event(records, "refusal").iter().any(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|reason| reason.contains(why))
-        })
-    })
-    .await;
+    t.refusal_audited("the token's issuer is no longer configured to take it")
+        .await;
 }
 
 /// A key the IdP withdraws ends the connections its tokens opened as soon as Portcullis has
@@ -499,15 +502,8 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
 async fn an_open_websocket_ends_when_the_idp_withdraws_the_key_that_signed_its_token() {
     let t = Agents::start().await;
     let token = t.token().await;
-    let authorization = format!("Bearer {token}");
     // The first token Portcullis sees has it fetch the key set.
-    let mut ws = websocket(
-        t.cfg.http_addr(),
-        "agents.test",
-        "/ws",
-        ("authorization", &authorization),
-    )
-    .await;
+    let mut ws = t.websocket(&token).await;
     let fetched = Instant::now();
     // Refetches are rate-limited (10 s): let that pass, then rotate, dropping the old keys.
     tokio::time::sleep(Duration::from_secs(11).saturating_sub(fetched.elapsed())).await;
@@ -526,15 +522,8 @@ async fn an_open_websocket_ends_when_the_idp_withdraws_the_key_that_signed_its_t
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    let why = "the token's issuer no longer publishes the key that signed it";
-    audit_json_until(&t.px, &[], |records| {
-        of_event(records, "refusal").iter().any(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|reason| reason.contains(why))
-        })
-    })
-    .await;
+    t.refusal_audited("the token's issuer no longer publishes the key that signed it")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
