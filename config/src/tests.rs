@@ -213,6 +213,50 @@ deny = [{ any_signed_in = true, paths = ["/admin/", "/api"] }, { any_signed_in =
             ],
         },
         Case {
+            name: "a deny whose paths a deeper route of the host takes",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = [{ groups = ["contractors"], paths = ["/admin"] }, { groups = ["contractors"], paths = ["/billing", "/"] }]
+[[routes]]
+from = "https://app.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["contractors"], paths = ["/admin/x"] }
+[[routes]]
+from = "https://other.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+"#,
+            problems: &[(
+                "routes[0].deny[0].paths[0]",
+                None,
+                "requests under `/admin/` go to routes[1]",
+            )],
+        },
+        Case {
+            name: "names with spaces around them",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["contractors "], users = [" mallory@example.com"] }
+"#,
+            problems: &[
+                ("routes[0].deny.groups[0]", None, "write \"contractors\""),
+                ("routes[0].deny.users[0]", None, "has spaces around it"),
+            ],
+        },
+        Case {
             name: "postgres: TLS that may be declined in the clear",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=prefer\"\n",
             problems: &[("postgres.url", None, "must say sslmode=require")],

@@ -204,6 +204,7 @@ pub(crate) fn convert(
         }
         routes.push(route(raw, from, &path, &server, sign_in, reach, p));
     }
+    denies_shadowed(&routes, &root.key("routes"), p);
 
     // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
     // compared with the routes.
@@ -746,6 +747,53 @@ impl Access {
                 defaulted: false,
                 bearer: names.iter().any(|n| n == "bearer"),
             },
+        }
+    }
+}
+
+/// Reports the paths of deny rules that a deeper route of the same host takes: requests there
+/// go to that route, whose rules alone decide them (see README, "the route with the longest
+/// prefix decides"), so the deny protects nothing there. (An allow rule's path there lets
+/// nobody in that the deeper route does not: harmless, and not reported.)
+fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>) {
+    // `within(prefix, path)`: whether `path` is within `prefix`, as routes read paths.
+    use portcullis_policy::loosely_within as within;
+    let same = |a: &str, b: &str| within(a, b) && within(b, a);
+    for (i, route) in routes.iter().enumerate() {
+        let Some(route) = route else { continue };
+        let deny_at = at.index(i).key("deny");
+        for (d, spec) in route.deny.iter().enumerate() {
+            let rule_at = if spec.name == deny_at.to_string() {
+                deny_at.clone()
+            } else {
+                deny_at.index(d)
+            };
+            for (k, rule_path) in spec.paths.iter().flatten().enumerate() {
+                if same(rule_path, &route.path_prefix) {
+                    continue;
+                }
+                let deeper = routes.iter().enumerate().find_map(|(j, other)| {
+                    let other = other.as_ref().filter(|o| {
+                        j != i
+                            && o.host == route.host
+                            && within(&route.path_prefix, &o.path_prefix)
+                            && !same(&o.path_prefix, &route.path_prefix)
+                            && (within(&o.path_prefix, rule_path)
+                                || within(rule_path, &o.path_prefix))
+                    })?;
+                    Some((j, other))
+                });
+                if let Some((j, other)) = deeper {
+                    p.add(
+                        &rule_at.key("paths").index(k),
+                        format!(
+                            "requests under `{}` go to routes[{j}], whose rules alone decide \
+                             them: this deny does not apply there (deny them on routes[{j}])",
+                            other.path_prefix
+                        ),
+                    );
+                }
+            }
         }
     }
 }

@@ -729,6 +729,10 @@ impl Builder {
             for (i, value) in values.iter().enumerate() {
                 if value.trim().is_empty() {
                     error(format!(".{field}[{i}]"), Problem::Empty);
+                } else if value.trim() != value {
+                    // A deny naming `"contractors "` would deny nobody.
+                    let (value, trimmed) = (value.clone(), value.trim().to_owned());
+                    error(format!(".{field}[{i}]"), Problem::Padded { value, trimmed });
                 } else {
                     table.insert(value, index);
                 }

@@ -86,6 +86,11 @@ pub enum Problem {
     PublicInDeny,
     #[error("is empty")]
     Empty,
+    #[error(
+        "{value:?} has spaces around it, and names nobody as written: a name is compared \
+         whole (write {trimmed:?})"
+    )]
+    Padded { value: String, trimmed: String },
     #[error("is an empty list, which would match nothing; leave it out to match everything")]
     EmptyList,
     #[error("{value:?} is not a valid email domain: {why}")]
