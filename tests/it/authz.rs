@@ -922,6 +922,48 @@ async fn a_deleted_users_session_does_not_pass_to_the_user_given_her_name() {
     assert_session_works(&url, &fresh).await;
 }
 
+/// A request let in, then held up connecting (its first upstream never completes the TLS
+/// handshake) while its caller is deactivated, is judged again before it is sent to the
+/// upstream it is retried on: refused, and that upstream never sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_retried_after_its_caller_was_deactivated_never_reaches_the_upstream() {
+    let mute = portcullis_tests::upstream::Mute::start().await;
+    let api = Upstream::start("retried").await;
+    let cfg = ConfigBuilder::new().http_listener();
+    let (idp, _) = idp_for_app_test(&cfg).await;
+    let cfg = cfg
+        .route(
+            Route::to_urls("http://retry.test", vec![mute.tls_url(), api.url()])
+                .accept(&["bearer"])
+                .set("allow = { groups = [\"eng\"] }")
+                .set("connect_timeout = \"3s\""),
+        )
+        .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
+    let px = cfg.start().await;
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let machine = scim.create_user(MACHINE_ID).await.id();
+    scim.create_group(GROUP, &[&machine]).await.expect_success();
+    let token = idp
+        .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+        .await;
+    // The route's first request tries the mute upstream first (round-robin starts there).
+    let url = cfg.http_url("retry.test", "/v1/retried");
+    let sent =
+        tokio::spawn(async move { bare_client().get(&url).bearer_auth(&token).send().await });
+    mute.accepted().await;
+    let off = patch_ops(json!([{"op": "replace", "value": {"active": false}}]));
+    scim.patch(&format!("/Users/{machine}"), &off)
+        .await
+        .expect(200);
+    let resp = sent.await.unwrap().expect("an answer");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{}", px.log());
+    assert!(
+        !api.seen().iter().any(|e| e.uri == "/v1/retried"),
+        "the retried request reached the upstream after its caller was deactivated"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deactivating_a_service_account_refuses_its_token_on_the_next_request() {
     let t = Authz::start().await;

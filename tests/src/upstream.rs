@@ -452,3 +452,52 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     *resp.status_mut() = status;
     resp
 }
+
+/// An upstream that accepts connections and never says a word (a TLS handshake to it never
+/// completes): [`Mute::accepted`] waits for its next connection, the sign that a request is
+/// on its way to it.
+pub struct Mute {
+    addr: SocketAddr,
+    accepted: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Mute {
+    pub async fn start() -> Mute {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tell, accepted) = tokio::sync::mpsc::channel(64);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+                let _ = tell.try_send(());
+            }
+        });
+        Mute {
+            addr,
+            accepted: tokio::sync::Mutex::new(accepted),
+            task,
+        }
+    }
+
+    /// `https://` to it: Portcullis connects, and waits for a handshake that never comes.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Waits (at most 60 s) until it accepts a connection.
+    pub async fn accepted(&self) {
+        let mut accepted = self.accepted.lock().await;
+        tokio::time::timeout(Duration::from_secs(60), accepted.recv())
+            .await
+            .expect("no connection to the mute upstream within 60 s")
+            .expect("the mute upstream stopped");
+    }
+}
+
+impl Drop for Mute {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
