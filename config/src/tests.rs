@@ -222,7 +222,7 @@ auth_host = "auth.example.com"
 from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
-deny = [{ groups = ["contractors"], paths = ["/admin"] }, { groups = ["contractors"], paths = ["/billing", "/"] }]
+deny = [{ groups = ["contractors"], paths = ["/admin/users"] }, { groups = ["contractors"], paths = ["/billing", "/", "/admin"] }]
 [[routes]]
 from = "https://app.example.com/admin/"
 to = ["http://127.0.0.1:3000"]
@@ -233,11 +233,16 @@ from = "https://other.example.com/admin/"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
 "#,
-            problems: &[(
-                "routes[0].deny[0].paths[0]",
-                None,
-                "requests under `/admin/` go to routes[1]",
-            )],
+            // `/admin` is reported too: of what it names, only spellings like `/admin.json`
+            // stay on routes[0]. `/` covers all of routes[0], and `/billing` none of routes[1].
+            problems: &[
+                (
+                    "routes[0].deny[0].paths[0]",
+                    None,
+                    "requests under `/admin/` go to routes[1]",
+                ),
+                ("routes[0].deny[1].paths[2]", None, "deny them on routes[1] too"),
+            ],
         },
         Case {
             name: "names with spaces around them",
@@ -2841,4 +2846,28 @@ fn the_console_is_a_route_on_the_auth_host_for_sessions() {
         .parse(&format!("data_dir = \"data\"\n{LISTENERS}"))
         .unwrap();
     assert!(without.console.is_none());
+}
+
+/// A deny path that covers a deeper route of the host, and more, still protects the rest: it
+/// is taken.
+#[test]
+fn a_deny_wider_than_a_deeper_route_is_taken() {
+    let text = format!(
+        r#"data_dir = "data"
+{LISTENERS}
+{OIDC}
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = {{ any_signed_in = true }}
+deny = {{ groups = ["contractors"], paths = ["/api"] }}
+[[routes]]
+from = "https://app.example.com/api/public/"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+"#
+    );
+    let config = Fixture::new().parse(&text).unwrap();
+    assert_eq!(config.routes[0].deny.len(), 1);
 }

@@ -751,10 +751,11 @@ impl Access {
     }
 }
 
-/// Reports the paths of deny rules that a deeper route of the same host takes: requests there
-/// go to that route, whose rules alone decide them (see README, "the route with the longest
-/// prefix decides"), so the deny protects nothing there. (An allow rule's path there lets
-/// nobody in that the deeper route does not: harmless, and not reported.)
+/// Reports the paths of deny rules that lie within a deeper route of the same host: requests
+/// there go to that route, whose rules alone decide them (see README, "the route with the
+/// longest prefix decides"), so the deny protects nothing there. (A deny path that also covers
+/// other paths still protects those; an allow rule's path there lets nobody in that the
+/// deeper route does not: neither is reported.)
 fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>) {
     // `within(prefix, path)`: whether `path` is within `prefix`, as routes read paths.
     use portcullis_policy::loosely_within as within;
@@ -769,7 +770,8 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                 deny_at.index(d)
             };
             for (k, rule_path) in spec.paths.iter().flatten().enumerate() {
-                if same(rule_path, &route.path_prefix) {
+                // As wide as the route: it means what no `paths` means.
+                if within(rule_path, &route.path_prefix) {
                     continue;
                 }
                 let deeper = routes.iter().enumerate().find_map(|(j, other)| {
@@ -778,8 +780,7 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                             && o.host == route.host
                             && within(&route.path_prefix, &o.path_prefix)
                             && !same(&o.path_prefix, &route.path_prefix)
-                            && (within(&o.path_prefix, rule_path)
-                                || within(rule_path, &o.path_prefix))
+                            && within(&o.path_prefix, rule_path)
                     })?;
                     Some((j, other))
                 });
@@ -788,7 +789,7 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                         &rule_at.key("paths").index(k),
                         format!(
                             "requests under `{}` go to routes[{j}], whose rules alone decide \
-                             them: this deny does not apply there (deny them on routes[{j}])",
+                             them: this deny does not apply there (deny them on routes[{j}] too)",
                             other.path_prefix
                         ),
                     );

@@ -936,7 +936,7 @@ async fn a_request_retried_after_its_caller_was_deactivated_never_reaches_the_up
             Route::to_urls("http://retry.test", vec![mute.tls_url(), api.url()])
                 .accept(&["bearer"])
                 .set("allow = { groups = [\"eng\"] }")
-                .set("connect_timeout = \"3s\""),
+                .set("connect_timeout = \"30s\""),
         )
         .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
         .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
@@ -956,6 +956,8 @@ async fn a_request_retried_after_its_caller_was_deactivated_never_reaches_the_up
     scim.patch(&format!("/Users/{machine}"), &off)
         .await
         .expect(200);
+    // Answered: the connection attempt fails now, and the request goes to the next upstream.
+    mute.hang_up();
     let resp = sent.await.unwrap().expect("an answer");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{}", px.log());
     assert!(

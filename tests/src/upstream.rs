@@ -454,11 +454,12 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
 }
 
 /// An upstream that accepts connections and never says a word (a TLS handshake to it never
-/// completes): [`Mute::accepted`] waits for its next connection, the sign that a request is
-/// on its way to it.
+/// completes) until told to hang up: [`Mute::accepted`] waits for its next connection, the
+/// sign that a request is on its way to it.
 pub struct Mute {
     addr: SocketAddr,
     accepted: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>,
+    hang_up: Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
 }
 
@@ -467,18 +468,32 @@ impl Mute {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tell, accepted) = tokio::sync::mpsc::channel(64);
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let told = hang_up.clone();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-                let _ = tell.try_send(());
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { return };
+                        held.push(stream);
+                        let _ = tell.try_send(());
+                    }
+                    _ = told.notified() => held.clear(),
+                }
             }
         });
         Mute {
             addr,
             accepted: tokio::sync::Mutex::new(accepted),
+            hang_up,
             task,
         }
+    }
+
+    /// Closes the connections it holds: their handshakes fail at once.
+    pub fn hang_up(&self) {
+        self.hang_up.notify_one();
     }
 
     /// `https://` to it: Portcullis connects, and waits for a handshake that never comes.
