@@ -240,6 +240,39 @@ impl Hosts {
     }
 }
 
+/// `svc.test` at 127.0.0.1, where `old` serves, with `new` on the same port at 127.0.0.2,
+/// routed from `http://app.test` and resolved again every `refresh`; `url` answered by `old`.
+struct Moving {
+    old: Upstream,
+    _new: Upstream,
+    hosts: Hosts,
+    px: Portcullis,
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Moving {
+    async fn start(refresh: &str) -> Moving {
+        let old = Upstream::start("old").await;
+        let port = old.addr().port();
+        let new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
+        let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
+        let cfg = svc_route(port, refresh);
+        let px = start_resolving(&cfg, &hosts).await;
+        let client = plain_client();
+        let url = cfg.http_url("app.test", "/where");
+        assert_eq!(get_echo(&client, &url).await.upstream, "old");
+        Moving {
+            old,
+            _new: new,
+            hosts,
+            px,
+            client,
+            url,
+        }
+    }
+}
+
 /// `http://app.test` routed to `http://svc.test:<port>`, its name resolved again every `refresh`.
 fn svc_route(port: u16, refresh: &str) -> ConfigBuilder {
     ConfigBuilder::new()
@@ -287,67 +320,48 @@ async fn until_served_by(client: &reqwest::Client, url: &str, upstream: &str, re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_named_by_dns_is_followed_to_its_new_address() {
-    let old = Upstream::start("old").await;
-    let port = old.addr().port();
-    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
-    let cfg = svc_route(port, "1s");
-    let _px = start_resolving(&cfg, &hosts).await;
-    let client = plain_client();
-    let url = cfg.http_url("app.test", "/where");
-    assert_eq!(get_echo(&client, &url).await.upstream, "old");
+    let t = Moving::start("1s").await;
 
     // The old address still answers, so only resolving the name again moves the requests.
-    hosts.point("svc.test", &["127.0.0.2"]);
-    until_served_by(&client, &url, "new", false).await;
+    t.hosts.point("svc.test", &["127.0.0.2"]);
+    until_served_by(&t.client, &t.url, "new", false).await;
     for _ in 0..5 {
-        assert_eq!(get_echo(&client, &url).await.upstream, "new");
+        assert_eq!(get_echo(&t.client, &t.url).await.upstream, "new");
     }
 }
 
 /// A reload that shortens `upstream_dns_refresh` applies at once, not after the longer wait.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_that_shortens_the_dns_refresh_applies_at_once() {
-    let old = Upstream::start("old").await;
-    let port = old.addr().port();
-    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
-    let cfg = svc_route(port, "1h");
-    let px = start_resolving(&cfg, &hosts).await;
-    let client = plain_client();
-    let url = cfg.http_url("app.test", "/where");
-    assert_eq!(get_echo(&client, &url).await.upstream, "old");
-    px.reload_with(
+    let t = Moving::start("1h").await;
+    t.px.reload_with(
         "[server]",
         "upstream_dns_refresh = \"1h\"",
         "upstream_dns_refresh = \"1s\"",
     )
     .await;
-    hosts.point("svc.test", &["127.0.0.2"]);
-    until_served_by(&client, &url, "new", false).await;
+    t.hosts.point("svc.test", &["127.0.0.2"]);
+    until_served_by(&t.client, &t.url, "new", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_once() {
-    let mut old = Upstream::start("old").await;
-    let port = old.addr().port();
-    let _new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
     // Far longer than the test: only the refused connection can have the name resolved again.
-    let cfg = svc_route(port, "1h");
-    let px = start_resolving(&cfg, &hosts).await;
-    let client = plain_client();
-    let url = cfg.http_url("app.test", "/where");
-    assert_eq!(get_echo(&client, &url).await.upstream, "old");
+    let mut t = Moving::start("1h").await;
 
-    hosts.point("svc.test", &["127.0.0.2"]);
-    old.stop();
+    t.hosts.point("svc.test", &["127.0.0.2"]);
+    t.old.stop();
     // The first request finds the old address refusing (502) and has the name resolved again.
-    let resp = client.get(&url).send().await.expect("GET after the move");
-    assert_eq!(resp.status(), 502, "{}", px.log());
-    until_served_by(&client, &url, "new", true).await;
+    let resp = t
+        .client
+        .get(&t.url)
+        .send()
+        .await
+        .expect("GET after the move");
+    assert_eq!(resp.status(), 502, "{}", t.px.log());
+    until_served_by(&t.client, &t.url, "new", true).await;
     // Said in the log, within its batching.
-    px.log_until(|log| log.contains("upstream `svc.test` now resolves to 127.0.0.2"))
+    t.px.log_until(|log| log.contains("upstream `svc.test` now resolves to 127.0.0.2"))
         .await;
 }
 
