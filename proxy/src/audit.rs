@@ -1992,13 +1992,28 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    /// A directory four users were created in: four changes.
-    async fn four_changes() -> crate::testing::World {
-        let world = crate::testing::World::new();
-        for name in ["a@x", "b@x", "c@x", "d@x"] {
-            world.user(name).await;
+    /// A directory four users were created in (four changes), and a data directory for its
+    /// audit log.
+    struct Logged {
+        world: crate::testing::World,
+        all: Vec<Change>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Logged {
+        async fn new() -> Logged {
+            let world = crate::testing::World::new();
+            for name in ["a@x", "b@x", "c@x", "d@x"] {
+                world.user(name).await;
+            }
+            let all = changes_of(&world)(0, 100).unwrap();
+            assert_eq!(all.len(), 4);
+            Logged {
+                world,
+                all,
+                dir: tempfile::tempdir().unwrap(),
+            }
         }
-        world
     }
 
     /// The directory's change table, as `Audit::recover_changes` reads it.
@@ -2026,13 +2041,10 @@ mod tests {
 
     #[tokio::test]
     async fn changes_the_log_lacks_are_appended_from_the_directory_once() {
-        let world = four_changes().await;
-        let changes = changes_of(&world);
-        let all = changes(0, 100).unwrap();
-        assert_eq!(all.len(), 4);
-        let dir = tempfile::tempdir().unwrap();
-        let log = || Destination::of(dir.path(), None);
-        let seqs = || change_seqs(&dir.path().join(FILE_NAME));
+        let f = Logged::new().await;
+        let (changes, all, dir) = (changes_of(&f.world), &f.all, f.dir.path());
+        let log = || Destination::of(dir, None);
+        let seqs = || change_seqs(&dir.join(FILE_NAME));
         {
             // The first two made it to the log, with a refusal after them; then a crash.
             let audit = Audit::open(log(), log()).unwrap();
@@ -2053,12 +2065,10 @@ mod tests {
     /// were written is appended at the next start, and only it.
     #[tokio::test]
     async fn a_change_lost_before_later_ones_were_written_is_appended_at_the_next_start() {
-        let world = four_changes().await;
-        let changes = changes_of(&world);
-        let all = changes(0, 100).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let log = || Destination::of(dir.path(), None);
-        let seqs = || change_seqs(&dir.path().join(FILE_NAME));
+        let f = Logged::new().await;
+        let (changes, all, dir) = (changes_of(&f.world), &f.all, f.dir.path());
+        let log = || Destination::of(dir, None);
+        let seqs = || change_seqs(&dir.join(FILE_NAME));
         let wait = std::time::Duration::from_secs(5);
         {
             let audit = Audit::open(log(), log()).unwrap();
@@ -2079,7 +2089,7 @@ mod tests {
         // Rotated away before any change was written since: the position held.
         assert!(audit.flush(wait));
         drop(audit);
-        std::fs::rename(dir.path().join(FILE_NAME), dir.path().join("audit.jsonl.1")).unwrap();
+        std::fs::rename(dir.join(FILE_NAME), dir.join("audit.jsonl.1")).unwrap();
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(
             audit.recover_changes(changes).unwrap(),
@@ -2092,12 +2102,10 @@ mod tests {
     /// it is read back, not glued to it.
     #[tokio::test]
     async fn a_last_line_a_crash_cut_short_takes_no_record_after_it_down() {
-        let world = four_changes().await;
-        let changes = changes_of(&world);
-        let all = changes(0, 100).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let log = || Destination::of(dir.path(), None);
-        let path = dir.path().join(FILE_NAME);
+        let f = Logged::new().await;
+        let (changes, all, dir) = (changes_of(&f.world), &f.all, f.dir.path());
+        let log = || Destination::of(dir, None);
+        let path = dir.join(FILE_NAME);
         let wait = std::time::Duration::from_secs(5);
         {
             let audit = Audit::open(log(), log()).unwrap();
@@ -2123,27 +2131,22 @@ mod tests {
     #[tokio::test]
     async fn a_rotated_log_is_followed_and_recovery_starts_where_it_stood() {
         use std::os::unix::fs::PermissionsExt;
-        let world = four_changes().await;
-        let changes = changes_of(&world);
-        let all = changes(0, 100).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let log = || Destination::of(dir.path(), None);
-        let path = dir.path().join(FILE_NAME);
+        let f = Logged::new().await;
+        let (changes, all, dir) = (changes_of(&f.world), &f.all, f.dir.path());
+        let log = || Destination::of(dir, None);
+        let path = dir.join(FILE_NAME);
         let seqs = change_seqs;
         let wait = std::time::Duration::from_secs(5);
         {
             let audit = Audit::open(log(), log()).unwrap();
             (audit.change_sink())(&all[..2]);
             assert!(audit.flush(wait));
-            std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+            std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
             (audit.change_sink())(&all[2..3]);
             audit.refusal("a", "r", None, "why", &request("GET", "/"), None);
             assert!(audit.flush(wait));
         }
-        assert_eq!(
-            seqs(&dir.path().join("audit.jsonl.1")),
-            [all[0].seq, all[1].seq]
-        );
+        assert_eq!(seqs(&dir.join("audit.jsonl.1")), [all[0].seq, all[1].seq]);
         assert_eq!(seqs(&path), [all[2].seq]);
         assert!(std::fs::read_to_string(&path)
             .unwrap()
@@ -2152,7 +2155,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
 
         // Rotated while stopped: the new file has no change, and only the fourth is missing.
-        std::fs::rename(&path, dir.path().join("audit.jsonl.2")).unwrap();
+        std::fs::rename(&path, dir.join("audit.jsonl.2")).unwrap();
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(audit.recover_changes(changes).unwrap(), 1);
         assert!(audit.flush(wait));
@@ -2161,8 +2164,8 @@ mod tests {
         // A damaged position (a crash while it was written) leaves the file alone to say:
         // the process starts, and with the file just rotated, every change is appended again.
         drop(audit);
-        std::fs::rename(&path, dir.path().join("audit.jsonl.3")).unwrap();
-        std::fs::write(dir.path().join("audit.last-change"), "").unwrap();
+        std::fs::rename(&path, dir.join("audit.jsonl.3")).unwrap();
+        std::fs::write(dir.join("audit.last-change"), "").unwrap();
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(audit.recover_changes(changes).unwrap(), 4);
     }
