@@ -258,6 +258,17 @@ impl Fixture {
         self.app_url("")
     }
 
+    /// Posts a same-origin sign-out on the app host with `cookies` (a `Cookie` header).
+    pub async fn sign_out(&self, cookies: &str) -> reqwest::Response {
+        bare_client()
+            .post(self.app_url("/.portcullis/sign_out"))
+            .header(ORIGIN, self.app_origin())
+            .header(COOKIE, cookies)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Polls `/.portcullis/sign_in` until it redirects to the IdP (Portcullis has discovered
     /// it), for at most `timeout`.
     pub async fn wait_sign_in_available(&self, timeout: Duration) {
@@ -1410,13 +1421,7 @@ async fn a_sign_out_ends_the_sessions_of_the_same_idp_sign_in_on_every_host() {
         assert_session_works(url, cookie).await;
     }
     // Signed out on app.test; the browser is not (yet) taken to the IdP's end-session page.
-    let resp = bare_client()
-        .post(fx.app_url("/.portcullis/sign_out"))
-        .header(ORIGIN, fx.app_origin())
-        .header(COOKIE, format!("{SESSION_COOKIE}={on_app}"))
-        .send()
-        .await
-        .unwrap();
+    let resp = fx.sign_out(&format!("{SESSION_COOKIE}={on_app}")).await;
     assert!(resp.status().is_redirection(), "{}", resp.status());
     assert_session_refused(&fx, &app, &on_app).await;
     assert_session_refused(&fx, &corp, &on_corp).await;
@@ -1436,13 +1441,7 @@ async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp()
             .sign_in(&client(), &page, ALICE, ALICE_PASSWORD)
             .await
             .cookie;
-        bare_client()
-            .post(fx.app_url("/.portcullis/sign_out"))
-            .header(ORIGIN, fx.app_origin())
-            .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
-            .send()
-            .await
-            .unwrap()
+        fx.sign_out(&format!("{SESSION_COOKIE}={cookie}")).await
     };
     // To the IdP's end-session endpoint while it is the configured one.
     let before = sign_out().await;
@@ -1461,13 +1460,9 @@ async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp()
     let moved = format!("issuer = \"{moved}\"");
     fx.px.reload_with("[oidc]", &issuer, &moved).await;
 
-    let resp = bare_client()
-        .post(fx.app_url("/.portcullis/sign_out"))
-        .header(ORIGIN, fx.app_origin())
-        .header(COOKIE, format!("{SESSION_COOKIE}={}", signed.cookie))
-        .send()
-        .await
-        .unwrap();
+    let resp = fx
+        .sign_out(&format!("{SESSION_COOKIE}={}", signed.cookie))
+        .await;
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -1592,13 +1587,9 @@ async fn a_sign_out_after_the_client_changed_sends_no_hint_of_the_old_client() {
     let client = format!("client_id = \"{CLIENT_ID}\"");
     let another = "client_id = \"another-client\"";
     fx.px.reload_with("[oidc]", &client, another).await;
-    let resp = bare_client()
-        .post(fx.app_url("/.portcullis/sign_out"))
-        .header(ORIGIN, fx.app_origin())
-        .header(COOKIE, format!("{SESSION_COOKIE}={}", signed.cookie))
-        .send()
-        .await
-        .unwrap();
+    let resp = fx
+        .sign_out(&format!("{SESSION_COOKIE}={}", signed.cookie))
+        .await;
     assert_eq!(resp.status(), StatusCode::FOUND);
     let location = header(&resp, LOCATION.as_str()).unwrap_or_default();
     assert_eq!(
@@ -2314,13 +2305,7 @@ async fn a_sign_out_from_a_stuffed_cookie_jar_ends_the_session() {
         stuffing.join("; "),
         signed.cookie
     );
-    let resp = bare_client()
-        .post(fx.app_url("/.portcullis/sign_out"))
-        .header(ORIGIN, fx.app_origin())
-        .header(COOKIE, jar)
-        .send()
-        .await
-        .unwrap();
+    let resp = fx.sign_out(&jar).await;
     assert!(
         resp.status() == StatusCode::FOUND || resp.status() == StatusCode::OK,
         "{}",
@@ -2340,13 +2325,9 @@ async fn a_cookie_of_the_session_s_name_sent_first_does_not_hide_the_session() {
     let page = fx.app_url("/home");
     let ended = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
-    let resp = bare_client()
-        .post(fx.app_url("/.portcullis/sign_out"))
-        .header(ORIGIN, fx.app_origin())
-        .header(COOKIE, format!("{SESSION_COOKIE}={}", ended.cookie))
-        .send()
-        .await
-        .unwrap();
+    let resp = fx
+        .sign_out(&format!("{SESSION_COOKIE}={}", ended.cookie))
+        .await;
     assert!(resp.status().is_redirection() || resp.status().is_success());
     assert_session_refused(&fx, &page, &ended.cookie).await;
     let planted = "p".repeat(43);
