@@ -678,7 +678,7 @@ impl ScimService {
 
     async fn create(&self, rt: ResourceType, body: &Value, actor: &str) -> Result<Written> {
         let mut resource = validate_resource(rt, body, Mode::Create)?;
-        let password_hash = hash_password(take_password(&mut resource)?).await?;
+        let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
         self.directory
             .write(
                 Command::Create {
@@ -712,7 +712,7 @@ impl ScimService {
             ));
         }
         let mut resource = validate_resource(rt, body, Mode::Replace)?;
-        let password_hash = hash_password(take_password(&mut resource)?).await?;
+        let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
         self.directory
             .write(
                 Command::Replace {
@@ -940,24 +940,31 @@ fn parse_json(body: &[u8]) -> Result<Value> {
     serde_json::from_slice(body).map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
 }
 
-/// Takes `password` out of a resource or a path-less PATCH value, so that only its hash reaches
-/// the store. One that is not a string is refused, never dropped: the request would be answered
-/// as done with the password unchanged.
-fn take_password(resource: &mut Value) -> Result<Option<String>> {
+/// Takes `password` out of a resource or a path-less PATCH value of type `rt`, so that only its
+/// hash reaches the store: under its own name or its schema's full one (`urn:…:User:password`,
+/// as clients that qualify every attribute send it), the last if both. One that is not a string
+/// is refused, never dropped: the request would be answered as done with the password unchanged.
+fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String>> {
     let Some(obj) = resource.as_object_mut() else {
         return Ok(None);
     };
-    let Some(key) = obj
-        .keys()
-        .find(|k| k.eq_ignore_ascii_case("password"))
-        .cloned()
-    else {
-        return Ok(None);
+    let names_password = |key: &str| {
+        let name = match key.rsplit_once(':') {
+            Some((schema, name)) if schema.eq_ignore_ascii_case(rt.core_schema().id) => name,
+            Some(_) => return false,
+            None => key,
+        };
+        name.eq_ignore_ascii_case("password")
     };
-    match obj.remove(&key) {
-        Some(Value::String(password)) => Ok(Some(password)),
-        _ => Err(password_not_a_string()),
+    let keys: Vec<String> = obj.keys().filter(|k| names_password(k)).cloned().collect();
+    let mut password = None;
+    for key in keys {
+        match obj.remove(&key) {
+            Some(Value::String(sent)) => password = Some(sent),
+            _ => return Err(password_not_a_string()),
+        }
     }
+    Ok(password)
 }
 
 fn password_not_a_string() -> ScimError {
@@ -991,7 +998,7 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
         }
         if op.path.is_none() {
             if let Some(value) = op.value.as_mut() {
-                if let Some(p) = take_password(value)? {
+                if let Some(p) = take_password(rt, value)? {
                     password = Some(p);
                 }
             }
@@ -1080,4 +1087,47 @@ fn substitute_value(value: &mut Value, bulk_ids: &HashMap<String, String>) -> Re
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::USER_SCHEMA;
+
+    fn patch(ops: Value) -> Vec<PatchOp> {
+        parse_patch_request(&json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": ops,
+        }))
+        .unwrap()
+    }
+
+    /// However a client names the password (alone, under its schema's full name, in a value
+    /// or as a path, in any case), it is taken out to be hashed, and nothing else is.
+    #[test]
+    fn a_patched_password_is_taken_under_any_of_its_names() {
+        let qualified = format!("{USER_SCHEMA}:Password");
+        for ops in [
+            json!([{"op": "replace", "value": {"password": "s3cret", "title": "x"}}]),
+            json!([{"op": "Replace", "value": {&qualified: "s3cret", "title": "x"}}]),
+            json!([{"op": "replace", "path": &qualified, "value": "s3cret"}]),
+            json!([{"op": "add", "path": "PASSWORD", "value": "s3cret"}]),
+        ] {
+            let mut taken = patch(ops.clone());
+            let password = take_patch_password(ResourceType::User, &mut taken).unwrap();
+            assert_eq!(password.as_deref(), Some("s3cret"), "{ops}");
+            let left = format!("{:?}", taken.iter().map(|op| &op.value).collect::<Vec<_>>());
+            assert!(!left.contains("s3cret"), "{ops} left {left}");
+        }
+        // An extension's attribute of that name is not the password.
+        let mut other = patch(json!([{"op": "replace",
+            "value": {"urn:example:params:scim:schemas:extension:x:2.0:User:password": "kept"}}]));
+        assert_eq!(
+            take_patch_password(ResourceType::User, &mut other).unwrap(),
+            None
+        );
+        // Nor a number under the full name: refused, not dropped.
+        let mut number = patch(json!([{"op": "replace", "value": {&qualified: 123}}]));
+        assert!(take_patch_password(ResourceType::User, &mut number).is_err());
+    }
 }

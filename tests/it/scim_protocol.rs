@@ -819,7 +819,7 @@ async fn an_attribute_with_more_values_than_the_bound_is_refused_and_changes_not
 
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_are_accepted_and_never_returned() {
-    let (_px, scim) = scim_server().await;
+    let (px, scim) = scim_server().await;
     let secret = "Pa55word-that-must-not-leak";
     let mut body = user("pw@example.com");
     body["password"] = json!(secret);
@@ -912,6 +912,60 @@ async fn passwords_are_accepted_and_never_returned() {
     scim.put(&path, &bad_put)
         .await
         .expect_error(400, Some("invalidValue"));
+
+    // Under its full name (`urn:…:core:2.0:User:password`), as a client that qualifies every
+    // attribute sends it: the same password, hashed, never kept or returned as sent.
+    let qualified = format!("{USER_SCHEMA}:password");
+    let mut body = user("pw2@example.com");
+    body[&qualified] = json!("Qualified-POST-secret");
+    let created = scim.post("/Users", &body).await.expect(201);
+    let other = format!("/Users/{}", created.id());
+    let mut put = created.body.clone();
+    put[&qualified] = json!("Qualified-PUT-secret");
+    scim.put(&other, &put).await.expect(200);
+    for (op, secret) in [
+        (
+            json!({"op": "replace", "value": {&qualified: "Qualified-PATCH-value-secret"}}),
+            "Qualified-PATCH-value-secret",
+        ),
+        (
+            json!({"op": "replace", "path": &qualified, "value": "Qualified-PATCH-path-secret"}),
+            "Qualified-PATCH-path-secret",
+        ),
+    ] {
+        let patched = scim
+            .patch(&other, &patch_ops(json!([op])))
+            .await
+            .expect(200);
+        assert!(!patched.text.contains(secret), "{}", patched.text);
+    }
+    let read = scim.get(&other).await.expect(200);
+    assert!(!read.text.contains("secret"), "{}", read.text);
+    // Nothing Portcullis keeps holds a password as it was sent.
+    let secrets = [
+        secret,
+        "N3w-secret-value",
+        "Qualified-POST-secret",
+        "Qualified-PUT-secret",
+        "Qualified-PATCH-value-secret",
+        "Qualified-PATCH-path-secret",
+    ];
+    let mut files = vec![px.dir().to_path_buf()];
+    while let Some(at) = files.pop() {
+        if at.is_dir() {
+            files.extend(std::fs::read_dir(&at).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let bytes = std::fs::read(&at).unwrap_or_default();
+        for secret in secrets {
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+            assert!(
+                !found,
+                "{} holds the password {secret:?} as sent",
+                at.display()
+            );
+        }
+    }
 }
 
 /// The current ETag of a group.
