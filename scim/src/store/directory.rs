@@ -21,6 +21,7 @@ use crate::error::ScimError;
 use crate::eval::{check_filter, matches_checked, references_attribute};
 use crate::filter::{AttrExpr, AttrOp, AttrPath, CompValue, CompareOp, Filter};
 use crate::schema::ResourceType;
+use crate::value::get_ci;
 
 /// The clock the writer stamps `meta` with; a parameter so tests can move time.
 pub type Clock = Box<dyn Fn() -> OffsetDateTime + Send>;
@@ -994,16 +995,28 @@ fn lookup(
 
 fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
     let key = |record: &Record| -> Option<String> {
-        let mut value = record.resource.as_object()?;
-        let top = value
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(&by.name))?
-            .1;
-        let leaf = match &by.sub_attr {
-            Some(sub) => {
-                value = top.as_object()?;
-                value.iter().find(|(k, _)| k.eq_ignore_ascii_case(sub))?.1
+        let resource = record.resource.as_object()?;
+        // An extension's attribute is in the extension's object; a core one, however written
+        // (`userName`, `urn:…:core:2.0:User:userName`), at the top.
+        let within = by
+            .schema
+            .as_deref()
+            .and_then(|schema| get_ci(resource, schema)?.as_object())
+            .unwrap_or(resource);
+        let mut top = get_ci(within, &by.name)?;
+        // A multi-valued attribute sorts by its primary value, else its first (RFC 7644
+        // §3.4.2.3); a complex one's by `value` unless a sub-attribute is named.
+        if let Some(values) = top.as_array() {
+            let primary = values
+                .iter()
+                .find(|v| v.as_object().and_then(|v| get_ci(v, "primary")) == Some(&json!(true)));
+            top = primary.or(values.first())?;
+            if by.sub_attr.is_none() && top.is_object() {
+                top = get_ci(top.as_object()?, "value")?;
             }
+        }
+        let leaf = match &by.sub_attr {
+            Some(sub) => get_ci(top.as_object()?, sub)?,
             None => top,
         };
         Some(match leaf {

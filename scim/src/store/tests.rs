@@ -1608,3 +1608,59 @@ fn a_failing_store_tells_the_idp_to_try_again_and_nothing_of_what_failed() {
     assert_eq!(answer.status, 503);
     assert!(!answer.detail.contains("db.internal"), "{}", answer.detail);
 }
+
+/// `sortBy` sorts by what a client names: a core attribute however written, an extension's
+/// attribute, and a multi-valued one by its primary value (RFC 7644 §3.4.2.3); users without
+/// the value come last.
+#[tokio::test]
+async fn sort_by_an_extension_or_a_multi_valued_attribute_sorts_by_its_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+    for (name, department, emails) in [
+        (
+            "b@x",
+            "Sales",
+            json!([{"value": "z@x"}, {"value": "a@x", "primary": true}]),
+        ),
+        ("c@x", "Eng", json!([{"value": "m@x"}])),
+        (
+            "a@x",
+            "Ops",
+            json!([{"value": "b@x", "primary": false}, {"value": "y@x"}]),
+        ),
+    ] {
+        let mut body = user(name);
+        body["schemas"] = json!([USER, enterprise]);
+        body[enterprise] = json!({"department": department});
+        body["emails"] = emails;
+        create(&dir, ResourceType::User, body).await.unwrap();
+    }
+    let mut bare = user("d@x");
+    bare.as_object_mut().unwrap().remove("emails");
+    create(&dir, ResourceType::User, bare).await.unwrap();
+    let sorted = |by: &str| -> Vec<String> {
+        let sort_by = crate::path::PatchPath::parse(by).unwrap().attr;
+        let query = Query {
+            sort_by: Some(sort_by),
+            ..Query::default()
+        };
+        let page = dir.query(ResourceType::User, &query).unwrap();
+        page.records
+            .iter()
+            .map(|r| r.resource["userName"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for (by, want) in [
+        ("userName", ["a@x", "b@x", "c@x", "d@x"]),
+        (&format!("{USER}:userName"), ["a@x", "b@x", "c@x", "d@x"]),
+        (
+            &format!("{enterprise}:department"),
+            ["c@x", "a@x", "b@x", "d@x"],
+        ),
+        ("emails", ["b@x", "a@x", "c@x", "d@x"]),
+        ("emails.value", ["b@x", "a@x", "c@x", "d@x"]),
+    ] {
+        assert_eq!(sorted(by), want, "sortBy={by}");
+    }
+}
