@@ -245,6 +245,44 @@ allow = { any_signed_in = true }
             ],
         },
         Case {
+            name: "a `*.` route deeper than a host's own route",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://*.apps.example.com/admin"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["platform-admins"] }
+[[routes]]
+from = "https://wiki.apps.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://wiki.apps.example.com/api"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://ci.apps.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://ci.apps.example.com/ADMIN/"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["platform-admins"] }
+[[routes]]
+from = "https://docs.apps.example.com/public"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+"#,
+            // ci has a route of its own for `/admin`; docs' routes do not hold `/admin`.
+            problems: &[(
+                "routes[0].from",
+                None,
+                "on `wiki.apps.example.com`, requests under `/admin` go to routes[1]",
+            )],
+        },
+        Case {
             name: "names with spaces around them",
             text: r#"data_dir = "data"
 LISTENERS

@@ -205,6 +205,7 @@ pub(crate) fn convert(
         routes.push(route(raw, from, &path, &server, sign_in, reach, p));
     }
     denies_shadowed(&routes, &root.key("routes"), p);
+    wildcards_shadowed(&routes, &root.key("routes"), p);
 
     // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
     // compared with the routes.
@@ -795,6 +796,61 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                     );
                 }
             }
+        }
+    }
+}
+
+/// A `*.` route whose prefix is deeper than what a more specific host's own routes hold
+/// (`https://*.apps.example/admin` beside `https://wiki.apps.example`) guards nothing there:
+/// a host's own routes take every path one of them holds, so `wiki.apps.example/admin` goes to
+/// the wiki's route and its rules. One who wrote the `*.` route meant it to guard `/admin` on
+/// every host; that host needs a route of that prefix too.
+fn wildcards_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>) {
+    use portcullis_policy::{loose_depth, loosely_within as within};
+    let same = |a: &str, b: &str| within(a, b) && within(b, a);
+    let all = || {
+        routes
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| Some((j, r.as_ref()?)))
+    };
+    for (i, route) in all() {
+        let Some(suffix) = route.host.strip_prefix('*') else {
+            continue;
+        };
+        let mut hosts: Vec<&str> = Vec::new();
+        for (_, other) in all() {
+            let narrower = other.host != route.host
+                && other.host.len() > suffix.len()
+                && other.host.ends_with(suffix);
+            if narrower && !hosts.contains(&other.host.as_str()) {
+                hosts.push(&other.host);
+            }
+        }
+        for host in hosts {
+            let of_host = || all().filter(move |(_, r)| r.host == host);
+            if of_host().any(|(_, r)| same(&r.path_prefix, &route.path_prefix)) {
+                continue;
+            }
+            let taking = of_host()
+                .filter(|(_, r)| within(&r.path_prefix, &route.path_prefix))
+                .max_by_key(|(_, r)| loose_depth(&r.path_prefix));
+            let Some((j, _)) = taking else { continue };
+            p.add(
+                &at.index(i).key("from"),
+                format!(
+                    "on `{host}`, requests under `{prefix}` go to routes[{j}] (a host's own \
+                     routes take the paths they hold before a `*.` route does), so this \
+                     route's rules do not apply there: add a route for `{scheme}://{host}{prefix}` \
+                     with the rules it needs",
+                    scheme = if route.scheme == Scheme::Https {
+                        "https"
+                    } else {
+                        "http"
+                    },
+                    prefix = route.path_prefix,
+                ),
+            );
         }
     }
 }
