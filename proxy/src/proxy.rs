@@ -522,6 +522,15 @@ impl ProxyHttp for Proxy {
             session.req_header().method == http::Method::OPTIONS && session.is_body_empty();
         let req = session.req_header();
 
+        // A method is case-sensitive (RFC 9110 §9.1): Go and PHP keep `get` as sent, which is
+        // not GET to them, while rules name methods in any case. Refused, as nginx does.
+        if req.method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+            let why = "a method in lower case";
+            return self
+                .bad_request(session, ctx.client_ip, NO_ROUTE, why)
+                .await;
+        }
+
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {

@@ -110,6 +110,10 @@ impl Hardened {
                     ),
             )
             .route(
+                Route::to_urls("http://app.test/reports/", vec![raw.url()])
+                    .set("allow = { groups = [\"eng\"], methods = [\"GET\", \"HEAD\"] }"),
+            )
+            .route(
                 Route::to_urls("http://app.test/v1/", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
@@ -289,6 +293,8 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
 
 /// A method rule holds however a framework could read the method: HEAD runs the GET handler
 /// (Express, Flask, Spring, Go), and Laravel and Symfony take a POST's `_method` parameter.
+/// A method is case-sensitive: Go and PHP keep `get` as sent, which is not GET (a handler's
+/// `if r.Method == "GET" { show } else { act }` acts), so one with lower case is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     let t = Hardened::start().await;
@@ -308,6 +314,12 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
         ("POST /items/1?method=DELETE HTTP/1.1", 200),
         // A route whose rules name no method: an override changes no decision there.
         ("POST /work?_method=DELETE HTTP/1.1", 200),
+        // Allowed for GET and HEAD only.
+        ("GET /reports/q3 HTTP/1.1", 200),
+        ("POST /reports/q3 HTTP/1.1", 403),
+        ("get /reports/q3 HTTP/1.1", 400),
+        ("Get /reports/q3 HTTP/1.1", 400),
+        ("delete /items/1 HTTP/1.1", 400),
     ];
     for &(line, status) in table {
         let (got, received) = t
@@ -334,6 +346,7 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
         &["method override (_method)", "/items/1", "\"anonymous\""],
     )
     .await;
+    audited(&t.fx.px, &["a method in lower case", "/reports/q3"]).await;
 }
 
 /// Another app's cookie that is not ASCII (`lang=français`, set by an upstream on this host or
