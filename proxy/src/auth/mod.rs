@@ -253,6 +253,10 @@ pub struct ClientTokenMarks {
     /// principal's.
     #[serde(default)]
     oid: Option<String>,
+    /// The scopes a person delegated: an Entra ID token that has them is a person's, never
+    /// an app-only one (Azure AD B2C's carry a person's `sub` and `oid`, the same id).
+    #[serde(default)]
+    scp: Option<serde::de::IgnoredAny>,
     /// Entra ID's optional claim: `app` for an app-only token, `user` for a person's.
     #[serde(default)]
     idtyp: Option<String>,
@@ -266,7 +270,8 @@ pub struct ClientTokenMarks {
 /// - RFC 9068 (oidc-provider, and others that follow it): `sub` is the client's id
 ///   (`client_id`, or `azp`);
 /// - Okta: `sub` equals `cid`;
-/// - Microsoft Entra ID: `idtyp` is `app`, or `sub` equals `oid` (v2) or `appid` (v1);
+/// - Microsoft Entra ID: `idtyp` is `app`, or `sub` equals `oid` (v2; a token with delegated
+///   scopes, `scp`, is a person's: Azure AD B2C's have `sub` = `oid`) or `appid` (v1);
 /// - Auth0: `gty` is `client-credentials`.
 ///
 /// A token without any of these marks is a person's.
@@ -284,7 +289,7 @@ pub fn is_client_token(
         azp,
         marks.cid.as_deref(),
         marks.appid.as_deref(),
-        marks.oid.as_deref(),
+        marks.oid.as_deref().filter(|_| marks.scp.is_none()),
     ]
     .into_iter()
     .flatten()
@@ -938,6 +943,12 @@ mod tests {
             // idtyp decides alone: a person's token is not an app's because an id repeats.
             (json!({"sub": "x", "oid": "x", "idtyp": "user"}), false),
             (json!({"sub": "app-1", "appid": "app-1"}), true),
+            // Azure AD B2C: a person's token with their object id as both sub and oid, and
+            // the scopes they delegated.
+            (
+                json!({"sub": "u-1", "oid": "u-1", "azp": "app-1", "scp": "read", "tfp": "B2C_1_signin"}),
+                false,
+            ),
             // Auth0: gty.
             (
                 json!({"sub": "abc@clients", "azp": "abc", "gty": "client-credentials"}),
