@@ -240,6 +240,7 @@ impl OwnKey {
 /// A tiny HTTP server publishing a key set at every path, counting fetches.
 struct KeyServer {
     addr: SocketAddr,
+    body: Arc<Mutex<String>>,
     fetches: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -249,6 +250,7 @@ impl KeyServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let body = Arc::new(Mutex::new(serde_json::to_string(jwks).expect("JWKS JSON")));
+        let published = body.clone();
         let fetches = Arc::new(AtomicUsize::new(0));
         let counter = fetches.clone();
         let task = tokio::spawn(async move {
@@ -279,9 +281,15 @@ impl KeyServer {
         });
         KeyServer {
             addr,
+            body: published,
             fetches,
             task,
         }
+    }
+
+    /// Publishes `jwks` from now on (the issuer rotated).
+    fn publish(&self, jwks: &JwkSet) {
+        *self.body.lock().expect("JWKS body") = serde_json::to_string(jwks).expect("JWKS JSON");
     }
 
     fn issuer(&self) -> String {
@@ -1077,4 +1085,55 @@ async fn idp_tokens_are_accepted_with_the_default_algorithm_list() {
         }),
     );
     assert_accepted(&own.url("api.test", "/v1"), &token, "an ES256 token").await;
+}
+
+/// An issuer that kept a key's name for its new key (or names no key in its tokens) rotates:
+/// a token the new key signed makes Portcullis fetch the set again (at most every 10 s), as a
+/// token naming an unknown key does, rather than refusing it until `jwks_refresh` (5 minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_key_under_an_old_key_s_name_is_fetched_when_a_token_needs_it() {
+    for kid in [Some("signing"), None] {
+        let named = |key: &OwnKey| {
+            let mut jwk = key.jwk.clone();
+            if kid.is_none() {
+                jwk.common.key_id = None;
+            }
+            JwkSet { keys: vec![jwk] }
+        };
+        let (old, new) = (OwnKey::es256("signing"), OwnKey::es256("signing"));
+        let keys = KeyServer::start(&named(&old)).await;
+        let fx = Fixture::start_with(Options {
+            extra_issuers: vec![JwtIssuer::new(&keys.issuer(), &[OWN_AUD])
+                .jwks_uri(&keys.jwks_uri())
+                .set("algorithms", "[\"ES256\"]")],
+            ..Options::default()
+        })
+        .await;
+        let url = fx.url("api.test", "/v1/own");
+        let claims = json!({
+            "iss": keys.issuer(), "aud": OWN_AUD, "sub": "agent-7", "client_id": "agent-7",
+            "exp": now_unix() + 600,
+        });
+        assert_accepted(&url, &old.sign(kid, &claims), "a token of the old key").await;
+        keys.publish(&named(&new));
+        let token = new.sign(kid, &claims);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = bearer(&url, &token).await;
+            if status == StatusCode::OK {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kid {kid:?}: a token of the new key still refused 60 s after the rotation: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_refused(
+            &url,
+            &old.sign(kid, &claims),
+            "a token of the withdrawn key",
+        )
+        .await;
+    }
 }

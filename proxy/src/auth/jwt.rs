@@ -345,35 +345,69 @@ impl Jwks {
         if !validation.algorithms.contains(&header.alg) {
             return Err(JwtError::Algorithm);
         }
-        let mut keys = self.candidates(header.kid.as_deref(), header.alg);
-        if keys.is_empty() {
-            // Unknown key: the IdP may have rotated. Refetch (rate-limited) and look again.
-            let _ = self.refresh(false).await;
-            keys = self.candidates(header.kid.as_deref(), header.alg);
-        }
-        if keys.is_empty() {
-            return Err(JwtError::UnknownKey);
-        }
         // Verify with exactly the token's (allowed) algorithm: jsonwebtoken refuses a key whose
         // family differs from any algorithm in the list, and the list spans families.
         let mut exact = validation.clone();
         exact.algorithms = vec![header.alg];
-        let mut last = JwtError::UnknownKey;
-        for key in keys {
-            match jsonwebtoken::decode::<T>(token, &key.key, &exact) {
-                Ok(data) => {
-                    return Ok(Verified {
-                        claims: data.claims,
-                        kid: header.kid,
-                        alg: header.alg,
-                        key: key.thumbprint,
-                    })
+        let kid = header.kid.as_deref();
+        let generation = self.generation.load(Ordering::Acquire);
+        let verified = match verify_with(token, &self.candidates(kid, header.alg), &exact) {
+            // An unknown key, or a signature no key of the name verifies (an issuer whose
+            // tokens name no key, or that kept a key's name for a new key): the IdP may have
+            // rotated. Refetch (rate-limited) and try again with what it publishes now.
+            Err(refused @ (Refused::NoKey | Refused::Signature)) => {
+                let _ = self.refresh(false).await;
+                if self.generation.load(Ordering::Acquire) == generation {
+                    Err(refused)
+                } else {
+                    verify_with(token, &self.candidates(kid, header.alg), &exact)
                 }
-                Err(e) => last = JwtError::Invalid(refusal(e.kind()).into()),
             }
-        }
-        Err(last)
+            other => other,
+        };
+        let (key, claims) = verified.map_err(|refused| match refused {
+            Refused::NoKey => JwtError::UnknownKey,
+            Refused::Signature => JwtError::Invalid(SIGNATURE.into()),
+            Refused::Other(e) => e,
+        })?;
+        Ok(Verified {
+            claims,
+            kid: header.kid,
+            alg: header.alg,
+            key: key.thumbprint,
+        })
     }
+}
+
+const SIGNATURE: &str = "its signature does not verify";
+
+/// Why no key verified a token.
+enum Refused {
+    NoKey,
+    /// Some keys, none whose signature verifies.
+    Signature,
+    Other(JwtError),
+}
+
+/// The first of `keys` that verifies `token`, and its claims.
+fn verify_with<T: DeserializeOwned>(
+    token: &str,
+    keys: &[Key],
+    exact: &Validation,
+) -> Result<(Key, T), Refused> {
+    let mut last = Refused::NoKey;
+    for key in keys {
+        match jsonwebtoken::decode::<T>(token, &key.key, exact) {
+            Ok(data) => return Ok((key.clone(), data.claims)),
+            Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                if matches!(last, Refused::NoKey) {
+                    last = Refused::Signature;
+                }
+            }
+            Err(e) => last = Refused::Other(JwtError::Invalid(refusal(e.kind()).into())),
+        }
+    }
+    Err(last)
 }
 
 /// Why jsonwebtoken refused a token, in words that never quote it: its own messages may
@@ -384,7 +418,7 @@ fn refusal(kind: &ErrorKind) -> &'static str {
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
             "it is not a well-formed JWT"
         }
-        ErrorKind::InvalidSignature => "its signature does not verify",
+        ErrorKind::InvalidSignature => SIGNATURE,
         ErrorKind::ExpiredSignature => "it has expired",
         ErrorKind::ImmatureSignature => "it is not valid yet (nbf)",
         ErrorKind::InvalidIssuer => "it is from another issuer",
