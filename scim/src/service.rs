@@ -942,7 +942,7 @@ fn parse_json(body: &[u8]) -> Result<Value> {
 
 /// Takes `password` out of a resource or a path-less PATCH value of type `rt`, so that only its
 /// hash reaches the store: under its own name or its schema's full one (`urn:…:User:password`,
-/// as clients that qualify every attribute send it), the last if both. One that is not a string
+/// as clients that qualify every attribute send it; one of them if both). One that is not a string
 /// is refused, never dropped: the request would be answered as done with the password unchanged.
 fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String>> {
     let Some(obj) = resource.as_object_mut() else {

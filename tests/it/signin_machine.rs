@@ -1090,22 +1090,37 @@ async fn idp_tokens_are_accepted_with_the_default_algorithm_list() {
 /// An issuer that kept a key's name for its new key (or names no key in its tokens) rotates:
 /// a token the new key signed makes Portcullis fetch the set again (at most every 10 s), as a
 /// token naming an unknown key does, rather than refusing it until `jwks_refresh` (5 minutes).
+/// Also where a key of another family has the same name and no `alg` (a candidate for every
+/// algorithm, which verifies none of this one's).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_key_under_an_old_key_s_name_is_fetched_when_a_token_needs_it() {
-    for kid in [Some("signing"), None] {
-        let named = |key: &OwnKey| {
+    let beside = OwnKey::ed25519("signing");
+    for (kid, mixed) in [
+        (Some("signing"), false),
+        (None, false),
+        (Some("signing"), true),
+    ] {
+        let published = |key: &OwnKey| {
             let mut jwk = key.jwk.clone();
             if kid.is_none() {
                 jwk.common.key_id = None;
             }
-            JwkSet { keys: vec![jwk] }
+            if !mixed {
+                return JwkSet { keys: vec![jwk] };
+            }
+            let mut other = beside.jwk.clone();
+            other.common.key_algorithm = None;
+            jwk.common.key_algorithm = None;
+            JwkSet {
+                keys: vec![other, jwk],
+            }
         };
         let (old, new) = (OwnKey::es256("signing"), OwnKey::es256("signing"));
-        let keys = KeyServer::start(&named(&old)).await;
+        let keys = KeyServer::start(&published(&old)).await;
         let fx = Fixture::start_with(Options {
             extra_issuers: vec![JwtIssuer::new(&keys.issuer(), &[OWN_AUD])
                 .jwks_uri(&keys.jwks_uri())
-                .set("algorithms", "[\"ES256\"]")],
+                .set("algorithms", "[\"ES256\", \"EdDSA\"]")],
             ..Options::default()
         })
         .await;
@@ -1114,8 +1129,9 @@ async fn a_new_key_under_an_old_key_s_name_is_fetched_when_a_token_needs_it() {
             "iss": keys.issuer(), "aud": OWN_AUD, "sub": "agent-7", "client_id": "agent-7",
             "exp": now_unix() + 600,
         });
-        assert_accepted(&url, &old.sign(kid, &claims), "a token of the old key").await;
-        keys.publish(&named(&new));
+        let what = format!("kid {kid:?}, mixed {mixed}");
+        assert_accepted(&url, &old.sign(kid, &claims), &what).await;
+        keys.publish(&published(&new));
         let token = new.sign(kid, &claims);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -1125,15 +1141,24 @@ async fn a_new_key_under_an_old_key_s_name_is_fetched_when_a_token_needs_it() {
             }
             assert!(
                 Instant::now() < deadline,
-                "kid {kid:?}: a token of the new key still refused 60 s after the rotation: {body}"
+                "{what}: a token of the new key still refused 60 s after the rotation: {body}"
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        assert_refused(
-            &url,
-            &old.sign(kid, &claims),
-            "a token of the withdrawn key",
-        )
-        .await;
+        // Tokens no published key verifies have the set fetched at most every 10 s.
+        let fetched = keys.fetches();
+        for _ in 0..5 {
+            assert_refused(
+                &url,
+                &old.sign(kid, &claims),
+                "a token of the withdrawn key",
+            )
+            .await;
+        }
+        assert!(
+            keys.fetches() <= fetched + 1,
+            "{what}: {} fetches",
+            keys.fetches() - fetched
+        );
     }
 }

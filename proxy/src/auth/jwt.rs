@@ -384,12 +384,15 @@ const SIGNATURE: &str = "its signature does not verify";
 /// Why no key verified a token.
 enum Refused {
     NoKey,
-    /// Some keys, none whose signature verifies.
+    /// Some keys, none that verifies the signature.
     Signature,
+    /// A key verified the signature, and the token was refused for what it says.
     Other(JwtError),
 }
 
-/// The first of `keys` that verifies `token`, and its claims.
+/// The first of `keys` that verifies `token`, and its claims. A key of another family than
+/// the token's algorithm (a key that names no `alg` is a candidate for every one) verifies no
+/// signature, as a key of the family whose signature does not verify.
 fn verify_with<T: DeserializeOwned>(
     token: &str,
     keys: &[Key],
@@ -399,7 +402,16 @@ fn verify_with<T: DeserializeOwned>(
     for key in keys {
         match jsonwebtoken::decode::<T>(token, &key.key, exact) {
             Ok(data) => return Ok((key.clone(), data.claims)),
-            Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::InvalidSignature
+                        | ErrorKind::InvalidAlgorithm
+                        | ErrorKind::InvalidEcdsaKey
+                        | ErrorKind::InvalidRsaKey(_)
+                        | ErrorKind::InvalidKeyFormat
+                ) =>
+            {
                 if matches!(last, Refused::NoKey) {
                     last = Refused::Signature;
                 }

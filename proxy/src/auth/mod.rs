@@ -933,6 +933,10 @@ mod tests {
             ),
             (json!({"sub": "sp-1", "oid": "sp-1", "azp": "app-1"}), true),
             (
+                json!({"sub": "sp-1", "oid": "sp-1", "azp": "app-1", "roles": ["Reports.Read"]}),
+                true,
+            ),
+            (
                 json!({"sub": "pairwise", "oid": "user-1", "azp": "app-1"}),
                 false,
             ),

@@ -998,11 +998,10 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
         let resource = record.resource.as_object()?;
         // An extension's attribute is in the extension's object; a core one, however written
         // (`userName`, `urn:…:core:2.0:User:userName`), at the top.
-        let within = by
-            .schema
-            .as_deref()
-            .and_then(|schema| get_ci(resource, schema)?.as_object())
-            .unwrap_or(resource);
+        let within = match by.schema.as_deref() {
+            Some(schema) if !is_core_schema(schema) => get_ci(resource, schema)?.as_object()?,
+            _ => resource,
+        };
         let mut top = get_ci(within, &by.name)?;
         // A multi-valued attribute sorts by its primary value, else its first (RFC 7644
         // §3.4.2.3); a complex one's by `value` unless a sub-attribute is named.
@@ -1025,19 +1024,25 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
         })
     };
     // Stable: equal keys keep creation order. Missing values sort last either way (RFC 7644
-    // §3.4.2.3).
-    records.sort_by(|a, b| {
-        let (ka, kb) = (key(a), key(b));
-        match (ka, kb) {
-            (Some(a), Some(b)) => match order {
-                SortOrder::Ascending => a.cmp(&b),
-                SortOrder::Descending => b.cmp(&a),
-            },
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => std::cmp::Ordering::Equal,
-        }
-    });
+    // §3.4.2.3). Each record's key is made once.
+    match order {
+        SortOrder::Ascending => records.sort_by_cached_key(|r| {
+            let key = key(r);
+            (key.is_none(), key)
+        }),
+        SortOrder::Descending => records.sort_by_cached_key(|r| {
+            let key = key(r);
+            (key.is_none(), std::cmp::Reverse(key))
+        }),
+    }
+}
+
+/// Whether `urn` is one of SCIM's core schemas (`urn:ietf:params:scim:schemas:core:2.0:User`),
+/// whose attributes are at the top of a resource.
+fn is_core_schema(urn: &str) -> bool {
+    const CORE: &str = "urn:ietf:params:scim:schemas:core:";
+    urn.get(..CORE.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(CORE))
 }
 
 /// Reads the whole of `storage` into a new index, and the entries kept beside it.
