@@ -16,13 +16,18 @@ use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
 use crate::reply::escape;
 
+/// Most group members [`named_users`] walks in one read of the index. Past it the groups are
+/// large, and everyone is judged instead, a few thousand at a time: a million-member group
+/// walked at once would hold up SCIM writes, and the requests waiting behind them.
+const NAMED_WALK: usize = 4_096;
+
 /// Every user an allow rule of `route` could let in, in no order and perhaps more than once
-/// (sorted by the caller, once the index is no longer held: a million-member group must not
-/// hold up writes while it is sorted), when its rules name only groups (`groups`,
-/// `group_ids`: their members, through nested groups too) and users (`users`); `None` when a
-/// rule may let in anyone (`any_signed_in`, `email_domains`, `machines`, `public`). Agent
-/// criteria let in no user.
-fn named_users(route: &Route, index: &Index) -> Option<Vec<Row>> {
+/// (sorted by the caller, once the index is no longer held), when its rules name only groups
+/// (`groups`, `group_ids`: their members, through nested groups too) of at most `walk` members
+/// in all, and users (`users`); `None` when a rule may let in anyone (`any_signed_in`,
+/// `email_domains`, `machines`, `public`) or the groups hold more. Agent criteria let in no
+/// user.
+fn named_users(route: &Route, index: &Index, walk: usize) -> Option<Vec<Row>> {
     let mut groups: Vec<Row> = Vec::new();
     let mut users: Vec<Row> = Vec::new();
     for rule in &route.allow {
@@ -40,9 +45,14 @@ fn named_users(route: &Route, index: &Index) -> Option<Vec<Row>> {
         }
     }
     let mut seen = std::collections::HashSet::new();
+    let mut walked = 0usize;
     while let Some(group) = groups.pop() {
         if !seen.insert(group) {
             continue;
+        }
+        walked = walked.saturating_add(index.member_count(group));
+        if walked > walk {
+            return None;
         }
         for member in index.members_of(group) {
             if index.group(member).is_some() {
@@ -128,7 +138,10 @@ impl Console {
                 users.push((row, via));
             }
         };
-        let users = match self.directory.read(|index| named_users(route, index)) {
+        let users = match self
+            .directory
+            .read(|index| named_users(route, index, NAMED_WALK))
+        {
             Some(mut candidates) => {
                 candidates.sort_unstable();
                 candidates.dedup();
@@ -291,8 +304,9 @@ impl Console {
             "user",
         ));
         if !reach.agents.is_empty() {
+            // Paged with the users, by the same page number.
             html.push_str("<h2>Agents</h2><ul>");
-            for (id, name) in reach.agents.iter().take(PAGE_SIZE) {
+            for (id, name) in reach.agents.iter().skip(skip).take(PAGE_SIZE) {
                 html.push_str(&format!(
                     "<li><a href=\"{}\">{}</a></li>",
                     link(&format!("agents/{}", format_id(*id))),
@@ -300,6 +314,13 @@ impl Console {
                 ));
             }
             html.push_str("</ul>");
+            html.push_str(&pager(
+                &format!("routes/{index}"),
+                &[("method", &asked.method), ("path", &asked.path)],
+                params,
+                reach.agents.len(),
+                "agent",
+            ));
         }
         Some(Shown {
             title: route.name.clone(),
@@ -581,4 +602,34 @@ fn where_of(rule: &RuleSpec) -> String {
         .as_ref()
         .map_or_else(|| "any path".to_owned(), |p| p.join(", "));
     format!("{methods}; {paths}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::World;
+
+    /// A route's groups are walked in one read of the index only while they are small: past
+    /// the bound, everyone is judged a few thousand at a time instead (same answer, see
+    /// `who_can_reach_agrees_with_the_gate_under_every_mapping`).
+    #[tokio::test]
+    async fn a_route_s_groups_are_walked_at_once_only_while_small() {
+        let world = World::new();
+        let a = world.user("a@corp.example").await;
+        let b = world.user("b@corp.example").await;
+        let c = world.user("c@corp.example").await;
+        let platform = world.group("platform", &[&c]).await;
+        world.group("eng", &[&a, &b, &platform]).await;
+        // `http://api.test`: `allow = { groups = ["eng"] }`.
+        let route = &world.config.routes[1];
+        let named = |walk| {
+            world
+                .directory
+                .read(|index| named_users(route, index, walk))
+        };
+        let mut users = named(4).expect("eng and platform hold 4 members");
+        users.sort_unstable();
+        assert_eq!(users.len(), 3, "{users:?}");
+        assert_eq!(named(3), None, "past the bound, everyone is judged");
+    }
 }

@@ -312,6 +312,43 @@ mod pages {
         }
     }
 
+    /// A route's page lists every agent it lets in, paged as its users are.
+    #[tokio::test]
+    async fn a_route_page_pages_its_agents() {
+        let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                    accept = [\"bearer\"]\nallow = { agent_groups = [\"bots\"] }";
+        let world = World::with(crate::testing::config(bots));
+        let alice = world.user("alice@corp.example").await;
+        let app = world.application("assistant").await;
+        let mut agents = Vec::new();
+        for i in 0..60 {
+            agents.push(
+                world
+                    .agent(&format!("bot-{i:02}"), &[&alice], &[&app], None)
+                    .await,
+            );
+        }
+        let members: Vec<&str> = agents.iter().map(String::as_str).collect();
+        world.group("bots", &members).await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let route = console.runtime.config.routes.len() - 1;
+        let first = console.get(&format!("routes/{route}"), "");
+        let first = text(&first);
+        assert!(first.contains("<strong>60</strong> agents"), "{first}");
+        assert!(
+            first.contains(">bot-49<") && !first.contains(">bot-50<"),
+            "{first}"
+        );
+        assert!(first.contains("60 agents · page 1 of 2"), "{first}");
+        let second = console.get(&format!("routes/{route}"), "page=2");
+        let second = text(&second);
+        assert!(
+            second.contains(">bot-59<") && !second.contains(">bot-49<"),
+            "{second}"
+        );
+    }
+
     #[tokio::test]
     async fn the_directory_is_shown_live_searched_and_paged() {
         let world = World::new();
