@@ -245,6 +245,45 @@ allow = { any_signed_in = true }
             ],
         },
         Case {
+            name: "session routes a shared cookie never reaches",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.corp.example.com"
+cookie_domain = ".corp.example.com"
+[[routes]]
+from = "https://grafana.corp.example.net"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "http://wiki.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://*.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://*.apps.corp.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://corp.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://public.example.net"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
+"#,
+            // Under the domain over https, the domain itself, and public routes are fine.
+            problems: &[
+                ("routes[0].from", None, "not under cookie_domain `.corp.example.com`"),
+                ("routes[1].from", None, "sessions over plain HTTP"),
+                ("routes[2].from", None, "not under cookie_domain"),
+            ],
+        },
+        Case {
             name: "a `*.` route deeper than a host's own route",
             text: r#"data_dir = "data"
 LISTENERS

@@ -250,6 +250,39 @@ pub(crate) fn convert(
             }
         }
     }
+    // Under a `cookie_domain` every host signs in with the one cookie the auth host sets. A
+    // route outside the domain never gets it, nor (named `__Secure-` when the auth host is
+    // https) a plain-HTTP one: each sign-in would end where it began, again and again.
+    if let Some(Some(oidc)) = &oidc {
+        if let Some(domain) = &oidc.cookie_domain {
+            for (i, route) in routes.iter().enumerate() {
+                let Some(route) = route
+                    .as_ref()
+                    .filter(|r| r.accept.contains(&Credential::Session))
+                else {
+                    continue;
+                };
+                let host = route.host.strip_prefix('*').unwrap_or(&route.host);
+                let under = host.ends_with(domain.as_str()) || Some(host) == domain.get(1..);
+                let problem = if !under {
+                    format!(
+                        "takes sessions, but its host is not under cookie_domain `{domain}`: the \
+                         session cookie never reaches it, and sign-in would start over and over \
+                         (serve it under the domain, or take only bearer tokens here)"
+                    )
+                } else if route.scheme == Scheme::Http && oidc.auth_scheme == Scheme::Https {
+                    format!(
+                        "takes sessions over plain HTTP, but the session cookie shared under \
+                         `{domain}` is sent only over https (auth_scheme): sign-in would start \
+                         over and over (serve it over https)"
+                    )
+                } else {
+                    continue;
+                };
+                p.add(&root.key("routes").index(i).key("from"), problem);
+            }
+        }
+    }
     let identity = identity(file.identity, &root.key("identity"), p);
     // Entra ID puts `oid` in an ID token only when the sign-in asks for `profile`, and its
     // UserInfo has no `oid`: without it, everyone would be refused.
@@ -1940,8 +1973,8 @@ fn auth_host(raw: String) -> Result<AuthHost, String> {
 }
 
 /// A `.parent.domain` covering `auth_host`, so that the cookie the callback sets reaches
-/// every host under it. Route hosts are not checked: which routes share it is the operator's
-/// choice.
+/// every host under it. (The routes that take sessions are checked to be under it once they
+/// are read.)
 fn cookie_domain(domain: String, auth_host: Option<&AuthHost>) -> Result<String, String> {
     let Some(name) = domain.strip_prefix('.') else {
         return Err(format!(
