@@ -1977,9 +1977,20 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
     // Replayed: refused.
     let alice2 = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     assert_eq!(
-        post(token).await,
+        post(token.clone()).await,
         StatusCode::BAD_REQUEST,
         "a replayed token"
+    );
+    assert_session_works(&page, &alice2.cookie).await;
+
+    // Still after a restart: the tokens used are kept with the sessions, not in memory only.
+    let mut fx = fx;
+    fx.px.kill_hard();
+    fx.px.restart().await;
+    assert_eq!(
+        post(token).await,
+        StatusCode::BAD_REQUEST,
+        "a token replayed after a restart"
     );
     assert_session_works(&page, &alice2.cookie).await;
 }

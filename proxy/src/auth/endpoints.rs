@@ -516,7 +516,20 @@ impl Auth {
             return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
         };
         let now = now_unix();
-        let logout = match self.oidc.verify_logout_token(oidc, &token, now).await {
+        // Used once, fleet-wide: one this replica has not seen may have been taken by another,
+        // or before a restart.
+        let verified = self
+            .oidc
+            .verify_logout_token(oidc, &token, now)
+            .await
+            .and_then(|logout| {
+                if self.sessions.logout_token_used(&oidc.issuer, &logout.jti) {
+                    let used = "this logout token was already used".to_owned();
+                    return Err(crate::auth::JwtError::Invalid(used));
+                }
+                Ok(logout)
+            });
+        let logout = match verified {
             Ok(logout) => logout,
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
@@ -530,10 +543,13 @@ impl Auth {
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
-        Ok(match self.sessions.end(&keys).await {
+        let ending = self
+            .sessions
+            .end_for_logout(&keys, &oidc.issuer, &logout.jti, logout.until);
+        Ok(match ending.await {
             Ok(()) => {
                 // Whom the IdP signed out: the people whose sessions these were. None held
-                // (a token sent again, or to another replica after the first): nothing ended.
+                // (signed out already): nothing ended.
                 let mut people: Vec<String> = found
                     .iter()
                     .map(|(_, s)| Principal::Person(&s.identity).log_name())

@@ -790,6 +790,7 @@ impl Oidc {
             sub: claims.sub,
             sid: claims.sid,
             jti,
+            until: iat.max(now).saturating_add(PENDING_FOR),
         })
     }
 
@@ -811,7 +812,9 @@ impl Oidc {
 pub struct LoggedOut {
     pub sub: Option<String>,
     pub sid: Option<String>,
-    jti: String,
+    pub jti: String,
+    /// Until when (Unix seconds) the token could be taken again: kept as used until then.
+    pub until: u64,
 }
 
 impl LoggedOut {
@@ -997,6 +1000,7 @@ mod tests {
             sub,
             sid: sid.map(str::to_owned),
             jti: "j".to_owned(),
+            until: 0,
         };
         let by_sid = logout(sub.clone(), Some("s1"));
         assert!(by_sid.ends(&person(Some("s1")), issuer));

@@ -44,6 +44,10 @@ pub const SESSION_SEEN: &str = "session-seen";
 pub const SESSION_REFRESH: &str = "session-refresh";
 /// The entry kind of a key that seals sign-ins in progress (see [`super::sealed`]).
 pub const SEALING_KEY: &str = "sealing-key";
+/// A back-channel logout token used: keyed by the SHA-256 of its issuer and `jti`, until the
+/// Unix second it could no longer be taken. Shared, so that one sent again to another replica,
+/// or after a restart, ends nothing (a session signed in since, say).
+pub const LOGOUT_TOKEN: &str = "logout-token";
 
 /// The directory writer's actor name for session writes.
 const ACTOR: &str = "portcullis sessions";
@@ -289,6 +293,16 @@ fn key_of(id: &str) -> SessionKey {
     Sha256::digest(id.as_bytes()).into()
 }
 
+/// A [`LOGOUT_TOKEN`]'s key: the SHA-256 of its issuer and `jti` (URL-safe base64).
+fn logout_token_key(issuer: &str, jti: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(issuer.as_bytes())
+        .chain_update([0])
+        .chain_update(jti.as_bytes())
+        .finalize();
+    URL_SAFE_NO_PAD.encode(digest)
+}
+
 /// What Portcullis keeps beside the directory, held in memory and kept current by the
 /// directory's writer (it is the directory's [`EntrySink`], and only its thread calls it):
 /// every session, the keys that seal sign-ins in progress, and (with a shared store) the
@@ -306,6 +320,8 @@ pub struct Kept {
     ending: dashmap::DashSet<SessionKey>,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: Watched,
+    /// The [`LOGOUT_TOKEN`]s used, by key, with the second until which each is kept.
+    logout_tokens: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// By name; the first one seals (so every replica seals with the same key).
     sealing: ArcSwap<Vec<(String, Arc<Sealer>)>>,
     /// The shared identity-assertion keys, `(kid, text)` (see [`crate::assertion`]), and who
@@ -338,6 +354,14 @@ impl Kept {
 
     /// Applies one entry (not a key); returns whether it ended a session.
     fn keep(&self, entry: &Entry) -> bool {
+        if entry.kind == LOGOUT_TOKEN {
+            let mut used = lock(&self.logout_tokens);
+            match entry.value.as_deref().map(str::parse) {
+                Some(Ok(until)) => used.insert(entry.key.clone(), until),
+                _ => used.remove(&entry.key),
+            };
+            return false;
+        }
         let Some(key) = parse_key(&entry.key) else {
             return false;
         };
@@ -437,10 +461,10 @@ impl EntrySink for Kept {
             kept
         });
         lock(&self.orphans).clear();
-        for entry in entries
-            .iter()
-            .filter(|e| e.kind == SESSION_SEEN || e.kind == SESSION_REFRESH)
-        {
+        lock(&self.logout_tokens).clear();
+        for entry in entries.iter().filter(|e| {
+            e.kind == SESSION_SEEN || e.kind == SESSION_REFRESH || e.kind == LOGOUT_TOKEN
+        }) {
             self.keep(entry);
         }
         if removed > 0 {
@@ -618,7 +642,12 @@ impl Sessions {
     /// If the store refuses, the sessions are put back here (unless another end reached them
     /// meanwhile): not ended anywhere, they must still be found by a retry.
     pub async fn end(&self, keys: &[SessionKey]) -> Result<(), String> {
-        if keys.is_empty() {
+        self.end_with(keys, Vec::new()).await
+    }
+
+    /// [`Sessions::end`], keeping `entries` in the same write.
+    async fn end_with(&self, keys: &[SessionKey], entries: Vec<Entry>) -> Result<(), String> {
+        if keys.is_empty() && entries.is_empty() {
             return Ok(());
         }
         let mut taken = Vec::new();
@@ -629,7 +658,8 @@ impl Sessions {
             }
         }
         self.kept.ended();
-        let stored = put(&self.directory, keys.iter().flat_map(forget).collect()).await;
+        let written = keys.iter().flat_map(forget).chain(entries).collect();
+        let stored = put(&self.directory, written).await;
         if stored.is_err() {
             for (key, session) in taken {
                 if self.kept.ending.remove(&key).is_some() {
@@ -638,6 +668,29 @@ impl Sessions {
             }
         }
         stored
+    }
+
+    /// Whether a back-channel logout token of `issuer` with this `jti` was used, here or on
+    /// another replica, and is still kept.
+    pub fn logout_token_used(&self, issuer: &str, jti: &str) -> bool {
+        lock(&self.kept.logout_tokens).contains_key(&logout_token_key(issuer, jti))
+    }
+
+    /// Ends the sessions `keys` for a back-channel logout token of `issuer` with this `jti`,
+    /// and keeps the token as used until `until` (Unix seconds), in one write.
+    pub async fn end_for_logout(
+        &self,
+        keys: &[SessionKey],
+        issuer: &str,
+        jti: &str,
+        until: u64,
+    ) -> Result<(), String> {
+        let used = Entry {
+            kind: LOGOUT_TOKEN.to_owned(),
+            key: logout_token_key(issuer, jti),
+            value: Some(until.to_string()),
+        };
+        self.end_with(keys, vec![used]).await
     }
 
     /// Whether the refresh of session `id` that the refresh token `used` was refused for has
@@ -713,6 +766,16 @@ impl Sessions {
             }
         }
         let orphans: Vec<(String, String)> = lock(&self.kept.orphans).iter().cloned().collect();
+        let spent: Vec<String> = lock(&self.kept.logout_tokens)
+            .iter()
+            .filter(|(_, until)| **until < now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        entries.extend(spent.into_iter().map(|key| Entry {
+            kind: LOGOUT_TOKEN.to_owned(),
+            key,
+            value: None,
+        }));
         entries.extend(orphans.into_iter().map(|(kind, key)| Entry {
             kind,
             key,
@@ -837,6 +900,40 @@ mod tests {
             sessions: Sessions::new(kept.clone(), Arc::new(directory)),
             kept,
         }
+    }
+
+    /// A logout token used is kept with the sessions (so across a restart) until it could no
+    /// longer be taken, then forgotten by `maintain`.
+    #[tokio::test]
+    async fn a_used_logout_token_is_kept_until_it_could_no_longer_be_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let issuer = "https://idp.example";
+        sessions
+            .end_for_logout(&[], issuer, "jti-1", 1_000)
+            .await
+            .unwrap();
+        assert!(sessions.logout_token_used(issuer, "jti-1"));
+        assert!(!sessions.logout_token_used(issuer, "jti-2"));
+        assert!(!sessions.logout_token_used("https://other.example", "jti-1"));
+        drop(sessions);
+        let sessions = open(dir.path()).sessions;
+        assert!(
+            sessions.logout_token_used(issuer, "jti-1"),
+            "kept across a restart"
+        );
+        sessions.maintain(1_000, 3600, 60).await.unwrap();
+        assert!(
+            sessions.logout_token_used(issuer, "jti-1"),
+            "still takeable at 1000"
+        );
+        sessions.maintain(1_001, 3600, 60).await.unwrap();
+        assert!(
+            !sessions.logout_token_used(issuer, "jti-1"),
+            "forgotten after"
+        );
+        drop(sessions);
+        assert!(!open(dir.path()).sessions.logout_token_used(issuer, "jti-1"));
     }
 
     #[tokio::test]
