@@ -730,9 +730,17 @@ impl ProxyHttp for Proxy {
         ctx.caller = caller;
         ctx.long_lived = long_lived;
         ctx.forward = pass.forward;
-        if content_length(req).is_some_and(|len| len > route.config.max_request_body_bytes) {
+        let declared = content_length(req);
+        if declared.is_some_and(|len| len > route.config.max_request_body_bytes) {
             return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
+        // A length said more than once goes upstream said once (below): Go, Node and hyper
+        // refuse `Content-Length: 1000, 1000`.
+        let said_again = declared.filter(|_| {
+            let mut said = req.headers.get_all(header::CONTENT_LENGTH).iter();
+            let once = said.next().is_some_and(|v| !v.as_bytes().contains(&b','));
+            !(once && said.next().is_none())
+        });
         // Recorded once nothing here refuses it any more.
         self.shared.audit.allow_sampled(
             runtime.config.identity.allow_sample_rate,
@@ -754,6 +762,12 @@ impl ProxyHttp for Proxy {
         if long_lived {
             // Watched from the moment it connects upstream (`connected_to_upstream`).
             ctx.recheck(session.req_header());
+        }
+        if let Some(len) = said_again {
+            session
+                .req_header_mut()
+                .insert_header(header::CONTENT_LENGTH, len)
+                .or_err(ErrorType::InvalidHTTPHeader, "cannot say the body's length")?;
         }
         Ok(false)
     }
@@ -2096,15 +2110,23 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
     length_of(&req.headers)
 }
 
-/// The `Content-Length` `headers` say, if one.
-fn length_of(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The `Content-Length` `headers` say, if one: as pingora frames the body by it, one length
+/// however many times it is said (`2048, 2048`, or in several field lines: RFC 9110 §8.6).
+pub(crate) fn length_of(headers: &http::HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for said in value.to_str().ok()?.split(',').map(str::trim) {
+            if said.is_empty() || !said.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let said = said.parse().ok()?;
+            if length.is_some_and(|length| length != said) {
+                return None;
+            }
+            length = Some(said);
+        }
+    }
+    length
 }
 
 /// Answers up to this long are written without a timeout: they fit the socket's buffers.

@@ -129,12 +129,8 @@ impl Scim {
         };
 
         let limit = self.service.limits().max_body_bytes;
-        let declared = req
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        if declared.is_some_and(|len| len > limit) {
+        let declared = crate::proxy::length_of(&req.headers);
+        if declared.is_some_and(|len| len > limit as u64) {
             return too_large(session, limit).await;
         }
         let header_value = |name: header::HeaderName| {

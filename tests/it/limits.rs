@@ -9,9 +9,14 @@ use portcullis_tests::client::chunked;
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
 
 fn post_with_length(host: &str, path: &str, len: usize) -> Vec<u8> {
+    post_saying_length(host, path, &len.to_string(), len)
+}
+
+/// A POST of `len` bytes whose `Content-Length` says `says`.
+fn post_saying_length(host: &str, path: &str, says: &str, len: usize) -> Vec<u8> {
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n\
-         Content-Length: {len}\r\nConnection: close\r\n\r\n"
+         Content-Length: {says}\r\nConnection: close\r\n\r\n"
     )
     .into_bytes();
     req.extend(std::iter::repeat_n(b'a', len));
@@ -58,6 +63,17 @@ async fn oversized_bodies_are_413() {
             413,
             "route limit, over, Content-Length",
         ),
+        // One length said twice (RFC 9110 §8.6), as pingora reads it.
+        (
+            post_saying_length(&small, "/over-cl-list", "2048, 2048", 2048),
+            413,
+            "route limit, over, a Content-Length list",
+        ),
+        (
+            post_saying_length(&small, "/ok-cl-list", "1000,1000", 1000),
+            200,
+            "route limit, under, a Content-Length list",
+        ),
         (
             post_chunked(&small, "/ok-chunked", 1000),
             200,
@@ -96,6 +112,7 @@ async fn oversized_bodies_are_413() {
     let bodies: Vec<(String, u64)> = up.seen().into_iter().map(|e| (e.uri, e.body_len)).collect();
     assert!(
         bodies.contains(&("/ok-cl".to_owned(), 1000))
+            && bodies.contains(&("/ok-cl-list".to_owned(), 1000))
             && bodies.contains(&("/ok-chunked".to_owned(), 1000))
             && bodies.contains(&("/ok-server".to_owned(), 4000)),
         "accepted bodies reach the upstream whole: {bodies:?}"
@@ -103,7 +120,7 @@ async fn oversized_bodies_are_413() {
     assert!(
         !bodies
             .iter()
-            .any(|(uri, _)| uri == "/over-cl" || uri == "/over-server"),
+            .any(|(uri, _)| ["/over-cl", "/over-cl-list", "/over-server"].contains(&uri.as_str())),
         "a body refused by its Content-Length must not reach the upstream: {bodies:?}"
     );
 }
