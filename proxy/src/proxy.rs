@@ -1317,6 +1317,7 @@ impl Proxy {
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
+                    reply::continue_if_expected(session).await?;
                     let mut form = Vec::new();
                     while let Some(chunk) = session.read_request_body().await? {
                         if (form.len() + chunk.len()) as u64 > limit {

@@ -148,6 +148,7 @@ impl Scim {
         let method = req.method.clone();
         let query = req.uri.query().map(str::to_owned);
 
+        crate::reply::continue_if_expected(session).await?;
         let mut body = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > limit {

@@ -783,6 +783,46 @@ async fn bodies_over_the_limit_are_refused_with_413() {
     assert_eq!(all.body["totalResults"], 1);
 }
 
+/// A client that waits for `100 Continue` before its body (.NET Framework's, Apache
+/// HttpClient's, curl's for a large upload) is told to send it, and its write is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_that_expects_100_continue_is_told_to_go_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = scim_config();
+    let _px = cfg.start().await;
+    let body = serde_json::to_vec(&user("expecting@example.com")).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
+         Content-Type: application/scim+json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .unwrap_or_else(|_| panic!("no 100 Continue within 10 s: {interim:?}"))
+            .unwrap();
+        assert_eq!(read, 1, "closed before 100 Continue: {interim:?}");
+        interim.push(byte[0]);
+    }
+    let interim = String::from_utf8_lossy(&interim).into_owned();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
+
 /// An attribute's values are bounded (1,000), however many the body has room for: the IdP is
 /// told which, and the user is as it was.
 #[tokio::test(flavor = "multi_thread")]

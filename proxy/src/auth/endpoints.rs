@@ -502,6 +502,7 @@ impl Auth {
         oidc: &OidcConfig,
         req: &Request<'_>,
     ) -> Result<Reply> {
+        crate::reply::continue_if_expected(session).await?;
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {
