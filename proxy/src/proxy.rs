@@ -781,9 +781,12 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "no route chosen");
         };
         let now = Instant::now();
-        // A retry: the upstream picked last could not be reached.
+        // A retry: the upstream picked last could not be reached, or closed the connection
+        // as the request went out. pingora sends the body read so far again, through
+        // `request_body_filter`: counted from nothing again.
         if let Some(failed) = ctx.upstream {
             ctx.tried.push(failed);
+            ctx.body_bytes = 0;
         }
         let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         ctx.upstream = Some(index);

@@ -286,3 +286,65 @@ async fn client_connections_that_sit_idle_or_read_nothing_are_closed() {
         "the whole answer ({read} bytes) waited for a client that read nothing"
     );
 }
+
+/// A request pingora sends again (its pooled upstream connection closed as the request went
+/// out, the keep-alive race) has its body counted once: a body within the limit is not
+/// refused for being counted twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // An upstream that answers the first request on each connection, and reads the second
+    // (head and 600-byte body) and closes without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counted = answered.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                for nth in 0.. {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // A head, then its 600-byte body.
+                    loop {
+                        let end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+                        if end.is_some_and(|end| seen.len() >= end + 4 + 600) {
+                            break;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if nth == 1 {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::to_urls("http://small.test", vec![format!("http://{addr}")])
+            .set("max_request_body_bytes = 1000"),
+    );
+    let _px = cfg.start().await;
+    let host = format!("small.test:{}", cfg.http_addr().port());
+    for n in 0..2 {
+        let put = post_with_length(&host, "/item", 600);
+        let put = [b"PUT".as_slice(), &put[4..]].concat();
+        let resp = raw_request(cfg.http_addr(), &put).await.unwrap();
+        assert_eq!(resp.status, 200, "PUT {n}: {}", resp.body_text());
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
+    server.abort();
+}
