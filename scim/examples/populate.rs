@@ -96,6 +96,7 @@ pub fn populate(
                 valid_since: Some(0),
                 valid_since_unix: None,
                 retired: false,
+                later: serde_json::Map::new(),
             }),
         ));
     }
@@ -123,6 +124,7 @@ pub fn populate(
                 valid_since: Some(0),
                 valid_since_unix: None,
                 retired: false,
+                later: serde_json::Map::new(),
             }),
         ));
         batch
@@ -190,5 +192,6 @@ fn record(resource: serde_json::Value) -> Record {
         valid_since: None,
         valid_since_unix: None,
         retired: false,
+        later: serde_json::Map::new(),
     }
 }

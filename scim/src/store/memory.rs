@@ -28,6 +28,32 @@ impl MemoryStorage {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Changes the record at `row` as stored (as another build would have written it).
+    #[cfg(test)]
+    pub fn edit_stored(
+        &self,
+        rt: ResourceType,
+        row: Row,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) {
+        let mut state = self.state();
+        let bytes = state
+            .resources
+            .get_mut(&(rt, row))
+            .expect("a stored record");
+        let mut record: serde_json::Value = serde_json::from_slice(bytes).expect("JSON");
+        edit(&mut record);
+        *bytes = serde_json::to_vec(&record).expect("JSON");
+    }
+
+    /// The record at `row` as stored.
+    #[cfg(test)]
+    pub fn stored(&self, rt: ResourceType, row: Row) -> Option<serde_json::Value> {
+        let state = self.state();
+        let bytes = state.resources.get(&(rt, row))?;
+        serde_json::from_slice(bytes).ok()
+    }
 }
 
 impl Storage for MemoryStorage {

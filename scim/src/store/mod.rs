@@ -76,6 +76,11 @@ pub struct Record {
     /// Never served, never found by id.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retired: bool,
+    /// What a later build keeps in a record and this one does not know: carried through a
+    /// rewrite, so that replicas of two builds side by side (a rolling upgrade) never erase
+    /// what the newer one relies on.
+    #[serde(flatten)]
+    pub later: serde_json::Map<String, Value>,
 }
 
 /// A write, evaluated by the writer against the state left by the writes before it.

@@ -1664,3 +1664,26 @@ async fn sort_by_an_extension_or_a_multi_valued_attribute_sorts_by_its_value() {
         assert_eq!(sorted(by), want, "sortBy={by}");
     }
 }
+
+/// What a later build keeps in a record and this one does not know is carried through this
+/// one's rewrites of it (a rolling upgrade: an older replica answering a PATCH must not erase
+/// what the newer ones rely on, such as when a service account was re-activated).
+#[tokio::test]
+async fn a_rewrite_keeps_what_a_later_build_stored_in_the_record() {
+    let storage = Arc::new(memory::MemoryStorage::default());
+    let dir = Directory::open(storage.clone(), Box::new(time::OffsetDateTime::now_utc)).unwrap();
+    let id = created(&dir, ResourceType::User, user("ann@x")).await;
+    let (_, row) = dir.read(|index| index.row_of(&id)).unwrap();
+    storage.edit_stored(ResourceType::User, row, |record| {
+        record["guard_from_later"] = json!({"since": 1_234});
+    });
+    let body = patch_body(json!([{"op": "replace", "path": "displayName", "value": "Ann"}]));
+    patch(&dir, ResourceType::User, &id, body).await.unwrap();
+    let stored = storage.stored(ResourceType::User, row).unwrap();
+    assert_eq!(stored["resource"]["displayName"], "Ann", "{stored}");
+    assert_eq!(
+        stored["guard_from_later"],
+        json!({"since": 1_234}),
+        "{stored}"
+    );
+}

@@ -484,6 +484,7 @@ impl<'a> Overlay<'a> {
             valid_since,
             valid_since_unix,
             retired: false,
+            later: previous.map(|p| p.later.clone()).unwrap_or_default(),
         };
         self.set_id(id.clone(), Some((rt, row)));
         self.put_record(rt, row, Some(record.clone()));
@@ -876,6 +877,7 @@ fn retired_identifiers(identifiers: Value) -> Record {
         valid_since: None,
         valid_since_unix: None,
         retired: true,
+        later: serde_json::Map::new(),
     }
 }
 
