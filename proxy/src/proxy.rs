@@ -1320,15 +1320,14 @@ impl Proxy {
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
-                    reply::continue_if_expected(session).await?;
+                    let too_large = || Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE);
+                    if !reply::ready_for_body(session, limit).await? {
+                        return reply::send(session, too_large()).await;
+                    }
                     let mut form = Vec::new();
                     while let Some(chunk) = session.read_request_body().await? {
                         if (form.len() + chunk.len()) as u64 > limit {
-                            return reply::send(
-                                session,
-                                Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE),
-                            )
-                            .await;
+                            return reply::send(session, too_large()).await;
                         }
                         form.extend_from_slice(&chunk);
                     }

@@ -221,22 +221,26 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-/// Tells an HTTP/1.1 client that asked (`Expect: 100-continue`) to send its body: call before
-/// Portcullis reads a body itself (SCIM, the console, back-channel logout), once the request
-/// may have one. pingora sends no `100 Continue` of its own (an upstream does, for what is
-/// proxied), and such a client waits for one before its body: curl a second, others until
-/// they time out.
-pub async fn continue_if_expected(session: &mut Session) -> Result<()> {
-    let expects = !session.is_http2()
-        && session
-            .req_header()
+/// Whether a body Portcullis reads itself (SCIM, the console, back-channel logout) may come:
+/// false when its declared length is over `limit` (answer 413 at once). If so, an HTTP/1.1
+/// client that asked (`Expect: 100-continue`) is told to send it: pingora sends no
+/// `100 Continue` of its own (an upstream does, for what is proxied), and such a client waits
+/// for one before its body (curl a second, others until they time out). Call once the
+/// request is otherwise let in.
+pub async fn ready_for_body(session: &mut Session, limit: u64) -> Result<bool> {
+    let req = session.req_header();
+    if crate::proxy::length_of(&req.headers).is_some_and(|len| len > limit) {
+        return Ok(false);
+    }
+    let expects = req.version == http::Version::HTTP_11
+        && req
             .headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects && !session.is_body_done() {
         session.write_continue_response().await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

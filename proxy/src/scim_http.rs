@@ -148,7 +148,9 @@ impl Scim {
         let method = req.method.clone();
         let query = req.uri.query().map(str::to_owned);
 
-        crate::reply::continue_if_expected(session).await?;
+        if !crate::reply::ready_for_body(session, limit as u64).await? {
+            return too_large(session, limit).await;
+        }
         let mut body = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > limit {

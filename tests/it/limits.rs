@@ -298,14 +298,14 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
     // (head and 600-byte body) and closes without answering.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let counted = answered.clone();
+    let (answered, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counted, closed) = (answered.clone(), dropped.clone());
     let server = tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let counted = counted.clone();
+            let (counted, closed) = (counted.clone(), closed.clone());
             tokio::spawn(async move {
                 for nth in 0.. {
                     let mut seen = Vec::new();
@@ -322,6 +322,7 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
                         }
                     }
                     if nth == 1 {
+                        closed.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
                     counted.fetch_add(1, Ordering::SeqCst);
@@ -346,5 +347,7 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
         assert_eq!(resp.status, 200, "PUT {n}: {}", resp.body_text());
     }
     assert_eq!(answered.load(Ordering::SeqCst), 2);
+    // The second went out on the first's connection, which closed on it: sent again.
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the race was not run");
     server.abort();
 }

@@ -784,34 +784,41 @@ async fn bodies_over_the_limit_are_refused_with_413() {
 }
 
 /// A client that waits for `100 Continue` before its body (.NET Framework's, Apache
-/// HttpClient's, curl's for a large upload) is told to send it, and its write is done.
+/// HttpClient's, curl's for a large upload) is told to send it, and its write is done; one
+/// refused is answered at once, never told to send its body first.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_that_expects_100_continue_is_told_to_go_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cfg = scim_config();
+    let cfg = scim_config().scim_setting("max_request_body_bytes", "4096");
     let _px = cfg.start().await;
+    let addr = cfg.http_addr();
     let body = serde_json::to_vec(&user("expecting@example.com")).unwrap();
-    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
-        .await
-        .unwrap();
-    let head = format!(
-        "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
-         Content-Type: application/scim+json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut interim = Vec::new();
-    let mut byte = [0u8; 1];
-    while !interim.ends_with(b"\r\n\r\n") {
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
-            .await
-            .unwrap_or_else(|_| panic!("no 100 Continue within 10 s: {interim:?}"))
-            .unwrap();
-        assert_eq!(read, 1, "closed before 100 Continue: {interim:?}");
-        interim.push(byte[0]);
-    }
-    let interim = String::from_utf8_lossy(&interim).into_owned();
+    // The head of a POST of `length` bytes with `token`, and the first answer to it.
+    let first_answer = |token: &'static str, length: usize| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/scim+json\r\nExpect: 100-continue\r\n\
+             Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+                .await
+                .unwrap_or_else(|_| panic!("no answer within 10 s: {answer:?}"))
+                .unwrap();
+            assert_eq!(read, 1, "closed before an answer: {answer:?}");
+            answer.push(byte[0]);
+        }
+        (stream, String::from_utf8_lossy(&answer).into_owned())
+    };
+    let (_, refused) = first_answer("not-the-token-0123456789abcdef", body.len()).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let (_, too_large) = first_answer(SCIM_TOKEN, 5000).await;
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+    let (mut stream, interim) = first_answer(SCIM_TOKEN, body.len()).await;
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(&body).await.unwrap();
     let mut answer = Vec::new();

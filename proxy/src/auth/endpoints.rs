@@ -502,7 +502,9 @@ impl Auth {
         oidc: &OidcConfig,
         req: &Request<'_>,
     ) -> Result<Reply> {
-        crate::reply::continue_if_expected(session).await?;
+        if !crate::reply::ready_for_body(session, MAX_LOGOUT_BODY as u64).await? {
+            return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
+        }
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {

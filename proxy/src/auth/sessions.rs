@@ -461,12 +461,19 @@ impl EntrySink for Kept {
             kept
         });
         lock(&self.orphans).clear();
-        lock(&self.logout_tokens).clear();
-        for entry in entries.iter().filter(|e| {
-            e.kind == SESSION_SEEN || e.kind == SESSION_REFRESH || e.kind == LOGOUT_TOKEN
-        }) {
+        for entry in entries
+            .iter()
+            .filter(|e| e.kind == SESSION_SEEN || e.kind == SESSION_REFRESH)
+        {
             self.keep(entry);
         }
+        // Made whole, then swapped in: a logout token checked meanwhile is never missed.
+        let used = entries
+            .iter()
+            .filter(|e| e.kind == LOGOUT_TOKEN)
+            .filter_map(|e| Some((e.key.clone(), e.value.as_deref()?.parse().ok()?)))
+            .collect();
+        *lock(&self.logout_tokens) = used;
         if removed > 0 {
             self.ended();
         }
@@ -657,7 +664,9 @@ impl Sessions {
                 taken.push((key, session));
             }
         }
-        self.kept.ended();
+        if !keys.is_empty() {
+            self.kept.ended();
+        }
         let written = keys.iter().flat_map(forget).chain(entries).collect();
         let stored = put(&self.directory, written).await;
         if stored.is_err() {
@@ -766,9 +775,11 @@ impl Sessions {
             }
         }
         let orphans: Vec<(String, String)> = lock(&self.kept.orphans).iter().cloned().collect();
+        // With the margin sessions get: a replica whose clock is behind this one's still
+        // refuses the token as long as it could take it.
         let spent: Vec<String> = lock(&self.kept.logout_tokens)
             .iter()
-            .filter(|(_, until)| **until < now)
+            .filter(|(_, until)| until.saturating_add(3 * every) < now)
             .map(|(key, _)| key.clone())
             .collect();
         entries.extend(spent.into_iter().map(|key| Entry {
@@ -922,12 +933,13 @@ mod tests {
             sessions.logout_token_used(issuer, "jti-1"),
             "kept across a restart"
         );
-        sessions.maintain(1_000, 3600, 60).await.unwrap();
+        // Kept with the margin sessions get (three times `every`), for clocks behind.
+        sessions.maintain(1_180, 3600, 60).await.unwrap();
         assert!(
             sessions.logout_token_used(issuer, "jti-1"),
-            "still takeable at 1000"
+            "still kept at 1180"
         );
-        sessions.maintain(1_001, 3600, 60).await.unwrap();
+        sessions.maintain(1_181, 3600, 60).await.unwrap();
         assert!(
             !sessions.logout_token_used(issuer, "jti-1"),
             "forgotten after"

@@ -18,7 +18,9 @@ use crate::reply::escape;
 
 /// Most group members [`named_users`] walks in one read of the index. Past it the groups are
 /// large, and everyone is judged instead, a few thousand at a time: a million-member group
-/// walked at once would hold up SCIM writes, and the requests waiting behind them.
+/// walked at once would hold up SCIM writes, and the requests waiting behind them. (A group's
+/// members are a hash set, walked whole or not at all; judging everyone costs more in a large
+/// directory, on up to four cores, and holds up nobody.)
 const NAMED_WALK: usize = 4_096;
 
 /// Every user an allow rule of `route` could let in, in no order and perhaps more than once

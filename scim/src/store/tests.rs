@@ -1636,8 +1636,10 @@ async fn sort_by_an_extension_or_a_multi_valued_attribute_sorts_by_its_value() {
         body["emails"] = emails;
         create(&dir, ResourceType::User, body).await.unwrap();
     }
+    // No extension and no emails, and a core `title`: not the extension's (below).
     let mut bare = user("d@x");
     bare.as_object_mut().unwrap().remove("emails");
+    bare["title"] = json!("Aaa");
     create(&dir, ResourceType::User, bare).await.unwrap();
     let sorted = |by: &str| -> Vec<String> {
         let sort_by = crate::path::PatchPath::parse(by).unwrap().attr;
@@ -1660,6 +1662,8 @@ async fn sort_by_an_extension_or_a_multi_valued_attribute_sorts_by_its_value() {
         ),
         ("emails", ["b@x", "a@x", "c@x", "d@x"]),
         ("emails.value", ["b@x", "a@x", "c@x", "d@x"]),
+        // No one has a `title` in the extension: in creation order.
+        (&format!("{enterprise}:title"), ["b@x", "c@x", "a@x", "d@x"]),
     ] {
         assert_eq!(sorted(by), want, "sortBy={by}");
     }
