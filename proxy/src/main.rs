@@ -480,11 +480,14 @@ fn open_directory(
         std::thread::Builder::new()
             .name("directory-feed".to_owned())
             .spawn(move || {
-                fleet.follow(
+                let e = fleet.follow(
                     &|| following.catch_up(),
                     &|| following.visible_seq(),
                     &|| following.foreign_seq(),
-                )
+                );
+                tracing::error!("PostgreSQL: {e}; stopping");
+                logging::flush();
+                std::process::exit(1);
             })
             .map_err(|e| format!("cannot start the directory feed: {e}"))?;
         return Ok((directory, Some(freshness)));

@@ -1280,12 +1280,30 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         .await;
     assert_eq!(found.expect_success().body["totalResults"], 1);
 
-    // A database migrated by a newer build is refused at start, saying so.
+    // A database migrated by a newer build is refused at start, saying so; replicas already
+    // running stop at their next renewal, not at their next reconnection: they cannot read
+    // what the newer build writes, and must not vouch for being current.
     fleet
         .pg
         .query("UPDATE portcullis_schema SET version = 99")
         .await
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for replica in &mut replicas {
+        let status = loop {
+            if let Some(status) = replica.px.try_exit() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a running replica went on on a newer schema"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!status.success());
+        let log = replica.px.log();
+        assert!(log.contains("schema version 99"), "{log}");
+    }
     let mut newer = fleet.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

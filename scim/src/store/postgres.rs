@@ -1249,17 +1249,21 @@ fn audit_rows(rows: &[postgres::Row]) -> Result<Vec<AuditRow>, StoreError> {
 }
 
 /// A replica's lease renewal ([`Fleet::renew`]): `$1` the replica, `$2` the sequence it has
-/// applied, `$3` the lease in milliseconds; 1 if renewed, 0 if something newer was committed.
+/// applied, `$3` the lease in milliseconds, `$4` the schema version this build reads; 1 if
+/// renewed, 0 if something newer was committed, and minus the schema's version, not renewed,
+/// if a newer build migrated the database (this one cannot read what it writes).
 const RENEW: &str = "\
-    WITH current AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE), \
+    WITH newest AS (SELECT coalesce(max(version), 0) AS version FROM portcullis_schema), \
+    current AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE), \
     lease AS (INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
         SELECT $1::text, $2::bigint, statement_timestamp() + $3::bigint * interval '1 millisecond' \
-        FROM current WHERE value = $2::bigint \
+        FROM current, newest WHERE current.value = $2::bigint AND newest.version <= $4::integer \
         ON CONFLICT (id) DO UPDATE SET applied_seq = excluded.applied_seq, \
             lease_until = excluded.lease_until, seen = now() \
         RETURNING applied_seq), \
     notify AS (SELECT pg_notify('portcullis_applied', applied_seq::text) FROM lease) \
-    SELECT count(*) FROM notify";
+    SELECT CASE WHEN newest.version > $4::integer THEN -newest.version::bigint \
+        ELSE (SELECT count(*) FROM notify) END FROM newest";
 
 /// The first wait before the feed's connection is tried again (see [`Fleet::follow`]).
 const FIRST_RETRY: Duration = Duration::from_millis(50);
@@ -1272,7 +1276,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Runs forever on the calling thread: waits for feed notifications (or a quarter of
+    /// Runs on the calling thread until a newer build migrates the database (the error it
+    /// returns; this replica can no longer read it): waits for feed notifications (or a quarter of
     /// `max_staleness`), has `catch_up` apply what is new (it reports the sequence now applied,
     /// and the last one applied from the feed), then renews the lease if that is everything
     /// committed: when the quarter is up, or at once when other replicas' batches were
@@ -1288,7 +1293,7 @@ impl Fleet {
         catch_up: &dyn Fn() -> Result<(Seq, Seq), StoreError>,
         visible: &dyn Fn() -> Seq,
         foreign: &dyn Fn() -> Seq,
-    ) -> ! {
+    ) -> StoreError {
         // Reset by every renewal; at most a quarter of the lease, so that a connection that
         // keeps dropping is still tried again within it.
         let most = (self.freshness.max_staleness / 4).clamp(FIRST_RETRY, Duration::from_secs(2));
@@ -1296,11 +1301,9 @@ impl Fleet {
         loop {
             match self.follow_connected(catch_up, visible, foreign, &mut backoff) {
                 Ok(never) => match never {},
-                Err(e @ StoreError::Version { .. }) => {
-                    // A newer build migrated the database: this one cannot read it safely.
-                    tracing::error!("PostgreSQL: {e}; stopping");
-                    std::process::exit(1);
-                }
+                // A newer build migrated the database: this one cannot read it safely. Its
+                // lease is not renewed; the caller stops the process.
+                Err(e @ StoreError::Version { .. }) => return e,
                 Err(e) => {
                     self.freshness.lost(format!("lost the directory feed: {e}"));
                     tracing::warn!("lost the directory feed, retrying in {backoff:?}: {e}");
@@ -1311,7 +1314,8 @@ impl Fleet {
         }
     }
 
-    /// Renews this replica's lease if it has applied everything committed; false if not.
+    /// Renews this replica's lease if it has applied everything committed; false if not, and
+    /// [`StoreError::Version`] if a newer build migrated the database.
     ///
     /// The sequence is read `FOR SHARE`, so the renewal and a commit (which locks the same row
     /// `FOR UPDATE` until it ends) never overlap: either the renewal commits first, and the
@@ -1326,10 +1330,19 @@ impl Fleet {
         staleness_ms: i64,
     ) -> Result<bool, StoreError> {
         let renewed: i64 = client
-            .query_one(renewal, &[&self.replica, &applied, &staleness_ms])
+            .query_one(
+                renewal,
+                &[&self.replica, &applied, &staleness_ms, &SCHEMA_VERSION],
+            )
             .map_err(backend)?
             .try_get(0)
             .map_err(backend)?;
+        if renewed < 0 {
+            return Err(StoreError::Version {
+                found: renewed.unsigned_abs(),
+                expected: SCHEMA_VERSION as u64,
+            });
+        }
         Ok(renewed == 1)
     }
 
