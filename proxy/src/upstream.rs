@@ -276,8 +276,26 @@ fn build_peer(route: &Route, upstream: &Upstream) -> HttpPeer {
     };
     if let Some(ca) = &upstream.ca {
         options.ca = Some(wrap_ca(ca));
+        // pingora pools connections by address, SNI and the verify flags, not by the CAs
+        // trusted: without this, a connection checked under one route's CA would serve another
+        // route trusting another, or this one after a reload that stopped trusting it.
+        peer.group_key = ca_key(ca);
     }
     peer
+}
+
+/// A pool key for the CA certificates `ca` (0, as pingora's default, is for the system's).
+fn ca_key(ca: &[CertificateDer<'static>]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for der in ca {
+        hash.update((der.len() as u64).to_be_bytes());
+        hash.update(der);
+    }
+    let digest = hash.finalize();
+    let mut key = [0; 8];
+    key.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(key).max(1)
 }
 
 /// The upstream's CA certificates as pingora takes them. Validation parsed each with the same

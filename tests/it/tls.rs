@@ -3,7 +3,8 @@
 
 use http::Version;
 use portcullis_tests::client::{
-    peer_certificate, plain_client_builder, tls_client, tls_client_any_cert, tls_client_http1,
+    peer_certificate, plain_client, plain_client_builder, tls_client, tls_client_any_cert,
+    tls_client_http1,
 };
 use portcullis_tests::tls::san_dns_names;
 use portcullis_tests::{ConfigBuilder, Echo, Route, TestCa, Upstream};
@@ -400,4 +401,50 @@ async fn an_options_with_a_body_is_no_cors_preflight_over_http2_or_http1() {
     assert_eq!(resp.version(), Version::HTTP_11);
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(up.count(), 1, "only the preflight reached the upstream");
+}
+
+/// An https upstream is trusted under its route's `tls_ca`, and a connection opened under one
+/// CA is never reused where another is trusted: by another route to the same upstream, or by
+/// the same route once a reload changed its CA (one no longer trusted, after a compromise).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_s_connection_is_reused_only_under_the_ca_it_was_checked_with() {
+    let echo = Upstream::start("up").await;
+    let (trusted, other) = (TestCa::new(), TestCa::new());
+    let leaf = trusted.leaf("up", &["127.0.0.1"]);
+    let tls = portcullis_tests::TlsTerminator::start(&leaf, echo.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (trusted_pem, other_pem) = (dir.path().join("trusted.pem"), dir.path().join("other.pem"));
+    std::fs::write(&trusted_pem, trusted.ca_pem()).unwrap();
+    std::fs::write(&other_pem, other.ca_pem()).unwrap();
+    let upstream = format!("https://127.0.0.1:{}", tls.addr().port());
+    let ca = |pem: &std::path::Path| format!("tls_ca = {:?}", pem.display().to_string());
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::to_urls("http://a.test", vec![upstream.clone()]).set(&ca(&trusted_pem)))
+        .route(Route::to_urls("http://b.test", vec![upstream]).set(&ca(&other_pem)));
+    let px = cfg.start().await;
+    let status = |host: &'static str| {
+        let url = cfg.http_url(host, "/");
+        async move { plain_client().get(&url).send().await.unwrap().status() }
+    };
+    assert_eq!(
+        status("a.test").await,
+        StatusCode::OK,
+        "under the CA that issued it"
+    );
+    assert_eq!(
+        status("b.test").await,
+        StatusCode::BAD_GATEWAY,
+        "under another CA, with a.test's connection pooled"
+    );
+    assert_eq!(status("a.test").await, StatusCode::OK);
+    // a.test stops trusting the CA: its pooled connection goes with it.
+    let trusting = ca(&trusted_pem);
+    px.reload_with("[[routes]]", &trusting, &ca(&other_pem))
+        .await;
+    assert_eq!(
+        status("a.test").await,
+        StatusCode::BAD_GATEWAY,
+        "after a reload that stopped trusting the CA"
+    );
 }
