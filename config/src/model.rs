@@ -315,7 +315,7 @@ pub struct Upstream {
     pub address: SocketAddr,
     /// Verify the upstream's certificate (on by default; only meaningful with `tls`).
     pub verify_tls: bool,
-    /// PEM bundle of extra CA certificates trusted for this upstream.
+    /// PEM bundle of the CA certificates trusted for this upstream, instead of the system's.
     pub ca_file: Option<PathBuf>,
     /// The certificates of `ca_file`, each checked to parse as X.509.
     pub ca: Option<Arc<[CertificateDer<'static>]>>,

@@ -582,6 +582,11 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].to[0]", None, "unknown scheme `ftp`")],
         },
         Case {
+            name: "an https upstream with `_` in its first label",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"https://billing_api.svc.corp:8443\"]\n",
+            problems: &[("routes[0].to[0]", None, "verified as if it were `-`")],
+        },
+        Case {
             name: "unresolvable upstream host",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://no-such-host.invalid:3000\"]\n",
             problems: &[("routes[0].to[0]", None, "no-such-host.invalid")],

@@ -2135,6 +2135,20 @@ fn upstream(
         return Err(format!("`{}` is not a host name", parts.host));
     }
     let tls = parts.scheme == Scheme::Https;
+    // pingora reads `_` in the first label of such a name as `-` (for the name it sends and the
+    // name it checks the certificate for): `billing_api.svc.corp` would be checked as
+    // `billing-api.svc.corp`, another service's name.
+    let first = parts
+        .host
+        .split_once('.')
+        .filter(|(_, rest)| rest.contains('.'));
+    if tls && verify_tls && first.is_some_and(|(label, _)| label.contains('_')) {
+        return Err(format!(
+            "`{}`: an https upstream whose first label has `_` is verified as if it were `-` \
+             (pingora's reading): name it without `_`, or by another name its certificate holds",
+            parts.host
+        ));
+    }
     let port = parts.port.unwrap_or(if tls { 443 } else { 80 });
     let host = parts.host.to_owned();
     let address = resolve(&host, port)?;
