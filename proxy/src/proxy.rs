@@ -1762,14 +1762,18 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
 ///   which would let a client dodge a rule on methods;
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
-/// - every name with `_`, as nginx and gunicorn 22 drop them: CGI-style servers read `_` as
-///   `-`, so `X_Portcullis_User` would be `X-Portcullis-User` to them, and gunicorn before 22
-///   takes `SCRIPT_NAME` from a header and strips it from the path the application routes.
+/// - `Proxy`, which CGI-style servers hand the application as `HTTP_PROXY`, the variable HTTP
+///   clients take their proxy from (httpoxy);
+/// - every name with `_` or `.`, as nginx and gunicorn 22 drop the first and nginx both:
+///   CGI-style servers read `_` as `-`, so `X_Portcullis_User` would be `X-Portcullis-User` to
+///   them, PHP reads `.` as `_` (`X.Portcullis.User` is `HTTP_X_PORTCULLIS_USER`), and gunicorn
+///   before 22 takes `SCRIPT_NAME` from a header and strips it from the path the application
+///   routes.
 ///
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 13] = [
+    const NAMES: [&[u8]; 14] = [
         b"forwarded",
         b"x-real-ip",
         b"client-ip",
@@ -1783,8 +1787,11 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-method-override",
         b"x-http-method",
         b"x-script-name",
+        b"proxy",
     ];
-    name.contains(&b'_') || PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
+    name.iter().any(|&b| b == b'_' || b == b'.')
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || NAMES.contains(&name)
 }
 
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
@@ -2329,6 +2336,8 @@ mod tests {
             ("X-PORTCULLIS-EMAIL", "m@evil"),
             ("x-portcullis_assertion", "forged"),
             ("X-Portcullis-User", "again"),
+            ("X.Portcullis.User", "mallory"),
+            ("x-portcullis.email", "m@evil"),
             ("X-Portcullisx", "kept: not the prefix"),
             ("Accept", "text/html"),
         ]);
@@ -2351,6 +2360,8 @@ mod tests {
             ("X-HTTP-Method-Override", "DELETE"),
             ("X-Method-Override", "DELETE"),
             ("X-HTTP-Method", "DELETE"),
+            ("X.HTTP.Method.Override", "DELETE"),
+            ("Proxy", "http://10.0.0.1:3128"),
             ("X-Forwarded", "kept: not a forwarding header of any proxy"),
             ("X-Request-Id", "kept"),
         ]);

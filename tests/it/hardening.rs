@@ -447,6 +447,14 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "SCRIPT_NAME: /page",
         "script_name: /page",
         "Legacy_Api_Key: 10.9.9.9",
+        // PHP reads `.` in a name as `_` too ($_SERVER['HTTP_X_PORTCULLIS_USER']), and a
+        // front end such as Caddy's php_fastcgi passes such names on.
+        "X.Portcullis.User: mallory@corp.test",
+        "X-Portcullis.Agent: deploy-bot",
+        "X.HTTP.Method.Override: DELETE",
+        "X.Real.IP: 10.9.9.9",
+        // httpoxy: CGI stacks make it HTTP_PROXY, which HTTP clients take as their proxy.
+        "Proxy: http://10.9.9.9:3128",
     ];
     let mut headers = vec![
         host.clone(),
@@ -497,8 +505,13 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         received
             .headers
             .iter()
-            .all(|h| !h.split(':').next().unwrap_or("").contains('_')),
-        "a header named with `_`:\n{everything}"
+            .all(|h| !h.split(':').next().unwrap_or("").contains(['_', '.'])),
+        "a header named with `_` or `.`:\n{everything}"
+    );
+    assert_eq!(received.header("proxy"), None, "{everything}");
+    assert!(
+        !everything.contains("mallory"),
+        "a spoofed user:\n{everything}"
     );
     assert!(
         !everything.contains("admin.internal"),
