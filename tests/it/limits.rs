@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use portcullis_tests::client::chunked;
+use portcullis_tests::client::{chunked, read_response_head};
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
 
 fn post_with_length(host: &str, path: &str, len: usize) -> Vec<u8> {
@@ -143,17 +143,7 @@ async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut interim = Vec::new();
-    let mut byte = [0u8; 1];
-    while !interim.ends_with(b"\r\n\r\n") {
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
-            .await
-            .expect("100 Continue within 10 s")
-            .unwrap();
-        assert_eq!(read, 1, "closed before 100 Continue: {interim:?}");
-        interim.push(byte[0]);
-    }
-    let interim = String::from_utf8_lossy(&interim).into_owned();
+    let interim = read_response_head(&mut stream, Duration::from_secs(10)).await;
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     let _ = stream.write_all(&chunked(&[b'a'; 2048], 256)).await;
     let mut rest = Vec::new();

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use portcullis_tests::client::{chunked, raw_request};
+use portcullis_tests::client::{chunked, raw_request, read_response_head};
 use portcullis_tests::scim::{
     patch_ops, user, ScimClient, BULK_REQUEST_SCHEMA, BULK_RESPONSE_SCHEMA, ENTERPRISE_USER_SCHEMA,
     GROUP_SCHEMA, LIST_RESPONSE_SCHEMA, USER_SCHEMA,
@@ -802,17 +802,8 @@ async fn a_write_that_expects_100_continue_is_told_to_go_on() {
              Content-Length: {length}\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let mut byte = [0u8; 1];
-        while !answer.ends_with(b"\r\n\r\n") {
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
-                .await
-                .unwrap_or_else(|_| panic!("no answer within 10 s: {answer:?}"))
-                .unwrap();
-            assert_eq!(read, 1, "closed before an answer: {answer:?}");
-            answer.push(byte[0]);
-        }
-        (stream, String::from_utf8_lossy(&answer).into_owned())
+        let answer = read_response_head(&mut stream, Duration::from_secs(10)).await;
+        (stream, answer)
     };
     let (_, refused) = first_answer("not-the-token-0123456789abcdef", body.len()).await;
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");

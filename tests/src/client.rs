@@ -331,3 +331,20 @@ pub async fn closed_within(ws: &mut Websocket, within: Duration) -> bool {
         }
     }
 }
+
+/// Reads one response head from `stream`, through its blank line, a byte at a time so that
+/// nothing after it is taken (a `100 Continue`, then the answer); panics if none comes within
+/// `within` or the connection closes first.
+pub async fn read_response_head(stream: &mut TcpStream, within: Duration) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(within, stream.read(&mut byte))
+            .await
+            .unwrap_or_else(|_| panic!("no response head within {within:?}: {head:?}"))
+            .unwrap_or_else(|e| panic!("reading a response head: {e}"));
+        assert_eq!(read, 1, "closed before a response head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
