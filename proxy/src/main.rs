@@ -452,7 +452,7 @@ fn open_postgres(config: &portcullis_config::Config) -> Result<Option<PgStorage>
 fn open_directory(
     config: &portcullis_config::Config,
     postgres: Option<PgStorage>,
-    audit: &audit::Audit,
+    audit: &Arc<audit::Audit>,
     kept: &Arc<auth::sessions::Kept>,
 ) -> Result<(Arc<Directory>, Option<Arc<Freshness>>), String> {
     let sinks = || Sinks {
@@ -477,6 +477,7 @@ fn open_directory(
             .map_err(|e| e.to_string())?,
         );
         let following = directory.clone();
+        let audit = audit.clone();
         std::thread::Builder::new()
             .name("directory-feed".to_owned())
             .spawn(move || {
@@ -485,7 +486,12 @@ fn open_directory(
                     &|| following.visible_seq(),
                     &|| following.foreign_seq(),
                 );
+                // Its lease is gone already (see `RENEW`); what the audit log has queued is
+                // written first.
                 tracing::error!("PostgreSQL: {e}; stopping");
+                if !audit.flush(std::time::Duration::from_secs(5)) {
+                    tracing::warn!("exiting before the audit log was written to the end");
+                }
                 logging::flush();
                 std::process::exit(1);
             })

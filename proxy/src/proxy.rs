@@ -1764,11 +1764,11 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
 /// - `Proxy`, which CGI-style servers hand the application as `HTTP_PROXY`, the variable HTTP
 ///   clients take their proxy from (httpoxy);
-/// - every name with `_` or `.`, as nginx and gunicorn 22 drop the first and nginx both:
+/// - every name with a character other than a letter, a digit or `-`, as nginx drops them:
 ///   CGI-style servers read `_` as `-`, so `X_Portcullis_User` would be `X-Portcullis-User` to
-///   them, PHP reads `.` as `_` (`X.Portcullis.User` is `HTTP_X_PORTCULLIS_USER`), and gunicorn
-///   before 22 takes `SCRIPT_NAME` from a header and strips it from the path the application
-///   routes.
+///   them, PHP reads `.` as `_` and lighttpd every other character (`X.Portcullis.User` and
+///   `X~Portcullis~User` are `HTTP_X_PORTCULLIS_USER`), and gunicorn before 22 takes
+///   `SCRIPT_NAME` from a header and strips it from the path the application routes.
 ///
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
@@ -1789,9 +1789,8 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-script-name",
         b"proxy",
     ];
-    name.iter().any(|&b| b == b'_' || b == b'.')
-        || PREFIXES.iter().any(|p| name.starts_with(p))
-        || NAMES.contains(&name)
+    let plain = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    !name.iter().all(plain) || PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
@@ -2338,6 +2337,8 @@ mod tests {
             ("X-Portcullis-User", "again"),
             ("X.Portcullis.User", "mallory"),
             ("x-portcullis.email", "m@evil"),
+            ("X~Portcullis~User", "mallory"),
+            ("X+Portcullis!Groups", "admins"),
             ("X-Portcullisx", "kept: not the prefix"),
             ("Accept", "text/html"),
         ]);

@@ -129,10 +129,6 @@ impl Scim {
         };
 
         let limit = self.service.limits().max_body_bytes;
-        let declared = crate::proxy::length_of(&req.headers);
-        if declared.is_some_and(|len| len > limit as u64) {
-            return too_large(session, limit).await;
-        }
         let header_value = |name: header::HeaderName| {
             req.headers
                 .get(name)

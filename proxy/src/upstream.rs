@@ -24,6 +24,7 @@ use pingora::protocols::l4::socket::SocketAddr as PeerAddress;
 use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::utils::tls::WrappedX509;
 use rustls::pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use portcullis_config::{Route, Upstream};
@@ -286,7 +287,6 @@ fn build_peer(route: &Route, upstream: &Upstream) -> HttpPeer {
 
 /// A pool key for the CA certificates `ca` (0, as pingora's default, is for the system's).
 fn ca_key(ca: &[CertificateDer<'static>]) -> u64 {
-    use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     for der in ca {
         hash.update((der.len() as u64).to_be_bytes());

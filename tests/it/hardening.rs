@@ -453,6 +453,9 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "X-Portcullis.Agent: deploy-bot",
         "X.HTTP.Method.Override: DELETE",
         "X.Real.IP: 10.9.9.9",
+        // lighttpd's CGI and FastCGI read every character but letters and digits as `_`.
+        "X~Portcullis~Email: mallory@corp.test",
+        "X!Real!IP: 10.9.9.9",
         // httpoxy: CGI stacks make it HTTP_PROXY, which HTTP clients take as their proxy.
         "Proxy: http://10.9.9.9:3128",
     ];
@@ -502,11 +505,13 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "a spoofed address:\n{everything}"
     );
     assert!(
-        received
-            .headers
-            .iter()
-            .all(|h| !h.split(':').next().unwrap_or("").contains(['_', '.'])),
-        "a header named with `_` or `.`:\n{everything}"
+        received.headers.iter().all(|h| h
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')),
+        "a header named with another character than letters, digits and `-`:\n{everything}"
     );
     assert_eq!(received.header("proxy"), None, "{everything}");
     assert!(

@@ -1280,6 +1280,13 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         .await;
     assert_eq!(found.expect_success().body["totalResults"], 1);
 
+    // The lease of the replica killed above lapses (it never left); the three running hold theirs.
+    let running = "SELECT count(*) FROM portcullis_replicas WHERE lease_until > clock_timestamp()";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.pg.query(running).await.unwrap() != vec![vec![Some("3".to_owned())]] {
+        assert!(Instant::now() < deadline, "not three leases running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A database migrated by a newer build is refused at start, saying so; replicas already
     // running stop at their next renewal, not at their next reconnection: they cannot read
     // what the newer build writes, and must not vouch for being current.
@@ -1304,6 +1311,13 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         let log = replica.px.log();
         assert!(log.contains("schema version 99"), "{log}");
     }
+    // Their leases went with them: no writer waits for them to lapse.
+    let leases = fleet.pg.query(running).await.unwrap();
+    assert_eq!(
+        leases,
+        vec![vec![Some("0".to_owned())]],
+        "leases left running"
+    );
     let mut newer = fleet.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

@@ -793,6 +793,7 @@ async fn a_write_that_expects_100_continue_is_told_to_go_on() {
     let _px = cfg.start().await;
     let addr = cfg.http_addr();
     let body = serde_json::to_vec(&user("expecting@example.com")).unwrap();
+    let body_old = serde_json::to_vec(&user("old-client@example.com")).unwrap();
     // The head of a POST of `length` bytes with `token`, and the first answer to it.
     let first_answer = |token: &'static str, length: usize| async move {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -809,6 +810,18 @@ async fn a_write_that_expects_100_continue_is_told_to_go_on() {
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
     let (_, too_large) = first_answer(SCIM_TOKEN, 5000).await;
     assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+    // HTTP/1.0 has no interim answers (RFC 9110 §10.1.1): the body is simply sent.
+    let mut old = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /scim/v2/Users HTTP/1.0\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
+         Content-Type: application/scim+json\r\nExpect: 100-continue\r\n\
+         Content-Length: {}\r\n\r\n",
+        body_old.len()
+    );
+    old.write_all(head.as_bytes()).await.unwrap();
+    old.write_all(&body_old).await.unwrap();
+    let answer = read_response_head(&mut old, Duration::from_secs(30)).await;
+    assert!(answer.contains(" 201 "), "HTTP/1.0: {answer}");
     let (mut stream, interim) = first_answer(SCIM_TOKEN, body.len()).await;
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(&body).await.unwrap();

@@ -78,7 +78,9 @@ pub struct Record {
     pub retired: bool,
     /// What a later build keeps in a record and this one does not know: carried through a
     /// rewrite, so that replicas of two builds side by side (a rolling upgrade) never erase
-    /// what the newer one relies on.
+    /// what the newer one relies on. Carried as it was: a field added later that must move
+    /// with `valid_since` (at a re-activation, say) is to be trusted only as far as it agrees
+    /// with it, since an earlier build moves `valid_since` alone.
     #[serde(flatten)]
     pub later: serde_json::Map<String, Value>,
 }

@@ -1250,10 +1250,13 @@ fn audit_rows(rows: &[postgres::Row]) -> Result<Vec<AuditRow>, StoreError> {
 
 /// A replica's lease renewal ([`Fleet::renew`]): `$1` the replica, `$2` the sequence it has
 /// applied, `$3` the lease in milliseconds, `$4` the schema version this build reads; 1 if
-/// renewed, 0 if something newer was committed, and minus the schema's version, not renewed,
-/// if a newer build migrated the database (this one cannot read what it writes).
+/// renewed, 0 if something newer was committed, and minus the schema's version if a newer
+/// build migrated the database (this one cannot read what it writes): then the lease is not
+/// renewed but deleted, so that no writer waits for it to lapse.
 const RENEW: &str = "\
     WITH newest AS (SELECT coalesce(max(version), 0) AS version FROM portcullis_schema), \
+    gone AS (DELETE FROM portcullis_replicas WHERE id = $1::text \
+        AND (SELECT version FROM newest) > $4::integer), \
     current AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE), \
     lease AS (INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
         SELECT $1::text, $2::bigint, statement_timestamp() + $3::bigint * interval '1 millisecond' \
