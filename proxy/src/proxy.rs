@@ -1789,9 +1789,22 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-script-name",
         b"proxy",
     ];
-    let plain = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
-    !name.iter().all(plain) || PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
+    !name.iter().all(|&b| PLAIN_NAME[usize::from(b)])
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || NAMES.contains(&name)
 }
+
+/// The bytes of a header name every server reads as written: `a`-`z`, `0`-`9` and `-` (a table:
+/// [`is_reserved`] looks at every byte of every name of every request).
+const PLAIN_NAME: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        plain[b] = matches!(b as u8, b'a'..=b'z' | b'0'..=b'9' | b'-');
+        b += 1;
+    }
+    plain
+};
 
 /// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
 /// picks (a token that is not text, always); the others stay.
@@ -2124,11 +2137,8 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
 pub(crate) fn length_of(headers: &http::HeaderMap) -> Option<u64> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for said in value.to_str().ok()?.split(',').map(str::trim) {
-            if said.is_empty() || !said.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let said = said.parse().ok()?;
+        for said in value.as_bytes().split(|&b| b == b',') {
+            let said = decimal(said.trim_ascii())?;
             if length.is_some_and(|length| length != said) {
                 return None;
             }
@@ -2136,6 +2146,17 @@ pub(crate) fn length_of(headers: &http::HeaderMap) -> Option<u64> {
         }
     }
     length
+}
+
+/// `digits` as a number: ASCII digits only (no sign), at least one, and no more than fit.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Answers up to this long are written without a timeout: they fit the socket's buffers.
@@ -2324,6 +2345,32 @@ mod tests {
             header(&invalid).as_deref(),
             Some("Bearer realm=\"portcullis\", error=\"invalid_token\"")
         );
+    }
+
+    /// A length is read as pingora frames the body by it: one however many times it is said,
+    /// digits only.
+    #[test]
+    fn a_content_length_is_one_length_however_often_said() {
+        let length = |values: &[&str]| {
+            let pairs: Vec<(&str, &str)> = values.iter().map(|v| ("Content-Length", *v)).collect();
+            length_of(&header_map(&pairs))
+        };
+        assert_eq!(length(&["2048"]), Some(2048));
+        assert_eq!(length(&[" 7 "]), Some(7));
+        assert_eq!(length(&["2048, 2048"]), Some(2048));
+        assert_eq!(length(&["5", "5,5"]), Some(5));
+        assert_eq!(length(&[]), None);
+        for bad in [
+            &["1, 2"][..],
+            &["5", "6"],
+            &["+5"],
+            &[""],
+            &["5,"],
+            &["0x10"],
+        ] {
+            assert_eq!(length(bad), None, "{bad:?}");
+        }
+        assert_eq!(length(&["18446744073709551616"]), None, "past u64");
     }
 
     #[test]
