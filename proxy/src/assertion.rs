@@ -95,6 +95,9 @@ pub struct AssertionClaims<'a> {
     pub issuer: &'a str,
     /// `aud`: the route name.
     pub audience: &'a str,
+    /// On a `*.` route, the host it served (`https://payroll.apps.example`): `aud` then names
+    /// it too, so that no upstream behind the wildcard takes an assertion made for another.
+    pub served: Option<&'a str>,
     /// `sub`: the identity.
     pub subject: &'a str,
     /// `email`, omitted when `None`.
@@ -114,7 +117,7 @@ pub struct AssertionClaims<'a> {
 #[derive(Serialize)]
 struct JwtClaims<'a> {
     iss: &'a str,
-    aud: &'a str,
+    aud: Audience<'a>,
     sub: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
@@ -125,6 +128,15 @@ struct JwtClaims<'a> {
     act: Option<ActClaim<'a>>,
     iat: u64,
     exp: u64,
+}
+
+/// `aud`: the route's name, and on a `*.` route the host served too (RFC 7519 §4.1.3: one
+/// string, or an array of them).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Audience<'a> {
+    Route(&'a str),
+    RouteAndHost([&'a str; 2]),
 }
 
 /// RFC 8693 §4.1's actor.
@@ -199,6 +211,7 @@ impl KeySet {
 struct Cached {
     issuer: Box<str>,
     audience: Box<str>,
+    served: Option<Box<str>>,
     subject: Box<str>,
     email: Option<Box<str>>,
     groups: Box<[Box<str>]>,
@@ -221,6 +234,7 @@ impl Cached {
             && self.exp > now.saturating_add(margin)
             && &*self.subject == c.subject
             && &*self.audience == c.audience
+            && self.served.as_deref() == c.served
             && &*self.issuer == c.issuer
             && self.email.as_deref() == c.email
             && self.agent.as_deref() == c.agent
@@ -335,9 +349,12 @@ impl Signer {
         let key = keys
             .signing(now)
             .ok_or_else(|| "no assertion signing key".to_string())?;
-        let slot = self
-            .slot_hasher
-            .hash_one((claims.issuer, claims.audience, claims.subject));
+        let slot = self.slot_hasher.hash_one((
+            claims.issuer,
+            claims.audience,
+            claims.served,
+            claims.subject,
+        ));
         if let Some(hit) = self.cache.get(&slot) {
             if hit.serves(claims, &key.kid, now, self.margin) {
                 return Ok(hit.token.clone());
@@ -354,6 +371,7 @@ impl Signer {
             Cached {
                 issuer: claims.issuer.into(),
                 audience: claims.audience.into(),
+                served: claims.served.map(Into::into),
                 subject: claims.subject.into(),
                 email: claims.email.map(Into::into),
                 groups: claims.groups.iter().map(|g| g.as_str().into()).collect(),
@@ -775,7 +793,10 @@ fn random_secret() -> Result<SecretKey, String> {
 fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<String, String> {
     let claims = JwtClaims {
         iss: claims.issuer,
-        aud: claims.audience,
+        aud: match claims.served {
+            Some(host) => Audience::RouteAndHost([claims.audience, host]),
+            None => Audience::Route(claims.audience),
+        },
         sub: claims.subject,
         email: claims.email,
         groups: claims.groups,
@@ -827,6 +848,7 @@ mod tests {
         AssertionClaims {
             issuer: "https://auth.example.com",
             audience: aud,
+            served: None,
             subject: "2819c223-7f76-453a-919d-413861904646",
             email: Some("alice@corp.example"),
             groups,
@@ -872,6 +894,47 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// On a `*.` route the assertion names the host it was made for beside the route, and one
+    /// made for a host is never served for another: no app behind the wildcard takes a sibling's.
+    #[test]
+    fn a_wildcard_route_s_assertion_names_the_host_it_was_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = real_now();
+        let signer = Signer::open(dir.path(), now, TTL).unwrap();
+        let groups = ["eng"].map(String::from);
+        let route = "https://*.apps.example";
+        let for_host = |host: &'static str| AssertionClaims {
+            served: Some(host),
+            ..claims(route, &groups, 1)
+        };
+        let payroll = signer
+            .token(&for_host("https://payroll.apps.example"), now)
+            .unwrap();
+        let wiki = signer
+            .token(&for_host("https://wiki.apps.example"), now)
+            .unwrap();
+        assert_ne!(payroll, wiki, "one token for two hosts");
+        let made = verify(&signer, &payroll, "https://payroll.apps.example").unwrap();
+        assert_eq!(
+            made["aud"],
+            serde_json::json!([route, "https://payroll.apps.example"])
+        );
+        // A verifier that checks the route's name still takes it; the sibling's host does not.
+        assert!(verify(&signer, &payroll, route).is_ok());
+        assert!(verify(&signer, &payroll, "https://wiki.apps.example").is_err());
+        // The same host again: the cached token.
+        let again = signer
+            .token(&for_host("https://payroll.apps.example"), now)
+            .unwrap();
+        assert_eq!(again, payroll);
+        // Elsewhere `aud` stays the route's name alone.
+        let exact = signer
+            .token(&claims("https://app.example", &groups, 1), now)
+            .unwrap();
+        let made = verify(&signer, &exact, "https://app.example").unwrap();
+        assert_eq!(made["aud"], "https://app.example");
     }
 
     #[test]
@@ -1258,6 +1321,7 @@ mod tests {
                 Cached {
                     issuer: "".into(),
                     audience: "".into(),
+                    served: None,
                     subject: "".into(),
                     email: None,
                     groups: Box::new([]),

@@ -144,6 +144,7 @@ impl Proxy {
                 let claims = AssertionClaims {
                     issuer,
                     audience: &route.config.name,
+                    served: ctx.served.as_deref(),
                     subject: &forward.user,
                     email: forward.email.as_deref(),
                     groups: &forward.group_names,
@@ -393,6 +394,8 @@ pub struct RequestCtx {
     recheck: Option<Arc<Recheck>>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
+    /// On a `*.` route that sends the assertion, the URL of the host served (`https://a.apps`).
+    served: Option<Box<str>>,
     registration: Option<Registration>,
     _in_flight: InFlight,
 }
@@ -474,6 +477,7 @@ impl ProxyHttp for Proxy {
             decided_at: None,
             recheck: None,
             long_lived: false,
+            served: None,
             registration: None,
             _in_flight: InFlight::begin(),
         })
@@ -756,6 +760,15 @@ impl ProxyHttp for Proxy {
             ctx.forward.as_ref().and_then(|f| f.agent.as_ref()),
         );
         ctx.round_robin_start = route.upstreams.start();
+        // Named in the assertion's `aud` (see `AssertionClaims::served`).
+        if route.config.assertion && route.config.host.starts_with('*') {
+            let scheme = if route.config.scheme == Scheme::Https {
+                "https"
+            } else {
+                "http"
+            };
+            ctx.served = Some(format!("{scheme}://{host}").into());
+        }
         ctx.route = Some(route);
         // With the caller and the route set: all a recheck is made from.
         ctx.decided_at = judged.then_some(decided_at);

@@ -82,6 +82,11 @@ impl Authz {
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
+            .route(
+                Route::new(TENANTS_ROUTE, &[&api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
             .oidc(oidc)
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
@@ -1371,6 +1376,44 @@ async fn the_upstream_verifies_the_assertion_against_the_published_jwks() {
     groups.sort_unstable();
     assert_eq!(groups, ["eng", "ops"], "{claims}");
     assert_eq!(claims["sub"], ALICE, "{claims}");
+}
+
+/// A route for every host under `tenants.test`, with the machine's API behind it.
+const TENANTS_ROUTE: &str = "http://*.tenants.test";
+
+/// Behind a `*.` route, each host's assertion names it beside the route: an upstream can take
+/// only what was made for its own host, and none is handed a sibling's token to replay.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_wildcard_route_each_host_s_assertion_names_that_host() {
+    let t = Authz::start().await;
+    let token = t.machine_token().await;
+    let jwks = fetch_jwks(&t).await;
+    let issuer = t.app_url("");
+    let mut seen = Vec::new();
+    for tenant in ["red.tenants.test", "blue.tenants.test"] {
+        let url = t.fx.url(tenant, "/v1/whoami");
+        let resp = bare_client()
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{tenant}");
+        let echo = Echo::parse(&resp.bytes().await.unwrap());
+        let assertion = echo.header("x-portcullis-assertion").unwrap().to_owned();
+        let served = format!("http://{tenant}");
+        let claims = verify_with(&jwks, &assertion, &issuer, &served)
+            .unwrap_or_else(|e| panic!("{tenant}'s assertion for its host: {e}"));
+        assert_eq!(claims["aud"], json!([TENANTS_ROUTE, served]), "{claims}");
+        // A verifier that checks the route's name takes it too.
+        assert!(verify_with(&jwks, &assertion, &issuer, TENANTS_ROUTE).is_ok());
+        seen.push(assertion);
+    }
+    assert_ne!(seen[0], seen[1], "two hosts were sent one token");
+    assert!(
+        verify_with(&jwks, &seen[0], &issuer, "http://blue.tenants.test").is_err(),
+        "red's assertion is taken for blue"
+    );
 }
 
 // ----- refusals ------------------------------------------------------------------------------
