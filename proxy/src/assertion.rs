@@ -24,9 +24,11 @@
 //!   expires. A cached token is only served when *every* claim it carries (issuer, audience,
 //!   subject, email, groups), the caller's `version` and the current signing kid are unchanged;
 //!   so a change of groups or a key rotation never serves a stale token, whatever `version`
-//!   means to the caller. There is one slot per (issuer, route, subject): a changed identity
-//!   overwrites its slot rather than adding one, and the cache is cleared when it reaches
-//!   [`CACHE_CAPACITY`] slots. Tokens carry no `jti` so that they can be reused.
+//!   means to the caller. There is one slot per (issuer, route, subject): a changed identity,
+//!   or on a `*.` route another host served, overwrites its slot rather than adding one (a
+//!   caller sending many host names behind a wildcard costs itself a signature each, and
+//!   grows the cache by nothing), and the cache is cleared when it reaches [`CACHE_CAPACITY`]
+//!   slots. Tokens carry no `jti` so that they can be reused.
 //!
 //! Time is always a parameter (unix seconds), so that expiry and key retirement are testable.
 
@@ -349,12 +351,9 @@ impl Signer {
         let key = keys
             .signing(now)
             .ok_or_else(|| "no assertion signing key".to_string())?;
-        let slot = self.slot_hasher.hash_one((
-            claims.issuer,
-            claims.audience,
-            claims.served,
-            claims.subject,
-        ));
+        let slot = self
+            .slot_hasher
+            .hash_one((claims.issuer, claims.audience, claims.subject));
         if let Some(hit) = self.cache.get(&slot) {
             if hit.serves(claims, &key.kid, now, self.margin) {
                 return Ok(hit.token.clone());
@@ -924,11 +923,12 @@ mod tests {
         // A verifier that checks the route's name still takes it; the sibling's host does not.
         assert!(verify(&signer, &payroll, route).is_ok());
         assert!(verify(&signer, &payroll, "https://wiki.apps.example").is_err());
-        // The same host again: the cached token.
+        // One slot for the caller on the route, whatever the host: the last host's token.
+        assert_eq!(signer.cache.len(), 1);
         let again = signer
-            .token(&for_host("https://payroll.apps.example"), now)
+            .token(&for_host("https://wiki.apps.example"), now)
             .unwrap();
-        assert_eq!(again, payroll);
+        assert_eq!(again, wiki);
         // Elsewhere `aud` stays the route's name alone.
         let exact = signer
             .token(&claims("https://app.example", &groups, 1), now)

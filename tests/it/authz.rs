@@ -53,8 +53,9 @@ const LOAD_WORKERS: usize = 4;
 const LOAD_MAX_REQUESTS: usize = 1500;
 const LOAD_MAX_TIME: Duration = Duration::from_secs(10);
 
-/// A running IdP, Portcullis (SCIM on `auth.test`, `app.test` and `api.test` as above) and a
-/// SCIM client, with alice and the `build-agent` service account provisioned in `eng`.
+/// A running IdP, Portcullis (SCIM on `auth.test`, `app.test` and `api.test` as above, and
+/// `*.tenants.test` for bearer tokens) and a SCIM client, with alice and the `build-agent`
+/// service account provisioned in `eng`.
 struct Authz {
     fx: Fixture,
     scim: ScimClient,
