@@ -179,11 +179,8 @@ pub(crate) fn convert(
                 ),
                 _ => {}
             }
-            // Prefixes are compared as routes read them (see `loosely_within`): `/Admin/` and
+            // Prefixes are compared as routes read them (see `loosely_same`): `/Admin/` and
             // `/admin` are one prefix, and only one of two such routes could be reached.
-            let loosely_same = |a: &str, b: &str| {
-                portcullis_policy::loosely_within(a, b) && portcullis_policy::loosely_within(b, a)
-            };
             let same = |(scheme, host, prefix, _): &&(Scheme, String, String, usize)| {
                 *scheme == from.scheme
                     && *host == from.host
@@ -793,7 +790,6 @@ impl Access {
 fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>) {
     // `within(prefix, path)`: whether `path` is within `prefix`, as routes read paths.
     use portcullis_policy::loosely_within as within;
-    let same = |a: &str, b: &str| within(a, b) && within(b, a);
     for (i, route) in routes.iter().enumerate() {
         let Some(route) = route else { continue };
         let deny_at = at.index(i).key("deny");
@@ -813,7 +809,7 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                         j != i
                             && o.host == route.host
                             && within(&route.path_prefix, &o.path_prefix)
-                            && !same(&o.path_prefix, &route.path_prefix)
+                            && !loosely_same(&o.path_prefix, &route.path_prefix)
                             && within(&o.path_prefix, rule_path)
                     })?;
                     Some((j, other))
@@ -833,6 +829,12 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
     }
 }
 
+/// Whether two route prefixes are one as routes read paths (`/api` and `/API/` are): each
+/// within the other, by [`portcullis_policy::loosely_within`].
+fn loosely_same(a: &str, b: &str) -> bool {
+    portcullis_policy::loosely_within(a, b) && portcullis_policy::loosely_within(b, a)
+}
+
 /// A `*.` route whose prefix is deeper than what a more specific host's own routes hold
 /// (`https://*.apps.example/admin` beside `https://wiki.apps.example`) guards nothing there:
 /// a host's own routes take every path one of them holds, so `wiki.apps.example/admin` goes to
@@ -840,7 +842,6 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
 /// every host; that host needs a route of that prefix too.
 fn wildcards_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>) {
     use portcullis_policy::{loose_depth, loosely_within as within};
-    let same = |a: &str, b: &str| within(a, b) && within(b, a);
     let all = || {
         routes
             .iter()
@@ -862,7 +863,7 @@ fn wildcards_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'
         }
         for host in hosts {
             let of_host = || all().filter(move |(_, r)| r.host == host);
-            if of_host().any(|(_, r)| same(&r.path_prefix, &route.path_prefix)) {
+            if of_host().any(|(_, r)| loosely_same(&r.path_prefix, &route.path_prefix)) {
                 continue;
             }
             let taking = of_host()

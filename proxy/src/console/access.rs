@@ -298,15 +298,16 @@ impl Console {
             rows
         }));
         html.push_str("</tbody></table></div>");
-        html.push_str(&pager(
-            &format!("routes/{index}"),
-            &[("method", &asked.method), ("path", &asked.path)],
-            params,
-            reach.users.len(),
-            "user",
-        ));
+        // Users and agents are paged by the same page number.
+        let paged = |total: usize, noun: &str| {
+            let fixed = [
+                ("method", asked.method.as_str()),
+                ("path", asked.path.as_str()),
+            ];
+            pager(&format!("routes/{index}"), &fixed, params, total, noun)
+        };
+        html.push_str(&paged(reach.users.len(), "user"));
         if !reach.agents.is_empty() {
-            // Paged with the users, by the same page number.
             html.push_str("<h2>Agents</h2><ul>");
             for (id, name) in reach.agents.iter().skip(skip).take(PAGE_SIZE) {
                 html.push_str(&format!(
@@ -316,13 +317,7 @@ impl Console {
                 ));
             }
             html.push_str("</ul>");
-            html.push_str(&pager(
-                &format!("routes/{index}"),
-                &[("method", &asked.method), ("path", &asked.path)],
-                params,
-                reach.agents.len(),
-                "agent",
-            ));
+            html.push_str(&paged(reach.agents.len(), "agent"));
         }
         Some(Shown {
             title: route.name.clone(),
