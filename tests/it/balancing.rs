@@ -45,7 +45,7 @@ async fn failover_when_one_upstream_is_down() {
         get_echo(&client, &cfg.http_url("app.test", "/warm")).await;
     }
 
-    a.stop();
+    a.stop().await;
     // Every other request is a POST with a body: a retry on the other upstream must still
     // carry the whole body.
     let mut failures = Vec::new();
@@ -84,8 +84,8 @@ async fn with_two_of_three_upstreams_down_every_request_finds_the_third() {
     let _px = cfg.start().await;
     // Down before any request: each request learns it by failing to connect, and a retry
     // must not pass over b for an upstream not yet known to be down.
-    a.stop();
-    c.stop();
+    a.stop().await;
+    c.stop().await;
     let client = plain_client();
     for i in 0..12 {
         let echo = get_echo(&client, &cfg.http_url("app.test", &format!("/only-b/{i}"))).await;
@@ -105,7 +105,7 @@ async fn restarted_upstream_gets_traffic_again() {
     let url = cfg.http_url("app.test", "/recover");
 
     let addr = a.addr();
-    a.stop();
+    a.stop().await;
     for _ in 0..10 {
         assert_eq!(get_echo(&client, &url).await.upstream, "b");
     }
@@ -350,7 +350,7 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
     let mut t = Moving::start("1h").await;
 
     t.hosts.point("svc.test", &["127.0.0.2"]);
-    t.old.stop();
+    t.old.stop().await;
     // The first request finds the old address refusing (502) and has the name resolved again.
     let resp = t
         .client
@@ -378,7 +378,7 @@ async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address
     assert_eq!(get_echo(&client, &url).await.upstream, "first");
 
     // The first address goes away; the name still lists it, and the second.
-    first.stop();
+    first.stop().await;
     until_served_by(&client, &url, "second", true).await;
     // A reload (of anything) keeps the address in use while the name lists it: it does not
     // send requests back to the first, which refuses them.

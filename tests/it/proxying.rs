@@ -138,8 +138,8 @@ async fn all_upstreams_down_is_502_with_html_page() {
     let client = plain_client();
     get_echo(&client, &cfg.http_url("app.test", "/")).await;
 
-    a.stop();
-    b.stop();
+    a.stop().await;
+    b.stop().await;
     // A query may carry what must never be logged (a sign-in's code, a client's token).
     let query = "?access_token=secret-in-the-query";
     for url in [

@@ -88,6 +88,8 @@ pub struct Upstream {
     state: Arc<State>,
     addr: SocketAddr,
     task: Option<JoinHandle<()>>,
+    /// Tells the accept loop to close everything and end (see [`Upstream::stop`]).
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Upstream {
@@ -107,11 +109,13 @@ impl Upstream {
             seen: Mutex::new(Vec::new()),
             ws_received: Mutex::new(Vec::new()),
         });
-        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        let (shutdown, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, state.clone(), stopped));
         Upstream {
             state,
             addr,
             task: Some(task),
+            shutdown: Some(shutdown),
         }
     }
 
@@ -149,9 +153,21 @@ impl Upstream {
             .clone()
     }
 
-    /// Closes the listening socket and every open connection, as a crashed upstream would.
+    /// Closes the listening socket and every open connection, as a crashed upstream would, and
+    /// returns once they are closed: a pooled connection to it answers nothing after this.
     /// Websocket sessions already upgraded are left alone.
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             // Aborting the accept loop drops its JoinSet, which aborts every connection task.
             task.abort();
@@ -159,16 +175,21 @@ impl Upstream {
     }
 }
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            _ = &mut shutdown => {
+                drop(listener);
+                // Aborts every connection task and waits until each has ended (its socket
+                // closed).
+                connections.shutdown().await;
+                return;
+            }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let state = state.clone();
