@@ -330,14 +330,21 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
     );
     let _px = cfg.start().await;
     let host = format!("small.test:{}", cfg.http_addr().port());
-    for n in 0..2 {
+    // Until one goes out on a pooled connection (pingora pools the first's connection a
+    // moment after answering it), which closes on it: that one is sent again. At most 20.
+    let mut sent = 0;
+    while dropped.load(Ordering::SeqCst) == 0 && sent < 20 {
         let put = post_with_length(&host, "/item", 600);
         let put = [b"PUT".as_slice(), &put[4..]].concat();
         let resp = raw_request(cfg.http_addr(), &put).await.unwrap();
-        assert_eq!(resp.status, 200, "PUT {n}: {}", resp.body_text());
+        assert_eq!(resp.status, 200, "PUT {sent}: {}", resp.body_text());
+        sent += 1;
     }
-    assert_eq!(answered.load(Ordering::SeqCst), 2);
-    // The second went out on the first's connection, which closed on it: sent again.
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the race was not run");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the race was not run in {sent} requests"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), sent);
     server.abort();
 }
