@@ -535,6 +535,17 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
+        // sent, where it is malformed (RFC 9113 §8.2.1). ` Bearer <token>` would be no bearer
+        // token to Portcullis (never verified, never removed) and one to an HTTP/1 upstream,
+        // which trims it. Refused, whatever the header.
+        if req.version == http::Version::HTTP_2 && req.headers.values().any(padded) {
+            let why = "a header value with whitespace around it";
+            return self
+                .bad_request(session, ctx.client_ip, NO_ROUTE, why)
+                .await;
+        }
+
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {
@@ -2174,6 +2185,15 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 
 /// Answers up to this long are written without a timeout: they fit the socket's buffers.
 const SMALL_ANSWER: u64 = 64 * 1024;
+
+/// Whether a field value starts or ends with a space or a tab.
+fn padded(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    [bytes.first(), bytes.last()]
+        .into_iter()
+        .flatten()
+        .any(|b| matches!(b, b' ' | b'\t'))
+}
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
 /// `:authority` for HTTP/2. `None` unless it is a host name, an IPv4 address or a bracketed
