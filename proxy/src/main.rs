@@ -404,7 +404,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");
     // pingora's `run_forever` would exit without the log lines still waiting to be written.
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(reload::StopSignals),
+    });
     logging::flush();
     std::process::exit(0)
 }

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::server::ShutdownWatch;
+use pingora::server::{
+    ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
+};
 use pingora::services::background::BackgroundService;
 use portcullis_config::{Config, LogConfig, PostgresConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -339,6 +341,35 @@ impl BackgroundService for Reloader {
                 }
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+/// The signals that stop Portcullis: `SIGTERM` and `SIGINT` (Ctrl-C) alike drain and exit
+/// through [`Drainer`]; `SIGQUIT` is pingora's (a graceful upgrade). pingora's own `SIGINT`
+/// stops its runtimes at once instead: without the drain, the audit queue's last records and
+/// the fleet lease are left behind, and a listener's accept loop can spin on the stopped
+/// runtime, and never exit.
+pub struct StopSignals;
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut interrupt), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::warn!("could not watch for SIGTERM, SIGINT and SIGQUIT: pingora's handling");
+            return UnixShutdownSignalWatch.recv().await;
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT received: stopping as for SIGTERM");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         }
     }
 }

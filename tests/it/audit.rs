@@ -244,6 +244,42 @@ async fn open_route() -> (Upstream, ConfigBuilder, Portcullis) {
     (up, cfg, px)
 }
 
+/// Ctrl-C (SIGINT) stops Portcullis as SIGTERM does: the refusals counted but not yet written
+/// out (past the route's budget) are written before it exits. (pingora's own SIGINT stops at
+/// once, without them.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupt_writes_out_the_refusals_it_counted() {
+    let (_up, cfg, mut px) = open_route().await;
+    const SENT: usize = 600;
+    let client = portcullis_tests::client::plain_client();
+    let url = cfg.http_url("open.test", "/closed");
+    let mut sent = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url) = (client.clone(), url.clone());
+        sent.spawn(async move {
+            for _ in 0..SENT / 8 {
+                let refused = client.post(&url).send().await.unwrap();
+                assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+            }
+        });
+    }
+    while let Some(done) = sent.join_next().await {
+        done.unwrap();
+    }
+    px.exit_on(nix::sys::signal::Signal::SIGINT, Duration::from_secs(30))
+        .await;
+    let counted = |r: &Value| -> u64 {
+        let reason = r["reason"].as_str().unwrap_or_default();
+        match reason.split_once(" more refusals of requests that named nobody") {
+            Some((n, _)) => n.parse().unwrap(),
+            None => 1,
+        }
+    };
+    let records = audit_json_until(&px, &[], |_| true).await;
+    let accounted: u64 = of_event(&records, "refusal").into_iter().map(counted).sum();
+    assert_eq!(accounted, SENT as u64, "refusals lost at the interrupt");
+}
+
 /// Behind a load balancer, a refusal says whose request it was: the address the balancer
 /// (Debian's nginx, the listener's trusted proxy, connecting from 127.0.0.3) was reached from,
 /// not the balancer's, and not what the client claims itself.

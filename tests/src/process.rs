@@ -307,7 +307,12 @@ impl Portcullis {
 
     /// Sends `SIGTERM` and waits up to `timeout` for the process to exit.
     pub async fn terminate_within(&mut self, timeout: Duration) -> ExitStatus {
-        self.signal(Signal::SIGTERM);
+        self.exit_on(Signal::SIGTERM, timeout).await
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the process to exit.
+    pub async fn exit_on(&mut self, signal: Signal, timeout: Duration) -> ExitStatus {
+        self.signal(signal);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit() {
@@ -315,7 +320,7 @@ impl Portcullis {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "portcullis still running {timeout:?} after SIGTERM; output:\n{}",
+                    "portcullis still running {timeout:?} after {signal:?}; output:\n{}",
                     self.log()
                 );
             }
