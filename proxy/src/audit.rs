@@ -112,6 +112,29 @@ pub struct AgentRecord {
     pub on_behalf_of: Option<String>,
 }
 
+/// Who the refusal of a bearer token older than its record names, and why: the caller
+/// (`who`), or the agent the token acts through, whose record it is older than (named as the
+/// agent, or as the person it acts for).
+pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String) {
+    let reason = |whose: &str| {
+        format!(
+            "the bearer token was issued before {whose} was last created, re-activated or \
+             given a new identifier in the directory (or carries no iat): it is not theirs, or \
+             no longer, and its client needs a new one"
+        )
+    };
+    match agent {
+        Some(agent) => (
+            agent
+                .on_behalf_of
+                .clone()
+                .unwrap_or_else(|| crate::gate::agent_user(&agent.name)),
+            reason(&format!("the agent {}", agent.name)),
+        ),
+        None => (who.to_owned(), reason(who)),
+    }
+}
+
 impl AgentRecord {
     /// `NAME (owners: A, B)`, and `for PERSON` when delegated.
     pub fn human(&self) -> String {

@@ -135,8 +135,12 @@ pub enum Refused {
     /// request carried began before its user was deactivated (or re-created): it is over.
     SignIn { revoked: bool },
     /// 401 with a `WWW-Authenticate` challenge; `invalid_token` when a bearer token was
-    /// presented and refused (RFC 6750 §3.1). `revoked` as for [`Refused::SignIn`].
-    Challenge { invalid_token: bool, revoked: bool },
+    /// presented and refused (RFC 6750 §3.1). `revoked`: the token is older than the record
+    /// it stands on, the caller's or the agent's it acts through.
+    Challenge {
+        invalid_token: bool,
+        revoked: Option<Outdated>,
+    },
     /// 403.
     Forbid(Refusal),
     /// 503: this replica cannot be sure its directory is current (it has lost the shared
@@ -150,9 +154,33 @@ impl Refused {
     pub fn revoked(&self) -> bool {
         matches!(
             self,
-            Refused::SignIn { revoked: true } | Refused::Challenge { revoked: true, .. }
+            Refused::SignIn { revoked: true }
+                | Refused::Challenge {
+                    revoked: Some(_),
+                    ..
+                }
         )
     }
+
+    /// The agent whose record a refused token is older than, when it was an agent's.
+    pub fn outdated_agent(&self) -> Option<&AgentRecord> {
+        match self {
+            Refused::Challenge {
+                revoked: Some(Outdated::Agent(agent)),
+                ..
+            } => Some(agent),
+            _ => None,
+        }
+    }
+}
+
+/// Whose directory record a refused credential is older than (see [`outlived`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outdated {
+    /// The caller's own user.
+    Caller,
+    /// The agent a token acts through, its own or for a person (`on_behalf_of`).
+    Agent(AgentRecord),
 }
 
 /// A request let in.
@@ -394,9 +422,9 @@ fn predates(issued: Option<u64>, active: bool, since: u64) -> bool {
 enum Judged {
     Allow(Pass),
     Refuse(Refusal),
-    /// The session began, or the token was issued, before the user was last created,
-    /// re-activated or given a new identifier ([`outlived`]).
-    Revoked,
+    /// The session began, or the token was issued, before the user (or the agent) was last
+    /// created, re-activated or given a new identifier ([`outlived`]).
+    Revoked(Outdated),
 }
 
 impl Gate<'_> {
@@ -452,9 +480,11 @@ impl Gate<'_> {
             Judged::Refuse(refusal) => Admission::Refuse(Refused::Forbid(refusal)),
             // The session is over for good: the person signs in again. A token is invalid:
             // its client needs a new one.
-            Judged::Revoked => {
-                unauthenticated(facts, matches!(principal, Principal::Machine(_)), true)
-            }
+            Judged::Revoked(outdated) => unauthenticated(
+                facts,
+                matches!(principal, Principal::Machine(_)),
+                Some(outdated),
+            ),
         }
     }
 
@@ -482,7 +512,7 @@ impl Gate<'_> {
                 agent: None,
             }));
         }
-        unauthenticated(facts, invalid_token, false)
+        unauthenticated(facts, invalid_token, None)
     }
 
     /// The claim and the SCIM attribute that find `principal` in the directory.
@@ -589,7 +619,11 @@ impl Gate<'_> {
                 }
                 return Judged::Refuse(refusal);
             }
-            Some(Judged::Revoked) => return Judged::Revoked,
+            Some(Judged::Revoked(Outdated::Agent(mut agent))) => {
+                agent.on_behalf_of = Some(principal.log_name());
+                return Judged::Revoked(Outdated::Agent(agent));
+            }
+            Some(Judged::Revoked(outdated)) => return Judged::Revoked(outdated),
             None => {
                 let through = if by_act {
                     "its act claim's"
@@ -638,7 +672,7 @@ impl Gate<'_> {
                 refusal.agent = record;
                 Judged::Refuse(refusal)
             }
-            Judged::Revoked => Judged::Revoked,
+            Judged::Revoked(outdated) => Judged::Revoked(outdated),
         }
     }
 
@@ -683,14 +717,14 @@ impl Gate<'_> {
             };
             // A token issued before the agent was last created, re-activated or named
             // otherwise is not its own, or no longer (as a user's: see `outlived`).
-            if predates(issued, view.agent.active, view.agent.valid_since_unix) {
-                return Some(Judged::Revoked);
-            }
             let record = AgentRecord {
                 name: view.agent.name.to_string(),
                 owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
                 on_behalf_of: None,
             };
+            if predates(issued, view.agent.active, view.agent.valid_since_unix) {
+                return Some(Judged::Revoked(Outdated::Agent(record)));
+            }
             let groups = group_refs(&view.groups);
             let owner_groups = group_refs(&view.owner_groups);
             let subject = Subject {
@@ -806,7 +840,7 @@ impl Gate<'_> {
                 }
             };
             if outlived(principal, view.user) {
-                return Judged::Revoked;
+                return Judged::Revoked(Outdated::Caller);
             }
             let groups = group_refs(&view.groups);
             let subject = user_subject(kind, view.user, &groups);
@@ -858,7 +892,7 @@ impl Gate<'_> {
     }
 }
 
-fn unauthenticated(facts: &Facts<'_>, invalid_token: bool, revoked: bool) -> Admission {
+fn unauthenticated(facts: &Facts<'_>, invalid_token: bool, revoked: Option<Outdated>) -> Admission {
     Admission::Refuse(sign_in_or_challenge(
         facts.method,
         facts.client.get(),
@@ -876,11 +910,13 @@ pub fn sign_in_or_challenge(
     client: Client,
     sessions: bool,
     invalid_token: bool,
-    revoked: bool,
+    revoked: Option<Outdated>,
 ) -> Refused {
     let replayable = matches!(method, "GET" | "HEAD");
     if client == Client::Browser && replayable && sessions {
-        Refused::SignIn { revoked }
+        Refused::SignIn {
+            revoked: revoked.is_some(),
+        }
     } else {
         Refused::Challenge {
             invalid_token,
@@ -943,7 +979,7 @@ fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
 /// How an agent is named where a user would be (the user header, the assertion's `sub`, the
 /// audit log): `agent:` and its name, so that no upstream takes it for a person of that
 /// `userName`. (`X-Portcullis-Agent` carries the bare name.)
-fn agent_user(name: &str) -> String {
+pub(crate) fn agent_user(name: &str) -> String {
     format!("agent:{name}")
 }
 
@@ -1448,7 +1484,7 @@ mod tests {
             api,
             Admission::Refuse(Refused::Challenge {
                 invalid_token: false,
-                revoked: true
+                revoked: Some(Outdated::Caller)
             })
         );
         // Signing in again works.
@@ -1658,7 +1694,7 @@ mod tests {
             admission,
             Admission::Refuse(Refused::Challenge {
                 invalid_token: false,
-                revoked: false
+                revoked: None
             })
         );
     }
@@ -1674,7 +1710,7 @@ mod tests {
             world.gate().admit(&api, Presented::Nothing),
             Admission::Refuse(Refused::Challenge {
                 invalid_token: false,
-                revoked: false
+                revoked: None
             })
         );
     }
@@ -1692,7 +1728,7 @@ mod tests {
                 .admit(&api, Presented::Invalid { bearer: true }),
             Admission::Refuse(Refused::Challenge {
                 invalid_token: true,
-                revoked: false
+                revoked: None
             })
         );
     }
@@ -1748,7 +1784,7 @@ mod tests {
             admission,
             Admission::Refuse(Refused::Challenge {
                 invalid_token: false,
-                revoked: false
+                revoked: None
             })
         );
     }
@@ -1839,7 +1875,7 @@ mod tests {
         };
         let invalid = Admission::Refuse(Refused::Challenge {
             invalid_token: true,
-            revoked: true,
+            revoked: Some(Outdated::Caller),
         });
         let issued = |iat: Option<u64>| Machine {
             issued: iat,
@@ -2263,7 +2299,7 @@ mod tests {
     #[test]
     fn only_a_browser_asking_for_a_page_where_people_sign_in_is_sent_to_sign_in() {
         let sign_in =
-            |method, client, sessions| sign_in_or_challenge(method, client, sessions, false, false);
+            |method, client, sessions| sign_in_or_challenge(method, client, sessions, false, None);
         assert_eq!(
             sign_in("GET", Client::Browser, true),
             Refused::SignIn { revoked: false }
@@ -2287,7 +2323,7 @@ mod tests {
         assert!(Refused::SignIn { revoked: true }.revoked());
         assert!(Refused::Challenge {
             invalid_token: false,
-            revoked: true
+            revoked: Some(Outdated::Caller)
         }
         .revoked());
         assert!(!Refused::SignIn { revoked: false }.revoked());
@@ -2366,19 +2402,34 @@ mod tests {
             issued: iat,
             ..agent_token("helper")
         };
-        let invalid = Admission::Refuse(Refused::Challenge {
-            invalid_token: true,
-            revoked: true,
-        });
-        assert_eq!(as_machine(&world, &issued(Some(now - 1)), route), invalid);
-        assert_eq!(as_machine(&world, &issued(None), route), invalid);
+        // Refused as an invalid token older than the agent (not than its caller).
+        let outdated = |admission: Admission| match admission {
+            Admission::Refuse(
+                refused @ Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                },
+            ) => refused
+                .outdated_agent()
+                .map(|agent| (agent.name.clone(), agent.on_behalf_of.clone())),
+            other => panic!("{other:?}"),
+        };
+        let helper = Some(("helper".to_owned(), None));
+        assert_eq!(
+            outdated(as_machine(&world, &issued(Some(now - 1)), route)),
+            helper
+        );
+        assert_eq!(outdated(as_machine(&world, &issued(None), route)), helper);
         allowed(as_machine(&world, &issued(Some(now)), route));
-        // A person's token held by the agent's client likewise.
+        // A person's token held by the agent's client likewise, for that person.
         let held = Machine {
             issued: Some(now - 1),
             ..delegated_token(ALICE, "helper")
         };
-        assert_eq!(as_machine(&world, &held, route), invalid);
+        assert_eq!(
+            outdated(as_machine(&world, &held, route)),
+            Some(("helper".to_owned(), Some(ALICE.to_owned())))
+        );
     }
 
     #[tokio::test]

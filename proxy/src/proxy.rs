@@ -1201,7 +1201,7 @@ impl Proxy {
                             asked.client,
                             runtime.config.oidc.is_some(),
                             false,
-                            false,
+                            None,
                         );
                         return self
                             .answer(
@@ -1511,13 +1511,9 @@ impl Proxy {
                 audit.revoked_session(&caller.log_name(), route, &asked.audited());
             }
             (true, Some(caller @ Caller::Machine(_))) => {
-                let who = caller.log_name();
-                let reason = format!(
-                    "the bearer token was issued before {who} was last created, re-activated \
-                     or given a new identifier in the directory (or carries no iat): it is \
-                     not theirs, or no longer, and its client needs a new one"
-                );
-                audit.refusal(&who, route, None, &reason, &asked.audited(), None);
+                let agent = refused.outdated_agent();
+                let (who, reason) = crate::audit::outdated_token(&caller.log_name(), agent);
+                audit.refusal(&who, route, None, &reason, &asked.audited(), agent);
             }
             // A token that verified but is for none of the route's audiences: refused as an
             // invalid token there, and recorded by whose it is (a token for another API of

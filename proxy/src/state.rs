@@ -399,6 +399,7 @@ impl Shared {
 
     fn audit_cut(&self, open: &Recheck, refused: &Admission, runtime: &Runtime, now: u64) {
         let who = open.who();
+        let outdated: String;
         let (who, rule, reason) = match (refused, &open.caller) {
             (Admission::Refuse(Refused::Forbid(refusal)), _) => (
                 refusal.who.clone().unwrap_or(who),
@@ -410,19 +411,18 @@ impl Shared {
             }
             // Let in by a public rule, which no longer lets anyone in there.
             (_, None) => (who, None, "the address is no longer open to anyone"),
-            (Admission::Refuse(r), Some(caller)) if r.revoked() => (
-                who,
-                None,
-                match caller {
-                    Caller::Person { .. } => {
-                        "the user was deactivated or re-created since signing in"
-                    }
-                    Caller::Machine(_) => {
-                        "the token was issued before the user was last created, re-activated \
-                         or given a new identifier"
-                    }
-                },
-            ),
+            (Admission::Refuse(r), Some(caller)) if r.revoked() => match caller {
+                Caller::Person { .. } => (
+                    who,
+                    None,
+                    "the user was deactivated or re-created since signing in",
+                ),
+                Caller::Machine(_) => {
+                    let (who, reason) = crate::audit::outdated_token(&who, r.outdated_agent());
+                    outdated = reason;
+                    (who, None, outdated.as_str())
+                }
+            },
             (
                 Admission::Refuse(Refused::Challenge {
                     invalid_token: true,
@@ -453,6 +453,7 @@ impl Shared {
             },
             match refused {
                 Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
+                Admission::Refuse(refused) => refused.outdated_agent(),
                 _ => None,
             },
         );

@@ -502,7 +502,7 @@ mod tests {
             at(1_000),
             Admission::Refuse(Refused::Challenge {
                 invalid_token: true,
-                revoked: false
+                revoked: None
             })
         );
     }

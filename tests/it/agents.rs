@@ -703,6 +703,66 @@ async fn an_id_token_of_any_sign_in_is_no_bearer_token() {
     }
 }
 
+/// A token issued before its agent was re-activated is refused (401), and the audit log says
+/// it was the agent's record the token is older than: the agent's own token is recorded as
+/// the agent's, a delegated one as the person's, with the agent beside them. Neither person
+/// nor agent is anyone else.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
+    let t = Agents::start().await;
+    let own = t.token().await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    assert_eq!(t.call(&own).await.0, StatusCode::OK);
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
+    let agent = format!("/Agents/{}", t.agent);
+    t.set_active(&agent, false).await.expect(200);
+    // Records are dated in whole seconds: the re-activation falls in a later one.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    t.set_active(&agent, true).await.expect(200);
+    assert_eq!(t.call(&own).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+
+    let whose = format!("before the agent {AGENT_ID} was last created, re-activated");
+    let records = audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .filter(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
+            .count()
+            == 2
+    })
+    .await;
+    let refusals: Vec<&Value> = of_event(&records, "refusal")
+        .into_iter()
+        .filter(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
+        .collect();
+    let agent_user = format!("agent:{AGENT_ID}");
+    assert_eq!(
+        refusals[0]["user"],
+        agent_user.as_str(),
+        "{:#}",
+        refusals[0]
+    );
+    assert_eq!(refusals[0]["agent"]["name"], AGENT_ID, "{:#}", refusals[0]);
+    // The person as their token names them (its `sub`), as for the delegated token's other
+    // refusals.
+    let person = jwt_claims(&for_alice)["sub"].clone();
+    assert_eq!(refusals[1]["user"], person, "{:#}", refusals[1]);
+    assert_eq!(refusals[1]["agent"]["name"], AGENT_ID, "{:#}", refusals[1]);
+    assert_eq!(
+        refusals[1]["agent"]["on_behalf_of"], person,
+        "{:#}",
+        refusals[1]
+    );
+    // `portcullis audit --user agent:<name>` finds the agent's own.
+    let mine = audit_json_until(&t.px, &["--user", &agent_user], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .any(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
+    })
+    .await;
+    assert!(!mine.is_empty());
+}
+
 /// Entra ID dates its tokens 5 minutes early (`iat`, `nbf`). A token fetched the moment an
 /// agent is provisioned is still not older than the agent: it is let in, and only one issued
 /// before a re-activation is refused.
