@@ -81,7 +81,8 @@ impl Proxy {
         // Without [oidc] (removed by a reload, say) browsers still send the session cookie
         // they were given: it is taken out under its default name.
         if let Some(runtime) = &ctx.runtime {
-            strip_own_cookies(headers, runtime.session_cookie());
+            let earlier = self.shared.auth.sessions.cookie_names();
+            strip_own_cookies(headers, OwnCookies::new(runtime.session_cookie(), &earlier));
         }
         // On a route that takes bearer tokens, a bearer token is Portcullis' to read: it goes
         // on only as one Portcullis verified and the gate let in as its caller (`forward`),
@@ -231,7 +232,11 @@ impl Proxy {
         ctx: &RequestCtx,
     ) -> Result<()> {
         let route = || ctx.route.as_ref().map_or("", |r| r.config.name.as_str());
-        let session_cookie = ctx.runtime.as_ref().map(|r| r.session_cookie());
+        let earlier = self.shared.auth.sessions.cookie_names();
+        let session_cookie = ctx
+            .runtime
+            .as_ref()
+            .map(|r| OwnCookies::new(r.session_cookie(), &earlier));
         let identified = ctx.caller.is_some();
         let edits = edit_answer(response, session_cookie, identified)?;
         // An upstream that keys its answer on who is calling (`Vary: X-Portcullis-User`) keys
@@ -272,11 +277,11 @@ struct AnswerEdits {
 }
 
 /// An upstream's answer as the client gets it: the headers for the hop it came over taken out,
-/// and Portcullis' cookies (named `session_cookie`, when there is a runtime), which only it sets
-/// or clears; an answer to someone `identified` marked private.
+/// and Portcullis' cookies (`own`, when there is a runtime), which only it sets or clears; an
+/// answer to someone `identified` marked private.
 fn edit_answer(
     response: &mut http::response::Parts,
-    session_cookie: Option<&str>,
+    session_cookie: Option<OwnCookies<'_>>,
     identified: bool,
 ) -> Result<AnswerEdits> {
     let headers = &mut response.headers;
@@ -1878,16 +1883,44 @@ fn strip_reserved_headers(headers: &mut http::HeaderMap) {
     }
 }
 
-/// Whether `name`, a cookie's name, is one of Portcullis' own: the session cookie (named
-/// `session_cookie`) or a sign-in's, with or without a `__Host-` or `__Secure-` prefix.
-fn is_own_cookie(name: &str, session_cookie: &str) -> bool {
-    let unprefixed = ["__Host-", "__Secure-"].iter().find_map(|prefix| {
-        let head = name.get(..prefix.len())?;
-        head.eq_ignore_ascii_case(prefix)
-            .then(|| &name[prefix.len()..])
-    });
-    let name = unprefixed.unwrap_or(name);
-    name == session_cookie || name.starts_with(BROWSER_COOKIE)
+/// The names of Portcullis' own cookies: the session cookie's (`[oidc] cookie_name`, or the
+/// default), those sessions held were issued in under an earlier name, and sign-ins'.
+#[derive(Clone, Copy)]
+struct OwnCookies<'a> {
+    session: &'a str,
+    /// Earlier names of the session cookie (the present one may be among them).
+    earlier: &'a [Box<str>],
+}
+
+impl<'a> OwnCookies<'a> {
+    fn new(session: &'a str, earlier: &'a [Box<str>]) -> Self {
+        Self { session, earlier }
+    }
+
+    /// Whether `name`, a cookie's name, is one of them, with or without a `__Host-` or
+    /// `__Secure-` prefix.
+    fn holds(&self, name: &str) -> bool {
+        let unprefixed = ["__Host-", "__Secure-"].iter().find_map(|prefix| {
+            let head = name.get(..prefix.len())?;
+            head.eq_ignore_ascii_case(prefix)
+                .then(|| &name[prefix.len()..])
+        });
+        let name = unprefixed.unwrap_or(name);
+        name == self.session
+            || name.starts_with(BROWSER_COOKIE)
+            || self.earlier.iter().any(|earlier| **earlier == *name)
+    }
+
+    /// Text every one of them contains: the session cookie's names and the sign-ins' prefix.
+    fn marks(&self) -> impl Iterator<Item = &'a str> {
+        let session = self.session;
+        [session, BROWSER_COOKIE].into_iter().chain(
+            self.earlier
+                .iter()
+                .map(|earlier| &**earlier)
+                .filter(move |earlier| *earlier != session),
+        )
+    }
 }
 
 /// Whether `response` (a 101) accepts the websocket `request` asked for: `Upgrade: websocket`
@@ -2011,7 +2044,7 @@ fn clears_cookies(headers: &http::HeaderMap) -> bool {
 
 /// Takes out of `headers`, an answer's, each `Set-Cookie` for one of Portcullis' own cookies;
 /// returns how many. An answer without any, nearly all of them, is left as it is.
-fn strip_own_set_cookies(headers: &mut http::HeaderMap, session_cookie: &str) -> usize {
+fn strip_own_set_cookies(headers: &mut http::HeaderMap, own: OwnCookies<'_>) -> usize {
     let own = |value: &HeaderValue| {
         let line = String::from_utf8_lossy(value.as_bytes());
         let pair = line.split(';').next().unwrap_or_default();
@@ -2022,7 +2055,7 @@ fn strip_own_set_cookies(headers: &mut http::HeaderMap, session_cookie: &str) ->
             "" => pair.split('=').nth(1).unwrap_or_default().trim(),
             name => name,
         };
-        is_own_cookie(sent_as, session_cookie)
+        own.holds(sent_as)
     };
     remove_values(headers, header::SET_COOKIE, own)
 }
@@ -2032,9 +2065,9 @@ fn strip_own_set_cookies(headers: &mut http::HeaderMap, session_cookie: &str) ->
 /// bytes they hold, in one `Cookie` header: HTTP/2 clients may send each cookie as a header of
 /// its own, which RFC 9113 §8.2.3 has joined with `; ` for HTTP/1.1 (gunicorn would join them
 /// with `,` into one cookie, Starlette read the first only).
-fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
-    // Every own name contains one of these two (`__Host-` + the session's name included), so
-    // a request without either, nearly all of them, is left as it is without a copy.
+fn strip_own_cookies(headers: &mut http::HeaderMap, own: OwnCookies<'_>) {
+    // Every own name contains one of its marks (`__Host-` + the session's name included), so
+    // a request without any, nearly all of them, is left as it is without a copy.
     let mentions_own = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let contains = |name: &[u8]| {
@@ -2045,18 +2078,14 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, session_cookie: &str) {
                 .windows(name.len())
                 .any(|w| w.first() == first && w == name)
         };
-        [session_cookie, BROWSER_COOKIE]
-            .iter()
-            .any(|name| contains(name.as_bytes()))
+        own.marks().any(|name| contains(name.as_bytes()))
     };
     let all = headers.get_all(header::COOKIE);
     if all.iter().nth(1).is_none() && !all.iter().any(mentions_own) {
         return;
     }
     // A name that is not text is none of Portcullis' (they are ASCII).
-    let is_own = |name: &[u8]| {
-        std::str::from_utf8(name).is_ok_and(|name| is_own_cookie(name, session_cookie))
-    };
+    let is_own = |name: &[u8]| std::str::from_utf8(name).is_ok_and(|name| own.holds(name));
     let mut joined = Vec::new();
     for kept in all
         .iter()
@@ -2476,7 +2505,7 @@ mod tests {
             ),
             ("Cookie", "__Host-portcullis_signin_0123=BINDING; z=1"),
         ]);
-        strip_own_cookies(&mut req, "portcullis_session");
+        strip_own_cookies(&mut req, OwnCookies::new("portcullis_session", &[]));
         let cookies: Vec<&str> = req
             .get_all(header::COOKIE)
             .iter()
@@ -2488,12 +2517,12 @@ mod tests {
         );
 
         let mut untouched = header_map(&[("Cookie", "a=1;b=2")]);
-        strip_own_cookies(&mut untouched, "portcullis_session");
+        strip_own_cookies(&mut untouched, OwnCookies::new("portcullis_session", &[]));
         assert_eq!(untouched[header::COOKIE], "a=1;b=2", "left as sent");
 
         // HTTP/2's crumbs, one cookie a header, go on as one header.
         let mut crumbs = header_map(&[("Cookie", "a=1"), ("Cookie", "b=2 ")]);
-        strip_own_cookies(&mut crumbs, "portcullis_session");
+        strip_own_cookies(&mut crumbs, OwnCookies::new("portcullis_session", &[]));
         let joined: Vec<_> = crumbs.get_all(header::COOKIE).iter().collect();
         assert_eq!(joined, ["a=1; b=2"]);
 
@@ -2503,8 +2532,20 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_bytes(b"lang=fran\xe7ais; portcullis_session=SECRET").unwrap(),
         );
-        strip_own_cookies(&mut latin1, "portcullis_session");
+        strip_own_cookies(&mut latin1, OwnCookies::new("portcullis_session", &[]));
         assert_eq!(latin1[header::COOKIE].as_bytes(), b"lang=fran\xe7ais");
+
+        // The session cookie's earlier name, which sessions held were issued in, goes too.
+        let earlier: [Box<str>; 2] = ["old_session".into(), "portcullis_session".into()];
+        let own = OwnCookies::new("portcullis_session", &earlier);
+        let mut renamed = header_map(&[(
+            "Cookie",
+            "__Host-old_session=OLD; a=1; portcullis_session=NEW; old_session_x=kept",
+        )]);
+        strip_own_cookies(&mut renamed, own);
+        assert_eq!(renamed[header::COOKIE], "a=1; old_session_x=kept");
+        let mut planted = header_map(&[("Set-Cookie", "__Secure-old_session=planted")]);
+        assert_eq!(strip_own_set_cookies(&mut planted, own), 1);
     }
 
     #[test]
@@ -2553,7 +2594,10 @@ mod tests {
         ] {
             headers.append(header::SET_COOKIE, HeaderValue::from_static(line));
         }
-        assert_eq!(strip_own_set_cookies(&mut headers, "portcullis_session"), 4);
+        assert_eq!(
+            strip_own_set_cookies(&mut headers, OwnCookies::new("portcullis_session", &[])),
+            4
+        );
         let kept: Vec<&str> = headers
             .get_all(header::SET_COOKIE)
             .iter()
@@ -2567,7 +2611,10 @@ mod tests {
                 "lang=en"
             ]
         );
-        assert_eq!(strip_own_set_cookies(&mut headers, "portcullis_session"), 0);
+        assert_eq!(
+            strip_own_set_cookies(&mut headers, OwnCookies::new("portcullis_session", &[])),
+            0
+        );
     }
 
     fn answer(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
@@ -2585,7 +2632,7 @@ mod tests {
 
     #[test]
     fn an_answer_to_someone_identified_is_private_unless_it_says_otherwise() {
-        let cookie = Some("portcullis_session");
+        let cookie = Some(OwnCookies::new("portcullis_session", &[]));
         let mut plain = answer(200, &[("content-type", "text/html")]);
         assert_eq!(
             edit_answer(&mut plain, cookie, true).unwrap(),
@@ -2627,7 +2674,12 @@ mod tests {
             ("x-end-to-end", "kept"),
         ];
         let mut all = answer(200, &sent);
-        let edits = edit_answer(&mut all, Some("portcullis_session"), false).unwrap();
+        let edits = edit_answer(
+            &mut all,
+            Some(OwnCookies::new("portcullis_session", &[])),
+            false,
+        )
+        .unwrap();
         let expected = AnswerEdits {
             own_set_cookies: 1,
             cleared_cookies: true,
@@ -2655,7 +2707,12 @@ mod tests {
         ];
         for sent in cases {
             let mut answer = answer(200, sent);
-            edit_answer(&mut answer, Some("portcullis_session"), false).unwrap();
+            edit_answer(
+                &mut answer,
+                Some(OwnCookies::new("portcullis_session", &[])),
+                false,
+            )
+            .unwrap();
             let names: Vec<&str> = answer.headers.keys().map(|n| n.as_str()).collect();
             assert_eq!(names, ["connection"], "{sent:?}");
         }
@@ -2677,7 +2734,12 @@ mod tests {
             ("clear-site-data", "\"*\""),
         ];
         let mut answer = answer(200, &sent);
-        let edits = edit_answer(&mut answer, Some("portcullis_session"), false).unwrap();
+        let edits = edit_answer(
+            &mut answer,
+            Some(OwnCookies::new("portcullis_session", &[])),
+            false,
+        )
+        .unwrap();
         assert_eq!(edits.own_set_cookies, 1);
         assert!(edits.cleared_cookies);
         assert!(answer.headers.is_empty());

@@ -2823,6 +2823,23 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     let again = cookie_value(&set_cookie(&resp, "renamed_session").expect("the new cookie"));
     let resp = get_with_cookie(&url, "renamed_session", &again, "application/json").await;
     assert_eq!(resp.status(), StatusCode::OK);
+
+    // Browsers still send the old cookie. Its id is never handed to an upstream: renamed
+    // back (or on a replica not renamed yet), it vouches again.
+    let both = format!(
+        "{SESSION_COOKIE}={}; renamed_session={again}; theme=dark",
+        signed.cookie
+    );
+    let resp = bare_client()
+        .get(&url)
+        .header(COOKIE, both)
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    assert_eq!(echo.header("cookie"), Some("theme=dark"));
 }
 
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has

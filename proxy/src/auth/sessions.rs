@@ -320,6 +320,10 @@ pub struct Kept {
     ending: dashmap::DashSet<SessionKey>,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: Watched,
+    /// The names of the cookies sessions held here were issued in (`[oidc] cookie_name` then,
+    /// on any replica): an earlier name's cookie still holds a session id, which a rename back
+    /// (or a replica not renamed yet) takes, so it is never sent upstream either. Only grows.
+    cookie_names: ArcSwap<Vec<Box<str>>>,
     /// The [`LOGOUT_TOKEN`]s used, by key, with the second until which each is kept.
     logout_tokens: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// By name; the first one seals (so every replica seals with the same key).
@@ -353,6 +357,16 @@ impl Kept {
     }
 
     /// Applies one entry (not a key); returns whether it ended a session.
+    fn note_cookie_name(&self, name: Option<&str>) {
+        let Some(name) = name else { return };
+        let names = self.cookie_names.load();
+        if !names.iter().any(|known| &**known == name) {
+            let mut more = Vec::clone(&names);
+            more.push(name.into());
+            self.cookie_names.store(Arc::new(more));
+        }
+    }
+
     fn keep(&self, entry: &Entry) -> bool {
         if entry.kind == LOGOUT_TOKEN {
             let mut used = lock(&self.logout_tokens);
@@ -370,6 +384,7 @@ impl Kept {
             (SESSION, Some(value)) => {
                 // A record this build cannot read is treated as signed out.
                 if let Ok(stored) = serde_json::from_str::<Stored>(value) {
+                    self.note_cookie_name(stored.cookie.as_deref());
                     self.sessions
                         .entry(key)
                         .or_insert_with(|| Arc::new(Session::new(stored)));
@@ -724,6 +739,12 @@ impl Sessions {
     /// Keeps `entries` of kinds other than sessions (keys), as given.
     pub async fn keep(&self, entries: Vec<Entry>) -> Result<(), String> {
         put(&self.directory, entries).await
+    }
+
+    /// The names sessions held were issued in, the configured one's and earlier ones (see
+    /// [`Kept`]'s `cookie_names`).
+    pub fn cookie_names(&self) -> arc_swap::Guard<Arc<Vec<Box<str>>>> {
+        self.kept.cookie_names.load()
     }
 
     /// Whether a key to seal sign-ins with is kept (sign-in needs one).
