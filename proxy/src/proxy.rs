@@ -507,6 +507,14 @@ impl ProxyHttp for Proxy {
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
         ctx.tls = own_tls || runtime.behind_tls_proxy(local_addr(session));
+        // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
+        // sent (RFC 9113 §8.2.1 calls it malformed; servers and clients differ). ` Bearer
+        // <token>` would be no bearer token to Portcullis (never verified, never removed) and
+        // one to an HTTP/1 upstream, which trims it. Trimmed first, as HTTP/1 would have it,
+        // so that Portcullis and the upstream read the same value.
+        if session.req_header().version == http::Version::HTTP_2 {
+            trim_padded_values(session.req_header_mut());
+        }
         let req = session.req_header();
         if head_size(req) > runtime.config.server.max_request_header_bytes {
             return reply::send(
@@ -535,17 +543,6 @@ impl ProxyHttp for Proxy {
         // not GET to them, while rules name methods in any case. Refused, as nginx does.
         if req.method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
             let why = "a method in lower case";
-            return self
-                .bad_request(session, ctx.client_ip, NO_ROUTE, why)
-                .await;
-        }
-
-        // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
-        // sent, where it is malformed (RFC 9113 §8.2.1). ` Bearer <token>` would be no bearer
-        // token to Portcullis (never verified, never removed) and one to an HTTP/1 upstream,
-        // which trims it. Refused, whatever the header.
-        if req.version == http::Version::HTTP_2 && req.headers.values().any(padded) {
-            let why = "a header value with whitespace around it";
             return self
                 .bad_request(session, ctx.client_ip, NO_ROUTE, why)
                 .await;
@@ -2218,6 +2215,32 @@ fn padded(value: &HeaderValue) -> bool {
         .into_iter()
         .flatten()
         .any(|b| matches!(b, b' ' | b'\t'))
+}
+
+/// Takes the spaces and tabs off both ends of every field value of `req`, as HTTP/1 parsers
+/// do. The values of a name keep their order. A request without any, nearly all of them, is
+/// left as it is.
+fn trim_padded_values(req: &mut RequestHeader) {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for (name, _) in req.headers.iter().filter(|(_, value)| padded(value)) {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    for name in names {
+        // A part of a valid value is a valid value.
+        let values: Vec<HeaderValue> = req
+            .headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|value| HeaderValue::from_bytes(value.as_bytes().trim_ascii()).ok())
+            .collect();
+        req.remove_header(&name);
+        for value in values {
+            // Only a name pingora could not write fails, and this one came from the request.
+            let _ = req.append_header(name.clone(), value);
+        }
+    }
 }
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
