@@ -277,6 +277,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();
     let server_config = config.server.clone();
+    let longest_drain = reload::Drainer::longest(&config);
     let postgres = open_postgres(&config)?;
     let audit_log = || {
         audit::Destination::of(
@@ -326,8 +327,8 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         threads: server_config.threads,
         // One single-threaded runtime per worker thread: no cross-thread wake-ups per request.
         work_stealing: false,
-        // Drainer exits as soon as in-flight requests finish; this is only the upper bound.
-        grace_period_seconds: Some(server_config.shutdown_timeout.as_secs().saturating_add(1)),
+        // Drainer exits as soon as it is done; this is only the upper bound.
+        grace_period_seconds: Some(longest_drain.as_secs().saturating_add(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };

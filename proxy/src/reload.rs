@@ -380,9 +380,23 @@ pub struct Drainer {
     shared: Arc<Shared>,
 }
 
+/// The longest the drain writes the audit log out for.
+const AUDIT_FLUSH: Duration = Duration::from_secs(5);
+
 impl Drainer {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The longest a drain under `config` takes: in-flight requests, leaving the fleet, and
+    /// writing the audit log out.
+    pub fn longest(config: &Config) -> Duration {
+        let leave = config.postgres.as_ref().map(|p| p.max_staleness);
+        config
+            .server
+            .shutdown_timeout
+            .saturating_add(leave.unwrap_or_default())
+            .saturating_add(AUDIT_FLUSH)
     }
 }
 
@@ -401,8 +415,24 @@ impl BackgroundService for Drainer {
             .shutdown_timeout(&self.shared.runtime.load().config);
         let deadline = Instant::now().checked_add(timeout);
         tracing::info!(in_flight = InFlight::count(), "draining before exit");
+        // A Ctrl-C during the drain stops the wait (the drain goes on to leave the fleet and
+        // write the audit log out), as at a terminal one expects of a second Ctrl-C.
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        let interrupted = async {
+            match &mut interrupt {
+                Some(interrupt) => interrupt.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(interrupted);
         while InFlight::count() > 0 && deadline.is_none_or(|deadline| Instant::now() < deadline) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = &mut interrupted => {
+                    tracing::warn!("SIGINT during the drain: not waiting for in-flight requests");
+                    break;
+                }
+            }
         }
         let left = InFlight::count();
         if left > 0 {
@@ -420,8 +450,7 @@ impl BackgroundService for Drainer {
         }
         // Records queued in the last moments (a sign-out during the drain) are written first.
         let audit = self.shared.audit.clone();
-        let flushed =
-            tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(5))).await;
+        let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH)).await;
         if !matches!(flushed, Ok(true)) {
             tracing::warn!("exiting before the audit log was written to the end");
         }

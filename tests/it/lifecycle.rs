@@ -53,3 +53,60 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         px.log()
     );
 }
+
+/// Ctrl-C (SIGINT) drains as SIGTERM does: the request in flight is answered, and Portcullis
+/// exits 0. A second Ctrl-C during the drain stops waiting for what is still in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_drains_and_a_second_one_stops_the_wait() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("shutdown_timeout", "\"120s\"")
+        .route(Route::new("http://app.test", &[&up]));
+    let in_flight = |ms: u64| {
+        let url = cfg.http_url("app.test", &format!("/slow?ms={ms}"));
+        tokio::spawn(async move {
+            let resp = plain_client().get(&url).send().await?;
+            let status = resp.status();
+            resp.bytes().await?;
+            Ok::<_, reqwest::Error>(status)
+        })
+    };
+
+    let mut px = cfg.start().await;
+    let slow = in_flight(1000);
+    reached(&up, 1).await;
+    let status = px
+        .exit_on(nix::sys::signal::Signal::SIGINT, Duration::from_secs(60))
+        .await;
+    assert_eq!(slow.await.unwrap().expect("answered"), StatusCode::OK);
+    assert!(status.success(), "exited with {status}:\n{}", px.log());
+
+    let mut px = cfg.start().await;
+    let _stuck = in_flight(100_000);
+    reached(&up, 2).await;
+    px.signal(nix::sys::signal::Signal::SIGINT);
+    let draining = Instant::now() + Duration::from_secs(10);
+    while !px.log().contains("draining before exit") {
+        assert!(Instant::now() < draining, "no drain:\n{}", px.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        px.try_exit().is_none(),
+        "it waits for the request in flight"
+    );
+    // Well before the client gives up on the request (30 s).
+    let status = px
+        .exit_on(nix::sys::signal::Signal::SIGINT, Duration::from_secs(15))
+        .await;
+    assert!(status.success(), "exited with {status}:\n{}", px.log());
+}
+
+/// Waits (bounded) until `up` has seen `count` requests.
+async fn reached(up: &Upstream, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.count() < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.count(), count, "the slow request reached the upstream");
+}
