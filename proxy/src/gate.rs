@@ -131,12 +131,13 @@ pub enum Admission {
 /// How a request that is not let in is answered.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refused {
-    /// Send the browser to sign in, and back here afterwards. With `revoked`, the session the
-    /// request carried began before its user was deactivated (or re-created): it is over.
-    SignIn { revoked: bool },
+    /// Send the browser to sign in, and back here afterwards. `revoked`: the credential the
+    /// request carried is older than the record it stands on, the caller's (a session whose
+    /// user was deactivated or re-created since: it is over) or the agent's a token acts
+    /// through.
+    SignIn { revoked: Option<Outdated> },
     /// 401 with a `WWW-Authenticate` challenge; `invalid_token` when a bearer token was
-    /// presented and refused (RFC 6750 §3.1). `revoked`: the token is older than the record
-    /// it stands on, the caller's or the agent's it acts through.
+    /// presented and refused (RFC 6750 §3.1). `revoked` as for [`Refused::SignIn`].
     Challenge {
         invalid_token: bool,
         revoked: Option<Outdated>,
@@ -154,7 +155,7 @@ impl Refused {
     pub fn revoked(&self) -> bool {
         matches!(
             self,
-            Refused::SignIn { revoked: true }
+            Refused::SignIn { revoked: Some(_) }
                 | Refused::Challenge {
                     revoked: Some(_),
                     ..
@@ -165,7 +166,10 @@ impl Refused {
     /// The agent whose record a refused token is older than, when it was an agent's.
     pub fn outdated_agent(&self) -> Option<&AgentRecord> {
         match self {
-            Refused::Challenge {
+            Refused::SignIn {
+                revoked: Some(Outdated::Agent(agent)),
+            }
+            | Refused::Challenge {
                 revoked: Some(Outdated::Agent(agent)),
                 ..
             } => Some(agent),
@@ -914,9 +918,7 @@ pub fn sign_in_or_challenge(
 ) -> Refused {
     let replayable = matches!(method, "GET" | "HEAD");
     if client == Client::Browser && replayable && sessions {
-        Refused::SignIn {
-            revoked: revoked.is_some(),
-        }
+        Refused::SignIn { revoked }
     } else {
         Refused::Challenge {
             invalid_token,
@@ -1471,7 +1473,9 @@ mod tests {
         let browser = as_person(&world, &alice, 0, "/work");
         assert_eq!(
             browser,
-            Admission::Refuse(Refused::SignIn { revoked: true })
+            Admission::Refuse(Refused::SignIn {
+                revoked: Some(Outdated::Caller)
+            })
         );
         let api = world.gate().admit(
             &Facts {
@@ -1678,7 +1682,7 @@ mod tests {
                 .admit(&facts(&world, 0, method, "/work"), Presented::Nothing);
             assert_eq!(
                 admission,
-                Admission::Refuse(Refused::SignIn { revoked: false }),
+                Admission::Refuse(Refused::SignIn { revoked: None }),
                 "{method}"
             );
         }
@@ -1742,7 +1746,7 @@ mod tests {
         );
         assert_eq!(
             admission,
-            Admission::Refuse(Refused::SignIn { revoked: false })
+            Admission::Refuse(Refused::SignIn { revoked: None })
         );
     }
 
@@ -1847,7 +1851,7 @@ mod tests {
         );
         assert_eq!(
             admission,
-            Admission::Refuse(Refused::SignIn { revoked: false })
+            Admission::Refuse(Refused::SignIn { revoked: None })
         );
     }
 
@@ -2302,7 +2306,7 @@ mod tests {
             |method, client, sessions| sign_in_or_challenge(method, client, sessions, false, None);
         assert_eq!(
             sign_in("GET", Client::Browser, true),
-            Refused::SignIn { revoked: false }
+            Refused::SignIn { revoked: None }
         );
         assert!(matches!(
             sign_in("GET", Client::Browser, false),
@@ -2320,13 +2324,16 @@ mod tests {
 
     #[test]
     fn only_a_revocation_ends_the_session() {
-        assert!(Refused::SignIn { revoked: true }.revoked());
+        assert!(Refused::SignIn {
+            revoked: Some(Outdated::Caller)
+        }
+        .revoked());
         assert!(Refused::Challenge {
             invalid_token: false,
             revoked: Some(Outdated::Caller)
         }
         .revoked());
-        assert!(!Refused::SignIn { revoked: false }.revoked());
+        assert!(!Refused::SignIn { revoked: None }.revoked());
         assert!(!Refused::Forbid(Refusal {
             who: None,
             rule: None,
@@ -2335,6 +2342,22 @@ mod tests {
             agent: None,
         })
         .revoked());
+        // An agent's token sent to sign in (it looked like a browser's page load on a route
+        // that also takes sessions) still says whose record it is older than.
+        let agent = AgentRecord {
+            name: "helper".into(),
+            owners: vec![],
+            on_behalf_of: None,
+        };
+        let sent = sign_in_or_challenge(
+            "GET",
+            Client::Browser,
+            true,
+            true,
+            Some(Outdated::Agent(agent.clone())),
+        );
+        assert!(matches!(sent, Refused::SignIn { .. }), "{sent:?}");
+        assert_eq!(sent.outdated_agent(), Some(&agent));
     }
 
     /// A route for agents owned by `eng` members, and for `eng` people.

@@ -430,7 +430,7 @@ mod tests {
         let world = World::new();
         let open = open(&world, APP);
         let cuts = Cell::new(0);
-        let refuse = |_: &Recheck| Admission::Refuse(Refused::SignIn { revoked: false });
+        let refuse = |_: &Recheck| Admission::Refuse(Refused::SignIn { revoked: None });
         let on_cut = |_: &Recheck, _: Admission| cuts.set(cuts.get() + 1);
         assert!(!open.still_allowed(marks(1), refuse, on_cut));
         assert!(!open.still_allowed(marks(2), |_| allow(), on_cut));
@@ -476,7 +476,7 @@ mod tests {
         let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| false);
         assert_eq!(
             admission,
-            Admission::Refuse(Refused::SignIn { revoked: false })
+            Admission::Refuse(Refused::SignIn { revoked: None })
         );
     }
 
