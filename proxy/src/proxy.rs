@@ -492,7 +492,9 @@ impl ProxyHttp for Proxy {
     /// for every request, and their state machines (kilobytes, the console's and SCIM's) would
     /// otherwise make it that large and be copied for every proxied request.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        // 1.1 The configuration this request lives by, whatever reloads meanwhile.
+        // 1.1 The configuration this request lives by, whatever reloads meanwhile, and the
+        // count of reloads as of it (read first: see 1.5).
+        let reloads = self.shared.reloads();
         let runtime = self.shared.runtime.load_full();
         ctx.runtime = Some(runtime.clone());
         // A client connection is not kept for ever (pingora keeps an HTTP/1.1 one idle without
@@ -672,8 +674,12 @@ impl ProxyHttp for Proxy {
 
         // 1.5 Who is calling. The marks are read first, so that a change landing while the
         // decision is made is noticed by the recheck of an open connection. Their second is
-        // the decision's "now".
-        let decided_at = self.shared.marks();
+        // the decision's "now". Their reload count is the one read before the runtime: a
+        // reload installed since is one this decision did not see.
+        let decided_at = Marks {
+            config: reloads,
+            ..self.shared.marks()
+        };
         let authentication = self
             .shared
             .auth

@@ -320,6 +320,12 @@ impl Shared {
         self.reloads.bump();
     }
 
+    /// How many configurations were installed after the first. Read before the runtime a
+    /// decision uses, it is never ahead of that runtime (installs store, then count).
+    pub fn reloads(&self) -> u64 {
+        self.reloads.get()
+    }
+
     /// Wakes whenever a configuration is installed.
     pub fn subscribe_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
         self.reloads.subscribe()
