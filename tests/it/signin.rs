@@ -2897,6 +2897,29 @@ async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
     fx.idp.set_outage(IdpOutage::Off).await;
 }
 
+/// `refresh = false` by a reload holds for the sessions already open: they stop asking the
+/// IdP, and one whose refresh the IdP would refuse goes on (to its idle or absolute end).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_turns_refresh_off_stops_it_for_open_sessions() {
+    let recorder = portcullis_tests::recorder::Recorder::start().await;
+    let fx = Fixture::start_with(Options {
+        backchannel: Backchannel::At(recorder.url("/logout")),
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+    fx.px
+        .reload_with("[oidc]", "refresh = true", "refresh = false")
+        .await;
+    // Her refresh token dies: a refresh would be refused, and end the session.
+    fx.idp.backchannel_logout("alice", CLIENT_ID).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_works(&url, &signed.cookie).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_refresh_with_the_idp_and_end_when_it_refuses() {
     // The IdP's logout tokens go elsewhere, so only a refused refresh can end the session.

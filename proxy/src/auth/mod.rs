@@ -459,7 +459,8 @@ impl Auth {
         let due = session.refresh.as_ref().and_then(|refreshing| {
             let turn = refreshing.turn.try_lock().ok()?;
             let state = refreshing.state();
-            (state.due <= now && !self.oidc.refresh_paused(now))
+            // Turned off by a reload: sessions already open stop asking too.
+            (oidc.refresh && state.due <= now && !self.oidc.refresh_paused(now))
                 .then_some((refreshing, turn, state))
         });
         if let Some((refreshing, turn, state)) = due {
