@@ -75,6 +75,7 @@ pub struct AtStart {
     admin: Option<SocketAddr>,
     threads: usize,
     max_request_header_bytes: usize,
+    client_idle_timeout: Duration,
     shutdown_timeout: Duration,
     reload_poll_interval: Duration,
     data_dir: PathBuf,
@@ -98,6 +99,7 @@ impl AtStart {
             admin: config.admin.as_ref().map(|a| a.address),
             threads: config.server.threads,
             max_request_header_bytes: config.server.max_request_header_bytes,
+            client_idle_timeout: config.server.client_idle_timeout,
             shutdown_timeout: config.server.shutdown_timeout,
             reload_poll_interval: config.server.reload_poll_interval,
             data_dir: config.data_dir.clone(),
@@ -128,6 +130,11 @@ impl AtStart {
             (
                 "server.max_request_header_bytes (HTTP/2)",
                 new.max_request_header_bytes > self.max_request_header_bytes,
+            ),
+            // HTTP/1's applies at once (Portcullis sets it per request); HTTP/2's is set at start.
+            (
+                "server.client_idle_timeout (HTTP/2)",
+                new.client_idle_timeout != self.client_idle_timeout,
             ),
             // Shorter applies at once; the process' own bound on shutting down is set at start.
             (
@@ -478,6 +485,13 @@ mod tests {
         assert_eq!(
             with(bytes * 2),
             ["server.max_request_header_bytes (HTTP/2)"]
+        );
+        // HTTP/2's idle timeout is set at start too.
+        let mut idle = config.clone();
+        idle.server.client_idle_timeout *= 2;
+        assert_eq!(
+            at_start.awaiting_restart(&idle),
+            ["server.client_idle_timeout (HTTP/2)"]
         );
         // Every head Portcullis takes reaches its own check, with room for many fields.
         assert_eq!(h2_header_list_size(65_536), 65_536 + 16_384);
