@@ -518,13 +518,7 @@ impl ProxyHttp for Proxy {
             trim_padded_values(session.req_header_mut());
         }
         let req = session.req_header();
-        if head_size(req) > runtime.config.server.max_request_header_bytes {
-            return reply::send(
-                session,
-                Reply::status_page(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
-            )
-            .await;
-        }
+        let head_too_large = head_size(req) > runtime.config.server.max_request_header_bytes;
         ctx.client_ip = runtime.client_ip(
             session
                 .client_addr()
@@ -534,6 +528,16 @@ impl ProxyHttp for Proxy {
             own_tls,
             &req.headers,
         );
+        if head_too_large {
+            let reason = format!(
+                "a request was refused: its head is larger than {} bytes",
+                runtime.config.server.max_request_header_bytes
+            );
+            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return self
+                .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, status, &reason)
+                .await;
+        }
 
         // An OPTIONS without a body may be a CORS preflight (see 1.6). Known from the framing
         // (HTTP/2's end of stream too), which only the session reads.
@@ -755,6 +759,8 @@ impl ProxyHttp for Proxy {
         ctx.forward = pass.forward;
         let declared = content_length(req);
         if declared.is_some_and(|len| len > route.config.max_request_body_bytes) {
+            ctx.route = Some(route.clone());
+            self.audit_body_too_large(ctx, session.req_header(), "said by its Content-Length");
             return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
         // A length said more than once goes upstream said once (below): Go, Node and hyper
@@ -980,6 +986,7 @@ impl ProxyHttp for Proxy {
         if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
             ctx.body_bytes = ctx.body_bytes.saturating_add(chunk.len() as u64);
             if ctx.body_bytes > route.config.max_request_body_bytes {
+                self.audit_body_too_large(ctx, session.req_header(), "as it was sent");
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
         }
@@ -1470,19 +1477,58 @@ impl Proxy {
         route: &str,
         why: &str,
     ) -> Result<bool> {
+        let reason = format!("a request was refused as malformed: {why}");
+        self.refuse_as_sent(session, client, route, StatusCode::BAD_REQUEST, &reason)
+            .await
+    }
+
+    /// Answers `status` to a request refused as it was sent, before anyone was asked for, and
+    /// records it as nobody's (within the budget of [`audit::Audit::unverified_refusal`]).
+    async fn refuse_as_sent(
+        &self,
+        session: &mut Session,
+        client: Option<IpAddr>,
+        route: &str,
+        status: StatusCode,
+        reason: &str,
+    ) -> Result<bool> {
         let req = session.req_header();
         let path = String::from_utf8_lossy(req.raw_path());
-        let path = path.split('?').next().unwrap_or_default();
-        let reason = format!("a request was refused as malformed: {why}");
         let request = audit::Request {
             method: req.method.as_str(),
-            path,
+            path: path.split('?').next().unwrap_or_default(),
             client,
         };
         self.shared
             .audit
-            .unverified_refusal(route, &reason, &request);
-        reply::send(session, Reply::status_page(StatusCode::BAD_REQUEST)).await
+            .unverified_refusal(route, reason, &request);
+        reply::send(session, Reply::status_page(status)).await
+    }
+
+    /// Records a request refused (413) for a body larger than its route takes (`how`: as
+    /// declared or as sent), by the caller the gate let in, if any.
+    fn audit_body_too_large(&self, ctx: &RequestCtx, req: &RequestHeader, how: &str) {
+        let Some(route) = &ctx.route else { return };
+        let sent = String::from_utf8_lossy(req.raw_path());
+        let target = ctx.upstream_target.as_deref().unwrap_or(&sent);
+        let request = audit::Request {
+            method: req.method.as_str(),
+            path: target.split('?').next().unwrap_or_default(),
+            client: ctx.client_ip,
+        };
+        let reason = format!(
+            "the request body is larger than the route takes ({} bytes), {how}",
+            route.config.max_request_body_bytes
+        );
+        let audit = &self.shared.audit;
+        let name = &route.config.name;
+        match &ctx.caller {
+            Some(caller) => {
+                let agent = ctx.forward.as_ref().and_then(|f| f.agent.as_ref());
+                audit.refusal(&caller.log_name(), name, None, &reason, &request, agent);
+            }
+            None => audit.unverified_refusal(name, &reason, &request),
+        }
     }
 
     /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
@@ -1592,13 +1638,20 @@ impl Proxy {
                 None => challenge(false),
             },
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
-            Refused::Unavailable => Reply::page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Temporarily unavailable",
-                "<p>This replica has lost touch with the directory and cannot be sure who \
-                 may come in, so it lets nobody in until it has caught up. Try again in a \
-                 moment.</p>",
-            ),
+            Refused::Unavailable => {
+                if let Some(caller) = authentication.caller() {
+                    let reason = "this replica lost touch with the directory";
+                    let who = caller.log_name();
+                    audit.refusal(&who, route, None, reason, &asked.audited(), None);
+                }
+                Reply::page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Temporarily unavailable",
+                    "<p>This replica has lost touch with the directory and cannot be sure who \
+                     may come in, so it lets nobody in until it has caught up. Try again in a \
+                     moment.</p>",
+                )
+            }
             Refused::Forbid(refusal) => {
                 match refusal.who.as_deref() {
                     // Nobody: anyone can send as many of these as they like (to a public

@@ -8,6 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use portcullis_tests::client::{chunked, read_response_head};
 use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
 
+use crate::audit::{audit_json_until, of_event};
+
 fn post_with_length(host: &str, path: &str, len: usize) -> Vec<u8> {
     post_saying_length(host, path, &len.to_string(), len)
 }
@@ -41,7 +43,7 @@ async fn oversized_bodies_are_413() {
         .server("max_request_body_bytes", "4096")
         .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"))
         .route(Route::new("http://big.test", &[&up]));
-    let _px = cfg.start().await;
+    let px = cfg.start().await;
     let port = cfg.http_addr().port();
     let small = format!("small.test:{port}");
     let big = format!("big.test:{port}");
@@ -123,6 +125,31 @@ async fn oversized_bodies_are_413() {
             .any(|(uri, _)| ["/over-cl", "/over-cl-list", "/over-server"].contains(&uri.as_str())),
         "a body refused by its Content-Length must not reach the upstream: {bodies:?}"
     );
+    // Each refusal is audited, whether the length was said or counted.
+    let over = [
+        "/over-cl",
+        "/over-cl-list",
+        "/over-chunked",
+        "/over-server",
+        "/over-server-chunked",
+    ];
+    let refused_paths = |records: &[serde_json::Value]| -> Vec<String> {
+        let mut paths: Vec<String> = of_event(records, "refusal")
+            .iter()
+            .filter(|r| {
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("larger than the route takes"))
+            })
+            .filter_map(|r| r["path"].as_str().map(str::to_owned))
+            .collect();
+        paths.sort();
+        paths
+    };
+    let mut expected: Vec<String> = over.iter().map(|p| p.to_string()).collect();
+    expected.sort();
+    let records = audit_json_until(&px, &[], |r| refused_paths(r).len() >= over.len()).await;
+    assert_eq!(refused_paths(&records), expected);
 }
 
 /// A client that waits for `100 Continue` before its body (curl does, for a large upload) and
@@ -162,7 +189,7 @@ async fn oversized_request_head_is_refused() {
         .http_listener()
         .server("max_request_header_bytes", "1024")
         .route(Route::new("http://app.test", &[&up]));
-    let _px = cfg.start().await;
+    let px = cfg.start().await;
     let port = cfg.http_addr().port();
 
     let ok = format!(
@@ -171,6 +198,7 @@ async fn oversized_request_head_is_refused() {
     );
     let resp = raw_request(cfg.http_addr(), ok.as_bytes()).await.unwrap();
     assert_eq!(resp.status, 200, "{}", resp.body_text());
+    let mut refused_by_portcullis = 0;
 
     for (what, req) in [
         (
@@ -200,6 +228,7 @@ async fn oversized_request_head_is_refused() {
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
             .unwrap_or_else(|e| panic!("{what}: no HTTP error status: {e}"));
+        refused_by_portcullis += usize::from(resp.status == 431);
         assert!(
             (400..500).contains(&resp.status),
             "{what}: status {} (expected 431 or another 4xx)",
@@ -214,6 +243,21 @@ async fn oversized_request_head_is_refused() {
         !uris.iter().any(|u| u.starts_with("/large-head")),
         "an oversized head reached the upstream: {uris:?}"
     );
+    // Those Portcullis refused (pingora's parser refuses a head past its own bound first)
+    // are audited.
+    assert!(refused_by_portcullis > 0, "none was refused with 431");
+    let head_refusals = |records: &[serde_json::Value]| {
+        of_event(records, "refusal")
+            .iter()
+            .filter(|r| {
+                r["path"] == "/large-head"
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("its head is larger than 1024 bytes"))
+            })
+            .count()
+    };
+    audit_json_until(&px, &[], |r| head_refusals(r) == refused_by_portcullis).await;
 }
 
 /// Reads `stream` until it ends (or `limit` passes): how many bytes came, and whether it ended.
