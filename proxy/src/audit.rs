@@ -64,6 +64,10 @@ const NAMED_PER_SECOND: u32 = 20;
 /// The longest reason recorded for a refusal of a request that names nobody, in bytes.
 const MAX_REASON: usize = 512;
 
+/// The longest reason recorded for any refusal, in bytes: one of someone named may quote
+/// what their token claims.
+const MAX_NAMED_REASON: usize = 2048;
+
 /// The longest path, method and user name a record keeps, in bytes: a request line may be
 /// far longer (64 KiB and more), and anyone can send one to be refused.
 const MAX_PATH: usize = 1024;
@@ -558,7 +562,7 @@ fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
         let per_second = who.per_second();
         let whose = match &who {
             Caller::Anonymous => "requests that named nobody".to_owned(),
-            Caller::Named(name) => format!("{name}'s requests"),
+            Caller::Named(name) => format!("{}'s requests", bounded(name, MAX_USER)),
         };
         let reason = format!(
             "{count} more refusals of {whose}, past {per_second} a second, were counted but not \
@@ -566,7 +570,7 @@ fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
         );
         Entry::Refusal {
             time: now(),
-            user: who.name().to_owned(),
+            user: bounded(who.name(), MAX_USER),
             route,
             rule: None,
             reason,
@@ -774,6 +778,7 @@ impl Audit {
             bounded(request.method, MAX_METHOD),
             bounded(request.path, MAX_PATH),
         );
+        let reason = crate::reply::cut(reason, MAX_NAMED_REASON);
         let client = request.client.map(|ip| ip.to_string());
         tracing::warn!(
             target: "audit",
@@ -1640,6 +1645,34 @@ mod tests {
             "{oldest_first}"
         );
         assert!(!oldest_first.contains("/two-hours-ago"), "{oldest_first}");
+    }
+
+    /// A refusal's reason may quote what a verified token claims, and a name what it says:
+    /// however long, each record stays within bounds, the counted-not-recorded ones too.
+    #[test]
+    fn a_refusal_s_reason_and_user_are_bounded_however_long_what_they_quote() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(
+            Destination::of(dir.path(), None),
+            Destination::of(dir.path(), None),
+        )
+        .unwrap();
+        let (user, reason) = ("u".repeat(10_000), "r".repeat(70_000));
+        let request = Request {
+            method: "GET",
+            path: "/",
+            client: None,
+        };
+        // Over two seconds at most, one of which is past the budget.
+        for _ in 0..3 * NAMED_PER_SECOND + 5 {
+            audit.refusal(&user, "app", None, &reason, &request, None);
+        }
+        assert!(audit.flush(std::time::Duration::from_secs(10)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(text.contains("more refusals"), "none was counted");
+        for line in text.lines() {
+            assert!(line.len() < 4096, "a record of {} bytes", line.len());
+        }
     }
 
     /// The log's lines as `each_line` and `each_line_from_end` give them, with their offsets.
