@@ -518,7 +518,16 @@ impl ProxyHttp for Proxy {
             trim_padded_values(session.req_header_mut());
         }
         let req = session.req_header();
-        let head_too_large = head_size(req) > runtime.config.server.max_request_header_bytes;
+        let max_bytes = runtime.config.server.max_request_header_bytes;
+        // pingora reads at most `MAX_FIELDS` of an HTTP/1 head; an HTTP/2 one is bounded by
+        // its size alone, which lets in ten times as many small fields, enough that an
+        // upstream that keeps the first 2,000 (Node) would drop Portcullis' own, set last.
+        let head_too_large = if req.headers.len() > MAX_FIELDS {
+            Some(format!("it has more than {MAX_FIELDS} header fields"))
+        } else {
+            (head_size(req) > max_bytes)
+                .then(|| format!("its head is larger than {max_bytes} bytes"))
+        };
         ctx.client_ip = runtime.client_ip(
             session
                 .client_addr()
@@ -528,11 +537,8 @@ impl ProxyHttp for Proxy {
             own_tls,
             &req.headers,
         );
-        if head_too_large {
-            let reason = format!(
-                "a request was refused: its head is larger than {} bytes",
-                runtime.config.server.max_request_header_bytes
-            );
+        if let Some(why) = head_too_large {
+            let reason = format!("a request was refused: {why}");
             let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
             return self
                 .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, status, &reason)
@@ -2266,6 +2272,9 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 
 /// Answers up to this long are written without a timeout: they fit the socket's buffers.
 const SMALL_ANSWER: u64 = 64 * 1024;
+
+/// The most header fields a request may have, as pingora bounds an HTTP/1 one.
+const MAX_FIELDS: usize = 256;
 
 /// Whether a field value starts or ends with a space or a tab.
 fn padded(value: &HeaderValue) -> bool {

@@ -449,6 +449,45 @@ async fn an_http2_header_value_with_whitespace_around_it_is_read_as_http1_reads_
     }
 }
 
+/// An HTTP/2 request holds at most as many header fields as pingora reads of an HTTP/1 one
+/// (256): its size alone would let in ten times as many small ones, and an upstream that keeps
+/// the first 2,000 (Node) would drop the identity headers Portcullis sets last.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_request_with_more_fields_than_http1_takes_is_refused() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(Route::new("https://app.test", &[&up]));
+    let px = cfg.start().await;
+    let h2 = tls_client(&ca);
+    let send = |fields: usize| {
+        let mut request = h2.get(cfg.https_url("app.test", &format!("/fields-{fields}")));
+        for i in 0..fields {
+            request = request.header(format!("x-f{i}"), "v");
+        }
+        request.send()
+    };
+    // (The test upstream, on hyper, takes 100 fields at most.)
+    let resp = send(50).await.unwrap();
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = send(400).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Refused by Portcullis, not by the upstream.
+    crate::audit::audit_json_until(&px, &[], |records| {
+        crate::audit::of_event(records, "refusal").iter().any(|r| {
+            r["path"] == "/fields-400"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("more than 256 header fields"))
+        })
+    })
+    .await;
+    assert_eq!(up.count(), 1);
+}
+
 /// An https upstream is trusted under its route's `tls_ca`, and a connection opened under one
 /// CA is never reused where another is trusted: by another route to the same upstream, or by
 /// the same route once a reload changed its CA (one no longer trusted, after a compromise).
