@@ -46,7 +46,8 @@ impl BackgroundService for Discovery {
                 .as_ref()
                 .map(|o| o.issuer.clone())
         };
-        oidc::discovery_loop(self.shared.auth.oidc.clone(), issuer, shutdown).await;
+        let reloads = self.shared.subscribe_reloads();
+        oidc::discovery_loop(self.shared.auth.oidc.clone(), issuer, reloads, shutdown).await;
     }
 }
 

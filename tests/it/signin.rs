@@ -2009,6 +2009,24 @@ async fn a_backchannel_logout_works_with_the_default_algorithm_list() {
 
 // ----- the IdP down ------------------------------------------------------------------------
 
+/// Discovery retries an unreachable IdP with a growing pause (up to a minute); a reload (an
+/// operator who fixed the issuer, or the network, and sent `SIGHUP`) tries again at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_retries_discovery_at_once() {
+    let fx = Fixture::start_with(Options {
+        idp_down_at_start: true,
+        ..Options::default()
+    })
+    .await;
+    // Past a few failures: the pause is 8 s now.
+    fx.px.log_until(|log| log.contains("retrying in 8s")).await;
+    fx.idp.outage(false).await;
+    let back = Instant::now();
+    fx.px.reload_and_wait().await;
+    fx.wait_sign_in_available(Duration::from_secs(5)).await;
+    eprintln!("sign-in available {:?} after the reload", back.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_in_is_unavailable_until_the_idp_is_first_reached_then_works() {
     let fx = Fixture::start_with(Options {

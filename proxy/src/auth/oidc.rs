@@ -941,11 +941,12 @@ fn payload_of(id_token: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Retries discovery of the configured issuer until it succeeds (backoff 1 s to 60 s), and
-/// again whenever a reload names another issuer. Keys are refetched on demand (unknown `kid`).
+/// Retries discovery of the configured issuer until it succeeds (backoff 1 s to 60 s, and at
+/// once after each reload), and again whenever a reload names another issuer. Keys are refetched on demand (unknown `kid`).
 pub async fn discovery_loop(
     oidc: Arc<Oidc>,
     issuer: impl Fn() -> Option<String>,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
     mut shutdown: pingora::server::ShutdownWatch,
 ) {
     let mut backoff = Duration::from_secs(1);
@@ -975,8 +976,15 @@ pub async fn discovery_loop(
                 }
             }
         };
+        // A reload may name another issuer, or fix a mistyped one: looked at once, afresh.
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                backoff = Duration::from_secs(1);
+            }
             _ = shutdown.changed() => return,
         }
     }
