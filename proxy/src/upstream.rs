@@ -267,6 +267,10 @@ fn build_peer(route: &Route, upstream: &Upstream) -> HttpPeer {
     options.connection_timeout = Some(route.connect_timeout);
     options.total_connection_timeout = Some(route.connect_timeout);
     options.read_timeout = Some(route.read_timeout);
+    // An upstream that stops taking a request body (stalled, or answered early and left the
+    // socket open) holds it no longer than one that stops answering: pingora writes without
+    // a bound otherwise, and reads nothing meanwhile.
+    options.write_timeout = Some(route.read_timeout);
     options.idle_timeout = Some(Duration::from_secs(60));
     options.verify_cert = upstream.verify_tls;
     options.verify_hostname = upstream.verify_tls;

@@ -392,3 +392,57 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
     assert_eq!(answered.load(Ordering::SeqCst), sent);
     server.abort();
 }
+
+/// An upstream that stops taking a request body (here: it reads the head and nothing more)
+/// holds the request no longer than the route's `read_timeout`: the client gets a 504, as it
+/// does from an upstream that stops answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_stops_taking_the_body_is_answered_504_within_the_read_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            // Kept open, never read again.
+            held.push(stream);
+        }
+    });
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::to_urls("http://slow.test", vec![format!("http://{addr}")])
+            .set("read_timeout = \"1s\"")
+            .set("max_request_body_bytes = 67108864"),
+    );
+    let _px = cfg.start().await;
+    let host = format!("slow.test:{}", cfg.http_addr().port());
+    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    const BODY: usize = 32 << 20;
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {BODY}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // The body goes as fast as Portcullis takes it, until it stops taking it.
+    let _sending = tokio::spawn(async move {
+        let chunk = vec![b'x'; 1 << 16];
+        for _ in 0..BODY / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(20), reader.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer 20 s into a 1 s read_timeout"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    eprintln!("answered after {:?}", started.elapsed());
+}
