@@ -509,25 +509,26 @@ impl ProxyHttp for Proxy {
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
         ctx.tls = own_tls || runtime.behind_tls_proxy(local_addr(session));
-        // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
-        // sent (RFC 9113 §8.2.1 calls it malformed; servers and clients differ). ` Bearer
-        // <token>` would be no bearer token to Portcullis (never verified, never removed) and
-        // one to an HTTP/1 upstream, which trims it. Trimmed first, as HTTP/1 would have it,
-        // so that Portcullis and the upstream read the same value.
-        if session.req_header().version == http::Version::HTTP_2 {
-            trim_padded_values(session.req_header_mut());
-        }
         let req = session.req_header();
         let max_bytes = runtime.config.server.max_request_header_bytes;
         // pingora reads at most `MAX_FIELDS` of an HTTP/1 head; an HTTP/2 one is bounded by
         // its size alone, which lets in ten times as many small fields, enough that an
         // upstream that keeps the first 2,000 (Node) would drop Portcullis' own, set last.
-        let head_too_large = if req.headers.len() > MAX_FIELDS {
+        let head_too_large = if fields(req) > MAX_FIELDS {
             Some(format!("it has more than {MAX_FIELDS} header fields"))
         } else {
             (head_size(req) > max_bytes)
                 .then(|| format!("its head is larger than {max_bytes} bytes"))
         };
+        // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
+        // sent (RFC 9113 §8.2.1 calls it malformed; servers and clients differ). ` Bearer
+        // <token>` would be no bearer token to Portcullis (never verified, never removed) and
+        // one to an HTTP/1 upstream, which trims it. Trimmed before anything reads them, as
+        // HTTP/1 would have it, so that Portcullis and the upstream read the same value.
+        if head_too_large.is_none() && req.version == http::Version::HTTP_2 {
+            trim_padded_values(session.req_header_mut());
+        }
+        let req = session.req_header();
         ctx.client_ip = runtime.client_ip(
             session
                 .client_addr()
@@ -2288,6 +2289,17 @@ const SMALL_ANSWER: u64 = 64 * 1024;
 /// The most header fields a request may have, as pingora bounds an HTTP/1 one.
 const MAX_FIELDS: usize = 256;
 
+/// How many header fields `req` has as an HTTP/1 client sends them: HTTP/2 browsers send each
+/// cookie as a field of its own (RFC 9113 §8.2.3), which HTTP/1 joins into one.
+fn fields(req: &RequestHeader) -> usize {
+    let all = req.headers.len();
+    if all <= MAX_FIELDS {
+        return all;
+    }
+    let crumbs = req.headers.get_all(header::COOKIE).iter().count();
+    all - crumbs.saturating_sub(1)
+}
+
 /// Whether a field value starts or ends with a space or a tab.
 fn padded(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
@@ -2301,12 +2313,12 @@ fn padded(value: &HeaderValue) -> bool {
 /// do. The values of a name keep their order. A request without any, nearly all of them, is
 /// left as it is.
 fn trim_padded_values(req: &mut RequestHeader) {
-    let mut names: Vec<HeaderName> = Vec::new();
-    for (name, _) in req.headers.iter().filter(|(_, value)| padded(value)) {
-        if !names.contains(name) {
-            names.push(name.clone());
-        }
-    }
+    let names: std::collections::HashSet<HeaderName> = req
+        .headers
+        .iter()
+        .filter(|(_, value)| padded(value))
+        .map(|(name, _)| name.clone())
+        .collect();
     for name in names {
         // A part of a valid value is a valid value.
         let values: Vec<HeaderValue> = req

@@ -475,6 +475,20 @@ async fn an_http2_request_with_more_fields_than_http1_takes_is_refused() {
     assert_eq!(resp.status(), StatusCode::OK);
     let resp = send(400).await.unwrap();
     assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // A browser's cookies, one field each over HTTP/2 (RFC 9113 §8.2.3), count as the one
+    // `Cookie` line HTTP/1 sends (and the upstream gets).
+    let mut crumbs = h2.get(cfg.https_url("app.test", "/crumbs"));
+    for i in 0..300 {
+        crumbs = crumbs.header("cookie", format!("c{i}=v"));
+    }
+    let resp = crumbs.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    let cookie = echo.header("cookie").unwrap_or_default();
+    assert!(
+        cookie.starts_with("c0=v; c1=v") && cookie.ends_with("c299=v"),
+        "{cookie}"
+    );
     // Refused by Portcullis, not by the upstream.
     crate::audit::audit_json_until(&px, &[], |records| {
         crate::audit::of_event(records, "refusal").iter().any(|r| {
@@ -485,7 +499,7 @@ async fn an_http2_request_with_more_fields_than_http1_takes_is_refused() {
         })
     })
     .await;
-    assert_eq!(up.count(), 1);
+    assert_eq!(up.count(), 2);
 }
 
 /// An https upstream is trusted under its route's `tls_ca`, and a connection opened under one
