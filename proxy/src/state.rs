@@ -295,6 +295,7 @@ impl Shared {
                 Some((listener.address, Arc::new(SniResolver::new(certs))))
             })
             .collect();
+        auth.sessions.issued_in(runtime.session_cookie());
         Self {
             config_path,
             directory,
@@ -316,6 +317,7 @@ impl Shared {
     /// under it, and bearer tokens are verified afresh (issuers' rules may have changed).
     pub fn install(&self, mut runtime: Runtime) {
         runtime.tokens_epoch = self.auth.verified.config_changed();
+        self.auth.sessions.issued_in(runtime.session_cookie());
         self.runtime.store(Arc::new(runtime));
         self.reloads.bump();
     }

@@ -356,17 +356,29 @@ impl Kept {
         }
     }
 
-    /// Applies one entry (not a key); returns whether it ended a session.
+    /// Notes that sessions are (or were) issued in a cookie named `name`: by the writer for
+    /// each session held, and for the configured name at start and at each reload (sessions
+    /// stored before the name was kept vouch in any).
     fn note_cookie_name(&self, name: Option<&str>) {
         let Some(name) = name else { return };
-        let names = self.cookie_names.load();
-        if !names.iter().any(|known| &**known == name) {
-            let mut more = Vec::clone(&names);
-            more.push(name.into());
-            self.cookie_names.store(Arc::new(more));
+        if self
+            .cookie_names
+            .load()
+            .iter()
+            .any(|known| &**known == name)
+        {
+            return;
         }
+        self.cookie_names.rcu(|names| {
+            let mut more = Vec::clone(names);
+            if !more.iter().any(|known| &**known == name) {
+                more.push(name.into());
+            }
+            more
+        });
     }
 
+    /// Applies one entry (not a key); returns whether it ended a session.
     fn keep(&self, entry: &Entry) -> bool {
         if entry.kind == LOGOUT_TOKEN {
             let mut used = lock(&self.logout_tokens);
@@ -741,6 +753,11 @@ impl Sessions {
         put(&self.directory, entries).await
     }
 
+    /// Sessions are issued in a cookie named `name` (`[oidc] cookie_name`, now).
+    pub fn issued_in(&self, name: &str) {
+        self.kept.note_cookie_name(Some(name));
+    }
+
     /// The names sessions held were issued in, the configured one's and earlier ones (see
     /// [`Kept`]'s `cookie_names`).
     pub fn cookie_names(&self) -> arc_swap::Guard<Arc<Vec<Box<str>>>> {
@@ -932,6 +949,32 @@ mod tests {
             sessions: Sessions::new(kept.clone(), Arc::new(directory)),
             kept,
         }
+    }
+
+    /// The names of the cookies sessions were issued in are known across a restart (from the
+    /// sessions held) and as configured (where a session stored before the name was kept
+    /// vouches in any): an earlier one's cookie is Portcullis' own, never an upstream's.
+    #[tokio::test]
+    async fn the_names_sessions_were_issued_in_are_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        sessions
+            .create(identity("alice", 10_000), None, "old_session", 100)
+            .await
+            .unwrap();
+        drop(sessions);
+        let sessions = open(dir.path()).sessions;
+        let names = |sessions: &Sessions| -> Vec<String> {
+            sessions
+                .cookie_names()
+                .iter()
+                .map(|name| name.to_string())
+                .collect()
+        };
+        assert_eq!(names(&sessions), ["old_session"]);
+        sessions.issued_in("configured");
+        sessions.issued_in("configured");
+        assert_eq!(names(&sessions), ["old_session", "configured"]);
     }
 
     /// A logout token used is kept with the sessions (so across a restart) until it could no
