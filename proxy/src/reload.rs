@@ -421,10 +421,11 @@ impl BackgroundService for Drainer {
             .at_start
             .shutdown_timeout(&self.shared.runtime.load().config);
         let deadline = Instant::now().checked_add(timeout);
-        tracing::info!(in_flight = InFlight::count(), "draining before exit");
         // A Ctrl-C during the drain stops the wait (the drain goes on to leave the fleet and
-        // write the audit log out), as at a terminal one expects of a second Ctrl-C.
+        // write the audit log out), as at a terminal one expects of a second Ctrl-C. Watched
+        // before the drain is announced: one sent on seeing that is not missed.
         let mut interrupt = signal(SignalKind::interrupt()).ok();
+        tracing::info!(in_flight = InFlight::count(), "draining before exit");
         let interrupted = async {
             match &mut interrupt {
                 Some(interrupt) => interrupt.recv().await,
