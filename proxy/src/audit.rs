@@ -496,7 +496,7 @@ impl Budgets {
         }
         budget.unrecorded += 1;
         if budget.unrecorded == 1 {
-            let (user, per_second) = (who.name(), who.per_second());
+            let (user, per_second) = (bounded(who.name(), MAX_USER), who.per_second());
             tracing::warn!(
                 target: "audit",
                 route,
@@ -778,7 +778,7 @@ impl Audit {
             bounded(request.method, MAX_METHOD),
             bounded(request.path, MAX_PATH),
         );
-        let reason = crate::reply::cut(reason, MAX_NAMED_REASON);
+        let reason = bounded(reason, MAX_NAMED_REASON);
         let client = request.client.map(|ip| ip.to_string());
         tracing::warn!(
             target: "audit",
@@ -797,7 +797,7 @@ impl Audit {
             user,
             route: route.to_owned(),
             rule: rule.map(str::to_owned),
-            reason: reason.to_owned(),
+            reason,
             method,
             path,
             client,
@@ -845,8 +845,8 @@ impl Audit {
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
         if self.within_budget(&Caller::Anonymous, route) {
-            let reason = crate::reply::cut(reason, MAX_REASON);
-            self.record_refusal(ANONYMOUS, route, None, reason, request, None);
+            let reason = bounded(reason, MAX_REASON);
+            self.record_refusal(ANONYMOUS, route, None, &reason, request, None);
         }
     }
 
