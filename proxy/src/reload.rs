@@ -122,6 +122,8 @@ impl AtStart {
     /// The settings of `new` that differ from these, by name: they wait for a restart.
     pub fn awaiting_restart(&self, new: &Config) -> Vec<&'static str> {
         let new = Self::of(new);
+        // HTTP/2 is spoken on TLS listeners only.
+        let http2 = self.listeners.iter().any(|(_, tls)| *tls);
         [
             ("listeners", self.listeners != new.listeners),
             ("admin.address", self.admin != new.admin),
@@ -129,12 +131,12 @@ impl AtStart {
             // Lower applies at once (Portcullis' own check); HTTP/2's bound is set at start.
             (
                 "server.max_request_header_bytes (HTTP/2)",
-                new.max_request_header_bytes > self.max_request_header_bytes,
+                http2 && new.max_request_header_bytes > self.max_request_header_bytes,
             ),
             // HTTP/1's applies at once (Portcullis sets it per request); HTTP/2's is set at start.
             (
                 "server.client_idle_timeout (HTTP/2)",
-                new.client_idle_timeout != self.client_idle_timeout,
+                http2 && new.client_idle_timeout != self.client_idle_timeout,
             ),
             // Shorter applies at once; the process' own bound on shutting down is set at start.
             (
@@ -473,7 +475,16 @@ mod tests {
 
     #[test]
     fn a_raised_head_bound_waits_for_a_restart_and_a_lowered_one_does_not() {
-        let config = crate::testing::World::new().config;
+        let mut config = crate::testing::World::new().config;
+        // A plain-HTTP listener speaks no HTTP/2: nothing of it waits.
+        let plain = AtStart::of(&config);
+        let mut idle = config.clone();
+        idle.server.max_request_header_bytes *= 2;
+        idle.server.client_idle_timeout *= 2;
+        assert!(plain.awaiting_restart(&idle).is_empty());
+        config.listeners[0].tls = Some(portcullis_config::ListenerTls {
+            certificates: vec![],
+        });
         let at_start = AtStart::of(&config);
         let with = |bytes: usize| {
             let mut new = config.clone();
