@@ -624,6 +624,15 @@ impl ProxyHttp for Proxy {
             }
             if !self.shared.directory_is_current() {
                 // Reads would answer from a directory that may be stale (empty, at start).
+                let request = audit::Request {
+                    method: session.req_header().method.as_str(),
+                    path: &normalized,
+                    client: ctx.client_ip,
+                };
+                let reason = "this replica lost touch with the directory";
+                self.shared
+                    .audit
+                    .unverified_refusal("scim", reason, &request);
                 return crate::scim_http::unavailable(session).await;
             }
             let path = normalized.into_owned();

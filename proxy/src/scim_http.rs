@@ -144,12 +144,25 @@ impl Scim {
         let method = req.method.clone();
         let query = req.uri.query().map(str::to_owned);
 
+        // Refused for its size: recorded as the token's, as a proxied request's is as its
+        // caller's.
+        let audit_too_large = || {
+            let request = crate::audit::Request {
+                method: method.as_str(),
+                path,
+                client,
+            };
+            let reason = format!("the request body is larger than SCIM takes ({limit} bytes)");
+            audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+        };
         if !crate::reply::ready_for_body(session, limit as u64).await? {
+            audit_too_large();
             return too_large(session, limit).await;
         }
         let mut body = BytesMut::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > limit {
+                audit_too_large();
                 return too_large(session, limit).await;
             }
             body.extend_from_slice(&chunk);

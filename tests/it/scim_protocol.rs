@@ -790,7 +790,7 @@ async fn bodies_over_the_limit_are_refused_with_413() {
 async fn a_write_that_expects_100_continue_is_told_to_go_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cfg = scim_config().scim_setting("max_request_body_bytes", "4096");
-    let _px = cfg.start().await;
+    let px = cfg.start().await;
     let addr = cfg.http_addr();
     let body = serde_json::to_vec(&user("expecting@example.com")).unwrap();
     let body_old = serde_json::to_vec(&user("old-client@example.com")).unwrap();
@@ -832,6 +832,17 @@ async fn a_write_that_expects_100_continue_is_told_to_go_on() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // The 413 is audited as the token's.
+    crate::audit::audit_json_until(&px, &[], |records| {
+        crate::audit::of_event(records, "refusal").iter().any(|r| {
+            r["route"] == "scim"
+                && r["user"] == "okta"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("larger than SCIM takes (4096 bytes)"))
+        })
+    })
+    .await;
 }
 
 /// An attribute's values are bounded (1,000), however many the body has room for: the IdP is
