@@ -882,8 +882,12 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // Judged again before it goes: a connection held up (or failed, and retried on the
-        // next upstream) while its caller lost access sends the upstream nothing.
-        ctx.still_allowed(&self.shared, session.req_header())?;
+        // next upstream) while its caller lost access sends the upstream nothing. Refused, the
+        // connection may go back to pingora's pool, for another caller: no longer watched.
+        if let Err(refused) = ctx.still_allowed(&self.shared, session.req_header()) {
+            ctx.registration = None;
+            return Err(refused);
+        }
         // The request is edited as plain `http` parts, not through `RequestHeader`'s methods:
         // those parse every name again and keep a second map with the client's spelling of each
         // name, which together cost more per request than anything else Portcullis does. Names

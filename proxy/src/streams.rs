@@ -247,7 +247,7 @@ pub fn rejudge(
 struct Open {
     recheck: Arc<Recheck>,
     /// A duplicate of the upstream socket: shutting it down ends the proxied connection.
-    upstream: Arc<TcpStream>,
+    upstream: TcpStream,
 }
 
 /// The open long-lived connections of authorized callers.
@@ -284,13 +284,7 @@ impl Streams {
     ) -> io::Result<Registration> {
         let upstream = duplicate(fd)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(
-            id,
-            Open {
-                recheck,
-                upstream: Arc::new(upstream),
-            },
-        );
+        self.lock().insert(id, Open { recheck, upstream });
         Ok(Registration {
             streams: self.clone(),
             id,
@@ -299,15 +293,22 @@ impl Streams {
 
     /// Judges every open connection again with `still_allowed`; shuts down those refused.
     pub fn sweep(&self, still_allowed: impl Fn(&Recheck) -> bool) {
-        let open: Vec<(Arc<Recheck>, Arc<TcpStream>)> = self
+        let open: Vec<(u64, Arc<Recheck>)> = self
             .lock()
-            .values()
-            .map(|open| (open.recheck.clone(), open.upstream.clone()))
+            .iter()
+            .map(|(id, open)| (*id, open.recheck.clone()))
             .collect();
-        for (recheck, upstream) in open {
+        for (id, recheck) in open {
             if still_allowed(&recheck) {
                 continue;
             }
+            // Shut down only while still registered: once its request is over, pingora may
+            // have pooled the connection for another caller (an upstream that refused the
+            // websocket, a request refused before it went).
+            let open = self.lock();
+            let Some(upstream) = open.get(&id).map(|open| &open.upstream) else {
+                continue;
+            };
             match upstream.shutdown(Shutdown::Both) {
                 Ok(()) => {}
                 // Already closed by either side: nothing left to cut.
