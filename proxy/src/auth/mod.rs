@@ -129,11 +129,10 @@ struct MachineClaims {
     #[serde(default)]
     typ: Option<String>,
     /// The scopes an access token grants, which an ID token does not carry (app `roles` it
-    /// may: Entra ID's do).
+    /// may: Entra ID's do). Entra's `scp` is read in `marks`: a field of this struct would
+    /// take it before the flattened one sees it.
     #[serde(default)]
     scope: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    scp: Option<serde::de::IgnoredAny>,
     /// Entra ID's tenant, in its ID and access tokens alike.
     #[serde(default)]
     tid: Option<serde::de::IgnoredAny>,
@@ -210,7 +209,7 @@ fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
     if typ == Some("ID") {
         return Some("it is an ID token (typ ID), not an access token");
     }
-    let grants = claims.scope.is_some() || claims.scp.is_some();
+    let grants = claims.scope.is_some() || claims.marks.scp.is_some();
     if claims.nonce.is_some() && !grants {
         return Some("it is an ID token of a sign-in (nonce), not an access token");
     }
@@ -867,10 +866,11 @@ mod tests {
     fn marks(
         claims: serde_json::Value,
     ) -> (String, Option<String>, Option<String>, ClientTokenMarks) {
-        let sub = claims["sub"].as_str().unwrap_or_default().to_owned();
-        let text = |name: &str| claims[name].as_str().map(str::to_owned);
-        let marks = serde_json::from_value(claims.clone()).unwrap_or_default();
-        (sub, text("client_id"), text("azp"), marks)
+        // Read as a verified token's claims are, with the rest of them.
+        let mut whole = claims.clone();
+        whole["exp"] = serde_json::json!(u32::MAX);
+        let claims: MachineClaims = serde_json::from_value(whole).unwrap();
+        (claims.sub, claims.client_id, claims.azp, claims.marks)
     }
 
     #[test]
