@@ -130,6 +130,29 @@ struct Keys {
     raw: Arc<serde_json::Value>,
 }
 
+/// RSA keys shorter than this verify nothing: 1024-bit RSA is within reach of factoring, and
+/// NIST SP 800-131A has disallowed it for signatures since 2013. A set that still publishes
+/// one (an old key left beside new ones) keeps its others.
+const MIN_RSA_BITS: usize = 2048;
+
+/// The length in bits of an RSA modulus given as a JWK's `n` (base64url, big-endian); 0 when
+/// it is not one.
+fn modulus_bits(n: &str) -> usize {
+    use base64::Engine;
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(n.trim_end_matches('='))
+    else {
+        return 0;
+    };
+    let significant = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .map_or(&[][..], |at| &bytes[at..]);
+    significant.first().map_or(0, |first| {
+        (significant.len() - 1) * 8 + (8 - first.leading_zeros() as usize)
+    })
+}
+
 impl Keys {
     /// A key set document: its signing keys, by `kid`.
     fn parse(bytes: &[u8]) -> Result<Keys, String> {
@@ -151,6 +174,11 @@ impl Keys {
                 .is_some_and(|used| *used != jsonwebtoken::jwk::PublicKeyUse::Signature)
             {
                 continue;
+            }
+            if let jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa) = &jwk.algorithm {
+                if modulus_bits(&rsa.n) < MIN_RSA_BITS {
+                    continue;
+                }
             }
             let alg = match &jwk.common.key_algorithm {
                 None => None,
@@ -469,6 +497,29 @@ mod tests {
             "a.b.{}",
             "c".repeat(MAX_TOKEN_BYTES)
         )));
+    }
+
+    #[test]
+    fn an_rsa_key_shorter_than_2048_bits_verifies_nothing() {
+        use base64::Engine;
+        let n = |bytes: usize| {
+            let mut modulus = vec![0xc5u8; bytes];
+            modulus.insert(0, 0);
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(modulus)
+        };
+        assert_eq!(modulus_bits(&n(256)), 2048);
+        assert_eq!(modulus_bits(&n(128)), 1024);
+        assert_eq!(modulus_bits("not base64!"), 0);
+        let key = |kid: &str, bytes| {
+            format!(
+                r#"{{"kty":"RSA","kid":"{kid}","n":"{}","e":"AQAB"}}"#,
+                n(bytes)
+            )
+        };
+        let set = format!(r#"{{"keys":[{},{}]}}"#, key("old", 128), key("new", 256));
+        let keys = Keys::parse(set.as_bytes()).unwrap();
+        assert_eq!(keys.candidates(Some("old"), Algorithm::RS256).len(), 0);
+        assert_eq!(keys.candidates(Some("new"), Algorithm::RS256).len(), 1);
     }
 
     #[test]
