@@ -9,8 +9,9 @@
 //!   the proxy ([`Recheck::still_allowed`]): if the directory changed, sessions were ended
 //!   (sign-out, back-channel logout) or the configuration was reloaded since the last decision,
 //!   the decision is made again, and a refusal ends the connection. A directory write is
-//!   visible before it is answered, so once the SCIM answer is sent, nothing more crosses for a
-//!   caller it removed.
+//!   visible before it is answered, so once the SCIM answer is sent, nothing more is let
+//!   through for a caller it removed (chunks let through just before may still be in
+//!   pingora's queues, up to five of 64 KiB each way, on their way out).
 //! - An idle connection has no chunk to check, so on each such change every open connection is
 //!   judged again ([`Streams::sweep`]) and the upstream socket of each refused one is shut
 //!   down; pingora then ends the request and closes the client's connection.
