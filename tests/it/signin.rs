@@ -2166,6 +2166,34 @@ async fn under_corp_test(routes: Vec<Route>) -> (ConfigBuilder, Idp, Portcullis,
     (cfg, idp, px, auth)
 }
 
+/// A deep link whose query holds a raw `\` (browsers send one as typed, `?q=C:\tmp`) signs in
+/// through the auth host too: the address Portcullis sends there is one it takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deep_link_with_a_backslash_in_its_query_signs_in_under_the_cookie_domain() {
+    let app = Upstream::start("app").await;
+    let (cfg, _idp, _px, auth) = under_corp_test(vec![
+        Route::new("http://app.corp.test", &[&app]).any_signed_in()
+    ])
+    .await;
+    wait_sign_in_available_at(
+        &client(),
+        &format!("http://{auth}/.portcullis/sign_in?rd=%2F"),
+        WAIT,
+    )
+    .await;
+    let page = cfg.http_url("app.corp.test", "/search?q=C:\\tmp");
+    let c = client();
+    let resp = navigate(&c, &page).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let to_auth = header(&resp, "location").unwrap();
+    let resp = navigate(&c, &to_auth).await;
+    let status = resp.status();
+    let location = header(&resp, "location");
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::FOUND, "{to_auth}: {body}");
+    assert!(location.is_some_and(|l| l.contains("/auth?")), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_sign_in_covers_every_host_under_the_cookie_domain() {
     let app = Upstream::start("app").await;

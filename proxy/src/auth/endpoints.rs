@@ -166,7 +166,9 @@ impl Auth {
         // lands and the browser-binding cookie must be set. The address goes there already
         // shortened as the sign-in's cookie would shorten it: a longer one is refused there.
         if oidc.cookie_domain.is_some() && req.host != oidc.auth_host_name {
-            let return_to = super::oidc::within_cookie(return_to);
+            // A raw `\` (which browsers send in a query as typed) would have the auth host
+            // refuse the address, as it refuses any: in a query, `%5C` reads the same.
+            let return_to = super::oidc::within_cookie(return_to).replace('\\', "%5C");
             let location = format!(
                 "{}/.portcullis/sign_in?rd={}",
                 auth_origin(oidc),
