@@ -114,6 +114,7 @@ fn client_token(client_id: &str) -> Caller {
         subject: client_id.into(),
         client_id: Some(client_id.into()),
         groups: Vec::new(),
+        groups_unlisted: false,
         audiences: Vec::new(),
         expires: u64::MAX,
         issued: Some(u64::MAX),
@@ -199,6 +200,7 @@ impl Fixture {
                 id_token: Some(fake_id_token(n)),
                 directory_seq: seq,
                 groups: Vec::new(),
+                groups_unlisted: false,
                 claims: Default::default(),
             };
             let id = writes

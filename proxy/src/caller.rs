@@ -79,6 +79,10 @@ pub struct Identity {
     /// people who are not in the directory.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Whether the sign-in spoke of groups it did not list (see
+    /// [`crate::auth::groups_unlisted`]): `groups` is then not all of them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub groups_unlisted: bool,
     /// The string claims of the ID token, then of UserInfo for what it lacked (see
     /// [`add_string_claims`]), for a mapping by any claim.
     #[serde(default)]
@@ -103,6 +107,7 @@ impl std::fmt::Debug for Identity {
             )
             .field("directory_seq", &self.directory_seq)
             .field("groups", &self.groups)
+            .field("groups_unlisted", &self.groups_unlisted)
             .field("claims", &self.claims)
             .finish()
     }
@@ -118,6 +123,9 @@ pub struct Machine {
     pub client_id: Option<String>,
     /// The token's `groups` claim (for `token_groups` routes).
     pub groups: Vec<String>,
+    /// Whether the token spoke of groups it did not list (see
+    /// [`crate::auth::groups_unlisted`]).
+    pub groups_unlisted: bool,
     /// What the token is for: its `aud` values its issuer's `audiences` hold, which a route
     /// naming `audiences` asks for one of.
     pub audiences: Vec<String>,
@@ -234,6 +242,7 @@ mod tests {
             id_token: Some("eyJhbGciOiJSUzI1NiJ9.secret-payload.signature".into()),
             directory_seq: 0,
             groups: Vec::new(),
+            groups_unlisted: false,
             claims: Claims::new(),
         };
         let shown = format!("{identity:?}");

@@ -104,6 +104,7 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
         id_token: None,
         directory_seq: directory.seq(),
         groups: Vec::new(),
+        groups_unlisted: false,
         claims,
     }
 }
@@ -116,6 +117,7 @@ fn client_token(runtime: &Runtime, client: &str, subject: &str, claims: Claims) 
         subject: subject.to_owned(),
         client_id: Some(client.to_owned()),
         groups: Vec::new(),
+        groups_unlisted: false,
         audiences: runtime
             .config
             .jwt_issuers

@@ -1013,6 +1013,24 @@ fn on_token(
         }
         _ => None,
     };
+    // A token that names more groups than it lists (Entra ID's overage, past 200) says
+    // nothing of the rest: a deny rule could miss the one that refuses. Judged as nobody.
+    let unlisted = match principal {
+        Principal::Person(identity) => identity.groups_unlisted,
+        Principal::Machine(token) => token.groups_unlisted,
+    };
+    if unlisted {
+        return Judged::Refuse(Refusal {
+            who: Some(principal.log_name()),
+            rule: None,
+            cause: Cause::NotInDirectory,
+            reason: "the caller is not in the directory, and their token names more groups \
+                     than it lists (Entra ID's overage, past 200 groups), so its groups \
+                     cannot be judged"
+                .to_owned(),
+            agent: None,
+        });
+    }
     let (name, token_groups) = match principal {
         Principal::Person(identity) => (email.unwrap_or(&identity.subject), &identity.groups),
         Principal::Machine(token) if !token.for_itself => {
@@ -1957,6 +1975,32 @@ mod tests {
             forbidden(as_person(&world, &other, 3, "/")).cause,
             Cause::NoRuleAllows
         );
+    }
+
+    /// A token that names more groups than it lists (Entra ID's overage) cannot be judged on
+    /// them: a deny rule could miss the one that refuses. Only public rules let it in.
+    #[tokio::test]
+    async fn token_groups_never_judge_a_token_that_does_not_list_its_groups() {
+        let world = world().await;
+        let mut contractor = world.person("dan@partner.example");
+        contractor.groups = vec!["contractors".to_owned()];
+        contractor.groups_unlisted = true;
+        let refusal = forbidden(as_person(&world, &contractor, 3, "/"));
+        assert_eq!(refusal.cause, Cause::NotInDirectory);
+        assert!(refusal.reason.contains("overage"), "{}", refusal.reason);
+        // Read from the claims as a token or UserInfo has them.
+        let unlisted = |claims: serde_json::Value| {
+            crate::auth::groups_unlisted(|name| claims.get(name).cloned())
+        };
+        assert!(unlisted(serde_json::json!({
+            "_claim_names": {"groups": "src1"},
+            "_claim_sources": {"src1": {"endpoint": "https://graph.microsoft.com/"}}
+        })));
+        assert!(unlisted(serde_json::json!({"hasgroups": true})));
+        assert!(unlisted(serde_json::json!({"groups": "contractors"})));
+        assert!(!unlisted(serde_json::json!({"groups": ["contractors"]})));
+        assert!(!unlisted(serde_json::json!({"hasgroups": false})));
+        assert!(!unlisted(serde_json::json!({})));
     }
 
     #[tokio::test]

@@ -307,6 +307,7 @@ impl World {
             id_token: None,
             directory_seq: self.directory.seq(),
             groups: Vec::new(),
+            groups_unlisted: false,
             claims: Default::default(),
         }
     }
@@ -344,6 +345,7 @@ pub fn machine(subject: &str) -> Machine {
         subject: subject.to_owned(),
         client_id: None,
         groups: Vec::new(),
+        groups_unlisted: false,
         audiences: Vec::new(),
         expires: u64::MAX,
         // Issued after every change so far.

@@ -151,6 +151,12 @@ struct MachineClaims {
     marks: ClientTokenMarks,
     #[serde(default)]
     groups: Vec<String>,
+    /// Entra ID's overage: where the groups would have been, past 200 (see
+    /// [`groups_unlisted`]).
+    #[serde(default, rename = "_claim_names")]
+    claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    hasgroups: Option<serde_json::Value>,
     #[serde(default)]
     email: Option<String>,
     #[serde(default)]
@@ -262,6 +268,16 @@ pub struct ClientTokenMarks {
     /// Auth0's grant type: `client-credentials`.
     #[serde(default)]
     gty: Option<String>,
+}
+
+/// Whether a token (or UserInfo) speaks of groups it does not list, which no `token_groups`
+/// rule may then judge on: Entra ID's overage, past 200 groups in a JWT (`_claim_names` names
+/// where `groups` would be, or `hasgroups: true`), or a `groups` claim that is no list. `get`
+/// gives a claim by name.
+pub fn groups_unlisted(get: impl Fn(&str) -> Option<serde_json::Value>) -> bool {
+    get("_claim_names").is_some_and(|names| names.get("groups").is_some())
+        || get("hasgroups") == Some(serde_json::Value::Bool(true))
+        || get("groups").is_some_and(|groups| !groups.is_array())
 }
 
 /// Whether an access token was given to a client for itself (the client-credentials grant),
@@ -611,6 +627,11 @@ impl Auth {
                 .or(claims.azp)
                 .or_else(|| claims.marks.cid.clone())
                 .or_else(|| claims.marks.appid.clone()),
+            groups_unlisted: groups_unlisted(|name| match name {
+                "_claim_names" => claims.claim_names.clone().map(serde_json::Value::Object),
+                "hasgroups" => claims.hasgroups.clone(),
+                _ => None,
+            }),
             groups: claims.groups,
             audiences: issuer
                 .audiences

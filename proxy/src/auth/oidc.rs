@@ -475,9 +475,13 @@ impl Oidc {
             .or_else(|| info.as_ref()?.name())
             .and_then(|n| n.get(None))
             .map(|n| n.to_string());
-        let groups = id_groups
-            .or_else(|| string_list(info.as_ref()?.additional_claims().rest.get("groups")?))
-            .unwrap_or_default();
+        let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
+        let groups = id_groups.or_else(|| string_list(info_claims?.get("groups")?));
+        // None listed where one of them speaks of groups (Entra ID's overage): not all of them.
+        let groups_unlisted = groups.is_none()
+            && (super::groups_unlisted(|name| raw_claims.as_ref()?.get(name).cloned())
+                || super::groups_unlisted(|name| info_claims?.get(name).cloned()));
+        let groups = groups.unwrap_or_default();
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object);
@@ -513,6 +517,7 @@ impl Oidc {
             id_token: Some(id_token.to_string()),
             directory_seq: 0,
             groups,
+            groups_unlisted,
             claims: strings,
         };
         let refresh = match (config.refresh, response.refresh_token()) {

@@ -922,6 +922,7 @@ mod tests {
             id_token: None,
             directory_seq: 0,
             groups: Vec::new(),
+            groups_unlisted: false,
             claims: Default::default(),
         }
     }
