@@ -289,7 +289,9 @@ impl BackgroundService for Watcher {
                 _ = shutdown.changed() => return,
             }
             let shared = &self.shared;
-            shared.streams.sweep(|open| shared.still_allowed(open));
+            shared
+                .streams
+                .sweep(|open| shared.still_allowed(open, false));
         }
     }
 }
