@@ -898,6 +898,10 @@ impl ProxyHttp for Proxy {
             http::request::Parts::from(std::mem::replace(upstream_request, placeholder));
         let edited = self.edit_upstream_request(session, &mut parts, ctx);
         *upstream_request = RequestHeader::from(parts);
+        if edited.is_err() {
+            // Not sent: pingora may pool the connection (see above).
+            ctx.registration = None;
+        }
         edited
     }
 

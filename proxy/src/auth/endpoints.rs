@@ -168,7 +168,7 @@ impl Auth {
         if oidc.cookie_domain.is_some() && req.host != oidc.auth_host_name {
             // A raw `\` (which browsers send in a query as typed) would have the auth host
             // refuse the address, as it refuses any: in a query, `%5C` reads the same.
-            let return_to = super::oidc::within_cookie(return_to).replace('\\', "%5C");
+            let return_to = super::oidc::within_cookie(return_to.replace('\\', "%5C"));
             let location = format!(
                 "{}/.portcullis/sign_in?rd={}",
                 auth_origin(oidc),

@@ -156,7 +156,18 @@ fn modulus_bits(n: &str) -> usize {
 impl Keys {
     /// A key set document: its signing keys, by `kid`.
     fn parse(bytes: &[u8]) -> Result<Keys, String> {
-        let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut raw: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        // Out of the set for every verifier, ID tokens' (which read `raw`) too.
+        if let Some(keys) = raw.get_mut("keys").and_then(|k| k.as_array_mut()) {
+            keys.retain(|key| {
+                key.get("kty").and_then(|k| k.as_str()) != Some("RSA")
+                    || key
+                        .get("n")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| modulus_bits(n) >= MIN_RSA_BITS)
+            });
+        }
         let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
         let mut by_kid = HashMap::new();
         let mut anonymous = Vec::new();
@@ -174,11 +185,6 @@ impl Keys {
                 .is_some_and(|used| *used != jsonwebtoken::jwk::PublicKeyUse::Signature)
             {
                 continue;
-            }
-            if let jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa) = &jwk.algorithm {
-                if modulus_bits(&rsa.n) < MIN_RSA_BITS {
-                    continue;
-                }
             }
             let alg = match &jwk.common.key_algorithm {
                 None => None,
@@ -520,6 +526,8 @@ mod tests {
         let keys = Keys::parse(set.as_bytes()).unwrap();
         assert_eq!(keys.candidates(Some("old"), Algorithm::RS256).len(), 0);
         assert_eq!(keys.candidates(Some("new"), Algorithm::RS256).len(), 1);
+        // Nor does the set ID tokens are verified with hold it.
+        assert_eq!(keys.raw["keys"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]

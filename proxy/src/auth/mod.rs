@@ -154,7 +154,7 @@ struct MachineClaims {
     /// Entra ID's overage: where the groups would have been, past 200 (see
     /// [`groups_unlisted`]).
     #[serde(default, rename = "_claim_names")]
-    claim_names: Option<serde_json::Map<String, serde_json::Value>>,
+    claim_names: Option<serde_json::Value>,
     #[serde(default)]
     hasgroups: Option<serde_json::Value>,
     #[serde(default)]
@@ -628,7 +628,7 @@ impl Auth {
                 .or_else(|| claims.marks.cid.clone())
                 .or_else(|| claims.marks.appid.clone()),
             groups_unlisted: groups_unlisted(|name| match name {
-                "_claim_names" => claims.claim_names.clone().map(serde_json::Value::Object),
+                "_claim_names" => claims.claim_names.clone(),
                 "hasgroups" => claims.hasgroups.clone(),
                 _ => None,
             }),
