@@ -803,15 +803,16 @@ impl Gate<'_> {
             Principal::Machine(token) if !token.for_itself => SubjectKind::Person,
             Principal::Machine(_) => SubjectKind::Machine,
         };
-        self.directory.with_subject(key, |lookup| {
+        let judged = self.directory.with_subject(key, |lookup| {
             let view = match lookup {
                 Lookup::Found(view) => view,
                 // Token groups speak only for strangers: never for someone the directory
                 // cannot tell apart or the IdP removed, and never for a person's bearer token,
                 // whose claims may name them differently from their ID token (Okta's access
                 // tokens carry the login as `sub`): not found there is not "a stranger".
+                // Judged once the lookup is done (it looks the directory up again).
                 Lookup::Unknown if facts.route.token_groups && !person_token(principal) => {
-                    return on_token(facts, request, principal, kind, explain);
+                    return None;
                 }
                 lookup => {
                     // Which claim and value were looked up, against which attribute: the
@@ -834,27 +835,28 @@ impl Gate<'_> {
                         ),
                         _ => format!("{who} is not a user in the directory ({looked_up})"),
                     };
-                    return Judged::Refuse(Refusal {
+                    return Some(Judged::Refuse(Refusal {
                         reason,
                         who: Some(who),
                         rule: None,
                         cause: Cause::NotInDirectory,
                         agent: None,
-                    });
+                    }));
                 }
             };
             if outlived(principal, view.user) {
-                return Judged::Revoked(Outdated::Caller);
+                return Some(Judged::Revoked(Outdated::Caller));
             }
             let groups = group_refs(&view.groups);
             let subject = user_subject(kind, view.user, &groups);
             let email = subject.email;
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
-                return Judged::Refuse(refusal(Some(view.user.user_name.to_string()), &decision));
+                let who = Some(view.user.user_name.to_string());
+                return Some(Judged::Refuse(refusal(who, &decision)));
             }
             if !subject.active {
-                return Judged::Allow(anyone(&decision, explain));
+                return Some(Judged::Allow(anyone(&decision, explain)));
             }
             let make = || {
                 Named::new(
@@ -871,10 +873,23 @@ impl Gate<'_> {
                 None => Arc::new(make()),
             };
             let forward = Forward { named, agent: None };
-            Judged::Allow(Pass {
+            Some(Judged::Allow(Pass {
                 forward: Some(forward),
                 why: explain.then(|| Why::of(&decision)),
-            })
+            }))
+        });
+        judged.unwrap_or_else(|| {
+            // A stranger is named to the upstream by their token: never by a name the
+            // directory gives someone (a forged or mistyped email, with `externalId` mapping).
+            let known = |name: &str| {
+                [SubjectKey::UserName(name), SubjectKey::Email(name)]
+                    .into_iter()
+                    .any(|key| {
+                        self.directory
+                            .with_subject(key, |lookup| !matches!(lookup, Lookup::Unknown))
+                    })
+            };
+            on_token(facts, request, principal, kind, known, explain)
         })
     }
 
@@ -1003,6 +1018,7 @@ fn on_token(
     request: &Request<'_>,
     principal: Principal<'_>,
     kind: SubjectKind,
+    known: impl Fn(&str) -> bool,
     explain: bool,
 ) -> Judged {
     // Only a verified email: an unverified one names nobody and matches no email domain.
@@ -1042,6 +1058,19 @@ fn on_token(
         ),
     };
     let user = portcullis_policy::fold(name).into_owned();
+    if known(&user) {
+        return Judged::Refuse(Refusal {
+            reason: format!(
+                "the caller is not in the directory, and their token names them \"{user}\", \
+                 which is a directory user's userName or email: judged as nobody rather than \
+                 named to the upstream as that user"
+            ),
+            who: Some(user),
+            rule: None,
+            cause: Cause::NotInDirectory,
+            agent: None,
+        });
+    }
     let groups: Vec<GroupRef<'_>> = token_groups
         .iter()
         .map(|g| GroupRef {
@@ -2001,6 +2030,31 @@ mod tests {
         assert!(!unlisted(serde_json::json!({"groups": ["contractors"]})));
         assert!(!unlisted(serde_json::json!({"hasgroups": false})));
         assert!(!unlisted(serde_json::json!({})));
+    }
+
+    /// A stranger is never named to the upstream as someone the directory knows: with people
+    /// found by `externalId`, a token whose email is a directory user's (forged, or an Entra
+    /// ID account's unverified mail) is judged as nobody.
+    #[tokio::test]
+    async fn token_groups_never_name_a_stranger_as_a_directory_user() {
+        let world = World::with(config(
+            "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n",
+        ));
+        world.user("carol@corp.example").await;
+        let mut forged = world.person("carol@corp.example");
+        forged.groups = vec!["contractors".to_owned()];
+        let refusal = forbidden(as_person(&world, &forged, 3, "/"));
+        assert_eq!(refusal.cause, Cause::NotInDirectory);
+        assert!(
+            refusal.reason.contains("directory user's"),
+            "{}",
+            refusal.reason
+        );
+        // By another email, the same stranger is judged on the token's groups.
+        let mut stranger = world.person("dan@partner.example");
+        stranger.groups = vec!["contractors".to_owned()];
+        let pass = allowed(as_person(&world, &stranger, 3, "/"));
+        assert_eq!(pass.forward.expect("named").user, "dan@partner.example");
     }
 
     #[tokio::test]
