@@ -1140,7 +1140,7 @@ impl RequestCtx {
             return Ok(());
         }
         match self.recheck(req) {
-            Some(recheck) if shared.still_allowed(&recheck, true) => Ok(()),
+            Some(recheck) if shared.still_allowed(&recheck) => Ok(()),
             // Fail closed: a request that cannot be judged again is not carried on.
             _ => Error::e_explain(ErrorType::HTTPStatus(403), "access revoked"),
         }

@@ -289,9 +289,7 @@ impl BackgroundService for Watcher {
                 _ = shutdown.changed() => return,
             }
             let shared = &self.shared;
-            shared
-                .streams
-                .sweep(|open| shared.still_allowed(open, false));
+            shared.streams.sweep(|open| shared.still_allowed(open));
         }
     }
 }

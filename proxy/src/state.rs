@@ -376,28 +376,20 @@ impl Shared {
 
     /// Whether an open connection may carry on: judged again by the gate, under the current
     /// configuration, when anything changed since its last decision. The first refusal is
-    /// audited. Used for every chunk and frame (`carrying`: its session is in use, as by a
-    /// request) and by the sweep of idle connections alike.
-    pub fn still_allowed(&self, open: &Recheck, carrying: bool) -> bool {
+    /// audited. Used for every chunk and frame and by the sweep of idle connections alike.
+    pub fn still_allowed(&self, open: &Recheck) -> bool {
         let marks = self.marks();
         // One configuration and one "now" for the decision and the record of it.
         let runtime = self.runtime.load();
         let now = crate::clock::now_unix();
         open.still_allowed(
             marks,
-            |open| self.rejudge(open, &marks, &runtime, now, carrying),
+            |open| self.rejudge(open, &marks, &runtime, now),
             |open, refused| self.audit_cut(open, &refused, &runtime, now),
         )
     }
 
-    fn rejudge(
-        &self,
-        open: &Recheck,
-        marks: &Marks,
-        runtime: &Runtime,
-        now: u64,
-        carrying: bool,
-    ) -> Admission {
+    fn rejudge(&self, open: &Recheck, marks: &Marks, runtime: &Runtime, now: u64) -> Admission {
         // A session that has ended, or idled or lived past its time, or whose provider is no
         // longer the configured one, no longer vouches; nor does a token whose issuer is no
         // longer configured to take it.
@@ -405,8 +397,7 @@ impl Shared {
         let gate = self.gate(runtime, marks);
         crate::streams::rejudge(&gate, &runtime.routes, open, now, |caller| match caller {
             Caller::Person { session, .. } => {
-                let sessions = &self.auth.sessions;
-                oidc.is_some_and(|oidc| sessions.vouches(session, now, oidc, carrying))
+                oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc))
             }
             Caller::Machine(machine) => {
                 crate::auth::no_longer_takes(&runtime.config, machine).is_none()

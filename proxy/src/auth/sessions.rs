@@ -608,16 +608,11 @@ impl Sessions {
     }
 
     /// [`Session::vouches`] for the session `key`, if held.
-    /// `in_use`: an open connection of the session carries frames now, which is use of it as
-    /// a request is: it does not idle out meanwhile.
-    pub fn vouches(&self, key: &SessionKey, now: u64, oidc: &OidcConfig, in_use: bool) -> bool {
-        self.kept.sessions.get(key).is_some_and(|session| {
-            let vouches = session.vouches(now, oidc);
-            if vouches && in_use {
-                session.touch(now);
-            }
-            vouches
-        })
+    pub fn vouches(&self, key: &SessionKey, now: u64, oidc: &OidcConfig) -> bool {
+        self.kept
+            .sessions
+            .get(key)
+            .is_some_and(|session| session.vouches(now, oidc))
     }
 
     /// Counts the times sessions were ended.
@@ -955,27 +950,6 @@ mod tests {
             sessions: Sessions::new(kept.clone(), Arc::new(directory)),
             kept,
         }
-    }
-
-    /// An open connection carrying frames uses its session as requests do: it does not idle
-    /// out while they flow (the sweep of idle connections, `in_use` false, does not count).
-    #[tokio::test]
-    async fn frames_of_an_open_connection_keep_its_session_from_idling_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let sessions = open(dir.path()).sessions;
-        let id = sessions
-            .create(identity("alice", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let (key, session) = sessions.get(&id).unwrap();
-        let mut oidc = crate::testing::config("").oidc.unwrap();
-        oidc.issuer = session.identity.issuer.clone();
-        oidc.session_idle_timeout = std::time::Duration::from_secs(60);
-        assert!(sessions.vouches(&key, 150, &oidc, false));
-        assert!(!sessions.vouches(&key, 170, &oidc, false), "idle since 100");
-        assert!(sessions.vouches(&key, 150, &oidc, true));
-        assert!(sessions.vouches(&key, 200, &oidc, true), "in use at 150");
-        assert!(sessions.vouches(&key, 255, &oidc, false), "in use at 200");
     }
 
     /// The names of the cookies sessions were issued in are known across a restart (from the
