@@ -1058,14 +1058,16 @@ fn on_token(
         ),
     };
     let user = portcullis_policy::fold(name).into_owned();
-    if known(&user) {
+    // `agent:` is how agents are named (see `agent_user`).
+    if known(&user) || user.starts_with("agent:") {
         return Judged::Refuse(Refusal {
             reason: format!(
                 "the caller is not in the directory, and their token names them \"{user}\", \
-                 which is a directory user's userName or email: judged as nobody rather than \
-                 named to the upstream as that user"
+                 which is a directory user's userName or email, or an agent's name: judged as \
+                 nobody rather than named to the upstream as them"
             ),
-            who: Some(user),
+            // Recorded by what the token says, not as the user it would have passed for.
+            who: Some(principal.log_name()),
             rule: None,
             cause: Cause::NotInDirectory,
             agent: None,
@@ -2049,6 +2051,13 @@ mod tests {
             refusal.reason.contains("directory user's"),
             "{}",
             refusal.reason
+        );
+        // Nor as an agent is named.
+        let mut agent = world.person("agent:helper");
+        agent.groups = vec!["contractors".to_owned()];
+        assert_eq!(
+            forbidden(as_person(&world, &agent, 3, "/")).cause,
+            Cause::NotInDirectory
         );
         // By another email, the same stranger is judged on the token's groups.
         let mut stranger = world.person("dan@partner.example");
