@@ -266,6 +266,7 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
         }
     }
     let runtime = Runtime::build(config, &shared.directory);
+    runtime.keep_health_of(&running);
     shared.install(runtime);
     for kept in kept.into_inner() {
         tracing::warn!(

@@ -51,6 +51,16 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Takes over from `running` which upstreams of each route (of the same name) are down.
+    pub fn keep_health_of(&self, running: &Runtime) {
+        for route in self.routes.all() {
+            let name = &route.config.name;
+            if let Some(old) = running.routes.all().find(|old| old.config.name == *name) {
+                route.upstreams.keep_health_of(&old.upstreams);
+            }
+        }
+    }
+
     /// The state for `config`. It cannot fail: the configuration holds everything compiled and
     /// loaded already (see `portcullis_config::model`).
     pub fn build(config: Config, directory: &Arc<Directory>) -> Self {

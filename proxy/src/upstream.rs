@@ -246,6 +246,26 @@ impl UpstreamSet {
         }
     }
 
+    /// Takes over from `old`, the set of the route a reload replaces, which upstreams are
+    /// down and until when, by address: a reload (a renewed certificate, a rule changed)
+    /// sends no request back to an upstream that just failed, to wait out its connect
+    /// timeout.
+    pub fn keep_health_of(&self, old: &UpstreamSet) {
+        for backend in &self.upstreams {
+            let address = backend.peer.load()._address.clone();
+            let down_until = old.upstreams.iter().find_map(|previous| {
+                let ms = previous.down_until_ms.load(Ordering::Relaxed);
+                (ms != 0 && previous.peer.load()._address == address)
+                    .then(|| old.epoch + Duration::from_millis(ms - 1))
+            });
+            if let Some(until) = down_until {
+                backend
+                    .down_until_ms
+                    .store(self.millis(until), Ordering::Relaxed);
+            }
+        }
+    }
+
     fn millis(&self, at: Instant) -> u64 {
         // +1 so that "down until the epoch" is distinguishable from "up" (0).
         millis_of(at.saturating_duration_since(self.epoch)).saturating_add(1)
@@ -359,6 +379,21 @@ mod tests {
         assert_eq!(set.pick(1, &[], now).0, 1);
         assert_eq!(set.pick(1, &[1], now).0, 2);
         assert_eq!(set.pick(1, &[1, 2], now).0, 0);
+    }
+
+    /// A reload builds new sets: an upstream marked down stays down in them, until its time
+    /// is out as before, and one up stays up.
+    #[test]
+    fn a_reload_keeps_which_upstreams_are_down() {
+        let old = upstreams(3);
+        let t0 = Instant::now();
+        old.mark_down(1, t0);
+        let new = upstreams(3);
+        new.keep_health_of(&old);
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert_eq!(new.pick(1, &[], at(1)).0, 2, "still down");
+        assert_eq!(new.pick(0, &[], at(1)).0, 0);
+        assert_eq!(new.pick(1, &[], at(5)).0, 1, "its time is out");
     }
 
     #[test]
