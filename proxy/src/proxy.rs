@@ -1395,7 +1395,27 @@ impl Proxy {
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
-                    let too_large = || Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE);
+                    // Refused, and recorded as the console user's.
+                    let too_large = || {
+                        let path = format!("{CONSOLE_PATH}{page}");
+                        let reason = format!(
+                            "the request body is larger than the console takes ({limit} bytes)"
+                        );
+                        let request = audit::Request {
+                            method: "POST",
+                            path: &path,
+                            client: at.client_ip,
+                        };
+                        self.shared.audit.refusal(
+                            &viewer.user,
+                            "console",
+                            None,
+                            &reason,
+                            &request,
+                            None,
+                        );
+                        Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)
+                    };
                     if !reply::ready_for_body(session, limit).await? {
                         return reply::send(session, too_large()).await;
                     }

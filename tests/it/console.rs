@@ -648,6 +648,13 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
     );
     assert_eq!(bobs_page, token, "one token per session");
 
+    // A form larger than the console takes (64 KiB) is refused, changes nothing, and is
+    // recorded as bob's.
+    let padded = format!("csrf={token}&pad={}", "x".repeat(70_000));
+    let resp = post(&own, padded).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_session_works(&t.fx.app_url("/still"), &alice).await;
+
     // The same post from the console's origin does it.
     let resp = post(&own, format!("csrf={token}")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -675,7 +682,8 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
                     .lines()
                     .filter(|l| l.contains("not sent from the console itself"))
                     .count();
-                actions == 2 && forged == 4
+                let too_large = text.contains("larger than the console takes");
+                actions == 2 && forged == 4 && too_large
             })
             .await;
     assert!(text.contains("\"action\":\"end_sessions\""), "{text}");
