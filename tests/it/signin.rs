@@ -1357,6 +1357,12 @@ async fn a_browser_with_more_cookies_than_are_read_is_told_so_not_sent_round_the
     assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     // Without them, the same session still works.
     assert_session_works(&page, &alice).await;
+    // Each refusal is recorded, as nobody's.
+    fx.px
+        .audit_log_until(WAIT, |text| {
+            text.matches("more cookies than Portcullis reads").count() == 3
+        })
+        .await;
 }
 
 /// Signs in at `url` as a browser does, with `browser`'s cookies for the IdP too: the IdP's

@@ -154,6 +154,11 @@ impl Auth {
         // The session it would make could not be read back from among these cookies: the
         // browser would be sent round the sign-in for ever.
         if super::cookies_past_bound(head) {
+            self.audit.unverified_refusal(
+                AUDIT_ROUTE,
+                "a sign-in was refused: the browser sends more cookies than Portcullis reads",
+                &req.audited("GET", "/.portcullis/sign_in"),
+            );
             return Reply::page(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "Too many cookies",
