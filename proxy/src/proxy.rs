@@ -882,27 +882,29 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // Judged again before it goes: a connection held up (or failed, and retried on the
-        // next upstream) while its caller lost access sends the upstream nothing. Refused, the
-        // connection may go back to pingora's pool, for another caller: no longer watched.
-        if let Err(refused) = ctx.still_allowed(&self.shared, session.req_header()) {
+        // next upstream) while its caller lost access sends the upstream nothing.
+        let sent = ctx
+            .still_allowed(&self.shared, session.req_header())
+            .and_then(|()| {
+                // The request is edited as plain `http` parts, not through `RequestHeader`'s
+                // methods: those parse every name again and keep a second map with the
+                // client's spelling of each name, which together cost more per request than
+                // anything else Portcullis does. Names go upstream in their standard case
+                // (`Host`, `Content-Length`, ...) or in lower case, as every request from an
+                // HTTP/2 client always has.
+                let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+                let mut parts =
+                    http::request::Parts::from(std::mem::replace(upstream_request, placeholder));
+                let edited = self.edit_upstream_request(session, &mut parts, ctx);
+                *upstream_request = RequestHeader::from(parts);
+                edited
+            });
+        // Not sent (refused, or not made): pingora may put the connection back in its pool,
+        // for another caller, so it is no longer watched.
+        if sent.is_err() {
             ctx.registration = None;
-            return Err(refused);
         }
-        // The request is edited as plain `http` parts, not through `RequestHeader`'s methods:
-        // those parse every name again and keep a second map with the client's spelling of each
-        // name, which together cost more per request than anything else Portcullis does. Names
-        // go upstream in their standard case (`Host`, `Content-Length`, ...) or in lower case,
-        // as every request from an HTTP/2 client always has.
-        let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
-        let mut parts =
-            http::request::Parts::from(std::mem::replace(upstream_request, placeholder));
-        let edited = self.edit_upstream_request(session, &mut parts, ctx);
-        *upstream_request = RequestHeader::from(parts);
-        if edited.is_err() {
-            // Not sent: pingora may pool the connection (see above).
-            ctx.registration = None;
-        }
-        edited
+        sent
     }
 
     async fn upstream_response_filter(

@@ -34,11 +34,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         let body = resp.bytes().await?;
         Ok::<_, reqwest::Error>((status, body))
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while up.count() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(up.count(), 1, "the slow request reached the upstream");
+    reached(&up, 1).await;
 
     let status = px.terminate_within(Duration::from_secs(20)).await;
     let (resp_status, body) = slow
