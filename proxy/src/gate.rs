@@ -210,6 +210,22 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// Whether every identity header can say what it says of this caller: `None` when all
+    /// can, else what cannot.
+    fn untellable(&self) -> Option<&'static str> {
+        if self.values.is_none() {
+            return Some(if header_value(&self.user).is_none() {
+                "name"
+            } else {
+                "email"
+            });
+        }
+        self.agent
+            .as_ref()
+            .is_some_and(|agent| header_value(&agent.name).is_none())
+            .then_some("agent's name")
+    }
+
     /// Whether what the upstream was told in `told` still holds of the caller let in as
     /// `self`: the same user, email and agent (its name, and whether it acts for someone), and
     /// every group it was told of (one added takes nothing away).
@@ -269,7 +285,7 @@ pub struct IdentityValues {
 impl IdentityValues {
     /// `None` when one of them cannot be a header value.
     fn of(user: &str, email: Option<&str>, groups: &str) -> Option<IdentityValues> {
-        let value = |text: &str| HeaderValue::from_str(text).ok();
+        let value = header_value;
         let email = match email {
             Some(email) => Some(value(email)?),
             None => None,
@@ -280,6 +296,17 @@ impl IdentityValues {
             groups: value(groups)?,
         })
     }
+}
+
+/// `text` as an identity header's value, as the upstream will read it: `None` where it would
+/// read something else or nothing. A control character (CR, LF, NUL, …) cannot be sent in a
+/// header at all, and HTTP/1 parsers trim spaces and tabs around a value: `alice ` would reach
+/// the upstream as `alice`, another user. (Other text, UTF-8 included, is sent as it is.)
+fn header_value(text: &str) -> Option<HeaderValue> {
+    let padded = text.starts_with([' ', '\t']) || text.ends_with([' ', '\t']);
+    (!padded)
+        .then(|| HeaderValue::from_str(text).ok())
+        .flatten()
 }
 
 /// The [`Named`] of directory users, made once per user and state of the directory and shared
@@ -372,6 +399,9 @@ pub enum Cause {
     /// What the upstream was told of an open connection's caller when it was opened no longer
     /// holds (see [`Forward::still_true_of`]).
     IdentityChanged,
+    /// The route tells upstreams who calls in headers, and the caller's name, email or agent
+    /// name cannot be told there as it is (see [`header_value`]).
+    CannotBeTold,
 }
 
 /// The gate, over the live directory and the current `[identity]` mapping.
@@ -467,13 +497,40 @@ impl Gate<'_> {
             // Fail closed: a directory that may miss a revocation answers for nobody.
             return Admission::Refuse(Refused::Unavailable);
         }
-        match self.resolve(facts, &request, principal, explain) {
+        let judged = match self.resolve(facts, &request, principal, explain) {
+            // Fail closed: an upstream that is told who calls in headers is told truly, or
+            // not at all.
+            Judged::Allow(pass) => match pass
+                .forward
+                .as_ref()
+                .filter(|_| facts.route.identity_headers)
+            {
+                Some(forward) => match forward.untellable() {
+                    Some(what) => Judged::Refuse(Refusal {
+                        who: Some(forward.user.clone()),
+                        rule: None,
+                        cause: Cause::CannotBeTold,
+                        reason: format!(
+                            "the caller's {what} holds a control character or begins or ends \
+                             with a space, so the identity headers cannot tell the upstream \
+                             who calls"
+                        ),
+                        agent: forward.agent.clone(),
+                    }),
+                    None => Judged::Allow(pass),
+                },
+                None => Judged::Allow(pass),
+            },
+            judged => judged,
+        };
+        match judged {
             Judged::Allow(pass) => Admission::Allow(pass),
-            // Someone the directory cannot place is still anyone: public rules let them in.
+            // Someone the directory cannot place, or the upstream cannot be told of, is still
+            // anyone: public rules let them in.
             Judged::Refuse(refusal)
                 if matches!(
                     refusal.cause,
-                    Cause::NotInDirectory | Cause::NoIdentifyingClaim
+                    Cause::NotInDirectory | Cause::NoIdentifyingClaim | Cause::CannotBeTold
                 ) =>
             {
                 match facts.route.policy.evaluate(None, &request) {
@@ -2064,6 +2121,41 @@ mod tests {
         stranger.groups = vec!["contractors".to_owned()];
         let pass = allowed(as_person(&world, &stranger, 3, "/"));
         assert_eq!(pass.forward.expect("named").user, "dan@partner.example");
+    }
+
+    /// A name the identity headers would not carry as it is (trimmed by the upstream's
+    /// parser, or not sendable at all) is refused, except as anyone where a public rule lets
+    /// anyone in. Other text, UTF-8 included, is sent as it is.
+    #[tokio::test]
+    async fn a_caller_the_identity_headers_cannot_name_truly_is_refused() {
+        let world = World::new();
+        let names = [
+            "carol@corp.example ",
+            "\tcarol",
+            "dave\u{7}@corp.example",
+            "zoë",
+        ];
+        let mut rows = Vec::new();
+        for name in names {
+            rows.push(world.user(name).await);
+        }
+        let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+        world.group("eng", &rows).await;
+        for name in &names[..3] {
+            let refusal = forbidden(as_person(&world, &world.person(name), 0, "/work"));
+            assert_eq!(refusal.cause, Cause::CannotBeTold, "{name:?}");
+            assert_eq!(refusal.who.as_deref(), Some(*name));
+            let pass = allowed(as_person(&world, &world.person(name), 0, "/public"));
+            assert!(pass.forward.is_none(), "{name:?} is in as anyone");
+        }
+        let pass = allowed(as_person(&world, &world.person("zoë"), 0, "/work"));
+        let values = pass
+            .forward
+            .expect("named")
+            .values
+            .as_ref()
+            .map(|v| v.user.clone());
+        assert_eq!(values, Some(HeaderValue::from_str("zoë").expect("UTF-8")));
     }
 
     #[tokio::test]

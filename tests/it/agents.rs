@@ -763,6 +763,52 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
     assert!(!mine.is_empty());
 }
 
+/// The identity headers tell the upstream who calls as it will read them, or the request is
+/// refused. An HTTP/1 upstream trims a header value: alice renamed `bob@corp.test ` (a
+/// `userName` SCIM takes, and no other user's) would reach it as bob. A control character
+/// cannot be sent at all. Both are refused, for the user as the directory names them, and
+/// audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_the_identity_headers_cannot_name_truly_is_refused() {
+    let t = Agents::start().await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    let users = format!("/Users/{}", t.alice);
+    let rename = |name: String| {
+        let ops = patch_ops(json!([{"op": "replace", "path": "userName", "value": name}]));
+        let scim = &t.scim;
+        let users = users.clone();
+        async move { scim.patch(&users, &ops).await }
+    };
+    for name in [format!("{BOB} "), "alice\u{1}@corp.test".to_owned()] {
+        rename(name.clone()).await.expect(200);
+        let (status, body) = t.call(&for_alice).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{name:?}: {body}");
+        assert!(
+            body.contains("cannot tell the upstream who calls"),
+            "{name:?}: {body}"
+        );
+        let records = audit_json_until(&t.px, &[], |records| {
+            of_event(records, "refusal")
+                .iter()
+                .any(|r| r["user"] == name.as_str())
+        })
+        .await;
+        let refusal = of_event(&records, "refusal")
+            .into_iter()
+            .find(|r| r["user"] == name.as_str())
+            .expect("the refusal");
+        assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
+    }
+    // Named as it is read, alice is in again.
+    rename(ALICE.to_owned()).await.expect(200);
+    let (status, body) = t.call(&for_alice).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        Echo::parse(body.as_bytes()).header("x-portcullis-user"),
+        Some(ALICE)
+    );
+}
+
 /// Entra ID dates its tokens 5 minutes early (`iat`, `nbf`). A token fetched the moment an
 /// agent is provisioned is still not older than the agent: it is let in, and only one issued
 /// before a re-activation is refused.
