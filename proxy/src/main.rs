@@ -489,8 +489,8 @@ fn open_directory(
                     &|| following.visible_seq(),
                     &|| following.foreign_seq(),
                 );
-                // Its lease is gone already (see `RENEW`); what the audit log has queued is
-                // written first.
+                // Its lease is over already, here and in the table (see `Fleet::follow`);
+                // what the audit log has queued is written first.
                 tracing::error!("PostgreSQL: {e}; stopping");
                 if !audit.flush(std::time::Duration::from_secs(5)) {
                     tracing::warn!("exiting before the audit log was written to the end");

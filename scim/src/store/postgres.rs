@@ -1252,11 +1252,9 @@ fn audit_rows(rows: &[postgres::Row]) -> Result<Vec<AuditRow>, StoreError> {
 /// applied, `$3` the lease in milliseconds, `$4` the schema version this build reads; 1 if
 /// renewed, 0 if something newer was committed, and minus the schema's version if a newer
 /// build migrated the database (this one cannot read what it writes): then the lease is not
-/// renewed but deleted, so that no writer waits for it to lapse.
+/// renewed ([`Fleet::follow`] ends it).
 const RENEW: &str = "\
     WITH newest AS (SELECT coalesce(max(version), 0) AS version FROM portcullis_schema), \
-    gone AS (DELETE FROM portcullis_replicas WHERE id = $1::text \
-        AND (SELECT version FROM newest) > $4::integer), \
     current AS (SELECT value FROM directory_meta WHERE key = 'seq' FOR SHARE), \
     lease AS (INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
         SELECT $1::text, $2::bigint, statement_timestamp() + $3::bigint * interval '1 millisecond' \
@@ -1305,8 +1303,23 @@ impl Fleet {
             match self.follow_connected(catch_up, visible, foreign, &mut backoff) {
                 Ok(never) => match never {},
                 // A newer build migrated the database: this one cannot read it safely. Its
-                // lease is not renewed; the caller stops the process.
-                Err(e @ StoreError::Version { .. }) => return e,
+                // lease lapses here first, then goes from the table, so that no writer waits
+                // for it to lapse there (as when leaving); the caller stops the process.
+                Err(e @ StoreError::Version { .. }) => {
+                    self.freshness.lapse(e.to_string());
+                    let deleted = self.connector.connect().and_then(|mut client| {
+                        client
+                            .execute(
+                                "DELETE FROM portcullis_replicas WHERE id = $1",
+                                &[&self.replica],
+                            )
+                            .map_err(backend)
+                    });
+                    if let Err(left) = deleted {
+                        tracing::warn!("PostgreSQL: cannot end this replica's lease: {left}");
+                    }
+                    return e;
+                }
                 Err(e) => {
                     self.freshness.lost(format!("lost the directory feed: {e}"));
                     tracing::warn!("lost the directory feed, retrying in {backoff:?}: {e}");
