@@ -133,6 +133,9 @@ fn backend(e: impl std::error::Error) -> StoreError {
 /// `sslmode=disable`.
 struct Connector {
     config: postgres::Config,
+    /// The feed's connection ([`Fleet::follow`]): as `config`, but sent data left unanswered
+    /// drops it after a quarter of `max_staleness`, not all of it.
+    feed: postgres::Config,
     tls: Option<MakeRustlsConnect>,
 }
 
@@ -180,13 +183,29 @@ impl Connector {
                 Some(MakeRustlsConnect::new(tls))
             }
         };
-        Ok(Self { config, tls })
+        // The lease is renewed every quarter: a peer gone silent under a renewal (a firewall
+        // or NAT dropping the connection's state, a host cut off) is noticed within the next,
+        // and the replica reconnects and renews within its lease.
+        let mut feed = config.clone();
+        feed.tcp_user_timeout(quarter);
+        Ok(Self { config, feed, tls })
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
-        let client = match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
-            None => self.config.connect(NoTls),
+        Self::connect_with(&self.config, self.tls.as_ref())
+    }
+
+    fn connect_feed(&self) -> Result<Client, StoreError> {
+        Self::connect_with(&self.feed, self.tls.as_ref())
+    }
+
+    fn connect_with(
+        config: &postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
+    ) -> Result<Client, StoreError> {
+        let client = match tls {
+            Some(tls) => config.connect(tls.clone()),
+            None => config.connect(NoTls),
         };
         client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
     }
@@ -1369,7 +1388,7 @@ impl Fleet {
         foreign: &dyn Fn() -> Seq,
         backoff: &mut Duration,
     ) -> Result<std::convert::Infallible, StoreError> {
-        let mut client = self.connector.connect()?;
+        let mut client = self.connector.connect_feed()?;
         migrate(&mut client)?;
         // Kept across the reconnection only as long as this database grants it.
         let sent = boot_nanos();
