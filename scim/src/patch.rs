@@ -463,8 +463,21 @@ impl Target {
                 let Value::Array(gone) = self.coerce(attr, value)? else {
                     return Ok(());
                 };
+                // Fail closed: a value whose sub-attributes are all dropped as they are read
+                // (`display`, read-only, or null) would be contained in every value, and remove
+                // them all (an agent's every application, say, and with them its refusal).
+                if gone
+                    .iter()
+                    .any(|g| g.as_object().is_some_and(Object::is_empty))
+                {
+                    return Err(invalid_value(format!(
+                        "a value to remove from {} names none of the sub-attributes it keeps \
+                         (such as \"value\"): it would select every value",
+                        attr.name
+                    )));
+                }
                 if let Some(items) = container.get_mut(attr.name).and_then(Value::as_array_mut) {
-                    items.retain(|item| !gone.iter().any(|g| contains_all(item, g)));
+                    items.retain(|item| !gone.iter().any(|g| contains_all(attr, item, g)));
                 }
                 drop_if_unassigned(container, attr.name);
             }
@@ -627,9 +640,23 @@ impl Target {
 }
 
 /// Whether `item` has every sub-attribute `wanted` has, with equal values.
-fn contains_all(item: &Value, wanted: &Value) -> bool {
+/// Whether `item`, a value of `attr`, holds every sub-attribute of `wanted` as a filter's
+/// `eq` would find it: a string compared without case unless the sub-attribute is
+/// `caseExact` (Entra ID's `Remove` of `Babs@Jensen.org` takes `babs@jensen.org`).
+fn contains_all(attr: &AttributeDef, item: &Value, wanted: &Value) -> bool {
     match (item.as_object(), wanted.as_object()) {
-        (Some(item), Some(wanted)) => wanted.iter().all(|(k, v)| get_ci(item, k) == Some(v)),
+        (Some(item), Some(wanted)) => wanted.iter().all(|(k, v)| {
+            let Some(held) = get_ci(item, k) else {
+                return false;
+            };
+            let exact = attr.sub_attribute(k).is_none_or(|sub| sub.case_exact);
+            match (held.as_str(), v.as_str()) {
+                (Some(held), Some(v)) if !exact => {
+                    portcullis_policy::fold(held) == portcullis_policy::fold(v)
+                }
+                _ => held == v,
+            }
+        }),
         _ => item == wanted,
     }
 }
@@ -1231,11 +1258,19 @@ mod tests {
         );
         assert_eq!(u["name"], json!({"familyName": "Jensen"}));
         assert_eq!(u.get("emails"), None);
-        // Remove with a value list removes only the values given (Entra's form).
+        // Remove with a value list removes only the values given (Entra's form), compared as
+        // a filter compares them (an email's `value` without case).
         let u = patched_user(
-            json!([{"op": "Remove", "path": "emails", "value": [{"value": "babs@jensen.org"}]}]),
+            json!([{"op": "Remove", "path": "emails", "value": [{"value": "Babs@Jensen.org"}]}]),
         );
         assert_eq!(u["emails"].as_array().unwrap().len(), 1);
+        assert_eq!(u["emails"][0]["value"], "bjensen@example.com");
+        // One that names nothing kept (a null, nothing; an agent's read-only `display`, see
+        // `service`) would select every value: refused, and nothing removed.
+        for selects_all in [json!([{"value": null}]), json!([{}])] {
+            let e = user_error(json!([{"op": "remove", "path": "emails", "value": selects_all}]));
+            assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
+        }
         // A password is accepted (the store hashes it).
         let u = patched_user(json!([{"op": "replace", "value": {"password": "hunter2"}}]));
         assert_eq!(u["password"], "hunter2");

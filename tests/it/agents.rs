@@ -763,6 +763,35 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
     assert!(!mine.is_empty());
 }
 
+/// An agent whose application is deactivated stays refused whatever a SCIM remove of its
+/// applications names: one naming only what is not kept (the read-only `display`) would have
+/// selected every application, and an agent in none is refused by none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
+    let t = Agents::start().await;
+    let token = t.token().await;
+    assert_eq!(t.call(&token).await.0, StatusCode::OK);
+    t.set_active(&format!("/AgenticApplications/{}", t.app), false)
+        .await
+        .expect(200);
+    assert_eq!(t.call(&token).await.0, StatusCode::FORBIDDEN);
+
+    let applications = format!("{PORTCULLIS_AGENT_SCHEMA}:applications");
+    let agent = format!("/Agents/{}", t.agent);
+    for selector in [json!({"display": "Helpdesk"}), json!({"value": null})] {
+        let ops = patch_ops(json!([{"op": "remove", "path": applications, "value": [selector]}]));
+        let answer = t.scim.patch(&agent, &ops).await.expect(400);
+        assert_eq!(answer.body["scimType"], "invalidValue", "{:#}", answer.body);
+        let (status, body) = t.call(&token).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{selector}: {body}");
+    }
+    // Named by its `value`, it goes; the agent, in no application now, is let in again.
+    let ops = patch_ops(json!([{"op": "remove", "path": applications,
+                                "value": [{"value": t.app}]}]));
+    t.scim.patch(&agent, &ops).await.expect(200);
+    assert_eq!(t.call(&token).await.0, StatusCode::OK);
+}
+
 /// The identity headers tell the upstream who calls as it will read them, or the request is
 /// refused. An HTTP/1 upstream trims a header value: alice renamed `bob@corp.test ` (a
 /// `userName` SCIM takes, and no other user's) would reach it as bob. A control character
