@@ -50,11 +50,39 @@ pub fn check_filter(filter: &Filter, rt: ResourceType) -> Result<(), ScimError> 
 
 /// [`check_filter`] for the filter inside `attr[...]` of a PATCH path, names relative to the
 /// complex attribute `parent`.
+///
+/// Values are kept without their read-only sub-attributes (an agent's owners and applications
+/// without `display`): a term on one would match no value, and a `remove` through it would be
+/// answered 2xx having removed nothing (an owner the IdP took away would stay one). Refused.
 pub(crate) fn check_element_filter(
     filter: &Filter,
     parent: &'static AttributeDef,
 ) -> Result<(), ScimError> {
-    check(filter, Ctx::Element(parent))
+    check(filter, Ctx::Element(parent))?;
+    match never_kept(filter, parent) {
+        Some(name) => Err(invalid(format!(
+            "'{}[{name} …]': {name} is read-only and not kept in the values of {}, so the \
+             filter would select none; select values by their value",
+            parent.name, parent.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The first read-only sub-attribute of `parent` a term of `filter` names.
+fn never_kept<'f>(filter: &'f Filter, parent: &AttributeDef) -> Option<&'f str> {
+    match filter {
+        Filter::Attr(expr) => parent
+            .sub_attribute(&expr.path.name)
+            .filter(|sub| sub.is_read_only())
+            .map(|_| expr.path.name.as_str()),
+        Filter::Not(inner) => never_kept(inner, parent),
+        Filter::And(l, r) | Filter::Or(l, r) => {
+            never_kept(l, parent).or_else(|| never_kept(r, parent))
+        }
+        // Value paths do not nest (`check` refuses one here).
+        Filter::ValuePath { .. } => None,
+    }
 }
 
 /// Whether one element of the complex attribute `parent` matches a checked `filter`.

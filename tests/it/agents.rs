@@ -764,8 +764,9 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
 }
 
 /// An agent whose application is deactivated stays refused whatever a SCIM remove of its
-/// applications names: one naming only what is not kept (the read-only `display`) would have
-/// selected every application, and an agent in none is refused by none.
+/// applications names: a value naming only what is not kept (the read-only `display`) would
+/// have selected every application, and an agent in none is refused by none; a filter on it,
+/// none (a 2xx for a remove that did nothing).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
     let t = Agents::start().await;
@@ -785,6 +786,15 @@ async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
         let (status, body) = t.call(&token).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{selector}: {body}");
     }
+    // Nor does a filter on it: it would select no application, a 2xx that removed nothing.
+    let ops = patch_ops(json!([{"op": "remove",
+                                "path": format!("{applications}[display eq \"Helpdesk\"]")}]));
+    let answer = t.scim.patch(&agent, &ops).await.expect(400);
+    assert_eq!(
+        answer.body["scimType"], "invalidFilter",
+        "{:#}",
+        answer.body
+    );
     // Named by its `value`, it goes; the agent, in no application now, is let in again.
     let ops = patch_ops(json!([{"op": "remove", "path": applications,
                                 "value": [{"value": t.app}]}]));
