@@ -239,6 +239,32 @@ async fn okta_deactivation_is_visible_at_once_and_survives_restart() {
     let record = dir.get(ResourceType::User, &id).unwrap().unwrap();
     assert_eq!(record.resource["active"], false);
     assert_eq!(dir.seq(), 2);
+
+    // A PUT of the profile that leaves `active` out (or null) keeps bob deactivated; only
+    // one that says `"active": true` lets him back in.
+    let put = |body: Value| Command::Replace {
+        rt: ResourceType::User,
+        id: id.clone(),
+        resource: validate_resource(ResourceType::User, &body, Mode::Replace).unwrap(),
+        password_hash: None,
+        if_match: None,
+    };
+    let profile = |active: Value| json!({"schemas": [USER], "userName": "bob@corp.example", "title": "Ops", "active": active});
+    for body in [
+        json!({"schemas": [USER], "userName": "bob@corp.example"}),
+        profile(Value::Null),
+    ] {
+        dir.write(put(body), "test").await.unwrap();
+        assert_eq!(
+            dir.user_by_name("bob@corp.example").map(|u| u.active),
+            Some(false)
+        );
+    }
+    dir.write(put(profile(json!(true))), "test").await.unwrap();
+    assert_eq!(
+        dir.user_by_name("bob@corp.example").map(|u| u.active),
+        Some(true)
+    );
 }
 
 #[tokio::test]

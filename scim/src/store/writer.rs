@@ -274,6 +274,16 @@ impl<'a> Overlay<'a> {
         let members = take_members(rt, &mut resource)?;
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("id".to_owned(), Value::String(id));
+            // One that leaves `active` out (or null) keeps it too: read as true, it would
+            // re-activate a deactivated user, agent or application that a client updating
+            // its profile never meant to let back in. Only `"active": true` does.
+            let kept = current
+                .resource
+                .as_object()
+                .and_then(|o| get_ci(o, "active"));
+            if let (Some(active), None) = (kept, get_ci(obj, "active")) {
+                obj.insert("active".to_owned(), active.clone());
+            }
         }
         let password_hash = password_hash.or(current.password_hash.clone());
         let written = self.store(
