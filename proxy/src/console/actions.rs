@@ -60,12 +60,13 @@ impl Console {
         }
     }
 
-    /// The sessions `user` has, found off the worker thread (it walks every session).
-    async fn sessions_of(&self, user: &UserEntry) -> Vec<SessionKey> {
+    /// The sessions `user` has, found off the worker thread (it walks every session). An
+    /// error if they could not be found: never "none", which would end none and say so.
+    async fn sessions_of(&self, user: &UserEntry) -> Result<Vec<SessionKey>, String> {
         let (sessions, runtime, user) = (self.sessions.clone(), self.runtime.clone(), user.clone());
         tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user))
             .await
-            .unwrap_or_default()
+            .map_err(|e| format!("the sessions could not be found: {e}"))
     }
 
     /// The confirmation page of `act`.
@@ -140,9 +141,12 @@ impl Console {
         }
         let (title, content) = match act {
             Act::EndSessions(user) => {
-                let keys = self.sessions_of(&user).await;
-                let outcome = match self.sessions.end(&keys).await {
-                    Ok(()) => format!(
+                let ended = match self.sessions_of(&user).await {
+                    Ok(keys) => self.sessions.end(&keys).await.map(|()| keys),
+                    Err(e) => Err(e),
+                };
+                let outcome = match ended {
+                    Ok(keys) => format!(
                         "ended {} session{}",
                         keys.len(),
                         if keys.len() == 1 { "" } else { "s" }
