@@ -1383,6 +1383,26 @@ impl Proxy {
             viewer_ip: at.client_ip,
             now: i64::try_from(now_unix()).unwrap_or(i64::MAX),
         };
+        // A post (or another write) refused here is recorded as the console user's, and says
+        // whether it came from the console's own pages: a cross-site post carries their cookie.
+        let refused = |status: StatusCode, why: &str| {
+            let path = format!("{CONSOLE_PATH}{page}");
+            let from = if same_origin {
+                ""
+            } else {
+                " (sent from another origin)"
+            };
+            let request = audit::Request {
+                method: method.as_str(),
+                path: &path,
+                client: at.client_ip,
+            };
+            let reason = format!("{why}{from}");
+            self.shared
+                .audit
+                .refusal(&viewer.user, "console", None, &reason, &request, None);
+            Reply::status_page(status)
+        };
         let reply = match method {
             // Pages walk the directory and read the audit log: off this worker thread, which
             // serves the proxied traffic.
@@ -1397,26 +1417,11 @@ impl Proxy {
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
-                    // Refused, and recorded as the console user's.
                     let too_large = || {
-                        let path = format!("{CONSOLE_PATH}{page}");
-                        let reason = format!(
+                        let why = format!(
                             "the request body is larger than the console takes ({limit} bytes)"
                         );
-                        let request = audit::Request {
-                            method: "POST",
-                            path: &path,
-                            client: at.client_ip,
-                        };
-                        self.shared.audit.refusal(
-                            &viewer.user,
-                            "console",
-                            None,
-                            &reason,
-                            &request,
-                            None,
-                        );
-                        Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)
+                        refused(StatusCode::PAYLOAD_TOO_LARGE, &why)
                     };
                     if !reply::ready_for_body(session, limit).await? {
                         return reply::send(session, too_large()).await;
@@ -1507,14 +1512,21 @@ impl Proxy {
                     console.post(act, &form, same_origin, reload).await
                 }
                 // An action on a user who is not (or no longer) in the directory.
-                None if page.ends_with("/end_sessions") => {
-                    Reply::status_page(StatusCode::NOT_FOUND)
-                }
-                None => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
-                    .header(header::ALLOW, "GET, HEAD"),
+                None if page.ends_with("/end_sessions") => refused(
+                    StatusCode::NOT_FOUND,
+                    "a console action on a user the directory does not have",
+                ),
+                None => refused(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "a post to a console page that takes none",
+                )
+                .header(header::ALLOW, "GET, HEAD"),
             },
-            _ => Reply::status_page(StatusCode::METHOD_NOT_ALLOWED)
-                .header(header::ALLOW, "GET, HEAD, POST"),
+            _ => refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a console request of a method the console does not take",
+            )
+            .header(header::ALLOW, "GET, HEAD, POST"),
         };
         // Never in a frame (a click there would be the viewer's own), no script, no
         // resource or form target but this origin, and no console address in a Referer.

@@ -654,6 +654,24 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
     let resp = post(&own, padded).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
+    // Posts the console has no action for, from another site: refused and recorded as bob's,
+    // saying where they came from.
+    let unknown = t.console_url("users/00000000-0000-4000-8000-000000000000/end_sessions");
+    for (url, status) in [
+        (unknown, StatusCode::NOT_FOUND),
+        (t.console_url("users"), StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let resp = client()
+            .post(&url)
+            .header("cookie", format!("portcullis_session={bob}"))
+            .header(ACCEPT, BROWSER_ACCEPT)
+            .header("origin", "http://evil.test")
+            .body(format!("csrf={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{url}");
+    }
 
     // The same post from the console's origin does it.
     let resp = post(&own, format!("csrf={token}")).await.unwrap();
@@ -683,9 +701,19 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
                     .filter(|l| l.contains("not sent from the console itself"))
                     .count();
                 let too_large = text.contains("larger than the console takes");
-                actions == 2 && forged == 4 && too_large
+                let elsewhere = text
+                    .lines()
+                    .filter(|l| l.contains("(sent from another origin)"))
+                    .count();
+                actions == 2 && forged == 4 && too_large && elsewhere == 2
             })
             .await;
+    for line in text
+        .lines()
+        .filter(|l| l.contains("(sent from another origin)"))
+    {
+        assert!(line.contains("\"user\":\"bob@"), "{line}");
+    }
     assert!(text.contains("\"action\":\"end_sessions\""), "{text}");
     assert!(text.contains("\"outcome\":\"reloaded\""), "{text}");
     // Each with where the console was used from.
