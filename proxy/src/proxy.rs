@@ -1408,12 +1408,26 @@ impl Proxy {
             // serves the proxied traffic.
             // At most a few at once, so that however many are asked for (a page of images
             // pointing at the console, say), they take no more than that from the proxy.
-            http::Method::GET | http::Method::HEAD => match CONSOLE_PAGES.acquire().await {
-                Ok(_turn) => tokio::task::spawn_blocking(move || console.get(&page, &query))
-                    .await
-                    .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR)),
-                Err(_) => Reply::status_page(StatusCode::SERVICE_UNAVAILABLE),
-            },
+            // A page waits at most `CONSOLE_TURN` for its turn, and is shown only from a
+            // directory still known to be current when its turn comes (a replica that lost the
+            // change feed meanwhile would show who is active, and who gets in, as it was).
+            http::Method::GET | http::Method::HEAD => {
+                match tokio::time::timeout(CONSOLE_TURN, CONSOLE_PAGES.acquire()).await {
+                    Ok(Ok(_turn)) => {
+                        let shared = self.shared.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if shared.directory_is_current() {
+                                console.get(&page, &query)
+                            } else {
+                                Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR))
+                    }
+                    Ok(Err(_)) | Err(_) => Reply::status_page(StatusCode::SERVICE_UNAVAILABLE),
+                }
+            }
             http::Method::POST => match console.action(&page) {
                 Some(act) => {
                     let limit = route.max_request_body_bytes;
@@ -1748,6 +1762,9 @@ const NO_ROUTE: &str = "-";
 
 /// Console pages made at once; more wait their turn.
 static CONSOLE_PAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The longest a console page waits for its turn (then 503, to be asked again).
+const CONSOLE_TURN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The console's Content-Security-Policy: its pages have no script and load only the
 /// stylesheet, from this origin.
