@@ -9,7 +9,7 @@
 //! when the file holds what Portcullis added (`bench/floor.py` captures it). It adds them the
 //! cheapest way, with names and values made once, so that it costs what sending them costs
 //! pingora and the kernel and nothing more. It then also keeps Portcullis' default upstream
-//! timeouts (connect 5 s, read 60 s), whose timers pingora sets for every request.
+//! timeouts (connect 5 s, read and write 60 s), whose timers pingora sets for every request.
 //!
 //! Usage: pingora_floor LISTEN_ADDR UPSTREAM_ADDR [HEADERS_FILE]
 
@@ -106,6 +106,7 @@ fn main() {
         upstream.options.connection_timeout = Some(Duration::from_secs(5));
         upstream.options.total_connection_timeout = Some(Duration::from_secs(5));
         upstream.options.read_timeout = Some(Duration::from_secs(60));
+        upstream.options.write_timeout = Some(Duration::from_secs(60));
     }
 
     let conf = ServerConf {
