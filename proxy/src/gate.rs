@@ -210,20 +210,21 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// Whether every identity header can say what it says of this caller: `None` when all
-    /// can, else what cannot.
-    fn untellable(&self) -> Option<&'static str> {
-        if self.values.is_none() {
-            return Some(if header_value(&self.user).is_none() {
-                "name"
-            } else {
-                "email"
-            });
+    /// Why the identity headers cannot tell the upstream truly who this caller is; `None`
+    /// when they can.
+    fn untellable(&self) -> Option<String> {
+        if self.agent.as_ref().is_some_and(|a| !fits_header(&a.name)) {
+            return Some(unsendable("agent's name"));
         }
-        self.agent
+        let itself = self
+            .agent
             .as_ref()
-            .is_some_and(|agent| header_value(&agent.name).is_none())
-            .then_some("agent's name")
+            .is_some_and(|a| a.on_behalf_of.is_none());
+        // `values`, made once per user, is `None` exactly when the name or email is unfit.
+        match &self.values {
+            Some(_) => untellable_name(&self.user, None, itself),
+            None => untellable_name(&self.user, self.email.as_deref(), itself),
+        }
     }
 
     /// Whether what the upstream was told in `told` still holds of the caller let in as
@@ -298,15 +299,45 @@ impl IdentityValues {
     }
 }
 
-/// `text` as an identity header's value, as the upstream will read it: `None` where it would
-/// read something else or nothing. A control character (CR, LF, NUL, …) cannot be sent in a
-/// header at all, and HTTP/1 parsers trim spaces and tabs around a value: `alice ` would reach
-/// the upstream as `alice`, another user. (Other text, UTF-8 included, is sent as it is.)
-fn header_value(text: &str) -> Option<HeaderValue> {
+/// Whether `text` reaches the upstream as it is in an identity header. A control character
+/// (CR, LF, NUL, …) cannot be sent in a header at all, and HTTP/1 parsers trim spaces and tabs
+/// around a value: `alice ` would reach the upstream as `alice`, another user. (Other text,
+/// UTF-8 included, is sent as it is.)
+fn fits_header(text: &str) -> bool {
     let padded = text.starts_with([' ', '\t']) || text.ends_with([' ', '\t']);
-    (!padded)
+    !padded && text.bytes().all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+/// `text` as an identity header's value, if it [`fits_header`].
+fn header_value(text: &str) -> Option<HeaderValue> {
+    fits_header(text)
         .then(|| HeaderValue::from_str(text).ok())
         .flatten()
+}
+
+/// Why the identity headers cannot tell the upstream truly of a caller named `user`, with
+/// `email` (when it is to be checked too); `None` when they can. Only an agent calling for
+/// itself (`agent_itself`) is named `agent:…` (see [`agent_user`]): a person so named (also
+/// one an agent acts for) would pass for it with an upstream that reads the user header alone.
+fn untellable_name(user: &str, email: Option<&str>, agent_itself: bool) -> Option<String> {
+    if !fits_header(user) {
+        return Some(unsendable("name"));
+    }
+    if email.is_some_and(|email| !fits_header(email)) {
+        return Some(unsendable("email"));
+    }
+    (!agent_itself && user.starts_with("agent:")).then(|| {
+        "the caller's name begins with \"agent:\", as only agents' do, so the identity headers \
+         cannot tell the upstream who calls"
+            .to_owned()
+    })
+}
+
+fn unsendable(what: &str) -> String {
+    format!(
+        "the caller's {what} holds a control character or begins or ends with a space, so the \
+         identity headers cannot tell the upstream who calls"
+    )
 }
 
 /// The [`Named`] of directory users, made once per user and state of the directory and shared
@@ -506,15 +537,11 @@ impl Gate<'_> {
                 .filter(|_| facts.route.identity_headers)
             {
                 Some(forward) => match forward.untellable() {
-                    Some(what) => Judged::Refuse(Refusal {
+                    Some(reason) => Judged::Refuse(Refusal {
                         who: Some(forward.user.clone()),
                         rule: None,
                         cause: Cause::CannotBeTold,
-                        reason: format!(
-                            "the caller's {what} holds a control character or begins or ends \
-                             with a space, so the identity headers cannot tell the upstream \
-                             who calls"
-                        ),
+                        reason,
                         agent: forward.agent.clone(),
                     }),
                     None => Judged::Allow(pass),
@@ -1270,7 +1297,10 @@ fn admits_user(
                 .as_deref()
                 .is_some_and(|id| unique(index.users_by_external_id(id))),
         };
-    if !found {
+    // As the gate: one the identity headers cannot tell the upstream of is anyone.
+    let email = user_subject(kind, user, &[]).email;
+    let untellable = || untellable_name(&user.user_name, email, false).is_some();
+    if !found || (route.identity_headers && untellable()) {
         return route.policy.evaluate(None, request).allowed;
     }
     // Without nested groups (the common case) the user's own groups are all of them: no set
@@ -2133,6 +2163,7 @@ mod tests {
             "carol@corp.example ",
             "\tcarol",
             "dave\u{7}@corp.example",
+            "agent:helper",
             "zoë",
         ];
         let mut rows = Vec::new();
@@ -2141,7 +2172,7 @@ mod tests {
         }
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         world.group("eng", &rows).await;
-        for name in &names[..3] {
+        for name in &names[..4] {
             let refusal = forbidden(as_person(&world, &world.person(name), 0, "/work"));
             assert_eq!(refusal.cause, Cause::CannotBeTold, "{name:?}");
             assert_eq!(refusal.who.as_deref(), Some(*name));
@@ -2729,6 +2760,20 @@ mod tests {
         let agent = forward.agent.expect("the agent");
         assert_eq!(agent.name, "helper");
         assert_eq!(agent.on_behalf_of.as_deref(), Some(ALICE));
+        // A person named as agents are, through it: the upstream would be told of an agent.
+        let mallory = world.user("agent:mallory").await;
+        let eng = world.directory.read(|index| {
+            let row = index.group_by_folded_name("eng").expect("eng");
+            portcullis_scim::store::format_id(index.group(row).expect("eng").id)
+        });
+        let add = serde_json::json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "add", "path": "members", "value": [{"value": mallory}]}]});
+        world
+            .scim(Method::PATCH, &format!("/Groups/{eng}"), add)
+            .await;
+        let token = delegated_token("agent:mallory", "helper");
+        let refusal = forbidden(as_machine(&world, &token, route));
+        assert_eq!(refusal.cause, Cause::CannotBeTold, "{}", refusal.reason);
         // bob (in no group) through the same agent: the person is refused.
         let refusal = forbidden(as_machine(&world, &delegated_token(BOB, "helper"), route));
         assert_eq!(refusal.who.as_deref(), Some(BOB), "{}", refusal.reason);

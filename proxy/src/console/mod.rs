@@ -737,7 +737,19 @@ mod pages {
             // f is in eng only through platform.
             let f = world.user("f@corp.example").await;
             let platform = world.group("platform", &[&f]).await;
-            world.group("eng", &[&a, &b, &d, &platform]).await;
+            // g's name and h's email the identity headers cannot carry; i is named as agents.
+            let g = world
+                .user_with_emails("g@corp.example ", "x-4", &[("g@corp.example", true)])
+                .await;
+            let h = world
+                .user_with_emails("h@corp.example", "x-5", &[("h@corp\u{7}.example", true)])
+                .await;
+            let i = world
+                .user_with_emails("agent:i", "x-6", &[("i@corp.example", true)])
+                .await;
+            world
+                .group("eng", &[&a, &b, &d, &platform, &g, &h, &i])
+                .await;
             world.group("contractors", &[&c]).await;
             let dir = tempfile::tempdir().unwrap();
             let console = console_of(&world, dir.path());
@@ -749,6 +761,9 @@ mod pages {
                 "ΟΔΥΣΣΕΥΣ",
                 "e@other.example",
                 "f@corp.example",
+                "g@corp.example ",
+                "h@corp.example",
+                "agent:i",
             ];
             let mut admitted = 0;
             for route in &console.runtime.config.routes {
