@@ -133,9 +133,9 @@ fn backend(e: impl std::error::Error) -> StoreError {
 /// `sslmode=disable`.
 struct Connector {
     config: postgres::Config,
-    /// The feed's connection ([`Fleet::follow`]): as `config`, but sent data left unanswered
-    /// drops it after a quarter of `max_staleness`, not all of it.
-    feed: postgres::Config,
+    /// A quarter of `max_staleness`: the longest a connection may go silent (see
+    /// [`Connector::new`]).
+    quarter: Duration,
     tls: Option<MakeRustlsConnect>,
 }
 
@@ -150,8 +150,12 @@ impl Connector {
         }
         // A replica that stops (paused, partitioned) inside a transaction would keep the
         // sequence row locked, and every other replica's commits and lease renewals would wait
-        // on it: the server ends such a session after a quarter of `max_staleness`, and a
-        // connection whose peer stopped answering is dropped about as quickly.
+        // on it: the server ends such a session after a quarter of `max_staleness`. A connection
+        // whose peer went silent (a firewall or NAT that forgot it, a host cut off) is dropped
+        // as quickly: what it sent left unacknowledged that long (slow statements and lock
+        // waits are acknowledged, and go on), or a check of an idle one unanswered. The lease
+        // is renewed every quarter, over the feed's connection after a catch-up over the
+        // writer's: both are given up and made again within the lease.
         let quarter = (max_staleness / 4).max(Duration::from_millis(50));
         // A change is answered once its commit is flushed: a database or role whose default is
         // `synchronous_commit = off` (or `local`, past a synchronous standby) would lose
@@ -162,7 +166,7 @@ impl Connector {
             config.get_options().unwrap_or_default()
         );
         config.options(options.trim());
-        config.tcp_user_timeout(max_staleness);
+        config.tcp_user_timeout(quarter);
         config.keepalives_idle(Duration::from_secs(1));
         config.keepalives_interval(Duration::from_secs(1));
         config.keepalives_retries(3);
@@ -183,29 +187,17 @@ impl Connector {
                 Some(MakeRustlsConnect::new(tls))
             }
         };
-        // The lease is renewed every quarter: a peer gone silent under a renewal (a firewall
-        // or NAT dropping the connection's state, a host cut off) is noticed within the next,
-        // and the replica reconnects and renews within its lease.
-        let mut feed = config.clone();
-        feed.tcp_user_timeout(quarter);
-        Ok(Self { config, feed, tls })
+        Ok(Self {
+            config,
+            quarter,
+            tls,
+        })
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
-        Self::connect_with(&self.config, self.tls.as_ref())
-    }
-
-    fn connect_feed(&self) -> Result<Client, StoreError> {
-        Self::connect_with(&self.feed, self.tls.as_ref())
-    }
-
-    fn connect_with(
-        config: &postgres::Config,
-        tls: Option<&MakeRustlsConnect>,
-    ) -> Result<Client, StoreError> {
-        let client = match tls {
-            Some(tls) => config.connect(tls.clone()),
-            None => config.connect(NoTls),
+        let client = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
         };
         client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
     }
@@ -242,11 +234,12 @@ impl Conn {
         Ok(statement)
     }
 
-    fn usable(&mut self) -> bool {
+    /// Whether it is still open: one idle for a while is checked, waiting at most `wait`.
+    fn usable(&mut self, wait: Duration) -> bool {
         if self.client.is_closed() {
             return false;
         }
-        self.used.elapsed() < IDLE_CHECK || self.client.is_valid(Duration::from_secs(2)).is_ok()
+        self.used.elapsed() < IDLE_CHECK || self.client.is_valid(wait).is_ok()
     }
 }
 
@@ -285,7 +278,8 @@ impl Pool {
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let pooled = lock(&self.idle).pop();
-        let mut conn = match pooled.and_then(|mut conn| conn.usable().then_some(conn)) {
+        let wait = self.connector.quarter;
+        let mut conn = match pooled.and_then(|mut conn| conn.usable(wait).then_some(conn)) {
             Some(conn) => conn,
             None => Conn::new(self.connector.connect()?),
         };
@@ -316,7 +310,8 @@ struct Dedicated {
 
 impl Dedicated {
     fn get(&mut self) -> Result<&mut Conn, StoreError> {
-        if !self.client.as_mut().is_some_and(Conn::usable) {
+        let wait = self.connector.quarter;
+        if !self.client.as_mut().is_some_and(|conn| conn.usable(wait)) {
             self.client = None;
             let mut client = self.connector.connect()?;
             if !self.setup.is_empty() {
@@ -1388,7 +1383,7 @@ impl Fleet {
         foreign: &dyn Fn() -> Seq,
         backoff: &mut Duration,
     ) -> Result<std::convert::Infallible, StoreError> {
-        let mut client = self.connector.connect_feed()?;
+        let mut client = self.connector.connect()?;
         migrate(&mut client)?;
         // Kept across the reconnection only as long as this database grants it.
         let sent = boot_nanos();
