@@ -1415,11 +1415,13 @@ impl Proxy {
                 match tokio::time::timeout(CONSOLE_TURN, CONSOLE_PAGES.acquire()).await {
                     Ok(Ok(_turn)) => {
                         let shared = self.shared.clone();
+                        // Checked again once it is made: a page of a million users takes a
+                        // while, and must not outlast the lease it was made under.
                         tokio::task::spawn_blocking(move || {
-                            if shared.directory_is_current() {
-                                console.get(&page, &query)
-                            } else {
-                                Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
+                            let current = || shared.directory_is_current();
+                            match current().then(|| console.get(&page, &query)) {
+                                Some(page) if current() => page,
+                                _ => Reply::status_page(StatusCode::SERVICE_UNAVAILABLE),
                             }
                         })
                         .await

@@ -639,7 +639,6 @@ impl Target {
     }
 }
 
-/// Whether `item` has every sub-attribute `wanted` has, with equal values.
 /// Whether `item`, a value of `attr`, holds every sub-attribute of `wanted` as a filter's
 /// `eq` would find it: a string compared without case unless the sub-attribute is
 /// `caseExact` (Entra ID's `Remove` of `Babs@Jensen.org` takes `babs@jensen.org`).
