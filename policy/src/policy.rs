@@ -127,11 +127,33 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 
 /// [`loosely_within`], and with a format suffix on the path's last segment when it is the
 /// prefix's last: Rails routes `/items/export.csv` to `/items/export`, as Spring MVC before 5.3
-/// does by default. How deny rules read a path, so that a deny only ever refuses more. Route
-/// selection does not read suffixes: it would move `/status.json` from the route that holds it
-/// to a `/status` route with other rules, where most frameworks serve another page.
+/// does by default. And as a PHP front controller routes it ([`script_routed`]). How deny
+/// rules read a path, so that a deny only ever refuses more. Route selection reads neither:
+/// it would move `/status.json` from the route that holds it to a `/status` route with other
+/// rules, where most frameworks serve another page.
 fn denied_within(prefix: &str, path: &str) -> bool {
     within(prefix, path, true)
+        || script_routed(path).is_some_and(|routed| within(prefix, &routed, true))
+}
+
+/// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
+/// script: without that segment. Laravel, Symfony, Drupal and WordPress route the path after
+/// the script (`PATH_INFO`): `/index.php/admin` is `/admin` to them, and `/app/index.php/admin`
+/// is `/app/admin` to one installed under `/app`. Only the first such segment comes off, as
+/// the server runs the first script it finds.
+fn script_routed(path: &str) -> Option<String> {
+    let mut start = 0;
+    while let Some(end) = path[start + 1..].find('/').map(|i| start + 1 + i) {
+        let segment = &path[start + 1..end];
+        let name = segment.split_once(';').map_or(segment, |(name, _)| name);
+        let script =
+            name.len() > 4 && name.as_bytes()[name.len() - 4..].eq_ignore_ascii_case(b".php");
+        if script {
+            return Some(format!("{}{}", &path[..start], &path[end..]));
+        }
+        start = end;
+    }
+    None
 }
 
 fn within(prefix: &str, path: &str, formats: bool) -> bool {
@@ -1540,6 +1562,28 @@ mod tests {
             "/items/exportcsv",
         ] {
             assert!(!denied_within("/items/export", path), "{path}");
+        }
+        // For deny rules, as a PHP front controller routes the path after its script; not for
+        // routes.
+        for (prefix, path) in [
+            ("/admin", "/index.php/admin"),
+            ("/admin", "/INDEX.PHP/Admin/users"),
+            ("/admin", "/index.php;x/admin.json"),
+            ("/app/admin", "/app/index.php/admin"),
+            ("/", "/index.php/"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+            assert!(!loosely_within(prefix, path) || prefix == "/", "{path}");
+        }
+        for (prefix, path) in [
+            ("/admin", "/index.php"),
+            ("/admin", "/index.php/x/admin"),
+            ("/admin", "/a.php/b.php/admin"),
+            ("/admin", "/.php/admin"),
+            ("/admin", "/index.phpx/admin"),
+            ("/app/admin", "/index.php/admin"),
+        ] {
+            assert!(!denied_within(prefix, path), "{prefix} {path}");
         }
     }
 

@@ -1224,6 +1224,11 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/Items/Export.json;x", 403, None),
         ("/admin.json", 403, None),
         ("/items/exports.csv", 200, Some("/items/exports.csv")),
+        // Laravel, Symfony, Drupal and WordPress route what follows their script:
+        // `/index.php/admin` is `/admin` to them.
+        ("/index.php/admin", 403, None),
+        ("/Index.php;x/ADMIN/users", 403, None),
+        ("/index.php/work", 200, Some("/index.php/work")),
         // Routes do not read suffixes: `/v1.json` is the `/` route's, as most frameworks
         // serve another page there.
         ("/v1.json", 200, Some("/v1.json")),
