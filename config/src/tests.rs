@@ -245,6 +245,33 @@ allow = { any_signed_in = true }
             ],
         },
         Case {
+            name: "a `*.` route's deny whose paths a host's own deeper route takes",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://*.apps.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["contractors"], paths = ["/admin", "/billing"] }
+[[routes]]
+from = "https://wiki.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://apps.example.com/billing/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+"#,
+            // `apps.example.com` itself is no host `*.apps.example.com` covers.
+            problems: &[(
+                "routes[0].deny.paths[0]",
+                None,
+                "requests under `wiki.apps.example.com/admin/` go to routes[1]",
+            )],
+        },
+        Case {
             name: "session routes a shared cookie never reaches",
             text: r#"data_dir = "data"
 LISTENERS

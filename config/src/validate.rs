@@ -804,10 +804,16 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                 if within(rule_path, &route.path_prefix) {
                     continue;
                 }
+                // On its host, or (a `*.` route) on a host it covers that has routes of its
+                // own: they take the paths they hold first.
+                let covered = |host: &str| match route.host.strip_prefix('*') {
+                    Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+                    None => false,
+                };
                 let deeper = routes.iter().enumerate().find_map(|(j, other)| {
                     let other = other.as_ref().filter(|o| {
                         j != i
-                            && o.host == route.host
+                            && (o.host == route.host || covered(&o.host))
                             && within(&route.path_prefix, &o.path_prefix)
                             && !loosely_same(&o.path_prefix, &route.path_prefix)
                             && within(&o.path_prefix, rule_path)
@@ -820,7 +826,11 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                         format!(
                             "requests under `{}` go to routes[{j}], whose rules alone decide \
                              them: this deny does not apply there (deny them on routes[{j}] too)",
-                            other.path_prefix
+                            if other.host == route.host {
+                                other.path_prefix.clone()
+                            } else {
+                                format!("{}{}", other.host, other.path_prefix)
+                            }
                         ),
                     );
                 }
