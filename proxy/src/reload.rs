@@ -41,9 +41,9 @@ impl Reloader {
         }
     }
 
-    fn reload(&self, why: &str) {
-        // Problems are logged by `reload`.
-        let _ = reload(&self.shared, why);
+    /// Whether it reloaded; problems are logged by `reload`.
+    fn reload(&self, why: &str) -> bool {
+        reload(&self.shared, why).is_ok()
     }
 }
 
@@ -279,19 +279,31 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
 /// The file poll's view of the config file: a change is reloaded once the next poll, an
 /// interval later, finds the same bytes, so a file read while an editor was still writing it
 /// is not installed.
+///
+/// A reload of the file that failed is tried again while the file stays as it is, after one
+/// interval, then two, four, … up to [`MOST_POLLS_BETWEEN_RETRIES`]: what it lacked may come
+/// without an edit (a `file:` secret written after the file, as Kubernetes updates a Secret
+/// apart from a ConfigMap; an upstream name not resolving yet).
 #[derive(Debug, Default)]
 struct Poll {
     /// The bytes last reloaded (or the file as it was at start, or at the last `SIGHUP`).
     installed: Option<Vec<u8>>,
     /// A change seen by the last poll, not yet reloaded.
     pending: Option<Vec<u8>>,
+    /// After a failed reload of `installed`: the polls until it is tried again (0: not to be),
+    /// and how many were waited last.
+    retry_in: u32,
+    retry_gap: u32,
 }
+
+/// The most polls between two tries of a file whose reload keeps failing.
+const MOST_POLLS_BETWEEN_RETRIES: u32 = 64;
 
 impl Poll {
     fn new(installed: Option<Vec<u8>>) -> Self {
         Self {
             installed,
-            pending: None,
+            ..Self::default()
         }
     }
 
@@ -302,14 +314,25 @@ impl Poll {
         };
         if self.installed.as_ref() == Some(&now) {
             self.pending = None;
+            if self.retry_in > 0 {
+                self.retry_in -= 1;
+                return self.retry_in == 0;
+            }
             return false;
         }
         if self.pending.as_ref() == Some(&now) {
             self.installed = self.pending.take();
+            (self.retry_in, self.retry_gap) = (0, 0);
             return true;
         }
         self.pending = Some(now);
         false
+    }
+
+    /// The reload `saw` asked for failed: it is tried again later, unless the file changes.
+    fn failed(&mut self) {
+        self.retry_gap = (self.retry_gap * 2).clamp(1, MOST_POLLS_BETWEEN_RETRIES);
+        self.retry_in = self.retry_gap;
     }
 }
 
@@ -342,11 +365,13 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = hangup.recv() => {
                     file = Poll::new(read());
-                    self.reload("SIGHUP");
+                    if !self.reload("SIGHUP") {
+                        file.failed();
+                    }
                 }
                 _ = ticker.tick() => {
-                    if file.saw(read()) {
-                        self.reload("config file changed");
+                    if file.saw(read()) && !self.reload("config file changed") {
+                        file.failed();
                     }
                 }
                 _ = shutdown.changed() => return,
@@ -557,5 +582,34 @@ mod tests {
         assert!(!poll.saw(file("c")));
         assert!(!poll.saw(file("b")));
         assert!(!poll.saw(file("b")));
+    }
+
+    #[test]
+    fn a_failed_reload_is_tried_again_less_and_less_often_until_the_file_changes() {
+        let file = |text: &str| Some(text.as_bytes().to_vec());
+        let mut poll = Poll::new(file("a"));
+        assert!(!poll.saw(file("b")));
+        assert!(poll.saw(file("b")));
+        // Its reload failed: tried again after 1 poll, then 2, 4, …, at most 64 apart.
+        let mut gaps = Vec::new();
+        for _ in 0..9 {
+            poll.failed();
+            let mut polls = 1;
+            while !poll.saw(file("b")) {
+                polls += 1;
+                assert!(polls <= 64, "never tried again");
+            }
+            gaps.push(polls);
+        }
+        assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        // Once it reloads, no more tries; a change is reloaded as any is.
+        assert!((0..200).all(|_| !poll.saw(file("b"))));
+        poll.failed();
+        assert!(!poll.saw(file("c")));
+        assert!(poll.saw(file("c")));
+        assert!(
+            (0..200).all(|_| !poll.saw(file("c"))),
+            "a reload that worked"
+        );
     }
 }

@@ -249,6 +249,26 @@ async fn file_change_is_picked_up_without_a_signal() {
     wait_for_upstream(&px, &url, "new", Duration::from_secs(5)).await;
 }
 
+/// A file whose reload failed for want of something it names (a `file:` secret written after
+/// it, as Kubernetes updates a Secret apart from a ConfigMap) is reloaded once that comes,
+/// with no further edit or signal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_reload_is_tried_again_until_what_it_lacked_has_come() {
+    let (_old, new, cfg, px) = old_and_new().await;
+    let url = cfg.http_url("app.test", "/retry");
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("okta-token");
+    let reference = format!("file:{}", secret.display());
+    let edited = to_new(&cfg, &new).scim("scim.test", &[("okta", &reference)]);
+    px.rewrite_config(&edited.toml());
+    px.log_until(|log| log.contains("configuration not reloaded")).await;
+    assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
+
+    std::fs::write(&secret, "okta-scim-token-0123456789abcdef").unwrap();
+    // Tried again after one poll (500 ms), then two, four: well within 20 s.
+    wait_for_upstream(&px, &url, "new", Duration::from_secs(20)).await;
+}
+
 /// A reload that moves a listener (a new port) leaves the socket bound at start serving as it
 /// was configured: behind a load balancer that terminates TLS, its requests stay the https
 /// ones they were (they were read as plain http, and https routes redirected to themselves).
