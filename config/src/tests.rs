@@ -2980,3 +2980,24 @@ accept = ["public"]
     let config = Fixture::new().parse(&text).unwrap();
     assert_eq!(config.routes[0].deny.len(), 1);
 }
+
+/// A URL written without its scheme may hold a password (`user:password@host`): the problem
+/// names the key, not the value.
+#[test]
+fn a_url_that_may_hold_a_password_is_not_quoted_in_its_problem() {
+    let text = format!(
+        r#"data_dir = "data"
+{LISTENERS}
+{OIDC}
+auth_host = "auth.example.com"
+post_logout_redirect = "signed-out@hunter2"
+[[routes]]
+from = "https://app.example.com"
+to = ["admin:hunter2@10.0.0.5:3000", "https://x:hunter2@y://z"]
+allow = {{ any_signed_in = true }}
+"#
+    );
+    let errors = Fixture::new().parse(&text).unwrap_err().to_string();
+    assert!(!errors.contains("hunter2"), "{errors}");
+    assert_eq!(errors.matches("not shown").count(), 2, "{errors}");
+}

@@ -2203,15 +2203,30 @@ struct UrlParts<'a> {
 }
 
 fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
+    // Quoted in the problem unless it may hold a password (`user:password@host`, a scheme
+    // left out): problems are logged and shown on the console.
+    let quoted = |text: &str| {
+        if text.contains('@') {
+            "the value (not shown: it holds `@`, as a password would)".to_owned()
+        } else {
+            format!("`{text}`")
+        }
+    };
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!(
-            "`{url}` is not a URL: expected http://host or https://host"
+            "{} is not a URL: expected http://host or https://host",
+            quoted(url)
         ));
     };
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
-        _ => return Err(format!("unknown scheme `{scheme}`: expected http or https")),
+        _ => {
+            return Err(format!(
+                "unknown scheme {}: expected http or https",
+                quoted(scheme)
+            ))
+        }
     };
     if rest.contains('#') {
         return Err("a fragment (`#...`) is not allowed".to_owned());
