@@ -265,7 +265,8 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
             resolver.replace(CertSet::new(tls));
         }
     }
-    let runtime = Runtime::build(config, &shared.directory);
+    let mut runtime = Runtime::build(config, &shared.directory);
+    runtime.awaiting_restart = awaiting.clone();
     runtime.keep_health_of(&running);
     shared.install(runtime);
     for kept in kept.into_inner() {

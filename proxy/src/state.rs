@@ -48,6 +48,9 @@ pub struct Runtime {
     /// Set when it is installed: a bearer token verified under this configuration is taken
     /// again without verifying only by requests living by it (see `auth::verified`).
     pub tokens_epoch: u64,
+    /// The settings of `config` that differ from those the process started with and wait for
+    /// a restart (see `reload::AtStart`), as the console shows them.
+    pub awaiting_restart: Vec<&'static str>,
 }
 
 impl Runtime {
@@ -92,6 +95,7 @@ impl Runtime {
                 .any(|l| !l.trusted_proxies.is_empty()),
             routes: RouteTable::new(routes),
             tokens_epoch: 0,
+            awaiting_restart: Vec::new(),
             https_port,
             scim,
             assertion_issuer: config.oidc.as_ref().map_or_else(

@@ -727,3 +727,30 @@ async fn a_cross_site_or_forged_post_is_refused_and_changes_nothing() {
         assert!(line.contains("\"client\":\"127.0.0.1\""), "{line}");
     }
 }
+
+/// Settings a reload cannot apply are named on the console's overview until a restart,
+/// whatever made the reload (here `SIGHUP`, not the console's own button).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_overview_names_settings_that_wait_for_a_restart() {
+    let t = Console::start().await;
+    let (_, bob) = t.sign_in_alice_and_bob().await;
+    let overview = || async {
+        get_with_session(&t.console_url(""), &bob, BROWSER_ACCEPT)
+            .await
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(!overview().await.contains("only after a restart"));
+    let debug =
+        t.fx.cfg
+            .toml()
+            .replace("[log]\nlevel = \"info\"", "[log]\nlevel = \"debug\"");
+    t.fx.px.rewrite_config(&debug);
+    t.fx.px.reload_and_wait().await;
+    let page = overview().await;
+    assert!(
+        page.contains("take effect only after a restart: log."),
+        "{page}"
+    );
+}

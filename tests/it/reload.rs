@@ -261,7 +261,8 @@ async fn a_failed_reload_is_tried_again_until_what_it_lacked_has_come() {
     let reference = format!("file:{}", secret.display());
     let edited = to_new(&cfg, &new).scim("scim.test", &[("okta", &reference)]);
     px.rewrite_config(&edited.toml());
-    px.log_until(|log| log.contains("configuration not reloaded")).await;
+    px.log_until(|log| log.contains("configuration not reloaded"))
+        .await;
     assert_eq!(get_echo(&plain_client(), &url).await.upstream, "old");
 
     std::fs::write(&secret, "okta-scim-token-0123456789abcdef").unwrap();

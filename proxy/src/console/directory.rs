@@ -175,7 +175,16 @@ impl Console {
                 ("agents", "Agents", index.count(ResourceType::Agent)),
             ]
         });
-        let mut content = String::from("<div class=\"cards\">");
+        let mut content = String::new();
+        let awaiting = &self.runtime.awaiting_restart;
+        if !awaiting.is_empty() {
+            content.push_str(&format!(
+                "<p class=\"no\">The configuration file changes settings that take effect only \
+                 after a restart: {}. Until then the ones Portcullis started with are in use.</p>",
+                escape(&awaiting.join(", "))
+            ));
+        }
+        content.push_str("<div class=\"cards\">");
         for (path, name, n) in counts {
             content.push_str(&format!(
                 "<a class=\"card\" href=\"{}\"><strong>{}</strong>{name}</a>",
