@@ -141,7 +141,7 @@ fn denied_within(prefix: &str, path: &str) -> bool {
 /// the script (`PATH_INFO`): `/index.php/admin` is `/admin` to them, and `/app/index.php/admin`
 /// is `/app/admin` to one installed under `/app`. Only the first such segment comes off, as
 /// the server runs the first script it finds.
-fn script_routed(path: &str) -> Option<String> {
+pub fn script_routed(path: &str) -> Option<String> {
     let mut start = 0;
     while let Some(end) = path[start + 1..].find('/').map(|i| start + 1 + i) {
         let segment = &path[start + 1..end];

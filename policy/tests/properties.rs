@@ -75,6 +75,11 @@ const PATHS: &[&str] = &[
     "/Admin.csv;x/",
     "/api/v1.xml",
     "/admin.json/x",
+    "/index.php/admin",
+    "/INDEX.PHP;x/Admin.json",
+    "/a.php/b.php/admin",
+    "/index.php",
+    "/api/index.php/v1/x",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -299,14 +304,51 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
     });
     // A deny rule reads the path as the most lenient upstream would, a prefix's trailing `/`
     // as not required (`/api` is served as `/api/`), and a format suffix on the path's last
-    // segment as none (`/api.json` is served as `/api`); an allow rule reads all strictly.
+    // segment as none (`/api.json` is served as `/api`), and also without a `.php` script
+    // segment that has more after it (`/index.php/admin` is `/admin` to a PHP front
+    // controller); an allow rule reads all strictly.
     let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
     let read_prefix = |p: &str| match read(p) {
         loose if deny && loose.len() > 1 => loose.trim_end_matches('/').to_owned(),
         read => read,
     };
-    let path = read(request.path);
-    let path_ok = rule.paths.as_ref().is_none_or(|prefixes| {
+    let mut readings = vec![request.path.to_owned()];
+    if deny {
+        readings.extend(without_script(request.path));
+    }
+    let path_ok = readings
+        .iter()
+        .any(|path| path_holds(rule, &read(path), &read_prefix, deny));
+    method_ok && path_ok
+}
+
+/// `path` without its first segment but the last that names a `.php` script.
+fn without_script(path: &str) -> Option<String> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().enumerate().position(|(i, segment)| {
+        let name = segment
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        i + 1 < segments.len() && name.len() > 4 && name.ends_with(".php")
+    })?;
+    let kept: Vec<&str> = segments
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != at)
+        .map(|(_, segment)| *segment)
+        .collect();
+    Some(kept.join("/"))
+}
+
+fn path_holds(
+    rule: &RuleSpec,
+    path: &str,
+    read_prefix: &dyn Fn(&str) -> String,
+    deny: bool,
+) -> bool {
+    rule.paths.as_ref().is_none_or(|prefixes| {
         prefixes
             .iter()
             .map(|prefix| read_prefix(prefix))
@@ -321,8 +363,7 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
                         prefix.ends_with('/') || rest.starts_with('/') || formatted(rest)
                     })
             })
-    });
-    method_ok && path_ok
+    })
 }
 
 /// A path as the most lenient upstream reads it: each segment without its `;` parameters,

@@ -663,6 +663,25 @@ impl ProxyHttp for Proxy {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
+        // A PHP front controller routes what follows its script (`/index.php/admin` is
+        // `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
+        // would be served by this route's upstream past that route's rules.
+        if let Some(routed) = portcullis_policy::script_routed(&normalized) {
+            let other = match runtime
+                .routes
+                .find(Runtime::scheme_of(ctx.tls), &host, &routed)
+            {
+                Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, &route),
+                Match::None => false,
+            };
+            if other {
+                let why = "a path that a PHP front controller reads as another route's \
+                           (/index.php/admin is /admin)";
+                return self
+                    .bad_request(session, ctx.client_ip, &route.config.name, why)
+                    .await;
+            }
+        }
         // Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
         // names methods, one in the query would dodge it. (One in a form body is not read
         // here: the README says so.)
