@@ -263,8 +263,27 @@ allow = { any_signed_in = true }
 from = "https://apps.example.com/billing/"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
+[[routes]]
+from = "https://docs.apps.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://docs.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://blog.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["contractors"] }
+[[routes]]
+from = "https://status.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+accept = ["public"]
 "#,
-            // `apps.example.com` itself is no host `*.apps.example.com` covers.
+            // `apps.example.com` itself is no host `*.apps.example.com` covers; `docs` has
+            // its own `/` route (the `*.` route is not its), `blog`'s route denies the path
+            // itself, `status`'s is public.
             problems: &[(
                 "routes[0].deny.paths[0]",
                 None,

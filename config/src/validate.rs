@@ -805,15 +805,34 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                     continue;
                 }
                 // On its host, or (a `*.` route) on a host it covers that has routes of its
-                // own: they take the paths they hold first.
-                let covered = |host: &str| match route.host.strip_prefix('*') {
-                    Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+                // own: they take the paths they hold first. Not on a covered host that has a
+                // route of this one's prefix (it opted out of the `*.` route), nor where the
+                // deeper route is public or denies the path itself: the deny still applies on
+                // every other host, and taking it away would guard less.
+                let opted_out = |host: &str| {
+                    routes
+                        .iter()
+                        .flatten()
+                        .any(|r| r.host == host && loosely_same(&r.path_prefix, &route.path_prefix))
+                };
+                let covered = |other: &Route| match route.host.strip_prefix('*') {
+                    Some(suffix) => {
+                        other.host.len() > suffix.len()
+                            && other.host.ends_with(suffix)
+                            && !opted_out(&other.host)
+                            && !other.accept.is_empty()
+                            && !other.deny.iter().any(|d| {
+                                d.paths
+                                    .as_ref()
+                                    .is_none_or(|paths| paths.iter().any(|p| within(p, rule_path)))
+                            })
+                    }
                     None => false,
                 };
                 let deeper = routes.iter().enumerate().find_map(|(j, other)| {
                     let other = other.as_ref().filter(|o| {
                         j != i
-                            && (o.host == route.host || covered(&o.host))
+                            && (o.host == route.host || covered(o))
                             && within(&route.path_prefix, &o.path_prefix)
                             && !loosely_same(&o.path_prefix, &route.path_prefix)
                             && within(&o.path_prefix, rule_path)
