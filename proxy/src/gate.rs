@@ -212,8 +212,9 @@ pub struct Forward {
 impl Forward {
     /// Why the identity headers cannot tell the upstream truly who this caller is; `None`
     /// when they can.
-    fn untellable(&self) -> Option<String> {
-        if self.agent.as_ref().is_some_and(|a| !fits_header(&a.name)) {
+    /// `headers`: the upstream is told in identity headers (else in the assertion only).
+    fn untellable(&self, headers: bool) -> Option<String> {
+        if headers && self.agent.as_ref().is_some_and(|a| !fits_header(&a.name)) {
             return Some(unsendable("agent's name"));
         }
         let itself = self
@@ -221,10 +222,12 @@ impl Forward {
             .as_ref()
             .is_some_and(|a| a.on_behalf_of.is_none());
         // `values`, made once per user, is `None` exactly when the name or email is unfit.
-        match &self.values {
-            Some(_) => untellable_name(&self.user, None, itself),
-            None => untellable_name(&self.user, self.email.as_deref(), itself),
-        }
+        let email = self
+            .values
+            .is_none()
+            .then_some(self.email.as_deref())
+            .flatten();
+        untellable_name(&self.user, email, itself, headers)
     }
 
     /// Whether what the upstream was told in `told` still holds of the caller let in as
@@ -261,7 +264,7 @@ impl Deref for Forward {
 /// Who the upstream is told an allowed caller is.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Named {
-    /// The SCIM `userName` (lower-cased).
+    /// The SCIM `userName` (lower-cased; an agent's: `agent:` and its name).
     pub user: String,
     pub email: Option<String>,
     /// Display names of every group, comma-separated.
@@ -315,23 +318,36 @@ fn header_value(text: &str) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// Why the identity headers cannot tell the upstream truly of a caller named `user`, with
-/// `email` (when it is to be checked too); `None` when they can. Only an agent calling for
-/// itself (`agent_itself`) is named `agent:…` (see [`agent_user`]): a person so named (also
-/// one an agent acts for) would pass for it with an upstream that reads the user header alone.
-fn untellable_name(user: &str, email: Option<&str>, agent_itself: bool) -> Option<String> {
-    if !fits_header(user) {
+/// Why the upstream cannot be told truly of a caller named `user`, with `email` (when it is
+/// to be checked too); `None` when it can. In identity headers (`headers`), a name must fit
+/// one ([`fits_header`]). In them and in the assertion's `sub`, only an agent calling for
+/// itself (`agent_itself`) is named `agent:…`, in any case (see [`agent_user`]): a person so
+/// named (also one an agent acts for) would pass for it with an upstream that reads the name
+/// alone, and one that compares names without case, as SCIM does, reads `Agent:` so too.
+fn untellable_name(
+    user: &str,
+    email: Option<&str>,
+    agent_itself: bool,
+    headers: bool,
+) -> Option<String> {
+    if headers && !fits_header(user) {
         return Some(unsendable("name"));
     }
-    if email.is_some_and(|email| !fits_header(email)) {
+    if headers && email.is_some_and(|email| !fits_header(email)) {
         return Some(unsendable("email"));
     }
-    (!agent_itself && user.starts_with("agent:")).then(|| {
-        "the caller's name begins with \"agent:\", as only agents' do, so the identity headers \
-         cannot tell the upstream who calls"
+    let agent_named = user
+        .get(..AGENT_PREFIX.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(AGENT_PREFIX));
+    (!agent_itself && agent_named).then(|| {
+        "the caller's name begins with \"agent:\", as only agents' do, so the upstream cannot be \
+         told who calls"
             .to_owned()
     })
 }
+
+/// What an agent's name is prefixed with where a user's would be (see [`agent_user`]).
+const AGENT_PREFIX: &str = "agent:";
 
 fn unsendable(what: &str) -> String {
     format!(
@@ -529,14 +545,14 @@ impl Gate<'_> {
             return Admission::Refuse(Refused::Unavailable);
         }
         let judged = match self.resolve(facts, &request, principal, explain) {
-            // Fail closed: an upstream that is told who calls in headers is told truly, or
-            // not at all.
+            // Fail closed: an upstream that is told who calls (in headers, or the assertion)
+            // is told truly, or not at all.
             Judged::Allow(pass) => match pass
                 .forward
                 .as_ref()
-                .filter(|_| facts.route.identity_headers)
+                .filter(|_| facts.route.identity_headers || facts.route.assertion)
             {
-                Some(forward) => match forward.untellable() {
+                Some(forward) => match forward.untellable(facts.route.identity_headers) {
                     Some(reason) => Judged::Refuse(Refusal {
                         who: Some(forward.user.clone()),
                         rule: None,
@@ -1081,7 +1097,7 @@ fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
 /// audit log): `agent:` and its name, so that no upstream takes it for a person of that
 /// `userName`. (`X-Portcullis-Agent` carries the bare name.)
 pub(crate) fn agent_user(name: &str) -> String {
-    format!("agent:{name}")
+    format!("{AGENT_PREFIX}{name}")
 }
 
 fn group_refs<'a>(groups: &[&'a GroupEntry]) -> Vec<GroupRef<'a>> {
@@ -1299,8 +1315,9 @@ fn admits_user(
         };
     // As the gate: one the identity headers cannot tell the upstream of is anyone.
     let email = user_subject(kind, user, &[]).email;
-    let untellable = || untellable_name(&user.user_name, email, false).is_some();
-    if !found || (route.identity_headers && untellable()) {
+    let told = route.identity_headers || route.assertion;
+    let untellable = || untellable_name(&user.user_name, email, false, route.identity_headers);
+    if !found || (told && untellable().is_some()) {
         return route.policy.evaluate(None, request).allowed;
     }
     // Without nested groups (the common case) the user's own groups are all of them: no set
@@ -2164,6 +2181,7 @@ mod tests {
             "\tcarol",
             "dave\u{7}@corp.example",
             "agent:helper",
+            "Agent:Mallory",
             "zoë",
         ];
         let mut rows = Vec::new();
@@ -2172,12 +2190,42 @@ mod tests {
         }
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         world.group("eng", &rows).await;
-        for name in &names[..4] {
+        for name in &names[..5] {
             let refusal = forbidden(as_person(&world, &world.person(name), 0, "/work"));
             assert_eq!(refusal.cause, Cause::CannotBeTold, "{name:?}");
-            assert_eq!(refusal.who.as_deref(), Some(*name));
+            // Named as the directory has them: `userName` in lower case.
+            assert_eq!(refusal.who, Some(name.to_lowercase()));
             let pass = allowed(as_person(&world, &world.person(name), 0, "/public"));
             assert!(pass.forward.is_none(), "{name:?} is in as anyone");
+        }
+        // Told in the assertion only: JSON carries any name as it is, and a name as agents'
+        // is refused there too; told nothing, nothing is refused.
+        for (told, refused) in [("assertion = true", true), ("assertion = false", false)] {
+            let route = format!(
+                "[[routes]]\nfrom = \"http://quiet.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                 accept = [\"session\"]\nallow = {{ groups = [\"eng\"] }}\n\
+                 identity_headers = false\n{told}\n"
+            );
+            let quiet = World::with(config(&route));
+            let rows = [
+                quiet.user("carol@corp.example ").await,
+                quiet.user("agent:helper").await,
+            ];
+            let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+            quiet.group("eng", &rows).await;
+            let last = quiet.config.routes.len() - 1;
+            allowed(as_person(
+                &quiet,
+                &quiet.person("carol@corp.example "),
+                last,
+                "/",
+            ));
+            let agent_named = as_person(&quiet, &quiet.person("agent:helper"), last, "/");
+            assert_eq!(
+                matches!(agent_named, Admission::Refuse(_)),
+                refused,
+                "{told}: {agent_named:?}"
+            );
         }
         let pass = allowed(as_person(&world, &world.person("zoë"), 0, "/work"));
         let values = pass
