@@ -111,6 +111,9 @@ pub struct PgOptions {
     pub max_staleness: Duration,
 }
 
+/// The shortest silence a connection is given up after (see [`Connector::new`]).
+const SILENCE_FLOOR: Duration = Duration::from_millis(500);
+
 fn lock_timeout_setup(max_staleness: Duration) -> String {
     let quarter = (max_staleness / 4).max(Duration::from_millis(50));
     format!("SET lock_timeout = {}", quarter.as_millis())
@@ -133,9 +136,9 @@ fn backend(e: impl std::error::Error) -> StoreError {
 /// `sslmode=disable`.
 struct Connector {
     config: postgres::Config,
-    /// A quarter of `max_staleness`: the longest a connection may go silent (see
-    /// [`Connector::new`]).
-    quarter: Duration,
+    /// The longest a connection may go silent: a quarter of `max_staleness`, at least
+    /// [`SILENCE_FLOOR`] (see [`Connector::new`]).
+    silence: Duration,
     tls: Option<MakeRustlsConnect>,
 }
 
@@ -155,8 +158,12 @@ impl Connector {
         // as quickly: what it sent left unacknowledged that long (slow statements and lock
         // waits are acknowledged, and go on), or a check of an idle one unanswered. The lease
         // is renewed every quarter, over the feed's connection after a catch-up over the
-        // writer's: both are given up and made again within the lease.
+        // writer's: both are given up and made again within the lease. Never sooner than
+        // `SILENCE_FLOOR`, though: one lost packet is resent after 200 ms at the soonest, and
+        // a link that loses a few would otherwise drop connections (a commit's among them)
+        // it keeps. Below a `max_staleness` of 2 s, a silent drop may then lapse the lease.
         let quarter = (max_staleness / 4).max(Duration::from_millis(50));
+        let silence = quarter.max(SILENCE_FLOOR);
         // A change is answered once its commit is flushed: a database or role whose default is
         // `synchronous_commit = off` (or `local`, past a synchronous standby) would lose
         // answered changes in a crash (or a failover). Options in the URL come after, and win.
@@ -166,7 +173,7 @@ impl Connector {
             config.get_options().unwrap_or_default()
         );
         config.options(options.trim());
-        config.tcp_user_timeout(quarter);
+        config.tcp_user_timeout(silence);
         config.keepalives_idle(Duration::from_secs(1));
         config.keepalives_interval(Duration::from_secs(1));
         config.keepalives_retries(3);
@@ -189,7 +196,7 @@ impl Connector {
         };
         Ok(Self {
             config,
-            quarter,
+            silence,
             tls,
         })
     }
@@ -278,7 +285,7 @@ impl Pool {
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let pooled = lock(&self.idle).pop();
-        let wait = self.connector.quarter;
+        let wait = self.connector.silence;
         let mut conn = match pooled.and_then(|mut conn| conn.usable(wait).then_some(conn)) {
             Some(conn) => conn,
             None => Conn::new(self.connector.connect()?),
@@ -310,7 +317,7 @@ struct Dedicated {
 
 impl Dedicated {
     fn get(&mut self) -> Result<&mut Conn, StoreError> {
-        let wait = self.connector.quarter;
+        let wait = self.connector.silence;
         if !self.client.as_mut().is_some_and(|conn| conn.usable(wait)) {
             self.client = None;
             let mut client = self.connector.connect()?;
