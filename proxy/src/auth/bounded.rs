@@ -32,6 +32,19 @@ pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u
     Ok(body)
 }
 
+/// `error` and its causes, each after the one it caused: the flows' errors say only what
+/// failed ("Request failed"), their causes why.
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 /// The HTTP client the OpenID Connect flows are given: reqwest's, with bounded responses.
 #[derive(Clone)]
 pub struct Client(pub reqwest::Client);
@@ -41,8 +54,14 @@ impl<'c> AsyncHttpClient<'c> for Client {
     type Future =
         Pin<Box<dyn Future<Output = Result<HttpResponse, Self::Error>> + Send + Sync + 'c>>;
 
+    /// Refuses a URL that is not https (http only to a loopback host), as the issuer must be:
+    /// a provider's discovery document names the rest (its keys, token and UserInfo
+    /// endpoints), and any one over plain http could be answered by the network.
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
+            let url = request.uri().to_string();
+            portcullis_config::check_fetch_url(&url)
+                .map_err(|e| HttpClientError::Other(format!("{url} {e}")))?;
             let request = reqwest::Request::try_from(request).map_err(Box::new)?;
             let response = self.0.execute(request).await.map_err(Box::new)?;
             let mut answer = http::Response::builder()

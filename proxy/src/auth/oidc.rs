@@ -265,9 +265,31 @@ impl Oidc {
     /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
     pub async fn discover(&self, issuer: &str) -> Result<(), String> {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
+        // Every call the flows make goes over https (http only on loopback): see
+        // `bounded::Client`. The keys are fetched as part of discovery.
         let metadata = Metadata::discover_async(issuer_url, &bounded::Client(self.http.clone()))
             .await
-            .map_err(|e| format!("discovery of {issuer} failed: {e}"))?;
+            .map_err(|e| format!("discovery of {issuer} failed: {}", bounded::causes(&e)))?;
+        // The browser is sent to these: over https too.
+        let browser = [
+            (
+                "authorization_endpoint",
+                Some(metadata.authorization_endpoint().as_str()),
+            ),
+            (
+                "end_session_endpoint",
+                metadata
+                    .additional_metadata()
+                    .end_session_endpoint
+                    .as_deref(),
+            ),
+        ];
+        for (name, url) in browser {
+            if let Some(url) = url {
+                portcullis_config::check_fetch_url(url)
+                    .map_err(|e| format!("the discovery document of {issuer}: its {name} {e}"))?;
+            }
+        }
         let jwks = Jwks::new(metadata.jwks_uri().url().to_string(), self.http.clone());
         jwks.refresh(true)
             .await
@@ -999,6 +1021,44 @@ pub async fn discovery_loop(
 mod tests {
     use super::super::sealed::Sealer;
     use super::*;
+
+    /// A provider whose discovery document names an endpoint over plain http off loopback
+    /// (its keys, here) is not taken: those could be swapped on the network.
+    #[tokio::test]
+    async fn a_provider_with_an_endpoint_over_plain_http_is_not_taken() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let document = serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/auth"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": "http://keys.idp.example/jwks",
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+        .to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 2048];
+                let _ = stream.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{document}",
+                    document.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        let oidc = Oidc::new(reqwest::Client::new(), Arc::new(Kept::default()));
+        let refused = oidc.discover(&issuer).await.expect_err("not taken");
+        assert!(
+            refused.contains("http://keys.idp.example/jwks must be https"),
+            "{refused}"
+        );
+        assert!(oidc.provider().is_none());
+    }
 
     #[test]
     fn a_logout_ends_the_idp_session_it_names_or_its_subject_s_sessions_without_one() {
