@@ -3012,11 +3012,12 @@ auth_host = "auth.example.com"
 post_logout_redirect = "signed-out@hunter2"
 [[routes]]
 from = "https://app.example.com"
-to = ["admin:hunter2@10.0.0.5:3000", "https://x:hunter2@y://z"]
+to = ["admin:hunter2@10.0.0.5:3000", "https://x:hunter2@y://z", "http:///admin:hunter2@h",
+      "http://u:pa/hunter2@h", "http://u:1234/hunter2@h"]
 allow = {{ any_signed_in = true }}
 "#
     );
     let errors = Fixture::new().parse(&text).unwrap_err().to_string();
     assert!(!errors.contains("hunter2"), "{errors}");
-    assert_eq!(errors.matches("not shown").count(), 2, "{errors}");
+    assert_eq!(errors.matches("not shown").count(), 5, "{errors}");
 }

@@ -2156,9 +2156,13 @@ fn upstream(
 ) -> Result<Upstream, String> {
     let parts = split_url(&url)?;
     if !parts.path.is_empty() && parts.path != "/" {
+        // Not quoted where it may hold a password (see `split_url`).
+        let found = match url.contains('@') {
+            true => String::new(),
+            false => format!(" (found `{}`)", parts.path),
+        };
         return Err(format!(
-            "an upstream URL has no path (found `{}`): the request path is passed on as is",
-            parts.path
+            "an upstream URL has no path{found}: the request path is passed on as is"
         ));
     }
     if !parts.bracketed && !is_host_name(parts.host) {
@@ -2221,31 +2225,28 @@ struct UrlParts<'a> {
     path: &'a str,
 }
 
+/// [`split_url_as_written`], whose problems quote the URL or its parts unless it holds `@`:
+/// then it may hold a password (`user:password@host` with its scheme left out, or mistyped),
+/// and problems are logged and shown on the console.
 fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
-    // Quoted in the problem unless it may hold a password (`user:password@host`, a scheme
-    // left out): problems are logged and shown on the console.
-    let quoted = |text: &str| {
-        if text.contains('@') {
-            "the value (not shown: it holds `@`, as a password would)".to_owned()
-        } else {
-            format!("`{text}`")
-        }
-    };
+    split_url_as_written(url).map_err(|problem| match url.contains('@') {
+        true => "is not a URL of the form http(s)://host[:port][/path] (not shown: it holds \
+                 `@`, as a password would)"
+            .to_owned(),
+        false => problem,
+    })
+}
+
+fn split_url_as_written(url: &str) -> Result<UrlParts<'_>, String> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!(
-            "{} is not a URL: expected http://host or https://host",
-            quoted(url)
+            "`{url}` is not a URL: expected http://host or https://host"
         ));
     };
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
-        _ => {
-            return Err(format!(
-                "unknown scheme {}: expected http or https",
-                quoted(scheme)
-            ))
-        }
+        _ => return Err(format!("unknown scheme `{scheme}`: expected http or https")),
     };
     if rest.contains('#') {
         return Err("a fragment (`#...`) is not allowed".to_owned());
