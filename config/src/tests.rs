@@ -3019,5 +3019,5 @@ allow = {{ any_signed_in = true }}
     );
     let errors = Fixture::new().parse(&text).unwrap_err().to_string();
     assert!(!errors.contains("hunter2"), "{errors}");
-    assert_eq!(errors.matches("not shown").count(), 5, "{errors}");
+    assert_eq!(errors.matches("not shown").count(), 4, "{errors}");
 }

@@ -2230,12 +2230,16 @@ struct UrlParts<'a> {
 /// and problems are logged and shown on the console.
 fn split_url(url: &str) -> Result<UrlParts<'_>, String> {
     split_url_as_written(url).map_err(|problem| match url.contains('@') {
+        true if problem == USER_INFO => problem,
         true => "is not a URL of the form http(s)://host[:port][/path] (not shown: it holds \
                  `@`, as a password would)"
             .to_owned(),
         false => problem,
     })
 }
+
+/// The problem of a URL with `user@` or `user:password@` before its host.
+const USER_INFO: &str = "user information (`user@`) is not allowed";
 
 fn split_url_as_written(url: &str) -> Result<UrlParts<'_>, String> {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -2256,7 +2260,7 @@ fn split_url_as_written(url: &str) -> Result<UrlParts<'_>, String> {
     }
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     if authority.contains('@') {
-        return Err("user information (`user@`) is not allowed".to_owned());
+        return Err(USER_INFO.to_owned());
     }
     let (host, bracketed, port) = split_authority(authority)?;
     if host.is_empty() {
