@@ -335,6 +335,16 @@ impl Poll {
         self.retry_gap = (self.retry_gap * 2).clamp(1, MOST_POLLS_BETWEEN_RETRIES);
         self.retry_in = self.retry_gap;
     }
+
+    /// Whether the reload `saw` just asked for is a try again of one that failed.
+    fn retrying(&self) -> bool {
+        self.retry_gap > 0
+    }
+
+    /// The file was installed otherwise (the console's Re-read): no more tries.
+    fn settled(&mut self) {
+        (self.retry_in, self.retry_gap) = (0, 0);
+    }
 }
 
 #[async_trait]
@@ -362,17 +372,31 @@ impl BackgroundService for Reloader {
         // An edit made during start-up (a directory load can take a while) is caught up with
         // by the poll: a SIGHUP sent then is not heard here.
         let mut file = Poll::new(self.started_with.clone());
+        // How many configurations were installed when a reload last failed: one installed
+        // since (by the console's Re-read) leaves nothing to try again.
+        let mut failed_at = 0;
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
                     file = Poll::new(read());
                     if !self.reload("SIGHUP") {
                         file.failed();
+                        failed_at = self.shared.reloads();
                     }
                 }
                 _ = ticker.tick() => {
-                    if file.saw(read()) && !self.reload("config file changed") {
+                    if !file.saw(read()) {
+                        continue;
+                    }
+                    let retrying = file.retrying();
+                    if retrying && self.shared.reloads() != failed_at {
+                        file.settled();
+                        continue;
+                    }
+                    let why = if retrying { "retry of a failed reload" } else { "config file changed" };
+                    if !self.reload(why) {
                         file.failed();
+                        failed_at = self.shared.reloads();
                     }
                 }
                 _ = shutdown.changed() => return,
@@ -601,6 +625,7 @@ mod tests {
                 assert!(polls <= 64, "never tried again");
             }
             gaps.push(polls);
+            assert!(poll.retrying());
         }
         assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 64, 64]);
         // Once it reloads, no more tries; a change is reloaded as any is.
@@ -608,6 +633,7 @@ mod tests {
         poll.failed();
         assert!(!poll.saw(file("c")));
         assert!(poll.saw(file("c")));
+        assert!(!poll.retrying(), "a change, not a try again");
         assert!(
             (0..200).all(|_| !poll.saw(file("c"))),
             "a reload that worked"
