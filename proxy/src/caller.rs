@@ -16,7 +16,7 @@ pub type Claims = BTreeMap<String, String>;
 /// in size, and a claim that names a person is short.
 const MAX_CLAIMS: usize = 64;
 const MAX_CLAIM_NAME: usize = 128;
-const MAX_CLAIM_VALUE: usize = 1024;
+pub(crate) const MAX_CLAIM_VALUE: usize = 1024;
 
 /// The string claims of a JSON object's bytes (a token's payload), within the bounds below;
 /// empty for anything that is not an object.

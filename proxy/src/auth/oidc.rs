@@ -37,7 +37,7 @@ use super::bounded;
 use super::jwt::{algorithm, Jwks, JwtError};
 use super::once::{Use, UsedOnce};
 use super::sessions::{Kept, Refresh};
-use crate::caller::{add_string_claims, Claims, Identity};
+use crate::caller::{add_string_claims, Claims, Identity, MAX_CLAIM_VALUE};
 
 /// How long a started sign-in may take.
 pub const PENDING_FOR: u64 = 600;
@@ -492,18 +492,25 @@ impl Oidc {
             (None, Some(info)) => (info.email().map(|e| e.to_string()), info.email_verified()),
             (None, None) => (None, None),
         };
+        // Kept in the session, and with it in the store and on every replica: an email or a
+        // name longer than any claim Portcullis keeps is none.
+        let email = email.filter(|email| email.len() <= MAX_CLAIM_VALUE);
         let name = claims
             .name()
             .or_else(|| info.as_ref()?.name())
             .and_then(|n| n.get(None))
-            .map(|n| n.to_string());
+            .map(|n| n.to_string())
+            .filter(|name| name.len() <= MAX_CLAIM_VALUE);
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
         let groups = id_groups.or_else(|| string_list(info_claims?.get("groups")?));
         // None listed where one of them speaks of groups (Entra ID's overage): not all of them.
-        let groups_unlisted = groups.is_none()
-            && (super::groups_unlisted(|name| raw_claims.as_ref()?.get(name).cloned())
-                || super::groups_unlisted(|name| info_claims?.get(name).cloned()));
-        let groups = groups.unwrap_or_default();
+        // So are more than can be kept: a route that reads token groups cannot judge them.
+        let unkeepable = groups.as_deref().is_some_and(too_many_to_keep);
+        let groups_unlisted = unkeepable
+            || (groups.is_none()
+                && (super::groups_unlisted(|name| raw_claims.as_ref()?.get(name).cloned())
+                    || super::groups_unlisted(|name| info_claims?.get(name).cloned())));
+        let groups = groups.filter(|_| !unkeepable).unwrap_or_default();
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object);
@@ -941,6 +948,15 @@ pub struct MoreClaims {
 impl openidconnect::AdditionalClaims for MoreClaims {}
 
 /// The strings of a JSON list; `None` for anything else.
+/// The most groups a sign-in keeps (Entra ID puts at most 200 in a token, Okta 100).
+const MAX_GROUPS: usize = 1000;
+
+/// Whether a sign-in's `groups` are more than it keeps: more than [`MAX_GROUPS`], or one
+/// longer than a claim is kept.
+fn too_many_to_keep(groups: &[String]) -> bool {
+    groups.len() > MAX_GROUPS || groups.iter().any(|g| g.len() > MAX_CLAIM_VALUE)
+}
+
 fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
     value.as_array().map(|list| {
         list.iter()
@@ -1021,6 +1037,18 @@ pub async fn discovery_loop(
 mod tests {
     use super::super::sealed::Sealer;
     use super::*;
+
+    #[test]
+    fn more_groups_than_are_kept_are_none_listed() {
+        let groups = |n: usize, long: usize| {
+            let mut groups: Vec<String> = (0..n).map(|i| format!("g{i}")).collect();
+            groups.push("x".repeat(long));
+            groups
+        };
+        assert!(!too_many_to_keep(&groups(MAX_GROUPS - 1, MAX_CLAIM_VALUE)));
+        assert!(too_many_to_keep(&groups(MAX_GROUPS, 1)));
+        assert!(too_many_to_keep(&groups(1, MAX_CLAIM_VALUE + 1)));
+    }
 
     /// A provider whose discovery document names an endpoint over plain http off loopback
     /// (its keys, here) is not taken: those could be swapped on the network.
