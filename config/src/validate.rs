@@ -555,7 +555,20 @@ fn route_from(from: &str) -> Result<From, String> {
             "`{host}` is not a host name (a leading `*.` is the only wildcard allowed)"
         ));
     }
+    if host.starts_with("*.") && !name.contains('.') {
+        return Err(format!(
+            "`{host}` would take every host under a top-level domain: name the domain \
+             (`*.example.{name}`)"
+        ));
+    }
     let path_prefix = if url.path.is_empty() { "/" } else { url.path };
+    if portcullis_policy::loosely_within("/.portcullis", path_prefix) {
+        return Err(
+            "`/.portcullis/` is Portcullis' own on every host (sign-in, the console): no route \
+             serves under it"
+                .to_owned(),
+        );
+    }
     // Requests are routed by their normalized path: a prefix spelled otherwise would never
     // match, and its requests would fall to another route.
     if let Some(problem) = portcullis_policy::spelling_problem(path_prefix) {
@@ -2167,6 +2180,9 @@ fn upstream(
     }
     if !parts.bracketed && !is_host_name(parts.host) {
         return Err(format!("`{}` is not a host name", parts.host));
+    }
+    if parts.port == Some(0) {
+        return Err("`0` is not a port an upstream listens on".to_owned());
     }
     let tls = parts.scheme == Scheme::Https;
     // pingora reads `_` in the first label of such a name as `-` (for the name it sends and the
