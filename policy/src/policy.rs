@@ -133,7 +133,7 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 /// rules, where most frameworks serve another page.
 fn denied_within(prefix: &str, path: &str) -> bool {
     within(prefix, path, true)
-        || script_routed(path).is_some_and(|routed| within(prefix, &routed, true))
+        || script_routed(path).is_some_and(|(routed, _)| within(prefix, &routed, true))
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -141,7 +141,19 @@ fn denied_within(prefix: &str, path: &str) -> bool {
 /// the script (`PATH_INFO`): `/index.php/admin` is `/admin` to them, and `/app/index.php/admin`
 /// is `/app/admin` to one installed under `/app`. Only the first such segment comes off, as
 /// the server runs the first script it finds.
-pub fn script_routed(path: &str) -> Option<String> {
+///
+/// Also where that segment ends in `path` (`path[..end]` is the script's own path).
+pub fn script_routed(path: &str) -> Option<(String, usize)> {
+    // Most paths name no script: one look for `.php`, in any case, before reading segments.
+    let bytes = path.as_bytes();
+    let named = path.match_indices('.').any(|(i, _)| {
+        bytes
+            .get(i + 1..i + 4)
+            .is_some_and(|ext| ext.eq_ignore_ascii_case(b"php"))
+    });
+    if !named {
+        return None;
+    }
     let mut start = 0;
     while let Some(end) = path[start + 1..].find('/').map(|i| start + 1 + i) {
         let segment = &path[start + 1..end];
@@ -149,7 +161,7 @@ pub fn script_routed(path: &str) -> Option<String> {
         let script =
             name.len() > 4 && name.as_bytes()[name.len() - 4..].eq_ignore_ascii_case(b".php");
         if script {
-            return Some(format!("{}{}", &path[..start], &path[end..]));
+            return Some((format!("{}{}", &path[..start], &path[end..]), end));
         }
         start = end;
     }

@@ -665,8 +665,14 @@ impl ProxyHttp for Proxy {
         };
         // A PHP front controller routes what follows its script (`/index.php/admin` is
         // `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
-        // would be served by this route's upstream past that route's rules.
-        if let Some(routed) = portcullis_policy::script_routed(&normalized) {
+        // would be served by this route's upstream past that route's rules. Unless this route
+        // names the script itself (`/remote.php/` beside `/`, for Nextcloud's DAV clients):
+        // then its operator routed what follows the script.
+        let script = portcullis_policy::script_routed(&normalized).filter(|(_, end)| {
+            let depth = portcullis_policy::loose_depth;
+            depth(&route.config.path_prefix) < depth(&normalized[..*end])
+        });
+        if let Some((routed, _)) = script {
             let other = match runtime
                 .routes
                 .find(Runtime::scheme_of(ctx.tls), &host, &routed)

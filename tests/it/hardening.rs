@@ -118,6 +118,11 @@ impl Hardened {
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
+            // Nextcloud's DAV clients, routed by their script.
+            .route(
+                Route::to_urls("http://app.test/remote.php/", vec![raw.url()])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
             .route(
                 Route::to_urls("http://app.test/contractors/", vec![raw.url()])
                     .set("allow = { groups = [\"eng\"] }")
@@ -1233,6 +1238,9 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         // two ways.
         ("/index.php/v1/builds", 400, None),
         ("/INDEX.PHP;x/V1", 400, None),
+        // Unless the route taken names the script itself: its operator routed it.
+        ("/remote.php/dav/files", 200, Some("/remote.php/dav/files")),
+        ("/remote.php/v1/x", 200, Some("/remote.php/v1/x")),
         // Routes do not read suffixes: `/v1.json` is the `/` route's, as most frameworks
         // serve another page there.
         ("/v1.json", 200, Some("/v1.json")),
