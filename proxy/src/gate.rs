@@ -214,20 +214,21 @@ impl Forward {
     /// when they can.
     /// `headers`: the upstream is told in identity headers (else in the assertion only).
     fn untellable(&self, headers: bool) -> Option<String> {
-        if headers && self.agent.as_ref().is_some_and(|a| !fits_header(&a.name)) {
-            return Some(unsendable("agent's name"));
-        }
         let itself = self
             .agent
             .as_ref()
             .is_some_and(|a| a.on_behalf_of.is_none());
-        // `values`, made once per user, is `None` exactly when the name or email is unfit.
-        let email = self
-            .values
-            .is_none()
-            .then_some(self.email.as_deref())
-            .flatten();
-        untellable_name(&self.user, email, itself, headers)
+        if headers {
+            if self.agent.as_ref().is_some_and(|a| !fits_header(&a.name)) {
+                return Some(unsendable("agent's name"));
+            }
+            // `values`, made once per user, is `None` exactly when the name or email does
+            // not fit a header: only then are they read again, to say which.
+            if self.values.is_none() {
+                return untellable_name(&self.user, self.email.as_deref(), itself, true);
+            }
+        }
+        untellable_name(&self.user, None, itself, false)
     }
 
     /// Whether what the upstream was told in `told` still holds of the caller let in as
@@ -2227,6 +2228,10 @@ mod tests {
                 "{told}: {agent_named:?}"
             );
         }
+        // Names reach the gate in lower case (the directory's, a token's folded); an upstream
+        // that compares them without case is read so too, whatever spelling reaches it.
+        assert!(untellable_name("Agent:Helper", None, false, false).is_some());
+        assert!(untellable_name("agent:helper", None, true, false).is_none());
         let pass = allowed(as_person(&world, &world.person("zoë"), 0, "/work"));
         let values = pass
             .forward
