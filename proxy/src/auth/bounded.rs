@@ -60,8 +60,14 @@ impl<'c> AsyncHttpClient<'c> for Client {
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
             let url = request.uri().to_string();
-            portcullis_config::check_fetch_url(&url)
-                .map_err(|e| HttpClientError::Other(format!("{url} {e}")))?;
+            portcullis_config::check_fetch_url(&url).map_err(|e| {
+                // Not quoted where it may hold a password (as configuration problems).
+                let shown = match url.contains('@') {
+                    true => "a URL holding `@`",
+                    false => url.as_str(),
+                };
+                HttpClientError::Other(format!("{shown} {e}"))
+            })?;
             let request = reqwest::Request::try_from(request).map_err(Box::new)?;
             let response = self.0.execute(request).await.map_err(Box::new)?;
             let mut answer = http::Response::builder()

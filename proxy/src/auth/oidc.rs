@@ -265,13 +265,22 @@ impl Oidc {
     /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
     pub async fn discover(&self, issuer: &str) -> Result<(), String> {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
-        // Every call the flows make goes over https (http only on loopback): see
-        // `bounded::Client`. The keys are fetched as part of discovery.
+        // Every call the flows make goes over https (http only on loopback), as the issuer
+        // must: see `bounded::Client`, which also fetches the keys, during discovery.
         let metadata = Metadata::discover_async(issuer_url, &bounded::Client(self.http.clone()))
             .await
             .map_err(|e| format!("discovery of {issuer} failed: {}", bounded::causes(&e)))?;
-        // The browser is sent to these: over https too.
-        let browser = [
+        // And every endpoint it names, before any is used: UserInfo is called with the
+        // client's own HTTP client, and the browser is sent to the others.
+        let endpoints = [
+            (
+                "token_endpoint",
+                metadata.token_endpoint().map(|u| u.as_str()),
+            ),
+            (
+                "userinfo_endpoint",
+                metadata.userinfo_endpoint().map(|u| u.as_str()),
+            ),
             (
                 "authorization_endpoint",
                 Some(metadata.authorization_endpoint().as_str()),
@@ -284,7 +293,7 @@ impl Oidc {
                     .as_deref(),
             ),
         ];
-        for (name, url) in browser {
+        for (name, url) in endpoints {
             if let Some(url) = url {
                 portcullis_config::check_fetch_url(url)
                     .map_err(|e| format!("the discovery document of {issuer}: its {name} {e}"))?;
@@ -1051,41 +1060,58 @@ mod tests {
     }
 
     /// A provider whose discovery document names an endpoint over plain http off loopback
-    /// (its keys, here) is not taken: those could be swapped on the network.
+    /// (its keys, its UserInfo) is not taken: what they serve could be swapped on the network.
     #[tokio::test]
     async fn a_provider_with_an_endpoint_over_plain_http_is_not_taken() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let issuer = format!("http://{}", listener.local_addr().unwrap());
-        let document = serde_json::json!({
-            "issuer": issuer,
-            "authorization_endpoint": format!("{issuer}/auth"),
-            "token_endpoint": format!("{issuer}/token"),
-            "jwks_uri": "http://keys.idp.example/jwks",
-            "response_types_supported": ["code"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-        })
-        .to_string();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut request = [0u8; 2048];
-                let _ = stream.read(&mut request).await;
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{document}",
-                    document.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
+        for (jwks, userinfo, says) in [
+            (
+                "http://keys.idp.example/jwks",
+                None,
+                "http://keys.idp.example/jwks must be https",
+            ),
+            (
+                "/jwks",
+                Some("http://idp.example/userinfo"),
+                "its userinfo_endpoint must be https",
+            ),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let issuer = format!("http://{}", listener.local_addr().unwrap());
+            let mut document = serde_json::json!({
+                "issuer": issuer,
+                "authorization_endpoint": format!("{issuer}/auth"),
+                "token_endpoint": format!("{issuer}/token"),
+                "jwks_uri": if jwks.starts_with('/') { format!("{issuer}{jwks}") } else { jwks.to_owned() },
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+            });
+            if let Some(userinfo) = userinfo {
+                document["userinfo_endpoint"] = userinfo.into();
             }
-        });
-        let oidc = Oidc::new(reqwest::Client::new(), Arc::new(Kept::default()));
-        let refused = oidc.discover(&issuer).await.expect_err("not taken");
-        assert!(
-            refused.contains("http://keys.idp.example/jwks must be https"),
-            "{refused}"
-        );
-        assert!(oidc.provider().is_none());
+            let document = document.to_string();
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let mut request = [0u8; 2048];
+                    let _ = stream.read(&mut request).await;
+                    let body = match request.starts_with(b"GET /jwks ") {
+                        true => r#"{"keys": []}"#,
+                        false => document.as_str(),
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                }
+            });
+            let oidc = Oidc::new(reqwest::Client::new(), Arc::new(Kept::default()));
+            let refused = oidc.discover(&issuer).await.expect_err("not taken");
+            assert!(refused.contains(says), "{refused}");
+            assert!(oidc.provider().is_none());
+        }
     }
 
     #[test]
