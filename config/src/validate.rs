@@ -555,12 +555,6 @@ fn route_from(from: &str) -> Result<From, String> {
             "`{host}` is not a host name (a leading `*.` is the only wildcard allowed)"
         ));
     }
-    if host.starts_with("*.") && !name.contains('.') {
-        return Err(format!(
-            "`{host}` would take every host under a top-level domain: name the domain \
-             (`*.example.{name}`)"
-        ));
-    }
     let path_prefix = if url.path.is_empty() { "/" } else { url.path };
     if portcullis_policy::loosely_within("/.portcullis", path_prefix) {
         return Err(
