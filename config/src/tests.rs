@@ -283,11 +283,43 @@ accept = ["public"]
 "#,
             // `apps.example.com` itself is no host `*.apps.example.com` covers; `docs` has
             // its own `/` route (the `*.` route is not its), `blog`'s route denies the path
-            // itself, `status`'s is public.
+            // to the same callers, `status`'s is public.
             problems: &[(
                 "routes[0].deny.paths[0]",
                 None,
                 "requests under `wiki.apps.example.com/admin/` go to routes[1]",
+            )],
+        },
+        Case {
+            name: "a `*.` route's deny that a covered host's route denies to others only",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://*.apps.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["contractors"], paths = ["/admin"] }
+[[routes]]
+from = "https://intern.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["interns"] }
+[[routes]]
+from = "https://app.apps.example.com/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://app.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+"#,
+            // `app` has its own `/` route: the `*.` route is never its.
+            problems: &[(
+                "routes[0].deny.paths[0]",
+                None,
+                "requests under `intern.apps.example.com/admin/` go to routes[1]",
             )],
         },
         Case {

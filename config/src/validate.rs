@@ -812,15 +812,16 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                     continue;
                 }
                 // On its host, or (a `*.` route) on a host it covers that has routes of its
-                // own: they take the paths they hold first. Not on a covered host that has a
-                // route of this one's prefix (it opted out of the `*.` route), nor where the
-                // deeper route is public or denies the path itself: the deny still applies on
-                // every other host, and taking it away would guard less.
+                // own: they take the paths they hold first. Not on a covered host with a route
+                // of its own that holds this one's prefix (it never uses the `*.` route there),
+                // nor where the deeper route is public or denies the path to the same callers:
+                // the deny still applies on every other host, and taking it away would guard
+                // less.
                 let opted_out = |host: &str| {
                     routes
                         .iter()
                         .flatten()
-                        .any(|r| r.host == host && loosely_same(&r.path_prefix, &route.path_prefix))
+                        .any(|r| r.host == host && within(&r.path_prefix, &route.path_prefix))
                 };
                 let covered = |other: &Route| match route.host.strip_prefix('*') {
                     Some(suffix) => {
@@ -829,9 +830,10 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                             && !opted_out(&other.host)
                             && !other.accept.is_empty()
                             && !other.deny.iter().any(|d| {
-                                d.paths
-                                    .as_ref()
-                                    .is_none_or(|paths| paths.iter().any(|p| within(p, rule_path)))
+                                same_callers(d, spec)
+                                    && d.paths.as_ref().is_none_or(|paths| {
+                                        paths.iter().any(|p| within(p, rule_path))
+                                    })
                             })
                     }
                     None => false,
@@ -863,6 +865,16 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
             }
         }
     }
+}
+
+/// Whether two rules name the same callers and methods (whatever their names and paths).
+fn same_callers(a: &RuleSpec, b: &RuleSpec) -> bool {
+    let callers = |rule: &RuleSpec| RuleSpec {
+        name: String::new(),
+        paths: None,
+        ..rule.clone()
+    };
+    callers(a) == callers(b)
 }
 
 /// Whether two route prefixes are one as routes read paths (`/api` and `/API/` are): each
