@@ -956,16 +956,20 @@ pub struct MoreClaims {
 
 impl openidconnect::AdditionalClaims for MoreClaims {}
 
-/// The strings of a JSON list; `None` for anything else.
-/// The most groups a sign-in keeps (Entra ID puts at most 200 in a token, Okta 100).
+/// The most groups a sign-in keeps (Entra ID puts at most 200 in a token, Okta 100), and the
+/// most bytes of them all: as much as all other claims kept.
 const MAX_GROUPS: usize = 1000;
+const MAX_GROUP_BYTES: usize = 64 * 1024;
 
-/// Whether a sign-in's `groups` are more than it keeps: more than [`MAX_GROUPS`], or one
-/// longer than a claim is kept.
+/// Whether a sign-in's `groups` are more than it keeps: more than [`MAX_GROUPS`], one longer
+/// than a claim is kept, or more than [`MAX_GROUP_BYTES`] in all.
 fn too_many_to_keep(groups: &[String]) -> bool {
-    groups.len() > MAX_GROUPS || groups.iter().any(|g| g.len() > MAX_CLAIM_VALUE)
+    groups.len() > MAX_GROUPS
+        || groups.iter().any(|g| g.len() > MAX_CLAIM_VALUE)
+        || groups.iter().map(String::len).sum::<usize>() > MAX_GROUP_BYTES
 }
 
+/// The strings of a JSON list; `None` for anything else.
 fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
     value.as_array().map(|list| {
         list.iter()
@@ -1057,6 +1061,9 @@ mod tests {
         assert!(!too_many_to_keep(&groups(MAX_GROUPS - 1, MAX_CLAIM_VALUE)));
         assert!(too_many_to_keep(&groups(MAX_GROUPS, 1)));
         assert!(too_many_to_keep(&groups(1, MAX_CLAIM_VALUE + 1)));
+        let long = |n: usize| (0..n).map(|_| "x".repeat(1000)).collect::<Vec<_>>();
+        assert!(!too_many_to_keep(&long(65)));
+        assert!(too_many_to_keep(&long(66)));
     }
 
     /// A provider whose discovery document names an endpoint over plain http off loopback
