@@ -985,11 +985,22 @@ fn take_patch_password(rt: ResourceType, ops: &mut Vec<PatchOp>) -> Result<Optio
     let mut password = None;
     let mut kept = Vec::with_capacity(ops.len());
     for mut op in ops.drain(..) {
-        let names_password = op
-            .path
-            .as_ref()
-            .is_some_and(|p| p.attr.name_is("password") && p.attr.sub_attr.is_none());
-        if names_password {
+        let names_password = op.path.as_ref().filter(|p| p.attr.name_is("password"));
+        if let Some(path) = names_password {
+            // Only the core schema's own, as a whole: one under another schema's URN, with a
+            // filter or a sub-attribute is no path to it (RFC 7644 §3.5.2), and must not set it.
+            let core = path
+                .attr
+                .schema
+                .as_deref()
+                .is_none_or(|schema| schema.eq_ignore_ascii_case(rt.core_schema().id));
+            if !core || path.value_filter.is_some() || path.attr.sub_attr.is_some() {
+                return Err(ScimError::bad_request(
+                    ScimType::InvalidPath,
+                    "password is a single-valued attribute of the core schema: its path is \
+                     `password`",
+                ));
+            }
             match (op.op, op.value.take()) {
                 (OpKind::Add | OpKind::Replace, Some(Value::String(p))) => password = Some(p),
                 _ => return Err(password_not_a_string()),
@@ -1129,5 +1140,13 @@ mod tests {
         // Nor a number under the full name: refused, not dropped.
         let mut number = patch(json!([{"op": "replace", "value": {&qualified: 123}}]));
         assert!(take_patch_password(ResourceType::User, &mut number).is_err());
+        // A path that is no path to it (another schema's, filtered, a sub-attribute) sets
+        // nothing: refused.
+        let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:password";
+        for path in [enterprise, "password[value eq \"a\"]", "password.value"] {
+            let mut ops = patch(json!([{"op": "replace", "path": path, "value": "x"}]));
+            let refused = take_patch_password(ResourceType::User, &mut ops).unwrap_err();
+            assert_eq!(refused.scim_type, Some(ScimType::InvalidPath), "{path}");
+        }
     }
 }
