@@ -510,6 +510,18 @@ impl Target {
                 if items.is_empty() {
                     items.push(Value::Object(Object::new()));
                 }
+                // RFC 7643 §2.4: one value at most is primary. Set on every value, of several,
+                // it would leave which one counts (the directory's email) to their order.
+                // (`new` is coerced: Entra ID's "True" is true by now.)
+                if sub.name == "primary" && *new == Value::Bool(true) && items.len() > 1 {
+                    return Err(invalid_value(format!(
+                        "{}.primary set on every one of {} values would make them all \
+                         primary: select one with a filter ({}[value eq \"…\"].primary)",
+                        attr.name,
+                        items.len(),
+                        attr.name
+                    )));
+                }
                 for item in items.iter_mut().filter_map(Value::as_object_mut) {
                     *slot_ci(item, sub.name) = new.clone();
                 }
@@ -1270,6 +1282,18 @@ mod tests {
             let e = user_error(json!([{"op": "remove", "path": "emails", "value": selects_all}]));
             assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
         }
+        // Every one of several values made primary: refused. Of one value, it is that one.
+        for primary in [json!(true), json!("True")] {
+            let e =
+                user_error(json!([{"op": "replace", "path": "emails.primary", "value": primary}]));
+            assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
+        }
+        let u = patched_user(json!([{"op": "replace", "path": "emails.primary", "value": false}]));
+        assert!(u["emails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["primary"] == false));
         // A password is accepted (the store hashes it).
         let u = patched_user(json!([{"op": "replace", "value": {"password": "hunter2"}}]));
         assert_eq!(u["password"], "hunter2");
