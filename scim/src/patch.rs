@@ -596,7 +596,19 @@ impl Target {
             }
             (Some(new), sub) => {
                 if matched.is_empty() {
-                    // Entra ID: a filtered replace of a value that does not exist adds it.
+                    // Entra ID: a filtered replace of a value that does not exist adds it, the
+                    // value its `eq` terms describe. A filter of any other shape describes no
+                    // one value: RFC 7644 §3.5.2.3's answer, noTarget.
+                    if !describes_one_value(filter) {
+                        return Err(ScimError::bad_request(
+                            ScimType::NoTarget,
+                            format!(
+                                "no value of {} matches the filter, and one matching it cannot \
+                                 be made from it (only `eq` terms joined by `and` describe one)",
+                                attr.name
+                            ),
+                        ));
+                    }
                     let mut seed = seed_from_filter(filter, attr);
                     match (sub, new) {
                         (Some(sub), new) => {
@@ -669,6 +681,19 @@ fn contains_all(attr: &AttributeDef, item: &Value, wanted: &Value) -> bool {
             }
         }),
         _ => item == wanted,
+    }
+}
+
+/// Whether `filter` is `eq` terms joined by `and`, all of a value: what a new value can be made
+/// from ([`seed_from_filter`]).
+fn describes_one_value(filter: &Filter) -> bool {
+    match filter {
+        Filter::And(l, r) => describes_one_value(l) && describes_one_value(r),
+        Filter::Attr(expr) => matches!(
+            &expr.op,
+            AttrOp::Compare(CompareOp::Eq, value) if !matches!(value, CompValue::Null)
+        ),
+        _ => false,
     }
 }
 
@@ -1215,6 +1240,16 @@ mod tests {
             u["addresses"],
             json!([{"type": "work", "locality": "Paris"}])
         );
+        // A filter that matches nothing and describes no one value (`or`, `co`, `ne`): RFC
+        // 7644 §3.5.2.3's noTarget, and nothing added.
+        for filter in [
+            r#"emails[type eq "other" or type eq "pager"].value"#,
+            r#"emails[value co "@old"].value"#,
+            r#"emails[type ne "work" and type ne "home"].value"#,
+        ] {
+            let err = user_error(json!([{"op": "replace", "path": filter, "value": "n@x"}]));
+            assert_eq!(err.scim_type, Some(ScimType::NoTarget), "{filter}");
+        }
     }
 
     #[test]
