@@ -127,13 +127,29 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 
 /// [`loosely_within`], and with a format suffix on the path's last segment when it is the
 /// prefix's last: Rails routes `/items/export.csv` to `/items/export`, as Spring MVC before 5.3
-/// does by default. And as a PHP front controller routes it ([`script_routed`]). How deny
-/// rules read a path, so that a deny only ever refuses more. Route selection reads neither:
-/// it would move `/status.json` from the route that holds it to a `/status` route with other
-/// rules, where most frameworks serve another page.
+/// does by default. And as a PHP front controller routes it ([`script_routed`]); and a page
+/// the prefix names by its file as served without the file's extension ([`page_name`]). How
+/// deny rules read a path, so that a deny only ever refuses more. Route selection reads none
+/// of these: it would move `/status.json` from the route that holds it to a `/status` route
+/// with other rules, where most frameworks serve another page.
 fn denied_within(prefix: &str, path: &str) -> bool {
-    within(prefix, path, true)
-        || script_routed(path).is_some_and(|(routed, _)| within(prefix, &routed, true))
+    let holds = |path: &str| {
+        within(prefix, path, true) || page_name(prefix).is_some_and(|page| within(page, path, true))
+    };
+    holds(path) || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
+}
+
+/// `prefix` without its last segment's extension, when that names a page's file (`.php`,
+/// `.html`, …): Apache's MultiViews, nginx's `try_files $uri $uri.php $uri.html` and static
+/// hosts' clean URLs serve `/admin` from `admin.php` (and `/admin/x` with `/x` as its path
+/// info). Other extensions (a version, `/api/v1.2`) are no file's.
+fn page_name(prefix: &str) -> Option<&str> {
+    const PAGES: [&str; 7] = ["php", "html", "htm", "shtml", "asp", "aspx", "jsp"];
+    let (page, extension) = prefix.rsplit_once('.')?;
+    let named = !extension.contains('/')
+        && !page.ends_with('/')
+        && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p));
+    named.then_some(page)
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -1586,6 +1602,23 @@ mod tests {
         ] {
             assert!(denied_within(prefix, path), "{prefix} {path}");
             assert!(!loosely_within(prefix, path) || prefix == "/", "{path}");
+        }
+        // A page named by its file, for servers that serve it without the extension.
+        for (prefix, path) in [
+            ("/admin.php", "/admin"),
+            ("/admin.php", "/Admin/x"),
+            ("/reports/q3.html", "/reports/q3"),
+            ("/admin.php", "/admin.php"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
+        for (prefix, path) in [
+            ("/api/v1.2", "/api/v1"),
+            ("/admin.php", "/adminx"),
+            ("/.php", "/"),
+            ("/admin.php/", "/admin"),
+        ] {
+            assert!(!denied_within(prefix, path), "{prefix} {path}");
         }
         for (prefix, path) in [
             ("/admin", "/index.php"),

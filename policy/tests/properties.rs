@@ -52,7 +52,7 @@ const EMAILS: &[&str] = &[
 const METHODS: &[&str] = &[
     "GET", "get", "HEAD", "POST", "DELETE", "delete", "PROPFIND", "PATCH",
 ];
-const PREFIXES: &[&str] = &["/", "/admin", "/admin/", "/api", "/api/v1"];
+const PREFIXES: &[&str] = &["/", "/admin", "/admin/", "/api", "/api/v1", "/admin.php"];
 const PATHS: &[&str] = &[
     "/",
     "/admin",
@@ -80,6 +80,8 @@ const PATHS: &[&str] = &[
     "/a.php/b.php/admin",
     "/index.php",
     "/api/index.php/v1/x",
+    "/admin.php",
+    "/ADMIN.PHP/x",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -352,6 +354,14 @@ fn path_holds(
         prefixes
             .iter()
             .map(|prefix| read_prefix(prefix))
+            // A deny of a page's file (`/admin.php`) is one of its name too (`/admin`).
+            .flat_map(|prefix| {
+                let page = prefix
+                    .strip_suffix(".php")
+                    .filter(|page| deny && !page.is_empty() && !page.ends_with('/'))
+                    .map(str::to_owned);
+                std::iter::once(prefix).chain(page)
+            })
             .any(|prefix| {
                 let rest = path.strip_prefix(prefix.as_str());
                 let formatted = |rest: &str| {
