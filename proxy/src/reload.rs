@@ -393,9 +393,10 @@ impl BackgroundService for Reloader {
                         file.settled();
                         continue;
                     }
-                    let why = match retrying {
-                        true => "retry of a failed reload",
-                        false => "config file changed",
+                    let why = if retrying {
+                        "retry of a failed reload"
+                    } else {
+                        "config file changed"
                     };
                     if !self.reload(why) {
                         file.failed();

@@ -19,9 +19,11 @@
 //! - A filtered `replace` (or `add`) that matches no value appends one, seeded with the
 //!   filter's `eq` terms: `emails[type eq "work"].value` on a user without a work email adds
 //!   `{"type": "work", "value": …}`. RFC 7644 §3.5.2.3 asks for `noTarget`; Entra ID relies
-//!   on the add.
+//!   on the add. A filter of other terms (`or`, `co`, `ne`, `not`) describes no one value to
+//!   add: `noTarget`.
 //! - Booleans sent as strings (`"False"`) are coerced for boolean attributes.
-//! - Writing `primary: true` on one value of a multi-valued attribute clears the others.
+//! - Writing `primary: true` on one value of a multi-valued attribute clears the others; on
+//!   several at once (`emails.primary`, or a filter matching several) it is `invalidValue`.
 //! - Read-only attributes: a value equal to the current one is ignored (Okta sends the group's
 //!   own `id` when renaming it); a different one is `400 mutability`. `meta` inside a
 //!   path-less value is ignored outright, since clients echo a stale copy of it.
@@ -639,10 +641,22 @@ impl Target {
                         }
                     }
                 }
-                if let Some(&winner) = matched
+                // One value at most is primary (RFC 7643 §2.4): a filter matching several made
+                // primary at once would leave which one counts to their order.
+                let primaries: Vec<usize> = matched
                     .iter()
-                    .find(|&&i| items.get(i).is_some_and(is_primary))
-                {
+                    .copied()
+                    .filter(|&i| items.get(i).is_some_and(is_primary))
+                    .collect();
+                if primaries.len() > 1 {
+                    return Err(invalid_value(format!(
+                        "the filter selects {} values of {} and makes them all primary: select \
+                         one",
+                        primaries.len(),
+                        attr.name
+                    )));
+                }
+                if let Some(&winner) = primaries.first() {
                     keep_one_primary(items, winner);
                 }
             }
@@ -1323,6 +1337,15 @@ mod tests {
                 user_error(json!([{"op": "replace", "path": "emails.primary", "value": primary}]));
             assert_eq!((e.status, e.scim_type), (400, Some(ScimType::InvalidValue)));
         }
+        // So is a filter matching several, made primary at once.
+        let mut two_work = user();
+        two_work["emails"][1]["type"] = json!("work");
+        let before = two_work.clone();
+        let ops =
+            json!([{"op": "replace", "path": "emails[type eq \"work\"].primary", "value": true}]);
+        let e = patch(&mut two_work, USER, ops).expect_err("refused");
+        assert_eq!(e.scim_type, Some(ScimType::InvalidValue));
+        assert_eq!(two_work, before, "a failed PATCH changes nothing");
         let u = patched_user(json!([{"op": "replace", "path": "emails.primary", "value": false}]));
         assert!(u["emails"]
             .as_array()

@@ -62,9 +62,10 @@ impl<'c> AsyncHttpClient<'c> for Client {
             let url = request.uri().to_string();
             portcullis_config::check_fetch_url(&url).map_err(|e| {
                 // Not quoted where it may hold a password (as configuration problems).
-                let shown = match url.contains('@') {
-                    true => "a URL holding `@`",
-                    false => url.as_str(),
+                let shown = if url.contains('@') {
+                    "a URL holding `@`"
+                } else {
+                    url.as_str()
                 };
                 HttpClientError::Other(format!("{shown} {e}"))
             })?;

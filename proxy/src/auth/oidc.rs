@@ -1102,9 +1102,10 @@ mod tests {
                 while let Ok((mut stream, _)) = listener.accept().await {
                     let mut request = [0u8; 2048];
                     let _ = stream.read(&mut request).await;
-                    let body = match request.starts_with(b"GET /jwks ") {
-                        true => r#"{"keys": []}"#,
-                        false => document.as_str(),
+                    let body = if request.starts_with(b"GET /jwks ") {
+                        r#"{"keys": []}"#
+                    } else {
+                        document.as_str()
                     };
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
