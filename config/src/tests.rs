@@ -302,11 +302,6 @@ to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
 deny = { groups = ["contractors"], paths = ["/admin"] }
 [[routes]]
-from = "https://intern.apps.example.com/admin/"
-to = ["http://127.0.0.1:3000"]
-allow = { any_signed_in = true }
-deny = { groups = ["interns"] }
-[[routes]]
 from = "https://app.apps.example.com/"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
@@ -314,12 +309,33 @@ allow = { any_signed_in = true }
 from = "https://app.apps.example.com/admin/"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
+[[routes]]
+from = "https://ops.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["interns", "Contractors"] }
+[[routes]]
+from = "https://tools.test/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://*.test"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes]]
+from = "https://intern.apps.example.com/admin/"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+deny = { groups = ["interns"] }
 "#,
-            // `app` has its own `/` route: the `*.` route is never its.
+            // `app` has its own `/` route: the `*.` route is never its. `ops` denies the path
+            // to those callers and more (named in another case); `intern`, to others only.
+            // (A host's deeper route is named first in the file's order: `app` and `ops` come
+            // before.) `*.test`, over a one-label domain, is a route like any.
             problems: &[(
                 "routes[0].deny.paths[0]",
                 None,
-                "requests under `intern.apps.example.com/admin/` go to routes[1]",
+                "requests under `intern.apps.example.com/admin/` go to routes[6]",
             )],
         },
         Case {

@@ -814,7 +814,7 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                 // On its host, or (a `*.` route) on a host it covers that has routes of its
                 // own: they take the paths they hold first. Not on a covered host with a route
                 // of its own that holds this one's prefix (it never uses the `*.` route there),
-                // nor where the deeper route is public or denies the path to the same callers:
+                // nor where the deeper route is public or denies the path to those callers:
                 // the deny still applies on every other host, and taking it away would guard
                 // less.
                 let opted_out = |host: &str| {
@@ -830,7 +830,7 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
                             && !opted_out(&other.host)
                             && !other.accept.is_empty()
                             && !other.deny.iter().any(|d| {
-                                same_callers(d, spec)
+                                covers_callers(d, spec)
                                     && d.paths.as_ref().is_none_or(|paths| {
                                         paths.iter().any(|p| within(p, rule_path))
                                     })
@@ -868,13 +868,34 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
 }
 
 /// Whether two rules name the same callers and methods (whatever their names and paths).
-fn same_callers(a: &RuleSpec, b: &RuleSpec) -> bool {
-    let callers = |rule: &RuleSpec| RuleSpec {
-        name: String::new(),
-        paths: None,
-        ..rule.clone()
+/// Whether deny rule `wide` refuses every caller and method deny rule `narrow` does (their
+/// paths aside): all methods or more of them, and everyone signed in, or every group, user,
+/// domain and kind `narrow` names (names compared as rules compare them, without case).
+fn covers_callers(wide: &RuleSpec, narrow: &RuleSpec) -> bool {
+    let within = |narrow: &[String], wide: &[String]| {
+        narrow
+            .iter()
+            .all(|n| wide.iter().any(|w| w.eq_ignore_ascii_case(n)))
     };
-    callers(a) == callers(b)
+    let methods = match (&wide.methods, &narrow.methods) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(wide), Some(narrow)) => within(narrow, wide),
+    };
+    let callers = wide.any_signed_in
+        || (!narrow.any_signed_in
+            && within(&narrow.groups, &wide.groups)
+            && narrow
+                .group_ids
+                .iter()
+                .all(|id| wide.group_ids.contains(id))
+            && within(&narrow.users, &wide.users)
+            && within(&narrow.email_domains, &wide.email_domains)
+            && (!narrow.machines || wide.machines)
+            && (!narrow.agents || wide.agents)
+            && within(&narrow.agent_groups, &wide.agent_groups)
+            && within(&narrow.agent_owner_groups, &wide.agent_owner_groups));
+    methods && callers
 }
 
 /// Whether two route prefixes are one as routes read paths (`/api` and `/API/` are): each
