@@ -56,6 +56,15 @@ const MAX_BATCH: usize = 1024;
 /// [`Audit::unverified_refusal`]); past it, they are counted instead.
 const UNVERIFIED_PER_SECOND: u32 = 100;
 
+/// Of those, recorded one by one each second for one client address: one flooding a route
+/// (bad SCIM tokens, forged logout tokens) leaves the rest of its budget to others, an IdP
+/// whose token has expired among them.
+const UNVERIFIED_PER_CLIENT: u32 = 10;
+
+/// Client addresses whose refusals a second are told apart, at most (past it, a refusal is
+/// judged by its route's budget alone): a flood from many addresses grows nothing further.
+const MAX_CLIENTS_TOLD_APART: usize = 10_000;
+
 /// Refusals of one person's (or machine's, or agent's) requests recorded one by one each
 /// second on a route (see [`Audit::refusal`]); past it, they are counted instead. A browser's
 /// page of refused resources fits; a script looping on a forbidden path does not fill the log.
@@ -454,6 +463,8 @@ impl Losses {
 struct Budgets {
     second: u64,
     routes: HashMap<String, HashMap<Caller, Budget>>,
+    /// Refusals that named nobody recorded this second, by route and client address.
+    clients: HashMap<(String, IpAddr), u32>,
 }
 
 /// Whose refusals a budget counts: requests that name nobody, or someone's (a person named
@@ -473,9 +484,12 @@ struct Budget {
 impl Budgets {
     /// Whether a refusal of `who` on `route` at `second` is recorded one by one (at most
     /// [`Caller::per_second`]); if not, it is counted.
-    fn take(&mut self, who: &Caller, route: &str, second: u64) -> bool {
+    /// One that names nobody from `client` is recorded one by one at most
+    /// [`UNVERIFIED_PER_CLIENT`] times a second, within its route's budget.
+    fn take(&mut self, who: &Caller, route: &str, client: Option<IpAddr>, second: u64) -> bool {
         if second != self.second {
             self.second = second;
+            self.clients.clear();
             for callers in self.routes.values_mut() {
                 callers.retain(|_, b| b.unrecorded > 0);
                 callers.values_mut().for_each(|b| b.recorded = 0);
@@ -490,8 +504,19 @@ impl Budgets {
             Some(budget) => budget,
             None => callers.entry(who.clone()).or_default(),
         };
-        if budget.recorded < who.per_second() {
+        let key = client
+            .filter(|_| *who == Caller::Anonymous)
+            .map(|ip| (route.to_owned(), ip));
+        let by_client = key
+            .as_ref()
+            .map_or(0, |key| self.clients.get(key).copied().unwrap_or_default());
+        if budget.recorded < who.per_second() && by_client < UNVERIFIED_PER_CLIENT {
             budget.recorded += 1;
+            if let Some(key) = key {
+                if by_client > 0 || self.clients.len() < MAX_CLIENTS_TOLD_APART {
+                    *self.clients.entry(key).or_default() += 1;
+                }
+            }
             return true;
         }
         budget.unrecorded += 1;
@@ -751,15 +776,15 @@ impl Audit {
         request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
-        if self.within_budget(&Caller::Named(user.to_owned()), route) {
+        if self.within_budget(&Caller::Named(user.to_owned()), route, None) {
             self.record_refusal(user, route, rule, reason, request, agent);
         }
     }
 
     /// Whether a refusal of `who` on `route` is recorded one by one (see [`Budgets::take`]).
-    fn within_budget(&self, who: &Caller, route: &str) -> bool {
+    fn within_budget(&self, who: &Caller, route: &str, client: Option<IpAddr>) -> bool {
         match self.budgets.lock() {
-            Ok(mut budgets) => budgets.take(who, route, crate::clock::now_unix()),
+            Ok(mut budgets) => budgets.take(who, route, client, crate::clock::now_unix()),
             Err(_) => true,
         }
     }
@@ -844,7 +869,7 @@ impl Audit {
     /// route are recorded one by one each second. The rest are counted, and the writer records
     /// each route's count about once a second (and at [`Audit::flush`], before an exit).
     pub fn unverified_refusal(&self, route: &str, reason: &str, request: &Request<'_>) {
-        if self.within_budget(&Caller::Anonymous, route) {
+        if self.within_budget(&Caller::Anonymous, route, request.client) {
             let reason = bounded(reason, MAX_REASON);
             self.record_refusal(ANONYMOUS, route, None, &reason, request, None);
         }
@@ -1869,13 +1894,36 @@ mod tests {
         assert!(!filter(Some("carol@corp.example"), None).matches(&change(id, "deactivated")));
     }
 
+    /// One address flooding a route with refusals that name nobody (bad SCIM tokens) spends
+    /// its own share of the route's budget, not others': an IdP's expired token, refused in
+    /// the same second, is still recorded one by one.
+    #[test]
+    fn one_client_s_flood_leaves_the_route_s_budget_to_others() {
+        let mut budgets = Budgets::default();
+        let from = |ip: &str| Some(ip.parse::<IpAddr>().expect("an address"));
+        let mut take = |client: Option<IpAddr>| budgets.take(&Caller::Anonymous, "scim", client, 7);
+        let flood = (0..500).filter(|_| take(from("203.0.113.9"))).count();
+        assert_eq!(flood, UNVERIFIED_PER_CLIENT as usize);
+        assert!(take(from("192.0.2.1")), "another client is recorded");
+        // Many clients together still get the route's budget only.
+        let many = (0..1000u32)
+            .filter(|i| take(from(&format!("198.51.{}.{}", i / 250, i % 250))))
+            .count();
+        assert_eq!(
+            many,
+            (UNVERIFIED_PER_SECOND - UNVERIFIED_PER_CLIENT - 1) as usize
+        );
+        assert!(!take(None));
+    }
+
     #[test]
     fn refusals_past_the_rate_are_counted_per_caller_and_route_and_the_counts_recorded() {
         let mut budgets = Budgets::default();
-        let anyone =
-            |b: &mut Budgets, route: &str, second: u64| b.take(&Caller::Anonymous, route, second);
+        let anyone = |b: &mut Budgets, route: &str, second: u64| {
+            b.take(&Caller::Anonymous, route, None, second)
+        };
         let named = |b: &mut Budgets, who: &str, route: &str, second: u64| {
-            b.take(&Caller::Named(who.to_owned()), route, second)
+            b.take(&Caller::Named(who.to_owned()), route, None, second)
         };
         for _ in 0..UNVERIFIED_PER_SECOND {
             assert!(anyone(&mut budgets, "api", 7));
