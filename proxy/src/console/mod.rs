@@ -208,23 +208,26 @@ fn pager(path: &str, fixed: &[(&str, &str)], params: &Params, total: usize, noun
         query.append_pair("page", &page.to_string());
         format!("{}?{}", link(path), escape(&query.finish()))
     };
+    // A page past the last is shown as the last (the audit log's reading stops there), and
+    // its neighbours are the last one's.
+    let page = params.page.clamp(1, pages);
     let mut html = format!(
         "<div class=\"pager\"><span>{} {noun}{} · page {} of {}</span>",
         count(total),
         if total == 1 { "" } else { "s" },
-        count(params.page.min(pages)),
+        count(page),
         count(pages)
     );
-    if params.page > 1 {
+    if page > 1 {
         html.push_str(&format!(
             "<a rel=\"prev\" href=\"{}\">Previous</a>",
-            here((params.page - 1).min(pages))
+            here(page - 1)
         ));
     }
-    if params.page < pages {
+    if page < pages {
         html.push_str(&format!(
             "<a rel=\"next\" href=\"{}\">Next</a>",
-            here(params.page + 1)
+            here(page + 1)
         ));
     }
     html.push_str("</div>");
@@ -284,6 +287,15 @@ mod tests {
         assert!(html.contains("120 users · page 2 of 3"), "{html}");
         assert!(html.contains("q=a%26b&amp;page=1"), "{html}");
         assert!(html.contains("q=a%26b&amp;page=3"), "{html}");
+        // Past the last page: shown as the last, its Previous the one before it.
+        let past = Params {
+            q: String::new(),
+            page: 5000,
+        };
+        let html = pager("audit", &[], &past, 120, "record");
+        assert!(html.contains("page 3 of 3"), "{html}");
+        assert!(html.contains("page=2\">Previous"), "{html}");
+        assert!(!html.contains("Next"), "{html}");
     }
 }
 
