@@ -867,7 +867,6 @@ fn denies_shadowed(routes: &[Option<Route>], at: &KeyPath, p: &mut Problems<'_>)
     }
 }
 
-/// Whether two rules name the same callers and methods (whatever their names and paths).
 /// Whether deny rule `wide` refuses every caller and method deny rule `narrow` does (their
 /// paths aside): all methods or more of them, and everyone signed in, or every group, user,
 /// domain and kind `narrow` names (names compared as rules compare them, without case).
@@ -2688,4 +2687,31 @@ fn iat_backdate(
 
 fn not_a_duration(raw: &str, e: humantime::DurationError) -> String {
     format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deny_covers_another_s_callers_only_if_it_refuses_all_of_them() {
+        let rule = |f: &dyn Fn(&mut RuleSpec)| {
+            let mut rule = RuleSpec::new("r");
+            f(&mut rule);
+            rule
+        };
+        let contractors = rule(&|r| r.groups = vec!["contractors".to_owned()]);
+        let everyone = rule(&|r| r.any_signed_in = true);
+        let more = rule(&|r| r.groups = vec!["Interns".to_owned(), "CONTRACTORS".to_owned()]);
+        let gets = rule(&|r| {
+            r.any_signed_in = true;
+            r.methods = Some(vec!["GET".to_owned()]);
+        });
+        assert!(covers_callers(&everyone, &contractors));
+        assert!(covers_callers(&more, &contractors));
+        assert!(!covers_callers(&contractors, &more));
+        assert!(!covers_callers(&contractors, &everyone));
+        // Of GETs only, it leaves the other methods.
+        assert!(!covers_callers(&gets, &contractors));
+    }
 }
