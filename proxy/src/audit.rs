@@ -56,14 +56,14 @@ const MAX_BATCH: usize = 1024;
 /// [`Audit::unverified_refusal`]); past it, they are counted instead.
 const UNVERIFIED_PER_SECOND: u32 = 100;
 
-/// Of those, recorded one by one each second for one client address: one flooding a route
-/// (bad SCIM tokens, forged logout tokens) leaves the rest of its budget to others, an IdP
-/// whose token has expired among them.
+/// Of those, the first this many each second go to whoever comes first; the rest only to
+/// client addresses (an IPv6 one by its /64) with fewer than [`UNVERIFIED_PER_CLIENT`]
+/// recorded that second. So one address flooding a route (bad SCIM tokens, forged logout
+/// tokens) leaves half its budget to others, an IdP whose token has expired among them; and
+/// clients that share an address (behind a load balancer without `trusted_proxies`) still
+/// have half of it.
+const UNVERIFIED_SHARED: u32 = 50;
 const UNVERIFIED_PER_CLIENT: u32 = 10;
-
-/// Client addresses whose refusals a second are told apart, at most (past it, a refusal is
-/// judged by its route's budget alone): a flood from many addresses grows nothing further.
-const MAX_CLIENTS_TOLD_APART: usize = 10_000;
 
 /// Refusals of one person's (or machine's, or agent's) requests recorded one by one each
 /// second on a route (see [`Audit::refusal`]); past it, they are counted instead. A browser's
@@ -463,8 +463,6 @@ impl Losses {
 struct Budgets {
     second: u64,
     routes: HashMap<String, HashMap<Caller, Budget>>,
-    /// Refusals that named nobody recorded this second, by route and client address.
-    clients: HashMap<(String, IpAddr), u32>,
 }
 
 /// Whose refusals a budget counts: requests that name nobody, or someone's (a person named
@@ -479,20 +477,25 @@ enum Caller {
 struct Budget {
     recorded: u32,
     unrecorded: u64,
+    /// Of refusals that named nobody, those recorded this second by client address (see
+    /// [`UNVERIFIED_SHARED`]): at most as many addresses as were recorded.
+    by_client: HashMap<IpAddr, u32>,
 }
 
 impl Budgets {
     /// Whether a refusal of `who` on `route` at `second` is recorded one by one (at most
     /// [`Caller::per_second`]); if not, it is counted.
-    /// One that names nobody from `client` is recorded one by one at most
-    /// [`UNVERIFIED_PER_CLIENT`] times a second, within its route's budget.
+    /// One that names nobody from `client` is recorded within its share (see
+    /// [`UNVERIFIED_SHARED`]).
     fn take(&mut self, who: &Caller, route: &str, client: Option<IpAddr>, second: u64) -> bool {
         if second != self.second {
             self.second = second;
-            self.clients.clear();
             for callers in self.routes.values_mut() {
                 callers.retain(|_, b| b.unrecorded > 0);
-                callers.values_mut().for_each(|b| b.recorded = 0);
+                callers.values_mut().for_each(|b| {
+                    b.recorded = 0;
+                    b.by_client.clear();
+                });
             }
             self.routes.retain(|_, callers| !callers.is_empty());
         }
@@ -504,18 +507,13 @@ impl Budgets {
             Some(budget) => budget,
             None => callers.entry(who.clone()).or_default(),
         };
-        let key = client
-            .filter(|_| *who == Caller::Anonymous)
-            .map(|ip| (route.to_owned(), ip));
-        let by_client = key
-            .as_ref()
-            .map_or(0, |key| self.clients.get(key).copied().unwrap_or_default());
-        if budget.recorded < who.per_second() && by_client < UNVERIFIED_PER_CLIENT {
+        let client = client.filter(|_| *who == Caller::Anonymous).map(network_of);
+        let by_client = client.map_or(0, |c| budget.by_client.get(&c).copied().unwrap_or(0));
+        let shared = budget.recorded < UNVERIFIED_SHARED || by_client < UNVERIFIED_PER_CLIENT;
+        if budget.recorded < who.per_second() && (client.is_none() || shared) {
             budget.recorded += 1;
-            if let Some(key) = key {
-                if by_client > 0 || self.clients.len() < MAX_CLIENTS_TOLD_APART {
-                    *self.clients.entry(key).or_default() += 1;
-                }
+            if let Some(client) = client {
+                *budget.by_client.entry(client).or_default() += 1;
             }
             return true;
         }
@@ -552,6 +550,15 @@ impl Budgets {
             .collect();
         counts.sort();
         counts
+    }
+}
+
+/// The address a client's share of a budget is kept by: an IPv4 one, or an IPv6 one's /64
+/// (one host may have all of it).
+fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
     }
 }
 
@@ -1895,15 +1902,17 @@ mod tests {
     }
 
     /// One address flooding a route with refusals that name nobody (bad SCIM tokens) spends
-    /// its own share of the route's budget, not others': an IdP's expired token, refused in
-    /// the same second, is still recorded one by one.
+    /// half the route's budget at most: an IdP's expired token, refused in the same second, is
+    /// still recorded one by one. An IPv6 host's /64 is one address.
     #[test]
     fn one_client_s_flood_leaves_the_route_s_budget_to_others() {
         let mut budgets = Budgets::default();
         let from = |ip: &str| Some(ip.parse::<IpAddr>().expect("an address"));
         let mut take = |client: Option<IpAddr>| budgets.take(&Caller::Anonymous, "scim", client, 7);
-        let flood = (0..500).filter(|_| take(from("203.0.113.9"))).count();
-        assert_eq!(flood, UNVERIFIED_PER_CLIENT as usize);
+        let flood = (0..500)
+            .filter(|i| take(from(&format!("2001:db8::{:x}", i % 7))))
+            .count();
+        assert_eq!(flood, UNVERIFIED_SHARED as usize);
         assert!(take(from("192.0.2.1")), "another client is recorded");
         // Many clients together still get the route's budget only.
         let many = (0..1000u32)
@@ -1911,9 +1920,15 @@ mod tests {
             .count();
         assert_eq!(
             many,
-            (UNVERIFIED_PER_SECOND - UNVERIFIED_PER_CLIENT - 1) as usize
+            (UNVERIFIED_PER_SECOND - UNVERIFIED_SHARED - 1) as usize
         );
         assert!(!take(None));
+        // Clients behind one address (a load balancer) still have the shared half.
+        let mut budgets = Budgets::default();
+        let one = (0..500)
+            .filter(|_| budgets.take(&Caller::Anonymous, "scim", from("10.0.0.1"), 7))
+            .count();
+        assert_eq!(one, UNVERIFIED_SHARED as usize);
     }
 
     #[test]
