@@ -10,7 +10,7 @@ use portcullis_policy::{Request, RuleSpec};
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Id, Index, Row};
 
-use super::{count, flag, link, pager, Console, Params, Shown, PAGE_SIZE};
+use super::{count, flag, link, page_skip, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::explain::{explain, lets_in, Who};
 use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
@@ -274,7 +274,7 @@ impl Console {
         html.push_str(
             "<div class=\"table\"><table><thead><tr><th>User</th><th>Gets in</th></tr></thead><tbody>",
         );
-        let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
+        let skip = page_skip(params, reach.users.len());
         let page: Vec<(Row, Via)> = reach
             .users
             .iter()
@@ -309,6 +309,7 @@ impl Console {
         html.push_str(&paged(reach.users.len(), "user"));
         if !reach.agents.is_empty() {
             html.push_str("<h2>Agents</h2><ul>");
+            let skip = page_skip(params, reach.agents.len());
             for (id, name) in reach.agents.iter().skip(skip).take(PAGE_SIZE) {
                 html.push_str(&format!(
                     "<li><a href=\"{}\">{}</a></li>",

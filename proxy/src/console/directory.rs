@@ -7,7 +7,9 @@ use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
 use super::PAGE_SIZE;
-use super::{contains_folded, count, flag, link, pager, search_form, Console, Params, Shown};
+use super::{
+    contains_folded, count, flag, link, page_skip, pager, search_form, Console, Params, Shown,
+};
 use crate::gate::person_key;
 use crate::human::{relative, timestamp};
 use crate::reply::escape;
@@ -26,18 +28,26 @@ fn list(
     params: &Params,
     matches: impl Fn(&Index, Row) -> bool,
 ) -> Listing {
-    let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
-    let mut total = 0;
-    let mut rows = Vec::with_capacity(PAGE_SIZE);
-    directory.scan(rt, |index, row| {
-        if matches(index, row) {
-            if total >= skip && rows.len() < PAGE_SIZE {
-                rows.push(row);
+    let scan = |skip: usize| {
+        let mut total = 0;
+        let mut rows = Vec::with_capacity(PAGE_SIZE);
+        directory.scan(rt, |index, row| {
+            if matches(index, row) {
+                if total >= skip && rows.len() < PAGE_SIZE {
+                    rows.push(row);
+                }
+                total += 1;
             }
-            total += 1;
-        }
-    });
-    Listing { total, rows }
+        });
+        Listing { total, rows }
+    };
+    let asked = (params.page.max(1) - 1).saturating_mul(PAGE_SIZE);
+    let listing = scan(asked);
+    // Past the last page (the total known only now): the last, as the pager shows it.
+    match page_skip(params, listing.total) {
+        skip if skip == asked => listing,
+        skip => scan(skip),
+    }
 }
 
 fn user_matches(user: &UserEntry, q: &str) -> bool {
@@ -330,7 +340,7 @@ impl Console {
             Some((row, index.members_of(row).collect::<Vec<Row>>()))
         })?;
         members.sort_unstable();
-        let skip = (params.page - 1).saturating_mul(PAGE_SIZE);
+        let skip = page_skip(params, members.len());
         let page: Vec<Row> = members.iter().skip(skip).take(PAGE_SIZE).copied().collect();
         self.directory.read(|index| {
             let group = index.group(row)?;

@@ -197,6 +197,13 @@ fn contains_folded(haystack: &str, needle: &str) -> bool {
 
 /// The previous/next links of a list of `total` items at `params`, for the list at `path`
 /// with the query parameters `fixed`.
+/// How many of `total` rows come before the page `params` asks for: a page past the last is
+/// the last (as [`pager`] shows it).
+fn page_skip(params: &Params, total: usize) -> usize {
+    let pages = total.div_ceil(PAGE_SIZE).max(1);
+    (params.page.clamp(1, pages) - 1) * PAGE_SIZE
+}
+
 fn pager(path: &str, fixed: &[(&str, &str)], params: &Params, total: usize, noun: &str) -> String {
     let pages = total.div_ceil(PAGE_SIZE).max(1);
     let here = |page: usize| {
@@ -404,6 +411,14 @@ mod pages {
         );
         assert!(text(&page3).contains("user119@corp.example"));
         assert!(!text(&page3).contains("user000@corp.example"));
+        // Past the last page: the last page's users, not an empty table.
+        let page9 = console.get("users", "page=9");
+        assert!(text(&page9).contains("page 3 of 3"), "{}", text(&page9));
+        assert!(
+            text(&page9).contains("user119@corp.example"),
+            "{}",
+            text(&page9)
+        );
 
         // alice: in platform directly, in eng through platform; no session yet.
         let page = console.get(&format!("users/{alice}"), "");
