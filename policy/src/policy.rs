@@ -134,22 +134,46 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 /// with other rules, where most frameworks serve another page.
 fn denied_within(prefix: &str, path: &str) -> bool {
     let holds = |path: &str| {
-        within(prefix, path, true) || page_name(prefix).is_some_and(|page| within(page, path, true))
+        within(prefix, path, true)
+            || page_name(prefix).is_some_and(|page| within(page, path, true))
+            || index_of(prefix).is_some_and(|dir| is_directory(dir, path))
     };
     holds(path) || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
 }
 
+/// The extensions of pages' files, which servers also serve by other names.
+const PAGES: [&str; 7] = ["php", "html", "htm", "shtml", "asp", "aspx", "jsp"];
+
 /// `prefix` without its last segment's extension, when that names a page's file (`.php`,
-/// `.html`, …): Apache's MultiViews, nginx's `try_files $uri $uri.php $uri.html` and static
-/// hosts' clean URLs serve `/admin` from `admin.php` (and `/admin/x` with `/x` as its path
-/// info). Other extensions (a version, `/api/v1.2`) are no file's.
+/// `.html`, …; a trailing `/` aside): Apache's MultiViews, nginx's `try_files $uri $uri.php
+/// $uri.html` and static hosts' clean URLs serve `/admin` from `admin.php` (and `/admin/x`
+/// with `/x` as its path info). Other extensions (a version, `/api/v1.2`) are no file's.
 fn page_name(prefix: &str) -> Option<&str> {
-    const PAGES: [&str; 7] = ["php", "html", "htm", "shtml", "asp", "aspx", "jsp"];
-    let (page, extension) = prefix.rsplit_once('.')?;
+    let file = prefix.strip_suffix('/').unwrap_or(prefix);
+    let (page, extension) = file.rsplit_once('.')?;
     let named = !extension.contains('/')
         && !page.ends_with('/')
         && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p));
     named.then_some(page)
+}
+
+/// The directory whose index page `prefix` names (`/admin/index.php`, `/default.aspx`): the
+/// page servers serve for the directory itself (Apache's `DirectoryIndex`, nginx's `index`,
+/// IIS's default documents). `""` for the root.
+fn index_of(prefix: &str) -> Option<&str> {
+    let (dir, file) = prefix.rsplit_once('/')?;
+    let (stem, extension) = file.split_once('.')?;
+    let index = ["index", "default"]
+        .iter()
+        .any(|i| stem.eq_ignore_ascii_case(i));
+    (index && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p))).then_some(dir)
+}
+
+/// Whether `path` is the directory `dir` itself (with or without its trailing `/`), as
+/// [`loosely_within`] reads paths: not a path under it.
+fn is_directory(dir: &str, path: &str) -> bool {
+    let dir = if dir.is_empty() { "/" } else { dir };
+    within(dir, path, false) && loose_depth(path) == loose_depth(dir)
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -1612,11 +1636,23 @@ mod tests {
         ] {
             assert!(denied_within(prefix, path), "{prefix} {path}");
         }
+        // A directory's index page: the directory itself, and nothing under it.
+        for (prefix, path) in [
+            ("/admin/index.php", "/admin/"),
+            ("/admin/index.php", "/ADMIN"),
+            ("/admin/index.php", "/admin;x/"),
+            ("/Default.aspx", "/"),
+            ("/admin.php/", "/admin"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
         for (prefix, path) in [
             ("/api/v1.2", "/api/v1"),
             ("/admin.php", "/adminx"),
             ("/.php", "/"),
-            ("/admin.php/", "/admin"),
+            ("/admin/index.php", "/admin/x"),
+            ("/admin/index.php", "/"),
+            ("/admin/indexes.php", "/admin/"),
         ] {
             assert!(!denied_within(prefix, path), "{prefix} {path}");
         }
