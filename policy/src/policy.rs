@@ -161,7 +161,10 @@ fn page_name(prefix: &str) -> Option<&str> {
 /// page servers serve for the directory itself (Apache's `DirectoryIndex`, nginx's `index`,
 /// IIS's default documents). `""` for the root.
 fn index_of(prefix: &str) -> Option<&str> {
-    let (dir, file) = prefix.rsplit_once('/')?;
+    let (dir, file) = prefix
+        .strip_suffix('/')
+        .unwrap_or(prefix)
+        .rsplit_once('/')?;
     let (stem, extension) = file.split_once('.')?;
     let index = ["index", "default"]
         .iter()
@@ -1643,6 +1646,8 @@ mod tests {
             ("/admin/index.php", "/admin;x/"),
             ("/Default.aspx", "/"),
             ("/admin.php/", "/admin"),
+            ("/admin/index.php/", "/admin/"),
+            ("/admin/index.php", "/index.php/admin"),
         ] {
             assert!(denied_within(prefix, path), "{prefix} {path}");
         }
@@ -1651,6 +1656,7 @@ mod tests {
             ("/admin.php", "/adminx"),
             ("/.php", "/"),
             ("/admin/index.php", "/admin/x"),
+            ("/admin/index.php", "/admin.json"),
             ("/admin/index.php", "/"),
             ("/admin/indexes.php", "/admin/"),
         ] {

@@ -28,26 +28,23 @@ fn list(
     params: &Params,
     matches: impl Fn(&Index, Row) -> bool,
 ) -> Listing {
-    let scan = |skip: usize| {
-        let mut total = 0;
-        let mut rows = Vec::with_capacity(PAGE_SIZE);
-        directory.scan(rt, |index, row| {
-            if matches(index, row) {
-                if total >= skip && rows.len() < PAGE_SIZE {
-                    rows.push(row);
-                }
-                total += 1;
-            }
-        });
-        Listing { total, rows }
-    };
     let asked = (params.page.max(1) - 1).saturating_mul(PAGE_SIZE);
-    let listing = scan(asked);
-    // Past the last page (the total known only now): the last, as the pager shows it.
-    match page_skip(params, listing.total) {
-        skip if skip == asked => listing,
-        skip => scan(skip),
-    }
+    let mut total = 0;
+    let mut rows = Vec::with_capacity(PAGE_SIZE);
+    directory.scan(rt, |index, row| {
+        if matches(index, row) {
+            // Until the page asked for is reached, each page's rows replace the last's: one
+            // past the last shows the last, as the pager does, from this one reading.
+            if total % PAGE_SIZE == 0 && total <= asked {
+                rows.clear();
+            }
+            if rows.len() < PAGE_SIZE {
+                rows.push(row);
+            }
+            total += 1;
+        }
+    });
+    Listing { total, rows }
 }
 
 fn user_matches(user: &UserEntry, q: &str) -> bool {

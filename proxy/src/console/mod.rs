@@ -195,8 +195,6 @@ fn contains_folded(haystack: &str, needle: &str) -> bool {
     portcullis_policy::fold(haystack).contains(needle)
 }
 
-/// The previous/next links of a list of `total` items at `params`, for the list at `path`
-/// with the query parameters `fixed`.
 /// How many of `total` rows come before the page `params` asks for: a page past the last is
 /// the last (as [`pager`] shows it).
 fn page_skip(params: &Params, total: usize) -> usize {
@@ -204,6 +202,8 @@ fn page_skip(params: &Params, total: usize) -> usize {
     (params.page.clamp(1, pages) - 1) * PAGE_SIZE
 }
 
+/// The previous/next links of a list of `total` items at `params`, for the list at `path`
+/// with the query parameters `fixed`.
 fn pager(path: &str, fixed: &[(&str, &str)], params: &Params, total: usize, noun: &str) -> String {
     let pages = total.div_ceil(PAGE_SIZE).max(1);
     let here = |page: usize| {
