@@ -67,7 +67,28 @@ struct Rule {
     effect: Effect,
     methods: Option<MethodSet>,
     /// Longest first, so the prefix a reason names is the most specific one.
-    paths: Option<Box<[Box<str>]>>,
+    paths: Option<Box<[Prefix]>>,
+}
+
+/// A rule's path prefix, and the other names of what it names that deny rules also read it
+/// by (see [`denied_within`]), worked out once rather than for every request.
+#[derive(Debug, Clone, PartialEq)]
+struct Prefix {
+    text: Box<str>,
+    /// Without its page's extension ([`page_name`]).
+    page: Option<Box<str>>,
+    /// The directory whose index page it names ([`index_of`]).
+    directory: Option<Box<str>>,
+}
+
+impl Prefix {
+    fn new(text: &str) -> Self {
+        Self {
+            text: text.into(),
+            page: page_name(text).map(Into::into),
+            directory: index_of(text).map(Into::into),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -132,11 +153,17 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 /// deny rules read a path, so that a deny only ever refuses more. Route selection reads none
 /// of these: it would move `/status.json` from the route that holds it to a `/status` route
 /// with other rules, where most frameworks serve another page.
-fn denied_within(prefix: &str, path: &str) -> bool {
+fn denied_within(prefix: &Prefix, path: &str) -> bool {
     let holds = |path: &str| {
-        within(prefix, path, true)
-            || page_name(prefix).is_some_and(|page| within(page, path, true))
-            || index_of(prefix).is_some_and(|dir| is_directory(dir, path))
+        within(&prefix.text, path, true)
+            || prefix
+                .page
+                .as_deref()
+                .is_some_and(|page| within(page, path, true))
+            || prefix
+                .directory
+                .as_deref()
+                .is_some_and(|dir| is_directory(dir, path))
     };
     holds(path) || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
 }
@@ -275,10 +302,10 @@ impl Rule {
                 .is_none_or(|prefixes| prefixes.iter().any(|prefix| self.within(prefix, path)))
     }
 
-    fn within(&self, prefix: &str, path: &str) -> bool {
+    fn within(&self, prefix: &Prefix, path: &str) -> bool {
         match self.effect {
             Effect::Deny => denied_within(prefix, path),
-            Effect::Allow => prefix_matches(prefix, path),
+            Effect::Allow => prefix_matches(&prefix.text, path),
         }
     }
 
@@ -287,7 +314,7 @@ impl Rule {
             .as_ref()?
             .iter()
             .find(|prefix| self.within(prefix, path))
-            .map(|prefix| &**prefix)
+            .map(|prefix| &*prefix.text)
     }
 }
 
@@ -915,7 +942,7 @@ impl Builder {
             }
             prefixes.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
             prefixes.dedup();
-            prefixes.into_boxed_slice()
+            prefixes.iter().map(|prefix| Prefix::new(prefix)).collect()
         });
 
         self.errors.append(&mut errors);
@@ -932,6 +959,11 @@ impl Builder {
 mod tests {
     use super::*;
     use crate::GroupRef;
+
+    /// [`super::denied_within`] of a prefix as a rule compiles it.
+    fn denied_within(prefix: &str, path: &str) -> bool {
+        super::denied_within(&Prefix::new(prefix), path)
+    }
 
     fn strings(values: &[&str]) -> Vec<String> {
         values.iter().map(|v| (*v).to_owned()).collect()
