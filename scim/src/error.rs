@@ -113,6 +113,19 @@ impl From<PathError> for ScimError {
     }
 }
 
+/// `error` and its causes, each after the one it caused (`postgres::Error` says only "db
+/// error", openidconnect's "Request failed": their causes say why). Shared with the proxy.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

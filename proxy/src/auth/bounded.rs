@@ -32,19 +32,6 @@ pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u
     Ok(body)
 }
 
-/// `error` and its causes, each after the one it caused: the flows' errors say only what
-/// failed ("Request failed"), their causes why.
-pub fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
-
 /// The HTTP client the OpenID Connect flows are given: reqwest's, with bounded responses.
 #[derive(Clone)]
 pub struct Client(pub reqwest::Client);

@@ -269,7 +269,12 @@ impl Oidc {
         // must: see `bounded::Client`, which also fetches the keys, during discovery.
         let metadata = Metadata::discover_async(issuer_url, &bounded::Client(self.http.clone()))
             .await
-            .map_err(|e| format!("discovery of {issuer} failed: {}", bounded::causes(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "discovery of {issuer} failed: {}",
+                    portcullis_scim::error::with_causes(&e)
+                )
+            })?;
         // And every endpoint it names, before any is used: UserInfo is called with the
         // client's own HTTP client, and the browser is sent to the others.
         let endpoints = [

@@ -122,14 +122,7 @@ fn lock_timeout_setup(max_staleness: Duration) -> String {
 /// The error with its causes (`postgres::Error` alone says only "db error"). Server messages
 /// name objects and options, never the connection's password.
 fn backend(e: impl std::error::Error) -> StoreError {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    StoreError::Backend(message)
+    StoreError::Backend(crate::error::with_causes(&e))
 }
 
 /// Connects as the URL asks: over TLS (verified against the system's roots) unless
