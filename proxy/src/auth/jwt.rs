@@ -286,7 +286,7 @@ impl Jwks {
     }
 
     /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`).
-    /// A failed fetch keeps the last good set. A set that has not changed is kept as it is,
+    /// A failed fetch keeps the last good set (an outage at the IdP). A set that has not changed is kept as it is,
     /// and so is what was verified with it.
     pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
         let mut last = self.last_fetch.lock().await;
@@ -297,16 +297,17 @@ impl Jwks {
         let keys = self.fetch().await;
         match keys {
             Ok(keys) if self.raw().is_some_and(|raw| *raw == *keys.raw) => Ok(()),
-            // An issuer always publishes a key it signs with: a set with none Portcullis can
-            // use is an outage at the IdP, not every key withdrawn at once.
-            Ok(keys) if keys.is_empty() && self.keys.load().is_some() => {
-                tracing::warn!(
-                    uri = %self.uri,
-                    "the key set has no signing key Portcullis can use; keeping the last one"
-                );
-                Err(JwtError::KeysUnavailable)
-            }
+            // The set the issuer publishes is the keys it vouches for, even when Portcullis can
+            // use none of them: a key left out was withdrawn (the IdP's admin disabled it, or
+            // moved to an algorithm Portcullis does not take), and stops verifying.
             Ok(keys) => {
+                if keys.is_empty() {
+                    tracing::warn!(
+                        uri = %self.uri,
+                        "the key set has no signing key Portcullis can use: no token of this \
+                         issuer verifies until it publishes one"
+                    );
+                }
                 self.keys.store(Some(Arc::new(keys)));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 Ok(())
