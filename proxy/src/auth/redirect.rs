@@ -4,9 +4,10 @@
 //! `/.portcullis/sign_in`, which anyone can craft; an open redirect there would let a phishing
 //! link borrow the company's sign-in page. So the rule is strict and simple: an absolute
 //! `http`/`https` URL whose host is exactly a configured host (or matches a configured
-//! `*.` wildcard), without user info; or a path on the current host that cannot be read as
-//! anything else. Everything else — protocol-relative `//x`, backslashes, control characters,
-//! `https:x` without slashes, percent-encoded slashes, look-alike hosts — is refused.
+//! `*.` wildcard), without user info, and `https` when sign-in is; or a path on the current
+//! host that cannot be read as anything else. Everything else — protocol-relative `//x`,
+//! backslashes, control characters, `https:x` without slashes, percent-encoded slashes,
+//! look-alike hosts — is refused.
 
 /// Hosts a return URL may point at: lower-case names, and `*.suffix` wildcards.
 #[derive(Debug, Default, Clone)]
@@ -70,6 +71,11 @@ pub fn safe_return_url(raw: &str, origin: &str, hosts: &Hosts) -> Option<String>
     if !url.username().is_empty() || url.password().is_some() {
         return None;
     }
+    // Signed in over TLS, the session's cookie is `Secure`: sent back over plain http it
+    // would carry none, and the page there is anyone's on the network to answer.
+    if origin.starts_with("https://") && url.scheme() != "https" {
+        return None;
+    }
     let host = url.host_str()?;
     hosts.contains(host).then(|| url.to_string())
 }
@@ -96,10 +102,6 @@ mod tests {
             (
                 "https://CORP.example.com:8443/a",
                 "https://corp.example.com:8443/a",
-            ),
-            (
-                "http://auth.corp.example.com/",
-                "http://auth.corp.example.com/",
             ),
             (
                 "https://grafana.apps.example.com/d",
@@ -135,6 +137,8 @@ mod tests {
             "javascript:alert(1)",
             "data:text/html,hi",
             "ftp://corp.example.com/",
+            "http://auth.corp.example.com/",
+            "HTTP://corp.example.com/a",
             " https://corp.example.com/",
             "",
         ];
@@ -145,5 +149,15 @@ mod tests {
                 "{raw:?} must be refused"
             );
         }
+        // Where sign-in itself is over plain http (a demo, a lab), so may the return be.
+        assert_eq!(
+            safe_return_url(
+                "http://auth.corp.example.com/",
+                "http://corp.example.com",
+                &hosts
+            )
+            .as_deref(),
+            Some("http://auth.corp.example.com/")
+        );
     }
 }
