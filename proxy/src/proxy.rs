@@ -1900,7 +1900,10 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
 
 /// Whether an `OPTIONS` request without a body is a CORS preflight (Fetch standard,
 /// CORS-preflight request): with `Origin` and `Access-Control-Request-Method`, and nothing
-/// that would keep it open (no upgrade, no event stream).
+/// that would keep it open (no upgrade, no event stream). The upstream must see it as one:
+/// a `Connection` naming headers (`Connection: Origin, Access-Control-Request-Method`) has
+/// them removed on the way, and an `OPTIONS` without them is an ordinary request to its
+/// handler. Browsers send `Connection` only as `keep-alive` or `close`.
 fn is_cors_preflight(req: &RequestHeader) -> bool {
     let headers = &req.headers;
     req.method == http::Method::OPTIONS
@@ -1908,6 +1911,9 @@ fn is_cors_preflight(req: &RequestHeader) -> bool {
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
         && !headers.contains_key(header::UPGRADE)
         && !accepts(headers, b"text/event-stream")
+        && list_elements(headers, &header::CONNECTION).all(|option| {
+            option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close")
+        })
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours. A

@@ -2336,6 +2336,13 @@ async fn cors_preflights_reach_the_upstream_only_where_the_route_lets_them() {
                 .header(ORIGIN, &origin),
         ),
         ("a body", preflight("api.corp.test").body("x=1")),
+        // Its headers named in `Connection` would be removed before the upstream: there it
+        // is an OPTIONS to the path's handler, with the caller's query.
+        (
+            "Connection naming its headers",
+            preflight("api.corp.test")
+                .header("connection", "Origin, Access-Control-Request-Method"),
+        ),
         (
             "a GET",
             bare_client()
