@@ -237,6 +237,10 @@ impl Proxy {
             .runtime
             .as_ref()
             .map(|r| OwnCookies::new(r.session_cookie(), &earlier));
+        if ctx.preflight {
+            preflight_answer(response);
+            return Ok(());
+        }
         let identified = ctx.caller.is_some();
         let edits = edit_answer(response, session_cookie, identified)?;
         // An upstream that keys its answer on who is calling (`Vary: X-Portcullis-User`) keys
@@ -399,6 +403,9 @@ pub struct RequestCtx {
     recheck: Option<Arc<Recheck>>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
+    /// A CORS preflight let through as nobody's: its answer goes back as one (see
+    /// [`preflight_answer`]).
+    preflight: bool,
     /// On a `*.` route that sends the assertion, the URL of the host served (`https://a.apps`).
     served: Option<Box<str>>,
     registration: Option<Registration>,
@@ -482,6 +489,7 @@ impl ProxyHttp for Proxy {
             decided_at: None,
             recheck: None,
             long_lived: false,
+            preflight: false,
             served: None,
             registration: None,
             _in_flight: InFlight::begin(),
@@ -797,6 +805,7 @@ impl ProxyHttp for Proxy {
         let judged = caller.is_some() || long_lived;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
+        ctx.preflight = preflight;
         ctx.forward = pass.forward;
         let declared = content_length(req);
         if declared.is_some_and(|len| len > route.config.max_request_body_bytes) {
@@ -1047,11 +1056,14 @@ impl ProxyHttp for Proxy {
     fn response_body_filter(
         &self,
         session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<std::time::Duration>> {
         ctx.still_allowed(&self.shared, session.req_header())?;
+        if ctx.preflight {
+            *body = None;
+        }
         Ok(None)
     }
 
@@ -1928,6 +1940,30 @@ fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
 fn asks_for_websocket(req: &RequestHeader) -> bool {
     list_elements(&req.headers, &header::UPGRADE)
         .any(|token| token.eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Makes an upstream's answer to a preflight let through as nobody's what a browser reads of
+/// one: its status, `Access-Control-*` and `Vary`, without a body. A handler that answers any
+/// method (a Django view, a Go handler that never looks at it) would otherwise hand its page,
+/// with whatever it sets, to anyone who sends an `Origin` and `Access-Control-Request-Method`.
+fn preflight_answer(response: &mut http::response::Parts) {
+    let dropped: Vec<HeaderName> = (response.headers.keys())
+        .filter(|name| !name.as_str().starts_with("access-control-") && **name != header::VARY)
+        .cloned()
+        .collect();
+    for name in dropped {
+        response.headers.remove(name);
+    }
+    // RFC 9110 §8.6: no length on a 204 (nor a 304, which is no answer to a preflight).
+    if !matches!(
+        response.status,
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    ) && !response.status.is_informational()
+    {
+        response
+            .headers
+            .insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
+    }
 }
 
 /// The elements of the comma-separated list that the `name` field lines of `headers` make

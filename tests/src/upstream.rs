@@ -384,6 +384,23 @@ async fn handle(
         );
         h.insert("x-end-to-end", header::HeaderValue::from_static("kept"));
     }
+    // A CORS preflight is answered as a CORS library does, and by the handler as well (the
+    // echo), as one that answers any method would.
+    if parts.method == hyper::Method::OPTIONS
+        && parts
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        if let Some(origin) = parts.headers.get(header::ORIGIN).cloned() {
+            let h = resp.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                header::HeaderValue::from_static("true"),
+            );
+            h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+        }
+    }
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
