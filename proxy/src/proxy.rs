@@ -569,6 +569,22 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // TRACE (and Microsoft's TRACK) has the upstream echo the request it received: the
+        // signed assertion and the identity headers, which are the upstream's to read, would
+        // go back to the client, to be replayed to the upstream past Portcullis for as long
+        // as the assertion lasts. Refused, as nginx does.
+        if matches!(req.method.as_str(), "TRACE" | "TRACK") {
+            return self
+                .refuse_as_sent(
+                    session,
+                    ctx.client_ip,
+                    NO_ROUTE,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "a request was refused: TRACE echoes what upstreams are told",
+                )
+                .await;
+        }
+
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {

@@ -299,7 +299,8 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
 /// A method rule holds however a framework could read the method: HEAD runs the GET handler
 /// (Express, Flask, Spring, Go), and Laravel and Symfony take a POST's `_method` parameter.
 /// A method is case-sensitive: Go and PHP keep `get` as sent, which is not GET (a handler's
-/// `if r.Method == "GET" { show } else { act }` acts), so one with lower case is refused.
+/// `if r.Method == "GET" { show } else { act }` acts), so one with lower case is refused. TRACE
+/// is refused everywhere: it would echo what the upstream is told.
 #[tokio::test(flavor = "multi_thread")]
 async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     let t = Hardened::start().await;
@@ -325,6 +326,9 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
         ("get /reports/q3 HTTP/1.1", 400),
         ("Get /reports/q3 HTTP/1.1", 400),
         ("delete /items/1 HTTP/1.1", 400),
+        // An upstream that echoes a TRACE would hand back the signed assertion.
+        ("TRACE /work HTTP/1.1", 405),
+        ("TRACK /work HTTP/1.1", 405),
     ];
     for &(line, status) in table {
         let (got, received) = t
@@ -352,6 +356,7 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     )
     .await;
     audited(&t.fx.px, &["a method in lower case", "/reports/q3"]).await;
+    audited(&t.fx.px, &["TRACE echoes", "/work"]).await;
 }
 
 /// Another app's cookie that is not ASCII (`lang=français`, set by an upstream on this host or
