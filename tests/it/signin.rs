@@ -2912,6 +2912,20 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     assert_eq!(resp.status(), StatusCode::OK);
     let echo = Echo::parse(&resp.bytes().await.unwrap());
     assert_eq!(echo.header("cookie"), Some("theme=dark"));
+
+    // So a sign-out ends the old cookie's session as well: renamed back, it would let in
+    // again someone who had signed out.
+    let resp = fx
+        .sign_out(&format!(
+            "{SESSION_COOKIE}={}; renamed_session={again}",
+            signed.cookie
+        ))
+        .await;
+    assert!(resp.status().is_redirection(), "{}", resp.status());
+    fx.px.rewrite_config(&fx.cfg.toml());
+    fx.px.reload_and_wait().await;
+    let resp = get_with_cookie(&url, SESSION_COOKIE, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "renamed back");
 }
 
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has

@@ -414,14 +414,26 @@ impl Auth {
         // holds: a sign-out that said so but left a session alive (one hidden by a jar stuffed
         // by a sibling host, or behind another cookie of the name set for a longer path)
         // would be worse than none.
-        let name = session_cookie_name(oidc, req.tls);
+        // And the sessions of the cookie's other spellings and earlier names: they vouch for
+        // no one now, but would again were the name (or `cookie_domain`) set back as it was.
+        let earlier = self.sessions.cookie_names();
+        let mut names = vec![session_cookie_name(oidc, req.tls).into_owned()];
+        for name in std::iter::once(oidc.cookie_name.as_str()).chain(earlier.iter().map(|n| &**n)) {
+            names.extend([
+                format!("__Host-{name}"),
+                format!("__Secure-{name}"),
+                name.into(),
+            ]);
+        }
         let mut current: Vec<_> = Vec::new();
-        for id in cookies_in_any_jar(session.req_header(), &name) {
-            let Some((key, s)) = self.sessions.get(id) else {
-                continue;
-            };
-            if current.iter().all(|(k, _, _)| *k != key) {
-                current.push((key, s.identity.clone(), s.id_token(id)));
+        for name in &names {
+            for id in cookies_in_any_jar(session.req_header(), name) {
+                let Some((key, s)) = self.sessions.get(id) else {
+                    continue;
+                };
+                if current.iter().all(|(k, _, _)| *k != key) {
+                    current.push((key, s.identity.clone(), s.id_token(id)));
+                }
             }
         }
         // And the sessions of the same sign-in at the IdP (its `sid`) on other hosts: without a
