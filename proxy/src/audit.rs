@@ -10,8 +10,9 @@
 //!
 //! Recording never blocks the request path: records go over a bounded channel to one writer
 //! thread, which appends whatever has queued up at once (one write and fsync, or one INSERT).
-//! If the channel is full (the store cannot keep up), the record is dropped, counted and
-//! logged; SCIM changes dropped that way, or lost to a crash before the write, are still in
+//! With PostgreSQL, records it cannot take wait in a file beside the log until it can
+//! ([`Spool`]). If the channel is full (the store cannot keep up), the record is dropped,
+//! counted and logged; SCIM changes dropped that way, or lost to a crash before the write, are still in
 //! the directory's own change table, and the file gets them at the next start
 //! ([`Audit::recover_changes`]; the position kept beside the log stays short of the first
 //! change dropped, see [`Losses`]). The file may be rotated by moving it away: the writer then
@@ -43,6 +44,8 @@ use portcullis_scim::store::postgres::{AuditLog, AuditRow};
 use portcullis_scim::store::{Change, ChangeSink};
 
 pub const FILE_NAME: &str = "audit.jsonl";
+/// With `[postgres]`, where the records PostgreSQL could not take wait for it, in `data_dir`.
+pub const SPOOL_NAME: &str = "audit-spool.jsonl";
 
 /// The `user` of a record of a request that names nobody Portcullis can trust.
 const ANONYMOUS: &str = "anonymous";
@@ -93,22 +96,23 @@ fn bounded(text: &str, max: usize) -> String {
 }
 
 /// How often the writer tries to append a batch before it drops it; it waits a second after
-/// each failure (PostgreSQL restarting), while new records queue up.
+/// each failure (a full disk), while new records queue up.
 const ATTEMPTS: u32 = 10;
 
 /// Where the records are kept.
 pub enum Destination {
     /// `data_dir/audit.jsonl`: one machine's log.
     File(PathBuf),
-    /// The fleet's table in PostgreSQL (`[postgres]`).
-    Postgres(Box<AuditLog>),
+    /// The fleet's table in PostgreSQL (`[postgres]`), and the file records wait in while it
+    /// cannot take them ([`Spool`]).
+    Postgres(Box<AuditLog>, PathBuf),
 }
 
 impl Destination {
     /// Where the records of the configuration in `data_dir`, with `postgres`, are kept.
     pub fn of(data_dir: &Path, postgres: Option<AuditLog>) -> Destination {
         match postgres {
-            Some(log) => Destination::Postgres(Box::new(log)),
+            Some(log) => Destination::Postgres(Box::new(log), data_dir.join(SPOOL_NAME)),
             None => Destination::File(data_dir.join(FILE_NAME)),
         }
     }
@@ -619,14 +623,14 @@ impl Audit {
     /// appending first. `read_from` is the same log, for reading it back (with `[postgres]`,
     /// a connection of its own).
     pub fn open(destination: Destination, read_from: Destination) -> Result<Self, String> {
-        let changes_in_store = matches!(destination, Destination::Postgres(_));
+        let changes_in_store = matches!(destination, Destination::Postgres(..));
         let file = match &destination {
             Destination::File(path) => Some(path.clone()),
-            Destination::Postgres(_) => None,
+            Destination::Postgres(..) => None,
         };
         let mut store = match destination {
             Destination::File(path) => Store::File(LogFile::open(path)?),
-            Destination::Postgres(log) => Store::Postgres(log),
+            Destination::Postgres(log, spool) => Store::Postgres(log, Spool::open(spool)?),
         };
         let (queue, records) = mpsc::sync_channel(QUEUE);
         let budgets = Arc::new(Mutex::new(Budgets::default()));
@@ -964,21 +968,173 @@ fn now() -> String {
 /// An open [`Destination`].
 enum Store {
     File(LogFile),
-    Postgres(Box<AuditLog>),
+    Postgres(Box<AuditLog>, Spool),
 }
 
 impl Store {
     /// Appends `lines` (each a record and its newline) durably; `position`, if any, is where
-    /// the log then stands: the last SCIM change up to which every change is written.
+    /// the log then stands: the last SCIM change up to which every change is written. With
+    /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
+    /// go to it after those kept before them once it can.
     fn append(&mut self, lines: &[String], position: Option<u64>) -> Result<(), String> {
         match self {
             Store::File(file) => file.append(lines, position),
-            Store::Postgres(log) => {
-                let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
-                log.append(&records).map_err(|e| format!("PostgreSQL: {e}"))
+            Store::Postgres(log, spool) => {
+                let none_waits = spool.is_empty() || spool.move_to(log);
+                if lines.is_empty() {
+                    return Ok(());
+                }
+                if none_waits {
+                    let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
+                    match log.append(&records) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => spool.postgres_failed(&e.to_string()),
+                    }
+                }
+                spool.append(lines)
             }
         }
     }
+
+    /// Whether records wait to be moved on though no new one comes ([`Spool`]).
+    fn waits(&self) -> bool {
+        matches!(self, Store::Postgres(_, spool) if !spool.is_empty())
+    }
+}
+
+/// The records PostgreSQL could not take (down, restarting, unreachable), kept in
+/// `data_dir/audit-spool.jsonl` until it can: appended and synced as the log file is, and
+/// moved to the table in one transaction, oldest first, before any record written after them;
+/// PostgreSQL is asked again at most every [`SPOOL_RETRY`]. A crash between the move's
+/// commit and the file's truncation has the records moved again at the next start: kept
+/// twice, never lost.
+struct Spool {
+    path: PathBuf,
+    /// Bytes the file holds: 0 when no record waits.
+    held: u64,
+    /// When PostgreSQL may be asked again.
+    retry_at: std::time::Instant,
+}
+
+/// How often PostgreSQL is asked again while records wait for it in the spool.
+const SPOOL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The most the spool holds; past it, records are dropped (and counted).
+const SPOOL_MAX_BYTES: u64 = 256 << 20;
+
+impl Spool {
+    /// The spool at `path`, holding what an earlier run could not move (if anything).
+    fn open(path: PathBuf) -> Result<Self, String> {
+        let held = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Ok(Self {
+            path,
+            held,
+            retry_at: std::time::Instant::now(),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held == 0
+    }
+
+    fn postgres_failed(&mut self, why: &str) {
+        if self.is_empty() {
+            tracing::warn!(
+                target: "audit",
+                "PostgreSQL cannot take audit records ({why}): keeping them in {} until it can",
+                self.path.display()
+            );
+        }
+        self.retry_at = std::time::Instant::now() + SPOOL_RETRY;
+    }
+
+    /// Appends `lines` and syncs them.
+    fn append(&mut self, lines: &[String]) -> Result<(), String> {
+        let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
+        if self.held.saturating_add(bytes) > SPOOL_MAX_BYTES {
+            return Err(format!(
+                "{} holds {} MiB already, waiting for PostgreSQL",
+                self.path.display(),
+                SPOOL_MAX_BYTES >> 20
+            ));
+        }
+        let cannot = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
+        let mut file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(cannot)?;
+        // A record a crash cut short stands alone, unread, taking none after it down.
+        let len = file.metadata().map_err(cannot)?.len();
+        let mut text = String::with_capacity(bytes as usize + 1);
+        if len > 0 && !ends_with_newline(&self.path, len) {
+            text.push('\n');
+        }
+        lines.iter().for_each(|line| text.push_str(line));
+        file.write_all(text.as_bytes()).map_err(cannot)?;
+        file.sync_data().map_err(cannot)?;
+        self.held = len + text.len() as u64;
+        Ok(())
+    }
+
+    /// Moves every record waiting to PostgreSQL, if it is time to ask it; whether none waits
+    /// any longer.
+    fn move_to(&mut self, log: &mut AuditLog) -> bool {
+        if std::time::Instant::now() < self.retry_at {
+            return false;
+        }
+        let text = match std::fs::read(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::error!(target: "audit", "cannot read {}: {e}", self.path.display());
+                self.retry_at = std::time::Instant::now() + SPOOL_RETRY;
+                return false;
+            }
+        };
+        // Whole records only: a last line a crash cut short is no record.
+        let records: Vec<&str> = text
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|line| line.ends_with(b"\n"))
+            .filter_map(|line| std::str::from_utf8(line).ok())
+            .map(str::trim_end)
+            .filter(|line| !line.is_empty())
+            .collect();
+        let batches: Vec<&[&str]> = records.chunks(MAX_BATCH).collect();
+        if let Err(e) = log.append_batches(&batches) {
+            self.postgres_failed(&e.to_string());
+            return false;
+        }
+        let emptied = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&self.path)
+            .and_then(|file| file.sync_all());
+        if let Err(e) = emptied {
+            // Moved, and still here: the next move keeps them twice (never none).
+            tracing::error!(target: "audit", "cannot empty {}: {e}", self.path.display());
+        }
+        tracing::info!(
+            target: "audit",
+            "moved {} audit records kept while PostgreSQL could not take them",
+            records.len()
+        );
+        self.held = 0;
+        true
+    }
+}
+
+/// Whether the file at `path`, `len` bytes long, ends with a newline.
+fn ends_with_newline(path: &Path, len: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut last = [0u8];
+    File::open(path)
+        .and_then(|file| file.read_exact_at(&mut last, len - 1))
+        .is_ok_and(|()| last[0] == b'\n')
 }
 
 /// The log file, followed through rotation: when the file at its path is no longer the one
@@ -1164,7 +1320,7 @@ fn write_loop(
                 encode(&mut lines, &mut changes, &entry);
             }
         }
-        if !lines.is_empty() || moved {
+        if !lines.is_empty() || moved || store.waits() {
             let position = match changes {
                 Some((_, last)) => Some(last.max(through)),
                 None => moved.then_some(through),
@@ -1499,7 +1655,7 @@ fn each(
             };
             read.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         }
-        Destination::Postgres(log) => {
+        Destination::Postgres(log, _) => {
             // Two logs, each in order, merged by time.
             let fail = |e| format!("cannot read the audit log from PostgreSQL: {e}");
             let newest = order == Order::NewestFirst;

@@ -905,6 +905,18 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
     // SCIM writes are refused during the gap, not acknowledged and lost.
     let during = a.scim.post("/Users", &user("written-during-the-gap")).await;
     assert_eq!(during.status, 503, "{}", during.body);
+    // A refusal during the gap is kept on A's disk until PostgreSQL is back (however long
+    // that takes), then reaches the fleet's log.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    parts[2] = "A".repeat(parts[2].len());
+    let forged = parts.join(".");
+    assert_eq!(status_once(&a.api_url("/in-the-gap"), &forged).await, 401);
+    let spool = a.px.dir().join("data/audit-spool.jsonl");
+    let kept = eventually(Duration::from_secs(30), || async {
+        std::fs::read_to_string(&spool).is_ok_and(|text| text.contains("/in-the-gap"))
+    })
+    .await;
+    assert!(kept, "the refusal is not kept in {}", spool.display());
 
     fleet.pg.start_again().await;
     for (name, replica) in ["A", "B"].iter().zip([&a, &b]) {
@@ -925,6 +937,22 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
             "{url}: revoked before the gap"
         );
     }
+    let moved = eventually(Duration::from_secs(30), || async {
+        audit_records(&b)
+            .await
+            .iter()
+            .any(|record| record["path"] == "/in-the-gap")
+    })
+    .await;
+    assert!(
+        moved,
+        "the refusal made during the gap is not in the fleet's log"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&spool).unwrap(),
+        "",
+        "moved, and kept"
+    );
     // And the fleet takes writes again.
     set_active(&b.scim, &other, false).await.expect_success();
     a.scim

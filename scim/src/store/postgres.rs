@@ -1179,6 +1179,19 @@ impl AuditLog {
         })
     }
 
+    /// Appends `batches` in order, in one transaction: all of them or none.
+    pub fn append_batches(&mut self, batches: &[&[&str]]) -> Result<(), StoreError> {
+        self.conn.run(|conn| {
+            let insert =
+                conn.prepare("INSERT INTO portcullis_audit (record) SELECT unnest($1::text[])")?;
+            let mut transaction = conn.client.transaction().map_err(backend)?;
+            for records in batches {
+                transaction.execute(&insert, &[records]).map_err(backend)?;
+            }
+            transaction.commit().map_err(backend)
+        })
+    }
+
     /// Up to `limit` directory changes with a sequence above `after`, in order: the SCIM part
     /// of the audit, kept exactly once by the commit that made each.
     pub fn changes(&mut self, after: Seq, limit: i64) -> Result<Vec<Change>, StoreError> {
