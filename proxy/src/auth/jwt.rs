@@ -253,7 +253,16 @@ pub struct Jwks {
     keys: ArcSwapOption<Keys>,
     /// Counts the key sets installed, so what was verified against an older one is known.
     generation: AtomicU64,
-    last_fetch: Mutex<Option<Instant>>,
+    fetches: Mutex<Fetches>,
+}
+
+/// When the key set was fetched, and since when it has held no key Portcullis can use.
+#[derive(Default)]
+struct Fetches {
+    last: Option<Instant>,
+    /// Since when every fetch has found a set with no usable key, while the last usable one
+    /// is kept (see [`Jwks::refresh`]).
+    unusable_since: Option<Instant>,
 }
 
 impl Jwks {
@@ -263,7 +272,7 @@ impl Jwks {
             http,
             keys: ArcSwapOption::empty(),
             generation: AtomicU64::new(0),
-            last_fetch: Mutex::new(None),
+            fetches: Mutex::new(Fetches::default()),
         }
     }
 
@@ -272,51 +281,91 @@ impl Jwks {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Whether the installed set holds a key Portcullis can use.
+    pub fn has_usable_key(&self) -> bool {
+        self.keys
+            .load()
+            .as_ref()
+            .is_some_and(|keys| !keys.is_empty())
+    }
+
     /// The key set as last fetched, as JSON.
     pub fn raw(&self) -> Option<Arc<serde_json::Value>> {
         self.keys.load().as_ref().map(|k| k.raw.clone())
     }
 
-    /// Whether the key set was last fetched (or tried) at least `age` ago. False while a
-    /// fetch is under way.
+    /// Whether the key set was last fetched (or tried) at least `age` ago, or [`REFETCH_AFTER`]
+    /// ago while a set with no usable key waits to be confirmed. False while a fetch is under
+    /// way.
     pub fn older_than(&self, age: Duration) -> bool {
-        self.last_fetch
-            .try_lock()
-            .is_ok_and(|last| last.is_none_or(|at| at.elapsed() >= age))
+        self.fetches.try_lock().is_ok_and(|fetches| {
+            let age = match fetches.unusable_since {
+                Some(_) => age.min(REFETCH_AFTER),
+                None => age,
+            };
+            fetches.last.is_none_or(|at| at.elapsed() >= age)
+        })
     }
 
     /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`).
-    /// A failed fetch keeps the last good set (an outage at the IdP). A set that has not changed is kept as it is,
-    /// and so is what was verified with it.
+    /// A failed fetch keeps the last good set (an outage at the IdP). A set that has not
+    /// changed is kept as it is, and so is what was verified with it.
+    ///
+    /// The set the issuer publishes is the keys it vouches for, even when Portcullis can use
+    /// none of them: a key left out was withdrawn (the IdP's admin disabled every key, or it
+    /// moved to an algorithm Portcullis does not take) and stops verifying. But a set with no
+    /// usable key is also what an IdP node serves for a moment when its keys fail to load: it
+    /// is taken only once a fetch at least [`REFETCH_AFTER`] later finds the same, and till
+    /// then the last usable set is kept.
     pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
-        let mut last = self.last_fetch.lock().await;
-        if !force && last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
+        let mut fetches = self.fetches.lock().await;
+        if !force && fetches.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
             return Ok(());
         }
-        *last = Some(Instant::now());
-        let keys = self.fetch().await;
-        match keys {
-            Ok(keys) if self.raw().is_some_and(|raw| *raw == *keys.raw) => Ok(()),
-            // The set the issuer publishes is the keys it vouches for, even when Portcullis can
-            // use none of them: a key left out was withdrawn (the IdP's admin disabled it, or
-            // moved to an algorithm Portcullis does not take), and stops verifying.
-            Ok(keys) => {
-                if keys.is_empty() {
-                    tracing::warn!(
-                        uri = %self.uri,
-                        "the key set has no signing key Portcullis can use: no token of this \
-                         issuer verifies until it publishes one"
-                    );
-                }
-                self.keys.store(Some(Arc::new(keys)));
-                self.generation.fetch_add(1, Ordering::AcqRel);
-                Ok(())
-            }
+        let now = Instant::now();
+        fetches.last = Some(now);
+        let keys = match self.fetch().await {
+            Ok(keys) => keys,
             Err(e) => {
                 tracing::warn!(uri = %self.uri, "could not fetch the key set: {e}");
-                Err(JwtError::KeysUnavailable)
+                return Err(JwtError::KeysUnavailable);
             }
+        };
+        let keeps_usable = self.has_usable_key();
+        if !keys.is_empty() {
+            fetches.unusable_since = None;
+        } else if keeps_usable {
+            let since = *fetches.unusable_since.get_or_insert(now);
+            if since.elapsed() < REFETCH_AFTER {
+                tracing::warn!(
+                    uri = %self.uri,
+                    "the key set has no signing key Portcullis can use; keeping the last one \
+                     until a fetch {}s from now finds the same",
+                    REFETCH_AFTER.as_secs()
+                );
+                return Err(JwtError::KeysUnavailable);
+            }
+            tracing::warn!(
+                uri = %self.uri,
+                "the key set still has no signing key Portcullis can use: no token of this \
+                 issuer verifies until it publishes one"
+            );
         }
+        if self.raw().is_some_and(|raw| *raw == *keys.raw) {
+            return Ok(());
+        }
+        self.keys.store(Some(Arc::new(keys)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// As if a set with no usable key had been found [`REFETCH_AFTER`] earlier than it was.
+    #[cfg(test)]
+    pub async fn age_unusable(&self) {
+        let mut fetches = self.fetches.lock().await;
+        fetches.unusable_since = fetches
+            .unusable_since
+            .and_then(|since| since.checked_sub(REFETCH_AFTER));
     }
 
     async fn fetch(&self) -> Result<Keys, String> {

@@ -1126,32 +1126,38 @@ mod tests {
         );
     }
 
+    /// A set with no usable key withdraws every key, once a fetch 10 s later finds the same:
+    /// an admin who disabled them all. Until then the last usable set is kept, as an IdP
+    /// node whose keys failed to load serves one for a moment.
     #[tokio::test]
-    async fn a_key_set_with_no_usable_key_withdraws_every_key() {
+    async fn a_key_set_with_no_usable_key_withdraws_every_key_once_it_stays() {
         let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
         let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(key).unwrap();
         let thumbprint = jwk
             .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
             .unwrap();
-        let bodies = |_| {
-            vec![
-                format!(r#"{{"keys":[{key}]}}"#),
-                r#"{"keys":[]}"#.to_owned(),
-                r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.to_owned(),
-            ]
-        };
+        let usable = format!(r#"{{"keys":[{key}]}}"#);
+        let none = r#"{"keys":[]}"#.to_owned();
+        let symmetric = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.to_owned();
+        let bodies = |_| vec![usable.clone(), none.clone(), usable, none, symmetric];
         let (address, fetches) = idp_answering_in_turn(bodies, Duration::ZERO).await;
         let set = Jwks::new(format!("http://{address}/jwks"), reqwest::Client::new());
         let published = || set.publishes(Some("a"), jsonwebtoken::Algorithm::ES256, &thumbprint);
         set.refresh(true).await.unwrap();
         assert!(published());
-        // An admin who disables every key (or a symmetric one left for show) withdraws them:
-        // what they signed is not vouched for any longer.
-        for _ in 0..2 {
-            set.refresh(true).await.unwrap();
-            assert!(!published(), "a key left out of the set is withdrawn");
-        }
-        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // A moment's glitch: kept, and forgotten once the key is back.
+        assert_eq!(set.refresh(true).await, Err(JwtError::KeysUnavailable));
+        assert!(published(), "kept at first");
+        set.age_unusable().await;
+        set.refresh(true).await.unwrap();
+        assert!(published());
+        assert_eq!(set.refresh(true).await, Err(JwtError::KeysUnavailable));
+        assert!(published(), "a new glitch is one again");
+        // Still none 10 s on (a symmetric key is none to use): withdrawn.
+        set.age_unusable().await;
+        set.refresh(true).await.unwrap();
+        assert!(!published(), "a key left out of the set is withdrawn");
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 5);
     }
 
     fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {

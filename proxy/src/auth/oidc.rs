@@ -650,8 +650,12 @@ impl Oidc {
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
                     Err(IdTokenError::Signature(_)) => {
                         // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
-                        // that cannot be fetched are an outage, not a verdict on the session.
-                        if provider.jwks.refresh(false).await.is_err() {
+                        // that cannot be fetched are an outage, not a verdict on the session,
+                        // and so is a set with none Portcullis can use: whatever signed this
+                        // token, no verdict can be had on it.
+                        if provider.jwks.refresh(false).await.is_err()
+                            || !provider.jwks.has_usable_key()
+                        {
                             return Err(SignInError::Unreachable(
                                 "the identity provider's keys could not be fetched".to_owned(),
                             ));
