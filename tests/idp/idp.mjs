@@ -475,6 +475,11 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
     // issue them. They ask no `prompt=consent` for it (the app's consent is given beforehand),
     // where oidc-provider drops the scope without one (OpenID Connect Core §11): so the scope
     // as the authorization request asked it is remembered by its nonce (see offlineAsked).
+    // Every refresh returns a new refresh token, and the one it replaced is spent: used
+    // again, it revokes the whole grant (oidc-provider's reuse detection), as Okta does for
+    // apps with rotation on. Entra ID returns a new one too. A proxy that kept using the first
+    // would lose the session at its second refresh.
+    rotateRefreshToken: true,
     async issueRefreshToken(_ctx, client, code) {
       return (
         client.grantTypeAllowed('refresh_token') &&

@@ -215,6 +215,30 @@ async fn sign_in_with_a_plain_http_client_at_a_named_issuer() {
         .await
         .unwrap();
     assert_eq!(id["sub"], "bob");
+    let next = renewed["refresh_token"]
+        .as_str()
+        .expect("a new refresh token");
+    assert_ne!(next, refresh, "rotated");
+    // The spent one used again is refused, and takes the new one down with it.
+    let refresh_with = |token: &str| {
+        [
+            ("grant_type", "refresh_token".to_owned()),
+            ("refresh_token", token.to_owned()),
+        ]
+    };
+    let (status, body) = idp
+        .try_token_request(CLIENT_ID, CLIENT_SECRET, &refresh_with(refresh))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_grant", "{body}");
+    let (status, body) = idp
+        .try_token_request(CLIENT_ID, CLIENT_SECRET, &refresh_with(next))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "the grant is revoked: {body}"
+    );
 
     // The code is single-use.
     let (status, body) = idp
