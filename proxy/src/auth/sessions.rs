@@ -730,22 +730,35 @@ impl Sessions {
     }
 
     /// Whether the refresh of session `id` that the refresh token `used` was refused for has
-    /// been done by another replica: its new token reaches this one within the time a write
-    /// takes to settle, which this waits for (on a shared store only). The IdP refuses a
-    /// rotated token it has just renewed, and that must not end the session. (The same token
-    /// sealed again is no new one: each seal differs.)
+    /// been done by another replica (on a shared store only). The IdP refuses a rotated token
+    /// it has just renewed, and that must not end the session. The other replica had the
+    /// IdP's answer before this one was refused: its write is waited for a moment
+    /// ([`REFRESH_WRITE`]), then the store is read, as this replica may lag behind it (up to
+    /// its `max_staleness`). A refusal with no refresh elsewhere (the IdP ended the grant)
+    /// costs that moment and one read. (The same token sealed again is no new one: each seal
+    /// differs.)
     pub async fn refreshed_elsewhere(&self, id: &str, refreshing: &Refreshing, used: &str) -> bool {
-        let deadline = std::time::Instant::now() + refresh_settle(self.directory.max_staleness());
-        loop {
+        let renewed = || {
             let now = refreshing.state().opened(id);
-            if now.is_some_and(|now| now.refresh_token != used) {
+            now.is_some_and(|now| now.refresh_token != used)
+        };
+        if renewed() || !self.directory.is_shared() {
+            return renewed();
+        }
+        let deadline = std::time::Instant::now() + REFRESH_WRITE;
+        while std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if renewed() {
                 return true;
             }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let directory = self.directory.clone();
+        match tokio::task::spawn_blocking(move || directory.catch_up()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("cannot read the shared store for the session: {e}"),
+            Err(e) => tracing::warn!("cannot read the shared store for the session: {e}"),
+        }
+        renewed()
     }
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.
@@ -894,15 +907,9 @@ fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
     Ok(entries)
 }
 
-/// How long a refresh another replica did may take to reach this one, from the IdP's refusal
-/// of the token it replaced ([`Sessions::refreshed_elsewhere`]): this replica's lag, at most
-/// its `max_staleness` while it admits anyone, and a second for the other's write itself.
-/// Nothing to wait for on a store of this process' own.
-fn refresh_settle(max_staleness: Option<std::time::Duration>) -> std::time::Duration {
-    max_staleness.map_or(std::time::Duration::ZERO, |lag| {
-        lag + std::time::Duration::from_secs(1)
-    })
-}
+/// How long another replica's write of a refresh it did is waited for: see
+/// [`Sessions::refreshed_elsewhere`].
+const REFRESH_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Entries per directory write when many sessions are written at once.
 const MAX_ENTRIES_PER_WRITE: usize = 1_000;
@@ -1234,22 +1241,6 @@ mod tests {
         assert!(!sessions.refreshed_elsewhere(&id, refreshing, "t1").await);
         sessions.refreshed(&id, &key, refreshing, again("t2", 700));
         assert!(sessions.refreshed_elsewhere(&id, refreshing, "t1").await);
-    }
-
-    /// A replica waits for another's refresh as long as it may lag behind it: up to its
-    /// `max_staleness` (configurable to a minute), and the other's write on top.
-    #[test]
-    fn a_refresh_elsewhere_is_waited_for_as_long_as_this_replica_may_lag() {
-        use std::time::Duration;
-        assert_eq!(refresh_settle(None), Duration::ZERO);
-        assert_eq!(
-            refresh_settle(Some(Duration::from_secs(2))),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            refresh_settle(Some(Duration::from_secs(60))),
-            Duration::from_secs(61)
-        );
     }
 
     /// Every file under `dir`, read whole.

@@ -376,12 +376,6 @@ impl Directory {
     pub fn is_shared(&self) -> bool {
         self.storage.is_shared()
     }
-
-    /// See [`Storage::max_staleness`].
-    pub fn max_staleness(&self) -> Option<std::time::Duration> {
-        self.storage.max_staleness()
-    }
-
     /// Whether `query` reads at most `limit` records, all from this process' own storage (not
     /// PostgreSQL, which is a round trip away): a page without a filter or sort, or the rows the
     /// index finds for a filter.

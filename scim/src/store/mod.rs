@@ -278,13 +278,6 @@ pub trait Storage: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
-
-    /// On a shared store, the longest a batch another process committed takes to reach this
-    /// one while it admits anyone (its lease: `max_staleness`); `None` on a store of its own.
-    fn max_staleness(&self) -> Option<std::time::Duration> {
-        None
-    }
-
     /// The batches committed after `after`, by any process.
     fn feed(&self, _after: Seq) -> Result<Feed, StoreError> {
         Ok(Feed::Batches(Vec::new()))

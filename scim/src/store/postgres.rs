@@ -1012,11 +1012,6 @@ impl Storage for PgStorage {
     fn is_shared(&self) -> bool {
         true
     }
-
-    fn max_staleness(&self) -> Option<Duration> {
-        Some(self.freshness.max_staleness)
-    }
-
     fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
         let after_sql = to_sql(after)?;
         // Read by the writer (catching up): on its connection, as `records_for_writer`.
