@@ -2880,6 +2880,7 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     let url = fx.url("app.test", "/page");
     let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
+    let bob = fx.sign_in(&client(), &url, BOB, BOB_PASSWORD).await;
 
     fx.reload_with_oidc_line("cookie_name = \"renamed_session\"")
         .await;
@@ -2913,19 +2914,26 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
     let echo = Echo::parse(&resp.bytes().await.unwrap());
     assert_eq!(echo.header("cookie"), Some("theme=dark"));
 
-    // So a sign-out ends the old cookie's session as well: renamed back, it would let in
-    // again someone who had signed out.
+    // So a sign-out ends the old cookie's sessions as well: renamed back, they would let in
+    // again someone who had signed out. Who the IdP is told to sign out is read from the
+    // cookie of the name there is now alone: a sibling host can set one of an earlier name
+    // (here bob's), and that must not take the hint away.
     let resp = fx
         .sign_out(&format!(
-            "{SESSION_COOKIE}={}; renamed_session={again}",
-            signed.cookie
+            "{SESSION_COOKIE}={}; {SESSION_COOKIE}={}; renamed_session={again}",
+            bob.cookie, signed.cookie
         ))
         .await;
     assert!(resp.status().is_redirection(), "{}", resp.status());
+    let location = header(&resp, "location").unwrap_or_default();
+    let hint = query_param(&location, "id_token_hint").expect("id_token_hint");
+    assert_eq!(jwt_claims(&hint)["sub"], "alice");
     fx.px.rewrite_config(&fx.cfg.toml());
     fx.px.reload_and_wait().await;
-    let resp = get_with_cookie(&url, SESSION_COOKIE, &signed.cookie, "application/json").await;
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "renamed back");
+    for cookie in [&signed.cookie, &bob.cookie] {
+        let resp = get_with_cookie(&url, SESSION_COOKIE, cookie, "application/json").await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "renamed back");
+    }
 }
 
 /// A refresh whose new ID token fails verification ends the session: here Portcullis has

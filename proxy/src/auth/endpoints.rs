@@ -414,28 +414,18 @@ impl Auth {
         // holds: a sign-out that said so but left a session alive (one hidden by a jar stuffed
         // by a sibling host, or behind another cookie of the name set for a longer path)
         // would be worse than none.
-        // And the sessions of the cookie's other spellings and earlier names: they vouch for
-        // no one now, but would again were the name (or `cookie_domain`) set back as it was.
-        let earlier = self.sessions.cookie_names();
-        let mut names = vec![session_cookie_name(oidc, req.tls).into_owned()];
-        for name in std::iter::once(oidc.cookie_name.as_str()).chain(earlier.iter().map(|n| &**n)) {
-            names.extend([
-                format!("__Host-{name}"),
-                format!("__Secure-{name}"),
-                name.into(),
-            ]);
-        }
-        let mut current: Vec<_> = Vec::new();
-        for name in &names {
+        let sessions_in = |name: &str, found: &mut Vec<_>| {
             for id in cookies_in_any_jar(session.req_header(), name) {
                 let Some((key, s)) = self.sessions.get(id) else {
                     continue;
                 };
-                if current.iter().all(|(k, _, _)| *k != key) {
-                    current.push((key, s.identity.clone(), s.id_token(id)));
+                if found.iter().all(|(k, _, _)| *k != key) {
+                    found.push((key, s.identity.clone(), s.id_token(id)));
                 }
             }
-        }
+        };
+        let mut current: Vec<_> = Vec::new();
+        sessions_in(&session_cookie_name(oidc, req.tls), &mut current);
         // And the sessions of the same sign-in at the IdP (its `sid`) on other hosts: without a
         // cookie domain each host has a session of its own, and the IdP may never tell them of
         // this sign-out (Entra ID sends no back-channel logout).
@@ -460,7 +450,27 @@ impl Auth {
                 }
             }
         }
-        let keys: Vec<_> = current.iter().map(|(key, _, _)| *key).collect();
+        // And the sessions of the cookie's other spellings and earlier names: they vouch for
+        // no one now, but would again were the name (or `cookie_domain`) set back as it was.
+        // Ended only: a sibling host or a plain-http page can set these names, so they say
+        // nothing of whom the IdP is to sign out.
+        let earlier = self.sessions.cookie_names();
+        let mut others = Vec::new();
+        for name in std::iter::once(oidc.cookie_name.as_str()).chain(earlier.iter().map(|n| &**n)) {
+            for spelling in [
+                format!("__Host-{name}"),
+                format!("__Secure-{name}"),
+                name.into(),
+            ] {
+                sessions_in(&spelling, &mut others);
+            }
+        }
+        others.retain(|(key, _, _)| current.iter().all(|(k, _, _)| k != key));
+        let keys: Vec<_> = current
+            .iter()
+            .chain(&others)
+            .map(|(key, _, _)| *key)
+            .collect();
         if let Err(e) = self.sessions.end(&keys).await {
             // Gone from this replica only: not signed out until the store has it.
             tracing::error!("cannot end the session: {e}");
@@ -470,7 +480,7 @@ impl Auth {
                 "<p>Portcullis could not end your session just now. Try again in a moment.</p>",
             );
         }
-        for (_, identity, _) in &current {
+        for (_, identity, _) in current.iter().chain(&others) {
             let who = Principal::Person(identity).log_name();
             self.audit.session(&who, "sign_out", "", req.client);
         }
