@@ -550,7 +550,13 @@ impl ProxyHttp for Proxy {
             let reason = format!("a request was refused: {why}");
             let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
             return self
-                .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, status, &reason)
+                .refuse_as_sent(
+                    session,
+                    ctx.client_ip,
+                    NO_ROUTE,
+                    Reply::status_page(status),
+                    &reason,
+                )
                 .await;
         }
 
@@ -574,14 +580,15 @@ impl ProxyHttp for Proxy {
         // go back to the client, to be replayed to the upstream past Portcullis for as long
         // as the assertion lasts. Refused, as nginx does.
         if matches!(req.method.as_str(), "TRACE" | "TRACK") {
+            // RFC 9110 §15.5.6: a 405 says which methods are taken. Any other is passed on,
+            // for the upstream to take or not; these are the ones HTTP itself defines.
+            let refused = Reply::status_page(StatusCode::METHOD_NOT_ALLOWED).header(
+                header::ALLOW,
+                "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH",
+            );
+            let why = "a request was refused: TRACE echoes what upstreams are told";
             return self
-                .refuse_as_sent(
-                    session,
-                    ctx.client_ip,
-                    NO_ROUTE,
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "a request was refused: TRACE echoes what upstreams are told",
-                )
+                .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, refused, why)
                 .await;
         }
 
@@ -1617,18 +1624,19 @@ impl Proxy {
         why: &str,
     ) -> Result<bool> {
         let reason = format!("a request was refused as malformed: {why}");
-        self.refuse_as_sent(session, client, route, StatusCode::BAD_REQUEST, &reason)
+        let refused = Reply::status_page(StatusCode::BAD_REQUEST);
+        self.refuse_as_sent(session, client, route, refused, &reason)
             .await
     }
 
-    /// Answers `status` to a request refused as it was sent, before anyone was asked for, and
-    /// records it as nobody's (within the budget of [`audit::Audit::unverified_refusal`]).
+    /// Answers `refused` to a request refused as it was sent, before anyone was asked for,
+    /// and records it as nobody's (within the budget of [`audit::Audit::unverified_refusal`]).
     async fn refuse_as_sent(
         &self,
         session: &mut Session,
         client: Option<IpAddr>,
         route: &str,
-        status: StatusCode,
+        refused: Reply,
         reason: &str,
     ) -> Result<bool> {
         let req = session.req_header();
@@ -1641,7 +1649,7 @@ impl Proxy {
         self.shared
             .audit
             .unverified_refusal(route, reason, &request);
-        reply::send(session, Reply::status_page(status)).await
+        reply::send(session, refused).await
     }
 
     /// Records a request refused (413) for a body larger than its route takes (`how`: as

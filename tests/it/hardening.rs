@@ -357,6 +357,17 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     .await;
     audited(&t.fx.px, &["a method in lower case", "/reports/q3"]).await;
     audited(&t.fx.px, &["TRACE echoes", "/work"]).await;
+    // A 405 says which methods are taken (RFC 9110 §15.5.6).
+    let trace = format!("TRACE /work HTTP/1.1\r\n{host}\r\nConnection: close\r\n\r\n");
+    let answer = raw_request(t.fx.cfg.http_addr(), trace.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 405);
+    let allowed = answer.header("allow").unwrap_or_default();
+    assert!(
+        allowed.contains("GET") && !allowed.contains("TRACE"),
+        "{allowed}"
+    );
 }
 
 /// Another app's cookie that is not ASCII (`lang=français`, set by an upstream on this host or
