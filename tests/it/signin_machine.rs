@@ -896,6 +896,7 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
     assert_accepted(&url, &valid, "the valid token, still").await;
     assert_accepted(&url, &typed("application/at+jwt"), "an access token's type").await;
     assert_accepted(&url, &typed("JOSE"), "RFC 7515's own type").await;
+    assert_accepted(&url, &typed("Application/AT+JWT"), "a type in any case").await;
     // A route's own audiences: a token minted for another API of the issuer is not taken
     // there (RFC 8725 §3.9), though it verifies.
     let api2 = fx.url("api2.test", "/v1/own");

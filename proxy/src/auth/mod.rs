@@ -560,7 +560,12 @@ impl Auth {
         // `secevent+jwt`) is some other token.
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
         if let Some(typ) = header.typ.as_deref() {
-            let typ = typ.strip_prefix("application/").unwrap_or(typ);
+            // Media types are case-insensitive (RFC 9110 §8.3.1).
+            let prefix = "application/";
+            let typ = match typ.get(..prefix.len()) {
+                Some(head) if head.eq_ignore_ascii_case(prefix) => &typ[prefix.len()..],
+                _ => typ,
+            };
             // `JOSE` is RFC 7515's own (SPIFFE's JWT-SVIDs send it).
             if ["jwt", "at+jwt", "jose"]
                 .iter()
