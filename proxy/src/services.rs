@@ -265,6 +265,10 @@ impl BackgroundService for Watcher {
         let mut reloads = self.shared.subscribe_reloads();
         let mut seconds = tokio::time::interval(Duration::from_secs(1));
         seconds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A graceful stop keeps open connections for as long as its drain lasts (see
+        // `reload::Drainer`): they are still cut when their callers lose access, until the
+        // runtime itself ends.
+        let mut draining = false;
         loop {
             tokio::select! {
                 _ = seconds.tick() => {}
@@ -286,7 +290,7 @@ impl BackgroundService for Watcher {
                     }
                     reloads.borrow_and_update();
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed(), if !draining => draining = true,
             }
             let shared = &self.shared;
             shared.streams.sweep(|open| shared.still_allowed(open));

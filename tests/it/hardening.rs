@@ -976,7 +976,8 @@ impl Streaming {
     async fn start() -> Streaming {
         let app = portcullis_tests::Upstream::start("app").await;
         let api = portcullis_tests::Upstream::start("api").await;
-        let base = ConfigBuilder::new().http_listener();
+        // A drain that outlasts what its tests wait for.
+        let base = (ConfigBuilder::new().http_listener()).server("shutdown_timeout", "\"60s\"");
         let port = base.http_addr().port();
         let idp = idp_setup(
             &[format!("http://app.test:{port}/.portcullis/callback")],
@@ -1097,6 +1098,36 @@ async fn a_machine_s_websocket_ends_when_its_token_expires() {
     );
     t.audited(&["open connection closed", "bearer token has expired"])
         .await;
+}
+
+/// A graceful stop keeps open websockets while it drains (up to `shutdown_timeout`, 60 s
+/// here), and they are still cut the moment their callers lose access: an idle one, which has
+/// no frame to be judged by, as well.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_websocket_is_cut_when_its_token_expires_during_a_drain() {
+    let t = Streaming::start().await;
+    let token =
+        t.fx.idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(SHORT_API))
+            .await;
+    let exp = jwt_claims(&token)["exp"].as_u64().expect("an exp");
+    let mut ws = t
+        .websocket(
+            "api.test",
+            "/ws",
+            ("authorization", format!("Bearer {token}")),
+        )
+        .await;
+    t.fx.px.signal(nix::sys::signal::Signal::SIGTERM);
+    let closed = portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(15)).await;
+    assert!(
+        closed,
+        "the idle websocket outlived its token by about 12 s during the drain"
+    );
+    assert!(
+        crate::signin::now_unix() >= exp,
+        "closed before its token expired"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
