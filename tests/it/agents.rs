@@ -838,8 +838,10 @@ async fn a_caller_the_identity_headers_cannot_name_truly_is_refused() {
             .expect("the refusal");
         assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
     }
-    // Named as it is read, alice is in again.
+    // Named as it is read, alice is in again, with a token issued since (one issued before
+    // her userName last changed is refused once that change is a second or more later).
     rename(ALICE.to_owned()).await.expect(200);
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
     let (status, body) = t.call(&for_alice).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
