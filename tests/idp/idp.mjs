@@ -350,7 +350,9 @@ function buildProvider(issuer, clients) {
       conformant: {
         openid: ['sub'],
         email: ['email', 'email_verified'],
-        profile: ['name', 'preferred_username', 'groups'],
+        // `groups` is no standard claim: IdPs that have one give it for a scope of its own
+        // (Okta's `groups`), never for `profile`.
+        profile: ['name', 'preferred_username'],
         groups: ['groups'],
       },
       entra: { openid: ['sub', 'oid', 'tid'], profile: ['name', 'preferred_username'] },

@@ -140,12 +140,16 @@ impl Hardened {
                     .set("allow = [{ groups = [\"eng\"] }, { public = true, paths = [\"/status\"] }]")
                     .set("pass_authorization = true"),
             )
-            .oidc(Oidc::new(
-                idp.issuer(),
-                CLIENT_ID,
-                CLIENT_SECRET,
-                &format!("app.test:{port}"),
-            ))
+            .oidc(
+                Oidc::new(
+                    idp.issuer(),
+                    CLIENT_ID,
+                    CLIENT_SECRET,
+                    &format!("app.test:{port}"),
+                )
+                // The IdP's groups for the token_groups route: a scope of their own.
+                .set("scopes", r#"["openid", "email", "profile", "groups"]"#),
+            )
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
             .admin_token(ADMIN_TOKEN);

@@ -267,8 +267,9 @@ async fn chromium_signs_in_at_the_idp_and_backchannel_logout_reaches_the_client(
     let auth = idp.authorization_url(
         CLIENT_ID,
         &redirect_uri,
-        // A refresh token only to a sign-in that asks for it, as Okta and Entra ID issue them.
-        "openid email profile offline_access",
+        // A refresh token only to a sign-in that asks for it, as Okta and Entra ID issue them;
+        // groups only to one that asks for them (Okta's `groups` scope).
+        "openid email profile groups offline_access",
         &state,
         &nonce,
         &pkce,
