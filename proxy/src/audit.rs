@@ -975,12 +975,19 @@ impl Store {
     /// Appends `lines` (each a record and its newline) durably; `position`, if any, is where
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
-    /// go to it after those kept before them once it can.
-    fn append(&mut self, lines: &[String], position: Option<u64>) -> Result<(), String> {
+    /// go to it after those kept before them once it can. `urgent` (a flush, the process
+    /// stopping): while records wait in the spool, these join them at once, rather than wait
+    /// on PostgreSQL, which has been failing.
+    fn append(
+        &mut self,
+        lines: &[String],
+        position: Option<u64>,
+        urgent: bool,
+    ) -> Result<(), String> {
         match self {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
-                let none_waits = spool.is_empty() || spool.move_to(log);
+                let none_waits = spool.is_empty() || (!urgent && spool.move_to(log));
                 if lines.is_empty() {
                     return Ok(());
                 }
@@ -1004,40 +1011,52 @@ impl Store {
 
 /// The records PostgreSQL could not take (down, restarting, unreachable), kept in
 /// `data_dir/audit-spool.jsonl` until it can: appended and synced as the log file is, and
-/// moved to the table in one transaction, oldest first, before any record written after them;
-/// PostgreSQL is asked again at most every [`SPOOL_RETRY`]. A crash between the move's
-/// commit and the file's truncation has the records moved again at the next start: kept
-/// twice, never lost.
+/// moved to the table oldest first, before any record written after them, a batch per
+/// transaction. How far the moves have gone is kept beside it (`audit-spool.moved`, synced
+/// after each), and the file is emptied once all are moved. PostgreSQL is asked again after
+/// a second, then after twice as long each time it fails, up to [`SPOOL_RETRY_MAX`]. A crash
+/// (or a lost answer) between a batch's commit and the note of it has that batch moved again:
+/// kept twice, never lost. The file is locked while it is written or moved from, so two
+/// processes on one `data_dir` lose none of each other's.
 struct Spool {
     path: PathBuf,
-    /// Bytes the file holds: 0 when no record waits.
-    held: u64,
-    /// When PostgreSQL may be asked again.
+    /// `audit-spool.moved`: the bytes of the spool already moved.
+    moved: PathBuf,
+    /// Whether records wait in the file, as this process last saw it.
+    waiting: bool,
+    /// When PostgreSQL may be asked again, and how long after that if it fails again.
     retry_at: std::time::Instant,
+    backoff: std::time::Duration,
 }
 
-/// How often PostgreSQL is asked again while records wait for it in the spool.
-const SPOOL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+const SPOOL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const SPOOL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(32);
 /// The most the spool holds; past it, records are dropped (and counted).
 const SPOOL_MAX_BYTES: u64 = 256 << 20;
+/// The longest one turn of the writer moves records for, before it sees to new ones.
+const SPOOL_MOVE_TURN: std::time::Duration = std::time::Duration::from_secs(1);
+/// The most read of the spool at once: a batch of records, whatever their size.
+const SPOOL_READ_BYTES: usize = 4 << 20;
 
 impl Spool {
     /// The spool at `path`, holding what an earlier run could not move (if anything).
     fn open(path: PathBuf) -> Result<Self, String> {
-        let held = match std::fs::metadata(&path) {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        let waiting = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len() > 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         Ok(Self {
+            moved: path.with_extension("moved"),
             path,
-            held,
+            waiting,
             retry_at: std::time::Instant::now(),
+            backoff: SPOOL_RETRY_FIRST,
         })
     }
 
     fn is_empty(&self) -> bool {
-        self.held == 0
+        !self.waiting
     }
 
     fn postgres_failed(&mut self, why: &str) {
@@ -1048,93 +1067,162 @@ impl Spool {
                 self.path.display()
             );
         }
-        self.retry_at = std::time::Instant::now() + SPOOL_RETRY;
+        self.retry_at = std::time::Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(SPOOL_RETRY_MAX);
+    }
+
+    /// The spool file, opened and locked (for as long as it is held).
+    fn locked(&self) -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        file.lock()?;
+        Ok(file)
     }
 
     /// Appends `lines` and syncs them.
     fn append(&mut self, lines: &[String]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let cannot = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
+        let mut file = self.locked().map_err(cannot)?;
+        let len = file.metadata().map_err(cannot)?.len();
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
-        if self.held.saturating_add(bytes) > SPOOL_MAX_BYTES {
+        if len.saturating_add(bytes) > SPOOL_MAX_BYTES {
             return Err(format!(
                 "{} holds {} MiB already, waiting for PostgreSQL",
                 self.path.display(),
                 SPOOL_MAX_BYTES >> 20
             ));
         }
-        let cannot = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(cannot)?;
-        // A record a crash cut short stands alone, unread, taking none after it down.
-        let len = file.metadata().map_err(cannot)?.len();
+        // A record a crash cut short stands alone, unread (it is no JSON), taking none after
+        // it down.
+        let mut last = [b'\n'];
+        if len > 0 {
+            file.read_exact_at(&mut last, len - 1).map_err(cannot)?;
+        }
         let mut text = String::with_capacity(bytes as usize + 1);
-        if len > 0 && !ends_with_newline(&self.path, len) {
+        if last[0] != b'\n' {
             text.push('\n');
         }
         lines.iter().for_each(|line| text.push_str(line));
         file.write_all(text.as_bytes()).map_err(cannot)?;
         file.sync_data().map_err(cannot)?;
-        self.held = len + text.len() as u64;
+        self.waiting = true;
         Ok(())
     }
 
-    /// Moves every record waiting to PostgreSQL, if it is time to ask it; whether none waits
-    /// any longer.
+    /// Moves the records waiting to PostgreSQL, a batch at a time, for at most
+    /// [`SPOOL_MOVE_TURN`], if it is time to ask it; whether none waits any longer.
     fn move_to(&mut self, log: &mut AuditLog) -> bool {
         if std::time::Instant::now() < self.retry_at {
             return false;
         }
-        let text = match std::fs::read(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                tracing::error!(target: "audit", "cannot read {}: {e}", self.path.display());
-                self.retry_at = std::time::Instant::now() + SPOOL_RETRY;
-                return false;
+        let started = std::time::Instant::now();
+        let mut insert = |records: &[&str]| log.append(records).map_err(|e| e.to_string());
+        match self.move_batches(&mut insert, started) {
+            Ok(true) => {
+                tracing::info!(
+                    target: "audit",
+                    "moved the audit records kept while PostgreSQL could not take them"
+                );
+                self.waiting = false;
+                self.backoff = SPOOL_RETRY_FIRST;
+                true
             }
-        };
-        // Whole records only: a last line a crash cut short is no record.
-        let records: Vec<&str> = text
-            .split_inclusive(|&b| b == b'\n')
-            .filter(|line| line.ends_with(b"\n"))
-            .filter_map(|line| std::str::from_utf8(line).ok())
-            .map(str::trim_end)
-            .filter(|line| !line.is_empty())
-            .collect();
-        let batches: Vec<&[&str]> = records.chunks(MAX_BATCH).collect();
-        if let Err(e) = log.append_batches(&batches) {
-            self.postgres_failed(&e.to_string());
-            return false;
+            Ok(false) => false,
+            Err(Moving::Postgres(e)) => {
+                self.postgres_failed(&e);
+                false
+            }
+            Err(Moving::File(e)) => {
+                tracing::error!(target: "audit", "cannot move {}: {e}", self.path.display());
+                self.retry_at = std::time::Instant::now() + SPOOL_RETRY_MAX;
+                false
+            }
         }
-        let emptied = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&self.path)
-            .and_then(|file| file.sync_all());
-        if let Err(e) = emptied {
-            // Moved, and still here: the next move keeps them twice (never none).
-            tracing::error!(target: "audit", "cannot empty {}: {e}", self.path.display());
+    }
+
+    /// [`Spool::move_to`]'s moves, each batch by `insert` (in one transaction), under the
+    /// file's lock: `Ok(true)` once all are moved, `Ok(false)` when the turn ends first.
+    fn move_batches(
+        &mut self,
+        insert: &mut dyn FnMut(&[&str]) -> Result<(), String>,
+        started: std::time::Instant,
+    ) -> Result<bool, Moving> {
+        use std::os::unix::fs::FileExt;
+        let file = self.locked().map_err(Moving::File)?;
+        let len = file.metadata().map_err(Moving::File)?.len();
+        // Unreadable or past the end (the file was emptied by hand): from the start.
+        let mut from = std::fs::read_to_string(&self.moved)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|&from| from <= len)
+            .unwrap_or(0);
+        let mut chunk = vec![0u8; SPOOL_READ_BYTES];
+        loop {
+            let want =
+                usize::try_from(len - from).map_or(chunk.len(), |left| left.min(chunk.len()));
+            file.read_exact_at(&mut chunk[..want], from)
+                .map_err(Moving::File)?;
+            // Whole records only; a last line a crash cut short is none, nor is a line
+            // that is no JSON (such a line, ended by the next append).
+            let mut consumed = 0;
+            let mut records = Vec::new();
+            for line in chunk[..want].split_inclusive(|&b| b == b'\n') {
+                if !line.ends_with(b"\n") || records.len() == MAX_BATCH {
+                    break;
+                }
+                consumed += line.len();
+                let record = std::str::from_utf8(line).ok().map(str::trim_end);
+                if let Some(record) =
+                    record.filter(|r| serde_json::from_str::<serde::de::IgnoredAny>(r).is_ok())
+                {
+                    records.push(record);
+                }
+            }
+            if consumed == 0 && want < chunk.len() {
+                // Nothing whole is left: all moved.
+                file.set_len(0).map_err(Moving::File)?;
+                file.sync_all().map_err(Moving::File)?;
+                match std::fs::remove_file(&self.moved) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Moving::File(e))
+                    }
+                    _ => return Ok(true),
+                }
+            }
+            if !records.is_empty() {
+                insert(&records).map_err(Moving::Postgres)?;
+            }
+            // A read with no end of line in it is no record (they are far smaller): skipped.
+            from += if consumed == 0 { want } else { consumed } as u64;
+            write_synced(&self.moved, from.to_string().as_bytes()).map_err(Moving::File)?;
+            if started.elapsed() >= SPOOL_MOVE_TURN {
+                return Ok(false);
+            }
         }
-        tracing::info!(
-            target: "audit",
-            "moved {} audit records kept while PostgreSQL could not take them",
-            records.len()
-        );
-        self.held = 0;
-        true
     }
 }
 
-/// Whether the file at `path`, `len` bytes long, ends with a newline.
-fn ends_with_newline(path: &Path, len: u64) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut last = [0u8];
-    File::open(path)
-        .and_then(|file| file.read_exact_at(&mut last, len - 1))
-        .is_ok_and(|()| last[0] == b'\n')
+/// Why records could not be moved out of the spool.
+enum Moving {
+    Postgres(String),
+    File(std::io::Error),
+}
+
+/// Writes `bytes` to the file at `path` (mode 0600), replacing what it held, and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_data()
 }
 
 /// The log file, followed through rotation: when the file at its path is no longer the one
@@ -1325,7 +1413,8 @@ fn write_loop(
                 Some((_, last)) => Some(last.max(through)),
                 None => moved.then_some(through),
             };
-            append(store, &lines, changes, position, losses);
+            let urgent = flush.is_some() || stopping;
+            append(store, &lines, changes, position, losses, urgent);
         }
         if let Some(ack) = flush {
             // The flusher may have given up waiting.
@@ -1399,17 +1488,18 @@ fn changes_in(path: &Path, after: u64) -> Result<(u64, HashSet<u64>), String> {
 
 /// Appends `lines`, whose SCIM changes are `changes`, trying again for a while before they
 /// are dropped, and keeps the log's position at `position` (the last change in it), short of
-/// the first change lost.
+/// the first change lost. `urgent`: see [`Store::append`].
 fn append(
     store: &mut Store,
     lines: &[String],
     changes: ChangeSpan,
     position: Option<u64>,
     losses: &Losses,
+    urgent: bool,
 ) {
     let position = position.map(|last| losses.position(last));
     for attempt in 1..=ATTEMPTS {
-        match store.append(lines, position) {
+        match store.append(lines, position, urgent) {
             Ok(()) => return,
             Err(e) if attempt == ATTEMPTS => {
                 crate::metrics::count_audit_lost("write_failed", lines.len() as u64);
@@ -1780,6 +1870,63 @@ fn each_line_from_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records waiting in the spool move in order, in batches, each once: a batch that
+    /// failed is moved again (and none before it), across a restart too, and a record a crash
+    /// cut short is none.
+    #[test]
+    fn spooled_records_move_whole_in_order_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_NAME);
+        let record = |i: usize| format!("{{\"n\":{i}}}\n");
+        let mut spool = Spool::open(path.clone()).unwrap();
+        assert!(spool.is_empty());
+        let first: Vec<String> = (0..MAX_BATCH + 5).map(record).collect();
+        spool.append(&first).unwrap();
+        // A crash in the middle of a record: the next append ends it, and it is no record.
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"n\":")
+            .unwrap();
+        let second: Vec<String> = (MAX_BATCH + 5..MAX_BATCH + 10).map(record).collect();
+        spool.append(&second).unwrap();
+        assert!(!spool.is_empty());
+
+        // PostgreSQL takes the first batch, then fails.
+        let mut moved: Vec<Vec<String>> = Vec::new();
+        let mut fail_after_one = |records: &[&str]| -> Result<(), String> {
+            if moved.len() == 1 {
+                return Err("connection refused".to_owned());
+            }
+            moved.push(records.iter().map(|r| r.to_string()).collect());
+            Ok(())
+        };
+        let now = std::time::Instant::now();
+        assert!(matches!(
+            spool.move_batches(&mut fail_after_one, now),
+            Err(Moving::Postgres(_))
+        ));
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].len(), MAX_BATCH);
+
+        // After a restart, the rest, once.
+        let mut spool = Spool::open(path.clone()).unwrap();
+        assert!(!spool.is_empty(), "the records wait across a restart");
+        let mut take = |records: &[&str]| -> Result<(), String> {
+            moved.push(records.iter().map(|r| r.to_string()).collect());
+            Ok(())
+        };
+        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        let all: Vec<String> = moved.concat();
+        let expected: Vec<String> = (0..MAX_BATCH + 10)
+            .map(|i| record(i).trim_end().to_owned())
+            .collect();
+        assert_eq!(all, expected);
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        assert!(!path.with_extension("moved").exists());
+    }
 
     /// Read from the end with `--since`, the log is read no further back than that: a record
     /// written out of order before an older one is not reached.

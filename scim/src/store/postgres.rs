@@ -576,13 +576,15 @@ impl PgStorage {
         ))
     }
 
-    /// The audit log's table, on a connection of its own.
+    /// The audit log's table, on a connection of its own. No statement waits long (on a
+    /// lock another session holds on the table, say): its one writer would wait with it,
+    /// while records queue up, rather than keep them aside (the audit spool).
     pub fn audit_log(&self) -> AuditLog {
         AuditLog {
             conn: Dedicated {
                 connector: self.pool.connector.clone(),
                 client: None,
-                setup: String::new(),
+                setup: "SET statement_timeout = '10s'; SET lock_timeout = '2s'".to_owned(),
             },
         }
     }
@@ -1171,19 +1173,6 @@ impl AuditLog {
                 conn.prepare("INSERT INTO portcullis_audit (record) SELECT unnest($1::text[])")?;
             conn.client.execute(&insert, &[&records]).map_err(backend)?;
             Ok(())
-        })
-    }
-
-    /// Appends `batches` in order, in one transaction: all of them or none.
-    pub fn append_batches(&mut self, batches: &[&[&str]]) -> Result<(), StoreError> {
-        self.conn.run(|conn| {
-            let insert =
-                conn.prepare("INSERT INTO portcullis_audit (record) SELECT unnest($1::text[])")?;
-            let mut transaction = conn.client.transaction().map_err(backend)?;
-            for records in batches {
-                transaction.execute(&insert, &[records]).map_err(backend)?;
-            }
-            transaction.commit().map_err(backend)
         })
     }
 
