@@ -735,8 +735,9 @@ impl Sessions {
     /// IdP's answer before this one was refused: its write is waited for a moment
     /// ([`REFRESH_WRITE`]), then the store is read, as this replica may lag behind it (up to
     /// its `max_staleness`). A refusal with no refresh elsewhere (the IdP ended the grant)
-    /// costs that moment and one read. (The same token sealed again is no new one: each seal
-    /// differs.)
+    /// costs that moment and one read; a store that cannot be read within another second
+    /// gives no verdict, and the session holds. (The same token sealed again is no new one:
+    /// each seal differs.)
     pub async fn refreshed_elsewhere(&self, id: &str, refreshing: &Refreshing, used: &str) -> bool {
         let renewed = || {
             let now = refreshing.state().opened(id);
@@ -753,12 +754,21 @@ impl Sessions {
             }
         }
         let directory = self.directory.clone();
-        match tokio::task::spawn_blocking(move || directory.catch_up()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("cannot read the shared store for the session: {e}"),
-            Err(e) => tracing::warn!("cannot read the shared store for the session: {e}"),
+        let read = tokio::task::spawn_blocking(move || directory.catch_up());
+        match tokio::time::timeout(REFRESH_WRITE, read).await {
+            Ok(Ok(Ok(_))) => renewed(),
+            // No verdict without the store: as with the IdP out of reach, the session holds
+            // (and is refreshed again later).
+            failed => {
+                let why = match failed {
+                    Ok(Ok(Err(e))) => e.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "it did not answer within a second".to_owned(),
+                };
+                tracing::warn!("cannot read the shared store for a refused refresh: {why}");
+                true
+            }
         }
-        renewed()
     }
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.

@@ -1107,16 +1107,23 @@ impl Writer<'_> {
             }
             while let Ok(first) = jobs.recv() {
                 let mut writes = Vec::new();
+                // Those asking to catch up at once are answered by one reading of the store:
+                // the lease's renewal never waits behind a queue of them.
+                let mut catching_up = Vec::new();
                 let mut next = Some(first);
                 while let Some(job) = next.take() {
                     match job {
                         Job::Write(write) => writes.push(write),
-                        Job::CatchUp(reply) => {
-                            let _ = reply.send(self.catch_up());
-                        }
+                        Job::CatchUp(reply) => catching_up.push(reply),
                     }
                     if writes.len() < MAX_BATCH {
                         next = jobs.try_recv().ok();
+                    }
+                }
+                if !catching_up.is_empty() {
+                    let caught_up = self.catch_up();
+                    for reply in catching_up {
+                        let _ = reply.send(caught_up.clone());
                     }
                 }
                 if !writes.is_empty() {

@@ -216,7 +216,7 @@ pub enum Loaded<'a> {
     Entry(Entry),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the directory store failed: {0}")]
     Backend(String),

@@ -1568,6 +1568,51 @@ impl Storage for SharedStore {
     }
 }
 
+/// A shared store whose feed takes a while to read, counting the reads.
+#[derive(Default)]
+struct SlowFeed {
+    inner: SharedStore,
+    feeds: std::sync::atomic::AtomicUsize,
+}
+
+impl Storage for SlowFeed {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        self.inner.load(visit)
+    }
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.inner.records(rt, rows)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.commit(batch)
+    }
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.inner.changes(after, limit)
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
+        self.feeds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.inner.feed(after)
+    }
+}
+
+/// Many asking to catch up at once (refused refreshes, the lease's renewal among them) are
+/// answered by one reading of the store, not one each in turn.
+#[test]
+fn those_catching_up_at_once_share_one_reading_of_the_store() {
+    let store = Arc::new(SlowFeed::default());
+    let dir = Directory::open(store.clone(), Box::new(time::OffsetDateTime::now_utc)).unwrap();
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| dir.catch_up().unwrap());
+        }
+    });
+    let feeds = store.feeds.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(feeds <= 3, "{feeds} readings of the feed for 8 at once");
+}
+
 #[tokio::test]
 async fn a_write_that_changes_nothing_is_answered_once_this_replica_has_what_it_found() {
     let store = Arc::new(SharedStore::default());
