@@ -320,13 +320,20 @@ impl Jwks {
     pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
         let mut fetches = self.fetches.lock().await;
         if !force && fetches.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
-            return Ok(());
+            // Fetched a moment ago; but while a set with no usable key waits to be confirmed,
+            // the one kept is not the issuer's word either.
+            return match fetches.unusable_since {
+                Some(_) => Err(JwtError::KeysUnavailable),
+                None => Ok(()),
+            };
         }
         let now = Instant::now();
         fetches.last = Some(now);
         let keys = match self.fetch().await {
             Ok(keys) => keys,
             Err(e) => {
+                // Two sets with no usable key an outage apart are two glitches, not one set.
+                fetches.unusable_since = None;
                 tracing::warn!(uri = %self.uri, "could not fetch the key set: {e}");
                 return Err(JwtError::KeysUnavailable);
             }
@@ -350,6 +357,7 @@ impl Jwks {
                 "the key set still has no signing key Portcullis can use: no token of this \
                  issuer verifies until it publishes one"
             );
+            fetches.unusable_since = None;
         }
         if self.raw().is_some_and(|raw| *raw == *keys.raw) {
             return Ok(());

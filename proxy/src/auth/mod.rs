@@ -1144,25 +1144,45 @@ mod tests {
         let usable = format!(r#"{{"keys":[{key}]}}"#);
         let none = r#"{"keys":[]}"#.to_owned();
         let symmetric = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.to_owned();
-        let bodies = |_| vec![usable.clone(), none.clone(), usable, none, symmetric];
+        let garbage = "<html>oops</html>".to_owned();
+        let bodies = |_| {
+            vec![
+                usable.clone(),
+                none.clone(),
+                usable,
+                none.clone(),
+                garbage,
+                none,
+                symmetric,
+            ]
+        };
         let (address, fetches) = idp_answering_in_turn(bodies, Duration::ZERO).await;
         let set = Jwks::new(format!("http://{address}/jwks"), reqwest::Client::new());
         let published = || set.publishes(Some("a"), jsonwebtoken::Algorithm::ES256, &thumbprint);
+        let unavailable = Err(JwtError::KeysUnavailable);
         set.refresh(true).await.unwrap();
         assert!(published());
-        // A moment's glitch: kept, and forgotten once the key is back.
-        assert_eq!(set.refresh(true).await, Err(JwtError::KeysUnavailable));
+        // A moment's glitch: kept, though not as the issuer's word (a refresh too soon to
+        // fetch says so); forgotten once the key is back.
+        assert_eq!(set.refresh(true).await, unavailable);
         assert!(published(), "kept at first");
+        assert_eq!(set.refresh(false).await, unavailable, "on probation");
         set.age_unusable().await;
         set.refresh(true).await.unwrap();
         assert!(published());
-        assert_eq!(set.refresh(true).await, Err(JwtError::KeysUnavailable));
+        assert_eq!(set.refresh(true).await, unavailable);
         assert!(published(), "a new glitch is one again");
+        // An outage between two glitches: two glitches.
+        set.age_unusable().await;
+        assert_eq!(set.refresh(true).await, unavailable, "the outage");
+        set.age_unusable().await;
+        assert_eq!(set.refresh(true).await, unavailable);
+        assert!(published(), "a glitch after an outage is one again");
         // Still none 10 s on (a symmetric key is none to use): withdrawn.
         set.age_unusable().await;
         set.refresh(true).await.unwrap();
         assert!(!published(), "a key left out of the set is withdrawn");
-        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 7);
     }
 
     fn auth(world: &crate::testing::World, dir: &std::path::Path) -> Auth {
