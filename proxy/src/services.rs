@@ -293,6 +293,11 @@ impl BackgroundService for Watcher {
                 _ = shutdown.changed(), if !draining => draining = true,
             }
             let shared = &self.shared;
+            // Left the fleet at the drain's end: the lease is given up, not lost, and what is
+            // still open ends with the process, not as cut off from the directory.
+            if shared.freshness.as_ref().is_some_and(|f| f.is_leaving()) {
+                continue;
+            }
             shared.streams.sweep(|open| shared.still_allowed(open));
         }
     }

@@ -421,6 +421,11 @@ impl Freshness {
         self.max_staleness
     }
 
+    /// Whether this replica is leaving the fleet ([`Freshness::leave`]): its process exits.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
     /// Leaves the fleet, at shutdown: the lease lapses here, and this replica's row is deleted
     /// so that no writer waits for it to lapse there (up to `max_staleness` per answer during
     /// a rolling restart). Waits (at most `wait`) for the feed's thread to do it; false if it
