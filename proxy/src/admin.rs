@@ -206,6 +206,7 @@ impl Admin {
         let explained = crate::explain::explain(
             &runtime,
             &self.shared.directory,
+            self.shared.directory_is_current(),
             who,
             &url,
             method.as_deref().unwrap_or("GET"),

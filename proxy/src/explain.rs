@@ -174,10 +174,12 @@ fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Mac
     }
 }
 
-/// Judges `method url` for `who`, as if they had just signed in (or presented a token).
+/// Judges `method url` for `who`, as if they had just signed in (or presented a token), as
+/// the proxy would: with the directory known to be `current` or not.
 pub fn explain(
     runtime: &Runtime,
     directory: &Directory,
+    current: bool,
     who: Who<'_>,
     url: &str,
     method: &str,
@@ -205,7 +207,7 @@ pub fn explain(
     let gate = crate::gate::Gate {
         directory,
         identity: &runtime.config.identity,
-        current: true,
+        current,
         now: crate::clock::now_unix(),
         forwards: None,
     };
@@ -220,11 +222,36 @@ pub fn explain(
         reason: String::new(),
     };
     // The path exactly as typed, normalized by the proxy's one function (the URL parser's
-    // own clean-up would hide what a client can send).
+    // own clean-up would hide what a client can send), and what the proxy refuses before it
+    // asks who calls.
+    let query = url
+        .split_once('?')
+        .map(|(_, rest)| rest.split('#').next().unwrap_or_default());
     let target = match path::normalize(raw_path(url)) {
+        _ if crate::proxy::echoes_request(&method) => Err(format!(
+            "refused with 405: {method} has the upstream echo what it is told"
+        )),
         Err(e) => Err(format!("refused with 400: {e}")),
+        Ok(path) if path.starts_with("/.portcullis/") => {
+            Err("Portcullis' own endpoint (/.portcullis/), not a route's".to_owned())
+        }
+        Ok(path)
+            if runtime
+                .scim
+                .as_ref()
+                .is_some_and(|s| s.claims(&host, &path)) =>
+        {
+            Err("the SCIM endpoint, not a route's".to_owned())
+        }
         Ok(path) => match runtime.routes.find(scheme, &host, &path) {
-            Match::Found(route) => Ok((route, path.into_owned())),
+            Match::Found(route) => match runtime.routes.refuses(scheme, &host, route, &path, query)
+            {
+                Some(why) => {
+                    answer.route = Some(route.config.name.clone());
+                    Err(format!("refused with 400: {why}"))
+                }
+                None => Ok((route, path.into_owned())),
+            },
             Match::WrongScheme(route) => {
                 answer.route = Some(route.config.name.clone());
                 Err(format!(
@@ -382,7 +409,8 @@ pub fn run_cli(
             .map_err(|e| format!("cannot load the directory: {e}"))?,
     );
     let runtime = Runtime::build(config, &directory);
-    explain(&runtime, &directory, who, url, method)
+    // Just loaded from the store: current.
+    explain(&runtime, &directory, true, who, url, method)
 }
 
 /// The running proxy's answer, or `None` when nothing listens on `admin`.
@@ -497,6 +525,7 @@ mod tests {
         match explain(
             &world.runtime(),
             &world.directory,
+            true,
             Who::Person(user),
             url,
             method,
@@ -621,12 +650,51 @@ mod tests {
         );
     }
 
+    /// What the proxy refuses before it asks who calls, explain refuses too, and it judges as
+    /// the proxy does when the directory is not known to be current.
+    #[tokio::test]
+    async fn what_the_proxy_refuses_before_the_gate_is_refused_here_too() {
+        let world = world().await;
+        let refused = |url: &str, method: &str| ask(&world, ALICE, url, method).reason;
+        // /v1/ is a route of its own (bearer tokens only): a PHP front controller on app.test
+        // would serve it past that route's rules.
+        assert!(ask(&world, ALICE, "http://app.test/index.php/work", "GET").allowed);
+        let why = refused("http://app.test/index.php/v1/builds", "GET");
+        assert!(why.contains("PHP front controller"), "{why}");
+        let why = refused("http://app.test/work", "TRACE");
+        assert!(why.starts_with("refused with 405"), "{why}");
+        let why = refused("http://app.test/.portcullis/me", "GET");
+        assert!(why.contains("Portcullis' own endpoint"), "{why}");
+        let stale = explain(
+            &world.runtime(),
+            &world.directory,
+            false,
+            Who::Person(ALICE),
+            "http://app.test/work",
+            "GET",
+        )
+        .unwrap();
+        assert!(!stale.allowed);
+        assert!(
+            stale.reason.contains("not known to be current"),
+            "{}",
+            stale.reason
+        );
+    }
+
     #[tokio::test]
     async fn bad_questions_are_errors() {
         let world = world().await;
         let runtime = world.runtime();
         let err = |user: &str, url: &str| {
-            explain(&runtime, &world.directory, Who::Person(user), url, "GET")
+            explain(
+                &runtime,
+                &world.directory,
+                true,
+                Who::Person(user),
+                url,
+                "GET",
+            )
         };
         assert!(err("", "http://app.test/").is_err());
         assert!(err(ALICE, "ftp://app.test/").is_err());

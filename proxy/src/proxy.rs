@@ -579,7 +579,7 @@ impl ProxyHttp for Proxy {
         // signed assertion and the identity headers, which are the upstream's to read, would
         // go back to the client, to be replayed to the upstream past Portcullis for as long
         // as the assertion lasts. Refused, as nginx does.
-        if matches!(req.method.as_str(), "TRACE" | "TRACK") {
+        if echoes_request(req.method.as_str()) {
             // RFC 9110 §15.5.6: a 405 says which methods are taken. Any other is passed on,
             // for the upstream to take or not; these are the ones HTTP itself defines.
             let refused = Reply::status_page(StatusCode::METHOD_NOT_ALLOWED).header(
@@ -694,40 +694,13 @@ impl ProxyHttp for Proxy {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
-        // A PHP front controller routes what follows its script (`/index.php/admin` is
-        // `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
-        // would be served by this route's upstream past that route's rules. Unless this route
-        // names the script itself (`/remote.php/` beside `/`, for Nextcloud's DAV clients):
-        // then its operator routed what follows the script.
-        let script = portcullis_policy::script_routed(&normalized).filter(|(_, end)| {
-            let depth = portcullis_policy::loose_depth;
-            depth(&route.config.path_prefix) < depth(&normalized[..*end])
-        });
-        if let Some((routed, _)) = script {
-            let other = match runtime
-                .routes
-                .find(Runtime::scheme_of(ctx.tls), &host, &routed)
-            {
-                Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, &route),
-                Match::None => false,
-            };
-            if other {
-                let why = "a path that a PHP front controller reads as another route's \
-                           (/index.php/admin is /admin)";
-                return self
-                    .bad_request(session, ctx.client_ip, &route.config.name, why)
-                    .await;
-            }
-        }
-        // Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
-        // names methods, one in the query would dodge it. (One in a form body is not read
-        // here: the README says so.)
-        if route.config.policy.names_methods()
-            && target
-                .query
-                .is_some_and(portcullis_policy::path::overrides_method)
-        {
-            let why = "a method override (_method) in the query, where rules name methods";
+        if let Some(why) = runtime.routes.refuses(
+            Runtime::scheme_of(ctx.tls),
+            &host,
+            &route,
+            &normalized,
+            target.query,
+        ) {
             return self
                 .bad_request(session, ctx.client_ip, &route.config.name, why)
                 .await;
@@ -1932,6 +1905,12 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
         "You don't have access to this page",
         &content,
     )
+}
+
+/// Whether `method` has the upstream echo the request it received (TRACE, and Microsoft's
+/// TRACK), so refused: see `request_filter`.
+pub fn echoes_request(method: &str) -> bool {
+    matches!(method, "TRACE" | "TRACK")
 }
 
 /// Whether an `OPTIONS` request without a body is a CORS preflight (Fetch standard,

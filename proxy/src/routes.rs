@@ -115,6 +115,50 @@ impl RouteTable {
         }
         Match::None
     }
+
+    /// Why a request to `route` (found for `scheme`, `host` and the normalized `path`) is
+    /// refused with 400 before anyone is asked for, if it is; the proxy and `explain` both
+    /// ask.
+    ///
+    /// - A PHP front controller routes what follows its script (`/index.php/admin` is
+    ///   `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
+    ///   would be served by this route's upstream past that route's rules. Unless this route
+    ///   names the script itself (`/remote.php/` beside `/`, for Nextcloud's DAV clients):
+    ///   then its operator routed what follows the script.
+    /// - Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
+    ///   names methods, one in the `query` would dodge it. (One in a form body is not read
+    ///   here: the README says so.)
+    pub fn refuses(
+        &self,
+        scheme: Scheme,
+        host: &str,
+        route: &Arc<CompiledRoute>,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<&'static str> {
+        let script = portcullis_policy::script_routed(path).filter(|(_, end)| {
+            let depth = portcullis_policy::loose_depth;
+            depth(&route.config.path_prefix) < depth(&path[..*end])
+        });
+        if let Some((routed, _)) = script {
+            let other = match self.find(scheme, host, &routed) {
+                Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
+                Match::None => false,
+            };
+            if other {
+                return Some(
+                    "a path that a PHP front controller reads as another route's \
+                     (/index.php/admin is /admin)",
+                );
+            }
+        }
+        if route.config.policy.names_methods()
+            && query.is_some_and(portcullis_policy::path::overrides_method)
+        {
+            return Some("a method override (_method) in the query, where rules name methods");
+        }
+        None
+    }
 }
 
 #[cfg(test)]
