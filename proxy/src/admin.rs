@@ -141,8 +141,9 @@ impl Admin {
             );
         }
         if !self.listening.load(Ordering::Acquire) {
-            let bound = listening_ports();
-            if let Some(missing) = self.listeners.iter().find(|l| !bound.contains(&l.port())) {
+            let bound = listening_sockets();
+            let listens = |l: &SocketAddr| bound.contains(&(l.ip().to_canonical(), l.port()));
+            if let Some(missing) = self.listeners.iter().find(|l| !listens(l)) {
                 let text = format!("starting: not listening on {missing} yet\n");
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -233,9 +234,11 @@ fn is_loopback_name(host: &str) -> bool {
         || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The ports of the TCP sockets this process listens on, from `/proc/self/net/tcp{,6}`: a
-/// socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors.
-fn listening_ports() -> HashSet<u16> {
+/// The addresses of the TCP sockets this process listens on, from `/proc/self/net/tcp{,6}`:
+/// a socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors. By
+/// address and port: two listeners may share a port on two addresses, and one bound is not
+/// the other.
+fn listening_sockets() -> HashSet<(IpAddr, u16)> {
     let own: HashSet<String> = std::fs::read_dir("/proc/self/fd")
         .map(|dir| {
             dir.filter_map(|entry| {
@@ -249,27 +252,40 @@ fn listening_ports() -> HashSet<u16> {
             .collect()
         })
         .unwrap_or_default();
-    let mut ports = HashSet::new();
+    let mut sockets = HashSet::new();
     for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
-        ports.extend(
+        sockets.extend(
             text.lines()
                 .skip(1)
-                .filter_map(|line| listening_port(line, &own)),
+                .filter_map(|line| listening_socket(line, &own)),
         );
     }
-    ports
+    sockets
 }
 
-/// The local port of one `/proc/net/tcp` line, if it is a listening socket of ours.
-fn listening_port(line: &str, own: &HashSet<String>) -> Option<u16> {
+/// The local address of one `/proc/net/tcp{,6}` line, if it is a listening socket of ours:
+/// the address is the kernel's 32-bit words in hex, each in this machine's byte order (an
+/// IPv4-mapped IPv6 address is given as IPv4).
+fn listening_socket(line: &str, own: &HashSet<String>) -> Option<(IpAddr, u16)> {
     // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
     let fields: Vec<&str> = line.split_whitespace().collect();
     let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
     if *state != "0A" || !own.contains(*inode) {
         return None;
     }
-    u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+    let (address, port) = local.split_once(':')?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..address.len() / 8 {
+        let word = u32::from_str_radix(address.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend(word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((ip.to_canonical(), u16::from_str_radix(port, 16).ok()?))
 }
 
 #[async_trait]
@@ -350,22 +366,35 @@ mod tests {
     fn readiness_sees_the_listeners_of_this_process_only() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(listening_ports().contains(&port));
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        assert!(listening_sockets().contains(&(loopback, port)));
+        // The same port on another address is another listener.
+        let other = IpAddr::from([127, 0, 0, 2]);
+        assert!(!listening_sockets().contains(&(other, port)));
+        if let Ok(six) = std::net::TcpListener::bind("[::1]:0") {
+            let port = six.local_addr().unwrap().port();
+            assert!(
+                listening_sockets().contains(&(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]), port))
+            );
+        }
         drop(listener);
-        assert!(!listening_ports().contains(&port));
+        assert!(!listening_sockets().contains(&(loopback, port)));
 
         // A socket of another process (an inode not among ours) does not count.
         let own: HashSet<String> = ["1234".to_owned()].into();
         let line = |state: &str, inode: &str| {
             format!("0: 0100007F:1F90 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 {inode} 1")
         };
-        assert_eq!(listening_port(&line("0A", "1234"), &own), Some(8080));
-        assert_eq!(listening_port(&line("0A", "999"), &own), None);
         assert_eq!(
-            listening_port(&line("01", "1234"), &own),
+            listening_socket(&line("0A", "1234"), &own),
+            Some((loopback, 8080))
+        );
+        assert_eq!(listening_socket(&line("0A", "999"), &own), None);
+        assert_eq!(
+            listening_socket(&line("01", "1234"), &own),
             None,
             "established"
         );
-        assert_eq!(listening_port("garbage", &own), None);
+        assert_eq!(listening_socket("garbage", &own), None);
     }
 }
