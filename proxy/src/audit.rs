@@ -976,8 +976,9 @@ impl Store {
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
     /// go to it after those kept before them once it can. `urgent` (a flush, the process
-    /// stopping): while records wait in the spool, these join them at once, rather than wait
-    /// on PostgreSQL, which has been failing.
+    /// stopping): while records wait in the spool, or no connection to PostgreSQL is open,
+    /// these go to the spool at once, rather than wait on a PostgreSQL that may be failing
+    /// (a connection takes up to its timeout to fail) past the flush's time.
     fn append(
         &mut self,
         lines: &[String],
@@ -991,7 +992,7 @@ impl Store {
                 if lines.is_empty() {
                     return Ok(());
                 }
-                if none_waits {
+                if none_waits && (!urgent || log.is_connected()) {
                     let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                     match log.append(&records) {
                         Ok(()) => return Ok(()),
@@ -1003,9 +1004,17 @@ impl Store {
         }
     }
 
-    /// Whether records wait to be moved on though no new one comes ([`Spool`]).
-    fn waits(&self) -> bool {
-        matches!(self, Store::Postgres(_, spool) if !spool.is_empty())
+    /// Whether records wait to be moved on though no new one comes ([`Spool`]): this
+    /// process's, or (looked for once a second) another's that left them on the same
+    /// `data_dir` (a process stopped while this one started).
+    fn waits(&mut self) -> bool {
+        match self {
+            Store::File(_) => false,
+            Store::Postgres(_, spool) => {
+                spool.look();
+                !spool.is_empty()
+            }
+        }
     }
 }
 
@@ -1022,8 +1031,9 @@ struct Spool {
     path: PathBuf,
     /// `audit-spool.moved`: the bytes of the spool already moved.
     moved: PathBuf,
-    /// Whether records wait in the file, as this process last saw it.
+    /// Whether records wait in the file, as this process last saw it, and when it looked.
     waiting: bool,
+    looked: std::time::Instant,
     /// When PostgreSQL may be asked again, and how long after that if it fails again.
     retry_at: std::time::Instant,
     backoff: std::time::Duration,
@@ -1050,6 +1060,7 @@ impl Spool {
             moved: path.with_extension("moved"),
             path,
             waiting,
+            looked: std::time::Instant::now(),
             retry_at: std::time::Instant::now(),
             backoff: SPOOL_RETRY_FIRST,
         })
@@ -1057,6 +1068,15 @@ impl Spool {
 
     fn is_empty(&self) -> bool {
         !self.waiting
+    }
+
+    /// Looks (at most once a second) whether another process left records in the file.
+    fn look(&mut self) {
+        if self.waiting || self.looked.elapsed() < SPOOL_RETRY_FIRST {
+            return;
+        }
+        self.looked = std::time::Instant::now();
+        self.waiting = std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() > 0);
     }
 
     fn postgres_failed(&mut self, why: &str) {
@@ -1089,6 +1109,10 @@ impl Spool {
         let cannot = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
         let mut file = self.locked().map_err(cannot)?;
         let len = file.metadata().map_err(cannot)?.len();
+        if len == 0 {
+            // A note of moves from a file emptied since (by hand, say) says nothing of this one.
+            remove_synced(&self.moved).map_err(cannot)?;
+        }
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
         if len.saturating_add(bytes) > SPOOL_MAX_BYTES {
             return Err(format!(
@@ -1184,15 +1208,12 @@ impl Spool {
                 }
             }
             if consumed == 0 && want < chunk.len() {
-                // Nothing whole is left: all moved.
+                // Nothing whole is left: all moved. The note of how far goes first: a crash
+                // before the file is emptied then has them moved again, never skipped.
+                remove_synced(&self.moved).map_err(Moving::File)?;
                 file.set_len(0).map_err(Moving::File)?;
                 file.sync_all().map_err(Moving::File)?;
-                match std::fs::remove_file(&self.moved) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Moving::File(e))
-                    }
-                    _ => return Ok(true),
-                }
+                return Ok(true);
             }
             if !records.is_empty() {
                 insert(&records).map_err(Moving::Postgres)?;
@@ -1213,16 +1234,38 @@ enum Moving {
     File(std::io::Error),
 }
 
-/// Writes `bytes` to the file at `path` (mode 0600), replacing what it held, and syncs it.
+/// Puts a file holding `bytes` (mode 0600) at `path`, whole or not at all (written aside,
+/// synced, renamed over it), durably.
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let aside = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&aside)?;
     file.write_all(bytes)?;
-    file.sync_data()
+    file.sync_data()?;
+    std::fs::rename(&aside, path)?;
+    sync_parent(path)
+}
+
+/// Removes the file at `path`, if there is one, durably.
+fn remove_synced(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Syncs the directory holding `path`, so that a file put or removed there stays so.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => File::open(".")?.sync_all(),
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// The log file, followed through rotation: when the file at its path is no longer the one
@@ -1926,6 +1969,19 @@ mod tests {
         assert_eq!(all, expected);
         assert_eq!(std::fs::read(&path).unwrap(), b"");
         assert!(!path.with_extension("moved").exists());
+
+        // A note of moves left from a file emptied since (by hand, or a crash) skips none
+        // of the next records.
+        write_synced(&path.with_extension("moved"), b"40").unwrap();
+        let again: Vec<String> = (0..10).map(record).collect();
+        spool.append(&again).unwrap();
+        let mut taken = Vec::new();
+        let mut take = |records: &[&str]| -> Result<(), String> {
+            taken.extend(records.iter().map(|r| r.to_string()));
+            Ok(())
+        };
+        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert_eq!(taken.len(), 10, "{taken:?}");
     }
 
     /// Read from the end with `--since`, the log is read no further back than that: a record
