@@ -215,6 +215,9 @@ pub enum Refreshed {
     Ended(String),
 }
 
+/// How long a session whose refreshed ID token could not be verified for want of the
+/// provider's keys waits to be judged again.
+const KEYS_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The first and the longest pause in refreshing while the IdP is unreachable: at most one
 /// request per pause waits on it.
 const MIN_REFRESH_BACKOFF: u64 = 5;
@@ -642,6 +645,10 @@ impl Oidc {
             }
             Err(e) => return Err(SignInError::Unreachable(e.to_string())),
         };
+        // The token to refresh with next: a rotating IdP has just spent the one sent.
+        let refresh_token = response
+            .refresh_token()
+            .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
         let due = match openidconnect::TokenResponse::id_token(&response) {
             Some(id_token) => {
                 // A refreshed ID token carries no nonce; it must still be valid and be about
@@ -650,15 +657,22 @@ impl Oidc {
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
                     Err(IdTokenError::Signature(_)) => {
                         // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
-                        // that cannot be fetched are an outage, not a verdict on the session,
-                        // and so is a set with none Portcullis can use: whatever signed this
-                        // token, no verdict can be had on it.
+                        // that cannot be fetched, or a set with none Portcullis can use, give
+                        // no verdict on the session: it is judged again a minute on, with the
+                        // refresh token the IdP has just given (the one sent may be spent).
                         if provider.jwks.refresh(false).await.is_err()
                             || !provider.jwks.has_usable_key()
                         {
-                            return Err(SignInError::Unreachable(
-                                "the identity provider's keys could not be fetched".to_owned(),
-                            ));
+                            tracing::warn!(
+                                "a refreshed ID token cannot be verified without the \
+                                 provider's keys: judged again in {}s",
+                                KEYS_RETRY.as_secs()
+                            );
+                            return Ok(Refreshed::Renewed(Refresh {
+                                refresh_token,
+                                due: now + KEYS_RETRY.as_secs(),
+                                sealed: false,
+                            }));
                         }
                         self.verify_id_token(config, &provider, id_token, no_nonce)
                     }
@@ -681,9 +695,6 @@ impl Oidc {
             }
             None => now + response.expires_in().map_or(300, |d| d.as_secs()),
         };
-        let refresh_token = response
-            .refresh_token()
-            .map_or_else(|| current.refresh_token.clone(), |t| t.secret().clone());
         Ok(Refreshed::Renewed(Refresh {
             refresh_token,
             due,

@@ -736,8 +736,8 @@ impl Sessions {
     /// ([`REFRESH_WRITE`]), then the store is read, as this replica may lag behind it (up to
     /// its `max_staleness`). A refusal with no refresh elsewhere (the IdP ended the grant)
     /// costs that moment and one read; a store that cannot be read within another second
-    /// gives no verdict, and the session holds. (The same token sealed again is no new one:
-    /// each seal differs.)
+    /// leaves the IdP's refusal standing. (The same token sealed again is no new one: each
+    /// seal differs.)
     pub async fn refreshed_elsewhere(&self, id: &str, refreshing: &Refreshing, used: &str) -> bool {
         let renewed = || {
             let now = refreshing.state().opened(id);
@@ -757,8 +757,8 @@ impl Sessions {
         let read = tokio::task::spawn_blocking(move || directory.catch_up());
         match tokio::time::timeout(REFRESH_WRITE, read).await {
             Ok(Ok(Ok(_))) => renewed(),
-            // No verdict without the store: as with the IdP out of reach, the session holds
-            // (and is refreshed again later).
+            // The IdP refused, and nothing says another replica renewed: the refusal stands
+            // (at worst, someone signs in again).
             failed => {
                 let why = match failed {
                     Ok(Ok(Err(e))) => e.to_string(),
@@ -766,7 +766,7 @@ impl Sessions {
                     _ => "it did not answer within a second".to_owned(),
                 };
                 tracing::warn!("cannot read the shared store for a refused refresh: {why}");
-                true
+                renewed()
             }
         }
     }
