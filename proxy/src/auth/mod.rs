@@ -493,7 +493,7 @@ impl Auth {
                     )),
                 };
                 match refreshed {
-                    Ok(Refreshed::Renewed(next)) => {
+                    Ok(Refreshed::Renewed(next) | Refreshed::Postponed(next)) => {
                         self.sessions.refreshed(id, &key, refreshing, next)
                     }
                     Ok(Refreshed::Ended(_))

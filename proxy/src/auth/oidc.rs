@@ -211,6 +211,10 @@ fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
 pub enum Refreshed {
     /// The IdP vouches for the person again: the session's new refresh state.
     Renewed(Refresh),
+    /// The IdP answered, but its ID token cannot be judged without the provider's keys: the
+    /// refresh token it gave is kept (the one sent may be spent), the session goes on as it
+    /// was, and refreshes pause as for an outage.
+    Postponed(Refresh),
     /// The IdP refused, or its answer failed verification: the session is over.
     Ended(String),
 }
@@ -604,7 +608,7 @@ impl Oidc {
     ) -> Result<Refreshed, SignInError> {
         let result = self.ask_refresh(config, current, subject, now).await;
         match &result {
-            Err(_) => {
+            Err(_) | Ok(Refreshed::Postponed(_)) => {
                 let backoff = (self.refresh_backoff.load(Ordering::Relaxed) * 2)
                     .clamp(MIN_REFRESH_BACKOFF, MAX_REFRESH_BACKOFF);
                 self.refresh_backoff.store(backoff, Ordering::Relaxed);
@@ -665,10 +669,10 @@ impl Oidc {
                         {
                             tracing::warn!(
                                 "a refreshed ID token cannot be verified without the \
-                                 provider's keys: judged again in {}s",
+                                 provider's keys: judged again in {}s at the earliest",
                                 KEYS_RETRY.as_secs()
                             );
-                            return Ok(Refreshed::Renewed(Refresh {
+                            return Ok(Refreshed::Postponed(Refresh {
                                 refresh_token,
                                 due: now + KEYS_RETRY.as_secs(),
                                 sealed: false,
