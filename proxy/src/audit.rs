@@ -976,9 +976,9 @@ impl Store {
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
     /// go to it after those kept before them once it can. `urgent` (a flush, the process
-    /// stopping): while records wait in the spool, or no connection to PostgreSQL is open,
-    /// these go to the spool at once, rather than wait on a PostgreSQL that may be failing
-    /// (a connection takes up to its timeout to fail) past the flush's time.
+    /// stopping): while records wait in the spool, or PostgreSQL failed a moment ago, these
+    /// go to the spool at once, rather than wait on it (a connection takes up to its timeout
+    /// to fail) past the flush's time.
     fn append(
         &mut self,
         lines: &[String],
@@ -988,11 +988,12 @@ impl Store {
         match self {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
+                spool.look();
                 let none_waits = spool.is_empty() || (!urgent && spool.move_to(log));
                 if lines.is_empty() {
                     return Ok(());
                 }
-                if none_waits && (!urgent || log.is_connected()) {
+                if none_waits && !(urgent && spool.failing()) {
                     let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                     match log.append(&records) {
                         Ok(()) => return Ok(()),
@@ -1068,6 +1069,11 @@ impl Spool {
 
     fn is_empty(&self) -> bool {
         !self.waiting
+    }
+
+    /// Whether PostgreSQL failed a moment ago (and is not to be asked again yet).
+    fn failing(&self) -> bool {
+        std::time::Instant::now() < self.retry_at
     }
 
     /// Looks (at most once a second) whether another process left records in the file.

@@ -1171,14 +1171,6 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Whether a connection is open (as last seen: it may have failed since, unnoticed).
-    pub fn is_connected(&self) -> bool {
-        self.conn
-            .client
-            .as_ref()
-            .is_some_and(|conn| !conn.client.is_closed())
-    }
-
     /// Appends `records` in one statement.
     pub fn append(&mut self, records: &[&str]) -> Result<(), StoreError> {
         self.conn.run(|conn| {
