@@ -382,8 +382,10 @@ mod tests {
 
         // A socket of another process (an inode not among ours) does not count.
         let own: HashSet<String> = ["1234".to_owned()].into();
+        // The kernel's words in this machine's byte order.
+        let address = u32::from_ne_bytes([127, 0, 0, 1]);
         let line = |state: &str, inode: &str| {
-            format!("0: 0100007F:1F90 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 {inode} 1")
+            format!("0: {address:08X}:1F90 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 0 0 {inode} 1")
         };
         assert_eq!(
             listening_socket(&line("0A", "1234"), &own),

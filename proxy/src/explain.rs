@@ -225,23 +225,27 @@ pub fn explain(
     // own clean-up would hide what a client can send), and what the proxy refuses before it
     // asks who calls.
     let query = url
-        .split_once('?')
-        .map(|(_, rest)| rest.split('#').next().unwrap_or_default());
+        .split('#')
+        .next()
+        .and_then(|url| url.split_once('?'))
+        .map(|(_, query)| query);
     let target = match path::normalize(raw_path(url)) {
         _ if crate::proxy::echoes_request(&method) => Err(format!(
             "refused with 405: {method} has the upstream echo what it is told"
         )),
         Err(e) => Err(format!("refused with 400: {e}")),
-        Ok(path) if path.starts_with("/.portcullis/") => {
-            Err("Portcullis' own endpoint (/.portcullis/), not a route's".to_owned())
-        }
+        Ok(path) if path.starts_with("/.portcullis/") => Err(
+            "not a route's: Portcullis' own endpoint (/.portcullis/), which explain does \
+                 not judge"
+                .to_owned(),
+        ),
         Ok(path)
             if runtime
                 .scim
                 .as_ref()
                 .is_some_and(|s| s.claims(&host, &path)) =>
         {
-            Err("the SCIM endpoint, not a route's".to_owned())
+            Err("not a route's: the SCIM endpoint, which explain does not judge".to_owned())
         }
         Ok(path) => match runtime.routes.find(scheme, &host, &path) {
             Match::Found(route) => match runtime.routes.refuses(scheme, &host, route, &path, query)
