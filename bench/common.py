@@ -257,7 +257,7 @@ def start_apache_oidc(tmp, port, upstream_port, issuer, client_secret):
     """Apache 2.4 with mod_auth_openidc in front of the upstream, one worker process (event MPM,
     64 threads): `/plain` is proxied to anyone; everything else needs a signed-in session
     (sessions in shared memory) whose `groups` claim holds `eng`, the same requirement as the
-    Portcullis session route."""
+    Portcullis session route. The IdP gives groups for the `groups` scope alone, as Okta does."""
     run = os.path.join(tmp, "apache-run")
     os.makedirs(run, exist_ok=True)
     modules = ["mpm_event", "authn_core", "authz_core", "proxy", "proxy_http", "auth_openidc"]
@@ -289,7 +289,7 @@ OIDCClientID {APACHE_CLIENT_ID}
 OIDCClientSecret {client_secret}
 OIDCRedirectURI http://127.0.0.1:{port}/redirect_uri
 OIDCCryptoPassphrase {random_secret(32)}
-OIDCScope "openid email profile"
+OIDCScope "openid email profile groups"
 OIDCSessionType server-cache
 OIDCCacheType shm
 OIDCSessionInactivityTimeout 7200
