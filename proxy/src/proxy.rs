@@ -1916,19 +1916,25 @@ pub fn echoes_request(method: &str) -> bool {
 /// Whether an `OPTIONS` request without a body is a CORS preflight (Fetch standard,
 /// CORS-preflight request): with `Origin` and `Access-Control-Request-Method`, and nothing
 /// that would keep it open (no upgrade, no event stream). The upstream must see it as one:
-/// a `Connection` naming headers (`Connection: Origin, Access-Control-Request-Method`) has
-/// them removed on the way, and an `OPTIONS` without them is an ordinary request to its
-/// handler. Browsers send `Connection` only as `keep-alive` or `close`.
+/// a `Connection` naming its headers (`Connection: Origin, Access-Control-Request-Method`)
+/// has them removed on the way, and an `OPTIONS` without them is an ordinary request to its
+/// handler. Other options pass (`keep-alive`; `upgrade`, which nginx's websocket recipe sets
+/// on every request it forwards).
 fn is_cors_preflight(req: &RequestHeader) -> bool {
     let headers = &req.headers;
+    let preflight_header = |option: &[u8]| {
+        let prefix = b"access-control-request-";
+        option.eq_ignore_ascii_case(b"origin")
+            || option
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
     req.method == http::Method::OPTIONS
         && headers.contains_key(header::ORIGIN)
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
         && !headers.contains_key(header::UPGRADE)
         && !accepts(headers, b"text/event-stream")
-        && list_elements(headers, &header::CONNECTION).all(|option| {
-            option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close")
-        })
+        && !list_elements(headers, &header::CONNECTION).any(preflight_header)
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours. A
