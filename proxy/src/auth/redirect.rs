@@ -4,7 +4,8 @@
 //! `/.portcullis/sign_in`, which anyone can craft; an open redirect there would let a phishing
 //! link borrow the company's sign-in page. So the rule is strict and simple: an absolute
 //! `http`/`https` URL whose host is exactly a configured host (or matches a configured
-//! `*.` wildcard), without user info, and `https` when sign-in is; or a path on the current
+//! `*.` wildcard), without user info, and `https` when sign-in is (an `http` one on the
+//! default port is taken as its `https` twin); or a path on the current
 //! host that cannot be read as anything else. Everything else — protocol-relative `//x`,
 //! backslashes, control characters, `https:x` without slashes, percent-encoded slashes,
 //! look-alike hosts — is refused.
@@ -67,13 +68,16 @@ pub fn safe_return_url(raw: &str, origin: &str, hosts: &Hosts) -> Option<String>
     if !(lower.starts_with("https://") || lower.starts_with("http://")) {
         return None;
     }
-    let url = url::Url::parse(raw).ok()?;
+    let mut url = url::Url::parse(raw).ok()?;
     if !url.username().is_empty() || url.password().is_some() {
         return None;
     }
     // Signed in over TLS, the session's cookie is `Secure`: sent back over plain http it
-    // would carry none, and the page there is anyone's on the network to answer.
-    if origin.starts_with("https://") && url.scheme() != "https" {
+    // would carry none, and the page there is anyone's on the network to answer. An address
+    // on the default port (an application that built it ignoring `X-Forwarded-Proto`) is
+    // the same page over https; one on another port is not known to be.
+    let downgrade = origin.starts_with("https://") && url.scheme() != "https";
+    if downgrade && (url.port().is_some() || url.set_scheme("https").is_err()) {
         return None;
     }
     let host = url.host_str()?;
@@ -107,6 +111,13 @@ mod tests {
                 "https://grafana.apps.example.com/d",
                 "https://grafana.apps.example.com/d",
             ),
+            // Built by an application that took its own address for http: the same page over
+            // https, as sign-in is.
+            ("HTTP://corp.example.com/a", "https://corp.example.com/a"),
+            (
+                "http://auth.corp.example.com:80/",
+                "https://auth.corp.example.com/",
+            ),
         ];
         for (raw, want) in allowed {
             assert_eq!(
@@ -137,8 +148,7 @@ mod tests {
             "javascript:alert(1)",
             "data:text/html,hi",
             "ftp://corp.example.com/",
-            "http://auth.corp.example.com/",
-            "HTTP://corp.example.com/a",
+            "http://auth.corp.example.com:8080/",
             " https://corp.example.com/",
             "",
         ];
