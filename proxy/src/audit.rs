@@ -976,9 +976,9 @@ impl Store {
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
     /// go to it after those kept before them once it can. `urgent` (a flush, the process
-    /// stopping): while records wait in the spool, or PostgreSQL failed a moment ago, these
-    /// go to the spool at once, rather than wait on it (a connection takes up to its timeout
-    /// to fail) past the flush's time.
+    /// stopping): while PostgreSQL is not to be asked yet after a failure, these go to the
+    /// spool at once, rather than wait on it (a connection takes up to its timeout to fail)
+    /// past the flush's time.
     fn append(
         &mut self,
         lines: &[String],
@@ -989,7 +989,7 @@ impl Store {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
                 spool.look();
-                let none_waits = spool.is_empty() || (!urgent && spool.move_to(log));
+                let none_waits = spool.is_empty() || spool.move_to(log);
                 if lines.is_empty() {
                     return Ok(());
                 }
