@@ -755,20 +755,18 @@ impl Sessions {
         }
         let directory = self.directory.clone();
         let read = tokio::task::spawn_blocking(move || directory.catch_up());
-        match tokio::time::timeout(REFRESH_WRITE, read).await {
-            Ok(Ok(Ok(_))) => renewed(),
-            // The IdP refused, and nothing says another replica renewed: the refusal stands
-            // (at worst, someone signs in again).
-            failed => {
-                let why = match failed {
-                    Ok(Ok(Err(e))) => e.to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "it did not answer within a second".to_owned(),
-                };
-                tracing::warn!("cannot read the shared store for a refused refresh: {why}");
-                renewed()
-            }
+        // Unread, nothing says another replica renewed: the IdP's refusal stands (at worst,
+        // someone signs in again).
+        let why = match tokio::time::timeout(REFRESH_WRITE, read).await {
+            Ok(Ok(Ok(_))) => None,
+            Ok(Ok(Err(e))) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("it did not answer within a second".to_owned()),
+        };
+        if let Some(why) = why {
+            tracing::warn!("cannot read the shared store for a refused refresh: {why}");
         }
+        renewed()
     }
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.
