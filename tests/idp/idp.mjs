@@ -478,9 +478,10 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
     // where oidc-provider drops the scope without one (OpenID Connect Core §11): so the scope
     // as the authorization request asked it is remembered by its nonce (see offlineAsked).
     // Every refresh returns a new refresh token, and the one it replaced is spent: used
-    // again, it revokes the whole grant (oidc-provider's reuse detection), as Okta does for
-    // apps with rotation on. Entra ID returns a new one too. A proxy that kept using the first
-    // would lose the session at its second refresh.
+    // again, it revokes the whole grant (oidc-provider's reuse detection). Real IdPs are
+    // gentler, never harsher: Okta with rotation on takes a spent token for a grace period
+    // (30 s by default) before it revokes; Entra ID returns a new one and keeps the old valid.
+    // A proxy that kept using the first would lose the session at its second refresh here.
     rotateRefreshToken: true,
     async issueRefreshToken(_ctx, client, code) {
       return (
