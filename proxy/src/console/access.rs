@@ -15,6 +15,7 @@ use crate::explain::{explain, lets_in, Who};
 use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
 use crate::reply::escape;
+use crate::routes::Match;
 
 /// Most group members [`named_users`] walks in one read of the index. Past it the groups are
 /// large, and everyone is judged instead, a few thousand at a time: a million-member group
@@ -261,6 +262,18 @@ impl Console {
             method_options(&asked.method),
             escape(&asked.path)
         ));
+        if let Some(why) = self.not_served(route, &asked.path) {
+            html.push_str(&format!(
+                "<p>Nobody reaches this route at {} {}: {}.</p>",
+                escape(&asked.method),
+                escape(&asked.path),
+                escape(&why)
+            ));
+            return Some(Shown {
+                title: route.name.clone(),
+                content: html,
+            });
+        }
         let reach = self.reach(route, &asked.method, &asked.path);
         let total = self.directory.read(|index| index.count(ResourceType::User));
         html.push_str(&format!(
@@ -324,6 +337,31 @@ impl Console {
             title: route.name.clone(),
             content: html,
         })
+    }
+
+    /// Why a request for `path` on `route`'s host never reaches `route`: the proxy gives it
+    /// to another route, to none, or to itself, or refuses it before it asks who calls, as it
+    /// would a request (and as `explain` says). On a wildcard host, as on a host it serves
+    /// that no route names exactly.
+    fn not_served(&self, route: &Route, path: &str) -> Option<String> {
+        if path.starts_with("/.portcullis/") {
+            return Some("Portcullis' own endpoint serves it".to_owned());
+        }
+        let runtime = &self.runtime;
+        if (runtime.scim.as_ref()).is_some_and(|scim| scim.claims(&route.host, path)) {
+            return Some("the SCIM endpoint serves it".to_owned());
+        }
+        match runtime.routes.find(route.scheme, &route.host, path) {
+            Match::Found(found) if found.config.name == route.name => (runtime.routes)
+                .refuses(route.scheme, &route.host, found, path, None)
+                .map(|why| format!("the proxy refuses it with 400, {why}")),
+            Match::Found(other) => Some(format!("route {} serves it", other.config.name)),
+            Match::WrongScheme(other) => Some(format!(
+                "only route {} serves it, over the other scheme",
+                other.config.name
+            )),
+            Match::None => Some("no route serves it".to_owned()),
+        }
     }
 
     /// The groups the route's rules name, each with what names it and its direct members.

@@ -368,6 +368,47 @@ mod pages {
         );
     }
 
+    /// A route's page judges a path only where the proxy gives that path to the route: one
+    /// another route serves, or the proxy refuses before it asks who calls, reaches nobody
+    /// through it, however its rules read.
+    #[tokio::test]
+    async fn a_route_page_judges_only_the_paths_the_route_serves() {
+        let reports = "[[routes]]\nfrom = \"http://app.test/reports\"\n\
+                       to = [\"http://127.0.0.1:3\"]\nallow = { any_signed_in = true }";
+        let world = World::with(crate::testing::config(reports));
+        let alice = world.user("alice@corp.example").await;
+        world.user("bob@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let page = |route: usize, path: &str| {
+            let query = format!("path={}", path.replace('/', "%2F"));
+            text(&console.get(&format!("routes/{route}"), &query)).to_owned()
+        };
+        let html = page(0, "/x");
+        assert!(html.contains("<strong>1</strong> of 2 users"), "{html}");
+        let nobody = [
+            (0, "/reports/q3", "route http://app.test/reports serves it"),
+            (0, "/index.php/reports/q3", "the proxy refuses it with 400"),
+            (0, "/.portcullis/console/", "Portcullis&#39; own endpoint"),
+            // A path outside a route's prefix is not the route's either.
+            (6, "/x", "route http://app.test serves it"),
+        ];
+        for (route, path, why) in nobody {
+            let html = page(route, path);
+            assert!(
+                html.contains("Nobody reaches this route at GET"),
+                "{path}: {html}"
+            );
+            assert!(html.contains(why), "{path}: {html}");
+            assert!(!html.contains("<th>User</th>"), "nobody judged: {html}");
+        }
+        let html = page(6, "/v1/x");
+        assert!(html.contains("<strong>1</strong> of 2 users"), "{html}");
+        let html = page(7, "/reports/q3");
+        assert!(html.contains("<strong>2</strong> of 2 users"), "{html}");
+    }
+
     #[tokio::test]
     async fn the_directory_is_shown_live_searched_and_paged() {
         let world = World::new();
