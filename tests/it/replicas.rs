@@ -1106,6 +1106,46 @@ async fn until_ready(name: &str, replica: &Replica) {
     assert!(ready, "{name} is not ready: {:?}", readyz(replica).await);
 }
 
+/// A write is answered once no replica can admit anyone on a directory without it, as the
+/// database says. A connection whose view does not hold the write yet (a standby behind its
+/// primary, which pgpool or a host list can hand out for a read) cannot say so, however few
+/// replicas it finds waiting: settling asks again, and gives up rather than answer from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn settling_never_answers_from_a_view_without_the_write() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::Storage;
+
+    let pg = Postgres::start().await;
+    let max_staleness = Duration::from_millis(500);
+    let options = PgOptions {
+        url: pg.url(),
+        pool_size: 1,
+        max_staleness,
+    };
+    let settled = tokio::task::spawn_blocking(move || {
+        let storage = PgStorage::open(&options)?;
+        storage.migrate()?;
+        let at_zero = storage.settle(0, Instant::now());
+        // The database holds no batch 1: as a standby that has not replayed it reads.
+        let asked = Instant::now();
+        let ahead = storage.settle(1, asked);
+        Ok::<_, portcullis_scim::store::StoreError>((at_zero, ahead, asked.elapsed()))
+    })
+    .await
+    .unwrap();
+    let (at_zero, ahead, waited) = settled.unwrap();
+    assert!(
+        at_zero.is_ok(),
+        "the change it holds is settled: {at_zero:?}"
+    );
+    let error = ahead.expect_err("settled from a view without the change");
+    assert!(
+        error.to_string().contains("does not hold the change"),
+        "{error}"
+    );
+    assert!(waited >= max_staleness * 2, "gave up after {waited:?}");
+}
+
 /// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby
 /// that had not received the last commits. A replica that applied a lost batch does not take
 /// the batch written later under the same number for it: it reads the directory again, and

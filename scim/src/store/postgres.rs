@@ -1093,16 +1093,23 @@ impl Storage for PgStorage {
         let mut listening = false;
         let settled = loop {
             let waiting = settler.run(|conn| {
+                // -1: what this connection reads does not hold the change yet (a standby
+                // behind its primary, which pgpool or a host list can hand out for a read);
+                // its replicas' rows, older still, cannot say who has applied it.
                 let waiting = conn.prepare(
-                    "SELECT count(*) FROM portcullis_replicas \
-                     WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()",
+                    "SELECT CASE WHEN (SELECT value FROM directory_meta WHERE key = 'seq') < $2 \
+                     THEN -1 ELSE (SELECT count(*) FROM portcullis_replicas \
+                     WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()) \
+                     END",
                 )?;
                 let client = &mut conn.client;
                 let row = client
                     .query_one(&waiting, &[&self.replica, &seq])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
-                if waiting > 0 {
+                if waiting < 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                } else if waiting > 0 {
                     // Woken by a replica confirming, or to look again (a confirmation sent
                     // before this listened is found by that look).
                     if !listening {
@@ -1127,10 +1134,12 @@ impl Storage for PgStorage {
             }
             match waiting {
                 Ok(0) => break Ok(()),
-                Ok(_) if given_up => {
-                    break Err(StoreError::Backend(
-                        "replicas kept renewing their lease without applying the change".to_owned(),
-                    ))
+                Ok(waiting) if given_up => {
+                    break Err(StoreError::Backend(if waiting < 0 {
+                        "the database read does not hold the change (a standby behind?)".to_owned()
+                    } else {
+                        "replicas kept renewing their lease without applying the change".to_owned()
+                    }))
                 }
                 Ok(_) => {}
                 // Cannot ask: ask again (on a new connection) until the same bound. Waiting
