@@ -245,13 +245,16 @@ impl Proxy {
         let edits = edit_answer(response, session_cookie, identified)?;
         // An upstream that keys its answer on who is calling (`Vary: X-Portcullis-User`) keys
         // it on headers only Portcullis sends it: a cache in front never sees them and would
-        // keep one answer for everyone. So it is private, whatever else it says.
+        // keep one answer for everyone. So it is private, whatever else it says, to a CDN too.
         if let (true, true, Some(runtime)) = (identified, edits.varies, &ctx.runtime) {
             let identity = &runtime.config.identity;
             if varies_on_what_portcullis_tells(&response.headers, identity) {
                 let private = made_private(&response.headers)
                     .or_err(ErrorType::InternalError, "cannot mark the answer private")?;
                 response.headers.insert(header::CACHE_CONTROL, private);
+                for name in cdn_cache_fields(&response.headers) {
+                    response.headers.remove(name);
+                }
             }
         }
         if edits.own_set_cookies > 0 {
@@ -2255,6 +2258,18 @@ fn made_private(headers: &http::HeaderMap) -> Option<HeaderValue> {
         }
     }
     HeaderValue::from_bytes(&value).ok()
+}
+
+/// The fields of `headers` that tell a CDN how to cache the answer in place of
+/// `Cache-Control`: RFC 9213's `CDN-Cache-Control` and a CDN's own (`Cloudflare-CDN-Cache-Control`,
+/// `Surrogate-Control`, `Edge-Control`, ...). A CDN that finds one ignores `Cache-Control`, so
+/// an answer made private there is stored all the same.
+fn cdn_cache_fields(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    let for_a_cdn = |name: &&HeaderName| {
+        let name = name.as_str();
+        name.ends_with("-cache-control") || name == "surrogate-control" || name == "edge-control"
+    };
+    headers.keys().filter(for_a_cdn).cloned().collect()
 }
 
 /// Whether `headers` ask the browser to clear the site's cookies (`"cookies"` or `"*"`).

@@ -2498,6 +2498,22 @@ async fn an_upstream_cannot_set_or_clear_portcullis_cookies() {
             .collect();
         assert_eq!(got, sent, "{said}");
     }
+    // A CDN reads its own fields in place of `Cache-Control`: an answer keyed on who is
+    // calling keeps none, one that is not keeps what its upstream said.
+    let cdn = "cdn-cache-control=max-age=600&cloudflare-cdn-cache-control=max-age=600\
+               &surrogate-control=max-age=600&cc=max-age=5";
+    for (vary, kept) in [("X-Portcullis-User", false), ("Accept", true)] {
+        let url = fx.app_url(&format!("/cache-control?{cdn}&vary={vary}"));
+        let resp = get_with_session(&url, &cookie, "application/json").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        for field in [
+            "cdn-cache-control",
+            "cloudflare-cdn-cache-control",
+            "surrogate-control",
+        ] {
+            assert_eq!(resp.headers().contains_key(field), kept, "{vary}: {field}");
+        }
+    }
     assert_session_works(&fx.app_url("/"), &cookie).await;
 }
 

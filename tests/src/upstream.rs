@@ -346,13 +346,17 @@ async fn handle(
         );
     }
     if path == "/cache-control" {
-        // `?cc=…[&vary=…]`: this answer's caching rule, as its upstream words it.
+        // `?cc=…[&vary=…][&<field>=…]`: this answer's caching rule, as its upstream words it
+        // (`cdn-cache-control=max-age=60`, say, for a CDN in front).
         let query = parts.uri.query().unwrap_or_default();
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let name = match &*name {
                 "cc" => header::CACHE_CONTROL,
                 "vary" => header::VARY,
-                _ => continue,
+                other => match header::HeaderName::from_bytes(other.as_bytes()) {
+                    Ok(name) => name,
+                    Err(_) => continue,
+                },
             };
             if let Ok(value) = header::HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, value);
