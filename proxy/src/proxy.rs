@@ -206,7 +206,13 @@ impl Proxy {
         // next request on it, another caller's. So an event stream's connection is not pooled
         // (a websocket's is not once upgraded; one the upstream refuses stops being watched,
         // see `upstream_response_filter`).
-        if ctx.long_lived && !request.headers.contains_key(header::UPGRADE) {
+        // Windows authentication (`Negotiate`, `NTLM`) logs in the connection, not the request:
+        // IIS serves what else comes on it as whoever logged in, so a pooled connection would
+        // carry one caller's login to the next caller's requests. (NTLM's handshake spans two
+        // requests on one connection, so it cannot complete through Portcullis; Kerberos can.)
+        if (ctx.long_lived && !request.headers.contains_key(header::UPGRADE))
+            || logs_in_the_connection(&request.headers)
+        {
             request
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -2258,6 +2264,19 @@ fn made_private(headers: &http::HeaderMap) -> Option<HeaderValue> {
         }
     }
     HeaderValue::from_bytes(&value).ok()
+}
+
+/// Whether `headers` carry credentials of a scheme that logs in the connection they come on
+/// (`Negotiate`, `NTLM`) rather than the request alone.
+fn logs_in_the_connection(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::AUTHORIZATION).iter().any(|value| {
+        let scheme = value
+            .as_bytes()
+            .split(|b| *b == b' ')
+            .next()
+            .unwrap_or_default();
+        scheme.eq_ignore_ascii_case(b"negotiate") || scheme.eq_ignore_ascii_case(b"ntlm")
+    })
 }
 
 /// The fields of `headers` that tell a CDN how to cache the answer in place of

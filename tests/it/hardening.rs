@@ -24,8 +24,8 @@ use portcullis_tests::{
 };
 
 use crate::signin::{
-    client, idp_setup, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, CLIENT_ID, CLIENT_SECRET,
-    MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE, SHORT_API,
+    bare_client, client, idp_setup, Fixture, ALICE, ALICE_PASSWORD, API, API_AUD, CLIENT_ID,
+    CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET, SESSION_COOKIE, SHORT_API,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -443,6 +443,59 @@ async fn a_host_header_that_is_not_a_host_never_reaches_the_upstream() {
     assert_eq!(status, 200, "Host: {host}");
     let received = received.expect("the page reached the upstream");
     assert_eq!(received.header_all("x-forwarded-host"), [host.as_str()]);
+}
+
+/// Windows authentication logs in the connection it comes on, not the request: IIS serves
+/// what else comes on that connection as whoever logged in. So a connection that carried a
+/// `Negotiate` or `NTLM` login is never handed to another caller's request; one that carried
+/// a login of a scheme that holds for its request alone (`Basic`) is pooled as any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_an_upstream_logged_in_carries_no_other_callers_request() {
+    let t = Hardened::start().await;
+    let port = t.fx.cfg.http_addr().port();
+    let url = |path: &str| format!("http://intranet.pages.test:{port}{path}");
+    // The connection a login came on, and those the requests after it came on: the login's
+    // caller's next one (on the same connection to Portcullis, so read once the login's
+    // upstream connection is back in the pool, if it goes back), then another caller's.
+    let after = |login: &'static str| {
+        let (t, url) = (&t, &url);
+        async move {
+            let first = t.raw.count();
+            let (caller, other) = (bare_client(), bare_client());
+            let resp = caller
+                .get(url("/login"))
+                .header(reqwest::header::AUTHORIZATION, login)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{login}");
+            assert_eq!(caller.get(url("/page")).send().await.unwrap().status(), 200);
+            for _ in 0..4 {
+                assert_eq!(other.get(url("/page")).send().await.unwrap().status(), 200);
+            }
+            let requests = t.raw.requests().split_off(first);
+            let (login, others) = requests
+                .split_first()
+                .expect("the login reached the upstream");
+            assert_eq!(login.target(), "/login");
+            (
+                login.connection,
+                others.iter().map(|r| r.connection).collect::<Vec<_>>(),
+            )
+        }
+    };
+    let (basic, others) = after("Basic YWxpY2U6cGFzc3dvcmQ=").await;
+    assert!(others.contains(&basic), "pooled: {basic} then {others:?}");
+    for login in [
+        "Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag",
+        "NTLM TlRMTVNTUAADAAAAGAAYAEAAAAA=",
+    ] {
+        let (logged_in, others) = after(login).await;
+        assert!(
+            !others.contains(&logged_in),
+            "{login}: {logged_in} then {others:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,6 +7,7 @@
 //! bodies are read by `Content-Length`; a chunked body closes the connection after the answer.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -23,6 +24,10 @@ pub struct RawRequest {
     pub line: String,
     /// Each header line, as sent (`Name: value`), in order.
     pub headers: Vec<String>,
+    /// Which of the upstream's connections it came on, counted from 1 as they were accepted:
+    /// requests on one connection are one client's to an upstream that logs in connections
+    /// (IIS with Windows authentication).
+    pub connection: usize,
 }
 
 impl RawRequest {
@@ -62,12 +67,14 @@ impl RawUpstream {
         let addr = listener.local_addr().expect("raw upstream address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recorded = seen.clone();
+        let accepted = AtomicUsize::new(0);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                tokio::spawn(serve(stream, recorded.clone()));
+                let connection = accepted.fetch_add(1, Ordering::Relaxed) + 1;
+                tokio::spawn(serve(stream, connection, recorded.clone()));
             }
         });
         RawUpstream { addr, seen, task }
@@ -101,7 +108,7 @@ impl Drop for RawUpstream {
     }
 }
 
-async fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<RawRequest>>>) {
+async fn serve(stream: TcpStream, connection: usize, seen: Arc<Mutex<Vec<RawRequest>>>) {
     let mut reader = BufReader::new(stream);
     loop {
         let mut head = Vec::new();
@@ -130,6 +137,7 @@ async fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<RawRequest>>>) {
         let request = RawRequest {
             line: line.clone(),
             headers: headers.to_vec(),
+            connection,
         };
         let length: usize = request
             .header("content-length")
