@@ -688,6 +688,39 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
     );
 }
 
+/// A user without `active` is active, as the gate holds it: created so, or re-activated by
+/// `active` removed. The directory says so, so a client reconciling who is active finds them
+/// with `active eq true`, as with any other.
+#[tokio::test]
+async fn a_user_without_active_is_found_as_active() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let mut body = user("erin@x");
+    body.as_object_mut().unwrap().remove("active");
+    let erin = created(&dir, ResourceType::User, body).await;
+    let mut nulled = user("fay@x");
+    nulled["active"] = Value::Null;
+    let fay = created(&dir, ResourceType::User, nulled).await;
+    let gus = created(&dir, ResourceType::User, user("gus@x")).await;
+    let off = patch_body(json!([{"op": "replace", "path": "active", "value": false}]));
+    patch(&dir, ResourceType::User, &gus, off).await.unwrap();
+    assert_eq!(
+        query(&dir, ResourceType::User, "active eq false"),
+        [gus.as_str()]
+    );
+    let removed = patch_body(json!([{"op": "remove", "path": "active"}]));
+    patch(&dir, ResourceType::User, &gus, removed)
+        .await
+        .unwrap();
+    assert_eq!(
+        query(&dir, ResourceType::User, "active eq true"),
+        [erin.clone(), fay, gus]
+    );
+    assert!(query(&dir, ResourceType::User, "active eq false").is_empty());
+    let read = dir.get(ResourceType::User, &erin).unwrap().unwrap();
+    assert_eq!(read.resource["active"], json!(true));
+}
+
 #[tokio::test]
 async fn the_sign_in_epoch_keeps_its_time_for_bearer_tokens() {
     use std::sync::atomic::{AtomicI64, Ordering};
