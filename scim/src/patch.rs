@@ -395,6 +395,18 @@ struct Target {
     name: String,
 }
 
+/// The sub-attributes of complex `attr` that `value`, an object of them, sets to null: unassigned
+/// (RFC 7643 §2.5), so a merge of `value` removes them (coercing it leaves them out).
+fn nulled(attr: &AttributeDef, value: &Value) -> Vec<&'static str> {
+    let Some(fields) = value.as_object().filter(|_| attr.ty == AttrType::Complex) else {
+        return Vec::new();
+    };
+    (fields.iter())
+        .filter(|(_, value)| value.is_null())
+        .filter_map(|(key, _)| Some(attr.sub_attribute(key)?.name))
+        .collect()
+}
+
 impl Target {
     fn coerce(&self, def: &AttributeDef, value: &Value) -> Result<Value, ScimError> {
         coerce(def, value, &self.name, ScimType::InvalidPath)
@@ -410,6 +422,11 @@ impl Target {
         let attr = self.attr;
         let Some(value) = value.filter(|_| kind != OpKind::Remove) else {
             return self.remove_whole(container, value);
+        };
+        let unassigned = if attr.multi_valued {
+            Vec::new()
+        } else {
+            nulled(attr, value)
         };
         let value = self.coerce(attr, value)?;
         let slot = slot_ci(container, attr.name);
@@ -448,6 +465,9 @@ impl Target {
                 }
                 if let (Some(existing), Value::Object(new)) = (slot.as_object_mut(), value) {
                     existing.extend(new);
+                    for name in &unassigned {
+                        remove_ci(existing, name);
+                    }
                 }
             }
             _ => *slot = value,
@@ -568,6 +588,10 @@ impl Target {
             (Some(v), Some(sub)) => Some(self.coerce(sub, v)?),
             (Some(v), None) => Some(self.single_element(v)?),
         };
+        let unassigned = match (value, sub) {
+            (Some(value), None) => nulled(attr, value),
+            _ => Vec::new(),
+        };
         let slot = slot_ci(container, attr.name);
         if !slot.is_array() {
             *slot = Value::Array(Vec::new());
@@ -635,6 +659,9 @@ impl Target {
                             (None, OpKind::Add, Value::Object(fields)) => {
                                 if let Some(obj) = item.as_object_mut() {
                                     obj.extend(fields.clone());
+                                    for name in &unassigned {
+                                        remove_ci(obj, name);
+                                    }
                                 }
                             }
                             (None, _, new) => *item = new.clone(),
@@ -1090,6 +1117,27 @@ mod tests {
         let err = patch(&mut u, USER, ops).expect_err("should fail");
         assert_eq!(u, user(), "a failed PATCH changes nothing");
         err
+    }
+
+    /// A sub-attribute set to null in a complex value is unassigned (RFC 7643 §2.5), as with
+    /// a path to it: a merge removes it rather than skip it.
+    #[test]
+    fn a_null_inside_a_complex_value_unassigns_that_sub_attribute() {
+        for ops in [
+            json!([{"op": "replace", "path": "name", "value": {"givenName": null}}]),
+            json!([{"op": "add", "path": "name", "value": {"GivenName": null}}]),
+            json!([{"op": "replace", "value": {"name": {"givenName": null}}}]),
+            json!([{"op": "replace", "path": "name.givenName", "value": null}]),
+        ] {
+            let u = patched_user(ops.clone());
+            assert_eq!(u["name"], json!({"familyName": "Jensen"}), "{ops}");
+        }
+        let u = patched_user(json!([{"op": "add", "path": "emails[type eq \"work\"]",
+            "value": {"primary": null, "display": "Work"}}]));
+        assert_eq!(
+            u["emails"][0],
+            json!({"value": "bjensen@example.com", "type": "work", "display": "Work"})
+        );
     }
 
     #[test]
