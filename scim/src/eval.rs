@@ -327,8 +327,13 @@ fn eval(filter: &Filter, ctx: Ctx, scope: &Value) -> Result<bool, ScimError> {
 
 fn eval_expr(expr: &AttrExpr, ctx: Ctx, scope: &Value) -> Result<bool, ScimError> {
     let target = target(ctx, &expr.path, &expr.op)?;
-    let found = values(&target, scope);
+    let mut found = values(&target, scope);
     let present = found.iter().any(|v| !is_unassigned(v));
+    // A User, Agent or AgenticApplication without `active` is active, as the gate holds it
+    // (created so, or re-activated by `active` removed): compared as such, though not there.
+    if !present && is_active_flag(ctx, &target) {
+        found = vec![&ACTIVE];
+    }
     Ok(match &expr.op {
         AttrOp::Present => present,
         AttrOp::Compare(CompareOp::Eq, CompValue::Null) => !present,
@@ -338,6 +343,20 @@ fn eval_expr(expr: &AttrExpr, ctx: Ctx, scope: &Value) -> Result<bool, ScimError
             .any(|v| compare(target.leaf(), v, CompareOp::Eq, value)),
         AttrOp::Compare(op, value) => found.iter().any(|v| compare(target.leaf(), v, *op, value)),
     })
+}
+
+const ACTIVE: Value = Value::Bool(true);
+
+/// Whether `target` is the `active` of a resource that is active without one.
+fn is_active_flag(ctx: Ctx, target: &Target) -> bool {
+    let holds_active = matches!(
+        ctx,
+        Ctx::Resource(ResourceType::User | ResourceType::Agent | ResourceType::AgenticApplication)
+    );
+    holds_active
+        && target.extension.is_none()
+        && target.sub.is_none()
+        && target.attr.name == "active"
 }
 
 /// One stored value against the filter's value. A stored value of the wrong type never

@@ -369,16 +369,6 @@ impl<'a> Overlay<'a> {
         };
         // Never store a clear-text password, whatever path it came by.
         remove_ci(obj, "password");
-        // One without `active` is active, as the gate holds it (and a removed `active`
-        // re-activates): it says so, so that `active eq true` finds it too.
-        let holds_active = matches!(
-            rt,
-            ResourceType::User | ResourceType::Agent | ResourceType::AgenticApplication
-        );
-        if holds_active && get_ci(obj, "active").is_none_or(Value::is_null) {
-            remove_ci(obj, "active");
-            obj.insert("active".to_owned(), Value::Bool(true));
-        }
         let id = obj
             .get("id")
             .and_then(Value::as_str)
