@@ -149,8 +149,10 @@ struct MachineClaims {
     azp: Option<String>,
     #[serde(flatten)]
     marks: ClientTokenMarks,
+    /// A list of names, or anything else (one name as a string): then none is taken, and the
+    /// token speaks of groups it does not list (see [`groups_unlisted`]).
     #[serde(default)]
-    groups: Vec<String>,
+    groups: Option<serde_json::Value>,
     /// Entra ID's overage: where the groups would have been, past 200 (see
     /// [`groups_unlisted`]).
     #[serde(default, rename = "_claim_names")]
@@ -265,9 +267,10 @@ pub struct ClientTokenMarks {
     /// Entra ID's optional claim: `app` for an app-only token, `user` for a person's.
     #[serde(default)]
     idtyp: Option<String>,
-    /// Auth0's grant type: `client-credentials`.
+    /// Auth0's grant type: `client-credentials`; a list of grants (`["refresh_token",
+    /// "password"]`) in a token a refresh gave, always a person's.
     #[serde(default)]
-    gty: Option<String>,
+    gty: Option<serde_json::Value>,
 }
 
 /// Whether a token (or UserInfo) speaks of groups it does not list, which no `token_groups`
@@ -278,6 +281,15 @@ pub fn groups_unlisted(get: impl Fn(&str) -> Option<serde_json::Value>) -> bool 
     get("_claim_names").is_some_and(|names| names.get("groups").is_some())
         || get("hasgroups") == Some(serde_json::Value::Bool(true))
         || get("groups").is_some_and(|groups| !groups.is_array())
+}
+
+/// The strings of a claim that is a list (others in it are skipped); `None` for anything else.
+pub fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
+    value.as_array().map(|list| {
+        list.iter()
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect()
+    })
 }
 
 /// Whether an access token was given to a client for itself (the client-credentials grant),
@@ -309,7 +321,7 @@ pub fn is_client_token(
     .into_iter()
     .flatten()
     .any(|id| id == sub)
-        || marks.gty.as_deref() == Some("client-credentials")
+        || marks.gty.as_ref().and_then(serde_json::Value::as_str) == Some("client-credentials")
 }
 
 /// Why `config` no longer takes the token `machine` came with as it was taken, if it does not:
@@ -635,9 +647,14 @@ impl Auth {
             groups_unlisted: groups_unlisted(|name| match name {
                 "_claim_names" => claims.claim_names.clone(),
                 "hasgroups" => claims.hasgroups.clone(),
+                "groups" => claims.groups.clone(),
                 _ => None,
             }),
-            groups: claims.groups,
+            groups: claims
+                .groups
+                .as_ref()
+                .and_then(string_list)
+                .unwrap_or_default(),
             audiences: issuer
                 .audiences
                 .iter()
@@ -889,6 +906,33 @@ mod tests {
         }
     }
 
+    /// A claim in a shape Portcullis does not read as a list of names refuses no token: a
+    /// `groups` that is one name lists none and speaks of groups it does not list; Auth0's
+    /// `gty` as a list (a refreshed person's token) marks no client.
+    #[test]
+    fn claims_in_another_shape_still_read_as_a_token() {
+        use serde_json::json;
+        let read = |extra: serde_json::Value| {
+            let mut claims = json!({"sub": "auth0|1", "exp": u32::MAX, "azp": "abc"});
+            if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+                claims.extend(extra.clone());
+            }
+            serde_json::from_value::<MachineClaims>(claims)
+        };
+        let one = read(json!({"groups": "eng"})).expect("a token with one group as a string");
+        assert_eq!(one.groups.as_ref().and_then(string_list), None);
+        assert!(groups_unlisted(
+            |name| (name == "groups").then(|| one.groups.clone())?
+        ));
+        let listed = read(json!({"groups": ["eng", 7]})).unwrap();
+        assert_eq!(
+            listed.groups.as_ref().and_then(string_list),
+            Some(vec!["eng".into()])
+        );
+        let refreshed = read(json!({"gty": ["refresh_token", "password"]})).unwrap();
+        assert!(!is_client_token("auth0|1", None, None, &refreshed.marks));
+    }
+
     fn marks(
         claims: serde_json::Value,
     ) -> (String, Option<String>, Option<String>, ClientTokenMarks) {
@@ -987,6 +1031,11 @@ mod tests {
             ),
             (
                 json!({"sub": "auth0|1", "azp": "abc", "gty": "password"}),
+                false,
+            ),
+            // A person's token that a refresh gave: the grants it came by.
+            (
+                json!({"sub": "auth0|1", "azp": "abc", "gty": ["refresh_token", "password"]}),
                 false,
             ),
             // No marks at all: a person's.

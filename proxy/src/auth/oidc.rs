@@ -33,10 +33,10 @@ use sha2::{Digest, Sha256};
 
 use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
-use super::bounded;
 use super::jwt::{algorithm, Jwks, JwtError};
 use super::once::{Use, UsedOnce};
 use super::sessions::{Kept, Refresh};
+use super::{bounded, string_list};
 use crate::caller::{add_string_claims, Claims, Identity, MAX_CLAIM_VALUE};
 
 /// How long a started sign-in may take.
@@ -993,17 +993,6 @@ fn too_many_to_keep(groups: &[String]) -> bool {
         || groups.iter().map(String::len).sum::<usize>() > MAX_GROUP_BYTES
 }
 
-/// The strings of a JSON list; `None` for anything else.
-fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
-    value.as_array().map(|list| {
-        list.iter()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect()
-    })
-}
-
-/// The claims of an already verified ID token, for the ones openidconnect's core types don't
-/// carry (`sid`, `groups`).
 /// Whether `id_token` (one Portcullis kept, not verified again) was issued to `client_id`: an
 /// IdP refuses an `id_token_hint` from another of its clients.
 pub fn issued_to(id_token: &str, client_id: &str) -> bool {
