@@ -210,9 +210,11 @@ impl Proxy {
         // IIS serves what else comes on it as whoever logged in, so a pooled connection would
         // carry one caller's login to the next caller's requests. (NTLM's handshake spans two
         // requests on one connection, so it cannot complete through Portcullis; Kerberos can.)
-        if (ctx.long_lived && !request.headers.contains_key(header::UPGRADE))
-            || logs_in_the_connection(&request.headers)
-        {
+        // A websocket handshake keeps its `Connection: upgrade`, which the upstream checks (and
+        // a `close` beside it has hyper answer `Connection: close` in place of `upgrade`): its
+        // connection is not pooled once upgraded.
+        let upgrade = request.headers.contains_key(header::UPGRADE);
+        if !upgrade && (ctx.long_lived || logs_in_the_connection(&request.headers)) {
             request
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

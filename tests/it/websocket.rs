@@ -33,6 +33,12 @@ async fn websocket_echo_through_the_proxy() {
     request
         .headers_mut()
         .insert("x-portcullis-user", HeaderValue::from_static("spoof-ws"));
+    // A login that holds for its connection (SignalR on IIS with Windows authentication): the
+    // handshake still says it upgrades, as the upstream checks.
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_static("Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag"),
+    );
     let stream = TcpStream::connect(cfg.http_addr()).await.unwrap();
     let (mut ws, resp) = timeout(STEP, tokio_tungstenite::client_async(request, stream))
         .await
@@ -72,6 +78,11 @@ async fn websocket_echo_through_the_proxy() {
             .any(|(_, v)| v.contains("spoof")),
         "an identity header on the websocket handshake reached the upstream: {:?}",
         handshake[0].headers
+    );
+    let connection = handshake[0].header("connection").unwrap_or_default();
+    assert!(
+        connection.to_ascii_lowercase().contains("upgrade"),
+        "Connection: {connection}"
     );
 }
 
