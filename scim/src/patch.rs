@@ -333,9 +333,10 @@ impl Patcher<'_, '_> {
                 in_value,
             );
         }
-        // A replace with `null` unassigns, like a remove.
+        // A replace with `null` unassigns, like a remove; so does an add of `null` inside a
+        // value (`{"name.givenName": null}`: an add of `null` alone is refused as it is read).
         let (kind, value) = match (kind, value) {
-            (OpKind::Replace, Some(Value::Null)) => (OpKind::Remove, None),
+            (OpKind::Replace | OpKind::Add, Some(Value::Null)) => (OpKind::Remove, None),
             other => other,
         };
         let target = Target {
@@ -589,6 +590,10 @@ impl Target {
             (Some(v), None) => Some(self.single_element(v)?),
         };
         let unassigned = match (value, sub) {
+            // The one element, alone or in a list of one (as `single_element` takes it).
+            (Some(Value::Array(items)), None) => {
+                items.first().map_or(Vec::new(), |one| nulled(attr, one))
+            }
             (Some(value), None) => nulled(attr, value),
             _ => Vec::new(),
         };
@@ -1132,12 +1137,20 @@ mod tests {
             let u = patched_user(ops.clone());
             assert_eq!(u["name"], json!({"familyName": "Jensen"}), "{ops}");
         }
-        let u = patched_user(json!([{"op": "add", "path": "emails[type eq \"work\"]",
-            "value": {"primary": null, "display": "Work"}}]));
-        assert_eq!(
-            u["emails"][0],
-            json!({"value": "bjensen@example.com", "type": "work", "display": "Work"})
-        );
+        let u = patched_user(json!([{"op": "add", "value": {"name.givenName": null}}]));
+        assert_eq!(u["name"], json!({"familyName": "Jensen"}));
+        for value in [
+            json!({"primary": null, "display": "Work"}),
+            json!([{"primary": null, "display": "Work"}]),
+        ] {
+            let u = patched_user(json!([{"op": "add", "path": "emails[type eq \"work\"]",
+                "value": value}]));
+            assert_eq!(
+                u["emails"][0],
+                json!({"value": "bjensen@example.com", "type": "work", "display": "Work"}),
+                "{value}"
+            );
+        }
     }
 
     #[test]
