@@ -661,19 +661,10 @@ impl Gate<'_> {
                     .to_owned(),
                 agent: None,
             })),
-            (Some(actor), false) => Some(match actor_claim(claim, actor) {
-                Some(agent) => self.delegated(facts, request, principal, agent, true, explain),
-                None => Judged::Refuse(Refusal {
-                    who: Some(principal.log_name()),
-                    rule: None,
-                    cause: Cause::NoIdentifyingClaim,
-                    reason: format!(
-                        "the token's act claim has no {} claim, which names an agent",
-                        claim.as_str()
-                    ),
-                    agent: None,
-                }),
-            }),
+            (Some(actor), false) => {
+                let agent = actor_claim(claim, actor);
+                Some(self.delegated(facts, request, principal, agent, true, explain))
+            }
             (None, false) => client_claim(claim, token)
                 .filter(|agent| self.agent_known(agent))
                 .map(|agent| self.delegated(facts, request, principal, agent, false, explain)),
@@ -1411,21 +1402,18 @@ fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a st
     }
 }
 
-/// The value of `claim` in a delegated token's `act`. With `client_id` (the default), an actor
-/// without one is named by its `sub`, which RFC 8693 §4.1's actors (clients) carry as their
-/// client id; any other claim must be there.
-fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> Option<&'a str> {
-    match claim {
-        MachineClaim::Sub => Some(actor.subject.as_str()),
-        MachineClaim::ClientId => Some(
-            actor
-                .claims
-                .get("client_id")
-                .or_else(|| actor.claims.get("azp"))
-                .map_or(actor.subject.as_str(), String::as_str),
-        ),
-        MachineClaim::Named(name) => actor.claims.get(name).map(String::as_str),
-    }
+/// The value of `claim` in a delegated token's `act`; an actor without it is named by its
+/// `sub`, which RFC 8693 §4.1's actors (clients) carry as their client id: Okta's `cid` or
+/// Entra's `appid` name the client of a token, and an issuer's `act` holds a `sub` alone.
+fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> &'a str {
+    let named = match claim {
+        MachineClaim::Sub => None,
+        MachineClaim::ClientId => {
+            (actor.claims.get("client_id")).or_else(|| actor.claims.get("azp"))
+        }
+        MachineClaim::Named(name) => actor.claims.get(name),
+    };
+    named.map_or(actor.subject.as_str(), String::as_str)
 }
 
 impl Forward {
@@ -2861,6 +2849,29 @@ mod tests {
             "{}",
             refusal.reason
         );
+    }
+
+    /// An actor is named by `agent_claim`, else by its `sub`, as RFC 8693's actors are: with
+    /// Okta's mapping (`cid`), an `act` that holds only a `sub` still names its agent.
+    #[tokio::test]
+    async fn an_actor_without_the_agent_claim_is_named_by_its_sub() {
+        let world = World::with(config(&format!(
+            "{AGENTS_ROUTE}\n[identity]\nagent_claim = \"cid\""
+        )));
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        let app = world.application("Helpdesk").await;
+        world.agent("helper", &[&alice], &[&app], None).await;
+        let route = world.config.routes.len() - 1;
+        let token = delegated_token(ALICE, "helper");
+        assert!(token
+            .act
+            .as_ref()
+            .is_some_and(|act| !act.claims.contains_key("cid")));
+        let pass = allowed(as_machine(&world, &token, route));
+        let forward = pass.forward.expect("forwarded");
+        assert_eq!(forward.user, ALICE);
+        assert_eq!(forward.agent.expect("the agent").name, "helper");
     }
 
     #[tokio::test]
