@@ -10,7 +10,7 @@
 //   clients           oidc-provider client metadata, snake_case, as in dynamic registration
 //                     (`{port}` in any string value is replaced too)
 //   users             [{ sub, email, password, name, groups, email_verified, preferred_username,
-//                     oid }]
+//                     oid, claims }]: `claims` are claims as the IdP words them, over the others
 //   resources         [{ indicator, audience, scope, access_token_ttl, alg }]: resource servers whose
 //                     access tokens are JWTs with `aud` = audience (resource indicators, RFC 8707)
 //   default_resource  the indicator a client-credentials request without `resource` gets
@@ -263,6 +263,7 @@ const ENTRA_EARLY = 300;
 const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 
 function claimsOf(user) {
+  const worded = user.claims ?? {};
   if (profile === 'entra') {
     return {
       sub: user.sub,
@@ -270,6 +271,7 @@ function claimsOf(user) {
       tid: ENTRA_TENANT,
       preferred_username: user.preferred_username ?? user.email,
       name: user.name,
+      ...worded,
     };
   }
   return {
@@ -279,6 +281,7 @@ function claimsOf(user) {
     name: user.name,
     preferred_username: user.preferred_username ?? user.email,
     groups: user.groups ?? [],
+    ...worded,
   };
 }
 
@@ -352,14 +355,14 @@ function buildProvider(issuer, clients) {
         email: ['email', 'email_verified'],
         // `groups` is no standard claim: IdPs that have one give it for a scope of its own
         // (Okta's `groups`), never for `profile`.
-        profile: ['name', 'preferred_username'],
+        profile: ['name', 'preferred_username', 'updated_at'],
         groups: ['groups'],
       },
       entra: { openid: ['sub', 'oid', 'tid'], profile: ['name', 'preferred_username'] },
       okta: {
         openid: ['sub'],
         email: ['email', 'email_verified'],
-        profile: ['name', 'preferred_username'],
+        profile: ['name', 'preferred_username', 'updated_at'],
         groups: ['groups'],
       },
     }[profile],

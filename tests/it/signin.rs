@@ -93,6 +93,11 @@ pub(crate) struct Options {
     pub extra_routes: Vec<fn(&Upstream) -> Route>,
     /// Settings of `[oidc]`, `(key, raw TOML value)`.
     pub oidc_settings: Vec<(&'static str, &'static str)>,
+    /// More people the IdP knows.
+    pub more_idp_users: Vec<IdpUser>,
+    /// The IdP puts the claims of the scopes asked for in the ID token too, as Okta and Auth0
+    /// do (default: only at UserInfo, as oidc-provider ships).
+    pub claims_in_id_token: bool,
 }
 
 impl Default for Options {
@@ -106,6 +111,8 @@ impl Default for Options {
             refresh_every: None,
             extra_routes: Vec::new(),
             oidc_settings: Vec::new(),
+            more_idp_users: Vec::new(),
+            claims_in_id_token: false,
         }
     }
 }
@@ -158,7 +165,11 @@ impl Fixture {
             .iter()
             .map(|host| callback(host))
             .collect();
-        let mut setup = idp_setup(&redirect_uris, &backchannel);
+        let mut setup = idp_setup(&redirect_uris, &backchannel)
+            .conform_id_token_claims(!options.claims_in_id_token);
+        for user in options.more_idp_users {
+            setup = setup.user(user);
+        }
         if let Some(seconds) = options.refresh_every {
             setup = setup.ttl("IdToken", seconds);
         }
@@ -2870,6 +2881,35 @@ async fn claims_the_id_token_lacks_are_fetched_from_userinfo_at_sign_in() {
     let body = resp.text().await.unwrap_or_default();
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("no email claim"), "{body}");
+}
+
+/// Claims worded as IdPs word them, not as the OpenID Connect spec does, sign a person in all
+/// the same, whether they come in the ID token or from UserInfo: Auth0's `updated_at` as an
+/// RFC 3339 time (in every ID token it issues with `profile`), and `email_verified` as the
+/// string "true" (Apple's ID tokens, Amazon Cognito's UserInfo).
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_worded_as_idps_word_them_sign_a_person_in() {
+    const CARLA: &str = "carla@example.com";
+    const CARLA_PASSWORD: &str = "carla's password, long enough";
+    for claims_in_id_token in [true, false] {
+        let carla = IdpUser::new("auth0|carla", CARLA, CARLA_PASSWORD)
+            .claim("updated_at", serde_json::json!("2025-12-23T10:59:07.841Z"))
+            .claim("email_verified", serde_json::json!("true"));
+        let fx = Fixture::start_with(Options {
+            more_idp_users: vec![carla],
+            claims_in_id_token,
+            ..Options::default()
+        })
+        .await;
+        let url = fx.url("app.test", "/page");
+        let signed = fx.sign_in(&client(), &url, CARLA, CARLA_PASSWORD).await;
+        let echo = assert_session_works(&url, &signed.cookie).await;
+        assert_eq!(
+            echo.header("x-portcullis-email"),
+            Some(CARLA),
+            "claims in the ID token: {claims_in_id_token}"
+        );
+    }
 }
 
 /// After a reload that moves sign-in to another provider (off a compromised one, say), the old

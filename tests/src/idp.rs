@@ -123,6 +123,10 @@ pub struct IdpUser {
     /// The `oid` claim (the user's object id) in the `entra` profile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oid: Option<String>,
+    /// Claims as the IdP words them, over the others (`updated_at` as Auth0 sends it, an
+    /// RFC 3339 time; `email_verified` as a string, as Apple and Amazon Cognito do).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 impl IdpUser {
@@ -136,7 +140,14 @@ impl IdpUser {
             email_verified: true,
             preferred_username: None,
             oid: None,
+            claims: serde_json::Map::new(),
         }
+    }
+
+    /// The claim `name` worded as `value`, over what the profile gives it.
+    pub fn claim(mut self, name: &str, value: serde_json::Value) -> IdpUser {
+        self.claims.insert(name.to_owned(), value);
+        self
     }
 
     pub fn oid(mut self, oid: &str) -> IdpUser {

@@ -448,6 +448,12 @@ impl Oidc {
                 openidconnect::RequestTokenError::ServerResponse(r) => {
                     SignInError::Refused(r.error().to_string())
                 }
+                // It answered, and took the code for it: sent again, it would be refused. (Where
+                // alone: the error quotes values, which may be the IdP's tokens.)
+                openidconnect::RequestTokenError::Parse(e, _) => SignInError::Invalid(format!(
+                    "the token response does not parse (at {})",
+                    e.path()
+                )),
                 other => {
                     // The IdP may never have had the code: it may be sent again.
                     self.sign_ins.forget(state);
