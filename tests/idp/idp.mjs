@@ -51,6 +51,8 @@
 //                                  the client's backchannel_logout_uri for each session of `sub`
 //                                  with that client, then ends those sessions (unless
 //                                  end_session is false)
+//   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
+//                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang"}: every non-/test/ request
 //                                  gets a 503, has its connection reset, or is never answered
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
@@ -663,6 +665,12 @@ async function handleTest(req, res, url) {
     case 'POST /test/backchannel-logout': {
       const [status, value] = await backchannelLogout(provider, body);
       return sendJson(res, status, value);
+    }
+    case 'POST /test/set-groups': {
+      const user = users.get(body.sub);
+      if (!user) return sendJson(res, 404, { error: 'unknown user' });
+      user.groups = body.groups ?? [];
+      return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
       outage = ['reset', 'hang'].includes(body.mode) ? body.mode : '503';

@@ -3077,6 +3077,50 @@ async fn a_reload_that_turns_refresh_off_stops_it_for_open_sessions() {
     assert_session_works(&url, &signed.cookie).await;
 }
 
+/// On a route that judges the groups the IdP gives (`token_groups`), a refreshed session holds
+/// only while the IdP still gives the person the groups they signed in with: one its admin
+/// takes out of a group signs in again, and is judged by the groups they have then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_again() {
+    const DAVE: &str = "dave@example.com";
+    const DAVE_PASSWORD: &str = "dave's password, long enough";
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        more_idp_users: vec![IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"])],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { groups = [\"eng\"] }")
+        }],
+        oidc_settings: vec![(
+            "scopes",
+            r#"["openid", "email", "profile", "offline_access", "groups"]"#,
+        )],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+    // Past the ID token's lifetime, a refresh that finds the same groups keeps the session.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    fx.idp.set_groups("dave", &[]).await;
+    assert_session_works(&url, &signed.cookie).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(&fx, &url, &signed.cookie).await;
+    assert_eq!(
+        session_events(&fx, 2).await,
+        [(DAVE, "sign_in"), (DAVE, "idp_ended")]
+            .map(|(who, what)| (who.to_owned(), what.to_owned()))
+    );
+    // Signed in again, with the groups the IdP gives now: not let in.
+    let again = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
+    let resp = get_with_session(&url, &again.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_refresh_with_the_idp_and_end_when_it_refuses() {
     // The IdP's logout tokens go elsewhere, so only a refused refresh can end the session.

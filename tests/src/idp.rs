@@ -541,6 +541,13 @@ impl Idp {
         serde_json::from_value(v["sids"].clone()).expect("sids")
     }
 
+    /// Gives the user `sub` these groups from now on, as an admin's change at the IdP: tokens
+    /// and UserInfo answers issued after carry them.
+    pub async fn set_groups(&self, sub: &str, groups: &[&str]) {
+        self.control("/test/set-groups", json!({ "sub": sub, "groups": groups }))
+            .await;
+    }
+
     /// Starts (`true`: every OIDC request answers 503) or ends a simulated outage.
     pub async fn outage(&self, on: bool) {
         self.set_outage(if on {

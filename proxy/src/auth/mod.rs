@@ -496,8 +496,9 @@ impl Auth {
                 let opened = state.opened(id);
                 let refreshed = match &opened {
                     Some(opened) => {
-                        self.oidc
-                            .refresh(oidc, opened, &session.identity.subject, now)
+                        let wants_groups = config.routes.iter().any(|r| r.token_groups);
+                        (self.oidc)
+                            .refresh(oidc, opened, &session.identity, wants_groups, now)
                             .await
                     }
                     None => Ok(Refreshed::Ended(

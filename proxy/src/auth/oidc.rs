@@ -529,15 +529,7 @@ impl Oidc {
             .map(|n| n.to_string())
             .filter(|name| name.len() <= MAX_CLAIM_VALUE);
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
-        let groups = id_groups.or_else(|| string_list(info_claims?.get("groups")?));
-        // None listed where one of them speaks of groups (Entra ID's overage): not all of them.
-        // So are more than can be kept: a route that reads token groups cannot judge them.
-        let unkeepable = groups.as_deref().is_some_and(too_many_to_keep);
-        let groups_unlisted = unkeepable
-            || (groups.is_none()
-                && (super::groups_unlisted(|name| raw_claims.as_ref()?.get(name).cloned())
-                    || super::groups_unlisted(|name| info_claims?.get(name).cloned())));
-        let groups = groups.filter(|_| !unkeepable).unwrap_or_default();
+        let (groups, groups_unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object);
@@ -609,10 +601,11 @@ impl Oidc {
         &self,
         config: &OidcConfig,
         current: &Refresh,
-        subject: &str,
+        identity: &Identity,
+        wants_groups: bool,
         now: u64,
     ) -> Result<Refreshed, SignInError> {
-        let result = self.ask_refresh(config, current, subject, now).await;
+        let result = (self.ask_refresh(config, current, identity, wants_groups, now)).await;
         match &result {
             Err(_) | Ok(Refreshed::Postponed(_)) => {
                 let backoff = (self.refresh_backoff.load(Ordering::Relaxed) * 2)
@@ -632,9 +625,11 @@ impl Oidc {
         &self,
         config: &OidcConfig,
         current: &Refresh,
-        subject: &str,
+        identity: &Identity,
+        wants_groups: bool,
         now: u64,
     ) -> Result<Refreshed, SignInError> {
+        let subject = identity.subject.as_str();
         let provider = self.current(config)?;
         let client = provider.client(config);
         let response = client
@@ -701,6 +696,14 @@ impl Oidc {
                         "the refreshed ID token is about someone else".to_owned(),
                     ));
                 }
+                if wants_groups {
+                    let access_token = response.access_token();
+                    let moved =
+                        self.groups_moved(config, &provider, id_token, access_token, identity);
+                    if let Some(why) = moved.await {
+                        return Ok(Refreshed::Ended(why));
+                    }
+                }
                 u64::try_from(claims.expiration().timestamp()).unwrap_or(now)
             }
             None => now + response.expires_in().map_or(300, |d| d.as_secs()),
@@ -710,6 +713,57 @@ impl Oidc {
             due,
             sealed: false,
         }))
+    }
+
+    /// Why a refreshed session no longer holds for a route that judges the provider's groups:
+    /// the groups the provider gives the person now, read as a sign-in reads them (the
+    /// refreshed ID token's, else UserInfo's when sign-in asks it), are not those the session
+    /// began with. The person signs in again, with the groups they have now. `None` too when
+    /// UserInfo does not answer: the session keeps its groups, as it keeps working through an
+    /// outage.
+    async fn groups_moved(
+        &self,
+        config: &OidcConfig,
+        provider: &Provider,
+        id_token: &openidconnect::core::CoreIdToken,
+        access_token: &AccessToken,
+        identity: &Identity,
+    ) -> Option<String> {
+        let subject = SubjectIdentifier::new(identity.subject.clone());
+        let raw_claims = payload_of(&id_token.to_string());
+        let in_token = raw_claims.as_ref().is_some_and(|claims| {
+            claims.get("groups").is_some()
+                || super::groups_unlisted(|name| claims.get(name).cloned())
+        });
+        let ask = match config.userinfo {
+            UserInfo::Never => false,
+            UserInfo::Always => true,
+            UserInfo::Auto => !in_token,
+        } && provider.metadata.userinfo_endpoint().is_some();
+        let info = match ask {
+            true => match self
+                .user_info(config, provider, access_token, &subject)
+                .await
+            {
+                Ok(info) => Some(info),
+                Err(UserInfoFailure::Unanswered(e)) => {
+                    tracing::warn!("UserInfo not asked again on refresh: {e}");
+                    return None;
+                }
+                Err(UserInfoFailure::Invalid(e)) => return Some(e.to_string()),
+            },
+            false => None,
+        };
+        let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
+        let (mut groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
+        let mut held = identity.groups.clone();
+        groups.sort_unstable();
+        groups.dedup();
+        held.sort_unstable();
+        held.dedup();
+        (groups != held || unlisted != identity.groups_unlisted).then(|| {
+            "the identity provider's groups for the person changed: they sign in again".to_owned()
+        })
     }
 
     /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must
@@ -990,6 +1044,24 @@ impl openidconnect::AdditionalClaims for MoreClaims {}
 /// most bytes of them all: as much as all other claims kept.
 const MAX_GROUPS: usize = 1000;
 const MAX_GROUP_BYTES: usize = 64 * 1024;
+
+/// The groups the provider gives a person: the ID token's (its raw claims), else UserInfo's
+/// (its claims beyond the standard ones); and whether it speaks of groups it does not list
+/// (Entra ID's overage), or lists more than are kept: a route that reads token groups cannot
+/// judge them then.
+fn provider_groups(
+    id_token: Option<&serde_json::Value>,
+    info: Option<&std::collections::BTreeMap<String, serde_json::Value>>,
+) -> (Vec<String>, bool) {
+    let groups = (id_token.and_then(|c| string_list(c.get("groups")?)))
+        .or_else(|| string_list(info?.get("groups")?));
+    let unkeepable = groups.as_deref().is_some_and(too_many_to_keep);
+    let unlisted = unkeepable
+        || (groups.is_none()
+            && (super::groups_unlisted(|name| id_token?.get(name).cloned())
+                || super::groups_unlisted(|name| info?.get(name).cloned())));
+    (groups.filter(|_| !unkeepable).unwrap_or_default(), unlisted)
+}
 
 /// Whether a sign-in's `groups` are more than it keeps: more than [`MAX_GROUPS`], one longer
 /// than a claim is kept, or more than [`MAX_GROUP_BYTES`] in all.
