@@ -142,6 +142,8 @@ pub(crate) struct SignedIn {
     pub set_cookie: String,
     /// Where the callback sent the client.
     pub landed: String,
+    /// The callback the IdP sent the client to (its code now spent).
+    pub callback: String,
 }
 
 impl Fixture {
@@ -424,6 +426,7 @@ impl Fixture {
             cookie: cookie_value(&set_cookie),
             set_cookie,
             landed: location.expect("the callback's Location"),
+            callback,
         }
     }
 }
@@ -2881,6 +2884,34 @@ async fn claims_the_id_token_lacks_are_fetched_from_userinfo_at_sign_in() {
     let body = resp.text().await.unwrap_or_default();
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("no email claim"), "{body}");
+}
+
+/// The back button after signing in brings back the IdP's page, which (the person being
+/// signed in there) sends the browser to the callback again, under the spent state: a browser
+/// whose session holds lands on the site, one without gets the refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_sent_again_by_a_signed_in_browser_lands_it_on_the_site() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    let again = bare_client()
+        .get(&signed.callback)
+        .header(COOKIE, format!("{SESSION_COOKIE}={}", signed.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::FOUND);
+    assert_eq!(header(&again, LOCATION.as_str()).as_deref(), Some("/"));
+    let anonymous = bare_client().get(&signed.callback).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::BAD_REQUEST);
+    // A cookie that names no session: the same refusal.
+    let ended = bare_client()
+        .get(&signed.callback)
+        .header(COOKIE, format!("{SESSION_COOKIE}=not-a-session"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), StatusCode::BAD_REQUEST);
 }
 
 /// Claims worded as IdPs word them, not as the OpenID Connect spec does, sign a person in all

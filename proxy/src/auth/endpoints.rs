@@ -254,7 +254,7 @@ impl Auth {
                     claim: config.identity.claim.as_str(),
                     groups: config.routes.iter().any(|r| r.token_groups),
                 };
-                self.callback(session, oidc, req, &param, wants).await
+                self.callback(session, runtime, req, &param, wants).await
             }
             ("sign_out", &http::Method::GET) => {
                 Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
@@ -289,11 +289,14 @@ impl Auth {
     async fn callback(
         &self,
         session: &Session,
-        oidc: &OidcConfig,
+        runtime: &Runtime,
         req: &Request<'_>,
         param: &(dyn Fn(&str) -> Option<String> + Sync),
         wants: Wanted<'_>,
     ) -> Reply {
+        let Some(oidc) = runtime.config.oidc.as_ref() else {
+            return self.sign_in_refused(&SignInError::ProviderUnavailable, req);
+        };
         let pending = |state: &str| pending_cookie_name(browser_cookie_prefix(req.tls), state);
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
@@ -337,6 +340,14 @@ impl Auth {
             .await;
         let (mut identity, refresh, return_to) = match finished {
             Ok(done) => done,
+            // The back button after signing in brings back the IdP's page, which sends the
+            // browser here again under the sign-in's spent state: a browser whose session
+            // holds is signed in, not refused a sign-in.
+            Err(SignInError::UnknownState | SignInError::WrongBrowser)
+                if self.signed_in(runtime, session, req).await =>
+            {
+                return redirect("/", Vec::new());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
                 // This sign-in's cookie is spent, so that nothing piles up; unless the IdP was
@@ -603,6 +614,14 @@ impl Auth {
     }
 
     /// Who the caller is signed in as; `None` when nobody is.
+    /// Whether the request carries a session that lets its person in.
+    async fn signed_in(&self, runtime: &Runtime, session: &Session, req: &Request<'_>) -> bool {
+        let accept = [portcullis_config::Credential::Session];
+        let header = session.req_header();
+        let authentication = self.authenticate(runtime, &accept, header, req.tls, now_unix());
+        authentication.await.caller().is_some()
+    }
+
     async fn me(&self, session: &Session, runtime: &Runtime, req: &Request<'_>) -> Option<Reply> {
         let config = &runtime.config;
         let authentication = self
