@@ -496,7 +496,9 @@ impl Auth {
                 let opened = state.opened(id);
                 let refreshed = match &opened {
                     Some(opened) => {
-                        let wants_groups = config.routes.iter().any(|r| r.token_groups);
+                        // The IdP's groups judge only people the directory does not know.
+                        let wants_groups = config.routes.iter().any(|r| r.token_groups)
+                            && self.unknown_to_the_directory(config, &session.identity, now);
                         (self.oidc)
                             .refresh(oidc, opened, &session.identity, wants_groups, now)
                             .await
@@ -518,7 +520,7 @@ impl Auth {
                             }
                             None => false,
                         } => {}
-                    Ok(Refreshed::Ended(why)) => {
+                    Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
                         // The IdP no longer vouches for this person: the session ends.
                         drop(turn);
                         match self.sessions.end(&[key]).await {
@@ -545,6 +547,23 @@ impl Auth {
             session: key,
             identity: session.identity.clone(),
         })
+    }
+
+    /// Whether the directory knows nobody `identity` names, as the gate looks people up.
+    fn unknown_to_the_directory(
+        &self,
+        config: &Config,
+        identity: &crate::caller::Identity,
+        now: u64,
+    ) -> bool {
+        let gate = crate::gate::Gate {
+            directory: &self.directory,
+            identity: &config.identity,
+            current: true,
+            now,
+            forwards: None,
+        };
+        gate.directory_view(Principal::Person(identity)).is_none()
     }
 
     /// Verifies a bearer token not found verified already (by its `hash`), by the rules of

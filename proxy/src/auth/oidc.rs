@@ -217,6 +217,10 @@ pub enum Refreshed {
     Postponed(Refresh),
     /// The IdP refused, or its answer failed verification: the session is over.
     Ended(String),
+    /// The IdP vouches for the person, in other groups than the session began with, where a
+    /// route judges the IdP's groups: the session is over, and the person signs in again
+    /// (never taken for another replica's refresh: this one was answered).
+    Regrouped(String),
 }
 
 /// How long a session whose refreshed ID token could not be verified for want of the
@@ -475,7 +479,7 @@ impl Oidc {
 
         // Claims the ID token lacks may be at UserInfo (OpenID Connect Core §5.4): a provider
         // need not put claims asked for by scope into the ID token when it issues an access
-        // token. Asked at sign-in only, never on the request path.
+        // token. Asked at sign-in, and on a refresh where a route reads the provider's groups.
         let raw_claims = payload_of(&id_token.to_string());
         let id_groups = raw_claims
             .as_ref()
@@ -696,18 +700,29 @@ impl Oidc {
                         "the refreshed ID token is about someone else".to_owned(),
                     ));
                 }
-                if wants_groups {
-                    let access_token = response.access_token();
-                    let moved =
-                        self.groups_moved(config, &provider, id_token, access_token, identity);
-                    if let Some(why) = moved.await {
-                        return Ok(Refreshed::Ended(why));
-                    }
-                }
                 u64::try_from(claims.expiration().timestamp()).unwrap_or(now)
             }
             None => now + response.expires_in().map_or(300, |d| d.as_secs()),
         };
+        if wants_groups {
+            let id_token = openidconnect::TokenResponse::id_token(&response);
+            let access_token = response.access_token();
+            let moved = self.groups_moved(config, &provider, id_token, access_token, identity);
+            match moved.await {
+                Ok(None) => {}
+                Ok(Some(why)) => return Ok(Refreshed::Regrouped(why)),
+                // UserInfo did not answer: judged again later, as through an outage, with
+                // the refresh token the IdP has just given.
+                Err(e) => {
+                    tracing::warn!("the person's groups cannot be read on refresh: {e}");
+                    return Ok(Refreshed::Postponed(Refresh {
+                        refresh_token,
+                        due: now + KEYS_RETRY.as_secs(),
+                        sealed: false,
+                    }));
+                }
+            }
+        }
         Ok(Refreshed::Renewed(Refresh {
             refresh_token,
             due,
@@ -717,53 +732,67 @@ impl Oidc {
 
     /// Why a refreshed session no longer holds for a route that judges the provider's groups:
     /// the groups the provider gives the person now, read as a sign-in reads them (the
-    /// refreshed ID token's, else UserInfo's when sign-in asks it), are not those the session
-    /// began with. The person signs in again, with the groups they have now. `None` too when
-    /// UserInfo does not answer: the session keeps its groups, as it keeps working through an
-    /// outage.
+    /// refreshed ID token's list, else UserInfo's, asked as sign-in asks it), are not those the
+    /// session began with; the person signs in again. `None` when they are, or when the answer
+    /// says nothing of groups: a refreshed ID token may hold no more than the claims it must
+    /// (OpenID Connect Core §12.2), and a UserInfo answer without `groups` tells nothing either;
+    /// but an ID token with the person's claims (their email) and no `groups` gives none (Okta
+    /// leaves the claim out for a person in no group it names). `Err` when UserInfo does not
+    /// answer.
     async fn groups_moved(
         &self,
         config: &OidcConfig,
         provider: &Provider,
-        id_token: &openidconnect::core::CoreIdToken,
+        id_token: Option<&openidconnect::core::CoreIdToken>,
         access_token: &AccessToken,
         identity: &Identity,
-    ) -> Option<String> {
-        let subject = SubjectIdentifier::new(identity.subject.clone());
-        let raw_claims = payload_of(&id_token.to_string());
-        let in_token = raw_claims.as_ref().is_some_and(|claims| {
-            claims.get("groups").is_some()
-                || super::groups_unlisted(|name| claims.get(name).cloned())
-        });
+    ) -> Result<Option<String>, SignInError> {
+        let raw_claims = id_token.and_then(|token| payload_of(&token.to_string()));
+        let listed =
+            (raw_claims.as_ref()).is_some_and(|c| c.get("groups").and_then(string_list).is_some());
         let ask = match config.userinfo {
             UserInfo::Never => false,
             UserInfo::Always => true,
-            UserInfo::Auto => !in_token,
+            UserInfo::Auto => !listed,
         } && provider.metadata.userinfo_endpoint().is_some();
         let info = match ask {
-            true => match self
-                .user_info(config, provider, access_token, &subject)
-                .await
-            {
-                Ok(info) => Some(info),
-                Err(UserInfoFailure::Unanswered(e)) => {
-                    tracing::warn!("UserInfo not asked again on refresh: {e}");
-                    return None;
+            true => {
+                let subject = SubjectIdentifier::new(identity.subject.clone());
+                match self
+                    .user_info(config, provider, access_token, &subject)
+                    .await
+                {
+                    Ok(info) => Some(info),
+                    Err(UserInfoFailure::Unanswered(e)) => return Err(e),
+                    Err(UserInfoFailure::Invalid(e)) => return Ok(Some(e.to_string())),
                 }
-                Err(UserInfoFailure::Invalid(e)) => return Some(e.to_string()),
-            },
+            }
             false => None,
         };
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
+        let speaks = |get: &dyn Fn(&str) -> Option<serde_json::Value>| {
+            get("groups").is_some() || super::groups_unlisted(get)
+        };
+        let told = speaks(&|name| raw_claims.as_ref()?.get(name).cloned())
+            || speaks(&|name| info_claims?.get(name).cloned())
+            || raw_claims
+                .as_ref()
+                .is_some_and(|c| c.get("email").is_some());
+        if !told {
+            return Ok(None);
+        }
         let (mut groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
         let mut held = identity.groups.clone();
         groups.sort_unstable();
         groups.dedup();
         held.sort_unstable();
         held.dedup();
-        (groups != held || unlisted != identity.groups_unlisted).then(|| {
-            "the identity provider's groups for the person changed: they sign in again".to_owned()
-        })
+        Ok(
+            (groups != held || unlisted != identity.groups_unlisted).then(|| {
+                "the identity provider's groups for the person changed: they sign in again"
+                    .to_owned()
+            }),
+        )
     }
 
     /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must
