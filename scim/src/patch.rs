@@ -334,9 +334,12 @@ impl Patcher<'_, '_> {
             );
         }
         // A replace with `null` unassigns, like a remove; so does an add of `null` inside a
-        // value (`{"name.givenName": null}`: an add of `null` alone is refused as it is read).
+        // value (`{"name.givenName": null}`: an add of `null` alone is refused as it is read),
+        // but not to a multi-valued attribute, which an add adds values to, and `null` none.
+        let multi_valued = resolved.attr.multi_valued && resolved.sub.is_none();
         let (kind, value) = match (kind, value) {
-            (OpKind::Replace | OpKind::Add, Some(Value::Null)) => (OpKind::Remove, None),
+            (OpKind::Replace, Some(Value::Null)) => (OpKind::Remove, None),
+            (OpKind::Add, Some(Value::Null)) if !multi_valued => (OpKind::Remove, None),
             other => other,
         };
         let target = Target {
@@ -1139,6 +1142,8 @@ mod tests {
         }
         let u = patched_user(json!([{"op": "add", "value": {"name.givenName": null}}]));
         assert_eq!(u["name"], json!({"familyName": "Jensen"}));
+        // An add of null to a multi-valued attribute adds nothing, and removes nothing.
+        user_error(json!([{"op": "add", "value": {"emails": null}}]));
         for value in [
             json!({"primary": null, "display": "Work"}),
             json!([{"primary": null, "display": "Work"}]),
