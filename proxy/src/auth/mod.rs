@@ -161,8 +161,9 @@ struct MachineClaims {
     hasgroups: Option<serde_json::Value>,
     #[serde(default)]
     email: Option<String>,
+    /// A boolean, or a string saying one (as Apple's and Amazon Cognito's tokens word it).
     #[serde(default)]
-    email_verified: Option<bool>,
+    email_verified: Option<serde_json::Value>,
     /// RFC 8693 §4.1: the actor of a delegated token, a JSON object.
     #[serde(default)]
     act: Option<serde_json::Map<String, serde_json::Value>>,
@@ -280,16 +281,27 @@ pub struct ClientTokenMarks {
 pub fn groups_unlisted(get: impl Fn(&str) -> Option<serde_json::Value>) -> bool {
     get("_claim_names").is_some_and(|names| names.get("groups").is_some())
         || get("hasgroups") == Some(serde_json::Value::Bool(true))
-        || get("groups").is_some_and(|groups| !groups.is_array())
+        || get("groups").is_some_and(|groups| string_list(&groups).is_none())
 }
 
-/// The strings of a claim that is a list (others in it are skipped); `None` for anything else.
+/// Whether a flag claim (`email_verified`) says true: `true`, or `"true"` in any case; anything
+/// else says false.
+fn said_true(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Bool(flag) => *flag,
+        serde_json::Value::String(word) => word.eq_ignore_ascii_case("true"),
+        _ => false,
+    }
+}
+
+/// The strings of a claim that is a list of strings; `None` for anything else (a list with
+/// something else in it too: a group left out of what a deny rule sees would let its members
+/// past it).
 pub fn string_list(value: &serde_json::Value) -> Option<Vec<String>> {
-    value.as_array().map(|list| {
-        list.iter()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect()
-    })
+    let list = value.as_array()?;
+    list.iter()
+        .map(|name| name.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Whether an access token was given to a client for itself (the client-credentials grant),
@@ -688,7 +700,7 @@ impl Auth {
                 .map(|iat| iat.saturating_add(issuer.iat_backdate.as_secs())),
             for_itself,
             email: claims.email,
-            email_verified: claims.email_verified,
+            email_verified: claims.email_verified.as_ref().map(said_true),
             // Every string claim of the (now verified) payload, for a mapping by any claim.
             claims: crate::caller::string_claims(&bytes),
             act,
@@ -944,11 +956,28 @@ mod tests {
         assert!(groups_unlisted(
             |name| (name == "groups").then(|| one.groups.clone())?
         ));
-        let listed = read(json!({"groups": ["eng", 7]})).unwrap();
-        assert_eq!(
-            listed.groups.as_ref().and_then(string_list),
-            Some(vec!["eng".into()])
-        );
+        let listed = read(json!({"groups": ["eng", "ops"]})).unwrap();
+        let names = vec!["eng".to_owned(), "ops".to_owned()];
+        assert_eq!(listed.groups.as_ref().and_then(string_list), Some(names));
+        // A list with something else in it lists no group: a deny rule must see them all.
+        let mixed = read(json!({"groups": ["eng", 7]})).unwrap();
+        assert_eq!(mixed.groups.as_ref().and_then(string_list), None);
+        assert!(groups_unlisted(
+            |name| (name == "groups").then(|| mixed.groups.clone())?
+        ));
+        for (said, verified) in [
+            (json!(true), true),
+            (json!("true"), true),
+            (json!("False"), false),
+            (json!(1), false),
+        ] {
+            let token = read(json!({"email_verified": said})).expect("a token");
+            assert_eq!(
+                token.email_verified.as_ref().map(said_true),
+                Some(verified),
+                "{said}"
+            );
+        }
         let refreshed = read(json!({"gty": ["refresh_token", "password"]})).unwrap();
         assert!(!is_client_token("auth0|1", None, None, &refreshed.marks));
     }
