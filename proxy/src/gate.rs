@@ -662,12 +662,16 @@ impl Gate<'_> {
                 agent: None,
             })),
             (Some(actor), false) => {
-                let agent = actor_claim(claim, actor);
-                Some(self.delegated(facts, request, principal, agent, true, explain))
+                let (agent, named_by) = actor_claim(claim, actor);
+                let through = format!("its act claim's {named_by}");
+                Some(self.delegated(facts, request, principal, agent, &through, explain))
             }
             (None, false) => client_claim(claim, token)
                 .filter(|agent| self.agent_known(agent))
-                .map(|agent| self.delegated(facts, request, principal, agent, false, explain)),
+                .map(|agent| {
+                    let through = format!("its client's {}", claim.as_str());
+                    self.delegated(facts, request, principal, agent, &through, explain)
+                }),
             (None, true) => client_claim(claim, token)
                 .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
         };
@@ -688,19 +692,18 @@ impl Gate<'_> {
         }
     }
 
-    /// A token an agent holds for a person (RFC 8693 delegation, `by_act`, or a person's token
-    /// issued to the agent's client): let in only if both the person and the agent, `value`
-    /// by `agent_claim`, are.
+    /// A token an agent holds for a person (RFC 8693 delegation, or a person's token issued to
+    /// the agent's client): let in only if both the person and the agent, `value` (named by
+    /// `through`, the claim it was read from), are.
     fn delegated(
         &self,
         facts: &Facts<'_>,
         request: &Request<'_>,
         principal: Principal<'_>,
         value: &str,
-        by_act: bool,
+        through: &str,
         explain: bool,
     ) -> Judged {
-        let claim = self.identity.agent_claim.as_str();
         let issued = match principal {
             Principal::Machine(token) => token.issued,
             Principal::Person(_) => None,
@@ -721,18 +724,13 @@ impl Gate<'_> {
             }
             Some(Judged::Revoked(outdated)) => return Judged::Revoked(outdated),
             None => {
-                let through = if by_act {
-                    "its act claim's"
-                } else {
-                    "its client's"
-                };
                 return Judged::Refuse(Refusal {
                     who: Some(principal.log_name()),
                     rule: None,
                     cause: Cause::NotInDirectory,
                     reason: format!(
-                        "the token acts through \"{value}\" ({through} {claim}), which is not \
-                         an agent in the directory"
+                        "the token acts through \"{value}\" ({through}), which is not an agent \
+                         in the directory"
                     ),
                     agent: None,
                 });
@@ -1402,18 +1400,18 @@ fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a st
     }
 }
 
-/// The value of `claim` in a delegated token's `act`; an actor without it is named by its
-/// `sub`, which RFC 8693 §4.1's actors (clients) carry as their client id: Okta's `cid` or
-/// Entra's `appid` name the client of a token, and an issuer's `act` holds a `sub` alone.
-fn actor_claim<'a>(claim: &MachineClaim, actor: &'a Actor) -> &'a str {
+/// The value of `claim` in a delegated token's `act`, and the claim it was read from; an actor
+/// without it is named by its `sub`, which RFC 8693 §4.1's actors (clients) carry as their
+/// client id: Okta's `cid` or Entra's `appid` name the client of a token, and an issuer's
+/// `act` may hold a `sub` alone.
+fn actor_claim<'a>(claim: &'a MachineClaim, actor: &'a Actor) -> (&'a str, &'a str) {
+    let get = |name: &'a str| Some((actor.claims.get(name)?.as_str(), name));
     let named = match claim {
         MachineClaim::Sub => None,
-        MachineClaim::ClientId => {
-            (actor.claims.get("client_id")).or_else(|| actor.claims.get("azp"))
-        }
-        MachineClaim::Named(name) => actor.claims.get(name),
+        MachineClaim::ClientId => get("client_id").or_else(|| get("azp")),
+        MachineClaim::Named(name) => get(name),
     };
-    named.map_or(actor.subject.as_str(), String::as_str)
+    named.unwrap_or((actor.subject.as_str(), "sub"))
 }
 
 impl Forward {
@@ -2872,6 +2870,13 @@ mod tests {
         let forward = pass.forward.expect("forwarded");
         assert_eq!(forward.user, ALICE);
         assert_eq!(forward.agent.expect("the agent").name, "helper");
+        // The refusal says which claim named what is no agent.
+        let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "nobody"), route));
+        assert!(
+            refusal.reason.contains("(its act claim's sub)"),
+            "{}",
+            refusal.reason
+        );
     }
 
     #[tokio::test]
