@@ -2110,17 +2110,20 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
         fx.idp.outage(false).await;
     }
 
-    // The code exchange cannot happen while the IdP is down: a clear 503, no session.
-    fx.idp.set_outage(IdpOutage::Reset).await;
-    let resp = late.get(&callback).send().await.unwrap();
-    let status = resp.status();
-    let session = set_cookie(&resp, SESSION_COOKIE);
-    let body = resp.text().await.unwrap_or_default();
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.contains("Reload this page"), "{body}");
-    assert!(session.is_none());
-    assert_session_works(&page, &alice.cookie).await;
-    fx.idp.outage(false).await;
+    // The code exchange cannot happen while the IdP is down (its connections reset, or a
+    // gateway's 503 page in its place): a clear 503, no session.
+    for outage in [IdpOutage::Unavailable, IdpOutage::Reset] {
+        fx.idp.set_outage(outage).await;
+        let resp = late.get(&callback).send().await.unwrap();
+        let status = resp.status();
+        let session = set_cookie(&resp, SESSION_COOKIE);
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{outage:?}: {body}");
+        assert!(body.contains("Reload this page"), "{outage:?}: {body}");
+        assert!(session.is_none());
+        assert_session_works(&page, &alice.cookie).await;
+        fx.idp.outage(false).await;
+    }
     // The IdP never had the code: reloading the callback once it is back finishes the
     // sign-in (the browser still has the sign-in's cookie).
     let resp = late.get(&callback).send().await.unwrap();

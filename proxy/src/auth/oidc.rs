@@ -452,12 +452,18 @@ impl Oidc {
                 openidconnect::RequestTokenError::ServerResponse(r) => {
                     SignInError::Refused(r.error().to_string())
                 }
-                // It answered, and took the code for it: sent again, it would be refused. (Where
-                // alone: the error quotes values, which may be the IdP's tokens.)
-                openidconnect::RequestTokenError::Parse(e, _) => SignInError::Invalid(format!(
-                    "the token response does not parse (at {})",
-                    e.path()
-                )),
+                // It answered with tokens, taking the code for them, in a shape that does not
+                // read: sent again, the code would be refused. (Where alone: the error quotes
+                // values, which may be the IdP's tokens.) A body that is no JSON at all is a
+                // gateway's page in the IdP's place, which may never have had the code.
+                openidconnect::RequestTokenError::Parse(e, body)
+                    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() =>
+                {
+                    SignInError::Invalid(format!(
+                        "the token response does not parse (at {})",
+                        e.path()
+                    ))
+                }
                 other => {
                     // The IdP may never have had the code: it may be sent again.
                     self.sign_ins.forget(state);
