@@ -752,13 +752,15 @@ impl Audit {
     ) {
         let client = client.map(|ip| ip.to_string());
         let shown = client.as_deref().unwrap_or("-");
+        // `on`, not `target`: a JSON log line's own `target` (`audit`) would stand beside it,
+        // and readers keep the last of two keys.
         tracing::warn!(
             target: "audit",
             event = "action",
             actor,
             client = shown,
             action,
-            target,
+            on = target,
             outcome
         );
         self.send(Entry::Action {
