@@ -269,9 +269,8 @@ fn serve(config_path: &Path) -> Result<Never, String> {
             errors.problems.len()
         )
     })?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
     logging::init(&config.log);
+    portcullis::state::make_data_dir(&config.data_dir)?;
     ignore_sighup_until_ready()?;
 
     let listeners = config.listeners.clone();

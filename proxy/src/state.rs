@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -665,5 +666,49 @@ mod tests {
             ),
             "10.0.0.3"
         );
+    }
+}
+
+/// Makes `data_dir` if it is not there, open to this user alone: it holds the directory (names,
+/// emails, password hashes an IdP pushed), the keys sessions are sealed under and the audit log.
+/// One already there keeps its mode (the operator's choice), with a warning when other users
+/// can read it.
+pub fn make_data_dir(data_dir: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", data_dir.display()))?;
+    let mode = std::fs::metadata(data_dir)
+        .map_err(|e| format!("cannot read data_dir {}: {e}", data_dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "data_dir {} is open to other users (mode {:o}): it holds the directory and the keys \
+             sessions are sealed under; `chmod 700` it",
+            data_dir.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod data_dir_tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_made_here_is_open_to_this_user_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let made = tmp.path().join("var/lib/portcullis");
+        make_data_dir(&made).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // One already there is left as it is.
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o750)).unwrap();
+        make_data_dir(&made).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
     }
 }

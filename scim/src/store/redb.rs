@@ -7,6 +7,7 @@
 //! the next row number). Each batch is one write transaction with redb's default
 //! `Durability::Immediate`: when `commit` returns, the batch is on disk.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -61,6 +62,14 @@ impl RedbStorage {
     /// Opens (or creates) `directory.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("directory.redb");
+        // Made open to this user alone (redb makes it with the umask's mode): it holds names,
+        // emails and password hashes, and the keys sessions are sealed under.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         // Lookups are answered by the in-memory index; redb's cache only serves record reads,
         // so it is kept small rather than redb's 1 GiB default.
         let db = Database::builder()

@@ -688,6 +688,20 @@ async fn deactivation_and_reactivation_move_the_sign_in_epoch() {
     );
 }
 
+/// The directory's file is open to this process' user alone: it holds names, emails and
+/// password hashes.
+#[test]
+fn the_directory_file_is_open_to_its_user_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let _dir = open(tmp.path());
+    let mode = std::fs::metadata(tmp.path().join("directory.redb"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
 /// A user without `active` is active, as the gate holds it: created so, or re-activated by
 /// `active` removed. Filters read it so, so a client reconciling who is active finds them
 /// with `active eq true`, as with any other.
