@@ -241,8 +241,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration, for a command that never connects to an upstream (`audit`, `explain`,
+/// `rotate-assertion-key`): upstream names are not resolved, so one that does not resolve just
+/// then (the running proxy keeps the address it had) keeps nobody from reading the audit log.
 fn load_config(path: &Path) -> Result<portcullis_config::Config, String> {
-    portcullis_config::load(path).map_err(|errors| {
+    let unresolved = |_: &str, port: u16| Ok(std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+    portcullis_config::load_resolving(path, &unresolved).map_err(|errors| {
         print_problems(path, &errors);
         "the configuration has problems".to_owned()
     })

@@ -180,6 +180,17 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     let bad = run(px.dir(), &["audit", "--config", &config, "--since", "soon"]).await;
     assert!(!bad.status.success());
     assert!(bad.stderr.contains("--since"), "{}", bad.stderr);
+    // Read with the file as it is while an upstream's name does not resolve (the running proxy
+    // keeps the address it had): the log is read all the same.
+    let unresolved = px.dir().join("unresolved.toml");
+    let text = std::fs::read_to_string(px.config_path()).unwrap();
+    let moved = text.replacen(&up.url(), "http://upstream.does-not-resolve.invalid:80", 1);
+    assert_ne!(moved, text, "the config names the upstream");
+    std::fs::write(&unresolved, moved).unwrap();
+    let unresolved = unresolved.display().to_string();
+    let read = run(px.dir(), &["audit", "--config", &unresolved, "--user", "okta"]).await;
+    assert!(read.status.success(), "{}", read.stderr);
+    assert_eq!(read.stdout.lines().count(), 3, "{}", read.stdout);
 
     // The file survives a restart, and the restarted server appends to it. A change the
     // log lost (here cut from the file, as a crash between the commit and the log's write
