@@ -342,11 +342,20 @@ impl Auth {
             Ok(done) => done,
             // The back button after signing in brings back the IdP's page, which sends the
             // browser here again under the sign-in's spent state: a browser whose session
-            // holds is signed in, not refused a sign-in.
+            // holds is signed in, not refused a sign-in (nor is a forged callback sent to it
+            // recorded then: it did nothing).
             Err(SignInError::UnknownState | SignInError::WrongBrowser)
                 if self.signed_in(runtime, session, req).await =>
             {
-                return redirect("/", Vec::new());
+                let scheme = if req.tls { Scheme::Https } else { Scheme::Http };
+                return match runtime.routes.find(scheme, req.host, "/") {
+                    crate::routes::Match::Found(_) => redirect("/", Vec::new()),
+                    _ => Reply::page(
+                        StatusCode::OK,
+                        "Signed in",
+                        "<p>You are signed in. Go back to the page you were on.</p>",
+                    ),
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "sign-in refused");
@@ -613,8 +622,8 @@ impl Auth {
         })
     }
 
-    /// Who the caller is signed in as; `None` when nobody is.
-    /// Whether the request carries a session that lets its person in.
+    /// Whether the request carries a session that lets its person in (judged as any request's:
+    /// a refresh due is made).
     async fn signed_in(&self, runtime: &Runtime, session: &Session, req: &Request<'_>) -> bool {
         let accept = [portcullis_config::Credential::Session];
         let header = session.req_header();
@@ -622,6 +631,7 @@ impl Auth {
         authentication.await.caller().is_some()
     }
 
+    /// Who the caller is signed in as; `None` when nobody is.
     async fn me(&self, session: &Session, runtime: &Runtime, req: &Request<'_>) -> Option<Reply> {
         let config = &runtime.config;
         let authentication = self
