@@ -188,7 +188,11 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     assert_ne!(moved, text, "the config names the upstream");
     std::fs::write(&unresolved, moved).unwrap();
     let unresolved = unresolved.display().to_string();
-    let read = run(px.dir(), &["audit", "--config", &unresolved, "--user", "okta"]).await;
+    let read = run(
+        px.dir(),
+        &["audit", "--config", &unresolved, "--user", "okta"],
+    )
+    .await;
     assert!(read.status.success(), "{}", read.stderr);
     assert_eq!(read.stdout.lines().count(), 3, "{}", read.stdout);
 

@@ -491,7 +491,10 @@ async fn a_connection_an_upstream_logged_in_carries_no_other_callers_request() {
     used.push(basic);
     used.sort_unstable();
     used.dedup();
-    assert!(used.len() <= others.len(), "pooled: {basic} then {others:?}");
+    assert!(
+        used.len() <= others.len(),
+        "pooled: {basic} then {others:?}"
+    );
     for login in [
         "Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag",
         "NTLM TlRMTVNTUAADAAAAGAAYAEAAAAA=",
