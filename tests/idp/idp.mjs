@@ -53,8 +53,9 @@
 //                                  end_session is false)
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
-//   POST /test/stop-serving        {mode: "503" | "reset" | "hang"}: every non-/test/ request
-//                                  gets a 503, has its connection reset, or is never answered
+//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway"}: every non-/test/
+//                                  request gets a 503, has its connection reset, is never
+//                                  answered, or gets a gateway's 502 in JSON
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
 //                                  closed)
 //
@@ -673,7 +674,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -696,6 +697,10 @@ const server = http.createServer(async (req, res) => {
       return;
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
+    // A gateway in front (Kong, an API gateway) answering for an IdP it cannot reach, in JSON.
+    if (outage === 'gateway') {
+      return send(res, 502, 'application/json', '{"message":"failure to get a peer from the ring-balancer"}\n');
+    }
     const current = provider;
     if (url.pathname === '/auth') rememberOfflineAccess(url);
     if (url.pathname.startsWith('/interaction/')) return await handleInteraction(current, req, res, url);

@@ -343,6 +343,9 @@ pub enum IdpOutage {
     /// Every OIDC request is held, never answered (until the outage ends): an IdP that
     /// accepts connections and then times out.
     Hang,
+    /// Every OIDC request gets a 502 in JSON, as a gateway in front of an IdP it cannot reach
+    /// answers (Kong's `{"message": …}`).
+    Gateway,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -571,6 +574,10 @@ impl Idp {
             }
             IdpOutage::Hang => {
                 self.control("/test/stop-serving", json!({ "mode": "hang" }))
+                    .await
+            }
+            IdpOutage::Gateway => {
+                self.control("/test/stop-serving", json!({ "mode": "gateway" }))
                     .await
             }
         };

@@ -284,12 +284,12 @@ pub fn groups_unlisted(get: impl Fn(&str) -> Option<serde_json::Value>) -> bool 
         || get("groups").is_some_and(|groups| string_list(&groups).is_none())
 }
 
-/// Whether a flag claim (`email_verified`) says true: `true`, or `"true"` in any case; anything
-/// else says false.
+/// Whether a flag claim (`email_verified`) says true: `true` or `"true"` (as sign-in reads an
+/// ID token's); anything else says false.
 fn said_true(value: &serde_json::Value) -> bool {
     match value {
         serde_json::Value::Bool(flag) => *flag,
-        serde_json::Value::String(word) => word.eq_ignore_ascii_case("true"),
+        serde_json::Value::String(word) => word == "true",
         _ => false,
     }
 }
@@ -969,6 +969,7 @@ mod tests {
             (json!(true), true),
             (json!("true"), true),
             (json!("False"), false),
+            (json!("TRUE"), false),
             (json!(1), false),
         ] {
             let token = read(json!({"email_verified": said})).expect("a token");

@@ -454,11 +454,10 @@ impl Oidc {
                 }
                 // It answered with tokens, taking the code for them, in a shape that does not
                 // read: sent again, the code would be refused. (Where alone: the error quotes
-                // values, which may be the IdP's tokens.) A body that is no JSON at all is a
-                // gateway's page in the IdP's place, which may never have had the code.
-                openidconnect::RequestTokenError::Parse(e, body)
-                    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() =>
-                {
+                // values, which may be the IdP's tokens.) Any other answer that does not read
+                // (a gateway's error page, HTML or JSON, in the IdP's place) may come from
+                // in front of an IdP that never had the code.
+                openidconnect::RequestTokenError::Parse(e, body) if gave_tokens(&body) => {
                     SignInError::Invalid(format!(
                         "the token response does not parse (at {})",
                         e.path()
@@ -769,7 +768,16 @@ impl Oidc {
                     .await
                 {
                     Ok(info) => Some(info),
-                    Err(UserInfoFailure::Unanswered(e)) => return Err(e),
+                    // Not reached: judged again later, as through an outage.
+                    Err(UserInfoFailure::Unanswered(e @ SignInError::UserInfoUnreachable(_))) => {
+                        return Err(e)
+                    }
+                    // Answered with no use (an error, an access token meant for another API):
+                    // the ID token says what it says, as at sign-in with `auto`.
+                    Err(UserInfoFailure::Unanswered(e)) => {
+                        tracing::warn!("UserInfo not used on refresh: {e}");
+                        None
+                    }
                     Err(UserInfoFailure::Invalid(e)) => return Ok(Some(e.to_string())),
                 }
             }
@@ -1079,6 +1087,12 @@ impl openidconnect::AdditionalClaims for MoreClaims {}
 /// most bytes of them all: as much as all other claims kept.
 const MAX_GROUPS: usize = 1000;
 const MAX_GROUP_BYTES: usize = 64 * 1024;
+
+/// Whether a token endpoint's answer holds tokens: a JSON object with an `access_token`.
+fn gave_tokens(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|answer| answer.get("access_token").is_some())
+}
 
 /// The groups the provider gives a person: the ID token's (its raw claims), else UserInfo's
 /// (its claims beyond the standard ones); and whether it speaks of groups it does not list
