@@ -98,6 +98,8 @@ pub(crate) struct Options {
     /// The IdP puts the claims of the scopes asked for in the ID token too, as Okta and Auth0
     /// do (default: only at UserInfo, as oidc-provider ships).
     pub claims_in_id_token: bool,
+    /// A SCIM directory (at `SCIM_HOST`, token `SCIM_TOKEN`): without one, nobody is in it.
+    pub scim: bool,
 }
 
 impl Default for Options {
@@ -113,6 +115,7 @@ impl Default for Options {
             oidc_settings: Vec::new(),
             more_idp_users: Vec::new(),
             claims_in_id_token: false,
+            scim: false,
         }
     }
 }
@@ -227,6 +230,9 @@ impl Fixture {
         }
         for route in options.extra_routes {
             cfg = cfg.route(route(&api));
+        }
+        if options.scim {
+            cfg = cfg.scim(crate::SCIM_HOST, &[("okta", crate::SCIM_TOKEN)]);
         }
         if options.idp_down_at_start {
             idp.outage(true).await;
@@ -3156,6 +3162,40 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
     let again = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     let resp = get_with_session(&url, &again.cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+/// The IdP's groups judge only people the directory does not know: a person it knows is judged
+/// by the directory's groups, and the IdP's changing ends no session of theirs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_judges_no_groups_of_a_person_the_directory_knows() {
+    const ERIN: &str = "erin@example.com";
+    const ERIN_PASSWORD: &str = "erin's password, long enough";
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        more_idp_users: vec![IdpUser::new("erin", ERIN, ERIN_PASSWORD).groups(&["eng"])],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { groups = [\"eng\"] }")
+        }],
+        oidc_settings: vec![(
+            "scopes",
+            r#"["openid", "email", "profile", "offline_access", "groups"]"#,
+        )],
+        scim: true,
+        ..Options::default()
+    })
+    .await;
+    let scim = portcullis_tests::ScimClient::new(&fx.cfg.scim_base_url(), crate::SCIM_TOKEN);
+    let erin = scim.create_user(ERIN).await.id();
+    scim.create_group("eng", &[&erin]).await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, ERIN, ERIN_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+    fx.idp.set_groups("erin", &[]).await;
+    // Past the ID token's lifetime: refreshed, and still in by the directory's eng.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_works(&url, &signed.cookie).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
