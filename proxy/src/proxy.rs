@@ -396,6 +396,9 @@ pub struct RequestCtx {
     /// The upstreams this request could not reach, before the one it is at (`upstream`).
     tried: Vec<usize>,
     upstream: Option<usize>,
+    /// Whether the attempt at `upstream` went out on a pooled connection: one the upstream
+    /// closed as it went (the keep-alive race) says nothing of whether it can be reached.
+    reused: bool,
     upstream_started: Option<Instant>,
     body_bytes: u64,
     /// Answered by the SCIM endpoint rather than proxied.
@@ -492,6 +495,7 @@ impl ProxyHttp for Proxy {
             round_robin_start: 0,
             tried: Vec::new(),
             upstream: None,
+            reused: false,
             upstream_started: None,
             body_bytes: 0,
             scim: false,
@@ -878,11 +882,16 @@ impl ProxyHttp for Proxy {
         let now = Instant::now();
         // A retry: the upstream picked last could not be reached, or closed the connection
         // as the request went out. pingora sends the body read so far again, through
-        // `request_body_filter`: counted from nothing again.
+        // `request_body_filter`: counted from nothing again. One that closed a pooled
+        // connection may be tried again (on a new one): passed over, it would leave only
+        // upstreams known to be down.
         if let Some(failed) = ctx.upstream {
-            ctx.tried.push(failed);
+            if !ctx.reused {
+                ctx.tried.push(failed);
+            }
             ctx.body_bytes = 0;
         }
+        ctx.reused = false;
         let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         ctx.upstream = Some(index);
         ctx.upstream_started = Some(now);
@@ -1026,6 +1035,7 @@ impl ProxyHttp for Proxy {
         if let (false, Some(route), Some(index)) = (reused, &ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index);
         }
+        ctx.reused = reused;
         if let (true, Some(recheck)) = (ctx.long_lived, &ctx.recheck) {
             // Fail closed: a connection that could not be cut is not made.
             let registration = self

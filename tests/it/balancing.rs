@@ -456,3 +456,72 @@ async fn a_reload_while_an_upstream_s_name_does_not_resolve_keeps_its_address() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An upstream that closes a pooled connection as a request goes out on it (the keep-alive
+/// race: Node and uvicorn close idle connections after 5 s) is tried again on a new one, not
+/// passed over for an upstream known to be down: with the other upstream down, every request
+/// is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_closed_under_a_request_does_not_send_it_to_a_down_upstream() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // a: answers the first request on each connection, and closes on the second.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = listener.local_addr().unwrap();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let closed = dropped.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                for nth in 0.. {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if nth == 1 {
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    // b: a port nothing listens on.
+    let b = {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        gone.local_addr().unwrap()
+    };
+    let cfg = ConfigBuilder::new().http_listener().route(Route::to_urls(
+        "http://app.test",
+        vec![format!("http://{a}"), format!("http://{b}")],
+    ));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/race");
+    // Until a request has gone out on a pooled connection a closed (pingora pools one a moment
+    // after answering on it). At most 40.
+    let mut sent = 0;
+    while dropped.load(Ordering::SeqCst) < 2 && sent < 40 {
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {sent}");
+        sent += 1;
+    }
+    assert!(
+        dropped.load(Ordering::SeqCst) >= 2,
+        "no pooled connection was closed under a request"
+    );
+    server.abort();
+}
