@@ -907,9 +907,12 @@ impl ProxyHttp for Proxy {
     ) -> Box<Error> {
         if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
             let now = Instant::now();
-            route.upstreams.mark_down(index, now);
+            route.upstreams.mark_down(index, &peer._address, now);
             // Its name may have moved to another address (see `upstream.rs`).
-            if route.upstreams.resolve_after_failure(index, now) {
+            if route
+                .upstreams
+                .resolve_after_failure(index, &peer._address, now)
+            {
                 let (route, address) = (route.clone(), peer._address.clone());
                 tokio::spawn(async move {
                     let name = &route.config.name;

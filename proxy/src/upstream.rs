@@ -147,18 +147,31 @@ impl UpstreamSet {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Upstream `index` failed to accept a connection: skipped for `DOWN_FOR`.
-    pub fn mark_down(&self, index: usize, now: Instant) {
-        if let Some(backend) = self.upstreams.get(index) {
+    /// Upstream `index` failed to accept a connection at `failed_at`: skipped for `DOWN_FOR`,
+    /// unless it has moved to another address since (its name resolved again meanwhile): a
+    /// failure at an address it has left says nothing of the one it has now.
+    pub fn mark_down(&self, index: usize, failed_at: &PeerAddress, now: Instant) {
+        if let Some(backend) = self.at(index, failed_at) {
             let until = self.millis(now + DOWN_FOR);
             backend.down_until_ms.store(until, Ordering::Relaxed);
         }
     }
 
-    /// Whether upstream `index`, which just refused a connection, should have its name
-    /// resolved again now: it has one, and no failure had it resolved in the last `DOWN_FOR`.
-    pub fn resolve_after_failure(&self, index: usize, now: Instant) -> bool {
-        let Some(backend) = self.upstreams.get(index) else {
+    /// Upstream `index`, if it is still at `address`.
+    fn at(&self, index: usize, address: &PeerAddress) -> Option<&Backend> {
+        (self.upstreams.get(index)).filter(|backend| backend.peer.load()._address == *address)
+    }
+
+    /// Whether upstream `index`, which just refused a connection at `failed_at`, should have
+    /// its name resolved again now: it has one, is still at that address, and no failure had
+    /// it resolved in the last `DOWN_FOR`.
+    pub fn resolve_after_failure(
+        &self,
+        index: usize,
+        failed_at: &PeerAddress,
+        now: Instant,
+    ) -> bool {
+        let Some(backend) = self.at(index, failed_at) else {
             return false;
         };
         let now_ms = self.millis(now);
@@ -360,6 +373,31 @@ mod tests {
         }
     }
 
+    /// The address upstream `index` of `set` is at now.
+    fn address(set: &UpstreamSet, index: usize) -> PeerAddress {
+        set.upstreams[index].peer.load()._address.clone()
+    }
+
+    /// A failure at an address an upstream has left (its name resolved again meanwhile) marks
+    /// nothing down, and has its name resolved again no sooner.
+    #[test]
+    fn a_failure_at_an_address_an_upstream_has_left_marks_it_not_down() {
+        let set = upstreams(2);
+        let now = Instant::now();
+        let left = address(&set, 0);
+        set.upstreams[0].peer.store(Arc::new(HttpPeer::new(
+            "127.0.0.1:9100",
+            false,
+            String::new(),
+        )));
+        set.mark_down(0, &left, now);
+        assert_eq!(set.pick(0, &[], now).0, 0, "still up at its new address");
+        assert!(!set.resolve_after_failure(0, &left, now));
+        let there = address(&set, 0);
+        set.mark_down(0, &there, now);
+        assert_eq!(set.pick(0, &[], now).0, 1, "down at the address it has");
+    }
+
     #[test]
     fn a_retry_goes_to_an_upstream_not_tried_yet_healthy_ones_first() {
         let set = upstreams(3);
@@ -367,13 +405,13 @@ mod tests {
         let pick = |tried: &[usize]| set.pick(0, tried, now).0;
         // The first fails and is marked down: the next one, not the one after it.
         assert_eq!(pick(&[]), 0);
-        set.mark_down(0, now);
+        set.mark_down(0, &address(&set, 0), now);
         assert_eq!(pick(&[0]), 1);
         // One marked down by another request is passed over while a healthy one is left...
-        set.mark_down(1, now);
+        set.mark_down(1, &address(&set, 1), now);
         assert_eq!(pick(&[0]), 2);
         // ... and tried last, once.
-        set.mark_down(2, now);
+        set.mark_down(2, &address(&set, 2), now);
         assert_eq!(pick(&[0, 2]), 1);
         // All down: each is tried once, in round-robin order from the request's start.
         assert_eq!(set.pick(1, &[], now).0, 1);
@@ -387,7 +425,7 @@ mod tests {
     fn a_reload_keeps_which_upstreams_are_down() {
         let old = upstreams(3);
         let t0 = Instant::now();
-        old.mark_down(1, t0);
+        old.mark_down(1, &address(&old, 1), t0);
         let new = upstreams(3);
         new.keep_health_of(&old);
         let at = |secs: u64| t0 + Duration::from_secs(secs);
@@ -401,7 +439,7 @@ mod tests {
         let set = upstreams(2);
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
-        set.mark_down(0, t0);
+        set.mark_down(0, &address(&set, 0), t0);
         assert_eq!(set.pick(0, &[], at(4)).0, 1, "down for 5 s");
         // Its time is out: the first request tries it, the others pass it over meanwhile.
         assert_eq!(set.pick(0, &[], at(5)).0, 0);
@@ -410,7 +448,7 @@ mod tests {
         // That try did not connect within the connect timeout: another request tries.
         assert_eq!(set.pick(0, &[], at(11)).0, 0);
         // It failed: down again.
-        set.mark_down(0, at(11));
+        set.mark_down(0, &address(&set, 0), at(11));
         assert_eq!(set.pick(0, &[], at(15)).0, 1);
         assert_eq!(set.pick(0, &[], at(16)).0, 0);
         // It connected: up for every request.
