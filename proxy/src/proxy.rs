@@ -1014,12 +1014,13 @@ impl ProxyHttp for Proxy {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
             }
         }
-        if let Some(route) = &ctx.route {
-            if let Some(started) = ctx.upstream_started {
-                route
-                    .metrics
-                    .observe_upstream(started.elapsed().as_secs_f64());
-            }
+        // The answer's time, not a `100 Continue`'s before it (a `101` is a websocket's answer).
+        let status = upstream_response.status;
+        let interim = status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS;
+        if let (Some(route), Some(started), false) = (&ctx.route, ctx.upstream_started, interim) {
+            route
+                .metrics
+                .observe_upstream(started.elapsed().as_secs_f64());
         }
         Ok(())
     }
