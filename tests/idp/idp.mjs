@@ -26,6 +26,7 @@
 //                     asked; access tokens name their client `cid`, not `client_id`, and a
 //                     person by their login as `sub` and user id as `uid`; give users
 //                     Okta-style subs, `00u…`)
+//   userinfo_only_claims  names of claims never put in an ID token, only in UserInfo answers
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -53,9 +54,10 @@
 //                                  end_session is false)
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
-//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway"}: every non-/test/
-//                                  request gets a 503, has its connection reset, is never
-//                                  answered, or gets a gateway's 502 in JSON
+//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "userinfo"}:
+//                                  every non-/test/ request gets a 503, has its connection reset,
+//                                  is never answered, or gets a gateway's 502 in JSON; or only
+//                                  UserInfo (`/me`) answers 503
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
 //                                  closed)
 //
@@ -408,8 +410,12 @@ function buildProvider(issuer, clients) {
       if (!user) return undefined;
       return {
         accountId: sub,
-        async claims() {
-          return claimsOf(user);
+        async claims(use) {
+          const claims = claimsOf(user);
+          // Claims some providers give only at UserInfo, never in an ID token (a Keycloak
+          // mapper set to "userinfo" alone).
+          if (use === 'id_token') for (const name of setup.userinfo_only_claims ?? []) delete claims[name];
+          return claims;
         },
       };
     },
@@ -674,7 +680,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'userinfo'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -697,6 +703,7 @@ const server = http.createServer(async (req, res) => {
       return;
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
+    if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
     // A gateway in front (Kong, an API gateway) answering for an IdP it cannot reach, in JSON.
     if (outage === 'gateway') {
       return send(res, 502, 'application/json', '{"message":"failure to get a peer from the ring-balancer"}\n');

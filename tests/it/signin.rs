@@ -100,6 +100,8 @@ pub(crate) struct Options {
     pub claims_in_id_token: bool,
     /// A SCIM directory (at `SCIM_HOST`, token `SCIM_TOKEN`): without one, nobody is in it.
     pub scim: bool,
+    /// Claims the IdP never puts in an ID token, only in UserInfo answers.
+    pub userinfo_only: Vec<&'static str>,
 }
 
 impl Default for Options {
@@ -116,6 +118,7 @@ impl Default for Options {
             more_idp_users: Vec::new(),
             claims_in_id_token: false,
             scim: false,
+            userinfo_only: Vec::new(),
         }
     }
 }
@@ -174,6 +177,9 @@ impl Fixture {
             .conform_id_token_claims(!options.claims_in_id_token);
         for user in options.more_idp_users {
             setup = setup.user(user);
+        }
+        for claim in options.userinfo_only {
+            setup = setup.userinfo_only(claim);
         }
         if let Some(seconds) = options.refresh_every {
             setup = setup.ttl("IdToken", seconds);
@@ -3162,6 +3168,40 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
     let again = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     let resp = get_with_session(&url, &again.cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+/// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, with
+/// the groups there alone) leaves the session as it is, as an outage does: it is not taken for
+/// a person in no group.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
+    const FAY: &str = "fay@example.com";
+    const FAY_PASSWORD: &str = "fay's password, long enough";
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        more_idp_users: vec![IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"])],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { groups = [\"eng\"] }")
+        }],
+        oidc_settings: vec![(
+            "scopes",
+            r#"["openid", "email", "profile", "offline_access", "groups"]"#,
+        )],
+        // The email in the ID token, the groups at UserInfo alone.
+        claims_in_id_token: true,
+        userinfo_only: vec!["groups"],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, FAY, FAY_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+    fx.idp.set_outage(IdpOutage::UserInfo).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_works(&url, &signed.cookie).await;
+    fx.idp.outage(false).await;
 }
 
 /// The IdP's groups judge only people the directory does not know: a person it knows is judged

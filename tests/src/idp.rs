@@ -234,6 +234,9 @@ pub struct IdpSetup {
     /// §5.4 allows and oidc-provider does by default. True by default: the tests meet the
     /// provider as it ships.
     pub conform_id_token_claims: bool,
+    /// Claims never put in an ID token, only in UserInfo answers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub userinfo_only_claims: Vec<String>,
     /// How tokens look: `conformant` (oidc-provider as it ships), `entra` or `okta`; see
     /// [`IdpProfile`].
     pub profile: IdpProfile,
@@ -269,6 +272,7 @@ impl Default for IdpSetup {
             ttl: serde_json::Map::new(),
             logout_auto_submit: true,
             conform_id_token_claims: true,
+            userinfo_only_claims: Vec::new(),
             profile: IdpProfile::Conformant,
         }
     }
@@ -326,6 +330,12 @@ impl IdpSetup {
         self
     }
 
+    /// Never puts claim `name` in an ID token, only in UserInfo answers.
+    pub fn userinfo_only(mut self, name: &str) -> IdpSetup {
+        self.userinfo_only_claims.push(name.to_owned());
+        self
+    }
+
     pub async fn start(self) -> Idp {
         Idp::start(self).await
     }
@@ -346,6 +356,8 @@ pub enum IdpOutage {
     /// Every OIDC request gets a 502 in JSON, as a gateway in front of an IdP it cannot reach
     /// answers (Kong's `{"message": …}`).
     Gateway,
+    /// Only UserInfo answers 503.
+    UserInfo,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -578,6 +590,10 @@ impl Idp {
             }
             IdpOutage::Gateway => {
                 self.control("/test/stop-serving", json!({ "mode": "gateway" }))
+                    .await
+            }
+            IdpOutage::UserInfo => {
+                self.control("/test/stop-serving", json!({ "mode": "userinfo" }))
                     .await
             }
         };

@@ -841,8 +841,19 @@ impl Oidc {
             .send()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        if response.status() != reqwest::StatusCode::OK {
-            return Err(unanswered(format!("status {}", response.status())));
+        let status = response.status();
+        if status != reqwest::StatusCode::OK {
+            // An endpoint in trouble (5xx, 429 Too Many Requests, 408) is an outage; one that
+            // refuses the token (401, 403: meant for another API) answered.
+            let trouble = status.is_server_error()
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+            let said = format!("status {status}");
+            return Err(if trouble {
+                unreachable(said)
+            } else {
+                unanswered(said)
+            });
         }
         let signed = response
             .headers()
