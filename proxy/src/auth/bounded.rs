@@ -12,20 +12,36 @@ use openidconnect::{AsyncHttpClient, HttpClientError, HttpRequest, HttpResponse}
 /// stays well under this.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
+/// Why a response's body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// It is larger than the bound: an answer, of no use.
+    #[error("the response is larger than {0} bytes")]
+    TooLarge(usize),
+    /// It did not arrive whole (the connection was cut, or timed out): no answer.
+    #[error("{0}")]
+    Cut(String),
+}
+
+impl From<BodyError> for String {
+    fn from(e: BodyError) -> String {
+        e.to_string()
+    }
+}
+
 /// `response`'s body, or an error as soon as it is known to be larger than `limit` (at once
 /// when `Content-Length` says so).
-pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
-    let too_large = || format!("the response is larger than {limit} bytes");
+pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
     if response
         .content_length()
         .is_some_and(|length| length > limit as u64)
     {
-        return Err(too_large());
+        return Err(BodyError::TooLarge(limit));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = (response.chunk().await).map_err(|e| BodyError::Cut(e.to_string()))? {
         if body.len() + chunk.len() > limit {
-            return Err(too_large());
+            return Err(BodyError::TooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }
@@ -66,7 +82,7 @@ impl<'c> AsyncHttpClient<'c> for Client {
             }
             let body = body(response, MAX_RESPONSE_BYTES)
                 .await
-                .map_err(HttpClientError::Other)?;
+                .map_err(|e| HttpClientError::Other(e.to_string()))?;
             answer.body(body).map_err(HttpClientError::Http)
         })
     }
@@ -78,8 +94,13 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A server that answers every connection with `chunks` chunks of 32 bytes and no length
-    /// said in advance (chunked), as a server sending without end does.
+    /// said in advance (chunked), as a server sending without end does; without its last
+    /// chunk, and the connection closed, when `cut`.
     async fn chunked_server(chunks: usize) -> String {
+        serve_chunks(chunks, false).await
+    }
+
+    async fn serve_chunks(chunks: usize, cut: bool) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -90,7 +111,9 @@ mod tests {
                 for _ in 0..chunks {
                     answer.extend_from_slice(format!("20\r\n{}\r\n", "x".repeat(32)).as_bytes());
                 }
-                answer.extend_from_slice(b"0\r\n\r\n");
+                if !cut {
+                    answer.extend_from_slice(b"0\r\n\r\n");
+                }
                 let _ = stream.write_all(&answer).await;
             }
         });
@@ -101,11 +124,18 @@ mod tests {
     async fn a_body_is_read_up_to_the_bound_and_no_further() {
         let url = chunked_server(3).await;
         let get = || async { reqwest::get(&url).await.unwrap() };
-        assert_eq!(body(get().await, 96).await.map(|b| b.len()), Ok(96));
+        assert_eq!(body(get().await, 96).await.map(|b| b.len()).ok(), Some(96));
         // No length said: refused as the chunks arrive past the bound.
-        assert!(body(get().await, 64).await.is_err());
+        assert!(matches!(
+            body(get().await, 64).await,
+            Err(BodyError::TooLarge(64))
+        ));
         // Said in advance: refused before reading.
         let said = reqwest::Response::from(http::Response::new(vec![b'x'; 65]));
-        assert!(body(said, 64).await.is_err());
+        assert!(matches!(body(said, 64).await, Err(BodyError::TooLarge(64))));
+        // Cut short: no answer, which a caller tells from one too large.
+        let cut = serve_chunks(2, true).await;
+        let response = reqwest::get(&cut).await.unwrap();
+        assert!(matches!(body(response, 96).await, Err(BodyError::Cut(_))));
     }
 }

@@ -861,10 +861,15 @@ impl Oidc {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/jwt"));
-        // An answer too large (or cut short) is no answer; a signed one, no valid answer.
+        // An answer too large is no answer (a signed one, no valid answer); one cut short, as
+        // one not made.
         let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES)
             .await
-            .map_err(|e| if signed { invalid(e) } else { unanswered(e) })?;
+            .map_err(|e| match e {
+                bounded::BodyError::Cut(e) => unreachable(e),
+                too_large if signed => invalid(too_large.to_string()),
+                too_large => unanswered(too_large.to_string()),
+            })?;
         let json = if signed {
             let token = std::str::from_utf8(&body)
                 .map_err(|_| invalid("the signed answer is not text".to_owned()))?
