@@ -382,7 +382,8 @@ mod tests {
     /// nothing down, and has its name resolved again no sooner.
     #[test]
     fn a_failure_at_an_address_an_upstream_has_left_marks_it_not_down() {
-        let set = upstreams(2);
+        let mut set = upstreams(2);
+        set.upstreams[0].name = Some(("up.test".to_owned(), 9000));
         let now = Instant::now();
         let left = address(&set, 0);
         set.upstreams[0].peer.store(Arc::new(HttpPeer::new(
@@ -396,6 +397,7 @@ mod tests {
         let there = address(&set, 0);
         set.mark_down(0, &there, now);
         assert_eq!(set.pick(0, &[], now).0, 1, "down at the address it has");
+        assert!(set.resolve_after_failure(0, &there, now), "resolved again");
     }
 
     #[test]
