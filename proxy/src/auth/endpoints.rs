@@ -804,6 +804,10 @@ fn sign_in_failed(e: &SignInError) -> Reply {
         SignInError::ProviderUnavailable | SignInError::Unreachable(_) => {
             "<p>Reload this page in a moment to try again.</p>"
         }
+        // The sign-in's code is spent by then: only a new sign-in can finish.
+        SignInError::UserInfoUnreachable(_) => {
+            "<p>Go back to the site in a moment to sign in again.</p>"
+        }
         _ => "",
     };
     Reply::page(
