@@ -3132,16 +3132,12 @@ async fn a_reload_that_turns_refresh_off_stops_it_for_open_sessions() {
     assert_session_works(&url, &signed.cookie).await;
 }
 
-/// On a route that judges the groups the IdP gives (`token_groups`), a refreshed session holds
-/// only while the IdP still gives the person the groups they signed in with: one its admin
-/// takes out of a group signs in again, and is judged by the groups they have then.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_again() {
-    const DAVE: &str = "dave@example.com";
-    const DAVE_PASSWORD: &str = "dave's password, long enough";
-    let fx = Fixture::start_with(Options {
+/// A fixture whose sessions refresh with the IdP every 3 s, scoped for `groups`, with
+/// `http://app.test/eng/` judging the IdP's groups (`eng` allowed), and `person` at the IdP.
+fn refreshing_on_token_groups(person: IdpUser) -> Options {
+    Options {
         refresh_every: Some(3),
-        more_idp_users: vec![IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"])],
+        more_idp_users: vec![person],
         extra_routes: vec![|api| {
             Route::new("http://app.test/eng/", &[api])
                 .set("token_groups = true")
@@ -3152,8 +3148,18 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
             r#"["openid", "email", "profile", "offline_access", "groups"]"#,
         )],
         ..Options::default()
-    })
-    .await;
+    }
+}
+
+/// On a route that judges the groups the IdP gives (`token_groups`), a refreshed session holds
+/// only while the IdP still gives the person the groups they signed in with: one its admin
+/// takes out of a group signs in again, and is judged by the groups they have then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_again() {
+    const DAVE: &str = "dave@example.com";
+    const DAVE_PASSWORD: &str = "dave's password, long enough";
+    let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
+    let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
     let url = fx.url("app.test", "/eng/page");
     let signed = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
@@ -3182,22 +3188,12 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
 async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     const FAY: &str = "fay@example.com";
     const FAY_PASSWORD: &str = "fay's password, long enough";
+    let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
     let fx = Fixture::start_with(Options {
-        refresh_every: Some(3),
-        more_idp_users: vec![IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"])],
-        extra_routes: vec![|api| {
-            Route::new("http://app.test/eng/", &[api])
-                .set("token_groups = true")
-                .set("allow = { groups = [\"eng\"] }")
-        }],
-        oidc_settings: vec![(
-            "scopes",
-            r#"["openid", "email", "profile", "offline_access", "groups"]"#,
-        )],
         // The email in the ID token, the groups at UserInfo alone.
         claims_in_id_token: true,
         userinfo_only: vec!["groups"],
-        ..Options::default()
+        ..refreshing_on_token_groups(fay)
     })
     .await;
     let url = fx.url("app.test", "/eng/page");
@@ -3215,20 +3211,10 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
 async fn a_refresh_judges_no_groups_of_a_person_the_directory_knows() {
     const ERIN: &str = "erin@example.com";
     const ERIN_PASSWORD: &str = "erin's password, long enough";
+    let erin_at_the_idp = IdpUser::new("erin", ERIN, ERIN_PASSWORD).groups(&["eng"]);
     let fx = Fixture::start_with(Options {
-        refresh_every: Some(3),
-        more_idp_users: vec![IdpUser::new("erin", ERIN, ERIN_PASSWORD).groups(&["eng"])],
-        extra_routes: vec![|api| {
-            Route::new("http://app.test/eng/", &[api])
-                .set("token_groups = true")
-                .set("allow = { groups = [\"eng\"] }")
-        }],
-        oidc_settings: vec![(
-            "scopes",
-            r#"["openid", "email", "profile", "offline_access", "groups"]"#,
-        )],
         scim: true,
-        ..Options::default()
+        ..refreshing_on_token_groups(erin_at_the_idp)
     })
     .await;
     let scim = portcullis_tests::ScimClient::new(&fx.cfg.scim_base_url(), crate::SCIM_TOKEN);
