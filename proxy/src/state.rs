@@ -670,7 +670,8 @@ mod tests {
 }
 
 /// Makes `data_dir` if it is not there, open to this user alone: it holds the directory (names,
-/// emails, password hashes an IdP pushed), the keys sessions are sealed under and the audit log.
+/// emails, password hashes an IdP pushed), the keys that seal sign-ins in progress, the
+/// assertion signing keys and the audit log.
 /// One already there keeps its mode (the operator's choice), with a warning when other users
 /// can read it.
 pub fn make_data_dir(data_dir: &Path) -> Result<(), String> {
@@ -685,8 +686,8 @@ pub fn make_data_dir(data_dir: &Path) -> Result<(), String> {
         .mode();
     if mode & 0o077 != 0 {
         tracing::warn!(
-            "data_dir {} is open to other users (mode {:o}): it holds the directory and the keys \
-             sessions are sealed under; `chmod 700` it",
+            "data_dir {} is open to other users (mode {:o}): it holds the directory, the keys \
+             that seal sign-ins in progress and the assertion signing keys; `chmod 700` it",
             data_dir.display(),
             mode & 0o777
         );

@@ -533,7 +533,8 @@ impl Auth {
                             None => false,
                         } => {}
                     Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
-                        // The IdP no longer vouches for this person: the session ends.
+                        // The IdP no longer vouches for this person, or now gives them other
+                        // groups: the session ends.
                         drop(turn);
                         match self.sessions.end(&[key]).await {
                             Ok(()) => {

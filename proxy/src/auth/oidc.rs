@@ -211,9 +211,10 @@ fn core_alg(alg: JwtAlgorithm) -> CoreJwsSigningAlgorithm {
 pub enum Refreshed {
     /// The IdP vouches for the person again: the session's new refresh state.
     Renewed(Refresh),
-    /// The IdP answered, but its ID token cannot be judged without the provider's keys: the
-    /// refresh token it gave is kept (the one sent may be spent), the session goes on as it
-    /// was, and refreshes pause as for an outage.
+    /// The IdP answered, but its ID token cannot be judged without the provider's keys, or
+    /// UserInfo, asked for the person's groups, did not answer: the refresh token it gave is
+    /// kept (the one sent may be spent), the session goes on as it was, and refreshes pause as
+    /// for an outage.
     Postponed(Refresh),
     /// The IdP refused, or its answer failed verification: the session is over.
     Ended(String),
@@ -223,9 +224,10 @@ pub enum Refreshed {
     Regrouped(String),
 }
 
-/// How long a session whose refreshed ID token could not be verified for want of the
-/// provider's keys waits to be judged again.
-const KEYS_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a session whose refresh could not be judged ([`Refreshed::Postponed`]: its ID
+/// token for want of the provider's keys, or its groups for want of UserInfo) waits to be
+/// judged again.
+const JUDGE_AGAIN_IN: std::time::Duration = std::time::Duration::from_secs(60);
 /// The first and the longest pause in refreshing while the IdP is unreachable: at most one
 /// request per pause waits on it.
 const MIN_REFRESH_BACKOFF: u64 = 5;
@@ -680,11 +682,11 @@ impl Oidc {
                             tracing::warn!(
                                 "a refreshed ID token cannot be verified without the \
                                  provider's keys: judged again in {}s at the earliest",
-                                KEYS_RETRY.as_secs()
+                                JUDGE_AGAIN_IN.as_secs()
                             );
                             return Ok(Refreshed::Postponed(Refresh {
                                 refresh_token,
-                                due: now + KEYS_RETRY.as_secs(),
+                                due: now + JUDGE_AGAIN_IN.as_secs(),
                                 sealed: false,
                             }));
                         }
@@ -722,7 +724,7 @@ impl Oidc {
                     tracing::warn!("the person's groups cannot be read on refresh: {e}");
                     return Ok(Refreshed::Postponed(Refresh {
                         refresh_token,
-                        due: now + KEYS_RETRY.as_secs(),
+                        due: now + JUDGE_AGAIN_IN.as_secs(),
                         sealed: false,
                     }));
                 }
@@ -809,7 +811,8 @@ impl Oidc {
         )
     }
 
-    /// The provider's UserInfo for `subject`, with the sign-in's access token. The answer must
+    /// The provider's UserInfo for `subject`, with an access token the provider has just given
+    /// (a sign-in's or a refresh's). The answer must
     /// be about `subject` (OpenID Connect Core §5.3.4). A signed one (`application/jwt`, as a
     /// client registered with `userinfo_signed_response_alg` gets) must verify as an ID token
     /// does: with the provider's keys as they are now (fetched again for a key not seen yet),

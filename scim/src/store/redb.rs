@@ -63,7 +63,7 @@ impl RedbStorage {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("directory.redb");
         // Made open to this user alone (redb makes it with the umask's mode): it holds names,
-        // emails and password hashes, and the keys sessions are sealed under.
+        // emails and password hashes, and the keys that seal sign-ins in progress.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
