@@ -663,14 +663,14 @@ impl Gate<'_> {
             })),
             (Some(actor), false) => {
                 let (agent, named_by) = actor_claim(claim, actor);
-                let through = format!("its act claim's {named_by}");
-                Some(self.delegated(facts, request, principal, agent, &through, explain))
+                let through = ("its act claim's", named_by);
+                Some(self.delegated(facts, request, principal, agent, through, explain))
             }
             (None, false) => client_claim(claim, token)
                 .filter(|agent| self.agent_known(agent))
                 .map(|agent| {
-                    let through = format!("its client's {}", claim.as_str());
-                    self.delegated(facts, request, principal, agent, &through, explain)
+                    let through = ("its client's", claim.as_str());
+                    self.delegated(facts, request, principal, agent, through, explain)
                 }),
             (None, true) => client_claim(claim, token)
                 .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
@@ -694,14 +694,14 @@ impl Gate<'_> {
 
     /// A token an agent holds for a person (RFC 8693 delegation, or a person's token issued to
     /// the agent's client): let in only if both the person and the agent, `value` (named by
-    /// `through`, the claim it was read from), are.
+    /// `through`: whose claim it was read from, and which), are.
     fn delegated(
         &self,
         facts: &Facts<'_>,
         request: &Request<'_>,
         principal: Principal<'_>,
         value: &str,
-        through: &str,
+        through: (&str, &str),
         explain: bool,
     ) -> Judged {
         let issued = match principal {
@@ -729,8 +729,9 @@ impl Gate<'_> {
                     rule: None,
                     cause: Cause::NotInDirectory,
                     reason: format!(
-                        "the token acts through \"{value}\" ({through}), which is not an agent \
-                         in the directory"
+                        "the token acts through \"{value}\" ({} {}), which is not an agent in \
+                         the directory",
+                        through.0, through.1
                     ),
                     agent: None,
                 });

@@ -254,7 +254,8 @@ impl Auth {
                     claim: config.identity.claim.as_str(),
                     groups: config.routes.iter().any(|r| r.token_groups),
                 };
-                self.callback(session, runtime, req, &param, wants).await
+                self.callback(session, runtime, oidc, req, &param, wants)
+                    .await
             }
             ("sign_out", &http::Method::GET) => {
                 Reply::page(StatusCode::OK, "Sign out", SIGN_OUT_FORM)
@@ -290,13 +291,11 @@ impl Auth {
         &self,
         session: &Session,
         runtime: &Runtime,
+        oidc: &OidcConfig,
         req: &Request<'_>,
         param: &(dyn Fn(&str) -> Option<String> + Sync),
         wants: Wanted<'_>,
     ) -> Reply {
-        let Some(oidc) = runtime.config.oidc.as_ref() else {
-            return self.sign_in_refused(&SignInError::ProviderUnavailable, req);
-        };
         let pending = |state: &str| pending_cookie_name(browser_cookie_prefix(req.tls), state);
         if let Some(error) = param("error") {
             let detail = param("error_description").unwrap_or_default();
