@@ -384,9 +384,11 @@ async fn a_body_sent_again_on_a_new_upstream_connection_is_counted_once() {
         assert_eq!(resp.status, 200, "PUT {sent}: {}", resp.body_text());
         sent += 1;
     }
-    assert_eq!(
-        dropped.load(Ordering::SeqCst),
-        1,
+    // Once at least; twice when two connections were pooled, both at their second request
+    // (the second request of the test came before the first's connection was pooled): the
+    // body then went out three times, and was counted once each time.
+    assert!(
+        dropped.load(Ordering::SeqCst) >= 1,
         "the race was not run in {sent} requests"
     );
     assert_eq!(answered.load(Ordering::SeqCst), sent);
