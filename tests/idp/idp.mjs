@@ -27,6 +27,9 @@
 //                     person by their login as `sub` and user id as `uid`; give users
 //                     Okta-style subs, `00u…`)
 //   userinfo_only_claims  names of claims never put in an ID token, only in UserInfo answers
+//   group_membership_claims  in the entra profile, the app registration's groupMembershipClaims
+//                     set: the user's groups as `groups` in the ID token, left out for a user in
+//                     none, as Entra ID leaves it out
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -270,12 +273,14 @@ const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 function claimsOf(user) {
   const worded = user.claims ?? {};
   if (profile === 'entra') {
+    const groups = setup.group_membership_claims && user.groups?.length ? { groups: user.groups } : {};
     return {
       sub: user.sub,
       oid: user.oid,
       tid: ENTRA_TENANT,
       preferred_username: user.preferred_username ?? user.email,
       name: user.name,
+      ...groups,
       ...worded,
     };
   }
@@ -363,7 +368,7 @@ function buildProvider(issuer, clients) {
         profile: ['name', 'preferred_username', 'updated_at'],
         groups: ['groups'],
       },
-      entra: { openid: ['sub', 'oid', 'tid'], profile: ['name', 'preferred_username'] },
+      entra: { openid: ['sub', 'oid', 'tid', 'groups'], profile: ['name', 'preferred_username'] },
       okta: {
         openid: ['sub'],
         email: ['email', 'email_verified'],

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use portcullis_tests::client::plain_client_builder;
 use portcullis_tests::idp::{jwt_claims, query_param, random_token};
 use portcullis_tests::{
-    Browser, ConfigBuilder, Echo, Idp, IdpClient, IdpOutage, IdpResource, IdpSetup, IdpUser,
-    JwtIssuer, Oidc, Pkce, Portcullis, Recorder, Route, Upstream,
+    Browser, ConfigBuilder, Echo, Idp, IdpClient, IdpOutage, IdpProfile, IdpResource, IdpSetup,
+    IdpUser, JwtIssuer, Oidc, Pkce, Portcullis, Recorder, Route, Upstream,
 };
 use reqwest::header::{ACCEPT, COOKIE, LOCATION, ORIGIN, REFERER, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
@@ -102,6 +102,10 @@ pub(crate) struct Options {
     pub scim: bool,
     /// Claims the IdP never puts in an ID token, only in UserInfo answers.
     pub userinfo_only: Vec<&'static str>,
+    /// How the IdP's tokens look. With `Entra`, the IdP puts groups in ID tokens
+    /// (`groupMembershipClaims`) and Portcullis has `[identity] preset = "entra"`; people at
+    /// the IdP need an `oid`.
+    pub idp_profile: IdpProfile,
 }
 
 impl Default for Options {
@@ -119,6 +123,7 @@ impl Default for Options {
             claims_in_id_token: false,
             scim: false,
             userinfo_only: Vec::new(),
+            idp_profile: IdpProfile::Conformant,
         }
     }
 }
@@ -169,12 +174,17 @@ impl Fixture {
             }
             Backchannel::At(url) => url,
         };
-        let redirect_uris: Vec<String> = ["app.test", "corp.example.com", "both.test"]
-            .iter()
-            .map(|host| callback(host))
-            .collect();
+        // oidc-provider's pairwise `sub` (the entra profile) wants a client's callbacks on one
+        // host, or a sector_identifier_uri.
+        let hosts: &[&str] = match options.idp_profile {
+            IdpProfile::Entra => &["app.test"],
+            _ => &["app.test", "corp.example.com", "both.test"],
+        };
+        let redirect_uris: Vec<String> = hosts.iter().map(|host| callback(host)).collect();
         let mut setup = idp_setup(&redirect_uris, &backchannel)
-            .conform_id_token_claims(!options.claims_in_id_token);
+            .conform_id_token_claims(!options.claims_in_id_token)
+            .profile(options.idp_profile)
+            .group_membership_claims(options.idp_profile == IdpProfile::Entra);
         for user in options.more_idp_users {
             setup = setup.user(user);
         }
@@ -239,6 +249,9 @@ impl Fixture {
         }
         if options.scim {
             cfg = cfg.scim(crate::SCIM_HOST, &[("okta", crate::SCIM_TOKEN)]);
+        }
+        if options.idp_profile == IdpProfile::Entra {
+            cfg = cfg.identity("preset = \"entra\"");
         }
         if options.idp_down_at_start {
             idp.outage(true).await;
@@ -3179,6 +3192,35 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
     let again = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     let resp = get_with_session(&url, &again.cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+/// Entra ID leaves `groups` out of the ID token of a person in no group, and puts no `email`
+/// in it for one without a mailbox: a refresh that finds the person taken out of their last
+/// group still sees it (their `preferred_username` shows the ID token holds their claims).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
+    const UPN: &str = "gil@corp.onmicrosoft.test";
+    const PASSWORD: &str = "gil's password, long enough";
+    const OID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+    let gil = IdpUser::new("gil", UPN, PASSWORD).oid(OID).groups(&["eng"]);
+    let fx = Fixture::start_with(Options {
+        idp_profile: IdpProfile::Entra,
+        ..refreshing_on_token_groups(gil)
+    })
+    .await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, UPN, PASSWORD).await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap_or_default());
+    assert_eq!(echo.header("x-portcullis-groups"), Some("eng"));
+
+    fx.idp.set_groups("gil", &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(&fx, &url, &signed.cookie).await;
+    let events = session_events(&fx, 2).await;
+    let what: Vec<&str> = events.iter().map(|(_, what)| what.as_str()).collect();
+    assert_eq!(what, ["sign_in", "idp_ended"]);
 }
 
 /// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, with

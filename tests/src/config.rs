@@ -193,6 +193,8 @@ pub struct ConfigBuilder {
     postgres: Vec<(String, String)>,
     /// `[console]` as raw TOML lines; no section when empty.
     console: Vec<String>,
+    /// `[identity]` as raw TOML lines; no section when empty.
+    identity: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -216,7 +218,14 @@ impl ConfigBuilder {
             jwt_issuers: Vec::new(),
             postgres: Vec::new(),
             console: Vec::new(),
+            identity: Vec::new(),
         }
+    }
+
+    /// Adds a line (raw TOML, `preset = "entra"` say) to `[identity]`.
+    pub fn identity(mut self, line: &str) -> ConfigBuilder {
+        self.identity.push(line.to_owned());
+        self
     }
 
     /// Adds a line (raw TOML, `allow = { groups = ["sre"] }` say) to `[console]`.
@@ -433,6 +442,12 @@ impl ConfigBuilder {
             );
             for (key, value) in &oidc.settings {
                 let _ = writeln!(out, "{key} = {value}");
+            }
+        }
+        if !self.identity.is_empty() {
+            out.push_str("\n[identity]\n");
+            for line in &self.identity {
+                let _ = writeln!(out, "{line}");
             }
         }
         if !self.console.is_empty() {

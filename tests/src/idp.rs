@@ -240,6 +240,9 @@ pub struct IdpSetup {
     /// How tokens look: `conformant` (oidc-provider as it ships), `entra` or `okta`; see
     /// [`IdpProfile`].
     pub profile: IdpProfile,
+    /// In the `entra` profile, the app registration's `groupMembershipClaims` set: a user's
+    /// groups in the ID token, no `groups` claim for a user in none.
+    pub group_membership_claims: bool,
 }
 
 /// The shapes of tokens the test IdP issues.
@@ -274,6 +277,7 @@ impl Default for IdpSetup {
             conform_id_token_claims: true,
             userinfo_only_claims: Vec::new(),
             profile: IdpProfile::Conformant,
+            group_membership_claims: false,
         }
     }
 }
@@ -327,6 +331,13 @@ impl IdpSetup {
     /// UserInfo when an access token is issued (`true`, the default).
     pub fn conform_id_token_claims(mut self, on: bool) -> IdpSetup {
         self.conform_id_token_claims = on;
+        self
+    }
+
+    /// In the `entra` profile, puts a user's groups in the ID token, as Entra ID does for an
+    /// app registration with `groupMembershipClaims`.
+    pub fn group_membership_claims(mut self, on: bool) -> IdpSetup {
+        self.group_membership_claims = on;
         self
     }
 

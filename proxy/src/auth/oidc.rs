@@ -743,9 +743,9 @@ impl Oidc {
     /// session began with; the person signs in again. `None` when they are, or when the answer
     /// says nothing of groups: a refreshed ID token may hold no more than the claims it must
     /// (OpenID Connect Core §12.2), and a UserInfo answer without `groups` tells nothing either;
-    /// but an ID token with the person's claims (their email) and no `groups` gives none (Okta
-    /// leaves the claim out for a person in no group it names). `Err` when UserInfo does not
-    /// answer.
+    /// but an ID token with the person's claims ([`PERSON_CLAIMS`]) and no `groups` gives none
+    /// (Okta and Entra ID leave the claim out for a person in no group they name). `Err` when
+    /// UserInfo does not answer.
     async fn groups_moved(
         &self,
         config: &OidcConfig,
@@ -793,7 +793,7 @@ impl Oidc {
             || speaks(&|name| info_claims?.get(name).cloned())
             || raw_claims
                 .as_ref()
-                .is_some_and(|c| c.get("email").is_some());
+                .is_some_and(|c| PERSON_CLAIMS.iter().any(|name| c.get(name).is_some()));
         if !told {
             return Ok(None);
         }
@@ -1101,6 +1101,11 @@ pub struct MoreClaims {
 }
 
 impl openidconnect::AdditionalClaims for MoreClaims {}
+
+/// Claims of the person (scope `email`'s and `profile`'s) whose presence shows an ID token
+/// holds more than the claims it must: Okta's has `email`, Entra ID's `preferred_username` and
+/// `name` (and `email` only for a person with a mailbox).
+const PERSON_CLAIMS: [&str; 3] = ["email", "preferred_username", "name"];
 
 /// The most groups a sign-in keeps (Entra ID puts at most 200 in a token, Okta 100), and the
 /// most bytes of them all: as much as all other claims kept.
