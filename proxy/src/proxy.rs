@@ -2439,13 +2439,22 @@ fn forwarded(client: Option<std::net::IpAddr>, host: Option<&HeaderValue>, proto
 }
 
 /// Size of the request head as it arrived, near enough to bound it: request line and headers.
+/// An HTTP/2 request's host is its `:authority` (browsers send no `Host` there), counted as
+/// the `Host` header HTTP/1 would have carried, which it is sent upstream as.
 fn head_size(req: &RequestHeader) -> usize {
     let headers: usize = req
         .headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    req.raw_path().len() + req.method.as_str().len() + 12 + headers
+    let authority = match req.headers.contains_key(header::HOST) {
+        true => 0,
+        false => req
+            .uri
+            .authority()
+            .map_or(0, |a| "host".len() + a.as_str().len() + 4),
+    };
+    req.raw_path().len() + req.method.as_str().len() + 12 + headers + authority
 }
 
 fn content_length(req: &RequestHeader) -> Option<u64> {

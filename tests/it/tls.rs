@@ -348,6 +348,49 @@ async fn a_raised_head_limit_holds_over_http2_too() {
     .await;
 }
 
+/// The head limit counts an HTTP/2 request's host (its `:authority`, as browsers send it, with
+/// no `Host`) as HTTP/1 counts its `Host`: a head one byte over the limit gets 431 over both.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_head_limit_counts_the_host_over_http2_as_over_http1() {
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(Route::new("https://app.test", &[&up]))
+        .server("max_request_header_bytes", "4096");
+    let _px = cfg.start().await;
+    let (h2, h1) = (tls_client(&ca), tls_client_http1(&ca));
+    let status = |client: &reqwest::Client, pad: usize| {
+        let request = client
+            .get(cfg.https_url("app.test", "/page"))
+            .header("x-pad", "p".repeat(pad));
+        async move {
+            let resp = request.send().await.unwrap();
+            (resp.version(), resp.status())
+        }
+    };
+    // The least padding that puts an HTTP/1.1 head over the limit.
+    let (mut fits, mut over) = (0, 4096);
+    assert_eq!(
+        status(&h1, over).await.1,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        match status(&h1, mid).await {
+            (_, StatusCode::OK) => fits = mid,
+            (_, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE) => over = mid,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        status(&h2, over).await,
+        (Version::HTTP_2, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    );
+    assert_eq!(status(&h2, fits).await, (Version::HTTP_2, StatusCode::OK));
+}
+
 /// A CORS preflight is an `OPTIONS` without a body: one sent over HTTP/2 with a body (DATA
 /// frames, no `Content-Length`) or over HTTP/1.1 chunked is no preflight, and needs a caller.
 #[tokio::test(flavor = "multi_thread")]
