@@ -42,7 +42,7 @@ use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::audit;
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
 use crate::auth::{cookies, session_cookie_name, Authentication};
-use crate::caller::Caller;
+use crate::caller::{Caller, SessionKey};
 use crate::clock::now_unix;
 use crate::cookies;
 use crate::gate::{accepts, Admission, Client, ClientOf, Facts, Forward, Pass, Refusal, Refused};
@@ -860,7 +860,17 @@ impl ProxyHttp for Proxy {
         ctx.decided_at = judged.then_some(decided_at);
         if long_lived {
             // Watched from the moment it connects upstream (`connected_to_upstream`).
-            ctx.recheck(session.req_header());
+            let recheck = ctx.recheck(session.req_header());
+            // With the session cookie it was let in with, to refresh the session when due.
+            if let (Some(recheck), Some(Caller::Person { session: key, .. })) =
+                (recheck, &ctx.caller)
+            {
+                if let Some(id) =
+                    self.session_cookie_of(&runtime, session.req_header(), ctx.tls, key)
+                {
+                    recheck.keep_session_cookie(&id);
+                }
+            }
         }
         if let Some(len) = said_again {
             session
@@ -1239,6 +1249,23 @@ impl RequestCtx {
 }
 
 impl Proxy {
+    /// The session cookie in `req` of the session `key`.
+    fn session_cookie_of(
+        &self,
+        runtime: &Runtime,
+        req: &RequestHeader,
+        tls: bool,
+        key: &SessionKey,
+    ) -> Option<String> {
+        let oidc = runtime.config.oidc.as_ref()?;
+        let name = crate::auth::session_cookie_name(oidc, tls);
+        let sessions = &self.shared.auth.sessions;
+        let id = crate::auth::cookies(req, &name)
+            .find(|id| sessions.get(id).is_some_and(|(held, _)| held == *key))
+            .map(str::to_owned);
+        id
+    }
+
     /// Serves `/.portcullis/<endpoint>` on any host.
     async fn own_endpoint(
         &self,

@@ -299,6 +299,24 @@ impl BackgroundService for Watcher {
                 continue;
             }
             shared.streams.sweep(|open| shared.still_allowed(open));
+            // A stream makes no requests, so its person's session is refreshed with the IdP
+            // here when due, as a request would (an IdP's refusal then ends it, and the next
+            // sweep cuts the stream). One at a time per session (`refresh_when_due`).
+            let runtime = shared.runtime.load_full();
+            let now = crate::clock::now_unix();
+            for open in shared.streams.open() {
+                let Some(id) = open.session_cookie() else {
+                    continue;
+                };
+                if shared.auth.refresh_due(&runtime.config, id, now) {
+                    let (shared, runtime, id) = (shared.clone(), runtime.clone(), id.to_owned());
+                    tokio::spawn(async move {
+                        (shared.auth)
+                            .refresh_for_stream(&runtime.config, &id, now)
+                            .await;
+                    });
+                }
+            }
         }
     }
 }

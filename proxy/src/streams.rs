@@ -72,6 +72,9 @@ pub struct Recheck {
     current: AtomicBool,
     /// Set once the connection has been refused, so the refusal is reported once.
     cut: AtomicBool,
+    /// A person's session cookie (its value, a secret), for the watcher to refresh the session
+    /// with the IdP when due, as a request would: a stream makes no requests.
+    session_cookie: std::sync::OnceLock<Box<str>>,
 }
 
 /// Where an open connection went, and how: judged again as a request made then would be.
@@ -112,7 +115,18 @@ impl Recheck {
             second: AtomicU64::new(decided_at.second),
             current: AtomicBool::new(decided_at.current),
             cut: AtomicBool::new(false),
+            session_cookie: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps the session cookie `id` the connection's person was let in with.
+    pub fn keep_session_cookie(&self, id: &str) {
+        let _ = self.session_cookie.set(id.into());
+    }
+
+    /// The session cookie kept with [`Recheck::keep_session_cookie`].
+    pub fn session_cookie(&self) -> Option<&str> {
+        self.session_cookie.get().map(|id| &**id)
     }
 
     /// Who it was opened by, for the audit log: the caller, or `anonymous`.
@@ -290,6 +304,14 @@ impl Streams {
             streams: self.clone(),
             id,
         })
+    }
+
+    /// Every open connection's [`Recheck`].
+    pub fn open(&self) -> Vec<Arc<Recheck>> {
+        self.lock()
+            .values()
+            .map(|open| open.recheck.clone())
+            .collect()
     }
 
     /// Judges every open connection again with `still_allowed`; shuts down those refused.

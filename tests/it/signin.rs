@@ -3223,6 +3223,62 @@ async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
     assert_eq!(what, ["sign_in", "idp_ended"]);
 }
 
+/// A websocket makes no requests, so nothing on the request path refreshes its session: the
+/// watcher does, when the refresh is due. One the IdP's answer ends (other groups, here) is
+/// closed; while the IdP gives the same groups, it stays open.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_websocket_ends_when_a_refresh_finds_other_groups_at_the_idp() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const HAL: &str = "hal@example.com";
+    const HAL_PASSWORD: &str = "hal's password, long enough";
+    let hal = IdpUser::new("hal", HAL, HAL_PASSWORD).groups(&["eng"]);
+    let fx = Fixture::start_with(Options {
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/ws", &[api])
+                .websockets(true)
+                .set("token_groups = true")
+                .set("allow = { groups = [\"eng\"] }")
+        }],
+        ..refreshing_on_token_groups(hal)
+    })
+    .await;
+    let url = fx.url("app.test", "/ws");
+    let signed = fx.sign_in(&client(), &url, HAL, HAL_PASSWORD).await;
+    let cookie = format!("{SESSION_COOKIE}={}", signed.cookie);
+    let addr = fx.cfg.http_addr();
+    let mut ws =
+        portcullis_tests::client::websocket(addr, "app.test", "/ws", ("cookie", &cookie)).await;
+    let echo = async |ws: &mut portcullis_tests::client::Websocket, text: &str| {
+        ws.send(Message::text(text)).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(back)))) => assert_eq!(back.as_str(), text),
+            other => panic!("no echo of {text:?}: {other:?}"),
+        }
+    };
+    // Past the ID token's lifetime, refreshed with the same groups: still open.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    echo(&mut ws, "still here").await;
+    let events = session_events(&fx, 1).await;
+    assert!(
+        events.iter().all(|(_, what)| what == "sign_in"),
+        "{events:?}"
+    );
+
+    fx.idp.set_groups("hal", &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => break,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => panic!("the websocket is still open 15 s after the IdP took hal out of eng"),
+        }
+    }
+    let events = session_events(&fx, 2).await;
+    let what: Vec<&str> = events.iter().map(|(_, what)| what.as_str()).collect();
+    assert_eq!(what, ["sign_in", "idp_ended"]);
+}
+
 /// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, with
 /// the groups there alone) leaves the session as it is, as an outage does: it is not taken for
 /// a person in no group.

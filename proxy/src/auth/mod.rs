@@ -493,8 +493,62 @@ impl Auth {
         let Some((id, key, session)) = held else {
             return invalid;
         };
-        // A refresh in progress for this session (another request) is not waited on, nor is
-        // an IdP that was unreachable a moment ago.
+        if !self
+            .refreshed_when_due(config, oidc, id, key, &session, now)
+            .await
+        {
+            return invalid;
+        }
+        session.touch(now);
+        Authentication::Caller(Caller::Person {
+            session: key,
+            identity: session.identity.clone(),
+        })
+    }
+
+    /// Whether the session cookie `id` names a session that vouches and whose refresh with
+    /// the IdP is due (for a stream, which makes no requests: see [`Auth::refresh_for_stream`]).
+    pub fn refresh_due(&self, config: &Config, id: &str, now: u64) -> bool {
+        let Some(oidc) = config.oidc.as_ref().filter(|oidc| oidc.refresh) else {
+            return false;
+        };
+        self.sessions.get(id).is_some_and(|(_, session)| {
+            session.vouches(now, oidc)
+                && (session.refresh.as_ref()).is_some_and(|r| r.state().due <= now)
+                && !self.oidc.refresh_paused(now)
+        })
+    }
+
+    /// Refreshes the session of a stream's person (its cookie `id`) with the IdP when due, as
+    /// their next request would: a refusal, or other groups where a route judges them, ends
+    /// the session, and so the stream (the watcher cuts it). The session is not touched: a
+    /// stream is no activity of its person.
+    pub async fn refresh_for_stream(&self, config: &Config, id: &str, now: u64) {
+        let Some(oidc) = config.oidc.as_ref() else {
+            return;
+        };
+        let Some((key, session)) = self.sessions.get(id) else {
+            return;
+        };
+        if session.vouches(now, oidc) {
+            self.refreshed_when_due(config, oidc, id, key, &session, now)
+                .await;
+        }
+    }
+
+    /// Refreshes the session `id` (its cookie's value) names with the IdP if that is due, and
+    /// says whether it still holds: a refusal, or other groups where a route judges them, ends
+    /// it. A refresh already under way for it (another request's), or an IdP unreachable a
+    /// moment ago, is not waited on.
+    async fn refreshed_when_due(
+        &self,
+        config: &Config,
+        oidc: &portcullis_config::OidcConfig,
+        id: &str,
+        key: crate::caller::SessionKey,
+        session: &Arc<sessions::Session>,
+        now: u64,
+    ) -> bool {
         let due = session.refresh.as_ref().and_then(|refreshing| {
             let turn = refreshing.turn.try_lock().ok()?;
             let state = refreshing.state();
@@ -502,64 +556,57 @@ impl Auth {
             (oidc.refresh && state.due <= now && !self.oidc.refresh_paused(now))
                 .then_some((refreshing, turn, state))
         });
-        if let Some((refreshing, turn, state)) = due {
-            // Whether the session still holds once refreshed; boxed, as verifying a token is.
-            let still = Box::pin(async {
-                let opened = state.opened(id);
-                let refreshed = match &opened {
-                    Some(opened) => {
-                        // The IdP's groups judge only people the directory does not know.
-                        let wants_groups = config.routes.iter().any(|r| r.token_groups)
-                            && self.unknown_to_the_directory(config, &session.identity, now);
-                        (self.oidc)
-                            .refresh(oidc, opened, &session.identity, wants_groups, now)
-                            .await
-                    }
-                    None => Ok(Refreshed::Ended(
-                        "the refresh token kept for the session does not open".to_owned(),
-                    )),
-                };
-                match refreshed {
-                    Ok(Refreshed::Renewed(next) | Refreshed::Postponed(next)) => {
-                        self.sessions.refreshed(id, &key, refreshing, next)
-                    }
-                    Ok(Refreshed::Ended(_))
-                        if match &opened {
-                            Some(used) => {
-                                self.sessions
-                                    .refreshed_elsewhere(id, refreshing, &used.refresh_token)
-                                    .await
-                            }
-                            None => false,
-                        } => {}
-                    Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
-                        // The IdP no longer vouches for this person, or now gives them other
-                        // groups: the session ends.
-                        drop(turn);
-                        match self.sessions.end(&[key]).await {
-                            Ok(()) => {
-                                let who = Principal::Person(&session.identity).log_name();
-                                self.audit.session(&who, "idp_ended", &why, None);
-                            }
-                            Err(e) => tracing::error!("cannot end the session: {e}"),
-                        }
-                        return false;
-                    }
-                    // IdP outage: existing sessions keep working until it is back.
-                    Err(e) => tracing::warn!("session refresh postponed: {e}"),
+        let Some((refreshing, turn, state)) = due else {
+            return true;
+        };
+        // Whether the session still holds once refreshed; boxed, as verifying a token is.
+        Box::pin(async {
+            let opened = state.opened(id);
+            let refreshed = match &opened {
+                Some(opened) => {
+                    // The IdP's groups judge only people the directory does not know.
+                    let wants_groups = config.routes.iter().any(|r| r.token_groups)
+                        && self.unknown_to_the_directory(config, &session.identity, now);
+                    (self.oidc)
+                        .refresh(oidc, opened, &session.identity, wants_groups, now)
+                        .await
                 }
-                true
-            })
-            .await;
-            if !still {
-                return invalid;
+                None => Ok(Refreshed::Ended(
+                    "the refresh token kept for the session does not open".to_owned(),
+                )),
+            };
+            match refreshed {
+                Ok(Refreshed::Renewed(next) | Refreshed::Postponed(next)) => {
+                    self.sessions.refreshed(id, &key, refreshing, next)
+                }
+                Ok(Refreshed::Ended(_))
+                    if match &opened {
+                        Some(used) => {
+                            self.sessions
+                                .refreshed_elsewhere(id, refreshing, &used.refresh_token)
+                                .await
+                        }
+                        None => false,
+                    } => {}
+                Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
+                    // The IdP no longer vouches for this person, or now gives them other
+                    // groups: the session ends.
+                    drop(turn);
+                    match self.sessions.end(&[key]).await {
+                        Ok(()) => {
+                            let who = Principal::Person(&session.identity).log_name();
+                            self.audit.session(&who, "idp_ended", &why, None);
+                        }
+                        Err(e) => tracing::error!("cannot end the session: {e}"),
+                    }
+                    return false;
+                }
+                // IdP outage: existing sessions keep working until it is back.
+                Err(e) => tracing::warn!("session refresh postponed: {e}"),
             }
-        }
-        session.touch(now);
-        Authentication::Caller(Caller::Person {
-            session: key,
-            identity: session.identity.clone(),
+            true
         })
+        .await
     }
 
     /// Whether the directory knows nobody `identity` names, as the gate looks people up.
