@@ -1102,9 +1102,13 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> FailToProxy {
+        // A watched connection cut before its answer started (its caller lost access while the
+        // upstream was still to answer) fails as an upstream read would: it is a refusal.
+        let cut = ctx.recheck.as_ref().is_some_and(|r| r.is_cut());
         let code = match e.etype() {
+            _ if cut => 403,
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 // Reached but too slow (to connect, to answer, to take the body): 504, as

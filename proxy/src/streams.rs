@@ -119,6 +119,11 @@ impl Recheck {
         }
     }
 
+    /// Whether the connection has been refused since it was let in.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
     /// Keeps the session cookie `id` the connection's person was let in with.
     pub fn keep_session_cookie(&self, id: &str) {
         let _ = self.session_cookie.set(id.into());

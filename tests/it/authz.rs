@@ -588,6 +588,37 @@ async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
     }
 }
 
+/// An event stream whose upstream has not answered yet (Go's servers send nothing before the
+/// first event) is cut when its caller loses access, and answered 403 as a refusal, not 502.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_cut_before_its_upstream_answers_is_refused_with_403() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let url = t.app_url("/slow?ms=20000");
+    let request = tokio::spawn(async move {
+        let resp = get_with_session(&url, &cookie, "text/event-stream").await;
+        (resp.status(), Instant::now())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !t.fx.app.seen().iter().any(|e| e.uri.starts_with("/slow")) {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.remove_member(&t.eng_id, &t.alice_id)
+        .await
+        .expect_success();
+    let answered = Instant::now();
+    let (status, at) = tokio::time::timeout(Duration::from_secs(15), request)
+        .await
+        .expect("answered before the upstream would have")
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(at.duration_since(answered) < Duration::from_secs(10));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_streaming_response_carries_not_one_chunk_after_removal_from_the_group() {
     let t = Authz::start().await;
