@@ -274,6 +274,13 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         )
     })?;
     logging::init(&config.log);
+    match portcullis::state::raise_open_files_limit() {
+        Ok((from, to)) if from < to => {
+            tracing::info!(from, to, "limit on open files raised to the hard limit");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}; connections past it will be refused"),
+    }
     portcullis::state::make_data_dir(&config.data_dir)?;
     ignore_sighup_until_ready()?;
 

@@ -667,6 +667,38 @@ mod tests {
             "10.0.0.3"
         );
     }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        if hard == RLIM_INFINITY || hard < 2 {
+            return;
+        }
+        // One below the hard limit: nothing else in the test process misses that one.
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
+        assert_eq!(super::raise_open_files_limit(), Ok((hard - 1, hard)));
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+        assert_eq!(super::raise_open_files_limit(), Ok((hard, hard)));
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does at start:
+/// every connection holds a descriptor at each end (a websocket or event stream a third, see
+/// `streams.rs`), and systemd's soft limit of 1024 would refuse the 500th or so connection.
+/// Returns the limits before and after, or why they could not be raised (kept as they were).
+pub fn raise_open_files_limit() -> Result<(u64, u64), String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| format!("cannot read the limit on open files: {e}"))?;
+    // Linux takes no more than `fs.nr_open` (2^20 unless raised), and never "unlimited".
+    let to = if hard == RLIM_INFINITY { 1 << 20 } else { hard };
+    if soft >= to {
+        return Ok((soft, soft));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, to, hard)
+        .map_err(|e| format!("cannot raise the limit on open files from {soft} to {to}: {e}"))?;
+    Ok((soft, to))
 }
 
 /// Makes `data_dir` if it is not there, open to this user alone: it holds the directory (names,
