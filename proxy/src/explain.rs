@@ -200,10 +200,11 @@ pub fn explain(
             ))
         }
     };
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| format!("{url:?} has no host"))?
-        .to_ascii_lowercase();
+    let host = match parsed.host() {
+        Some(url::Host::Ipv6(address)) => format!("[{address}]"),
+        Some(_) => parsed.host_str().unwrap_or_default().to_ascii_lowercase(),
+        None => return Err(format!("{url:?} has no host")),
+    };
     let gate = crate::gate::Gate {
         directory,
         identity: &runtime.config.identity,
@@ -605,6 +606,22 @@ mod tests {
             "{}",
             answer.reason
         );
+    }
+
+    /// An IPv6 route is found whichever way the URL spells its address (a browser writes
+    /// `::ffff:10.0.0.1` as `::ffff:a00:1`), as the proxy finds it.
+    #[tokio::test]
+    async fn an_ipv6_route_is_found_in_any_spelling() {
+        let world = World::with(crate::testing::config(
+            "[[routes]]\nfrom = \"http://[::ffff:10.0.0.1]\"\nto = [\"http://127.0.0.1:3\"]\nallow = { groups = [\"eng\"] }\n",
+        ));
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        for url in ["http://[::ffff:10.0.0.1]/x", "http://[0::ffff:a00:1]/x"] {
+            let answer = ask(&world, ALICE, url, "GET");
+            assert!(answer.allowed, "{url}: {}", answer.reason);
+            assert_eq!(answer.route.as_deref(), Some("http://[::ffff:10.0.0.1]"));
+        }
     }
 
     #[tokio::test]

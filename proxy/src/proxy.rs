@@ -2582,18 +2582,17 @@ fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
         None => req.uri.authority()?.as_str(),
     };
     let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
-        // [v6]:port
+        // [v6]:port, in the one text form routes are written in (see `bracketed_ipv6`).
         let (v6, after) = rest.split_once(']')?;
         let port = if after.is_empty() {
             ""
         } else {
             after.strip_prefix(':')?
         };
-        let address_byte = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
-        if v6.is_empty() || !v6.bytes().all(address_byte) {
+        if !port.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        (&raw[..v6.len() + 2], port)
+        return bracketed_ipv6(v6).map(Cow::Owned);
     } else {
         let (host, port) = raw.rsplit_once(':').unwrap_or((raw, ""));
         let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
@@ -2610,6 +2609,14 @@ fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
     } else {
         Some(Cow::Borrowed(host))
     }
+}
+
+/// An IPv6 address as routes name it: bracketed, in the text form Rust gives it (as the
+/// configuration writes it), which is not always the client's (`0:0::1` is `::1`) nor a
+/// browser's (`::ffff:a00:1`, as the URL standard writes it, is `::ffff:10.0.0.1`).
+pub(crate) fn bracketed_ipv6(text: &str) -> Option<String> {
+    let address: std::net::Ipv6Addr = text.parse().ok()?;
+    Some(format!("[{address}]"))
 }
 
 /// `scheme://host[:port]` as the client addressed this request.
@@ -3157,6 +3164,13 @@ mod tests {
             host("[::ffff:10.0.0.1]").as_deref(),
             Some("[::ffff:10.0.0.1]")
         );
+        // Other spellings of the same addresses: a browser's, a hand-written one.
+        assert_eq!(
+            host("[::ffff:a00:1]:443").as_deref(),
+            Some("[::ffff:10.0.0.1]")
+        );
+        assert_eq!(host("[0:0::1]").as_deref(), Some("[::1]"));
+        assert_eq!(host("[::1:zz]"), None);
         assert_eq!(host("10.0.0.1:").as_deref(), Some("10.0.0.1"));
         assert_eq!(host(":80"), None);
     }
