@@ -249,11 +249,38 @@ impl BackgroundService for UpstreamDns {
 /// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`).
 pub struct Watcher {
     shared: Arc<Shared>,
+    /// Refreshes of streams' sessions under way: at most [`STREAM_REFRESHES`] at once.
+    refreshing: Arc<tokio::sync::Semaphore>,
+    /// This process' keys for [`Watcher::refresh_late_by`].
+    spread: std::collections::hash_map::RandomState,
 }
+
+/// The most refreshes of streams' sessions under way at once: an IdP back from an outage is
+/// not met with every stream's at once.
+const STREAM_REFRESHES: usize = 8;
+
+/// A stream's session is refreshed up to this many seconds after it is due (see
+/// [`Watcher::refresh_late_by`]).
+const STREAM_REFRESH_SPREAD: u64 = 20;
 
 impl Watcher {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            refreshing: Arc::new(tokio::sync::Semaphore::new(STREAM_REFRESHES)),
+            spread: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// How long after its refresh is due this process refreshes the session of a stream with
+    /// session cookie `id`: a while of its own for each process and session, so that replicas
+    /// holding streams of one session do not refresh it in the same second (an IdP that
+    /// rotates refresh tokens takes a token spent twice for a stolen one, and revokes them
+    /// all). The one that goes later finds the session refreshed, through the shared store;
+    /// and sessions refreshed together once do not stay in step.
+    fn refresh_late_by(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.spread.hash_one(id) % STREAM_REFRESH_SPREAD
     }
 }
 
@@ -301,21 +328,32 @@ impl BackgroundService for Watcher {
             shared.streams.sweep(|open| shared.still_allowed(open));
             // A stream makes no requests, so its person's session is refreshed with the IdP
             // here when due, as a request would (an IdP's refusal then ends it, and the next
-            // sweep cuts the stream). One at a time per session (`refresh_when_due`).
+            // sweep cuts the stream). One at a time per session (its turn), a few at once in
+            // all. Not while draining: what is open ends with the process, and a refresh cut
+            // short by the exit could leave a refresh token the IdP has replaced.
+            if draining {
+                continue;
+            }
             let runtime = shared.runtime.load_full();
             let now = crate::clock::now_unix();
             for open in shared.streams.open() {
                 let Some(id) = open.session_cookie() else {
                     continue;
                 };
-                if shared.auth.refresh_due(&runtime.config, id, now) {
-                    let (shared, runtime, id) = (shared.clone(), runtime.clone(), id.to_owned());
-                    tokio::spawn(async move {
-                        (shared.auth)
-                            .refresh_for_stream(&runtime.config, &id, now)
-                            .await;
-                    });
+                let late_by = self.refresh_late_by(id);
+                if !shared.auth.refresh_due(&runtime.config, id, now, late_by) {
+                    continue;
                 }
+                let Ok(permit) = self.refreshing.clone().try_acquire_owned() else {
+                    break;
+                };
+                let (shared, runtime, id) = (shared.clone(), runtime.clone(), id.to_owned());
+                tokio::spawn(async move {
+                    (shared.auth)
+                        .refresh_for_stream(&runtime.config, &id, now)
+                        .await;
+                    drop(permit);
+                });
             }
         }
     }

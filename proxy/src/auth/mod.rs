@@ -493,11 +493,11 @@ impl Auth {
         let Some((id, key, session)) = held else {
             return invalid;
         };
-        if !self
-            .refreshed_when_due(config, oidc, id, key, &session, now)
-            .await
-        {
-            return invalid;
+        // Boxed, as verifying a token is: its state would make every request's larger.
+        if let Some(turn) = self.refresh_turn(oidc, &session, now) {
+            if !Box::pin(self.refresh_now(config, oidc, id, key, &session, turn, now)).await {
+                return invalid;
+            }
         }
         session.touch(now);
         Authentication::Caller(Caller::Person {
@@ -507,15 +507,16 @@ impl Auth {
     }
 
     /// Whether the session cookie `id` names a session that vouches and whose refresh with
-    /// the IdP is due (for a stream, which makes no requests: see [`Auth::refresh_for_stream`]).
-    pub fn refresh_due(&self, config: &Config, id: &str, now: u64) -> bool {
+    /// the IdP has been due for `late_by` seconds and is not under way (for a stream, which
+    /// makes no requests: see [`Auth::refresh_for_stream`]).
+    pub fn refresh_due(&self, config: &Config, id: &str, now: u64, late_by: u64) -> bool {
         let Some(oidc) = config.oidc.as_ref().filter(|oidc| oidc.refresh) else {
             return false;
         };
         self.sessions.get(id).is_some_and(|(_, session)| {
             session.vouches(now, oidc)
-                && (session.refresh.as_ref()).is_some_and(|r| r.state().due <= now)
-                && !self.oidc.refresh_paused(now)
+                && (self.refresh_turn(oidc, &session, now))
+                    .is_some_and(|turn| turn.state.due.saturating_add(late_by) <= now)
         })
     }
 
@@ -530,83 +531,100 @@ impl Auth {
         let Some((key, session)) = self.sessions.get(id) else {
             return;
         };
-        if session.vouches(now, oidc) {
-            self.refreshed_when_due(config, oidc, id, key, &session, now)
-                .await;
+        if !session.vouches(now, oidc) {
+            return;
         }
+        let Some(turn) = self.refresh_turn(oidc, &session, now) else {
+            return;
+        };
+        self.refresh_now(config, oidc, id, key, &session, turn, now)
+            .await;
     }
 
-    /// Refreshes the session `id` (its cookie's value) names with the IdP if that is due, and
+    /// The session's turn to refresh with the IdP, with its refresh as it stands, when that is
+    /// due: not while a refresh of it is under way (another request's, or a stream's), nor
+    /// while refreshes pause after the IdP was unreachable, nor once a reload turned them off.
+    fn refresh_turn<'s>(
+        &self,
+        oidc: &portcullis_config::OidcConfig,
+        session: &'s sessions::Session,
+        now: u64,
+    ) -> Option<RefreshTurn<'s>> {
+        let refreshing = session.refresh.as_ref()?;
+        let turn = refreshing.turn.try_lock().ok()?;
+        let state = refreshing.state();
+        (oidc.refresh && state.due <= now && !self.oidc.refresh_paused(now)).then_some(
+            RefreshTurn {
+                refreshing,
+                turn,
+                state,
+            },
+        )
+    }
+
+    /// Refreshes the session `id` (its cookie's value) names with the IdP, in its `turn`, and
     /// says whether it still holds: a refusal, or other groups where a route judges them, ends
-    /// it. A refresh already under way for it (another request's), or an IdP unreachable a
-    /// moment ago, is not waited on.
-    async fn refreshed_when_due(
+    /// it.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_now(
         &self,
         config: &Config,
         oidc: &portcullis_config::OidcConfig,
         id: &str,
         key: crate::caller::SessionKey,
-        session: &Arc<sessions::Session>,
+        session: &sessions::Session,
+        turn: RefreshTurn<'_>,
         now: u64,
     ) -> bool {
-        let due = session.refresh.as_ref().and_then(|refreshing| {
-            let turn = refreshing.turn.try_lock().ok()?;
-            let state = refreshing.state();
-            // Turned off by a reload: sessions already open stop asking too.
-            (oidc.refresh && state.due <= now && !self.oidc.refresh_paused(now))
-                .then_some((refreshing, turn, state))
-        });
-        let Some((refreshing, turn, state)) = due else {
-            return true;
-        };
-        // Whether the session still holds once refreshed; boxed, as verifying a token is.
-        Box::pin(async {
-            let opened = state.opened(id);
-            let refreshed = match &opened {
-                Some(opened) => {
-                    // The IdP's groups judge only people the directory does not know.
-                    let wants_groups = config.routes.iter().any(|r| r.token_groups)
-                        && self.unknown_to_the_directory(config, &session.identity, now);
-                    (self.oidc)
-                        .refresh(oidc, opened, &session.identity, wants_groups, now)
-                        .await
-                }
-                None => Ok(Refreshed::Ended(
-                    "the refresh token kept for the session does not open".to_owned(),
-                )),
-            };
-            match refreshed {
-                Ok(Refreshed::Renewed(next) | Refreshed::Postponed(next)) => {
-                    self.sessions.refreshed(id, &key, refreshing, next)
-                }
-                Ok(Refreshed::Ended(_))
-                    if match &opened {
-                        Some(used) => {
-                            self.sessions
-                                .refreshed_elsewhere(id, refreshing, &used.refresh_token)
-                                .await
-                        }
-                        None => false,
-                    } => {}
-                Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
-                    // The IdP no longer vouches for this person, or now gives them other
-                    // groups: the session ends.
-                    drop(turn);
-                    match self.sessions.end(&[key]).await {
-                        Ok(()) => {
-                            let who = Principal::Person(&session.identity).log_name();
-                            self.audit.session(&who, "idp_ended", &why, None);
-                        }
-                        Err(e) => tracing::error!("cannot end the session: {e}"),
-                    }
-                    return false;
-                }
-                // IdP outage: existing sessions keep working until it is back.
-                Err(e) => tracing::warn!("session refresh postponed: {e}"),
+        let RefreshTurn {
+            refreshing,
+            turn,
+            state,
+        } = turn;
+        let opened = state.opened(id);
+        let refreshed = match &opened {
+            Some(opened) => {
+                // The IdP's groups judge only people the directory does not know.
+                let wants_groups = config.routes.iter().any(|r| r.token_groups)
+                    && self.unknown_to_the_directory(config, &session.identity, now);
+                (self.oidc)
+                    .refresh(oidc, opened, &session.identity, wants_groups, now)
+                    .await
             }
-            true
-        })
-        .await
+            None => Ok(Refreshed::Ended(
+                "the refresh token kept for the session does not open".to_owned(),
+            )),
+        };
+        match refreshed {
+            Ok(Refreshed::Renewed(next) | Refreshed::Postponed(next)) => {
+                self.sessions.refreshed(id, &key, refreshing, next)
+            }
+            Ok(Refreshed::Ended(_))
+                if match &opened {
+                    Some(used) => {
+                        self.sessions
+                            .refreshed_elsewhere(id, refreshing, &used.refresh_token)
+                            .await
+                    }
+                    None => false,
+                } => {}
+            Ok(Refreshed::Ended(why) | Refreshed::Regrouped(why)) => {
+                // The IdP no longer vouches for this person, or now gives them other
+                // groups: the session ends.
+                drop(turn);
+                match self.sessions.end(&[key]).await {
+                    Ok(()) => {
+                        let who = Principal::Person(&session.identity).log_name();
+                        self.audit.session(&who, "idp_ended", &why, None);
+                    }
+                    Err(e) => tracing::error!("cannot end the session: {e}"),
+                }
+                return false;
+            }
+            // IdP outage: existing sessions keep working until it is back.
+            Err(e) => tracing::warn!("session refresh postponed: {e}"),
+        }
+        true
     }
 
     /// Whether the directory knows nobody `identity` names, as the gate looks people up.
@@ -862,6 +880,13 @@ impl Auth {
             .map_err(|e| format!("the discovery document's jwks_uri {e}"))?;
         Ok(doc.jwks_uri)
     }
+}
+
+/// A session's turn to refresh with the IdP (see [`Auth::refresh_turn`]).
+struct RefreshTurn<'s> {
+    refreshing: &'s sessions::Refreshing,
+    turn: tokio::sync::MutexGuard<'s, ()>,
+    state: sessions::Refresh,
 }
 
 /// The session cookie's name: for one host only, `__Host-` prefixed on TLS; shared under a
