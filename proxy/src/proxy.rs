@@ -417,6 +417,9 @@ pub struct RequestCtx {
     recheck: Option<Arc<Recheck>>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
+    /// A watched request went upstream asking for a websocket (with its `Upgrade`, which
+    /// pingora takes off one it does not pass as such).
+    upgrade_sent: bool,
     /// A CORS preflight let through as nobody's: its answer goes back as one (see
     /// [`preflight_answer`]).
     preflight: bool,
@@ -504,6 +507,7 @@ impl ProxyHttp for Proxy {
             decided_at: None,
             recheck: None,
             long_lived: false,
+            upgrade_sent: false,
             preflight: false,
             served: None,
             registration: None,
@@ -966,6 +970,8 @@ impl ProxyHttp for Proxy {
         // for another caller, so it is no longer watched.
         if sent.is_err() {
             ctx.registration = None;
+        } else if ctx.registration.is_some() {
+            ctx.upgrade_sent = upstream_request.headers.contains_key(header::UPGRADE);
         }
         sent
     }
@@ -997,9 +1003,11 @@ impl ProxyHttp for Proxy {
         }
         // A websocket the upstream refused is an ordinary answer, on a connection pingora may
         // pool: its socket is no longer `Streams`' to shut (the per-chunk check still holds).
+        // Not so an upgrade pingora did not pass (an event stream that also asked for one, on
+        // a route without websockets): it went with `Connection: close`, and stays watched.
         if ctx.registration.is_some()
             && !upstream_response.status.is_informational()
-            && asks_for_websocket(session.req_header())
+            && ctx.upgrade_sent
         {
             ctx.registration = None;
         }

@@ -29,7 +29,7 @@ use portcullis_tests::upstream::stamp;
 use portcullis_tests::{
     raw_request, ConfigBuilder, Echo, JwtIssuer, Route, ScimClient, ScimResponse, Upstream,
 };
-use reqwest::header::{ACCEPT, CONTENT_TYPE, COOKIE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -584,6 +584,57 @@ async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
         assert!(
             !body.contains("\"upstream\""),
             "{method}: the answer crossed: {body}"
+        );
+    }
+}
+
+/// An event stream that sits idle is closed once its caller loses access, as an idle
+/// websocket is: a person's, a machine's, and one that asked for a websocket besides on a
+/// route without websockets (which goes upstream as an ordinary request).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
+    let t = Authz::start().await;
+    let cookie = format!(
+        "{SESSION_COOKIE}={}",
+        t.sign_in(ALICE, ALICE_PASSWORD).await
+    );
+    let bearer = format!("Bearer {}", t.machine_token().await);
+    let open = |url: String, credential: (reqwest::header::HeaderName, &str), upgrade: bool| {
+        let mut request = bare_client()
+            .get(url)
+            .header(credential.0, credential.1)
+            .header(ACCEPT, "text/event-stream");
+        if upgrade {
+            request = request
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket");
+        }
+        async move {
+            let mut resp = request.send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let first = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+                .await
+                .expect("the first event arrives");
+            assert_eq!(first.unwrap().as_deref(), Some(&b"data: hello\n\n"[..]));
+            resp
+        }
+    };
+    let mut streams = [
+        open(t.app_url("/events"), (COOKIE, &cookie), false).await,
+        open(t.api_url("/events"), (AUTHORIZATION, &bearer), false).await,
+        open(t.api_url("/events"), (AUTHORIZATION, &bearer), true).await,
+    ];
+    t.remove_member(&t.eng_id, &t.alice_id)
+        .await
+        .expect_success();
+    t.remove_member(&t.eng_id, &t.machine_id)
+        .await
+        .expect_success();
+    for (i, resp) in streams.iter_mut().enumerate() {
+        let ended = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await;
+        assert!(
+            matches!(ended, Ok(Err(_) | Ok(None))),
+            "stream {i} is still open: {ended:?}"
         );
     }
 }

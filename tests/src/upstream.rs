@@ -3,7 +3,8 @@
 //! Endpoints: `/ws` is a websocket echo (when the request asks for an upgrade); `/ws-ticks`
 //! is a websocket that sends `tick <stamp>` every 20 ms and records every message it receives
 //! (see [`stamp`] and [`Upstream::ws_received`]); `/stream-ticks` is a streaming response
-//! with one `tick <stamp>` line every 20 ms (at most 1000); `/slow?ms=N` answers after N milliseconds
+//! with one `tick <stamp>` line every 20 ms (at most 1000); `/events` is an event stream that
+//! sends one event, then nothing for 30 s; `/slow?ms=N` answers after N milliseconds
 //! (for drain and in-flight tests); everything else echoes at once.
 
 use std::convert::Infallible;
@@ -292,6 +293,24 @@ async fn handle(
             }
         });
         return Ok(switching(None));
+    }
+    if path == "/events" {
+        // An event stream that sends one event, then nothing for 30 s.
+        let first = futures_util::stream::once(async {
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                b"data: hello\n\n",
+            )))
+        });
+        let quiet = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::new()))
+        });
+        let mut resp = Response::new(StreamBody::new(first.chain(quiet)).boxed_unsync());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/event-stream"),
+        );
+        return Ok(resp);
     }
     if path == "/stream-ticks" {
         let mut resp = Response::new(ticks());
