@@ -333,8 +333,41 @@ impl Shared {
     pub fn install(&self, mut runtime: Runtime) {
         runtime.tokens_epoch = self.auth.verified.config_changed();
         self.auth.sessions.issued_in(runtime.session_cookie());
+        let issuer = |runtime: &Runtime| runtime.config.oidc.as_ref().map(|o| o.issuer.clone());
+        let (before, now) = (issuer(&self.runtime.load()), issuer(&runtime));
         self.runtime.store(Arc::new(runtime));
         self.reloads.bump();
+        // Sign-in moved to another provider (off a compromised one, say), or off any: the old
+        // one's sessions vouch for nobody from now (`Session::vouches`), and end, so that a
+        // reload back to it does not bring them back (those begun while it was compromised,
+        // those it logged out meanwhile, which it could not tell Portcullis of).
+        if before.is_some() && before != now {
+            self.end_sessions_not_of(now);
+        }
+    }
+
+    /// Ends, in the background, every session not begun with the provider `issuer`.
+    fn end_sessions_not_of(&self, issuer: Option<String>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let auth = self.auth.clone();
+        runtime.spawn(async move {
+            let others = |identity: &crate::caller::Identity| {
+                issuer.as_deref() != Some(identity.issuer.as_str())
+            };
+            match auth.sessions.end_where(others).await {
+                Ok(0) => {}
+                Ok(ended) => tracing::info!(
+                    ended,
+                    "sessions of an identity provider no longer configured ended"
+                ),
+                Err(e) => tracing::error!(
+                    "cannot end the sessions of an identity provider no longer configured \
+                     (they vouch for nobody while it is not): {e}"
+                ),
+            }
+        });
     }
 
     /// How many configurations were installed after the first. Read before the runtime a

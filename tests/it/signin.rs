@@ -2981,7 +2981,7 @@ async fn claims_worded_as_idps_word_them_sign_a_person_in() {
 }
 
 /// After a reload that moves sign-in to another provider (off a compromised one, say), the old
-/// one's sessions let nobody in: a session vouches only under the configuration as it is now.
+/// one's sessions let nobody in, and end: moved back, they still let nobody in.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouch_for_nobody() {
     let fx = Fixture::start().await;
@@ -3000,6 +3000,19 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     fx.px.reload_and_wait().await;
     let resp = get_with_session(&url, &signed.cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Ended, not only set aside: moved back, the provider's sessions from before stay ended
+    // (those begun while it was compromised, those it logged out meanwhile).
+    fx.px
+        .log_until(|log| {
+            log.contains("sessions of an identity provider no longer configured ended")
+        })
+        .await;
+    fx.px.rewrite_config(&fx.cfg.toml());
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let again = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &again.cookie).await;
 }
 
 /// Renaming the session cookie ends the sessions issued in the old one: browsers keep
