@@ -1193,14 +1193,17 @@ impl ProxyHttp for Proxy {
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             method = %req.method,
-            // HTTP/2 names it in `:authority`, and browsers send no `Host` there.
-            host = req
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| Some(req.uri.authority()?.as_str()))
-                .unwrap_or_default(),
-            path = %req.uri.path(),
+            // HTTP/2 names it in `:authority`, and browsers send no `Host` there. Both cut, as
+            // in the audit: pingora reads heads of up to 1 MiB, this line is written for each.
+            host = reply::cut(
+                req.headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| Some(req.uri.authority()?.as_str()))
+                    .unwrap_or_default(),
+                256
+            ),
+            path = reply::cut(req.uri.path(), 1024),
             status,
             route,
             user = ctx.caller.as_ref().map(Caller::log_name),

@@ -260,6 +260,48 @@ async fn oversized_request_head_is_refused() {
     audit_json_until(&px, &[], |r| head_refusals(r) == refused_by_portcullis).await;
 }
 
+/// A head refused for its size leaves a log line of bounded size: its path and host are cut,
+/// as pingora reads heads of up to 1 MiB, each of which would otherwise be one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_head_leaves_a_short_access_log_line() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .server("max_request_header_bytes", "1024")
+        .route(Route::new("http://app.test", &[&up]));
+    let px = cfg.start().await;
+    let port = cfg.http_addr().port();
+    let path = format!("/long-path/{}", "a".repeat(8_000));
+    let host = format!("{}.app.test:{port}", "h".repeat(50_000));
+    for (what, req) in [
+        (
+            "a long path",
+            format!("GET {path} HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: close\r\n\r\n"),
+        ),
+        (
+            "a long host",
+            format!("GET /long-host HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        ),
+    ] {
+        let resp = raw_request(cfg.http_addr(), req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: no HTTP error status: {e}"));
+        assert!((400..500).contains(&resp.status), "{what}: {}", resp.status);
+    }
+    let log = px
+        .log_until(|log| {
+            let access = |mark: &str| {
+                log.lines()
+                    .any(|l| l.contains(" access: ") && l.contains(mark))
+            };
+            access("/long-path/") && access("/long-host")
+        })
+        .await;
+    for line in log.lines().filter(|l| l.contains("/long-")) {
+        assert!(line.len() < 4096, "a log line of {} bytes", line.len());
+    }
+}
+
 /// Reads `stream` until it ends (or `limit` passes): how many bytes came, and whether it ended.
 async fn read_to_end_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> (usize, bool) {
     let deadline = tokio::time::Instant::now() + limit;

@@ -709,7 +709,7 @@ impl Oidc {
                 }
                 u64::try_from(claims.expiration().timestamp()).unwrap_or(now)
             }
-            None => now + response.expires_in().map_or(300, |d| d.as_secs()),
+            None => now.saturating_add(response.expires_in().map_or(300, |d| d.as_secs())),
         };
         if wants_groups {
             let id_token = openidconnect::TokenResponse::id_token(&response);
@@ -962,7 +962,7 @@ impl Oidc {
         if iat > now + 60 || iat + PENDING_FOR < now {
             return Err(invalid("iat is out of range"));
         }
-        if claims.exp.is_some_and(|exp| exp + 60 < now) {
+        if claims.exp.is_some_and(|exp| exp.saturating_add(60) < now) {
             return Err(invalid("expired"));
         }
         if claims.sub.is_none() && claims.sid.is_none() {
