@@ -1292,6 +1292,14 @@ impl Proxy {
     ) -> Result<bool> {
         let tls = at.tls;
         let reply = match endpoint {
+            // Upstreams keep the set a minute (and a CDN may): a replica still loading its keys
+            // (an empty set), or out of touch with the shared store (without a key rotated in
+            // since), would have them refuse every replica's assertions for that long.
+            e if Some(e) == JWKS_PATH.strip_prefix("/.portcullis/")
+                && !(self.shared.signer.can_sign() && self.shared.directory_is_current()) =>
+            {
+                Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
+            }
             e if Some(e) == JWKS_PATH.strip_prefix("/.portcullis/") => Reply::with_body(
                 StatusCode::OK,
                 "application/json",

@@ -897,6 +897,18 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
         let (code, text) = readyz(replica).await;
         assert_eq!(code, 503, "{name} /readyz during the gap: {text}");
         assert!(text.contains("not ready"), "{name}: {text}");
+        // Its key set may lack a key rotated in since: not handed to an upstream to keep.
+        let jwks = bare_client()
+            .get(replica.api_url("/.portcullis/jwks.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            jwks.status(),
+            503,
+            "{name} /.portcullis/jwks.json during the gap"
+        );
+        assert_eq!(jwks.headers()["cache-control"], "no-store", "{name}");
     }
     eprintln!(
         "both replicas refused {:?} after the stop",
@@ -928,6 +940,16 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
             ready,
             "{name} did not catch up: {:?}",
             readyz(replica).await
+        );
+        let jwks = bare_client()
+            .get(replica.api_url("/.portcullis/jwks.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            jwks.status(),
+            200,
+            "{name} /.portcullis/jwks.json once caught up"
         );
     }
     for url in &urls {
