@@ -626,7 +626,14 @@ impl ProxyHttp for Proxy {
                     .await
             }
         };
-        let foreign = |named: &str| !named.eq_ignore_ascii_case(&host) || !runtime.serves(&host);
+        // An IPv6 address as the host is read (`request_host`), in its routes' text form.
+        let foreign = |named: &str| {
+            let named = match named.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+                Some(v6) => bracketed_ipv6(v6).map(Cow::Owned),
+                None => Some(Cow::Borrowed(named)),
+            };
+            !named.is_some_and(|named| named.eq_ignore_ascii_case(&host)) || !runtime.serves(&host)
+        };
         if target.host.is_some_and(foreign) {
             let why = "an absolute request target names another host than Host";
             return self

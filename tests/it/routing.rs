@@ -79,6 +79,7 @@ async fn host_matching_ignores_case_and_port() {
         (format!("MIXED.test:{port}"), "mixed"),
         (format!("[::1]:{port}"), "mixed"),
         ("[::1]".to_owned(), "mixed"),
+        ("[0:0:0::1]".to_owned(), "mixed"),
     ];
     for (host, expected) in cases {
         let req = format!("GET /case HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -88,6 +89,13 @@ async fn host_matching_ignores_case_and_port() {
         assert_eq!(resp.status, 200, "Host {host}: {}", resp.body_text());
         assert_eq!(Echo::parse(&resp.body).upstream, expected, "Host {host}");
     }
+    // An absolute target (as pingora takes one: as Host spells it) with an address in
+    // another spelling than the route's.
+    let req = format!(
+        "GET http://[0::1]:{port}/case HTTP/1.1\r\nHost: [0::1]:{port}\r\nConnection: close\r\n\r\n"
+    );
+    let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+    assert_eq!(resp.status, 200, "absolute target: {}", resp.body_text());
     // reqwest lower-cases the URL's host; checked too, so the raw requests are not the only path.
     let echo = get_echo(&plain_client(), &cfg.http_url("APP.test", "/")).await;
     assert_eq!(echo.upstream, "a");

@@ -10,6 +10,8 @@
 //! backslashes, control characters, `https:x` without slashes, percent-encoded slashes,
 //! look-alike hosts — is refused.
 
+use std::borrow::Cow;
+
 /// Hosts a return URL may point at: lower-case names, and `*.suffix` wildcards.
 #[derive(Debug, Default, Clone)]
 pub struct Hosts {
@@ -80,8 +82,13 @@ pub fn safe_return_url(raw: &str, origin: &str, hosts: &Hosts) -> Option<String>
     if downgrade && (url.port().is_some() || url.set_scheme("https").is_err()) {
         return None;
     }
-    let host = url.host_str()?;
-    hosts.contains(host).then(|| url.to_string())
+    // An IPv6 address in the text form routes are written in (the URL's is the URL
+    // standard's, `::ffff:a00:1` for `::ffff:10.0.0.1`).
+    let host = match url.host()? {
+        url::Host::Ipv6(address) => Cow::Owned(format!("[{address}]")),
+        _ => Cow::Borrowed(url.host_str()?),
+    };
+    hosts.contains(&host).then(|| url.to_string())
 }
 
 #[cfg(test)]
@@ -94,9 +101,12 @@ mod tests {
             "corp.example.com",
             "auth.corp.example.com",
             "*.apps.example.com",
+            "[::ffff:10.0.0.1]",
         ]);
         let origin = "https://corp.example.com";
         let allowed = [
+            // An IPv6 route's address as a browser writes it.
+            ("https://[::ffff:a00:1]/a", "https://[::ffff:a00:1]/a"),
             ("/dashboard?x=1", "https://corp.example.com/dashboard?x=1"),
             (
                 "/search?next=%2Fhome",
