@@ -68,6 +68,11 @@ pub const KEY_DIR: &str = "assertion-keys";
 /// How long a retired key stays published beyond the token TTL.
 pub const RETIREMENT_GRACE_SECS: u64 = 300;
 
+/// How far before signing an assertion's `iat` is dated: an upstream whose clock is a few
+/// seconds behind, verifying with no leeway (PyJWT's default), would otherwise refuse a fresh
+/// one as issued in the future.
+pub const ISSUED_EARLY_SECS: u64 = 5;
+
 /// A cached token is re-signed once it expires in this many seconds or fewer (at most half the
 /// TTL for very short TTLs).
 pub const REFRESH_MARGIN_SECS: u64 = 30;
@@ -345,7 +350,8 @@ impl Signer {
 
     /// The assertion for `claims` at `now`: the cached token if it was signed for exactly these
     /// claims and version by the current signing key and expires more than the refresh margin
-    /// from now, else a freshly signed one (`iat` = now, `exp` = now + TTL).
+    /// from now, else a freshly signed one (`iat` = now - [`ISSUED_EARLY_SECS`], `exp` = now +
+    /// TTL).
     pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<HeaderValue, String> {
         let keys = self.keys.load();
         let key = keys
@@ -360,7 +366,8 @@ impl Signer {
             }
         }
         let exp = now.saturating_add(self.ttl);
-        let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, now, exp)?))
+        let iat = now.saturating_sub(ISSUED_EARLY_SECS);
+        let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, iat, exp)?))
             .map_err(|e| format!("the signed assertion is no header value: {e}"))?;
         if self.cache.len() >= CACHE_CAPACITY && !self.cache.contains_key(&slot) {
             self.cache.clear();
@@ -950,7 +957,7 @@ mod tests {
         assert_eq!(got["sub"], "2819c223-7f76-453a-919d-413861904646");
         assert_eq!(got["email"], "alice@corp.example");
         assert_eq!(got["groups"], serde_json::json!(["admins", "eng"]));
-        assert_eq!(got["iat"], now);
+        assert_eq!(got["iat"], now - ISSUED_EARLY_SECS);
         assert_eq!(got["exp"], now + 300);
         assert!(got.get("jti").is_none());
         // Wrong audience is refused by the verifier.
@@ -1035,7 +1042,7 @@ mod tests {
         assert!(same(&t1, &t2));
         let t3 = signer.assertion(&c, T0 + 300 - 30).unwrap();
         assert!(!same(&t1, &t3));
-        assert_eq!(body(&t3)["iat"], T0 + 270);
+        assert_eq!(body(&t3)["iat"], T0 + 270 - ISSUED_EARLY_SECS);
     }
 
     /// `entries` applied to `kept` as the directory's writer would.
