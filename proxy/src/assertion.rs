@@ -102,8 +102,10 @@ pub struct AssertionClaims<'a> {
     pub issuer: &'a str,
     /// `aud`: the route name.
     pub audience: &'a str,
-    /// On a `*.` route, the host it served (`https://payroll.apps.example`): `aud` then names
-    /// it too, so that no upstream behind the wildcard takes an assertion made for another.
+    /// On a `*.` route, the host it served, with the route's path unless that is `/`
+    /// (`https://payroll.apps.example`, `https://payroll.apps.example/admin/`): `aud` then
+    /// names it too, so that no upstream behind the wildcard takes an assertion made for
+    /// another host, or for another route of the same host.
     pub served: Option<&'a str>,
     /// `sub`: the identity.
     pub subject: &'a str,

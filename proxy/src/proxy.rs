@@ -423,7 +423,8 @@ pub struct RequestCtx {
     /// A CORS preflight let through as nobody's: its answer goes back as one (see
     /// [`preflight_answer`]).
     preflight: bool,
-    /// On a `*.` route that sends the assertion, the URL of the host served (`https://a.apps`).
+    /// On a `*.` route that sends the assertion, the URL of the host served, with the route's
+    /// path (`https://a.apps`, `https://a.apps/admin/`; see `AssertionClaims::served`).
     served: Option<Box<str>>,
     registration: Option<Registration>,
     _in_flight: InFlight,
@@ -864,7 +865,13 @@ impl ProxyHttp for Proxy {
             } else {
                 "http"
             };
-            ctx.served = Some(format!("{scheme}://{host}").into());
+            // With the route's path: two `*.` routes of one host (`/admin/` beside `/`) name
+            // their assertions apart, so that neither upstream takes the other's.
+            let path = match route.config.path_prefix.as_str() {
+                "/" => "",
+                path => path,
+            };
+            ctx.served = Some(format!("{scheme}://{host}{path}").into());
         }
         ctx.route = Some(route);
         // With the caller and the route set: all a recheck is made from.

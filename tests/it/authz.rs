@@ -88,6 +88,11 @@ impl Authz {
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
+            .route(
+                Route::new(TENANTS_ADMIN_ROUTE, &[&api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
             .oidc(oidc)
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
@@ -1463,6 +1468,8 @@ async fn the_upstream_verifies_the_assertion_against_the_published_jwks() {
 
 /// A route for every host under `tenants.test`, with the machine's API behind it.
 const TENANTS_ROUTE: &str = "http://*.tenants.test";
+/// A path of every tenant's host, routed apart.
+const TENANTS_ADMIN_ROUTE: &str = "http://*.tenants.test/admin/";
 
 /// Behind a `*.` route, each host's assertion names it beside the route: an upstream can take
 /// only what was made for its own host, and none is handed a sibling's token to replay.
@@ -1496,6 +1503,28 @@ async fn behind_a_wildcard_route_each_host_s_assertion_names_that_host() {
     assert!(
         verify_with(&jwks, &seen[0], &issuer, "http://blue.tenants.test").is_err(),
         "red's assertion is taken for blue"
+    );
+    // Another route of the same host is named with its path: its upstream takes no assertion
+    // meant for the host's other routes.
+    let resp = bare_client()
+        .get(t.fx.url("red.tenants.test", "/admin/users"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    let assertion = echo.header("x-portcullis-assertion").unwrap();
+    let served = "http://red.tenants.test/admin/";
+    let claims = verify_with(&jwks, assertion, &issuer, served).unwrap();
+    assert_eq!(
+        claims["aud"],
+        json!([TENANTS_ADMIN_ROUTE, served]),
+        "{claims}"
+    );
+    assert!(
+        verify_with(&jwks, &seen[0], &issuer, served).is_err(),
+        "the host's assertion is taken under /admin/"
     );
 }
 
