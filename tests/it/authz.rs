@@ -625,9 +625,9 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
         }
     };
     let mut streams = [
-        open(t.app_url("/events"), (COOKIE, &cookie), false).await,
-        open(t.api_url("/events"), (AUTHORIZATION, &bearer), false).await,
-        open(t.api_url("/events"), (AUTHORIZATION, &bearer), true).await,
+        open(t.app_url("/idle-events"), (COOKIE, &cookie), false).await,
+        open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), false).await,
+        open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), true).await,
     ];
     t.remove_member(&t.eng_id, &t.alice_id)
         .await

@@ -3,7 +3,7 @@
 //! Endpoints: `/ws` is a websocket echo (when the request asks for an upgrade); `/ws-ticks`
 //! is a websocket that sends `tick <stamp>` every 20 ms and records every message it receives
 //! (see [`stamp`] and [`Upstream::ws_received`]); `/stream-ticks` is a streaming response
-//! with one `tick <stamp>` line every 20 ms (at most 1000); `/events` is an event stream that
+//! with one `tick <stamp>` line every 20 ms (at most 1000); `/idle-events` is an event stream that
 //! sends one event, then nothing for 30 s; `/slow?ms=N` answers after N milliseconds
 //! (for drain and in-flight tests); everything else echoes at once.
 
@@ -294,7 +294,7 @@ async fn handle(
         });
         return Ok(switching(None));
     }
-    if path == "/events" {
+    if path == "/idle-events" {
         // An event stream that sends one event, then nothing for 30 s.
         let first = futures_util::stream::once(async {
             Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(
