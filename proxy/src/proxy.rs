@@ -1127,10 +1127,11 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
         // A watched connection cut before its answer started (its caller lost access while the
-        // upstream was still to answer) fails as an upstream read would: it is a refusal.
-        let cut = ctx.recheck.as_ref().is_some_and(|r| r.is_cut());
+        // upstream was still to answer) fails as an upstream read would: it is a refusal (503
+        // when this replica lost touch with the directory: try again).
+        let cut = ctx.recheck.as_ref().filter(|r| r.is_cut());
         let code = match e.etype() {
-            _ if cut => 403,
+            _ if cut.is_some() => cut.map_or(403, |r| r.refusal_status()),
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 // Reached but too slow (to connect, to answer, to take the body): 504, as
@@ -1240,8 +1241,12 @@ impl RequestCtx {
         }
         match self.recheck(req) {
             Some(recheck) if shared.still_allowed(&recheck) => Ok(()),
+            Some(recheck) => Error::e_explain(
+                ErrorType::HTTPStatus(recheck.refusal_status()),
+                "access revoked",
+            ),
             // Fail closed: a request that cannot be judged again is not carried on.
-            _ => Error::e_explain(ErrorType::HTTPStatus(403), "access revoked"),
+            None => Error::e_explain(ErrorType::HTTPStatus(403), "access revoked"),
         }
     }
 

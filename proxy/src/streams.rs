@@ -72,6 +72,9 @@ pub struct Recheck {
     current: AtomicBool,
     /// Set once the connection has been refused, so the refusal is reported once.
     cut: AtomicBool,
+    /// Refused because this replica lost touch with the directory, not its caller access (set
+    /// before `cut`).
+    unavailable: AtomicBool,
     /// A person's session cookie (its value, a secret), for the watcher to refresh the session
     /// with the IdP when due, as a request would: a stream makes no requests.
     session_cookie: std::sync::OnceLock<Box<str>>,
@@ -115,6 +118,7 @@ impl Recheck {
             second: AtomicU64::new(decided_at.second),
             current: AtomicBool::new(decided_at.current),
             cut: AtomicBool::new(false),
+            unavailable: AtomicBool::new(false),
             session_cookie: std::sync::OnceLock::new(),
         }
     }
@@ -122,6 +126,15 @@ impl Recheck {
     /// Whether the connection has been refused since it was let in.
     pub fn is_cut(&self) -> bool {
         self.cut.load(Ordering::Acquire)
+    }
+
+    /// The status a request refused since it was let in is answered with (if no answer has
+    /// begun): 503 when this replica lost touch with the directory (try again), else 403.
+    pub fn refusal_status(&self) -> u16 {
+        match self.unavailable.load(Ordering::Acquire) {
+            true => 503,
+            false => 403,
+        }
     }
 
     /// Keeps the session cookie `id` the connection's person was let in with.
@@ -177,6 +190,9 @@ impl Recheck {
                 true
             }
             refused => {
+                if matches!(refused, Admission::Refuse(Refused::Unavailable)) {
+                    self.unavailable.store(true, Ordering::Release);
+                }
                 if !self.cut.swap(true, Ordering::AcqRel) {
                     on_cut(self, refused);
                 }
@@ -418,6 +434,30 @@ mod tests {
             Admission::Allow(pass) => pass.forward,
             _ => None,
         }
+    }
+
+    /// A connection cut because this replica lost touch with the directory is answered 503
+    /// (try again), one whose caller lost access 403.
+    #[test]
+    fn a_cut_says_whether_to_try_again() {
+        let world = World::new();
+        let lost_touch = open(&world, APP);
+        assert_eq!(lost_touch.refusal_status(), 403, "not cut yet: never asked");
+        let unavailable = |_: &Recheck| Admission::Refuse(Refused::Unavailable);
+        assert!(!lost_touch.still_allowed(marks(1), unavailable, |_, _| {}));
+        assert_eq!(lost_touch.refusal_status(), 503);
+        let refused = open(&world, APP);
+        let forbid = |open: &Recheck| {
+            Admission::Refuse(Refused::Forbid(Refusal {
+                who: Some(open.who()),
+                rule: None,
+                cause: Cause::NotInDirectory,
+                reason: "gone".to_owned(),
+                agent: None,
+            }))
+        };
+        assert!(!refused.still_allowed(marks(1), forbid, |_, _| {}));
+        assert_eq!(refused.refusal_status(), 403);
     }
 
     #[test]
