@@ -733,10 +733,13 @@ impl Directory {
             }
         };
 
-        // Unsorted, only the page's matches are kept; sorted, every match is.
-        let in_page = |n: usize| query.sort_by.is_some() || (n >= start && n - start < count);
+        // Unsorted, only the page's matches are kept; sorted, every match's sort key and row
+        // (not its record: a sort of a million users would hold them all), and the page's
+        // records are read again once sorted.
+        let in_page = |n: usize| n >= start && n - start < count;
         let mut total = 0;
         let mut matched: Vec<Record> = Vec::new();
+        let mut keyed: Vec<(Option<String>, Row)> = Vec::new();
         for chunk in rows.chunks(1024) {
             for (row, record) in self.storage.records(rt, chunk)? {
                 if record.retired {
@@ -757,21 +760,36 @@ impl Directory {
                     Some(filter) => matches_checked(filter, &record.resource, rt)?,
                 };
                 if keep {
-                    if in_page(total) {
-                        matched.push(record);
+                    match &query.sort_by {
+                        Some(by) => keyed.push((sort_key(&record, by), row)),
+                        None if in_page(total) => matched.push(record),
+                        None => {}
                     }
                     total += 1;
                 }
             }
         }
-        let Some(sort_by) = &query.sort_by else {
+        if query.sort_by.is_none() {
             return Ok(Page {
                 total,
                 records: matched,
             });
-        };
-        sort_records(&mut matched, sort_by, query.sort_order);
-        let records = matched.into_iter().skip(start).take(count).collect();
+        }
+        sort_keyed(&mut keyed, query.sort_order);
+        let rows: Vec<Row> = keyed
+            .into_iter()
+            .skip(start)
+            .take(count)
+            .map(|(_, row)| row)
+            .collect();
+        let mut read: std::collections::HashMap<Row, Record> =
+            self.storage.records(rt, &rows)?.into_iter().collect();
+        // One deleted since it was matched is left out.
+        let records = rows
+            .iter()
+            .filter_map(|row| read.remove(row))
+            .filter(|record| !record.retired)
+            .collect();
         Ok(Page { total, records })
     }
 
@@ -1001,7 +1019,8 @@ fn lookup(
     }
 }
 
-fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
+/// What `record` sorts by for `sortBy` = `by`: the value folded (strings), `None` without one.
+fn sort_key(record: &Record, by: &AttrPath) -> Option<String> {
     let key = |record: &Record| -> Option<String> {
         let resource = record.resource.as_object()?;
         // An extension's attribute is in the extension's object; a core one, however written
@@ -1031,16 +1050,18 @@ fn sort_records(records: &mut [Record], by: &AttrPath, order: SortOrder) {
             other => other.to_string(),
         })
     };
-    // Stable: equal keys keep creation order. Missing values sort last either way (RFC 7644
-    // §3.4.2.3). Each record's key is made once.
+    key(record)
+}
+
+/// Sorts matches by their [`sort_key`]s. Stable: equal keys keep creation order (the rows'
+/// order as matched). Missing values sort last either way (RFC 7644 §3.4.2.3).
+fn sort_keyed(keyed: &mut [(Option<String>, Row)], order: SortOrder) {
     match order {
-        SortOrder::Ascending => records.sort_by_cached_key(|r| {
-            let key = key(r);
-            (key.is_none(), key)
-        }),
-        SortOrder::Descending => records.sort_by_cached_key(|r| {
-            let key = key(r);
-            (key.is_none(), std::cmp::Reverse(key))
+        SortOrder::Ascending => {
+            keyed.sort_by(|(a, _), (b, _)| (a.is_none(), a).cmp(&(b.is_none(), b)))
+        }
+        SortOrder::Descending => keyed.sort_by(|(a, _), (b, _)| {
+            (a.is_none(), std::cmp::Reverse(a)).cmp(&(b.is_none(), std::cmp::Reverse(b)))
         }),
     }
 }

@@ -1787,6 +1787,24 @@ async fn sort_by_an_extension_or_a_multi_valued_attribute_sorts_by_its_value() {
     ] {
         assert_eq!(sorted(by), want, "sortBy={by}");
     }
+    // A page of the sorted matches, either way (those without the value last either way).
+    let page = |order: SortOrder| -> Vec<String> {
+        let query = Query {
+            sort_by: Some(crate::path::PatchPath::parse("emails").unwrap().attr),
+            sort_order: order,
+            start_index: 2,
+            count: Some(2),
+            ..Query::default()
+        };
+        let page = dir.query(ResourceType::User, &query).unwrap();
+        assert_eq!(page.total, 4);
+        page.records
+            .iter()
+            .map(|r| r.resource["userName"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(page(SortOrder::Ascending), ["a@x", "c@x"]);
+    assert_eq!(page(SortOrder::Descending), ["a@x", "b@x"]);
 }
 
 /// What a later build keeps in a record and this one does not know is carried through this
