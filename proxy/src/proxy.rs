@@ -2516,13 +2516,11 @@ fn head_size(req: &RequestHeader) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    let authority = match req.headers.contains_key(header::HOST) {
-        true => 0,
-        false => req
-            .uri
-            .authority()
-            .map_or(0, |a| "host".len() + a.as_str().len() + 4),
-    };
+    // (An HTTP/1 request has no authority unless its target is absolute, and then a `Host`:
+    // the map is not searched for it on every request.)
+    let authority = (req.uri.authority())
+        .filter(|_| !req.headers.contains_key(header::HOST))
+        .map_or(0, |a| "host".len() + a.as_str().len() + 4);
     req.raw_path().len() + req.method.as_str().len() + 12 + headers + authority
 }
 
