@@ -38,7 +38,6 @@ impl Scim {
             max_body_bytes: config.max_request_body_bytes,
             max_bulk_operations: config.max_bulk_operations,
             max_results: config.max_results,
-            max_page_members: portcullis_scim::service::PAGE_MEMBERS,
         };
         Self {
             host: config.host.clone(),

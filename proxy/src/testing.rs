@@ -136,7 +136,6 @@ impl World {
             max_body_bytes: 1 << 20,
             max_bulk_operations: 100,
             max_results: 100,
-            max_page_members: portcullis_scim::service::PAGE_MEMBERS,
         };
         World {
             scim: ScimService::new(directory.clone(), limits),

@@ -607,15 +607,6 @@ impl Directory {
             .filter(|r| !r.retired))
     }
 
-    /// How many direct members group `id` has (0 if it is no group), without listing them.
-    pub fn member_count(&self, id: &str) -> usize {
-        let index = self.index();
-        match index.row_of(id) {
-            Some((ResourceType::Group, row)) => index.member_count(row),
-            _ => 0,
-        }
-    }
-
     /// The direct members of group `id`, in creation order of the members.
     pub fn members(&self, id: &str) -> Vec<Member> {
         let index = self.index();
