@@ -82,36 +82,39 @@ impl Projection {
         def.is_some_and(|def| self.select(schema.id, def).is_some())
     }
 
-    /// The resource as the response should carry it.
-    pub fn apply(&self, resource: &Value) -> Value {
-        let Some(resource) = resource.as_object() else {
-            return resource.clone();
+    /// The resource as the response should carry it: what it keeps whole is moved, not copied
+    /// (a Group's members may be a hundred thousand).
+    pub fn apply(&self, resource: Value) -> Value {
+        let Value::Object(resource) = resource else {
+            return resource;
         };
         let core = self.rt.core_schema();
         let mut out = Object::new();
         for (key, value) in resource {
             if key.eq_ignore_ascii_case("schemas") {
-                out.insert(key.clone(), value.clone());
-            } else if let Some(ext) = self.rt.extension(key) {
-                let kept: Object = value
-                    .as_object()
+                out.insert(key, value);
+            } else if let Some(ext) = self.rt.extension(&key) {
+                let Value::Object(attributes) = value else {
+                    continue;
+                };
+                let kept: Object = attributes
                     .into_iter()
-                    .flatten()
                     .filter_map(|(name, v)| {
-                        let def = ext.attribute(name)?;
-                        Some((name.clone(), self.project(ext.id, def, v)?))
+                        let def = ext.attribute(&name)?;
+                        let v = self.project(ext.id, def, v)?;
+                        Some((name, v))
                     })
                     .collect();
                 if !kept.is_empty() {
-                    out.insert(key.clone(), Value::Object(kept));
+                    out.insert(key, Value::Object(kept));
                 }
-            } else if let Some(def) = core.attribute(key).or_else(|| {
+            } else if let Some(def) = core.attribute(&key).or_else(|| {
                 COMMON_ATTRIBUTES
                     .iter()
-                    .find(|d| d.name.eq_ignore_ascii_case(key))
+                    .find(|d| d.name.eq_ignore_ascii_case(&key))
             }) {
                 if let Some(v) = self.project(core.id, def, value) {
-                    out.insert(key.clone(), v);
+                    out.insert(key, v);
                 }
             }
         }
@@ -151,35 +154,31 @@ impl Projection {
         }
     }
 
-    fn project(&self, schema: &str, def: &AttributeDef, value: &Value) -> Option<Value> {
+    fn project(&self, schema: &str, def: &AttributeDef, value: Value) -> Option<Value> {
         let keep: Box<dyn Fn(&str) -> bool + '_> = match self.select(schema, def)? {
-            Selection::Whole => return Some(value.clone()),
+            Selection::Whole => return Some(value),
             Selection::OnlySubs(subs) => {
                 Box::new(move |k| subs.iter().any(|s| s.eq_ignore_ascii_case(k)))
             }
-            Selection::AllSubsBut(subs) if subs.is_empty() => return Some(value.clone()),
+            Selection::AllSubsBut(subs) if subs.is_empty() => return Some(value),
             Selection::AllSubsBut(subs) => {
                 Box::new(move |k| !subs.iter().any(|s| s.eq_ignore_ascii_case(k)))
             }
         };
-        let filter_obj = |obj: &Object| -> Object {
-            obj.iter()
-                .filter(|(k, _)| keep(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
+        let filter_obj =
+            |obj: Object| -> Object { obj.into_iter().filter(|(k, _)| keep(k)).collect() };
         match value {
             Value::Object(obj) => Some(Value::Object(filter_obj(obj))),
             Value::Array(items) => Some(Value::Array(
                 items
-                    .iter()
+                    .into_iter()
                     .map(|item| match item {
                         Value::Object(obj) => Value::Object(filter_obj(obj)),
-                        other => other.clone(),
+                        other => other,
                     })
                     .collect(),
             )),
-            other => Some(other.clone()),
+            other => Some(other),
         }
     }
 }
@@ -233,7 +232,7 @@ mod tests {
     }
 
     fn project(attributes: Option<&str>, excluded: Option<&str>) -> Value {
-        Projection::new(ResourceType::User, attributes, excluded).apply(&user())
+        Projection::new(ResourceType::User, attributes, excluded).apply(user())
     }
 
     #[test]
@@ -305,7 +304,7 @@ mod tests {
         let group =
             json!({"schemas": [], "id": "g", "displayName": "Eng", "members": [{"value": "u"}]});
         assert_eq!(
-            p.apply(&group),
+            p.apply(group.clone()),
             json!({"schemas": [], "id": "g", "displayName": "Eng"})
         );
         assert!(Projection::default_for(ResourceType::Group).includes("members"));

@@ -613,7 +613,7 @@ impl ScimService {
         if rt == ResourceType::Agent {
             self.mirror_agent_links(base, obj);
         }
-        projection.apply(&resource)
+        projection.apply(resource)
     }
 
     /// The draft's read-only `owners` and `applications`, filled from Portcullis' extension,
