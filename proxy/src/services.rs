@@ -261,7 +261,7 @@ const STREAM_REFRESHES: usize = 8;
 
 /// A stream's session is refreshed up to this many seconds after it is due (see
 /// [`Watcher::refresh_late_by`]).
-const STREAM_REFRESH_SPREAD: u64 = 20;
+const STREAM_REFRESH_SPREAD: u64 = 30;
 
 impl Watcher {
     pub fn new(shared: Arc<Shared>) -> Self {
@@ -272,15 +272,16 @@ impl Watcher {
         }
     }
 
-    /// How long after its refresh is due this process refreshes the session of a stream with
-    /// session cookie `id`: a while of its own for each process and session, so that replicas
-    /// holding streams of one session do not refresh it in the same second (an IdP that
+    /// How long after its refresh fell `due` this process refreshes the session of a stream
+    /// with session cookie `id`: a while of its own for each process, session and refresh, so
+    /// that replicas holding streams of one session seldom refresh it at once (an IdP that
     /// rotates refresh tokens takes a token spent twice for a stolen one, and revokes them
-    /// all). The one that goes later finds the session refreshed, through the shared store;
-    /// and sessions refreshed together once do not stay in step.
-    fn refresh_late_by(&self, id: &str) -> u64 {
+    /// all). The one that goes later reads the shared store first and finds the session
+    /// refreshed (`Auth::refresh_for_stream`); and sessions refreshed together once do not
+    /// stay in step.
+    fn refresh_late_by(&self, id: &str, due: u64) -> u64 {
         use std::hash::BuildHasher;
-        self.spread.hash_one(id) % STREAM_REFRESH_SPREAD
+        self.spread.hash_one((id, due)) % STREAM_REFRESH_SPREAD
     }
 }
 
@@ -340,8 +341,10 @@ impl BackgroundService for Watcher {
                 let Some(id) = open.session_cookie() else {
                     continue;
                 };
-                let late_by = self.refresh_late_by(id);
-                if !shared.auth.refresh_due(&runtime.config, id, now, late_by) {
+                let Some(due) = shared.auth.refresh_due(&runtime.config, id, now) else {
+                    continue;
+                };
+                if due.saturating_add(self.refresh_late_by(id, due)) > now {
                     continue;
                 }
                 let Ok(permit) = self.refreshing.clone().try_acquire_owned() else {

@@ -506,28 +506,33 @@ impl Auth {
         })
     }
 
-    /// Whether the session cookie `id` names a session that vouches and whose refresh with
-    /// the IdP has been due for `late_by` seconds and is not under way (for a stream, which
-    /// makes no requests: see [`Auth::refresh_for_stream`]).
-    pub fn refresh_due(&self, config: &Config, id: &str, now: u64, late_by: u64) -> bool {
-        let Some(oidc) = config.oidc.as_ref().filter(|oidc| oidc.refresh) else {
-            return false;
-        };
-        self.sessions.get(id).is_some_and(|(_, session)| {
-            session.vouches(now, oidc)
-                && (self.refresh_turn(oidc, &session, now))
-                    .is_some_and(|turn| turn.state.due.saturating_add(late_by) <= now)
-        })
+    /// When the refresh with the IdP of the session the cookie `id` names fell due, if it has
+    /// and the session vouches and no refresh of it is under way (for a stream, which makes
+    /// no requests: see [`Auth::refresh_for_stream`]).
+    pub fn refresh_due(&self, config: &Config, id: &str, now: u64) -> Option<u64> {
+        let oidc = config.oidc.as_ref().filter(|oidc| oidc.refresh)?;
+        let (_, session) = self.sessions.get(id)?;
+        if !session.vouches(now, oidc) {
+            return None;
+        }
+        self.refresh_turn(oidc, &session, now)
+            .map(|turn| turn.state.due)
     }
 
     /// Refreshes the session of a stream's person (its cookie `id`) with the IdP when due, as
     /// their next request would: a refusal, or other groups where a route judges them, ends
     /// the session, and so the stream (the watcher cuts it). The session is not touched: a
-    /// stream is no activity of its person.
+    /// stream is no activity of its person. With a shared store, what other replicas wrote is
+    /// read first: one that refreshed the session since leaves nothing to do (a refresh token
+    /// spent twice is taken for a stolen one by IdPs that rotate them).
     pub async fn refresh_for_stream(&self, config: &Config, id: &str, now: u64) {
         let Some(oidc) = config.oidc.as_ref() else {
             return;
         };
+        if let Err(why) = self.sessions.catch_up().await {
+            tracing::warn!("stream's session not refreshed: cannot read the shared store: {why}");
+            return;
+        }
         let Some((key, session)) = self.sessions.get(id) else {
             return;
         };

@@ -753,20 +753,29 @@ impl Sessions {
                 return true;
             }
         }
-        let directory = self.directory.clone();
-        let read = tokio::task::spawn_blocking(move || directory.catch_up());
         // Unread, nothing says another replica renewed: the IdP's refusal stands (at worst,
         // someone signs in again).
-        let why = match tokio::time::timeout(REFRESH_WRITE, read).await {
-            Ok(Ok(Ok(_))) => None,
-            Ok(Ok(Err(e))) => Some(e.to_string()),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("it did not answer within a second".to_owned()),
-        };
-        if let Some(why) = why {
+        if let Err(why) = self.catch_up().await {
             tracing::warn!("cannot read the shared store for a refused refresh: {why}");
         }
         renewed()
+    }
+
+    /// Reads what other replicas have written to the shared store since this one last did
+    /// (a session another replica refreshed, say); at once on an embedded store. Gives up
+    /// after a second, saying why.
+    pub async fn catch_up(&self) -> Result<(), String> {
+        if !self.directory.is_shared() {
+            return Ok(());
+        }
+        let directory = self.directory.clone();
+        let read = tokio::task::spawn_blocking(move || directory.catch_up());
+        match tokio::time::timeout(REFRESH_WRITE, read).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("it did not answer within a second".to_owned()),
+        }
     }
 
     /// Keeps `entries` of kinds other than sessions (keys), as given.
