@@ -116,21 +116,23 @@ impl BackgroundService for SessionKeeper {
             }
         }
         loop {
-            let idle = shared
-                .runtime
-                .load()
-                .config
-                .oidc
-                .as_ref()
-                .map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
-            let every = (idle / 8).clamp(5, 300);
+            let idle = |runtime: &crate::state::Runtime| {
+                (runtime.config.oidc.as_ref()).map_or(0, |o| o.session_idle_timeout.as_secs())
+            };
+            let every = (idle(&shared.runtime.load()) / 8).clamp(5, 300);
             if !pause(&mut shutdown, Duration::from_secs(every)).await {
                 return;
             }
-            if idle == 0 || !shared.directory_is_current() {
+            // The configuration as it is now, after the pause (a reload may have moved it).
+            let runtime = shared.runtime.load_full();
+            let (idle, oidc) = (idle(&runtime), runtime.config.oidc.as_ref());
+            let Some(oidc) = oidc.filter(|_| idle > 0 && shared.directory_is_current()) else {
                 continue;
-            }
-            match sessions.maintain(now_unix(), idle, every).await {
+            };
+            match sessions
+                .maintain(now_unix(), idle, every, &oidc.issuer)
+                .await
+            {
                 Ok((0, 0)) => {}
                 Ok((touched, forgotten)) => {
                     tracing::debug!(touched, forgotten, "sessions maintained")

@@ -828,13 +828,17 @@ impl Sessions {
         now: u64,
         idle_timeout: u64,
         every: u64,
+        issuer: &str,
     ) -> Result<(usize, usize), String> {
         let mut entries = Vec::new();
         let (mut touched, mut over) = (0, 0);
         for held in self.kept.sessions.iter() {
             let (key, session) = (held.key(), held.value());
             let last_seen = session.last_seen();
-            if !session.is_live(now, idle_timeout.saturating_add(3 * every)) {
+            // Another provider's: moved off it (by a reload, which ends them at once, or a
+            // restart), its sessions must not come back with it.
+            let elsewhere = session.identity.issuer != issuer;
+            if elsewhere || !session.is_live(now, idle_timeout.saturating_add(3 * every)) {
                 over += 1;
                 entries.extend(forget(key));
             } else if last_seen >= session.stored_seen.load(Ordering::Relaxed) + every {
@@ -1029,12 +1033,18 @@ mod tests {
             "kept across a restart"
         );
         // Kept with the margin sessions get (three times `every`), for clocks behind.
-        sessions.maintain(1_180, 3600, 60).await.unwrap();
+        sessions
+            .maintain(1_180, 3600, 60, "https://idp.test")
+            .await
+            .unwrap();
         assert!(
             sessions.logout_token_used(issuer, "jti-1"),
             "still kept at 1180"
         );
-        sessions.maintain(1_181, 3600, 60).await.unwrap();
+        sessions
+            .maintain(1_181, 3600, 60, "https://idp.test")
+            .await
+            .unwrap();
         assert!(
             !sessions.logout_token_used(issuer, "jti-1"),
             "forgotten after"
@@ -1183,6 +1193,26 @@ mod tests {
         }
     }
 
+    /// Sessions of a provider no longer configured (sign-in moved off it by a restart, which
+    /// no reload saw) are forgotten: moved back, they do not come back.
+    #[tokio::test]
+    async fn sessions_of_another_provider_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let id = sessions
+            .create(identity("ann", 100_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let kept = sessions.maintain(150, 3_600, 60, "https://idp.test").await;
+        assert_eq!(kept.unwrap(), (0, 0));
+        assert!(sessions.get(&id).is_some());
+        let moved = sessions
+            .maintain(150, 3_600, 60, "https://elsewhere.example")
+            .await;
+        assert_eq!(moved.unwrap(), (0, 1));
+        assert!(sessions.get(&id).is_none());
+    }
+
     #[tokio::test]
     async fn use_is_written_back_and_sessions_that_are_over_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
@@ -1200,21 +1230,45 @@ mod tests {
             .await
             .unwrap();
         // Nothing is due a moment later.
-        assert_eq!(sessions.maintain(150, 3_600, 60).await.unwrap(), (0, 0));
+        assert_eq!(
+            sessions
+                .maintain(150, 3_600, 60, "https://idp.test")
+                .await
+                .unwrap(),
+            (0, 0)
+        );
         sessions.get(&used).unwrap().1.touch(3_000);
         // Idle for the timeout plus twice the period (another replica's use may be that
         // late), or past its lifetime: forgotten.
-        assert_eq!(sessions.maintain(3_800, 3_600, 60).await.unwrap(), (1, 1));
+        assert_eq!(
+            sessions
+                .maintain(3_800, 3_600, 60, "https://idp.test")
+                .await
+                .unwrap(),
+            (1, 1)
+        );
         assert!(sessions.get(&expired).is_none());
         assert!(sessions.get(&idle).is_some(), "used elsewhere, perhaps");
-        assert_eq!(sessions.maintain(3_900, 3_600, 60).await.unwrap(), (0, 1));
+        assert_eq!(
+            sessions
+                .maintain(3_900, 3_600, 60, "https://idp.test")
+                .await
+                .unwrap(),
+            (0, 1)
+        );
         assert!(sessions.get(&idle).is_none());
         // Written back: a replica (or a restart) that never saw the use has it.
         drop(sessions);
         let Opened { sessions, kept } = open(dir.path());
         assert_eq!(sessions.count(), 1);
         assert_eq!(sessions.get(&used).unwrap().1.last_seen(), 3_000);
-        assert_eq!(sessions.maintain(3_900, 3_600, 60).await.unwrap(), (0, 0));
+        assert_eq!(
+            sessions
+                .maintain(3_900, 3_600, 60, "https://idp.test")
+                .await
+                .unwrap(),
+            (0, 0)
+        );
 
         // A use written back after the session ended (a late replica) does not bring it back,
         // and the orphaned part is forgotten.
@@ -1223,7 +1277,10 @@ mod tests {
         kept.apply(&[entry(SESSION_SEEN, &key, Some("3950".to_owned()))]);
         assert!(sessions.get(&used).is_none());
         assert_eq!(lock(&kept.orphans).len(), 1);
-        sessions.maintain(4_000, 3_600, 60).await.unwrap();
+        sessions
+            .maintain(4_000, 3_600, 60, "https://idp.test")
+            .await
+            .unwrap();
         assert!(lock(&kept.orphans).is_empty());
     }
 
