@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Provisions the demo directory over SCIM, as an identity provider would: the user
 alice@example.com in the group "eng", and the AI agent "demo-agent" owned by alice, running in
-the AgenticApplication "Demo assistants". Safe to run again (existing entries are kept)."""
+the AgenticApplication "Demo assistants". Safe to run again: existing entries are kept, and
+alice is made active and a member of "eng" again (you may have deactivated her last time)."""
 import json
 import sys
 import urllib.error
@@ -33,8 +34,19 @@ def find(kind, attr, value):
     return resources[0]["id"] if status == 200 and resources else None
 
 
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def patch(path, operations, what):
+    status, body = call("PATCH", path, {"schemas": [PATCH_OP], "Operations": operations})
+    if status not in (200, 204):
+        sys.exit(f"could not {what}: {status} {body}")
+
+
 alice = find("Users", "userName", "alice@example.com")
-if alice is None:
+if alice is not None:
+    patch(f"/Users/{alice}", [{"op": "replace", "value": {"active": True}}], "re-activate alice")
+else:
     status, body = call("POST", "/Users", {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
         "userName": "alice@example.com",
@@ -45,7 +57,11 @@ if alice is None:
     if status != 201:
         sys.exit(f"could not create alice: {status} {body}")
     alice = body["id"]
-if find("Groups", "displayName", "eng") is None:
+eng = find("Groups", "displayName", "eng")
+if eng is not None:
+    patch(f"/Groups/{eng}", [{"op": "add", "path": "members", "value": [{"value": alice}]}],
+          "put alice back in eng")
+else:
     status, body = call("POST", "/Groups", {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
         "displayName": "eng",

@@ -42,9 +42,13 @@ Portcullis demo
   SCIM directory:          curl -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
                                 http://auth.localhost:8080/scim/v2/Users
   metrics:                 http://127.0.0.1:9090/metrics
-Deactivate alice over SCIM (PATCH {"op":"replace","value":{"active":false}}) and her very next
-request is refused. Her AI agent too: python3 examples/agent_demo.py shows the agent's call
-through http://api.localhost:8080 refused the moment alice is deactivated.
+Deactivate alice over SCIM (her id is printed above) and her very next request is refused:
+  curl -X PATCH -H 'Authorization: Bearer demo-scim-token-change-me-0123456789' \
+       -H 'Content-Type: application/scim+json' http://auth.localhost:8080/scim/v2/Users/<id> \
+       -d '{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","value":{"active":false}}]}'
+Her AI agent too: python3 examples/agent_demo.py shows the agent's call through
+http://api.localhost:8080 refused the moment alice is deactivated. Running this script again
+makes alice active again. Ctrl-C stops the demo.
 
 MSG
 wait $portcullis
