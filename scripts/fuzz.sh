@@ -8,7 +8,20 @@ seconds=${1:-10}
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked --quiet cargo-fuzz
 fi
-for target in $(cargo fuzz list); do
+targets=$(cargo fuzz list)
+if [ -z "$targets" ]; then
+  echo "fuzz: no targets listed" >&2
+  exit 1
+fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for target in $targets; do
   echo "fuzz: $target for ${seconds}s"
-  cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" 2>&1 | tail -1
+  if cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" >"$out" 2>&1; then
+    tail -1 "$out"
+  else
+    # The panic and the input that caused it, which a CI machine does not keep.
+    tail -60 "$out"
+    exit 1
+  fi
 done

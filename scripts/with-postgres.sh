@@ -14,7 +14,7 @@ if [ "$(id -u)" -eq 0 ]; then
   as_pg=(runuser -u postgres --)
 fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 >"$dir/initdb.log"
+"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --no-locale >"$dir/initdb.log"
 "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 120 \
   -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
 cleanup() {

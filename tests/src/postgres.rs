@@ -82,7 +82,16 @@ impl Postgres {
         let output = command(&bin_dir().join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            // No locale: the caller's (`LANG` passed through ssh) may not exist here.
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ])
             .output()
             .expect("run initdb");
         assert!(
