@@ -9,10 +9,11 @@ browser=(chromium chromium-driver)   # the sign-in tests drive a real headless C
 case "$level" in
   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front;
   # libnss-wrapper: a hosts file of the test's own, for an upstream name that moves to a new address
-  test) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper) ;;
+  # g++: libfuzzer-sys (scripts/fuzz.sh) compiles libFuzzer's C++
+  test) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper g++) ;;
   # linux-perf: the profile part and `bench/floor.py --profile` record with `perf`;
   # valgrind: `bench/instructions.py` counts instructions per request with callgrind
-  bench|pgo) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
+  bench|pgo) want+=("${browser[@]}" postgresql nginx-light libnss-wrapper g++ wrk apache2 libapache2-mod-auth-openidc nghttp2-client linux-perf valgrind) ;;
   build|demo) ;;
   *) echo "usage: $0 [build|demo|test|bench|pgo]" >&2; exit 2 ;;
 esac
@@ -36,9 +37,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "run as root, or install sudo, to install: ${missing[*]}" >&2; exit 1; }
+    sudo_cmd=(sudo)
+  fi
+  # `env`: sudo drops DEBIAN_FRONTEND from the environment. The lock timeout: on a fresh
+  # machine unattended-upgrades often holds dpkg's lock for a while.
+  apt=("${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
+  "${apt[@]}" update -qq
+  "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # The demo and the sign-in tests run a real OpenID provider (tests/idp, oidc-provider) under
