@@ -8,9 +8,31 @@ cd "$(dirname "$0")/.."
 
 scripts/deps.sh demo
 cargo build -p portcullis
-if [ ! -d tests/idp/node_modules ]; then
+# The tests' marker (tests/src/idp.rs): node_modules installed in full from this lock file.
+marker=tests/idp/node_modules/.portcullis-installed
+lock_hash=$(sha256sum tests/idp/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$marker" 2>/dev/null)" != "$lock_hash" ]; then
   (cd tests/idp && npm ci --silent --no-audit --no-fund)
+  echo "$lock_hash" >"$marker"
 fi
+
+# Waits (up to 30 s) for `url` to answer while process `pid` runs; else says why (the end
+# of `log`, if given) and stops.
+wait_for() {
+  local url=$1 pid=$2 log=${3:-}
+  for _ in $(seq 150); do
+    python3 -c "import urllib.request; urllib.request.urlopen('$url', timeout=1)" 2>/dev/null && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      break
+    fi
+    sleep 0.2
+  done
+  echo "demo: $url did not answer (a port taken by another program?)" >&2
+  if [ -n "$log" ]; then
+    tail -20 "$log" >&2
+  fi
+  exit 1
+}
 
 python3 examples/upstream.py 127.0.0.1 8081 &
 upstream=$!
@@ -21,15 +43,9 @@ trap 'kill $upstream $idp 2>/dev/null || true' EXIT
 target/debug/portcullis serve --config examples/demo.toml &
 portcullis=$!
 trap 'kill $upstream $idp $portcullis 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9090/readyz", timeout=1)' 2>/dev/null && break
-  sleep 0.2
-done
+wait_for http://127.0.0.1:9090/readyz $portcullis
 python3 examples/provision_demo.py
-for _ in $(seq 150); do
-  python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:9400/.well-known/openid-configuration", timeout=1)' 2>/dev/null && break
-  sleep 0.2
-done
+wait_for http://127.0.0.1:9400/.well-known/openid-configuration $idp target/demo-idp.log
 echo
 python3 examples/agent_demo.py
 
