@@ -1131,7 +1131,9 @@ impl ProxyHttp for Proxy {
         // when this replica lost touch with the directory: try again).
         let cut = ctx.recheck.as_ref().filter(|r| r.is_cut());
         let code = match e.etype() {
-            _ if cut.is_some() => cut.map_or(403, |r| r.refusal_status()),
+            _ if cut.is_some() => {
+                cut.map_or(403, |r| r.refusal_status(&session.req_header().method))
+            }
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 // Reached but too slow (to connect, to answer, to take the body): 504, as
@@ -1242,7 +1244,7 @@ impl RequestCtx {
         match self.recheck(req) {
             Some(recheck) if shared.still_allowed(&recheck) => Ok(()),
             Some(recheck) => Error::e_explain(
-                ErrorType::HTTPStatus(recheck.refusal_status()),
+                ErrorType::HTTPStatus(recheck.refusal_status(&req.method)),
                 "access revoked",
             ),
             // Fail closed: a request that cannot be judged again is not carried on.

@@ -128,10 +128,12 @@ impl Recheck {
         self.cut.load(Ordering::Acquire)
     }
 
-    /// The status a request refused since it was let in is answered with (if no answer has
-    /// begun): 503 when this replica lost touch with the directory (try again), else 403.
-    pub fn refusal_status(&self) -> u16 {
-        match self.unavailable.load(Ordering::Acquire) {
+    /// The status a request (of `method`) refused since it was let in is answered with, if no
+    /// answer has begun: 503 when this replica lost touch with the directory (try again), for
+    /// a method a client may send again as it is (the upstream may have acted on it already);
+    /// else 403.
+    pub fn refusal_status(&self, method: &http::Method) -> u16 {
+        match self.unavailable.load(Ordering::Acquire) && method.is_idempotent() {
             true => 503,
             false => 403,
         }
@@ -437,15 +439,22 @@ mod tests {
     }
 
     /// A connection cut because this replica lost touch with the directory is answered 503
-    /// (try again), one whose caller lost access 403.
+    /// (try again) if its method may be sent again, one whose caller lost access 403.
     #[test]
     fn a_cut_says_whether_to_try_again() {
         let world = World::new();
+        let (get, post) = (http::Method::GET, http::Method::POST);
         let lost_touch = open(&world, APP);
-        assert_eq!(lost_touch.refusal_status(), 403, "not cut yet: never asked");
+        assert_eq!(
+            lost_touch.refusal_status(&get),
+            403,
+            "not cut yet: never asked"
+        );
         let unavailable = |_: &Recheck| Admission::Refuse(Refused::Unavailable);
         assert!(!lost_touch.still_allowed(marks(1), unavailable, |_, _| {}));
-        assert_eq!(lost_touch.refusal_status(), 503);
+        assert_eq!(lost_touch.refusal_status(&get), 503);
+        // Not to be sent again as it is: the upstream may have acted on it.
+        assert_eq!(lost_touch.refusal_status(&post), 403);
         let refused = open(&world, APP);
         let forbid = |open: &Recheck| {
             Admission::Refuse(Refused::Forbid(Refusal {
@@ -457,7 +466,7 @@ mod tests {
             }))
         };
         assert!(!refused.still_allowed(marks(1), forbid, |_, _| {}));
-        assert_eq!(refused.refusal_status(), 403);
+        assert_eq!(refused.refusal_status(&get), 403);
     }
 
     #[test]
