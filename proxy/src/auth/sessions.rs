@@ -836,8 +836,10 @@ impl Sessions {
             let (key, session) = (held.key(), held.value());
             let last_seen = session.last_seen();
             // Another provider's: moved off it (by a reload, which ends them at once, or a
-            // restart), its sessions must not come back with it.
-            let elsewhere = session.identity.issuer != issuer;
+            // restart), its sessions must not come back with it. Not with a shared store: the
+            // fleet's other replicas may still be configured with it (a rolling change, or one
+            // replica's mistake), and would have their sessions ended every few minutes.
+            let elsewhere = session.identity.issuer != issuer && !self.directory.is_shared();
             if elsewhere || !session.is_live(now, idle_timeout.saturating_add(3 * every)) {
                 over += 1;
                 entries.extend(forget(key));
