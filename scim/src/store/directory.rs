@@ -731,26 +731,28 @@ impl Directory {
         let mut total = 0;
         let mut matched: Vec<Record> = Vec::new();
         let mut keyed: Vec<(Option<String>, Row)> = Vec::new();
+        let passes = |row: Row, record: &Record| -> Result<bool, ScimError> {
+            Ok(match &query.filter {
+                None => true,
+                Some(filter) if needs_members => {
+                    let mut resource = record.resource.clone();
+                    self.attach_member_values(row, deciding.as_deref(), &mut resource);
+                    matches_checked(filter, &resource, rt)?
+                }
+                Some(filter) if needs_groups => {
+                    let mut resource = record.resource.clone();
+                    self.attach_group_values(row, &mut resource);
+                    matches_checked(filter, &resource, rt)?
+                }
+                Some(filter) => matches_checked(filter, &record.resource, rt)?,
+            })
+        };
         for chunk in rows.chunks(1024) {
             for (row, record) in self.storage.records(rt, chunk)? {
                 if record.retired {
                     continue; // deleted by another replica, not yet in this index
                 }
-                let keep = match &query.filter {
-                    None => true,
-                    Some(filter) if needs_members => {
-                        let mut resource = record.resource.clone();
-                        self.attach_member_values(row, deciding.as_deref(), &mut resource);
-                        matches_checked(filter, &resource, rt)?
-                    }
-                    Some(filter) if needs_groups => {
-                        let mut resource = record.resource.clone();
-                        self.attach_group_values(row, &mut resource);
-                        matches_checked(filter, &resource, rt)?
-                    }
-                    Some(filter) => matches_checked(filter, &record.resource, rt)?,
-                };
-                if keep {
+                if passes(row, &record)? {
                     match &query.sort_by {
                         Some(by) => keyed.push((sort_key(&record, by), row)),
                         None if in_page(total) => matched.push(record),
@@ -775,12 +777,15 @@ impl Directory {
             .collect();
         let mut read: std::collections::HashMap<Row, Record> =
             self.storage.records(rt, &rows)?.into_iter().collect();
-        // One deleted since it was matched is left out.
-        let records = rows
-            .iter()
-            .filter_map(|row| read.remove(row))
-            .filter(|record| !record.retired)
-            .collect();
+        // One deleted since it was matched, or changed so that it no longer matches, is left
+        // out (as a listing a moment later would leave it out).
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match read.remove(row) {
+                Some(record) if !record.retired && passes(*row, &record)? => records.push(record),
+                _ => {}
+            }
+        }
         Ok(Page { total, records })
     }
 
