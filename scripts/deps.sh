@@ -42,9 +42,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     sudo_cmd=(sudo)
   fi
   # `env`: sudo drops DEBIAN_FRONTEND from the environment. The lock timeout: on a fresh
-  # machine unattended-upgrades often holds dpkg's lock for a while.
+  # machine unattended-upgrades often holds dpkg's lock for a while (and apt-daily the package
+  # lists' lock, which that timeout does not cover: `update` is tried again).
   apt=("${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-  "${apt[@]}" update -qq
+  for try in $(seq 30); do
+    "${apt[@]}" update -qq && break
+    [ "$try" -lt 30 ] || { echo "apt-get update kept failing" >&2; exit 1; }
+    echo "apt-get update failed (its lists locked by apt-daily?); again in 10 s" >&2
+    sleep 10
+  done
   "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
