@@ -1220,7 +1220,7 @@ impl ProxyHttp for Proxy {
                     .unwrap_or_default(),
                 256
             ),
-            path = reply::cut(req.uri.path(), 1024),
+            path = %reply::cut(req.uri.path(), 1024),
             status,
             route,
             user = ctx.caller.as_ref().map(Caller::log_name),
