@@ -965,7 +965,7 @@ impl ProxyHttp for Proxy {
         // Judged again before it goes: a connection held up (or failed, and retried on the
         // next upstream) while its caller lost access sends the upstream nothing.
         let sent = ctx
-            .still_allowed(&self.shared, session.req_header())
+            .still_allowed(&self.shared, session.req_header(), false)
             .and_then(|()| {
                 // The request is edited as plain `http` parts, not through `RequestHeader`'s
                 // methods: those parse every name again and keep a second map with the
@@ -1002,7 +1002,7 @@ impl ProxyHttp for Proxy {
         }
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).
-        ctx.still_allowed(&self.shared, session.req_header())?;
+        ctx.still_allowed(&self.shared, session.req_header(), true)?;
         // After a 101 every byte is passed through unjudged, both ways: only a websocket the
         // upstream really accepted may have that. A handler that answers 101 to anything (a
         // status echo, say) would otherwise turn the rest of the connection into requests
@@ -1091,7 +1091,7 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.still_allowed(&self.shared, session.req_header())?;
+        ctx.still_allowed(&self.shared, session.req_header(), true)?;
         // A request body is bounded; a websocket's frames after the upgrade are not a body.
         if session.was_upgraded() {
             return Ok(());
@@ -1113,7 +1113,7 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<Option<std::time::Duration>> {
-        ctx.still_allowed(&self.shared, session.req_header())?;
+        ctx.still_allowed(&self.shared, session.req_header(), true)?;
         if ctx.preflight {
             *body = None;
         }
@@ -1127,13 +1127,13 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
         // A watched connection cut before its answer started (its caller lost access while the
-        // upstream was still to answer) fails as an upstream read would: it is a refusal (503
-        // when this replica lost touch with the directory: try again).
+        // upstream was still to answer) fails as an upstream read would: it is a refusal (see
+        // `Recheck::refusal_status`).
         let cut = ctx.recheck.as_ref().filter(|r| r.is_cut());
         let code = match e.etype() {
-            _ if cut.is_some() => {
-                cut.map_or(403, |r| r.refusal_status(&session.req_header().method))
-            }
+            _ if cut.is_some() => cut.map_or(403, |r| {
+                r.refusal_status(&session.req_header().method, true)
+            }),
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
                 // Reached but too slow (to connect, to answer, to take the body): 504, as
@@ -1209,9 +1209,10 @@ impl ProxyHttp for Proxy {
                 .or_else(|| session.client_addr()?.as_inet().map(|a| a.ip()))
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
-            method = %req.method,
-            // HTTP/2 names it in `:authority`, and browsers send no `Host` there. Both cut, as
-            // in the audit: pingora reads heads of up to 1 MiB, this line is written for each.
+            // Method, host and path cut (32, 256 and 1,024 bytes), as the audit cuts method and
+            // path: pingora reads heads of up to 1 MiB, and this line is written for each.
+            method = %reply::cut(req.method.as_str(), 32),
+            // HTTP/2 names it in `:authority`, and browsers send no `Host` there.
             host = reply::cut(
                 req.headers
                     .get(header::HOST)
@@ -1232,9 +1233,11 @@ impl ProxyHttp for Proxy {
 }
 
 impl RequestCtx {
-    /// Refuses to pass on one more chunk or frame for a caller who has lost access. While
-    /// nothing moved since the request was let in, that is a read of the marks.
-    fn still_allowed(&mut self, shared: &Shared, req: &RequestHeader) -> Result<()> {
+    /// Refuses to pass on one more chunk or frame for a caller who has lost access (403; 503
+    /// when this replica lost touch, see `Recheck::refusal_status`; `sent`: whether the
+    /// request went upstream). While nothing moved since the request was let in, that is a
+    /// read of the marks.
+    fn still_allowed(&mut self, shared: &Shared, req: &RequestHeader, sent: bool) -> Result<()> {
         let Some(decided_at) = self.decided_at else {
             return Ok(());
         };
@@ -1244,7 +1247,7 @@ impl RequestCtx {
         match self.recheck(req) {
             Some(recheck) if shared.still_allowed(&recheck) => Ok(()),
             Some(recheck) => Error::e_explain(
-                ErrorType::HTTPStatus(recheck.refusal_status(&req.method)),
+                ErrorType::HTTPStatus(recheck.refusal_status(&req.method, sent)),
                 "access revoked",
             ),
             // Fail closed: a request that cannot be judged again is not carried on.

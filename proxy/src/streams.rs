@@ -16,6 +16,10 @@
 //!   judged again ([`Streams::sweep`]) and the upstream socket of each refused one is shut
 //!   down; pingora then ends the request and closes the client's connection.
 //!
+//! A stream makes no requests, so nothing on the request path refreshes its person's session
+//! with the IdP: each keeps the session cookie it was let in with
+//! ([`Recheck::keep_session_cookie`]), for the watcher to refresh it when due (`services.rs`).
+//!
 //! This module keeps the connections and knows when to judge again; what the judgement is, is
 //! the caller's closure (the gate, see `state.rs`).
 
@@ -128,12 +132,14 @@ impl Recheck {
         self.cut.load(Ordering::Acquire)
     }
 
-    /// The status a request (of `method`) refused since it was let in is answered with, if no
-    /// answer has begun: 503 when this replica lost touch with the directory (try again), for
-    /// a method a client may send again as it is (the upstream may have acted on it already);
-    /// else 403.
-    pub fn refusal_status(&self, method: &http::Method) -> u16 {
-        match self.unavailable.load(Ordering::Acquire) && method.is_idempotent() {
+    /// The status a request (of `method`, `sent` upstream or not yet) refused since it was let
+    /// in is answered with, if no answer has begun: 503 (try again) when this replica lost
+    /// touch with the directory and the request was not sent, or may be sent again as it is
+    /// (an idempotent method); else 403 (a POST the upstream may have acted on already is not
+    /// to be sent again blindly).
+    pub fn refusal_status(&self, method: &http::Method, sent: bool) -> u16 {
+        let again = !sent || method.is_idempotent();
+        match self.unavailable.load(Ordering::Acquire) && again {
             true => 503,
             false => 403,
         }
@@ -445,16 +451,13 @@ mod tests {
         let world = World::new();
         let (get, post) = (http::Method::GET, http::Method::POST);
         let lost_touch = open(&world, APP);
-        assert_eq!(
-            lost_touch.refusal_status(&get),
-            403,
-            "not cut yet: never asked"
-        );
+        assert_eq!(lost_touch.refusal_status(&get, true), 403, "not cut yet");
         let unavailable = |_: &Recheck| Admission::Refuse(Refused::Unavailable);
         assert!(!lost_touch.still_allowed(marks(1), unavailable, |_, _| {}));
-        assert_eq!(lost_touch.refusal_status(&get), 503);
-        // Not to be sent again as it is: the upstream may have acted on it.
-        assert_eq!(lost_touch.refusal_status(&post), 403);
+        assert_eq!(lost_touch.refusal_status(&get, true), 503);
+        // Not to be sent again as it is once sent: the upstream may have acted on it.
+        assert_eq!(lost_touch.refusal_status(&post, true), 403);
+        assert_eq!(lost_touch.refusal_status(&post, false), 503);
         let refused = open(&world, APP);
         let forbid = |open: &Recheck| {
             Admission::Refuse(Refused::Forbid(Refusal {
@@ -466,7 +469,7 @@ mod tests {
             }))
         };
         assert!(!refused.still_allowed(marks(1), forbid, |_, _| {}));
-        assert_eq!(refused.refusal_status(&get), 403);
+        assert_eq!(refused.refusal_status(&get, false), 403);
     }
 
     #[test]

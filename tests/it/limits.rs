@@ -282,6 +282,13 @@ async fn a_refused_head_leaves_a_short_access_log_line() {
             "a long host",
             format!("GET /long-host HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
         ),
+        (
+            "a long method",
+            format!(
+                "{} /long-method HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: close\r\n\r\n",
+                "M".repeat(8_000)
+            ),
+        ),
     ] {
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
@@ -294,7 +301,7 @@ async fn a_refused_head_leaves_a_short_access_log_line() {
                 log.lines()
                     .any(|l| l.contains(" access: ") && l.contains(mark))
             };
-            access("/long-path/") && access("/long-host")
+            access("/long-path/") && access("/long-host") && access("/long-method")
         })
         .await;
     for line in log.lines().filter(|l| l.contains("/long-")) {
