@@ -125,14 +125,19 @@ impl BackgroundService for SessionKeeper {
             }
             // The configuration as it is now, after the pause (a reload may have moved it).
             let runtime = shared.runtime.load_full();
-            let (idle, oidc) = (idle(&runtime), runtime.config.oidc.as_ref());
-            let Some(oidc) = oidc.filter(|_| idle > 0 && shared.directory_is_current()) else {
+            if !shared.directory_is_current() {
                 continue;
+            }
+            let (idle, issuer) = match runtime.config.oidc.as_ref() {
+                Some(oidc) => (idle(&runtime), oidc.issuer.as_str()),
+                // Sign-in removed (by a restart, say, off a compromised provider): with the
+                // embedded store every session is another provider's now, and is forgotten
+                // (see `maintain`), so that none comes back with it; a fleet's other replicas
+                // may still sign people in.
+                None if shared.freshness.is_none() => (0, ""),
+                None => continue,
             };
-            match sessions
-                .maintain(now_unix(), idle, every, &oidc.issuer)
-                .await
-            {
+            match sessions.maintain(now_unix(), idle, every, issuer).await {
                 Ok((0, 0)) => {}
                 Ok((touched, forgotten)) => {
                     tracing::debug!(touched, forgotten, "sessions maintained")
@@ -248,7 +253,9 @@ impl BackgroundService for UpstreamDns {
 
 /// Judges every open websocket and event stream again whenever the directory changes,
 /// sessions end or the configuration is reloaded, and at least once a second (grants end with
-/// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`).
+/// time: a session's expiry, a token's `exp`), and cuts those refused (see `streams.rs`); and
+/// refreshes with the IdP the sessions of open streams whose refresh is due (see
+/// [`Watcher::refresh_late_by`]).
 pub struct Watcher {
     shared: Arc<Shared>,
     /// Refreshes of streams' sessions under way: at most [`STREAM_REFRESHES`] at once.

@@ -820,9 +820,10 @@ impl Sessions {
     /// Stores when sessions used here more than `every` seconds after the store last had it
     /// were last used, and forgets sessions that are over: past their lifetime, or idle for
     /// `idle_timeout` plus three times `every` (more than another replica's use can be late:
-    /// its sweeps come every `every`, plus the time their writes take), and parts of sessions
-    /// that had ended. Returns how many sessions it wrote and forgot. Run
-    /// it every `every` seconds.
+    /// its sweeps come every `every`, plus the time their writes take), parts of sessions
+    /// that had ended, and, on an embedded store, sessions of a provider other than `issuer`
+    /// (a restart moved sign-in off it; `""`: sign-in is off). Returns how many sessions it
+    /// wrote and forgot. Run it every `every` seconds.
     pub async fn maintain(
         &self,
         now: u64,
@@ -1212,6 +1213,13 @@ mod tests {
             .maintain(150, 3_600, 60, "https://elsewhere.example")
             .await;
         assert_eq!(moved.unwrap(), (0, 1));
+        assert!(sessions.get(&id).is_none());
+        // Sign-in off altogether (no `[oidc]`): every session is another provider's.
+        let id = sessions
+            .create(identity("bob", 100_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        assert_eq!(sessions.maintain(150, 0, 5, "").await.unwrap(), (0, 1));
         assert!(sessions.get(&id).is_none());
     }
 
