@@ -64,7 +64,7 @@ Deactivate alice over SCIM (her id is printed above) and her very next request i
        -d '{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","value":{"active":false}}]}'
 Her AI agent too: python3 examples/agent_demo.py shows the agent's call through
 http://api.localhost:8080 refused the moment alice is deactivated. Running this script again
-makes alice active again. Ctrl-C stops the demo.
+makes alice active and a member of eng again. Ctrl-C stops the demo.
 
 MSG
 wait $portcullis

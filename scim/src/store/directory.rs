@@ -1017,36 +1017,33 @@ fn lookup(
 
 /// What `record` sorts by for `sortBy` = `by`: the value folded (strings), `None` without one.
 fn sort_key(record: &Record, by: &AttrPath) -> Option<String> {
-    let key = |record: &Record| -> Option<String> {
-        let resource = record.resource.as_object()?;
-        // An extension's attribute is in the extension's object; a core one, however written
-        // (`userName`, `urn:…:core:2.0:User:userName`), at the top.
-        let within = match by.schema.as_deref() {
-            Some(schema) if !is_core_schema(schema) => get_ci(resource, schema)?.as_object()?,
-            _ => resource,
-        };
-        let mut top = get_ci(within, &by.name)?;
-        // A multi-valued attribute sorts by its primary value, else its first (RFC 7644
-        // §3.4.2.3); a complex one's by `value` unless a sub-attribute is named.
-        if let Some(values) = top.as_array() {
-            let primary = values
-                .iter()
-                .find(|v| v.as_object().and_then(|v| get_ci(v, "primary")) == Some(&json!(true)));
-            top = primary.or(values.first())?;
-            if by.sub_attr.is_none() && top.is_object() {
-                top = get_ci(top.as_object()?, "value")?;
-            }
-        }
-        let leaf = match &by.sub_attr {
-            Some(sub) => get_ci(top.as_object()?, sub)?,
-            None => top,
-        };
-        Some(match leaf {
-            Value::String(s) => portcullis_policy::fold(s).into_owned(),
-            other => other.to_string(),
-        })
+    let resource = record.resource.as_object()?;
+    // An extension's attribute is in the extension's object; a core one, however written
+    // (`userName`, `urn:…:core:2.0:User:userName`), at the top.
+    let within = match by.schema.as_deref() {
+        Some(schema) if !is_core_schema(schema) => get_ci(resource, schema)?.as_object()?,
+        _ => resource,
     };
-    key(record)
+    let mut top = get_ci(within, &by.name)?;
+    // A multi-valued attribute sorts by its primary value, else its first (RFC 7644
+    // §3.4.2.3); a complex one's by `value` unless a sub-attribute is named.
+    if let Some(values) = top.as_array() {
+        let primary = values
+            .iter()
+            .find(|v| v.as_object().and_then(|v| get_ci(v, "primary")) == Some(&json!(true)));
+        top = primary.or(values.first())?;
+        if by.sub_attr.is_none() && top.is_object() {
+            top = get_ci(top.as_object()?, "value")?;
+        }
+    }
+    let leaf = match &by.sub_attr {
+        Some(sub) => get_ci(top.as_object()?, sub)?,
+        None => top,
+    };
+    Some(match leaf {
+        Value::String(s) => portcullis_policy::fold(s).into_owned(),
+        other => other.to_string(),
+    })
 }
 
 /// Sorts matches by their [`sort_key`]s. Stable: equal keys keep creation order (the rows'
