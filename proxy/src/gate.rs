@@ -939,7 +939,15 @@ impl Gate<'_> {
                 return Some(Judged::Revoked(Outdated::Caller));
             }
             let groups = group_refs(&view.groups);
-            let subject = user_subject(kind, view.user, &groups);
+            let mut subject = user_subject(kind, view.user, &groups);
+            // An address the IdP says it has not verified names nobody, from the directory
+            // either: the IdP provisioned that same unverified address (Okta's self-service
+            // registration without email verification), found here by `sub`.
+            if let (Some(email), Some(unverified)) = (subject.email, unverified_email(principal)) {
+                if portcullis_policy::fold(email) == portcullis_policy::fold(unverified) {
+                    subject.email = None;
+                }
+            }
             let email = subject.email;
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
@@ -1164,11 +1172,14 @@ fn on_token(
             agent: None,
         });
     }
+    // A token names a group by whatever the IdP puts in the claim: a name (Okta), or the id
+    // its SCIM provisioning sends as the group's `externalId` (Entra ID's object ids). Either
+    // rule matches it, so that a deny by `group_ids` sees the group the token lists.
     let groups: Vec<GroupRef<'_>> = token_groups
         .iter()
         .map(|g| GroupRef {
             display_name: g,
-            external_id: None,
+            external_id: Some(g),
         })
         .collect();
     let subject = Subject {
@@ -1221,6 +1232,15 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
 /// has the claim it needs.
 pub fn person_key<'a>(identity: &IdentityConfig, who: &'a Identity) -> Option<SubjectKey<'a>> {
     subject_key(identity, Principal::Person(who))
+}
+
+/// The email `principal`'s token says the IdP has not verified (`email_verified: false`).
+fn unverified_email<'a>(principal: Principal<'a>) -> Option<&'a str> {
+    match principal {
+        Principal::Person(identity) if unverified(identity) => identity.email.as_deref(),
+        Principal::Machine(token) if token.email_verified == Some(false) => token.email.as_deref(),
+        _ => None,
+    }
 }
 
 /// The policy's view of the directory user `user`, in `groups` (every group they are in).
@@ -1750,6 +1770,43 @@ mod tests {
             Cause::NoRuleAllows,
             "a token's email at corp.example does not make bob one of corp.example"
         );
+    }
+
+    /// Found by `sub`, a person whose token says the IdP has not verified their email is
+    /// not judged by that same address in the directory (the IdP provisioned it unverified).
+    #[tokio::test]
+    async fn an_unverified_email_matches_no_email_domain_from_the_directory_either() {
+        let world = by_sub();
+        world
+            .user_with_emails("eve", "ext-e", &[("eve@corp.example", true)])
+            .await;
+        let mut eve = world.person("eve@corp.example");
+        eve.subject = "ext-e".to_owned();
+        eve.email_verified = Some(false);
+        assert_eq!(
+            forbidden(as_person(&world, &eve, 5, "/")).cause,
+            Cause::NoRuleAllows
+        );
+        eve.email_verified = None;
+        allowed(as_person(&world, &eve, 5, "/"));
+    }
+
+    /// A stranger's token groups (on a `token_groups` route) are matched by `group_ids` too:
+    /// Entra ID's tokens list object ids, which its SCIM sends as groups' `externalId`.
+    #[tokio::test]
+    async fn a_deny_by_group_id_refuses_a_stranger_whose_token_lists_it() {
+        let world = World::with(config(
+            "[[routes]]\nfrom = \"http://ids.test\"\nto = [\"http://127.0.0.1:3\"]\ntoken_groups = true\nallow = { any_signed_in = true }\ndeny = { group_ids = [\"c0ffee\"] }\n",
+        ));
+        let route = world.config.routes.len() - 1;
+        let mut dan = world.person("dan@partner.example");
+        dan.groups = vec!["c0ffee".to_owned()];
+        assert_eq!(
+            forbidden(as_person(&world, &dan, route, "/")).cause,
+            Cause::DenyRule
+        );
+        dan.groups = vec!["other".to_owned()];
+        allowed(as_person(&world, &dan, route, "/"));
     }
 
     #[tokio::test]
