@@ -542,7 +542,13 @@ impl Gate<'_> {
             }
         };
         if !self.current {
-            // Fail closed: a directory that may miss a revocation answers for nobody.
+            // Fail closed: a directory that may miss a revocation answers for nobody. What
+            // anyone may have (a public rule) stays open, as anyone's: the caller would have it
+            // without their credential.
+            let decision = facts.route.policy.evaluate(None, &request);
+            if decision.allowed {
+                return allow_anonymous(&decision, explain);
+            }
             return Admission::Refuse(Refused::Unavailable);
         }
         let judged = match self.resolve(facts, &request, principal, explain) {
@@ -1770,6 +1776,34 @@ mod tests {
             Cause::NoRuleAllows,
             "a token's email at corp.example does not make bob one of corp.example"
         );
+    }
+
+    /// A replica out of touch with the directory answers for nobody, but a public rule still
+    /// lets a signed-in caller in, as anyone (as it lets in a caller without credentials).
+    #[tokio::test]
+    async fn out_of_touch_a_public_path_stays_open_to_a_signed_in_caller_as_anyone() {
+        let world = World::new();
+        let alice = world.user("alice@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        let person = world.person("alice@corp.example");
+        let gate = Gate {
+            current: false,
+            ..world.gate()
+        };
+        let admit = |path| {
+            gate.admit(
+                &facts(&world, 0, "GET", path),
+                Presented::Caller(Principal::Person(&person)),
+            )
+        };
+        match admit("/public") {
+            Admission::Allow(pass) => assert!(pass.forward.is_none(), "told of no caller"),
+            other => panic!("expected the public path open, got {other:?}"),
+        }
+        assert!(matches!(
+            admit("/work"),
+            Admission::Refuse(Refused::Unavailable)
+        ));
     }
 
     /// Found by `sub`, a person whose token says the IdP has not verified their email is
