@@ -648,17 +648,15 @@ async fn reading_the_fleet_s_log_back_since_a_time_passes_over_records_that_arri
 }
 
 /// The JWKS `replica` publishes.
-async fn jwks_of(replica: &Replica) -> jsonwebtoken::jwk::JwkSet {
+/// The replica's answer to `GET /.portcullis/jwks.json`.
+async fn jwks_answer(replica: &Replica) -> reqwest::Response {
     let url = replica.cfg.http_url("api.test", "/.portcullis/jwks.json");
-    let text = bare_client()
-        .get(&url)
-        .send()
-        .await
-        .expect("GET jwks")
-        .text()
-        .await
-        .unwrap_or_default();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: {e}: {text}"))
+    bare_client().get(&url).send().await.expect("GET jwks")
+}
+
+async fn jwks_of(replica: &Replica) -> jsonwebtoken::jwk::JwkSet {
+    let text = jwks_answer(replica).await.text().await.unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("jwks: {e}: {text}"))
 }
 
 fn kids(jwks: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
@@ -901,11 +899,7 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
         assert_eq!(code, 503, "{name} /readyz during the gap: {text}");
         assert!(text.contains("not ready"), "{name}: {text}");
         // Its key set may lack a key rotated in since: not handed to an upstream to keep.
-        let jwks = bare_client()
-            .get(replica.api_url("/.portcullis/jwks.json"))
-            .send()
-            .await
-            .unwrap();
+        let jwks = jwks_answer(replica).await;
         assert_eq!(
             jwks.status(),
             503,
@@ -944,13 +938,8 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
             "{name} did not catch up: {:?}",
             readyz(replica).await
         );
-        let jwks = bare_client()
-            .get(replica.api_url("/.portcullis/jwks.json"))
-            .send()
-            .await
-            .unwrap();
         assert_eq!(
-            jwks.status(),
+            jwks_answer(replica).await.status(),
             200,
             "{name} /.portcullis/jwks.json once caught up"
         );
