@@ -10,6 +10,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::assertion::{self, Signer};
 use crate::auth::oidc;
+use crate::auth::sessions::upkeep_every;
 use crate::clock::now_unix;
 use crate::state::Shared;
 
@@ -119,7 +120,7 @@ impl BackgroundService for SessionKeeper {
             let idle = |runtime: &crate::state::Runtime| {
                 (runtime.config.oidc.as_ref()).map_or(0, |o| o.session_idle_timeout.as_secs())
             };
-            let every = (idle(&shared.runtime.load()) / 8).clamp(5, 300);
+            let every = upkeep_every(idle(&shared.runtime.load()));
             if !pause(&mut shutdown, Duration::from_secs(every)).await {
                 return;
             }
@@ -128,16 +129,14 @@ impl BackgroundService for SessionKeeper {
             if !shared.directory_is_current() {
                 continue;
             }
-            let (idle, issuer) = match runtime.config.oidc.as_ref() {
-                Some(oidc) => (idle(&runtime), oidc.issuer.as_str()),
-                // Sign-in removed (by a restart, say, off a compromised provider): with the
-                // embedded store every session is another provider's now, and is forgotten
-                // (see `maintain`), so that none comes back with it; a fleet's other replicas
-                // may still sign people in.
-                None if shared.freshness.is_none() => (0, ""),
-                None => continue,
-            };
-            match sessions.maintain(now_unix(), idle, every, issuer).await {
+            // Sign-in removed (by a restart, say, off a compromised provider): with the
+            // embedded store every session is forgotten (see `maintain`), so that none comes
+            // back with it; a fleet's other replicas may still sign people in.
+            let oidc = runtime.config.oidc.as_ref();
+            if oidc.is_none() && shared.freshness.is_some() {
+                continue;
+            }
+            match sessions.maintain(now_unix(), every, oidc).await {
                 Ok((0, 0)) => {}
                 Ok((touched, forgotten)) => {
                     tracing::debug!(touched, forgotten, "sessions maintained")

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use portcullis_config::{Config, Scheme};
+use portcullis_config::{Config, OidcConfig, Scheme};
 use portcullis_scim::store::postgres::Freshness;
 use portcullis_scim::store::Directory;
 
@@ -20,6 +20,7 @@ use crate::assertion::Signer;
 use crate::audit::Audit;
 use crate::auth::Auth;
 use crate::caller::Caller;
+use crate::clock::now_unix;
 use crate::gate::{Admission, Forwards, Gate, Refused};
 use crate::metrics::RouteMetrics;
 use crate::reload::AtStart;
@@ -333,38 +334,40 @@ impl Shared {
     pub fn install(&self, mut runtime: Runtime) {
         runtime.tokens_epoch = self.auth.verified.config_changed();
         self.auth.sessions.issued_in(runtime.session_cookie());
-        let issuer = |runtime: &Runtime| runtime.config.oidc.as_ref().map(|o| o.issuer.clone());
-        let (before, now) = (issuer(&self.runtime.load()), issuer(&runtime));
+        let before = self.runtime.load().config.oidc.clone();
+        let after = runtime.config.oidc.clone();
         self.runtime.store(Arc::new(runtime));
         self.reloads.bump();
-        // Sign-in moved to another provider (off a compromised one, say), or off any: the old
-        // one's sessions vouch for nobody from now (`Session::vouches`), and end, so that a
-        // reload back to it does not bring them back (those begun while it was compromised,
-        // those it logged out meanwhile, which it could not tell Portcullis of).
-        if before.is_some() && before != now {
-            self.end_sessions_not_of(now);
+        // Sign-in moved to another provider (off a compromised one, say), or off any, or its
+        // sessions' lifetime or idle timeout changed: the sessions either configuration would
+        // refuse end, so that a reload back does not bring them back (those begun while the
+        // provider was compromised, those it logged out meanwhile, which it could not tell
+        // Portcullis of; those a lifetime shortened after an incident had cut off).
+        if let Some(before) = before.filter(|before| Some(before) != after.as_ref()) {
+            self.end_sessions_not_held(before, after);
         }
     }
 
-    /// Ends, in the background, every session not begun with the provider `issuer`.
-    fn end_sessions_not_of(&self, issuer: Option<String>) {
+    /// Ends, in the background, the sessions sign-in as configured `before` a reload or
+    /// `after` it would refuse (see [`crate::auth::sessions::Sessions::end_not_held`]).
+    fn end_sessions_not_held(&self, before: OidcConfig, after: Option<OidcConfig>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let auth = self.auth.clone();
         runtime.spawn(async move {
-            let others = |identity: &crate::caller::Identity| {
-                issuer.as_deref() != Some(identity.issuer.as_str())
-            };
-            match auth.sessions.end_where(others).await {
+            let ended = auth
+                .sessions
+                .end_not_held(now_unix(), &before, after.as_ref());
+            match ended.await {
                 Ok(0) => {}
                 Ok(ended) => tracing::info!(
                     ended,
-                    "sessions of an identity provider no longer configured ended"
+                    "sessions the sign-in configuration no longer holds ended"
                 ),
                 Err(e) => tracing::error!(
-                    "cannot end the sessions of an identity provider no longer configured \
-                     (they vouch for nobody while it is not): {e}"
+                    "cannot end the sessions the sign-in configuration no longer holds \
+                     (they vouch for nobody while it does not): {e}"
                 ),
             }
         });
@@ -404,7 +407,7 @@ impl Shared {
             directory: self.directory.visible_seq(),
             session_ends: self.auth.sessions.ends(),
             config: self.reloads.get(),
-            second: crate::clock::now_unix(),
+            second: now_unix(),
             current: self.directory_is_current(),
         }
     }

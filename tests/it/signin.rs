@@ -3003,9 +3003,7 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     // Ended, not only set aside: moved back, the provider's sessions from before stay ended
     // (those begun while it was compromised, those it logged out meanwhile).
     fx.px
-        .log_until(|log| {
-            log.contains("sessions of an identity provider no longer configured ended")
-        })
+        .log_until(|log| log.contains("sessions the sign-in configuration no longer holds ended"))
         .await;
     fx.px.rewrite_config(&fx.cfg.toml());
     fx.px.reload_and_wait().await;
@@ -3013,6 +3011,39 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let again = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
     assert_session_works(&url, &again.cookie).await;
+}
+
+/// A reload that shortens `session_lifetime` (after a stolen cookie, say) ends the sessions
+/// past it: a reload back to the old lifetime does not let them in again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_a_shortened_lifetime_ended_stays_ended_when_it_is_lengthened_again() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+    // The shortest lifetime there is, a minute, and the session a little older.
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    let lifetime = "session_lifetime = \"2h\"";
+    let shortened = fx
+        .cfg
+        .toml()
+        .replacen(lifetime, "session_lifetime = \"1m\"", 1);
+    assert_ne!(shortened, fx.cfg.toml(), "the config sets the lifetime");
+    fx.px.rewrite_config(&shortened);
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    fx.px
+        .log_until(|log| log.contains("sessions the sign-in configuration no longer holds ended"))
+        .await;
+    fx.px.rewrite_config(&fx.cfg.toml());
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "ended, not set aside"
+    );
 }
 
 /// Renaming the session cookie ends the sessions issued in the old one: browsers keep

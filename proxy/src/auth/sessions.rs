@@ -189,14 +189,22 @@ impl Session {
     /// issued in a cookie of the configured name (browsers keep sending the old name's, which
     /// upstreams are then sent: renamed, sessions end rather than be worth something there).
     pub fn vouches(&self, now: u64, oidc: &OidcConfig) -> bool {
+        self.cookie
+            .as_deref()
+            .is_none_or(|name| name == oidc.cookie_name)
+            && self.holds_under(now, oidc, 0)
+    }
+
+    /// Whether the session is of `oidc`'s provider, no older than its `session_lifetime`, and
+    /// used within its `session_idle_timeout` plus `idle_margin` seconds: what
+    /// [`Session::vouches`] judges, bar the cookie's name (renamed back, or on a replica not
+    /// renamed yet, a session in the old one vouches again).
+    fn holds_under(&self, now: u64, oidc: &OidcConfig, idle_margin: u64) -> bool {
         let lifetime = oidc.session_lifetime.as_secs();
+        let idle = oidc.session_idle_timeout.as_secs();
         self.identity.issuer == oidc.issuer
-            && self
-                .cookie
-                .as_deref()
-                .is_none_or(|name| name == oidc.cookie_name)
             && now < self.identity.created.saturating_add(lifetime)
-            && self.is_live(now, oidc.session_idle_timeout.as_secs())
+            && self.is_live(now, idle.saturating_add(idle_margin))
     }
 
     /// The store says the session was used at `seen` (here or on another replica).
@@ -632,6 +640,36 @@ impl Sessions {
         Ok(keys.len())
     }
 
+    /// Ends the sessions that sign-in as configured `before` a reload did not hold (past its
+    /// lifetime, idle, another provider's) or as configured `after` it does not (`None`:
+    /// sign-in is off), so that no change brings back a session another had ended: a lifetime
+    /// shortened after an incident and lengthened again, an idle timeout raised, a move to
+    /// another provider and back. With a shared store a session's use on another replica
+    /// reaches this one up to [`SHARED_USE_LATE_BY`] late, and idleness is judged with that
+    /// margin. Returns how many were ended.
+    pub async fn end_not_held(
+        &self,
+        now: u64,
+        before: &OidcConfig,
+        after: Option<&OidcConfig>,
+    ) -> Result<usize, String> {
+        let margin = if self.directory.is_shared() {
+            SHARED_USE_LATE_BY
+        } else {
+            0
+        };
+        let keys: Vec<SessionKey> = (self.kept.sessions.iter())
+            .filter(|held| {
+                let session = held.value();
+                !session.holds_under(now, before, margin)
+                    || after.is_none_or(|after| !session.holds_under(now, after, margin))
+            })
+            .map(|held| *held.key())
+            .collect();
+        self.end(&keys).await?;
+        Ok(keys.len())
+    }
+
     /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
     /// `newest` (just made, under the id `id`) among them: someone who signs in again and
     /// again (a script with an IdP account) cannot fill every replica's memory and the store.
@@ -818,30 +856,38 @@ impl Sessions {
     }
 
     /// Stores when sessions used here more than `every` seconds after the store last had it
-    /// were last used, and forgets sessions that are over: past their lifetime, or idle for
-    /// `idle_timeout` plus three times `every` (more than another replica's use can be late:
-    /// its sweeps come every `every`, plus the time their writes take), parts of sessions
-    /// that had ended, and, on an embedded store, sessions of a provider other than `issuer`
-    /// (a restart moved sign-in off it; `""`: sign-in is off). Returns how many sessions it
-    /// wrote and forgot. Run it every `every` seconds.
+    /// were last used, and forgets sessions that are over: past the lifetime they began with,
+    /// or idle for `oidc`'s `session_idle_timeout` plus three times `every` (more than another
+    /// replica's use can be late: its sweeps come every `every`, plus the time their writes
+    /// take), and parts of sessions that had ended. On an embedded store it also forgets those
+    /// `oidc` does not hold (another provider's, or past its lifetime; every one when `None`,
+    /// sign-in is off): a restart that shortened the lifetime or moved sign-in off a provider
+    /// must not have them come back with a restart back. Returns how many sessions it wrote
+    /// and forgot. Run it every `every` seconds ([`upkeep_every`]).
     pub async fn maintain(
         &self,
         now: u64,
-        idle_timeout: u64,
         every: u64,
-        issuer: &str,
+        oidc: Option<&OidcConfig>,
     ) -> Result<(usize, usize), String> {
+        let margin = 3 * every;
+        let idle = oidc.map_or(0, |oidc| oidc.session_idle_timeout.as_secs());
         let mut entries = Vec::new();
         let (mut touched, mut over) = (0, 0);
         for held in self.kept.sessions.iter() {
             let (key, session) = (held.key(), held.value());
             let last_seen = session.last_seen();
-            // Another provider's: moved off it (by a reload, which ends them at once, or a
-            // restart), its sessions must not come back with it. Not with a shared store: the
-            // fleet's other replicas may still be configured with it (a rolling change, or one
-            // replica's mistake), and would have their sessions ended every few minutes.
-            let elsewhere = session.identity.issuer != issuer && !self.directory.is_shared();
-            if elsewhere || !session.is_live(now, idle_timeout.saturating_add(3 * every)) {
+            // Not so with a shared store: the fleet's other replicas may still be configured
+            // as before (a rolling change, or one replica's mistake), and would have their
+            // sessions ended every few minutes. A reload ends them there (`end_not_held`).
+            let ended = match oidc {
+                _ if self.directory.is_shared() => {
+                    !session.is_live(now, idle.saturating_add(margin))
+                }
+                Some(oidc) => !session.holds_under(now, oidc, margin),
+                None => true,
+            };
+            if ended {
                 over += 1;
                 entries.extend(forget(key));
             } else if last_seen >= session.stored_seen.load(Ordering::Relaxed) + every {
@@ -935,6 +981,16 @@ fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
 /// [`Sessions::refreshed_elsewhere`].
 const REFRESH_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often session upkeep ([`Sessions::maintain`]) runs under an idle timeout of `idle`
+/// seconds: an eighth of it, from 5 s to 5 minutes.
+pub fn upkeep_every(idle: u64) -> u64 {
+    (idle / 8).clamp(5, 300)
+}
+
+/// How late a session's use on one replica can reach the others through a shared store, at
+/// most: three periods of the longest upkeep.
+const SHARED_USE_LATE_BY: u64 = 3 * 300;
+
 /// Entries per directory write when many sessions are written at once.
 const MAX_ENTRIES_PER_WRITE: usize = 1_000;
 
@@ -962,6 +1018,14 @@ mod tests {
             groups_unlisted: false,
             claims: Default::default(),
         }
+    }
+
+    /// Sign-in with `issuer`, an idle timeout of `idle` seconds and the default lifetime.
+    fn oidc(issuer: &str, idle: u64) -> OidcConfig {
+        let mut oidc = crate::testing::config("").oidc.unwrap();
+        oidc.issuer = issuer.to_owned();
+        oidc.session_idle_timeout = std::time::Duration::from_secs(idle);
+        oidc
     }
 
     struct Opened {
@@ -1037,7 +1101,7 @@ mod tests {
         );
         // Kept with the margin sessions get (three times `every`), for clocks behind.
         sessions
-            .maintain(1_180, 3600, 60, "https://idp.test")
+            .maintain(1_180, 60, Some(&oidc("https://idp.test", 3600)))
             .await
             .unwrap();
         assert!(
@@ -1045,7 +1109,7 @@ mod tests {
             "still kept at 1180"
         );
         sessions
-            .maintain(1_181, 3600, 60, "https://idp.test")
+            .maintain(1_181, 60, Some(&oidc("https://idp.test", 3600)))
             .await
             .unwrap();
         assert!(
@@ -1206,11 +1270,13 @@ mod tests {
             .create(identity("ann", 100_000), None, "portcullis_session", 100)
             .await
             .unwrap();
-        let kept = sessions.maintain(150, 3_600, 60, "https://idp.test").await;
+        let kept = sessions
+            .maintain(150, 60, Some(&oidc("https://idp.test", 3_600)))
+            .await;
         assert_eq!(kept.unwrap(), (0, 0));
         assert!(sessions.get(&id).is_some());
         let moved = sessions
-            .maintain(150, 3_600, 60, "https://elsewhere.example")
+            .maintain(150, 60, Some(&oidc("https://elsewhere.example", 3_600)))
             .await;
         assert_eq!(moved.unwrap(), (0, 1));
         assert!(sessions.get(&id).is_none());
@@ -1219,8 +1285,68 @@ mod tests {
             .create(identity("bob", 100_000), None, "portcullis_session", 100)
             .await
             .unwrap();
-        assert_eq!(sessions.maintain(150, 0, 5, "").await.unwrap(), (0, 1));
+        assert_eq!(sessions.maintain(150, 5, None).await.unwrap(), (0, 1));
         assert!(sessions.get(&id).is_none());
+        // A lifetime shortened (by a restart, which no reload saw): a session past it is
+        // forgotten, and a restart back does not bring it back.
+        let id = sessions
+            .create(identity("cy", 100_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let mut shortened = oidc("https://idp.test", 3_600);
+        shortened.session_lifetime = std::time::Duration::from_secs(60);
+        assert_eq!(
+            sessions.maintain(160, 60, Some(&shortened)).await.unwrap(),
+            (0, 1)
+        );
+        assert!(sessions.get(&id).is_none());
+    }
+
+    /// A reload ends the sessions sign-in as configured before or after it refuses: a
+    /// lifetime shortened, then lengthened again, or an idle timeout raised, brings none back.
+    #[tokio::test]
+    async fn a_reload_ends_the_sessions_either_configuration_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let begun_at = |sub: &str, created: u64| Identity {
+            created,
+            ..identity(sub, 100_000)
+        };
+        let old = sessions
+            .create(begun_at("old", 100), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let idle = sessions
+            .create(begun_at("idle", 800), None, "portcullis_session", 800)
+            .await
+            .unwrap();
+        let young = sessions
+            .create(begun_at("young", 900), None, "portcullis_session", 900)
+            .await
+            .unwrap();
+        sessions.get(&old).unwrap().1.touch(990);
+        let before = oidc("https://idp.test", 150);
+        // The idle timeout raised: `idle` had idled out before it.
+        let raised = oidc("https://idp.test", 3_600);
+        assert_eq!(
+            sessions.end_not_held(1_000, &before, Some(&raised)).await,
+            Ok(1)
+        );
+        assert!(sessions.get(&idle).is_none());
+        // The lifetime shortened: `old` is past it.
+        let mut shortened = raised.clone();
+        shortened.session_lifetime = std::time::Duration::from_secs(600);
+        let ended = sessions
+            .end_not_held(1_000, &raised, Some(&shortened))
+            .await;
+        assert_eq!(ended, Ok(1));
+        assert!(sessions.get(&old).is_none());
+        assert!(sessions.get(&young).is_some());
+        // Sign-in off: every session.
+        assert_eq!(sessions.end_not_held(1_000, &shortened, None).await, Ok(1));
+        assert!(sessions.get(&young).is_none());
+        drop(sessions);
+        assert_eq!(open(dir.path()).sessions.count(), 0, "ending is durable");
     }
 
     #[tokio::test]
@@ -1242,7 +1368,7 @@ mod tests {
         // Nothing is due a moment later.
         assert_eq!(
             sessions
-                .maintain(150, 3_600, 60, "https://idp.test")
+                .maintain(150, 60, Some(&oidc("https://idp.test", 3_600)))
                 .await
                 .unwrap(),
             (0, 0)
@@ -1252,7 +1378,7 @@ mod tests {
         // late), or past its lifetime: forgotten.
         assert_eq!(
             sessions
-                .maintain(3_800, 3_600, 60, "https://idp.test")
+                .maintain(3_800, 60, Some(&oidc("https://idp.test", 3_600)))
                 .await
                 .unwrap(),
             (1, 1)
@@ -1261,7 +1387,7 @@ mod tests {
         assert!(sessions.get(&idle).is_some(), "used elsewhere, perhaps");
         assert_eq!(
             sessions
-                .maintain(3_900, 3_600, 60, "https://idp.test")
+                .maintain(3_900, 60, Some(&oidc("https://idp.test", 3_600)))
                 .await
                 .unwrap(),
             (0, 1)
@@ -1274,7 +1400,7 @@ mod tests {
         assert_eq!(sessions.get(&used).unwrap().1.last_seen(), 3_000);
         assert_eq!(
             sessions
-                .maintain(3_900, 3_600, 60, "https://idp.test")
+                .maintain(3_900, 60, Some(&oidc("https://idp.test", 3_600)))
                 .await
                 .unwrap(),
             (0, 0)
@@ -1288,7 +1414,7 @@ mod tests {
         assert!(sessions.get(&used).is_none());
         assert_eq!(lock(&kept.orphans).len(), 1);
         sessions
-            .maintain(4_000, 3_600, 60, "https://idp.test")
+            .maintain(4_000, 60, Some(&oidc("https://idp.test", 3_600)))
             .await
             .unwrap();
         assert!(lock(&kept.orphans).is_empty());
