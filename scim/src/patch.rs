@@ -503,7 +503,7 @@ impl Target {
                     )));
                 }
                 if let Some(items) = container.get_mut(attr.name).and_then(Value::as_array_mut) {
-                    items.retain(|item| !gone.iter().any(|g| contains_all(attr, item, g)));
+                    items.retain(|item| !gone.iter().any(|g| names(attr, item, g)));
                 }
                 drop_if_unassigned(container, attr.name);
             }
@@ -709,6 +709,19 @@ impl Target {
                 self.name
             ))),
         }
+    }
+}
+
+/// Whether `wanted`, a value to remove, names `item`, a value of `attr`. A reference (a value
+/// with a `$ref`: an agent's owners and applications) is named by its id, `value`, alone: the
+/// rest (`$ref`, `type`, `display`) describes it as the client read it, and need not be kept
+/// with it (Portcullis writes each `$ref` into what it answers, and a client echoes it back).
+/// Any other value is named by all it gives ([`contains_all`]).
+fn names(attr: &AttributeDef, item: &Value, wanted: &Value) -> bool {
+    let id = |value: &Value| value.as_object().and_then(|v| get_ci(v, "value")).cloned();
+    match id(wanted) {
+        Some(wanted) if attr.sub_attribute("$ref").is_some() => id(item) == Some(wanted),
+        _ => contains_all(attr, item, wanted),
     }
 }
 
@@ -1273,6 +1286,39 @@ mod tests {
         assert_eq!(
             u["schemas"],
             json!(["urn:ietf:params:scim:schemas:core:2.0:User"])
+        );
+    }
+
+    /// An agent's owner is removed by the value a client read back, `$ref` and `type` with
+    /// its id: they describe the reference, and need not have been written with it.
+    #[test]
+    fn a_reference_is_removed_by_its_id_whatever_else_the_value_says() {
+        use crate::schema::{AGENT_SCHEMA, PORTCULLIS_AGENT_SCHEMA};
+        let mut agent = json!({
+            "schemas": [AGENT_SCHEMA, PORTCULLIS_AGENT_SCHEMA],
+            "id": "a-1",
+            "name": "helpdesk",
+            PORTCULLIS_AGENT_SCHEMA: {"owners": [{"value": "u1"}, {"value": "u2"}]}
+        });
+        let read_back = json!({
+            "value": "u1",
+            "$ref": "https://auth.example/scim/v2/Users/u1",
+            "type": "User"
+        });
+        let path = format!("{PORTCULLIS_AGENT_SCHEMA}:owners");
+        let ops = json!([{"op": "remove", "path": path, "value": [read_back]}]);
+        patch(&mut agent, ResourceType::Agent, ops).unwrap();
+        assert_eq!(
+            agent[PORTCULLIS_AGENT_SCHEMA]["owners"],
+            json!([{"value": "u2"}])
+        );
+        // Another id names no owner, whatever else it says.
+        let other = json!({"value": "U2", "$ref": "https://auth.example/scim/v2/Users/u2"});
+        let ops = json!([{"op": "remove", "path": path, "value": [other]}]);
+        patch(&mut agent, ResourceType::Agent, ops).unwrap();
+        assert_eq!(
+            agent[PORTCULLIS_AGENT_SCHEMA]["owners"],
+            json!([{"value": "u2"}])
         );
     }
 

@@ -802,6 +802,26 @@ async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
     assert_eq!(t.call(&token).await.0, StatusCode::OK);
 }
 
+/// An IdP that removes an agent's owner by the value it read back (with the `$ref` Portcullis
+/// wrote into it) removes it: the agent, owned by no one, is refused on its next call.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_removed_as_it_was_read_back_is_gone() {
+    let t = Agents::start().await;
+    let token = t.token().await;
+    assert_eq!(t.call(&token).await.0, StatusCode::OK);
+    let agent = format!("/Agents/{}", t.agent);
+    let read = t.scim.get(&agent).await;
+    let owner = read.body["owners"][0].clone();
+    assert!(owner["$ref"].is_string(), "{:#}", read.body);
+    let ops = patch_ops(json!([{"op": "remove",
+                                "path": format!("{PORTCULLIS_AGENT_SCHEMA}:owners"),
+                                "value": [owner]}]));
+    t.scim.patch(&agent, &ops).await.expect(200);
+    let read = t.scim.get(&agent).await;
+    assert_eq!(read.body.get("owners"), None, "{:#}", read.body);
+    assert_eq!(t.call(&token).await.0, StatusCode::FORBIDDEN);
+}
+
 /// The identity headers tell the upstream who calls as it will read them, or the request is
 /// refused. An HTTP/1 upstream trims a header value: alice renamed `bob@corp.test ` (a
 /// `userName` SCIM takes, and no other user's) would reach it as bob. A control character
