@@ -171,11 +171,14 @@ impl AgentRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Entry {
-    /// A committed SCIM change; `actor` is the SCIM token's name.
+    /// A committed SCIM change; `actor` is the SCIM token's name, `client` the address its
+    /// request came from (none in a change made before it was kept, or by Portcullis itself).
     Change {
         seq: u64,
         time: String,
         actor: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
         op: String,
         resource_type: String,
         id: String,
@@ -241,6 +244,7 @@ impl From<&Change> for Entry {
             seq: c.seq,
             time: c.time.clone(),
             actor: c.actor.clone(),
+            client: c.client.clone(),
             op: c.op.clone(),
             resource_type: c.resource_type.clone(),
             id: c.id.clone(),
@@ -284,11 +288,11 @@ impl Entry {
     /// The address the request came from, where a request made the record.
     pub fn client(&self) -> Option<&str> {
         match self {
-            Entry::Refusal { client, .. }
+            Entry::Change { client, .. }
+            | Entry::Refusal { client, .. }
             | Entry::Allow { client, .. }
             | Entry::Action { client, .. }
             | Entry::Session { client, .. } => client.as_deref(),
-            Entry::Change { .. } => None,
         }
     }
 
@@ -308,11 +312,15 @@ impl Entry {
                 seq,
                 time,
                 actor,
+                client,
                 op,
                 resource_type,
                 id,
                 summary,
-            } => format!("{time} change  #{seq} by {actor}: {op} {resource_type} {id} ({summary})"),
+            } => format!(
+                "{time} change  #{seq} by {actor}{}: {op} {resource_type} {id} ({summary})",
+                from(client)
+            ),
             Entry::Refusal {
                 time,
                 user,
@@ -729,6 +737,7 @@ impl Audit {
                     event = "change",
                     seq = change.seq,
                     actor = %change.actor,
+                    client = change.client.as_deref().unwrap_or("-"),
                     op = %change.op,
                     resource_type = %change.resource_type,
                     id = %change.id,
@@ -2157,6 +2166,7 @@ mod tests {
             seq: 7,
             time: "2025-01-02T03:04:05Z".to_owned(),
             actor: "okta".to_owned(),
+            client: None,
             op: "create".to_owned(),
             resource_type: "User".to_owned(),
             id: "u1".to_owned(),
@@ -2240,6 +2250,7 @@ mod tests {
             seq: 1,
             time: "2025-01-02T03:04:05Z".to_owned(),
             actor: "okta".to_owned(),
+            client: None,
             op: "patch".to_owned(),
             resource_type: "User".to_owned(),
             id: id.to_owned(),
@@ -2685,6 +2696,7 @@ mod tests {
             time: now(),
             seq,
             actor: "okta".to_owned(),
+            client: None,
             op: "create".to_owned(),
             resource_type: "User".to_owned(),
             id: "1".to_owned(),

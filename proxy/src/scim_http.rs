@@ -168,6 +168,7 @@ impl Scim {
             body.extend_from_slice(&chunk);
         }
 
+        let client = client.map(|address| address.to_string());
         let response = self
             .service
             .handle(ScimRequest {
@@ -179,6 +180,7 @@ impl Scim {
                 body: &body,
                 base_url: &base_url,
                 actor: &actor,
+                client: client.as_deref(),
             })
             .await;
         write(session, &response, false).await

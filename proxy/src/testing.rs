@@ -174,6 +174,7 @@ impl World {
                 body: body.as_bytes(),
                 base_url: "http://auth.test/scim/v2",
                 actor: "test",
+                client: None,
             })
             .await;
         assert!(

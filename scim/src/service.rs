@@ -60,6 +60,24 @@ pub struct ScimRequest<'a> {
     pub base_url: &'a str,
     /// The name of the token that authenticated the request.
     pub actor: &'a str,
+    /// The address the request came from, which the changes it makes record.
+    pub client: Option<&'a str>,
+}
+
+impl ScimRequest<'_> {
+    fn author(&self) -> Author<'_> {
+        Author {
+            actor: self.actor,
+            client: self.client,
+        }
+    }
+}
+
+/// Who makes a write: the SCIM token's name, and the address its request came from.
+#[derive(Clone, Copy)]
+struct Author<'a> {
+    actor: &'a str,
+    client: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -281,7 +299,7 @@ impl ScimService {
                     ([], &Method::POST) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
-                        let written = self.create(rt, &body, req.actor).await?;
+                        let written = self.create(rt, &body, req.author()).await?;
                         Ok(self.written(req, rt, written, 201, &params.projection(rt)))
                     }
                     ([id], &Method::GET) => {
@@ -298,13 +316,17 @@ impl ScimService {
                     ([id], &Method::PUT) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
-                        let written = self.replace(rt, id, &body, req.if_match, req.actor).await?;
+                        let written = self
+                            .replace(rt, id, &body, req.if_match, req.author())
+                            .await?;
                         Ok(self.written(req, rt, written, 200, &params.projection(rt)))
                     }
                     ([id], &Method::PATCH) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
-                        let written = self.patch(rt, id, &body, req.if_match, req.actor).await?;
+                        let written = self
+                            .patch(rt, id, &body, req.if_match, req.author())
+                            .await?;
                         if rt == ResourceType::Group && params.attributes.is_none() {
                             // 204, as Okta expects for groups: rendering the group would mean
                             // listing its members (see the module doc).
@@ -318,7 +340,7 @@ impl ScimService {
                         Ok(self.written(req, rt, written, 200, &params.projection(rt)))
                     }
                     ([id], &Method::DELETE) => {
-                        self.delete(rt, id, req.if_match, req.actor).await?;
+                        self.delete(rt, id, req.if_match, req.author()).await?;
                         Ok(ScimResponse {
                             status: 204,
                             etag: None,
@@ -676,17 +698,18 @@ impl ScimService {
         }
     }
 
-    async fn create(&self, rt: ResourceType, body: &Value, actor: &str) -> Result<Written> {
+    async fn create(&self, rt: ResourceType, body: &Value, by: Author<'_>) -> Result<Written> {
         let mut resource = validate_resource(rt, body, Mode::Create)?;
         let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
         self.directory
-            .write(
+            .write_from(
                 Command::Create {
                     rt,
                     resource,
                     password_hash,
                 },
-                actor,
+                by.actor,
+                by.client,
             )
             .await
     }
@@ -697,7 +720,7 @@ impl ScimService {
         id: &str,
         body: &Value,
         if_match: Option<&str>,
-        actor: &str,
+        by: Author<'_>,
     ) -> Result<Written> {
         // `id` is read-only: a PUT may repeat it but not change it. (Validation drops read-only
         // attributes, so this is checked on the body as sent.)
@@ -714,7 +737,7 @@ impl ScimService {
         let mut resource = validate_resource(rt, body, Mode::Replace)?;
         let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
         self.directory
-            .write(
+            .write_from(
                 Command::Replace {
                     rt,
                     id: id.to_owned(),
@@ -722,7 +745,8 @@ impl ScimService {
                     password_hash,
                     if_match: if_match.map(str::to_owned),
                 },
-                actor,
+                by.actor,
+                by.client,
             )
             .await
     }
@@ -733,13 +757,13 @@ impl ScimService {
         id: &str,
         body: &Value,
         if_match: Option<&str>,
-        actor: &str,
+        by: Author<'_>,
     ) -> Result<Written> {
         let mut ops = parse_patch_request(body)?;
         let password = take_patch_password(rt, &mut ops)?;
         let password_hash = hash_password(password).await?;
         self.directory
-            .write(
+            .write_from(
                 Command::Patch {
                     rt,
                     id: id.to_owned(),
@@ -747,7 +771,8 @@ impl ScimService {
                     password_hash,
                     if_match: if_match.map(str::to_owned),
                 },
-                actor,
+                by.actor,
+                by.client,
             )
             .await
     }
@@ -757,16 +782,17 @@ impl ScimService {
         rt: ResourceType,
         id: &str,
         if_match: Option<&str>,
-        actor: &str,
+        by: Author<'_>,
     ) -> Result<Written> {
         self.directory
-            .write(
+            .write_from(
                 Command::Delete {
                     rt,
                     id: id.to_owned(),
                     if_match: if_match.map(str::to_owned),
                 },
-                actor,
+                by.actor,
+                by.client,
             )
             .await
     }
@@ -886,17 +912,21 @@ impl ScimService {
                     .get("bulkId")
                     .and_then(Value::as_str)
                     .ok_or_else(|| syntax("a bulk POST needs a bulkId"))?;
-                let written = self.create(rt, &data, req.actor).await?;
+                let written = self.create(rt, &data, req.author()).await?;
                 bulk_ids.insert(bulk_id.to_owned(), written.id.clone());
                 (written, 201)
             }
-            (&Method::PUT, Some(id)) => {
-                (self.replace(rt, id, &data, if_match, req.actor).await?, 200)
+            (&Method::PUT, Some(id)) => (
+                self.replace(rt, id, &data, if_match, req.author()).await?,
+                200,
+            ),
+            (&Method::PATCH, Some(id)) => (
+                self.patch(rt, id, &data, if_match, req.author()).await?,
+                200,
+            ),
+            (&Method::DELETE, Some(id)) => {
+                (self.delete(rt, id, if_match, req.author()).await?, 204)
             }
-            (&Method::PATCH, Some(id)) => {
-                (self.patch(rt, id, &data, if_match, req.actor).await?, 200)
-            }
-            (&Method::DELETE, Some(id)) => (self.delete(rt, id, if_match, req.actor).await?, 204),
             _ => return Err(method_not_allowed(&method, &path)),
         };
         let (written, status) = written;

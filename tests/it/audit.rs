@@ -99,6 +99,8 @@ async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     assert_eq!(ops, ["create", "patch", "delete"], "{records:#?}");
     for change in &changes {
         assert_eq!(change["actor"], "okta", "{change}");
+        // Where from: a leaked SCIM token's writes are told from the IdP's by their address.
+        assert_eq!(change["client"], "127.0.0.1", "{change}");
         assert_eq!(change["resource_type"], "User", "{change}");
         assert_eq!(change["id"], id.as_str(), "{change}");
     }

@@ -629,6 +629,7 @@ mod pages {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap(),
             actor: "okta".to_owned(),
+            client: None,
             op: "create".to_owned(),
             resource_type: "User".to_owned(),
             id: "u1".to_owned(),

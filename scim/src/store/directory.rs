@@ -56,6 +56,7 @@ enum Job {
 struct Write {
     command: Command,
     actor: String,
+    client: Option<String>,
     reply: oneshot::Sender<Result<Written, ScimError>>,
 }
 
@@ -343,10 +344,22 @@ impl Directory {
     /// Performs a write on behalf of `actor` (the SCIM token's name). Returns once the write
     /// is durable and visible to every later read.
     pub async fn write(&self, command: Command, actor: &str) -> Result<Written, ScimError> {
+        self.write_from(command, actor, None).await
+    }
+
+    /// [`Directory::write`], for a request from the address `client`, which its change
+    /// records.
+    pub async fn write_from(
+        &self,
+        command: Command,
+        actor: &str,
+        client: Option<&str>,
+    ) -> Result<Written, ScimError> {
         let (reply, answer) = oneshot::channel();
         let job = Job::Write(Write {
             command,
             actor: actor.to_owned(),
+            client: client.map(str::to_owned),
             reply,
         });
         self.writer
@@ -1167,7 +1180,9 @@ impl Writer<'_> {
                 let mut overlay = Overlay::new(&guard, self.storage, now);
                 let results: Vec<Result<Written, ScimError>> = writes
                     .iter()
-                    .map(|write| overlay.execute(&write.command, &write.actor))
+                    .map(|write| {
+                        overlay.execute(&write.command, &write.actor, write.client.as_deref())
+                    })
                     .collect();
                 (results, overlay.into_batch())
             };

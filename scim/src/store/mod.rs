@@ -147,6 +147,10 @@ pub struct Change {
     pub time: String,
     /// Name of the SCIM token that made the change.
     pub actor: String,
+    /// The address its request came from (none for the proxy's own writes, and in changes
+    /// from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     pub op: String,
     pub resource_type: String,
     pub id: String,

@@ -1829,3 +1829,50 @@ async fn a_rewrite_keeps_what_a_later_build_stored_in_the_record() {
         "{stored}"
     );
 }
+
+/// A group created, or replaced, with members names in its change the members it gave what
+/// the group grants (a console's user page finds them by id), and a change says what address
+/// its request came from.
+#[tokio::test]
+async fn a_group_s_change_names_the_members_it_adds_and_says_where_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let ann = created(&dir, ResourceType::User, user("ann@x")).await;
+    let bob = created(&dir, ResourceType::User, user("bob@x")).await;
+    let last_change = |seq: Seq| dir.changes(seq - 1, 10).unwrap().pop().unwrap();
+
+    let resource = validate_resource(ResourceType::Group, &group("admins", &[&ann]), Mode::Create);
+    let command = Command::Create {
+        rt: ResourceType::Group,
+        resource: resource.unwrap(),
+        password_hash: None,
+    };
+    let written = dir.write_from(command, "okta", Some("203.0.113.9")).await;
+    let admins = written.unwrap();
+    let change = last_change(admins.seq);
+    assert_eq!(change.client.as_deref(), Some("203.0.113.9"));
+    assert!(
+        change.summary.ends_with(&format!("members +[{ann}]")),
+        "{change:?}"
+    );
+
+    let resource = validate_resource(
+        ResourceType::Group,
+        &group("admins", &[&bob]),
+        Mode::Replace,
+    );
+    let command = Command::Replace {
+        rt: ResourceType::Group,
+        id: admins.id.clone(),
+        resource: resource.unwrap(),
+        password_hash: None,
+        if_match: None,
+    };
+    let replaced = dir.write(command, "okta").await.unwrap();
+    let change = last_change(replaced.seq);
+    assert_eq!(change.client, None, "no address given");
+    assert!(
+        change.summary.ends_with(&format!("+[{bob}], 1 removed")),
+        "{change:?}"
+    );
+}

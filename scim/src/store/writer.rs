@@ -49,6 +49,8 @@ pub struct Overlay<'a> {
     entries: Vec<Entry>,
     /// What the command being run replaced in the maps above, to put back if it fails.
     undo: Vec<Undo>,
+    /// The address the command being evaluated came from, for its changes.
+    client: Option<String>,
 }
 
 /// One map entry as it was before a command changed it (`None`: it was not there).
@@ -89,6 +91,7 @@ impl<'a> Overlay<'a> {
             changes: Vec::new(),
             entries: Vec::new(),
             undo: Vec::new(),
+            client: None,
         }
     }
 
@@ -113,11 +116,18 @@ impl<'a> Overlay<'a> {
         }
     }
 
-    /// Evaluates one command. On error the overlay is left as it was before the command.
-    pub fn execute(&mut self, command: &Command, actor: &str) -> Result<Written, ScimError> {
+    /// Evaluates one command, of `actor` from the address `client`. On error the overlay is
+    /// left as it was before the command.
+    pub fn execute(
+        &mut self,
+        command: &Command,
+        actor: &str,
+        client: Option<&str>,
+    ) -> Result<Written, ScimError> {
         // Commands are atomic: every entry a command replaces is kept aside, and put back if
         // the command fails. What a command costs does not grow with the batch it is in.
         let checkpoint = self.checkpoint();
+        self.client = client.map(str::to_owned);
         let result = self.run(command, actor);
         if result.is_err() {
             self.restore(checkpoint);
@@ -173,17 +183,27 @@ impl<'a> Overlay<'a> {
                 }
                 if *rt == ResourceType::Group {
                     let changes = &outcome.member_changes;
-                    let n = match &changes.replaced_all {
-                        Some(all) => self.set_members(row, all)?,
+                    let done = match &changes.replaced_all {
+                        Some(all) => {
+                            let (added, removed) = self.set_members(row, all)?;
+                            (!added.is_empty() || removed > 0)
+                                .then(|| replaced_summary(all.len(), &added, removed))
+                        }
                         None => {
                             let added = self.add_members(row, &changes.added)?;
                             let removed = self.remove_members(row, &changes.removed)?;
-                            added + removed
+                            (added + removed > 0).then(|| {
+                                format!(
+                                    "members +[{}] -[{}]",
+                                    changes.added.join(","),
+                                    changes.removed.join(",")
+                                )
+                            })
                         }
                     };
-                    if n > 0 {
+                    if let Some(done) = done {
                         changed = true;
-                        summary.push(member_summary(changes));
+                        summary.push(done);
                     }
                 }
                 if !changed {
@@ -248,8 +268,12 @@ impl<'a> Overlay<'a> {
             actor,
             "created",
         )?;
+        // Named in the change, as a PATCH's are: a group created with members grants them.
         if let Some(members) = members {
-            self.add_members(row, &members)?;
+            let (added, _) = self.set_members(row, &members)?;
+            if !added.is_empty() {
+                self.add_to_summary(&format!("members +[{}]", added.join(",")));
+            }
         }
         Ok(written)
     }
@@ -297,7 +321,11 @@ impl<'a> Overlay<'a> {
             "replaced",
         )?;
         if let Some(members) = members {
-            self.set_members(row, &members)?;
+            let (added, removed) = self.set_members(row, &members)?;
+            if !added.is_empty() || removed > 0 {
+                let all = members.len();
+                self.add_to_summary(&replaced_summary(all, &added, removed));
+            }
         }
         Ok(written)
     }
@@ -511,6 +539,7 @@ impl<'a> Overlay<'a> {
             seq: self.seq,
             time: self.now.clone(),
             actor: actor.to_owned(),
+            client: self.client.clone(),
             op: op.to_owned(),
             resource_type: rt.name().to_owned(),
             id: id.to_owned(),
@@ -767,20 +796,36 @@ impl<'a> Overlay<'a> {
             .count())
     }
 
-    fn set_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
-        let wanted: HashSet<Row> = self.member_rows(group, ids)?.into_iter().collect();
-        let mut changed = 0;
+    /// Makes `ids` the members of `group`. Returns the ids it added (each once), and how many
+    /// members it removed.
+    fn set_members(
+        &mut self,
+        group: Row,
+        ids: &[String],
+    ) -> Result<(Vec<String>, usize), ScimError> {
+        let rows = self.member_rows(group, ids)?;
+        let wanted: HashSet<Row> = rows.iter().copied().collect();
+        let mut removed = 0;
         for member in self.members_now(group) {
             if !wanted.contains(&member) && self.set_member(group, member, false) {
-                changed += 1;
+                removed += 1;
             }
         }
-        for member in wanted {
+        let mut added = Vec::new();
+        for (id, member) in ids.iter().zip(rows) {
             if self.set_member(group, member, true) {
-                changed += 1;
+                added.push(id.clone());
             }
         }
-        Ok(changed)
+        Ok((added, removed))
+    }
+
+    /// Adds `more` to what the change this command last logged says.
+    fn add_to_summary(&mut self, more: &str) {
+        if let Some(change) = self.changes.last_mut() {
+            change.summary.push_str(", ");
+            change.summary.push_str(more);
+        }
     }
 
     fn checkpoint(&self) -> Checkpoint {
@@ -850,15 +895,13 @@ fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<Str
     }
 }
 
-fn member_summary(changes: &crate::patch::MemberChanges) -> String {
-    match &changes.replaced_all {
-        Some(all) => format!("members replaced ({} members)", all.len()),
-        None => format!(
-            "members +[{}] -[{}]",
-            changes.added.join(","),
-            changes.removed.join(",")
-        ),
-    }
+/// What a replace of all of a group's members (by `all` ids) changed: the members it added,
+/// by id (it grants them what the group grants), and how many it removed.
+fn replaced_summary(all: usize, added: &[String], removed: usize) -> String {
+    format!(
+        "members replaced ({all} members): +[{}], {removed} removed",
+        added.join(",")
+    )
 }
 
 /// What stays of a deleted user or agent: the identifiers a token could name it by.
@@ -937,11 +980,11 @@ mod tests {
         let mut overlay = Overlay::new(&index, &storage, OffsetDateTime::UNIX_EPOCH);
         let user = json!({"schemas": [USER_SCHEMA], "userName": "ann"});
         let ann = overlay
-            .execute(&create(ResourceType::User, user), "t")
+            .execute(&create(ResourceType::User, user), "t", None)
             .unwrap();
         let group = json!({"schemas": [GROUP_SCHEMA], "displayName": "eng", "members": [{"value": ann.id}]});
         let eng = overlay
-            .execute(&create(ResourceType::Group, group), "t")
+            .execute(&create(ResourceType::Group, group), "t", None)
             .unwrap();
         let seq = overlay.seq;
 
@@ -956,14 +999,14 @@ mod tests {
             password_hash: None,
             if_match: None,
         };
-        assert!(overlay.execute(&replace, "t").is_err());
+        assert!(overlay.execute(&replace, "t", None).is_err());
         // And a delete of someone unknown.
         let delete = Command::Delete {
             rt: ResourceType::User,
             id: "nobody".to_owned(),
             if_match: None,
         };
-        assert!(overlay.execute(&delete, "t").is_err());
+        assert!(overlay.execute(&delete, "t", None).is_err());
 
         assert_eq!(overlay.seq, seq);
         let eng_row = overlay.row_of(&eng.id).unwrap().1;
@@ -983,7 +1026,7 @@ mod tests {
         // The name the failed command held is free for the next one.
         let ops = json!({"schemas": [GROUP_SCHEMA], "displayName": "ops"});
         overlay
-            .execute(&create(ResourceType::Group, ops), "t")
+            .execute(&create(ResourceType::Group, ops), "t", None)
             .unwrap();
         let batch = overlay.into_batch();
         assert_eq!(batch.records.len(), 3);
