@@ -660,8 +660,12 @@ impl Sessions {
         };
         let keys: Vec<SessionKey> = (self.kept.sessions.iter())
             .filter(|held| {
+                // By the configuration before, only the sessions of its provider: with a shared
+                // store, a replica reloaded later than others (a rolling change) holds sessions
+                // they began with the new provider, which its old configuration never held.
                 let session = held.value();
-                !session.holds_under(now, before, margin)
+                let of_before = session.identity.issuer == before.issuer;
+                (of_before && !session.holds_under(now, before, margin))
                     || after.is_none_or(|after| !session.holds_under(now, after, margin))
             })
             .map(|held| *held.key())
@@ -1342,8 +1346,22 @@ mod tests {
         assert_eq!(ended, Ok(1));
         assert!(sessions.get(&old).is_none());
         assert!(sessions.get(&young).is_some());
+        // A session begun with the new provider (on a replica of a fleet reloaded first) is
+        // judged by the configuration after alone.
+        let moved = oidc("https://new.example", 3_600);
+        let theirs = Identity {
+            issuer: moved.issuer.clone(),
+            ..begun_at("new", 900)
+        };
+        let new = sessions
+            .create(theirs, None, "portcullis_session", 900)
+            .await
+            .unwrap();
+        let ended = sessions.end_not_held(1_000, &shortened, Some(&moved)).await;
+        assert_eq!(ended, Ok(1), "young, of the old provider");
+        assert!(sessions.get(&new).is_some());
         // Sign-in off: every session.
-        assert_eq!(sessions.end_not_held(1_000, &shortened, None).await, Ok(1));
+        assert_eq!(sessions.end_not_held(1_000, &moved, None).await, Ok(1));
         assert!(sessions.get(&young).is_none());
         drop(sessions);
         assert_eq!(open(dir.path()).sessions.count(), 0, "ending is durable");
