@@ -712,17 +712,31 @@ impl Target {
     }
 }
 
-/// Whether `wanted`, a value to remove, names `item`, a value of `attr`. A reference (a value
-/// with a `$ref`: an agent's owners and applications) is named by its id, `value`, alone: the
-/// rest (`$ref`, `type`, `display`) describes it as the client read it, and need not be kept
-/// with it (Portcullis writes each `$ref` into what it answers, and a client echoes it back).
-/// Any other value is named by all it gives ([`contains_all`]).
+/// Whether `wanted`, a value to remove, names `item`, a value of `attr`: it holds all that
+/// `wanted` gives ([`contains_all`]). Of a reference (a value with a `$ref`: an agent's owners
+/// and applications, an application's agents) with an id (`value`), what the client read
+/// back with it need not be kept with it: the `$ref` and `display` Portcullis writes into what
+/// it answers, and sub-attributes the stored value lacks (a `type` the IdP did not write).
+/// A sub-attribute both give still tells them apart (an application's `owned` agent from the
+/// same agent as a `guest`).
 fn names(attr: &AttributeDef, item: &Value, wanted: &Value) -> bool {
-    let id = |value: &Value| value.as_object().and_then(|v| get_ci(v, "value")).cloned();
-    match id(wanted) {
-        Some(wanted) if attr.sub_attribute("$ref").is_some() => id(item) == Some(wanted),
-        _ => contains_all(attr, item, wanted),
+    let (Some(held), Some(given)) = (item.as_object(), wanted.as_object()) else {
+        return contains_all(attr, item, wanted);
+    };
+    if attr.sub_attribute("$ref").is_none() || get_ci(given, "value").is_none() {
+        return contains_all(attr, item, wanted);
     }
+    let kept: Object = given
+        .iter()
+        .filter(|(name, _)| {
+            let described = ["$ref", "display"]
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d));
+            !described && (name.eq_ignore_ascii_case("value") || get_ci(held, name).is_some())
+        })
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    contains_all(attr, item, &Value::Object(kept))
 }
 
 /// Whether `item`, a value of `attr`, holds every sub-attribute of `wanted` as a filter's
@@ -1311,6 +1325,21 @@ mod tests {
         assert_eq!(
             agent[PORTCULLIS_AGENT_SCHEMA]["owners"],
             json!([{"value": "u2"}])
+        );
+        // A sub-attribute the stored value has still counts: an application's agent as a
+        // `guest` is not the same agent `owned`.
+        let mut application = json!({
+            "schemas": [crate::schema::AGENTIC_APPLICATION_SCHEMA],
+            "id": "app-1",
+            "name": "helpdesk",
+            "agents": [{"value": "a1", "type": "owned"}, {"value": "a1", "type": "guest"}]
+        });
+        let guest = json!({"value": "a1", "type": "guest", "$ref": "https://a/scim/v2/Agents/a1"});
+        let ops = json!([{"op": "remove", "path": "agents", "value": [guest]}]);
+        patch(&mut application, ResourceType::AgenticApplication, ops).unwrap();
+        assert_eq!(
+            application["agents"],
+            json!([{"value": "a1", "type": "owned"}])
         );
         // Another id names no owner, whatever else it says.
         let other = json!({"value": "U2", "$ref": "https://auth.example/scim/v2/Users/u2"});
