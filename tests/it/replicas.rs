@@ -1160,6 +1160,52 @@ async fn settling_never_answers_from_a_view_without_the_write() {
     assert!(waited >= max_staleness * 2, "gave up after {waited:?}");
 }
 
+/// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL
+/// listing several hosts can connect to one), is never read as the directory: loaded or caught
+/// up from it, a replica would lose what the primary has answered since (an acknowledged
+/// deactivation), and the writer would build a change on a record's older copy and write it
+/// back over the primary's. Each read is refused, and the replica stays out of touch.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_directory_is_never_read_from_a_standby() {
+    use portcullis_scim::schema::ResourceType;
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::Storage;
+
+    let mut pg = Postgres::start().await;
+    let options = |url: String| PgOptions {
+        url,
+        pool_size: 1,
+        max_staleness: Duration::from_millis(500),
+    };
+    let primary = options(pg.url());
+    tokio::task::spawn_blocking(move || PgStorage::open(&primary)?.migrate())
+        .await
+        .unwrap()
+        .expect("the schema, on the primary");
+    pg.stop();
+    pg.keep_copy();
+    pg.start_again().await;
+    let standby = pg.start_standby().await;
+    let on_standby = options(standby.url());
+    let reads = tokio::task::spawn_blocking(move || {
+        let storage = PgStorage::open(&on_standby)?;
+        Ok::<_, portcullis_scim::store::StoreError>([
+            storage.load(&mut |_| {}).map(|_| ()),
+            storage.feed(0).map(|_| ()),
+            storage
+                .records_for_writer(ResourceType::User, &[1])
+                .map(|_| ()),
+        ])
+    })
+    .await
+    .unwrap()
+    .expect("a storage on the standby");
+    for (read, what) in reads.into_iter().zip(["load", "feed", "a record"]) {
+        let error = read.expect_err(what);
+        assert!(error.to_string().contains("standby"), "{what}: {error}");
+    }
+}
+
 /// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby
 /// that had not received the last commits. A replica that applied a lost batch does not take
 /// the batch written later under the same number for it: it reads the directory again, and

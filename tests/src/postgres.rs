@@ -190,6 +190,39 @@ impl Postgres {
         self.copy_data("data", "data.kept");
     }
 
+    /// A standby of this server as it was when [`Postgres::keep_copy`] kept its data: started
+    /// on that copy, on a port of its own, in recovery (read-only) and never receiving what
+    /// this server commits since, as a standby far behind its primary.
+    pub async fn start_standby(&self) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("portcullis-pg-standby-")
+            .tempdir()
+            .expect("tempdir for the standby");
+        if let Some(user) = postgres_user() {
+            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))
+                .expect("chown the standby's directory");
+        }
+        let status = command(Path::new("cp"))
+            .arg("-a")
+            .arg(self.dir.path().join("data.kept"))
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "cp -a of the kept data failed");
+        let signal = command(Path::new("touch"))
+            .arg(dir.path().join("data").join("standby.signal"))
+            .status()
+            .expect("run touch");
+        assert!(signal.success(), "touch standby.signal failed");
+        let mut standby = Postgres {
+            dir,
+            port: crate::free_port(),
+            child: None,
+        };
+        standby.start_again().await;
+        standby
+    }
+
     /// Puts the data [`Postgres::keep_copy`] kept back in place of the stopped server's: what
     /// was committed since is lost, as when a backup is restored, or a standby that had not
     /// received it is promoted.

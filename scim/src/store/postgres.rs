@@ -358,11 +358,15 @@ pub struct Freshness {
 
 impl Freshness {
     fn new(max_staleness: Duration) -> Self {
+        // In whole milliseconds, as the database grants the lease (`RENEW`): counted here to
+        // the nanosecond, `2s 500us` outlived the database's lease by half a millisecond, in
+        // which a writer may answer without waiting for this replica.
+        let whole_ms = u64::try_from(max_staleness.as_millis()).unwrap_or(u64::MAX);
         Self {
             until: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             left: AtomicBool::new(false),
-            max_staleness,
+            max_staleness: Duration::from_millis(whole_ms),
             problem: Mutex::new("not yet caught up with the directory".to_owned()),
         }
     }
@@ -666,7 +670,7 @@ fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
 
 /// The records at `rows` of `rt`'s table, in the order asked for (as the redb backend answers).
 fn read_records(
-    client: &mut Client,
+    client: &mut impl postgres::GenericClient,
     rt: ResourceType,
     rows: &[Row],
 ) -> Result<Vec<(Row, Record)>, StoreError> {
@@ -739,14 +743,32 @@ fn parse_changes(rows: &[postgres::Row]) -> Result<Vec<Change>, StoreError> {
         .collect()
 }
 
-/// A read-only transaction whose every query sees the same committed state.
+/// A read-only transaction whose every query sees the same committed state: the primary's.
+///
+/// Not a standby's, which may be behind its primary (pgpool balances reads onto one, and a URL
+/// listing several hosts can connect to one): the directory loaded from it, or a record the
+/// writer builds a change on, would lack writes already answered, an acknowledged
+/// deactivation say. Asked first: pgpool sends a `SELECT` of a volatile function such as
+/// `pg_is_in_recovery()` to the primary, and the rest of the transaction after it.
 fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
-    client
+    let mut txn = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .map_err(backend)
+        .map_err(backend)?;
+    let row = txn
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .map_err(backend)?;
+    if row.try_get::<_, bool>(0).map_err(backend)? {
+        return Err(StoreError::Backend(
+            "PostgreSQL answered from a standby, which may be behind its primary: the \
+             directory is read from the primary only (with several hosts in the URL, add \
+             target_session_attrs=read-write)"
+                .to_owned(),
+        ));
+    }
+    Ok(txn)
 }
 
 impl Storage for PgStorage {
@@ -820,7 +842,14 @@ impl Storage for PgStorage {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        lock(&self.writer).run(|conn| read_records(&mut conn.client, rt, rows))
+        // In a snapshot of the primary: a change built on a standby's older copy of a record
+        // would write it back over what the primary holds (see `snapshot`).
+        lock(&self.writer).run(|conn| {
+            let mut txn = snapshot(&mut conn.client)?;
+            let records = read_records(&mut txn, rt, rows)?;
+            txn.commit().map_err(backend)?;
+            Ok(records)
+        })
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -1522,6 +1551,17 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lease is counted as the database grants it, in whole milliseconds, never longer.
+    #[test]
+    fn a_lease_is_counted_as_the_database_grants_it() {
+        let lease = Freshness::new(Duration::from_micros(2_000_500));
+        let sent = boot_nanos();
+        lease.renewed(sent);
+        let granted_ms = i64::try_from(lease.max_staleness.as_millis()).unwrap();
+        let granted = u64::try_from(granted_ms).unwrap() * 1_000_000;
+        assert_eq!(lease.until.load(Ordering::Acquire), sent + granted);
+    }
 
     #[test]
     fn a_lease_holds_from_before_its_renewal_was_sent_until_it_lapses() {
