@@ -290,7 +290,20 @@ impl Console {
         if let Some(problem) = &asked.problem {
             html.push_str(&format!("<p class=\"no\">{}</p>", escape(problem)));
         }
-        match self.newest(&asked.filter, params.page, true) {
+        // A page past the last (a relative `since` moved on between two clicks, say) is shown
+        // as the last, as the pager names it.
+        let found = self
+            .newest(&asked.filter, params.page, true)
+            .and_then(|found| {
+                let shown = found.selected.min(MAX_PAGE * PAGE_SIZE);
+                let last = shown.div_ceil(PAGE_SIZE).max(1);
+                if params.page > last {
+                    self.newest(&asked.filter, last, true)
+                } else {
+                    Ok(found)
+                }
+            });
+        match found {
             Ok(found) => {
                 html.insert_str(0, &found.chart.svg());
                 html.push_str(&self.timeline(&found.entries));

@@ -667,6 +667,10 @@ mod pages {
         let html = text(&console.get("audit", "since=1h&kind=refusal")).to_owned();
         assert!(html.contains("60 records"), "{html}");
         assert!(!html.contains("Only the newest"), "{html}");
+        // A page past the last shows the last, as its pager says.
+        let html = text(&console.get("audit", "since=1h&kind=refusal&page=5")).to_owned();
+        assert!(html.contains("page 2 of 2"), "{html}");
+        assert!(html.contains("GET /recent-0 on"), "{html}");
         assert_eq!(
             console.newest(&all, 1, true).unwrap().read,
             audit::READ_LIMIT
