@@ -718,10 +718,18 @@ impl Gate<'_> {
             // A deactivated agent, let in by a public rule: so is the request, as anyone's.
             Some(Judged::Allow(pass)) if pass.forward.is_none() => return Judged::Allow(pass),
             Some(Judged::Allow(pass)) => pass,
+            // Recorded as the person's, with the agent beside them, as the token's other
+            // refusals are (an agent deleted, or ambiguous, is named by the value it was
+            // looked up by).
             Some(Judged::Refuse(mut refusal)) => {
-                if let Some(agent) = &mut refusal.agent {
-                    agent.on_behalf_of = Some(principal.log_name());
-                }
+                let person = principal.log_name();
+                let agent = refusal.agent.get_or_insert_with(|| AgentRecord {
+                    name: value.to_owned(),
+                    owners: Vec::new(),
+                    on_behalf_of: None,
+                });
+                agent.on_behalf_of = Some(person.clone());
+                refusal.who = Some(person);
                 return Judged::Refuse(refusal);
             }
             Some(Judged::Revoked(Outdated::Agent(mut agent))) => {
@@ -2912,16 +2920,18 @@ mod tests {
             refusal.agent.and_then(|a| a.on_behalf_of),
             Some(BOB.to_owned())
         );
-        // alice through an agent whose owner is bob: the agent is refused.
+        // alice through an agent whose owner is bob: the agent is refused, recorded as
+        // alice's refusal with the agent beside her.
         let bob = world.id_of(BOB);
         world.agent("bobs", &[&bob], &[], None).await;
         let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "bobs"), route));
+        assert_eq!(refusal.who.as_deref(), Some(ALICE), "{}", refusal.reason);
+        let agent = refusal.agent.expect("the agent");
         assert_eq!(
-            refusal.who.as_deref(),
-            Some("agent:bobs"),
-            "{}",
-            refusal.reason
+            (agent.name.as_str(), agent.on_behalf_of.as_deref()),
+            ("bobs", Some(ALICE))
         );
+        assert!(refusal.reason.contains("bobs"), "{}", refusal.reason);
         // alice through a client that is no agent: refused.
         let refusal = forbidden(as_machine(&world, &delegated_token(ALICE, "nobody"), route));
         assert!(

@@ -603,6 +603,23 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
     let for_bob = of_event(&records, "refusal")[0];
     assert_eq!(for_bob["user"], BOB, "{for_bob}");
     assert_eq!(for_bob["agent"]["on_behalf_of"], BOB, "{for_bob}");
+    // Refused for the agent's sake, a delegated token's refusal is still the person's (as
+    // their token names them), with the agent beside them.
+    let person = jwt_claims(&for_alice)["sub"].clone();
+    let deactivated = of_event(&records, "refusal")
+        .into_iter()
+        .find(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("the agent is deactivated"))
+        })
+        .expect("the refusal for the agent's sake");
+    assert_eq!(deactivated["user"], person, "{deactivated}");
+    assert_eq!(deactivated["agent"]["name"], AGENT_ID, "{deactivated}");
+    assert_eq!(
+        deactivated["agent"]["on_behalf_of"], person,
+        "{deactivated}"
+    );
 
     // `portcullis explain` answers the same, for the agent alone and on behalf of each.
     let url = t.url("/tickets");
