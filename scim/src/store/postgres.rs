@@ -45,6 +45,15 @@ use crate::schema::ResourceType;
 /// - 3: Agents and AgenticApplications.
 pub const SCHEMA_VERSION: i32 = 3;
 
+/// `sql`, sent by pgpool to the primary whatever its load balancing (a query that begins
+/// with a comment is never balanced, unless `allow_sql_comments` is on); PostgreSQL ignores
+/// the comment. For the reads of a [`snapshot`].
+macro_rules! on_primary {
+    ($sql:literal) => {
+        concat!("/*NO LOAD BALANCE*/ ", $sql)
+    };
+}
+
 /// The migrations, in order: `MIGRATIONS[v - 1]` takes the schema from `v - 1` to `v`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     r#"
@@ -500,7 +509,10 @@ fn committed_at(
     client: &mut impl postgres::GenericClient,
     seq: i64,
 ) -> Result<Option<i64>, StoreError> {
-    let query = format!("SELECT {COMMITTED_US} FROM directory_feed WHERE seq = $1");
+    let query = format!(
+        on_primary!("SELECT {COMMITTED_US} FROM directory_feed WHERE seq = $1"),
+        COMMITTED_US = COMMITTED_US
+    );
     client
         .query_opt(query.as_str(), &[&seq])
         .map_err(backend)?
@@ -679,7 +691,7 @@ fn read_records(
         .map(|&row| to_sql(row))
         .collect::<Result<Vec<i64>, _>>()?;
     let query = format!(
-        "SELECT row_id, record FROM {} WHERE row_id = ANY($1)",
+        on_primary!("SELECT row_id, record FROM {} WHERE row_id = ANY($1)"),
         table(rt)
     );
     let mut found = HashMap::with_capacity(rows.len());
@@ -700,7 +712,10 @@ fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
 
 fn meta(client: &mut impl postgres::GenericClient, key: &str) -> Result<u64, StoreError> {
     let row = client
-        .query_one("SELECT value FROM directory_meta WHERE key = $1", &[&key])
+        .query_one(
+            on_primary!("SELECT value FROM directory_meta WHERE key = $1"),
+            &[&key],
+        )
         .map_err(backend)?;
     from_sql(row.try_get(0).map_err(backend)?)
 }
@@ -748,8 +763,8 @@ fn parse_changes(rows: &[postgres::Row]) -> Result<Vec<Change>, StoreError> {
 /// Not a standby's, which may be behind its primary (pgpool balances reads onto one, and a URL
 /// listing several hosts can connect to one): the directory loaded from it, or a record the
 /// writer builds a change on, would lack writes already answered, an acknowledged
-/// deactivation say. Asked first: pgpool sends a `SELECT` of a volatile function such as
-/// `pg_is_in_recovery()` to the primary, and the rest of the transaction after it.
+/// deactivation say. Its reads are sent [`on_primary!`], and the first asks whether the
+/// connection is to a standby (as a URL listing several hosts may make it).
 fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
     let mut txn = client
         .build_transaction()
@@ -758,7 +773,7 @@ fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError
         .start()
         .map_err(backend)?;
     let row = txn
-        .query_one("SELECT pg_is_in_recovery()", &[])
+        .query_one(on_primary!("SELECT pg_is_in_recovery()"), &[])
         .map_err(backend)?;
     if row.try_get::<_, bool>(0).map_err(backend)? {
         return Err(StoreError::Backend(
@@ -781,7 +796,7 @@ impl Storage for PgStorage {
             let next_row = meta(&mut txn, "next_row")?;
             let committed = committed_at(&mut txn, to_sql(seq)?)?;
             for rt in ResourceType::ALL {
-                let query = format!("SELECT row_id, record FROM {}", table(rt));
+                let query = format!(on_primary!("SELECT row_id, record FROM {}"), table(rt));
                 let mut rows = txn
                     .query_raw(query.as_str(), std::iter::empty::<i64>())
                     .map_err(backend)?;
@@ -793,7 +808,7 @@ impl Storage for PgStorage {
             }
             let mut rows = txn
                 .query_raw(
-                    "SELECT group_row, member_row FROM directory_members",
+                    on_primary!("SELECT group_row, member_row FROM directory_members"),
                     std::iter::empty::<i64>(),
                 )
                 .map_err(backend)?;
@@ -805,7 +820,7 @@ impl Storage for PgStorage {
             drop(rows);
             let mut rows = txn
                 .query_raw(
-                    "SELECT kind, key, value FROM directory_entries",
+                    on_primary!("SELECT kind, key, value FROM directory_entries"),
                     std::iter::empty::<i64>(),
                 )
                 .map_err(backend)?;
@@ -1058,8 +1073,11 @@ impl Storage for PgStorage {
             let seq = meta(&mut txn, "seq")?;
             let last = committed_at(&mut txn, after_sql)?;
             let query = format!(
-                "SELECT seq, base, batch, {COMMITTED_US} FROM directory_feed WHERE seq > $1 \
-                 ORDER BY seq LIMIT $2"
+                on_primary!(
+                    "SELECT seq, base, batch, {COMMITTED_US} FROM directory_feed WHERE seq > $1 \
+                     ORDER BY seq LIMIT $2"
+                ),
+                COMMITTED_US = COMMITTED_US
             );
             let rows = txn
                 .query(query.as_str(), &[&after_sql, &FEED_PAGE])
