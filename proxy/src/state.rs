@@ -349,26 +349,39 @@ impl Shared {
     }
 
     /// Ends, in the background, the sessions sign-in as configured `before` a reload or
-    /// `after` it would refuse (see [`crate::auth::sessions::Sessions::end_not_held`]).
+    /// `after` it would refuse (see [`crate::auth::sessions::Sessions::not_held`]). Until
+    /// the store takes the write, it is tried again (after a second, doubling up to a
+    /// minute): with a shared store nothing else ends them, and a reload back would find them
+    /// held again.
     fn end_sessions_not_held(&self, before: OidcConfig, after: Option<OidcConfig>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let auth = self.auth.clone();
+        let keys = auth.sessions.not_held(now_unix(), &before, after.as_ref());
+        if keys.is_empty() {
+            return;
+        }
         runtime.spawn(async move {
-            let ended = auth
-                .sessions
-                .end_not_held(now_unix(), &before, after.as_ref());
-            match ended.await {
-                Ok(0) => {}
-                Ok(ended) => tracing::info!(
-                    ended,
-                    "sessions the sign-in configuration no longer holds ended"
-                ),
-                Err(e) => tracing::error!(
-                    "cannot end the sessions the sign-in configuration no longer holds \
-                     (they vouch for nobody while it does not): {e}"
-                ),
+            let mut pause = std::time::Duration::from_secs(1);
+            loop {
+                match auth.sessions.end(&keys).await {
+                    Ok(()) => {
+                        let ended = keys.len();
+                        tracing::info!(
+                            ended,
+                            "sessions the sign-in configuration no longer holds ended"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::error!(
+                        "cannot end the sessions the sign-in configuration no longer holds \
+                         (they vouch for nobody while it does not); trying again in \
+                         {pause:?}: {e}"
+                    ),
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(60));
             }
         });
     }

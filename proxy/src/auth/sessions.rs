@@ -640,25 +640,37 @@ impl Sessions {
         Ok(keys.len())
     }
 
-    /// Ends the sessions that sign-in as configured `before` a reload did not hold (past its
-    /// lifetime, idle, another provider's) or as configured `after` it does not (`None`:
-    /// sign-in is off), so that no change brings back a session another had ended: a lifetime
-    /// shortened after an incident and lengthened again, an idle timeout raised, a move to
-    /// another provider and back. With a shared store a session's use on another replica
-    /// reaches this one up to [`SHARED_USE_LATE_BY`] late, and idleness is judged with that
-    /// margin. Returns how many were ended.
+    /// Ends the sessions [`Sessions::not_held`] names. Returns how many were ended.
     pub async fn end_not_held(
         &self,
         now: u64,
         before: &OidcConfig,
         after: Option<&OidcConfig>,
     ) -> Result<usize, String> {
+        let keys = self.not_held(now, before, after);
+        self.end(&keys).await?;
+        Ok(keys.len())
+    }
+
+    /// The sessions that sign-in as configured `before` a reload did not hold (past its
+    /// lifetime, idle, another provider's) or as configured `after` it does not (`None`:
+    /// sign-in is off), to be ended so that no change brings back a session another had
+    /// ended: a lifetime shortened after an incident and lengthened again, an idle timeout
+    /// raised, a move to another provider and back. With a shared store a session's use on
+    /// another replica reaches this one up to [`SHARED_USE_LATE_BY`] late, and idleness is
+    /// judged with that margin.
+    pub fn not_held(
+        &self,
+        now: u64,
+        before: &OidcConfig,
+        after: Option<&OidcConfig>,
+    ) -> Vec<SessionKey> {
         let margin = if self.directory.is_shared() {
             SHARED_USE_LATE_BY
         } else {
             0
         };
-        let keys: Vec<SessionKey> = (self.kept.sessions.iter())
+        (self.kept.sessions.iter())
             .filter(|held| {
                 // By the configuration before, only the sessions of its provider: with a shared
                 // store, a replica reloaded later than others (a rolling change) holds sessions
@@ -669,9 +681,7 @@ impl Sessions {
                     || after.is_none_or(|after| !session.holds_under(now, after, margin))
             })
             .map(|held| *held.key())
-            .collect();
-        self.end(&keys).await?;
-        Ok(keys.len())
+            .collect()
     }
 
     /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
