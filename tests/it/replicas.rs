@@ -1160,6 +1160,45 @@ async fn settling_never_answers_from_a_view_without_the_write() {
     assert!(waited >= max_staleness * 2, "gave up after {waited:?}");
 }
 
+/// A replica that connects to a database whose schema is up to date takes no lock: one
+/// holding the migration lock and stalled (a frozen host; it waits outside a transaction, so
+/// no server timeout ends it) kept every replica whose feed reconnected from catching up.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage, MIGRATION_LOCK};
+
+    let pg = Postgres::start().await;
+    let options = PgOptions {
+        url: pg.url(),
+        pool_size: 1,
+        max_staleness: Duration::from_millis(500),
+    };
+    let migrate = move || PgStorage::open(&options)?.migrate();
+    let first = migrate.clone();
+    tokio::task::spawn_blocking(first)
+        .await
+        .unwrap()
+        .expect("the schema");
+    // Another replica takes the lock, and stalls holding it.
+    let (holder, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(connection);
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .expect("the lock");
+    let again = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(migrate),
+    )
+    .await
+    .expect("waited on the lock");
+    again.unwrap().expect("nothing to migrate");
+    drop(holder);
+    let _ = driver.await;
+}
+
 /// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL
 /// listing several hosts can connect to one), is never read as the directory: loaded or caught
 /// up from it, a replica would lose what the primary has answered since (an acknowledged

@@ -100,7 +100,7 @@ CREATE TABLE directory_agentic_applications (row_id bigint PRIMARY KEY, record b
 ];
 
 /// Serializes migrations across replicas starting at once (a session advisory lock).
-const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
+pub const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
 
 /// Feed batches read per query while catching up.
 const FEED_PAGE: i64 = 64;
@@ -624,8 +624,14 @@ impl PgStorage {
     }
 }
 
-/// Applies the migrations this database lacks, holding an advisory lock meanwhile.
+/// Applies the migrations this database lacks, holding an advisory lock meanwhile. A schema
+/// already up to date takes no lock: the feed connects through here each time, and waited,
+/// with no bound, on a replica that held the lock and stalled (a frozen host), which no
+/// server timeout ends (it waits outside a transaction).
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    if schema_version(client)? == Some(SCHEMA_VERSION) {
+        return Ok(());
+    }
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .map_err(backend)?;
@@ -636,22 +642,34 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
+/// The schema's version; `None` before the first migration made its table.
+fn schema_version(client: &mut Client) -> Result<Option<i32>, StoreError> {
     let exists: bool = client
         .query_one("SELECT to_regclass('portcullis_schema') IS NOT NULL", &[])
         .map_err(backend)?
         .try_get(0)
         .map_err(backend)?;
     if !exists {
-        client
-            .batch_execute("CREATE TABLE portcullis_schema (version integer NOT NULL)")
-            .map_err(backend)?;
+        return Ok(None);
     }
     let found: Option<i32> = client
-        .query_opt("SELECT max(version) FROM portcullis_schema", &[])
+        .query_one("SELECT max(version) FROM portcullis_schema", &[])
         .map_err(backend)?
-        .and_then(|row| row.get::<_, Option<i32>>(0));
-    let found = found.unwrap_or(0);
+        .try_get(0)
+        .map_err(backend)?;
+    Ok(Some(found.unwrap_or(0)))
+}
+
+fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
+    let found = match schema_version(client)? {
+        Some(found) => found,
+        None => {
+            client
+                .batch_execute("CREATE TABLE portcullis_schema (version integer NOT NULL)")
+                .map_err(backend)?;
+            0
+        }
+    };
     if found > SCHEMA_VERSION {
         return Err(StoreError::Version {
             found: u64::try_from(found).unwrap_or(0),
