@@ -911,6 +911,15 @@ async fn a_user_left_alone_with_a_shared_identifier_moves_the_sign_in_epoch() {
         Some(bob.seq),
         "the one who gave it up keeps his"
     );
+    // The change names carol: her sessions ended by it, not by a change to her.
+    let change = dir.changes(dropped.seq - 1, 1).unwrap().pop().unwrap();
+    assert!(
+        change.summary.contains(&format!(
+            ", sessions of [{}] ended (an identifier they shared was given up)",
+            carol.id
+        )),
+        "{change:?}"
+    );
     // Bob is deleted: the externalId they shared is carol's alone.
     dir.write(
         Command::Delete {

@@ -339,9 +339,10 @@ impl<'a> Overlay<'a> {
         actor: &str,
     ) -> Result<Written, ScimError> {
         self.seq += 1;
-        if rt == ResourceType::User {
-            self.release_identifiers(row, &current.resource, None)?;
-        }
+        let released = match rt {
+            ResourceType::User => self.release_identifiers(row, &current.resource, None)?,
+            _ => String::new(),
+        };
         // Out of every group it was in, and (a group) emptied of its members. The groups it
         // leaves show other members now: a new version, or a client holding the old ETag
         // would be told its copy still stands.
@@ -365,10 +366,11 @@ impl<'a> Overlay<'a> {
             ResourceType::Group | ResourceType::AgenticApplication => None,
         };
         self.put_record(rt, row, retired);
-        let summary = match str_of(&current.resource, rt.name_attribute()) {
+        let mut summary = match str_of(&current.resource, rt.name_attribute()) {
             Some(name) => format!("deleted {} {}", rt.name_attribute(), quoted(name)),
             None => "deleted".to_owned(),
         };
+        summary.push_str(&released);
         self.log(actor, "delete", rt, id, summary);
         Ok(Written {
             seq: self.seq,
@@ -505,7 +507,8 @@ impl<'a> Overlay<'a> {
             }
         };
         if let (ResourceType::User, Some(previous)) = (rt, previous) {
-            self.release_identifiers(row, &previous.resource, Some(&resource))?;
+            let released = self.release_identifiers(row, &previous.resource, Some(&resource))?;
+            summary.push_str(&released);
         }
         // What a user or agent was found by and is not any more is remembered, as a deleted
         // one's identifiers are (a record of its own): a session or token naming it by its
@@ -574,7 +577,7 @@ impl<'a> Overlay<'a> {
         row: Row,
         before: &Value,
         after: Option<&Value>,
-    ) -> Result<(), ScimError> {
+    ) -> Result<String, ScimError> {
         let (emails, external_id) = released_identifiers(before, after);
         let mut holders: Vec<Row> = emails
             .iter()
@@ -588,16 +591,26 @@ impl<'a> Overlay<'a> {
             .collect();
         holders.sort_unstable();
         holders.dedup();
+        let mut ended = Vec::new();
         for holder in holders {
             let Some(mut record) = self.record(ResourceType::User, holder)? else {
                 continue;
             };
             if holds_any(&record.resource, &emails, external_id) {
                 (record.valid_since, record.valid_since_unix) = self.valid_from_now();
+                ended.extend(str_of(&record.resource, "id").map(str::to_owned));
                 self.put_record(ResourceType::User, holder, Some(record));
             }
         }
-        Ok(())
+        // Named in the change: their next request is refused as from before a re-creation,
+        // and this change is the one that says why.
+        if ended.is_empty() {
+            return Ok(String::new());
+        }
+        Ok(format!(
+            ", sessions of [{}] ended (an identifier they shared was given up)",
+            ended.join(",")
+        ))
     }
 
     /// A user's `valid_since` and its time, moved to this change.
