@@ -798,7 +798,13 @@ impl Audit {
         request: &Request<'_>,
         agent: Option<&AgentRecord>,
     ) {
-        if self.within_budget(&Caller::Named(user.to_owned()), route, None) {
+        // An agent's refusals share the agent's budget, for whomever it acts: one looping on
+        // the tokens of hundreds of people is still one caller.
+        let budgeted = match agent {
+            Some(agent) => crate::gate::agent_user(&agent.name),
+            None => user.to_owned(),
+        };
+        if self.within_budget(&Caller::Named(budgeted), route, None) {
             self.record_refusal(user, route, rule, reason, request, agent);
         }
     }
@@ -2081,6 +2087,41 @@ mod tests {
         for line in text.lines() {
             assert!(line.len() < 4096, "a record of {} bytes", line.len());
         }
+    }
+
+    /// An agent's refusals for many people share the agent's budget: a runaway agent holding
+    /// hundreds of people's tokens is still one caller.
+    #[test]
+    fn an_agent_s_refusals_for_many_people_share_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(
+            Destination::of(dir.path(), None),
+            Destination::of(dir.path(), None),
+        )
+        .unwrap();
+        let request = Request {
+            method: "GET",
+            path: "/",
+            client: None,
+        };
+        let people = 2 * NAMED_PER_SECOND + 10;
+        for i in 0..people {
+            let person = format!("p{i}@corp.example");
+            let agent = AgentRecord {
+                name: "helpdesk".to_owned(),
+                owners: Vec::new(),
+                on_behalf_of: Some(person.clone()),
+            };
+            audit.refusal(&person, "app", None, "no", &request, Some(&agent));
+        }
+        assert!(audit.flush(std::time::Duration::from_secs(10)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        let one_by_one = text
+            .lines()
+            .filter(|line| line.contains("\"event\":\"refusal\"") && line.contains("@corp"))
+            .count();
+        // Within at most two seconds' budgets, however many people.
+        assert!(one_by_one <= 2 * NAMED_PER_SECOND as usize, "{text}");
     }
 
     /// The log's lines as `each_line` and `each_line_from_end` give them, with their offsets.

@@ -722,7 +722,7 @@ impl Gate<'_> {
             // refusals are (an agent deleted, or ambiguous, is named by the value it was
             // looked up by).
             Some(Judged::Refuse(mut refusal)) => {
-                let person = principal.log_name();
+                let person = self.person_name(principal);
                 let agent = refusal.agent.get_or_insert_with(|| AgentRecord {
                     name: value.to_owned(),
                     owners: Vec::new(),
@@ -733,7 +733,7 @@ impl Gate<'_> {
                 return Judged::Refuse(refusal);
             }
             Some(Judged::Revoked(Outdated::Agent(mut agent))) => {
-                agent.on_behalf_of = Some(principal.log_name());
+                agent.on_behalf_of = Some(self.person_name(principal));
                 return Judged::Revoked(Outdated::Agent(agent));
             }
             Some(Judged::Revoked(outdated)) => return Judged::Revoked(outdated),
@@ -1007,6 +1007,18 @@ impl Gate<'_> {
     }
 
     /// The directory's view of a caller, if the directory knows them.
+    /// The person a delegated token acts for, as the records of their requests name them:
+    /// their `userName` in the directory, else as the token names them.
+    fn person_name(&self, principal: Principal<'_>) -> String {
+        let key = subject_key(self.identity, principal);
+        let found = key.and_then(|key| {
+            (self.directory).with_subject(key, |lookup| {
+                lookup.found().map(|view| view.user.user_name.to_string())
+            })
+        });
+        found.unwrap_or_else(|| principal.log_name())
+    }
+
     pub fn directory_view(&self, principal: Principal<'_>) -> Option<DirectoryView> {
         let key = subject_key(self.identity, principal)?;
         self.directory.with_subject(key, |lookup| {

@@ -603,9 +603,9 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
     let for_bob = of_event(&records, "refusal")[0];
     assert_eq!(for_bob["user"], BOB, "{for_bob}");
     assert_eq!(for_bob["agent"]["on_behalf_of"], BOB, "{for_bob}");
-    // Refused for the agent's sake, a delegated token's refusal is still the person's (as
-    // their token names them), with the agent beside them.
-    let person = jwt_claims(&for_alice)["sub"].clone();
+    // Refused for the agent's sake, a delegated token's refusal is still the person's (as the
+    // directory names them, as their allowed requests are), with the agent beside them.
+    let person = ALICE;
     let deactivated = of_event(&records, "refusal")
         .into_iter()
         .find(|r| {
@@ -760,13 +760,11 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
         refusals[0]
     );
     assert_eq!(refusals[0]["agent"]["name"], AGENT_ID, "{:#}", refusals[0]);
-    // The person as their token names them (its `sub`), as for the delegated token's other
-    // refusals.
-    let person = jwt_claims(&for_alice)["sub"].clone();
-    assert_eq!(refusals[1]["user"], person, "{:#}", refusals[1]);
+    // The person as the directory names them, as for the delegated token's other records.
+    assert_eq!(refusals[1]["user"], ALICE, "{:#}", refusals[1]);
     assert_eq!(refusals[1]["agent"]["name"], AGENT_ID, "{:#}", refusals[1]);
     assert_eq!(
-        refusals[1]["agent"]["on_behalf_of"], person,
+        refusals[1]["agent"]["on_behalf_of"], ALICE,
         "{:#}",
         refusals[1]
     );
