@@ -297,7 +297,7 @@ impl Console {
             .and_then(|found| {
                 let shown = found.selected.min(MAX_PAGE * PAGE_SIZE);
                 let last = shown.div_ceil(PAGE_SIZE).max(1);
-                if params.page > last {
+                if found.entries.is_empty() && found.selected > 0 && params.page > last {
                     self.newest(&asked.filter, last, true)
                 } else {
                     Ok(found)
