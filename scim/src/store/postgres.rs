@@ -47,7 +47,8 @@ pub const SCHEMA_VERSION: i32 = 3;
 
 /// `sql`, sent by pgpool to the primary whatever its load balancing (a query that begins
 /// with a comment is never balanced, unless `allow_sql_comments` is on); PostgreSQL ignores
-/// the comment. For the reads of a [`snapshot`].
+/// the comment. For the reads of a [`snapshot`], and the other reads of what the directory
+/// committed (its entries, its changes).
 macro_rules! on_primary {
     ($sql:literal) => {
         concat!("/*NO LOAD BALANCE*/ ", $sql)
@@ -560,7 +561,9 @@ impl PgStorage {
         self.pool.with(|client| {
             let rows = client
                 .query(
-                    "SELECT key, value FROM directory_entries WHERE kind = $1 ORDER BY key",
+                    on_primary!(
+                        "SELECT key, value FROM directory_entries WHERE kind = $1 ORDER BY key"
+                    ),
                     &[&kind],
                 )
                 .map_err(backend)?;
@@ -758,7 +761,9 @@ where
 fn read_changes(client: &mut Client, after: Seq, limit: i64) -> Result<Vec<Change>, StoreError> {
     let rows = client
         .query(
-            "SELECT seq, change FROM directory_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+            on_primary!(
+                "SELECT seq, change FROM directory_changes WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ),
             &[&to_sql(after)?, &limit],
         )
         .map_err(backend)?;
