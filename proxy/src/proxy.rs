@@ -1742,9 +1742,13 @@ impl Proxy {
         let audit = &self.shared.audit;
         let name = &route.config.name;
         match &ctx.caller {
+            // Named as the gate let them in (an agent as `agent:<name>`, a person acting
+            // through one by their `userName`), as their other records are.
             Some(caller) => {
-                let agent = ctx.forward.as_ref().and_then(|f| f.agent.as_ref());
-                audit.refusal(&caller.log_name(), name, None, &reason, &request, agent);
+                let forward = ctx.forward.as_ref();
+                let who = forward.map_or_else(|| caller.log_name(), |f| f.user.clone());
+                let agent = forward.and_then(|f| f.agent.as_ref());
+                audit.refusal(&who, name, None, &reason, &request, agent);
             }
             None => audit.unverified_refusal(name, &reason, &request),
         }

@@ -910,3 +910,49 @@ async fn an_entra_token_fetched_as_its_agent_is_provisioned_is_let_in() {
     let token = t.token().await;
     assert_eq!(t.call(&token).await.0, StatusCode::OK);
 }
+
+/// A body too large for the route is refused, and recorded as the gate named its caller: an
+/// agent as `agent:<name>`, a person acting through it by their `userName`, as their other
+/// records are (and within the agent's budget).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_too_large_is_recorded_as_the_caller_the_gate_let_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let t = Agents::start().await;
+    let own = t.token().await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    for token in [&own, &for_alice] {
+        let mut stream = tokio::net::TcpStream::connect(t.cfg.http_addr())
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /tickets HTTP/1.1\r\nHost: agents.test\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 20000000\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("the head");
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        let _ = tokio::time::timeout(Duration::from_secs(30), read).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    let too_large = |r: &Value| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("larger than the route takes"))
+    };
+    let records = audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .filter(|r| too_large(r))
+            .count()
+            == 2
+    })
+    .await;
+    let users: Vec<&Value> = of_event(&records, "refusal")
+        .into_iter()
+        .filter(|r| too_large(r))
+        .map(|r| &r["user"])
+        .collect();
+    assert_eq!(users, [&json!(format!("agent:{AGENT_ID}")), &json!(ALICE)]);
+}
