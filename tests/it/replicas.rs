@@ -1175,6 +1175,7 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
     };
     let migrate = move || PgStorage::open(&options)?.migrate();
     let first = migrate.clone();
+    let migrate_again = migrate.clone();
     tokio::task::spawn_blocking(first)
         .await
         .unwrap()
@@ -1195,6 +1196,23 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
     .await
     .expect("waited on the lock");
     again.unwrap().expect("nothing to migrate");
+    // A newer version migrated the schema, and stalls holding the lock: an older replica is
+    // refused at once (it cannot read what the newer one writes), not held up.
+    holder
+        .execute("UPDATE portcullis_schema SET version = version + 1", &[])
+        .await
+        .expect("a newer version");
+    let newer = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(migrate_again),
+    )
+    .await
+    .expect("waited on the lock");
+    let refused = newer.unwrap().expect_err("a newer schema");
+    assert!(
+        matches!(refused, portcullis_scim::store::StoreError::Version { .. }),
+        "{refused}"
+    );
     drop(holder);
     let _ = driver.await;
 }

@@ -47,8 +47,8 @@ pub const SCHEMA_VERSION: i32 = 3;
 
 /// `sql`, sent by pgpool to the primary whatever its load balancing (a query that begins
 /// with a comment is never balanced, unless `allow_sql_comments` is on); PostgreSQL ignores
-/// the comment. For the reads of a [`snapshot`], and the other reads of what the directory
-/// committed (its entries, its changes).
+/// the comment. For the reads of a [`snapshot`], and the other reads of what was committed
+/// (the directory's entries and changes, the audit log).
 macro_rules! on_primary {
     ($sql:literal) => {
         concat!("/*NO LOAD BALANCE*/ ", $sql)
@@ -632,8 +632,16 @@ impl PgStorage {
 /// with no bound, on a replica that held the lock and stalled (a frozen host), which no
 /// server timeout ends (it waits outside a transaction).
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    if schema_version(client)? == Some(SCHEMA_VERSION) {
-        return Ok(());
+    match schema_version(client)? {
+        Some(SCHEMA_VERSION) => return Ok(()),
+        // Versions only go up: a newer one is refused without waiting on the lock either.
+        Some(found) if found > SCHEMA_VERSION => {
+            return Err(StoreError::Version {
+                found: u64::try_from(found).unwrap_or(0),
+                expected: SCHEMA_VERSION as u64,
+            })
+        }
+        _ => {}
     }
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -1279,8 +1287,10 @@ impl AuditLog {
             let rows = conn
                 .client
                 .query(
-                    "SELECT seq, change FROM directory_changes WHERE seq < $1 \
-                     ORDER BY seq DESC LIMIT $2",
+                    on_primary!(
+                        "SELECT seq, change FROM directory_changes WHERE seq < $1 \
+                         ORDER BY seq DESC LIMIT $2"
+                    ),
                     &[&before, &limit],
                 )
                 .map_err(backend)?;
@@ -1299,8 +1309,10 @@ impl AuditLog {
             let rows = conn
                 .client
                 .query(
-                    "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
-                     WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                    on_primary!(
+                        "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
+                         WHERE id < $1 ORDER BY id DESC LIMIT $2"
+                    ),
                     &[&before, &limit],
                 )
                 .map_err(backend)?;
@@ -1314,8 +1326,10 @@ impl AuditLog {
             let rows = conn
                 .client
                 .query(
-                    "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
-                     WHERE id > $1 ORDER BY id LIMIT $2",
+                    on_primary!(
+                        "SELECT id, extract(epoch FROM at)::bigint, record FROM portcullis_audit \
+                         WHERE id > $1 ORDER BY id LIMIT $2"
+                    ),
                     &[&after, &limit],
                 )
                 .map_err(backend)?;
