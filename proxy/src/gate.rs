@@ -1006,7 +1006,6 @@ impl Gate<'_> {
         })
     }
 
-    /// The directory's view of a caller, if the directory knows them.
     /// The person a delegated token acts for, as the records of their requests name them:
     /// their `userName` in the directory, else as the token names them.
     fn person_name(&self, principal: Principal<'_>) -> String {
@@ -1019,6 +1018,7 @@ impl Gate<'_> {
         found.unwrap_or_else(|| principal.log_name())
     }
 
+    /// The directory's view of a caller, if the directory knows them.
     pub fn directory_view(&self, principal: Principal<'_>) -> Option<DirectoryView> {
         let key = subject_key(self.identity, principal)?;
         self.directory.with_subject(key, |lookup| {
