@@ -1686,12 +1686,14 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
             tokio::spawn(async move { scim.get(&path).await })
         })
         .collect();
-    // Until every read waits on the lock: Portcullis' read of user records, nothing else.
+    // Until every read waits on the lock: Portcullis' read of user records, nothing else (sent
+    // with the comment that keeps pgpool from balancing it onto a standby).
     let waiting = eventually(Duration::from_secs(60), || async {
         let rows = pg
             .query(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE 'SELECT row_id, record FROM directory_users WHERE row_id%'",
+                 AND query LIKE '/*NO LOAD BALANCE*/ SELECT row_id, record FROM directory_users \
+                 WHERE row_id%'",
             )
             .await;
         let want = READS.to_string();
