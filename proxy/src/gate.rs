@@ -1009,13 +1009,8 @@ impl Gate<'_> {
     /// The person a delegated token acts for, as the records of their requests name them:
     /// their `userName` in the directory, else as the token names them.
     fn person_name(&self, principal: Principal<'_>) -> String {
-        let key = subject_key(self.identity, principal);
-        let found = key.and_then(|key| {
-            (self.directory).with_subject(key, |lookup| {
-                lookup.found().map(|view| view.user.user_name.to_string())
-            })
-        });
-        found.unwrap_or_else(|| principal.log_name())
+        self.directory_view(principal)
+            .map_or_else(|| principal.log_name(), |view| view.user_name)
     }
 
     /// The directory's view of a caller, if the directory knows them.
