@@ -67,17 +67,23 @@ fn postgres_user() -> Option<nix::unistd::User> {
     Some(user)
 }
 
+/// A temporary directory for a cluster, owned by the user the server runs as.
+fn cluster_dir(prefix: &str) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir for PostgreSQL");
+    if let Some(user) = postgres_user() {
+        nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))
+            .expect("chown the PostgreSQL directory");
+    }
+    dir
+}
+
 impl Postgres {
     /// Creates a cluster and starts it; returns once it accepts connections.
     pub async fn start() -> Postgres {
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-pg-")
-            .tempdir()
-            .expect("tempdir for PostgreSQL");
-        if let Some(user) = postgres_user() {
-            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))
-                .expect("chown the PostgreSQL directory");
-        }
+        let dir = cluster_dir("portcullis-pg-");
         let data = dir.path().join("data");
         let output = command(&bin_dir().join("initdb"))
             .arg("-D")
@@ -194,14 +200,7 @@ impl Postgres {
     /// on that copy, on a port of its own, in recovery (read-only) and never receiving what
     /// this server commits since, as a standby far behind its primary.
     pub async fn start_standby(&self) -> Postgres {
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-pg-standby-")
-            .tempdir()
-            .expect("tempdir for the standby");
-        if let Some(user) = postgres_user() {
-            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))
-                .expect("chown the standby's directory");
-        }
+        let dir = cluster_dir("portcullis-pg-standby-");
         let status = command(Path::new("cp"))
             .arg("-a")
             .arg(self.dir.path().join("data.kept"))
