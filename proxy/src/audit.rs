@@ -1063,7 +1063,8 @@ const SPOOL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(32);
 const SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// The longest one turn of the writer moves records for, before it sees to new ones.
 const SPOOL_MOVE_TURN: std::time::Duration = std::time::Duration::from_secs(1);
-/// The most read of the spool at once: a batch of records, whatever their size.
+/// The most read of the spool at once: a batch of records, or more for one record longer
+/// than that (a group's change naming a million members), up to the spool's whole size.
 const SPOOL_READ_BYTES: usize = 4 << 20;
 
 impl Spool {
@@ -1230,7 +1231,13 @@ impl Spool {
                     records.push(record);
                 }
             }
-            if consumed == 0 && want < chunk.len() {
+            if consumed == 0 && want == chunk.len() {
+                // A record longer than the read: read it whole (the spool holds at most
+                // SPOOL_MAX_BYTES, and so does this).
+                chunk.resize(chunk.len() * 2, 0);
+                continue;
+            }
+            if consumed == 0 {
                 // Nothing whole is left: all moved. The note of how far goes first: a crash
                 // before the file is emptied then has them moved again, never skipped.
                 remove_synced(&self.moved).map_err(Moving::File)?;
@@ -1241,8 +1248,7 @@ impl Spool {
             if !records.is_empty() {
                 insert(&records).map_err(Moving::Postgres)?;
             }
-            // A read with no end of line in it is no record (they are far smaller): skipped.
-            from += if consumed == 0 { want } else { consumed } as u64;
+            from += consumed as u64;
             write_synced(&self.moved, from.to_string().as_bytes()).map_err(Moving::File)?;
             if started.elapsed() >= SPOOL_MOVE_TURN {
                 return Ok(false);
@@ -2005,6 +2011,25 @@ mod tests {
         };
         assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
         assert_eq!(taken.len(), 10, "{taken:?}");
+    }
+
+    /// A record longer than one read of the spool (a change naming a million members) moves
+    /// whole, and so do those around it.
+    #[test]
+    fn a_spooled_record_longer_than_a_read_moves_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path().join(SPOOL_NAME)).unwrap();
+        let long = format!("{{\"summary\":\"{}\"}}\n", "a".repeat(SPOOL_READ_BYTES * 2));
+        let records = ["{\"n\":1}\n".to_owned(), long, "{\"n\":2}\n".to_owned()];
+        spool.append(&records).unwrap();
+        let mut moved = Vec::new();
+        let mut take = |batch: &[&str]| -> Result<(), String> {
+            moved.extend(batch.iter().map(|r| format!("{r}\n")));
+            Ok(())
+        };
+        let now = std::time::Instant::now();
+        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert!(moved == records, "{} records moved", moved.len());
     }
 
     /// Read from the end with `--since`, the log is read no further back than that: a record
