@@ -236,6 +236,12 @@ pub fn rejudge(
         Match::Found(route) if route.config.name == target.route => route,
         _ => return gone("the route is no longer in the configuration for this request"),
     };
+    // A path a PHP front controller reads as another route's, which a reload may have added
+    // (`/index.php/admin/events` once `/admin` is a route of its own). (The query's `_method`
+    // is not judged again: a request already sent kept its method.)
+    if (routes.refuses(target.scheme, &target.host, route, &target.path, None)).is_some() {
+        return gone("a request to this place would now be refused");
+    }
     if target.websocket && !route.config.websockets {
         return gone("the route no longer takes websockets");
     }
@@ -684,6 +690,19 @@ mod tests {
              allow = {{ groups = [\"sre\"] }}\n"
         );
         assert!(cut(judged(&narrowed, &open)));
+        // Nor one a PHP front controller reads as that route's (a request to it now is
+        // refused, as another route's).
+        let script = Recheck::new(
+            open.caller.clone(),
+            Target {
+                path: "/index.php/ws".to_owned(),
+                ..open.target.clone()
+            },
+            open.told.clone(),
+            marks(0),
+        );
+        assert!(matches!(judged(CONFIG, &script), Admission::Allow(_)));
+        assert!(cut(judged(&narrowed, &script)));
         // A websocket, once its route no longer takes them; an event stream carries on.
         let websockets = CONFIG.replacen(
             "from = \"http://app.test\"\n",
