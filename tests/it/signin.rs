@@ -3135,6 +3135,32 @@ async fn a_refresh_whose_id_token_fails_verification_ends_the_session() {
         .await;
 }
 
+/// A refresh whose ID token is signed with a key the IdP began using moments after Portcullis
+/// last fetched its keys (too soon to fetch them again) does not end the session, nor blame
+/// the IdP for it: it is judged again later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_signed_with_a_key_too_new_to_fetch_keeps_the_session() {
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    // The keys were fetched at start; 10 s on, a sign-in with a new key fetches them again.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    fx.idp.rotate_keys(true).await;
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    // At once the IdP moves to a key newer still, which signs the refreshed ID token.
+    fx.idp.rotate_keys(false).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_works(&url, &signed.cookie).await;
+    assert_session_works(&url, &signed.cookie).await;
+    assert!(!fx
+        .px
+        .log()
+        .contains("the refreshed ID token failed verification"));
+}
+
 /// While the IdP takes connections but never answers, a session whose refresh is due keeps
 /// working, and only the first request waits on the IdP (up to Portcullis' 10 s timeout for
 /// IdP calls): refreshes then pause (5 s, doubling up to a minute), so the next ones go ahead

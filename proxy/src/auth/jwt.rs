@@ -307,9 +307,9 @@ impl Jwks {
         })
     }
 
-    /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`).
-    /// A failed fetch keeps the last good set (an outage at the IdP). A set that has not
-    /// changed is kept as it is, and so is what was verified with it.
+    /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`);
+    /// whether it did. A failed fetch keeps the last good set (an outage at the IdP). A set
+    /// that has not changed is kept as it is, and so is what was verified with it.
     ///
     /// The set the issuer publishes is the keys it vouches for, even when Portcullis can use
     /// none of them: a key left out was withdrawn (the IdP's admin disabled every key, or it
@@ -317,14 +317,14 @@ impl Jwks {
     /// usable key is also what an IdP node serves for a moment when its keys fail to load: it
     /// is taken only once a fetch at least [`REFETCH_AFTER`] later finds the same, and till
     /// then the last usable set is kept.
-    pub async fn refresh(&self, force: bool) -> Result<(), JwtError> {
+    pub async fn refresh(&self, force: bool) -> Result<bool, JwtError> {
         let mut fetches = self.fetches.lock().await;
         if !force && fetches.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
             // Fetched a moment ago; but while a set with no usable key waits to be confirmed,
             // the one kept is not the issuer's word either.
             return match fetches.unusable_since {
                 Some(_) => Err(JwtError::KeysUnavailable),
-                None => Ok(()),
+                None => Ok(false),
             };
         }
         let now = Instant::now();
@@ -360,11 +360,11 @@ impl Jwks {
             fetches.unusable_since = None;
         }
         if self.raw().is_some_and(|raw| *raw == *keys.raw) {
-            return Ok(());
+            return Ok(true);
         }
         self.keys.store(Some(Arc::new(keys)));
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+        Ok(true)
     }
 
     /// As if a set with no usable key had been found [`REFETCH_AFTER`] earlier than it was.

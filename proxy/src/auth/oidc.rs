@@ -673,24 +673,32 @@ impl Oidc {
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
                     Err(IdTokenError::Signature(_)) => {
                         // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
-                        // that cannot be fetched, or a set with none Portcullis can use, give
-                        // no verdict on the session: it is judged again a minute on, with the
+                        // that cannot be fetched, a set with none Portcullis can use, or one
+                        // not fetched again (it was, moments before the rotation) give no
+                        // verdict on the session: it is judged again a minute on, with the
                         // refresh token the IdP has just given (the one sent may be spent).
-                        if provider.jwks.refresh(false).await.is_err()
-                            || !provider.jwks.has_usable_key()
-                        {
+                        let postponed = || {
                             tracing::warn!(
                                 "a refreshed ID token cannot be verified without the \
                                  provider's keys: judged again in {}s at the earliest",
                                 JUDGE_AGAIN_IN.as_secs()
                             );
-                            return Ok(Refreshed::Postponed(Refresh {
-                                refresh_token,
+                            Ok(Refreshed::Postponed(Refresh {
+                                refresh_token: refresh_token.clone(),
                                 due: now + JUDGE_AGAIN_IN.as_secs(),
                                 sealed: false,
-                            }));
+                            }))
+                        };
+                        let refetched = provider.jwks.refresh(false).await;
+                        if refetched.is_err() || !provider.jwks.has_usable_key() {
+                            return postponed();
                         }
-                        self.verify_id_token(config, &provider, id_token, no_nonce)
+                        match self.verify_id_token(config, &provider, id_token, no_nonce) {
+                            Err(IdTokenError::Signature(_)) if refetched == Ok(false) => {
+                                return postponed();
+                            }
+                            other => other,
+                        }
                     }
                     other => other,
                 };
