@@ -2111,6 +2111,7 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
 ///   which would let a client dodge a rule on methods;
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
+/// - `X-Scheme`, which Tornado reads before `X-Forwarded-Proto`;
 /// - `Proxy`, which CGI-style servers hand the application as `HTTP_PROXY`, the variable HTTP
 ///   clients take their proxy from (httpoxy);
 /// - every name with a character other than a letter, a digit or `-`, as nginx drops them:
@@ -2122,7 +2123,7 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 14] = [
+    const NAMES: [&[u8]; 15] = [
         b"forwarded",
         b"x-real-ip",
         b"client-ip",
@@ -2136,6 +2137,7 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-method-override",
         b"x-http-method",
         b"x-script-name",
+        b"x-scheme",
         b"proxy",
     ];
     !name.iter().all(|&b| PLAIN_NAME[usize::from(b)])

@@ -530,6 +530,8 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "X-Method-Override: DELETE",
         "X-HTTP-Method: DELETE",
         "X-Script-Name: /admin",
+        // Tornado (`xheaders=True`) reads it before X-Forwarded-Proto.
+        "X-Scheme: https",
         // gunicorn before 22 strips SCRIPT_NAME from the path the application routes.
         "SCRIPT_NAME: /page",
         "script_name: /page",
@@ -580,6 +582,7 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         "x-method-override",
         "x-http-method",
         "x-script-name",
+        "x-scheme",
     ] {
         assert_eq!(
             received.header(name),
