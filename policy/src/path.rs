@@ -17,8 +17,8 @@ pub enum PathError {
     #[error("the path holds a malformed percent-escape")]
     BadEscape,
     #[error(
-        "the path holds an encoded '/', '\\' or NUL, a raw '\\', or a dot segment with ';' \
-         parameters, whose meaning is ambiguous"
+        "the path holds an encoded '/', '\\' or control character, a raw '\\' or control \
+         character, or a dot segment with ';' parameters, whose meaning is ambiguous"
     )]
     Ambiguous,
     #[error("the request target is neither a path nor an http(s) URL of a host")]
@@ -163,7 +163,15 @@ fn stays_raw(b: u8) -> bool {
 /// Whether `b` is the byte of an escape in its one spelling (`%3B`, `%C3`): neither plain nor
 /// one that is refused.
 fn stays_escaped(b: u8) -> bool {
-    !is_plain(b) && !matches!(b, b'/' | b'\\' | 0)
+    !is_plain(b) && b != b'/' && !is_refused(b)
+}
+
+/// Whether byte `b`, raw or escaped, is refused in a path: `\` (a separator to some servers)
+/// and control characters. Python's (Starlette's, older Werkzeug's and Django's) and Java's
+/// patterns match `$` before a final newline, so to them `/admin%0A` is `/admin`: no path
+/// under a route's `/admin`, nor one a deny rule on `/admin` names.
+fn is_refused(b: u8) -> bool {
+    matches!(b, b'\\' | 0..=0x1F | 0x7F)
 }
 
 /// True when `normalize` would return the path unchanged: every byte in its one spelling, no
@@ -213,8 +221,8 @@ fn is_normal(bytes: &[u8]) -> bool {
     true
 }
 
-/// `bytes` with each byte in its one spelling (see [`normalize`]); an encoded `/`, `\\` or NUL,
-/// a raw `\\` or NUL, or a malformed escape is an error.
+/// `bytes` with each byte in its one spelling (see [`normalize`]); an encoded `/`, a byte
+/// [`is_refused`], raw or encoded, or a malformed escape is an error.
 fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
     let mut out = String::with_capacity(bytes.len());
     let mut i = 0;
@@ -231,7 +239,7 @@ fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
             (bytes[i - 1], false)
         };
         match byte {
-            b'\\' | 0 => return Err(PathError::Ambiguous),
+            b if is_refused(b) => return Err(PathError::Ambiguous),
             b'/' if escaped => return Err(PathError::Ambiguous),
             b if !escaped && stays_raw(b) => out.push(char::from(b)),
             b if is_plain(b) => out.push(char::from(b)),
@@ -388,6 +396,12 @@ mod tests {
             ("/a%5cb", PathError::Ambiguous),
             ("/a\\b", PathError::Ambiguous),
             ("/a%00", PathError::Ambiguous),
+            ("/admin%0A", PathError::Ambiguous),
+            ("/admin%0a", PathError::Ambiguous),
+            ("/admin%0D%0A/x", PathError::Ambiguous),
+            ("/a%09b", PathError::Ambiguous),
+            ("/a%7F", PathError::Ambiguous),
+            ("/a\nb", PathError::Ambiguous),
             ("/public/..;/admin", PathError::Ambiguous),
             ("/public/..;x=1/admin", PathError::Ambiguous),
             ("/a/.;/b", PathError::Ambiguous),
@@ -480,7 +494,14 @@ mod tests {
         // Any byte, raw or escaped, normalizes alike (bar those refused and the `;` that
         // begins parameters), and the result is normal.
         for byte in 1..=255u8 {
-            if matches!(byte, b'/' | b'\\' | b'%' | b'?' | b'#' | b';' | b'+') {
+            if is_refused(byte) {
+                assert_eq!(
+                    normalize(&format!("/a%{byte:02x}b")),
+                    Err(PathError::Ambiguous)
+                );
+                continue;
+            }
+            if matches!(byte, b'/' | b'%' | b'?' | b'#' | b';' | b'+') {
                 continue;
             }
             let escaped = format!("/a%{byte:02x}b");

@@ -130,6 +130,8 @@ async fn routing_uses_and_forwards_the_normalized_path() {
         ("/v1/a?next=../../x", Ok(("v1", "/v1/a?next=../../x"))),
         ("/v1%2fa", Err(400)),
         ("/v1%2Fa", Err(400)),
+        // Starlette and older Werkzeug route /v1%0A as /v1.
+        ("/v1%0A", Err(400)),
     ];
     for (target, expected) in cases {
         let req =
