@@ -752,13 +752,26 @@ from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
 accept = ["public"]
 audiences = ["api-a"]
+[[routes]]
+from = "https://billing.example.com"
+to = ["http://127.0.0.1:3000"]
+accept = ["bearer"]
+allow = { machines = true }
+audiences = []
 "#,
             problems: &[
                 ("routes[0].audiences[0]", None, "no [[jwt_issuers]] takes"),
                 ("routes[0].audiences[1]", None, "never empty"),
                 ("routes[0].audiences[1]", None, "no [[jwt_issuers]] takes"),
                 ("routes[1].audiences", None, "does not accept \"bearer\""),
+                ("routes[2].audiences", None, "at least one audience"),
             ],
+        },
+        Case {
+            // Rust reads `+8443` as a port; URL parsers, and so sign-in and key fetches, do not.
+            name: "a port with a sign",
+            text: "data_dir = \"data\"\nLISTENERS\nOIDC\nauth_host = \"auth.example.com:+8443\"\n",
+            problems: &[("oidc.auth_host", None, "is not a port number")],
         },
         Case {
             // The issuer's audiences could not be read: route audiences are not judged

@@ -662,6 +662,14 @@ fn route(
         );
     }
     let audiences_path = path.key("audiences");
+    // Left out, a route takes any audience of its issuers; an empty list (a template's that
+    // came out empty) would say the same while meaning to narrow them.
+    if raw.audiences.as_ref().is_some_and(Vec::is_empty) {
+        p.add(
+            &audiences_path,
+            "needs at least one audience; leave the key out to take any of the issuers'",
+        );
+    }
     let audiences = raw.audiences.unwrap_or_default();
     if !audiences.is_empty() && !p.skipped(&accept_path) && !accept.contains(&Credential::Bearer) {
         p.add(
@@ -2339,10 +2347,13 @@ fn split_authority(authority: &str) -> Result<(&str, bool, Option<u16>), String>
             None => (authority, false, None),
         },
     };
+    // Digits only: `u16` parsing takes `+8443`, which URL parsers refuse.
     let port = port
         .map(|port| {
             port.parse::<u16>()
-                .map_err(|_| format!("`{port}` is not a port number"))
+                .ok()
+                .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| format!("`{port}` is not a port number"))
         })
         .transpose()?;
     Ok((host, bracketed, port))
