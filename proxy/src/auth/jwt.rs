@@ -186,6 +186,17 @@ impl Keys {
             {
                 continue;
             }
+            // jsonwebtoken takes an Ed25519 key of any length and slices its first 32 bytes
+            // when it verifies: a shorter one would panic the request.
+            if let jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(okp) = &jwk.algorithm {
+                use base64::Engine;
+                let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&okp.x);
+                if okp.curve != jsonwebtoken::jwk::EllipticCurve::Ed25519
+                    || x.map_or(true, |x| x.len() != 32)
+                {
+                    continue;
+                }
+            }
             let alg = match &jwk.common.key_algorithm {
                 None => None,
                 Some(alg) => match alg.to_string().parse::<Algorithm>() {
@@ -586,6 +597,24 @@ mod tests {
         assert_eq!(keys.candidates(Some("new"), Algorithm::RS256).len(), 1);
         // Nor does the set ID tokens are verified with hold it.
         assert_eq!(keys.raw["keys"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn an_ed25519_key_of_the_wrong_length_verifies_nothing() {
+        // RFC 8037's example Ed25519 public key, and the same cut short.
+        let set = r#"{"keys":[
+            {"kty":"OKP","crv":"Ed25519","kid":"good","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
+            {"kty":"OKP","crv":"Ed25519","kid":"short","x":"AAAA"}]}"#;
+        let keys = Keys::parse(set.as_bytes()).unwrap();
+        assert_eq!(keys.candidates(Some("good"), Algorithm::EdDSA).len(), 1);
+        assert_eq!(keys.candidates(Some("short"), Algorithm::EdDSA).len(), 0);
+        // A token no key verifies is refused, not a panic.
+        let token = "eyJhbGciOiJFZERTQSIsImtpZCI6InNob3J0In0.eyJzdWIiOiJ4In0.\
+                     c2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2lnc2ln";
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.required_spec_claims.clear();
+        let candidates = keys.candidates(None, Algorithm::EdDSA);
+        assert!(verify_with::<serde_json::Value>(token, &candidates, &validation).is_err());
     }
 
     #[test]
