@@ -126,13 +126,17 @@ pub enum SignInError {
 #[derive(Debug)]
 enum IdTokenError {
     Signature(String),
+    /// Signed with a key the provider's set (as last fetched) does not hold.
+    UnknownKey(String),
     Other(String),
 }
 
 impl From<IdTokenError> for SignInError {
     fn from(e: IdTokenError) -> Self {
         match e {
-            IdTokenError::Signature(e) => SignInError::Invalid(format!("signature: {e}")),
+            IdTokenError::Signature(e) | IdTokenError::UnknownKey(e) => {
+                SignInError::Invalid(format!("signature: {e}"))
+            }
             IdTokenError::Other(e) => SignInError::Invalid(e),
         }
     }
@@ -475,7 +479,7 @@ impl Oidc {
             .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
         let nonce = Nonce::new(pending.nonce.clone());
         let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
-            Err(IdTokenError::Signature(_)) => {
+            Err(IdTokenError::Signature(_) | IdTokenError::UnknownKey(_)) => {
                 // Perhaps the IdP rotated its keys since we fetched them: refetch (rate
                 // limited) and try once more.
                 let _ = provider.jwks.refresh(false).await;
@@ -671,12 +675,13 @@ impl Oidc {
                 // the same person. One that is not ends the session.
                 let no_nonce = |_: Option<&Nonce>| Ok(());
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
-                    Err(IdTokenError::Signature(_)) => {
+                    Err(IdTokenError::Signature(_) | IdTokenError::UnknownKey(_)) => {
                         // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
                         // that cannot be fetched, a set with none Portcullis can use, or one
-                        // not fetched again (it was, moments before the rotation) give no
-                        // verdict on the session: it is judged again a minute on, with the
-                        // refresh token the IdP has just given (the one sent may be spent).
+                        // not fetched again for a key it lacks (it was fetched moments before
+                        // the IdP took up the key) give no verdict on the session: it is
+                        // judged again a minute on, with the refresh token the IdP has just
+                        // given (the one sent may be spent).
                         let postponed = || {
                             tracing::warn!(
                                 "a refreshed ID token cannot be verified without the \
@@ -694,7 +699,7 @@ impl Oidc {
                             return postponed();
                         }
                         match self.verify_id_token(config, &provider, id_token, no_nonce) {
-                            Err(IdTokenError::Signature(_)) if refetched == Ok(false) => {
+                            Err(IdTokenError::UnknownKey(_)) if refetched == Ok(false) => {
                                 return postponed();
                             }
                             other => other,
@@ -704,7 +709,11 @@ impl Oidc {
                 };
                 let claims = match verified {
                     Ok(claims) => claims,
-                    Err(IdTokenError::Signature(e) | IdTokenError::Other(e)) => {
+                    Err(
+                        IdTokenError::Signature(e)
+                        | IdTokenError::UnknownKey(e)
+                        | IdTokenError::Other(e),
+                    ) => {
                         return Ok(Refreshed::Ended(format!(
                             "the refreshed ID token failed verification: {e}"
                         )))
@@ -930,6 +939,9 @@ impl Oidc {
             .claims(&verifier, nonce)
             .cloned()
             .map_err(|e| match e {
+                openidconnect::ClaimsVerificationError::SignatureVerification(
+                    e @ openidconnect::SignatureVerificationError::NoMatchingKey,
+                ) => IdTokenError::UnknownKey(e.to_string()),
                 openidconnect::ClaimsVerificationError::SignatureVerification(e) => {
                     IdTokenError::Signature(e.to_string())
                 }
