@@ -1249,6 +1249,7 @@ impl Spool {
                 insert(&records).map_err(Moving::Postgres)?;
             }
             from += consumed as u64;
+            chunk.truncate(SPOOL_READ_BYTES);
             write_synced(&self.moved, from.to_string().as_bytes()).map_err(Moving::File)?;
             if started.elapsed() >= SPOOL_MOVE_TURN {
                 return Ok(false);
@@ -2027,8 +2028,14 @@ mod tests {
             moved.extend(batch.iter().map(|r| format!("{r}\n")));
             Ok(())
         };
-        let now = std::time::Instant::now();
-        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        // However long the reading takes (a turn is a second), until all are moved.
+        let turn = |spool: &mut Spool, take: &mut dyn FnMut(&[&str]) -> Result<(), String>| {
+            matches!(
+                spool.move_batches(take, std::time::Instant::now()),
+                Ok(true)
+            )
+        };
+        assert!((0..100).any(|_| turn(&mut spool, &mut take)));
         assert!(moved == records, "{} records moved", moved.len());
     }
 
