@@ -243,9 +243,9 @@ fn within(prefix: &str, path: &str, formats: bool) -> bool {
         Some(bare) if !bare.is_empty() => bare,
         _ => prefix,
     };
-    if !path.contains(';') && !prefix.contains(';') {
-        // No parameters: the lenient reading is the strict one, in any ASCII case (with a
-        // format suffix).
+    if reads_plainly(path) && reads_plainly(prefix) {
+        // No parameters, nothing to trim: the lenient reading is the strict one, in any ASCII
+        // case (with a format suffix).
         let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
         if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
             return false;
@@ -284,11 +284,42 @@ pub fn loose_depth(prefix: &str) -> usize {
     loose_segments(prefix).count()
 }
 
-/// The segments of a path as [`loosely_within`] reads them.
+/// The segments of a path as [`loosely_within`] reads them: each without its `;` parameters
+/// (also `%3B`, which nginx decodes as it passes a path on to Tomcat when its `proxy_pass`
+/// names a path), empty ones dropped, and the path's ends without the spaces CodeIgniter
+/// trims off it (`%20`, and `+` and `%2B`, which it decodes to spaces): `/+/admin` and
+/// `/admin%20` are `admin` to it.
 fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
-    path.split('/')
-        .map(|segment| segment.split_once(';').map_or(segment, |(name, _)| name))
+    trim_spaces(path)
+        .split('/')
+        .map(|segment| {
+            let parameters = segment.find(';').into_iter().chain(segment.find("%3B"));
+            &segment[..parameters.min().unwrap_or(segment.len())]
+        })
         .filter(|segment| !segment.is_empty())
+}
+
+/// `path` without the `/` and spaces (`%20`, `+`, `%2B`) at either end.
+fn trim_spaces(mut path: &str) -> &str {
+    const ENDS: [&str; 4] = ["/", "+", "%20", "%2B"];
+    while let Some(rest) = ENDS.iter().find_map(|end| path.strip_prefix(end)) {
+        path = rest;
+    }
+    while let Some(rest) = ENDS.iter().find_map(|end| path.strip_suffix(end)) {
+        path = rest;
+    }
+    path
+}
+
+/// Whether [`loose_segments`] reads `path` as it is written: no `;` or `%3B`, and no space
+/// (`+`, `%20`, `%2B`) it might trim. (One pass: route selection asks this of every path.)
+fn reads_plainly(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    !bytes.iter().enumerate().any(|(i, &b)| {
+        b == b';'
+            || b == b'+'
+            || (b == b'%' && matches!(bytes.get(i + 1..i + 3), Some(b"3B" | b"20" | b"2B")))
+    })
 }
 
 impl Rule {
@@ -1626,6 +1657,23 @@ mod tests {
             assert!(loosely_within("/admin/", path), "{path}");
         }
         assert!(loosely_within("/admin/", "/admin;x"));
+        // `%3B` too: nginx passes it on as `;` when its `proxy_pass` names a path.
+        assert!(loosely_within("/admin", "/admin%3Bx/y"));
+        assert!(loosely_within("/a/b", "/a%3Bp/B"));
+        assert!(!loosely_within("/admin", "/admin%3A"));
+        // Spaces CodeIgniter trims off the path's ends (`+` and `%2B` it decodes to spaces).
+        for path in [
+            "/+/admin/x",
+            "/%20/admin",
+            "/+admin",
+            "/admin%20",
+            "/admin+/",
+            "/%2B/admin%2B",
+        ] {
+            assert!(loosely_within("/admin/", path), "{path}");
+        }
+        assert!(!loosely_within("/admin/", "/x/+/admin"));
+        assert!(!loosely_within("/admin/", "/ad+min"));
         // For deny rules, a format suffix on the path's last segment, when it is the
         // prefix's last; not for routes.
         for path in [

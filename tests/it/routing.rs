@@ -132,6 +132,16 @@ async fn routing_uses_and_forwards_the_normalized_path() {
         ("/v1%2Fa", Err(400)),
         // Starlette and older Werkzeug route /v1%0A as /v1.
         ("/v1%0A", Err(400)),
+        // CodeIgniter decodes twice (/%25761 is /v1), trims spaces off the path's ends and
+        // routes a query that begins with `/` as the path of the root or its script.
+        ("/%25761/a", Err(400)),
+        ("/+/v1/a", Ok(("v1", "/+/v1/a"))),
+        ("/v1%20", Ok(("v1", "/v1%20"))),
+        ("/?/v1/a", Err(400)),
+        ("/index.php?/v1/a", Err(400)),
+        ("/x?/v1/a", Ok(("root", "/x?/v1/a"))),
+        // nginx passes %3B on as `;` when its proxy_pass names a path, and Tomcat drops it.
+        ("/v1%3Bx/a", Ok(("v1", "/v1%3Bx/a"))),
     ];
     for (target, expected) in cases {
         let req =
