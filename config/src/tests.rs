@@ -450,11 +450,12 @@ auth_host = "auth.example.com"
 from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
-deny = { groups = ["contractors "], users = [" mallory@example.com"] }
+deny = { groups = ["contractors "], users = [" mallory@example.com", "Agent:helpdesk-bot"] }
 "#,
             problems: &[
                 ("routes[0].deny.groups[0]", None, "write \"contractors\""),
                 ("routes[0].deny.users[0]", None, "has spaces around it"),
+                ("routes[0].deny.users[1]", None, "write \"helpdesk-bot\""),
             ],
         },
         Case {

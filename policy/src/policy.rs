@@ -868,6 +868,17 @@ impl Builder {
                     // A deny naming `"contractors "` would deny nobody.
                     let (value, trimmed) = (value.clone(), value.trim().to_owned());
                     error(format!(".{field}[{i}]"), Problem::Padded { value, trimmed });
+                } else if field == "users"
+                    && value
+                        .get(..6)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("agent:"))
+                {
+                    // As the audit log and the 403 page name it: a deny that denies nobody.
+                    let (value, bare) = (value.clone(), value[6..].to_owned());
+                    error(
+                        format!(".{field}[{i}]"),
+                        Problem::AgentPrefixed { value, bare },
+                    );
                 } else {
                     table.insert(value, index);
                 }

@@ -91,6 +91,11 @@ pub enum Problem {
          whole (write {trimmed:?})"
     )]
     Padded { value: String, trimmed: String },
+    #[error(
+        "{value:?} names nobody: rules name an agent by its own name, as SCIM has it (write \
+         {bare:?}); `agent:` is how the upstream and the audit log are told it is one"
+    )]
+    AgentPrefixed { value: String, bare: String },
     #[error("is an empty list, which would match nothing; leave it out to match everything")]
     EmptyList,
     #[error("{value:?} is not a valid email domain: {why}")]
