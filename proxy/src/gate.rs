@@ -956,10 +956,13 @@ impl Gate<'_> {
             let mut subject = user_subject(kind, view.user, &groups);
             // An address the IdP says it has not verified names nobody, from the directory
             // either: the IdP provisioned that same unverified address (Okta's self-service
-            // registration without email verification), found here by `sub`.
+            // registration without email verification), found here by `sub`. (Nor is it told
+            // to the upstream, which the user's other credentials are: not kept for them.)
+            let mut withheld = false;
             if let (Some(email), Some(unverified)) = (subject.email, unverified_email(principal)) {
                 if portcullis_policy::fold(email) == portcullis_policy::fold(unverified) {
                     subject.email = None;
+                    withheld = true;
                 }
             }
             let email = subject.email;
@@ -982,8 +985,8 @@ impl Gate<'_> {
                 )
             };
             let named = match self.forwards {
-                Some(forwards) => forwards.get_or_make(view.stamp, make),
-                None => Arc::new(make()),
+                Some(forwards) if !withheld => forwards.get_or_make(view.stamp, make),
+                _ => Arc::new(make()),
             };
             let forward = Forward { named, agent: None };
             Some(Judged::Allow(Pass {
@@ -1838,6 +1841,28 @@ mod tests {
         );
         eve.email_verified = None;
         allowed(as_person(&world, &eve, 5, "/"));
+    }
+
+    /// The upstream is told a person's directory email by their credentials that leave it
+    /// standing, and not by one whose IdP says it has not verified it, whichever came first.
+    #[tokio::test]
+    async fn an_unverified_email_is_not_told_to_the_upstream_by_another_credential_s_answer() {
+        let world = by_sub();
+        let id = world
+            .user_with_emails("eve", "ext-e", &[("eve@corp.example", true)])
+            .await;
+        world.group("eng", &[&id]).await;
+        let mut eve = world.person("eve@corp.example");
+        eve.subject = "ext-e".to_owned();
+        let told = |eve: &Identity| {
+            let pass = allowed(as_person(&world, eve, 0, "/work"));
+            pass.forward.and_then(|f| f.email.clone())
+        };
+        for first in [Some(true), Some(false), Some(true)] {
+            eve.email_verified = first;
+            let email = told(&eve);
+            assert_eq!(email.is_some(), first == Some(true), "{first:?}");
+        }
     }
 
     /// A stranger's token groups (on a `token_groups` route) are matched by `group_ids` too:
