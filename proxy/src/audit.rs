@@ -372,18 +372,7 @@ impl Entry {
                 detail => format!("{time} session {user}{}: {what} ({detail})", from(client)),
             },
         };
-        if !line.chars().any(char::is_control) {
-            return line;
-        }
-        let mut shown = String::with_capacity(line.len() + 8);
-        for c in line.chars() {
-            if c.is_control() {
-                shown.extend(c.escape_default());
-            } else {
-                shown.push(c);
-            }
-        }
-        shown
+        crate::human::printable(&line).into_owned()
     }
 }
 

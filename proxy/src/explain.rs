@@ -189,7 +189,7 @@ pub fn explain(
     if first.is_none() || too_long(first) || too_long(second) || url.len() > MAX_INPUT {
         return Err("user (or agent) and url must be given, each at most 4096 bytes".to_owned());
     }
-    let method = method.to_ascii_uppercase();
+    let method = method.to_owned();
     let parsed = Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     let scheme = match parsed.scheme() {
         "http" => Scheme::Http,
@@ -231,6 +231,10 @@ pub fn explain(
         .and_then(|url| url.split_once('?'))
         .map(|(_, query)| query);
     let target = match path::normalize(raw_path(url)) {
+        _ if method.bytes().any(|b| b.is_ascii_lowercase()) => Err(format!(
+            "refused with 400: {method} is a method in lower case, which Go and PHP do not \
+             read as its upper-case one"
+        )),
         _ if crate::proxy::echoes_request(&method) => Err(format!(
             "refused with 405: {method} has the upstream echo what it is told"
         )),
@@ -484,31 +488,33 @@ fn raw_path(url: &str) -> &str {
     rest.find('/').map_or("/", |slash| &rest[slash..])
 }
 
+/// What a person reads on a terminal (names come from the directory: any character).
 impl std::fmt::Display for Explanation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::human::printable as p;
         let verdict = if self.allowed { "ALLOW" } else { "DENY" };
-        writeln!(f, "{verdict} {} {}", self.method, self.url)?;
+        writeln!(f, "{verdict} {} {}", p(&self.method), p(&self.url))?;
         writeln!(f, "  route:  {}", self.route.as_deref().unwrap_or("(none)"))?;
         match &self.directory_user {
             Some(user) => writeln!(
                 f,
                 "  user:   {} ({}; groups: {})",
-                user.user_name,
+                p(&user.user_name),
                 if user.active { "active" } else { "inactive" },
                 if user.groups.is_empty() {
                     "none".to_owned()
                 } else {
-                    user.groups.join(", ")
+                    p(&user.groups.join(", ")).into_owned()
                 }
             )?,
             None if self.agent.is_some() => {}
             None => writeln!(f, "  user:   not in the directory")?,
         }
         if let Some(agent) = &self.agent {
-            writeln!(f, "  agent:  {}", agent.human())?;
+            writeln!(f, "  agent:  {}", p(&agent.human()))?;
         }
         writeln!(f, "  rule:   {}", self.rule.as_deref().unwrap_or("(none)"))?;
-        write!(f, "  reason: {}", self.reason)
+        write!(f, "  reason: {}", p(&self.reason))
     }
 }
 
@@ -554,7 +560,7 @@ mod tests {
     #[tokio::test]
     async fn an_allow_names_the_route_the_user_and_the_rule() {
         let world = world().await;
-        let answer = ask(&world, ALICE, "http://app.test/work", "get");
+        let answer = ask(&world, ALICE, "http://app.test/work", "GET");
         assert!(answer.allowed);
         assert_eq!(answer.method, "GET");
         assert_eq!(answer.route.as_deref(), Some("http://app.test"));
@@ -671,6 +677,22 @@ mod tests {
         );
     }
 
+    /// Names from the directory are shown with their control characters escaped: a group's
+    /// name cannot move the terminal's cursor over the verdict.
+    #[tokio::test]
+    async fn names_are_printed_with_their_control_characters_escaped() {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        world.group("ops\u{1b}[2A\r\u{1b}[2KALLOW", &[&alice]).await;
+        let text = ask(&world, ALICE, "http://app.test/work", "GET").to_string();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 5, "{text}");
+        assert!(text.contains("\\u{1b}[2A\\r"), "{text}");
+    }
+
     /// What the proxy refuses before it asks who calls, explain refuses too, and it judges as
     /// the proxy does when the directory is not known to be current.
     #[tokio::test]
@@ -684,6 +706,10 @@ mod tests {
         assert!(why.contains("PHP front controller"), "{why}");
         let why = refused("http://app.test/work", "TRACE");
         assert!(why.starts_with("refused with 405"), "{why}");
+        for method in ["get", "patch", "trace"] {
+            let why = refused("http://app.test/work", method);
+            assert!(why.starts_with("refused with 400"), "{why}");
+        }
         let why = refused("http://app.test/.portcullis/me", "GET");
         assert!(why.contains("Portcullis' own endpoint"), "{why}");
         let stale = explain(

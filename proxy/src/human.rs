@@ -1,4 +1,23 @@
-//! Times as people read them: "in 24 hours", "3 minutes ago".
+//! Times as people read them: "in 24 hours", "3 minutes ago"; and text as a terminal shows it.
+
+use std::borrow::Cow;
+
+/// `text` with its control characters escaped (`\u{1b}`, `\n`): what a SCIM client wrote in a
+/// name must not move a terminal's cursor over the lines around it, or end a line.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
 
 /// `seconds` from now (negative: in the past) in words, rounded to the nearest unit.
 pub fn relative(seconds: i64) -> String {
