@@ -1585,12 +1585,13 @@ fn append(
 /// Which records to show (`portcullis audit`, the console's timeline); `Default` selects all.
 #[derive(Debug, Default)]
 pub struct Filter {
-    /// Matches the actor or the user, case-insensitively, and a console action on them.
+    /// Matches the actor or the user in any case (as the directory folds names), and a console
+    /// action on them.
     pub user: Option<String>,
     /// `user`'s directory id: with it, `user` also matches the SCIM changes to that user and
     /// to the groups whose members were added or removed by it.
     pub about: Option<String>,
-    /// Other names `user`'s own records go by, in ASCII lower case: a sign-in or sign-out is
+    /// Other names `user`'s own records go by, folded (`portcullis_policy::fold`): a sign-in or sign-out is
     /// recorded under the person's email or the IdP's subject, which the directory holds as
     /// one of their emails or their `externalId`, not always as their `userName`.
     pub aliases: HashSet<String>,
@@ -1605,8 +1606,10 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, entry: &Entry) -> bool {
         if let Some(user) = &self.user {
+            use portcullis_policy::fold;
+            let user = fold(user);
             let about = match entry {
-                Entry::Action { target, .. } => target.eq_ignore_ascii_case(user),
+                Entry::Action { target, .. } => fold(target) == user,
                 // An id is a UUID: it appears in a change's summary as a member's, outside
                 // the quoted names (a group named with someone's id is not about them).
                 Entry::Change { id, summary, .. } => {
@@ -1618,8 +1621,8 @@ impl Filter {
                 _ => false,
             };
             let who = entry.who();
-            let theirs = who.eq_ignore_ascii_case(user)
-                || (!self.aliases.is_empty() && self.aliases.contains(&who.to_ascii_lowercase()));
+            let theirs = fold(who) == user
+                || (!self.aliases.is_empty() && self.aliases.contains(fold(who).as_ref()));
             if !about && !theirs {
                 return false;
             }
@@ -2279,6 +2282,21 @@ mod tests {
         };
         assert!(filter(Some("alice@CORP.example"), None).matches(&entry));
         assert!(!filter(Some("bob@corp.example"), None).matches(&entry));
+        // In any case beyond ASCII too, as the directory folds names.
+        let emile = Entry::Session {
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            user: "Émile@corp.example".to_owned(),
+            what: "sign_in".to_owned(),
+            detail: String::new(),
+            client: None,
+        };
+        assert!(filter(Some("émile@corp.example"), None).matches(&emile));
+        let aliased = Filter {
+            user: Some("emile@corp.example".to_owned()),
+            aliases: ["émile@corp.example".to_owned()].into(),
+            ..Filter::default()
+        };
+        assert!(aliased.matches(&emile));
         assert!(filter(None, since("2025-01-02T03:04:05Z")).matches(&entry));
         assert!(!filter(None, since("2025-01-02T03:04:06Z")).matches(&entry));
 

@@ -511,7 +511,7 @@ fn aliases(index: &Index, row: Row) -> HashSet<String> {
         .filter(|id| theirs_alone(index.users_by_external_id(id), id));
     emails
         .chain(external_id)
-        .map(|name| name.to_ascii_lowercase())
+        .map(|name| portcullis_policy::fold(name).into_owned())
         .collect()
 }
 
