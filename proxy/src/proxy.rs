@@ -948,8 +948,9 @@ impl ProxyHttp for Proxy {
                     route.upstreams.resolve_again(name, failed).await;
                 });
             }
-            // Nothing has been sent upstream yet, so any request may go to the next upstream.
-            if ctx.tried.len() + 1 < route.upstreams.count() {
+            // Nothing has been sent upstream yet, so any request may go to the next upstream
+            // that may answer (every one down: this was the one try, see `pick`).
+            if route.upstreams.live_besides(index, &ctx.tried, now) {
                 e.set_retry(true);
             }
         }

@@ -124,6 +124,18 @@ impl UpstreamSet {
         (index, HttpPeer::clone(&self.upstreams[index].peer.load()))
     }
 
+    /// Whether an upstream but `failed` and those in `tried` is up, or due its one try after
+    /// its time out: a request that could not reach `failed` goes on only to such a one, not
+    /// to wait a connect timeout more on each upstream known to be down.
+    pub fn live_besides(&self, failed: usize, tried: &[usize], now: Instant) -> bool {
+        let now_ms = self.millis(now);
+        (self.upstreams.iter().enumerate()).any(|(i, backend)| {
+            i != failed
+                && !tried.contains(&i)
+                && backend.down_until_ms.load(Ordering::Relaxed) <= now_ms
+        })
+    }
+
     /// The `Host` header for upstream `index`, as returned by [`Self::pick`].
     pub fn host_header(&self, index: usize) -> Option<&HeaderValue> {
         self.upstreams.get(index).map(|b| &b.host_header)

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_tests::client::plain_client;
 use portcullis_tests::{ConfigBuilder, Echo, Portcullis, Route, Upstream};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::get_echo;
 
@@ -138,25 +139,31 @@ async fn restarted_upstream_gets_traffic_again() {
     );
 }
 
-/// An upstream that drops connections unanswered (a dead VM, a firewall dropping packets)
-/// holds up one request per try once its time out is over, not every request sent its way
-/// while that try waits for its connect timeout.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
-    // A listener that accepts nothing, its queue filled: further connections go unanswered.
+/// A listener that accepts nothing, its queue filled: further connections go unanswered (a
+/// dead VM, a firewall dropping packets). Silent while what it returns is kept.
+async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let silent = socket.listen(0).unwrap();
     let address = silent.local_addr().unwrap();
     let mut queued = Vec::new();
     loop {
-        let connect = tokio::net::TcpStream::connect(address);
+        let connect = TcpStream::connect(address);
         match tokio::time::timeout(Duration::from_millis(500), connect).await {
             Ok(Ok(stream)) => queued.push(stream),
             _ => break,
         }
         assert!(queued.len() < 16, "the listener's queue never filled");
     }
+    (address, (silent, queued))
+}
+
+/// An upstream that drops connections unanswered (a dead VM, a firewall dropping packets)
+/// holds up one request per try once its time out is over, not every request sent its way
+/// while that try waits for its connect timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
+    let (address, queued) = silent_listener().await;
     let b = Upstream::start("b").await;
     let cfg = ConfigBuilder::new().http_listener().route(
         Route::to_urls(
@@ -199,6 +206,32 @@ async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
         "{slow} requests waited on the silent upstream's connect timeout"
     );
     drop(queued);
+}
+
+/// While every upstream of a route is known to be down, a request waits for one connect
+/// timeout (its one try), not one for each upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_upstream_down_a_request_waits_one_connect_timeout() {
+    let (first, _silent) = silent_listener().await;
+    let (second, _also_silent) = silent_listener().await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::to_urls(
+            "http://app.test",
+            vec![format!("http://{first}"), format!("http://{second}")],
+        )
+        .set("connect_timeout = \"1s\""),
+    );
+    let _px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/");
+    let client = plain_client();
+    // The first request finds both down (a second each).
+    let status = client.get(&url).send().await.unwrap().status();
+    assert_eq!(status, 504);
+    let asked = Instant::now();
+    let status = client.get(&url).send().await.unwrap().status();
+    let took = asked.elapsed();
+    assert_eq!(status, 504);
+    assert!(took < Duration::from_millis(1_900), "took {took:?}");
 }
 
 /// A hosts file of the test's own for Portcullis' name lookups: nss_wrapper (Debian's
