@@ -396,6 +396,8 @@ pub struct RequestCtx {
     /// The upstreams this request could not reach, before the one it is at (`upstream`).
     tried: Vec<usize>,
     upstream: Option<usize>,
+    /// The address `upstream` was at when picked.
+    upstream_at: Option<pingora::protocols::l4::socket::SocketAddr>,
     /// Whether the attempt at `upstream` went out on a pooled connection: one the upstream
     /// closed as it went (the keep-alive race) says nothing of whether it can be reached.
     reused: bool,
@@ -499,6 +501,7 @@ impl ProxyHttp for Proxy {
             round_robin_start: 0,
             tried: Vec::new(),
             upstream: None,
+            upstream_at: None,
             reused: false,
             upstream_started: None,
             body_bytes: 0,
@@ -922,6 +925,7 @@ impl ProxyHttp for Proxy {
         ctx.reused = false;
         let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         ctx.upstream = Some(index);
+        ctx.upstream_at = Some(peer._address.clone());
         ctx.upstream_started = Some(now);
         Ok(Box::new(peer))
     }
@@ -998,8 +1002,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // It answers: up, whatever becomes of the answer (a pooled connection's too).
-        if let (Some(route), Some(index)) = (&ctx.route, ctx.upstream) {
-            route.upstreams.mark_up(index);
+        if let (Some(route), Some(index), Some(at)) = (&ctx.route, ctx.upstream, &ctx.upstream_at) {
+            route.upstreams.mark_up(index, at);
         }
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).
@@ -1062,7 +1066,7 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         reused: bool,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Self::CTX,
@@ -1070,7 +1074,7 @@ impl ProxyHttp for Proxy {
         // It takes connections (again): a request trying it after failures ends its time out.
         // (A pooled connection tells nothing: a dead host's stay open; see the answer's.)
         if let (false, Some(route), Some(index)) = (reused, &ctx.route, ctx.upstream) {
-            route.upstreams.mark_up(index);
+            route.upstreams.mark_up(index, &peer._address);
         }
         ctx.reused = reused;
         if let (true, Some(recheck)) = (ctx.long_lived, &ctx.recheck) {

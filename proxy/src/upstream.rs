@@ -262,9 +262,10 @@ impl UpstreamSet {
         }
     }
 
-    /// Upstream `index` accepted a connection, or answered on a pooled one.
-    pub fn mark_up(&self, index: usize) {
-        if let Some(backend) = self.upstreams.get(index) {
+    /// Upstream `index` accepted a connection at `address`, or answered on a pooled one to
+    /// it; unless it has moved to another address since (as [`Self::mark_down`]).
+    pub fn mark_up(&self, index: usize, address: &PeerAddress) {
+        if let Some(backend) = self.at(index, address) {
             if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
                 backend.down_until_ms.store(0, Ordering::Relaxed);
             }
@@ -410,6 +411,15 @@ mod tests {
         set.mark_down(0, &there, now);
         assert_eq!(set.pick(0, &[], now).0, 1, "down at the address it has");
         assert!(set.resolve_after_failure(0, &there, now), "resolved again");
+        // Nor does a late answer from the address it left mark it up.
+        set.mark_up(0, &left);
+        assert_eq!(
+            set.pick(0, &[], now).0,
+            1,
+            "still down at the address it has"
+        );
+        set.mark_up(0, &there);
+        assert_eq!(set.pick(0, &[], now).0, 0);
     }
 
     #[test]
@@ -466,7 +476,7 @@ mod tests {
         assert_eq!(set.pick(0, &[], at(15)).0, 1);
         assert_eq!(set.pick(0, &[], at(16)).0, 0);
         // It connected: up for every request.
-        set.mark_up(0);
+        set.mark_up(0, &address(&set, 0));
         assert_eq!(set.pick(0, &[], at(17)).0, 0);
         assert_eq!(set.pick(0, &[], at(17)).0, 0);
     }
