@@ -6,9 +6,14 @@
 //! [`super::Entry`]) and `meta` (the schema version, the change sequence and
 //! the next row number). Each batch is one write transaction with redb's default
 //! `Durability::Immediate`: when `commit` returns, the batch is on disk.
+//!
+//! A write that fails (a full disk) leaves redb refusing every later access until the
+//! database is opened again, which also repairs it: the next commit opens it again, so that
+//! once space is freed writes go on without a restart.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -42,7 +47,9 @@ const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const ENTRIES: TableDefinition<(&str, &str), &str> = TableDefinition::new("entries");
 
 pub struct RedbStorage {
-    db: Database,
+    /// `None` while it could not be opened again.
+    db: RwLock<Option<Database>>,
+    open: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -62,6 +69,9 @@ impl RedbStorage {
     /// Opens (or creates) `directory.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("directory.redb");
+        let cannot = |e: &dyn std::fmt::Display| {
+            StoreError::Backend(format!("cannot open {}: {e}", path.display()))
+        };
         // Made open to this user alone (redb makes it with the umask's mode): it holds names,
         // emails and password hashes, and the keys that seal sign-ins in progress.
         std::fs::OpenOptions::new()
@@ -69,13 +79,23 @@ impl RedbStorage {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        // Lookups are answered by the in-memory index; redb's cache only serves record reads,
-        // so it is kept small rather than redb's 1 GiB default.
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| cannot(&e))?;
+        let open = move || {
+            // Lookups are answered by the in-memory index; redb's cache only serves record
+            // reads, so it is kept small rather than redb's 1 GiB default.
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))
+        };
+        Self::opened_by(Box::new(open))
+    }
+
+    /// The store `open` opens (and opens again after a failed write).
+    pub(super) fn opened_by(
+        open: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
+    ) -> Result<Self, StoreError> {
+        let db = open()?;
         let txn = db.begin_write().map_err(backend)?;
         {
             let mut meta = txn.open_table(META).map_err(backend)?;
@@ -108,8 +128,111 @@ impl RedbStorage {
             txn.open_table(ENTRIES).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            open,
+        })
     }
+
+    /// A read of the database, which is not opened again while it lasts.
+    fn begin_read(&self) -> Result<Reading<'_>, StoreError> {
+        let held = self
+            .db
+            .read()
+            .map_err(|_| backend("the store's lock is poisoned"))?;
+        let txn = (held.as_ref().ok_or_else(not_open)?)
+            .begin_read()
+            .map_err(backend)?;
+        Ok(Reading { txn, _held: held })
+    }
+
+    /// Opens the database again, after `failed` (a write of `batch`): redb takes nothing more
+    /// until then. Whether the batch is on disk after all (its last step failed) is read back:
+    /// if it is, the write succeeded.
+    fn recover(&self, batch: &Batch, failed: StoreError) -> Result<(), StoreError> {
+        let mut db = self
+            .db
+            .write()
+            .map_err(|_| backend("the store's lock is poisoned"))?;
+        // Closed first: the file is locked while it is open.
+        drop(db.take());
+        let opened = (self.open)()?;
+        let seq = {
+            let txn = opened.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            meta.get("seq").map_err(backend)?.map_or(0, |v| v.value())
+        };
+        *db = Some(opened);
+        match seq == batch.seq {
+            true => Ok(()),
+            false => Err(failed),
+        }
+    }
+}
+
+/// A read transaction, and the lock that keeps its database open until it ends (fields drop
+/// in order: the transaction first).
+struct Reading<'a> {
+    txn: redb::ReadTransaction,
+    _held: RwLockReadGuard<'a, Option<Database>>,
+}
+
+fn not_open() -> StoreError {
+    backend("the database could not be opened again after a failed write")
+}
+
+/// Writes `batch` in one transaction.
+fn write(db: &Database, batch: &Batch) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        // By `ResourceType as usize`.
+        let mut tables = Vec::with_capacity(ResourceType::ALL.len());
+        for rt in ResourceType::ALL {
+            tables.push(txn.open_table(table(rt)).map_err(backend)?);
+        }
+        for (rt, row, record) in &batch.records {
+            let resources = tables
+                .get_mut(*rt as usize)
+                .ok_or_else(|| backend("no table for this resource type"))?;
+            match record {
+                Some(record) => {
+                    let bytes = serde_json::to_vec(record).map_err(backend)?;
+                    resources.insert(*row, bytes.as_slice()).map_err(backend)?;
+                }
+                None => {
+                    resources.remove(*row).map_err(backend)?;
+                }
+            }
+        }
+        let mut members = txn.open_table(MEMBERS).map_err(backend)?;
+        for &(group, member, present) in &batch.members {
+            if present {
+                members.insert((group, member), ()).map_err(backend)?;
+            } else {
+                members.remove((group, member)).map_err(backend)?;
+            }
+        }
+        let mut changes = txn.open_table(CHANGES).map_err(backend)?;
+        for change in &batch.changes {
+            let bytes = serde_json::to_vec(change).map_err(backend)?;
+            changes
+                .insert(change.seq, bytes.as_slice())
+                .map_err(backend)?;
+        }
+        let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+        for entry in &batch.entries {
+            let key = (entry.kind.as_str(), entry.key.as_str());
+            match &entry.value {
+                Some(value) => entries.insert(key, value.as_str()).map(drop),
+                None => entries.remove(key).map(drop),
+            }
+            .map_err(backend)?;
+        }
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        meta.insert("seq", batch.seq).map_err(backend)?;
+        meta.insert("next_row", batch.next_row).map_err(backend)?;
+    }
+    txn.commit().map_err(backend)
 }
 
 fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
@@ -118,7 +241,8 @@ fn decode(row: Row, bytes: &[u8]) -> Result<Record, StoreError> {
 
 impl Storage for RedbStorage {
     fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let reading = self.begin_read()?;
+        let txn = &reading.txn;
         for rt in ResourceType::ALL {
             let resources = txn.open_table(table(rt)).map_err(backend)?;
             for entry in resources.iter().map_err(backend)? {
@@ -155,7 +279,8 @@ impl Storage for RedbStorage {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_read().map_err(backend)?;
+        let reading = self.begin_read()?;
+        let txn = &reading.txn;
         let resources = txn.open_table(table(rt)).map_err(backend)?;
         let mut out = Vec::with_capacity(rows.len());
         for &row in rows {
@@ -167,60 +292,22 @@ impl Storage for RedbStorage {
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            // By `ResourceType as usize`.
-            let mut tables = Vec::with_capacity(ResourceType::ALL.len());
-            for rt in ResourceType::ALL {
-                tables.push(txn.open_table(table(rt)).map_err(backend)?);
-            }
-            for (rt, row, record) in &batch.records {
-                let resources = tables
-                    .get_mut(*rt as usize)
-                    .ok_or_else(|| backend("no table for this resource type"))?;
-                match record {
-                    Some(record) => {
-                        let bytes = serde_json::to_vec(record).map_err(backend)?;
-                        resources.insert(*row, bytes.as_slice()).map_err(backend)?;
-                    }
-                    None => {
-                        resources.remove(*row).map_err(backend)?;
-                    }
-                }
-            }
-            let mut members = txn.open_table(MEMBERS).map_err(backend)?;
-            for &(group, member, present) in &batch.members {
-                if present {
-                    members.insert((group, member), ()).map_err(backend)?;
-                } else {
-                    members.remove((group, member)).map_err(backend)?;
-                }
-            }
-            let mut changes = txn.open_table(CHANGES).map_err(backend)?;
-            for change in &batch.changes {
-                let bytes = serde_json::to_vec(change).map_err(backend)?;
-                changes
-                    .insert(change.seq, bytes.as_slice())
-                    .map_err(backend)?;
-            }
-            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
-            for entry in &batch.entries {
-                let key = (entry.kind.as_str(), entry.key.as_str());
-                match &entry.value {
-                    Some(value) => entries.insert(key, value.as_str()).map(drop),
-                    None => entries.remove(key).map(drop),
-                }
-                .map_err(backend)?;
-            }
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert("seq", batch.seq).map_err(backend)?;
-            meta.insert("next_row", batch.next_row).map_err(backend)?;
+        let written = match self.db.read() {
+            Ok(held) => held
+                .as_ref()
+                .ok_or_else(not_open)
+                .and_then(|db| write(db, batch)),
+            Err(_) => return Err(backend("the store's lock is poisoned")),
+        };
+        match written {
+            Ok(()) => Ok(()),
+            Err(failed) => self.recover(batch, failed),
         }
-        txn.commit().map_err(backend)
     }
 
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let reading = self.begin_read()?;
+        let txn = &reading.txn;
         let changes = txn.open_table(CHANGES).map_err(backend)?;
         let mut out = Vec::new();
         for entry in changes

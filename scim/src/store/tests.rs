@@ -215,6 +215,82 @@ async fn creates_reads_and_refuses_duplicate_user_names() {
     );
 }
 
+/// A file whose next write fails once armed (a disk full for a moment).
+#[derive(Debug)]
+struct FullForAMoment {
+    file: ::redb::backends::FileBackend,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ::redb::StorageBackend for FullForAMoment {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.full.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("no space left on device"));
+        }
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+}
+
+/// A write that failed (a disk full for a moment) is refused, and changes nothing; once there
+/// is room the next writes are taken, without a restart, and both the running directory
+/// and the one a restart reads hold exactly what was acknowledged.
+#[tokio::test]
+async fn writes_go_on_after_a_failed_one_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("directory.redb");
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let armed = full.clone();
+    let reopen = move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let file = ::redb::backends::FileBackend::new(file)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let full = armed.clone();
+        ::redb::Database::builder()
+            .create_with_backend(FullForAMoment { file, full })
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    };
+    let storage = Arc::new(RedbStorage::opened_by(Box::new(reopen)).unwrap());
+    let dir = Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap();
+    let ann = created(&dir, ResourceType::User, user("ann@corp.example")).await;
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bob = create(&dir, ResourceType::User, user("bob@corp.example")).await;
+    assert!(bob.is_err(), "a write the disk refused is refused");
+    assert!(dir.user_by_name("bob@corp.example").is_none());
+    let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+    patch(&dir, ResourceType::User, &ann, off).await.unwrap();
+    created(&dir, ResourceType::User, user("carl@corp.example")).await;
+    drop(dir);
+
+    let dir = open(tmp.path());
+    assert_eq!(
+        dir.user_by_name("ann@corp.example").map(|u| u.active),
+        Some(false)
+    );
+    assert!(dir.user_by_name("bob@corp.example").is_none());
+    assert!(dir.user_by_name("carl@corp.example").is_some());
+}
+
 #[tokio::test]
 async fn okta_deactivation_is_visible_at_once_and_survives_restart() {
     let tmp = tempfile::tempdir().unwrap();
