@@ -136,24 +136,24 @@ impl RedbStorage {
 
     /// A read of the database, which is not opened again while it lasts.
     fn begin_read(&self) -> Result<Reading<'_>, StoreError> {
-        let held = self
-            .db
-            .read()
-            .map_err(|_| backend("the store's lock is poisoned"))?;
+        let held = self.db.read().map_err(|_| poisoned())?;
         let txn = (held.as_ref().ok_or_else(not_open)?)
             .begin_read()
             .map_err(backend)?;
         Ok(Reading { txn, _held: held })
     }
 
-    /// Opens the database again, after `failed` (a write of `batch`): redb takes nothing more
-    /// until then. Whether the batch is on disk after all (its last step failed) is read back:
-    /// if it is, the write succeeded.
-    fn recover(&self, batch: &Batch, failed: StoreError) -> Result<(), StoreError> {
-        let mut db = self
-            .db
-            .write()
-            .map_err(|_| backend("the store's lock is poisoned"))?;
+    /// Writes `batch`; `None` if the database is not open (it could not be opened again after
+    /// a failed write).
+    fn write(&self, batch: &Batch) -> Result<Option<Result<(), StoreError>>, StoreError> {
+        let held = self.db.read().map_err(|_| poisoned())?;
+        Ok(held.as_ref().map(|db| write(db, batch)))
+    }
+
+    /// Opens the database again (redb takes nothing more after a failed write until then),
+    /// and returns its sequence.
+    fn reopen(&self) -> Result<Seq, StoreError> {
+        let mut db = self.db.write().map_err(|_| poisoned())?;
         // Closed first: the file is locked while it is open.
         drop(db.take());
         let opened = (self.open)()?;
@@ -163,10 +163,7 @@ impl RedbStorage {
             meta.get("seq").map_err(backend)?.map_or(0, |v| v.value())
         };
         *db = Some(opened);
-        match seq == batch.seq {
-            true => Ok(()),
-            false => Err(failed),
-        }
+        Ok(seq)
     }
 }
 
@@ -179,6 +176,10 @@ struct Reading<'a> {
 
 fn not_open() -> StoreError {
     backend("the database could not be opened again after a failed write")
+}
+
+fn poisoned() -> StoreError {
+    backend("the store's lock is poisoned")
 }
 
 /// Writes `batch` in one transaction.
@@ -292,16 +293,32 @@ impl Storage for RedbStorage {
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let written = match self.db.read() {
-            Ok(held) => held
-                .as_ref()
-                .ok_or_else(not_open)
-                .and_then(|db| write(db, batch)),
-            Err(_) => return Err(backend("the store's lock is poisoned")),
+        // A batch refused though it reached the disk (its last step failed, and the database
+        // could not be read again then) is one this process never knew: only a restart reads
+        // it, and nothing is written over it meanwhile.
+        let unknown = |seq| {
+            StoreError::Backend(format!(
+                "the database holds changes to {seq} that this process refused when it could \
+                 not read them back; restart to read them"
+            ))
         };
-        match written {
-            Ok(()) => Ok(()),
-            Err(failed) => self.recover(batch, failed),
+        let written = match self.write(batch)? {
+            Some(written) => written,
+            // Not open since a failed write: opened, then written.
+            None => match self.reopen()? {
+                seq if seq == batch.base => self.write(batch)?.ok_or_else(not_open)?,
+                seq => return Err(unknown(seq)),
+            },
+        };
+        let Err(failed) = written else {
+            return Ok(());
+        };
+        // Whether the batch is on disk after all (its last step failed) is read back: if it
+        // is, the write succeeded.
+        match self.reopen()? {
+            seq if seq == batch.seq => Ok(()),
+            seq if seq == batch.base => Err(failed),
+            seq => Err(unknown(seq)),
         }
     }
 

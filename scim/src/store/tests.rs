@@ -254,8 +254,12 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("directory.redb");
     let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let armed = full.clone();
+    let unopenable = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (armed, refused) = (full.clone(), unopenable.clone());
     let reopen = move || {
+        if refused.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend("no space left on device".to_owned()));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -279,6 +283,11 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     assert!(dir.user_by_name("bob@corp.example").is_none());
     let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
     patch(&dir, ResourceType::User, &ann, off).await.unwrap();
+    // And when it cannot be opened again at once either: the next write opens it.
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    unopenable.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dan = create(&dir, ResourceType::User, user("dan@corp.example")).await;
+    assert!(dan.is_err(), "a write the disk refused is refused");
     created(&dir, ResourceType::User, user("carl@corp.example")).await;
     drop(dir);
 
@@ -288,6 +297,7 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
         Some(false)
     );
     assert!(dir.user_by_name("bob@corp.example").is_none());
+    assert!(dir.user_by_name("dan@corp.example").is_none());
     assert!(dir.user_by_name("carl@corp.example").is_some());
 }
 
