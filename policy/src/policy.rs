@@ -256,6 +256,16 @@ fn within(prefix: &str, path: &str, formats: bool) -> bool {
             formats && suffix[0] == b'.' && !suffix.contains(&b'/')
         };
     }
+    // CodeIgniter trims spaces off the path's ends: read it both ways (never the prefix's,
+    // whose own `+` is the path's, as in `/c++/`).
+    let trimmed = trim_spaces(path);
+    within_segments(prefix, path, formats)
+        || (trimmed.len() < path.trim_matches('/').len()
+            && within_segments(prefix, trimmed, formats))
+}
+
+/// [`within`], read segment by segment.
+fn within_segments(prefix: &str, path: &str, formats: bool) -> bool {
     let mut segments = loose_segments(path).peekable();
     let mut wants = loose_segments(prefix).peekable();
     while let Some(want) = wants.next() {
@@ -286,12 +296,9 @@ pub fn loose_depth(prefix: &str) -> usize {
 
 /// The segments of a path as [`loosely_within`] reads them: each without its `;` parameters
 /// (also `%3B`, which nginx decodes as it passes a path on to Tomcat when its `proxy_pass`
-/// names a path), empty ones dropped, and the path's ends without the spaces CodeIgniter
-/// trims off it (`%20`, and `+` and `%2B`, which it decodes to spaces): `/+/admin` and
-/// `/admin%20` are `admin` to it.
+/// names a path), empty ones dropped.
 fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
-    trim_spaces(path)
-        .split('/')
+    path.split('/')
         .map(|segment| {
             let parameters = segment.find(';').into_iter().chain(segment.find("%3B"));
             &segment[..parameters.min().unwrap_or(segment.len())]
@@ -299,7 +306,9 @@ fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
         .filter(|segment| !segment.is_empty())
 }
 
-/// `path` without the `/` and spaces (`%20`, `+`, `%2B`) at either end.
+/// `path` without the `/` and spaces at either end, as CodeIgniter reads the path it routes:
+/// `%20`, and `+` and `%2B`, which it decodes to spaces (`/+/admin` and `/admin%20` are its
+/// `admin`).
 fn trim_spaces(mut path: &str) -> &str {
     const ENDS: [&str; 4] = ["/", "+", "%20", "%2B"];
     while let Some(rest) = ENDS.iter().find_map(|end| path.strip_prefix(end)) {
@@ -1685,6 +1694,11 @@ mod tests {
         }
         assert!(!loosely_within("/admin/", "/x/+/admin"));
         assert!(!loosely_within("/admin/", "/ad+min"));
+        // A prefix's own spaces are not trimmed: they are its paths'.
+        assert!(loosely_within("/tags/c++/", "/tags/c++/edit"));
+        assert!(loosely_within("/c%2B%2B/", "/c%2B%2B/x"));
+        assert!(loosely_within("/docs%20/", "/docs%20/x"));
+        assert!(!loosely_within("/c++/", "/c/x"));
         // For deny rules, a format suffix on the path's last segment, when it is the
         // prefix's last; not for routes.
         for path in [
