@@ -129,8 +129,9 @@ impl RouteTable {
     ///   names methods, one in the `query` would dodge it. (One in a form body is not read
     ///   here: the README says so.)
     /// - CodeIgniter routes a query that begins with `/` as the path when the path names
-    ///   nothing but the root or its script (`/?/admin`, `/index.php?/admin`): rules, which
-    ///   read no query, would judge `/`.
+    ///   nothing but where it is installed or its script (`/?/admin`, `/crm/index.php?/admin`,
+    ///   `/crm?/admin`): rules, which read no query, would judge the path. Which paths those
+    ///   are cannot be told from here, so such a query is refused on any.
     pub fn refuses(
         &self,
         scheme: Scheme,
@@ -160,20 +161,11 @@ impl RouteTable {
         {
             return Some("a method override (_method) in the query, where rules name methods");
         }
-        if query.is_some_and(|query| query.starts_with('/')) && names_no_page(path) {
-            return Some("a query a front controller routes as the path (/?/admin is /admin)");
+        if query.is_some_and(|query| query.starts_with('/')) {
+            return Some("a query that begins with '/', which CodeIgniter routes as the path");
         }
         None
     }
-}
-
-/// Whether `path` names nothing but the root, or a script at the root (`/index.php`).
-fn names_no_page(path: &str) -> bool {
-    let bare = path.trim_matches('/');
-    let script = !bare.contains('/')
-        && bare.len() > 4
-        && bare.as_bytes()[bare.len() - 4..].eq_ignore_ascii_case(b".php");
-    portcullis_policy::loose_depth(path) == 0 || script
 }
 
 #[cfg(test)]
