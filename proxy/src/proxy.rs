@@ -952,9 +952,16 @@ impl ProxyHttp for Proxy {
                     route.upstreams.resolve_again(name, failed).await;
                 });
             }
-            // Nothing has been sent upstream yet, so any request may go to the next upstream
-            // that may answer (every one down: this was the one try, see `pick`).
-            if route.upstreams.live_besides(index, &ctx.tried, now) {
+            // Nothing has been sent upstream yet, so any request may go to the next upstream:
+            // after a refusal (which costs nothing), to any not tried yet, one marked down
+            // too (it may be back); after a timeout, only to one not known to be down (each
+            // would hold the request up another connect timeout).
+            let timed_out = matches!(
+                e.etype(),
+                ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout
+            );
+            let untried = ctx.tried.len() + 1 < route.upstreams.count();
+            if (untried && !timed_out) || route.upstreams.live_besides(index, &ctx.tried, now) {
                 e.set_retry(true);
             }
         }

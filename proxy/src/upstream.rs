@@ -5,7 +5,8 @@
 //! no failed requests. Once its time is out, one request tries it again, alone: the others pass
 //! it over until that one has connected, so an upstream that drops connections unanswered holds
 //! up one request per try, not every one sent its way meanwhile. When every upstream is marked
-//! down they are all tried anyway: one may have come back.
+//! down, a request tries them anyway, one after another while each refuses it (one may have
+//! come back); but not after one that let it wait its connect timeout.
 //!
 //! An upstream given by a DNS name is resolved again every `[server] upstream_dns_refresh`, and
 //! as soon as it refuses a connection: when the address in use is no longer among the name's,
@@ -91,9 +92,10 @@ impl UpstreamSet {
 
     /// Picks the upstream for a request that started at round-robin position `start` and
     /// could not reach those in `tried`: the first healthy one not tried yet, in round-robin
-    /// order; when every one left is marked down, the first of those anyway, so that each is
-    /// tried once before the request gives up. (Which are healthy changes as a request's
-    /// attempts fail, so the choice goes by what was tried, never by an attempt's number.)
+    /// order; when every one left is marked down, the first of those anyway (one may have come
+    /// back; whether the request goes on to it is the proxy's call). (Which are healthy
+    /// changes as a request's attempts fail, so the choice goes by what was tried, never by an
+    /// attempt's number.)
     pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, HttpPeer) {
         let n = self.upstreams.len();
         let now_ms = self.millis(now);

@@ -139,6 +139,31 @@ async fn restarted_upstream_gets_traffic_again() {
     );
 }
 
+/// A rolling restart: the first upstream back while still marked down, the second stopped,
+/// requests go to the first (a refused connection costs nothing to try past).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_fails_no_request() {
+    let mut a = Upstream::start("a").await;
+    let mut b = Upstream::start("b").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&a, &b]).set("connect_timeout = \"1s\""));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    let url = cfg.http_url("app.test", "/rolling");
+    let addr = a.addr();
+    a.stop().await;
+    for _ in 0..4 {
+        assert_eq!(get_echo(&client, &url).await.upstream, "b");
+    }
+    // a is back within its 5 s marked down, and b goes.
+    let _a = Upstream::start_on("a-again", addr).await;
+    b.stop().await;
+    for _ in 0..4 {
+        assert_eq!(get_echo(&client, &url).await.upstream, "a-again");
+    }
+}
+
 /// A listener that accepts nothing, its queue filled: further connections go unanswered (a
 /// dead VM, a firewall dropping packets). Silent while what it returns is kept.
 async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
