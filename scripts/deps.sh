@@ -29,6 +29,10 @@ fi
 if [ "$level" != build ] && [ "$level" != demo ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   want+=(python3-venv)
 fi
+# The demo's IdP set-up, sample upstream and agent are Python scripts.
+if [ "$level" != build ] && ! command -v python3 >/dev/null; then
+  want+=(python3)
+fi
 
 missing=()
 for pkg in "${want[@]}"; do

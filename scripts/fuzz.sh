@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every fuzz target in fuzz/ for a few seconds each (default 10; `scripts/fuzz.sh 300` for
-# longer). Uses cargo-fuzz on the stable toolchain without a sanitizer; installs it if missing.
+# longer). Uses cargo-fuzz on the stable toolchain without a sanitizer; installs the version
+# this was tried with if it is missing or another (a newer one may change its flags or toolchain).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 seconds=${1:-10}
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  cargo install --locked --quiet cargo-fuzz
+cargo_fuzz=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz" ]; then
+  cargo install --locked --quiet --force "cargo-fuzz@$cargo_fuzz"
 fi
 targets=$(cargo fuzz list)
 if [ -z "$targets" ]; then
