@@ -145,8 +145,16 @@ fn target(ctx: Ctx, path: &AttrPath, op: &AttrOp) -> Result<Target, ScimError> {
                     rt.name()
                 ))
             })?;
+            // An Agent's `owners` and `applications` are stored in Portcullis' extension alone,
+            // and shown (read-only) at the top as well: read where they are stored.
+            let mirrored = rt == ResourceType::Agent
+                && !resolved.schema.is_extension
+                && matches!(resolved.attr.name, "owners" | "applications");
             Target {
-                extension: resolved.schema.is_extension.then_some(resolved.schema.id),
+                extension: match mirrored {
+                    true => Some(crate::schema::PORTCULLIS_AGENT_SCHEMA),
+                    false => resolved.schema.is_extension.then_some(resolved.schema.id),
+                },
                 attr: resolved.attr,
                 sub: resolved.sub,
             }

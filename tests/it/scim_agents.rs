@@ -98,6 +98,19 @@ async fn agents_and_their_applications_are_provisioned_like_users() {
         found(&scim, "/AgenticApplications", by_app_name).await,
         [app.as_str()]
     );
+    // The agents a person owns, by the attribute GET shows them in, or its extension's.
+    for owned_by in [
+        format!("owners.value eq \"{alice}\""),
+        format!("owners[value eq \"{alice}\"]"),
+        format!("{PORTCULLIS_AGENT_SCHEMA}:owners.value eq \"{alice}\""),
+        format!("applications.value eq \"{app}\""),
+    ] {
+        assert_eq!(
+            found(&scim, "/Agents", &owned_by).await,
+            [id.as_str()],
+            "{owned_by}"
+        );
+    }
 
     // Sorting, paging and projections.
     for name in ["b-agent", "c-agent", "a-agent"] {
