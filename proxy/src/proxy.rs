@@ -904,7 +904,7 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let Some(route) = &ctx.route else {
@@ -923,7 +923,14 @@ impl ProxyHttp for Proxy {
             ctx.body_bytes = 0;
         }
         ctx.reused = false;
-        let (index, peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
+        let (index, mut peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
+        // A connection Windows authentication logs in is pooled under a key of its own, which
+        // no other request asks for: a websocket handshake keeps its connection open for the
+        // upgrade (no `close`, see `edit_upstream_request`), and one the upstream refuses goes
+        // back to the pool, logged in.
+        if logs_in_the_connection(&session.req_header().headers) {
+            peer.group_key = rand::random();
+        }
         ctx.upstream = Some(index);
         ctx.upstream_at = Some(peer._address.clone());
         ctx.upstream_started = Some(now);

@@ -135,6 +135,11 @@ impl Hardened {
             )
             .route(Route::to_urls("http://*.pages.test", vec![raw.url()]).accept(&["public"]))
             .route(
+                Route::to_urls("http://sockets.pages.test", vec![raw.url()])
+                    .accept(&["public"])
+                    .websockets(true),
+            )
+            .route(
                 Route::to_urls("http://pass.test", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = [{ groups = [\"eng\"] }, { public = true, paths = [\"/status\"] }]")
@@ -505,6 +510,32 @@ async fn a_connection_an_upstream_logged_in_carries_no_other_callers_request() {
             "{login}: {logged_in} then {others:?}"
         );
     }
+    // Nor one a websocket handshake logged in, which the upstream refused (200): it kept its
+    // connection open for the upgrade.
+    let first = t.raw.count();
+    let handshake = format!(
+        "GET /socket HTTP/1.1\r\nHost: sockets.pages.test:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnag\r\n\r\n"
+    );
+    let refused = raw_request(t.fx.cfg.http_addr(), handshake.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 200, "{}", refused.body_text());
+    let other = bare_client();
+    for _ in 0..4 {
+        assert_eq!(other.get(url("/page")).send().await.unwrap().status(), 200);
+    }
+    let requests = t.raw.requests().split_off(first);
+    let (login, others) = requests.split_first().expect("the handshake reached it");
+    assert_eq!(login.target(), "/socket");
+    assert!(
+        others.iter().all(|r| r.connection != login.connection),
+        "{} then {:?}",
+        login.connection,
+        others.iter().map(|r| r.connection).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
