@@ -132,7 +132,16 @@ async fn write(session: &mut Session, reply: Reply) -> Result<bool> {
             head.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
         }
     }
-    head.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    // None on an answer that has no body (RFC 9110 §8.6: never on a 204; on a 304, only the
+    // length the 200 would have).
+    let bodiless = reply.status.is_informational()
+        || matches!(
+            reply.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        );
+    if !bodiless {
+        head.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    }
     if !reply
         .headers
         .iter()

@@ -224,6 +224,11 @@ async fn etags_make_reads_conditional_and_writes_safe() {
         .await
         .expect(304);
     assert_eq!(not_modified.text, "", "a 304 has no body");
+    assert_eq!(
+        not_modified.header("content-length"),
+        None,
+        "nor says it has one"
+    );
     scim.request(
         Method::GET,
         &path,
@@ -287,9 +292,15 @@ async fn etags_make_reads_conditional_and_writes_safe() {
         .await
         .expect(304);
 
-    scim.request(Method::DELETE, &path, &[], None, &[("if-match", &newest)])
+    let deleted = scim
+        .request(Method::DELETE, &path, &[], None, &[("if-match", &newest)])
         .await
         .expect(204);
+    assert_eq!(
+        deleted.header("content-length"),
+        None,
+        "a 204 has no length"
+    );
     scim.get(&path).await.expect_error(404, None);
 }
 
