@@ -78,6 +78,14 @@ impl Proxy {
         // What is Portcullis' own never reaches the upstream: headers only it may set, its
         // cookies, and a bearer token it verified (unless the route passes it on).
         strip_reserved_headers(headers);
+        // A WebDAV COPY or MOVE writes where it was judged to (see `destination`).
+        if let Some(destination) = &ctx.destination {
+            let value = HeaderValue::from_str(destination).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "cannot pass the Destination on",
+            )?;
+            headers.insert(HeaderName::from_static("destination"), value);
+        }
         // Without [oidc] (removed by a reload, say) browsers still send the session cookie
         // they were given: it is taken out under its default name.
         if let Some(runtime) = &ctx.runtime {
@@ -425,6 +433,8 @@ pub struct RequestCtx {
     /// A CORS preflight let through as nobody's: its answer goes back as one (see
     /// [`preflight_answer`]).
     preflight: bool,
+    /// The `Destination` of a WebDAV COPY or MOVE, as judged (see [`destination`]).
+    destination: Option<String>,
     /// On a `*.` route that sends the assertion, the URL of the host served, with the route's
     /// path (`https://a.apps`, `https://a.apps/admin/`; see `AssertionClaims::served`).
     served: Option<Box<str>>,
@@ -513,6 +523,7 @@ impl ProxyHttp for Proxy {
             long_lived: false,
             upgrade_sent: false,
             preflight: false,
+            destination: None,
             served: None,
             registration: None,
             _in_flight: InFlight::begin(),
@@ -792,7 +803,45 @@ impl ProxyHttp for Proxy {
                 .admit(&facts, authentication.presented())
         };
 
-        // 1.7 In, or answered here.
+        // 1.7 In, or answered here. WebDAV's COPY and MOVE write where `Destination` says
+        // (nginx's and Go's DAV take `/admin/x` there as it stands): judged as the path is,
+        // for the same caller, on the same route, and sent upstream as judged.
+        let mut destination: Option<(String, String)> = None;
+        let admission = match (admission, self::destination(req, &host, ctx.tls)) {
+            (admission @ Admission::Refuse(_), _) | (admission, Ok(None)) => admission,
+            (Admission::Allow(pass), Ok(Some((path, sent)))) => {
+                let scheme = Runtime::scheme_of(ctx.tls);
+                let on_route = match runtime.routes.find(scheme, &host, &path) {
+                    Match::Found(found) => Arc::ptr_eq(found, &route),
+                    _ => false,
+                };
+                let refused = runtime.routes.refuses(scheme, &host, &route, &path, None);
+                if !on_route || refused.is_some() {
+                    let why = refused.unwrap_or("a Destination on another route");
+                    return self
+                        .bad_request(session, ctx.client_ip, &route.config.name, why)
+                        .await;
+                }
+                let to = Facts {
+                    path: &path,
+                    ..facts
+                };
+                let admission = self
+                    .shared
+                    .gate(&runtime, &decided_at)
+                    .admit(&to, authentication.presented());
+                destination = Some((path, sent));
+                match admission {
+                    Admission::Allow(_) => Admission::Allow(pass),
+                    refused => refused,
+                }
+            }
+            (_, Err(why)) => {
+                return self
+                    .bad_request(session, ctx.client_ip, &route.config.name, &why)
+                    .await;
+            }
+        };
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
@@ -800,9 +849,11 @@ impl ProxyHttp for Proxy {
                     tls: ctx.tls,
                     client_ip: ctx.client_ip,
                 };
+                // Refused where it would write, if it was its Destination that was.
+                let judged = destination.map_or_else(|| facts.path.to_owned(), |(path, _)| path);
                 let asked = Asked::of(
                     req,
-                    facts.path.to_owned(),
+                    judged,
                     request_origin(req, ctx.tls),
                     host.into_owned(),
                     at,
@@ -832,6 +883,7 @@ impl ProxyHttp for Proxy {
         ctx.caller = caller;
         ctx.long_lived = long_lived;
         ctx.preflight = preflight;
+        ctx.destination = destination.map(|(_, sent)| sent);
         ctx.forward = pass.forward;
         let declared = content_length(req);
         if declared.is_some_and(|len| len > route.config.max_request_body_bytes) {
@@ -2686,6 +2738,40 @@ pub(crate) fn bracketed_ipv6(text: &str) -> Option<String> {
 }
 
 /// `scheme://host[:port]` as the client addressed this request.
+/// A WebDAV `Destination` (RFC 4918 §10.3), read as the request target is: on this `host`,
+/// its path normalized. Its path, and the value to send upstream in its place (the absolute
+/// URL it was, or its path, now as judged); `None` without one.
+fn destination(
+    req: &RequestHeader,
+    host: &str,
+    tls: bool,
+) -> Result<Option<(String, String)>, String> {
+    let mut values = req.headers.get_all("destination").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("more than one Destination".to_owned());
+    }
+    let target = path::target(value.as_bytes()).map_err(|e| format!("its Destination: {e}"))?;
+    if target
+        .host
+        .is_some_and(|named| !named.eq_ignore_ascii_case(host))
+    {
+        return Err("a Destination on another host".to_owned());
+    }
+    let path = path::normalize(target.path)
+        .map_err(|e| format!("its Destination: {e}"))?
+        .into_owned();
+    let query = target.query.map_or(String::new(), |q| format!("?{q}"));
+    let sent = match target.host {
+        // Apache's mod_dav takes only an absolute URL, on the host it was asked for.
+        Some(_) => format!("{}{path}{query}", request_origin(req, tls)),
+        None => format!("{path}{query}"),
+    };
+    Ok(Some((path, sent)))
+}
+
 fn request_origin(req: &RequestHeader, tls: bool) -> String {
     let scheme = if tls { "https" } else { "http" };
     let authority = req

@@ -538,6 +538,53 @@ async fn a_connection_an_upstream_logged_in_carries_no_other_callers_request() {
     );
 }
 
+/// WebDAV's COPY and MOVE write where their `Destination` says (nginx's DAV module takes
+/// `/admin/page` there as it stands): it is judged as the path is, for the same caller on the
+/// same route, and goes upstream as judged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_or_move_destination_is_judged_as_the_path_is() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    let port = t.fx.cfg.http_addr().port();
+    let app = format!("http://app.test:{port}");
+    let cases = [
+        ("COPY", "/admin/page".to_owned(), 403, None),
+        ("MOVE", "/ADMIN;x/page".to_owned(), 403, None),
+        ("MOVE", format!("{app}/x/../admin/page"), 403, None),
+        ("COPY", "/v1/builds".to_owned(), 400, None),
+        ("COPY", "http://other.test/page".to_owned(), 400, None),
+        ("COPY", "/a%0A".to_owned(), 400, None),
+        (
+            "COPY",
+            "/x/../page2".to_owned(),
+            200,
+            Some("/page2".to_owned()),
+        ),
+        (
+            "MOVE",
+            format!("{app}/./page2"),
+            200,
+            Some(format!("{app}/page2")),
+        ),
+    ];
+    for (method, destination, want, sent) in cases {
+        let headers = [
+            t.host("app.test"),
+            t.session(&cookie),
+            format!("Destination: {destination}"),
+        ];
+        let (status, received) = t.send(&format!("{method} /page HTTP/1.1"), &headers).await;
+        assert_eq!(status, want, "{method} to {destination}");
+        match sent {
+            Some(sent) => {
+                let received = received.expect("the request reached the upstream");
+                assert_eq!(received.header("destination"), Some(sent.as_str()));
+            }
+            None => assert!(received.is_none(), "{method} to {destination} reached it"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     let t = Hardened::start().await;
