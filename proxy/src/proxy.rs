@@ -2740,12 +2740,16 @@ pub(crate) fn bracketed_ipv6(text: &str) -> Option<String> {
 /// `scheme://host[:port]` as the client addressed this request.
 /// A WebDAV `Destination` (RFC 4918 §10.3), read as the request target is: on this `host`,
 /// its path normalized. Its path, and the value to send upstream in its place (the absolute
-/// URL it was, or its path, now as judged); `None` without one.
+/// URL it was, or its path, now as judged); `None` without one, or for a method other than
+/// COPY and MOVE (which alone read it).
 fn destination(
     req: &RequestHeader,
     host: &str,
     tls: bool,
 ) -> Result<Option<(String, String)>, String> {
+    if !matches!(req.method.as_str(), "COPY" | "MOVE") {
+        return Ok(None);
+    }
     let mut values = req.headers.get_all("destination").iter();
     let Some(value) = values.next() else {
         return Ok(None);
