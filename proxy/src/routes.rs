@@ -130,8 +130,9 @@ impl RouteTable {
     ///   here: the README says so.)
     /// - CodeIgniter routes a query that begins with `/` as the path when the path names
     ///   nothing but where it is installed or its script (`/?/admin`, `/crm/index.php?/admin`,
-    ///   `/crm?/admin`): rules, which read no query, would judge the path. Which paths those
-    ///   are cannot be told from here, so such a query is refused on any.
+    ///   `/crm?/admin`): where it could be installed at the path (or its script's directory),
+    ///   a query that reads as another route's path that way is refused. (Not every such
+    ///   query: SvelteKit's form actions are `/login?/register`.)
     pub fn refuses(
         &self,
         scheme: Scheme,
@@ -161,11 +162,42 @@ impl RouteTable {
         {
             return Some("a method override (_method) in the query, where rules name methods");
         }
-        if query.is_some_and(|query| query.starts_with('/')) {
-            return Some("a query that begins with '/', which CodeIgniter routes as the path");
+        if let Some(routed) = query.and_then(|query| query_routed(path, query)) {
+            let other = match portcullis_policy::path::normalize(&routed) {
+                Ok(routed) => match self.find(scheme, host, &routed) {
+                    Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
+                    Match::None => false,
+                },
+                Err(_) => true,
+            };
+            if other {
+                return Some(
+                    "a query that CodeIgniter reads as another route's path (/?/admin is /admin)",
+                );
+            }
         }
         None
     }
+}
+
+/// The path CodeIgniter installed at `path` (or at the directory of its script, when `path`
+/// names a `.php` file) routes a `query` that begins with `/` as: the query, up to any `?`,
+/// below that directory.
+fn query_routed(path: &str, query: &str) -> Option<String> {
+    let routed = query
+        .strip_prefix('/')?
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    let dir = path.trim_end_matches('/');
+    let script = dir.rsplit('/').next().is_some_and(|last| {
+        last.len() > 4 && last.as_bytes()[last.len() - 4..].eq_ignore_ascii_case(b".php")
+    });
+    let dir = match script {
+        true => dir.rsplit_once('/').map_or("", |(dir, _)| dir),
+        false => dir,
+    };
+    Some(format!("{dir}/{routed}"))
 }
 
 #[cfg(test)]
