@@ -50,6 +50,9 @@ pub struct RedbStorage {
     /// `None` while it could not be opened again.
     db: RwLock<Option<Database>>,
     open: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
+    /// The sequence of a batch the database holds though this process refused it (see
+    /// `commit`): once known, nothing more is written until a restart reads it.
+    ahead: std::sync::OnceLock<Seq>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -131,6 +134,7 @@ impl RedbStorage {
         Ok(Self {
             db: RwLock::new(Some(db)),
             open,
+            ahead: std::sync::OnceLock::new(),
         })
     }
 
@@ -297,11 +301,15 @@ impl Storage for RedbStorage {
         // could not be read again then) is one this process never knew: only a restart reads
         // it, and nothing is written over it meanwhile.
         let unknown = |seq| {
+            let seq = *self.ahead.get_or_init(|| seq);
             StoreError::Backend(format!(
                 "the database holds changes to {seq} that this process refused when it could \
                  not read them back; restart to read them"
             ))
         };
+        if let Some(&seq) = self.ahead.get() {
+            return Err(unknown(seq));
+        }
         let written = match self.write(batch)? {
             Some(written) => written,
             // Not open since a failed write: opened, then written.

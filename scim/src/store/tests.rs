@@ -215,11 +215,27 @@ async fn creates_reads_and_refuses_duplicate_user_names() {
     );
 }
 
-/// A file whose next write fails once armed (a disk full for a moment).
+/// A file whose next write, or next sync, fails once armed (a disk full for a moment).
 #[derive(Debug)]
 struct FullForAMoment {
     file: ::redb::backends::FileBackend,
-    full: Arc<std::sync::atomic::AtomicBool>,
+    armed: Arc<Failing>,
+}
+
+/// What fails next, once each.
+#[derive(Debug, Default)]
+struct Failing {
+    write: std::sync::atomic::AtomicBool,
+    sync: std::sync::atomic::AtomicBool,
+    open: std::sync::atomic::AtomicBool,
+}
+
+fn once(armed: &std::sync::atomic::AtomicBool) -> bool {
+    armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+}
+
+fn arm(armed: &std::sync::atomic::AtomicBool) {
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 impl ::redb::StorageBackend for FullForAMoment {
@@ -233,10 +249,13 @@ impl ::redb::StorageBackend for FullForAMoment {
         self.file.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        if once(&self.armed.sync) {
+            return Err(std::io::Error::other("no space left on device"));
+        }
         self.file.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        if self.full.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if once(&self.armed.write) {
             return Err(std::io::Error::other("no space left on device"));
         }
         self.file.write(offset, data)
@@ -246,18 +265,12 @@ impl ::redb::StorageBackend for FullForAMoment {
     }
 }
 
-/// A write that failed (a disk full for a moment) is refused, and changes nothing; once there
-/// is room the next writes are taken, without a restart, and both the running directory
-/// and the one a restart reads hold exactly what was acknowledged.
-#[tokio::test]
-async fn writes_go_on_after_a_failed_one_without_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("directory.redb");
-    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let unopenable = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (armed, refused) = (full.clone(), unopenable.clone());
+/// A directory on `directory.redb` in `dir` whose file fails as `armed` says.
+fn failing_directory(dir: &std::path::Path, armed: &Arc<Failing>) -> Directory {
+    let path = dir.join("directory.redb");
+    let armed = armed.clone();
     let reopen = move || {
-        if refused.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if once(&armed.open) {
             return Err(StoreError::Backend("no space left on device".to_owned()));
         }
         let file = std::fs::OpenOptions::new()
@@ -269,23 +282,33 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let file = ::redb::backends::FileBackend::new(file)
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let full = armed.clone();
+        let armed = armed.clone();
         ::redb::Database::builder()
-            .create_with_backend(FullForAMoment { file, full })
+            .create_with_backend(FullForAMoment { file, armed })
             .map_err(|e| StoreError::Backend(e.to_string()))
     };
     let storage = Arc::new(RedbStorage::opened_by(Box::new(reopen)).unwrap());
-    let dir = Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap();
+    Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap()
+}
+
+/// A write that failed (a disk full for a moment) is refused, and changes nothing; once there
+/// is room the next writes are taken, without a restart, and both the running directory
+/// and the one a restart reads hold exactly what was acknowledged.
+#[tokio::test]
+async fn writes_go_on_after_a_failed_one_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let armed = Arc::new(Failing::default());
+    let dir = failing_directory(tmp.path(), &armed);
     let ann = created(&dir, ResourceType::User, user("ann@corp.example")).await;
-    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    arm(&armed.write);
     let bob = create(&dir, ResourceType::User, user("bob@corp.example")).await;
     assert!(bob.is_err(), "a write the disk refused is refused");
     assert!(dir.user_by_name("bob@corp.example").is_none());
     let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
     patch(&dir, ResourceType::User, &ann, off).await.unwrap();
     // And when it cannot be opened again at once either: the next write opens it.
-    full.store(true, std::sync::atomic::Ordering::SeqCst);
-    unopenable.store(true, std::sync::atomic::Ordering::SeqCst);
+    arm(&armed.write);
+    arm(&armed.open);
     let dan = create(&dir, ResourceType::User, user("dan@corp.example")).await;
     assert!(dan.is_err(), "a write the disk refused is refused");
     created(&dir, ResourceType::User, user("carl@corp.example")).await;
@@ -299,6 +322,33 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     assert!(dir.user_by_name("bob@corp.example").is_none());
     assert!(dir.user_by_name("dan@corp.example").is_none());
     assert!(dir.user_by_name("carl@corp.example").is_some());
+}
+
+/// A write whose last step failed may be on disk though refused; when the database could not
+/// be read back then, nothing more is written over it: writes are refused until a restart
+/// reads it.
+#[tokio::test]
+async fn a_refused_write_the_disk_kept_is_not_written_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let armed = Arc::new(Failing::default());
+    let dir = failing_directory(tmp.path(), &armed);
+    created(&dir, ResourceType::User, user("ann@corp.example")).await;
+    arm(&armed.sync);
+    arm(&armed.open);
+    let erin = create(&dir, ResourceType::User, user("erin@corp.example")).await;
+    assert!(erin.is_err(), "a write whose sync failed is refused");
+    for name in ["fred@corp.example", "gina@corp.example"] {
+        let refused = create(&dir, ResourceType::User, user(name)).await;
+        assert!(refused.is_err(), "{name} written over erin's write");
+    }
+    drop(dir);
+    let dir = open(tmp.path());
+    assert!(
+        dir.user_by_name("erin@corp.example").is_some(),
+        "erin's write was kept"
+    );
+    assert!(dir.user_by_name("fred@corp.example").is_none());
+    assert!(dir.user_by_name("gina@corp.example").is_none());
 }
 
 #[tokio::test]
