@@ -80,7 +80,7 @@ impl Proxy {
         strip_reserved_headers(headers);
         // A WebDAV COPY or MOVE writes where it was judged to (see `destination`).
         if let Some(destination) = &ctx.destination {
-            let value = HeaderValue::from_str(destination).or_err(
+            let value = HeaderValue::from_bytes(destination.as_bytes()).or_err(
                 ErrorType::InvalidHTTPHeader,
                 "cannot pass the Destination on",
             )?;
@@ -642,13 +642,7 @@ impl ProxyHttp for Proxy {
             }
         };
         // An IPv6 address as the host is read (`request_host`), in its routes' text form.
-        let foreign = |named: &str| {
-            let named = match named.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-                Some(v6) => bracketed_ipv6(v6).map(Cow::Owned),
-                None => Some(Cow::Borrowed(named)),
-            };
-            !named.is_some_and(|named| named.eq_ignore_ascii_case(&host)) || !runtime.serves(&host)
-        };
+        let foreign = |named: &str| !names_host(named, &host) || !runtime.serves(&host);
         if target.host.is_some_and(foreign) {
             let why = "an absolute request target names another host than Host";
             return self
@@ -2732,12 +2726,21 @@ fn request_host(req: &RequestHeader) -> Option<Cow<'_, str>> {
 /// An IPv6 address as routes name it: bracketed, in the text form Rust gives it (as the
 /// configuration writes it), which is not always the client's (`0:0::1` is `::1`) nor a
 /// browser's (`::ffff:a00:1`, as the URL standard writes it, is `::ffff:10.0.0.1`).
+/// Whether a host `named` in a URL is `host` (as [`request_host`] reads a `Host`: an IPv6
+/// address in its one text form).
+fn names_host(named: &str, host: &str) -> bool {
+    let named = match named.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => bracketed_ipv6(v6).map(Cow::Owned),
+        None => Some(Cow::Borrowed(named)),
+    };
+    named.is_some_and(|named| named.eq_ignore_ascii_case(host))
+}
+
 pub(crate) fn bracketed_ipv6(text: &str) -> Option<String> {
     let address: std::net::Ipv6Addr = text.parse().ok()?;
     Some(format!("[{address}]"))
 }
 
-/// `scheme://host[:port]` as the client addressed this request.
 /// A WebDAV `Destination` (RFC 4918 §10.3), read as the request target is: on this `host`,
 /// its path normalized. Its path, and the value to send upstream in its place (the absolute
 /// URL it was, or its path, now as judged); `None` without one, or for a method other than
@@ -2758,10 +2761,7 @@ fn destination(
         return Err("more than one Destination".to_owned());
     }
     let target = path::target(value.as_bytes()).map_err(|e| format!("its Destination: {e}"))?;
-    if target
-        .host
-        .is_some_and(|named| !named.eq_ignore_ascii_case(host))
-    {
+    if target.host.is_some_and(|named| !names_host(named, host)) {
         return Err("a Destination on another host".to_owned());
     }
     let path = path::normalize(target.path)
@@ -2776,6 +2776,7 @@ fn destination(
     Ok(Some((path, sent)))
 }
 
+/// `scheme://host[:port]` as the client addressed this request.
 fn request_origin(req: &RequestHeader, tls: bool) -> String {
     let scheme = if tls { "https" } else { "http" };
     let authority = req
@@ -2815,6 +2816,37 @@ mod tests {
         assert!(!with(&["h2c"]));
         assert!(!with(&["websocket2"]));
         assert!(!with(&[]));
+    }
+
+    /// A `Destination` names this host in any spelling of it (an IPv6 address as `Host` is
+    /// read), and one whose query is not ASCII goes on as sent.
+    #[test]
+    fn a_destination_is_read_on_this_host_in_any_spelling() {
+        let copy = |host: &str, destination: &[u8]| {
+            let mut req = RequestHeader::build("COPY", b"/a", None).unwrap();
+            req.insert_header("host", host).unwrap();
+            let value = HeaderValue::from_bytes(destination).unwrap();
+            req.insert_header("destination", value).unwrap();
+            req
+        };
+        let host = bracketed_ipv6("::ffff:a00:1").unwrap();
+        let req = copy(
+            "[::ffff:a00:1]",
+            "http://[::FFFF:a00:1]/x/../b?café".as_bytes(),
+        );
+        let (path, sent) = destination(&req, &host, false).unwrap().unwrap();
+        assert_eq!(path, "/b");
+        assert_eq!(sent, "http://[::ffff:a00:1]/b?café");
+        // As `edit_upstream_request` sends it (a `str` it is not, to `HeaderValue`).
+        assert!(HeaderValue::from_bytes(sent.as_bytes()).is_ok());
+        let elsewhere = copy("app.test", b"http://other.test/b");
+        assert!(destination(&elsewhere, "app.test", false).is_err());
+        let get = {
+            let mut req = copy("app.test", b"/admin");
+            req.set_method(http::Method::GET);
+            req
+        };
+        assert_eq!(destination(&get, "app.test", false), Ok(None));
     }
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {
