@@ -98,6 +98,8 @@ pub struct Target {
     pub method: String,
     /// The judged path.
     pub path: String,
+    /// The query, as sent.
+    pub query: Option<String>,
     pub client: Client,
     /// The address it came from.
     pub client_ip: Option<std::net::IpAddr>,
@@ -237,9 +239,10 @@ pub fn rejudge(
         _ => return gone("the route is no longer in the configuration for this request"),
     };
     // A path a PHP front controller reads as another route's, which a reload may have added
-    // (`/index.php/admin/events` once `/admin` is a route of its own). (The query's `_method`
-    // is not judged again: a request already sent kept its method.)
-    if (routes.refuses(target.scheme, &target.host, route, &target.path, None)).is_some() {
+    // (`/index.php/admin/events` once `/admin` is a route of its own), or a query CodeIgniter
+    // reads so (`/?/admin/events`).
+    let query = target.query.as_deref();
+    if (routes.refuses(target.scheme, &target.host, route, &target.path, query)).is_some() {
         return gone("a request to this place would now be refused");
     }
     if target.websocket && !route.config.websockets {
@@ -425,6 +428,7 @@ mod tests {
             host: host.split('/').next().unwrap_or(host).to_owned(),
             method: "GET".to_owned(),
             path: "/ws".to_owned(),
+            query: None,
             client,
             client_ip: None,
             websocket: false,
@@ -703,6 +707,19 @@ mod tests {
         );
         assert!(matches!(judged(CONFIG, &script), Admission::Allow(_)));
         assert!(cut(judged(&narrowed, &script)));
+        // Nor one whose query CodeIgniter reads as that route's path.
+        let routed = Recheck::new(
+            open.caller.clone(),
+            Target {
+                path: "/".to_owned(),
+                query: Some("/ws".to_owned()),
+                ..open.target.clone()
+            },
+            open.told.clone(),
+            marks(0),
+        );
+        assert!(matches!(judged(CONFIG, &routed), Admission::Allow(_)));
+        assert!(cut(judged(&narrowed, &routed)));
         // A websocket, once its route no longer takes them; an event stream carries on.
         let websockets = CONFIG.replacen(
             "from = \"http://app.test\"\n",
