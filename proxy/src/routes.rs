@@ -128,11 +128,13 @@ impl RouteTable {
     /// - Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
     ///   names methods, one in the `query` would dodge it. (One in a form body is not read
     ///   here: the README says so.)
-    /// - CodeIgniter routes a query that begins with `/` as the path when the path names
-    ///   nothing but where it is installed or its script (`/?/admin`, `/crm/index.php?/admin`,
-    ///   `/crm?/admin`): where it could be installed at the path (or its script's directory),
-    ///   a query that reads as another route's path that way is refused. (Not every such
-    ///   query: SvelteKit's form actions are `/login?/register`.)
+    /// - CodeIgniter decodes the path it routes twice (`/%2561dmin` is `/admin`), and routes a
+    ///   query that begins with `/` as the path when the path names nothing but where it is
+    ///   installed or its script (`/?/admin`, `/crm/index.php?/admin`, `/crm?/admin`): a path,
+    ///   or such a query where it could be installed at the path (or its script's directory),
+    ///   that reads as another route's path that way is refused. (Not every one: Jenkins'
+    ///   branch `feature/x` is `/job/feature%252Fx`, SvelteKit's form actions are
+    ///   `/login?/register`.)
     pub fn refuses(
         &self,
         scheme: Scheme,
@@ -162,15 +164,21 @@ impl RouteTable {
         {
             return Some("a method override (_method) in the query, where rules name methods");
         }
-        if let Some(routed) = query.and_then(|query| query_routed(path, query)) {
-            let other = match portcullis_policy::path::normalize(&routed) {
+        // As CodeIgniter reads a path: decoded twice. A reading that is no path (a `\` or a
+        // control character in it) is refused.
+        let another =
+            |routed: &str| match portcullis_policy::path::normalize(&twice_decoded(routed)) {
                 Ok(routed) => match self.find(scheme, host, &routed) {
                     Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
                     Match::None => false,
                 },
                 Err(_) => true,
             };
-            if other {
+        if path.contains("%25") && another(path) {
+            return Some("a path that CodeIgniter, decoding it twice, reads as another route's");
+        }
+        if let Some(routed) = query.and_then(|query| query_routed(path, query)) {
+            if another(&routed) {
                 return Some(
                     "a query that CodeIgniter reads as another route's path (/?/admin is /admin)",
                 );
@@ -178,6 +186,35 @@ impl RouteTable {
         }
         None
     }
+}
+
+/// `text` percent-decoded twice, as CodeIgniter reads the path it routes, written back as a
+/// path to normalize: a `%` that is left stands for itself (`%25`).
+fn twice_decoded(text: &str) -> String {
+    fn decoded(text: &[u8]) -> Vec<u8> {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        let mut out = Vec::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            match (
+                text[i],
+                text.get(i + 1).copied().and_then(hex),
+                text.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+    let bytes = decoded(&decoded(text.as_bytes()));
+    String::from_utf8_lossy(&bytes).replace('%', "%25")
 }
 
 /// The path CodeIgniter installed at `path` (or at the directory of its script, when `path`

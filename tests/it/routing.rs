@@ -142,8 +142,17 @@ async fn routing_uses_and_forwards_the_normalized_path() {
         ("/x/index.php?/../v1/a", Err(400)),
         ("/x?/v1/a", Ok(("root", "/x?/v1/a"))),
         ("/v1/?/a", Ok(("v1", "/v1/?/a"))),
-        // SvelteKit's named form actions.
+        ("/?/v1/a%2F", Err(400)),
+        // SvelteKit's named form actions, and Jenkins' branch feature/x.
         ("/login?/register", Ok(("root", "/login?/register"))),
+        (
+            "/login?/login&to=%2Fhome",
+            Ok(("root", "/login?/login&to=%2Fhome")),
+        ),
+        (
+            "/job/r/job/feature%252Fx/",
+            Ok(("root", "/job/r/job/feature%252Fx/")),
+        ),
         // nginx passes %3B on as `;` when its proxy_pass names a path, and Tomcat drops it.
         ("/v1%3Bx/a", Ok(("v1", "/v1%3Bx/a"))),
     ];
