@@ -191,29 +191,8 @@ impl RouteTable {
 /// `text` percent-decoded twice, as CodeIgniter reads the path it routes, written back as a
 /// path to normalize: a `%` that is left stands for itself (`%25`).
 fn twice_decoded(text: &str) -> String {
-    fn decoded(text: &[u8]) -> Vec<u8> {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        let mut out = Vec::with_capacity(text.len());
-        let mut i = 0;
-        while i < text.len() {
-            match (
-                text[i],
-                text.get(i + 1).copied().and_then(hex),
-                text.get(i + 2).copied().and_then(hex),
-            ) {
-                (b'%', Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                }
-                (b, _, _) => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        out
-    }
-    let bytes = decoded(&decoded(text.as_bytes()));
+    let once: Vec<u8> = percent_encoding::percent_decode_str(text).collect();
+    let bytes: Vec<u8> = percent_encoding::percent_decode(&once).collect();
     String::from_utf8_lossy(&bytes).replace('%', "%25")
 }
 
