@@ -546,6 +546,12 @@ impl ProxyHttp for Proxy {
             let idle = runtime.config.server.client_idle_timeout;
             session.set_keepalive(Some(idle.as_secs()));
         }
+        // Over HTTP/2 an answer of any size, Portcullis' own page as well as the upstream's,
+        // waits on the client's flow-control window: one that opens none (a window of 0) would
+        // be waited on for ever, with the upstream's connection held. Every write is timed.
+        if session.req_header().version == http::Version::HTTP_2 {
+            session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
+        }
         // Made over https: to this listener's TLS, or to a proxy's in front of it.
         let own_tls = session
             .digest()
@@ -703,7 +709,9 @@ impl ProxyHttp for Proxy {
             }
             let path = normalized.into_owned();
             let audit = &self.shared.audit;
-            return Box::pin(scim.serve(session, &path, ctx.tls, ctx.client_ip, audit)).await;
+            let idle = runtime.config.server.client_idle_timeout;
+            let served = scim.serve(session, &path, ctx.tls, ctx.client_ip, audit, idle);
+            return Box::pin(served).await;
         }
 
         // 1.4 The route.
@@ -1104,8 +1112,8 @@ impl ProxyHttp for Proxy {
         *upstream_response = ResponseHeader::from(parts);
         edited?;
         // A client that reads none of a large or open-ended answer (a download, a stream, a
-        // websocket) is not waited on for ever. A small one fits the socket's buffers, and
-        // timing every write costs a timer per request.
+        // websocket) is not waited on for ever. Over HTTP/1 a small one fits the socket's
+        // buffers, and timing every write costs a timer per request (HTTP/2: `request_filter`).
         if length_of(&upstream_response.headers).is_none_or(|len| len > SMALL_ANSWER) {
             if let Some(runtime) = &ctx.runtime {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
@@ -1641,7 +1649,8 @@ impl Proxy {
                         return reply::send(session, too_large()).await;
                     }
                     let mut form = Vec::new();
-                    while let Some(chunk) = session.read_request_body().await? {
+                    let idle = runtime.config.server.client_idle_timeout;
+                    while let Some(chunk) = reply::read_body(session, idle).await? {
                         if (form.len() + chunk.len()) as u64 > limit {
                             return reply::send(session, too_large()).await;
                         }

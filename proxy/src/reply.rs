@@ -252,6 +252,22 @@ pub async fn ready_for_body(session: &mut Session, limit: u64) -> Result<bool> {
     Ok(true)
 }
 
+/// The next chunk of a request body Portcullis reads itself (SCIM, the console, the
+/// back-channel logout), `None` at its end. A client that sends none of it for `idle`
+/// (`[server] client_idle_timeout`) fails the request: pingora bounds each read of an HTTP/1
+/// body (60 s) but none of an HTTP/2 one, whose stream would hold its task (and the
+/// configuration it began under) for ever.
+pub async fn read_body(session: &mut Session, idle: std::time::Duration) -> Result<Option<Bytes>> {
+    match tokio::time::timeout(idle, session.read_request_body()).await {
+        Ok(read) => read,
+        Err(_) => Err(pingora::Error::explain(
+            pingora::ErrorType::ReadTimedout,
+            "reading the request body",
+        )
+        .into_down()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

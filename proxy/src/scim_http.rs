@@ -100,7 +100,7 @@ impl Scim {
 
     /// Serves one SCIM request (the caller has checked [`Self::claims`]).
     /// A refused token is audited (see [`Audit::unverified_refusal`]) with the address it
-    /// came from, `client`.
+    /// came from, `client`. A body that does not come for `idle` fails the request.
     pub async fn serve(
         &self,
         session: &mut Session,
@@ -108,6 +108,7 @@ impl Scim {
         tls: bool,
         client: Option<std::net::IpAddr>,
         audit: &Audit,
+        idle: std::time::Duration,
     ) -> Result<bool> {
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -160,7 +161,7 @@ impl Scim {
             return too_large(session, limit).await;
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await? {
+        while let Some(chunk) = crate::reply::read_body(session, idle).await? {
             if body.len() + chunk.len() > limit {
                 audit_too_large();
                 return too_large(session, limit).await;

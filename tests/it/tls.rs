@@ -8,6 +8,8 @@ use portcullis_tests::client::{
 };
 use portcullis_tests::tls::san_dns_names;
 use portcullis_tests::{ConfigBuilder, Echo, Route, TestCa, Upstream};
+
+use crate::{SCIM_HOST, SCIM_TOKEN};
 use reqwest::StatusCode;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,20 +141,16 @@ async fn a_plain_http_route_does_not_take_the_paths_an_https_route_of_its_host_n
 
 /// An HTTP/2 client that sits idle is closed after `client_idle_timeout`, as an HTTP/1 one is
 /// (pingora holds it for good otherwise, and each holds a file descriptor and TLS buffers).
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_http2_connection_is_closed() {
+/// A TLS connection to `cfg`'s HTTPS listener for `host` (a name `ca`'s certificate has) that
+/// offers HTTP/2 alone, for tests that write its frames by hand.
+async fn raw_http2(
+    cfg: &ConfigBuilder,
+    ca: &TestCa,
+    host: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::rustls;
-    let ca = TestCa::new();
-    let cert = ca.leaf("app", &["app.test"]);
-    let up = Upstream::start("a").await;
-    let cfg = ConfigBuilder::new()
-        .https_listener(vec![cert])
-        .server("client_idle_timeout", "\"1s\"")
-        .route(Route::new("https://app.test", &[&up]));
-    let _px = cfg.start().await;
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(ca.ca_pem().as_bytes()) {
         roots.add(der.expect("the CA's PEM")).expect("the CA");
@@ -167,25 +165,177 @@ async fn an_idle_http2_connection_is_closed() {
     let tcp = tokio::net::TcpStream::connect(cfg.https_addr())
         .await
         .unwrap();
-    let name = ServerName::try_from("app.test").unwrap();
+    let name = ServerName::try_from(host.to_owned()).unwrap();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    // The connection preface and an empty SETTINGS frame; then nothing.
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
+    tls
+}
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An HTTP/2 frame: its type, flags, stream and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// A header field as HPACK writes one "without indexing", its name given by its index in the
+/// static table (RFC 7541 §6.2.2), its value as it is (no Huffman coding).
+fn hpack_field(name_index: u8, value: &str) -> Vec<u8> {
+    fn integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut n: usize) {
+        let max = (1usize << prefix_bits) - 1;
+        if n < max {
+            out.push(first | n as u8);
+            return;
+        }
+        out.push(first | max as u8);
+        n -= max;
+        while n >= 128 {
+            out.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+    let mut out = Vec::new();
+    integer(&mut out, 0x00, 4, usize::from(name_index));
+    integer(&mut out, 0x00, 7, value.len());
+    out.extend(value.as_bytes());
+    out
+}
+
+/// Reads frames until `done` says so for one of them (given its type, flags and stream), or
+/// the connection ends (then true); false if neither came within 30 s.
+async fn h2_until(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    mut done: impl FnMut(u8, u8, u32) -> bool,
+) -> bool {
+    use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut buf = [0u8; 4096];
+    let mut buffered = Vec::new();
+    let mut buf = [0u8; 16384];
     loop {
+        while buffered.len() >= 9 {
+            let len = usize::from(buffered[0]) << 16
+                | usize::from(buffered[1]) << 8
+                | usize::from(buffered[2]);
+            if buffered.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes(buffered[5..9].try_into().unwrap()) & 0x7fff_ffff;
+            if done(buffered[3], buffered[4], stream) {
+                return true;
+            }
+            buffered.drain(..9 + len);
+        }
         match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
-            // Closed (after a GOAWAY, or as TLS ends).
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            // The server's SETTINGS, its acknowledgement of ours, a GOAWAY.
-            Ok(Ok(_)) => {}
-            Err(_) => panic!("an idle HTTP/2 connection was still open after 30 s"),
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => buffered.extend_from_slice(&buf[..n]),
+            Err(_) => return false,
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .server("client_idle_timeout", "\"1s\"")
+        .route(Route::new("https://app.test", &[&up]));
+    let _px = cfg.start().await;
+    let mut tls = raw_http2(&cfg, &ca, "app.test").await;
+    // The connection preface and an empty SETTINGS frame; then nothing.
+    tls.write_all(&[H2_PREFACE, &h2_frame(4, 0, 0, &[])].concat())
+        .await
+        .unwrap();
+    // Closed (after a GOAWAY, or as TLS ends); the server's SETTINGS and its acknowledgement
+    // of ours come first.
+    let closed = h2_until(&mut tls, |_, _, _| false).await;
+    assert!(
+        closed,
+        "an idle HTTP/2 connection was still open after 30 s"
+    );
+}
+
+/// An HTTP/2 client that takes nothing of an answer (its window at 0), or sends nothing of a
+/// body Portcullis reads itself, is not waited on for ever: every answer over HTTP/2 waits on
+/// the client's window, the upstream's connection held meanwhile, small answers too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_takes_or_sends_nothing_is_not_waited_on() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test", SCIM_HOST]);
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .server("client_idle_timeout", "\"1s\"")
+        .route(Route::new("https://app.test", &[&up]))
+        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
+    let _px = cfg.start().await;
+
+    // SETTINGS_INITIAL_WINDOW_SIZE 0: no stream may be sent a byte of body.
+    let closed_window = h2_frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]);
+    let get = |stream: u32, path: &str| {
+        // :method GET, :scheme https (static table 2 and 7), then :path and :authority.
+        let mut head = vec![0x82, 0x87];
+        head.extend(hpack_field(4, path));
+        head.extend(hpack_field(1, "app.test"));
+        // END_STREAM | END_HEADERS
+        h2_frame(1, 0x05, stream, &head)
+    };
+    let mut tls = raw_http2(&cfg, &ca, "app.test").await;
+    // 1: the upstream's answer (small, with its length); 3: an answer of Portcullis' own.
+    let frames = [
+        H2_PREFACE,
+        &closed_window,
+        &get(1, "/small"),
+        &get(3, "/.portcullis/style.css"),
+    ];
+    tls.write_all(&frames.concat()).await.unwrap();
+    let mut reset = std::collections::BTreeSet::new();
+    // RST_STREAM (3), or the connection ended.
+    let ended = h2_until(&mut tls, |kind, _, stream| {
+        if kind == 3 {
+            reset.insert(stream);
+        }
+        reset.len() == 2
+    })
+    .await;
+    assert!(
+        ended,
+        "answers an HTTP/2 client takes nothing of were waited on for 30 s (reset: {reset:?})"
+    );
+
+    // A SCIM request whose body never comes.
+    let mut tls = raw_http2(&cfg, &ca, SCIM_HOST).await;
+    let mut head = vec![0x83, 0x87]; // :method POST, :scheme https
+    head.extend(hpack_field(4, "/scim/v2/Users"));
+    head.extend(hpack_field(1, SCIM_HOST));
+    head.extend(hpack_field(23, &format!("Bearer {SCIM_TOKEN}")));
+    head.extend(hpack_field(31, "application/scim+json"));
+    // END_HEADERS alone: a body is to follow.
+    let post = h2_frame(1, 0x04, 1, &head);
+    let settings = h2_frame(4, 0, 0, &[]);
+    tls.write_all(&[H2_PREFACE, &settings, &post].concat())
+        .await
+        .unwrap();
+    // An answer's HEADERS (1) ending the stream, a reset (3), or the connection ended.
+    let answered = h2_until(&mut tls, |kind, flags, stream| {
+        stream == 1 && (kind == 3 || (kind == 1 && flags & 0x01 != 0) || kind == 0)
+    })
+    .await;
+    assert!(
+        answered,
+        "a SCIM request whose body never came was waited on for 30 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -262,7 +262,8 @@ impl Auth {
             }
             ("sign_out", &http::Method::POST) => self.sign_out(session, oidc, req).await,
             ("backchannel_logout", &http::Method::POST) => {
-                self.backchannel_logout(session, oidc, req).await?
+                let idle = config.server.client_idle_timeout;
+                self.backchannel_logout(session, oidc, req, idle).await?
             }
             ("me", &http::Method::GET) => match self.me(session, runtime, req).await {
                 Some(reply) => reply,
@@ -549,12 +550,13 @@ impl Auth {
         session: &mut Session,
         oidc: &OidcConfig,
         req: &Request<'_>,
+        idle: std::time::Duration,
     ) -> Result<Reply> {
         if !crate::reply::ready_for_body(session, MAX_LOGOUT_BODY as u64).await? {
             return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = session.read_request_body().await? {
+        while let Some(chunk) = crate::reply::read_body(session, idle).await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {
                 return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
             }
