@@ -3364,6 +3364,50 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     fx.idp.outage(false).await;
 }
 
+/// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503) is
+/// an outage, not a person in no group: taken as the ID token has it, a deny rule on a group
+/// would miss them for the session's lifetime.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group() {
+    const CAL: &str = "cal@example.com";
+    const CAL_PASSWORD: &str = "cal's password, long enough";
+    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
+    let fx = Fixture::start_with(Options {
+        // The email in the ID token, the groups at UserInfo alone.
+        claims_in_id_token: true,
+        userinfo_only: vec!["groups"],
+        more_idp_users: vec![cal],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { any_signed_in = true }")
+                .set("deny = { groups = [\"contractors\"] }")
+        }],
+        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/eng/page");
+
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &url).await;
+    let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
+    fx.idp.set_outage(IdpOutage::UserInfo).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    fx.idp.outage(false).await;
+    let status = resp.status();
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("sign in again"), "{body}");
+    assert!(session.is_none(), "a session was made: {session:?}");
+
+    // With UserInfo back, cal signs in in the contractors group, and the deny rule holds.
+    let signed = fx.sign_in(&client(), &url, CAL, CAL_PASSWORD).await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
 /// The IdP's groups judge only people the directory does not know: a person it knows is judged
 /// by the directory's groups, and the IdP's changing ends no session of theirs.
 #[tokio::test(flavor = "multi_thread")]

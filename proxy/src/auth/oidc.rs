@@ -495,14 +495,15 @@ impl Oidc {
         let id_groups = raw_claims
             .as_ref()
             .and_then(|c| string_list(c.get("groups")?));
+        let lacks = |name: &str| raw_claims.as_ref().is_none_or(|c| c.get(name).is_none());
+        // What the person is known by, and their groups where a route reads the provider's: a
+        // sign-in without them is a person Portcullis cannot place, or one in no group.
+        let lacks_needed = lacks(wants.claim) || (wants.groups && id_groups.is_none());
         let ask = match config.userinfo {
             UserInfo::Never => false,
             UserInfo::Always => true,
             UserInfo::Auto => {
-                let lacks = |name: &str| raw_claims.as_ref().is_none_or(|c| c.get(name).is_none());
-                (claims.email().is_none()
-                    || lacks(wants.claim)
-                    || (wants.groups && id_groups.is_none()))
+                (claims.email().is_none() || lacks_needed)
                     && provider.metadata.userinfo_endpoint().is_some()
             }
         };
@@ -513,10 +514,20 @@ impl Oidc {
                     .await;
                 match answer {
                     Ok(info) => Some(info),
-                    // Asked only in case (`auto`), an endpoint that does not answer leaves the
-                    // ID token's claims: whoever they fail to identify is refused later. An
-                    // answer about someone else, or one that fails verification, ends the
-                    // sign-in whatever the setting.
+                    // An endpoint in trouble (down, 5xx, 429) where it holds what is needed is
+                    // an outage, not an answer: the sign-in fails (503, try again), as a refresh
+                    // keeps its groups then. Taken as the ID token has it, the person would be
+                    // in no group for the session's lifetime, a deny rule on a group missing
+                    // them, or without the claim they are known by.
+                    Err(UserInfoFailure::Unanswered(e @ SignInError::UserInfoUnreachable(_)))
+                        if lacks_needed =>
+                    {
+                        return Err(e)
+                    }
+                    // Asked only in case (`auto`), an endpoint that does not answer usefully
+                    // (one that refuses the token) leaves the ID token's claims: whoever they
+                    // fail to identify is refused later. An answer about someone else, or one
+                    // that fails verification, ends the sign-in whatever the setting.
                     Err(UserInfoFailure::Unanswered(e)) if config.userinfo == UserInfo::Auto => {
                         tracing::warn!("UserInfo not used: {e}");
                         None
