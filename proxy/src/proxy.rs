@@ -1261,6 +1261,28 @@ impl ProxyHttp for Proxy {
         format!("{} {path}, Host: {}", req.method, reply::cut(&host, 256))
     }
 
+    /// pingora's own line for a failed request prints its error whole, with the contexts pingora
+    /// puts what it could not parse in: an upstream's whole response head (its `Set-Cookie`, a
+    /// `Location` with a token), bytes of a body. It is replaced by [`failure`]'s.
+    fn suppress_error_log(&self, session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
+        let summary = self.request_summary(session, ctx);
+        tracing::error!("Fail to proxy: {}, {summary}", failure(e, ctx));
+        true
+    }
+
+    /// As [`ProxyHttp::suppress_error_log`], for a failure a retry follows.
+    fn suppress_proxy_warn_log(
+        &self,
+        session: &Session,
+        ctx: &Self::CTX,
+        e: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        let summary = self.request_summary(session, ctx);
+        tracing::warn!("Fail to proxy: {}, retry: true, {summary}", failure(e, ctx));
+        true
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()
@@ -1302,6 +1324,45 @@ impl ProxyHttp for Proxy {
             duration_us = ctx.started.elapsed().as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
         );
+    }
+}
+
+/// What a failed request's error says, for the log: at each level its side and kind, the
+/// context only where Portcullis or pingora itself is the source (never where the upstream or
+/// the client is: pingora puts the bytes it could not parse there, an upstream's whole response
+/// head), and the root cause (an OS, TLS or parser error, which quotes none); the upstream it
+/// went to first, if any.
+fn failure(e: &Error, ctx: &RequestCtx) -> String {
+    use std::fmt::Write;
+    let mut line = String::new();
+    if let Some(at) = &ctx.upstream_at {
+        let _ = write!(line, "upstream {at}: ");
+    }
+    let mut level = e;
+    loop {
+        let _ = write!(
+            line,
+            "{} {}",
+            level.esource().as_str(),
+            level.etype().as_str()
+        );
+        let own = matches!(level.esource(), ErrorSource::Internal | ErrorSource::Unset);
+        if let (true, Some(context)) = (own, &level.context) {
+            let _ = write!(line, " context: {context}");
+        }
+        match &level.cause {
+            Some(cause) => match cause.downcast_ref::<Box<Error>>() {
+                Some(next) => {
+                    line.push_str(" cause: ");
+                    level = next;
+                }
+                None => {
+                    let _ = write!(line, " cause: {cause}");
+                    return line;
+                }
+            },
+            None => return line,
+        }
     }
 }
 

@@ -103,6 +103,62 @@ async fn debug_logging_writes_no_credential_a_request_carries() {
     }
 }
 
+/// An upstream answer pingora cannot parse fails the request with 502, and the log says so
+/// without the answer's bytes: pingora's own line quotes the whole head it read, a session
+/// cookie it sets or a token in its `Location` (PHP's `header()` lets a control character
+/// through, which the parser refuses).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_answer_that_does_not_parse_is_logged_without_its_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 302 Found\r\nSet-Cookie: app_session=s3cret-cookie\r\n\
+                              Location: /\x01\r\nContent-Length: 0\r\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cfg = ConfigBuilder::new().http_listener().route(Route::to_urls(
+        "http://app.test",
+        vec![format!("http://{at}")],
+    ));
+    let px = cfg.start().await;
+    let resp = plain_client()
+        .get(cfg.http_url("app.test", "/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let log = px
+        .log_until(|log| log.contains(" access: ") && log.contains("path=/login"))
+        .await;
+    assert!(
+        log.contains(&format!(
+            "Fail to proxy: upstream {at}: Upstream InvalidHTTPHeader"
+        )),
+        "the failure is logged, with its upstream:\n{log}"
+    );
+    assert!(
+        !log.contains("s3cret-cookie"),
+        "the upstream's answer reached the log:\n{log}"
+    );
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_host_is_404() {
     let up = Upstream::start("a").await;
@@ -170,7 +226,7 @@ async fn all_upstreams_down_is_502_with_html_page() {
             "{url}: 502 body is not a short HTML page: {body:?}"
         );
     }
-    // The failures are logged (pingora's own lines included), without the query: read once
+    // The failures are logged (in the line that replaces pingora's), without the query: read once
     // both requests' access lines are there, the last lines they made.
     let both = |log: &str| {
         let access = |l: &&str| l.contains(" access: ") && l.contains("path=/down");
