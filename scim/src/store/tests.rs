@@ -2021,3 +2021,48 @@ async fn a_group_s_change_names_the_members_it_adds_and_says_where_it_came_from(
         "{change:?}"
     );
 }
+
+/// A change says what access turns on: a renamed group (rules name groups by `displayName`)
+/// with its old and new names, before the members it adds (read as ids, outside quotes); a
+/// deactivated or re-activated agent or application, as a user's, in so many words.
+#[tokio::test]
+async fn a_change_names_a_rename_and_a_deactivation_of_any_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let last = |seq: Seq| dir.changes(seq - 1, 10).unwrap().pop().unwrap().summary;
+    let ann = created(&dir, ResourceType::User, user("ann@x")).await;
+    let group = created(&dir, ResourceType::Group, group("interns", &[])).await;
+    // As Okta renames a group, with a member added in the same request.
+    let rename = patch_body(json!([
+        {"op": "replace", "value": {"id": group, "displayName": "sre"}},
+        {"op": "add", "path": "members", "value": [{"value": ann}]},
+    ]));
+    let written = patch(&dir, ResourceType::Group, &group, rename)
+        .await
+        .unwrap();
+    let summary = last(written.seq);
+    assert!(
+        summary.starts_with("displayName \"interns\" → \"sre\", "),
+        "{summary}"
+    );
+    assert!(
+        summary.rsplit('"').next().unwrap().contains(&ann),
+        "{summary}"
+    );
+
+    let app = json!({"schemas": [APPLICATION], "name": "helpdesk"});
+    let app = created(&dir, ResourceType::AgenticApplication, app).await;
+    let bot = agent("bot", &[&ann], &[&app], None);
+    let bot = created(&dir, ResourceType::Agent, bot).await;
+    for (rt, id) in [
+        (ResourceType::Agent, &bot),
+        (ResourceType::AgenticApplication, &app),
+    ] {
+        // As Entra writes it.
+        let off = patch_body(json!([{"op": "Replace", "path": "active", "value": "False"}]));
+        let written = patch(&dir, rt, id, off).await.unwrap();
+        assert!(last(written.seq).ends_with(", deactivated"), "{rt:?}");
+        let written = patch(&dir, rt, id, set_active(true)).await.unwrap();
+        assert!(last(written.seq).ends_with(", re-activated"), "{rt:?}");
+    }
+}

@@ -427,6 +427,12 @@ impl<'a> Overlay<'a> {
         }
         if let Some(previous) = previous {
             if let Some(old) = str_of(&previous.resource, name_attr) {
+                // Renamed: said first (a group's members after it are read as ids, outside
+                // the quoted names; see the audit log's user filter). Rules name groups, and
+                // people, by these names.
+                if old != name {
+                    summary = format!("{name_attr} {} → {}, {summary}", quoted(old), quoted(name));
+                }
                 let old = fold(old);
                 if old != folded {
                     self.set_name((rt, old), None);
@@ -456,6 +462,14 @@ impl<'a> Overlay<'a> {
                 .and_then(Value::as_bool)
                 .unwrap_or(true)
         };
+        // Every kind that has `active` (an agent, or its application, refuses its agents).
+        if previous.is_some_and(|p| active(&p.resource) != active(&resource)) {
+            summary.push_str(if active(&resource) {
+                ", re-activated"
+            } else {
+                ", deactivated"
+            });
+        }
         let (valid_since, valid_since_unix) = match rt {
             ResourceType::Group | ResourceType::AgenticApplication => (None, None),
             // An agent's tokens are held to it as a user's are: created, deactivated or
@@ -482,13 +496,6 @@ impl<'a> Overlay<'a> {
             ResourceType::User => {
                 let toggled = |p: &Record| active(&p.resource) != active(&resource);
                 let gains = |p: &Record| gains_identifier(&p.resource, &resource);
-                if previous.is_some_and(toggled) {
-                    summary.push_str(if active(&resource) {
-                        ", re-activated"
-                    } else {
-                        ", deactivated"
-                    });
-                }
                 match previous {
                     // Created, or deactivated or re-activated by this change: a session that
                     // began while the user was inactive is no more a way back in than one
