@@ -825,13 +825,14 @@ impl Gate<'_> {
                 }
             };
             // A token issued before the agent was last created, re-activated or named
-            // otherwise is not its own, or no longer (as a user's: see `outlived`).
+            // otherwise is not its own, or no longer (as a user's: see `outlived`); nor one
+            // from before its application or an owner was deactivated or re-activated.
             let record = AgentRecord {
                 name: view.agent.name.to_string(),
                 owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
                 on_behalf_of: None,
             };
-            if predates(issued, view.agent.active, view.agent.valid_since_unix) {
+            if predates(issued, view.agent.active, view.valid_since_unix) {
                 return Some(Judged::Revoked(Outdated::Agent(record)));
             }
             let groups = group_refs(&view.groups);
@@ -2854,6 +2855,55 @@ mod tests {
             outdated(as_machine(&world, &held, route)),
             Some(("helper".to_owned(), Some(ALICE.to_owned())))
         );
+    }
+
+    /// Deactivating an agent's application, or its owner, refuses its tokens; re-activating
+    /// either takes none of them back: disabled while its secret is rotated, say.
+    #[tokio::test]
+    async fn an_agent_s_token_from_before_its_application_or_owner_was_re_activated_is_invalid() {
+        let (world, route, app, _) = agents_world().await;
+        let alice = world.id_of(ALICE);
+        let since = || {
+            world
+                .directory
+                .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
+                    AgentLookup::Found(view) => view.valid_since_unix,
+                    _ => 0,
+                })
+        };
+        let issued = |iat: u64| Machine {
+            issued: Some(iat),
+            ..agent_token("helper")
+        };
+        let invalid = |admission: Admission| {
+            matches!(
+                admission,
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                })
+            )
+        };
+        let application = format!("/AgenticApplications/{app}");
+        for (what, off, on) in [
+            ("its application", &application, &application),
+            (
+                "its owner",
+                &format!("/Users/{alice}"),
+                &format!("/Users/{alice}"),
+            ),
+        ] {
+            // Stamps are whole seconds: one later than everything before.
+            let before = since();
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            world.set_active_at(off, false).await;
+            world.set_active_at(on, true).await;
+            let now = since();
+            assert!(now > before, "{what}");
+            let old = as_machine(&world, &issued(now - 1), route);
+            assert!(invalid(old), "a token from before {what} was re-activated");
+            allowed(as_machine(&world, &issued(now), route));
+        }
     }
 
     #[tokio::test]

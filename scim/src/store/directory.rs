@@ -197,6 +197,11 @@ pub struct AgentView<'a> {
     /// The groups those owners are in: an owning user's groups, and an owning group with the
     /// groups it is in (its active member is in all of them).
     pub owner_groups: Vec<&'a GroupEntry>,
+    /// When what it stands on last moved, in Unix seconds (0: not known): the latest of its
+    /// own `valid_since_unix`, its applications' (deactivated or re-activated) and its owning
+    /// users' (deactivated, re-activated or given a new identifier). A token issued before is
+    /// not taken: one an owner's or an application's deactivation refused stays refused.
+    pub valid_since_unix: u64,
 }
 
 /// One owner an agent stands through.
@@ -492,9 +497,22 @@ impl Directory {
             let group = |row: Row| index.group(row);
             let mut owners = Vec::with_capacity(agent.owners().len());
             let mut owner_groups: Vec<&GroupEntry> = Vec::new();
+            let mut valid_since_unix = agent.valid_since_unix;
+            for &id in agent.applications() {
+                let application = index
+                    .row_of_id(id)
+                    .and_then(|(_, row)| index.application(row));
+                if let Some(application) = application {
+                    valid_since_unix = valid_since_unix.max(application.valid_since_unix);
+                }
+            }
             for (rt, row) in index.active_owners(agent) {
                 if rt == ResourceType::User {
-                    owners.extend(index.user(row).map(Owner::User));
+                    let user = index.user(row);
+                    if let Some(user) = user {
+                        valid_since_unix = valid_since_unix.max(user.valid_since_unix);
+                    }
+                    owners.extend(user.map(Owner::User));
                 } else if let Some(owning) = group(row) {
                     owners.push(Owner::Group(owning));
                     owner_groups.push(owning);
@@ -523,6 +541,7 @@ impl Directory {
                 standing,
                 owners,
                 owner_groups,
+                valid_since_unix,
             })
         };
         let missed = |kind: Retired, value: &str| match index.was_deleted(kind, value) {

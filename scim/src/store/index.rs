@@ -110,6 +110,9 @@ pub struct ApplicationEntry {
     pub external_id: Option<Box<str>>,
     pub active: bool,
     pub version: Seq,
+    /// When it was last deactivated or re-activated, in Unix seconds; 0 if never or not known
+    /// ([`Record::valid_since_unix`]): its agents' tokens from before are not theirs.
+    pub valid_since_unix: u64,
 }
 
 /// The nil UUID: the writer assigns random (v4) ids only, so it is nobody's.
@@ -558,6 +561,7 @@ pub fn application_entry(record: &Record) -> Option<ApplicationEntry> {
         external_id: text("externalId").map(Box::from),
         active: active_of(resource),
         version: version_of(&record.resource),
+        valid_since_unix: record.valid_since_unix.unwrap_or(0),
     })
 }
 

@@ -471,7 +471,16 @@ impl<'a> Overlay<'a> {
             });
         }
         let (valid_since, valid_since_unix) = match rt {
-            ResourceType::Group | ResourceType::AgenticApplication => (None, None),
+            ResourceType::Group => (None, None),
+            // Deactivated or re-activated, its agents' tokens from before are not theirs: an
+            // application disabled while its secret is rotated takes no old token back.
+            ResourceType::AgenticApplication => match previous {
+                Some(p) if active(&p.resource) == active(&resource) => {
+                    (p.valid_since, p.valid_since_unix)
+                }
+                Some(_) => self.valid_from_now(),
+                None => (None, None),
+            },
             // An agent's tokens are held to it as a user's are: created, deactivated or
             // re-activated, or named otherwise (a deleted agent's name, say), its tokens from
             // before are not its own, or no longer.
