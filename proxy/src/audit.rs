@@ -1618,6 +1618,14 @@ impl Filter {
                         .as_deref()
                         .is_some_and(|about| id == about || unquoted.contains(about))
                 }
+                // An agent's call on someone's behalf is recorded as that person's: it is the
+                // agent's too (`agent:<name>`, as its own calls are recorded).
+                Entry::Refusal {
+                    agent: Some(agent), ..
+                }
+                | Entry::Allow {
+                    agent: Some(agent), ..
+                } => fold(&crate::gate::agent_user(&agent.name)) == user,
                 _ => false,
             };
             let who = entry.who();
@@ -2357,6 +2365,27 @@ mod tests {
         assert!(!about.matches(&entry), "alice's refusal is not about carol");
         // Without the id (`portcullis audit --user`), changes are matched by actor only.
         assert!(!filter(Some("carol@corp.example"), None).matches(&change(id, "deactivated")));
+
+        // An agent's call on alice's behalf, recorded as hers, is the agent's too.
+        let delegated = Entry::Refusal {
+            time: "2025-01-02T03:04:05Z".to_owned(),
+            user: "alice@corp.example".to_owned(),
+            route: "api".to_owned(),
+            rule: None,
+            reason: "the agent is refused: no owner of the agent is an active user".to_owned(),
+            method: "GET".to_owned(),
+            path: "/tickets".to_owned(),
+            client: None,
+            agent: Some(AgentRecord {
+                name: "helper".to_owned(),
+                owners: vec!["bob@corp.example".to_owned()],
+                on_behalf_of: Some("alice@corp.example".to_owned()),
+            }),
+        };
+        assert!(filter(Some("agent:Helper"), None).matches(&delegated));
+        assert!(filter(Some("alice@corp.example"), None).matches(&delegated));
+        assert!(!filter(Some("agent:other"), None).matches(&delegated));
+        assert!(!filter(Some("helper"), None).matches(&delegated));
     }
 
     /// One address flooding a route with refusals that name nobody (bad SCIM tokens) spends
