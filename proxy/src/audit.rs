@@ -133,11 +133,11 @@ pub struct AgentRecord {
 /// (`who`), or the agent the token acts through, whose record it is older than (named as the
 /// agent, or as the person it acts for).
 pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String) {
-    let reason = |whose: &str| {
+    let reason = |whose: &str, or: &str| {
         format!(
             "the bearer token was issued before {whose} was last created, re-activated or \
-             given a new identifier in the directory (or carries no iat): it is not theirs, or \
-             no longer, and its client needs a new one"
+             given a new identifier in the directory{or} (or carries no iat): it is not \
+             theirs, or no longer, and its client needs a new one"
         )
     };
     match agent {
@@ -146,9 +146,12 @@ pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String
                 .on_behalf_of
                 .clone()
                 .unwrap_or_else(|| crate::gate::agent_user(&agent.name)),
-            reason(&format!("the agent {}", agent.name)),
+            reason(
+                &format!("the agent {}", agent.name),
+                ", or its application or the owner it stands through was re-activated",
+            ),
         ),
-        None => (who.to_owned(), reason(who)),
+        None => (who.to_owned(), reason(who, "")),
     }
 }
 

@@ -2857,23 +2857,26 @@ mod tests {
         );
     }
 
-    /// Deactivating an agent's application, or its owner, refuses its tokens; re-activating
-    /// either takes none of them back: disabled while its secret is rotated, say.
+    /// Deactivating an agent's application, or its owner, refuses it; re-activating either
+    /// takes none of its tokens from before back (disabled while its secret is rotated, say).
+    /// An agent that stood throughout through another owner keeps them.
     #[tokio::test]
     async fn an_agent_s_token_from_before_its_application_or_owner_was_re_activated_is_invalid() {
         let (world, route, app, _) = agents_world().await;
         let alice = world.id_of(ALICE);
-        let since = || {
+        let bob = world.id_of(BOB);
+        world.agent("pair", &[&alice, &bob], &[&app], None).await;
+        let since = |name: &str| {
             world
                 .directory
-                .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
+                .with_agent(AgentKey::Name(name), 0, |lookup| match lookup {
                     AgentLookup::Found(view) => view.valid_since_unix,
                     _ => 0,
                 })
         };
-        let issued = |iat: u64| Machine {
+        let issued = |name: &str, iat: u64| Machine {
             issued: Some(iat),
-            ..agent_token("helper")
+            ..agent_token(name)
         };
         let invalid = |admission: Admission| {
             matches!(
@@ -2885,24 +2888,31 @@ mod tests {
             )
         };
         let application = format!("/AgenticApplications/{app}");
-        for (what, off, on) in [
-            ("its application", &application, &application),
-            (
-                "its owner",
-                &format!("/Users/{alice}"),
-                &format!("/Users/{alice}"),
-            ),
-        ] {
+        let owner = format!("/Users/{alice}");
+        for (what, path) in [("its application", &application), ("its owner", &owner)] {
             // Stamps are whole seconds: one later than everything before.
-            let before = since();
+            let before = since("helper");
+            let pair = since("pair");
             tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-            world.set_active_at(off, false).await;
-            world.set_active_at(on, true).await;
-            let now = since();
+            world.set_active_at(path, false).await;
+            let refusal = forbidden(as_machine(&world, &issued("helper", before), route));
+            assert_eq!(
+                refusal.cause,
+                Cause::Deactivated,
+                "{what}: {}",
+                refusal.reason
+            );
+            world.set_active_at(path, true).await;
+            let now = since("helper");
             assert!(now > before, "{what}");
-            let old = as_machine(&world, &issued(now - 1), route);
+            let old = as_machine(&world, &issued("helper", now - 1), route);
             assert!(invalid(old), "a token from before {what} was re-activated");
-            allowed(as_machine(&world, &issued(now), route));
+            allowed(as_machine(&world, &issued("helper", now), route));
+            if path == &owner {
+                // Bob stood for "pair" while alice was away.
+                assert_eq!(since("pair"), pair);
+                allowed(as_machine(&world, &issued("pair", pair), route));
+            }
         }
     }
 
