@@ -1221,7 +1221,8 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
 /// listing several hosts can connect to one), is never read as the directory: loaded or caught
 /// up from it, a replica would lose what the primary has answered since (an acknowledged
 /// deactivation), and the writer would build a change on a record's older copy and write it
-/// back over the primary's. Each read is refused, and the replica stays out of touch.
+/// back over the primary's; and its clock would judge the primary's leases when a write waits
+/// for the replicas. Each read is refused, and the replica stays out of touch.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_directory_is_never_read_from_a_standby() {
     use portcullis_scim::schema::ResourceType;
@@ -1252,15 +1253,72 @@ async fn the_directory_is_never_read_from_a_standby() {
             storage
                 .records_for_writer(ResourceType::User, &[1])
                 .map(|_| ()),
+            // Nor are the replicas' leases judged by a standby's clock.
+            storage.settle(0, std::time::Instant::now()),
         ])
     })
     .await
     .unwrap()
     .expect("a storage on the standby");
-    for (read, what) in reads.into_iter().zip(["load", "feed", "a record"]) {
+    let reads = reads.into_iter();
+    for (read, what) in reads.zip(["load", "feed", "a record", "settling a write"]) {
         let error = read.expect_err(what);
         assert!(error.to_string().contains("standby"), "{what}: {error}");
     }
+}
+
+/// A write is answered once every replica applied it, as the database says: asked of the
+/// write's own commit, not of its sequence number. A failover that lost the commit, and then
+/// took another batch under that number (which every replica applied), does not have the lost
+/// write answered as done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::{Entry, Storage};
+
+    let pg = Postgres::start().await;
+    let options = PgOptions {
+        url: pg.url(),
+        pool_size: 1,
+        max_staleness: Duration::from_millis(500),
+    };
+    let entry = |value: &str| Entry {
+        kind: "test".to_owned(),
+        key: "k".to_owned(),
+        value: Some(value.to_owned()),
+    };
+    let (writer, seq) = tokio::task::spawn_blocking({
+        let options = options.clone();
+        move || {
+            let writer = PgStorage::open(&options)?;
+            writer.migrate()?;
+            let seq = writer.put_entries(vec![entry("lost")])?;
+            Ok::<_, portcullis_scim::store::StoreError>((writer, seq))
+        }
+    })
+    .await
+    .unwrap()
+    .expect("a write");
+    // Lost, as a failover to a standby that had not received it loses it; then another batch
+    // is written under its number.
+    pg.query(&format!(
+        "DELETE FROM directory_feed WHERE seq = {seq}; \
+         UPDATE directory_meta SET value = {} WHERE key = 'seq'",
+        seq - 1
+    ))
+    .await
+    .expect("lose the write");
+    let settled = tokio::task::spawn_blocking(move || {
+        let other = PgStorage::open(&options)?;
+        let again = other.put_entries(vec![entry("in its place")])?;
+        assert_eq!(again, seq);
+        Ok::<_, portcullis_scim::store::StoreError>(writer.settle(seq, std::time::Instant::now()))
+    })
+    .await
+    .unwrap()
+    .expect("another write");
+    let error = settled.expect_err("a lost write was settled");
+    assert!(error.to_string().contains("no longer holds"), "{error}");
 }
 
 /// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby

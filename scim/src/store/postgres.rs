@@ -478,6 +478,11 @@ pub struct PgStorage {
     /// this replica applied (a restored backup, or a failover to a standby that had not received
     /// them), and then took others in their place. See [`PgStorage::feed`].
     applied: Mutex<(Seq, Option<i64>)>,
+    /// The batches this replica committed and has not settled yet, with when the database
+    /// committed each (as `applied`): settling one asks for that commit, not just its sequence
+    /// number, which a failover that lost it may have given another batch. The newest
+    /// [`MAX_UNSETTLED`] are kept (a batch is settled once, in order, a moment after).
+    unsettled: Mutex<std::collections::VecDeque<(Seq, i64)>>,
     pool: Pool,
     writer: Mutex<Dedicated>,
     settler: Mutex<Dedicated>,
@@ -500,6 +505,9 @@ fn to_sql(n: u64) -> Result<i64, StoreError> {
 fn from_sql(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is out of range")))
 }
+
+/// The most committed batches [`PgStorage::settle`] keeps the commit time of, waiting.
+const MAX_UNSETTLED: usize = 4096;
 
 /// A feed row's `committed`, in microseconds.
 const COMMITTED_US: &str = "(extract(epoch FROM committed) * 1000000)::bigint";
@@ -528,6 +536,7 @@ impl PgStorage {
         Ok(Self {
             replica: uuid::Uuid::new_v4().to_string(),
             applied: Mutex::new((0, None)),
+            unsettled: Mutex::new(std::collections::VecDeque::new()),
             pool: Pool {
                 connector: connector.clone(),
                 idle: Mutex::new(Vec::new()),
@@ -1082,6 +1091,11 @@ impl Storage for PgStorage {
             if on_index {
                 *lock(&self.applied) = (batch.seq, Some(committed));
             }
+            let mut unsettled = lock(&self.unsettled);
+            if unsettled.len() >= MAX_UNSETTLED {
+                unsettled.pop_front();
+            }
+            unsettled.push_back((batch.seq, committed));
             Ok(())
         })
     }
@@ -1162,6 +1176,13 @@ impl Storage for PgStorage {
         let max_staleness = self.freshness.max_staleness;
         // A replica that never confirms has let its lease lapse by then (see `Fleet`).
         let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
+        // When the database committed it (see `unsettled`); batches before it are settled.
+        let committed_us = {
+            let mut unsettled = lock(&self.unsettled);
+            let found = unsettled.iter().find(|(s, _)| *s == seq).map(|(_, at)| *at);
+            unsettled.retain(|(s, _)| *s > seq);
+            found
+        };
         let seq = to_sql(seq)?;
         let mut settler = lock(&self.settler);
         // It listens for replicas' confirmations only while it waits for them: a session that
@@ -1173,18 +1194,34 @@ impl Storage for PgStorage {
             let waiting = settler.run(|conn| {
                 // -1: what this connection reads does not hold the change yet (a standby
                 // behind its primary, which pgpool or a host list can hand out for a read);
-                // its replicas' rows, older still, cannot say who has applied it.
-                let waiting = conn.prepare(
-                    "SELECT CASE WHEN (SELECT value FROM directory_meta WHERE key = 'seq') < $2 \
-                     THEN -1 ELSE (SELECT count(*) FROM portcullis_replicas \
+                // its replicas' rows, older still, cannot say who has applied it. -2: the
+                // database holds another commit of that number (a failover lost this one and
+                // took another batch in its place): replicas past it never applied it.
+                // -3: a standby, whose clock would judge the primary's leases.
+                let waiting = conn.prepare(on_primary!(
+                    "SELECT CASE WHEN pg_is_in_recovery() THEN -3 \
+                     WHEN (SELECT value FROM directory_meta WHERE key = 'seq') < $2 \
+                     THEN -1 \
+                     WHEN $3::bigint IS NOT NULL AND (SELECT \
+                     (extract(epoch FROM committed) * 1000000)::bigint FROM directory_feed \
+                     WHERE seq = $2) IS DISTINCT FROM $3::bigint THEN -2 \
+                     ELSE (SELECT count(*) FROM portcullis_replicas \
                      WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()) \
-                     END",
-                )?;
+                     END"
+                ))?;
                 let client = &mut conn.client;
                 let row = client
-                    .query_one(&waiting, &[&self.replica, &seq])
+                    .query_one(&waiting, &[&self.replica, &seq, &committed_us])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
+                if waiting == -3 {
+                    // The connection goes with the error: the next may reach the primary.
+                    return Err(StoreError::Backend(
+                        "PostgreSQL answered from a standby: the replicas' progress is read \
+                         from the primary only"
+                            .to_owned(),
+                    ));
+                }
                 if waiting < 0 {
                     std::thread::sleep(Duration::from_millis(20));
                 } else if waiting > 0 {
@@ -1212,6 +1249,11 @@ impl Storage for PgStorage {
             }
             match waiting {
                 Ok(0) => break Ok(()),
+                Ok(-2) => {
+                    break Err(StoreError::Backend(
+                        "the database no longer holds the change (lost in a failover?)".to_owned(),
+                    ))
+                }
                 Ok(waiting) if given_up => {
                     break Err(StoreError::Backend(if waiting < 0 {
                         "the database read does not hold the change (a standby behind?)".to_owned()
