@@ -174,10 +174,21 @@ async fn write(session: &mut Session, reply: Reply) -> Result<bool> {
         .write_response_header(Box::new(head), head_only)
         .await?;
     if !head_only {
-        session.write_response_body(Some(reply.body), true).await?;
+        // In pieces, each write timed on its own (over HTTP/2 every write is, see
+        // `request_filter`): a client reading a large answer (a group of every member) slowly
+        // but steadily is not cut for the time the whole takes.
+        let mut body = reply.body;
+        while body.len() > WRITE_PIECE {
+            let piece = body.split_to(WRITE_PIECE);
+            session.write_response_body(Some(piece), false).await?;
+        }
+        session.write_response_body(Some(body), true).await?;
     }
     Ok(true)
 }
+
+/// The most of an answer's body written at once (see `write`).
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// Where Portcullis serves its stylesheet, on every host.
 pub const STYLESHEET: &str = "/.portcullis/style.css";
