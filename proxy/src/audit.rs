@@ -148,7 +148,7 @@ pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String
                 .unwrap_or_else(|| crate::gate::agent_user(&agent.name)),
             reason(
                 &format!("the agent {}", agent.name),
-                ", or its application or the owner it stands through was re-activated",
+                ", or its application was re-activated",
             ),
         ),
         None => (who.to_owned(), reason(who, "")),

@@ -197,11 +197,11 @@ pub struct AgentView<'a> {
     /// The groups those owners are in: an owning user's groups, and an owning group with the
     /// groups it is in (its active member is in all of them).
     pub owner_groups: Vec<&'a GroupEntry>,
-    /// Since when it has stood, in Unix seconds (0: not known): the latest of its own
-    /// `valid_since_unix`, its active applications' (deactivated and re-activated) and the
-    /// earliest of its standing owners' (an owning user's moves when they are deactivated and
-    /// re-activated, or given a new identifier; an owning group's is not known). A token issued
-    /// before is not taken: one a deactivation refused stays refused.
+    /// Since when it has stood, in Unix seconds (0: not known): the later of its own
+    /// `valid_since_unix` and its active applications' (deactivated and re-activated). A token
+    /// issued before is not taken: one an application's deactivation refused stays refused.
+    /// (Owners are not dated: a user's stamp also moves with a new email, which says nothing
+    /// of whose the agent's token is.)
     pub valid_since_unix: u64,
 }
 
@@ -498,9 +498,8 @@ impl Directory {
             let group = |row: Row| index.group(row);
             let mut owners = Vec::with_capacity(agent.owners().len());
             let mut owner_groups: Vec<&GroupEntry> = Vec::new();
-            // Since when it has stood: its own stamp, every application's (an inactive one
-            // refuses it anyway), and the earliest of its standing owners' (it stood through
-            // the longest-standing one; an owning group's members are not dated: 0).
+            // Since when it has stood: its own stamp, and every application's (an inactive
+            // one refuses it anyway).
             let mut valid_since_unix = agent.valid_since_unix;
             for &id in agent.applications() {
                 let application = index
@@ -510,14 +509,10 @@ impl Directory {
                     valid_since_unix = valid_since_unix.max(application.valid_since_unix);
                 }
             }
-            let mut owners_since = u64::MAX;
             for (rt, row) in index.active_owners(agent) {
                 if rt == ResourceType::User {
-                    let user = index.user(row);
-                    owners_since = owners_since.min(user.map_or(0, |user| user.valid_since_unix));
-                    owners.extend(user.map(Owner::User));
+                    owners.extend(index.user(row).map(Owner::User));
                 } else if let Some(owning) = group(row) {
-                    owners_since = 0;
                     owners.push(Owner::Group(owning));
                     owner_groups.push(owning);
                 }
@@ -527,9 +522,6 @@ impl Directory {
             if owner_groups.len() > 1 {
                 owner_groups.sort_unstable_by_key(|g| std::ptr::from_ref(*g));
                 owner_groups.dedup_by(|a, b| std::ptr::eq(*a, *b));
-            }
-            if owners_since != u64::MAX {
-                valid_since_unix = valid_since_unix.max(owners_since);
             }
             let standing =
                 index

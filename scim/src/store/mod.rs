@@ -67,7 +67,8 @@ pub struct Record {
     pub valid_since: Option<Seq>,
     /// When `valid_since` last moved, in Unix seconds by the writer's clock: a bearer token
     /// issued (`iat`) before it was issued to someone else, or before a deactivation. For an
-    /// Agent too: set at creation, (de)activation and a new `name` or `externalId`. `None` in
+    /// Agent too: set at creation, (de)activation and a new `name` or `externalId`; and for an
+    /// AgenticApplication at (de)activation, which its agents' tokens are judged by. `None` in
     /// records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_since_unix: Option<u64>,
