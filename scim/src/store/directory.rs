@@ -1191,10 +1191,11 @@ impl Writer<'_> {
     fn write(&self, writes: Vec<Write>, settle: &mpsc::Sender<Settled>) {
         for _ in 0..MAX_ATTEMPTS {
             let now = (self.clock)();
-            let (results, batch) = {
+            let (results, batch, generation) = {
                 let Ok(guard) = self.index.read() else {
                     return fail_all(writes, "the directory index is unusable");
                 };
+                let generation = guard.generation();
                 let mut overlay = Overlay::new(&guard, self.storage, now);
                 let results: Vec<Result<Written, ScimError>> = writes
                     .iter()
@@ -1202,17 +1203,25 @@ impl Writer<'_> {
                         overlay.execute(&write.command, &write.actor, write.client.as_deref())
                     })
                     .collect();
-                (results, overlay.into_batch())
+                (results, overlay.into_batch(), generation)
             };
             let mut seq = batch.seq;
             if batch.is_empty() && self.storage.is_shared() {
                 // Nothing to commit, but this index may lag what another replica committed.
-                // If catching up brought anything, the writes are built again on it (a member
-                // that replica just added is removed here, not found absent); if not, the
-                // answers hold (a repeated deactivation finds the user inactive in the store)
-                // and are settled at the sequence reached, as the other replica's are.
+                // If catching up brought anything, or read the directory anew (the database
+                // lost batches it held: the same number, another history), the writes are
+                // built again on it (a member that replica just added is removed here, not
+                // found absent); if not, the answers hold (a repeated deactivation finds the
+                // user inactive in the store) and are settled at the sequence reached, as the
+                // other replica's are.
                 match self.catch_up() {
-                    Ok((caught_up, _)) if caught_up != batch.base => continue,
+                    Ok((caught_up, _))
+                        if caught_up != batch.base
+                            || self.index.read().map(|i| i.generation()).ok()
+                                != Some(generation) =>
+                    {
+                        continue
+                    }
                     Ok((caught_up, _)) => seq = caught_up,
                     Err(e) => {
                         tracing::error!("directory catch-up failed: {e}");

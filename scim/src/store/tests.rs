@@ -2066,3 +2066,95 @@ async fn a_change_names_a_rename_and_a_deactivation_of_any_kind() {
         assert!(last(written.seq).ends_with(", re-activated"), "{rt:?}");
     }
 }
+
+/// A shared store that fails over: to another store holding the same history up to a point
+/// and another batch after it, its feed saying so once (as PostgreSQL's does, from the commit
+/// times).
+struct Failover {
+    current: std::sync::Mutex<Arc<SharedStore>>,
+    gap: std::sync::atomic::AtomicBool,
+}
+
+impl Failover {
+    fn store(&self) -> Arc<SharedStore> {
+        self.current.lock().unwrap().clone()
+    }
+
+    fn to(&self, other: Arc<SharedStore>) {
+        *self.current.lock().unwrap() = other;
+        self.gap.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Storage for Failover {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        self.store().load(visit)
+    }
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.store().records(rt, rows)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.store().commit(batch)
+    }
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.store().changes(after, limit)
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
+        if self.gap.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Feed::Gap);
+        }
+        self.store().feed(after)
+    }
+}
+
+/// A removal from a group the database lost in a failover, sent again to a replica whose index
+/// still has it (membership is judged on the index), is made again: read anew, the directory
+/// has the member in the group, at the same sequence number (another batch took it), and the
+/// repeat is not answered from the old index as nothing to do.
+#[tokio::test]
+async fn a_write_repeated_after_the_database_lost_it_is_made_again() {
+    let first = Arc::new(SharedStore::default());
+    let store = Arc::new(Failover {
+        current: std::sync::Mutex::new(first.clone()),
+        gap: std::sync::atomic::AtomicBool::new(false),
+    });
+    let now = || Box::new(time::OffsetDateTime::now_utc);
+    let a = Directory::open(store.clone(), now()).unwrap();
+    let dana = created(&a, ResourceType::User, user("dana@x")).await;
+    let eng = created(&a, ResourceType::Group, group("eng", &[&dana])).await;
+    // The standby has the history up to here; another replica then writes there.
+    let standby = Arc::new(SharedStore::default());
+    for batch in first.log.lock().unwrap().iter() {
+        standby
+            .commit(&serde_json::from_slice::<Batch>(batch).unwrap())
+            .unwrap();
+    }
+    let remove = || {
+        let path = format!("members[value eq \"{dana}\"]");
+        patch_body(json!([{"op": "remove", "path": path}]))
+    };
+    patch(&a, ResourceType::Group, &eng, remove())
+        .await
+        .unwrap();
+    let b = Directory::open(standby.clone(), now()).unwrap();
+    created(&b, ResourceType::User, user("eve@x")).await;
+    assert_eq!(a.seq(), b.seq(), "the same number, another history");
+
+    store.to(standby.clone());
+    // The IdP sends it again (its answer was a 503): made, not found done.
+    patch(&a, ResourceType::Group, &eng, remove())
+        .await
+        .unwrap();
+    let in_eng = |dir: &Directory| {
+        dir.with_subject(SubjectKey::UserName("dana@x"), |v| {
+            v.found()
+                .map(|v| v.groups.iter().any(|g| &*g.display_name == "eng"))
+        })
+    };
+    assert_eq!(in_eng(&a), Some(false));
+    let c = Directory::open(standby, now()).unwrap();
+    assert_eq!(in_eng(&c), Some(false), "the database has it");
+}
