@@ -1581,6 +1581,9 @@ impl Proxy {
         at: At,
     ) -> Result<bool> {
         let tls = at.tls;
+        // A page (of a large directory, of the audit log) a client takes nothing of is not
+        // waited on for ever, over HTTP/1 as over HTTP/2.
+        session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
         let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
             return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
         };

@@ -100,7 +100,8 @@ impl Scim {
 
     /// Serves one SCIM request (the caller has checked [`Self::claims`]).
     /// A refused token is audited (see [`Audit::unverified_refusal`]) with the address it
-    /// came from, `client`. A body that does not come for `idle` fails the request.
+    /// came from, `client`. A body that does not come for `idle` fails the request, as does
+    /// an answer the client takes nothing of for as long.
     pub async fn serve(
         &self,
         session: &mut Session,
@@ -110,6 +111,9 @@ impl Scim {
         audit: &Audit,
         idle: std::time::Duration,
     ) -> Result<bool> {
+        // An answer (a group of every member, a page of a large directory) a client takes
+        // nothing of is not waited on for ever, over HTTP/1 as over HTTP/2.
+        session.set_write_timeout(Some(idle));
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
