@@ -826,7 +826,7 @@ impl Gate<'_> {
             };
             // A token issued before the agent was last created, re-activated or named
             // otherwise is not its own, or no longer (as a user's: see `outlived`); nor one
-            // from before its application or an owner was deactivated or re-activated.
+            // from before its application was deactivated or re-activated.
             let record = AgentRecord {
                 name: view.agent.name.to_string(),
                 owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
