@@ -1331,7 +1331,7 @@ impl ProxyHttp for Proxy {
 /// context only where Portcullis or pingora itself is the source (never where the upstream or
 /// the client is: pingora puts the bytes it could not parse there, an upstream's whole response
 /// head), and the root cause (an OS, TLS or parser error, which quotes none); the upstream it
-/// went to first, if any.
+/// went to last, if any.
 fn failure(e: &Error, ctx: &RequestCtx) -> String {
     use std::fmt::Write;
     let mut line = String::new();

@@ -133,7 +133,8 @@ impl AtStart {
                 "server.max_request_header_bytes (HTTP/2)",
                 http2 && new.max_request_header_bytes > self.max_request_header_bytes,
             ),
-            // HTTP/1's applies at once (Portcullis sets it per request); HTTP/2's is set at start.
+            // HTTP/1's applies at once (Portcullis sets it per request), and so does the bound on
+            // an HTTP/2 stream's writes and reads; an idle HTTP/2 connection's is set at start.
             (
                 "server.client_idle_timeout (HTTP/2)",
                 http2 && new.client_idle_timeout != self.client_idle_timeout,

@@ -1270,7 +1270,8 @@ async fn the_directory_is_never_read_from_a_standby() {
 /// A write is answered once every replica applied it, as the database says: asked of the
 /// write's own commit, not of its sequence number. A failover that lost the commit, and then
 /// took another batch under that number (which every replica applied), does not have the lost
-/// write answered as done.
+/// write answered as done: by the replica that wrote it, nor by one that answers a repeat of it
+/// (nothing to change there) once it has the batch.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
     use portcullis_scim::store::postgres::{PgOptions, PgStorage};
@@ -1287,13 +1288,17 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
         key: "k".to_owned(),
         value: Some(value.to_owned()),
     };
-    let (writer, seq) = tokio::task::spawn_blocking({
+    // `follower` applies it from the feed, as a replica that answers the IdP's repeat of the
+    // write (nothing to change there) waits for it.
+    let (writer, follower, seq) = tokio::task::spawn_blocking({
         let options = options.clone();
         move || {
             let writer = PgStorage::open(&options)?;
             writer.migrate()?;
             let seq = writer.put_entries(vec![entry("lost")])?;
-            Ok::<_, portcullis_scim::store::StoreError>((writer, seq))
+            let follower = PgStorage::open(&options)?;
+            follower.feed(0)?;
+            Ok::<_, portcullis_scim::store::StoreError>((writer, follower, seq))
         }
     })
     .await
@@ -1312,13 +1317,25 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
         let other = PgStorage::open(&options)?;
         let again = other.put_entries(vec![entry("in its place")])?;
         assert_eq!(again, seq);
-        Ok::<_, portcullis_scim::store::StoreError>(writer.settle(seq, std::time::Instant::now()))
+        let now = std::time::Instant::now();
+        Ok::<_, portcullis_scim::store::StoreError>([
+            writer.settle(seq, now),
+            follower.settle(seq, now),
+        ])
     })
     .await
     .unwrap()
     .expect("another write");
-    let error = settled.expect_err("a lost write was settled");
-    assert!(error.to_string().contains("no longer holds"), "{error}");
+    for (settled, whose) in settled
+        .into_iter()
+        .zip(["its writer's", "another replica's"])
+    {
+        let error = settled.expect_err(whose);
+        assert!(
+            error.to_string().contains("no longer holds"),
+            "{whose}: {error}"
+        );
+    }
 }
 
 /// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby

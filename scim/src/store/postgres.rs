@@ -1176,13 +1176,19 @@ impl Storage for PgStorage {
         let max_staleness = self.freshness.max_staleness;
         // A replica that never confirms has let its lease lapse by then (see `Fleet`).
         let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
-        // When the database committed it (see `unsettled`); batches before it are settled.
+        // When the database committed it (see `unsettled`); batches before it are settled. A
+        // write that changed nothing waits for the last batch this replica applied, perhaps
+        // another's, whose commit time it keeps (`applied`).
         let committed_us = {
             let mut unsettled = lock(&self.unsettled);
             let found = unsettled.iter().find(|(s, _)| *s == seq).map(|(_, at)| *at);
             unsettled.retain(|(s, _)| *s > seq);
             found
         };
+        let committed_us = committed_us.or_else(|| match *lock(&self.applied) {
+            (applied, Some(at)) if applied == seq => Some(at),
+            _ => None,
+        });
         let seq = to_sql(seq)?;
         let mut settler = lock(&self.settler);
         // It listens for replicas' confirmations only while it waits for them: a session that
