@@ -1275,7 +1275,7 @@ async fn the_directory_is_never_read_from_a_standby() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
     use portcullis_scim::store::postgres::{PgOptions, PgStorage};
-    use portcullis_scim::store::{Entry, Storage};
+    use portcullis_scim::store::{Entry, Feed, Storage};
 
     let pg = Postgres::start().await;
     let options = PgOptions {
@@ -1298,6 +1298,7 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
             let seq = writer.put_entries(vec![entry("lost")])?;
             let follower = PgStorage::open(&options)?;
             follower.feed(0)?;
+            follower.answering_at(seq);
             Ok::<_, portcullis_scim::store::StoreError>((writer, follower, seq))
         }
     })
@@ -1317,6 +1318,10 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
         let other = PgStorage::open(&options)?;
         let again = other.put_entries(vec![entry("in its place")])?;
         assert_eq!(again, seq);
+        // The follower catches up before it settles: it reads the directory anew, at the
+        // same number, and keeps the new batch's commit time as the one it applied.
+        assert!(matches!(follower.feed(seq)?, Feed::Gap));
+        follower.load(&mut |_| {})?;
         let now = std::time::Instant::now();
         Ok::<_, portcullis_scim::store::StoreError>([
             writer.settle(seq, now),

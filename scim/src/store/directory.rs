@@ -1222,7 +1222,11 @@ impl Writer<'_> {
                     {
                         continue
                     }
-                    Ok((caught_up, _)) => seq = caught_up,
+                    Ok((caught_up, _)) => {
+                        // Answered on the batch applied now: settled as that batch.
+                        self.storage.answering_at(caught_up);
+                        seq = caught_up;
+                    }
                     Err(e) => {
                         tracing::error!("directory catch-up failed: {e}");
                         return fail_all(writes, "the directory is not reachable; retry");

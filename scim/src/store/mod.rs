@@ -293,4 +293,9 @@ pub trait Storage: Send + Sync + 'static {
     fn settle(&self, _seq: Seq, _committed: std::time::Instant) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// A write is to be answered at `seq`, the last batch this process applied, without a
+    /// commit of its own (it changed nothing): [`Storage::settle`] of `seq` asks for that
+    /// batch as it is now, not for whatever batch has the number by then.
+    fn answering_at(&self, _seq: Seq) {}
 }

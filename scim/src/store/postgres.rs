@@ -478,10 +478,11 @@ pub struct PgStorage {
     /// this replica applied (a restored backup, or a failover to a standby that had not received
     /// them), and then took others in their place. See [`PgStorage::feed`].
     applied: Mutex<(Seq, Option<i64>)>,
-    /// The batches this replica committed and has not settled yet, with when the database
-    /// committed each (as `applied`): settling one asks for that commit, not just its sequence
-    /// number, which a failover that lost it may have given another batch. The newest
-    /// [`MAX_UNSETTLED`] are kept (a batch is settled once, in order, a moment after).
+    /// The batches this replica committed, or answered a write at without a commit of its own
+    /// ([`Storage::answering_at`]), and has not settled yet, with when the database committed
+    /// each (as `applied`): settling one asks for that commit, not just its sequence number,
+    /// which a failover that lost it may have given another batch. The newest
+    /// [`MAX_UNSETTLED`] are kept (each is settled once, in order, a moment after).
     unsettled: Mutex<std::collections::VecDeque<(Seq, i64)>>,
     pool: Pool,
     writer: Mutex<Dedicated>,
@@ -530,6 +531,15 @@ fn committed_at(
 }
 
 impl PgStorage {
+    /// Keeps `seq`'s commit time, `committed`, for its settle (see `unsettled`).
+    fn unsettled(&self, seq: Seq, committed: i64) {
+        let mut unsettled = lock(&self.unsettled);
+        if unsettled.len() >= MAX_UNSETTLED {
+            unsettled.pop_front();
+        }
+        unsettled.push_back((seq, committed));
+    }
+
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
         let connector = Arc::new(Connector::new(&options.url, options.max_staleness)?);
@@ -1091,11 +1101,7 @@ impl Storage for PgStorage {
             if on_index {
                 *lock(&self.applied) = (batch.seq, Some(committed));
             }
-            let mut unsettled = lock(&self.unsettled);
-            if unsettled.len() >= MAX_UNSETTLED {
-                unsettled.pop_front();
-            }
-            unsettled.push_back((batch.seq, committed));
+            self.unsettled(batch.seq, committed);
             Ok(())
         })
     }
@@ -1172,23 +1178,27 @@ impl Storage for PgStorage {
         })
     }
 
+    fn answering_at(&self, seq: Seq) {
+        let applied = *lock(&self.applied);
+        if let (true, Some(committed)) = (applied.0 == seq, applied.1) {
+            self.unsettled(seq, committed);
+        }
+    }
+
     fn settle(&self, seq: Seq, committed: Instant) -> Result<(), StoreError> {
         let max_staleness = self.freshness.max_staleness;
         // A replica that never confirms has let its lease lapse by then (see `Fleet`).
         let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
-        // When the database committed it (see `unsettled`); batches before it are settled. A
-        // write that changed nothing waits for the last batch this replica applied, perhaps
-        // another's, whose commit time it keeps (`applied`).
+        // When the database committed it (see `unsettled`: this replica's commit, or the
+        // batch it had applied when it answered a write that changed nothing). Settles come in
+        // order: one older than this is not waited for any more.
         let committed_us = {
             let mut unsettled = lock(&self.unsettled);
-            let found = unsettled.iter().find(|(s, _)| *s == seq).map(|(_, at)| *at);
-            unsettled.retain(|(s, _)| *s > seq);
+            let found = unsettled.iter().position(|(s, _)| *s == seq);
+            let found = found.and_then(|at| unsettled.remove(at)).map(|(_, at)| at);
+            unsettled.retain(|(s, _)| *s >= seq);
             found
         };
-        let committed_us = committed_us.or_else(|| match *lock(&self.applied) {
-            (applied, Some(at)) if applied == seq => Some(at),
-            _ => None,
-        });
         let seq = to_sql(seq)?;
         let mut settler = lock(&self.settler);
         // It listens for replicas' confirmations only while it waits for them: a session that
