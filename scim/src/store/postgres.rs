@@ -481,9 +481,10 @@ pub struct PgStorage {
     /// The batches this replica committed, or answered a write at without a commit of its own
     /// ([`Storage::answering_at`]), and has not settled yet, with when the database committed
     /// each (as `applied`): settling one asks for that commit, not just its sequence number,
-    /// which a failover that lost it may have given another batch. The newest
-    /// [`MAX_UNSETTLED`] are kept (each is settled once, in order, a moment after).
-    unsettled: Mutex<std::collections::VecDeque<(Seq, i64)>>,
+    /// which a failover that lost it may have given another batch. In the order they are
+    /// settled (one writer thread adds each as it sends it to be settled; a reload after a
+    /// failover can bring a number back), the newest [`MAX_UNSETTLED`].
+    unsettled: Mutex<std::collections::VecDeque<(Seq, Option<i64>)>>,
     pool: Pool,
     writer: Mutex<Dedicated>,
     settler: Mutex<Dedicated>,
@@ -531,8 +532,8 @@ fn committed_at(
 }
 
 impl PgStorage {
-    /// Keeps `seq`'s commit time, `committed`, for its settle (see `unsettled`).
-    fn unsettled(&self, seq: Seq, committed: i64) {
+    /// Keeps `seq`'s commit time, `committed` (if known), for its settle (see `unsettled`).
+    fn unsettled(&self, seq: Seq, committed: Option<i64>) {
         let mut unsettled = lock(&self.unsettled);
         if unsettled.len() >= MAX_UNSETTLED {
             unsettled.pop_front();
@@ -1101,7 +1102,7 @@ impl Storage for PgStorage {
             if on_index {
                 *lock(&self.applied) = (batch.seq, Some(committed));
             }
-            self.unsettled(batch.seq, committed);
+            self.unsettled(batch.seq, Some(committed));
             Ok(())
         })
     }
@@ -1180,9 +1181,7 @@ impl Storage for PgStorage {
 
     fn answering_at(&self, seq: Seq) {
         let applied = *lock(&self.applied);
-        if let (true, Some(committed)) = (applied.0 == seq, applied.1) {
-            self.unsettled(seq, committed);
-        }
+        self.unsettled(seq, applied.1.filter(|_| applied.0 == seq));
     }
 
     fn settle(&self, seq: Seq, committed: Instant) -> Result<(), StoreError> {
@@ -1191,12 +1190,16 @@ impl Storage for PgStorage {
         let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
         // When the database committed it (see `unsettled`: this replica's commit, or the
         // batch it had applied when it answered a write that changed nothing). Settles come in
-        // order: one older than this is not waited for any more.
+        // the order of `unsettled`: one before this is not waited for any more.
         let committed_us = {
             let mut unsettled = lock(&self.unsettled);
-            let found = unsettled.iter().position(|(s, _)| *s == seq);
-            let found = found.and_then(|at| unsettled.remove(at)).map(|(_, at)| at);
-            unsettled.retain(|(s, _)| *s >= seq);
+            let mut found = None;
+            while let Some((s, at)) = unsettled.pop_front() {
+                if s == seq {
+                    found = at;
+                    break;
+                }
+            }
             found
         };
         let seq = to_sql(seq)?;
