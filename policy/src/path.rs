@@ -107,8 +107,13 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     for segment in decoded.split('/').skip(1) {
         trailing_slash = false;
         // `..;x` is `..` to Tomcat, Jetty and Spring, and a plain name to everyone else:
-        // refused rather than guessed.
-        if let Some((".." | ".", _)) = segment.split_once(';') {
+        // refused rather than guessed. So is `..%3Bx`, which an nginx in front of them passes
+        // on as `..;x`.
+        let parameters = [segment.find(';'), segment.find("%3B")]
+            .into_iter()
+            .flatten()
+            .min();
+        if parameters.is_some_and(|at| matches!(&segment[..at], ".." | ".")) {
             return Err(PathError::Ambiguous);
         }
         match segment {
@@ -190,6 +195,8 @@ fn is_normal(bytes: &[u8]) -> bool {
                     || rest[0] == b';'
                     || rest.starts_with(b"./")
                     || rest.starts_with(b".;")
+                    || rest.starts_with(b"%3B")
+                    || rest.starts_with(b".%3B")
                     || rest == b"."
                 {
                     return false;
@@ -406,6 +413,10 @@ mod tests {
             ("/public/..;x=1/admin", PathError::Ambiguous),
             ("/a/.;/b", PathError::Ambiguous),
             ("/a/%2e%2e;/b", PathError::Ambiguous),
+            ("/static/..%3B/admin", PathError::Ambiguous),
+            ("/x/%2e%2e%3bp/admin", PathError::Ambiguous),
+            ("/a/.%3B/b", PathError::Ambiguous),
+            ("/a/..%3B", PathError::Ambiguous),
             ("/a%", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("/a%zz", PathError::BadEscape),

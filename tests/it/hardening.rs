@@ -1395,6 +1395,10 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/public/..;x=1/admin", 400, None),
         ("/public/.;/admin", 400, None),
         ("/public/%2e%2e;/admin", 400, None),
+        // So is one whose `;` is escaped: an nginx in front of Tomcat passes `%3B` on as `;`.
+        ("/public/..%3B/admin", 400, None),
+        ("/public/%2e%2e%3bx/admin", 400, None),
+        ("/public/.%3B/admin", 400, None),
         // An escape of a character a path may hold as it is reads as that character to every
         // framework: one spelling, judged and sent.
         ("/wiki/Special%3AExport", 403, None),
