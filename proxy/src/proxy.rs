@@ -2251,6 +2251,9 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 ///   which would let a client dodge a rule on methods;
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
 /// - `X-Scheme`, which Tornado reads before `X-Forwarded-Proto`;
+/// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
+///   Rack before 2.2.20 and 3.1.18 reads from the request: a client's would make a download
+///   an `X-Accel-Redirect` to a file it chose (CVE-2025-61780);
 /// - `Proxy`, which CGI-style servers hand the application as `HTTP_PROXY`, the variable HTTP
 ///   clients take their proxy from (httpoxy);
 /// - every name with a character other than a letter, a digit or `-`, as nginx drops them:
@@ -2262,7 +2265,7 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 15] = [
+    const NAMES: [&[u8]; 17] = [
         b"forwarded",
         b"x-real-ip",
         b"client-ip",
@@ -2277,6 +2280,8 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-http-method",
         b"x-script-name",
         b"x-scheme",
+        b"x-sendfile-type",
+        b"x-accel-mapping",
         b"proxy",
     ];
     !name.iter().all(|&b| PLAIN_NAME[usize::from(b)])

@@ -131,6 +131,9 @@ async fn client_identity_headers_never_reach_the_upstream() {
         ("X-Portcullis-", "spoof-bare-prefix"),
         ("X_PORTCULLIS_", "spoof-bare-prefix-underscore"),
         ("X-Portcullis-Named", "spoof-named-in-connection"),
+        // Rack before 2.2.20 reads these from the request (CVE-2025-61780).
+        ("X-Sendfile-Type", "spoof-sendfile"),
+        ("X-Accel-Mapping", "spoof-accel=/internal/"),
     ];
     // Each case: the spoofed headers, plus one request where they are also named in Connection.
     for (case, connection, drop_me_named) in [
