@@ -968,6 +968,54 @@ async fn deleting_the_user_refuses_the_next_request_and_a_re_created_user_must_s
     assert_session_works(&url, &fresh).await;
 }
 
+/// A bearer token from before its user was re-activated is no longer theirs: refused on a
+/// route, and at `/.portcullis/me`, which would show the directory's record of whoever holds
+/// the name now, as for a session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_older_than_its_user_shows_no_record_at_me() {
+    let t = Authz::start().await;
+    let token = t.machine_token().await;
+    let me = || async {
+        let resp = bare_client()
+            .get(t.api_url("/.portcullis/me"))
+            .bearer_auth(&token)
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .expect("/me is answered");
+        (resp.status(), resp.text().await.unwrap_or_default())
+    };
+    let (status, body) = me().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"directory\":{"), "{body}");
+
+    crate::signin::after_the_second_of(&token).await;
+    t.set_active(&t.machine_id, false).await.expect_success();
+    t.set_active(&t.machine_id, true).await.expect_success();
+    let route = bare_client()
+        .get(t.api_url("/work"))
+        .bearer_auth(&token)
+        .send();
+    let route = route.await.expect("the route answers");
+    assert_eq!(route.status(), StatusCode::UNAUTHORIZED);
+    let (status, body) = me().await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let audited = t
+        .fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.lines()
+                .any(|line| line.contains("/.portcullis/me") && line.contains("was last created"))
+        })
+        .await;
+    assert!(
+        audited.lines().any(|line| line.contains("/.portcullis/me")
+            && line.contains("was last created, re-activated")
+            && line.contains("\"refusal\"")),
+        "the outdated token at /.portcullis/me is not in the audit log:\n{audited}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_users_session_does_not_pass_to_the_user_given_her_name() {
     let t = Authz::start().await;

@@ -678,18 +678,25 @@ impl Auth {
             forwards: None,
         };
         let directory = gate.directory_view(caller.principal());
-        if let (Some(view), Caller::Person { session: key, .. }) = (&directory, &caller) {
-            if view.outlived {
-                // Not this user's session (any more): ended and recorded, as a request
-                // through a route would end it, and answered as no sign-in.
-                let request = req.audited("GET", "/.portcullis/me");
-                self.audit
-                    .revoked_session(&caller.log_name(), AUDIT_ROUTE, &request);
-                if let Err(e) = self.sessions.end(&[*key]).await {
-                    tracing::error!("cannot end the session: {e}");
+        if directory.as_ref().is_some_and(|view| view.outlived) {
+            // Not this user's session or token (any more): recorded, as a request through a
+            // route would be (a session ended), and answered as no sign-in, never with the
+            // record of whoever holds the name now.
+            let request = req.audited("GET", "/.portcullis/me");
+            match &caller {
+                Caller::Person { session: key, .. } => {
+                    self.audit
+                        .revoked_session(&caller.log_name(), AUDIT_ROUTE, &request);
+                    if let Err(e) = self.sessions.end(&[*key]).await {
+                        tracing::error!("cannot end the session: {e}");
+                    }
                 }
-                return None;
+                Caller::Machine(_) => {
+                    let (who, reason) = crate::audit::outdated_token(&caller.log_name(), None);
+                    (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, None);
+                }
             }
+            return None;
         }
         if wants_json {
             let body = serde_json::json!({
