@@ -77,7 +77,18 @@ impl Admin {
                 .audit
                 .unverified_refusal(AUDIT_ROUTE, why, &request);
         };
-        match runtime.config.admin.as_ref().and_then(|c| c.token.as_ref()) {
+        let Some(admin) = &runtime.config.admin else {
+            // `[admin]` removed by a reload: the listener stays open until a restart, and
+            // answers none of this, rather than all of it to loopback without a token.
+            refuse("the [admin] section was removed: the admin listener closes at a restart");
+            return Err((
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                b"[admin] was removed from the configuration: restart to close this listener\n"
+                    .to_vec(),
+            ));
+        };
+        match &admin.token {
             Some(token) => {
                 let presented = req
                     .headers

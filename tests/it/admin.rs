@@ -361,4 +361,26 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
     );
     let resp = with(ROTATED).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "the new token");
+
+    // A reload that removes `[admin]`: the listener stays until a restart, and answers no
+    // one, not everyone on loopback as a listener without a token would.
+    let toml = cfg.toml();
+    let (before, after) = toml.split_once("\n[admin]\n").expect("an [admin] section");
+    let after = after.find("\n[").map_or("", |at| &after[at..]);
+    px.rewrite_config(&format!("{before}{after}"));
+    px.reload_and_wait().await;
+    for token in [None, Some(ROTATED)] {
+        let mut asked = client.get(&metrics).header("host", "localhost");
+        if let Some(token) = token {
+            asked = asked.bearer_auth(token);
+        }
+        let resp = asked.send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::FORBIDDEN,
+            "[admin] removed, {token:?}"
+        );
+    }
+    let resp = client.get(px.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "probes still answer");
 }
