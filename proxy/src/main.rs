@@ -262,6 +262,9 @@ enum Never {}
 
 /// Starts the proxy; returns only if it cannot start.
 fn serve(config_path: &Path) -> Result<Never, String> {
+    // First: loading the file can take a while (a secret file, DNS names), and a SIGHUP sent
+    // meanwhile (a reload right after a start) would end the process.
+    ignore_sighup_until_ready()?;
     // What the file poll compares the file with: read before the file is loaded, so an edit
     // made while Portcullis starts (between the two reads, or later) is reloaded once it serves.
     let started_with = std::fs::read(config_path).ok();
@@ -282,7 +285,6 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         Err(e) => tracing::warn!("{e}; connections past it will be refused"),
     }
     portcullis::state::make_data_dir(&config.data_dir)?;
-    ignore_sighup_until_ready()?;
 
     let listeners = config.listeners.clone();
     let admin = config.admin.clone();

@@ -106,3 +106,50 @@ async fn reached(up: &Upstream, count: usize) {
     }
     assert_eq!(up.count(), count, "the slow request reached the upstream");
 }
+
+/// A `SIGHUP` while Portcullis reads its configuration (a slow secret file, a slow DNS name:
+/// a reload sent right after a start) is no reload and no reason to die: it starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_while_the_configuration_loads_does_not_stop_the_start() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let secrets = tempfile::tempdir().unwrap();
+    let fifo = secrets.path().join("scim-token");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("a fifo");
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]))
+        .scim(
+            crate::SCIM_HOST,
+            &[("okta", &format!("file:{}", fifo.display()))],
+        );
+    let mut px = portcullis_tests::Portcullis::spawn(&cfg.toml());
+    // Opening the fifo to write, without waiting, succeeds once Portcullis opens it to read:
+    // it is then loading its configuration, and waits on the secret.
+    let bound = Instant::now() + Duration::from_secs(60);
+    let mut writer = loop {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo);
+        match opened {
+            Ok(writer) => break writer,
+            Err(_) => {
+                assert!(px.try_exit().is_none(), "exited: {}", px.log());
+                assert!(Instant::now() < bound, "the secret is never read");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    px.signal(nix::sys::signal::Signal::SIGHUP);
+    std::io::Write::write_all(&mut writer, format!("{}\n", crate::SCIM_TOKEN).as_bytes())
+        .expect("the secret is written");
+    drop(writer);
+    px.wait_ready().await;
+    let resp = plain_client()
+        .get(cfg.http_url("app.test", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
