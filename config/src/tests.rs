@@ -1119,6 +1119,22 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
+            // A second newline at the end of the secret's file, an `echo`ed variable.
+            name: "client id and secret that the IdP would not recognize",
+            text: r#"data_dir = "data"
+LISTENERS
+[oidc]
+issuer = "https://idp.example.com"
+client_id = "portcullis "
+client_secret = "SECRET\n"
+auth_host = "auth.example.com"
+"#,
+            problems: &[
+                ("oidc.client_id", Some(12), "spaces around it or control characters"),
+                ("oidc.client_secret", Some(13), "spaces around it or control characters"),
+            ],
+        },
+        Case {
             name: "client secret from an unset variable",
             text: r#"data_dir = "data"
 LISTENERS

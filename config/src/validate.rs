@@ -1645,9 +1645,16 @@ fn oidc(
     p: &mut Problems<'_>,
 ) -> Option<OidcConfig> {
     let issuer = checked(raw.issuer, &path.key("issuer"), p, issuer);
+    // Both are sent to the IdP as they are: spaces around one, or a control character (a
+    // second newline at the end of a secret file, an `echo`ed variable), would have it answer
+    // `invalid_client` to every sign-in.
+    let sent_as_is = |value: &str| value.trim() == value && !value.chars().any(char::is_control);
     let client_id = checked(raw.client_id, &path.key("client_id"), p, |id| {
         if id.trim().is_empty() {
             return Err("must not be empty".to_owned());
+        }
+        if !sent_as_is(&id) {
+            return Err("has spaces around it or control characters".to_owned());
         }
         Ok(id)
     });
@@ -1655,6 +1662,13 @@ fn oidc(
         let secret = resolve_secret(&raw, env, base_dir)?;
         if secret.expose().is_empty() {
             return Err("the client secret is empty".to_owned());
+        }
+        if !sent_as_is(secret.expose()) {
+            return Err(
+                "the client secret has spaces around it or control characters (a second \
+                 newline at the end of its file?): the IdP would refuse every sign-in"
+                    .to_owned(),
+            );
         }
         Ok(secret)
     });
