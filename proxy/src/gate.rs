@@ -493,6 +493,12 @@ fn outlived(principal: Principal<'_>, user: &UserEntry) -> bool {
     }
 }
 
+/// Whether a session of `user`'s lets them in, by the directory: they are active, and it
+/// began after they were last created, re-activated or given a new identifier.
+pub fn session_stands(identity: &Identity, user: &UserEntry) -> bool {
+    user.active && !outlived(Principal::Person(identity), user)
+}
+
 /// Whether a token issued at `issued` (`iat`) predates the record it names, a user's or an
 /// agent's, whose `valid_since` moved at `since` (0: not known); see [`outlived`]. An
 /// inactive record's token is not judged by its age: it is refused as inactive.

@@ -11,11 +11,9 @@ use portcullis_scim::store::{format_id, UserEntry};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::directory::names_user;
 use super::{link, Console, Shown};
 use crate::auth::sessions::Sessions;
 use crate::caller::SessionKey;
-use crate::gate::person_key;
 use crate::reply::{document, escape, Reply};
 use crate::state::Runtime;
 
@@ -227,12 +225,8 @@ impl Console {
     }
 }
 
-/// The sessions held here of the person who signs in as `user`.
+/// The sessions held here that let in the person who signs in as `user`.
 fn sessions_of(sessions: &Sessions, runtime: &Runtime, user: &UserEntry) -> Vec<SessionKey> {
-    let identity = &runtime.config.identity;
-    sessions
-        .find(|who| person_key(identity, who).is_some_and(|key| names_user(key, user)))
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect()
+    let held = super::directory::sessions_of(sessions, &runtime.config.identity, user);
+    held.into_iter().map(|(key, _)| key).collect()
 }

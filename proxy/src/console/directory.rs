@@ -2,7 +2,9 @@
 //! and a page per resource.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use portcullis_config::IdentityConfig;
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
@@ -10,7 +12,9 @@ use super::PAGE_SIZE;
 use super::{
     contains_folded, count, flag, link, page_skip, pager, search_form, Console, Params, Shown,
 };
-use crate::gate::person_key;
+use crate::auth::sessions::{Session, Sessions};
+use crate::caller::SessionKey;
+use crate::gate::{person_key, session_stands};
 use crate::human::{relative, timestamp};
 use crate::reply::escape;
 
@@ -162,7 +166,21 @@ fn groups_table(index: &Index, member: Row) -> String {
 }
 
 /// Whether directory key `key` (a person's sign-in) names `user`.
-pub(super) fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
+/// The sessions held here that let in the person who signs in as `user`: not those the
+/// gate refuses (begun before the user was re-created or re-activated, or of a deactivated
+/// user), which are ended at their next use.
+pub(super) fn sessions_of(
+    sessions: &Sessions,
+    identity: &IdentityConfig,
+    user: &UserEntry,
+) -> Vec<(SessionKey, Arc<Session>)> {
+    sessions.find(|who| {
+        person_key(identity, who).is_some_and(|key| names_user(key, user))
+            && session_stands(who, user)
+    })
+}
+
+fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
     match key {
         SubjectKey::UserName(name) => portcullis_policy::fold(name) == *user.user_name,
         SubjectKey::Email(email) => {
@@ -265,10 +283,7 @@ impl Console {
         content.push_str("<h2>Recent records</h2>");
         content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
-        let identity = &self.runtime.config.identity;
-        let sessions = self
-            .sessions
-            .find(|who| person_key(identity, who).is_some_and(|key| names_user(key, &user)));
+        let sessions = sessions_of(&self.sessions, &self.runtime.config.identity, &user);
         content.push_str("<h2>Sessions</h2>");
         match sessions.iter().map(|(_, s)| s.last_seen()).max() {
             None => content.push_str("<p class=\"muted\">No session.</p>"),

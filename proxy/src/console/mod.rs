@@ -500,6 +500,15 @@ mod pages {
         world.set_active(&alice, false).await;
         let page = console.get(&format!("agents/{agent}"), "");
         assert!(text(&page).contains("no owner"), "{}", text(&page));
+        // Her session is refused now, and still once she is re-activated (it began before):
+        // it is no session of hers to show or end.
+        for active in [false, true] {
+            world.set_active(&alice, active).await;
+            let page = console.get(&format!("users/{alice}"), "");
+            assert!(text(&page).contains("No session."), "{}", text(&page));
+            let page = console.get(&format!("users/{alice}/end_sessions"), "");
+            assert!(text(&page).contains("has 0 sessions"), "{}", text(&page));
+        }
 
         // Unknown pages and ids, and an id of another type.
         for page in ["nope", "users/not-an-id", &format!("groups/{alice}")] {
