@@ -2415,6 +2415,24 @@ allow_sample_rate = 1
         );
         assert_eq!(got, expected, "{preset} {extra:?}");
     }
+    // An agent holding a person's token is found by the client it names: a claim that names
+    // the person there is no agent claim.
+    for claim in ["sub", "oid", "preferred_username"] {
+        let text =
+            format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\nagent_claim = \"{claim}\"\n");
+        let errors = Fixture::new().parse(&text).unwrap_err();
+        assert_eq!(errors.problems[0].path, "identity.agent_claim", "{claim}");
+        assert!(
+            errors.problems[0].message.contains("names the client"),
+            "{claim}"
+        );
+    }
+    for claim in ["client_id", "azp", "cid", "appid"] {
+        let text =
+            format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\nagent_claim = \"{claim}\"\n");
+        let identity = Fixture::new().parse(&text).unwrap().identity;
+        assert_eq!(identity.agent_claim.as_str(), claim);
+    }
     let text = format!("data_dir = \"data\"\n{LISTENERS}\n[identity]\npreset = \"Entra\"\n");
     let errors = Fixture::new().parse(&text).unwrap_err();
     assert_eq!(errors.problems[0].path, "identity.preset");

@@ -1331,6 +1331,22 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
         default.agent_claim.clone(),
         p,
     );
+    // It must name the client in a person's token too: an agent holding one (issued to its
+    // client) is judged as its agent by it, and a claim that names the person there would
+    // have it judged as that person alone, past its own standing and its owners.
+    let names_the_client = match &agent_claim {
+        MachineClaim::ClientId => true,
+        MachineClaim::Named(name) => matches!(name.as_str(), "azp" | "cid" | "appid"),
+        MachineClaim::Sub => false,
+    };
+    if !names_the_client {
+        p.add(
+            &path.key("agent_claim"),
+            "must be a claim that names the client in every token it holds, a person's too: \
+             \"client_id\" (which also reads azp), \"azp\", \"cid\" (Okta) or \"appid\" (Entra \
+             ID v1 tokens); sub and oid name the person in a person's token",
+        );
+    }
     let agent_scim_attribute = choice(
         raw.agent_scim_attribute,
         &[

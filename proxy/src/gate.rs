@@ -678,22 +678,12 @@ impl Gate<'_> {
                 let through = ("its act claim's", named_by);
                 Some(self.delegated(facts, request, principal, agent, through, explain))
             }
-            // The client a person's token was issued to: by `agent_claim`, unless that names
-            // the person here (`sub`), else by its client id (`client_id`, `azp`, `cid`,
-            // `appid`), which `agent_claim` may not be (`oid` is the person's in their token).
-            (None, false) => [
-                client_claim(claim, token)
-                    .filter(|value| *value != token.subject)
-                    .map(|value| (value, claim.as_str())),
-                token.client_id.as_deref().map(|value| (value, "client id")),
-            ]
-            .into_iter()
-            .flatten()
-            .find(|(agent, _)| self.agent_known(agent))
-            .map(|(agent, named_by)| {
-                let through = ("its client's", named_by);
-                self.delegated(facts, request, principal, agent, through, explain)
-            }),
+            (None, false) => client_claim(claim, token)
+                .filter(|agent| self.agent_known(agent))
+                .map(|agent| {
+                    let through = ("its client's", claim.as_str());
+                    self.delegated(facts, request, principal, agent, through, explain)
+                }),
             (None, true) => client_claim(claim, token)
                 .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
         };
@@ -3105,37 +3095,5 @@ mod tests {
         assert!(pass
             .forward
             .is_some_and(|f| f.user == ALICE && f.agent.is_none()));
-    }
-
-    /// An `agent_claim` that names the person in a person's token (`sub`; Entra's `oid`)
-    /// does not let the agent holding it be judged as that person alone: its client id names it.
-    #[tokio::test]
-    async fn a_person_s_token_held_by_an_agent_is_judged_so_whichever_claim_names_agents() {
-        for claim in ["sub", "oid"] {
-            let world = World::with(config(&format!(
-                "{AGENTS_ROUTE}\n[identity]\nagent_claim = \"{claim}\""
-            )));
-            let alice = world.user(ALICE).await;
-            world.group("eng", &[&alice]).await;
-            let app = world.application("Helpdesk").await;
-            let helper = world.agent("helper", &[&alice], &[&app], None).await;
-            let route = world.config.routes.len() - 1;
-            let mut held = delegated_token(ALICE, "helper");
-            held.act = None;
-            held.claims
-                .insert("oid".to_owned(), "alice-object-id".to_owned());
-            let pass = allowed(as_machine(&world, &held, route));
-            let agent = pass.forward.and_then(|f| f.agent);
-            assert_eq!(agent.map(|a| a.name), Some("helper".to_owned()), "{claim}");
-            world
-                .set_active_at(&format!("/Agents/{helper}"), false)
-                .await;
-            let refusal = forbidden(as_machine(&world, &held, route));
-            assert!(
-                refusal.reason.contains("deactivated"),
-                "{claim}: {}",
-                refusal.reason
-            );
-        }
     }
 }
