@@ -323,6 +323,13 @@ fn edit_answer(
         // `Connection` may name any of the others.
         present = Present::in_answer(headers);
     }
+    // A length said more than once (`5, 5`, or two lines: pingora takes equal ones) goes to the
+    // client said once: h2 clients reset the stream over it, and Go and Node refuse it.
+    if present.length_said_again {
+        if let Some(length) = length_of(headers) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+    }
     // Portcullis' cookies are its own to set: an upstream that sets one (its operator's
     // session, to sign visitors in as someone else) or clears one is not obeyed.
     // Without [oidc] too: browsers keep what an upstream plants until sign-in is back.
@@ -358,9 +365,11 @@ fn edit_answer(
 /// Which of the headers [`edit_answer`] edits an answer has.
 #[derive(Default)]
 struct Present {
-    /// `Keep-Alive`, `Proxy-Connection`, or a `Connection` that names any option but
+    /// `Keep-Alive`, `Proxy-Connection`, `TE`, or a `Connection` that names any option but
     /// `keep-alive` and `close`.
     hop_by_hop: bool,
+    /// A `Content-Length` on more than one line, or a list.
+    length_said_again: bool,
     set_cookie: bool,
     clear_site_data: bool,
     cache_control: bool,
@@ -370,10 +379,14 @@ struct Present {
 impl Present {
     fn in_answer(headers: &http::HeaderMap) -> Self {
         let mut present = Self::default();
+        let mut length_said = false;
         for (name, value) in headers {
             if *name == header::CONNECTION {
                 present.hop_by_hop |= connection_options(value).next().is_some();
-            } else if *name == KEEP_ALIVE || *name == PROXY_CONNECTION {
+            } else if *name == header::CONTENT_LENGTH {
+                present.length_said_again |= length_said || value.as_bytes().contains(&b',');
+                length_said = true;
+            } else if *name == KEEP_ALIVE || *name == PROXY_CONNECTION || *name == header::TE {
                 present.hop_by_hop = true;
             } else if *name == header::SET_COOKIE {
                 present.set_cookie = true;
@@ -2421,7 +2434,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Takes out of an upstream's answer the headers that are for the hop it came over (RFC 9110
-/// §7.6.1): `Keep-Alive` and `Proxy-Connection` always, and those its `Connection` names (an
+/// §7.6.1): `Keep-Alive`, `Proxy-Connection` and `TE` (a request's, which h2 refuses in an
+/// answer to an HTTP/2 client) always, and those its `Connection` names (an
 /// internal token an upstream hands the proxy, say). What the client needs stays whatever is
 /// named: the framing headers (pingora frames the answer to the client from them) and, on a
 /// 101, the `Upgrade` and `Connection` of the websocket it asked for.
@@ -2439,7 +2453,10 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, status: StatusCode) {
         .filter_map(|name| HeaderName::from_bytes(name).ok())
         .filter(|name| !kept(name))
         .collect();
-    for name in named.iter().chain([&KEEP_ALIVE, &PROXY_CONNECTION]) {
+    for name in named
+        .iter()
+        .chain([&KEEP_ALIVE, &PROXY_CONNECTION, &header::TE])
+    {
         headers.remove(name);
     }
 }
@@ -3338,6 +3355,20 @@ mod tests {
             .unwrap();
             let names: Vec<&str> = answer.headers.keys().map(|n| n.as_str()).collect();
             assert_eq!(names, ["connection"], "{sent:?}");
+        }
+        // A request's `TE` is no answer's: h2 refuses it in an answer to an HTTP/2 client. A
+        // length said more than once is said once.
+        let cases: [&[(&str, &str)]; 3] = [
+            &[("te", "gzip"), ("content-length", "5")],
+            &[("content-length", "5, 5")],
+            &[("content-length", "5"), ("content-length", "5")],
+        ];
+        for sent in cases {
+            let mut answer = answer(200, sent);
+            edit_answer(&mut answer, None, false).unwrap();
+            let names: Vec<&str> = answer.headers.keys().map(|n| n.as_str()).collect();
+            assert_eq!(names, ["content-length"], "{sent:?}");
+            assert_eq!(values(&answer, "content-length"), ["5"], "{sent:?}");
         }
         // Without a runtime nothing is known of Portcullis' cookies; clearing them is refused
         // all the same.
