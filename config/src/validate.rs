@@ -1682,7 +1682,7 @@ fn oidc(
         if !sent_as_is(secret.expose()) {
             return Err(
                 "the client secret has spaces around it or control characters (a second \
-                 newline at the end of its file?): the IdP would refuse every sign-in"
+                 newline at the end of its file?): write it as the IdP shows it"
                     .to_owned(),
             );
         }
