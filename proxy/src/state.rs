@@ -417,7 +417,7 @@ impl Shared {
     /// Where the directory, the sessions and the configuration stand: read before deciding.
     pub fn marks(&self) -> Marks {
         Marks {
-            directory: self.directory.visible_seq(),
+            directory: self.directory.standing_seq(),
             session_ends: self.auth.sessions.ends(),
             config: self.reloads.get(),
             second: now_unix(),

@@ -43,7 +43,8 @@ use crate::routes::{Match, RouteTable};
 /// lands during the decision forces another one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Marks {
-    /// The directory's visible change sequence.
+    /// The directory's visible change sequence, of changes to resources and memberships
+    /// ([`portcullis_scim::store::Directory::standing_seq`]).
     pub directory: Seq,
     /// How many times sessions were ended.
     pub session_ends: u64,

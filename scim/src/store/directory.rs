@@ -71,9 +71,11 @@ pub struct Directory {
 }
 
 /// The sequence number of the last batch made visible: read without a lock (every request
-/// reads it), and watched by those who act on changes.
+/// reads it); and of the last that changed a resource or a membership, watched by those who
+/// act on changes to who may do what.
 struct Visible {
     seq: AtomicU64,
+    standing: AtomicU64,
     watch: tokio::sync::watch::Sender<Seq>,
     /// The sequence after the last batch applied from the store's feed (or reload).
     foreign: AtomicU64,
@@ -83,14 +85,20 @@ impl Visible {
     fn new(seq: Seq) -> Self {
         Self {
             seq: AtomicU64::new(seq),
+            standing: AtomicU64::new(seq),
             watch: tokio::sync::watch::Sender::new(seq),
             foreign: AtomicU64::new(0),
         }
     }
 
-    fn set(&self, seq: Seq) {
+    /// `standing`: whether the batch changed a resource or a membership (or the directory was
+    /// read anew), not only entries beside it (sessions, keys).
+    fn set(&self, seq: Seq, standing: bool) {
         self.seq.store(seq, Ordering::Release);
-        self.watch.send_replace(seq);
+        if standing {
+            self.standing.store(seq, Ordering::Release);
+            self.watch.send_replace(seq);
+        }
     }
 }
 
@@ -426,8 +434,17 @@ impl Directory {
         self.visible.foreign.load(Ordering::Acquire)
     }
 
-    /// Wakes on every committed batch, once it is visible to reads (and before the writes in
-    /// it are answered); the value is [`Directory::seq`] after the batch.
+    /// The sequence number of the last batch made visible that changed a resource or a
+    /// membership, or after which the directory was read anew: what may change who is let in.
+    /// Entries beside the directory (a session begun, a session used, a key) do not move it:
+    /// every sign-in would have every open connection judged again.
+    pub fn standing_seq(&self) -> Seq {
+        self.visible.standing.load(Ordering::Acquire)
+    }
+
+    /// Wakes on every committed batch that moves [`Directory::standing_seq`], once it is
+    /// visible to reads (and before the writes in it are answered); the value is
+    /// [`Directory::seq`] after the batch.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Seq> {
         self.visible.watch.subscribe()
     }
@@ -1303,7 +1320,8 @@ impl Writer<'_> {
         {
             sink.apply(&batch.entries);
         }
-        self.visible.set(seq);
+        let standing = !batch.records.is_empty() || !batch.members.is_empty();
+        self.visible.set(seq, standing);
         let changed = own && !batch.changes.is_empty();
         if let Some(sink) = self.sinks.changes.as_ref().filter(|_| changed) {
             sink(&batch.changes);
@@ -1332,7 +1350,7 @@ impl Writer<'_> {
                     if let Some(sink) = &self.sinks.entries {
                         sink.load(entries);
                     }
-                    self.visible.set(seq);
+                    self.visible.set(seq, true);
                     self.visible.foreign.store(seq, Ordering::Release);
                     tracing::info!(
                         users,

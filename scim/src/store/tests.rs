@@ -1404,6 +1404,28 @@ async fn entries_are_kept_in_order_and_survive_a_restart() {
     assert_eq!(dir.seq(), before + 2);
 }
 
+/// Entries beside the directory (a session begun or used) move its sequence but not its
+/// standing: only a change to a resource or a membership wakes those who judge open
+/// connections again, or every sign-in would have them all judged again.
+#[tokio::test]
+async fn entries_do_not_move_the_directory_s_standing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let mut woken = dir.subscribe();
+    woken.borrow_and_update();
+    let standing = dir.standing_seq();
+    let put = Command::Put(vec![entry("a", Some("1"))]);
+    let put = dir.write(put, "sessions").await.unwrap();
+    assert_eq!(dir.visible_seq(), put.seq);
+    assert_eq!(dir.standing_seq(), standing);
+    assert!(!woken.has_changed().unwrap());
+    let alice = create(&dir, ResourceType::User, user("alice@x.test"))
+        .await
+        .unwrap();
+    assert_eq!(dir.standing_seq(), alice.seq);
+    assert!(woken.has_changed().unwrap());
+}
+
 const AGENT: &str = "urn:ietf:params:scim:schemas:core:2.0:Agent";
 const APPLICATION: &str = "urn:ietf:params:scim:schemas:core:2.0:AgenticApplication";
 const AGENT_EXT: &str = crate::schema::PORTCULLIS_AGENT_SCHEMA;
