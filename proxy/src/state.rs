@@ -511,7 +511,14 @@ impl Shared {
                     Caller::Person { .. } => "the session has ended or expired",
                 },
             ),
-            _ => (who, None, "the session has ended or expired"),
+            // A token that no longer verifies is an invalid token (above): a machine is here
+            // only because the route no longer takes bearer tokens.
+            (_, Some(Caller::Machine(_))) => (who, None, "the route no longer takes bearer tokens"),
+            _ => (
+                who,
+                None,
+                "the session has ended or expired, or the route no longer takes sessions",
+            ),
         };
         self.audit.refusal(
             &who,

@@ -1091,6 +1091,8 @@ struct Streaming {
     denying: String,
     /// The configuration with a route of its own for app.test's `/ws`, for `sre` only.
     narrowed: String,
+    /// The configuration with the app route taking bearer tokens only.
+    bearer_only: String,
 }
 
 impl Streaming {
@@ -1165,6 +1167,7 @@ impl Streaming {
                     .set("allow = { groups = [\"sre\"] }"),
             )
             .toml();
+        let bearer_only = with(app_route().accept(&["bearer"])).toml();
         let px = Portcullis::start(&cfg.toml()).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let alice = scim.create_user(ALICE).await.id();
@@ -1183,6 +1186,7 @@ impl Streaming {
             fx,
             denying,
             narrowed,
+            bearer_only,
         }
     }
 
@@ -1291,6 +1295,15 @@ async fn a_reload_that_now_denies_the_caller_ends_their_websocket() {
 async fn a_reload_that_gives_the_websocket_s_path_another_route_ends_it() {
     let t = Streaming::start().await;
     t.reload_closes_alice_s_websocket(&t.narrowed, &["no longer in the configuration"])
+        .await;
+}
+
+/// A reload after which the route takes no sessions ends a session's websocket, and the
+/// record says so (not only that the session ended, which it did not).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_takes_no_more_sessions_ends_a_session_s_websocket() {
+    let t = Streaming::start().await;
+    t.reload_closes_alice_s_websocket(&t.bearer_only, &["the route no longer takes sessions"])
         .await;
 }
 
