@@ -657,35 +657,50 @@ impl Directory {
 
     /// The direct members of group `id`, in creation order of the members.
     pub fn members(&self, id: &str) -> Vec<Member> {
-        let index = self.index();
-        let Some((ResourceType::Group, row)) = index.row_of(id) else {
-            return Vec::new();
+        let mut rows: Vec<Row> = {
+            let index = self.index();
+            let Some((ResourceType::Group, row)) = index.row_of(id) else {
+                return Vec::new();
+            };
+            index.members_of(row).collect()
         };
-        let mut rows: Vec<Row> = index.members_of(row).collect();
         rows.sort_unstable();
-        rows.into_iter()
-            .filter_map(|member| {
-                if let Some(user) = index.user(member) {
-                    Some(Member {
-                        id: format_id(user.id),
-                        rt: ResourceType::User,
-                        display: None,
-                    })
-                } else if let Some(agent) = index.agent(member) {
-                    Some(Member {
-                        id: format_id(agent.id),
-                        rt: ResourceType::Agent,
-                        display: Some(agent.name.to_string()),
-                    })
-                } else {
-                    index.group(member).map(|group| Member {
-                        id: format_id(group.id),
-                        rt: ResourceType::Group,
-                        display: Some(group.display_name.to_string()),
-                    })
-                }
-            })
-            .collect()
+        let mut members = Vec::with_capacity(rows.len());
+        self.each_of(&rows, |index, member| {
+            if let Some(user) = index.user(member) {
+                members.push(Member {
+                    id: format_id(user.id),
+                    rt: ResourceType::User,
+                    display: None,
+                });
+            } else if let Some(agent) = index.agent(member) {
+                members.push(Member {
+                    id: format_id(agent.id),
+                    rt: ResourceType::Agent,
+                    display: Some(agent.name.to_string()),
+                });
+            } else if let Some(group) = index.group(member) {
+                members.push(Member {
+                    id: format_id(group.id),
+                    rt: ResourceType::Group,
+                    display: Some(group.display_name.to_string()),
+                });
+            }
+        });
+        members
+    }
+
+    /// Calls `f` with each of `rows`, a few thousand at a time, each batch under one consistent
+    /// view, as [`Directory::scan`] does: a write waits for one batch at most, never for a whole
+    /// group of a hundred thousand members (and every request waits for a waiting write). A row
+    /// gone meanwhile is found in no table of the index.
+    fn each_of(&self, rows: &[Row], mut f: impl FnMut(&Index, Row)) {
+        for batch in rows.chunks(4_096) {
+            let index = self.index();
+            for &row in batch {
+                f(&index, row);
+            }
+        }
     }
 
     /// The groups `id` is in, directly or through nested groups.
@@ -841,29 +856,29 @@ impl Directory {
     /// the filter's member comparisons are decided by the ids in `deciding` alone, those of
     /// them that are members (looked up one by one, whatever the size of the group).
     fn attach_member_values(&self, row: Row, deciding: Option<&[&str]>, resource: &mut Value) {
-        let index = self.index();
-        let mut rows: Vec<Row> = match deciding {
-            Some(ids) => ids
-                .iter()
-                .filter_map(|id| index.row_of(id))
-                .map(|(_, member)| member)
-                .filter(|&member| index.is_member(row, member))
-                .collect(),
-            None => index.members_of(row).collect(),
+        let mut rows: Vec<Row> = {
+            let index = self.index();
+            match deciding {
+                Some(ids) => ids
+                    .iter()
+                    .filter_map(|id| index.row_of(id))
+                    .map(|(_, member)| member)
+                    .filter(|&member| index.is_member(row, member))
+                    .collect(),
+                None => index.members_of(row).collect(),
+            }
         };
         rows.sort_unstable();
         rows.dedup();
-        let members: Vec<Value> = rows
-            .into_iter()
-            .filter_map(|m| {
-                let (id, rt) = index
-                    .user(m)
-                    .map(|u| (u.id, ResourceType::User))
-                    .or_else(|| index.group(m).map(|g| (g.id, ResourceType::Group)))
-                    .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)))?;
-                Some(json!({ "value": format_id(id), "type": rt.name() }))
-            })
-            .collect();
+        let mut members = Vec::with_capacity(rows.len());
+        self.each_of(&rows, |index, m| {
+            let found = (index.user(m).map(|u| (u.id, ResourceType::User)))
+                .or_else(|| index.group(m).map(|g| (g.id, ResourceType::Group)))
+                .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)));
+            if let Some((id, rt)) = found {
+                members.push(json!({ "value": format_id(id), "type": rt.name() }));
+            }
+        });
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("members".to_owned(), Value::Array(members));
         }
