@@ -447,10 +447,12 @@ impl ScimService {
             .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
         let etag = version_of(&record);
         if let (Some(tags), Some(current)) = (if_none_match, etag.as_deref()) {
+            // Compared weakly (RFC 9110 §13.1.2): `"5"` is `W/"5"`.
+            let current = current.strip_prefix("W/").unwrap_or(current);
             if tags
                 .split(',')
                 .map(str::trim)
-                .any(|t| t == "*" || t == current)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == current)
             {
                 return Ok(ScimResponse {
                     status: 304,
