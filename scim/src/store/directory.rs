@@ -657,50 +657,82 @@ impl Directory {
 
     /// The direct members of group `id`, in creation order of the members.
     pub fn members(&self, id: &str) -> Vec<Member> {
-        let mut rows: Vec<Row> = {
-            let index = self.index();
-            let Some((ResourceType::Group, row)) = index.row_of(id) else {
-                return Vec::new();
-            };
-            index.members_of(row).collect()
-        };
-        rows.sort_unstable();
-        let mut members = Vec::with_capacity(rows.len());
-        self.each_of(&rows, |index, member| {
+        self.members_as(id, None, |index, member| {
             if let Some(user) = index.user(member) {
-                members.push(Member {
+                Some(Member {
                     id: format_id(user.id),
                     rt: ResourceType::User,
                     display: None,
-                });
+                })
             } else if let Some(agent) = index.agent(member) {
-                members.push(Member {
+                Some(Member {
                     id: format_id(agent.id),
                     rt: ResourceType::Agent,
                     display: Some(agent.name.to_string()),
-                });
-            } else if let Some(group) = index.group(member) {
-                members.push(Member {
+                })
+            } else {
+                index.group(member).map(|group| Member {
                     id: format_id(group.id),
                     rt: ResourceType::Group,
                     display: Some(group.display_name.to_string()),
-                });
+                })
             }
-        });
-        members
+        })
     }
 
-    /// Calls `f` with each of `rows`, a few thousand at a time, each batch under one consistent
-    /// view, as [`Directory::scan`] does: a write waits for one batch at most, never for a whole
-    /// group of a hundred thousand members (and every request waits for a waiting write). A row
-    /// gone meanwhile is found in no table of the index.
-    fn each_of(&self, rows: &[Row], mut f: impl FnMut(&Index, Row)) {
-        for batch in rows.chunks(4_096) {
-            let index = self.index();
-            for &row in batch {
-                f(&index, row);
+    /// `f` of each direct member of group `id` (all of them, or, given `only`, those of these
+    /// ids that are members), in creation order, read a few thousand at a time, each batch
+    /// under one consistent view, as [`Directory::scan`] does: a write waits for one batch at
+    /// most, never for a whole group of a hundred thousand members (and every request waits
+    /// for a waiting write). A member gone meanwhile is in no table of the index (`f` finds
+    /// nothing); after the directory is read anew (a failover), a row may be another
+    /// resource's, and the reading starts again.
+    fn members_as<T>(
+        &self,
+        id: &str,
+        only: Option<&[&str]>,
+        f: impl Fn(&Index, Row) -> Option<T>,
+    ) -> Vec<T> {
+        const BATCH: usize = 4_096;
+        let rows = |index: &Index| -> Vec<Row> {
+            let Some((ResourceType::Group, group)) = index.row_of(id) else {
+                return Vec::new();
+            };
+            match only {
+                Some(ids) => (ids.iter())
+                    .filter_map(|id| index.row_of(id))
+                    .map(|(_, member)| member)
+                    .filter(|&member| index.is_member(group, member))
+                    .collect(),
+                None => index.members_of(group).collect(),
+            }
+        };
+        for _ in 0..2 {
+            let (mut rows, generation) = {
+                let index = self.index();
+                (rows(&index), index.generation())
+            };
+            rows.sort_unstable();
+            rows.dedup();
+            let mut found = Vec::with_capacity(rows.len());
+            let whole = rows.chunks(BATCH).all(|batch| {
+                let index = self.index();
+                let same = index.generation() == generation;
+                if same {
+                    found.extend(batch.iter().filter_map(|&row| f(&index, row)));
+                }
+                same
+            });
+            if whole {
+                return found;
             }
         }
+        // Read anew twice meanwhile: once more, under one view.
+        let index = self.index();
+        let mut rows = rows(&index);
+        rows.sort_unstable();
+        rows.dedup();
+        rows.into_iter().filter_map(|row| f(&index, row)).collect()
     }
 
     /// The groups `id` is in, directly or through nested groups.
@@ -799,7 +831,12 @@ impl Directory {
                 None => true,
                 Some(filter) if needs_members => {
                     let mut resource = record.resource.clone();
-                    self.attach_member_values(row, deciding.as_deref(), &mut resource);
+                    let id = record.resource.get("id").and_then(Value::as_str);
+                    self.attach_member_values(
+                        id.unwrap_or_default(),
+                        deciding.as_deref(),
+                        &mut resource,
+                    );
                     matches_checked(filter, &resource, rt)?
                 }
                 Some(filter) if needs_groups => {
@@ -852,32 +889,15 @@ impl Directory {
         Ok(Page { total, records })
     }
 
-    /// Puts group `row`'s members into `resource`, as a filter sees them: all of them, or, when
+    /// Puts group `id`'s members into `resource`, as a filter sees them: all of them, or, when
     /// the filter's member comparisons are decided by the ids in `deciding` alone, those of
     /// them that are members (looked up one by one, whatever the size of the group).
-    fn attach_member_values(&self, row: Row, deciding: Option<&[&str]>, resource: &mut Value) {
-        let mut rows: Vec<Row> = {
-            let index = self.index();
-            match deciding {
-                Some(ids) => ids
-                    .iter()
-                    .filter_map(|id| index.row_of(id))
-                    .map(|(_, member)| member)
-                    .filter(|&member| index.is_member(row, member))
-                    .collect(),
-                None => index.members_of(row).collect(),
-            }
-        };
-        rows.sort_unstable();
-        rows.dedup();
-        let mut members = Vec::with_capacity(rows.len());
-        self.each_of(&rows, |index, m| {
-            let found = (index.user(m).map(|u| (u.id, ResourceType::User)))
+    fn attach_member_values(&self, id: &str, deciding: Option<&[&str]>, resource: &mut Value) {
+        let members = self.members_as(id, deciding, |index, m| {
+            let (id, rt) = (index.user(m).map(|u| (u.id, ResourceType::User)))
                 .or_else(|| index.group(m).map(|g| (g.id, ResourceType::Group)))
-                .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)));
-            if let Some((id, rt)) = found {
-                members.push(json!({ "value": format_id(id), "type": rt.name() }));
-            }
+                .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)))?;
+            Some(json!({ "value": format_id(id), "type": rt.name() }))
         });
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("members".to_owned(), Value::Array(members));
