@@ -324,8 +324,10 @@ pub struct Kept {
     /// [`Sessions::maintain`].
     orphans: std::sync::Mutex<HashSet<(String, String)>>,
     /// Sessions taken out of memory by [`Sessions::end`] whose end the store has not applied
-    /// yet: put back if the store refuses it, so that a retry finds them.
-    ending: dashmap::DashSet<SessionKey>,
+    /// yet, with how many ends are writing it: found by the ends that come meanwhile (a second
+    /// sign-out writes its own end, which holds if the first's fails), and put back if every
+    /// end's write fails, so that a retry finds them.
+    ending: DashMap<SessionKey, (Arc<Session>, usize)>,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: Watched,
     /// The names of the cookies sessions held here were issued in (`[oidc] cookie_name` then,
@@ -483,12 +485,14 @@ impl EntrySink for Kept {
         self.assertion_keys.store(Arc::new(assertion_keys));
         self.assertion_keys_changed();
         // Sessions first, then their parts. Sessions held all along keep their state and
-        // stay usable throughout; those no longer stored are gone.
+        // stay usable throughout; those no longer stored are gone, and not put back by an
+        // end whose write fails after this.
         let mut stored = HashSet::new();
         for entry in entries.iter().filter(|e| e.kind == SESSION) {
             self.keep(entry);
             stored.extend(parse_key(&entry.key));
         }
+        self.ending.retain(|key, _| stored.contains(key));
         let mut removed = 0;
         self.sessions.retain(|key, _| {
             let kept = stored.contains(key);
@@ -615,6 +619,16 @@ impl Sessions {
         self.kept.sessions.get(&key).map(|s| (key, s.clone()))
     }
 
+    /// [`Sessions::get`], and also a session another end is ending (it lets no one in, but
+    /// that end's write may fail): to be ended.
+    pub fn get_to_end(&self, id: &str) -> Option<(SessionKey, Arc<Session>)> {
+        self.get(id).or_else(|| {
+            let key = key_of(id);
+            let ending = self.kept.ending.get(&key)?;
+            Some((key, ending.0.clone()))
+        })
+    }
+
     /// [`Session::vouches`] for the session `key`, if held.
     pub fn vouches(&self, key: &SessionKey, now: u64, oidc: &OidcConfig) -> bool {
         self.kept
@@ -712,14 +726,18 @@ impl Sessions {
         Ok(older.len())
     }
 
-    /// The sessions held here for which `matches` is true.
+    /// The sessions held here for which `matches` is true, those another end is ending
+    /// included (to be ended too: that end's write may fail).
     pub fn find(&self, matches: impl Fn(&Identity) -> bool) -> Vec<(SessionKey, Arc<Session>)> {
-        self.kept
-            .sessions
-            .iter()
-            .filter(|entry| matches(&entry.value().identity))
-            .map(|entry| (*entry.key(), entry.value().clone()))
-            .collect()
+        let held = (self.kept.sessions.iter()).map(|entry| (*entry.key(), entry.value().clone()));
+        let ending = (self.kept.ending.iter()).map(|entry| (*entry.key(), entry.value().0.clone()));
+        let mut found: Vec<_> = held
+            .chain(ending)
+            .filter(|(_, session)| matches(&session.identity))
+            .collect();
+        found.sort_unstable_by_key(|(key, _)| *key);
+        found.dedup_by_key(|(key, _)| *key);
+        found
     }
 
     /// Ends the given sessions: gone from this replica's memory first (so no request is served
@@ -736,11 +754,25 @@ impl Sessions {
         if keys.is_empty() && entries.is_empty() {
             return Ok(());
         }
+        // Counted as ending before it leaves memory: another end finds it in one or the other.
         let mut taken = Vec::new();
         for key in keys {
-            if let Some((key, session)) = self.kept.sessions.remove(key) {
-                self.kept.ending.insert(key);
-                taken.push((key, session));
+            let held = self.kept.sessions.get(key).map(|s| s.clone());
+            let counted = match held {
+                Some(session) => {
+                    self.kept.ending.entry(*key).or_insert((session, 0)).1 += 1;
+                    true
+                }
+                None => self
+                    .kept
+                    .ending
+                    .get_mut(key)
+                    .map(|mut e| e.1 += 1)
+                    .is_some(),
+            };
+            self.kept.sessions.remove(key);
+            if counted {
+                taken.push(*key);
             }
         }
         if !keys.is_empty() {
@@ -749,9 +781,15 @@ impl Sessions {
         let written = keys.iter().flat_map(forget).chain(entries).collect();
         let stored = put(&self.directory, written).await;
         if stored.is_err() {
-            for (key, session) in taken {
-                if self.kept.ending.remove(&key).is_some() {
-                    self.kept.sessions.insert(key, session);
+            // Put back by the last end whose write fails (unless one whose write held, or a
+            // reading anew of the store, took it out of `ending` meanwhile).
+            for key in taken {
+                if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
+                    ending.get_mut().1 -= 1;
+                    if ending.get().1 == 0 {
+                        let (session, _) = ending.remove();
+                        self.kept.sessions.insert(key, session);
+                    }
                 }
             }
         }
@@ -1065,6 +1103,128 @@ mod tests {
             sessions: Sessions::new(kept.clone(), Arc::new(directory)),
             kept,
         }
+    }
+
+    /// A store whose next commit, once `armed`, waits for `release` and then fails.
+    struct Gated {
+        inner: portcullis_scim::store::memory::MemoryStorage,
+        armed: std::sync::atomic::AtomicBool,
+        entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl portcullis_scim::store::Storage for Gated {
+        fn load(
+            &self,
+            visit: &mut dyn FnMut(portcullis_scim::store::Loaded<'_>),
+        ) -> Result<(u64, u64), portcullis_scim::store::StoreError> {
+            self.inner.load(visit)
+        }
+        fn records(
+            &self,
+            rt: portcullis_scim::schema::ResourceType,
+            rows: &[u64],
+        ) -> Result<Vec<(u64, portcullis_scim::store::Record)>, portcullis_scim::store::StoreError>
+        {
+            self.inner.records(rt, rows)
+        }
+        fn commit(
+            &self,
+            batch: &portcullis_scim::store::Batch,
+        ) -> Result<(), portcullis_scim::store::StoreError> {
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                if let Some(entered) = self.entered.lock().unwrap().take() {
+                    let _ = entered.send(());
+                }
+                if let Some(release) = self.release.lock().unwrap().take() {
+                    let _ = release.recv();
+                }
+                return Err(portcullis_scim::store::StoreError::Backend(
+                    "refused".into(),
+                ));
+            }
+            self.inner.commit(batch)
+        }
+        fn changes(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<portcullis_scim::store::Change>, portcullis_scim::store::StoreError>
+        {
+            self.inner.changes(after, limit)
+        }
+    }
+
+    /// A second end of a session while a first is writing its end (a double-click on "Sign
+    /// out", two tabs) finds it, and writes its own: the first's write failing does not bring
+    /// back a session the second said was over, nor its sign-in's session on another host.
+    #[tokio::test]
+    async fn a_second_end_holds_when_the_first_end_s_write_fails() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let store = Arc::new(Gated {
+            inner: Default::default(),
+            armed: false.into(),
+            entered: Some(entered_tx).into(),
+            release: Some(release_rx).into(),
+        });
+        let kept = Arc::new(Kept::default());
+        let sinks = portcullis_scim::store::Sinks {
+            changes: None,
+            entries: Some(kept.clone()),
+        };
+        let clock = Box::new(time::OffsetDateTime::now_utc);
+        let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
+        let sessions = Arc::new(Sessions::new(kept, Arc::new(directory)));
+        // alice's sign-in, on two hosts: one sid.
+        let on_a = sessions
+            .create(identity("alice", 10_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let on_b = sessions
+            .create(identity("alice", 10_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let sid = |i: &Identity| i.idp_session.as_deref() == Some("sid-alice");
+        assert_eq!(sessions.find(sid).len(), 2);
+
+        // The first sign-out takes both out of memory; its write waits, then fails.
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let keys: Vec<SessionKey> = sessions.find(sid).into_iter().map(|(k, _)| k).collect();
+        let first = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.end(&keys).await }
+        });
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(sessions.get(&on_a).is_none(), "out of memory at once");
+        // The second, as a sign-out with a's cookie finds them: the cookie's, then its sid's.
+        let (key, session) = sessions
+            .get_to_end(&on_a)
+            .expect("being ended, still found");
+        let mut keys = vec![key];
+        keys.extend(
+            (sessions.find(|i| i.idp_session == session.identity.idp_session))
+                .into_iter()
+                .map(|(k, _)| k),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), 2, "both found");
+        let second = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.end(&keys).await }
+        });
+        release.send(()).unwrap();
+        assert!(
+            first.await.unwrap().is_err(),
+            "the first end's write failed"
+        );
+        assert!(second.await.unwrap().is_ok());
+        assert!(sessions.get(&on_a).is_none() && sessions.get(&on_b).is_none());
+        assert!(sessions.find(sid).is_empty(), "nothing put back");
     }
 
     /// The names of the cookies sessions were issued in are known across a restart (from the
