@@ -401,7 +401,11 @@ impl Kept {
         let Some(key) = parse_key(&entry.key) else {
             return false;
         };
-        let held = || self.sessions.get(&key).map(|s| s.clone());
+        // Or being ended: its use and refresh stay with it, should the end fail.
+        let held = || {
+            (self.sessions.get(&key).map(|s| s.clone()))
+                .or_else(|| self.ending.get(&key).map(|e| e.0.clone()))
+        };
         match (entry.kind.as_str(), entry.value.as_deref()) {
             (SESSION, Some(value)) => {
                 // A record this build cannot read is treated as signed out.
@@ -489,8 +493,12 @@ impl EntrySink for Kept {
         // end whose write fails after this.
         let mut stored = HashSet::new();
         for entry in entries.iter().filter(|e| e.kind == SESSION) {
-            self.keep(entry);
-            stored.extend(parse_key(&entry.key));
+            let key = parse_key(&entry.key);
+            // One an end has taken out of memory stays out: it lets no one in meanwhile.
+            if !key.is_some_and(|key| self.ending.contains_key(&key)) {
+                self.keep(entry);
+            }
+            stored.extend(key);
         }
         self.ending.retain(|key, _| stored.contains(key));
         let mut removed = 0;
@@ -710,6 +718,8 @@ impl Sessions {
         keep: usize,
     ) -> Result<usize, String> {
         let mut theirs = self.find(|i| i.issuer == newest.issuer && i.subject == newest.subject);
+        // Those another end is ending are not counted: they are going.
+        theirs.retain(|(k, _)| !self.kept.ending.contains_key(k));
         if theirs.len() <= keep {
             return Ok(0);
         }
@@ -754,23 +764,25 @@ impl Sessions {
         if keys.is_empty() && entries.is_empty() {
             return Ok(());
         }
-        // Counted as ending before it leaves memory: another end finds it in one or the other.
+        // Moved (or counted) while `ending`'s entry is held, as it is put back: another end
+        // finds it in one map or the other, never in neither. (`ending` before `sessions`,
+        // always; nothing holds the two in the other order.)
         let mut taken = Vec::new();
         for key in keys {
-            let held = self.kept.sessions.get(key).map(|s| s.clone());
-            let counted = match held {
-                Some(session) => {
-                    self.kept.ending.entry(*key).or_insert((session, 0)).1 += 1;
+            let counted = match self.kept.ending.entry(*key) {
+                dashmap::Entry::Occupied(mut ending) => {
+                    ending.get_mut().1 += 1;
+                    self.kept.sessions.remove(key);
                     true
                 }
-                None => self
-                    .kept
-                    .ending
-                    .get_mut(key)
-                    .map(|mut e| e.1 += 1)
-                    .is_some(),
+                dashmap::Entry::Vacant(ending) => match self.kept.sessions.remove(key) {
+                    Some((_, session)) => {
+                        ending.insert((session, 1));
+                        true
+                    }
+                    None => false,
+                },
             };
-            self.kept.sessions.remove(key);
             if counted {
                 taken.push(*key);
             }
@@ -787,8 +799,8 @@ impl Sessions {
                 if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
                     ending.get_mut().1 -= 1;
                     if ending.get().1 == 0 {
-                        let (session, _) = ending.remove();
-                        self.kept.sessions.insert(key, session);
+                        self.kept.sessions.insert(key, ending.get().0.clone());
+                        ending.remove();
                     }
                 }
             }
@@ -1158,8 +1170,14 @@ mod tests {
     /// A second end of a session while a first is writing its end (a double-click on "Sign
     /// out", two tabs) finds it, and writes its own: the first's write failing does not bring
     /// back a session the second said was over, nor its sign-in's session on another host.
-    #[tokio::test]
-    async fn a_second_end_holds_when_the_first_end_s_write_fails() {
+    /// Sessions over a [`Gated`] store; the receiver says when its commit is waiting, the
+    /// sender releases it.
+    fn gated() -> (
+        Arc<Sessions>,
+        Arc<Gated>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel();
         let store = Arc::new(Gated {
@@ -1176,6 +1194,50 @@ mod tests {
         let clock = Box::new(time::OffsetDateTime::now_utc);
         let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
         let sessions = Arc::new(Sessions::new(kept, Arc::new(directory)));
+        (sessions, store, entered, release)
+    }
+
+    /// A session another end is ending does not count towards a person's sessions: signing
+    /// out on the phone as the tablet's sign-in finishes does not sign the laptop out.
+    #[tokio::test]
+    async fn a_session_being_ended_is_not_counted_against_a_new_one() {
+        let (sessions, store, entered, release) = gated();
+        let alice = identity("alice", 10_000);
+        let at = |created| Identity {
+            created,
+            ..alice.clone()
+        };
+        let laptop = sessions.create(at(100), None, "s", 100).await.unwrap();
+        let phone = sessions.create(at(150), None, "s", 150).await.unwrap();
+        let tablet = sessions.create(at(200), None, "s", 200).await.unwrap();
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (phone_key, _) = sessions.get(&phone).unwrap();
+        let signing_out = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.end(&[phone_key]).await }
+        });
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // The tablet's sign-in keeps the newest two of alice's sessions.
+        let trimming = tokio::spawn({
+            let (sessions, newest) = (sessions.clone(), at(200));
+            async move { sessions.end_all_but_newest(&newest, &tablet, 2).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        assert!(signing_out.await.unwrap().is_err());
+        assert_eq!(trimming.await.unwrap(), Ok(0));
+        assert!(
+            sessions.get(&laptop).is_some(),
+            "the laptop is still signed in"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_end_holds_when_the_first_end_s_write_fails() {
+        let (sessions, store, entered, release) = gated();
         // alice's sign-in, on two hosts: one sid.
         let on_a = sessions
             .create(identity("alice", 10_000), None, "portcullis_session", 100)
