@@ -418,8 +418,14 @@ impl Kept {
                 false
             }
             (SESSION, None) => {
-                self.ending.remove(&key);
-                self.sessions.remove(&key).is_some()
+                // With its entry among those being ended held, as an end takes it: an end
+                // that comes meanwhile finds it in one table or gone from both.
+                let ending = self.ending.entry(key);
+                let ended = self.sessions.remove(&key).is_some();
+                if let dashmap::Entry::Occupied(ending) = ending {
+                    ending.remove();
+                }
+                ended
             }
             (SESSION_SEEN, Some(value)) => {
                 match (held(), value.parse()) {
@@ -493,12 +499,14 @@ impl EntrySink for Kept {
         // end whose write fails after this.
         let mut stored = HashSet::new();
         for entry in entries.iter().filter(|e| e.kind == SESSION) {
-            let key = parse_key(&entry.key);
+            let Some(key) = parse_key(&entry.key) else {
+                continue;
+            };
             // One an end has taken out of memory stays out: it lets no one in meanwhile.
-            if !key.is_some_and(|key| self.ending.contains_key(&key)) {
+            if let dashmap::Entry::Vacant(_held) = self.ending.entry(key) {
                 self.keep(entry);
             }
-            stored.extend(key);
+            stored.insert(key);
         }
         self.ending.retain(|key, _| stored.contains(key));
         let mut removed = 0;
@@ -630,11 +638,13 @@ impl Sessions {
     /// [`Sessions::get`], and also a session another end is ending (it lets no one in, but
     /// that end's write may fail): to be ended.
     pub fn get_to_end(&self, id: &str) -> Option<(SessionKey, Arc<Session>)> {
-        self.get(id).or_else(|| {
-            let key = key_of(id);
-            let ending = self.kept.ending.get(&key)?;
-            Some((key, ending.0.clone()))
-        })
+        // Its entry among those being ended held, as an end moves it: in one table or the
+        // other, never missed between the two.
+        let key = key_of(id);
+        match self.kept.ending.entry(key) {
+            dashmap::Entry::Occupied(ending) => Some((key, ending.get().0.clone())),
+            dashmap::Entry::Vacant(_) => self.get(id),
+        }
     }
 
     /// [`Session::vouches`] for the session `key`, if held.
@@ -739,12 +749,18 @@ impl Sessions {
     /// The sessions held here for which `matches` is true, those another end is ending
     /// included (to be ended too: that end's write may fail).
     pub fn find(&self, matches: impl Fn(&Identity) -> bool) -> Vec<(SessionKey, Arc<Session>)> {
-        let held = (self.kept.sessions.iter()).map(|entry| (*entry.key(), entry.value().clone()));
-        let ending = (self.kept.ending.iter()).map(|entry| (*entry.key(), entry.value().0.clone()));
-        let mut found: Vec<_> = held
-            .chain(ending)
-            .filter(|(_, session)| matches(&session.identity))
-            .collect();
+        // Those being ended read before and after the others: one put back meanwhile is found
+        // by the second reading, one taken out by the third.
+        let mut found = Vec::new();
+        let ending = |found: &mut Vec<_>| {
+            let ending = self.kept.ending.iter();
+            found.extend(ending.map(|entry| (*entry.key(), entry.value().0.clone())));
+        };
+        ending(&mut found);
+        let held = self.kept.sessions.iter();
+        found.extend(held.map(|entry| (*entry.key(), entry.value().clone())));
+        ending(&mut found);
+        found.retain(|(_, session)| matches(&session.identity));
         found.sort_unstable_by_key(|(key, _)| *key);
         found.dedup_by_key(|(key, _)| *key);
         found
