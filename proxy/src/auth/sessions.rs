@@ -328,6 +328,8 @@ pub struct Kept {
     /// sign-out writes its own end, which holds if the first's fails), and put back if every
     /// end's write fails, so that a retry finds them.
     ending: DashMap<SessionKey, (Arc<Session>, usize)>,
+    /// How many sessions were put back from `ending` (see [`Sessions::find`]).
+    put_back: AtomicU64,
     /// How many times sessions were ended, for those who act on it (open connections).
     ended: Watched,
     /// The names of the cookies sessions held here were issued in (`[oidc] cookie_name` then,
@@ -750,17 +752,30 @@ impl Sessions {
     /// included (to be ended too: that end's write may fail).
     pub fn find(&self, matches: impl Fn(&Identity) -> bool) -> Vec<(SessionKey, Arc<Session>)> {
         // Those being ended read before and after the others: one put back meanwhile is found
-        // by the second reading, one taken out by the third.
+        // by the second reading, one taken out by the third; one taken out and put back while
+        // the others are read may be missed by all three, and then they are read again.
         let mut found = Vec::new();
         let ending = |found: &mut Vec<_>| {
             let ending = self.kept.ending.iter();
-            found.extend(ending.map(|entry| (*entry.key(), entry.value().0.clone())));
+            found.extend(
+                (ending.filter(|entry| matches(&entry.value().0.identity)))
+                    .map(|entry| (*entry.key(), entry.value().0.clone())),
+            );
         };
-        ending(&mut found);
-        let held = self.kept.sessions.iter();
-        found.extend(held.map(|entry| (*entry.key(), entry.value().clone())));
-        ending(&mut found);
-        found.retain(|(_, session)| matches(&session.identity));
+        for _ in 0..4 {
+            found.clear();
+            let put_back = self.kept.put_back.load(Ordering::SeqCst);
+            ending(&mut found);
+            let held = self.kept.sessions.iter();
+            found.extend(
+                (held.filter(|entry| matches(&entry.value().identity)))
+                    .map(|entry| (*entry.key(), entry.value().clone())),
+            );
+            ending(&mut found);
+            if self.kept.put_back.load(Ordering::SeqCst) == put_back {
+                break;
+            }
+        }
         found.sort_unstable_by_key(|(key, _)| *key);
         found.dedup_by_key(|(key, _)| *key);
         found
@@ -816,6 +831,7 @@ impl Sessions {
                     ending.get_mut().1 -= 1;
                     if ending.get().1 == 0 {
                         self.kept.sessions.insert(key, ending.get().0.clone());
+                        self.kept.put_back.fetch_add(1, Ordering::SeqCst);
                         ending.remove();
                     }
                 }
