@@ -80,7 +80,9 @@ pub struct Identity {
     #[serde(default)]
     pub groups: Vec<String>,
     /// Whether the sign-in spoke of groups it did not list (see
-    /// [`crate::auth::groups_unlisted`]): `groups` is then not all of them.
+    /// [`crate::auth::groups_unlisted`]), or left them unsaid where a route reads them (the ID
+    /// token without them, UserInfo refusing its access token): `groups` is then not all of
+    /// them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub groups_unlisted: bool,
     /// The string claims of the ID token, then of UserInfo for what it lacked (see

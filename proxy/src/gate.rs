@@ -1159,8 +1159,9 @@ fn on_token(
         }
         _ => None,
     };
-    // A token that names more groups than it lists (Entra ID's overage, past 200) says
-    // nothing of the rest: a deny rule could miss the one that refuses. Judged as nobody.
+    // A token that names more groups than it lists (Entra ID's overage, past 200), or a
+    // sign-in whose groups the IdP did not say, says nothing of the rest: a deny rule could
+    // miss the one that refuses. Judged as nobody.
     let unlisted = match principal {
         Principal::Person(identity) => identity.groups_unlisted,
         Principal::Machine(token) => token.groups_unlisted,
@@ -1170,9 +1171,9 @@ fn on_token(
             who: Some(principal.log_name()),
             rule: None,
             cause: Cause::NotInDirectory,
-            reason: "the caller is not in the directory, and their token names more groups \
-                     than it lists (Entra ID's overage, past 200 groups), so its groups \
-                     cannot be judged"
+            reason: "the caller is not in the directory, and their groups cannot be judged: \
+                     the token names more groups than it lists (Entra ID's overage, past 200 \
+                     groups), or the IdP did not say them at sign-in"
                 .to_owned(),
             agent: None,
         });

@@ -57,10 +57,11 @@
 //                                  end_session is false)
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
-//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "userinfo"}:
-//                                  every non-/test/ request gets a 503, has its connection reset,
-//                                  is never answered, or gets a gateway's 502 in JSON; or only
-//                                  UserInfo (`/me`) answers 503
+//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "userinfo" |
+//                                  "userinfo-refuses"}: every non-/test/ request gets a 503, has
+//                                  its connection reset, is never answered, or gets a gateway's
+//                                  502 in JSON; or only UserInfo (`/me`) answers 503, or 401 to
+//                                  every access token (one meant for another API)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
 //                                  closed)
 //
@@ -685,7 +686,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'userinfo'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'userinfo', 'userinfo-refuses'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -709,6 +710,11 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
+    if (outage === 'userinfo-refuses' && url.pathname === '/me') {
+      return send(res, 401, 'application/json', '{"error":"invalid_token"}\n', {
+        'www-authenticate': 'Bearer error="invalid_token", error_description="the token is for another API"',
+      });
+    }
     // A gateway in front (Kong, an API gateway) answering for an IdP it cannot reach, in JSON.
     if (outage === 'gateway') {
       return send(res, 502, 'application/json', '{"message":"failure to get a peer from the ring-balancer"}\n');

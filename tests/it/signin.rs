@@ -3408,6 +3408,45 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
+/// A UserInfo that refuses the access token (one meant for another API), where the groups a
+/// route reads are only there, leaves the person's groups unknown, not none: a deny rule on a
+/// group they are in is not missed, and they are not let in on the groups the IdP did not say.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_whose_userinfo_refuses_the_token_is_not_taken_for_a_person_in_no_group() {
+    const CAL: &str = "cal@example.com";
+    const CAL_PASSWORD: &str = "cal's password, long enough";
+    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
+    let fx = Fixture::start_with(Options {
+        // The email in the ID token, the groups at UserInfo alone.
+        claims_in_id_token: true,
+        userinfo_only: vec!["groups"],
+        more_idp_users: vec![cal],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { any_signed_in = true }")
+                .set("deny = { groups = [\"contractors\"] }")
+        }],
+        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/eng/page");
+
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &url).await;
+    let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
+    fx.idp.set_outage(IdpOutage::UserInfoRefuses).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    fx.idp.outage(false).await;
+    let session = set_cookie(&resp, SESSION_COOKIE).expect("the sign-in makes a session");
+    let resp = get_with_session(&url, &cookie_value(&session), "application/json").await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("cannot be judged"), "{body}");
+}
+
 /// The IdP's groups judge only people the directory does not know: a person it knows is judged
 /// by the directory's groups, and the IdP's changing ends no session of theirs.
 #[tokio::test(flavor = "multi_thread")]

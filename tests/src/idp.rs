@@ -369,6 +369,9 @@ pub enum IdpOutage {
     Gateway,
     /// Only UserInfo answers 503.
     UserInfo,
+    /// Only UserInfo answers, 401 to every access token: one meant for another API (Entra's
+    /// for an `api://` scope), not an outage.
+    UserInfoRefuses,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -605,6 +608,10 @@ impl Idp {
             }
             IdpOutage::UserInfo => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo" }))
+                    .await
+            }
+            IdpOutage::UserInfoRefuses => {
+                self.control("/test/stop-serving", json!({ "mode": "userinfo-refuses" }))
                     .await
             }
         };

@@ -555,7 +555,12 @@ impl Oidc {
             .map(|n| n.to_string())
             .filter(|name| name.len() <= MAX_CLAIM_VALUE);
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
-        let (groups, groups_unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
+        let (groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
+        // Groups a route reads, lacking from the ID token, and asked of a UserInfo that gave no
+        // usable answer (it refused the access token): unknown, not none. Taken as none, a
+        // deny rule on a group would miss them for the session's lifetime.
+        let groups_unlisted =
+            unlisted || (wants.groups && id_groups.is_none() && ask && info.is_none());
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object);
