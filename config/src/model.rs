@@ -427,6 +427,19 @@ pub struct IdentityConfig {
     pub allow_sample_rate: f64,
 }
 
+impl IdentityConfig {
+    /// The claims of a token (or its `act`) a mapping reads: the person's, the machine's and
+    /// the agent's (`client_id`'s `azp` too).
+    pub fn claims_read(&self) -> [&str; 4] {
+        [
+            self.claim.as_str(),
+            self.machine_claim.as_str(),
+            self.agent_claim.as_str(),
+            "azp",
+        ]
+    }
+}
+
 impl Default for IdentityConfig {
     /// What a file without `[identity]` gets.
     fn default() -> Self {

@@ -12,40 +12,51 @@ pub type SessionKey = [u8; 32];
 /// A caller's string-valued claims, by name: what an `[identity]` mapping to any claim reads.
 pub type Claims = BTreeMap<String, String>;
 
-/// Most claims kept per caller, longest claim name and longest value: tokens are untrusted
-/// in size, and a claim that names a person is short.
+/// Most claims kept per caller (and those a mapping reads: see [`add_string_claims`]),
+/// longest claim name and longest value: tokens are untrusted in size, and a claim that names
+/// a person is short.
 const MAX_CLAIMS: usize = 64;
 const MAX_CLAIM_NAME: usize = 128;
 pub(crate) const MAX_CLAIM_VALUE: usize = 1024;
 
-/// The string claims of a JSON object's bytes (a token's payload), within the bounds below;
-/// empty for anything that is not an object.
-pub fn string_claims(json: &[u8]) -> Claims {
+/// The string claims of a JSON object's bytes (a token's payload), within the bounds below,
+/// `read` first (see [`add_string_claims`]); empty for anything that is not an object.
+pub fn string_claims(json: &[u8], read: &[&str]) -> Claims {
     let mut claims = Claims::new();
     if let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(json) {
-        add_string_claims(&mut claims, &object);
+        add_string_claims(&mut claims, &object, read);
     }
     claims
 }
 
-/// Adds the string claims of `object` that `claims` lacks, within the bounds above.
-pub fn add_string_claims<'a>(
-    claims: &mut Claims,
-    object: impl IntoIterator<Item = (&'a String, &'a serde_json::Value)>,
-) {
+/// Adds the string claims of `object` that `claims` lacks, within the bounds above: first those
+/// named in `read` (the claims a mapping reads), whatever the count, then the others in the
+/// order given (a JSON object's, by name) up to [`MAX_CLAIMS`]. Without that order, 64 claims
+/// that sort before a mapping's `upn` would leave the person with no `upn`.
+pub fn add_string_claims<'a, I>(claims: &mut Claims, object: I, read: &[&str])
+where
+    I: IntoIterator<Item = (&'a String, &'a serde_json::Value)> + Clone,
+{
+    let add = |claims: &mut Claims, name: &String, value: &serde_json::Value| {
+        if let Some(value) = value.as_str() {
+            if name.len() <= MAX_CLAIM_NAME
+                && value.len() <= MAX_CLAIM_VALUE
+                && !claims.contains_key(name)
+            {
+                claims.insert(name.clone(), value.to_owned());
+            }
+        }
+    };
+    for (name, value) in object.clone() {
+        if read.contains(&name.as_str()) {
+            add(claims, name, value);
+        }
+    }
     for (name, value) in object {
         if claims.len() >= MAX_CLAIMS {
             return;
         }
-        let Some(value) = value.as_str() else {
-            continue;
-        };
-        if name.len() <= MAX_CLAIM_NAME
-            && value.len() <= MAX_CLAIM_VALUE
-            && !claims.contains_key(name)
-        {
-            claims.insert(name.clone(), value.to_owned());
-        }
+        add(claims, name, value);
     }
 }
 
@@ -262,19 +273,28 @@ mod tests {
             "appid": "app-id", "tid": "t", "idtyp": "app", "roles": ["Reader"],
             "upn": "x".repeat(MAX_CLAIM_VALUE + 1),
         });
-        let claims = string_claims(payload.to_string().as_bytes());
+        let claims = string_claims(payload.to_string().as_bytes(), &[]);
         for name in ["sub", "oid", "azp", "appid", "tid", "idtyp", "aud", "iss"] {
             assert!(claims.contains_key(name), "{name}: {claims:?}");
         }
         assert!(!claims.contains_key("exp"), "not a string");
         assert!(!claims.contains_key("roles"), "not a string");
         assert!(!claims.contains_key("upn"), "longer than the bound");
-        assert!(string_claims(b"[1,2]").is_empty());
+        assert!(string_claims(b"[1,2]", &[]).is_empty());
 
         let many: serde_json::Map<String, serde_json::Value> = (0..200)
             .map(|i| (format!("c{i:03}"), serde_json::Value::from("v")))
+            .chain([("upn".to_owned(), serde_json::Value::from("ann@example.com"))])
             .collect();
-        let claims = string_claims(serde_json::Value::Object(many).to_string().as_bytes());
+        let json = serde_json::Value::Object(many).to_string();
+        let claims = string_claims(json.as_bytes(), &[]);
         assert_eq!(claims.len(), MAX_CLAIMS);
+        // A claim a mapping reads is kept past the bound, whatever sorts before it.
+        let claims = string_claims(json.as_bytes(), &["upn"]);
+        assert_eq!(claims.len(), MAX_CLAIMS);
+        assert_eq!(
+            claims.get("upn").map(String::as_str),
+            Some("ann@example.com")
+        );
     }
 }

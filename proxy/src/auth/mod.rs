@@ -235,13 +235,16 @@ fn not_an_access_token(claims: &MachineClaims) -> Option<&'static str> {
 
 /// The current actor of a delegated token's `act` claim; one without a string `sub` names
 /// nobody, and the token is refused.
-fn actor(act: &serde_json::Map<String, serde_json::Value>) -> Result<Actor, JwtError> {
+fn actor(
+    act: &serde_json::Map<String, serde_json::Value>,
+    read: &[&str],
+) -> Result<Actor, JwtError> {
     let subject = act
         .get("sub")
         .and_then(serde_json::Value::as_str)
         .ok_or_else(|| JwtError::Invalid("the act claim has no sub".into()))?;
     let mut claims = crate::caller::Claims::new();
-    crate::caller::add_string_claims(&mut claims, act);
+    crate::caller::add_string_claims(&mut claims, act, read);
     Ok(Actor {
         subject: subject.to_owned(),
         claims,
@@ -737,7 +740,10 @@ impl Auth {
             claims.azp.as_deref(),
             &claims.marks,
         );
-        let act = claims.act.as_ref().map(actor).transpose()?;
+        let read = config.identity.claims_read();
+        let act = (claims.act.as_ref())
+            .map(|act| actor(act, &read))
+            .transpose()?;
         let caller = Caller::Machine(Arc::new(Machine {
             issuer: issuer.issuer.clone(),
             subject: claims.sub,
@@ -773,7 +779,7 @@ impl Auth {
             email: claims.email,
             email_verified: claims.email_verified.as_ref().map(said_true),
             // Every string claim of the (now verified) payload, for a mapping by any claim.
-            claims: crate::caller::string_claims(&bytes),
+            claims: crate::caller::string_claims(&bytes, &read),
             act,
             signed: Some(jwt::SignedWith {
                 jwks_uri: issuer.jwks_uri.clone(),

@@ -563,7 +563,7 @@ impl Oidc {
             unlisted || (wants.groups && id_groups.is_none() && ask && info.is_none());
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
-            add_string_claims(&mut strings, object);
+            add_string_claims(&mut strings, object, &[wants.claim]);
         }
         if let Some(info) = &info {
             let standard = [
@@ -577,8 +577,12 @@ impl Oidc {
                 .into_iter()
                 .filter_map(|(name, value)| Some((name.to_owned(), value?.into())))
                 .collect();
-            add_string_claims(&mut strings, standard.iter().map(|(n, v)| (n, v)));
-            add_string_claims(&mut strings, &info.additional_claims().rest);
+            add_string_claims(
+                &mut strings,
+                standard.iter().map(|(n, v)| (n, v)),
+                &[wants.claim],
+            );
+            add_string_claims(&mut strings, &info.additional_claims().rest, &[wants.claim]);
         }
 
         let lifetime = config.session_lifetime.as_secs();
