@@ -29,7 +29,7 @@ use crate::schema::{
     all_schemas, resource_type_json, resource_types_json, schema_json, ResourceType,
     PORTCULLIS_AGENT_SCHEMA,
 };
-use crate::store::{Command, Directory, Query, Record, SortOrder, Written};
+use crate::store::{etag_matches, Command, Directory, Query, Record, SortOrder, Written};
 use crate::validate::{validate_resource, Mode};
 use crate::value::get_ci;
 
@@ -447,13 +447,7 @@ impl ScimService {
             .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
         let etag = version_of(&record);
         if let (Some(tags), Some(current)) = (if_none_match, etag.as_deref()) {
-            // Compared weakly (RFC 9110 §13.1.2): `"5"` is `W/"5"`.
-            let current = current.strip_prefix("W/").unwrap_or(current);
-            if tags
-                .split(',')
-                .map(str::trim)
-                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == current)
-            {
+            if etag_matches(tags, current) {
                 return Ok(ScimResponse {
                     status: 304,
                     etag,

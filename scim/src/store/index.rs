@@ -357,6 +357,18 @@ pub fn etag(seq: Seq) -> String {
     format!("W/\"{seq}\"")
 }
 
+/// Whether an `If-Match` or `If-None-Match` list of `tags` names the `current` entity tag (or
+/// is `*`), compared weakly (RFC 9110 §8.8.3.2): `"5"` is `W/"5"`, as a client or a proxy
+/// between that drops the `W/` sends it.
+pub fn etag_matches(tags: &str, current: &str) -> bool {
+    fn opaque(tag: &str) -> &str {
+        tag.strip_prefix("W/").unwrap_or(tag)
+    }
+    tags.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || opaque(tag) == opaque(current))
+}
+
 fn str_field<'a>(resource: &'a Value, name: &str) -> Option<&'a str> {
     resource
         .as_object()

@@ -37,8 +37,8 @@ pub use directory::{
     Owner, Page, Query, Sinks, SortOrder, Stamp, SubjectKey, SubjectView, UserStatus,
 };
 pub use index::{
-    format_id, parse_id, AgentEntry, AgentRefusal, ApplicationEntry, GroupEntry, Id, Index,
-    UserEntry,
+    etag_matches, format_id, parse_id, AgentEntry, AgentRefusal, ApplicationEntry, GroupEntry, Id,
+    Index, UserEntry,
 };
 
 /// Internal, stable row number of a resource: creation order, never reused.

@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::index::{
-    etag, fold, gains_identifier, given_up, holds_any, released_identifiers, Index,
+    etag, etag_matches, fold, gains_identifier, given_up, holds_any, released_identifiers, Index,
 };
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
 use crate::error::{ScimError, ScimType};
@@ -671,11 +671,7 @@ impl<'a> Overlay<'a> {
                 .and_then(|m| m.get("version"))
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            let matches = expected
-                .split(',')
-                .map(str::trim)
-                .any(|tag| tag == "*" || tag == current);
-            if !matches {
+            if !etag_matches(expected, current) {
                 return Err(ScimError::new(
                     412,
                     None,
