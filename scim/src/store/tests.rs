@@ -838,6 +838,31 @@ fn the_directory_file_is_open_to_its_user_alone() {
     assert_eq!(mode & 0o077, 0, "{mode:o}");
 }
 
+/// A PATCH that only sets a password says so in its change, so an auditor can tell what the
+/// IdP changed.
+#[tokio::test]
+async fn a_patch_that_sets_a_password_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let ann = created(&dir, ResourceType::User, user("ann@x")).await;
+    let written = dir
+        .write(
+            Command::Patch {
+                rt: ResourceType::User,
+                id: ann,
+                ops: Vec::new(),
+                password_hash: Some("$argon2id$not-a-real-hash".to_owned()),
+                if_match: None,
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let change = dir.changes(written.seq - 1, 10).unwrap().pop().unwrap();
+    assert_eq!(change.op, "patch");
+    assert_eq!(change.summary, "password set");
+}
+
 /// A user without `active` is active, as the gate holds it: created so, or re-activated by
 /// `active` removed. Filters read it so, so a client reconciling who is active finds them
 /// with `active eq true`, as with any other.

@@ -181,6 +181,10 @@ impl<'a> Overlay<'a> {
                 if outcome.resource_changed {
                     summary.push("attributes".to_owned());
                 }
+                // Never the password itself, nor its hash: that it was set.
+                if password_hash.is_some() {
+                    summary.push("password set".to_owned());
+                }
                 if *rt == ResourceType::Group {
                     let changes = &outcome.member_changes;
                     let done = match &changes.replaced_all {
