@@ -1102,6 +1102,34 @@ async fn a_replica_reconnecting_keeps_only_the_lease_the_database_holds() {
     assert_eq!(status(&url, &token).await, 200, "{}", a.px.log());
 }
 
+/// A writer counts another replica's lease as lapsed only a margin after the database's clock
+/// says so: that clock stepped forward (an NTP step), or running faster than the replica's,
+/// would otherwise end the lease there while the replica still counts on it, and a write
+/// would be answered while it admits on a directory without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_waits_a_margin_past_a_lease_that_lapses_on_the_database_s_clock() {
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    a.scim.create_user("ann").await.expect_success();
+    // A replica that has applied nothing, whose lease ends 50 ms from now by the database.
+    let started = Instant::now();
+    fleet
+        .pg
+        .query(
+            "INSERT INTO portcullis_replicas (id, applied_seq, lease_until) \
+             VALUES ('behind', 0, clock_timestamp() + interval '50 milliseconds')",
+        )
+        .await
+        .expect("a replica behind");
+    a.scim.create_user("bob").await.expect_success();
+    let answered = started.elapsed();
+    // 50 ms, then the margin of 100 ms.
+    assert!(
+        answered >= Duration::from_millis(150),
+        "answered {answered:?} after a lease of 50 ms, with no margin"
+    );
+}
+
 /// The directory's sequence number as PostgreSQL holds it.
 async fn directory_seq(pg: &Postgres) -> String {
     let rows = pg

@@ -1203,6 +1203,10 @@ impl Storage for PgStorage {
             found
         };
         let seq = to_sql(seq)?;
+        // A lease is judged lapsed only `CLOCK_MARGIN` after the database's clock says so:
+        // that clock stepped forward (an NTP step), or running faster than the replica's,
+        // would otherwise end it here before the replica stops counting on it.
+        let margin_us = i64::try_from(CLOCK_MARGIN.as_micros()).unwrap_or(i64::MAX);
         let mut settler = lock(&self.settler);
         // It listens for replicas' confirmations only while it waits for them: a session that
         // listens and reads nothing holds PostgreSQL's notification queue (shared by every
@@ -1225,12 +1229,13 @@ impl Storage for PgStorage {
                      (extract(epoch FROM committed) * 1000000)::bigint FROM directory_feed \
                      WHERE seq = $2) IS DISTINCT FROM $3::bigint THEN -2 \
                      ELSE (SELECT count(*) FROM portcullis_replicas \
-                     WHERE id <> $1 AND applied_seq < $2 AND lease_until > clock_timestamp()) \
+                     WHERE id <> $1 AND applied_seq < $2 \
+                     AND lease_until + $4::bigint * interval '1 microsecond' > clock_timestamp()) \
                      END"
                 ))?;
                 let client = &mut conn.client;
                 let row = client
-                    .query_one(&waiting, &[&self.replica, &seq, &committed_us])
+                    .query_one(&waiting, &[&self.replica, &seq, &committed_us, &margin_us])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
                 if waiting == -3 {
