@@ -1858,6 +1858,11 @@ async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready()
     let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
     let id = scim.create_user("ada@example.com").await.expect(201).id();
     let path = format!("/Users/{id}");
+    let mut others = Vec::new();
+    for i in 0..8 {
+        let other = scim.create_user(&format!("u{i}@example.com")).await;
+        others.push(format!("/Users/{}", other.expect(201).id()));
+    }
     let ready = || async {
         let resp = bare_client().get(px.admin_url("/readyz")).send().await;
         resp.map(|r| r.status().as_u16()).unwrap_or(0)
@@ -1874,6 +1879,28 @@ async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready()
     };
     assert_eq!(refused.status, 503, "{}", refused.text);
     // Its lease kept all along: a lapse would show for a while (it renews only when caught up).
+    for _ in 0..10 {
+        assert_eq!(ready().await, 200, "{}", px.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Several at once, as an IdP sends them, are written in one batch: they fail together,
+    // not each after a wait of its own (8 s in all, past the lease of 4 s).
+    let writes = others.iter().map(|path| scim.patch(path, &off));
+    let mut writes = std::pin::pin!(futures_util::future::join_all(writes));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answers = loop {
+        tokio::select! {
+            answers = &mut writes => break answers,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                assert_eq!(ready().await, 200, "the lease lapsed:\n{}", px.log());
+                assert!(Instant::now() < deadline, "the writes waited on the lock");
+            }
+        }
+    };
+    for refused in answers {
+        assert_eq!(refused.status, 503, "{}", refused.text);
+    }
     for _ in 0..10 {
         assert_eq!(ready().await, 200, "{}", px.log());
         tokio::time::sleep(Duration::from_millis(200)).await;

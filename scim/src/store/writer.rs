@@ -4,6 +4,7 @@
 //! Nothing here touches the index: it is read-only while the batch is built, and the batch is
 //! applied to it only after the storage commit succeeded.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
@@ -13,7 +14,7 @@ use time::OffsetDateTime;
 use super::index::{
     etag, etag_matches, fold, gains_identifier, given_up, holds_any, released_identifiers, Index,
 };
-use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, Written};
+use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, StoreError, Written};
 use crate::error::{ScimError, ScimType};
 use crate::patch::apply_patch;
 use crate::schema::ResourceType;
@@ -51,6 +52,11 @@ pub struct Overlay<'a> {
     undo: Vec<Undo>,
     /// The address the command being evaluated came from, for its changes.
     client: Option<String>,
+    /// A read of the store that failed in this batch (a table locked past the writer's lock
+    /// timeout, the connection lost): the batch's later commands that need the store fail
+    /// with it at once, not each after a wait of its own, so a batch of them does not hold
+    /// the writer (and with it the lease it renews) for the sum of their waits.
+    failed_read: RefCell<Option<ScimError>>,
 }
 
 /// One map entry as it was before a command changed it (`None`: it was not there).
@@ -92,6 +98,7 @@ impl<'a> Overlay<'a> {
             entries: Vec::new(),
             undo: Vec::new(),
             client: None,
+            failed_read: RefCell::new(None),
         }
     }
 
@@ -690,12 +697,20 @@ impl<'a> Overlay<'a> {
     fn record(&self, rt: ResourceType, row: Row) -> Result<Option<Record>, ScimError> {
         let record = match self.records.get(&row) {
             Some((_, record)) => record.clone(),
-            None => self
-                .storage
-                .records_for_writer(rt, &[row])?
-                .into_iter()
-                .next()
-                .map(|(_, record)| record),
+            None => {
+                if let Some(failed) = self.failed_read.borrow().as_ref() {
+                    return Err(failed.clone());
+                }
+                match self.storage.records_for_writer(rt, &[row]) {
+                    Ok(records) => records.into_iter().next().map(|(_, record)| record),
+                    Err(e @ StoreError::Backend(_)) => {
+                        let failed = ScimError::from(e);
+                        *self.failed_read.borrow_mut() = Some(failed.clone());
+                        return Err(failed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
         Ok(record.filter(|r| !r.retired))
     }
