@@ -3447,6 +3447,52 @@ async fn a_sign_in_whose_userinfo_refuses_the_token_is_not_taken_for_a_person_in
     assert!(body.contains("cannot be judged"), "{body}");
 }
 
+/// A person who signed in while no route read the IdP's groups, with none in the ID token and
+/// UserInfo not asked, has groups unknown, not none: a reload that adds a route reading them
+/// does not let them past its deny rule as a person in no group.
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_not_sought_at_sign_in_are_not_taken_for_none_after_a_reload() {
+    const CAL: &str = "cal@example.com";
+    const CAL_PASSWORD: &str = "cal's password, long enough";
+    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
+    let fx = Fixture::start_with(Options {
+        // The email in the ID token, the groups at UserInfo alone.
+        claims_in_id_token: true,
+        userinfo_only: vec!["groups"],
+        more_idp_users: vec![cal],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { any_signed_in = true }")
+                .set("deny = { groups = [\"contractors\"] }")
+        }],
+        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
+        ..Options::default()
+    })
+    .await;
+    // No route reads the IdP's groups while cal signs in.
+    let text = fx.cfg.toml();
+    let reads_none = text.replace("token_groups = true", "token_groups = false");
+    assert_ne!(reads_none, text);
+    fx.px.rewrite_config(&reads_none);
+    fx.px.reload_and_wait().await;
+    let url = fx.url("app.test", "/eng/page");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &url).await;
+    let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    let session = set_cookie(&resp, SESSION_COOKIE).expect("the sign-in makes a session");
+
+    // Routes read them again.
+    fx.px.rewrite_config(&text);
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &cookie_value(&session), "application/json").await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("cannot be judged"), "{body}");
+}
+
 /// The IdP's groups judge only people the directory does not know: a person it knows is judged
 /// by the directory's groups, and the IdP's changing ends no session of theirs.
 #[tokio::test(flavor = "multi_thread")]

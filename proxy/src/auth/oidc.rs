@@ -556,11 +556,12 @@ impl Oidc {
             .filter(|name| name.len() <= MAX_CLAIM_VALUE);
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
         let (groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
-        // Groups a route reads, lacking from the ID token, and asked of a UserInfo that gave no
-        // usable answer (it refused the access token): unknown, not none. Taken as none, a
-        // deny rule on a group would miss them for the session's lifetime.
-        let groups_unlisted =
-            unlisted || (wants.groups && id_groups.is_none() && ask && info.is_none());
+        // Groups the ID token lacks, where UserInfo could say them but gave no usable answer
+        // (it refused the access token) or was not asked (no route read groups then): unknown,
+        // not none. Taken as none, a deny rule on a group (one a reload adds, too) would miss
+        // them for the session's lifetime.
+        let groups_unlisted = unlisted
+            || (id_groups.is_none() && info.is_none() && userinfo_could_say(config, &provider));
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object, &[wants.claim]);
@@ -835,6 +836,9 @@ impl Oidc {
             return Ok(None);
         }
         let (mut groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
+        // Unknown, as at sign-in, where UserInfo could say them and did not answer.
+        let unlisted =
+            unlisted || (!listed && info.is_none() && userinfo_could_say(config, provider));
         let mut held = identity.groups.clone();
         groups.sort_unstable();
         groups.dedup();
@@ -1156,6 +1160,12 @@ const MAX_GROUP_BYTES: usize = 64 * 1024;
 fn gave_tokens(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
         .is_ok_and(|answer| answer.get("access_token").is_some())
+}
+
+/// Whether UserInfo may hold claims the ID token lacks: the provider has the endpoint and the
+/// configuration lets Portcullis ask it. Otherwise the ID token says all there is.
+fn userinfo_could_say(config: &OidcConfig, provider: &Provider) -> bool {
+    config.userinfo != UserInfo::Never && provider.metadata.userinfo_endpoint().is_some()
 }
 
 /// The groups the provider gives a person: the ID token's (its raw claims), else UserInfo's
