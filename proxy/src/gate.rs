@@ -675,8 +675,27 @@ impl Gate<'_> {
             })),
             (Some(actor), false) => {
                 let (agent, named_by) = actor_claim(claim, actor);
-                let through = ("its act claim's", named_by);
-                Some(self.delegated(facts, request, principal, agent, through, explain))
+                // An agent holding a token whose `act` names another agent would be judged as
+                // that one, and shed its own standing (an owner deactivated) by it.
+                let holder = client_claim(claim, token)
+                    .filter(|holder| !self.same_agent(holder, agent) && self.agent_known(holder));
+                Some(match holder {
+                    Some(holder) => Judged::Refuse(Refusal {
+                        who: Some(principal.log_name()),
+                        rule: None,
+                        cause: Cause::NoIdentifyingClaim,
+                        reason: format!(
+                            "the token is held by the agent \"{holder}\" ({}), but acts through \
+                             another, \"{agent}\" (its act claim's {named_by})",
+                            claim.as_str()
+                        ),
+                        agent: None,
+                    }),
+                    None => {
+                        let through = ("its act claim's", named_by);
+                        self.delegated(facts, request, principal, agent, through, explain)
+                    }
+                })
             }
             (None, false) => client_claim(claim, token)
                 .filter(|agent| self.agent_known(agent))
@@ -688,6 +707,15 @@ impl Gate<'_> {
                 .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
         };
         judged.unwrap_or_else(|| self.user(facts, request, principal, explain))
+    }
+
+    /// Whether two values of `agent_claim` name the same agent, as its attribute compares
+    /// (a name case-insensitively, an `externalId` exactly).
+    fn same_agent(&self, a: &str, b: &str) -> bool {
+        match self.identity.agent_scim_attribute {
+            AgentAttribute::Name => portcullis_policy::fold(a) == portcullis_policy::fold(b),
+            AgentAttribute::ExternalId => a == b,
+        }
     }
 
     /// Whether `value` names an agent, live or deleted.
@@ -3030,6 +3058,24 @@ mod tests {
             "{}",
             refusal.reason
         );
+        // A token that acts through helper, held by another agent (bobs, whose owner is not
+        // alice): refused, not judged as helper's.
+        let held_by_bobs = Machine {
+            client_id: Some("bobs".to_owned()),
+            ..delegated_token(ALICE, "helper")
+        };
+        let refusal = forbidden(as_machine(&world, &held_by_bobs, route));
+        assert!(
+            refusal.reason.contains("held by the agent \"bobs\""),
+            "{}",
+            refusal.reason
+        );
+        // The same agent, named in another case: one agent.
+        let helper_again = Machine {
+            client_id: Some("Helper".to_owned()),
+            ..delegated_token(ALICE, "helper")
+        };
+        allowed(as_machine(&world, &helper_again, route));
         // A delegated token whose subject is a client, not a person: refused.
         let mut of_a_client = delegated_token(ALICE, "helper");
         of_a_client.for_itself = true;
