@@ -109,8 +109,10 @@ const FEED_PAGE: i64 = 64;
 /// How long feed batches are kept: a replica that was away longer reloads in full.
 const FEED_RETENTION: &str = "1 hour";
 
-/// Slack added to a lease when judging, from this side, that it must have lapsed.
-const CLOCK_MARGIN: Duration = Duration::from_millis(100);
+/// Slack added to a lease when judging, from this side, that it must have lapsed: more than a
+/// clock step (ntpd steps a clock 128 ms or more off; chrony's usual `makestep 1 3` past 1 s,
+/// at start). It delays only a write waiting on a replica that stopped renewing.
+const CLOCK_MARGIN: Duration = Duration::from_millis(1000);
 
 /// Settings for [`PgStorage::open`].
 #[derive(Clone)]
