@@ -1002,6 +1002,11 @@ impl Gate<'_> {
             }
             let email = subject.email;
             let decision = facts.route.policy.evaluate(Some(&subject), request);
+            let decision = match withheld {
+                true => deny_by_unverified(facts, request, subject, unverified_email(principal))
+                    .unwrap_or(decision),
+                false => decision,
+            };
             if !decision.allowed {
                 let who = Some(view.user.user_name.to_string());
                 return Some(Judged::Refuse(refusal(who, &decision)));
@@ -1251,6 +1256,11 @@ fn on_token(
         owner_groups: &[],
     };
     let decision = facts.route.policy.evaluate(Some(&subject), request);
+    let decision = match email {
+        None => deny_by_unverified(facts, request, subject, unverified_email(principal))
+            .unwrap_or(decision),
+        Some(_) => decision,
+    };
     if !decision.allowed {
         return Judged::Refuse(refusal(Some(user.clone()), &decision));
     }
@@ -1301,6 +1311,24 @@ fn unverified_email<'a>(principal: Principal<'a>) -> Option<&'a str> {
         Principal::Machine(token) if token.email_verified == Some(false) => token.email.as_deref(),
         _ => None,
     }
+}
+
+/// The refusal of a deny rule on the domain of `unverified`, an address withheld from `subject`
+/// (judged without it) because the IdP has not verified it: an allow rule never matches it,
+/// but a deny rule still does, or a person would escape a deny on their domain by leaving
+/// their address unverified.
+fn deny_by_unverified<'a>(
+    facts: &Facts<'a>,
+    request: &'a Request<'a>,
+    subject: Subject<'a>,
+    unverified: Option<&'a str>,
+) -> Option<Decision<'a>> {
+    let with_it = Subject {
+        email: Some(unverified?),
+        ..subject
+    };
+    let decision = facts.route.policy.evaluate(Some(&with_it), request);
+    matches!(decision.reason, Reason::Denied { .. }).then_some(decision)
 }
 
 /// The policy's view of the directory user `user`, in `groups` (every group they are in).
@@ -1877,6 +1905,43 @@ mod tests {
         );
         eve.email_verified = None;
         allowed(as_person(&world, &eve, 5, "/"));
+    }
+
+    /// An address the IdP has not verified is withheld from allow rules, but a deny rule on its
+    /// domain still refuses: leaving it unverified is no way past one. So for a stranger judged
+    /// on their token (`token_groups`).
+    #[tokio::test]
+    async fn an_unverified_email_still_meets_a_deny_on_its_domain() {
+        let world = World::with(config(
+            "[[routes]]\nfrom = \"http://partners.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+             accept = [\"session\"]\ntoken_groups = true\nallow = { any_signed_in = true }\n\
+             deny = { email_domains = [\"contractors.example\"] }\n\
+             [identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n",
+        ));
+        let route = world.config.routes.len() - 1;
+        world
+            .user_with_emails("bob", "ext-b", &[("bob@contractors.example", true)])
+            .await;
+        let mut bob = world.person("bob@contractors.example");
+        bob.subject = "ext-b".to_owned();
+        for verified in [Some(false), None] {
+            bob.email_verified = verified;
+            let refusal = forbidden(as_person(&world, &bob, route, "/"));
+            assert_eq!(
+                refusal.cause,
+                Cause::DenyRule,
+                "{verified:?}: {}",
+                refusal.reason
+            );
+        }
+        // A stranger, on their token's own claims.
+        let mut cal = world.person("cal@contractors.example");
+        cal.subject = "ext-c".to_owned();
+        cal.email_verified = Some(false);
+        let refusal = forbidden(as_person(&world, &cal, route, "/"));
+        assert_eq!(refusal.cause, Cause::DenyRule, "{}", refusal.reason);
+        cal.email = Some("cal@elsewhere.example".to_owned());
+        allowed(as_person(&world, &cal, route, "/"));
     }
 
     /// The upstream is told a person's directory email by their credentials that leave it
