@@ -146,6 +146,18 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
     within(prefix, path, false)
 }
 
+/// Whether `path` is within `prefix` as written: in its case, with its parameters, at segment
+/// boundaries, and with a prefix's trailing `/` not required of the path (`/admin/` holds
+/// `/admin`), as an upstream that routes paths strictly reads them.
+pub fn strictly_within(prefix: &str, path: &str) -> bool {
+    let bare = match prefix.strip_suffix('/') {
+        Some(bare) if !bare.is_empty() => bare,
+        _ => prefix,
+    };
+    path.strip_prefix(bare)
+        .is_some_and(|rest| bare.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+}
+
 /// [`loosely_within`], and with a format suffix on the path's last segment when it is the
 /// prefix's last: Rails routes `/items/export.csv` to `/items/export`, as Spring MVC before 5.3
 /// does by default. And as a PHP front controller routes it ([`script_routed`]); and a page

@@ -88,18 +88,12 @@ impl RouteTable {
     /// `http://app/` does not serve what `https://app/admin` guards). Only a route of the same
     /// prefix, as paths are read (`/api` and `/API/` are one), serves the other scheme.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
-        let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
-            self.wildcard
-                .iter()
-                .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-                .map(|(_, routes)| routes.as_slice()),
-        );
-        for routes in candidates {
+        if let Some(routes) = self.holding(host, path) {
             let mut holding = routes
                 .iter()
                 .filter(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path));
             let Some(longest) = holding.next() else {
-                continue;
+                return Match::None;
             };
             if longest.config.scheme == scheme {
                 return Match::Found(longest);
@@ -116,10 +110,29 @@ impl RouteTable {
         Match::None
     }
 
+    /// The routes of `host` that decide for `path`: its exact host's, else the most specific
+    /// wildcard's, the first of them with a route whose prefix holds it (as [`Self::find`]
+    /// reads it).
+    fn holding(&self, host: &str, path: &str) -> Option<&[Arc<CompiledRoute>]> {
+        let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
+            self.wildcard
+                .iter()
+                .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+                .map(|(_, routes)| routes.as_slice()),
+        );
+        candidates.into_iter().find(|routes| {
+            routes
+                .iter()
+                .any(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path))
+        })
+    }
+
     /// Why a request to `route` (found for `scheme`, `host` and the normalized `path`) is
     /// refused with 400 before anyone is asked for, if it is; the proxy and `explain` both
     /// ask.
     ///
+    /// - A path that only the lenient reading of [`Self::find`] puts on this route (another
+    ///   case, `;` parameters), where a wider route holds it as written: see below.
     /// - A PHP front controller routes what follows its script (`/index.php/admin` is
     ///   `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
     ///   would be served by this route's upstream past that route's rules. Unless this route
@@ -143,6 +156,24 @@ impl RouteTable {
         path: &str,
         query: Option<&str>,
     ) -> Option<&'static str> {
+        // Routes are chosen reading the path leniently (any case, `;` parameters dropped), so
+        // that no spelling an upstream reads as a route's lands on another. An upstream that
+        // reads it as written takes a spelling only that reading puts here (`/PUBLIC/x`,
+        // `/;a/public/x` on a `/public/` route) as a wider route's path: judged by this
+        // route's rules, it would be served past the wider one's (a public `/public/` route
+        // beside a `/` for staff).
+        if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
+            let wider = self.holding(host, path).into_iter().flatten().any(|other| {
+                other.config.scheme == scheme
+                    && portcullis_policy::strictly_within(&other.config.path_prefix, path)
+            });
+            if wider {
+                return Some(
+                    "a path that reads as this route's only in another case or with \
+                     parameters, and as a wider route's as written",
+                );
+            }
+        }
         let script = portcullis_policy::script_routed(path).filter(|(_, end)| {
             let depth = portcullis_policy::loose_depth;
             depth(&route.config.path_prefix) < depth(&path[..*end])
@@ -307,6 +338,21 @@ mod tests {
         }
         assert_eq!(name(Scheme::Https, "/admin/users"), "Https /admin");
         assert_eq!(name(Scheme::Http, "/other"), "Http ");
+        // A spelling only the lenient reading puts on a narrower route, where a wider route
+        // holds it as written, is refused: an upstream reading it as written serves it as the
+        // wider route's path, past that route's rules.
+        let refused = |scheme: Scheme, path: &str| match table.find(scheme, "app.test", path) {
+            Match::Found(route) => table.refuses(scheme, "app.test", route, path, None),
+            _ => panic!("{path}: no route"),
+        };
+        for path in ["/API/x", "/Acme", "/acme;x/y", "/;x/acme/y", "/ACME/y"] {
+            assert!(refused(Scheme::Http, path).is_some(), "{path}");
+        }
+        for path in ["/api/x", "/api", "/acme", "/acme/Y;x", "/other"] {
+            assert_eq!(refused(Scheme::Http, path), None, "{path}");
+        }
+        // Where no wider route takes it as written, the narrow route's rules are the only ones.
+        assert_eq!(refused(Scheme::Https, "/ADMIN/users"), None);
         // A prefix both schemes have: each scheme's own route.
         assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");
         assert_eq!(name(Scheme::Https, "/both/x"), "Https /both");

@@ -319,7 +319,9 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     let table: &[(&str, u16)] = &[
         ("GET /items/export HTTP/1.1", 403),
         ("HEAD /items/export HTTP/1.1", 403),
-        ("HEAD /Items/Export;x HTTP/1.1", 403),
+        ("HEAD /items/Export;x HTTP/1.1", 403),
+        // Its route's prefix spelled otherwise, with a wider route beside it: refused.
+        ("HEAD /Items/Export;x HTTP/1.1", 400),
         ("HEAD /items/1 HTTP/1.1", 200),
         ("DELETE /items/1 HTTP/1.1", 403),
         ("POST /items/1?_method=DELETE HTTP/1.1", 400),
@@ -1387,6 +1389,39 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
 
 // ----- paths as any upstream reads them (item 2) --------------------------------------------
 
+/// Routes are chosen reading the path leniently, so that no spelling a lenient upstream reads
+/// as a route's lands on another. But a narrower route may be the more open one: a public
+/// `/public/` beside a `/` for staff. A spelling only the lenient reading puts on it
+/// (`/PUBLIC/x`, `/public;x/y`, `/;a/public/y`), which an upstream reading paths as written
+/// (Go, Django, nginx) serves as a path of the staff route, is refused, not let in as public.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spelling_that_only_a_lenient_reading_puts_on_a_public_route_is_refused() {
+    let up = portcullis_tests::Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(
+            Route::new("http://app.test", &[&up])
+                .accept(&["public"])
+                .set("allow = { public = true, paths = [\"/open/\"] }"),
+        )
+        .route(Route::new("http://app.test/public/", &[&up]).accept(&["public"]));
+    let _px = cfg.start().await;
+    let status = |path: &str| {
+        let url = cfg.http_url("app.test", path);
+        async move {
+            let resp = bare_client().get(&url).send().await.expect("GET");
+            resp.status().as_u16()
+        }
+    };
+    assert_eq!(status("/public/x").await, 200);
+    assert_eq!(status("/public").await, 200);
+    assert_eq!(status("/open/x").await, 200);
+    assert_eq!(status("/staff/x").await, 403);
+    for path in ["/PUBLIC/x", "/Public", "/public;x/y", "/;a/public/y"] {
+        assert_eq!(status(path).await, 400, "{path}");
+    }
+}
+
 /// Tomcat, Jetty and Spring drop `;` parameters and resolve `..;`; Express and ASP.NET route
 /// paths in any case; Rails drops a format suffix. No such spelling gets past a deny rule or
 /// (but a format suffix) lands on another route.
@@ -1422,10 +1457,11 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/caf%c3%a9|%7c", 200, Some("/caf%C3%A9%7C%7C")),
         // Parameters are kept where nothing is denied.
         ("/work;jsessionid=1", 200, Some("/work;jsessionid=1")),
-        // /v1/ takes bearer tokens only, however its prefix is spelled: a session is no
-        // caller there.
-        ("/V1/builds", 401, None),
-        ("/v1;x/builds", 401, None),
+        // /v1/ takes bearer tokens only: a session is no caller there. Its prefix spelled
+        // otherwise (which Express reads as /v1/, Go as a path of the wider route) is refused.
+        ("/v1/builds", 401, None),
+        ("/V1/builds", 400, None),
+        ("/v1;x/builds", 400, None),
         ("/v1x", 200, Some("/v1x")),
         // A prefix's trailing `/` is not asked of the path: Express, Rails and ASP.NET serve
         // `/ops` as `/ops/`, and `/v1` as `/v1/`.
@@ -1433,11 +1469,11 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/OPS;x", 403, None),
         ("/opsx", 200, Some("/opsx")),
         ("/v1", 401, None),
-        ("/V1;x", 401, None),
+        ("/V1;x", 400, None),
         // Rails routes `/items/export.csv` to `/items/export` (`(.:format)`), as Spring MVC
         // before 5.3 does: a format suffix on the last segment is no other path.
         ("/items/export.csv", 403, None),
-        ("/Items/Export.json;x", 403, None),
+        ("/Items/Export.json;x", 400, None),
         ("/admin.json", 403, None),
         ("/items/exports.csv", 200, Some("/items/exports.csv")),
         // Laravel, Symfony, Drupal and WordPress route what follows their script:
