@@ -2022,9 +2022,9 @@ async fn a_rewrite_keeps_what_a_later_build_stored_in_the_record() {
     );
 }
 
-/// A group created, or replaced, with members names in its change the members it gave what
-/// the group grants (a console's user page finds them by id), and a change says what address
-/// its request came from.
+/// A group created, replaced or deleted names in its change the members it gave what the
+/// group grants, or took it from (a console's user page finds them by id), and a change says
+/// what address its request came from.
 #[tokio::test]
 async fn a_group_s_change_names_the_members_it_adds_and_says_where_it_came_from() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2064,7 +2064,25 @@ async fn a_group_s_change_names_the_members_it_adds_and_says_where_it_came_from(
     let change = last_change(replaced.seq);
     assert_eq!(change.client, None, "no address given");
     assert!(
-        change.summary.ends_with(&format!("+[{bob}], 1 removed")),
+        change.summary.ends_with(&format!("+[{bob}] -[{ann}]")),
+        "{change:?}"
+    );
+
+    // Deleted, the group names the members it took its grant from.
+    let deleted = dir
+        .write(
+            Command::Delete {
+                rt: ResourceType::Group,
+                id: admins.id.clone(),
+                if_match: None,
+            },
+            "okta",
+        )
+        .await
+        .unwrap();
+    let change = last_change(deleted.seq);
+    assert!(
+        change.summary.ends_with(&format!("members -[{bob}]")),
         "{change:?}"
     );
 }

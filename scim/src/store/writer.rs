@@ -12,7 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::index::{
-    etag, etag_matches, fold, gains_identifier, given_up, holds_any, released_identifiers, Index,
+    etag, etag_matches, fold, format_id, gains_identifier, given_up, holds_any,
+    released_identifiers, Index,
 };
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, StoreError, Written};
 use crate::error::{ScimError, ScimType};
@@ -197,8 +198,8 @@ impl<'a> Overlay<'a> {
                     let done = match &changes.replaced_all {
                         Some(all) => {
                             let (added, removed) = self.set_members(row, all)?;
-                            (!added.is_empty() || removed > 0)
-                                .then(|| replaced_summary(all.len(), &added, removed))
+                            (!added.is_empty() || !removed.is_empty())
+                                .then(|| replaced_summary(all.len(), &added, &removed))
                         }
                         None => {
                             let added = self.add_members(row, &changes.added)?;
@@ -333,9 +334,9 @@ impl<'a> Overlay<'a> {
         )?;
         if let Some(members) = members {
             let (added, removed) = self.set_members(row, &members)?;
-            if !added.is_empty() || removed > 0 {
+            if !added.is_empty() || !removed.is_empty() {
                 let all = members.len();
-                self.add_to_summary(&replaced_summary(all, &added, removed));
+                self.add_to_summary(&replaced_summary(all, &added, &removed));
             }
         }
         Ok(written)
@@ -362,9 +363,12 @@ impl<'a> Overlay<'a> {
             self.set_member(group, row, false);
             self.restamp(ResourceType::Group, group)?;
         }
+        // Named in the change, as a PATCH's are: each member's records show they lost it.
+        let mut removed = Vec::new();
         if rt == ResourceType::Group {
             for member in self.members_now(row) {
                 self.set_member(row, member, false);
+                removed.extend(self.id_at(member));
             }
         }
         if let Some(name) = str_of(&current.resource, rt.name_attribute()) {
@@ -382,6 +386,9 @@ impl<'a> Overlay<'a> {
             None => "deleted".to_owned(),
         };
         summary.push_str(&released);
+        if !removed.is_empty() {
+            summary.push_str(&format!(", members -[{}]", removed.join(",")));
+        }
         self.log(actor, "delete", rt, id, summary);
         Ok(Written {
             seq: self.seq,
@@ -737,6 +744,19 @@ impl<'a> Overlay<'a> {
         }
     }
 
+    /// The id of the resource at `row`, as of this batch.
+    fn id_at(&self, row: Row) -> Option<String> {
+        if let Some((_, record)) = self.records.get(&row) {
+            let resource = &record.as_ref()?.resource;
+            return resource.get("id")?.as_str().map(str::to_owned);
+        }
+        let index = self.index;
+        (index.user(row).map(|u| u.id))
+            .or_else(|| index.group(row).map(|g| g.id))
+            .or_else(|| index.agent(row).map(|a| a.id))
+            .map(format_id)
+    }
+
     fn members_now(&self, group: Row) -> Vec<Row> {
         let mut rows: HashSet<Row> = self.index.members_of(group).collect();
         for &member in self.touched_members.get(&group).into_iter().flatten() {
@@ -846,13 +866,13 @@ impl<'a> Overlay<'a> {
         &mut self,
         group: Row,
         ids: &[String],
-    ) -> Result<(Vec<String>, usize), ScimError> {
+    ) -> Result<(Vec<String>, Vec<String>), ScimError> {
         let rows = self.member_rows(group, ids)?;
         let wanted: HashSet<Row> = rows.iter().copied().collect();
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for member in self.members_now(group) {
             if !wanted.contains(&member) && self.set_member(group, member, false) {
-                removed += 1;
+                removed.extend(self.id_at(member));
             }
         }
         let mut added = Vec::new();
@@ -941,10 +961,11 @@ fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<Str
 
 /// What a replace of all of a group's members (by `all` ids) changed: the members it added,
 /// by id (it grants them what the group grants), and how many it removed.
-fn replaced_summary(all: usize, added: &[String], removed: usize) -> String {
+fn replaced_summary(all: usize, added: &[String], removed: &[String]) -> String {
     format!(
-        "members replaced ({all} members): +[{}], {removed} removed",
-        added.join(",")
+        "members replaced ({all} members): +[{}] -[{}]",
+        added.join(","),
+        removed.join(",")
     )
 }
 
