@@ -553,13 +553,20 @@ impl Auth {
         req: &Request<'_>,
         idle: std::time::Duration,
     ) -> Result<Reply> {
+        // Every refusal is recorded, as anyone's: nothing here says who sent it.
+        let refuse = |status: StatusCode, reason: &str| {
+            let request = req.audited("POST", "/.portcullis/backchannel_logout");
+            self.audit.unverified_refusal(AUDIT_ROUTE, reason, &request);
+            Ok(json_error(status, "invalid_request"))
+        };
+        let too_large = "a back-channel logout's body is larger than any logout token";
         if !crate::reply::ready_for_body(session, MAX_LOGOUT_BODY as u64).await? {
-            return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large);
         }
         let mut body = Vec::new();
         while let Some(chunk) = crate::reply::read_body(session, idle).await? {
             if body.len() + chunk.len() > MAX_LOGOUT_BODY {
-                return Ok(json_error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"));
+                return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large);
             }
             body.extend_from_slice(&chunk);
         }
@@ -567,7 +574,10 @@ impl Auth {
             .find(|(k, _)| k == "logout_token")
             .map(|(_, v)| v.into_owned());
         let Some(token) = token else {
-            return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "a back-channel logout without a logout_token",
+            );
         };
         let now = now_unix();
         // Used once, fleet-wide: one this replica has not seen may have been taken by another,
@@ -587,10 +597,7 @@ impl Auth {
             Ok(logout) => logout,
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
-                let request = req.audited("POST", "/.portcullis/backchannel_logout");
-                self.audit
-                    .unverified_refusal(AUDIT_ROUTE, &reason, &request);
-                return Ok(json_error(StatusCode::BAD_REQUEST, "invalid_request"));
+                return refuse(StatusCode::BAD_REQUEST, &reason);
             }
         };
         let found = self
