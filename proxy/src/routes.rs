@@ -88,12 +88,12 @@ impl RouteTable {
     /// `http://app/` does not serve what `https://app/admin` guards). Only a route of the same
     /// prefix, as paths are read (`/api` and `/API/` are one), serves the other scheme.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
-        if let Some(routes) = self.holding(host, path) {
+        for routes in self.candidates(host) {
             let mut holding = routes
                 .iter()
                 .filter(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path));
             let Some(longest) = holding.next() else {
-                return Match::None;
+                continue;
             };
             if longest.config.scheme == scheme {
                 return Match::Found(longest);
@@ -110,21 +110,18 @@ impl RouteTable {
         Match::None
     }
 
-    /// The routes of `host` that decide for `path`: its exact host's, else the most specific
-    /// wildcard's, the first of them with a route whose prefix holds it (as [`Self::find`]
-    /// reads it).
-    fn holding(&self, host: &str, path: &str) -> Option<&[Arc<CompiledRoute>]> {
-        let candidates = self.exact.get(host).map(Vec::as_slice).into_iter().chain(
+    /// The routes that may serve `host`: its exact host's, then each wildcard's that covers it,
+    /// the most specific first.
+    fn candidates<'t: 'h, 'h>(
+        &'t self,
+        host: &'h str,
+    ) -> impl Iterator<Item = &'t [Arc<CompiledRoute>]> + 'h {
+        self.exact.get(host).map(Vec::as_slice).into_iter().chain(
             self.wildcard
                 .iter()
                 .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
                 .map(|(_, routes)| routes.as_slice()),
-        );
-        candidates.into_iter().find(|routes| {
-            routes
-                .iter()
-                .any(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path))
-        })
+        )
     }
 
     /// Why a request to `route` (found for `scheme`, `host` and the normalized `path`) is
@@ -162,9 +159,12 @@ impl RouteTable {
         // `/;a/public/x` on a `/public/` route) as a wider route's path: judged by this
         // route's rules, it would be served past the wider one's (a public `/public/` route
         // beside a `/` for staff).
+        // Of either scheme, and a `*.` route's too: how the upstream reads the path depends
+        // on neither.
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
-            let wider = self.holding(host, path).into_iter().flatten().any(|other| {
-                other.config.scheme == scheme
+            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
+            let wider = self.candidates(host).flatten().any(|other| {
+                portcullis_policy::loose_depth(&other.config.path_prefix) < depth
                     && portcullis_policy::strictly_within(&other.config.path_prefix, path)
             });
             if wider {
@@ -298,8 +298,9 @@ mod tests {
     #[test]
     fn a_route_of_the_other_scheme_with_a_shorter_prefix_does_not_take_the_paths_it_narrows() {
         let runtime = crate::testing::World::new().runtime();
-        let like = |scheme: Scheme, prefix: &str| {
+        let like_at = |host: &str, scheme: Scheme, prefix: &str| {
             let mut config = runtime.routes.exact["app.test"][0].config.clone();
+            config.host = host.to_owned();
             config.scheme = scheme;
             config.path_prefix = prefix.to_owned();
             config.name = format!("{scheme:?} {prefix}");
@@ -309,6 +310,7 @@ mod tests {
                 config,
             })
         };
+        let like = |scheme: Scheme, prefix: &str| like_at("app.test", scheme, prefix);
         let table = RouteTable::new(vec![
             like(Scheme::Http, ""),
             like(Scheme::Https, "/admin"),
@@ -351,8 +353,22 @@ mod tests {
         for path in ["/api/x", "/api", "/acme", "/acme/Y;x", "/other"] {
             assert_eq!(refused(Scheme::Http, path), None, "{path}");
         }
-        // Where no wider route takes it as written, the narrow route's rules are the only ones.
-        assert_eq!(refused(Scheme::Https, "/ADMIN/users"), None);
+        // A wider route of the other scheme counts too: the upstream reads the path the same.
+        assert!(refused(Scheme::Https, "/ADMIN/users").is_some());
+        // So does a `*.` route behind a host's own routes; and where no wider route takes the
+        // path as written, the narrow route's rules are the only ones.
+        let table = RouteTable::new(vec![
+            like_at("*.corp.test", Scheme::Https, ""),
+            like_at("app.corp.test", Scheme::Https, "/public/"),
+            like_at("solo.test", Scheme::Https, "/public/"),
+        ]);
+        let refused = |host: &str, path: &str| match table.find(Scheme::Https, host, path) {
+            Match::Found(route) => table.refuses(Scheme::Https, host, route, path, None),
+            _ => panic!("{host}{path}: no route"),
+        };
+        assert!(refused("app.corp.test", "/PUBLIC/x").is_some());
+        assert_eq!(refused("app.corp.test", "/public/x"), None);
+        assert_eq!(refused("solo.test", "/PUBLIC/x"), None);
         // A prefix both schemes have: each scheme's own route.
         assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");
         assert_eq!(name(Scheme::Https, "/both/x"), "Https /both");

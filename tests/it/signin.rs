@@ -1909,7 +1909,15 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
         ),
         ("no token", "something_else=1".to_owned()),
         ("an empty body", String::new()),
+        (
+            "a body larger than any logout token",
+            format!("logout_token={}", "a".repeat(128 * 1024)),
+        ),
     ] {
+        let expected = match body.len() > 64 * 1024 {
+            true => StatusCode::PAYLOAD_TOO_LARGE,
+            false => StatusCode::BAD_REQUEST,
+        };
         let resp = bare_client()
             .post(&endpoint)
             .header("content-type", "application/x-www-form-urlencoded")
@@ -1917,12 +1925,12 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(resp.status(), expected, "{what}");
     }
     assert_session_works(&page, &bob.cookie).await;
 
     // The audit log has the sign-ins, one logout by the IdP per session of alice's, the two
-    // tokens refused, none quoted, and the two posts with no token.
+    // tokens refused, none quoted, the two posts with no token and the one too large.
     let mut events = session_events(&fx, 5).await;
     events.sort();
     let ended = "idp_logout".to_owned();
@@ -1937,12 +1945,12 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
         ]
     );
     let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
-        crate::audit::of_event(r, "refusal").len() >= 4
+        crate::audit::of_event(r, "refusal").len() >= 5
     })
     .await;
     let refusals = crate::audit::of_event(&records, "refusal");
-    assert_eq!(refusals.len(), 4, "{refusals:#?}");
-    let mut without = 0;
+    assert_eq!(refusals.len(), 5, "{refusals:#?}");
+    let (mut without, mut too_large) = (0, 0);
     for refusal in refusals {
         assert_eq!(refusal["route"], "oidc", "{refusal}");
         assert_eq!(refusal["user"], "anonymous", "{refusal}");
@@ -1955,6 +1963,10 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
             without += 1;
             continue;
         }
+        if reason == "a back-channel logout's body is larger than any logout token" {
+            too_large += 1;
+            continue;
+        }
         assert!(
             reason.starts_with("a back-channel logout token was refused: ")
                 && !reason.contains("garbage")
@@ -1962,7 +1974,7 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
             "{refusal}"
         );
     }
-    assert_eq!(without, 2, "{records:#?}");
+    assert_eq!((without, too_large), (2, 1), "{records:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
