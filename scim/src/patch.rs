@@ -192,6 +192,27 @@ pub fn apply_patch(
             "stored resource is not a JSON object",
         ));
     };
+    // Each value a remove lists is compared with each value the attribute holds: in all, no
+    // more than an attribute may hold (a group's members are removed by id, not so).
+    let listed: usize = ops
+        .iter()
+        .filter(|op| op.op == OpKind::Remove)
+        .filter(|op| {
+            op.path
+                .as_ref()
+                .is_some_and(|path| !path.attr.name.eq_ignore_ascii_case("members"))
+        })
+        .filter_map(|op| op.value.as_ref()?.as_array().map(Vec::len))
+        .sum();
+    if listed > MAX_VALUES {
+        return Err(ScimError::bad_request(
+            ScimType::TooMany,
+            format!(
+                "the removes list {listed} values in all, more than the {MAX_VALUES} one \
+                 attribute may hold"
+            ),
+        ));
+    }
     let mut work = original.clone();
     let mut ledger = Ledger::new(is_member);
     for (i, op) in ops.iter().enumerate() {
@@ -1183,6 +1204,23 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    /// Each value a remove lists is compared with each value held: the removes of one PATCH
+    /// list no more values in all than an attribute may hold.
+    #[test]
+    fn removes_that_list_more_values_than_an_attribute_holds_are_refused() {
+        let listed = |n: usize| -> Vec<Value> { (0..n).map(|i| json!(format!("x{i}"))).collect() };
+        let half = MAX_VALUES / 2 + 1;
+        let e = user_error(json!([
+            {"op": "remove", "path": "emails", "value": listed(half)},
+            {"op": "remove", "path": "emails", "value": listed(half)},
+        ]));
+        assert_eq!((e.status, e.scim_type), (400, Some(ScimType::TooMany)));
+        let u = patched_user(json!([
+            {"op": "remove", "path": "emails", "value": listed(MAX_VALUES)},
+        ]));
+        assert_eq!(u["emails"].as_array().map(Vec::len), Some(2), "{u}");
     }
 
     #[test]

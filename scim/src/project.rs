@@ -54,10 +54,14 @@ impl Projection {
             (None, Some(list)) => (Mode::Exclude, list),
             (None, None) => (Mode::Default, ""),
         };
-        let selectors = list
-            .split(',')
-            .filter_map(|name| selector(rt, name.trim()))
-            .collect();
+        // Each distinct once: every attribute of every resource is compared with each, and a
+        // list may name one many times over.
+        let mut selectors = Vec::new();
+        for selector in list.split(',').filter_map(|name| selector(rt, name.trim())) {
+            if !selectors.contains(&selector) {
+                selectors.push(selector);
+            }
+        }
         Self {
             rt,
             mode,
@@ -216,6 +220,15 @@ mod tests {
 
     use super::*;
     use crate::schema::ENTERPRISE_USER_SCHEMA;
+
+    /// Every attribute of every resource is compared with each selector: one named many times
+    /// over is one selector.
+    #[test]
+    fn a_name_given_many_times_is_one_selector() {
+        let list = "userName,".repeat(50_000);
+        let projection = Projection::new(ResourceType::User, Some(&list), None);
+        assert_eq!(projection.selectors.len(), 1);
+    }
 
     fn user() -> Value {
         json!({
