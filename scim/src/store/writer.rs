@@ -804,6 +804,8 @@ impl<'a> Overlay<'a> {
                 format!("at most {MAX_MEMBER_CHANGES} members can change in one request"),
             ));
         }
+        // Read once for the command, however many of its members are groups.
+        let enclosing = std::cell::OnceCell::new();
         ids.iter()
             .map(|id| {
                 let (rt, row) = self
@@ -812,7 +814,8 @@ impl<'a> Overlay<'a> {
                     .ok_or_else(|| {
                         invalid(format!("member {id} is not a known User, Group or Agent"))
                     })?;
-                if rt == ResourceType::Group && self.is_or_contains(row, group) {
+                let enclosing = || enclosing.get_or_init(|| self.enclosing(group));
+                if rt == ResourceType::Group && enclosing().contains(&row) {
                     return Err(invalid(format!(
                         "group {id} contains this group: adding it would make a cycle"
                     )));
@@ -822,21 +825,18 @@ impl<'a> Overlay<'a> {
             .collect()
     }
 
-    /// Whether group `outer` is `inner` or contains it, through any depth of nesting. Read up
-    /// from `inner` through the groups it is in (few), never down through `outer`'s members (a
-    /// 100,000-member group among them would be read whole).
-    fn is_or_contains(&self, outer: Row, inner: Row) -> bool {
+    /// `group` and every group that contains it, through any depth of nesting: a group among
+    /// them added to `group` would make a cycle. Read up from `group` through the groups it is
+    /// in (few), never down through members (a 100,000-member group would be read whole).
+    fn enclosing(&self, group: Row) -> HashSet<Row> {
         let mut seen = HashSet::new();
-        let mut stack = vec![inner];
+        let mut stack = vec![group];
         while let Some(group) = stack.pop() {
-            if group == outer {
-                return true;
-            }
             if seen.insert(group) {
                 stack.extend(self.parents_now(group));
             }
         }
-        false
+        seen
     }
 
     fn add_members(&mut self, group: Row, ids: &[String]) -> Result<usize, ScimError> {
