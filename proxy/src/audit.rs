@@ -1914,31 +1914,49 @@ fn each_line_from_end(
     const CHUNK: u64 = 64 * 1024;
     let mut start = file.metadata()?.len();
     // `start..` of the file, up to the lines already given: the end of a line that begins
-    // before `start`.
-    let mut tail: Vec<u8> = Vec::new();
+    // before `start`, in the chunks it was read in, the last first. Each chunk is searched for
+    // newlines once, and a long line's bytes copied once, when it is whole: a 40 MB line (a
+    // 1,000,000-member group's change) costs what it is, not its square.
+    let mut tail: Vec<Vec<u8>> = Vec::new();
     // What follows the file's last newline: nothing, or a line still being written.
     let mut unfinished = true;
+    let whole = |first: &[u8], tail: &mut Vec<Vec<u8>>| -> Vec<u8> {
+        let mut line = first.to_vec();
+        for piece in tail.drain(..).rev() {
+            line.extend_from_slice(&piece);
+        }
+        line
+    };
     while start > 0 {
         let from = start.saturating_sub(CHUNK);
         let mut chunk = vec![0; (start - from) as usize];
         file.seek(SeekFrom::Start(from))?;
         file.read_exact(&mut chunk)?;
-        chunk.append(&mut tail);
         start = from;
         let mut end = chunk.len();
         for newline in memchr::memrchr_iter(b'\n', &chunk) {
             let line = &chunk[newline + 1..end];
-            if !std::mem::take(&mut unfinished) && !f(line, start + newline as u64 + 1) {
+            let given = !std::mem::take(&mut unfinished);
+            let at = start + newline as u64 + 1;
+            let more = match (given, tail.is_empty()) {
+                (false, _) => {
+                    tail.clear();
+                    true
+                }
+                (true, true) => f(line, at),
+                (true, false) => f(&whole(line, &mut tail), at),
+            };
+            if !more {
                 return Ok(());
             }
             end = newline;
         }
         chunk.truncate(end);
-        tail = chunk;
+        tail.push(chunk);
     }
     // The first line, whose beginning is the file's.
     if !unfinished {
-        f(&tail, 0);
+        f(&whole(&[], &mut tail), 0);
     }
     Ok(())
 }
@@ -2182,12 +2200,19 @@ mod tests {
         let mut text = String::new();
         for i in 0..5_000 {
             let len = [0, 1, 17, 70_000, 150_000][i % 5] * usize::from(i % 97 == 0) + i % 300;
+            // And one across many chunks.
+            let len = if i == 4_321 { 3_000_000 } else { len };
             text.push_str(&format!("{i}:{}\n", "x".repeat(len)));
             if i % 1_000 == 0 {
                 text.push('\n');
             }
         }
-        for (tail, whole) in [("", true), ("{\"being\": \"writ", false)] {
+        let long_unfinished = format!("{{\"being\": \"{}", "y".repeat(200_000));
+        for (tail, whole) in [
+            ("", true),
+            ("{\"being\": \"writ", false),
+            (long_unfinished.as_str(), false),
+        ] {
             std::fs::write(&path, format!("{text}{tail}")).unwrap();
             let forward = lines(&path, Order::OldestFirst);
             let mut backward = lines(&path, Order::NewestFirst);
