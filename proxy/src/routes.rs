@@ -156,16 +156,15 @@ impl RouteTable {
         // Routes are chosen reading the path leniently (any case, `;` parameters dropped), so
         // that no spelling an upstream reads as a route's lands on another. An upstream that
         // reads it as written takes a spelling only that reading puts here (`/PUBLIC/x`,
-        // `/;a/public/x` on a `/public/` route) as a wider route's path: judged by this
-        // route's rules, it would be served past the wider one's (a public `/public/` route
-        // beside a `/` for staff).
-        // Of either scheme, and a `*.` route's too: how the upstream reads the path depends
-        // on neither.
+        // `/;a/public/x` on a `/public/` route) as another route's path (a wider one's, or
+        // the other scheme's): judged by this route's rules, it would be served past that
+        // one's (a public `/public/` route beside a `/` for staff). Any other route that holds
+        // it, of either scheme, and a `*.` route's too: how the upstream reads the path
+        // depends on neither.
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
-            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
             let wider = self.candidates(host).flatten().any(|other| {
-                portcullis_policy::loose_depth(&other.config.path_prefix) < depth
-                    && portcullis_policy::strictly_within(&other.config.path_prefix, path)
+                !Arc::ptr_eq(other, route)
+                    && portcullis_policy::loosely_within(&other.config.path_prefix, path)
             });
             if wider {
                 return Some(
@@ -369,6 +368,24 @@ mod tests {
         assert!(refused("app.corp.test", "/PUBLIC/x").is_some());
         assert_eq!(refused("app.corp.test", "/public/x"), None);
         assert_eq!(refused("solo.test", "/PUBLIC/x"), None);
+        // A route of the other scheme at the same depth, spelled otherwise, and a wider route
+        // that holds the path only leniently, count too.
+        let table = RouteTable::new(vec![
+            like_at("app.test", Scheme::Http, "/Reports/"),
+            like_at("app.test", Scheme::Https, "/reports/"),
+            like_at("app.test", Scheme::Https, "/app/"),
+            like_at("app.test", Scheme::Https, "/app/public/"),
+        ]);
+        let refused = |path: &str| match table.find(Scheme::Https, "app.test", path) {
+            Match::Found(route) => table.refuses(Scheme::Https, "app.test", route, path, None),
+            _ => panic!("{path}: no route"),
+        };
+        for path in ["/Reports/x", "/APP/public/x", "/app;x/public/y"] {
+            assert!(refused(path).is_some(), "{path}");
+        }
+        for path in ["/reports/x", "/app/public/x", "/app/x", "/app/public"] {
+            assert_eq!(refused(path), None, "{path}");
+        }
         // A prefix both schemes have: each scheme's own route.
         assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");
         assert_eq!(name(Scheme::Https, "/both/x"), "Https /both");

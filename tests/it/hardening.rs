@@ -1404,21 +1404,30 @@ async fn a_spelling_that_only_a_lenient_reading_puts_on_a_public_route_is_refuse
                 .accept(&["public"])
                 .set("allow = { public = true, paths = [\"/open/\"] }"),
         )
-        .route(Route::new("http://app.test/public/", &[&up]).accept(&["public"]));
+        .route(Route::new("http://app.test/public/", &[&up]).accept(&["public"]))
+        // The same behind a `*.` route for the whole domain.
+        .route(
+            Route::new("http://*.corp.test", &[&up])
+                .accept(&["public"])
+                .set("allow = { public = true, paths = [\"/open/\"] }"),
+        )
+        .route(Route::new("http://wiki.corp.test/public/", &[&up]).accept(&["public"]));
     let _px = cfg.start().await;
-    let status = |path: &str| {
-        let url = cfg.http_url("app.test", path);
-        async move {
-            let resp = bare_client().get(&url).send().await.expect("GET");
-            resp.status().as_u16()
+    for host in ["app.test", "wiki.corp.test"] {
+        let status = |path: &str| {
+            let url = cfg.http_url(host, path);
+            async move {
+                let resp = bare_client().get(&url).send().await.expect("GET");
+                resp.status().as_u16()
+            }
+        };
+        assert_eq!(status("/public/x").await, 200, "{host}");
+        assert_eq!(status("/public").await, 200, "{host}");
+        assert_eq!(status("/open/x").await, 200, "{host}");
+        assert_eq!(status("/staff/x").await, 403, "{host}");
+        for path in ["/PUBLIC/x", "/Public", "/public;x/y", "/;a/public/y"] {
+            assert_eq!(status(path).await, 400, "{host}{path}");
         }
-    };
-    assert_eq!(status("/public/x").await, 200);
-    assert_eq!(status("/public").await, 200);
-    assert_eq!(status("/open/x").await, 200);
-    assert_eq!(status("/staff/x").await, 403);
-    for path in ["/PUBLIC/x", "/Public", "/public;x/y", "/;a/public/y"] {
-        assert_eq!(status(path).await, 400, "{path}");
     }
 }
 
