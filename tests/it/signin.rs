@@ -3382,16 +3382,15 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     fx.idp.outage(false).await;
 }
 
-/// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503) is
-/// an outage, not a person in no group: taken as the ID token has it, a deny rule on a group
-/// would miss them for the session's lifetime.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group() {
-    const CAL: &str = "cal@example.com";
-    const CAL_PASSWORD: &str = "cal's password, long enough";
+const CAL: &str = "cal@example.com";
+const CAL_PASSWORD: &str = "cal's password, long enough";
+
+/// cal, a contractor at the IdP, whose email is in the ID token and whose groups are at
+/// UserInfo alone (as the provider ships); and a route on `/eng/` that reads the IdP's groups
+/// and denies contractors.
+async fn with_cal_s_groups_at_userinfo() -> Fixture {
     let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
-    let fx = Fixture::start_with(Options {
-        // The email in the ID token, the groups at UserInfo alone.
+    Fixture::start_with(Options {
         claims_in_id_token: true,
         userinfo_only: vec!["groups"],
         more_idp_users: vec![cal],
@@ -3404,7 +3403,15 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
         oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+/// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503) is
+/// an outage, not a person in no group: taken as the ID token has it, a deny rule on a group
+/// would miss them for the session's lifetime.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group() {
+    let fx = with_cal_s_groups_at_userinfo().await;
     let url = fx.url("app.test", "/eng/page");
 
     let browser = client();
@@ -3431,24 +3438,7 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
 /// group they are in is not missed, and they are not let in on the groups the IdP did not say.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_in_whose_userinfo_refuses_the_token_is_not_taken_for_a_person_in_no_group() {
-    const CAL: &str = "cal@example.com";
-    const CAL_PASSWORD: &str = "cal's password, long enough";
-    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
-    let fx = Fixture::start_with(Options {
-        // The email in the ID token, the groups at UserInfo alone.
-        claims_in_id_token: true,
-        userinfo_only: vec!["groups"],
-        more_idp_users: vec![cal],
-        extra_routes: vec![|api| {
-            Route::new("http://app.test/eng/", &[api])
-                .set("token_groups = true")
-                .set("allow = { any_signed_in = true }")
-                .set("deny = { groups = [\"contractors\"] }")
-        }],
-        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
-        ..Options::default()
-    })
-    .await;
+    let fx = with_cal_s_groups_at_userinfo().await;
     let url = fx.url("app.test", "/eng/page");
 
     let browser = client();
@@ -3470,24 +3460,7 @@ async fn a_sign_in_whose_userinfo_refuses_the_token_is_not_taken_for_a_person_in
 /// does not let them past its deny rule as a person in no group.
 #[tokio::test(flavor = "multi_thread")]
 async fn groups_not_sought_at_sign_in_are_not_taken_for_none_after_a_reload() {
-    const CAL: &str = "cal@example.com";
-    const CAL_PASSWORD: &str = "cal's password, long enough";
-    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
-    let fx = Fixture::start_with(Options {
-        // The email in the ID token, the groups at UserInfo alone.
-        claims_in_id_token: true,
-        userinfo_only: vec!["groups"],
-        more_idp_users: vec![cal],
-        extra_routes: vec![|api| {
-            Route::new("http://app.test/eng/", &[api])
-                .set("token_groups = true")
-                .set("allow = { any_signed_in = true }")
-                .set("deny = { groups = [\"contractors\"] }")
-        }],
-        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
-        ..Options::default()
-    })
-    .await;
+    let fx = with_cal_s_groups_at_userinfo().await;
     // No route reads the IdP's groups while cal signs in.
     let text = fx.cfg.toml();
     let reads_none = text.replace("token_groups = true", "token_groups = false");
