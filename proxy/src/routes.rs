@@ -161,10 +161,16 @@ impl RouteTable {
         // one's (a public `/public/` route beside a `/` for staff). Any other route that holds
         // it, of either scheme, and a `*.` route's too: how the upstream reads the path
         // depends on neither.
+        // (A route of the same prefix as written, the other scheme's or a `*.` one, takes
+        // the path as this one does: no other reading.)
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
+            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
             let wider = self.candidates(host).flatten().any(|other| {
+                let prefix = &other.config.path_prefix;
                 !Arc::ptr_eq(other, route)
-                    && portcullis_policy::loosely_within(&other.config.path_prefix, path)
+                    && (portcullis_policy::strictly_within(prefix, path)
+                        || (portcullis_policy::loose_depth(prefix) < depth
+                            && portcullis_policy::loosely_within(prefix, path)))
             });
             if wider {
                 return Some(
@@ -385,6 +391,24 @@ mod tests {
         }
         for path in ["/reports/x", "/app/public/x", "/app/x", "/app/public"] {
             assert_eq!(refused(path), None, "{path}");
+        }
+        // A twin of the same prefix as written (the other scheme's, or a `*.` one) reads the
+        // path as the route does: another spelling goes to the route, where nothing else holds
+        // it.
+        let table = RouteTable::new(vec![
+            like_at("app.test", Scheme::Http, "/v1/"),
+            like_at("app.test", Scheme::Https, "/v1/"),
+            like_at("*.test", Scheme::Https, "/v1/"),
+        ]);
+        for path in ["/V1/x", "/v1;x/y"] {
+            let Match::Found(route) = table.find(Scheme::Https, "app.test", path) else {
+                panic!("{path}: no route");
+            };
+            assert_eq!(
+                table.refuses(Scheme::Https, "app.test", route, path, None),
+                None,
+                "{path}"
+            );
         }
         // A prefix both schemes have: each scheme's own route.
         assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");
