@@ -1001,12 +1001,8 @@ impl Gate<'_> {
                 }
             }
             let email = subject.email;
-            let decision = facts.route.policy.evaluate(Some(&subject), request);
-            let decision = match withheld {
-                true => deny_by_unverified(facts, request, subject, unverified_email(principal))
-                    .unwrap_or(decision),
-                false => decision,
-            };
+            let unverified = unverified_email(principal).filter(|_| withheld);
+            let decision = decide(facts, request, subject, unverified);
             if !decision.allowed {
                 let who = Some(view.user.user_name.to_string());
                 return Some(Judged::Refuse(refusal(who, &decision)));
@@ -1255,12 +1251,8 @@ fn on_token(
         groups: &groups,
         owner_groups: &[],
     };
-    let decision = facts.route.policy.evaluate(Some(&subject), request);
-    let decision = match email {
-        None => deny_by_unverified(facts, request, subject, unverified_email(principal))
-            .unwrap_or(decision),
-        Some(_) => decision,
-    };
+    let unverified = unverified_email(principal).filter(|_| email.is_none());
+    let decision = decide(facts, request, subject, unverified);
     if !decision.allowed {
         return Judged::Refuse(refusal(Some(user.clone()), &decision));
     }
@@ -1313,22 +1305,29 @@ fn unverified_email<'a>(principal: Principal<'a>) -> Option<&'a str> {
     }
 }
 
-/// The refusal of a deny rule on the domain of `unverified`, an address withheld from `subject`
+/// The route's decision for `subject`, and with `unverified`, an address withheld from it
 /// (judged without it) because the IdP has not verified it: an allow rule never matches it,
 /// but a deny rule still does, or a person would escape a deny on their domain by leaving
 /// their address unverified.
-fn deny_by_unverified<'a>(
+fn decide<'a>(
     facts: &Facts<'a>,
     request: &'a Request<'a>,
     subject: Subject<'a>,
     unverified: Option<&'a str>,
-) -> Option<Decision<'a>> {
+) -> Decision<'a> {
+    let decision = facts.route.policy.evaluate(Some(&subject), request);
+    let Some(unverified) = unverified.filter(|_| decision.allowed) else {
+        return decision;
+    };
     let with_it = Subject {
-        email: Some(unverified?),
+        email: Some(unverified),
         ..subject
     };
-    let decision = facts.route.policy.evaluate(Some(&with_it), request);
-    matches!(decision.reason, Reason::Denied { .. }).then_some(decision)
+    let denied = facts.route.policy.evaluate(Some(&with_it), request);
+    match denied.reason {
+        Reason::Denied { .. } => denied,
+        _ => decision,
+    }
 }
 
 /// The policy's view of the directory user `user`, in `groups` (every group they are in).

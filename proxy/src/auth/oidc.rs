@@ -560,8 +560,8 @@ impl Oidc {
         // (it refused the access token) or was not asked (no route read groups then): unknown,
         // not none. Taken as none, a deny rule on a group (one a reload adds, too) would miss
         // them for the session's lifetime.
-        let groups_unlisted = unlisted
-            || (id_groups.is_none() && info.is_none() && userinfo_could_say(config, &provider));
+        let groups_unlisted =
+            unlisted || groups_unsaid(id_groups.is_some(), info.is_some(), config, &provider);
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object, &[wants.claim]);
@@ -837,8 +837,7 @@ impl Oidc {
         }
         let (mut groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
         // Unknown, as at sign-in, where UserInfo could say them and did not answer.
-        let unlisted =
-            unlisted || (!listed && info.is_none() && userinfo_could_say(config, provider));
+        let unlisted = unlisted || groups_unsaid(listed, info.is_some(), config, provider);
         let mut held = identity.groups.clone();
         groups.sort_unstable();
         groups.dedup();
@@ -1162,10 +1161,15 @@ fn gave_tokens(body: &[u8]) -> bool {
         .is_ok_and(|answer| answer.get("access_token").is_some())
 }
 
-/// Whether UserInfo may hold claims the ID token lacks: the provider has the endpoint and the
-/// configuration lets Portcullis ask it. Otherwise the ID token says all there is.
-fn userinfo_could_say(config: &OidcConfig, provider: &Provider) -> bool {
-    config.userinfo != UserInfo::Never && provider.metadata.userinfo_endpoint().is_some()
+/// Whether a sign-in's (or a refresh's) groups are unknown: the ID token does not list them,
+/// and UserInfo, which may hold claims the ID token lacks (the provider has the endpoint, and
+/// the configuration lets Portcullis ask it), gave no answer. Without the endpoint, or with
+/// `userinfo = "never"`, the ID token says all there is.
+fn groups_unsaid(listed: bool, answered: bool, config: &OidcConfig, provider: &Provider) -> bool {
+    !listed
+        && !answered
+        && config.userinfo != UserInfo::Never
+        && provider.metadata.userinfo_endpoint().is_some()
 }
 
 /// The groups the provider gives a person: the ID token's (its raw claims), else UserInfo's

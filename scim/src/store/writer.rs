@@ -860,8 +860,8 @@ impl<'a> Overlay<'a> {
             .count())
     }
 
-    /// Makes `ids` the members of `group`. Returns the ids it added (each once), and how many
-    /// members it removed.
+    /// Makes `ids` the members of `group`. Returns the ids it added (each once), and those of
+    /// the members it removed.
     fn set_members(
         &mut self,
         group: Row,
@@ -959,8 +959,8 @@ fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<Str
     }
 }
 
-/// What a replace of all of a group's members (by `all` ids) changed: the members it added,
-/// by id (it grants them what the group grants), and how many it removed.
+/// What a replace of all of a group's members (by `all` ids) changed: the members it added and
+/// those it removed, by id (it grants them what the group grants, or takes it away).
 fn replaced_summary(all: usize, added: &[String], removed: &[String]) -> String {
     format!(
         "members replaced ({all} members): +[{}] -[{}]",
