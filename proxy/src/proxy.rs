@@ -891,10 +891,9 @@ impl ProxyHttp for Proxy {
             Authentication::Caller(caller) if !preflight => Some(caller),
             _ => None,
         };
-        // A websocket or event stream is judged again as long as it is open, whoever opened
-        // it: one let in by a public rule ends when a reload takes that rule away.
+        // Swept while it is open (a websocket or an event stream, which may be silent for
+        // hours); any other request is judged again at its next chunk once anything moved.
         let long_lived = is_long_lived(req, route.config.websockets);
-        let judged = caller.is_some() || long_lived;
         ctx.caller = caller;
         ctx.long_lived = long_lived;
         ctx.preflight = preflight;
@@ -944,8 +943,11 @@ impl ProxyHttp for Proxy {
             ctx.served = Some(format!("{scheme}://{host}{path}").into());
         }
         ctx.route = Some(route);
-        // With the caller and the route set: all a recheck is made from.
-        ctx.decided_at = judged.then_some(decided_at);
+        // With the caller and the route set: all a recheck is made from. Whoever it is: a
+        // stream let in by a public rule (a log tail, an NDJSON feed) ends when a reload takes
+        // that rule away, as a caller's ends when they lose access. A CORS preflight is
+        // nobody's request, let in by the route's `cors_preflight`: not judged again as one.
+        ctx.decided_at = (!preflight).then_some(decided_at);
         if long_lived {
             // Watched from the moment it connects upstream (`connected_to_upstream`).
             let recheck = ctx.recheck(session.req_header());

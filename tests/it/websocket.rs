@@ -233,6 +233,52 @@ async fn an_anonymous_websocket_ends_when_a_reload_takes_its_public_rule_away() 
     assert!(audit.contains("anonymous"), "{audit}");
 }
 
+/// A plain streaming answer let in by a public rule (a log tail, an NDJSON feed: no
+/// `Accept: text/event-stream`) ends at its next chunk once a reload takes that rule away, as
+/// a websocket or an event stream does.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_plain_stream_ends_when_a_reload_takes_its_public_rule_away() {
+    let up = Upstream::start("a").await;
+    let route = |allow: &str| {
+        Route::new("http://open.test", &[&up])
+            .accept(&["public"])
+            .set(&format!("allow = {allow}"))
+    };
+    let cfg = ConfigBuilder::new().http_listener();
+    let px = cfg.clone().route(route("{ public = true }")).start().await;
+    // One line every 20 ms for 20 s.
+    let mut resp = portcullis_tests::client::plain_client()
+        .get(format!("http://{}/stream-ticks", cfg.http_addr()))
+        .header("host", "open.test")
+        .send()
+        .await
+        .expect("the stream opens");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let first = timeout(STEP, resp.chunk()).await.expect("a tick arrives");
+    assert!(matches!(first, Ok(Some(_))), "{first:?}");
+
+    let closed = cfg
+        .clone()
+        .route(route("{ public = true, paths = [\"/status\"] }"));
+    px.rewrite_config(&closed.toml());
+    px.reload_and_wait().await;
+    let ended = timeout(STEP, async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return "completed",
+                Err(_) => return "cut",
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        ended,
+        Ok("cut"),
+        "the stream went on after its public rule was taken away"
+    );
+}
+
 /// A websocket whose upstream sends nothing for the route's `read_timeout` ends, as the README
 /// says: an idle stream needs pings, or a longer `read_timeout` on its route.
 #[tokio::test(flavor = "multi_thread")]
