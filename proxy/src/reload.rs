@@ -351,11 +351,15 @@ impl Poll {
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Without SIGHUP, the file is still watched.
         let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(hangup) => hangup,
+            Ok(hangup) => Some(hangup),
             Err(e) => {
-                tracing::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
-                return;
+                tracing::error!(
+                    "cannot listen for SIGHUP, reload by signal is off (the file's edits are \
+                     still read): {e}"
+                );
+                None
             }
         };
         let poll = self
@@ -378,7 +382,12 @@ impl BackgroundService for Reloader {
         let mut failed_at = 0;
         loop {
             tokio::select! {
-                _ = hangup.recv() => {
+                _ = async {
+                    match hangup.as_mut() {
+                        Some(hangup) => hangup.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     file = Poll::new(read());
                     if !self.reload("SIGHUP") {
                         file.failed();
