@@ -2316,15 +2316,28 @@ const PLAIN_NAME: [bool; 256] = {
     plain
 };
 
-/// Removes the `Authorization` values of the `Bearer` scheme (in any case) whose token `which`
-/// picks (a token that is not text, always); the others stay.
+/// Removes the `Authorization` values that hold a `Bearer` token (the scheme in any case)
+/// `which` picks (any token, in a value that is not ASCII); the others stay. Read as the most
+/// lenient upstream reads them, not as Portcullis does (one value, `Bearer <token>`): Flask-JWT-Extended
+/// splits a value at commas and then at any space, a Latin-1 no-break space too, and takes
+/// `x, Bearer <token>` or `Bearer\xA0<token>` for that token, which Portcullis never read.
 fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
     let removed = |value: &HeaderValue| {
         let bytes = value.as_bytes();
-        let mut words = bytes.splitn(2, |&b| b == b' ' || b == b'\t');
-        let scheme = words.next().unwrap_or(bytes);
-        let token = words.next().unwrap_or_default().trim_ascii();
-        scheme.eq_ignore_ascii_case(b"bearer") && std::str::from_utf8(token).map_or(true, &which)
+        let mut words = bytes
+            .split(|&b| b == b',' || !b.is_ascii_graphic())
+            .filter(|word| !word.is_empty())
+            .skip_while(|word| !word.eq_ignore_ascii_case(b"bearer"))
+            .peekable();
+        if words.next().is_none() {
+            return false;
+        }
+        !bytes.is_ascii()
+            || match words.peek() {
+                None => which(""),
+                // Every word is ASCII.
+                Some(_) => words.any(|token| std::str::from_utf8(token).map_or(true, &which)),
+            }
     };
     remove_values(headers, header::AUTHORIZATION, removed);
 }
@@ -3126,14 +3139,41 @@ mod tests {
             ("Authorization", "Basic dXNlcjpwYXNz"),
             ("Authorization", "bEaReR\tdef"),
             ("Authorization", "Bearer"),
+            // Read as a token by an upstream that splits at commas and any space.
+            ("Authorization", "x, Bearer ghi"),
+            ("Authorization", "Basic dXNlcjpwYXNz,bearer ghi"),
+            // Not a bearer token to anyone.
+            ("Authorization", "Digest username=\"bearer\", realm=\"x\""),
         ]);
+        let no_break_space = HeaderValue::from_bytes(b"Bearer\xA0jkl").unwrap();
+        req.append(header::AUTHORIZATION, no_break_space);
+        let left = |req: &http::HeaderMap| -> Vec<String> {
+            let values = req.get_all(header::AUTHORIZATION).iter();
+            values
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect()
+        };
+        let mut own = req.clone();
         remove_bearer_tokens(&mut req, |_| true);
-        let left: Vec<&str> = req
-            .get_all(header::AUTHORIZATION)
-            .iter()
-            .map(|v| v.to_str().unwrap())
-            .collect();
-        assert_eq!(left, ["Basic dXNlcjpwYXNz"]);
+        assert_eq!(
+            left(&req),
+            [
+                "Basic dXNlcjpwYXNz",
+                "Digest username=\"bearer\", realm=\"x\""
+            ]
+        );
+        // Only the tokens picked, wherever they are in a value (one not ASCII, whatever it is).
+        remove_bearer_tokens(&mut own, |token| token == "ghi");
+        assert_eq!(
+            left(&own),
+            [
+                "Bearer abc",
+                "Basic dXNlcjpwYXNz",
+                "bEaReR\tdef",
+                "Bearer",
+                "Digest username=\"bearer\", realm=\"x\""
+            ]
+        );
     }
 
     #[test]
