@@ -2261,7 +2261,8 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 ///   `Forwarded` and `X-Forwarded-For`, `-Proto` and `-Host` itself);
 /// - the client addresses CDNs and load balancers set, which frameworks read before the
 ///   connection's (`Client-IP`, `X-Client-IP`, `True-Client-IP`, `X-Cluster-Client-IP`,
-///   `CF-Connecting-IP`, `Fastly-Client-IP`);
+///   `CF-Connecting-IP`, `Fastly-Client-IP`), and those django-ipware reads past a private
+///   `X-Forwarded-For` for a public address (`X-Forwarded`, `Forwarded-For`, `Via`);
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
 ///   which would let a client dodge a rule on methods;
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
@@ -2280,8 +2281,11 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 17] = [
+    const NAMES: [&[u8]; 20] = [
         b"forwarded",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"via",
         b"x-real-ip",
         b"client-ip",
         b"x-client-ip",
@@ -3123,13 +3127,16 @@ mod tests {
             ("X-HTTP-Method", "DELETE"),
             ("X.HTTP.Method.Override", "DELETE"),
             ("Proxy", "http://10.0.0.1:3128"),
-            ("X-Forwarded", "kept: not a forwarding header of any proxy"),
+            // Read by django-ipware past a private `X-Forwarded-For` for a public address.
+            ("X-Forwarded", "198.51.100.7"),
+            ("Forwarded-For", "198.51.100.7"),
+            ("Via", "1.1 198.51.100.7"),
             ("X-Request-Id", "kept"),
         ]);
         strip_reserved_headers(&mut req);
         let mut names: Vec<&str> = req.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["x-forwarded", "x-request-id"]);
+        assert_eq!(names, ["x-request-id"]);
     }
 
     #[test]
