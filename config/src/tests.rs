@@ -1747,6 +1747,22 @@ allow_sample_rate = nan
             )],
         },
         Case {
+            name: "identity: headers apart only by a character PHP or lighttpd reads as `_`",
+            text: "data_dir = \"data\"\nLISTENERS\n[identity]\nheader_user = \"X-Portcullis-User-Name\"\nheader_email = \"X-Portcullis-User.Name\"\nheader_groups = \"X-Portcullis-User~Name\"\n",
+            problems: &[
+                (
+                    "identity.header_email",
+                    Some(12),
+                    "the same header as identity.header_user",
+                ),
+                (
+                    "identity.header_groups",
+                    Some(13),
+                    "the same header as identity.header_user",
+                ),
+            ],
+        },
+        Case {
             name: "TOML syntax error",
             text: "data_dir = \"data\"\n[server\nthreads = 2\n",
             problems: &[("", Some(2), "")],

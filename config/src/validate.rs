@@ -1397,7 +1397,12 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
         };
         (key, header_path, name)
     });
-    let normalized = |name: &HeaderName| name.as_str().replace('_', "-");
+    // As CGI-style servers read names: `_` as `-`, and PHP `.` and lighttpd any other
+    // character too (`X-Portcullis-User.Name` is `X-Portcullis-User-Name` to them).
+    let normalized = |name: &HeaderName| -> String {
+        let dashed = |c: char| if c.is_ascii_alphanumeric() { c } else { '-' };
+        name.as_str().chars().map(dashed).collect()
+    };
     for (j, (_, header_path, name)) in headers.iter().enumerate() {
         if normalized(name) == ASSERTION_HEADER.to_ascii_lowercase() {
             p.add(
@@ -1417,7 +1422,7 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
                 header_path,
                 format!(
                     "the same header as identity.{first} (header names compare in any case, \
-                     and `_` as `-`)"
+                     and any character but a letter or digit as `-`)"
                 ),
             );
         }
