@@ -336,23 +336,25 @@ impl Shared {
         self.auth.sessions.issued_in(runtime.session_cookie());
         let before = self.runtime.load().config.oidc.clone();
         let after = runtime.config.oidc.clone();
-        self.runtime.store(Arc::new(runtime));
-        self.reloads.bump();
         // Sign-in moved to another provider (off a compromised one, say), or off any, or its
         // sessions' lifetime or idle timeout changed: the sessions either configuration would
         // refuse end, so that a reload back does not bring them back (those begun while the
         // provider was compromised, those it logged out meanwhile, which it could not tell
-        // Portcullis of; those a lifetime shortened after an incident had cut off).
+        // Portcullis of; those a lifetime shortened after an incident had cut off). Taken out
+        // before the new configuration is in use: under a longer idle timeout, a request
+        // would find one that idled out before alive, and keep it so.
         if let Some(before) = before.filter(|before| Some(before) != after.as_ref()) {
             self.end_sessions_not_held(before, after);
         }
+        self.runtime.store(Arc::new(runtime));
+        self.reloads.bump();
     }
 
-    /// Ends, in the background, the sessions sign-in as configured `before` a reload or
-    /// `after` it would refuse (see [`crate::auth::sessions::Sessions::not_held`]). Until
-    /// the store takes the write, it is tried again (after a second, doubling up to a
-    /// minute): with a shared store nothing else ends them, and a reload back would find them
-    /// held again.
+    /// Ends the sessions sign-in as configured `before` a reload or `after` it would refuse
+    /// (see [`crate::auth::sessions::Sessions::not_held`]): out of memory at once, the end
+    /// written in the background. Until the store takes the write, it is tried again (after a
+    /// second, doubling up to a minute): with a shared store nothing else ends them, and a
+    /// reload back would find them held again.
     fn end_sessions_not_held(&self, before: OidcConfig, after: Option<OidcConfig>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -362,10 +364,11 @@ impl Shared {
         if keys.is_empty() {
             return;
         }
+        let mut taken = auth.sessions.take(&keys);
         runtime.spawn(async move {
             let mut pause = std::time::Duration::from_secs(1);
             loop {
-                match auth.sessions.end(&keys).await {
+                match auth.sessions.write_end(&keys, taken, Vec::new()).await {
                     Ok(()) => {
                         let ended = keys.len();
                         tracing::info!(
@@ -374,11 +377,16 @@ impl Shared {
                         );
                         return;
                     }
-                    Err(e) => tracing::error!(
-                        "cannot end the sessions the sign-in configuration no longer holds \
-                         (they vouch for nobody while it does not); trying again in \
-                         {pause:?}: {e}"
-                    ),
+                    // Not put back: under the new configuration they would let in again
+                    // those it no longer holds, until a retry.
+                    Err((e, back)) => {
+                        taken = back;
+                        tracing::error!(
+                            "cannot end the sessions the sign-in configuration no longer \
+                             holds (they let nobody in here meanwhile); trying again in \
+                             {pause:?}: {e}"
+                        );
+                    }
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(60));
@@ -573,6 +581,75 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload that raises the idle timeout brings back no session that idled out before it,
+    /// not even for a request made before the end is written: such a session is out of memory
+    /// before the new configuration is in use (a request under it would otherwise find the
+    /// session alive, and keep it so).
+    #[tokio::test]
+    async fn a_reload_that_raises_the_idle_timeout_revives_no_session_at_any_moment() {
+        use portcullis_scim::store::{memory::MemoryStorage, Sinks};
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Arc::new(crate::auth::sessions::Kept::default());
+        let sinks = Sinks {
+            changes: None,
+            entries: Some(kept.clone()),
+        };
+        let storage = Arc::new(MemoryStorage::default());
+        let clock = Box::new(time::OffsetDateTime::now_utc);
+        let directory = Arc::new(Directory::open_with_sinks(storage, clock, sinks).unwrap());
+        let log = || crate::audit::Destination::of(dir.path(), None);
+        let audit = Arc::new(Audit::open(log(), log()).unwrap());
+        let now = now_unix();
+        let signer = Signer::open(dir.path(), now, crate::assertion::TOKEN_TTL).unwrap();
+        let auth = Arc::new(Auth::new(directory.clone(), kept, audit.clone()).unwrap());
+        let with_idle = |seconds| {
+            let mut config = crate::testing::config("");
+            let oidc = config.oidc.as_mut().unwrap();
+            oidc.session_idle_timeout = std::time::Duration::from_secs(seconds);
+            config
+        };
+        let runtime = Runtime::build(with_idle(60), &directory);
+        let shared = Shared::new(
+            dir.path().join("portcullis.toml"),
+            directory.clone(),
+            None,
+            auth,
+            Arc::new(signer),
+            audit,
+            runtime,
+        );
+        let sessions = &shared.auth.sessions;
+        let oidc = with_idle(60).oidc.unwrap();
+        let identity = crate::caller::Identity {
+            issuer: oidc.issuer.clone(),
+            subject: "alice".to_owned(),
+            email: Some("alice@corp.example".to_owned()),
+            email_verified: None,
+            name: None,
+            idp_session: None,
+            created: now - 120,
+            expires: now + 3_600,
+            id_token: None,
+            directory_seq: 0,
+            groups: Vec::new(),
+            groups_unlisted: false,
+            claims: Default::default(),
+        };
+        let cookie = oidc.cookie_name.as_str();
+        let id = sessions.create(identity, None, cookie, now - 120).await;
+        let (key, _) = sessions.get(&id.unwrap()).expect("held");
+        assert!(!sessions.vouches(&key, now, &oidc), "idled out");
+
+        let raised = with_idle(3_600);
+        shared.install(Runtime::build(raised.clone(), &directory));
+        // Nothing awaited since: the end is not written yet.
+        let raised = raised.oidc.unwrap();
+        assert!(
+            !sessions.vouches(&key, now, &raised),
+            "a session that idled out before the reload is alive under it"
+        );
+    }
 
     /// A plain-HTTP listener at `address`, with nothing else set.
     fn plain(address: &str) -> portcullis_config::Listener {

@@ -562,6 +562,10 @@ impl EntrySink for Kept {
     }
 }
 
+/// Sessions [`Sessions::take`]n out of memory, their end still to be written.
+#[must_use = "the end is still to be written (`Sessions::write_end`)"]
+pub struct Taken(Vec<SessionKey>);
+
 /// The sessions, over what [`Kept`] holds and the directory that stores them. A clone is
 /// another handle on the same sessions.
 #[derive(Clone)]
@@ -795,6 +799,17 @@ impl Sessions {
         if keys.is_empty() && entries.is_empty() {
             return Ok(());
         }
+        let taken = self.take(keys);
+        let written = self.write_end(keys, taken, entries).await;
+        written.map_err(|(e, taken)| {
+            self.put_back(taken);
+            e
+        })
+    }
+
+    /// [`Sessions::end`] begun now, before anything awaits: from the moment this returns, no
+    /// request is served by these sessions here. The end is written by [`Sessions::write_end`].
+    pub fn take(&self, keys: &[SessionKey]) -> Taken {
         // Moved (or counted) while `ending`'s entry is held, as it is put back: another end
         // finds it in one map or the other, never in neither. (`ending` before `sessions`,
         // always; nothing holds the two in the other order.)
@@ -821,23 +836,35 @@ impl Sessions {
         if !keys.is_empty() {
             self.kept.ended();
         }
+        Taken(taken)
+    }
+
+    /// Writes the end of the sessions `keys`, [`Sessions::take`]n, with `entries`. If the store
+    /// refuses, they are still out of memory here, [`Sessions::put_back`] or to be written again.
+    pub async fn write_end(
+        &self,
+        keys: &[SessionKey],
+        taken: Taken,
+        entries: Vec<Entry>,
+    ) -> Result<(), (String, Taken)> {
         let written = keys.iter().flat_map(forget).chain(entries).collect();
-        let stored = put(&self.directory, written).await;
-        if stored.is_err() {
-            // Put back by the last end whose write fails (unless one whose write held, or a
-            // reading anew of the store, took it out of `ending` meanwhile).
-            for key in taken {
-                if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
-                    ending.get_mut().1 -= 1;
-                    if ending.get().1 == 0 {
-                        self.kept.sessions.insert(key, ending.get().0.clone());
-                        self.kept.put_back.fetch_add(1, Ordering::SeqCst);
-                        ending.remove();
-                    }
+        put(&self.directory, written).await.map_err(|e| (e, taken))
+    }
+
+    /// Puts back sessions whose end the store refused: not ended anywhere, they must still be
+    /// found by a retry. Put back by the last end whose write fails (unless one whose write
+    /// held, or a reading anew of the store, took it out of `ending` meanwhile).
+    fn put_back(&self, Taken(taken): Taken) {
+        for key in taken {
+            if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
+                ending.get_mut().1 -= 1;
+                if ending.get().1 == 0 {
+                    self.kept.sessions.insert(key, ending.get().0.clone());
+                    self.kept.put_back.fetch_add(1, Ordering::SeqCst);
+                    ending.remove();
                 }
             }
         }
-        stored
     }
 
     /// Whether a back-channel logout token of `issuer` with this `jti` was used, here or on
@@ -1197,6 +1224,28 @@ mod tests {
         {
             self.inner.changes(after, limit)
         }
+    }
+
+    /// A write of an end the store refuses leaves the sessions out of memory, to be written
+    /// again: a reload's end is tried until it holds, and they serve nobody meanwhile.
+    #[tokio::test]
+    async fn an_end_whose_write_is_refused_stays_taken_until_written() {
+        let (sessions, store, _entered, release) = gated();
+        drop(release);
+        let id = sessions
+            .create(identity("alice", 10_000), None, "s", 100)
+            .await
+            .unwrap();
+        let (key, _) = sessions.get(&id).unwrap();
+        let taken = sessions.take(&[key]);
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let Err((_, taken)) = sessions.write_end(&[key], taken, Vec::new()).await else {
+            panic!("the store refused the write");
+        };
+        assert!(sessions.get(&id).is_none(), "put back by a refused write");
+        assert!(sessions.write_end(&[key], taken, Vec::new()).await.is_ok());
+        assert!(sessions.get(&id).is_none());
+        assert!(sessions.find(|_| true).is_empty(), "ended");
     }
 
     /// A second end of a session while a first is writing its end (a double-click on "Sign
