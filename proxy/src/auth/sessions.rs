@@ -690,6 +690,18 @@ impl Sessions {
         Ok(keys.len())
     }
 
+    /// Whether sign-in as configured by `oidc` holds `session` at `now`: of its provider, within
+    /// its lifetime and idle timeout (with a shared store, plus [`SHARED_USE_LATE_BY`]: its use
+    /// on another replica may reach this one that late).
+    pub fn holds(&self, session: &Session, now: u64, oidc: &OidcConfig) -> bool {
+        let margin = if self.directory.is_shared() {
+            SHARED_USE_LATE_BY
+        } else {
+            0
+        };
+        session.holds_under(now, oidc, margin)
+    }
+
     /// The sessions that sign-in as configured `before` a reload did not hold (past its
     /// lifetime, idle, another provider's) or as configured `after` it does not (`None`:
     /// sign-in is off), to be ended so that no change brings back a session another had
@@ -703,11 +715,6 @@ impl Sessions {
         before: &OidcConfig,
         after: Option<&OidcConfig>,
     ) -> Vec<SessionKey> {
-        let margin = if self.directory.is_shared() {
-            SHARED_USE_LATE_BY
-        } else {
-            0
-        };
         (self.kept.sessions.iter())
             .filter(|held| {
                 // By the configuration before, only the sessions of its provider: with a shared
@@ -715,8 +722,8 @@ impl Sessions {
                 // they began with the new provider, which its old configuration never held.
                 let session = held.value();
                 let of_before = session.identity.issuer == before.issuer;
-                (of_before && !session.holds_under(now, before, margin))
-                    || after.is_none_or(|after| !session.holds_under(now, after, margin))
+                (of_before && !self.holds(session, now, before))
+                    || after.is_none_or(|after| !self.holds(session, now, after))
             })
             .map(|held| *held.key())
             .collect()

@@ -62,7 +62,8 @@ impl Console {
     /// error if they could not be found: never "none", which would end none and say so.
     async fn sessions_of(&self, user: &UserEntry) -> Result<Vec<SessionKey>, String> {
         let (sessions, runtime, user) = (self.sessions.clone(), self.runtime.clone(), user.clone());
-        tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user))
+        let now = self.now;
+        tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user, now))
             .await
             .map_err(|e| format!("the sessions could not be found: {e}"))
     }
@@ -71,7 +72,7 @@ impl Console {
     pub(super) fn confirm(&self, act: &Act) -> Shown {
         let (title, question, button) = match act {
             Act::EndSessions(user) => {
-                let n = sessions_of(&self.sessions, &self.runtime, user).len();
+                let n = sessions_of(&self.sessions, &self.runtime, user, self.now).len();
                 (
                     format!("End {}'s sessions", user.user_name),
                     format!(
@@ -226,7 +227,12 @@ impl Console {
 }
 
 /// The sessions held here that let in the person who signs in as `user`.
-fn sessions_of(sessions: &Sessions, runtime: &Runtime, user: &UserEntry) -> Vec<SessionKey> {
-    let held = super::directory::sessions_of(sessions, &runtime.config.identity, user);
+fn sessions_of(
+    sessions: &Sessions,
+    runtime: &Runtime,
+    user: &UserEntry,
+    now: i64,
+) -> Vec<SessionKey> {
+    let held = super::directory::sessions_of(sessions, runtime, user, now);
     held.into_iter().map(|(key, _)| key).collect()
 }

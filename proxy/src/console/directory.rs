@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use portcullis_config::IdentityConfig;
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
@@ -17,6 +16,7 @@ use crate::caller::SessionKey;
 use crate::gate::{person_key, session_stands};
 use crate::human::{relative, timestamp};
 use crate::reply::escape;
+use crate::state::Runtime;
 
 /// One page of the rows of a list that a search selects.
 struct Listing {
@@ -165,19 +165,26 @@ fn groups_table(index: &Index, member: Row) -> String {
     html
 }
 
-/// Whether directory key `key` (a person's sign-in) names `user`.
-/// The sessions held here that let in the person who signs in as `user`: not those the
-/// gate refuses (begun before the user was re-created or re-activated, or of a deactivated
-/// user), which are ended at their next use.
+/// The sessions held here that let in the person who signs in as `user`, at `now`: not those
+/// the gate refuses (begun before the user was re-created or re-activated, or of a deactivated
+/// user; past their lifetime or idle timeout), which are ended at their next use or forgotten.
 pub(super) fn sessions_of(
     sessions: &Sessions,
-    identity: &IdentityConfig,
+    runtime: &Runtime,
     user: &UserEntry,
+    now: i64,
 ) -> Vec<(SessionKey, Arc<Session>)> {
-    sessions.find(|who| {
+    let Some(oidc) = &runtime.config.oidc else {
+        return Vec::new();
+    };
+    let now = u64::try_from(now).unwrap_or_default();
+    let identity = &runtime.config.identity;
+    let mut found = sessions.find(|who| {
         person_key(identity, who).is_some_and(|key| names_user(key, user))
             && session_stands(who, user)
-    })
+    });
+    found.retain(|(_, session)| sessions.holds(session, now, oidc));
+    found
 }
 
 fn names_user(key: SubjectKey<'_>, user: &UserEntry) -> bool {
@@ -283,7 +290,7 @@ impl Console {
         content.push_str("<h2>Recent records</h2>");
         content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
-        let sessions = sessions_of(&self.sessions, &self.runtime.config.identity, &user);
+        let sessions = sessions_of(&self.sessions, &self.runtime, &user, self.now);
         content.push_str("<h2>Sessions</h2>");
         match sessions.iter().map(|(_, s)| s.last_seen()).max() {
             None => content.push_str("<p class=\"muted\">No session.</p>"),

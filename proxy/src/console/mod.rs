@@ -470,7 +470,11 @@ mod pages {
         world
             .sessions
             .create(
-                world.person("alice@corp.example"),
+                // Begun a second ago: before a re-activation below.
+                crate::caller::Identity {
+                    created: crate::clock::now_unix() - 1,
+                    ..world.person("alice@corp.example")
+                },
                 None,
                 "portcullis_session",
                 crate::clock::now_unix(),
@@ -483,6 +487,24 @@ mod pages {
             "{}",
             text(&page)
         );
+        // bob's, idled out, lets nobody in: none to show (the sweep forgets it later).
+        let idle = console.runtime.config.oidc.as_ref().unwrap();
+        let idle = idle.session_idle_timeout.as_secs();
+        let long_ago = crate::clock::now_unix() - idle - 60;
+        let who = crate::caller::Identity {
+            created: long_ago,
+            ..world.person("<b>bob</b>@corp.example")
+        };
+        let cookie = "portcullis_session";
+        world
+            .sessions
+            .create(who, None, cookie, long_ago)
+            .await
+            .unwrap();
+        let page = console.get(&format!("users/{bob}"), "");
+        assert!(text(&page).contains("No session."), "{}", text(&page));
+        let page = console.get(&format!("users/{bob}/end_sessions"), "");
+        assert!(text(&page).contains("has 0 sessions"), "{}", text(&page));
 
         // eng's members: the group platform and bob.
         let page = console.get(&format!("groups/{eng}"), "");
@@ -697,7 +719,10 @@ mod pages {
             world
                 .sessions
                 .create(
-                    world.person("bob@corp.example"),
+                    crate::caller::Identity {
+                        created: now,
+                        ..world.person("bob@corp.example")
+                    },
                     None,
                     "portcullis_session",
                     now,
