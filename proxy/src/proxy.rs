@@ -578,7 +578,12 @@ impl ProxyHttp for Proxy {
         let head_too_large = if fields(req) > MAX_FIELDS {
             Some(format!("it has more than {MAX_FIELDS} header fields"))
         } else {
-            (head_size(req) > max_bytes)
+            // Sign-ins in progress on TLS are not counted (see `cookies_past_bound`): tabs
+            // restored at once, each sent to sign in, must not make every request 431.
+            let size = head_size(req);
+            let cookies = || req.headers.get_all(header::COOKIE);
+            (size > max_bytes
+                && size.saturating_sub(crate::auth::signing_in(&cookies())) > max_bytes)
                 .then(|| format!("its head is larger than {max_bytes} bytes"))
         };
         // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as
@@ -602,14 +607,16 @@ impl ProxyHttp for Proxy {
         if let Some(why) = head_too_large {
             let reason = format!("a request was refused: {why}");
             let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            // Sign-ins begun in many tabs at once may have made it so: all but the newest the
+            // browser keeps expire, so that its next request is not.
+            let keep = crate::auth::endpoints::MAX_PENDING_SIGN_INS;
+            let expired = crate::auth::endpoints::pending_past(req, ctx.tls, keep);
+            let refused = (expired.into_iter())
+                .fold(Reply::status_page(status), |reply, cookie| {
+                    reply.header(header::SET_COOKIE, cookie)
+                });
             return self
-                .refuse_as_sent(
-                    session,
-                    ctx.client_ip,
-                    NO_ROUTE,
-                    Reply::status_page(status),
-                    &reason,
-                )
+                .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, refused, &reason)
                 .await;
         }
 

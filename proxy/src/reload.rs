@@ -50,10 +50,12 @@ impl Reloader {
 /// The bound on an HTTP/2 request's header list that lets a head of up to
 /// `max_request_header_bytes` (as Portcullis counts it) reach its own check: HTTP/2 counts
 /// each field 28 bytes more, and its pseudo-headers too. Room for a field per 112 bytes of
-/// the bound (at least 128 fields): browsers send each cookie as a field of its own.
+/// the bound (at least 128 fields): browsers send each cookie as a field of its own. And room
+/// for the sign-ins in progress a browser keeps, which that check does not count.
 pub fn h2_header_list_size(max_request_header_bytes: usize) -> u32 {
     let room = (max_request_header_bytes / 4).max(128 * 32);
-    u32::try_from(max_request_header_bytes.saturating_add(room)).unwrap_or(u32::MAX)
+    let bound = max_request_header_bytes.saturating_add(room);
+    u32::try_from(bound.saturating_add(crate::auth::PENDING_SIGN_IN_BYTES)).unwrap_or(u32::MAX)
 }
 
 /// How many streams an HTTP/2 client may have open at once, given the bound on each one's
@@ -571,8 +573,10 @@ mod tests {
             ["server.client_idle_timeout (HTTP/2)"]
         );
         // Every head Portcullis takes reaches its own check, with room for many fields.
-        assert_eq!(h2_header_list_size(65_536), 65_536 + 16_384);
-        assert_eq!(h2_header_list_size(4_096), 4_096 + 4_096);
+        // And room for the sign-ins in progress a browser keeps, which it does not count.
+        let signing_in = 16 * 4_096;
+        assert_eq!(h2_header_list_size(65_536), 65_536 + 16_384 + signing_in);
+        assert_eq!(h2_header_list_size(4_096), 4_096 + 4_096 + signing_in);
         assert_eq!(h2_max_streams(h2_header_list_size(65_536)), 100);
         assert_eq!(h2_max_streams(h2_header_list_size(1_048_576)), 12);
     }

@@ -2754,6 +2754,113 @@ async fn on_tls_the_session_cookie_is_secure_and_host_prefixed() {
     assert_eq!(Echo::parse(&resp.bytes().await.unwrap()).uri, "/secure?q=1");
 }
 
+/// Tabs restored at once, each sent to sign in with a long address (a dashboard's), leave a
+/// sign-in cookie each, sent with every request to the host while it lasts: together past
+/// `max_request_header_bytes`, they must not make the callback, or any page, 431. A browser
+/// keeps the newest 16; a request made too large by more (sign-ins started all at once, none
+/// seeing the others') is answered 431 with all but those expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_sign_ins_in_progress_do_not_make_the_host_s_requests_too_large() {
+    let ca = portcullis_tests::TestCa::new();
+    let fx = tls_listener_fixture(&ca).await;
+    let c = portcullis_tests::client::tls_client_builder(&ca)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // A browser's jar: cookies of one path sent oldest first (RFC 6265 §5.4), as browsers do
+    // (reqwest's own jar keeps no order).
+    let mut jar: Vec<(String, String)> = Vec::new();
+    let get = |url: String, jar: &[(String, String)]| {
+        let cookies: Vec<String> = jar.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let request = c.get(url).header(ACCEPT, BROWSER_ACCEPT);
+        let request = match cookies.is_empty() {
+            true => request,
+            false => request.header(COOKIE, cookies.join("; ")),
+        };
+        async move { request.send().await.unwrap() }
+    };
+    let keep = |resp: &reqwest::Response, jar: &mut Vec<(String, String)>| {
+        for set in resp.headers().get_all("set-cookie") {
+            let set = set.to_str().unwrap();
+            let (name, value) = set.split(';').next().unwrap().split_once('=').unwrap();
+            jar.retain(|(n, _)| n != name);
+            if !set.contains("Max-Age=0") {
+                jar.push((name.to_owned(), value.to_owned()));
+            }
+        }
+    };
+    let long = "q".repeat(1_400);
+    let page = |tab: usize| fx.cfg.https_url("app.test", &format!("/dash/{tab}?{long}"));
+    let mut authorize = Vec::new();
+    for tab in 0..40 {
+        let resp = get(page(tab), &jar).await;
+        assert_eq!(resp.status(), StatusCode::FOUND, "tab {tab}");
+        authorize.push(header(&resp, "location").unwrap());
+        keep(&resp, &mut jar);
+    }
+    let signing_in = |jar: &[(String, String)]| {
+        (jar.iter())
+            .filter(|(n, _)| n.starts_with("__Host-portcullis_signin"))
+            .count()
+    };
+    assert_eq!(signing_in(&jar), 16, "the newest 16 kept");
+    // The oldest were expired: tab 23's sign-in cannot finish, tab 24's does.
+    let callback = fx.idp_login(&authorize[23], ALICE, ALICE_PASSWORD).await;
+    let resp = get(callback, &jar).await;
+    assert_ne!(
+        resp.status(),
+        StatusCode::FOUND,
+        "an expired sign-in finished"
+    );
+    let callback = fx.idp_login(&authorize[24], ALICE, ALICE_PASSWORD).await;
+    let resp = get(callback, &jar).await;
+    assert_eq!(resp.status(), StatusCode::FOUND, "the callback");
+    assert_eq!(header(&resp, "location").as_deref(), Some(&*page(24)));
+    keep(&resp, &mut jar);
+    assert_eq!(signing_in(&jar), 15, "its own cleared");
+    let resp = get(page(24), &jar).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the page signed in to");
+    // The sign-in cookies went no further.
+    let echo = Echo::parse(&resp.bytes().await.unwrap());
+    let cookies = echo.header("cookie").unwrap_or_default();
+    assert!(!cookies.contains("signin"), "{cookies}");
+
+    // Sixty begun at once: the request they make too large is answered 431, with all but the
+    // newest 16 expired; the next, without them, is not too large.
+    let value = "v".repeat(2_400);
+    let name = |i: usize| format!("__Host-portcullis_signin_{i:016x}");
+    let jar_of = |tabs: std::ops::Range<usize>| {
+        let cookies: Vec<String> = tabs.map(|i| format!("{}={value}", name(i))).collect();
+        cookies.join("; ")
+    };
+    let http1 = portcullis_tests::client::tls_client_http1(&ca);
+    let resp = http1
+        .get(page(0))
+        .header(COOKIE, jar_of(0..60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let expired: Vec<&str> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(expired.len(), 44, "{expired:?}");
+    for (i, cookie) in expired.iter().enumerate() {
+        assert!(cookie.starts_with(&format!("{}=;", name(i))), "{cookie}");
+        assert!(cookie.contains("Max-Age=0"), "{cookie}");
+    }
+    let resp = http1
+        .get(page(0))
+        .header(COOKIE, jar_of(44..60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "not too large");
+}
+
 /// Behind a load balancer that terminates TLS, the browser is on https and Portcullis hears
 /// plain HTTP: with `behind_tls_proxy`, that listener's requests are the https requests they
 /// were. The sign-in comes back to an https callback, the cookie is `__Host-` and `Secure`,

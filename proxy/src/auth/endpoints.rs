@@ -34,6 +34,14 @@ const AUDIT_ROUTE: &str = "oidc";
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
 /// The same on TLS (see [`browser_cookie_prefix`]).
 pub const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
+/// How many sign-ins in progress a browser keeps on TLS, where their cookies go with every
+/// request to the host: starting one more expires the oldest (its tab's callback then asks to
+/// sign in again). Tabs restored at once, each sent to sign in, would otherwise fill the
+/// request's head past any bound, and every request to the host would be 431 until they
+/// expired. (Tabs whose sign-ins start all at once each add one, seeing none of the others':
+/// a request they make too large is answered 431 with the oldest expired.) Each is at most the
+/// 4096 bytes a browser keeps of a cookie.
+pub const MAX_PENDING_SIGN_INS: usize = 16;
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 
@@ -130,6 +138,25 @@ fn browser_cookie_prefix(tls: bool) -> &'static str {
     }
 }
 
+/// The cookies expiring the sign-ins in progress that `head` carries on TLS but the newest
+/// `keep`. Browsers send cookies of one path oldest first (RFC 6265 §5.4).
+pub fn pending_past(head: &RequestHeader, tls: bool, keep: usize) -> Vec<String> {
+    if !tls {
+        return Vec::new();
+    }
+    let values = head.headers.get_all(header::COOKIE);
+    let pending: Vec<&[u8]> = (values.iter())
+        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with(HOST_BROWSER_COOKIE.as_bytes()))
+        .collect();
+    let over = pending.len().saturating_sub(keep);
+    (pending.iter().take(over))
+        .filter_map(|name| std::str::from_utf8(name).ok())
+        .map(|name| browser_cookie(tls, name, "", 0))
+        .collect()
+}
+
 /// A sign-in's cookie: sent to the callback only, or on TLS (where `__Host-` needs `Path=/`)
 /// to the whole host, which removes it from what upstreams are sent.
 fn browser_cookie(tls: bool, name: &str, value: &str, max_age: u64) -> String {
@@ -196,7 +223,9 @@ impl Auth {
                     &started.cookie_value,
                     PENDING_FOR,
                 );
-                redirect(&started.authorize_url, vec![cookie])
+                let mut cookies = vec![cookie];
+                cookies.extend(pending_past(head, req.tls, MAX_PENDING_SIGN_INS - 1));
+                redirect(&started.authorize_url, cookies)
             }
             Err(e) => sign_in_failed(&e),
         }

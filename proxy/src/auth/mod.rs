@@ -971,17 +971,26 @@ pub fn cookies_past_bound(req: &RequestHeader) -> bool {
 
 fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
     let total = values.iter().map(|v| v.len()).sum::<usize>();
-    if total <= MAX_COOKIE_BYTES {
-        return false;
-    }
-    let signing_in: usize = values
+    total > MAX_COOKIE_BYTES && total.saturating_sub(signing_in(values)) > MAX_COOKIE_BYTES
+}
+
+/// The bytes of the sign-ins in progress on TLS among `values` (`Cookie` headers), up to what
+/// [`endpoints::MAX_PENDING_SIGN_INS`] of them hold: not counted against the bounds on cookies
+/// or on a request's head, as they never go upstream (see [`cookies_past_bound`]). Read only
+/// for a request past one of those bounds.
+pub fn signing_in(values: &http::header::GetAll<'_, http::HeaderValue>) -> usize {
+    let bytes: usize = values
         .iter()
         .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
         .filter(|(name, _)| name.starts_with(endpoints::HOST_BROWSER_COOKIE.as_bytes()))
         .map(|(name, value)| name.len() + value.len() + 2)
         .sum();
-    total.saturating_sub(signing_in) > MAX_COOKIE_BYTES
+    bytes.min(PENDING_SIGN_IN_BYTES)
 }
+
+/// What the sign-ins in progress a browser keeps may hold, at 4096 bytes (what browsers keep of
+/// a cookie) each.
+pub const PENDING_SIGN_IN_BYTES: usize = endpoints::MAX_PENDING_SIGN_INS * 4096;
 
 #[cfg(test)]
 mod tests {
