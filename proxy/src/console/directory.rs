@@ -165,6 +165,34 @@ fn groups_table(index: &Index, member: Row) -> String {
     html
 }
 
+/// Most members of a group copied in one read of the index (as `access::NAMED_WALK`).
+const COPIED_AT_ONCE: usize = 4_096;
+
+/// The direct members of group `row`, in row order (creation order). Those of a group of more
+/// than `at_once` members are found a few thousand rows at a time: a million-member set copied
+/// at once would hold up SCIM writes, and the requests waiting behind them, for as long as that
+/// takes. (Sorted once the index is no longer held.)
+pub(super) fn members_of(directory: &Directory, row: Row, at_once: usize) -> Vec<Row> {
+    let (mut members, copied) = directory.read(|index| {
+        let count = index.member_count(row);
+        match count <= at_once {
+            true => (index.members_of(row).collect(), true),
+            false => (Vec::with_capacity(count), false),
+        }
+    });
+    if !copied {
+        for rt in [ResourceType::User, ResourceType::Group, ResourceType::Agent] {
+            directory.scan(rt, |index, member| {
+                if index.is_member(row, member) {
+                    members.push(member);
+                }
+            });
+        }
+    }
+    members.sort_unstable();
+    members
+}
+
 /// The sessions held here that let in the person who signs in as `user`, at `now`: not those
 /// the gate refuses (begun before the user was re-created or re-activated, or of a deactivated
 /// user; past their lifetime or idle timeout), which are ended at their next use or forgotten.
@@ -350,15 +378,11 @@ impl Console {
     }
 
     pub(super) fn group(&self, id: &str, params: &Params) -> Option<Shown> {
-        // The members are copied out under the lock and sorted after it: a million-member
-        // group must not hold up writes (and the requests behind them) while it is sorted.
-        let (row, mut members) = self.directory.read(|index| {
-            let (ResourceType::Group, row) = index.row_of(id)? else {
-                return None;
-            };
-            Some((row, index.members_of(row).collect::<Vec<Row>>()))
+        let row = self.directory.read(|index| match index.row_of(id)? {
+            (ResourceType::Group, row) => Some(row),
+            _ => None,
         })?;
-        members.sort_unstable();
+        let members = members_of(&self.directory, row, COPIED_AT_ONCE);
         let skip = page_skip(params, members.len());
         let page: Vec<Row> = members.iter().skip(skip).take(PAGE_SIZE).copied().collect();
         self.directory.read(|index| {

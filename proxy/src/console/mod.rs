@@ -511,6 +511,11 @@ mod pages {
         let html = text(&page);
         assert!(html.contains(">platform</a></td><td>Group"), "{html}");
         assert!(html.contains("2 direct members"), "{html}");
+        // A large group's members, found a few rows at a time, are the same, in the same order.
+        let row = world.directory.read(|index| index.row_of(&eng)).unwrap().1;
+        let copied = directory::members_of(&world.directory, row, usize::MAX);
+        assert_eq!(copied.len(), 2);
+        assert_eq!(directory::members_of(&world.directory, row, 0), copied);
 
         // The agent stands through alice; once she is deactivated, it may not act.
         let page = console.get(&format!("agents/{agent}"), "");
