@@ -56,8 +56,12 @@ pub fn init(config: &LogConfig) {
 /// (`Debug` of the headers: session cookies, bearer tokens, the signed assertion), and other
 /// libraries what they send and receive. Portcullis' own lines, which name no secret at any
 /// level, follow the configured level.
+///
+/// Nor, at any level, pingora's lines about the admin listener's exchanges: one that cannot be
+/// read is logged with its head quoted, the admin token in it.
 fn is_written(meta: &Metadata<'_>) -> bool {
-    *meta.level() <= Level::INFO || is_own(meta.target())
+    (*meta.level() <= Level::INFO && meta.target() != "pingora_core::apps::http_app")
+        || is_own(meta.target())
 }
 
 /// Portcullis' own targets: its crates' modules, and the access and audit lines.

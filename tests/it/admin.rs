@@ -326,6 +326,24 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
     }
     let log = std::fs::read_to_string(px.dir().join("data/audit.jsonl")).unwrap();
     assert!(!log.contains("admin-token-"), "{log}");
+    // Nor in the log, from a head the listener cannot read (a field name with a control
+    // character): pingora's error for it quotes the head.
+    let malformed = format!(
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
+         X\x01: y\r\n\r\n"
+    );
+    let answer = portcullis_tests::client::raw_request(px.admin_addr(), malformed.as_bytes()).await;
+    assert!(answer.is_err(), "{answer:?}");
+    // A refusal logged after it: by then its lines are written too.
+    let resp = client.get(&metrics).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "served on after it"
+    );
+    let refused = "no [admin] bearer token was presented";
+    let log = px.log_until(|log| log.matches(refused).count() == 2).await;
+    assert!(!log.contains(TOKEN), "{log}");
 
     // `portcullis explain` reads the token from the configuration and presents it.
     let config = px.config_path().display().to_string();
