@@ -333,6 +333,7 @@ impl Shared {
     /// under it, and bearer tokens are verified afresh (issuers' rules may have changed).
     pub fn install(&self, mut runtime: Runtime) {
         runtime.tokens_epoch = self.auth.verified.config_changed();
+        self.auth.keep_key_sets_of(&runtime.config);
         self.auth.sessions.issued_in(runtime.session_cookie());
         let before = self.runtime.load().config.oidc.clone();
         let after = runtime.config.oidc.clone();

@@ -804,6 +804,9 @@ impl Auth {
     /// provider's past [`JWKS_REFRESH`]), so a key an IdP withdraws stops verifying even when
     /// no token names one of its new keys. A set that cannot be fetched is kept.
     pub async fn refresh_aged_key_sets(&self, config: &Config) {
+        // And forgets again any a request under the configuration before a reload fetched
+        // after that reload forgot them.
+        self.keep_key_sets_of(config);
         for issuer in &config.jwt_issuers {
             let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
             let Some(jwks) = self.issuers.get(&id).map(|j| j.clone()) else {
@@ -818,6 +821,18 @@ impl Auth {
                 let _ = provider.jwks.refresh(false).await;
             }
         }
+    }
+
+    /// Forgets the key sets of the issuers `config` no longer lists (or lists with another
+    /// `jwks_uri`): nothing refreshes them while they are out, and an issuer put back must
+    /// fetch its keys afresh, not verify with a set that may still hold a key its IdP has
+    /// withdrawn since (after a leak, say).
+    pub fn keep_key_sets_of(&self, config: &Config) {
+        let listed = |id: &KeySetId| {
+            (config.jwt_issuers.iter()).any(|i| i.issuer == id.0 && i.jwks_uri == id.1)
+        };
+        self.issuers.retain(|id, _| listed(id));
+        self.issuer_failures.retain(|id, _| listed(id));
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
@@ -1408,6 +1423,30 @@ mod tests {
         assert_eq!(fetched, 1, "fetches of the key set");
         let kept = auth.jwks_for(&issuer).await.unwrap();
         assert!(Arc::ptr_eq(&first, &kept));
+    }
+
+    /// An issuer a reload takes out of the configuration forgets its key set: put back, its
+    /// keys are fetched afresh, not taken from a set nobody refreshed meanwhile.
+    #[tokio::test]
+    async fn an_issuer_taken_out_and_put_back_fetches_its_keys_afresh() {
+        let keys = |_| r#"{"keys":[]}"#.to_owned();
+        let (address, fetches) = idp_answering(keys, Duration::ZERO).await;
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&world, dir.path());
+        let mut config = world.config.clone();
+        config.jwt_issuers[0].jwks_uri = Some(format!("http://{address}/jwks"));
+        let issuer = config.jwt_issuers[0].clone();
+        let first = auth.jwks_for(&issuer).await.unwrap();
+        auth.keep_key_sets_of(&config);
+        let kept = auth.jwks_for(&issuer).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &kept), "still listed: kept");
+        let mut without = config.clone();
+        without.jwt_issuers.clear();
+        auth.keep_key_sets_of(&without);
+        let again = auth.jwks_for(&issuer).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &again), "put back: fetched afresh");
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
