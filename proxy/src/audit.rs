@@ -528,8 +528,10 @@ impl Budgets {
                 target: "audit",
                 route,
                 user,
-                "more than {per_second} refusals a second of {user}'s requests: the rest are \
-                 counted, not recorded one by one"
+                // The user only as a field, written escaped: a name from the directory may hold
+                // a line break, which would forge a line in the plain format's message.
+                "more than {per_second} refusals a second of this user's requests: the rest \
+                 are counted, not recorded one by one"
             );
         }
         false
