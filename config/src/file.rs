@@ -232,6 +232,7 @@ pub(crate) struct Server {
 pub(crate) struct Admin {
     pub address: Option<String>,
     pub token: Option<String>,
+    pub allow_plain_http: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3081,6 +3081,17 @@ fn the_admin_token_is_a_secret_kept_with_its_hash() {
     );
     assert!(!format!("{token:?}").contains(TOKEN), "never in Debug");
 
+    // Off loopback, the token crosses the network in clear: only where the file says so.
+    let off_loopback = text(TOKEN).replace("127.0.0.1:9", "0.0.0.0:9");
+    let errors = fixture.parse(&off_loopback).unwrap_err();
+    let problem = &errors.problems[0];
+    assert_eq!(problem.path, "admin.token");
+    assert!(problem.message.contains("in clear"), "{problem}");
+    assert!(!problem.message.contains(TOKEN), "{problem}");
+    let allowed = format!("{off_loopback}allow_plain_http = true\n");
+    let admin = fixture.parse(&allowed).unwrap().admin.unwrap();
+    assert!(admin.token.is_some());
+
     let errors = fixture.parse(&text("short")).unwrap_err();
     let problem = &errors.problems[0];
     assert_eq!(problem.path, "admin.token");
