@@ -92,6 +92,11 @@ pub const CONSOLE_PATH: &str = "/.portcullis/console/";
 /// How old an IdP's key set may grow before it is fetched again, unless configured otherwise.
 pub const JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
 
+/// Most upstreams a route lists: a request tries each that refuses it in turn, and the proxy
+/// is told to try at most twice as many times (a pooled connection found closed is tried past
+/// too). Put a balancer in front of more.
+pub const MAX_UPSTREAMS: usize = 32;
+
 /// The PostgreSQL database several replicas share (`[postgres]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PostgresConfig {

@@ -3067,6 +3067,26 @@ fn a_toml_syntax_error_is_the_only_problem_reported() {
 }
 
 #[test]
+fn a_route_lists_at_most_32_upstreams() {
+    let fixture = Fixture::new();
+    let text = |n: u16| {
+        let to: Vec<String> = (0..n)
+            .map(|i| format!("\"http://127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        format!(
+            "data_dir = \"data\"\n{LISTENERS}\n[[routes]]\nfrom = \"http://app.example.com\"\n\
+             to = [{}]\nallow = {{ public = true }}\n",
+            to.join(", ")
+        )
+    };
+    assert!(fixture.parse(&text(32)).is_ok());
+    let errors = fixture.parse(&text(33)).unwrap_err();
+    let problem = &errors.problems[0];
+    assert_eq!(problem.path, "routes[0].to");
+    assert!(problem.message.contains("at most 32"), "{problem}");
+}
+
+#[test]
 fn the_admin_token_is_a_secret_kept_with_its_hash() {
     let fixture = Fixture::new();
     let text = |token: &str| {

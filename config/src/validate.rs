@@ -29,7 +29,7 @@ use crate::model::{
     AdminConfig, AdminToken, AgentAttribute, CertificateFiles, Config, Credential, IdentityClaim,
     IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig,
     LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig,
-    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH,
+    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH, MAX_UPSTREAMS,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::tls::{self, PairError};
@@ -632,6 +632,13 @@ fn route(
         }
         Some(to) if to.is_empty() => {
             p.add(&to_path, "needs at least one upstream URL");
+            Vec::new()
+        }
+        Some(to) if to.len() > MAX_UPSTREAMS => {
+            p.add(
+                &to_path,
+                format!("at most {MAX_UPSTREAMS} upstreams: put a balancer in front of more"),
+            );
             Vec::new()
         }
         Some(to) => to

@@ -342,6 +342,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         // Drainer exits as soon as it is done; this is only the upper bound.
         grace_period_seconds: Some(longest_drain.as_secs().saturating_add(1)),
         graceful_shutdown_timeout_seconds: Some(1),
+        // pingora's 16 by default: a request on a route of more upstreams, all but the last
+        // refusing it, would end at the 16th (see `MAX_UPSTREAMS`).
+        max_retries: 2 * portcullis_config::MAX_UPSTREAMS,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -94,6 +94,28 @@ async fn with_two_of_three_upstreams_down_every_request_finds_the_third() {
     }
 }
 
+/// A route with more upstreams than pingora tries by default (16): a request goes on past
+/// every one that refuses it, to the last, which answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_goes_on_to_the_last_of_many_upstreams() {
+    let mut down = Vec::new();
+    for i in 0..19 {
+        down.push(Upstream::start(&format!("down{i}")).await);
+    }
+    let up = Upstream::start("up").await;
+    let mut all: Vec<&Upstream> = down.iter().collect();
+    all.push(&up);
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &all));
+    let _px = cfg.start().await;
+    for upstream in &mut down {
+        upstream.stop().await;
+    }
+    let echo = get_echo(&plain_client(), &cfg.http_url("app.test", "/first")).await;
+    assert_eq!(echo.upstream, "up");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_upstream_gets_traffic_again() {
     let mut a = Upstream::start("a").await;
