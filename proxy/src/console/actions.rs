@@ -11,7 +11,7 @@ use portcullis_scim::store::{format_id, UserEntry};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{link, Console, Shown};
+use super::{directory, link, Console, Shown};
 use crate::auth::sessions::Sessions;
 use crate::caller::SessionKey;
 use crate::reply::{document, escape, Reply};
@@ -62,8 +62,7 @@ impl Console {
     /// error if they could not be found: never "none", which would end none and say so.
     async fn sessions_of(&self, user: &UserEntry) -> Result<Vec<SessionKey>, String> {
         let (sessions, runtime, user) = (self.sessions.clone(), self.runtime.clone(), user.clone());
-        let now = self.now;
-        tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user, now))
+        tokio::task::spawn_blocking(move || sessions_of(&sessions, &runtime, &user))
             .await
             .map_err(|e| format!("the sessions could not be found: {e}"))
     }
@@ -72,7 +71,9 @@ impl Console {
     pub(super) fn confirm(&self, act: &Act) -> Shown {
         let (title, question, button) = match act {
             Act::EndSessions(user) => {
-                let n = sessions_of(&self.sessions, &self.runtime, user, self.now).len();
+                let identity = &self.runtime.config.identity;
+                let found = directory::sessions_of(&self.sessions, identity, user);
+                let n = directory::holding(found, &self.sessions, &self.runtime, self.now).len();
                 (
                     format!("End {}'s sessions", user.user_name),
                     format!(
@@ -226,13 +227,8 @@ impl Console {
     }
 }
 
-/// The sessions held here that let in the person who signs in as `user`.
-fn sessions_of(
-    sessions: &Sessions,
-    runtime: &Runtime,
-    user: &UserEntry,
-    now: i64,
-) -> Vec<SessionKey> {
-    let held = super::directory::sessions_of(sessions, runtime, user, now);
-    held.into_iter().map(|(key, _)| key).collect()
+/// The sessions held here of the person who signs in as `user`: all of them, to be ended.
+fn sessions_of(sessions: &Sessions, runtime: &Runtime, user: &UserEntry) -> Vec<SessionKey> {
+    let found = directory::sessions_of(sessions, &runtime.config.identity, user);
+    found.into_iter().map(|(key, _)| key).collect()
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use portcullis_config::IdentityConfig;
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
@@ -193,25 +194,35 @@ pub(super) fn members_of(directory: &Directory, row: Row, at_once: usize) -> Vec
     members
 }
 
-/// The sessions held here that let in the person who signs in as `user`, at `now`: not those
-/// the gate refuses (begun before the user was re-created or re-activated, or of a deactivated
-/// user; past their lifetime or idle timeout), which are ended at their next use or forgotten.
+/// The sessions held here of the person who signs in as `user`: not those the gate refuses
+/// for who they are (begun before the user was re-created or re-activated, or of a deactivated
+/// user), which are ended at their next use. Those sign-in no longer holds are among them (see
+/// [`holding`]): ended with the rest, as a restart that raises the idle timeout, or a replica
+/// still on the configuration before a rolling change, would let them in again.
 pub(super) fn sessions_of(
     sessions: &Sessions,
-    runtime: &Runtime,
+    identity: &IdentityConfig,
     user: &UserEntry,
-    now: i64,
 ) -> Vec<(SessionKey, Arc<Session>)> {
-    let Some(oidc) = &runtime.config.oidc else {
-        return Vec::new();
-    };
-    let now = u64::try_from(now).unwrap_or_default();
-    let identity = &runtime.config.identity;
-    let mut found = sessions.find(|who| {
+    sessions.find(|who| {
         person_key(identity, who).is_some_and(|key| names_user(key, user))
             && session_stands(who, user)
-    });
-    found.retain(|(_, session)| sessions.holds(session, now, oidc));
+    })
+}
+
+/// Of `found`, the sessions sign-in still holds at `now` (within their lifetime and idle
+/// timeout, as a reload judges them): those the console shows and counts.
+pub(super) fn holding(
+    mut found: Vec<(SessionKey, Arc<Session>)>,
+    sessions: &Sessions,
+    runtime: &Runtime,
+    now: i64,
+) -> Vec<(SessionKey, Arc<Session>)> {
+    let now = u64::try_from(now).unwrap_or_default();
+    match &runtime.config.oidc {
+        Some(oidc) => found.retain(|(_, session)| sessions.holds(session, now, oidc)),
+        None => found.clear(),
+    }
     found
 }
 
@@ -318,7 +329,8 @@ impl Console {
         content.push_str("<h2>Recent records</h2>");
         content.push_str(&self.recent_records(&user.user_name));
         // Sessions are held beside the directory, not under its lock.
-        let sessions = sessions_of(&self.sessions, &self.runtime, &user, self.now);
+        let found = sessions_of(&self.sessions, &self.runtime.config.identity, &user);
+        let sessions = holding(found, &self.sessions, &self.runtime, self.now);
         content.push_str("<h2>Sessions</h2>");
         match sessions.iter().map(|(_, s)| s.last_seen()).max() {
             None => content.push_str("<p class=\"muted\">No session.</p>"),
