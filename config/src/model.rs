@@ -140,6 +140,8 @@ pub struct AdminConfig {
     /// The bearer token `/metrics` and `/explain` require. Without one they answer only on a
     /// loopback address, to requests whose `Host` is a loopback name.
     pub token: Option<AdminToken>,
+    /// A token may be set although `address` is not loopback: it crosses the network in clear.
+    pub allow_plain_http: bool,
 }
 
 /// The admin listener's bearer token: the value (for `portcullis explain`, which presents it)

@@ -1961,6 +1961,7 @@ to = ["http://127.0.0.1"]
         admin: Some(AdminConfig {
             address: addr("127.0.0.1:9090"),
             token: None,
+            allow_plain_http: false,
         }),
         listeners: vec![
             Listener {

@@ -162,9 +162,14 @@ pub(crate) fn convert(
                      network you trust",
                 );
             }
-            address
-                .zip(token)
-                .map(|(address, token)| Some(AdminConfig { address, token }))
+            address.zip(token).map(|(address, token)| {
+                let allow_plain_http = admin.allow_plain_http == Some(true);
+                Some(AdminConfig {
+                    address,
+                    token,
+                    allow_plain_http,
+                })
+            })
         }
     };
 

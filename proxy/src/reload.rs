@@ -121,6 +121,20 @@ impl AtStart {
         now.server.shutdown_timeout.min(self.shutdown_timeout)
     }
 
+    /// Why this process cannot take `new`, if it cannot: an admin token where the admin
+    /// listener is bound (until a restart) to an address that is not loopback, without
+    /// `allow_plain_http` (the file's own check sees only the address the file names).
+    pub fn refuses(&self, new: &Config) -> Option<String> {
+        let (admin, bound) = (new.admin.as_ref()?, self.admin?);
+        (admin.token.is_some() && !bound.ip().is_loopback() && !admin.allow_plain_http).then(|| {
+            format!(
+                "admin.token: would cross the network in clear: the admin listener is bound to \
+                 {bound} until a restart, which is not loopback; set `allow_plain_http = true` \
+                 on a network you trust, or restart"
+            )
+        })
+    }
+
     /// The settings of `new` that differ from these, by name: they wait for a restart.
     pub fn awaiting_restart(&self, new: &Config) -> Vec<&'static str> {
         let new = Self::of(new);
@@ -258,6 +272,9 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
         })?;
+    if let Some(problem) = shared.at_start.refuses(&config) {
+        return Err(vec![problem]);
+    }
     let awaiting = shared.at_start.awaiting_restart(&config);
     config.listeners = bound_listeners(&running.config.listeners, &config.listeners);
     // Loading the file loaded its certificates: nothing past this point can fail.
@@ -539,6 +556,42 @@ impl BackgroundService for Drainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload cannot set an admin token where the listener stays bound off loopback until a
+    /// restart (a file that also moves it to loopback passes the file's own check).
+    #[test]
+    fn an_admin_token_is_not_taken_on_a_listener_bound_off_loopback() {
+        let config = crate::testing::World::new().config;
+        let admin = |address: &str, token: bool, allow_plain_http| {
+            let mut config = config.clone();
+            let token = token.then(|| portcullis_config::AdminToken {
+                secret: portcullis_config::Secret::new("a-token-long-enough-to-be-one".into()),
+                sha256: [0; 32],
+            });
+            config.admin = Some(portcullis_config::AdminConfig {
+                address: address.parse().unwrap(),
+                token,
+                allow_plain_http,
+            });
+            config
+        };
+        let bound_off = AtStart::of(&admin("0.0.0.0:9090", false, false));
+        let refused = bound_off.refuses(&admin("127.0.0.1:9090", true, false));
+        assert!(refused.is_some_and(|p| p.contains("bound to 0.0.0.0:9090")));
+        assert_eq!(
+            bound_off.refuses(&admin("127.0.0.1:9090", true, true)),
+            None
+        );
+        assert_eq!(
+            bound_off.refuses(&admin("127.0.0.1:9090", false, false)),
+            None
+        );
+        let bound_on = AtStart::of(&admin("127.0.0.1:9090", false, false));
+        assert_eq!(
+            bound_on.refuses(&admin("127.0.0.1:9090", true, false)),
+            None
+        );
+    }
 
     #[test]
     fn a_raised_head_bound_waits_for_a_restart_and_a_lowered_one_does_not() {
