@@ -581,9 +581,11 @@ impl ProxyHttp for Proxy {
             // Sign-ins in progress on TLS are not counted (see `cookies_past_bound`): tabs
             // restored at once, each sent to sign in, must not make every request 431.
             let size = head_size(req);
-            let cookies = || req.headers.get_all(header::COOKIE);
-            (size > max_bytes
-                && size.saturating_sub(crate::auth::signing_in(&cookies())) > max_bytes)
+            let signing_in = || {
+                let cookies = req.headers.get_all(header::COOKIE);
+                crate::auth::signing_in(&cookies, ctx.tls)
+            };
+            (size > max_bytes && size.saturating_sub(signing_in()) > max_bytes)
                 .then(|| format!("its head is larger than {max_bytes} bytes"))
         };
         // HTTP/1 parsers drop the whitespace around a field value; HTTP/2 hands a value on as

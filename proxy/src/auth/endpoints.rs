@@ -139,21 +139,36 @@ fn browser_cookie_prefix(tls: bool) -> &'static str {
 }
 
 /// The cookies expiring the sign-ins in progress that `head` carries on TLS but the newest
-/// `keep`. Browsers send cookies of one path oldest first (RFC 6265 §5.4).
+/// `keep` (at most 64 of them: a browser keeps about 180 cookies a host). Browsers send
+/// cookies of one path oldest first (RFC 6265 §5.4).
 pub fn pending_past(head: &RequestHeader, tls: bool, keep: usize) -> Vec<String> {
     if !tls {
         return Vec::new();
     }
-    let values = head.headers.get_all(header::COOKIE);
-    let pending: Vec<&[u8]> = (values.iter())
-        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
-        .map(|(name, _)| name)
-        .filter(|name| name.starts_with(HOST_BROWSER_COOKIE.as_bytes()))
-        .collect();
-    let over = pending.len().saturating_sub(keep);
+    let cookies = head.headers.get_all(header::COOKIE);
+    let pending = pending_sign_ins(&cookies);
+    let over = pending.len().saturating_sub(keep).min(64);
     (pending.iter().take(over))
-        .filter_map(|name| std::str::from_utf8(name).ok())
+        .filter_map(|(name, _)| std::str::from_utf8(name).ok())
         .map(|name| browser_cookie(tls, name, "", 0))
+        .collect()
+}
+
+/// The sign-ins in progress on TLS among `values` (`Cookie` headers), as (name, value), in the
+/// order sent: the cookies named as Portcullis names them (`__Host-portcullis_signin_` and 16
+/// hex digits), each name once.
+pub fn pending_sign_ins<'a>(
+    values: &'a http::header::GetAll<'a, http::HeaderValue>,
+) -> Vec<(&'a [u8], &'a [u8])> {
+    let ours = |name: &[u8]| {
+        name.strip_prefix(HOST_BROWSER_COOKIE.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"_"))
+            .is_some_and(|digest| digest.len() == 16 && digest.iter().all(u8::is_ascii_hexdigit))
+    };
+    let mut seen = std::collections::HashSet::new();
+    (values.iter())
+        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
+        .filter(|(name, _)| ours(name) && seen.insert(*name))
         .collect()
 }
 

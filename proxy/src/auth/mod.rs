@@ -986,18 +986,19 @@ pub fn cookies_past_bound(req: &RequestHeader) -> bool {
 
 fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
     let total = values.iter().map(|v| v.len()).sum::<usize>();
-    total > MAX_COOKIE_BYTES && total.saturating_sub(signing_in(values)) > MAX_COOKIE_BYTES
+    total > MAX_COOKIE_BYTES && total.saturating_sub(signing_in(values, true)) > MAX_COOKIE_BYTES
 }
 
 /// The bytes of the sign-ins in progress on TLS among `values` (`Cookie` headers), up to what
 /// [`endpoints::MAX_PENDING_SIGN_INS`] of them hold: not counted against the bounds on cookies
 /// or on a request's head, as they never go upstream (see [`cookies_past_bound`]). Read only
 /// for a request past one of those bounds.
-pub fn signing_in(values: &http::header::GetAll<'_, http::HeaderValue>) -> usize {
-    let bytes: usize = values
-        .iter()
-        .flat_map(|v| crate::cookies::pairs(v.as_bytes()))
-        .filter(|(name, _)| name.starts_with(endpoints::HOST_BROWSER_COOKIE.as_bytes()))
+pub fn signing_in(values: &http::header::GetAll<'_, http::HeaderValue>, tls: bool) -> usize {
+    if !tls {
+        return 0;
+    }
+    let pending = endpoints::pending_sign_ins(values).into_iter();
+    let bytes: usize = pending
         .map(|(name, value)| name.len() + value.len() + 2)
         .sum();
     bytes.min(PENDING_SIGN_IN_BYTES)
