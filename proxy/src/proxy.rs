@@ -1399,8 +1399,16 @@ impl RequestCtx {
         let Some(decided_at) = self.decided_at else {
             return Ok(());
         };
-        if self.recheck.is_none() && shared.marks() == decided_at {
-            return Ok(());
+        if self.recheck.is_none() {
+            // Nobody's request (let in by a public rule) is judged by the configuration alone:
+            // only a reload can change its answer.
+            let unchanged = match self.caller {
+                None => shared.reloads() == decided_at.config,
+                Some(_) => shared.marks() == decided_at,
+            };
+            if unchanged {
+                return Ok(());
+            }
         }
         match self.recheck(req) {
             Some(recheck) if shared.still_allowed(&recheck) => Ok(()),

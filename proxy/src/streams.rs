@@ -188,7 +188,13 @@ impl Recheck {
         if self.cut.load(Ordering::Acquire) {
             return false;
         }
-        if now == self.decided_at() {
+        // Nobody's (let in by a public rule) is judged by the configuration alone: only a
+        // reload can change its answer.
+        let unchanged = match self.caller {
+            None => now.config == self.config.load(Ordering::Acquire),
+            Some(_) => now == self.decided_at(),
+        };
+        if unchanged {
             return true;
         }
         match judge(self) {
