@@ -73,13 +73,22 @@ impl Console {
             Act::EndSessions(user) => {
                 let identity = &self.runtime.config.identity;
                 let found = directory::sessions_of(&self.sessions, identity, user);
+                let all = found.len();
                 let n = directory::holding(found, &self.sessions, &self.runtime, self.now).len();
+                // Ended too, and counted in the outcome.
+                let lapsed = match all - n {
+                    0 => String::new(),
+                    1 => " (and 1 that no longer lets them in, ended with them)".to_owned(),
+                    lapsed => {
+                        format!(" (and {lapsed} that no longer let them in, ended with them)")
+                    }
+                };
                 (
                     format!("End {}'s sessions", user.user_name),
                     format!(
-                        "<p>{} has {n} session{} at Portcullis. Ending them signs {} out \
-                         everywhere at once; their next request is refused until they sign in \
-                         again. The directory is not changed.</p>",
+                        "<p>{} has {n} session{} at Portcullis{lapsed}. Ending them signs {} \
+                         out everywhere at once; their next request is refused until they sign \
+                         in again. The directory is not changed.</p>",
                         escape(&user.user_name),
                         if n == 1 { "" } else { "s" },
                         escape(&user.user_name)

@@ -504,7 +504,8 @@ mod pages {
         let page = console.get(&format!("users/{bob}"), "");
         assert!(text(&page).contains("No session."), "{}", text(&page));
         let page = console.get(&format!("users/{bob}/end_sessions"), "");
-        assert!(text(&page).contains("has 0 sessions"), "{}", text(&page));
+        let ended_too = "has 0 sessions at Portcullis (and 1 that no longer lets them in";
+        assert!(text(&page).contains(ended_too), "{}", text(&page));
 
         // eng's members: the group platform and bob.
         let page = console.get(&format!("groups/{eng}"), "");
