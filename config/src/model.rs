@@ -144,6 +144,15 @@ pub struct AdminConfig {
     pub allow_plain_http: bool,
 }
 
+impl AdminConfig {
+    /// Whether its token would cross the network in clear on a listener bound to `bound`: the
+    /// admin listener has no TLS, and whoever reads the token reads the directory through
+    /// `/explain`. Only with `allow_plain_http`.
+    pub fn token_in_clear(&self, bound: SocketAddr) -> bool {
+        self.token.is_some() && !bound.ip().is_loopback() && !self.allow_plain_http
+    }
+}
+
 /// The admin listener's bearer token: the value (for `portcullis explain`, which presents it)
 /// and its SHA-256 (what the listener compares, in constant time).
 #[derive(Debug, Clone, PartialEq)]

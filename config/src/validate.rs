@@ -147,28 +147,22 @@ pub(crate) fn convert(
                     .map_err(|message| p.add(&token_path, message))
                     .ok(),
             };
-            // The listener has no TLS: off loopback its token would cross the network in
-            // clear, and whoever reads it reads the directory through `/explain`.
-            let off_loopback = address.is_some_and(|a| !a.ip().is_loopback());
-            if token.as_ref().is_some_and(Option::is_some)
-                && off_loopback
-                && admin.allow_plain_http != Some(true)
-            {
-                p.add(
-                    &token_path,
-                    "would cross the network in clear: the admin listener has no TLS, and its \
-                     address is not loopback; bind it to a loopback address (behind a \
-                     TLS-terminating proxy or a sidecar), or set `allow_plain_http = true` on a \
-                     network you trust",
-                );
-            }
             address.zip(token).map(|(address, token)| {
-                let allow_plain_http = admin.allow_plain_http == Some(true);
-                Some(AdminConfig {
+                let admin = AdminConfig {
                     address,
                     token,
-                    allow_plain_http,
-                })
+                    allow_plain_http: admin.allow_plain_http == Some(true),
+                };
+                if admin.token_in_clear(address) {
+                    p.add(
+                        &token_path,
+                        "would cross the network in clear: the admin listener has no TLS, and \
+                         its address is not loopback; bind it to a loopback address (behind a \
+                         TLS-terminating proxy or a sidecar), or set `allow_plain_http = true` \
+                         on a network you trust",
+                    );
+                }
+                Some(admin)
             })
         }
     };

@@ -126,7 +126,7 @@ impl AtStart {
     /// `allow_plain_http` (the file's own check sees only the address the file names).
     pub fn refuses(&self, new: &Config) -> Option<String> {
         let (admin, bound) = (new.admin.as_ref()?, self.admin?);
-        (admin.token.is_some() && !bound.ip().is_loopback() && !admin.allow_plain_http).then(|| {
+        admin.token_in_clear(bound).then(|| {
             format!(
                 "admin.token: would cross the network in clear: the admin listener is bound to \
                  {bound} until a restart, which is not loopback; set `allow_plain_http = true` \
