@@ -430,9 +430,9 @@ pub struct RequestCtx {
     caller: Option<Caller>,
     /// What the upstream is told about the caller, once let in.
     forward: Option<Forward>,
-    /// For a request let in with a caller: the marks read just before it was let in. Its body
-    /// and connection carry on while they stand; once they move, it is judged again
-    /// (`recheck`).
+    /// For a request let upstream (not a CORS preflight): the marks read just before it was
+    /// let in. Its body and connection carry on while they stand (nobody's, while the
+    /// configuration does); once they move, it is judged again (`recheck`).
     decided_at: Option<Marks>,
     /// A request let in with a caller, as it is judged again while its body or connection
     /// lasts: made when first needed (a websocket or event stream, or marks that moved), from

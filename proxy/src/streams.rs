@@ -8,7 +8,8 @@
 //! - Every body chunk and websocket frame, in either direction, is checked before it crosses
 //!   the proxy ([`Recheck::still_allowed`]): if the directory changed, sessions were ended
 //!   (sign-out, back-channel logout) or the configuration was reloaded since the last decision,
-//!   the decision is made again, and a refusal ends the connection. A directory write is
+//!   the decision is made again, and a refusal ends the connection (nobody's, let in by a
+//!   public rule, is judged by the configuration alone: only a reload moves it). A directory write is
 //!   visible before it is answered, so once the SCIM answer is sent, nothing more is let
 //!   through for a caller it removed (chunks let through just before may still be in
 //!   pingora's queues, up to five of 64 KiB each way, on their way out).
@@ -50,8 +51,9 @@ pub struct Marks {
     pub session_ends: u64,
     /// How many times the configuration was reloaded.
     pub config: u64,
-    /// The unix second: grants end with time (a session's expiry, a token's `exp`), so an
-    /// open connection is judged again at least once a second while it carries anything.
+    /// The unix second: grants end with time (a session's expiry, a token's `exp`), so a
+    /// caller's open connection is judged again at least once a second while it carries
+    /// anything.
     pub second: u64,
     /// Whether the directory is known to be current: open connections are judged again the
     /// moment a replica loses its lease on the shared store's feed.
@@ -521,6 +523,29 @@ mod tests {
         };
         assert!(open.still_allowed(a_second_later, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 3, "so is the passing of a second");
+    }
+
+    /// Nobody's connection (let in by a public rule) is judged by the configuration alone: a
+    /// directory change, a session's end, the lease or the time moves nothing for it.
+    #[test]
+    fn nobody_s_connection_is_judged_again_only_after_a_reload() {
+        let open = Recheck::new(None, target(APP, Client::Browser), None, marks(0));
+        let judged = Cell::new(0);
+        let judge = |_: &Recheck| {
+            judged.set(judged.get() + 1);
+            allow()
+        };
+        let moved = Marks {
+            session_ends: 3,
+            second: 9,
+            current: true,
+            ..marks(5)
+        };
+        assert!(open.still_allowed(moved, judge, |_, _| panic!("cut")));
+        assert_eq!(judged.get(), 0, "nothing it is judged by moved");
+        let reload = Marks { config: 1, ..moved };
+        assert!(open.still_allowed(reload, judge, |_, _| panic!("cut")));
+        assert_eq!(judged.get(), 1, "a reload");
     }
 
     #[test]

@@ -163,7 +163,12 @@ pub fn pending_sign_ins<'a>(
     let ours = |name: &[u8]| {
         name.strip_prefix(HOST_BROWSER_COOKIE.as_bytes())
             .and_then(|rest| rest.strip_prefix(b"_"))
-            .is_some_and(|digest| digest.len() == 16 && digest.iter().all(u8::is_ascii_hexdigit))
+            .is_some_and(|digest| {
+                digest.len() == 16
+                    && digest
+                        .iter()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
     };
     let mut seen = std::collections::HashSet::new();
     (values.iter())

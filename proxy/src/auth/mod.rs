@@ -984,6 +984,7 @@ pub fn cookies_past_bound(req: &RequestHeader) -> bool {
     past_bound(&req.headers.get_all(header::COOKIE))
 }
 
+/// (Whatever the scheme the request came by: browsers send `__Host-` cookies over TLS alone.)
 fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
     let total = values.iter().map(|v| v.len()).sum::<usize>();
     total > MAX_COOKIE_BYTES && total.saturating_sub(signing_in(values, true)) > MAX_COOKIE_BYTES
