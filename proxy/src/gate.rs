@@ -3008,6 +3008,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_s_token_from_before_its_disabled_application_was_taken_off_it_is_invalid() {
+        let (world, route, app, helper) = agents_world().await;
+        let since = || {
+            world
+                .directory
+                .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
+                    AgentLookup::Found(view) => view.valid_since_unix,
+                    _ => 0,
+                })
+        };
+        let issued = |iat: u64| Machine {
+            issued: Some(iat),
+            ..agent_token("helper")
+        };
+        let invalid = |admission: Admission| {
+            matches!(
+                admission,
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                })
+            )
+        };
+        let agent = format!("/Agents/{helper}");
+        let link = |op: &str, app: &str| {
+            let path = format!(
+                "{}:applications",
+                portcullis_scim::schema::PORTCULLIS_AGENT_SCHEMA
+            );
+            let ops = match op {
+                "remove" => serde_json::json!([{"op": "remove",
+                    "path": format!("{path}[value eq \"{app}\"]")}]),
+                _ => serde_json::json!([{"op": "add", "path": path, "value": [{"value": app}]}]),
+            };
+            crate::testing::patch(ops)
+        };
+        // Stamps are whole seconds: one later than everything before.
+        let before = since();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        // Another application added: nothing the agent held is given back.
+        let other = world.application("Triage").await;
+        world.scim(Method::PATCH, &agent, link("add", &other)).await;
+        assert_eq!(since(), before);
+        allowed(as_machine(&world, &issued(before), route));
+        // Its application disabled (its secret rotated, say), then taken off the agent
+        // instead of re-activated: the agent stands again, but not with its tokens from before.
+        world
+            .set_active_at(&format!("/AgenticApplications/{app}"), false)
+            .await;
+        world
+            .scim(Method::PATCH, &agent, link("remove", &app))
+            .await;
+        let now = since();
+        assert!(now > before);
+        let old = as_machine(&world, &issued(now - 1), route);
+        assert!(invalid(old.clone()), "a token from before: {old:?}");
+        allowed(as_machine(&world, &issued(now), route));
+        // Deleted, and the dangling link then taken off: the same.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        world
+            .scim(
+                Method::DELETE,
+                &format!("/AgenticApplications/{other}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        world
+            .scim(Method::PATCH, &agent, link("remove", &other))
+            .await;
+        let later = since();
+        assert!(later > now);
+        assert!(invalid(as_machine(&world, &issued(later - 1), route)));
+        allowed(as_machine(&world, &issued(later), route));
+    }
+
+    #[tokio::test]
     async fn each_link_of_the_owner_chain_refuses_the_agent() {
         let (world, route, app, helper) = agents_world().await;
         let refused = |why: &str| {

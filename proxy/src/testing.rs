@@ -360,7 +360,8 @@ pub fn machine(subject: &str) -> Machine {
     }
 }
 
-fn patch(ops: Value) -> Value {
+/// A SCIM PatchOp message of `ops`.
+pub fn patch(ops: Value) -> Value {
     json!({
         "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
         "Operations": ops,

@@ -526,6 +526,15 @@ fn linked_ids<'a>(
         })
 }
 
+/// The AgenticApplications an Agent resource links, as [`AgentEntry::applications`] reads them.
+pub fn linked_applications(resource: &Value) -> Vec<Id> {
+    let extension = resource
+        .as_object()
+        .and_then(|r| get_ci(r, PORTCULLIS_AGENT_SCHEMA))
+        .and_then(Value::as_object);
+    linked_ids(extension, "applications").collect()
+}
+
 fn active_of(resource: &serde_json::Map<String, Value>) -> bool {
     // Without `active`, a resource is active (RFC 7643 leaves the default to the provider).
     get_ci(resource, "active")

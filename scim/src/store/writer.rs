@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use super::index::{
     etag, etag_matches, fold, format_id, gains_identifier, given_up, holds_any,
-    released_identifiers, Index,
+    linked_applications, released_identifiers, Index,
 };
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, StoreError, Written};
 use crate::error::{ScimError, ScimType};
@@ -501,8 +501,14 @@ impl<'a> Overlay<'a> {
             },
             // An agent's tokens are held to it as a user's are: created, deactivated or
             // re-activated, or named otherwise (a deleted agent's name, say), its tokens from
-            // before are not its own, or no longer.
+            // before are not its own, or no longer. Nor when an application it ran in is taken
+            // off it: that application may have been disabled (its secret rotated), and taking
+            // it off lets the agent stand again, as re-activating it would.
             ResourceType::Agent => {
+                let unlinked = |p: &Record| {
+                    let now = linked_applications(&resource);
+                    (linked_applications(&p.resource).iter()).any(|id| !now.contains(id))
+                };
                 let named = |r: &Value| {
                     let text = |name| r.as_object().and_then(|o| get_ci(o, name)?.as_str());
                     (
@@ -513,7 +519,8 @@ impl<'a> Overlay<'a> {
                 match previous {
                     Some(p)
                         if active(&p.resource) == active(&resource)
-                            && named(&p.resource) == named(&resource) =>
+                            && named(&p.resource) == named(&resource)
+                            && !unlinked(p) =>
                     {
                         (p.valid_since, p.valid_since_unix)
                     }
