@@ -177,7 +177,33 @@ fn denied_within(prefix: &Prefix, path: &str) -> bool {
                 .as_deref()
                 .is_some_and(|dir| is_directory(dir, path))
     };
-    holds(path) || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
+    holds(path)
+        || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
+        || page_with_info(path).is_some_and(|page| holds(&page))
+}
+
+/// `path` as a server that runs the first page's file among its segments before the last reads
+/// it, the rest being the page's path info: with that file's extension taken off. Apache, and
+/// nginx with `fastcgi_split_path_info`, run `admin.php` for `/admin.php/x`, IIS runs
+/// `admin.aspx` for `/admin.aspx/x`: the page `/admin/x` runs where clean names are served
+/// ([`page_name`]).
+fn page_with_info(path: &str) -> Option<String> {
+    if !path.contains('.') {
+        return None;
+    }
+    let mut start = 0;
+    while let Some(end) = path[start + 1..].find('/').map(|i| start + 1 + i) {
+        let segment = &path[start + 1..end];
+        let name = segment.split_once(';').map_or(segment, |(name, _)| name);
+        let page = name.rsplit_once('.').filter(|(stem, extension)| {
+            !stem.is_empty() && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p))
+        });
+        if let Some((stem, _)) = page {
+            return Some(format!("{}{stem}{}", &path[..=start], &path[end..]));
+        }
+        start = end;
+    }
+    None
 }
 
 /// The extensions of pages' files, which servers also serve by other names.
@@ -1755,6 +1781,28 @@ mod tests {
             ("/admin.php", "/admin.php"),
         ] {
             assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
+        // A page's file with path info, which Apache, nginx with `fastcgi_split_path_info` and
+        // IIS run as that page: the page's clean name (`/admin/x`) where servers serve those.
+        for (prefix, path) in [
+            ("/admin", "/admin.php/x"),
+            ("/admin", "/ADMIN.PHP/x"),
+            ("/admin", "/admin.aspx/x"),
+            ("/admin", "/admin.php;s=1/x"),
+            ("/admin/x", "/admin.html/x"),
+            ("/app/admin", "/app/admin.php/"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+            assert!(!loosely_within(prefix, path), "{path}");
+        }
+        for (prefix, path) in [
+            ("/admin", "/admin.json/x"),
+            ("/admin", "/admins.php/x"),
+            ("/admin", "/x/admin.php"),
+            ("/admin", "/.php/admin"),
+            ("/admin/y", "/admin.php/x"),
+        ] {
+            assert!(!denied_within(prefix, path), "{prefix} {path}");
         }
         // A directory's index page: the directory itself, and nothing under it.
         for (prefix, path) in [

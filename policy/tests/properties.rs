@@ -82,6 +82,8 @@ const PATHS: &[&str] = &[
     "/api/index.php/v1/x",
     "/admin.php",
     "/ADMIN.PHP/x",
+    "/admin.aspx;x/y",
+    "/api/v1.html/x",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -308,7 +310,8 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
     // as not required (`/api` is served as `/api/`), and a format suffix on the path's last
     // segment as none (`/api.json` is served as `/api`), and also without a `.php` script
     // segment that has more after it (`/index.php/admin` is `/admin` to a PHP front
-    // controller); an allow rule reads all strictly.
+    // controller), and with the extension off a page's file that has more after it
+    // (`/admin.php/x` runs the page `/admin/x` does); an allow rule reads all strictly.
     let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
     let read_prefix = |p: &str| match read(p) {
         loose if deny && loose.len() > 1 => loose.trim_end_matches('/').to_owned(),
@@ -317,6 +320,7 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
     let mut readings = vec![request.path.to_owned()];
     if deny {
         readings.extend(without_script(request.path));
+        readings.extend(page_with_info(request.path));
     }
     let path_ok = readings
         .iter()
@@ -342,6 +346,21 @@ fn without_script(path: &str) -> Option<String> {
         .map(|(_, segment)| *segment)
         .collect();
     Some(kept.join("/"))
+}
+
+/// `path` with the extension off its first segment but the last that names a page's file.
+fn page_with_info(path: &str) -> Option<String> {
+    const PAGES: [&str; 7] = ["php", "html", "htm", "shtml", "asp", "aspx", "jsp"];
+    let mut segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().enumerate().position(|(i, segment)| {
+        let name = segment.split(';').next().unwrap_or_default();
+        i + 1 < segments.len()
+            && name.rsplit_once('.').is_some_and(|(stem, extension)| {
+                !stem.is_empty() && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p))
+            })
+    })?;
+    segments[at] = segments[at].split(';').next()?.rsplit_once('.')?.0;
+    Some(segments.join("/"))
 }
 
 fn path_holds(
