@@ -140,8 +140,8 @@ impl Scim {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let if_match = header_value(header::IF_MATCH);
-        let if_none_match = header_value(header::IF_NONE_MATCH);
+        let if_match = tag_list(&req.headers, header::IF_MATCH);
+        let if_none_match = tag_list(&req.headers, header::IF_NONE_MATCH);
         let host = header_value(header::HOST)
             .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))
             .unwrap_or_else(|| self.host.clone());
@@ -212,6 +212,20 @@ async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
     // The unread body may still be on the wire: `reply::send` closes the connection after it.
     let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));
     write(session, &ScimResponse::error(&error), false).await
+}
+
+/// The entity tags of every `name` field (`If-Match`, `If-None-Match`), as one list (RFC 9110
+/// §5.3). A tag that is not ASCII (RFC 9110 lets one be) is read as what it can be decoded to,
+/// which matches no version of ours: `If-Match` with only such a tag is answered 412, never
+/// read as absent.
+fn tag_list(headers: &http::HeaderMap, name: header::HeaderName) -> Option<String> {
+    let mut fields = headers.get_all(name).into_iter();
+    let first = String::from_utf8_lossy(fields.next()?.as_bytes()).into_owned();
+    Some(fields.fold(first, |mut tags, field| {
+        tags.push_str(", ");
+        tags.push_str(&String::from_utf8_lossy(field.as_bytes()));
+        tags
+    }))
 }
 
 async fn write(session: &mut Session, response: &ScimResponse, challenge: bool) -> Result<bool> {
