@@ -1049,11 +1049,15 @@ struct Spool {
     /// When PostgreSQL may be asked again, and how long after that if it fails again.
     retry_at: std::time::Instant,
     backoff: std::time::Duration,
+    /// [`SPOOL_MAX_BYTES`] (less in tests).
+    max_bytes: u64,
 }
 
 const SPOOL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const SPOOL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(32);
-/// The most the spool holds; past it, records are dropped (and counted).
+/// The most the spool holds waiting to be moved; past it, records are dropped (and counted).
+/// The file, with those moved already, holds at most twice that: while PostgreSQL takes them
+/// back, new records are not dropped for the room the moved ones took.
 const SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// The longest one turn of the writer moves records for, before it sees to new ones.
 const SPOOL_MOVE_TURN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -1076,6 +1080,7 @@ impl Spool {
             looked: std::time::Instant::now(),
             retry_at: std::time::Instant::now(),
             backoff: SPOOL_RETRY_FIRST,
+            max_bytes: SPOOL_MAX_BYTES,
         })
     }
 
@@ -1132,11 +1137,14 @@ impl Spool {
             remove_synced(&self.moved).map_err(cannot)?;
         }
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
-        if len.saturating_add(bytes) > SPOOL_MAX_BYTES {
+        let waiting = len - self.moved_through(len);
+        if waiting.saturating_add(bytes) > self.max_bytes
+            || len.saturating_add(bytes) > self.max_bytes.saturating_mul(2)
+        {
             return Err(format!(
                 "{} holds {} MiB already, waiting for PostgreSQL",
                 self.path.display(),
-                SPOOL_MAX_BYTES >> 20
+                self.max_bytes >> 20
             ));
         }
         // A record a crash cut short stands alone, unread (it is no JSON), taking none after
@@ -1187,6 +1195,16 @@ impl Spool {
         }
     }
 
+    /// How many bytes of the spool, `len` long, are moved already, as `audit-spool.moved`
+    /// says. Unreadable or past the end (the file was emptied by hand): none.
+    fn moved_through(&self, len: u64) -> u64 {
+        std::fs::read_to_string(&self.moved)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .filter(|&from| from <= len)
+            .unwrap_or(0)
+    }
+
     /// [`Spool::move_to`]'s moves, each batch by `insert` (in one transaction), under the
     /// file's lock: `Ok(true)` once all are moved, `Ok(false)` when the turn ends first.
     fn move_batches(
@@ -1197,12 +1215,7 @@ impl Spool {
         use std::os::unix::fs::FileExt;
         let file = self.locked().map_err(Moving::File)?;
         let len = file.metadata().map_err(Moving::File)?.len();
-        // Unreadable or past the end (the file was emptied by hand): from the start.
-        let mut from = std::fs::read_to_string(&self.moved)
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .filter(|&from| from <= len)
-            .unwrap_or(0);
+        let mut from = self.moved_through(len);
         let mut chunk = vec![0u8; SPOOL_READ_BYTES];
         loop {
             let want =
@@ -2035,6 +2048,40 @@ mod tests {
         };
         assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
         assert_eq!(taken.len(), 10, "{taken:?}");
+    }
+
+    /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come
+    /// while the rest are moved are kept, not dropped (up to twice the bound in the file).
+    #[test]
+    fn a_spool_being_moved_takes_new_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_NAME);
+        let record = |i: usize| format!("{{\"n\":{i:>8}}}\n");
+        let mut spool = Spool::open(path.clone()).unwrap();
+        let batch: Vec<String> = (0..MAX_BATCH).map(record).collect();
+        let size = batch.iter().map(|r| r.len() as u64).sum::<u64>();
+        spool.max_bytes = 2 * size;
+        spool.append(&batch).unwrap();
+        spool.append(&batch).unwrap();
+        assert!(spool.append(&batch[..1]).is_err(), "full");
+        // PostgreSQL is back: it takes a batch, then the turn ends (here, a failure).
+        let mut taken = 0;
+        let mut one_batch = |_: &[&str]| -> Result<(), String> {
+            taken += 1;
+            match taken {
+                1 => Ok(()),
+                _ => Err("the turn is over".to_owned()),
+            }
+        };
+        let now = std::time::Instant::now();
+        assert!(spool.move_batches(&mut one_batch, now).is_err());
+        spool.append(&batch).unwrap();
+        assert!(spool.append(&batch[..1]).is_err(), "full again");
+        // All moved: the file is emptied, and takes the bound again.
+        let mut take = |_: &[&str]| -> Result<(), String> { Ok(()) };
+        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        spool.append(&batch).unwrap();
+        spool.append(&batch).unwrap();
     }
 
     /// A record longer than one read of the spool (a change naming a million members) moves
