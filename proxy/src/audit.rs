@@ -129,10 +129,11 @@ pub struct AgentRecord {
     pub on_behalf_of: Option<String>,
 }
 
-/// Who the refusal of a bearer token older than its record names, and why: the caller
-/// (`who`), or the agent the token acts through, whose record it is older than (named as the
-/// agent, or as the person it acts for).
-pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String) {
+/// Who the refusal of a bearer token older than a record names, and why: the caller (`who`),
+/// or the person an agent's delegated token acts for, whose record it is older than; or the
+/// agent the token acts through, whose record it is older than (named as the agent, or as the
+/// person it acts for).
+pub fn outdated_token(who: &str, outdated: Option<&crate::gate::Outdated>) -> (String, String) {
     let reason = |whose: &str, or: &str| {
         format!(
             "the bearer token was issued before {whose} was last created, re-activated or \
@@ -140,8 +141,8 @@ pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String
              theirs, or no longer, and its client needs a new one"
         )
     };
-    match agent {
-        Some(agent) => (
+    match outdated {
+        Some(crate::gate::Outdated::Agent(agent)) => (
             agent
                 .on_behalf_of
                 .clone()
@@ -151,7 +152,11 @@ pub fn outdated_token(who: &str, agent: Option<&AgentRecord>) -> (String, String
                 ", or its application was re-activated",
             ),
         ),
-        None => (who.to_owned(), reason(who, "")),
+        Some(crate::gate::Outdated::Caller(Some(AgentRecord {
+            on_behalf_of: Some(person),
+            ..
+        }))) => (person.clone(), reason(person, "")),
+        _ => (who.to_owned(), reason(who, "")),
     }
 }
 

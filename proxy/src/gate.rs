@@ -163,17 +163,20 @@ impl Refused {
         )
     }
 
-    /// The agent whose record a refused token is older than, when it was an agent's.
-    pub fn outdated_agent(&self) -> Option<&AgentRecord> {
+    /// Whose record the refused credential is older than, when it is.
+    pub fn outdated(&self) -> Option<&Outdated> {
         match self {
-            Refused::SignIn {
-                revoked: Some(Outdated::Agent(agent)),
-            }
-            | Refused::Challenge {
-                revoked: Some(Outdated::Agent(agent)),
-                ..
-            } => Some(agent),
+            Refused::SignIn { revoked } | Refused::Challenge { revoked, .. } => revoked.as_ref(),
             _ => None,
+        }
+    }
+
+    /// The agent a refused token older than a record acts through, if any: the record is the
+    /// agent's, or the person's it acts for.
+    pub fn outdated_agent(&self) -> Option<&AgentRecord> {
+        match self.outdated()? {
+            Outdated::Agent(agent) | Outdated::Caller(Some(agent)) => Some(agent),
+            Outdated::Caller(None) => None,
         }
     }
 }
@@ -181,8 +184,9 @@ impl Refused {
 /// Whose directory record a refused credential is older than (see [`outlived`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outdated {
-    /// The caller's own user.
-    Caller,
+    /// The caller's own user; with the agent a delegated token acts through for them, if one
+    /// does (`on_behalf_of` names them).
+    Caller(Option<AgentRecord>),
     /// The agent a token acts through, its own or for a person (`on_behalf_of`).
     Agent(AgentRecord),
 }
@@ -815,6 +819,14 @@ impl Gate<'_> {
                 refusal.agent = record;
                 Judged::Refuse(refusal)
             }
+            // The person's record is newer than the token: recorded as theirs, with the agent
+            // beside them, as the token's other refusals are.
+            Judged::Revoked(Outdated::Caller(_)) => {
+                if let Some(agent) = &mut record {
+                    agent.on_behalf_of = Some(self.person_name(principal));
+                }
+                Judged::Revoked(Outdated::Caller(record))
+            }
             Judged::Revoked(outdated) => Judged::Revoked(outdated),
         }
     }
@@ -985,7 +997,7 @@ impl Gate<'_> {
                 }
             };
             if outlived(principal, view.user) {
-                return Some(Judged::Revoked(Outdated::Caller));
+                return Some(Judged::Revoked(Outdated::Caller(None)));
             }
             let groups = group_refs(&view.groups);
             let mut subject = user_subject(kind, view.user, &groups);
@@ -1722,7 +1734,7 @@ mod tests {
         assert_eq!(
             browser,
             Admission::Refuse(Refused::SignIn {
-                revoked: Some(Outdated::Caller)
+                revoked: Some(Outdated::Caller(None))
             })
         );
         let api = world.gate().admit(
@@ -1736,7 +1748,7 @@ mod tests {
             api,
             Admission::Refuse(Refused::Challenge {
                 invalid_token: false,
-                revoked: Some(Outdated::Caller)
+                revoked: Some(Outdated::Caller(None))
             })
         );
         // Signing in again works.
@@ -2251,7 +2263,7 @@ mod tests {
         };
         let invalid = Admission::Refuse(Refused::Challenge {
             invalid_token: true,
-            revoked: Some(Outdated::Caller),
+            revoked: Some(Outdated::Caller(None)),
         });
         let issued = |iat: Option<u64>| Machine {
             issued: iat,
@@ -2826,12 +2838,12 @@ mod tests {
     #[test]
     fn only_a_revocation_ends_the_session() {
         assert!(Refused::SignIn {
-            revoked: Some(Outdated::Caller)
+            revoked: Some(Outdated::Caller(None))
         }
         .revoked());
         assert!(Refused::Challenge {
             invalid_token: false,
-            revoked: Some(Outdated::Caller)
+            revoked: Some(Outdated::Caller(None))
         }
         .revoked());
         assert!(!Refused::SignIn { revoked: None }.revoked());

@@ -1960,7 +1960,8 @@ impl Proxy {
             }
             (true, Some(caller @ Caller::Machine(_))) => {
                 let agent = refused.outdated_agent();
-                let (who, reason) = crate::audit::outdated_token(&caller.log_name(), agent);
+                let (who, reason) =
+                    crate::audit::outdated_token(&caller.log_name(), refused.outdated());
                 audit.refusal(&who, route, None, &reason, &asked.audited(), agent);
             }
             // A token that verified but is for none of the route's audiences: refused as an

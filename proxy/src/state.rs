@@ -499,7 +499,7 @@ impl Shared {
                     "the user was deactivated or re-created since signing in",
                 ),
                 Caller::Machine(_) => {
-                    let (who, reason) = crate::audit::outdated_token(&who, r.outdated_agent());
+                    let (who, reason) = crate::audit::outdated_token(&who, r.outdated());
                     outdated = reason;
                     (who, None, outdated.as_str())
                 }

@@ -784,6 +784,37 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
     assert!(!mine.is_empty());
 }
 
+/// A delegated token issued before its person was re-activated is refused (401) as theirs,
+/// with the agent beside them: the agent's refusals are found under it, and counted toward its
+/// share of the audit log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_token_older_than_its_person_is_recorded_with_the_agent() {
+    let t = Agents::start().await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
+    // Records are dated in whole seconds: the re-activation falls in a later one.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let alice = format!("/Users/{}", t.alice);
+    t.set_active(&alice, false).await.expect(200);
+    t.set_active(&alice, true).await.expect(200);
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+
+    let whose = format!("before {ALICE} was last created, re-activated");
+    let records = audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .any(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
+    })
+    .await;
+    let refusal = of_event(&records, "refusal")
+        .into_iter()
+        .find(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
+        .expect("the refusal");
+    assert_eq!(refusal["user"], ALICE, "{refusal:#}");
+    assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
+    assert_eq!(refusal["agent"]["on_behalf_of"], ALICE, "{refusal:#}");
+}
+
 /// An agent whose application is deactivated stays refused whatever a SCIM remove of its
 /// applications names: a value naming only what is not kept (the read-only `display`) would
 /// have selected every application, and an agent in none is refused by none; a filter on it,
