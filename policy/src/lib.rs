@@ -31,7 +31,10 @@ mod spec;
 
 use std::borrow::Cow;
 
-pub use policy::{loose_depth, loosely_within, script_routed, strictly_within, Policy};
+pub use policy::{
+    loose_depth, loosely_within, names_page, page_named, page_with_info, script_routed,
+    strictly_within, Policy,
+};
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{spelling_problem, PolicyError, Problem, RuleSpec};
 

@@ -75,7 +75,7 @@ struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 struct Prefix {
     text: Box<str>,
-    /// Without its page's extension ([`page_name`]).
+    /// Without its page's extension ([`clean_name`]).
     page: Option<Box<str>>,
     /// The directory whose index page it names ([`index_of`]).
     directory: Option<Box<str>>,
@@ -85,7 +85,7 @@ impl Prefix {
     fn new(text: &str) -> Self {
         Self {
             text: text.into(),
-            page: page_name(text).map(Into::into),
+            page: clean_name(text).map(Into::into),
             directory: index_of(text).map(Into::into),
         }
     }
@@ -187,7 +187,7 @@ fn denied_within(prefix: &Prefix, path: &str) -> bool {
 /// nginx with `fastcgi_split_path_info`, run `admin.php` for `/admin.php/x`, IIS runs
 /// `admin.aspx` for `/admin.aspx/x`: the page `/admin/x` runs where clean names are served
 /// ([`page_name`]).
-fn page_with_info(path: &str) -> Option<String> {
+pub fn page_with_info(path: &str) -> Option<String> {
     if !path.contains('.') {
         return None;
     }
@@ -242,6 +242,29 @@ fn index_of(prefix: &str) -> Option<&str> {
 fn is_directory(dir: &str, path: &str) -> bool {
     let dir = if dir.is_empty() { "/" } else { dir };
     within(dir, path, false) && loose_depth(path) == loose_depth(dir)
+}
+
+/// Whether `prefix` names a page's file ([`page_name`]) or a directory's index page
+/// ([`index_of`]).
+pub fn names_page(prefix: &str) -> bool {
+    clean_name(prefix).is_some() || index_of(prefix).is_some()
+}
+
+/// `prefix` by the name servers also serve its page by: without the extension of its last
+/// segment's page file ([`page_name`]), or of the one before its path info
+/// ([`page_with_info`]: `/admin.php/users` is `/admin/users`).
+fn clean_name(prefix: &str) -> Option<String> {
+    page_name(prefix)
+        .map(str::to_owned)
+        .or_else(|| page_with_info(prefix))
+}
+
+/// Whether `path` is, to a server that serves pages by clean names, the page `prefix` names by
+/// its file: within its name without the extension (`/admin` for `/admin.php`), or the
+/// directory whose index page it is (`/admin/` for `/admin/index.php`).
+pub fn page_named(prefix: &str, path: &str) -> bool {
+    clean_name(prefix).is_some_and(|page| loosely_within(&page, path))
+        || index_of(prefix).is_some_and(|dir| is_directory(dir, path))
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -1795,6 +1818,16 @@ mod tests {
             assert!(denied_within(prefix, path), "{prefix} {path}");
             assert!(!loosely_within(prefix, path), "{path}");
         }
+        // And the other way round: a deny on a page's file with path info refuses the path
+        // by its page's clean name.
+        for (prefix, path) in [
+            ("/admin.php/users", "/admin/users"),
+            ("/admin.php/users", "/Admin/users/x"),
+            ("/app/admin.aspx/x/", "/app/admin/x"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
+        assert!(!denied_within("/admin.php/users", "/admin/x"));
         for (prefix, path) in [
             ("/admin", "/admin.json/x"),
             ("/admin", "/admins.php/x"),

@@ -52,7 +52,15 @@ const EMAILS: &[&str] = &[
 const METHODS: &[&str] = &[
     "GET", "get", "HEAD", "POST", "DELETE", "delete", "PROPFIND", "PATCH",
 ];
-const PREFIXES: &[&str] = &["/", "/admin", "/admin/", "/api", "/api/v1", "/admin.php"];
+const PREFIXES: &[&str] = &[
+    "/",
+    "/admin",
+    "/admin/",
+    "/api",
+    "/api/v1",
+    "/admin.php",
+    "/admin.php/x",
+];
 const PATHS: &[&str] = &[
     "/",
     "/admin",
@@ -373,12 +381,15 @@ fn path_holds(
         prefixes
             .iter()
             .map(|prefix| read_prefix(prefix))
-            // A deny of a page's file (`/admin.php`) is one of its name too (`/admin`).
+            // A deny of a page's file (`/admin.php`, `/admin.php/x`) is one of its name too
+            // (`/admin`, `/admin/x`).
             .flat_map(|prefix| {
                 let page = prefix
                     .strip_suffix(".php")
-                    .filter(|page| deny && !page.is_empty() && !page.ends_with('/'))
-                    .map(str::to_owned);
+                    .filter(|page| !page.is_empty() && !page.ends_with('/'))
+                    .map(str::to_owned)
+                    .or_else(|| page_with_info(&prefix))
+                    .filter(|_| deny);
                 std::iter::once(prefix).chain(page)
             })
             .any(|prefix| {

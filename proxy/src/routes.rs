@@ -26,6 +26,8 @@ pub struct RouteTable {
     exact: Named<Vec<Arc<CompiledRoute>>>,
     /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
     wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
+    /// Whether some route's prefix names a page's file ([`portcullis_policy::names_page`]).
+    pages: bool,
 }
 
 pub enum Match<'a> {
@@ -37,6 +39,7 @@ pub enum Match<'a> {
 
 impl RouteTable {
     pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
+        let pages = (routes.iter()).any(|r| portcullis_policy::names_page(&r.config.path_prefix));
         let mut exact: Named<Vec<Arc<CompiledRoute>>> = Named::default();
         let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
         for route in routes {
@@ -58,7 +61,11 @@ impl RouteTable {
         wildcard.iter_mut().for_each(|(_, routes)| by_depth(routes));
         // The most specific wildcard (longest suffix) is tried first.
         wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
-        Self { exact, wildcard }
+        Self {
+            exact,
+            wildcard,
+            pages,
+        }
     }
 
     /// Every route, in no particular order.
@@ -135,6 +142,12 @@ impl RouteTable {
     ///   would be served by this route's upstream past that route's rules. Unless this route
     ///   names the script itself (`/remote.php/` beside `/`, for Nextcloud's DAV clients):
     ///   then its operator routed what follows the script.
+    /// - Apache's MultiViews, nginx's `try_files $uri $uri.php` and clean-URL hosts serve a
+    ///   page's file by its name without the extension, and Apache, nginx's
+    ///   `fastcgi_split_path_info` and IIS run a page's file with path info as that page: a
+    ///   path that reads as a narrower route's page either way (`/adminer` beside an
+    ///   `/adminer.php` route, `/admin.php/x` beside an `/admin/` one) would be served by this
+    ///   route's upstream past that route's rules.
     /// - Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
     ///   names methods, one in the `query` would dodge it. (One in a form body is not read
     ///   here: the README says so.)
@@ -192,6 +205,23 @@ impl RouteTable {
                 return Some(
                     "a path that a PHP front controller reads as another route's \
                      (/index.php/admin is /admin)",
+                );
+            }
+        }
+        let info = portcullis_policy::page_with_info(path);
+        if self.pages || info.is_some() {
+            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
+            let narrower_page = self.candidates(host).flatten().any(|other| {
+                let prefix = &other.config.path_prefix;
+                portcullis_policy::loose_depth(prefix) > depth
+                    && (portcullis_policy::page_named(prefix, path)
+                        || (info.as_deref())
+                            .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
+            });
+            if narrower_page {
+                return Some(
+                    "a path that servers read as a narrower route's page (/admin is \
+                     admin.php, /admin.php/x is /admin/x)",
                 );
             }
         }
@@ -409,6 +439,45 @@ mod tests {
                 None,
                 "{path}"
             );
+        }
+        // A path that servers read as a narrower route's page, by its clean name or its file
+        // with path info: served by the wider route's upstream, past that route's rules.
+        let table = RouteTable::new(vec![
+            like_at("app.test", Scheme::Https, ""),
+            like_at("app.test", Scheme::Https, "/adminer.php"),
+            like_at("app.test", Scheme::Https, "/admin/index.php"),
+            like_at("app.test", Scheme::Https, "/tools/"),
+            like_at("app.test", Scheme::Https, "/tools/report"),
+            like_at("app.test", Scheme::Https, "/remote.php/"),
+        ]);
+        let refused = |path: &str| match table.find(Scheme::Https, "app.test", path) {
+            Match::Found(route) => table.refuses(Scheme::Https, "app.test", route, path, None),
+            _ => panic!("{path}: no route"),
+        };
+        for path in [
+            "/adminer",
+            "/Adminer/x",
+            "/adminer;x/y",
+            "/admin/",
+            "/admin",
+            "/tools/report.php/x",
+            "/tools/REPORT.aspx;s=1/",
+        ] {
+            assert!(refused(path).is_some(), "{path}");
+        }
+        for path in [
+            "/adminer.php",
+            "/adminer.php/x",
+            "/adminerx",
+            "/admin/x",
+            "/tools/report.json",
+            "/tools/reports.php/x",
+            "/remote.php/dav/files",
+            "/static/app.js",
+            "/other.php/x",
+            "/",
+        ] {
+            assert_eq!(refused(path), None, "{path}");
         }
         // A prefix both schemes have: each scheme's own route.
         assert_eq!(name(Scheme::Http, "/both/x"), "Http /both");

@@ -1506,6 +1506,12 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         // two ways.
         ("/index.php/v1/builds", 400, None),
         ("/INDEX.PHP;x/V1", 400, None),
+        // Apache, nginx's `fastcgi_split_path_info` and IIS run a page's file with path
+        // info as the page: `/admin.php/users` is what `/admin/users` runs, where clean names
+        // are served. Read so, it is denied, or another route's.
+        ("/admin.php/users", 403, None),
+        ("/ADMIN.aspx;x/users", 403, None),
+        ("/v1.php/builds", 400, None),
         // Unless the route taken names the script itself: its operator routed it.
         ("/remote.php/dav/files", 200, Some("/remote.php/dav/files")),
         ("/remote.php/v1/x", 200, Some("/remote.php/v1/x")),
