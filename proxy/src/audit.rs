@@ -1061,8 +1061,9 @@ struct Spool {
 const SPOOL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const SPOOL_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(32);
 /// The most the spool holds waiting to be moved; past it, records are dropped (and counted).
-/// The file, with those moved already, holds at most twice that: while PostgreSQL takes them
-/// back, new records are not dropped for the room the moved ones took.
+/// The file, with those moved already, grows to at most twice that before it is compacted
+/// ([`Spool::compact`]): while PostgreSQL takes them back, new records are not dropped for
+/// the room the moved ones took.
 const SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// The longest one turn of the writer moves records for, before it sees to new ones.
 const SPOOL_MOVE_TURN: std::time::Duration = std::time::Duration::from_secs(1);
@@ -1119,16 +1120,26 @@ impl Spool {
         self.backoff = (self.backoff * 2).min(SPOOL_RETRY_MAX);
     }
 
-    /// The spool file, opened and locked (for as long as it is held).
+    /// The spool file, opened and locked (for as long as it is held): the one at its path
+    /// once locked, not one another process put a compacted file in the place of meanwhile.
     fn locked(&self) -> std::io::Result<File> {
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)?;
-        file.lock()?;
-        Ok(file)
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            file.lock()?;
+            let held = file.metadata()?;
+            match std::fs::metadata(&self.path) {
+                Ok(at) if (at.dev(), at.ino()) == (held.dev(), held.ino()) => return Ok(file),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Appends `lines` and syncs them.
@@ -1142,15 +1153,22 @@ impl Spool {
             remove_synced(&self.moved).map_err(cannot)?;
         }
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
-        let waiting = len - self.moved_through(len);
-        if waiting.saturating_add(bytes) > self.max_bytes
-            || len.saturating_add(bytes) > self.max_bytes.saturating_mul(2)
-        {
+        let moved = self.moved_through(len);
+        if (len - moved).saturating_add(bytes) > self.max_bytes {
             return Err(format!(
                 "{} holds {} MiB already, waiting for PostgreSQL",
                 self.path.display(),
                 self.max_bytes >> 20
             ));
+        }
+        // Full of records moved already (they are moved a batch at a time, and the file is
+        // emptied only once all are): their room is given back, copying at most the bound to
+        // give back about as much.
+        let mut len = len;
+        if len.saturating_add(bytes) > self.max_bytes.saturating_mul(2) {
+            self.compact(&file, len, moved).map_err(cannot)?;
+            file = self.locked().map_err(cannot)?;
+            len = file.metadata().map_err(cannot)?.len();
         }
         // A record a crash cut short stands alone, unread (it is no JSON), taking none after
         // it down.
@@ -1198,6 +1216,35 @@ impl Spool {
                 false
             }
         }
+    }
+
+    /// Gives back the room of the records moved already: those still to move, from `moved` to
+    /// `len`, are copied to a new file put in the spool's place. The note of moves goes first:
+    /// a crash before the new file is in place has all moved again, twice, none lost. The
+    /// spool is held locked meanwhile, and the other processes on the `data_dir` lock the new
+    /// file once it is in place ([`Spool::locked`]).
+    fn compact(&self, spool: &File, len: u64, moved: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        remove_synced(&self.moved)?;
+        let aside = self.path.with_extension("compacted");
+        let mut copy = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&aside)?;
+        let mut chunk = vec![0u8; SPOOL_READ_BYTES];
+        let mut from = moved;
+        while from < len {
+            let want =
+                usize::try_from(len - from).map_or(chunk.len(), |left| left.min(chunk.len()));
+            spool.read_exact_at(&mut chunk[..want], from)?;
+            copy.write_all(&chunk[..want])?;
+            from += want as u64;
+        }
+        copy.sync_all()?;
+        std::fs::rename(&aside, &self.path)?;
+        sync_parent(&self.path)
     }
 
     /// How many bytes of the spool, `len` long, are moved already, as `audit-spool.moved`
@@ -2082,9 +2129,35 @@ mod tests {
         assert!(spool.move_batches(&mut one_batch, now).is_err());
         spool.append(&batch).unwrap();
         assert!(spool.append(&batch[..1]).is_err(), "full again");
+        // Records keep coming as fast as they are moved: the file is compacted, and none is
+        // dropped, nor moved twice.
+        let mut moved: Vec<String> = Vec::new();
+        for _ in 0..6 {
+            let before = moved.len();
+            let mut one_batch = |records: &[&str]| -> Result<(), String> {
+                if moved.len() > before {
+                    return Err("the turn is over".to_owned());
+                }
+                moved.extend(records.iter().map(|r| r.to_string()));
+                Ok(())
+            };
+            let _ = spool.move_batches(&mut one_batch, now);
+            assert_eq!(moved.len(), before + MAX_BATCH);
+            spool.append(&batch).unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert!(len <= 4 * size, "{len} bytes");
+        }
         // All moved: the file is emptied, and takes the bound again.
-        let mut take = |_: &[&str]| -> Result<(), String> { Ok(()) };
+        let mut take = |records: &[&str]| -> Result<(), String> {
+            moved.extend(records.iter().map(|r| r.to_string()));
+            Ok(())
+        };
         assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        // Each batch appended, moved once: nine of them, the first above.
+        assert_eq!(moved.len(), 8 * MAX_BATCH);
+        assert!(moved
+            .chunks(MAX_BATCH)
+            .all(|b| b.iter().zip(&batch).all(|(m, r)| m == r.trim_end())));
         spool.append(&batch).unwrap();
         spool.append(&batch).unwrap();
     }
