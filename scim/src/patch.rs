@@ -51,6 +51,14 @@ pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp
 /// ServiceProviderConfig has no field for it).
 pub const MAX_PATCH_OPERATIONS: usize = 1000;
 
+/// The most work one PATCH may ask for (said in the README), counted before each operation
+/// runs: a filter's comparisons with each value it selects among, and a multi-valued add's
+/// values, held and added (each held one is looked at again to skip duplicates). A group's
+/// members aside (the ledger, by id). It runs on the directory's one writer: a request that
+/// asked hundreds of filters of every value of a large attribute held up every other write,
+/// and sign-ins, for seconds.
+pub const MAX_PATCH_WORK: usize = 100_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
     Add,
@@ -215,11 +223,13 @@ pub fn apply_patch(
     }
     let mut work = original.clone();
     let mut ledger = Ledger::new(is_member);
+    let mut budget = MAX_PATCH_WORK;
     for (i, op) in ops.iter().enumerate() {
         let mut patcher = Patcher {
             rt,
             work: &mut work,
             ledger: &mut ledger,
+            budget: &mut budget,
         };
         patcher.apply(op).map_err(|e| at_operation(i, e))?;
     }
@@ -237,6 +247,8 @@ struct Patcher<'a, 'm> {
     rt: ResourceType,
     work: &'a mut Object,
     ledger: &'a mut Ledger<'m>,
+    /// What is left of [`MAX_PATCH_WORK`].
+    budget: &'a mut usize,
 }
 
 fn invalid_path(detail: impl Into<String>) -> ScimError {
@@ -363,6 +375,24 @@ impl Patcher<'_, '_> {
             (OpKind::Add, Some(Value::Null)) if !multi_valued => (OpKind::Remove, None),
             other => other,
         };
+        let held = get_ci(container, resolved.attr.name)
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let work = match (&path.value_filter, kind, value) {
+            (Some(filter), _, _) => comparisons(filter).saturating_mul(held.max(1)),
+            (None, OpKind::Add, Some(Value::Array(added))) if multi_valued => held + added.len(),
+            _ => 1,
+        };
+        *self.budget = self.budget.checked_sub(work).ok_or_else(|| {
+            ScimError::bad_request(
+                ScimType::TooMany,
+                format!(
+                    "the operations ask for more work than one PATCH may ({MAX_PATCH_WORK} \
+                     comparisons of a filter with a value, or values looked at to add one): \
+                     send them in several"
+                ),
+            )
+        })?;
         let target = Target {
             attr: resolved.attr,
             name: path.attr.to_string(),
@@ -372,6 +402,16 @@ impl Patcher<'_, '_> {
             (None, Some(sub)) => target.sub_attribute(container, sub, kind, value),
             (Some(filter), sub) => target.filtered(container, filter, sub, kind, value),
         }
+    }
+}
+
+/// How many comparisons `filter` makes of one value.
+fn comparisons(filter: &Filter) -> usize {
+    match filter {
+        Filter::Attr(_) => 1,
+        Filter::ValuePath { filter, sub, .. } => comparisons(filter) + usize::from(sub.is_some()),
+        Filter::Not(inner) => comparisons(inner),
+        Filter::And(l, r) | Filter::Or(l, r) => comparisons(l) + comparisons(r),
     }
 }
 
@@ -1221,6 +1261,51 @@ mod tests {
             {"op": "remove", "path": "emails", "value": listed(MAX_VALUES)},
         ]));
         assert_eq!(u["emails"].as_array().map(Vec::len), Some(2), "{u}");
+    }
+
+    /// One PATCH asks for at most [`MAX_PATCH_WORK`]: filters of many terms on every value of
+    /// a full attribute, or adds that look again at all it holds, are refused before they
+    /// run, and change nothing.
+    #[test]
+    fn a_patch_that_asks_for_too_much_work_is_refused() {
+        let full = |u: &mut Value| {
+            u["emails"] = (0..MAX_VALUES)
+                .map(|i| json!({"value": format!("u{i}@example.com"), "type": "work"}))
+                .collect();
+        };
+        let run = |ops: Value| {
+            let mut u = user();
+            full(&mut u);
+            let before = u.clone();
+            let outcome = patch(&mut u, USER, ops);
+            if outcome.is_err() {
+                assert_eq!(u, before, "a failed PATCH changes nothing");
+            }
+            outcome
+        };
+        let terms = (0..20)
+            .map(|i| format!("value co \"x{i}\""))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let filtered = json!({"op": "remove", "path": format!("emails[{terms}]")});
+        let e = run(Value::Array(vec![filtered.clone(); 10])).unwrap_err();
+        assert_eq!((e.status, e.scim_type), (400, Some(ScimType::TooMany)));
+        let again = json!({"op": "add", "path": "emails",
+            "value": [{"value": "u0@example.com", "type": "work"}]});
+        let e = run(Value::Array(vec![again.clone(); 100])).unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::TooMany));
+        // What IdPs send, many times over, is far from it.
+        run(Value::Array(vec![filtered; 4])).unwrap();
+        run(Value::Array(vec![again; 90])).unwrap();
+        let entra = json!({"op": "Replace", "path": "emails[type eq \"work\"].value",
+            "value": "u0@example.com"});
+        let mut u = user();
+        patch(
+            &mut u,
+            USER,
+            Value::Array(vec![entra; MAX_PATCH_OPERATIONS]),
+        )
+        .unwrap();
     }
 
     #[test]
