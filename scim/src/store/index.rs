@@ -526,13 +526,14 @@ fn linked_ids<'a>(
         })
 }
 
-/// The AgenticApplications an Agent resource links, as [`AgentEntry::applications`] reads them.
-pub fn linked_applications(resource: &Value) -> Vec<Id> {
+/// The ids an Agent resource's extension links by `name` (`owners`, `applications`), as
+/// [`agent_entry`] reads them.
+pub fn agent_links(resource: &Value, name: &str) -> Vec<Id> {
     let extension = resource
         .as_object()
         .and_then(|r| get_ci(r, PORTCULLIS_AGENT_SCHEMA))
         .and_then(Value::as_object);
-    linked_ids(extension, "applications").collect()
+    linked_ids(extension, name).collect()
 }
 
 fn active_of(resource: &serde_json::Map<String, Value>) -> bool {

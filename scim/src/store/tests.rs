@@ -2223,3 +2223,47 @@ async fn a_write_repeated_after_the_database_lost_it_is_made_again() {
     let c = Directory::open(standby, now()).unwrap();
     assert_eq!(in_eng(&c), Some(false), "the database has it");
 }
+
+/// An agent's change names by id the owners and applications it gains or loses, as a group's
+/// names its members: an owner added lets the agent in with the tokens it holds, and a
+/// console's page for that owner finds the change.
+#[tokio::test]
+async fn an_agent_s_change_names_the_owners_and_applications_it_gains_or_loses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    let alice = created(&dir, ResourceType::User, user("alice")).await;
+    let bob = created(&dir, ResourceType::User, user("bob")).await;
+    let app = created(
+        &dir,
+        ResourceType::AgenticApplication,
+        json!({"schemas": [crate::schema::AGENTIC_APPLICATION_SCHEMA], "name": "Helpdesk"}),
+    )
+    .await;
+    let last_change = |seq: Seq| dir.changes(seq - 1, 10).unwrap().pop().unwrap();
+    let body = agent("helper", &[&alice], &[&app], None);
+    let written = create(&dir, ResourceType::Agent, body).await.unwrap();
+    let summary = last_change(written.seq).summary;
+    assert!(
+        summary.contains(&format!("owners +[{alice}] -[]")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("applications +[{app}] -[]")),
+        "{summary}"
+    );
+
+    let path = format!("{AGENT_EXT}:owners");
+    let ops = json!([
+        {"op": "add", "path": path, "value": [{"value": bob}]},
+        {"op": "remove", "path": format!("{path}[value eq \"{alice}\"]")},
+    ]);
+    let written = patch(&dir, ResourceType::Agent, &written.id, patch_body(ops))
+        .await
+        .unwrap();
+    let summary = last_change(written.seq).summary;
+    assert!(
+        summary.contains(&format!("owners +[{bob}] -[{alice}]")),
+        "{summary}"
+    );
+    assert!(!summary.contains("applications"), "{summary}");
+}

@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::index::{
-    etag, etag_matches, fold, format_id, gains_identifier, given_up, holds_any,
-    linked_applications, released_identifiers, Index,
+    agent_links, etag, etag_matches, fold, format_id, gains_identifier, given_up, holds_any,
+    released_identifiers, Id, Index, NO_ID,
 };
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, StoreError, Written};
 use crate::error::{ScimError, ScimType};
@@ -488,6 +488,29 @@ impl<'a> Overlay<'a> {
                 ", deactivated"
             });
         }
+        // Whom an agent stands through, and where it runs, by id as a group's members are (a
+        // console's user page finds them so): an owner added lets it in with the tokens it
+        // holds.
+        if rt == ResourceType::Agent {
+            for name in ["owners", "applications"] {
+                let now: HashSet<Id> = agent_links(&resource, name).into_iter().collect();
+                let before: HashSet<Id> = previous
+                    .map(|p| agent_links(&p.resource, name).into_iter().collect())
+                    .unwrap_or_default();
+                let ids = |from: &HashSet<Id>, not_in: &HashSet<Id>| {
+                    let mut ids: Vec<Id> = (from.difference(not_in))
+                        .copied()
+                        .filter(|&id| id != NO_ID)
+                        .collect();
+                    ids.sort_unstable();
+                    ids.into_iter().map(format_id).collect::<Vec<_>>().join(",")
+                };
+                let (added, removed) = (ids(&now, &before), ids(&before, &now));
+                if !added.is_empty() || !removed.is_empty() {
+                    summary.push_str(&format!(", {name} +[{added}] -[{removed}]"));
+                }
+            }
+        }
         let (valid_since, valid_since_unix) = match rt {
             ResourceType::Group => (None, None),
             // Deactivated or re-activated, its agents' tokens from before are not theirs: an
@@ -506,8 +529,8 @@ impl<'a> Overlay<'a> {
             // it off lets the agent stand again, as re-activating it would.
             ResourceType::Agent => {
                 let unlinked = |p: &Record| {
-                    let now = linked_applications(&resource);
-                    (linked_applications(&p.resource).iter()).any(|id| !now.contains(id))
+                    let now = agent_links(&resource, "applications");
+                    (agent_links(&p.resource, "applications").iter()).any(|id| !now.contains(id))
                 };
                 let named = |r: &Value| {
                     let text = |name| r.as_object().and_then(|o| get_ci(o, name)?.as_str());
