@@ -543,6 +543,23 @@ impl PgStorage {
         unsettled.push_back((seq, committed));
     }
 
+    /// The commit time `unsettled` kept for `seq`, taken with those before it: settles come in
+    /// the order of `unsettled`, and one before this is not waited for any more. An error when
+    /// it was dropped (more than [`MAX_UNSETTLED`] waited): nothing could tell this commit from
+    /// another a failover put in its place. Those after it are kept for their own.
+    fn settling(&self, seq: Seq) -> Result<Option<i64>, StoreError> {
+        let mut unsettled = lock(&self.unsettled);
+        let Some(at) = unsettled.iter().position(|(s, _)| *s == seq) else {
+            return Err(StoreError::Backend(
+                "too many changes waited to be confirmed: this one's commit time was not kept"
+                    .to_owned(),
+            ));
+        };
+        let committed = unsettled[at].1;
+        unsettled.drain(..=at);
+        Ok(committed)
+    }
+
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
         let connector = Arc::new(Connector::new(&options.url, options.max_staleness)?);
@@ -1193,17 +1210,7 @@ impl Storage for PgStorage {
         // When the database committed it (see `unsettled`: this replica's commit, or the
         // batch it had applied when it answered a write that changed nothing). Settles come in
         // the order of `unsettled`: one before this is not waited for any more.
-        let committed_us = {
-            let mut unsettled = lock(&self.unsettled);
-            let mut found = None;
-            while let Some((s, at)) = unsettled.pop_front() {
-                if s == seq {
-                    found = at;
-                    break;
-                }
-            }
-            found
-        };
+        let committed_us = self.settling(seq)?;
         let seq = to_sql(seq)?;
         // A lease is judged lapsed only `CLOCK_MARGIN` after the database's clock says so:
         // that clock stepped forward (an NTP step), or running faster than the replica's,
@@ -1674,6 +1681,29 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit whose time was dropped (too many waiting) is not settled as if none were
+    /// known, and those after it keep theirs.
+    #[test]
+    fn a_settle_whose_commit_time_was_dropped_fails_and_spares_the_others() {
+        let options = PgOptions {
+            url: "host=/nonexistent sslmode=disable".to_owned(),
+            pool_size: 1,
+            max_staleness: Duration::from_secs(2),
+        };
+        let storage = PgStorage::open(&options).unwrap();
+        let last = MAX_UNSETTLED as u64 + 1;
+        for seq in 1..=last {
+            storage.unsettled(seq, Some(seq as i64));
+        }
+        assert!(storage.settling(1).is_err(), "dropped");
+        assert_eq!(storage.settling(2).ok(), Some(Some(2)));
+        assert_eq!(storage.settling(last).ok(), Some(Some(last as i64)));
+        assert!(
+            storage.settling(3).is_err(),
+            "before the last: taken with it"
+        );
+    }
 
     /// The lease is counted as the database grants it, in whole milliseconds, never longer.
     #[test]
