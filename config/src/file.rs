@@ -429,6 +429,7 @@ impl std::fmt::Debug for Oidc {
 pub(crate) struct Identity {
     pub preset: Option<String>,
     pub claim: Option<String>,
+    pub bearer_claim: Option<String>,
     pub scim_attribute: Option<String>,
     pub machine_claim: Option<String>,
     pub machine_scim_attribute: Option<String>,

@@ -420,6 +420,10 @@ pub struct OidcConfig {
 pub struct IdentityConfig {
     /// The ID-token claim that finds a person's SCIM user.
     pub claim: IdentityClaim,
+    /// The claim of a person's bearer token (issued to a client for them, or delegated to an
+    /// agent) that finds their SCIM user, by the same `scim_attribute`: `claim` unless set
+    /// (Okta's access tokens name a person by login as `sub`, their user id as `uid`).
+    pub bearer_claim: IdentityClaim,
     /// The SCIM attribute `claim` is matched against.
     pub scim_attribute: ScimAttribute,
     /// The access-token claim that finds a machine's SCIM user (its service account).
@@ -444,11 +448,12 @@ pub struct IdentityConfig {
 }
 
 impl IdentityConfig {
-    /// The claims of a token (or its `act`) a mapping reads: the person's, the machine's and
-    /// the agent's (`client_id`'s `azp` too).
-    pub fn claims_read(&self) -> [&str; 4] {
+    /// The claims of a token (or its `act`) a mapping reads: the person's (in an ID token and
+    /// in a bearer token), the machine's and the agent's (`client_id`'s `azp` too).
+    pub fn claims_read(&self) -> [&str; 5] {
         [
             self.claim.as_str(),
+            self.bearer_claim.as_str(),
             self.machine_claim.as_str(),
             self.agent_claim.as_str(),
             "azp",
@@ -461,6 +466,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         Self {
             claim: IdentityClaim::Email,
+            bearer_claim: IdentityClaim::Email,
             scim_attribute: ScimAttribute::UserName,
             machine_claim: MachineClaim::Sub,
             machine_scim_attribute: ScimAttribute::UserName,

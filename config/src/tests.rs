@@ -2343,6 +2343,7 @@ data_dir = "data"
 {LISTENERS}
 [identity]
 claim = "sub"
+bearer_claim = "uid"
 scim_attribute = "externalId"
 machine_claim = "client_id"
 machine_scim_attribute = "externalId"
@@ -2357,6 +2358,7 @@ allow_sample_rate = 1
     let config = Fixture::new().parse(&text).unwrap();
     let expected = IdentityConfig {
         claim: IdentityClaim::Sub,
+        bearer_claim: IdentityClaim::Named("uid".to_owned()),
         scim_attribute: ScimAttribute::ExternalId,
         machine_claim: MachineClaim::ClientId,
         machine_scim_attribute: ScimAttribute::ExternalId,
@@ -2387,6 +2389,11 @@ allow_sample_rate = 1
         );
         let identity = Fixture::new().parse(&text).unwrap().identity;
         assert_eq!(identity.claim.as_str(), claim);
+        assert_eq!(
+            identity.bearer_claim.as_str(),
+            claim,
+            "bearer tokens read it too"
+        );
         assert_eq!(identity.scim_attribute.as_str(), attribute);
         assert_eq!(identity.allow_sample_rate, 0.25);
     }
@@ -2395,14 +2402,20 @@ allow_sample_rate = 1
     let identity = Fixture::new().parse(&text).unwrap().identity;
     assert_eq!(identity.machine_claim, MachineClaim::Named("azp".into()));
 
-    // Presets fill what each IdP's default SCIM provisioning matches; explicit keys win.
+    // Presets fill what each IdP's default SCIM provisioning matches; explicit keys win. A
+    // person's bearer token is read by the preset's claim only where the file names the
+    // person's claim and attribute by the preset too.
     for (preset, extra, expected) in [
         (
             "entra",
             "",
-            ("oid", "externalId", "oid", "externalId", "client_id"),
+            ("oid", "externalId", "oid", "externalId", "client_id", "oid"),
         ),
-        ("okta", "", ("sub", "externalId", "sub", "userName", "cid")),
+        (
+            "okta",
+            "",
+            ("sub", "externalId", "sub", "userName", "cid", "uid"),
+        ),
         (
             "entra",
             "claim = \"preferred_username\"\nscim_attribute = \"userName\"\n",
@@ -2412,12 +2425,23 @@ allow_sample_rate = 1
                 "oid",
                 "externalId",
                 "client_id",
+                "preferred_username",
             ),
         ),
         (
             "okta",
             "agent_claim = \"azp\"\n",
-            ("sub", "externalId", "sub", "userName", "azp"),
+            ("sub", "externalId", "sub", "userName", "azp", "uid"),
+        ),
+        (
+            "okta",
+            "claim = \"email\"\nscim_attribute = \"emails\"\n",
+            ("email", "emails", "sub", "userName", "cid", "email"),
+        ),
+        (
+            "okta",
+            "bearer_claim = \"email\"\n",
+            ("sub", "externalId", "sub", "userName", "cid", "email"),
         ),
     ] {
         let text =
@@ -2429,6 +2453,7 @@ allow_sample_rate = 1
             identity.machine_claim.as_str(),
             identity.machine_scim_attribute.as_str(),
             identity.agent_claim.as_str(),
+            identity.bearer_claim.as_str(),
         );
         assert_eq!(got, expected, "{preset} {extra:?}");
     }

@@ -1253,8 +1253,9 @@ fn person_claim_name(name: &str) -> Result<(), String> {
 }
 
 /// The mapping each IdP's default SCIM provisioning matches, by preset name: `(claim,
-/// scim_attribute, machine_claim, machine_scim_attribute, agent_claim)`. Explicit keys
-/// override it.
+/// scim_attribute, machine_claim, machine_scim_attribute, agent_claim, bearer_claim)`.
+/// Explicit keys override it; `bearer_claim` is the preset's only where the file sets neither
+/// `claim` nor `scim_attribute` (else it is `claim`, as without a preset).
 ///
 /// - `entra`: Microsoft Entra ID provisions a user's object id as `externalId` (and the UPN as
 ///   `userName`); its tokens carry the object id as `oid`, for people and for an app's service
@@ -1262,24 +1263,34 @@ fn person_claim_name(name: &str) -> Result<(), String> {
 /// - `okta`: Okta provisions its user id (`00u…`) as `externalId` (and the login as
 ///   `userName`); its ID tokens carry that id as `sub`. A client-credentials token's `sub` is
 ///   the client id (`0oa…`), the service account's `userName`; Okta names the client `cid`
-///   (no `client_id`), so that is the claim that names an agent.
+///   (no `client_id`), so that is the claim that names an agent. Its access tokens name a
+///   person by their login as `sub`, and by their user id as `uid`.
 /// - Entra ID's v2 tokens name the client `azp`, which the default `client_id` reads.
-const PRESETS: &[(&str, [&str; 5])] = &[
+const PRESETS: &[(&str, [&str; 6])] = &[
     (
         "entra",
-        ["oid", "externalId", "oid", "externalId", "client_id"],
+        ["oid", "externalId", "oid", "externalId", "client_id", "oid"],
     ),
-    ("okta", ["sub", "externalId", "sub", "userName", "cid"]),
+    (
+        "okta",
+        ["sub", "externalId", "sub", "userName", "cid", "uid"],
+    ),
 ];
 
 /// `[identity]`: how callers are found in the directory and named to upstreams.
 fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> IdentityConfig {
     if let Some(preset) = raw.preset.take() {
         match PRESETS.iter().find(|(name, _)| *name == preset) {
-            Some((_, [claim, attribute, machine_claim, machine_attribute, agent_claim])) => {
+            Some((
+                _,
+                [claim, attribute, machine_claim, machine_attribute, agent_claim, bearer],
+            )) => {
                 let fill = |key: &mut Option<String>, value: &str| {
                     key.get_or_insert_with(|| value.to_owned());
                 };
+                if raw.claim.is_none() && raw.scim_attribute.is_none() {
+                    fill(&mut raw.bearer_claim, bearer);
+                }
                 fill(&mut raw.claim, claim);
                 fill(&mut raw.scim_attribute, attribute);
                 fill(&mut raw.machine_claim, machine_claim);
@@ -1296,20 +1307,23 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
         }
     }
     let default = IdentityConfig::default();
-    let claim = match raw.claim {
-        None => default.claim,
-        Some(name) => match person_claim_name(&name) {
-            Err(message) => {
-                p.add(&path.key("claim"), message);
-                default.claim
-            }
-            Ok(()) => match name.as_str() {
-                "email" => IdentityClaim::Email,
-                "sub" => IdentityClaim::Sub,
-                _ => IdentityClaim::Named(name),
+    let person =
+        |raw: Option<String>, key: &str, default: IdentityClaim, p: &mut Problems<'_>| match raw {
+            None => default,
+            Some(name) => match person_claim_name(&name) {
+                Err(message) => {
+                    p.add(&path.key(key), message);
+                    default
+                }
+                Ok(()) => match name.as_str() {
+                    "email" => IdentityClaim::Email,
+                    "sub" => IdentityClaim::Sub,
+                    _ => IdentityClaim::Named(name),
+                },
             },
-        },
-    };
+        };
+    let claim = person(raw.claim, "claim", default.claim, p);
+    let bearer_claim = person(raw.bearer_claim, "bearer_claim", claim.clone(), p);
     let attribute_path = path.key("scim_attribute");
     let scim_attribute = choice(
         raw.scim_attribute,
@@ -1323,12 +1337,17 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
         &attribute_path,
         p,
     );
-    if claim == IdentityClaim::Sub && scim_attribute == ScimAttribute::Emails {
-        p.add(
-            &attribute_path,
-            "claim = \"sub\" is the IdP's id for the person, not an email address: match it \
-             against \"externalId\" or \"userName\", or set claim = \"email\"",
-        );
+    let bearer = (bearer_claim != claim).then_some(("bearer_claim", &bearer_claim));
+    for (key, claim) in [("claim", &claim)].into_iter().chain(bearer) {
+        if *claim == IdentityClaim::Sub && scim_attribute == ScimAttribute::Emails {
+            p.add(
+                &attribute_path,
+                format!(
+                    "{key} = \"sub\" is the IdP's id for the person, not an email address: \
+                     match it against \"externalId\" or \"userName\", or set {key} = \"email\""
+                ),
+            );
+        }
     }
     let client_claim =
         |raw: Option<String>, key: &str, default: MachineClaim, p: &mut Problems<'_>| match raw {
@@ -1466,6 +1485,7 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
     };
     IdentityConfig {
         claim,
+        bearer_claim,
         scim_attribute,
         machine_claim,
         machine_scim_attribute,

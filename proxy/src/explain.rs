@@ -158,14 +158,15 @@ fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Mac
     let Some(person) = on_behalf_of else {
         return token(name, agent_claims);
     };
-    // Delegated: the person by the `[identity]` person mapping, the agent as the actor.
+    // Delegated: the person by the `[identity]` mapping of a person's bearer token, the agent
+    // as the actor.
     let mut claims = Claims::new();
-    if let IdentityClaim::Named(claim) = &identity.claim {
+    if let IdentityClaim::Named(claim) = &identity.bearer_claim {
         claims.insert(claim.clone(), person.to_owned());
     }
     Machine {
         for_itself: false,
-        email: (identity.claim == IdentityClaim::Email).then(|| person.to_owned()),
+        email: (identity.bearer_claim == IdentityClaim::Email).then(|| person.to_owned()),
         act: Some(Actor {
             subject: name.to_owned(),
             claims: agent_claims,

@@ -640,9 +640,10 @@ impl Gate<'_> {
     fn mapping(&self, principal: Principal<'_>) -> (&str, ScimAttribute) {
         match principal {
             Principal::Person(_) => (self.identity.claim.as_str(), self.identity.scim_attribute),
-            Principal::Machine(token) if !token.for_itself => {
-                (self.identity.claim.as_str(), self.identity.scim_attribute)
-            }
+            Principal::Machine(token) if !token.for_itself => (
+                self.identity.bearer_claim.as_str(),
+                self.identity.scim_attribute,
+            ),
             Principal::Machine(_) => (
                 self.identity.machine_claim.as_str(),
                 self.identity.machine_scim_attribute,
@@ -1283,7 +1284,7 @@ fn subject_key<'a>(identity: &IdentityConfig, principal: Principal<'a>) -> Optio
         Principal::Person(who) => (person_claim(identity, who)?, identity.scim_attribute),
         Principal::Machine(token) if !token.for_itself => {
             let value = claim_of(
-                &identity.claim,
+                &identity.bearer_claim,
                 (token.email.as_deref(), token.email_verified),
                 &token.subject,
                 &token.claims,

@@ -75,6 +75,21 @@ impl Agents {
 
     /// With the IdP's `[[jwt_issuers]]` entry taking `audiences`.
     async fn start_accepting(profile: IdpProfile, audiences: &[&str]) -> Agents {
+        // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
+        // allowed request is audited.
+        // (Okta's access tokens name a person by their login, the `userName` it provisions.)
+        let attribute = match profile {
+            IdpProfile::Okta => "userName",
+            _ => "externalId",
+        };
+        let identity = format!(
+            "[identity]\nclaim = \"sub\"\nscim_attribute = \"{attribute}\"\nallow_sample_rate = 1.0\n"
+        );
+        Agents::start_as(profile, audiences, &identity).await
+    }
+
+    /// With `identity` as the `[identity]` table.
+    async fn start_as(profile: IdpProfile, audiences: &[&str], identity: &str) -> Agents {
         let api = Upstream::start("api").await;
         let agent_client = IdpClient::new(AGENT_ID, AGENT_SECRET)
             .redirect_uri(UNUSED)
@@ -104,16 +119,6 @@ impl Agents {
                 _ => JwtIssuer::new(idp.issuer(), audiences),
             })
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
-        // People's tokens name them by `sub`, which the IdP provisions as `externalId`; every
-        // allowed request is audited.
-        // (Okta's access tokens name a person by their login, the `userName` it provisions.)
-        let attribute = match profile {
-            IdpProfile::Okta => "userName",
-            _ => "externalId",
-        };
-        let identity = format!(
-            "[identity]\nclaim = \"sub\"\nscim_attribute = \"{attribute}\"\nallow_sample_rate = 1.0\n"
-        );
         let px = Portcullis::start(&format!("{}\n{identity}", cfg.toml())).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let person = |user_name: &str, sub: &str| json!({"schemas": [USER_SCHEMA], "userName": user_name, "externalId": sub});
@@ -683,6 +688,30 @@ async fn an_okta_token_issued_to_the_agent_s_client_holds_the_agent_to_its_chain
     t.set_active(&format!("/Agents/{}", t.agent), false)
         .await
         .expect(200);
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+/// With the `okta` preset, a person's Okta access token (their login as `sub`, their user id as
+/// `uid`) finds them by `uid` against the `externalId` Okta provisions, as their sign-in finds
+/// them by `sub`: held by the agent's client, it is let in as alice through the agent, and
+/// refused once she leaves `eng`.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_okta_preset_a_person_s_access_token_finds_them_by_uid() {
+    let identity = "[identity]\npreset = \"okta\"\nallow_sample_rate = 1.0\n";
+    let t = Agents::start_as(IdpProfile::Okta, &[API_AUD], identity).await;
+    let held = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
+    let claims = jwt_claims(&held);
+    assert_eq!(
+        (&claims["sub"], &claims["uid"]),
+        (&json!(ALICE), &json!("alice"))
+    );
+    let (status, body) = t.call(&held).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let echo = Echo::parse(body.as_bytes());
+    assert_eq!(echo.header("x-portcullis-user"), Some(ALICE));
+    assert_eq!(echo.header("x-portcullis-agent"), Some(AGENT_ID));
+    t.members("remove").await.expect_success();
     let (status, body) = t.call(&held).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
