@@ -287,6 +287,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     portcullis::state::make_data_dir(&config.data_dir)?;
 
     let listeners = config.listeners.clone();
+    let upgrade_sock = config.data_dir.join("pingora-upgrade.sock");
     let admin = config.admin.clone();
     let server_config = config.server.clone();
     let longest_drain = reload::Drainer::longest(&config);
@@ -345,6 +346,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         // pingora's 16 by default: a request on a route of more upstreams, all but the last
         // refusing it, would end at the 16th (see `MAX_UPSTREAMS`).
         max_retries: 2 * portcullis_config::MAX_UPSTREAMS,
+        // Never used (no signal asks pingora for an upgrade: see `StopSignals`), and never in
+        // `/tmp`, where any user could listen for the sockets it would hand over.
+        upgrade_sock: upgrade_sock.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

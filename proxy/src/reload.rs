@@ -438,8 +438,11 @@ impl BackgroundService for Reloader {
     }
 }
 
-/// The signals that stop Portcullis: `SIGTERM` and `SIGINT` (Ctrl-C) alike drain and exit
-/// through [`Drainer`]; `SIGQUIT` is pingora's (a graceful upgrade). pingora's own `SIGINT`
+/// The signals that stop Portcullis: `SIGTERM`, `SIGINT` (Ctrl-C) and `SIGQUIT` alike drain
+/// and exit through [`Drainer`]. pingora reads `SIGQUIT` as a graceful upgrade, handing every
+/// listening socket to whoever listens at its upgrade socket: Portcullis is never started to
+/// take them, so only another process could (one of any user, at pingora's default path in
+/// `/tmp`), and it would take the ports, and read what plain listeners carry. pingora's own `SIGINT`
 /// stops its runtimes at once instead: without the drain, the audit queue's last records and
 /// the fleet lease are left behind, and a listener's accept loop can spin on the stopped
 /// runtime, and never exit.
@@ -462,7 +465,10 @@ impl ShutdownSignalWatch for StopSignals {
                 tracing::info!("SIGINT received: stopping as for SIGTERM");
                 ShutdownSignal::GracefulTerminate
             }
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT received: stopping as for SIGTERM");
+                ShutdownSignal::GracefulTerminate
+            }
         }
     }
 }

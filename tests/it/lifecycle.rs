@@ -98,6 +98,36 @@ async fn ctrl_c_drains_and_a_second_one_stops_the_wait() {
     assert!(status.success(), "exited with {status}:\n{}", px.log());
 }
 
+/// SIGQUIT (Ctrl-\\, or a `kill -QUIT` for a dump) drains and exits as SIGTERM does. It never
+/// hands the listening sockets over (pingora's graceful upgrade) to whoever listens at
+/// pingora's default upgrade socket in `/tmp`: any user could, and take the ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigquit_drains_and_hands_no_socket_over() {
+    use std::os::unix::fs::PermissionsExt;
+    const UPGRADE: &str = "/tmp/pingora_upgrade.sock";
+    let _ = std::fs::remove_file(UPGRADE);
+    let mallory = std::os::unix::net::UnixListener::bind(UPGRADE).expect("the upgrade socket");
+    std::fs::set_permissions(UPGRADE, std::fs::Permissions::from_mode(0o777)).unwrap();
+    mallory.set_nonblocking(true).unwrap();
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let mut px = cfg.start().await;
+    let status = px
+        .exit_on(nix::sys::signal::Signal::SIGQUIT, Duration::from_secs(30))
+        .await;
+    let handed = mallory.accept();
+    let _ = std::fs::remove_file(UPGRADE);
+    assert!(
+        handed.is_err(),
+        "the sockets were handed over:\n{}",
+        px.log()
+    );
+    assert!(status.success(), "exited with {status}:\n{}", px.log());
+    assert!(px.log().contains("SIGQUIT received"), "{}", px.log());
+}
+
 /// Waits (bounded) until `up` has seen `count` requests.
 async fn reached(up: &Upstream, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
