@@ -579,11 +579,9 @@ async fn a_pooled_connection_closed_under_a_request_does_not_send_it_to_a_down_u
             });
         }
     });
-    // b: a port nothing listens on.
-    let b = {
-        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        gone.local_addr().unwrap()
-    };
+    // b: a port nothing listens on (out of the range other tests' servers are given one
+    // from: see `free_port`).
+    let b = std::net::SocketAddr::from(([127, 0, 0, 1], portcullis_tests::free_port()));
     let cfg = ConfigBuilder::new().http_listener().route(Route::to_urls(
         "http://app.test",
         vec![format!("http://{a}"), format!("http://{b}")],

@@ -1502,10 +1502,9 @@ async fn a_sign_out_after_a_reload_moved_the_issuer_is_not_sent_to_the_old_idp()
         before.status()
     );
 
-    // Nothing listens at the new issuer: it is never discovered.
-    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let moved = format!("http://127.0.0.1:{}", unused.local_addr().unwrap().port());
-    drop(unused);
+    // Nothing listens at the new issuer: it is never discovered. (A port out of the range
+    // other tests' servers are given one from: see `free_port`.)
+    let moved = format!("http://127.0.0.1:{}", portcullis_tests::free_port());
     let issuer = format!("issuer = \"{}\"", fx.idp.issuer());
     let moved = format!("issuer = \"{moved}\"");
     fx.px.reload_with("[oidc]", &issuer, &moved).await;
@@ -3267,8 +3266,10 @@ async fn after_a_reload_that_renames_the_session_cookie_the_old_sessions_vouch_f
 /// since been told to accept only ES256 ID tokens, and the IdP signs them with RS256.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_whose_id_token_fails_verification_ends_the_session() {
+    // Time for the sign-in, a reload and a request before the refresh falls due (the
+    // token's `iat` is whole seconds), on a loaded machine.
     let fx = Fixture::start_with(Options {
-        refresh_every: Some(3),
+        refresh_every: Some(10),
         ..Options::default()
     })
     .await;
@@ -3280,7 +3281,7 @@ async fn a_refresh_whose_id_token_fails_verification_ends_the_session() {
         .await;
     // Until the ID token expires nothing is asked of the IdP: the session works.
     assert_session_works(&url, &signed.cookie).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     assert_session_refused(&fx, &url, &signed.cookie).await;
     fx.px
         .log_until(|log| log.contains("the refreshed ID token failed verification"))
