@@ -32,8 +32,7 @@ mod spec;
 use std::borrow::Cow;
 
 pub use policy::{
-    loose_depth, loosely_within, names_page, page_named, page_with_info, script_routed,
-    strictly_within, Policy,
+    loose_depth, loosely_within, page_with_info, script_routed, strictly_within, PageNames, Policy,
 };
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{spelling_problem, PolicyError, Problem, RuleSpec};

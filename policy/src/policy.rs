@@ -75,19 +75,70 @@ struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 struct Prefix {
     text: Box<str>,
-    /// Without its page's extension ([`clean_name`]).
-    page: Option<Box<str>>,
-    /// The directory whose index page it names ([`index_of`]).
-    directory: Option<Box<str>>,
+    pages: PageNames,
 }
 
 impl Prefix {
     fn new(text: &str) -> Self {
         Self {
             text: text.into(),
-            page: clean_name(text).map(Into::into),
-            directory: index_of(text).map(Into::into),
+            pages: PageNames::of(text),
         }
+    }
+}
+
+/// The other names servers serve what a path prefix names by, when it names a page's file:
+/// worked out once (for a rule, or a route), not for every request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PageNames {
+    /// Without the extension of its last segment's page file ([`page_name`]: `/admin` for
+    /// `/admin.php`), or of the one its path info follows ([`page_with_info`]: `/admin/users`
+    /// for `/admin.php/users`); and what follows `index.php`, as a front controller serves it
+    /// by its pretty name ([`script_routed`]: `/admin` for `/index.php/admin`).
+    names: Box<[Box<str>]>,
+    /// The directory whose index page it names ([`index_of`]: `/admin` for
+    /// `/admin/index.php`).
+    directory: Option<Box<str>>,
+}
+
+impl PageNames {
+    pub fn of(prefix: &str) -> Self {
+        let clean = page_name(prefix)
+            .map(str::to_owned)
+            .or_else(|| page_with_info(prefix));
+        // The front controller pretty URLs are rewritten to (`index.php`; not another
+        // script, which serves its own paths), with something after it (what a route on
+        // `/index.php/` names is the script's own, not the site's root).
+        let pretty = script_routed(prefix)
+            .filter(|(_, end)| {
+                let script = prefix[..*end].rsplit('/').next().unwrap_or_default();
+                let script = script.split_once(';').map_or(script, |(name, _)| name);
+                script.eq_ignore_ascii_case("index.php")
+                    && !prefix[*end..].trim_matches('/').is_empty()
+            })
+            .map(|(routed, _)| routed);
+        Self {
+            names: clean.into_iter().chain(pretty).map(Into::into).collect(),
+            directory: index_of(prefix).map(Into::into),
+        }
+    }
+
+    /// Whether the prefix names no page's file.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.directory.is_none()
+    }
+
+    /// Whether `path` is what the prefix names, by one of these names (as [`loosely_within`]
+    /// reads paths).
+    pub fn hold(&self, path: &str) -> bool {
+        self.hold_with(path, false)
+    }
+
+    /// [`PageNames::hold`], and with a format suffix on the path's last segment with
+    /// `formats` (as deny rules read it).
+    fn hold_with(&self, path: &str, formats: bool) -> bool {
+        self.names.iter().any(|name| within(name, path, formats))
+            || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, path))
     }
 }
 
@@ -166,17 +217,7 @@ pub fn strictly_within(prefix: &str, path: &str) -> bool {
 /// of these: it would move `/status.json` from the route that holds it to a `/status` route
 /// with other rules, where most frameworks serve another page.
 fn denied_within(prefix: &Prefix, path: &str) -> bool {
-    let holds = |path: &str| {
-        within(&prefix.text, path, true)
-            || prefix
-                .page
-                .as_deref()
-                .is_some_and(|page| within(page, path, true))
-            || prefix
-                .directory
-                .as_deref()
-                .is_some_and(|dir| is_directory(dir, path))
-    };
+    let holds = |path: &str| within(&prefix.text, path, true) || prefix.pages.hold_with(path, true);
     holds(path)
         || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
         || page_with_info(path).is_some_and(|page| holds(&page))
@@ -242,29 +283,6 @@ fn index_of(prefix: &str) -> Option<&str> {
 fn is_directory(dir: &str, path: &str) -> bool {
     let dir = if dir.is_empty() { "/" } else { dir };
     within(dir, path, false) && loose_depth(path) == loose_depth(dir)
-}
-
-/// Whether `prefix` names a page's file ([`page_name`]) or a directory's index page
-/// ([`index_of`]).
-pub fn names_page(prefix: &str) -> bool {
-    clean_name(prefix).is_some() || index_of(prefix).is_some()
-}
-
-/// `prefix` by the name servers also serve its page by: without the extension of its last
-/// segment's page file ([`page_name`]), or of the one before its path info
-/// ([`page_with_info`]: `/admin.php/users` is `/admin/users`).
-fn clean_name(prefix: &str) -> Option<String> {
-    page_name(prefix)
-        .map(str::to_owned)
-        .or_else(|| page_with_info(prefix))
-}
-
-/// Whether `path` is, to a server that serves pages by clean names, the page `prefix` names by
-/// its file: within its name without the extension (`/admin` for `/admin.php`), or the
-/// directory whose index page it is (`/admin/` for `/admin/index.php`).
-pub fn page_named(prefix: &str, path: &str) -> bool {
-    clean_name(prefix).is_some_and(|page| loosely_within(&page, path))
-        || index_of(prefix).is_some_and(|dir| is_directory(dir, path))
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -1828,6 +1846,22 @@ mod tests {
             assert!(denied_within(prefix, path), "{prefix} {path}");
         }
         assert!(!denied_within("/admin.php/users", "/admin/x"));
+        // A deny on what follows a front controller refuses it by its pretty name, which
+        // servers rewrite to `index.php`; what another script serves is its own.
+        for (prefix, path) in [
+            ("/index.php/admin", "/admin"),
+            ("/index.php/admin", "/Admin/x"),
+            ("/app/INDEX.PHP/admin/", "/app/admin"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
+        for (prefix, path) in [
+            ("/index.php/", "/x"),
+            ("/remote.php/dav", "/dav"),
+            ("/admin.php/x", "/x"),
+        ] {
+            assert!(!denied_within(prefix, path), "{prefix} {path}");
+        }
         for (prefix, path) in [
             ("/admin", "/admin.json/x"),
             ("/admin", "/admins.php/x"),

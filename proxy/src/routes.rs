@@ -12,6 +12,20 @@ pub struct CompiledRoute {
     pub config: Route,
     pub upstreams: UpstreamSet,
     pub metrics: crate::metrics::RouteMetrics,
+    /// The other names of what its prefix names, where that is a page's file (see
+    /// [`RouteTable::refuses`]).
+    pub pages: portcullis_policy::PageNames,
+}
+
+impl CompiledRoute {
+    pub fn new(config: Route) -> Self {
+        Self {
+            upstreams: UpstreamSet::new(&config),
+            metrics: crate::metrics::RouteMetrics::new(&config.name),
+            pages: portcullis_policy::PageNames::of(&config.path_prefix),
+            config,
+        }
+    }
 }
 
 /// Keyed by what the configuration names (hosts, route names): foldhash rather than SipHash, as
@@ -39,7 +53,7 @@ pub enum Match<'a> {
 
 impl RouteTable {
     pub fn new(routes: Vec<Arc<CompiledRoute>>) -> Self {
-        let pages = (routes.iter()).any(|r| portcullis_policy::names_page(&r.config.path_prefix));
+        let pages = routes.iter().any(|r| !r.pages.is_empty());
         let mut exact: Named<Vec<Arc<CompiledRoute>>> = Named::default();
         let mut wildcard: HashMap<String, Vec<Arc<CompiledRoute>>> = HashMap::new();
         for route in routes {
@@ -210,11 +224,16 @@ impl RouteTable {
         }
         let info = portcullis_policy::page_with_info(path);
         if self.pages || info.is_some() {
+            // Among the routes `find` chose this one from: those of another group of the host
+            // (a `*.` one behind its own) never take its paths.
+            let group = (self.candidates(host))
+                .find(|group| group.iter().any(|other| Arc::ptr_eq(other, route)))
+                .unwrap_or_default();
             let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
-            let narrower_page = self.candidates(host).flatten().any(|other| {
+            let narrower_page = group.iter().any(|other| {
                 let prefix = &other.config.path_prefix;
                 portcullis_policy::loose_depth(prefix) > depth
-                    && (portcullis_policy::page_named(prefix, path)
+                    && (other.pages.hold(path)
                         || (info.as_deref())
                             .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
             });
@@ -339,11 +358,7 @@ mod tests {
             config.scheme = scheme;
             config.path_prefix = prefix.to_owned();
             config.name = format!("{scheme:?} {prefix}");
-            Arc::new(CompiledRoute {
-                upstreams: UpstreamSet::new(&config),
-                metrics: crate::metrics::RouteMetrics::new(&config.name),
-                config,
-            })
+            Arc::new(CompiledRoute::new(config))
         };
         let like = |scheme: Scheme, prefix: &str| like_at("app.test", scheme, prefix);
         let table = RouteTable::new(vec![
@@ -449,6 +464,8 @@ mod tests {
             like_at("app.test", Scheme::Https, "/tools/"),
             like_at("app.test", Scheme::Https, "/tools/report"),
             like_at("app.test", Scheme::Https, "/remote.php/"),
+            like_at("app.test", Scheme::Https, "/index.php/shop-admin"),
+            like_at("*.test", Scheme::Https, "/jenkins/index.php"),
         ]);
         let refused = |path: &str| match table.find(Scheme::Https, "app.test", path) {
             Match::Found(route) => table.refuses(Scheme::Https, "app.test", route, path, None),
@@ -462,6 +479,7 @@ mod tests {
             "/admin",
             "/tools/report.php/x",
             "/tools/REPORT.aspx;s=1/",
+            "/shop-admin/orders",
         ] {
             assert!(refused(path).is_some(), "{path}");
         }
@@ -476,6 +494,8 @@ mod tests {
             "/static/app.js",
             "/other.php/x",
             "/",
+            // A `*.` route's page: `find` takes the host's own routes first.
+            "/jenkins/",
         ] {
             assert_eq!(refused(path), None, "{path}");
         }

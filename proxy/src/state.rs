@@ -22,13 +22,11 @@ use crate::auth::Auth;
 use crate::caller::Caller;
 use crate::clock::now_unix;
 use crate::gate::{Admission, Forwards, Gate, Refused};
-use crate::metrics::RouteMetrics;
 use crate::reload::AtStart;
 use crate::routes::{CompiledRoute, RouteTable};
 use crate::scim_http::Scim;
 use crate::streams::{Marks, Recheck, Streams};
 use crate::tls::{CertSet, SniResolver};
-use crate::upstream::UpstreamSet;
 use crate::watched::Watched;
 
 /// One configuration, compiled for the hot path. Requests hold an `Arc` to the one they started
@@ -72,13 +70,7 @@ impl Runtime {
         let routes = config
             .routes
             .iter()
-            .map(|route| {
-                Arc::new(CompiledRoute {
-                    config: route.clone(),
-                    upstreams: UpstreamSet::new(route),
-                    metrics: RouteMetrics::new(&route.name),
-                })
-            })
+            .map(|route| Arc::new(CompiledRoute::new(route.clone())))
             .collect();
         let https_port = config
             .listeners
