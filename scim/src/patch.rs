@@ -52,9 +52,10 @@ pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp
 pub const MAX_PATCH_OPERATIONS: usize = 1000;
 
 /// The most work one PATCH may ask for (said in the README), counted before each operation
-/// runs: a filter's comparisons with each value it selects among, and a multi-valued add's
-/// values, held and added (each held one is looked at again to skip duplicates). A group's
-/// members aside (the ledger, by id). It runs on the directory's one writer: a request that
+/// runs: a filter's comparisons with each value it selects among, a remove's values given
+/// compared with each held, a multi-valued add's (or replace's) values, held and given (each
+/// held one is looked at again to skip duplicates), and the values a sub-attribute is set in.
+/// A group's members aside (the ledger, by id). It runs on the directory's one writer: a request that
 /// asked hundreds of filters of every value of a large attribute held up every other write,
 /// and sign-ins, for seconds.
 pub const MAX_PATCH_WORK: usize = 100_000;
@@ -378,9 +379,15 @@ impl Patcher<'_, '_> {
         let held = get_ci(container, resolved.attr.name)
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
-        let work = match (&path.value_filter, kind, value) {
-            (Some(filter), _, _) => comparisons(filter).saturating_mul(held.max(1)),
-            (None, OpKind::Add, Some(Value::Array(added))) if multi_valued => held + added.len(),
+        let given = |value: Option<&Value>| value.map_or(0, |v| v.as_array().map_or(1, Vec::len));
+        let work = match (&path.value_filter, kind) {
+            (Some(filter), _) => comparisons(filter).saturating_mul(held.max(1)),
+            // Each value given is compared with each held (Entra ID's remove by values).
+            (None, OpKind::Remove) if multi_valued => held.saturating_mul(given(value)),
+            // Those held looked at again to skip duplicates, and those given.
+            (None, _) if multi_valued => held + given(value),
+            // A sub-attribute of every value held.
+            (None, _) if resolved.attr.multi_valued => held.max(1),
             _ => 1,
         };
         *self.budget = self.budget.checked_sub(work).ok_or_else(|| {
@@ -1264,8 +1271,9 @@ mod tests {
     }
 
     /// One PATCH asks for at most [`MAX_PATCH_WORK`]: filters of many terms on every value of
-    /// a full attribute, or adds that look again at all it holds, are refused before they
-    /// run, and change nothing.
+    /// a full attribute, adds that look again at all it holds (a value given alone too),
+    /// removes by values, or a sub-attribute of every value, are refused before they run,
+    /// and change nothing.
     #[test]
     fn a_patch_that_asks_for_too_much_work_is_refused() {
         let full = |u: &mut Value| {
@@ -1293,6 +1301,24 @@ mod tests {
         let again = json!({"op": "add", "path": "emails",
             "value": [{"value": "u0@example.com", "type": "work"}]});
         let e = run(Value::Array(vec![again.clone(); 100])).unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::TooMany));
+        for op in [
+            // One value alone, not in a list; and without a path.
+            json!({"op": "add", "path": "emails",
+                "value": {"value": "u0@example.com", "type": "work"}}),
+            json!({"op": "add",
+                "value": {"emails": [{"value": "u0@example.com", "type": "work"}]}}),
+            // A sub-attribute of every value.
+            json!({"op": "replace", "path": "emails.type", "value": "home"}),
+        ] {
+            let e = run(Value::Array(vec![op.clone(); 150])).unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::TooMany), "{op}");
+        }
+        let gone: Vec<Value> = (0..200)
+            .map(|i| json!({"value": format!("x{i}")}))
+            .collect();
+        let remove = json!({"op": "remove", "path": "emails", "value": gone});
+        let e = run(Value::Array(vec![remove; 4])).unwrap_err();
         assert_eq!(e.scim_type, Some(ScimType::TooMany));
         // What IdPs send, many times over, is far from it.
         run(Value::Array(vec![filtered; 4])).unwrap();
