@@ -485,7 +485,9 @@ pub struct PgStorage {
     /// each (as `applied`): settling one asks for that commit, not just its sequence number,
     /// which a failover that lost it may have given another batch. In the order they are
     /// settled (one writer thread adds each as it sends it to be settled; a reload after a
-    /// failover can bring a number back), the newest [`MAX_UNSETTLED`].
+    /// failover can bring a number back). As many as wait to be settled, as the writer's
+    /// channel to the settler holds: one dropped could not be told from another commit of its
+    /// number.
     unsettled: Mutex<std::collections::VecDeque<(Seq, Option<i64>)>>,
     pool: Pool,
     writer: Mutex<Dedicated>,
@@ -510,9 +512,6 @@ fn from_sql(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{n} is out of range")))
 }
 
-/// The most committed batches [`PgStorage::settle`] keeps the commit time of, waiting.
-const MAX_UNSETTLED: usize = 4096;
-
 /// A feed row's `committed`, in microseconds.
 const COMMITTED_US: &str = "(extract(epoch FROM committed) * 1000000)::bigint";
 
@@ -536,22 +535,19 @@ fn committed_at(
 impl PgStorage {
     /// Keeps `seq`'s commit time, `committed` (if known), for its settle (see `unsettled`).
     fn unsettled(&self, seq: Seq, committed: Option<i64>) {
-        let mut unsettled = lock(&self.unsettled);
-        if unsettled.len() >= MAX_UNSETTLED {
-            unsettled.pop_front();
-        }
-        unsettled.push_back((seq, committed));
+        lock(&self.unsettled).push_back((seq, committed));
     }
 
     /// The commit time `unsettled` kept for `seq`, taken with those before it: settles come in
-    /// the order of `unsettled`, and one before this is not waited for any more. An error when
-    /// it was dropped (more than [`MAX_UNSETTLED`] waited): nothing could tell this commit from
-    /// another a failover put in its place. Those after it are kept for their own.
+    /// the order of `unsettled`, and one before this is not waited for any more. An error
+    /// without one (none was kept: nothing could tell this commit from another a failover put
+    /// in its place). Those after it are kept for their own.
     fn settling(&self, seq: Seq) -> Result<Option<i64>, StoreError> {
         let mut unsettled = lock(&self.unsettled);
         let Some(at) = unsettled.iter().position(|(s, _)| *s == seq) else {
             return Err(StoreError::Backend(
-                "too many changes waited to be confirmed: this one's commit time was not kept"
+                "this change's commit time was not kept: it cannot be told from another of \
+                 its number"
                     .to_owned(),
             ));
         };
@@ -1682,27 +1678,27 @@ impl Fleet {
 mod tests {
     use super::*;
 
-    /// A commit whose time was dropped (too many waiting) is not settled as if none were
-    /// known, and those after it keep theirs.
+    /// Every commit waiting keeps its time, however many wait: a settle is never done as if
+    /// none were known. One number twice (a failover took it again) is settled in turn, each
+    /// with its own time, and those after one keep theirs.
     #[test]
-    fn a_settle_whose_commit_time_was_dropped_fails_and_spares_the_others() {
+    fn every_settle_finds_its_own_commit_time() {
         let options = PgOptions {
             url: "host=/nonexistent sslmode=disable".to_owned(),
             pool_size: 1,
             max_staleness: Duration::from_secs(2),
         };
         let storage = PgStorage::open(&options).unwrap();
-        let last = MAX_UNSETTLED as u64 + 1;
+        let last = 10_000;
         for seq in 1..=last {
             storage.unsettled(seq, Some(seq as i64));
         }
-        assert!(storage.settling(1).is_err(), "dropped");
-        assert_eq!(storage.settling(2).ok(), Some(Some(2)));
+        storage.unsettled(last, Some(-1));
+        assert_eq!(storage.settling(1).ok(), Some(Some(1)));
+        assert_eq!(storage.settling(3).ok(), Some(Some(3)));
+        assert!(storage.settling(2).is_err(), "before 3: taken with it");
         assert_eq!(storage.settling(last).ok(), Some(Some(last as i64)));
-        assert!(
-            storage.settling(3).is_err(),
-            "before the last: taken with it"
-        );
+        assert_eq!(storage.settling(last).ok(), Some(Some(-1)));
     }
 
     /// The lease is counted as the database grants it, in whole milliseconds, never longer.
