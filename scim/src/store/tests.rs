@@ -2266,4 +2266,21 @@ async fn an_agent_s_change_names_the_owners_and_applications_it_gains_or_loses()
         "{summary}"
     );
     assert!(!summary.contains("applications"), "{summary}");
+
+    // Deleted: it loses them all.
+    let command = Command::Delete {
+        rt: ResourceType::Agent,
+        id: written.id.clone(),
+        if_match: None,
+    };
+    let deleted = dir.write(command, "test").await.unwrap();
+    let summary = last_change(deleted.seq).summary;
+    assert!(
+        summary.contains(&format!("owners +[] -[{bob}]")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("applications +[] -[{app}]")),
+        "{summary}"
+    );
 }

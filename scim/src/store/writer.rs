@@ -389,6 +389,9 @@ impl<'a> Overlay<'a> {
         if !removed.is_empty() {
             summary.push_str(&format!(", members -[{}]", removed.join(",")));
         }
+        if rt == ResourceType::Agent {
+            summary.push_str(&agent_links_changed(Some(&current.resource), None));
+        }
         self.log(actor, "delete", rt, id, summary);
         Ok(Written {
             seq: self.seq,
@@ -492,24 +495,10 @@ impl<'a> Overlay<'a> {
         // console's user page finds them so): an owner added lets it in with the tokens it
         // holds.
         if rt == ResourceType::Agent {
-            for name in ["owners", "applications"] {
-                let now: HashSet<Id> = agent_links(&resource, name).into_iter().collect();
-                let before: HashSet<Id> = previous
-                    .map(|p| agent_links(&p.resource, name).into_iter().collect())
-                    .unwrap_or_default();
-                let ids = |from: &HashSet<Id>, not_in: &HashSet<Id>| {
-                    let mut ids: Vec<Id> = (from.difference(not_in))
-                        .copied()
-                        .filter(|&id| id != NO_ID)
-                        .collect();
-                    ids.sort_unstable();
-                    ids.into_iter().map(format_id).collect::<Vec<_>>().join(",")
-                };
-                let (added, removed) = (ids(&now, &before), ids(&before, &now));
-                if !added.is_empty() || !removed.is_empty() {
-                    summary.push_str(&format!(", {name} +[{added}] -[{removed}]"));
-                }
-            }
+            summary.push_str(&agent_links_changed(
+                previous.map(|p| &p.resource),
+                Some(&resource),
+            ));
         }
         let (valid_since, valid_since_unix) = match rt {
             ResourceType::Group => (None, None),
@@ -991,6 +980,31 @@ fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<Str
 
 /// What a replace of all of a group's members (by `all` ids) changed: the members it added and
 /// those it removed, by id (it grants them what the group grants, or takes it away).
+/// For a change's summary, the owners and applications an agent gained and lost between
+/// `before` and `after` (`None`: not there), by id, as `, owners +[a] -[b]`.
+fn agent_links_changed(before: Option<&Value>, after: Option<&Value>) -> String {
+    let mut summary = String::new();
+    for name in ["owners", "applications"] {
+        let links = |resource: Option<&Value>| -> HashSet<Id> {
+            resource.map_or_else(HashSet::new, |r| agent_links(r, name).into_iter().collect())
+        };
+        let (before, after) = (links(before), links(after));
+        let ids = |from: &HashSet<Id>, not_in: &HashSet<Id>| {
+            let mut ids: Vec<Id> = (from.difference(not_in))
+                .copied()
+                .filter(|&id| id != NO_ID)
+                .collect();
+            ids.sort_unstable();
+            ids.into_iter().map(format_id).collect::<Vec<_>>().join(",")
+        };
+        let (added, removed) = (ids(&after, &before), ids(&before, &after));
+        if !added.is_empty() || !removed.is_empty() {
+            summary.push_str(&format!(", {name} +[{added}] -[{removed}]"));
+        }
+    }
+    summary
+}
+
 fn replaced_summary(all: usize, added: &[String], removed: &[String]) -> String {
     format!(
         "members replaced ({all} members): +[{}] -[{}]",
