@@ -1153,7 +1153,7 @@ impl Spool {
             remove_synced(&self.moved).map_err(cannot)?;
         }
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
-        let moved = self.moved_through(len);
+        let moved = self.moved_through(&file, len);
         if (len - moved).saturating_add(bytes) > self.max_bytes {
             return Err(format!(
                 "{} holds {} MiB already, waiting for PostgreSQL",
@@ -1219,13 +1219,12 @@ impl Spool {
     }
 
     /// Gives back the room of the records moved already: those still to move, from `moved` to
-    /// `len`, are copied to a new file put in the spool's place. The note of moves goes first:
-    /// a crash before the new file is in place has all moved again, twice, none lost. The
-    /// spool is held locked meanwhile, and the other processes on the `data_dir` lock the new
-    /// file once it is in place ([`Spool::locked`]).
+    /// `len`, are copied to a new file put in the spool's place. The note of moves names the
+    /// file it is of ([`Spool::moved_through`]), so a crash at any point moves none twice and
+    /// loses none. The spool is held locked meanwhile, and the other processes on the
+    /// `data_dir` lock the new file once it is in place ([`Spool::locked`]).
     fn compact(&self, spool: &File, len: u64, moved: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        remove_synced(&self.moved)?;
         let aside = self.path.with_extension("compacted");
         let mut copy = OpenOptions::new()
             .write(true)
@@ -1244,17 +1243,31 @@ impl Spool {
         }
         copy.sync_all()?;
         std::fs::rename(&aside, &self.path)?;
-        sync_parent(&self.path)
+        sync_parent(&self.path)?;
+        remove_synced(&self.moved)
     }
 
-    /// How many bytes of the spool, `len` long, are moved already, as `audit-spool.moved`
-    /// says. Unreadable or past the end (the file was emptied by hand): none.
-    fn moved_through(&self, len: u64) -> u64 {
-        std::fs::read_to_string(&self.moved)
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .filter(|&from| from <= len)
-            .unwrap_or(0)
+    /// How many bytes of `spool`, `len` long, are moved already, as `audit-spool.moved` says:
+    /// its file's inode and a length. Of another file (the one a compaction replaced),
+    /// unreadable or past the end (the file was emptied by hand): none.
+    fn moved_through(&self, spool: &File, len: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ino) = spool.metadata().map(|meta| meta.ino()) else {
+            return 0;
+        };
+        let text = std::fs::read_to_string(&self.moved).unwrap_or_default();
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some(Ok(of)), Some(Ok(from)), None) if of == ino && from <= len => from,
+            _ => 0,
+        }
+    }
+
+    /// The note of moves that says `from` bytes of `spool` are moved.
+    fn note_moved(&self, spool: &File, from: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = spool.metadata()?.ino();
+        write_synced(&self.moved, format!("{ino} {from}").as_bytes())
     }
 
     /// [`Spool::move_to`]'s moves, each batch by `insert` (in one transaction), under the
@@ -1267,7 +1280,7 @@ impl Spool {
         use std::os::unix::fs::FileExt;
         let file = self.locked().map_err(Moving::File)?;
         let len = file.metadata().map_err(Moving::File)?.len();
-        let mut from = self.moved_through(len);
+        let mut from = self.moved_through(&file, len);
         let mut chunk = vec![0u8; SPOOL_READ_BYTES];
         loop {
             let want =
@@ -1309,7 +1322,7 @@ impl Spool {
             }
             from += consumed as u64;
             chunk.truncate(SPOOL_READ_BYTES);
-            write_synced(&self.moved, from.to_string().as_bytes()).map_err(Moving::File)?;
+            self.note_moved(&file, from).map_err(Moving::File)?;
             if started.elapsed() >= SPOOL_MOVE_TURN {
                 return Ok(false);
             }
@@ -2160,6 +2173,45 @@ mod tests {
             .all(|b| b.iter().zip(&batch).all(|(m, r)| m == r.trim_end())));
         spool.append(&batch).unwrap();
         spool.append(&batch).unwrap();
+    }
+
+    /// A crash while the spool is compacted, after the new file is in place but before the
+    /// note of moves is gone, moves the records left once: the note is of the file replaced.
+    #[test]
+    fn a_compaction_cut_short_moves_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_NAME);
+        let record = |i: usize| format!("{{\"n\":{i}}}\n");
+        let mut spool = Spool::open(path.clone()).unwrap();
+        let all: Vec<String> = (0..2 * MAX_BATCH).map(record).collect();
+        spool.append(&all).unwrap();
+        let mut first = true;
+        let mut one_batch = |_: &[&str]| -> Result<(), String> {
+            std::mem::take(&mut first)
+                .then_some(())
+                .ok_or_else(|| "the turn is over".to_owned())
+        };
+        let now = std::time::Instant::now();
+        assert!(spool.move_batches(&mut one_batch, now).is_err());
+        let note = std::fs::read(path.with_extension("moved")).unwrap();
+        let file = spool.locked().unwrap();
+        let len = file.metadata().unwrap().len();
+        let moved = spool.moved_through(&file, len);
+        assert!(moved > 0);
+        spool.compact(&file, len, moved).unwrap();
+        drop(file);
+        // The crash: the note of the file replaced is still there.
+        write_synced(&path.with_extension("moved"), &note).unwrap();
+        let mut taken = Vec::new();
+        let mut take = |records: &[&str]| -> Result<(), String> {
+            taken.extend(records.iter().map(|r| r.to_string()));
+            Ok(())
+        };
+        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        let left: Vec<String> = (MAX_BATCH..2 * MAX_BATCH)
+            .map(|i| record(i).trim_end().to_owned())
+            .collect();
+        assert_eq!(taken, left);
     }
 
     /// A record longer than one read of the spool (a change naming a million members) moves
