@@ -1790,6 +1790,7 @@ fn print(
         .filter(|_| order == Order::NewestFirst)
         .map(|since| since - time::Duration::minutes(1));
     let stop_before = stop_before.map(OffsetDateTime::unix_timestamp);
+    let mut failed = None;
     each(&mut destination, order, &mut |text, entry, back| {
         if back
             .zip(stop_before)
@@ -1805,9 +1806,23 @@ fn print(
         } else {
             writeln!(out, "{}", entry.human())
         };
-        // A reader that went away (`| head`) wants nothing more.
-        written.is_ok()
-    })
+        match written {
+            Ok(()) => true,
+            // A reader that went away (`| head`) wants nothing more.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+            // Anything else (a full disk) leaves the copy short: not a success.
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    match failed.map_or_else(|| out.flush(), Err) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write the audit log out: {e}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// How far back the log is where a record was read, in Unix seconds (reading from the end, a
@@ -2291,6 +2306,30 @@ mod tests {
             "{oldest_first}"
         );
         assert!(!oldest_first.contains("/two-hours-ago"), "{oldest_first}");
+
+        // A copy cut short (a full disk) is no success; a reader gone (`| head`) is.
+        struct Failing(std::io::ErrorKind);
+        impl Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(self.0.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let to = |kind| {
+            let destination = Destination::of(dir.path(), None);
+            print(
+                destination,
+                &filter,
+                Order::OldestFirst,
+                true,
+                &mut Failing(kind),
+            )
+        };
+        let full = to(std::io::ErrorKind::StorageFull).unwrap_err();
+        assert!(full.contains("cannot write the audit log out"), "{full}");
+        assert_eq!(to(std::io::ErrorKind::BrokenPipe), Ok(()));
     }
 
     /// A refusal's reason may quote what a verified token claims, and a name what it says:
