@@ -113,6 +113,14 @@ fn bad_configs() {
             problems: &[("listeners[0].trusted_proxies", Some(4), "add up to `0.0.0.0/0`")],
         },
         Case {
+            name: "a duration in `M`, months to humantime, minutes to ISO 8601",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\nread_timeout = \"5M\"\nconnect_timeout = \"1h 30M\"\n",
+            problems: &[
+                ("routes[0].read_timeout", None, "`M` is months here"),
+                ("routes[0].connect_timeout", None, "`M` is months here"),
+            ],
+        },
+        Case {
             name: "pass_authorization on a route that takes no bearer token",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"http://a.example.com\"\nto = [\"http://127.0.0.1:1\"]\npass_authorization = true\n",
             problems: &[("routes[0].pass_authorization", None, "does not accept \"bearer\"")],

@@ -2695,7 +2695,7 @@ fn duration(
     // Years as humantime counts them (365.25 days), so `10y` itself is taken.
     const LONGEST: Duration = Duration::from_secs(10 * 31_557_600);
     let Some(raw) = raw else { return default };
-    match humantime::parse_duration(&raw) {
+    match parse_duration(&raw) {
         Ok(d) if d.is_zero() => p.add(path, "must be greater than zero"),
         Ok(d) if d < min => p.add(
             path,
@@ -2703,7 +2703,7 @@ fn duration(
         ),
         Ok(d) if d > LONGEST => p.add(path, "must be at most 10 years"),
         Ok(d) => return d,
-        Err(e) => p.add(path, not_a_duration(&raw, e)),
+        Err(message) => p.add(path, message),
     }
     default
 }
@@ -2713,7 +2713,7 @@ fn leeway(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Duration
     let default = Duration::from_secs(60);
     let max = Duration::from_secs(5 * 60);
     let Some(raw) = raw else { return default };
-    match humantime::parse_duration(&raw) {
+    match parse_duration(&raw) {
         Ok(d) if d > max => p.add(
             path,
             format!(
@@ -2722,7 +2722,7 @@ fn leeway(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Duration
             ),
         ),
         Ok(d) => return d,
-        Err(e) => p.add(path, not_a_duration(&raw, e)),
+        Err(message) => p.add(path, message),
     }
     default
 }
@@ -2758,7 +2758,7 @@ fn iat_backdate(
     };
     let max = Duration::from_secs(10 * 60);
     let Some(raw) = raw else { return default };
-    match humantime::parse_duration(&raw) {
+    match parse_duration(&raw) {
         Ok(d) if d > max => p.add(
             path,
             format!(
@@ -2767,13 +2767,25 @@ fn iat_backdate(
             ),
         ),
         Ok(d) => return d,
-        Err(e) => p.add(path, not_a_duration(&raw, e)),
+        Err(message) => p.add(path, message),
     }
     default
 }
 
-fn not_a_duration(raw: &str, e: humantime::DurationError) -> String {
-    format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\"")
+/// A duration as humantime reads it (`30s`, `5m`, `1h 30m`), but for the unit `M`, which it
+/// reads as months: ISO 8601 and many a tool write minutes so, and `"30M"` would be an idle
+/// timeout of two and a half years.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    if raw
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| unit == "M")
+    {
+        return Err(format!(
+            "`{raw}`: `M` is months here: write `m` for minutes (or `months`)"
+        ));
+    }
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("`{raw}` is not a duration ({e}): write e.g. \"30s\" or \"500ms\""))
 }
 
 #[cfg(test)]
