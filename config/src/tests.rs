@@ -1164,6 +1164,15 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
+            name: "Entra ID's v1.0 issuer, for sign-in; its tokens are bearer tokens",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/\"\naudiences = [\"api\"]\n",
+            problems: &[(
+                "oidc.issuer",
+                None,
+                "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+            )],
+        },
+        Case {
             name: "Entra ID's multi-tenant issuers",
             text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
             problems: &[

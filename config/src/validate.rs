@@ -1706,7 +1706,7 @@ fn oidc(
     env: &dyn Fn(&str) -> Option<String>,
     p: &mut Problems<'_>,
 ) -> Option<OidcConfig> {
-    let issuer = checked(raw.issuer, &path.key("issuer"), p, issuer);
+    let issuer = checked(raw.issuer, &path.key("issuer"), p, sign_in_issuer);
     // Both are sent to the IdP as they are: spaces around one, or a control character (a
     // second newline at the end of a secret file, an `echo`ed variable), would have it answer
     // `invalid_client` to every sign-in.
@@ -1937,6 +1937,25 @@ fn issuer(url: String) -> Result<String, String> {
             "write the scheme and host in lower case, as the IdP does: issuers compare exactly"
                 .to_owned(),
         );
+    }
+    Ok(url)
+}
+
+/// [`issuer`], for people to sign in with: not Entra ID's v1.0 one (`sts.windows.net`), whose
+/// token endpoint answers `expires_in` as a string, which no OAuth 2.0 client library reads
+/// (RFC 6749 §5.1 says a number): every sign-in would fail. Its tokens are still taken as
+/// bearer tokens (`[[jwt_issuers]]`).
+fn sign_in_issuer(url: String) -> Result<String, String> {
+    let url = issuer(url)?;
+    let v1 = ["https://sts.windows.net/", "https://sts.chinacloudapi.cn/"];
+    if let Some(tenant) = v1.iter().find_map(|host| url.strip_prefix(host)) {
+        let tenant = tenant.trim_end_matches('/');
+        return Err(format!(
+            "Entra ID's v1.0 endpoint answers sign-ins in a form no OAuth client reads \
+             (`expires_in` as a string): sign in with its v2.0 issuer, \
+             https://login.microsoftonline.com/{tenant}/v2.0 (its tokens are still taken under \
+             [[jwt_issuers]])"
+        ));
     }
     Ok(url)
 }
