@@ -1224,6 +1224,14 @@ impl Spool {
     /// loses none. The spool is held locked meanwhile, and the other processes on the
     /// `data_dir` lock the new file once it is in place ([`Spool::locked`]).
     fn compact(&self, spool: &File, len: u64, moved: u64) -> std::io::Result<()> {
+        let aside = self.copy_aside(spool, len, moved)?;
+        std::fs::rename(&aside, &self.path)?;
+        sync_parent(&self.path)?;
+        remove_synced(&self.moved)
+    }
+
+    /// [`Spool::compact`]'s copy, made beside the spool (and synced); where it is.
+    fn copy_aside(&self, spool: &File, len: u64, moved: u64) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::FileExt;
         let aside = self.path.with_extension("compacted");
         let mut copy = OpenOptions::new()
@@ -1242,14 +1250,13 @@ impl Spool {
             from += want as u64;
         }
         copy.sync_all()?;
-        std::fs::rename(&aside, &self.path)?;
-        sync_parent(&self.path)?;
-        remove_synced(&self.moved)
+        Ok(aside)
     }
 
     /// How many bytes of `spool`, `len` long, are moved already, as `audit-spool.moved` says:
-    /// its file's inode and a length. Of another file (the one a compaction replaced),
-    /// unreadable or past the end (the file was emptied by hand): none.
+    /// its file's inode and a length (a length alone, as builds before compaction wrote it,
+    /// is of the file in place). Of another file (the one a compaction replaced), unreadable
+    /// or past the end (the file was emptied by hand): none.
     fn moved_through(&self, spool: &File, len: u64) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let Ok(ino) = spool.metadata().map(|meta| meta.ino()) else {
@@ -1259,6 +1266,7 @@ impl Spool {
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
         match (fields.next(), fields.next(), fields.next()) {
             (Some(Ok(of)), Some(Ok(from)), None) if of == ino && from <= len => from,
+            (Some(Ok(from)), None, None) if from <= len => from,
             _ => 0,
         }
     }
@@ -2190,8 +2198,9 @@ mod tests {
         spool.append(&batch).unwrap();
     }
 
-    /// A crash while the spool is compacted, after the new file is in place but before the
-    /// note of moves is gone, moves the records left once: the note is of the file replaced.
+    /// A crash while the spool is compacted moves the records left once: before the new file
+    /// is in place, the note of moves is still of the spool; after, it is of the file replaced.
+    /// (And a note as builds before compaction wrote it, a length alone, is of the spool.)
     #[test]
     fn a_compaction_cut_short_moves_each_record_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -2213,6 +2222,28 @@ mod tests {
         let len = file.metadata().unwrap().len();
         let moved = spool.moved_through(&file, len);
         assert!(moved > 0);
+        let left: Vec<String> = (MAX_BATCH..2 * MAX_BATCH)
+            .map(|i| record(i).trim_end().to_owned())
+            .collect();
+        // The crash before the new file is in place.
+        spool.copy_aside(&file, len, moved).unwrap();
+        drop(file);
+        let mut taken = Vec::new();
+        let mut take = |records: &[&str]| -> Result<(), String> {
+            taken.extend(records.iter().map(|r| r.to_string()));
+            Err("taken, and the crash".to_owned())
+        };
+        let _ = spool.move_batches(&mut take, now);
+        assert_eq!(taken, left[..MAX_BATCH.min(left.len())]);
+        write_synced(&path.with_extension("moved"), &note).unwrap();
+        // The same note as a length alone.
+        let legacy = String::from_utf8(note.clone()).unwrap();
+        let legacy = legacy.split_whitespace().last().unwrap().to_owned();
+        let file = spool.locked().unwrap();
+        write_synced(&path.with_extension("moved"), legacy.as_bytes()).unwrap();
+        assert_eq!(spool.moved_through(&file, len), moved);
+        write_synced(&path.with_extension("moved"), &note).unwrap();
+        // The crash after it is in place, before the note is gone.
         spool.compact(&file, len, moved).unwrap();
         drop(file);
         // The crash: the note of the file replaced is still there.
@@ -2223,9 +2254,6 @@ mod tests {
             Ok(())
         };
         assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
-        let left: Vec<String> = (MAX_BATCH..2 * MAX_BATCH)
-            .map(|i| record(i).trim_end().to_owned())
-            .collect();
         assert_eq!(taken, left);
     }
 
