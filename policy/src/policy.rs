@@ -128,14 +128,19 @@ impl PageNames {
         self.names.is_empty() && self.directory.is_none()
     }
 
-    /// Whether `path` is what the prefix names, by one of these names (as [`loosely_within`]
-    /// reads paths).
-    pub fn hold(&self, path: &str) -> bool {
-        self.hold_with(path, false)
+    /// How deep ([`loose_depth`]) the name that holds `path` is, if one does (as
+    /// [`loosely_within`] reads paths): `/admin` is 1 for `/index.php/admin`, 2 written so.
+    pub fn holding(&self, path: &str) -> Option<usize> {
+        let name = (self.names.iter()).find(|name| within(name, path, false));
+        let named = name.map(|name| loose_depth(name));
+        named.or_else(|| {
+            let dir = self.directory.as_deref()?;
+            is_directory(dir, path).then(|| loose_depth(if dir.is_empty() { "/" } else { dir }))
+        })
     }
 
-    /// [`PageNames::hold`], and with a format suffix on the path's last segment with
-    /// `formats` (as deny rules read it).
+    /// Whether `path` is what the prefix names, by one of these names, with a format suffix
+    /// on the path's last segment with `formats` (as deny rules read it).
     fn hold_with(&self, path: &str, formats: bool) -> bool {
         self.names.iter().any(|name| within(name, path, formats))
             || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, path))

@@ -230,11 +230,13 @@ impl RouteTable {
                 .find(|group| group.iter().any(|other| Arc::ptr_eq(other, route)))
                 .unwrap_or_default();
             let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
+            // Narrower by the name it holds the path by (`/admin` for `/index.php/admin`): a
+            // route of that name's depth holds it as well, and took it.
             let narrower_page = group.iter().any(|other| {
                 let prefix = &other.config.path_prefix;
-                portcullis_policy::loose_depth(prefix) > depth
-                    && (other.pages.hold(path)
-                        || (info.as_deref())
+                other.pages.holding(path).is_some_and(|named| named > depth)
+                    || (portcullis_policy::loose_depth(prefix) > depth
+                        && (info.as_deref())
                             .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
             });
             if narrower_page {
@@ -465,6 +467,9 @@ mod tests {
             like_at("app.test", Scheme::Https, "/tools/report"),
             like_at("app.test", Scheme::Https, "/remote.php/"),
             like_at("app.test", Scheme::Https, "/index.php/shop-admin"),
+            // Both spellings of a front controller's path routed alike.
+            like_at("app.test", Scheme::Https, "/crm/"),
+            like_at("app.test", Scheme::Https, "/index.php/crm"),
             like_at("*.test", Scheme::Https, "/jenkins/index.php"),
         ]);
         let refused = |path: &str| match table.find(Scheme::Https, "app.test", path) {
@@ -494,6 +499,8 @@ mod tests {
             "/static/app.js",
             "/other.php/x",
             "/",
+            "/crm/x",
+            "/index.php/crm/x",
             // A `*.` route's page: `find` takes the host's own routes first.
             "/jenkins/",
         ] {
