@@ -395,8 +395,8 @@ impl Patcher<'_, '_> {
                 ScimType::TooMany,
                 format!(
                     "the operations ask for more work than one PATCH may ({MAX_PATCH_WORK} \
-                     comparisons of a filter with a value, or values looked at to add one): \
-                     send them in several"
+                     comparisons of a filter or a value given with a value held, values looked \
+                     at to add, or values a sub-attribute is set in): send them in several"
                 ),
             )
         })?;

@@ -978,8 +978,6 @@ fn take_members(rt: ResourceType, resource: &mut Value) -> Result<Option<Vec<Str
     }
 }
 
-/// What a replace of all of a group's members (by `all` ids) changed: the members it added and
-/// those it removed, by id (it grants them what the group grants, or takes it away).
 /// For a change's summary, the owners and applications an agent gained and lost between
 /// `before` and `after` (`None`: not there), by id, as `, owners +[a] -[b]`.
 fn agent_links_changed(before: Option<&Value>, after: Option<&Value>) -> String {
@@ -1005,6 +1003,8 @@ fn agent_links_changed(before: Option<&Value>, after: Option<&Value>) -> String 
     summary
 }
 
+/// What a replace of all of a group's members (by `all` ids) changed: the members it added and
+/// those it removed, by id (it grants them what the group grants, or takes it away).
 fn replaced_summary(all: usize, added: &[String], removed: &[String]) -> String {
     format!(
         "members replaced ({all} members): +[{}] -[{}]",
