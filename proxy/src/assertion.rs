@@ -20,8 +20,7 @@
 //!   through the directory's feed, and each picks it up as it arrives.
 //! - **The JWKS** ([`Signer::jwks_json`], served at [`JWKS_PATH`]): every published public key.
 //! - **The assertion cache.** An ECDSA signature costs more than the whole proxy hop, so a token
-//!   is signed once per identity and route and reused until [`REFRESH_MARGIN_SECS`] before it
-//!   expires. A cached token is only served when *every* claim it carries (issuer, audience,
+//!   is signed once per identity and route and reused for [`REUSE_SECS`] after it is signed. A cached token is only served when *every* claim it carries (issuer, audience,
 //!   subject, email, groups), the caller's `version` and the current signing kid are unchanged;
 //!   so a change of groups or a key rotation never serves a stale token, whatever `version`
 //!   means to the caller. There is one slot per (issuer, route, subject): a changed identity,
@@ -73,9 +72,11 @@ pub const RETIREMENT_GRACE_SECS: u64 = 300;
 /// one as issued in the future.
 pub const ISSUED_EARLY_SECS: u64 = 5;
 
-/// A cached token is re-signed once it expires in this many seconds or fewer (at most half the
-/// TTL for very short TTLs).
-pub const REFRESH_MARGIN_SECS: u64 = 30;
+/// How long a cached token is sent for after it is signed (at most half the TTL, for very
+/// short TTLs): every token sent has the TTL less this left (4 minutes of 5). An upstream
+/// behind a server that reads a slow upload whole before passing it on (nginx's request
+/// buffering, by default) checks the token that much later, with no leeway (PyJWT's default).
+pub const REUSE_SECS: u64 = 60;
 
 /// The most (issuer, route, subject) slots the cache holds before it is cleared.
 pub const CACHE_CAPACITY: usize = 100_000;
@@ -292,7 +293,7 @@ impl Signer {
         Ok(Signer {
             store: KeyStore::Dir(dir),
             ttl,
-            margin: REFRESH_MARGIN_SECS.min(ttl / 2),
+            margin: ttl - REUSE_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(set),
             cache: DashMap::default(),
             slot_hasher: foldhash::quality::RandomState::default(),
@@ -308,7 +309,7 @@ impl Signer {
         let signer = Arc::new(Signer {
             store: KeyStore::Shared(kept.clone()),
             ttl,
-            margin: REFRESH_MARGIN_SECS.min(ttl / 2),
+            margin: ttl - REUSE_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(KeySet::new(keys).unwrap_or_else(|_| KeySet::empty())),
             cache: DashMap::default(),
             slot_hasher: foldhash::quality::RandomState::default(),
@@ -820,8 +821,7 @@ fn sign(key: &Key, claims: &AssertionClaims<'_>, iat: u64, exp: u64) -> Result<S
         .map_err(|e| format!("signing the assertion: {e}"))
 }
 
-/// Lifetime of an identity assertion. Upstreams see a fresh one at least every
-/// `TOKEN_TTL - REFRESH_MARGIN_SECS`.
+/// Lifetime of an identity assertion. Upstreams see a fresh one at least every [`REUSE_SECS`].
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
@@ -1011,7 +1011,7 @@ mod tests {
         let g1 = ["eng"].map(String::from);
         let a = signer.assertion(&claims("grafana", &g1, 7), T0).unwrap();
         let b = signer
-            .assertion(&claims("grafana", &g1, 7), T0 + 100)
+            .assertion(&claims("grafana", &g1, 7), T0 + 59)
             .unwrap();
         assert!(same(&a, &b), "same inputs reuse the token");
 
@@ -1037,14 +1037,16 @@ mod tests {
         let new_email = signer.assertion(&c, T0).unwrap();
         assert_eq!(body(&new_email)["email"], "alice@new.example");
 
-        // Re-signed when it would expire within the margin, not before.
+        // Re-signed a minute after it was signed, not before: every token sent has 4 of its
+        // 5 minutes left, for an upstream that checks it once a slow upload is read.
         let c = claims("grafana", &g2, 8);
         let t1 = signer.assertion(&c, T0).unwrap();
-        let t2 = signer.assertion(&c, T0 + 300 - 31).unwrap();
+        let t2 = signer.assertion(&c, T0 + 59).unwrap();
         assert!(same(&t1, &t2));
-        let t3 = signer.assertion(&c, T0 + 300 - 30).unwrap();
+        assert!(body(&t2)["exp"].as_u64().unwrap() - (T0 + 59) > 240);
+        let t3 = signer.assertion(&c, T0 + 60).unwrap();
         assert!(!same(&t1, &t3));
-        assert_eq!(body(&t3)["iat"], T0 + 270 - ISSUED_EARLY_SECS);
+        assert_eq!(body(&t3)["iat"], T0 + 60 - ISSUED_EARLY_SECS);
     }
 
     /// `entries` applied to `kept` as the directory's writer would.
