@@ -559,6 +559,11 @@ impl ProxyHttp for Proxy {
             let idle = runtime.config.server.client_idle_timeout;
             session.set_keepalive(Some(idle.as_secs()));
         }
+        // An HTTP/1.0 client reads no interim answer (RFC 9110 §15.2): an upstream's `103
+        // Early Hints` would be taken for the answer. (Nor a chunked one: `response_filter`.)
+        if session.req_header().version == http::Version::HTTP_10 {
+            session.set_ignore_info_resp(true);
+        }
         // Over HTTP/2 an answer of any size, Portcullis' own page as well as the upstream's,
         // waits on the client's flow-control window: one that opens none (a window of 0) would
         // be waited on for ever, with the upstream's connection held. Every write is timed.
@@ -1085,6 +1090,23 @@ impl ProxyHttp for Proxy {
             ctx.upgrade_sent = upstream_request.headers.contains_key(header::UPGRADE);
         }
         sent
+    }
+
+    /// The last look at an answer before it goes to the client, after pingora framed it.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // An HTTP/1.0 client reads no chunked body (RFC 9112 §6.1: the coding is HTTP/1.1's),
+        // which pingora makes of every answer without a length: it shows the chunks' sizes as
+        // the body, and waits past its end. Without the coding, the body ends with the
+        // connection.
+        if session.req_header().version == http::Version::HTTP_10 {
+            response.remove_header(&http::header::TRANSFER_ENCODING);
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(

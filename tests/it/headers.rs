@@ -344,3 +344,79 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
         );
     }
 }
+
+/// An HTTP/1.0 client (a monitoring probe, `curl -0`) reads no chunked body and no interim
+/// answer: a streamed answer reaches it without chunk framing, ended by the connection's
+/// close, and an upstream's `103 Early Hints` never reaches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_1_0_client_gets_no_chunked_body_and_no_interim_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    // An upstream that hints before it answers.
+    let hints = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hinting = hints.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = hints.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).await.is_ok_and(|n| n == 1)
+                {
+                    head.push(byte[0]);
+                }
+                let answer = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]))
+        .route(Route::to_urls(
+            "http://hints.test",
+            vec![format!("http://{hinting}")],
+        ));
+    let _px = cfg.start().await;
+    let (addr, port) = (cfg.http_addr(), cfg.http_addr().port());
+    // What the client has read once `done` says it has enough (bounded in time).
+    let read = |request: String, done: fn(&[u8]) -> bool| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(&got) {
+            match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    for connection in ["", "Connection: keep-alive\r\n"] {
+        let request =
+            format!("GET /stream-ticks HTTP/1.0\r\nHost: app.test:{port}\r\n{connection}\r\n");
+        let got = read(request, |got| {
+            got.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|at| got.len() > at + 10)
+        })
+        .await;
+        let (head, body) = got.split_once("\r\n\r\n").expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{connection:?}: {head}"
+        );
+        assert!(
+            body.starts_with("tick "),
+            "{connection:?}: chunk framing: {body:?}"
+        );
+    }
+    let request = format!("GET / HTTP/1.0\r\nHost: hints.test:{port}\r\n\r\n");
+    let got = read(request, |got| got.ends_with(b"ok")).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(!got.contains("103"), "{got}");
+}
