@@ -539,21 +539,15 @@ impl PgStorage {
     }
 
     /// The commit time `unsettled` kept for `seq`, taken with those before it: settles come in
-    /// the order of `unsettled`, and one before this is not waited for any more. An error
-    /// without one (none was kept: nothing could tell this commit from another a failover put
-    /// in its place). Those after it are kept for their own.
-    fn settling(&self, seq: Seq) -> Result<Option<i64>, StoreError> {
+    /// the order of `unsettled`, and one before this is not waited for any more. Those after
+    /// it are kept for their own. (`None` for a number none was kept for: every commit this
+    /// replica settles has one, none dropped; a settle asked for by hand has none.)
+    fn settling(&self, seq: Seq) -> Option<i64> {
         let mut unsettled = lock(&self.unsettled);
-        let Some(at) = unsettled.iter().position(|(s, _)| *s == seq) else {
-            return Err(StoreError::Backend(
-                "this change's commit time was not kept: it cannot be told from another of \
-                 its number"
-                    .to_owned(),
-            ));
-        };
+        let at = unsettled.iter().position(|(s, _)| *s == seq)?;
         let committed = unsettled[at].1;
         unsettled.drain(..=at);
-        Ok(committed)
+        committed
     }
 
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
@@ -1206,7 +1200,7 @@ impl Storage for PgStorage {
         // When the database committed it (see `unsettled`: this replica's commit, or the
         // batch it had applied when it answered a write that changed nothing). Settles come in
         // the order of `unsettled`: one before this is not waited for any more.
-        let committed_us = self.settling(seq)?;
+        let committed_us = self.settling(seq);
         let seq = to_sql(seq)?;
         // A lease is judged lapsed only `CLOCK_MARGIN` after the database's clock says so:
         // that clock stepped forward (an NTP step), or running faster than the replica's,
@@ -1694,11 +1688,11 @@ mod tests {
             storage.unsettled(seq, Some(seq as i64));
         }
         storage.unsettled(last, Some(-1));
-        assert_eq!(storage.settling(1).ok(), Some(Some(1)));
-        assert_eq!(storage.settling(3).ok(), Some(Some(3)));
-        assert!(storage.settling(2).is_err(), "before 3: taken with it");
-        assert_eq!(storage.settling(last).ok(), Some(Some(last as i64)));
-        assert_eq!(storage.settling(last).ok(), Some(Some(-1)));
+        assert_eq!(storage.settling(1), Some(1));
+        assert_eq!(storage.settling(3), Some(3));
+        assert_eq!(storage.settling(2), None, "before 3: taken with it");
+        assert_eq!(storage.settling(last), Some(last as i64));
+        assert_eq!(storage.settling(last), Some(-1));
     }
 
     /// The lease is counted as the database grants it, in whole milliseconds, never longer.
