@@ -847,7 +847,8 @@ async fn a_delegated_token_older_than_its_person_is_recorded_with_the_agent() {
 /// An agent whose application is deactivated stays refused whatever a SCIM remove of its
 /// applications names: a value naming only what is not kept (the read-only `display`) would
 /// have selected every application, and an agent in none is refused by none; a filter on it,
-/// none (a 2xx for a remove that did nothing).
+/// none (a 2xx for a remove that did nothing). Taken off by its id, the application no longer
+/// refuses the agent, but the agent's tokens from before are not its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
     let t = Agents::start().await;
@@ -876,11 +877,15 @@ async fn a_remove_that_names_no_kept_sub_attribute_removes_nothing() {
         "{:#}",
         answer.body
     );
-    // Named by its `value`, it goes; the agent, in no application now, is let in again.
+    // Named by its `value`, it goes; the agent, in no application now, is let in again, with
+    // a token issued since: one from before its disabled application was taken off it is not
+    // its own (as after a re-activation). Records are dated in whole seconds.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let ops = patch_ops(json!([{"op": "remove", "path": applications,
                                 "value": [{"value": t.app}]}]));
     t.scim.patch(&agent, &ops).await.expect(200);
-    assert_eq!(t.call(&token).await.0, StatusCode::OK);
+    assert_eq!(t.call(&token).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.call(&t.token().await).await.0, StatusCode::OK);
 }
 
 /// An IdP that removes an agent's owner by the value it read back (with the `$ref` Portcullis
