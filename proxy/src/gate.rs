@@ -2969,23 +2969,42 @@ mod tests {
         );
     }
 
+    /// The `helper` agent's `valid_since_unix`, as the directory keeps it.
+    fn helper_valid_since(world: &World) -> u64 {
+        world
+            .directory
+            .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
+                AgentLookup::Found(view) => view.valid_since_unix,
+                _ => 0,
+            })
+    }
+
+    /// The `helper` agent's own token, issued at `iat`.
+    fn helper_token_at(iat: u64) -> Machine {
+        Machine {
+            issued: Some(iat),
+            ..agent_token("helper")
+        }
+    }
+
+    /// Whether `admission` refuses the token as invalid (401 `invalid_token`).
+    fn invalid_token(admission: &Admission) -> bool {
+        matches!(
+            admission,
+            Admission::Refuse(Refused::Challenge {
+                invalid_token: true,
+                ..
+            })
+        )
+    }
+
     /// Deactivating an agent's application refuses it; re-activating it takes none of its
     /// tokens from before back (disabled while its secret is rotated, say).
     #[tokio::test]
     async fn an_agent_s_token_from_before_its_application_was_re_activated_is_invalid() {
         let (world, route, app, _) = agents_world().await;
-        let since = || {
-            world
-                .directory
-                .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
-                    AgentLookup::Found(view) => view.valid_since_unix,
-                    _ => 0,
-                })
-        };
-        let issued = |iat: u64| Machine {
-            issued: Some(iat),
-            ..agent_token("helper")
-        };
+        let since = || helper_valid_since(&world);
+        let issued = helper_token_at;
         let application = format!("/AgenticApplications/{app}");
         // Stamps are whole seconds: one later than everything before.
         let before = since();
@@ -2998,13 +3017,7 @@ mod tests {
         assert!(now > before);
         let old = as_machine(&world, &issued(now - 1), route);
         assert!(
-            matches!(
-                old,
-                Admission::Refuse(Refused::Challenge {
-                    invalid_token: true,
-                    ..
-                })
-            ),
+            invalid_token(&old),
             "a token from before its application was re-activated: {old:?}"
         );
         allowed(as_machine(&world, &issued(now), route));
@@ -3023,27 +3036,9 @@ mod tests {
     #[tokio::test]
     async fn an_agent_s_token_from_before_its_disabled_application_was_taken_off_it_is_invalid() {
         let (world, route, app, helper) = agents_world().await;
-        let since = || {
-            world
-                .directory
-                .with_agent(AgentKey::Name("helper"), 0, |lookup| match lookup {
-                    AgentLookup::Found(view) => view.valid_since_unix,
-                    _ => 0,
-                })
-        };
-        let issued = |iat: u64| Machine {
-            issued: Some(iat),
-            ..agent_token("helper")
-        };
-        let invalid = |admission: Admission| {
-            matches!(
-                admission,
-                Admission::Refuse(Refused::Challenge {
-                    invalid_token: true,
-                    ..
-                })
-            )
-        };
+        let since = || helper_valid_since(&world);
+        let issued = helper_token_at;
+        let invalid = |admission: Admission| invalid_token(&admission);
         let agent = format!("/Agents/{helper}");
         let link = |op: &str, app: &str| {
             let path = format!(
