@@ -1173,6 +1173,15 @@ auth_host = "auth.example.com"
             )],
         },
         Case {
+            name: "Entra ID's v1.0 issuer in the China cloud",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://sts.chinacloudapi.cn/72f988bf-86f1-41af-91ab-2d7cd011db47/\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n",
+            problems: &[(
+                "oidc.issuer",
+                None,
+                "https://login.chinacloudapi.cn/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+            )],
+        },
+        Case {
             name: "Entra ID's multi-tenant issuers",
             text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
             problems: &[

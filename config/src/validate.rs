@@ -1947,14 +1947,26 @@ fn issuer(url: String) -> Result<String, String> {
 /// bearer tokens (`[[jwt_issuers]]`).
 fn sign_in_issuer(url: String) -> Result<String, String> {
     let url = issuer(url)?;
-    let v1 = ["https://sts.windows.net/", "https://sts.chinacloudapi.cn/"];
-    if let Some(tenant) = v1.iter().find_map(|host| url.strip_prefix(host)) {
+    // Each cloud's v1.0 issuer, and its v2.0 one.
+    let v1 = [
+        (
+            "https://sts.windows.net/",
+            "https://login.microsoftonline.com/",
+        ),
+        (
+            "https://sts.chinacloudapi.cn/",
+            "https://login.chinacloudapi.cn/",
+        ),
+    ];
+    let found = v1
+        .iter()
+        .find_map(|(v1, v2)| Some((url.strip_prefix(v1)?, v2)));
+    if let Some((tenant, v2)) = found {
         let tenant = tenant.trim_end_matches('/');
         return Err(format!(
             "Entra ID's v1.0 endpoint answers sign-ins in a form no OAuth client reads \
-             (`expires_in` as a string): sign in with its v2.0 issuer, \
-             https://login.microsoftonline.com/{tenant}/v2.0 (its tokens are still taken under \
-             [[jwt_issuers]])"
+             (`expires_in` as a string): sign in with its v2.0 issuer, {v2}{tenant}/v2.0 (its \
+             tokens are still taken under [[jwt_issuers]])"
         ));
     }
     Ok(url)

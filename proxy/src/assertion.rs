@@ -20,7 +20,8 @@
 //!   through the directory's feed, and each picks it up as it arrives.
 //! - **The JWKS** ([`Signer::jwks_json`], served at [`JWKS_PATH`]): every published public key.
 //! - **The assertion cache.** An ECDSA signature costs more than the whole proxy hop, so a token
-//!   is signed once per identity and route and reused for [`REUSE_SECS`] after it is signed. A cached token is only served when *every* claim it carries (issuer, audience,
+//!   is signed once per identity and route and reused for [`REUSE_SECS`] after it is signed. A
+//!   cached token is only served when *every* claim it carries (issuer, audience,
 //!   subject, email, groups), the caller's `version` and the current signing kid are unchanged;
 //!   so a change of groups or a key rotation never serves a stale token, whatever `version`
 //!   means to the caller. There is one slot per (issuer, route, subject): a changed identity,

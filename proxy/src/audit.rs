@@ -1079,6 +1079,8 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
+        // A copy a crash left before it was put in place (see `Spool::compact`).
+        let _ = std::fs::remove_file(path.with_extension("compacted"));
         Ok(Self {
             moved: path.with_extension("moved"),
             path,
@@ -1222,7 +1224,9 @@ impl Spool {
     /// `len`, are copied to a new file put in the spool's place. The note of moves names the
     /// file it is of ([`Spool::moved_through`]), so a crash at any point moves none twice and
     /// loses none. The spool is held locked meanwhile, and the other processes on the
-    /// `data_dir` lock the new file once it is in place ([`Spool::locked`]).
+    /// `data_dir` lock the new file once it is in place ([`Spool::locked`]). (One that locks it
+    /// before this one is done may move some records twice, as a crash after a batch's commit
+    /// does: kept twice, never lost.)
     fn compact(&self, spool: &File, len: u64, moved: u64) -> std::io::Result<()> {
         let aside = self.copy_aside(spool, len, moved)?;
         std::fs::rename(&aside, &self.path)?;

@@ -78,6 +78,11 @@ impl Proxy {
         // What is Portcullis' own never reaches the upstream: headers only it may set, its
         // cookies, and a bearer token it verified (unless the route passes it on).
         strip_reserved_headers(headers);
+        // An HTTP/1.0 client's `Expect` is none (RFC 9110 §10.1.1): passed on, it would have
+        // the upstream's `100 Continue` reach the client, read as the answer.
+        if session.req_header().version == http::Version::HTTP_10 {
+            headers.remove(http::header::EXPECT);
+        }
         // A WebDAV COPY or MOVE writes where it was judged to (see `destination`).
         if let Some(destination) = &ctx.destination {
             let value = HeaderValue::from_bytes(destination.as_bytes()).or_err(

@@ -15,6 +15,9 @@ pub struct CompiledRoute {
     /// The other names of what its prefix names, where that is a page's file (see
     /// [`RouteTable::refuses`]).
     pub pages: portcullis_policy::PageNames,
+    /// How many segments its prefix holds, as paths are read
+    /// ([`portcullis_policy::loose_depth`]).
+    pub depth: usize,
 }
 
 impl CompiledRoute {
@@ -23,6 +26,7 @@ impl CompiledRoute {
             upstreams: UpstreamSet::new(&config),
             metrics: crate::metrics::RouteMetrics::new(&config.name),
             pages: portcullis_policy::PageNames::of(&config.path_prefix),
+            depth: portcullis_policy::loose_depth(&config.path_prefix),
             config,
         }
     }
@@ -40,7 +44,7 @@ pub struct RouteTable {
     exact: Named<Vec<Arc<CompiledRoute>>>,
     /// `*.example.com` routes, keyed by the suffix including its leading dot (`.example.com`).
     wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
-    /// Whether some route's prefix names a page's file ([`portcullis_policy::names_page`]).
+    /// Whether some route's prefix names a page's file ([`CompiledRoute::pages`]).
     pages: bool,
 }
 
@@ -66,9 +70,7 @@ impl RouteTable {
             }
         }
         let by_depth = |routes: &mut Vec<Arc<CompiledRoute>>| {
-            routes.sort_by_key(|r| {
-                std::cmp::Reverse(portcullis_policy::loose_depth(&r.config.path_prefix))
-            });
+            routes.sort_by_key(|r| std::cmp::Reverse(r.depth));
         };
         exact.values_mut().for_each(by_depth);
         let mut wildcard: Vec<_> = wildcard.into_iter().collect();
@@ -120,11 +122,9 @@ impl RouteTable {
                 return Match::Found(longest);
             }
             // Another scheme's: a route of this one serves the path only with the same prefix.
-            let depth = portcullis_policy::loose_depth(&longest.config.path_prefix);
+            let depth = longest.depth;
             return holding
-                .take_while(|route| {
-                    portcullis_policy::loose_depth(&route.config.path_prefix) == depth
-                })
+                .take_while(|route| route.depth == depth)
                 .find(|route| route.config.scheme == scheme)
                 .map_or(Match::WrongScheme(longest), Match::Found);
         }
@@ -191,13 +191,12 @@ impl RouteTable {
         // (A route of the same prefix as written, the other scheme's or a `*.` one, takes
         // the path as this one does: no other reading.)
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
-            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
+            let depth = route.depth;
             let wider = self.candidates(host).flatten().any(|other| {
                 let prefix = &other.config.path_prefix;
                 !Arc::ptr_eq(other, route)
                     && (portcullis_policy::strictly_within(prefix, path)
-                        || (portcullis_policy::loose_depth(prefix) < depth
-                            && portcullis_policy::loosely_within(prefix, path)))
+                        || (other.depth < depth && portcullis_policy::loosely_within(prefix, path)))
             });
             if wider {
                 return Some(
@@ -206,10 +205,8 @@ impl RouteTable {
                 );
             }
         }
-        let script = portcullis_policy::script_routed(path).filter(|(_, end)| {
-            let depth = portcullis_policy::loose_depth;
-            depth(&route.config.path_prefix) < depth(&path[..*end])
-        });
+        let script = portcullis_policy::script_routed(path)
+            .filter(|(_, end)| route.depth < portcullis_policy::loose_depth(&path[..*end]));
         if let Some((routed, _)) = script {
             let other = match self.find(scheme, host, &routed) {
                 Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
@@ -229,15 +226,19 @@ impl RouteTable {
             let group = (self.candidates(host))
                 .find(|group| group.iter().any(|other| Arc::ptr_eq(other, route)))
                 .unwrap_or_default();
-            let depth = portcullis_policy::loose_depth(&route.config.path_prefix);
-            // Narrower by the name it holds the path by (`/admin` for `/index.php/admin`): a
-            // route of that name's depth holds it as well, and took it.
+            let depth = route.depth;
+            // Narrower by the name it holds the path by (`/admin` for `/index.php/admin`). One
+            // as narrow as the route found holds it as well: refused too, unless the two judge
+            // alike (`/crm/` beside `/index.php/crm` for the same people: both spellings are
+            // served).
             let narrower_page = group.iter().any(|other| {
                 let prefix = &other.config.path_prefix;
-                other.pages.holding(path).is_some_and(|named| named > depth)
-                    || (portcullis_policy::loose_depth(prefix) > depth
-                        && (info.as_deref())
-                            .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
+                let named = other.pages.holding(path);
+                named.is_some_and(|named| {
+                    named > depth || (named == depth && !judge_alike(&other.config, &route.config))
+                }) || (other.depth > depth
+                    && (info.as_deref())
+                        .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
             });
             if narrower_page {
                 return Some(
@@ -273,6 +274,11 @@ impl RouteTable {
         }
         None
     }
+}
+
+/// Whether routes `a` and `b` let in the same callers to the same upstreams.
+fn judge_alike(a: &Route, b: &Route) -> bool {
+    a.allow == b.allow && a.deny == b.deny && a.accept == b.accept && a.upstreams == b.upstreams
 }
 
 /// `text` percent-decoded twice, as CodeIgniter reads the path it routes, written back as a
@@ -470,6 +476,15 @@ mod tests {
             // Both spellings of a front controller's path routed alike.
             like_at("app.test", Scheme::Https, "/crm/"),
             like_at("app.test", Scheme::Https, "/index.php/crm"),
+            // A directory beside its index page, judged otherwise.
+            like_at("app.test", Scheme::Https, "/staff/"),
+            {
+                let mut config = like_at("app.test", Scheme::Https, "/staff/index.php")
+                    .config
+                    .clone();
+                config.deny = vec![portcullis_policy::RuleSpec::new("no one")];
+                Arc::new(CompiledRoute::new(config))
+            },
             like_at("*.test", Scheme::Https, "/jenkins/index.php"),
         ]);
         let refused = |path: &str| match table.find(Scheme::Https, "app.test", path) {
@@ -485,6 +500,8 @@ mod tests {
             "/tools/report.php/x",
             "/tools/REPORT.aspx;s=1/",
             "/shop-admin/orders",
+            "/staff/",
+            "/staff",
         ] {
             assert!(refused(path).is_some(), "{path}");
         }
@@ -501,6 +518,7 @@ mod tests {
             "/",
             "/crm/x",
             "/index.php/crm/x",
+            "/staff/x",
             // A `*.` route's page: `find` takes the host's own routes first.
             "/jenkins/",
         ] {

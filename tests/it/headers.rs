@@ -365,8 +365,15 @@ async fn an_http_1_0_client_gets_no_chunked_body_and_no_interim_answer() {
                 {
                     head.push(byte[0]);
                 }
-                let answer = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
-                              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                // Told to expect, it says to go on; else it hints.
+                let expects = String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("expect: 100-continue");
+                let interim = match expects {
+                    true => "HTTP/1.1 100 Continue\r\n\r\n",
+                    false => "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+                };
+                let answer = format!("{interim}HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
                 let _ = stream.write_all(answer.as_bytes()).await;
             });
         }
@@ -419,4 +426,11 @@ async fn an_http_1_0_client_gets_no_chunked_body_and_no_interim_answer() {
     let got = read(request, |got| got.ends_with(b"ok")).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(!got.contains("103"), "{got}");
+    // Nor a `100 Continue` to an `Expect` it may not send (its own is none).
+    let request = format!(
+        "POST / HTTP/1.0\r\nHost: hints.test:{port}\r\nExpect: 100-continue\r\n\
+         Content-Length: 2\r\n\r\nhi"
+    );
+    let got = read(request, |got| got.ends_with(b"ok")).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
