@@ -18,6 +18,8 @@ pub struct CompiledRoute {
     /// How many segments its prefix holds, as paths are read
     /// ([`portcullis_policy::loose_depth`]).
     pub depth: usize,
+    /// Its configuration as it judges requests ([`judging`]).
+    judged: Route,
 }
 
 impl CompiledRoute {
@@ -27,6 +29,7 @@ impl CompiledRoute {
             metrics: crate::metrics::RouteMetrics::new(&config.name),
             pages: portcullis_policy::PageNames::of(&config.path_prefix),
             depth: portcullis_policy::loose_depth(&config.path_prefix),
+            judged: judging(&config),
             config,
         }
     }
@@ -235,7 +238,7 @@ impl RouteTable {
                 let prefix = &other.config.path_prefix;
                 let named = other.pages.holding(path);
                 named.is_some_and(|named| {
-                    named > depth || (named == depth && !judge_alike(&other.config, &route.config))
+                    named > depth || (named == depth && other.judged != route.judged)
                 }) || (other.depth > depth
                     && (info.as_deref())
                         .is_some_and(|page| portcullis_policy::loosely_within(prefix, page)))
@@ -276,9 +279,31 @@ impl RouteTable {
     }
 }
 
-/// Whether routes `a` and `b` let in the same callers to the same upstreams.
-fn judge_alike(a: &Route, b: &Route) -> bool {
-    a.allow == b.allow && a.deny == b.deny && a.accept == b.accept && a.upstreams == b.upstreams
+/// `config` without what only names it (its name, its prefix, its rules' key paths): two
+/// routes whose copies are equal let in the same callers, the same way, to the same upstreams,
+/// with the same settings.
+fn judging(config: &Route) -> Route {
+    let unnamed = |rules: &[portcullis_policy::RuleSpec]| -> Vec<portcullis_policy::RuleSpec> {
+        let unnamed = |rule: &portcullis_policy::RuleSpec| portcullis_policy::RuleSpec {
+            name: String::new(),
+            ..rule.clone()
+        };
+        rules.iter().map(unnamed).collect()
+    };
+    let (allow, deny) = (unnamed(&config.allow), unnamed(&config.deny));
+    // The rules compile (validation compiled them); were it not so, the route's own policy
+    // names them, and the copy is alike to none.
+    let policy = portcullis_policy::Policy::compile(allow.clone(), deny.clone())
+        .map(Arc::new)
+        .unwrap_or_else(|_| config.policy.clone());
+    Route {
+        name: String::new(),
+        path_prefix: String::new(),
+        allow,
+        deny,
+        policy,
+        ..config.clone()
+    }
 }
 
 /// `text` percent-decoded twice, as CodeIgniter reads the path it routes, written back as a
@@ -475,7 +500,16 @@ mod tests {
             like_at("app.test", Scheme::Https, "/index.php/shop-admin"),
             // Both spellings of a front controller's path routed alike.
             like_at("app.test", Scheme::Https, "/crm/"),
-            like_at("app.test", Scheme::Https, "/index.php/crm"),
+            {
+                // Its rules named by their own key paths, as a file names them.
+                let mut config = like_at("app.test", Scheme::Https, "/index.php/crm")
+                    .config
+                    .clone();
+                for rule in config.allow.iter_mut().chain(&mut config.deny) {
+                    rule.name = format!("routes[9].{}", rule.name);
+                }
+                Arc::new(CompiledRoute::new(config))
+            },
             // A directory beside its index page, judged otherwise.
             like_at("app.test", Scheme::Https, "/staff/"),
             {
