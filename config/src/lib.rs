@@ -71,13 +71,21 @@ pub fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
 
 /// [`load`], with upstream names resolved by `resolve`.
 pub fn load_resolving(path: &Path, resolve: Resolve<'_>) -> Result<Config, ConfigErrors> {
-    let unreadable = |e: std::io::Error| {
-        ConfigErrors::whole_file(None, format!("cannot read {}: {e}", path.display()))
-    };
-    let path = std::path::absolute(path).map_err(unreadable)?;
-    let text = std::fs::read_to_string(&path).map_err(unreadable)?;
+    let bytes = std::fs::read(path).map_err(|e| unreadable(path, e))?;
+    load_read(path, &bytes, resolve)
+}
+
+/// [`load_resolving`] of the file at `path` as `bytes` read from it: what the caller read (and
+/// compared, as a file poll does) is what is loaded, not the file as a later read finds it.
+pub fn load_read(path: &Path, bytes: &[u8], resolve: Resolve<'_>) -> Result<Config, ConfigErrors> {
+    let path = std::path::absolute(path).map_err(|e| unreadable(path, e))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| unreadable(&path, e))?;
     let base_dir = path.parent().unwrap_or(Path::new("/"));
-    parse_resolving(&text, base_dir, &|name| std::env::var(name).ok(), resolve)
+    parse_resolving(text, base_dir, &|name| std::env::var(name).ok(), resolve)
+}
+
+fn unreadable(path: &Path, e: impl std::fmt::Display) -> ConfigErrors {
+    ConfigErrors::whole_file(None, format!("cannot read {}: {e}", path.display()))
 }
 
 /// Validates configuration `text` as if read from a file in `base_dir`, taking `env:` secrets

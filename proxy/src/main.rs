@@ -265,10 +265,16 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     // First: loading the file can take a while (a secret file, DNS names), and a SIGHUP sent
     // meanwhile (a reload right after a start) would end the process.
     ignore_sighup_until_ready()?;
-    // What the file poll compares the file with: read before the file is loaded, so an edit
-    // made while Portcullis starts (between the two reads, or later) is reloaded once it serves.
+    // What is loaded, and what the file poll compares the file with: an edit made while
+    // Portcullis starts is reloaded once it serves.
     let started_with = std::fs::read(config_path).ok();
-    let config = portcullis_config::load(config_path).map_err(|errors| {
+    let loaded = match &started_with {
+        Some(bytes) => {
+            portcullis_config::load_read(config_path, bytes, &portcullis_config::resolve_now)
+        }
+        None => portcullis_config::load(config_path),
+    };
+    let config = loaded.map_err(|errors| {
         print_problems(config_path, &errors);
         format!(
             "{} has {} problem(s); not starting",

@@ -1850,7 +1850,7 @@ impl Proxy {
                     let shared = self.shared.clone();
                     let reload = || async move {
                         tokio::task::spawn_blocking(move || {
-                            crate::reload::reload(&shared, "console")
+                            crate::reload::reload(&shared, "console", None)
                         })
                         .await
                         .unwrap_or_else(|e| Err(vec![format!("the reload stopped: {e}")]))

@@ -7,7 +7,8 @@
 //! the rest and names each such setting, in the log and on the console, until a restart. Reloads
 //! take turns: one that read the file earlier never installs its configuration over one that
 //! read it later. The file poll installs a change once it has held for one interval, so a file
-//! caught half-written is not taken for the new configuration.
+//! caught half-written is not taken for the new configuration: what it installs is the bytes it
+//! saw twice, still the file's in its turn, not a read a moment later (an edit begun since).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,9 +42,10 @@ impl Reloader {
         }
     }
 
-    /// Whether it reloaded; problems are logged by `reload`.
-    fn reload(&self, why: &str) -> bool {
-        reload(&self.shared, why).is_ok()
+    /// Whether it reloaded the file as `read` (`None`: as it is now); problems are logged by
+    /// `reload`.
+    fn reload(&self, why: &str, read: Option<&[u8]>) -> bool {
+        reload(&self.shared, why, read).is_ok()
     }
 }
 
@@ -195,11 +197,15 @@ fn bound_listeners(
         .collect()
 }
 
-/// Reads the config file again and, if it has no problems, swaps it in (see the module doc);
-/// `why` is logged. Returns the settings installed but waiting for a restart, or the problems
-/// of a file that changed nothing.
-pub fn reload(shared: &Shared, why: &str) -> Result<Vec<&'static str>, Vec<String>> {
-    match try_reload(shared) {
+/// Loads the config file as `read` from it (`None`: reads it now) and, if it has no problems,
+/// swaps it in (see the module doc); `why` is logged. Returns the settings installed but waiting
+/// for a restart, or the problems of a file that changed nothing.
+pub fn reload(
+    shared: &Shared,
+    why: &str,
+    read: Option<&[u8]>,
+) -> Result<Vec<&'static str>, Vec<String>> {
+    match try_reload(shared, read) {
         Ok(awaiting) => {
             crate::metrics::count_reload(true);
             if awaiting.is_empty() {
@@ -224,7 +230,7 @@ pub fn reload(shared: &Shared, why: &str) -> Result<Vec<&'static str>, Vec<Strin
     }
 }
 
-fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
+fn try_reload(shared: &Shared, read: Option<&[u8]>) -> Result<Vec<&'static str>, Vec<String>> {
     // Held from reading the file to installing what it says (the console's "Re-read", SIGHUP
     // and the file poll run apart).
     static TURN: Mutex<()> = Mutex::new(());
@@ -264,14 +270,25 @@ fn try_reload(shared: &Shared) -> Result<Vec<&'static str>, Vec<String>> {
         looked_up.borrow_mut().insert(key, found.clone());
         found
     };
-    let mut config =
-        portcullis_config::load_resolving(&shared.config_path, &resolve).map_err(|errors| {
-            errors
-                .problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        })?;
+    let path = &shared.config_path;
+    // Bytes read before this reload's turn are what the file holds in it, or they are not
+    // installed: a reload that read the file later may have installed it meanwhile.
+    if read.is_some() && std::fs::read(path).ok().as_deref() != read {
+        return Err(vec![
+            "the file changed as it was read; it is reloaded once it holds still".to_owned(),
+        ]);
+    }
+    let loaded = match read {
+        Some(bytes) => portcullis_config::load_read(path, bytes, &resolve),
+        None => portcullis_config::load_resolving(path, &resolve),
+    };
+    let mut config = loaded.map_err(|errors| {
+        errors
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    })?;
     if let Some(problem) = shared.at_start.refuses(&config) {
         return Err(vec![problem]);
     }
@@ -407,8 +424,9 @@ impl BackgroundService for Reloader {
                         None => std::future::pending().await,
                     }
                 } => {
-                    file = Poll::new(read());
-                    if !self.reload("SIGHUP") {
+                    let now = read();
+                    file = Poll::new(now.clone());
+                    if !self.reload("SIGHUP", now.as_deref()) {
                         file.failed();
                         failed_at = self.shared.reloads();
                     }
@@ -427,7 +445,9 @@ impl BackgroundService for Reloader {
                     } else {
                         "config file changed"
                     };
-                    if !self.reload(why) {
+                    // The bytes the poll saw twice, not the file as it is a moment later (an
+                    // edit begun since could be caught half-written).
+                    if !self.reload(why, file.installed.as_deref()) {
                         file.failed();
                         failed_at = self.shared.reloads();
                     }
@@ -666,6 +686,45 @@ mod tests {
                 listener("127.0.0.1:8081", true)
             ]
         );
+    }
+
+    /// What a reload installs is the bytes its caller read (the file poll's, seen twice), and
+    /// only while the file still holds them in the reload's turn: never a later read of a file
+    /// that an edit begun since may have left half-written.
+    #[tokio::test]
+    async fn a_reload_installs_the_bytes_read_and_only_while_the_file_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        let with_route = |host: &str| {
+            format!(
+                "{}\n[[routes]]\nfrom = \"http://{host}.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                 allow = {{ any_signed_in = true }}\n",
+                crate::testing::CONFIG
+            )
+        };
+        let shared = crate::testing::shared(dir.path(), path.clone(), crate::testing::config(""));
+        let routes = || {
+            let runtime = shared.runtime.load();
+            let hosts = runtime.config.routes.iter().map(|route| route.host.clone());
+            hosts
+                .filter(|host| host.starts_with("new-"))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (with_route("new-a"), with_route("new-b"));
+        std::fs::write(&path, &a).unwrap();
+        assert!(reload(&shared, "test", Some(a.as_bytes())).is_ok());
+        assert_eq!(routes(), ["new-a.test"]);
+        // An edit since the bytes were read: neither they nor the file's new text is installed.
+        std::fs::write(&path, with_route("new-c")).unwrap();
+        let problems = reload(&shared, "test", Some(b.as_bytes())).unwrap_err();
+        assert!(
+            problems[0].contains("changed as it was read"),
+            "{problems:?}"
+        );
+        assert_eq!(routes(), ["new-a.test"]);
+        // Read now (the console's Re-read): the file as it is.
+        assert!(reload(&shared, "test", None).is_ok());
+        assert_eq!(routes(), ["new-c.test"]);
     }
 
     #[test]

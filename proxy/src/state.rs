@@ -581,37 +581,17 @@ mod tests {
     /// session alive, and keep it so).
     #[tokio::test]
     async fn a_reload_that_raises_the_idle_timeout_revives_no_session_at_any_moment() {
-        use portcullis_scim::store::{memory::MemoryStorage, Sinks};
         let dir = tempfile::tempdir().unwrap();
-        let kept = Arc::new(crate::auth::sessions::Kept::default());
-        let sinks = Sinks {
-            changes: None,
-            entries: Some(kept.clone()),
-        };
-        let storage = Arc::new(MemoryStorage::default());
-        let clock = Box::new(time::OffsetDateTime::now_utc);
-        let directory = Arc::new(Directory::open_with_sinks(storage, clock, sinks).unwrap());
-        let log = || crate::audit::Destination::of(dir.path(), None);
-        let audit = Arc::new(Audit::open(log(), log()).unwrap());
         let now = now_unix();
-        let signer = Signer::open(dir.path(), now, crate::assertion::TOKEN_TTL).unwrap();
-        let auth = Arc::new(Auth::new(directory.clone(), kept, audit.clone()).unwrap());
         let with_idle = |seconds| {
             let mut config = crate::testing::config("");
             let oidc = config.oidc.as_mut().unwrap();
             oidc.session_idle_timeout = std::time::Duration::from_secs(seconds);
             config
         };
-        let runtime = Runtime::build(with_idle(60), &directory);
-        let shared = Shared::new(
-            dir.path().join("portcullis.toml"),
-            directory.clone(),
-            None,
-            auth,
-            Arc::new(signer),
-            audit,
-            runtime,
-        );
+        let path = dir.path().join("portcullis.toml");
+        let shared = crate::testing::shared(dir.path(), path, with_idle(60));
+        let directory = shared.directory.clone();
         let sessions = &shared.auth.sessions;
         let oidc = with_idle(60).oidc.unwrap();
         let identity = crate::caller::Identity {

@@ -2,7 +2,7 @@
 //! SCIM service exactly as an IdP writes it) and a real configuration (parsed and validated
 //! from TOML), with no sockets and no disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::Method;
@@ -13,11 +13,14 @@ use portcullis_scim::service::{Limits, ScimRequest, ScimService};
 use portcullis_scim::store::memory::MemoryStorage;
 use portcullis_scim::store::{Directory, Sinks};
 
+use crate::assertion::Signer;
+use crate::audit::Audit;
 use crate::auth::sessions::{Kept, Sessions};
+use crate::auth::Auth;
 
 use crate::caller::{Identity, Machine};
 use crate::gate::{Forwards, Gate};
-use crate::state::Runtime;
+use crate::state::{Runtime, Shared};
 
 /// The configuration the tests judge against. Routes, in order:
 /// - `routes[0]` `http://app.test`: sessions and bearer tokens; group `eng` allowed, `/public`
@@ -101,6 +104,39 @@ pub fn parse(text: &str) -> Config {
         Ok(config) => config,
         Err(errors) => panic!("the test configuration has problems: {errors:?}"),
     }
+}
+
+/// The process-wide state of a server started with `config` from the file at `config_path`,
+/// its audit log and assertion keys in `dir`: the directory in memory, no sockets.
+pub fn shared(dir: &Path, config_path: PathBuf, config: Config) -> Shared {
+    let kept = Arc::new(Kept::default());
+    let sinks = Sinks {
+        changes: None,
+        entries: Some(kept.clone()),
+    };
+    let clock = Box::new(time::OffsetDateTime::now_utc);
+    let directory = Directory::open_with_sinks(Arc::new(MemoryStorage::default()), clock, sinks)
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("open the directory: {e}"));
+    let log = || crate::audit::Destination::of(dir, None);
+    let audit = Audit::open(log(), log())
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("open the audit log: {e}"));
+    let signer = Signer::open(dir, crate::clock::now_unix(), crate::assertion::TOKEN_TTL)
+        .unwrap_or_else(|e| panic!("open the assertion keys: {e}"));
+    let auth = Auth::new(directory.clone(), kept, audit.clone())
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("start sign-in: {e}"));
+    let runtime = Runtime::build(config, &directory);
+    Shared::new(
+        config_path,
+        directory,
+        None,
+        auth,
+        Arc::new(signer),
+        audit,
+        runtime,
+    )
 }
 
 /// A directory in memory and the SCIM service in front of it.
