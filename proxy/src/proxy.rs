@@ -2370,6 +2370,8 @@ const PLAIN_NAME: [bool; 256] = {
 /// lenient upstream reads them, not as Portcullis does (one value, `Bearer <token>`): Flask-JWT-Extended
 /// splits a value at commas and then at any space, a Latin-1 no-break space too, and takes
 /// `x, Bearer <token>` or `Bearer\xA0<token>` for that token, which Portcullis never read.
+/// And as Portcullis reads its own tokens (SCIM's, the admin's): all that follows the scheme,
+/// which may hold a space or a comma.
 fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
     let removed = |value: &HeaderValue| {
         let bytes = value.as_bytes();
@@ -2387,8 +2389,27 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> b
                 // Every word is ASCII.
                 Some(_) => words.any(|token| std::str::from_utf8(token).map_or(true, &which)),
             }
+            || after_bearer(bytes).any(|token| std::str::from_utf8(token).map_or(true, &which))
     };
     remove_values(headers, header::AUTHORIZATION, removed);
+}
+
+/// What follows each `Bearer` word of `value` (its scheme, in any case), trimmed: all of it, as
+/// Portcullis reads its own tokens, and up to the next comma.
+fn after_bearer(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let apart = |b: &u8| *b == b',' || !b.is_ascii_graphic();
+    (0..value.len())
+        .filter(move |&at| at == 0 || apart(&value[at - 1]))
+        .filter_map(move |at| {
+            let (scheme, rest) = value[at..].split_at_checked(6)?;
+            let word = scheme.eq_ignore_ascii_case(b"bearer") && rest.first().is_some_and(apart);
+            word.then_some(rest)
+        })
+        .flat_map(|rest| {
+            let to_comma = rest.split(|&b| b == b',').next().unwrap_or(rest);
+            [rest.trim_ascii(), to_comma.trim_ascii()]
+        })
+        .filter(|token| !token.is_empty())
 }
 
 /// Removes the `name` values `doomed` picks, the others kept in their order; returns how many
@@ -3196,6 +3217,10 @@ mod tests {
             ("Authorization", "Basic dXNlcjpwYXNz,bearer ghi"),
             // Not a bearer token to anyone.
             ("Authorization", "Digest username=\"bearer\", realm=\"x\""),
+            // Tokens of Portcullis' own, read whole: with a space, with a comma.
+            ("Authorization", "Bearer  mno pqr "),
+            ("Authorization", "x, Bearer stu,vw"),
+            ("Authorization", "Bearer mno"),
         ]);
         let no_break_space = HeaderValue::from_bytes(b"Bearer\xA0jkl").unwrap();
         req.append(header::AUTHORIZATION, no_break_space);
@@ -3215,7 +3240,8 @@ mod tests {
             ]
         );
         // Only the tokens picked, wherever they are in a value (one not ASCII, whatever it is).
-        remove_bearer_tokens(&mut own, |token| token == "ghi");
+        let picked = ["ghi", "mno pqr", "stu,vw"];
+        remove_bearer_tokens(&mut own, |token| picked.contains(&token));
         assert_eq!(
             left(&own),
             [
@@ -3223,7 +3249,8 @@ mod tests {
                 "Basic dXNlcjpwYXNz",
                 "bEaReR\tdef",
                 "Bearer",
-                "Digest username=\"bearer\", realm=\"x\""
+                "Digest username=\"bearer\", realm=\"x\"",
+                "Bearer mno"
             ]
         );
     }

@@ -29,6 +29,10 @@ use crate::signin::{
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
+/// A SCIM token of the hardened configuration that holds spaces and a comma, as a token
+/// typed by hand may: Portcullis reads all that follows `Bearer` as its token.
+const SPACED_TOKEN: &str = "provisioning token, typed by hand 2026";
+
 /// The `[admin]` token of the hardened configuration.
 const ADMIN_TOKEN: &str = "admin-token-of-the-hardened-fixture";
 
@@ -156,7 +160,7 @@ impl Hardened {
                 .set("scopes", r#"["openid", "email", "profile", "groups"]"#),
             )
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
-            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN), ("spaced", SPACED_TOKEN)])
             .admin_token(ADMIN_TOKEN);
         let px = Portcullis::start(&cfg.toml()).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
@@ -783,6 +787,7 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
         // A SCIM token sent to a mistyped base URL is Portcullis' too, and so is the admin's.
         (format!("Bearer {SCIM_TOKEN}"), false),
         (format!("Bearer {ADMIN_TOKEN}"), false),
+        (format!("Bearer {SPACED_TOKEN}"), false),
         ("Bearer the-upstream-s-own-token".to_owned(), true),
         ("Basic dXNlcjpwYXNz".to_owned(), true),
     ] {
