@@ -35,7 +35,7 @@
 use std::fs;
 use std::hash::BuildHasher;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -676,8 +676,8 @@ fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
     Ok((key, text))
 }
 
-/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, written to a temporary file,
-/// synced and renamed into place).
+/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, owned as `dir` is, written to a
+/// temporary file, synced and renamed into place).
 fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
     let (key, contents) = new_key(created, signs)?;
     let path = key_path(dir, &key.kid);
@@ -693,6 +693,14 @@ fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| fail("creating", e))?;
+    // The server runs as the directory's owner: a key written by `sudo portcullis
+    // rotate-assertion-key` would be root's, which it cannot read.
+    let owner = fs::metadata(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    let mine = file.metadata().map_err(|e| fail("reading", e))?;
+    if (mine.uid(), mine.gid()) != (owner.uid(), owner.gid()) {
+        std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid()))
+            .map_err(|e| fail("giving the directory's owner", e))?;
+    }
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("writing", e))?;
@@ -1235,6 +1243,32 @@ mod tests {
         );
         signer.refresh(T0 + 10_000_000).unwrap();
         assert_eq!(jwks_kids(&signer), vec![k3]);
+    }
+
+    /// `sudo portcullis rotate-assertion-key` writes a key the server, running as the data
+    /// directory's owner, can read (and a restart is not stopped by one it cannot).
+    #[test]
+    fn a_key_is_owned_as_its_directory_is_whoever_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = key_dir(dir.path());
+        ensure_dir(&keys).unwrap();
+        let me = fs::metadata(&keys).unwrap();
+        let owned = |key: &Key| {
+            let meta = fs::metadata(key_path(&keys, &key.kid)).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        assert_eq!(
+            owned(&generate_key(&keys, T0, T0).unwrap()),
+            (me.uid(), me.gid())
+        );
+        if me.uid() != 0 {
+            eprintln!("not root: a directory of another user's cannot be made here");
+            return;
+        }
+        // The service user's directory, as root writes into it.
+        let nobody = (65_534, 65_534);
+        std::os::unix::fs::chown(&keys, Some(nobody.0), Some(nobody.1)).unwrap();
+        assert_eq!(owned(&generate_key(&keys, T0, T0).unwrap()), nobody);
     }
 
     #[test]
