@@ -800,17 +800,22 @@ impl ScimService {
         let body = body
             .as_object()
             .ok_or_else(|| syntax("a BulkRequest must be a JSON object"))?;
-        let declares = body
-            .get("schemas")
+        // Attribute names and schema URNs are case-insensitive (RFC 7643 §2.1): a `Version` is
+        // a precondition as `version` is, never dropped.
+        let declares = get_ci(body, "schemas")
             .and_then(Value::as_array)
-            .is_some_and(|s| s.iter().any(|v| v.as_str() == Some(BULK_REQUEST_SCHEMA)));
+            .is_some_and(|s| {
+                s.iter().any(|v| {
+                    v.as_str()
+                        .is_some_and(|v| v.eq_ignore_ascii_case(BULK_REQUEST_SCHEMA))
+                })
+            });
         if !declares {
             return Err(syntax(format!(
                 "schemas must contain {BULK_REQUEST_SCHEMA}"
             )));
         }
-        let ops = body
-            .get("Operations")
+        let ops = get_ci(body, "Operations")
             .and_then(Value::as_array)
             .ok_or_else(|| syntax("Operations must be a list"))?;
         if ops.len() > self.limits.max_bulk_operations {
@@ -823,7 +828,7 @@ impl ScimService {
                 ),
             ));
         }
-        let fail_on_errors = match body.get("failOnErrors") {
+        let fail_on_errors = match get_ci(body, "failOnErrors") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
                 v.as_u64()
@@ -840,10 +845,11 @@ impl ScimService {
                 break;
             }
             let outcome = self.bulk_operation(req, op, &mut bulk_ids).await;
-            let (method, bulk_id) = (
-                op.get("method").cloned().unwrap_or(Value::Null),
-                op.get("bulkId").cloned(),
-            );
+            let field = |name| op.as_object().and_then(|op| get_ci(op, name)).cloned();
+            let (method, bulk_id) = (field("method").unwrap_or(Value::Null), field("bulkId"));
+            let post = method
+                .as_str()
+                .is_some_and(|m| m.eq_ignore_ascii_case("POST"));
             let mut entry = Map::new();
             entry.insert("method".to_owned(), method);
             if let Some(bulk_id) = bulk_id {
@@ -861,6 +867,16 @@ impl ScimService {
                 }
                 Err(e) => {
                     errors += 1;
+                    // Every result but a failed POST's names its resource (RFC 7644 §3.7).
+                    let path = field("path");
+                    let path = path.as_ref().and_then(Value::as_str);
+                    let target = path.and_then(|path| substitute(path, &bulk_ids).ok());
+                    if let (false, Some((rt, Some(id)))) =
+                        (post, target.as_deref().and_then(bulk_target))
+                    {
+                        let location = format!("{}/{}/{id}", req.base_url, endpoint(rt));
+                        entry.insert("location".to_owned(), json!(location));
+                    }
                     entry.insert("status".to_owned(), json!(e.status.to_string()));
                     entry.insert("response".to_owned(), e.to_json());
                 }
@@ -882,30 +898,21 @@ impl ScimService {
         let op = op
             .as_object()
             .ok_or_else(|| syntax("each bulk operation must be an object"))?;
-        let method = op
-            .get("method")
+        let method = get_ci(op, "method")
             .and_then(Value::as_str)
             .and_then(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
             .ok_or_else(|| syntax("each bulk operation needs a method"))?;
-        let path = op
-            .get("path")
+        let path = get_ci(op, "path")
             .and_then(Value::as_str)
             .ok_or_else(|| syntax("each bulk operation needs a path"))?;
         let path = substitute(path, bulk_ids)?;
-        let mut data = op.get("data").cloned().unwrap_or(Value::Null);
+        let mut data = get_ci(op, "data").cloned().unwrap_or(Value::Null);
         substitute_value(&mut data, bulk_ids)?;
-        let if_match = op.get("version").and_then(Value::as_str);
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let (rt, id) = match segments.as_slice() {
-            [kind] => (ResourceType::from_endpoint(kind), None),
-            [kind, id] => (ResourceType::from_endpoint(kind), Some(*id)),
-            _ => (None, None),
-        };
-        let rt = rt.ok_or_else(|| not_found(&path))?;
+        let if_match = get_ci(op, "version").and_then(Value::as_str);
+        let (rt, id) = bulk_target(&path).ok_or_else(|| not_found(&path))?;
         let written = match (&method, id) {
             (&Method::POST, None) => {
-                let bulk_id = op
-                    .get("bulkId")
+                let bulk_id = get_ci(op, "bulkId")
                     .and_then(Value::as_str)
                     .ok_or_else(|| syntax("a bulk POST needs a bulkId"))?;
                 let written = self.create(rt, &data, req.author()).await?;
@@ -939,6 +946,14 @@ impl ScimService {
             body: None,
         })
     }
+}
+
+/// The resource type and id a bulk operation's `path` names (`/Users`, `/Users/<id>`).
+fn bulk_target(path: &str) -> Option<(ResourceType, Option<&str>)> {
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let rt = ResourceType::from_endpoint(segments.next()?)?;
+    let id = segments.next();
+    segments.next().is_none().then_some((rt, id))
 }
 
 fn list_of(resources: Vec<Value>) -> ScimResponse {

@@ -152,6 +152,36 @@ async fn bulk_resolves_bulk_ids_and_honours_its_limits() {
     assert_eq!(got.body["title"], "Bulk", "{}", got.text);
     assert_eq!(scim.member_ids(&group_id).await, vec![user_id.clone()]);
 
+    // Names in any case (RFC 7643 §2.1): a `Version` is a precondition as `version` is, and
+    // `FailOnErrors` a limit. Every result but a failed POST's names its resource (§3.7).
+    let mut overwrite = user("bulk-ann@example.com");
+    overwrite["title"] = json!("Overwritten");
+    let request = json!({
+        "Schemas": [BULK_REQUEST_SCHEMA.to_uppercase()],
+        "FailOnErrors": 1,
+        "operations": [
+            {"Method": "PUT", "Path": format!("/Users/{user_id}"), "Version": "W/\"stale\"",
+             "Data": overwrite},
+            {"method": "DELETE", "path": format!("/Users/{user_id}")}
+        ]
+    });
+    let resp = scim.post("/Bulk", &request).await.expect(200);
+    let ops = resp.body["Operations"].as_array().expect("Operations");
+    assert_eq!(ops.len(), 1, "{}", resp.text);
+    assert_eq!(ops[0]["status"], "412", "{}", resp.text);
+    assert_eq!(ops[0]["location"], user_location, "{}", resp.text);
+    let got = scim.get(&format!("/Users/{user_id}")).await.expect(200);
+    assert_eq!(got.body["title"], "Bulk", "{}", got.text);
+    let request = json!({
+        "schemas": [BULK_REQUEST_SCHEMA],
+        "Operations": [{"method": "DELETE", "path": "/Users/no-such-user"}]
+    });
+    let resp = scim.post("/Bulk", &request).await.expect(200);
+    let ops = resp.body["Operations"].as_array().expect("Operations");
+    assert_eq!(ops[0]["status"], "404", "{}", resp.text);
+    let missing = format!("{}/Users/no-such-user", scim.base());
+    assert_eq!(ops[0]["location"], missing.as_str(), "{}", resp.text);
+
     // failOnErrors = 2: the second error ends the request; what follows is not done.
     let request = json!({
         "schemas": [BULK_REQUEST_SCHEMA],
