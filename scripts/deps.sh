@@ -4,7 +4,9 @@
 set -euo pipefail
 
 level=${1:-build}
-want=(cmake)
+# cmake with make (the generator it uses; a recommendation, which --no-install-recommends drops)
+# and gcc: crates that build C (pingora's zlib-ng, ring)
+want=(cmake make gcc)
 browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front;
