@@ -201,6 +201,19 @@ pub fn explain(
             ))
         }
     };
+    // The host and the path are read from the same text: `http:/host/p` or `http://host\p`,
+    // which the URL parser (and a browser) reads as `host` and `/p`, would be judged at
+    // another path than a client sends.
+    let typed = url.split_once(':').map_or("", |(_, rest)| rest);
+    let authority = typed
+        .strip_prefix("//")
+        .and_then(|rest| rest.split(['/', '?', '#']).next());
+    if authority.is_none_or(|authority| authority.contains('\\')) {
+        return Err(format!(
+            "{url:?}: write it as a client sends it, `{}://host/path`",
+            parsed.scheme()
+        ));
+    }
     let host = match parsed.host() {
         Some(url::Host::Ipv6(address)) => format!("[{address}]"),
         Some(_) => parsed.host_str().unwrap_or_default().to_ascii_lowercase(),
@@ -596,6 +609,21 @@ mod tests {
             "{}",
             answer.reason
         );
+        // A URL a browser reads otherwise than it is written is not judged at all.
+        for url in [
+            "http:/app.test/admin",
+            "http:app.test/admin",
+            "http://app.test\\admin",
+            "http:\\\\app.test\\admin",
+        ] {
+            let runtime = world.runtime();
+            let who = Who::Person(ALICE);
+            let refused = explain(&runtime, &world.directory, true, who, url, "POST");
+            assert!(
+                refused.is_err_and(|e| e.contains("as a client sends it")),
+                "{url}"
+            );
+        }
     }
 
     #[tokio::test]
