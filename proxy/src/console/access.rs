@@ -104,6 +104,8 @@ impl Via {
 struct Asked {
     method: String,
     path: String,
+    /// Why the proxy refuses `path` before it asks who calls, if it does.
+    refused: Option<String>,
 }
 
 impl Console {
@@ -262,7 +264,8 @@ impl Console {
             method_options(&asked.method),
             escape(&asked.path)
         ));
-        if let Some(why) = self.not_served(route, &asked.path) {
+        let not_served = asked.refused.clone();
+        if let Some(why) = not_served.or_else(|| self.not_served(route, &asked.path)) {
             html.push_str(&format!(
                 "<p>Nobody reaches this route at {} {}: {}.</p>",
                 escape(&asked.method),
@@ -533,20 +536,24 @@ impl Console {
 }
 
 /// The method and path a route page judges (`?method=&path=`), by default `GET` at the
-/// route's prefix. A path that does not normalize is judged as the prefix.
+/// route's prefix. A path the proxy refuses as it reads it (one that does not normalize) is
+/// shown as asked, and said so.
 fn asked(route: &Route, query: &str) -> Asked {
     let mut asked = Asked {
         method: "GET".to_owned(),
         path: route.path_prefix.clone(),
+        refused: None,
     };
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "method" if METHODS.contains(&&*value) => asked.method = value.into_owned(),
-            "path" if value.starts_with('/') && value.len() <= 4096 => {
-                if let Ok(path) = path::normalize(&value) {
-                    asked.path = path.into_owned();
+            "path" if value.len() <= 4096 => match path::normalize(&value) {
+                Ok(path) => (asked.path, asked.refused) = (path.into_owned(), None),
+                Err(e) => {
+                    let why = format!("the proxy refuses it with 400, {e}");
+                    (asked.path, asked.refused) = (value.into_owned(), Some(why));
                 }
-            }
+            },
             _ => {}
         }
     }

@@ -390,6 +390,10 @@ mod pages {
         let nobody = [
             (0, "/reports/q3", "route http://app.test/reports serves it"),
             (0, "/index.php/reports/q3", "the proxy refuses it with 400"),
+            // Nor one the proxy refuses as it reads it (shown as asked, not as the prefix).
+            (7, "/reports/..;/q3", "the proxy refuses it with 400"),
+            (7, "/reports\\q3", "GET /reports\\q3: the proxy refuses it"),
+            (7, "reports", "the proxy refuses it with 400"),
             (0, "/.portcullis/console/", "Portcullis&#39; own endpoint"),
             // A path outside a route's prefix is not the route's either.
             (6, "/x", "route http://app.test serves it"),
