@@ -226,6 +226,12 @@ impl Proxy {
         // A websocket handshake keeps its `Connection: upgrade`, which the upstream checks (and
         // a `close` beside it has hyper answer `Connection: close` in place of `upgrade`): its
         // connection is not pooled once upgraded.
+        // A websocket handshake that also asks for an event stream (no client sends both) goes
+        // as an ordinary request: an upstream that answered the stream and not the upgrade left
+        // it on a connection neither closed after it nor watched while it was idle.
+        if ctx.long_lived && accepts(&request.headers, b"text/event-stream") {
+            request.headers.remove(header::UPGRADE);
+        }
         let upgrade = request.headers.contains_key(header::UPGRADE);
         if !upgrade && (ctx.long_lived || logs_in_the_connection(&request.headers)) {
             request
@@ -1141,8 +1147,8 @@ impl ProxyHttp for Proxy {
         }
         // A websocket the upstream refused is an ordinary answer, on a connection pingora may
         // pool: its socket is no longer `Streams`' to shut (the per-chunk check still holds).
-        // Not so an upgrade pingora did not pass (an event stream that also asked for one, on
-        // a route without websockets): it went with `Connection: close`, and stays watched.
+        // Not so an upgrade not passed (on a route without websockets, or by an event stream
+        // that also asked for one): it went with `Connection: close`, and stays watched.
         if ctx.registration.is_some()
             && !upstream_response.status.is_informational()
             && ctx.upgrade_sent

@@ -594,8 +594,8 @@ async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
 }
 
 /// An event stream that sits idle is closed once its caller loses access, as an idle
-/// websocket is: a person's, a machine's, and one that asked for a websocket besides on a
-/// route without websockets (which goes upstream as an ordinary request).
+/// websocket is: a person's, a machine's, and one that asked for a websocket besides (which
+/// goes upstream as an ordinary request, on a route with websockets or without).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
     let t = Authz::start().await;
@@ -612,7 +612,9 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
         if upgrade {
             request = request
                 .header("connection", "upgrade")
-                .header("upgrade", "websocket");
+                .header("upgrade", "websocket")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("sec-websocket-version", "13");
         }
         async move {
             let mut resp = request.send().await.unwrap();
@@ -628,6 +630,8 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
         open(t.app_url("/idle-events"), (COOKIE, &cookie), false).await,
         open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), false).await,
         open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), true).await,
+        // On a route with websockets, the upstream answering the stream and not the upgrade.
+        open(t.app_url("/idle-events"), (COOKIE, &cookie), true).await,
     ];
     t.remove_member(&t.eng_id, &t.alice_id)
         .await
