@@ -465,6 +465,8 @@ pub fn rotate_keys(
     let ttl = check_ttl(token_ttl)?;
     let dir = key_dir(data_dir);
     ensure_dir(&dir)?;
+    let opened = fs::File::open(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    give_to_data_dir_owner(&opened, &dir, data_dir)?;
     let kid = rotate_dir(&dir, now, lead.as_secs(), ttl)?;
     Ok((kid, now.saturating_add(lead.as_secs())))
 }
@@ -676,8 +678,32 @@ fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
     Ok((key, text))
 }
 
-/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, owned as `dir` is, written to a
-/// temporary file, synced and renamed into place).
+/// Run as root, gives `file` (at `path`) to the owner of `data_dir`: `sudo portcullis
+/// rotate-assertion-key` would otherwise leave root's 0600 key (or key directory), which the
+/// server, running as that owner, cannot read.
+fn give_to_data_dir_owner(file: &fs::File, path: &Path, data_dir: &Path) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner =
+        fs::metadata(data_dir).map_err(|e| format!("reading {}: {e}", data_dir.display()))?;
+    let made = file
+        .metadata()
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if made.uid() == owner.uid() {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+        format!(
+            "giving {} to the owner of {}: {e}",
+            path.display(),
+            data_dir.display()
+        )
+    })
+}
+
+/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, the data directory's owner's,
+/// written to a temporary file, synced and renamed into place).
 fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
     let (key, contents) = new_key(created, signs)?;
     let path = key_path(dir, &key.kid);
@@ -693,14 +719,7 @@ fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| fail("creating", e))?;
-    // The server runs as the directory's owner: a key written by `sudo portcullis
-    // rotate-assertion-key` would be root's, which it cannot read.
-    let owner = fs::metadata(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
-    let mine = file.metadata().map_err(|e| fail("reading", e))?;
-    if (mine.uid(), mine.gid()) != (owner.uid(), owner.gid()) {
-        std::os::unix::fs::fchown(&file, Some(owner.uid()), Some(owner.gid()))
-            .map_err(|e| fail("giving the directory's owner", e))?;
-    }
+    give_to_data_dir_owner(&file, &tmp, dir.parent().unwrap_or(dir))?;
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("writing", e))?;
@@ -1245,30 +1264,30 @@ mod tests {
         assert_eq!(jwks_kids(&signer), vec![k3]);
     }
 
-    /// `sudo portcullis rotate-assertion-key` writes a key the server, running as the data
-    /// directory's owner, can read (and a restart is not stopped by one it cannot).
+    /// `sudo portcullis rotate-assertion-key` writes a key (and its directory, if it makes
+    /// it) the server, running as the data directory's owner, can read.
     #[test]
-    fn a_key_is_owned_as_its_directory_is_whoever_writes_it() {
+    fn a_key_written_by_root_is_the_data_directory_owner_s() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = key_dir(dir.path());
-        ensure_dir(&keys).unwrap();
-        let me = fs::metadata(&keys).unwrap();
-        let owned = |key: &Key| {
-            let meta = fs::metadata(key_path(&keys, &key.kid)).unwrap();
+        let owned = |path: &Path| {
+            let meta = fs::metadata(path).unwrap();
             (meta.uid(), meta.gid())
         };
-        assert_eq!(
-            owned(&generate_key(&keys, T0, T0).unwrap()),
-            (me.uid(), me.gid())
-        );
-        if me.uid() != 0 {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!("not root: a directory of another user's cannot be made here");
             return;
         }
         // The service user's directory, as root writes into it.
         let nobody = (65_534, 65_534);
-        std::os::unix::fs::chown(&keys, Some(nobody.0), Some(nobody.1)).unwrap();
-        assert_eq!(owned(&generate_key(&keys, T0, T0).unwrap()), nobody);
+        std::os::unix::fs::chown(dir.path(), Some(nobody.0), Some(nobody.1)).unwrap();
+        let (kid, _) = rotate_keys(dir.path(), T0, Duration::ZERO, TTL).unwrap();
+        let keys = key_dir(dir.path());
+        assert_eq!(owned(&keys), nobody);
+        assert_eq!(owned(&key_path(&keys, &kid)), nobody);
+        // Root's own data directory stays root's.
+        std::os::unix::fs::chown(dir.path(), Some(0), Some(0)).unwrap();
+        let (kid, _) = rotate_keys(dir.path(), T0 + 1, Duration::ZERO, TTL).unwrap();
+        assert_eq!(owned(&key_path(&keys, &kid)), (0, 0));
     }
 
     #[test]
