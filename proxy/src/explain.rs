@@ -204,11 +204,15 @@ pub fn explain(
     // The host and the path are read from the same text: `http:/host/p` or `http://host\p`,
     // which the URL parser (and a browser) reads as `host` and `/p`, would be judged at
     // another path than a client sends.
+    // So are an empty host (`http:///host/p`) and spaces and control characters, which the
+    // parser drops.
     let typed = url.split_once(':').map_or("", |(_, rest)| rest);
     let authority = typed
         .strip_prefix("//")
         .and_then(|rest| rest.split(['/', '?', '#']).next());
-    if authority.is_none_or(|authority| authority.contains('\\')) {
+    let dropped = url.bytes().any(|b| b.is_ascii_control() || b == b' ');
+    if dropped || authority.is_none_or(|authority| authority.is_empty() || authority.contains('\\'))
+    {
         return Err(format!(
             "{url:?}: write it as a client sends it, `{}://host/path`",
             parsed.scheme()
@@ -615,6 +619,10 @@ mod tests {
             "http:app.test/admin",
             "http://app.test\\admin",
             "http:\\\\app.test\\admin",
+            "http:///app.test/admin",
+            "http:////app.test/admin",
+            "http://\t/app.test/admin",
+            " http://app.test/ad\nmin",
         ] {
             let runtime = world.runtime();
             let who = Who::Person(ALICE);
