@@ -9,7 +9,10 @@
 //!
 //! A write that fails (a full disk) leaves redb refusing every later access until the
 //! database is opened again, which also repairs it: the next commit opens it again, so that
-//! once space is freed writes go on without a restart.
+//! once space is freed writes go on without a restart. One that failed yet is read back from
+//! the file may not be on disk (its sync failed: the kernel may have dropped the pages it
+//! could not write, and a sync after it finds nothing to write): it is refused, and so is
+//! every write after it, until a restart reads what the disk holds.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -297,14 +300,15 @@ impl Storage for RedbStorage {
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        // A batch refused though it reached the disk (its last step failed, and the database
-        // could not be read again then) is one this process never knew: only a restart reads
-        // it, and nothing is written over it meanwhile.
+        // A batch refused though the file may hold it (a step failed after it was written:
+        // its sync, so that it may be lost yet; or the database could not be read again) is
+        // one this process never knew: only a restart reads what the disk holds, and nothing
+        // is written over it meanwhile.
         let unknown = |seq| {
             let seq = *self.ahead.get_or_init(|| seq);
             StoreError::Backend(format!(
-                "the database holds changes to {seq} that this process refused when it could \
-                 not read them back; restart to read them"
+                "the database may hold changes to {seq} that this process refused, not knowing \
+                 them to be on disk; restart to read them"
             ))
         };
         if let Some(&seq) = self.ahead.get() {
@@ -321,10 +325,10 @@ impl Storage for RedbStorage {
         let Err(failed) = written else {
             return Ok(());
         };
-        // Whether the batch is on disk after all (its last step failed) is read back: if it
-        // is, the write succeeded.
+        // Whether the file holds the batch after all is read back: if it does not, nothing
+        // was written; if it does, it may not be on disk (Linux marks pages it failed to
+        // write as clean, and a sync on the file opened again reports no error).
         match self.reopen()? {
-            seq if seq == batch.seq => Ok(()),
             seq if seq == batch.base => Err(failed),
             seq => Err(unknown(seq)),
         }

@@ -324,6 +324,29 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     assert!(dir.user_by_name("carl@corp.example").is_some());
 }
 
+/// A write whose sync failed is not acknowledged though the file, read back, holds it: the
+/// kernel may have dropped the pages it could not write (and a sync after it reports nothing),
+/// so it may yet be lost. Nothing is written over it: writes are refused until a restart reads
+/// what the disk holds.
+#[tokio::test]
+async fn a_write_whose_sync_failed_is_not_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let armed = Arc::new(Failing::default());
+    let dir = failing_directory(tmp.path(), &armed);
+    created(&dir, ResourceType::User, user("ann@corp.example")).await;
+    arm(&armed.sync);
+    let erin = create(&dir, ResourceType::User, user("erin@corp.example")).await;
+    assert!(!once(&armed.sync), "the sync was tried");
+    assert!(erin.is_err(), "a write whose sync failed was acknowledged");
+    assert!(dir.user_by_name("erin@corp.example").is_none());
+    let fred = create(&dir, ResourceType::User, user("fred@corp.example")).await;
+    assert!(fred.is_err(), "written over erin's write");
+    drop(dir);
+    let dir = open(tmp.path());
+    assert!(dir.user_by_name("fred@corp.example").is_none());
+    created(&dir, ResourceType::User, user("fred@corp.example")).await;
+}
+
 /// A write whose last step failed may be on disk though refused; when the database could not
 /// be read back then, nothing more is written over it: writes are refused until a restart
 /// reads it.
