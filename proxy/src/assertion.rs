@@ -464,9 +464,12 @@ pub fn rotate_keys(
 ) -> Result<(String, u64), String> {
     let ttl = check_ttl(token_ttl)?;
     let dir = key_dir(data_dir);
+    let made = !dir.exists();
     ensure_dir(&dir)?;
-    let opened = fs::File::open(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
-    give_to_data_dir_owner(&opened, &dir, data_dir)?;
+    if made {
+        let opened = fs::File::open(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        give_to_owner_of(data_dir, &opened, &dir)?;
+    }
     let kid = rotate_dir(&dir, now, lead.as_secs(), ttl)?;
     Ok((kid, now.saturating_add(lead.as_secs())))
 }
@@ -678,18 +681,15 @@ fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
     Ok((key, text))
 }
 
-/// Run as root, gives `file` (at `path`) to the owner of `data_dir`: `sudo portcullis
-/// rotate-assertion-key` would otherwise leave root's 0600 key (or key directory), which the
-/// server, running as that owner, cannot read.
-fn give_to_data_dir_owner(file: &fs::File, path: &Path, data_dir: &Path) -> Result<(), String> {
+/// Run as root, gives `file` (at `path`) to the owner of `like` where it is another's: `sudo
+/// portcullis rotate-assertion-key` would otherwise leave root's 0600 key (or a key directory
+/// it made), which the server, running as that owner, cannot read.
+fn give_to_owner_of(like: &Path, file: &fs::File, path: &Path) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let owner =
-        fs::metadata(data_dir).map_err(|e| format!("reading {}: {e}", data_dir.display()))?;
-    let made = file
-        .metadata()
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let owner = fs::metadata(like).map_err(|e| format!("reading {}: {e}", like.display()))?;
+    let made = (file.metadata()).map_err(|e| format!("reading {}: {e}", path.display()))?;
     if made.uid() == owner.uid() {
         return Ok(());
     }
@@ -697,13 +697,13 @@ fn give_to_data_dir_owner(file: &fs::File, path: &Path, data_dir: &Path) -> Resu
         format!(
             "giving {} to the owner of {}: {e}",
             path.display(),
-            data_dir.display()
+            like.display()
         )
     })
 }
 
-/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, the data directory's owner's,
-/// written to a temporary file, synced and renamed into place).
+/// Generates a key and writes it to `dir/<kid>.pem` (mode 0600, `dir`'s owner's, written to a
+/// temporary file, synced and renamed into place).
 fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
     let (key, contents) = new_key(created, signs)?;
     let path = key_path(dir, &key.kid);
@@ -719,7 +719,7 @@ fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| fail("creating", e))?;
-    give_to_data_dir_owner(&file, &tmp, dir.parent().unwrap_or(dir))?;
+    give_to_owner_of(dir, &file, &tmp)?;
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("writing", e))?;
@@ -1265,7 +1265,8 @@ mod tests {
     }
 
     /// `sudo portcullis rotate-assertion-key` writes a key (and its directory, if it makes
-    /// it) the server, running as the data directory's owner, can read.
+    /// it) the server, running as the owner of the data directory (or of the key directory it
+    /// made), can read.
     #[test]
     fn a_key_written_by_root_is_the_data_directory_owner_s() {
         let dir = tempfile::tempdir().unwrap();
@@ -1284,10 +1285,12 @@ mod tests {
         let keys = key_dir(dir.path());
         assert_eq!(owned(&keys), nobody);
         assert_eq!(owned(&key_path(&keys, &kid)), nobody);
-        // Root's own data directory stays root's.
+        // A key directory the server made is left as it is, and its keys are its owner's
+        // (a data directory of root's the server writes in as a group's member).
         std::os::unix::fs::chown(dir.path(), Some(0), Some(0)).unwrap();
         let (kid, _) = rotate_keys(dir.path(), T0 + 1, Duration::ZERO, TTL).unwrap();
-        assert_eq!(owned(&key_path(&keys, &kid)), (0, 0));
+        assert_eq!(owned(&keys), nobody);
+        assert_eq!(owned(&key_path(&keys, &kid)), nobody);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! once space is freed writes go on without a restart. One that failed yet is read back from
 //! the file may not be on disk (its sync failed: the kernel may have dropped the pages it
 //! could not write, and a sync after it finds nothing to write): it is refused, and so is
-//! every write after it, until a restart reads what the disk holds.
+//! every write after it, until a restart (which reads the file as the kernel has it: an I/O
+//! error needs the disk looked at).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -302,8 +303,8 @@ impl Storage for RedbStorage {
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         // A batch refused though the file may hold it (a step failed after it was written:
         // its sync, so that it may be lost yet; or the database could not be read again) is
-        // one this process never knew: only a restart reads what the disk holds, and nothing
-        // is written over it meanwhile.
+        // one this process never knew: only a restart reads it, and nothing is written over
+        // it meanwhile.
         let unknown = |seq| {
             let seq = *self.ahead.get_or_init(|| seq);
             StoreError::Backend(format!(

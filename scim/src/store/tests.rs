@@ -326,8 +326,7 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
 
 /// A write whose sync failed is not acknowledged though the file, read back, holds it: the
 /// kernel may have dropped the pages it could not write (and a sync after it reports nothing),
-/// so it may yet be lost. Nothing is written over it: writes are refused until a restart reads
-/// what the disk holds.
+/// so it may yet be lost. Nothing is written over it: writes are refused until a restart.
 #[tokio::test]
 async fn a_write_whose_sync_failed_is_not_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
