@@ -657,6 +657,10 @@ mod tests {
         assert_eq!(h2_header_list_size(65_536), 65_536 + 16_384 + signing_in);
         assert_eq!(h2_header_list_size(4_096), 4_096 + 4_096 + signing_in);
         assert_eq!(h2_max_streams(h2_header_list_size(65_536)), 100);
+        // As the README says: 100 up to about 80 KiB, fewer past it.
+        assert_eq!(h2_max_streams(h2_header_list_size(81_789)), 100);
+        assert_eq!(h2_max_streams(h2_header_list_size(81_920)), 99);
+        assert_eq!(h2_max_streams(h2_header_list_size(131_072)), 73);
         assert_eq!(h2_max_streams(h2_header_list_size(1_048_576)), 12);
     }
 
