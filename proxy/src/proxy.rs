@@ -229,7 +229,8 @@ impl Proxy {
         // A websocket handshake that also asks for an event stream (no client sends both) goes
         // as an ordinary request: an upstream that answered the stream and not the upgrade left
         // it on a connection neither closed after it nor watched while it was idle.
-        if ctx.long_lived && accepts(&request.headers, b"text/event-stream") {
+        // (Asked by the client: a `Connection` naming `Accept` took it out of what goes up.)
+        if ctx.long_lived && accepts(&session.req_header().headers, b"text/event-stream") {
             request.headers.remove(header::UPGRADE);
         }
         let upgrade = request.headers.contains_key(header::UPGRADE);

@@ -604,14 +604,14 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
         t.sign_in(ALICE, ALICE_PASSWORD).await
     );
     let bearer = format!("Bearer {}", t.machine_token().await);
-    let open = |url: String, credential: (reqwest::header::HeaderName, &str), upgrade: bool| {
+    let open = |url: String, credential: (reqwest::header::HeaderName, &str), upgrade| {
         let mut request = bare_client()
             .get(url)
             .header(credential.0, credential.1)
             .header(ACCEPT, "text/event-stream");
-        if upgrade {
+        if let Some(connection) = upgrade {
             request = request
-                .header("connection", "upgrade")
+                .header("connection", connection)
                 .header("upgrade", "websocket")
                 .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
                 .header("sec-websocket-version", "13");
@@ -627,11 +627,28 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
         }
     };
     let mut streams = [
-        open(t.app_url("/idle-events"), (COOKIE, &cookie), false).await,
-        open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), false).await,
-        open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), true).await,
-        // On a route with websockets, the upstream answering the stream and not the upgrade.
-        open(t.app_url("/idle-events"), (COOKIE, &cookie), true).await,
+        open(t.app_url("/idle-events"), (COOKIE, &cookie), None).await,
+        open(t.api_url("/idle-events"), (AUTHORIZATION, &bearer), None).await,
+        open(
+            t.api_url("/idle-events"),
+            (AUTHORIZATION, &bearer),
+            Some("upgrade"),
+        )
+        .await,
+        // On a route with websockets, the upstream answering the stream and not the upgrade,
+        // and not told the client asked for one (`Accept` named in `Connection`).
+        open(
+            t.app_url("/idle-events"),
+            (COOKIE, &cookie),
+            Some("upgrade"),
+        )
+        .await,
+        open(
+            t.app_url("/idle-events"),
+            (COOKIE, &cookie),
+            Some("upgrade, accept"),
+        )
+        .await,
     ];
     t.remove_member(&t.eng_id, &t.alice_id)
         .await
