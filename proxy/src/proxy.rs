@@ -1574,7 +1574,7 @@ impl Proxy {
                     .await?;
                 match served {
                     Some(Served::Reply(reply)) => reply,
-                    Some(Served::Unauthenticated) => {
+                    Some(Served::Unauthenticated { invalid_token }) => {
                         let asked = Asked::of(
                             session.req_header(),
                             format!("/.portcullis/{endpoint}"),
@@ -1586,7 +1586,7 @@ impl Proxy {
                             &asked.method,
                             asked.client,
                             runtime.config.oidc.is_some(),
-                            false,
+                            invalid_token,
                             None,
                         );
                         return self

@@ -346,6 +346,17 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         None,
         "the token stays with Portcullis"
     );
+    // It can ask who it is where no one signs in (no `[oidc]`).
+    let me = bare_client()
+        .get(t.url("/.portcullis/me"))
+        .bearer_auth(&token)
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .expect("/me is answered");
+    assert_eq!(me.status(), StatusCode::OK);
+    let me: Value = serde_json::from_str(&me.text().await.unwrap_or_default()).expect("JSON");
+    assert_eq!(me["subject"], AGENT_ID, "{me}");
 
     // The owner chain is judged on every request, and the refusal says which link broke.
     t.set_active(&format!("/Users/{}", t.alice), false)

@@ -29,7 +29,7 @@ use portcullis_tests::upstream::stamp;
 use portcullis_tests::{
     raw_request, ConfigBuilder, Echo, JwtIssuer, Route, ScimClient, ScimResponse, Upstream,
 };
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -1004,9 +1004,15 @@ async fn a_token_older_than_its_user_shows_no_record_at_me() {
             .send()
             .await
             .expect("/me is answered");
-        (resp.status(), resp.text().await.unwrap_or_default())
+        let challenge = resp.headers().get(WWW_AUTHENTICATE).cloned();
+        let challenge = challenge.map(|v| v.to_str().unwrap_or_default().to_owned());
+        (
+            resp.status(),
+            resp.text().await.unwrap_or_default(),
+            challenge,
+        )
     };
-    let (status, body) = me().await;
+    let (status, body, _) = me().await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"directory\":{"), "{body}");
 
@@ -1019,8 +1025,11 @@ async fn a_token_older_than_its_user_shows_no_record_at_me() {
         .send();
     let route = route.await.expect("the route answers");
     assert_eq!(route.status(), StatusCode::UNAUTHORIZED);
-    let (status, body) = me().await;
+    let (status, body, challenge) = me().await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // As a route answers it: its client gets a new token.
+    let challenge = challenge.unwrap_or_default();
+    assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
     let audited = t
         .fx
         .px

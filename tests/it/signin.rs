@@ -3197,6 +3197,26 @@ async fn a_session_a_shortened_lifetime_ended_stays_ended_when_it_is_lengthened_
     );
 }
 
+/// After a reload shortens `session_lifetime`, `/.portcullis/me` says when the session ends
+/// under it, not under the lifetime it was signed in with.
+#[tokio::test(flavor = "multi_thread")]
+async fn me_tells_the_end_a_shortened_lifetime_gives_a_session() {
+    let fx = Fixture::start().await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    let lifetime = "session_lifetime = \"2h\"";
+    let shortened = (fx.cfg.toml()).replacen(lifetime, "session_lifetime = \"1h\"", 1);
+    assert_ne!(shortened, fx.cfg.toml(), "the config sets the lifetime");
+    fx.px.rewrite_config(&shortened);
+    fx.px.reload_and_wait().await;
+    let me = fx.url("app.test", "/.portcullis/me");
+    let resp = get_with_session(&me, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let expires = body["session_expires"].as_u64().expect("session_expires");
+    assert!(expires <= now_unix() + 3_600, "{body}");
+}
+
 /// Renaming the session cookie ends the sessions issued in the old one: browsers keep
 /// sending it, and Portcullis takes out of what upstreams are sent only cookies of the name
 /// it has now, so the old cookie's id must be worth nothing, under either name.

@@ -71,8 +71,11 @@ impl Request<'_> {
 pub enum Served {
     Reply(Reply),
     /// The endpoint needs a signed-in caller and there is none: answered as the gate answers
-    /// any request without one (`/.portcullis/me`).
-    Unauthenticated,
+    /// any request without one (`/.portcullis/me`), a bearer token refused (`invalid_token`)
+    /// too.
+    Unauthenticated {
+        invalid_token: bool,
+    },
 }
 
 fn redirect(location: &str, cookies: Vec<String>) -> Reply {
@@ -260,10 +263,18 @@ impl Auth {
         req: &Request<'_>,
     ) -> Result<Option<Served>> {
         let config = &runtime.config;
+        let method = session.req_header().method.clone();
+        // Machines and agents ask who they are where no one signs in too.
+        if (endpoint, &method) == ("me", &http::Method::GET) {
+            let served = match self.me(session, runtime, req).await {
+                Ok(reply) => Served::Reply(reply),
+                Err(invalid_token) => Served::Unauthenticated { invalid_token },
+            };
+            return Ok(Some(served));
+        }
         let Some(oidc) = &config.oidc else {
             return Ok(None);
         };
-        let method = session.req_header().method.clone();
         let query = session
             .req_header()
             .uri
@@ -314,10 +325,6 @@ impl Auth {
                 let idle = config.server.client_idle_timeout;
                 self.backchannel_logout(session, oidc, req, idle).await?
             }
-            ("me", &http::Method::GET) => match self.me(session, runtime, req).await {
-                Some(reply) => reply,
-                None => return Ok(Some(Served::Unauthenticated)),
-            },
             _ => return Ok(None),
         };
         Ok(Some(Served::Reply(reply)))
@@ -690,7 +697,14 @@ impl Auth {
     }
 
     /// Who the caller is signed in as; `None` when nobody is.
-    async fn me(&self, session: &Session, runtime: &Runtime, req: &Request<'_>) -> Option<Reply> {
+    /// The page (or JSON) of who the caller is; `Err` if there is none, `true` where a bearer
+    /// token was refused (answered `invalid_token`, so its client gets a new one).
+    async fn me(
+        &self,
+        session: &Session,
+        runtime: &Runtime,
+        req: &Request<'_>,
+    ) -> Result<Reply, bool> {
         let config = &runtime.config;
         let authentication = self
             .authenticate(
@@ -707,8 +721,9 @@ impl Auth {
         if let Some(why) = authentication.refused_token() {
             let request = req.audited("GET", "/.portcullis/me");
             self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
+            return Err(true);
         }
-        let caller = authentication.caller()?;
+        let caller = authentication.caller().ok_or(false)?;
         let wants_json = session
             .req_header()
             .headers
@@ -716,12 +731,19 @@ impl Auth {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
         let (kind, subject, email, name, expires) = match caller {
+            // At the latest when the configuration in force ends it (a reload may have
+            // shortened `session_lifetime` since the sign-in).
             Caller::Person { identity, .. } => (
                 "person",
                 identity.subject.clone(),
                 identity.email.clone(),
                 identity.name.clone(),
-                Some(identity.expires),
+                (config.oidc.as_ref()).map(|oidc| {
+                    let lifetime = oidc.session_lifetime.as_secs();
+                    identity
+                        .expires
+                        .min(identity.created.saturating_add(lifetime))
+                }),
             ),
             Caller::Machine(machine) => ("machine", machine.subject.clone(), None, None, None),
         };
@@ -751,9 +773,10 @@ impl Auth {
                 Caller::Machine(_) => {
                     let (who, reason) = crate::audit::outdated_token(&caller.log_name(), None);
                     (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, None);
+                    return Err(true);
                 }
             }
-            return None;
+            return Err(false);
         }
         if wants_json {
             let body = serde_json::json!({
@@ -768,7 +791,7 @@ impl Auth {
                     "groups": d.groups,
                 })),
             });
-            return Some(Reply::json(StatusCode::OK, &body));
+            return Ok(Reply::json(StatusCode::OK, &body));
         }
         let mut rows = format!(
             "<p>Signed in as <strong>{}</strong>",
@@ -802,7 +825,7 @@ impl Auth {
             None => rows.push_str("<p>You are not a user in the directory.</p>"),
         }
         rows.push_str(SIGN_OUT_FORM);
-        Some(Reply::page(StatusCode::OK, "Who am I", &rows))
+        Ok(Reply::page(StatusCode::OK, "Who am I", &rows))
     }
 }
 
