@@ -1268,7 +1268,7 @@ mod tests {
     /// it) the server, running as the owner of the data directory (or of the key directory it
     /// made), can read.
     #[test]
-    fn a_key_written_by_root_is_the_data_directory_owner_s() {
+    fn a_key_written_by_root_is_its_directory_s_owner_s() {
         let dir = tempfile::tempdir().unwrap();
         let owned = |path: &Path| {
             let meta = fs::metadata(path).unwrap();
@@ -1285,8 +1285,8 @@ mod tests {
         let keys = key_dir(dir.path());
         assert_eq!(owned(&keys), nobody);
         assert_eq!(owned(&key_path(&keys, &kid)), nobody);
-        // A key directory the server made is left as it is, and its keys are its owner's
-        // (a data directory of root's the server writes in as a group's member).
+        // A key directory already there is left as it is, and its keys are its owner's (a
+        // data directory of root's the server writes in as a group's member).
         std::os::unix::fs::chown(dir.path(), Some(0), Some(0)).unwrap();
         let (kid, _) = rotate_keys(dir.path(), T0 + 1, Duration::ZERO, TTL).unwrap();
         assert_eq!(owned(&keys), nobody);

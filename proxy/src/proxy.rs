@@ -1257,36 +1257,8 @@ impl ProxyHttp for Proxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        // A watched connection cut before its answer started (its caller lost access while the
-        // upstream was still to answer) fails as an upstream read would: it is a refusal (see
-        // `Recheck::refusal_status`).
-        let cut = ctx.recheck.as_ref().filter(|r| r.is_cut());
-        let code = match e.etype() {
-            _ if cut.is_some() => cut.map_or(403, |r| {
-                r.refusal_status(&session.req_header().method, true)
-            }),
-            ErrorType::HTTPStatus(code) => *code,
-            _ => match e.esource() {
-                // Reached but too slow (to connect, to answer, to take the body): 504, as
-                // nginx answers, so that slow is told from down.
-                ErrorSource::Upstream
-                    if matches!(
-                        e.etype(),
-                        ErrorType::ConnectTimedout
-                            | ErrorType::ReadTimedout
-                            | ErrorType::WriteTimedout
-                    ) =>
-                {
-                    504
-                }
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
+        let cut = ctx.recheck.as_deref().filter(|r| r.is_cut());
+        let code = failure_status(e, cut, &session.req_header().method);
         // A response already started cannot be replaced; the connection is simply closed. An
         // interim one (`100 Continue`, `103 Early Hints`) is no answer yet: the page follows it.
         // (A `101` is the answer: what follows it is the websocket's, not HTTP.)
@@ -2244,6 +2216,36 @@ fn is_cors_preflight(req: &RequestHeader) -> bool {
         && !headers.contains_key(header::UPGRADE)
         && !accepts(headers, b"text/event-stream")
         && !list_elements(headers, &header::CONNECTION).any(preflight_header)
+}
+
+/// The status a request that failed to proxy is answered with (0: none, the client is gone).
+/// A refusal's own status (`still_allowed`'s) says whether the request went upstream; a watched
+/// connection cut before its answer started otherwise (its caller lost access while the
+/// upstream was still to answer: the socket shut) fails as a refusal of a request sent (see
+/// `Recheck::refusal_status`).
+pub(crate) fn failure_status(e: &Error, cut: Option<&Recheck>, method: &http::Method) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ if cut.is_some() => cut.map_or(403, |r| r.refusal_status(method, true)),
+        _ => match e.esource() {
+            // Reached but too slow (to connect, to answer, to take the body): 504, as
+            // nginx answers, so that slow is told from down.
+            ErrorSource::Upstream
+                if matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                ) =>
+            {
+                504
+            }
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
 }
 
 /// A websocket upgrade or an event stream: a request that may stay open for hours. A

@@ -467,6 +467,8 @@ mod tests {
     /// (try again) if its method may be sent again, one whose caller lost access 403.
     #[test]
     fn a_cut_says_whether_to_try_again() {
+        use crate::proxy::failure_status;
+        use pingora::ErrorType;
         let world = World::new();
         let (get, post) = (http::Method::GET, http::Method::POST);
         let lost_touch = open(&world, APP);
@@ -477,6 +479,15 @@ mod tests {
         // Not to be sent again as it is once sent: the upstream may have acted on it.
         assert_eq!(lost_touch.refusal_status(&post, true), 403);
         assert_eq!(lost_touch.refusal_status(&post, false), 503);
+        // What the client is answered: a POST refused before it was sent, 503; one whose
+        // socket was shut once it was (or may have been), 403.
+        let refusal = |status| pingora::Error::explain(ErrorType::HTTPStatus(status), "cut");
+        let unsent = refusal(lost_touch.refusal_status(&post, false));
+        let status = |e: &pingora::Error| failure_status(e, Some(&lost_touch), &post);
+        assert_eq!(status(&unsent), 503);
+        let shut = pingora::Error::explain(ErrorType::ReadError, "shut").into_up();
+        assert_eq!(status(&shut), 403);
+        assert_eq!(failure_status(&shut, Some(&lost_touch), &get), 503);
         let refused = open(&world, APP);
         let forbid = |open: &Recheck| {
             Admission::Refuse(Refused::Forbid(Refusal {
