@@ -1832,6 +1832,12 @@ async fn a_bad_bearer_token_is_audited_also_when_a_browser_is_sent_to_sign_in() 
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = resp.headers().get(WWW_AUTHENTICATE).cloned();
+    let challenge = challenge.map(|v| v.to_str().unwrap_or_default().to_owned());
+    assert!(
+        challenge.is_some_and(|c| c.contains("error=\"invalid_token\"")),
+        "a refused token is answered invalid_token"
+    );
 
     let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
         crate::audit::of_event(r, "refusal").len() >= 2

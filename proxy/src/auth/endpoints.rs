@@ -696,7 +696,6 @@ impl Auth {
         authentication.await.caller().is_some()
     }
 
-    /// Who the caller is signed in as; `None` when nobody is.
     /// The page (or JSON) of who the caller is; `Err` if there is none, `true` where a bearer
     /// token was refused (answered `invalid_token`, so its client gets a new one).
     async fn me(
@@ -824,7 +823,10 @@ impl Auth {
             }
             None => rows.push_str("<p>You are not a user in the directory.</p>"),
         }
-        rows.push_str(SIGN_OUT_FORM);
+        // A person signed in can sign out; a machine or an agent has nothing to end.
+        if matches!(caller, Caller::Person { .. }) {
+            rows.push_str(SIGN_OUT_FORM);
+        }
         Ok(Reply::page(StatusCode::OK, "Who am I", &rows))
     }
 }
