@@ -148,7 +148,32 @@ struct ListParams {
     excluded: Option<String>,
 }
 
+/// The longest `attributes` or `excludedAttributes` list taken, in bytes (every attribute of
+/// every schema, each named in full, is shorter): each name in it is parsed before a reading is
+/// found small enough to run on the threads that proxy traffic.
+const MAX_ATTRIBUTE_LIST_LEN: usize = 8192;
+
 impl ListParams {
+    /// `self`, unless a list of attributes is longer than [`MAX_ATTRIBUTE_LIST_LEN`].
+    fn bounded(self) -> Result<Self> {
+        let lists = [
+            ("attributes", &self.attributes),
+            ("excludedAttributes", &self.excluded),
+        ];
+        for (name, list) in lists {
+            if list
+                .as_ref()
+                .is_some_and(|l| l.len() > MAX_ATTRIBUTE_LIST_LEN)
+            {
+                return Err(ScimError::bad_request(
+                    ScimType::InvalidValue,
+                    format!("{name} is longer than {MAX_ATTRIBUTE_LIST_LEN} bytes"),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
     fn from_query(query: Option<&str>) -> Result<Self> {
         let mut params = Self::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -170,7 +195,7 @@ impl ListParams {
                 _ => {}
             }
         }
-        Ok(params)
+        params.bounded()
     }
 
     fn from_search(body: &Value) -> Result<Self> {
@@ -199,7 +224,7 @@ impl ListParams {
                     .ok_or_else(|| syntax(format!("{name} must be an integer"))),
             }
         };
-        Ok(Self {
+        Self {
             filter: text("filter")?,
             sort_by: text("sortBy")?,
             sort_order: text("sortOrder")?,
@@ -207,7 +232,8 @@ impl ListParams {
             count: number("count")?,
             attributes: text("attributes")?,
             excluded: text("excludedAttributes")?,
-        })
+        }
+        .bounded()
     }
 
     fn projection(&self, rt: ResourceType) -> Projection {
@@ -1152,6 +1178,22 @@ mod tests {
             "Operations": ops,
         }))
         .unwrap()
+    }
+
+    /// A list of attributes is parsed name by name before a reading is judged small: one of
+    /// any length would hold a proxy thread (a `.search` body of 64 MiB, seconds).
+    #[test]
+    fn a_list_of_attributes_is_bounded() {
+        let long = "userName,".repeat(MAX_ATTRIBUTE_LIST_LEN / 9 + 1);
+        let search = |name: &str| ListParams::from_search(&json!({ name: long, "count": 1 }));
+        for name in ["attributes", "excludedAttributes"] {
+            let refused = search(name).err().expect("refused");
+            assert_eq!(refused.scim_type, Some(ScimType::InvalidValue), "{name}");
+        }
+        let query = format!("count=1&excludedAttributes={long}");
+        assert!(ListParams::from_query(Some(&query)).is_err());
+        let every = ListParams::from_search(&json!({"attributes": long[..MAX_ATTRIBUTE_LIST_LEN]}));
+        assert!(every.is_ok());
     }
 
     /// However a client names the password (alone, under its schema's full name, in a value
