@@ -187,23 +187,31 @@ async fn a_signed_userinfo_answer_verifies_with_the_provider_s_current_keys() {
     let app = Upstream::start("app").await;
     let cfg = ConfigBuilder::new().http_listener();
     let port = cfg.http_addr().port();
+    let many: [String; 600] = std::array::from_fn(|i| format!("0f8fad5b-d9cb-469f-a165-{i:012}"));
     let idp = IdpSetup::new()
         .client(
             IdpClient::new(CLIENT_ID, CLIENT_SECRET)
                 .redirect_uri(&format!("http://app.test:{port}/.portcullis/callback"))
                 .metadata("userinfo_signed_response_alg", json!("ES256")),
         )
-        .user(IdpUser::new("pat", "pat@corp.test", PASSWORD))
+        // In 600 groups: a signed answer longer than a token sent in a request may be.
+        .user(
+            IdpUser::new("pat", "pat@corp.test", PASSWORD)
+                .groups(&many.each_ref().map(String::as_str)),
+        )
         .start()
         .await;
     let cfg = cfg
         .route(Route::new("http://app.test", &[&app]).set("allow = { groups = [\"eng\"] }"))
-        .oidc(Oidc::new(
-            idp.issuer(),
-            CLIENT_ID,
-            CLIENT_SECRET,
-            &format!("app.test:{port}"),
-        ))
+        .oidc(
+            Oidc::new(
+                idp.issuer(),
+                CLIENT_ID,
+                CLIENT_SECRET,
+                &format!("app.test:{port}"),
+            )
+            .set("scopes", r#"["openid", "email", "profile", "groups"]"#),
+        )
         .scim(SCIM_HOST, &[("idp", SCIM_TOKEN)]);
     let _px = Portcullis::start(&cfg.toml()).await;
     let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);

@@ -53,10 +53,15 @@ pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
     }
 }
 
-/// Three non-empty base64url segments and nothing else: a token with trailing bytes, spaces
-/// or padding is not a token.
+/// Three non-empty base64url segments and nothing else, of at most [`MAX_TOKEN_BYTES`]: a
+/// token with trailing bytes, spaces or padding is not a token.
 pub fn is_compact_jws(token: &str) -> bool {
-    token.len() <= MAX_TOKEN_BYTES
+    is_compact_jws_within(token, MAX_TOKEN_BYTES)
+}
+
+/// [`is_compact_jws`], of at most `max_bytes`.
+fn is_compact_jws_within(token: &str, max_bytes: usize) -> bool {
+    token.len() <= max_bytes
         && token.split('.').count() == 3
         && token.split('.').all(|part| {
             !part.is_empty()
@@ -428,13 +433,33 @@ impl Jwks {
         Ok(self.verify_keyed(token, validation).await?.claims)
     }
 
+    /// As [`Jwks::verify`], for a signed answer of the issuer's (its UserInfo): as long as an
+    /// answer may be, not a token sent in a request's head (a person in many groups).
+    pub async fn verify_answer<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<T, JwtError> {
+        let longest = super::bounded::MAX_RESPONSE_BYTES;
+        Ok(self.verify_within(token, validation, longest).await?.claims)
+    }
+
     /// As [`Jwks::verify`], also saying which key verified it.
     pub async fn verify_keyed<T: DeserializeOwned>(
         &self,
         token: &str,
         validation: &Validation,
     ) -> Result<Verified<T>, JwtError> {
-        if !is_compact_jws(token) {
+        self.verify_within(token, validation, MAX_TOKEN_BYTES).await
+    }
+
+    async fn verify_within<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+        max_bytes: usize,
+    ) -> Result<Verified<T>, JwtError> {
+        if !is_compact_jws_within(token, max_bytes) {
             return Err(JwtError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;

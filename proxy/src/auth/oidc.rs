@@ -921,7 +921,7 @@ impl Oidc {
             validation.set_required_spec_claims::<&str>(&[]);
             let claims: serde_json::Value = provider
                 .jwks
-                .verify(token, &validation)
+                .verify_answer(token, &validation)
                 .await
                 .map_err(|e| invalid(e.to_string()))?;
             serde_json::to_vec(&claims).map_err(|e| invalid(e.to_string()))?
