@@ -195,6 +195,21 @@ deny = { groups = ["contractors"], any_signed_in = true }
             ],
         },
         Case {
+            name: "postgres: what is wrong with a URL is said, never a password",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=verify-full\"\n",
+            problems: &[("postgres.url", None, "sslmode must be disable, prefer or require")],
+        },
+        Case {
+            name: "postgres: a libpq option named",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&sslrootcert=/x\"\n",
+            problems: &[("postgres.url", None, "`sslrootcert` is libpq's")],
+        },
+        Case {
+            name: "postgres: a password spilled into the query is not quoted",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://u:pa@ss?secretword=y@h/db?sslmode=require\"\n",
+            problems: &[("postgres.url", None, "names an option this driver does not take")],
+        },
+        Case {
             name: "postgres: every key checked",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=sometimes\"\npool_size = 0\nmax_staleness = \"10m\"\n",
             problems: &[

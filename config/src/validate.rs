@@ -2631,6 +2631,46 @@ fn in_range<T: TryFrom<i64>>(
     converted
 }
 
+/// What is wrong with a PostgreSQL URL the driver could not read, naming only words of its
+/// own: the driver's message may quote what a password spilled into (an unquoted one with a
+/// space reads as an option, one with an `@` as a query).
+fn unparsed(e: &tokio_postgres::Error) -> String {
+    let detail = std::error::Error::source(e).map(ToString::to_string);
+    let detail = detail.unwrap_or_default();
+    let option = |prefix: &str| {
+        detail
+            .strip_prefix(prefix)
+            .and_then(|r| r.split('`').next())
+    };
+    // Names of libpq's this driver does not take.
+    const LIBPQ_ONLY: [&str; 8] = [
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslcrl",
+        "passfile",
+        "service",
+        "requiressl",
+        "gssencmode",
+    ];
+    match (
+        option("invalid value for option `"),
+        option("unknown option `"),
+    ) {
+        (Some("sslmode"), _) => "sslmode must be disable, prefer or require (require verifies \
+                                 the server's certificate against the system's roots, as \
+                                 libpq's verify-full does)"
+            .to_owned(),
+        // The driver names only options it knows.
+        (Some(name), _) => format!("the value of `{name}` is not one this driver takes"),
+        (_, Some(name)) if LIBPQ_ONLY.contains(&name) => {
+            format!("`{name}` is libpq's, which this driver does not take")
+        }
+        (_, Some(_)) => "it names an option this driver does not take".to_owned(),
+        _ => "invalid connection string".to_owned(),
+    }
+}
+
 fn postgres(
     raw: file::Postgres,
     path: &KeyPath,
@@ -2641,11 +2681,8 @@ fn postgres(
     let url_path = path.key("url");
     let url = required(raw.url, &url_path, p).and_then(|raw| {
         let checked = resolve_secret(&raw, env, base_dir).and_then(|url| {
-            // The parser's messages name the option at fault, never a value.
-            let parsed = url
-                .expose()
-                .parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("is not a PostgreSQL connection URL: {e}"))?;
+            let parsed = (url.expose().parse::<tokio_postgres::Config>())
+                .map_err(|e| format!("is not a PostgreSQL connection URL: {}", unparsed(&e)))?;
             // Without a host the connection could only fail, after the ports are bound.
             if parsed.get_hosts().is_empty() && parsed.get_hostaddrs().is_empty() {
                 return Err(
