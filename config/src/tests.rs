@@ -197,7 +197,7 @@ deny = { groups = ["contractors"], any_signed_in = true }
         Case {
             name: "postgres: what is wrong with a URL is said, never a password",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=verify-full\"\n",
-            problems: &[("postgres.url", None, "sslmode must be disable, prefer or require")],
+            problems: &[("postgres.url", None, "sslmode must be require")],
         },
         Case {
             name: "postgres: a libpq option named",
@@ -2602,6 +2602,18 @@ fn postgres_urls_say_whether_tls_is_required_unless_on_a_unix_socket() {
         let text = format!("data_dir = \"data\"\n{LISTENERS}\n[postgres]\nurl = \"{url}\"\n");
         if let Err(e) = fixture.parse(&text) {
             panic!("{url}: {e}");
+        }
+    }
+    // What a password spilled into (an option's name, a query) is never quoted.
+    for url in [
+        "postgres://u:pa@ss?secretword=y@h/db?sslmode=require",
+        "host=h password=pa ss secretword=x",
+    ] {
+        let text = format!("data_dir = \"data\"\n{LISTENERS}\n[postgres]\nurl = \"{url}\"\n");
+        let refused = fixture.parse(&text).expect_err("refused").to_string();
+        assert!(refused.contains("postgres.url"), "{refused}");
+        for word in ["secretword", "pa@ss", "pa ss", "`ss`"] {
+            assert!(!refused.contains(word), "{url}: {refused}");
         }
     }
 }

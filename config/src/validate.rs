@@ -2657,9 +2657,9 @@ fn unparsed(e: &tokio_postgres::Error) -> String {
         option("invalid value for option `"),
         option("unknown option `"),
     ) {
-        (Some("sslmode"), _) => "sslmode must be disable, prefer or require (require verifies \
-                                 the server's certificate against the system's roots, as \
-                                 libpq's verify-full does)"
+        (Some("sslmode"), _) => "sslmode must be require (TLS, the server's certificate \
+                                 verified against the system's roots, as libpq's verify-full \
+                                 does) or disable (prefer only over a Unix socket)"
             .to_owned(),
         // The driver names only options it knows.
         (Some(name), _) => format!("the value of `{name}` is not one this driver takes"),

@@ -2067,7 +2067,8 @@ impl Proxy {
                         refusal.agent.as_ref(),
                     ),
                 }
-                forbidden(&refusal, route, asked.client)
+                let person = matches!(authentication.caller(), Some(Caller::Person { .. }));
+                forbidden(&refusal, route, asked.client, person)
             }
         };
         reply::send(session, reply).await
@@ -2150,9 +2151,10 @@ fn challenge(invalid_token: bool) -> Reply {
     Reply::json(StatusCode::UNAUTHORIZED, &body).header(header::WWW_AUTHENTICATE, scheme)
 }
 
-/// The 403: who the caller is signed in as, which route, why, and a way to sign out (a page
-/// for a browser), or the same as JSON. Nothing about other users.
-fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
+/// The 403: who the caller is signed in as, which route, why, and a way to sign out for a
+/// `person` (a machine or an agent has nothing to end), as a page for a browser, or the same
+/// as JSON. Nothing about other users.
+fn forbidden(refusal: &Refusal, route: &str, client: Client, person: bool) -> Reply {
     if client == Client::Api {
         let body = serde_json::json!({
             "error": "forbidden",
@@ -2169,11 +2171,7 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client) -> Reply {
         ),
         None => "<p>You are not signed in.</p>".to_owned(),
     };
-    let sign_out = if refusal.who.is_some() {
-        SIGN_OUT_FORM
-    } else {
-        ""
-    };
+    let sign_out = if person { SIGN_OUT_FORM } else { "" };
     let content = format!(
         "{who}<p>{route}: {reason}.</p>\
          <p>If you should have access, ask for it; changes from your identity provider apply at once.</p>\
@@ -3076,6 +3074,7 @@ mod tests {
             &refusal(Some("alice@corp.example"), "denied by routes[0].deny"),
             "http://app.test",
             Client::Api,
+            true,
         );
         assert_eq!(reply.status, StatusCode::FORBIDDEN);
         assert_eq!(reply.content_type, Some("application/json"));
@@ -3092,6 +3091,7 @@ mod tests {
             &refusal(Some("<alice>"), "no rule allows <alice> to GET /x"),
             "http://app.test",
             Client::Browser,
+            true,
         );
         let html = body(&reply);
         assert_eq!(reply.content_type, Some("text/html; charset=utf-8"));
@@ -3101,6 +3101,14 @@ mod tests {
         );
         assert!(html.contains("http://app.test: no rule allows &lt;alice&gt; to GET /x."));
         assert!(html.contains(SIGN_OUT_FORM), "{html}");
+        // A machine (or an agent) whose client reads HTML has no session to end.
+        let reply = forbidden(
+            &refusal(Some("agent:bot"), "no rule allows agent:bot to GET /x"),
+            "http://app.test",
+            Client::Browser,
+            false,
+        );
+        assert!(!body(&reply).contains("sign_out"), "{}", body(&reply));
     }
 
     #[test]
@@ -3109,6 +3117,7 @@ mod tests {
             &refusal(None, "this address is not public"),
             "r",
             Client::Browser,
+            false,
         );
         let html = body(&reply);
         assert!(html.contains("You are not signed in."), "{html}");
@@ -3118,6 +3127,7 @@ mod tests {
             &refusal(None, "this address is not public"),
             "r",
             Client::Api,
+            false,
         );
         let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(json["user"], serde_json::Value::Null);

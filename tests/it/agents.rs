@@ -357,6 +357,16 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
     assert_eq!(me.status(), StatusCode::OK);
     let me: Value = serde_json::from_str(&me.text().await.unwrap_or_default()).expect("JSON");
     assert_eq!(me["subject"], AGENT_ID, "{me}");
+    let page = bare_client()
+        .get(t.url("/.portcullis/me"))
+        .bearer_auth(&token)
+        .header(ACCEPT, "text/html")
+        .send()
+        .await
+        .expect("/me is answered");
+    let page = page.text().await.unwrap_or_default();
+    assert!(page.contains(AGENT_ID), "{page}");
+    assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
 
     // The owner chain is judged on every request, and the refusal says which link broke.
     t.set_active(&format!("/Users/{}", t.alice), false)
