@@ -467,8 +467,7 @@ pub fn rotate_keys(
     let made = !dir.exists();
     ensure_dir(&dir)?;
     if made {
-        let opened = fs::File::open(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
-        give_to_owner_of(data_dir, &opened, &dir)?;
+        give_made_dir_to_owner_of(data_dir, &dir)?;
     }
     let kid = rotate_dir(&dir, now, lead.as_secs(), ttl)?;
     Ok((kid, now.saturating_add(lead.as_secs())))
@@ -699,6 +698,26 @@ fn give_to_owner_of(like: &Path, file: &fs::File, path: &Path) -> Result<(), Str
             path.display(),
             like.display()
         )
+    })
+}
+
+/// Run as root, gives the key directory `dir`, just made, to the owner of `data_dir`: only a
+/// directory (not a link to one) that is root's, and never through a link (`lchown`). The
+/// service user, who owns `data_dir`, could otherwise put a link there to any directory as
+/// the command makes it, and have root give it that directory.
+fn give_made_dir_to_owner_of(data_dir: &Path, dir: &Path) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let reading = |path: &Path, e: std::io::Error| format!("reading {}: {e}", path.display());
+    let owner = fs::metadata(data_dir).map_err(|e| reading(data_dir, e))?;
+    let made = fs::symlink_metadata(dir).map_err(|e| reading(dir, e))?;
+    if !made.is_dir() || made.uid() != 0 || owner.uid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(dir, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+        let (dir, data_dir) = (dir.display(), data_dir.display());
+        format!("giving {dir} to the owner of {data_dir}: {e}")
     })
 }
 
@@ -1291,6 +1310,14 @@ mod tests {
         let (kid, _) = rotate_keys(dir.path(), T0 + 1, Duration::ZERO, TTL).unwrap();
         assert_eq!(owned(&keys), nobody);
         assert_eq!(owned(&key_path(&keys, &kid)), nobody);
+        // A link the service user put where the key directory is made gives it nothing,
+        // whatever it points at.
+        let victim = tempfile::tempdir().unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(victim.path(), &link).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(nobody.0), Some(nobody.1)).unwrap();
+        give_made_dir_to_owner_of(dir.path(), &link).unwrap();
+        assert_eq!(owned(victim.path()), (0, 0));
     }
 
     #[test]

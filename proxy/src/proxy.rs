@@ -2249,7 +2249,8 @@ pub(crate) fn failure_status(e: &Error, cut: Option<&Recheck>, method: &http::Me
 /// A websocket upgrade or an event stream: a request that may stay open for hours. A
 /// websocket only on a route that `takes_websockets`: elsewhere it goes upstream without its
 /// `Upgrade` (pingora's `deny_upgrades`), an ordinary request, as is an upgrade to anything
-/// else (`curl --http2` on `http:` asks for `h2c`).
+/// else (`curl --http2` on `http:` asks for `h2c`), and one that also asks for an event stream
+/// (see `edit_upstream_request`).
 fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
     (takes_websockets && asks_for_websocket(req)) || accepts(&req.headers, b"text/event-stream")
 }
@@ -2403,7 +2404,9 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> b
 
 /// What follows a `Bearer` word of `value` (its scheme, in any case), trimmed, as Portcullis
 /// reads its own tokens (all after the scheme): after the first such word, and in each element
-/// of a list that begins with one. No byte is in more than two: each goes to `which`, a hash.
+/// of a list that begins with one; only where it is more than one word (a word alone was
+/// asked about as one), so an ordinary token is not asked about again. No byte is in more
+/// than two: each goes to `which`, a hash.
 fn after_bearer(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     fn apart(b: &u8) -> bool {
         *b == b',' || !b.is_ascii_graphic()
@@ -2422,7 +2425,7 @@ fn after_bearer(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .into_iter()
         .chain(listed)
         .map(<[u8]>::trim_ascii)
-        .filter(|token| !token.is_empty())
+        .filter(|token| token.iter().any(apart))
 }
 
 /// Removes the `name` values `doomed` picks, the others kept in their order; returns how many
@@ -3272,6 +3275,14 @@ mod tests {
         let many = "bearer ".repeat(9_000);
         let asked: usize = after_bearer(many.as_bytes()).map(<[u8]>::len).sum();
         assert!(asked <= 2 * many.len(), "{asked}");
+        // A token of one word, the upstream's own on a session route, is asked about once.
+        let asked = std::cell::Cell::new(0);
+        let mut one = header_map(&[("Authorization", "Bearer eyJ.eyJ.c2ln")]);
+        remove_bearer_tokens(&mut one, |_| {
+            asked.set(asked.get() + 1);
+            false
+        });
+        assert_eq!(asked.get(), 1);
         assert_eq!(
             left(&own),
             [

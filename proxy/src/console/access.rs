@@ -547,7 +547,8 @@ fn asked(route: &Route, query: &str) -> Asked {
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
             "method" if METHODS.contains(&&*value) => asked.method = value.into_owned(),
-            "path" if value.len() <= 4096 => match path::normalize(&value) {
+            // An empty box asks about the prefix.
+            "path" if !value.is_empty() && value.len() <= 4096 => match path::normalize(&value) {
                 Ok(path) => (asked.path, asked.refused) = (path.into_owned(), None),
                 Err(e) => {
                     let why = format!("the proxy refuses it with 400, {e}");

@@ -411,6 +411,9 @@ mod pages {
         assert!(html.contains("<strong>1</strong> of 2 users"), "{html}");
         let html = page(7, "/reports/q3");
         assert!(html.contains("<strong>2</strong> of 2 users"), "{html}");
+        // The box emptied: the route's prefix, as with none.
+        let html = page(7, "");
+        assert!(html.contains("<strong>2</strong> of 2 users"), "{html}");
     }
 
     #[tokio::test]
