@@ -681,8 +681,8 @@ fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
 }
 
 /// Run as root, gives `file` (at `path`) to the owner of `like` where it is another's: `sudo
-/// portcullis rotate-assertion-key` would otherwise leave root's 0600 key (or a key directory
-/// it made), which the server, running as that owner, cannot read.
+/// portcullis rotate-assertion-key` would otherwise leave root's 0600 key, which the server,
+/// running as that owner, cannot read.
 fn give_to_owner_of(like: &Path, file: &fs::File, path: &Path) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
