@@ -469,6 +469,15 @@ pub fn rotate_keys(
     if made {
         give_made_dir_to_owner_of(data_dir, &dir)?;
     }
+    // Root writes keys (and prunes them) only in a directory, never through a link the service
+    // user, who owns `data_dir`, could have put in its place.
+    let linked = fs::symlink_metadata(&dir).map(|meta| meta.is_symlink());
+    if nix::unistd::geteuid().is_root() && linked.unwrap_or(true) {
+        return Err(format!(
+            "{} is not a directory (a link?): run as root, the keys are written only into one",
+            dir.display()
+        ));
+    }
     let kid = rotate_dir(&dir, now, lead.as_secs(), ttl)?;
     Ok((kid, now.saturating_add(lead.as_secs())))
 }
@@ -1318,6 +1327,11 @@ mod tests {
         std::os::unix::fs::chown(dir.path(), Some(nobody.0), Some(nobody.1)).unwrap();
         give_made_dir_to_owner_of(dir.path(), &link).unwrap();
         assert_eq!(owned(victim.path()), (0, 0));
+        // Nor are keys written through it.
+        let linked = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(victim.path(), key_dir(linked.path())).unwrap();
+        assert!(rotate_keys(linked.path(), T0, Duration::ZERO, TTL).is_err());
+        assert_eq!(fs::read_dir(victim.path()).unwrap().count(), 0);
     }
 
     #[test]
