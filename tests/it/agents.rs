@@ -378,6 +378,18 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         body.contains("no owner of the agent is an active user"),
         "{body}"
     );
+    // Its client reading HTML gets the page, with nothing to sign out of.
+    let page = bare_client()
+        .get(t.url("/tickets"))
+        .bearer_auth(&token)
+        .header(ACCEPT, "text/html")
+        .send()
+        .await
+        .expect("the call is answered");
+    assert_eq!(page.status(), StatusCode::FORBIDDEN);
+    let page = page.text().await.unwrap_or_default();
+    assert!(page.contains("no owner of the agent"), "{page}");
+    assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
     t.set_active(&format!("/Users/{}", t.alice), true)
         .await
         .expect_success();
