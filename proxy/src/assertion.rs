@@ -467,7 +467,7 @@ pub fn rotate_keys(
     let made = !dir.exists();
     ensure_dir(&dir)?;
     if made {
-        give_made_dir_to_owner_of(data_dir, &dir)?;
+        give_to_owner_of(data_dir, &dir)?;
     }
     // Root writes keys (and prunes them) only in a directory, never through a link the service
     // user, who owns `data_dir`, could have put in its place.
@@ -689,44 +689,24 @@ fn new_key(created: u64, signs: u64) -> Result<(Key, String), String> {
     Ok((key, text))
 }
 
-/// Run as root, gives `file` (at `path`) to the owner of `like` where it is another's: `sudo
-/// portcullis rotate-assertion-key` would otherwise leave root's 0600 key, which the server,
-/// running as that owner, cannot read.
-fn give_to_owner_of(like: &Path, file: &fs::File, path: &Path) -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let owner = fs::metadata(like).map_err(|e| format!("reading {}: {e}", like.display()))?;
-    let made = (file.metadata()).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    if made.uid() == owner.uid() {
-        return Ok(());
-    }
-    std::os::unix::fs::fchown(file, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
-        format!(
-            "giving {} to the owner of {}: {e}",
-            path.display(),
-            like.display()
-        )
-    })
-}
-
-/// Run as root, gives the key directory `dir`, just made, to the owner of `data_dir`: only a
-/// directory (not a link to one) that is root's, and never through a link (`lchown`). The
-/// service user, who owns `data_dir`, could otherwise put a link there to any directory as
-/// the command makes it, and have root give it that directory.
-fn give_made_dir_to_owner_of(data_dir: &Path, dir: &Path) -> Result<(), String> {
+/// Run as root, gives what the command made at `path` (a key, the key directory) to the owner
+/// of `like` where it is another's: `sudo portcullis rotate-assertion-key` would otherwise leave
+/// root's 0600 key, or root's key directory, which the server, running as that owner, cannot
+/// read. Only what is root's, and never through a link (`lchown`): the service user, who owns
+/// `data_dir`, could otherwise put a link in its place and have root give it what it points at.
+fn give_to_owner_of(like: &Path, path: &Path) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     let reading = |path: &Path, e: std::io::Error| format!("reading {}: {e}", path.display());
-    let owner = fs::metadata(data_dir).map_err(|e| reading(data_dir, e))?;
-    let made = fs::symlink_metadata(dir).map_err(|e| reading(dir, e))?;
-    if !made.is_dir() || made.uid() != 0 || owner.uid() == 0 {
+    let owner = fs::metadata(like).map_err(|e| reading(like, e))?;
+    let made = fs::symlink_metadata(path).map_err(|e| reading(path, e))?;
+    if made.is_symlink() || made.uid() != 0 || owner.uid() == 0 {
         return Ok(());
     }
-    std::os::unix::fs::lchown(dir, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
-        let (dir, data_dir) = (dir.display(), data_dir.display());
-        format!("giving {dir} to the owner of {data_dir}: {e}")
+    std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(|e| {
+        let (path, like) = (path.display(), like.display());
+        format!("giving {path} to the owner of {like}: {e}")
     })
 }
 
@@ -747,7 +727,7 @@ fn generate_key(dir: &Path, created: u64, signs: u64) -> Result<Key, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| fail("creating", e))?;
-    give_to_owner_of(dir, &file, &tmp)?;
+    give_to_owner_of(dir, &tmp)?;
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("writing", e))?;
@@ -1325,7 +1305,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(victim.path(), &link).unwrap();
         std::os::unix::fs::chown(dir.path(), Some(nobody.0), Some(nobody.1)).unwrap();
-        give_made_dir_to_owner_of(dir.path(), &link).unwrap();
+        give_to_owner_of(dir.path(), &link).unwrap();
         assert_eq!(owned(victim.path()), (0, 0));
         // Nor are keys written through it.
         let linked = tempfile::tempdir().unwrap();
