@@ -289,10 +289,15 @@ impl Agents {
     }
 
     async fn call(&self, token: &str) -> (StatusCode, String) {
+        self.get("/tickets", token, "application/json").await
+    }
+
+    /// A GET of `path` with `token`, taking `accept`.
+    async fn get(&self, path: &str, token: &str, accept: &str) -> (StatusCode, String) {
         let resp = bare_client()
-            .get(self.url("/tickets"))
+            .get(self.url(path))
             .bearer_auth(token)
-            .header(ACCEPT, "application/json")
+            .header(ACCEPT, accept)
             .send()
             .await
             .expect("the call is answered");
@@ -347,24 +352,11 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         "the token stays with Portcullis"
     );
     // It can ask who it is where no one signs in (no `[oidc]`).
-    let me = bare_client()
-        .get(t.url("/.portcullis/me"))
-        .bearer_auth(&token)
-        .header(ACCEPT, "application/json")
-        .send()
-        .await
-        .expect("/me is answered");
-    assert_eq!(me.status(), StatusCode::OK);
-    let me: Value = serde_json::from_str(&me.text().await.unwrap_or_default()).expect("JSON");
+    let (status, me) = t.get("/.portcullis/me", &token, "application/json").await;
+    assert_eq!(status, StatusCode::OK);
+    let me: Value = serde_json::from_str(&me).expect("JSON");
     assert_eq!(me["subject"], AGENT_ID, "{me}");
-    let page = bare_client()
-        .get(t.url("/.portcullis/me"))
-        .bearer_auth(&token)
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .expect("/me is answered");
-    let page = page.text().await.unwrap_or_default();
+    let (_, page) = t.get("/.portcullis/me", &token, "text/html").await;
     assert!(page.contains(AGENT_ID), "{page}");
     assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
 
@@ -379,15 +371,8 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         "{body}"
     );
     // Its client reading HTML gets the page, with nothing to sign out of.
-    let page = bare_client()
-        .get(t.url("/tickets"))
-        .bearer_auth(&token)
-        .header(ACCEPT, "text/html")
-        .send()
-        .await
-        .expect("the call is answered");
-    assert_eq!(page.status(), StatusCode::FORBIDDEN);
-    let page = page.text().await.unwrap_or_default();
+    let (status, page) = t.get("/tickets", &token, "text/html").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(page.contains("no owner of the agent"), "{page}");
     assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
     t.set_active(&format!("/Users/{}", t.alice), true)
