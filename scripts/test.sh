@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh test
 # A Rust installed with rustup's minimal profile has neither.
 if command -v rustup >/dev/null; then
+  installed=$(rustup component list --installed)
   for component in rustfmt clippy; do
-    rustup component list --installed | grep -q "^$component" || rustup component add "$component"
+    grep -q "^$component" <<<"$installed" || rustup component add "$component"
   done
 fi
 
