@@ -762,6 +762,18 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
             "not before 20 s from now, within the leeway",
             es.sign(Some(&es.kid), &claims(&|c| c["nbf"] = json!(now + 20))),
         ),
+        (
+            // RFC 7519 §2: a NumericDate may be a non-integer value.
+            "dates with fractions of a second",
+            es.sign(
+                Some(&es.kid),
+                &claims(&|c| {
+                    c["iat"] = json!(now as f64 - 0.25);
+                    c["nbf"] = json!(now as f64 - 1.5);
+                    c["exp"] = json!(now as f64 + 600.75);
+                }),
+            ),
+        ),
     ] {
         assert_accepted(&url, &token, what).await;
     }
@@ -770,6 +782,20 @@ async fn tokens_signed_with_keys_the_issuer_publishes_follow_its_rules() {
         (
             "expired 10 minutes ago".into(),
             es.sign(Some(&es.kid), &claims(&|c| c["exp"] = json!(now - 600))),
+        ),
+        (
+            "expired 10 minutes ago, with a fraction of a second".into(),
+            es.sign(
+                Some(&es.kid),
+                &claims(&|c| c["exp"] = json!(now as f64 - 600.5)),
+            ),
+        ),
+        (
+            "issued 10 minutes from now, with a fraction of a second".into(),
+            es.sign(
+                Some(&es.kid),
+                &claims(&|c| c["iat"] = json!(now as f64 + 600.5)),
+            ),
         ),
         (
             "not valid for 10 minutes".into(),

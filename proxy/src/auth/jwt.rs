@@ -25,6 +25,36 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Largest key set document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 
+/// A NumericDate (RFC 7519 §2: seconds since the epoch, which may be a non-integer value) read
+/// as `jsonwebtoken` reads `exp` and `nbf` when it checks them: rounded to a whole second. A
+/// negative, infinite or non-numeric one is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumericDate(pub u64);
+
+impl<'de> serde::Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Seconds;
+        impl serde::de::Visitor<'_> for Seconds {
+            type Value = NumericDate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("seconds since the epoch")
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<NumericDate, E> {
+                Ok(NumericDate(value))
+            }
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<NumericDate, E> {
+                // `u64::MAX as f64` is 2^64, itself out of range.
+                if value.is_finite() && value >= 0.0 && value < u64::MAX as f64 {
+                    Ok(NumericDate(value.round() as u64))
+                } else {
+                    Err(E::custom("a date out of range"))
+                }
+            }
+        }
+        deserializer.deserialize_any(Seconds)
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JwtError {
     #[error("the token is not a compact JWS")]
@@ -577,6 +607,18 @@ fn refusal(kind: &ErrorKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_date_may_have_a_fraction_of_a_second() {
+        let read = |json: &str| serde_json::from_str::<NumericDate>(json).ok();
+        assert_eq!(read("1700000000"), Some(NumericDate(1_700_000_000)));
+        assert_eq!(read("1700000000.25"), Some(NumericDate(1_700_000_000)));
+        assert_eq!(read("1700000000.75"), Some(NumericDate(1_700_000_001)));
+        assert_eq!(read("1.7e9"), Some(NumericDate(1_700_000_000)));
+        for refused in ["-1", "-0.5", "1e300", "\"1700000000\"", "null", "[1]"] {
+            assert_eq!(read(refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn only_bare_compact_tokens_pass_the_syntax_check() {

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 use portcullis_config::{Config, Credential, JwtIssuer, JWKS_REFRESH};
 
-use self::jwt::{algorithm, Jwks, JwtError};
+use self::jwt::{algorithm, Jwks, JwtError, NumericDate};
 use self::oidc::{Oidc, Refreshed};
 use self::sessions::{Kept, Sessions};
 use self::verified::Verified;
@@ -113,9 +113,9 @@ impl Authentication {
 #[derive(Deserialize)]
 struct MachineClaims {
     sub: String,
-    exp: u64,
+    exp: NumericDate,
     #[serde(default)]
-    iat: Option<u64>,
+    iat: Option<NumericDate>,
     #[serde(default)]
     aud: Audiences,
     /// The marks of an ID token (see [`not_an_access_token`]).
@@ -727,13 +727,13 @@ impl Auth {
         // future could outlast a re-activation it came before.
         if claims
             .iat
-            .is_some_and(|iat| iat > now.saturating_add(validation.leeway))
+            .is_some_and(|NumericDate(iat)| iat > now.saturating_add(validation.leeway))
         {
             return Err(JwtError::Invalid(
                 "it was issued in the future (iat)".into(),
             ));
         }
-        let valid_until = claims.exp.saturating_add(validation.leeway);
+        let valid_until = claims.exp.0.saturating_add(validation.leeway);
         let for_itself = is_client_token(
             &claims.sub,
             claims.client_id.as_deref(),
@@ -774,7 +774,7 @@ impl Auth {
             // When it was issued, where its issuer dates tokens early (Entra ID).
             issued: claims
                 .iat
-                .map(|iat| iat.saturating_add(issuer.iat_backdate.as_secs())),
+                .map(|NumericDate(iat)| iat.saturating_add(issuer.iat_backdate.as_secs())),
             for_itself,
             email: claims.email,
             email_verified: claims.email_verified.as_ref().map(said_true),

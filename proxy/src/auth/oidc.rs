@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
 
-use super::jwt::{algorithm, Jwks, JwtError};
+use super::jwt::{algorithm, Jwks, JwtError, NumericDate};
 use super::once::{Use, UsedOnce};
 use super::sessions::{Kept, Refresh};
 use super::{bounded, string_list};
@@ -1001,11 +1001,14 @@ impl Oidc {
         if !is_logout_event {
             return Err(invalid("not a back-channel logout event"));
         }
-        let iat = claims.iat.ok_or_else(|| invalid("no iat"))?;
+        let NumericDate(iat) = claims.iat.ok_or_else(|| invalid("no iat"))?;
         if iat > now + 60 || iat + PENDING_FOR < now {
             return Err(invalid("iat is out of range"));
         }
-        if claims.exp.is_some_and(|exp| exp.saturating_add(60) < now) {
+        if claims
+            .exp
+            .is_some_and(|NumericDate(exp)| exp.saturating_add(60) < now)
+        {
             return Err(invalid("expired"));
         }
         if claims.sub.is_none() && claims.sid.is_none() {
@@ -1083,8 +1086,8 @@ fn from_provider(config: &OidcConfig, provider: &Provider) -> jsonwebtoken::Vali
 struct LogoutClaims {
     sub: Option<String>,
     sid: Option<String>,
-    iat: Option<u64>,
-    exp: Option<u64>,
+    iat: Option<NumericDate>,
+    exp: Option<NumericDate>,
     jti: Option<String>,
     nonce: Option<serde_json::Value>,
     events: Option<serde_json::Value>,
@@ -1338,6 +1341,16 @@ mod tests {
             assert!(refused.contains(says), "{refused}");
             assert!(oidc.provider().is_none());
         }
+    }
+
+    #[test]
+    fn a_logout_token_s_dates_may_have_fractions_of_a_second() {
+        let claims: LogoutClaims = serde_json::from_value(serde_json::json!({
+            "iat": 1_700_000_000.5, "exp": 1_700_000_120.25, "jti": "j", "sid": "s",
+        }))
+        .expect("RFC 7519 NumericDates");
+        assert_eq!(claims.iat, Some(NumericDate(1_700_000_001)));
+        assert_eq!(claims.exp, Some(NumericDate(1_700_000_120)));
     }
 
     #[test]
