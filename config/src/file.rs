@@ -397,6 +397,7 @@ pub(crate) struct Oidc {
     pub userinfo: Option<String>,
     pub id_token_algorithms: Option<Vec<String>>,
     pub post_logout_redirect: Option<String>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Oidc {
@@ -420,6 +421,7 @@ impl std::fmt::Debug for Oidc {
             .field("userinfo", &self.userinfo)
             .field("id_token_algorithms", &self.id_token_algorithms)
             .field("post_logout_redirect", &self.post_logout_redirect)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -451,4 +453,5 @@ pub(crate) struct JwtIssuer {
     pub leeway: Option<String>,
     pub jwks_refresh: Option<String>,
     pub iat_backdate: Option<String>,
+    pub tls_ca: Option<PathBuf>,
 }

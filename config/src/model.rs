@@ -334,7 +334,7 @@ pub struct Upstream {
     /// PEM bundle of the CA certificates trusted for this upstream, instead of the system's.
     pub ca_file: Option<PathBuf>,
     /// The certificates of `ca_file`, each checked to parse as X.509.
-    pub ca: Option<Arc<[CertificateDer<'static>]>>,
+    pub ca: Option<CaBundle>,
     /// `Host` sent to this upstream unless the route preserves the client's: the host, and the
     /// port unless it is the scheme's default.
     pub host_header: HeaderValue,
@@ -408,7 +408,13 @@ pub struct OidcConfig {
     pub id_token_algorithms: Vec<JwtAlgorithm>,
     /// Absolute URL passed to the IdP's `end_session_endpoint` as `post_logout_redirect_uri`.
     pub post_logout_redirect: Option<String>,
+    /// The CA certificates trusted for the provider's https endpoints (discovery, keys, token,
+    /// UserInfo), instead of the bundled roots: an IdP behind a private CA.
+    pub tls_ca: Option<CaBundle>,
 }
+
+/// The certificates of a `tls_ca` file, each checked to parse as X.509.
+pub type CaBundle = Arc<[CertificateDer<'static>]>;
 
 /// How a signed-in caller is found in the SCIM directory, and the names of the identity headers
 /// sent upstream.
@@ -584,6 +590,9 @@ pub struct JwtIssuer {
     /// `iat` where a token's age is judged against its user's or agent's record, so that a
     /// token fetched just after the record was created or re-activated is not taken for older.
     pub iat_backdate: Duration,
+    /// The CA certificates trusted for the issuer's https endpoints (discovery, keys), instead
+    /// of the bundled roots.
+    pub tls_ca: Option<CaBundle>,
 }
 
 /// A JWS signature algorithm Portcullis accepts. There is deliberately no `none` and no HMAC

@@ -740,6 +740,11 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].tls_ca", None, "cannot read")],
         },
         Case {
+            name: "missing issuer CA file",
+            text: "data_dir = \"data\"\nLISTENERS\n[[jwt_issuers]]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\ntls_ca = \"nope.pem\"\n",
+            problems: &[("jwt_issuers[0].tls_ca", None, "cannot read")],
+        },
+        Case {
             name: "upstream CA with verification off",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"https://127.0.0.1:3000\"]\ntls_verify = false\ntls_ca = \"ca.pem\"\n",
             problems: &[("routes[0].tls_verify", None, "would be ignored")],
@@ -2756,6 +2761,7 @@ refresh = true
 userinfo = "always"
 id_token_algorithms = ["RS384", "RS512", "PS384", "PS512", "ES384", "EdDSA"]
 post_logout_redirect = "https://corp.example.com/signed-out?from=portcullis"
+tls_ca = "ca.pem"
 
 [[jwt_issuers]]
 issuer = "https://corp.okta.com/oauth2/default"
@@ -2765,6 +2771,7 @@ algorithms = ["ES256"]
 leeway = "0s"
 jwks_refresh = "1m"
 iat_backdate = "30s"
+tls_ca = "ca.pem"
 
 [[jwt_issuers]]
 issuer = "http://127.0.0.1:9000"
@@ -2794,6 +2801,10 @@ accept = ["public"]
 "#
     );
     let config = parse(&text, dir, &env).unwrap();
+    let ca: CaBundle = CertificateDer::pem_file_iter(dir.join("ca.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     let expected = OidcConfig {
         issuer: "https://corp.okta.com/".into(),
         client_id: "portcullis".into(),
@@ -2823,6 +2834,7 @@ accept = ["public"]
             JwtAlgorithm::EdDSA,
         ],
         post_logout_redirect: Some("https://corp.example.com/signed-out?from=portcullis".into()),
+        tls_ca: Some(ca.clone()),
     };
     assert_eq!(config.oidc, Some(expected));
     let expected = vec![
@@ -2834,6 +2846,7 @@ accept = ["public"]
             leeway: Duration::ZERO,
             jwks_refresh: Duration::from_secs(60),
             iat_backdate: Duration::from_secs(30),
+            tls_ca: Some(ca.clone()),
         },
         JwtIssuer {
             issuer: "http://127.0.0.1:9000".into(),
@@ -2848,6 +2861,7 @@ accept = ["public"]
             leeway: Duration::from_secs(60),
             jwks_refresh: JWKS_REFRESH,
             iat_backdate: Duration::ZERO,
+            tls_ca: None,
         },
     ];
     assert_eq!(config.jwt_issuers, expected);

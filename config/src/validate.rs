@@ -19,17 +19,17 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use portcullis_policy::{Policy, RuleSpec};
-use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::file;
 use crate::model::{
-    AdminConfig, AdminToken, AgentAttribute, CertificateFiles, Config, Credential, IdentityClaim,
-    IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey, LogConfig,
-    LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute, ScimConfig,
-    ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH, MAX_UPSTREAMS,
+    AdminConfig, AdminToken, AgentAttribute, CaBundle, CertificateFiles, Config, Credential,
+    IdentityClaim, IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey,
+    LogConfig, LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute,
+    ScimConfig, ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH,
+    MAX_UPSTREAMS,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::tls::{self, PairError};
@@ -241,7 +241,7 @@ pub(crate) fn convert(
             .map(Some)
         }
     };
-    let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), p);
+    let jwt_issuers = jwt_issuers(file.jwt_issuers, &root.key("jwt_issuers"), base_dir, p);
     // A route's audience no issuer takes would refuse every token. (Issuers that had problems
     // may have been read without some of their audiences: not judged against.)
     if let (Some(issuers), false) = (&jwt_issuers, p.troubled(&root.key("jwt_issuers"))) {
@@ -607,13 +607,8 @@ fn route(
 ) -> Option<Route> {
     let ca = raw.tls_ca.and_then(|ca| {
         let ca = reach.base_dir.join(ca);
-        match tls::read_ca_certificates(&ca) {
-            Ok(certificates) => Some((ca, Arc::<[CertificateDer<'static>]>::from(certificates))),
-            Err(message) => {
-                p.add(&path.key("tls_ca"), message);
-                None
-            }
-        }
+        let certificates = ca_bundle(&ca, &path.key("tls_ca"), p)?;
+        Some((ca, certificates))
     });
     let verify_tls = raw.tls_verify.unwrap_or(true);
     if !verify_tls && ca.is_some() {
@@ -734,6 +729,15 @@ fn route(
 /// A route's `accept`: which credentials it takes. Without the key, routes take a session when
 /// `[oidc]` is configured and are public otherwise, so a file without sign-in is a plain
 /// reverse proxy.
+/// The CA certificates of the `tls_ca` file at `file` (already joined to the configuration's
+/// directory).
+fn ca_bundle(file: &Path, path: &KeyPath, p: &mut Problems<'_>) -> Option<CaBundle> {
+    tls::read_ca_certificates(file)
+        .map(CaBundle::from)
+        .map_err(|message| p.add(path, message))
+        .ok()
+}
+
 fn accept(
     raw: Option<Vec<String>>,
     path: &KeyPath,
@@ -1805,6 +1809,7 @@ fn oidc(
     );
     let id_token_algorithms =
         algorithms(raw.id_token_algorithms, &path.key("id_token_algorithms"), p);
+    let tls_ca = (raw.tls_ca).and_then(|ca| ca_bundle(&base_dir.join(ca), &path.key("tls_ca"), p));
     let logout_path = path.key("post_logout_redirect");
     let post_logout_redirect = raw.post_logout_redirect.and_then(|url| {
         web_url(&url)
@@ -1833,12 +1838,14 @@ fn oidc(
         userinfo,
         id_token_algorithms,
         post_logout_redirect,
+        tls_ca,
     })
 }
 
 fn jwt_issuers(
     raw: Vec<file::JwtIssuer>,
     path: &KeyPath,
+    base_dir: &Path,
     p: &mut Problems<'_>,
 ) -> Option<Vec<JwtIssuer>> {
     let mut issuers = Vec::new();
@@ -1902,6 +1909,8 @@ fn jwt_issuers(
             &path.key("iat_backdate"),
             p,
         );
+        let tls_ca =
+            (raw.tls_ca).and_then(|ca| ca_bundle(&base_dir.join(ca), &path.key("tls_ca"), p));
         issuers.push(issuer.map(|issuer| JwtIssuer {
             issuer,
             audiences,
@@ -1910,6 +1919,7 @@ fn jwt_issuers(
             leeway,
             jwks_refresh,
             iat_backdate,
+            tls_ca,
         }));
     }
     issuers.into_iter().collect()
@@ -2305,7 +2315,7 @@ fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
 fn upstream(
     url: String,
     verify_tls: bool,
-    ca: Option<(PathBuf, Arc<[CertificateDer<'static>]>)>,
+    ca: Option<(PathBuf, CaBundle)>,
     resolve: Resolve<'_>,
 ) -> Result<Upstream, String> {
     let parts = split_url(&url)?;

@@ -38,17 +38,9 @@ impl Discovery {
 impl BackgroundService for Discovery {
     async fn start(&self, shutdown: ShutdownWatch) {
         let shared = self.shared.clone();
-        let issuer = move || {
-            shared
-                .runtime
-                .load()
-                .config
-                .oidc
-                .as_ref()
-                .map(|o| o.issuer.clone())
-        };
+        let config = move || shared.runtime.load().config.oidc.clone();
         let reloads = self.shared.subscribe_reloads();
-        oidc::discovery_loop(self.shared.auth.oidc.clone(), issuer, reloads, shutdown).await;
+        oidc::discovery_loop(self.shared.auth.oidc.clone(), config, reloads, shutdown).await;
     }
 }
 

@@ -1114,6 +1114,80 @@ async fn idp_tokens_are_accepted_with_the_default_algorithm_list() {
     assert_accepted(&own.url("api.test", "/v1"), &token, "an ES256 token").await;
 }
 
+/// An issuer whose keys are served over https under a private CA (an internal Keycloak, say)
+/// is trusted by its `tls_ca`, never by the bundled roots, and no longer once a reload names
+/// another CA (one no longer trusted, after a compromise).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_issuer_behind_a_private_ca_is_trusted_under_its_tls_ca() {
+    let es = OwnKey::es256("private-ca");
+    let keys = KeyServer::start(&JwkSet {
+        keys: vec![es.jwk.clone()],
+    })
+    .await;
+    let (private, other) = (
+        portcullis_tests::TestCa::new(),
+        portcullis_tests::TestCa::new(),
+    );
+    let tls =
+        portcullis_tests::TlsTerminator::start(&private.leaf("keys", &["127.0.0.1"]), keys.addr)
+            .await;
+    let jwks_uri = format!("https://127.0.0.1:{}/keys.json", tls.addr().port());
+    let dir = tempfile::tempdir().unwrap();
+    let (private_pem, other_pem) = (dir.path().join("private.pem"), dir.path().join("other.pem"));
+    std::fs::write(&private_pem, private.ca_pem()).unwrap();
+    std::fs::write(&other_pem, other.ca_pem()).unwrap();
+    let toml_path = |pem: &std::path::Path| format!("{:?}", pem.display().to_string());
+    // The same keys, also for an issuer that names no CA.
+    let untrusting = "https://untrusting.example";
+    let fx = Fixture::start_with(Options {
+        extra_issuers: vec![
+            JwtIssuer::new(&keys.issuer(), &[OWN_AUD])
+                .jwks_uri(&jwks_uri)
+                .set("tls_ca", &toml_path(&private_pem)),
+            JwtIssuer::new(untrusting, &[OWN_AUD]).jwks_uri(&jwks_uri),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("api.test", "/v1/own");
+    let token = |iss: &str| {
+        let now = now_unix();
+        es.sign(
+            Some(&es.kid),
+            &json!({
+                "iss": iss, "aud": OWN_AUD, "sub": "agent-9", "client_id": "agent-9",
+                "iat": now, "exp": now + 600,
+            }),
+        )
+    };
+    assert_accepted(&url, &token(&keys.issuer()), "keys fetched under tls_ca").await;
+    assert_refused(
+        &url,
+        &token(untrusting),
+        "keys fetched under the bundled roots",
+    )
+    .await;
+    assert_eq!(
+        keys.fetches(),
+        1,
+        "the untrusting issuer's fetch never got past TLS"
+    );
+
+    fx.px
+        .reload_with(
+            "[[jwt_issuers]]",
+            &toml_path(&private_pem),
+            &toml_path(&other_pem),
+        )
+        .await;
+    assert_refused(
+        &url,
+        &token(&keys.issuer()),
+        "a new token, after a reload to another CA",
+    )
+    .await;
+}
+
 /// An issuer that kept a key's name for its new key (or names no key in its tokens) rotates:
 /// a token the new key signed makes Portcullis fetch the set again (at most every 10 s), as a
 /// token naming an unknown key does, rather than refusing it until `jwks_refresh` (5 minutes).

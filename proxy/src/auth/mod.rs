@@ -26,7 +26,7 @@ use http::header;
 use pingora::http::RequestHeader;
 use serde::Deserialize;
 
-use portcullis_config::{Config, Credential, JwtIssuer, JWKS_REFRESH};
+use portcullis_config::{CaBundle, Config, Credential, JwtIssuer, JWKS_REFRESH};
 
 use self::jwt::{algorithm, Jwks, JwtError, NumericDate};
 use self::oidc::{Oidc, Refreshed};
@@ -64,9 +64,39 @@ pub struct Auth {
     audit: Arc<Audit>,
 }
 
-/// An issuer's key set: the issuer, and its `jwks_uri` (`None` for the one its discovery
-/// document names).
-type KeySetId = (String, Option<String>);
+/// An issuer's key set: the issuer, its `jwks_uri` (`None` for the one its discovery
+/// document names), and the CA its endpoints are trusted by (`None` for the bundled roots).
+type KeySetId = (String, Option<String>, Option<CaBundle>);
+
+fn key_set_id(issuer: &JwtIssuer) -> KeySetId {
+    let JwtIssuer {
+        issuer,
+        jwks_uri,
+        tls_ca,
+        ..
+    } = issuer;
+    (issuer.clone(), jwks_uri.clone(), tls_ca.clone())
+}
+
+/// The client every call to an identity provider goes through: it never follows a redirect
+/// (SSRF), is bounded in time, and trusts `ca` instead of the bundled roots where one is given
+/// (`tls_ca`).
+pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10));
+    if let Some(ca) = ca {
+        builder = builder.tls_built_in_root_certs(false);
+        for der in ca.iter() {
+            let certificate = reqwest::Certificate::from_der(der)
+                .map_err(|e| format!("a certificate of tls_ca: {e}"))?;
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
 
 /// What a request presented, once looked at.
 #[derive(Debug, Clone)]
@@ -423,14 +453,9 @@ impl Auth {
         kept: Arc<Kept>,
         audit: Arc<Audit>,
     ) -> Result<Self, String> {
-        // IdP calls never follow redirects (SSRF) and are bounded in time.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = idp_client(None)?;
         Ok(Self {
-            oidc: Arc::new(Oidc::new(http.clone(), kept.clone())),
+            oidc: Arc::new(Oidc::new(kept.clone())),
             sessions: Sessions::new(kept, directory.clone()),
             directory,
             issuers: DashMap::new(),
@@ -808,7 +833,7 @@ impl Auth {
         // after that reload forgot them.
         self.keep_key_sets_of(config);
         for issuer in &config.jwt_issuers {
-            let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
+            let id = key_set_id(issuer);
             let Some(jwks) = self.issuers.get(&id).map(|j| j.clone()) else {
                 continue; // not used yet: the first token fetches it
             };
@@ -828,15 +853,13 @@ impl Auth {
     /// fetch its keys afresh, not verify with a set that may still hold a key its IdP has
     /// withdrawn since (after a leak, say).
     pub fn keep_key_sets_of(&self, config: &Config) {
-        let listed = |id: &KeySetId| {
-            (config.jwt_issuers.iter()).any(|i| i.issuer == id.0 && i.jwks_uri == id.1)
-        };
+        let listed = |id: &KeySetId| config.jwt_issuers.iter().any(|i| key_set_id(i) == *id);
         self.issuers.retain(|id, _| listed(id));
         self.issuer_failures.retain(|id, _| listed(id));
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
-        let id: KeySetId = (issuer.issuer.clone(), issuer.jwks_uri.clone());
+        let id = key_set_id(issuer);
         let known = || -> Option<Result<Arc<Jwks>, JwtError>> {
             if let Some(jwks) = self.issuers.get(&id) {
                 return Some(Ok(jwks.clone()));
@@ -866,46 +889,55 @@ impl Auth {
     }
 
     async fn first_fetch(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
-        let uri = match &issuer.jwks_uri {
-            Some(uri) => uri.clone(),
-            None => self.discover_jwks_uri(&issuer.issuer).await.map_err(|e| {
-                tracing::warn!(issuer = %issuer.issuer, "cannot discover the key set: {e}");
+        let http = match &issuer.tls_ca {
+            None => self.http.clone(),
+            Some(ca) => idp_client(Some(ca)).map_err(|e| {
+                tracing::warn!(issuer = %issuer.issuer, "{e}");
                 JwtError::KeysUnavailable
             })?,
         };
-        let jwks = Arc::new(Jwks::new(uri, self.http.clone()));
+        let uri = match &issuer.jwks_uri {
+            Some(uri) => uri.clone(),
+            None => discover_jwks_uri(&http, &issuer.issuer)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(issuer = %issuer.issuer, "cannot discover the key set: {e}");
+                    JwtError::KeysUnavailable
+                })?,
+        };
+        let jwks = Arc::new(Jwks::new(uri, http));
         jwks.refresh(true).await?;
         Ok(jwks)
     }
+}
 
-    async fn discover_jwks_uri(&self, issuer: &str) -> Result<String, String> {
-        #[derive(Deserialize)]
-        struct Discovery {
-            issuer: String,
-            jwks_uri: String,
-        }
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            issuer.trim_end_matches('/')
-        );
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .error_for_status()
-            .map_err(|e| e.to_string())?;
-        let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES).await?;
-        let doc: Discovery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        // OpenID Connect Discovery §4.3: the document is the issuer's only if it says so.
-        if doc.issuer != issuer {
-            return Err("the discovery document names another issuer".to_owned());
-        }
-        portcullis_config::check_fetch_url(&doc.jwks_uri)
-            .map_err(|e| format!("the discovery document's jwks_uri {e}"))?;
-        Ok(doc.jwks_uri)
+/// The `jwks_uri` of `issuer`'s discovery document, fetched with `http`.
+async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Discovery {
+        issuer: String,
+        jwks_uri: String,
     }
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .error_for_status()
+        .map_err(|e| e.to_string())?;
+    let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES).await?;
+    let doc: Discovery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    // OpenID Connect Discovery §4.3: the document is the issuer's only if it says so.
+    if doc.issuer != issuer {
+        return Err("the discovery document names another issuer".to_owned());
+    }
+    portcullis_config::check_fetch_url(&doc.jwks_uri)
+        .map_err(|e| format!("the discovery document's jwks_uri {e}"))?;
+    Ok(doc.jwks_uri)
 }
 
 /// A session's turn to refresh with the IdP (see [`Auth::refresh_turn`]).
@@ -1472,7 +1504,7 @@ mod tests {
                     .to_string()
             };
             let (address, _) = idp_answering(doc, Duration::ZERO).await;
-            let found = auth.discover_jwks_uri(&format!("http://{address}")).await;
+            let found = discover_jwks_uri(&auth.http, &format!("http://{address}")).await;
             assert_eq!(found.is_ok(), taken, "{names:?} {jwks_uri}: {found:?}");
         }
     }

@@ -31,7 +31,7 @@ use openidconnect::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use portcullis_config::{JwtAlgorithm, OidcConfig, UserInfo};
+use portcullis_config::{CaBundle, JwtAlgorithm, OidcConfig, UserInfo};
 
 use super::jwt::{algorithm, Jwks, JwtError, NumericDate};
 use super::once::{Use, UsedOnce};
@@ -73,8 +73,12 @@ pub type Metadata = ProviderMetadata<
 /// A discovered provider.
 pub struct Provider {
     pub issuer: String,
+    /// The CA its endpoints are trusted by (`[oidc] tls_ca`), `None` for the bundled roots.
+    pub tls_ca: Option<CaBundle>,
     pub metadata: Metadata,
     pub jwks: Jwks,
+    /// The client every call to it goes through (see [`super::idp_client`]).
+    http: reqwest::Client,
 }
 
 /// The relying-party client built from a provider's metadata.
@@ -88,6 +92,11 @@ type Client = CoreClient<
 >;
 
 impl Provider {
+    /// Whether it is `config`'s provider: its issuer, trusted by its `tls_ca`.
+    pub fn is_of(&self, config: &OidcConfig) -> bool {
+        self.issuer == config.issuer && self.tls_ca == config.tls_ca
+    }
+
     fn client(&self, config: &OidcConfig) -> Client {
         CoreClient::from_provider_metadata(
             self.metadata.clone(),
@@ -239,7 +248,6 @@ const MAX_REFRESH_BACKOFF: u64 = 60;
 
 /// The OIDC relying party: state that outlives configuration reloads.
 pub struct Oidc {
-    http: reqwest::Client,
     provider: ArcSwapOption<Provider>,
     /// The keys sign-ins are sealed with, kept beside the directory.
     kept: Arc<Kept>,
@@ -256,9 +264,8 @@ pub struct Oidc {
 }
 
 impl Oidc {
-    pub fn new(http: reqwest::Client, kept: Arc<Kept>) -> Self {
+    pub fn new(kept: Arc<Kept>) -> Self {
         Self {
-            http,
             provider: ArcSwapOption::empty(),
             kept,
             logout_tokens: UsedOnce::new(PENDING_FOR, MAX_USES_KEPT),
@@ -272,19 +279,21 @@ impl Oidc {
         self.provider.load_full()
     }
 
-    /// The provider of `config`'s issuer, once discovered.
+    /// The provider of `config`'s issuer, once discovered (trusted by its `tls_ca`).
     pub(super) fn current(&self, config: &OidcConfig) -> Result<Arc<Provider>, SignInError> {
         self.provider()
-            .filter(|p| p.issuer == config.issuer)
+            .filter(|p| p.is_of(config))
             .ok_or(SignInError::ProviderUnavailable)
     }
 
-    /// Discovers `issuer` (metadata and keys). Keeps the last good provider on failure.
-    pub async fn discover(&self, issuer: &str) -> Result<(), String> {
+    /// Discovers `issuer` (metadata and keys), trusting `tls_ca` instead of the bundled roots
+    /// where one is given. Keeps the last good provider on failure.
+    pub async fn discover(&self, issuer: &str, tls_ca: Option<CaBundle>) -> Result<(), String> {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
+        let http = super::idp_client(tls_ca.as_ref())?;
         // Every call the flows make goes over https (http only on loopback), as the issuer
         // must: see `bounded::Client`, which also fetches the keys, during discovery.
-        let metadata = Metadata::discover_async(issuer_url, &bounded::Client(self.http.clone()))
+        let metadata = Metadata::discover_async(issuer_url, &bounded::Client(http.clone()))
             .await
             .map_err(|e| {
                 format!(
@@ -321,14 +330,16 @@ impl Oidc {
                     .map_err(|e| format!("the discovery document of {issuer}: its {name} {e}"))?;
             }
         }
-        let jwks = Jwks::new(metadata.jwks_uri().url().to_string(), self.http.clone());
+        let jwks = Jwks::new(metadata.jwks_uri().url().to_string(), http.clone());
         jwks.refresh(true)
             .await
             .map_err(|e| format!("keys of {issuer}: {e}"))?;
         self.provider.store(Some(Arc::new(Provider {
             issuer: issuer.to_owned(),
+            tls_ca,
             metadata,
             jwks,
+            http,
         })));
         Ok(())
     }
@@ -452,7 +463,7 @@ impl Oidc {
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Invalid(e.to_string()))?
             .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier.clone()))
-            .request_async(&bounded::Client(self.http.clone()))
+            .request_async(&bounded::Client(provider.http.clone()))
             .await
             .map_err(|e| match e {
                 openidconnect::RequestTokenError::ServerResponse(r) => {
@@ -671,7 +682,7 @@ impl Oidc {
         let response = client
             .exchange_refresh_token(&RefreshToken::new(current.refresh_token.clone()))
             .map_err(|e| SignInError::Invalid(e.to_string()))?
-            .request_async(&bounded::Client(self.http.clone()))
+            .request_async(&bounded::Client(provider.http.clone()))
             .await;
         let response = match response {
             Ok(response) => response,
@@ -876,7 +887,7 @@ impl Oidc {
                     .to_owned(),
             ))
         })?;
-        let response = self
+        let response = provider
             .http
             .get(endpoint.url().as_str())
             .bearer_auth(access_token.secret())
@@ -983,7 +994,7 @@ impl Oidc {
     ) -> Result<LoggedOut, JwtError> {
         let provider = self
             .provider()
-            .filter(|p| p.issuer == config.issuer)
+            .filter(|p| p.is_of(config))
             .ok_or(JwtError::KeysUnavailable)?;
         let mut validation = from_provider(config, &provider);
         validation.set_required_spec_claims(&["iss", "aud"]);
@@ -1219,22 +1230,23 @@ fn payload_of(id_token: &str) -> Option<serde_json::Value> {
 }
 
 /// Retries discovery of the configured issuer until it succeeds (backoff 1 s to 60 s, and at
-/// once after each reload), and again whenever a reload names another issuer. Keys are refetched on demand (unknown `kid`).
+/// once after each reload), and again whenever a reload names another issuer, or another
+/// `tls_ca` for it. Keys are refetched on demand (unknown `kid`).
 pub async fn discovery_loop(
     oidc: Arc<Oidc>,
-    issuer: impl Fn() -> Option<String>,
+    config: impl Fn() -> Option<OidcConfig>,
     mut reloads: tokio::sync::watch::Receiver<u64>,
     mut shutdown: pingora::server::ShutdownWatch,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let wait = match issuer() {
+        let wait = match config() {
             None => Duration::from_secs(5),
-            Some(issuer) => {
-                let current = oidc.provider().map(|p| p.issuer.clone());
-                let due = current.as_deref() != Some(&issuer);
+            Some(config) => {
+                let issuer = &config.issuer;
+                let due = !oidc.provider().is_some_and(|p| p.is_of(&config));
                 if due {
-                    match oidc.discover(&issuer).await {
+                    match oidc.discover(issuer, config.tls_ca.clone()).await {
                         Ok(()) => {
                             tracing::info!(%issuer, "identity provider discovered");
                             backoff = Duration::from_secs(1);
@@ -1287,6 +1299,94 @@ mod tests {
         assert!(too_many_to_keep(&long(66)));
     }
 
+    /// A provider behind a private CA is discovered, its keys fetched, under `[oidc] tls_ca`,
+    /// and never under the bundled roots; the provider found is `config`'s only under the CA
+    /// it was discovered with (a reload naming another CA discovers it again).
+    #[tokio::test]
+    async fn a_provider_behind_a_private_ca_is_trusted_under_its_tls_ca() {
+        use std::io::{Read, Write};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let ca_issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca_issuer)
+            .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        let server = Arc::new(server);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let issuer = format!("https://{}", listener.local_addr().unwrap());
+        let document = serde_json::json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/auth"),
+            "token_endpoint": format!("{issuer}/token"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+        .to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let Ok(tls) = rustls::ServerConnection::new(server.clone()) else {
+                    return;
+                };
+                let mut stream = rustls::StreamOwned::new(tls, stream);
+                let mut request = [0u8; 2048];
+                let Ok(_) = stream.read(&mut request) else {
+                    continue; // a client that does not trust the CA
+                };
+                let body = if request.starts_with(b"GET /jwks ") {
+                    r#"{"keys": []}"#
+                } else {
+                    document.as_str()
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes());
+                stream.conn.send_close_notify();
+                let _ = stream.flush();
+            }
+        });
+        let ca: CaBundle = vec![ca_cert.der().clone()].into();
+        let oidc = Oidc::new(Arc::new(Kept::default()));
+        let refused = oidc
+            .discover(&issuer, None)
+            .await
+            .expect_err("bundled roots");
+        assert!(refused.contains("discovery"), "{refused}");
+        assert!(oidc.provider().is_none());
+        oidc.discover(&issuer, Some(ca.clone()))
+            .await
+            .expect("discovered under tls_ca");
+        let provider = oidc.provider().expect("the provider");
+        let mut config = crate::testing::config("").oidc.unwrap();
+        config.issuer = issuer;
+        assert!(
+            !provider.is_of(&config),
+            "not the config's without its tls_ca"
+        );
+        config.tls_ca = Some(ca);
+        assert!(provider.is_of(&config));
+    }
+
     /// A provider whose discovery document names an endpoint over plain http off loopback
     /// (its keys, its UserInfo) is not taken: what they serve could be swapped on the network.
     #[tokio::test]
@@ -1336,8 +1436,8 @@ mod tests {
                     let _ = stream.write_all(answer.as_bytes()).await;
                 }
             });
-            let oidc = Oidc::new(reqwest::Client::new(), Arc::new(Kept::default()));
-            let refused = oidc.discover(&issuer).await.expect_err("not taken");
+            let oidc = Oidc::new(Arc::new(Kept::default()));
+            let refused = oidc.discover(&issuer, None).await.expect_err("not taken");
             assert!(refused.contains(says), "{refused}");
             assert!(oidc.provider().is_none());
         }
