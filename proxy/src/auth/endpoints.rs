@@ -141,6 +141,37 @@ fn browser_cookie_prefix(tls: bool) -> &'static str {
     }
 }
 
+/// The longest end-session address a sign-out sends the browser to with an `id_token_hint`:
+/// Entra ID refuses a longer query (AADSTS90015, from a few KiB), and a proxy in front may
+/// refuse a longer `Location` (nginx's `proxy_buffer_size`, 4 KiB by default).
+const MAX_END_SESSION_URL: usize = 2048;
+
+/// `endpoint` (the IdP's `end_session_endpoint`) asked to end the sign-in `id_token_hint`
+/// names. An ID token listing many groups (Entra ID's, with `groupMembershipClaims`) makes
+/// too long an address: it goes without the hint, and the IdP ends its session by its own
+/// cookie, perhaps asking which account.
+fn end_session_url(endpoint: url::Url, oidc: &OidcConfig, id_token_hint: Option<&str>) -> url::Url {
+    let with = |hint: Option<&str>| {
+        let mut url = endpoint.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("client_id", &oidc.client_id);
+            if let Some(hint) = hint {
+                q.append_pair("id_token_hint", hint);
+            }
+            if let Some(after) = &oidc.post_logout_redirect {
+                q.append_pair("post_logout_redirect_uri", after);
+            }
+        }
+        url
+    };
+    let url = with(id_token_hint);
+    if id_token_hint.is_some() && url.as_str().len() > MAX_END_SESSION_URL {
+        return with(None);
+    }
+    url
+}
+
 /// The cookies expiring the sign-ins in progress that `head` carries on TLS but the newest
 /// `keep` (at most 64 of them: a browser keeps about 180 cookies a host). Browsers send
 /// cookies of one path oldest first (RFC 6265 §5.4).
@@ -584,17 +615,8 @@ impl Auth {
                 .clone()
         });
         match end_session.and_then(|e| url::Url::parse(&e).ok()) {
-            Some(mut url) => {
-                {
-                    let mut q = url.query_pairs_mut();
-                    q.append_pair("client_id", &oidc.client_id);
-                    if let Some(hint) = &id_token_hint {
-                        q.append_pair("id_token_hint", hint);
-                    }
-                    if let Some(after) = &oidc.post_logout_redirect {
-                        q.append_pair("post_logout_redirect_uri", after);
-                    }
-                }
+            Some(endpoint) => {
+                let url = end_session_url(endpoint, oidc, id_token_hint.as_deref());
                 redirect(url.as_str(), vec![clear])
             }
             None => Reply::page(StatusCode::OK, "Signed out", "<p>You are signed out.</p>")
@@ -905,4 +927,39 @@ fn sign_in_failed(e: &SignInError) -> Reply {
         "Sign-in did not complete",
         &format!("<p>{}</p>{retry}", escape(&e.to_string())),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sign_out_sends_the_hint_only_where_the_address_stays_short() {
+        let mut oidc = crate::testing::config("").oidc.unwrap();
+        oidc.post_logout_redirect = Some("https://corp.example.com/bye".to_owned());
+        let endpoint =
+            url::Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/logout").unwrap();
+        let read = |url: &url::Url, name: &str| {
+            url.query_pairs()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        let short = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln";
+        let url = end_session_url(endpoint.clone(), &oidc, Some(short));
+        assert_eq!(read(&url, "id_token_hint").as_deref(), Some(short));
+        // An Entra ID token listing 200 group ids.
+        let long = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", "A".repeat(10_000));
+        let url = end_session_url(endpoint, &oidc, Some(&long));
+        assert!(
+            url.as_str().len() <= MAX_END_SESSION_URL,
+            "{}",
+            url.as_str().len()
+        );
+        assert_eq!(read(&url, "id_token_hint"), None);
+        assert_eq!(read(&url, "client_id"), Some(oidc.client_id.clone()));
+        assert_eq!(
+            read(&url, "post_logout_redirect_uri").as_deref(),
+            Some("https://corp.example.com/bye")
+        );
+    }
 }
