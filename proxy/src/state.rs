@@ -357,6 +357,14 @@ impl Shared {
         if keys.is_empty() {
             return;
         }
+        // Whose sessions a reload ended, and why, is audited as their other ends are.
+        let people = auth.sessions.people_of(&keys);
+        let why = match &after {
+            None => "sign-in was turned off",
+            Some(after) if after.issuer != before.issuer => "sign-in moved to another provider",
+            Some(_) => "past the session lifetime or idle timeout a reload set",
+        };
+        let audit = self.audit.clone();
         let mut taken = auth.sessions.take(&keys);
         runtime.spawn(async move {
             let mut pause = std::time::Duration::from_secs(1);
@@ -368,6 +376,9 @@ impl Shared {
                             ended,
                             "sessions the sign-in configuration no longer holds ended"
                         );
+                        for who in &people {
+                            audit.session(who, "config_ended", why, None);
+                        }
                         return;
                     }
                     // Not put back: under the new configuration they would let in again

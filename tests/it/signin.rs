@@ -3162,6 +3162,15 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     fx.px
         .log_until(|log| log.contains("sessions the sign-in configuration no longer holds ended"))
         .await;
+    // Whose sessions the reload ended, and why, is in the audit log.
+    crate::audit::audit_json_until(&fx.px, &["--user", ALICE], |records| {
+        records.iter().any(|r| {
+            r["event"] == "session"
+                && r["what"] == "config_ended"
+                && r["detail"] == "sign-in moved to another provider"
+        })
+    })
+    .await;
     fx.px.rewrite_config(&fx.cfg.toml());
     fx.px.reload_and_wait().await;
     let resp = get_with_session(&url, &signed.cookie, "application/json").await;

@@ -729,6 +729,17 @@ impl Sessions {
             .collect()
     }
 
+    /// The people (as the audit log names them) whose sessions `keys` are, each once.
+    pub fn people_of(&self, keys: &[SessionKey]) -> Vec<String> {
+        let mut people: Vec<String> = (keys.iter())
+            .filter_map(|key| self.kept.sessions.get(key))
+            .map(|held| crate::caller::Principal::Person(&held.identity).log_name())
+            .collect();
+        people.sort();
+        people.dedup();
+        people
+    }
+
     /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
     /// `newest` (just made, under the id `id`) among them: someone who signs in again and
     /// again (a script with an IdP account) cannot fill every replica's memory and the store.
