@@ -1042,10 +1042,15 @@ impl Builder {
             }
             // Express, Flask, Spring and Go's ServeMux answer HEAD with the GET handler: its
             // side effects happen and its headers tell. A deny of GET is a deny of HEAD.
+            // So an allow of HEAD alone would let in GET's handler, for less than it says.
             let (get, head) = (Method::of("GET"), Method::of("HEAD"));
-            if let (Effect::Deny, Method::Known(get), Method::Known(head)) = (effect, get, head) {
-                if set.known & get != 0 {
-                    set.known |= head;
+            if let (Method::Known(get), Method::Known(head)) = (get, head) {
+                match effect {
+                    Effect::Deny if set.known & get != 0 => set.known |= head,
+                    Effect::Allow if set.known & head != 0 && set.known & get == 0 => {
+                        error(".methods".into(), Problem::HeadWithoutGet);
+                    }
+                    _ => {}
                 }
             }
             set.other = other.into_boxed_slice();
@@ -1690,6 +1695,19 @@ mod tests {
         }
         assert!(allowed(&policy, Some(&alice()), &request("GET", "/")));
         assert!(!allowed(&policy, Some(&alice()), &request("HEAD", "/")));
+        // An allow of HEAD alone would let GET's handler run: refused, as it says less.
+        let head_only = RuleSpec {
+            methods: Some(strings(&["HEAD", "OPTIONS"])),
+            ..groups("monitor", &["sre"])
+        };
+        let errors = Policy::compile(vec![head_only.clone()], vec![]).expect_err("HEAD alone");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].problem, Problem::HeadWithoutGet, "{errors:?}");
+        let with_get = RuleSpec {
+            methods: Some(strings(&["head", "get"])),
+            ..head_only
+        };
+        assert!(Policy::compile(vec![with_get], vec![]).is_ok());
     }
 
     #[test]

@@ -102,6 +102,12 @@ pub enum Problem {
     BadDomain { value: String, why: &'static str },
     #[error("{value:?} is not a valid HTTP method")]
     BadMethod { value: String },
+    #[error(
+        "lets HEAD in but not GET: upstream frameworks (Express, Flask, Spring, Go) answer HEAD \
+         with the GET handler, whose side effects happen and whose headers tell; add \"GET\", or \
+         leave \"HEAD\" out"
+    )]
+    HeadWithoutGet,
     #[error("{value:?} is not a valid path prefix: {why}")]
     BadPath { value: String, why: &'static str },
     #[error("{value:?} is not a valid path prefix: {error}")]

@@ -114,7 +114,7 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
         prop::option::weighted(0.4, prop::collection::vec(select(PREFIXES), 1..=2)),
     )
         .prop_map(
-            |(
+            move |(
                 groups,
                 group_ids,
                 users,
@@ -155,6 +155,13 @@ fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
                     || spec.public;
                 if !names_someone {
                     spec.groups.push("sre".to_owned());
+                }
+                // An allow of HEAD without GET does not compile (it would let GET's handler in).
+                if let Some(methods) = spec.methods.as_mut().filter(|_| allow_public) {
+                    let has = |name: &str| methods.iter().any(|m| m.eq_ignore_ascii_case(name));
+                    if has("HEAD") && !has("GET") {
+                        methods.push("GET".to_owned());
+                    }
                 }
                 spec
             },
