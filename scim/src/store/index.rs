@@ -543,18 +543,27 @@ fn active_of(resource: &serde_json::Map<String, Value>) -> bool {
         .unwrap_or(true)
 }
 
-pub fn agent_entry(record: &Record) -> Option<AgentEntry> {
-    let resource = record.resource.as_object()?;
-    let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
-    let extension = get_ci(resource, PORTCULLIS_AGENT_SCHEMA).and_then(Value::as_object);
+/// The Unix time from which an Agent `resource` is refused: its extension's `expires`
+/// (`i64::MAX` without one, `i64::MIN` for one that is no RFC 3339 time).
+pub fn agent_expires(resource: &Value) -> i64 {
+    let extension = (resource.as_object())
+        .and_then(|r| get_ci(r, PORTCULLIS_AGENT_SCHEMA))
+        .and_then(Value::as_object);
     let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let expires = extension
+    extension
         .and_then(|e| get_ci(e, "expires"))
         .map_or(i64::MAX, |at| {
             at.as_str()
                 .and_then(|at| time::OffsetDateTime::parse(at, rfc3339).ok())
                 .map_or(i64::MIN, |at| at.unix_timestamp())
-        });
+        })
+}
+
+pub fn agent_entry(record: &Record) -> Option<AgentEntry> {
+    let resource = record.resource.as_object()?;
+    let text = |name: &str| get_ci(resource, name).and_then(Value::as_str);
+    let extension = get_ci(resource, PORTCULLIS_AGENT_SCHEMA).and_then(Value::as_object);
+    let expires = agent_expires(&record.resource);
     let mut links: Vec<Id> = linked_ids(extension, "owners").collect();
     // More owners than a u32 counts cannot come in a bounded SCIM body; if they did, the
     // extra ones would be read as applications, which refuse the agent rather than admit it.

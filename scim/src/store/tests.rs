@@ -1508,6 +1508,75 @@ fn set_active(active: bool) -> Value {
     patch_body(json!([{"op": "replace", "path": "active", "value": active}]))
 }
 
+/// An agent whose `expires` had passed stands again once it is put later or taken away, as a
+/// re-activated one does: its tokens from before are not its own. Moved within the future, or
+/// while it has not passed, it stays.
+#[tokio::test]
+async fn an_agent_whose_passed_expiry_is_put_later_is_dated_anew() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let clock = Arc::new(AtomicI64::new(1_000));
+    let now = {
+        let clock = clock.clone();
+        move || time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
+    };
+    let storage = Arc::new(crate::store::memory::MemoryStorage::default());
+    let dir = Directory::open(storage, Box::new(now)).unwrap();
+    let bob = created(&dir, ResourceType::User, user("bob@x")).await;
+    let at = |unix: i64| {
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let helper = created(
+        &dir,
+        ResourceType::Agent,
+        agent("helper", &[&bob], &[], Some(&at(1_500))),
+    )
+    .await;
+    let since = || {
+        dir.with_agent(AgentKey::Name("helper"), 0, |found| match found {
+            AgentLookup::Found(view) => view.agent.valid_since_unix,
+            _ => 0,
+        })
+    };
+    assert_eq!(since(), 1_000, "created");
+    let expires = |value: Value| {
+        let path = format!("{AGENT_EXT}:expires");
+        patch_body(json!([{"op": "replace", "path": path, "value": value}]))
+    };
+    let remove = patch_body(json!([{"op": "remove", "path": format!("{AGENT_EXT}:expires")}]));
+    for (unix, change, since_then, what) in [
+        (
+            1_100,
+            expires(json!(at(1_800))),
+            1_000,
+            "put later before it passed",
+        ),
+        (
+            2_000,
+            expires(json!(at(3_000))),
+            2_000,
+            "put later once passed",
+        ),
+        (
+            2_100,
+            expires(json!(at(4_000))),
+            2_000,
+            "put later again, not passed",
+        ),
+        (4_500, remove.clone(), 4_500, "taken away once passed"),
+        (4_600, expires(json!(at(4_550))), 4_500, "put in the past"),
+        (4_700, remove, 4_700, "taken away once passed again"),
+    ] {
+        clock.store(unix, Ordering::Relaxed);
+        patch(&dir, ResourceType::Agent, &helper, change)
+            .await
+            .unwrap();
+        assert_eq!(since(), since_then, "{what}");
+    }
+}
+
 #[tokio::test]
 async fn an_agent_stands_only_while_its_owner_chain_holds() {
     let tmp = tempfile::tempdir().unwrap();

@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::index::{
-    agent_links, etag, etag_matches, fold, format_id, gains_identifier, given_up, holds_any,
-    released_identifiers, Id, Index, NO_ID,
+    agent_expires, agent_links, etag, etag_matches, fold, format_id, gains_identifier, given_up,
+    holds_any, released_identifiers, Id, Index, NO_ID,
 };
 use super::{Batch, Change, Command, Entry, Record, Row, Seq, Storage, StoreError, Written};
 use crate::error::{ScimError, ScimType};
@@ -515,12 +515,16 @@ impl<'a> Overlay<'a> {
             // re-activated, or named otherwise (a deleted agent's name, say), its tokens from
             // before are not its own, or no longer. Nor when an application it ran in is taken
             // off it: that application may have been disabled (its secret rotated), and taking
-            // it off lets the agent stand again, as re-activating it would.
+            // it off lets the agent stand again, as re-activating it would; nor when its
+            // `expires`, passed, is put later or taken away.
             ResourceType::Agent => {
                 let unlinked = |p: &Record| {
                     let now = agent_links(&resource, "applications");
                     (agent_links(&p.resource, "applications").iter()).any(|id| !now.contains(id))
                 };
+                let now = i64::try_from(self.unix).unwrap_or(i64::MAX);
+                let expired = |r: &Value| agent_expires(r) <= now;
+                let revived = |p: &Record| expired(&p.resource) && !expired(&resource);
                 let named = |r: &Value| {
                     let text = |name| r.as_object().and_then(|o| get_ci(o, name)?.as_str());
                     (
@@ -532,7 +536,8 @@ impl<'a> Overlay<'a> {
                     Some(p)
                         if active(&p.resource) == active(&resource)
                             && named(&p.resource) == named(&resource)
-                            && !unlinked(p) =>
+                            && !unlinked(p)
+                            && !revived(p) =>
                     {
                         (p.valid_since, p.valid_since_unix)
                     }
