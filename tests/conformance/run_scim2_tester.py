@@ -251,10 +251,16 @@ def main() -> int:
     return run(args)
 
 
+class RunTimeout(BaseException):
+    """The run took longer than --max-seconds. Not an `Exception`: scim2-tester turns every
+    `Exception` raised in a check into that check's ERROR and goes on to the next (and the HTTP
+    client would first take a `TimeoutError` for a read timeout), so the run never stopped."""
+
+
 def run(args: argparse.Namespace) -> int:
 
     def on_alarm(signum, frame):  # noqa: ARG001
-        raise TimeoutError(f"scim2-tester run exceeded --max-seconds={args.max_seconds}")
+        raise RunTimeout(f"scim2-tester run exceeded --max-seconds={args.max_seconds}")
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(args.max_seconds)
@@ -281,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                 exclude_tags=set(args.exclude_tags) if args.exclude_tags else None,
                 resource_types=args.resource_types,
             )
-    except Exception as exc:  # tester crash / timeout / network failure outside a check
+    except (Exception, RunTimeout) as exc:  # tester crash / timeout / network failure outside a check
         print(f"FATAL: scim2-tester did not complete: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     finally:
