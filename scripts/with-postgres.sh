@@ -9,18 +9,31 @@ bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$bin/initdb" ] || { echo "PostgreSQL is not installed: run scripts/deps.sh test" >&2; exit 1; }
 dir=$(mktemp -d -t portcullis-pg-XXXXXX)
 as_pg=()
+# Set before anything can fail: a cluster that did not start (or started late, after pg_ctl
+# gave up) is stopped and its directory removed all the same.
+cleanup() {
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$dir"
+}
+trap cleanup EXIT
 if [ "$(id -u)" -eq 0 ]; then
   chown postgres:postgres "$dir"
   as_pg=(runuser -u postgres --)
 fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --no-locale >"$dir/initdb.log"
-"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 120 \
-  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
-cleanup() {
-  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+if ! "${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --no-locale \
+  >"$dir/initdb.log" 2>&1; then
+  echo "initdb failed:" >&2
+  cat "$dir/initdb.log" >&2
+  exit 1
+fi
+if ! "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 120 \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; then
+  echo "PostgreSQL did not start; the end of its log:" >&2
+  tail -40 "$dir/postgres.log" >&2 || true
+  exit 1
+fi
 export PORTCULLIS_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres?sslmode=disable"
 "$@"
