@@ -34,7 +34,7 @@ use toml::de::DeTable;
 pub use model::*;
 use problems::{line_at, Problems};
 pub use problems::{ConfigErrors, Problem};
-pub use validate::check_fetch_url;
+pub use validate::{check_fetch_url, is_entra_issuer};
 
 /// Reads and validates the configuration file at `path`.
 ///

@@ -726,9 +726,6 @@ fn route(
     })
 }
 
-/// A route's `accept`: which credentials it takes. Without the key, routes take a session when
-/// `[oidc]` is configured and are public otherwise, so a file without sign-in is a plain
-/// reverse proxy.
 /// The CA certificates of the `tls_ca` file at `file` (already joined to the configuration's
 /// directory).
 fn ca_bundle(file: &Path, path: &KeyPath, p: &mut Problems<'_>) -> Option<CaBundle> {
@@ -738,6 +735,9 @@ fn ca_bundle(file: &Path, path: &KeyPath, p: &mut Problems<'_>) -> Option<CaBund
         .ok()
 }
 
+/// A route's `accept`: which credentials it takes. Without the key, routes take a session when
+/// `[oidc]` is configured and are public otherwise, so a file without sign-in is a plain
+/// reverse proxy.
 fn accept(
     raw: Option<Vec<String>>,
     path: &KeyPath,
@@ -2805,6 +2805,23 @@ fn leeway(raw: Option<String>, path: &KeyPath, p: &mut Problems<'_>) -> Duration
     default
 }
 
+/// Whether `issuer` is one of Microsoft Entra ID's: its v2.0 and v1.0 issuers, in the global,
+/// US government and China clouds, and External ID's (`<tenant>.ciamlogin.com`).
+pub fn is_entra_issuer(issuer: &str) -> bool {
+    const ENTRA: [&str; 5] = [
+        "https://login.microsoftonline.com/",
+        "https://sts.windows.net/",
+        "https://login.microsoftonline.us/",
+        "https://login.partner.microsoftonline.cn/",
+        "https://sts.chinacloudapi.cn/",
+    ];
+    ENTRA.iter().any(|prefix| issuer.starts_with(prefix))
+        || issuer
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|host| host.ends_with(".ciamlogin.com"))
+}
+
 /// How early an issuer dates its tokens: at most 10 minutes; by default 5 minutes for Entra
 /// ID's issuers, which date every token so (`iat` and `nbf`), and 0 for others.
 fn iat_backdate(
@@ -2813,23 +2830,7 @@ fn iat_backdate(
     path: &KeyPath,
     p: &mut Problems<'_>,
 ) -> Duration {
-    // Its v2.0 and v1.0 issuers, in the global, US government and China clouds, and External
-    // ID's (`<tenant>.ciamlogin.com`).
-    const ENTRA: [&str; 5] = [
-        "https://login.microsoftonline.com/",
-        "https://sts.windows.net/",
-        "https://login.microsoftonline.us/",
-        "https://login.partner.microsoftonline.cn/",
-        "https://sts.chinacloudapi.cn/",
-    ];
-    let entra = issuer.is_some_and(|issuer| {
-        ENTRA.iter().any(|prefix| issuer.starts_with(prefix))
-            || issuer
-                .strip_prefix("https://")
-                .and_then(|rest| rest.split('/').next())
-                .is_some_and(|host| host.ends_with(".ciamlogin.com"))
-    });
-    let default = if entra {
+    let default = if issuer.is_some_and(is_entra_issuer) {
         Duration::from_secs(5 * 60)
     } else {
         Duration::ZERO

@@ -353,17 +353,13 @@ impl Shared {
             return;
         };
         let auth = self.auth.clone();
-        let keys = auth.sessions.not_held(now_unix(), &before, after.as_ref());
+        let now = now_unix();
+        let keys = auth.sessions.not_held(now, &before, after.as_ref());
         if keys.is_empty() {
             return;
         }
         // Whose sessions a reload ended, and why, is audited as their other ends are.
-        let people = auth.sessions.people_of(&keys);
-        let why = match &after {
-            None => "sign-in was turned off",
-            Some(after) if after.issuer != before.issuer => "sign-in moved to another provider",
-            Some(_) => "past the session lifetime or idle timeout a reload set",
-        };
+        let people = (auth.sessions).ended_by_reload(&keys, now, &before, after.as_ref());
         let audit = self.audit.clone();
         let mut taken = auth.sessions.take(&keys);
         runtime.spawn(async move {
@@ -376,7 +372,7 @@ impl Shared {
                             ended,
                             "sessions the sign-in configuration no longer holds ended"
                         );
-                        for who in &people {
+                        for (who, why) in &people {
                             audit.session(who, "config_ended", why, None);
                         }
                         return;

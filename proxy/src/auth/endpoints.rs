@@ -141,15 +141,15 @@ fn browser_cookie_prefix(tls: bool) -> &'static str {
     }
 }
 
-/// The longest end-session address a sign-out sends the browser to with an `id_token_hint`:
-/// Entra ID refuses a longer query (AADSTS90015, from a few KiB), and a proxy in front may
-/// refuse a longer `Location` (nginx's `proxy_buffer_size`, 4 KiB by default).
-const MAX_END_SESSION_URL: usize = 2048;
+/// The longest end-session address a sign-out sends the browser to Entra ID with an
+/// `id_token_hint`: Entra refuses a longer query (AADSTS90015, from a few KiB).
+const MAX_ENTRA_END_SESSION_URL: usize = 2048;
 
 /// `endpoint` (the IdP's `end_session_endpoint`) asked to end the sign-in `id_token_hint`
-/// names. An ID token listing many groups (Entra ID's, with `groupMembershipClaims`) makes
-/// too long an address: it goes without the hint, and the IdP ends its session by its own
-/// cookie, perhaps asking which account.
+/// names. An Entra ID token listing many groups (with `groupMembershipClaims`) makes too long
+/// an address for Entra: it goes without the hint, and Entra ends its session by its own
+/// cookie, perhaps asking which account. Other IdPs take a long one, and some (Okta) need
+/// the hint.
 fn end_session_url(endpoint: url::Url, oidc: &OidcConfig, id_token_hint: Option<&str>) -> url::Url {
     let with = |hint: Option<&str>| {
         let mut url = endpoint.clone();
@@ -166,7 +166,8 @@ fn end_session_url(endpoint: url::Url, oidc: &OidcConfig, id_token_hint: Option<
         url
     };
     let url = with(id_token_hint);
-    if id_token_hint.is_some() && url.as_str().len() > MAX_END_SESSION_URL {
+    let entra = portcullis_config::is_entra_issuer(&oidc.issuer);
+    if entra && id_token_hint.is_some() && url.as_str().len() > MAX_ENTRA_END_SESSION_URL {
         return with(None);
     }
     url
@@ -934,8 +935,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sign_out_sends_the_hint_only_where_the_address_stays_short() {
+    fn a_sign_out_sends_entra_the_hint_only_where_the_address_stays_short() {
         let mut oidc = crate::testing::config("").oidc.unwrap();
+        oidc.issuer = "https://login.microsoftonline.com/t/v2.0".to_owned();
         oidc.post_logout_redirect = Some("https://corp.example.com/bye".to_owned());
         let endpoint =
             url::Url::parse("https://login.microsoftonline.com/t/oauth2/v2.0/logout").unwrap();
@@ -949,9 +951,9 @@ mod tests {
         assert_eq!(read(&url, "id_token_hint").as_deref(), Some(short));
         // An Entra ID token listing 200 group ids.
         let long = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", "A".repeat(10_000));
-        let url = end_session_url(endpoint, &oidc, Some(&long));
+        let url = end_session_url(endpoint.clone(), &oidc, Some(&long));
         assert!(
-            url.as_str().len() <= MAX_END_SESSION_URL,
+            url.as_str().len() <= MAX_ENTRA_END_SESSION_URL,
             "{}",
             url.as_str().len()
         );
@@ -961,5 +963,9 @@ mod tests {
             read(&url, "post_logout_redirect_uri").as_deref(),
             Some("https://corp.example.com/bye")
         );
+        // Okta needs the hint, and takes a long address.
+        oidc.issuer = "https://corp.okta.com/oauth2/default".to_owned();
+        let url = end_session_url(endpoint, &oidc, Some(&long));
+        assert_eq!(read(&url, "id_token_hint").as_deref(), Some(long.as_str()));
     }
 }

@@ -25,8 +25,9 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Largest key set document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 
-/// A NumericDate (RFC 7519 §2: seconds since the epoch, which may be a non-integer value) read
-/// as `jsonwebtoken` reads `exp` and `nbf` when it checks them: rounded to a whole second. A
+/// A NumericDate (RFC 7519 §2: seconds since the epoch, which may be a non-integer value),
+/// rounded down to a whole second: a token's `exp` read no later than it says, and its `iat`
+/// no later either, so it is never taken as issued after a re-activation it came before. A
 /// negative, infinite or non-numeric one is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NumericDate(pub u64);
@@ -45,7 +46,7 @@ impl<'de> serde::Deserialize<'de> for NumericDate {
             fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<NumericDate, E> {
                 // `u64::MAX as f64` is 2^64, itself out of range.
                 if value.is_finite() && value >= 0.0 && value < u64::MAX as f64 {
-                    Ok(NumericDate(value.round() as u64))
+                    Ok(NumericDate(value.floor() as u64))
                 } else {
                     Err(E::custom("a date out of range"))
                 }
@@ -613,7 +614,7 @@ mod tests {
         let read = |json: &str| serde_json::from_str::<NumericDate>(json).ok();
         assert_eq!(read("1700000000"), Some(NumericDate(1_700_000_000)));
         assert_eq!(read("1700000000.25"), Some(NumericDate(1_700_000_000)));
-        assert_eq!(read("1700000000.75"), Some(NumericDate(1_700_000_001)));
+        assert_eq!(read("1700000000.75"), Some(NumericDate(1_700_000_000)));
         assert_eq!(read("1.7e9"), Some(NumericDate(1_700_000_000)));
         for refused in ["-1", "-0.5", "1e300", "\"1700000000\"", "null", "[1]"] {
             assert_eq!(read(refused), None, "{refused}");

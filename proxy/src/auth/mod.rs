@@ -65,8 +65,8 @@ pub struct Auth {
 }
 
 /// An issuer's key set: the issuer, its `jwks_uri` (`None` for the one its discovery
-/// document names), and the CA its endpoints are trusted by (`None` for the bundled roots).
-type KeySetId = (String, Option<String>, Option<CaBundle>);
+/// document names), and the CA its endpoints are trusted by.
+type KeySetId = (String, Option<String>, TrustedBy);
 
 fn key_set_id(issuer: &JwtIssuer) -> KeySetId {
     let JwtIssuer {
@@ -75,7 +75,19 @@ fn key_set_id(issuer: &JwtIssuer) -> KeySetId {
         tls_ca,
         ..
     } = issuer;
-    (issuer.clone(), jwks_uri.clone(), tls_ca.clone())
+    (issuer.clone(), jwks_uri.clone(), TrustedBy(tls_ca.clone()))
+}
+
+/// The CA an issuer's endpoints are trusted by (`None` for the bundled roots), compared whole
+/// (at once where it is the same configuration's) but hashed by its count of certificates
+/// only: a bundle may be large, and the key sets are few.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TrustedBy(Option<CaBundle>);
+
+impl std::hash::Hash for TrustedBy {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_ref().map(|ca| ca.len()).hash(state);
+    }
 }
 
 /// The client every call to an identity provider goes through: it never follows a redirect
@@ -849,7 +861,7 @@ impl Auth {
     }
 
     /// Forgets the key sets of the issuers `config` no longer lists (or lists with another
-    /// `jwks_uri`): nothing refreshes them while they are out, and an issuer put back must
+    /// `jwks_uri` or `tls_ca`): nothing refreshes them while they are out, and an issuer put back must
     /// fetch its keys afresh, not verify with a set that may still hold a key its IdP has
     /// withdrawn since (after a leak, say).
     pub fn keep_key_sets_of(&self, config: &Config) {

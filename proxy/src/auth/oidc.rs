@@ -1449,7 +1449,7 @@ mod tests {
             "iat": 1_700_000_000.5, "exp": 1_700_000_120.25, "jti": "j", "sid": "s",
         }))
         .expect("RFC 7519 NumericDates");
-        assert_eq!(claims.iat, Some(NumericDate(1_700_000_001)));
+        assert_eq!(claims.iat, Some(NumericDate(1_700_000_000)));
         assert_eq!(claims.exp, Some(NumericDate(1_700_000_120)));
     }
 

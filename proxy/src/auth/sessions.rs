@@ -729,15 +729,36 @@ impl Sessions {
             .collect()
     }
 
-    /// The people (as the audit log names them) whose sessions `keys` are, each once.
-    pub fn people_of(&self, keys: &[SessionKey]) -> Vec<String> {
-        let mut people: Vec<String> = (keys.iter())
+    /// Whose sessions among `keys` ([`Sessions::not_held`] by a reload from `before` to
+    /// `after`) the reload ends, as the audit log names them, and why, each once. A session
+    /// `before` already did not hold (idled out or past its lifetime, not yet swept) ended by
+    /// itself, and is not named.
+    pub fn ended_by_reload(
+        &self,
+        keys: &[SessionKey],
+        now: u64,
+        before: &OidcConfig,
+        after: Option<&OidcConfig>,
+    ) -> Vec<(String, &'static str)> {
+        let mut ended: Vec<(String, &'static str)> = (keys.iter())
             .filter_map(|key| self.kept.sessions.get(key))
-            .map(|held| crate::caller::Principal::Person(&held.identity).log_name())
+            .filter_map(|held| {
+                let identity = &held.identity;
+                let of_before = identity.issuer == before.issuer;
+                let why = match after {
+                    _ if of_before && !self.holds(&held, now, before) => return None,
+                    None => "sign-in was turned off",
+                    Some(after) if identity.issuer != after.issuer => {
+                        "sign-in moved to another provider"
+                    }
+                    Some(_) => "past the session lifetime or idle timeout a reload set",
+                };
+                Some((crate::caller::Principal::Person(identity).log_name(), why))
+            })
             .collect();
-        people.sort();
-        people.dedup();
-        people
+        ended.sort();
+        ended.dedup();
+        ended
     }
 
     /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
@@ -1663,6 +1684,16 @@ mod tests {
         let before = oidc("https://idp.test", 150);
         // The idle timeout raised: `idle` had idled out before it.
         let raised = oidc("https://idp.test", 3_600);
+        // Whose, and why, for the audit log: none, for a session that had ended by itself.
+        let why = |before: &OidcConfig, after: Option<&OidcConfig>| {
+            let keys = sessions.not_held(1_000, before, after);
+            (sessions
+                .ended_by_reload(&keys, 1_000, before, after)
+                .into_iter())
+            .map(|(_, why)| why)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(why(&before, Some(&raised)), Vec::<&str>::new());
         assert_eq!(
             sessions.end_not_held(1_000, &before, Some(&raised)).await,
             Ok(1)
@@ -1671,6 +1702,10 @@ mod tests {
         // The lifetime shortened: `old` is past it.
         let mut shortened = raised.clone();
         shortened.session_lifetime = std::time::Duration::from_secs(600);
+        assert_eq!(
+            why(&raised, Some(&shortened)),
+            ["past the session lifetime or idle timeout a reload set"]
+        );
         let ended = sessions
             .end_not_held(1_000, &raised, Some(&shortened))
             .await;
@@ -1688,10 +1723,15 @@ mod tests {
             .create(theirs, None, "portcullis_session", 900)
             .await
             .unwrap();
+        assert_eq!(
+            why(&shortened, Some(&moved)),
+            ["sign-in moved to another provider"]
+        );
         let ended = sessions.end_not_held(1_000, &shortened, Some(&moved)).await;
         assert_eq!(ended, Ok(1), "young, of the old provider");
         assert!(sessions.get(&new).is_some());
         // Sign-in off: every session.
+        assert_eq!(why(&moved, None), ["sign-in was turned off"]);
         assert_eq!(sessions.end_not_held(1_000, &moved, None).await, Ok(1));
         assert!(sessions.get(&young).is_none());
         drop(sessions);
