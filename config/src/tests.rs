@@ -205,6 +205,26 @@ deny = { groups = ["contractors"], any_signed_in = true }
             problems: &[("postgres.url", None, "`sslrootcert` is libpq's")],
         },
         Case {
+            name: "postgres: options that would weaken a commit's answer",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-c%20synchronous_commit%3Doff\"\n",
+            problems: &[("postgres.url", None, "synchronous_commit=off")],
+        },
+        Case {
+            name: "postgres: options in another spelling",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=--synchronous-commit%3DLocal\"\n",
+            problems: &[("postgres.url", None, "synchronous_commit=local")],
+        },
+        Case {
+            name: "postgres: the stalled-commit timeout is Portcullis'",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-cidle_in_transaction_session_timeout%3D0\"\n",
+            problems: &[("postgres.url", None, "idle_in_transaction_session_timeout")],
+        },
+        Case {
+            name: "postgres: TLS asked of a Unix socket",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgresql:///portcullis?host=/run/postgresql&sslmode=require\"\n",
+            problems: &[("postgres.url", None, "Unix socket, which takes no TLS")],
+        },
+        Case {
             name: "postgres: a password spilled into the query is not quoted",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://u:pa@ss?secretword=y@h/db?sslmode=require\"\n",
             problems: &[("postgres.url", None, "names an option this driver does not take")],
@@ -3281,4 +3301,20 @@ allow = {{ any_signed_in = true }}
     let errors = Fixture::new().parse(&text).unwrap_err().to_string();
     assert!(!errors.contains("hunter2"), "{errors}");
     assert_eq!(errors.matches("not shown").count(), 4, "{errors}");
+}
+
+/// Options that ask for more than Portcullis does, or for something else, are taken.
+#[test]
+fn postgres_options_that_keep_a_commit_s_promise_are_taken() {
+    for options in [
+        "-c%20synchronous_commit%3Dremote_apply",
+        "-csynchronous_commit%3Don%20-c%20statement_timeout%3D5s",
+        "--search-path%3Dportcullis",
+    ] {
+        let text = format!(
+            "data_dir = \"data\"\n{LISTENERS}\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options={options}\"\n"
+        );
+        let config = Fixture::new().parse(&text);
+        assert!(config.is_ok(), "{options}: {:?}", config.err());
+    }
 }

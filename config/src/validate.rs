@@ -2725,6 +2725,19 @@ fn postgres(
                         .to_owned(),
                 );
             }
+            // The server answers a Unix socket's TLS request no, always: the connection
+            // could only fail, after the ports are bound (libpq ignores sslmode there).
+            if !over_tcp && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                return Err(
+                    "says sslmode=require for a Unix socket, which takes no TLS: the \
+                            connection would always fail; leave sslmode out or say \
+                            sslmode=disable"
+                        .to_owned(),
+                );
+            }
+            if let Some(why) = parsed.get_options().and_then(weakening_option) {
+                return Err(why);
+            }
             if over_tcp && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
                 return Err("must say sslmode=require (TLS, the server's certificate \
                             verified) or sslmode=disable (plain TCP, for a network you trust): \
@@ -2758,6 +2771,47 @@ fn postgres(
         pool_size,
         max_staleness,
     })
+}
+
+/// What is wrong with a PostgreSQL URL's `options` (server settings, `-c name=value` or
+/// `--name=value`, which come after Portcullis' own and win): none may weaken what a commit's
+/// answer promises (`synchronous_commit` off, or only `local` past a synchronous standby), nor
+/// set the time after which a replica stalled within a commit is disconnected.
+fn weakening_option(options: &str) -> Option<String> {
+    let mut words = options.split_whitespace();
+    while let Some(word) = words.next() {
+        let setting = match word {
+            "-c" => words.next().unwrap_or_default(),
+            _ => match word.strip_prefix("-c").or_else(|| word.strip_prefix("--")) {
+                Some(setting) => setting,
+                None => continue,
+            },
+        };
+        let (name, value) = setting.split_once('=').unwrap_or((setting, ""));
+        let name = name.replace('-', "_").to_ascii_lowercase();
+        let value = value.trim_matches(['\'', '"']).to_ascii_lowercase();
+        match name.as_str() {
+            "synchronous_commit"
+                if ["off", "local", "false", "no", "0"].contains(&value.as_str()) =>
+            {
+                return Some(format!(
+                    "sets synchronous_commit={value} in `options`: a SCIM change would be \
+                     answered before it is safe from a crash (or a failover), and could be lost; \
+                     leave it out (Portcullis asks for `on`) or ask for more (`remote_apply`)"
+                ));
+            }
+            "idle_in_transaction_session_timeout" => {
+                return Some(
+                    "sets idle_in_transaction_session_timeout in `options`: Portcullis sets it \
+                     to a quarter of max_staleness, so that a replica stalled within a commit \
+                     cannot hold up every other replica's; leave it out"
+                        .to_owned(),
+                );
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// A humantime duration such as `30s` or `1m 30s`; never zero, and at least `min`.
