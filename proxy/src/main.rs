@@ -490,7 +490,9 @@ fn open_directory(
     if let Some(storage) = postgres {
         match storage.migrate() {
             Ok(()) => {}
-            Err(e @ StoreError::Version { .. }) => return Err(format!("PostgreSQL: {e}")),
+            Err(e @ (StoreError::Version { .. } | StoreError::Unsuitable(_))) => {
+                return Err(format!("PostgreSQL: {e}"))
+            }
             // Started anyway, not ready: the follower connects (and migrates) when it can.
             Err(e) => tracing::warn!("PostgreSQL: {e}; not ready until it answers"),
         }

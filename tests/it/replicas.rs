@@ -1252,6 +1252,55 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
     let _ = driver.await;
 }
 
+/// A database in an encoding other than UTF8 is refused at start, with what to do: it would
+/// refuse any character it lacks (a name's, a refused request's in an audit record) and stall
+/// what is queued behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_not_in_utf8_is_refused_at_start() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    let pg = Postgres::start().await;
+    pg.query(
+        "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
+    )
+    .await
+    .expect("a LATIN1 database");
+    let url = pg.url().replace("/postgres?", "/latin?");
+    let options = PgOptions {
+        url: url.clone(),
+        pool_size: 1,
+        max_staleness: Duration::from_secs(2),
+    };
+    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+        .await
+        .unwrap()
+        .expect_err("LATIN1");
+    assert!(
+        matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("ENCODING 'UTF8'"), "{refused}");
+    // `serve` says so and stops.
+    let cfg = ConfigBuilder::new().http_listener().postgres(&url, "2s");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, cfg.toml()).unwrap();
+    let serve = tokio::process::Command::new(portcullis_tests::process::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), serve)
+        .await
+        .expect("serve stops")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
+}
+
 /// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL
 /// listing several hosts can connect to one), is never read as the directory: loaded or caught
 /// up from it, a replica would lose what the primary has answered since (an acknowledged

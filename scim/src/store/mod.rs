@@ -229,6 +229,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the directory data has schema version {found}; this build reads version {expected}")]
     Version { found: u64, expected: u64 },
+    /// The database cannot keep what Portcullis writes (a server encoding other than UTF8).
+    #[error("the database cannot hold the directory: {0}")]
+    Unsuitable(String),
     /// A shared store moved on since the batch was built: the writer catches up and retries.
     #[error("another replica changed the directory first")]
     Behind,

@@ -661,6 +661,19 @@ impl PgStorage {
 /// with no bound, on a replica that held the lock and stalled (a frozen host), which no
 /// server timeout ends (it waits outside a transaction).
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    // Records, sessions and audit records are UTF-8 text: a database in another encoding
+    // (LATIN1, WIN1252, ...) refuses any character it lacks, such as a name's, or one a
+    // stranger's refused request put in an audit record, and stalls what is queued behind it.
+    let encoding: String = client
+        .query_one("SHOW server_encoding", &[])
+        .map_err(backend)?
+        .try_get(0)
+        .map_err(backend)?;
+    if !matches!(encoding.as_str(), "UTF8" | "SQL_ASCII") {
+        return Err(StoreError::Unsuitable(format!(
+            "its encoding is {encoding}; create it with ENCODING 'UTF8'"
+        )));
+    }
     match schema_version(client)? {
         Some(SCHEMA_VERSION) => return Ok(()),
         // Versions only go up: a newer one is refused without waiting on the lock either.
