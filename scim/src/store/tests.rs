@@ -2375,3 +2375,65 @@ async fn an_agent_s_change_names_the_owners_and_applications_it_gains_or_loses()
         "{summary}"
     );
 }
+
+/// A store that counts the writer's reads.
+#[derive(Default)]
+struct CountedReads {
+    inner: memory::MemoryStorage,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Storage for CountedReads {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        self.inner.load(visit)
+    }
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.inner.records(rt, rows)
+    }
+    fn records_for_writer(
+        &self,
+        rt: ResourceType,
+        rows: &[Row],
+    ) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.records(rt, rows)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.commit(batch)
+    }
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.inner.changes(after, limit)
+    }
+}
+
+/// Deleting a user in many groups reads those groups (to give each a new version) in one
+/// request, however many: over PostgreSQL each read is a round trip, on the thread that
+/// renews the replica's lease.
+#[tokio::test]
+async fn a_user_leaving_many_groups_costs_one_read_of_them() {
+    let store = Arc::new(CountedReads::default());
+    let dir = Directory::open(store.clone(), Box::new(time::OffsetDateTime::now_utc)).unwrap();
+    let gus = created(&dir, ResourceType::User, user("gus@x")).await;
+    let mut groups = Vec::new();
+    for i in 0..300 {
+        groups.push(created(&dir, ResourceType::Group, group(&format!("g{i}"), &[&gus])).await);
+    }
+    let version = |id: &str| {
+        let group = dir.get(ResourceType::Group, id).unwrap().unwrap();
+        group.resource["meta"]["version"].clone()
+    };
+    let before: Vec<Value> = groups.iter().map(|id| version(id)).collect();
+    let reads = || store.reads.load(std::sync::atomic::Ordering::SeqCst);
+    let start = reads();
+    let gone = Command::Delete {
+        rt: ResourceType::User,
+        id: gus,
+        if_match: None,
+    };
+    dir.write(gone, "test").await.unwrap();
+    assert!(reads() - start <= 2, "{} reads", reads() - start);
+    for (id, before) in groups.iter().zip(before) {
+        assert_ne!(version(id), before, "{id}: a new version");
+        assert!(dir.members(id).is_empty());
+    }
+}

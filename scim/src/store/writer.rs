@@ -359,10 +359,10 @@ impl<'a> Overlay<'a> {
         // leaves show other members now: a new version, or a client holding the old ETag
         // would be told its copy still stands.
         let parents: Vec<Row> = self.parents_now(row);
-        for group in parents {
+        for &group in &parents {
             self.set_member(group, row, false);
-            self.restamp(ResourceType::Group, group)?;
         }
+        self.restamp(ResourceType::Group, &parents)?;
         // Named in the change, as a PATCH's are: each member's records show they lost it.
         let mut removed = Vec::new();
         if rt == ResourceType::Group {
@@ -608,21 +608,33 @@ impl<'a> Overlay<'a> {
         });
     }
 
-    /// Gives the resource at `row` this command's version and time, for a change to what it
-    /// shows that was not a write to it.
-    fn restamp(&mut self, rt: ResourceType, row: Row) -> Result<(), ScimError> {
-        let Some(mut record) = self.record(rt, row)? else {
-            return Ok(());
-        };
-        if let Some(meta) = record
-            .resource
-            .get_mut("meta")
-            .and_then(Value::as_object_mut)
-        {
-            meta.insert("lastModified".to_owned(), Value::String(self.now.clone()));
-            meta.insert("version".to_owned(), Value::String(etag(self.seq)));
+    /// Gives the resources at `rows` this command's version and time, for a change to what
+    /// they show that was not a write to them. Those this batch has not written are read from
+    /// the store in one request: a user leaving hundreds of groups was a round trip to
+    /// PostgreSQL each, on the thread that renews the replica's lease.
+    fn restamp(&mut self, rt: ResourceType, rows: &[Row]) -> Result<(), ScimError> {
+        let unread: Vec<Row> = (rows.iter().copied())
+            .filter(|row| !self.records.contains_key(row))
+            .collect();
+        let mut read: HashMap<Row, Record> = self.read(rt, &unread)?.into_iter().collect();
+        for &row in rows {
+            let record = match self.records.get(&row) {
+                Some((_, record)) => record.clone(),
+                None => read.remove(&row),
+            };
+            let Some(mut record) = record.filter(|r| !r.retired) else {
+                continue;
+            };
+            if let Some(meta) = record
+                .resource
+                .get_mut("meta")
+                .and_then(Value::as_object_mut)
+            {
+                meta.insert("lastModified".to_owned(), Value::String(self.now.clone()));
+                meta.insert("version".to_owned(), Value::String(etag(self.seq)));
+            }
+            self.put_record(rt, row, Some(record));
         }
-        self.put_record(rt, row, Some(record));
         Ok(())
     }
 
@@ -728,22 +740,29 @@ impl<'a> Overlay<'a> {
     fn record(&self, rt: ResourceType, row: Row) -> Result<Option<Record>, ScimError> {
         let record = match self.records.get(&row) {
             Some((_, record)) => record.clone(),
-            None => {
-                if let Some(failed) = self.failed_read.borrow().as_ref() {
-                    return Err(failed.clone());
-                }
-                match self.storage.records_for_writer(rt, &[row]) {
-                    Ok(records) => records.into_iter().next().map(|(_, record)| record),
-                    Err(e @ StoreError::Backend(_)) => {
-                        let failed = ScimError::from(e);
-                        *self.failed_read.borrow_mut() = Some(failed.clone());
-                        return Err(failed);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            None => self.read(rt, &[row])?.into_iter().next().map(|(_, r)| r),
         };
         Ok(record.filter(|r| !r.retired))
+    }
+
+    /// The stored records at `rows` (missing ones skipped), in one request; after a read of
+    /// this batch failed, none (see `failed_read`).
+    fn read(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, ScimError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(failed) = self.failed_read.borrow().as_ref() {
+            return Err(failed.clone());
+        }
+        match self.storage.records_for_writer(rt, rows) {
+            Ok(records) => Ok(records),
+            Err(e @ StoreError::Backend(_)) => {
+                let failed = ScimError::from(e);
+                *self.failed_read.borrow_mut() = Some(failed.clone());
+                Err(failed)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn row_of(&self, id: &str) -> Option<(ResourceType, Row)> {
