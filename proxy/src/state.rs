@@ -53,6 +53,20 @@ pub struct Runtime {
     pub awaiting_restart: Vec<&'static str>,
 }
 
+/// The port a plain-HTTP request is sent to for https, of the TLS listeners at `tls`: the one
+/// most clients can reach (on every address, then on another than loopback, then on
+/// loopback), 443 before others; not merely the first in the file (a loopback-only one for
+/// operators, say).
+fn https_port(tls: impl Iterator<Item = std::net::SocketAddr>) -> Option<u16> {
+    let reach = |ip: std::net::IpAddr| match ip {
+        ip if ip.is_unspecified() => 0,
+        ip if !ip.is_loopback() => 1,
+        _ => 2,
+    };
+    tls.min_by_key(|address| (reach(address.ip()), address.port() != 443))
+        .map(|address| address.port())
+}
+
 impl Runtime {
     /// Takes over from `running` which upstreams of each route (of the same name) are down.
     pub fn keep_health_of(&self, running: &Runtime) {
@@ -72,11 +86,11 @@ impl Runtime {
             .iter()
             .map(|route| Arc::new(CompiledRoute::new(route.clone())))
             .collect();
-        let https_port = config
-            .listeners
-            .iter()
-            .find(|l| l.tls.is_some())
-            .map(|l| l.address.port());
+        let https_port = https_port(
+            (config.listeners.iter())
+                .filter(|l| l.tls.is_some())
+                .map(|l| l.address),
+        );
         let scim = config
             .scim
             .as_ref()
@@ -581,6 +595,28 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_request_is_sent_to_the_tls_listener_most_clients_reach() {
+        let port = |addresses: &[&str]| {
+            https_port(
+                addresses
+                    .iter()
+                    .map(|a| a.parse::<std::net::SocketAddr>().unwrap()),
+            )
+        };
+        assert_eq!(port(&[]), None);
+        assert_eq!(port(&["127.0.0.1:9443", "0.0.0.0:443"]), Some(443));
+        assert_eq!(port(&["127.0.0.1:9443", "0.0.0.0:8443"]), Some(8443));
+        assert_eq!(port(&["127.0.0.1:443", "10.0.0.5:8443"]), Some(8443));
+        assert_eq!(port(&["[::]:8443", "0.0.0.0:443"]), Some(443));
+        assert_eq!(
+            port(&["0.0.0.0:8443", "0.0.0.0:9443"]),
+            Some(8443),
+            "the first"
+        );
+        assert_eq!(port(&["127.0.0.1:9443"]), Some(9443));
+    }
 
     /// A reload that raises the idle timeout brings back no session that idled out before it,
     /// not even for a request made before the end is written: such a session is out of memory
