@@ -1222,6 +1222,14 @@ auth_host = "auth.example.com"
             )],
         },
         Case {
+            name: "Entra ID's issuer naming its tenant otherwise than by its id",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/contoso.onmicrosoft.com/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/72F988BF-86F1-41AF-91AB-2D7CD011DB47/v2.0\"\naudiences = [\"api\"]\n",
+            problems: &[
+                ("oidc.issuer", None, "`contoso.onmicrosoft.com` here"),
+                ("jwt_issuers[0].issuer", None, "a lower-case GUID"),
+            ],
+        },
+        Case {
             name: "Entra ID's multi-tenant issuers",
             text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
             problems: &[

@@ -1941,6 +1941,14 @@ fn issuer(url: String) -> Result<String, String> {
              issuer, https://login.microsoftonline.com/<tenant-id>/v2.0"
         ));
     }
+    if let Some(tenant) = entra_tenant_named_otherwise(&url) {
+        return Err(format!(
+            "Entra ID names its issuer by the tenant's id, a lower-case GUID, whatever names the \
+             tenant (`{tenant}` here): discovery would refuse the document it answers, and \
+             tokens would name another issuer; write the Tenant ID from the Entra admin \
+             center's Overview, in lower case"
+        ));
+    }
     let lower_scheme = url.starts_with("https://") || url.starts_with("http://");
     if !lower_scheme || parts.host.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err(
@@ -1993,6 +2001,34 @@ fn entra_multi_tenant(url: &str) -> Option<&str> {
         .into_iter()
         .find(|t| tenant.eq_ignore_ascii_case(t))
         .map(|_| tenant)
+}
+
+/// The tenant segment of an Entra ID issuer (in any cloud, v1.0 or v2.0) that is not the
+/// tenant's id as Entra writes it in its issuers, a lower-case GUID: a domain
+/// (`contoso.onmicrosoft.com`), or the id in upper case. (`common` and its kin are
+/// [`entra_multi_tenant`]'s.)
+fn entra_tenant_named_otherwise(url: &str) -> Option<&str> {
+    const HOSTS: [&str; 7] = [
+        "login.microsoftonline.com",
+        "login.microsoft.com",
+        "login.microsoftonline.us",
+        "login.partner.microsoftonline.cn",
+        "login.chinacloudapi.cn",
+        "sts.windows.net",
+        "sts.chinacloudapi.cn",
+    ];
+    let rest = url.strip_prefix("https://")?;
+    let (host, path) = rest.split_once('/')?;
+    if !HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h)) {
+        return None;
+    }
+    let tenant = path.split('/').next()?;
+    let is_id = tenant.len() == 36
+        && tenant.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    (!is_id).then_some(tenant)
 }
 
 /// An absolute `http(s)` URL used with an IdP, where a query is allowed but a fragment is not.
