@@ -215,6 +215,11 @@ deny = { groups = ["contractors"], any_signed_in = true }
             problems: &[("postgres.url", None, "synchronous_commit=local")],
         },
         Case {
+            name: "postgres: options asking a standby only to write",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-c%20synchronous_commit%3Dremote_write\"\n",
+            problems: &[("postgres.url", None, "synchronous_commit=remote_write")],
+        },
+        Case {
             name: "postgres: the stalled-commit timeout is Portcullis'",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-cidle_in_transaction_session_timeout%3D0\"\n",
             problems: &[("postgres.url", None, "idle_in_transaction_session_timeout")],

@@ -2811,8 +2811,9 @@ fn postgres(
 
 /// What is wrong with a PostgreSQL URL's `options` (server settings, `-c name=value` or
 /// `--name=value`, which come after Portcullis' own and win): none may weaken what a commit's
-/// answer promises (`synchronous_commit` off, or only `local` past a synchronous standby), nor
-/// set the time after which a replica stalled within a commit is disconnected.
+/// answer promises (`synchronous_commit` off; or, past a synchronous standby, only `local`, or
+/// `remote_write`, which a standby's crash and promotion may lose), nor set the time after
+/// which a replica stalled within a commit is disconnected.
 fn weakening_option(options: &str) -> Option<String> {
     let mut words = options.split_whitespace();
     while let Some(word) = words.next() {
@@ -2828,7 +2829,8 @@ fn weakening_option(options: &str) -> Option<String> {
         let value = value.trim_matches(['\'', '"']).to_ascii_lowercase();
         match name.as_str() {
             "synchronous_commit"
-                if ["off", "local", "false", "no", "0"].contains(&value.as_str()) =>
+                if ["off", "local", "remote_write", "false", "no", "0"]
+                    .contains(&value.as_str()) =>
             {
                 return Some(format!(
                     "sets synchronous_commit={value} in `options`: a SCIM change would be \

@@ -2,7 +2,7 @@
 //! Group. Neither may panic, and a failed PATCH must leave the resource untouched.
 //!
 //! The input is tried as the whole body, and as its `Operations` inside the PatchOp envelope:
-//! a fuzzer with no seeds seldom writes the 44-byte schema URN, and without it nothing past
+//! a fuzzer with no seeds seldom writes the 45-byte schema URN, and without it nothing past
 //! the parser would be reached.
 #![no_main]
 

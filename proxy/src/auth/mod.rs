@@ -770,7 +770,12 @@ impl Auth {
                 "it was issued in the future (iat)".into(),
             ));
         }
+        // `exp` read rounded down: a token is over at the second it says, also where the
+        // library checking it read a fraction up.
         let valid_until = claims.exp.0.saturating_add(validation.leeway);
+        if now > valid_until {
+            return Err(JwtError::Invalid("it has expired".into()));
+        }
         let for_itself = is_client_token(
             &claims.sub,
             claims.client_id.as_deref(),

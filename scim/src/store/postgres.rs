@@ -1493,10 +1493,11 @@ impl Fleet {
         loop {
             match self.follow_connected(catch_up, visible, foreign, &mut backoff) {
                 Ok(never) => match never {},
-                // A newer build migrated the database: this one cannot read it safely. Its
-                // lease lapses here first, then goes from the table, so that no writer waits
-                // for it to lapse there (as when leaving); the caller stops the process.
-                Err(e @ StoreError::Version { .. }) => {
+                // A newer build migrated the database: this one cannot read it safely (or the
+                // database, reached only now, cannot hold the directory). Its lease lapses
+                // here first, then goes from the table, so that no writer waits for it to
+                // lapse there (as when leaving); the caller stops the process.
+                Err(e @ (StoreError::Version { .. } | StoreError::Unsuitable(_))) => {
                     self.freshness.lapse(e.to_string());
                     let deleted = self.connector.connect().and_then(|mut client| {
                         client
