@@ -10,8 +10,9 @@
 //!   cannot reach them by pointing a DNS name of its own at 127.0.0.1 (DNS rebinding).
 //!
 //! `/readyz` says ready only once this process listens on every proxy listener's port. pingora
-//! reports its proxy service ready before it binds the listeners (and retries for ever while
-//! another process holds a port), so a probe that trusted that would send traffic to a port
+//! reports its proxy service ready before it binds the listeners (and retries for 30 seconds
+//! while another process holds a port; past a minute the process stops: see
+//! `services::ListenerWatch`), so a probe that trusted that would send traffic to a port
 //! nobody serves, or someone else does. Until then the answer is 503, naming the listener.
 
 use std::collections::HashSet;
@@ -249,7 +250,7 @@ fn is_loopback_name(host: &str) -> bool {
 /// a socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors. By
 /// address and port: two listeners may share a port on two addresses, and one bound is not
 /// the other.
-fn listening_sockets() -> HashSet<(IpAddr, u16)> {
+pub(crate) fn listening_sockets() -> HashSet<(IpAddr, u16)> {
     let own: HashSet<String> = std::fs::read_dir("/proc/self/fd")
         .map(|dir| {
             dir.filter_map(|entry| {

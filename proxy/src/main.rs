@@ -293,6 +293,19 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     portcullis::state::make_data_dir(&config.data_dir)?;
 
     let listeners = config.listeners.clone();
+    // Each address is tried before anything starts: pingora gives up on one it cannot bind
+    // (no such address here yet, a port below 1024 without the capability) in a task of its
+    // own, and the process would stay up serving nothing, for good.
+    let addresses =
+        (listeners.iter().map(|l| l.address)).chain(config.admin.as_ref().map(|a| a.address));
+    for address in addresses.clone() {
+        match std::net::TcpListener::bind(address) {
+            // Held by another process (the one this replaces, stopping): pingora retries.
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(format!("cannot listen on {address}: {e}")),
+        }
+    }
     let upgrade_sock = config.data_dir.join("pingora-upgrade.sock");
     let admin = config.admin.clone();
     let server_config = config.server.clone();
@@ -426,6 +439,10 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     server.add_service(background_service(
         "stream watcher",
         services::Watcher::new(shared.clone()),
+    ));
+    server.add_service(background_service(
+        "listeners",
+        services::ListenerWatch::new(shared.clone(), addresses.collect()),
     ));
     server.add_service(background_service("drain", reload::Drainer::new(shared)));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "portcullis starting");

@@ -361,3 +361,52 @@ impl BackgroundService for Watcher {
         }
     }
 }
+
+/// Stops the process when a listener is still not bound a minute after start. pingora tries a
+/// port another process holds 30 times, a second apart, then gives up in a task of its own
+/// (and drops the listeners it had bound): the process would stay up, its `/healthz` 200,
+/// serving nothing until someone restarted it. Exiting 1 lets its supervisor do that.
+pub struct ListenerWatch {
+    shared: Arc<Shared>,
+    addresses: Vec<std::net::SocketAddr>,
+}
+
+/// How long after start every listener must be bound.
+pub const LISTENERS_BOUND_WITHIN: Duration = Duration::from_secs(60);
+
+impl ListenerWatch {
+    pub fn new(shared: Arc<Shared>, addresses: Vec<std::net::SocketAddr>) -> Self {
+        Self { shared, addresses }
+    }
+
+    /// The first of `addresses` this process does not listen on.
+    fn missing(&self) -> Option<std::net::SocketAddr> {
+        let bound = crate::admin::listening_sockets();
+        (self.addresses.iter().copied())
+            .find(|a| !bound.contains(&(a.ip().to_canonical(), a.port())))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ListenerWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let started = std::time::Instant::now();
+        while let Some(missing) = self.missing() {
+            if started.elapsed() >= LISTENERS_BOUND_WITHIN {
+                tracing::error!(
+                    "not listening on {missing} {}s after start (another process holds the \
+                     port?); stopping",
+                    LISTENERS_BOUND_WITHIN.as_secs()
+                );
+                let audit = self.shared.audit.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(5))).await;
+                crate::logging::flush();
+                std::process::exit(1);
+            }
+            if !pause(&mut shutdown, Duration::from_secs(1)).await {
+                return;
+            }
+        }
+    }
+}

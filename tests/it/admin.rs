@@ -217,6 +217,51 @@ async fn not_ready_until_the_proxy_listens_on_its_port() {
     get_echo(&client, &cfg.http_url("app.test", "/after")).await;
 }
 
+/// A listener that cannot be bound stops the process (exit 1), for its supervisor to start it
+/// again: an address this machine does not have, at start; a port another process holds
+/// past pingora's retries (30 s), a minute after start. It stayed up, its `/healthz` 200,
+/// serving nothing for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_that_cannot_be_bound_stops_the_process() {
+    let until_exit = |px: &mut Portcullis, within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        let status = loop {
+            if let Some(status) = px.try_exit() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after {within:?}:\n{}",
+                px.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert_eq!(status.code(), Some(1), "{}", px.log());
+    };
+    let cfg = ConfigBuilder::new().http_listener();
+    // TEST-NET-1: no machine has it.
+    let elsewhere = format!(
+        "{}\n[[listeners]]\naddress = \"192.0.2.1:8443\"\n",
+        cfg.toml()
+    );
+    let mut px = Portcullis::spawn(&elsewhere);
+    until_exit(&mut px, std::time::Duration::from_secs(30));
+    assert!(
+        px.log().contains("cannot listen on 192.0.2.1:8443"),
+        "{}",
+        px.log()
+    );
+
+    let squatter = std::net::TcpListener::bind(cfg.http_addr()).expect("bind the port first");
+    let mut px = Portcullis::spawn(&cfg.toml());
+    let started = std::time::Instant::now();
+    until_exit(&mut px, std::time::Duration::from_secs(120));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(55));
+    let said = format!("not listening on {}", cfg.http_addr());
+    assert!(px.log().contains(&said), "{}", px.log());
+    drop(squatter);
+}
+
 /// `/metrics` and `/explain` tell about the directory and the traffic: without `[admin] token`
 /// they answer only to loopback Host names (so a page in a browser on the machine cannot reach
 /// them through a DNS name pointed at 127.0.0.1); the probes answer anyone.
