@@ -3654,6 +3654,46 @@ async fn groups_not_sought_at_sign_in_are_not_taken_for_none_after_a_reload() {
     assert!(body.contains("cannot be judged"), "{body}");
 }
 
+/// Likewise where UserInfo was asked at sign-in, for the person's email (a provider that puts
+/// claims only there), without the groups scope: its answer without `groups` does not say
+/// they are in none.
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_userinfo_was_not_asked_for_are_not_taken_for_none_after_a_reload() {
+    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
+    let fx = Fixture::start_with(Options {
+        more_idp_users: vec![cal],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set("allow = { any_signed_in = true }")
+                .set("deny = { groups = [\"contractors\"] }")
+        }],
+        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
+        ..Options::default()
+    })
+    .await;
+    // No route reads the IdP's groups, nor asks for them, while cal signs in.
+    let text = fx.cfg.toml();
+    let reads_none = (text.replace("token_groups = true", "token_groups = false")).replace(
+        r#"["openid", "email", "profile", "groups"]"#,
+        r#"["openid", "email", "profile"]"#,
+    );
+    assert!(!reads_none.contains("\"groups\"]\n") && reads_none != text);
+    fx.px.rewrite_config(&reads_none);
+    fx.px.reload_and_wait().await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, CAL, CAL_PASSWORD).await;
+
+    // Routes read them, and ask for them, again.
+    fx.px.rewrite_config(&text);
+    fx.px.reload_and_wait().await;
+    let resp = get_with_session(&url, &signed.cookie, "application/json").await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("cannot be judged"), "{body}");
+}
+
 /// The IdP's groups judge only people the directory does not know: a person it knows is judged
 /// by the directory's groups, and the IdP's changing ends no session of theirs.
 #[tokio::test(flavor = "multi_thread")]

@@ -568,11 +568,14 @@ impl Oidc {
         let info_claims = info.as_ref().map(|info| &info.additional_claims().rest);
         let (groups, unlisted) = provider_groups(raw_claims.as_ref(), info_claims);
         // Groups the ID token lacks, where UserInfo could say them but gave no usable answer
-        // (it refused the access token) or was not asked (no route read groups then): unknown,
-        // not none. Taken as none, a deny rule on a group (one a reload adds, too) would miss
-        // them for the session's lifetime.
+        // (it refused the access token) or was not asked for them (no route read groups then,
+        // and it was asked for the email at most, perhaps without the groups scope): unknown,
+        // not none, unless an answer listed them. Taken as none, a deny rule on a group (one a
+        // reload adds, too) would miss them for the session's lifetime.
+        let listed = id_groups.is_some() || info_claims.is_some_and(|c| c.contains_key("groups"));
+        let asked_for_groups = info.is_some() && wants.groups;
         let groups_unlisted =
-            unlisted || groups_unsaid(id_groups.is_some(), info.is_some(), config, &provider);
+            unlisted || groups_unsaid(listed, asked_for_groups, config, &provider);
         let mut strings = Claims::new();
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object, &[wants.claim]);
