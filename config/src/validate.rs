@@ -1256,14 +1256,14 @@ fn person_claim_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// The mapping each IdP's default SCIM provisioning matches, by preset name: `(claim,
+/// The mapping each IdP's SCIM provisioning matches (as its guide sets it up), by preset name: `(claim,
 /// scim_attribute, machine_claim, machine_scim_attribute, agent_claim, bearer_claim)`.
 /// Explicit keys override it; `bearer_claim` is the preset's only where the file sets neither
 /// `claim` nor `scim_attribute` (else it is `claim`, as without a preset).
 ///
-/// - `entra`: Microsoft Entra ID provisions a user's object id as `externalId` (and the UPN as
-///   `userName`); its tokens carry the object id as `oid`, for people and for an app's service
-///   principal alike.
+/// - `entra`: Microsoft Entra ID provisioning set up as docs/entra-id.md says, a user's object
+///   id as `externalId` (its default maps `mailNickname` there) and the UPN as `userName`; its
+///   tokens carry the object id as `oid`, for people and for an app's service principal alike.
 /// - `okta`: Okta provisions its user id (`00u…`) as `externalId` (and the login as
 ///   `userName`); its ID tokens carry that id as `sub`. A client-credentials token's `sub` is
 ///   the client id (`0oa…`), the service account's `userName`; Okta names the client `cid`
