@@ -133,10 +133,12 @@ fn main() -> ExitCode {
             config,
             publish_for,
         } => {
-            let rotated =
-                load_config(&config).and_then(|config| rotate_assertion_key(&config, publish_for));
+            let rotated = load_config(&config).and_then(|config| {
+                let shared = config.postgres.is_some();
+                rotate_assertion_key(&config, publish_for).map(|r| (r, shared))
+            });
             match rotated {
-                Ok((kid, signs)) => {
+                Ok(((kid, signs), shared)) => {
                     println!("new assertion signing key: {kid}");
                     let from = i64::try_from(signs)
                         .ok()
@@ -146,10 +148,26 @@ fn main() -> ExitCode {
                                 .ok()
                         })
                         .unwrap_or_else(|| signs.to_string());
+                    // A server with its keys in `data_dir` reads them every minute, and
+                    // upstreams cache the key set as long: a key that signs sooner than two
+                    // minutes from now may reach an upstream before the key set naming it.
+                    let published = if shared {
+                        "published now"
+                    } else {
+                        "published by the running server within a minute"
+                    };
                     println!(
-                        "published now; it signs from {from}, {}s from now (the old key until then)",
+                        "{published}; it signs from {from}, {}s from now (the old key until then)",
                         publish_for.as_secs()
                     );
+                    let soonest = if shared { 60 } else { 120 };
+                    if publish_for.as_secs() < soonest {
+                        eprintln!(
+                            "portcullis: warning: upstreams that cache the key set (60s) may \
+                             see assertions signed with it before they have it: give \
+                             --publish-for {soonest}s or more"
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

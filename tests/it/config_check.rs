@@ -350,3 +350,45 @@ async fn serve_refuses_a_bad_file_before_binding() {
         &problem("<A>", "server.threadz", Some("unknown key")),
     );
 }
+
+/// `rotate-assertion-key` on a server with its keys in `data_dir` says the key is published
+/// within a minute (the server reads the key directory every minute), and warns of a
+/// `--publish-for` under two minutes: upstreams caching the key set (60 s) could meet the key
+/// signing before they have it.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotating_the_assertion_key_in_data_dir_says_when_it_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, valid_base(free_port())).unwrap();
+    let config = path.display().to_string();
+    let rotate = |publish_for: &'static str| {
+        let config = config.clone();
+        let dir = dir.path().to_owned();
+        async move {
+            let args = [
+                "rotate-assertion-key",
+                "--config",
+                &config,
+                "--publish-for",
+                publish_for,
+            ];
+            portcullis_tests::process::run(&dir, &args).await
+        }
+    };
+    let soon = rotate("30s").await;
+    assert_eq!(soon.status.code(), Some(0), "{}", soon.stderr);
+    assert!(
+        soon.stdout
+            .contains("published by the running server within a minute; it signs from"),
+        "{}",
+        soon.stdout
+    );
+    assert!(
+        soon.stderr.contains("--publish-for 120s or more"),
+        "{}",
+        soon.stderr
+    );
+    let later = rotate("3m").await;
+    assert_eq!(later.status.code(), Some(0), "{}", later.stderr);
+    assert!(!later.stderr.contains("warning"), "{}", later.stderr);
+}
