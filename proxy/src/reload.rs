@@ -560,6 +560,14 @@ impl BackgroundService for Drainer {
         } else {
             tracing::info!("drained, exiting");
         }
+        // When sessions were last used, so a restart does not end them before their idle
+        // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise.
+        let stored = tokio::time::timeout(AUDIT_FLUSH, self.shared.auth.sessions.store_last_use());
+        match stored.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("cannot store when sessions were last used: {e}"),
+            Err(_) => tracing::warn!("sessions' last use not stored within {AUDIT_FLUSH:?}"),
+        }
         if let Some(freshness) = self.shared.freshness.clone() {
             // Writers on other replicas stop waiting for this one at once.
             let wait = freshness.max_staleness();

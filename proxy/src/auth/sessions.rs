@@ -1081,6 +1081,20 @@ impl Sessions {
         Ok((touched, over))
     }
 
+    /// Stores when each session used here since the store last had it was last used, at once:
+    /// at shutdown, so that a restart judges idleness from the last use, not from the last
+    /// upkeep's write (up to twice its interval before). Returns how many it wrote.
+    pub async fn store_last_use(&self) -> Result<usize, String> {
+        let entries: Vec<Entry> = (self.kept.sessions.iter())
+            .filter(|held| held.last_seen() > held.stored_seen.load(Ordering::Relaxed))
+            .map(|held| entry(SESSION_SEEN, held.key(), Some(held.last_seen().to_string())))
+            .collect();
+        for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
+            put(&self.directory, chunk.to_vec()).await?;
+        }
+        Ok(entries.len())
+    }
+
     /// Moves the sessions of `data_dir/sessions.redb`, where sessions were kept before they
     /// moved beside the directory, into the directory, once: the file is renamed first, so
     /// a session ended after the move can never come back from it (if the move fails, its
@@ -1736,6 +1750,30 @@ mod tests {
         assert!(sessions.get(&young).is_none());
         drop(sessions);
         assert_eq!(open(dir.path()).sessions.count(), 0, "ending is durable");
+    }
+
+    /// At shutdown every use the store lacks is written, however recent: a restart judges
+    /// idleness from it, not from the last upkeep's write.
+    #[tokio::test]
+    async fn the_last_use_is_stored_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let used = sessions
+            .create(identity("used", 100_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        let unused = sessions
+            .create(identity("unused", 100_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        // Less than an upkeep's interval after the store had it: no upkeep would write it.
+        sessions.get(&used).unwrap().1.touch(130);
+        assert_eq!(sessions.store_last_use().await, Ok(1));
+        assert_eq!(sessions.store_last_use().await, Ok(0), "written once");
+        drop(sessions);
+        let sessions = open(dir.path()).sessions;
+        assert_eq!(sessions.get(&used).unwrap().1.last_seen(), 130);
+        assert_eq!(sessions.get(&unused).unwrap().1.last_seen(), 100);
     }
 
     #[tokio::test]
