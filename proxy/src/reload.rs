@@ -582,6 +582,12 @@ impl BackgroundService for Drainer {
         if !matches!(flushed, Ok(true)) {
             tracing::warn!("exiting before the audit log was written to the end");
         }
+        // Closed cleanly, the embedded store opens at the next start without a repair.
+        let directory = self.shared.directory.clone();
+        let closed = tokio::task::spawn_blocking(move || directory.close());
+        if tokio::time::timeout(AUDIT_FLUSH, closed).await.is_err() {
+            tracing::warn!("exiting before the directory store was closed");
+        }
         crate::logging::flush();
         std::process::exit(0);
     }

@@ -271,6 +271,11 @@ pub struct Page {
 }
 
 impl Directory {
+    /// Closes the store at shutdown (see [`Storage::close`]): writes after it fail.
+    pub fn close(&self) {
+        self.storage.close();
+    }
+
     /// Loads `storage` into a fresh index and starts the writer thread.
     pub fn open(storage: Arc<dyn Storage>, clock: Clock) -> Result<Self, StoreError> {
         Self::open_with_sinks(storage, clock, Sinks::default())

@@ -286,6 +286,9 @@ pub trait Storage: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
+    /// Closes the store at shutdown, once nothing more is written: a database file closed so
+    /// is not repaired as after a crash when it is opened again. Writes after it fail.
+    fn close(&self) {}
     /// The batches committed after `after`, by any process.
     fn feed(&self, _after: Seq) -> Result<Feed, StoreError> {
         Ok(Feed::Batches(Vec::new()))

@@ -335,6 +335,14 @@ impl Storage for RedbStorage {
         }
     }
 
+    /// Drops the database, which redb then marks closed cleanly (a process that exits with
+    /// it open leaves it to be repaired, walking the whole file, at the next open).
+    fn close(&self) {
+        if let Ok(mut db) = self.db.write() {
+            drop(db.take());
+        }
+    }
+
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
         let reading = self.begin_read()?;
         let txn = &reading.txn;

@@ -2437,3 +2437,26 @@ async fn a_user_leaving_many_groups_costs_one_read_of_them() {
         assert!(dir.members(id).is_empty());
     }
 }
+
+/// A directory closed at shutdown leaves its file closed cleanly: the next start opens it
+/// without redb's repair, which walks the whole file (a process exits without dropping
+/// anything, so without the close every start after a write repaired it).
+#[tokio::test]
+async fn a_closed_directory_opens_again_without_a_repair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = open(tmp.path());
+    created(&dir, ResourceType::User, user("ann@x")).await;
+    dir.close();
+    // As `process::exit` leaves it: nothing dropped.
+    std::mem::forget(dir);
+    let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = repaired.clone();
+    let reopened = ::redb::Builder::new()
+        .set_repair_callback(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst))
+        .open(tmp.path().join("directory.redb"));
+    assert!(reopened.is_ok(), "{:?}", reopened.err());
+    assert!(
+        !repaired.load(std::sync::atomic::Ordering::SeqCst),
+        "repaired"
+    );
+}
