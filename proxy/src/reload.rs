@@ -507,15 +507,16 @@ impl Drainer {
         Self { shared }
     }
 
-    /// The longest a drain under `config` takes: in-flight requests, leaving the fleet, and
-    /// writing the audit log out.
+    /// The longest a drain under `config` takes: in-flight requests, storing sessions' last
+    /// use, leaving the fleet, writing the audit log out and closing the store (each of the
+    /// three writes bounded by [`AUDIT_FLUSH`]).
     pub fn longest(config: &Config) -> Duration {
         let leave = config.postgres.as_ref().map(|p| p.max_staleness);
         config
             .server
             .shutdown_timeout
             .saturating_add(leave.unwrap_or_default())
-            .saturating_add(AUDIT_FLUSH)
+            .saturating_add(AUDIT_FLUSH * 3)
     }
 }
 

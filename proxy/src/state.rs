@@ -53,7 +53,8 @@ pub struct Runtime {
     pub awaiting_restart: Vec<&'static str>,
 }
 
-/// The port a plain-HTTP request is sent to for https, of the TLS listeners at `tls`: the one
+/// The port a plain-HTTP request is sent to for https, of the https listeners at `tls` (a
+/// listener behind a TLS proxy counted on 443): the one
 /// most clients can reach (on every address, then on another than loopback, then on
 /// loopback), 443 before others; not merely the first in the file (a loopback-only one for
 /// operators, say).
@@ -86,11 +87,14 @@ impl Runtime {
             .iter()
             .map(|route| Arc::new(CompiledRoute::new(route.clone())))
             .collect();
-        let https_port = https_port(
-            (config.listeners.iter())
-                .filter(|l| l.tls.is_some())
-                .map(|l| l.address),
-        );
+        // A listener behind a TLS proxy is reached over https on that proxy's port: 443.
+        let https_port = https_port(config.listeners.iter().filter_map(|l| {
+            match (&l.tls, l.behind_tls_proxy) {
+                (Some(_), _) => Some(l.address),
+                (None, true) => Some(std::net::SocketAddr::new(l.address.ip(), 443)),
+                (None, false) => None,
+            }
+        }));
         let scim = config
             .scim
             .as_ref()

@@ -770,10 +770,11 @@ impl Auth {
                 "it was issued in the future (iat)".into(),
             ));
         }
-        // `exp` read rounded down: a token is over at the second it says, also where the
-        // library checking it read a fraction up.
+        // `exp` read rounded down: a token is over at the second it says (RFC 7519 §4.1.4:
+        // taken only before it), also where the library checking it read a fraction up, as
+        // the verified tokens' cache and the stream watcher judge it.
         let valid_until = claims.exp.0.saturating_add(validation.leeway);
-        if now > valid_until {
+        if now >= valid_until {
             return Err(JwtError::Invalid("it has expired".into()));
         }
         let for_itself = is_client_token(

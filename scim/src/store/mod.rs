@@ -287,7 +287,7 @@ pub trait Storage: Send + Sync + 'static {
         false
     }
     /// Closes the store at shutdown, once nothing more is written: a database file closed so
-    /// is not repaired as after a crash when it is opened again. Writes after it fail.
+    /// is not repaired as after a crash when it is opened again. Writes after it are refused.
     fn close(&self) {}
     /// The batches committed after `after`, by any process.
     fn feed(&self, _after: Seq) -> Result<Feed, StoreError> {

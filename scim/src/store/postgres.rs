@@ -1469,7 +1469,8 @@ pub struct Fleet {
 
 impl Fleet {
     /// Runs on the calling thread until a newer build migrates the database (the error it
-    /// returns; this replica can no longer read it): waits for feed notifications (or a quarter of
+    /// returns; this replica can no longer read it), or the database, reached only now, cannot
+    /// hold the directory (not in UTF8): waits for feed notifications (or a quarter of
     /// `max_staleness`), has `catch_up` apply what is new (it reports the sequence now applied,
     /// and the last one applied from the feed), then renews the lease if that is everything
     /// committed: when the quarter is up, or at once when other replicas' batches were

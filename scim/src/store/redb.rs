@@ -57,6 +57,8 @@ pub struct RedbStorage {
     /// The sequence of a batch the database holds though this process refused it (see
     /// `commit`): once known, nothing more is written until a restart reads it.
     ahead: std::sync::OnceLock<Seq>,
+    /// Closed at shutdown: nothing more is written (not even by opening it again).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -139,6 +141,7 @@ impl RedbStorage {
             db: RwLock::new(Some(db)),
             open,
             ahead: std::sync::OnceLock::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -315,6 +318,9 @@ impl Storage for RedbStorage {
         if let Some(&seq) = self.ahead.get() {
             return Err(unknown(seq));
         }
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Backend("closed at shutdown".to_owned()));
+        }
         let written = match self.write(batch)? {
             Some(written) => written,
             // Not open since a failed write: opened, then written.
@@ -338,7 +344,11 @@ impl Storage for RedbStorage {
     /// Drops the database, which redb then marks closed cleanly (a process that exits with
     /// it open leaves it to be repaired, walking the whole file, at the next open).
     fn close(&self) {
+        // Set under the lock a commit holds while it writes: one under way ends first, and
+        // none after it opens the file again.
         if let Ok(mut db) = self.db.write() {
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
             drop(db.take());
         }
     }

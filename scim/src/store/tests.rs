@@ -2447,6 +2447,10 @@ async fn a_closed_directory_opens_again_without_a_repair() {
     let dir = open(tmp.path());
     created(&dir, ResourceType::User, user("ann@x")).await;
     dir.close();
+    // A write after it (a request past the drain's wait) is refused, not written by opening
+    // the file again.
+    let late = create(&dir, ResourceType::User, user("bob@x")).await;
+    assert_eq!(late.err().map(|e| e.status), Some(503));
     // As `process::exit` leaves it: nothing dropped.
     std::mem::forget(dir);
     let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
