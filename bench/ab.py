@@ -99,6 +99,10 @@ def run(args):
             for name, run_ in runs.items():
                 if run_["non2xx"] or run_["sockerr"]:
                     raise SystemExit(f"{name}: {run_['non2xx']} non-2xx, {run_['sockerr']} socket errors")
+                # wrk counts a redirect to sign in as an answer: each system must still serve
+                # the route from its upstream.
+                _, url, headers = systems[name]
+                common.check_upstream_answers(url, headers)
                 results[name].append((after[name] - before[name]) / 1e3 / max(run_["requests"], 1))
             log(f"round {round_no + 1}: " + "  ".join(f"{name} {results[name][-1]:.2f} µs" for name in systems))
     finally:

@@ -140,6 +140,8 @@ def polling(args):
                     page_count += len(poller.times_ms)
                 if run["non2xx"] or run["sockerr"]:
                     raise SystemExit(f"{mode}: {run['non2xx']} non-2xx, {run['sockerr']} socket errors")
+                # wrk counts a redirect to sign in as an answer: the session must still be served.
+                common.check_upstream_answers(url, headers)
                 # The worker thread is the one that ran most; the rest are the blocking pool
                 # (console pages) and background tasks.
                 ran = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)

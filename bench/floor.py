@@ -33,7 +33,11 @@ mod_auth_openidc, the identity-aware peer (`bench/proxy.py`'s configuration: one
 of 64 threads, sessions in shared memory, `Require claim groups:eng`), pinned to the same CPU
 and given alice's same request with its own session cookie: Portcullis' share of its CPU per
 request, measured in the same seconds. The two are a window of their own: Apache's threads
-among the four others would leave every figure one of a thrashed core.
+among the four others would leave every figure one of a thrashed core. In it each has a CPU
+cgroup of its own with the same weight (`EqualShares`), so that each gets half the core:
+shared per thread instead, Apache's busy threads left Portcullis' one worker a few percent of
+it, each of its requests' CPU inflated by the switching. Each one's share of the core is
+printed and kept.
 
 Targets (issue 15): `session+policy` within 2 µs per request of the floor, as the median of the
 rounds' differences, and at most 0.25x Apache's CPU per request, as the median of the rounds'
@@ -169,6 +173,82 @@ def process_cpu_ns(pid):
     return sum(thread_cpu_ns(pid).values()) + sum(process_cpu_ns(child) for child in children)
 
 
+class EqualShares:
+    """Each process tree of `pids` (name -> pid) in a CPU cgroup of its own, all with the same
+    weight, for as long as the `with` lasts: on one core the scheduler shares time per runnable
+    thread otherwise, and Apache's busy threads (up to 32 with 32 connections) would leave
+    Portcullis' one worker a few percent of the core, its requests' CPU inflated by the
+    switching (1.0x to 1.6x its own figure in the runs kept before 2026-12-06). Needs a cgroup
+    `cpu` controller it may write (root, v1 `cpu.shares` or v2 `cpu.weight`); without one it
+    says so and the window is the scheduler's (`applied` is False)."""
+
+    def __init__(self, pids):
+        self.pids, self.groups, self.applied = pids, [], False
+
+    @staticmethod
+    def controller():
+        """(directory of this process's cpu cgroup, weight file, process file, equal weight)."""
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f if line.strip()]
+        for _, controllers, path in lines:
+            if "cpu" in controllers.split(","):
+                return os.path.join("/sys/fs/cgroup/cpu", path.lstrip("/")), "cpu.shares", "cgroup.procs", "1024"
+        unified = "/sys/fs/cgroup"
+        for _, controllers, path in lines:
+            if controllers == "":
+                base = os.path.join(unified, path.lstrip("/"))
+                try:
+                    with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                        if "cpu" in f.read().split():
+                            return base, "cpu.weight", "cgroup.procs", "100"
+                except OSError:
+                    pass
+        return None
+
+    def tree(self, pid):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        return [pid] + [p for c in children for p in self.tree(c)]
+
+    def __enter__(self):
+        found = self.controller()
+        if not found:
+            log("no cgroup cpu controller to share the core equally: the window is the scheduler's")
+            return self
+        self.base, weight_file, self.procs_file, weight = found
+        try:
+            for name, pid in self.pids.items():
+                group = os.path.join(self.base, f"portcullis-bench-{os.getpid()}-{len(self.groups)}")
+                os.mkdir(group)
+                self.groups.append(group)
+                with open(os.path.join(group, weight_file), "w") as f:
+                    f.write(weight)
+                for member in self.tree(pid):
+                    with open(os.path.join(group, self.procs_file), "w") as f:
+                        f.write(str(member))
+            self.applied = True
+        except OSError as e:
+            log(f"cannot share the core equally ({e}): the window is the scheduler's")
+            self.__exit__(None, None, None)
+        return self
+
+    def __exit__(self, *exc):
+        for group in self.groups:
+            try:
+                with open(os.path.join(group, self.procs_file)) as f:
+                    members = f.read().split()
+                for member in members:
+                    with open(os.path.join(self.base, self.procs_file), "w") as f:
+                        f.write(member)
+                os.rmdir(group)
+            except OSError:
+                pass
+        self.groups = []
+
+
 def run(args):
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two CPUs: one for the proxies, one for the load and the upstream")
@@ -249,10 +329,12 @@ def run(args):
                 return {name: f.result() for name, f in futures.items()}
 
         def measure(group, results):
-            """One window of `group` side by side: each one's CPU per request added to `results`;
-            how busy the core was."""
+            """One window of `group` side by side: each one's CPU per request (and its share of the
+            core) added to `results`; how busy the core was."""
             before = {name: process_cpu_ns(pid) for name, (pid, *_) in group.items()}
+            started = time.monotonic()
             runs = load(group, args.duration)
+            window = time.monotonic() - started
             after = {name: process_cpu_ns(pid) for name, (pid, *_) in group.items()}
             for name, run_ in runs.items():
                 if run_["non2xx"] or run_["sockerr"]:
@@ -262,8 +344,9 @@ def run(args):
                 _, url, headers, _ = group[name]
                 common.check_upstream_answers(url, headers)
                 cpu_us = (after[name] - before[name]) / 1e3 / max(run_["requests"], 1)
-                results[name].append({"cpu_us": cpu_us, "rps": run_["rps"]})
-            return sum(after[n] - before[n] for n in group) / 1e9 / args.duration
+                share = (after[name] - before[name]) / 1e9 / window
+                results[name].append({"cpu_us": cpu_us, "rps": run_["rps"], "core_share": share})
+            return sum(after[n] - before[n] for n in group) / 1e9 / window
 
         for group in (systems, pair):
             load(group, 2)  # warm-up: connection pools, caches, the session in memory
@@ -271,9 +354,11 @@ def run(args):
         results = {name: [] for name in systems}
         against_peer = {name: [] for name in pair}
         busy = []
+        equal = EqualShares({name: pid for name, (pid, *_) in pair.items()})
         for round_no in range(args.rounds):
             busy.append(measure(systems, results))
-            measure(pair, against_peer)
+            with equal:
+                measure(pair, against_peer)
             log(f"round {round_no + 1}: " + "  ".join(
                 f"{name} {results[name][-1]['cpu_us']:.2f} µs" for name in systems) + "; beside Apache: " +
                 "  ".join(f"{name} {against_peer[name][-1]['cpu_us']:.2f} µs" for name in pair))
@@ -308,8 +393,9 @@ def run(args):
             "core_busy": median(busy), "target_us": TARGET_US, "systems": summary,
             "headers_floor": HEADERS_FLOOR, "own_work_us": median(own), "own_work_quartiles": quartiles(own),
             "apache": APACHE, "apache_share": median(share), "apache_share_quartiles": quartiles(share),
-            "apache_target": APACHE_TARGET,
-            "beside_apache": {name: {"cpu_us": median(r["cpu_us"] for r in runs), "runs": runs}
+            "apache_target": APACHE_TARGET, "apache_equal_shares": equal.applied,
+            "beside_apache": {name: {"cpu_us": median(r["cpu_us"] for r in runs),
+                                     "core_share": median(r["core_share"] for r in runs), "runs": runs}
                               for name, runs in against_peer.items()},
             "profile": profile}
 
@@ -404,7 +490,11 @@ def report(result):
     if "apache_share" in result:
         q1, q3 = result["apache_share_quartiles"]
         beside = result["beside_apache"]
-        print(f"\nAgainst the identity-aware peer, the two side by side in a window of their own each round: "
+        shares = ("each in a CPU cgroup of its own with the same weight"
+                  if result.get("apache_equal_shares") else "as the scheduler shared the core (no cgroup)")
+        taken = "; ".join(f"{name} {beside[name].get('core_share', 0):.0%}" for name in beside)
+        print(f"\nAgainst the identity-aware peer, the two side by side in a window of their own each round, "
+              f"{shares} (their shares of the core: {taken}): "
               f"the session route {beside[SESSION]['cpu_us']:.2f} µs, `{result['apache']}` (Apache + "
               f"mod_auth_openidc, the same signed-in, group-checked request) {beside[result['apache']]['cpu_us']:.2f} "
               f"µs per request; the session route uses {result['apache_share']:.3f}x ({q1:.3f} to {q3:.3f}) "

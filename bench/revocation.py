@@ -108,8 +108,10 @@ def load_until_revoked(port, headers, revoke, workers, max_requests, max_seconds
 def analyse(samples, answered):
     after = [s for s in samples if s[0] > answered]
     ok = lambda s: 200 <= s[2] < 300  # noqa: E731
-    refused_after = sorted(s[1] for s in after if not ok(s))
-    early_refusals = [s for s in samples if s[0] <= answered and not ok(s) and s[2] != 0]
+    # A socket error (status 0) is no refusal; a refusal "before the answer arrived" is one
+    # that arrived (s[1]) before the SCIM answer did.
+    refused_after = sorted(s[1] for s in after if not ok(s) and s[2] != 0)
+    early_refusals = [s for s in samples if s[1] <= answered and not ok(s) and s[2] != 0]
     before_ok = [s for s in samples if s[0] <= answered and ok(s)]
     statuses = {}
     for s in after:
