@@ -34,7 +34,8 @@ of 64 threads, sessions in shared memory, `Require claim groups:eng`), pinned to
 and given alice's same request with its own session cookie: Portcullis' share of its CPU per
 request, measured in the same seconds. The two are a window of their own: Apache's threads
 among the four others would leave every figure one of a thrashed core. In it each has a CPU
-cgroup of its own with the same weight (`EqualShares`), so that each gets half the core:
+cgroup of its own with the same weight where it may make one (`EqualShares`: root, cgroup
+v1 or a v2 cgroup delegating `cpu`; the report says which), so that each gets half the core:
 shared per thread instead, Apache's busy threads left Portcullis' one worker a few percent of
 it, each of its requests' CPU inflated by the switching. Each one's share of the core is
 printed and kept.
@@ -179,8 +180,10 @@ class EqualShares:
     thread otherwise, and Apache's busy threads (up to 32 with 32 connections) would leave
     Portcullis' one worker a few percent of the core, its requests' CPU inflated by the
     switching (1.0x to 1.6x its own figure in the runs kept before 2026-12-06). Needs a cgroup
-    `cpu` controller it may write (root, v1 `cpu.shares` or v2 `cpu.weight`); without one it
-    says so and the window is the scheduler's (`applied` is False)."""
+    `cpu` controller it may write: root, with cgroup v1's (`cpu.shares`), or v2's where the
+    bench's own cgroup delegates `cpu` to its children (`cpu.weight`; a systemd host's usually
+    does not); without one it says so and the window is the scheduler's (`applied` is False,
+    and `apache_equal_shares` in the JSON)."""
 
     def __init__(self, pids):
         self.pids, self.groups, self.applied = pids, [], False
@@ -214,6 +217,7 @@ class EqualShares:
         return [pid] + [p for c in children for p in self.tree(c)]
 
     def __enter__(self):
+        self.applied = False
         found = self.controller()
         if not found:
             log("no cgroup cpu controller to share the core equally: the window is the scheduler's")
@@ -354,10 +358,11 @@ def run(args):
         results = {name: [] for name in systems}
         against_peer = {name: [] for name in pair}
         busy = []
-        equal = EqualShares({name: pid for name, (pid, *_) in pair.items()})
+        equal, equal_rounds = EqualShares({name: pid for name, (pid, *_) in pair.items()}), []
         for round_no in range(args.rounds):
             busy.append(measure(systems, results))
             with equal:
+                equal_rounds.append(equal.applied)
                 measure(pair, against_peer)
             log(f"round {round_no + 1}: " + "  ".join(
                 f"{name} {results[name][-1]['cpu_us']:.2f} µs" for name in systems) + "; beside Apache: " +
@@ -393,7 +398,7 @@ def run(args):
             "core_busy": median(busy), "target_us": TARGET_US, "systems": summary,
             "headers_floor": HEADERS_FLOOR, "own_work_us": median(own), "own_work_quartiles": quartiles(own),
             "apache": APACHE, "apache_share": median(share), "apache_share_quartiles": quartiles(share),
-            "apache_target": APACHE_TARGET, "apache_equal_shares": equal.applied,
+            "apache_target": APACHE_TARGET, "apache_equal_shares": all(equal_rounds),
             "beside_apache": {name: {"cpu_us": median(r["cpu_us"] for r in runs),
                                      "core_share": median(r["core_share"] for r in runs), "runs": runs}
                               for name, runs in against_peer.items()},

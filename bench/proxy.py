@@ -90,7 +90,6 @@ def systems(stack, upstream_port, nginx_port, floor_port, cookie, token, apache_
         "portcullis http2 plain": (portcullis_tls, ["Host: plain.test"], common.h2load),
     }
 
-# Each Portcullis row and the Apache row it is compared with.
 def nginx_peer(name):
     """The nginx row a row's requests/s is compared with: the one over the same protocol (HTTPS,
     HTTP/2), else plain HTTP."""
@@ -106,6 +105,7 @@ def has_target(name):
     return name.startswith("portcullis") and not name.endswith("2 threads")
 
 
+# Each Portcullis row and the Apache row it is compared with.
 APACHE_PEER = {"portcullis plain": "apache+openidc plain",
                "portcullis session+policy": "apache+openidc session+claim"}
 

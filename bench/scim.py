@@ -332,7 +332,8 @@ def patch_latencies(server, round_no, users):
     # Users in neither group: group0 holds users 0..99,999, group1 users 0..9. The rest of the
     # users are split in two halves, one per group, and each round takes fresh ones.
     first_free = BIG_GROUP_MEMBERS
-    half = (users - first_free) // 2
+    # The directory's last CHECK_N users stay in no group: the membership checks' non-members.
+    half = (users - first_free - CHECK_N) // 2
     starts = {0: first_free + round_no * PATCH_N, 1: first_free + half + round_no * PATCH_N}
 
     def ask(i, group):
@@ -563,9 +564,10 @@ def main():
     parser.add_argument("--users", type=int, default=1_000_000, help="users in Portcullis' large directory")
     parser.add_argument("--json", help="also write the results as JSON to this file (for bench/suite.py)")
     args = parser.parse_args()
-    needed = BIG_GROUP_MEMBERS + 2 * PATCH_N * args.rounds
+    needed = BIG_GROUP_MEMBERS + 2 * PATCH_N * args.rounds + CHECK_N
     if args.users < needed:
-        parser.error(f"--users must be at least {needed:,} (100,000 in group0 plus fresh users for the PATCHes)")
+        parser.error(f"--users must be at least {needed:,} (100,000 in group0, fresh users for the PATCHes, "
+                     f"and {CHECK_N} in no group)")
 
     ensure_tools()
     binary = common.binary()

@@ -40,7 +40,7 @@ DECISION_TARGET_NS = 2000
 def settings(quick):
     if quick:
         return {"users": 101_000, "decision_args": ["--quick"], "proxy": ["--rounds", "1", "--duration", "2"],
-                "scim": ["--rounds", "1", "--duration", "2", "--users", "101000"],
+                "scim": ["--rounds", "1", "--duration", "2", "--users", "101200"],
                 "revocation": ["--rounds", "1"], "profile": ["--duration", "3"],
                 "replicas": ["--rounds", "1", "--duration", "2", "--writes", "100"],
                 "console": ["--rounds", "2", "--duration", "2", "--users", "101000"],
@@ -193,9 +193,11 @@ def summary_rows(r):
             q1, q3 = fl["apache_share_quartiles"]
             beside = fl["beside_apache"]
             session, apache = beside["portcullis session+policy"], beside[fl["apache"]]
+            shares = ("each in a CPU cgroup of equal weight" if fl.get("apache_equal_shares")
+                      else "as the scheduler shared it, no cgroup")
             rows.append(("floor", f"portcullis session+policy: CPU per request against `{fl['apache']}` "
-                                  f"(Apache + mod_auth_openidc), the two side by side on one core (median of "
-                                  f"the {fl['rounds']} rounds' ratios; quartiles {q1:.3f} to {q3:.3f})",
+                                  f"(Apache + mod_auth_openidc), the two side by side on one core, {shares} "
+                                  f"(median of the {fl['rounds']} rounds' ratios; quartiles {q1:.3f} to {q3:.3f})",
                          f"{session['cpu_us']:.2f} µs", f"{apache['cpu_us']:.2f} µs", f"{fl['apache_share']:.3f}x",
                          f"<= {fl['apache_target']}x", common.verdict(fl["apache_share"] <= fl["apache_target"])))
     ins = r.get("instructions")
@@ -241,7 +243,8 @@ def svg_chart(r, title):
     if p:
         s = p["systems"]
         nginx = s["nginx proxy"]["rps"]
-        panels.append(("Proxy throughput, requests/s (1 worker thread, wrk -c32); line = 0.9x nginx",
+        panels.append(("Proxy throughput, requests/s (1 worker thread, wrk -c32); line = 0.9x plain-HTTP nginx "
+                       "(TLS and HTTP/2 rows are held to nginx's over their protocol: see the table)",
                        [(k, v["rps"], f"{v['rps']:,.0f}  ({v['ratio_to_nginx']:.2f}x {v.get('nginx_peer', 'nginx proxy')}"
                          + (f", p99 {v['p99']:.2f} ms)" if v.get("p99") is not None else ")"),
                          "#888" if k == "upstream alone" else "#4a7" if k == "nginx proxy"

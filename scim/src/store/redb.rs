@@ -165,6 +165,11 @@ impl RedbStorage {
     /// and returns its sequence.
     fn reopen(&self) -> Result<Seq, StoreError> {
         let mut db = self.db.write().map_err(|_| poisoned())?;
+        // Checked under the lock `close` sets it under: a commit that passed its own check
+        // before the close does not open the file again after it.
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Backend("closed at shutdown".to_owned()));
+        }
         // Closed first: the file is locked while it is open.
         drop(db.take());
         let opened = (self.open)()?;
@@ -344,8 +349,8 @@ impl Storage for RedbStorage {
     /// Drops the database, which redb then marks closed cleanly (a process that exits with
     /// it open leaves it to be repaired, walking the whole file, at the next open).
     fn close(&self) {
-        // Set under the lock a commit holds while it writes: one under way ends first, and
-        // none after it opens the file again.
+        // Set under the lock a commit holds while it writes (one under way ends first) and
+        // `reopen` takes before it opens the file: none after it opens the file again.
         if let Ok(mut db) = self.db.write() {
             self.closed
                 .store(true, std::sync::atomic::Ordering::Release);
