@@ -3559,10 +3559,19 @@ const CAL_PASSWORD: &str = "cal's password, long enough";
 /// UserInfo alone (as the provider ships); and a route on `/eng/` that reads the IdP's groups
 /// and denies contractors.
 async fn with_cal_s_groups_at_userinfo() -> Fixture {
-    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
-    Fixture::start_with(Options {
+    with_cal_in_contractors(Options {
         claims_in_id_token: true,
         userinfo_only: vec!["groups"],
+        ..Options::default()
+    })
+    .await
+}
+
+/// Cal, a stranger to the directory in the IdP's `contractors`, and a route that reads the
+/// IdP's groups and denies them; the IdP set up as `options` says.
+async fn with_cal_in_contractors(options: Options) -> Fixture {
+    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
+    Fixture::start_with(Options {
         more_idp_users: vec![cal],
         extra_routes: vec![|api| {
             Route::new("http://app.test/eng/", &[api])
@@ -3571,7 +3580,7 @@ async fn with_cal_s_groups_at_userinfo() -> Fixture {
                 .set("deny = { groups = [\"contractors\"] }")
         }],
         oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
-        ..Options::default()
+        ..options
     })
     .await
 }
@@ -3659,19 +3668,8 @@ async fn groups_not_sought_at_sign_in_are_not_taken_for_none_after_a_reload() {
 /// they are in none.
 #[tokio::test(flavor = "multi_thread")]
 async fn groups_userinfo_was_not_asked_for_are_not_taken_for_none_after_a_reload() {
-    let cal = IdpUser::new("cal", CAL, CAL_PASSWORD).groups(&["contractors"]);
-    let fx = Fixture::start_with(Options {
-        more_idp_users: vec![cal],
-        extra_routes: vec![|api| {
-            Route::new("http://app.test/eng/", &[api])
-                .set("token_groups = true")
-                .set("allow = { any_signed_in = true }")
-                .set("deny = { groups = [\"contractors\"] }")
-        }],
-        oidc_settings: vec![("scopes", r#"["openid", "email", "profile", "groups"]"#)],
-        ..Options::default()
-    })
-    .await;
+    // The test IdP as it is: the person's claims only at UserInfo.
+    let fx = with_cal_in_contractors(Options::default()).await;
     // No route reads the IdP's groups, nor asks for them, while cal signs in.
     let text = fx.cfg.toml();
     let reads_none = (text.replace("token_groups = true", "token_groups = false")).replace(

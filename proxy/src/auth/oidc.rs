@@ -1302,6 +1302,20 @@ mod tests {
         assert!(too_many_to_keep(&long(66)));
     }
 
+    /// A test provider's answer to `request`: an empty key set at `/jwks`, else `document`.
+    fn discovery_answer(request: &[u8], document: &str) -> String {
+        let body = if request.starts_with(b"GET /jwks ") {
+            r#"{"keys": []}"#
+        } else {
+            document
+        };
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
     /// A provider behind a private CA is discovered, its keys fetched, under `[oidc] tls_ca`,
     /// and never under the bundled roots; the provider found is `config`'s only under the CA
     /// it was discovered with (a reload naming another CA discovers it again).
@@ -1353,17 +1367,7 @@ mod tests {
                 let Ok(_) = stream.read(&mut request) else {
                     continue; // a client that does not trust the CA
                 };
-                let body = if request.starts_with(b"GET /jwks ") {
-                    r#"{"keys": []}"#
-                } else {
-                    document.as_str()
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes());
+                let _ = stream.write_all(discovery_answer(&request, &document).as_bytes());
                 stream.conn.send_close_notify();
                 let _ = stream.flush();
             }
@@ -1426,16 +1430,7 @@ mod tests {
                 while let Ok((mut stream, _)) = listener.accept().await {
                     let mut request = [0u8; 2048];
                     let _ = stream.read(&mut request).await;
-                    let body = if request.starts_with(b"GET /jwks ") {
-                        r#"{"keys": []}"#
-                    } else {
-                        document.as_str()
-                    };
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
+                    let answer = discovery_answer(&request, &document);
                     let _ = stream.write_all(answer.as_bytes()).await;
                 }
             });
