@@ -644,6 +644,10 @@ impl Sessions {
     /// [`Sessions::get`], and also a session another end is ending (it lets no one in, but
     /// that end's write may fail): to be ended.
     pub fn get_to_end(&self, id: &str) -> Option<(SessionKey, Arc<Session>)> {
+        // No session's id is of another length: not hashed (a sign-out may carry thousands).
+        if id.len() != 43 {
+            return None;
+        }
         // Its entry among those being ended held, as an end moves it: in one table or the
         // other, never missed between the two.
         let key = key_of(id);
