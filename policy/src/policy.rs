@@ -199,7 +199,29 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 ///
 /// `path` is normalized (no empty or dot segments), as everything Portcullis judges is.
 pub fn loosely_within(prefix: &str, path: &str) -> bool {
-    within(prefix, path, false)
+    LoosePath::new(path).within(prefix)
+}
+
+/// A path read once for [`loosely_within`] against many prefixes (route selection tries each
+/// route of a host, narrowest first): whether it reads plainly is found once, not once a
+/// prefix (a 60 KiB path against 50 routes was 3 MB of scanning).
+pub struct LoosePath<'a> {
+    path: &'a str,
+    plain: bool,
+}
+
+impl<'a> LoosePath<'a> {
+    pub fn new(path: &'a str) -> Self {
+        Self {
+            path,
+            plain: reads_plainly(path),
+        }
+    }
+
+    /// [`loosely_within`]`(prefix, path)`.
+    pub fn within(&self, prefix: &str) -> bool {
+        within_read(prefix, self.path, false, self.plain)
+    }
 }
 
 /// Whether `path` is within `prefix` as written: in its case, with its parameters, at segment
@@ -323,11 +345,16 @@ pub fn script_routed(path: &str) -> Option<(String, usize)> {
 }
 
 fn within(prefix: &str, path: &str, formats: bool) -> bool {
+    within_read(prefix, path, formats, reads_plainly(path))
+}
+
+/// [`within`], for a path whose [`reads_plainly`] is `path_plain`.
+fn within_read(prefix: &str, path: &str, formats: bool, path_plain: bool) -> bool {
     let prefix = match prefix.strip_suffix('/') {
         Some(bare) if !bare.is_empty() => bare,
         _ => prefix,
     };
-    if reads_plainly(path) && reads_plainly(prefix) {
+    if path_plain && reads_plainly(prefix) {
         // No parameters, nothing to trim: the lenient reading is the strict one, in any ASCII
         // case (with a format suffix).
         let (prefix, path) = (prefix.as_bytes(), path.as_bytes());

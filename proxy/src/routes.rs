@@ -114,10 +114,10 @@ impl RouteTable {
     /// `http://app/` does not serve what `https://app/admin` guards). Only a route of the same
     /// prefix, as paths are read (`/api` and `/API/` are one), serves the other scheme.
     pub fn find(&self, scheme: Scheme, host: &str, path: &str) -> Match<'_> {
+        let read = portcullis_policy::LoosePath::new(path);
         for routes in self.candidates(host) {
-            let mut holding = routes
-                .iter()
-                .filter(|route| portcullis_policy::loosely_within(&route.config.path_prefix, path));
+            let mut holding =
+                (routes.iter()).filter(|route| read.within(&route.config.path_prefix));
             let Some(longest) = holding.next() else {
                 continue;
             };
@@ -195,11 +195,12 @@ impl RouteTable {
         // the path as this one does: no other reading.)
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
             let depth = route.depth;
+            let read = portcullis_policy::LoosePath::new(path);
             let wider = self.candidates(host).flatten().any(|other| {
                 let prefix = &other.config.path_prefix;
                 !Arc::ptr_eq(other, route)
                     && (portcullis_policy::strictly_within(prefix, path)
-                        || (other.depth < depth && portcullis_policy::loosely_within(prefix, path)))
+                        || (other.depth < depth && read.within(prefix)))
             });
             if wider {
                 return Some(
