@@ -35,7 +35,7 @@ and given alice's same request with its own session cookie: Portcullis' share of
 request, measured in the same seconds. The two are a window of their own: Apache's threads
 among the four others would leave every figure one of a thrashed core. In it each has a CPU
 cgroup of its own with the same weight where it may make one (`EqualShares`: root, cgroup
-v1 or a v2 cgroup delegating `cpu`; the report says which), so that each gets half the core:
+v1, or v2 run from the root cgroup; the report says which), so that each gets half the core:
 shared per thread instead, Apache's busy threads left Portcullis' one worker a few percent of
 it, each of its requests' CPU inflated by the switching. Each one's share of the core is
 printed and kept.
@@ -181,9 +181,9 @@ class EqualShares:
     Portcullis' one worker a few percent of the core, its requests' CPU inflated by the
     switching (1.0x to 1.6x its own figure in the runs kept before 2026-12-06). Needs a cgroup
     `cpu` controller it may write: root, with cgroup v1's (`cpu.shares`), or v2's where the
-    bench's own cgroup delegates `cpu` to its children (`cpu.weight`; a systemd host's usually
-    does not); without one it says so and the window is the scheduler's (`applied` is False,
-    and `apache_equal_shares` in the JSON)."""
+    bench's own cgroup gives `cpu` to its children (`cpu.weight`: only the root cgroup can, a
+    v2 cgroup holding processes cannot); without one it says so and the window is the
+    scheduler's (`applied` is False, and `apache_equal_shares` in the JSON)."""
 
     def __init__(self, pids):
         self.pids, self.groups, self.applied = pids, [], False

@@ -2381,6 +2381,16 @@ const PLAIN_NAME: [bool; 256] = {
 /// And as Portcullis reads its own tokens (SCIM's, the admin's): all that follows the scheme,
 /// which may hold a space or a comma.
 fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> bool) {
+    // At most so many questions a request, over all its values (up to 256 of them): past them,
+    // what is left to ask about is removed unasked.
+    let asked = std::cell::Cell::new(0);
+    let which = |token: &str| {
+        if asked.get() >= MAX_BEARER_QUESTIONS {
+            return true;
+        }
+        asked.set(asked.get() + 1);
+        which(token)
+    };
     let removed = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let mut words = bytes
@@ -2412,6 +2422,8 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> b
 /// about one by one: a token of Portcullis' own typed by hand may hold a few spaces or commas;
 /// an upstream's own is one word.
 const MAX_BEARER_WORDS: usize = 8;
+/// The most tokens of a request's `Authorization` values asked about (each a hash or two).
+const MAX_BEARER_QUESTIONS: usize = 16;
 
 /// What follows a `Bearer` word of `value` (its scheme, in any case), trimmed, as Portcullis
 /// reads its own tokens (all after the scheme): after the first such word, and in each element
@@ -2447,12 +2459,19 @@ fn remove_values(
     doomed: impl Fn(&HeaderValue) -> bool,
 ) -> usize {
     let values = headers.get_all(&name);
-    if !values.iter().any(&doomed) {
+    let Some(first) = values.iter().position(&doomed) else {
         return 0;
-    }
-    let count = values.iter().count();
-    let kept: Vec<HeaderValue> = values.iter().filter(|v| !doomed(v)).cloned().collect();
-    let removed = count - kept.len();
+    };
+    // Each value judged once: those before the first picked were kept already.
+    let mut removed = 1;
+    let kept: Vec<HeaderValue> = (values.iter().enumerate())
+        .filter(|&(at, value)| {
+            let gone = at == first || (at > first && doomed(value));
+            removed += usize::from(gone && at > first);
+            !gone
+        })
+        .map(|(_, value)| value.clone())
+        .collect();
     replace_all(headers, name, kept);
     removed
 }
@@ -3300,6 +3319,20 @@ mod tests {
         });
         assert!(asked.get() <= 2 * MAX_BEARER_WORDS, "{}", asked.get());
         assert!(crafted.get(header::AUTHORIZATION).is_none());
+        // Nor 256 values of a few words each: the questions are bounded for the request.
+        asked.set(0);
+        let mut values = header_map(&[]);
+        for _ in 0..256 {
+            values.append(
+                header::AUTHORIZATION,
+                HeaderValue::from_static("Bearer x y,Bearer x y,Bearer x y"),
+            );
+        }
+        remove_bearer_tokens(&mut values, |_| {
+            asked.set(asked.get() + 1);
+            false
+        });
+        assert!(asked.get() <= MAX_BEARER_QUESTIONS, "{}", asked.get());
         // A token of one word, the upstream's own on a session route, is asked about once.
         let asked = std::cell::Cell::new(0);
         let mut one = header_map(&[("Authorization", "Bearer eyJ.eyJ.c2ln")]);
