@@ -561,36 +561,43 @@ impl BackgroundService for Drainer {
         } else {
             tracing::info!("drained, exiting");
         }
-        // When sessions were last used, so a restart does not end them before their idle
-        // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise.
-        let stored = tokio::time::timeout(AUDIT_FLUSH, self.shared.auth.sessions.store_last_use());
-        match stored.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("cannot store when sessions were last used: {e}"),
-            Err(_) => tracing::warn!("sessions' last use not stored within {AUDIT_FLUSH:?}"),
-        }
-        if let Some(freshness) = self.shared.freshness.clone() {
-            // Writers on other replicas stop waiting for this one at once.
-            let wait = freshness.max_staleness();
-            let left = tokio::task::spawn_blocking(move || freshness.leave(wait)).await;
-            if !matches!(left, Ok(true)) {
-                tracing::warn!("left the fleet without deleting this replica's lease");
-            }
-        }
-        // Records queued in the last moments (a sign-out during the drain) are written first.
-        let audit = self.shared.audit.clone();
-        let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH)).await;
-        if !matches!(flushed, Ok(true)) {
-            tracing::warn!("exiting before the audit log was written to the end");
-        }
-        // Closed cleanly, the embedded store opens at the next start without a repair.
-        let directory = self.shared.directory.clone();
-        let closed = tokio::task::spawn_blocking(move || directory.close());
-        if tokio::time::timeout(AUDIT_FLUSH, closed).await.is_err() {
-            tracing::warn!("exiting before the directory store was closed");
-        }
+        write_out(&self.shared).await;
         crate::logging::flush();
         std::process::exit(0);
+    }
+}
+
+/// What a stopping process writes before it exits (a drain, or a start that cannot listen):
+/// when sessions were last used, its leaving of the fleet, the audit log to its end, and the
+/// embedded store closed. Each step bounded ([`Drainer::longest`] counts them).
+pub async fn write_out(shared: &Shared) {
+    // When sessions were last used, so a restart does not end them before their idle
+    // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise.
+    let stored = tokio::time::timeout(AUDIT_FLUSH, shared.auth.sessions.store_last_use());
+    match stored.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("cannot store when sessions were last used: {e}"),
+        Err(_) => tracing::warn!("sessions' last use not stored within {AUDIT_FLUSH:?}"),
+    }
+    if let Some(freshness) = shared.freshness.clone() {
+        // Writers on other replicas stop waiting for this one at once.
+        let wait = freshness.max_staleness();
+        let left = tokio::task::spawn_blocking(move || freshness.leave(wait)).await;
+        if !matches!(left, Ok(true)) {
+            tracing::warn!("left the fleet without deleting this replica's lease");
+        }
+    }
+    // Records queued in the last moments (a sign-out during the drain) are written first.
+    let audit = shared.audit.clone();
+    let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH)).await;
+    if !matches!(flushed, Ok(true)) {
+        tracing::warn!("exiting before the audit log was written to the end");
+    }
+    // Closed cleanly, the embedded store opens at the next start without a repair.
+    let directory = shared.directory.clone();
+    let closed = tokio::task::spawn_blocking(move || directory.close());
+    if tokio::time::timeout(AUDIT_FLUSH, closed).await.is_err() {
+        tracing::warn!("exiting before the directory store was closed");
     }
 }
 

@@ -398,9 +398,7 @@ impl BackgroundService for ListenerWatch {
                      port?); stopping",
                     LISTENERS_BOUND_WITHIN.as_secs()
                 );
-                let audit = self.shared.audit.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(5))).await;
+                crate::reload::write_out(&self.shared).await;
                 crate::logging::flush();
                 std::process::exit(1);
             }

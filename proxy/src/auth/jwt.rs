@@ -16,7 +16,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use portcullis_config::JwtAlgorithm;
+use portcullis_config::{CaBundle, JwtAlgorithm};
 
 /// Shortest time between two fetches of one key set triggered by unknown keys.
 pub const REFETCH_AFTER: Duration = Duration::from_secs(10);
@@ -119,6 +119,8 @@ pub type Thumbprint = Arc<str>;
 pub struct SignedWith {
     /// The issuer's `jwks_uri` as configured when it was verified (`None`: discovered).
     pub jwks_uri: Option<String>,
+    /// The issuer's `tls_ca` as configured when it was verified (`None`: the bundled roots).
+    pub tls_ca: Option<CaBundle>,
     pub set: Arc<Jwks>,
     /// The token's `kid`, `alg` and the key that verified it.
     pub kid: Option<String>,
@@ -129,6 +131,7 @@ pub struct SignedWith {
 impl PartialEq for SignedWith {
     fn eq(&self, other: &Self) -> bool {
         self.jwks_uri == other.jwks_uri
+            && self.tls_ca == other.tls_ca
             && Arc::ptr_eq(&self.set, &other.set)
             && self.kid == other.kid
             && self.alg == other.alg

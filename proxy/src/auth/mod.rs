@@ -383,7 +383,7 @@ pub fn is_client_token(
 
 /// Why `config` no longer takes the token `machine` came with as it was taken, if it does not:
 /// its issuer must still be one of `[[jwt_issuers]]`, still take every audience it was taken
-/// for, from the same key set, with the token's algorithm, and still publish the key that
+/// for, from the same key set fetched under the same CA, with the token's algorithm, and still publish the key that
 /// signed it. Judged again for open connections (at least once a second), so a reload that
 /// stops trusting an issuer, or a key the issuer withdraws, ends the connections its tokens
 /// opened (a new request verifies afresh).
@@ -407,6 +407,8 @@ pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static st
     let signed = machine.signed.as_ref()?;
     if issuer.jwks_uri != signed.jwks_uri {
         Some("the token's issuer is now configured with another key set (jwks_uri)")
+    } else if issuer.tls_ca != signed.tls_ca {
+        Some("the token's issuer is now trusted by another CA (tls_ca)")
     } else if !issuer
         .algorithms
         .iter()
@@ -826,6 +828,7 @@ impl Auth {
             act,
             signed: Some(jwt::SignedWith {
                 jwks_uri: issuer.jwks_uri.clone(),
+                tls_ca: issuer.tls_ca.clone(),
                 set: jwks.clone(),
                 kid,
                 alg,
@@ -1361,6 +1364,7 @@ mod tests {
             .unwrap();
         machine.signed = Some(jwt::SignedWith {
             jwks_uri: world.config.jwt_issuers[0].jwks_uri.clone(),
+            tls_ca: None,
             set,
             kid: Some("published".to_owned()),
             alg: jsonwebtoken::Algorithm::ES256,
@@ -1380,6 +1384,15 @@ mod tests {
         assert_eq!(
             why(&elsewhere, &machine),
             Some("the token's issuer is now configured with another key set (jwks_uri)")
+        );
+        // Its keys fetched under another CA (one a reload stopped trusting, say).
+        let ca = |issuer: &mut JwtIssuer| {
+            let certificate = rustls::pki_types::CertificateDer::from(vec![0x30, 0x00]);
+            issuer.tls_ca = Some(vec![certificate].into());
+        };
+        assert_eq!(
+            why(&ca, &machine),
+            Some("the token's issuer is now trusted by another CA (tls_ca)")
         );
         if let Some(signed) = machine.signed.as_mut() {
             signed.key = "a-key-the-set-does-not-publish".into();
