@@ -153,9 +153,7 @@ impl Admin {
             );
         }
         if !self.listening.load(Ordering::Acquire) {
-            let bound = listening_sockets();
-            let listens = |l: &SocketAddr| bound.contains(&(l.ip().to_canonical(), l.port()));
-            if let Some(missing) = self.listeners.iter().find(|l| !listens(l)) {
+            if let Some(missing) = not_listening(self.listeners.iter().copied()) {
                 let text = format!("starting: not listening on {missing} yet\n");
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -246,11 +244,17 @@ fn is_loopback_name(host: &str) -> bool {
         || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The first of `addresses` this process does not listen on.
+pub(crate) fn not_listening(mut addresses: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let bound = listening_sockets();
+    addresses.find(|a| !bound.contains(&(a.ip().to_canonical(), a.port())))
+}
+
 /// The addresses of the TCP sockets this process listens on, from `/proc/self/net/tcp{,6}`:
 /// a socket in the LISTEN state (`0A`) whose inode is one of this process's descriptors. By
 /// address and port: two listeners may share a port on two addresses, and one bound is not
 /// the other.
-pub(crate) fn listening_sockets() -> HashSet<(IpAddr, u16)> {
+fn listening_sockets() -> HashSet<(IpAddr, u16)> {
     let own: HashSet<String> = std::fs::read_dir("/proc/self/fd")
         .map(|dir| {
             dir.filter_map(|entry| {

@@ -2406,12 +2406,11 @@ fn remove_bearer_tokens(headers: &mut http::HeaderMap, which: impl Fn(&str) -> b
         let words: Vec<&[u8]> = words.take(MAX_BEARER_WORDS + 1).collect();
         !bytes.is_ascii()
             || words.len() > MAX_BEARER_WORDS
-            || match words.is_empty() {
-                true => which(""),
+            || if words.is_empty() {
+                which("")
+            } else {
                 // Every word is ASCII.
-                false => {
-                    (words.iter()).any(|token| std::str::from_utf8(token).map_or(true, &which))
-                }
+                (words.iter()).any(|token| std::str::from_utf8(token).map_or(true, &which))
             }
             || after_bearer(bytes).any(|token| std::str::from_utf8(token).map_or(true, &which))
     };

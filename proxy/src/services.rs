@@ -378,20 +378,13 @@ impl ListenerWatch {
     pub fn new(shared: Arc<Shared>, addresses: Vec<std::net::SocketAddr>) -> Self {
         Self { shared, addresses }
     }
-
-    /// The first of `addresses` this process does not listen on.
-    fn missing(&self) -> Option<std::net::SocketAddr> {
-        let bound = crate::admin::listening_sockets();
-        (self.addresses.iter().copied())
-            .find(|a| !bound.contains(&(a.ip().to_canonical(), a.port())))
-    }
 }
 
 #[async_trait]
 impl BackgroundService for ListenerWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let started = std::time::Instant::now();
-        while let Some(missing) = self.missing() {
+        while let Some(missing) = crate::admin::not_listening(self.addresses.iter().copied()) {
             if started.elapsed() >= LISTENERS_BOUND_WITHIN {
                 tracing::error!(
                     "not listening on {missing} {}s after start (another process holds the \
