@@ -92,18 +92,26 @@ def thread_cpu_ns(pid):
     return threads
 
 
+def process_tree(pid):
+    """A process and its children, theirs in turn (nginx's and Apache's workers): pids, the
+    process first. One that ended has none."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return [pid] + [p for child in children for p in process_tree(child)]
+
+
 def pin(pid, cpu):
     """Pins every thread of a process and of its children (nginx's worker) to one CPU. Threads
     started later inherit it from the thread that starts them."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(c) for c in f.read().split()]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {cpu})
-        except OSError:
-            pass  # the thread ended
-    for child in children:
-        pin(child, cpu)
+    for member in process_tree(pid):
+        for tid in os.listdir(f"/proc/{member}/task"):
+            try:
+                os.sched_setaffinity(int(tid), {cpu})
+            except OSError:
+                pass  # the thread ended
 
 
 def check_upstream_answers(url, headers):

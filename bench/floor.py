@@ -166,12 +166,7 @@ def capture_route(capture):
 
 def process_cpu_ns(pid):
     """CPU time of every thread of a process and of its children (Apache's worker)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    return sum(thread_cpu_ns(pid).values()) + sum(process_cpu_ns(child) for child in children)
+    return sum(sum(thread_cpu_ns(member).values()) for member in common.process_tree(pid))
 
 
 class EqualShares:
@@ -208,14 +203,6 @@ class EqualShares:
                     pass
         return None
 
-    def tree(self, pid):
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except OSError:
-            children = []
-        return [pid] + [p for c in children for p in self.tree(c)]
-
     def __enter__(self):
         self.applied = False
         found = self.controller()
@@ -230,7 +217,7 @@ class EqualShares:
                 self.groups.append(group)
                 with open(os.path.join(group, weight_file), "w") as f:
                     f.write(weight)
-                for member in self.tree(pid):
+                for member in common.process_tree(pid):
                     with open(os.path.join(group, self.procs_file), "w") as f:
                         f.write(str(member))
             self.applied = True

@@ -54,13 +54,11 @@ TARGET = 0.9  # issue 5: authenticated requests/s >= 0.9x nginx as a plain proxy
 def cpu_seconds(pid):
     """User and system CPU seconds of a process and its children (nginx's worker)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    user, system = int(fields[11]) / ticks, int(fields[12]) / ticks
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        for child in f.read().split():
-            child_user, child_system = cpu_seconds(int(child))
-            user, system = user + child_user, system + child_system
+    user = system = 0.0
+    for member in common.process_tree(pid):
+        with open(f"/proc/{member}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]) / ticks, system + int(fields[12]) / ticks
     return user, system
 
 
