@@ -15,7 +15,7 @@
 //! A PATCH of a Group answers with the group without `members` unless the request asked for
 //! them by `attributes`, so a change to a 100,000-member group never renders the list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use http::Method;
@@ -863,6 +863,22 @@ impl ScimService {
             ),
         };
 
+        // A bulkId names one resource of the request (RFC 7644 §3.7): one named twice would
+        // have the references after both go to whichever was created last. Refused before
+        // anything is done.
+        let mut named = HashSet::new();
+        for op in ops {
+            let bulk_id = op.as_object().and_then(|op| get_ci(op, "bulkId"));
+            if let Some(bulk_id) = bulk_id.and_then(Value::as_str) {
+                if !named.insert(bulk_id) {
+                    return Err(ScimError::bad_request(
+                        ScimType::InvalidValue,
+                        format!("bulkId {bulk_id} names more than one operation"),
+                    ));
+                }
+            }
+        }
+
         let mut bulk_ids: HashMap<String, String> = HashMap::new();
         let mut results = Vec::with_capacity(ops.len());
         let mut errors = 0u64;
@@ -934,7 +950,16 @@ impl ScimService {
         let path = substitute(path, bulk_ids)?;
         let mut data = get_ci(op, "data").cloned().unwrap_or(Value::Null);
         substitute_value(&mut data, bulk_ids)?;
-        let if_match = get_ci(op, "version").and_then(Value::as_str);
+        if method == Method::PATCH {
+            substitute_in_paths(&mut data, bulk_ids)?;
+        }
+        // A precondition not written as an ETag is refused, never dropped: the write would
+        // run unconditionally.
+        let if_match = match get_ci(op, "version") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(version)) => Some(version.as_str()),
+            Some(_) => return Err(syntax("version must be a string: an ETag")),
+        };
         let (rt, id) = bulk_target(&path).ok_or_else(|| not_found(&path))?;
         let written = match (&method, id) {
             (&Method::POST, None) => {
@@ -1126,25 +1151,69 @@ async fn hash_password(password: Option<String>) -> Result<Option<String>> {
 }
 
 /// Replaces a whole `bulkId:<id>` reference (a path segment or a string value).
+/// The id of the resource created earlier in the request under `bulk_id`.
+fn resolve<'a>(bulk_id: &str, bulk_ids: &'a HashMap<String, String>) -> Result<&'a String> {
+    bulk_ids.get(bulk_id).ok_or_else(|| {
+        ScimError::new(
+            409,
+            Some(ScimType::InvalidValue),
+            format!("bulkId {bulk_id} does not name a resource created earlier in this request"),
+        )
+    })
+}
+
 fn substitute(text: &str, bulk_ids: &HashMap<String, String>) -> Result<String> {
     if !text.contains("bulkId:") {
         return Ok(text.to_owned());
     }
     text.split('/')
         .map(|segment| match segment.strip_prefix("bulkId:") {
-            Some(bulk_id) => bulk_ids.get(bulk_id).cloned().ok_or_else(|| {
-                ScimError::new(
-                    409,
-                    Some(ScimType::InvalidValue),
-                    format!(
-                        "bulkId {bulk_id} does not name a resource created earlier in this request"
-                    ),
-                )
-            }),
+            Some(bulk_id) => resolve(bulk_id, bulk_ids).cloned(),
             None => Ok(segment.to_owned()),
         })
         .collect::<Result<Vec<_>>>()
         .map(|parts| parts.join("/"))
+}
+
+/// Replaces each `"bulkId:<id>"` quoted in a PATCH operation's `path`, whose filter names a
+/// resource created earlier in the request (`members[value eq "bulkId:u1"]`): unreplaced, the
+/// filter would match no member, and a removal be answered 200 having removed nobody.
+fn substitute_in_paths(patch: &mut Value, bulk_ids: &HashMap<String, String>) -> Result<()> {
+    const REFERENCE: &str = "\"bulkId:";
+    let operations = patch
+        .as_object_mut()
+        .and_then(|patch| {
+            patch
+                .iter_mut()
+                .find(|(k, _)| k.eq_ignore_ascii_case("Operations"))
+        })
+        .and_then(|(_, operations)| operations.as_array_mut());
+    for operation in operations.into_iter().flatten() {
+        let path = operation
+            .as_object_mut()
+            .and_then(|op| op.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case("path")));
+        let Some((_, Value::String(path))) = path else {
+            continue;
+        };
+        if !path.contains(REFERENCE) {
+            continue;
+        }
+        let mut replaced = String::with_capacity(path.len());
+        let mut rest = path.as_str();
+        while let Some(at) = rest.find(REFERENCE) {
+            let reference = &rest[at + REFERENCE.len()..];
+            let Some(end) = reference.find('"') else {
+                // Unclosed: the filter's parser refuses it.
+                break;
+            };
+            replaced.push_str(&rest[..=at]);
+            replaced.push_str(resolve(&reference[..end], bulk_ids)?);
+            rest = &reference[end..];
+        }
+        replaced.push_str(rest);
+        *path = replaced;
+    }
+    Ok(())
 }
 
 fn substitute_value(value: &mut Value, bulk_ids: &HashMap<String, String>) -> Result<()> {
@@ -1178,6 +1247,34 @@ mod tests {
             "Operations": ops,
         }))
         .unwrap()
+    }
+
+    /// Every `"bulkId:<id>"` quoted in a PATCH path is replaced, one not closed is left to the
+    /// filter's parser, and one naming nothing created is a 409.
+    #[test]
+    fn bulk_ids_quoted_in_patch_paths_are_replaced() {
+        let ids = HashMap::from([
+            ("a".to_owned(), "1".to_owned()),
+            ("b".to_owned(), "2".to_owned()),
+        ]);
+        let replaced = |path: &str| {
+            let mut patch = json!({"Operations": [{"op": "remove", "Path": path}]});
+            substitute_in_paths(&mut patch, &ids).map(|()| patch["Operations"][0]["Path"].clone())
+        };
+        assert_eq!(
+            replaced(r#"members[value eq "bulkId:a" or value eq "bulkId:b"]"#).unwrap(),
+            r#"members[value eq "1" or value eq "2"]"#
+        );
+        assert_eq!(
+            replaced(r#"members[value eq "bulkId:a"] "bulkId:b"#).unwrap(),
+            r#"members[value eq "1"] "bulkId:b"#
+        );
+        assert_eq!(
+            replaced(r#"members[value eq "bulkId:c"]"#)
+                .unwrap_err()
+                .status,
+            409
+        );
     }
 
     /// A list of attributes is parsed name by name before a reading is judged small: one of

@@ -237,6 +237,70 @@ async fn bulk_resolves_bulk_ids_and_honours_its_limits() {
     assert_eq!(found.body["totalResults"], 0, "{}", found.text);
 }
 
+/// What an IdP's Bulk request says is done as it says, or refused: a member filter naming a
+/// user created earlier in the request removes that user (Okta's form of a removal), a
+/// `version` that is not an ETag is no precondition to drop, and a bulkId names one
+/// resource.
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_does_what_its_references_and_preconditions_say_or_refuses() {
+    let (_px, scim) = scim_server().await;
+    let request = json!({
+        "schemas": [BULK_REQUEST_SCHEMA],
+        "Operations": [
+            {"method": "POST", "path": "/Users", "bulkId": "u1", "data": user("ref-ann@example.com")},
+            {"method": "POST", "path": "/Users", "bulkId": "u2", "data": user("ref-bob@example.com")},
+            {"method": "POST", "path": "/Groups", "bulkId": "g",
+             "data": {"schemas": [GROUP_SCHEMA], "displayName": "ref-group",
+                      "members": [{"value": "bulkId:u1"}, {"value": "bulkId:u2"}]}},
+            {"method": "PATCH", "path": "/Groups/bulkId:g",
+             "data": patch_ops(json!([{"op": "remove", "path": "members[value eq \"bulkId:u1\"]"}]))}
+        ]
+    });
+    let resp = scim.post("/Bulk", &request).await.expect(200);
+    let ops = resp.body["Operations"].as_array().expect("Operations");
+    let statuses: Vec<&str> = ops.iter().filter_map(|o| o["status"].as_str()).collect();
+    assert_eq!(statuses, ["201", "201", "201", "200"], "{}", resp.text);
+    let id = |i: usize| {
+        ops[i]["location"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+    };
+    let (bob, group) = (id(1).to_owned(), id(2).to_owned());
+    assert_eq!(scim.member_ids(&group).await, vec![bob], "{}", resp.text);
+
+    // A `version` of another type: that operation is refused, and the user stays.
+    let user_path = format!("/Users/{}", id(0));
+    for version in [json!(3), json!({"etag": "W/\"1\""})] {
+        let request = json!({
+            "schemas": [BULK_REQUEST_SCHEMA],
+            "Operations": [{"method": "DELETE", "path": user_path, "version": version}]
+        });
+        let resp = scim.post("/Bulk", &request).await.expect(200);
+        assert_eq!(resp.body["Operations"][0]["status"], "400", "{}", resp.text);
+        scim.get(&user_path).await.expect(200);
+    }
+
+    // One bulkId on two POSTs: refused before anything is done.
+    let request = json!({
+        "schemas": [BULK_REQUEST_SCHEMA],
+        "Operations": [
+            {"method": "POST", "path": "/Users", "bulkId": "x", "data": user("twice-1@example.com")},
+            {"method": "POST", "path": "/Users", "bulkId": "x", "data": user("twice-2@example.com")}
+        ]
+    });
+    scim.post("/Bulk", &request)
+        .await
+        .expect_error(400, Some("invalidValue"));
+    let found = scim
+        .filter("/Users", "userName sw \"twice-\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn etags_make_reads_conditional_and_writes_safe() {
     let (_px, scim) = scim_server().await;
