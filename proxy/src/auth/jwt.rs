@@ -417,6 +417,13 @@ impl Jwks {
         Ok(true)
     }
 
+    /// As if the set had last been fetched [`REFETCH_AFTER`] earlier than it was.
+    #[cfg(test)]
+    pub async fn age_fetches(&self) {
+        let mut fetches = self.fetches.lock().await;
+        fetches.last = fetches.last.and_then(|at| at.checked_sub(REFETCH_AFTER));
+    }
+
     /// As if a set with no usable key had been found [`REFETCH_AFTER`] earlier than it was.
     #[cfg(test)]
     pub async fn age_unusable(&self) {

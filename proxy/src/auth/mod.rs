@@ -848,25 +848,34 @@ impl Auth {
 
     /// Fetches again the key sets that have aged past their `jwks_refresh` (the sign-in
     /// provider's past [`JWKS_REFRESH`]), so a key an IdP withdraws stops verifying even when
-    /// no token names one of its new keys. A set that cannot be fetched is kept.
+    /// no token names one of its new keys. A set that cannot be fetched is kept. The sets are
+    /// fetched side by side: an IdP that stops answering holds up no other's refresh (each
+    /// fetch may wait 10 s for an answer).
     pub async fn refresh_aged_key_sets(&self, config: &Config) {
         // And forgets again any a request under the configuration before a reload fetched
         // after that reload forgot them.
         self.keep_key_sets_of(config);
+        let mut fetches = tokio::task::JoinSet::new();
         for issuer in &config.jwt_issuers {
             let id = key_set_id(issuer);
             let Some(jwks) = self.issuers.get(&id).map(|j| j.clone()) else {
                 continue; // not used yet: the first token fetches it
             };
             if jwks.older_than(issuer.jwks_refresh) {
-                let _ = jwks.refresh(false).await;
+                fetches.spawn(async move {
+                    let _ = jwks.refresh(false).await;
+                });
             }
         }
         if let Some(provider) = self.oidc.provider() {
             if provider.jwks.older_than(JWKS_REFRESH) {
-                let _ = provider.jwks.refresh(false).await;
+                fetches.spawn(async move {
+                    let _ = provider.jwks.refresh(false).await;
+                });
             }
         }
+        // A set that could not be fetched said so in the log, and is kept.
+        fetches.join_all().await;
     }
 
     /// Forgets the key sets of the issuers `config` no longer lists (or lists with another
@@ -1488,6 +1497,58 @@ mod tests {
         assert_eq!(fetched, 1, "fetches of the key set");
         let kept = auth.jwks_for(&issuer).await.unwrap();
         assert!(Arc::ptr_eq(&first, &kept));
+    }
+
+    /// An IdP that stops answering holds up no other issuer's refresh: a key another issuer
+    /// withdraws stops verifying at its `jwks_refresh`, not 10 s (a fetch's bound) later for
+    /// each IdP down.
+    #[tokio::test]
+    async fn an_idp_that_stops_answering_holds_up_no_other_issuer_s_refresh() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers its first fetch, then holds every later one unanswered.
+        let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let down_address = down.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut first = true;
+            while let Ok((mut stream, _)) = down.accept().await {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                if std::mem::take(&mut first) {
+                    let body = r#"{"keys":[]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                } else {
+                    held.push(stream);
+                }
+            }
+        });
+        let (up_address, up_fetches) =
+            idp_answering(|_| r#"{"keys":[]}"#.to_owned(), Duration::ZERO).await;
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&world, dir.path());
+        let mut config = world.config.clone();
+        let mut up = config.jwt_issuers[0].clone();
+        up.issuer = "https://up.example".to_owned();
+        up.jwks_uri = Some(format!("http://{up_address}/jwks"));
+        // The one down first: refreshed one after the other, it held the other's up.
+        config.jwt_issuers[0].jwks_uri = Some(format!("http://{down_address}/jwks"));
+        config.jwt_issuers.push(up);
+        for issuer in &mut config.jwt_issuers {
+            issuer.jwks_refresh = jwt::REFETCH_AFTER;
+            auth.jwks_for(issuer).await.unwrap().age_fetches().await;
+        }
+        let refresh = auth.refresh_aged_key_sets(&config);
+        let _ = tokio::time::timeout(Duration::from_secs(2), refresh).await;
+        let fetched = up_fetches.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            fetched, 2,
+            "the answering IdP's key set was not fetched again"
+        );
     }
 
     /// An issuer a reload takes out of the configuration forgets its key set: put back, its
