@@ -1,9 +1,10 @@
 //! The compiled route table: built once per configuration, read by every request.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use portcullis_config::{Route, Scheme};
+use portcullis_config::{Route, Scheme, Upstream};
 
 use crate::upstream::UpstreamSet;
 
@@ -280,9 +281,9 @@ impl RouteTable {
     }
 }
 
-/// `config` without what only names it (its name, its prefix, its rules' key paths): two
-/// routes whose copies are equal let in the same callers, the same way, to the same upstreams,
-/// with the same settings.
+/// `config` without what only names it (its name, its prefix, its rules' key paths, where its
+/// upstreams' names resolved to): two routes whose copies are equal let in the same callers,
+/// the same way, to the same upstreams, with the same settings.
 fn judging(config: &Route) -> Route {
     let unnamed = |rules: &[portcullis_policy::RuleSpec]| -> Vec<portcullis_policy::RuleSpec> {
         let unnamed = |rule: &portcullis_policy::RuleSpec| portcullis_policy::RuleSpec {
@@ -297,12 +298,19 @@ fn judging(config: &Route) -> Route {
     let policy = portcullis_policy::Policy::compile(allow.clone(), deny.clone())
         .map(Arc::new)
         .unwrap_or_else(|_| config.policy.clone());
+    // Each upstream's name was looked up on its own at start: a DNS server that rotates a
+    // name's addresses gives two routes to one upstream two of them.
+    let unresolved = |upstream: &Upstream| Upstream {
+        address: SocketAddr::from(([0, 0, 0, 0], upstream.port)),
+        ..upstream.clone()
+    };
     Route {
         name: String::new(),
         path_prefix: String::new(),
         allow,
         deny,
         policy,
+        upstreams: config.upstreams.iter().map(unresolved).collect(),
         ..config.clone()
     }
 }
@@ -508,6 +516,11 @@ mod tests {
                     .clone();
                 for rule in config.allow.iter_mut().chain(&mut config.deny) {
                     rule.name = format!("routes[9].{}", rule.name);
+                }
+                // Its upstream's name resolved, at start, to another of the name's addresses
+                // (a DNS server that rotates them): the same upstream.
+                for upstream in &mut config.upstreams {
+                    upstream.address.set_ip([10, 0, 0, 2].into());
                 }
                 Arc::new(CompiledRoute::new(config))
             },
