@@ -61,6 +61,10 @@ pub struct Explanation {
     pub allowed: bool,
     pub method: String,
     pub url: String,
+    /// The URL's path as the proxy normalizes it, what routes and rules are matched against
+    /// (none when it refuses the path as it is). Absent from an older server's answer.
+    #[serde(default)]
+    pub path: Option<String>,
     /// The route the URL is served by, if any.
     pub route: Option<String>,
     /// The directory user the sign-in maps to (for an agent, the person it acts for), as it
@@ -234,6 +238,7 @@ pub fn explain(
         allowed: false,
         method: method.clone(),
         url: url.to_owned(),
+        path: None,
         route: None,
         directory_user: None,
         agent: None,
@@ -248,7 +253,9 @@ pub fn explain(
         .next()
         .and_then(|url| url.split_once('?'))
         .map(|(_, query)| query);
-    let target = match path::normalize(raw_path(url)) {
+    let normalized = path::normalize(raw_path(url));
+    answer.path = normalized.as_ref().ok().map(|path| path.to_string());
+    let target = match normalized {
         _ if method.bytes().any(|b| b.is_ascii_lowercase()) => Err(format!(
             "refused with 400: {method} is a method in lower case, which Go and PHP do not \
              read as its upper-case one"
@@ -512,6 +519,9 @@ impl std::fmt::Display for Explanation {
         use crate::human::printable as p;
         let verdict = if self.allowed { "ALLOW" } else { "DENY" };
         writeln!(f, "{verdict} {} {}", p(&self.method), p(&self.url))?;
+        if let Some(path) = &self.path {
+            writeln!(f, "  path:   {}", p(path))?;
+        }
         writeln!(f, "  route:  {}", self.route.as_deref().unwrap_or("(none)"))?;
         match &self.directory_user {
             Some(user) => writeln!(
@@ -606,6 +616,12 @@ mod tests {
             let answer = ask(&world, ALICE, url, "POST");
             assert!(!answer.allowed, "{url}");
             assert_eq!(answer.rule.as_deref(), Some("routes[0].deny"), "{url}");
+            // And says how it read the path.
+            let path = answer.path.as_deref().unwrap_or_default();
+            assert!(path.starts_with("/admin"), "{url}: {path}");
+            assert!(answer
+                .to_string()
+                .contains(&format!("\n  path:   {path}\n")));
         }
         let answer = ask(&world, ALICE, "http://app.test/admin%2fx", "GET");
         assert!(
@@ -726,7 +742,7 @@ mod tests {
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "{text:?}"
         );
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(text.lines().count(), 6, "{text}");
         assert!(text.contains("\\u{1b}[2A\\r"), "{text}");
     }
 
