@@ -66,6 +66,9 @@ pub(crate) const BROWSER_ACCEPT: &str =
     "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
 /// Every wait for the IdP or Portcullis to change state is bounded by this.
 const WAIT: Duration = Duration::from_secs(40);
+/// Set by browsers only: no page's script can (a forbidden header name).
+const SEC_FETCH_SITE: reqwest::header::HeaderName =
+    reqwest::header::HeaderName::from_static("sec-fetch-site");
 
 /// Where the IdP sends back-channel logout tokens for the `portcullis` client.
 pub(crate) enum Backchannel {
@@ -1686,6 +1689,28 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
         ),
         ("Origin: null", vec![(ORIGIN, "null".to_owned())]),
         ("neither Origin nor Referer", vec![]),
+        // A sandboxed frame's or another site's form (Origin: null), as the browser says.
+        (
+            "Origin: null from another site",
+            vec![
+                (ORIGIN, "null".to_owned()),
+                (SEC_FETCH_SITE, "cross-site".to_owned()),
+            ],
+        ),
+        (
+            "Origin: null from a sibling host",
+            vec![
+                (ORIGIN, "null".to_owned()),
+                (SEC_FETCH_SITE, "same-site".to_owned()),
+            ],
+        ),
+        (
+            "another site's Origin, said to be same-origin",
+            vec![
+                (ORIGIN, "http://evil.test".to_owned()),
+                (SEC_FETCH_SITE, "same-origin".to_owned()),
+            ],
+        ),
         (
             "our host on another port",
             vec![(ORIGIN, "http://app.test:1".to_owned())],
@@ -1728,7 +1753,7 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
         .audit_log_until(Duration::from_secs(10), |text| {
             text.matches("a sign-out was posted from another site")
                 .count()
-                >= 5
+                >= 8
         })
         .await;
 
@@ -1783,6 +1808,19 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
     assert_eq!(resp.status(), StatusCode::FOUND);
     assert_session_refused(&fx, &page, &signed_bob.cookie).await;
 
+    // And from our own page whose referrer policy is no-referrer: the browser sends
+    // `Origin: null`, no Referer, and says the post is the origin's own.
+    let signed_bob = fx.sign_in(&bob, &page, BOB, BOB_PASSWORD).await;
+    let resp = bob
+        .post(&sign_out)
+        .header(ORIGIN, "null")
+        .header(SEC_FETCH_SITE, "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_session_refused(&fx, &page, &signed_bob.cookie).await;
+
     // Signing out without a session is harmless.
     let resp = bare_client()
         .post(&sign_out)
@@ -1795,10 +1833,12 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
     // Each sign-in and sign-out is in the audit log, by the person's name; nothing else is
     // about a session (the refused posts ended none).
     assert_eq!(
-        session_events(&fx, 4).await,
+        session_events(&fx, 6).await,
         [
             (ALICE, "sign_in"),
             (ALICE, "sign_out"),
+            (BOB, "sign_in"),
+            (BOB, "sign_out"),
             (BOB, "sign_in"),
             (BOB, "sign_out")
         ]

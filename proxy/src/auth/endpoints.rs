@@ -855,17 +855,29 @@ impl Auth {
 }
 
 /// Whether a form post with `headers` comes from a page of `origin` (`scheme://host[:port]`):
-/// browsers send `Origin` on a POST; without it, `Referer` is asked.
+/// browsers send `Origin` on a POST; without it, `Referer` is asked. A page whose referrer
+/// policy is `no-referrer` (helmet's default) has the browser send `Origin: null` and no
+/// `Referer` on its own forms: then `Sec-Fetch-Site`, which no page can set, says whether the
+/// post is the origin's own (a sandboxed frame's, or another site's, says otherwise).
 pub fn same_origin(headers: &http::HeaderMap, origin: &str) -> bool {
-    let sent = headers
-        .get(header::ORIGIN)
-        .or_else(|| headers.get(header::REFERER))
-        .and_then(|v| v.to_str().ok());
-    sent.is_some_and(|o| {
-        o == origin
-            || o.strip_prefix(origin)
-                .is_some_and(|rest| rest.starts_with('/'))
-    })
+    let of_origin = |sent: &http::HeaderValue| {
+        sent.to_str().is_ok_and(|sent| {
+            sent == origin
+                || sent
+                    .strip_prefix(origin)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    };
+    let own_by_fetch = || {
+        headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site == "same-origin")
+    };
+    match (headers.get(header::ORIGIN), headers.get(header::REFERER)) {
+        (Some(sent), _) if sent == "null" => own_by_fetch(),
+        (Some(sent), _) | (None, Some(sent)) => of_origin(sent),
+        (None, None) => own_by_fetch(),
+    }
 }
 
 /// The sign-out button: a same-origin POST.
