@@ -179,10 +179,7 @@ impl BackgroundService for IdpKeys {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         while pause(&mut shutdown, Duration::from_secs(1)).await {
             let runtime = self.shared.runtime.load_full();
-            self.shared
-                .auth
-                .refresh_aged_key_sets(&runtime.config)
-                .await;
+            self.shared.auth.refresh_aged_key_sets(&runtime.config);
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::schema::{
 };
 use crate::store::{etag_matches, Command, Directory, Query, Record, SortOrder, Written};
 use crate::validate::{validate_resource, Mode};
-use crate::value::get_ci;
+use crate::value::{get_ci, get_mut_ci};
 
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 pub const SEARCH_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:SearchRequest";
@@ -1150,7 +1150,6 @@ async fn hash_password(password: Option<String>) -> Result<Option<String>> {
     .map(Some)
 }
 
-/// Replaces a whole `bulkId:<id>` reference (a path segment or a string value).
 /// The id of the resource created earlier in the request under `bulk_id`.
 fn resolve<'a>(bulk_id: &str, bulk_ids: &'a HashMap<String, String>) -> Result<&'a String> {
     bulk_ids.get(bulk_id).ok_or_else(|| {
@@ -1162,6 +1161,7 @@ fn resolve<'a>(bulk_id: &str, bulk_ids: &'a HashMap<String, String>) -> Result<&
     })
 }
 
+/// Replaces a whole `bulkId:<id>` reference (a path segment or a string value).
 fn substitute(text: &str, bulk_ids: &HashMap<String, String>) -> Result<String> {
     if !text.contains("bulkId:") {
         return Ok(text.to_owned());
@@ -1180,19 +1180,13 @@ fn substitute(text: &str, bulk_ids: &HashMap<String, String>) -> Result<String> 
 /// filter would match no member, and a removal be answered 200 having removed nobody.
 fn substitute_in_paths(patch: &mut Value, bulk_ids: &HashMap<String, String>) -> Result<()> {
     const REFERENCE: &str = "\"bulkId:";
-    let operations = patch
-        .as_object_mut()
-        .and_then(|patch| {
-            patch
-                .iter_mut()
-                .find(|(k, _)| k.eq_ignore_ascii_case("Operations"))
-        })
-        .and_then(|(_, operations)| operations.as_array_mut());
+    // The spellings the PATCH's reader takes (an exact one before another case's).
+    let operations = (patch.as_object_mut())
+        .and_then(|patch| get_mut_ci(patch, "Operations"))
+        .and_then(Value::as_array_mut);
     for operation in operations.into_iter().flatten() {
-        let path = operation
-            .as_object_mut()
-            .and_then(|op| op.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case("path")));
-        let Some((_, Value::String(path))) = path else {
+        let path = (operation.as_object_mut()).and_then(|op| get_mut_ci(op, "path"));
+        let Some(Value::String(path)) = path else {
             continue;
         };
         if !path.contains(REFERENCE) {
@@ -1275,6 +1269,12 @@ mod tests {
                 .status,
             409
         );
+        // Of two spellings, the one the PATCH's reader takes.
+        let mut patch = json!({"Operations": [{
+            "Path": "x", "path": r#"members[value eq "bulkId:a"]"#
+        }]});
+        substitute_in_paths(&mut patch, &ids).unwrap();
+        assert_eq!(patch["Operations"][0]["path"], r#"members[value eq "1"]"#);
     }
 
     /// A list of attributes is parsed name by name before a reading is judged small: one of

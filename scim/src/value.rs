@@ -23,6 +23,12 @@ pub(crate) fn get_ci<'a>(obj: &'a Object, name: &str) -> Option<&'a Value> {
     key_ci(obj, name).and_then(|k| obj.get(k))
 }
 
+/// [`get_ci`], to change the value: the one a reader of the object takes.
+pub(crate) fn get_mut_ci<'a>(obj: &'a mut Object, name: &str) -> Option<&'a mut Value> {
+    let key = key_ci(obj, name)?.clone();
+    obj.get_mut(&key)
+}
+
 pub(crate) fn remove_ci(obj: &mut Object, name: &str) -> Option<Value> {
     let key = key_ci(obj, name)?.clone();
     obj.remove(&key)

@@ -848,34 +848,28 @@ impl Auth {
 
     /// Fetches again the key sets that have aged past their `jwks_refresh` (the sign-in
     /// provider's past [`JWKS_REFRESH`]), so a key an IdP withdraws stops verifying even when
-    /// no token names one of its new keys. A set that cannot be fetched is kept. The sets are
-    /// fetched side by side: an IdP that stops answering holds up no other's refresh (each
-    /// fetch may wait 10 s for an answer).
-    pub async fn refresh_aged_key_sets(&self, config: &Config) {
+    /// no token names one of its new keys. A set that cannot be fetched is kept. Each fetch
+    /// is a task of its own, not waited for: an IdP that stops answering (a fetch may wait
+    /// 10 s) holds up no other's refresh, now or at the next look; a set being fetched is
+    /// not aged ([`Jwks::older_than`]), so not fetched twice at once.
+    pub fn refresh_aged_key_sets(&self, config: &Config) {
         // And forgets again any a request under the configuration before a reload fetched
         // after that reload forgot them.
         self.keep_key_sets_of(config);
-        let mut fetches = tokio::task::JoinSet::new();
         for issuer in &config.jwt_issuers {
             let id = key_set_id(issuer);
             let Some(jwks) = self.issuers.get(&id).map(|j| j.clone()) else {
                 continue; // not used yet: the first token fetches it
             };
             if jwks.older_than(issuer.jwks_refresh) {
-                fetches.spawn(async move {
-                    let _ = jwks.refresh(false).await;
-                });
+                tokio::spawn(async move { jwks.refresh(false).await });
             }
         }
         if let Some(provider) = self.oidc.provider() {
             if provider.jwks.older_than(JWKS_REFRESH) {
-                fetches.spawn(async move {
-                    let _ = provider.jwks.refresh(false).await;
-                });
+                tokio::spawn(async move { provider.jwks.refresh(false).await });
             }
         }
-        // A set that could not be fetched said so in the log, and is kept.
-        fetches.join_all().await;
     }
 
     /// Forgets the key sets of the issuers `config` no longer lists (or lists with another
@@ -1542,11 +1536,15 @@ mod tests {
             issuer.jwks_refresh = jwt::REFETCH_AFTER;
             auth.jwks_for(issuer).await.unwrap().age_fetches().await;
         }
-        let refresh = auth.refresh_aged_key_sets(&config);
-        let _ = tokio::time::timeout(Duration::from_secs(2), refresh).await;
-        let fetched = up_fetches.load(std::sync::atomic::Ordering::SeqCst);
+        auth.refresh_aged_key_sets(&config);
+        let fetched = || up_fetches.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while fetched() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
-            fetched, 2,
+            fetched(),
+            2,
             "the answering IdP's key set was not fetched again"
         );
     }
