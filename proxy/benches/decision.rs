@@ -47,6 +47,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 
 use portcullis::audit::{Audit, Destination};
+use portcullis::auth::sessions::IssuedIn;
 use portcullis::auth::{session_cookie_name, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
@@ -204,7 +205,10 @@ impl Fixture {
                 claims: Default::default(),
             };
             let id = writes
-                .block_on(auth.sessions.create(identity, None, &oidc.cookie_name, now))
+                .block_on(
+                    auth.sessions
+                        .create(identity, None, IssuedIn::of(oidc), now),
+                )
                 .expect("create session");
             let mut req = RequestHeader::build("GET", b"/projects/42", None).expect("request");
             req.insert_header("host", "app.test").expect("host");

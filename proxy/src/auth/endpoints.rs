@@ -471,7 +471,7 @@ impl Auth {
         let lifetime = oidc.session_lifetime.as_secs();
         let id = match self
             .sessions
-            .create(identity, refresh, &oidc.cookie_name, now)
+            .create(identity, refresh, super::sessions::IssuedIn::of(oidc), now)
             .await
         {
             Ok(id) => id,

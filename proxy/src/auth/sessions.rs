@@ -144,7 +144,33 @@ pub struct Session {
     /// The name of the cookie it was issued in (`None` for sessions begun before that was
     /// kept).
     cookie: Option<String>,
+    /// The domain that cookie was set for, `""` for a cookie per host (`None` for sessions
+    /// begun before that was kept).
+    cookie_domain: Option<String>,
     id_token: Option<IdToken>,
+}
+
+/// The cookie a session is issued in: `[oidc] cookie_name` and `cookie_domain`.
+#[derive(Clone, Copy)]
+pub struct IssuedIn<'a> {
+    pub name: &'a str,
+    pub domain: Option<&'a str>,
+}
+
+impl<'a> IssuedIn<'a> {
+    pub fn of(oidc: &'a OidcConfig) -> Self {
+        Self {
+            name: &oidc.cookie_name,
+            domain: oidc.cookie_domain.as_deref(),
+        }
+    }
+}
+
+/// A cookie per host, of that name.
+impl<'a> From<&'a str> for IssuedIn<'a> {
+    fn from(name: &'a str) -> Self {
+        Self { name, domain: None }
+    }
 }
 
 impl Session {
@@ -155,6 +181,7 @@ impl Session {
         };
         Self {
             cookie: stored.cookie,
+            cookie_domain: stored.cookie_domain,
             id_token,
             identity: Arc::new(stored.identity),
             last_seen: AtomicU64::new(stored.last_seen),
@@ -187,11 +214,15 @@ impl Session {
     /// (which a reload may have shortened), from the configured provider (a reload that
     /// moves to another one, say off a compromised one, ends the old one's sessions), and
     /// issued in a cookie of the configured name (browsers keep sending the old name's, which
-    /// upstreams are then sent: renamed, sessions end rather than be worth something there).
+    /// upstreams are then sent: renamed, sessions end rather than be worth something there)
+    /// and domain (narrowed, or taken away, after a host under it was found reading its
+    /// visitors' cookies: the ids it read are worth nothing).
     pub fn vouches(&self, now: u64, oidc: &OidcConfig) -> bool {
+        let domain = oidc.cookie_domain.as_deref().unwrap_or_default();
         self.cookie
             .as_deref()
             .is_none_or(|name| name == oidc.cookie_name)
+            && (self.cookie_domain.as_deref()).is_none_or(|issued| issued == domain)
             && self.holds_under(now, oidc, 0)
     }
 
@@ -274,6 +305,10 @@ struct Stored {
     /// `[oidc] cookie_name` when it began; absent from sessions begun before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cookie: Option<String>,
+    /// `[oidc] cookie_domain` when it began, `""` for none; absent from sessions begun before
+    /// it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cookie_domain: Option<String>,
     /// The ID token, sealed (see [`IdToken::Sealed`]); sessions begun before it was sealed
     /// keep it in `identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -579,15 +614,16 @@ impl Sessions {
         Self { kept, directory }
     }
 
-    /// Creates a session for `identity`, in the cookie named `cookie` (`[oidc] cookie_name`);
-    /// returns the id for the cookie. Durable on return, and known to every replica.
-    pub async fn create(
+    /// Creates a session for `identity`, in the cookie `cookie`; returns the id for the
+    /// cookie. Durable on return, and known to every replica.
+    pub async fn create<'a>(
         &self,
         mut identity: Identity,
         refresh: Option<Refresh>,
-        cookie: &str,
+        cookie: impl Into<IssuedIn<'a>>,
         now: u64,
     ) -> Result<String, String> {
+        let cookie = cookie.into();
         let mut raw = [0u8; ID_BYTES];
         rand::rng().fill_bytes(&mut raw);
         let id = URL_SAFE_NO_PAD.encode(raw);
@@ -599,7 +635,8 @@ impl Sessions {
             identity,
             last_seen: now,
             refresh: refresh.map(|r| r.sealed_for(&id)),
-            cookie: Some(cookie.to_owned()),
+            cookie: Some(cookie.name.to_owned()),
+            cookie_domain: Some(cookie.domain.unwrap_or_default().to_owned()),
             id_token,
         };
         let value = encode(&stored)?;
@@ -1427,6 +1464,54 @@ mod tests {
         assert!(sessions.find(sid).is_empty(), "nothing put back");
     }
 
+    /// A session vouches only under the cookie domain it was issued for: narrowed or taken
+    /// away (a host under it was found reading its visitors' cookies), the ids that host
+    /// read are worth nothing, sent in any cookie. One stored before the domain was kept
+    /// vouches under any.
+    #[tokio::test]
+    async fn a_session_vouches_only_under_the_cookie_domain_it_was_issued_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let under = |domain: Option<&str>| {
+            let mut oidc = oidc("https://idp.test", 3_600);
+            oidc.cookie_name = "portcullis_session".to_owned();
+            oidc.cookie_domain = domain.map(str::to_owned);
+            oidc
+        };
+        let corp = under(Some(".corp.test"));
+        let issued = IssuedIn::of(&corp);
+        let id = sessions
+            .create(identity("alice", 10_000), None, issued, 100)
+            .await
+            .unwrap();
+        let per_host = sessions
+            .create(identity("bob", 10_000), None, "portcullis_session", 100)
+            .await
+            .unwrap();
+        drop(sessions);
+        let sessions = open(dir.path()).sessions;
+        let vouches = |id: &str, oidc: &OidcConfig| sessions.get(id).unwrap().1.vouches(100, oidc);
+        assert!(vouches(&id, &corp));
+        assert!(!vouches(&id, &under(None)), "taken away");
+        assert!(!vouches(&id, &under(Some(".apps.corp.test"))), "narrowed");
+        assert!(vouches(&per_host, &under(None)));
+        assert!(!vouches(&per_host, &corp), "widened");
+        let older = Session::new(Stored {
+            identity: identity("carol", 10_000),
+            last_seen: 100,
+            refresh: None,
+            cookie: Some("portcullis_session".to_owned()),
+            cookie_domain: None,
+            id_token: None,
+        });
+        for oidc in [&corp, &under(None)] {
+            assert!(
+                older.vouches(100, oidc),
+                "stored before the domain was kept"
+            );
+        }
+    }
+
     /// The names of the cookies sessions were issued in are known across a restart (from the
     /// sessions held) and as configured (where a session stored before the name was kept
     /// vouches in any): an earlier one's cookie is Portcullis' own, never an upstream's.
@@ -1941,6 +2026,7 @@ mod tests {
             last_seen: 100,
             refresh: None,
             cookie: None,
+            cookie_domain: None,
             id_token: None,
         };
         let gone = Stored {
@@ -1948,6 +2034,7 @@ mod tests {
             last_seen: 100,
             refresh: None,
             cookie: None,
+            cookie_domain: None,
             id_token: None,
         };
         {
@@ -2011,6 +2098,7 @@ mod tests {
                 last_seen: 100,
                 refresh: None,
                 cookie: None,
+                cookie_domain: None,
                 id_token: None,
             });
             entry(SESSION, key, Some(value.unwrap()))
