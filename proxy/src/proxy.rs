@@ -749,7 +749,16 @@ impl ProxyHttp for Proxy {
             let path = normalized.into_owned();
             let audit = &self.shared.audit;
             let idle = runtime.config.server.client_idle_timeout;
-            let served = scim.serve(session, &path, ctx.tls, ctx.client_ip, audit, idle);
+            let runtimes = &self.shared.runtime;
+            let served = scim.serve(
+                session,
+                &path,
+                ctx.tls,
+                ctx.client_ip,
+                audit,
+                idle,
+                runtimes,
+            );
             return Box::pin(served).await;
         }
 

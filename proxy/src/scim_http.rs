@@ -101,7 +101,9 @@ impl Scim {
     /// Serves one SCIM request (the caller has checked [`Self::claims`]).
     /// A refused token is audited (see [`Audit::unverified_refusal`]) with the address it
     /// came from, `client`. A body that does not come for `idle` fails the request, as does
-    /// an answer the client takes nothing of for as long.
+    /// an answer the client takes nothing of for as long. The token is judged again once the
+    /// body is in, under `runtimes`' configuration then.
+    #[allow(clippy::too_many_arguments)]
     pub async fn serve(
         &self,
         session: &mut Session,
@@ -110,28 +112,37 @@ impl Scim {
         client: Option<std::net::IpAddr>,
         audit: &Audit,
         idle: std::time::Duration,
+        runtimes: &arc_swap::ArcSwap<crate::state::Runtime>,
     ) -> Result<bool> {
         // An answer (a group of every member, a page of a large directory) a client takes
         // nothing of is not waited on for ever, over HTTP/1 as over HTTP/2.
         session.set_write_timeout(Some(idle));
-        let now_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let req = session.req_header();
-        let authorization = req.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        let actor = match self.authenticate(authorization, now_unix) {
+        let now_unix = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        };
+        let refused = |session: &Session, why: &str| {
+            let request = crate::audit::Request {
+                method: session.req_header().method.as_str(),
+                path,
+                client,
+            };
+            audit.unverified_refusal(AUDIT_ROUTE, why, &request);
+            ScimResponse::error(&ScimError::new(
+                401,
+                None,
+                "a valid SCIM bearer token is required",
+            ))
+        };
+        let actor = match self.authenticate(authorization(session), now_unix()) {
             Ok(actor) => actor.to_owned(),
             Err(why) => {
-                let request = crate::audit::Request {
-                    method: req.method.as_str(),
-                    path,
-                    client,
-                };
-                audit.unverified_refusal(AUDIT_ROUTE, &why, &request);
-                let error = ScimError::new(401, None, "a valid SCIM bearer token is required");
-                return write(session, &ScimResponse::error(&error), true).await;
+                let refusal = refused(session, &why);
+                return write(session, &refusal, true).await;
             }
         };
+        let req = session.req_header();
 
         let limit = self.service.limits().max_body_bytes;
         let header_value = |name: header::HeaderName| {
@@ -172,6 +183,19 @@ impl Scim {
             }
             body.extend_from_slice(&chunk);
         }
+        // The body took its time (a chunk may idle `idle` each): a token a reload removed,
+        // or that expired, meanwhile has what it sends undone, as its next request is.
+        let runtime = runtimes.load();
+        let again = match &runtime.scim {
+            Some(scim) => scim
+                .authenticate(authorization(session), now_unix())
+                .map(drop),
+            None => Err("SCIM is no longer configured".to_owned()),
+        };
+        if let Err(why) = again {
+            let refusal = refused(session, &why);
+            return write(session, &refusal, true).await;
+        }
 
         let client = client.map(|address| address.to_string());
         let response = self
@@ -190,6 +214,12 @@ impl Scim {
             .await;
         write(session, &response, false).await
     }
+}
+
+/// The request's `Authorization` value.
+fn authorization(session: &Session) -> Option<&[u8]> {
+    let headers = &session.req_header().headers;
+    headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())
 }
 
 /// Answers a SCIM request with a 403 SCIM error saying `why`, without looking at it.

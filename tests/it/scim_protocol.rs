@@ -875,6 +875,47 @@ async fn token_rotation_by_config_reload() {
     assert_eq!(all.body["totalResults"], 3, "{}", all.text);
 }
 
+/// A token a reload removes while a request of it sends its body has what it sends undone:
+/// the body's content (chosen after the removal, chunked) is not written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_removed_while_its_request_s_body_comes_writes_nothing() {
+    use tokio::io::AsyncWriteExt;
+    const NEW: &str = "rotated-token-0123456789abcdef";
+    let cfg = scim_config().scim(SCIM_HOST, &[("okta", SCIM_TOKEN), ("okta-2", NEW)]);
+    let px = cfg.start().await;
+    let old = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let new = old.with_token(Some(NEW));
+    old.get("/Users").await.expect(200);
+
+    let body = serde_json::to_vec(&user("late@example.com")).unwrap();
+    let (head, rest) = body.split_at(10);
+    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let start = format!(
+        "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
+         Content-Type: application/scim+json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(start.as_bytes()).await.unwrap();
+    let first = chunked(head, head.len());
+    let unended = first.strip_suffix(b"0\r\n\r\n").unwrap();
+    stream.write_all(unended).await.unwrap();
+
+    let only_new = cfg.clone().scim(SCIM_HOST, &[("okta-2", NEW)]);
+    px.rewrite_config(&only_new.toml());
+    px.reload();
+    wait_for_status(&px, &old, 401, "the removed token").await;
+
+    stream.write_all(&chunked(rest, rest.len())).await.unwrap();
+    let answer = read_response_head(&mut stream, Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let found = new
+        .filter("/Users", "userName eq \"late@example.com\"")
+        .await
+        .expect(200);
+    assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_over_the_limit_are_refused_with_413() {
     const LIMIT: usize = 4096;
