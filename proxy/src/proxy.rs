@@ -1617,6 +1617,80 @@ impl Proxy {
         (authentication, admission)
     }
 
+    /// Judges a console request again, under the configuration in force now: whether the
+    /// console still lets its viewer in, by the session it was first judged by (`first`).
+    /// Refused, it is answered (and audited) here.
+    async fn console_judged_again(
+        &self,
+        session: &mut Session,
+        host: &str,
+        path: &str,
+        first: &Authentication,
+        at: At,
+    ) -> Result<Again> {
+        let tls = at.tls;
+        let runtime = self.shared.runtime.load_full();
+        let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
+            let sent = reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await?;
+            return Ok(Again::Answered(sent));
+        };
+        let req = session.req_header();
+        let (again, admission) = self.judge_console(&runtime, route, req, tls, path).await;
+        let same_session = match (again.caller(), first.caller()) {
+            (
+                Some(Caller::Person { session: now, .. }),
+                Some(Caller::Person { session: then, .. }),
+            ) => now == then,
+            _ => false,
+        };
+        let viewer = match admission {
+            Admission::Allow(pass) if same_session => pass.forward,
+            Admission::Allow(_) => {
+                // Another session of the jar than the one first judged (a form's token is of).
+                let who = again
+                    .caller()
+                    .map_or("anonymous".to_owned(), |c| c.log_name());
+                let request = audit::Request {
+                    method: req.method.as_str(),
+                    path,
+                    client: at.client_ip,
+                };
+                let why = "a console request went on under another session than its own";
+                self.shared
+                    .audit
+                    .refusal(&who, &route.name, None, why, &request, None);
+                let sent = reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await?;
+                return Ok(Again::Answered(sent));
+            }
+            Admission::Refuse(refused) => {
+                let origin = request_origin(req, tls);
+                let asked = Asked::of(req, path.to_owned(), origin, host.to_owned(), at);
+                let route_name = route.name.clone();
+                let sent = self
+                    .answer(
+                        session,
+                        &runtime,
+                        &route_name,
+                        true,
+                        &asked,
+                        &again,
+                        refused,
+                    )
+                    .await?;
+                return Ok(Again::Answered(sent));
+            }
+        };
+        let Some(viewer) = viewer else {
+            let sent = reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await?;
+            return Ok(Again::Answered(sent));
+        };
+        if !runtime.carries_credentials(local_addr(session), tls) {
+            let sent = reply::send(session, plain_http_page()).await?;
+            return Ok(Again::Answered(sent));
+        }
+        Ok(Again::Still(runtime, viewer))
+    }
+
     /// Serves the console (`/.portcullis/console/…`, see [`crate::console`]) on the auth host,
     /// to callers the gate lets in by `[console]`, judged as a route.
     async fn console(
@@ -1639,6 +1713,7 @@ impl Proxy {
         }
         let req = session.req_header();
         let path = format!("/.portcullis/{endpoint}");
+        let decided_at = self.shared.marks();
         let (authentication, admission) = self.judge_console(runtime, route, req, tls, &path).await;
         let pass = match admission {
             Admission::Allow(pass) => pass,
@@ -1734,7 +1809,7 @@ impl Proxy {
                         let shared = self.shared.clone();
                         // Checked again once it is made: a page of a million users takes a
                         // while, and must not outlast the lease it was made under.
-                        tokio::task::spawn_blocking(move || {
+                        let made = tokio::task::spawn_blocking(move || {
                             let current = || shared.directory_is_current();
                             match current().then(|| console.get(&page, &query)) {
                                 Some(page) if current() => page,
@@ -1742,7 +1817,20 @@ impl Proxy {
                             }
                         })
                         .await
-                        .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR))
+                        .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR));
+                        // Shown only to a viewer the console still lets in: the page waited
+                        // for its turn, and took its time to make, while the directory or a
+                        // reload may have taken them out of it, or their session ended.
+                        if self.shared.marks() != decided_at {
+                            let path = &path;
+                            let again = self
+                                .console_judged_again(session, host, path, &authentication, at)
+                                .await?;
+                            if let Again::Answered(done) = again {
+                                return Ok(done);
+                            }
+                        }
+                        made
                     }
                     Ok(Err(_)) | Err(_) => Reply::status_page(StatusCode::SERVICE_UNAVAILABLE),
                 }
@@ -1767,68 +1855,16 @@ impl Proxy {
                         }
                         form.extend_from_slice(&chunk);
                     }
-                    // Judged again with the form in, however long it took to come, under the
-                    // configuration in force then: whoever the directory or a reload removed
-                    // from the console meanwhile, or whose session ended, acts no more; and by
-                    // the same session the form's token is of.
-                    let runtime = &self.shared.runtime.load_full();
-                    let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host)
-                    else {
-                        return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND))
-                            .await;
+                    // Judged again with the form in, however long it took to come: whoever the
+                    // directory or a reload removed from the console meanwhile, or whose
+                    // session ended, acts no more.
+                    let (runtime, viewer) = match self
+                        .console_judged_again(session, host, &path, &authentication, at)
+                        .await?
+                    {
+                        Again::Still(runtime, viewer) => (runtime, viewer),
+                        Again::Answered(done) => return Ok(done),
                     };
-                    let req = session.req_header();
-                    let (again, admission) =
-                        self.judge_console(runtime, route, req, tls, &path).await;
-                    let same_session = match (again.caller(), authentication.caller()) {
-                        (
-                            Some(Caller::Person { session: now, .. }),
-                            Some(Caller::Person { session: then, .. }),
-                        ) => now == then,
-                        _ => false,
-                    };
-                    let viewer = match admission {
-                        Admission::Allow(pass) if same_session => pass.forward,
-                        Admission::Allow(_) => {
-                            // Another session of the jar than the form's token is of.
-                            let who = again
-                                .caller()
-                                .map_or("anonymous".to_owned(), |c| c.log_name());
-                            let request = audit::Request {
-                                method: "POST",
-                                path: &path,
-                                client: at.client_ip,
-                            };
-                            let why = "a console form was posted by another session than its own";
-                            self.shared
-                                .audit
-                                .refusal(&who, &route.name, None, why, &request, None);
-                            return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
-                                .await;
-                        }
-                        Admission::Refuse(refused) => {
-                            let origin = request_origin(req, tls);
-                            let asked = Asked::of(req, path, origin, host.to_owned(), at);
-                            return self
-                                .answer(
-                                    session,
-                                    runtime,
-                                    &route.name,
-                                    true,
-                                    &asked,
-                                    &again,
-                                    refused,
-                                )
-                                .await;
-                        }
-                    };
-                    let Some(viewer) = viewer else {
-                        return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN))
-                            .await;
-                    };
-                    if !runtime.carries_credentials(local_addr(session), tls) {
-                        return reply::send(session, plain_http_page()).await;
-                    }
                     // Acted on as the configuration and the viewer now are.
                     let console = crate::console::Console {
                         runtime: runtime.clone(),
@@ -2312,6 +2348,13 @@ fn list_elements<'a>(
 fn directive_name(directive: &[u8]) -> &[u8] {
     let name = directive.split(|&b| b == b'=').next().unwrap_or_default();
     name.trim_ascii()
+}
+
+/// What judging a console request again found: the viewer still let in, under the
+/// configuration in force now; or the refusal, answered (`true` to keep the connection).
+enum Again {
+    Still(Arc<Runtime>, Forward),
+    Answered(bool),
 }
 
 /// Whether a client-sent header is one only Portcullis may set, so that no client can change
