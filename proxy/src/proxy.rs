@@ -1805,7 +1805,7 @@ impl Proxy {
             // change feed meanwhile would show who is active, and who gets in, as it was).
             http::Method::GET | http::Method::HEAD => {
                 match tokio::time::timeout(CONSOLE_TURN, CONSOLE_PAGES.acquire()).await {
-                    Ok(Ok(_turn)) => {
+                    Ok(Ok(turn)) => {
                         let shared = self.shared.clone();
                         // Checked again once it is made: a page of a million users takes a
                         // while, and must not outlast the lease it was made under.
@@ -1818,6 +1818,8 @@ impl Proxy {
                         })
                         .await
                         .unwrap_or_else(|_| Reply::status_page(StatusCode::INTERNAL_SERVER_ERROR));
+                        // Another page may be made while this one's viewer is judged again.
+                        drop(turn);
                         // Shown only to a viewer the console still lets in: the page waited
                         // for its turn, and took its time to make, while the directory or a
                         // reload may have taken them out of it, or their session ended.
@@ -2351,7 +2353,7 @@ fn directive_name(directive: &[u8]) -> &[u8] {
 }
 
 /// What judging a console request again found: the viewer still let in, under the
-/// configuration in force now; or the refusal, answered (`true` to keep the connection).
+/// configuration in force now; or the refusal, answered (what `request_filter` returns).
 enum Again {
     Still(Arc<Runtime>, Forward),
     Answered(bool),

@@ -228,8 +228,8 @@ impl Session {
 
     /// Whether the session is of `oidc`'s provider, no older than its `session_lifetime`, and
     /// used within its `session_idle_timeout` plus `idle_margin` seconds: what
-    /// [`Session::vouches`] judges, bar the cookie's name (renamed back, or on a replica not
-    /// renamed yet, a session in the old one vouches again).
+    /// [`Session::vouches`] judges, bar the cookie's name and domain (changed back, or on a
+    /// replica not changed yet, a session in the old one vouches again).
     fn holds_under(&self, now: u64, oidc: &OidcConfig, idle_margin: u64) -> bool {
         let lifetime = oidc.session_lifetime.as_secs();
         let idle = oidc.session_idle_timeout.as_secs();
