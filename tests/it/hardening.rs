@@ -934,6 +934,15 @@ async fn an_email_the_idp_has_not_verified_identifies_nobody() {
             "no {event} record names carol by her subject:\n{audited}"
         );
     }
+    // Nor does Portcullis' own page say she is signed in as it.
+    let me = t.fx.app_url("/.portcullis/me");
+    for accept in ["application/json", "text/html"] {
+        let resp = crate::signin::get_with_session(&me, &carol, accept).await;
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains(CAROL), "{accept}: {text}");
+        assert!(text.contains("carol"), "{accept}: {text}");
+    }
     // alice's verified email finds her.
     let alice = t.sign_in().await;
     let (status, _) = t

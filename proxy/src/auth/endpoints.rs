@@ -755,10 +755,13 @@ impl Auth {
         let (kind, subject, email, name, expires) = match caller {
             // At the latest when the configuration in force ends it (a reload may have
             // shortened `session_lifetime` since the sign-in).
+            // An email the IdP says it has not verified is not who they are signed in as
+            // (anyone may type another's into a profile): the subject stands, as in the
+            // audit log and on the 403 page.
             Caller::Person { identity, .. } => (
                 "person",
                 identity.subject.clone(),
-                identity.email.clone(),
+                (identity.email.clone()).filter(|_| identity.email_verified != Some(false)),
                 identity.name.clone(),
                 (config.oidc.as_ref()).map(|oidc| {
                     let lifetime = oidc.session_lifetime.as_secs();
