@@ -358,7 +358,10 @@ async fn a_websocket_that_fails_after_its_upgrade_gets_no_error_page_inside_it()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut received = Vec::new();
-    let _ = timeout(Duration::from_secs(30), stream.read_to_end(&mut received)).await;
+    // Closed (cut or ended): a read that ends, whatever it read.
+    let _ = timeout(Duration::from_secs(30), stream.read_to_end(&mut received))
+        .await
+        .expect("the websocket was not closed within 30 s");
     let received = String::from_utf8_lossy(&received);
     let (switched, after) = received
         .split_once("\r\n\r\n")
