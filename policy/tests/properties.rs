@@ -98,6 +98,17 @@ fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = V
     prop::collection::vec(select(pool).prop_map(str::to_owned), 0..=max)
 }
 
+/// 1 to `max` names from `pool` mostly (so that most rule sets compile, and are judged), now
+/// and then 0 to `max` of any text matching `junk` (which must be refused, never a panic).
+fn mostly(
+    pool: &'static [&'static str],
+    max: usize,
+    junk: &'static str,
+) -> BoxedStrategy<Vec<String>> {
+    let names = prop::collection::vec(select(pool).prop_map(str::to_owned), 1..=max);
+    prop_oneof![19 => names, 1 => prop::collection::vec(junk, 0..=max)].boxed()
+}
+
 fn rule(allow_public: bool) -> impl Strategy<Value = RuleSpec> {
     (
         strings(GROUPS, 2),
@@ -600,15 +611,15 @@ proptest! {
     fn any_input_gets_a_decision_and_refusals_fail_closed(
         specs in prop::collection::vec(
             (
-                prop::collection::vec(".{0,6}", 0..3),
-                prop::collection::vec(".{0,12}", 0..3),
-                any::<bool>(),
-                any::<bool>(),
-                any::<bool>(),
-                prop::option::of(prop::collection::vec("[A-Za-z ]{0,4}", 0..3)),
-                prop::option::of(prop::collection::vec("/?[a-z/.]{0,5}", 0..3)),
+                mostly(GROUPS, 2, ".{0,6}"),
+                prop::option::weighted(0.3, mostly(DOMAINS, 2, ".{0,12}")),
+                prop::bool::weighted(0.2),
+                prop::bool::weighted(0.2),
+                prop::bool::weighted(0.05),
+                prop::option::weighted(0.4, mostly(&["GET", "POST", "DELETE"], 2, "[A-Za-z ]{0,4}")),
+                prop::option::weighted(0.4, mostly(PREFIXES, 2, "/?[a-z/.]{0,5}")),
             ),
-            0..5,
+            1..5,
         ),
         deny_count in 0usize..5,
         machine in any::<bool>(),
@@ -626,7 +637,7 @@ proptest! {
                 RuleSpec {
                     name: format!("r{i}"),
                     groups,
-                    email_domains,
+                    email_domains: email_domains.unwrap_or_default(),
                     any_signed_in,
                     machines,
                     public,
