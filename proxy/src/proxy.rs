@@ -1279,7 +1279,18 @@ impl ProxyHttp for Proxy {
             // says so: a client told `keep-alive` sends its next request into a reset.
             session.set_keepalive(None);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
-            if let Err(write_error) = reply::send(session, Reply::status_page(status)).await {
+            // Access refused after the request was let in, before its answer began: told who
+            // they are and why, as a request refused at once is.
+            let refused = cut.and_then(Recheck::refusal).filter(|_| code == 403);
+            let page = match (refused, &ctx.route) {
+                (Some(refusal), Some(route)) => {
+                    let person = matches!(ctx.caller, Some(Caller::Person { .. }));
+                    let client = Client::of(&session.req_header().headers);
+                    forbidden(refusal, &route.config.name, client, person)
+                }
+                _ => Reply::status_page(status),
+            };
+            if let Err(write_error) = reply::send(session, page).await {
                 tracing::debug!(error = %write_error, "could not send the error page");
             }
         }

@@ -85,6 +85,9 @@ pub struct Recheck {
     /// A person's session cookie (its value, a secret), for the watcher to refresh the session
     /// with the IdP when due, as a request would: a stream makes no requests.
     session_cookie: std::sync::OnceLock<Box<str>>,
+    /// Who was refused, by which rule and why, when the gate refused it (set before `cut`):
+    /// what a request refused before its answer began is told, as one refused at once is.
+    refusal: std::sync::OnceLock<Refusal>,
 }
 
 /// Where an open connection went, and how: judged again as a request made then would be.
@@ -129,6 +132,7 @@ impl Recheck {
             cut: AtomicBool::new(false),
             unavailable: AtomicBool::new(false),
             session_cookie: std::sync::OnceLock::new(),
+            refusal: std::sync::OnceLock::new(),
         }
     }
 
@@ -148,6 +152,11 @@ impl Recheck {
             true => 503,
             false => 403,
         }
+    }
+
+    /// Why the gate refused it since it was let in, if it did.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        self.refusal.get()
     }
 
     /// Keeps the session cookie `id` the connection's person was let in with.
@@ -209,8 +218,14 @@ impl Recheck {
                 true
             }
             refused => {
-                if matches!(refused, Admission::Refuse(Refused::Unavailable)) {
-                    self.unavailable.store(true, Ordering::Release);
+                match &refused {
+                    Admission::Refuse(Refused::Unavailable) => {
+                        self.unavailable.store(true, Ordering::Release);
+                    }
+                    Admission::Refuse(Refused::Forbid(refusal)) => {
+                        let _ = self.refusal.set(refusal.clone());
+                    }
+                    _ => {}
                 }
                 if !self.cut.swap(true, Ordering::AcqRel) {
                     on_cut(self, refused);

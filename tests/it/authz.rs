@@ -590,6 +590,16 @@ async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
             !body.contains("\"upstream\""),
             "{method}: the answer crossed: {body}"
         );
+        // Told who they are and why, as a request refused at once is.
+        if method == reqwest::Method::GET {
+            let refusal: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(refusal["error"], "forbidden", "{body}");
+            assert_eq!(refusal["user"], ALICE, "{body}");
+            assert!(
+                refusal["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{body}"
+            );
+        }
     }
 }
 
