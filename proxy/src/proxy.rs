@@ -1281,13 +1281,18 @@ impl ProxyHttp for Proxy {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             // Access refused after the request was let in, before its answer began: told who
             // they are and why, as a request refused at once is.
-            let refused = cut.and_then(Recheck::refusal).filter(|_| code == 403);
-            let page = match (refused, &ctx.route) {
-                (Some(refusal), Some(route)) => {
-                    let person = matches!(ctx.caller, Some(Caller::Person { .. }));
-                    let client = Client::of(&session.req_header().headers);
-                    forbidden(refusal, &route.config.name, client, person)
-                }
+            let page = match (cut, &ctx.route) {
+                (Some(_), _) if code == 503 => lost_touch_page(),
+                (Some(cut), Some(route)) if code == 403 => match cut.refusal_note() {
+                    Some(note) => {
+                        let person =
+                            note.who.is_some() && matches!(ctx.caller, Some(Caller::Person { .. }));
+                        let client = Client::of(&session.req_header().headers);
+                        let who = note.who.as_deref();
+                        refused_page(who, &note.reason, &route.config.name, client, person)
+                    }
+                    None => Reply::status_page(status),
+                },
                 _ => Reply::status_page(status),
             };
             if let Err(write_error) = reply::send(session, page).await {
@@ -2103,13 +2108,7 @@ impl Proxy {
                     let who = caller.log_name();
                     audit.refusal(&who, route, None, reason, &asked.audited(), None);
                 }
-                Reply::page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Temporarily unavailable",
-                    "<p>This replica has lost touch with the directory and cannot be sure who \
-                     may come in, so it lets nobody in until it has caught up. Try again in a \
-                     moment.</p>",
-                )
+                lost_touch_page()
             }
             Refused::Forbid(refusal) => {
                 match refusal.who.as_deref() {
@@ -2213,16 +2212,34 @@ fn challenge(invalid_token: bool) -> Reply {
 /// `person` (a machine or an agent has nothing to end), as a page for a browser, or the same
 /// as JSON. Nothing about other users.
 fn forbidden(refusal: &Refusal, route: &str, client: Client, person: bool) -> Reply {
+    refused_page(
+        refusal.who.as_deref(),
+        &refusal.reason,
+        route,
+        client,
+        person,
+    )
+}
+
+/// The 403 answer to `client`, naming `who` was refused (nobody when `None`) on `route` and
+/// why; a person is offered to sign out.
+fn refused_page(
+    who: Option<&str>,
+    reason: &str,
+    route: &str,
+    client: Client,
+    person: bool,
+) -> Reply {
     if client == Client::Api {
         let body = serde_json::json!({
             "error": "forbidden",
-            "user": refusal.who,
+            "user": who,
             "route": route,
-            "reason": refusal.reason,
+            "reason": reason,
         });
         return Reply::json(StatusCode::FORBIDDEN, &body);
     }
-    let who = match &refusal.who {
+    let who = match who {
         Some(who) => format!(
             "<p>You are signed in as <strong>{}</strong>.</p>",
             escape(who)
@@ -2235,12 +2252,22 @@ fn forbidden(refusal: &Refusal, route: &str, client: Client, person: bool) -> Re
          <p>If you should have access, ask for it; changes from your identity provider apply at once.</p>\
          {sign_out}",
         route = escape(route),
-        reason = escape(&refusal.reason),
+        reason = escape(reason),
     );
     Reply::page(
         StatusCode::FORBIDDEN,
         "You don't have access to this page",
         &content,
+    )
+}
+
+/// The answer of a replica that lost touch with the directory.
+fn lost_touch_page() -> Reply {
+    Reply::page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Temporarily unavailable",
+        "<p>This replica has lost touch with the directory and cannot be sure who may come in, \
+         so it lets nobody in until it has caught up. Try again in a moment.</p>",
     )
 }
 

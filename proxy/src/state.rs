@@ -495,6 +495,8 @@ impl Shared {
         })
     }
 
+    /// Records why an open connection (or a request let in) was refused, and keeps what the
+    /// request is told if its answer has not begun (see [`Recheck::note_refusal`]).
     fn audit_cut(&self, open: &Recheck, refused: &Admission, runtime: &Runtime, now: u64) {
         let who = open.who();
         let outdated: String;
@@ -562,6 +564,17 @@ impl Shared {
                 _ => None,
             },
         );
+        // A request whose answer has not begun is told as one refused at once would be: a
+        // rule's refusal names whom it refused; a caller no longer signed in (a session ended,
+        // a token expired) is nobody now. (A replica that lost touch answers 503.)
+        if !matches!(refused, Admission::Refuse(Refused::Unavailable)) {
+            let who = match refused {
+                Admission::Refuse(Refused::Forbid(refusal)) => refusal.who.clone(),
+                _ => None,
+            };
+            let reason = reason.to_owned();
+            open.note_refusal(crate::streams::RefusalNote { who, reason });
+        }
     }
 
     pub fn is_draining(&self) -> bool {

@@ -85,9 +85,18 @@ pub struct Recheck {
     /// A person's session cookie (its value, a secret), for the watcher to refresh the session
     /// with the IdP when due, as a request would: a stream makes no requests.
     session_cookie: std::sync::OnceLock<Box<str>>,
-    /// Who was refused, by which rule and why, when the gate refused it (set before `cut`):
-    /// what a request refused before its answer began is told, as one refused at once is.
-    refusal: std::sync::OnceLock<Refusal>,
+    /// What a request refused since it was let in, before its answer began, is told (see
+    /// [`Recheck::note_refusal`]).
+    refusal_note: std::sync::OnceLock<RefusalNote>,
+}
+
+/// What a request refused after it was let in is told, as one refused at once is: who it is,
+/// as the 403 page names them (`None` for nobody, or for a caller no longer signed in), and
+/// why.
+#[derive(Debug)]
+pub struct RefusalNote {
+    pub who: Option<String>,
+    pub reason: String,
 }
 
 /// Where an open connection went, and how: judged again as a request made then would be.
@@ -132,7 +141,7 @@ impl Recheck {
             cut: AtomicBool::new(false),
             unavailable: AtomicBool::new(false),
             session_cookie: std::sync::OnceLock::new(),
-            refusal: std::sync::OnceLock::new(),
+            refusal_note: std::sync::OnceLock::new(),
         }
     }
 
@@ -154,9 +163,14 @@ impl Recheck {
         }
     }
 
-    /// Why the gate refused it since it was let in, if it did.
-    pub fn refusal(&self) -> Option<&Refusal> {
-        self.refusal.get()
+    /// Keeps what a request refused since it was let in is told (the first time only).
+    pub fn note_refusal(&self, note: RefusalNote) {
+        let _ = self.refusal_note.set(note);
+    }
+
+    /// What [`Recheck::note_refusal`] kept, if anything.
+    pub fn refusal_note(&self) -> Option<&RefusalNote> {
+        self.refusal_note.get()
     }
 
     /// Keeps the session cookie `id` the connection's person was let in with.
@@ -218,14 +232,8 @@ impl Recheck {
                 true
             }
             refused => {
-                match &refused {
-                    Admission::Refuse(Refused::Unavailable) => {
-                        self.unavailable.store(true, Ordering::Release);
-                    }
-                    Admission::Refuse(Refused::Forbid(refusal)) => {
-                        let _ = self.refusal.set(refusal.clone());
-                    }
-                    _ => {}
+                if matches!(refused, Admission::Refuse(Refused::Unavailable)) {
+                    self.unavailable.store(true, Ordering::Release);
                 }
                 if !self.cut.swap(true, Ordering::AcqRel) {
                     on_cut(self, refused);
@@ -249,9 +257,11 @@ pub fn rejudge(
     vouched: impl Fn(&Caller) -> bool,
 ) -> Admission {
     let target = &open.target;
+    // Named as the 403 page names a caller: nobody is nobody, not "anonymous".
+    let who = || open.caller.as_ref().map(Caller::log_name);
     let gone = |reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
-            who: Some(open.who()),
+            who: who(),
             rule: None,
             cause: Cause::RouteRemoved,
             reason: reason.to_owned(),
@@ -290,7 +300,7 @@ pub fn rejudge(
     };
     let changed = |cause, reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
-            who: Some(open.who()),
+            who: who(),
             rule: None,
             cause,
             reason: reason.to_owned(),

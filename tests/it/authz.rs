@@ -603,6 +603,47 @@ async fn an_answer_that_comes_after_removal_from_the_group_is_refused_whole() {
     }
 }
 
+/// A slow request whose session is signed out meanwhile (in another tab) is refused as one
+/// made then would be: told why, as nobody signed in, in JSON to an API client.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_that_comes_after_its_session_ended_is_refused_as_nobody_s() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let before = t.fx.app.count();
+    let request = bare_client()
+        .get(t.app_url("/slow?ms=3000"))
+        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+        .header(ACCEPT, "application/json");
+    let slow = tokio::spawn(async move { request.send().await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.fx.app.count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resp = bare_client()
+        .post(t.app_url("/.portcullis/sign_out"))
+        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
+        .header(reqwest::header::ORIGIN, t.fx.app_origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let resp = slow.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body = resp.text().await.unwrap();
+    let refusal: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(refusal["error"], "forbidden", "{body}");
+    assert_eq!(refusal["user"], serde_json::Value::Null, "{body}");
+    let reason = refusal["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("the session has ended or expired"),
+        "{body}"
+    );
+}
+
 /// An event stream that sits idle is closed once its caller loses access, as an idle
 /// websocket is: a person's, a machine's, and one that asked for a websocket besides (which
 /// goes upstream as an ordinary request, on a route with websockets or without).
