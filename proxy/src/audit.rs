@@ -1183,8 +1183,16 @@ impl Spool {
             text.push('\n');
         }
         lines.iter().for_each(|line| text.push_str(line));
-        file.write_all(text.as_bytes()).map_err(cannot)?;
-        file.sync_data().map_err(cannot)?;
+        // A write that fails part way (a full disk), or whose sync fails, is cut off again, as
+        // the log file's is: the retry neither follows a torn record nor repeats the ones that
+        // made it (each would be moved to PostgreSQL twice).
+        let written = file
+            .write_all(text.as_bytes())
+            .and_then(|()| file.sync_data());
+        if written.is_err() {
+            let _ = file.set_len(len);
+        }
+        written.map_err(cannot)?;
         self.waiting = true;
         Ok(())
     }
