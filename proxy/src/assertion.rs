@@ -412,7 +412,7 @@ impl Signer {
 
     /// Re-reads the key directory (picking up a rotation made by the CLI), retires keys whose
     /// tokens have all expired, and drops expired cache entries. Call it periodically (every
-    /// minute is plenty) and on reload. On error the current keys stay in use.
+    /// minute is plenty). On error the current keys stay in use.
     pub fn refresh(&self, now: u64) -> Result<(), String> {
         let _guard = self.maintenance.lock().map_err(|_| "poisoned key lock")?;
         self.refresh_locked(now)
