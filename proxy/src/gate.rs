@@ -547,6 +547,16 @@ impl Gate<'_> {
             Presented::Caller(_) | Presented::Nothing => {
                 return self.anonymous(facts, &request, false, explain)
             }
+            // A session this replica does not hold may be one it has not heard of (begun on
+            // another while this one was out of touch): the caller is told to try again, as
+            // one it holds is, not sent to sign in anew.
+            Presented::Invalid { bearer: false } if !self.current => {
+                let decision = facts.route.policy.evaluate(None, &request);
+                if decision.allowed {
+                    return allow_anonymous(&decision, explain);
+                }
+                return Admission::Refuse(Refused::Unavailable);
+            }
             Presented::Invalid { bearer } => {
                 return self.anonymous(facts, &request, bearer, explain)
             }
@@ -1897,6 +1907,29 @@ mod tests {
         assert!(matches!(
             admit("/work"),
             Admission::Refuse(Refused::Unavailable)
+        ));
+        // So is a session cookie it does not hold (begun elsewhere meanwhile): try again, not
+        // sign in anew; a public path stays open.
+        let unheld = |path| {
+            gate.admit(
+                &facts(&world, 0, "GET", path),
+                Presented::Invalid { bearer: false },
+            )
+        };
+        assert!(matches!(
+            unheld("/work"),
+            Admission::Refuse(Refused::Unavailable)
+        ));
+        assert!(matches!(unheld("/public"), Admission::Allow(_)));
+        // In touch, such a cookie is no sign-in.
+        let current = world.gate();
+        let unheld = current.admit(
+            &facts(&world, 0, "GET", "/work"),
+            Presented::Invalid { bearer: false },
+        );
+        assert!(!matches!(
+            unheld,
+            Admission::Refuse(Refused::Unavailable) | Admission::Allow(_)
         ));
     }
 
