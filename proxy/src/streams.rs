@@ -257,8 +257,15 @@ pub fn rejudge(
     vouched: impl Fn(&Caller) -> bool,
 ) -> Admission {
     let target = &open.target;
-    // Named as the 403 page names a caller: nobody is nobody, not "anonymous".
-    let who = || open.caller.as_ref().map(Caller::log_name);
+    // Whether its caller still is one: a machine's token not expired, a caller `vouched` for.
+    let holds = |caller: &Caller| match caller {
+        Caller::Machine(machine) if now >= machine.expires => false,
+        caller => vouched(caller),
+    };
+    let caller = open.caller.as_ref().filter(|caller| holds(caller));
+    // Named as the 403 page names a caller: nobody (or one no longer signed in) is nobody,
+    // not "anonymous".
+    let who = || caller.map(Caller::log_name);
     let gone = |reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
             who: who(),
@@ -282,15 +289,12 @@ pub fn rejudge(
     if target.websocket && !route.config.websockets {
         return gone("the route no longer takes websockets");
     }
-    let presented = match &open.caller {
-        None => Presented::Nothing,
-        Some(Caller::Machine(machine)) if now >= machine.expires => {
-            Presented::Invalid { bearer: true }
-        }
-        Some(caller) if !vouched(caller) => Presented::Invalid {
+    let presented = match (&open.caller, caller) {
+        (None, _) => Presented::Nothing,
+        (Some(_), Some(caller)) => Presented::Caller(caller.principal()),
+        (Some(caller), None) => Presented::Invalid {
             bearer: matches!(caller, Caller::Machine(_)),
         },
-        Some(caller) => Presented::Caller(caller.principal()),
     };
     let facts = Facts {
         route: &route.config,
@@ -688,6 +692,14 @@ mod tests {
         let (as_itself, as_anyone) = (public(true), public(false));
         let judged = |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true);
         assert!(matches!(judged(&as_itself), Admission::Allow(_)));
+        // Its token no longer taken: let in only as anyone, and named as nobody (it is no
+        // caller now), not as whom it was.
+        let admission = rejudge(&world.gate(), &runtime.routes, &as_itself, 0, |_| false);
+        assert!(
+            matches!(admission, Admission::Refuse(Refused::Forbid(ref r))
+                if r.cause == Cause::AsAnyoneOnly && r.who.is_none()),
+            "{admission:?}"
+        );
         // Deactivated: the public path still lets it in, but only as anyone.
         world.set_active(&bot, false).await;
         let admission = judged(&as_itself);
