@@ -1282,7 +1282,8 @@ impl ProxyHttp for Proxy {
             // Access refused after the request was let in, before its answer began: told who
             // they are and why, as a request refused at once is.
             let page = match (cut, &ctx.route) {
-                (Some(_), _) if code == 503 => lost_touch_page(),
+                // 503, or 403 for a POST sent already (not to be sent again blindly).
+                (Some(cut), _) if cut.lost_touch() => lost_touch_page(status),
                 (Some(cut), Some(route)) if code == 403 => match cut.refusal_note() {
                     Some(note) => {
                         let person =
@@ -2108,7 +2109,7 @@ impl Proxy {
                     let who = caller.log_name();
                     audit.refusal(&who, route, None, reason, &asked.audited(), None);
                 }
-                lost_touch_page()
+                lost_touch_page(StatusCode::SERVICE_UNAVAILABLE)
             }
             Refused::Forbid(refusal) => {
                 match refusal.who.as_deref() {
@@ -2261,10 +2262,11 @@ fn refused_page(
     )
 }
 
-/// The answer of a replica that lost touch with the directory.
-fn lost_touch_page() -> Reply {
+/// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
+/// request sent upstream already that is not to be sent again as it is).
+fn lost_touch_page(status: StatusCode) -> Reply {
     Reply::page(
-        StatusCode::SERVICE_UNAVAILABLE,
+        status,
         "Temporarily unavailable",
         "<p>This replica has lost touch with the directory and cannot be sure who may come in, \
          so it lets nobody in until it has caught up. Try again in a moment.</p>",

@@ -185,8 +185,8 @@ impl Scim {
         }
         // The body took its time (a chunk may idle `idle` each): a token a reload removed,
         // or that expired, meanwhile has what it sends undone, as its next request is.
-        let runtime = runtimes.load();
-        let again = match &runtime.scim {
+        // (The configuration read is let go at once, not held across the write.)
+        let again = match &runtimes.load().scim {
             Some(scim) => scim
                 .authenticate(authorization(session), now_unix())
                 .map(drop),

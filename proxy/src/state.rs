@@ -565,16 +565,17 @@ impl Shared {
             },
         );
         // A request whose answer has not begun is told as one refused at once would be: a
-        // rule's refusal names whom it refused, a replica that lost touch its caller (a POST
-        // sent already gets 403, not 503: see `Recheck::refusal_status`); a caller no longer
-        // signed in (a session ended, a token expired) is nobody now.
-        let who = match refused {
-            Admission::Refuse(Refused::Forbid(refusal)) => refusal.who.clone(),
-            Admission::Refuse(Refused::Unavailable) => open.caller.as_ref().map(Caller::log_name),
-            _ => None,
-        };
-        let reason = reason.to_owned();
-        open.note_refusal(crate::streams::RefusalNote { who, reason });
+        // rule's refusal names whom it refused; a caller no longer signed in (a session ended,
+        // a token expired) is nobody now. (One cut because the replica lost touch is told
+        // that: see `Recheck::lost_touch`.)
+        if !matches!(refused, Admission::Refuse(Refused::Unavailable)) {
+            let who = match refused {
+                Admission::Refuse(Refused::Forbid(refusal)) => refusal.who.clone(),
+                _ => None,
+            };
+            let reason = reason.to_owned();
+            open.note_refusal(crate::streams::RefusalNote { who, reason });
+        }
     }
 
     pub fn is_draining(&self) -> bool {

@@ -173,6 +173,11 @@ impl Recheck {
         self.refusal_note.get()
     }
 
+    /// Whether it was refused because this replica lost touch with the directory.
+    pub fn lost_touch(&self) -> bool {
+        self.unavailable.load(Ordering::Acquire)
+    }
+
     /// Keeps the session cookie `id` the connection's person was let in with.
     pub fn keep_session_cookie(&self, id: &str) {
         let _ = self.session_cookie.set(id.into());
