@@ -411,6 +411,17 @@ pub struct Why {
     pub reason: String,
 }
 
+/// The answer of a replica whose directory may miss a revocation, to a caller it cannot judge:
+/// it answers for nobody (fail closed). What anyone may have (a public rule) stays open, as
+/// anyone's: the caller would have it without their credential.
+fn out_of_touch(facts: &Facts<'_>, request: &Request<'_>, explain: bool) -> Admission {
+    let decision = facts.route.policy.evaluate(None, request);
+    if decision.allowed {
+        return allow_anonymous(&decision, explain);
+    }
+    Admission::Refuse(Refused::Unavailable)
+}
+
 /// A refused request: who, which rule, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -551,25 +562,14 @@ impl Gate<'_> {
             // another while this one was out of touch): the caller is told to try again, as
             // one it holds is, not sent to sign in anew.
             Presented::Invalid { bearer: false } if !self.current => {
-                let decision = facts.route.policy.evaluate(None, &request);
-                if decision.allowed {
-                    return allow_anonymous(&decision, explain);
-                }
-                return Admission::Refuse(Refused::Unavailable);
+                return out_of_touch(facts, &request, explain)
             }
             Presented::Invalid { bearer } => {
                 return self.anonymous(facts, &request, bearer, explain)
             }
         };
         if !self.current {
-            // Fail closed: a directory that may miss a revocation answers for nobody. What
-            // anyone may have (a public rule) stays open, as anyone's: the caller would have it
-            // without their credential.
-            let decision = facts.route.policy.evaluate(None, &request);
-            if decision.allowed {
-                return allow_anonymous(&decision, explain);
-            }
-            return Admission::Refuse(Refused::Unavailable);
+            return out_of_touch(facts, &request, explain);
         }
         let judged = match self.resolve(facts, &request, principal, explain) {
             // Fail closed: an upstream that is told who calls (in headers, or the assertion)

@@ -2104,10 +2104,15 @@ impl Proxy {
             },
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
             Refused::Unavailable => {
-                if let Some(caller) = authentication.caller() {
-                    let reason = "this replica lost touch with the directory";
-                    let who = caller.log_name();
-                    audit.refusal(&who, route, None, reason, &asked.audited(), None);
+                let reason = "this replica lost touch with the directory";
+                match authentication.caller() {
+                    Some(caller) => {
+                        let who = caller.log_name();
+                        audit.refusal(&who, route, None, reason, &asked.audited(), None);
+                    }
+                    // A session cookie this replica does not hold (anyone may send one):
+                    // within the route's budget.
+                    None => audit.unverified_refusal(route, reason, &asked.audited()),
                 }
                 lost_touch_page(StatusCode::SERVICE_UNAVAILABLE)
             }
@@ -2265,12 +2270,18 @@ fn refused_page(
 /// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
 /// request sent upstream already that is not to be sent again as it is).
 fn lost_touch_page(status: StatusCode) -> Reply {
-    Reply::page(
-        status,
-        "Temporarily unavailable",
+    let then = match status {
+        StatusCode::SERVICE_UNAVAILABLE => "Try again in a moment.",
+        _ => {
+            "Your request had been passed on already and may have taken effect: check before \
+              sending it again."
+        }
+    };
+    let text = format!(
         "<p>This replica has lost touch with the directory and cannot be sure who may come in, \
-         so it lets nobody in until it has caught up. Try again in a moment.</p>",
-    )
+         so it lets nobody in until it has caught up. {then}</p>"
+    );
+    Reply::page(status, "Temporarily unavailable", &text)
 }
 
 /// Whether `method` has the upstream echo the request it received (TRACE, and Microsoft's
