@@ -886,7 +886,8 @@ impl Audit {
 
     /// Records the refusal of a request that names nobody Portcullis can trust: a bearer
     /// token that does not verify, a SCIM or admin token that is not one of ours, a sign-in
-    /// that fails, a request with no credential outside a public route's public paths. The
+    /// that fails, a request with no credential outside a public route's public paths, a
+    /// session cookie a replica out of touch does not hold. The
     /// user is `anonymous` (an unverified token's claims are anyone's to
     /// write) and `reason` says what was wrong with it, never what it was; it is cut to
     /// [`MAX_REASON`] bytes, as it may quote what the caller sent (an IdP's error description).

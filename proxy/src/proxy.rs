@@ -1995,11 +1995,11 @@ impl Proxy {
         }
     }
 
-    /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401)
-    /// or a refusal (403), after ending a session the directory has revoked. Audited: every
-    /// 403, every revoked session and every refused bearer token (past a rate per caller and
-    /// route, counted: [`crate::audit::Audit::refusal`]); not a request that presented no
-    /// credential at all, which is only asked for one.
+    /// The one place a refusal becomes a response: a sign-in redirect (302), a challenge (401),
+    /// a refusal (403) or a replica's lost touch (503), after ending a session the directory
+    /// has revoked. Audited: every 403 and 503, every revoked session and every refused bearer
+    /// token (past a rate per caller and route, counted: [`crate::audit::Audit::refusal`]);
+    /// not a request that presented no credential at all, which is only asked for one.
     /// `sessions`: whether people sign in where the request was sent (a 401 for a browser's
     /// form there is a page with a way to sign in).
     #[allow(clippy::too_many_arguments)]
@@ -2271,11 +2271,11 @@ fn refused_page(
 /// request sent upstream already that is not to be sent again as it is).
 fn lost_touch_page(status: StatusCode) -> Reply {
     let then = match status {
-        StatusCode::SERVICE_UNAVAILABLE => "Try again in a moment.",
-        _ => {
+        StatusCode::FORBIDDEN => {
             "Your request had been passed on already and may have taken effect: check before \
-              sending it again."
+             sending it again."
         }
+        _ => "Try again in a moment.",
     };
     let text = format!(
         "<p>This replica has lost touch with the directory and cannot be sure who may come in, \
@@ -3203,6 +3203,19 @@ mod tests {
 
     fn body(reply: &Reply) -> String {
         String::from_utf8_lossy(&reply.body).into_owned()
+    }
+
+    /// A request cut because the replica lost touch is told to try again, unless it was sent
+    /// upstream already (a 403 then: it may have taken effect).
+    #[test]
+    fn the_lost_touch_page_says_whether_to_try_again() {
+        let again = body(&lost_touch_page(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(again.contains("Try again in a moment."), "{again}");
+        let sent = lost_touch_page(StatusCode::FORBIDDEN);
+        assert_eq!(sent.status, StatusCode::FORBIDDEN);
+        let sent = body(&sent);
+        assert!(sent.contains("check before sending it again"), "{sent}");
+        assert!(!sent.contains("Try again"), "{sent}");
     }
 
     #[test]
