@@ -66,10 +66,7 @@ impl UsedOnce {
 
     /// Records a use of `key`, kept until `keep` after `from` (or until `max` later ones).
     pub fn record(&self, key: &str, from: u64, now: u64) -> Use {
-        let Ok(mut kept) = self.kept.lock() else {
-            // Poisoned: nothing is known, and nothing is refused for it.
-            return Use::First;
-        };
+        let mut kept = self.kept();
         kept.forget_old(self.keep, now);
         if kept.uses.contains_key(key) {
             return Use::Again;
@@ -87,22 +84,44 @@ impl UsedOnce {
 
     /// Forgets a use of `key`: what it was for did not happen.
     pub fn forget(&self, key: &str) {
-        if let Ok(mut kept) = self.kept.lock() {
-            kept.uses.remove(key);
-        }
+        self.kept().uses.remove(key);
     }
 
     /// Forgets the uses kept long enough.
     pub fn sweep(&self, now: u64) {
-        if let Ok(mut kept) = self.kept.lock() {
-            kept.forget_old(self.keep, now);
-        }
+        self.kept().forget_old(self.keep, now);
+    }
+
+    /// The uses kept, also after a panic while they were held: a use kept then is still
+    /// known (a replay is refused, never taken for a first use); a place in `order` that
+    /// outlived its use is one forgotten since, as any other.
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic while the uses were held does not make every later use a first one (a logout
+    /// token or a sign-in replayed).
+    #[test]
+    fn a_use_kept_stays_known_after_a_panic_while_the_uses_were_held() {
+        let once = std::sync::Arc::new(UsedOnce::new(600, 10));
+        assert_eq!(once.record("a", 1000, 1000), Use::First);
+        let held = once.clone();
+        let panicked = std::thread::spawn(move || {
+            let _kept = held.kept.lock();
+            panic!("while the uses were held");
+        })
+        .join();
+        assert!(panicked.is_err() && once.kept.is_poisoned());
+        assert_eq!(once.record("a", 1000, 1001), Use::Again);
+        assert_eq!(once.record("b", 1000, 1001), Use::First);
+    }
 
     #[test]
     fn a_use_is_first_once_kept_for_its_time_and_the_oldest_gives_way() {
