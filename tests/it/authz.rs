@@ -623,13 +623,7 @@ async fn an_answer_that_comes_after_its_session_ended_is_refused_as_nobody_s() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let resp = bare_client()
-        .post(t.app_url("/.portcullis/sign_out"))
-        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
-        .header(reqwest::header::ORIGIN, t.fx.app_origin())
-        .send()
-        .await
-        .unwrap();
+    let resp = t.fx.sign_out(&format!("{SESSION_COOKIE}={cookie}")).await;
     assert_eq!(resp.status(), StatusCode::FOUND);
     let resp = slow.await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
@@ -854,13 +848,7 @@ async fn signing_out_closes_the_sessions_open_websockets() {
     let mut idle = open_websocket(&t, "/ws", &cookie).await;
     let mut other_ws = open_websocket(&t, "/ws", &other).await;
 
-    let resp = bare_client()
-        .post(t.app_url("/.portcullis/sign_out"))
-        .header(COOKIE, format!("{SESSION_COOKIE}={cookie}"))
-        .header(reqwest::header::ORIGIN, t.fx.app_origin())
-        .send()
-        .await
-        .unwrap();
+    let resp = t.fx.sign_out(&format!("{SESSION_COOKIE}={cookie}")).await;
     assert_eq!(resp.status(), StatusCode::FOUND);
 
     let end = tokio::time::timeout(Duration::from_secs(5), idle.next()).await;
