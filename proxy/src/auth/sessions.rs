@@ -1237,6 +1237,14 @@ mod tests {
         }
     }
 
+    /// A session for `identity` begun at `now` in the default cookie; its id.
+    async fn begin(sessions: &Sessions, identity: Identity, now: u64) -> String {
+        sessions
+            .create(identity, None, "portcullis_session", now)
+            .await
+            .unwrap()
+    }
+
     /// Sign-in with `issuer`, an idle timeout of `idle` seconds and the default lifetime.
     fn oidc(issuer: &str, idle: u64) -> OidcConfig {
         let mut oidc = crate::testing::config("").oidc.unwrap();
@@ -1414,14 +1422,8 @@ mod tests {
     async fn a_second_end_holds_when_the_first_end_s_write_fails() {
         let (sessions, store, entered, release) = gated();
         // alice's sign-in, on two hosts: one sid.
-        let on_a = sessions
-            .create(identity("alice", 10_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let on_b = sessions
-            .create(identity("alice", 10_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let on_a = begin(&sessions, identity("alice", 10_000), 100).await;
+        let on_b = begin(&sessions, identity("alice", 10_000), 100).await;
         let sid = |i: &Identity| i.idp_session.as_deref() == Some("sid-alice");
         assert_eq!(sessions.find(sid).len(), 2);
 
@@ -1484,10 +1486,7 @@ mod tests {
             .create(identity("alice", 10_000), None, issued, 100)
             .await
             .unwrap();
-        let per_host = sessions
-            .create(identity("bob", 10_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let per_host = begin(&sessions, identity("bob", 10_000), 100).await;
         drop(sessions);
         let sessions = open(dir.path()).sessions;
         let vouches = |id: &str, oidc: &OidcConfig| sessions.get(id).unwrap().1.vouches(100, oidc);
@@ -1584,10 +1583,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (alice, bob) = {
             let sessions = open(dir.path()).sessions;
-            let alice = sessions
-                .create(identity("alice", 10_000), None, "portcullis_session", 100)
-                .await
-                .unwrap();
+            let alice = begin(&sessions, identity("alice", 10_000), 100).await;
             let refresh = Refresh {
                 refresh_token: "first-refresh-token".into(),
                 due: 500,
@@ -1680,10 +1676,7 @@ mod tests {
         assert_eq!(refreshing.state().due, 900);
         tokio::task::yield_now().await;
         // Written after the refresh's write was queued, so after it is stored.
-        sessions
-            .create(identity("carol", 10_000), None, "portcullis_session", 300)
-            .await
-            .unwrap();
+        begin(&sessions, identity("carol", 10_000), 300).await;
         drop((bob, sessions));
         // The refresh's task lets go of the directory a moment after its write.
         let mut storage = None;
@@ -1725,10 +1718,7 @@ mod tests {
     async fn sessions_of_another_provider_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let sessions = open(dir.path()).sessions;
-        let id = sessions
-            .create(identity("ann", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let id = begin(&sessions, identity("ann", 100_000), 100).await;
         let kept = sessions
             .maintain(150, 60, Some(&oidc("https://idp.test", 3_600)))
             .await;
@@ -1740,18 +1730,12 @@ mod tests {
         assert_eq!(moved.unwrap(), (0, 1));
         assert!(sessions.get(&id).is_none());
         // Sign-in off altogether (no `[oidc]`): every session is another provider's.
-        let id = sessions
-            .create(identity("bob", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let id = begin(&sessions, identity("bob", 100_000), 100).await;
         assert_eq!(sessions.maintain(150, 5, None).await.unwrap(), (0, 1));
         assert!(sessions.get(&id).is_none());
         // A lifetime shortened (by a restart, which no reload saw): a session past it is
         // forgotten, and a restart back does not bring it back.
-        let id = sessions
-            .create(identity("cy", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let id = begin(&sessions, identity("cy", 100_000), 100).await;
         let mut shortened = oidc("https://idp.test", 3_600);
         shortened.session_lifetime = std::time::Duration::from_secs(60);
         assert_eq!(
@@ -1771,18 +1755,9 @@ mod tests {
             created,
             ..identity(sub, 100_000)
         };
-        let old = sessions
-            .create(begun_at("old", 100), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let idle = sessions
-            .create(begun_at("idle", 800), None, "portcullis_session", 800)
-            .await
-            .unwrap();
-        let young = sessions
-            .create(begun_at("young", 900), None, "portcullis_session", 900)
-            .await
-            .unwrap();
+        let old = begin(&sessions, begun_at("old", 100), 100).await;
+        let idle = begin(&sessions, begun_at("idle", 800), 800).await;
+        let young = begin(&sessions, begun_at("young", 900), 900).await;
         sessions.get(&old).unwrap().1.touch(990);
         let before = oidc("https://idp.test", 150);
         // The idle timeout raised: `idle` had idled out before it.
@@ -1822,10 +1797,7 @@ mod tests {
             issuer: moved.issuer.clone(),
             ..begun_at("new", 900)
         };
-        let new = sessions
-            .create(theirs, None, "portcullis_session", 900)
-            .await
-            .unwrap();
+        let new = begin(&sessions, theirs, 900).await;
         assert_eq!(
             why(&shortened, Some(&moved)),
             ["sign-in moved to another provider"]
@@ -1847,14 +1819,8 @@ mod tests {
     async fn the_last_use_is_stored_at_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let sessions = open(dir.path()).sessions;
-        let used = sessions
-            .create(identity("used", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let unused = sessions
-            .create(identity("unused", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let used = begin(&sessions, identity("used", 100_000), 100).await;
+        let unused = begin(&sessions, identity("unused", 100_000), 100).await;
         // Less than an upkeep's interval after the store had it: no upkeep would write it.
         sessions.get(&used).unwrap().1.touch(130);
         assert_eq!(sessions.store_last_use().await, Ok(1));
@@ -1869,18 +1835,9 @@ mod tests {
     async fn use_is_written_back_and_sessions_that_are_over_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let sessions = open(dir.path()).sessions;
-        let used = sessions
-            .create(identity("used", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let idle = sessions
-            .create(identity("idle", 100_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
-        let expired = sessions
-            .create(identity("expired", 1_000), None, "portcullis_session", 100)
-            .await
-            .unwrap();
+        let used = begin(&sessions, identity("used", 100_000), 100).await;
+        let idle = begin(&sessions, identity("idle", 100_000), 100).await;
+        let expired = begin(&sessions, identity("expired", 1_000), 100).await;
         // Nothing is due a moment later.
         assert_eq!(
             sessions
