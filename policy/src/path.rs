@@ -18,7 +18,8 @@ pub enum PathError {
     BadEscape,
     #[error(
         "the path holds an encoded '/', '\\' or control character, a raw '\\' or control \
-         character, or a dot segment with ';' parameters, whose meaning is ambiguous"
+         character, a dot segment with ';' parameters or a segment ASP.NET cuts out as a \
+         cookieless session's ('(S(x))'), whose meaning is ambiguous"
     )]
     Ambiguous,
     #[error("the request target is neither a path nor an http(s) URL of a host")]
@@ -88,7 +89,11 @@ pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
 /// - a trailing `/` is kept;
 /// - `;` parameters are kept (`/a;jsessionid=1/b`), but a dot segment with parameters
 ///   (`..;x`, `.;`), which some servers resolve as a dot segment and others read as a name, is
-///   refused.
+///   refused;
+/// - a segment that ASP.NET on the .NET Framework cuts out of every path as a cookieless
+///   session's before it routes (`(S(x))`, `(A(x)F(y))`: a letter and a value in parentheses,
+///   in parentheses) is refused: `/(S(x))/admin` is `/admin` to it and another path to
+///   everyone else.
 ///
 /// Letter case is preserved: `/Admin` and `/admin` are different paths to an allow rule. (Deny
 /// rules and route selection read them alike: `portcullis_policy::loosely_within`.)
@@ -98,7 +103,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Err(PathError::NotAbsolute);
     }
     if is_normal(bytes) {
-        return Ok(Cow::Borrowed(path));
+        return refusing_cookieless(Cow::Borrowed(path));
     }
 
     let decoded = one_spelling(bytes)?;
@@ -133,7 +138,25 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if trailing_slash || segments.is_empty() {
         out.push('/');
     }
-    Ok(Cow::Owned(out))
+    refusing_cookieless(Cow::Owned(out))
+}
+
+/// `path`, normalized, unless a segment of it is one ASP.NET takes for a cookieless session's
+/// (see [`normalize`]). ASP.NET looks only at segments of the shape `(X(`…`)`, which nothing
+/// else names a path by: any such segment is refused, whatever follows the letter.
+fn refusing_cookieless(path: Cow<'_, str>) -> Result<Cow<'_, str>, PathError> {
+    let cookieless = |segment: &str| {
+        let b = segment.as_bytes();
+        b.len() >= 4
+            && b[0] == b'('
+            && b[1].is_ascii_alphabetic()
+            && b[2] == b'('
+            && b[b.len() - 1] == b')'
+    };
+    if path.contains("/(") && path.split('/').any(cookieless) {
+        return Err(PathError::Ambiguous);
+    }
+    Ok(path)
 }
 
 /// Whether byte `b` is spelled as it is in a normalized path, however it came: the unreserved
@@ -417,6 +440,11 @@ mod tests {
             ("/x/%2e%2e%3bp/admin", PathError::Ambiguous),
             ("/a/.%3B/b", PathError::Ambiguous),
             ("/a/..%3B", PathError::Ambiguous),
+            ("/(S(x))/admin", PathError::Ambiguous),
+            ("/(A(x)F(y))/Admin/users", PathError::Ambiguous),
+            ("/%28S%28x%29%29/admin", PathError::Ambiguous),
+            ("/app/(S(abc))/", PathError::Ambiguous),
+            ("/app/(S(abc))", PathError::Ambiguous),
             ("/a%", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("/a%zz", PathError::BadEscape),

@@ -1458,7 +1458,8 @@ async fn a_spelling_that_only_a_lenient_reading_puts_on_a_public_route_is_refuse
 }
 
 /// Tomcat, Jetty and Spring drop `;` parameters and resolve `..;`; Express and ASP.NET route
-/// paths in any case; Rails drops a format suffix. No such spelling gets past a deny rule or
+/// paths in any case, and ASP.NET cuts out a cookieless session's `(S(x))`; Rails drops a
+/// format suffix. No such spelling gets past a deny rule or
 /// (but a format suffix) lands on another route.
 #[tokio::test(flavor = "multi_thread")]
 async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
@@ -1482,6 +1483,10 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/public/..%3B/admin", 400, None),
         ("/public/%2e%2e%3bx/admin", 400, None),
         ("/public/.%3B/admin", 400, None),
+        // ASP.NET cuts a cookieless session's segment out of every path before it routes.
+        ("/(S(x))/admin/users", 400, None),
+        ("/%28S%28x%29%29/admin", 400, None),
+        ("/public/(A(x)F(y))/", 400, None),
         // An escape of a character a path may hold as it is reads as that character to every
         // framework: one spelling, judged and sent.
         ("/wiki/Special%3AExport", 403, None),
