@@ -285,9 +285,10 @@ impl RouteTable {
 /// upstreams' names resolved to): two routes whose copies are equal let in the same callers,
 /// the same way, to the same upstreams, with the same settings.
 fn judging(config: &Route) -> Route {
+    // One name for every rule (a rule must have one to compile).
     let unnamed = |rules: &[portcullis_policy::RuleSpec]| -> Vec<portcullis_policy::RuleSpec> {
         let unnamed = |rule: &portcullis_policy::RuleSpec| portcullis_policy::RuleSpec {
-            name: String::new(),
+            name: "rule".to_owned(),
             ..rule.clone()
         };
         rules.iter().map(unnamed).collect()
@@ -517,6 +518,10 @@ mod tests {
                 for rule in config.allow.iter_mut().chain(&mut config.deny) {
                     rule.name = format!("routes[9].{}", rule.name);
                 }
+                config.policy = Arc::new(
+                    portcullis_policy::Policy::compile(config.allow.clone(), config.deny.clone())
+                        .expect("the rules compile"),
+                );
                 // Its upstream's name resolved, at start, to another of the name's addresses
                 // (a DNS server that rotates them): the same upstream.
                 for upstream in &mut config.upstreams {
