@@ -2428,6 +2428,8 @@ enum Again {
 /// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
 ///   Rack before 2.2.20 and 3.1.18 reads from the request: a client's would make a download
 ///   an `X-Accel-Redirect` to a file it chose (CVE-2025-61780);
+/// - `X-Middleware-Subrequest`, with which Next.js before 12.3.5, 13.5.9, 14.2.25 and 15.2.3
+///   skips its middleware, where its apps check who may see a page (CVE-2025-29927);
 /// - `Proxy`, which CGI-style servers hand the application as `HTTP_PROXY`, the variable HTTP
 ///   clients take their proxy from (httpoxy);
 /// - every name with a character other than a letter, a digit or `-`, as nginx drops them:
@@ -2439,7 +2441,7 @@ enum Again {
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 20] = [
+    const NAMES: [&[u8]; 21] = [
         b"forwarded",
         b"x-forwarded",
         b"forwarded-for",
@@ -2459,6 +2461,7 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-scheme",
         b"x-sendfile-type",
         b"x-accel-mapping",
+        b"x-middleware-subrequest",
         b"proxy",
     ];
     !name.iter().all(|&b| PLAIN_NAME[usize::from(b)])
@@ -3372,12 +3375,19 @@ mod tests {
             ("X-Forwarded", "198.51.100.7"),
             ("Forwarded-For", "198.51.100.7"),
             ("Via", "1.1 198.51.100.7"),
+            // With it, an unpatched Next.js skips its middleware (CVE-2025-29927).
+            (
+                "X-Middleware-Subrequest",
+                "middleware:middleware:middleware:middleware:middleware",
+            ),
+            // Next.js' own client sends this one: it stays.
+            ("X-Middleware-Prefetch", "1"),
             ("X-Request-Id", "kept"),
         ]);
         strip_reserved_headers(&mut req);
         let mut names: Vec<&str> = req.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["x-request-id"]);
+        assert_eq!(names, ["x-middleware-prefetch", "x-request-id"]);
     }
 
     #[test]

@@ -134,6 +134,8 @@ async fn client_identity_headers_never_reach_the_upstream() {
         // Rack before 2.2.20 reads these from the request (CVE-2025-61780).
         ("X-Sendfile-Type", "spoof-sendfile"),
         ("X-Accel-Mapping", "spoof-accel=/internal/"),
+        // An unpatched Next.js skips its middleware for this (CVE-2025-29927).
+        ("X-Middleware-Subrequest", "spoof-next-middleware"),
     ];
     // Each case: the spoofed headers, plus one request where they are also named in Connection.
     for (case, connection, drop_me_named) in [
