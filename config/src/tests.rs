@@ -387,6 +387,42 @@ deny = { groups = ["interns"] }
             )],
         },
         Case {
+            name: "patterns where rules and routes compare whole names and prefixes",
+            text: r#"data_dir = "data"
+LISTENERS
+OIDC
+auth_host = "auth.example.com"
+[[routes]]
+from = "https://app.example.com"
+to = ["http://127.0.0.1:3000"]
+allow = { any_signed_in = true }
+[[routes.deny]]
+groups = ["contractors"]
+paths = ["/admin/*", "/.portcullis/console/"]
+[[routes.deny]]
+users = ["*@contractor.example"]
+groups = ["*"]
+methods = ["*"]
+[[routes]]
+from = "https://app.example.com/admin/*"
+to = ["http://127.0.0.1:3000"]
+allow = { groups = ["admins"] }
+"#,
+            problems: &[
+                (
+                    "routes[0].deny[0].paths[0]",
+                    Some(21),
+                    "\"/admin/*\" is a pattern, and rules compare what they name whole: paths \
+                     are prefixes",
+                ),
+                ("routes[0].deny[0].paths[1]", Some(21), "[console]'s rules' to say"),
+                ("routes[0].deny[1].users[0]", Some(23), "\"*@contractor.example\" is a pattern"),
+                ("routes[0].deny[1].groups[0]", Some(24), "\"*\" is a pattern"),
+                ("routes[0].deny[1].methods[0]", Some(25), "leave `methods` out"),
+                ("routes[1].from", Some(27), "`/admin/*`: paths are prefixes, not patterns"),
+            ],
+        },
+        Case {
             name: "routes that could never serve",
             text: r#"data_dir = "data"
 LISTENERS

@@ -577,6 +577,12 @@ fn route_from(from: &str) -> Result<From, String> {
                 .to_owned(),
         );
     }
+    if path_prefix.contains('*') {
+        return Err(format!(
+            "`{path_prefix}`: {}",
+            portcullis_policy::PREFIXES_NOT_PATTERNS
+        ));
+    }
     // Requests are routed by their normalized path: a prefix spelled otherwise would never
     // match, and its requests would fall to another route.
     if let Some(problem) = portcullis_policy::spelling_problem(path_prefix) {
@@ -1013,7 +1019,16 @@ fn rules(
         for (i, rule_prefix) in spec.paths.iter().flatten().enumerate() {
             let within = |a: &str, b: &str| portcullis_policy::loosely_within(a, b);
             let written = rule_prefix.starts_with('/');
-            if written && !within(prefix, rule_prefix) && !within(rule_prefix, prefix) {
+            let own = |path: &str| within("/.portcullis", path);
+            if written && own(rule_prefix) && !own(prefix) {
+                // Answered before any route is looked up: a deny there protects nothing.
+                p.add(
+                    &rule_path.key("paths").index(i),
+                    "Portcullis answers every path under `/.portcullis/` itself, before any \
+                     route's rules, so the rule never applies: who reaches the console is \
+                     [console]'s rules' to say",
+                );
+            } else if written && !within(prefix, rule_prefix) && !within(rule_prefix, prefix) {
                 p.add(
                     &rule_path.key("paths").index(i),
                     format!(

@@ -13,6 +13,7 @@ use crate::index::{empty_bits, has_bit, set_bit, Compare, RuleBits, StrIndex};
 use crate::reason::{Conditions, Decision, Match, Reason};
 use crate::spec::{
     email_domain, is_token, parse_domain, path_problem, spelling_problem, PolicyError, Problem,
+    PREFIXES_NOT_PATTERNS,
 };
 use crate::{Request, RuleSpec, Subject, SubjectKind};
 
@@ -999,6 +1000,19 @@ impl Builder {
                         format!(".{field}[{i}]"),
                         Problem::AgentPrefixed { value, bare },
                     );
+                } else if value == "*" || (field == "users" && value.starts_with("*@")) {
+                    // As Cloudflare Access or IAP would read them: a deny that denies nobody.
+                    let instead = if field == "users" {
+                        "name each user, or the domain in `email_domains`, or write \
+                         `any_signed_in = true` for everyone signed in"
+                    } else {
+                        "name each group, or write `any_signed_in = true` for everyone signed in"
+                    };
+                    let value = value.clone();
+                    error(
+                        format!(".{field}[{i}]"),
+                        Problem::Pattern { value, instead },
+                    );
                 } else {
                     table.insert(value, index);
                 }
@@ -1051,6 +1065,10 @@ impl Builder {
                 let field = format!(".methods[{i}]");
                 if value.trim().is_empty() {
                     error(field, Problem::Empty);
+                } else if value == "*" {
+                    let instead = "leave `methods` out for every method";
+                    let value = value.clone();
+                    error(field, Problem::Pattern { value, instead });
                 } else if !is_token(value) {
                     error(
                         field,
@@ -1099,6 +1117,16 @@ impl Builder {
                         Problem::BadPath {
                             value: value.clone(),
                             why,
+                        },
+                    );
+                } else if value.contains('*') {
+                    // `/admin/*`, as Cloudflare Access or an ALB writes it, would be a path
+                    // whose segment is `*`: a deny on it would refuse nobody.
+                    error(
+                        field,
+                        Problem::Pattern {
+                            value: value.clone(),
+                            instead: PREFIXES_NOT_PATTERNS,
                         },
                     );
                 } else if let Some(problem) = spelling_problem(value) {

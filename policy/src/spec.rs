@@ -72,6 +72,11 @@ pub struct PolicyError {
     pub problem: Problem,
 }
 
+/// Why a `*` in a path prefix (a route's or a rule's) is refused: `/admin/*` is a path whose
+/// last segment is `*`, so a deny or a narrower route written so would apply to nobody.
+pub const PREFIXES_NOT_PATTERNS: &str = "paths are prefixes, not patterns: `/admin/` covers \
+     every path under /admin, and a `*` matches only a `*`";
+
 /// What is wrong, in words the author of the configuration can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
@@ -102,6 +107,11 @@ pub enum Problem {
     BadDomain { value: String, why: &'static str },
     #[error("{value:?} is not a valid HTTP method")]
     BadMethod { value: String },
+    #[error("{value:?} is a pattern, and rules compare what they name whole: {instead}")]
+    Pattern {
+        value: String,
+        instead: &'static str,
+    },
     #[error(
         "lets HEAD in but not GET: upstream frameworks (Express, Flask, Spring, Go) answer HEAD \
          with the GET handler, whose side effects happen and whose headers tell; add \"GET\", or \
