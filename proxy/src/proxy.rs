@@ -740,10 +740,9 @@ impl ProxyHttp for Proxy {
                     path: &normalized,
                     client: ctx.client_ip,
                 };
-                let reason = "this replica lost touch with the directory";
                 self.shared
                     .audit
-                    .unverified_refusal("scim", reason, &request);
+                    .unverified_refusal("scim", LOST_TOUCH, &request);
                 return crate::scim_http::unavailable(session).await;
             }
             let path = normalized.into_owned();
@@ -1547,11 +1546,25 @@ impl Proxy {
             "callback" | "sign_out" | "backchannel_logout"
                 if !self.shared.directory_is_current() =>
             {
-                Reply::page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Temporarily unavailable",
-                    "<p>Portcullis cannot reach its store just now. Try again in a moment.</p>",
-                )
+                // Anyone may post here: within the sign-in's budget.
+                let request = audit::Request {
+                    method: session.req_header().method.as_str(),
+                    path: &format!("/.portcullis/{endpoint}"),
+                    client: at.client_ip,
+                };
+                let audit = &self.shared.audit;
+                audit.unverified_refusal(endpoints::AUDIT_ROUTE, LOST_TOUCH, &request);
+                if endpoint == "backchannel_logout" {
+                    // The IdP reads JSON (OpenID Connect Back-Channel Logout §2.8).
+                    let body = serde_json::json!({ "error": "temporarily_unavailable" });
+                    Reply::json(StatusCode::SERVICE_UNAVAILABLE, &body)
+                } else {
+                    Reply::page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Temporarily unavailable",
+                        "<p>Portcullis cannot reach its store just now. Try again in a moment.</p>",
+                    )
+                }
             }
             "readyz" => Reply::status_page(StatusCode::OK),
             "sign_in" | "callback" if !runtime.carries_credentials(local_addr(session), tls) => {
@@ -2104,7 +2117,7 @@ impl Proxy {
             },
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
             Refused::Unavailable => {
-                let reason = "this replica lost touch with the directory";
+                let reason = LOST_TOUCH;
                 match authentication.caller() {
                     Some(caller) => {
                         let who = caller.log_name();
@@ -2266,6 +2279,9 @@ fn refused_page(
         &content,
     )
 }
+
+/// Why a request is refused by a replica that lost touch with the directory, as audited.
+const LOST_TOUCH: &str = "this replica lost touch with the directory";
 
 /// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
 /// request sent upstream already that is not to be sent again as it is).

@@ -920,9 +920,22 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
     parts[2] = "A".repeat(parts[2].len());
     let forged = parts.join(".");
     assert_eq!(status_once(&a.api_url("/in-the-gap"), &forged).await, 401);
+    // So is an IdP's back-channel logout this replica cannot act on: told in JSON to try again.
+    const LOGOUT: &str = "/.portcullis/backchannel_logout";
+    let logout = bare_client()
+        .post(a.api_url(LOGOUT))
+        .form(&[("logout_token", "in-the-gap")])
+        .send()
+        .await
+        .expect("POST backchannel_logout");
+    assert_eq!(logout.status(), 503);
+    let told: serde_json::Value =
+        serde_json::from_str(&logout.text().await.expect("body")).expect("JSON");
+    assert_eq!(told["error"], "temporarily_unavailable");
     let spool = a.px.dir().join("data/audit-spool.jsonl");
     let kept = eventually(Duration::from_secs(30), || async {
-        std::fs::read_to_string(&spool).is_ok_and(|text| text.contains("/in-the-gap"))
+        std::fs::read_to_string(&spool)
+            .is_ok_and(|text| text.contains("/in-the-gap") && text.contains(LOGOUT))
     })
     .await;
     assert!(kept, "the refusal is not kept in {}", spool.display());
@@ -952,10 +965,13 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
         );
     }
     let moved = eventually(Duration::from_secs(30), || async {
-        audit_records(&b)
-            .await
-            .iter()
-            .any(|record| record["path"] == "/in-the-gap")
+        let records = audit_records(&b).await;
+        let logout = records.iter().any(|record| {
+            record["path"] == LOGOUT
+                && record["event"] == "refusal"
+                && record["reason"] == "this replica lost touch with the directory"
+        });
+        logout && records.iter().any(|record| record["path"] == "/in-the-gap")
     })
     .await;
     assert!(

@@ -28,7 +28,7 @@ use crate::state::Runtime;
 
 /// The route refusals at Portcullis' own endpoints (the sign-in callback, back-channel
 /// logout, `me`) are audited under.
-const AUDIT_ROUTE: &str = "oidc";
+pub const AUDIT_ROUTE: &str = "oidc";
 
 /// The cookies carrying sign-ins in progress are named this, `_`, and a digest of the state.
 pub const BROWSER_COOKIE: &str = "portcullis_signin";
@@ -477,6 +477,11 @@ impl Auth {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!("cannot store the session: {e}");
+                let reason =
+                    format!("the sign-in of {who} was refused: its session could not be saved");
+                let request = req.audited("GET", "/.portcullis/callback");
+                self.audit
+                    .unverified_refusal(AUDIT_ROUTE, &reason, &request);
                 return Reply::page(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Sign-in unavailable",
