@@ -3395,7 +3395,8 @@ async fn a_refresh_signed_with_a_key_too_new_to_fetch_keeps_the_session() {
 /// While the IdP takes connections but never answers, a session whose refresh is due keeps
 /// working, and only the first request waits on the IdP (up to Portcullis' 10 s timeout for
 /// IdP calls): refreshes then pause (5 s, doubling up to a minute), so the next ones go ahead
-/// without asking it.
+/// without asking it. Once a pause is over, one request finds out whether the IdP is back,
+/// whoever's sessions are due.
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
     let fx = Fixture::start_with(Options {
@@ -3405,6 +3406,7 @@ async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
     .await;
     let url = fx.url("app.test", "/page");
     let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    let bob = fx.sign_in(&client(), &url, BOB, BOB_PASSWORD).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     fx.idp.set_outage(IdpOutage::Hang).await;
     // The first request waits for the refresh to time out, and is served on what the
@@ -3419,6 +3421,21 @@ async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
     assert!(
         took < Duration::from_secs(8),
         "5 requests took {took:?} with the IdP hanging: they waited on it"
+    );
+    // The pause is over: of two sessions due at once, one asks the IdP, the other goes ahead.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let timed = |cookie: String| {
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            assert_session_works(&url, &cookie).await;
+            started.elapsed()
+        }
+    };
+    let (a, b) = tokio::join!(timed(signed.cookie.clone()), timed(bob.cookie.clone()));
+    assert!(
+        a.min(b) < Duration::from_secs(3),
+        "both waited on the IdP once the pause was over ({a:?}, {b:?})"
     );
     fx.idp.set_outage(IdpOutage::Off).await;
 }

@@ -668,6 +668,8 @@ impl Auth {
                 }
                 return false;
             }
+            // Left to a later request.
+            Ok(Refreshed::NotAsked) => {}
             // IdP outage: existing sessions keep working until it is back.
             Err(e) => tracing::warn!("session refresh postponed: {e}"),
         }

@@ -235,6 +235,10 @@ pub enum Refreshed {
     /// route judges the IdP's groups: the session is over, and the person signs in again
     /// (never taken for another replica's refresh: this one was answered).
     Regrouped(String),
+    /// The IdP was not asked: as many refreshes as it may be asked at once are under way, or
+    /// another is finding out whether it is back (see [`Oidc::asking`]). The session goes on
+    /// as it is, its refresh still due.
+    NotAsked,
 }
 
 /// How long a session whose refresh could not be judged ([`Refreshed::Postponed`]: its ID
@@ -245,6 +249,13 @@ const JUDGE_AGAIN_IN: std::time::Duration = std::time::Duration::from_secs(60);
 /// request per pause waits on it.
 const MIN_REFRESH_BACKOFF: u64 = 5;
 const MAX_REFRESH_BACKOFF: u64 = 60;
+/// How many refreshes this replica asks the IdP for at once: as many requests wait on an IdP
+/// that has just stopped answering (a refresh due is a few an hour per person, and one not
+/// asked for is asked by the session's next request).
+const MAX_REFRESHES_ASKING: usize = 4;
+/// How long a refresh finding out whether the IdP is back holds the others back at most (it
+/// gives up on the IdP well before, and lets them go as soon as it has its answer).
+const PROBE_HOLD: u64 = 120;
 
 /// The OIDC relying party: state that outlives configuration reloads.
 pub struct Oidc {
@@ -261,6 +272,28 @@ pub struct Oidc {
     /// [`Oidc::refresh_paused`]); `refresh_backoff` seconds, doubling to a minute.
     refresh_paused_until: AtomicU64,
     refresh_backoff: AtomicU64,
+    /// Leave to ask the IdP for a refresh: [`MAX_REFRESHES_ASKING`] at once.
+    refreshes_asking: tokio::sync::Semaphore,
+}
+
+/// A refresh's leave to ask the IdP ([`Oidc::asking`]).
+struct Asking<'a> {
+    oidc: &'a Oidc,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    /// Whether it is finding out if the IdP is back, holding the others back until it knows
+    /// (until this Unix second at most).
+    probe: Option<u64>,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        // Given up without an outcome (its request went away): the pause was over, and the
+        // next refresh may find out.
+        if let Some(hold) = self.probe {
+            let until = &self.oidc.refresh_paused_until;
+            let _ = until.compare_exchange(hold, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
 }
 
 impl Oidc {
@@ -272,6 +305,7 @@ impl Oidc {
             sign_ins: UsedOnce::new(PENDING_FOR, MAX_USES_KEPT),
             refresh_paused_until: AtomicU64::new(0),
             refresh_backoff: AtomicU64::new(0),
+            refreshes_asking: tokio::sync::Semaphore::new(MAX_REFRESHES_ASKING),
         }
     }
 
@@ -644,9 +678,35 @@ impl Oidc {
         now < self.refresh_paused_until.load(Ordering::Relaxed)
     }
 
-    /// Refreshes a session's tokens with the IdP: [`Refreshed`] when the IdP answered, `Err`
-    /// when it could not be asked (an outage: the session keeps working on what it has, and
-    /// refreshes pause, 5 s at first, doubling up to a minute).
+    /// Leave to ask the IdP for a refresh at `now`: not while refreshes pause, nor while
+    /// [`MAX_REFRESHES_ASKING`] are under way; once a pause is over, for one refresh at a time
+    /// until the IdP answers one, so that at most one request per pause waits on an IdP still
+    /// down.
+    fn asking(&self, now: u64) -> Option<Asking<'_>> {
+        let _permit = self.refreshes_asking.try_acquire().ok()?;
+        let until = self.refresh_paused_until.load(Ordering::Acquire);
+        if now < until {
+            return None;
+        }
+        let mut probe = None;
+        if self.refresh_backoff.load(Ordering::Acquire) > 0 {
+            let hold = now_unix().max(now) + PROBE_HOLD;
+            (self.refresh_paused_until)
+                .compare_exchange(until, hold, Ordering::AcqRel, Ordering::Acquire)
+                .ok()?;
+            probe = Some(hold);
+        }
+        Some(Asking {
+            oidc: self,
+            _permit,
+            probe,
+        })
+    }
+
+    /// Refreshes a session's tokens with the IdP: [`Refreshed`] when the IdP answered (or was
+    /// not asked: [`Refreshed::NotAsked`]), `Err` when it could not be asked (an outage: the
+    /// session keeps working on what it has, and refreshes pause, 5 s at first, doubling up to
+    /// a minute).
     pub async fn refresh(
         &self,
         config: &OidcConfig,
@@ -655,7 +715,12 @@ impl Oidc {
         wants_groups: bool,
         now: u64,
     ) -> Result<Refreshed, SignInError> {
+        let Some(mut asking) = self.asking(now) else {
+            return Ok(Refreshed::NotAsked);
+        };
         let result = (self.ask_refresh(config, current, identity, wants_groups, now)).await;
+        // Its outcome, good or bad, is what the others wait for: the hold goes with it.
+        asking.probe = None;
         match &result {
             Err(_) | Ok(Refreshed::Postponed(_)) => {
                 let backoff = (self.refresh_backoff.load(Ordering::Relaxed) * 2)
@@ -666,7 +731,10 @@ impl Oidc {
                 self.refresh_paused_until
                     .store(now_unix().max(now) + backoff, Ordering::Relaxed);
             }
-            Ok(_) => self.refresh_backoff.store(0, Ordering::Relaxed),
+            Ok(_) => {
+                self.refresh_backoff.store(0, Ordering::Relaxed);
+                self.refresh_paused_until.store(0, Ordering::Release);
+            }
         }
         result
     }
@@ -1516,5 +1584,32 @@ mod tests {
             "{name}={sealed}; Path=/.portcullis/callback; HttpOnly; SameSite=Lax; Max-Age=600; Secure"
         );
         assert!(line.len() < 4096, "{} bytes", line.len());
+    }
+
+    #[test]
+    fn few_refreshes_ask_the_idp_at_once_and_one_finds_out_whether_it_is_back() {
+        let oidc = Oidc::new(Arc::new(Kept::default()));
+        let now = now_unix();
+        // An IdP answering: four at once, the fifth goes on without asking.
+        let asking: Vec<_> = (0..MAX_REFRESHES_ASKING)
+            .map(|_| oidc.asking(now).expect("leave to ask"))
+            .collect();
+        assert!(oidc.asking(now).is_none(), "a fifth refresh asked the IdP");
+        drop(asking);
+        // It failed to answer, and the pause is over: one finds out, the others wait for it.
+        oidc.refresh_backoff
+            .store(MIN_REFRESH_BACKOFF, Ordering::Relaxed);
+        oidc.refresh_paused_until.store(now, Ordering::Relaxed);
+        let probe = oidc.asking(now).expect("one finds out");
+        assert!(probe.probe.is_some());
+        assert!(
+            oidc.asking(now).is_none(),
+            "two asked an IdP that may be down"
+        );
+        assert!(oidc.refresh_paused(now));
+        // Gone without an answer (its request went away): the next one finds out.
+        drop(probe);
+        assert!(!oidc.refresh_paused(now));
+        assert!(oidc.asking(now).is_some_and(|next| next.probe.is_some()));
     }
 }
