@@ -215,6 +215,16 @@ deny = { groups = ["contractors"], any_signed_in = true }
             problems: &[("postgres.url", None, "synchronous_commit=local")],
         },
         Case {
+            name: "postgres: options as the server reads them, escaped or after another flag",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-c%20synchronous_commit%3Dof%5Cf\"\n",
+            problems: &[("postgres.url", None, "synchronous_commit=off")],
+        },
+        Case {
+            name: "postgres: options after another flag in one word",
+            text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-ec%20synchronous%5C_commit%3Doff\"\n",
+            problems: &[("postgres.url", None, "synchronous_commit=off")],
+        },
+        Case {
             name: "postgres: options asking a standby only to write",
             text: "data_dir = \"data\"\nLISTENERS\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options=-c%20synchronous_commit%3Dremote_write\"\n",
             problems: &[("postgres.url", None, "synchronous_commit=remote_write")],
@@ -3359,6 +3369,9 @@ fn postgres_options_that_keep_a_commit_s_promise_are_taken() {
         "-c%20synchronous_commit%3Dremote_apply",
         "-csynchronous_commit%3Don%20-c%20statement_timeout%3D5s",
         "--search-path%3Dportcullis",
+        // A flag taking a value takes the rest of its word: `c` here is `-B`'s value.
+        "-Bc%20synchronous_commit%3Doff",
+        "-c%20application_name%3Dsynchronous%5C%20commit",
     ] {
         let text = format!(
             "data_dir = \"data\"\n{LISTENERS}\n[postgres]\nurl = \"postgres://h/db?sslmode=require&options={options}\"\n"

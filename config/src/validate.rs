@@ -2830,16 +2830,8 @@ fn postgres(
 /// `remote_write`, which a standby's crash and promotion may lose), nor set the time after
 /// which a replica stalled within a commit is disconnected.
 fn weakening_option(options: &str) -> Option<String> {
-    let mut words = options.split_whitespace();
-    while let Some(word) = words.next() {
-        let setting = match word {
-            "-c" => words.next().unwrap_or_default(),
-            _ => match word.strip_prefix("-c").or_else(|| word.strip_prefix("--")) {
-                Some(setting) => setting,
-                None => continue,
-            },
-        };
-        let (name, value) = setting.split_once('=').unwrap_or((setting, ""));
+    for setting in server_settings(options) {
+        let (name, value) = setting.split_once('=').unwrap_or((&setting, ""));
         let name = name.replace('-', "_").to_ascii_lowercase();
         let value = value.trim_matches(['\'', '"']).to_ascii_lowercase();
         match name.as_str() {
@@ -2865,6 +2857,46 @@ fn weakening_option(options: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// The `name=value` settings in a PostgreSQL URL's `options`, as the server reads them: split
+/// into words as libpq does (at whitespace, a `\` taking the next character as it is), then
+/// read as the server's own switches are, by getopt: `-c name=value`, `-cname=value`,
+/// `--name=value`, or after other flags in one word (`-ec name=value`); a flag that takes a
+/// value takes the rest of its word, or the next word.
+fn server_settings(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        if matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0B' | '\x0C') {
+            words.extend(word.take());
+            continue;
+        }
+        let c = if c == '\\' { chars.next() } else { Some(c) };
+        word.get_or_insert_with(String::new).extend(c);
+    }
+    words.extend(word);
+    // The server's switches that take a value (`-` too: `--name=value`).
+    const WITH_VALUE: &str = "BCcDdfhkNprStvW-";
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let Some(flags) = word.strip_prefix('-') else {
+            continue;
+        };
+        if let Some((at, flag)) = flags.char_indices().find(|(_, f)| WITH_VALUE.contains(*f)) {
+            let rest = &flags[at + flag.len_utf8()..];
+            let value = match rest {
+                "" => words.next().unwrap_or_default(),
+                rest => rest.to_owned(),
+            };
+            if matches!(flag, 'c' | '-') {
+                settings.push(value);
+            }
+        }
+    }
+    settings
 }
 
 /// A humantime duration such as `30s` or `1m 30s`; never zero, and at least `min`.
