@@ -19,7 +19,8 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for target in $targets; do
   echo "fuzz: $target for ${seconds}s"
-  if cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" >"$out" 2>&1; then
+  # -timeout: an input that takes this long is a finding (libFuzzer's default is 20 minutes).
+  if cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" -timeout=10 >"$out" 2>&1; then
     tail -1 "$out"
   else
     # The panic and the input that caused it, which a CI machine does not keep.

@@ -210,12 +210,22 @@ async fn invalid_new_config_keeps_the_old_one() {
             ),
         ),
     ];
+    let refusals = |px: &Portcullis| px.log().matches("configuration not reloaded").count();
     for (what, text) in invalid {
+        let before = refusals(&px);
         px.rewrite_config(&text);
         px.reload();
-        // Longer than two poll intervals (500 ms): time enough for a reload the file poll
-        // would have made.
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Refused (by the signal, or by the file poll before it): a reload not yet made
+        // would keep the old configuration too.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while refusals(&px) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no refusal within 60 s:\n{}",
+                px.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         assert!(
             px.try_exit().is_none(),
             "{what}: portcullis exited:\n{}",

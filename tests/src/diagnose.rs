@@ -103,9 +103,10 @@ fn stat_field(dir: &str, index: usize) -> Option<String> {
 
 /// User and system CPU seconds of a process or thread.
 fn cpu_seconds(dir: &str) -> Option<(f64, f64)> {
-    // utime and stime are fields 14 and 15 of stat, in clock ticks (100 a second on Linux).
-    let user: f64 = stat_field(dir, 14)?.parse().ok()?;
-    let system: f64 = stat_field(dir, 15)?.parse().ok()?;
+    // utime and stime are fields 14 and 15 of stat as proc(5) counts them from 1 (13 and 14
+    // from 0), in clock ticks (100 a second on Linux).
+    let user: f64 = stat_field(dir, 13)?.parse().ok()?;
+    let system: f64 = stat_field(dir, 14)?.parse().ok()?;
     Some((user / 100.0, system / 100.0))
 }
 
