@@ -8,11 +8,12 @@
 //! `Durability::Immediate`: when `commit` returns, the batch is on disk.
 //!
 //! A write that fails (a full disk) leaves redb refusing every later access until the
-//! database is opened again, which also repairs it: the next commit opens it again, so that
-//! once space is freed writes go on without a restart. One that failed yet is read back from
+//! database is opened again, which also repairs it: the next commit or read opens it again,
+//! so that once space is freed writes and reads go on without a restart. One that failed yet is read back from
 //! the file may not be on disk (its sync failed: the kernel may have dropped the pages it
 //! could not write, and a sync after it finds nothing to write): it is refused, and so is
-//! every write after it, until a restart (which reads the file as the kernel has it: an I/O
+//! every write and every read of records after it (lookups answer from the index, which
+//! never held it), until a restart (which reads the file as the kernel has it: an I/O
 //! error needs the disk looked at).
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -59,6 +60,9 @@ pub struct RedbStorage {
     ahead: std::sync::OnceLock<Seq>,
     /// Closed at shutdown: nothing more is written (not even by opening it again).
     closed: std::sync::atomic::AtomicBool,
+    /// The sequence the database holds as this process knows it: opened again, it must hold
+    /// that (see `begin_read`).
+    known: std::sync::atomic::AtomicU64,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -137,21 +141,49 @@ impl RedbStorage {
             txn.open_table(ENTRIES).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
+        let known = sequence(&db)?;
         Ok(Self {
             db: RwLock::new(Some(db)),
             open,
             ahead: std::sync::OnceLock::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            known: std::sync::atomic::AtomicU64::new(known),
         })
     }
 
-    /// A read of the database, which is not opened again while it lasts.
+    /// A read of the database, which is not opened again while it lasts. One that could not
+    /// be opened again after a failed write is opened now, as the next commit would open it:
+    /// an IdP that only reads and patches (Okta looks a user up before it writes) is answered
+    /// again once there is room. Nothing is read from a database holding changes this process
+    /// refused (see `commit`).
     fn begin_read(&self) -> Result<Reading<'_>, StoreError> {
-        let held = self.db.read().map_err(|_| poisoned())?;
+        if let Some(&seq) = self.ahead.get() {
+            return Err(self.unknown(seq));
+        }
+        let mut held = self.db.read().map_err(|_| poisoned())?;
+        if held.is_none() {
+            drop(held);
+            let known = self.known.load(std::sync::atomic::Ordering::Acquire);
+            match self.reopen()? {
+                seq if seq == known => {}
+                seq => return Err(self.unknown(seq)),
+            }
+            held = self.db.read().map_err(|_| poisoned())?;
+        }
         let txn = (held.as_ref().ok_or_else(not_open)?)
             .begin_read()
             .map_err(backend)?;
         Ok(Reading { txn, _held: held })
+    }
+
+    /// The refusal of every write (and read) once the database holds changes, from `seq` on,
+    /// that this process refused: only a restart reads them.
+    fn unknown(&self, seq: Seq) -> StoreError {
+        let seq = *self.ahead.get_or_init(|| seq);
+        StoreError::Backend(format!(
+            "the database may hold changes to {seq} that this process refused, not knowing \
+             them to be on disk; restart to read them"
+        ))
     }
 
     /// Writes `batch`; `None` if the database is not open (it could not be opened again after
@@ -173,14 +205,17 @@ impl RedbStorage {
         // Closed first: the file is locked while it is open.
         drop(db.take());
         let opened = (self.open)()?;
-        let seq = {
-            let txn = opened.begin_read().map_err(backend)?;
-            let meta = txn.open_table(META).map_err(backend)?;
-            meta.get("seq").map_err(backend)?.map_or(0, |v| v.value())
-        };
+        let seq = sequence(&opened)?;
         *db = Some(opened);
         Ok(seq)
     }
+}
+
+/// The change sequence `db` holds.
+fn sequence(db: &Database) -> Result<Seq, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let meta = txn.open_table(META).map_err(backend)?;
+    Ok(meta.get("seq").map_err(backend)?.map_or(0, |v| v.value()))
 }
 
 /// A read transaction, and the lock that keeps its database open until it ends (fields drop
@@ -313,13 +348,7 @@ impl Storage for RedbStorage {
         // its sync, so that it may be lost yet; or the database could not be read again) is
         // one this process never knew: only a restart reads it, and nothing is written over
         // it meanwhile.
-        let unknown = |seq| {
-            let seq = *self.ahead.get_or_init(|| seq);
-            StoreError::Backend(format!(
-                "the database may hold changes to {seq} that this process refused, not knowing \
-                 them to be on disk; restart to read them"
-            ))
-        };
+        let unknown = |seq| self.unknown(seq);
         if let Some(&seq) = self.ahead.get() {
             return Err(unknown(seq));
         }
@@ -335,6 +364,7 @@ impl Storage for RedbStorage {
             },
         };
         let Err(failed) = written else {
+            (self.known).store(batch.seq, std::sync::atomic::Ordering::Release);
             return Ok(());
         };
         // Whether the file holds the batch after all is read back: if it does not, nothing

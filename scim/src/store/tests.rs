@@ -306,11 +306,25 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     assert!(dir.user_by_name("bob@corp.example").is_none());
     let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
     patch(&dir, ResourceType::User, &ann, off).await.unwrap();
-    // And when it cannot be opened again at once either: the next write opens it.
+    // And when it cannot be opened again at once either: the next read or write opens it,
+    // a PATCH (which reads the record first) as well as a create.
     arm(&armed.write);
     arm(&armed.open);
     let dan = create(&dir, ResourceType::User, user("dan@corp.example")).await;
     assert!(dan.is_err(), "a write the disk refused is refused");
+    let record = dir
+        .get(ResourceType::User, &ann)
+        .expect("read once there is room");
+    assert!(record.is_some());
+    let on = patch_body(json!([{"op": "replace", "value": {"active": true}}]));
+    patch(&dir, ResourceType::User, &ann, on).await.unwrap();
+    arm(&armed.write);
+    arm(&armed.open);
+    assert!(create(&dir, ResourceType::User, user("dan@corp.example"))
+        .await
+        .is_err());
+    let off = patch_body(json!([{"op": "replace", "value": {"active": false}}]));
+    patch(&dir, ResourceType::User, &ann, off).await.unwrap();
     created(&dir, ResourceType::User, user("carl@corp.example")).await;
     drop(dir);
 
