@@ -523,6 +523,19 @@ fn open_directory(
         entries: Some(kept.clone()),
     };
     if let Some(storage) = postgres {
+        // A directory of its own, from a start without [postgres], is not PostgreSQL's: the
+        // fleet would start without what the IdP pushed to it, and a start without
+        // [postgres] later would bring back what the IdP has taken away since.
+        let own = config.data_dir.join(portcullis_scim::store::redb::FILE);
+        if own.exists() {
+            return Err(format!(
+                "{} holds a directory of its own, from a start without [postgres]; with \
+                 [postgres] the directory is PostgreSQL's, and this one is neither read nor \
+                 moved there: move the file out of data_dir (and have the IdP push its users \
+                 and groups to the fleet again), or remove [postgres]",
+                own.display()
+            ));
+        }
         match storage.migrate() {
             Ok(()) => {}
             Err(e @ (StoreError::Version { .. } | StoreError::Unsuitable(_))) => {

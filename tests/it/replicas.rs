@@ -1317,6 +1317,43 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
     assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
 }
 
+/// A data_dir that keeps a directory of its own (from a start without `[postgres]`) is refused
+/// at a start with `[postgres]`, naming the file: the fleet's directory is another, and a start
+/// without `[postgres]` later would bring back what the IdP took away meanwhile. Moved aside,
+/// the replica starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
+    let pg = Postgres::start().await;
+    let mut px = ConfigBuilder::new().http_listener().start().await;
+    px.terminate().await;
+    let own = px.dir().join("data/directory.redb");
+    assert!(own.exists(), "the embedded directory is {}", own.display());
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .postgres(&pg.url(), "2s");
+    px.rewrite_config(&cfg.toml());
+    let serve = tokio::process::Command::new(portcullis_tests::process::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(px.config_path())
+        .current_dir(px.dir())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), serve)
+        .await
+        .expect("serve stops")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("directory.redb holds a directory of its own"),
+        "{stderr}"
+    );
+    std::fs::rename(&own, px.dir().join("directory.redb.before-postgres")).unwrap();
+    px.restart().await;
+}
+
 /// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL
 /// listing several hosts can connect to one), is never read as the directory: loaded or caught
 /// up from it, a replica would lose what the primary has answered since (an acknowledged

@@ -78,10 +78,13 @@ fn table(rt: ResourceType) -> TableDefinition<'static, u64, &'static [u8]> {
     }
 }
 
+/// The file of the embedded directory, in `data_dir`.
+pub const FILE: &str = "directory.redb";
+
 impl RedbStorage {
     /// Opens (or creates) `directory.redb` in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let path = data_dir.join("directory.redb");
+        let path = data_dir.join(FILE);
         let cannot = |e: &dyn std::fmt::Display| {
             StoreError::Backend(format!("cannot open {}: {e}", path.display()))
         };
