@@ -183,14 +183,15 @@ impl ListParams {
                     .parse::<i64>()
                     .map_err(|_| syntax(format!("{key} must be an integer, not {v:?}")))
             };
-            match &*key {
+            // In any case, as a SearchRequest's: `Filter` ignored would list everyone.
+            match &*key.to_ascii_lowercase() {
                 "filter" => params.filter = Some(value),
-                "sortBy" => params.sort_by = Some(value),
-                "sortOrder" => params.sort_order = Some(value),
-                "startIndex" => params.start_index = Some(number(&value)?),
+                "sortby" => params.sort_by = Some(value),
+                "sortorder" => params.sort_order = Some(value),
+                "startindex" => params.start_index = Some(number(&value)?),
                 "count" => params.count = Some(number(&value)?),
                 "attributes" => params.attributes = Some(value),
-                "excludedAttributes" => params.excluded = Some(value),
+                "excludedattributes" => params.excluded = Some(value),
                 // Unknown parameters are ignored, as HTTP servers do.
                 _ => {}
             }
@@ -202,8 +203,9 @@ impl ListParams {
         let body = body
             .as_object()
             .ok_or_else(|| syntax("a SearchRequest must be a JSON object"))?;
+        // Its names in any case (RFC 7643 §2.1): `Filter` ignored would list everyone.
         let text = |name: &str| -> Result<Option<String>> {
-            match body.get(name) {
+            match crate::value::get_ci(body, name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
                 Some(Value::Array(list)) => Ok(Some(
@@ -216,7 +218,7 @@ impl ListParams {
             }
         };
         let number = |name: &str| -> Result<Option<i64>> {
-            match body.get(name) {
+            match crate::value::get_ci(body, name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(v) => v
                     .as_i64()

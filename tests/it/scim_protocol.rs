@@ -651,6 +651,24 @@ async fn a_root_search_pages_across_types_as_one_list() {
         .expect(200);
     assert_eq!(page.body["totalResults"], 3, "{}", page.text);
     assert_eq!(ids(&page), [users[2].clone()]);
+    // Parameters named in another case are read alike: ignored, `Filter` would list everyone.
+    let filter = "userName eq \"root-b@example.com\"";
+    let body = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+        "Filter": filter,
+        "COUNT": 5,
+    });
+    for path in ["/.search", "/Users/.search"] {
+        let page = scim.post(path, &body).await.expect(200);
+        assert_eq!(page.body["totalResults"], 1, "{path}: {}", page.text);
+        assert_eq!(page.body["itemsPerPage"], 1, "{path}: {}", page.text);
+        assert_eq!(ids(&page), [users[1].clone()], "{path}");
+    }
+    let page = scim
+        .get_query("/Users", &[("Filter", filter), ("StartIndex", "1")])
+        .await
+        .expect(200);
+    assert_eq!(ids(&page), [users[1].clone()]);
     let filter = "displayName eq \"root-g2\"";
     let page = scim
         .post("/.search", &search(1, 10, Some(filter)))
