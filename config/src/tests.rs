@@ -408,11 +408,12 @@ to = ["http://127.0.0.1:3000"]
 allow = { any_signed_in = true }
 [[routes.deny]]
 groups = ["contractors"]
-paths = ["/admin/*", "/.portcullis/console/"]
+paths = ["/admin/*", "/.portcullis/console/", "/admin/%2A"]
 [[routes.deny]]
 users = ["*@contractor.example"]
 groups = ["*"]
 methods = ["*"]
+agent_groups = ["*"]
 [[routes]]
 from = "https://app.example.com/admin/*"
 to = ["http://127.0.0.1:3000"]
@@ -426,10 +427,14 @@ allow = { groups = ["admins"] }
                      are prefixes",
                 ),
                 ("routes[0].deny[0].paths[1]", Some(21), "[console]'s rules' to say"),
+                ("routes[0].deny[0].paths[2]", Some(21), "\"/admin/%2A\" is a pattern"),
                 ("routes[0].deny[1].users[0]", Some(23), "\"*@contractor.example\" is a pattern"),
                 ("routes[0].deny[1].groups[0]", Some(24), "\"*\" is a pattern"),
                 ("routes[0].deny[1].methods[0]", Some(25), "leave `methods` out"),
-                ("routes[1].from", Some(27), "`/admin/*`: paths are prefixes, not patterns"),
+                ("routes[0].deny[1].agent_groups[0]", Some(26), "`agents = true` for every agent"),
+                // And as every agent rule on a route that takes no bearer token.
+                ("routes[0].deny[1].agent_groups", Some(26), "does not accept \"bearer\""),
+                ("routes[1].from", Some(28), "`/admin/*`: paths are prefixes, not patterns"),
             ],
         },
         Case {

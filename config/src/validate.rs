@@ -577,7 +577,7 @@ fn route_from(from: &str) -> Result<From, String> {
                 .to_owned(),
         );
     }
-    if path_prefix.contains('*') {
+    if portcullis_policy::holds_star(path_prefix) {
         return Err(format!(
             "`{path_prefix}`: {}",
             portcullis_policy::PREFIXES_NOT_PATTERNS
@@ -2860,7 +2860,8 @@ fn weakening_option(options: &str) -> Option<String> {
 }
 
 /// The `name=value` settings in a PostgreSQL URL's `options`, as the server reads them: split
-/// into words as libpq does (at whitespace, a `\` taking the next character as it is), then
+/// into words as the server does (at whitespace, a `\` taking the next character as it is, as
+/// libpq's documentation says), then
 /// read as the server's own switches are, by getopt: `-c name=value`, `-cname=value`,
 /// `--name=value`, or after other flags in one word (`-ec name=value`); a flag that takes a
 /// value takes the rest of its word, or the next word.

@@ -36,7 +36,9 @@ pub use policy::{
     PageNames, Policy,
 };
 pub use reason::{Conditions, Decision, Match, Reason};
-pub use spec::{spelling_problem, PolicyError, Problem, RuleSpec, PREFIXES_NOT_PATTERNS};
+pub use spec::{
+    holds_star, spelling_problem, PolicyError, Problem, RuleSpec, PREFIXES_NOT_PATTERNS,
+};
 
 /// Whether the subject is a person (signed in through OIDC), a machine (bearer token of a
 /// service account) or an AI agent (bearer token of a SCIM Agent). Rules treat people and

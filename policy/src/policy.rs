@@ -12,8 +12,8 @@ use std::ops::ControlFlow;
 use crate::index::{empty_bits, has_bit, set_bit, Compare, RuleBits, StrIndex};
 use crate::reason::{Conditions, Decision, Match, Reason};
 use crate::spec::{
-    email_domain, is_token, parse_domain, path_problem, spelling_problem, PolicyError, Problem,
-    PREFIXES_NOT_PATTERNS,
+    email_domain, holds_star, is_token, parse_domain, path_problem, spelling_problem, PolicyError,
+    Problem, PREFIXES_NOT_PATTERNS,
 };
 use crate::{Request, RuleSpec, Subject, SubjectKind};
 
@@ -1002,11 +1002,18 @@ impl Builder {
                     );
                 } else if value == "*" || (field == "users" && value.starts_with("*@")) {
                     // As Cloudflare Access or IAP would read them: a deny that denies nobody.
-                    let instead = if field == "users" {
-                        "name each user, or the domain in `email_domains`, or write \
-                         `any_signed_in = true` for everyone signed in"
-                    } else {
-                        "name each group, or write `any_signed_in = true` for everyone signed in"
+                    let instead = match field {
+                        "users" => {
+                            "name each user, or the domain in `email_domains`, or write \
+                             `any_signed_in = true` for every person and machine"
+                        }
+                        "agent_groups" | "agent_owner_groups" => {
+                            "name each group, or write `agents = true` for every agent"
+                        }
+                        _ => {
+                            "name each group, or write `any_signed_in = true` for every person \
+                             and machine"
+                        }
                     };
                     let value = value.clone();
                     error(
@@ -1119,7 +1126,7 @@ impl Builder {
                             why,
                         },
                     );
-                } else if value.contains('*') {
+                } else if holds_star(value) {
                     // `/admin/*`, as Cloudflare Access or an ALB writes it, would be a path
                     // whose segment is `*`: a deny on it would refuse nobody.
                     error(

@@ -77,6 +77,11 @@ pub struct PolicyError {
 pub const PREFIXES_NOT_PATTERNS: &str = "paths are prefixes, not patterns: `/admin/` covers \
      every path under /admin, and a `*` matches only a `*`";
 
+/// Whether a path prefix as written holds a `*`, as it is or escaped (which normalizes to it).
+pub fn holds_star(path: &str) -> bool {
+    path.contains('*') || path.contains("%2A") || path.contains("%2a")
+}
+
 /// What is wrong, in words the author of the configuration can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
