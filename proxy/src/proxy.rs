@@ -1513,6 +1513,9 @@ impl Proxy {
         at: At,
     ) -> Result<bool> {
         let tls = at.tls;
+        // An answer (a console page, `me` for someone in thousands of groups) that a client
+        // takes nothing of is not waited on for ever, over HTTP/1 as over HTTP/2.
+        session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
         let reply = match endpoint {
             // Upstreams keep the set a minute (and a CDN may): a replica still loading its keys
             // (an empty set), or out of touch with the shared store (without a key rotated in
@@ -1732,9 +1735,7 @@ impl Proxy {
         at: At,
     ) -> Result<bool> {
         let tls = at.tls;
-        // A page (of a large directory, of the audit log) a client takes nothing of is not
-        // waited on for ever, over HTTP/1 as over HTTP/2.
-        session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
+        // Its writes are timed (see `own_endpoint`).
         let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
             return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
         };
