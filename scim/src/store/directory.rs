@@ -1323,13 +1323,8 @@ impl Writer<'_> {
                 if let Err(mpsc::SendError(settled)) = settle.send(settled) {
                     // Nobody can wait for the other replicas: the writes are committed, but
                     // not answered as done before the others may still admit what they undo.
-                    let writes = settled
-                        .answers
-                        .into_iter()
-                        .map(|(write, _)| write)
-                        .collect();
-                    fail_all(
-                        writes,
+                    unconfirmed(
+                        settled.answers,
                         "the write is stored, but other replicas could not be waited for; retry",
                     );
                 }
@@ -1422,15 +1417,22 @@ fn settle_loop(storage: &dyn Storage, settled: &mpsc::Receiver<Settled>) {
                 // Committed, but not known to be everywhere: not a success to report. SCIM
                 // clients retry, and a retried write finds the change already made.
                 tracing::error!("directory change {seq} not confirmed by every replica: {e}");
-                for (write, _) in answers {
-                    let _ = write.reply.send(Err(ScimError::new(
-                        503,
-                        None,
-                        "the change is saved but not yet confirmed by every replica; retry",
-                    )));
-                }
+                unconfirmed(
+                    answers,
+                    "the change is saved but not yet confirmed by every replica; retry",
+                );
             }
         }
+    }
+}
+
+/// Answers writes committed but not known to be everywhere: a success with 503 `why`; a write
+/// refused (409 for a name taken, 412 for a stale version) with its own answer, as it changed
+/// nothing.
+fn unconfirmed(answers: Vec<(Write, Result<Written, ScimError>)>, why: &str) {
+    for (write, result) in answers {
+        let answer = result.and_then(|_| Err(ScimError::new(503, None, why)));
+        let _ = write.reply.send(answer);
     }
 }
 

@@ -1914,6 +1914,58 @@ impl Storage for SharedStore {
     }
 }
 
+/// A shared store whose replicas' progress cannot be read: no commit is ever known to be
+/// everywhere.
+#[derive(Default)]
+struct Unsettled {
+    inner: SharedStore,
+}
+
+impl Storage for Unsettled {
+    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
+        self.inner.load(visit)
+    }
+    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
+        self.inner.records(rt, rows)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.inner.commit(batch)
+    }
+    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.inner.changes(after, limit)
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
+        self.inner.feed(after)
+    }
+    fn settle(&self, _seq: Seq, _committed: std::time::Instant) -> Result<(), StoreError> {
+        Err(StoreError::Backend(
+            "the replicas' progress cannot be read".to_owned(),
+        ))
+    }
+}
+
+/// A write committed but not known to be everywhere is answered 503, saying it is saved; a
+/// write refused in the same moment is answered as refused (409 here), as it saved nothing.
+#[tokio::test]
+async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_waited_for() {
+    let dir = Directory::open(
+        Arc::new(Unsettled::default()),
+        Box::new(time::OffsetDateTime::now_utc),
+    )
+    .unwrap();
+    let saved = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    let saved = saved.expect_err("not confirmed everywhere");
+    assert_eq!(saved.status, 503, "{saved:?}");
+    assert!(saved.detail.contains("saved"), "{saved:?}");
+    assert!(dir.user_by_name("ann@corp.example").is_some());
+    let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    let again = again.expect_err("a name taken");
+    assert_eq!(again.status, 409, "{again:?}");
+}
+
 /// A shared store whose feed takes a while to read, counting the reads.
 #[derive(Default)]
 struct SlowFeed {
