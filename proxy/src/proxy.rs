@@ -2282,7 +2282,7 @@ fn refused_page(
 }
 
 /// Why a request is refused by a replica that lost touch with the directory, as audited.
-const LOST_TOUCH: &str = "this replica lost touch with the directory";
+pub(crate) const LOST_TOUCH: &str = "this replica lost touch with the directory";
 
 /// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
 /// request sent upstream already that is not to be sent again as it is).

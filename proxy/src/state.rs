@@ -506,9 +506,14 @@ impl Shared {
                 refusal.rule.as_deref(),
                 refusal.reason.as_str(),
             ),
-            (Admission::Refuse(Refused::Unavailable), _) => {
-                (who, None, "this replica lost touch with the directory")
+            // Left the fleet at the drain's end (see `reload::write_out`): the lease was given
+            // up, not lost.
+            (Admission::Refuse(Refused::Unavailable), _)
+                if self.freshness.as_ref().is_some_and(|f| f.is_leaving()) =>
+            {
+                (who, None, "this replica is shutting down")
             }
+            (Admission::Refuse(Refused::Unavailable), _) => (who, None, crate::proxy::LOST_TOUCH),
             // Let in by a public rule, which no longer lets anyone in there.
             (_, None) => (who, None, "the address is no longer open to anyone"),
             (Admission::Refuse(r), Some(caller)) if r.revoked() => match caller {
