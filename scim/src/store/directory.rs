@@ -1185,6 +1185,9 @@ fn load_index(storage: &dyn Storage) -> Result<(Index, Vec<Entry>), StoreError> 
 
 /// Most times a batch is rebuilt because another replica committed first.
 const MAX_ATTEMPTS: usize = 16;
+/// How often the writer, with nothing to write, has the store recover from a failure that
+/// closed it ([`Storage::recover`]).
+const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The writer thread: the only one that changes the index.
 struct Writer<'a> {
@@ -1216,7 +1219,16 @@ impl Writer<'_> {
             if let Some(settler) = settler {
                 scope.spawn(settler);
             }
-            while let Ok(first) = jobs.recv() {
+            loop {
+                let first = match jobs.recv_timeout(RECOVER_EVERY) {
+                    Ok(first) => first,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.storage.recover();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                };
+                self.storage.recover();
                 let mut writes = Vec::new();
                 // Those asking to catch up at once are answered by one reading of the store:
                 // the lease's renewal never waits behind a queue of them.

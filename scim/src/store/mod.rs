@@ -289,6 +289,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Closes the store at shutdown, once nothing more is written: a database file closed so
     /// is not repaired as after a crash when it is opened again. Writes after it are refused.
     fn close(&self) {}
+    /// Makes the store readable again after a failure that closed it, if it can be: called by
+    /// the directory's writer before each batch and once a second while it has none.
+    fn recover(&self) {}
     /// The batches committed after `after`, by any process.
     fn feed(&self, _after: Seq) -> Result<Feed, StoreError> {
         Ok(Feed::Batches(Vec::new()))

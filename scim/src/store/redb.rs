@@ -8,8 +8,9 @@
 //! `Durability::Immediate`: when `commit` returns, the batch is on disk.
 //!
 //! A write that fails (a full disk) leaves redb refusing every later access until the
-//! database is opened again, which also repairs it: the next commit or read opens it again,
-//! so that once space is freed writes and reads go on without a restart. One that failed yet is read back from
+//! database is opened again, which also repairs it: the next commit opens it again, and so
+//! does the writer's thread once a second meanwhile, so that once space is freed writes and
+//! reads go on without a restart. One that failed yet is read back from
 //! the file may not be on disk (its sync failed: the kernel may have dropped the pages it
 //! could not write, and a sync after it finds nothing to write): it is refused, and so is
 //! every write and every read of records after it (lookups answer from the index, which
@@ -154,25 +155,14 @@ impl RedbStorage {
         })
     }
 
-    /// A read of the database, which is not opened again while it lasts. One that could not
-    /// be opened again after a failed write is opened now, as the next commit would open it:
-    /// an IdP that only reads and patches (Okta looks a user up before it writes) is answered
-    /// again once there is room. Nothing is read from a database holding changes this process
+    /// A read of the database, which is not opened again while it lasts (nor by it: see
+    /// [`Storage::recover`]). Nothing is read from a database holding changes this process
     /// refused (see `commit`).
     fn begin_read(&self) -> Result<Reading<'_>, StoreError> {
         if let Some(&seq) = self.ahead.get() {
             return Err(self.unknown(seq));
         }
-        let mut held = self.db.read().map_err(|_| poisoned())?;
-        if held.is_none() {
-            drop(held);
-            let known = self.known.load(std::sync::atomic::Ordering::Acquire);
-            match self.reopen()? {
-                seq if seq == known => {}
-                seq => return Err(self.unknown(seq)),
-            }
-            held = self.db.read().map_err(|_| poisoned())?;
-        }
+        let held = self.db.read().map_err(|_| poisoned())?;
         let txn = (held.as_ref().ok_or_else(not_open)?)
             .begin_read()
             .map_err(backend)?;
@@ -193,7 +183,12 @@ impl RedbStorage {
     /// a failed write).
     fn write(&self, batch: &Batch) -> Result<Option<Result<(), StoreError>>, StoreError> {
         let held = self.db.read().map_err(|_| poisoned())?;
-        Ok(held.as_ref().map(|db| write(db, batch)))
+        let written = held.as_ref().map(|db| write(db, batch));
+        // Known while the database cannot be opened again (under `held`): see `recover`.
+        if matches!(written, Some(Ok(()))) {
+            (self.known).store(batch.seq, std::sync::atomic::Ordering::Release);
+        }
+        Ok(written)
     }
 
     /// Opens the database again (redb takes nothing more after a failed write until then),
@@ -367,7 +362,6 @@ impl Storage for RedbStorage {
             },
         };
         let Err(failed) = written else {
-            (self.known).store(batch.seq, std::sync::atomic::Ordering::Release);
             return Ok(());
         };
         // Whether the file holds the batch after all is read back: if it does not, nothing
@@ -389,6 +383,35 @@ impl Storage for RedbStorage {
                 .store(true, std::sync::atomic::Ordering::Release);
             drop(db.take());
         }
+    }
+
+    /// Opens the database again if a failed write left it closed and opening it then failed
+    /// too, provided it holds what this process knows: reads find it open again once there is
+    /// room, with no write to open it first (an IdP that looks users up and patches them, as
+    /// Okta does before each write). On the writer's thread, never a read's: opening may walk
+    /// the whole file to repair it.
+    fn recover(&self) {
+        let Ok(mut db) = self.db.write() else {
+            return;
+        };
+        let closed = self.closed.load(std::sync::atomic::Ordering::Acquire);
+        if db.is_some() || closed || self.ahead.get().is_some() {
+            return;
+        }
+        // Under the lock every commit writes under: no commit moves it meanwhile.
+        let known = self.known.load(std::sync::atomic::Ordering::Acquire);
+        let opened = match (self.open)().and_then(|opened| Ok((sequence(&opened)?, opened))) {
+            Ok((seq, opened)) if seq == known => opened,
+            Ok((seq, _)) => {
+                let _ = self.unknown(seq);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("the directory store is still closed after a failed write: {e}");
+                return;
+            }
+        };
+        *db = Some(opened);
     }
 
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
