@@ -1002,17 +1002,26 @@ impl Builder {
                     );
                 } else if value == "*" || (field == "users" && value.starts_with("*@")) {
                     // As Cloudflare Access or IAP would read them: a deny that denies nobody.
-                    let instead = match field {
-                        "users" => {
+                    // `any_signed_in` lets in people and machines, and refuses agents too.
+                    let instead = match (field, effect) {
+                        ("agent_groups" | "agent_owner_groups", _) => {
+                            "name each group, or write `agents = true` for every agent"
+                        }
+                        ("users", Effect::Allow) => {
                             "name each user, or the domain in `email_domains`, or write \
                              `any_signed_in = true` for every person and machine"
                         }
-                        "agent_groups" | "agent_owner_groups" => {
-                            "name each group, or write `agents = true` for every agent"
+                        ("users", Effect::Deny) => {
+                            "name each user, or the domain in `email_domains`, or write \
+                             `any_signed_in = true` for everyone signed in, agents too"
                         }
-                        _ => {
+                        (_, Effect::Allow) => {
                             "name each group, or write `any_signed_in = true` for every person \
                              and machine"
+                        }
+                        (_, Effect::Deny) => {
+                            "name each group, or write `any_signed_in = true` for everyone \
+                             signed in, agents too"
                         }
                     };
                     let value = value.clone();
