@@ -2617,9 +2617,14 @@ fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Ve
             ipnet::IpNet::V4(_) => None,
         };
         if let Some(v4) = mapped {
+            // `::ffff:10.0.0.0/104` is `10.0.0.0/8`.
+            let written = match net.prefix_len() {
+                128 => v4.to_string(),
+                bits => format!("{v4}/{}", bits.saturating_sub(96)),
+            };
             p.add(
                 &path,
-                format!("write the IPv4 address or network itself ({v4})"),
+                format!("write the IPv4 address or network itself ({written})"),
             );
         } else if net.prefix_len() == 0 {
             p.add(

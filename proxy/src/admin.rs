@@ -307,10 +307,11 @@ fn listening_socket(line: &str, own: &HashSet<String>) -> Option<(IpAddr, u16)> 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // As the proxy's listeners take it: an IPv4 caller of a `[::]` listener as IPv4.
         let client = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+            .map(|a| a.ip().to_canonical());
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => self.readiness().await,

@@ -567,6 +567,8 @@ impl Budgets {
 /// The address a client's share of a budget is kept by: an IPv4 one, or an IPv6 one's /64
 /// (one host may have all of it).
 fn network_of(ip: IpAddr) -> IpAddr {
+    // An IPv4 caller as a dual-stack socket names it (`::ffff:a.b.c.d`) is that IPv4 address.
+    let ip = ip.to_canonical();
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
@@ -2731,6 +2733,18 @@ mod tests {
             .filter(|_| budgets.take(&Caller::Anonymous, "scim", from("10.0.0.1"), 7))
             .count();
         assert_eq!(one, UNVERIFIED_SHARED as usize);
+        // IPv4 clients of a dual-stack listener (`::ffff:a.b.c.d`) are each their own address.
+        let mut budgets = Budgets::default();
+        let mut take =
+            |client: Option<IpAddr>| budgets.take(&Caller::Anonymous, "admin", client, 7);
+        let flood = (0..500)
+            .filter(|_| take(from("::ffff:198.51.100.1")))
+            .count();
+        assert_eq!(flood, UNVERIFIED_SHARED as usize);
+        assert!(
+            take(from("::ffff:203.0.113.9")),
+            "another IPv4 client is recorded"
+        );
     }
 
     #[test]

@@ -1356,7 +1356,7 @@ impl ProxyHttp for Proxy {
             target: "access",
             client = %ctx
                 .client_ip
-                .or_else(|| session.client_addr()?.as_inet().map(|a| a.ip()))
+                .or_else(|| session.client_addr()?.as_inet().map(|a| a.ip().to_canonical()))
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             // Method, host and path cut (32, 256 and 1,024 bytes), as the audit cuts method and
