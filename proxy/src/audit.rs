@@ -610,12 +610,15 @@ fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
             Caller::Named(name) => format!("{}'s requests", bounded(name, MAX_USER)),
         };
         let reason = format!(
-            "{count} more refusals of {whose}, past {per_second} a second, were counted but not \
+            "{count} {UNRECORDED} of {whose}, past {per_second} a second, were counted but not \
              recorded one by one"
         );
+        let user = bounded(who.name(), MAX_USER);
+        // On stdout too, as every refusal is: a flood is the count's to tell.
+        tracing::warn!(target: "audit", event = "refusal", user, route, count, reason);
         Entry::Refusal {
             time: now(),
-            user: bounded(who.name(), MAX_USER),
+            user,
             route,
             rule: None,
             reason,
@@ -625,6 +628,28 @@ fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
             agent: None,
         }
     })
+}
+
+/// What a record of refusals counted but not recorded one by one says after their number.
+const UNRECORDED: &str = "more refusals";
+
+/// How many refusals `entry` records: one, or as many as a record of those counted but not
+/// recorded one by one says ([`unrecorded_records`]).
+pub fn refusals_in(entry: &Entry) -> usize {
+    match entry {
+        Entry::Refusal {
+            method,
+            path,
+            reason,
+            ..
+        } if method == "-" && path == "-" => reason
+            .split_once(' ')
+            .filter(|(_, rest)| rest.starts_with(UNRECORDED))
+            .and_then(|(count, _)| count.parse().ok())
+            .unwrap_or(1),
+        Entry::Refusal { .. } => 1,
+        _ => 0,
+    }
 }
 
 impl Audit {

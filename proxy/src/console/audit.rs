@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use portcullis_scim::store::{format_id, Index, Row};
 
 use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
-use crate::audit::{parse_since, Entry, Filter, Order};
+use crate::audit::{parse_since, refusals_in, Entry, Filter, Order};
 use crate::human::relative;
 use crate::reply::escape;
 
@@ -126,7 +126,9 @@ impl PerHour {
         }
         let slot = HOURS - 1 - (ago / 3600) as usize;
         match entry {
-            Entry::Refusal { .. } => self.refusals[slot] += 1,
+            Entry::Refusal { .. } => {
+                self.refusals[slot] = (self.refusals[slot]).saturating_add(refusals_in(entry))
+            }
             Entry::Change { .. } => self.changes[slot] += 1,
             _ => {}
         }
@@ -556,12 +558,28 @@ mod tests {
             *time = at(30).replace('Z', ".332051961Z");
         }
         add(&mut chart, &precise);
-        assert_eq!(chart.refusals[HOURS - 1], 3);
+        // A flood's refusals counted but not recorded one by one are counted as many.
+        let mut counted = refusal(40);
+        if let Entry::Refusal {
+            reason,
+            method,
+            path,
+            ..
+        } = &mut counted
+        {
+            *reason = "4900 more refusals of requests that named nobody, past 100 a second, \
+                       were counted but not recorded one by one"
+                .to_owned();
+            "-".clone_into(method);
+            "-".clone_into(path);
+        }
+        add(&mut chart, &counted);
+        assert_eq!(chart.refusals[HOURS - 1], 4903);
         assert_eq!(chart.refusals[HOURS - 2], 1);
         assert_eq!(chart.refusals[0], 1);
-        assert_eq!(chart.refusals.iter().sum::<usize>(), 5);
+        assert_eq!(chart.refusals.iter().sum::<usize>(), 4905);
         let svg = chart.svg();
         assert!(svg.starts_with("<figure><svg class=\"chart\""), "{svg}");
-        assert!(svg.contains("5 refusals"), "{svg}");
+        assert!(svg.contains("4,905 refusals"), "{svg}");
     }
 }
