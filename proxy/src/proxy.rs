@@ -768,6 +768,8 @@ impl ProxyHttp for Proxy {
         {
             Match::Found(route) => route.clone(),
             Match::WrongScheme(route) if route.config.scheme == Scheme::Https => {
+                // Counted as the route's, as every answer to a request a route holds is.
+                ctx.route = Some(route.clone());
                 let location = https_location(&host, runtime.https_port, req);
                 let reply = Reply::status_page(StatusCode::PERMANENT_REDIRECT)
                     .header(header::LOCATION, location);
@@ -784,6 +786,9 @@ impl ProxyHttp for Proxy {
                 return reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await;
             }
         };
+        // From here every answer is the route's (its metrics and access log say so), the
+        // 400s and 413s before it is judged among them.
+        ctx.route = Some(route.clone());
         if let Some(why) = runtime.routes.refuses(
             Runtime::scheme_of(ctx.tls),
             &host,
@@ -908,7 +913,6 @@ impl ProxyHttp for Proxy {
                     at,
                 );
                 ctx.caller = authentication.caller().cloned();
-                ctx.route = Some(route.clone());
                 return Box::pin(self.answer(
                     session,
                     &runtime,
@@ -935,7 +939,6 @@ impl ProxyHttp for Proxy {
         ctx.forward = pass.forward;
         let declared = content_length(req);
         if declared.is_some_and(|len| len > route.config.max_request_body_bytes) {
-            ctx.route = Some(route.clone());
             self.audit_body_too_large(ctx, session.req_header(), "said by its Content-Length");
             return reply::send(session, Reply::status_page(StatusCode::PAYLOAD_TOO_LARGE)).await;
         }
@@ -976,7 +979,6 @@ impl ProxyHttp for Proxy {
             };
             ctx.served = Some(format!("{scheme}://{host}{path}").into());
         }
-        ctx.route = Some(route);
         // With the caller and the route set: all a recheck is made from. Whoever it is: a
         // stream let in by a public rule (a log tail, an NDJSON feed) ends when a reload takes
         // that rule away, as a caller's ends when they lose access. A CORS preflight is

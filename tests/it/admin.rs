@@ -124,6 +124,17 @@ async fn probes_and_metrics() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // A request the route refuses before it is judged is the route's too.
+    let resp = client
+        .request(
+            reqwest::Method::from_bytes(b"MOVE").unwrap(),
+            cfg.http_url("app.test", "/m/a"),
+        )
+        .header("Destination", "http://elsewhere.test/m/b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 
     let resp = client.get(px.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -153,6 +164,12 @@ async fn probes_and_metrics() {
         8.0,
         "portcullis_requests_total{{route=\"http://app.test/\",status=\"200\"}} after 8 requests:\n{text}"
     );
+    let refused = samples.iter().find(|s| {
+        s.name == "portcullis_requests_total"
+            && s.label("route") == Some("http://app.test/")
+            && s.label("status") == Some("400")
+    });
+    assert_eq!(refused.map(|s| s.value), Some(1.0), "{text}");
 
     assert!(
         text.lines()
