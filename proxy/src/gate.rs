@@ -1697,6 +1697,19 @@ mod tests {
         let again = named(&world);
         assert!(!Arc::ptr_eq(&joined, &again));
         assert_eq!(*joined, *again);
+
+        // An entry beside the directory (anyone's sign-in) changes nobody: kept.
+        let session = portcullis_scim::store::Entry {
+            kind: "session".to_owned(),
+            key: "k".to_owned(),
+            value: None,
+        };
+        let put = portcullis_scim::store::Command::Put(vec![session]);
+        world.directory.write(put, "test").await.expect("written");
+        assert!(
+            Arc::ptr_eq(&again, &named(&world)),
+            "made anew for a session"
+        );
     }
 
     #[tokio::test]

@@ -164,7 +164,8 @@ pub struct SubjectView<'a> {
 
 /// Which user a [`SubjectView`] shows, in which state of which index: two views with the same
 /// stamp show the same user with the same attributes and groups. It keys caches of what is
-/// derived from a view; any change to the directory makes every stamp new.
+/// derived from a view; any change to a resource or a membership makes every stamp new (an
+/// entry beside the directory, a session begun or used, does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stamp {
     pub generation: u64,
@@ -473,7 +474,7 @@ impl Directory {
                     .collect(),
                 stamp: Stamp {
                     generation: index.generation(),
-                    seq: index.seq(),
+                    seq: index.standing(),
                     row,
                 },
             }),
@@ -1179,6 +1180,7 @@ fn load_index(storage: &dyn Storage) -> Result<(Index, Vec<Entry>), StoreError> 
         index.insert_member(group, member);
     }
     index.seq = seq;
+    index.standing = seq;
     index.next_row = next_row;
     Ok((index, entries))
 }

@@ -266,6 +266,9 @@ pub struct Index {
     /// the same thing only within one index (a reload numbers rows anew).
     generation: u64,
     pub(super) seq: Seq,
+    /// The last batch that changed a resource or a membership, or the load: what a view of a
+    /// subject may differ by (entries beside the directory, such as sessions, do not move it).
+    pub(super) standing: Seq,
     pub(super) next_row: Row,
     slots: Vec<Slot>,
     /// The type of each slot's resource, by row: what a listing scans, a byte a row rather than
@@ -312,6 +315,7 @@ impl Default for Index {
         Self {
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             seq: 0,
+            standing: 0,
             next_row: 1,
             slots: Vec::new(),
             kinds: Vec::new(),
@@ -629,6 +633,11 @@ impl Index {
 
     pub fn seq(&self) -> Seq {
         self.seq
+    }
+
+    /// The last batch that changed a resource or a membership, or the load.
+    pub fn standing(&self) -> Seq {
+        self.standing
     }
 
     pub fn generation(&self) -> u64 {
@@ -1228,6 +1237,9 @@ impl Index {
             }
         }
         self.seq = batch.seq;
+        if !batch.records.is_empty() || !batch.members.is_empty() {
+            self.standing = batch.seq;
+        }
         self.next_row = batch.next_row;
     }
 }
