@@ -472,8 +472,10 @@ impl Shared {
         // One configuration and one "now" for the decision and the record of it.
         let runtime = self.runtime.load();
         let now = crate::clock::now_unix();
+        let oidc = runtime.config.oidc.as_ref();
         open.still_allowed(
             marks,
+            |session| oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc)),
             |open| self.rejudge(open, &marks, &runtime, now),
             |open, refused| self.audit_cut(open, &refused, &runtime, now),
         )

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use portcullis_config::Scheme;
 use portcullis_scim::store::Seq;
 
-use crate::caller::Caller;
+use crate::caller::{Caller, SessionKey};
 use crate::gate::{
     Admission, Cause, Client, ClientOf, Facts, Forward, Gate, Presented, Refusal, Refused,
 };
@@ -206,26 +206,46 @@ impl Recheck {
     }
 
     /// Whether the connection may carry on, given where things stand `now` (read before
-    /// calling). When nothing moved since the last decision this costs five reads;
+    /// calling). When nothing moved since the last decision this costs five reads; when only
+    /// sessions ended (anyone's: a sign-out, a sign-in past `max_sessions_per_person`), a
+    /// person's is asked only whether their session is still `held`, and a machine's nothing;
     /// otherwise `judge` decides again, and the first refusal is handed to `on_cut` (to be
     /// recorded), once per connection.
     pub fn still_allowed(
         &self,
         now: Marks,
+        held: impl FnOnce(&SessionKey) -> bool,
         judge: impl FnOnce(&Recheck) -> Admission,
         on_cut: impl FnOnce(&Recheck, Admission),
     ) -> bool {
         if self.cut.load(Ordering::Acquire) {
             return false;
         }
+        let decided = self.decided_at();
         // Nobody's (let in by a public rule) is judged by the configuration alone: only a
         // reload can change its answer.
         let unchanged = match self.caller {
-            None => now.config == self.config.load(Ordering::Acquire),
-            Some(_) => now == self.decided_at(),
+            None => now.config == decided.config,
+            Some(_) => now == decided,
         };
         if unchanged {
             return true;
+        }
+        // Every sign-out would have every open connection judged again otherwise.
+        if now
+            == (Marks {
+                session_ends: now.session_ends,
+                ..decided
+            })
+        {
+            let still = match &self.caller {
+                Some(Caller::Person { session, .. }) => held(session),
+                _ => true,
+            };
+            if still {
+                self.session_ends.store(now.session_ends, Ordering::Release);
+                return true;
+            }
         }
         match judge(self) {
             Admission::Allow(_) => {
@@ -455,6 +475,11 @@ mod tests {
         }
     }
 
+    /// Every session still held.
+    fn held(_: &SessionKey) -> bool {
+        true
+    }
+
     fn allow() -> Admission {
         Admission::Allow(Pass {
             forward: None,
@@ -508,7 +533,7 @@ mod tests {
         let lost_touch = open(&world, APP);
         assert_eq!(lost_touch.refusal_status(&get, true), 403, "not cut yet");
         let unavailable = |_: &Recheck| Admission::Refuse(Refused::Unavailable);
-        assert!(!lost_touch.still_allowed(marks(1), unavailable, |_, _| {}));
+        assert!(!lost_touch.still_allowed(marks(1), held, unavailable, |_, _| {}));
         assert_eq!(lost_touch.refusal_status(&get, true), 503);
         // Not to be sent again as it is once sent: the upstream may have acted on it.
         assert_eq!(lost_touch.refusal_status(&post, true), 403);
@@ -532,7 +557,7 @@ mod tests {
                 agent: None,
             }))
         };
-        assert!(!refused.still_allowed(marks(1), forbid, |_, _| {}));
+        assert!(!refused.still_allowed(marks(1), held, forbid, |_, _| {}));
         assert_eq!(refused.refusal_status(&get, false), 403);
     }
 
@@ -541,7 +566,35 @@ mod tests {
         let world = World::new();
         let open = open(&world, APP);
         let judged = |_: &Recheck| -> Admission { panic!("judged although nothing changed") };
-        assert!(open.still_allowed(marks(0), judged, |_, _| panic!("cut")));
+        assert!(open.still_allowed(marks(0), held, judged, |_, _| panic!("cut")));
+    }
+
+    /// Anyone's sign-out ends a session: a person's connection asks only whether theirs is
+    /// still held (judged whole once it is not), and a machine's asks nothing.
+    #[test]
+    fn a_session_ended_elsewhere_is_no_reason_to_judge_a_connection_again() {
+        let world = World::new();
+        let ended = Marks {
+            session_ends: 1,
+            ..marks(0)
+        };
+        let judged = |_: &Recheck| -> Admission { panic!("judged for another's sign-out") };
+        let person = open(&world, APP);
+        assert!(person.still_allowed(ended, held, judged, |_, _| panic!("cut")));
+        let again = Marks {
+            session_ends: 2,
+            ..marks(0)
+        };
+        let refuse = |_: &Recheck| Admission::Refuse(Refused::Unavailable);
+        assert!(!person.still_allowed(again, |_| false, refuse, |_, _| {}));
+        let machine = Recheck::new(
+            Some(Caller::Machine(Arc::new(crate::testing::machine("ci-bot")))),
+            target(APP, Client::Browser),
+            None,
+            marks(0),
+        );
+        let unheld = |_: &SessionKey| -> bool { panic!("a machine has no session") };
+        assert!(machine.still_allowed(ended, unheld, judged, |_, _| panic!("cut")));
     }
 
     #[test]
@@ -553,20 +606,20 @@ mod tests {
             judged.set(judged.get() + 1);
             allow()
         };
-        assert!(open.still_allowed(marks(5), judge, |_, _| panic!("cut")));
-        assert!(open.still_allowed(marks(5), judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(marks(5), held, judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(marks(5), held, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 1, "the second time nothing had moved");
         let reload = Marks {
             config: 1,
             ..marks(5)
         };
-        assert!(open.still_allowed(reload, judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(reload, held, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 2, "a reload is a change");
         let a_second_later = Marks {
             second: 1,
             ..reload
         };
-        assert!(open.still_allowed(a_second_later, judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(a_second_later, held, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 3, "so is the passing of a second");
     }
 
@@ -586,10 +639,10 @@ mod tests {
             current: true,
             ..marks(5)
         };
-        assert!(open.still_allowed(moved, judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(moved, held, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 0, "nothing it is judged by moved");
         let reload = Marks { config: 1, ..moved };
-        assert!(open.still_allowed(reload, judge, |_, _| panic!("cut")));
+        assert!(open.still_allowed(reload, held, judge, |_, _| panic!("cut")));
         assert_eq!(judged.get(), 1, "a reload");
     }
 
@@ -600,8 +653,8 @@ mod tests {
         let cuts = Cell::new(0);
         let refuse = |_: &Recheck| Admission::Refuse(Refused::SignIn { revoked: None });
         let on_cut = |_: &Recheck, _: Admission| cuts.set(cuts.get() + 1);
-        assert!(!open.still_allowed(marks(1), refuse, on_cut));
-        assert!(!open.still_allowed(marks(2), |_| allow(), on_cut));
+        assert!(!open.still_allowed(marks(1), held, refuse, on_cut));
+        assert!(!open.still_allowed(marks(2), held, |_| allow(), on_cut));
         assert_eq!(cuts.get(), 1);
     }
 
