@@ -1139,19 +1139,29 @@ impl Sessions {
     /// Moves the sessions of `data_dir/sessions.redb`, where sessions were kept before they
     /// moved beside the directory, into the directory, once: the file is renamed first, so
     /// a session ended after the move can never come back from it (if the move fails, its
-    /// sessions are lost: their people sign in again). Sessions past their lifetime at `now`
-    /// are left behind.
+    /// sessions are lost: their people sign in again), and removed once read, as it holds
+    /// refresh tokens and ID tokens in the clear. Sessions past their lifetime at `now` are
+    /// left behind.
     pub async fn import(&self, data_dir: &Path, now: u64) -> Result<usize, String> {
         let path = data_dir.join(OLD_FILE);
+        let moved = data_dir.join(format!("{OLD_FILE}.imported"));
+        let remove = |moved: &Path| match std::fs::remove_file(moved) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", moved.display()),
+        };
         if !path.exists() {
+            // Left by an import of an earlier version, or one cut short: read then, or lost.
+            remove(&moved);
             return Ok(0);
         }
-        let moved = data_dir.join(format!("{OLD_FILE}.imported"));
         std::fs::rename(&path, &moved)
             .map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
-        let entries = tokio::task::spawn_blocking(move || read_old_sessions(&moved, now))
+        let read = moved.clone();
+        let entries = tokio::task::spawn_blocking(move || read_old_sessions(&read, now))
             .await
             .map_err(|e| e.to_string())??;
+        remove(&moved);
         for chunk in entries.chunks(MAX_ENTRIES_PER_WRITE) {
             put(&self.directory, chunk.to_vec()).await?;
         }
@@ -2026,6 +2036,13 @@ mod tests {
             "expired: left behind"
         );
         assert!(!dir.path().join(OLD_FILE).exists());
+        // Nor is it kept under another name: it holds every old session's tokens in clear.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().starts_with(OLD_FILE))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         assert_eq!(sessions.import(dir.path(), 200).await.unwrap(), 0, "once");
     }
 
