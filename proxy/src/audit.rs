@@ -663,7 +663,11 @@ impl Audit {
             Destination::Postgres(..) => None,
         };
         let mut store = match destination {
-            Destination::File(path) => Store::File(LogFile::open(path)?),
+            Destination::File(path) => {
+                let mut log = LogFile::open(path)?;
+                take_back_spool(&mut log);
+                Store::File(log)
+            }
             Destination::Postgres(log, spool) => Store::Postgres(log, Spool::open(spool)?),
         };
         let (queue, records) = mpsc::sync_channel(QUEUE);
@@ -1376,6 +1380,48 @@ impl Spool {
             }
         }
     }
+}
+
+/// Moves into the log file `log` the records a run with `[postgres]` left in the spool beside
+/// it (PostgreSQL could not take them, then `[postgres]` was taken out): they would wait there
+/// for ever, shown by nothing. SCIM changes were PostgreSQL's own: none is taken from it.
+fn take_back_spool(log: &mut LogFile) {
+    let path = log.path.with_file_name(SPOOL_NAME);
+    let mut spool = match Spool::open(path.clone()) {
+        Ok(spool) if !spool.is_empty() => spool,
+        Ok(_) => return,
+        Err(e) => return tracing::error!(target: "audit", "{e}"),
+    };
+    let mut taken = 0;
+    let mut insert = |records: &[&str]| {
+        let lines: Vec<String> = (records.iter())
+            .filter(|record| change_seq(record.as_bytes()).is_none())
+            .map(|record| format!("{record}\n"))
+            .collect();
+        taken += lines.len();
+        log.append(&lines, None)
+    };
+    loop {
+        match spool.move_batches(&mut insert, std::time::Instant::now()) {
+            Ok(true) => break,
+            Ok(false) => continue,
+            Err(Moving::Postgres(e)) => {
+                return tracing::error!(
+                    target: "audit",
+                    "cannot move the records left in {} to the audit log: {e}",
+                    path.display()
+                )
+            }
+            Err(Moving::File(e)) => {
+                return tracing::error!(target: "audit", "cannot read {}: {e}", path.display())
+            }
+        }
+    }
+    tracing::info!(
+        target: "audit",
+        "{taken} records a run with [postgres] left in {} moved to the audit log",
+        path.display()
+    );
 }
 
 /// Why records could not be moved out of the spool.
@@ -2135,6 +2181,38 @@ fn each_line_from_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records a run with `[postgres]` left in the spool are moved to the log file once
+    /// `[postgres]` is taken out, where `portcullis audit` and the console read them.
+    #[test]
+    fn records_left_in_the_spool_are_moved_to_the_log_file_without_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path().join(SPOOL_NAME)).unwrap();
+        let refusal = |path: &str| {
+            format!(
+                "{{\"event\":\"refusal\",\"time\":\"2026-12-06T10:00:00Z\",\"user\":\"u\",\
+                 \"route\":\"r\",\"reason\":\"why\",\"method\":\"GET\",\"path\":\"{path}\"}}\n"
+            )
+        };
+        spool
+            .append(&[refusal("/left-1"), refusal("/left-2")])
+            .unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
+        assert!(audit.flush(std::time::Duration::from_secs(5)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(
+            text.contains("/left-1") && text.contains("/left-2"),
+            "{text}"
+        );
+        let spooled = std::fs::read_to_string(dir.path().join(SPOOL_NAME)).unwrap();
+        assert!(spooled.is_empty(), "moved, and moved once: {spooled}");
+        drop(audit);
+        let audit = Audit::open(log(), log()).unwrap();
+        assert!(audit.flush(std::time::Duration::from_secs(5)));
+        let again = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(again.matches("/left-1").count(), 1, "{again}");
+    }
 
     /// Records waiting in the spool move in order, in batches, each once: a batch that
     /// failed is moved again (and none before it), across a restart too, and a record a crash
