@@ -93,13 +93,19 @@ pub struct Identity {
     /// Whether the sign-in spoke of groups it did not list (see
     /// [`crate::auth::groups_unlisted`]), or left them unsaid where a route reads them (the ID
     /// token without them, UserInfo refusing its access token): `groups` is then not all of
-    /// them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// them. Always written; a session stored without it (by a version that did not look, or
+    /// wrote only `true`) is taken for one whose groups are not all listed.
+    #[serde(default = "unlisted_unless_said")]
     pub groups_unlisted: bool,
     /// The string claims of the ID token, then of UserInfo for what it lacked (see
     /// [`add_string_claims`]), for a mapping by any claim.
     #[serde(default)]
     pub claims: Claims,
+}
+
+/// See [`Identity::groups_unlisted`].
+fn unlisted_unless_said() -> bool {
+    true
 }
 
 /// Everything but the ID token, which a `{:?}` must never print.

@@ -2401,6 +2401,15 @@ mod tests {
         let refusal = forbidden(as_person(&world, &contractor, 3, "/"));
         assert_eq!(refusal.cause, Cause::NotInDirectory);
         assert!(refusal.reason.contains("overage"), "{}", refusal.reason);
+        // A session stored by a version that did not say whether its groups were all listed:
+        // not taken for one that listed them all.
+        let mut stored = serde_json::to_value(&contractor).unwrap();
+        stored.as_object_mut().unwrap().remove("groups_unlisted");
+        let stored: crate::caller::Identity = serde_json::from_value(stored).unwrap();
+        forbidden(as_person(&world, &stored, 3, "/"));
+        contractor.groups_unlisted = false;
+        let listed = serde_json::to_value(&contractor).unwrap();
+        assert_eq!(listed["groups_unlisted"], false, "always written: {listed}");
         // Read from the claims as a token or UserInfo has them.
         let unlisted = |claims: serde_json::Value| {
             crate::auth::groups_unlisted(|name| claims.get(name).cloned())
