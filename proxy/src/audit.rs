@@ -442,6 +442,8 @@ struct Losses {
     dropped: AtomicU64,
     /// The sequence of the first change lost; `u64::MAX`: none.
     first_change: AtomicU64,
+    /// The Unix second drops were last logged in.
+    told: AtomicU64,
 }
 
 impl Default for Losses {
@@ -449,11 +451,22 @@ impl Default for Losses {
         Self {
             dropped: AtomicU64::new(0),
             first_change: AtomicU64::new(u64::MAX),
+            told: AtomicU64::new(0),
         }
     }
 }
 
 impl Losses {
+    /// Whether a drop at `second` is to be logged: the first of each second, so that a flood
+    /// of drops is not a flood of lines, and every incident, however late, is told.
+    fn worth_telling(&self, second: u64) -> bool {
+        let told = self.told.load(Ordering::Relaxed);
+        told < second
+            && (self.told)
+                .compare_exchange(told, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     fn lost_change(&self, seq: u64) {
         self.first_change.fetch_min(seq, Ordering::SeqCst);
     }
@@ -989,8 +1002,7 @@ fn enqueue(queue: &SyncSender<Queued>, losses: &Losses, entry: Entry) {
             lost_change(&refused);
             crate::metrics::count_audit_lost("queue_full", 1);
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            // At the 1st, 2nd, 4th, 8th... drop, so a flood of drops is not a flood of lines.
-            if n.is_power_of_two() {
+            if losses.worth_telling(crate::clock::now_unix()) {
                 tracing::error!(
                     target: "audit",
                     dropped = n,
@@ -2181,6 +2193,17 @@ fn each_line_from_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Drops are logged at most once a second, and again for a later incident however many
+    /// came before (not only at the 1st, 2nd, 4th... drop since the start).
+    #[test]
+    fn drops_are_told_once_a_second_and_again_later() {
+        let losses = Losses::default();
+        assert!(losses.worth_telling(100));
+        assert!(!losses.worth_telling(100), "twice in a second");
+        assert!(!losses.worth_telling(99), "a second already told");
+        assert!(losses.worth_telling(4_000), "a later incident");
+    }
 
     /// Records a run with `[postgres]` left in the spool are moved to the log file once
     /// `[postgres]` is taken out, where `portcullis audit` and the console read them.
