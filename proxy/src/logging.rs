@@ -31,7 +31,8 @@ const MAX_PENDING: usize = 8 << 20;
 static GUARD: Mutex<Option<Guard>> = Mutex::new(None);
 
 pub fn init(config: &LogConfig) {
-    let (writer, guard) = batched(std::io::stdout());
+    let json = matches!(config.format, LogFormat::Json);
+    let (writer, guard) = batched(std::io::stdout(), json);
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let lines = tracing_subscriber::fmt::layer()
         .with_writer(writer)
@@ -170,7 +171,9 @@ fn write_whole(out: &mut impl Write, batch: &[u8]) {
 }
 
 /// A writer for `tracing` whose lines a thread of its own writes to `out` in batches.
-fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
+/// `json`: the lines are JSON objects, and so is the note of lines dropped (a shipper parsing
+/// them would drop a line of text, and with it the word that lines were lost).
+fn batched<W: Write + Send + 'static>(mut out: W, json: bool) -> (Lines, Guard) {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending::default()),
         wake: Condvar::new(),
@@ -201,9 +204,18 @@ fn batched<W: Write + Send + 'static>(mut out: W) -> (Lines, Guard) {
             };
             write_whole(&mut out, &batch);
             if dropped > 0 {
-                let note = format!(
-                    "portcullis: {dropped} log lines dropped: stdout is slower than the log\n"
-                );
+                let words = "log lines dropped: stdout is slower than the log";
+                let note = if json {
+                    let note = serde_json::json!({
+                        "level": "WARN",
+                        "target": "portcullis::logging",
+                        "dropped": dropped,
+                        "message": format!("{dropped} {words}"),
+                    });
+                    format!("{note}\n")
+                } else {
+                    format!("portcullis: {dropped} {words}\n")
+                };
                 write_whole(&mut out, note.as_bytes());
             }
             let _ = out.flush();
@@ -248,7 +260,7 @@ mod tests {
     #[test]
     fn every_line_is_written_in_order_in_few_writes_by_the_time_the_guard_is_dropped() {
         let out = Out::default();
-        let (lines, guard) = batched(out.clone());
+        let (lines, guard) = batched(out.clone(), false);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let lines = lines.clone();
@@ -280,24 +292,33 @@ mod tests {
 
     #[test]
     fn lines_past_the_bound_are_dropped_and_counted() {
-        let out = Out::default();
-        let (lines, guard) = batched(out.clone());
-        // Held, the writer cannot take the lines: they wait, up to the bound.
-        let held = lock(&out.0);
-        (&lines).write_all(b"first\n").unwrap();
-        while !lock(&lines.0.pending).lines.is_empty() {
-            std::thread::sleep(Duration::from_millis(5));
+        for json in [false, true] {
+            let out = Out::default();
+            let (lines, guard) = batched(out.clone(), json);
+            // Held, the writer cannot take the lines: they wait, up to the bound.
+            let held = lock(&out.0);
+            (&lines).write_all(b"first\n").unwrap();
+            while !lock(&lines.0.pending).lines.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut line = vec![b'x'; (1 << 20) - 1];
+            line.push(b'\n');
+            for _ in 0..(MAX_PENDING >> 20) + 3 {
+                (&lines).write_all(&line).unwrap();
+            }
+            drop(held);
+            drop(guard);
+            let text = String::from_utf8_lossy(&lock(&out.0).0).into_owned();
+            assert!(text.starts_with("first\n"), "{}", &text[..20]);
+            let note = text.lines().last().unwrap();
+            assert!(note.contains("log lines dropped"), "{note}");
+            // As the lines are: a JSON object where they are.
+            let parsed = serde_json::from_str::<serde_json::Value>(note);
+            assert_eq!(
+                parsed.is_ok_and(|n| n["dropped"].as_u64() > Some(0)),
+                json,
+                "{note}"
+            );
         }
-        let mut line = vec![b'x'; (1 << 20) - 1];
-        line.push(b'\n');
-        for _ in 0..(MAX_PENDING >> 20) + 3 {
-            (&lines).write_all(&line).unwrap();
-        }
-        drop(held);
-        drop(guard);
-        let text = String::from_utf8_lossy(&lock(&out.0).0).into_owned();
-        assert!(text.starts_with("first\n"), "{}", &text[..20]);
-        let note = text.lines().last().unwrap();
-        assert!(note.contains("log lines dropped"), "{note}");
     }
 }
