@@ -805,8 +805,10 @@ impl Sessions {
     /// Ends the sessions of `newest`'s person (its issuer and subject) but the newest `keep`,
     /// `newest` (just made, under the id `id`) among them: someone who signs in again and
     /// again (a script with an IdP account) cannot fill every replica's memory and the store.
-    /// Only sessions begun in an earlier second are ended, so two sign-ins that finish at once
-    /// never end each other's. Returns how many were ended.
+    /// Sessions begun in the same second are ended only past `keep` more, so two sign-ins that
+    /// finish at once never end each other's, and callbacks saved up and sent at once (codes
+    /// collected, then redeemed in one second) leave at most twice `keep`. Returns how many
+    /// were ended.
     pub async fn end_all_but_newest(
         &self,
         newest: &Identity,
@@ -822,10 +824,15 @@ impl Sessions {
         let key = key_of(id);
         theirs.retain(|(k, _)| *k != key);
         theirs.sort_by_key(|(_, s)| std::cmp::Reverse(s.identity.created));
+        let mut at_once = 0;
         let older: Vec<SessionKey> = theirs
             .iter()
             .skip(keep.saturating_sub(1))
-            .filter(|(_, s)| s.identity.created < newest.created)
+            .filter(|(_, s)| {
+                let earlier = s.identity.created < newest.created;
+                at_once += usize::from(!earlier);
+                earlier || at_once > keep
+            })
             .map(|(k, _)| *k)
             .collect();
         self.end(&older).await?;
@@ -1388,6 +1395,32 @@ mod tests {
         let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
         let sessions = Arc::new(Sessions::new(kept, Arc::new(directory)));
         (sessions, store, entered, release)
+    }
+
+    /// Sign-ins finished in one second do not end each other's, but callbacks saved up and
+    /// sent at once leave at most twice `max_sessions_per_person`.
+    #[tokio::test]
+    async fn sessions_begun_at_once_are_kept_up_to_twice_the_limit() {
+        let sessions = open(tempfile::tempdir().unwrap().path()).sessions;
+        let alice = identity("alice", 10_000);
+        let (keep, at) = (3, 100);
+        let mut ended = 0;
+        for _ in 0..5 * keep {
+            let id = begin(&sessions, alice.clone(), at).await;
+            ended += sessions
+                .end_all_but_newest(&alice, &id, keep)
+                .await
+                .unwrap();
+        }
+        let left = sessions.find(|i| i.subject == alice.subject).len();
+        assert_eq!(left, 2 * keep);
+        assert_eq!(ended, 5 * keep - 2 * keep);
+        // Two at once, with a limit of one: neither ends the other.
+        let bob = identity("bob", 10_000);
+        let first = begin(&sessions, bob.clone(), at).await;
+        let second = begin(&sessions, bob.clone(), at).await;
+        assert_eq!(sessions.end_all_but_newest(&bob, &second, 1).await, Ok(0));
+        assert!(sessions.get(&first).is_some());
     }
 
     /// A session another end is ending does not count towards a person's sessions: signing
