@@ -391,6 +391,10 @@ impl Storage for RedbStorage {
     /// Okta does before each write). On the writer's thread, never a read's: opening may walk
     /// the whole file to repair it.
     fn recover(&self) {
+        // Open (nearly always): no write lock for reads to wait behind.
+        if self.db.read().map_or(true, |db| db.is_some()) {
+            return;
+        }
         let Ok(mut db) = self.db.write() else {
             return;
         };
