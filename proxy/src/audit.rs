@@ -1682,47 +1682,9 @@ fn write_loop(
 /// [`Losses`]), or, where none is kept (or it is damaged), the last change in the file.
 fn log_position(path: &Path) -> Result<(u64, HashSet<u64>), String> {
     match kept_position(path) {
-        Some(kept) => Ok((kept, changes_after(path, kept)?)),
-        None => Ok((last_change(path)?, HashSet::new())),
+        Some(kept) => Ok((kept, changes_in(path, kept)?.1)),
+        None => Ok((changes_in(path, u64::MAX)?.0, HashSet::new())),
     }
-}
-
-/// The changes after `kept` in the log file at `path`, read from its end: a start costs what
-/// they are, not what the log has grown to (anyone can grow it with refusals). They are its
-/// last changes: changes are appended in order, and recovery appends only changes after the
-/// position kept, so the first change at or before `kept` from the end ends the reading.
-fn changes_after(path: &Path, kept: u64) -> Result<HashSet<u64>, String> {
-    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => return Err(cannot(e)),
-    };
-    let mut later = HashSet::new();
-    each_line_from_end(&mut file, &mut |line, _| {
-        match change_seq(line) {
-            Some(seq) if seq <= kept => return false,
-            Some(seq) => {
-                later.insert(seq);
-            }
-            None => {}
-        }
-        true
-    })
-    .map_err(cannot)?;
-    Ok(later)
-}
-
-/// The sequence of the SCIM change a log line records, if it records one.
-fn change_seq(line: &[u8]) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Seq {
-        seq: u64,
-    }
-    memchr::memmem::find(line, br#""event":"change""#)?;
-    serde_json::from_slice::<Seq>(line)
-        .ok()
-        .map(|change| change.seq)
 }
 
 /// The position kept beside the log at `path` ([`position_path`]), if one is.
@@ -1748,21 +1710,37 @@ fn kept_position(path: &Path) -> Option<u64> {
     }
 }
 
-/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file), read
-/// whole: a change recovery appended may follow a later one. Only lines that say they are
-/// changes are parsed.
-fn last_change(path: &Path) -> Result<u64, String> {
+/// The sequence of the last SCIM change in the log file at `path` (0: none, or no file), and
+/// those of its changes after `after`. Only lines that say they are changes are parsed.
+fn changes_in(path: &Path, after: u64) -> Result<(u64, HashSet<u64>), String> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, HashSet::new())),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let mut last = 0;
+    let (mut last, mut later) = (0, HashSet::new());
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        last = change_seq(&line).map_or(last, |seq| last.max(seq));
+        if let Some(seq) = change_seq(&line) {
+            last = last.max(seq);
+            if seq > after {
+                later.insert(seq);
+            }
+        }
     }
-    Ok(last)
+    Ok((last, later))
+}
+
+/// The sequence of the SCIM change a log line records, if it records one.
+fn change_seq(line: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    memchr::memmem::find(line, br#""event":"change""#)?;
+    serde_json::from_slice::<Seq>(line)
+        .ok()
+        .map(|change| change.seq)
 }
 
 /// Appends `lines`, whose SCIM changes are `changes`, trying again for a while before they
@@ -3229,32 +3207,6 @@ mod tests {
         std::fs::write(dir.join("audit.last-change"), "").unwrap();
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(audit.recover_changes(changes).unwrap(), 4);
-    }
-
-    /// Where recovery starts is read from the log's end: the changes after the position kept,
-    /// recovered ones out of order among them, and not a line before the last change at or
-    /// before it (a start costs what they are, not what the log has grown to).
-    #[test]
-    fn the_changes_after_the_position_kept_are_read_from_the_log_s_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE_NAME);
-        let change = |seq: u64| format!(r#"{{"event":"change","seq":{seq}}}"#);
-        let refusal = r#"{"event":"refusal","reason":""event":"change""}"#;
-        // A change past the position at the head, which a reading from the start would take:
-        // no log holds one there, so only a reading of the whole file finds it.
-        let mut lines = vec![change(999), refusal.to_owned()];
-        lines.extend((1..=100).map(change));
-        lines.extend([change(102), refusal.to_owned(), change(101), change(103)]);
-        std::fs::write(&path, lines.join("\n") + "\n" + r#"{"event":"change","se"#).unwrap();
-        std::fs::write(position_path(&path), "100").unwrap();
-        let (kept, later) = log_position(&path).unwrap();
-        assert_eq!(kept, 100);
-        let mut later: Vec<u64> = later.into_iter().collect();
-        later.sort_unstable();
-        assert_eq!(later, [101, 102, 103]);
-        // Without a position kept, the file alone says, read whole.
-        std::fs::remove_file(position_path(&path)).unwrap();
-        assert_eq!(log_position(&path).unwrap(), (999, HashSet::new()));
     }
 
     #[test]
