@@ -201,7 +201,7 @@ impl Fixture {
                 id_token: Some(fake_id_token(n)),
                 directory_seq: seq,
                 groups: Vec::new(),
-                groups_unlisted: false,
+                groups_unlisted: Some(false),
                 claims: Default::default(),
             };
             let id = writes

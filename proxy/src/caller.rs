@@ -93,19 +93,14 @@ pub struct Identity {
     /// Whether the sign-in spoke of groups it did not list (see
     /// [`crate::auth::groups_unlisted`]), or left them unsaid where a route reads them (the ID
     /// token without them, UserInfo refusing its access token): `groups` is then not all of
-    /// them. Always written; a session stored without it (by a version that did not look, or
-    /// wrote only `true`) is taken for one whose groups are not all listed.
-    #[serde(default = "unlisted_unless_said")]
-    pub groups_unlisted: bool,
+    /// them. `None`: stored by a version that wrote only `true` (before 2026-12-06), so not
+    /// known; a stranger's such session signs in again where the IdP's groups judge them.
+    #[serde(default)]
+    pub groups_unlisted: Option<bool>,
     /// The string claims of the ID token, then of UserInfo for what it lacked (see
     /// [`add_string_claims`]), for a mapping by any claim.
     #[serde(default)]
     pub claims: Claims,
-}
-
-/// See [`Identity::groups_unlisted`].
-fn unlisted_unless_said() -> bool {
-    true
 }
 
 /// Everything but the ID token, which a `{:?}` must never print.
@@ -261,7 +256,7 @@ mod tests {
             id_token: Some("eyJhbGciOiJSUzI1NiJ9.secret-payload.signature".into()),
             directory_seq: 0,
             groups: Vec::new(),
-            groups_unlisted: false,
+            groups_unlisted: Some(false),
             claims: Claims::new(),
         };
         let shown = format!("{identity:?}");

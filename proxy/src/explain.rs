@@ -108,7 +108,7 @@ fn signed_in_now(runtime: &Runtime, directory: &Directory, user: &str) -> Identi
         id_token: None,
         directory_seq: directory.seq(),
         groups: Vec::new(),
-        groups_unlisted: false,
+        groups_unlisted: Some(false),
         claims,
     }
 }

@@ -1215,7 +1215,12 @@ fn on_token(
     // sign-in whose groups the IdP did not say, says nothing of the rest: a deny rule could
     // miss the one that refuses. Judged as nobody.
     let unlisted = match principal {
-        Principal::Person(identity) => identity.groups_unlisted,
+        Principal::Person(identity) => match identity.groups_unlisted {
+            Some(unlisted) => unlisted,
+            // Stored by a version that did not say: the session is over, and the person signs
+            // in again, to be judged on the groups said then.
+            None => return Judged::Revoked(Outdated::Caller(None)),
+        },
         Principal::Machine(token) => token.groups_unlisted,
     };
     if unlisted {
@@ -2397,19 +2402,22 @@ mod tests {
         let world = world().await;
         let mut contractor = world.person("dan@partner.example");
         contractor.groups = vec!["contractors".to_owned()];
-        contractor.groups_unlisted = true;
+        contractor.groups_unlisted = Some(true);
         let refusal = forbidden(as_person(&world, &contractor, 3, "/"));
         assert_eq!(refusal.cause, Cause::NotInDirectory);
         assert!(refusal.reason.contains("overage"), "{}", refusal.reason);
-        // A session stored by a version that did not say whether its groups were all listed:
-        // not taken for one that listed them all.
+        // A session stored by a version that did not say whether its groups were all listed
+        // (it wrote only `true`): not taken for one that listed them all, but over, and the
+        // person signs in again.
+        contractor.groups_unlisted = Some(false);
         let mut stored = serde_json::to_value(&contractor).unwrap();
+        assert_eq!(stored["groups_unlisted"], false, "always written: {stored}");
         stored.as_object_mut().unwrap().remove("groups_unlisted");
         let stored: crate::caller::Identity = serde_json::from_value(stored).unwrap();
-        forbidden(as_person(&world, &stored, 3, "/"));
-        contractor.groups_unlisted = false;
-        let listed = serde_json::to_value(&contractor).unwrap();
-        assert_eq!(listed["groups_unlisted"], false, "always written: {listed}");
+        assert!(matches!(
+            as_person(&world, &stored, 3, "/"),
+            Admission::Refuse(Refused::SignIn { revoked: Some(_) })
+        ));
         // Read from the claims as a token or UserInfo has them.
         let unlisted = |claims: serde_json::Value| {
             crate::auth::groups_unlisted(|name| claims.get(name).cloned())

@@ -674,7 +674,7 @@ mod tests {
             id_token: None,
             directory_seq: 0,
             groups: Vec::new(),
-            groups_unlisted: false,
+            groups_unlisted: Some(false),
             claims: Default::default(),
         };
         let cookie = oidc.cookie_name.as_str();

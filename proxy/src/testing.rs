@@ -344,7 +344,7 @@ impl World {
             id_token: None,
             directory_seq: self.directory.seq(),
             groups: Vec::new(),
-            groups_unlisted: false,
+            groups_unlisted: Some(false),
             claims: Default::default(),
         }
     }

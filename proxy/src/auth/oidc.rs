@@ -649,7 +649,7 @@ impl Oidc {
             id_token: Some(id_token.to_string()),
             directory_seq: 0,
             groups,
-            groups_unlisted,
+            groups_unlisted: Some(groups_unlisted),
             claims: strings,
         };
         let refresh = match (config.refresh, response.refresh_token()) {
@@ -926,7 +926,7 @@ impl Oidc {
         held.sort_unstable();
         held.dedup();
         Ok(
-            (groups != held || unlisted != identity.groups_unlisted).then(|| {
+            (groups != held || Some(unlisted) != identity.groups_unlisted).then(|| {
                 "the identity provider's groups for the person changed: they sign in again"
                     .to_owned()
             }),
