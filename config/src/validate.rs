@@ -2617,10 +2617,11 @@ fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Ve
             ipnet::IpNet::V4(_) => None,
         };
         if let Some(v4) = mapped {
-            // `::ffff:10.0.0.0/104` is `10.0.0.0/8`.
+            // `::ffff:10.0.0.0/104` is `10.0.0.0/8` (its network, whatever host bits it has).
             let written = match net.prefix_len() {
                 128 => v4.to_string(),
-                bits => format!("{v4}/{}", bits.saturating_sub(96)),
+                bits => ipnet::Ipv4Net::new(v4, bits.saturating_sub(96))
+                    .map_or_else(|_| v4.to_string(), |net| net.trunc().to_string()),
             };
             p.add(
                 &path,

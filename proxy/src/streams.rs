@@ -6,10 +6,12 @@
 //! with the same gate, under the configuration current at that moment:
 //!
 //! - Every body chunk and websocket frame, in either direction, is checked before it crosses
-//!   the proxy ([`Recheck::still_allowed`]): if the directory changed, sessions were ended
-//!   (sign-out, back-channel logout) or the configuration was reloaded since the last decision,
-//!   the decision is made again, and a refusal ends the connection (nobody's, let in by a
-//!   public rule, is judged by the configuration alone: only a reload moves it). A directory write is
+//!   the proxy ([`Recheck::still_allowed`]): if the directory changed or the configuration was
+//!   reloaded since the last decision, the decision is made again, and a refusal ends the
+//!   connection (nobody's, let in by a public rule, is judged by the configuration alone: only
+//!   a reload moves it); if only sessions were ended (a sign-out, a back-channel logout:
+//!   anyone's), a person's connection is asked whether their own still holds, and a machine's
+//!   nothing. A directory write is
 //!   visible before it is answered, so once the SCIM answer is sent, nothing more is let
 //!   through for a caller it removed (chunks let through just before may still be in
 //!   pingora's queues, up to five of 64 KiB each way, on their way out).
