@@ -1427,6 +1427,13 @@ fn settle_loop(storage: &dyn Storage, settled: &mpsc::Receiver<Settled>) {
     {
         match storage.settle(seq, committed) {
             Ok(()) => answer(answers),
+            Err(e @ StoreError::Lost(_)) => {
+                // Gone in a failover: every answer, a refusal too (a name taken by the lost
+                // change), was judged against a directory that never was.
+                tracing::error!("directory change {seq} lost: {e}");
+                let writes = answers.into_iter().map(|(write, _)| write).collect();
+                fail_all(writes, "the change was not kept by the database; retry");
+            }
             Err(e) => {
                 // Committed, but not known to be everywhere: not a success to report. SCIM
                 // clients retry, and a retried write finds the change already made.

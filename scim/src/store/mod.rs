@@ -235,6 +235,10 @@ pub enum StoreError {
     /// A shared store moved on since the batch was built: the writer catches up and retries.
     #[error("another replica changed the directory first")]
     Behind,
+    /// A commit the shared store answered is no longer in it (a failover lost it): what was
+    /// judged against it, a refusal too, is judged against what never was.
+    #[error("the directory store lost a change: {0}")]
+    Lost(String),
 }
 
 /// What a shared store has committed since a given sequence number ([`Storage::feed`]).

@@ -1286,7 +1286,7 @@ impl Storage for PgStorage {
             match waiting {
                 Ok(0) => break Ok(()),
                 Ok(-2) => {
-                    break Err(StoreError::Backend(
+                    break Err(StoreError::Lost(
                         "the database no longer holds the change (lost in a failover?)".to_owned(),
                     ))
                 }

@@ -1921,6 +1921,8 @@ impl Storage for SharedStore {
 #[derive(Default)]
 struct Unsettled {
     inner: SharedStore,
+    /// Whether each commit is then found lost (a failover), not merely unconfirmed.
+    lost: bool,
 }
 
 impl Storage for Unsettled {
@@ -1943,9 +1945,10 @@ impl Storage for Unsettled {
         self.inner.feed(after)
     }
     fn settle(&self, _seq: Seq, _committed: std::time::Instant) -> Result<(), StoreError> {
-        Err(StoreError::Backend(
-            "the replicas' progress cannot be read".to_owned(),
-        ))
+        Err(match self.lost {
+            true => StoreError::Lost("a failover lost it".to_owned()),
+            false => StoreError::Backend("the replicas' progress cannot be read".to_owned()),
+        })
     }
 }
 
@@ -1966,6 +1969,18 @@ async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_wait
     let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     let again = again.expect_err("a name taken");
     assert_eq!(again.status, 409, "{again:?}");
+    // Unless the commit was lost: the name was taken by a change that never was.
+    let store = Unsettled {
+        lost: true,
+        ..Unsettled::default()
+    };
+    let clock = Box::new(time::OffsetDateTime::now_utc);
+    let dir = Directory::open(Arc::new(store), clock).unwrap();
+    let lost = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    assert_eq!(lost.expect_err("lost").status, 503);
+    let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    let again = again.expect_err("judged against a lost change");
+    assert_eq!(again.status, 503, "{again:?}");
 }
 
 /// A shared store whose feed takes a while to read, counting the reads.
