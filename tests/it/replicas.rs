@@ -1354,6 +1354,38 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
     px.restart().await;
 }
 
+/// A session whose settings are not those asked for at connection (a pooler in front dropped
+/// them, and the database's `synchronous_commit = off` stood) is refused, saying why: a change
+/// answered on it could be lost in a crash. Here the URL's own options undo them, as such a
+/// pooler would (`check-config` refuses such a URL).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_without_the_settings_asked_for_is_refused() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    let pg = Postgres::start().await;
+    for (undone, said) in [
+        ("synchronous_commit%3Doff", "synchronous_commit is off"),
+        (
+            "idle_in_transaction_session_timeout%3D0",
+            "idle_in_transaction_session_timeout is 0",
+        ),
+    ] {
+        let options = PgOptions {
+            url: format!("{}&options=-c%20{undone}", pg.url()),
+            pool_size: 1,
+            max_staleness: Duration::from_secs(2),
+        };
+        let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+            .await
+            .unwrap()
+            .expect_err(undone);
+        assert!(
+            matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains(said), "{refused}");
+    }
+}
+
 /// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL
 /// listing several hosts can connect to one), is never read as the directory: loaded or caught
 /// up from it, a replica would lose what the primary has answered since (an acknowledged

@@ -144,6 +144,8 @@ struct Connector {
     /// The longest a connection may go silent: a quarter of `max_staleness`, at least
     /// [`SILENCE_FLOOR`] (see [`Connector::new`]).
     silence: Duration,
+    /// `idle_in_transaction_session_timeout` as asked for, in milliseconds.
+    idle_ms: u128,
     tls: Option<MakeRustlsConnect>,
 }
 
@@ -202,6 +204,7 @@ impl Connector {
         Ok(Self {
             config,
             silence,
+            idle_ms: quarter.as_millis(),
             tls,
         })
     }
@@ -211,7 +214,43 @@ impl Connector {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(NoTls),
         };
-        client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
+        let mut client =
+            client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))?;
+        self.check_settings(&mut client)?;
+        Ok(client)
+    }
+
+    /// Whether the session has the settings asked for at connection: a pooler in front may
+    /// drop them (PgBouncer's `ignore_startup_parameters = options` does), and the database's
+    /// or the role's defaults then stand, `synchronous_commit = off` among them, under which a
+    /// change answered could be lost in a crash. Such a connection is refused, saying why.
+    fn check_settings(&self, client: &mut Client) -> Result<(), StoreError> {
+        let rows = client
+            .query(
+                "SELECT current_setting('synchronous_commit'), \
+                 (SELECT setting FROM pg_settings \
+                  WHERE name = 'idle_in_transaction_session_timeout')",
+                &[],
+            )
+            .map_err(backend)?;
+        let row = (rows.first()).ok_or_else(|| StoreError::Backend("no settings".to_owned()))?;
+        let commit: String = row.try_get(0).map_err(backend)?;
+        let idle: String = row.try_get(1).map_err(backend)?;
+        if !matches!(commit.as_str(), "on" | "remote_apply") {
+            return Err(StoreError::Unsuitable(format!(
+                "the session's synchronous_commit is {commit}, not on: a change answered could \
+                 be lost in a crash (a pooler in front that drops startup options, such as \
+                 PgBouncer's ignore_startup_parameters = options, leaves the database's default)"
+            )));
+        }
+        if idle.parse::<u128>().ok() != Some(self.idle_ms) {
+            return Err(StoreError::Unsuitable(format!(
+                "the session's idle_in_transaction_session_timeout is {idle} ms, not the {} ms \
+                 asked for at connection (a pooler in front that drops startup options?)",
+                self.idle_ms
+            )));
+        }
+        Ok(())
     }
 }
 
