@@ -905,11 +905,17 @@ impl Audit {
     /// re-created in the directory (and is ended for it), wherever it was presented.
     /// Always recorded: the session is ended by it, so its next request asks for a sign-in and
     /// is not refused again.
-    pub fn revoked_session(&self, who: &str, route: &str, request: &Request<'_>) {
-        let reason = format!(
-            "the session began before {who} was deactivated or re-created in the directory: \
-             it is over, and {who} must sign in again"
-        );
+    pub fn revoked_session(
+        &self,
+        who: &str,
+        route: &str,
+        outdated: Option<&crate::gate::Outdated>,
+        request: &Request<'_>,
+    ) {
+        let reason = match outdated {
+            Some(outdated) => outdated.session_reason(who),
+            None => crate::gate::Outdated::Caller(None).session_reason(who),
+        };
         self.record_refusal(who, route, None, &reason, request, None);
     }
 
@@ -2171,6 +2177,26 @@ fn each_line_from_end(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where recovery starts: the changes after the position kept are found wherever they are
+    /// in the log, a lost change appended by a recovery after later ones included.
+    #[test]
+    fn the_changes_after_the_position_kept_are_found_anywhere_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let change = |seq: u64| format!(r#"{{"event":"change","seq":{seq}}}"#);
+        // 50 and 60 lost; 50 recovered since, after the later ones; 60 still missing.
+        let mut lines: Vec<String> = (1..=49).map(change).collect();
+        lines.extend((51..=59).chain(61..=100).map(change));
+        lines.push(change(50));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        std::fs::write(position_path(&path), "59").unwrap();
+        let (kept, later) = log_position(&path).unwrap();
+        assert_eq!(kept, 59);
+        let mut later: Vec<u64> = later.into_iter().collect();
+        later.sort_unstable();
+        assert_eq!(later, (61..=100).collect::<Vec<u64>>());
+    }
 
     /// Drops are logged at most once a second, and again for a later incident however many
     /// came before (not only at the 1st, 2nd, 4th... drop since the start).

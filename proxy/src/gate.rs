@@ -176,7 +176,7 @@ impl Refused {
     pub fn outdated_agent(&self) -> Option<&AgentRecord> {
         match self.outdated()? {
             Outdated::Agent(agent) | Outdated::Caller(Some(agent)) => Some(agent),
-            Outdated::Caller(None) => None,
+            Outdated::Caller(None) | Outdated::Unlisted => None,
         }
     }
 }
@@ -189,6 +189,27 @@ pub enum Outdated {
     Caller(Option<AgentRecord>),
     /// The agent a token acts through, its own or for a person (`on_behalf_of`).
     Agent(AgentRecord),
+    /// A stranger's session, stored before Portcullis said of every session whether its
+    /// groups were all listed ([`crate::caller::Identity::groups_unlisted`]): it cannot be
+    /// judged on them.
+    Unlisted,
+}
+
+impl Outdated {
+    /// Why a person's session refused as outdated is over, as audited.
+    pub fn session_reason(&self, who: &str) -> String {
+        match self {
+            Outdated::Unlisted => format!(
+                "the session of {who}, who is not in the directory, was stored before \
+                 Portcullis kept whether its groups were all listed: it is over, and {who} \
+                 must sign in again"
+            ),
+            _ => format!(
+                "the session began before {who} was deactivated or re-created in the \
+                 directory: it is over, and {who} must sign in again"
+            ),
+        }
+    }
 }
 
 /// A request let in.
@@ -1219,7 +1240,7 @@ fn on_token(
             Some(unlisted) => unlisted,
             // Stored by a version that did not say: the session is over, and the person signs
             // in again, to be judged on the groups said then.
-            None => return Judged::Revoked(Outdated::Caller(None)),
+            None => return Judged::Revoked(Outdated::Unlisted),
         },
         Principal::Machine(token) => token.groups_unlisted,
     };
@@ -2416,8 +2437,12 @@ mod tests {
         let stored: crate::caller::Identity = serde_json::from_value(stored).unwrap();
         assert!(matches!(
             as_person(&world, &stored, 3, "/"),
-            Admission::Refuse(Refused::SignIn { revoked: Some(_) })
+            Admission::Refuse(Refused::SignIn {
+                revoked: Some(Outdated::Unlisted)
+            })
         ));
+        let said = Outdated::Unlisted.session_reason("dan@partner.example");
+        assert!(said.contains("not in the directory"), "{said}");
         // Read from the claims as a token or UserInfo has them.
         let unlisted = |claims: serde_json::Value| {
             crate::auth::groups_unlisted(|name| claims.get(name).cloned())

@@ -2042,7 +2042,8 @@ impl Proxy {
                         tracing::error!("cannot end a revoked session: {e}");
                     }
                 });
-                audit.revoked_session(&caller.log_name(), route, &asked.audited());
+                let outdated = refused.outdated();
+                audit.revoked_session(&caller.log_name(), route, outdated, &asked.audited());
             }
             (true, Some(caller @ Caller::Machine(_))) => {
                 let agent = refused.outdated_agent();

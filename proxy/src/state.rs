@@ -519,6 +519,16 @@ impl Shared {
             // Let in by a public rule, which no longer lets anyone in there.
             (_, None) => (who, None, "the address is no longer open to anyone"),
             (Admission::Refuse(r), Some(caller)) if r.revoked() => match caller {
+                Caller::Person { .. }
+                    if matches!(r.outdated(), Some(crate::gate::Outdated::Unlisted)) =>
+                {
+                    (
+                        who,
+                        None,
+                        "the session, of someone not in the directory, was stored before \
+                         Portcullis kept whether its groups were all listed",
+                    )
+                }
                 Caller::Person { .. } => (
                     who,
                     None,

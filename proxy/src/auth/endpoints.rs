@@ -795,7 +795,7 @@ impl Auth {
             match &caller {
                 Caller::Person { session: key, .. } => {
                     self.audit
-                        .revoked_session(&caller.log_name(), AUDIT_ROUTE, &request);
+                        .revoked_session(&caller.log_name(), AUDIT_ROUTE, None, &request);
                     if let Err(e) = self.sessions.end(&[*key]).await {
                         tracing::error!("cannot end the session: {e}");
                     }

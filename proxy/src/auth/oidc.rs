@@ -925,12 +925,14 @@ impl Oidc {
         groups.dedup();
         held.sort_unstable();
         held.dedup();
-        Ok(
-            (groups != held || Some(unlisted) != identity.groups_unlisted).then(|| {
-                "the identity provider's groups for the person changed: they sign in again"
-                    .to_owned()
-            }),
-        )
+        // A session stored before it was kept (`None`) is judged on it where it matters, not
+        // ended here for a change nobody made.
+        let moved = identity
+            .groups_unlisted
+            .is_some_and(|kept| kept != unlisted);
+        Ok((groups != held || moved).then(|| {
+            "the identity provider's groups for the person changed: they sign in again".to_owned()
+        }))
     }
 
     /// The provider's UserInfo for `subject`, with an access token the provider has just given
