@@ -98,7 +98,7 @@ fn bad_configs() {
         },
         Case {
             name: "trusted_proxies that are not addresses, or every address",
-            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.internal\", \"0.0.0.0/0\", \"10.0.0.0/33\", \"10.1.2.3/8\", \"::ffff:10.0.0.5\", \"::ffff:10.0.0.0/104\"]\n",
+            text: "data_dir = \"data\"\n[[listeners]]\naddress = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.internal\", \"0.0.0.0/0\", \"10.0.0.0/33\", \"10.1.2.3/8\", \"::ffff:10.0.0.5\", \"::ffff:10.0.0.0/104\", \"::ffff:10.1.2.3/104\"]\n",
             problems: &[
                 ("listeners[0].trusted_proxies[1]", Some(4), "`lb.internal` is not an IP address"),
                 ("listeners[0].trusted_proxies[2]", Some(4), "trusts every address"),
@@ -106,6 +106,7 @@ fn bad_configs() {
                 ("listeners[0].trusted_proxies[4]", Some(4), "write `10.0.0.0/8` for the network"),
                 ("listeners[0].trusted_proxies[5]", Some(4), "IPv4 address or network itself (10.0.0.5)"),
                 ("listeners[0].trusted_proxies[6]", Some(4), "IPv4 address or network itself (10.0.0.0/8)"),
+                ("listeners[0].trusted_proxies[7]", Some(4), "(10.0.0.0/8 for the network, or 10.1.2.3 alone)"),
             ],
         },
         Case {

@@ -2617,11 +2617,15 @@ fn trusted_proxies(raw: Vec<String>, path: &KeyPath, p: &mut Problems<'_>) -> Ve
             ipnet::IpNet::V4(_) => None,
         };
         if let Some(v4) = mapped {
-            // `::ffff:10.0.0.0/104` is `10.0.0.0/8` (its network, whatever host bits it has).
+            // `::ffff:10.0.0.0/104` is `10.0.0.0/8`; with host bits (`::ffff:10.1.2.3/104`),
+            // the network or the address alone, as for an IPv4 network written so.
             let written = match net.prefix_len() {
                 128 => v4.to_string(),
-                bits => ipnet::Ipv4Net::new(v4, bits.saturating_sub(96))
-                    .map_or_else(|_| v4.to_string(), |net| net.trunc().to_string()),
+                bits => match ipnet::Ipv4Net::new(v4, bits.saturating_sub(96)) {
+                    Ok(net) if net.trunc().addr() == v4 => net.to_string(),
+                    Ok(net) => format!("{} for the network, or {v4} alone", net.trunc()),
+                    Err(_) => v4.to_string(),
+                },
             };
             p.add(
                 &path,
