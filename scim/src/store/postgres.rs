@@ -1266,9 +1266,10 @@ impl Storage for PgStorage {
         let mut listening = false;
         let settled = loop {
             let waiting = settler.run(|conn| {
-                // -1: what this connection reads does not hold the change yet (a standby
-                // behind its primary, which pgpool or a host list can hand out for a read);
-                // its replicas' rows, older still, cannot say who has applied it. -2: the
+                // -1: the primary this connection reads does not hold the change (a standby
+                // answers -3 first): a failover lost it, and nothing has taken its number
+                // yet; its replicas' rows cannot say who has applied it. Waited on, in case
+                // the answer came from a primary being replaced, then taken as lost. -2: the
                 // database holds another commit of that number (a failover lost this one and
                 // took another batch in its place): replicas past it never applied it.
                 // -3: a standby, whose clock would judge the primary's leases.
@@ -1329,12 +1330,17 @@ impl Storage for PgStorage {
                         "the database no longer holds the change (lost in a failover?)".to_owned(),
                     ))
                 }
-                Ok(waiting) if given_up => {
-                    break Err(StoreError::Backend(if waiting < 0 {
-                        "the database read does not hold the change (a standby behind?)".to_owned()
-                    } else {
-                        "replicas kept renewing their lease without applying the change".to_owned()
-                    }))
+                // A primary (a standby answers -3) that still lacks the change: a failover
+                // lost it, and nothing was committed in its place yet.
+                Ok(-1) if given_up => {
+                    break Err(StoreError::Lost(
+                        "the database does not hold the change (lost in a failover?)".to_owned(),
+                    ))
+                }
+                Ok(_) if given_up => {
+                    break Err(StoreError::Backend(
+                        "replicas kept renewing their lease without applying the change".to_owned(),
+                    ))
                 }
                 Ok(_) => {}
                 // Cannot ask: ask again (on a new connection) until the same bound. Waiting
