@@ -902,7 +902,9 @@ impl Audit {
     }
 
     /// Records the refusal of a session that began before its user `who` was deactivated or
-    /// re-created in the directory (and is ended for it), wherever it was presented.
+    /// re-created in the directory, or a stranger's that cannot be judged on its groups
+    /// (`outdated` says which; see [`crate::gate::Outdated::session_reason`]), and is ended for
+    /// it, wherever it was presented.
     /// Always recorded: the session is ended by it, so its next request asks for a sign-in and
     /// is not refused again.
     pub fn revoked_session(
@@ -912,10 +914,8 @@ impl Audit {
         outdated: Option<&crate::gate::Outdated>,
         request: &Request<'_>,
     ) {
-        let reason = match outdated {
-            Some(outdated) => outdated.session_reason(who),
-            None => crate::gate::Outdated::Caller(None).session_reason(who),
-        };
+        let deactivated = crate::gate::Outdated::Caller(None);
+        let reason = outdated.unwrap_or(&deactivated).session_reason(who);
         self.record_refusal(who, route, None, &reason, request, None);
     }
 

@@ -1509,7 +1509,60 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
             error.to_string().contains("no longer holds"),
             "{whose}: {error}"
         );
+        assert!(
+            matches!(error, portcullis_scim::store::StoreError::Lost(_)),
+            "{whose}: {error}"
+        );
     }
+}
+
+/// A write the database lost with nothing yet written under its number (a failover to a
+/// standby that had not received it, in a quiet fleet) is lost too, once the wait for the
+/// replicas gives up: its batch's answers, refusals too, are all 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_postgres_lost_with_nothing_in_its_place_is_lost() {
+    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::{Entry, Storage};
+
+    let pg = Postgres::start().await;
+    let options = PgOptions {
+        url: pg.url(),
+        pool_size: 1,
+        max_staleness: Duration::from_millis(500),
+    };
+    let entry = Entry {
+        kind: "test".to_owned(),
+        key: "k".to_owned(),
+        value: Some("lost".to_owned()),
+    };
+    let (writer, seq) = tokio::task::spawn_blocking({
+        let options = options.clone();
+        move || {
+            let writer = PgStorage::open(&options)?;
+            writer.migrate()?;
+            let seq = writer.put_entries(vec![entry])?;
+            Ok::<_, portcullis_scim::store::StoreError>((writer, seq))
+        }
+    })
+    .await
+    .unwrap()
+    .expect("a write");
+    pg.query(&format!(
+        "DELETE FROM directory_feed WHERE seq = {seq}; \
+         UPDATE directory_meta SET value = {} WHERE key = 'seq'",
+        seq - 1
+    ))
+    .await
+    .expect("lose the write");
+    let settled =
+        tokio::task::spawn_blocking(move || writer.settle(seq, std::time::Instant::now()))
+            .await
+            .unwrap();
+    let error = settled.expect_err("lost");
+    assert!(
+        matches!(error, portcullis_scim::store::StoreError::Lost(_)),
+        "{error}"
+    );
 }
 
 /// PostgreSQL can lose what it acknowledged: a backup restored, or a failover to a standby

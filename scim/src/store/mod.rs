@@ -229,7 +229,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the directory data has schema version {found}; this build reads version {expected}")]
     Version { found: u64, expected: u64 },
-    /// The database cannot keep what Portcullis writes (a server encoding other than UTF8).
+    /// The database cannot keep what Portcullis writes as it must (a server encoding other
+    /// than UTF8, a session without the settings asked for).
     #[error("the database cannot hold the directory: {0}")]
     Unsuitable(String),
     /// A shared store moved on since the batch was built: the writer catches up and retries.

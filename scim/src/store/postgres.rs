@@ -210,14 +210,18 @@ impl Connector {
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
+        let mut client = self.connect_as_is()?;
+        self.check_settings(&mut client)?;
+        Ok(client)
+    }
+
+    /// A connection, whatever its session's settings (see [`Connector::check_settings`]).
+    fn connect_as_is(&self) -> Result<Client, StoreError> {
         let client = match &self.tls {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(NoTls),
         };
-        let mut client =
-            client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))?;
-        self.check_settings(&mut client)?;
-        Ok(client)
+        client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
     }
 
     /// Whether the session has the settings asked for at connection: a pooler in front may
@@ -1545,7 +1549,8 @@ impl Fleet {
                 // lapse there (as when leaving); the caller stops the process.
                 Err(e @ (StoreError::Version { .. } | StoreError::Unsuitable(_))) => {
                     self.freshness.lapse(e.to_string());
-                    let deleted = self.connector.connect().and_then(|mut client| {
+                    // Whatever the session's settings: it only deletes a row.
+                    let deleted = self.connector.connect_as_is().and_then(|mut client| {
                         client
                             .execute(
                                 "DELETE FROM portcullis_replicas WHERE id = $1",
