@@ -103,7 +103,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
         return Err(PathError::NotAbsolute);
     }
     if is_normal(bytes) {
-        return refusing_cookieless(Cow::Borrowed(path));
+        return Ok(Cow::Borrowed(path));
     }
 
     let decoded = one_spelling(bytes)?;
@@ -145,18 +145,19 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 /// (see [`normalize`]). ASP.NET looks only at segments of the shape `(X(`…`)`, which nothing
 /// else names a path by: any such segment is refused, whatever follows the letter.
 fn refusing_cookieless(path: Cow<'_, str>) -> Result<Cow<'_, str>, PathError> {
-    let cookieless = |segment: &str| {
-        let b = segment.as_bytes();
-        b.len() >= 4
-            && b[0] == b'('
-            && b[1].is_ascii_alphabetic()
-            && b[2] == b'('
-            && b[b.len() - 1] == b')'
-    };
-    if path.contains("/(") && path.split('/').any(cookieless) {
+    if path.contains("/(") && path.split('/').any(|s| is_cookieless(s.as_bytes())) {
         return Err(PathError::Ambiguous);
     }
     Ok(path)
+}
+
+/// Whether `segment` is one ASP.NET takes for a cookieless session's (see [`normalize`]).
+fn is_cookieless(segment: &[u8]) -> bool {
+    segment.len() >= 4
+        && segment[0] == b'('
+        && segment[1].is_ascii_alphabetic()
+        && segment[2] == b'('
+        && segment[segment.len() - 1] == b')'
 }
 
 /// Whether byte `b` is spelled as it is in a normalized path, however it came: the unreserved
@@ -240,6 +241,13 @@ fn is_normal(bytes: &[u8]) -> bool {
                         continue;
                     }
                     _ => return false,
+                }
+            }
+            // Not left as it is (refused): looked at only where a segment begins with `(`.
+            b'(' if previous == b'/' => {
+                let end = bytes[i..].iter().position(|&b| b == b'/');
+                if is_cookieless(&bytes[i..end.map_or(bytes.len(), |end| i + end)]) {
+                    return false;
                 }
             }
             b if stays_raw(b) || is_plain(b) => {}
@@ -512,7 +520,7 @@ mod tests {
     fn the_fast_path_takes_exactly_the_paths_normalize_leaves_as_they_are() {
         let pieces = [
             "/", "a", ".", "..", ";", "+", "%2B", "%2b", "%3B", "%41", "%20", "%e9", "%E9", "é",
-            "%2F", "%2E", "\\", "%", "%4", "~", "|",
+            "%2F", "%2E", "\\", "%", "%4", "~", "|", "(S(x))", "(",
         ];
         let mut paths = vec![String::new()];
         for _ in 0..4 {

@@ -766,7 +766,7 @@ impl ProxyHttp for Proxy {
             .routes
             .find(Runtime::scheme_of(ctx.tls), &host, &normalized)
         {
-            Match::Found(route) => route.clone(),
+            Match::Found(route) => route,
             Match::WrongScheme(route) if route.config.scheme == Scheme::Https => {
                 // Counted as the route's, as every answer to a request a route holds is.
                 ctx.route = Some(route.clone());
@@ -792,7 +792,7 @@ impl ProxyHttp for Proxy {
         if let Some(why) = runtime.routes.refuses(
             Runtime::scheme_of(ctx.tls),
             &host,
-            &route,
+            route,
             &normalized,
             target.query,
         ) {
@@ -866,10 +866,10 @@ impl ProxyHttp for Proxy {
             (Admission::Allow(pass), Ok(Some((path, sent)))) => {
                 let scheme = Runtime::scheme_of(ctx.tls);
                 let on_route = match runtime.routes.find(scheme, &host, &path) {
-                    Match::Found(found) => Arc::ptr_eq(found, &route),
+                    Match::Found(found) => Arc::ptr_eq(found, route),
                     _ => false,
                 };
-                let refused = runtime.routes.refuses(scheme, &host, &route, &path, None);
+                let refused = runtime.routes.refuses(scheme, &host, route, &path, None);
                 if !on_route || refused.is_some() {
                     let why = refused.unwrap_or("a Destination on another route");
                     return self
