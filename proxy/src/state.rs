@@ -522,12 +522,9 @@ impl Shared {
                 Caller::Person { .. }
                     if matches!(r.outdated(), Some(crate::gate::Outdated::Unlisted)) =>
                 {
-                    (
-                        who,
-                        None,
-                        "the session, of someone not in the directory, was stored before \
-                         Portcullis kept whether its groups were all listed",
-                    )
+                    // Said as a request's refusal says it.
+                    outdated = crate::gate::Outdated::Unlisted.session_reason(&who);
+                    (who, None, outdated.as_str())
                 }
                 Caller::Person { .. } => (
                     who,
