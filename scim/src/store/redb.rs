@@ -391,31 +391,33 @@ impl Storage for RedbStorage {
     /// Okta does before each write). On the writer's thread, never a read's: opening may walk
     /// the whole file to repair it.
     fn recover(&self) {
-        // Open (nearly always): no write lock for reads to wait behind.
-        if self.db.read().map_or(true, |db| db.is_some()) {
+        let shut =
+            || self.closed.load(std::sync::atomic::Ordering::Acquire) || self.ahead.get().is_some();
+        // Open (nearly always): nothing to do, and no write lock for reads to wait behind.
+        if self.db.read().map_or(true, |db| db.is_some()) || shut() {
             return;
         }
-        let Ok(mut db) = self.db.write() else {
-            return;
-        };
-        let closed = self.closed.load(std::sync::atomic::Ordering::Acquire);
-        if db.is_some() || closed || self.ahead.get().is_some() {
-            return;
-        }
-        // Under the lock every commit writes under: no commit moves it meanwhile.
-        let known = self.known.load(std::sync::atomic::Ordering::Acquire);
-        let opened = match (self.open)().and_then(|opened| Ok((sequence(&opened)?, opened))) {
-            Ok((seq, opened)) if seq == known => opened,
-            Ok((seq, _)) => {
-                let _ = self.unknown(seq);
-                return;
-            }
+        // Opened with no lock held: reads meanwhile fail at once (not open) rather than wait on
+        // a repair's walk of the file. Only this thread, the writer's, opens it (a commit too),
+        // and no commit moves `known` while it is closed.
+        let (seq, opened) = match (self.open)().and_then(|opened| Ok((sequence(&opened)?, opened)))
+        {
+            Ok(opened) => opened,
             Err(e) => {
                 tracing::warn!("the directory store is still closed after a failed write: {e}");
                 return;
             }
         };
-        *db = Some(opened);
+        let Ok(mut db) = self.db.write() else {
+            return;
+        };
+        if db.is_some() || shut() {
+            return;
+        }
+        match seq == self.known.load(std::sync::atomic::Ordering::Acquire) {
+            true => *db = Some(opened),
+            false => drop(self.unknown(seq)),
+        }
     }
 
     fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
