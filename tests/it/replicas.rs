@@ -1300,11 +1300,18 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, cfg.toml()).unwrap();
+    let stderr = refused_serve(dir.path(), &path).await;
+    assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
+}
+
+/// What `portcullis serve` with the configuration at `config`, in `dir`, says on stderr as it
+/// stops, unsuccessfully, within a minute.
+async fn refused_serve(dir: &std::path::Path, config: &std::path::Path) -> String {
     let serve = tokio::process::Command::new(portcullis_tests::process::binary())
         .arg("serve")
         .arg("--config")
-        .arg(&path)
-        .current_dir(dir.path())
+        .arg(config)
+        .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -1312,9 +1319,9 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
         .await
         .expect("serve stops")
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
+    stderr
 }
 
 /// A data_dir that keeps a directory of its own (from a start without `[postgres]`) is refused
@@ -1332,20 +1339,7 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
         .http_listener()
         .postgres(&pg.url(), "2s");
     px.rewrite_config(&cfg.toml());
-    let serve = tokio::process::Command::new(portcullis_tests::process::binary())
-        .arg("serve")
-        .arg("--config")
-        .arg(px.config_path())
-        .current_dir(px.dir())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), serve)
-        .await
-        .expect("serve stops")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = refused_serve(px.dir(), px.config_path()).await;
     assert!(
         stderr.contains("directory.redb holds a directory of its own"),
         "{stderr}"
