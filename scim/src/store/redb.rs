@@ -61,6 +61,9 @@ pub struct RedbStorage {
     ahead: std::sync::OnceLock<Seq>,
     /// Closed at shutdown: nothing more is written (not even by opening it again).
     closed: std::sync::atomic::AtomicBool,
+    /// Held by [`Storage::recover`] while it opens the file and installs it, and by `close`:
+    /// the close waits for an opening under way, which reads never do.
+    opening: std::sync::Mutex<()>,
     /// The sequence the database holds as this process knows it: opened again, it must hold
     /// that (see `begin_read`).
     known: std::sync::atomic::AtomicU64,
@@ -151,6 +154,7 @@ impl RedbStorage {
             open,
             ahead: std::sync::OnceLock::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            opening: std::sync::Mutex::new(()),
             known: std::sync::atomic::AtomicU64::new(known),
         })
     }
@@ -376,8 +380,10 @@ impl Storage for RedbStorage {
     /// Drops the database, which redb then marks closed cleanly (a process that exits with
     /// it open leaves it to be repaired, walking the whole file, at the next open).
     fn close(&self) {
-        // Set under the lock a commit holds while it writes (one under way ends first) and
+        // After an opening by `recover` under way (it installs what it opened, dropped here),
+        // and set under the lock a commit holds while it writes (one under way ends first) and
         // `reopen` takes before it opens the file: none after it opens the file again.
+        let _opening = self.opening.lock();
         if let Ok(mut db) = self.db.write() {
             self.closed
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -397,9 +403,15 @@ impl Storage for RedbStorage {
         if self.db.read().map_or(true, |db| db.is_some()) || shut() {
             return;
         }
-        // Opened with no lock held: reads meanwhile fail at once (not open) rather than wait on
-        // a repair's walk of the file. Only this thread, the writer's, opens it (a commit too),
-        // and no commit moves `known` while it is closed.
+        // Opened with no lock reads take: they fail at once meanwhile (not open) rather than
+        // wait on a repair's walk of the file. Only this thread, the writer's, opens it (a
+        // commit too), and no commit moves `known` while it is closed; a close waits for it.
+        let Ok(_opening) = self.opening.lock() else {
+            return;
+        };
+        if shut() {
+            return;
+        }
         let (seq, opened) = match (self.open)().and_then(|opened| Ok((sequence(&opened)?, opened)))
         {
             Ok(opened) => opened,

@@ -228,6 +228,10 @@ struct Failing {
     write: std::sync::atomic::AtomicBool,
     sync: std::sync::atomic::AtomicBool,
     open: std::sync::atomic::AtomicBool,
+    /// Armed: the next opening takes a second (a repair's walk of a large file), saying so in
+    /// `opening` as it begins.
+    slow: std::sync::atomic::AtomicBool,
+    opening: std::sync::atomic::AtomicBool,
 }
 
 fn once(armed: &std::sync::atomic::AtomicBool) -> bool {
@@ -272,6 +276,10 @@ fn failing_directory(dir: &std::path::Path, armed: &Arc<Failing>) -> Directory {
     let reopen = move || {
         if once(&armed.open) {
             return Err(StoreError::Backend("no space left on device".to_owned()));
+        }
+        if once(&armed.slow) {
+            arm(&armed.opening);
+            std::thread::sleep(std::time::Duration::from_secs(1));
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -338,6 +346,39 @@ async fn writes_go_on_after_a_failed_one_without_a_restart() {
     assert!(dir.user_by_name("bob@corp.example").is_none());
     assert!(dir.user_by_name("dan@corp.example").is_none());
     assert!(dir.user_by_name("carl@corp.example").is_some());
+}
+
+/// The writer opens again a database a failed write left closed with no lock reads wait on,
+/// and a close at shutdown waits for that opening, so that the file is left closed cleanly.
+#[tokio::test]
+async fn an_opening_after_a_failed_write_holds_up_no_read_and_a_close_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let armed = Arc::new(Failing::default());
+    let dir = failing_directory(tmp.path(), &armed);
+    let ann = created(&dir, ResourceType::User, user("ann@corp.example")).await;
+    arm(&armed.write);
+    arm(&armed.open);
+    arm(&armed.slow);
+    assert!(create(&dir, ResourceType::User, user("bob@corp.example"))
+        .await
+        .is_err());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !armed.opening.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "never opened again");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // A read while it opens: refused at once, not held up for the opening's second.
+    let started = std::time::Instant::now();
+    assert!(dir.get(ResourceType::User, &ann).is_err());
+    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+    // A close waits for it, and closes what it opened.
+    let started = std::time::Instant::now();
+    dir.close();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "closed in {:?}, while the file was being opened",
+        started.elapsed()
+    );
 }
 
 /// A write whose sync failed is not acknowledged though the file, read back, holds it: the
