@@ -65,7 +65,7 @@ pub struct RedbStorage {
     /// the close waits for an opening under way, which reads never do.
     opening: std::sync::Mutex<()>,
     /// The sequence the database holds as this process knows it: opened again, it must hold
-    /// that (see `begin_read`).
+    /// that (see [`Storage::recover`]).
     known: std::sync::atomic::AtomicU64,
 }
 
@@ -359,11 +359,15 @@ impl Storage for RedbStorage {
         }
         let written = match self.write(batch)? {
             Some(written) => written,
-            // Not open since a failed write: opened, then written.
-            None => match self.reopen()? {
-                seq if seq == batch.base => self.write(batch)?.ok_or_else(not_open)?,
-                seq => return Err(unknown(seq)),
-            },
+            // Not open since a failed write: opened (as the writer does between batches),
+            // then written.
+            None => {
+                self.recover();
+                match self.write(batch)? {
+                    Some(written) => written,
+                    None => return Err(self.ahead.get().map_or_else(not_open, |&s| unknown(s))),
+                }
+            }
         };
         let Err(failed) = written else {
             return Ok(());
