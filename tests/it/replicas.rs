@@ -1177,16 +1177,12 @@ async fn until_ready(name: &str, replica: &Replica) {
 /// replicas it finds waiting: settling asks again, and gives up rather than answer from it.
 #[tokio::test(flavor = "multi_thread")]
 async fn settling_never_answers_from_a_view_without_the_write() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     use portcullis_scim::store::Storage;
 
     let pg = Postgres::start().await;
     let max_staleness = Duration::from_millis(500);
-    let options = PgOptions {
-        url: pg.url(),
-        pool_size: 1,
-        max_staleness,
-    };
+    let options = one_connection(pg.url(), max_staleness);
     let settled = tokio::task::spawn_blocking(move || {
         let storage = PgStorage::open(&options)?;
         storage.migrate()?;
@@ -1216,14 +1212,10 @@ async fn settling_never_answers_from_a_view_without_the_write() {
 /// no server timeout ends it) kept every replica whose feed reconnected from catching up.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage, MIGRATION_LOCK};
+    use portcullis_scim::store::postgres::{PgStorage, MIGRATION_LOCK};
 
     let pg = Postgres::start().await;
-    let options = PgOptions {
-        url: pg.url(),
-        pool_size: 1,
-        max_staleness: Duration::from_millis(500),
-    };
+    let options = one_connection(pg.url(), Duration::from_millis(500));
     let migrate = move || PgStorage::open(&options)?.migrate();
     let first = migrate.clone();
     let migrate_again = migrate.clone();
@@ -1273,7 +1265,7 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
 /// what is queued behind it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_not_in_utf8_is_refused_at_start() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     let pg = Postgres::start().await;
     pg.query(
         "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
@@ -1281,11 +1273,7 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
     .await
     .expect("a LATIN1 database");
     let url = pg.url().replace("/postgres?", "/latin?");
-    let options = PgOptions {
-        url: url.clone(),
-        pool_size: 1,
-        max_staleness: Duration::from_secs(2),
-    };
+    let options = one_connection(url.clone(), Duration::from_secs(2));
     let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
         .await
         .unwrap()
@@ -1354,7 +1342,7 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
 /// pooler would (`check-config` refuses such a URL).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_without_the_settings_asked_for_is_refused() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     let pg = Postgres::start().await;
     for (undone, said) in [
         ("synchronous_commit%3Doff", "synchronous_commit is off"),
@@ -1363,11 +1351,10 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
             "idle_in_transaction_session_timeout is 0",
         ),
     ] {
-        let options = PgOptions {
-            url: format!("{}&options=-c%20{undone}", pg.url()),
-            pool_size: 1,
-            max_staleness: Duration::from_secs(2),
-        };
+        let options = one_connection(
+            format!("{}&options=-c%20{undone}", pg.url()),
+            Duration::from_secs(2),
+        );
         let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
             .await
             .unwrap()
@@ -1389,15 +1376,11 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_directory_is_never_read_from_a_standby() {
     use portcullis_scim::schema::ResourceType;
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     use portcullis_scim::store::Storage;
 
     let mut pg = Postgres::start().await;
-    let options = |url: String| PgOptions {
-        url,
-        pool_size: 1,
-        max_staleness: Duration::from_millis(500),
-    };
+    let options = |url: String| one_connection(url, Duration::from_millis(500));
     let primary = options(pg.url());
     tokio::task::spawn_blocking(move || PgStorage::open(&primary)?.migrate())
         .await
@@ -1437,15 +1420,11 @@ async fn the_directory_is_never_read_from_a_standby() {
 /// (nothing to change there) once it has the batch.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     use portcullis_scim::store::{Entry, Feed, Storage};
 
     let pg = Postgres::start().await;
-    let options = PgOptions {
-        url: pg.url(),
-        pool_size: 1,
-        max_staleness: Duration::from_millis(500),
-    };
+    let options = one_connection(pg.url(), Duration::from_millis(500));
     let entry = |value: &str| Entry {
         kind: "test".to_owned(),
         key: "k".to_owned(),
@@ -1515,15 +1494,11 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
 /// replicas gives up: its batch's answers, refusals too, are all 503.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_postgres_lost_with_nothing_in_its_place_is_lost() {
-    use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+    use portcullis_scim::store::postgres::PgStorage;
     use portcullis_scim::store::{Entry, Storage};
 
     let pg = Postgres::start().await;
-    let options = PgOptions {
-        url: pg.url(),
-        pool_size: 1,
-        max_staleness: Duration::from_millis(500),
-    };
+    let options = one_connection(pg.url(), Duration::from_millis(500));
     let entry = Entry {
         kind: "test".to_owned(),
         key: "k".to_owned(),
@@ -2101,4 +2076,16 @@ async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready()
     scim.patch(&path, &off).await.expect(200);
     let got = scim.get(&path).await.expect(200);
     assert_eq!(got.body["active"], false, "{}", got.text);
+}
+
+/// Options for a store of one connection to the database at `url`.
+fn one_connection(
+    url: String,
+    max_staleness: Duration,
+) -> portcullis_scim::store::postgres::PgOptions {
+    portcullis_scim::store::postgres::PgOptions {
+        url,
+        pool_size: 1,
+        max_staleness,
+    }
 }

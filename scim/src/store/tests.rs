@@ -1921,6 +1921,19 @@ async fn what_a_renamed_agent_was_found_by_stays_known_across_restarts() {
 struct SharedStore {
     inner: memory::MemoryStorage,
     log: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// What waiting for the other replicas finds: by default, that all have every commit.
+    settles: Settles,
+}
+
+/// What [`Storage::settle`] of a [`SharedStore`] answers.
+#[derive(Default, Clone, Copy)]
+enum Settles {
+    #[default]
+    Everywhere,
+    /// The replicas' progress cannot be read: no commit is known to be everywhere.
+    Unconfirmed,
+    /// Each commit is found lost (a failover).
+    Lost,
 }
 
 impl Storage for SharedStore {
@@ -1955,41 +1968,14 @@ impl Storage for SharedStore {
             .map(|b| serde_json::from_slice::<Batch>(b).unwrap());
         Ok(Feed::Batches(batches.filter(|b| b.seq > after).collect()))
     }
-}
-
-/// A shared store whose replicas' progress cannot be read: no commit is ever known to be
-/// everywhere.
-#[derive(Default)]
-struct Unsettled {
-    inner: SharedStore,
-    /// Whether each commit is then found lost (a failover), not merely unconfirmed.
-    lost: bool,
-}
-
-impl Storage for Unsettled {
-    fn load(&self, visit: &mut dyn FnMut(Loaded<'_>)) -> Result<(Seq, Row), StoreError> {
-        self.inner.load(visit)
-    }
-    fn records(&self, rt: ResourceType, rows: &[Row]) -> Result<Vec<(Row, Record)>, StoreError> {
-        self.inner.records(rt, rows)
-    }
-    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        self.inner.commit(batch)
-    }
-    fn changes(&self, after: Seq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        self.inner.changes(after, limit)
-    }
-    fn is_shared(&self) -> bool {
-        true
-    }
-    fn feed(&self, after: Seq) -> Result<Feed, StoreError> {
-        self.inner.feed(after)
-    }
     fn settle(&self, _seq: Seq, _committed: std::time::Instant) -> Result<(), StoreError> {
-        Err(match self.lost {
-            true => StoreError::Lost("a failover lost it".to_owned()),
-            false => StoreError::Backend("the replicas' progress cannot be read".to_owned()),
-        })
+        match self.settles {
+            Settles::Everywhere => Ok(()),
+            Settles::Unconfirmed => Err(StoreError::Backend(
+                "the replicas' progress cannot be read".to_owned(),
+            )),
+            Settles::Lost => Err(StoreError::Lost("a failover lost it".to_owned())),
+        }
     }
 }
 
@@ -1997,11 +1983,14 @@ impl Storage for Unsettled {
 /// write refused in the same moment is answered as refused (409 here), as it saved nothing.
 #[tokio::test]
 async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_waited_for() {
-    let dir = Directory::open(
-        Arc::new(Unsettled::default()),
-        Box::new(time::OffsetDateTime::now_utc),
-    )
-    .unwrap();
+    let settling = |settles| {
+        let store = SharedStore {
+            settles,
+            ..SharedStore::default()
+        };
+        Directory::open(Arc::new(store), Box::new(time::OffsetDateTime::now_utc)).unwrap()
+    };
+    let dir = settling(Settles::Unconfirmed);
     let saved = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     let saved = saved.expect_err("not confirmed everywhere");
     assert_eq!(saved.status, 503, "{saved:?}");
@@ -2011,12 +2000,7 @@ async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_wait
     let again = again.expect_err("a name taken");
     assert_eq!(again.status, 409, "{again:?}");
     // Unless the commit was lost: the name was taken by a change that never was.
-    let store = Unsettled {
-        lost: true,
-        ..Unsettled::default()
-    };
-    let clock = Box::new(time::OffsetDateTime::now_utc);
-    let dir = Directory::open(Arc::new(store), clock).unwrap();
+    let dir = settling(Settles::Lost);
     let lost = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     assert_eq!(lost.expect_err("lost").status, 503);
     let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
