@@ -828,6 +828,11 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].tls_verify", None, "would be ignored")],
         },
         Case {
+            name: "upstream CA for upstreams reached in the clear",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\"]\ntls_ca = \"ca.pem\"\n",
+            problems: &[("routes[0].tls_ca", None, "every one of this route's is http")],
+        },
+        Case {
             name: "duplicate route",
             text: r#"data_dir = "data"
 LISTENERS

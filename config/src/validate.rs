@@ -651,6 +651,14 @@ fn route(
             })
             .collect(),
     };
+    // A CA trusted for upstreams reached in the clear would read as a check that never runs.
+    if ca.is_some() && !upstreams.is_empty() && upstreams.iter().all(|u| !u.tls) {
+        p.add(
+            &path.key("tls_ca"),
+            "is trusted for https upstreams, and every one of this route's is http: reached in \
+             the clear, they are checked by nothing; write `https://` in `to`, or drop `tls_ca`",
+        );
+    }
     let connect_timeout = duration(
         raw.connect_timeout,
         Duration::from_secs(5),
