@@ -1282,6 +1282,21 @@ fn on_token(
             agent: None,
         });
     }
+    // Where the upstream compares names more loosely than `fold` (MySQL's collations, NFKC,
+    // .NET's and Java's ignore-case), `ａlice` (full-width), `alıce` or `ſam` is a directory
+    // user's name, and `ａgent:x` an agent's: a stranger's name beyond ASCII could pass for one.
+    if !user.is_ascii() {
+        return Judged::Refuse(Refusal {
+            reason: "the caller is not in the directory, and their token names them with \
+                     characters beyond ASCII, which upstreams may read as another's name (a \
+                     full-width `ａ` as `a`): judged as nobody rather than named to the upstream"
+                .to_owned(),
+            who: Some(principal.log_name()),
+            rule: None,
+            cause: Cause::NotInDirectory,
+            agent: None,
+        });
+    }
     // A token names a group by whatever the IdP puts in the claim: a name (Okta), or the id
     // its SCIM provisioning sends as the group's `externalId` (Entra ID's object ids). Either
     // rule matches it, so that a deny by `group_ids` sees the group the token lists.
@@ -2483,6 +2498,23 @@ mod tests {
             forbidden(as_person(&world, &agent, 3, "/")).cause,
             Cause::NotInDirectory
         );
+        // Nor by a look-alike of a user's or an agent's name, which an upstream comparing
+        // names more loosely would take for theirs.
+        for look_alike in [
+            "\u{ff43}arol@corp.example",
+            "car\u{131}l@corp.example",
+            "\u{ff41}gent:helper",
+        ] {
+            let mut forged = world.person(look_alike);
+            forged.groups = vec!["contractors".to_owned()];
+            let refusal = forbidden(as_person(&world, &forged, 3, "/"));
+            assert_eq!(refusal.cause, Cause::NotInDirectory, "{look_alike}");
+            assert!(
+                refusal.reason.contains("beyond ASCII"),
+                "{}",
+                refusal.reason
+            );
+        }
         // By another email, the same stranger is judged on the token's groups.
         let mut stranger = world.person("dan@partner.example");
         stranger.groups = vec!["contractors".to_owned()];
