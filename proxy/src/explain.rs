@@ -430,6 +430,19 @@ pub fn run_cli(
             })
             .map_err(|e| format!("cannot open the directory in PostgreSQL: {e}"))?,
         ),
+        // Opening makes a directory where there is none: an empty one to judge from, and a
+        // file of the user running this (root, say) that the service could not open.
+        None if !config
+            .data_dir
+            .join(portcullis_scim::store::redb::FILE)
+            .exists() =>
+        {
+            return Err(format!(
+                "no directory in {}: Portcullis makes it at its first start there, and the IdP \
+                 fills it; explain judges from it, and makes none",
+                config.data_dir.display()
+            ))
+        }
         None => Arc::new(RedbStorage::open(&config.data_dir).map_err(|e| {
             format!(
                 "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it \
@@ -572,6 +585,23 @@ mod tests {
             Ok(answer) => answer,
             Err(e) => panic!("{user} {method} {url}: {e}"),
         }
+    }
+
+    #[test]
+    fn a_data_dir_without_a_directory_is_left_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::testing::config("");
+        config.data_dir = dir.path().to_owned();
+        let refused = run_cli(config, Who::Person(ALICE), "http://app.test/", "GET");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.starts_with("no directory in")),
+            "{:?}",
+            refused.map(|e| e.allowed)
+        );
+        let file = dir.path().join(portcullis_scim::store::redb::FILE);
+        assert!(!file.exists());
     }
 
     #[test]
