@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use http::{header, HeaderName, StatusCode};
+use http::{header, StatusCode};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use pingora::Result;
@@ -620,19 +620,14 @@ impl Auth {
                 .end_session_endpoint
                 .clone()
         });
-        let signed_out = match end_session.and_then(|e| url::Url::parse(&e).ok()) {
+        match end_session.and_then(|e| url::Url::parse(&e).ok()) {
             Some(endpoint) => {
                 let url = end_session_url(endpoint, oidc, id_token_hint.as_deref());
                 redirect(url.as_str(), vec![clear])
             }
             None => Reply::page(StatusCode::OK, "Signed out", "<p>You are signed out.</p>")
                 .header(header::SET_COOKIE, clear),
-        };
-        // The browser drops what it keeps of this host's pages (they are `private`, never
-        // `no-store` unless the upstream says so): the next person at it is asked to sign in
-        // where it would have shown them from its cache, or on going back. The cache only:
-        // `"cookies"` is the whole site's, every sibling host's sessions and the apps' own.
-        signed_out.header(HeaderName::from_static("clear-site-data"), "\"cache\"")
+        }
     }
 
     async fn backchannel_logout(
