@@ -625,6 +625,7 @@ fn route(
         );
     }
     let to_path = path.key("to");
+    let written = raw.to.as_ref().map_or(0, Vec::len);
     let upstreams = match raw.to {
         None => {
             p.add(&to_path, format!("{MISSING}: at least one upstream URL"));
@@ -652,7 +653,9 @@ fn route(
             .collect(),
     };
     // A CA trusted for upstreams reached in the clear would read as a check that never runs.
-    if ca.is_some() && !upstreams.is_empty() && upstreams.iter().all(|u| !u.tls) {
+    // Judged on every upstream written (one refused, a name not resolving, is said already).
+    if ca.is_some() && written > 0 && upstreams.len() == written && upstreams.iter().all(|u| !u.tls)
+    {
         p.add(
             &path.key("tls_ca"),
             "is trusted for https upstreams, and every one of this route's is http: reached in \
