@@ -1285,7 +1285,7 @@ fn on_token(
     // Where the upstream compares names more loosely than `fold` (MySQL's collations, NFKC,
     // .NET's and Java's ignore-case), `ａlice` (full-width), `alıce` or `ſam` is a directory
     // user's name, and `ａgent:x` an agent's: a stranger's name beyond ASCII could pass for one.
-    if !user.is_ascii() {
+    if !name.is_ascii() {
         return Judged::Refuse(Refusal {
             reason: "the caller is not in the directory, and their token names them with \
                      characters beyond ASCII, which upstreams may read as another's name (a \
@@ -2503,6 +2503,8 @@ mod tests {
         for look_alike in [
             "\u{ff43}arol@corp.example",
             "car\u{131}l@corp.example",
+            // The Kelvin sign, which `fold` makes a `k`: the email header would carry it.
+            "\u{212a}arol@corp.example",
             "\u{ff41}gent:helper",
         ] {
             let mut forged = world.person(look_alike);
