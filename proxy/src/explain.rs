@@ -432,10 +432,11 @@ pub fn run_cli(
         ),
         // Opening makes a directory where there is none: an empty one to judge from, and a
         // file of the user running this (root, say) that the service could not open.
-        None if !config
+        None if config
             .data_dir
             .join(portcullis_scim::store::redb::FILE)
-            .exists() =>
+            .try_exists()
+            .is_ok_and(|exists| !exists) =>
         {
             return Err(format!(
                 "no directory in {}: Portcullis makes it at its first start there, and the IdP \
