@@ -882,6 +882,7 @@ impl Auth {
         let listed = |id: &KeySetId| config.jwt_issuers.iter().any(|i| key_set_id(i) == *id);
         self.issuers.retain(|id, _| listed(id));
         self.issuer_failures.retain(|id, _| listed(id));
+        self.first_fetches.retain(|id, _| listed(id));
     }
 
     async fn jwks_for(&self, issuer: &JwtIssuer) -> Result<Arc<Jwks>, JwtError> {
@@ -1570,6 +1571,8 @@ mod tests {
         let mut without = config.clone();
         without.jwt_issuers.clear();
         auth.keep_key_sets_of(&without);
+        // Nothing of it is kept: each reload naming another `jwks_uri` would leave some.
+        assert!(auth.issuers.is_empty() && auth.first_fetches.is_empty());
         let again = auth.jwks_for(&issuer).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &again), "put back: fetched afresh");
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
