@@ -2098,16 +2098,27 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
         "a replayed token"
     );
     assert_session_works(&page, &alice2.cookie).await;
+    // Refused as used: alice2's session is of another IdP session (`sid`), which a replay
+    // taken would not end, so only the audit tells a replay refused from one taken.
+    const USED: &str = "this logout token was already used";
+    fx.px
+        .audit_log_until(WAIT, |text| text.matches(USED).count() == 1)
+        .await;
 
     // Still after a restart: the tokens used are kept with the sessions, not in memory only.
     let mut fx = fx;
     fx.px.kill_hard();
     fx.px.restart().await;
+    // Verifiable (the IdP's keys fetched again), so that a 400 is the replay's.
+    fx.wait_sign_in_available(WAIT).await;
     assert_eq!(
         post(token).await,
         StatusCode::BAD_REQUEST,
         "a token replayed after a restart"
     );
+    fx.px
+        .audit_log_until(WAIT, |text| text.matches(USED).count() == 2)
+        .await;
     assert_session_works(&page, &alice2.cookie).await;
 }
 
