@@ -545,9 +545,11 @@ async fn an_open_websocket_ends_when_the_idp_withdraws_the_key_that_signed_its_t
     let renewed = t.token().await;
     let (status, body) = t.call(&renewed).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Within a second of the new set (open connections are looked at once a second), and
+    // what a loaded machine may add.
     assert!(
-        closed_within(&mut ws, Duration::from_secs(10)).await,
-        "the websocket was still open 10 s after its token's key was withdrawn"
+        closed_within(&mut ws, Duration::from_secs(4)).await,
+        "the websocket was still open 4 s after Portcullis had the new key set"
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");

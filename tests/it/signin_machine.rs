@@ -1013,8 +1013,10 @@ async fn a_key_the_idp_withdraws_stops_verifying_within_jwks_refresh() {
     fx.idp.rotate_keys(false).await;
     let rotated = Instant::now();
 
-    // Refused once the set is fetched again: 10 s after the last fetch, and a second to look.
-    let deadline = rotated + Duration::from_secs(60);
+    // Refused once the set is fetched again: 10 s after the last fetch, and a second to look
+    // (what more is allowed is for a loaded machine; a set refreshed at three times the
+    // setting fails).
+    let deadline = rotated + Duration::from_secs(20);
     loop {
         let (status, body) = bearer(&url, &before).await;
         if status == StatusCode::UNAUTHORIZED {
@@ -1023,7 +1025,7 @@ async fn a_key_the_idp_withdraws_stops_verifying_within_jwks_refresh() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(
             Instant::now() < deadline,
-            "a token signed with a withdrawn key still verifies 60 s after the rotation"
+            "a token signed with a withdrawn key still verifies 20 s after the rotation"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

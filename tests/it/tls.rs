@@ -449,6 +449,7 @@ async fn over_tls_a_host_served_elsewhere_is_misdirected_and_a_missing_path_not_
         status(cfg.https_url("app.test", "/elsewhere")).await,
         StatusCode::NOT_FOUND
     );
+    assert!(up.seen().is_empty(), "refused, yet sent upstream");
     assert_eq!(
         status(cfg.https_url("app.test", "/v1/x")).await,
         StatusCode::OK
