@@ -258,11 +258,15 @@ impl Fixture {
     #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.runtime.config.routes[0];
-        let authentication =
-            ready(
-                self.auth
-                    .authenticate(&self.runtime, &route.accept, req, false, now_unix()),
-            );
+        // Come to the configuration's (loopback) listener, in plain HTTP.
+        let at = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+        let authentication = ready(self.auth.authenticate(
+            &self.runtime,
+            &route.accept,
+            req,
+            (false, at),
+            now_unix(),
+        ));
         let admission = self
             .gate()
             .admit(&self.facts(req), authentication.presented());

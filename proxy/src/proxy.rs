@@ -831,7 +831,7 @@ impl ProxyHttp for Proxy {
                 &runtime,
                 &route.config.accept,
                 req,
-                ctx.tls,
+                (ctx.tls, local_addr(session)),
                 decided_at.second,
             )
             .await;
@@ -1630,14 +1630,14 @@ impl Proxy {
         runtime: &Runtime,
         route: &portcullis_config::Route,
         req: &RequestHeader,
-        tls: bool,
+        over: (bool, Option<std::net::SocketAddr>),
         path: &str,
     ) -> (Authentication, Admission) {
         let decided_at = self.shared.marks();
         let authentication = self
             .shared
             .auth
-            .authenticate(runtime, &route.accept, req, tls, now_unix())
+            .authenticate(runtime, &route.accept, req, over, now_unix())
             .await;
         let facts = Facts {
             route,
@@ -1669,8 +1669,9 @@ impl Proxy {
             let sent = reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await?;
             return Ok(Again::Answered(sent));
         };
+        let over = (tls, local_addr(session));
         let req = session.req_header();
-        let (again, admission) = self.judge_console(&runtime, route, req, tls, path).await;
+        let (again, admission) = self.judge_console(&runtime, route, req, over, path).await;
         let same_session = match (again.caller(), first.caller()) {
             (
                 Some(Caller::Person { session: now, .. }),
@@ -1744,10 +1745,12 @@ impl Proxy {
         if !runtime.carries_credentials(local_addr(session), tls) {
             return reply::send(session, plain_http_page()).await;
         }
+        let over = (tls, local_addr(session));
         let req = session.req_header();
         let path = format!("/.portcullis/{endpoint}");
         let decided_at = self.shared.marks();
-        let (authentication, admission) = self.judge_console(runtime, route, req, tls, &path).await;
+        let (authentication, admission) =
+            self.judge_console(runtime, route, req, over, &path).await;
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {
@@ -2082,6 +2085,12 @@ impl Proxy {
             {
                 plain_http_page()
             }
+            Refused::Challenge { .. }
+                if authentication.refused_token().is_some()
+                    && !runtime.carries_credentials(local_addr(session), asked.tls) =>
+            {
+                plain_http_challenge()
+            }
             // A browser's form sent without a session (it ended while the page was open): it
             // cannot be sent on after a sign-in, so a page says so and offers one, back to the
             // page the form was on.
@@ -2177,10 +2186,21 @@ pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwar
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Why SCIM and sign-in are refused on a plain-HTTP listener that is not on loopback.
-const PLAIN_HTTP: &str = "SCIM and sign-in need HTTPS: this listener serves plain HTTP on an \
-     address other than loopback (use a TLS listener, or set behind_tls_proxy = true on it \
-     behind a proxy that terminates TLS)";
+/// Why SCIM, sign-in and bearer tokens are refused on a plain-HTTP listener that is not on
+/// loopback.
+const PLAIN_HTTP: &str = "SCIM, sign-in and bearer tokens need HTTPS: this listener serves plain \
+     HTTP on an address other than loopback (use a TLS listener, or set behind_tls_proxy = true \
+     on it behind a proxy that terminates TLS)";
+
+/// 401 for a bearer token sent where it crossed the network in clear (RFC 6750 §3.1: the
+/// request is malformed, the token itself may be good).
+fn plain_http_challenge() -> Reply {
+    let body = serde_json::json!({ "error": "invalid_request", "detail": PLAIN_HTTP });
+    Reply::json(StatusCode::UNAUTHORIZED, &body).header(
+        header::WWW_AUTHENTICATE,
+        "Bearer realm=\"portcullis\", error=\"invalid_request\"",
+    )
+}
 
 fn plain_http_page() -> Reply {
     Reply::page(
@@ -2191,7 +2211,7 @@ fn plain_http_page() -> Reply {
 }
 
 /// The address of this end of the client's connection.
-fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
+pub(crate) fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
     session.server_addr().and_then(|a| a.as_inet()).copied()
 }
 

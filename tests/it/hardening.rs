@@ -1359,17 +1359,26 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
         .await;
         let cfg = cfg
             .route(Route::new("http://app.test", &[&app]).any_signed_in())
+            .route(
+                Route::new("http://bots.test", &[&app])
+                    .accept(&["bearer"])
+                    .set("allow = { machines = true }"),
+            )
             .oidc(Oidc::new(
                 idp.issuer(),
                 CLIENT_ID,
                 CLIENT_SECRET,
                 &format!("app.test:{port}"),
             ))
+            .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
             .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)]);
         let px = Portcullis::start(&cfg.toml()).await;
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         let created = scim
             .post("/Users", &portcullis_tests::scim::user("dana@corp.test"))
+            .await;
+        // The machine, known where SCIM is served.
+        scim.post("/Users", &portcullis_tests::scim::user(MACHINE_ID))
             .await;
         let fx = Fixture {
             cfg: cfg.clone(),
@@ -1378,7 +1387,19 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
             app,
             api: portcullis_tests::Upstream::start("unused").await,
         };
+        // A machine's bearer token, which anyone on the way could replay.
+        let token = fx
+            .idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+            .await;
+        let called = client()
+            .get(fx.url("bots.test", "/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         if allowed {
+            assert_eq!(called.status(), 200, "allow_plain_http = true takes tokens");
             assert_eq!(
                 created.status, 201,
                 "allow_plain_http = true lets SCIM through"
@@ -1389,6 +1410,24 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
             fx.start_sign_in(&client(), &fx.app_url("/page")).await;
             continue;
         }
+        assert_eq!(
+            called.status(),
+            401,
+            "a bearer token over plain HTTP off loopback"
+        );
+        let challenge = called.headers()["www-authenticate"].to_str().unwrap();
+        assert!(challenge.contains("invalid_request"), "{challenge}");
+        let body = called.text().await.unwrap();
+        assert!(body.contains("need HTTPS"), "{body}");
+        audited(
+            &fx.px,
+            &[
+                "\"route\":\"http://bots.test\"",
+                "sent over plain HTTP off loopback",
+            ],
+        )
+        .await;
+        assert_eq!(fx.app.count(), 0, "nothing was sent upstream");
         assert_eq!(created.status, 403, "SCIM over plain HTTP off loopback");
         let detail = created.body["detail"].as_str().unwrap_or_default();
         assert!(detail.contains("need HTTPS"), "{}", created.body);

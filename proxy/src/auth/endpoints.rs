@@ -720,7 +720,8 @@ impl Auth {
     async fn signed_in(&self, runtime: &Runtime, session: &Session, req: &Request<'_>) -> bool {
         let accept = [portcullis_config::Credential::Session];
         let header = session.req_header();
-        let authentication = self.authenticate(runtime, &accept, header, req.tls, now_unix());
+        let over = (req.tls, crate::proxy::local_addr(session));
+        let authentication = self.authenticate(runtime, &accept, header, over, now_unix());
         authentication.await.caller().is_some()
     }
 
@@ -741,7 +742,7 @@ impl Auth {
                     portcullis_config::Credential::Bearer,
                 ],
                 session.req_header(),
-                req.tls,
+                (req.tls, crate::proxy::local_addr(session)),
                 now_unix(),
             )
             .await;

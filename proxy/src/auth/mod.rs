@@ -18,6 +18,7 @@ pub mod sealed;
 pub mod sessions;
 pub mod verified;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,10 @@ const MAX_COOKIE_BYTES: usize = 8 * 1024;
 /// Cookies of the session's name looked up at most (each costs a hash and a lookup): a
 /// planted one, a stale one, and the session.
 const MAX_SESSION_COOKIES: usize = 4;
+
+/// Why a bearer token sent over plain HTTP off loopback is refused, unread.
+const IN_CLEAR: &str = "it was sent over plain HTTP off loopback, crossing the network in clear \
+                        (for anyone on the way to replay): send it over HTTPS";
 
 /// Authentication state that outlives configuration reloads.
 pub struct Auth {
@@ -481,18 +486,27 @@ impl Auth {
         })
     }
 
-    /// What `req` presents to a route accepting `accept`.
+    /// What `req` presents to a route accepting `accept`, come over TLS or not, at the local
+    /// address `local`.
     pub async fn authenticate(
         &self,
         runtime: &Runtime,
         accept: &[Credential],
         req: &RequestHeader,
-        tls: bool,
+        (tls, local): (bool, Option<SocketAddr>),
         now: u64,
     ) -> Authentication {
         let config = &runtime.config;
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
+                // As a SCIM token or a session cookie would be: it has crossed the network in
+                // clear, for anyone on the way to replay (elsewhere too: a route leaving out
+                // `audiences` takes any of its issuer's).
+                if !runtime.carries_credentials(local, tls) {
+                    return Authentication::Invalid {
+                        refused_token: Some(IN_CLEAR.to_owned()),
+                    };
+                }
                 // A request that presents a token is judged by it, never by a cookie too. A
                 // token verified before is found at once; verifying one is awaited boxed (as
                 // is a refresh, below): its state would make every request's larger.
