@@ -3026,10 +3026,13 @@ allow = {{ any_signed_in = true }}
     assert!(!format!("{config:?}").contains("a-literal-client-secret"));
 }
 
+/// Without [oidc] a route is public by default, and says so where bearer tokens are taken:
+/// one left without `accept` beside [[jwt_issuers]] is refused, not opened to anyone.
 #[test]
-fn routes_are_public_by_default_without_oidc_even_with_jwt_issuers() {
-    let text = format!(
-        r#"
+fn routes_are_public_by_default_without_oidc_and_say_so_with_jwt_issuers() {
+    let route = |accept: &str| {
+        format!(
+            r#"
 data_dir = "data"
 {LISTENERS}
 [[jwt_issuers]]
@@ -3039,6 +3042,7 @@ audiences = ["api"]
 [[routes]]
 from = "https://app.example.com"
 to = ["http://127.0.0.1:3000"]
+{accept}
 
 [[routes]]
 from = "https://api.example.com"
@@ -3046,10 +3050,22 @@ to = ["http://127.0.0.1:3000"]
 accept = ["bearer"]
 allow = {{ machines = true }}
 "#
-    );
-    let config = Fixture::new().parse(&text).unwrap();
+        )
+    };
+    let fixture = Fixture::new();
+    let config = fixture.parse(&route("accept = [\"public\"]")).unwrap();
     assert_eq!(config.routes[0].accept, []);
     assert_eq!(config.routes[1].accept, [Credential::Bearer]);
+    let errors = fixture.parse(&route("")).unwrap_err();
+    let problems: Vec<&str> = errors.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(problems, ["routes[0].accept"], "{errors}");
+    // Without issuers either, nobody signs in: public, as a plain reverse proxy is.
+    let plain = route("").replace(
+        "[[jwt_issuers]]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\n",
+        "",
+    );
+    let plain = plain.replace("accept = [\"bearer\"]\nallow = { machines = true }\n", "");
+    assert_eq!(fixture.parse(&plain).unwrap().routes[0].accept, []);
 }
 
 #[test]

@@ -762,6 +762,16 @@ fn accept(
     p: &mut Problems<'_>,
 ) -> Vec<Credential> {
     let Some(names) = raw else {
+        // Public by default where nobody signs in; with issuers of bearer tokens, a route left
+        // without `accept` more likely meant to take them than to be open to anyone.
+        if !sign_in.oidc && sign_in.jwt_issuers {
+            p.add(
+                path,
+                "without [oidc], a route that leaves out `accept` is open to anyone, and \
+                 [[jwt_issuers]] says callers bring tokens: write `accept = [\"bearer\"]` with \
+                 allow rules, or `accept = [\"public\"]` to open it to anyone",
+            );
+        }
         return if sign_in.oidc {
             vec![Credential::Session]
         } else {
