@@ -833,6 +833,14 @@ to = ["http://127.0.0.1:3000"]
             problems: &[("routes[0].tls_ca", None, "every one of this route's is http")],
         },
         Case {
+            name: "upstream CA for upstreams reached in the clear, one refused for another reason",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001/api\"]\ntls_ca = \"ca.pem\"\n",
+            problems: &[
+                ("routes[0].to[1]", None, "has no path"),
+                ("routes[0].tls_ca", None, "every one of this route's is http"),
+            ],
+        },
+        Case {
             name: "upstream CA beside an https upstream refused for another reason",
             text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\", \"https://billing_api.svc.corp\"]\ntls_ca = \"ca.pem\"\n",
             problems: &[("routes[0].to[1]", None, "first label has `_`")],

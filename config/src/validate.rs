@@ -625,7 +625,13 @@ fn route(
         );
     }
     let to_path = path.key("to");
-    let written = raw.to.as_ref().map_or(0, Vec::len);
+    // Read as written, whatever else is wrong with an upstream (its own problem is said too).
+    let all_http = raw.to.as_ref().is_some_and(|to| {
+        !to.is_empty()
+            && to
+                .iter()
+                .all(|url| split_url(url).is_ok_and(|u| u.scheme == Scheme::Http))
+    });
     let upstreams = match raw.to {
         None => {
             p.add(&to_path, format!("{MISSING}: at least one upstream URL"));
@@ -653,9 +659,7 @@ fn route(
             .collect(),
     };
     // A CA trusted for upstreams reached in the clear would read as a check that never runs.
-    // Judged on every upstream written (one refused, a name not resolving, is said already).
-    if ca.is_some() && written > 0 && upstreams.len() == written && upstreams.iter().all(|u| !u.tls)
-    {
+    if ca.is_some() && all_http {
         p.add(
             &path.key("tls_ca"),
             "is trusted for https upstreams, and every one of this route's is http: reached in \
