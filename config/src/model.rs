@@ -181,7 +181,7 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Whether SCIM and sign-in may be served on this listener: over TLS (its own or a
+    /// Whether SCIM, sign-in and bearer tokens may be taken on this listener: over TLS (its own or a
     /// proxy's in front), on a loopback address, or where the file allows plain HTTP.
     pub fn carries_credentials(&self) -> bool {
         self.tls.is_some()

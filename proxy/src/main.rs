@@ -64,7 +64,8 @@ enum Command {
     },
     /// Say whether a person may make a request, and which rule decides, judged against the
     /// live directory (by asking the running proxy over its admin listener, or, when none is
-    /// running, from `data_dir`). Exits 0 when allowed, 1 when denied, 2 on an error.
+    /// running, from `data_dir`, or PostgreSQL with `[postgres]`). Exits 0 when allowed, 1 when
+    /// denied, 2 on an error.
     Explain {
         /// The configuration file.
         #[arg(long, short)]
@@ -96,7 +97,7 @@ enum Command {
     /// Print the audit log: SCIM changes, refusals, sign-ins and sign-outs, console actions
     /// and sampled allowed requests. Safe to run while the proxy is running.
     Audit {
-        /// The configuration file (for `data_dir`).
+        /// The configuration file (for `data_dir`, or PostgreSQL with `[postgres]`).
         #[arg(long, short)]
         config: PathBuf,
         /// Only records by or about this user or SCIM token (case-insensitive).

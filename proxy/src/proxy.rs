@@ -2085,10 +2085,12 @@ impl Proxy {
             {
                 plain_http_page()
             }
-            Refused::Challenge { .. }
-                if authentication.refused_token().is_some()
-                    && !runtime.carries_credentials(local_addr(session), asked.tls) =>
-            {
+            // A token presented there was refused unread (see `Auth::authenticate`), at
+            // `/.portcullis/me` too.
+            Refused::Challenge {
+                invalid_token: true,
+                ..
+            } if !runtime.carries_credentials(local_addr(session), asked.tls) => {
                 plain_http_challenge()
             }
             // A browser's form sent without a session (it ended while the page was open): it
@@ -2192,8 +2194,9 @@ const PLAIN_HTTP: &str = "SCIM, sign-in and bearer tokens need HTTPS: this liste
      HTTP on an address other than loopback (use a TLS listener, or set behind_tls_proxy = true \
      on it behind a proxy that terminates TLS)";
 
-/// 401 for a bearer token sent where it crossed the network in clear (RFC 6750 §3.1: the
-/// request is malformed, the token itself may be good).
+/// 401 for a bearer token sent where it crossed the network in clear: `invalid_request` (RFC
+/// 6750 §3.1, which gives it 400; 401 here, as for every credential refused), not
+/// `invalid_token`, which tells a client to fetch a new token and send that in clear too.
 fn plain_http_challenge() -> Reply {
     let body = serde_json::json!({ "error": "invalid_request", "detail": PLAIN_HTTP });
     Reply::json(StatusCode::UNAUTHORIZED, &body).header(

@@ -1428,6 +1428,16 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
         )
         .await;
         assert_eq!(fx.app.count(), 0, "nothing was sent upstream");
+        // Nor is one read by Portcullis' own `/me`.
+        let me = client()
+            .get(fx.app_url("/.portcullis/me"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(me.status(), 401, "/me");
+        let challenge = me.headers()["www-authenticate"].to_str().unwrap();
+        assert!(challenge.contains("invalid_request"), "/me: {challenge}");
         assert_eq!(created.status, 403, "SCIM over plain HTTP off loopback");
         let detail = created.body["detail"].as_str().unwrap_or_default();
         assert!(detail.contains("need HTTPS"), "{}", created.body);
