@@ -363,6 +363,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         );
     }
     let auth = Arc::new(auth::Auth::new(directory.clone(), kept, audit.clone())?);
+    warn_of_tokens_in_clear(&config);
     let runtime = Runtime::build(config, &directory);
     let shared = Arc::new(Shared::new(
         config_path.to_path_buf(),
@@ -491,6 +492,26 @@ fn rotate_assertion_key(
         assertion::rotate_fleet(existing, &config.data_dir, now, lead, assertion::TOKEN_TTL)?;
     postgres.put_entries(entries).map_err(fail)?;
     Ok((kid, signs))
+}
+
+/// Says at start which listeners refuse the bearer tokens the file's http routes take: sent
+/// over plain HTTP off loopback, they cross the network in clear (see `Auth::authenticate`).
+fn warn_of_tokens_in_clear(config: &portcullis_config::Config) {
+    use portcullis_config::{Credential, Scheme};
+    let takes_tokens = config
+        .routes
+        .iter()
+        .any(|r| r.scheme == Scheme::Http && r.accept.contains(&Credential::Bearer));
+    for listener in &config.listeners {
+        if takes_tokens && !listener.carries_credentials() {
+            tracing::warn!(
+                address = %listener.address,
+                "plain HTTP off loopback: bearer tokens sent here are refused, as they cross the \
+                 network in clear; serve them over TLS, or set behind_tls_proxy (or \
+                 allow_plain_http, on a network you trust) on this listener"
+            );
+        }
+    }
 }
 
 /// The shared store of `[postgres]`, if configured (not yet connected).

@@ -1428,6 +1428,10 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
         )
         .await;
         assert_eq!(fx.app.count(), 0, "nothing was sent upstream");
+        // As said at start.
+        fx.px
+            .log_until(|log| log.contains("bearer tokens sent here are refused"))
+            .await;
         // Nor is one read by Portcullis' own `/me`.
         let me = client()
             .get(fx.app_url("/.portcullis/me"))
