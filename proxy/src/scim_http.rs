@@ -197,6 +197,27 @@ impl Scim {
             return write(session, &refusal, true).await;
         }
 
+        // And again before each write it makes (see `ScimRequest::stands`), recorded once
+        // when it no longer stands.
+        let token = authorization(session).map(<[u8]>::to_vec);
+        let told = std::sync::atomic::AtomicBool::new(false);
+        let stands = || {
+            let again = match &runtimes.load().scim {
+                Some(scim) => scim.authenticate(token.as_deref(), now_unix()).map(drop),
+                None => Err("SCIM is no longer configured".to_owned()),
+            };
+            let Err(why) = again else { return true };
+            if !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                let request = crate::audit::Request {
+                    method: method.as_str(),
+                    path,
+                    client,
+                };
+                let reason = format!("a SCIM write was refused mid-request: {why}");
+                audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+            }
+            false
+        };
         let client = client.map(|address| address.to_string());
         let response = self
             .service
@@ -210,6 +231,7 @@ impl Scim {
                 base_url: &base_url,
                 actor: &actor,
                 client: client.as_deref(),
+                stands: &stands,
             })
             .await;
         write(session, &response, false).await
@@ -377,5 +399,46 @@ mod tests {
         assert!(scim.claims("auth.test", "/scim/v2/Users"));
         assert!(!scim.claims("auth.test", "/scim/v20"));
         assert!(!scim.claims("app.test", "/scim/v2/Users"));
+    }
+
+    /// A token removed or expired while its request runs writes nothing more: of a Bulk's
+    /// operations, those after it fell are refused, each as it comes.
+    #[tokio::test]
+    async fn a_token_that_falls_mid_request_writes_nothing_more() {
+        let world = crate::testing::World::new();
+        let user = |name: &str| {
+            serde_json::json!({
+                "method": "POST",
+                "path": "/Users",
+                "bulkId": name,
+                "data": {
+                    "schemas": [portcullis_scim::schema::USER_SCHEMA],
+                    "userName": name,
+                },
+            })
+        };
+        let bulk = serde_json::json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+            "Operations": [user("ann"), user("ben"), user("cy")],
+        });
+        // Stands for the first write, and no longer.
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let stands = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        let answer = world
+            .scim_answer(&http::Method::POST, "/Bulk", &bulk, &stands)
+            .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let body = answer.body.unwrap_or_default();
+        let statuses: Vec<&str> = body["Operations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|op| op["status"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(statuses, ["201", "401", "401"], "{body}");
+        let listed = world
+            .scim(http::Method::GET, "/Users", serde_json::Value::Null)
+            .await;
+        assert_eq!(listed["totalResults"], 1, "{listed}");
     }
 }

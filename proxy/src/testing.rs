@@ -196,13 +196,18 @@ impl World {
         Runtime::build(self.config.clone(), &self.directory)
     }
 
-    /// One SCIM request, as an IdP sends it; panics unless it succeeds.
-    pub async fn scim(&self, method: Method, path: &str, body: Value) -> Value {
+    /// One SCIM request, as an IdP sends it, with a token that `stands` while it runs.
+    pub async fn scim_answer(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &Value,
+        stands: &(dyn Fn() -> bool + Sync),
+    ) -> portcullis_scim::service::ScimResponse {
         let body = body.to_string();
-        let response = self
-            .scim
+        self.scim
             .handle(ScimRequest {
-                method: &method,
+                method,
                 path,
                 query: None,
                 if_match: None,
@@ -211,8 +216,14 @@ impl World {
                 base_url: "http://auth.test/scim/v2",
                 actor: "test",
                 client: None,
+                stands,
             })
-            .await;
+            .await
+    }
+
+    /// One SCIM request, as an IdP sends it; panics unless it succeeds.
+    pub async fn scim(&self, method: Method, path: &str, body: Value) -> Value {
+        let response = self.scim_answer(&method, path, &body, &|| true).await;
         assert!(
             (200..300).contains(&response.status),
             "SCIM {method} {path} answered {}: {:?}",

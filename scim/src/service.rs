@@ -62,6 +62,10 @@ pub struct ScimRequest<'a> {
     pub actor: &'a str,
     /// The address the request came from, which the changes it makes record.
     pub client: Option<&'a str>,
+    /// Whether the token still stands (not removed nor expired since the request was let in),
+    /// asked before each write the request makes: a Bulk's operations, each a write of its
+    /// own, and a write that waited its turn to hash a password.
+    pub stands: &'a (dyn Fn() -> bool + Sync),
 }
 
 impl ScimRequest<'_> {
@@ -69,15 +73,18 @@ impl ScimRequest<'_> {
         Author {
             actor: self.actor,
             client: self.client,
+            stands: self.stands,
         }
     }
 }
 
-/// Who makes a write: the SCIM token's name, and the address its request came from.
+/// Who makes a write: the SCIM token's name, the address its request came from, and whether
+/// the token still stands.
 #[derive(Clone, Copy)]
 struct Author<'a> {
     actor: &'a str,
     client: Option<&'a str>,
+    stands: &'a (dyn Fn() -> bool + Sync),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -722,20 +729,34 @@ impl ScimService {
         }
     }
 
+    /// Makes `command` as `by`, if its token still stands: a token removed or expired while
+    /// its request ran (a long Bulk, a turn waited to hash a password) writes nothing more.
+    async fn write(&self, command: Command, by: Author<'_>) -> Result<Written> {
+        if !(by.stands)() {
+            return Err(ScimError::new(
+                401,
+                None,
+                "the token that sent this request was removed or has expired since: nothing \
+                 more it sends is written",
+            ));
+        }
+        self.directory
+            .write_from(command, by.actor, by.client)
+            .await
+    }
+
     async fn create(&self, rt: ResourceType, body: &Value, by: Author<'_>) -> Result<Written> {
         let mut resource = validate_resource(rt, body, Mode::Create)?;
         let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
-        self.directory
-            .write_from(
-                Command::Create {
-                    rt,
-                    resource,
-                    password_hash,
-                },
-                by.actor,
-                by.client,
-            )
-            .await
+        self.write(
+            Command::Create {
+                rt,
+                resource,
+                password_hash,
+            },
+            by,
+        )
+        .await
     }
 
     async fn replace(
@@ -760,19 +781,17 @@ impl ScimService {
         }
         let mut resource = validate_resource(rt, body, Mode::Replace)?;
         let password_hash = hash_password(take_password(rt, &mut resource)?).await?;
-        self.directory
-            .write_from(
-                Command::Replace {
-                    rt,
-                    id: id.to_owned(),
-                    resource,
-                    password_hash,
-                    if_match: if_match.map(str::to_owned),
-                },
-                by.actor,
-                by.client,
-            )
-            .await
+        self.write(
+            Command::Replace {
+                rt,
+                id: id.to_owned(),
+                resource,
+                password_hash,
+                if_match: if_match.map(str::to_owned),
+            },
+            by,
+        )
+        .await
     }
 
     async fn patch(
@@ -786,19 +805,17 @@ impl ScimService {
         let mut ops = parse_patch_request(body)?;
         let password = take_patch_password(rt, &mut ops)?;
         let password_hash = hash_password(password).await?;
-        self.directory
-            .write_from(
-                Command::Patch {
-                    rt,
-                    id: id.to_owned(),
-                    ops,
-                    password_hash,
-                    if_match: if_match.map(str::to_owned),
-                },
-                by.actor,
-                by.client,
-            )
-            .await
+        self.write(
+            Command::Patch {
+                rt,
+                id: id.to_owned(),
+                ops,
+                password_hash,
+                if_match: if_match.map(str::to_owned),
+            },
+            by,
+        )
+        .await
     }
 
     async fn delete(
@@ -808,17 +825,15 @@ impl ScimService {
         if_match: Option<&str>,
         by: Author<'_>,
     ) -> Result<Written> {
-        self.directory
-            .write_from(
-                Command::Delete {
-                    rt,
-                    id: id.to_owned(),
-                    if_match: if_match.map(str::to_owned),
-                },
-                by.actor,
-                by.client,
-            )
-            .await
+        self.write(
+            Command::Delete {
+                rt,
+                id: id.to_owned(),
+                if_match: if_match.map(str::to_owned),
+            },
+            by,
+        )
+        .await
     }
 
     /// RFC 7644 §3.7. Operations run in order, each durable before the next; `bulkId:` refs
