@@ -834,9 +834,9 @@ to = ["http://127.0.0.1:3000"]
         },
         Case {
             name: "upstream CA for upstreams reached in the clear, one refused for another reason",
-            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001/api\"]\ntls_ca = \"ca.pem\"\n",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://app.example.com\"\nto = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001?x\"]\ntls_ca = \"ca.pem\"\n",
             problems: &[
-                ("routes[0].to[1]", None, "has no path"),
+                ("routes[0].to[1]", None, ""),
                 ("routes[0].tls_ca", None, "every one of this route's is http"),
             ],
         },
@@ -3065,6 +3065,12 @@ allow = {{ machines = true }}
     assert_eq!(config.routes[0].accept, []);
     assert_eq!(config.routes[1].accept, [Credential::Bearer]);
     let errors = fixture.parse(&route("")).unwrap_err();
+    let problems: Vec<&str> = errors.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(problems, ["routes[0].accept"], "{errors}");
+    // Its rules are not judged as a public route's: that is what is not known.
+    let errors = fixture
+        .parse(&route("allow = { machines = true }"))
+        .unwrap_err();
     let problems: Vec<&str> = errors.problems.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(problems, ["routes[0].accept"], "{errors}");
     // Without issuers either, nobody signs in: public, as a plain reverse proxy is.

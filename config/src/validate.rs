@@ -625,12 +625,14 @@ fn route(
         );
     }
     let to_path = path.key("to");
-    // Read as written, whatever else is wrong with an upstream (its own problem is said too).
+    // Read off the schemes as written, whatever else is wrong with an upstream (its own
+    // problem is said too).
     let all_http = raw.to.as_ref().is_some_and(|to| {
         !to.is_empty()
-            && to
-                .iter()
-                .all(|url| split_url(url).is_ok_and(|u| u.scheme == Scheme::Http))
+            && to.iter().all(|url| {
+                url.split_once("://")
+                    .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("http"))
+            })
     });
     let upstreams = match raw.to {
         None => {
@@ -829,8 +831,8 @@ enum Access {
     /// Callers sign in; `defaulted` when `accept` is left out and `[oidc]` makes it
     /// `["session"]`.
     SignIn { defaulted: bool, bearer: bool },
-    /// `accept` is an empty list, mixes `"public"` with credentials, or is not a list of
-    /// strings: already a problem.
+    /// `accept` is an empty list, mixes `"public"` with credentials, is not a list of strings,
+    /// or is left out beside `[[jwt_issuers]]` without `[oidc]`: already a problem.
     Unknown,
 }
 
@@ -841,6 +843,8 @@ impl Access {
                 defaulted: true,
                 bearer: false,
             },
+            // Refused (see `accept`): which was meant is not known.
+            None if sign_in.jwt_issuers => Access::Unknown,
             None => Access::Public { written: false },
             Some([]) => Access::Unknown,
             Some(names) if names.iter().all(|n| n == "public") => Access::Public { written: true },
