@@ -48,7 +48,7 @@ use pingora::http::RequestHeader;
 
 use portcullis::audit::{Audit, Destination};
 use portcullis::auth::sessions::IssuedIn;
-use portcullis::auth::{session_cookie_name, Auth};
+use portcullis::auth::{session_cookie_name, Arrival, Auth};
 use portcullis::caller::{Caller, Identity, Machine};
 use portcullis::clock::now_unix;
 use portcullis::gate::{Admission, ClientOf, Facts, Forwards, Gate, Presented};
@@ -207,7 +207,7 @@ impl Fixture {
             let id = writes
                 .block_on(
                     auth.sessions
-                        .create(identity, None, IssuedIn::of(oidc), now),
+                        .create(identity, None, IssuedIn::of(oidc, "app.test"), now),
                 )
                 .expect("create session");
             let mut req = RequestHeader::build("GET", b"/projects/42", None).expect("request");
@@ -258,15 +258,17 @@ impl Fixture {
     #[inline(never)]
     fn session_decision(&self, req: &RequestHeader) -> bool {
         let route = &self.runtime.config.routes[0];
-        // Come to the configuration's (loopback) listener, in plain HTTP.
-        let at = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
-        let authentication = ready(self.auth.authenticate(
-            &self.runtime,
-            &route.accept,
-            req,
-            (false, at),
-            now_unix(),
-        ));
+        // Come to the configuration's (loopback) listener, in plain HTTP, for the route's host.
+        let at = Arrival {
+            tls: false,
+            local: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1))),
+            host: "app.test",
+        };
+        let authentication =
+            ready(
+                self.auth
+                    .authenticate(&self.runtime, &route.accept, req, at, now_unix()),
+            );
         let admission = self
             .gate()
             .admit(&self.facts(req), authentication.presented());

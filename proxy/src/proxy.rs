@@ -41,7 +41,7 @@ use portcullis_config::{Credential, Scheme, CONSOLE_PATH};
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::audit;
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
-use crate::auth::{cookies, session_cookie_name, Authentication};
+use crate::auth::{cookies, session_cookie_name, Arrival, Authentication};
 use crate::caller::{Caller, SessionKey};
 use crate::clock::now_unix;
 use crate::cookies;
@@ -831,7 +831,11 @@ impl ProxyHttp for Proxy {
                 &runtime,
                 &route.config.accept,
                 req,
-                (ctx.tls, local_addr(session)),
+                Arrival {
+                    tls: ctx.tls,
+                    local: local_addr(session),
+                    host: &host,
+                },
                 decided_at.second,
             )
             .await;
@@ -1630,14 +1634,14 @@ impl Proxy {
         runtime: &Runtime,
         route: &portcullis_config::Route,
         req: &RequestHeader,
-        over: (bool, Option<std::net::SocketAddr>),
+        at: Arrival<'_>,
         path: &str,
     ) -> (Authentication, Admission) {
         let decided_at = self.shared.marks();
         let authentication = self
             .shared
             .auth
-            .authenticate(runtime, &route.accept, req, over, now_unix())
+            .authenticate(runtime, &route.accept, req, at, now_unix())
             .await;
         let facts = Facts {
             route,
@@ -1669,9 +1673,15 @@ impl Proxy {
             let sent = reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await?;
             return Ok(Again::Answered(sent));
         };
-        let over = (tls, local_addr(session));
+        let arrival = Arrival {
+            tls,
+            local: local_addr(session),
+            host,
+        };
         let req = session.req_header();
-        let (again, admission) = self.judge_console(&runtime, route, req, over, path).await;
+        let (again, admission) = self
+            .judge_console(&runtime, route, req, arrival, path)
+            .await;
         let same_session = match (again.caller(), first.caller()) {
             (
                 Some(Caller::Person { session: now, .. }),
@@ -1745,12 +1755,17 @@ impl Proxy {
         if !runtime.carries_credentials(local_addr(session), tls) {
             return reply::send(session, plain_http_page()).await;
         }
-        let over = (tls, local_addr(session));
+        let arrival = Arrival {
+            tls,
+            local: local_addr(session),
+            host,
+        };
         let req = session.req_header();
         let path = format!("/.portcullis/{endpoint}");
         let decided_at = self.shared.marks();
-        let (authentication, admission) =
-            self.judge_console(runtime, route, req, over, &path).await;
+        let (authentication, admission) = self
+            .judge_console(runtime, route, req, arrival, &path)
+            .await;
         let pass = match admission {
             Admission::Allow(pass) => pass,
             Admission::Refuse(refused) => {

@@ -165,6 +165,10 @@ async fn write(session: &mut Session, reply: Reply) -> Result<bool> {
         if !has(&header::CONTENT_SECURITY_POLICY) {
             head.insert_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")?;
         }
+        // Nor read by the page that opened it: a host's page that opened a sign-in in a
+        // window of its own would read the callback's address, its code, off the page the
+        // callback answers a browser that did not start it.
+        head.insert_header("cross-origin-opener-policy", "same-origin")?;
     }
     if !reply.keeps_connection(session.is_body_done()) {
         session.set_keepalive(None);

@@ -1035,6 +1035,15 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         elsewhere.2
     );
     refused("an error from the IdP, in another browser", elsewhere);
+    // The genuine callback in another browser: refused, on a page the page that opened it (a
+    // host's own, which started the sign-in in a window of its own) cannot read the
+    // address of, where the code is.
+    let resp = client().get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        header(&resp, "cross-origin-opener-policy").as_deref(),
+        Some("same-origin")
+    );
 
     // The genuine callback still completes (the forgeries consumed nothing)…
     let resp = browser.get(&callback).send().await.unwrap();
@@ -1653,6 +1662,33 @@ async fn a_sign_out_after_the_client_changed_sends_no_hint_of_the_old_client() {
         "{location}"
     );
     assert_eq!(query_param(&location, "id_token_hint"), None, "{location}");
+}
+
+/// Without `cookie_domain`, a session is its host's alone: its id presented on another host
+/// (a sign-in code a hostile page of one host caught, finished in another browser; a cookie
+/// copied) is no session there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_in_a_cookie_per_host_is_no_session_on_another_host() {
+    let fx = Fixture::start().await;
+    let signed = fx
+        .sign_in(&client(), &fx.app_url("/home"), ALICE, ALICE_PASSWORD)
+        .await;
+    assert_session_works(&fx.app_url("/home"), &signed.cookie).await;
+    let elsewhere = fx.url("corp.example.com", "/home");
+    let resp = get_with_session(&elsewhere, &signed.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Signed in there too, the person has a session of that host.
+    let there = fx
+        .sign_in(&client(), &elsewhere, ALICE, ALICE_PASSWORD)
+        .await;
+    assert_session_works(&elsewhere, &there.cookie).await;
+    let resp = get_with_session(&fx.app_url("/home"), &there.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        fx.app.seen().len(),
+        2,
+        "only each host's own session went upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -453,9 +453,10 @@ async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes()
     );
 
     // A session is not a credential where only tokens are accepted, and where both are, a
-    // request presenting a token is judged by the token alone.
+    // request presenting a token is judged by the token alone. (Signed in on that route's
+    // host: a session in a cookie per host is its host's alone.)
     let alice = fx
-        .sign_in(&client(), &fx.app_url("/"), ALICE, ALICE_PASSWORD)
+        .sign_in(&client(), &fx.url("both.test", "/"), ALICE, ALICE_PASSWORD)
         .await;
     let with_cookie = |url: String, authorization: Option<String>| {
         let cookie = format!("{SESSION_COOKIE}={}", alice.cookie);

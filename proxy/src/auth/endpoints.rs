@@ -57,6 +57,15 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
+    /// How this request, of `session`, came.
+    fn arrival(&self, session: &Session) -> super::Arrival<'_> {
+        super::Arrival {
+            tls: self.tls,
+            local: crate::proxy::local_addr(session),
+            host: self.host,
+        }
+    }
+
     /// This request, as an audit record of `method` on `path` says it.
     fn audited<'b>(&self, method: &'b str, path: &'b str) -> audit::Request<'b> {
         audit::Request {
@@ -471,7 +480,12 @@ impl Auth {
         let lifetime = oidc.session_lifetime.as_secs();
         let id = match self
             .sessions
-            .create(identity, refresh, super::sessions::IssuedIn::of(oidc), now)
+            .create(
+                identity,
+                refresh,
+                super::sessions::IssuedIn::of(oidc, req.host),
+                now,
+            )
             .await
         {
             Ok(id) => id,
@@ -720,8 +734,8 @@ impl Auth {
     async fn signed_in(&self, runtime: &Runtime, session: &Session, req: &Request<'_>) -> bool {
         let accept = [portcullis_config::Credential::Session];
         let header = session.req_header();
-        let over = (req.tls, crate::proxy::local_addr(session));
-        let authentication = self.authenticate(runtime, &accept, header, over, now_unix());
+        let at = req.arrival(session);
+        let authentication = self.authenticate(runtime, &accept, header, at, now_unix());
         authentication.await.caller().is_some()
     }
 
@@ -742,7 +756,7 @@ impl Auth {
                     portcullis_config::Credential::Bearer,
                 ],
                 session.req_header(),
-                (req.tls, crate::proxy::local_addr(session)),
+                req.arrival(session),
                 now_unix(),
             )
             .await;

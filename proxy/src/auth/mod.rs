@@ -44,6 +44,15 @@ const MAX_COOKIE_BYTES: usize = 8 * 1024;
 /// planted one, a stale one, and the session.
 const MAX_SESSION_COOKIES: usize = 4;
 
+/// How a request came: over TLS or not, at which local address, for which host (lower case,
+/// without port: as routes are found).
+#[derive(Clone, Copy)]
+pub struct Arrival<'a> {
+    pub tls: bool,
+    pub local: Option<SocketAddr>,
+    pub host: &'a str,
+}
+
 /// Why a bearer token sent over plain HTTP off loopback is refused, unread.
 const IN_CLEAR: &str = "it was sent over plain HTTP off loopback, crossing the network in clear \
                         (for anyone on the way to replay): send it over HTTPS";
@@ -486,16 +495,16 @@ impl Auth {
         })
     }
 
-    /// What `req` presents to a route accepting `accept`, come over TLS or not, at the local
-    /// address `local`.
+    /// What `req`, come as `at` says, presents to a route accepting `accept`.
     pub async fn authenticate(
         &self,
         runtime: &Runtime,
         accept: &[Credential],
         req: &RequestHeader,
-        (tls, local): (bool, Option<SocketAddr>),
+        at: Arrival<'_>,
         now: u64,
     ) -> Authentication {
+        let Arrival { tls, local, host } = at;
         let config = &runtime.config;
         if accept.contains(&Credential::Bearer) {
             if let Some(token) = bearer_token(req) {
@@ -544,7 +553,7 @@ impl Auth {
         };
         let held = ids.take(MAX_SESSION_COOKIES).find_map(|id| {
             let (key, session) = self.sessions.get(id)?;
-            session.vouches(now, oidc).then_some((id, key, session))
+            (session.vouches(now, oidc) && session.issued_on(host)).then_some((id, key, session))
         });
         let Some((id, key, session)) = held else {
             return invalid;

@@ -147,29 +147,40 @@ pub struct Session {
     /// The domain that cookie was set for, `""` for a cookie per host (`None` for sessions
     /// begun before that was kept).
     cookie_domain: Option<String>,
+    /// With a cookie per host, that host (`None` for sessions begun before it was kept).
+    host: Option<String>,
     id_token: Option<IdToken>,
 }
 
-/// The cookie a session is issued in: `[oidc] cookie_name` and `cookie_domain`.
+/// The cookie a session is issued in: `[oidc] cookie_name` and `cookie_domain`, or without
+/// one, the host it is for.
 #[derive(Clone, Copy)]
 pub struct IssuedIn<'a> {
     pub name: &'a str,
     pub domain: Option<&'a str>,
+    /// Where `domain` is `None`: the host (lower case, without port) the cookie is that of.
+    pub host: Option<&'a str>,
 }
 
 impl<'a> IssuedIn<'a> {
-    pub fn of(oidc: &'a OidcConfig) -> Self {
+    /// The cookie of a sign-in finished on `host`.
+    pub fn of(oidc: &'a OidcConfig, host: &'a str) -> Self {
         Self {
             name: &oidc.cookie_name,
             domain: oidc.cookie_domain.as_deref(),
+            host: Some(host),
         }
     }
 }
 
-/// A cookie per host, of that name.
+/// A cookie per host, of that name, for any host (as sessions begun before the host was kept).
 impl<'a> From<&'a str> for IssuedIn<'a> {
     fn from(name: &'a str) -> Self {
-        Self { name, domain: None }
+        Self {
+            name,
+            domain: None,
+            host: None,
+        }
     }
 }
 
@@ -182,6 +193,7 @@ impl Session {
         Self {
             cookie: stored.cookie,
             cookie_domain: stored.cookie_domain,
+            host: stored.host,
             id_token,
             identity: Arc::new(stored.identity),
             last_seen: AtomicU64::new(stored.last_seen),
@@ -224,6 +236,14 @@ impl Session {
             .is_none_or(|name| name == oidc.cookie_name)
             && (self.cookie_domain.as_deref()).is_none_or(|issued| issued == domain)
             && self.holds_under(now, oidc, 0)
+    }
+
+    /// Whether the session's cookie is one `host` may present: with a cookie per host, only the
+    /// host it was issued on. Its id read anywhere else (a sign-in code a host's page caught
+    /// and finished in another browser, a cookie a host's upstream was sent in error) is
+    /// worth nothing on the other hosts.
+    pub fn issued_on(&self, host: &str) -> bool {
+        self.host.as_deref().is_none_or(|issued| issued == host)
     }
 
     /// Whether the session is of `oidc`'s provider, no older than its `session_lifetime`, and
@@ -309,6 +329,10 @@ struct Stored {
     /// it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cookie_domain: Option<String>,
+    /// With a cookie per host (`cookie_domain` `""`), that host; absent from sessions begun
+    /// before it was kept, and with a `cookie_domain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
     /// The ID token, sealed (see [`IdToken::Sealed`]); sessions begun before it was sealed
     /// keep it in `identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -637,6 +661,10 @@ impl Sessions {
             refresh: refresh.map(|r| r.sealed_for(&id)),
             cookie: Some(cookie.name.to_owned()),
             cookie_domain: Some(cookie.domain.unwrap_or_default().to_owned()),
+            host: cookie
+                .host
+                .filter(|_| cookie.domain.is_none())
+                .map(str::to_owned),
             id_token,
         };
         let value = encode(&stored)?;
@@ -1524,7 +1552,7 @@ mod tests {
             oidc
         };
         let corp = under(Some(".corp.test"));
-        let issued = IssuedIn::of(&corp);
+        let issued = IssuedIn::of(&corp, "app.corp.example");
         let id = sessions
             .create(identity("alice", 10_000), None, issued, 100)
             .await
@@ -1544,6 +1572,7 @@ mod tests {
             refresh: None,
             cookie: Some("portcullis_session".to_owned()),
             cookie_domain: None,
+            host: None,
             id_token: None,
         });
         for oidc in [&corp, &under(None)] {
@@ -1552,6 +1581,51 @@ mod tests {
                 "stored before the domain was kept"
             );
         }
+    }
+
+    /// A session in a cookie per host is presented by that host alone: its id, read on
+    /// another (a sign-in code a hostile page caught, finished in another browser), is worth
+    /// nothing there. Under a cookie domain, and stored before the host was kept, any host.
+    #[tokio::test]
+    async fn a_session_in_a_cookie_per_host_is_that_host_s_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let mut per_host = oidc("https://idp.test", 3_600);
+        per_host.cookie_name = "portcullis_session".to_owned();
+        let mut shared = per_host.clone();
+        shared.cookie_domain = Some(".corp.test".to_owned());
+        let wiki = sessions
+            .create(
+                identity("alice", 10_000),
+                None,
+                IssuedIn::of(&per_host, "wiki.corp.test"),
+                100,
+            )
+            .await
+            .unwrap();
+        let everywhere = sessions
+            .create(
+                identity("bob", 10_000),
+                None,
+                IssuedIn::of(&shared, "auth.corp.test"),
+                100,
+            )
+            .await
+            .unwrap();
+        let older = begin(&sessions, identity("carol", 10_000), 100).await;
+        drop(sessions);
+        let sessions = open(dir.path()).sessions;
+        let on = |id: &str, host: &str| sessions.get(id).unwrap().1.issued_on(host);
+        assert!(on(&wiki, "wiki.corp.test"));
+        assert!(!on(&wiki, "payroll.corp.test"), "another host");
+        assert!(
+            on(&everywhere, "payroll.corp.test"),
+            "under the cookie domain"
+        );
+        assert!(
+            on(&older, "payroll.corp.test"),
+            "stored before the host was kept"
+        );
     }
 
     /// The names of the cookies sessions were issued in are known across a restart (from the
@@ -2027,6 +2101,7 @@ mod tests {
             refresh: None,
             cookie: None,
             cookie_domain: None,
+            host: None,
             id_token: None,
         };
         let gone = Stored {
@@ -2035,6 +2110,7 @@ mod tests {
             refresh: None,
             cookie: None,
             cookie_domain: None,
+            host: None,
             id_token: None,
         };
         {
@@ -2106,6 +2182,7 @@ mod tests {
                 refresh: None,
                 cookie: None,
                 cookie_domain: None,
+                host: None,
                 id_token: None,
             });
             entry(SESSION, key, Some(value.unwrap()))
