@@ -327,6 +327,11 @@ impl Signer {
         Ok(signer)
     }
 
+    /// Whether the keys are the fleet's, kept with the shared store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.store, KeyStore::Shared(_))
+    }
+
     /// Whether the fleet has no keys yet (with a shared store), so this replica makes the first
     /// ([`first_shared_keys`]).
     pub fn needs_first_keys(&self) -> bool {
@@ -772,7 +777,10 @@ fn shared_entry(kid: &str, text: Option<String>) -> Entry {
 pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String> {
     let dir = key_dir(data_dir);
     let mut entries = Vec::new();
-    for (age, key) in (0u64..).zip(read_keys(&dir)?) {
+    // Those still published: a key retired (but not yet deleted, the machine stopped) is not
+    // published again.
+    let published = load_published(&dir, now, check_ttl(TOKEN_TTL)?)?;
+    for (age, key) in (0u64..).zip(published) {
         let text = fs::read_to_string(key_path(&dir, &key.kid))
             .map_err(|e| format!("assertion key {}: {e}", key.kid))?;
         let begin = text.find("-----BEGIN").unwrap_or(0);
@@ -791,6 +799,26 @@ pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String
         entries.push(shared_entry(&key.kid, Some(text)));
     }
     Ok(entries)
+}
+
+/// Removes the keys of `data_dir/assertion-keys/` once the fleet's are kept in the shared
+/// store: taken by its first start (see [`first_shared_keys`]) or never the fleet's, they sign
+/// nothing, and a start without `[postgres]` would sign with them again (one rotated out after
+/// a leak, say). Returns the kids removed.
+pub fn forget_local_keys(data_dir: &Path) -> Result<Vec<String>, String> {
+    let dir = key_dir(data_dir);
+    let keys = read_keys(&dir)?;
+    for key in &keys {
+        let path = key_path(&dir, &key.kid);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", path.display())),
+        }
+    }
+    // Gone when nothing else is in it (its temporary files are an interrupted write's).
+    let _ = fs::remove_dir(&dir);
+    Ok(keys.iter().map(|k| k.kid.to_string()).collect())
 }
 
 /// Rotates the shared keys `existing` (`(kid, text)`): a new signing key, signing `lead` from
@@ -1170,6 +1198,21 @@ mod tests {
         // A fleet without local keys starts with a new one.
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(first_shared_keys(empty.path(), t0).unwrap().len(), 1);
+    }
+
+    /// Once the fleet's keys are kept, this machine's are removed: a start without the shared
+    /// store makes a new one rather than sign with one the fleet may have rotated out.
+    #[test]
+    fn this_machine_s_keys_are_forgotten_once_the_fleet_keeps_its_own() {
+        let t0 = real_now();
+        let dir = tempfile::tempdir().unwrap();
+        let local = Signer::open(dir.path(), t0, TTL).unwrap();
+        let kid = local.signing_kid(t0).unwrap().to_string();
+        assert_eq!(forget_local_keys(dir.path()).unwrap(), vec![kid.clone()]);
+        assert!(!key_dir(dir.path()).exists());
+        assert_eq!(forget_local_keys(dir.path()).unwrap(), Vec::<String>::new());
+        let again = Signer::open(dir.path(), t0, TTL).unwrap();
+        assert_ne!(again.signing_kid(t0).unwrap().to_string(), kid);
     }
 
     /// Rotated before the fleet's first start (the shared store holds no key yet), the keys

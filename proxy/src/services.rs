@@ -77,6 +77,17 @@ impl SessionKeeper {
                 .map_err(|e| format!("no assertion signing key yet: {e}"))?;
             tracing::info!(?kids, "first shared assertion keys kept");
         }
+        if signer.is_shared() {
+            match assertion::forget_local_keys(data_dir) {
+                Ok(kids) if kids.is_empty() => {}
+                Ok(kids) => tracing::info!(
+                    ?kids,
+                    "this machine's assertion keys removed from data_dir: the fleet's are kept \
+                     in PostgreSQL"
+                ),
+                Err(e) => tracing::warn!("this machine's assertion keys not removed: {e}"),
+            }
+        }
         Ok(())
     }
 }

@@ -1333,7 +1333,44 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
         "{stderr}"
     );
     std::fs::rename(&own, px.dir().join("directory.redb.before-postgres")).unwrap();
+    // Its assertion key is taken by the fleet's first start, and then removed from data_dir:
+    // a start without [postgres] would sign with it again, one the fleet may have rotated out.
+    let keys = px.dir().join("data/assertion-keys");
+    let kid = std::fs::read_dir(&keys)
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".pem")
+                .map(str::to_owned)
+        })
+        .next()
+        .expect("the machine's key");
     px.restart().await;
+    let jwks_kids = |cfg: &ConfigBuilder| {
+        let url = cfg.http_url("any.test", "/.portcullis/jwks.json");
+        async move {
+            let resp = bare_client().get(&url).send().await.expect("GET jwks");
+            let text = resp.text().await.unwrap_or_default();
+            let jwks: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("jwks: {e}: {text}"));
+            kids(&jwks)
+        }
+    };
+    assert_eq!(
+        jwks_kids(&cfg).await,
+        std::slice::from_ref(&kid),
+        "the fleet's first keys"
+    );
+    let gone = eventually(Duration::from_secs(30), || async { !keys.exists() }).await;
+    assert!(gone, "{} is still there", keys.display());
+    px.terminate().await;
+    let single = ConfigBuilder::new().http_listener();
+    px.rewrite_config(&single.toml());
+    px.restart().await;
+    let signing = jwks_kids(&single).await;
+    assert!(!signing.contains(&kid), "{signing:?}");
 }
 
 /// A session whose settings are not those asked for at connection (a pooler in front dropped
