@@ -421,9 +421,10 @@ mod tests {
             "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
             "Operations": [user("ann"), user("ben"), user("cy")],
         });
-        // Stands for the first write, and no longer.
+        // Stands for the first operation (asked before its work and at its write), and no
+        // longer.
         let asked = std::sync::atomic::AtomicUsize::new(0);
-        let stands = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        let stands = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2;
         let answer = world
             .scim_answer(&http::Method::POST, "/Bulk", &bulk, &stands)
             .await;

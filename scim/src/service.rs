@@ -87,6 +87,21 @@ struct Author<'a> {
     stands: &'a (dyn Fn() -> bool + Sync),
 }
 
+impl Author<'_> {
+    /// Refused where the token no longer stands (see [`ScimRequest::stands`]).
+    fn standing(&self) -> Result<()> {
+        if (self.stands)() {
+            return Ok(());
+        }
+        Err(ScimError::new(
+            401,
+            None,
+            "the token that sent this request was removed or has expired since: nothing more it \
+             sends is written",
+        ))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScimResponse {
     pub status: u16,
@@ -732,14 +747,7 @@ impl ScimService {
     /// Makes `command` as `by`, if its token still stands: a token removed or expired while
     /// its request ran (a long Bulk, a turn waited to hash a password) writes nothing more.
     async fn write(&self, command: Command, by: Author<'_>) -> Result<Written> {
-        if !(by.stands)() {
-            return Err(ScimError::new(
-                401,
-                None,
-                "the token that sent this request was removed or has expired since: nothing \
-                 more it sends is written",
-            ));
-        }
+        by.standing()?;
         self.directory
             .write_from(command, by.actor, by.client)
             .await
@@ -954,6 +962,9 @@ impl ScimService {
         op: &Value,
         bulk_ids: &mut HashMap<String, String>,
     ) -> Result<ScimResponse> {
+        // Before any work (a turn to hash a password): an operation after the token fell
+        // would only be refused at its write.
+        req.author().standing()?;
         let op = op
             .as_object()
             .ok_or_else(|| syntax("each bulk operation must be an object"))?;
