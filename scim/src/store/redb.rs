@@ -196,19 +196,24 @@ impl RedbStorage {
     }
 
     /// Opens the database again (redb takes nothing more after a failed write until then),
-    /// and returns its sequence.
+    /// and returns its sequence. As [`Storage::recover`] does: with no lock reads take, so that
+    /// they fail at once meanwhile rather than wait on a repair's walk of the file; a close
+    /// waits for it.
     fn reopen(&self) -> Result<Seq, StoreError> {
-        let mut db = self.db.write().map_err(|_| poisoned())?;
-        // Checked under the lock `close` sets it under: a commit that passed its own check
-        // before the close does not open the file again after it.
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(StoreError::Backend("closed at shutdown".to_owned()));
+        let _opening = self.opening.lock().map_err(|_| poisoned())?;
+        {
+            let mut db = self.db.write().map_err(|_| poisoned())?;
+            // Checked under the lock `close` sets it under: a commit that passed its own
+            // check before the close does not open the file again after it.
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(StoreError::Backend("closed at shutdown".to_owned()));
+            }
+            // Closed first: the file is locked while it is open.
+            drop(db.take());
         }
-        // Closed first: the file is locked while it is open.
-        drop(db.take());
         let opened = (self.open)()?;
         let seq = sequence(&opened)?;
-        *db = Some(opened);
+        *self.db.write().map_err(|_| poisoned())? = Some(opened);
         Ok(seq)
     }
 }

@@ -381,6 +381,41 @@ async fn an_opening_after_a_failed_write_holds_up_no_read_and_a_close_waits_for_
     );
 }
 
+/// The opening a failed write makes at once, to read back what the file holds, holds up no
+/// read either: they are refused meanwhile, not left waiting on a repair's walk of the file
+/// (reads of an IdP's lookups run on the proxy's threads, which serve every request too).
+#[tokio::test]
+async fn the_opening_that_reads_a_failed_write_back_holds_up_no_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let armed = Arc::new(Failing::default());
+    let dir = failing_directory(tmp.path(), &armed);
+    let ann = created(&dir, ResourceType::User, user("ann@corp.example")).await;
+    arm(&armed.write);
+    arm(&armed.slow);
+    let read_while_it_opens = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !armed.opening.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "never opened again");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let started = std::time::Instant::now();
+        let read = dir.get(ResourceType::User, &ann);
+        (read.is_err(), started.elapsed())
+    };
+    let (written, (refused, took)) = tokio::join!(
+        create(&dir, ResourceType::User, user("bob@corp.example")),
+        read_while_it_opens
+    );
+    assert!(written.is_err());
+    assert!(refused, "read from a database being opened");
+    assert!(
+        took < std::time::Duration::from_millis(500),
+        "held up {took:?}"
+    );
+    // Open again after it: read as before.
+    assert!(dir.get(ResourceType::User, &ann).is_ok());
+}
+
 /// A write whose sync failed is not acknowledged though the file, read back, holds it: the
 /// kernel may have dropped the pages it could not write (and a sync after it reports nothing),
 /// so it may yet be lost. Nothing is written over it: writes are refused until a restart.
