@@ -831,6 +831,13 @@ pub fn rotate_shared(
     token_ttl: Duration,
 ) -> Result<(String, u64, Vec<Entry>), String> {
     let ttl = check_ttl(token_ttl)?;
+    if existing.is_empty() {
+        return Err(
+            "the fleet keeps no assertion key yet: its first start takes this machine's \
+                    (data_dir/assertion-keys/) or makes one; start a replica first, then rotate"
+                .to_owned(),
+        );
+    }
     let mut keys = existing
         .iter()
         .map(|(kid, text)| parse_key(text, kid, &format!("{kid} (shared)")))
@@ -845,34 +852,6 @@ pub fn rotate_shared(
     let mut entries = vec![shared_entry(&kid, Some(text))];
     entries.extend(keys[keep..].iter().map(|old| shared_entry(&old.kid, None)));
     Ok((kid, signs, entries))
-}
-
-/// A rotation of the fleet's keys (`existing`, as [`rotate_shared`] takes them) from this
-/// machine: before the fleet's first start there are none, and the first replica would take
-/// those of this machine's `data_dir` ([`first_shared_keys`]), but only while the shared store
-/// holds none. They are taken here then, and rotated, in one write: upstreams that trust this
-/// machine's keys go on trusting the fleet, and the old key signs until the new one's lead is
-/// over.
-pub fn rotate_fleet(
-    existing: Vec<(String, String)>,
-    data_dir: &Path,
-    now: u64,
-    lead: Duration,
-    token_ttl: Duration,
-) -> Result<(String, u64, Vec<Entry>), String> {
-    if !existing.is_empty() {
-        return rotate_shared(&existing, now, lead, token_ttl);
-    }
-    let mut first = first_shared_keys(data_dir, now)?;
-    let texts: Vec<(String, String)> = first
-        .iter()
-        .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
-        .collect();
-    let (kid, signs, rotated) = rotate_shared(&texts, now, lead, token_ttl)?;
-    // A key already retired is not stored only to be forgotten.
-    first.retain(|e| !rotated.iter().any(|r| r.value.is_none() && r.key == e.key));
-    first.extend(rotated.into_iter().filter(|r| r.value.is_some()));
-    Ok((kid, signs, first))
 }
 
 fn random_secret() -> Result<SecretKey, String> {
@@ -1215,31 +1194,29 @@ mod tests {
         assert_ne!(again.signing_kid(t0).unwrap().to_string(), kid);
     }
 
-    /// Rotated before the fleet's first start (the shared store holds no key yet), the keys
-    /// are this machine's and the new one, which signs only once its lead is over.
+    /// Before the fleet's first start there is nothing to rotate: that start takes this
+    /// machine's keys (or makes one), and a rotation's own first key would sign at once, or
+    /// race it.
     #[test]
-    fn a_rotation_before_the_fleet_s_first_start_keeps_this_machine_s_key() {
+    fn a_rotation_before_the_fleet_s_first_start_is_refused() {
+        let refused = rotate_shared(&[], real_now(), Duration::from_secs(180), TTL);
+        assert!(refused.is_err_and(|e| e.contains("start a replica first")));
+    }
+
+    /// The keys a fleet's first start takes are those still published: one retired, whose
+    /// file a stopped machine had not deleted yet, is not published again.
+    #[test]
+    fn the_fleet_takes_only_the_keys_still_published() {
         let t0 = real_now();
         let dir = tempfile::tempdir().unwrap();
-        let local = Signer::open(dir.path(), t0, TTL).unwrap();
-        let local_kid = local.signing_kid(t0).unwrap().to_string();
-        let lead = Duration::from_secs(180);
-        let (new_kid, signs, entries) =
-            rotate_fleet(Vec::new(), dir.path(), t0, lead, TTL).unwrap();
-        assert_eq!(signs, t0 + 180);
-        let kept = Arc::new(Kept::default());
-        let signer = Signer::shared(kept.clone(), t0, TTL).unwrap();
-        keep(&kept, &entries);
-        assert_eq!(signer.signing_kid(t0).as_deref(), Some(local_kid.as_str()));
-        let mut kids = jwks_kids(&signer);
-        kids.sort();
-        let mut want = vec![local_kid, new_kid.clone()];
-        want.sort();
-        assert_eq!(kids, want);
-        assert_eq!(signer.signing_kid(signs).as_deref(), Some(new_kid.as_str()));
-        // With keys stored, a rotation is of those alone.
-        let (_, _, entries) = rotate_fleet(shared_texts(&kept), dir.path(), t0, lead, TTL).unwrap();
-        assert_eq!(entries.len(), 1);
+        let old = Signer::open(dir.path(), t0, TTL).unwrap();
+        let old_kid = old.signing_kid(t0).unwrap().to_string();
+        let t1 = t0 + 1000;
+        let (new_kid, _) = rotate_keys(dir.path(), t1, Duration::ZERO, TTL).unwrap();
+        assert_eq!(pem_files(dir.path()).len(), 2);
+        let taken = first_shared_keys(dir.path(), t1 + 300 + 301).unwrap();
+        let kids: Vec<&str> = taken.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(kids, [new_kid.as_str()], "{old_kid} retired");
     }
 
     #[test]

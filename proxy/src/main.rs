@@ -489,7 +489,7 @@ fn rotate_assertion_key(
     postgres.migrate().map_err(fail)?;
     let existing = postgres.entries(assertion::ASSERTION_KEY).map_err(fail)?;
     let (kid, signs, entries) =
-        assertion::rotate_fleet(existing, &config.data_dir, now, lead, assertion::TOKEN_TTL)?;
+        assertion::rotate_shared(&existing, now, lead, assertion::TOKEN_TTL)?;
     postgres.put_entries(entries).map_err(fail)?;
     Ok((kid, signs))
 }
