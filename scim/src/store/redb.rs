@@ -61,8 +61,8 @@ pub struct RedbStorage {
     ahead: std::sync::OnceLock<Seq>,
     /// Closed at shutdown: nothing more is written (not even by opening it again).
     closed: std::sync::atomic::AtomicBool,
-    /// Held by [`Storage::recover`] while it opens the file and installs it, and by `close`:
-    /// the close waits for an opening under way, which reads never do.
+    /// Held by [`Storage::recover`] and `reopen` while they open the file and install it, and
+    /// by `close`: the close waits for an opening under way, which reads never do.
     opening: std::sync::Mutex<()>,
     /// The sequence the database holds as this process knows it: opened again, it must hold
     /// that (see [`Storage::recover`]).
@@ -196,10 +196,11 @@ impl RedbStorage {
     }
 
     /// Opens the database again (redb takes nothing more after a failed write until then),
-    /// and returns its sequence. As [`Storage::recover`] does: with no lock reads take, so that
-    /// they fail at once meanwhile rather than wait on a repair's walk of the file; a close
-    /// waits for it.
-    fn reopen(&self) -> Result<Seq, StoreError> {
+    /// and returns its sequence, which should be `base`: one past it holds a write this process
+    /// refused, and no read sees it (see [`RedbStorage::unknown`]). As [`Storage::recover`]
+    /// does: with no lock reads take, so that they fail at once meanwhile rather than wait on
+    /// a repair's walk of the file; a close waits for it.
+    fn reopen(&self, base: Seq) -> Result<Seq, StoreError> {
         let _opening = self.opening.lock().map_err(|_| poisoned())?;
         {
             let mut db = self.db.write().map_err(|_| poisoned())?;
@@ -213,6 +214,9 @@ impl RedbStorage {
         }
         let opened = (self.open)()?;
         let seq = sequence(&opened)?;
+        if seq != base {
+            drop(self.unknown(seq));
+        }
         *self.db.write().map_err(|_| poisoned())? = Some(opened);
         Ok(seq)
     }
@@ -380,7 +384,7 @@ impl Storage for RedbStorage {
         // Whether the file holds the batch after all is read back: if it does not, nothing
         // was written; if it does, it may not be on disk (Linux marks pages it failed to
         // write as clean, and a sync on the file opened again reports no error).
-        match self.reopen()? {
+        match self.reopen(batch.base)? {
             seq if seq == batch.base => Err(failed),
             seq => Err(unknown(seq)),
         }
