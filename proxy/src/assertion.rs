@@ -833,7 +833,7 @@ pub fn rotate_shared(
     let ttl = check_ttl(token_ttl)?;
     if existing.is_empty() {
         return Err(
-            "the fleet keeps no assertion key yet: its first start takes this machine's \
+            "the fleet keeps no assertion key yet: its first start takes the first replica's \
                     (data_dir/assertion-keys/) or makes one; start a replica first, then rotate"
                 .to_owned(),
         );
