@@ -469,7 +469,7 @@ class Idp:
 
 def idp_setup(portcullis_port, users, machine_id, machine_secret, client_id, client_secret,
               resource, audience, apache=None):
-    """The IdP: one web client (callback on app.test), one machine client, `users` (in the
+    """The IdP: one web client (callbacks on app.test and cap.test), one machine client, `users` (in the
     token group `eng`, which Apache's requirement reads), one API; with `apache = (port,
     secret)`, Apache's client too."""
     clients = []
@@ -488,7 +488,10 @@ def idp_setup(portcullis_port, users, machine_id, machine_secret, client_id, cli
             {
                 "client_id": client_id,
                 "client_secret": client_secret,
-                "redirect_uris": [f"http://app.test:{portcullis_port}/.portcullis/callback"],
+                # cap.test: the floor's capture of Portcullis' headers, signed in there (a
+                # session is good on the host it began on alone).
+                "redirect_uris": [f"http://{host}:{portcullis_port}/.portcullis/callback"
+                                  for host in ("app.test", "cap.test")],
                 "grant_types": ["authorization_code", "refresh_token"],
                 "response_types": ["code"],
                 "token_endpoint_auth_method": "client_secret_basic",
@@ -794,9 +797,10 @@ secret = "{SCIM_TOKEN}"
     def url(self, host, path="/"):
         return f"http://{host}:{self.port}{path}"
 
-    def sign_in(self, user=ALICE):
-        """A fresh session of `user` (alice unless said); returns the cookie value."""
-        return sign_in(self.url("app.test", "/"), user["email"], user["password"])
+    def sign_in(self, user=ALICE, host="app.test"):
+        """A fresh session of `user` (alice unless said), begun on `host` (a session is good
+        there alone); returns the cookie value."""
+        return sign_in(self.url(host, "/"), user["email"], user["password"])
 
     def machine_token(self):
         return self.idp.client_credentials(MACHINE_ID, self.machine_secret, API, "api:read")

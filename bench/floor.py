@@ -282,7 +282,10 @@ def run(args):
                 os.path.join(tmp, "apache-cookies.lua"), [f"mod_auth_openidc_session={c}" for c in apache_cookies])
         # The same request to each, bar the host: the floor parses and forwards the same headers.
         same = [f"Cookie: portcullis_session={cookie}", "Accept: application/json"]
-        added = capture.added(session.port, [f"Host: {CAPTURE_HOST}", *same])
+        # Alice's session on the capture's host (one begun on app.test is good there alone),
+        # its cookie as long as the one sent to the others.
+        captured = [f"Cookie: portcullis_session={session.sign_in(host=CAPTURE_HOST)}", same[1]]
+        added = capture.added(session.port, [f"Host: {CAPTURE_HOST}", *captured])
         log("captured from Portcullis: " + ", ".join(f"{name} ({len(value)} bytes)" for name, value in added))
         headers_file = os.path.join(tmp, "portcullis-headers")
         with open(headers_file, "w") as f:
