@@ -496,8 +496,8 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
     );
     assert!(at >= expiry, "cut at {at}, before the expiry {expiry}");
     assert!(
-        at <= expiry + 3,
-        "cut at {at}, more than 3 s after the expiry {expiry}"
+        at <= expiry + 6,
+        "cut at {at}, more than 6 s after the expiry {expiry}"
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -545,11 +545,12 @@ async fn an_open_websocket_ends_when_the_idp_withdraws_the_key_that_signed_its_t
     let renewed = t.token().await;
     let (status, body) = t.call(&renewed).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    // Within a second of the new set (open connections are looked at once a second), and
-    // what a loaded machine may add.
+    // Within a second of the new set (open connections are looked at once a second); the
+    // bound is for a loaded machine, far below what a miss would take (the key set's refresh,
+    // 5 minutes, or the token's expiry, an hour).
     assert!(
-        closed_within(&mut ws, Duration::from_secs(4)).await,
-        "the websocket was still open 4 s after Portcullis had the new key set"
+        closed_within(&mut ws, Duration::from_secs(10)).await,
+        "the websocket was still open 10 s after Portcullis had the new key set"
     );
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");

@@ -118,7 +118,8 @@ async fn a_request_goes_on_to_the_last_of_many_upstreams() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_upstream_gets_traffic_again() {
-    let mut a = Upstream::start("a").await;
+    // On a port no other socket of the machine is given meanwhile, for its restart.
+    let mut a = Upstream::start_on("a", loopback_port()).await;
     let b = Upstream::start("b").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
@@ -165,7 +166,8 @@ async fn restarted_upstream_gets_traffic_again() {
 /// requests go to the first (a refused connection costs nothing to try past).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_restart_fails_no_request() {
-    let mut a = Upstream::start("a").await;
+    // On a port no other socket of the machine is given meanwhile, for its restart.
+    let mut a = Upstream::start_on("a", loopback_port()).await;
     let mut b = Upstream::start("b").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
@@ -217,7 +219,7 @@ async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
             "http://app.test",
             vec![format!("http://{address}"), b.url()],
         )
-        .set("connect_timeout = \"1s\""),
+        .set("connect_timeout = \"3s\""),
     );
     let _px = cfg.start().await;
     let url = cfg.http_url("app.test", "/steady");
@@ -232,7 +234,8 @@ async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
             while started.elapsed() < Duration::from_secs(15) && sent < 1000 {
                 let asked = Instant::now();
                 assert_eq!(get_echo(&client, &url).await.upstream, "b");
-                if asked.elapsed() >= Duration::from_millis(900)
+                // Held up by a try (3 s), not by a loaded machine's stall.
+                if asked.elapsed() >= Duration::from_millis(2_700)
                     && asked.duration_since(started) >= Duration::from_secs(1)
                 {
                     slow += 1;
@@ -247,7 +250,7 @@ async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
     for caller in callers.collect::<Vec<_>>() {
         slow += caller.await.unwrap();
     }
-    // Down 5 s after the first failures, then one try (held up 1 s) every 6 s: about two.
+    // Down 5 s after the first failures, then one try (held up 3 s) every 8 s: about two.
     assert!(
         slow <= 4,
         "{slow} requests waited on the silent upstream's connect timeout"
@@ -602,4 +605,11 @@ async fn a_pooled_connection_closed_under_a_request_does_not_send_it_to_a_down_u
         "no pooled connection was closed under a request"
     );
     server.abort();
+}
+
+/// A loopback address on a port kept out of the machine's ephemeral range (see
+/// [`portcullis_tests::free_port`]): an upstream stopped and started again on it finds it
+/// free, which one the kernel gave (in that range) need not be.
+fn loopback_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], portcullis_tests::free_port()))
 }

@@ -25,7 +25,8 @@ use crate::{scim_config, SCIM_TOKEN};
 /// Kills to make; the test fails if fewer happened within [`MAX_TIME`].
 const KILLS: usize = 25;
 /// Time for the whole kill phase (the checks after it take a few seconds more).
-const MAX_TIME: Duration = Duration::from_secs(55);
+/// (a bound for a loaded machine, where restarts are slow: the phase ends at `KILLS` first).
+const MAX_TIME: Duration = Duration::from_secs(120);
 const WRITERS: usize = 6;
 const GROUPS: usize = 4;
 /// Most requests one writer sends (a bound in case the server is very fast).

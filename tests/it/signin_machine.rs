@@ -643,6 +643,9 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
     assert_accepted(&url, &short, "a short-lived token, still valid").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // Read before it is sent: a 200 says the token held when Portcullis answered, and
+        // the answer may be read late on a loaded machine.
+        let sent = now_unix();
         let (status, body) = bearer(&url, &short).await;
         if status == StatusCode::UNAUTHORIZED {
             break;
@@ -657,7 +660,7 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
             "{status}: {body}"
         );
         assert!(
-            (status != StatusCode::OK || now_unix() <= exp + 1) && Instant::now() < deadline,
+            (status != StatusCode::OK || sent <= exp) && Instant::now() < deadline,
             "a token that expired at {exp} is still accepted at {}",
             now_unix()
         );
@@ -1017,7 +1020,7 @@ async fn a_key_the_idp_withdraws_stops_verifying_within_jwks_refresh() {
     // Refused once the set is fetched again: 10 s after the last fetch, and a second to look
     // (what more is allowed is for a loaded machine; a set refreshed at three times the
     // setting fails).
-    let deadline = rotated + Duration::from_secs(20);
+    let deadline = rotated + Duration::from_secs(25);
     loop {
         let (status, body) = bearer(&url, &before).await;
         if status == StatusCode::UNAUTHORIZED {
@@ -1026,7 +1029,7 @@ async fn a_key_the_idp_withdraws_stops_verifying_within_jwks_refresh() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(
             Instant::now() < deadline,
-            "a token signed with a withdrawn key still verifies 20 s after the rotation"
+            "a token signed with a withdrawn key still verifies 25 s after the rotation"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
