@@ -197,9 +197,10 @@ impl RedbStorage {
 
     /// Opens the database again (redb takes nothing more after a failed write until then),
     /// and returns its sequence, which should be `base`: one past it holds a write this process
-    /// refused, and no read sees it (see [`RedbStorage::unknown`]). As [`Storage::recover`]
-    /// does: with no lock reads take, so that they fail at once meanwhile rather than wait on
-    /// a repair's walk of the file; a close waits for it.
+    /// refused, and is left closed, as [`Storage::recover`] leaves it (see
+    /// [`RedbStorage::unknown`]). Opened as `recover` opens it: with no lock reads take, so
+    /// that they fail at once meanwhile rather than wait on a repair's walk of the file; a
+    /// close waits for it.
     fn reopen(&self, base: Seq) -> Result<Seq, StoreError> {
         let _opening = self.opening.lock().map_err(|_| poisoned())?;
         {
@@ -216,6 +217,7 @@ impl RedbStorage {
         let seq = sequence(&opened)?;
         if seq != base {
             drop(self.unknown(seq));
+            return Ok(seq);
         }
         *self.db.write().map_err(|_| poisoned())? = Some(opened);
         Ok(seq)
