@@ -61,8 +61,9 @@ pub struct RedbStorage {
     ahead: std::sync::OnceLock<Seq>,
     /// Closed at shutdown: nothing more is written (not even by opening it again).
     closed: std::sync::atomic::AtomicBool,
-    /// Held by [`Storage::recover`] and `reopen` while they open the file and install it, and
-    /// by `close`: the close waits for an opening under way, which reads never do.
+    /// Held by [`Storage::recover`] and `reopen` while they open the file (and install it when
+    /// it holds what is known), and by `close`: the close waits for an opening under way,
+    /// which reads never do.
     opening: std::sync::Mutex<()>,
     /// The sequence the database holds as this process knows it: opened again, it must hold
     /// that (see [`Storage::recover`]).

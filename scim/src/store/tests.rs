@@ -232,6 +232,8 @@ struct Failing {
     /// `opening` as it begins.
     slow: std::sync::atomic::AtomicBool,
     opening: std::sync::atomic::AtomicBool,
+    /// How many databases on the file were closed (dropped).
+    closes: std::sync::atomic::AtomicUsize,
 }
 
 fn once(armed: &std::sync::atomic::AtomicBool) -> bool {
@@ -265,6 +267,7 @@ impl ::redb::StorageBackend for FullForAMoment {
         self.file.write(offset, data)
     }
     fn close(&self) -> std::io::Result<()> {
+        (self.armed.closes).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.file.close()
     }
 }
@@ -430,6 +433,9 @@ async fn a_write_whose_sync_failed_is_not_acknowledged() {
     assert!(!once(&armed.sync), "the sync was tried");
     assert!(erin.is_err(), "a write whose sync failed was acknowledged");
     assert!(dir.user_by_name("erin@corp.example").is_none());
+    // The database opened again to read it back holds it: left closed (both closed, the one
+    // the write failed on and that one), so that no read ever sees it.
+    assert_eq!(armed.closes.load(std::sync::atomic::Ordering::SeqCst), 2);
     let fred = create(&dir, ResourceType::User, user("fred@corp.example")).await;
     assert!(fred.is_err(), "written over erin's write");
     drop(dir);
