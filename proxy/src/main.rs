@@ -506,8 +506,8 @@ fn warn_of_tokens_in_clear(config: &portcullis_config::Config) {
         if takes_tokens && !listener.carries_credentials() {
             tracing::warn!(
                 address = %listener.address,
-                "plain HTTP off loopback: bearer tokens sent here are refused, as they cross the \
-                 network in clear; serve them over TLS, or set behind_tls_proxy (or \
+                "plain HTTP off loopback: bearer tokens sent here are refused (dropped unread on \
+                 paths open to anyone), as they cross the network in clear; serve them over TLS, or set behind_tls_proxy (or \
                  allow_plain_http, on a network you trust) on this listener"
             );
         }

@@ -251,7 +251,8 @@ async fn an_upstream_that_drops_connections_holds_up_one_request_per_try() {
         slow += caller.await.unwrap();
     }
     // Down 5 s after the first failures, then one try (held up 3 s) every 8 s: about one in
-    // the counted window (eight, one a caller, without the one try).
+    // the counted window (eight, one per caller, if the upstream were not tried by one request
+    // alone).
     assert!(
         slow <= 4,
         "{slow} requests waited on the silent upstream's connect timeout"
