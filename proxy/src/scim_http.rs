@@ -184,29 +184,22 @@ impl Scim {
             body.extend_from_slice(&chunk);
         }
         // The body took its time (a chunk may idle `idle` each): a token a reload removed,
-        // or that expired, meanwhile has what it sends undone, as its next request is.
-        // (The configuration read is let go at once, not held across the write.)
-        let again = match &runtimes.load().scim {
-            Some(scim) => scim
-                .authenticate(authorization(session), now_unix())
-                .map(drop),
+        // or that expired, meanwhile has what it sends undone, as its next request is; and
+        // so is what it would write later (see `ScimRequest::stands`). (The configuration
+        // read is let go at once, not held across a write.)
+        let token = authorization(session).map(<[u8]>::to_vec);
+        let standing = || match &runtimes.load().scim {
+            Some(scim) => scim.authenticate(token.as_deref(), now_unix()).map(drop),
             None => Err("SCIM is no longer configured".to_owned()),
         };
-        if let Err(why) = again {
+        if let Err(why) = standing() {
             let refusal = refused(session, &why);
             return write(session, &refusal, true).await;
         }
-
-        // And again before each write it makes (see `ScimRequest::stands`), recorded once
-        // when it no longer stands.
-        let token = authorization(session).map(<[u8]>::to_vec);
+        // Recorded once when it no longer stands.
         let told = std::sync::atomic::AtomicBool::new(false);
         let stands = || {
-            let again = match &runtimes.load().scim {
-                Some(scim) => scim.authenticate(token.as_deref(), now_unix()).map(drop),
-                None => Err("SCIM is no longer configured".to_owned()),
-            };
-            let Err(why) = again else { return true };
+            let Err(why) = standing() else { return true };
             if !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 let request = crate::audit::Request {
                     method: method.as_str(),
