@@ -1450,6 +1450,18 @@ async fn the_directory_is_never_read_from_a_standby() {
     }
 }
 
+/// Takes the batch `seq` out of PostgreSQL, as a failover to a standby that had not received
+/// it does: its feed row gone, and the sequence back one.
+async fn lose_write(pg: &Postgres, seq: u64) {
+    pg.query(&format!(
+        "DELETE FROM directory_feed WHERE seq = {seq}; \
+         UPDATE directory_meta SET value = {} WHERE key = 'seq'",
+        seq - 1
+    ))
+    .await
+    .expect("lose the write");
+}
+
 /// A write is answered once every replica applied it, as the database says: asked of the
 /// write's own commit, not of its sequence number. A failover that lost the commit, and then
 /// took another batch under that number (which every replica applied), does not have the lost
@@ -1486,13 +1498,7 @@ async fn a_write_postgres_lost_is_not_settled_by_another_of_its_number() {
     .expect("a write");
     // Lost, as a failover to a standby that had not received it loses it; then another batch
     // is written under its number.
-    pg.query(&format!(
-        "DELETE FROM directory_feed WHERE seq = {seq}; \
-         UPDATE directory_meta SET value = {} WHERE key = 'seq'",
-        seq - 1
-    ))
-    .await
-    .expect("lose the write");
+    lose_write(&pg, seq).await;
     let settled = tokio::task::spawn_blocking(move || {
         let other = PgStorage::open(&options)?;
         let again = other.put_entries(vec![entry("in its place")])?;
@@ -1553,13 +1559,7 @@ async fn a_write_postgres_lost_with_nothing_in_its_place_is_lost() {
     .await
     .unwrap()
     .expect("a write");
-    pg.query(&format!(
-        "DELETE FROM directory_feed WHERE seq = {seq}; \
-         UPDATE directory_meta SET value = {} WHERE key = 'seq'",
-        seq - 1
-    ))
-    .await
-    .expect("lose the write");
+    lose_write(&pg, seq).await;
     let settled =
         tokio::task::spawn_blocking(move || writer.settle(seq, std::time::Instant::now()))
             .await
