@@ -121,7 +121,8 @@ pub struct AssertionClaims<'a> {
     /// Whether the agent acts for the person in `sub` (a delegated token): then `act` is
     /// `{"sub": agent}`, as in RFC 8693 §4.1.
     pub delegated: bool,
-    /// Changes whenever the identity's groups or active state change.
+    /// A hash of the user, email and groups the upstream is told of: changes whenever they
+    /// do (a deactivated caller is never forwarded, so the active state need not be in it).
     pub version: u64,
 }
 
