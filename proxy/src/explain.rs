@@ -16,7 +16,7 @@ use url::Url;
 use portcullis_config::{Config, IdentityClaim, Scheme};
 use portcullis_scim::store::postgres::{PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
-use portcullis_scim::store::{Directory, Storage};
+use portcullis_scim::store::{Directory, Storage, StoreError};
 
 use crate::caller::{Actor, Claims, Identity, Machine, Principal};
 use crate::gate::{
@@ -422,14 +422,18 @@ pub fn run_cli(
         }
     }
     let storage: Arc<dyn Storage> = match &config.postgres {
-        Some(postgres) => Arc::new(
-            PgStorage::open(&PgOptions {
+        Some(postgres) => {
+            let fail = |e: StoreError| format!("cannot open the directory in PostgreSQL: {e}");
+            let storage = PgStorage::open(&PgOptions {
                 url: postgres.url.expose().to_owned(),
                 pool_size: 1,
                 max_staleness: postgres.max_staleness,
             })
-            .map_err(|e| format!("cannot open the directory in PostgreSQL: {e}"))?,
-        ),
+            .map_err(fail)?;
+            // Read as this build reads its own schema, a newer one's rows could be misjudged.
+            storage.check_schema().map_err(fail)?;
+            Arc::new(storage)
+        }
         // Opening makes a directory where there is none: an empty one to judge from, and a
         // file of the user running this (root, say) that the service could not open.
         None if config

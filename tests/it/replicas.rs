@@ -1753,6 +1753,31 @@ async fn killing_a_replica_during_scim_writes_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
     let fleet = Fleet::start().await;
+    // `explain` without a running proxy judges from the database, and only one of this
+    // build's schema: it neither makes one nor reads another build's.
+    let explain_says = || async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("portcullis.toml");
+        let cfg = ConfigBuilder::new()
+            .http_listener()
+            .postgres(&fleet.pg.url(), "2s");
+        std::fs::write(&config, cfg.toml()).unwrap();
+        let config = config.display().to_string();
+        let args = [
+            "explain",
+            "--config",
+            &config,
+            "--user",
+            "alice",
+            "--url",
+            "http://app.test/",
+        ];
+        let out = portcullis_tests::process::run(dir.path(), &args).await;
+        assert_ne!(out.status.code(), Some(0), "{out:?}");
+        out.stderr
+    };
+    let said = explain_says().await;
+    assert!(said.contains("holds no directory yet"), "{said}");
     // Three replicas start on an empty database at the same moment.
     let mut replicas = [fleet.spawn(), fleet.spawn(), fleet.spawn()];
     for replica in &mut replicas {
@@ -1805,6 +1830,8 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         let log = replica.px.log();
         assert!(log.contains("schema version 99"), "{log}");
     }
+    let said = explain_says().await;
+    assert!(said.contains("schema version 99"), "{said}");
     // Their leases went with them: no writer waits for them to lapse.
     let leases = fleet.pg.query(running).await.unwrap();
     assert_eq!(
