@@ -1294,8 +1294,16 @@ auth_host = "auth.example.com"
             problems: &[(
                 "oidc.issuer",
                 None,
-                "https://login.chinacloudapi.cn/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+                "https://login.partner.microsoftonline.cn/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
             )],
+        },
+        Case {
+            name: "an issuer on another of Entra ID's names for its sign-in host",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.chinacloudapi.cn/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoft.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0\"\naudiences = [\"api\"]\n",
+            problems: &[
+                ("oidc.issuer", None, "https://login.partner.microsoftonline.cn/<tenant-id>/v2.0"),
+                ("jwt_issuers[0].issuer", None, "https://login.microsoftonline.com/<tenant-id>/v2.0"),
+            ],
         },
         Case {
             name: "Entra ID's issuer naming its tenant otherwise than by its id",

@@ -1985,6 +1985,13 @@ fn issuer(url: String) -> Result<String, String> {
              issuer, https://login.microsoftonline.com/<tenant-id>/v2.0"
         ));
     }
+    if let Some((alias, host)) = entra_alias(&url) {
+        return Err(format!(
+            "`{alias}` answers for Entra ID, but its issuers are on {host}: discovery would \
+             refuse the document it answers, and tokens would name another issuer; write \
+             https://{host}/<tenant-id>/v2.0"
+        ));
+    }
     if let Some(tenant) = entra_tenant_named_otherwise(&url) {
         return Err(format!(
             "Entra ID names its issuer by the tenant's id, a lower-case GUID, whatever names the \
@@ -2017,7 +2024,7 @@ fn sign_in_issuer(url: String) -> Result<String, String> {
         ),
         (
             "https://sts.chinacloudapi.cn/",
-            "https://login.chinacloudapi.cn/",
+            "https://login.partner.microsoftonline.cn/",
         ),
     ];
     let found = v1
@@ -2032,6 +2039,23 @@ fn sign_in_issuer(url: String) -> Result<String, String> {
         ));
     }
     Ok(url)
+}
+
+/// The host of `url`, if it is one of Entra ID's other names for a cloud's sign-in host
+/// (MSAL's instance aliases), and the host that cloud's issuers name: discovery on the alias
+/// answers the issuer on the other host.
+fn entra_alias(url: &str) -> Option<(&str, &'static str)> {
+    const ALIASES: [(&str, &str); 4] = [
+        ("login.microsoft.com", "login.microsoftonline.com"),
+        ("login.windows.net", "login.microsoftonline.com"),
+        ("login.chinacloudapi.cn", "login.partner.microsoftonline.cn"),
+        ("login.usgovcloudapi.net", "login.microsoftonline.us"),
+    ];
+    let host = url.strip_prefix("https://")?.split('/').next()?;
+    ALIASES
+        .iter()
+        .find(|(alias, _)| host.eq_ignore_ascii_case(alias))
+        .map(|&(_, issuers)| (host, issuers))
 }
 
 /// The tenant segment of an Entra ID issuer that stands for many tenants (`common`,
@@ -2052,12 +2076,10 @@ fn entra_multi_tenant(url: &str) -> Option<&str> {
 /// (`contoso.onmicrosoft.com`), or the id in upper case. (`common` and its kin are
 /// [`entra_multi_tenant`]'s.)
 fn entra_tenant_named_otherwise(url: &str) -> Option<&str> {
-    const HOSTS: [&str; 7] = [
+    const HOSTS: [&str; 5] = [
         "login.microsoftonline.com",
-        "login.microsoft.com",
         "login.microsoftonline.us",
         "login.partner.microsoftonline.cn",
-        "login.chinacloudapi.cn",
         "sts.windows.net",
         "sts.chinacloudapi.cn",
     ];
