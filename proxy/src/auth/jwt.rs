@@ -197,14 +197,18 @@ impl Keys {
     fn parse(bytes: &[u8]) -> Result<Keys, String> {
         let mut raw: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        // Out of the set for every verifier, ID tokens' (which read `raw`) too.
+        // Out of the set for every verifier, ID tokens' (which read `raw`) too: short RSA
+        // keys, and a key published twice (GitHub Enterprise Server's set does), which the
+        // ID-token verifier refuses as two keys for one `kid`.
         if let Some(keys) = raw.get_mut("keys").and_then(|k| k.as_array_mut()) {
+            let mut seen = std::collections::HashSet::new();
             keys.retain(|key| {
-                key.get("kty").and_then(|k| k.as_str()) != Some("RSA")
+                let long_enough = key.get("kty").and_then(|k| k.as_str()) != Some("RSA")
                     || key
                         .get("n")
                         .and_then(|n| n.as_str())
-                        .is_some_and(|n| modulus_bits(n) >= MIN_RSA_BITS)
+                        .is_some_and(|n| modulus_bits(n) >= MIN_RSA_BITS);
+                long_enough && seen.insert(key.to_string())
             });
         }
         let set: JwkSet = serde_json::from_value(raw.clone()).map_err(|e| e.to_string())?;
@@ -415,6 +419,15 @@ impl Jwks {
         self.keys.store(Some(Arc::new(keys)));
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
+    }
+
+    /// A key set holding `set`, as if fetched from `uri`.
+    #[cfg(test)]
+    pub fn holding(uri: &str, set: &[u8]) -> Jwks {
+        let jwks = Jwks::new(uri.to_owned(), reqwest::Client::new());
+        jwks.keys
+            .store(Some(Arc::new(Keys::parse(set).expect("a key set"))));
+        jwks
     }
 
     /// As if the set had last been fetched [`REFETCH_AFTER`] earlier than it was.

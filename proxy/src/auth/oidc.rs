@@ -1027,33 +1027,7 @@ impl Oidc {
         id_token: &openidconnect::core::CoreIdToken,
         nonce: impl openidconnect::NonceVerifier,
     ) -> Result<openidconnect::core::CoreIdTokenClaims, IdTokenError> {
-        let raw = provider
-            .jwks
-            .raw()
-            .ok_or_else(|| IdTokenError::Other("no keys".into()))?;
-        let keys: CoreJsonWebKeySet = serde_json::from_value((*raw).clone())
-            .map_err(|e| IdTokenError::Other(format!("key set: {e}")))?;
-        let issuer = IssuerUrl::new(provider.issuer.clone())
-            .map_err(|e| IdTokenError::Other(e.to_string()))?;
-        // A public client verifier: no client secret, so no HMAC-signed ID tokens.
-        let verifier = CoreIdTokenVerifier::new_public_client(
-            ClientId::new(config.client_id.clone()),
-            issuer,
-            keys,
-        )
-        .set_allowed_algs(config.id_token_algorithms.iter().copied().map(core_alg));
-        id_token
-            .claims(&verifier, nonce)
-            .cloned()
-            .map_err(|e| match e {
-                openidconnect::ClaimsVerificationError::SignatureVerification(
-                    e @ openidconnect::SignatureVerificationError::NoMatchingKey,
-                ) => IdTokenError::UnknownKey(e.to_string()),
-                openidconnect::ClaimsVerificationError::SignatureVerification(e) => {
-                    IdTokenError::Signature(e.to_string())
-                }
-                other => IdTokenError::Other(other.to_string()),
-            })
+        verify_id_token(config, &provider.issuer, &provider.jwks, id_token, nonce)
     }
 
     /// Verifies a back-channel logout token (OIDC Back-Channel Logout 1.0 §2.6), one not used
@@ -1352,6 +1326,42 @@ pub async fn discovery_loop(
     }
 }
 
+/// An ID token's claims, verified against the key set `jwks` of `issuer`, for `config`'s client.
+fn verify_id_token(
+    config: &OidcConfig,
+    issuer: &str,
+    jwks: &Jwks,
+    id_token: &openidconnect::core::CoreIdToken,
+    nonce: impl openidconnect::NonceVerifier,
+) -> Result<openidconnect::core::CoreIdTokenClaims, IdTokenError> {
+    let raw = jwks
+        .raw()
+        .ok_or_else(|| IdTokenError::Other("no keys".into()))?;
+    let keys: CoreJsonWebKeySet = serde_json::from_value((*raw).clone())
+        .map_err(|e| IdTokenError::Other(format!("key set: {e}")))?;
+    let issuer =
+        IssuerUrl::new(issuer.to_owned()).map_err(|e| IdTokenError::Other(e.to_string()))?;
+    // A public client verifier: no client secret, so no HMAC-signed ID tokens.
+    let verifier = CoreIdTokenVerifier::new_public_client(
+        ClientId::new(config.client_id.clone()),
+        issuer,
+        keys,
+    )
+    .set_allowed_algs(config.id_token_algorithms.iter().copied().map(core_alg));
+    id_token
+        .claims(&verifier, nonce)
+        .cloned()
+        .map_err(|e| match e {
+            openidconnect::ClaimsVerificationError::SignatureVerification(
+                e @ openidconnect::SignatureVerificationError::NoMatchingKey,
+            ) => IdTokenError::UnknownKey(e.to_string()),
+            openidconnect::ClaimsVerificationError::SignatureVerification(e) => {
+                IdTokenError::Signature(e.to_string())
+            }
+            other => IdTokenError::Other(other.to_string()),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::sealed::Sealer;
@@ -1370,6 +1380,43 @@ mod tests {
         let long = |n: usize| (0..n).map(|_| "x".repeat(1000)).collect::<Vec<_>>();
         assert!(!too_many_to_keep(&long(65)));
         assert!(too_many_to_keep(&long(66)));
+    }
+
+    /// An ID token verifies under a key its provider publishes twice, as GitHub Enterprise
+    /// Server's set does (openidconnect's verifier refuses two keys under one `kid`, even the
+    /// same one), as bearer and logout tokens of the same set do.
+    #[test]
+    fn an_id_token_verifies_under_a_key_published_twice() {
+        use base64::Engine;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let point = key.public_key_raw();
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": "a", "use": "sig",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        });
+        let set = serde_json::json!({ "keys": [jwk, jwk] }).to_string();
+        let issuer = "https://idp.example";
+        let jwks = Jwks::holding(&format!("{issuer}/jwks"), set.as_bytes());
+        let mut config = crate::testing::config("").oidc.unwrap();
+        config.issuer = issuer.to_owned();
+        config.id_token_algorithms = vec![portcullis_config::JwtAlgorithm::ES256];
+        let now = crate::clock::now_unix();
+        let claims = serde_json::json!({
+            "iss": issuer, "aud": config.client_id, "sub": "alice",
+            "iat": now, "exp": now + 300,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("a".to_owned());
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        let id_token: openidconnect::core::CoreIdToken = token.parse().unwrap();
+        let any_nonce = |_: Option<&openidconnect::Nonce>| Ok(());
+        let verified = verify_id_token(&config, issuer, &jwks, &id_token, any_nonce);
+        assert_eq!(
+            verified.map(|c| c.subject().to_string()).ok(),
+            Some("alice".to_owned())
+        );
     }
 
     /// A test provider's answer to `request`: an empty key set at `/jwks`, else `document`.
