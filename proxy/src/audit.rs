@@ -1042,9 +1042,10 @@ impl Store {
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
     /// go to it after those kept before them once it can. `urgent` (a flush, the process
-    /// stopping): while PostgreSQL is not to be asked yet after a failure, these go to the
-    /// spool at once, rather than wait on it (a connection takes up to its timeout to fail)
-    /// past the flush's time.
+    /// stopping): while records wait in the spool, or PostgreSQL is not to be asked yet after
+    /// a failure, these go to the spool at once and none is moved, rather than wait on
+    /// PostgreSQL (a connection that does not answer holds them past the flush's time, and
+    /// the process exits without them); the next process on the `data_dir` moves them.
     fn append(
         &mut self,
         lines: &[String],
@@ -1055,11 +1056,18 @@ impl Store {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
                 spool.look();
+                if urgent && (!spool.is_empty() || spool.failing()) {
+                    return if lines.is_empty() {
+                        Ok(())
+                    } else {
+                        spool.append(lines)
+                    };
+                }
                 let none_waits = spool.is_empty() || spool.move_to(log);
                 if lines.is_empty() {
                     return Ok(());
                 }
-                if none_waits && !(urgent && spool.failing()) {
+                if none_waits {
                     let records: Vec<&str> = lines.iter().map(|line| line.trim_end()).collect();
                     match log.append(&records) {
                         Ok(()) => return Ok(()),
@@ -2309,6 +2317,39 @@ mod tests {
         };
         assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
         assert_eq!(taken.len(), 10, "{taken:?}");
+    }
+
+    /// A flush while records wait in the spool, PostgreSQL's backoff over (the process
+    /// stopping, say), keeps the new records beside them at once: it does not wait on a
+    /// PostgreSQL that does not answer, past the flush's time and the process' exit.
+    #[test]
+    fn a_flush_with_records_in_the_spool_waits_on_no_postgres() {
+        use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+        // Takes connections and never answers them.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let options = PgOptions {
+            url: format!("host=127.0.0.1 port={port} user=x sslmode=disable"),
+            pool_size: 1,
+            max_staleness: std::time::Duration::from_secs(2),
+        };
+        let log = PgStorage::open(&options).unwrap().audit_log();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_NAME);
+        let mut spool = Spool::open(path.clone()).unwrap();
+        spool.append(&["{\"n\":1}\n".to_owned()]).unwrap();
+        assert!(!spool.failing(), "PostgreSQL may be asked again");
+        let mut store = Store::Postgres(Box::new(log), spool);
+        let (done, appended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let result = store.append(&["{\"n\":2}\n".to_owned()], None, true);
+            let _ = done.send(result);
+        });
+        let result = appended.recv_timeout(std::time::Duration::from_secs(3));
+        assert_eq!(result, Ok(Ok(())), "waited on PostgreSQL");
+        let spooled = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(spooled, "{\"n\":1}\n{\"n\":2}\n");
+        drop(silent);
     }
 
     /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come
