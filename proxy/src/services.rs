@@ -187,8 +187,12 @@ impl IdpKeys {
 
 #[async_trait]
 impl BackgroundService for IdpKeys {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        while pause(&mut shutdown, Duration::from_secs(1)).await {
+    /// Through a graceful stop's drain too, until the runtime itself ends: the connections it
+    /// keeps open are still cut when the IdP withdraws the key that signed their tokens (see
+    /// [`Watcher`]).
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let runtime = self.shared.runtime.load_full();
             self.shared.auth.refresh_aged_key_sets(&runtime.config);
         }

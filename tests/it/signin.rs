@@ -109,6 +109,8 @@ pub(crate) struct Options {
     /// (`groupMembershipClaims`) and Portcullis has `[identity] preset = "entra"`; people at
     /// the IdP need an `oid`.
     pub idp_profile: IdpProfile,
+    /// Settings of `[server]`, `(key, raw TOML value)`.
+    pub server_settings: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Options {
@@ -127,6 +129,7 @@ impl Default for Options {
             scim: false,
             userinfo_only: Vec::new(),
             idp_profile: IdpProfile::Conformant,
+            server_settings: Vec::new(),
         }
     }
 }
@@ -255,6 +258,9 @@ impl Fixture {
         }
         if options.idp_profile == IdpProfile::Entra {
             cfg = cfg.identity("preset = \"entra\"");
+        }
+        for (key, value) in options.server_settings {
+            cfg = cfg.server(key, value);
         }
         if options.idp_down_at_start {
             idp.outage(true).await;

@@ -999,6 +999,42 @@ async fn bearer_tokens_follow_idp_key_rotation_without_a_restart() {
     assert_accepted(&url, &after, "the new token, again").await;
 }
 
+/// A graceful stop keeps open connections for as long as its drain lasts (`shutdown_timeout`),
+/// and the IdP's key sets are fetched again meanwhile: a websocket whose token's key the IdP
+/// withdraws after the `SIGTERM` ends once the set is `jwks_refresh` old, not with the drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_withdrawn_during_a_graceful_stop_still_ends_the_websockets_it_opened() {
+    let fx = Fixture::start_with(Options {
+        idp_issuer_settings: vec![("jwks_refresh", "\"10s\"")],
+        server_settings: vec![("shutdown_timeout", "\"120s\"")],
+        extra_routes: vec![|api| {
+            Route::new("http://api.test/ws", &[api])
+                .accept(&["bearer"])
+                .websockets(true)
+                .any_signed_in()
+        }],
+        ..Options::default()
+    })
+    .await;
+    let token = fx
+        .idp
+        .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+        .await;
+    let bearer = format!("Bearer {token}");
+    let addr = fx.cfg.http_addr();
+    let mut ws =
+        portcullis_tests::client::websocket(addr, "api.test", "/ws", ("authorization", &bearer))
+            .await;
+    fx.px.signal(nix::sys::signal::Signal::SIGTERM);
+    fx.idp.rotate_keys(false).await;
+    // 10 s after the last fetch, and a second to look; what more is allowed is for a loaded
+    // machine, far below the drain's 120 s.
+    assert!(
+        portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(30)).await,
+        "the websocket was still open 30 s after the IdP withdrew its token's key"
+    );
+}
+
 /// A key the IdP withdraws stops verifying once the key set is `jwks_refresh` old, though no
 /// token names a new key (which would have Portcullis fetch the set at once).
 #[tokio::test(flavor = "multi_thread")]
