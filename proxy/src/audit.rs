@@ -2731,13 +2731,13 @@ mod tests {
             op: "create".to_owned(),
             resource_type: "User".to_owned(),
             id: "u1".to_owned(),
-            summary: "created userName \"eve\n2025-01-02T03:04:06Z change  #8 by okta\u{1b}[2K\""
+            summary: "created userName \"eve\n2025-01-02T03:04:06Z change  #8 by okta\u{1b}[2K\u{202e}nimda\""
                 .to_owned(),
         };
         let line = entry.human();
         assert!(!line.chars().any(char::is_control), "{line}");
         assert!(
-            line.contains("eve\\n2025") && line.contains("\\u{1b}[2K"),
+            line.contains("eve\\n2025") && line.contains("\\u{1b}[2K\\u{202e}nimda"),
             "{line}"
         );
     }

@@ -3,20 +3,32 @@
 use std::borrow::Cow;
 
 /// `text` with its control characters escaped (`\u{1b}`, `\n`): what a SCIM client wrote in a
-/// name must not move a terminal's cursor over the lines around it, or end a line.
+/// name must not move a terminal's cursor over the lines around it, or end a line; nor, with
+/// the marks that set the direction of text (`\u{202e}`), show the rest of its line in
+/// another order than it was written.
 pub fn printable(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
     }
     let mut shown = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if hidden(c) {
             shown.extend(c.escape_default());
         } else {
             shown.push(c);
         }
     }
     Cow::Owned(shown)
+}
+
+/// Whether `c` is shown escaped: a control character, a line or paragraph separator, or a
+/// mark that changes the direction of the text after it (Unicode's bidirectional controls).
+fn hidden(c: char) -> bool {
+    let bidi = matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    );
+    c.is_control() || bidi
 }
 
 /// `seconds` from now (negative: in the past) in words, rounded to the nearest unit.
