@@ -358,6 +358,15 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
     assert_eq!(me["subject"], AGENT_ID, "{me}");
     let (_, page) = t.get("/.portcullis/me", &token, "text/html").await;
     assert!(page.contains(AGENT_ID), "{page}");
+    // HEAD too, as for any page (a client's check that it still gets in).
+    let head = bare_client()
+        .head(t.url("/.portcullis/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("the HEAD is answered");
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.text().await.unwrap_or_default(), "");
     assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
 
     // The owner chain is judged on every request, and the refusal says which link broke.

@@ -306,7 +306,7 @@ impl Auth {
         let config = &runtime.config;
         let method = session.req_header().method.clone();
         // Machines and agents ask who they are where no one signs in too.
-        if (endpoint, &method) == ("me", &http::Method::GET) {
+        if endpoint == "me" && matches!(method, http::Method::GET | http::Method::HEAD) {
             let served = match self.me(session, runtime, req).await {
                 Ok(reply) => Served::Reply(reply),
                 Err(invalid_token) => Served::Unauthenticated { invalid_token },
