@@ -95,9 +95,9 @@ const SIGNS_PREFIX: &str = "Signs: ";
 /// `max-age=60`, and a server with its keys in `data_dir` picks a rotation up within a minute.
 pub const PUBLISH_LEAD: Duration = Duration::from_secs(180);
 
-/// The claims of one assertion. `version` must change whenever the identity's groups or state
-/// change (for example the directory's change sequence for that user); the cache additionally
-/// compares every claim, so it is a fast path, not the only guard.
+/// The claims of one assertion. `version` changes whenever what the upstream is told does
+/// (see the field); the cache additionally compares every claim, so it is a fast path, not
+/// the only guard.
 #[derive(Debug, Clone, Copy)]
 pub struct AssertionClaims<'a> {
     /// `iss`: who asserts, e.g. `https://auth.example.com`.

@@ -431,7 +431,13 @@ pub fn run_cli(
             })
             .map_err(fail)?;
             // Read as this build reads its own schema, a newer one's rows could be misjudged.
-            storage.check_schema().map_err(fail)?;
+            if !storage.check_schema().map_err(fail)? {
+                return Err(
+                    "no directory in PostgreSQL yet: a replica makes it at its first \
+                     start, and the IdP fills it; explain judges from it, and makes none"
+                        .to_owned(),
+                );
+            }
             Arc::new(storage)
         }
         // Opening makes a directory where there is none: an empty one to judge from, and a

@@ -296,8 +296,8 @@ pub struct Named {
     /// Display names of every group, comma-separated.
     pub groups: String,
     pub group_names: Vec<String>,
-    /// Changes whenever the user's standing or groups may have changed; keys caches of
-    /// anything derived from them (the signed assertion).
+    /// A hash of the user, email and groups the upstream is told of; keys caches of anything
+    /// derived from them (the signed assertion).
     pub version: u64,
     /// `user`, `email` and `groups` as header values; `None` when one of them cannot be one
     /// (then a route with identity headers refuses the request rather than send it without).

@@ -1777,7 +1777,7 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
         out.stderr
     };
     let said = explain_says().await;
-    assert!(said.contains("holds no directory yet"), "{said}");
+    assert!(said.contains("no directory in PostgreSQL yet"), "{said}");
     // Three replicas start on an empty database at the same moment.
     let mut replicas = [fleet.spawn(), fleet.spawn(), fleet.spawn()];
     for replica in &mut replicas {

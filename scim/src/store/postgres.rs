@@ -628,15 +628,13 @@ impl PgStorage {
         self.pool.with(migrate)
     }
 
-    /// Refuses a database whose schema is not this build's, changing nothing (for a command
-    /// that only reads: migrating would stop the replicas of an older build). One no replica
-    /// has migrated yet holds no directory.
-    pub fn check_schema(&self) -> Result<(), StoreError> {
+    /// Whether the database holds a directory (false before a replica's first start), and
+    /// refuses one whose schema is not this build's, changing nothing (for a command that
+    /// only reads: migrating would stop the replicas of an older build).
+    pub fn check_schema(&self) -> Result<bool, StoreError> {
         match self.pool.with(schema_version)? {
-            Some(SCHEMA_VERSION) => Ok(()),
-            None => Err(StoreError::Unsuitable(
-                "it holds no directory yet: a replica makes it at its first start".to_owned(),
-            )),
+            Some(SCHEMA_VERSION) => Ok(true),
+            None => Ok(false),
             Some(found) => Err(StoreError::Version {
                 found: u64::try_from(found).unwrap_or(0),
                 expected: SCHEMA_VERSION as u64,
