@@ -541,15 +541,15 @@ impl Budgets {
         }
         budget.unrecorded += 1;
         if budget.unrecorded == 1 {
-            let (user, per_second) = (bounded(who.name(), MAX_USER), who.per_second());
+            let (user, budget) = (bounded(who.name(), MAX_USER), who.budget());
             tracing::warn!(
                 target: "audit",
                 route,
                 user,
                 // The user only as a field, written escaped: a name from the directory may hold
                 // a line break, which would forge a line in the plain format's message.
-                "more than {per_second} refusals a second of this user's requests: the rest \
-                 are counted, not recorded one by one"
+                "refusals of this user's requests {budget}: the rest are counted, not recorded \
+                 one by one"
             );
         }
         false
@@ -604,6 +604,18 @@ impl Caller {
             Caller::Named(_) => NAMED_PER_SECOND,
         }
     }
+
+    /// The budget its refusals went past, in words: for nobody's, the route's or, once half
+    /// of it is taken, one address's share (see [`Budgets::take`]).
+    fn budget(&self) -> String {
+        match self {
+            Caller::Anonymous => format!(
+                "past the route's {UNVERIFIED_PER_SECOND} a second, or one address's share of \
+                 them ({UNVERIFIED_PER_CLIENT} once {UNVERIFIED_SHARED} are taken)"
+            ),
+            Caller::Named(_) => format!("past {NAMED_PER_SECOND} a second"),
+        }
+    }
 }
 
 /// Refusals of `who` on `route` counted but not recorded one by one (see [`Budgets`]).
@@ -617,14 +629,13 @@ struct Unrecorded {
 /// The records of `counts` (see [`Budgets::unrecorded`]).
 fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
     counts.into_iter().map(|Unrecorded { route, who, count }| {
-        let per_second = who.per_second();
+        let budget = who.budget();
         let whose = match &who {
             Caller::Anonymous => "requests that named nobody".to_owned(),
             Caller::Named(name) => format!("{}'s requests", bounded(name, MAX_USER)),
         };
         let reason = format!(
-            "{count} {UNRECORDED} of {whose}, past {per_second} a second, were counted but not \
-             recorded one by one"
+            "{count} {UNRECORDED} of {whose}, {budget}, were counted but not recorded one by one"
         );
         let user = bounded(who.name(), MAX_USER);
         // On stdout too, as every refusal is: a flood is the count's to tell.
@@ -2904,6 +2915,16 @@ mod tests {
             .filter(|_| budgets.take(&Caller::Anonymous, "scim", from("10.0.0.1"), 7))
             .count();
         assert_eq!(one, UNVERIFIED_SHARED as usize);
+        // Its count says which budget it went past: not the route's 100, for 50 recorded.
+        let counted: Vec<Entry> = unrecorded_records(budgets.unrecorded()).collect();
+        let [Entry::Refusal { reason, .. }] = &counted[..] else {
+            panic!("one count: {counted:?}");
+        };
+        assert!(reason.starts_with("450 more refusals"), "{reason}");
+        assert!(
+            reason.contains("or one address's share of them"),
+            "{reason}"
+        );
         // IPv4 clients of a dual-stack listener (`::ffff:a.b.c.d`) are each their own address.
         let mut budgets = Budgets::default();
         let mut take =

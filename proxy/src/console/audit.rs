@@ -567,8 +567,9 @@ mod tests {
             ..
         } = &mut counted
         {
-            *reason = "4900 more refusals of requests that named nobody, past 100 a second, \
-                       were counted but not recorded one by one"
+            *reason = "4900 more refusals of requests that named nobody, past the route's 100 \
+                       a second, or one address's share of them (10 once 50 are taken), were \
+                       counted but not recorded one by one"
                 .to_owned();
             "-".clone_into(method);
             "-".clone_into(path);
