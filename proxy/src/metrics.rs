@@ -23,7 +23,7 @@ static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| {
     let requests = IntCounterVec::new(
         Opts::new(
             "portcullis_requests_total",
-            "Requests answered, by route and status.",
+            "Requests, by route and the status answered (0: the client left before any answer).",
         ),
         &["route", "status"],
     )

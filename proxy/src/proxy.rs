@@ -1318,7 +1318,7 @@ impl ProxyHttp for Proxy {
     fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
         let req = session.req_header();
         let host = request_host(req).unwrap_or_default();
-        let path = reply::cut(req.uri.path(), 1024);
+        let path = crate::human::printable(reply::cut(req.uri.path(), 1024));
         format!("{} {path}, Host: {}", req.method, reply::cut(&host, 256))
     }
 
@@ -1377,7 +1377,9 @@ impl ProxyHttp for Proxy {
                     .unwrap_or_default(),
                 256
             ),
-            path = %reply::cut(req.uri.path(), 1024),
+            // Escaped as the other fields are: a path may hold any UTF-8, the marks that
+            // reverse the rest of a line as a terminal shows it among them.
+            path = %crate::human::printable(reply::cut(req.uri.path(), 1024)),
             status,
             route,
             user = ctx.caller.as_ref().map(Caller::log_name),

@@ -20,7 +20,7 @@ use portcullis_tests::idp::{jwt_claims, query_param, random_token};
 
 use portcullis_tests::raw_upstream::{RawRequest, RawUpstream};
 use portcullis_tests::{
-    raw_request, ConfigBuilder, IdpUser, JwtIssuer, Oidc, Portcullis, Route, ScimClient,
+    raw_request, ConfigBuilder, IdpUser, JwtIssuer, Oidc, Portcullis, Route, ScimClient, Upstream,
 };
 
 use crate::signin::{
@@ -224,6 +224,38 @@ impl Hardened {
     fn session(&self, cookie: &str) -> String {
         format!("Cookie: {SESSION_COOKIE}={cookie}")
     }
+}
+
+/// The access log shows a path's characters that would move or reorder a terminal's text
+/// escaped, as it shows a host's: a mark reversing the rest of the line (U+202E) would show its
+/// status, route and user in another order.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_shows_a_path_s_direction_marks_escaped() {
+    let up = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let px = cfg.start().await;
+    let addr = cfg.http_addr();
+    let request = format!(
+        "GET /rtl-\u{202e}txt.exe HTTP/1.1\r\nHost: app.test:{}\r\nConnection: close\r\n\r\n",
+        addr.port()
+    );
+    raw_request(addr, request.as_bytes())
+        .await
+        .expect("answered");
+    let log = px
+        .log_until(|log| {
+            log.lines()
+                .any(|l| l.contains(" access: ") && l.contains("/rtl-"))
+        })
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("/rtl-"))
+        .unwrap_or_default();
+    assert!(!line.contains('\u{202e}'), "{line}");
+    assert!(line.contains("/rtl-\\u{202e}txt.exe"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
