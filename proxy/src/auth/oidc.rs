@@ -614,24 +614,8 @@ impl Oidc {
         if let Some(object) = raw_claims.as_ref().and_then(|c| c.as_object()) {
             add_string_claims(&mut strings, object, &[wants.claim]);
         }
-        if let Some(info) = &info {
-            let standard = [
-                ("email", info.email().map(|e| e.to_string())),
-                (
-                    "preferred_username",
-                    info.preferred_username().map(|u| u.to_string()),
-                ),
-            ];
-            let standard: Vec<(String, serde_json::Value)> = standard
-                .into_iter()
-                .filter_map(|(name, value)| Some((name.to_owned(), value?.into())))
-                .collect();
-            add_string_claims(
-                &mut strings,
-                standard.iter().map(|(n, v)| (n, v)),
-                &[wants.claim],
-            );
-            add_string_claims(&mut strings, &info.additional_claims().rest, &[wants.claim]);
+        if let Some(info) = info.as_ref().and_then(every_claim) {
+            add_string_claims(&mut strings, &info, &[wants.claim]);
         }
 
         let lifetime = config.session_lifetime.as_secs();
@@ -1326,6 +1310,18 @@ pub async fn discovery_loop(
     }
 }
 
+/// Every claim of a UserInfo answer, as it came: openidconnect keeps the standard ones
+/// (`nickname`, `phone_number`, ...) out of its other claims, and `[identity] claim` may name
+/// any.
+fn every_claim(
+    info: &UserInfoClaims<MoreClaims, CoreGenderClaim>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::to_value(info) {
+        Ok(serde_json::Value::Object(claims)) => Some(claims),
+        _ => None,
+    }
+}
+
 /// An ID token's claims, verified against the key set `jwks` of `issuer`, for `config`'s client.
 fn verify_id_token(
     config: &OidcConfig,
@@ -1417,6 +1413,29 @@ mod tests {
             verified.map(|c| c.subject().to_string()).ok(),
             Some("alice".to_owned())
         );
+    }
+
+    /// A person may be found by any string claim UserInfo says, a standard one the ID token
+    /// lacks too (as a conformant provider serves `nickname`).
+    #[test]
+    fn every_string_claim_of_userinfo_can_find_a_person() {
+        let answer = br#"{"sub": "s1", "nickname": "alice", "phone_number": "+1 555",
+            "email": "a@corp.example", "preferred_username": "al", "groups": ["eng"],
+            "email_verified": true}"#;
+        let info: UserInfoClaims<MoreClaims, CoreGenderClaim> =
+            UserInfoClaims::from_json::<std::io::Error>(answer, None).unwrap();
+        let claims = every_claim(&info).expect("an object");
+        let mut strings = Claims::new();
+        add_string_claims(&mut strings, &claims, &["nickname"]);
+        for (name, value) in [
+            ("nickname", "alice"),
+            ("phone_number", "+1 555"),
+            ("email", "a@corp.example"),
+            ("preferred_username", "al"),
+            ("sub", "s1"),
+        ] {
+            assert_eq!(strings.get(name).map(String::as_str), Some(value), "{name}");
+        }
     }
 
     /// A test provider's answer to `request`: an empty key set at `/jwks`, else `document`.
