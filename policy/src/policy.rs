@@ -251,17 +251,20 @@ fn denied_within(prefix: &Prefix, path: &str) -> bool {
         || page_with_info(path).is_some_and(|page| holds(&page))
 }
 
-/// `path` as a server that runs the first page's file among its segments before the last reads
-/// it, the rest being the page's path info: with that file's extension taken off. Apache, and
-/// nginx with `fastcgi_split_path_info`, run `admin.php` for `/admin.php/x`, IIS runs
-/// `admin.aspx` for `/admin.aspx/x`: the page `/admin/x` runs where clean names are served
-/// ([`page_name`]).
+/// `path` as a server that runs the first page's file among its segments reads it, the rest
+/// being the page's path info: with that file's extension taken off. Apache, and nginx with
+/// `fastcgi_split_path_info`, run `admin.php` for `/admin.php/x`, IIS runs `admin.aspx` for
+/// `/admin.aspx/x`: the page `/admin/x` runs where clean names are served ([`page_name`]);
+/// and `/admin.php` itself is the page `/admin` there.
 pub fn page_with_info(path: &str) -> Option<String> {
     if !path.contains('.') {
         return None;
     }
     let mut start = 0;
-    while let Some(end) = path[start + 1..].find('/').map(|i| start + 1 + i) {
+    loop {
+        let end = path[start + 1..]
+            .find('/')
+            .map_or(path.len(), |i| start + 1 + i);
         let segment = &path[start + 1..end];
         let name = segment.split_once(';').map_or(segment, |(name, _)| name);
         let page = name.rsplit_once('.').filter(|(stem, extension)| {
@@ -270,9 +273,11 @@ pub fn page_with_info(path: &str) -> Option<String> {
         if let Some((stem, _)) = page {
             return Some(format!("{}{stem}{}", &path[..=start], &path[end..]));
         }
+        if end == path.len() {
+            return None;
+        }
         start = end;
     }
-    None
 }
 
 /// The extensions of pages' files, which servers also serve by other names.

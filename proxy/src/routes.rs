@@ -552,6 +552,9 @@ mod tests {
             "/admin",
             "/tools/report.php/x",
             "/tools/REPORT.aspx;s=1/",
+            // The page's own file, as the page's clean name is served.
+            "/tools/report.php",
+            "/tools/REPORT.aspx;s=1",
             "/shop-admin/orders",
             "/staff/",
             "/staff",

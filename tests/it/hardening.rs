@@ -1619,6 +1619,8 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/admin.php/users", 403, None),
         ("/ADMIN.aspx;x/users", 403, None),
         ("/v1.php/builds", 400, None),
+        // And the page's own file is the page: `/v1.php` is what `/v1` runs there.
+        ("/v1.php", 400, None),
         // Unless the route taken names the script itself: its operator routed it.
         ("/remote.php/dav/files", 200, Some("/remote.php/dav/files")),
         ("/remote.php/v1/x", 200, Some("/remote.php/v1/x")),
