@@ -310,7 +310,8 @@ pub fn explain(
                 path: &path,
                 client: ClientOf::Known(Client::Browser),
             };
-            (route, gate.explain(&facts, Presented::Caller(principal)))
+            let presented = presented(runtime, scheme, principal);
+            (route, gate.explain(&facts, presented))
         });
         (view, judged)
     });
@@ -339,6 +340,15 @@ pub fn explain(
         }
         Admission::Refuse(Refused::Unavailable) => {
             answer.reason = "the directory is not known to be current".to_owned();
+        }
+        Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. })
+            if !runtime.takes_credentials(scheme) =>
+        {
+            answer.reason = "refused: plain HTTP off loopback, where every listener that \
+                             serves it refuses sign-ins, sessions and bearer tokens (they would \
+                             cross the network in clear); serve it over TLS (an https route), \
+                             or set allow_plain_http on its listener, on a network you trust"
+                .to_owned();
         }
         // Someone who has just signed in is asked to sign in only where people cannot; an
         // agent's token, only where bearer tokens are not taken.
@@ -398,12 +408,23 @@ pub fn lets_in(
         path,
         client: ClientOf::Known(Client::Browser),
     };
+    let scheme = route.scheme;
     with_principal(runtime, gate.directory, who, |principal| {
         matches!(
-            gate.admit(&facts, Presented::Caller(principal)),
+            gate.admit(&facts, presented(runtime, scheme, principal)),
             Admission::Allow(_)
         )
     })
+}
+
+/// What `principal` presents on a request of `scheme`: nothing that verifies where the proxy
+/// refuses credentials on every listener that could take it ([`Runtime::takes_credentials`]).
+fn presented<'a>(runtime: &Runtime, scheme: Scheme, principal: Principal<'a>) -> Presented<'a> {
+    match principal {
+        _ if runtime.takes_credentials(scheme) => Presented::Caller(principal),
+        Principal::Person(_) => Presented::Nothing,
+        Principal::Machine(_) => Presented::Invalid { bearer: true },
+    }
 }
 
 /// `portcullis explain`: asks the running proxy over its admin listener, or, when none is
@@ -643,6 +664,58 @@ mod tests {
         assert!(answer
             .to_string()
             .starts_with("ALLOW GET http://app.test/work"));
+    }
+
+    /// Where every plain listener is off loopback, without TLS in front or
+    /// `allow_plain_http`, the proxy refuses the credentials an http route's callers present
+    /// (they would cross the network in clear): explain says so, and only what is public
+    /// is let in, as the console's lists say.
+    #[tokio::test]
+    async fn credentials_in_clear_off_loopback_let_no_one_in() {
+        let text = crate::testing::CONFIG.replace("127.0.0.1:1", "10.0.0.1:1");
+        let world = World::with(crate::testing::parse(&text));
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        for who in [
+            Who::Person(ALICE),
+            Who::Machine(ALICE),
+            Who::Agent {
+                name: "bot",
+                on_behalf_of: None,
+            },
+        ] {
+            let answer = explain(
+                &world.runtime(),
+                &world.directory,
+                true,
+                who,
+                "http://app.test/work",
+                "GET",
+            )
+            .unwrap();
+            assert!(!answer.allowed, "{answer}");
+            assert!(
+                answer.reason.contains("plain HTTP off loopback"),
+                "{answer}"
+            );
+            let public = explain(
+                &world.runtime(),
+                &world.directory,
+                true,
+                who,
+                "http://app.test/public",
+                "GET",
+            )
+            .unwrap();
+            assert!(public.allowed, "{public}");
+        }
+        // Where plain HTTP is allowed, they are judged.
+        let text = text.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
+        let world = World::with(crate::testing::parse(&text));
+        let alice = world.user(ALICE).await;
+        world.group("eng", &[&alice]).await;
+        let answer = ask(&world, ALICE, "http://app.test/work", "GET");
+        assert!(answer.allowed, "{answer}");
     }
 
     #[tokio::test]

@@ -145,6 +145,17 @@ impl Runtime {
             .is_some_and(|l| l.carries_credentials())
     }
 
+    /// Whether a request of `scheme` can carry a credential on some listener of this
+    /// configuration ([`Runtime::carries_credentials`]): not a plain HTTP one where every
+    /// listener that takes those (no TLS, none in front) is off loopback, without
+    /// `allow_plain_http`. `explain` and the console judge callers by it, as the proxy refuses
+    /// what they present there.
+    pub fn takes_credentials(&self, scheme: Scheme) -> bool {
+        scheme == Scheme::Https
+            || (self.config.listeners.iter())
+                .any(|l| l.tls.is_none() && !l.behind_tls_proxy && l.carries_credentials())
+    }
+
     /// The session cookie's name (without a `__Host-` prefix): `[oidc] cookie_name`, or the
     /// default one without [oidc], which browsers may still send (a reload took it out).
     pub fn session_cookie(&self) -> &str {

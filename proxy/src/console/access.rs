@@ -134,10 +134,17 @@ impl Console {
         let identity = &self.runtime.config.identity;
         let request = Request { method, path };
         let machines = route.accept.contains(&Credential::Bearer);
+        let in_clear = self.in_clear(route, &request);
         let judge = |index: &Index, row: Row, users: &mut Vec<(Row, Via)>| {
-            let via = Via {
-                person: admits_person(identity, route, &request, index, row),
-                machine: machines && admits_machine(identity, route, &request, index, row),
+            let via = match in_clear {
+                Some(anyone) => Via {
+                    person: anyone,
+                    machine: machines && anyone,
+                },
+                None => Via {
+                    person: admits_person(identity, route, &request, index, row),
+                    machine: machines && admits_machine(identity, route, &request, index, row),
+                },
             };
             if via.person || via.machine {
                 users.push((row, via));
@@ -215,6 +222,14 @@ impl Console {
             }
         }
         Reach { users, agents }
+    }
+
+    /// Where the proxy refuses every credential a request to `route` could carry (plain HTTP
+    /// off loopback: see [`crate::state::Runtime::takes_credentials`]), whether anyone is let
+    /// in, as no one; `None` where callers are judged.
+    fn in_clear(&self, route: &Route, request: &Request<'_>) -> Option<bool> {
+        (!self.runtime.takes_credentials(route.scheme))
+            .then(|| route.policy.evaluate(None, request).allowed)
     }
 
     pub(super) fn routes(&self) -> Shown {
@@ -436,12 +451,19 @@ impl Console {
                 path: &route.path_prefix,
             };
             let judged = |admits: bool| flag(admits, "allowed", "refused");
+            let in_clear = self.in_clear(route, &request);
             html.push_str(&format!(
                 "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
                 link(&format!("routes/{i}")),
                 escape(&route.name),
-                judged(admits_person(identity, route, &request, index, row)),
-                judged(admits_machine(identity, route, &request, index, row))
+                judged(
+                    in_clear
+                        .unwrap_or_else(|| admits_person(identity, route, &request, index, row))
+                ),
+                judged(
+                    in_clear
+                        .unwrap_or_else(|| admits_machine(identity, route, &request, index, row))
+                )
             ));
         }
         html.push_str("</tbody></table></div>");

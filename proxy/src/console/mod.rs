@@ -331,6 +331,22 @@ mod pages {
         }
     }
 
+    /// Where the proxy refuses every credential an http route's callers could present (plain
+    /// HTTP off loopback), the route reaches no one but where it is public, as explain says.
+    #[tokio::test]
+    async fn credentials_in_clear_off_loopback_reach_only_what_is_public() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::testing::CONFIG.replace("127.0.0.1:1", "10.0.0.1:1");
+        let world = World::with(crate::testing::parse(&text));
+        let alice = world.user("alice@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        let console = console_of(&world, dir.path());
+        let route = &console.runtime.config.routes[0];
+        let reach = console.reach(route, "GET", "/work");
+        assert!(reach.users.is_empty() && reach.agents.is_empty());
+        assert_eq!(console.reach(route, "GET", "/public").users.len(), 1);
+    }
+
     /// A route's page lists every agent it lets in, paged as its users are.
     #[tokio::test]
     async fn a_route_page_pages_its_agents() {
