@@ -374,13 +374,13 @@ fn without_script(path: &str) -> Option<String> {
     Some(kept.join("/"))
 }
 
-/// `path` with the extension off its first segment but the last that names a page's file.
+/// `path` with the extension off its first segment that names a page's file.
 fn page_with_info(path: &str) -> Option<String> {
     const PAGES: [&str; 7] = ["php", "html", "htm", "shtml", "asp", "aspx", "jsp"];
     let mut segments: Vec<&str> = path.split('/').collect();
     let at = segments.iter().enumerate().position(|(i, segment)| {
         let name = segment.split(';').next().unwrap_or_default();
-        i + 1 < segments.len()
+        i > 0
             && name.rsplit_once('.').is_some_and(|(stem, extension)| {
                 !stem.is_empty() && PAGES.iter().any(|p| extension.eq_ignore_ascii_case(p))
             })

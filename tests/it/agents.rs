@@ -366,7 +366,20 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
         .await
         .expect("the HEAD is answered");
     assert_eq!(head.status(), StatusCode::OK);
-    assert_eq!(head.text().await.unwrap_or_default(), "");
+    // A token it refuses there is recorded as the HEAD it was.
+    let refused = bare_client()
+        .head(t.url("/.portcullis/me"))
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .expect("the HEAD is answered");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .any(|r| r["method"] == "HEAD" && r["path"] == "/.portcullis/me")
+    })
+    .await;
     assert!(!page.contains("sign_out"), "nothing to sign out of: {page}");
 
     // The owner chain is judged on every request, and the refusal says which link broke.

@@ -761,7 +761,7 @@ impl Auth {
             )
             .await;
         if let Some(why) = authentication.refused_token() {
-            let request = req.audited("GET", "/.portcullis/me");
+            let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
             self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
             return Err(true);
         }
@@ -806,7 +806,7 @@ impl Auth {
             // Not this user's session or token (any more): recorded, as a request through a
             // route would be (a session ended), and answered as no sign-in, never with the
             // record of whoever holds the name now.
-            let request = req.audited("GET", "/.portcullis/me");
+            let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
             match &caller {
                 Caller::Person { session: key, .. } => {
                     self.audit
