@@ -296,11 +296,20 @@ pub fn explain(
             Match::None => Err("no route serves this address (404)".to_owned()),
         },
     };
+    // A name no agent has is judged as the gate judges such a token: a client that is no
+    // agent, found as a user (its service account) if one has the name.
+    let unknown_agent = match who {
+        Who::Agent {
+            name,
+            on_behalf_of: None,
+        } => (!gate.agent_known(name)).then_some(name),
+        _ => None,
+    };
     let (view, judged) = with_principal(runtime, directory, who, |principal| {
         let view = match who {
             Who::Agent {
                 on_behalf_of: None, ..
-            } => None,
+            } if unknown_agent.is_none() => None,
             _ => gate.directory_view(principal),
         };
         let judged = target.map(|(route, path)| {
@@ -369,6 +378,12 @@ pub fn explain(
                 ),
             };
         }
+    }
+    if let Some(name) = unknown_agent {
+        answer.reason = format!(
+            "no agent is named {name}: judged as a client that is no agent; {}",
+            answer.reason
+        );
     }
     Ok(answer)
 }
@@ -716,6 +731,48 @@ mod tests {
         world.group("eng", &[&alice]).await;
         let answer = ask(&world, ALICE, "http://app.test/work", "GET");
         assert!(answer.allowed, "{answer}");
+    }
+
+    /// A name no agent has is judged as the proxy judges its token, as a client that is no
+    /// agent (a service account of that name here), and explain says so.
+    #[tokio::test]
+    async fn a_name_no_agent_has_is_said_to_be_judged_as_a_client() {
+        let world = World::new();
+        let alice = world.user(ALICE).await;
+        let bot = world.user("build-bot").await;
+        world.group("eng", &[&alice, &bot]).await;
+        let owner = world.id_of(ALICE);
+        world.agent("helper", &[&owner], &[], None).await;
+        let ask_agent = |name| {
+            let who = Who::Agent {
+                name,
+                on_behalf_of: None,
+            };
+            explain(
+                &world.runtime(),
+                &world.directory,
+                true,
+                who,
+                "http://api.test/x",
+                "GET",
+            )
+            .unwrap()
+        };
+        let answer = ask_agent("build-bot");
+        assert!(
+            answer
+                .reason
+                .starts_with("no agent is named build-bot: judged as a client"),
+            "{answer}"
+        );
+        let user = answer.directory_user.as_ref().map(|u| u.user_name.as_str());
+        assert_eq!(user, Some("build-bot"), "{answer}");
+        assert!(
+            !answer.to_string().contains("not in the directory"),
+            "{answer}"
+        );
+        let answer = ask_agent("helper");
+        assert!(!answer.reason.contains("no agent"), "{answer}");
     }
 
     #[tokio::test]

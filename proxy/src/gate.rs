@@ -755,7 +755,7 @@ impl Gate<'_> {
     }
 
     /// Whether `value` names an agent, live or deleted.
-    fn agent_known(&self, value: &str) -> bool {
+    pub fn agent_known(&self, value: &str) -> bool {
         let key = self.agent_key(value);
         self.directory
             .with_agent(key, 0, |lookup| !matches!(lookup, AgentLookup::Unknown))
