@@ -336,8 +336,8 @@ fn conditions_hold(rule: &RuleSpec, request: &Request<'_>, deny: bool) -> bool {
     // as not required (`/api` is served as `/api/`), and a format suffix on the path's last
     // segment as none (`/api.json` is served as `/api`), and also without a `.php` script
     // segment that has more after it (`/index.php/admin` is `/admin` to a PHP front
-    // controller), and with the extension off a page's file that has more after it
-    // (`/admin.php/x` runs the page `/admin/x` does); an allow rule reads all strictly.
+    // controller), and with the extension off a page's file (`/admin.php/x` runs the page
+    // `/admin/x` does, `/admin.php` is `/admin`); an allow rule reads all strictly.
     let read = |p: &str| if deny { loosely(p) } else { p.to_owned() };
     let read_prefix = |p: &str| match read(p) {
         loose if deny && loose.len() > 1 => loose.trim_end_matches('/').to_owned(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use portcullis_config::{Config, IdentityClaim, Scheme};
+use portcullis_config::{Config, Credential, IdentityClaim, Scheme};
 use portcullis_scim::store::postgres::{PgOptions, PgStorage};
 use portcullis_scim::store::redb::RedbStorage;
 use portcullis_scim::store::{Directory, Storage, StoreError};
@@ -351,7 +351,11 @@ pub fn explain(
             answer.reason = "the directory is not known to be current".to_owned();
         }
         Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. })
-            if !runtime.takes_credentials(scheme) =>
+            if !runtime.takes_credentials(scheme)
+                && route.config.accept.contains(&match who {
+                    Who::Person(_) => Credential::Session,
+                    _ => Credential::Bearer,
+                }) =>
         {
             answer.reason = "refused: plain HTTP off loopback, where every listener that \
                              serves it refuses sign-ins, sessions and bearer tokens (they would \
@@ -381,7 +385,8 @@ pub fn explain(
     }
     if let Some(name) = unknown_agent {
         answer.reason = format!(
-            "no agent is named {name}: judged as a client that is no agent; {}",
+            "no agent has the {} \"{name}\": judged as a client that is no agent; {}",
+            runtime.config.identity.agent_scim_attribute.as_str(),
             answer.reason
         );
     }
@@ -762,7 +767,7 @@ mod tests {
         assert!(
             answer
                 .reason
-                .starts_with("no agent is named build-bot: judged as a client"),
+                .starts_with("no agent has the name \"build-bot\": judged as a client"),
             "{answer}"
         );
         let user = answer.directory_user.as_ref().map(|u| u.user_name.as_str());

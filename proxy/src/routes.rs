@@ -164,8 +164,8 @@ impl RouteTable {
     ///   page's file by its name without the extension, and Apache, nginx's
     ///   `fastcgi_split_path_info` and IIS run a page's file with path info as that page: a
     ///   path that reads as a narrower route's page either way (`/adminer` beside an
-    ///   `/adminer.php` route, `/admin.php` and `/admin.php/x` beside an `/admin/` one) would be served by this
-    ///   route's upstream past that route's rules.
+    ///   `/adminer.php` route, `/admin.php` and `/admin.php/x` beside an `/admin/` one)
+    ///   would be served by this route's upstream past that route's rules.
     /// - Laravel and Symfony take a POST's `_method` parameter as its method: where a rule
     ///   names methods, one in the `query` would dodge it. (One in a form body is not read
     ///   here: the README says so.)

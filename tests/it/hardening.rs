@@ -1438,8 +1438,33 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
             );
             fx.wait_sign_in_available(std::time::Duration::from_secs(40))
                 .await;
-            // A browser is sent to the IdP.
-            fx.start_sign_in(&client(), &fx.app_url("/page")).await;
+            // A person signs in there, and is let in with the session.
+            scim.post("/Users", &portcullis_tests::scim::user(ALICE))
+                .await;
+            let signed = fx
+                .sign_in(&client(), &fx.app_url("/page"), ALICE, ALICE_PASSWORD)
+                .await;
+            let page = fx.app_url("/page");
+            let with_session = || {
+                crate::signin::get_with_session(
+                    &page,
+                    &signed.cookie,
+                    crate::signin::BROWSER_ACCEPT,
+                )
+            };
+            assert_eq!(with_session().await.status(), 200, "signed in");
+            // Once plain HTTP is no longer allowed there, the session's cookie crosses the
+            // network in clear, and is not taken (as no sign-in is) until it comes over HTTPS.
+            let refusing = fx.cfg.toml().replace("allow_plain_http = true\n", "");
+            assert_ne!(refusing, fx.cfg.toml());
+            fx.px.rewrite_config(&refusing);
+            fx.px.reload_and_wait().await;
+            let sent = fx.app.count();
+            let resp = with_session().await;
+            assert_eq!(resp.status(), 403, "a session over plain HTTP off loopback");
+            let page = resp.text().await.unwrap();
+            assert!(page.contains("need HTTPS"), "{page}");
+            assert_eq!(fx.app.count(), sent, "nothing was sent upstream");
             continue;
         }
         assert_eq!(

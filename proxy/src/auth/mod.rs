@@ -548,6 +548,11 @@ impl Auth {
         if ids.peek().is_none() {
             return Authentication::Nothing;
         }
+        // Sent in clear where this listener takes no credentials, as a token above: not read,
+        // as no sign-in happens there either (one begun while `allow_plain_http` was on, say).
+        if !runtime.carries_credentials(local, tls) {
+            return Authentication::Nothing;
+        }
         let invalid = Authentication::Invalid {
             refused_token: None,
         };
