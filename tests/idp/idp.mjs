@@ -686,7 +686,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'userinfo', 'userinfo-refuses'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -718,6 +718,11 @@ const server = http.createServer(async (req, res) => {
     // A gateway in front (Kong, an API gateway) answering for an IdP it cannot reach, in JSON.
     if (outage === 'gateway') {
       return send(res, 502, 'application/json', '{"message":"failure to get a peer from the ring-balancer"}\n');
+    }
+    // An IdP failing inside (Keycloak with its database down): a 500 whose JSON reads as an
+    // OAuth error.
+    if (outage === 'server-error') {
+      return send(res, 500, 'application/json', '{"error":"unknown_error","error_description":"For more on this error consult the server log."}\n');
     }
     const current = provider;
     if (url.pathname === '/auth') rememberOfflineAccess(url);

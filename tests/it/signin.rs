@@ -2260,8 +2260,14 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
     }
 
     // The code exchange cannot happen while the IdP is down (its connections reset, or a
-    // gateway's error page, text or JSON, in its place): a clear 503, no session.
-    for outage in [IdpOutage::Unavailable, IdpOutage::Gateway, IdpOutage::Reset] {
+    // gateway's error page, text or JSON, in its place, or its own 500 in OAuth's JSON): a
+    // clear 503, no session.
+    for outage in [
+        IdpOutage::Unavailable,
+        IdpOutage::Gateway,
+        IdpOutage::ServerError,
+        IdpOutage::Reset,
+    ] {
         fx.idp.set_outage(outage).await;
         let resp = late.get(&callback).send().await.unwrap();
         let status = resp.status();
@@ -3491,6 +3497,29 @@ async fn requests_do_not_each_wait_on_an_idp_that_hangs() {
         "both waited on the IdP once the pause was over ({a:?}, {b:?})"
     );
     fx.idp.set_outage(IdpOutage::Off).await;
+}
+
+/// An IdP failing inside answers a refresh with a 500 whose JSON reads as an OAuth error
+/// (Keycloak's `unknown_error`): an outage, which pauses refreshes, not a refusal, which would
+/// end every session whose refresh comes due while it lasts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_answered_with_the_idp_s_own_error_page_keeps_the_session() {
+    let fx = Fixture::start_with(Options {
+        refresh_every: Some(3),
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let signed = fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fx.idp.set_outage(IdpOutage::ServerError).await;
+    assert_session_works(&url, &signed.cookie).await;
+    assert_session_works(&url, &signed.cookie).await;
+    fx.idp.set_outage(IdpOutage::Off).await;
+    assert_eq!(
+        session_events(&fx, 1).await,
+        [(ALICE.to_owned(), "sign_in".to_owned())]
+    );
 }
 
 /// `refresh = false` by a reload holds for the sessions already open: they stop asking the

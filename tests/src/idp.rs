@@ -367,6 +367,9 @@ pub enum IdpOutage {
     /// Every OIDC request gets a 502 in JSON, as a gateway in front of an IdP it cannot reach
     /// answers (Kong's `{"message": …}`).
     Gateway,
+    /// Every OIDC request gets a 500 whose JSON reads as an OAuth error, as an IdP failing
+    /// inside answers (Keycloak's `{"error":"unknown_error"}` with its database down).
+    ServerError,
     /// Only UserInfo answers 503.
     UserInfo,
     /// Only UserInfo answers, 401 to every access token: one meant for another API (Entra's
@@ -604,6 +607,10 @@ impl Idp {
             }
             IdpOutage::Gateway => {
                 self.control("/test/stop-serving", json!({ "mode": "gateway" }))
+                    .await
+            }
+            IdpOutage::ServerError => {
+                self.control("/test/stop-serving", json!({ "mode": "server-error" }))
                     .await
             }
             IdpOutage::UserInfo => {

@@ -48,6 +48,15 @@ pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u
     Ok(body)
 }
 
+/// Whether an IdP's answer of `status` says it is in trouble (5xx, 429 Too Many Requests,
+/// 408): an outage, whatever its body says. An endpoint refusing what it was sent answers 400
+/// or 401 (RFC 6749 §5.2), 403 (RFC 6750 §3.1).
+pub fn in_trouble(status: reqwest::StatusCode) -> bool {
+    status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+}
+
 /// The HTTP client the OpenID Connect flows are given: reqwest's, with bounded responses.
 #[derive(Clone)]
 pub struct Client(pub reqwest::Client);
@@ -74,6 +83,15 @@ impl<'c> AsyncHttpClient<'c> for Client {
             })?;
             let request = reqwest::Request::try_from(request).map_err(Box::new)?;
             let response = self.0.execute(request).await.map_err(Box::new)?;
+            // No answer, even one whose body reads as an OAuth error (Keycloak's 500
+            // `{"error":"unknown_error"}`, a gateway's JSON error page): a refresh it ended,
+            // or a sign-in it refused, would be ended for the IdP's outage.
+            if in_trouble(response.status()) {
+                return Err(HttpClientError::Other(format!(
+                    "the IdP answered {}",
+                    response.status()
+                )));
+            }
             let mut answer = http::Response::builder()
                 .status(response.status())
                 .version(response.version());

@@ -954,13 +954,10 @@ impl Oidc {
             .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
-            // An endpoint in trouble (5xx, 429 Too Many Requests, 408) is an outage; one that
-            // refuses the token (401, 403: meant for another API) answered.
-            let trouble = status.is_server_error()
-                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+            // An endpoint in trouble is an outage; one that refuses the token (401, 403: meant
+            // for another API) answered.
             let said = format!("status {status}");
-            return Err(if trouble {
+            return Err(if bounded::in_trouble(status) {
                 unreachable(said)
             } else {
                 unanswered(said)
