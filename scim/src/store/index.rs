@@ -1059,11 +1059,14 @@ impl Index {
     }
 
     pub(super) fn insert_member(&mut self, group: Row, member: Row) {
-        self.members.entry(group).or_default().insert(member);
+        // The group's members and the member's parents say the same: one new to the first is
+        // new to the second, without a look through every group the member is in (a load of
+        // a user in 100,000 groups would take them all that many times).
+        let added = self.members.entry(group).or_default().insert(member);
         let Some(parents) = self.slot_mut(member).and_then(Slot::parents_mut) else {
             return;
         };
-        if !parents.contains(&group) {
+        if added || !parents.contains(&group) {
             parents.push(group);
         }
     }
@@ -1222,9 +1225,12 @@ impl Index {
             if let Some(record) = record {
                 // The writer only commits records it built, so they always have an id and a
                 // name; a record that somehow lacks them stays out of the index (not found).
+                // Still in its groups: their members were left as they were, and its own list
+                // of them is put back whole (the same rows, in the same order).
                 if self.insert_loaded(*rt, *row, record) && !record.retired {
-                    for group in parents.unwrap_or_default() {
-                        self.insert_member(group, *row);
+                    let slot = self.slot_mut(*row).and_then(Slot::parents_mut);
+                    if let (Some(slot), Some(parents)) = (slot, parents) {
+                        *slot = parents;
                     }
                 }
             }
