@@ -2620,7 +2620,7 @@ async fn a_closed_directory_opens_again_without_a_repair() {
 /// second for a user in 50,000 groups.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_in_many_groups_is_changed_at_once() {
-    const GROUPS: usize = 20_000;
+    const GROUPS: usize = 30_000;
     let storage = Arc::new(crate::store::memory::MemoryStorage::default());
     let dir = Arc::new(Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap());
     let auditor = created(&dir, ResourceType::User, user("auditor@x")).await;
