@@ -927,7 +927,16 @@ impl Auth {
             return known;
         }
         let gate = self.first_fetches.entry(id.clone()).or_default().clone();
-        let _fetching = gate.lock().await;
+        // Once it has failed, one request at a time asks again, and the others are refused
+        // meanwhile as they were while the failure was recent: an issuer that does not answer
+        // would hold each of them up for its timeouts (twenty seconds), again and again.
+        let _fetching = match gate.try_lock() {
+            Ok(fetching) => fetching,
+            Err(_) if self.issuer_failures.contains_key(&id) => {
+                return Err(JwtError::KeysUnavailable)
+            }
+            Err(_) => gate.lock().await,
+        };
         // Fetched, or failed, while this request waited.
         if let Some(known) = known() {
             return known;
@@ -1604,6 +1613,48 @@ mod tests {
         let again = auth.jwks_for(&issuer).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &again), "put back: fetched afresh");
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// An issuer whose first fetch failed is asked again by one request at a time: the others
+    /// are refused at once, not held up for its timeouts behind that one.
+    #[tokio::test]
+    async fn an_issuer_that_failed_is_asked_again_by_one_request_at_a_time() {
+        // Takes connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap();
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Arc::new(auth(&world, dir.path()));
+        let mut issuer = world.config.jwt_issuers[0].clone();
+        issuer.jwks_uri = Some(format!("http://{address}/jwks"));
+        let id = key_set_id(&issuer);
+        // Failed long enough ago to be asked again.
+        let failed = std::time::Instant::now() - jwt::REFETCH_AFTER - Duration::from_secs(1);
+        auth.issuer_failures.insert(id, failed);
+        let asking = {
+            let (auth, issuer) = (auth.clone(), issuer.clone());
+            tokio::spawn(async move { auth.jwks_for(&issuer).await.map(|_| ()) })
+        };
+        // The first asks (and waits on the issuer); the rest are answered at once.
+        while auth
+            .first_fetches
+            .iter()
+            .all(|gate| gate.try_lock().is_ok())
+        {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..4 {
+            let refused = auth.jwks_for(&issuer).await;
+            assert!(matches!(refused, Err(JwtError::KeysUnavailable)));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        asking.abort();
+        drop(silent);
     }
 
     #[tokio::test]
