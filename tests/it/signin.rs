@@ -2331,6 +2331,14 @@ async fn a_new_sign_in_works_after_the_idp_rotates_its_keys() {
 /// `auth.corp.test`, and the IdP: the configuration, the IdP, Portcullis and the auth host
 /// (with its port).
 async fn under_corp_test(routes: Vec<Route>) -> (ConfigBuilder, Idp, Portcullis, String) {
+    under_corp_test_taking(routes, false).await
+}
+
+/// [`under_corp_test`], with the IdP's bearer tokens taken (`[[jwt_issuers]]`) when `bearer`.
+async fn under_corp_test_taking(
+    routes: Vec<Route>,
+    bearer: bool,
+) -> (ConfigBuilder, Idp, Portcullis, String) {
     let cfg = ConfigBuilder::new().http_listener();
     let port = cfg.http_addr().port();
     let auth = format!("auth.corp.test:{port}");
@@ -2340,10 +2348,13 @@ async fn under_corp_test(routes: Vec<Route>) -> (ConfigBuilder, Idp, Portcullis,
     )
     .start()
     .await;
-    let cfg = routes.into_iter().fold(cfg, ConfigBuilder::route).oidc(
+    let mut cfg = routes.into_iter().fold(cfg, ConfigBuilder::route).oidc(
         Oidc::new(idp.issuer(), CLIENT_ID, CLIENT_SECRET, &auth)
             .set("cookie_domain", "\".corp.test\""),
     );
+    if bearer {
+        cfg = cfg.jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]));
+    }
     let px = cfg.start().await;
     (cfg, idp, px, auth)
 }
@@ -2374,6 +2385,37 @@ async fn a_deep_link_with_a_backslash_in_its_query_signs_in_under_the_cookie_dom
     let body = resp.text().await.unwrap_or_default();
     assert_eq!(status, StatusCode::FOUND, "{to_auth}: {body}");
     assert!(location.is_some_and(|l| l.contains("/auth?")), "{body}");
+}
+
+/// On a host outside the cookie domain (a route that takes bearer tokens only), a browser
+/// asking `/.portcullis/me` is not sent to sign in: the cookie the sign-in sets would never
+/// come back there, and every round would make a session and go round again.
+#[tokio::test(flavor = "multi_thread")]
+async fn me_outside_the_cookie_domain_is_no_sign_in_loop() {
+    let app = Upstream::start("app").await;
+    let routes = vec![
+        Route::new("http://app.corp.test", &[&app]).any_signed_in(),
+        Route::new("http://api.other.test", &[&app])
+            .accept(&["bearer"])
+            .any_signed_in(),
+    ];
+    let (cfg, _idp, _px, auth) = under_corp_test_taking(routes, true).await;
+    wait_sign_in_available_at(
+        &client(),
+        &format!("http://{auth}/.portcullis/sign_in?rd=%2F"),
+        WAIT,
+    )
+    .await;
+    let resp = navigate(
+        &client(),
+        &cfg.http_url("api.other.test", "/.portcullis/me"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    // Under the domain, a browser is sent to sign in, as ever.
+    let resp = navigate(&client(), &cfg.http_url("app.corp.test", "/.portcullis/me")).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
 }
 
 #[tokio::test(flavor = "multi_thread")]
