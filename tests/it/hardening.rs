@@ -1396,6 +1396,11 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
                     .accept(&["bearer"])
                     .set("allow = { machines = true }"),
             )
+            .route(
+                Route::new("http://open.test", &[&app])
+                    .accept(&["bearer"])
+                    .set("allow = { public = true, paths = [\"/open/\"] }"),
+            )
             .oidc(Oidc::new(
                 idp.issuer(),
                 CLIENT_ID,
@@ -1485,6 +1490,19 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
         )
         .await;
         assert_eq!(fx.app.count(), 0, "nothing was sent upstream");
+        // On a path open to anyone, it is dropped unread: the request goes on as anyone's,
+        // and the upstream never sees it.
+        let open = client()
+            .get(fx.url("open.test", "/open/x"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(open.status(), 200, "a public path");
+        let seen = open.text().await.unwrap();
+        let echo = portcullis_tests::Echo::parse(seen.as_bytes());
+        assert_eq!(echo.header("authorization"), None, "{seen}");
+        assert!(!seen.contains(&token), "{seen}");
         // As said at start.
         fx.px
             .log_until(|log| log.contains("bearer tokens sent here are refused"))

@@ -138,19 +138,56 @@ mod tests {
         format!("http://{address}/")
     }
 
+    /// A server that answers every connection with `head`, then sends 32-byte chunks until
+    /// the client goes (`chunked`), or nothing more, holding the connection open: a body
+    /// without end, or one that never comes.
+    async fn endless_server(head: &'static str, chunked: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request).await;
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("20\r\n{}\r\n", "x".repeat(32));
+                    while chunked && stream.write_all(chunk.as_bytes()).await.is_ok() {}
+                    // Held open until the client goes.
+                    let _ = stream.read(&mut request).await;
+                });
+            }
+        });
+        format!("http://{address}/")
+    }
+
     #[tokio::test]
     async fn a_body_is_read_up_to_the_bound_and_no_further() {
         let url = chunked_server(3).await;
-        let get = || async { reqwest::get(&url).await.unwrap() };
-        assert_eq!(body(get().await, 96).await.map(|b| b.len()).ok(), Some(96));
-        // No length said: refused as the chunks arrive past the bound.
-        assert!(matches!(
-            body(get().await, 64).await,
-            Err(BodyError::TooLarge(64))
-        ));
-        // Said in advance: refused before reading.
-        let said = reqwest::Response::from(http::Response::new(vec![b'x'; 65]));
-        assert!(matches!(body(said, 64).await, Err(BodyError::TooLarge(64))));
+        let get = |url: String| async move { reqwest::get(&url).await.unwrap() };
+        assert_eq!(
+            body(get(url.clone()).await, 96).await.map(|b| b.len()).ok(),
+            Some(96)
+        );
+        // No length said: refused as the chunks arrive past the bound, of a body without end
+        // (read whole, it would never be done).
+        let within = |read| tokio::time::timeout(std::time::Duration::from_secs(10), read);
+        let endless = endless_server(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            true,
+        )
+        .await;
+        let read = within(body(get(endless).await, 64)).await;
+        assert!(matches!(read, Ok(Err(BodyError::TooLarge(64)))), "{read:?}");
+        // Said in advance: refused before reading (the body never comes).
+        let said = endless_server(
+            "HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n",
+            false,
+        )
+        .await;
+        let read = within(body(get(said).await, 64)).await;
+        assert!(matches!(read, Ok(Err(BodyError::TooLarge(64)))), "{read:?}");
         // Cut short: no answer, which a caller tells from one too large.
         let cut = serve_chunks(2, true).await;
         let response = reqwest::get(&cut).await.unwrap();
