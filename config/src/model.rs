@@ -181,8 +181,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Whether SCIM, sign-in and bearer tokens may be taken on this listener: over TLS (its own or a
-    /// proxy's in front), on a loopback address, or where the file allows plain HTTP.
+    /// Whether SCIM, sign-in, sessions and bearer tokens may be taken on this listener: over
+    /// TLS (its own or a proxy's in front), on a loopback address, or where the file allows
+    /// plain HTTP.
     pub fn carries_credentials(&self) -> bool {
         self.tls.is_some()
             || self.address.ip().is_loopback()

@@ -729,6 +729,34 @@ mod tests {
             .unwrap();
             assert!(public.allowed, "{public}");
         }
+        // A caller the route takes no credential of is told so, not of plain HTTP: over TLS
+        // it would still be refused.
+        let answer = explain(
+            &world.runtime(),
+            &world.directory,
+            true,
+            Who::Person(ALICE),
+            "http://api.test/x",
+            "GET",
+        )
+        .unwrap();
+        assert!(
+            answer.reason.contains("takes bearer tokens only"),
+            "{answer}"
+        );
+        let answer = explain(
+            &world.runtime(),
+            &world.directory,
+            true,
+            Who::Machine(ALICE),
+            "http://odysseus.test/x",
+            "GET",
+        )
+        .unwrap();
+        assert!(
+            answer.reason.contains("does not take bearer tokens"),
+            "{answer}"
+        );
         // Where plain HTTP is allowed, they are judged.
         let text = text.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
         let world = World::with(crate::testing::parse(&text));

@@ -136,8 +136,8 @@ impl Runtime {
                 .is_some_and(|oidc| oidc.auth_host_name == host)
     }
 
-    /// Whether SCIM, sign-in and bearer tokens may be taken from a request that arrived at `local` (see
-    /// `Listener::carries_credentials`). A request on no listener of this configuration (a
+    /// Whether SCIM, sign-in, sessions and bearer tokens may be taken from a request that
+    /// arrived at `local` (see `Listener::carries_credentials`). A request on no listener of this configuration (a
     /// reload removed it) may not: fail closed.
     pub fn carries_credentials(&self, local: Option<SocketAddr>, tls: bool) -> bool {
         tls || self

@@ -2657,8 +2657,5 @@ async fn a_user_in_many_groups_is_changed_at_once() {
         .unwrap();
     let took = started.elapsed();
     assert_eq!(groups(), GROUPS, "its groups kept");
-    assert!(
-        took < std::time::Duration::from_millis(500),
-        "took {took:?}"
-    );
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
 }
