@@ -1053,10 +1053,9 @@ impl Store {
     /// the log then stands: the last SCIM change up to which every change is written. With
     /// PostgreSQL, records it cannot take now are kept in the [`Spool`] (durably too), and
     /// go to it after those kept before them once it can. `urgent` (a flush, the process
-    /// stopping): while records wait in the spool, or PostgreSQL is not to be asked yet after
-    /// a failure, these go to the spool at once and none is moved, rather than wait on
-    /// PostgreSQL (a connection that does not answer holds them past the flush's time, and
-    /// the process exits without them); the next process on the `data_dir` moves them.
+    /// stopping): these are kept in the spool first, then the spool is moved on while
+    /// PostgreSQL takes it: one that does not answer holds up the move past the flush's time,
+    /// not the records, which the next process on the `data_dir` moves.
     fn append(
         &mut self,
         lines: &[String],
@@ -1067,12 +1066,14 @@ impl Store {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
                 spool.look();
-                if urgent && (!spool.is_empty() || spool.failing()) {
-                    return if lines.is_empty() {
-                        Ok(())
-                    } else {
-                        spool.append(lines)
-                    };
+                if urgent {
+                    if !lines.is_empty() {
+                        spool.append(lines)?;
+                    }
+                    if !spool.failing() {
+                        spool.move_to(log);
+                    }
+                    return Ok(());
                 }
                 let none_waits = spool.is_empty() || spool.move_to(log);
                 if lines.is_empty() {
@@ -2330,11 +2331,11 @@ mod tests {
         assert_eq!(taken.len(), 10, "{taken:?}");
     }
 
-    /// A flush while records wait in the spool, PostgreSQL's backoff over (the process
-    /// stopping, say), keeps the new records beside them at once: it does not wait on a
-    /// PostgreSQL that does not answer, past the flush's time and the process' exit.
+    /// A flush (the process stopping, say) keeps its records in the spool before it asks
+    /// PostgreSQL to take them, behind those that wait there: a PostgreSQL that does not answer
+    /// holds up the move past the flush's time, and the process' exit, not the records.
     #[test]
-    fn a_flush_with_records_in_the_spool_waits_on_no_postgres() {
+    fn a_flush_keeps_its_records_before_it_waits_on_postgres() {
         use portcullis_scim::store::postgres::{PgOptions, PgStorage};
         // Takes connections and never answers them.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2344,22 +2345,29 @@ mod tests {
             pool_size: 1,
             max_staleness: std::time::Duration::from_secs(2),
         };
-        let log = PgStorage::open(&options).unwrap().audit_log();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(SPOOL_NAME);
-        let mut spool = Spool::open(path.clone()).unwrap();
-        spool.append(&["{\"n\":1}\n".to_owned()]).unwrap();
-        assert!(!spool.failing(), "PostgreSQL may be asked again");
-        let mut store = Store::Postgres(Box::new(log), spool);
-        let (done, appended) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let result = store.append(&["{\"n\":2}\n".to_owned()], None, true);
-            let _ = done.send(result);
-        });
-        let result = appended.recv_timeout(std::time::Duration::from_secs(3));
-        assert_eq!(result, Ok(Ok(())), "waited on PostgreSQL");
-        let spooled = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(spooled, "{\"n\":1}\n{\"n\":2}\n");
+        // With records waiting in the spool, and with none.
+        for waiting in [true, false] {
+            let log = PgStorage::open(&options).unwrap().audit_log();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(SPOOL_NAME);
+            let mut spool = Spool::open(path.clone()).unwrap();
+            let mut expected = String::new();
+            if waiting {
+                spool.append(&["{\"n\":1}\n".to_owned()]).unwrap();
+                expected.push_str("{\"n\":1}\n");
+            }
+            expected.push_str("{\"n\":2}\n");
+            assert!(!spool.failing(), "PostgreSQL may be asked again");
+            let mut store = Store::Postgres(Box::new(log), spool);
+            std::thread::spawn(move || {
+                let _ = store.append(&["{\"n\":2}\n".to_owned()], None, true);
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while std::fs::read_to_string(&path).unwrap_or_default() != expected {
+                assert!(std::time::Instant::now() < deadline, "waited on PostgreSQL");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         drop(silent);
     }
 
