@@ -414,6 +414,20 @@ pub struct OidcConfig {
     pub tls_ca: Option<CaBundle>,
 }
 
+impl OidcConfig {
+    /// Whether a request to `host` (over https or not) can bring back the session cookie a
+    /// sign-in sets: one per host always can; one shared under `cookie_domain` reaches only the
+    /// hosts under it and (named `__Secure-` when the auth host is https) only over https.
+    /// Elsewhere a sign-in would end where it began, again and again.
+    pub fn session_cookie_reaches(&self, host: &str, https: bool) -> bool {
+        let Some(domain) = &self.cookie_domain else {
+            return true;
+        };
+        let under = host.ends_with(domain.as_str()) || Some(host) == domain.get(1..);
+        under && (https || self.auth_scheme == Scheme::Http)
+    }
+}
+
 /// The certificates of a `tls_ca` file, each checked to parse as X.509.
 pub type CaBundle = Arc<[CertificateDer<'static>]>;
 

@@ -274,14 +274,13 @@ pub(crate) fn convert(
                     continue;
                 };
                 let host = route.host.strip_prefix('*').unwrap_or(&route.host);
-                let under = host.ends_with(domain.as_str()) || Some(host) == domain.get(1..);
-                let problem = if !under {
+                let problem = if !oidc.session_cookie_reaches(host, true) {
                     format!(
                         "takes sessions, but its host is not under cookie_domain `{domain}`: the \
                          session cookie never reaches it, and sign-in would start over and over \
                          (serve it under the domain, or take only bearer tokens here)"
                     )
-                } else if route.scheme == Scheme::Http && oidc.auth_scheme == Scheme::Https {
+                } else if !oidc.session_cookie_reaches(host, route.scheme == Scheme::Https) {
                     format!(
                         "takes sessions over plain HTTP, but the session cookie shared under \
                          `{domain}` is sent only over https (auth_scheme): sign-in would start \

@@ -1605,7 +1605,7 @@ impl Proxy {
                             at,
                         );
                         let sessions = (runtime.config.oidc.as_ref())
-                            .is_some_and(|oidc| session_cookie_reaches(oidc, host, tls));
+                            .is_some_and(|oidc| oidc.session_cookie_reaches(host, tls));
                         let refused = crate::gate::sign_in_or_challenge(
                             &asked.method,
                             asked.client,
@@ -3190,19 +3190,6 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
         Some(443) | None => format!("https://{host}{path_and_query}"),
         Some(port) => format!("https://{host}:{port}{path_and_query}"),
     }
-}
-
-/// Whether a request to `host` (over TLS or not) can bring back the session cookie a sign-in
-/// sets: one per host always can; one shared under `cookie_domain` reaches only the hosts
-/// under it, and (`__Secure-`, the auth host being https) only over TLS. Elsewhere a sign-in
-/// would end where it began, again and again (`check-config` refuses routes that take
-/// sessions there; Portcullis' own `/.portcullis/me` is on every host).
-fn session_cookie_reaches(oidc: &portcullis_config::OidcConfig, host: &str, tls: bool) -> bool {
-    let Some(domain) = &oidc.cookie_domain else {
-        return true;
-    };
-    let under = host.ends_with(domain.as_str()) || Some(host) == domain.get(1..);
-    under && (tls || oidc.auth_scheme == Scheme::Http)
 }
 
 #[cfg(test)]
