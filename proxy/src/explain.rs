@@ -692,82 +692,61 @@ mod tests {
     /// is let in, as the console's lists say.
     #[tokio::test]
     async fn credentials_in_clear_off_loopback_let_no_one_in() {
-        let text = crate::testing::CONFIG.replace("127.0.0.1:1", "10.0.0.1:1");
-        let world = World::with(crate::testing::parse(&text));
-        let alice = world.user(ALICE).await;
-        world.group("eng", &[&alice]).await;
-        for who in [
-            Who::Person(ALICE),
-            Who::Machine(ALICE),
-            Who::Agent {
-                name: "bot",
+        let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                    accept = [\"bearer\"]\nallow = { agent_owner_groups = [\"eng\"] }\n";
+        let in_clear =
+            format!("{}\n{bots}", crate::testing::CONFIG).replace("127.0.0.1:1", "10.0.0.1:1");
+        let allowed = in_clear.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
+        // Where plain HTTP is allowed, a person, a machine and an agent of eng are let in;
+        // where it is not, none of them, but where the route is open to anyone.
+        for (text, in_clear) in [(allowed, false), (in_clear, true)] {
+            let world = World::with(crate::testing::parse(&text));
+            let alice = world.user(ALICE).await;
+            world.group("eng", &[&alice]).await;
+            world.agent("helper", &[&alice], &[], None).await;
+            let ask = |who, url| {
+                explain(&world.runtime(), &world.directory, true, who, url, "GET").unwrap()
+            };
+            let helper = Who::Agent {
+                name: "helper",
                 on_behalf_of: None,
-            },
-        ] {
-            let answer = explain(
-                &world.runtime(),
-                &world.directory,
-                true,
-                who,
-                "http://app.test/work",
-                "GET",
-            )
-            .unwrap();
-            assert!(!answer.allowed, "{answer}");
+            };
+            for (who, url) in [
+                (Who::Person(ALICE), "http://app.test/work"),
+                (Who::Machine(ALICE), "http://app.test/work"),
+                (helper, "http://bots.test/x"),
+            ] {
+                let answer = ask(who, url);
+                assert_eq!(answer.allowed, !in_clear, "{answer}");
+                if in_clear {
+                    assert!(
+                        answer.reason.contains("plain HTTP off loopback"),
+                        "{answer}"
+                    );
+                }
+            }
+            for who in [Who::Person(ALICE), Who::Machine(ALICE), helper] {
+                let public = ask(who, "http://app.test/public");
+                assert!(public.allowed, "{public}");
+            }
+            if !in_clear {
+                continue;
+            }
+            // A caller the route takes no credential of is told so, not of plain HTTP: over
+            // TLS it would still be refused.
+            let answer = ask(Who::Person(ALICE), "http://api.test/x");
             assert!(
-                answer.reason.contains("plain HTTP off loopback"),
+                answer.reason.contains("takes bearer tokens only"),
                 "{answer}"
             );
-            let public = explain(
-                &world.runtime(),
-                &world.directory,
-                true,
-                who,
-                "http://app.test/public",
-                "GET",
-            )
-            .unwrap();
-            assert!(public.allowed, "{public}");
+            let answer = ask(Who::Machine(ALICE), "http://odysseus.test/x");
+            assert!(
+                answer.reason.contains("does not take bearer tokens"),
+                "{answer}"
+            );
         }
-        // A caller the route takes no credential of is told so, not of plain HTTP: over TLS
-        // it would still be refused.
-        let answer = explain(
-            &world.runtime(),
-            &world.directory,
-            true,
-            Who::Person(ALICE),
-            "http://api.test/x",
-            "GET",
-        )
-        .unwrap();
-        assert!(
-            answer.reason.contains("takes bearer tokens only"),
-            "{answer}"
-        );
-        let answer = explain(
-            &world.runtime(),
-            &world.directory,
-            true,
-            Who::Machine(ALICE),
-            "http://odysseus.test/x",
-            "GET",
-        )
-        .unwrap();
-        assert!(
-            answer.reason.contains("does not take bearer tokens"),
-            "{answer}"
-        );
-        // Where plain HTTP is allowed, they are judged.
-        let text = text.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
-        let world = World::with(crate::testing::parse(&text));
-        let alice = world.user(ALICE).await;
-        world.group("eng", &[&alice]).await;
-        let answer = ask(&world, ALICE, "http://app.test/work", "GET");
-        assert!(answer.allowed, "{answer}");
     }
 
-    /// A name no agent has is judged as the proxy judges its token, as a client that is no
-    /// agent (a service account of that name here), and explain says so.
     #[tokio::test]
     async fn a_name_no_agent_has_is_said_to_be_judged_as_a_client() {
         let world = World::new();

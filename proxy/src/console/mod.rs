@@ -335,16 +335,25 @@ mod pages {
     /// HTTP off loopback), the route reaches no one but where it is public, as explain says.
     #[tokio::test]
     async fn credentials_in_clear_off_loopback_reach_only_what_is_public() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = crate::testing::CONFIG.replace("127.0.0.1:1", "10.0.0.1:1");
-        let world = World::with(crate::testing::parse(&text));
-        let alice = world.user("alice@corp.example").await;
-        world.group("eng", &[&alice]).await;
-        let console = console_of(&world, dir.path());
-        let route = &console.runtime.config.routes[0];
-        let reach = console.reach(route, "GET", "/work");
-        assert!(reach.users.is_empty() && reach.agents.is_empty());
-        assert_eq!(console.reach(route, "GET", "/public").users.len(), 1);
+        let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                    accept = [\"bearer\"]\nallow = { agent_owner_groups = [\"eng\"] }\n";
+        let in_clear =
+            format!("{}\n{bots}", crate::testing::CONFIG).replace("127.0.0.1:1", "10.0.0.1:1");
+        let allowed = in_clear.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
+        for (text, in_clear) in [(allowed, false), (in_clear, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let world = World::with(crate::testing::parse(&text));
+            let alice = world.user("alice@corp.example").await;
+            world.group("eng", &[&alice]).await;
+            world.agent("helper", &[&alice], &[], None).await;
+            let console = console_of(&world, dir.path());
+            let routes = &console.runtime.config.routes;
+            let (app, bots) = (&routes[0], routes.last().unwrap());
+            let reach = console.reach(app, "GET", "/work");
+            assert_eq!(reach.users.is_empty(), in_clear);
+            assert_eq!(console.reach(bots, "GET", "/x").agents.is_empty(), in_clear);
+            assert_eq!(console.reach(app, "GET", "/public").users.len(), 1);
+        }
     }
 
     /// A route's page lists every agent it lets in, paged as its users are.
