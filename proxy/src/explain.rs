@@ -692,15 +692,10 @@ mod tests {
     /// is let in, as the console's lists say.
     #[tokio::test]
     async fn credentials_in_clear_off_loopback_let_no_one_in() {
-        let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
-                    accept = [\"bearer\"]\nallow = { agent_owner_groups = [\"eng\"] }\n";
-        let in_clear =
-            format!("{}\n{bots}", crate::testing::CONFIG).replace("127.0.0.1:1", "10.0.0.1:1");
-        let allowed = in_clear.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
         // Where plain HTTP is allowed, a person, a machine and an agent of eng are let in;
         // where it is not, none of them, but where the route is open to anyone.
-        for (text, in_clear) in [(allowed, false), (in_clear, true)] {
-            let world = World::with(crate::testing::parse(&text));
+        for (config, in_clear) in crate::testing::off_loopback() {
+            let world = World::with(config);
             let alice = world.user(ALICE).await;
             world.group("eng", &[&alice]).await;
             world.agent("helper", &[&alice], &[], None).await;

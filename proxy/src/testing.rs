@@ -98,6 +98,17 @@ pub fn config(extra: &str) -> Config {
     parse(&format!("{CONFIG}\n{extra}"))
 }
 
+/// [`CONFIG`] with a route for the agents of `eng`'s people (`http://bots.test`, the last),
+/// on a listener off loopback: where it allows plain HTTP (`false`), and where credentials
+/// sent over plain HTTP are refused (`true`).
+pub fn off_loopback() -> [(Config, bool); 2] {
+    let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                accept = [\"bearer\"]\nallow = { agent_owner_groups = [\"eng\"] }\n";
+    let in_clear = format!("{CONFIG}\n{bots}").replace("127.0.0.1:1", "10.0.0.1:1");
+    let allowed = in_clear.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
+    [(parse(&allowed), false), (parse(&in_clear), true)]
+}
+
 /// A configuration file's text, validated.
 pub fn parse(text: &str) -> Config {
     match portcullis_config::parse(text, Path::new("/"), &|_| None) {

@@ -335,14 +335,9 @@ mod pages {
     /// HTTP off loopback), the route reaches no one but where it is public, as explain says.
     #[tokio::test]
     async fn credentials_in_clear_off_loopback_reach_only_what_is_public() {
-        let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
-                    accept = [\"bearer\"]\nallow = { agent_owner_groups = [\"eng\"] }\n";
-        let in_clear =
-            format!("{}\n{bots}", crate::testing::CONFIG).replace("127.0.0.1:1", "10.0.0.1:1");
-        let allowed = in_clear.replace("\"10.0.0.1:1\"", "\"10.0.0.1:1\"\nallow_plain_http = true");
-        for (text, in_clear) in [(allowed, false), (in_clear, true)] {
+        for (config, in_clear) in crate::testing::off_loopback() {
             let dir = tempfile::tempdir().unwrap();
-            let world = World::with(crate::testing::parse(&text));
+            let world = World::with(config);
             let alice = world.user("alice@corp.example").await;
             world.group("eng", &[&alice]).await;
             world.agent("helper", &[&alice], &[], None).await;
