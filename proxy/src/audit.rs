@@ -1066,10 +1066,9 @@ impl Store {
             Store::File(file) => file.append(lines, position),
             Store::Postgres(log, spool) => {
                 spool.look();
-                if urgent {
-                    if !lines.is_empty() {
-                        spool.append(lines)?;
-                    }
+                // (One the spool cannot take, a full disk say, goes on as any other: to
+                // PostgreSQL if it takes them now.)
+                if urgent && (lines.is_empty() || spool.append(lines).is_ok()) {
                     if !spool.failing() {
                         spool.move_to(log);
                     }

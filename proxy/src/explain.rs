@@ -742,6 +742,8 @@ mod tests {
         }
     }
 
+    /// A name no agent has is judged as the proxy judges its token, as a client that is no
+    /// agent (a service account of that name here), and explain says so.
     #[tokio::test]
     async fn a_name_no_agent_has_is_said_to_be_judged_as_a_client() {
         let world = World::new();

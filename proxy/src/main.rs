@@ -590,7 +590,10 @@ fn open_directory(
                 // what the audit log has queued is written first.
                 tracing::error!("PostgreSQL: {e}; stopping");
                 if !audit.flush(std::time::Duration::from_secs(5)) {
-                    tracing::warn!("exiting before the audit log was written to the end");
+                    tracing::warn!(
+                        "exiting before the audit log was written to the end (with PostgreSQL, \
+                         those kept in data_dir's audit spool wait there for the next start)"
+                    );
                 }
                 logging::flush();
                 std::process::exit(1);

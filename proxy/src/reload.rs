@@ -591,7 +591,10 @@ pub async fn write_out(shared: &Shared) {
     let audit = shared.audit.clone();
     let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH)).await;
     if !matches!(flushed, Ok(true)) {
-        tracing::warn!("exiting before the audit log was written to the end");
+        tracing::warn!(
+            "exiting before the audit log was written to the end (with PostgreSQL, \
+             those kept in data_dir's audit spool wait there for the next start)"
+        );
     }
     // Closed cleanly, the embedded store opens at the next start without a repair.
     let directory = shared.directory.clone();
