@@ -2370,6 +2370,37 @@ mod tests {
         drop(silent);
     }
 
+    /// A flush whose records the spool cannot take (a full disk, here a directory that is
+    /// gone) asks PostgreSQL to take them, as any other write would: not the spool, again
+    /// and again, until they are dropped.
+    #[test]
+    fn a_flush_the_spool_cannot_take_goes_on_to_postgres() {
+        use portcullis_scim::store::postgres::{PgOptions, PgStorage};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let options = PgOptions {
+            url: format!("host=127.0.0.1 port={port} user=x sslmode=disable"),
+            pool_size: 1,
+            max_staleness: std::time::Duration::from_secs(2),
+        };
+        let log = PgStorage::open(&options).unwrap().audit_log();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().join("gone").join(SPOOL_NAME)).unwrap();
+        let mut store = Store::Postgres(Box::new(log), spool);
+        std::thread::spawn(move || {
+            let _ = store.append(&["{\"n\":1}\n".to_owned()], None, true);
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while listener.accept().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL was not asked"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come
     /// while the rest are moved are kept, not dropped (up to twice the bound in the file).
     #[test]
