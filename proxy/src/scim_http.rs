@@ -139,7 +139,7 @@ impl Scim {
             Ok(actor) => actor.to_owned(),
             Err(why) => {
                 let refusal = refused(session, &why);
-                return write(session, &refusal, true).await;
+                return write(session, &refusal).await;
             }
         };
         let req = session.req_header();
@@ -194,7 +194,7 @@ impl Scim {
         };
         if let Err(why) = standing() {
             let refusal = refused(session, &why);
-            return write(session, &refusal, true).await;
+            return write(session, &refusal).await;
         }
         // Recorded once when it no longer stands.
         let told = std::sync::atomic::AtomicBool::new(false);
@@ -227,7 +227,7 @@ impl Scim {
                 stands: &stands,
             })
             .await;
-        write(session, &response, false).await
+        write(session, &response).await
     }
 }
 
@@ -240,7 +240,7 @@ fn authorization(session: &Session) -> Option<&[u8]> {
 /// Answers a SCIM request with a 403 SCIM error saying `why`, without looking at it.
 pub async fn refuse(session: &mut Session, why: &str) -> Result<bool> {
     let error = ScimError::new(403, None, why);
-    write(session, &ScimResponse::error(&error), false).await
+    write(session, &ScimResponse::error(&error)).await
 }
 
 /// 503: this replica is not known to hold the current directory (a shared store's feed).
@@ -250,13 +250,13 @@ pub async fn unavailable(session: &mut Session) -> Result<bool> {
         None,
         "this replica is catching up with the shared directory; retry",
     );
-    write(session, &ScimResponse::error(&error), false).await
+    write(session, &ScimResponse::error(&error)).await
 }
 
 async fn too_large(session: &mut Session, limit: usize) -> Result<bool> {
     // The unread body may still be on the wire: `reply::send` closes the connection after it.
     let error = ScimError::new(413, None, format!("the body is larger than {limit} bytes"));
-    write(session, &ScimResponse::error(&error), false).await
+    write(session, &ScimResponse::error(&error)).await
 }
 
 /// The entity tags of every `name` field (`If-Match`, `If-None-Match`), as one list (RFC 9110
@@ -273,13 +273,14 @@ fn tag_list(headers: &http::HeaderMap, name: header::HeaderName) -> Option<Strin
     }))
 }
 
-async fn write(session: &mut Session, response: &ScimResponse, challenge: bool) -> Result<bool> {
-    reply::send(session, scim_reply(response, challenge)).await
+async fn write(session: &mut Session, response: &ScimResponse) -> Result<bool> {
+    reply::send(session, scim_reply(response)).await
 }
 
 /// The SCIM service's answer as a reply: `application/scim+json`, with its `ETag` and
-/// `Location`, and the bearer challenge on a 401.
-fn scim_reply(response: &ScimResponse, challenge: bool) -> Reply {
+/// `Location`, and the bearer challenge on every 401 (RFC 6750 §3), the service's own (a
+/// token that fell while its request waited to write) as well as the token's check's.
+fn scim_reply(response: &ScimResponse) -> Reply {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut reply = match &response.body {
         Some(value) => Reply::with_body(
@@ -295,7 +296,7 @@ fn scim_reply(response: &ScimResponse, challenge: bool) -> Reply {
     if let Some(location) = &response.location {
         reply = reply.header(header::LOCATION, location.as_str());
     }
-    if challenge {
+    if status == StatusCode::UNAUTHORIZED {
         reply = reply.header(header::WWW_AUTHENTICATE, "Bearer realm=\"portcullis-scim\"");
     }
     reply
@@ -392,6 +393,23 @@ mod tests {
         assert!(scim.claims("auth.test", "/scim/v2/Users"));
         assert!(!scim.claims("auth.test", "/scim/v20"));
         assert!(!scim.claims("app.test", "/scim/v2/Users"));
+    }
+
+    /// Every 401 carries the bearer challenge, the service's own too (a token that fell while
+    /// a write waited for its turn), as RFC 6750 asks; no other answer does.
+    #[test]
+    fn every_401_carries_the_bearer_challenge() {
+        let challenge = |status: u16| {
+            let reply = scim_reply(&ScimResponse::error(&ScimError::new(status, None, "x")));
+            let found = reply
+                .headers
+                .iter()
+                .find(|(name, _)| name == header::WWW_AUTHENTICATE);
+            found.map(|(_, value)| value.clone())
+        };
+        assert!(challenge(401).is_some_and(|v| v.starts_with("Bearer ")));
+        assert_eq!(challenge(403), None);
+        assert_eq!(challenge(503), None);
     }
 
     /// A token removed or expired while its request runs writes nothing more: of a Bulk's
