@@ -1152,13 +1152,18 @@ impl ProxyHttp for Proxy {
         // upstream really accepted may have that. A handler that answers 101 to anything (a
         // status echo, say) would otherwise turn the rest of the connection into requests
         // Portcullis never sees.
-        if upstream_response.status == StatusCode::SWITCHING_PROTOCOLS
-            && !accepts_websocket(session.req_header(), upstream_response)
-        {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(502),
-                "the upstream switched protocols without accepting the websocket",
-            );
+        if upstream_response.status == StatusCode::SWITCHING_PROTOCOLS {
+            if !accepts_websocket(session.req_header(), upstream_response) {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    "the upstream switched protocols without accepting the websocket",
+                );
+            }
+            // A websocket silent both ways lasts the route's `read_timeout`, as the README
+            // says, not pingora's minute for a client's body (browsers send no pings).
+            if let Some(route) = &ctx.route {
+                session.set_read_timeout(Some(route.config.read_timeout));
+            }
         }
         // A websocket the upstream refused is an ordinary answer, on a connection pingora may
         // pool: its socket is no longer `Streams`' to shut (the per-chunk check still holds).

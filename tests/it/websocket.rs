@@ -311,6 +311,32 @@ async fn a_websocket_whose_upstream_is_silent_for_the_read_timeout_ends() {
     );
 }
 
+/// A websocket silent both ways lasts its route's `read_timeout` (a browser sends no pings):
+/// not a minute, pingora's own bound on a client's body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_silent_both_ways_lasts_its_route_s_read_timeout() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::new("http://ws.test", &[&up])
+            .websockets(true)
+            .set("read_timeout = \"3m\""),
+    );
+    let _px = cfg.start().await;
+    let mut ws =
+        portcullis_tests::client::websocket(cfg.http_addr(), "ws.test", "/ws", ("x-test", "1"))
+            .await;
+    assert!(
+        !portcullis_tests::client::closed_within(&mut ws, Duration::from_secs(65)).await,
+        "closed within 65 s of silence, with a read_timeout of 3 minutes"
+    );
+    timeout(STEP, ws.send(Message::text("still here")))
+        .await
+        .expect("send timed out")
+        .unwrap();
+    let echoed = timeout(STEP, ws.next()).await.expect("echo timed out");
+    assert!(matches!(echoed, Some(Ok(Message::Text(_)))), "{echoed:?}");
+}
+
 /// An event stream's upstream connection is not pooled (`Connection: close`): the stream
 /// watcher may shut its socket down until the request is over, which is after pingora has
 /// pooled the connection, and the next request on it would be someone else's. Other requests'
