@@ -1127,6 +1127,9 @@ fn unauthenticated(facts: &Facts<'_>, invalid_token: bool, revoked: Option<Outda
 /// How a request that needs a caller and has none is answered: a browser asking for a page
 /// where people can sign in (`sessions`) is sent to sign in (302); anything else gets a 401.
 /// Only a GET or HEAD is sent to sign in: any other request could not be replayed afterwards.
+/// Nor is one that presented a bearer token (`invalid_token`): no browser sends one on a
+/// page load, and a client that did (Java's `HttpURLConnection` accepts `text/html` unasked)
+/// is told its token is invalid, so that it gets a new one, not the IdP's sign-in page.
 pub fn sign_in_or_challenge(
     method: &str,
     client: Client,
@@ -1135,7 +1138,7 @@ pub fn sign_in_or_challenge(
     revoked: Option<Outdated>,
 ) -> Refused {
     let replayable = matches!(method, "GET" | "HEAD");
-    if client == Client::Browser && replayable && sessions {
+    if client == Client::Browser && replayable && sessions && !invalid_token {
         Refused::SignIn { revoked }
     } else {
         Refused::Challenge {
@@ -2198,15 +2201,19 @@ mod tests {
             client: ClientOf::Known(Client::Api),
             ..facts(&world, 0, "GET", "/work")
         };
-        assert_eq!(
-            world
-                .gate()
-                .admit(&api, Presented::Invalid { bearer: true }),
-            Admission::Refuse(Refused::Challenge {
-                invalid_token: true,
-                revoked: None
-            })
-        );
+        // Whatever kind of client sent it: one that asks for HTML too is never a browser's
+        // page load.
+        for facts in [api, facts(&world, 0, "GET", "/work")] {
+            assert_eq!(
+                world
+                    .gate()
+                    .admit(&facts, Presented::Invalid { bearer: true }),
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    revoked: None
+                })
+            );
+        }
     }
 
     #[tokio::test]
@@ -2956,6 +2963,14 @@ mod tests {
             sign_in("GET", Client::Api, true),
             Refused::Challenge { .. }
         ));
+        // A page load that presented a refused token.
+        assert_eq!(
+            sign_in_or_challenge("GET", Client::Browser, true, true, None),
+            Refused::Challenge {
+                invalid_token: true,
+                revoked: None
+            }
+        );
     }
 
     #[test]
@@ -2978,8 +2993,8 @@ mod tests {
             agent: None,
         })
         .revoked());
-        // An agent's token sent to sign in (it looked like a browser's page load on a route
-        // that also takes sessions) still says whose record it is older than.
+        // An agent's token refused (on what looked like a browser's page load on a route that
+        // also takes sessions) still says whose record it is older than.
         let agent = AgentRecord {
             name: "helper".into(),
             owners: vec![],
@@ -2992,7 +3007,16 @@ mod tests {
             true,
             Some(Outdated::Agent(agent.clone())),
         );
-        assert!(matches!(sent, Refused::SignIn { .. }), "{sent:?}");
+        assert!(
+            matches!(
+                sent,
+                Refused::Challenge {
+                    invalid_token: true,
+                    ..
+                }
+            ),
+            "{sent:?}"
+        );
         assert_eq!(sent.outdated_agent(), Some(&agent));
     }
 

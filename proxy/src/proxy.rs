@@ -1622,7 +1622,7 @@ impl Proxy {
                             .answer(
                                 session,
                                 runtime,
-                                "",
+                                endpoints::AUDIT_ROUTE,
                                 sessions,
                                 &asked,
                                 &Authentication::Nothing,
@@ -2096,8 +2096,7 @@ impl Proxy {
             _ => {}
         }
         if let Some(why) = authentication.refused_token() {
-            // Whether answered 401 or sent to sign in (a browser's page on a route that also
-            // takes sessions). A 403 is audited below.
+            // Answered 401 (a 403 is audited below).
             if !matches!(refused, Refused::Forbid(_)) {
                 audit.refused_bearer(route, why, &asked.audited());
             }
@@ -2119,11 +2118,13 @@ impl Proxy {
             }
             // A browser's form sent without a session (it ended while the page was open): it
             // cannot be sent on after a sign-in, so a page says so and offers one, back to the
-            // page the form was on.
-            Refused::Challenge { invalid_token, .. }
-                if signs_in
-                    && asked.client == Client::Browser
-                    && runtime.carries_credentials(local_addr(session), asked.tls) =>
+            // page the form was on. (One that presented a token is no browser's.)
+            Refused::Challenge {
+                invalid_token: false,
+                ..
+            } if signs_in
+                && asked.client == Client::Browser
+                && runtime.carries_credentials(local_addr(session), asked.tls) =>
             {
                 // A page of this host that sign-in takes as a return address, else its root.
                 let referer = session.req_header().headers.get(header::REFERER);
@@ -2136,7 +2137,7 @@ impl Proxy {
                     })
                     .and_then(|r| crate::auth::redirect::safe_return_url(r, &asked.origin, &hosts))
                     .unwrap_or_else(|| format!("{}/", asked.origin));
-                sign_in_to_send_again(&back, invalid_token)
+                sign_in_to_send_again(&back)
             }
             Refused::SignIn { .. } => match &runtime.config.oidc {
                 Some(oidc) => {
@@ -2148,9 +2149,13 @@ impl Proxy {
                     };
                     let return_to = format!("{}{}", asked.origin, asked.path_and_query);
                     let head = session.req_header();
-                    self.shared
-                        .auth
-                        .start_sign_in(oidc, &request, head, return_to)
+                    self.shared.auth.start_sign_in(
+                        oidc,
+                        &request,
+                        head,
+                        return_to,
+                        (route, &asked.audited()),
+                    )
                 }
                 None => challenge(false),
             },
@@ -2244,7 +2249,7 @@ pub(crate) fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
 
 /// 401 for a browser's form sent without a session: a page with a way to sign in and come
 /// back to `back`, and the bearer challenge a 401 needs.
-fn sign_in_to_send_again(back: &str, invalid_token: bool) -> Reply {
+fn sign_in_to_send_again(back: &str) -> Reply {
     let link = format!(
         "/.portcullis/sign_in?rd={}",
         form_urlencoded::byte_serialize(back.as_bytes()).collect::<String>()
@@ -2256,7 +2261,7 @@ fn sign_in_to_send_again(back: &str, invalid_token: bool) -> Reply {
         escape(&link)
     );
     Reply::page(StatusCode::UNAUTHORIZED, "Sign in to continue", &content)
-        .header(header::WWW_AUTHENTICATE, bearer_challenge(invalid_token))
+        .header(header::WWW_AUTHENTICATE, bearer_challenge(false))
 }
 
 /// The `WWW-Authenticate` of a 401 (RFC 6750).

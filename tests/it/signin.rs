@@ -1422,12 +1422,42 @@ async fn a_browser_with_more_cookies_than_are_read_is_told_so_not_sent_round_the
     assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     // Without them, the same session still works.
     assert_session_works(&page, &alice).await;
-    // Each refusal is recorded, as nobody's.
-    fx.px
-        .audit_log_until(WAIT, |text| {
-            text.matches("more cookies than Portcullis reads").count() == 3
+    // Each refusal is recorded, as nobody's, as the request it refused: the page's on its
+    // route, the sign-in's as the sign-in.
+    let stuffed = |r: &serde_json::Value| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|why| why.contains("more cookies than Portcullis reads"))
+    };
+    let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
+        crate::audit::of_event(r, "refusal")
+            .into_iter()
+            .filter(|r| stuffed(r))
+            .count()
+            >= 3
+    })
+    .await;
+    let refused: Vec<_> = crate::audit::of_event(&records, "refusal")
+        .into_iter()
+        .filter(|r| stuffed(r))
+        .map(|r| {
+            assert_eq!(r["user"], "anonymous", "{r}");
+            (
+                r["route"].as_str().unwrap_or_default(),
+                r["method"].as_str().unwrap_or_default(),
+                r["path"].as_str().unwrap_or_default(),
+            )
         })
-        .await;
+        .collect();
+    let app = "http://app.test";
+    assert_eq!(
+        refused,
+        [
+            (app, "GET", "/stuffed"),
+            (app, "GET", "/stuffed"),
+            ("oidc", "GET", "/.portcullis/sign_in")
+        ]
+    );
 }
 
 /// Signs in at `url` as a browser does, with `browser`'s cookies for the IdP too: the IdP's
@@ -1897,32 +1927,33 @@ async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bad_bearer_token_is_audited_also_when_a_browser_is_sent_to_sign_in() {
+async fn a_bad_bearer_token_is_told_invalid_token_and_audited_whatever_its_client_accepts() {
     let fx = Fixture::start().await;
-    // A browser's page on a route that takes sessions and tokens: sent to sign in.
-    let resp = bare_client()
-        .get(fx.url("both.test", "/page"))
-        .header(ACCEPT, BROWSER_ACCEPT)
-        .bearer_auth("not-a-jwt")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_redirection(), "{}", resp.status());
-    // Who am I, with a token that is no JWT either: 401.
-    let resp = bare_client()
-        .get(fx.app_url("/.portcullis/me"))
-        .header(ACCEPT, "application/json")
-        .bearer_auth("not-a-jwt-either")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let challenge = resp.headers().get(WWW_AUTHENTICATE).cloned();
-    let challenge = challenge.map(|v| v.to_str().unwrap_or_default().to_owned());
-    assert!(
-        challenge.is_some_and(|c| c.contains("error=\"invalid_token\"")),
-        "a refused token is answered invalid_token"
-    );
+    // Java's `HttpURLConnection` sends this `Accept` unless told otherwise: it names HTML as
+    // a browser's page load does, on a route that takes sessions and tokens, and at "who am
+    // I". No browser sends a token on a page load: the client is told its token is invalid
+    // (so that it gets a new one), not sent round the IdP's sign-in page.
+    let java = "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2";
+    for (url, token) in [
+        (fx.url("both.test", "/page"), "not-a-jwt"),
+        (fx.app_url("/.portcullis/me"), "not-a-jwt-either"),
+    ] {
+        let resp = bare_client()
+            .get(&url)
+            .header(ACCEPT, java)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{url}");
+        assert!(resp.headers().get(LOCATION).is_none(), "{url}");
+        let challenge = resp.headers().get(WWW_AUTHENTICATE).cloned();
+        let challenge = challenge.map(|v| v.to_str().unwrap_or_default().to_owned());
+        assert!(
+            challenge.is_some_and(|c| c.contains("error=\"invalid_token\"")),
+            "a refused token is answered invalid_token at {url}"
+        );
+    }
 
     let records = crate::audit::audit_json_until(&fx.px, &[], |r| {
         crate::audit::of_event(r, "refusal").len() >= 2

@@ -234,21 +234,23 @@ fn browser_cookie(tls: bool, name: &str, value: &str, max_age: u64) -> String {
 
 impl Auth {
     /// Starts a sign-in that returns to `return_to`: the redirect to the IdP, with the cookie
-    /// binding the sign-in to this browser.
+    /// binding the sign-in to this browser. A refusal is recorded as `asked` on `route`: the
+    /// request for a route's page that sent the browser here, or `/.portcullis/sign_in`.
     pub fn start_sign_in(
         &self,
         oidc: &OidcConfig,
         req: &Request<'_>,
         head: &RequestHeader,
         return_to: String,
+        (route, asked): (&str, &audit::Request<'_>),
     ) -> Reply {
         // The session it would make could not be read back from among these cookies: the
         // browser would be sent round the sign-in for ever.
         if super::cookies_past_bound(head) {
             self.audit.unverified_refusal(
-                AUDIT_ROUTE,
+                route,
                 "a sign-in was refused: the browser sends more cookies than Portcullis reads",
-                &req.audited("GET", "/.portcullis/sign_in"),
+                asked,
             );
             return Reply::page(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -332,9 +334,13 @@ impl Auth {
                 let hosts = served_hosts(config);
                 let rd = param("rd").unwrap_or_else(|| "/".to_owned());
                 match safe_return_url(&rd, req.origin, &hosts) {
-                    Some(return_to) => {
-                        self.start_sign_in(oidc, req, session.req_header(), return_to)
-                    }
+                    Some(return_to) => self.start_sign_in(
+                        oidc,
+                        req,
+                        session.req_header(),
+                        return_to,
+                        (AUDIT_ROUTE, &req.audited("GET", "/.portcullis/sign_in")),
+                    ),
                     None => {
                         // A link made to send someone elsewhere after signing in.
                         self.audit.unverified_refusal(
