@@ -1753,29 +1753,29 @@ async fn killing_a_replica_during_scim_writes_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
     let fleet = Fleet::start().await;
-    // `explain` without a running proxy judges from the database, and only one of this
-    // build's schema: it neither makes one nor reads another build's.
-    let explain_says = || async {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("portcullis.toml");
-        let cfg = ConfigBuilder::new()
-            .http_listener()
-            .postgres(&fleet.pg.url(), "2s");
-        std::fs::write(&config, cfg.toml()).unwrap();
-        let config = config.display().to_string();
-        let args = [
-            "explain",
-            "--config",
-            &config,
-            "--user",
-            "alice",
-            "--url",
-            "http://app.test/",
-        ];
-        let out = portcullis_tests::process::run(dir.path(), &args).await;
-        assert_ne!(out.status.code(), Some(0), "{out:?}");
-        out.stderr
+    // `explain` without a running proxy judges from the database, and `rotate-assertion-key`
+    // writes the fleet's keys there, only in one of this build's schema: they neither make
+    // one nor read another build's, nor move the fleet's on (which would stop its replicas,
+    // of an older build, at their next renewal).
+    let url = fleet.pg.url();
+    let refused = |command: &'static [&'static str]| {
+        let cfg = ConfigBuilder::new().http_listener().postgres(&url, "2s");
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("portcullis.toml");
+            std::fs::write(&config, cfg.toml()).unwrap();
+            let config = config.display().to_string();
+            let mut args = vec![command[0], "--config", &config];
+            args.extend(&command[1..]);
+            let out = portcullis_tests::process::run(dir.path(), &args).await;
+            assert_ne!(out.status.code(), Some(0), "{out:?}");
+            out.stderr
+        }
     };
+    let explain_says = || refused(&["explain", "--user", "alice", "--url", "http://app.test/"]);
+    let rotate_says = || refused(&["rotate-assertion-key"]);
+    let said = rotate_says().await;
+    assert!(said.contains("no directory in PostgreSQL yet"), "{said}");
     let said = explain_says().await;
     assert!(said.contains("no directory in PostgreSQL yet"), "{said}");
     // Three replicas start on an empty database at the same moment.
@@ -1832,6 +1832,27 @@ async fn migrations_run_once_from_empty_with_replicas_starting_at_once() {
     }
     let said = explain_says().await;
     assert!(said.contains("schema version 99"), "{said}");
+    let said = rotate_says().await;
+    assert!(said.contains("schema version 99"), "{said}");
+    // A fleet of an older build, its key rotated with this one's: refused, the schema as it was.
+    fleet
+        .pg
+        .query("UPDATE portcullis_schema SET version = 2")
+        .await
+        .unwrap();
+    let said = rotate_says().await;
+    assert!(said.contains("schema version 2"), "{said}");
+    let version = fleet
+        .pg
+        .query("SELECT version FROM portcullis_schema")
+        .await
+        .unwrap();
+    assert_eq!(version, vec![vec![Some("2".to_owned())]]);
+    fleet
+        .pg
+        .query("UPDATE portcullis_schema SET version = 99")
+        .await
+        .unwrap();
     // Their leases went with them: no writer waits for them to lapse.
     let leases = fleet.pg.query(running).await.unwrap();
     assert_eq!(
