@@ -708,6 +708,21 @@ tls = { certificates = [{ cert = "a.pem", key = "a-key.pem" }, { cert = "a.pem",
             )],
         },
         Case {
+            // A renewed certificate listed after the one it renews: the old one would be
+            // served until it expired.
+            name: "certificate whose every name an earlier one has",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { certificates = [{ cert = "a.pem", key = "a-key.pem" }, { cert = "b.pem", key = "b-key.pem" }, { cert = "a.pem", key = "a-key.pem" }] }
+"#,
+            problems: &[(
+                "listeners[0].tls.certificates[2]",
+                Some(4),
+                "is never served: every DNS name it has (app.example.com, *.example.com) is one an earlier certificate has",
+            )],
+        },
+        Case {
             name: "cert without key",
             text: r#"data_dir = "data"
 [[listeners]]

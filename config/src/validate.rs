@@ -11,6 +11,7 @@
 //! ([`Problems::skipped`]), so that `tls = true` is reported once, and not again as a missing
 //! TLS listener for every https route.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -523,15 +524,46 @@ fn listener_tls(
     }
 
     let mut certificates = Vec::new();
+    // The names served so far: the first certificate naming a host is the one it is served.
+    let mut served = HashSet::new();
     for (pair_path, cert, key) in pairs {
         let (cert, key) = (base_dir.join(cert), base_dir.join(key));
         match tls::load_pair(&cert, &key) {
-            Ok((certified, names)) => certificates.push(CertificateFiles {
-                cert,
-                key,
-                names,
-                loaded: LoadedKey(Arc::new(certified)),
-            }),
+            Ok((certified, names)) => {
+                // One never served (a renewed certificate listed after the one it renews, say)
+                // would leave the other served until it expires.
+                let first = certificates.is_empty();
+                let mut new = false;
+                for name in &names {
+                    new |= served.insert(name.clone());
+                }
+                if !first && !new {
+                    let shown = if names.is_empty() {
+                        "it has no DNS name, and only the first certificate is served to a \
+                         client naming no host one has"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "every DNS name it has ({}) is one an earlier certificate has, and \
+                             a host is served the first certificate naming it",
+                            names.join(", ")
+                        )
+                    };
+                    p.add(
+                        &pair_path,
+                        format!(
+                            "{} is never served: {shown}; list it first, or leave the other out",
+                            cert.display()
+                        ),
+                    );
+                }
+                certificates.push(CertificateFiles {
+                    cert,
+                    key,
+                    names,
+                    loaded: LoadedKey(Arc::new(certified)),
+                });
+            }
             Err(errors) => {
                 for error in errors {
                     match error {
