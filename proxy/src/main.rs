@@ -489,8 +489,11 @@ fn rotate_assertion_key(
     // Only into a schema of this build's, and changing none: migrating would stop a fleet of
     // an older build at its replicas' next renewal.
     if !postgres.check_schema().map_err(fail)? {
-        return Err("no directory in PostgreSQL yet: a replica makes it at its first start;                     start a replica first, then rotate"
-            .to_owned());
+        return Err(
+            "no directory in PostgreSQL yet: a replica makes it at its first start; \
+                    start a replica first, then rotate"
+                .to_owned(),
+        );
     }
     let existing = postgres.entries(assertion::ASSERTION_KEY).map_err(fail)?;
     let (kid, signs, entries) =
