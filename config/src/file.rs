@@ -448,6 +448,7 @@ pub(crate) struct Identity {
 pub(crate) struct JwtIssuer {
     pub issuer: Option<String>,
     pub audiences: Option<Vec<String>>,
+    pub person_clients: Option<Vec<String>>,
     pub jwks_uri: Option<String>,
     pub algorithms: Option<Vec<String>>,
     pub leeway: Option<String>,

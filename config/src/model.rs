@@ -591,6 +591,12 @@ pub struct JwtIssuer {
     pub issuer: String,
     /// A token's `aud` must hold at least one of these.
     pub audiences: Vec<String>,
+    /// The only clients (a token's `client_id`, else `azp`, `cid` or `appid`) whose tokens
+    /// held for a person are taken, beside the agents' clients; empty: any client's. Every
+    /// client that can get a token for `audiences` (every application signing people in
+    /// through Okta's default authorization server gets `api://default`) could otherwise act
+    /// as each person who signs in to it.
+    pub person_clients: Vec<String>,
     /// Where the signing keys are; `None` to take `jwks_uri` from the issuer's discovery
     /// document.
     pub jwks_uri: Option<String>,

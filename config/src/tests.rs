@@ -1587,6 +1587,25 @@ audiences = ["api", "", "api"]
             ],
         },
         Case {
+            name: "jwt issuer person clients: none, empty, twice",
+            text: r#"data_dir = "data"
+LISTENERS
+[[jwt_issuers]]
+issuer = "https://a.example.com"
+audiences = ["api"]
+person_clients = []
+[[jwt_issuers]]
+issuer = "https://b.example.com"
+audiences = ["api"]
+person_clients = ["cli", "", "cli"]
+"#,
+            problems: &[
+                ("jwt_issuers[0].person_clients", Some(13), "at least one client"),
+                ("jwt_issuers[1].person_clients[1]", Some(17), "never empty"),
+                ("jwt_issuers[1].person_clients[2]", Some(17), "`cli` is listed twice"),
+            ],
+        },
+        Case {
             name: "jwks uri over plain http, with a fragment",
             text: r#"data_dir = "data"
 LISTENERS
@@ -2893,6 +2912,7 @@ tls_ca = "ca.pem"
 [[jwt_issuers]]
 issuer = "https://corp.okta.com/oauth2/default"
 audiences = ["api://portcullis", "api://grafana"]
+person_clients = ["0oacli", "0oagrafana"]
 jwks_uri = "https://login.example.com/discovery/v2.0/keys?appid=42"
 algorithms = ["ES256"]
 leeway = "0s"
@@ -2968,6 +2988,7 @@ accept = ["public"]
         JwtIssuer {
             issuer: "https://corp.okta.com/oauth2/default".into(),
             audiences: vec!["api://portcullis".into(), "api://grafana".into()],
+            person_clients: vec!["0oacli".into(), "0oagrafana".into()],
             jwks_uri: Some("https://login.example.com/discovery/v2.0/keys?appid=42".into()),
             algorithms: vec![JwtAlgorithm::ES256],
             leeway: Duration::ZERO,
@@ -2978,6 +2999,7 @@ accept = ["public"]
         JwtIssuer {
             issuer: "http://127.0.0.1:9000".into(),
             audiences: vec!["test".into()],
+            person_clients: Vec::new(),
             jwks_uri: None,
             algorithms: vec![
                 JwtAlgorithm::RS256,

@@ -1961,6 +1961,20 @@ fn jwt_issuers(
                 audiences
             }
         };
+        let clients_path = path.key("person_clients");
+        if raw.person_clients.as_ref().is_some_and(Vec::is_empty) {
+            p.add(
+                &clients_path,
+                "needs at least one client, or leave it out to take a person's token from any",
+            );
+        }
+        let person_clients = raw.person_clients.unwrap_or_default();
+        for (j, client) in person_clients.iter().enumerate() {
+            if client.is_empty() {
+                p.add(&clients_path.index(j), "a client id is never empty");
+            }
+        }
+        duplicates(&person_clients, &clients_path, p);
         let jwks_path = path.key("jwks_uri");
         let jwks_uri = raw.jwks_uri.and_then(|url| {
             web_url(&url)
@@ -1989,6 +2003,7 @@ fn jwt_issuers(
         issuers.push(issuer.map(|issuer| JwtIssuer {
             issuer,
             audiences,
+            person_clients,
             jwks_uri,
             algorithms,
             leeway,

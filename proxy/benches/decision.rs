@@ -237,6 +237,7 @@ impl Fixture {
         Gate {
             directory: &self.directory,
             identity: &self.runtime.config.identity,
+            jwt_issuers: &self.runtime.config.jwt_issuers,
             current: true,
             now: now_unix(),
             forwards: Some(&self.forwards),

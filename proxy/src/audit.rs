@@ -863,6 +863,24 @@ impl Audit {
         }
     }
 
+    /// Records the refusal of `user`'s token on `route`, held by `client`, which the token's
+    /// issuer takes none of a person's tokens from: within the client's budget, as an agent's
+    /// refusals are within the agent's (an application replaying the tokens of hundreds of
+    /// people who sign in to it is one caller).
+    pub fn refusal_of_a_client(
+        &self,
+        user: &str,
+        client: &str,
+        route: &str,
+        reason: &str,
+        request: &Request<'_>,
+    ) {
+        let budgeted = Caller::Named(format!("client {client}"));
+        if self.within_budget(&budgeted, route, None) {
+            self.record_refusal(user, route, None, reason, request, None);
+        }
+    }
+
     /// Whether a refusal of `who` on `route` is recorded one by one (see [`Budgets::take`]).
     fn within_budget(&self, who: &Caller, route: &str, client: Option<IpAddr>) -> bool {
         match self.budgets.lock() {

@@ -230,6 +230,7 @@ pub fn explain(
     let gate = crate::gate::Gate {
         directory,
         identity: &runtime.config.identity,
+        jwt_issuers: &runtime.config.jwt_issuers,
         current,
         now: crate::clock::now_unix(),
         forwards: None,

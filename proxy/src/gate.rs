@@ -28,7 +28,8 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderValue};
 
 use portcullis_config::{
-    AgentAttribute, Credential, IdentityClaim, IdentityConfig, MachineClaim, Route, ScimAttribute,
+    AgentAttribute, Credential, IdentityClaim, IdentityConfig, JwtIssuer, MachineClaim, Route,
+    ScimAttribute,
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{
@@ -493,6 +494,8 @@ pub enum Cause {
 pub struct Gate<'a> {
     pub directory: &'a Directory,
     pub identity: &'a IdentityConfig,
+    /// The issuers of bearer tokens, for the clients each takes a person's token from.
+    pub jwt_issuers: &'a [JwtIssuer],
     /// Whether the directory is known to be current. Always true with an embedded store;
     /// with a shared one, while this replica's lease on the change feed holds.
     pub current: bool,
@@ -568,6 +571,13 @@ impl Gate<'_> {
             path: facts.path,
         };
         let principal = match presented {
+            // A person's token replayed by a client its issuer takes none of theirs from: an
+            // invalid token, wherever it is presented.
+            Presented::Caller(Principal::Machine(token))
+                if self.held_by_an_unlisted_client(token) =>
+            {
+                return self.anonymous(facts, &request, true, explain)
+            }
             // A caller of a kind the route does not take is no caller there.
             Presented::Caller(principal) if takes(facts.route, principal) => principal,
             // A token of a kind it takes, but not for it: an invalid token here.
@@ -743,6 +753,16 @@ impl Gate<'_> {
                 .and_then(|agent| self.agent(facts, request, agent, token.issued, explain)),
         };
         judged.unwrap_or_else(|| self.user(facts, request, principal, explain))
+    }
+
+    /// Whether `token` is a person's held by a client its issuer takes none of theirs from
+    /// (`person_clients`), and that is no agent: an application that signs people in through
+    /// the same IdP, replaying their tokens here. An agent's client is judged as its agent; a
+    /// delegated token (`act`) names the agent acting.
+    pub fn held_by_an_unlisted_client(&self, token: &Machine) -> bool {
+        unlisted_client(self.jwt_issuers, token).is_some()
+            && !client_claim(&self.identity.agent_claim, token)
+                .is_some_and(|agent| self.agent_known(agent))
     }
 
     /// Whether two values of `agent_claim` name the same agent, as its attribute compares
@@ -1567,6 +1587,18 @@ fn claim_of<'a>(
 }
 
 /// The value of a client token's `claim` (`machine_claim`, `agent_claim`).
+/// The client holding `token`, a person's, when its issuer lists the clients it takes a
+/// person's token from (`person_clients`) and not this one (`""` for a token naming none).
+pub fn unlisted_client<'t>(issuers: &[JwtIssuer], token: &'t Machine) -> Option<&'t str> {
+    if token.for_itself || token.act.is_some() {
+        return None;
+    }
+    let issuer = issuers.iter().find(|i| i.issuer == token.issuer)?;
+    let client = token.client_id.as_deref().unwrap_or_default();
+    (!issuer.person_clients.is_empty() && !issuer.person_clients.iter().any(|c| c == client))
+        .then_some(client)
+}
+
 fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a str> {
     match claim {
         MachineClaim::Sub => Some(machine.subject.as_str()),
@@ -3028,7 +3060,12 @@ mod tests {
     /// `world()` plus the agents route (the last), an application, and the agent `helper`
     /// owned by alice in it.
     async fn agents_world() -> (World, usize, String, String) {
-        let world = World::with(config(AGENTS_ROUTE));
+        agents_world_in(config(AGENTS_ROUTE)).await
+    }
+
+    /// `agents_world()` under `config`.
+    async fn agents_world_in(config: portcullis_config::Config) -> (World, usize, String, String) {
+        let world = World::with(config);
         let alice = world.user(ALICE).await;
         world.user(BOB).await;
         let bot = world.user(BOT).await;
@@ -3044,6 +3081,44 @@ mod tests {
             &facts(world, route, "GET", "/tickets"),
             Presented::Caller(Principal::Machine(token)),
         )
+    }
+
+    #[tokio::test]
+    async fn a_person_s_token_is_taken_only_from_the_clients_its_issuer_lists() {
+        let listing = crate::testing::CONFIG.replace(
+            "audiences = [\"api\"]",
+            "audiences = [\"api\"]\nperson_clients = [\"cli\"]",
+        );
+        let (world, agents, _, _) =
+            agents_world_in(crate::testing::parse(&format!("{listing}\n{AGENTS_ROUTE}"))).await;
+        // Alice's own token (no `act`), held by `client`.
+        let held_by = |client: Option<&str>| Machine {
+            client_id: client.map(str::to_owned),
+            for_itself: false,
+            email: Some(ALICE.to_owned()),
+            ..machine("sub-alice")
+        };
+        allowed(as_machine(&world, &held_by(Some("cli")), 1));
+        // Another application's (one signing her in through the same IdP), or one naming no
+        // client: an invalid token, on every route.
+        for client in [Some("other"), None] {
+            for route in [0, 1, agents] {
+                let admission = as_machine(&world, &held_by(client), route);
+                assert!(
+                    invalid_token(&admission),
+                    "{client:?} {route}: {admission:?}"
+                );
+            }
+        }
+        // An agent's client holding it is judged as the agent acting for her.
+        let pass = allowed(as_machine(&world, &held_by(Some("helper")), agents));
+        let agent = pass.forward.and_then(|f| f.agent).expect("an agent");
+        assert_eq!(agent.name, "helper");
+        // A client's own token is a machine's, found in the directory as ever.
+        allowed(as_machine(&world, &agent_token(BOT), 1));
+        // Where the issuer lists none, any client's.
+        let (world, _, _, _) = agents_world().await;
+        allowed(as_machine(&world, &held_by(Some("other")), 1));
     }
 
     #[tokio::test]

@@ -2078,20 +2078,36 @@ impl Proxy {
                     crate::audit::outdated_token(&caller.log_name(), refused.outdated());
                 audit.refusal(&who, route, None, &reason, &asked.audited(), agent);
             }
-            // A token that verified but is for none of the route's audiences: refused as an
-            // invalid token there, and recorded by whose it is (a token for another API of
-            // the issuer, replayed here).
-            (false, Some(caller @ Caller::Machine(_)))
+            // A token that verified but is for none of the route's audiences, or a person's
+            // held by a client its issuer does not take theirs from: refused as an invalid
+            // token there, and recorded by whose it is (a token for another API of the
+            // issuer, or for another application, replayed here).
+            (false, Some(caller @ Caller::Machine(machine)))
                 if !matches!(refused, Refused::Forbid(_) | Refused::Unavailable) =>
             {
-                audit.refusal(
-                    &caller.log_name(),
-                    route,
-                    None,
-                    "the bearer token is for none of this route's audiences",
-                    &asked.audited(),
-                    None,
-                );
+                let gate = self.shared.gate(runtime, &self.shared.marks());
+                let unlisted = crate::gate::unlisted_client(gate.jwt_issuers, machine)
+                    .filter(|_| gate.held_by_an_unlisted_client(machine));
+                match unlisted {
+                    Some(client) => audit.refusal_of_a_client(
+                        &caller.log_name(),
+                        client,
+                        route,
+                        &format!(
+                            "the bearer token is a person's held by the client \"{client}\", \
+                             which its issuer's person_clients does not list"
+                        ),
+                        &asked.audited(),
+                    ),
+                    None => audit.refusal(
+                        &caller.log_name(),
+                        route,
+                        None,
+                        "the bearer token is for none of this route's audiences",
+                        &asked.audited(),
+                        None,
+                    ),
+                }
             }
             _ => {}
         }

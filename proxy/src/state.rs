@@ -469,6 +469,7 @@ impl Shared {
         Gate {
             directory: &self.directory,
             identity: &runtime.config.identity,
+            jwt_issuers: &runtime.config.jwt_issuers,
             current: marks.current,
             now: marks.second,
             forwards: Some(&self.forwards),

@@ -197,6 +197,7 @@ impl World {
         Gate {
             directory: &self.directory,
             identity: &self.config.identity,
+            jwt_issuers: &self.config.jwt_issuers,
             current: true,
             now: crate::clock::now_unix(),
             forwards: Some(&self.forwards),

@@ -216,9 +216,16 @@ impl Agents {
     /// and Entra ID's on-behalf-of exchanges give, the person as `sub`, the agent as the client
     /// (`client_id`), and no `act` claim.
     async fn issued_to_agent(&self, login: &str, password: &str) -> String {
+        self.issued_to((AGENT_ID, AGENT_SECRET), login, password)
+            .await
+    }
+
+    /// A person's own access token for the API, issued to `client` by the code flow.
+    async fn issued_to(&self, client: (&str, &str), login: &str, password: &str) -> String {
+        let (id, secret) = client;
         let pkce = Pkce::new();
         let authorize = self.idp.authorization_url(
-            AGENT_ID,
+            id,
             UNUSED,
             "openid",
             &random_token(16),
@@ -235,7 +242,7 @@ impl Agents {
             ("code_verifier", pkce.verifier.clone()),
             ("resource", API.to_owned()),
         ];
-        let tokens = self.idp.token_request(AGENT_ID, AGENT_SECRET, &form).await;
+        let tokens = self.idp.token_request(id, secret, &form).await;
         tokens["access_token"]
             .as_str()
             .expect("an access token")
@@ -524,6 +531,64 @@ async fn an_open_websocket_is_cut_when_the_agent_expires() {
     let (status, body) = t.call(&token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("expired"), "{body}");
+}
+
+/// A person's token is taken only from the clients its issuer lists in `person_clients`: every
+/// application signing people in through the IdP gets their tokens for the API (as every one
+/// on Okta's default authorization server gets `api://default`), and one replaying them is
+/// refused, its open connections cut at the reload that lists the others. An agent's client
+/// holding one is judged as the agent, listed or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_s_token_is_taken_only_from_the_clients_its_issuer_lists() {
+    let t = Agents::start().await;
+    // Alice's token, held by the IdP's other application.
+    let replayed = t
+        .issued_to((CLIENT_ID, CLIENT_SECRET), ALICE, ALICE_PASSWORD)
+        .await;
+    assert_eq!(jwt_claims(&replayed)["client_id"], CLIENT_ID);
+    let held_by_agent = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
+    let (status, body) = t.call(&replayed).await;
+    assert_eq!(status, StatusCode::OK, "any client's, unlisted: {body}");
+    let mut ws = t.websocket(&replayed).await;
+
+    let audiences = format!("audiences = [\"{API_AUD}\"]");
+    let listing = |clients: &str| format!("{audiences}\nperson_clients = [{clients}]");
+    t.px.reload_with("[[jwt_issuers]]", &audiences, &listing("\"cli\""))
+        .await;
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(10)).await,
+        "the websocket was still open 10 s after the reload"
+    );
+    let resp = bare_client()
+        .get(t.url("/tickets"))
+        .bearer_auth(&replayed)
+        .send()
+        .await
+        .expect("the call is answered");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = resp.headers().get(reqwest::header::WWW_AUTHENTICATE);
+    assert!(
+        challenge.is_some_and(|c| c.as_bytes().ends_with(b"error=\"invalid_token\"")),
+        "{challenge:?}"
+    );
+    t.refusal_audited(&format!(
+        "held by the client \"{CLIENT_ID}\", which its issuer's person_clients does not list"
+    ))
+    .await;
+    // Nor does "who am I" answer it.
+    let (status, body) = t
+        .get("/.portcullis/me", &replayed, "application/json")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = t.call(&held_by_agent).await;
+    assert_eq!(status, StatusCode::OK, "the agent's client: {body}");
+
+    // Listed: taken again.
+    let listed = listing(&format!("\"cli\", \"{CLIENT_ID}\""));
+    t.px.reload_with("[[jwt_issuers]]", &listing("\"cli\""), &listed)
+        .await;
+    let (status, body) = t.call(&replayed).await;
+    assert_eq!(status, StatusCode::OK, "a listed client's: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -772,6 +772,25 @@ impl Auth {
             return Err(true);
         }
         let caller = authentication.caller().ok_or(false)?;
+        let gate = Gate {
+            directory: &self.directory,
+            identity: &config.identity,
+            jwt_issuers: &config.jwt_issuers,
+            current: true,
+            now: crate::clock::now_unix(),
+            forwards: None,
+        };
+        // A person's token replayed by a client its issuer takes none of theirs from, as a
+        // route refuses it.
+        if let Caller::Machine(machine) = caller {
+            if gate.held_by_an_unlisted_client(machine) {
+                let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
+                let why = "the token is a person's held by a client its issuer's person_clients \
+                           does not list";
+                self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
+                return Err(true);
+            }
+        }
         let wants_json = session
             .req_header()
             .headers
@@ -800,13 +819,6 @@ impl Auth {
         };
         // The directory's view of this caller: their SCIM user and every group they are in.
         // (A view only, never an admission: it is shown even while a replica catches up.)
-        let gate = Gate {
-            directory: &self.directory,
-            identity: &config.identity,
-            current: true,
-            now: crate::clock::now_unix(),
-            forwards: None,
-        };
         let directory = gate.directory_view(caller.principal());
         if directory.as_ref().is_some_and(|view| view.outlived) {
             // Not this user's session or token (any more): recorded, as a request through a

@@ -714,6 +714,7 @@ impl Auth {
         let gate = crate::gate::Gate {
             directory: &self.directory,
             identity: &config.identity,
+            jwt_issuers: &config.jwt_issuers,
             current: true,
             now,
             forwards: None,

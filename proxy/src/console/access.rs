@@ -118,6 +118,7 @@ impl Console {
         Gate {
             directory: &self.directory,
             identity: &self.runtime.config.identity,
+            jwt_issuers: &self.runtime.config.jwt_issuers,
             current: true,
             now: u64::try_from(self.now).unwrap_or_default(),
             forwards: None,
