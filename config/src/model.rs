@@ -592,7 +592,8 @@ pub struct JwtIssuer {
     /// A token's `aud` must hold at least one of these.
     pub audiences: Vec<String>,
     /// The only clients (a token's `client_id`, else `azp`, `cid` or `appid`) whose tokens
-    /// held for a person are taken, beside the agents' clients; empty: any client's. Every
+    /// held for a person are taken, beside the agents' clients; empty: any client's. (A token
+    /// the issuer marks as a client's own is a machine's, and not judged by it.) Every
     /// client that can get a token for `audiences` (every application signing people in
     /// through Okta's default authorization server gets `api://default`) could otherwise act
     /// as each person who signs in to it.

@@ -573,8 +573,10 @@ impl Gate<'_> {
         let principal = match presented {
             // A person's token replayed by a client its issuer takes none of theirs from: an
             // invalid token, wherever it is presented.
+            // (Judged so only where the directory is current: one behind may not yet know
+            // the agent that holds it.)
             Presented::Caller(Principal::Machine(token))
-                if self.held_by_an_unlisted_client(token) =>
+                if self.current && self.unlisted_holder(token).is_some() =>
             {
                 return self.anonymous(facts, &request, true, explain)
             }
@@ -755,14 +757,15 @@ impl Gate<'_> {
         judged.unwrap_or_else(|| self.user(facts, request, principal, explain))
     }
 
-    /// Whether `token` is a person's held by a client its issuer takes none of theirs from
-    /// (`person_clients`), and that is no agent: an application that signs people in through
-    /// the same IdP, replaying their tokens here. An agent's client is judged as its agent; a
-    /// delegated token (`act`) names the agent acting.
-    pub fn held_by_an_unlisted_client(&self, token: &Machine) -> bool {
-        unlisted_client(self.jwt_issuers, token).is_some()
-            && !client_claim(&self.identity.agent_claim, token)
+    /// The client holding `token` when it is a person's held by a client its issuer takes
+    /// none of theirs from (`person_clients`), and that is no agent: an application that signs
+    /// people in through the same IdP, replaying their tokens here. An agent's client is
+    /// judged as its agent; a delegated token (`act`) names the agent acting.
+    pub fn unlisted_holder<'t>(&self, token: &'t Machine) -> Option<&'t str> {
+        unlisted_client(self.jwt_issuers, token).filter(|_| {
+            !client_claim(&self.identity.agent_claim, token)
                 .is_some_and(|agent| self.agent_known(agent))
+        })
     }
 
     /// Whether two values of `agent_claim` name the same agent, as its attribute compares
@@ -1586,10 +1589,9 @@ fn claim_of<'a>(
     }
 }
 
-/// The value of a client token's `claim` (`machine_claim`, `agent_claim`).
 /// The client holding `token`, a person's, when its issuer lists the clients it takes a
 /// person's token from (`person_clients`) and not this one (`""` for a token naming none).
-pub fn unlisted_client<'t>(issuers: &[JwtIssuer], token: &'t Machine) -> Option<&'t str> {
+fn unlisted_client<'t>(issuers: &[JwtIssuer], token: &'t Machine) -> Option<&'t str> {
     if token.for_itself || token.act.is_some() {
         return None;
     }
@@ -1599,6 +1601,15 @@ pub fn unlisted_client<'t>(issuers: &[JwtIssuer], token: &'t Machine) -> Option<
         .then_some(client)
 }
 
+/// Why a person's token held by `client`, which its issuer does not list, is refused.
+pub fn unlisted_client_reason(client: &str) -> String {
+    format!(
+        "the bearer token is a person's held by the client \"{client}\", which its issuer's \
+         person_clients does not list"
+    )
+}
+
+/// The value of a client token's `claim` (`machine_claim`, `agent_claim`).
 fn client_claim<'a>(claim: &MachineClaim, machine: &'a Machine) -> Option<&'a str> {
     match claim {
         MachineClaim::Sub => Some(machine.subject.as_str()),

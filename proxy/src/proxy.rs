@@ -2086,17 +2086,12 @@ impl Proxy {
                 if !matches!(refused, Refused::Forbid(_) | Refused::Unavailable) =>
             {
                 let gate = self.shared.gate(runtime, &self.shared.marks());
-                let unlisted = crate::gate::unlisted_client(gate.jwt_issuers, machine)
-                    .filter(|_| gate.held_by_an_unlisted_client(machine));
-                match unlisted {
+                match gate.unlisted_holder(machine) {
                     Some(client) => audit.refusal_of_a_client(
                         &caller.log_name(),
                         client,
                         route,
-                        &format!(
-                            "the bearer token is a person's held by the client \"{client}\", \
-                             which its issuer's person_clients does not list"
-                        ),
+                        &crate::gate::unlisted_client_reason(client),
                         &asked.audited(),
                     ),
                     None => audit.refusal(

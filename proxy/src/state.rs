@@ -509,6 +509,15 @@ impl Shared {
         })
     }
 
+    /// The client holding `caller`'s token, a person's, that its issuer takes none of theirs
+    /// from and that is no agent (see [`Gate::unlisted_holder`]).
+    fn unlisted_client<'c>(&self, runtime: &Runtime, caller: &'c Caller) -> Option<&'c str> {
+        let Caller::Machine(machine) = caller else {
+            return None;
+        };
+        self.gate(runtime, &self.marks()).unlisted_holder(machine)
+    }
+
     /// Records why an open connection (or a request let in) was refused, and keeps what the
     /// request is told if its answer has not begun (see [`Recheck::note_refusal`]).
     fn audit_cut(&self, open: &Recheck, refused: &Admission, runtime: &Runtime, now: u64) {
@@ -558,11 +567,15 @@ impl Shared {
             ) => (
                 who,
                 None,
-                match caller {
-                    Caller::Machine(m) if now >= m.expires => "the bearer token has expired",
-                    Caller::Machine(m) => crate::auth::no_longer_takes(&runtime.config, m)
+                match (caller, self.unlisted_client(runtime, caller)) {
+                    (Caller::Machine(m), _) if now >= m.expires => "the bearer token has expired",
+                    (Caller::Machine(_), Some(client)) => {
+                        outdated = crate::gate::unlisted_client_reason(client);
+                        outdated.as_str()
+                    }
+                    (Caller::Machine(m), None) => crate::auth::no_longer_takes(&runtime.config, m)
                         .unwrap_or("the bearer token is no longer for this route's audiences"),
-                    Caller::Person { .. } => "the session has ended or expired",
+                    (Caller::Person { .. }, _) => "the session has ended or expired",
                 },
             ),
             // A token that no longer verifies is an invalid token (above): a machine is here

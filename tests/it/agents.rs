@@ -559,6 +559,13 @@ async fn a_person_s_token_is_taken_only_from_the_clients_its_issuer_lists() {
         closed_within(&mut ws, Duration::from_secs(10)).await,
         "the websocket was still open 10 s after the reload"
     );
+    let why = format!(
+        "held by the client \"{CLIENT_ID}\", which its issuer's person_clients does not list"
+    );
+    t.refusal_audited(&format!(
+        "open connection closed: the bearer token is a person's {why}"
+    ))
+    .await;
     let resp = bare_client()
         .get(t.url("/tickets"))
         .bearer_auth(&replayed)
@@ -571,15 +578,35 @@ async fn a_person_s_token_is_taken_only_from_the_clients_its_issuer_lists() {
         challenge.is_some_and(|c| c.as_bytes().ends_with(b"error=\"invalid_token\"")),
         "{challenge:?}"
     );
-    t.refusal_audited(&format!(
-        "held by the client \"{CLIENT_ID}\", which its issuer's person_clients does not list"
-    ))
-    .await;
-    // Nor does "who am I" answer it.
+    // Nor does "who am I" answer it. Each refusal is recorded as alice's token, held by it.
     let (status, body) = t
         .get("/.portcullis/me", &replayed, "application/json")
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let reason = format!("the bearer token is a person's {why}");
+    let records = audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .filter(|r| r["reason"] == reason.as_str())
+            .count()
+            >= 2
+    })
+    .await;
+    let refused: Vec<(&str, &str)> = of_event(&records, "refusal")
+        .iter()
+        .filter(|r| r["reason"] == reason.as_str())
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap_or_default(),
+                r["path"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    // (Her `sub`, as the token names her.)
+    assert_eq!(
+        refused,
+        [("alice", "/tickets"), ("alice", "/.portcullis/me")]
+    );
     let (status, body) = t.call(&held_by_agent).await;
     assert_eq!(status, StatusCode::OK, "the agent's client: {body}");
 

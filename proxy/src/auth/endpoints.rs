@@ -783,11 +783,16 @@ impl Auth {
         // A person's token replayed by a client its issuer takes none of theirs from, as a
         // route refuses it.
         if let Caller::Machine(machine) = caller {
-            if gate.held_by_an_unlisted_client(machine) {
+            if let Some(client) = gate.unlisted_holder(machine) {
                 let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
-                let why = "the token is a person's held by a client its issuer's person_clients \
-                           does not list";
-                self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
+                let why = crate::gate::unlisted_client_reason(client);
+                (self.audit).refusal_of_a_client(
+                    &caller.log_name(),
+                    client,
+                    AUDIT_ROUTE,
+                    &why,
+                    &request,
+                );
                 return Err(true);
             }
         }
