@@ -48,10 +48,13 @@ const APP_ROUTE: &str = "http://app.test";
 const API_ROUTE: &str = "http://api.test";
 const GROUP: &str = "eng";
 
-/// Bounds of the load generator, per worker.
+/// Bounds of the load generator, per worker. Its workers stop when told (3 s after the
+/// revocation's answer, or 400 requests sent after it): these bounds are a safety net, wide
+/// enough that a revocation slow to answer on a loaded machine (a write waiting for every
+/// replica) never ends the load before the requests sent after it.
 const LOAD_WORKERS: usize = 4;
-const LOAD_MAX_REQUESTS: usize = 1500;
-const LOAD_MAX_TIME: Duration = Duration::from_secs(10);
+const LOAD_MAX_REQUESTS: usize = 20_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
 
 /// A running IdP, Portcullis (SCIM on `auth.test`, `app.test` and `api.test` as above, and
 /// `*.tenants.test` for bearer tokens) and a SCIM client, with alice and the `build-agent`

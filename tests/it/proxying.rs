@@ -183,8 +183,10 @@ async fn unknown_host_is_404() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_upstreams_down_is_502_with_html_page() {
-    let mut a = Upstream::start("a").await;
-    let mut b = Upstream::start("b").await;
+    // Stopped below: on ports the kernel hands no other test meanwhile.
+    let loopback = || std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut a = Upstream::start_on("a", loopback()).await;
+    let mut b = Upstream::start_on("b", loopback()).await;
     let nothing = format!("http://127.0.0.1:{}", free_port());
     let cfg = ConfigBuilder::new()
         .http_listener()

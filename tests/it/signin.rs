@@ -31,6 +31,9 @@ pub(crate) const OTHER_API: &str = "https://other.corp.test/";
 pub(crate) const OTHER_AUD: &str = "someone-else";
 /// Same audience as [`API`], tokens living 3 seconds.
 pub(crate) const SHORT_API: &str = "https://short.corp.test/";
+/// How long [`SHORT_API`]'s tokens live, in seconds: 7 to 8 s, `iat` being whole seconds. Long
+/// enough for a first fetch of the IdP's keys and a handshake on a loaded machine.
+pub(crate) const SHORT_TTL: u64 = 8;
 pub(crate) const ALICE: &str = "alice@corp.test";
 pub(crate) const ALICE_PASSWORD: &str = "correct horse battery staple";
 pub(crate) const BOB: &str = "bob@corp.test";
@@ -491,7 +494,7 @@ pub(crate) fn idp_setup(redirect_uris: &[String], backchannel: &str) -> IdpSetup
         .resource(
             IdpResource::new(SHORT_API, API_AUD)
                 .scope("api:read")
-                .ttl(3),
+                .ttl(SHORT_TTL),
         )
 }
 
