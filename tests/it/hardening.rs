@@ -1691,3 +1691,32 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         }
     }
 }
+
+/// A route that passes callers' bearer tokens on to an upstream over plain HTTP off loopback
+/// sends them across the network in clear: the operator hears of it at start, named by route
+/// and upstream, and not of one on loopback or over https.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_passed_on_in_clear_are_said_at_start() {
+    // Never called: what is said at start is read off the file.
+    let passing = |from: &str, to: &str| {
+        Route::to_urls(from, vec![to.to_owned()])
+            .accept(&["bearer"])
+            .set("pass_authorization = true")
+            .set("allow = { machines = true }")
+    };
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(passing("http://far.test", "http://192.0.2.7:8080"))
+        .route(passing("http://near.test", "http://127.0.0.1:9"))
+        .route(passing("http://safe.test", "https://192.0.2.8"))
+        .jwt_issuer(JwtIssuer::new("http://127.0.0.1:9", &[API_AUD]));
+    let px = cfg.start().await;
+    let said = "sends the callers' bearer tokens to this upstream over plain HTTP";
+    let log = px.log_until(|log| log.contains(said)).await;
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(said)).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("http://far.test") && warnings[0].contains("192.0.2.7:8080"),
+        "{log}"
+    );
+}
