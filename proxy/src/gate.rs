@@ -3127,6 +3127,17 @@ mod tests {
         assert_eq!(agent.name, "helper");
         // A client's own token is a machine's, found in the directory as ever.
         allowed(as_machine(&world, &agent_token(BOT), 1));
+        // A replica behind may not know the agent whose client it is yet: it answers as one
+        // behind, not as to a client it knows to be none.
+        let behind = Gate {
+            current: false,
+            ..world.gate()
+        };
+        let admission = behind.admit(
+            &facts(&world, 1, "GET", "/tickets"),
+            Presented::Caller(Principal::Machine(&held_by(Some("other")))),
+        );
+        assert_eq!(admission, Admission::Refuse(Refused::Unavailable));
         // Where the issuer lists none, any client's.
         let (world, _, _, _) = agents_world().await;
         allowed(as_machine(&world, &held_by(Some("other")), 1));

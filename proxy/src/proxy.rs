@@ -1593,6 +1593,7 @@ impl Proxy {
                     host,
                     tls,
                     client: at.client_ip,
+                    current: self.shared.directory_is_current(),
                 };
                 let served = self
                     .shared
@@ -2157,6 +2158,7 @@ impl Proxy {
                         host: &asked.host,
                         tls: asked.tls,
                         client: asked.client_ip,
+                        current: self.shared.directory_is_current(),
                     };
                     let return_to = format!("{}{}", asked.origin, asked.path_and_query);
                     let head = session.req_header();

@@ -567,15 +567,20 @@ impl Shared {
             ) => (
                 who,
                 None,
-                match (caller, self.unlisted_client(runtime, caller)) {
-                    (Caller::Machine(m), _) if now >= m.expires => "the bearer token has expired",
-                    (Caller::Machine(_), Some(client)) => {
-                        outdated = crate::gate::unlisted_client_reason(client);
-                        outdated.as_str()
-                    }
-                    (Caller::Machine(m), None) => crate::auth::no_longer_takes(&runtime.config, m)
-                        .unwrap_or("the bearer token is no longer for this route's audiences"),
-                    (Caller::Person { .. }, _) => "the session has ended or expired",
+                // In the order the connection is judged again (see `rejudge`).
+                match caller {
+                    Caller::Machine(m) if now >= m.expires => "the bearer token has expired",
+                    Caller::Machine(m) => match crate::auth::no_longer_takes(&runtime.config, m) {
+                        Some(why) => why,
+                        None => match self.unlisted_client(runtime, caller) {
+                            Some(client) => {
+                                outdated = crate::gate::unlisted_client_reason(client);
+                                outdated.as_str()
+                            }
+                            None => "the bearer token is no longer for this route's audiences",
+                        },
+                    },
+                    Caller::Person { .. } => "the session has ended or expired",
                 },
             ),
             // A token that no longer verifies is an invalid token (above): a machine is here

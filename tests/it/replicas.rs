@@ -234,7 +234,7 @@ async fn revoked_with_a_websocket_open(
     .await;
     assert!(
         closed_within(&mut ws, Duration::from_secs(10)).await,
-        "{what}: the websocket outlived the answer by 10 s"
+        "{what}: the websocket was still open 10 s after the load ended"
     );
 }
 

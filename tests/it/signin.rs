@@ -29,7 +29,7 @@ pub(crate) const API_AUD: &str = "portcullis-api";
 /// A resource of the same IdP for someone else: its tokens have the wrong audience.
 pub(crate) const OTHER_API: &str = "https://other.corp.test/";
 pub(crate) const OTHER_AUD: &str = "someone-else";
-/// Same audience as [`API`], tokens living 3 seconds.
+/// Same audience as [`API`], tokens living [`SHORT_TTL`] seconds.
 pub(crate) const SHORT_API: &str = "https://short.corp.test/";
 /// How long [`SHORT_API`]'s tokens live, in seconds: 7 to 8 s, `iat` being whole seconds. Long
 /// enough for a first fetch of the IdP's keys and a handshake on a loaded machine.

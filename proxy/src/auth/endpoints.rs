@@ -54,6 +54,9 @@ pub struct Request<'a> {
     pub tls: bool,
     /// The address it came from.
     pub client: Option<IpAddr>,
+    /// Whether this replica's directory is known to be current (see
+    /// `Shared::directory_is_current`).
+    pub current: bool,
 }
 
 impl Request<'_> {
@@ -784,6 +787,13 @@ impl Auth {
         // route refuses it.
         if let Caller::Machine(machine) = caller {
             if let Some(client) = gate.unlisted_holder(machine) {
+                // Behind, the directory may not know yet the agent whose client it is.
+                if !req.current {
+                    return Ok(json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "temporarily_unavailable",
+                    ));
+                }
                 let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
                 let why = crate::gate::unlisted_client_reason(client);
                 (self.audit).refusal_of_a_client(
