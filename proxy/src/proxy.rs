@@ -671,6 +671,17 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // A body coded before its chunks (`gzip, chunked`): pingora takes off the chunks only,
+        // and the upstream would be sent the coded bytes as the body itself. Refused, as RFC
+        // 9112 §6.1 has a server refuse a transfer coding it does not understand.
+        if codes_its_body(req) {
+            let refused = Reply::status_page(StatusCode::NOT_IMPLEMENTED);
+            let why = "a request was refused: its body has a transfer coding other than chunked";
+            return self
+                .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, refused, why)
+                .await;
+        }
+
         // 1.2 The request target, read as any upstream must read it: a path, or the URL of a
         // host served here. Then one normalized path: routed, judged and sent upstream.
         let (target, host) = match (path::target(req.raw_path()), request_host(req)) {
@@ -2470,6 +2481,16 @@ fn preflight_answer(response: &mut http::response::Parts) {
 
 /// The elements of the comma-separated list that the `name` field lines of `headers` make
 /// together, trimmed, empty ones left out (RFC 9110 §5.6.1).
+/// Whether `req`'s body has a transfer coding besides its chunks (one `chunked`, last, is
+/// all pingora reads).
+fn codes_its_body(req: &RequestHeader) -> bool {
+    let mut codings = list_elements(&req.headers, &header::TRANSFER_ENCODING);
+    let chunked = |coding: &[u8]| coding.eq_ignore_ascii_case(b"chunked");
+    codings
+        .next()
+        .is_some_and(|first| !chunked(first) || codings.next().is_some())
+}
+
 fn list_elements<'a>(
     headers: &'a http::HeaderMap,
     name: &HeaderName,

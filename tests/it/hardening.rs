@@ -346,6 +346,32 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
 /// A method is case-sensitive: Go and PHP keep `get` as sent, which is not GET (a handler's
 /// `if r.Method == "GET" { show } else { act }` acts), so one with lower case is refused. TRACE
 /// is refused everywhere: it would echo what the upstream is told.
+/// A body coded before its chunks (`gzip, chunked`) is refused, 501 (RFC 9112 §6.1): the
+/// upstream would have been sent its coded bytes as the body, labelled plain `chunked`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_with_a_transfer_coding_besides_its_chunks_is_refused() {
+    let t = Hardened::start().await;
+    let cookie = t.sign_in().await;
+    for (coding, status) in [
+        ("gzip, chunked", 501),
+        ("chunked, chunked", 501),
+        ("Chunked", 200),
+    ] {
+        let before = t.raw.count();
+        let bytes = format!(
+            "POST /work HTTP/1.1\r\n{}\r\n{}\r\nTransfer-Encoding: {coding}\r\n\
+             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            t.host("app.test"),
+            t.session(&cookie)
+        );
+        let response = raw_request(t.fx.cfg.http_addr(), bytes.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{coding}: {e}"));
+        assert_eq!(response.status, status, "{coding}");
+        assert_eq!(t.raw.count() > before, status == 200, "{coding}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     let t = Hardened::start().await;
