@@ -293,10 +293,11 @@ fn one_spelling(bytes: &[u8]) -> Result<String, PathError> {
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
-/// Whether `query` has a `_method` parameter as any framework could read one: Laravel and
-/// Symfony take it as the method of a POST. Read as PHP reads a name, and leniently: decoded
-/// (`%5F`, and `+` as a space), cut at a NUL, leading spaces dropped, ` ` and `.` as `_`,
-/// `_method[…]` as `_method`, in any case.
+/// Whether `query` has a parameter a framework takes as the method of a POST, read as any
+/// could read it: `_method` (Laravel, Symfony), read as PHP reads a name, and leniently:
+/// decoded (`%5F`, and `+` as a space), cut at a NUL, leading spaces dropped, ` ` and `.` as
+/// `_`, `_method[…]` as `_method`, in any case; and `X-HTTP-Method-Override` (ASP.NET MVC,
+/// which reads it from the query too), decoded as ASP.NET decodes (`%u002D` too), in any case.
 pub fn overrides_method(query: &str) -> bool {
     query.split(['&', ';']).any(|parameter| {
         let name = parameter.split('=').next().unwrap_or_default();
@@ -306,22 +307,40 @@ pub fn overrides_method(query: &str) -> bool {
             let escaped = (bytes[i] == b'%')
                 .then(|| Some(hex(*bytes.get(i + 1)?)? << 4 | hex(*bytes.get(i + 2)?)?))
                 .flatten();
-            let b = match escaped {
-                Some(b) => {
+            // ASP.NET's `%uXXXX`: a character other than ASCII is none of a name's.
+            let wide = (bytes[i] == b'%'
+                && bytes.get(i + 1).is_some_and(|&u| u == b'u' || u == b'U'))
+            .then(|| {
+                let digits = bytes.get(i + 2..i + 6)?;
+                digits
+                    .iter()
+                    .try_fold(0u32, |n, &d| Some(n << 4 | u32::from(hex(d)?)))
+            })
+            .flatten()
+            .map(|code| u8::try_from(code).ok().filter(u8::is_ascii).unwrap_or(0xFF));
+            let b = match (escaped, wide) {
+                (Some(b), _) => {
                     i += 3;
                     b
                 }
-                None => {
+                (None, Some(b)) => {
+                    i += 6;
+                    b
+                }
+                (None, None) => {
                     i += 1;
                     bytes[i - 1]
                 }
             };
             // A raw `+` is a space; an escaped one (`%2B`) is a `+`.
-            read.push(if b == b'+' && escaped.is_none() {
+            read.push(if b == b'+' && escaped.is_none() && wide.is_none() {
                 b' '
             } else {
                 b
             });
+        }
+        if read.eq_ignore_ascii_case(b"x-http-method-override") {
+            return true;
         }
         let name = read.split(|&b| b == 0).next().unwrap_or_default();
         let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
@@ -364,6 +383,12 @@ mod tests {
             "+_method=DELETE",
             "%20%20_method=DELETE",
             "_method%00x=DELETE",
+            // ASP.NET MVC reads `X-HTTP-Method-Override` from the query too.
+            "X-HTTP-Method-Override=DELETE",
+            "a=1&x-http-method-override=put",
+            "X%2DHTTP-Method-Override=DELETE",
+            "X%u002DHTTP-Method-Override=DELETE",
+            "x-http-method-override",
         ] {
             assert!(super::overrides_method(query), "{query}");
         }
@@ -377,6 +402,11 @@ mod tests {
             // A leading space is dropped, not read as `_`; an escaped `+` is no space.
             "+method=DELETE",
             "%2B_method=DELETE",
+            "X-HTTP-Method=DELETE",
+            "X-HTTP-Method-Overrides=DELETE",
+            "a=X-HTTP-Method-Override",
+            "X%u00E9HTTP-Method-Override=DELETE",
+            "%u",
         ] {
             assert!(!super::overrides_method(query), "{query}");
         }

@@ -255,7 +255,10 @@ impl RouteTable {
         if route.config.policy.names_methods()
             && query.is_some_and(portcullis_policy::path::overrides_method)
         {
-            return Some("a method override (_method) in the query, where rules name methods");
+            return Some(
+                "a method override (_method, X-HTTP-Method-Override) in the query, where rules \
+                 name methods",
+            );
         }
         // As CodeIgniter reads a path: decoded twice. A reading that is no path (a `\` or a
         // control character in it) is refused.

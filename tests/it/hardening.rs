@@ -391,6 +391,12 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
         ("POST /items/1?.method=DELETE HTTP/1.1", 400),
         ("POST /items/1?+_method=DELETE HTTP/1.1", 400),
         ("POST /items/1?method=DELETE HTTP/1.1", 200),
+        // ASP.NET MVC reads its override from the query too.
+        ("POST /items/1?X-HTTP-Method-Override=DELETE HTTP/1.1", 400),
+        (
+            "POST /items/1?x%u002Dhttp-method-override=delete HTTP/1.1",
+            400,
+        ),
         // A route whose rules name no method: an override changes no decision there.
         ("POST /work?_method=DELETE HTTP/1.1", 200),
         // Allowed for GET and HEAD only.
@@ -425,7 +431,11 @@ async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     // An override is an attempt on the rules: recorded, as a request that names nobody.
     audited(
         &t.fx.px,
-        &["method override (_method)", "/items/1", "\"anonymous\""],
+        &[
+            "method override (_method, X-HTTP-Method-Override)",
+            "/items/1",
+            "\"anonymous\"",
+        ],
     )
     .await;
     audited(&t.fx.px, &["a method in lower case", "/reports/q3"]).await;
