@@ -572,8 +572,22 @@ impl BackgroundService for Drainer {
 /// embedded store closed. Each step bounded ([`Drainer::longest`] counts them).
 pub async fn write_out(shared: &Shared) {
     // When sessions were last used, so a restart does not end them before their idle
-    // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise.
-    let stored = tokio::time::timeout(AUDIT_FLUSH, shared.auth.sessions.store_last_use());
+    // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise. On an
+    // embedded store, the sessions that are over (idle, past their lifetime) are forgotten
+    // too: a restart under a longer idle timeout would find one that idled out alive.
+    let sessions = &shared.auth.sessions;
+    let oidc = shared.runtime.load().config.oidc.clone();
+    let stored = tokio::time::timeout(AUDIT_FLUSH, async {
+        sessions.store_last_use().await?;
+        match oidc.as_ref().filter(|_| !shared.directory.is_shared()) {
+            Some(oidc) => {
+                sessions
+                    .end_not_held(crate::clock::now_unix(), oidc, Some(oidc))
+                    .await
+            }
+            None => Ok(0),
+        }
+    });
     match stored.await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!("cannot store when sessions were last used: {e}"),
@@ -607,6 +621,34 @@ pub async fn write_out(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stop forgets, on an embedded store, the sessions that idled out since the last
+    /// upkeep: a restart under a longer idle timeout would find them alive.
+    #[tokio::test]
+    async fn a_stop_forgets_the_sessions_that_idled_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::testing::CONFIG.replace(
+            "auth_scheme = \"http\"",
+            "auth_scheme = \"http\"\nsession_idle_timeout = \"1m\"",
+        );
+        let config = crate::testing::parse(&text);
+        let shared = crate::testing::shared(dir.path(), dir.path().join("c.toml"), config);
+        let world = crate::testing::World::new();
+        let now = crate::clock::now_unix();
+        let sessions = &shared.auth.sessions;
+        let create = |email: &str, at: u64| {
+            let identity = crate::caller::Identity {
+                created: at,
+                ..world.person(email)
+            };
+            sessions.create(identity, None, "portcullis_session", at)
+        };
+        let idle = create("idle@corp.example", now - 120).await.unwrap();
+        let used = create("used@corp.example", now).await.unwrap();
+        write_out(&shared).await;
+        assert!(sessions.get(&idle).is_none(), "idled out");
+        assert!(sessions.get(&used).is_some());
+    }
 
     /// A reload cannot set an admin token where the listener stays bound off loopback until a
     /// restart (a file that also moves it to loopback passes the file's own check).
