@@ -260,6 +260,23 @@ fn invalid_value(detail: impl Into<String>) -> ScimError {
     ScimError::bad_request(ScimType::InvalidValue, detail)
 }
 
+/// Refuses an object of attributes that names one twice, in other letter case: which would
+/// win is the order its keys are walked in, not the order they were sent in (as a POST or a
+/// PUT refuses it).
+fn once_each(attrs: &serde_json::Map<String, Value>) -> Result<(), ScimError> {
+    let mut seen = HashSet::with_capacity(attrs.len());
+    match attrs
+        .keys()
+        .find(|key| !seen.insert(key.to_ascii_lowercase()))
+    {
+        Some(key) => Err(ScimError::bad_request(
+            ScimType::InvalidSyntax,
+            format!("'{key}' is given twice (attribute names are case-insensitive)"),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Patcher<'_, '_> {
     fn apply(&mut self, op: &PatchOp) -> Result<(), ScimError> {
         match &op.path {
@@ -280,6 +297,7 @@ impl Patcher<'_, '_> {
                 kind.as_str()
             ))
         })?;
+        once_each(attrs)?;
         for (key, value) in attrs {
             if key.eq_ignore_ascii_case("schemas") {
                 // Derived from the attributes present; see `sync_extension_schemas`.
@@ -310,6 +328,7 @@ impl Patcher<'_, '_> {
         let attrs = value
             .as_object()
             .ok_or_else(|| invalid_value(format!("{urn} must be an object of its attributes")))?;
+        once_each(attrs)?;
         for (key, value) in attrs {
             if key.eq_ignore_ascii_case("schemas") {
                 // Clients echo the extension's own `schemas` inside it; it is not an
@@ -1164,6 +1183,34 @@ mod extension_object_tests {
         let ops = parse_patch_request(&body).unwrap();
         apply_patch(&mut user, ResourceType::User, &ops, &|_| false).unwrap();
         assert_eq!(user[urn], json!({"employeeNumber": "42"}));
+    }
+
+    /// An object of attributes naming one twice, in other letter case, is refused, and
+    /// changes nothing: which would win is the order keys are walked in, not as sent.
+    #[test]
+    fn an_attribute_given_twice_in_other_case_is_refused() {
+        let urn = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+        let user = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "id": "u1",
+            "userName": "a@x",
+            "active": true,
+        });
+        for value in [
+            json!({"active": false, "ACTIVE": true}),
+            json!({"Active": false, "active": true}),
+            json!({urn: {"department": "a", "Department": "b"}}),
+        ] {
+            let body = json!({
+                "schemas": [PATCH_OP_SCHEMA],
+                "Operations": [{"op": "replace", "value": value}],
+            });
+            let ops = parse_patch_request(&body).unwrap();
+            let mut patched = user.clone();
+            let err = apply_patch(&mut patched, ResourceType::User, &ops, &|_| false).unwrap_err();
+            assert_eq!(err.status, 400, "{value}");
+            assert!(err.detail.contains("given twice"), "{}", err.detail);
+        }
     }
 }
 

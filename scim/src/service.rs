@@ -12,8 +12,8 @@
 //! any that may read more than a page of records, any of Groups) run off the async threads
 //! too: the proxy's workers go on serving requests while one waits or scans.
 //!
-//! A PATCH of a Group answers with the group without `members` unless the request asked for
-//! them by `attributes`, so a change to a 100,000-member group never renders the list.
+//! A PATCH of a Group answers 204, with no body, unless the request asked for attributes
+//! (`attributes`), so a change to a 100,000-member group never renders the list.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -377,7 +377,12 @@ impl ScimService {
                         let written = self
                             .patch(rt, id, &body, req.if_match, req.author())
                             .await?;
-                        if rt == ResourceType::Group && params.attributes.is_none() {
+                        // (An empty `attributes` asks for none, as a projection reads it.)
+                        let asked = params
+                            .attributes
+                            .as_deref()
+                            .is_some_and(|a| !a.trim().is_empty());
+                        if rt == ResourceType::Group && !asked {
                             // 204, as Okta expects for groups: rendering the group would mean
                             // listing its members (see the module doc).
                             return Ok(ScimResponse {

@@ -1380,3 +1380,27 @@ async fn nested_groups_show_direct_and_indirect_membership() {
         bob_user.text
     );
 }
+
+/// A PATCH of a Group answers 204, with no body, unless it asks for attributes: an empty
+/// `attributes` asks for none (as a read takes it), and renders no member list either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_patch_renders_members_only_when_asked() {
+    let (_px, scim) = scim_server().await;
+    let alice = scim.create_user("alice@example.com").await.id();
+    let bob = scim.create_user("bob@example.com").await.id();
+    let group = scim.create_group("eng", &[&alice]).await.id();
+    let add =
+        |id: &str| patch_ops(json!([{"op": "add", "path": "members", "value": [{"value": id}]}]));
+    for query in ["", "?attributes=", "?attributes=%20"] {
+        let answer = scim
+            .patch(&format!("/Groups/{group}{query}"), &add(&bob))
+            .await
+            .expect(204);
+        assert!(answer.body.is_null(), "{query}: {}", answer.body);
+    }
+    let answer = scim
+        .patch(&format!("/Groups/{group}?attributes=members"), &add(&bob))
+        .await
+        .expect(200);
+    assert_eq!(answer.body["members"].as_array().map(Vec::len), Some(2));
+}
