@@ -504,31 +504,14 @@ fn rotate_assertion_key(
 
 /// Says at start which listeners refuse the bearer tokens the file's http routes take: sent
 /// over plain HTTP off loopback, they cross the network in clear (see `Auth::authenticate`);
-/// and which upstreams routes pass them on to so.
+/// and which upstreams routes pass them on to so (as every reload does).
 fn warn_of_tokens_in_clear(config: &portcullis_config::Config) {
     use portcullis_config::{Credential, Scheme};
     let takes_tokens = config
         .routes
         .iter()
         .any(|r| r.scheme == Scheme::Http && r.accept.contains(&Credential::Bearer));
-    // Passed on, a token crosses the network to the upstream as it would from the client.
-    for route in config.routes.iter().filter(|r| r.pass_authorization) {
-        let in_clear = route.upstreams.iter().filter(|u| {
-            !u.tls
-                && u.host != "localhost"
-                && u.host
-                    .parse::<std::net::IpAddr>()
-                    .map_or(true, |ip| !ip.is_loopback())
-        });
-        for upstream in in_clear {
-            tracing::warn!(
-                route = %route.name,
-                upstream = %upstream.url,
-                "pass_authorization sends the callers' bearer tokens to this upstream over plain \
-                 HTTP off loopback, in clear for anyone on the way to replay: use https"
-            );
-        }
-    }
+    reload::warn_of_tokens_passed_in_clear(config);
     for listener in &config.listeners {
         if takes_tokens && !listener.carries_credentials() {
             tracing::warn!(

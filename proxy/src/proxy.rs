@@ -2479,8 +2479,6 @@ fn preflight_answer(response: &mut http::response::Parts) {
     }
 }
 
-/// The elements of the comma-separated list that the `name` field lines of `headers` make
-/// together, trimmed, empty ones left out (RFC 9110 §5.6.1).
 /// Whether `req`'s body has a transfer coding besides its chunks (one `chunked`, last, is
 /// all pingora reads).
 fn codes_its_body(req: &RequestHeader) -> bool {
@@ -2491,6 +2489,8 @@ fn codes_its_body(req: &RequestHeader) -> bool {
         .is_some_and(|first| !chunked(first) || codings.next().is_some())
 }
 
+/// The elements of the comma-separated list that the `name` field lines of `headers` make
+/// together, trimmed, empty ones left out (RFC 9110 §5.6.1).
 fn list_elements<'a>(
     headers: &'a http::HeaderMap,
     name: &HeaderName,

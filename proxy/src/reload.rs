@@ -197,6 +197,29 @@ fn bound_listeners(
         .collect()
 }
 
+/// Says which upstreams routes pass callers' bearer tokens on to (`pass_authorization`) over
+/// plain HTTP off loopback: they cross the network in clear there, as Portcullis refuses them
+/// from a client. Said at start and at every reload.
+pub fn warn_of_tokens_passed_in_clear(config: &portcullis_config::Config) {
+    for route in config.routes.iter().filter(|r| r.pass_authorization) {
+        let in_clear = route.upstreams.iter().filter(|u| {
+            let literal = u.host.parse::<std::net::IpAddr>().ok();
+            !u.tls
+                && u.host != "localhost"
+                && !literal.is_some_and(|ip| ip.is_loopback())
+                && !u.address.ip().is_loopback()
+        });
+        for upstream in in_clear {
+            tracing::warn!(
+                route = %route.name,
+                upstream = %upstream.url,
+                "pass_authorization sends the callers' bearer tokens to this upstream over plain \
+                 HTTP off loopback, in clear for anyone on the way to replay: use https"
+            );
+        }
+    }
+}
+
 /// Loads the config file as `read` from it (`None`: reads it now) and, if it has no problems,
 /// swaps it in (see the module doc); `why` is logged. Returns the settings installed but waiting
 /// for a restart, or the problems of a file that changed nothing.
@@ -208,6 +231,7 @@ pub fn reload(
     match try_reload(shared, read) {
         Ok(awaiting) => {
             crate::metrics::count_reload(true);
+            warn_of_tokens_passed_in_clear(&shared.runtime.load().config);
             if awaiting.is_empty() {
                 tracing::info!(reason = why, "configuration reloaded");
             } else {
@@ -590,7 +614,9 @@ pub async fn write_out(shared: &Shared) {
     });
     match stored.await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("cannot store when sessions were last used: {e}"),
+        Ok(Err(e)) => {
+            tracing::warn!("cannot store when sessions were last used, or forget those over: {e}")
+        }
         Err(_) => tracing::warn!("sessions' last use not stored within {AUDIT_FLUSH:?}"),
     }
     if let Some(freshness) = shared.freshness.clone() {

@@ -269,12 +269,61 @@ fn once_each(attrs: &serde_json::Map<String, Value>) -> Result<(), ScimError> {
         .keys()
         .find(|key| !seen.insert(key.to_ascii_lowercase()))
     {
-        Some(key) => Err(ScimError::bad_request(
-            ScimType::InvalidSyntax,
-            format!("'{key}' is given twice (attribute names are case-insensitive)"),
-        )),
+        Some(key) => Err(given_twice(key)),
         None => Ok(()),
     }
+}
+
+fn given_twice(key: &str) -> ScimError {
+    ScimError::bad_request(
+        ScimType::InvalidSyntax,
+        format!("'{key}' is given twice (attribute names are case-insensitive)"),
+    )
+}
+
+/// Refuses a PATCH value (without a path) that names one attribute, or one and a part of it,
+/// under two of its spellings: in other case, by its schema's URN (`urn:…:User:active` beside
+/// `active`), dotted and whole (`name.givenName` beside `name`), flat and in its extension's
+/// object. Which would win is the order keys are walked in, not as sent. Keys that name an
+/// element by a filter (`emails[type eq "work"].value`), or nothing, are left to the PATCH.
+fn once_each_attribute(
+    rt: ResourceType,
+    attrs: &serde_json::Map<String, Value>,
+) -> Result<(), ScimError> {
+    // (schema, attribute, sub-attribute) of each key: the names its definition gives.
+    let mut named: Vec<(&str, &str, Option<&str>, String)> = Vec::new();
+    let mut add = |key: &str, path: &str| {
+        let Ok(parsed) = PatchPath::parse(path) else {
+            return;
+        };
+        if parsed.value_filter.is_some() {
+            return;
+        }
+        if let Some(resolved) = resolve_path(rt, &parsed.attr) {
+            let sub = resolved.sub.map(|sub| sub.name);
+            named.push((resolved.schema.id, resolved.attr.name, sub, key.to_owned()));
+        }
+    };
+    for (key, value) in attrs {
+        match (rt.extension(key), value.as_object()) {
+            (Some(ext), Some(inner)) => {
+                for inner_key in inner.keys().filter(|k| !k.eq_ignore_ascii_case("schemas")) {
+                    add(key, &format!("{}:{inner_key}", ext.id));
+                }
+            }
+            (Some(_), None) => {}
+            (None, _) => add(key, key),
+        }
+    }
+    for (i, (schema, attr, sub, key)) in named.iter().enumerate() {
+        let overlaps = named[..i].iter().any(|(s, a, b, _)| {
+            s == schema && a == attr && (b == sub || b.is_none() || sub.is_none())
+        });
+        if overlaps {
+            return Err(given_twice(key));
+        }
+    }
+    Ok(())
 }
 
 impl Patcher<'_, '_> {
@@ -298,6 +347,7 @@ impl Patcher<'_, '_> {
             ))
         })?;
         once_each(attrs)?;
+        once_each_attribute(self.rt, attrs)?;
         for (key, value) in attrs {
             if key.eq_ignore_ascii_case("schemas") {
                 // Derived from the attributes present; see `sync_extension_schemas`.
@@ -1196,10 +1246,15 @@ mod extension_object_tests {
             "userName": "a@x",
             "active": true,
         });
+        let flat = format!("{urn}:department");
         for value in [
             json!({"active": false, "ACTIVE": true}),
             json!({"Active": false, "active": true}),
             json!({urn: {"department": "a", "Department": "b"}}),
+            // Other spellings of one attribute, or of one and a part of it.
+            json!({"active": false, "urn:ietf:params:scim:schemas:core:2.0:User:active": true}),
+            json!({"name.givenName": "dotted", "name": {"givenName": "whole"}}),
+            json!({flat: "flat", urn: {"department": "nested"}}),
         ] {
             let body = json!({
                 "schemas": [PATCH_OP_SCHEMA],
@@ -1210,6 +1265,19 @@ mod extension_object_tests {
             let err = apply_patch(&mut patched, ResourceType::User, &ops, &|_| false).unwrap_err();
             assert_eq!(err.status, 400, "{value}");
             assert!(err.detail.contains("given twice"), "{}", err.detail);
+        }
+        // Parts of one attribute, and elements named by filters, are each their own.
+        for value in [
+            json!({"name.givenName": "B", "name.familyName": "J"}),
+            json!({"emails[type eq \"work\"].value": "a@x", "emails[type eq \"home\"].value": "b@x"}),
+        ] {
+            let body = json!({
+                "schemas": [PATCH_OP_SCHEMA],
+                "Operations": [{"op": "replace", "value": value}],
+            });
+            let ops = parse_patch_request(&body).unwrap();
+            let mut patched = user.clone();
+            apply_patch(&mut patched, ResourceType::User, &ops, &|_| false).unwrap();
         }
     }
 }

@@ -341,11 +341,6 @@ async fn targets_an_upstream_reads_differently_are_refused_and_judged_paths_go_u
     }
 }
 
-/// A method rule holds however a framework could read the method: HEAD runs the GET handler
-/// (Express, Flask, Spring, Go), and Laravel and Symfony take a POST's `_method` parameter.
-/// A method is case-sensitive: Go and PHP keep `get` as sent, which is not GET (a handler's
-/// `if r.Method == "GET" { show } else { act }` acts), so one with lower case is refused. TRACE
-/// is refused everywhere: it would echo what the upstream is told.
 /// A body coded before its chunks (`gzip, chunked`) is refused, 501 (RFC 9112 §6.1): the
 /// upstream would have been sent its coded bytes as the body, labelled plain `chunked`.
 #[tokio::test(flavor = "multi_thread")]
@@ -372,6 +367,12 @@ async fn a_body_with_a_transfer_coding_besides_its_chunks_is_refused() {
     }
 }
 
+/// A method rule holds however a framework could read the method: HEAD runs the GET handler
+/// (Express, Flask, Spring, Go), and Laravel and Symfony take a POST's `_method` parameter
+/// (ASP.NET MVC its `X-HTTP-Method-Override`). A method is case-sensitive: Go and PHP keep
+/// `get` as sent, which is not GET (a handler's `if r.Method == "GET" { show } else { act }`
+/// acts), so one with lower case is refused. TRACE is refused everywhere: it would echo what
+/// the upstream is told.
 #[tokio::test(flavor = "multi_thread")]
 async fn method_rules_hold_for_head_and_for_a_method_override_in_the_query() {
     let t = Hardened::start().await;
@@ -1729,8 +1730,8 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
 }
 
 /// A route that passes callers' bearer tokens on to an upstream over plain HTTP off loopback
-/// sends them across the network in clear: the operator hears of it at start, named by route
-/// and upstream, and not of one on loopback or over https.
+/// sends them across the network in clear: the operator hears of it at start and at a reload,
+/// named by route and upstream, and not of one on loopback or over https.
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_passed_on_in_clear_are_said_at_start() {
     // Never called: what is said at start is read off the file.
@@ -1755,4 +1756,10 @@ async fn tokens_passed_on_in_clear_are_said_at_start() {
         warnings[0].contains("http://far.test") && warnings[0].contains("192.0.2.7:8080"),
         "{log}"
     );
+    // A route a reload adds.
+    let later = cfg.route(passing("http://later.test", "http://192.0.2.9:8080"));
+    px.rewrite_config(&later.toml());
+    px.reload_and_wait().await;
+    px.log_until(|log| log.contains("192.0.2.9:8080") && log.contains(said))
+        .await;
 }
