@@ -204,10 +204,8 @@ pub fn warn_of_tokens_passed_in_clear(config: &portcullis_config::Config) {
     for route in config.routes.iter().filter(|r| r.pass_authorization) {
         let in_clear = route.upstreams.iter().filter(|u| {
             let literal = u.host.parse::<std::net::IpAddr>().ok();
-            !u.tls
-                && u.host != "localhost"
-                && !literal.is_some_and(|ip| ip.is_loopback())
-                && !u.address.ip().is_loopback()
+            // (A name other than `localhost` may move off loopback: it is looked up again.)
+            !u.tls && u.host != "localhost" && !literal.is_some_and(|ip| ip.is_loopback())
         });
         for upstream in in_clear {
             tracing::warn!(

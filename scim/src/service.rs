@@ -1067,8 +1067,10 @@ fn parse_json(body: &[u8]) -> Result<Value> {
 
 /// Takes `password` out of a resource or a path-less PATCH value of type `rt`, so that only its
 /// hash reaches the store: under its own name or its schema's full one (`urn:…:User:password`,
-/// as clients that qualify every attribute send it; one of them if both). One that is not a string
-/// is refused, never dropped: the request would be answered as done with the password unchanged.
+/// as clients that qualify every attribute send it). Two spellings of it are refused, as any
+/// attribute given twice is: which would be kept is the order keys are walked in, not as sent.
+/// One that is not a string is refused, never dropped: the request would be answered as done
+/// with the password unchanged.
 fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String>> {
     let Some(obj) = resource.as_object_mut() else {
         return Ok(None);
@@ -1082,6 +1084,11 @@ fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String
         name.eq_ignore_ascii_case("password")
     };
     let keys: Vec<String> = obj.keys().filter(|k| names_password(k)).cloned().collect();
+    if let [_, second, ..] = keys.as_slice() {
+        return Err(syntax(format!(
+            "'{second}' is given twice (attribute names are case-insensitive)"
+        )));
+    }
     let mut password = None;
     for key in keys {
         match obj.remove(&key) {
@@ -1353,6 +1360,16 @@ mod tests {
         // Nor a number under the full name: refused, not dropped.
         let mut number = patch(json!([{"op": "replace", "value": {&qualified: 123}}]));
         assert!(take_patch_password(ResourceType::User, &mut number).is_err());
+        // Two of its spellings in one value: refused, as a POST or PUT refuses them (which
+        // would be kept is the order keys are walked in, not as sent).
+        for value in [
+            json!({"password": "a", &qualified: "b"}),
+            json!({"password": "a", "Password": "b"}),
+        ] {
+            let mut twice = patch(json!([{"op": "replace", "value": value}]));
+            let refused = take_patch_password(ResourceType::User, &mut twice).unwrap_err();
+            assert!(refused.detail.contains("given twice"), "{}", refused.detail);
+        }
         // A path that is no path to it (another schema's, filtered, a sub-attribute) sets
         // nothing: refused.
         let enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:password";
