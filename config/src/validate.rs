@@ -552,7 +552,7 @@ fn listener_tls(
                     p.add(
                         &pair_path,
                         format!(
-                            "{} is never served: {shown}; list it first, or leave the other out",
+                            "{} is never served: {shown}; leave out the one it renews",
                             cert.display()
                         ),
                     );

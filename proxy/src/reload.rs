@@ -596,7 +596,8 @@ pub async fn write_out(shared: &Shared) {
     // When sessions were last used, so a restart does not end them before their idle
     // timeout: up to twice the upkeep's interval (at most 10 minutes) early otherwise. On an
     // embedded store, the sessions that are over (idle, past their lifetime) are forgotten
-    // too: a restart under a longer idle timeout would find one that idled out alive.
+    // too: a restart under a longer idle timeout would find one that idled out (while this
+    // process ran) alive.
     let sessions = &shared.auth.sessions;
     let oidc = shared.runtime.load().config.oidc.clone();
     let stored = tokio::time::timeout(AUDIT_FLUSH, async {

@@ -377,7 +377,7 @@ impl ScimService {
                         let written = self
                             .patch(rt, id, &body, req.if_match, req.author())
                             .await?;
-                        // (An empty `attributes` asks for none, as a projection reads it.)
+                        // (A blank `attributes` is none given.)
                         let asked = params
                             .attributes
                             .as_deref()

@@ -197,7 +197,11 @@ async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
     let silent = socket.listen(0).unwrap();
     let address = silent.local_addr().unwrap();
     let mut queued = Vec::new();
-    loop {
+    for attempt in 0.. {
+        assert!(
+            attempt < 20,
+            "no connection to the listener was ever queued"
+        );
         let connect = TcpStream::connect(address);
         match tokio::time::timeout(Duration::from_millis(500), connect).await {
             Ok(Ok(stream)) => queued.push(stream),

@@ -1382,7 +1382,7 @@ async fn nested_groups_show_direct_and_indirect_membership() {
 }
 
 /// A PATCH of a Group answers 204, with no body, unless it asks for attributes: an empty
-/// `attributes` asks for none (as a read takes it), and renders no member list either.
+/// `attributes` is none given, and renders no member list either.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_patch_renders_members_only_when_asked() {
     let (_px, scim) = scim_server().await;

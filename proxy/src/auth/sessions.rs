@@ -1123,7 +1123,7 @@ impl Sessions {
                     !session.is_live(now, idle.saturating_add(margin))
                 }
                 // Used only here: the idle timeout holds to the second, so that a restart under
-                // a longer one finds none that idled out before it.
+                // a longer one finds none that idled out while this process ran.
                 Some(oidc) => !session.holds_under(now, oidc, 0),
                 None => true,
             };
