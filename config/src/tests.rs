@@ -16,7 +16,8 @@ use crate::*;
 
 /// A directory holding test certificates, made fresh by each test with rcgen:
 /// `a.pem`/`a-key.pem` for `App.Example.com` and `*.example.com`, `b.pem`/`b-key.pem` for
-/// `b.example.org`, and `ca.pem` (a self-signed certificate used as a CA bundle).
+/// `b.example.org`, `c.pem`/`c-key.pem` for `app.example.com` alone, and `ca.pem` (a
+/// self-signed certificate used as a CA bundle).
 struct Fixture {
     dir: TempDir,
 }
@@ -33,6 +34,7 @@ impl Fixture {
         };
         write_pair("a", &["App.Example.com", "*.example.com"]);
         write_pair("b", &["b.example.org"]);
+        write_pair("c", &["app.example.com"]);
         write_pair("ca", &["upstream-ca.test"]);
         Self { dir }
     }
@@ -719,7 +721,21 @@ tls = { certificates = [{ cert = "a.pem", key = "a-key.pem" }, { cert = "b.pem",
             problems: &[(
                 "listeners[0].tls.certificates[2]",
                 Some(4),
-                "is never served: every DNS name it has (app.example.com, *.example.com) is one an earlier certificate has",
+                "is never served: every DNS name it has (app.example.com, *.example.com) is one an earlier certificate has, and a host is served the first certificate naming it; leave out the one it renews",
+            )],
+        },
+        Case {
+            // One for fewer hosts than one before it: served if listed first.
+            name: "certificate whose names are some of an earlier one's",
+            text: r#"data_dir = "data"
+[[listeners]]
+address = "127.0.0.1:8443"
+tls = { certificates = [{ cert = "a.pem", key = "a-key.pem" }, { cert = "c.pem", key = "c-key.pem" }] }
+"#,
+            problems: &[(
+                "listeners[0].tls.certificates[1]",
+                Some(4),
+                "is never served: every DNS name it has (app.example.com) is one an earlier certificate has, and a host is served the first certificate naming it; list it first",
             )],
         },
         Case {

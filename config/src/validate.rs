@@ -549,12 +549,21 @@ fn listener_tls(
                             names.join(", ")
                         )
                     };
+                    // One of the same names is the one it renews; else it names fewer hosts
+                    // than one listed before it, and is served listed first.
+                    let renews = !names.is_empty()
+                        && certificates.iter().any(|c: &CertificateFiles| {
+                            c.names.len() == names.len()
+                                && names.iter().all(|n| c.names.contains(n))
+                        });
+                    let hint = if renews {
+                        "leave out the one it renews"
+                    } else {
+                        "list it first"
+                    };
                     p.add(
                         &pair_path,
-                        format!(
-                            "{} is never served: {shown}; leave out the one it renews",
-                            cert.display()
-                        ),
+                        format!("{} is never served: {shown}; {hint}", cert.display()),
                     );
                 }
                 certificates.push(CertificateFiles {

@@ -264,20 +264,20 @@ fn invalid_value(detail: impl Into<String>) -> ScimError {
 /// win is the order its keys are walked in, not the order they were sent in (as a POST or a
 /// PUT refuses it).
 fn once_each(attrs: &serde_json::Map<String, Value>) -> Result<(), ScimError> {
-    let mut seen = HashSet::with_capacity(attrs.len());
-    match attrs
-        .keys()
-        .find(|key| !seen.insert(key.to_ascii_lowercase()))
-    {
-        Some(key) => Err(given_twice(key)),
-        None => Ok(()),
+    let mut seen = std::collections::HashMap::with_capacity(attrs.len());
+    for key in attrs.keys() {
+        if let Some(first) = seen.insert(key.to_ascii_lowercase(), key) {
+            return Err(given_twice(key, first));
+        }
     }
+    Ok(())
 }
 
-fn given_twice(key: &str) -> ScimError {
+/// `key` names what `first` named, in one object of attributes.
+fn given_twice(key: &str, first: &str) -> ScimError {
     ScimError::bad_request(
         ScimType::InvalidSyntax,
-        format!("'{key}' is given twice (attribute names are case-insensitive)"),
+        format!("'{key}' names what '{first}' names: an attribute is given once"),
     )
 }
 
@@ -295,8 +295,9 @@ fn once_each_attribute(
     // the attribute `None` for a whole extension; with the key as sent.
     type Named<'d> = (&'d str, Option<&'d str>, Option<&'d str>, String);
     let mut named: Vec<Named<'static>> = Vec::new();
-    let mut add = |spelled: String| {
-        let Ok(parsed) = PatchPath::parse(&spelled) else {
+    // (`path`: the key as a path; `shown`: as it was sent.)
+    let mut add = |path: String, shown: String| {
+        let Ok(parsed) = PatchPath::parse(&path) else {
             return;
         };
         if parsed.value_filter.is_some() {
@@ -304,7 +305,7 @@ fn once_each_attribute(
         }
         if let Some(resolved) = resolve_path(rt, &parsed.attr) {
             let sub = resolved.sub.map(|sub| sub.name);
-            named.push((resolved.schema.id, Some(resolved.attr.name), sub, spelled));
+            named.push((resolved.schema.id, Some(resolved.attr.name), sub, shown));
         }
     };
     let mut whole = Vec::new();
@@ -312,11 +313,14 @@ fn once_each_attribute(
         match (rt.extension(key), value.as_object()) {
             (Some(_), Some(inner)) => {
                 for inner_key in inner.keys().filter(|k| !k.eq_ignore_ascii_case("schemas")) {
-                    add(format!("{key}:{inner_key}"));
+                    add(
+                        format!("{key}:{inner_key}"),
+                        format!("{inner_key}' in '{key}"),
+                    );
                 }
             }
             (Some(ext), None) => whole.push((ext.id, None, None, key.clone())),
-            (None, _) => add(key.clone()),
+            (None, _) => add(key.clone(), key.clone()),
         }
     }
     named.extend(whole);
@@ -327,10 +331,7 @@ fn once_each_attribute(
                 && (b == sub || b.is_none() || sub.is_none())
         });
         if let Some((.., earlier)) = earlier {
-            return Err(ScimError::bad_request(
-                ScimType::InvalidSyntax,
-                format!("'{key}' names what '{earlier}' names: an attribute is given once"),
-            ));
+            return Err(given_twice(key, earlier));
         }
     }
     Ok(())
@@ -1275,7 +1276,23 @@ mod extension_object_tests {
             let mut patched = user.clone();
             let err = apply_patch(&mut patched, ResourceType::User, &ops, &|_| false).unwrap_err();
             assert_eq!(err.status, 400, "{value}");
-            assert!(err.detail.contains("given"), "{}", err.detail);
+            assert!(err.detail.contains("given once"), "{}", err.detail);
+            // Naming both keys, as sent.
+            let named = |object: &Value| {
+                let keys = object
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>());
+                keys.unwrap_or_default()
+            };
+            let inner = value
+                .get(urn)
+                .filter(|v| v.is_object() && value.as_object().is_some_and(|o| o.len() == 1));
+            let keys = inner.map_or_else(|| named(&value), named);
+            assert!(
+                keys.iter().all(|k| err.detail.contains(k.as_str())),
+                "{}",
+                err.detail
+            );
         }
         // Parts of one attribute, and elements named by filters, are each their own.
         for value in [

@@ -1084,9 +1084,9 @@ fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String
         name.eq_ignore_ascii_case("password")
     };
     let keys: Vec<String> = obj.keys().filter(|k| names_password(k)).cloned().collect();
-    if let [_, second, ..] = keys.as_slice() {
+    if let [first, second, ..] = keys.as_slice() {
         return Err(syntax(format!(
-            "'{second}' is given twice (attribute names are case-insensitive)"
+            "'{second}' names what '{first}' names: an attribute is given once"
         )));
     }
     let mut password = None;
@@ -1368,7 +1368,7 @@ mod tests {
         ] {
             let mut twice = patch(json!([{"op": "replace", "value": value}]));
             let refused = take_patch_password(ResourceType::User, &mut twice).unwrap_err();
-            assert!(refused.detail.contains("given twice"), "{}", refused.detail);
+            assert!(refused.detail.contains("given once"), "{}", refused.detail);
         }
         // A path that is no path to it (another schema's, filtered, a sub-attribute) sets
         // nothing: refused.
