@@ -743,25 +743,22 @@ fn route(
     let audiences_path = path.key("audiences");
     // Left out, a route takes any audience of its issuers; an empty list (a template's that
     // came out empty) would say the same while meaning to narrow them.
-    if raw.audiences.as_ref().is_some_and(Vec::is_empty) {
-        p.add(
+    let audiences = raw.audiences.map_or_else(Vec::new, |audiences| {
+        let empty = "needs at least one audience; leave the key out to take any of the issuers'";
+        listed(
+            audiences,
             &audiences_path,
-            "needs at least one audience; leave the key out to take any of the issuers'",
-        );
-    }
-    let audiences = raw.audiences.unwrap_or_default();
+            empty,
+            "an audience is never empty",
+            p,
+        )
+    });
     if !audiences.is_empty() && !p.skipped(&accept_path) && !accept.contains(&Credential::Bearer) {
         p.add(
             &audiences_path,
             "narrows the bearer tokens taken, and this route does not accept \"bearer\"",
         );
     }
-    for (i, audience) in audiences.iter().enumerate() {
-        if audience.is_empty() {
-            p.add(&audiences_path.index(i), "an audience is never empty");
-        }
-    }
-    duplicates(&audiences, &audiences_path, p);
     let prefix = from.as_ref().map_or("/", |from| from.path_prefix.as_str());
     let (allow, deny, policy) = rules(raw.allow, raw.deny, path, prefix, access, p);
     let from = from?;
@@ -1957,33 +1954,20 @@ fn jwt_issuers(
                 );
                 Vec::new()
             }
-            Some(audiences) => {
-                if audiences.is_empty() {
-                    p.add(&audiences_path, "needs at least one audience");
-                }
-                for (j, audience) in audiences.iter().enumerate() {
-                    if audience.is_empty() {
-                        p.add(&audiences_path.index(j), "an audience is never empty");
-                    }
-                }
-                duplicates(&audiences, &audiences_path, p);
-                audiences
-            }
+            Some(audiences) => listed(
+                audiences,
+                &audiences_path,
+                "needs at least one audience",
+                "an audience is never empty",
+                p,
+            ),
         };
-        let clients_path = path.key("person_clients");
-        if raw.person_clients.as_ref().is_some_and(Vec::is_empty) {
-            p.add(
-                &clients_path,
-                "needs at least one client, or leave it out to take a person's token from any",
-            );
-        }
-        let person_clients = raw.person_clients.unwrap_or_default();
-        for (j, client) in person_clients.iter().enumerate() {
-            if client.is_empty() {
-                p.add(&clients_path.index(j), "a client id is never empty");
-            }
-        }
-        duplicates(&person_clients, &clients_path, p);
+        let person_clients = raw.person_clients.map_or_else(Vec::new, |clients| {
+            let empty =
+                "needs at least one client, or leave it out to take a person's token from any";
+            let path = path.key("person_clients");
+            listed(clients, &path, empty, "a client id is never empty", p)
+        });
         let jwks_path = path.key("jwks_uri");
         let jwks_uri = raw.jwks_uri.and_then(|url| {
             web_url(&url)
@@ -2662,6 +2646,27 @@ fn checked<T, U>(
 }
 
 /// Reports every value of a list after its first occurrence.
+/// A list of names given at `path` (audiences, client ids): refused empty (`empty` says what
+/// to write instead), with an empty entry (`blank`), or with one listed twice.
+fn listed(
+    values: Vec<String>,
+    path: &KeyPath,
+    empty: &str,
+    blank: &str,
+    p: &mut Problems<'_>,
+) -> Vec<String> {
+    if values.is_empty() {
+        p.add(path, empty);
+    }
+    for (j, value) in values.iter().enumerate() {
+        if value.is_empty() {
+            p.add(&path.index(j), blank);
+        }
+    }
+    duplicates(&values, path, p);
+    values
+}
+
 fn duplicates(values: &[String], path: &KeyPath, p: &mut Problems<'_>) {
     for (j, value) in values.iter().enumerate() {
         if values[..j].contains(value) {
