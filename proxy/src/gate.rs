@@ -768,6 +768,26 @@ impl Gate<'_> {
         })
     }
 
+    /// The agent acting with a person's `token`, as a refusal of the token names it beside the
+    /// person (see [`Gate::resolve`]): the one its `act` claim names, or its client when that
+    /// is an agent. So an agent replaying the tokens of many people is one caller in the audit
+    /// log's budgets, whatever refuses them.
+    pub fn acting_agent(&self, token: &Machine) -> Option<AgentRecord> {
+        if token.for_itself {
+            return None;
+        }
+        let claim = &self.identity.agent_claim;
+        let name = match &token.act {
+            Some(actor) => actor_claim(claim, actor).0,
+            None => client_claim(claim, token).filter(|agent| self.agent_known(agent))?,
+        };
+        Some(AgentRecord {
+            name: name.to_owned(),
+            owners: Vec::new(),
+            on_behalf_of: Some(self.person_name(Principal::Machine(token))),
+        })
+    }
+
     /// Whether two values of `agent_claim` name the same agent, as its attribute compares
     /// (a name case-insensitively, an `externalId` exactly).
     fn same_agent(&self, a: &str, b: &str) -> bool {

@@ -2112,7 +2112,7 @@ impl Proxy {
                         None,
                         "the bearer token is for none of this route's audiences",
                         &asked.audited(),
-                        None,
+                        gate.acting_agent(machine).as_ref(),
                     ),
                 }
             }

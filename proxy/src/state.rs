@@ -592,6 +592,17 @@ impl Shared {
                 "the session has ended or expired, or the route no longer takes sessions",
             ),
         };
+        // A token an agent holds for a person, no longer taken: recorded with the agent.
+        let acting = match (refused, &open.caller) {
+            (
+                Admission::Refuse(Refused::Challenge {
+                    invalid_token: true,
+                    revoked: None,
+                }),
+                Some(Caller::Machine(machine)),
+            ) => self.gate(runtime, &self.marks()).acting_agent(machine),
+            _ => None,
+        };
         self.audit.refusal(
             &who,
             &open.target.route,
@@ -604,7 +615,7 @@ impl Shared {
             },
             match refused {
                 Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
-                Admission::Refuse(refused) => refused.outdated_agent(),
+                Admission::Refuse(refused) => refused.outdated_agent().or(acting.as_ref()),
                 _ => None,
             },
         );

@@ -979,6 +979,50 @@ async fn a_delegated_token_older_than_its_person_is_recorded_with_the_agent() {
     assert_eq!(refusal["agent"]["on_behalf_of"], ALICE, "{refusal:#}");
 }
 
+/// A delegated token a route no longer takes, for none of its audiences, is refused (401) as
+/// the person's with the agent beside them, at a request and on an open connection: counted
+/// toward the agent's share of the audit log, not the person's (an agent replaying the tokens
+/// of many people is one caller).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_token_for_none_of_a_route_s_audiences_is_recorded_with_the_agent() {
+    const OTHER_API: &str = "other-api";
+    let t = Agents::start_accepting(IdpProfile::Conformant, &[API_AUD, OTHER_API]).await;
+    let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
+    let mut ws = t.websocket(&for_alice).await;
+    let only_other = format!("websockets = true\naudiences = [\"{OTHER_API}\"]");
+    t.px.reload_with("[[routes]]", "websockets = true", &only_other)
+        .await;
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(10)).await,
+        "the websocket was still open 10 s after the reload"
+    );
+    assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+
+    let reasons = [
+        "open connection closed: the bearer token is no longer for this route's audiences",
+        "the bearer token is for none of this route's audiences",
+    ];
+    let records = audit_json_until(&t.px, &[], |records| {
+        let refusals = of_event(records, "refusal");
+        reasons
+            .iter()
+            .all(|why| refusals.iter().any(|r| r["reason"] == *why))
+    })
+    .await;
+    for why in reasons {
+        let refusal = of_event(&records, "refusal")
+            .into_iter()
+            .find(|r| r["reason"] == why)
+            .expect("the refusal");
+        // Named by the token, as a token the route does not take is before the directory is
+        // asked; the agent, by the directory.
+        assert_eq!(refusal["user"], "alice", "{refusal:#}");
+        assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
+        assert_eq!(refusal["agent"]["on_behalf_of"], ALICE, "{refusal:#}");
+    }
+}
+
 /// An agent whose application is deactivated stays refused whatever a SCIM remove of its
 /// applications names: a value naming only what is not kept (the read-only `display`) would
 /// have selected every application, and an agent in none is refused by none; a filter on it,
