@@ -2645,7 +2645,6 @@ fn checked<T, U>(
     check(value).map_err(|message| p.add(path, message)).ok()
 }
 
-/// Reports every value of a list after its first occurrence.
 /// A list of names given at `path` (audiences, client ids): refused empty (`empty` says what
 /// to write instead), with an empty entry (`blank`), or with one listed twice.
 fn listed(
@@ -2667,6 +2666,7 @@ fn listed(
     values
 }
 
+/// Reports every value of a list after its first occurrence.
 fn duplicates(values: &[String], path: &KeyPath, p: &mut Problems<'_>) {
     for (j, value) in values.iter().enumerate() {
         if values[..j].contains(value) {
