@@ -1361,9 +1361,15 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        // An interim answer (`100 Continue`, `103 Early Hints`) is no answer: a client that
+        // left after one was given none (0). A `101` is the answer.
         let status = session
             .response_written()
-            .map_or(0, |response| response.status.as_u16());
+            .map(|response| response.status)
+            .filter(|status| {
+                !status.is_informational() || *status == StatusCode::SWITCHING_PROTOCOLS
+            })
+            .map_or(0, |status| status.as_u16());
         let route = match &ctx.route {
             Some(route) => route.config.name.as_str(),
             None if ctx.scim => "scim",

@@ -192,6 +192,80 @@ async fn probes_and_metrics() {
     assert_eq!(inf_buckets, count, "+Inf buckets equal the count:\n{text}");
 }
 
+/// A client that leaves after an interim answer (`103 Early Hints`) was given no answer: it is
+/// counted under status 0, as the metric's help says, not as a 103.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_after_an_interim_answer_is_counted_as_given_none() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that hints, then says nothing more until the test ends.
+    let hints = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hinting = hints.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = hints.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && stream.read(&mut byte).await.is_ok_and(|n| n == 1)
+                {
+                    head.push(byte[0]);
+                }
+                let hint = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
+                if stream.write_all(hint.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                }
+            });
+        }
+    });
+    const ROUTE: &str = "http://hints.test/";
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::to_urls(ROUTE, vec![format!("http://{hinting}")]));
+    let px = cfg.start().await;
+    let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
+        .await
+        .unwrap();
+    let port = cfg.http_addr().port();
+    let request = format!("GET / HTTP/1.1\r\nHost: hints.test:{port}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !got.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            other => panic!("no interim answer: {other:?} after {got:?}"),
+        }
+    }
+    assert!(got.starts_with(b"HTTP/1.1 103"), "{got:?}");
+    drop(stream);
+
+    // Counted once Portcullis sees the client gone (bounded).
+    let client = plain_client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let counted = loop {
+        let text = client
+            .get(px.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted: Vec<(String, f64)> = parse_metrics(&text)
+            .into_iter()
+            .filter(|s| s.name == "portcullis_requests_total" && s.label("route") == Some(ROUTE))
+            .filter(|s| s.value > 0.0)
+            .map(|s| (s.label("status").unwrap_or_default().to_owned(), s.value))
+            .collect();
+        if !counted.is_empty() || std::time::Instant::now() > deadline {
+            break counted;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(counted, vec![("0".to_owned(), 1.0)]);
+}
+
 /// `/readyz` is the signal everything waits on (load balancers, the test harness): it says
 /// ready only once the proxy listens on its port, not while another process holds it.
 #[tokio::test(flavor = "multi_thread")]
