@@ -313,7 +313,9 @@ pub struct Jwks {
 /// When the key set was fetched, and since when it has held no key Portcullis can use.
 #[derive(Default)]
 struct Fetches {
+    /// When the last fetch ended, and whether it failed.
     last: Option<Instant>,
+    failed: bool,
     /// Since when every fetch has found a set with no usable key, while the last usable one
     /// is kept (see [`Jwks::refresh`]).
     unusable_since: Option<Instant>,
@@ -374,16 +376,22 @@ impl Jwks {
     pub async fn refresh(&self, force: bool) -> Result<bool, JwtError> {
         let mut fetches = self.fetches.lock().await;
         if !force && fetches.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
-            // Fetched a moment ago; but while a set with no usable key waits to be confirmed,
-            // the one kept is not the issuer's word either.
-            return match fetches.unusable_since {
-                Some(_) => Err(JwtError::KeysUnavailable),
-                None => Ok(false),
+            // Fetched a moment ago (perhaps while this request waited its turn): its outcome
+            // stands. A set with no usable key that waits to be confirmed is not the issuer's
+            // word either.
+            return match fetches.failed || fetches.unusable_since.is_some() {
+                true => Err(JwtError::KeysUnavailable),
+                false => Ok(false),
             };
         }
+        let fetched = self.fetch().await;
+        // Dated from its end: the requests that waited for it take its outcome, where each
+        // would have fetched in turn, an IdP that does not answer holding the n-th of them up
+        // for n of its timeouts.
         let now = Instant::now();
         fetches.last = Some(now);
-        let keys = match self.fetch().await {
+        fetches.failed = fetched.is_err();
+        let keys = match fetched {
             Ok(keys) => keys,
             Err(e) => {
                 // Two sets with no usable key an outage apart are two glitches, not one set.
@@ -538,9 +546,16 @@ impl Jwks {
             // tokens name no key, or that kept a key's name for a new key): the IdP may have
             // rotated. Refetch (rate-limited) and try again with what it publishes now.
             Err(refused @ (Refused::NoKey | Refused::Signature)) => {
-                let _ = self.refresh(false).await;
+                let refreshed = self.refresh(false).await;
                 if self.generation.load(Ordering::Acquire) == generation {
-                    Err(refused)
+                    // What the issuer publishes now could not be had: not known to be no key
+                    // of its.
+                    match refreshed {
+                        Err(JwtError::KeysUnavailable) => {
+                            Err(Refused::Other(JwtError::KeysUnavailable))
+                        }
+                        _ => Err(refused),
+                    }
                 } else {
                     verify_with(token, &self.candidates(kid, header.alg), &exact)
                 }
@@ -642,6 +657,64 @@ mod tests {
         for refused in ["-1", "-0.5", "1e300", "\"1700000000\"", "null", "[1]"] {
             assert_eq!(read(refused), None, "{refused}");
         }
+    }
+
+    /// An IdP whose key set stops answering holds a token with a new key up for one of its
+    /// timeouts at most, however many wait: those that waited take the fetch's failure, and
+    /// are told the keys could not be had, not that the issuer has no such key.
+    #[tokio::test]
+    async fn requests_that_wait_on_a_fetch_that_fails_take_its_failure() {
+        use std::sync::atomic::AtomicUsize;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    drop(stream);
+                });
+            }
+        });
+        let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+        let set = Arc::new(Jwks::holding(
+            &format!("http://{address}/jwks"),
+            format!(r#"{{"keys":[{key}]}}"#).as_bytes(),
+        ));
+        let part = |bytes: &[u8]| {
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+        };
+        let token = [
+            part(br#"{"alg":"ES256","kid":"rotated"}"#),
+            part(b"{}"),
+            part(&[7; 64]),
+        ]
+        .join(".");
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let (set, token) = (set.clone(), token.clone());
+                tokio::spawn(async move {
+                    let validation = Validation::new(Algorithm::ES256);
+                    set.verify::<serde_json::Value>(&token, &validation).await
+                })
+            })
+            .collect();
+        for waited in waiting {
+            let refused = waited.await.unwrap();
+            assert!(
+                matches!(refused, Err(JwtError::KeysUnavailable)),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "fetched in turn");
+        assert!(
+            started.elapsed() < Duration::from_secs(18),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
