@@ -521,10 +521,11 @@ impl ScimService {
     }
 
     fn query_of(&self, params: &ListParams) -> Result<Query> {
+        // A blank filter is none the grammar has: refused, not taken as no filter (listing
+        // everyone, where a client asked whether one of them exists).
         let filter = params
             .filter
             .as_deref()
-            .filter(|f| !f.trim().is_empty())
             .map(Filter::parse)
             .transpose()
             .map_err(ScimError::from)?;

@@ -669,6 +669,27 @@ async fn a_root_search_pages_across_types_as_one_list() {
         .await
         .expect(200);
     assert_eq!(ids(&page), [users[1].clone()]);
+    // A blank filter (a client's empty variable) is no filter the grammar has: refused, where
+    // it listed everyone.
+    let refused = scim
+        .get_query("/Users", &[("filter", "")])
+        .await
+        .expect(400);
+    assert_eq!(
+        refused.body["scimType"], "invalidFilter",
+        "{}",
+        refused.text
+    );
+    let blank = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+        "filter": " ",
+    });
+    let refused = scim.post("/Users/.search", &blank).await.expect(400);
+    assert_eq!(
+        refused.body["scimType"], "invalidFilter",
+        "{}",
+        refused.text
+    );
     let filter = "displayName eq \"root-g2\"";
     let page = scim
         .post("/.search", &search(1, 10, Some(filter)))
