@@ -1521,11 +1521,7 @@ fn admits_user(
                 .as_deref()
                 .is_some_and(|id| unique(index.users_by_external_id(id))),
         };
-    // As the gate: one the identity headers cannot tell the upstream of is anyone.
-    let email = user_subject(kind, user, &[]).email;
-    let told = route.identity_headers || route.assertion;
-    let untellable = || untellable_name(&user.user_name, email, false, route.identity_headers);
-    if !found || (told && untellable().is_some()) {
+    if !found {
         return route.policy.evaluate(None, request).allowed;
     }
     // Without nested groups (the common case) the user's own groups are all of them: no set
@@ -1562,7 +1558,25 @@ fn admits_user(
         &many
     };
     let subject = user_subject(kind, user, groups);
-    route.policy.evaluate(Some(&subject), request).allowed
+    if !route.policy.evaluate(Some(&subject), request).allowed {
+        return false;
+    }
+    // As the gate: one let in whom the identity headers cannot tell the upstream of is anyone
+    // (a deny rule that holds for them holds all the same, above).
+    let told = route.identity_headers || route.assertion;
+    let untellable = || {
+        untellable_name(
+            &user.user_name,
+            subject.email,
+            false,
+            route.identity_headers,
+        )
+        .is_some()
+    };
+    if subject.active && told && untellable() {
+        return route.policy.evaluate(None, request).allowed;
+    }
+    true
 }
 
 /// Whether `principal` is a bearer token a client holds for a person.

@@ -861,7 +861,14 @@ mod pages {
             // And a route for any machine: only service accounts get in.
             let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
                         accept = [\"bearer\"]\nallow = { machines = true }";
-            let world = World::with(crate::testing::config(&format!("{mapping}\n{bots}")));
+            // And one whose deny rule holds on a public path too.
+            let docs = "[[routes]]\nfrom = \"http://docs.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                        accept = [\"session\", \"bearer\"]\n\
+                        allow = [{ public = true, paths = [\"/open\"] }, { groups = [\"eng\"] }]\n\
+                        deny = { groups = [\"contractors\"] }";
+            let world = World::with(crate::testing::config(&format!(
+                "{mapping}\n{bots}\n{docs}"
+            )));
             let a = world
                 .user_with_emails("a@corp.example", "x-1", &[("a@corp.example", true)])
                 .await;
@@ -890,7 +897,7 @@ mod pages {
             world
                 .group("eng", &[&a, &b, &d, &platform, &g, &h, &i])
                 .await;
-            world.group("contractors", &[&c]).await;
+            world.group("contractors", &[&c, &g, &i]).await;
             let dir = tempfile::tempdir().unwrap();
             let console = console_of(&world, dir.path());
             let gate = console.gate_for_tests();
