@@ -122,13 +122,7 @@ impl Scim {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         };
-        let refused = |session: &Session, why: &str| {
-            let request = crate::audit::Request {
-                method: session.req_header().method.as_str(),
-                path,
-                client,
-            };
-            audit.unverified_refusal(AUDIT_ROUTE, why, &request);
+        let refusal = || {
             ScimResponse::error(&ScimError::new(
                 401,
                 None,
@@ -138,8 +132,13 @@ impl Scim {
         let actor = match self.authenticate(authorization(session), now_unix()) {
             Ok(actor) => actor.to_owned(),
             Err(why) => {
-                let refusal = refused(session, &why);
-                return write(session, &refusal).await;
+                let request = crate::audit::Request {
+                    method: session.req_header().method.as_str(),
+                    path,
+                    client,
+                };
+                audit.unverified_refusal(AUDIT_ROUTE, &why, &request);
+                return write(session, &refusal()).await;
             }
         };
         let req = session.req_header();
@@ -192,9 +191,16 @@ impl Scim {
             Some(scim) => scim.authenticate(token.as_deref(), now_unix()).map(drop),
             None => Err("SCIM is no longer configured".to_owned()),
         };
+        // Recorded as the token's, good when the request began (a leaked one, rotated out).
         if let Err(why) = standing() {
-            let refusal = refused(session, &why);
-            return write(session, &refusal).await;
+            let request = crate::audit::Request {
+                method: method.as_str(),
+                path,
+                client,
+            };
+            let reason = format!("a SCIM request was refused once its body was in: {why}");
+            audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+            return write(session, &refusal()).await;
         }
         // Recorded once when it no longer stands.
         let told = std::sync::atomic::AtomicBool::new(false);

@@ -953,6 +953,17 @@ async fn a_token_removed_while_its_request_s_body_comes_writes_nothing() {
         .await
         .expect(200);
     assert_eq!(found.body["totalResults"], 0, "{}", found.text);
+    // Recorded as the token's, which was good when the request began: not as anyone's guess.
+    crate::audit::audit_json_until(&px, &[], |records| {
+        crate::audit::of_event(records, "refusal").iter().any(|r| {
+            r["route"] == "scim"
+                && r["user"] == "okta"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("refused once its body was in"))
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
