@@ -398,11 +398,15 @@ struct ThreadForwards {
     /// The index generation and sequence number of the views they were made from.
     state: (u64, Seq),
     named: HashMap<Row, Arc<Named>, foldhash::fast::RandomState>,
+    /// What they hold, about ([`Named::bytes`]).
+    bytes: usize,
 }
 
-/// Users kept per worker thread. Past it, the users already kept stay and others are made per
-/// request: a full map never churns.
+/// Users kept per worker thread, and bytes: a person in 150 groups is told of in some 20 KB.
+/// Past either, the users already kept stay and others are made per request: a full map never
+/// churns.
 const FORWARDS_PER_THREAD: usize = 16_384;
+const FORWARD_BYTES_PER_THREAD: usize = 16 << 20;
 
 impl Forwards {
     /// The `Named` made by `make` for the view `stamp` names, made now unless kept.
@@ -414,13 +418,16 @@ impl Forwards {
         if kept.state != state {
             kept.named.clear();
             kept.state = state;
+            kept.bytes = 0;
         }
         if let Some(named) = kept.named.get(&stamp.row) {
             return named.clone();
         }
         let named = Arc::new(make());
-        if kept.named.len() < FORWARDS_PER_THREAD {
+        let bytes = kept.bytes + named.bytes();
+        if kept.named.len() < FORWARDS_PER_THREAD && bytes <= FORWARD_BYTES_PER_THREAD {
             kept.named.insert(stamp.row, named.clone());
+            kept.bytes = bytes;
         }
         named
     }
@@ -1676,6 +1683,15 @@ impl Forward {
 }
 
 impl Named {
+    /// About the memory it holds: its text, and each header value's copy of it.
+    fn bytes(&self) -> usize {
+        let text = self.user.len() + self.email.as_ref().map_or(0, String::len);
+        let names: usize = (self.group_names.iter())
+            .map(|name| name.len() + std::mem::size_of::<String>())
+            .sum();
+        std::mem::size_of::<Named>() + 2 * (text + self.groups.len()) + names
+    }
+
     /// Who the upstream is told of, stamped with its version: a hash of everything in it, so
     /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
     fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Named {
@@ -1735,6 +1751,38 @@ mod tests {
     const ALICE: &str = "alice@corp.example";
     const BOB: &str = "bob@corp.example";
     const BOT: &str = "build-bot";
+
+    /// What a worker thread keeps of who upstreams are told of is bounded in bytes as in users:
+    /// past it, people in many groups are told of as made for each request, and those kept stay.
+    #[test]
+    fn what_a_thread_keeps_of_who_upstreams_are_told_of_is_bounded_in_bytes() {
+        let forwards = Forwards::default();
+        let groups: Vec<String> = (0..150)
+            .map(|g| format!("a-group-named-in-thirty-chars{g:03}"))
+            .collect();
+        let stamp = |row| Stamp {
+            generation: 1,
+            seq: 1,
+            row,
+        };
+        let make = || Named::new("someone@corp.example".to_owned(), None, groups.clone());
+        let first = forwards.get_or_make(stamp(0), make);
+        for row in 1..4_000 {
+            forwards.get_or_make(stamp(row), make);
+        }
+        {
+            let kept = forwards.threads.get().expect("this thread's").borrow();
+            assert!(kept.bytes <= FORWARD_BYTES_PER_THREAD, "{}", kept.bytes);
+            assert!(
+                (100..4_000).contains(&kept.named.len()),
+                "{}",
+                kept.named.len()
+            );
+            let held: usize = kept.named.values().map(|named| named.bytes()).sum();
+            assert_eq!(held, kept.bytes);
+        }
+        assert!(Arc::ptr_eq(&forwards.get_or_make(stamp(0), make), &first));
+    }
 
     /// alice and the build bot are in `eng`; bob is in no group.
     async fn world() -> World {
