@@ -27,8 +27,10 @@
 //!   means to the caller. There is one slot per (issuer, route, subject): a changed identity,
 //!   or on a `*.` route another host served, overwrites its slot rather than adding one (a
 //!   caller sending many host names behind a wildcard costs itself a signature each, and
-//!   grows the cache by nothing), and the cache is cleared when it reaches [`CACHE_CAPACITY`]
-//!   slots. Tokens carry no `jti` so that they can be reused.
+//!   grows the cache by nothing). A full cache ([`CACHE_CAPACITY`] slots, or [`CACHE_BYTES`])
+//!   keeps the slots it has, each signed again in place as it ages, and signs for others on
+//!   each request until the minute's upkeep drops the slots that expired: it never churns, and
+//!   is never emptied on a request's thread. Tokens carry no `jti` so that they can be reused.
 //!
 //! Time is always a parameter (unix seconds), so that expiry and key retirement are testable.
 
@@ -37,6 +39,7 @@ use std::hash::BuildHasher;
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,8 +82,10 @@ pub const ISSUED_EARLY_SECS: u64 = 5;
 /// buffering, by default) checks the token that much later, with no leeway (PyJWT's default).
 pub const REUSE_SECS: u64 = 60;
 
-/// The most (issuer, route, subject) slots the cache holds before it is cleared.
+/// The most (issuer, route, subject) slots the cache holds, and the most bytes (about: a
+/// person in 150 groups is some 14 KB of token and names).
 pub const CACHE_CAPACITY: usize = 100_000;
+pub const CACHE_BYTES: usize = 64 << 20;
 
 /// The shortest accepted token TTL.
 const MIN_TTL_SECS: u64 = 10;
@@ -239,6 +244,21 @@ struct Cached {
 }
 
 impl Cached {
+    /// About the memory it holds.
+    fn bytes(&self) -> usize {
+        let text = [&self.issuer, &self.audience, &self.subject]
+            .iter()
+            .map(|t| t.len())
+            .sum::<usize>()
+            + self.served.as_ref().map_or(0, |t| t.len())
+            + self.email.as_ref().map_or(0, |t| t.len())
+            + self.agent.as_ref().map_or(0, |t| t.len());
+        let groups: usize = (self.groups.iter())
+            .map(|g| g.len() + std::mem::size_of::<Box<str>>())
+            .sum();
+        std::mem::size_of::<Cached>() + text + groups + self.token.len()
+    }
+
     fn serves(&self, c: &AssertionClaims<'_>, kid: &str, now: u64, margin: u64) -> bool {
         self.version == c.version
             && &*self.kid == kid
@@ -275,6 +295,8 @@ pub struct Signer {
     margin: u64,
     keys: ArcSwap<KeySet>,
     cache: DashMap<u64, Cached, foldhash::fast::RandomState>,
+    /// What the cache holds, about ([`Cached::bytes`]).
+    cache_bytes: AtomicUsize,
     slot_hasher: foldhash::quality::RandomState,
     /// Serializes rotation and refresh within this process.
     maintenance: Mutex<()>,
@@ -298,6 +320,7 @@ impl Signer {
             margin: ttl - REUSE_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(set),
             cache: DashMap::default(),
+            cache_bytes: AtomicUsize::new(0),
             slot_hasher: foldhash::quality::RandomState::default(),
             maintenance: Mutex::new(()),
         })
@@ -314,6 +337,7 @@ impl Signer {
             margin: ttl - REUSE_SECS.min(ttl / 2),
             keys: ArcSwap::from_pointee(KeySet::new(keys).unwrap_or_else(|_| KeySet::empty())),
             cache: DashMap::default(),
+            cache_bytes: AtomicUsize::new(0),
             slot_hasher: foldhash::quality::RandomState::default(),
             maintenance: Mutex::new(()),
         });
@@ -379,27 +403,34 @@ impl Signer {
         let iat = now.saturating_sub(ISSUED_EARLY_SECS);
         let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, iat, exp)?))
             .map_err(|e| format!("the signed assertion is no header value: {e}"))?;
-        if self.cache.len() >= CACHE_CAPACITY && !self.cache.contains_key(&slot) {
-            self.cache.clear();
+        let cached = Cached {
+            issuer: claims.issuer.into(),
+            audience: claims.audience.into(),
+            served: claims.served.map(Into::into),
+            subject: claims.subject.into(),
+            email: claims.email.map(Into::into),
+            groups: claims.groups.iter().map(|g| g.as_str().into()).collect(),
+            agent: claims.agent.map(Into::into),
+            delegated: claims.delegated,
+            version: claims.version,
+            kid: key.kid.clone(),
+            iat: now,
+            exp,
+            token: token.clone(),
+        };
+        // Full: the slots kept stay (see the module's doc), and this one is signed per request.
+        let bytes = cached.bytes();
+        let full = self.cache.len() >= CACHE_CAPACITY
+            || self.cache_bytes.load(Ordering::Relaxed) + bytes > CACHE_BYTES;
+        if full && !self.cache.contains_key(&slot) {
+            return Ok(token);
         }
-        self.cache.insert(
-            slot,
-            Cached {
-                issuer: claims.issuer.into(),
-                audience: claims.audience.into(),
-                served: claims.served.map(Into::into),
-                subject: claims.subject.into(),
-                email: claims.email.map(Into::into),
-                groups: claims.groups.iter().map(|g| g.as_str().into()).collect(),
-                agent: claims.agent.map(Into::into),
-                delegated: claims.delegated,
-                version: claims.version,
-                kid: key.kid.clone(),
-                iat: now,
-                exp,
-                token: token.clone(),
-            },
-        );
+        // Counted before it is in, so that the upkeep never takes away more than was counted.
+        self.cache_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(replaced) = self.cache.insert(slot, cached) {
+            self.cache_bytes
+                .fetch_sub(replaced.bytes(), Ordering::Relaxed);
+        }
         Ok(token)
     }
 
@@ -425,7 +456,13 @@ impl Signer {
     }
 
     fn refresh_locked(&self, now: u64) -> Result<(), String> {
-        self.cache.retain(|_, c| c.exp > now);
+        self.cache.retain(|_, c| {
+            let live = c.exp > now;
+            if !live {
+                self.cache_bytes.fetch_sub(c.bytes(), Ordering::Relaxed);
+            }
+            live
+        });
         let keys = match &self.store {
             KeyStore::Dir(dir) => load_published(dir, now, self.ttl)?,
             KeyStore::Shared(kept) => shared_keys(kept, now, self.ttl)?,
@@ -1500,10 +1537,29 @@ mod tests {
                 },
             );
         }
-        signer.token(&claims("grafana", &[], 1), T0).unwrap();
-        assert_eq!(signer.cache.len(), 1);
+        let held: usize = signer.cache.iter().map(|c| c.bytes()).sum();
+        signer.cache_bytes.store(held, Ordering::Relaxed);
+        // Full: what it holds stays, and a new slot's token is signed, not kept.
+        let token = signer.token(&claims("grafana", &[], 1), T0).unwrap();
+        assert!(!token.is_empty());
+        assert_eq!(signer.cache.len(), CACHE_CAPACITY);
         signer.refresh(T0 + 301).unwrap();
         assert_eq!(signer.cache.len(), 0, "expired entries are dropped");
+        assert_eq!(signer.cache_bytes.load(Ordering::Relaxed), 0);
+        signer.token(&claims("grafana", &[], 1), T0 + 301).unwrap();
+        assert_eq!(signer.cache.len(), 1);
+
+        // And in bytes: a person in many groups fills it sooner.
+        let many: Vec<String> = (0..150).map(|g| format!("group-{g:024}")).collect();
+        let before = signer.cache_bytes.load(Ordering::Relaxed);
+        signer.token(&claims("wiki", &many, 1), T0 + 301).unwrap();
+        let one = signer.cache_bytes.load(Ordering::Relaxed) - before;
+        assert!(one > 150 * 30, "{one}");
+        signer
+            .cache_bytes
+            .store(CACHE_BYTES - one / 2, Ordering::Relaxed);
+        signer.token(&claims("docs", &many, 1), T0 + 301).unwrap();
+        assert_eq!(signer.cache.len(), 2, "past the bytes it holds");
     }
 
     #[test]
