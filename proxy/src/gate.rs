@@ -779,18 +779,31 @@ impl Gate<'_> {
     /// person (see [`Gate::resolve`]): the one its `act` claim names, or its client when that
     /// is an agent. So an agent replaying the tokens of many people is one caller in the audit
     /// log's budgets, whatever refuses them.
+    /// Named as the directory names it, and by the value it was looked up by when deleted or
+    /// ambiguous, as [`Gate::delegated`]'s refusals name it; none when no agent has it.
     pub fn acting_agent(&self, token: &Machine) -> Option<AgentRecord> {
         if token.for_itself {
             return None;
         }
         let claim = &self.identity.agent_claim;
-        let name = match &token.act {
+        let value = match &token.act {
             Some(actor) => actor_claim(claim, actor).0,
-            None => client_claim(claim, token).filter(|agent| self.agent_known(agent))?,
+            None => client_claim(claim, token)?,
         };
+        let now = i64::try_from(self.now).unwrap_or(i64::MAX);
+        let found =
+            (self.directory).with_agent(self.agent_key(value), now, |lookup| match lookup {
+                AgentLookup::Found(view) => Some(Some((
+                    view.agent.name.to_string(),
+                    view.owners.iter().map(|o| o.name().to_owned()).collect(),
+                ))),
+                AgentLookup::Unknown => None,
+                AgentLookup::Ambiguous(_) | AgentLookup::Deleted => Some(None),
+            })?;
+        let (name, owners) = found.unwrap_or_else(|| (value.to_owned(), Vec::new()));
         Some(AgentRecord {
-            name: name.to_owned(),
-            owners: Vec::new(),
+            name,
+            owners,
             on_behalf_of: Some(self.person_name(Principal::Machine(token))),
         })
     }
@@ -3223,6 +3236,30 @@ mod tests {
         // Where the issuer lists none, any client's.
         let (world, _, _, _) = agents_world().await;
         allowed(as_machine(&world, &held_by(Some("other")), 1));
+    }
+
+    /// A refusal of a token an agent holds for a person, before the directory is asked of
+    /// either (a route's audiences), names the agent as the directory does, with the person.
+    #[tokio::test]
+    async fn the_agent_acting_with_a_person_s_token_is_named_as_the_directory_names_it() {
+        let (world, _, _, _) = agents_world().await;
+        let gate = world.gate();
+        // Named by its act claim, or by the client holding it, in another case.
+        let held = Machine {
+            client_id: Some("HELPER".to_owned()),
+            for_itself: false,
+            email: Some(ALICE.to_owned()),
+            ..machine("sub-alice")
+        };
+        for token in [delegated_token(ALICE, "Helper"), held] {
+            let agent = gate.acting_agent(&token).expect("the agent");
+            assert_eq!(agent.name, "helper");
+            assert_eq!(agent.owners, [ALICE]);
+            assert_eq!(agent.on_behalf_of.as_deref(), Some(ALICE));
+        }
+        // None acts: a client no agent is, or a client's own token.
+        assert_eq!(gate.acting_agent(&delegated_token(ALICE, "nobody")), None);
+        assert_eq!(gate.acting_agent(&agent_token("helper")), None);
     }
 
     #[tokio::test]

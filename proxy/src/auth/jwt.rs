@@ -364,7 +364,8 @@ impl Jwks {
     }
 
     /// Fetches the key set unless it was fetched less than [`REFETCH_AFTER`] ago (or `force`);
-    /// whether it did. A failed fetch keeps the last good set (an outage at the IdP). A set
+    /// whether it did. A fetch that failed, less than that ago, stands: `KeysUnavailable`,
+    /// fetching nothing. A failed fetch keeps the last good set (an outage at the IdP). A set
     /// that has not changed is kept as it is, and so is what was verified with it.
     ///
     /// The set the issuer publishes is the keys it vouches for, even when Portcullis can use

@@ -87,8 +87,10 @@ impl Console {
                     format!("End {}'s sessions", user.user_name),
                     format!(
                         "<p>{} has {n} session{} at Portcullis{lapsed}. Ending them signs {} \
-                         out everywhere at once; their next request is refused until they sign \
-                         in again. The directory is not changed.</p>",
+                         out everywhere at once; their next request with a session is refused \
+                         until they sign in again. The directory is not changed, so an access \
+                         token a client or an agent holds for them is taken until it expires: \
+                         deactivating them in the directory refuses those too.</p>",
                         escape(&user.user_name),
                         if n == 1 { "" } else { "s" },
                         escape(&user.user_name)
