@@ -394,11 +394,14 @@ impl Signer {
         let slot = self
             .slot_hasher
             .hash_one((claims.issuer, claims.audience, claims.subject));
-        if let Some(hit) = self.cache.get(&slot) {
-            if hit.serves(claims, &key.kid, now, self.margin) {
-                return Ok(hit.token.clone());
+        // What the slot holds now, if anything (its token is for other claims, or aged).
+        let kept = match self.cache.get(&slot) {
+            Some(hit) if hit.serves(claims, &key.kid, now, self.margin) => {
+                return Ok(hit.token.clone())
             }
-        }
+            Some(hit) => Some(hit.bytes()),
+            None => None,
+        };
         let exp = now.saturating_add(self.ttl);
         let iat = now.saturating_sub(ISSUED_EARLY_SECS);
         let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, iat, exp)?))
@@ -418,11 +421,18 @@ impl Signer {
             exp,
             token: token.clone(),
         };
-        // Full: the slots kept stay (see the module's doc), and this one is signed per request.
-        let bytes = cached.bytes();
-        let full = self.cache.len() >= CACHE_CAPACITY
-            || self.cache_bytes.load(Ordering::Relaxed) + bytes > CACHE_BYTES;
-        if full && !self.cache.contains_key(&slot) {
+        // Full: the slots kept stay (see the module's doc), and this one is signed per request;
+        // a slot whose token grows past what the cache holds (its caller put in many more
+        // groups) is let go.
+        let (bytes, held) = (cached.bytes(), self.cache_bytes.load(Ordering::Relaxed));
+        let fits = match kept {
+            Some(old) => (held + bytes).saturating_sub(old) <= CACHE_BYTES,
+            None => self.cache.len() < CACHE_CAPACITY && held + bytes <= CACHE_BYTES,
+        };
+        if !fits {
+            if let Some((_, gone)) = self.cache.remove(&slot) {
+                self.cache_bytes.fetch_sub(gone.bytes(), Ordering::Relaxed);
+            }
             return Ok(token);
         }
         // Counted before it is in, so that the upkeep never takes away more than was counted.
@@ -1560,6 +1570,16 @@ mod tests {
             .store(CACHE_BYTES - one / 2, Ordering::Relaxed);
         signer.token(&claims("docs", &many, 1), T0 + 301).unwrap();
         assert_eq!(signer.cache.len(), 2, "past the bytes it holds");
+        // A slot whose token grows past them is let go; one that keeps its size stays.
+        signer
+            .token(&claims("grafana", &many, 2), T0 + 301)
+            .unwrap();
+        assert_eq!(signer.cache.len(), 1, "grown past the bytes it holds");
+        assert!(signer.cache_bytes.load(Ordering::Relaxed) <= CACHE_BYTES);
+        signer.token(&claims("wiki", &many, 2), T0 + 301).unwrap();
+        assert_eq!(signer.cache.len(), 1);
+        let slot = signer.cache.iter().next().map(|c| c.version);
+        assert_eq!(slot, Some(2), "signed again in its slot");
     }
 
     #[test]
