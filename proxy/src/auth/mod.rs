@@ -1447,6 +1447,44 @@ mod tests {
         );
     }
 
+    /// What the IdP answers is read no further than its bound, by the callers that read it: a
+    /// key set 256 KiB, a discovery document 1 MiB. An answer past it is no answer (the keys
+    /// cannot be had); one within it is taken, however much of it is padding.
+    #[tokio::test]
+    async fn the_idp_s_answers_are_read_no_further_than_their_bounds() {
+        let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+        let padded = |json: String, size: usize| format!("{json}{}", " ".repeat(size - json.len()));
+        for (size, taken) in [(200 << 10, true), (300 << 10, false)] {
+            let set = padded(format!(r#"{{"keys":[{key}]}}"#), size);
+            let (address, _) = idp_answering(|_| set, Duration::ZERO).await;
+            let jwks = Jwks::new(format!("http://{address}/jwks"), reqwest::Client::new());
+            let fetched = jwks.refresh(true).await;
+            assert_eq!(
+                fetched.is_ok(),
+                taken,
+                "a key set of {size} bytes: {fetched:?}"
+            );
+        }
+        for (size, taken) in [(900 << 10, true), (1100 << 10, false)] {
+            let (address, _) = idp_answering(
+                |address| {
+                    let issuer = format!("http://{address}");
+                    let document = format!(r#"{{"issuer":"{issuer}","jwks_uri":"{issuer}/jwks"}}"#);
+                    padded(document, size)
+                },
+                Duration::ZERO,
+            )
+            .await;
+            let (http, issuer) = (reqwest::Client::new(), format!("http://{address}"));
+            let found = discover_jwks_uri(&http, &issuer).await;
+            assert_eq!(
+                found.is_ok(),
+                taken,
+                "a discovery document of {size} bytes: {found:?}"
+            );
+        }
+    }
+
     /// A set with no usable key withdraws every key, once a fetch 10 s later finds the same:
     /// an admin who disabled them all. Until then the last usable set is kept, as an IdP
     /// node whose keys failed to load serves one for a moment.
