@@ -20,7 +20,9 @@
 //                     "entra" (Microsoft Entra ID: a pairwise `sub`, `oid`, `tid`,
 //                     `preferred_username` (the UPN) and `name` in the ID token, no `email`;
 //                     access tokens dated 5 minutes early, `iat` and `nbf`, as Entra dates its
-//                     tokens, with `tid`, and their client as `azp`, not `client_id`), or
+//                     tokens, with `tid`, their client as `azp`, not `client_id`, whose they
+//                     are as `oid`, a person's scopes as `scp`, and an app-only token's `sub`
+//                     its service principal's object id, its `oid`), or
 //                     "okta" (the claims of the scopes asked for in the ID token, as Okta's /token
 //                     answer to the code flow has them; `groups` only when the `groups` scope is
 //                     asked; access tokens name their client `cid`, not `client_id`, and a
@@ -271,6 +273,13 @@ const ENTRA_EARLY = 300;
 /// The tenant id the entra profile puts in `tid`.
 const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 
+// The object id of `clientId`'s service principal in the entra profile's tenant: a GUID, the
+// same for every token of the client.
+function servicePrincipal(clientId) {
+  const hex = createHash('sha256').update(`service-principal|${clientId}`).digest('hex');
+  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20, 32)].join('-');
+}
+
 function claimsOf(user) {
   const worded = user.claims ?? {};
   if (profile === 'entra') {
@@ -390,6 +399,18 @@ function buildProvider(issuer, clients) {
             jwt.payload.tid = ENTRA_TENANT;
             jwt.payload.azp = jwt.payload.client_id;
             delete jwt.payload.client_id;
+            // And whose they are by object id: a person's, with the scopes they delegated as
+            // `scp`; an application's own (app-only) token, its service principal's, which is
+            // its `sub` too, and no `scp`. No `scope` claim: Entra has none.
+            const person = token.accountId && users.get(token.accountId);
+            if (person) {
+              if (person.oid) jwt.payload.oid = person.oid;
+              jwt.payload.scp = jwt.payload.scope || 'user_impersonation';
+            } else {
+              jwt.payload.oid = servicePrincipal(jwt.payload.azp);
+              jwt.payload.sub = jwt.payload.oid;
+            }
+            delete jwt.payload.scope;
           }
           if (profile !== 'okta') return;
           jwt.payload.cid = jwt.payload.client_id;

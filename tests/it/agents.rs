@@ -34,7 +34,7 @@ use crate::audit::{audit_json_until, of_event};
 use crate::authz::{revocation_under_load, with_bearer};
 use crate::signin::{
     bare_client, idp_setup, now_unix, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
-    CLIENT_ID, CLIENT_SECRET,
+    CLIENT_ID, CLIENT_SECRET, MACHINE_ID, MACHINE_SECRET,
 };
 use crate::{SCIM_HOST, SCIM_TOKEN};
 
@@ -1159,6 +1159,53 @@ async fn an_entra_token_fetched_as_its_agent_is_provisioned_is_let_in() {
     assert_eq!(t.call(&token).await.0, StatusCode::UNAUTHORIZED);
     let token = t.token().await;
     assert_eq!(t.call(&token).await.0, StatusCode::OK);
+}
+
+/// With the entra preset, an Entra-shaped app-only token (its `sub` and `oid` its service
+/// principal's object id, no `scp`) is a machine's: the service account whose `externalId` is
+/// that object id (Entra provisions no service principals: the operator makes the account),
+/// named so to the upstream, and refused on its next request once the account is deactivated.
+/// The agent's own token is still the agent's, found by its client (`azp`).
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_entra_preset_an_app_only_token_is_its_service_account_s() {
+    let identity = "[identity]\npreset = \"entra\"\nallow_sample_rate = 1.0\n";
+    let t = Agents::start_as(IdpProfile::Entra, &[API_AUD], identity).await;
+    let machine_token = || {
+        t.idp
+            .client_credentials_token(MACHINE_ID, MACHINE_SECRET, Some(API))
+    };
+    let claims = jwt_claims(&machine_token().await);
+    let oid = claims["oid"].as_str().expect("an oid").to_owned();
+    assert_eq!(claims["sub"], oid.as_str(), "{claims}");
+    assert_eq!(claims["azp"], MACHINE_ID, "{claims}");
+    assert!(claims.get("scp").is_none(), "{claims}");
+    let account = json!({"schemas": [USER_SCHEMA], "userName": "svc-reports", "externalId": oid});
+    let svc = t.scim.post("/Users", &account).await.expect(201).id();
+    let add = patch_ops(json!([{"op": "add", "path": "members", "value": [{"value": svc}]}]));
+    t.scim
+        .patch(&format!("/Groups/{}", t.eng), &add)
+        .await
+        .expect(204);
+
+    // Fetched once the account is there (one issued before is older than it).
+    let token = machine_token().await;
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        Echo::parse(body.as_bytes()).header("x-portcullis-user"),
+        Some("svc-reports")
+    );
+    let (status, body) = t.call(&t.token().await).await;
+    assert_eq!(status, StatusCode::OK, "the agent's: {body}");
+    assert_eq!(
+        Echo::parse(body.as_bytes()).header("x-portcullis-agent"),
+        Some(AGENT_ID)
+    );
+    t.set_active(&format!("/Users/{svc}"), false)
+        .await
+        .expect(200);
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
 
 /// A body too large for the route is refused, and recorded as the gate named its caller: an
