@@ -1135,6 +1135,9 @@ struct Spool {
     path: PathBuf,
     /// `audit-spool.moved`: the bytes of the spool already moved.
     moved: PathBuf,
+    /// How far this process has moved the spool (its inode and a length), where the note could
+    /// not be written (a full disk): the moves go on, and a crash moves those again.
+    noted: Option<(u64, u64)>,
     /// Whether records wait in the file, as this process last saw it, and when it looked.
     waiting: bool,
     looked: std::time::Instant,
@@ -1170,6 +1173,7 @@ impl Spool {
         let _ = std::fs::remove_file(path.with_extension("compacted"));
         Ok(Self {
             moved: path.with_extension("moved"),
+            noted: None,
             path,
             waiting,
             looked: std::time::Instant::now(),
@@ -1256,6 +1260,7 @@ impl Spool {
         let mut len = len;
         if len.saturating_add(bytes) > self.max_bytes.saturating_mul(2) {
             self.compact(&file, len, moved).map_err(cannot)?;
+            self.noted = None;
             file = self.locked().map_err(cannot)?;
             len = file.metadata().map_err(cannot)?.len();
         }
@@ -1355,7 +1360,8 @@ impl Spool {
     /// How many bytes of `spool`, `len` long, are moved already, as `audit-spool.moved` says:
     /// its file's inode and a length (a length alone, as builds before compaction wrote it,
     /// is of the file in place). Of another file (the one a compaction replaced), unreadable
-    /// or past the end (the file was emptied by hand): none.
+    /// or past the end (the file was emptied by hand): none. Or further, as far as this
+    /// process moved it where the note could not be written.
     fn moved_through(&self, spool: &File, len: u64) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let Ok(ino) = spool.metadata().map(|meta| meta.ino()) else {
@@ -1363,18 +1369,36 @@ impl Spool {
         };
         let text = std::fs::read_to_string(&self.moved).unwrap_or_default();
         let mut fields = text.split_whitespace().map(str::parse::<u64>);
-        match (fields.next(), fields.next(), fields.next()) {
+        let noted = match (fields.next(), fields.next(), fields.next()) {
             (Some(Ok(of)), Some(Ok(from)), None) if of == ino && from <= len => from,
             (Some(Ok(from)), None, None) if from <= len => from,
             _ => 0,
+        };
+        match self.noted {
+            Some((of, from)) if of == ino && from <= len => noted.max(from),
+            _ => noted,
         }
     }
 
-    /// The note of moves that says `from` bytes of `spool` are moved.
-    fn note_moved(&self, spool: &File, from: u64) -> std::io::Result<()> {
+    /// Notes that `from` bytes of `spool` are moved: in `audit-spool.moved`, else (a full
+    /// disk) in memory. The records are in PostgreSQL: moved again, they would be kept twice,
+    /// and on a disk that stays full the spool would never empty, holding up every record
+    /// after them, which PostgreSQL could take, till each was dropped.
+    fn note_moved(&mut self, spool: &File, from: u64) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let ino = spool.metadata()?.ino();
-        write_synced(&self.moved, format!("{ino} {from}").as_bytes())
+        if let Err(e) = write_synced(&self.moved, format!("{ino} {from}").as_bytes()) {
+            if self.noted.is_none() {
+                tracing::warn!(
+                    target: "audit",
+                    "cannot note the audit records moved to PostgreSQL in {} ({e}): noting \
+                     them in memory, and a crash would move them again",
+                    self.moved.display()
+                );
+            }
+            self.noted = Some((ino, from));
+        }
+        Ok(())
     }
 
     /// [`Spool::move_to`]'s moves, each batch by `insert` (in one transaction), under the
@@ -1422,6 +1446,7 @@ impl Spool {
                 remove_synced(&self.moved).map_err(Moving::File)?;
                 file.set_len(0).map_err(Moving::File)?;
                 file.sync_all().map_err(Moving::File)?;
+                self.noted = None;
                 return Ok(true);
             }
             if !records.is_empty() {
@@ -2417,6 +2442,40 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// Records moved to PostgreSQL while the note of how far cannot be written (a full disk,
+    /// here a directory in the way of its copy) are moved once each, and the spool empties:
+    /// the records after them are not held up behind them.
+    #[test]
+    fn a_spool_whose_note_of_moves_cannot_be_written_is_moved_once_and_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_NAME);
+        let mut spool = Spool::open(path.clone()).unwrap();
+        let record = |i: usize| format!("{{\"n\":{i}}}\n");
+        let records: Vec<String> = (0..2 * MAX_BATCH + 1).map(record).collect();
+        spool.append(&records).unwrap();
+        std::fs::create_dir(path.with_extension("tmp")).unwrap();
+        // PostgreSQL takes a batch, then fails (the turn ends), then takes the rest.
+        let mut taken = Vec::new();
+        let mut calls = 0;
+        let mut insert = |batch: &[&str]| -> Result<(), String> {
+            calls += 1;
+            if calls == 2 {
+                return Err("gone a moment".to_owned());
+            }
+            taken.extend(batch.iter().map(|r| r.to_string()));
+            Ok(())
+        };
+        let now = std::time::Instant::now();
+        assert!(matches!(
+            spool.move_batches(&mut insert, now),
+            Err(Moving::Postgres(_))
+        ));
+        assert!(matches!(spool.move_batches(&mut insert, now), Ok(true)));
+        let sent: Vec<String> = records.iter().map(|r| r.trim_end().to_owned()).collect();
+        assert_eq!(taken, sent, "each moved once, in order");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "emptied");
     }
 
     /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come
