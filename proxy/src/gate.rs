@@ -134,7 +134,8 @@ pub enum Admission {
 pub enum Refused {
     /// Send the browser to sign in, and back here afterwards. `revoked`: the credential the
     /// request carried is older than the record it stands on, the caller's (a session whose
-    /// user was deactivated or re-created since: it is over) or the agent's a token acts
+    /// user was deactivated, re-created or given a new identifier since: it is over) or the
+    /// agent's a token acts
     /// through.
     SignIn { revoked: Option<Outdated> },
     /// 401 with a `WWW-Authenticate` challenge; `invalid_token` when a bearer token was
@@ -206,8 +207,8 @@ impl Outdated {
                  must sign in again"
             ),
             _ => format!(
-                "the session began before {who} was deactivated or re-created in the \
-                 directory: it is over, and {who} must sign in again"
+                "the session began before {who} was deactivated, re-created or given a new \
+                 identifier in the directory: it is over, and {who} must sign in again"
             ),
         }
     }
@@ -1024,12 +1025,12 @@ impl Gate<'_> {
     ) -> Judged {
         let (claim, attribute) = self.mapping(principal);
         let Some(key) = subject_key(self.identity, principal) else {
-            let reason = match principal {
-                Principal::Person(identity) if unverified(identity) && claim == "email" => {
+            // (A person's bearer token too: it says whether the IdP verified its email.)
+            let reason = match unverified_email(principal) {
+                Some(email) if claim == "email" => {
                     format!(
-                        "the identity provider has not verified the email {} \
-                         (email_verified is false), so it identifies nobody",
-                        identity.email.as_deref().unwrap_or_default()
+                        "the identity provider has not verified the email {email} \
+                         (email_verified is false), so it identifies nobody"
                     )
                 }
                 _ => format!(
@@ -2182,6 +2183,34 @@ mod tests {
         assert_eq!(refusal.cause, Cause::DenyRule, "{}", refusal.reason);
         cal.email = Some("cal@elsewhere.example".to_owned());
         allowed(as_person(&world, &cal, route, "/"));
+    }
+
+    /// Found by email (the default), a person whose sign-in, or bearer token, says the IdP has
+    /// not verified their email is refused as that: told "no email claim", an operator would
+    /// add one to the token, and change nothing.
+    #[tokio::test]
+    async fn an_unverified_email_is_said_so_for_a_session_and_a_bearer_token_alike() {
+        let world = world().await;
+        let mut alice = world.person(ALICE);
+        alice.email_verified = Some(false);
+        let token = Machine {
+            for_itself: false,
+            email: Some(ALICE.to_owned()),
+            email_verified: Some(false),
+            ..machine("sub-alice")
+        };
+        let said = format!("the identity provider has not verified the email {ALICE}");
+        let refusals = [
+            forbidden(as_person(&world, &alice, 0, "/")),
+            forbidden(world.gate().admit(
+                &facts(&world, 1, "GET", "/"),
+                Presented::Caller(Principal::Machine(&token)),
+            )),
+        ];
+        for refusal in refusals {
+            assert_eq!(refusal.cause, Cause::NoIdentifyingClaim);
+            assert!(refusal.reason.contains(&said), "{}", refusal.reason);
+        }
     }
 
     /// The upstream is told a person's directory email by their credentials that leave it

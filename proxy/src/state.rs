@@ -550,7 +550,8 @@ impl Shared {
                 Caller::Person { .. } => (
                     who,
                     None,
-                    "the user was deactivated or re-created since signing in",
+                    "the user was deactivated, re-created or given a new identifier since \
+                     signing in",
                 ),
                 Caller::Machine(_) => {
                     let (who, reason) = crate::audit::outdated_token(&who, r.outdated());
