@@ -873,6 +873,36 @@ impl Index {
         self.hasher.hash_one((kind, value))
     }
 
+    /// `identifiers`, what a user or agent gave up (as a retired record holds them), less
+    /// those remembered already; `None` when none is left.
+    pub fn not_yet_retired(&self, rt: ResourceType, identifiers: Value) -> Option<Value> {
+        let Value::Object(mut kept) = identifiers else {
+            return None;
+        };
+        let (name, external_id) = match rt {
+            ResourceType::Agent => (Retired::AgentName, Retired::AgentExternalId),
+            _ => (Retired::UserName, Retired::ExternalId),
+        };
+        let known = |kind: Retired, value: Option<&Value>| {
+            value
+                .and_then(Value::as_str)
+                .is_some_and(|value| self.was_deleted(kind, value))
+        };
+        if known(name, kept.get(rt.name_attribute())) {
+            kept.remove(rt.name_attribute());
+        }
+        if known(external_id, kept.get("externalId")) {
+            kept.remove("externalId");
+        }
+        if let Some(Value::Array(emails)) = kept.get_mut("emails") {
+            emails.retain(|email| !known(Retired::Email, email.get("value")));
+            if emails.is_empty() {
+                kept.remove("emails");
+            }
+        }
+        (!kept.is_empty()).then_some(Value::Object(kept))
+    }
+
     /// Remembers the identifiers of a deleted user or agent.
     fn insert_retired(&mut self, rt: ResourceType, record: &Record) {
         let Some(resource) = record.resource.as_object() else {

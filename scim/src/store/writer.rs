@@ -571,7 +571,9 @@ impl<'a> Overlay<'a> {
         // What a user or agent was found by and is not any more is remembered, as a deleted
         // one's identifiers are (a record of its own): a session or token naming it by its
         // former name is not a stranger's, to be judged on its token's groups.
-        if let Some(identifiers) = previous.and_then(|p| given_up(rt, &p.resource, &resource)) {
+        // (Once each: one given up before, and taken back since, is remembered already.)
+        let given_up = previous.and_then(|p| given_up(rt, &p.resource, &resource));
+        if let Some(identifiers) = given_up.and_then(|i| self.index.not_yet_retired(rt, i)) {
             let kept = self.next_row;
             self.next_row += 1;
             self.put_record(rt, kept, Some(retired_identifiers(identifiers)));
