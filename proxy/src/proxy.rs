@@ -2354,7 +2354,9 @@ fn refused_page(
     let sign_out = if person { SIGN_OUT_FORM } else { "" };
     let content = format!(
         "{who}<p>{route}: {reason}.</p>\
-         <p>If you should have access, ask for it; changes from your identity provider apply at once.</p>\
+         <p>If you should have access, ask for it: what the directory says of you is judged \
+         afresh at each request, and what your identity provider said as you signed in (an \
+         email it had not verified, the groups it named), once you sign in again.</p>\
          {sign_out}",
         route = escape(route),
         reason = escape(reason),
