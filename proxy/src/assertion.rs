@@ -28,9 +28,10 @@
 //!   or on a `*.` route another host served, overwrites its slot rather than adding one (a
 //!   caller sending many host names behind a wildcard costs itself a signature each, and
 //!   grows the cache by nothing). A full cache ([`CACHE_CAPACITY`] slots, or [`CACHE_BYTES`])
-//!   keeps the slots it has, each signed again in place as it ages, and signs for others on
-//!   each request until the minute's upkeep drops the slots that expired: it never churns, and
-//!   is never emptied on a request's thread. Tokens carry no `jti` so that they can be reused.
+//!   keeps the slots it has, each signed again in place as it ages (one whose token grows past
+//!   the bytes is let go), and signs for others on each request until the minute's upkeep
+//!   drops the slots that expired: it never churns, and is never emptied on a request's
+//!   thread. Tokens carry no `jti` so that they can be reused.
 //!
 //! Time is always a parameter (unix seconds), so that expiry and key retirement are testable.
 
@@ -430,8 +431,10 @@ impl Signer {
             None => self.cache.len() < CACHE_CAPACITY && held + bytes <= CACHE_BYTES,
         };
         if !fits {
-            if let Some((_, gone)) = self.cache.remove(&slot) {
-                self.cache_bytes.fetch_sub(gone.bytes(), Ordering::Relaxed);
+            if kept.is_some() {
+                if let Some((_, gone)) = self.cache.remove(&slot) {
+                    self.cache_bytes.fetch_sub(gone.bytes(), Ordering::Relaxed);
+                }
             }
             return Ok(token);
         }

@@ -402,9 +402,9 @@ function buildProvider(issuer, clients) {
             // And whose they are by object id: a person's, with the scopes they delegated as
             // `scp`; an application's own (app-only) token, its service principal's, which is
             // its `sub` too, and no `scp`. No `scope` claim: Entra has none.
-            const person = token.accountId && users.get(token.accountId);
-            if (person) {
-              if (person.oid) jwt.payload.oid = person.oid;
+            if (token.kind !== 'ClientCredentials') {
+              const person = token.accountId && users.get(token.accountId);
+              if (person?.oid) jwt.payload.oid = person.oid;
               jwt.payload.scp = jwt.payload.scope || 'user_impersonation';
             } else {
               jwt.payload.oid = servicePrincipal(jwt.payload.azp);

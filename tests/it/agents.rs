@@ -1201,6 +1201,14 @@ async fn with_the_entra_preset_an_app_only_token_is_its_service_account_s() {
         Echo::parse(body.as_bytes()).header("x-portcullis-agent"),
         Some(AGENT_ID)
     );
+    // A machine's, not a person's (the preset finds both by `oid`): a rule for machines only
+    // lets it in.
+    let rule = "allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]";
+    (t.px)
+        .reload_with("[[routes]]", rule, "allow = { machines = true }")
+        .await;
+    let (status, body) = t.call(&token).await;
+    assert_eq!(status, StatusCode::OK, "as a machine: {body}");
     t.set_active(&format!("/Users/{svc}"), false)
         .await
         .expect(200);
