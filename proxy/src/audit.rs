@@ -1129,7 +1129,8 @@ impl Store {
 /// after each), and the file is emptied once all are moved. PostgreSQL is asked again after
 /// a second, then after twice as long each time it fails, up to [`SPOOL_RETRY_MAX`]. A crash
 /// (or a lost answer) between a batch's commit and the note of it has that batch moved again:
-/// kept twice, never lost. The file is locked while it is written or moved from, so two
+/// kept twice, never lost (on a disk too full for the note, every batch noted only in memory
+/// since the last note that was written). The file is locked while it is written or moved from, so two
 /// processes on one `data_dir` lose none of each other's.
 struct Spool {
     path: PathBuf,
@@ -1243,6 +1244,7 @@ impl Spool {
         let len = file.metadata().map_err(cannot)?.len();
         if len == 0 {
             // A note of moves from a file emptied since (by hand, say) says nothing of this one.
+            self.noted = None;
             remove_synced(&self.moved).map_err(cannot)?;
         }
         let bytes: u64 = lines.iter().map(|line| line.len() as u64).sum();
@@ -1387,16 +1389,19 @@ impl Spool {
     fn note_moved(&mut self, spool: &File, from: u64) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let ino = spool.metadata()?.ino();
-        if let Err(e) = write_synced(&self.moved, format!("{ino} {from}").as_bytes()) {
-            if self.noted.is_none() {
-                tracing::warn!(
-                    target: "audit",
-                    "cannot note the audit records moved to PostgreSQL in {} ({e}): noting \
-                     them in memory, and a crash would move them again",
-                    self.moved.display()
-                );
+        match write_synced(&self.moved, format!("{ino} {from}").as_bytes()) {
+            Ok(()) => self.noted = None,
+            Err(e) => {
+                if self.noted.is_none() {
+                    tracing::warn!(
+                        target: "audit",
+                        "cannot note the audit records moved to PostgreSQL in {} ({e}): noting \
+                         them in memory, and a crash would move them again",
+                        self.moved.display()
+                    );
+                }
+                self.noted = Some((ino, from));
             }
-            self.noted = Some((ino, from));
         }
         Ok(())
     }
@@ -1443,10 +1448,10 @@ impl Spool {
             if consumed == 0 {
                 // Nothing whole is left: all moved. The note of how far goes first: a crash
                 // before the file is emptied then has them moved again, never skipped.
+                self.noted = None;
                 remove_synced(&self.moved).map_err(Moving::File)?;
                 file.set_len(0).map_err(Moving::File)?;
                 file.sync_all().map_err(Moving::File)?;
-                self.noted = None;
                 return Ok(true);
             }
             if !records.is_empty() {
@@ -2476,6 +2481,29 @@ mod tests {
         let sent: Vec<String> = records.iter().map(|r| r.trim_end().to_owned()).collect();
         assert_eq!(taken, sent, "each moved once, in order");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "emptied");
+
+        // A note in memory says nothing of the file once it is emptied by another hand (an
+        // operator making room) and written again: what is written since is moved whole.
+        spool.append(&records).unwrap();
+        let mut calls = 0;
+        let mut taken = Vec::new();
+        let mut insert = |batch: &[&str]| -> Result<(), String> {
+            calls += 1;
+            if calls == 2 {
+                return Err("gone a moment".to_owned());
+            }
+            taken.extend(batch.iter().map(|r| r.to_string()));
+            Ok(())
+        };
+        assert!(spool.move_batches(&mut insert, now).is_err());
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_len(0))
+            .unwrap();
+        spool.append(&records).unwrap();
+        assert!(matches!(spool.move_batches(&mut insert, now), Ok(true)));
+        assert_eq!(taken[MAX_BATCH..], sent, "moved from its start");
     }
 
     /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come

@@ -135,8 +135,7 @@ pub enum Refused {
     /// Send the browser to sign in, and back here afterwards. `revoked`: the credential the
     /// request carried is older than the record it stands on, the caller's (a session whose
     /// user was deactivated, re-created or given a new identifier since: it is over) or the
-    /// agent's a token acts
-    /// through.
+    /// agent's a token acts through.
     SignIn { revoked: Option<Outdated> },
     /// 401 with a `WWW-Authenticate` challenge; `invalid_token` when a bearer token was
     /// presented and refused (RFC 6750 §3.1). `revoked` as for [`Refused::SignIn`].
