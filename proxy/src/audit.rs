@@ -1136,9 +1136,9 @@ struct Spool {
     path: PathBuf,
     /// `audit-spool.moved`: the bytes of the spool already moved.
     moved: PathBuf,
-    /// How far this process has moved the spool (its inode and a length), where the note could
-    /// not be written (a full disk): the moves go on, and a crash moves those again.
-    noted: Option<(u64, u64)>,
+    /// How far this process has moved the spool, where the note could not be written (a full
+    /// disk): the moves go on, and a crash moves those again.
+    noted: Option<Noted>,
     /// Whether records wait in the file, as this process last saw it, and when it looked.
     waiting: bool,
     looked: std::time::Instant,
@@ -1147,6 +1147,34 @@ struct Spool {
     backoff: std::time::Duration,
     /// [`SPOOL_MAX_BYTES`] (less in tests).
     max_bytes: u64,
+}
+
+/// [`Spool::noted`]: the spool's inode, how far it is moved, and the bytes just before that,
+/// by which a file emptied and written again by another process meanwhile (as the same file,
+/// cut to nothing) is told apart.
+struct Noted {
+    ino: u64,
+    from: u64,
+    tail: Vec<u8>,
+}
+
+impl Noted {
+    const TAIL: u64 = 64;
+
+    fn of(spool: &File, ino: u64, from: u64) -> Option<Noted> {
+        use std::os::unix::fs::FileExt;
+        let start = from.saturating_sub(Self::TAIL);
+        let mut tail = vec![0; usize::try_from(from - start).ok()?];
+        spool.read_exact_at(&mut tail, start).ok()?;
+        Some(Noted { ino, from, tail })
+    }
+
+    /// Whether it is of `spool` (its inode `ino`, `len` long) as it is now.
+    fn holds(&self, spool: &File, ino: u64, len: u64) -> bool {
+        self.ino == ino
+            && self.from <= len
+            && Noted::of(spool, ino, self.from).is_some_and(|now| now.tail == self.tail)
+    }
 }
 
 const SPOOL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
@@ -1376,8 +1404,8 @@ impl Spool {
             (Some(Ok(from)), None, None) if from <= len => from,
             _ => 0,
         };
-        match self.noted {
-            Some((of, from)) if of == ino && from <= len => noted.max(from),
+        match &self.noted {
+            Some(kept) if kept.holds(spool, ino, len) => noted.max(kept.from),
             _ => noted,
         }
     }
@@ -1400,7 +1428,7 @@ impl Spool {
                         self.moved.display()
                     );
                 }
-                self.noted = Some((ino, from));
+                self.noted = Noted::of(spool, ino, from);
             }
         }
         Ok(())
@@ -2472,12 +2500,12 @@ mod tests {
             taken.extend(batch.iter().map(|r| r.to_string()));
             Ok(())
         };
-        let now = std::time::Instant::now();
+        let now = std::time::Instant::now;
         assert!(matches!(
-            spool.move_batches(&mut insert, now),
+            spool.move_batches(&mut insert, now()),
             Err(Moving::Postgres(_))
         ));
-        assert!(matches!(spool.move_batches(&mut insert, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
         let sent: Vec<String> = records.iter().map(|r| r.trim_end().to_owned()).collect();
         assert_eq!(taken, sent, "each moved once, in order");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "emptied");
@@ -2495,15 +2523,43 @@ mod tests {
             taken.extend(batch.iter().map(|r| r.to_string()));
             Ok(())
         };
-        assert!(spool.move_batches(&mut insert, now).is_err());
+        assert!(spool.move_batches(&mut insert, now()).is_err());
         File::options()
             .write(true)
             .open(&path)
             .and_then(|file| file.set_len(0))
             .unwrap();
         spool.append(&records).unwrap();
-        assert!(matches!(spool.move_batches(&mut insert, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
         assert_eq!(taken[MAX_BATCH..], sent, "moved from its start");
+
+        // Nor once another process on the `data_dir` moved it all, emptied it (the same
+        // file, cut to nothing) and wrote other records in it.
+        spool.append(&records).unwrap();
+        let (mut calls, mut taken) = (0, Vec::new());
+        let mut insert = |batch: &[&str]| -> Result<(), String> {
+            calls += 1;
+            if calls == 2 {
+                return Err("gone a moment".to_owned());
+            }
+            taken.extend(batch.iter().map(|r| r.to_string()));
+            Ok(())
+        };
+        assert!(spool.move_batches(&mut insert, now()).is_err());
+        let mut other = Spool::open(path.clone()).unwrap();
+        assert!(matches!(
+            other.move_batches(&mut |_| Ok(()), now()),
+            Ok(true)
+        ));
+        let later: Vec<String> = (0..2 * MAX_BATCH + 1).map(|i| record(10_000 + i)).collect();
+        other.append(&later).unwrap();
+        assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
+        let later: Vec<String> = later.iter().map(|r| r.trim_end().to_owned()).collect();
+        assert_eq!(
+            taken[MAX_BATCH..],
+            later,
+            "the other's moved from its start"
+        );
     }
 
     /// Records moved to PostgreSQL no longer count toward the spool's bound: records that come

@@ -102,7 +102,8 @@ impl Scim {
     /// A refused token is audited (see [`Audit::unverified_refusal`]) with the address it
     /// came from, `client`. A body that does not come for `idle` fails the request, as does
     /// an answer the client takes nothing of for as long. The token is judged again once the
-    /// body is in, under `runtimes`' configuration then.
+    /// body is in, under `runtimes`' configuration then (refused, it is recorded as the
+    /// token's, by its name).
     #[allow(clippy::too_many_arguments)]
     pub async fn serve(
         &self,

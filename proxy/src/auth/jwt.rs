@@ -64,7 +64,7 @@ pub enum JwtError {
     Algorithm,
     #[error("no key of the issuer matches the token")]
     UnknownKey,
-    #[error("the issuer's keys could not be fetched")]
+    #[error("the issuer's keys could not be had (not fetched, or none Portcullis can use yet)")]
     KeysUnavailable,
     #[error("the token is invalid: {0}")]
     Invalid(String),
