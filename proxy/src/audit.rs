@@ -2490,22 +2490,28 @@ mod tests {
         spool.append(&records).unwrap();
         std::fs::create_dir(path.with_extension("tmp")).unwrap();
         // PostgreSQL takes a batch, then fails (the turn ends), then takes the rest.
-        let mut taken = Vec::new();
-        let mut calls = 0;
-        let mut insert = |batch: &[&str]| -> Result<(), String> {
-            calls += 1;
-            if calls == 2 {
-                return Err("gone a moment".to_owned());
+        fn takes_but_the_second(
+            taken: &mut Vec<String>,
+        ) -> impl FnMut(&[&str]) -> Result<(), String> + '_ {
+            let mut calls = 0;
+            move |batch| {
+                calls += 1;
+                if calls == 2 {
+                    return Err("gone a moment".to_owned());
+                }
+                taken.extend(batch.iter().map(|r| r.to_string()));
+                Ok(())
             }
-            taken.extend(batch.iter().map(|r| r.to_string()));
-            Ok(())
-        };
+        }
+        let mut taken = Vec::new();
+        let mut insert = takes_but_the_second(&mut taken);
         let now = std::time::Instant::now;
         assert!(matches!(
             spool.move_batches(&mut insert, now()),
             Err(Moving::Postgres(_))
         ));
         assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
+        drop(insert);
         let sent: Vec<String> = records.iter().map(|r| r.trim_end().to_owned()).collect();
         assert_eq!(taken, sent, "each moved once, in order");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "emptied");
@@ -2513,16 +2519,8 @@ mod tests {
         // A note in memory says nothing of the file once it is emptied by another hand (an
         // operator making room) and written again: what is written since is moved whole.
         spool.append(&records).unwrap();
-        let mut calls = 0;
         let mut taken = Vec::new();
-        let mut insert = |batch: &[&str]| -> Result<(), String> {
-            calls += 1;
-            if calls == 2 {
-                return Err("gone a moment".to_owned());
-            }
-            taken.extend(batch.iter().map(|r| r.to_string()));
-            Ok(())
-        };
+        let mut insert = takes_but_the_second(&mut taken);
         assert!(spool.move_batches(&mut insert, now()).is_err());
         File::options()
             .write(true)
@@ -2531,20 +2529,14 @@ mod tests {
             .unwrap();
         spool.append(&records).unwrap();
         assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
+        drop(insert);
         assert_eq!(taken[MAX_BATCH..], sent, "moved from its start");
 
         // Nor once another process on the `data_dir` moved it all, emptied it (the same
         // file, cut to nothing) and wrote other records in it.
         spool.append(&records).unwrap();
-        let (mut calls, mut taken) = (0, Vec::new());
-        let mut insert = |batch: &[&str]| -> Result<(), String> {
-            calls += 1;
-            if calls == 2 {
-                return Err("gone a moment".to_owned());
-            }
-            taken.extend(batch.iter().map(|r| r.to_string()));
-            Ok(())
-        };
+        let mut taken = Vec::new();
+        let mut insert = takes_but_the_second(&mut taken);
         assert!(spool.move_batches(&mut insert, now()).is_err());
         let mut other = Spool::open(path.clone()).unwrap();
         assert!(matches!(
@@ -2554,6 +2546,7 @@ mod tests {
         let later: Vec<String> = (0..2 * MAX_BATCH + 1).map(|i| record(10_000 + i)).collect();
         other.append(&later).unwrap();
         assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
+        drop(insert);
         let later: Vec<String> = later.iter().map(|r| r.trim_end().to_owned()).collect();
         assert_eq!(
             taken[MAX_BATCH..],

@@ -160,16 +160,20 @@ impl Scim {
         let method = req.method.clone();
         let query = req.uri.query().map(str::to_owned);
 
-        // Refused for its size: recorded as the token's, as a proxied request's is as its
-        // caller's.
-        let audit_too_large = || {
+        // Refusals once the token was taken: recorded as the token's, as a proxied request's
+        // are as its caller's.
+        let refused_as_token = |reason: &str| {
             let request = crate::audit::Request {
                 method: method.as_str(),
                 path,
                 client,
             };
-            let reason = format!("the request body is larger than SCIM takes ({limit} bytes)");
-            audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+            audit.refusal(&actor, AUDIT_ROUTE, None, reason, &request, None);
+        };
+        let audit_too_large = || {
+            refused_as_token(&format!(
+                "the request body is larger than SCIM takes ({limit} bytes)"
+            ));
         };
         if !crate::reply::ready_for_body(session, limit as u64).await? {
             audit_too_large();
@@ -194,13 +198,9 @@ impl Scim {
         };
         // Recorded as the token's, good when the request began (a leaked one, rotated out).
         if let Err(why) = standing() {
-            let request = crate::audit::Request {
-                method: method.as_str(),
-                path,
-                client,
-            };
-            let reason = format!("a SCIM request was refused once its body was in: {why}");
-            audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+            refused_as_token(&format!(
+                "a SCIM request was refused once its body was in: {why}"
+            ));
             return write(session, &refusal()).await;
         }
         // Recorded once when it no longer stands.
@@ -208,13 +208,7 @@ impl Scim {
         let stands = || {
             let Err(why) = standing() else { return true };
             if !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                let request = crate::audit::Request {
-                    method: method.as_str(),
-                    path,
-                    client,
-                };
-                let reason = format!("a SCIM write was refused mid-request: {why}");
-                audit.refusal(&actor, AUDIT_ROUTE, None, &reason, &request, None);
+                refused_as_token(&format!("a SCIM write was refused mid-request: {why}"));
             }
             false
         };

@@ -203,13 +203,7 @@ async fn a_client_that_leaves_after_an_interim_answer_is_counted_as_given_none()
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = hints.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n")
-                    && stream.read(&mut byte).await.is_ok_and(|n| n == 1)
-                {
-                    head.push(byte[0]);
-                }
+                portcullis_tests::client::read_request_head(&mut stream).await;
                 let hint = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
                 if stream.write_all(hint.as_bytes()).await.is_ok() {
                     tokio::time::sleep(std::time::Duration::from_secs(120)).await;

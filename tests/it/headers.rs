@@ -360,13 +360,7 @@ async fn an_http_1_0_client_gets_no_chunked_body_and_no_interim_answer() {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = hints.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n")
-                    && stream.read(&mut byte).await.is_ok_and(|n| n == 1)
-                {
-                    head.push(byte[0]);
-                }
+                let head = portcullis_tests::client::read_request_head(&mut stream).await;
                 // Told to expect, it says to go on; else it hints.
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let expects = head.contains("expect: 100-continue");

@@ -332,6 +332,17 @@ pub async fn closed_within(ws: &mut Websocket, within: Duration) -> bool {
     }
 }
 
+/// Reads one request head from `stream`, as a raw upstream does: through its blank line, a byte
+/// at a time so that nothing after it (a body) is taken; what came, when it closes first.
+pub async fn read_request_head(stream: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    head
+}
+
 /// Reads one response head from `stream`, through its blank line, a byte at a time so that
 /// nothing after it is taken (a `100 Continue`, then the answer); panics if none comes within
 /// `within` or the connection closes first.
