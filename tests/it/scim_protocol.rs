@@ -954,13 +954,17 @@ async fn a_token_removed_while_its_request_s_body_comes_writes_nothing() {
         .expect(200);
     assert_eq!(found.body["totalResults"], 0, "{}", found.text);
     // Recorded as the token's, which was good when the request began: not as anyone's guess.
-    crate::audit::audit_json_until(&px, &[], |records| {
+    refusal_recorded_as_okta_s(&px, "refused once its body was in").await;
+}
+
+/// Waits (bounded) until a SCIM refusal whose reason holds `why` is recorded as the token
+/// `okta`'s.
+async fn refusal_recorded_as_okta_s(px: &Portcullis, why: &str) {
+    crate::audit::audit_json_until(px, &[], |records| {
         crate::audit::of_event(records, "refusal").iter().any(|r| {
             r["route"] == "scim"
                 && r["user"] == "okta"
-                && r["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("refused once its body was in"))
+                && r["reason"].as_str().is_some_and(|r| r.contains(why))
         })
     })
     .await;
@@ -1063,16 +1067,7 @@ async fn a_write_that_expects_100_continue_is_told_to_go_on() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     // The 413 is audited as the token's.
-    crate::audit::audit_json_until(&px, &[], |records| {
-        crate::audit::of_event(records, "refusal").iter().any(|r| {
-            r["route"] == "scim"
-                && r["user"] == "okta"
-                && r["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("larger than SCIM takes (4096 bytes)"))
-        })
-    })
-    .await;
+    refusal_recorded_as_okta_s(&px, "larger than SCIM takes (4096 bytes)").await;
 }
 
 /// An attribute's values are bounded (1,000), however many the body has room for: the IdP is
