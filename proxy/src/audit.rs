@@ -1149,31 +1149,41 @@ struct Spool {
     max_bytes: u64,
 }
 
-/// [`Spool::noted`]: the spool's inode, how far it is moved, and the bytes just before that,
-/// by which a file emptied and written again by another process meanwhile (as the same file,
-/// cut to nothing) is told apart.
+/// [`Spool::noted`]: the spool's inode, how far it is moved, and the bytes it begins with and
+/// those just before that, by which a file emptied and written again by another process
+/// meanwhile (as the same file, cut to nothing) is told apart: the file only grows between
+/// emptyings, and its first record then begins with a time of its own.
 struct Noted {
     ino: u64,
     from: u64,
+    head: Vec<u8>,
     tail: Vec<u8>,
 }
 
 impl Noted {
-    const TAIL: u64 = 64;
+    const BYTES: u64 = 128;
 
     fn of(spool: &File, ino: u64, from: u64) -> Option<Noted> {
         use std::os::unix::fs::FileExt;
-        let start = from.saturating_sub(Self::TAIL);
-        let mut tail = vec![0; usize::try_from(from - start).ok()?];
-        spool.read_exact_at(&mut tail, start).ok()?;
-        Some(Noted { ino, from, tail })
+        let read = |start: u64, end: u64| {
+            let mut bytes = vec![0; usize::try_from(end - start).ok()?];
+            spool.read_exact_at(&mut bytes, start).ok()?;
+            Some(bytes)
+        };
+        Some(Noted {
+            ino,
+            from,
+            head: read(0, from.min(Self::BYTES))?,
+            tail: read(from.saturating_sub(Self::BYTES), from)?,
+        })
     }
 
     /// Whether it is of `spool` (its inode `ino`, `len` long) as it is now.
     fn holds(&self, spool: &File, ino: u64, len: u64) -> bool {
         self.ino == ino
             && self.from <= len
-            && Noted::of(spool, ino, self.from).is_some_and(|now| now.tail == self.tail)
+            && Noted::of(spool, ino, self.from)
+                .is_some_and(|now| now.head == self.head && now.tail == self.tail)
     }
 }
 
@@ -2368,9 +2378,9 @@ mod tests {
             moved.push(records.iter().map(|r| r.to_string()).collect());
             Ok(())
         };
-        let now = std::time::Instant::now();
+        let now = std::time::Instant::now;
         assert!(matches!(
-            spool.move_batches(&mut fail_after_one, now),
+            spool.move_batches(&mut fail_after_one, now()),
             Err(Moving::Postgres(_))
         ));
         assert_eq!(moved.len(), 1);
@@ -2383,7 +2393,7 @@ mod tests {
             moved.push(records.iter().map(|r| r.to_string()).collect());
             Ok(())
         };
-        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut take, now()), Ok(true)));
         let all: Vec<String> = moved.concat();
         let expected: Vec<String> = (0..MAX_BATCH + 10)
             .map(|i| record(i).trim_end().to_owned())
@@ -2402,7 +2412,7 @@ mod tests {
             taken.extend(records.iter().map(|r| r.to_string()));
             Ok(())
         };
-        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut take, now()), Ok(true)));
         assert_eq!(taken.len(), 10, "{taken:?}");
     }
 
@@ -2533,8 +2543,12 @@ mod tests {
         assert_eq!(taken[MAX_BATCH..], sent, "moved from its start");
 
         // Nor once another process on the `data_dir` moved it all, emptied it (the same
-        // file, cut to nothing) and wrote other records in it.
-        spool.append(&records).unwrap();
+        // file, cut to nothing) and wrote other records in it: here of one length and ending
+        // alike, as a refusal repeated ends (its reason, its path, its address), so that one
+        // ends where this one's note does, with the same bytes before it.
+        let alike = |i: usize| format!("{{\"n\":{i:>8},\"reason\":\"{}\"}}\n", "x".repeat(200));
+        let first: Vec<String> = (0..2 * MAX_BATCH + 1).map(alike).collect();
+        spool.append(&first).unwrap();
         let mut taken = Vec::new();
         let mut insert = takes_but_the_second(&mut taken);
         assert!(spool.move_batches(&mut insert, now()).is_err());
@@ -2543,7 +2557,7 @@ mod tests {
             other.move_batches(&mut |_| Ok(()), now()),
             Ok(true)
         ));
-        let later: Vec<String> = (0..2 * MAX_BATCH + 1).map(|i| record(10_000 + i)).collect();
+        let later: Vec<String> = (0..2 * MAX_BATCH + 1).map(|i| alike(10_000 + i)).collect();
         other.append(&later).unwrap();
         assert!(matches!(spool.move_batches(&mut insert, now()), Ok(true)));
         drop(insert);
@@ -2578,8 +2592,8 @@ mod tests {
                 _ => Err("the turn is over".to_owned()),
             }
         };
-        let now = std::time::Instant::now();
-        assert!(spool.move_batches(&mut one_batch, now).is_err());
+        let now = std::time::Instant::now;
+        assert!(spool.move_batches(&mut one_batch, now()).is_err());
         spool.append(&batch).unwrap();
         assert!(spool.append(&batch[..1]).is_err(), "full again");
         // Records keep coming as fast as they are moved: the file is compacted, and none is
@@ -2594,7 +2608,7 @@ mod tests {
                 moved.extend(records.iter().map(|r| r.to_string()));
                 Ok(())
             };
-            let _ = spool.move_batches(&mut one_batch, now);
+            let _ = spool.move_batches(&mut one_batch, now());
             assert_eq!(moved.len(), before + MAX_BATCH);
             spool.append(&batch).unwrap();
             let len = std::fs::metadata(&path).unwrap().len();
@@ -2605,7 +2619,7 @@ mod tests {
             moved.extend(records.iter().map(|r| r.to_string()));
             Ok(())
         };
-        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut take, now()), Ok(true)));
         // Each batch appended, moved once: nine of them, the first above.
         assert_eq!(moved.len(), 8 * MAX_BATCH);
         assert!(moved
@@ -2632,8 +2646,8 @@ mod tests {
                 .then_some(())
                 .ok_or_else(|| "the turn is over".to_owned())
         };
-        let now = std::time::Instant::now();
-        assert!(spool.move_batches(&mut one_batch, now).is_err());
+        let now = std::time::Instant::now;
+        assert!(spool.move_batches(&mut one_batch, now()).is_err());
         let note = std::fs::read(path.with_extension("moved")).unwrap();
         let file = spool.locked().unwrap();
         let len = file.metadata().unwrap().len();
@@ -2650,7 +2664,7 @@ mod tests {
             taken.extend(records.iter().map(|r| r.to_string()));
             Err("taken, and the crash".to_owned())
         };
-        let _ = spool.move_batches(&mut take, now);
+        let _ = spool.move_batches(&mut take, now());
         assert_eq!(taken, left[..MAX_BATCH.min(left.len())]);
         write_synced(&path.with_extension("moved"), &note).unwrap();
         // The same note as a length alone.
@@ -2670,7 +2684,7 @@ mod tests {
             taken.extend(records.iter().map(|r| r.to_string()));
             Ok(())
         };
-        assert!(matches!(spool.move_batches(&mut take, now), Ok(true)));
+        assert!(matches!(spool.move_batches(&mut take, now()), Ok(true)));
         assert_eq!(taken, left);
     }
 
