@@ -931,11 +931,16 @@ async fn a_token_removed_while_its_request_s_body_comes_writes_nothing() {
     let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
         .await
         .unwrap();
+    // Asking to be told to go on: told so once its token is taken, before the reload (on a
+    // loaded machine the head may otherwise be read only after it).
     let start = format!(
         "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
-         Content-Type: application/scim+json\r\nTransfer-Encoding: chunked\r\n\r\n"
+         Content-Type: application/scim+json\r\nTransfer-Encoding: chunked\r\n\
+         Expect: 100-continue\r\n\r\n"
     );
     stream.write_all(start.as_bytes()).await.unwrap();
+    let go_on = read_response_head(&mut stream, Duration::from_secs(30)).await;
+    assert!(go_on.starts_with("HTTP/1.1 100"), "{go_on}");
     let first = chunked(head, head.len());
     let unended = first.strip_suffix(b"0\r\n\r\n").unwrap();
     stream.write_all(unended).await.unwrap();
