@@ -33,8 +33,8 @@ use portcullis_config::{
 };
 use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{
-    AgentKey, AgentLookup, Directory, GroupEntry, Index, Lookup, Row, Seq, Stamp, SubjectKey,
-    UserEntry,
+    AgentKey, AgentLookup, AgentView, Directory, GroupEntry, Index, Lookup, Row, Seq, Stamp,
+    SubjectKey, UserEntry,
 };
 
 pub use crate::audit::AgentRecord;
@@ -793,19 +793,17 @@ impl Gate<'_> {
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         let found =
             (self.directory).with_agent(self.agent_key(value), now, |lookup| match lookup {
-                AgentLookup::Found(view) => Some(Some((
-                    view.agent.name.to_string(),
-                    view.owners.iter().map(|o| o.name().to_owned()).collect(),
-                ))),
+                AgentLookup::Found(view) => Some(Some(agent_record(&view))),
                 AgentLookup::Unknown => None,
                 AgentLookup::Ambiguous(_) | AgentLookup::Deleted => Some(None),
             })?;
-        let (name, owners) = found.unwrap_or_else(|| (value.to_owned(), Vec::new()));
-        Some(AgentRecord {
-            name,
-            owners,
-            on_behalf_of: Some(self.person_name(Principal::Machine(token))),
-        })
+        let mut record = found.unwrap_or_else(|| AgentRecord {
+            name: value.to_owned(),
+            owners: Vec::new(),
+            on_behalf_of: None,
+        });
+        record.on_behalf_of = Some(self.person_name(Principal::Machine(token)));
+        Some(record)
     }
 
     /// Whether two values of `agent_claim` name the same agent, as its attribute compares
@@ -968,11 +966,7 @@ impl Gate<'_> {
             // A token issued before the agent was last created, re-activated or named
             // otherwise is not its own, or no longer (as a user's: see `outlived`); nor one
             // from before its application was deactivated or re-activated.
-            let record = AgentRecord {
-                name: view.agent.name.to_string(),
-                owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
-                on_behalf_of: None,
-            };
+            let record = agent_record(&view);
             if predates(issued, view.agent.active, view.valid_since_unix) {
                 return Some(Judged::Revoked(Outdated::Agent(record)));
             }
@@ -1259,6 +1253,15 @@ fn refusal(who: Option<String>, decision: &Decision<'_>) -> Refusal {
         cause,
         reason: decision.reason.to_string(),
         agent: None,
+    }
+}
+
+/// An agent as records name it: by its name and its owners'.
+fn agent_record(view: &AgentView<'_>) -> AgentRecord {
+    AgentRecord {
+        name: view.agent.name.to_string(),
+        owners: view.owners.iter().map(|o| o.name().to_owned()).collect(),
+        on_behalf_of: None,
     }
 }
 
