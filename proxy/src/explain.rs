@@ -496,13 +496,21 @@ pub fn run_cli(
                 config.data_dir.display()
             ))
         }
-        None => Arc::new(RedbStorage::open(&config.data_dir).map_err(|e| {
-            format!(
+        None => Arc::new(
+            RedbStorage::open_as_is(&config.data_dir).map_err(|e| match e {
+                // Upgraded, the build that wrote it could no longer open it.
+                StoreError::Version { .. } => format!(
+                    "cannot open the directory in {}: {e}; explain upgrades none (this build's \
+                 Portcullis does, at its start)",
+                    config.data_dir.display()
+                ),
+                e => format!(
                 "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it \
                  an [admin] listener and explain asks it instead)",
                 config.data_dir.display()
-            )
-        })?),
+            ),
+            })?,
+        ),
     };
     let directory = Arc::new(
         Directory::open(storage, Box::new(time::OffsetDateTime::now_utc))
@@ -655,6 +663,37 @@ mod tests {
         );
         let file = dir.path().join(portcullis_scim::store::redb::FILE);
         assert!(!file.exists());
+    }
+
+    /// The service of the build that wrote an older directory must still open it: explain,
+    /// run beside it, neither upgrades it nor says a running Portcullis holds it.
+    #[test]
+    fn a_directory_of_an_older_schema_is_refused_and_left_as_it_is() {
+        use redb::ReadableDatabase;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(portcullis_scim::store::redb::FILE);
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(meta)
+            .unwrap()
+            .insert("schema_version", 2)
+            .unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let mut config = crate::testing::config("");
+        config.data_dir = dir.path().to_owned();
+        let refused = run_cli(config, Who::Person(ALICE), "http://app.test/", "GET");
+        assert!(
+            refused.as_ref().is_err_and(
+                |e| e.contains("schema version 2") && e.contains("explain upgrades none")
+            ),
+            "{:?}",
+            refused.map(|e| e.allowed)
+        );
+        let db = redb::Database::open(&file).unwrap();
+        let version = db.begin_read().unwrap().open_table(meta).unwrap();
+        assert_eq!(version.get("schema_version").unwrap().unwrap().value(), 2);
     }
 
     #[test]

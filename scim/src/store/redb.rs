@@ -83,12 +83,29 @@ fn table(rt: ResourceType) -> TableDefinition<'static, u64, &'static [u8]> {
     }
 }
 
+/// What opening does with a database of an older schema this build can read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Upgrade {
+    InPlace,
+    Refuse,
+}
+
 /// The file of the embedded directory, in `data_dir`.
 pub const FILE: &str = "directory.redb";
 
 impl RedbStorage {
-    /// Opens (or creates) `directory.redb` in `data_dir`.
+    /// Opens (or creates) `directory.redb` in `data_dir`, upgrading one of an older schema.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_in(data_dir, Upgrade::InPlace)
+    }
+
+    /// Opens `directory.redb` in `data_dir` for a command run beside the service (`explain`):
+    /// one of an older schema is refused, not upgraded, so the build that wrote it still opens it.
+    pub fn open_as_is(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_in(data_dir, Upgrade::Refuse)
+    }
+
+    fn open_in(data_dir: &Path, upgrade: Upgrade) -> Result<Self, StoreError> {
         let path = data_dir.join(FILE);
         let cannot = |e: &dyn std::fmt::Display| {
             StoreError::Backend(format!("cannot open {}: {e}", path.display()))
@@ -109,12 +126,13 @@ impl RedbStorage {
                 .create(&path)
                 .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))
         };
-        Self::opened_by(Box::new(open))
+        Self::opened_by(Box::new(open), upgrade)
     }
 
     /// The store `open` opens (and opens again after a failed write).
     pub(super) fn opened_by(
         open: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
+        upgrade: Upgrade,
     ) -> Result<Self, StoreError> {
         let db = open()?;
         let txn = db.begin_write().map_err(backend)?;
@@ -130,7 +148,7 @@ impl RedbStorage {
                         .map_err(backend)?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(1 | 2) => {
+                Some(1 | 2) if upgrade == Upgrade::InPlace => {
                     meta.insert("schema_version", SCHEMA_VERSION)
                         .map_err(backend)?;
                 }

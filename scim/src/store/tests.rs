@@ -298,7 +298,8 @@ fn failing_directory(dir: &std::path::Path, armed: &Arc<Failing>) -> Directory {
             .create_with_backend(FullForAMoment { file, armed })
             .map_err(|e| StoreError::Backend(e.to_string()))
     };
-    let storage = Arc::new(RedbStorage::opened_by(Box::new(reopen)).unwrap());
+    let storage =
+        Arc::new(RedbStorage::opened_by(Box::new(reopen), super::redb::Upgrade::InPlace).unwrap());
     Directory::open(storage, Box::new(time::OffsetDateTime::now_utc)).unwrap()
 }
 
