@@ -715,18 +715,39 @@ impl Audit {
 
     /// Appends the SCIM changes the directory committed that the log lacks: those a crash
     /// took before they were written, or a full queue or a failed write dropped, also before
-    /// later ones that were written. `changes(after, limit)` reads the directory's own change
-    /// table. Run at start, before the directory takes writes; returns how many were
-    /// appended. Nothing to do when the store records the changes itself (PostgreSQL).
+    /// later ones that were written. `last` is the directory's last change and
+    /// `changes(after, limit)` reads its own change table. Run at start, before the directory
+    /// takes writes; returns how many were appended. Nothing to do when the store records the
+    /// changes itself (PostgreSQL).
     pub fn recover_changes(
         &self,
+        last: u64,
         changes: impl Fn(u64, usize) -> Result<Vec<Change>, String>,
     ) -> Result<usize, String> {
         const PAGE: usize = 1024;
         let Some(path) = self.file.as_deref().filter(|_| !self.changes_in_store) else {
             return Ok(0);
         };
-        let (mut after, written) = log_position(path)?;
+        let (mut after, mut written) = log_position(path)?;
+        if after > last {
+            // The log stands past the directory's last change: it recorded another directory
+            // (`directory.redb` moved out, or an older copy put back), whose sequences this
+            // one's would be taken for. It is moved aside, as a rotation moves it, and this
+            // one's changes are recovered from its last on.
+            let aside = moved_aside(path);
+            match std::fs::rename(path, &aside) {
+                // Moved by a start that stopped before it kept where the new log stands.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot move {} aside: {e}", path.display())),
+                Ok(()) => tracing::warn!(
+                    target: "audit",
+                    "the audit log stood at change {after}, past the directory's last ({last}): \
+                     it recorded another directory, and is moved to {}",
+                    aside.display()
+                ),
+            }
+            (after, written) = (last, HashSet::new());
+        }
         let mut recovered = 0;
         loop {
             let page = changes(after, PAGE)?;
@@ -1688,6 +1709,18 @@ impl LogFile {
         }
         Ok(())
     }
+}
+
+/// Where the log at `path` goes when it is found to have recorded another directory than the
+/// one Portcullis starts on: beside it, named for when (`audit.jsonl.another-directory-<unix
+/// seconds>`).
+fn moved_aside(path: &Path) -> PathBuf {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".another-directory-{seconds}"));
+    PathBuf::from(name)
 }
 
 /// Where the log at `path` keeps where it stands: beside it, under a name rotation leaves
@@ -3386,12 +3419,22 @@ mod tests {
             assert!(audit.flush(std::time::Duration::from_secs(5)));
         }
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 2);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            2
+        );
         assert!(audit.flush(std::time::Duration::from_secs(5)));
         let expected: Vec<u64> = all.iter().map(|c| c.seq).collect();
         assert_eq!(seqs(), expected);
         // Nothing twice.
-        assert_eq!(audit.recover_changes(changes).unwrap(), 0);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            0
+        );
     }
 
     /// A change dropped (the queue was full, or its write failed for good) before later ones
@@ -3413,22 +3456,85 @@ mod tests {
         }
         assert_eq!(seqs(), [all[0].seq, all[2].seq, all[3].seq]);
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 1);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            1
+        );
         assert!(audit.flush(wait));
         assert_eq!(seqs(), [all[0].seq, all[2].seq, all[3].seq, all[1].seq]);
         drop(audit);
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 0, "nothing twice");
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            0,
+            "nothing twice"
+        );
         // Rotated away before any change was written since: the position held.
         assert!(audit.flush(wait));
         drop(audit);
         std::fs::rename(dir.join(FILE_NAME), dir.join("audit.jsonl.1")).unwrap();
         let audit = Audit::open(log(), log()).unwrap();
         assert_eq!(
-            audit.recover_changes(changes).unwrap(),
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
             0,
             "after a rotation"
         );
+    }
+
+    /// A log that outlived its directory (`directory.redb` moved out and the IdP's users
+    /// pushed again, or an older copy put back) follows the new one: a change of it that a
+    /// crash took before it was written is appended at the next start, though the log stood
+    /// past its sequence.
+    #[tokio::test]
+    async fn a_log_that_outlived_its_directory_follows_the_next() {
+        let f = Logged::new().await;
+        let dir = f.dir.path();
+        let log = || Destination::of(dir, None);
+        let wait = std::time::Duration::from_secs(5);
+        {
+            let audit = Audit::open(log(), log()).unwrap();
+            (audit.change_sink())(&f.all);
+            assert!(audit.flush(wait));
+        }
+        let next = crate::testing::World::new();
+        let (changes, seq) = (changes_of(&next), || next.directory.seq());
+        {
+            let audit = Audit::open(log(), log()).unwrap();
+            assert_eq!(audit.recover_changes(seq(), changes).unwrap(), 0);
+            next.user("e@x").await;
+            next.user("f@x").await;
+            let made = changes(0, 100).unwrap();
+            assert_eq!(made.len(), 2);
+            assert!(made[1].seq < f.all[3].seq);
+            // The first is written; a crash takes the second.
+            (audit.change_sink())(&made[..1]);
+            assert!(audit.flush(wait));
+        }
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(seq(), changes).unwrap(), 1);
+        assert!(audit.flush(wait));
+        let seqs: Vec<u64> = changes(0, 100).unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(change_seqs(&dir.join(FILE_NAME)), seqs);
+        assert_eq!(
+            audit.recover_changes(seq(), changes).unwrap(),
+            0,
+            "nothing twice"
+        );
+        // The other directory's log is kept whole beside it.
+        let aside: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("audit.jsonl.another-directory-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let old: Vec<u64> = f.all.iter().map(|c| c.seq).collect();
+        assert_eq!(change_seqs(&dir.join(&aside[0])), old);
     }
 
     /// A crash that cut the last line short leaves it on its own: the change recovered after
@@ -3450,7 +3556,12 @@ mod tests {
         file.write_all(torn.as_bytes()).unwrap();
         drop(file);
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 2);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            2
+        );
         assert!(audit.flush(wait));
         let expected: Vec<u64> = all.iter().map(|c| c.seq).collect();
         assert_eq!(change_seqs(&path), expected);
@@ -3490,7 +3601,12 @@ mod tests {
         // Rotated while stopped: the new file has no change, and only the fourth is missing.
         std::fs::rename(&path, dir.join("audit.jsonl.2")).unwrap();
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 1);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            1
+        );
         assert!(audit.flush(wait));
         assert_eq!(seqs(&path), [all[3].seq]);
 
@@ -3500,7 +3616,12 @@ mod tests {
         std::fs::rename(&path, dir.join("audit.jsonl.3")).unwrap();
         std::fs::write(dir.join("audit.last-change"), "").unwrap();
         let audit = Audit::open(log(), log()).unwrap();
-        assert_eq!(audit.recover_changes(changes).unwrap(), 4);
+        assert_eq!(
+            audit
+                .recover_changes(f.world.directory.seq(), changes)
+                .unwrap(),
+            4
+        );
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn serve(config_path: &Path) -> Result<Never, String> {
     };
     let (directory, freshness) = open_directory(&config, postgres, &audit, &kept)?;
     // Committed changes the log lacks (a crash between the commit and the log's write).
-    let recovered = audit.recover_changes(|after, limit| {
+    let recovered = audit.recover_changes(directory.seq(), |after, limit| {
         directory
             .changes(after, limit)
             .map_err(|e| format!("cannot read the directory's changes: {}", e.detail))
