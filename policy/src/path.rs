@@ -42,6 +42,8 @@ pub struct Target<'a> {
 /// absolute-form (`http://host/path?query`, `https://…`) only. Anything else (`*`, an
 /// authority, `foo:/admin`, a fragment, userinfo) is refused: upstreams read such targets in
 /// different ways (Go's `net/http` serves `foo:/admin` as `/admin`), so none is passed on.
+/// (pingora cuts a request line's fragment off before Portcullis reads it; one in a WebDAV
+/// `Destination` is refused here.)
 pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
     let raw = std::str::from_utf8(raw).map_err(|_| PathError::BadTarget)?;
     if raw.contains('#') {
