@@ -1789,8 +1789,8 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     );
     let resp = bare_client().get(&callback).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    // Anyone could have made that link: the page shows the error's code, not its words, to a
-    // browser that started no sign-in (the audit record keeps them).
+    // Anyone could have made that link: the page and the audit record show the error's code,
+    // not its words, for a browser that started no sign-in.
     let page = resp.text().await.unwrap_or_default();
     assert!(
         page.contains("access_denied") && !page.contains("not assigned"),
@@ -1846,8 +1846,7 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     assert_eq!(sign_in[0]["path"], "/.portcullis/callback");
     assert_eq!(
         sign_in[0]["reason"],
-        "a sign-in was refused: the identity provider refused the sign-in: access_denied \
-         not assigned to the app"
+        "a sign-in was refused: the identity provider refused the sign-in: access_denied"
     );
 
     let scim = on("scim");

@@ -1044,6 +1044,14 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         elsewhere.2
     );
     refused("an error from the IdP, in another browser", elsewhere);
+    // And recorded so: the words are the IdP's only where that browser brought them.
+    let audited = fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.matches("access_denied").count() >= 2
+        })
+        .await;
+    assert_eq!(audited.matches("not assigned").count(), 1, "{audited}");
     // The genuine callback in another browser: refused, on a page the page that opened it (a
     // host's own, which started the sign-in in a window of its own) cannot read the
     // address of, where the code is.

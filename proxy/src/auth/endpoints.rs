@@ -405,21 +405,22 @@ impl Auth {
     ) -> Reply {
         let pending = |state: &str| pending_cookie_name(browser_cookie_prefix(req.tls), state);
         if let Some(error) = param("error") {
-            let detail = param("error_description").unwrap_or_default();
-            let e = SignInError::Refused(format!("{error} {detail}"));
-            self.record_refused_sign_in(&e, req);
             // Anyone can send someone a link to this address with any words in it ("your
             // account is locked: call …"), to be shown on the company's sign-in host: the IdP's
-            // words are shown only to the browser that started a sign-in under that state.
+            // words are shown to, and recorded as the IdP's for, only the browser that started
+            // a sign-in under that state.
             let started_here = param("state").is_some_and(|state| {
                 cookies_in_any_jar(session.req_header(), &pending(&state))
                     .any(|sealed| self.oidc.started(&state, sealed, now_unix()))
             });
-            return if started_here {
-                sign_in_failed(&e)
+            let e = if started_here {
+                let detail = param("error_description").unwrap_or_default();
+                SignInError::Refused(format!("{error} {detail}"))
             } else {
-                sign_in_failed(&SignInError::Refused(error_code(&error)))
+                SignInError::Refused(error_code(&error))
             };
+            self.record_refused_sign_in(&e, req);
+            return sign_in_failed(&e);
         }
         let (Some(state), Some(code)) = (param("state"), param("code")) else {
             return self.sign_in_refused(&SignInError::UnknownState, req);
