@@ -448,12 +448,14 @@ impl Console {
                     reason,
                     method,
                     path,
+                    agent,
                     ..
                 } => format!(
-                    "{} {} on {}: {} <span class=\"muted\">(rule {})</span>",
+                    "{} {} on {}{}: {} <span class=\"muted\">(rule {})</span>",
                     escape(method),
                     escape(path),
                     escape(route),
+                    through(agent),
                     escape(reason),
                     escape(rule.as_deref().unwrap_or("none"))
                 ),
@@ -461,8 +463,15 @@ impl Console {
                     route,
                     method,
                     path,
+                    agent,
                     ..
-                } => format!("{} {} on {}", escape(method), escape(path), escape(route)),
+                } => format!(
+                    "{} {} on {}{}",
+                    escape(method),
+                    escape(path),
+                    escape(route),
+                    through(agent)
+                ),
                 Entry::Action {
                     action,
                     target,
@@ -491,6 +500,14 @@ impl Console {
         html.push_str("</tbody></table></div>");
         html
     }
+}
+
+/// The agent a request came through, as `portcullis audit` names it (a delegated token's
+/// record is the person's, with the agent beside them).
+fn through(agent: &Option<crate::audit::AgentRecord>) -> String {
+    agent.as_ref().map_or_else(String::new, |agent| {
+        format!(" <b>through the agent {}</b>", escape(&agent.human()))
+    })
 }
 
 /// The other names the records of the user at `row` go by (see [`Filter::aliases`]): those of

@@ -741,6 +741,66 @@ mod pages {
         );
     }
 
+    /// A delegated token's refusal is the person's record, with the agent beside them: the
+    /// timeline names the agent, also where it is asked for the agent's records.
+    #[tokio::test]
+    async fn the_timeline_names_the_agent_a_request_came_through() {
+        use crate::audit::{AgentRecord, Entry};
+        const VIEWER: &str = "alice@corp.example";
+        let world = World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let time = time::OffsetDateTime::from_unix_timestamp(console.now - 60)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let agent = Some(AgentRecord {
+            name: "helper".to_owned(),
+            owners: vec![VIEWER.to_owned()],
+            on_behalf_of: Some(VIEWER.to_owned()),
+        });
+        let refusal = Entry::Refusal {
+            time: time.clone(),
+            user: VIEWER.to_owned(),
+            route: "http://app.test".to_owned(),
+            rule: None,
+            reason: "not in the groups".to_owned(),
+            method: "GET".to_owned(),
+            path: "/refused".to_owned(),
+            client: None,
+            agent: agent.clone(),
+        };
+        let allow = Entry::Allow {
+            time,
+            user: VIEWER.to_owned(),
+            route: "http://app.test".to_owned(),
+            method: "GET".to_owned(),
+            path: "/allowed".to_owned(),
+            client: None,
+            agent,
+        };
+        let log: String = [refusal, allow]
+            .iter()
+            .map(|entry| serde_json::to_string(entry).unwrap() + "\n")
+            .collect();
+        std::fs::write(dir.path().join(crate::audit::FILE_NAME), log).unwrap();
+        for query in ["", "who=agent%3Ahelper"] {
+            let html = text(&console.get("audit", query)).to_owned();
+            for path in ["/refused", "/allowed"] {
+                let row = html
+                    .split("<tr>")
+                    .find(|row| row.contains(path))
+                    .unwrap_or_else(|| panic!("{query}: no {path} in {html}"));
+                assert!(
+                    row.contains(&format!(
+                        "through the agent helper (owners: {VIEWER}) for {VIEWER}"
+                    )),
+                    "{query}: {row}"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn actions_are_confirmed_guarded_and_audited() {
         let world = World::new();
