@@ -99,33 +99,39 @@ async fn ctrl_c_drains_and_a_second_one_stops_the_wait() {
 }
 
 /// SIGQUIT (Ctrl-\\, or a `kill -QUIT` for a dump) drains and exits as SIGTERM does. It never
-/// hands the listening sockets over (pingora's graceful upgrade) to whoever listens at
-/// pingora's default upgrade socket in `/tmp`: any user could, and take the ports.
+/// hands the listening sockets over (pingora's graceful upgrade) to whoever listens at the
+/// upgrade socket: its own process, started with pingora's `-u`, is not Portcullis.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigquit_drains_and_hands_no_socket_over() {
-    use std::os::unix::fs::PermissionsExt;
-    const UPGRADE: &str = "/tmp/pingora_upgrade.sock";
-    let _ = std::fs::remove_file(UPGRADE);
-    let mallory = std::os::unix::net::UnixListener::bind(UPGRADE).expect("the upgrade socket");
-    std::fs::set_permissions(UPGRADE, std::fs::Permissions::from_mode(0o777)).unwrap();
-    mallory.set_nonblocking(true).unwrap();
     let up = Upstream::start("a").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
         .route(Route::new("http://app.test", &[&up]));
     let mut px = cfg.start().await;
+    // Where pingora would hand them (`upgrade_sock`, in `data_dir`).
+    let upgrade = px.dir().join("data/pingora-upgrade.sock");
+    let mallory = std::os::unix::net::UnixListener::bind(&upgrade).expect("the upgrade socket");
+    mallory.set_nonblocking(true).unwrap();
+    let url = cfg.http_url("app.test", "/slow?ms=1000");
+    let slow = tokio::spawn(async move { plain_client().get(&url).send().await });
+    reached(&up, 1).await;
     let status = px
         .exit_on(nix::sys::signal::Signal::SIGQUIT, Duration::from_secs(30))
         .await;
     let handed = mallory.accept();
-    let _ = std::fs::remove_file(UPGRADE);
     assert!(
         handed.is_err(),
         "the sockets were handed over:\n{}",
         px.log()
     );
+    let answered = slow.await.unwrap().expect("answered");
+    assert_eq!(answered.status(), StatusCode::OK, "drained");
     assert!(status.success(), "exited with {status}:\n{}", px.log());
-    assert!(px.log().contains("SIGQUIT received"), "{}", px.log());
+    let log = px.log();
+    assert!(
+        log.contains("SIGQUIT received: stopping as for SIGTERM") && !log.contains("sending socks"),
+        "{log}"
+    );
 }
 
 /// Waits (bounded) until `up` has seen `count` requests.
