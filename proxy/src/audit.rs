@@ -734,18 +734,15 @@ impl Audit {
             // (`directory.redb` moved out, or an older copy put back), whose sequences this
             // one's would be taken for. It is moved aside, as a rotation moves it, and this
             // one's changes are recovered from its last on.
-            let aside = moved_aside(path);
-            match std::fs::rename(path, &aside) {
-                // Moved by a start that stopped before it kept where the new log stands.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot move {} aside: {e}", path.display())),
-                Ok(()) => tracing::warn!(
-                    target: "audit",
-                    "the audit log stood at change {after}, past the directory's last ({last}): \
-                     it recorded another directory, and is moved to {}",
-                    aside.display()
-                ),
-            }
+            let aside = move_aside(path)?;
+            tracing::warn!(
+                target: "audit",
+                "the audit log stood at change {after}, past the directory's last ({last}): it \
+                 recorded another directory, and is moved to {}",
+                aside.display()
+            );
+            // Kept now: a start that found it kept no further would move the next log aside.
+            keep_position(path, last)?;
             (after, written) = (last, HashSet::new());
         }
         let mut recovered = 0;
@@ -1695,32 +1692,56 @@ impl LogFile {
         if let Some(seq) = last_change {
             // The records are written: a position not kept only means a change may be
             // appended a second time after a rotation and a crash.
-            let position = position_path(path);
-            let temporary = position.with_extension("tmp");
-            let kept = File::create(&temporary)
-                .and_then(|mut file| {
-                    file.write_all(format!("{seq}\n").as_bytes())?;
-                    file.sync_all()
-                })
-                .and_then(|()| std::fs::rename(&temporary, &position));
-            if let Err(e) = kept {
-                tracing::warn!(target: "audit", "cannot keep {}: {e}", position.display());
+            if let Err(e) = keep_position(path, seq) {
+                tracing::warn!(target: "audit", "{e}");
             }
         }
         Ok(())
     }
 }
 
-/// Where the log at `path` goes when it is found to have recorded another directory than the
-/// one Portcullis starts on: beside it, named for when (`audit.jsonl.another-directory-<unix
-/// seconds>`).
-fn moved_aside(path: &Path) -> PathBuf {
+/// Keeps `seq` as where the log at `path` stands ([`position_path`]).
+fn keep_position(path: &Path, seq: u64) -> Result<(), String> {
+    let position = position_path(path);
+    let temporary = position.with_extension("tmp");
+    File::create(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{seq}\n").as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, &position))
+        .map_err(|e| format!("cannot keep {}: {e}", position.display()))
+}
+
+/// Moves the log at `path`, found to have recorded another directory than the one Portcullis
+/// starts on, beside it under a name of its own (`audit.jsonl.another-directory-<unix
+/// seconds>`, and `-2`, `-3`, … after it): never over another file. Where it went.
+fn move_aside(path: &Path) -> Result<PathBuf, String> {
     let seconds = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".another-directory-{seconds}"));
-    PathBuf::from(name)
+    for n in 1..=100 {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".another-directory-{seconds}"));
+        if n > 1 {
+            name.push(format!("-{n}"));
+        }
+        let aside = PathBuf::from(name);
+        // A link, which refuses a name taken, where a rename would replace its file.
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                return std::fs::remove_file(path)
+                    .map(|()| aside)
+                    .map_err(|e| format!("cannot move {} aside: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot move {} aside: {e}", path.display())),
+        }
+    }
+    Err(format!(
+        "cannot move {} aside: every name is taken",
+        path.display()
+    ))
 }
 
 /// Where the log at `path` keeps where it stands: beside it, under a name rotation leaves
@@ -3535,6 +3556,28 @@ mod tests {
         assert_eq!(aside.len(), 1, "{aside:?}");
         let old: Vec<u64> = f.all.iter().map(|c| c.seq).collect();
         assert_eq!(change_seqs(&dir.join(&aside[0])), old);
+        // Moved aside again (its position lost), within the same second: beside the first,
+        // never over it.
+        assert!(audit.flush(wait));
+        drop(audit);
+        let position = dir.join("audit.last-change");
+        std::fs::write(&position, format!("{}\n", f.all[3].seq)).unwrap();
+        let audit = Audit::open(log(), log()).unwrap();
+        assert_eq!(audit.recover_changes(seq(), changes).unwrap(), 0);
+        assert_eq!(change_seqs(&dir.join(&aside[0])), old);
+        assert_eq!(
+            std::fs::read_to_string(&position).unwrap(),
+            format!("{}\n", seq())
+        );
+        let moved = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy()
+                    .starts_with("audit.jsonl.another-directory-")
+            })
+            .count();
+        assert_eq!(moved, 2);
     }
 
     /// A crash that cut the last line short leaves it on its own: the change recovered after
