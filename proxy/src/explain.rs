@@ -499,11 +499,17 @@ pub fn run_cli(
         None => Arc::new(
             RedbStorage::open_as_is(&config.data_dir).map_err(|e| match e {
                 // Upgraded, the build that wrote it could no longer open it.
-                StoreError::Version { .. } => format!(
+                StoreError::Version { found, expected } if found < expected => format!(
                     "cannot open the directory in {}: {e}; explain upgrades none (this build's \
                  Portcullis does, at its start)",
                     config.data_dir.display()
                 ),
+                e @ StoreError::Version { .. } => {
+                    format!(
+                        "cannot open the directory in {}: {e}",
+                        config.data_dir.display()
+                    )
+                }
                 e => format!(
                 "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it \
                  an [admin] listener and explain asks it instead)",
