@@ -775,20 +775,18 @@ impl Gate<'_> {
         })
     }
 
-    /// The agent acting with a person's `token`, as a refusal of the token names it beside the
-    /// person (see [`Gate::resolve`]): the one its `act` claim names, or its client when that
-    /// is an agent. So an agent replaying the tokens of many people is one caller in the audit
-    /// log's budgets, whatever refuses them.
+    /// The agent acting with `token`, as a refusal of the token names it (see
+    /// [`Gate::resolve`]): an agent's own token's client (the record then names no person),
+    /// or, beside the person, the agent a person's token's `act` claim names, or its client
+    /// when that is an agent. So an agent replaying the tokens of many people is one caller in
+    /// the audit log's budgets, whatever refuses them.
     /// Named as the directory names it, and by the value it was looked up by when deleted or
     /// ambiguous, as [`Gate::delegated`]'s refusals name it; none when no agent has it.
     pub fn acting_agent(&self, token: &Machine) -> Option<AgentRecord> {
-        if token.for_itself {
-            return None;
-        }
         let claim = &self.identity.agent_claim;
         let value = match &token.act {
-            Some(actor) => actor_claim(claim, actor).0,
-            None => client_claim(claim, token)?,
+            Some(actor) if !token.for_itself => actor_claim(claim, actor).0,
+            _ => client_claim(claim, token)?,
         };
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         let found =
@@ -802,8 +800,20 @@ impl Gate<'_> {
             owners: Vec::new(),
             on_behalf_of: None,
         });
-        record.on_behalf_of = Some(self.person_name(Principal::Machine(token)));
+        record.on_behalf_of =
+            (!token.for_itself).then(|| self.person_name(Principal::Machine(token)));
         Some(record)
+    }
+
+    /// Whom a refusal of `token` names, with the agent acting with it ([`Gate::acting_agent`]):
+    /// an agent's own token as the agent, any other as its caller.
+    pub fn token_refused_as(&self, token: &Machine) -> (String, Option<AgentRecord>) {
+        let agent = self.acting_agent(token);
+        let who = match &agent {
+            Some(agent) if agent.on_behalf_of.is_none() => agent_user(&agent.name),
+            _ => Principal::Machine(token).log_name(),
+        };
+        (who, agent)
     }
 
     /// Whether two values of `agent_claim` name the same agent, as its attribute compares
@@ -3288,9 +3298,19 @@ mod tests {
             assert_eq!(agent.owners, [ALICE]);
             assert_eq!(agent.on_behalf_of.as_deref(), Some(ALICE));
         }
-        // None acts: a client no agent is, or a client's own token.
+        // None acts: a client no agent is.
         assert_eq!(gate.acting_agent(&delegated_token(ALICE, "nobody")), None);
-        assert_eq!(gate.acting_agent(&agent_token("helper")), None);
+        // An agent's own token: the agent, for no one, named as an agent.
+        let (who, agent) = gate.token_refused_as(&agent_token("helper"));
+        let agent = agent.expect("the agent");
+        assert_eq!(
+            (who.as_str(), agent.name.as_str()),
+            ("agent:helper", "helper")
+        );
+        assert_eq!(
+            (agent.owners, agent.on_behalf_of),
+            (vec![ALICE.to_owned()], None)
+        );
     }
 
     #[tokio::test]

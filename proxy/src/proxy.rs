@@ -2112,14 +2112,17 @@ impl Proxy {
                         &crate::gate::unlisted_client_reason(client),
                         &asked.audited(),
                     ),
-                    None => audit.refusal(
-                        &caller.log_name(),
-                        route,
-                        None,
-                        "the bearer token is for none of this route's audiences",
-                        &asked.audited(),
-                        gate.acting_agent(machine).as_ref(),
-                    ),
+                    None => {
+                        let (who, agent) = gate.token_refused_as(machine);
+                        audit.refusal(
+                            &who,
+                            route,
+                            None,
+                            "the bearer token is for none of this route's audiences",
+                            &asked.audited(),
+                            agent.as_ref(),
+                        );
+                    }
                 }
             }
             _ => {}

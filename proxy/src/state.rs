@@ -593,16 +593,43 @@ impl Shared {
                 "the session has ended or expired, or the route no longer takes sessions",
             ),
         };
-        // A token an agent holds for a person, no longer taken: recorded with the agent.
-        let acting = match (refused, &open.caller) {
+        let recorded = match refused {
+            Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.clone(),
+            Admission::Refuse(refused) => refused.outdated_agent().cloned(),
+            Admission::Allow(_) => None,
+        };
+        // Else an agent's connection is recorded with the agent (and as the agent's, when it
+        // acted for itself), as its requests were: as its upstream was told when it opened,
+        // or, let in as no one, as the agent acting with its token, no longer taken.
+        let (who, agent) = match (recorded, &open.told, refused, &open.caller) {
+            (Some(agent), ..) => (who, Some(agent)),
             (
+                None,
+                Some(crate::gate::Forward {
+                    named,
+                    agent: Some(agent),
+                }),
+                ..,
+            ) => {
+                let who = match agent.on_behalf_of {
+                    None => named.user.clone(),
+                    Some(_) => who,
+                };
+                (who, Some(agent.clone()))
+            }
+            (
+                None,
+                _,
                 Admission::Refuse(Refused::Challenge {
                     invalid_token: true,
                     revoked: None,
                 }),
                 Some(Caller::Machine(machine)),
-            ) => self.gate(runtime, &self.marks()).acting_agent(machine),
-            _ => None,
+            ) => match self.gate(runtime, &self.marks()).token_refused_as(machine) {
+                (who, Some(agent)) => (who, Some(agent)),
+                (_, None) => (who, None),
+            },
+            (None, ..) => (who, None),
         };
         self.audit.refusal(
             &who,
@@ -614,11 +641,7 @@ impl Shared {
                 path: &open.target.path,
                 client: open.target.client_ip,
             },
-            match refused {
-                Admission::Refuse(Refused::Forbid(refusal)) => refusal.agent.as_ref(),
-                Admission::Refuse(refused) => refused.outdated_agent().or(acting.as_ref()),
-                _ => None,
-            },
+            agent.as_ref(),
         );
         // A request whose answer has not begun is told as one refused at once would be: a
         // rule's refusal names whom it refused; a caller no longer signed in (a session ended,

@@ -636,6 +636,20 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     t.refusal_audited("the token's issuer is no longer configured to take it")
         .await;
+    // The connection's end is the agent's, as its requests were.
+    let cut = "open connection closed: the token's issuer is no longer configured to take it";
+    let records = audit_json_until(&t.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .any(|r| r["reason"].as_str().is_some_and(|why| why.starts_with(cut)))
+    })
+    .await;
+    let refusal = of_event(&records, "refusal")
+        .into_iter()
+        .find(|r| r["reason"].as_str().is_some_and(|why| why.starts_with(cut)))
+        .expect("the refusal");
+    assert_eq!(refusal["user"], format!("agent:{AGENT_ID}"), "{refusal:#}");
+    assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
 }
 
 /// A key the IdP withdraws ends the connections its tokens opened as soon as Portcullis has
@@ -988,38 +1002,56 @@ async fn a_delegated_token_for_none_of_a_route_s_audiences_is_recorded_with_the_
     const OTHER_API: &str = "other-api";
     let t = Agents::start_accepting(IdpProfile::Conformant, &[API_AUD, OTHER_API]).await;
     let for_alice = t.delegated(ALICE, ALICE_PASSWORD).await;
+    let own = t.token().await;
     assert_eq!(t.call(&for_alice).await.0, StatusCode::OK);
     let mut ws = t.websocket(&for_alice).await;
+    let mut own_ws = t.websocket(&own).await;
     let only_other = format!("websockets = true\naudiences = [\"{OTHER_API}\"]");
     t.px.reload_with("[[routes]]", "websockets = true", &only_other)
         .await;
-    assert!(
-        closed_within(&mut ws, Duration::from_secs(10)).await,
-        "the websocket was still open 10 s after the reload"
-    );
+    for ws in [&mut ws, &mut own_ws] {
+        assert!(
+            closed_within(ws, Duration::from_secs(10)).await,
+            "a websocket was still open 10 s after the reload"
+        );
+    }
     assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.call(&own).await.0, StatusCode::UNAUTHORIZED);
 
     let reasons = [
         "open connection closed: the bearer token is no longer for this route's audiences",
         "the bearer token is for none of this route's audiences",
     ];
+    // Alice's, by the agent, and the agent's own.
+    let agent = format!("agent:{AGENT_ID}");
+    let whose = ["alice", agent.as_str()];
+    fn found<'a>(
+        records: &'a [serde_json::Value],
+        why: &str,
+        who: &str,
+    ) -> Option<&'a serde_json::Value> {
+        of_event(records, "refusal")
+            .into_iter()
+            .find(|r| r["reason"] == why && r["user"] == who)
+    }
     let records = audit_json_until(&t.px, &[], |records| {
-        let refusals = of_event(records, "refusal");
         reasons
             .iter()
-            .all(|why| refusals.iter().any(|r| r["reason"] == *why))
+            .all(|why| whose.iter().all(|who| found(records, why, who).is_some()))
     })
     .await;
     for why in reasons {
-        let refusal = of_event(&records, "refusal")
-            .into_iter()
-            .find(|r| r["reason"] == why)
-            .expect("the refusal");
         // Named by the token, as a token the route does not take is before the directory is
         // asked; the agent, by the directory.
-        assert_eq!(refusal["user"], "alice", "{refusal:#}");
+        let refusal = found(&records, why, "alice").expect("alice's refusal");
         assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
         assert_eq!(refusal["agent"]["on_behalf_of"], ALICE, "{refusal:#}");
+        let refusal = found(&records, why, &agent).expect("the agent's refusal");
+        assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
+        assert!(
+            refusal["agent"].get("on_behalf_of").is_none(),
+            "{refusal:#}"
+        );
     }
 }
 
