@@ -2109,6 +2109,61 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
     assert_eq!((without, too_large), (2, 1), "{records:#?}");
 }
 
+/// A back-channel logout is answered from the sessions held when it comes: one whose sign-in
+/// is still being finished (its code issued, its session not yet stored) was not among them.
+/// The IdP session it is of is kept signed out meanwhile: the sign-in gets no session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_whose_idp_session_is_logged_out_while_it_finishes_gets_no_session() {
+    let rp = Recorder::start().await;
+    let fx = Fixture::start_with(Options {
+        backchannel: Backchannel::At(rp.url("/bcl")),
+        ..Options::default()
+    })
+    .await;
+    let page = fx.app_url("/dashboard");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &page).await;
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    // The IdP signs that session out; its logout reaches Portcullis before the callback does.
+    let sids = fx
+        .idp
+        .backchannel_logout_keeping_sessions("alice", CLIENT_ID)
+        .await;
+    assert_eq!(sids.len(), 1);
+    let token = rp
+        .wait_for("/bcl", WAIT)
+        .await
+        .form("logout_token")
+        .expect("logout_token");
+    let endpoint = fx.url("127.0.0.1", "/.portcullis/backchannel_logout");
+    let posted = bare_client()
+        .post(&endpoint)
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::OK);
+
+    // The code is still good at the IdP; the session it would begin is not.
+    let resp = browser.get(&callback).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(header(&resp, "location").as_deref(), Some(&*page));
+    assert!(
+        set_cookie(&resp, SESSION_COOKIE).is_none(),
+        "a session was given"
+    );
+    let audited = fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.contains("its IdP session was signed out while it began")
+        })
+        .await;
+    assert!(!audited.contains(r#""what":"sign_in""#), "{audited}");
+    // Signed in again, at the IdP too, the person has a session.
+    let alice = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    assert_session_works(&page, &alice.cookie).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_or_misused_logout_token_is_refused() {
     // The IdP's back-channel logout goes to a recorder, so the test holds a real logout token

@@ -573,6 +573,22 @@ impl Idp {
         serde_json::from_value(v["sids"].clone()).expect("sids")
     }
 
+    /// [`Idp::backchannel_logout`], leaving the IdP's sessions and grants as they are: a code
+    /// it issued before is still redeemed, as one is whose exchange the logout overtook.
+    pub async fn backchannel_logout_keeping_sessions(
+        &self,
+        sub: &str,
+        client_id: &str,
+    ) -> Vec<String> {
+        let v = self
+            .control(
+                "/test/backchannel-logout",
+                json!({ "sub": sub, "client_id": client_id, "end_session": false }),
+            )
+            .await;
+        serde_json::from_value(v["sids"].clone()).expect("sids")
+    }
+
     /// Gives the user `sub` these groups from now on, as an admin's change at the IdP: tokens
     /// and UserInfo answers issued after carry them.
     pub async fn set_groups(&self, sub: &str, groups: &[&str]) {

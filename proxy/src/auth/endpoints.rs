@@ -513,6 +513,22 @@ impl Auth {
                 );
             }
         };
+        // The IdP signed out the session this sign-in is of while it was finished here (by a
+        // back-channel logout, which ended the sessions held then): no cookie for it, and its
+        // session is ended (no one else has its id), as the IdP's next sign-in is asked for.
+        if self.sessions.signed_out_by_idp(&person) {
+            let ended = match self.sessions.get_to_end(&id) {
+                Some((key, _)) => self.sessions.end(&[key]).await,
+                None => Ok(()),
+            };
+            if let Err(e) = ended {
+                tracing::warn!("cannot end a session the IdP signed out while it began: {e}");
+            }
+            let detail = "its IdP session was signed out while it began";
+            self.audit.session(&who, "idp_logout", detail, req.client);
+            let cookies = vec![browser_cookie(req.tls, &cookie_name, "", 0)];
+            return redirect(&return_to, cookies);
+        }
         self.audit.session(&who, "sign_in", "", req.client);
         let keep = oidc.max_sessions_per_person;
         match self.sessions.end_all_but_newest(&person, &id, keep).await {
@@ -714,29 +730,42 @@ impl Auth {
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         let ending = self
             .sessions
-            .end_for_logout(&keys, &oidc.issuer, &logout.jti, logout.until);
-        Ok(match ending.await {
-            Ok(()) => {
-                // Whom the IdP signed out: the people whose sessions these were. None held
-                // (signed out already): nothing ended.
-                let mut people: Vec<String> = found
-                    .iter()
-                    .map(|(_, s)| Principal::Person(&s.identity).log_name())
-                    .collect();
-                people.sort();
-                people.dedup();
-                let detail = format!("{} session(s) ended", keys.len());
-                for who in &people {
-                    self.audit.session(who, "idp_logout", &detail, req.client);
-                }
-                Reply::empty(StatusCode::OK)
-            }
-            Err(e) => {
-                self.oidc.unused_logout_token(&logout);
-                tracing::error!("back-channel logout could not end sessions: {e}");
-                json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
-            }
-        })
+            .end_for_logout(&keys, &oidc.issuer, &logout, now);
+        if let Err(e) = ending.await {
+            self.oidc.unused_logout_token(&logout);
+            tracing::error!("back-channel logout could not end sessions: {e}");
+            return Ok(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+            ));
+        }
+        // A sign-in of that IdP session stored before this logout was, though after its
+        // sessions were found, is held here now: ended too. (One stored after it is ended by
+        // its callback: see `Sessions::signed_out_by_idp`.)
+        let late = self
+            .sessions
+            .find(|identity| logout.ends(identity, &oidc.issuer));
+        let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
+        if let Err(e) = self.sessions.end(&late_keys).await {
+            // The token is used: the IdP's retry is refused, and the session holds.
+            tracing::error!("back-channel logout could not end a session signed in meanwhile: {e}");
+            return Ok(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+            ));
+        }
+        // Whom the IdP signed out: the people whose sessions these were. None held (signed out
+        // already): nothing ended.
+        let mut people: Vec<String> = (found.iter().chain(&late))
+            .map(|(_, s)| Principal::Person(&s.identity).log_name())
+            .collect();
+        people.sort();
+        people.dedup();
+        let detail = format!("{} session(s) ended", keys.len() + late_keys.len());
+        for who in &people {
+            self.audit.session(who, "idp_logout", &detail, req.client);
+        }
+        Ok(Reply::empty(StatusCode::OK))
     }
 
     /// Whether the request carries a session that lets its person in (judged as any request's:

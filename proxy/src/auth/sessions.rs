@@ -370,6 +370,18 @@ fn logout_token_key(issuer: &str, jti: &str) -> String {
     URL_SAFE_NO_PAD.encode(digest)
 }
 
+/// The key of the [`LOGOUT_TOKEN`] entry that keeps the IdP session `sid` of `issuer` signed
+/// out, by a back-channel logout, for as long as a sign-in of it may be finishing: the SHA-256
+/// of its issuer and `sid` (apart from any `jti`'s).
+fn logged_out_key(issuer: &str, sid: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(issuer.as_bytes())
+        .chain_update([1])
+        .chain_update(sid.as_bytes())
+        .finalize();
+    URL_SAFE_NO_PAD.encode(digest)
+}
+
 /// What Portcullis keeps beside the directory, held in memory and kept current by the
 /// directory's writer (it is the directory's [`EntrySink`], and only its thread calls it):
 /// every session, the keys that seal sign-ins in progress, and (with a shared store) the
@@ -988,21 +1000,41 @@ impl Sessions {
         lock(&self.kept.logout_tokens).contains_key(&logout_token_key(issuer, jti))
     }
 
-    /// Ends the sessions `keys` for a back-channel logout token of `issuer` with this `jti`,
-    /// and keeps the token as used until `until` (Unix seconds), in one write.
+    /// Whether a back-channel logout, here or on another replica, signed out the IdP session
+    /// `identity`'s sign-in is of while that sign-in may have been finishing.
+    pub fn signed_out_by_idp(&self, identity: &Identity) -> bool {
+        identity.idp_session.as_deref().is_some_and(|sid| {
+            lock(&self.kept.logout_tokens).contains_key(&logged_out_key(&identity.issuer, sid))
+        })
+    }
+
+    /// Ends the sessions `keys` for `logout`, a back-channel logout token of `issuer`, and keeps
+    /// the token as used until its `until` (Unix seconds), in one write. The IdP session it
+    /// names (`sid`) is kept signed out as long as a sign-in begun under it may take to finish
+    /// (from `now`): one finishing meanwhile was not among the sessions held here.
     pub async fn end_for_logout(
         &self,
         keys: &[SessionKey],
         issuer: &str,
-        jti: &str,
-        until: u64,
+        logout: &crate::auth::oidc::LoggedOut,
+        now: u64,
     ) -> Result<(), String> {
-        let used = Entry {
+        let mut used = vec![Entry {
             kind: LOGOUT_TOKEN.to_owned(),
-            key: logout_token_key(issuer, jti),
-            value: Some(until.to_string()),
-        };
-        self.end_with(keys, vec![used]).await
+            key: logout_token_key(issuer, &logout.jti),
+            value: Some(logout.until.to_string()),
+        }];
+        if let Some(sid) = &logout.sid {
+            used.push(Entry {
+                kind: LOGOUT_TOKEN.to_owned(),
+                key: logged_out_key(issuer, sid),
+                value: Some(
+                    now.saturating_add(crate::auth::oidc::PENDING_FOR)
+                        .to_string(),
+                ),
+            });
+        }
+        self.end_with(keys, used).await
     }
 
     /// Whether the refresh of session `id` that the refresh token `used` was refused for has
@@ -1657,25 +1689,43 @@ mod tests {
     }
 
     /// A logout token used is kept with the sessions (so across a restart) until it could no
-    /// longer be taken, then forgotten by `maintain`.
+    /// longer be taken, then forgotten by `maintain`; so is the IdP session it signed out, as
+    /// long as a sign-in of it may be finishing.
     #[tokio::test]
     async fn a_used_logout_token_is_kept_until_it_could_no_longer_be_taken() {
         let dir = tempfile::tempdir().unwrap();
         let sessions = open(dir.path()).sessions;
-        let issuer = "https://idp.example";
+        let issuer = "https://idp.test";
+        let logout = crate::auth::oidc::LoggedOut {
+            sub: None,
+            sid: Some("sid-alice".to_owned()),
+            jti: "jti-1".to_owned(),
+            until: 1_000,
+        };
         sessions
-            .end_for_logout(&[], issuer, "jti-1", 1_000)
+            .end_for_logout(&[], issuer, &logout, 900)
             .await
             .unwrap();
         assert!(sessions.logout_token_used(issuer, "jti-1"));
         assert!(!sessions.logout_token_used(issuer, "jti-2"));
         assert!(!sessions.logout_token_used("https://other.example", "jti-1"));
+        let (alice, bob) = (identity("alice", 5_000), identity("bob", 5_000));
+        assert!(sessions.signed_out_by_idp(&alice));
+        assert!(!sessions.signed_out_by_idp(&bob));
+        let elsewhere = Identity {
+            issuer: "https://other.example".into(),
+            ..identity("alice", 5_000)
+        };
+        assert!(!sessions.signed_out_by_idp(&elsewhere));
+        // The sid itself is no jti.
+        assert!(!sessions.logout_token_used(issuer, "sid-alice"));
         drop(sessions);
         let sessions = open(dir.path()).sessions;
         assert!(
             sessions.logout_token_used(issuer, "jti-1"),
             "kept across a restart"
         );
+        assert!(sessions.signed_out_by_idp(&alice), "kept across a restart");
         // Kept with the margin sessions get (three times `every`), for clocks behind.
         sessions
             .maintain(1_180, 60, Some(&oidc("https://idp.test", 3600)))
@@ -1693,6 +1743,13 @@ mod tests {
             !sessions.logout_token_used(issuer, "jti-1"),
             "forgotten after"
         );
+        // The IdP session, PENDING_FOR after the logout came (and the same margin).
+        assert!(sessions.signed_out_by_idp(&alice));
+        sessions
+            .maintain(1_681, 60, Some(&oidc("https://idp.test", 3600)))
+            .await
+            .unwrap();
+        assert!(!sessions.signed_out_by_idp(&alice));
         drop(sessions);
         assert!(!open(dir.path()).sessions.logout_token_used(issuer, "jti-1"));
     }
