@@ -368,6 +368,14 @@ impl Patcher<'_, '_> {
                 self.apply_extension_object(kind, ext.id, value)?;
                 continue;
             }
+            // The path reader skips spaces around a name, which `password` is taken out by
+            // before the patch (to be hashed) without: " password" would be set as sent, and
+            // dropped by the store, a request answered as done with the password unchanged.
+            if key.trim_matches([' ', '\t', '\r', '\n']) != key {
+                return Err(invalid_path(format!(
+                    "{key:?} is not an attribute name: it has spaces around it"
+                )));
+            }
             let path = PatchPath::parse(key)
                 .map_err(|e| invalid_path(format!("{key:?} is not an attribute name: {e}")))?;
             self.apply_path(kind, &path, Some(value), true)?;
@@ -1785,9 +1793,19 @@ mod tests {
             .unwrap()
             .iter()
             .all(|e| e["primary"] == false));
-        // A password is accepted (the store hashes it).
+        // A password is accepted (the service takes it out to hash it before the patch; the
+        // store drops one left in a resource).
         let u = patched_user(json!([{"op": "replace", "value": {"password": "hunter2"}}]));
         assert_eq!(u["password"], "hunter2");
+        // Not under a name with spaces around it, which the service would not take out.
+        for key in [
+            " password",
+            "password\t",
+            " urn:ietf:params:scim:schemas:core:2.0:User:password",
+        ] {
+            let e = user_error(json!([{"op": "replace", "value": {key: "hunter2"}}]));
+            assert_eq!(e.scim_type, Some(ScimType::InvalidPath), "{key:?}");
+        }
     }
 
     #[test]
