@@ -676,30 +676,39 @@ mod tests {
     #[test]
     fn a_directory_of_an_older_schema_is_refused_and_left_as_it_is() {
         use redb::ReadableDatabase;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(portcullis_scim::store::redb::FILE);
-        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-        let db = redb::Database::create(&file).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(meta)
-            .unwrap()
-            .insert("schema_version", 2)
-            .unwrap();
-        txn.commit().unwrap();
-        drop(db);
-        let mut config = crate::testing::config("");
-        config.data_dir = dir.path().to_owned();
-        let refused = run_cli(config, Who::Person(ALICE), "http://app.test/", "GET");
-        assert!(
-            refused.as_ref().is_err_and(
-                |e| e.contains("schema version 2") && e.contains("explain upgrades none")
-            ),
-            "{:?}",
-            refused.map(|e| e.allowed)
-        );
-        let db = redb::Database::open(&file).unwrap();
-        let version = db.begin_read().unwrap().open_table(meta).unwrap();
-        assert_eq!(version.get("schema_version").unwrap().unwrap().value(), 2);
+        // An older schema, which this build's start would upgrade; a newer, which it refuses.
+        for (version, upgraded_at_start) in [(2, true), (4, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join(portcullis_scim::store::redb::FILE);
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            let db = redb::Database::create(&file).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(meta)
+                .unwrap()
+                .insert("schema_version", version)
+                .unwrap();
+            txn.commit().unwrap();
+            drop(db);
+            let mut config = crate::testing::config("");
+            config.data_dir = dir.path().to_owned();
+            let refused = run_cli(config, Who::Person(ALICE), "http://app.test/", "GET");
+            let said = |e: &String| {
+                e.contains(&format!("schema version {version}"))
+                    && e.contains("explain upgrades none") == upgraded_at_start
+                    && !e.contains("a running Portcullis holds it")
+            };
+            assert!(
+                refused.as_ref().is_err_and(said),
+                "{version}: {:?}",
+                refused.map(|e| e.allowed)
+            );
+            let db = redb::Database::open(&file).unwrap();
+            let kept = db.begin_read().unwrap().open_table(meta).unwrap();
+            assert_eq!(
+                kept.get("schema_version").unwrap().unwrap().value(),
+                version
+            );
+        }
     }
 
     #[test]
