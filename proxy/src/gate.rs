@@ -784,9 +784,12 @@ impl Gate<'_> {
     /// ambiguous, as [`Gate::delegated`]'s refusals name it; none when no agent has it.
     pub fn acting_agent(&self, token: &Machine) -> Option<AgentRecord> {
         let claim = &self.identity.agent_claim;
-        let value = match &token.act {
-            Some(actor) if !token.for_itself => actor_claim(claim, actor).0,
-            _ => client_claim(claim, token)?,
+        let value = match (&token.act, token.for_itself) {
+            (Some(actor), false) => actor_claim(claim, actor).0,
+            (None, _) => client_claim(claim, token)?,
+            // A client's own token that says another acts: refused as the client's, no agent's
+            // (see `Gate::resolve`).
+            (Some(_), true) => return None,
         };
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         let found =

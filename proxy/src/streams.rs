@@ -291,15 +291,22 @@ pub fn rejudge(
     };
     let caller = open.caller.as_ref().filter(|caller| holds(caller));
     // Named as the 403 page names a caller: nobody (or one no longer signed in) is nobody,
-    // not "anonymous".
-    let who = || caller.map(Caller::log_name);
+    // not "anonymous". An agent's connection is its agent's (with the person it acts for), as
+    // its upstream was told when it opened.
+    let told_agent = (open.told.as_ref().filter(|_| caller.is_some()))
+        .and_then(|told| Some((told, told.agent.as_ref()?)));
+    let who = || match told_agent {
+        Some((told, agent)) if agent.on_behalf_of.is_none() => Some(told.named.user.clone()),
+        _ => caller.map(Caller::log_name),
+    };
+    let agent = || told_agent.map(|(_, agent)| agent.clone());
     let gone = |reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
             who: who(),
             rule: None,
             cause: Cause::RouteRemoved,
             reason: reason.to_owned(),
-            agent: None,
+            agent: agent(),
         }))
     };
     let route = match routes.find(target.scheme, &target.host, &target.path) {
@@ -335,7 +342,7 @@ pub fn rejudge(
             rule: None,
             cause,
             reason: reason.to_owned(),
-            agent: None,
+            agent: agent(),
         }))
     };
     match (gate.admit(&facts, presented), &open.told) {
