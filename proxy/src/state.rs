@@ -333,6 +333,7 @@ impl Shared {
             })
             .collect();
         auth.sessions.issued_in(runtime.session_cookie());
+        auth.sessions.configured(runtime.config.oidc.as_ref());
         Self {
             config_path,
             directory,
@@ -365,6 +366,7 @@ impl Shared {
         // Portcullis of; those a lifetime shortened after an incident had cut off). Taken out
         // before the new configuration is in use: under a longer idle timeout, a request
         // would find one that idled out before alive, and keep it so.
+        self.auth.sessions.configured(after.as_ref());
         if let Some(before) = before.filter(|before| Some(before) != after.as_ref()) {
             self.end_sessions_not_held(before, after);
         }
@@ -598,11 +600,14 @@ impl Shared {
             Admission::Refuse(refused) => refused.outdated_agent().cloned(),
             Admission::Allow(_) => None,
         };
-        // Else an agent's connection is recorded with the agent (and as the agent's, when it
-        // acted for itself), as its requests were: as its upstream was told when it opened,
-        // or, let in as no one, as the agent acting with its token, no longer taken.
+        // Else (but for a refusal of the gate's or `rejudge`'s, which names whom it refused
+        // and its agent as it should) an agent's connection is recorded with the agent (and as
+        // the agent's, when it acted for itself), as its requests were: as its upstream was
+        // told when it opened, or, let in as no one, as the agent acting with its token, no
+        // longer taken.
         let (who, agent) = match (recorded, &open.told, refused, &open.caller) {
             (Some(agent), ..) => (who, Some(agent)),
+            (_, _, Admission::Refuse(Refused::Forbid(_)), _) => (who, None),
             (
                 None,
                 Some(crate::gate::Forward {

@@ -445,7 +445,7 @@ impl Auth {
             .oidc
             .finish(oidc, &state, &code, sealed.as_deref(), wants, now)
             .await;
-        let (mut identity, refresh, return_to) = match finished {
+        let (mut identity, refresh, return_to, started) = match finished {
             Ok(done) => done,
             // The back button after signing in brings back the IdP's page, which sends the
             // browser here again under the sign-in's spent state: a browser whose session
@@ -513,19 +513,29 @@ impl Auth {
                 );
             }
         };
-        // The IdP signed out the session this sign-in is of while it was finished here (by a
-        // back-channel logout, which ended the sessions held then): no cookie for it, and its
-        // session is ended (no one else has its id), as the IdP's next sign-in is asked for.
-        if self.sessions.signed_out_by_idp(&person) {
+        // While this sign-in was finished here, the IdP signed out the session it is of (by a
+        // back-channel logout), or a reload moved sign-in to a configuration that does not
+        // hold it: each ended the sessions held then, not this one. No cookie for it, and it
+        // is ended (no one else has its id); the next sign-in is under what holds now.
+        let ended_meanwhile = if self.sessions.signed_out_by_idp(&person, started) {
+            Some((
+                "idp_logout",
+                "its IdP session was signed out while it began",
+            ))
+        } else if !self.sessions.holds_as_configured(&id, now_unix()) {
+            Some(("config_ended", "sign-in was configured anew while it began"))
+        } else {
+            None
+        };
+        if let Some((what, detail)) = ended_meanwhile {
             let ended = match self.sessions.get_to_end(&id) {
                 Some((key, _)) => self.sessions.end(&[key]).await,
                 None => Ok(()),
             };
             if let Err(e) = ended {
-                tracing::warn!("cannot end a session the IdP signed out while it began: {e}");
+                tracing::warn!("cannot end a session ended while it began: {e}");
             }
-            let detail = "its IdP session was signed out while it began";
-            self.audit.session(&who, "idp_logout", detail, req.client);
+            self.audit.session(&who, what, detail, req.client);
             let cookies = vec![browser_cookie(req.tls, &cookie_name, "", 0)];
             return redirect(&return_to, cookies);
         }
@@ -746,13 +756,23 @@ impl Auth {
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
-        if let Err(e) = self.sessions.end(&late_keys).await {
-            // The token is used: the IdP's retry is refused, and the session holds.
+        let taken = self.sessions.take(&late_keys);
+        if let Err((e, taken)) = self.sessions.write_end(&late_keys, taken, Vec::new()).await {
+            // The token is kept as used (an answer other than 200 has the IdP send it again,
+            // to be refused): out of memory here, the end is written again until it holds.
             tracing::error!("back-channel logout could not end a session signed in meanwhile: {e}");
-            return Ok(json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-            ));
+            let (sessions, keys) = (self.sessions.clone(), late_keys.clone());
+            tokio::spawn(async move {
+                let (mut taken, mut pause) = (taken, std::time::Duration::from_secs(1));
+                loop {
+                    tokio::time::sleep(pause).await;
+                    match sessions.write_end(&keys, taken, Vec::new()).await {
+                        Ok(()) => return,
+                        Err((_, again)) => taken = again,
+                    }
+                    pause = (pause * 2).min(std::time::Duration::from_secs(60));
+                }
+            });
         }
         // Whom the IdP signed out: the people whose sessions these were. None held (signed out
         // already): nothing ended.

@@ -472,7 +472,7 @@ impl Oidc {
         sealed: Option<&str>,
         wants: Wanted<'_>,
         now: u64,
-    ) -> Result<(Identity, Option<Refresh>, String), SignInError> {
+    ) -> Result<(Identity, Option<Refresh>, String, u64), SignInError> {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
         let pending = self.pending(state, sealed, now)?;
         let provider = self.current(config)?;
@@ -653,7 +653,7 @@ impl Oidc {
             }
             (false, _) => None,
         };
-        Ok((identity, refresh, pending.return_to))
+        Ok((identity, refresh, pending.return_to, pending.created))
     }
 
     /// Whether refreshes are paused at `now`, because the IdP was unreachable a moment ago:

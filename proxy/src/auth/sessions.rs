@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use portcullis_config::OidcConfig;
+
+use crate::auth::oidc::PENDING_FOR;
 use portcullis_scim::store::{Command, Directory, Entry, EntrySink};
 
 use super::sealed::Sealer;
@@ -370,14 +372,24 @@ fn logout_token_key(issuer: &str, jti: &str) -> String {
     URL_SAFE_NO_PAD.encode(digest)
 }
 
-/// The key of the [`LOGOUT_TOKEN`] entry that keeps the IdP session `sid` of `issuer` signed
-/// out, by a back-channel logout, for as long as a sign-in of it may be finishing: the SHA-256
-/// of its issuer and `sid` (apart from any `jti`'s).
-fn logged_out_key(issuer: &str, sid: &str) -> String {
+/// What a back-channel logout signed out, kept (as a [`LOGOUT_TOKEN`] entry) for as long as a
+/// sign-in begun before it may be finishing: as [`crate::auth::oidc::LoggedOut::ends`] reads
+/// it, the IdP session `sid`, every session of the subject `sub` (a token without `sid`), or
+/// the subject's sessions that have no `sid` (a token with both).
+#[derive(Clone, Copy)]
+enum SignedOut {
+    Sid = 1,
+    Subject = 2,
+    SubjectWithoutSid = 3,
+}
+
+/// The key of the [`LOGOUT_TOKEN`] entry that keeps `value` of `issuer` signed out as `what`:
+/// the SHA-256 of the issuer, `what` and the value (apart from any `jti`'s).
+fn signed_out_key(issuer: &str, what: SignedOut, value: &str) -> String {
     let digest = Sha256::new()
         .chain_update(issuer.as_bytes())
-        .chain_update([1])
-        .chain_update(sid.as_bytes())
+        .chain_update([what as u8])
+        .chain_update(value.as_bytes())
         .finalize();
     URL_SAFE_NO_PAD.encode(digest)
 }
@@ -409,6 +421,9 @@ pub struct Kept {
     cookie_names: ArcSwap<Vec<Box<str>>>,
     /// The [`LOGOUT_TOKEN`]s used, by key, with the second until which each is kept.
     logout_tokens: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Sign-in as configured now ([`Sessions::configured`]): a sign-in that began under
+    /// another is judged again under it once its session is held.
+    sign_in: arc_swap::ArcSwapOption<OidcConfig>,
     /// By name; the first one seals (so every replica seals with the same key).
     sealing: ArcSwap<Vec<(String, Arc<Sealer>)>>,
     /// The shared identity-assertion keys, `(kid, text)` (see [`crate::assertion`]), and who
@@ -648,6 +663,24 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(kept: Arc<Kept>, directory: Arc<Directory>) -> Self {
         Self { kept, directory }
+    }
+
+    /// Sign-in is configured as `oidc` from now on: told before a reload's sessions that
+    /// configuration does not hold are ended (so a session stored meanwhile is either among
+    /// them or judged under it: see [`Sessions::holds_as_configured`]).
+    pub fn configured(&self, oidc: Option<&OidcConfig>) {
+        self.kept.sign_in.store(oidc.cloned().map(Arc::new));
+    }
+
+    /// Whether the session `id`, just stored, is held as sign-in is configured now: a reload
+    /// to another provider (off a compromised one, say), or off sign-in, while it began ended
+    /// the sessions held then, and a reload back would bring it back.
+    pub fn holds_as_configured(&self, id: &str, now: u64) -> bool {
+        let Some(oidc) = self.kept.sign_in.load_full() else {
+            return false;
+        };
+        self.get(id)
+            .is_some_and(|(_, session)| self.holds(&session, now, &oidc))
     }
 
     /// Creates a session for `identity`, in the cookie `cookie`; returns the id for the
@@ -1000,18 +1033,27 @@ impl Sessions {
         lock(&self.kept.logout_tokens).contains_key(&logout_token_key(issuer, jti))
     }
 
-    /// Whether a back-channel logout, here or on another replica, signed out the IdP session
-    /// `identity`'s sign-in is of while that sign-in may have been finishing.
-    pub fn signed_out_by_idp(&self, identity: &Identity) -> bool {
-        identity.idp_session.as_deref().is_some_and(|sid| {
-            lock(&self.kept.logout_tokens).contains_key(&logged_out_key(&identity.issuer, sid))
-        })
+    /// Whether a back-channel logout, here or on another replica, signed out `identity`'s
+    /// session after its sign-in began (at `started`, Unix seconds) and before it was held here.
+    pub fn signed_out_by_idp(&self, identity: &Identity, started: u64) -> bool {
+        let used = lock(&self.kept.logout_tokens);
+        let logged_out = |what, value: &str| {
+            used.get(&signed_out_key(&identity.issuer, what, value))
+                .is_some_and(|until| started <= until.saturating_sub(PENDING_FOR))
+        };
+        let subject = &identity.subject;
+        logged_out(SignedOut::Subject, subject)
+            || match &identity.idp_session {
+                Some(sid) => logged_out(SignedOut::Sid, sid),
+                None => logged_out(SignedOut::SubjectWithoutSid, subject),
+            }
     }
 
     /// Ends the sessions `keys` for `logout`, a back-channel logout token of `issuer`, and keeps
-    /// the token as used until its `until` (Unix seconds), in one write. The IdP session it
-    /// names (`sid`) is kept signed out as long as a sign-in begun under it may take to finish
-    /// (from `now`): one finishing meanwhile was not among the sessions held here.
+    /// the token as used until its `until` (Unix seconds), in one write. Whom it signed out is
+    /// kept too (from `now`), as long as a sign-in begun before may take to finish: one
+    /// finishing meanwhile was not among the sessions held here (see
+    /// [`Sessions::signed_out_by_idp`]).
     pub async fn end_for_logout(
         &self,
         keys: &[SessionKey],
@@ -1019,20 +1061,26 @@ impl Sessions {
         logout: &crate::auth::oidc::LoggedOut,
         now: u64,
     ) -> Result<(), String> {
+        let kept = |key| Entry {
+            kind: LOGOUT_TOKEN.to_owned(),
+            key,
+            value: Some(now.saturating_add(PENDING_FOR).to_string()),
+        };
         let mut used = vec![Entry {
             kind: LOGOUT_TOKEN.to_owned(),
             key: logout_token_key(issuer, &logout.jti),
             value: Some(logout.until.to_string()),
         }];
-        if let Some(sid) = &logout.sid {
-            used.push(Entry {
-                kind: LOGOUT_TOKEN.to_owned(),
-                key: logged_out_key(issuer, sid),
-                value: Some(
-                    now.saturating_add(crate::auth::oidc::PENDING_FOR)
-                        .to_string(),
-                ),
-            });
+        match (&logout.sid, &logout.sub) {
+            (Some(sid), sub) => {
+                used.push(kept(signed_out_key(issuer, SignedOut::Sid, sid)));
+                if let Some(sub) = sub {
+                    let what = SignedOut::SubjectWithoutSid;
+                    used.push(kept(signed_out_key(issuer, what, sub)));
+                }
+            }
+            (None, Some(sub)) => used.push(kept(signed_out_key(issuer, SignedOut::Subject, sub))),
+            (None, None) => {}
         }
         self.end_with(keys, used).await
     }
@@ -1710,22 +1758,40 @@ mod tests {
         assert!(!sessions.logout_token_used(issuer, "jti-2"));
         assert!(!sessions.logout_token_used("https://other.example", "jti-1"));
         let (alice, bob) = (identity("alice", 5_000), identity("bob", 5_000));
-        assert!(sessions.signed_out_by_idp(&alice));
-        assert!(!sessions.signed_out_by_idp(&bob));
+        assert!(sessions.signed_out_by_idp(&alice, 900));
+        assert!(!sessions.signed_out_by_idp(&bob, 900));
         let elsewhere = Identity {
             issuer: "https://other.example".into(),
             ..identity("alice", 5_000)
         };
-        assert!(!sessions.signed_out_by_idp(&elsewhere));
+        assert!(!sessions.signed_out_by_idp(&elsewhere, 900));
         // The sid itself is no jti.
         assert!(!sessions.logout_token_used(issuer, "sid-alice"));
+        // A sign-in begun after the logout is not its (the IdP kept its own session, say).
+        assert!(!sessions.signed_out_by_idp(&alice, 901));
+        // A token with no sid signs out every session of its subject begun before it.
+        let everywhere = crate::auth::oidc::LoggedOut {
+            sub: Some("bob".to_owned()),
+            sid: None,
+            jti: "jti-2".to_owned(),
+            until: 1_000,
+        };
+        sessions
+            .end_for_logout(&[], issuer, &everywhere, 950)
+            .await
+            .unwrap();
+        assert!(sessions.signed_out_by_idp(&bob, 950));
+        assert!(!sessions.signed_out_by_idp(&bob, 951));
         drop(sessions);
         let sessions = open(dir.path()).sessions;
         assert!(
             sessions.logout_token_used(issuer, "jti-1"),
             "kept across a restart"
         );
-        assert!(sessions.signed_out_by_idp(&alice), "kept across a restart");
+        assert!(
+            sessions.signed_out_by_idp(&alice, 900),
+            "kept across a restart"
+        );
         // Kept with the margin sessions get (three times `every`), for clocks behind.
         sessions
             .maintain(1_180, 60, Some(&oidc("https://idp.test", 3600)))
@@ -1744,12 +1810,12 @@ mod tests {
             "forgotten after"
         );
         // The IdP session, PENDING_FOR after the logout came (and the same margin).
-        assert!(sessions.signed_out_by_idp(&alice));
+        assert!(sessions.signed_out_by_idp(&alice, 900));
         sessions
             .maintain(1_681, 60, Some(&oidc("https://idp.test", 3600)))
             .await
             .unwrap();
-        assert!(!sessions.signed_out_by_idp(&alice));
+        assert!(!sessions.signed_out_by_idp(&alice, 900));
         drop(sessions);
         assert!(!open(dir.path()).sessions.logout_token_used(issuer, "jti-1"));
     }
