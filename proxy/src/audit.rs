@@ -1720,10 +1720,15 @@ fn move_aside(path: &Path) -> Result<PathBuf, String> {
     let seconds = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
-    move_aside_at(path, seconds)
+    move_aside_at(path, seconds, |from, to| std::fs::hard_link(from, to))
 }
 
-fn move_aside_at(path: &Path, seconds: u64) -> Result<PathBuf, String> {
+/// [`move_aside`] at `seconds`, linking with `link`.
+fn move_aside_at(
+    path: &Path,
+    seconds: u64,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<PathBuf, String> {
     for n in 1..=100 {
         let mut name = path.as_os_str().to_owned();
         name.push(format!(".another-directory-{seconds}"));
@@ -1732,7 +1737,7 @@ fn move_aside_at(path: &Path, seconds: u64) -> Result<PathBuf, String> {
         }
         let aside = PathBuf::from(name);
         // A link, which refuses a name taken, where a rename would replace its file.
-        match std::fs::hard_link(path, &aside) {
+        match link(path, &aside) {
             Ok(()) => {
                 return std::fs::remove_file(path)
                     .map(|()| aside)
@@ -1740,13 +1745,15 @@ fn move_aside_at(path: &Path, seconds: u64) -> Result<PathBuf, String> {
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             // A file system without links (vfat, some network ones): renamed, once the name
-            // is seen free.
-            Err(_) if !aside.exists() => {
-                return std::fs::rename(path, &aside)
-                    .map(|()| aside)
-                    .map_err(|e| format!("cannot move {} aside: {e}", path.display()))
-            }
-            Err(_) => continue,
+            // is seen free (nothing by it, not even a link to nothing).
+            Err(_) => match std::fs::symlink_metadata(&aside) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return std::fs::rename(path, &aside)
+                        .map(|()| aside)
+                        .map_err(|e| format!("cannot move {} aside: {e}", path.display()))
+                }
+                _ => continue,
+            },
         }
     }
     Err(format!(
@@ -3590,10 +3597,23 @@ mod tests {
         let taken = dir.path().join("audit.jsonl.another-directory-7");
         std::fs::write(&taken, "the first\n").unwrap();
         std::fs::write(&path, "the second\n").unwrap();
-        let aside = move_aside_at(&path, 7).unwrap();
+        let aside = move_aside_at(&path, 7, |from, to| std::fs::hard_link(from, to)).unwrap();
         assert_eq!(aside, dir.path().join("audit.jsonl.another-directory-7-2"));
         assert_eq!(std::fs::read_to_string(&taken).unwrap(), "the first\n");
         assert_eq!(std::fs::read_to_string(&aside).unwrap(), "the second\n");
+        assert!(!path.exists());
+        // Where no link can be made: renamed, to a name free of files and of links alike.
+        std::os::unix::fs::symlink(
+            "nowhere",
+            dir.path().join("audit.jsonl.another-directory-7-3"),
+        )
+        .unwrap();
+        std::fs::write(&path, "the third\n").unwrap();
+        let no_links = |_: &Path, _: &Path| Err(std::io::ErrorKind::PermissionDenied.into());
+        let aside = move_aside_at(&path, 7, no_links).unwrap();
+        assert_eq!(aside, dir.path().join("audit.jsonl.another-directory-7-4"));
+        assert_eq!(std::fs::read_to_string(&taken).unwrap(), "the first\n");
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), "the third\n");
         assert!(!path.exists());
     }
 

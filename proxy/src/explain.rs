@@ -672,12 +672,14 @@ mod tests {
     }
 
     /// The service of the build that wrote an older directory must still open it: explain,
-    /// run beside it, neither upgrades it nor says a running Portcullis holds it.
+    /// run beside it, neither upgrades it nor says a running Portcullis holds it. A newer one
+    /// it refuses too, without saying this build's start would upgrade it.
     #[test]
-    fn a_directory_of_an_older_schema_is_refused_and_left_as_it_is() {
+    fn a_directory_of_another_schema_is_refused_and_left_as_it_is() {
         use redb::ReadableDatabase;
         // An older schema, which this build's start would upgrade; a newer, which it refuses.
-        for (version, upgraded_at_start) in [(2, true), (4, false)] {
+        let this = portcullis_scim::store::redb::SCHEMA_VERSION;
+        for (version, upgraded_at_start) in [(this - 1, true), (this + 1, false)] {
             let dir = tempfile::tempdir().unwrap();
             let file = dir.path().join(portcullis_scim::store::redb::FILE);
             let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
