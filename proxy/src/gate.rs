@@ -3303,6 +3303,12 @@ mod tests {
         }
         // None acts: a client no agent is.
         assert_eq!(gate.acting_agent(&delegated_token(ALICE, "nobody")), None);
+        // A client's own token that says another acts: no agent's (refused as the client's).
+        let claiming = Machine {
+            act: delegated_token(ALICE, "helper").act,
+            ..agent_token("helper")
+        };
+        assert_eq!(gate.acting_agent(&claiming), None);
         // An agent's own token: the agent, for no one, named as an agent.
         let (who, agent) = gate.token_refused_as(&agent_token("helper"));
         let agent = agent.expect("the agent");

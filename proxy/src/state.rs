@@ -608,6 +608,7 @@ impl Shared {
         let (who, agent) = match (recorded, &open.told, refused, &open.caller) {
             (Some(agent), ..) => (who, Some(agent)),
             (_, _, Admission::Refuse(Refused::Forbid(_)), _) => (who, None),
+            // (`rejudge`'s own name the agent, also for a caller no longer signed in.)
             (
                 None,
                 Some(crate::gate::Forward {

@@ -293,10 +293,14 @@ pub fn rejudge(
     // Named as the 403 page names a caller: nobody (or one no longer signed in) is nobody,
     // not "anonymous". An agent's connection is its agent's (with the person it acts for), as
     // its upstream was told when it opened.
-    let told_agent = (open.told.as_ref().filter(|_| caller.is_some()))
+    let told_agent = open
+        .told
+        .as_ref()
         .and_then(|told| Some((told, told.agent.as_ref()?)));
     let who = || match told_agent {
-        Some((told, agent)) if agent.on_behalf_of.is_none() => Some(told.named.user.clone()),
+        Some((told, agent)) if agent.on_behalf_of.is_none() && caller.is_some() => {
+            Some(told.named.user.clone())
+        }
         _ => caller.map(Caller::log_name),
     };
     let agent = || told_agent.map(|(_, agent)| agent.clone());
