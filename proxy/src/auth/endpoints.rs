@@ -517,25 +517,30 @@ impl Auth {
         // back-channel logout), or a reload moved sign-in to a configuration that does not
         // hold it: each ended the sessions held then, not this one. No cookie for it, and it
         // is ended (no one else has its id); the next sign-in is under what holds now.
-        let ended_meanwhile = if self.sessions.signed_out_by_idp(&person, started) {
-            Some((
+        let ended_meanwhile = match self.sessions.get(&id) {
+            // Taken already, by a back-channel logout that came meanwhile (which records it).
+            None => Some(None),
+            Some(_) if self.sessions.signed_out_by_idp(&person, started) => Some(Some((
                 "idp_logout",
                 "its IdP session was signed out while it began",
-            ))
-        } else if !self.sessions.holds_as_configured(&id, now_unix()) {
-            Some(("config_ended", "sign-in was configured anew while it began"))
-        } else {
-            None
-        };
-        if let Some((what, detail)) = ended_meanwhile {
-            let ended = match self.sessions.get_to_end(&id) {
-                Some((key, _)) => self.sessions.end(&[key]).await,
-                None => Ok(()),
-            };
-            if let Err(e) = ended {
-                tracing::warn!("cannot end a session ended while it began: {e}");
+            ))),
+            Some((_, session)) if !self.sessions.holds_as_configured(&session, now_unix()) => {
+                Some(Some((
+                    "config_ended",
+                    "a reload of [oidc] that no longer holds it came while it began",
+                )))
             }
-            self.audit.session(&who, what, detail, req.client);
+            Some(_) => None,
+        };
+        if let Some(why) = ended_meanwhile {
+            if let Some((what, detail)) = why {
+                if let Some((key, _)) = self.sessions.get_to_end(&id) {
+                    if let Err(e) = self.sessions.end(&[key]).await {
+                        tracing::warn!("cannot end a session ended while it began: {e}");
+                    }
+                }
+                self.audit.session(&who, what, detail, req.client);
+            }
             let cookies = vec![browser_cookie(req.tls, &cookie_name, "", 0)];
             return redirect(&return_to, cookies);
         }
@@ -757,7 +762,11 @@ impl Auth {
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
         let taken = self.sessions.take(&late_keys);
-        if let Err((e, taken)) = self.sessions.write_end(&late_keys, taken, Vec::new()).await {
+        let written = match late_keys.is_empty() {
+            true => Ok(()),
+            false => (self.sessions.write_end(&late_keys, taken, Vec::new())).await,
+        };
+        if let Err((e, taken)) = written {
             // The token is kept as used (an answer other than 200 has the IdP send it again,
             // to be refused): out of memory here, the end is written again until it holds.
             tracing::error!("back-channel logout could not end a session signed in meanwhile: {e}");
@@ -768,7 +777,10 @@ impl Auth {
                     tokio::time::sleep(pause).await;
                     match sessions.write_end(&keys, taken, Vec::new()).await {
                         Ok(()) => return,
-                        Err((_, again)) => taken = again,
+                        Err((e, again)) => {
+                            tracing::error!("back-channel logout: the late end failed again: {e}");
+                            taken = again;
+                        }
                     }
                     pause = (pause * 2).min(std::time::Duration::from_secs(60));
                 }

@@ -672,15 +672,14 @@ impl Sessions {
         self.kept.sign_in.store(oidc.cloned().map(Arc::new));
     }
 
-    /// Whether the session `id`, just stored, is held as sign-in is configured now: a reload
-    /// to another provider (off a compromised one, say), or off sign-in, while it began ended
-    /// the sessions held then, and a reload back would bring it back.
-    pub fn holds_as_configured(&self, id: &str, now: u64) -> bool {
-        let Some(oidc) = self.kept.sign_in.load_full() else {
-            return false;
-        };
-        self.get(id)
-            .is_some_and(|(_, session)| self.holds(&session, now, &oidc))
+    /// Whether `session`, just stored, is held as sign-in is configured now: a reload to
+    /// another provider (off a compromised one, say), or off sign-in, while it began ended the
+    /// sessions held then, and a reload back would bring it back.
+    pub fn holds_as_configured(&self, session: &Session, now: u64) -> bool {
+        self.kept
+            .sign_in
+            .load_full()
+            .is_some_and(|oidc| self.holds(session, now, &oidc))
     }
 
     /// Creates a session for `identity`, in the cookie `cookie`; returns the id for the
@@ -1035,11 +1034,14 @@ impl Sessions {
 
     /// Whether a back-channel logout, here or on another replica, signed out `identity`'s
     /// session after its sign-in began (at `started`, Unix seconds) and before it was held here.
+    /// With a shared store, the replica that began the sign-in may have a clock ahead of the
+    /// one the logout came to: a sign-in begun within a minute after it counts as begun before.
     pub fn signed_out_by_idp(&self, identity: &Identity, started: u64) -> bool {
+        let skew = if self.directory.is_shared() { 60 } else { 0 };
         let used = lock(&self.kept.logout_tokens);
         let logged_out = |what, value: &str| {
             used.get(&signed_out_key(&identity.issuer, what, value))
-                .is_some_and(|until| started <= until.saturating_sub(PENDING_FOR))
+                .is_some_and(|until| started <= until.saturating_sub(PENDING_FOR) + skew)
         };
         let subject = &identity.subject;
         logged_out(SignedOut::Subject, subject)
@@ -1818,6 +1820,29 @@ mod tests {
         assert!(!sessions.signed_out_by_idp(&alice, 900));
         drop(sessions);
         assert!(!open(dir.path()).sessions.logout_token_used(issuer, "jti-1"));
+    }
+
+    /// A session stored just after a reload to another provider, or off sign-in, is not held
+    /// as sign-in is configured now (its callback gives it no cookie).
+    #[tokio::test]
+    async fn a_session_is_judged_as_sign_in_is_configured_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = open(dir.path()).sessions;
+        let id = begin(&sessions, identity("alice", 10_000), 100).await;
+        let (_, session) = sessions.get(&id).unwrap();
+        assert!(
+            !sessions.holds_as_configured(&session, 100),
+            "nothing configured"
+        );
+        sessions.configured(Some(&oidc("https://idp.test", 3600)));
+        assert!(sessions.holds_as_configured(&session, 100));
+        sessions.configured(Some(&oidc("https://another.test", 3600)));
+        assert!(
+            !sessions.holds_as_configured(&session, 100),
+            "another provider"
+        );
+        sessions.configured(None);
+        assert!(!sessions.holds_as_configured(&session, 100), "sign-in off");
     }
 
     #[tokio::test]
