@@ -2,7 +2,9 @@
 """Provisions the demo directory over SCIM, as an identity provider would: the user
 alice@example.com in the group "eng", and the AI agent "demo-agent" owned by alice, running in
 the AgenticApplication "Demo assistants". Safe to run again: existing entries are kept, and
-alice is made active and a member of "eng" again (you may have deactivated her last time)."""
+made as they were (you may have deactivated or deleted some last time): alice active and a
+member of "eng", the application active, the agent active, owned by alice, in the
+application."""
 import json
 import sys
 import urllib.error
@@ -70,7 +72,10 @@ else:
     if status != 201:
         sys.exit(f"could not create the group eng: {status} {body}")
 application = find("AgenticApplications", "name", "Demo assistants")
-if application is None:
+if application is not None:
+    patch(f"/AgenticApplications/{application}", [{"op": "replace", "value": {"active": True}}],
+          "re-activate the application")
+else:
     status, body = call("POST", "/AgenticApplications", {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:AgenticApplication"],
         "name": "Demo assistants",
@@ -80,7 +85,13 @@ if application is None:
         sys.exit(f"could not create the application: {status} {body}")
     application = body["id"]
 EXTENSION = "urn:portcullis:params:scim:schemas:extension:2.0:Agent"
-if find("Agents", "name", "demo-agent") is None:
+LINKS = {"owners": [{"value": alice, "type": "User"}], "applications": [{"value": application}]}
+agent = find("Agents", "name", "demo-agent")
+if agent is not None:
+    # alice or the application may be new (deleted last time, made again just now).
+    patch(f"/Agents/{agent}", [{"op": "replace", "value": {"active": True, EXTENSION: LINKS}}],
+          "make the agent active, owned by alice, in the application again")
+else:
     # Its name is its OAuth client's id, which its client-credentials tokens carry.
     status, body = call("POST", "/Agents", {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Agent", EXTENSION],
@@ -88,8 +99,7 @@ if find("Agents", "name", "demo-agent") is None:
         "displayName": "Demo ticket assistant",
         "agentType": "Assistant",
         "active": True,
-        EXTENSION: {"owners": [{"value": alice, "type": "User"}],
-                    "applications": [{"value": application}]},
+        EXTENSION: LINKS,
     })
     if status != 201:
         sys.exit(f"could not create the agent: {status} {body}")

@@ -21,10 +21,11 @@ fi
 wait_for() {
   local url=$1 pid=$2 log=${3:-}
   for _ in $(seq 150); do
-    python3 -c "import urllib.request; urllib.request.urlopen('$url', timeout=1)" 2>/dev/null && return 0
+    # Ours gone, an answer is another program's (one holding the port).
     if ! kill -0 "$pid" 2>/dev/null; then
       break
     fi
+    python3 -c "import urllib.request; urllib.request.urlopen('$url', timeout=1)" 2>/dev/null && return 0
     sleep 0.2
   done
   echo "demo: $url did not answer (a port taken by another program?)" >&2
@@ -43,6 +44,7 @@ trap 'kill $upstream $idp 2>/dev/null || true' EXIT
 target/debug/portcullis serve --config examples/demo.toml &
 portcullis=$!
 trap 'kill $upstream $idp $portcullis 2>/dev/null || true' EXIT
+wait_for http://127.0.0.1:8081/ $upstream
 wait_for http://127.0.0.1:9090/readyz $portcullis
 python3 examples/provision_demo.py
 wait_for http://127.0.0.1:9400/.well-known/openid-configuration $idp target/demo-idp.log
