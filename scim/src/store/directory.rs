@@ -1136,15 +1136,16 @@ fn sort_key(record: &Record, by: &AttrPath) -> Option<String> {
 }
 
 /// Sorts matches by their [`sort_key`]s. Stable: equal keys keep creation order (the rows'
-/// order as matched). Missing values sort last either way (RFC 7644 §3.4.2.3).
+/// order as matched). Missing values are "ordered last if ascending and first if descending"
+/// (RFC 7644 §3.4.2.3).
 fn sort_keyed(keyed: &mut [(Option<String>, Row)], order: SortOrder) {
     match order {
         SortOrder::Ascending => {
             keyed.sort_by(|(a, _), (b, _)| (a.is_none(), a).cmp(&(b.is_none(), b)))
         }
-        SortOrder::Descending => keyed.sort_by(|(a, _), (b, _)| {
-            (a.is_none(), std::cmp::Reverse(a)).cmp(&(b.is_none(), std::cmp::Reverse(b)))
-        }),
+        SortOrder::Descending => {
+            keyed.sort_by(|(a, _), (b, _)| (b.is_none(), b).cmp(&(a.is_none(), a)))
+        }
     }
 }
 
