@@ -1048,7 +1048,15 @@ impl ProxyHttp for Proxy {
         // no other request asks for: a websocket handshake keeps its connection open for the
         // upgrade (no `close`, see `edit_upstream_request`), and one the upstream refuses goes
         // back to the pool, logged in.
-        if logs_in_the_connection(&session.req_header().headers) {
+        //
+        // A websocket handshake goes over a connection of its own too: pingora 0.9 ends an
+        // upgraded connection at once when it reads the upstream's 101 before the handshake's
+        // own (empty) body has gone (cloudflare/pingora#946), which a pooled connection, whose
+        // upstream answers sooner, makes likely; a new one's connect and first read leave that
+        // body time to go first. (An upgraded connection is never pooled; one refused goes
+        // back under a key no other request asks for.)
+        let websocket = route.config.websockets && asks_for_websocket(session.req_header());
+        if websocket || logs_in_the_connection(&session.req_header().headers) {
             peer.group_key = rand::random();
         }
         ctx.upstream = Some(index);
