@@ -452,6 +452,8 @@ pub struct RequestCtx {
     recheck: Option<Arc<Recheck>>,
     /// A websocket or event stream: watched while open, see [`crate::streams`].
     long_lived: bool,
+    /// A websocket handshake on a route that takes them.
+    websocket: bool,
     /// A watched request went upstream asking for a websocket (with its `Upgrade`, which
     /// pingora takes off one it does not pass as such).
     upgrade_sent: bool,
@@ -546,6 +548,7 @@ impl ProxyHttp for Proxy {
             decided_at: None,
             recheck: None,
             long_lived: false,
+            websocket: false,
             upgrade_sent: false,
             preflight: false,
             destination: None,
@@ -946,8 +949,10 @@ impl ProxyHttp for Proxy {
         };
         // Swept while it is open (a websocket or an event stream, which may be silent for
         // hours); any other request is judged again at its next chunk once anything moved.
-        let long_lived = is_long_lived(req, route.config.websockets);
+        let websocket = route.config.websockets && asks_for_websocket(req);
+        let long_lived = websocket || accepts(&req.headers, b"text/event-stream");
         ctx.caller = caller;
+        ctx.websocket = websocket;
         ctx.long_lived = long_lived;
         ctx.preflight = preflight;
         ctx.destination = destination.map(|(_, sent)| sent);
@@ -1055,9 +1060,11 @@ impl ProxyHttp for Proxy {
         // upstream answers sooner, makes likely; a new one's connect and first read leave that
         // body time to go first. (An upgraded connection is never pooled; one refused goes
         // back under a key no other request asks for.)
-        let websocket = route.config.websockets && asks_for_websocket(session.req_header());
-        if websocket || logs_in_the_connection(&session.req_header().headers) {
+        if ctx.websocket || logs_in_the_connection(&session.req_header().headers) {
             peer.group_key = rand::random();
+            // Pooled (one its upstream refused), it is no one's to take: closed soon, not
+            // left to push reusable connections out of the pool.
+            peer.options.idle_timeout = Some(std::time::Duration::from_secs(1));
         }
         ctx.upstream = Some(index);
         ctx.upstream_at = Some(peer._address.clone());
@@ -1513,7 +1520,7 @@ impl RequestCtx {
                 query: req.uri.query().map(str::to_owned),
                 client: Client::of(&req.headers),
                 client_ip: self.client_ip,
-                websocket: route.config.websockets && asks_for_websocket(req),
+                websocket: self.websocket,
             };
             let told = self.forward.clone();
             let recheck = Recheck::new(self.caller.clone(), target, told, decided_at);
@@ -2464,10 +2471,6 @@ pub(crate) fn failure_status(e: &Error, cut: Option<&Recheck>, method: &http::Me
 /// `Upgrade` (pingora's `deny_upgrades`), an ordinary request, as is an upgrade to anything
 /// else (`curl --http2` on `http:` asks for `h2c`), and one that also asks for an event stream
 /// (see `edit_upstream_request`).
-fn is_long_lived(req: &RequestHeader, takes_websockets: bool) -> bool {
-    (takes_websockets && asks_for_websocket(req)) || accepts(&req.headers, b"text/event-stream")
-}
-
 /// Whether the request asks to become a websocket (`Upgrade: websocket`, in any case).
 fn asks_for_websocket(req: &RequestHeader) -> bool {
     list_elements(&req.headers, &header::UPGRADE)
