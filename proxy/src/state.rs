@@ -380,47 +380,25 @@ impl Shared {
     /// second, doubling up to a minute): with a shared store nothing else ends them, and a
     /// reload back would find them held again.
     fn end_sessions_not_held(&self, before: OidcConfig, after: Option<OidcConfig>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let auth = self.auth.clone();
+        let sessions = &self.auth.sessions;
         let now = now_unix();
-        let keys = auth.sessions.not_held(now, &before, after.as_ref());
+        let keys = sessions.not_held(now, &before, after.as_ref());
         if keys.is_empty() {
             return;
         }
         // Whose sessions a reload ended, and why, is audited as their other ends are.
-        let people = (auth.sessions).ended_by_reload(&keys, now, &before, after.as_ref());
+        let people = sessions.ended_by_reload(&keys, now, &before, after.as_ref());
         let audit = self.audit.clone();
-        let mut taken = auth.sessions.take(&keys);
-        runtime.spawn(async move {
-            let mut pause = std::time::Duration::from_secs(1);
-            loop {
-                match auth.sessions.write_end(&keys, taken, Vec::new()).await {
-                    Ok(()) => {
-                        let ended = keys.len();
-                        tracing::info!(
-                            ended,
-                            "sessions the sign-in configuration no longer holds ended"
-                        );
-                        for (who, why) in &people {
-                            audit.session(who, "config_ended", why, None);
-                        }
-                        return;
-                    }
-                    // Not put back: under the new configuration they would let in again
-                    // those it no longer holds, until a retry.
-                    Err((e, back)) => {
-                        taken = back;
-                        tracing::error!(
-                            "cannot end the sessions the sign-in configuration no longer \
-                             holds (they let nobody in here meanwhile); trying again in \
-                             {pause:?}: {e}"
-                        );
-                    }
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(60));
+        let taken = sessions.take(&keys);
+        let ended = keys.len();
+        let what = "the sessions the sign-in configuration no longer holds".to_owned();
+        sessions.write_end_until_it_holds(keys, taken, what, move || {
+            tracing::info!(
+                ended,
+                "sessions the sign-in configuration no longer holds ended"
+            );
+            for (who, why) in &people {
+                audit.session(who, "config_ended", why, None);
             }
         });
     }
@@ -609,20 +587,14 @@ impl Shared {
             (Some(agent), ..) => (who, Some(agent)),
             (_, _, Admission::Refuse(Refused::Forbid(_)), _) => (who, None),
             // (`rejudge`'s own name the agent, also for a caller no longer signed in.)
+            // (Named already: see `Recheck::who`.)
             (
                 None,
                 Some(crate::gate::Forward {
-                    named,
-                    agent: Some(agent),
+                    agent: Some(agent), ..
                 }),
                 ..,
-            ) => {
-                let who = match agent.on_behalf_of {
-                    None => named.user.clone(),
-                    Some(_) => who,
-                };
-                (who, Some(agent.clone()))
-            }
+            ) => (who, Some(agent.clone())),
             (
                 None,
                 _,

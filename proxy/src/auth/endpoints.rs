@@ -533,16 +533,31 @@ impl Auth {
             Some(_) => None,
         };
         if let Some(why) = ended_meanwhile {
-            if let Some((what, detail)) = why {
-                if let Some((key, _)) = self.sessions.get_to_end(&id) {
-                    if let Err(e) = self.sessions.end(&[key]).await {
-                        tracing::warn!("cannot end a session ended while it began: {e}");
-                    }
-                }
+            // Recorded by the end that takes it: this one's, or a late logout's.
+            if let (Some((what, detail)), Some((key, taken))) = (why, self.sessions.take_held(&id))
+            {
+                let ending = format!("a session ended while it began ({what})");
+                (self.sessions).write_end_until_it_holds(vec![key], taken, ending, || {});
                 self.audit.session(&who, what, detail, req.client);
             }
-            let cookies = vec![browser_cookie(req.tls, &cookie_name, "", 0)];
-            return redirect(&return_to, cookies);
+            // A page, not the way back: a sign-in started from there again may come back under
+            // the same IdP session (one the IdP kept), within the minute replicas' clocks
+            // are allowed apart, and be refused again, and again.
+            let mut reply = Reply::page(
+                StatusCode::OK,
+                "Signed out",
+                &format!(
+                    "<p>Your sign-in was ended while it was under way: your identity provider \
+                     signed you out, or sign-in was configured anew.</p><p><a href=\"{}\">Sign in \
+                     again</a></p>",
+                    crate::reply::escape(&return_to)
+                ),
+            );
+            reply.headers.push((
+                header::SET_COOKIE,
+                browser_cookie(req.tls, &cookie_name, "", 0),
+            ));
+            return reply;
         }
         self.audit.session(&who, "sign_in", "", req.client);
         let keep = oidc.max_sessions_per_person;
@@ -761,30 +776,12 @@ impl Auth {
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
-        let taken = self.sessions.take(&late_keys);
-        let written = match late_keys.is_empty() {
-            true => Ok(()),
-            false => (self.sessions.write_end(&late_keys, taken, Vec::new())).await,
-        };
-        if let Err((e, taken)) = written {
+        if !late_keys.is_empty() {
             // The token is kept as used (an answer other than 200 has the IdP send it again,
-            // to be refused): out of memory here, the end is written again until it holds.
-            tracing::error!("back-channel logout could not end a session signed in meanwhile: {e}");
-            let (sessions, keys) = (self.sessions.clone(), late_keys.clone());
-            tokio::spawn(async move {
-                let (mut taken, mut pause) = (taken, std::time::Duration::from_secs(1));
-                loop {
-                    tokio::time::sleep(pause).await;
-                    match sessions.write_end(&keys, taken, Vec::new()).await {
-                        Ok(()) => return,
-                        Err((e, again)) => {
-                            tracing::error!("back-channel logout: the late end failed again: {e}");
-                            taken = again;
-                        }
-                    }
-                    pause = (pause * 2).min(std::time::Duration::from_secs(60));
-                }
-            });
+            // to be refused): out of memory here, the end is written until it holds.
+            let taken = self.sessions.take(&late_keys);
+            let what = "the sessions signed in while a back-channel logout came".to_owned();
+            (self.sessions).write_end_until_it_holds(late_keys.clone(), taken, what, || {});
         }
         // Whom the IdP signed out: the people whose sessions these were. None held (signed out
         // already): nothing ended.

@@ -998,6 +998,59 @@ impl Sessions {
         Taken(taken)
     }
 
+    /// [`Sessions::take`] of the session `id` only where no other end is taking it: this end
+    /// is then the one that ends it (and records it).
+    pub fn take_held(&self, id: &str) -> Option<(SessionKey, Taken)> {
+        let key = key_of(id);
+        // `ending` before `sessions`, as `take` holds them.
+        let taken = match self.kept.ending.entry(key) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(ending) => {
+                let (_, session) = self.kept.sessions.remove(&key)?;
+                ending.insert((session, 1));
+                Some((key, Taken(vec![key])))
+            }
+        };
+        if taken.is_some() {
+            self.kept.ended();
+        }
+        taken
+    }
+
+    /// Writes the end of the sessions `keys`, [`Sessions::take`]n, until the store takes it: at
+    /// once, then again after a second, doubling up to a minute. They stay out of memory here
+    /// meanwhile (put back, they would let in again; with a shared store nothing else ends
+    /// them). `done` runs once it is written; `what` names them in the log.
+    pub fn write_end_until_it_holds(
+        &self,
+        keys: Vec<SessionKey>,
+        taken: Taken,
+        what: String,
+        done: impl FnOnce() + Send + 'static,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let sessions = self.clone();
+        runtime.spawn(async move {
+            let (mut taken, mut pause) = (taken, std::time::Duration::from_secs(1));
+            loop {
+                match sessions.write_end(&keys, taken, Vec::new()).await {
+                    Ok(()) => return done(),
+                    Err((e, back)) => {
+                        taken = back;
+                        tracing::error!(
+                            "cannot end {what} (they let nobody in here meanwhile); trying again \
+                             in {pause:?}: {e}"
+                        );
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
+    }
+
     /// Writes the end of the sessions `keys`, [`Sessions::take`]n, with `entries`. If the store
     /// refuses, they are still out of memory here, [`Sessions::put_back`] or to be written again.
     pub async fn write_end(
