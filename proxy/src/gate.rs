@@ -798,6 +798,11 @@ impl Gate<'_> {
                 AgentLookup::Unknown => None,
                 AgentLookup::Ambiguous(_) | AgentLookup::Deleted => Some(None),
             })?;
+        // An agent's own token whose agent was deleted or is ambiguous: refused as the
+        // client's, with no agent, as `Gate::agent` refuses it.
+        if token.for_itself && found.is_none() {
+            return None;
+        }
         let mut record = found.unwrap_or_else(|| AgentRecord {
             name: value.to_owned(),
             owners: Vec::new(),

@@ -190,11 +190,22 @@ impl Recheck {
         self.session_cookie.get().map(|id| &**id)
     }
 
-    /// Who it was opened by, for the audit log: the caller, or `anonymous`.
+    /// Who it was opened by, for the audit log: the caller (an agent acting for itself as the
+    /// upstream was told of it, `agent:<name>`, as its requests are recorded), or `anonymous`.
     pub fn who(&self) -> String {
-        self.caller
-            .as_ref()
-            .map_or_else(|| "anonymous".to_owned(), Caller::log_name)
+        match (&self.told, &self.caller) {
+            (Some(told), Some(_))
+                if told
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.on_behalf_of.is_none()) =>
+            {
+                told.named.user.clone()
+            }
+            (_, caller) => caller
+                .as_ref()
+                .map_or_else(|| "anonymous".to_owned(), Caller::log_name),
+        }
     }
 
     fn decided_at(&self) -> Marks {
