@@ -35,6 +35,15 @@ wait_for() {
   exit 1
 }
 
+# Ports another program (an earlier demo still running, say) holds: its answers would be
+# taken for the demo's.
+for port in 8080 8081 9090 9400; do
+  if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=1)" 2>/dev/null; then
+    echo "demo: port $port is taken by another program (an earlier demo? stop it first)" >&2
+    exit 1
+  fi
+done
+
 python3 examples/upstream.py 127.0.0.1 8081 &
 upstream=$!
 IDP_DETACHED=1 node tests/idp/idp.mjs examples/demo-idp.json >target/demo-idp.log 2>&1 &
