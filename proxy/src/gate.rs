@@ -798,8 +798,8 @@ impl Gate<'_> {
                 AgentLookup::Unknown => None,
                 AgentLookup::Ambiguous(_) | AgentLookup::Deleted => Some(None),
             })?;
-        // An agent's own token whose agent was deleted or is ambiguous: refused as the
-        // client's, with no agent, as `Gate::agent` refuses it.
+        // An agent's own token whose agent was deleted or is ambiguous: no record, as
+        // `Gate::agent` refuses it (see `Gate::token_refused_as` for whom it names).
         if token.for_itself && found.is_none() {
             return None;
         }
@@ -814,11 +814,19 @@ impl Gate<'_> {
     }
 
     /// Whom a refusal of `token` names, with the agent acting with it ([`Gate::acting_agent`]):
-    /// an agent's own token as the agent, any other as its caller.
+    /// an agent's own token as the agent (`agent:` and the value it was looked up by where the
+    /// directory's agent of it was deleted or is ambiguous, as `Gate::agent` names it), any
+    /// other as its caller.
     pub fn token_refused_as(&self, token: &Machine) -> (String, Option<AgentRecord>) {
         let agent = self.acting_agent(token);
         let who = match &agent {
             Some(agent) if agent.on_behalf_of.is_none() => agent_user(&agent.name),
+            None if token.for_itself && token.act.is_none() => {
+                match client_claim(&self.identity.agent_claim, token) {
+                    Some(value) if self.agent_known(value) => agent_user(value),
+                    _ => Principal::Machine(token).log_name(),
+                }
+            }
             _ => Principal::Machine(token).log_name(),
         };
         (who, agent)
@@ -3314,6 +3322,19 @@ mod tests {
             ..agent_token("helper")
         };
         assert_eq!(gate.acting_agent(&claiming), None);
+        // An agent's own token whose agent was deleted: named as `Gate::agent` names it, the
+        // value it was looked up by, with no record.
+        let gone = world.agent("gone", &[], &[], None).await;
+        world
+            .scim(Method::DELETE, &format!("/Agents/{gone}"), Value::Null)
+            .await;
+        let gate = world.gate();
+        let (who, agent) = gate.token_refused_as(&agent_token("gone"));
+        assert_eq!((who.as_str(), agent), ("agent:gone", None));
+        // A client no agent ever was: as the client.
+        let (who, agent) = gate.token_refused_as(&agent_token("stranger"));
+        assert_eq!(agent, None);
+        assert!(!who.starts_with("agent:"), "{who}");
         // An agent's own token: the agent, for no one, named as an agent.
         let (who, agent) = gate.token_refused_as(&agent_token("helper"));
         let agent = agent.expect("the agent");

@@ -948,7 +948,11 @@ impl ProxyHttp for Proxy {
             _ => None,
         };
         // Swept while it is open (a websocket or an event stream, which may be silent for
-        // hours); any other request is judged again at its next chunk once anything moved.
+        // hours); any other request is judged again at its next chunk once anything moved. A
+        // websocket only on a route that takes them: elsewhere it goes upstream without its
+        // `Upgrade` (pingora's `deny_upgrades`), an ordinary request, as is an upgrade to
+        // anything else (`curl --http2` on `http:` asks for `h2c`), and one that also asks for
+        // an event stream (see `edit_upstream_request`).
         let websocket = route.config.websockets && asks_for_websocket(req);
         let long_lived = websocket || accepts(&req.headers, b"text/event-stream");
         ctx.caller = caller;
@@ -2466,11 +2470,6 @@ pub(crate) fn failure_status(e: &Error, cut: Option<&Recheck>, method: &http::Me
     }
 }
 
-/// A websocket upgrade or an event stream: a request that may stay open for hours. A
-/// websocket only on a route that `takes_websockets`: elsewhere it goes upstream without its
-/// `Upgrade` (pingora's `deny_upgrades`), an ordinary request, as is an upgrade to anything
-/// else (`curl --http2` on `http:` asks for `h2c`), and one that also asks for an event stream
-/// (see `edit_upstream_request`).
 /// Whether the request asks to become a websocket (`Upgrade: websocket`, in any case).
 fn asks_for_websocket(req: &RequestHeader) -> bool {
     list_elements(&req.headers, &header::UPGRADE)

@@ -536,7 +536,7 @@ impl Auth {
             // Recorded by the end that takes it: this one's, or a late logout's.
             if let (Some((what, detail)), Some((key, taken))) = (why, self.sessions.take_held(&id))
             {
-                let ending = format!("a session ended while it began ({what})");
+                let ending = "the session of a sign-in ended while it began".to_owned();
                 (self.sessions).write_end_until_it_holds(vec![key], taken, ending, || {});
                 self.audit.session(&who, what, detail, req.client);
             }

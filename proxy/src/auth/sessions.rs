@@ -1029,6 +1029,8 @@ impl Sessions {
         done: impl FnOnce() + Send + 'static,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // (Every caller runs on a runtime.) Out of memory here, they let nobody in.
+            tracing::error!("cannot end {what}: no runtime to write it on");
             return;
         };
         let sessions = self.clone();
