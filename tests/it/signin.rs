@@ -2109,17 +2109,43 @@ async fn a_backchannel_logout_from_the_idp_ends_the_session() {
     assert_eq!((without, too_large), (2, 1), "{records:#?}");
 }
 
-/// A back-channel logout is answered from the sessions held when it comes: one whose sign-in
-/// is still being finished (its code issued, its session not yet stored) was not among them.
-/// The IdP session it is of is kept signed out meanwhile: the sign-in gets no session.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_sign_in_whose_idp_session_is_logged_out_while_it_finishes_gets_no_session() {
+/// A fixture whose IdP sends its back-channel logouts to a recorder, not to Portcullis: the
+/// test holds a real logout token ([`recorded_logout`]) and posts it itself ([`post_logout`]).
+async fn recording_logouts() -> (Recorder, Fixture) {
     let rp = Recorder::start().await;
     let fx = Fixture::start_with(Options {
         backchannel: Backchannel::At(rp.url("/bcl")),
         ..Options::default()
     })
     .await;
+    (rp, fx)
+}
+
+/// The logout token the IdP sent to the recorder of [`recording_logouts`].
+async fn recorded_logout(rp: &Recorder) -> String {
+    rp.wait_for("/bcl", WAIT)
+        .await
+        .form("logout_token")
+        .expect("logout_token")
+}
+
+/// Posts `token` to Portcullis' back-channel logout endpoint; the answer's status.
+async fn post_logout(fx: &Fixture, token: String) -> StatusCode {
+    bare_client()
+        .post(fx.url("127.0.0.1", "/.portcullis/backchannel_logout"))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A back-channel logout is answered from the sessions held when it comes: one whose sign-in
+/// is still being finished (its code issued, its session not yet stored) was not among them.
+/// The IdP session it is of is kept signed out meanwhile: the sign-in gets no session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_whose_idp_session_is_logged_out_while_it_finishes_gets_no_session() {
+    let (rp, fx) = recording_logouts().await;
     let page = fx.app_url("/dashboard");
     let browser = client();
     let authorize = fx.start_sign_in(&browser, &page).await;
@@ -2130,19 +2156,8 @@ async fn a_sign_in_whose_idp_session_is_logged_out_while_it_finishes_gets_no_ses
         .backchannel_logout_keeping_sessions("alice", CLIENT_ID)
         .await;
     assert_eq!(sids.len(), 1);
-    let token = rp
-        .wait_for("/bcl", WAIT)
-        .await
-        .form("logout_token")
-        .expect("logout_token");
-    let endpoint = fx.url("127.0.0.1", "/.portcullis/backchannel_logout");
-    let posted = bare_client()
-        .post(&endpoint)
-        .form(&[("logout_token", token)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(posted.status(), StatusCode::OK);
+    let token = recorded_logout(&rp).await;
+    assert_eq!(post_logout(&fx, token).await, StatusCode::OK);
 
     // The code is still good at the IdP; the session it would begin is not. A page says so,
     // with the way back to sign in again (not sent there: a sign-in under the same IdP
@@ -2172,51 +2187,30 @@ async fn a_sign_in_whose_idp_session_is_logged_out_while_it_finishes_gets_no_ses
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_or_misused_logout_token_is_refused() {
-    // The IdP's back-channel logout goes to a recorder, so the test holds a real logout token
-    // and posts it to Portcullis itself.
-    let rp = Recorder::start().await;
-    let fx = Fixture::start_with(Options {
-        backchannel: Backchannel::At(rp.url("/bcl")),
-        ..Options::default()
-    })
-    .await;
+    let (rp, fx) = recording_logouts().await;
     let page = fx.app_url("/dashboard");
     let alice = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     let sids = fx.idp.backchannel_logout("alice", CLIENT_ID).await;
     assert_eq!(sids.len(), 1);
-    let token = rp
-        .wait_for("/bcl", WAIT)
-        .await
-        .form("logout_token")
-        .expect("logout_token");
+    let token = recorded_logout(&rp).await;
     assert_session_works(&page, &alice.cookie).await;
-
-    let endpoint = fx.url("127.0.0.1", "/.portcullis/backchannel_logout");
-    let post = |token: String| {
-        let endpoint = endpoint.clone();
-        async move {
-            bare_client()
-                .post(&endpoint)
-                .form(&[("logout_token", token)])
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
 
     // An ID token of the same IdP and client is not a logout token (it has a nonce and no
     // logout event).
     let tokens = fx.code_flow_tokens(ALICE, ALICE_PASSWORD).await;
     let id_token = tokens["id_token"].as_str().unwrap().to_owned();
-    assert_eq!(post(id_token).await, StatusCode::BAD_REQUEST, "an ID token");
+    assert_eq!(
+        post_logout(&fx, id_token).await,
+        StatusCode::BAD_REQUEST,
+        "an ID token"
+    );
     // An access token for a resource neither.
     let access = fx
         .idp
         .client_credentials_token(MACHINE_ID, MACHINE_SECRET, None)
         .await;
     assert_eq!(
-        post(access).await,
+        post_logout(&fx, access).await,
         StatusCode::BAD_REQUEST,
         "an access token"
     );
@@ -2225,20 +2219,20 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
     let sig = parts[2].clone();
     parts[2] = format!("{}{}", &sig[..sig.len() - 4], "AAAA");
     assert_eq!(
-        post(parts.join(".")).await,
+        post_logout(&fx, parts.join(".")).await,
         StatusCode::BAD_REQUEST,
         "a bad signature"
     );
     assert_session_works(&page, &alice.cookie).await;
 
     // The real token, once: 200 and alice's session is over.
-    assert_eq!(post(token.clone()).await, StatusCode::OK);
+    assert_eq!(post_logout(&fx, token.clone()).await, StatusCode::OK);
     assert_session_refused(&fx, &page, &alice.cookie).await;
 
     // Replayed: refused.
     let alice2 = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     assert_eq!(
-        post(token.clone()).await,
+        post_logout(&fx, token.clone()).await,
         StatusCode::BAD_REQUEST,
         "a replayed token"
     );
@@ -2257,7 +2251,7 @@ async fn a_replayed_or_misused_logout_token_is_refused() {
     // Verifiable (the IdP's keys fetched again), so that a 400 is the replay's.
     fx.wait_sign_in_available(WAIT).await;
     assert_eq!(
-        post(token).await,
+        post_logout(&fx, token).await,
         StatusCode::BAD_REQUEST,
         "a token replayed after a restart"
     );
