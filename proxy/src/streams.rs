@@ -193,18 +193,24 @@ impl Recheck {
     /// Who it was opened by, for the audit log: the caller (an agent acting for itself as the
     /// upstream was told of it, `agent:<name>`, as its requests are recorded), or `anonymous`.
     pub fn who(&self) -> String {
-        match (&self.told, &self.caller) {
-            (Some(told), Some(_))
-                if told
-                    .agent
-                    .as_ref()
-                    .is_some_and(|a| a.on_behalf_of.is_none()) =>
+        self.named(self.caller.as_ref())
+            .unwrap_or_else(|| "anonymous".to_owned())
+    }
+
+    /// The name `caller` (its own caller, or none) goes by in the audit log: an agent acting
+    /// for itself as the upstream was told of it, `agent:<name>`, else the caller's own.
+    fn named(&self, caller: Option<&Caller>) -> Option<String> {
+        match &self.told {
+            Some(told)
+                if caller.is_some()
+                    && told
+                        .agent
+                        .as_ref()
+                        .is_some_and(|a| a.on_behalf_of.is_none()) =>
             {
-                told.named.user.clone()
+                Some(told.named.user.clone())
             }
-            (_, caller) => caller
-                .as_ref()
-                .map_or_else(|| "anonymous".to_owned(), Caller::log_name),
+            _ => caller.map(Caller::log_name),
         }
     }
 
@@ -304,17 +310,8 @@ pub fn rejudge(
     // Named as the 403 page names a caller: nobody (or one no longer signed in) is nobody,
     // not "anonymous". An agent's connection is its agent's (with the person it acts for), as
     // its upstream was told when it opened.
-    let told_agent = open
-        .told
-        .as_ref()
-        .and_then(|told| Some((told, told.agent.as_ref()?)));
-    let who = || match told_agent {
-        Some((told, agent)) if agent.on_behalf_of.is_none() && caller.is_some() => {
-            Some(told.named.user.clone())
-        }
-        _ => caller.map(Caller::log_name),
-    };
-    let agent = || told_agent.map(|(_, agent)| agent.clone());
+    let who = || open.named(caller);
+    let agent = || open.told.as_ref().and_then(|told| told.agent.clone());
     let gone = |reason: &str| {
         Admission::Refuse(Refused::Forbid(Refusal {
             who: who(),
