@@ -94,10 +94,8 @@ impl Admin {
                 let presented = req
                     .headers
                     .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.split_once(' '))
-                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, presented)| is_token(token, presented.trim()));
+                    .and_then(|v| crate::auth::own_bearer(v.as_bytes()))
+                    .map(|presented| is_token(token, presented));
                 let why = match presented {
                     Some(true) => return Ok(()),
                     Some(false) => "the bearer token is not the [admin] token",
@@ -346,8 +344,8 @@ impl ServeHttp for Admin {
 }
 
 /// Whether `presented` is the `[admin]` token, compared in constant time.
-pub fn is_token(token: &portcullis_config::AdminToken, presented: &str) -> bool {
-    let digest = Sha256::digest(presented.as_bytes());
+pub fn is_token(token: &portcullis_config::AdminToken, presented: &[u8]) -> bool {
+    let digest = Sha256::digest(presented);
     bool::from(digest.as_slice().ct_eq(&token.sha256))
 }
 

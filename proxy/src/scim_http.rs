@@ -79,16 +79,7 @@ impl Scim {
     fn authenticate(&self, authorization: Option<&[u8]>, now_unix: i64) -> Result<&str, String> {
         let not_bearer = || "the Authorization header holds no bearer token".to_owned();
         let value = authorization.ok_or_else(|| "no SCIM bearer token was presented".to_owned())?;
-        let (scheme, token) = value.split_at(
-            value
-                .iter()
-                .position(|&b| b == b' ')
-                .ok_or_else(not_bearer)?,
-        );
-        let token = token.trim_ascii();
-        if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
-            return Err(not_bearer());
-        }
+        let token = crate::auth::own_bearer(value).ok_or_else(not_bearer)?;
         let token = self
             .find(token)
             .ok_or_else(|| "the bearer token is not one of the SCIM tokens".to_owned())?;

@@ -180,7 +180,7 @@ impl Runtime {
                 .admin
                 .as_ref()
                 .and_then(|admin| admin.token.as_ref())
-                .is_some_and(|admin| crate::admin::is_token(admin, token))
+                .is_some_and(|admin| crate::admin::is_token(admin, token.as_bytes()))
     }
 
     /// Whether a request that arrived at `local` without TLS was made over https all the same:

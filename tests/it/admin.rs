@@ -496,8 +496,9 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
         "{out:?}"
     );
 
-    // A reload that rotates the token: the old one is refused at once, the new one works.
-    const ROTATED: &str = "rotated-admin-token-0123456789abcd";
+    // A reload that rotates the token: the old one is refused at once, the new one works (one
+    // not all ASCII: a header may carry it, as configuration may).
+    const ROTATED: &str = "rotated-admin-tokén-0123456789abcd";
     px.rewrite_config(&cfg.clone().admin_token(ROTATED).toml());
     px.reload_and_wait().await;
     let with = |token: &'static str| client.get(&metrics).bearer_auth(token).send();

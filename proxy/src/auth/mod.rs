@@ -1041,6 +1041,17 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
+/// The token of an `Authorization` value `value` of the `Bearer` scheme (in any case), as
+/// Portcullis reads its own tokens (SCIM's, the admin's): all after the first space, without
+/// the spaces around it, as bytes (a header value may hold any byte from 0x80 up, which a
+/// configured token may too). None if the value is of another scheme or holds no token.
+pub fn own_bearer(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    let token = token.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The values of every cookie named `name` (see [`crate::cookies`]), in the order sent, from
 /// `Cookie` headers of at most `MAX_COOKIE_BYTES` in all; a value that is not text is none of
 /// Portcullis' cookies.
