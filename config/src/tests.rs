@@ -1051,6 +1051,16 @@ to = ["http://127.0.0.1:3001"]
             problems: &[("scim.host", Some(11), "lower case: `auth.example.com`")],
         },
         Case {
+            // Only a route whose every path SCIM takes first: `/scim` on the SCIM host, and
+            // `/scim/v2` on another host, are reached.
+            name: "a route under /scim/v2 on the SCIM host",
+            text: "data_dir = \"data\"\nLISTENERS\n[[routes]]\nfrom = \"https://auth.example.com/scim/v2/\"\nto = [\"http://127.0.0.1:3000\"]\n[[routes]]\nfrom = \"http://auth.example.com/scim/v2/Users\"\nto = [\"http://127.0.0.1:3000\"]\n[[routes]]\nfrom = \"https://auth.example.com/scim\"\nto = [\"http://127.0.0.1:3000\"]\n[[routes]]\nfrom = \"https://app.example.com/scim/v2\"\nto = [\"http://127.0.0.1:3000\"]\n[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
+            problems: &[
+                ("routes[0].from", Some(11), "SCIM answers every request under `/scim/v2` on `auth.example.com`"),
+                ("routes[1].from", Some(14), "this route would get none of its paths"),
+            ],
+        },
+        Case {
             name: "scim host with a wildcard",
             text: "data_dir = \"data\"\nLISTENERS\n[scim]\nhost = \"*.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"SECRET\"\n",
             problems: &[("scim.host", Some(11), "not a host name")],

@@ -219,12 +219,29 @@ pub(crate) fn convert(
     denies_shadowed(&routes, &root.key("routes"), p);
     wildcards_shadowed(&routes, &root.key("routes"), p);
 
-    // The SCIM host may equal a route's host on purpose (see `ScimConfig`), so it is not
-    // compared with the routes.
+    // The SCIM host may equal a route's host on purpose (see `ScimConfig`): only a route
+    // all of whose paths SCIM answers first, as they are spelled, is refused.
     let scim = match file.scim {
         None => Some(None),
         Some(raw) => scim(raw, &root.key("scim"), base_dir, env, p).map(Some),
     };
+    if let Some(Some(scim)) = &scim {
+        for (_, host, prefix, i) in &route_keys {
+            let under_scim = prefix
+                .strip_prefix("/scim/v2")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if *host == scim.host && under_scim {
+                p.add(
+                    &root.key("routes").index(*i).key("from"),
+                    format!(
+                        "SCIM answers every request under `/scim/v2` on `{host}`, before any \
+                         route is looked up: this route would get none of its paths as \
+                         written; give SCIM another host, or the route another path"
+                    ),
+                );
+            }
+        }
+    }
 
     let oidc = match file.oidc {
         None => Some(None),
