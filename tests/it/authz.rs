@@ -1765,12 +1765,22 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     let t = Authz::start().await;
     let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
 
-    // A machine's token with its signature changed, and something that is no JWT at all.
+    // A machine's token with its signature changed, and something that is no JWT at all; the
+    // token's claims under `"alg": "none"`, and its header over claims that name no issuer.
     let token = t.machine_token().await;
     let (signed, signature) = token.rsplit_once('.').unwrap();
     let forged = format!("{signed}.{}", signature.chars().rev().collect::<String>());
+    let (header, claims) = signed.split_once('.').unwrap();
+    let b64 = |json: &str| {
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, json)
+    };
+    let unsigned = format!(
+        "{}.{claims}.{signature}",
+        b64(r#"{"alg":"none","typ":"JWT"}"#)
+    );
+    let no_issuer = format!("{header}.{}.{signature}", b64(r#"{"sub":"build-bot"}"#));
     let api = t.api_url("/v1/jobs");
-    for bearer in [forged.as_str(), "not-a-jwt-at-all"] {
+    for bearer in [&forged, "not-a-jwt-at-all", &unsigned, &no_issuer] {
         let resp = bare_client()
             .get(&api)
             .bearer_auth(bearer)
@@ -1802,7 +1812,7 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
     let records = crate::audit::audit_json_until(&t.fx.px, &[], |r| {
-        crate::audit::of_event(r, "refusal").len() >= 5
+        crate::audit::of_event(r, "refusal").len() >= 7
     })
     .await;
     let refusals = crate::audit::of_event(&records, "refusal");
@@ -1822,7 +1832,7 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
 
     // Tokens: by nobody (whatever their claims say), with what was wrong.
     let tokens = on(API_ROUTE);
-    assert_eq!(tokens.len(), 2, "{refusals:#?}");
+    assert_eq!(tokens.len(), 4, "{refusals:#?}");
     for refusal in &tokens {
         assert_eq!(refusal["user"], "anonymous", "{refusal}");
         assert_eq!(refusal["path"], "/v1/jobs", "{refusal}");
@@ -1840,6 +1850,12 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
         "{why:?}"
     );
     assert!(why[1].contains("not a compact JWS"), "{why:?}");
+    // An algorithm jsonwebtoken has no name for is one not allowed, as HS256 is.
+    assert!(
+        why[2].ends_with("the token's algorithm is not allowed"),
+        "{why:?}"
+    );
+    assert!(why[3].ends_with("it names no issuer (iss)"), "{why:?}");
 
     let sign_in = on("oidc");
     assert_eq!(sign_in.len(), 1, "{refusals:#?}");

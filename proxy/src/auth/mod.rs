@@ -741,12 +741,19 @@ impl Auth {
         let bytes =
             base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
                 .map_err(|_| JwtError::Malformed)?;
-        let claimed: IssuerOnly =
-            serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
+        let claimed: IssuerOnly = serde_json::from_slice(&bytes).map_err(|_| {
+            // Claims without a textual `iss` are a JWT's all the same.
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(claims) if claims.is_object() => {
+                    JwtError::Invalid("it names no issuer (iss)".into())
+                }
+                _ => JwtError::Malformed,
+            }
+        })?;
         // An access token says it is one (RFC 9068: `at+jwt`) or says nothing of its type
         // (`JWT`, or no `typ`: Okta, Entra); another type (`logout+jwt`, `dpop+jwt`, a
         // `secevent+jwt`) is some other token.
-        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        let header = jwt::decode_header(token)?;
         if let Some(typ) = header.typ.as_deref() {
             // Media types are case-insensitive (RFC 9110 §8.3.1).
             let prefix = "application/";
