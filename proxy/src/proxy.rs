@@ -2551,7 +2551,10 @@ enum Again {
 /// - the method overrides (`X-HTTP-Method-Override`, `X-Method-Override`, `X-HTTP-Method`),
 ///   which would let a client dodge a rule on methods;
 /// - `X-Script-Name`, the mount point a common Flask recipe strips from the path;
-/// - `X-Scheme`, which Tornado reads before `X-Forwarded-Proto`;
+/// - the schemes a client could claim: `X-Scheme`, which Tornado reads before
+///   `X-Forwarded-Proto`, `Front-End-Https`, which CodeIgniter reads after it (so an http
+///   request would be https to it), and Jetty's `X-Proxied-Https`, `Proxy-Ssl-Id` and
+///   `Proxy-Auth-Cert` (the TLS session and cipher a request came over, to its forwarding);
 /// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
 ///   Rack before 2.2.20 and 3.1.18 reads from the request: a client's would make a download
 ///   an `X-Accel-Redirect` to a file it chose (CVE-2025-61780);
@@ -2568,7 +2571,7 @@ enum Again {
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 21] = [
+    const NAMES: [&[u8]; 25] = [
         b"forwarded",
         b"x-forwarded",
         b"forwarded-for",
@@ -2586,6 +2589,10 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-http-method",
         b"x-script-name",
         b"x-scheme",
+        b"front-end-https",
+        b"x-proxied-https",
+        b"proxy-ssl-id",
+        b"proxy-auth-cert",
         b"x-sendfile-type",
         b"x-accel-mapping",
         b"x-middleware-subrequest",

@@ -312,7 +312,8 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: {connection}\r\n\
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
-             X-Forwarded-For: 203.0.113.9\r\n\r\n"
+             X-Forwarded-For: 203.0.113.9\r\nFront-End-Https: on\r\nX-Proxied-Https: on\r\n\
+             Proxy-Ssl-Id: 0a1b\r\nProxy-Auth-Cert: TLS_AES_128_GCM_SHA256\r\n\r\n"
         );
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
@@ -333,6 +334,15 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
             vec!["http"],
             "{case}: the scheme is the one the client really used"
         );
+        // Which CodeIgniter reads when X-Forwarded-Proto says http, and Jetty beside it.
+        for https in [
+            "front-end-https",
+            "x-proxied-https",
+            "proxy-ssl-id",
+            "proxy-auth-cert",
+        ] {
+            assert!(echo.header_all(https).is_empty(), "{case}: {https}");
+        }
         assert_eq!(
             echo.header_all("x-forwarded-host"),
             vec![format!("app.test:{port}")],
