@@ -306,12 +306,12 @@ impl Console {
         html.push_str(
             "<div class=\"table\"><table><thead><tr><th>User</th><th>Gets in</th></tr></thead><tbody>",
         );
-        // One page for both lists: the longer one's last is the last.
-        let skip = page_skip(params, reach.users.len().max(reach.agents.len()));
+        // One page number for both lists, each showing its own last past its end, as its
+        // pager names it.
         let page: Vec<(Row, Via)> = reach
             .users
             .iter()
-            .skip(skip)
+            .skip(page_skip(params, reach.users.len()))
             .take(PAGE_SIZE)
             .copied()
             .collect();
@@ -342,6 +342,7 @@ impl Console {
         html.push_str(&paged(reach.users.len(), "user"));
         if !reach.agents.is_empty() {
             html.push_str("<h2>Agents</h2><ul>");
+            let skip = page_skip(params, reach.agents.len());
             for (id, name) in reach.agents.iter().skip(skip).take(PAGE_SIZE) {
                 html.push_str(&format!(
                     "<li><a href=\"{}\">{}</a></li>",

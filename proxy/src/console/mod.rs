@@ -355,7 +355,8 @@ mod pages {
     #[tokio::test]
     async fn a_route_page_pages_its_agents() {
         let bots = "[[routes]]\nfrom = \"http://bots.test\"\nto = [\"http://127.0.0.1:3\"]\n\
-                    accept = [\"bearer\"]\nallow = { agent_groups = [\"bots\"] }";
+                    accept = [\"bearer\"]\n\
+                    allow = [{ agent_groups = [\"bots\"] }, { users = [\"alice@corp.example\"] }]";
         let world = World::with(crate::testing::config(bots));
         let alice = world.user("alice@corp.example").await;
         let app = world.application("assistant").await;
@@ -384,6 +385,12 @@ mod pages {
         let second = text(&second);
         assert!(
             second.contains(">bot-59<") && !second.contains(">bot-49<"),
+            "{second}"
+        );
+        // Each list shows the page its pager names: the one user's last page is its first.
+        assert!(
+            second.contains(">alice@corp.example</a></td>")
+                && second.contains("1 user · page 1 of 1"),
             "{second}"
         );
     }
