@@ -2044,7 +2044,7 @@ pub fn parse_since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
     if let Ok(time) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(time);
     }
-    let bad = || format!("--since {text:?}: expected an RFC 3339 time or a duration like 1h, 30m");
+    let bad = || format!("{text:?}: expected an RFC 3339 time or a duration like 1h, 30m");
     let back = crate::clock::parse_duration(text).map_err(|_| bad())?;
     let back = time::Duration::try_from(back).map_err(|_| bad())?;
     now.checked_sub(back).ok_or_else(bad)

@@ -187,7 +187,8 @@ fn main() -> ExitCode {
             let printed = load_config(&config).and_then(|loaded| {
                 let since = since
                     .map(|s| audit::parse_since(&s, time::OffsetDateTime::now_utc()))
-                    .transpose()?;
+                    .transpose()
+                    .map_err(|e| format!("--since {e}"))?;
                 let filter = audit::Filter {
                     user,
                     since,

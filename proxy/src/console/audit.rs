@@ -49,8 +49,8 @@ struct Asked {
     since: String,
     until: String,
     filter: Filter,
-    /// Why a time was not understood.
-    problem: Option<String>,
+    /// Why each time not understood was not, by its field.
+    problems: Vec<String>,
 }
 
 fn asked(query: &str, now: OffsetDateTime) -> Asked {
@@ -67,19 +67,23 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
         field("since"),
         field("until"),
     );
-    let mut problem = None;
-    let mut time = |text: &str| {
+    let mut problems = Vec::new();
+    let mut time = |name: &str, text: &str| {
         (!text.is_empty())
             .then(|| parse_since(text, now))
-            .and_then(|parsed| parsed.map_err(|e| problem = Some(e)).ok())
+            .and_then(|parsed| {
+                parsed
+                    .map_err(|e| problems.push(format!("{name} {e}")))
+                    .ok()
+            })
     };
     let filter = Filter {
         user: (!who.is_empty()).then(|| who.clone()),
         // The console knows the directory; `Console::audit_page` looks the user up.
         about: None,
         aliases: HashSet::new(),
-        since: time(&since),
-        until: time(&until),
+        since: time("since", &since),
+        until: time("until", &until),
         kind: KINDS
             .iter()
             .find(|(k, _)| *k == kind)
@@ -93,7 +97,7 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
         since,
         until,
         filter,
-        problem,
+        problems,
     }
 }
 
@@ -289,7 +293,7 @@ impl Console {
             escape(&asked.since),
             escape(&asked.until)
         );
-        if let Some(problem) = &asked.problem {
+        for problem in &asked.problems {
             html.push_str(&format!("<p class=\"no\">{}</p>", escape(problem)));
         }
         // A page past the last (a relative `since` moved on between two clicks, say) is shown

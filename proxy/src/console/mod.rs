@@ -742,6 +742,14 @@ mod pages {
         let html = text(&console.get("audit", "since=1h&kind=refusal&page=5")).to_owned();
         assert!(html.contains("page 2 of 2"), "{html}");
         assert!(html.contains("GET /recent-0 on"), "{html}");
+        // Each time not understood is named by its own field.
+        let html = text(&console.get("audit", "since=soon&until=yesterday")).to_owned();
+        for field in [
+            "since &quot;soon&quot;: expected",
+            "until &quot;yesterday&quot;: expected",
+        ] {
+            assert!(html.contains(field), "{field}: {html}");
+        }
         assert_eq!(
             console.newest(&all, 1, true).unwrap().read,
             audit::READ_LIMIT
