@@ -2422,6 +2422,25 @@ async fn a_new_sign_in_works_after_the_idp_rotates_its_keys() {
     assert_session_works(&page, &alice.cookie).await;
 }
 
+/// An IdP that rotates its keys again soon after (Keycloak signs with a new key at once): the
+/// first sign-in after each rotation is verified with the new keys, however short the time
+/// since they were last fetched. Its ID token is the IdP's own, not a client's to make up.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_sign_in_after_a_quick_key_rotation_is_verified_with_the_new_keys() {
+    let fx = Fixture::start().await;
+    for (round, (login, password)) in [(ALICE, ALICE_PASSWORD), (BOB, BOB_PASSWORD)]
+        .into_iter()
+        .enumerate()
+    {
+        let kids = fx.idp.rotate_keys(false).await;
+        assert_eq!(kids.len(), 2, "round {round}: {kids:?}");
+        let page = fx.app_url(&format!("/rotated?round={round}"));
+        let signed = fx.sign_in(&client(), &page, login, password).await;
+        assert_eq!(signed.landed, page, "round {round}");
+        assert_session_works(&page, &signed.cookie).await;
+    }
+}
+
 // ----- one cookie for many hosts, TLS, restarts --------------------------------------------
 
 /// Portcullis with `routes` and one session for every host under `.corp.test`, signed in on

@@ -1033,7 +1033,8 @@ fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
         SignInError::ProviderUnavailable
         | SignInError::Unreachable(_)
-        | SignInError::UserInfoUnreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        | SignInError::UserInfoUnreachable(_)
+        | SignInError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         SignInError::UnknownState
         | SignInError::WrongBrowser
         | SignInError::OtherProvider
@@ -1045,7 +1046,7 @@ fn sign_in_failed(e: &SignInError) -> Reply {
             "<p>Reload this page in a moment to try again.</p>"
         }
         // The sign-in's code is spent by then: only a new sign-in can finish.
-        SignInError::UserInfoUnreachable(_) => {
+        SignInError::UserInfoUnreachable(_) | SignInError::KeysUnavailable => {
             "<p>Go back to the site in a moment to sign in again.</p>"
         }
         _ => "",

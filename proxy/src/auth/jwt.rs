@@ -397,8 +397,21 @@ impl Jwks {
     /// is taken only once a fetch at least [`REFETCH_AFTER`] later finds the same, and till
     /// then the last usable set is kept.
     pub async fn refresh(&self, force: bool) -> Result<bool, JwtError> {
+        self.refresh_unless(|last| !force && last.elapsed() < REFETCH_AFTER)
+            .await
+    }
+
+    /// Fetches the key set unless a fetch ended after `seen` (as [`Jwks::refresh`] does
+    /// otherwise): for a key missing from the set at `seen` that the issuer itself used, in
+    /// an ID token from its token endpoint, which no client can make up. Those who saw the
+    /// same at once take one fetch's outcome.
+    pub async fn refresh_since(&self, seen: Instant) -> Result<bool, JwtError> {
+        self.refresh_unless(|last| last >= seen).await
+    }
+
+    async fn refresh_unless(&self, recent: impl Fn(Instant) -> bool) -> Result<bool, JwtError> {
         let mut fetches = self.fetches.lock().await;
-        if !force && fetches.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER) {
+        if fetches.last.is_some_and(recent) {
             // Fetched a moment ago (perhaps while this request waited its turn): its outcome
             // stands. A set with no usable key that waits to be confirmed is not the issuer's
             // word either.
@@ -737,6 +750,60 @@ mod tests {
             started.elapsed() < Duration::from_secs(18),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    /// A key the issuer itself used (an ID token's) is fetched for whenever none was fetched
+    /// since it was missed, 10 s or not since the last: those that missed it together share
+    /// one fetch, and its failure.
+    #[tokio::test]
+    async fn a_key_missed_is_fetched_for_unless_a_fetch_ended_since() {
+        use std::sync::atomic::AtomicUsize;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            // Each fetch fails at once: the connection is closed unanswered.
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let set = Arc::new(Jwks::holding(
+            &format!("http://{address}/jwks"),
+            br#"{"keys":[]}"#,
+        ));
+        let seen = Instant::now();
+        let missed: Vec<_> = (0..3)
+            .map(|_| {
+                let set = set.clone();
+                tokio::spawn(async move { set.refresh_since(seen).await })
+            })
+            .collect();
+        for refreshed in missed {
+            let refreshed = refreshed.await.unwrap();
+            assert!(
+                matches!(refreshed, Err(JwtError::KeysUnavailable)),
+                "{refreshed:?}"
+            );
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "one fetch for the three");
+        assert!(matches!(
+            set.refresh(false).await,
+            Err(JwtError::KeysUnavailable)
+        ));
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "a client's token waits 10 s"
+        );
+        let refreshed = set.refresh_since(Instant::now()).await;
+        assert!(matches!(refreshed, Err(JwtError::KeysUnavailable)));
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            2,
+            "missed again: fetched again"
         );
     }
 

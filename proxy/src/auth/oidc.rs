@@ -129,6 +129,10 @@ pub enum SignInError {
     UserInfoUnreachable(String),
     #[error("the identity provider's answer could not be verified: {0}")]
     Invalid(String),
+    /// The ID token is signed with a key the provider's key set lacked, and the set could
+    /// not be fetched again: the code is spent, a new sign-in may finish.
+    #[error("the identity provider's signing keys could not be fetched to verify its answer")]
+    KeysUnavailable,
 }
 
 /// Why an ID token was refused: a bad signature may mean the IdP rotated its keys.
@@ -524,9 +528,19 @@ impl Oidc {
             .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
         let nonce = Nonce::new(pending.nonce.clone());
         let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
-            Err(IdTokenError::Signature(_) | IdTokenError::UnknownKey(_)) => {
-                // Perhaps the IdP rotated its keys since we fetched them: refetch (rate
-                // limited) and try once more.
+            Err(IdTokenError::UnknownKey(_)) => {
+                // The IdP rotated its keys since they were fetched: fetched again, unless
+                // they were since this token was read (it is the IdP's own, not rate limited
+                // as a client's token is), and tried once more.
+                let seen = std::time::Instant::now();
+                if let Err(JwtError::KeysUnavailable) = provider.jwks.refresh_since(seen).await {
+                    return Err(SignInError::KeysUnavailable);
+                }
+                self.verify_id_token(config, &provider, id_token, &nonce)?
+            }
+            Err(IdTokenError::Signature(_)) => {
+                // Perhaps the IdP replaced a key under its kid: refetch (rate limited) and
+                // try once more.
                 let _ = provider.jwks.refresh(false).await;
                 self.verify_id_token(config, &provider, id_token, &nonce)?
             }
