@@ -87,10 +87,10 @@ pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
 /// The JOSE header of a compact JWS `token`. One jsonwebtoken cannot read because its `alg` is
 /// none it knows (`none`, `ES512`, an encryption algorithm) is a token of an algorithm not
 /// allowed, as an `HS256` one is, not a malformed one: an audit of downgrade attempts finds
-/// them all under one reason.
+/// them all under one reason. One it cannot read for another field is malformed.
 pub fn decode_header(token: &str) -> Result<jsonwebtoken::Header, JwtError> {
     jsonwebtoken::decode_header(token).map_err(|_| {
-        let names_alg = token
+        let names_unknown_alg = token
             .split('.')
             .next()
             .and_then(|header| {
@@ -98,8 +98,11 @@ pub fn decode_header(token: &str) -> Result<jsonwebtoken::Header, JwtError> {
                     .ok()
             })
             .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-            .is_some_and(|header| header.get("alg").is_some_and(serde_json::Value::is_string));
-        match names_alg {
+            .is_some_and(|header| {
+                (header.get("alg").and_then(serde_json::Value::as_str))
+                    .is_some_and(|alg| alg.parse::<Algorithm>().is_err())
+            });
+        match names_unknown_alg {
             true => JwtError::Algorithm,
             false => JwtError::Malformed,
         }
@@ -335,7 +338,8 @@ pub struct Jwks {
 /// When the key set was fetched, and since when it has held no key Portcullis can use.
 #[derive(Default)]
 struct Fetches {
-    /// When the last fetch ended, and whether it failed.
+    /// When the last fetch began, when it ended, and whether it failed.
+    began: Option<Instant>,
     last: Option<Instant>,
     failed: bool,
     /// Since when every fetch has found a set with no usable key, while the last usable one
@@ -397,21 +401,23 @@ impl Jwks {
     /// is taken only once a fetch at least [`REFETCH_AFTER`] later finds the same, and till
     /// then the last usable set is kept.
     pub async fn refresh(&self, force: bool) -> Result<bool, JwtError> {
-        self.refresh_unless(|last| !force && last.elapsed() < REFETCH_AFTER)
+        self.refresh_unless(|f| !force && f.last.is_some_and(|at| at.elapsed() < REFETCH_AFTER))
             .await
     }
 
-    /// Fetches the key set unless a fetch ended after `seen` (as [`Jwks::refresh`] does
+    /// Fetches the key set unless a fetch began at `seen` or after (as [`Jwks::refresh`] does
     /// otherwise): for a key missing from the set at `seen` that the issuer itself used, in
-    /// an ID token from its token endpoint, which no client can make up. Those who saw the
-    /// same at once take one fetch's outcome.
+    /// an ID token from its token endpoint, which no client can make up. One under way then
+    /// may have been answered before the key was published. Those who saw the same at once
+    /// take one fetch's outcome.
     pub async fn refresh_since(&self, seen: Instant) -> Result<bool, JwtError> {
-        self.refresh_unless(|last| last >= seen).await
+        self.refresh_unless(|f| f.began.is_some_and(|at| at >= seen))
+            .await
     }
 
-    async fn refresh_unless(&self, recent: impl Fn(Instant) -> bool) -> Result<bool, JwtError> {
+    async fn refresh_unless(&self, recent: impl Fn(&Fetches) -> bool) -> Result<bool, JwtError> {
         let mut fetches = self.fetches.lock().await;
-        if fetches.last.is_some_and(recent) {
+        if recent(&fetches) {
             // Fetched a moment ago (perhaps while this request waited its turn): its outcome
             // stands. A set with no usable key that waits to be confirmed is not the issuer's
             // word either.
@@ -420,6 +426,7 @@ impl Jwks {
                 false => Ok(false),
             };
         }
+        fetches.began = Some(Instant::now());
         let fetched = self.fetch().await;
         // Dated from its end: the requests that waited for it take its outcome, where each
         // would have fetched in turn, an IdP that does not answer holding the n-th of them up
@@ -753,11 +760,11 @@ mod tests {
         );
     }
 
-    /// A key the issuer itself used (an ID token's) is fetched for whenever none was fetched
-    /// since it was missed, 10 s or not since the last: those that missed it together share
-    /// one fetch, and its failure.
+    /// A key the issuer itself used (an ID token's) is fetched for unless a fetch began since
+    /// it was missed, 10 s or not since the last: those that missed it together share one
+    /// fetch, and its failure.
     #[tokio::test]
-    async fn a_key_missed_is_fetched_for_unless_a_fetch_ended_since() {
+    async fn a_key_missed_is_fetched_for_unless_a_fetch_began_since() {
         use std::sync::atomic::AtomicUsize;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -805,6 +812,25 @@ mod tests {
             2,
             "missed again: fetched again"
         );
+    }
+
+    #[test]
+    fn a_header_of_an_algorithm_without_a_name_here_is_of_one_not_allowed() {
+        let token = |header: &str| {
+            let part = |bytes: &[u8]| {
+                base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+            };
+            [part(header.as_bytes()), part(b"{}"), part(&[7; 64])].join(".")
+        };
+        for unknown in [r#"{"alg":"none"}"#, r#"{"alg":"ES512","kid":"a"}"#] {
+            let decoded = decode_header(&token(unknown));
+            assert!(matches!(decoded, Err(JwtError::Algorithm)), "{unknown}");
+        }
+        // An algorithm it knows, in a header it cannot read for another field.
+        for malformed in [r#"{"alg":"RS256","kid":7}"#, r#"{"kid":"a"}"#, "[]"] {
+            let decoded = decode_header(&token(malformed));
+            assert!(matches!(decoded, Err(JwtError::Malformed)), "{malformed}");
+        }
     }
 
     #[test]

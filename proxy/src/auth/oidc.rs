@@ -527,12 +527,13 @@ impl Oidc {
         let id_token = openidconnect::TokenResponse::id_token(&response)
             .ok_or_else(|| SignInError::Invalid("no ID token in the token response".into()))?;
         let nonce = Nonce::new(pending.nonce.clone());
+        // The keys it is verified with were fetched before this moment.
+        let seen = std::time::Instant::now();
         let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
             Err(IdTokenError::UnknownKey(_)) => {
-                // The IdP rotated its keys since they were fetched: fetched again, unless
-                // they were since this token was read (it is the IdP's own, not rate limited
+                // The IdP rotated its keys since they were fetched: fetched again, unless a
+                // fetch began since this token was read (it is the IdP's own, not rate limited
                 // as a client's token is), and tried once more.
-                let seen = std::time::Instant::now();
                 if let Err(JwtError::KeysUnavailable) = provider.jwks.refresh_since(seen).await {
                     return Err(SignInError::KeysUnavailable);
                 }
