@@ -30,7 +30,7 @@ use crate::schema::{
     PORTCULLIS_AGENT_SCHEMA,
 };
 use crate::store::{etag_matches, Command, Directory, Query, Record, SortOrder, Written};
-use crate::validate::{validate_resource, Mode};
+use crate::validate::{password_not_a_string, validate_resource, Mode};
 use crate::value::{get_ci, get_mut_ci};
 
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
@@ -1098,13 +1098,6 @@ fn take_password(rt: ResourceType, resource: &mut Value) -> Result<Option<String
         }
     }
     Ok(password)
-}
-
-fn password_not_a_string() -> ScimError {
-    ScimError::bad_request(
-        ScimType::InvalidValue,
-        "password can only be set to a string; it cannot be removed",
-    )
 }
 
 /// Takes a new password out of PATCH operations (`path: password`, or a `password` key in a

@@ -20,10 +20,10 @@ use crate::value::{coerce, get_ci, is_unassigned, slot_ci, Object};
 
 /// Which request the body comes from.
 ///
-/// Both modes check the same things today: RFC 7644 asks the server to ignore read-only
+/// Both modes check the same things but one: RFC 7644 asks the server to ignore read-only
 /// values in both a POST and a PUT, and neither schema has a top-level immutable attribute
-/// (which a PUT could not change). The mode is kept so the HTTP layer states its intent and
-/// so such a rule has a place to go.
+/// (which a PUT could not change). A PUT may not remove a user's password (`null`), which
+/// a POST has none of to remove.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Create,
@@ -92,8 +92,17 @@ fn syntax(detail: impl Into<String>) -> ScimError {
     ScimError::bad_request(ScimType::InvalidSyntax, detail)
 }
 
+/// A password that is not a string (or is `null`): refused, never dropped, as a request
+/// answered as done with the password unchanged would be.
+pub(crate) fn password_not_a_string() -> ScimError {
+    ScimError::bad_request(
+        ScimType::InvalidValue,
+        "password can only be set to a string; it cannot be removed",
+    )
+}
+
 /// Validates a POST (`Mode::Create`) or PUT (`Mode::Replace`) body for `rt`.
-pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<Value, ScimError> {
+pub fn validate_resource(rt: ResourceType, body: &Value, mode: Mode) -> Result<Value, ScimError> {
     let body = body
         .as_object()
         .ok_or_else(|| syntax(format!("a {} must be a JSON object", rt.name())))?;
@@ -112,6 +121,15 @@ pub fn validate_resource(rt: ResourceType, body: &Value, _mode: Mode) -> Result<
             if let (Some(path), Some(resolved)) = (&path, resolved) {
                 if rt == ResourceType::Group && resolved.attr.name == "members" {
                     put(rt, &mut out, path, key, &Value::Array(Vec::new()))?;
+                }
+                // A PUT that would remove the password is refused, as a PATCH that would is:
+                // dropped, it would be answered as done with the password kept.
+                if mode == Mode::Replace
+                    && resolved.sub.is_none()
+                    && resolved.attr.name == "password"
+                    && resolved.schema.id == rt.core_schema().id
+                {
+                    return Err(password_not_a_string());
                 }
             }
             continue;

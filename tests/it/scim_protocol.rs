@@ -1199,11 +1199,23 @@ async fn passwords_are_accepted_and_never_returned() {
             "{what} changed the user"
         );
     }
-    let mut bad_put = scim.get(&path).await.expect(200).body;
-    bad_put["password"] = json!(["not", "a", "string"]);
-    scim.put(&path, &bad_put)
-        .await
-        .expect_error(400, Some("invalidValue"));
+    for (what, password) in [
+        ("an array", json!(["not", "a", "string"])),
+        ("null", json!(null)),
+    ] {
+        let mut bad_put = scim.get(&path).await.expect(200).body;
+        bad_put["password"] = password;
+        bad_put["title"] = json!("x");
+        scim.put(&path, &bad_put)
+            .await
+            .expect_error(400, Some("invalidValue"));
+        let now = scim.get(&path).await.expect(200);
+        assert_eq!(
+            now.etag().map(str::to_owned),
+            version,
+            "a PUT with {what} changed the user"
+        );
+    }
 
     // Under its full name (`urn:…:core:2.0:User:password`), as a client that qualifies every
     // attribute sends it: the same password, hashed, never kept or returned as sent.
