@@ -358,6 +358,11 @@ pub fn rejudge(
         }))
     };
     match (gate.admit(&facts, presented), &open.told) {
+        // Let in only as anyone because this replica cannot tell who its caller is now: cut
+        // for that (try again), not as if the caller had lost access.
+        (Admission::Allow(pass), Some(_)) if pass.forward.is_none() && !gate.current => {
+            Admission::Refuse(Refused::Unavailable)
+        }
         // Let in now only as anyone (deactivated, signed out, its token expired, on a public
         // path): not as the caller the upstream was told of when it was opened.
         (Admission::Allow(pass), Some(_)) if pass.forward.is_none() => changed(
@@ -580,6 +585,28 @@ mod tests {
         };
         assert!(!refused.still_allowed(marks(1), held, forbid, |_, _| {}));
         assert_eq!(refused.refusal_status(&get, false), 403);
+    }
+
+    /// A connection on a public path opened as its caller, on a replica that then lost touch
+    /// with the directory: cut as out of touch (503, try again), not as one whose caller was
+    /// let in only as anyone now.
+    #[tokio::test]
+    async fn a_caller_s_connection_on_a_public_path_is_cut_as_out_of_touch() {
+        let world = eng_world().await;
+        let mut open = open(&world, APP);
+        open.target.path = "/public/feed".to_owned();
+        open.told = told(&world, &open);
+        assert!(open.told.is_some(), "let in as alice");
+        let runtime = world.runtime();
+        let out_of_touch = crate::gate::Gate {
+            current: false,
+            ..world.gate()
+        };
+        let judge = |open: &Recheck| rejudge(&out_of_touch, &runtime.routes, open, 0, |_| true);
+        assert_eq!(judge(&open), Admission::Refuse(Refused::Unavailable));
+        assert!(!open.still_allowed(marks(1), held, judge, |_, _| {}));
+        assert!(open.lost_touch());
+        assert_eq!(open.refusal_status(&http::Method::GET, true), 503);
     }
 
     #[test]
