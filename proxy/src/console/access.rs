@@ -452,7 +452,10 @@ impl Console {
                 method: "GET",
                 path: &route.path_prefix,
             };
-            let judged = |admits: bool| flag(admits, "allowed", "refused");
+            // Refused before anyone is asked where the proxy does not give the route that
+            // path (`/admin/` beside a route for `/admin/index.php`), as `explain` says.
+            let served = self.not_served(route, &route.path_prefix).is_none();
+            let judged = |admits: bool| flag(served && admits, "allowed", "refused");
             let in_clear = self.in_clear(route, &request);
             html.push_str(&format!(
                 "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
@@ -472,23 +475,21 @@ impl Console {
         html
     }
 
-    /// The explain page: the form, and the answer when one was asked.
+    /// The explain page: the form, and the answer when one was asked: of the names and the
+    /// method as given, as `portcullis explain` judges them (a `get`, which the proxy refuses,
+    /// is not a `GET`; a user named with a space at its end is not one named without).
     pub(super) fn explain_page(&self, query: &str) -> Shown {
         let field = |name: &str| {
             form_urlencoded::parse(query.as_bytes())
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.trim().to_owned())
+                .map(|(_, v)| v.into_owned())
                 .unwrap_or_default()
         };
-        let (user, agent, machine, url) = (
-            field("user"),
-            field("agent"),
-            field("machine"),
-            field("url"),
-        );
+        let (user, agent, machine) = (field("user"), field("agent"), field("machine"));
+        let url = field("url").trim().to_owned();
         let method = match field("method") {
             m if m.is_empty() => "GET".to_owned(),
-            m => m.to_ascii_uppercase(),
+            m => m,
         };
         let mut html = self.explain_form(&user, &agent, &machine, &url, &method);
         let who = match (user.is_empty(), agent.is_empty(), machine.is_empty()) {

@@ -627,7 +627,7 @@ mod pages {
         assert!(html.contains("class=\"no\">Refused"), "{html}");
         let html = text(&console.get(
             "explain",
-            "user=alice%40corp.example&url=http%3A%2F%2Fapp.test%2Fx&method=get",
+            "user=alice%40corp.example&url=http%3A%2F%2Fapp.test%2Fx&method=GET",
         ))
         .to_owned();
         assert!(html.contains("class=\"yes\">Allowed"), "{html}");
@@ -649,11 +649,53 @@ mod pages {
         assert!(!html.contains("Refused"), "{html}");
         let html = text(&console.get("explain", "")).to_owned();
         assert!(!html.contains("Give a URL"), "an empty form: {html}");
+        // The method as given: the proxy refuses a `get`, as `explain` says.
+        let html = text(&console.get(
+            "explain",
+            "user=alice%40corp.example&url=http%3A%2F%2Fapp.test%2F&method=get",
+        ))
+        .to_owned();
+        assert!(
+            html.contains("class=\"no\">Refused") && html.contains("lower case"),
+            "{html}"
+        );
 
         // A user's page lists the routes they can reach.
         let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
         assert!(
             html.contains(">http://app.test</a></td><td><span class=\"yes\">allowed"),
+            "{html}"
+        );
+    }
+
+    /// A user's page says a route is refused at its root where the proxy refuses the request
+    /// before it asks who calls, as `explain` says: `/admin/` beside a route for its index
+    /// page, which servers read as one path.
+    #[tokio::test]
+    async fn a_user_s_routes_are_refused_where_the_proxy_refuses_the_request() {
+        let routes =
+            "[[routes]]\nfrom = \"http://pages.test/admin/\"\nto = [\"http://127.0.0.1:3\"]\n\
+                      allow = { groups = [\"eng\"] }\n\
+                      [[routes]]\nfrom = \"http://pages.test/admin/index.php\"\n\
+                      to = [\"http://127.0.0.1:3\"]\nallow = { groups = [\"ops\"] }";
+        let world = World::with(crate::testing::config(routes));
+        let alice = world.user("alice@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let answer = crate::explain::explain(
+            &console.runtime,
+            &world.directory,
+            true,
+            crate::explain::Who::Person("alice@corp.example"),
+            "http://pages.test/admin/",
+            "GET",
+        )
+        .unwrap();
+        assert!(!answer.allowed, "{}", answer.reason);
+        let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
+        assert!(
+            html.contains(">http://pages.test/admin/</a></td><td><span class=\"no\">refused"),
             "{html}"
         );
     }
