@@ -1057,7 +1057,7 @@ impl Gate<'_> {
                 ),
             };
             return Judged::Refuse(Refusal {
-                who: Some(principal.log_name()),
+                who: Some(self.stranger_name(principal)),
                 rule: None,
                 cause: Cause::NoIdentifyingClaim,
                 reason,
@@ -1079,40 +1079,16 @@ impl Gate<'_> {
                 // tokens carry the login as `sub`): not found there is not "a stranger".
                 // Judged once the lookup is done (it looks the directory up again).
                 Lookup::Unknown if facts.route.token_groups && !person_token(principal) => {
-                    return None;
+                    return Ok(None);
                 }
-                lookup => {
-                    // Which claim and value were looked up, against which attribute: the
-                    // usual first-day mistake is a mapping that does not match, and this
-                    // says how.
-                    let who = principal.log_name();
-                    let attribute = attribute.as_str();
-                    let looked_up = format!(
-                        "its {claim} claim, \"{}\", was looked up as the SCIM {attribute}",
-                        key_value(key)
-                    );
-                    let reason = match lookup {
-                        Lookup::Ambiguous(count) => format!(
-                            "{who} matches {count} directory users ({looked_up}), and \
-                             Portcullis will not guess which one"
-                        ),
-                        Lookup::Deleted => format!(
-                            "{who} was deleted from the directory, or is found there by \
-                             another value now ({looked_up})"
-                        ),
-                        _ => format!("{who} is not a user in the directory ({looked_up})"),
-                    };
-                    return Some(Judged::Refuse(Refusal {
-                        reason,
-                        who: Some(who),
-                        rule: None,
-                        cause: Cause::NotInDirectory,
-                        agent: None,
-                    }));
-                }
+                // Refused once the lookup is done (it is named by looking the directory up
+                // again).
+                Lookup::Ambiguous(count) => return Err(Some(count)),
+                Lookup::Deleted => return Err(None),
+                Lookup::Unknown => return Err(Some(0)),
             };
             if outlived(principal, view.user) {
-                return Some(Judged::Revoked(Outdated::Caller(None)));
+                return Ok(Some(Judged::Revoked(Outdated::Caller(None))));
             }
             let groups = group_refs(&view.groups);
             let mut subject = user_subject(kind, view.user, &groups);
@@ -1132,10 +1108,10 @@ impl Gate<'_> {
             let decision = decide(facts, request, subject, unverified);
             if !decision.allowed {
                 let who = Some(view.user.user_name.to_string());
-                return Some(Judged::Refuse(refusal(who, &decision)));
+                return Ok(Some(Judged::Refuse(refusal(who, &decision))));
             }
             if !subject.active {
-                return Some(Judged::Allow(anyone(&decision, explain)));
+                return Ok(Some(Judged::Allow(anyone(&decision, explain))));
             }
             let make = || {
                 Named::new(
@@ -1152,31 +1128,88 @@ impl Gate<'_> {
                 _ => Arc::new(make()),
             };
             let forward = Forward { named, agent: None };
-            Some(Judged::Allow(Pass {
+            Ok(Some(Judged::Allow(Pass {
                 forward: Some(forward),
                 why: explain.then(|| Why::of(&decision)),
-            }))
+            })))
         });
-        judged.unwrap_or_else(|| {
+        let who = || self.stranger_name(principal);
+        match judged {
+            Ok(Some(judged)) => judged,
             // A stranger is named to the upstream by their token: never by a name the
             // directory gives someone (a forged or mistyped email, with `externalId` mapping).
-            let known = |name: &str| {
-                [SubjectKey::UserName(name), SubjectKey::Email(name)]
-                    .into_iter()
-                    .any(|key| {
-                        self.directory
-                            .with_subject(key, |lookup| !matches!(lookup, Lookup::Unknown))
-                    })
-            };
-            on_token(facts, request, principal, kind, known, explain)
-        })
+            Ok(None) => {
+                let known = |name: &str| {
+                    [SubjectKey::UserName(name), SubjectKey::Email(name)]
+                        .into_iter()
+                        .any(|key| {
+                            self.directory
+                                .with_subject(key, |lookup| !matches!(lookup, Lookup::Unknown))
+                        })
+                };
+                on_token(facts, request, principal, kind, known, who(), explain)
+            }
+            Err(users) => {
+                // Which claim and value were looked up, against which attribute: the usual
+                // first-day mistake is a mapping that does not match, and this says how.
+                let who = who();
+                let attribute = attribute.as_str();
+                let looked_up = format!(
+                    "its {claim} claim, \"{}\", was looked up as the SCIM {attribute}",
+                    key_value(key)
+                );
+                let reason = match users {
+                    Some(0) => format!("{who} is not a user in the directory ({looked_up})"),
+                    Some(count) => format!(
+                        "{who} matches {count} directory users ({looked_up}), and Portcullis \
+                         will not guess which one"
+                    ),
+                    None => format!(
+                        "{who} was deleted from the directory, or is found there by another \
+                         value now ({looked_up})"
+                    ),
+                };
+                Judged::Refuse(Refusal {
+                    reason,
+                    who: Some(who),
+                    rule: None,
+                    cause: Cause::NotInDirectory,
+                    agent: None,
+                })
+            }
+        }
+    }
+
+    /// How records name a caller the directory does not find (by [`Principal::log_name`]),
+    /// unless that is the userName or email of users it holds: then by the subject. An address
+    /// the IdP does not check (Entra ID's `mail`, a guest's) must not make a stranger's records
+    /// read as someone else's, nor a shared one read as each of theirs.
+    fn stranger_name(&self, principal: Principal<'_>) -> String {
+        let name = principal.log_name();
+        let subject = match principal {
+            Principal::Person(identity) => &identity.subject,
+            Principal::Machine(token) if !token.for_itself => &token.subject,
+            Principal::Machine(_) => return name,
+        };
+        let folded = portcullis_policy::fold(&name);
+        let names_users = [SubjectKey::UserName(&folded), SubjectKey::Email(&folded)]
+            .into_iter()
+            .any(|key| {
+                self.directory.with_subject(key, |lookup| {
+                    matches!(lookup, Lookup::Found(_) | Lookup::Ambiguous(_))
+                })
+            });
+        match names_users && name != *subject {
+            true => subject.clone(),
+            false => name,
+        }
     }
 
     /// The person a delegated token acts for, as the records of their requests name them:
     /// their `userName` in the directory, else as the token names them.
     fn person_name(&self, principal: Principal<'_>) -> String {
         self.directory_view(principal)
-            .map_or_else(|| principal.log_name(), |view| view.user_name)
+            .map_or_else(|| self.stranger_name(principal), |view| view.user_name)
     }
 
     /// The directory's view of a caller, if the directory knows them.
@@ -1317,6 +1350,7 @@ fn on_token(
     principal: Principal<'_>,
     kind: SubjectKind,
     known: impl Fn(&str) -> bool,
+    who: String,
     explain: bool,
 ) -> Judged {
     // Only a verified email: an unverified one names nobody and matches no email domain.
@@ -1341,7 +1375,7 @@ fn on_token(
     };
     if unlisted {
         return Judged::Refuse(Refusal {
-            who: Some(principal.log_name()),
+            who: Some(who.clone()),
             rule: None,
             cause: Cause::NotInDirectory,
             reason: "the caller is not in the directory, and their groups cannot be judged: \
@@ -1371,7 +1405,7 @@ fn on_token(
                  nobody rather than named to the upstream as them"
             ),
             // Recorded by what the token says, not as the user it would have passed for.
-            who: Some(principal.log_name()),
+            who: Some(who.clone()),
             rule: None,
             cause: Cause::NotInDirectory,
             agent: None,
@@ -1386,7 +1420,7 @@ fn on_token(
                      characters beyond ASCII, which upstreams may read as another's name (a \
                      full-width `ａ` as `a`): judged as nobody rather than named to the upstream"
                 .to_owned(),
-            who: Some(principal.log_name()),
+            who: Some(who.clone()),
             rule: None,
             cause: Cause::NotInDirectory,
             agent: None,
@@ -2211,6 +2245,32 @@ mod tests {
         assert_eq!(refusal.cause, Cause::DenyRule, "{}", refusal.reason);
         cal.email = Some("cal@elsewhere.example".to_owned());
         allowed(as_person(&world, &cal, route, "/"));
+    }
+
+    /// A stranger whose token carries a directory user's email the IdP does not check (Entra
+    /// ID's `mail`), found by `externalId`: refused, and recorded by their subject, never as
+    /// that user; on a `token_groups` route too. One whose email names nobody is recorded by it.
+    #[tokio::test]
+    async fn a_stranger_with_a_directory_user_s_email_is_recorded_by_their_subject() {
+        let world = World::with(config(
+            "[[routes]]\nfrom = \"http://partners.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+             accept = [\"session\"]\ntoken_groups = true\nallow = { any_signed_in = true }\n\
+             [identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n",
+        ));
+        let partners = world.config.routes.len() - 1;
+        world
+            .user_with_emails(ALICE, "ext-a", &[(ALICE, true)])
+            .await;
+        let mut mallory = world.person(ALICE);
+        mallory.subject = "ext-m".to_owned();
+        for route in [0, partners] {
+            let refusal = forbidden(as_person(&world, &mallory, route, "/"));
+            assert_eq!(refusal.who.as_deref(), Some("ext-m"), "{}", refusal.reason);
+        }
+        let mut cal = world.person("cal@elsewhere.example");
+        cal.subject = "ext-c".to_owned();
+        let refusal = forbidden(as_person(&world, &cal, 0, "/"));
+        assert_eq!(refusal.who.as_deref(), Some("cal@elsewhere.example"));
     }
 
     /// Found by email (the default), a person whose sign-in, or bearer token, says the IdP has
