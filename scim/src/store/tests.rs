@@ -1617,6 +1617,73 @@ fn set_active(active: bool) -> Value {
     patch_body(json!([{"op": "replace", "path": "active", "value": active}]))
 }
 
+/// Two agents share an `externalId` (it need not be unique): a token of that client names
+/// both and is refused. When one gives it up (or is deleted), it names the other alone: a
+/// token issued before must not pass to it.
+#[tokio::test]
+async fn an_agent_left_alone_with_a_shared_external_id_takes_no_token_from_before() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let clock = Arc::new(AtomicI64::new(1_000));
+    let now = {
+        let clock = clock.clone();
+        move || time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
+    };
+    let storage = Arc::new(crate::store::memory::MemoryStorage::default());
+    let dir = Directory::open(storage, Box::new(now)).unwrap();
+    let bob = created(&dir, ResourceType::User, user("bob@x")).await;
+    let sharing = |name: &str| {
+        let mut body = agent(name, &[&bob], &[], None);
+        body["externalId"] = json!("client-x");
+        body
+    };
+    let since = |name: &str| {
+        dir.with_agent(AgentKey::Name(name), 0, |found| match found {
+            AgentLookup::Found(view) => view.agent.valid_since_unix,
+            _ => 0,
+        })
+    };
+    let first = created(&dir, ResourceType::Agent, sharing("first")).await;
+    created(&dir, ResourceType::Agent, sharing("second")).await;
+    let third = created(&dir, ResourceType::Agent, sharing("third")).await;
+    created(
+        &dir,
+        ResourceType::Agent,
+        agent("other", &[&bob], &[], None),
+    )
+    .await;
+    assert_eq!(since("second"), 1_000);
+    // The first gives it up: the second and third still share it, and are dated anew.
+    clock.store(2_000, Ordering::Relaxed);
+    let give_up = patch_body(json!([{"op": "replace", "path": "externalId", "value": "client-y"}]));
+    patch(&dir, ResourceType::Agent, &first, give_up)
+        .await
+        .unwrap();
+    assert_eq!(since("second"), 2_000, "a released externalId");
+    assert_eq!(
+        since("other"),
+        1_000,
+        "one holding none of it is left as it was"
+    );
+    // The third is deleted: the second holds it alone.
+    clock.store(3_000, Ordering::Relaxed);
+    dir.write(
+        Command::Delete {
+            rt: ResourceType::Agent,
+            id: third,
+            if_match: None,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(since("second"), 3_000, "deleted, it released it");
+    let found = dir.with_agent(AgentKey::ExternalId("client-x"), 0, |found| match found {
+        AgentLookup::Found(view) => view.agent.name.to_string(),
+        _ => String::new(),
+    });
+    assert_eq!(found, "second");
+}
+
 /// An agent whose `expires` had passed stands again once it is put later or taken away, as a
 /// re-activated one does: its tokens from before are not its own. Moved within the future, or
 /// while it has not passed, it stays.

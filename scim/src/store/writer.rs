@@ -352,7 +352,9 @@ impl<'a> Overlay<'a> {
     ) -> Result<Written, ScimError> {
         self.seq += 1;
         let released = match rt {
-            ResourceType::User => self.release_identifiers(row, &current.resource, None)?,
+            ResourceType::User | ResourceType::Agent => {
+                self.release_identifiers(rt, row, &current.resource, None)?
+            }
             _ => String::new(),
         };
         // Out of every group it was in, and (a group) emptied of its members. The groups it
@@ -564,8 +566,9 @@ impl<'a> Overlay<'a> {
                 }
             }
         };
-        if let (ResourceType::User, Some(previous)) = (rt, previous) {
-            let released = self.release_identifiers(row, &previous.resource, Some(&resource))?;
+        if let (ResourceType::User | ResourceType::Agent, Some(previous)) = (rt, previous) {
+            let released =
+                self.release_identifiers(rt, row, &previous.resource, Some(&resource))?;
             summary.push_str(&released);
         }
         // What a user or agent was found by and is not any more is remembered, as a deleted
@@ -640,38 +643,40 @@ impl<'a> Overlay<'a> {
         Ok(())
     }
 
-    /// Moves `valid_since` of the other users still holding an email or `externalId` that user
-    /// `row` gave up (`after`: `None` when deleted). A session signed in by such a value while
-    /// it named two users was refused as naming both; found by one of them alone now, it must
-    /// not pass to them.
+    /// Moves `valid_since` of the other users (or agents, of `rt`) still holding an email or
+    /// `externalId` that `row` gave up (`after`: `None` when deleted). A session signed in, or
+    /// a token issued, by such a value while it named two was refused as naming both; found by
+    /// one of them alone now, it must not pass to them.
     fn release_identifiers(
         &mut self,
+        rt: ResourceType,
         row: Row,
         before: &Value,
         after: Option<&Value>,
     ) -> Result<String, ScimError> {
         let (emails, external_id) = released_identifiers(before, after);
+        let by_external_id = |id| match rt {
+            ResourceType::Agent => self.index.agents_by_external_id(id),
+            _ => self.index.users_by_external_id(id),
+        };
         let mut holders: Vec<Row> = emails
             .iter()
             .flat_map(|email| self.index.users_by_email(email))
-            .chain(
-                external_id
-                    .into_iter()
-                    .flat_map(|id| self.index.users_by_external_id(id)),
-            )
+            .filter(|_| rt == ResourceType::User)
+            .chain(external_id.into_iter().flat_map(by_external_id))
             .filter(|&holder| holder != row)
             .collect();
         holders.sort_unstable();
         holders.dedup();
         let mut ended = Vec::new();
         for holder in holders {
-            let Some(mut record) = self.record(ResourceType::User, holder)? else {
+            let Some(mut record) = self.record(rt, holder)? else {
                 continue;
             };
             if holds_any(&record.resource, &emails, external_id) {
                 (record.valid_since, record.valid_since_unix) = self.valid_from_now();
                 ended.extend(str_of(&record.resource, "id").map(str::to_owned));
-                self.put_record(ResourceType::User, holder, Some(record));
+                self.put_record(rt, holder, Some(record));
             }
         }
         // Named in the change: their next request is refused as from before a re-creation,
@@ -679,8 +684,12 @@ impl<'a> Overlay<'a> {
         if ended.is_empty() {
             return Ok(String::new());
         }
+        let what = match rt {
+            ResourceType::Agent => "tokens issued before to",
+            _ => "sessions of",
+        };
         Ok(format!(
-            ", sessions of [{}] ended (an identifier they shared was given up)",
+            ", {what} [{}] ended (an identifier they shared was given up)",
             ended.join(",")
         ))
     }
