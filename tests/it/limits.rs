@@ -119,11 +119,13 @@ async fn oversized_bodies_are_413() {
             && bodies.contains(&("/ok-server".to_owned(), 4000)),
         "accepted bodies reach the upstream whole: {bodies:?}"
     );
+    // Not even its head: an upstream may act on that alone (begin an upload).
+    let heads = up.heads();
     assert!(
-        !bodies
+        !heads
             .iter()
-            .any(|(uri, _)| ["/over-cl", "/over-cl-list", "/over-server"].contains(&uri.as_str())),
-        "a body refused by its Content-Length must not reach the upstream: {bodies:?}"
+            .any(|uri| ["/over-cl", "/over-cl-list", "/over-server"].contains(&uri.as_str())),
+        "a body refused by its Content-Length must not reach the upstream: {heads:?}"
     );
     // Each refusal is audited, whether the length was said or counted.
     let over = [
@@ -150,6 +152,22 @@ async fn oversized_bodies_are_413() {
     expected.sort();
     let records = audit_json_until(&px, &[], |r| refused_paths(r).len() >= over.len()).await;
     assert_eq!(refused_paths(&records), expected);
+    // Refused by the length said before the body was read, or counted as it came.
+    for refusal in of_event(&records, "refusal") {
+        let (Some(path), Some(reason)) = (refusal["path"].as_str(), refusal["reason"].as_str())
+        else {
+            continue;
+        };
+        let said = ["/over-cl", "/over-cl-list", "/over-server"].contains(&path);
+        let how = if said {
+            "said by its Content-Length"
+        } else {
+            "as it was sent"
+        };
+        if over.contains(&path) {
+            assert!(reason.contains(how), "{path}: {reason}");
+        }
+    }
 }
 
 /// A client that waits for `100 Continue` before its body (curl does, for a large upload) and

@@ -73,6 +73,8 @@ impl Echo {
 struct State {
     name: String,
     seen: Mutex<Vec<Echo>>,
+    /// The path and query of every request whose head arrived, its body read or not.
+    heads: Mutex<Vec<String>>,
     /// Messages received on `/ws-ticks` websockets.
     ws_received: Mutex<Vec<String>>,
 }
@@ -108,6 +110,7 @@ impl Upstream {
         let state = Arc::new(State {
             name: name.to_owned(),
             seen: Mutex::new(Vec::new()),
+            heads: Mutex::new(Vec::new()),
             ws_received: Mutex::new(Vec::new()),
         });
         let (shutdown, stopped) = tokio::sync::oneshot::channel();
@@ -137,6 +140,13 @@ impl Upstream {
     /// `/slow` delay).
     pub fn seen(&self) -> Vec<Echo> {
         self.state.seen.lock().expect("upstream state").clone()
+    }
+
+    /// The path and query of every request whose head arrived so far, recorded before its body
+    /// is read: one whose body was cut off (refused on its way) is among them, not in
+    /// [`Upstream::seen`].
+    pub fn heads(&self) -> Vec<String> {
+        self.state.heads.lock().expect("upstream state").clone()
     }
 
     /// How many requests were received so far.
@@ -218,6 +228,12 @@ async fn handle(
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
+    let uri = (parts.uri.path_and_query()).map_or_else(|| "/".to_owned(), |pq| pq.to_string());
+    state
+        .heads
+        .lock()
+        .expect("upstream state")
+        .push(uri.clone());
     let body_len = match body.collect().await {
         Ok(collected) => collected.to_bytes().len() as u64,
         Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "body read failed")),
@@ -225,11 +241,7 @@ async fn handle(
     let echo = Echo {
         upstream: state.name.clone(),
         method: parts.method.to_string(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.to_string())
-            .unwrap_or_else(|| "/".to_owned()),
+        uri,
         headers: parts
             .headers
             .iter()
