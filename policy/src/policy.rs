@@ -131,12 +131,15 @@ impl PageNames {
 
     /// How deep ([`loose_depth`]) the name that holds `path` is, if one does (as
     /// [`loosely_within`] reads paths): `/admin` is 1 for `/index.php/admin`, 2 written so.
-    pub fn holding(&self, path: &str) -> Option<usize> {
-        let name = (self.names.iter()).find(|name| within(name, path, false));
+    /// The path is read once for every route asked (see [`LoosePath`]).
+    pub fn holding(&self, path: &LoosePath<'_>) -> Option<usize> {
+        let name = (self.names.iter()).find(|name| path.within(name));
         let named = name.map(|name| loose_depth(name));
         named.or_else(|| {
             let dir = self.directory.as_deref()?;
-            is_directory(dir, path).then(|| loose_depth(if dir.is_empty() { "/" } else { dir }))
+            let dir = if dir.is_empty() { "/" } else { dir };
+            let depth = loose_depth(dir);
+            (path.within(dir) && path.depth() == depth).then_some(depth)
         })
     }
 
@@ -209,6 +212,8 @@ pub fn loosely_within(prefix: &str, path: &str) -> bool {
 pub struct LoosePath<'a> {
     path: &'a str,
     plain: bool,
+    /// Its [`loose_depth`], once asked.
+    depth: std::cell::OnceCell<usize>,
 }
 
 impl<'a> LoosePath<'a> {
@@ -216,12 +221,17 @@ impl<'a> LoosePath<'a> {
         Self {
             path,
             plain: reads_plainly(path),
+            depth: std::cell::OnceCell::new(),
         }
     }
 
     /// [`loosely_within`]`(prefix, path)`.
     pub fn within(&self, prefix: &str) -> bool {
         within_read(prefix, self.path, false, self.plain)
+    }
+
+    fn depth(&self) -> usize {
+        *self.depth.get_or_init(|| loose_depth(self.path))
     }
 }
 
