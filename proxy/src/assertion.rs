@@ -824,7 +824,10 @@ fn shared_entry(kid: &str, text: Option<String>) -> Entry {
 /// `data_dir/assertion-keys/` (so that a machine joining a fleet keeps its upstreams'
 /// trust), or a new one. Keys taken from the machine count as created at `now` (in their
 /// order): should several replicas start at once and each bring its own, every key is then
-/// published a whole token lifetime after another takes over, as after a rotation.
+/// published a whole token lifetime after another takes over, as after a rotation. A new one
+/// is published [`PUBLISH_LEAD`] before it signs, as a rotation's is: alone, it signs at once
+/// (no key signs before it); beside a machine's, started at once on another replica, it does
+/// not take over from the key that machine's upstreams trust before they have seen it.
 pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String> {
     let dir = key_dir(data_dir);
     let mut entries = Vec::new();
@@ -846,7 +849,7 @@ pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String
         entries.push(shared_entry(&key.kid, Some(restamped)));
     }
     if entries.is_empty() {
-        let (key, text) = new_key(now, now)?;
+        let (key, text) = new_key(now, now + PUBLISH_LEAD.as_secs())?;
         entries.push(shared_entry(&key.kid, Some(text)));
     }
     Ok(entries)
@@ -1358,6 +1361,31 @@ mod tests {
         keep(&kept, &first_shared_keys(machine.path(), t0).unwrap());
         assert_eq!(&*fleet.signing_kid(t0).unwrap(), signing);
         assert_eq!(&*fleet.signing_kid(t0 + lead).unwrap(), ahead);
+    }
+
+    /// Two replicas of a new fleet start at once: one brings its machine's key, the other
+    /// makes one. The machine's, which its upstreams trust, signs until the new one has been
+    /// published as long as a rotation's lead.
+    #[test]
+    fn a_fleet_started_at_once_keeps_signing_with_the_machine_s_key() {
+        let t0 = real_now();
+        let lead = PUBLISH_LEAD.as_secs();
+        let machine = tempfile::tempdir().unwrap();
+        let signer = Signer::open(machine.path(), t0, TTL).unwrap();
+        let trusted = signer.signing_kid(t0).unwrap().to_string();
+        let kept = Arc::new(Kept::default());
+        let fleet = Signer::shared(kept.clone(), t0, TTL).unwrap();
+        keep(&kept, &first_shared_keys(machine.path(), t0).unwrap());
+        let fresh = tempfile::tempdir().unwrap();
+        let made = first_shared_keys(fresh.path(), t0 + 1).unwrap();
+        keep(&kept, &made);
+        assert_eq!(&*fleet.signing_kid(t0 + 1).unwrap(), trusted);
+        assert_eq!(&*fleet.signing_kid(t0 + 1 + lead).unwrap(), made[0].key);
+        // Alone, a new fleet's first key signs at once.
+        let kept = Arc::new(Kept::default());
+        let alone = Signer::shared(kept.clone(), t0, TTL).unwrap();
+        keep(&kept, &first_shared_keys(fresh.path(), t0).unwrap());
+        assert!(alone.token(&claims("grafana", &[], 1), t0).is_ok());
     }
 
     #[test]
