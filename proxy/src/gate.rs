@@ -736,7 +736,7 @@ impl Gate<'_> {
                     .filter(|holder| !self.same_agent(holder, agent) && self.agent_known(holder));
                 Some(match holder {
                     Some(holder) => Judged::Refuse(Refusal {
-                        who: Some(principal.log_name()),
+                        who: Some(self.person_name(principal)),
                         rule: None,
                         cause: Cause::NoIdentifyingClaim,
                         reason: format!(
@@ -827,6 +827,12 @@ impl Gate<'_> {
                     _ => Principal::Machine(token).log_name(),
                 }
             }
+            // Named by the token (before the directory is asked), but not by a directory
+            // user's name when the directory does not find its person: as their other
+            // refusals are.
+            _ if !token.for_itself && self.directory_view(Principal::Machine(token)).is_none() => {
+                self.stranger_name(Principal::Machine(token))
+            }
             _ => Principal::Machine(token).log_name(),
         };
         (who, agent)
@@ -896,7 +902,7 @@ impl Gate<'_> {
             Some(Judged::Revoked(outdated)) => return Judged::Revoked(outdated),
             None => {
                 return Judged::Refuse(Refusal {
-                    who: Some(principal.log_name()),
+                    who: Some(self.person_name(principal)),
                     rule: None,
                     cause: Cause::NotInDirectory,
                     reason: format!(
@@ -1147,7 +1153,7 @@ impl Gate<'_> {
                                 .with_subject(key, |lookup| !matches!(lookup, Lookup::Unknown))
                         })
                 };
-                on_token(facts, request, principal, kind, known, who(), explain)
+                on_token(facts, request, principal, kind, known, who, explain)
             }
             Err(users) => {
                 // Which claim and value were looked up, against which attribute: the usual
@@ -1180,10 +1186,11 @@ impl Gate<'_> {
         }
     }
 
-    /// How records name a caller the directory does not find (by [`Principal::log_name`]),
+    /// How refusals name a caller the directory does not find (by [`Principal::log_name`]),
     /// unless that is the userName or email of users it holds: then by the subject. An address
-    /// the IdP does not check (Entra ID's `mail`, a guest's) must not make a stranger's records
-    /// read as someone else's, nor a shared one read as each of theirs.
+    /// the IdP does not check (Entra ID's `mail`, a guest's) must not make a stranger's refusals
+    /// read as someone else's, nor a shared one read as each of theirs. (A deleted user's name
+    /// stays: their own tries after the deletion are to be found under it.)
     fn stranger_name(&self, principal: Principal<'_>) -> String {
         let name = principal.log_name();
         let subject = match principal {
@@ -1350,7 +1357,7 @@ fn on_token(
     principal: Principal<'_>,
     kind: SubjectKind,
     known: impl Fn(&str) -> bool,
-    who: String,
+    who: impl Fn() -> String,
     explain: bool,
 ) -> Judged {
     // Only a verified email: an unverified one names nobody and matches no email domain.
@@ -1375,7 +1382,7 @@ fn on_token(
     };
     if unlisted {
         return Judged::Refuse(Refusal {
-            who: Some(who.clone()),
+            who: Some(who()),
             rule: None,
             cause: Cause::NotInDirectory,
             reason: "the caller is not in the directory, and their groups cannot be judged: \
@@ -1405,7 +1412,7 @@ fn on_token(
                  nobody rather than named to the upstream as them"
             ),
             // Recorded by what the token says, not as the user it would have passed for.
-            who: Some(who.clone()),
+            who: Some(who()),
             rule: None,
             cause: Cause::NotInDirectory,
             agent: None,
@@ -1420,7 +1427,7 @@ fn on_token(
                      characters beyond ASCII, which upstreams may read as another's name (a \
                      full-width `ａ` as `a`): judged as nobody rather than named to the upstream"
                 .to_owned(),
-            who: Some(who.clone()),
+            who: Some(who()),
             rule: None,
             cause: Cause::NotInDirectory,
             agent: None,
@@ -2271,6 +2278,18 @@ mod tests {
         cal.subject = "ext-c".to_owned();
         let refusal = forbidden(as_person(&world, &cal, 0, "/"));
         assert_eq!(refusal.who.as_deref(), Some("cal@elsewhere.example"));
+        // Their token, through an agent the directory does not hold: so too.
+        let token = Machine {
+            subject: "ext-m".to_owned(),
+            ..crate::testing::delegated_token(ALICE, "ghost")
+        };
+        let refusal = forbidden(world.gate().admit(
+            &facts(&world, 1, "GET", "/"),
+            Presented::Caller(Principal::Machine(&token)),
+        ));
+        assert_eq!(refusal.who.as_deref(), Some("ext-m"), "{}", refusal.reason);
+        let (who, _) = world.gate().token_refused_as(&token);
+        assert_eq!(who, "ext-m");
     }
 
     /// Found by email (the default), a person whose sign-in, or bearer token, says the IdP has

@@ -360,7 +360,9 @@ pub fn rejudge(
     match (gate.admit(&facts, presented), &open.told) {
         // Let in only as anyone because this replica cannot tell who its caller is now: cut
         // for that (try again), not as if the caller had lost access.
-        (Admission::Allow(pass), Some(_)) if pass.forward.is_none() && !gate.current => {
+        (Admission::Allow(pass), Some(_))
+            if pass.forward.is_none() && !gate.current && caller.is_some() =>
+        {
             Admission::Refuse(Refused::Unavailable)
         }
         // Let in now only as anyone (deactivated, signed out, its token expired, on a public
@@ -607,6 +609,22 @@ mod tests {
         assert!(!open.still_allowed(marks(1), held, judge, |_, _| {}));
         assert!(open.lost_touch());
         assert_eq!(open.refusal_status(&http::Method::GET, true), 503);
+        // A machine whose token has expired there is let in only as anyone, out of touch or
+        // not: cut as that.
+        world.user("build-bot").await;
+        let mut machine = crate::testing::machine("build-bot");
+        machine.expires = 1_000;
+        let mut target = target(APP, Client::Api);
+        target.path = "/public/feed".to_owned();
+        let caller = Some(Caller::Machine(Arc::new(machine)));
+        let mut open = Recheck::new(caller, target, None, marks(0));
+        open.told = told(&world, &open);
+        assert!(open.told.is_some(), "let in as build-bot");
+        let expired = rejudge(&out_of_touch, &runtime.routes, &open, 1_000, |_| true);
+        assert!(
+            matches!(&expired, Admission::Refuse(Refused::Forbid(r)) if r.cause == Cause::AsAnyoneOnly),
+            "{expired:?}"
+        );
     }
 
     #[test]

@@ -426,8 +426,11 @@ impl Jwks {
                 false => Ok(false),
             };
         }
-        fetches.began = Some(Instant::now());
+        // Kept only once it ended (the lock is held throughout): a fetch given up half way,
+        // its request gone, vouches for nothing.
+        let began = Instant::now();
         let fetched = self.fetch().await;
+        fetches.began = Some(began);
         // Dated from its end: the requests that waited for it take its outcome, where each
         // would have fetched in turn, an IdP that does not answer holding the n-th of them up
         // for n of its timeouts.
@@ -812,6 +815,53 @@ mod tests {
             2,
             "missed again: fetched again"
         );
+    }
+
+    /// A fetch under way when a key was missed may have been answered before the key was
+    /// published: it is not taken for a fetch since.
+    #[tokio::test]
+    async fn a_key_missed_while_a_fetch_is_under_way_is_fetched_for_again() {
+        use std::sync::atomic::AtomicUsize;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request).await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let body = r#"{"keys":[]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let set = Arc::new(Jwks::holding(
+            &format!("http://{address}/jwks"),
+            br#"{"keys":[]}"#,
+        ));
+        let under_way = {
+            let set = set.clone();
+            tokio::spawn(async move { set.refresh(true).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while asked.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the first fetch never came");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let seen = Instant::now();
+        let _ = set.refresh_since(seen).await;
+        let _ = under_way.await;
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "fetched again after");
     }
 
     #[test]

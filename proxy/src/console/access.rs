@@ -589,12 +589,16 @@ fn asked(route: &Route, query: &str) -> Asked {
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 fn method_options(selected: &str) -> String {
+    // A method asked that the list lacks (`get`, by a link) stays what is asked, selected.
+    let asked = (!METHODS.contains(&selected))
+        .then(|| format!("<option selected>{}</option>", escape(selected)));
     METHODS
         .iter()
         .map(|m| {
             let mark = if *m == selected { " selected" } else { "" };
             format!("<option{mark}>{m}</option>")
         })
+        .chain(asked)
         .collect()
 }
 

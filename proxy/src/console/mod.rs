@@ -659,6 +659,7 @@ mod pages {
             html.contains("class=\"no\">Refused") && html.contains("lower case"),
             "{html}"
         );
+        assert!(html.contains("<option selected>get</option>"), "{html}");
 
         // A user's page lists the routes they can reach.
         let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
