@@ -16,6 +16,6 @@ bench: bench-deps
 
 bench-deps:
 	scripts/deps.sh bench
-	@if [ ! -d tests/idp/node_modules ]; then cd tests/idp && npm ci --silent --no-audit --no-fund; fi
+	@python3 -c 'import sys; sys.path.insert(0, "bench"); import common; common.ensure_idp_modules()'
 	@if [ ! -x target/bench-venv/bin/scim2-server ]; then \
 		python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q scim2-server==0.8.3; fi

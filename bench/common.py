@@ -4,6 +4,7 @@
 Everything listens on 127.0.0.1 with ports the kernel picks; every wait is bounded.
 """
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -410,9 +411,22 @@ def wrk(url, duration, connections, headers=(), script=None, timeout_s=10):
 # --- the test IdP -------------------------------------------------------------------------------
 
 def ensure_idp_modules():
-    if not os.path.isdir(os.path.join(IDP_DIR, "node_modules")):
-        log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
-        subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+    """`npm ci` in tests/idp unless its node_modules was installed in full from the current
+    lock file: the marker the tests and scripts/demo.sh write (see tests/src/idp.rs). A tree
+    that is merely there may be an interrupted install's, or an older lock file's."""
+    with open(os.path.join(IDP_DIR, "package-lock.json"), "rb") as f:
+        lock_hash = hashlib.sha256(f.read()).hexdigest()
+    marker = os.path.join(IDP_DIR, "node_modules", ".portcullis-installed")
+    try:
+        with open(marker) as f:
+            if f.read().strip() == lock_hash:
+                return
+    except OSError:
+        pass
+    log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
+    subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+    with open(marker, "w") as f:
+        f.write(lock_hash + "\n")
 
 
 class Idp:
