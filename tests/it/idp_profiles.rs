@@ -49,6 +49,11 @@ async fn pat_signs_in_and_is_refused_once_deactivated(profile: IdpProfile, ident
     if profile == IdpProfile::Entra {
         user = user.oid(ENTRA_OID);
     }
+    // An Okta login need not be the person's email: given another one, only the preset's
+    // `sub` as `externalId` finds pat (not the email as `userName`, the default mapping).
+    if profile == IdpProfile::Okta {
+        user = user.claim("email", json!("pat.doe@mail.corp.test"));
+    }
     let idp = IdpSetup::new()
         .profile(profile)
         .client(
