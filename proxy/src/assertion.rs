@@ -511,7 +511,9 @@ pub fn key_dir(data_dir: &Path) -> PathBuf {
 /// Generates a new signing key in `data_dir/assertion-keys/`, signing `lead` from `now`, and
 /// deletes keys whose tokens have all expired by `now`. For `portcullis rotate-assertion-key`:
 /// a running server publishes the new key on its next [`Signer::refresh`]. Returns the new
-/// kid and when it signs from.
+/// kid and when it signs from. A `data_dir` not there yet is not made: Portcullis makes it at
+/// its first start, as its user (made by a rotation run as root, it would be root's, and the
+/// server could not open it).
 pub fn rotate_keys(
     data_dir: &Path,
     now: u64,
@@ -519,6 +521,13 @@ pub fn rotate_keys(
     token_ttl: Duration,
 ) -> Result<(String, u64), String> {
     let ttl = check_ttl(token_ttl)?;
+    if !data_dir.is_dir() {
+        return Err(format!(
+            "no data_dir at {}: Portcullis makes it at its first start, with a key; start it \
+             first, then rotate",
+            data_dir.display()
+        ));
+    }
     let dir = key_dir(data_dir);
     let made = !dir.exists();
     ensure_dir(&dir)?;
@@ -1466,6 +1475,19 @@ mod tests {
         std::os::unix::fs::symlink(victim.path(), key_dir(linked.path())).unwrap();
         assert!(rotate_keys(linked.path(), T0, Duration::ZERO, TTL).is_err());
         assert_eq!(fs::read_dir(victim.path()).unwrap().count(), 0);
+    }
+
+    /// Before the first start there is no data_dir: a rotation (run as root, say) makes none.
+    #[test]
+    fn a_rotation_makes_no_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let refused = rotate_keys(&data_dir, T0, Duration::ZERO, TTL);
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("first start")),
+            "{refused:?}"
+        );
+        assert!(!data_dir.exists());
     }
 
     #[test]
