@@ -137,17 +137,18 @@ impl PageNames {
         let named = name.map(|name| loose_depth(name));
         named.or_else(|| {
             let dir = self.directory.as_deref()?;
-            let dir = if dir.is_empty() { "/" } else { dir };
-            let depth = loose_depth(dir);
-            (path.within(dir) && path.depth() == depth).then_some(depth)
+            is_directory(dir, path).then(|| loose_depth(if dir.is_empty() { "/" } else { dir }))
         })
     }
 
     /// Whether `path` is what the prefix names, by one of these names, with a format suffix
     /// on the path's last segment with `formats` (as deny rules read it).
     fn hold_with(&self, path: &str, formats: bool) -> bool {
-        self.names.iter().any(|name| within(name, path, formats))
-            || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, path))
+        let read = LoosePath::new(path);
+        self.names
+            .iter()
+            .any(|name| read.within_formats(name, formats))
+            || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, &read))
     }
 }
 
@@ -214,24 +215,86 @@ pub struct LoosePath<'a> {
     plain: bool,
     /// Its [`loose_depth`], once asked.
     depth: std::cell::OnceCell<usize>,
+    /// Its segments as read so far, and (when it reads otherwise) its reading without the
+    /// spaces at its ends: a path that does not read plainly is compared segment by segment,
+    /// and each segment is read once, not once a prefix.
+    segments: Segments<'a>,
+    trimmed: Option<Segments<'a>>,
 }
 
 impl<'a> LoosePath<'a> {
     pub fn new(path: &'a str) -> Self {
+        let plain = reads_plainly(path);
+        // CodeIgniter trims spaces off the path's ends: read it both ways (never the prefix's,
+        // whose own `+` is the path's, as in `/c++/`). A plain path has none to trim.
+        let trimmed = (!plain)
+            .then(|| trim_spaces(path))
+            .filter(|trimmed| trimmed.len() < path.trim_matches('/').len())
+            .map(Segments::new);
         Self {
             path,
-            plain: reads_plainly(path),
+            plain,
             depth: std::cell::OnceCell::new(),
+            segments: Segments::new(path),
+            trimmed,
         }
     }
 
     /// [`loosely_within`]`(prefix, path)`.
     pub fn within(&self, prefix: &str) -> bool {
-        within_read(prefix, self.path, false, self.plain)
+        self.within_formats(prefix, false)
+    }
+
+    /// [`within`], with a format suffix on the path's last segment with `formats`.
+    fn within_formats(&self, prefix: &str, formats: bool) -> bool {
+        let prefix = match prefix.strip_suffix('/') {
+            Some(bare) if !bare.is_empty() => bare,
+            _ => prefix,
+        };
+        if self.plain && reads_plainly(prefix) {
+            return within_plainly(prefix, self.path, formats);
+        }
+        within_segments(prefix, &self.segments, formats)
+            || (self.trimmed.as_ref())
+                .is_some_and(|trimmed| within_segments(prefix, trimmed, formats))
     }
 
     fn depth(&self) -> usize {
         *self.depth.get_or_init(|| loose_depth(self.path))
+    }
+}
+
+/// The [`loose_segments`] of a path, read as they are asked for and kept.
+struct Segments<'a> {
+    /// What is left to read.
+    rest: std::cell::Cell<&'a str>,
+    read: std::cell::RefCell<Vec<&'a str>>,
+}
+
+impl<'a> Segments<'a> {
+    fn new(path: &'a str) -> Self {
+        Self {
+            rest: std::cell::Cell::new(path),
+            read: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The `i`-th segment, if the path has so many.
+    fn get(&self, i: usize) -> Option<&'a str> {
+        let mut read = self.read.borrow_mut();
+        while read.len() <= i {
+            let rest = self.rest.get();
+            if rest.is_empty() {
+                return None;
+            }
+            let (segment, after) = rest.split_once('/').unwrap_or((rest, ""));
+            self.rest.set(after);
+            let segment = without_parameters(segment);
+            if !segment.is_empty() {
+                read.push(segment);
+            }
+        }
+        read.get(i).copied()
     }
 }
 
@@ -323,9 +386,9 @@ fn index_of(prefix: &str) -> Option<&str> {
 
 /// Whether `path` is the directory `dir` itself (with or without its trailing `/`), as
 /// [`loosely_within`] reads paths: not a path under it.
-fn is_directory(dir: &str, path: &str) -> bool {
+fn is_directory(dir: &str, path: &LoosePath<'_>) -> bool {
     let dir = if dir.is_empty() { "/" } else { dir };
-    within(dir, path, false) && loose_depth(path) == loose_depth(dir)
+    path.within(dir) && path.depth() == loose_depth(dir)
 }
 
 /// `path` as a PHP front controller routes it, when a segment before its last names a `.php`
@@ -361,48 +424,36 @@ pub fn script_routed(path: &str) -> Option<(String, usize)> {
 }
 
 fn within(prefix: &str, path: &str, formats: bool) -> bool {
-    within_read(prefix, path, formats, reads_plainly(path))
+    LoosePath::new(path).within_formats(prefix, formats)
 }
 
-/// [`within`], for a path whose [`reads_plainly`] is `path_plain`.
-fn within_read(prefix: &str, path: &str, formats: bool, path_plain: bool) -> bool {
-    let prefix = match prefix.strip_suffix('/') {
-        Some(bare) if !bare.is_empty() => bare,
-        _ => prefix,
-    };
-    if path_plain && reads_plainly(prefix) {
-        // No parameters, nothing to trim: the lenient reading is the strict one, in any ASCII
-        // case (with a format suffix).
-        let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
-        if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
-            return false;
-        }
-        let rest = &path[prefix.len()..];
-        return prefix.ends_with(b"/") || rest.first().is_none_or(|&b| b == b'/') || {
-            let suffix = rest.strip_suffix(b"/").unwrap_or(rest);
-            formats && suffix[0] == b'.' && !suffix.contains(&b'/')
-        };
+/// [`within`] of a `path` and a bare `prefix` that both read plainly: no parameters, nothing
+/// to trim, so the lenient reading is the strict one, in any ASCII case (with a format suffix).
+fn within_plainly(prefix: &str, path: &str, formats: bool) -> bool {
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        return false;
     }
-    // CodeIgniter trims spaces off the path's ends: read it both ways (never the prefix's,
-    // whose own `+` is the path's, as in `/c++/`).
-    let trimmed = trim_spaces(path);
-    within_segments(prefix, path, formats)
-        || (trimmed.len() < path.trim_matches('/').len()
-            && within_segments(prefix, trimmed, formats))
+    let rest = &path[prefix.len()..];
+    prefix.ends_with(b"/") || rest.first().is_none_or(|&b| b == b'/') || {
+        let suffix = rest.strip_suffix(b"/").unwrap_or(rest);
+        formats && suffix[0] == b'.' && !suffix.contains(&b'/')
+    }
 }
 
 /// [`within`], read segment by segment.
-fn within_segments(prefix: &str, path: &str, formats: bool) -> bool {
-    let mut segments = loose_segments(path).peekable();
+fn within_segments(prefix: &str, segments: &Segments<'_>, formats: bool) -> bool {
     let mut wants = loose_segments(prefix).peekable();
+    let mut next = 0;
     while let Some(want) = wants.next() {
-        let Some(got) = segments.next() else {
+        let Some(got) = segments.get(next) else {
             return false;
         };
+        next += 1;
         if got.eq_ignore_ascii_case(want) {
             continue;
         }
-        let last = formats && wants.peek().is_none() && segments.peek().is_none();
+        let last = formats && wants.peek().is_none() && segments.get(next).is_none();
         let (got, want) = (got.as_bytes(), want.as_bytes());
         let formatted = last
             && got.len() > want.len()
@@ -426,11 +477,14 @@ pub fn loose_depth(prefix: &str) -> usize {
 /// names a path), empty ones dropped.
 fn loose_segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/')
-        .map(|segment| {
-            let parameters = segment.find(';').into_iter().chain(segment.find("%3B"));
-            &segment[..parameters.min().unwrap_or(segment.len())]
-        })
+        .map(without_parameters)
         .filter(|segment| !segment.is_empty())
+}
+
+/// A segment without its `;` (or `%3B`) parameters.
+fn without_parameters(segment: &str) -> &str {
+    let parameters = segment.find(';').into_iter().chain(segment.find("%3B"));
+    &segment[..parameters.min().unwrap_or(segment.len())]
 }
 
 /// `path` without the `/` and spaces at either end, as CodeIgniter reads the path it routes:
@@ -1184,6 +1238,46 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path read once answers every prefix, in any order, as it would alone: its segments,
+    /// read as asked and kept, are the same whichever prefix asked first.
+    #[test]
+    fn a_path_read_once_answers_every_prefix_as_alone() {
+        let prefixes = [
+            "/admin",
+            "/ADMIN/users/",
+            "/admin/users",
+            "/a",
+            "/admin/users/x",
+            "/",
+            "/c++/",
+            "/c++",
+            "/reports;x",
+        ];
+        for path in [
+            "/admin;jsessionid=1/users",
+            "/+/admin/users%20",
+            "/admin/users;x",
+            "/c++/x",
+            "/admin%3Bx/users/x",
+            "/reports",
+        ] {
+            for order in [prefixes.to_vec(), prefixes.iter().rev().copied().collect()] {
+                let read = LoosePath::new(path);
+                for prefix in order {
+                    assert_eq!(
+                        read.within(prefix),
+                        LoosePath::new(path).within(prefix),
+                        "{path} in {prefix}"
+                    );
+                }
+            }
+        }
+        // As a fresh reading, and as the definition reads it.
+        assert!(LoosePath::new("/admin;jsessionid=1/users").within("/admin/users"));
+        assert!(LoosePath::new("/+/admin/users%20").within("/admin/users"));
+        assert!(!LoosePath::new("/admin/users;x").within("/admin/users/x"));
+    }
     use crate::GroupRef;
 
     /// [`super::denied_within`] of a prefix as a rule compiles it.

@@ -194,14 +194,17 @@ impl RouteTable {
         // depends on neither.
         // (A route of the same prefix as written, the other scheme's or a `*.` one, takes
         // the path as this one does: no other reading.)
+        // The path read once for all the routes of the host, not once a route (a 60 KiB path
+        // against 50 routes), and only where it is asked of them.
+        let read = std::cell::OnceCell::new();
+        let read = || read.get_or_init(|| portcullis_policy::LoosePath::new(path));
         if !portcullis_policy::strictly_within(&route.config.path_prefix, path) {
             let depth = route.depth;
-            let read = portcullis_policy::LoosePath::new(path);
             let wider = self.candidates(host).flatten().any(|other| {
                 let prefix = &other.config.path_prefix;
                 !Arc::ptr_eq(other, route)
                     && (portcullis_policy::strictly_within(prefix, path)
-                        || (other.depth < depth && read.within(prefix)))
+                        || (other.depth < depth && read().within(prefix)))
             });
             if wider {
                 return Some(
@@ -232,9 +235,6 @@ impl RouteTable {
                 .find(|group| group.iter().any(|other| Arc::ptr_eq(other, route)))
                 .unwrap_or_default();
             let depth = route.depth;
-            // The path and its page read once for all the routes of the group, not once a
-            // route (a 60 KiB path against 50 routes).
-            let read = portcullis_policy::LoosePath::new(path);
             let page = info.as_deref().map(portcullis_policy::LoosePath::new);
             // Narrower by the name it holds the path by (`/admin` for `/index.php/admin`). One
             // as narrow as the route found holds it as well: refused too, unless the two judge
@@ -242,7 +242,9 @@ impl RouteTable {
             // served).
             let narrower_page = group.iter().any(|other| {
                 let prefix = &other.config.path_prefix;
-                let named = other.pages.holding(&read);
+                let named = (!other.pages.is_empty())
+                    .then(|| other.pages.holding(read()))
+                    .flatten();
                 named.is_some_and(|named| {
                     named > depth || (named == depth && other.judged != route.judged)
                 }) || (other.depth > depth && page.as_ref().is_some_and(|page| page.within(prefix)))
