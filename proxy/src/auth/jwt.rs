@@ -818,7 +818,8 @@ mod tests {
     }
 
     /// A fetch under way when a key was missed may have been answered before the key was
-    /// published: it is not taken for a fetch since.
+    /// published: it is not taken for a fetch since. Nor is one begun since but given up half
+    /// way (its request gone): it fetched nothing.
     #[tokio::test]
     async fn a_key_missed_while_a_fetch_is_under_way_is_fetched_for_again() {
         use std::sync::atomic::AtomicUsize;
@@ -849,19 +850,41 @@ mod tests {
             &format!("http://{address}/jwks"),
             br#"{"keys":[]}"#,
         ));
+        let fetches_begun = |count: usize| {
+            let asked = asked.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while asked.load(Ordering::SeqCst) < count {
+                    assert!(Instant::now() < deadline, "fetch {count} never came");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         let under_way = {
             let set = set.clone();
             tokio::spawn(async move { set.refresh(true).await })
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while asked.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the first fetch never came");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        fetches_begun(1).await;
         let seen = Instant::now();
         let _ = set.refresh_since(seen).await;
         let _ = under_way.await;
         assert_eq!(asked.load(Ordering::SeqCst), 2, "fetched again after");
+
+        // Missed, then a fetch begun and given up: fetched again.
+        let seen = Instant::now();
+        let given_up = {
+            let set = set.clone();
+            tokio::spawn(async move { set.refresh(true).await })
+        };
+        fetches_begun(3).await;
+        given_up.abort();
+        let _ = given_up.await;
+        let _ = set.refresh_since(seen).await;
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            4,
+            "fetched again after one given up"
+        );
     }
 
     #[test]

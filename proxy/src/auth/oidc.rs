@@ -542,7 +542,9 @@ impl Oidc {
             Err(IdTokenError::Signature(_)) => {
                 // Perhaps the IdP replaced a key under its kid: refetch (rate limited) and
                 // try once more.
-                let _ = provider.jwks.refresh(false).await;
+                if let Err(JwtError::KeysUnavailable) = provider.jwks.refresh(false).await {
+                    return Err(SignInError::KeysUnavailable);
+                }
                 self.verify_id_token(config, &provider, id_token, &nonce)?
             }
             other => other?,
@@ -776,9 +778,12 @@ impl Oidc {
                 // A refreshed ID token carries no nonce; it must still be valid and be about
                 // the same person. One that is not ends the session.
                 let no_nonce = |_: Option<&Nonce>| Ok(());
+                // The keys it is verified with were fetched before this moment.
+                let seen = std::time::Instant::now();
                 let verified = match self.verify_id_token(config, &provider, id_token, no_nonce) {
-                    Err(IdTokenError::Signature(_) | IdTokenError::UnknownKey(_)) => {
-                        // Perhaps the IdP rotated its keys: refetch (rate limited), once. Keys
+                    Err(missed @ (IdTokenError::Signature(_) | IdTokenError::UnknownKey(_))) => {
+                        // Perhaps the IdP rotated its keys: refetch, once (for a key it lacks,
+                        // unless a fetch began since, as at sign-in; else rate limited). Keys
                         // that cannot be fetched, a set with none Portcullis can use, or one
                         // not fetched again for a key it lacks (it was fetched moments before
                         // the IdP took up the key) give no verdict on the session: it is
@@ -796,7 +801,10 @@ impl Oidc {
                                 sealed: false,
                             }))
                         };
-                        let refetched = provider.jwks.refresh(false).await;
+                        let refetched = match missed {
+                            IdTokenError::UnknownKey(_) => provider.jwks.refresh_since(seen).await,
+                            _ => provider.jwks.refresh(false).await,
+                        };
                         if refetched.is_err() || !provider.jwks.has_usable_key() {
                             return postponed();
                         }
