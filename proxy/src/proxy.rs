@@ -1171,9 +1171,15 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        // It answers: up, whatever becomes of the answer (a pooled connection's too).
-        if let (Some(route), Some(index), Some(at)) = (&ctx.route, ctx.upstream, &ctx.upstream_at) {
-            route.upstreams.mark_up(index, at);
+        // It answers: up, whatever becomes of the answer (a pooled connection's too), unless
+        // it was marked down after this attempt began.
+        if let (Some(route), Some(index), Some(at), Some(started)) = (
+            &ctx.route,
+            ctx.upstream,
+            &ctx.upstream_at,
+            ctx.upstream_started,
+        ) {
+            route.upstreams.answered(index, at, started);
         }
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).

@@ -56,6 +56,8 @@ struct Backend {
     /// Milliseconds since `epoch` until which this upstream is considered down (or is being
     /// tried again by one request); 0 when up.
     down_until_ms: AtomicU64,
+    /// Milliseconds since `epoch` when it was last marked down; 0 never.
+    marked_at_ms: AtomicU64,
     /// Milliseconds since `epoch` when a failure last had `name` resolved again; 0 never.
     resolved_for_failure_ms: AtomicU64,
 }
@@ -74,6 +76,7 @@ impl UpstreamSet {
                     .then(|| (upstream.host.clone(), upstream.port)),
                 host_header: upstream.host_header.clone(),
                 down_until_ms: AtomicU64::new(0),
+                marked_at_ms: AtomicU64::new(0),
                 resolved_for_failure_ms: AtomicU64::new(0),
             })
             .collect();
@@ -167,6 +170,9 @@ impl UpstreamSet {
     pub fn mark_down(&self, index: usize, failed_at: &PeerAddress, now: Instant) {
         if let Some(backend) = self.at(index, failed_at) {
             let until = self.millis(now + DOWN_FOR);
+            backend
+                .marked_at_ms
+                .store(self.millis(now), Ordering::Relaxed);
             backend.down_until_ms.store(until, Ordering::Relaxed);
         }
     }
@@ -264,12 +270,24 @@ impl UpstreamSet {
         }
     }
 
-    /// Upstream `index` accepted a connection at `address`, or answered on a pooled one to
-    /// it; unless it has moved to another address since (as [`Self::mark_down`]).
+    /// Upstream `index` accepted a connection at `address`; unless it has moved to another
+    /// address since (as [`Self::mark_down`]).
     pub fn mark_up(&self, index: usize, address: &PeerAddress) {
         if let Some(backend) = self.at(index, address) {
             if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
                 backend.down_until_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Upstream `index` answered, at `address`, an attempt begun at `started` (on a new
+    /// connection or a pooled one): up, unless it was marked down after that attempt began.
+    /// Then the answer came over a connection made before the failure (one that stays open
+    /// where new ones are dropped), and says nothing of whether it takes new ones.
+    pub fn answered(&self, index: usize, address: &PeerAddress, started: Instant) {
+        if let Some(backend) = self.at(index, address) {
+            if backend.marked_at_ms.load(Ordering::Relaxed) <= self.millis(started) {
+                self.mark_up(index, address);
             }
         }
     }
@@ -279,6 +297,7 @@ impl UpstreamSet {
     /// sends no request back to an upstream that just failed, to wait out its connect
     /// timeout.
     pub fn keep_health_of(&self, old: &UpstreamSet) {
+        // (When it was marked is not taken over: every attempt on this set begins after.)
         for backend in &self.upstreams {
             let address = backend.peer.load()._address.clone();
             let down_until = old.upstreams.iter().find_map(|previous| {
@@ -379,6 +398,7 @@ mod tests {
                     name: None,
                     host_header: HeaderValue::from_static("up.test"),
                     down_until_ms: AtomicU64::new(0),
+                    marked_at_ms: AtomicU64::new(0),
                     resolved_for_failure_ms: AtomicU64::new(0),
                 })
                 .collect(),
@@ -458,6 +478,21 @@ mod tests {
         assert_eq!(new.pick(1, &[], at(1)).0, 2, "still down");
         assert_eq!(new.pick(0, &[], at(1)).0, 0);
         assert_eq!(new.pick(1, &[], at(5)).0, 1, "its time is out");
+    }
+
+    /// An answer to an attempt begun before the upstream was marked down, over a connection
+    /// made before (one that stays open where new ones are dropped), does not end its time
+    /// out; one to an attempt begun after (its one try, on a pooled connection) does.
+    #[test]
+    fn only_an_answer_to_an_attempt_begun_after_the_failure_ends_the_time_out() {
+        let set = upstreams(2);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        set.mark_down(0, &address(&set, 0), at(2));
+        set.answered(0, &address(&set, 0), at(1));
+        assert_eq!(set.pick(0, &[], at(3)).0, 1, "still down");
+        set.answered(0, &address(&set, 0), at(2));
+        assert_eq!(set.pick(0, &[], at(3)).0, 0, "up again");
     }
 
     #[test]
