@@ -341,6 +341,16 @@ pub struct Upstream {
     pub host_header: HeaderValue,
 }
 
+/// Where SCIM is served on its host.
+pub const SCIM_BASE_PATH: &str = "/scim/v2";
+
+/// Whether the normalized `path` is SCIM's on its host: [`SCIM_BASE_PATH`] or under it, as
+/// written (the proxy answers it before any route is looked up).
+pub fn under_scim_base(path: &str) -> bool {
+    path.strip_prefix(SCIM_BASE_PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// SCIM 2.0 provisioning, served at `<scheme>://<host>/scim/v2` on every listener.
 ///
 /// `host` may also be a route's host; that is allowed on purpose. Requests for that host under

@@ -227,10 +227,7 @@ pub(crate) fn convert(
     };
     if let Some(Some(scim)) = &scim {
         for (_, host, prefix, i) in &route_keys {
-            let under_scim = prefix
-                .strip_prefix("/scim/v2")
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-            if *host == scim.host && under_scim {
+            if *host == scim.host && crate::model::under_scim_base(prefix) {
                 p.add(
                     &root.key("routes").index(*i).key("from"),
                     format!(

@@ -5,7 +5,8 @@
 //! - **The signing keys.** ES256 (P-256) keys live in `data_dir/assertion-keys/`, one PKCS#8 PEM
 //!   file per key, named `<kid>.pem` where the kid is the key's RFC 7638 JWK thumbprint. Files are
 //!   created with mode 0600 (the directory 0700) and carry their creation time in a line before
-//!   the PEM block, and, for a key made by a rotation, the time it signs from (a line
+//!   the PEM block, and, for a key made by a rotation (or a new fleet's first, made by a
+//!   replica without keys of its own), the time it signs from (a line
 //!   `Signs: <unix seconds>`, [`PUBLISH_LEAD`] later by default): a new key is published before
 //!   it signs, so that an upstream that cached the JWKS a moment before the rotation (it is
 //!   served `max-age=60`) has it by then. The newest key that signs by now signs; an older key
@@ -836,7 +837,9 @@ fn shared_entry(kid: &str, text: Option<String>) -> Entry {
 /// published a whole token lifetime after another takes over, as after a rotation. A new one
 /// is published [`PUBLISH_LEAD`] before it signs, as a rotation's is: alone, it signs at once
 /// (no key signs before it); beside a machine's, started at once on another replica, it does
-/// not take over from the key that machine's upstreams trust before they have seen it.
+/// not take over from the key that machine's upstreams trust before they have seen it. (Two
+/// replicas started at once that each bring a machine's key still do: the one kept second
+/// signs at once, before the other machine's upstreams have fetched it; start one first.)
 pub fn first_shared_keys(data_dir: &Path, now: u64) -> Result<Vec<Entry>, String> {
     let dir = key_dir(data_dir);
     let mut entries = Vec::new();

@@ -179,6 +179,27 @@ fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Mac
     }
 }
 
+/// Why the proxy refuses a request of `method` before it asks who calls, and with what
+/// status: one in lower case (Go and PHP do not read `get` as `GET`), or one the upstream
+/// echoes (TRACE).
+pub fn refuses_method(method: &str) -> Option<(u16, String)> {
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Some((
+            400,
+            format!(
+                "{method} is a method in lower case, which Go and PHP do not read as its \
+                 upper-case one"
+            ),
+        ));
+    }
+    crate::proxy::echoes_request(method).then(|| {
+        (
+            405,
+            format!("{method} has the upstream echo what it is told"),
+        )
+    })
+}
+
 /// Judges `method url` for `who`, as if they had just signed in (or presented a token), as
 /// the proxy would: with the directory known to be `current` or not.
 pub fn explain(
@@ -256,21 +277,15 @@ pub fn explain(
         .map(|(_, query)| query);
     let normalized = path::normalize(raw_path(url));
     answer.path = normalized.as_ref().ok().map(|path| path.to_string());
-    let target = match normalized {
-        _ if method.bytes().any(|b| b.is_ascii_lowercase()) => Err(format!(
-            "refused with 400: {method} is a method in lower case, which Go and PHP do not \
-             read as its upper-case one"
-        )),
-        _ if crate::proxy::echoes_request(&method) => Err(format!(
-            "refused with 405: {method} has the upstream echo what it is told"
-        )),
-        Err(e) => Err(format!("refused with 400: {e}")),
-        Ok(path) if path.starts_with("/.portcullis/") => Err(
+    let target = match (refuses_method(&method), normalized) {
+        (Some((status, why)), _) => Err(format!("refused with {status}: {why}")),
+        (None, Err(e)) => Err(format!("refused with 400: {e}")),
+        (None, Ok(path)) if path.starts_with("/.portcullis/") => Err(
             "not a route's: Portcullis' own endpoint (/.portcullis/), which explain does \
                  not judge"
                 .to_owned(),
         ),
-        Ok(path)
+        (None, Ok(path))
             if runtime
                 .scim
                 .as_ref()
@@ -278,7 +293,7 @@ pub fn explain(
         {
             Err("not a route's: the SCIM endpoint, which explain does not judge".to_owned())
         }
-        Ok(path) => match runtime.routes.find(scheme, &host, &path) {
+        (None, Ok(path)) => match runtime.routes.find(scheme, &host, &path) {
             Match::Found(route) => match runtime.routes.refuses(scheme, &host, route, &path, query)
             {
                 Some(why) => {

@@ -20,7 +20,7 @@ use crate::audit::Audit;
 use crate::reply::{self, Reply};
 
 /// Where SCIM lives on its host.
-pub const BASE_PATH: &str = "/scim/v2";
+pub const BASE_PATH: &str = portcullis_config::SCIM_BASE_PATH;
 
 /// The route a refused SCIM request is audited under.
 pub const AUDIT_ROUTE: &str = "scim";
@@ -48,10 +48,7 @@ impl Scim {
 
     /// Whether a request for `host` and the normalized `path` is SCIM's.
     pub fn claims(&self, host: &str, path: &str) -> bool {
-        host == self.host
-            && path
-                .strip_prefix(BASE_PATH)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        host == self.host && portcullis_config::under_scim_base(path)
     }
 
     /// Whether `token` is one of the SCIM tokens (expired or not): Portcullis' credential,

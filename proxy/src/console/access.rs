@@ -571,7 +571,8 @@ fn asked(route: &Route, query: &str) -> Asked {
     };
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         match &*key {
-            "method" if METHODS.contains(&&*value) => asked.method = value.into_owned(),
+            // Any method, as the proxy would take it: one it refuses is said so (below).
+            "method" if !value.is_empty() && value.len() <= 32 => asked.method = value.into_owned(),
             // An empty box asks about the prefix.
             "path" if !value.is_empty() && value.len() <= 4096 => match path::normalize(&value) {
                 Ok(path) => (asked.path, asked.refused) = (path.into_owned(), None),
@@ -582,6 +583,10 @@ fn asked(route: &Route, query: &str) -> Asked {
             },
             _ => {}
         }
+    }
+    // Refused for its method before its path is read, as the proxy does.
+    if let Some((status, why)) = crate::explain::refuses_method(&asked.method) {
+        asked.refused = Some(format!("the proxy refuses it with {status}, {why}"));
     }
     asked
 }

@@ -660,6 +660,13 @@ mod pages {
             "{html}"
         );
         assert!(html.contains("<option selected>get</option>"), "{html}");
+        // So does a route's page.
+        let html = text(&console.get("routes/0", "method=get")).to_owned();
+        assert!(
+            html.contains("Nobody reaches this route at get /")
+                && html.contains("refuses it with 400, get is a method in lower case"),
+            "{html}"
+        );
 
         // A user's page lists the routes they can reach.
         let html = text(&console.get(&format!("users/{alice}"), "")).to_owned();
