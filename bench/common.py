@@ -4,6 +4,7 @@
 Everything listens on 127.0.0.1 with ports the kernel picks; every wait is bounded.
 """
 import base64
+import fcntl
 import hashlib
 import http.client
 import json
@@ -15,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -417,16 +419,27 @@ def ensure_idp_modules():
     with open(os.path.join(IDP_DIR, "package-lock.json"), "rb") as f:
         lock_hash = hashlib.sha256(f.read()).hexdigest()
     marker = os.path.join(IDP_DIR, "node_modules", ".portcullis-installed")
-    try:
-        with open(marker) as f:
-            if f.read().strip() == lock_hash:
-                return
-    except OSError:
-        pass
-    log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
-    subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
-    with open(marker, "w") as f:
-        f.write(lock_hash + "\n")
+
+    def installed():
+        try:
+            with open(marker) as f:
+                return f.read().strip() == lock_hash
+        except OSError:
+            return False
+
+    if installed():
+        return
+    # The tests' lock: an install they run meanwhile is waited for, not undone.
+    lock_path = os.path.join(tempfile.gettempdir(), "portcullis-tests-idp-npm.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed():
+            return
+        log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
+        npm = os.environ.get("PORTCULLIS_NPM", "npm")
+        subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+        with open(marker, "w") as f:
+            f.write(lock_hash + "\n")
 
 
 class Idp:
