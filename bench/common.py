@@ -16,7 +16,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -430,14 +429,16 @@ def ensure_idp_modules():
     if installed():
         return
     # The tests' lock: an install they run meanwhile is waited for, not undone.
-    lock_path = os.path.join(tempfile.gettempdir(), "portcullis-tests-idp-npm.lock")
+    # Where Rust's `std::env::temp_dir()` puts it: TMPDIR, else /tmp.
+    lock_path = os.path.join(os.environ.get("TMPDIR") or "/tmp", "portcullis-tests-idp-npm.lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if installed():
             return
         log("installing the test IdP's npm packages (npm ci in tests/idp) ...")
         npm = os.environ.get("PORTCULLIS_NPM", "npm")
-        subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+        subprocess.run([npm, "ci", "--silent", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True,
+                       timeout=300)
         with open(marker, "w") as f:
             f.write(lock_hash + "\n")
 

@@ -9,11 +9,17 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh demo
 cargo build -p portcullis
 # The tests' marker (tests/src/idp.rs): node_modules installed in full from this lock file.
+# Under the tests' lock, so that a suite installing meanwhile is waited for, not undone.
 marker=tests/idp/node_modules/.portcullis-installed
 lock_hash=$(sha256sum tests/idp/package-lock.json | cut -d' ' -f1)
 if [ "$(cat "$marker" 2>/dev/null)" != "$lock_hash" ]; then
-  (cd tests/idp && npm ci --silent --no-audit --no-fund)
-  echo "$lock_hash" >"$marker"
+  (
+    flock -w 600 9 || { echo "demo: waited 10 minutes for another npm install" >&2; exit 1; }
+    if [ "$(cat "$marker" 2>/dev/null)" != "$lock_hash" ]; then
+      (cd tests/idp && timeout 300 "${PORTCULLIS_NPM:-npm}" ci --silent --no-audit --no-fund)
+      echo "$lock_hash" >"$marker"
+    fi
+  ) 9>"${TMPDIR:-/tmp}/portcullis-tests-idp-npm.lock"
 fi
 
 # Waits (up to 30 s) for `url` to answer while process `pid` runs; else says why (the end

@@ -361,6 +361,13 @@ async fn rotating_the_assertion_key_in_data_dir_says_when_it_is_published() {
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, valid_base(free_port())).unwrap();
     let config = path.display().to_string();
+    // Before the first start there is no data_dir: refused, none made.
+    let args = ["rotate-assertion-key", "--config", &config];
+    let before = portcullis_tests::process::run(dir.path(), &args).await;
+    assert_eq!(before.status.code(), Some(1), "{}", before.stderr);
+    assert!(before.stderr.contains("first start"), "{}", before.stderr);
+    assert!(!dir.path().join("data").exists());
+    std::fs::create_dir(dir.path().join("data")).unwrap();
     let rotate = |publish_for: &'static str| {
         let config = config.clone();
         let dir = dir.path().to_owned();
