@@ -146,6 +146,10 @@ pub struct SignedWith {
     pub jwks_uri: Option<String>,
     /// The issuer's `tls_ca` as configured when it was verified (`None`: the bundled roots).
     pub tls_ca: Option<CaBundle>,
+    /// The issuer's `leeway` and `iat_backdate` as configured when it was verified: its
+    /// `expires` and `issued` were reckoned with them.
+    pub leeway: Duration,
+    pub iat_backdate: Duration,
     pub set: Arc<Jwks>,
     /// The token's `kid`, `alg` and the key that verified it.
     pub kid: Option<String>,
@@ -157,6 +161,8 @@ impl PartialEq for SignedWith {
     fn eq(&self, other: &Self) -> bool {
         self.jwks_uri == other.jwks_uri
             && self.tls_ca == other.tls_ca
+            && self.leeway == other.leeway
+            && self.iat_backdate == other.iat_backdate
             && Arc::ptr_eq(&self.set, &other.set)
             && self.kid == other.kid
             && self.alg == other.alg

@@ -397,8 +397,8 @@ pub fn is_client_token(
 
 /// Why `config` no longer takes the token `machine` came with as it was taken, if it does not:
 /// its issuer must still be one of `[[jwt_issuers]]`, still take every audience it was taken
-/// for, from the same key set fetched under the same CA, with the token's algorithm, and still publish the key that
-/// signed it. Judged again for open connections (at least once a second), so a reload that
+/// for, from the same key set fetched under the same CA, with the token's algorithm and no
+/// less `leeway` or `iat_backdate`, and still publish the key that signed it. Judged again for open connections (at least once a second), so a reload that
 /// stops trusting an issuer, or a key the issuer withdraws, ends the connections its tokens
 /// opened (a new request verifies afresh).
 pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static str> {
@@ -423,6 +423,9 @@ pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static st
         Some("the token's issuer is now configured with another key set (jwks_uri)")
     } else if issuer.tls_ca != signed.tls_ca {
         Some("the token's issuer is now trusted by another CA (tls_ca)")
+    } else if issuer.leeway < signed.leeway || issuer.iat_backdate < signed.iat_backdate {
+        // Its expiry and issue time were reckoned with more than the issuer now allows.
+        Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
     } else if !issuer
         .algorithms
         .iter()
@@ -867,6 +870,8 @@ impl Auth {
             signed: Some(jwt::SignedWith {
                 jwks_uri: issuer.jwks_uri.clone(),
                 tls_ca: issuer.tls_ca.clone(),
+                leeway: issuer.leeway,
+                iat_backdate: issuer.iat_backdate,
                 set: jwks.clone(),
                 kid,
                 alg,
@@ -1427,6 +1432,8 @@ mod tests {
         machine.signed = Some(jwt::SignedWith {
             jwks_uri: world.config.jwt_issuers[0].jwks_uri.clone(),
             tls_ca: None,
+            leeway: world.config.jwt_issuers[0].leeway,
+            iat_backdate: world.config.jwt_issuers[0].iat_backdate,
             set,
             kid: Some("published".to_owned()),
             alg: jsonwebtoken::Algorithm::ES256,
@@ -1456,6 +1463,26 @@ mod tests {
             why(&ca, &machine),
             Some("the token's issuer is now trusted by another CA (tls_ca)")
         );
+        // Its expiry reckoned with more leeway than the issuer now allows; more is no matter.
+        let leeway =
+            |secs: u64| move |issuer: &mut JwtIssuer| issuer.leeway = Duration::from_secs(secs);
+        let had = world.config.jwt_issuers[0].leeway.as_secs();
+        assert_eq!(why(&leeway(had + 60), &machine), None);
+        assert_eq!(
+            why(&leeway(had.saturating_sub(1)), &machine),
+            Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
+        );
+        let backdate = |issuer: &mut JwtIssuer| issuer.iat_backdate = Duration::ZERO;
+        if let Some(signed) = machine.signed.as_mut() {
+            signed.iat_backdate = Duration::from_secs(300);
+        }
+        assert_eq!(
+            why(&backdate, &machine),
+            Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
+        );
+        if let Some(signed) = machine.signed.as_mut() {
+            signed.iat_backdate = world.config.jwt_issuers[0].iat_backdate;
+        }
         if let Some(signed) = machine.signed.as_mut() {
             signed.key = "a-key-the-set-does-not-publish".into();
         }

@@ -785,11 +785,10 @@ impl Oidc {
                         // Perhaps the IdP rotated its keys: refetch, once (for a key it lacks,
                         // unless a fetch began since, as at sign-in; else rate limited). Keys
                         // that cannot be fetched, a set with none Portcullis can use, or one
-                        // not fetched again for a key it lacks (a fetch since found none such,
-                        // or, rate limited, one a moment before the IdP took the key up) give
-                        // no verdict on the session: it is
-                        // judged again a minute on, with the refresh token the IdP has just
-                        // given (the one sent may be spent).
+                        // not fetched again for a key it lacks (a fetch begun since found none
+                        // such) give no verdict on the session: it is judged again a minute on,
+                        // with the refresh token the IdP has just given (the one sent may be
+                        // spent).
                         let postponed = || {
                             tracing::warn!(
                                 "a refreshed ID token cannot be verified without the \
