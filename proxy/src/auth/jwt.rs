@@ -699,6 +699,28 @@ fn refusal(kind: &ErrorKind) -> &'static str {
 mod tests {
     use super::*;
 
+    /// A key-set endpoint on loopback: counts the connections it takes, and hands each, with
+    /// its turn (0 first), to `serve`.
+    async fn key_set_server<F, Fut>(
+        serve: F,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let turn = counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, turn));
+            }
+        });
+        (address, asked)
+    }
+
     #[test]
     fn a_date_may_have_a_fraction_of_a_second() {
         let read = |json: &str| serde_json::from_str::<NumericDate>(json).ok();
@@ -716,20 +738,11 @@ mod tests {
     /// are told the keys could not be had, not that the issuer has no such key.
     #[tokio::test]
     async fn requests_that_wait_on_a_fetch_that_fails_take_its_failure() {
-        use std::sync::atomic::AtomicUsize;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counted = asked.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(120)).await;
-                    drop(stream);
-                });
-            }
-        });
+        let (address, asked) = key_set_server(|stream, _| async move {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            drop(stream);
+        })
+        .await;
         let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
         let set = Arc::new(Jwks::holding(
             &format!("http://{address}/jwks"),
@@ -774,18 +787,8 @@ mod tests {
     /// fetch, and its failure.
     #[tokio::test]
     async fn a_key_missed_is_fetched_for_unless_a_fetch_began_since() {
-        use std::sync::atomic::AtomicUsize;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counted = asked.clone();
-        tokio::spawn(async move {
-            // Each fetch fails at once: the connection is closed unanswered.
-            while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
+        // Each fetch fails at once: the connection is closed unanswered.
+        let (address, asked) = key_set_server(|stream, _| async move { drop(stream) }).await;
         let set = Arc::new(Jwks::holding(
             &format!("http://{address}/jwks"),
             br#"{"keys":[]}"#,
@@ -828,34 +831,25 @@ mod tests {
     /// way (its request gone): it fetched nothing.
     #[tokio::test]
     async fn a_key_missed_while_a_fetch_is_under_way_is_fetched_for_again() {
-        use std::sync::atomic::AtomicUsize;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let asked = Arc::new(AtomicUsize::new(0));
-        let counted = asked.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut request = [0u8; 1024];
-                    let _ = stream.read(&mut request).await;
-                    // The third is held until it is given up, whatever the machine's load.
-                    let slow = match counted.fetch_add(1, Ordering::SeqCst) {
-                        2 => Duration::from_secs(120),
-                        _ => Duration::from_millis(300),
-                    };
-                    tokio::time::sleep(slow).await;
-                    let body = r#"{"keys":[]}"#;
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(answer.as_bytes()).await;
-                });
-            }
-        });
+        let (address, asked) = key_set_server(|mut stream, turn| async move {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            // The third is held until it is given up, whatever the machine's load.
+            let slow = match turn {
+                2 => Duration::from_secs(120),
+                _ => Duration::from_millis(300),
+            };
+            tokio::time::sleep(slow).await;
+            let body = r#"{"keys":[]}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        })
+        .await;
         let set = Arc::new(Jwks::holding(
             &format!("http://{address}/jwks"),
             br#"{"keys":[]}"#,

@@ -1586,6 +1586,18 @@ const AGENT: &str = "urn:ietf:params:scim:schemas:core:2.0:Agent";
 const APPLICATION: &str = "urn:ietf:params:scim:schemas:core:2.0:AgenticApplication";
 const AGENT_EXT: &str = crate::schema::PORTCULLIS_AGENT_SCHEMA;
 
+/// A directory in memory on a clock the test sets (Unix seconds), from `start`.
+fn on_clock(start: i64) -> (Directory, Arc<std::sync::atomic::AtomicI64>) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let clock = Arc::new(AtomicI64::new(start));
+    let now = {
+        let clock = clock.clone();
+        move || time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
+    };
+    let storage = Arc::new(crate::store::memory::MemoryStorage::default());
+    (Directory::open(storage, Box::new(now)).unwrap(), clock)
+}
+
 fn agent(name: &str, owners: &[&str], applications: &[&str], expires: Option<&str>) -> Value {
     let links = |ids: &[&str]| {
         ids.iter()
@@ -1622,14 +1634,8 @@ fn set_active(active: bool) -> Value {
 /// token issued before must not pass to it.
 #[tokio::test]
 async fn an_agent_left_alone_with_a_shared_external_id_takes_no_token_from_before() {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    let clock = Arc::new(AtomicI64::new(1_000));
-    let now = {
-        let clock = clock.clone();
-        move || time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
-    };
-    let storage = Arc::new(crate::store::memory::MemoryStorage::default());
-    let dir = Directory::open(storage, Box::new(now)).unwrap();
+    use std::sync::atomic::Ordering;
+    let (dir, clock) = on_clock(1_000);
     let bob = created(&dir, ResourceType::User, user("bob@x")).await;
     let sharing = |name: &str| {
         let mut body = agent(name, &[&bob], &[], None);
@@ -1689,14 +1695,8 @@ async fn an_agent_left_alone_with_a_shared_external_id_takes_no_token_from_befor
 /// while it has not passed, it stays.
 #[tokio::test]
 async fn an_agent_whose_passed_expiry_is_put_later_is_dated_anew() {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    let clock = Arc::new(AtomicI64::new(1_000));
-    let now = {
-        let clock = clock.clone();
-        move || time::OffsetDateTime::from_unix_timestamp(clock.load(Ordering::Relaxed)).unwrap()
-    };
-    let storage = Arc::new(crate::store::memory::MemoryStorage::default());
-    let dir = Directory::open(storage, Box::new(now)).unwrap();
+    use std::sync::atomic::Ordering;
+    let (dir, clock) = on_clock(1_000);
     let bob = created(&dir, ResourceType::User, user("bob@x")).await;
     let at = |unix: i64| {
         time::OffsetDateTime::from_unix_timestamp(unix)
