@@ -550,7 +550,11 @@ impl Shared {
                 None,
                 // In the order the connection is judged again (see `rejudge`).
                 match caller {
-                    Caller::Machine(m) if now >= m.expires => "the bearer token has expired",
+                    Caller::Machine(m)
+                        if now >= crate::auth::expires_under(&runtime.config.jwt_issuers, m) =>
+                    {
+                        "the bearer token has expired"
+                    }
                     Caller::Machine(m) => match crate::auth::no_longer_takes(&runtime.config, m) {
                         Some(why) => why,
                         None => match self.unlisted_client(runtime, caller) {

@@ -303,7 +303,11 @@ pub fn rejudge(
     let target = &open.target;
     // Whether its caller still is one: a machine's token not expired, a caller `vouched` for.
     let holds = |caller: &Caller| match caller {
-        Caller::Machine(machine) if now >= machine.expires => false,
+        Caller::Machine(machine)
+            if now >= crate::auth::expires_under(gate.jwt_issuers, machine) =>
+        {
+            false
+        }
         caller => vouched(caller),
     };
     let caller = open.caller.as_ref().filter(|caller| holds(caller));

@@ -398,9 +398,10 @@ pub fn is_client_token(
 /// Why `config` no longer takes the token `machine` came with as it was taken, if it does not:
 /// its issuer must still be one of `[[jwt_issuers]]`, still take every audience it was taken
 /// for, from the same key set fetched under the same CA, with the token's algorithm and no
-/// less `leeway` or `iat_backdate`, and still publish the key that signed it. Judged again for open connections (at least once a second), so a reload that
-/// stops trusting an issuer, or a key the issuer withdraws, ends the connections its tokens
-/// opened (a new request verifies afresh).
+/// less `iat_backdate`, and still publish the key that signed it. Judged again for open
+/// connections (at least once a second), so a reload that stops trusting an issuer, or a key
+/// the issuer withdraws, ends the connections its tokens opened (a new request verifies
+/// afresh).
 pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static str> {
     let Some(issuer) = config
         .jwt_issuers
@@ -423,9 +424,11 @@ pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static st
         Some("the token's issuer is now configured with another key set (jwks_uri)")
     } else if issuer.tls_ca != signed.tls_ca {
         Some("the token's issuer is now trusted by another CA (tls_ca)")
-    } else if issuer.leeway < signed.leeway || issuer.iat_backdate < signed.iat_backdate {
-        // Its expiry and issue time were reckoned with more than the issuer now allows.
-        Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
+    } else if issuer.iat_backdate.as_secs() < signed.iat_backdate.as_secs() {
+        // It was taken as issued earlier than the issuer now dates its tokens: it may be from
+        // before its user's or agent's record was made anew. (A lowered `leeway` ends only
+        // tokens past it: see [`expires_under`].)
+        Some("the token's issuer now dates its tokens more strictly (iat_backdate)")
     } else if !issuer
         .algorithms
         .iter()
@@ -440,6 +443,20 @@ pub fn no_longer_takes(config: &Config, machine: &Machine) -> Option<&'static st
     } else {
         None
     }
+}
+
+/// When `machine`'s token expires as its issuer is configured now: its `exp` and the `leeway`
+/// it was taken with, or a lower one a reload has set since (a raised one gives it no more).
+pub fn expires_under(issuers: &[JwtIssuer], machine: &Machine) -> u64 {
+    let Some(signed) = &machine.signed else {
+        return machine.expires;
+    };
+    let had = signed.leeway.as_secs();
+    let now = issuers
+        .iter()
+        .find(|issuer| issuer.issuer == machine.issuer)
+        .map_or(had, |issuer| issuer.leeway.as_secs().min(had));
+    machine.expires.saturating_sub(had - now)
 }
 
 #[derive(Deserialize)]
@@ -1463,22 +1480,29 @@ mod tests {
             why(&ca, &machine),
             Some("the token's issuer is now trusted by another CA (tls_ca)")
         );
-        // Its expiry reckoned with more leeway than the issuer now allows; more is no matter.
+        // Its expiry reckoned with more leeway than the issuer now allows: it expires by the
+        // leeway allowed now (more gives it none), and is not refused for that before.
         let leeway =
             |secs: u64| move |issuer: &mut JwtIssuer| issuer.leeway = Duration::from_secs(secs);
         let had = world.config.jwt_issuers[0].leeway.as_secs();
-        assert_eq!(why(&leeway(had + 60), &machine), None);
-        assert_eq!(
-            why(&leeway(had.saturating_sub(1)), &machine),
-            Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
-        );
+        assert!(had > 0);
+        let expires_with = |change: &dyn Fn(&mut JwtIssuer)| {
+            let mut config = world.config.clone();
+            change(&mut config.jwt_issuers[0]);
+            expires_under(&config.jwt_issuers, &machine)
+        };
+        assert_eq!(expires_with(&unchanged), machine.expires);
+        assert_eq!(expires_with(&leeway(had + 60)), machine.expires);
+        assert_eq!(expires_with(&leeway(0)), machine.expires - had);
+        assert_eq!(why(&leeway(0), &machine), None);
+        // Taken as issued earlier than the issuer now dates its tokens.
         let backdate = |issuer: &mut JwtIssuer| issuer.iat_backdate = Duration::ZERO;
         if let Some(signed) = machine.signed.as_mut() {
             signed.iat_backdate = Duration::from_secs(300);
         }
         assert_eq!(
             why(&backdate, &machine),
-            Some("the token's issuer now allows its tokens less time (leeway, iat_backdate)")
+            Some("the token's issuer now dates its tokens more strictly (iat_backdate)")
         );
         if let Some(signed) = machine.signed.as_mut() {
             signed.iat_backdate = world.config.jwt_issuers[0].iat_backdate;
