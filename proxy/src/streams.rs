@@ -796,6 +796,42 @@ mod tests {
                 revoked: None
             })
         );
+        // Taken with its issuer's leeway of 60 s (its `exp` is 940), which a reload then
+        // lowers to none: it ends at its `exp`.
+        let mut machine = crate::testing::machine("build-bot");
+        machine.expires = 1_000;
+        machine.signed = Some(crate::auth::jwt::SignedWith {
+            jwks_uri: None,
+            tls_ca: None,
+            leeway: std::time::Duration::from_secs(60),
+            iat_backdate: std::time::Duration::ZERO,
+            set: Arc::new(crate::auth::jwt::Jwks::new(
+                "http://127.0.0.1:2/jwks".to_owned(),
+                reqwest::Client::new(),
+            )),
+            kid: None,
+            alg: jsonwebtoken::Algorithm::ES256,
+            key: "k".into(),
+        });
+        let open = Recheck::new(
+            Some(Caller::Machine(Arc::new(machine))),
+            target("http://api.test", Client::Api),
+            None,
+            marks(0),
+        );
+        let mut config = world.config.clone();
+        config.jwt_issuers[0].leeway = std::time::Duration::ZERO;
+        let reloaded = crate::gate::Gate {
+            jwt_issuers: &config.jwt_issuers,
+            ..world.gate()
+        };
+        let at = |now| rejudge(&reloaded, &runtime.routes, &open, now, |_| true);
+        assert!(matches!(at(939), Admission::Allow(_)), "{:?}", at(939));
+        assert!(
+            matches!(at(940), Admission::Refuse(Refused::Challenge { .. })),
+            "{:?}",
+            at(940)
+        );
     }
 
     #[tokio::test]
