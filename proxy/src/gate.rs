@@ -1145,13 +1145,9 @@ impl Gate<'_> {
             // A stranger is named to the upstream by their token: never by a name the
             // directory gives someone (a forged or mistyped email, with `externalId` mapping).
             Ok(None) => {
+                // A name a directory user has, had (deleted) or shares.
                 let known = |name: &str| {
-                    [SubjectKey::UserName(name), SubjectKey::Email(name)]
-                        .into_iter()
-                        .any(|key| {
-                            self.directory
-                                .with_subject(key, |lookup| !matches!(lookup, Lookup::Unknown))
-                        })
+                    self.names_users(name, |lookup| !matches!(lookup, Lookup::Unknown))
                 };
                 on_token(facts, request, principal, kind, known, who, explain)
             }
@@ -1199,21 +1195,26 @@ impl Gate<'_> {
             Principal::Machine(_) => return name,
         };
         let folded = portcullis_policy::fold(&name);
-        let names_users = [SubjectKey::UserName(&folded), SubjectKey::Email(&folded)]
-            .into_iter()
-            .any(|key| {
-                self.directory.with_subject(key, |lookup| {
-                    matches!(lookup, Lookup::Found(_) | Lookup::Ambiguous(_))
-                })
-            });
+        let names_users = self.names_users(&folded, |lookup| {
+            matches!(lookup, Lookup::Found(_) | Lookup::Ambiguous(_))
+        });
         match names_users && name != *subject {
             true => subject.clone(),
             false => name,
         }
     }
 
+    /// Whether the folded `name`, looked up as a `userName` and as an email, finds what
+    /// `counts` takes.
+    fn names_users(&self, name: &str, counts: impl Fn(&Lookup<'_>) -> bool) -> bool {
+        [SubjectKey::UserName(name), SubjectKey::Email(name)]
+            .into_iter()
+            .any(|key| self.directory.with_subject(key, |lookup| counts(&lookup)))
+    }
+
     /// The person a delegated token acts for, as the records of their requests name them:
-    /// their `userName` in the directory, else as the token names them.
+    /// their `userName` in the directory, else as a stranger's refusals are
+    /// ([`Gate::stranger_name`]).
     fn person_name(&self, principal: Principal<'_>) -> String {
         self.directory_view(principal)
             .map_or_else(|| self.stranger_name(principal), |view| view.user_name)
