@@ -143,12 +143,11 @@ impl PageNames {
 
     /// Whether `path` is what the prefix names, by one of these names, with a format suffix
     /// on the path's last segment with `formats` (as deny rules read it).
-    fn hold_with(&self, path: &str, formats: bool) -> bool {
-        let read = LoosePath::new(path);
+    fn hold_with(&self, path: &LoosePath<'_>, formats: bool) -> bool {
         self.names
             .iter()
-            .any(|name| read.within_formats(name, formats))
-            || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, &read))
+            .any(|name| path.within_formats(name, formats))
+            || (self.directory.as_deref()).is_some_and(|dir| is_directory(dir, path))
     }
 }
 
@@ -245,7 +244,7 @@ impl<'a> LoosePath<'a> {
         self.within_formats(prefix, false)
     }
 
-    /// [`within`], with a format suffix on the path's last segment with `formats`.
+    /// [`LoosePath::within`], with a format suffix on the path's last segment with `formats`.
     fn within_formats(&self, prefix: &str, formats: bool) -> bool {
         let prefix = match prefix.strip_suffix('/') {
             Some(bare) if !bare.is_empty() => bare,
@@ -318,7 +317,10 @@ pub fn strictly_within(prefix: &str, path: &str) -> bool {
 /// of these: it would move `/status.json` from the route that holds it to a `/status` route
 /// with other rules, where most frameworks serve another page.
 fn denied_within(prefix: &Prefix, path: &str) -> bool {
-    let holds = |path: &str| within(&prefix.text, path, true) || prefix.pages.hold_with(path, true);
+    let holds = |path: &str| {
+        let read = LoosePath::new(path);
+        read.within_formats(&prefix.text, true) || prefix.pages.hold_with(&read, true)
+    };
     holds(path)
         || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
         || page_with_info(path).is_some_and(|page| holds(&page))
@@ -423,12 +425,9 @@ pub fn script_routed(path: &str) -> Option<(String, usize)> {
     None
 }
 
-fn within(prefix: &str, path: &str, formats: bool) -> bool {
-    LoosePath::new(path).within_formats(prefix, formats)
-}
-
-/// [`within`] of a `path` and a bare `prefix` that both read plainly: no parameters, nothing
-/// to trim, so the lenient reading is the strict one, in any ASCII case (with a format suffix).
+/// [`LoosePath::within_formats`] of a `path` and a bare `prefix` that both read plainly: no
+/// parameters, nothing to trim, so the lenient reading is the strict one, in any ASCII case
+/// (with a format suffix).
 fn within_plainly(prefix: &str, path: &str, formats: bool) -> bool {
     let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
     if path.len() < prefix.len() || !path[..prefix.len()].eq_ignore_ascii_case(prefix) {
@@ -441,7 +440,7 @@ fn within_plainly(prefix: &str, path: &str, formats: bool) -> bool {
     }
 }
 
-/// [`within`], read segment by segment.
+/// [`LoosePath::within_formats`], read segment by segment.
 fn within_segments(prefix: &str, segments: &Segments<'_>, formats: bool) -> bool {
     let mut wants = loose_segments(prefix).peekable();
     let mut next = 0;

@@ -286,8 +286,10 @@ impl UpstreamSet {
     /// where new ones are dropped), and says nothing of whether it takes new ones.
     pub fn answered(&self, index: usize, address: &PeerAddress, started: Instant) {
         if let Some(backend) = self.at(index, address) {
-            if backend.marked_at_ms.load(Ordering::Relaxed) <= self.millis(started) {
-                self.mark_up(index, address);
+            if backend.down_until_ms.load(Ordering::Relaxed) != 0
+                && backend.marked_at_ms.load(Ordering::Relaxed) <= self.millis(started)
+            {
+                backend.down_until_ms.store(0, Ordering::Relaxed);
             }
         }
     }

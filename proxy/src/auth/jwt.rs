@@ -421,6 +421,21 @@ impl Jwks {
             .await
     }
 
+    /// Fetches the key set again for a token the issuer itself handed over (an ID token from
+    /// its token endpoint) that it does not verify, read at `seen`: for a key missing from the
+    /// set ([`Jwks::refresh_since`]), or (a signature no key of its kid verifies) as a
+    /// client's token would, rate limited.
+    pub async fn refresh_for_issuers_own(
+        &self,
+        missing_key: bool,
+        seen: Instant,
+    ) -> Result<bool, JwtError> {
+        match missing_key {
+            true => self.refresh_since(seen).await,
+            false => self.refresh(false).await,
+        }
+    }
+
     async fn refresh_unless(&self, recent: impl Fn(&Fetches) -> bool) -> Result<bool, JwtError> {
         let mut fetches = self.fetches.lock().await;
         if recent(&fetches) {

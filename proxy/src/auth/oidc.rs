@@ -530,19 +530,12 @@ impl Oidc {
         // The keys it is verified with were fetched before this moment.
         let seen = std::time::Instant::now();
         let claims = match self.verify_id_token(config, &provider, id_token, &nonce) {
-            Err(IdTokenError::UnknownKey(_)) => {
-                // The IdP rotated its keys since they were fetched: fetched again, unless a
-                // fetch began since this token was read (it is the IdP's own, not rate limited
-                // as a client's token is), and tried once more.
-                if let Err(JwtError::KeysUnavailable) = provider.jwks.refresh_since(seen).await {
-                    return Err(SignInError::KeysUnavailable);
-                }
-                self.verify_id_token(config, &provider, id_token, &nonce)?
-            }
-            Err(IdTokenError::Signature(_)) => {
-                // Perhaps the IdP replaced a key under its kid: refetch (rate limited) and
-                // try once more.
-                if let Err(JwtError::KeysUnavailable) = provider.jwks.refresh(false).await {
+            Err(missed @ (IdTokenError::UnknownKey(_) | IdTokenError::Signature(_))) => {
+                // The IdP rotated its keys since they were fetched (or replaced one under its
+                // kid): fetched again, and tried once more.
+                let missing_key = matches!(missed, IdTokenError::UnknownKey(_));
+                let refetched = provider.jwks.refresh_for_issuers_own(missing_key, seen);
+                if let Err(JwtError::KeysUnavailable) = refetched.await {
                     return Err(SignInError::KeysUnavailable);
                 }
                 self.verify_id_token(config, &provider, id_token, &nonce)?
@@ -801,10 +794,11 @@ impl Oidc {
                                 sealed: false,
                             }))
                         };
-                        let refetched = match missed {
-                            IdTokenError::UnknownKey(_) => provider.jwks.refresh_since(seen).await,
-                            _ => provider.jwks.refresh(false).await,
-                        };
+                        let missing_key = matches!(missed, IdTokenError::UnknownKey(_));
+                        let refetched = provider
+                            .jwks
+                            .refresh_for_issuers_own(missing_key, seen)
+                            .await;
                         if refetched.is_err() || !provider.jwks.has_usable_key() {
                             return postponed();
                         }

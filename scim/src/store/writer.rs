@@ -661,8 +661,8 @@ impl<'a> Overlay<'a> {
         };
         let mut holders: Vec<Row> = emails
             .iter()
-            .flat_map(|email| self.index.users_by_email(email))
             .filter(|_| rt == ResourceType::User)
+            .flat_map(|email| self.index.users_by_email(email))
             .chain(external_id.into_iter().flat_map(by_external_id))
             .filter(|&holder| holder != row)
             .collect();
