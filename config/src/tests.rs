@@ -3402,6 +3402,18 @@ fn the_admin_token_is_a_secret_kept_with_its_hash() {
     let admin = fixture.parse(&allowed).unwrap().admin.unwrap();
     assert!(admin.token.is_some());
 
+    // A token of its own: not one an IdP holds for SCIM.
+    let with_scim = |admin_token: &str| {
+        format!("{}[scim]\nhost = \"auth.example.com\"\n[[scim.tokens]]\nname = \"okta\"\nsecret = \"{TOKEN}\"\n", text(admin_token))
+    };
+    let errors = fixture.parse(&with_scim(TOKEN)).unwrap_err();
+    let problem = &errors.problems[0];
+    assert_eq!(problem.path, "admin.token");
+    assert!(problem.message.contains("scim.tokens[0]"), "{problem}");
+    assert!(!problem.message.contains(TOKEN), "{problem}");
+    let other = "another-token-long-enough-to-pass";
+    assert!(fixture.parse(&with_scim(other)).is_ok());
+
     let errors = fixture.parse(&text("short")).unwrap_err();
     let problem = &errors.problems[0];
     assert_eq!(problem.path, "admin.token");

@@ -240,6 +240,25 @@ pub(crate) fn convert(
         }
     }
 
+    // Each token says who holds it: a monitoring system given the admin token to scrape
+    // `/metrics` must not also be able to write the directory, nor an IdP to read `/explain`.
+    if let (Some(Some(admin)), Some(Some(scim))) = (&admin, &scim) {
+        let same = admin.token.as_ref().and_then(|admin| {
+            scim.tokens
+                .iter()
+                .position(|token| token.sha256 == admin.sha256)
+        });
+        if let Some(i) = same {
+            p.add(
+                &root.key("admin").key("token"),
+                format!(
+                    "the same token as scim.tokens[{i}]: whoever holds one could use the \
+                     other's listener too; give the admin listener a token of its own"
+                ),
+            );
+        }
+    }
+
     let oidc = match file.oidc {
         None => Some(None),
         Some(raw) => {
