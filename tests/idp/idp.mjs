@@ -707,7 +707,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'jwks'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -731,6 +731,7 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
+    if (outage === 'jwks' && url.pathname === '/jwks') return send(res, 503, 'text/plain', 'key set outage\n');
     if (outage === 'userinfo-refuses' && url.pathname === '/me') {
       return send(res, 401, 'application/json', '{"error":"invalid_token"}\n', {
         'www-authenticate': 'Bearer error="invalid_token", error_description="the token is for another API"',

@@ -2441,6 +2441,31 @@ async fn each_sign_in_after_a_quick_key_rotation_is_verified_with_the_new_keys()
     }
 }
 
+/// An ID token signed with a key the IdP's key set cannot give (it is down) is neither taken
+/// nor called forged: the person is asked to come back in a moment, and then signs in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_whose_new_key_cannot_be_fetched_is_asked_to_come_back() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/rotated");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &page).await;
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    fx.idp.rotate_keys(false).await;
+    fx.idp.set_outage(IdpOutage::Jwks).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    fx.idp.outage(false).await;
+    let status = resp.status();
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("sign in again"), "{body}");
+    assert!(session.is_none(), "a session was made: {session:?}");
+
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    assert_eq!(signed.landed, page);
+    assert_session_works(&page, &signed.cookie).await;
+}
+
 // ----- one cookie for many hosts, TLS, restarts --------------------------------------------
 
 /// Portcullis with `routes` and one session for every host under `.corp.test`, signed in on

@@ -375,6 +375,9 @@ pub enum IdpOutage {
     /// Only UserInfo answers, 401 to every access token: one meant for another API (Entra's
     /// for an `api://` scope), not an outage.
     UserInfoRefuses,
+    /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
+    /// no one can fetch.
+    Jwks,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -635,6 +638,10 @@ impl Idp {
             }
             IdpOutage::UserInfoRefuses => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo-refuses" }))
+                    .await
+            }
+            IdpOutage::Jwks => {
+                self.control("/test/stop-serving", json!({ "mode": "jwks" }))
                     .await
             }
         };
