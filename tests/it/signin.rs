@@ -3777,6 +3777,29 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
+/// A refreshed ID token signed with a key the IdP began using since Portcullis fetched its
+/// keys is verified with that key, fetched then: what it says counts at once, not a minute on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_signed_with_a_new_key_is_judged_at_once() {
+    const DAVE: &str = "dave@example.com";
+    const DAVE_PASSWORD: &str = "dave's password, long enough";
+    let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
+    let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
+    let url = fx.url("app.test", "/eng/page");
+    let signed = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
+    assert_session_works(&url, &signed.cookie).await;
+
+    fx.idp.rotate_keys(false).await;
+    fx.idp.set_groups("dave", &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(&fx, &url, &signed.cookie).await;
+    assert_eq!(
+        session_events(&fx, 2).await,
+        [(DAVE, "sign_in"), (DAVE, "idp_ended")]
+            .map(|(who, what)| (who.to_owned(), what.to_owned()))
+    );
+}
+
 /// Entra ID leaves `groups` out of the ID token of a person in no group, and puts no `email`
 /// in it for one without a mailbox: a refresh that finds the person taken out of their last
 /// group still sees it (their `preferred_username` shows the ID token holds their claims).
