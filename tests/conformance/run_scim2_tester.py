@@ -137,10 +137,33 @@ def teach_multi_valued_add() -> None:
     patch_add.fields_equality = added
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before, from below the kernel's ephemeral
+    range (as the Rust harness's `free_port`): Portcullis' own outgoing connections (to
+    PostgreSQL, before it binds its listeners) take theirs in that range, and could take a
+    port reserved there and released until the server binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    low = 10_000
+    if ephemeral_low <= low + 1000:
+        raise SystemExit(f"the ephemeral port range starts at {ephemeral_low}: ports below it are needed")
+    span = ephemeral_low - low
+    start = secrets.randbelow(span)
+    for step in range(span):
+        port = low + (start + step) % span
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise SystemExit(f"no free loopback port in {low}..{ephemeral_low}")
 
 
 def start_portcullis(binary: str, workdir: str, postgres: bool) -> tuple[subprocess.Popen, str, str, str]:
