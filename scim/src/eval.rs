@@ -256,6 +256,15 @@ fn value_path_parent(attr: &AttrPath, ctx: Ctx) -> Result<&'static AttributeDef,
 
 fn check_expr(expr: &AttrExpr, ctx: Ctx) -> Result<(), ScimError> {
     let target = target(ctx, &expr.path, &expr.op)?;
+    // A `$ref` is the address a resource is served at, made for each answer from the address
+    // the request came to: not kept, so a term on it would match nothing, silently.
+    if target.leaf().name == "$ref" {
+        return Err(invalid(format!(
+            "'{}': a $ref is made for each answer from the address it is served at, not kept; \
+             filter by value",
+            expr.path
+        )));
+    }
     let AttrOp::Compare(op, value) = &expr.op else {
         return Ok(());
     };
@@ -623,6 +632,9 @@ mod tests {
         rejected(r#"meta.lastModified gt "yesterday""#, "not an RFC 3339");
         rejected(r#"name eq "Barbara""#, "compare one of its sub-attributes");
         rejected("userName gt null", "only eq and ne");
+        // Made from the address a request came to, for each answer: never kept.
+        rejected("groups.$ref pr", "a $ref is made for each answer");
+        rejected(r#"groups[$ref ew "/x"]"#, "a $ref is made for each answer");
     }
 
     #[test]

@@ -239,6 +239,28 @@ pub struct Member {
     pub display: Option<String>,
 }
 
+/// Member `row` of a group as it is shown: users without a `display`, agents and groups with
+/// their names.
+fn member(index: &Index, row: Row) -> Option<Member> {
+    let (id, rt, display) = if let Some(user) = index.user(row) {
+        (user.id, ResourceType::User, None)
+    } else if let Some(agent) = index.agent(row) {
+        (agent.id, ResourceType::Agent, Some(agent.name.to_string()))
+    } else {
+        let group = index.group(row)?;
+        (
+            group.id,
+            ResourceType::Group,
+            Some(group.display_name.to_string()),
+        )
+    };
+    Some(Member {
+        id: format_id(id),
+        rt,
+        display,
+    })
+}
+
 /// One group a user or group is in, for rendering a User's `groups`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberOf {
@@ -663,27 +685,7 @@ impl Directory {
 
     /// The direct members of group `id`, in creation order of the members.
     pub fn members(&self, id: &str) -> Vec<Member> {
-        self.members_as(id, None, |index, member| {
-            if let Some(user) = index.user(member) {
-                Some(Member {
-                    id: format_id(user.id),
-                    rt: ResourceType::User,
-                    display: None,
-                })
-            } else if let Some(agent) = index.agent(member) {
-                Some(Member {
-                    id: format_id(agent.id),
-                    rt: ResourceType::Agent,
-                    display: Some(agent.name.to_string()),
-                })
-            } else {
-                index.group(member).map(|group| Member {
-                    id: format_id(group.id),
-                    rt: ResourceType::Group,
-                    display: Some(group.display_name.to_string()),
-                })
-            }
-        })
+        self.members_as(id, None, member)
     }
 
     /// `f` of each direct member of group `id` (all of them, or, given `only`, those of these
@@ -900,10 +902,12 @@ impl Directory {
     /// them that are members (looked up one by one, whatever the size of the group).
     fn attach_member_values(&self, id: &str, deciding: Option<&[&str]>, resource: &mut Value) {
         let members = self.members_as(id, deciding, |index, m| {
-            let (id, rt) = (index.user(m).map(|u| (u.id, ResourceType::User)))
-                .or_else(|| index.group(m).map(|g| (g.id, ResourceType::Group)))
-                .or_else(|| index.agent(m).map(|a| (a.id, ResourceType::Agent)))?;
-            Some(json!({ "value": format_id(id), "type": rt.name() }))
+            let member = member(index, m)?;
+            let mut value = json!({ "value": member.id, "type": member.rt.name() });
+            if let (Some(display), Some(obj)) = (member.display, value.as_object_mut()) {
+                obj.insert("display".to_owned(), Value::String(display));
+            }
+            Some(value)
         });
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("members".to_owned(), Value::Array(members));

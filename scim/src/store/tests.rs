@@ -168,14 +168,23 @@ async fn member_comparisons_read_only_the_members_they_name_and_judge_as_reading
             "{filter} is decided by the members it names"
         );
         let found = query(&dir, ResourceType::Group, filter);
-        // The same filter, made to need every member (`display` is never rendered, so the
-        // added comparison never holds): the same groups.
+        // The same filter, made to need every member (no member is named `x`, so the added
+        // comparison never holds): the same groups.
         let every = format!("({filter}) or members.display eq \"x\"");
         assert_eq!(deciding_members(&Filter::parse(&every).unwrap()), None);
         assert_eq!(found, query(&dir, ResourceType::Group, &every), "{filter}");
         let want: Vec<String> = want.iter().map(|id| (*id).clone()).collect();
         assert_eq!(found, want, "{filter}");
     }
+    // A member group is shown with its name, and found by it.
+    assert_eq!(
+        query(&dir, ResourceType::Group, "members.display eq \"g1\""),
+        vec![g2.clone()]
+    );
+    assert_eq!(
+        query(&dir, ResourceType::Group, "members[display sw \"G\"]"),
+        vec![g2.clone()]
+    );
     for needs_all in [
         "members pr".to_owned(),
         format!("members ne \"{a}\""),
