@@ -2561,6 +2561,11 @@ enum Again {
 ///   `X-Forwarded-Proto`, `Front-End-Https`, which CodeIgniter reads after it (so an http
 ///   request would be https to it), and Jetty's `X-Proxied-Https`, `Proxy-Ssl-Id` and
 ///   `Proxy-Auth-Cert` (the TLS session and cipher a request came over, to its forwarding);
+/// - the client certificates a proxy in front passes on, which applications take as the
+///   caller's identity: `Client-Cert` and `Client-Cert-Chain` (RFC 9440), `X-Client-Cert`
+///   (ASP.NET Core's certificate forwarding), `X-ARR-ClientCert` and `X-ARR-SSL` (IIS and
+///   Azure App Service) and `X-SSL-*` (nginx's and HAProxy's `X-SSL-Client-Cert`,
+///   `-Client-Verify`, `-Client-S-DN`);
 /// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
 ///   Rack before 2.2.20 and 3.1.18 reads from the request: a client's would make a download
 ///   an `X-Accel-Redirect` to a file it chose (CVE-2025-61780);
@@ -2576,8 +2581,8 @@ enum Again {
 ///
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
-    const PREFIXES: [&[u8]; 3] = [b"x-portcullis-", b"x-forwarded-", b"x-original-"];
-    const NAMES: [&[u8]; 25] = [
+    const PREFIXES: [&[u8]; 4] = [b"x-portcullis-", b"x-forwarded-", b"x-original-", b"x-ssl-"];
+    const NAMES: [&[u8]; 30] = [
         b"forwarded",
         b"x-forwarded",
         b"forwarded-for",
@@ -2599,6 +2604,11 @@ fn is_reserved(name: &[u8]) -> bool {
         b"x-proxied-https",
         b"proxy-ssl-id",
         b"proxy-auth-cert",
+        b"client-cert",
+        b"client-cert-chain",
+        b"x-client-cert",
+        b"x-arr-clientcert",
+        b"x-arr-ssl",
         b"x-sendfile-type",
         b"x-accel-mapping",
         b"x-middleware-subrequest",

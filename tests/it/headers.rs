@@ -313,7 +313,11 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
             "GET {path} HTTP/1.1\r\nHost: app.test:{port}\r\nConnection: {connection}\r\n\
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
              X-Forwarded-For: 203.0.113.9\r\nFront-End-Https: on\r\nX-Proxied-Https: on\r\n\
-             Proxy-Ssl-Id: 0a1b\r\nProxy-Auth-Cert: TLS_AES_128_GCM_SHA256\r\n\r\n"
+             Proxy-Ssl-Id: 0a1b\r\nProxy-Auth-Cert: TLS_AES_128_GCM_SHA256\r\n\
+             Client-Cert: :MIIB:\r\nClient-Cert-Chain: :MIIC:\r\nX-Client-Cert: MIIB\r\n\
+             X-ARR-ClientCert: MIIB\r\nX-ARR-SSL: 2048|256|CN=ca|CN=app\r\n\
+             X-SSL-Client-Cert: MIIB\r\nX-SSL-Client-Verify: SUCCESS\r\n\
+             X-SSL-Client-S-DN: CN=admin\r\n\r\n"
         );
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
@@ -342,6 +346,20 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
             "proxy-auth-cert",
         ] {
             assert!(echo.header_all(https).is_empty(), "{case}: {https}");
+        }
+        // A client certificate the caller claims to have shown a proxy in front, which an
+        // application would take as who calls.
+        for cert in [
+            "client-cert",
+            "client-cert-chain",
+            "x-client-cert",
+            "x-arr-clientcert",
+            "x-arr-ssl",
+            "x-ssl-client-cert",
+            "x-ssl-client-verify",
+            "x-ssl-client-s-dn",
+        ] {
+            assert!(echo.header_all(cert).is_empty(), "{case}: {cert}");
         }
         assert_eq!(
             echo.header_all("x-forwarded-host"),
