@@ -449,15 +449,16 @@ fn within_segments(prefix: &str, segments: &Segments<'_>, formats: bool) -> bool
             return false;
         };
         next += 1;
-        if got.eq_ignore_ascii_case(want) {
+        if same_in_any_case(got.as_bytes(), want.as_bytes()) {
             continue;
         }
         let last = formats && wants.peek().is_none() && segments.get(next).is_none();
         let (got, want) = (got.as_bytes(), want.as_bytes());
         let formatted = last
-            && got.len() > want.len()
-            && got[want.len()] == b'.'
-            && got[..want.len()].eq_ignore_ascii_case(want);
+            && ((got.len() > want.len()
+                && got[want.len()] == b'.'
+                && got[..want.len()].eq_ignore_ascii_case(want))
+                || formatted_beyond_ascii(got, want));
         if !formatted {
             return false;
         }
@@ -500,15 +501,82 @@ fn trim_spaces(mut path: &str) -> &str {
     path
 }
 
-/// Whether [`loose_segments`] reads `path` as it is written: no `;` or `%3B`, and no space
-/// (`+`, `%20`, `%2B`) it might trim. (One pass: route selection asks this of every path.)
+/// Whether [`loose_segments`] reads `path` as it is written: no `;` or `%3B`, no space (`+`,
+/// `%20`, `%2B`) it might trim, and no letter beyond ASCII (a byte of 0x80 and up, escaped),
+/// whose other case may be spelled in another number of bytes. (One pass: route selection
+/// asks this of every path.)
 fn reads_plainly(path: &str) -> bool {
     let bytes = path.as_bytes();
     !bytes.iter().enumerate().any(|(i, &b)| {
         b == b';'
             || b == b'+'
-            || (b == b'%' && matches!(bytes.get(i + 1..i + 3), Some(b"3B" | b"20" | b"2B")))
+            || (b == b'%'
+                && (matches!(bytes.get(i + 1..i + 3), Some(b"3B" | b"20" | b"2B"))
+                    || bytes.get(i + 1).is_some_and(|&high| high >= b'8')))
     })
+}
+
+/// Whether two segments (normalized: every byte beyond ASCII an escape) are one in any case:
+/// ASCII letters, and, as ASP.NET Core compares the path it has decoded with its routes
+/// (ordinally, ignoring case), letters beyond ASCII too: `%C3%9Cber` (`Über`) is `%C3%BCber`.
+fn same_in_any_case(got: &[u8], want: &[u8]) -> bool {
+    got.eq_ignore_ascii_case(want)
+        || beyond_ascii(got) && beyond_ascii(want) && {
+            let (got, want) = (upper_case(got), upper_case(want));
+            got.is_some() && got == want
+        }
+}
+
+/// Whether a normalized segment holds a byte beyond ASCII (escaped: `%80` and up).
+fn beyond_ascii(segment: &[u8]) -> bool {
+    segment.windows(2).any(|w| w[0] == b'%' && w[1] >= b'8')
+}
+
+/// Whether segment `got` is `want` with a format suffix (`.json`), in any case, where both hold
+/// letters beyond ASCII (see [`same_in_any_case`]).
+fn formatted_beyond_ascii(got: &[u8], want: &[u8]) -> bool {
+    if !(beyond_ascii(got) && beyond_ascii(want)) {
+        return false;
+    }
+    let (Some(got), Some(want)) = (upper_case(got), upper_case(want)) else {
+        return false;
+    };
+    got.strip_prefix(&want)
+        .is_some_and(|suffix| suffix.len() > 1 && suffix.starts_with('.') && !want.is_empty())
+}
+
+/// A segment decoded, in upper case letter by letter as .NET's invariant culture reads it (one
+/// letter for one, so `ß` stays; `ı` and `ſ` are not `I` and `S` there): `None` when its escapes
+/// are not UTF-8.
+fn upper_case(segment: &[u8]) -> Option<String> {
+    let mut bytes = Vec::with_capacity(segment.len());
+    let mut rest = segment;
+    while let Some((&b, tail)) = rest.split_first() {
+        let hex = |h: u8| char::from(h).to_digit(16);
+        match (b, tail) {
+            (b'%', [h, l, tail @ ..]) => {
+                bytes.push(u8::try_from(hex(*h)? * 16 + hex(*l)?).ok()?);
+                rest = tail;
+            }
+            _ => {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+    }
+    let text = String::from_utf8(bytes).ok()?;
+    Some(
+        text.chars()
+            .map(|c| {
+                let mut upper = c.to_uppercase();
+                match (c, upper.next(), upper.next()) {
+                    ('ı' | 'ſ', _, _) => c,
+                    (_, Some(one), None) => one,
+                    _ => c,
+                }
+            })
+            .collect(),
+    )
 }
 
 impl Rule {
@@ -1930,6 +1998,29 @@ mod tests {
                 "{allowed_path}"
             );
         }
+    }
+
+    /// ASP.NET Core compares the path it has decoded with its routes in any case, letters
+    /// beyond ASCII too: `/Über` is its `/über`.
+    #[test]
+    fn the_lenient_reading_takes_letters_beyond_ascii_in_any_case() {
+        assert!(loosely_within("/%C3%BCber/", "/%C3%9Cber/x"));
+        assert!(loosely_within("/%C3%BCber/", "/%C3%9CBER"));
+        assert!(loosely_within("/caf%C3%A9", "/CAF%C3%89;x/y"));
+        assert!(denied_within("/caf%C3%A9", "/CAF%C3%89/x"));
+        assert!(denied_within("/caf%C3%A9", "/Caf%C3%89.json"));
+        assert!(denied_within("/%D0%B0%D0%B4", "/%D0%90%D0%94/x"));
+        // One letter for one, as .NET reads them: `ß` is not `SS`, nor `ı` `I`.
+        assert!(!loosely_within("/stra%C3%9Fe/", "/STRASSE/x"));
+        assert!(!loosely_within("/%C4%B1d/", "/ID%C3%A9/x"));
+        assert!(!loosely_within("/%C4%B1d%C3%A9/", "/ID%C3%A9/x"));
+        assert!(!loosely_within("/caf%C3%A9", "/cafe/x"));
+        assert!(!loosely_within("/caf%C3%A9", "/caf%C3%A8/x"));
+        assert!(!denied_within("/caf%C3%A9", "/caf%C3%A9s/x"));
+        // Escapes that are not UTF-8 are compared as written.
+        assert!(loosely_within("/%FF", "/%FF/x"));
+        assert!(loosely_within("/%FFa", "/%FFA/x"));
+        assert!(!loosely_within("/%FF", "/%FE/x"));
     }
 
     #[test]

@@ -469,6 +469,26 @@ mod tests {
         assert!(refused("app.corp.test", "/PUBLIC/x").is_some());
         assert_eq!(refused("app.corp.test", "/public/x"), None);
         assert_eq!(refused("solo.test", "/PUBLIC/x"), None);
+        // Letters beyond ASCII too (ASP.NET Core reads `/Über` as `/über`).
+        let table = RouteTable::new(vec![
+            like_at("app.corp.test", Scheme::Https, ""),
+            like_at("app.corp.test", Scheme::Https, "/%C3%BCber/"),
+            like_at("solo.test", Scheme::Https, "/%C3%BCber/"),
+        ]);
+        let found = |host: &str, path: &str| match table.find(Scheme::Https, host, path) {
+            Match::Found(route) => (
+                route.config.path_prefix.clone(),
+                table.refuses(Scheme::Https, host, route, path, None),
+            ),
+            _ => panic!("{host}{path}: no route"),
+        };
+        let (prefix, refused) = found("app.corp.test", "/%C3%9Cber/x");
+        assert_eq!(prefix, "/%C3%BCber/");
+        assert!(refused.is_some());
+        assert_eq!(
+            found("solo.test", "/%C3%9CBER/x"),
+            ("/%C3%BCber/".to_owned(), None)
+        );
         // A route of the other scheme at the same depth, spelled otherwise, and a wider route
         // that holds the path only leniently, count too.
         let table = RouteTable::new(vec![
