@@ -130,9 +130,13 @@ def check_upstream_answers(url, headers):
 
 
 def quartiles(values):
-    """The lower and upper quartile of `values`; of three, the lowest and the highest."""
+    """The lower and upper quartile of `values` (interpolated between the values, as
+    `statistics.quantiles` does with the inclusive method); of one value, that value twice."""
     values = sorted(values)
-    return [values[len(values) // 4], values[(3 * len(values)) // 4]]
+    if len(values) < 2:
+        return values * 2
+    lower, _, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return [lower, upper]
 
 
 def machine():

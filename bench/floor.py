@@ -48,8 +48,9 @@ not work.
 With `--profile`, one more window is recorded by `perf record --call-graph dwarf` for all the
 processes at once, and the time spent under each part of Portcullis (its `ProxyHttp` hooks and
 what they call) and under the parts of pingora both run is given in µs per request, next to the
-floor's: where the difference goes. perf samples the CPU at a fixed rate, so a part's samples,
-over the requests served in the window, are its µs per request.
+floor's: where the difference goes. A part's share of a system's samples, times that system's
+CPU per request over the rounds, is its µs per request (perf slows what it records, and the
+kernel may lower its rate: its samples are shares, not a clock).
 
 With `--users N`, N people sign in to Portcullis and to Apache, and each `wrk` sends their
 session cookies in turn, one per request (a wrk script; the floors get Portcullis' cookies, so
@@ -382,6 +383,9 @@ def run(args):
     # Portcullis' own work on the session route: above the pingora that sends the same headers.
     own = sorted(s["cpu_us"] - h["cpu_us"] for s, h in
                  zip(results[SESSION], results[HEADERS_FLOOR]))
+    if profile and "error" not in profile:
+        profile = {name: {label: share * summary[name]["cpu_us"] for label, share in shares.items()}
+                   for name, shares in profile.items()}
     # Its share of the identity-aware peer's CPU for the same signed-in, group-checked request.
     share = sorted(s["cpu_us"] / a["cpu_us"] for s, a in zip(against_peer[SESSION], against_peer[APACHE]))
     return {"rounds": args.rounds, "duration": args.duration, "connections": args.connections, "users": args.users,
@@ -414,7 +418,8 @@ def perf_stacks(script):
 
 
 def profiled(systems, load, args):
-    """µs per request under each of PARTS, and in all, for each system, from one profiled window."""
+    """The share of each system's samples under each of PARTS (and in all: 1), from one profiled
+    window."""
     perf = shutil.which("perf")
     if not perf:
         return {"error": "perf is not installed"}
@@ -428,11 +433,14 @@ def profiled(systems, load, args):
         record = subprocess.run([perf, "record", "-F", str(PROFILE_HZ), "--call-graph", "dwarf,32768", "-p", pids,
                                  "-o", data, "--", "sleep", str(seconds)], capture_output=True, text=True,
                                 timeout=seconds + 300)
-        runs = running.result()
+        running.result()
     if record.returncode != 0:
         return {"error": f"perf record failed: {record.stderr.strip()[:300]}"}
     script = subprocess.run([perf, "script", "-i", data, "-F", "pid,ip,sym", "--no-inline"],
-                            capture_output=True, text=True, timeout=1800).stdout
+                            capture_output=True, text=True, timeout=1800)
+    if script.returncode != 0:
+        return {"error": f"perf script failed: {script.stderr.strip()[:300]}"}
+    script = script.stdout
     by_pid = {pid: name for name, (pid, *_) in systems.items()}
     samples = {name: collections.Counter() for name in systems}
     for pid, frames in perf_stacks(script):
@@ -445,12 +453,11 @@ def profiled(systems, load, args):
             # Frames are leaf first: the caller is further on.
             if at and (within is None or any(within in frame for frame in frames[min(at) + 1:])):
                 samples[name][label] += 1
-    result = {}
-    for name, counts in samples.items():
-        # Requests served while perf recorded, at the window's average rate.
-        per_sample_us = 1e6 / PROFILE_HZ / max(runs[name]["rps"] * seconds, 1)
-        result[name] = {label: counts[label] * per_sample_us for label in ["all"] + [part[0] for part in PARTS]}
-    return result
+    unseen = [name for name, counts in samples.items() if counts["all"] == 0]
+    if unseen:
+        return {"error": "perf attributed no samples to " + ", ".join(unseen)}
+    labels = ["all"] + [part[0] for part in PARTS]
+    return {name: {label: counts[label] / counts["all"] for label in labels} for name, counts in samples.items()}
 
 
 def who_signed_in(users):
@@ -505,7 +512,8 @@ def report_profile(profile):
         print(f"\nNo profile: {profile['error']}")
         return
     names = list(profile)
-    print("\nWhere the time goes, µs per request from one window of `perf record` of all of them at once "
+    print("\nWhere the time goes, µs per request: each part's share of the samples of one window of "
+          "`perf record` of all of them at once, times the system's CPU per request over the rounds "
           "(callees included; a part inside another is marked …):\n")
     print("| part | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
