@@ -1539,12 +1539,17 @@ fn user_subject<'a>(
 ) -> Subject<'a> {
     // The directory's email, never the token's: the IdP provisions the directory, while a
     // token's email is whatever the account at the IdP says. That is the primary email, else
-    // the first, else the userName when it is an address (as Okta sends it).
-    let email = user
-        .emails
-        .first()
-        .map(|e| &**e)
-        .or_else(|| Some(&*user.user_name).filter(|name| name.contains('@')));
+    // the first, else the userName when it is an address (as Okta sends it), but for an Entra
+    // guest's UPN (`ann_partner.example#EXT#@corp.onmicrosoft.com`): a name the host tenant
+    // makes up in its own domain, not the guest's address.
+    let email = user.emails.first().map(|e| &**e).or_else(|| {
+        let name = &*user.user_name;
+        let guest = name
+            .as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b"#EXT#"));
+        (name.contains('@') && !guest).then_some(name)
+    });
     Subject {
         kind,
         user_name: &user.user_name,
@@ -2383,6 +2388,14 @@ mod tests {
             Cause::NoRuleAllows,
             "no email in the directory at all"
         );
+        // An Entra guest's UPN is in the host tenant's domain, not the guest's address.
+        world
+            .user_with_emails("mal_partner.example#EXT#@corp.example", "ext-m", &[])
+            .await;
+        let mut guest = world.person("mal@partner.example");
+        guest.subject = "ext-m".to_owned();
+        let refusal = forbidden(as_person(&world, &guest, 5, "/"));
+        assert_eq!(refusal.cause, Cause::NoRuleAllows, "a guest's UPN");
     }
 
     #[tokio::test]
