@@ -772,16 +772,19 @@ impl Auth {
         // A sign-in of that IdP session stored before this logout was, though after its
         // sessions were found, is held here now: ended too. (One stored after it is ended by
         // its callback: see `Sessions::signed_out_by_idp`.)
-        let late = self
+        let mut late = self
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
         if !late_keys.is_empty() {
             // The token is kept as used (an answer other than 200 has the IdP send it again,
-            // to be refused): out of memory here, the end is written until it holds.
+            // to be refused): out of memory here, the end is written until it holds. Recorded
+            // here only where no other end was taking it (the sign-in's callback records the
+            // one it ends as signed out by the IdP while it began).
             let taken = self.sessions.take(&late_keys);
+            late.retain(|(key, _)| taken.took_first(key));
             let what = "the sessions signed in while a back-channel logout came".to_owned();
-            (self.sessions).write_end_until_it_holds(late_keys.clone(), taken, what, || {});
+            (self.sessions).write_end_until_it_holds(late_keys, taken, what, || {});
         }
         // Whom the IdP signed out: the people whose sessions these were. None held (signed out
         // already): nothing ended.
@@ -790,7 +793,7 @@ impl Auth {
             .collect();
         people.sort();
         people.dedup();
-        let detail = format!("{} session(s) ended", keys.len() + late_keys.len());
+        let detail = format!("{} session(s) ended", keys.len() + late.len());
         for who in &people {
             self.audit.session(who, "idp_logout", &detail, req.client);
         }

@@ -648,9 +648,17 @@ impl EntrySink for Kept {
     }
 }
 
-/// Sessions [`Sessions::take`]n out of memory, their end still to be written.
+/// Sessions [`Sessions::take`]n out of memory, their end still to be written; and of them,
+/// those no other end was taking (whose end is this one's to record).
 #[must_use = "the end is still to be written (`Sessions::write_end`)"]
-pub struct Taken(Vec<SessionKey>);
+pub struct Taken(Vec<SessionKey>, Vec<SessionKey>);
+
+impl Taken {
+    /// Whether this end took `key` out of memory itself, no other end taking it then.
+    pub fn took_first(&self, key: &SessionKey) -> bool {
+        self.1.contains(key)
+    }
+}
 
 /// The sessions, over what [`Kept`] holds and the directory that stores them. A clone is
 /// another handle on the same sessions.
@@ -972,30 +980,27 @@ impl Sessions {
         // Moved (or counted) while `ending`'s entry is held, as it is put back: another end
         // finds it in one map or the other, never in neither. (`ending` before `sessions`,
         // always; nothing holds the two in the other order.)
-        let mut taken = Vec::new();
+        let (mut taken, mut first) = (Vec::new(), Vec::new());
         for key in keys {
-            let counted = match self.kept.ending.entry(*key) {
+            match self.kept.ending.entry(*key) {
                 dashmap::Entry::Occupied(mut ending) => {
                     ending.get_mut().1 += 1;
                     self.kept.sessions.remove(key);
-                    true
+                    taken.push(*key);
                 }
-                dashmap::Entry::Vacant(ending) => match self.kept.sessions.remove(key) {
-                    Some((_, session)) => {
+                dashmap::Entry::Vacant(ending) => {
+                    if let Some((_, session)) = self.kept.sessions.remove(key) {
                         ending.insert((session, 1));
-                        true
+                        taken.push(*key);
+                        first.push(*key);
                     }
-                    None => false,
-                },
-            };
-            if counted {
-                taken.push(*key);
+                }
             }
         }
         if !keys.is_empty() {
             self.kept.ended();
         }
-        Taken(taken)
+        Taken(taken, first)
     }
 
     /// [`Sessions::take`] of the session `id` only where no other end is taking it: this end
@@ -1008,7 +1013,7 @@ impl Sessions {
             dashmap::Entry::Vacant(ending) => {
                 let (_, session) = self.kept.sessions.remove(&key)?;
                 ending.insert((session, 1));
-                Some((key, Taken(vec![key])))
+                Some((key, Taken(vec![key], vec![key])))
             }
         };
         if taken.is_some() {
@@ -1068,7 +1073,7 @@ impl Sessions {
     /// Puts back sessions whose end the store refused: not ended anywhere, they must still be
     /// found by a retry. Put back by the last end whose write fails (unless one whose write
     /// held, or a reading anew of the store, took it out of `ending` meanwhile).
-    fn put_back(&self, Taken(taken): Taken) {
+    fn put_back(&self, Taken(taken, _): Taken) {
         for key in taken {
             if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
                 ending.get_mut().1 -= 1;
@@ -1510,6 +1515,33 @@ mod tests {
         {
             self.inner.changes(after, limit)
         }
+    }
+
+    /// A session another end is taking (the sign-in's callback, which records it) is taken by
+    /// a second end too, to be written, but the second knows it was not the first: a late
+    /// back-channel logout records no one for it.
+    #[tokio::test]
+    async fn an_end_knows_which_sessions_it_took_first() {
+        let (sessions, _store, _entered, release) = gated();
+        drop(release);
+        let ending = sessions
+            .create(identity("alice", 10_000), None, "s", 100)
+            .await
+            .unwrap();
+        let held = sessions
+            .create(identity("bob", 10_000), None, "s", 100)
+            .await
+            .unwrap();
+        let (by_callback, callback_s) = sessions.take_held(&ending).unwrap();
+        let (still_held, _) = sessions.get(&held).unwrap();
+        let taken = sessions.take(&[by_callback, still_held]);
+        assert!(!taken.took_first(&by_callback), "the callback's");
+        assert!(taken.took_first(&still_held));
+        assert!(sessions.take_held(&held).is_none(), "taken already");
+        for (key, taken) in [(by_callback, callback_s), (still_held, taken)] {
+            assert!(sessions.write_end(&[key], taken, Vec::new()).await.is_ok());
+        }
+        assert!(sessions.find(|_| true).is_empty(), "ended");
     }
 
     /// A write of an end the store refuses leaves the sessions out of memory, to be written
