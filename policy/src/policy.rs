@@ -28,7 +28,8 @@ const KNOWN_METHODS: [&str; 9] = [
 
 /// A compiled, immutable set of allow and deny rules for one route. Build it once per
 /// configuration load with [`Policy::compile`], share it (it is `Send + Sync`), and call
-/// [`Policy::evaluate`] per request; evaluation does not allocate.
+/// [`Policy::evaluate`] per request; evaluation allocates only for a path read in more than one
+/// way (`;` parameters, page names, letters beyond ASCII).
 ///
 /// A policy with no rules refuses everything. Two policies compiled from the same rules are
 /// equal.
@@ -194,8 +195,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// Whether `path` is within `prefix` as the most lenient common upstream could read it: each
 /// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
-/// segments left empty gone, letters compared in any ASCII case (Express and ASP.NET read
-/// `/ADMIN` as `/admin`), and a prefix's trailing `/` not required of the path (Express, Rails
+/// segments left empty gone, letters compared in any case (Express and ASP.NET read `/ADMIN` as
+/// `/admin`, and ASP.NET `/%C3%9Cber` as `/%C3%BCber`), and a prefix's trailing `/` not required of the path (Express, Rails
 /// and ASP.NET serve `/admin` as `/admin/`). The boundaries are segments: `/admin` does not
 /// hold `/adminx`. This is how route selection reads a path, so that no spelling an upstream
 /// understands as another route's lands elsewhere; deny rules read it so too, and more
@@ -519,10 +520,12 @@ fn reads_plainly(path: &str) -> bool {
 /// Whether two segments (normalized: every byte beyond ASCII an escape) are one in any case:
 /// ASCII letters, and, as ASP.NET Core compares the path it has decoded with its routes
 /// (ordinally, ignoring case), letters beyond ASCII too: `%C3%9Cber` (`Über`) is `%C3%BCber`.
+/// `want` is the prefix's (the configuration's, short): asked first, so a long segment of a
+/// request is read again only against a prefix beyond ASCII, and only when about as long.
 fn same_in_any_case(got: &[u8], want: &[u8]) -> bool {
     got.eq_ignore_ascii_case(want)
-        || beyond_ascii(got) && beyond_ascii(want) && {
-            let (got, want) = (upper_case(got), upper_case(want));
+        || beyond_ascii(want) && about_as_long(got, want) && beyond_ascii(got) && {
+            let (got, want) = (one_case(got), one_case(want));
             got.is_some() && got == want
         }
 }
@@ -532,23 +535,38 @@ fn beyond_ascii(segment: &[u8]) -> bool {
     segment.windows(2).any(|w| w[0] == b'%' && w[1] >= b'8')
 }
 
-/// Whether segment `got` is `want` with a format suffix (`.json`), in any case, where both hold
-/// letters beyond ASCII (see [`same_in_any_case`]).
-fn formatted_beyond_ascii(got: &[u8], want: &[u8]) -> bool {
-    if !(beyond_ascii(got) && beyond_ascii(want)) {
-        return false;
-    }
-    let (Some(got), Some(want)) = (upper_case(got), upper_case(want)) else {
-        return false;
-    };
-    got.strip_prefix(&want)
-        .is_some_and(|suffix| suffix.len() > 1 && suffix.starts_with('.') && !want.is_empty())
+/// Whether `got` could be `want` in another case: a letter's other case is written in at most
+/// one more byte of UTF-8 in two (escaped, thrice as many), so never twice as long.
+fn about_as_long(got: &[u8], want: &[u8]) -> bool {
+    got.len() < 2 * want.len() && want.len() < 2 * got.len()
 }
 
-/// A segment decoded, in upper case letter by letter as .NET's invariant culture reads it (one
-/// letter for one, so `ß` stays; `ı` and `ſ` are not `I` and `S` there): `None` when its escapes
-/// are not UTF-8.
-fn upper_case(segment: &[u8]) -> Option<String> {
+/// Whether segment `got` is `want` with a format suffix (`.json`, or a bare `.`, as ASCII
+/// segments are read), in any case, where both hold letters beyond ASCII (see
+/// [`same_in_any_case`]).
+fn formatted_beyond_ascii(got: &[u8], want: &[u8]) -> bool {
+    let stem = got
+        .iter()
+        .position(|&b| b == b'.')
+        .map_or(got, |dot| &got[..dot]);
+    if !(beyond_ascii(want) && about_as_long(stem, want) && beyond_ascii(got)) {
+        return false;
+    }
+    let (Some(got), Some(want)) = (one_case(got), one_case(want)) else {
+        return false;
+    };
+    !want.is_empty()
+        && got
+            .strip_prefix(&want)
+            .is_some_and(|suffix| suffix.starts_with('.'))
+}
+
+/// A segment decoded, each letter in one case: lower case of its upper case, one letter for
+/// one (so `ß`, whose upper case is `SS`, stays), as .NET's ordinal comparison ignoring case
+/// reads them, but for `ı` and `ſ`, which are not `i` and `s` there. (It takes a few more as
+/// one than .NET does, the Kelvin sign and `k` say, which only a deny rule could tell, by
+/// refusing more.) `None` when its escapes are not UTF-8.
+fn one_case(segment: &[u8]) -> Option<String> {
     let mut bytes = Vec::with_capacity(segment.len());
     let mut rest = segment;
     while let Some((&b, tail)) = rest.split_first() {
@@ -565,18 +583,20 @@ fn upper_case(segment: &[u8]) -> Option<String> {
         }
     }
     let text = String::from_utf8(bytes).ok()?;
-    Some(
-        text.chars()
-            .map(|c| {
-                let mut upper = c.to_uppercase();
-                match (c, upper.next(), upper.next()) {
-                    ('ı' | 'ſ', _, _) => c,
-                    (_, Some(one), None) => one,
-                    _ => c,
-                }
-            })
-            .collect(),
-    )
+    Some(text.chars().map(one_letter_case).collect())
+}
+
+/// [`one_case`] of one letter.
+fn one_letter_case(c: char) -> char {
+    fn single(mut chars: impl Iterator<Item = char>) -> Option<char> {
+        let one = chars.next()?;
+        chars.next().is_none().then_some(one)
+    }
+    if matches!(c, 'ı' | 'ſ') {
+        return c;
+    }
+    let upper = single(c.to_uppercase()).unwrap_or(c);
+    single(upper.to_lowercase()).unwrap_or(upper)
 }
 
 impl Rule {
@@ -2010,8 +2030,14 @@ mod tests {
         assert!(denied_within("/caf%C3%A9", "/CAF%C3%89/x"));
         assert!(denied_within("/caf%C3%A9", "/Caf%C3%89.json"));
         assert!(denied_within("/%D0%B0%D0%B4", "/%D0%90%D0%94/x"));
-        // One letter for one, as .NET reads them: `ß` is not `SS`, nor `ı` `I`.
+        // One letter for one, as .NET reads them: `ß` is not `SS`, nor `ı` `I`; `ᾳ` is `ᾼ`
+        // (whose upper case is `ΑΙ` in full).
         assert!(!loosely_within("/stra%C3%9Fe/", "/STRASSE/x"));
+        assert!(!loosely_within("/%C3%A9stra%C3%9Fe/", "/%C3%89STRASSE/x"));
+        assert!(loosely_within("/%E1%BE%B3/", "/%E1%BE%BC/x"));
+        // A bare `.` after the name is a format suffix, as for ASCII names.
+        assert!(denied_within("/%C3%BCber", "/%C3%9Cber."));
+        assert!(denied_within("/admin", "/ADMIN."));
         assert!(!loosely_within("/%C4%B1d/", "/ID%C3%A9/x"));
         assert!(!loosely_within("/%C4%B1d%C3%A9/", "/ID%C3%A9/x"));
         assert!(!loosely_within("/caf%C3%A9", "/cafe/x"));

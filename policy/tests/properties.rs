@@ -60,6 +60,7 @@ const PREFIXES: &[&str] = &[
     "/api/v1",
     "/admin.php",
     "/admin.php/x",
+    "/%C3%BCber",
 ];
 const PATHS: &[&str] = &[
     "/",
@@ -92,6 +93,11 @@ const PATHS: &[&str] = &[
     "/ADMIN.PHP/x",
     "/admin.aspx;x/y",
     "/api/v1.html/x",
+    "/%C3%BCber",
+    "/%C3%9Cber/x",
+    "/%C3%9CBER.json",
+    "/%C3%BCberx",
+    "/%C3%9Cber;x/y",
 ];
 
 fn strings(pool: &'static [&'static str], max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -425,11 +431,12 @@ fn path_holds(
 }
 
 /// A path as the most lenient upstream reads it: each segment without its `;` parameters,
-/// empty segments gone, letters in lower case; a trailing `/` kept.
+/// empty segments gone, letters in lower case (those beyond ASCII too, as ASP.NET Core reads
+/// them once decoded); a trailing `/` kept.
 fn loosely(path: &str) -> String {
     let segments: Vec<String> = path
         .split('/')
-        .map(|s| s.split(';').next().unwrap_or_default().to_ascii_lowercase())
+        .map(|s| lower_case(s.split(';').next().unwrap_or_default()))
         .filter(|s| !s.is_empty())
         .collect();
     let mut read = format!("/{}", segments.join("/"));
@@ -439,6 +446,32 @@ fn loosely(path: &str) -> String {
         read.push('/');
     }
     read
+}
+
+/// A segment in lower case: decoded first where it holds escapes that are UTF-8.
+fn lower_case(segment: &str) -> String {
+    let decoded = segment
+        .contains('%')
+        .then(|| {
+            let mut bytes = Vec::new();
+            let mut rest = segment.as_bytes();
+            while !rest.is_empty() {
+                if rest[0] == b'%' && rest.len() >= 3 {
+                    let hex = std::str::from_utf8(&rest[1..3]).ok()?;
+                    bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                    rest = &rest[3..];
+                } else {
+                    bytes.push(rest[0]);
+                    rest = &rest[1..];
+                }
+            }
+            String::from_utf8(bytes).ok()
+        })
+        .flatten();
+    match decoded {
+        Some(text) => text.chars().flat_map(char::to_lowercase).collect(),
+        None => segment.to_ascii_lowercase(),
+    }
 }
 
 /// Whether the rule's `any_signed_in`, `machines` or `agents` matches: each only ever matches

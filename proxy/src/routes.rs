@@ -107,7 +107,7 @@ impl RouteTable {
 
     /// Finds the route for a lower-cased `host` (without port) and a normalized `path`. Path
     /// prefixes are read as the most lenient upstream reads a path (`;` parameters dropped, any
-    /// ASCII case: [`portcullis_policy::loosely_within`]), so no spelling an upstream reads as
+    /// case: [`portcullis_policy::loosely_within`]), so no spelling an upstream reads as
     /// inside a route's prefix lands on another route.
     ///
     /// The narrowest prefix that holds the path decides, whatever its scheme: a route of the
