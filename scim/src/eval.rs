@@ -256,9 +256,17 @@ fn value_path_parent(attr: &AttrPath, ctx: Ctx) -> Result<&'static AttributeDef,
 
 fn check_expr(expr: &AttrExpr, ctx: Ctx) -> Result<(), ScimError> {
     let target = target(ctx, &expr.path, &expr.op)?;
-    // A `$ref` is the address a resource is served at, made for each answer from the address
-    // the request came to: not kept, so a term on it would match nothing, silently.
-    if target.leaf().name == "$ref" {
+    // A `$ref` Portcullis makes (a read-only one, or a group member's, which is kept by its
+    // id alone) is the address a resource is served at, made for each answer from the address
+    // the request came to: not kept, so a term on it would match nothing, silently. (One the
+    // client writes, a manager's or an agent's owner's, is kept as written.)
+    let parent = match ctx {
+        Ctx::Element(parent) => Some(parent),
+        Ctx::Resource(_) => target.sub.map(|_| target.attr),
+    };
+    let leaf = target.leaf();
+    let made_here = leaf.is_read_only() || parent.is_some_and(|p| p.name == "members");
+    if leaf.name == "$ref" && made_here {
         return Err(invalid(format!(
             "'{}': a $ref is made for each answer from the address it is served at, not kept; \
              filter by value",
@@ -635,6 +643,12 @@ mod tests {
         // Made from the address a request came to, for each answer: never kept.
         rejected("groups.$ref pr", "a $ref is made for each answer");
         rejected(r#"groups[$ref ew "/x"]"#, "a $ref is made for each answer");
+        // One the client writes is kept as written.
+        let manager = Filter::parse(
+            r#"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager.$ref pr"#,
+        )
+        .unwrap();
+        assert_eq!(check_filter(&manager, ResourceType::User), Ok(()));
     }
 
     #[test]
@@ -643,6 +657,10 @@ mod tests {
         assert!(check_filter(&filter, ResourceType::Group).is_err());
         let group = Filter::parse(r#"displayName eq "Eng" and members[value eq "u1"]"#).unwrap();
         assert_eq!(check_filter(&group, ResourceType::Group), Ok(()));
+        for made in [r#"members.$ref pr"#, r#"members[$ref ew "/u1"]"#] {
+            let made = Filter::parse(made).unwrap();
+            assert!(check_filter(&made, ResourceType::Group).is_err());
+        }
         assert!(references_attribute(&group, "members"));
         assert!(!references_attribute(
             &Filter::parse("displayName pr").unwrap(),
