@@ -335,6 +335,17 @@ impl ServeHttp for Admin {
             header::CACHE_CONTROL,
             header::HeaderValue::from_static("no-store"),
         );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            header::HeaderValue::from_static("nosniff"),
+        );
+        // A 401 says how to authenticate (RFC 9110 §11.6.1).
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+            );
+        }
         let len = response.body().len();
         response
             .headers_mut()

@@ -417,8 +417,18 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
     let px = cfg.start().await;
     let client = plain_client();
     let metrics = px.admin_url("/metrics");
+    let challenged = |resp: &reqwest::Response| {
+        let challenge = resp.headers().get("www-authenticate");
+        assert_eq!(
+            challenge.and_then(|v| v.to_str().ok()),
+            Some("Bearer realm=\"portcullis-admin\""),
+            "a 401 says how to authenticate"
+        );
+        assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    };
     let resp = client.get(&metrics).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "no token");
+    challenged(&resp);
     let resp = client
         .get(&metrics)
         .bearer_auth("admin-token-0123456789abcdefghiJ")
@@ -426,6 +436,7 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "a wrong token");
+    challenged(&resp);
     let resp = client
         .get(&metrics)
         .bearer_auth(TOKEN)
@@ -435,6 +446,7 @@ async fn with_a_token_metrics_and_explain_need_it_and_the_cli_presents_it() {
     assert_eq!(resp.status(), StatusCode::OK);
     let resp = client.get(px.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "probes need no token");
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
     // Both refusals are audited, by what was wrong, never with the token.
     let records = crate::audit::audit_json_until(&px, &[], |r| {
         crate::audit::of_event(r, "refusal").len() == 2
