@@ -51,19 +51,23 @@
 //
 // Test-control endpoints (not OIDC), all answering JSON:
 //   GET  /test/health
-//   POST /test/rotate-keys         {keep_old}: fresh RS256 + ES256 keys sign from now on; the
-//                                  previous ones stay in the JWKS only when keep_old is true
+//   POST /test/rotate-keys         {keep_old, same_kids}: fresh RS256 + ES256 keys sign from now
+//                                  on; the previous ones stay in the JWKS only when keep_old is
+//                                  true; with same_kids the fresh keys take the kids of the ones
+//                                  they replace (an IdP that replaced a key under its kid)
 //   POST /test/backchannel-logout  {sub, client_id, end_session?}: sends a real logout token to
 //                                  the client's backchannel_logout_uri for each session of `sub`
 //                                  with that client, then ends those sessions (unless
 //                                  end_session is false)
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
-//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "userinfo" |
-//                                  "userinfo-refuses"}: every non-/test/ request gets a 503, has
-//                                  its connection reset, is never answered, or gets a gateway's
-//                                  502 in JSON; or only UserInfo (`/me`) answers 503, or 401 to
-//                                  every access token (one meant for another API)
+//   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
+//                                  "userinfo" | "userinfo-refuses" | "jwks"}: every non-/test/
+//                                  request gets a 503, has its connection reset, is never
+//                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
+//                                  as an OAuth error; or only UserInfo (`/me`) answers 503, or
+//                                  401 to every access token (one meant for another API); or only
+//                                  the key set (`/jwks`) answers 503
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
 //                                  closed)
 //
@@ -692,7 +696,9 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { ok: true, issuer, outage, kids: signingKeys.map((k) => k.kid) });
     case 'POST /test/rotate-keys': {
       const old = signingKeys;
-      signingKeys = [...newSigningKeys(), ...(body.keep_old ? old : [])];
+      let fresh = newSigningKeys();
+      if (body.same_kids) fresh = fresh.map((key, i) => ({ ...key, kid: old[i].kid }));
+      signingKeys = [...fresh, ...(body.keep_old && !body.same_kids ? old : [])];
       provider = buildProvider(issuer, clientsConfig);
       return sendJson(res, 200, { kids: signingKeys.map((k) => k.kid) });
     }

@@ -2466,6 +2466,41 @@ async fn a_sign_in_whose_new_key_cannot_be_fetched_is_asked_to_come_back() {
     assert_session_works(&page, &signed.cookie).await;
 }
 
+/// An ID token whose kid is known but whose key the IdP replaced under it is not called forged
+/// while the key set cannot be fetched: the person is asked to come back in a moment. (The set
+/// is fetched again for it as for a client's token, at most once in 10 s.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_with_a_key_replaced_under_its_kid_is_asked_to_come_back_while_keys_are_down() {
+    let fx = Fixture::start().await;
+    // The keys were fetched at start: 10 s on, a signature no key verifies fetches them again.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let page = fx.app_url("/replaced");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &page).await;
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let before = fx.idp.jwks().await;
+    let kids = fx.idp.replace_keys_under_their_kids().await;
+    let before: Vec<_> = (before.keys.iter())
+        .filter_map(|k| k.common.key_id.clone())
+        .collect();
+    assert!(kids.iter().all(|kid| before.contains(kid)), "{kids:?}");
+    fx.idp.set_outage(IdpOutage::Jwks).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    fx.idp.outage(false).await;
+    let status = resp.status();
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("sign in again"), "{body}");
+    assert!(session.is_none(), "a session was made: {session:?}");
+
+    // 10 s after the fetch that failed, the set is fetched again, and the new key verifies.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    assert_eq!(signed.landed, page);
+    assert_session_works(&page, &signed.cookie).await;
+}
+
 // ----- one cookie for many hosts, TLS, restarts --------------------------------------------
 
 /// Portcullis with `routes` and one session for every host under `.corp.test`, signed in on
