@@ -22,10 +22,19 @@ if [ "$(id -u)" -eq 0 ]; then
   chown postgres:postgres "$dir"
   as_pg=(runuser -u postgres --)
 fi
-# A port below the ephemeral range, where no outgoing connection takes one meanwhile.
+if ! "${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --no-locale \
+  >"$dir/initdb.log" 2>&1; then
+  echo "initdb failed:" >&2
+  cat "$dir/initdb.log" >&2
+  exit 1
+fi
+# A port below the ephemeral range, where no outgoing connection takes one meanwhile (taken
+# after initdb, which takes seconds: the tests take theirs there too).
 port=$(python3 - <<'PY'
 import random, socket
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+if low <= 11000:
+    raise SystemExit(f"the ephemeral port range starts at {low}: a port below it is needed")
 for port in random.sample(range(10000, low), low - 10000):
     with socket.socket() as s:
         try:
@@ -38,12 +47,6 @@ else:
     raise SystemExit("no free loopback port below the ephemeral range")
 PY
 )
-if ! "${as_pg[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --no-locale \
-  >"$dir/initdb.log" 2>&1; then
-  echo "initdb failed:" >&2
-  cat "$dir/initdb.log" >&2
-  exit 1
-fi
 if ! "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 120 \
   -o "-p $port -k $dir -c listen_addresses=127.0.0.1" start >/dev/null; then
   echo "PostgreSQL did not start; the end of its log:" >&2

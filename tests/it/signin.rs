@@ -3821,6 +3821,9 @@ async fn a_refresh_signed_with_a_new_key_is_judged_at_once() {
     let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
     let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
     let url = fx.url("app.test", "/eng/page");
+    // Signed with a key the IdP has just begun using: the keys are fetched for the sign-in, so
+    // a refresh seconds later is within the 10 s in which a client's token fetches none.
+    fx.idp.rotate_keys(true).await;
     let signed = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
 
