@@ -2563,7 +2563,8 @@ enum Again {
 ///   `Proxy-Auth-Cert` (the TLS session and cipher a request came over, to its forwarding);
 /// - the client certificates a proxy in front passes on, which applications take as the
 ///   caller's identity: `Client-Cert` and `Client-Cert-Chain` (RFC 9440), `X-Client-Cert`
-///   (ASP.NET Core's certificate forwarding), `X-ARR-ClientCert` and `X-ARR-SSL` (IIS and
+///   (ASP.NET Core's certificate forwarding), `X-Client-Cert-*` (Google Cloud's load
+///   balancers), `X-Amzn-Mtls-*` (AWS ALB's), `X-ARR-ClientCert` and `X-ARR-SSL` (IIS and
 ///   Azure App Service) and `X-SSL-*` (nginx's and HAProxy's `X-SSL-Client-Cert`,
 ///   `-Client-Verify`, `-Client-S-DN`);
 /// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
@@ -2581,7 +2582,14 @@ enum Again {
 ///
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
-    const PREFIXES: [&[u8]; 4] = [b"x-portcullis-", b"x-forwarded-", b"x-original-", b"x-ssl-"];
+    const PREFIXES: [&[u8]; 6] = [
+        b"x-portcullis-",
+        b"x-forwarded-",
+        b"x-original-",
+        b"x-ssl-",
+        b"x-client-cert-",
+        b"x-amzn-mtls-",
+    ];
     const NAMES: [&[u8]; 30] = [
         b"forwarded",
         b"x-forwarded",

@@ -317,7 +317,8 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
              Client-Cert: :MIIB:\r\nClient-Cert-Chain: :MIIC:\r\nX-Client-Cert: MIIB\r\n\
              X-ARR-ClientCert: MIIB\r\nX-ARR-SSL: 2048|256|CN=ca|CN=app\r\n\
              X-SSL-Client-Cert: MIIB\r\nX-SSL-Client-Verify: SUCCESS\r\n\
-             X-SSL-Client-S-DN: CN=admin\r\n\r\n"
+             X-SSL-Client-S-DN: CN=admin\r\nX-Client-Cert-Present: true\r\n\
+             X-Amzn-Mtls-Clientcert: MIIB\r\n\r\n"
         );
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
@@ -358,6 +359,8 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
             "x-ssl-client-cert",
             "x-ssl-client-verify",
             "x-ssl-client-s-dn",
+            "x-client-cert-present",
+            "x-amzn-mtls-clientcert",
         ] {
             assert!(echo.header_all(cert).is_empty(), "{case}: {cert}");
         }
