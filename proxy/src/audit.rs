@@ -2083,7 +2083,7 @@ fn print(
     let stop_before = filter
         .since
         .filter(|_| order == Order::NewestFirst)
-        .map(|since| since - time::Duration::minutes(1));
+        .map(|since| since.saturating_sub(time::Duration::minutes(1)));
     let stop_before = stop_before.map(OffsetDateTime::unix_timestamp);
     let mut failed = None;
     each(&mut destination, order, &mut |text, entry, back| {
