@@ -754,20 +754,25 @@ impl Auth {
                 return refuse(StatusCode::BAD_REQUEST, &reason);
             }
         };
-        let found = self
+        let mut found = self
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         let ending = self
             .sessions
             .end_for_logout(&keys, &oidc.issuer, &logout, now);
-        if let Err(e) = ending.await {
-            self.oidc.unused_logout_token(&logout);
-            tracing::error!("back-channel logout could not end sessions: {e}");
-            return Ok(json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-            ));
+        match ending.await {
+            // Recorded here only where no other end was taking it (a sign-out, a reload's end,
+            // a sign-in's callback: each records its own).
+            Ok(first) => found.retain(|(key, _)| first.contains(key)),
+            Err(e) => {
+                self.oidc.unused_logout_token(&logout);
+                tracing::error!("back-channel logout could not end sessions: {e}");
+                return Ok(json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                ));
+            }
         }
         // A sign-in of that IdP session stored before this logout was, though after its
         // sessions were found, is held here now: ended too. (One stored after it is ended by
@@ -793,7 +798,7 @@ impl Auth {
             .collect();
         people.sort();
         people.dedup();
-        let detail = format!("{} session(s) ended", keys.len() + late.len());
+        let detail = format!("{} session(s) ended", found.len() + late.len());
         for who in &people {
             self.audit.session(who, "idp_logout", &detail, req.client);
         }

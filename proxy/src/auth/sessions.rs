@@ -958,17 +958,24 @@ impl Sessions {
     /// If the store refuses, the sessions are put back here (unless another end reached them
     /// meanwhile): not ended anywhere, they must still be found by a retry.
     pub async fn end(&self, keys: &[SessionKey]) -> Result<(), String> {
-        self.end_with(keys, Vec::new()).await
+        self.end_with(keys, Vec::new()).await.map(|_| ())
     }
 
     /// [`Sessions::end`], keeping `entries` in the same write.
-    async fn end_with(&self, keys: &[SessionKey], entries: Vec<Entry>) -> Result<(), String> {
+    /// Returns those of `keys` this end took first, no other end taking them (whose end is
+    /// this one's to record: see [`Taken::took_first`]).
+    async fn end_with(
+        &self,
+        keys: &[SessionKey],
+        entries: Vec<Entry>,
+    ) -> Result<Vec<SessionKey>, String> {
         if keys.is_empty() && entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let taken = self.take(keys);
+        let first = taken.1.clone();
         let written = self.write_end(keys, taken, entries).await;
-        written.map_err(|(e, taken)| {
+        written.map(|()| first).map_err(|(e, taken)| {
             self.put_back(taken);
             e
         })
@@ -1115,14 +1122,14 @@ impl Sessions {
     /// the token as used until its `until` (Unix seconds), in one write. Whom it signed out is
     /// kept too (from `now`), as long as a sign-in begun before may take to finish: one
     /// finishing meanwhile was not among the sessions held here (see
-    /// [`Sessions::signed_out_by_idp`]).
+    /// [`Sessions::signed_out_by_idp`]). Returns those of `keys` it took first, to record.
     pub async fn end_for_logout(
         &self,
         keys: &[SessionKey],
         issuer: &str,
         logout: &crate::auth::oidc::LoggedOut,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<SessionKey>, String> {
         let kept = |key| Entry {
             kind: LOGOUT_TOKEN.to_owned(),
             key,
@@ -1524,21 +1531,30 @@ mod tests {
     async fn an_end_knows_which_sessions_it_took_first() {
         let (sessions, _store, _entered, release) = gated();
         drop(release);
-        let ending = sessions
-            .create(identity("alice", 10_000), None, "s", 100)
-            .await
-            .unwrap();
-        let held = sessions
-            .create(identity("bob", 10_000), None, "s", 100)
-            .await
-            .unwrap();
-        let (by_callback, callback_s) = sessions.take_held(&ending).unwrap();
-        let (still_held, _) = sessions.get(&held).unwrap();
-        let taken = sessions.take(&[by_callback, still_held]);
-        assert!(!taken.took_first(&by_callback), "the callback's");
-        assert!(taken.took_first(&still_held));
-        assert!(sessions.take_held(&held).is_none(), "taken already");
-        for (key, taken) in [(by_callback, callback_s), (still_held, taken)] {
+        let mut ids = Vec::new();
+        for who in ["alice", "bob", "carol"] {
+            let id = sessions.create(identity(who, 10_000), None, "s", 100);
+            ids.push(id.await.unwrap());
+        }
+        let key = |id: &str| sessions.get(id).map(|(key, _)| key);
+        let (bob, carol) = (key(&ids[1]).unwrap(), key(&ids[2]).unwrap());
+        let (alice, callback_s) = sessions.take_held(&ids[0]).unwrap();
+        assert!(sessions.take_held(&ids[0]).is_none(), "taken already");
+        // A back-channel logout's end, and a late one's.
+        let logout = crate::auth::oidc::LoggedOut {
+            sub: Some("alice".to_owned()),
+            sid: None,
+            jti: "jti-1".to_owned(),
+            until: 1_000,
+        };
+        let first = sessions
+            .end_for_logout(&[alice, bob], "https://idp.test", &logout, 900)
+            .await;
+        assert_eq!(first.unwrap(), [bob], "not the callback's");
+        let taken = sessions.take(&[alice, carol]);
+        assert!(!taken.took_first(&alice), "the callback's");
+        assert!(taken.took_first(&carol));
+        for (key, taken) in [(alice, callback_s), (carol, taken)] {
             assert!(sessions.write_end(&[key], taken, Vec::new()).await.is_ok());
         }
         assert!(sessions.find(|_| true).is_empty(), "ended");
