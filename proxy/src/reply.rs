@@ -270,11 +270,14 @@ pub async fn ready_for_body(session: &mut Session, limit: u64) -> Result<bool> {
 /// The next chunk of a request body Portcullis reads itself (SCIM, the console, the
 /// back-channel logout), `None` at its end. A client that sends none of it for `idle`
 /// (`[server] client_idle_timeout`) fails the request: pingora bounds each read of an HTTP/1
-/// body (60 s) but none of an HTTP/2 one, whose stream would hold its task (and the
-/// configuration it began under) for ever.
+/// body (60 s unless told otherwise: told `idle` here) but none of an HTTP/2 one, whose stream
+/// would hold its task (and the configuration it began under) for ever. A body that cannot be
+/// read (a malformed chunk, a client gone half way) is the client's failure (400, or no answer
+/// to one gone), not Portcullis' (500).
 pub async fn read_body(session: &mut Session, idle: std::time::Duration) -> Result<Option<Bytes>> {
+    session.set_read_timeout(Some(idle));
     match tokio::time::timeout(idle, session.read_request_body()).await {
-        Ok(read) => read,
+        Ok(read) => read.map_err(|e| e.into_down()),
         Err(_) => Err(pingora::Error::explain(
             pingora::ErrorType::ReadTimedout,
             "reading the request body",

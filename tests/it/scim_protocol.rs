@@ -1022,6 +1022,26 @@ async fn bodies_over_the_limit_are_refused_with_413() {
     assert_eq!(all.body["totalResults"], 1);
 }
 
+/// A body that cannot be read (a chunk whose size is no number) is the client's failure: 400,
+/// not a 500 counted as Portcullis'. Nothing is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_cannot_be_read_is_refused_as_the_client_s() {
+    let cfg = scim_config();
+    let px = cfg.start().await;
+    let request = format!(
+        "POST /scim/v2/Users HTTP/1.1\r\nHost: {SCIM_HOST}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\n\
+         Content-Type: application/scim+json\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let resp = raw_request(cfg.http_addr(), request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("malformed chunked POST: {e}; output:\n{}", px.log()));
+    assert_eq!(resp.status, 400, "{}", resp.body_text());
+    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+    let all = scim.get("/Users").await.expect(200);
+    assert_eq!(all.body["totalResults"], 0);
+}
+
 /// A client that waits for `100 Continue` before its body (.NET Framework's, Apache
 /// HttpClient's, curl's for a large upload) is told to send it, and its write is done; one
 /// refused is answered at once, never told to send its body first.
