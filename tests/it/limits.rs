@@ -200,6 +200,54 @@ async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
     );
 }
 
+/// A client still uploading a body too large (a browser, which asks no `100 Continue`) reads
+/// its 413 and then the connection's end, and its upload is not cut: the rest of its body is
+/// read and dropped for a moment (2 s) before the connection closes (closed with it unread,
+/// the socket would answer the rest with a reset, which Windows lets erase the 413 before it
+/// is read). Both ways Portcullis finds a body too large: by its length, and counting a
+/// chunked one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_still_uploading_reads_its_413_and_a_clean_close() {
+    const BODY: usize = 1 << 20;
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"));
+    let _px = cfg.start().await;
+    let port = cfg.http_addr().port();
+    let host = format!("small.test:{port}");
+    for (how, request) in [
+        ("by its length", post_with_length(&host, "/upload", BODY)),
+        ("chunked", post_chunked(&host, "/upload", BODY)),
+    ] {
+        let stream = tokio::net::TcpStream::connect(cfg.http_addr())
+            .await
+            .unwrap();
+        let (mut reading, mut writing) = stream.into_split();
+        let upload = tokio::spawn(async move {
+            // As a browser on a network sends it: in pieces, still coming after the 413. Into a
+            // connection closed at once, the second piece after the close fails.
+            for piece in request.chunks(BODY / 8) {
+                writing.write_all(piece).await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, std::io::Error>(writing)
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), reading.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{how}: the connection was not closed"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413"), "{how}: {text:?}");
+        assert!(
+            read.is_ok(),
+            "{how}: the connection was reset after the 413: {read:?}"
+        );
+        let uploaded = upload.await.unwrap();
+        assert!(uploaded.is_ok(), "{how}: the upload was cut: {uploaded:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_request_head_is_refused() {
     let up = Upstream::start("a").await;
