@@ -545,20 +545,19 @@ fn about_as_long(got: &[u8], want: &[u8]) -> bool {
 /// segments are read), in any case, where both hold letters beyond ASCII (see
 /// [`same_in_any_case`]).
 fn formatted_beyond_ascii(got: &[u8], want: &[u8]) -> bool {
-    let stem = got
-        .iter()
-        .position(|&b| b == b'.')
-        .map_or(got, |dot| &got[..dot]);
-    if !(beyond_ascii(want) && about_as_long(stem, want) && beyond_ascii(got)) {
+    if !beyond_ascii(want) || !beyond_ascii(got) {
         return false;
     }
-    let (Some(got), Some(want)) = (one_case(got), one_case(want)) else {
+    // Each `.` of the segment that could end `want` in another case (the prefix may hold one
+    // too: `/é.settings` and `/É.SETTINGS.json`).
+    let Some(one) = one_case(want).filter(|one| !one.is_empty()) else {
         return false;
     };
-    !want.is_empty()
-        && got
-            .strip_prefix(&want)
-            .is_some_and(|suffix| suffix.starts_with('.'))
+    got.iter().enumerate().any(|(dot, &b)| {
+        b == b'.'
+            && about_as_long(&got[..dot], want)
+            && one_case(&got[..dot]).is_some_and(|stem| stem == one)
+    })
 }
 
 /// A segment decoded, each letter in one case: lower case of its upper case, one letter for
@@ -2037,6 +2036,9 @@ mod tests {
         assert!(loosely_within("/%E1%BE%B3/", "/%E1%BE%BC/x"));
         // A bare `.` after the name is a format suffix, as for ASCII names.
         assert!(denied_within("/%C3%BCber", "/%C3%9Cber."));
+        assert!(denied_within("/%C3%A9.settings", "/%C3%89.SETTINGS.json"));
+        assert!(!denied_within("/%C3%A9.settings", "/%C3%89.json"));
+        assert!(denied_within("/%C3%A9", "/%C3%89.json"));
         assert!(denied_within("/admin", "/ADMIN."));
         assert!(!loosely_within("/%C4%B1d/", "/ID%C3%A9/x"));
         assert!(!loosely_within("/%C4%B1d%C3%A9/", "/ID%C3%A9/x"));
