@@ -2564,9 +2564,9 @@ enum Again {
 /// - the client certificates a proxy in front passes on, which applications take as the
 ///   caller's identity: `Client-Cert` and `Client-Cert-Chain` (RFC 9440), `X-Client-Cert`
 ///   (ASP.NET Core's certificate forwarding), `X-Client-Cert-*` (Google Cloud's load
-///   balancers), `X-Amzn-Mtls-*` (AWS ALB's), `X-ARR-ClientCert` and `X-ARR-SSL` (IIS and
-///   Azure App Service) and `X-SSL-*` (nginx's and HAProxy's `X-SSL-Client-Cert`,
-///   `-Client-Verify`, `-Client-S-DN`);
+///   balancers), `X-Amzn-Mtls-*` (AWS ALB's), `Ssl-Client-*` (Kubernetes ingress-nginx's),
+///   `X-ARR-ClientCert` and `X-ARR-SSL` (IIS and Azure App Service) and `X-SSL-*` (nginx's
+///   and HAProxy's `X-SSL-Client-Cert`, `-Client-Verify`, `-Client-S-DN`);
 /// - `X-Sendfile-Type` and `X-Accel-Mapping`, which an nginx in front of Rails sets and which
 ///   Rack before 2.2.20 and 3.1.18 reads from the request: a client's would make a download
 ///   an `X-Accel-Redirect` to a file it chose (CVE-2025-61780);
@@ -2582,13 +2582,14 @@ enum Again {
 ///
 /// Header names arrive lower-cased.
 fn is_reserved(name: &[u8]) -> bool {
-    const PREFIXES: [&[u8]; 6] = [
+    const PREFIXES: [&[u8]; 7] = [
         b"x-portcullis-",
         b"x-forwarded-",
         b"x-original-",
         b"x-ssl-",
         b"x-client-cert-",
         b"x-amzn-mtls-",
+        b"ssl-client-",
     ];
     const NAMES: [&[u8]; 30] = [
         b"forwarded",

@@ -318,7 +318,8 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
              X-ARR-ClientCert: MIIB\r\nX-ARR-SSL: 2048|256|CN=ca|CN=app\r\n\
              X-SSL-Client-Cert: MIIB\r\nX-SSL-Client-Verify: SUCCESS\r\n\
              X-SSL-Client-S-DN: CN=admin\r\nX-Client-Cert-Present: true\r\n\
-             X-Amzn-Mtls-Clientcert: MIIB\r\n\r\n"
+             X-Amzn-Mtls-Clientcert: MIIB\r\nSsl-Client-Verify: SUCCESS\r\n\
+             Ssl-Client-Subject-Dn: CN=admin\r\n\r\n"
         );
         let resp = raw_request(cfg.http_addr(), req.as_bytes())
             .await
@@ -361,6 +362,8 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
             "x-ssl-client-s-dn",
             "x-client-cert-present",
             "x-amzn-mtls-clientcert",
+            "ssl-client-verify",
+            "ssl-client-subject-dn",
         ] {
             assert!(echo.header_all(cert).is_empty(), "{case}: {cert}");
         }
