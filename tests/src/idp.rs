@@ -553,8 +553,6 @@ impl Idp {
         serde_json::from_value(self.get_json("/jwks").await).expect("JWKS parses")
     }
 
-    /// New RS256 and ES256 keys sign from now on; the previous keys stay in the JWKS (for
-    /// verification only) when `keep_old`, else they disappear. Returns the kids now published.
     /// Fresh keys sign from now on under the kids of the keys they replace, which leave the
     /// key set (an IdP that replaced a key but kept its kid). Returns the kids.
     pub async fn replace_keys_under_their_kids(&self) -> Vec<String> {
@@ -567,6 +565,8 @@ impl Idp {
         serde_json::from_value(v["kids"].clone()).expect("kids")
     }
 
+    /// New RS256 and ES256 keys sign from now on; the previous keys stay in the JWKS (for
+    /// verification only) when `keep_old`, else they disappear. Returns the kids now published.
     pub async fn rotate_keys(&self, keep_old: bool) -> Vec<String> {
         let v = self
             .control("/test/rotate-keys", json!({ "keep_old": keep_old }))
