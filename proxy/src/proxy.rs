@@ -747,22 +747,12 @@ impl ProxyHttp for Proxy {
                 );
                 return crate::scim_http::refuse(session, PLAIN_HTTP).await;
             }
-            if !self.shared.directory_is_current() {
-                // Reads would answer from a directory that may be stale (empty, at start).
-                let request = audit::Request {
-                    method: session.req_header().method.as_str(),
-                    path: &normalized,
-                    client: ctx.client_ip,
-                };
-                self.shared
-                    .audit
-                    .unverified_refusal("scim", LOST_TOUCH, &request);
-                return crate::scim_http::unavailable(session).await;
-            }
             let path = normalized.into_owned();
             let audit = &self.shared.audit;
             let idle = runtime.config.server.client_idle_timeout;
             let runtimes = &self.shared.runtime;
+            // Reads would answer from a directory that may be stale (empty, at start).
+            let current = || self.shared.directory_is_current();
             let served = scim.serve(
                 session,
                 &path,
@@ -771,6 +761,7 @@ impl ProxyHttp for Proxy {
                 audit,
                 idle,
                 runtimes,
+                &current,
             );
             return Box::pin(served).await;
         }

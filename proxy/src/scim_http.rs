@@ -91,7 +91,8 @@ impl Scim {
     /// came from, `client`. A body that does not come for `idle` fails the request, as does
     /// an answer the client takes nothing of for as long. The token is judged again once the
     /// body is in, under `runtimes`' configuration then (refused, it is recorded as the
-    /// token's, by its name).
+    /// token's, by its name). A replica whose directory is not `current` (it lost touch with
+    /// the shared one) answers 503, recorded as the token's.
     #[allow(clippy::too_many_arguments)]
     pub async fn serve(
         &self,
@@ -102,6 +103,7 @@ impl Scim {
         audit: &Audit,
         idle: std::time::Duration,
         runtimes: &arc_swap::ArcSwap<crate::state::Runtime>,
+        current: &(dyn Fn() -> bool + Sync),
     ) -> Result<bool> {
         // An answer (a group of every member, a page of a large directory) a client takes
         // nothing of is not waited on for ever, over HTTP/1 as over HTTP/2.
@@ -130,6 +132,16 @@ impl Scim {
                 return write(session, &refusal()).await;
             }
         };
+        if !current() {
+            let request = crate::audit::Request {
+                method: session.req_header().method.as_str(),
+                path,
+                client,
+            };
+            let lost = crate::proxy::LOST_TOUCH;
+            audit.refusal(&actor, AUDIT_ROUTE, None, lost, &request, None);
+            return unavailable(session).await;
+        }
         let req = session.req_header();
 
         let limit = self.service.limits().max_body_bytes;
@@ -233,11 +245,11 @@ pub async fn refuse(session: &mut Session, why: &str) -> Result<bool> {
 }
 
 /// 503: this replica is not known to hold the current directory (a shared store's feed).
-pub async fn unavailable(session: &mut Session) -> Result<bool> {
+async fn unavailable(session: &mut Session) -> Result<bool> {
     let error = ScimError::new(
         503,
         None,
-        "this replica is catching up with the shared directory; retry",
+        "this replica cannot reach the shared directory just now; retry",
     );
     write(session, &ScimResponse::error(&error)).await
 }

@@ -914,6 +914,13 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
     // SCIM writes are refused during the gap, not acknowledged and lost.
     let during = a.scim.post("/Users", &user("written-during-the-gap")).await;
     assert_eq!(during.status, 503, "{}", during.body);
+    assert!(
+        during.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot reach the shared directory")),
+        "{}",
+        during.body
+    );
     // A refusal during the gap is kept on A's disk until PostgreSQL is back (however long
     // that takes), then reaches the fleet's log.
     let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -971,7 +978,14 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
                 && record["event"] == "refusal"
                 && record["reason"] == "this replica lost touch with the directory"
         });
-        logout && records.iter().any(|record| record["path"] == "/in-the-gap")
+        // The IdP's write, refused for the gap, is recorded as its token's.
+        let write = records.iter().any(|record| {
+            record["path"] == "/scim/v2/Users"
+                && record["event"] == "refusal"
+                && record["user"] == "okta"
+                && record["reason"] == "this replica lost touch with the directory"
+        });
+        logout && write && records.iter().any(|record| record["path"] == "/in-the-gap")
     })
     .await;
     assert!(
