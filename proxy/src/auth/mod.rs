@@ -131,9 +131,11 @@ pub enum Authentication {
     Nothing,
     /// A credential that did not verify: an unknown, expired or ended session (`refused_token`
     /// `None`), or a bearer token, refused for the reason `refused_token` gives (which never
-    /// repeats the token).
+    /// repeats the token); `keys_unavailable` when it could not be verified because its
+    /// issuer's keys could not be had (Portcullis' trouble, not the token's).
     Invalid {
         refused_token: Option<String>,
+        keys_unavailable: bool,
     },
     Caller(Caller),
 }
@@ -143,7 +145,7 @@ impl Authentication {
     pub fn presented(&self) -> Presented<'_> {
         match self {
             Authentication::Nothing => Presented::Nothing,
-            Authentication::Invalid { refused_token } => Presented::Invalid {
+            Authentication::Invalid { refused_token, .. } => Presented::Invalid {
                 bearer: refused_token.is_some(),
             },
             Authentication::Caller(caller) => Presented::Caller(caller.principal()),
@@ -160,9 +162,20 @@ impl Authentication {
     /// Why a bearer token was refused, if one was.
     pub fn refused_token(&self) -> Option<&str> {
         match self {
-            Authentication::Invalid { refused_token } => refused_token.as_deref(),
+            Authentication::Invalid { refused_token, .. } => refused_token.as_deref(),
             _ => None,
         }
+    }
+
+    /// Whether a bearer token went unverified because its issuer's keys could not be had.
+    pub fn keys_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Authentication::Invalid {
+                keys_unavailable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -534,6 +547,7 @@ impl Auth {
                 if !runtime.carries_credentials(local, tls) {
                     return Authentication::Invalid {
                         refused_token: Some(IN_CLEAR.to_owned()),
+                        keys_unavailable: false,
                     };
                 }
                 // A request that presents a token is judged by it, never by a cookie too. A
@@ -548,6 +562,7 @@ impl Auth {
                 return match verified {
                     Ok(caller) => Authentication::Caller(caller),
                     Err(why) => Authentication::Invalid {
+                        keys_unavailable: matches!(why, JwtError::KeysUnavailable),
                         refused_token: Some(why.to_string()),
                     },
                 };
@@ -575,6 +590,7 @@ impl Auth {
         }
         let invalid = Authentication::Invalid {
             refused_token: None,
+            keys_unavailable: false,
         };
         let held = ids.take(MAX_SESSION_COOKIES).find_map(|id| {
             let (key, session) = self.sessions.get(id)?;
