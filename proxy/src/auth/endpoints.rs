@@ -754,51 +754,45 @@ impl Auth {
                 return refuse(StatusCode::BAD_REQUEST, &reason);
             }
         };
-        let mut found = self
+        let found = self
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let keys: Vec<_> = found.iter().map(|(key, _)| *key).collect();
         let ending = self
             .sessions
             .end_for_logout(&keys, &oidc.issuer, &logout, now);
-        match ending.await {
-            // Recorded here only where no other end was taking it (a sign-out, a reload's end,
-            // a sign-in's callback: each records its own).
-            Ok(first) => found.retain(|(key, _)| first.contains(key)),
-            Err(e) => {
-                self.oidc.unused_logout_token(&logout);
-                tracing::error!("back-channel logout could not end sessions: {e}");
-                return Ok(json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "temporarily_unavailable",
-                ));
-            }
+        if let Err(e) = ending.await {
+            self.oidc.unused_logout_token(&logout);
+            tracing::error!("back-channel logout could not end sessions: {e}");
+            return Ok(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+            ));
         }
         // A sign-in of that IdP session stored before this logout was, though after its
         // sessions were found, is held here now: ended too. (One stored after it is ended by
         // its callback: see `Sessions::signed_out_by_idp`.)
-        let mut late = self
+        let late = self
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
         if !late_keys.is_empty() {
             // The token is kept as used (an answer other than 200 has the IdP send it again,
-            // to be refused): out of memory here, the end is written until it holds. Recorded
-            // here only where no other end was taking it (the sign-in's callback records the
-            // one it ends as signed out by the IdP while it began).
+            // to be refused): out of memory here, the end is written until it holds.
             let taken = self.sessions.take(&late_keys);
-            late.retain(|(key, _)| taken.took_first(key));
             let what = "the sessions signed in while a back-channel logout came".to_owned();
-            (self.sessions).write_end_until_it_holds(late_keys, taken, what, || {});
+            (self.sessions).write_end_until_it_holds(late_keys.clone(), taken, what, || {});
         }
         // Whom the IdP signed out: the people whose sessions these were. None held (signed out
-        // already): nothing ended.
+        // already): nothing ended. A session another end was taking meanwhile (a sign-out, a
+        // sign-in's callback) may be recorded by both: that end's write may yet fail, and an
+        // end twice recorded is better than one not recorded at all.
         let mut people: Vec<String> = (found.iter().chain(&late))
             .map(|(_, s)| Principal::Person(&s.identity).log_name())
             .collect();
         people.sort();
         people.dedup();
-        let detail = format!("{} session(s) ended", found.len() + late.len());
+        let detail = format!("{} session(s) ended", keys.len() + late_keys.len());
         for who in &people {
             self.audit.session(who, "idp_logout", &detail, req.client);
         }

@@ -648,17 +648,9 @@ impl EntrySink for Kept {
     }
 }
 
-/// Sessions [`Sessions::take`]n out of memory, their end still to be written; and of them,
-/// those no other end was taking (whose end is this one's to record).
+/// Sessions [`Sessions::take`]n out of memory, their end still to be written.
 #[must_use = "the end is still to be written (`Sessions::write_end`)"]
-pub struct Taken(Vec<SessionKey>, Vec<SessionKey>);
-
-impl Taken {
-    /// Whether this end took `key` out of memory itself, no other end taking it then.
-    pub fn took_first(&self, key: &SessionKey) -> bool {
-        self.1.contains(key)
-    }
-}
+pub struct Taken(Vec<SessionKey>);
 
 /// The sessions, over what [`Kept`] holds and the directory that stores them. A clone is
 /// another handle on the same sessions.
@@ -958,24 +950,17 @@ impl Sessions {
     /// If the store refuses, the sessions are put back here (unless another end reached them
     /// meanwhile): not ended anywhere, they must still be found by a retry.
     pub async fn end(&self, keys: &[SessionKey]) -> Result<(), String> {
-        self.end_with(keys, Vec::new()).await.map(|_| ())
+        self.end_with(keys, Vec::new()).await
     }
 
     /// [`Sessions::end`], keeping `entries` in the same write.
-    /// Returns those of `keys` this end took first, no other end taking them (whose end is
-    /// this one's to record: see [`Taken::took_first`]).
-    async fn end_with(
-        &self,
-        keys: &[SessionKey],
-        entries: Vec<Entry>,
-    ) -> Result<Vec<SessionKey>, String> {
+    async fn end_with(&self, keys: &[SessionKey], entries: Vec<Entry>) -> Result<(), String> {
         if keys.is_empty() && entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let taken = self.take(keys);
-        let first = taken.1.clone();
         let written = self.write_end(keys, taken, entries).await;
-        written.map(|()| first).map_err(|(e, taken)| {
+        written.map_err(|(e, taken)| {
             self.put_back(taken);
             e
         })
@@ -987,27 +972,30 @@ impl Sessions {
         // Moved (or counted) while `ending`'s entry is held, as it is put back: another end
         // finds it in one map or the other, never in neither. (`ending` before `sessions`,
         // always; nothing holds the two in the other order.)
-        let (mut taken, mut first) = (Vec::new(), Vec::new());
+        let mut taken = Vec::new();
         for key in keys {
-            match self.kept.ending.entry(*key) {
+            let counted = match self.kept.ending.entry(*key) {
                 dashmap::Entry::Occupied(mut ending) => {
                     ending.get_mut().1 += 1;
                     self.kept.sessions.remove(key);
-                    taken.push(*key);
+                    true
                 }
-                dashmap::Entry::Vacant(ending) => {
-                    if let Some((_, session)) = self.kept.sessions.remove(key) {
+                dashmap::Entry::Vacant(ending) => match self.kept.sessions.remove(key) {
+                    Some((_, session)) => {
                         ending.insert((session, 1));
-                        taken.push(*key);
-                        first.push(*key);
+                        true
                     }
-                }
+                    None => false,
+                },
+            };
+            if counted {
+                taken.push(*key);
             }
         }
         if !keys.is_empty() {
             self.kept.ended();
         }
-        Taken(taken, first)
+        Taken(taken)
     }
 
     /// [`Sessions::take`] of the session `id` only where no other end is taking it: this end
@@ -1020,7 +1008,7 @@ impl Sessions {
             dashmap::Entry::Vacant(ending) => {
                 let (_, session) = self.kept.sessions.remove(&key)?;
                 ending.insert((session, 1));
-                Some((key, Taken(vec![key], vec![key])))
+                Some((key, Taken(vec![key])))
             }
         };
         if taken.is_some() {
@@ -1080,7 +1068,7 @@ impl Sessions {
     /// Puts back sessions whose end the store refused: not ended anywhere, they must still be
     /// found by a retry. Put back by the last end whose write fails (unless one whose write
     /// held, or a reading anew of the store, took it out of `ending` meanwhile).
-    fn put_back(&self, Taken(taken, _): Taken) {
+    fn put_back(&self, Taken(taken): Taken) {
         for key in taken {
             if let dashmap::Entry::Occupied(mut ending) = self.kept.ending.entry(key) {
                 ending.get_mut().1 -= 1;
@@ -1122,14 +1110,14 @@ impl Sessions {
     /// the token as used until its `until` (Unix seconds), in one write. Whom it signed out is
     /// kept too (from `now`), as long as a sign-in begun before may take to finish: one
     /// finishing meanwhile was not among the sessions held here (see
-    /// [`Sessions::signed_out_by_idp`]). Returns those of `keys` it took first, to record.
+    /// [`Sessions::signed_out_by_idp`]).
     pub async fn end_for_logout(
         &self,
         keys: &[SessionKey],
         issuer: &str,
         logout: &crate::auth::oidc::LoggedOut,
         now: u64,
-    ) -> Result<Vec<SessionKey>, String> {
+    ) -> Result<(), String> {
         let kept = |key| Entry {
             kind: LOGOUT_TOKEN.to_owned(),
             key,
@@ -1522,42 +1510,6 @@ mod tests {
         {
             self.inner.changes(after, limit)
         }
-    }
-
-    /// A session another end is taking (the sign-in's callback, which records it) is taken by
-    /// a second end too, to be written, but the second knows it was not the first: a late
-    /// back-channel logout records no one for it.
-    #[tokio::test]
-    async fn an_end_knows_which_sessions_it_took_first() {
-        let (sessions, _store, _entered, release) = gated();
-        drop(release);
-        let mut ids = Vec::new();
-        for who in ["alice", "bob", "carol"] {
-            let id = sessions.create(identity(who, 10_000), None, "s", 100);
-            ids.push(id.await.unwrap());
-        }
-        let key = |id: &str| sessions.get(id).map(|(key, _)| key);
-        let (bob, carol) = (key(&ids[1]).unwrap(), key(&ids[2]).unwrap());
-        let (alice, callback_s) = sessions.take_held(&ids[0]).unwrap();
-        assert!(sessions.take_held(&ids[0]).is_none(), "taken already");
-        // A back-channel logout's end, and a late one's.
-        let logout = crate::auth::oidc::LoggedOut {
-            sub: Some("alice".to_owned()),
-            sid: None,
-            jti: "jti-1".to_owned(),
-            until: 1_000,
-        };
-        let first = sessions
-            .end_for_logout(&[alice, bob], "https://idp.test", &logout, 900)
-            .await;
-        assert_eq!(first.unwrap(), [bob], "not the callback's");
-        let taken = sessions.take(&[alice, carol]);
-        assert!(!taken.took_first(&alice), "the callback's");
-        assert!(taken.took_first(&carol));
-        for (key, taken) in [(alice, callback_s), (carol, taken)] {
-            assert!(sessions.write_end(&[key], taken, Vec::new()).await.is_ok());
-        }
-        assert!(sessions.find(|_| true).is_empty(), "ended");
     }
 
     /// A write of an end the store refuses leaves the sessions out of memory, to be written
