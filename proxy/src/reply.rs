@@ -194,11 +194,12 @@ async fn write(session: &mut Session, reply: Reply) -> Result<bool> {
 
 /// After an answer to a request whose body is left unread (a refusal: the connection then
 /// closes, see [`Reply::keeps_connection`]), over HTTP/1, what more of the body comes is read
-/// and dropped for a moment before the connection closes, as nginx's lingering close does:
-/// closed with data unread, the socket answers what still comes with a reset, which may erase
-/// the answer from the client's buffers before it reads it (RFC 9112 §9.6; Windows does). A
-/// client still uploading sees its 413 or 401, not a reset. At most [`LINGER`], and
-/// [`LINGER_BYTES`].
+/// and dropped before the connection closes, as nginx's lingering close does: closed with data
+/// unread, the socket answers what still comes with a reset, which may erase the answer from
+/// the client's buffers before it reads it (RFC 9112 §9.6; Windows does). A client still
+/// uploading sees its 413 or 401, not a reset, while its body keeps coming (a read at least
+/// every [`LINGER_READ`]), for up to [`LINGER`] and [`LINGER_BYTES`]: no longer than a slow
+/// upload to a route holds a connection anyway.
 async fn linger(session: &mut Session) {
     if session.is_body_done() || session.req_header().version == http::Version::HTTP_2 {
         return;
@@ -206,8 +207,8 @@ async fn linger(session: &mut Session) {
     let drained = async {
         let mut read = 0;
         while read < LINGER_BYTES {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => read += chunk.len(),
+            match tokio::time::timeout(LINGER_READ, session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) => read += chunk.len(),
                 _ => break,
             }
         }
@@ -215,9 +216,12 @@ async fn linger(session: &mut Session) {
     let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
-/// How long a refused request's body is read and dropped before its connection closes.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
-/// How much of it, at most.
+/// How long a refused request's body is read and dropped, at most, before its connection
+/// closes (nginx's `lingering_time`).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a read of it is waited for (nginx's `lingering_timeout` is 5 s).
+const LINGER_READ: std::time::Duration = std::time::Duration::from_secs(2);
+/// How much of it is read, at most.
 const LINGER_BYTES: usize = 64 << 20;
 
 /// The most of an answer's body written at once (see `write`).

@@ -202,7 +202,7 @@ async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
 
 /// A client still uploading a body too large (a browser, which asks no `100 Continue`) reads
 /// its 413 and then the connection's end, and its upload is not cut: the rest of its body is
-/// read and dropped for a moment (2 s) before the connection closes (closed with it unread,
+/// read and dropped while it keeps coming before the connection closes (closed with it unread,
 /// the socket would answer the rest with a reset, which Windows lets erase the 413 before it
 /// is read). Both ways Portcullis finds a body too large: by its length, and counting a
 /// chunked one.
