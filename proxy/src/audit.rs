@@ -2837,6 +2837,16 @@ mod tests {
             "{oldest_first}"
         );
         assert!(!oldest_first.contains("/two-hours-ago"), "{oldest_first}");
+        // Since as far back as the calendar goes: everything, newest first.
+        let always = Filter {
+            since: Some(time::PrimitiveDateTime::MIN.assume_utc()),
+            ..Filter::default()
+        };
+        let mut out = Vec::new();
+        let destination = Destination::of(dir.path(), None);
+        print(destination, &always, Order::NewestFirst, true, &mut out).unwrap();
+        let all = String::from_utf8(out).unwrap();
+        assert!(all.contains("/two-hours-ago"), "{all}");
 
         // A copy cut short (a full disk) is no success; a reader gone (`| head`) is.
         struct Failing(std::io::ErrorKind);
