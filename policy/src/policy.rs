@@ -545,19 +545,20 @@ fn about_as_long(got: &[u8], want: &[u8]) -> bool {
 /// segments are read), in any case, where both hold letters beyond ASCII (see
 /// [`same_in_any_case`]).
 fn formatted_beyond_ascii(got: &[u8], want: &[u8]) -> bool {
-    if !beyond_ascii(want) || !beyond_ascii(got) {
+    // Each `.` of the segment that could end `want` in another case (the prefix may hold one
+    // too: `/é.settings` and `/É.SETTINGS.json`): none past twice its length.
+    let reach = got.len().min(2 * want.len());
+    let mut dots = (got[..reach].iter().enumerate())
+        .filter(|&(dot, &b)| b == b'.' && about_as_long(&got[..dot], want))
+        .map(|(dot, _)| dot)
+        .peekable();
+    if !beyond_ascii(want) || dots.peek().is_none() || !beyond_ascii(got) {
         return false;
     }
-    // Each `.` of the segment that could end `want` in another case (the prefix may hold one
-    // too: `/é.settings` and `/É.SETTINGS.json`).
     let Some(one) = one_case(want).filter(|one| !one.is_empty()) else {
         return false;
     };
-    got.iter().enumerate().any(|(dot, &b)| {
-        b == b'.'
-            && about_as_long(&got[..dot], want)
-            && one_case(&got[..dot]).is_some_and(|stem| stem == one)
-    })
+    dots.any(|dot| one_case(&got[..dot]).is_some_and(|stem| stem == one))
 }
 
 /// A segment decoded, each letter in one case: lower case of its upper case, one letter for
