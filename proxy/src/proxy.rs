@@ -2144,7 +2144,7 @@ impl Proxy {
             _ => {}
         }
         if let Some(why) = authentication.refused_token() {
-            // Answered 401 (a 403 is audited below).
+            // Answered 401, or 503 when its keys could not be had (a 403 is audited below).
             if !matches!(refused, Refused::Forbid(_)) {
                 audit.refused_bearer(route, why, &asked.audited());
             }
@@ -2214,7 +2214,7 @@ impl Proxy {
             Refused::Challenge {
                 invalid_token: true,
                 ..
-            } if authentication.keys_unavailable() => keys_unavailable_page(),
+            } if authentication.keys_unavailable() => crate::auth::keys_unavailable(),
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
             Refused::Unavailable => {
                 let reason = LOST_TOUCH;
@@ -2399,19 +2399,6 @@ pub(crate) const LOST_TOUCH: &str = "this replica lost touch with the directory"
 
 /// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
 /// request sent upstream already that is not to be sent again as it is).
-/// The answer to a bearer token that could not be verified because its issuer's keys could not
-/// be had: 503, to try again in a while (keys are fetched at most once in 10 s).
-fn keys_unavailable_page() -> Reply {
-    let text = "<p>The token could not be checked: its issuer's keys cannot be had just now. \
-                Try again in a moment.</p>";
-    Reply::page(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Temporarily unavailable",
-        text,
-    )
-    .header(header::RETRY_AFTER, "10")
-}
-
 fn lost_touch_page(status: StatusCode) -> Reply {
     let then = match status {
         StatusCode::FORBIDDEN => {

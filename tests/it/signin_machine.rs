@@ -1113,7 +1113,18 @@ async fn bearer_tokens_keep_working_on_the_last_good_keys_while_the_idp_is_down(
         .expect("GET");
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "10");
+    assert_eq!(resp.headers()["content-type"], "application/json");
     assert!(!resp.headers().contains_key("www-authenticate"));
+    // `/.portcullis/me` says the same.
+    let me = bare_client()
+        .get(fx.url("api.test", "/.portcullis/me"))
+        .header(AUTHORIZATION, format!("Bearer {unknown}"))
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .expect("GET /me");
+    assert_eq!(me.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(me.headers()["retry-after"], "10");
     // … and the keys it had are kept: the token keeps working, and so do new ones' checks.
     assert_accepted(&url, &token, "a valid token during an outage").await;
     fx.idp.set_outage(IdpOutage::Reset).await;

@@ -833,6 +833,9 @@ impl Auth {
         if let Some(why) = authentication.refused_token() {
             let request = req.audited(session.req_header().method.as_str(), "/.portcullis/me");
             self.audit.refused_bearer(AUDIT_ROUTE, why, &request);
+            if authentication.keys_unavailable() {
+                return Ok(crate::auth::keys_unavailable());
+            }
             return Err(true);
         }
         let caller = authentication.caller().ok_or(false)?;

@@ -179,6 +179,20 @@ impl Authentication {
     }
 }
 
+/// The answer to a bearer token that could not be checked because its issuer's keys could not
+/// be had: 503, in JSON as a bearer client's other answers, to try again once the keys may be
+/// fetched again ([`jwt::REFETCH_AFTER`]); not `invalid_token`, which has a client throw a
+/// good token away.
+pub fn keys_unavailable() -> crate::reply::Reply {
+    let body = serde_json::json!({
+        "error": "temporarily_unavailable",
+        "error_description": "the token's issuer's keys cannot be had just now; try again",
+    });
+    let retry = jwt::REFETCH_AFTER.as_secs().to_string();
+    crate::reply::Reply::json(http::StatusCode::SERVICE_UNAVAILABLE, &body)
+        .header(http::header::RETRY_AFTER, retry)
+}
+
 #[derive(Deserialize)]
 struct MachineClaims {
     sub: String,
