@@ -249,7 +249,8 @@ async fn unavailable(session: &mut Session) -> Result<bool> {
     let error = ScimError::new(
         503,
         None,
-        "this replica cannot reach the shared directory just now; retry",
+        "this replica is not in step with the shared directory just now (out of touch with \
+         it, or catching up); retry",
     );
     write(session, &ScimResponse::error(&error)).await
 }

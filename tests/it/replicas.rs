@@ -917,7 +917,7 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
     assert!(
         during.body["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("cannot reach the shared directory")),
+            .is_some_and(|d| d.contains("not in step with the shared directory")),
         "{}",
         during.body
     );
