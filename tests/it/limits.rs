@@ -227,9 +227,10 @@ async fn a_client_still_uploading_reads_its_413_and_a_clean_close() {
         let upload = tokio::spawn(async move {
             // As a browser on a network sends it: in pieces, still coming after the 413. Into a
             // connection closed at once, the second piece after the close fails.
+            // Over 3 s in all (nginx lingers 30 s; a piece at least every 2 s keeps it reading).
             for piece in request.chunks(BODY / 8) {
                 writing.write_all(piece).await?;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(400)).await;
             }
             Ok::<_, std::io::Error>(writing)
         });
