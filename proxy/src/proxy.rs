@@ -1428,17 +1428,23 @@ impl ProxyHttp for Proxy {
     }
 }
 
-/// What a failed request's error says, for the log: at each level its side and kind, the
-/// context only where Portcullis or pingora itself is the source (never where the upstream or
-/// the client is: pingora puts the bytes it could not parse there, an upstream's whole response
-/// head), and the root cause (an OS, TLS or parser error, which quotes none); the upstream it
-/// went to last, if any.
+/// What a failed request's error says, for the log: the upstream it went to last, if any, and
+/// [`described`].
 fn failure(e: &Error, ctx: &RequestCtx) -> String {
+    match &ctx.upstream_at {
+        Some(at) => format!("upstream {at}: {}", described(e)),
+        None => described(e),
+    }
+}
+
+/// An error as the log tells it: at each level its side and kind, the context only where
+/// Portcullis or pingora itself is the source (never where the upstream or the client is:
+/// pingora puts the bytes it could not parse there, an upstream's whole response head) or where
+/// it is pingora's word on a TLS handshake (why a certificate was refused: the operator's first
+/// question), and the root cause (an OS, TLS or parser error, which quotes none).
+fn described(e: &Error) -> String {
     use std::fmt::Write;
     let mut line = String::new();
-    if let Some(at) = &ctx.upstream_at {
-        let _ = write!(line, "upstream {at}: ");
-    }
     let mut level = e;
     loop {
         let _ = write!(
@@ -1447,7 +1453,11 @@ fn failure(e: &Error, ctx: &RequestCtx) -> String {
             level.esource().as_str(),
             level.etype().as_str()
         );
-        let own = matches!(level.esource(), ErrorSource::Internal | ErrorSource::Unset);
+        let own = matches!(level.esource(), ErrorSource::Internal | ErrorSource::Unset)
+            || matches!(
+                level.etype(),
+                ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
+            );
         if let (true, Some(context)) = (own, &level.context) {
             let _ = write!(line, " context: {context}");
         }
@@ -3290,6 +3300,23 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused upstream certificate is logged with why (pingora's words, in the context of
+    /// an error it marks the upstream's); what an upstream sent that could not be parsed is not.
+    #[test]
+    fn the_log_says_why_an_upstream_certificate_was_refused_and_quotes_no_upstream_bytes() {
+        let mut tls = Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            "TLS connect() failed: invalid peer certificate: UnknownIssuer, SNI: billing",
+        );
+        tls.as_up();
+        let told = described(&tls);
+        assert!(told.contains("UnknownIssuer"), "{told}");
+        let mut head = Error::explain(ErrorType::InvalidHTTPHeader, "HTTP/1.1 200 secret-head");
+        head.as_up();
+        let told = described(&head);
+        assert!(!told.contains("secret-head"), "{told}");
+    }
 
     #[test]
     fn only_an_upgrade_to_websocket_asks_for_a_websocket() {
