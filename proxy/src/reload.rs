@@ -199,7 +199,8 @@ fn bound_listeners(
 
 /// Says which upstreams routes pass callers' bearer tokens on to (`pass_authorization`) over
 /// plain HTTP off loopback: they cross the network in clear there, as Portcullis refuses them
-/// from a client. Said at start and at every reload.
+/// from a client; or over https without checking the upstream's certificate. Said at start and
+/// at every reload.
 pub fn warn_of_tokens_passed_in_clear(config: &portcullis_config::Config) {
     for route in config.routes.iter().filter(|r| r.pass_authorization) {
         let in_clear = route.upstreams.iter().filter(|u| {
@@ -213,6 +214,17 @@ pub fn warn_of_tokens_passed_in_clear(config: &portcullis_config::Config) {
                 upstream = %upstream.url,
                 "pass_authorization sends the callers' bearer tokens to this upstream over plain \
                  HTTP off loopback, in clear for anyone on the way to replay: use https"
+            );
+        }
+        // An https upstream whose certificate is not checked is anyone's who can get in the
+        // way of its connections.
+        for upstream in route.upstreams.iter().filter(|u| u.tls && !u.verify_tls) {
+            tracing::warn!(
+                route = %route.name,
+                upstream = %upstream.url,
+                "pass_authorization sends the callers' bearer tokens to this upstream over https \
+                 without checking its certificate (tls_verify = false): anyone able to get in the \
+                 way of its connections gets them; give the route its CA in tls_ca instead"
             );
         }
     }

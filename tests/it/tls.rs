@@ -597,6 +597,44 @@ async fn an_options_with_a_body_is_no_cors_preflight_over_http2_or_http1() {
     assert_eq!(up.count(), 1, "only the preflight reached the upstream");
 }
 
+/// Routes that pass callers' bearer tokens on to an upstream anyone on the way could read them
+/// from are named at start: over plain HTTP off loopback, and over https without checking the
+/// upstream's certificate. One that checks it is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn passing_tokens_where_anyone_on_the_way_could_read_them_is_warned_of() {
+    let route = |from: &str, to: &str, more: &str| {
+        Route::to_urls(from, vec![to.to_owned()])
+            .set("accept = [\"bearer\"]")
+            .set("allow = { machines = true }")
+            .set("pass_authorization = true")
+            .set(more)
+    };
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(route("http://clear.test", "http://192.0.2.1:9", ""))
+        .route(route(
+            "http://unchecked.test",
+            "https://192.0.2.2:9",
+            "tls_verify = false",
+        ))
+        .route(route("http://checked.test", "https://192.0.2.3:9", ""))
+        .jwt_issuer(portcullis_tests::JwtIssuer::new(
+            "https://idp.invalid",
+            &["api"],
+        ));
+    let px = cfg.start().await;
+    let log = px
+        .log_until(|log| log.contains("192.0.2.1") && log.contains("192.0.2.2"))
+        .await;
+    let warned = |upstream: &str| {
+        log.lines()
+            .any(|line| line.contains("pass_authorization sends") && line.contains(upstream))
+    };
+    assert!(warned("http://192.0.2.1:9"), "{log}");
+    assert!(warned("https://192.0.2.2:9"), "{log}");
+    assert!(!warned("https://192.0.2.3:9"), "{log}");
+}
+
 /// HTTP/2 hands a field value on with the whitespace around it, which HTTP/1 parsers drop:
 /// ` Bearer <token>` is no bearer token to a reader that splits at the first space, and one to
 /// an HTTP/1 upstream, which trims it. Portcullis trims such values first, as HTTP/1 would: a
