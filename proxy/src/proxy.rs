@@ -1458,8 +1458,11 @@ fn described(e: &Error) -> String {
                 level.etype(),
                 ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
             );
+        // Cut, and escaped: a TLS error quotes the certificate's names and fields.
         if let (true, Some(context)) = (own, &level.context) {
-            let _ = write!(line, " context: {context}");
+            let context = context.to_string();
+            let shown = crate::human::printable(crate::reply::cut(&context, 512));
+            let _ = write!(line, " context: {shown}");
         }
         match &level.cause {
             Some(cause) => match cause.downcast_ref::<Box<Error>>() {
@@ -3312,6 +3315,15 @@ mod tests {
         tls.as_up();
         let told = described(&tls);
         assert!(told.contains("UnknownIssuer"), "{told}");
+        // The certificate's names, quoted there, are cut and cannot forge a line.
+        let names = format!("\nforged line{}", ", name".repeat(10_000));
+        let mut long = Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            format!("TLS connect() failed: NotValidForName: {names}"),
+        );
+        long.as_up();
+        let told = described(&long);
+        assert!(!told.contains('\n') && told.len() < 1024, "{told}");
         let mut head = Error::explain(ErrorType::InvalidHTTPHeader, "HTTP/1.1 200 secret-head");
         head.as_up();
         let told = described(&head);
