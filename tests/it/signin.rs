@@ -1119,6 +1119,12 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         "a callback from another browser",
         get(&client(), &callback).await,
     );
+    // Recorded as a refusal (within the budget anyone's requests have), and no warning each
+    // on top: anyone can send as many.
+    let warned = fx.px.log().lines().any(|line| {
+        line.contains("sign-in refused") && line.contains("WARN") && line.contains("browser")
+    });
+    assert!(!warned, "{}", fx.px.log());
     let (status, session, body) = get(&victim, &callback).await;
     assert_eq!(status, StatusCode::FOUND, "the starting browser: {body}");
     assert!(session.is_some(), "the starting browser is signed in");

@@ -465,7 +465,16 @@ impl Auth {
                 };
             }
             Err(e) => {
-                tracing::warn!(error = %e, "sign-in refused");
+                // What anyone can send (a callback without this browser's sign-in) is recorded
+                // as a refusal, within its budget; not a line each on top.
+                match e {
+                    SignInError::UnknownState
+                    | SignInError::WrongBrowser
+                    | SignInError::OtherProvider => {
+                        tracing::debug!(error = %e, "sign-in refused");
+                    }
+                    _ => tracing::warn!(error = %e, "sign-in refused"),
+                }
                 // This sign-in's cookie is spent, so that nothing piles up; unless the IdP was
                 // not reached, when the code is still good and a reload finishes the sign-in.
                 let retry = matches!(
