@@ -425,7 +425,7 @@ def profiled(systems, load, args):
         return {"error": "perf is not installed"}
     data = os.path.join(common.ROOT, "target", "bench-results", "perf-floor.data")
     os.makedirs(os.path.dirname(data), exist_ok=True)
-    pids = ",".join(str(pid) for pid, _, _ in systems.values())
+    pids = ",".join(str(pid) for pid, *_ in systems.values())
     seconds = max(args.duration, 4)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(load, seconds + 4)
