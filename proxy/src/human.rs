@@ -23,7 +23,7 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 
 /// Whether `c` is shown escaped: a control character, a line or paragraph separator, or a
 /// mark that changes the direction of the text after it (Unicode's bidirectional controls).
-fn hidden(c: char) -> bool {
+pub fn hidden(c: char) -> bool {
     let bidi = matches!(
         c,
         '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'

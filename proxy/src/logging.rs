@@ -101,16 +101,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Where `tracing` writes its lines: the buffer of the writer thread that [`batched`] started.
 #[derive(Clone)]
-struct Lines(Arc<Shared>);
+struct Lines(Arc<Shared>, bool);
 
 impl Write for &Lines {
     /// `buf` is one whole line: `tracing`'s formatter writes each event with one call.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = match self.1 {
+            true => json_shown(buf),
+            false => std::borrow::Cow::Borrowed(buf),
+        };
         let mut pending = lock(&self.0.pending);
-        if pending.lines.len() + buf.len() > MAX_PENDING {
+        if pending.lines.len() + line.len() > MAX_PENDING {
             pending.dropped += 1;
         } else {
-            pending.lines.extend_from_slice(buf);
+            pending.lines.extend_from_slice(&line);
             if pending.idle {
                 pending.idle = false;
                 self.0.wake.notify_one();
@@ -233,7 +237,32 @@ fn batched<W: Write + Send + 'static>(mut out: W, json: bool) -> (Lines, Guard) 
         shared: shared.clone(),
         done: started.ok().map(|_| done),
     };
-    (Lines(shared), guard)
+    (Lines(shared, json), guard)
+}
+
+/// A JSON line with the characters that change how a terminal shows it written as `\uXXXX`
+/// escapes, which JSON reads back as the same characters: the JSON format writes a string as
+/// it is but for its quotes, backslashes and the controls below U+0020, so a path's, a name's or
+/// an IdP's direction mark (U+202E shows the rest of the line reversed), a C1 control or DEL
+/// would reach a terminal or a log viewer raw, where the plain format escapes them (as
+/// `human::printable` does). Lines without a byte past `~`, nearly all, are left as they are.
+fn json_shown(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::fmt::Write as _;
+    if !line.iter().any(|&b| b >= 0x7f) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return std::borrow::Cow::Borrowed(line);
+    };
+    let mut shown = String::with_capacity(text.len() + 12);
+    for c in text.chars() {
+        if c >= '\u{7f}' && crate::human::hidden(c) {
+            let _ = write!(shown, "\\u{:04x}", u32::from(c));
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown.into_bytes())
 }
 
 #[cfg(test)]
@@ -288,6 +317,36 @@ mod tests {
         }
         assert_eq!(text.lines().count(), 4000);
         assert!(writes < 400, "{writes} writes for 4000 lines");
+    }
+
+    /// A JSON line's direction marks, C1 controls and DEL reach stdout as `\uXXXX` escapes,
+    /// which read back as the same text; a line of the plain format, which escapes them
+    /// itself, and other letters beyond ASCII are left as they are.
+    #[test]
+    fn json_lines_show_the_characters_that_move_a_terminal_escaped() {
+        let value = "/x-\u{202e}txt.exe \u{2066}\u{9b}2J\u{7f} caf\u{e9}";
+        let line = format!("{}\n", serde_json::json!({ "path": value }));
+        let out = Out::default();
+        let (lines, guard) = batched(out.clone(), true);
+        (&lines).write_all(line.as_bytes()).unwrap();
+        drop(guard);
+        let written = String::from_utf8(lock(&out.0).0.clone()).unwrap();
+        for hidden in ['\u{202e}', '\u{2066}', '\u{9b}', '\u{7f}'] {
+            assert!(!written.contains(hidden), "{written:?}");
+        }
+        assert!(
+            written.contains("\\u202e") && written.contains("caf\u{e9}"),
+            "{written}"
+        );
+        let read: serde_json::Value = serde_json::from_str(written.trim_end()).unwrap();
+        assert_eq!(read["path"], value, "the same text, read back");
+        assert_eq!(json_shown(b"plain line\n"), b"plain line\n".as_slice());
+        let (lines, guard) = batched(out.clone(), false);
+        let plain = format!("path={value:?}\n");
+        (&lines).write_all(plain.as_bytes()).unwrap();
+        drop(guard);
+        let written = String::from_utf8(lock(&out.0).0.clone()).unwrap();
+        assert!(written.ends_with(&plain), "left as it is: {written:?}");
     }
 
     #[test]

@@ -1420,10 +1420,7 @@ impl ProxyHttp for Proxy {
             path = %crate::human::printable(reply::cut(req.uri.path(), 1024)),
             status,
             route,
-            user = ctx
-                .caller
-                .as_ref()
-                .map(|c| crate::human::printable(&c.log_name()).into_owned()),
+            user = ctx.caller.as_ref().map(Caller::log_name),
             upstream = ctx.upstream,
             duration_us = ctx.started.elapsed().as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
