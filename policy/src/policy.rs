@@ -570,10 +570,9 @@ fn one_case(segment: &[u8]) -> Option<String> {
     let mut bytes = Vec::with_capacity(segment.len());
     let mut rest = segment;
     while let Some((&b, tail)) = rest.split_first() {
-        let hex = |h: u8| char::from(h).to_digit(16);
         match (b, tail) {
             (b'%', [h, l, tail @ ..]) => {
-                bytes.push(u8::try_from(hex(*h)? * 16 + hex(*l)?).ok()?);
+                bytes.push(crate::path::hex(*h)? << 4 | crate::path::hex(*l)?);
                 rest = tail;
             }
             _ => {

@@ -751,8 +751,6 @@ impl ProxyHttp for Proxy {
             let audit = &self.shared.audit;
             let idle = runtime.config.server.client_idle_timeout;
             let runtimes = &self.shared.runtime;
-            // Reads would answer from a directory that may be stale (empty, at start).
-            let current = || self.shared.directory_is_current();
             let served = scim.serve(
                 session,
                 &path,
@@ -761,7 +759,8 @@ impl ProxyHttp for Proxy {
                 audit,
                 idle,
                 runtimes,
-                &current,
+                // Reads would answer from a directory that may be stale (empty, at start).
+                self.shared.directory_is_current(),
             );
             return Box::pin(served).await;
         }
