@@ -465,12 +465,26 @@ impl Auth {
                 };
             }
             Err(e) => {
-                // What anyone can send (a callback without this browser's sign-in) is recorded
-                // as a refusal, within its budget; not a line each on top.
-                match e {
+                // Recorded as a refusal, within its budget. A warning too only where the
+                // operator has something to mend (the IdP out of reach, its answers unreadable,
+                // the client's registration refused): not for what anyone can send (a callback
+                // without this browser's sign-in, a code or an error of their own with the
+                // state of a sign-in they started), a line each on top of the record.
+                let configuration = [
+                    "invalid_client",
+                    "unauthorized_client",
+                    "unsupported_grant_type",
+                    "invalid_scope",
+                ];
+                match &e {
                     SignInError::UnknownState
                     | SignInError::WrongBrowser
                     | SignInError::OtherProvider => {
+                        tracing::debug!(error = %e, "sign-in refused");
+                    }
+                    SignInError::Refused(said)
+                        if !configuration.contains(&said.split(' ').next().unwrap_or_default()) =>
+                    {
                         tracing::debug!(error = %e, "sign-in refused");
                     }
                     _ => tracing::warn!(error = %e, "sign-in refused"),
