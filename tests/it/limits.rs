@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use portcullis_tests::client::{chunked, read_response_head};
-use portcullis_tests::{raw_request, ConfigBuilder, Echo, Route, Upstream};
+use portcullis_tests::{raw_request, ConfigBuilder, Echo, Portcullis, Route, Upstream};
 
 use crate::audit::{audit_json_until, of_event};
 
@@ -170,15 +170,21 @@ async fn oversized_bodies_are_413() {
     }
 }
 
-/// A client that waits for `100 Continue` before its body (curl does, for a large upload) and
-/// then sends too much gets the 413, not a connection closed without an answer.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
+/// Portcullis with one route, `small.test`, that takes bodies of 1 KiB at most; and its upstream.
+async fn small_bodies_only() -> (ConfigBuilder, Portcullis, Upstream) {
     let up = Upstream::start("a").await;
     let cfg = ConfigBuilder::new()
         .http_listener()
         .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"));
-    let _px = cfg.start().await;
+    let px = cfg.start().await;
+    (cfg, px, up)
+}
+
+/// A client that waits for `100 Continue` before its body (curl does, for a large upload) and
+/// then sends too much gets the 413, not a connection closed without an answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
+    let (cfg, _px, _up) = small_bodies_only().await;
     let port = cfg.http_addr().port();
     let mut stream = tokio::net::TcpStream::connect(cfg.http_addr())
         .await
@@ -209,11 +215,7 @@ async fn an_oversized_body_sent_after_100_continue_is_answered_413() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_still_uploading_reads_its_413_and_a_clean_close() {
     const BODY: usize = 1 << 20;
-    let up = Upstream::start("a").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://small.test", &[&up]).set("max_request_body_bytes = 1024"));
-    let _px = cfg.start().await;
+    let (cfg, _px, _up) = small_bodies_only().await;
     let port = cfg.http_addr().port();
     let host = format!("small.test:{port}");
     for (how, request) in [
