@@ -468,8 +468,9 @@ impl Auth {
                 // Recorded as a refusal, within its budget. A warning too only where the
                 // operator has something to mend (the IdP out of reach, its answers unreadable,
                 // the client's registration refused): not for what anyone can send (a callback
-                // without this browser's sign-in, a code or an error of their own with the
-                // state of a sign-in they started), a line each on top of the record.
+                // without this browser's sign-in, a code of their own under a sign-in they
+                // started, which the IdP refuses `invalid_grant`), a line each on top of the
+                // record.
                 let configuration = [
                     "invalid_client",
                     "unauthorized_client",
