@@ -254,6 +254,9 @@ fn json_shown(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let Ok(text) = std::str::from_utf8(line) else {
         return std::borrow::Cow::Borrowed(line);
     };
+    if !text.chars().any(crate::human::hidden) {
+        return std::borrow::Cow::Borrowed(line);
+    }
     let mut shown = String::with_capacity(text.len() + 12);
     for c in text.chars() {
         if c >= '\u{7f}' && crate::human::hidden(c) {
