@@ -3803,16 +3803,24 @@ fn refreshing_on_token_groups(person: IdpUser) -> Options {
     }
 }
 
+const DAVE: &str = "dave@example.com";
+const DAVE_PASSWORD: &str = "dave's password, long enough";
+
+/// Dave, in `eng` at the IdP only, and a route on `/eng/` that judges the IdP's groups of
+/// sessions refreshed every few seconds; its URL.
+async fn dave_in_eng_refreshing_on_token_groups() -> (Fixture, String) {
+    let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
+    let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
+    let url = fx.url("app.test", "/eng/page");
+    (fx, url)
+}
+
 /// On a route that judges the groups the IdP gives (`token_groups`), a refreshed session holds
 /// only while the IdP still gives the person the groups they signed in with: one its admin
 /// takes out of a group signs in again, and is judged by the groups they have then.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_again() {
-    const DAVE: &str = "dave@example.com";
-    const DAVE_PASSWORD: &str = "dave's password, long enough";
-    let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
-    let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
-    let url = fx.url("app.test", "/eng/page");
+    let (fx, url) = dave_in_eng_refreshing_on_token_groups().await;
     let signed = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     assert_session_works(&url, &signed.cookie).await;
     // Past the ID token's lifetime, a refresh that finds the same groups keeps the session.
@@ -3837,11 +3845,7 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
 /// keys is verified with that key, fetched then: what it says counts at once, not a minute on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_signed_with_a_new_key_is_judged_at_once() {
-    const DAVE: &str = "dave@example.com";
-    const DAVE_PASSWORD: &str = "dave's password, long enough";
-    let dave = IdpUser::new("dave", DAVE, DAVE_PASSWORD).groups(&["eng"]);
-    let fx = Fixture::start_with(refreshing_on_token_groups(dave)).await;
-    let url = fx.url("app.test", "/eng/page");
+    let (fx, url) = dave_in_eng_refreshing_on_token_groups().await;
     // Signed with a key the IdP has just begun using: the keys are fetched for the sign-in, so
     // a refresh seconds later is within the 10 s in which a client's token fetches none.
     fx.idp.rotate_keys(true).await;
