@@ -3815,6 +3815,19 @@ async fn dave_in_eng_refreshing_on_token_groups() -> (Fixture, String) {
     (fx, url)
 }
 
+/// The IdP's admin takes dave out of `eng`: his session `cookie` is refused at its next
+/// refresh, and recorded as ended by the IdP.
+async fn taken_out_of_eng_the_session_ends_at_its_refresh(fx: &Fixture, url: &str, cookie: &str) {
+    fx.idp.set_groups("dave", &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_session_refused(fx, url, cookie).await;
+    assert_eq!(
+        session_events(fx, 2).await,
+        [(DAVE, "sign_in"), (DAVE, "idp_ended")]
+            .map(|(who, what)| (who.to_owned(), what.to_owned()))
+    );
+}
+
 /// On a route that judges the groups the IdP gives (`token_groups`), a refreshed session holds
 /// only while the IdP still gives the person the groups they signed in with: one its admin
 /// takes out of a group signs in again, and is judged by the groups they have then.
@@ -3827,14 +3840,7 @@ async fn a_refresh_that_finds_other_groups_at_the_idp_has_the_person_sign_in_aga
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_session_works(&url, &signed.cookie).await;
 
-    fx.idp.set_groups("dave", &[]).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_session_refused(&fx, &url, &signed.cookie).await;
-    assert_eq!(
-        session_events(&fx, 2).await,
-        [(DAVE, "sign_in"), (DAVE, "idp_ended")]
-            .map(|(who, what)| (who.to_owned(), what.to_owned()))
-    );
+    taken_out_of_eng_the_session_ends_at_its_refresh(&fx, &url, &signed.cookie).await;
     // Signed in again, with the groups the IdP gives now: not let in.
     let again = fx.sign_in(&client(), &url, DAVE, DAVE_PASSWORD).await;
     let resp = get_with_session(&url, &again.cookie, "application/json").await;
@@ -3853,14 +3859,7 @@ async fn a_refresh_signed_with_a_new_key_is_judged_at_once() {
     assert_session_works(&url, &signed.cookie).await;
 
     fx.idp.rotate_keys(false).await;
-    fx.idp.set_groups("dave", &[]).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_session_refused(&fx, &url, &signed.cookie).await;
-    assert_eq!(
-        session_events(&fx, 2).await,
-        [(DAVE, "sign_in"), (DAVE, "idp_ended")]
-            .map(|(who, what)| (who.to_owned(), what.to_owned()))
-    );
+    taken_out_of_eng_the_session_ends_at_its_refresh(&fx, &url, &signed.cookie).await;
 }
 
 /// Entra ID leaves `groups` out of the ID token of a person in no group, and puts no `email`
