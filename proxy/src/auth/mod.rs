@@ -1031,6 +1031,17 @@ impl Auth {
         };
         let jwks = Arc::new(Jwks::new(uri, http));
         jwks.refresh(true).await?;
+        // No key to use, and none used before: no token's key is known withdrawn (an IdP node
+        // whose keys failed to load serves such a set for a moment). Asked again as after a
+        // failed fetch, tokens meanwhile refused as unjudged, not as invalid.
+        if !jwks.has_usable_key() {
+            tracing::warn!(
+                issuer = %issuer.issuer,
+                "the key set has no signing key Portcullis can use; asking again in {}s",
+                jwt::REFETCH_AFTER.as_secs()
+            );
+            return Err(JwtError::KeysUnavailable);
+        }
         Ok(jwks)
     }
 }
@@ -1551,7 +1562,7 @@ mod tests {
     /// cannot be had); one within it is taken, however much of it is padding.
     #[tokio::test]
     async fn the_idp_s_answers_are_read_no_further_than_their_bounds() {
-        let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+        let key = USABLE_KEY;
         let padded = |json: String, size: usize| format!("{json}{}", " ".repeat(size - json.len()));
         for (size, taken) in [(200 << 10, true), (300 << 10, false)] {
             let set = padded(format!(r#"{{"keys":[{key}]}}"#), size);
@@ -1589,7 +1600,7 @@ mod tests {
     /// node whose keys failed to load serves one for a moment.
     #[tokio::test]
     async fn a_key_set_with_no_usable_key_withdraws_every_key_once_it_stays() {
-        let key = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+        let key = USABLE_KEY;
         let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(key).unwrap();
         let thumbprint = jwk
             .thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256)
@@ -1644,10 +1655,17 @@ mod tests {
         Auth::new(world.directory.clone(), Arc::new(Kept::default()), audit).unwrap()
     }
 
+    /// A key set of one key Portcullis can use.
+    fn a_usable_key_set() -> String {
+        format!(r#"{{"keys":[{USABLE_KEY}]}}"#)
+    }
+
+    const USABLE_KEY: &str = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"a"}"#;
+
     #[tokio::test]
     async fn requests_that_first_fetch_an_issuer_s_keys_together_share_one_fetch() {
         // A slow IdP: every request below arrives while the first fetch is out.
-        let keys = |_| r#"{"keys":[]}"#.to_owned();
+        let keys = |_| a_usable_key_set();
         let (address, fetches) = idp_answering(keys, Duration::from_millis(300)).await;
         let world = crate::testing::World::new();
         let dir = tempfile::tempdir().unwrap();
@@ -1687,7 +1705,7 @@ mod tests {
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request).await;
                 if std::mem::take(&mut first) {
-                    let body = r#"{"keys":[]}"#;
+                    let body = a_usable_key_set();
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -1698,8 +1716,7 @@ mod tests {
                 }
             }
         });
-        let (up_address, up_fetches) =
-            idp_answering(|_| r#"{"keys":[]}"#.to_owned(), Duration::ZERO).await;
+        let (up_address, up_fetches) = idp_answering(|_| a_usable_key_set(), Duration::ZERO).await;
         let world = crate::testing::World::new();
         let dir = tempfile::tempdir().unwrap();
         let auth = auth(&world, dir.path());
@@ -1727,11 +1744,35 @@ mod tests {
         );
     }
 
+    /// A first fetch that finds no key to use keeps no key set: no token's key is known
+    /// withdrawn, so tokens are refused as unjudged (503), not as invalid, and the issuer is
+    /// asked again as after a failed fetch.
+    #[tokio::test]
+    async fn a_first_key_set_with_no_usable_key_is_asked_for_again_as_a_failed_fetch() {
+        let bodies = |_| vec![r#"{"keys":[]}"#.to_owned(), a_usable_key_set()];
+        let (address, fetches) = idp_answering_in_turn(bodies, Duration::ZERO).await;
+        let world = crate::testing::World::new();
+        let dir = tempfile::tempdir().unwrap();
+        let auth = auth(&world, dir.path());
+        let mut issuer = world.config.jwt_issuers[0].clone();
+        issuer.jwks_uri = Some(format!("http://{address}/jwks"));
+        let fetched = || fetches.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..2 {
+            let refused = auth.jwks_for(&issuer).await;
+            assert!(matches!(refused, Err(JwtError::KeysUnavailable)));
+        }
+        assert_eq!(fetched(), 1, "asked again at once");
+        let failed = std::time::Instant::now() - jwt::REFETCH_AFTER - Duration::from_secs(1);
+        auth.issuer_failures.insert(key_set_id(&issuer), failed);
+        assert!(auth.jwks_for(&issuer).await.unwrap().has_usable_key());
+        assert_eq!(fetched(), 2);
+    }
+
     /// An issuer a reload takes out of the configuration forgets its key set: put back, its
     /// keys are fetched afresh, not taken from a set nobody refreshed meanwhile.
     #[tokio::test]
     async fn an_issuer_taken_out_and_put_back_fetches_its_keys_afresh() {
-        let keys = |_| r#"{"keys":[]}"#.to_owned();
+        let keys = |_| a_usable_key_set();
         let (address, fetches) = idp_answering(keys, Duration::ZERO).await;
         let world = crate::testing::World::new();
         let dir = tempfile::tempdir().unwrap();
