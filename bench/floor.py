@@ -84,7 +84,10 @@ PROFILE_HZ = 2999
 # has Portcullis' hooks only where pingora has a default for them.
 PARTS = [
     ("pingora: reading the request", "HttpSession::read_request::", None),
-    ("pingora: to the upstream and back (the upstream hooks included)", "::proxy_to_upstream::", None),
+    # `proxy_1to1`, not `proxy_to_upstream`: fat LTO inlines the latter into `process_request`
+    # in Portcullis' builds, and its name is then in no frame.
+    ("pingora: to the upstream and back, once connected (the upstream hooks but upstream_peer included)",
+     "::proxy_1to1::", None),
     ("pingora: writing the answer", "Session::write_response_tasks::", None),
     ("pingora: dropping the upstream request header", "drop_in_place<pingora_http::RequestHeader>", None),
     ("the request_filter hook", "ProxyHttp>::request_filter::", None),
