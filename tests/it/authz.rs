@@ -169,6 +169,14 @@ impl Authz {
             .await
     }
 
+    /// As Entra ID renames a group.
+    async fn rename_group(&self, group_id: &str, name: &str) -> ScimResponse {
+        let rename = json!([{"op": "Replace", "path": "displayName", "value": name}]);
+        self.scim
+            .patch(&format!("/Groups/{group_id}"), &patch_ops(rename))
+            .await
+    }
+
     async fn add_member(&self, group_id: &str, user_id: &str) -> ScimResponse {
         self.scim
             .patch(
@@ -983,6 +991,27 @@ async fn removal_from_the_group_refuses_the_next_request_and_re_adding_restores_
 
     // The session itself is fine: re-adding her lets the same session in at once.
     t.add_member(&t.eng_id, &t.alice_id).await.expect_success();
+    let echo = assert_session_works(&url, &cookie).await;
+    assert_eq!(echo.header("x-portcullis-groups"), Some(GROUP));
+}
+
+/// Routes name groups by `displayName`: a group renamed in the IdP no longer lets its
+/// members in under its old name, from the next request, and renamed back lets them in again.
+#[tokio::test(flavor = "multi_thread")]
+async fn renaming_the_group_refuses_the_next_request_and_renaming_it_back_restores_it() {
+    let t = Authz::start().await;
+    let cookie = t.sign_in(ALICE, ALICE_PASSWORD).await;
+    let url = t.app_url("/work");
+    assert_session_works(&url, &cookie).await;
+    revocation_under_load(
+        "renaming eng to ops",
+        with_session(url.clone(), cookie.clone()),
+        t.rename_group(&t.eng_id, "ops"),
+        &[403],
+    )
+    .await;
+
+    t.rename_group(&t.eng_id, GROUP).await.expect_success();
     let echo = assert_session_works(&url, &cookie).await;
     assert_eq!(echo.header("x-portcullis-groups"), Some(GROUP));
 }
