@@ -1353,6 +1353,44 @@ async fn deleting_a_user_removes_it_from_every_group() {
     assert_eq!(user.body.get("groups"), None, "{}", user.text);
 }
 
+/// A group shows its group and agent members by name: one renamed, if only in letter case,
+/// gives the groups it is in a new version, or a client holding the old ETag would be told its
+/// copy, with the old name, still stands.
+#[tokio::test(flavor = "multi_thread")]
+async fn renaming_a_group_or_agent_member_gives_its_groups_a_new_version() {
+    let (_px, scim) = scim_server().await;
+    let owner = scim.create_user("renamer@example.com").await.id();
+    let bot = scim.create_agent("deploy-bot", &[&owner], &[]).await.id();
+    let inner = scim.create_group("inner-team", &[]).await.id();
+    let outer = scim.create_group("outer-team", &[&inner, &bot]).await.id();
+    for (path, name_attr, name) in [
+        (format!("/Groups/{inner}"), "displayName", "Inner-Team"),
+        (format!("/Agents/{bot}"), "name", "deploy-bot-2"),
+    ] {
+        let held = etag_of(&scim, &outer).await;
+        let rename = patch_ops(json!([{"op": "replace", "path": name_attr, "value": name}]));
+        scim.patch(&path, &rename).await.expect_success();
+        let got = scim
+            .request(
+                Method::GET,
+                &format!("/Groups/{outer}"),
+                &[],
+                None,
+                &[("if-none-match", &held)],
+            )
+            .await
+            .expect(200);
+        let shown: Vec<&str> = got.body["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["display"].as_str())
+            .collect();
+        assert!(shown.contains(&name), "{}", got.text);
+        assert_ne!(got.etag(), Some(held.as_str()), "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nested_groups_show_direct_and_indirect_membership() {
     let (_px, scim) = scim_server().await;

@@ -448,6 +448,9 @@ impl<'a> Overlay<'a> {
                 format!("a {} with {name_attr} {name:?} already exists", rt.name()),
             ));
         }
+        // Renamed, in any letter: the groups it is in show it by name (a group or agent member's
+        // `display`).
+        let mut shown_otherwise = false;
         if let Some(previous) = previous {
             if let Some(old) = str_of(&previous.resource, name_attr) {
                 // Renamed: said first (a group's members after it are read as ids, outside
@@ -455,6 +458,7 @@ impl<'a> Overlay<'a> {
                 // people, by these names.
                 if old != name {
                     summary = format!("{name_attr} {} → {}, {summary}", quoted(old), quoted(name));
+                    shown_otherwise = true;
                 }
                 let old = fold(old);
                 if old != folded {
@@ -465,6 +469,12 @@ impl<'a> Overlay<'a> {
         self.set_name((rt, folded), Some(row));
 
         self.seq += 1;
+        // Those groups show other members now: a new version, or a client holding the old ETag
+        // would be told its copy still stands. A user member is shown by id alone.
+        if shown_otherwise && rt != ResourceType::User {
+            let parents = self.parents_now(row);
+            self.restamp(ResourceType::Group, &parents)?;
+        }
         let created = previous
             .and_then(|p| p.resource.get("meta"))
             .and_then(|m| m.get("created"))
