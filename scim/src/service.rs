@@ -500,7 +500,13 @@ impl ScimService {
             .directory
             .get(rt, id)?
             .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
-        let etag = version_of(&record);
+        let mut etag = version_of(&record);
+        // A group's members are the index's: until it holds the version just read, the answer
+        // is of no one version, and claims none (no ETag, no 304 to a client holding the new
+        // one, which would confirm a copy without the change).
+        if rt == ResourceType::Group && !self.directory.shows_members_of(id, &record) {
+            etag = None;
+        }
         if let (Some(tags), Some(current)) = (if_none_match, etag.as_deref()) {
             if etag_matches(tags, current) {
                 return Ok(ScimResponse {
@@ -511,7 +517,12 @@ impl ScimService {
                 });
             }
         }
-        let body = self.render(base, rt, record, &params.projection(rt));
+        let mut body = self.render(base, rt, record, &params.projection(rt));
+        if etag.is_none() {
+            if let Some(meta) = body.get_mut("meta").and_then(Value::as_object_mut) {
+                meta.remove("version");
+            }
+        }
         Ok(ScimResponse {
             status: 200,
             etag,

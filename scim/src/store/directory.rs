@@ -683,6 +683,17 @@ impl Directory {
             .filter(|r| !r.retired))
     }
 
+    /// Whether the index holds group `id` at the version of `record` (read from storage):
+    /// the members it shows are then that version's. Not for a moment after a write
+    /// committed and not yet applied here (another replica's, with a shared store).
+    pub fn shows_members_of(&self, id: &str, record: &Record) -> bool {
+        let index = self.index();
+        index
+            .row_of(id)
+            .and_then(|(_, row)| index.group(row))
+            .is_some_and(|group| group.version == super::index::version_of(&record.resource))
+    }
+
     /// The direct members of group `id`, in creation order of the members.
     pub fn members(&self, id: &str) -> Vec<Member> {
         self.members_as(id, None, member)

@@ -380,7 +380,7 @@ fn str_field<'a>(resource: &'a Value, name: &str) -> Option<&'a str> {
         .and_then(Value::as_str)
 }
 
-fn version_of(resource: &Value) -> Seq {
+pub(super) fn version_of(resource: &Value) -> Seq {
     resource
         .get("meta")
         .and_then(|m| m.get("version"))

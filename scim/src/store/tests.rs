@@ -2314,6 +2314,57 @@ async fn a_write_that_finds_nothing_to_do_on_a_lagging_index_is_built_again() {
     assert!(b.groups_of(&dana).is_empty(), "on B: the removal was lost");
 }
 
+/// A group read on a replica whose index has not applied the stored record yet shows the
+/// index's members: the answer claims no version, or a client holding the new ETag would be
+/// told (304) its copy stands, and a client reading it would keep the old members under the
+/// new version.
+#[tokio::test]
+async fn a_group_read_on_a_lagging_replica_claims_no_version() {
+    use crate::service::{Limits, ScimRequest, ScimService};
+    let store = Arc::new(SharedStore::default());
+    let replica = || Directory::open(store.clone(), Box::new(time::OffsetDateTime::now_utc));
+    let (a, b) = (replica().unwrap(), Arc::new(replica().unwrap()));
+    let dana = created(&a, ResourceType::User, user("dana@x")).await;
+    let eng = created(&a, ResourceType::Group, group("eng", &[])).await;
+    b.catch_up().unwrap();
+    let add = patch_body(json!([{"op": "add", "path": "members", "value": [{"value": dana}]}]));
+    patch(&a, ResourceType::Group, &eng, add).await.unwrap();
+    let stored = a.get(ResourceType::Group, &eng).unwrap().unwrap();
+    let new = stored.resource["meta"]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let limits = Limits {
+        max_body_bytes: 1 << 20,
+        max_bulk_operations: 10,
+        max_results: 100,
+    };
+    let service = ScimService::new(b.clone(), limits);
+    let path = format!("/Groups/{eng}");
+    let read = || {
+        service.handle(ScimRequest {
+            method: &http::Method::GET,
+            path: &path,
+            query: None,
+            if_match: None,
+            if_none_match: Some(&new),
+            body: b"",
+            base_url: "http://auth.test/scim/v2",
+            actor: "test",
+            client: None,
+            stands: &|| true,
+        })
+    };
+    let lagging = read().await;
+    assert_eq!((lagging.status, lagging.etag.as_deref()), (200, None));
+    let body = lagging.body.unwrap();
+    assert_eq!(body["members"], json!([]), "B has not applied it");
+    assert_eq!(body["meta"].get("version"), None, "{body}");
+    b.catch_up().unwrap();
+    let caught_up = read().await;
+    assert_eq!((caught_up.status, caught_up.etag), (304, Some(new)));
+}
+
 #[test]
 fn a_failing_store_tells_the_idp_to_try_again_and_nothing_of_what_failed() {
     let failed = StoreError::Backend("connection to db.internal:5432 refused".to_owned());
