@@ -936,9 +936,15 @@ impl Auth {
                         tracing::error!("cannot end the session: {e}");
                     }
                 }
-                Caller::Machine(_) => {
-                    let (who, reason) = crate::audit::outdated_token(&caller.log_name(), None);
-                    (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, None);
+                // With the agent a delegated token acts through, as a route records it: an
+                // agent's refusals count toward its own share, for whomever it acts.
+                Caller::Machine(machine) => {
+                    let agent = gate.acting_agent(machine);
+                    let outdated = crate::gate::Outdated::Caller(agent.clone());
+                    let (who, reason) =
+                        crate::audit::outdated_token(&caller.log_name(), Some(&outdated));
+                    let agent = agent.as_ref();
+                    (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, agent);
                     return Err(true);
                 }
             }
