@@ -89,6 +89,9 @@ pub struct Config {
 /// The path under which the console is served on the auth host.
 pub const CONSOLE_PATH: &str = "/.portcullis/console/";
 
+/// The name of the console's route, which its refusals are recorded on.
+pub const CONSOLE_ROUTE: &str = "console";
+
 /// How old an IdP's key set may grow before it is fetched again, unless configured otherwise.
 pub const JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
 

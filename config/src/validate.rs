@@ -29,8 +29,8 @@ use crate::model::{
     AdminConfig, AdminToken, AgentAttribute, CaBundle, CertificateFiles, Config, Credential,
     IdentityClaim, IdentityConfig, JwtAlgorithm, JwtIssuer, Listener, ListenerTls, LoadedKey,
     LogConfig, LogFormat, MachineClaim, OidcConfig, PostgresConfig, Route, Scheme, ScimAttribute,
-    ScimConfig, ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, JWKS_REFRESH,
-    MAX_UPSTREAMS,
+    ScimConfig, ScimToken, ServerConfig, Upstream, UserInfo, CONSOLE_PATH, CONSOLE_ROUTE,
+    JWKS_REFRESH, MAX_UPSTREAMS,
 };
 use crate::problems::{KeyPath, Problems};
 use crate::tls::{self, PairError};
@@ -424,7 +424,7 @@ fn console(
         None => return None,
     };
     Some(Route {
-        name: "console".to_owned(),
+        name: CONSOLE_ROUTE.to_owned(),
         scheme: oidc.auth_scheme,
         host: oidc.auth_host_name.clone(),
         path_prefix: CONSOLE_PATH.to_owned(),

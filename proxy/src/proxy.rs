@@ -36,7 +36,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use portcullis_config::{Credential, Scheme, CONSOLE_PATH};
+use portcullis_config::{Credential, Scheme, CONSOLE_PATH, CONSOLE_ROUTE};
 
 use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
 use crate::audit;
@@ -725,7 +725,8 @@ impl ProxyHttp for Proxy {
                 tls: ctx.tls,
                 client_ip: ctx.client_ip,
             };
-            return Box::pin(self.own_endpoint(session, &runtime, &endpoint, &host, at)).await;
+            let own = self.own_endpoint(session, &runtime, reloads, &endpoint, &host, at);
+            return Box::pin(own).await;
         }
         if let Some(scim) = runtime
             .scim
@@ -824,10 +825,7 @@ impl ProxyHttp for Proxy {
         // decision is made is noticed by the recheck of an open connection. Their second is
         // the decision's "now". Their reload count is the one read before the runtime: a
         // reload installed since is one this decision did not see.
-        let decided_at = Marks {
-            config: reloads,
-            ..self.shared.marks()
-        };
+        let decided_at = self.shared.marks_as_of(reloads);
         let authentication = self
             .shared
             .auth
@@ -1566,6 +1564,7 @@ impl Proxy {
         &self,
         session: &mut Session,
         runtime: &Runtime,
+        reloads: u64,
         endpoint: &str,
         host: &str,
         at: At,
@@ -1593,7 +1592,9 @@ impl Proxy {
             "style.css" => reply::stylesheet(),
             "console" => Reply::redirect(StatusCode::PERMANENT_REDIRECT, CONSOLE_PATH),
             e if e.starts_with("console/") => {
-                return self.console(session, runtime, endpoint, host, at).await;
+                return self
+                    .console(session, runtime, reloads, endpoint, host, at)
+                    .await;
             }
             "readyz"
                 if self.shared.is_draining()
@@ -1724,8 +1725,23 @@ impl Proxy {
     ) -> Result<Again> {
         let tls = at.tls;
         let runtime = self.shared.runtime.load_full();
+        let method = session.req_header().method.clone();
+        // Refused as the viewer first let in, as every console refusal is recorded.
+        let refused = |status: StatusCode, why: &str| {
+            let who = first
+                .caller()
+                .map_or("anonymous".to_owned(), |c| c.log_name());
+            let request = audit::Request {
+                method: method.as_str(),
+                path,
+                client: at.client_ip,
+            };
+            (self.shared.audit).refusal(&who, CONSOLE_ROUTE, None, why, &request, None);
+            Reply::status_page(status)
+        };
         let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
-            let sent = reply::send(session, Reply::status_page(StatusCode::NOT_FOUND)).await?;
+            let why = "a reload took the console off this host while the request was made";
+            let sent = reply::send(session, refused(StatusCode::NOT_FOUND, why)).await?;
             return Ok(Again::Answered(sent));
         };
         let arrival = Arrival {
@@ -1748,19 +1764,8 @@ impl Proxy {
             Admission::Allow(pass) if same_session => pass.forward,
             Admission::Allow(_) => {
                 // Another session of the jar than the one first judged (a form's token is of).
-                let who = again
-                    .caller()
-                    .map_or("anonymous".to_owned(), |c| c.log_name());
-                let request = audit::Request {
-                    method: req.method.as_str(),
-                    path,
-                    client: at.client_ip,
-                };
                 let why = "a console request went on under another session than its own";
-                self.shared
-                    .audit
-                    .refusal(&who, &route.name, None, why, &request, None);
-                let sent = reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await?;
+                let sent = reply::send(session, refused(StatusCode::FORBIDDEN, why)).await?;
                 return Ok(Again::Answered(sent));
             }
             Admission::Refuse(refused) => {
@@ -1782,7 +1787,9 @@ impl Proxy {
             }
         };
         let Some(viewer) = viewer else {
-            let sent = reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await?;
+            // `[console]` has no public rule: let in as anyone, by no rule of its own.
+            let why = "the console let the request in as anyone's, not a directory user's";
+            let sent = reply::send(session, refused(StatusCode::FORBIDDEN, why)).await?;
             return Ok(Again::Answered(sent));
         };
         if !runtime.carries_credentials(local_addr(session), tls) {
@@ -1798,6 +1805,7 @@ impl Proxy {
         &self,
         session: &mut Session,
         runtime: &Runtime,
+        reloads: u64,
         endpoint: &str,
         host: &str,
         at: At,
@@ -1817,7 +1825,9 @@ impl Proxy {
         };
         let req = session.req_header();
         let path = format!("/.portcullis/{endpoint}");
-        let decided_at = self.shared.marks();
+        // As a proxied request's (1.5): a reload installed since `runtime` was loaded has the
+        // page judged again under it once made.
+        let decided_at = self.shared.marks_as_of(reloads);
         let (authentication, admission) = self
             .judge_console(runtime, route, req, arrival, &path)
             .await;
@@ -1858,7 +1868,17 @@ impl Proxy {
         let (Some(viewer), Some(Caller::Person { .. }), Some(session_id)) =
             (pass.forward, authentication.caller(), session_id)
         else {
-            // Only a person's session gets this far (`[console]` takes nothing else).
+            // Only a person's session gets this far (`[console]` takes nothing else, and has
+            // no public rule): its cookie no longer finds it, ended since it was let in (a
+            // sign-out in another tab).
+            let who = (authentication.caller()).map_or("anonymous".to_owned(), |c| c.log_name());
+            let request = audit::Request {
+                method: req.method.as_str(),
+                path: &path,
+                client: at.client_ip,
+            };
+            let why = "the session the console request was let in by ended while it was judged";
+            (self.shared.audit).refusal(&who, CONSOLE_ROUTE, None, why, &request, None);
             return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await;
         };
         let method = req.method.clone();
@@ -1898,7 +1918,7 @@ impl Proxy {
             let reason = format!("{why}{from}");
             self.shared
                 .audit
-                .refusal(&viewer.user, "console", None, &reason, &request, None);
+                .refusal(&viewer.user, CONSOLE_ROUTE, None, &reason, &request, None);
             Reply::status_page(status)
         };
         let reply = match method {

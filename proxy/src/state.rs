@@ -442,6 +442,16 @@ impl Shared {
         }
     }
 
+    /// [`Shared::marks`] of a decision under the runtime loaded just after the reload count
+    /// `reloads` was read: a reload installed since is one the decision did not see, and what
+    /// it let through is judged again under it.
+    pub fn marks_as_of(&self, reloads: u64) -> Marks {
+        Marks {
+            config: reloads,
+            ..self.marks()
+        }
+    }
+
     /// The gate over the live directory and `runtime`'s `[identity]`, deciding as of `marks`
     /// (read just before, with whether the directory is current: the lease is read once per
     /// decision).

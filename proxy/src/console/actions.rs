@@ -133,7 +133,7 @@ impl Console {
             let path = format!("/.portcullis/console/{}", Self::action_path(&act));
             self.audit.refusal(
                 &self.viewer,
-                "console",
+                portcullis_config::CONSOLE_ROUTE,
                 None,
                 "a console form not sent from the console itself",
                 &crate::audit::Request {
