@@ -1581,6 +1581,15 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
             let page = resp.text().await.unwrap();
             assert!(page.contains("need HTTPS"), "{url}: {page}");
         }
+        // The callback's code crossed the network in clear too.
+        audited(
+            &fx.px,
+            &[
+                "\"route\":\"oidc\"",
+                "callback over plain HTTP off loopback",
+            ],
+        )
+        .await;
     }
 }
 
