@@ -3520,6 +3520,60 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
     assert_session_works(&url, &again.cookie).await;
 }
 
+/// A session no request uses for `session_idle_timeout` ends, and an open websocket is no use
+/// of it: closed once its session idles out. One in use lives on past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_unused_for_its_idle_timeout_ends_and_one_in_use_lives_on() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let fx = Fixture::start_with(Options {
+        // The shortest there is.
+        oidc_settings: vec![("session_idle_timeout", "\"1m\"")],
+        extra_routes: vec![|api| {
+            Route::new("http://app.test/ws", &[api])
+                .any_signed_in()
+                .websockets(true)
+        }],
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("app.test", "/page");
+    let sign_in = || async {
+        fx.sign_in(&client(), &url, ALICE, ALICE_PASSWORD)
+            .await
+            .cookie
+    };
+    let (used, unused, watching) = (sign_in().await, sign_in().await, sign_in().await);
+    let signed_in = Instant::now();
+    let cookie = format!("{SESSION_COOKIE}={watching}");
+    let addr = fx.cfg.http_addr();
+    let ws = portcullis_tests::client::websocket(addr, "app.test", "/ws", ("cookie", &cookie));
+    let mut ws = ws.await;
+    // Used every 10 s, to past the idle timeout.
+    let idled_out = Duration::from_secs(66);
+    while signed_in.elapsed() < idled_out {
+        assert_session_works(&url, &used).await;
+        tokio::time::sleep(
+            Duration::from_secs(10).min(idled_out.saturating_sub(signed_in.elapsed())),
+        )
+        .await;
+    }
+    assert_session_works(&url, &used).await;
+    assert_session_refused(&fx, &url, &unused).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    assert!(
+        closed.await.is_ok(),
+        "the idle session's websocket is still open"
+    );
+}
+
 /// A reload that shortens `session_lifetime` (after a stolen cookie, say) ends the sessions
 /// past it: a reload back to the old lifetime does not let them in again.
 #[tokio::test(flavor = "multi_thread")]
