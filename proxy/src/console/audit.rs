@@ -390,6 +390,12 @@ impl Console {
                 ));
                 html
             }
+            Ok(found) if !found.whole => format!(
+                "<p class=\"muted\">No record among the newest {} read. <code>portcullis audit \
+                 --user {}</code> reads the whole log.</p>",
+                count(READ_LIMIT),
+                escape(user_name)
+            ),
             Ok(_) => "<p class=\"muted\">No record.</p>".to_owned(),
             Err(e) => format!(
                 "<p class=\"no\">The audit log cannot be read: {}</p>",

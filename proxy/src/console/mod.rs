@@ -804,6 +804,15 @@ mod pages {
             console.newest(&all, 1, true).unwrap().read,
             audit::READ_LIMIT
         );
+        // A user's page found none of theirs in what it read: it says where it stopped, not
+        // that they have no record.
+        let dana = world.user("dana@corp.example").await;
+        let html = text(&console.get(&format!("users/{dana}"), "")).to_owned();
+        assert!(!html.contains("No record."), "{html}");
+        assert!(
+            html.contains("No record among the newest 100,000 read"),
+            "{html}"
+        );
     }
 
     /// A delegated token's refusal is the person's record, with the agent beside them: the
