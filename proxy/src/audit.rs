@@ -244,7 +244,18 @@ pub enum Entry {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
     },
+    /// `count` records of any kind were not kept, since the record of such before this one:
+    /// dropped as the queue was full, or as the log could not be written (`why`). SCIM
+    /// changes among them are appended at the next start (see [`Audit::recover_changes`]).
+    Lost {
+        time: String,
+        count: u64,
+        why: String,
+    },
 }
+
+/// Whom a record of records not kept ([`Entry::Lost`]) names.
+pub const LOST_BY: &str = "portcullis";
 
 impl From<&Change> for Entry {
     fn from(c: &Change) -> Self {
@@ -268,7 +279,8 @@ impl Entry {
             | Entry::Refusal { time, .. }
             | Entry::Allow { time, .. }
             | Entry::Action { time, .. }
-            | Entry::Session { time, .. } => time,
+            | Entry::Session { time, .. }
+            | Entry::Lost { time, .. } => time,
         }
     }
 
@@ -279,6 +291,7 @@ impl Entry {
             Entry::Refusal { user, .. }
             | Entry::Allow { user, .. }
             | Entry::Session { user, .. } => user,
+            Entry::Lost { .. } => LOST_BY,
         }
     }
 
@@ -290,6 +303,7 @@ impl Entry {
             Entry::Allow { .. } => "allow",
             Entry::Action { .. } => "action",
             Entry::Session { .. } => "session",
+            Entry::Lost { .. } => "lost",
         }
     }
 
@@ -301,6 +315,7 @@ impl Entry {
             | Entry::Allow { client, .. }
             | Entry::Action { client, .. }
             | Entry::Session { client, .. } => client.as_deref(),
+            Entry::Lost { .. } => None,
         }
     }
 
@@ -308,7 +323,10 @@ impl Entry {
     pub fn route(&self) -> Option<&str> {
         match self {
             Entry::Refusal { route, .. } | Entry::Allow { route, .. } => Some(route),
-            Entry::Change { .. } | Entry::Action { .. } | Entry::Session { .. } => None,
+            Entry::Change { .. }
+            | Entry::Action { .. }
+            | Entry::Session { .. }
+            | Entry::Lost { .. } => None,
         }
     }
 
@@ -379,6 +397,9 @@ impl Entry {
                 "" => format!("{time} session {user}{}: {what}", from(client)),
                 detail => format!("{time} session {user}{}: {what} ({detail})", from(client)),
             },
+            Entry::Lost { time, count, why } => {
+                format!("{time} lost    {count} records were not kept: {why}")
+            }
         };
         crate::human::printable(&line).into_owned()
     }
@@ -440,6 +461,10 @@ pub struct Audit {
 /// next start appends it ([`Audit::recover_changes`]) though later changes were written.
 struct Losses {
     dropped: AtomicU64,
+    /// Records dropped as the queue was full, and in appends that kept failing, since the
+    /// writer last recorded such ([`Entry::Lost`]).
+    unrecorded_full: AtomicU64,
+    unrecorded_failed: AtomicU64,
     /// The sequence of the first change lost; `u64::MAX`: none.
     first_change: AtomicU64,
     /// The Unix second drops were last logged in.
@@ -450,6 +475,8 @@ impl Default for Losses {
     fn default() -> Self {
         Self {
             dropped: AtomicU64::new(0),
+            unrecorded_full: AtomicU64::new(0),
+            unrecorded_failed: AtomicU64::new(0),
             first_change: AtomicU64::new(u64::MAX),
             told: AtomicU64::new(0),
         }
@@ -652,6 +679,28 @@ fn unrecorded_records(counts: Vec<Unrecorded>) -> impl Iterator<Item = Entry> {
             agent: None,
         }
     })
+}
+
+/// Records of the records not kept since the last such, one for each cause that lost any
+/// ([`Entry::Lost`]). Written by the writer itself, they wait in no queue; one whose append
+/// fails is among the records that append loses, and counted in the next.
+fn lost_records(losses: &Losses) -> Vec<Entry> {
+    let causes = [
+        (
+            &losses.unrecorded_full,
+            "the queue was full (the log could not keep up)",
+        ),
+        (&losses.unrecorded_failed, "the log could not be written"),
+    ];
+    let causes = causes.into_iter().filter_map(|(unrecorded, why)| {
+        let count = unrecorded.swap(0, Ordering::Relaxed);
+        (count > 0).then(|| Entry::Lost {
+            time: now(),
+            count,
+            why: why.to_owned(),
+        })
+    });
+    causes.collect()
 }
 
 /// What a record of refusals counted but not recorded one by one says after their number.
@@ -1054,6 +1103,7 @@ fn enqueue(queue: &SyncSender<Queued>, losses: &Losses, entry: Entry) {
         Err(TrySendError::Full(refused)) => {
             lost_change(&refused);
             crate::metrics::count_audit_lost("queue_full", 1);
+            losses.unrecorded_full.fetch_add(1, Ordering::Relaxed);
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if losses.worth_telling(crate::clock::now_unix()) {
                 tracing::error!(
@@ -1838,7 +1888,7 @@ fn write_loop(
                 .lock()
                 .map(|mut budgets| budgets.unrecorded())
                 .unwrap_or_default();
-            for entry in unrecorded_records(counted) {
+            for entry in unrecorded_records(counted).chain(lost_records(losses)) {
                 encode(&mut lines, &mut changes, &entry);
             }
         }
@@ -1943,6 +1993,9 @@ fn append(
             Ok(()) => return,
             Err(e) if attempt == ATTEMPTS => {
                 crate::metrics::count_audit_lost("write_failed", lines.len() as u64);
+                let lost = lines.len() as u64;
+                losses.dropped.fetch_add(lost, Ordering::Relaxed);
+                losses.unrecorded_failed.fetch_add(lost, Ordering::Relaxed);
                 if let Some((first, _)) = changes {
                     losses.lost_change(first);
                 }
@@ -1975,7 +2028,8 @@ pub struct Filter {
     pub aliases: HashSet<String>,
     pub since: Option<OffsetDateTime>,
     pub until: Option<OffsetDateTime>,
-    /// The `event`: `change`, `refusal`, `allow`, `action` or `session`.
+    /// The `event`: `change`, `refusal`, `allow`, `action`, `session` or `lost` (which every
+    /// filter but the time selects).
     pub kind: Option<String>,
     /// The route (refusals and allows; `console` for the console's).
     pub route: Option<String>,
@@ -1983,7 +2037,9 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, entry: &Entry) -> bool {
-        if let Some(user) = &self.user {
+        // Those lost may be of anyone, any kind and any route: only the time tells.
+        let lost = matches!(entry, Entry::Lost { .. });
+        if let Some(user) = self.user.as_ref().filter(|_| !lost) {
             use portcullis_policy::fold;
             let user = fold(user);
             let about = match entry {
@@ -2016,11 +2072,11 @@ impl Filter {
         if self
             .kind
             .as_deref()
-            .is_some_and(|kind| kind != entry.kind())
+            .is_some_and(|kind| kind != entry.kind() && !lost)
         {
             return false;
         }
-        if let Some(route) = &self.route {
+        if let Some(route) = self.route.as_ref().filter(|_| !lost) {
             if entry.route() != Some(route.as_str()) {
                 return false;
             }
@@ -3712,6 +3768,68 @@ mod tests {
                 .unwrap(),
             4
         );
+    }
+
+    /// Records the queue had no room for leave a record of their number in the log, which
+    /// every filter but the time selects (they may have been anyone's), so that the trail
+    /// shows where it has a hole.
+    #[test]
+    fn records_the_queue_had_no_room_for_are_recorded_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let mut store = Store::File(LogFile::open(path.clone()).unwrap());
+        let (queue, records) = mpsc::sync_channel(1);
+        let losses = Losses::default();
+        let entry = |user: &str| Entry::Session {
+            time: now(),
+            user: user.to_owned(),
+            what: "sign_in".to_owned(),
+            detail: String::new(),
+            client: None,
+        };
+        for user in ["kept", "dropped", "dropped too"] {
+            enqueue(&queue, &losses, entry(user));
+        }
+        drop(queue);
+        write_loop(
+            &mut store,
+            &records,
+            &Mutex::new(Budgets::default()),
+            &losses,
+        );
+        let written: Vec<Entry> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let lost = Entry::Lost {
+            time: written[1].time().to_owned(),
+            count: 2,
+            why: "the queue was full (the log could not keep up)".to_owned(),
+        };
+        assert_eq!(
+            written,
+            [entry("kept"), lost.clone()].map(|e| match e {
+                Entry::Session { user, what, .. } => Entry::Session {
+                    time: written[0].time().to_owned(),
+                    user,
+                    what,
+                    detail: String::new(),
+                    client: None,
+                },
+                other => other,
+            })
+        );
+        assert!(lost.human().contains("lost    2 records were not kept"));
+        let theirs = Filter {
+            user: Some("dropped".to_owned()),
+            kind: Some("session".to_owned()),
+            route: Some("http://app.test".to_owned()),
+            ..Filter::default()
+        };
+        assert!(theirs.matches(&lost));
+        // Recorded once: the next second's record counts only what is lost after it.
+        assert_eq!(lost_records(&losses), []);
     }
 
     #[test]

@@ -101,12 +101,13 @@ fn asked(query: &str, now: OffsetDateTime) -> Asked {
     }
 }
 
-const KINDS: [(&str, &str); 5] = [
+const KINDS: [(&str, &str); 6] = [
     ("change", "SCIM changes"),
     ("refusal", "refusals"),
     ("allow", "allowed requests"),
     ("action", "console actions"),
     ("session", "sign-ins and sign-outs"),
+    ("lost", "records not kept"),
 ];
 
 /// Refusals and changes in each of the last [`HOURS`] hours, oldest first.
@@ -494,9 +495,16 @@ impl Console {
                     escape(what),
                     escape(detail)
                 ),
+                Entry::Lost {
+                    count: lost, why, ..
+                } => {
+                    let lost = count(usize::try_from(*lost).unwrap_or(usize::MAX));
+                    format!("{lost} records were not kept: {}", escape(why))
+                }
             };
             let kind = match entry {
                 Entry::Refusal { .. } => "<span class=\"no\">refusal</span>".to_owned(),
+                Entry::Lost { .. } => "<span class=\"no\">lost</span>".to_owned(),
                 other => other.kind().to_owned(),
             };
             let from = entry.client().map_or_else(String::new, |client| {
