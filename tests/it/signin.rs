@@ -3521,18 +3521,20 @@ async fn after_a_reload_to_another_identity_provider_the_old_one_s_sessions_vouc
 }
 
 /// A session no request uses for `session_idle_timeout` ends, and an open websocket is no use
-/// of it: closed once its session idles out. One in use lives on past it.
+/// of it, however busy: closed once its session idles out. One in use lives on past it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_unused_for_its_idle_timeout_ends_and_one_in_use_lives_on() {
-    use futures_util::StreamExt;
+    use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let fx = Fixture::start_with(Options {
         // The shortest there is.
         oidc_settings: vec![("session_idle_timeout", "\"1m\"")],
+        // Not ended by the upstream's silence (60 s by default) either.
         extra_routes: vec![|api| {
             Route::new("http://app.test/ws", &[api])
                 .any_signed_in()
                 .websockets(true)
+                .set("read_timeout = \"10m\"")
         }],
         ..Options::default()
     })
@@ -3549,17 +3551,19 @@ async fn a_session_unused_for_its_idle_timeout_ends_and_one_in_use_lives_on() {
     let addr = fx.cfg.http_addr();
     let ws = portcullis_tests::client::websocket(addr, "app.test", "/ws", ("cookie", &cookie));
     let mut ws = ws.await;
-    // Used every 10 s, to past the idle timeout.
+    // Used every 10 s, to past the idle timeout; the websocket talks as often.
     let idled_out = Duration::from_secs(66);
+    let mut open = true;
     while signed_in.elapsed() < idled_out {
         assert_session_works(&url, &used).await;
+        if open {
+            open = ws.send(Message::text("still here")).await.is_ok();
+        }
         tokio::time::sleep(
             Duration::from_secs(10).min(idled_out.saturating_sub(signed_in.elapsed())),
         )
         .await;
     }
-    assert_session_works(&url, &used).await;
-    assert_session_refused(&fx, &url, &unused).await;
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {
@@ -3572,6 +3576,8 @@ async fn a_session_unused_for_its_idle_timeout_ends_and_one_in_use_lives_on() {
         closed.await.is_ok(),
         "the idle session's websocket is still open"
     );
+    assert_session_works(&url, &used).await;
+    assert_session_refused(&fx, &url, &unused).await;
 }
 
 /// A reload that shortens `session_lifetime` (after a stolen cookie, say) ends the sessions
