@@ -500,13 +500,7 @@ impl ScimService {
             .directory
             .get(rt, id)?
             .ok_or_else(|| not_found(format!("{} {id}", rt.name())))?;
-        let mut etag = version_of(&record);
-        // A group's members are the index's: until it holds the version just read, the answer
-        // is of no one version, and claims none (no ETag, no 304 to a client holding the new
-        // one, which would confirm a copy without the change).
-        if rt == ResourceType::Group && !self.directory.shows_members_of(id, &record) {
-            etag = None;
-        }
+        let etag = self.version_shown(rt, &record);
         if let (Some(tags), Some(current)) = (if_none_match, etag.as_deref()) {
             if etag_matches(tags, current) {
                 return Ok(ScimResponse {
@@ -517,12 +511,7 @@ impl ScimService {
                 });
             }
         }
-        let mut body = self.render(base, rt, record, &params.projection(rt));
-        if etag.is_none() {
-            if let Some(meta) = body.get_mut("meta").and_then(Value::as_object_mut) {
-                meta.remove("version");
-            }
-        }
+        let body = self.render(base, rt, record, &params.projection(rt));
         Ok(ScimResponse {
             status: 200,
             etag,
@@ -629,8 +618,18 @@ impl ScimService {
         Ok(list_response(total, query.start_index, resources))
     }
 
+    /// The version of `record` an answer showing it claims. A group's members are the
+    /// index's: until it holds the version just read from storage, the answer is of no one
+    /// version, and claims none (no ETag, no `meta.version`: no 304 to a client holding the
+    /// new one, which would confirm a copy without the change).
+    fn version_shown(&self, rt: ResourceType, record: &Record) -> Option<String> {
+        let lagging = rt == ResourceType::Group && !self.directory.shows_members_of(record);
+        version_of(record).filter(|_| !lagging)
+    }
+
     /// The resource as a client sees it: `meta.location`, a Group's `members` and a User's
-    /// `groups` (each only when the projection wants them), then the projection.
+    /// `groups` (each only when the projection wants them), then the projection; with the
+    /// version it claims ([`ScimService::version_shown`]).
     fn render(
         &self,
         base: &str,
@@ -638,6 +637,7 @@ impl ScimService {
         record: Record,
         projection: &Projection,
     ) -> Value {
+        let version = self.version_shown(rt, &record);
         let mut resource = record.resource;
         let Some(obj) = resource.as_object_mut() else {
             return resource;
@@ -652,6 +652,9 @@ impl ScimService {
                 "location".to_owned(),
                 Value::String(format!("{base}/{}/{id}", endpoint(rt))),
             );
+            if version.is_none() {
+                meta.remove("version");
+            }
         }
         match rt {
             ResourceType::Group if projection.includes("members") => {

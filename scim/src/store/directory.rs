@@ -683,10 +683,17 @@ impl Directory {
             .filter(|r| !r.retired))
     }
 
-    /// Whether the index holds group `id` at the version of `record` (read from storage):
-    /// the members it shows are then that version's. Not for a moment after a write
-    /// committed and not yet applied here (another replica's, with a shared store).
-    pub fn shows_members_of(&self, id: &str, record: &Record) -> bool {
+    /// Whether the index holds the group `record` (read from storage) at its version: the
+    /// members it shows are then that version's. Not for a moment after a write committed
+    /// and not yet applied here (another replica's, with a shared store).
+    pub fn shows_members_of(&self, record: &Record) -> bool {
+        let Some(id) = record
+            .resource
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+        else {
+            return false;
+        };
         let index = self.index();
         index
             .row_of(id)

@@ -2360,6 +2360,30 @@ async fn a_group_read_on_a_lagging_replica_claims_no_version() {
     let body = lagging.body.unwrap();
     assert_eq!(body["members"], json!([]), "B has not applied it");
     assert_eq!(body["meta"].get("version"), None, "{body}");
+    // Nor where it is listed: by a filter, and in a search of every type.
+    for (method, path, query, search) in [
+        (http::Method::GET, "/Groups", Some("filter=displayName%20eq%20%22eng%22"), &b""[..]),
+        (http::Method::POST, "/.search", None, &br#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],"filter":"displayName eq \"eng\""}"#[..]),
+    ] {
+        let listed = service
+            .handle(ScimRequest {
+                method: &method,
+                path,
+                query,
+                if_match: None,
+                if_none_match: None,
+                body: search,
+                base_url: "http://auth.test/scim/v2",
+                actor: "test",
+                client: None,
+                stands: &|| true,
+            })
+            .await;
+        let body = listed.body.unwrap();
+        let found = &body["Resources"][0];
+        assert_eq!(found["id"], json!(eng), "{path}: {body}");
+        assert_eq!(found["meta"].get("version"), None, "{path}: {body}");
+    }
     b.catch_up().unwrap();
     let caught_up = read().await;
     assert_eq!((caught_up.status, caught_up.etag), (304, Some(new)));
