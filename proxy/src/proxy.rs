@@ -354,6 +354,13 @@ fn edit_answer(
         headers.remove(&CLEAR_SITE_DATA);
         edits.cleared_cookies = true;
     }
+    // Nor send the browser elsewhere: an `Alt-Svc` is kept for the origin, which is
+    // Portcullis', and would have the browser take every later request of it (its session
+    // cookie, a sign-in's callback) to the endpoint the upstream names, for as long as it says.
+    // No upstream has one to give (Caddy sends its own by default, `h3=":443"`).
+    if present.alt_svc {
+        headers.remove(header::ALT_SVC);
+    }
     // An answer to someone identified is theirs: a shared cache in front (a CDN, a caching
     // load balancer) must not keep it for others. The upstream cannot tell, as it never sees
     // Portcullis' cookie or token; what it says itself of who may store it stands.
@@ -384,6 +391,7 @@ struct Present {
     length_said_again: bool,
     set_cookie: bool,
     clear_site_data: bool,
+    alt_svc: bool,
     cache_control: bool,
     vary: bool,
 }
@@ -404,6 +412,8 @@ impl Present {
                 present.set_cookie = true;
             } else if *name == CLEAR_SITE_DATA {
                 present.clear_site_data = true;
+            } else if *name == header::ALT_SVC {
+                present.alt_svc = true;
             } else if *name == header::CACHE_CONTROL {
                 present.cache_control = true;
             } else if *name == header::VARY {
@@ -3893,6 +3903,7 @@ mod tests {
             ("set-cookie", "theme=dark"),
             ("set-cookie", "portcullis_session=planted"),
             ("clear-site-data", "\"cache\", \"cookies\""),
+            ("alt-svc", "h3=\"elsewhere.corp.test:443\"; ma=2592000"),
             ("x-end-to-end", "kept"),
         ];
         let mut all = answer(200, &sent);
@@ -3964,10 +3975,11 @@ mod tests {
         assert_eq!(edits, expected);
         assert_eq!(values(&all, "set-cookie").len(), 2);
         assert!(values(&all, "clear-site-data").is_empty());
-        // Nor do those two need a hop-by-hop header beside them to be seen.
+        // Nor do those three need a hop-by-hop header beside them to be seen.
         let sent = [
             ("set-cookie", "portcullis_session=planted"),
             ("clear-site-data", "\"*\""),
+            ("alt-svc", "h3=\":443\""),
         ];
         let mut answer = answer(200, &sent);
         let edits = edit_answer(
