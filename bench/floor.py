@@ -86,7 +86,8 @@ PARTS = [
     ("pingora: reading the request", "HttpSession::read_request::", None),
     # `proxy_1to1`, not `proxy_to_upstream`: fat LTO inlines the latter into `process_request`
     # in Portcullis' builds, and its name is then in no frame.
-    ("pingora: to the upstream and back, once connected (the upstream hooks but upstream_peer included)",
+    ("pingora: to the upstream and back, once connected (the upstream hooks but upstream_peer and "
+     "connected_to_upstream included)",
      "::proxy_1to1::", None),
     ("pingora: writing the answer", "Session::write_response_tasks::", None),
     ("pingora: dropping the upstream request header", "drop_in_place<pingora_http::RequestHeader>", None),

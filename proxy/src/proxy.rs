@@ -1613,6 +1613,21 @@ impl Proxy {
             {
                 Reply::status_page(StatusCode::SERVICE_UNAVAILABLE)
             }
+            "sign_in" | "callback" if !runtime.carries_credentials(local_addr(session), tls) => {
+                // A callback brings the IdP's code, crossed in clear: recorded as a SCIM
+                // token's is (a sign-in's start carries nothing), in touch with the store or not.
+                if endpoint == "callback" {
+                    let request = audit::Request {
+                        method: session.req_header().method.as_str(),
+                        path: "/.portcullis/callback",
+                        client: at.client_ip,
+                    };
+                    let why = "a sign-in's callback over plain HTTP off loopback (its code \
+                               crossed in clear)";
+                    (self.shared.audit).unverified_refusal(endpoints::AUDIT_ROUTE, why, &request);
+                }
+                plain_http_page()
+            }
             // Sessions held here may be stale (with a shared store, until caught up): a
             // session is neither begun nor ended on them.
             "callback" | "sign_out" | "backchannel_logout"
@@ -1639,21 +1654,6 @@ impl Proxy {
                 }
             }
             "readyz" => Reply::status_page(StatusCode::OK),
-            "sign_in" | "callback" if !runtime.carries_credentials(local_addr(session), tls) => {
-                // A callback brings the IdP's code, crossed in clear: recorded as a SCIM
-                // token's is (a sign-in's start carries nothing).
-                if endpoint == "callback" {
-                    let request = audit::Request {
-                        method: session.req_header().method.as_str(),
-                        path: "/.portcullis/callback",
-                        client: at.client_ip,
-                    };
-                    let why = "a sign-in's callback over plain HTTP off loopback (its code \
-                               crossed in clear)";
-                    (self.shared.audit).unverified_refusal(endpoints::AUDIT_ROUTE, why, &request);
-                }
-                plain_http_page()
-            }
             _ => {
                 let origin = request_origin(session.req_header(), tls);
                 let request = endpoints::Request {
