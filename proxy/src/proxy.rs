@@ -3130,12 +3130,19 @@ fn forwarded(client: Option<std::net::IpAddr>, host: Option<&HeaderValue>, proto
 
 /// Size of the request head as it arrived, near enough to bound it: request line and headers.
 /// An HTTP/2 request's host is its `:authority` (browsers send no `Host` there), counted as
-/// the `Host` header HTTP/1 would have carried, which it is sent upstream as.
+/// the `Host` header HTTP/1 would have carried, which it is sent upstream as; and its cookie
+/// crumbs (a field each, RFC 9113 §8.2.3) as the one `Cookie` field HTTP/1 carries them in,
+/// which they are sent upstream as: the same head is the same size over either.
 fn head_size(req: &RequestHeader) -> usize {
+    let mut cookie_said = false;
     let headers: usize = req
         .headers
         .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .map(|(name, value)| match name == header::COOKIE {
+            // `; ` before it, in the field said first.
+            true if std::mem::replace(&mut cookie_said, true) => value.len() + 2,
+            _ => name.as_str().len() + value.len() + 4,
+        })
         .sum();
     // (An HTTP/1 request has no authority unless its target is absolute, and then a `Host`:
     // the map is not searched for it on every request.)
@@ -3991,6 +3998,18 @@ mod tests {
         assert_eq!(edits.own_set_cookies, 1);
         assert!(edits.cleared_cookies);
         assert!(answer.headers.is_empty());
+    }
+
+    /// A head is as large over HTTP/2, its cookies a field each, as over HTTP/1 in one.
+    #[test]
+    fn cookie_crumbs_count_as_the_one_cookie_field_they_are_joined_into() {
+        let mut one = RequestHeader::build("GET", b"/", None).unwrap();
+        one.insert_header("cookie", "a=1; b=22; c=333").unwrap();
+        let mut crumbs = RequestHeader::build("GET", b"/", None).unwrap();
+        for crumb in ["a=1", "b=22", "c=333"] {
+            crumbs.append_header("cookie", crumb).unwrap();
+        }
+        assert_eq!(head_size(&crumbs), head_size(&one));
     }
 
     #[test]
