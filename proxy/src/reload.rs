@@ -51,8 +51,10 @@ impl Reloader {
 
 /// The bound on an HTTP/2 request's header list that lets a head of up to
 /// `max_request_header_bytes` (as Portcullis counts it) reach its own check: HTTP/2 counts
-/// each field 28 bytes more, and its pseudo-headers too. Room for a field per 112 bytes of
-/// the bound (at least 128 fields): browsers send each cookie as a field of its own. And room
+/// each field 28 bytes more, and its pseudo-headers too, and a cookie after the first 36 more
+/// (Portcullis counts it as joined to the first with `; `). Room for a field per 112 bytes of
+/// the bound (at least 128 fields): browsers send each cookie as a field of its own (180 at
+/// most, in Chromium and Firefox, which the room holds many times over). And room
 /// for the sign-ins in progress a browser keeps, which that check does not count.
 pub fn h2_header_list_size(max_request_header_bytes: usize) -> u32 {
     let room = (max_request_header_bytes / 4).max(128 * 32);

@@ -1163,8 +1163,13 @@ pub fn cookies_past_bound(req: &RequestHeader) -> bool {
 }
 
 /// (Whatever the scheme the request came by: browsers send `__Host-` cookies over TLS alone.)
+/// Counted as one `Cookie` field holds them: an HTTP/2 browser's crumbs (a field each) with
+/// the `; ` HTTP/1 joins them with, so that a jar is past the bound over both or neither.
 fn past_bound(values: &http::header::GetAll<'_, http::HeaderValue>) -> bool {
-    let total = values.iter().map(|v| v.len()).sum::<usize>();
+    let (bytes, fields) = (values.iter()).fold((0usize, 0usize), |(bytes, fields), v| {
+        (bytes + v.len(), fields + 1)
+    });
+    let total = bytes + 2 * fields.saturating_sub(1);
     total > MAX_COOKIE_BYTES && total.saturating_sub(signing_in(values, true)) > MAX_COOKIE_BYTES
 }
 
@@ -1294,6 +1299,19 @@ mod tests {
         req.append_header("cookie", padding).unwrap();
         assert_eq!(cookie(&req, "portcullis_session").as_deref(), None);
         assert!(cookies_past_bound(&req));
+        // Over HTTP/2 a browser sends each cookie as a field of its own: the same jar is past
+        // the bound as in one HTTP/1 field (`; ` between them): 100 cookies of 80 bytes.
+        let jar: Vec<String> = (0..100)
+            .map(|i| format!("c{i:02}={}", "v".repeat(76)))
+            .collect();
+        let mut one = RequestHeader::build("GET", b"/", None).unwrap();
+        one.append_header("cookie", jar.join("; ")).unwrap();
+        let mut crumbs = RequestHeader::build("GET", b"/", None).unwrap();
+        for crumb in &jar {
+            crumbs.append_header("cookie", crumb).unwrap();
+        }
+        assert!(cookies_past_bound(&one));
+        assert!(cookies_past_bound(&crumbs));
 
         // Many sign-ins in progress on TLS (this host's own `__Host-` cookies) do not count;
         // the same names without the prefix, which any sibling host can set, do.
