@@ -511,7 +511,7 @@ impl ScimService {
                 });
             }
         }
-        let body = self.render(base, rt, record, &params.projection(rt));
+        let body = self.render_as(base, rt, record, &params.projection(rt), etag.as_deref());
         Ok(ScimResponse {
             status: 200,
             etag,
@@ -638,6 +638,18 @@ impl ScimService {
         projection: &Projection,
     ) -> Value {
         let version = self.version_shown(rt, &record);
+        self.render_as(base, rt, record, projection, version.as_deref())
+    }
+
+    /// [`ScimService::render`], claiming `version` (read once for its ETag too).
+    fn render_as(
+        &self,
+        base: &str,
+        rt: ResourceType,
+        record: Record,
+        projection: &Projection,
+        version: Option<&str>,
+    ) -> Value {
         let mut resource = record.resource;
         let Some(obj) = resource.as_object_mut() else {
             return resource;
@@ -652,9 +664,10 @@ impl ScimService {
                 "location".to_owned(),
                 Value::String(format!("{base}/{}/{id}", endpoint(rt))),
             );
-            if version.is_none() {
-                meta.remove("version");
-            }
+            match version {
+                Some(version) => meta.insert("version".to_owned(), json!(version)),
+                None => meta.remove("version"),
+            };
         }
         match rt {
             ResourceType::Group if projection.includes("members") => {
@@ -756,11 +769,13 @@ impl ScimService {
             };
         };
         let location = format!("{}/{}/{}", req.base_url, endpoint(rt), written.id);
+        let etag = self.version_shown(rt, &record);
+        let body = self.render_as(req.base_url, rt, record, projection, etag.as_deref());
         ScimResponse {
             status,
-            etag: version_of(&record),
+            etag,
             location: (status == 201).then_some(location),
-            body: Some(self.render(req.base_url, rt, record, projection)),
+            body: Some(body),
         }
     }
 
