@@ -525,13 +525,13 @@ fn form_token(page: &str) -> String {
 
 /// Bob posts the form of `action` (a console address) once its head is judged, with
 /// `meanwhile` done between the two (he asks for `100 Continue`, which Portcullis sends once
-/// it has let the head in); the answer, if the connection was not reset under the body.
+/// it has let the head in); the answer, once the whole body was read.
 async fn post_held_back(
     t: &Console,
     bob: &str,
     action: &str,
     meanwhile: impl std::future::Future<Output = ()>,
-) -> Option<String> {
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let page = get_with_session(&t.fx.app_url(action), bob, BROWSER_ACCEPT)
         .await
@@ -565,11 +565,8 @@ async fn post_held_back(
     meanwhile.await;
     let _ = stream.write_all(form.as_bytes()).await;
     let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .await
-        .ok()
-        .map(|_| String::from_utf8_lossy(&answer).into_owned())
+    stream.read_to_end(&mut answer).await.expect("the answer");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// An action is judged again once its form is in: bob, removed from the console's group while
@@ -594,9 +591,8 @@ async fn an_action_whose_poster_is_removed_while_it_arrives_is_refused() {
         assert_eq!(removed.status, 204, "{removed:?}");
     };
     // Refused: 403.
-    if let Some(answer) = post_held_back(&t, &bob, &action, remove_bob).await {
-        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
-    }
+    let answer = post_held_back(&t, &bob, &action, remove_bob).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
 }
 
@@ -609,9 +605,8 @@ async fn an_action_whose_poster_a_reload_removes_while_it_arrives_is_refused() {
     let sre = "allow = { groups = [\"sre\"] }";
     let eng_only = "allow = { groups = [\"eng\"] }";
     let reload = t.fx.px.reload_with("[console]", sre, eng_only);
-    if let Some(answer) = post_held_back(&t, &bob, &action, reload).await {
-        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
-    }
+    let answer = post_held_back(&t, &bob, &action, reload).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
 }
 
@@ -629,23 +624,22 @@ async fn an_action_whose_console_a_reload_takes_away_while_it_arrives_is_refused
         t.fx.px.rewrite_config(&without);
         t.fx.px.reload_and_wait().await;
     };
-    if let Some(answer) = post_held_back(&t, &bob, &action, reload).await {
-        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-        let why = "a reload took the console off this host";
-        let records = audit_json_until(&t.fx.px, &[], |records| {
-            of_event(records, "refusal")
-                .iter()
-                .any(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
-        })
-        .await;
-        let refusal = of_event(&records, "refusal")
-            .into_iter()
-            .find(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
-            .cloned()
-            .expect("the refusal");
-        assert_eq!(refusal["user"], BOB, "{refusal:#}");
-        assert_eq!(refusal["route"], "console", "{refusal:#}");
-    }
+    let answer = post_held_back(&t, &bob, &action, reload).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let why = "a reload took the console off this host";
+    let records = audit_json_until(&t.fx.px, &[], |records| {
+        of_event(records, "refusal")
+            .iter()
+            .any(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
+    })
+    .await;
+    let refusal = of_event(&records, "refusal")
+        .into_iter()
+        .find(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
+        .cloned()
+        .expect("the refusal");
+    assert_eq!(refusal["user"], BOB, "{refusal:#}");
+    assert_eq!(refusal["route"], "console", "{refusal:#}");
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
 }
 
