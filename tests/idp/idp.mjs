@@ -62,12 +62,13 @@
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
-//                                  "userinfo" | "userinfo-refuses" | "jwks"}: every non-/test/
+//                                  "userinfo" | "userinfo-refuses" | "jwks" | "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
 //                                  as an OAuth error; or only UserInfo (`/me`) answers 503, or
 //                                  401 to every access token (one meant for another API); or only
-//                                  the key set (`/jwks`) answers 503
+//                                  the key set (`/jwks`) answers 503, or an empty set (as an
+//                                  IdP node whose keys failed to load serves)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
 //                                  closed)
 //
@@ -277,17 +278,30 @@ const ENTRA_EARLY = 300;
 /// The tenant id the entra profile puts in `tid`.
 const ENTRA_TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 
+// A GUID made of `text`, the same for the same text.
+function guidOf(text) {
+  const hex = createHash('sha256').update(text).digest('hex');
+  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20, 32)].join('-');
+}
+
 // The object id of `clientId`'s service principal in the entra profile's tenant: a GUID, the
 // same for every token of the client.
 function servicePrincipal(clientId) {
-  const hex = createHash('sha256').update(`service-principal|${clientId}`).digest('hex');
-  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20), hex.slice(20, 32)].join('-');
+  return guidOf(`service-principal|${clientId}`);
+}
+
+// The object id of the group `name` in the entra profile's tenant: Entra's `groups` claim
+// lists groups by object id, never by name (tests/src/idp.rs `entra_group_id`).
+function entraGroupId(name) {
+  return guidOf(`group|${name}`);
 }
 
 function claimsOf(user) {
   const worded = user.claims ?? {};
   if (profile === 'entra') {
-    const groups = setup.group_membership_claims && user.groups?.length ? { groups: user.groups } : {};
+    const groups = setup.group_membership_claims && user.groups?.length
+      ? { groups: user.groups.map(entraGroupId) }
+      : {};
     return {
       sub: user.sub,
       oid: user.oid,
@@ -713,7 +727,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'jwks'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -738,6 +752,7 @@ const server = http.createServer(async (req, res) => {
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
     if (outage === 'jwks' && url.pathname === '/jwks') return send(res, 503, 'text/plain', 'key set outage\n');
+    if (outage === 'jwks-empty' && url.pathname === '/jwks') return send(res, 200, 'application/json', '{"keys":[]}');
     if (outage === 'userinfo-refuses' && url.pathname === '/me') {
       return send(res, 401, 'application/json', '{"error":"invalid_token"}\n', {
         'www-authenticate': 'Bearer error="invalid_token", error_description="the token is for another API"',

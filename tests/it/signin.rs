@@ -84,8 +84,8 @@ pub(crate) enum Backchannel {
 /// How to set a [`Fixture`] up.
 pub(crate) struct Options {
     pub backchannel: Backchannel,
-    /// Start Portcullis while the IdP answers 503 to everything (never reached).
-    pub idp_down_at_start: bool,
+    /// How the IdP misbehaves as Portcullis starts (`Unavailable`: never reached).
+    pub idp_at_start: IdpOutage,
     /// Settings of the IdP's `[[jwt_issuers]]` entry, `(key, raw TOML value)`, e.g.
     /// `("leeway", "\"0s\"")` (default: none, the config's defaults).
     pub idp_issuer_settings: Vec<(&'static str, &'static str)>,
@@ -120,7 +120,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             backchannel: Backchannel::Portcullis,
-            idp_down_at_start: false,
+            idp_at_start: IdpOutage::Off,
             idp_issuer_settings: Vec::new(),
             more_idp_audiences: Vec::new(),
             extra_issuers: Vec::new(),
@@ -265,8 +265,9 @@ impl Fixture {
         for (key, value) in options.server_settings {
             cfg = cfg.server(key, value);
         }
-        if options.idp_down_at_start {
-            idp.outage(true).await;
+        let idp_at_start = options.idp_at_start;
+        if idp_at_start != IdpOutage::Off {
+            idp.set_outage(idp_at_start).await;
         }
         let px = cfg.start().await;
         let fx = Fixture {
@@ -276,7 +277,8 @@ impl Fixture {
             app,
             api,
         };
-        if !options.idp_down_at_start {
+        // (An empty key set leaves the provider found.)
+        if matches!(idp_at_start, IdpOutage::Off | IdpOutage::JwksEmpty) {
             fx.wait_sign_in_available(WAIT).await;
         }
         fx
@@ -2298,7 +2300,7 @@ async fn a_backchannel_logout_works_with_the_default_algorithm_list() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_retries_discovery_at_once() {
     let fx = Fixture::start_with(Options {
-        idp_down_at_start: true,
+        idp_at_start: IdpOutage::Unavailable,
         ..Options::default()
     })
     .await;
@@ -2314,7 +2316,7 @@ async fn a_reload_retries_discovery_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_in_is_unavailable_until_the_idp_is_first_reached_then_works() {
     let fx = Fixture::start_with(Options {
-        idp_down_at_start: true,
+        idp_at_start: IdpOutage::Unavailable,
         ..Options::default()
     })
     .await;
@@ -2489,6 +2491,28 @@ async fn a_sign_in_whose_new_key_cannot_be_fetched_is_asked_to_come_back() {
     let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
     fx.idp.rotate_keys(false).await;
     callback_asks_to_come_back(&fx.idp, &browser, &callback, IdpOutage::Jwks).await;
+
+    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    assert_eq!(signed.landed, page);
+    assert_session_works(&page, &signed.cookie).await;
+}
+
+/// A provider first found with a key set Portcullis can use none of (an IdP node whose keys
+/// failed to load serves one empty) says nothing of a sign-in's ID token: the person is asked
+/// to come back in a moment, not refused as holding a forged token, and signs in once the
+/// keys are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_while_the_provider_has_served_no_usable_key_is_asked_to_come_back() {
+    let fx = Fixture::start_with(Options {
+        idp_at_start: IdpOutage::JwksEmpty,
+        ..Options::default()
+    })
+    .await;
+    let page = fx.app_url("/first");
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &page).await;
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    callback_asks_to_come_back(&fx.idp, &browser, &callback, IdpOutage::JwksEmpty).await;
 
     let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     assert_eq!(signed.landed, page);
@@ -3922,9 +3946,10 @@ async fn a_refresh_signed_with_a_new_key_is_judged_at_once() {
     taken_out_of_eng_the_session_ends_at_its_refresh(&fx, &url, &signed.cookie).await;
 }
 
-/// Entra ID leaves `groups` out of the ID token of a person in no group, and puts no `email`
-/// in it for one without a mailbox: a refresh that finds the person taken out of their last
-/// group still sees it (their `preferred_username` shows the ID token holds their claims).
+/// Entra ID lists a person's groups in the ID token by object id, which routes name as
+/// `group_ids`; it leaves `groups` out of the ID token of a person in no group, and puts no
+/// `email` in it for one without a mailbox: a refresh that finds the person taken out of their
+/// last group still sees it (their `preferred_username` shows the ID token holds their claims).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
     const UPN: &str = "gil@corp.onmicrosoft.test";
@@ -3933,6 +3958,12 @@ async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
     let gil = IdpUser::new("gil", UPN, PASSWORD).oid(OID).groups(&["eng"]);
     let fx = Fixture::start_with(Options {
         idp_profile: IdpProfile::Entra,
+        extra_routes: vec![|api| {
+            let eng = portcullis_tests::idp::entra_group_id("eng");
+            Route::new("http://app.test/eng/", &[api])
+                .set("token_groups = true")
+                .set(&format!("allow = {{ group_ids = [\"{eng}\"] }}"))
+        }],
         ..refreshing_on_token_groups(gil)
     })
     .await;
@@ -3941,7 +3972,8 @@ async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
     let resp = get_with_session(&url, &signed.cookie, "application/json").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let echo = Echo::parse(&resp.bytes().await.unwrap_or_default());
-    assert_eq!(echo.header("x-portcullis-groups"), Some("eng"));
+    let eng = portcullis_tests::idp::entra_group_id("eng");
+    assert_eq!(echo.header("x-portcullis-groups"), Some(eng.as_str()));
 
     fx.idp.set_groups("gil", &[]).await;
     tokio::time::sleep(Duration::from_secs(4)).await;

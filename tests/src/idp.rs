@@ -352,6 +352,23 @@ impl IdpSetup {
     }
 }
 
+/// The object id the test IdP's `entra` profile gives the group `name` in its tokens' `groups`
+/// claim, as Entra lists groups (by object id, never by name): a GUID of `group|name`'s
+/// SHA-256, as `idp.mjs` makes it.
+pub fn entra_group_id(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("group|{name}"));
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let parts = [
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32],
+    ];
+    parts.join("-")
+}
+
 /// How the IdP misbehaves during a simulated outage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdpOutage {
@@ -378,6 +395,9 @@ pub enum IdpOutage {
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
+    /// The key set is served empty, as an IdP node whose keys failed to load serves it, while
+    /// tokens are still issued.
+    JwksEmpty,
 }
 
 /// A PKCE verifier and its S256 challenge.
@@ -654,6 +674,10 @@ impl Idp {
             }
             IdpOutage::Jwks => {
                 self.control("/test/stop-serving", json!({ "mode": "jwks" }))
+                    .await
+            }
+            IdpOutage::JwksEmpty => {
+                self.control("/test/stop-serving", json!({ "mode": "jwks-empty" }))
                     .await
             }
         };

@@ -535,7 +535,12 @@ impl Oidc {
                 // kid): fetched again, and tried once more.
                 let missing_key = matches!(missed, IdTokenError::UnknownKey(_));
                 let refetched = provider.jwks.refresh_for_issuers_own(missing_key, seen);
-                if let Err(JwtError::KeysUnavailable) = refetched.await {
+                // Nor is a set with no key to use (what an IdP node whose keys failed to load
+                // serves, taken as the provider's first) its word on the token.
+                let refetched = refetched.await;
+                if matches!(refetched, Err(JwtError::KeysUnavailable))
+                    || !provider.jwks.has_usable_key()
+                {
                     return Err(SignInError::KeysUnavailable);
                 }
                 self.verify_id_token(config, &provider, id_token, &nonce)?
