@@ -8,18 +8,26 @@ use portcullis_tests::scim::{
     filter_str, patch_ops, ScimClient, ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA, LIST_RESPONSE_SCHEMA,
     USER_SCHEMA,
 };
+use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::scim_server;
 
-/// Okta's lookup before a create: `filter=userName eq "…"&startIndex=1&count=100`.
+/// The media type of Okta's SCIM requests with a body.
+const OKTA_TYPE: &str = "application/scim+json; charset=utf-8";
+
+/// Okta's lookup before a create: `filter=userName eq "…"&startIndex=1&count=100`, encoded as
+/// Okta encodes it (`%20` for a space, not `+`).
 async fn okta_lookup(scim: &ScimClient, user_name: &str) -> Value {
     let filter = format!("userName eq {}", filter_str(user_name));
+    // (`+` in the name is `%2B` here: every `+` left is a space.)
+    let filter: String = url::form_urlencoded::byte_serialize(filter.as_bytes()).collect();
+    let query = format!(
+        "filter={}&startIndex=1&count=100",
+        filter.replace('+', "%20")
+    );
     let resp = scim
-        .get_query(
-            "/Users",
-            &[("filter", &filter), ("startIndex", "1"), ("count", "100")],
-        )
+        .request(Method::GET, &format!("/Users?{query}"), &[], None, &[])
         .await
         .expect(200);
     assert_eq!(
@@ -75,8 +83,10 @@ async fn okta_user_lifecycle() {
     assert_eq!(empty["Resources"], json!([]), "{empty}");
 
     // 2. Create: 201 with Location and ETag matching `meta`.
+    let create = okta_user(name, "Isabella", "Moore");
+    let typed = [("content-type", OKTA_TYPE)];
     let created = scim
-        .post("/Users", &okta_user(name, "Isabella", "Moore"))
+        .request(Method::POST, "/Users", &[], Some(&create), &typed)
         .await
         .expect(201);
     let id = created.id();
@@ -269,6 +279,23 @@ async fn okta_group_push() {
     scim.patch(&group_path, &add).await.expect_success();
     assert_eq!(scim.member_ids(&gid).await, sorted(&[ann, bob]));
 
+    // A member's profile pushed as Okta sends it: its PUT carries `groups: []`, a password and
+    // `active`, and leaves his groups as they are.
+    let mut profile = okta_user("bob@example.com", "Bob", "Builder");
+    profile["id"] = json!(bob);
+    let typed = [("content-type", OKTA_TYPE)];
+    scim.request(
+        Method::PUT,
+        &format!("/Users/{bob}"),
+        &[],
+        Some(&profile),
+        &typed,
+    )
+    .await
+    .expect(200);
+    assert_eq!(scim.member_ids(&gid).await, sorted(&[ann, bob]));
+    assert_eq!(group_ids_of(&scim, bob).await, vec![gid.clone()]);
+
     // Okta's membership change: remove by `members[value eq "…"]`, add by `members`.
     let change = patch_ops(json!([
         {"op": "remove", "path": format!("members[value eq \"{ann}\"]")},
@@ -305,6 +332,19 @@ async fn okta_group_push() {
         scim.get(&group_path).await.body["displayName"],
         "Engineering Team"
     );
+
+    // Or pushes the group whole, its members listed, by PUT.
+    let whole = json!({
+        "schemas": [GROUP_SCHEMA],
+        "id": gid,
+        "displayName": "Engineering Team",
+        "members": [{"value": bob, "display": "bob@example.com"}]
+    });
+    scim.request(Method::PUT, &group_path, &[], Some(&whole), &typed)
+        .await
+        .expect(200);
+    assert_eq!(scim.member_ids(&gid).await, vec![bob.clone()]);
+    assert_eq!(group_ids_of(&scim, bob).await, vec![gid.clone()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

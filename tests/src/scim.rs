@@ -205,9 +205,14 @@ impl ScimClient {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
-            req = req
-                .header("content-type", "application/scim+json")
-                .body(body);
+            // Unless the caller says what it is (as Okta does, with a charset).
+            let typed = headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+            if !typed {
+                req = req.header("content-type", "application/scim+json");
+            }
+            req = req.body(body);
         }
         for (name, value) in headers {
             req = req.header(*name, *value);
