@@ -399,6 +399,54 @@ mod tests {
         }
     }
 
+    /// Of two `*.` routes that hold a host, the longer suffix's serves it, whatever order
+    /// the configuration lists them in (they are grouped in a map of no order); where it does
+    /// not hold the path, the shorter's does.
+    #[test]
+    fn the_longest_wildcard_suffix_that_holds_a_path_serves_it() {
+        let runtime = crate::testing::World::new().runtime();
+        let like_at = |host: &str, prefix: &str| {
+            let mut config = runtime.routes.exact["app.test"][0].config.clone();
+            config.host = host.to_owned();
+            config.scheme = Scheme::Https;
+            config.path_prefix = prefix.to_owned();
+            config.name = format!("{host}{prefix}");
+            Arc::new(CompiledRoute::new(config))
+        };
+        let routes = [
+            like_at("*.corp.test", ""),
+            like_at("*.apps.corp.test", ""),
+            like_at("*.pages.corp.test", "/app/"),
+        ];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let table = RouteTable::new(order.iter().map(|&i| routes[i].clone()).collect());
+            let name = |host: &str, path: &str| match table.find(Scheme::Https, host, path) {
+                Match::Found(route) => route.config.name.clone(),
+                _ => "none".to_owned(),
+            };
+            assert_eq!(
+                name("x.apps.corp.test", "/x"),
+                "*.apps.corp.test",
+                "{order:?}"
+            );
+            assert_eq!(
+                name("a.b.apps.corp.test", "/"),
+                "*.apps.corp.test",
+                "{order:?}"
+            );
+            assert_eq!(name("x.corp.test", "/x"), "*.corp.test", "{order:?}");
+            assert_eq!(
+                name("x.pages.corp.test", "/app/x"),
+                "*.pages.corp.test/app/"
+            );
+            assert_eq!(
+                name("x.pages.corp.test", "/other"),
+                "*.corp.test",
+                "{order:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_route_of_the_other_scheme_with_a_shorter_prefix_does_not_take_the_paths_it_narrows() {
         let runtime = crate::testing::World::new().runtime();
