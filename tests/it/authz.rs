@@ -46,6 +46,10 @@ use crate::{SCIM_HOST, SCIM_TOKEN};
 const APP_ROUTE: &str = "http://app.test";
 /// The route machines use (bearer tokens only): members of `eng` may.
 const API_ROUTE: &str = "http://api.test";
+/// As `API_ROUTE`, telling the upstream who calls only by the signed assertion.
+const QUIET_ROUTE: &str = "http://quiet.test";
+/// As `API_ROUTE`, telling the upstream who calls only by the identity headers.
+const UNSIGNED_ROUTE: &str = "http://unsigned.test";
 const GROUP: &str = "eng";
 
 /// Bounds of the load generator, per worker. Its workers stop when told (3 s after the
@@ -95,6 +99,18 @@ impl Authz {
                 Route::new(TENANTS_ADMIN_ROUTE, &[&api])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::new(QUIET_ROUTE, &[&api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set("identity_headers = false"),
+            )
+            .route(
+                Route::new(UNSIGNED_ROUTE, &[&api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }")
+                    .set("assertion = false"),
             )
             .oidc(oidc)
             .jwt_issuer(JwtIssuer::new(idp.issuer(), &[API_AUD]))
@@ -1281,6 +1297,47 @@ fn raw_get(t: &Authz, path: &str, cookie: &str, extra: &str) -> Vec<u8> {
 fn is_reserved(name: &str) -> bool {
     let name = name.to_ascii_lowercase().replace('_', "-");
     name.starts_with("x-portcullis-")
+}
+
+/// A route told to set no identity headers (an upstream that must not learn emails and
+/// groups), or no assertion, sets none; and a client's own never get through in their place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_without_identity_headers_or_assertion_sends_none_and_no_client_s() {
+    let t = Authz::start().await;
+    let token = t.machine_token().await;
+    let call = |host: &'static str| {
+        let url = t.fx.url(host, "/told");
+        let token = token.clone();
+        async move {
+            let resp = bare_client()
+                .get(&url)
+                .bearer_auth(&token)
+                .header("X-Portcullis-User", "mallory@corp.test")
+                .header("X-Portcullis-Groups", "admins")
+                .header("X-Portcullis-Assertion", "forged.by.client")
+                .send()
+                .await
+                .expect("the route answers");
+            assert_eq!(resp.status(), StatusCode::OK, "{url}");
+            Echo::parse(&resp.bytes().await.unwrap_or_default())
+        }
+    };
+    let quiet = call("quiet.test").await;
+    for name in [
+        "x-portcullis-user",
+        "x-portcullis-email",
+        "x-portcullis-groups",
+    ] {
+        assert_eq!(quiet.header(name), None, "{name}: {:?}", quiet.headers);
+    }
+    let assertion = quiet
+        .header("x-portcullis-assertion")
+        .expect("the assertion");
+    assert_ne!(assertion, "forged.by.client");
+    let unsigned = call("unsigned.test").await;
+    assert_eq!(unsigned.header("x-portcullis-assertion"), None);
+    assert_eq!(unsigned.header("x-portcullis-user"), Some(MACHINE_ID));
+    assert_eq!(unsigned.header("x-portcullis-groups"), Some(GROUP));
 }
 
 #[tokio::test(flavor = "multi_thread")]
