@@ -2880,6 +2880,18 @@ mod tests {
         // that compares them without case is read so too, whatever spelling reaches it.
         assert!(untellable_name("Agent:Helper", None, false, false).is_some());
         assert!(untellable_name("agent:helper", None, true, false).is_none());
+        // An email the header cannot carry as it is refuses the caller too, where headers
+        // tell it.
+        for email in [
+            " erin@corp.example",
+            "erin@corp.example\t",
+            "erin\u{7}@corp.example",
+        ] {
+            let why = untellable_name("erin", Some(email), false, true);
+            assert!(why.is_some_and(|why| why.contains("email")), "{email:?}");
+            assert!(untellable_name("erin", Some(email), false, false).is_none());
+        }
+        assert!(untellable_name("erin", Some("erin@corp.example"), false, true).is_none());
         let pass = allowed(as_person(&world, &world.person("zoë"), 0, "/work"));
         let values = pass
             .forward
