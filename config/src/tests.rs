@@ -1355,6 +1355,15 @@ auth_host = "auth.example.com"
             ],
         },
         Case {
+            name: "Entra ID's issuer without /v2.0, or with a / after it",
+            text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.us/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0/\"\naudiences = [\"api\"]\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/\"\naudiences = [\"api\"]\n",
+            problems: &[
+                ("oidc.issuer", None, "without `/v2.0`, that is the v1.0 endpoint"),
+                ("jwt_issuers[0].issuer", None, "`/v2.0/` is not it"),
+                ("jwt_issuers[1].issuer", None, "without `/v2.0`"),
+            ],
+        },
+        Case {
             name: "Entra ID's multi-tenant issuers",
             text: "data_dir = \"data\"\nLISTENERS\n[oidc]\nissuer = \"https://login.microsoftonline.com/organizations/v2.0\"\nclient_id = \"portcullis\"\nclient_secret = \"SECRET\"\nauth_host = \"auth.example.com\"\n[[jwt_issuers]]\nissuer = \"https://login.microsoftonline.com/common/v2.0\"\naudiences = [\"api\"]\n",
             problems: &[

@@ -2072,6 +2072,19 @@ fn issuer(url: String) -> Result<String, String> {
              center's Overview, in lower case"
         ));
     }
+    if let Some((host, after)) = entra_v2_issuer_misspelled(&url) {
+        let why = match after {
+            "" => "without `/v2.0`, that is the v1.0 endpoint, whose discovery document and \
+                   tokens name another issuer (sts.windows.net)"
+                .to_owned(),
+            after => format!("`/{after}` is not it"),
+        };
+        return Err(format!(
+            "Entra ID's issuer on {host} is https://{host}/<tenant-id>/v2.0, exactly ({why}): \
+             discovery would refuse the document it answers, and tokens would name another \
+             issuer"
+        ));
+    }
     let lower_scheme = url.starts_with("https://") || url.starts_with("http://");
     if !lower_scheme || parts.host.bytes().any(|b| b.is_ascii_uppercase()) {
         return Err(
@@ -2167,6 +2180,25 @@ fn entra_tenant_named_otherwise(url: &str) -> Option<&str> {
             _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
         });
     (!is_id).then_some(tenant)
+}
+
+/// The host of an issuer on one of Entra ID's sign-in hosts, and what follows its tenant, if
+/// that is not `v2.0`: the only issuer there is `https://<host>/<tenant-id>/v2.0` (v1.0's is on
+/// sts.windows.net). Without `/v2.0` it is the v1.0 endpoint; with a `/` after it, a string
+/// no token names.
+fn entra_v2_issuer_misspelled(url: &str) -> Option<(&str, &str)> {
+    const HOSTS: [&str; 3] = [
+        "login.microsoftonline.com",
+        "login.microsoftonline.us",
+        "login.partner.microsoftonline.cn",
+    ];
+    let rest = url.strip_prefix("https://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h)) {
+        return None;
+    }
+    let after = path.split_once('/').map_or("", |(_, after)| after);
+    (after != "v2.0").then_some((host, after))
 }
 
 /// An absolute `http(s)` URL used with an IdP, where a query is allowed but a fragment is not.
