@@ -2032,6 +2032,39 @@ async fn session_events(fx: &Fixture, n: usize) -> Vec<(String, String)> {
 
 // ----- (i) back-channel logout -------------------------------------------------------------
 
+/// A logout token signed with a key Portcullis cannot get yet (the IdP just rotated, or its
+/// key set is down) is not called invalid, which an IdP takes as final: it is told to try
+/// again (503), the session stands meanwhile, and a try once the key can be had ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backchannel_logout_whose_key_cannot_be_had_yet_is_asked_again_not_refused() {
+    let fx = Fixture::start().await;
+    let page = fx.app_url("/dashboard");
+    let alice = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let logout = || {
+        fx.idp
+            .try_backchannel_logout_keeping_sessions("alice", CLIENT_ID)
+    };
+    let asked_again = |told: Result<Vec<String>, String>| {
+        let told = told.expect_err("Portcullis took a token it could not verify");
+        assert!(told.contains("503"), "{told}");
+    };
+    // Rotated a moment after the keys were fetched (at start): fetched again 10 s on.
+    fx.idp.rotate_keys(false).await;
+    asked_again(logout().await);
+    assert_session_works(&page, &alice.cookie).await;
+    // 10 s on, the key set cannot be fetched.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    fx.idp.set_outage(IdpOutage::Jwks).await;
+    let told = logout().await;
+    fx.idp.outage(false).await;
+    asked_again(told);
+    assert_session_works(&page, &alice.cookie).await;
+    // 10 s after that fetch failed, it is fetched, and the logout taken.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(logout().await.map(|sids| sids.len()), Ok(1));
+    assert_session_refused(&fx, &page, &alice.cookie).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backchannel_logout_from_the_idp_ends_the_session() {
     let fx = Fixture::start().await;

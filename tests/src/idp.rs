@@ -624,6 +624,21 @@ impl Idp {
         serde_json::from_value(v["sids"].clone()).expect("sids")
     }
 
+    /// [`Idp::backchannel_logout_keeping_sessions`], whatever the client answers: the sids,
+    /// or what the IdP was told where the client did not answer 200 (the IdP's words).
+    pub async fn try_backchannel_logout_keeping_sessions(
+        &self,
+        sub: &str,
+        client_id: &str,
+    ) -> Result<Vec<String>, String> {
+        let body = json!({ "sub": sub, "client_id": client_id, "end_session": false });
+        let (status, v) = self.control_answer("/test/backchannel-logout", body).await;
+        match status {
+            StatusCode::OK => Ok(serde_json::from_value(v["sids"].clone()).expect("sids")),
+            _ => Err(v["error"].as_str().unwrap_or_default().to_owned()),
+        }
+    }
+
     /// Gives the user `sub` these groups from now on, as an admin's change at the IdP: tokens
     /// and UserInfo answers issued after carry them.
     pub async fn set_groups(&self, sub: &str, groups: &[&str]) {
@@ -906,6 +921,13 @@ impl Idp {
     }
 
     async fn control(&self, path: &str, body: Value) -> Value {
+        let (status, answer) = self.control_answer(path, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "POST {path} {body}: {answer}");
+        answer
+    }
+
+    /// The status and JSON answer of a test control endpoint.
+    async fn control_answer(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let url = self.url(path);
         let resp = self
             .http
@@ -917,8 +939,9 @@ impl Idp {
             .unwrap_or_else(|e| panic!("POST {url}: {e}"));
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        assert_eq!(status, StatusCode::OK, "POST {url} {body}: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}"))
+        let answer = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("POST {url}: not JSON ({e}): {text}"));
+        (status, answer)
     }
 }
 

@@ -773,6 +773,19 @@ impl Auth {
             });
         let logout = match verified {
             Ok(logout) => logout,
+            // Not known to be invalid: the IdP is told to try again (RFC 6749's
+            // `temporarily_unavailable`), not that its token is bad, which it would drop, and
+            // the sessions it ends would go on. A key the set lacks may be one the IdP has just
+            // rotated to, which the set, fetched at most once in 10 s for what anyone posts
+            // here, will have then.
+            Err(crate::auth::JwtError::KeysUnavailable | crate::auth::JwtError::UnknownKey) => {
+                let request = req.audited("POST", "/.portcullis/backchannel_logout");
+                let why = "a back-channel logout token could not be verified yet: the \
+                           provider's key that signed it could not be had";
+                self.audit.unverified_refusal(AUDIT_ROUTE, why, &request);
+                let answer = json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+                return Ok(answer.header(header::RETRY_AFTER, "10"));
+            }
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
                 return refuse(StatusCode::BAD_REQUEST, &reason);

@@ -130,8 +130,12 @@ pub enum SignInError {
     #[error("the identity provider's answer could not be verified: {0}")]
     Invalid(String),
     /// The ID token is signed with a key the provider's key set lacked, and the set could
-    /// not be fetched again: the code is spent, a new sign-in may finish.
-    #[error("the identity provider's signing keys could not be fetched to verify its answer")]
+    /// not be fetched again, or holds no key Portcullis can use: the code is spent, a new
+    /// sign-in may finish.
+    #[error(
+        "the identity provider's signing keys could not be fetched, or hold none Portcullis can \
+         use, to verify its answer"
+    )]
     KeysUnavailable,
 }
 
@@ -1049,7 +1053,14 @@ impl Oidc {
         let mut validation = from_provider(config, &provider);
         validation.set_required_spec_claims(&["iss", "aud"]);
         validation.validate_exp = false;
-        let claims: LogoutClaims = provider.jwks.verify(token, &validation).await?;
+        let claims: LogoutClaims = match provider.jwks.verify(token, &validation).await {
+            // Nor is a set with no key to use (the provider's first, from an IdP node whose
+            // keys failed to load) its word on the token.
+            Err(JwtError::UnknownKey) if !provider.jwks.has_usable_key() => {
+                return Err(JwtError::KeysUnavailable)
+            }
+            verified => verified?,
+        };
         let invalid = |why: &str| JwtError::Invalid(why.to_owned());
         if claims.nonce.is_some() {
             return Err(invalid("a logout token must not carry a nonce"));
