@@ -299,9 +299,17 @@ function entraGroupId(name) {
 function claimsOf(user) {
   const worded = user.claims ?? {};
   if (profile === 'entra') {
-    const groups = setup.group_membership_claims && user.groups?.length
-      ? { groups: user.groups.map(entraGroupId) }
-      : {};
+    // Past 200 groups, a JWT lists none, only where Graph gives them (Entra's overage).
+    const overage = {
+      _claim_names: { groups: 'src1' },
+      _claim_sources: {
+        src1: { endpoint: `https://graph.microsoft.com/v1.0/users/${user.oid}/getMemberObjects` },
+      },
+    };
+    const listed = user.groups?.length ?? 0;
+    const groups = !setup.group_membership_claims || listed === 0
+      ? {}
+      : listed > 200 ? overage : { groups: user.groups.map(entraGroupId) };
     return {
       sub: user.sub,
       oid: user.oid,

@@ -4016,6 +4016,59 @@ async fn a_refresh_sees_a_person_taken_out_of_their_last_group_at_entra_id() {
     assert_eq!(what, ["sign_in", "idp_ended"]);
 }
 
+/// Past 200 groups Entra ID lists none in the ID token, only where Graph gives them
+/// (`_claim_names`, its overage): someone the directory does not know is then refused on a
+/// `token_groups` route, not judged as in no group, where a deny would miss them. One whose
+/// groups it lists is judged on them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_past_entra_s_group_overage_is_refused_on_a_token_groups_route() {
+    const PASSWORD: &str = "a password, long enough";
+    let teams: Vec<String> = (0..201).map(|i| format!("team-{i:03}")).collect();
+    let teams: Vec<&str> = teams.iter().map(String::as_str).collect();
+    let ivy = IdpUser::new("ivy", "ivy@corp.onmicrosoft.test", PASSWORD)
+        .oid("1b4e28ba-2fa1-41d2-883f-0016d3cca427")
+        .groups(&teams);
+    let jo = IdpUser::new("jo", "jo@corp.onmicrosoft.test", PASSWORD)
+        .oid("6fa459ea-ee8a-4ca4-894e-db77e160355e")
+        .groups(&teams[..2]);
+    let fx = Fixture::start_with(Options {
+        idp_profile: IdpProfile::Entra,
+        more_idp_users: vec![ivy, jo],
+        ..Options::default()
+    })
+    .await;
+    // The fixture's route lets anyone signed in in, judged on their token's groups.
+    let url = fx.url("app.test", "/teams");
+    let jo = fx
+        .sign_in(&client(), &url, "jo@corp.onmicrosoft.test", PASSWORD)
+        .await;
+    let resp = get_with_session(&url, &jo.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echo = Echo::parse(&resp.bytes().await.unwrap_or_default());
+    let mut listed = [teams[0], teams[1]].map(portcullis_tests::idp::entra_group_id);
+    listed.sort();
+    let mut told: Vec<&str> = echo
+        .header("x-portcullis-groups")
+        .unwrap_or_default()
+        .split(", ")
+        .collect();
+    told.sort_unstable();
+    assert_eq!(told, listed);
+
+    let ivy = fx
+        .sign_in(&client(), &url, "ivy@corp.onmicrosoft.test", PASSWORD)
+        .await;
+    let resp = get_with_session(&url, &ivy.cookie, "application/json").await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let overage = "the token names more groups than it lists";
+    crate::audit::audit_json_until(&fx.px, &[], |records| {
+        records.iter().any(|r| {
+            r["event"] == "refusal" && r["reason"].as_str().is_some_and(|r| r.contains(overage))
+        })
+    })
+    .await;
+}
+
 /// A websocket makes no requests, so nothing on the request path refreshes its session: the
 /// watcher does, when the refresh is due. One the IdP's answer ends (other groups, here) is
 /// closed.
