@@ -100,7 +100,8 @@ enum Command {
         /// The configuration file (for `data_dir`, or PostgreSQL with `[postgres]`).
         #[arg(long, short)]
         config: PathBuf,
-        /// Only records by or about this user or SCIM token (case-insensitive).
+        /// Only records by or about this user or SCIM token (case-insensitive), and every
+        /// record of records lost (which may have been theirs).
         #[arg(long)]
         user: Option<String>,
         /// Only records from this RFC 3339 time on, or from this long ago (`90s`, `15m`, `1h`,

@@ -54,7 +54,8 @@ impl Reloader {
 /// each field 28 bytes more, and its pseudo-headers too, and a cookie after the first 36 more
 /// (Portcullis counts it as joined to the first with `; `). Room for a field per 112 bytes of
 /// the bound (at least 128 fields): browsers send each cookie as a field of its own (180 at
-/// most, in Chromium and Firefox, which the room holds many times over). And room
+/// most, in Chromium and Firefox: below a bound of about 26 KiB, the room for sign-ins in
+/// progress takes the rest). And room
 /// for the sign-ins in progress a browser keeps, which that check does not count.
 pub fn h2_header_list_size(max_request_header_bytes: usize) -> u32 {
     let room = (max_request_header_bytes / 4).max(128 * 32);

@@ -30,8 +30,9 @@
 //                     Okta-style subs, `00u…`)
 //   userinfo_only_claims  names of claims never put in an ID token, only in UserInfo answers
 //   group_membership_claims  in the entra profile, the app registration's groupMembershipClaims
-//                     set: the user's groups as `groups` in the ID token, left out for a user in
-//                     none, as Entra ID leaves it out
+//                     set: the user's groups as `groups` in the ID token, by object id
+//                     (`entraGroupId`), left out for a user in none, as Entra ID leaves it out,
+//                     and past 200 only `_claim_names`/`_claim_sources` (Entra's overage)
 //   conform_id_token_claims  oidc-provider's conformIdTokenClaims (default true, as it ships):
 //                     claims asked for by scope are only at UserInfo when an access token is
 //                     issued; false puts them in the ID token too
@@ -62,7 +63,8 @@
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
-//                                  "userinfo" | "userinfo-refuses" | "jwks" | "jwks-empty"}: every non-/test/
+//                                  "userinfo" | "userinfo-refuses" | "jwks" |
+//                                  "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
 //                                  as an OAuth error; or only UserInfo (`/me`) answers 503, or
