@@ -432,8 +432,9 @@ impl Directory {
         self.storage.is_shared()
     }
     /// Whether `query` reads at most `limit` records, all from this process' own storage (not
-    /// PostgreSQL, which is a round trip away): a page without a filter or sort, or the rows the
-    /// index finds for a filter.
+    /// PostgreSQL, which is a round trip away), and costs little on each: a page without a
+    /// filter or sort, or the rows the index finds for a filter that compares a few values
+    /// ([`compares_little`]).
     pub fn is_small(&self, rt: ResourceType, query: &Query, limit: usize) -> bool {
         if self.is_shared() {
             return false;
@@ -441,7 +442,8 @@ impl Directory {
         match &query.filter {
             None => query.sort_by.is_none() && query.count.is_some_and(|count| count <= limit),
             Some(filter) => {
-                candidates(&self.index(), rt, filter).is_some_and(|rows| rows.len() <= limit)
+                compares_little(filter)
+                    && candidates(&self.index(), rt, filter).is_some_and(|rows| rows.len() <= limit)
             }
         }
     }
@@ -1033,6 +1035,31 @@ fn candidates(index: &Index, rt: ResourceType, filter: &Filter) -> Option<Vec<Ro
         }
         Filter::Not(_) => None,
     }
+}
+
+/// At most this many comparisons in a filter read where it is asked ([`Directory::is_small`]):
+/// an IdP's lookup makes one or two.
+const SMALL_FILTER_TERMS: usize = 4;
+
+/// Whether `filter` costs a record a few comparisons of one value each: at most
+/// [`SMALL_FILTER_TERMS`], each of a single-valued attribute. (A filter may hold hundreds of
+/// terms, and a record a thousand values of a multi-valued attribute, or of its `groups`.)
+fn compares_little(filter: &Filter) -> bool {
+    const SINGLE_VALUED: [&str; 5] = ["id", "externalId", "userName", "displayName", "name"];
+    fn within(filter: &Filter, terms: &mut usize) -> bool {
+        match filter {
+            Filter::And(l, r) | Filter::Or(l, r) => within(l, terms) && within(r, terms),
+            Filter::Attr(expr) => {
+                *terms += 1;
+                let name = &expr.path.name;
+                *terms <= SMALL_FILTER_TERMS
+                    && expr.path.sub_attr.is_none()
+                    && SINGLE_VALUED.iter().any(|a| name.eq_ignore_ascii_case(a))
+            }
+            Filter::ValuePath { .. } | Filter::Not(_) => false,
+        }
+    }
+    within(filter, &mut 0)
 }
 
 fn element_candidates(

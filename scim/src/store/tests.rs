@@ -889,6 +889,36 @@ async fn small_reads_are_pages_and_index_lookups_within_the_limit() {
         !small(Some(r#"name.familyName co "x""#), None, 100),
         "a filter no index narrows"
     );
+    // One the index narrows, but that compares values past a few of one each: a record may
+    // hold a thousand emails, or groups, and a filter hundreds of terms.
+    let many = (0..5)
+        .map(|i| format!(r#"userName co "{i}""#))
+        .collect::<Vec<_>>();
+    for filter in [
+        r#"userName eq "s1@corp.example" and emails co "q""#.to_owned(),
+        r#"userName eq "s1@corp.example" and groups.display co "q""#.to_owned(),
+        r#"emails eq "s1@corp.example""#.to_owned(),
+        r#"userName eq "s1@corp.example" and not (active eq false)"#.to_owned(),
+        format!(
+            r#"userName eq "s1@corp.example" and ({})"#,
+            many.join(" or ")
+        ),
+    ] {
+        assert!(!small(Some(&filter), None, 100), "{filter}");
+    }
+    let few = (0..3)
+        .map(|i| format!(r#"userName co "{i}""#))
+        .collect::<Vec<_>>();
+    let filter = format!(
+        r#"userName eq "s1@corp.example" and ({})"#,
+        few.join(" or ")
+    );
+    assert!(small(Some(&filter), None, 100), "{filter}");
+    assert!(small(
+        Some(r#"externalId eq "x" and userName eq "s1@corp.example""#),
+        None,
+        1
+    ));
 }
 
 fn assert_pages(dir: &Directory, users: &[String]) {
