@@ -784,7 +784,8 @@ impl Auth {
                            provider's key that signed it could not be had";
                 self.audit.unverified_refusal(AUDIT_ROUTE, why, &request);
                 let answer = json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
-                return Ok(answer.header(header::RETRY_AFTER, "10"));
+                let retry = crate::auth::jwt::REFETCH_AFTER.as_secs().to_string();
+                return Ok(answer.header(header::RETRY_AFTER, retry));
             }
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
