@@ -470,6 +470,10 @@ function buildProvider(issuer, clients) {
           // Claims some providers give only at UserInfo, never in an ID token (a Keycloak
           // mapper set to "userinfo" alone).
           if (use === 'id_token') for (const name of setup.userinfo_only_claims ?? []) delete claims[name];
+          // Entra ID's UserInfo (Microsoft Graph's) says no groups, listed or not.
+          if (profile === 'entra' && use === 'userinfo') {
+            for (const name of ['groups', '_claim_names', '_claim_sources']) delete claims[name];
+          }
           return claims;
         },
       };
