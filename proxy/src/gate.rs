@@ -2837,6 +2837,9 @@ mod tests {
         for name in names {
             rows.push(world.user(name).await);
         }
+        // And one whose email the header cannot carry as it is.
+        let erin = (world.user_with_emails("erin", "e1", &[(" erin@corp.example", true)])).await;
+        rows.push(erin);
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         world.group("eng", &rows).await;
         for name in &names[..5] {
@@ -2892,6 +2895,10 @@ mod tests {
             assert!(untellable_name("erin", Some(email), false, false).is_none());
         }
         assert!(untellable_name("erin", Some("erin@corp.example"), false, true).is_none());
+        // As the gate judges a directory user holding one.
+        let refusal = forbidden(as_person(&world, &world.person("erin"), 0, "/work"));
+        assert_eq!(refusal.cause, Cause::CannotBeTold);
+        assert!(refusal.reason.contains("email"), "{}", refusal.reason);
         let pass = allowed(as_person(&world, &world.person("zoë"), 0, "/work"));
         let values = pass
             .forward
