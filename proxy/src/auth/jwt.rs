@@ -70,13 +70,6 @@ pub enum JwtError {
     Invalid(String),
 }
 
-impl JwtError {
-    /// Whether it is a signature no key of the token's `kid` verifies.
-    pub fn is_bad_signature(&self) -> bool {
-        matches!(self, JwtError::Invalid(why) if why == SIGNATURE)
-    }
-}
-
 pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
     match alg {
         JwtAlgorithm::RS256 => Algorithm::RS256,

@@ -1053,20 +1053,7 @@ impl Oidc {
         let mut validation = from_provider(config, &provider);
         validation.set_required_spec_claims(&["iss", "aud"]);
         validation.validate_exp = false;
-        // The set is fetched again for what anyone posts here at most once in 10 s: within
-        // them, a key the IdP has just replaced under its name is not known yet.
-        let refetch_skipped = !provider.jwks.older_than(super::jwt::REFETCH_AFTER);
-        let claims: LogoutClaims = match provider.jwks.verify(token, &validation).await {
-            // Nor is a set with no key to use (the provider's first, from an IdP node whose
-            // keys failed to load) its word on the token.
-            Err(JwtError::UnknownKey) if !provider.jwks.has_usable_key() => {
-                return Err(JwtError::KeysUnavailable)
-            }
-            Err(e) if refetch_skipped && e.is_bad_signature() => {
-                return Err(JwtError::KeysUnavailable)
-            }
-            verified => verified?,
-        };
+        let claims: LogoutClaims = provider.jwks.verify(token, &validation).await?;
         let invalid = |why: &str| JwtError::Invalid(why.to_owned());
         if claims.nonce.is_some() {
             return Err(invalid("a logout token must not carry a nonce"));
