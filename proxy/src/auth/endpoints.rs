@@ -732,11 +732,12 @@ impl Auth {
         idle: std::time::Duration,
     ) -> Result<Reply> {
         // Every refusal is recorded, as anyone's: nothing here says who sent it.
-        let refuse = |status: StatusCode, reason: &str| {
+        let refuse_as = |status: StatusCode, error: &str, reason: &str| {
             let request = req.audited("POST", "/.portcullis/backchannel_logout");
             self.audit.unverified_refusal(AUDIT_ROUTE, reason, &request);
-            Ok(json_error(status, "invalid_request"))
+            json_error(status, error)
         };
+        let refuse = |status, reason: &str| Ok(refuse_as(status, "invalid_request", reason));
         let too_large = "a back-channel logout's body is larger than any logout token";
         if !crate::reply::ready_for_body(session, MAX_LOGOUT_BODY as u64).await? {
             return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large);
@@ -779,11 +780,10 @@ impl Auth {
             // rotated to, which the set, fetched at most once in 10 s for what anyone posts
             // here, will have then.
             Err(crate::auth::JwtError::KeysUnavailable | crate::auth::JwtError::UnknownKey) => {
-                let request = req.audited("POST", "/.portcullis/backchannel_logout");
                 let why = "a back-channel logout token could not be verified yet: the \
                            provider's key that signed it could not be had";
-                self.audit.unverified_refusal(AUDIT_ROUTE, why, &request);
-                let answer = json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+                let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+                let answer = refuse_as(unavailable, "temporarily_unavailable", why);
                 let retry = crate::auth::jwt::REFETCH_AFTER.as_secs().to_string();
                 return Ok(answer.header(header::RETRY_AFTER, retry));
             }
