@@ -2161,16 +2161,11 @@ fn entra_multi_tenant(url: &str) -> Option<&str> {
 /// (`contoso.onmicrosoft.com`), or the id in upper case. (`common` and its kin are
 /// [`entra_multi_tenant`]'s.)
 fn entra_tenant_named_otherwise(url: &str) -> Option<&str> {
-    const HOSTS: [&str; 5] = [
-        "login.microsoftonline.com",
-        "login.microsoftonline.us",
-        "login.partner.microsoftonline.cn",
-        "sts.windows.net",
-        "sts.chinacloudapi.cn",
-    ];
+    const V1_HOSTS: [&str; 2] = ["sts.windows.net", "sts.chinacloudapi.cn"];
     let rest = url.strip_prefix("https://")?;
     let (host, path) = rest.split_once('/')?;
-    if !HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h)) {
+    let mut hosts = ENTRA_SIGN_IN_HOSTS.iter().chain(&V1_HOSTS);
+    if !hosts.any(|h| host.eq_ignore_ascii_case(h)) {
         return None;
     }
     let tenant = path.split('/').next()?;
@@ -2182,19 +2177,24 @@ fn entra_tenant_named_otherwise(url: &str) -> Option<&str> {
     (!is_id).then_some(tenant)
 }
 
+/// Entra ID's sign-in hosts, in each cloud: its v2.0 issuers are on them.
+const ENTRA_SIGN_IN_HOSTS: [&str; 3] = [
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.partner.microsoftonline.cn",
+];
+
 /// The host of an issuer on one of Entra ID's sign-in hosts, and what follows its tenant, if
 /// that is not `v2.0`: the only issuer there is `https://<host>/<tenant-id>/v2.0` (v1.0's is on
 /// sts.windows.net). Without `/v2.0` it is the v1.0 endpoint; with a `/` after it, a string
 /// no token names.
 fn entra_v2_issuer_misspelled(url: &str) -> Option<(&str, &str)> {
-    const HOSTS: [&str; 3] = [
-        "login.microsoftonline.com",
-        "login.microsoftonline.us",
-        "login.partner.microsoftonline.cn",
-    ];
     let rest = url.strip_prefix("https://")?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if !HOSTS.iter().any(|h| host.eq_ignore_ascii_case(h)) {
+    if !ENTRA_SIGN_IN_HOSTS
+        .iter()
+        .any(|h| host.eq_ignore_ascii_case(h))
+    {
         return None;
     }
     let after = path.split_once('/').map_or("", |(_, after)| after);
