@@ -30,7 +30,7 @@ use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::audit::{audit_json_until, of_event};
+use crate::audit::{audit_json_until, of_event, refusal_where};
 use crate::authz::{revocation_under_load, with_bearer};
 use crate::signin::{
     bare_client, idp_setup, now_unix, ALICE, ALICE_PASSWORD, API, API_AUD, BOB, BOB_PASSWORD,
@@ -638,16 +638,7 @@ async fn an_open_websocket_ends_when_a_reload_stops_taking_its_token() {
         .await;
     // The connection's end is the agent's, as its requests were.
     let cut = "open connection closed: the token's issuer is no longer configured to take it";
-    let records = audit_json_until(&t.px, &[], |records| {
-        of_event(records, "refusal")
-            .iter()
-            .any(|r| r["reason"].as_str().is_some_and(|why| why.starts_with(cut)))
-    })
-    .await;
-    let refusal = of_event(&records, "refusal")
-        .into_iter()
-        .find(|r| r["reason"].as_str().is_some_and(|why| why.starts_with(cut)))
-        .expect("the refusal");
+    let refusal = refusal_where(&t.px, |why| why.starts_with(cut)).await;
     assert_eq!(refusal["user"], format!("agent:{AGENT_ID}"), "{refusal:#}");
     assert_eq!(refusal["agent"]["name"], AGENT_ID, "{refusal:#}");
 }

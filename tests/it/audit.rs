@@ -53,6 +53,17 @@ pub(crate) fn of_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> 
     records.iter().filter(|r| r["event"] == event).collect()
 }
 
+/// The first refusal whose reason `said` holds for, once it is written.
+pub(crate) async fn refusal_where(px: &Portcullis, said: impl Fn(&str) -> bool) -> Value {
+    let of = |r: &&Value| r["reason"].as_str().is_some_and(&said);
+    let records = audit_json_until(px, &[], |records| {
+        of_event(records, "refusal").iter().any(of)
+    })
+    .await;
+    let found = of_event(&records, "refusal").into_iter().find(of);
+    found.cloned().expect("the refusal")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scim_changes_refusals_and_sampled_allows_are_audited_and_read_back() {
     let up = Upstream::start("up").await;

@@ -18,7 +18,7 @@ use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::audit::{audit_json_until, of_event};
+use crate::audit::refusal_where;
 use crate::signin::{
     assert_session_refused, assert_session_works, client, get_with_session, idp_for_app_test,
     navigate, Fixture, ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, BROWSER_ACCEPT,
@@ -627,17 +627,7 @@ async fn an_action_whose_console_a_reload_takes_away_while_it_arrives_is_refused
     let answer = post_held_back(&t, &bob, &action, reload).await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     let why = "a reload took the console off this host";
-    let records = audit_json_until(&t.fx.px, &[], |records| {
-        of_event(records, "refusal")
-            .iter()
-            .any(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
-    })
-    .await;
-    let refusal = of_event(&records, "refusal")
-        .into_iter()
-        .find(|r| r["reason"].as_str().is_some_and(|r| r.contains(why)))
-        .cloned()
-        .expect("the refusal");
+    let refusal = refusal_where(&t.fx.px, |reason| reason.contains(why)).await;
     assert_eq!(refusal["user"], BOB, "{refusal:#}");
     assert_eq!(refusal["route"], "console", "{refusal:#}");
     assert_session_works(&t.fx.app_url("/still"), &alice).await;
