@@ -2527,12 +2527,20 @@ async fn callback_asks_to_come_back(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_in_whose_new_key_cannot_be_fetched_is_asked_to_come_back() {
     let fx = Fixture::start().await;
-    let page = fx.app_url("/rotated");
+    comes_back_then_signs_in(&fx, "/rotated", true, IdpOutage::Jwks).await;
+}
+
+/// Alice's sign-in to `path`, its keys rotated before its callback if `rotate`, asked to come
+/// back while the IdP has `outage`; once it ends, her next sign-in lands there.
+async fn comes_back_then_signs_in(fx: &Fixture, path: &str, rotate: bool, outage: IdpOutage) {
+    let page = fx.app_url(path);
     let browser = client();
     let authorize = fx.start_sign_in(&browser, &page).await;
     let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-    fx.idp.rotate_keys(false).await;
-    callback_asks_to_come_back(&fx.idp, &browser, &callback, IdpOutage::Jwks).await;
+    if rotate {
+        fx.idp.rotate_keys(false).await;
+    }
+    callback_asks_to_come_back(&fx.idp, &browser, &callback, outage).await;
 
     let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
     assert_eq!(signed.landed, page);
@@ -2550,15 +2558,7 @@ async fn a_sign_in_while_the_provider_has_served_no_usable_key_is_asked_to_come_
         ..Options::default()
     })
     .await;
-    let page = fx.app_url("/first");
-    let browser = client();
-    let authorize = fx.start_sign_in(&browser, &page).await;
-    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
-    callback_asks_to_come_back(&fx.idp, &browser, &callback, IdpOutage::JwksEmpty).await;
-
-    let signed = fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
-    assert_eq!(signed.landed, page);
-    assert_session_works(&page, &signed.cookie).await;
+    comes_back_then_signs_in(&fx, "/first", false, IdpOutage::JwksEmpty).await;
 }
 
 /// An ID token whose kid is known but whose key the IdP replaced under it is not called forged
