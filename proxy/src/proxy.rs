@@ -1734,6 +1734,26 @@ impl Proxy {
         (authentication, admission)
     }
 
+    /// A console request refused: recorded as `who`'s, as every console refusal is, and
+    /// answered with `status`'s page.
+    fn console_refused(
+        &self,
+        who: &str,
+        method: &str,
+        path: &str,
+        at: At,
+        why: &str,
+        status: StatusCode,
+    ) -> Reply {
+        let request = audit::Request {
+            method,
+            path,
+            client: at.client_ip,
+        };
+        (self.shared.audit).refusal(who, CONSOLE_ROUTE, None, why, &request, None);
+        Reply::status_page(status)
+    }
+
     /// Judges a console request again, under the configuration in force now: whether the
     /// console still lets its viewer in, by the session it was first judged by (`first`).
     /// Refused, it is answered (and audited) here.
@@ -1748,18 +1768,12 @@ impl Proxy {
         let tls = at.tls;
         let runtime = self.shared.runtime.load_full();
         let method = session.req_header().method.clone();
-        // Refused as the viewer first let in, as every console refusal is recorded.
+        // Refused as the viewer first let in.
+        let who = first
+            .caller()
+            .map_or("anonymous".to_owned(), |c| c.log_name());
         let refused = |status: StatusCode, why: &str| {
-            let who = first
-                .caller()
-                .map_or("anonymous".to_owned(), |c| c.log_name());
-            let request = audit::Request {
-                method: method.as_str(),
-                path,
-                client: at.client_ip,
-            };
-            (self.shared.audit).refusal(&who, CONSOLE_ROUTE, None, why, &request, None);
-            Reply::status_page(status)
+            self.console_refused(&who, method.as_str(), path, at, why, status)
         };
         let Some(route) = runtime.config.console.as_ref().filter(|c| c.host == host) else {
             let why = "a reload took the console off this host while the request was made";
@@ -1894,14 +1908,10 @@ impl Proxy {
             // no public rule): its cookie no longer finds it, ended since it was let in (a
             // sign-out in another tab).
             let who = (authentication.caller()).map_or("anonymous".to_owned(), |c| c.log_name());
-            let request = audit::Request {
-                method: req.method.as_str(),
-                path: &path,
-                client: at.client_ip,
-            };
             let why = "the session the console request was let in by ended while it was judged";
-            (self.shared.audit).refusal(&who, CONSOLE_ROUTE, None, why, &request, None);
-            return reply::send(session, Reply::status_page(StatusCode::FORBIDDEN)).await;
+            let method = req.method.as_str();
+            let refused = self.console_refused(&who, method, &path, at, why, StatusCode::FORBIDDEN);
+            return reply::send(session, refused).await;
         };
         let method = req.method.clone();
         let origin = request_origin(req, tls);
@@ -1932,16 +1942,8 @@ impl Proxy {
             } else {
                 " (sent from another origin)"
             };
-            let request = audit::Request {
-                method: method.as_str(),
-                path: &path,
-                client: at.client_ip,
-            };
             let reason = format!("{why}{from}");
-            self.shared
-                .audit
-                .refusal(&viewer.user, CONSOLE_ROUTE, None, &reason, &request, None);
-            Reply::status_page(status)
+            self.console_refused(&viewer.user, method.as_str(), &path, at, &reason, status)
         };
         let reply = match method {
             // Pages walk the directory and read the audit log: off this worker thread, which
