@@ -44,6 +44,9 @@ pub const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
 pub const MAX_PENDING_SIGN_INS: usize = 16;
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
+/// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
+/// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]).
+const LOGOUT_RETRY_AFTER: &str = "10";
 
 /// The request as the endpoints need it.
 pub struct Request<'a> {
@@ -784,8 +787,7 @@ impl Auth {
                            provider's key that signed it could not be had";
                 let unavailable = StatusCode::SERVICE_UNAVAILABLE;
                 let answer = refuse_as(unavailable, "temporarily_unavailable", why);
-                let retry = crate::auth::jwt::REFETCH_AFTER.as_secs().to_string();
-                return Ok(answer.header(header::RETRY_AFTER, retry));
+                return Ok(answer.header(header::RETRY_AFTER, LOGOUT_RETRY_AFTER));
             }
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
@@ -802,10 +804,14 @@ impl Auth {
         if let Err(e) = ending.await {
             self.oidc.unused_logout_token(&logout);
             tracing::error!("back-channel logout could not end sessions: {e}");
-            return Ok(json_error(
+            let why = "the sessions a back-channel logout ends could not be ended: the store \
+                       refused";
+            let answer = refuse_as(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
-            ));
+                why,
+            );
+            return Ok(answer.header(header::RETRY_AFTER, LOGOUT_RETRY_AFTER));
         }
         // A sign-in of that IdP session stored before this logout was, though after its
         // sessions were found, is held here now: ended too. (One stored after it is ended by
@@ -814,13 +820,12 @@ impl Auth {
             .sessions
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
-        if !late_keys.is_empty() {
-            // The token is kept as used (an answer other than 200 has the IdP send it again,
-            // to be refused): out of memory here, the end is written until it holds.
-            let taken = self.sessions.take(&late_keys);
-            let what = "the sessions signed in while a back-channel logout came".to_owned();
-            (self.sessions).write_end_until_it_holds(late_keys.clone(), taken, what, || {});
-        }
+        // Answered once their end is written, so that every replica has it when the IdP hears
+        // back. The token is kept as used (an answer other than 200 has the IdP send it again,
+        // to be refused): if the store refuses, the end is written until it holds, and they let
+        // nobody in here meanwhile.
+        let what = "the sessions signed in while a back-channel logout came".to_owned();
+        self.sessions.end_for_good(&late_keys, what).await;
         // Whom the IdP signed out: the people whose sessions these were. None held (signed out
         // already): nothing ended. A session another end was taking meanwhile (a sign-out, a
         // sign-in's callback) may be recorded by both: that end's write may yet fail, and an
@@ -1110,6 +1115,12 @@ fn sign_in_failed(e: &SignInError) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idp_told_to_send_a_logout_again_waits_until_the_key_set_may_be_fetched_again() {
+        let refetch = crate::auth::jwt::REFETCH_AFTER.as_secs().to_string();
+        assert_eq!(LOGOUT_RETRY_AFTER, refetch);
+    }
 
     #[test]
     fn a_sign_out_sends_entra_the_hint_only_where_the_address_stays_short() {

@@ -1017,6 +1017,26 @@ impl Sessions {
         taken
     }
 
+    /// Ends the sessions `keys` for good, whatever another end does meanwhile: out of memory
+    /// here at once, and answered once their end is written. If the store refuses that first
+    /// write, it is tried again in the background ([`Sessions::write_end_until_it_holds`]) and
+    /// `false` is returned: they let nobody in here meanwhile, but other replicas may not have
+    /// their end yet.
+    pub async fn end_for_good(&self, keys: &[SessionKey], what: String) -> bool {
+        if keys.is_empty() {
+            return true;
+        }
+        let taken = self.take(keys);
+        match self.write_end(keys, taken, Vec::new()).await {
+            Ok(()) => true,
+            Err((e, taken)) => {
+                tracing::error!("cannot end {what} (they let nobody in here meanwhile): {e}");
+                self.write_end_until_it_holds(keys.to_vec(), taken, what, || {});
+                false
+            }
+        }
+    }
+
     /// Writes the end of the sessions `keys`, [`Sessions::take`]n, until the store takes it: at
     /// once, then again after a second, doubling up to a minute. They stay out of memory here
     /// meanwhile (put back, they would let in again; with a shared store nothing else ends
@@ -1532,6 +1552,58 @@ mod tests {
         assert!(sessions.write_end(&[key], taken, Vec::new()).await.is_ok());
         assert!(sessions.get(&id).is_none());
         assert!(sessions.find(|_| true).is_empty(), "ended");
+    }
+
+    /// An end for good (a back-channel logout's sessions signed in as it came) returns once
+    /// it is written, so that every replica has it when the IdP is answered; one the store
+    /// refuses is written again until it holds, and lets nobody in here meanwhile.
+    #[tokio::test]
+    async fn an_end_for_good_returns_once_written_and_is_written_until_it_holds() {
+        let (sessions, store, entered, release) = gated();
+        let alice = begin(&sessions, identity("alice", 10_000), 100).await;
+        let bob = begin(&sessions, identity("bob", 10_000), 100).await;
+        // Another replica, as it reads the store now.
+        let elsewhere = || {
+            let kept = Arc::new(Kept::default());
+            let sinks = portcullis_scim::store::Sinks {
+                changes: None,
+                entries: Some(kept.clone()),
+            };
+            let clock = Box::new(time::OffsetDateTime::now_utc);
+            let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
+            Sessions::new(kept, Arc::new(directory))
+                .find(|_| true)
+                .len()
+        };
+        assert_eq!(elsewhere(), 2);
+        let (bob_key, _) = sessions.get(&bob).unwrap();
+        assert!(sessions.end_for_good(&[bob_key], "bob's".into()).await);
+        assert_eq!(elsewhere(), 1, "written when it returns");
+
+        let (key, _) = sessions.get(&alice).unwrap();
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ending = tokio::spawn({
+            let sessions = sessions.clone();
+            async move { sessions.end_for_good(&[key], "alice's".into()).await }
+        });
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(sessions.get(&alice).is_none(), "out of memory at once");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!ending.is_finished(), "returned before its end was written");
+        release.send(()).unwrap();
+        assert!(!ending.await.unwrap(), "the store refused the first write");
+        assert!(
+            sessions.get(&alice).is_none(),
+            "put back by a refused write"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while elsewhere() != 0 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// A second end of a session while a first is writing its end (a double-click on "Sign
