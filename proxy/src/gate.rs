@@ -813,6 +813,23 @@ impl Gate<'_> {
         Some(record)
     }
 
+    /// The agent acting with `token` ([`Gate::acting_agent`]) when the token was issued before
+    /// the agent was last created, re-activated or named otherwise, or its application
+    /// re-activated: refused so by every route ([`Outdated::Agent`]), before its person is
+    /// asked.
+    pub fn outdated_agent(&self, token: &Machine) -> Option<AgentRecord> {
+        let agent = self.acting_agent(token)?;
+        let key = self.agent_key(&agent.name);
+        let now = i64::try_from(self.now).unwrap_or(i64::MAX);
+        let outdated = self.directory.with_agent(key, now, |lookup| match lookup {
+            AgentLookup::Found(view) => {
+                predates(token.issued, view.agent.active, view.valid_since_unix)
+            }
+            _ => false,
+        });
+        outdated.then_some(agent)
+    }
+
     /// Whom a refusal of `token` names, with the agent acting with it ([`Gate::acting_agent`]):
     /// an agent's own token as the agent (`agent:` and the value it was looked up by where the
     /// directory's agent of it was deleted or is ambiguous, as `Gate::agent` names it), any

@@ -913,6 +913,11 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
     t.set_active(&agent, true).await.expect(200);
     assert_eq!(t.call(&own).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(t.call(&for_alice).await.0, StatusCode::UNAUTHORIZED);
+    // And where each asks who it is: told to get a new one, not that it is fine.
+    for token in [&own, &for_alice] {
+        let me = t.get("/.portcullis/me", token, "application/json").await;
+        assert_eq!(me.0, StatusCode::UNAUTHORIZED, "{}", me.1);
+    }
 
     let whose = format!("before the agent {AGENT_ID} was last created, re-activated");
     let records = audit_json_until(&t.px, &[], |records| {
@@ -920,13 +925,20 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
             .iter()
             .filter(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
             .count()
-            == 2
+            >= 4
     })
     .await;
     let refusals: Vec<&Value> = of_event(&records, "refusal")
         .into_iter()
         .filter(|r| r["reason"].as_str().is_some_and(|r| r.contains(&whose)))
         .collect();
+    assert_eq!(refusals.len(), 4, "{refusals:#?}");
+    // The route's, then /me's, each as the route records it.
+    for (route, me) in refusals[..2].iter().zip(&refusals[2..]) {
+        assert_eq!(me["route"], "oidc", "{me:#}");
+        assert_eq!(me["user"], route["user"], "{me:#}");
+        assert_eq!(me["agent"], route["agent"], "{me:#}");
+    }
     let agent_user = format!("agent:{AGENT_ID}");
     assert_eq!(
         refusals[0]["user"],

@@ -942,7 +942,13 @@ impl Auth {
         // The directory's view of this caller: their SCIM user and every group they are in.
         // (A view only, never an admission: it is shown even while a replica catches up.)
         let directory = gate.directory_view(caller.principal());
-        if directory.as_ref().is_some_and(|view| view.outlived) {
+        // A token older than the agent acting with it is refused by every route before its
+        // person is asked: so here.
+        let outdated_agent = match &caller {
+            Caller::Machine(machine) => gate.outdated_agent(machine),
+            Caller::Person { .. } => None,
+        };
+        if outdated_agent.is_some() || directory.as_ref().is_some_and(|view| view.outlived) {
             // Not this user's session or token (any more): recorded, as a request through a
             // route would be (a session ended), and answered as no sign-in, never with the
             // record of whoever holds the name now.
@@ -958,11 +964,17 @@ impl Auth {
                 // With the agent a delegated token acts through, as a route records it: an
                 // agent's refusals count toward its own share, for whomever it acts.
                 Caller::Machine(machine) => {
-                    let agent = gate.acting_agent(machine);
-                    let outdated = crate::gate::Outdated::Caller(agent.clone());
+                    let outdated = match outdated_agent {
+                        Some(agent) => crate::gate::Outdated::Agent(agent),
+                        None => crate::gate::Outdated::Caller(gate.acting_agent(machine)),
+                    };
                     let (who, reason) =
                         crate::audit::outdated_token(&caller.log_name(), Some(&outdated));
-                    let agent = agent.as_ref();
+                    let agent = match &outdated {
+                        crate::gate::Outdated::Agent(agent)
+                        | crate::gate::Outdated::Caller(Some(agent)) => Some(agent),
+                        _ => None,
+                    };
                     (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, agent);
                     return Err(true);
                 }
