@@ -965,6 +965,53 @@ async fn a_token_older_than_its_agent_is_refused_and_recorded_as_the_agent_s() {
     assert!(!mine.is_empty());
 }
 
+/// A route that lets agents in by `agent_groups` refuses one taken out of the group on its
+/// next request, with the token it was let in with; directly or through a nested group, and
+/// lets it in again once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_taken_out_of_its_group_is_refused_on_its_next_request() {
+    let t = Agents::start().await;
+    let bots = t.scim.create_group("support-bots", &[&t.agent]).await.id();
+    let rule = "allow = [{ agent_owner_groups = [\"eng\"] }, { groups = [\"eng\"] }]";
+    let by_group = "allow = { agent_groups = [\"Support-Bots\"] }";
+    t.px.reload_with("[[routes]]", rule, by_group).await;
+    let own = t.token().await;
+    assert_eq!(t.call(&own).await.0, StatusCode::OK);
+    let bots_path = format!("/Groups/{bots}");
+    let member = |op: &str, id: &str| match op {
+        "remove" => json!([{"op": "remove", "path": format!("members[value eq \"{id}\"]")}]),
+        _ => json!([{"op": "add", "path": "members", "value": [{"value": id}]}]),
+    };
+    let patch = |op: &'static str, id: String| {
+        let (scim, path) = (&t.scim, bots_path.clone());
+        async move { scim.patch(&path, &patch_ops(member(op, &id))).await }
+    };
+    patch("remove", t.agent.clone()).await.expect(204);
+    let (status, body) = t.call(&own).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    patch("add", t.agent.clone()).await.expect(204);
+    assert_eq!(t.call(&own).await.0, StatusCode::OK);
+
+    // Through a nested group: taken out with it.
+    let tier1 = t.scim.create_group("tier1", &[&t.agent]).await.id();
+    patch("remove", t.agent.clone()).await.expect(204);
+    patch("add", tier1.clone()).await.expect(204);
+    assert_eq!(t.call(&own).await.0, StatusCode::OK, "in it through tier1");
+    patch("remove", tier1).await.expect(204);
+    let (status, body) = t.call(&own).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // Both recorded as the agent's.
+    let agent_user = format!("agent:{AGENT_ID}");
+    let refusals = |records: &[Value]| {
+        let of_agent = |r: &&Value| r["user"] == agent_user.as_str();
+        of_event(records, "refusal")
+            .into_iter()
+            .filter(of_agent)
+            .count()
+    };
+    audit_json_until(&t.px, &[], |records| refusals(records) == 2).await;
+}
+
 /// A delegated token issued before its person was re-activated is refused (401) as theirs,
 /// with the agent beside them: the agent's refusals are found under it, and counted toward its
 /// share of the audit log.
