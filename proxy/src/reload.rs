@@ -342,6 +342,7 @@ fn try_reload(shared: &Shared, read: Option<&[u8]>) -> Result<Vec<&'static str>,
     let mut runtime = Runtime::build(config, &shared.directory);
     runtime.awaiting_restart = awaiting.clone();
     runtime.keep_health_of(&running);
+    runtime.keep_tokens_of(&running);
     shared.install(runtime);
     for kept in kept.into_inner() {
         tracing::warn!(

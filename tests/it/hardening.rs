@@ -880,6 +880,51 @@ async fn portcullis_credentials_and_proxy_headers_never_reach_the_upstream() {
     }
 }
 
+/// A SCIM or admin token a reload takes out is still Portcullis' own, never an upstream's: an
+/// IdP goes on sending a SCIM token taken out (to a route on its host once `[scim]` is gone),
+/// and the same token may be put back, to write the directory again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_a_reload_takes_out_is_still_kept_from_upstreams() {
+    const NEW_SCIM_TOKEN: &str = "the-scim-token-that-replaced-the-first-one";
+    const NEW_ADMIN_TOKEN: &str = "the-admin-token-that-replaced-the-first";
+    let hardened = Hardened::start().await;
+    let t = &hardened;
+    let cookie = &t.sign_in().await;
+    let passed = |authorization: String| {
+        let headers = [
+            t.host("app.test"),
+            t.session(cookie),
+            format!("Authorization: {authorization}"),
+        ];
+        async move {
+            let (status, received) = t.send("GET /work HTTP/1.1", &headers).await;
+            assert_eq!(status, 200, "{authorization}");
+            let received = received.expect("the request reached the upstream");
+            received.header("authorization").map(str::to_owned)
+        }
+    };
+    let px = &t.fx.px;
+    let replaced = px
+        .config_with("[[scim.tokens]]", SCIM_TOKEN, NEW_SCIM_TOKEN)
+        .replacen(ADMIN_TOKEN, NEW_ADMIN_TOKEN, 1);
+    px.rewrite_config(&replaced);
+    px.reload_and_wait().await;
+    let scim = ScimClient::new(&t.fx.cfg.scim_base_url(), SCIM_TOKEN);
+    scim.get("/Users").await.expect(401);
+    for token in [SCIM_TOKEN, ADMIN_TOKEN, NEW_SCIM_TOKEN, NEW_ADMIN_TOKEN] {
+        assert_eq!(passed(format!("Bearer {token}")).await, None, "{token}");
+    }
+    // `[scim]` taken out: its tokens, held a moment ago, are kept from upstreams too.
+    let (kept, _scim) = replaced.split_once("\n[scim]\n").expect("a [scim] table");
+    px.rewrite_config(kept);
+    px.reload_and_wait().await;
+    for token in [SCIM_TOKEN, NEW_SCIM_TOKEN, SPACED_TOKEN] {
+        assert_eq!(passed(format!("Bearer {token}")).await, None, "{token}");
+    }
+    let own = "Bearer the-upstream-s-own-token".to_owned();
+    assert_eq!(passed(own.clone()).await, Some(own), "the upstream's own");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deactivated_machine_on_a_public_path_is_anyone_and_its_token_stays_here() {
     let t = Hardened::start().await;
