@@ -783,14 +783,7 @@ impl Gate<'_> {
     /// Named as the directory names it, and by the value it was looked up by when deleted or
     /// ambiguous, as [`Gate::delegated`]'s refusals name it; none when no agent has it.
     pub fn acting_agent(&self, token: &Machine) -> Option<AgentRecord> {
-        let claim = &self.identity.agent_claim;
-        let value = match (&token.act, token.for_itself) {
-            (Some(actor), false) => actor_claim(claim, actor).0,
-            (None, _) => client_claim(claim, token)?,
-            // A client's own token that says another acts: refused as the client's, no agent's
-            // (see `Gate::resolve`).
-            (Some(_), true) => return None,
-        };
+        let value = self.acting_value(token)?;
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         let found =
             (self.directory).with_agent(self.agent_key(value), now, |lookup| match lookup {
@@ -818,8 +811,7 @@ impl Gate<'_> {
     /// re-activated: refused so by every route ([`Outdated::Agent`]), before its person is
     /// asked.
     pub fn outdated_agent(&self, token: &Machine) -> Option<AgentRecord> {
-        let agent = self.acting_agent(token)?;
-        let key = self.agent_key(&agent.name);
+        let key = self.agent_key(self.acting_value(token)?);
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
         let outdated = self.directory.with_agent(key, now, |lookup| match lookup {
             AgentLookup::Found(view) => {
@@ -827,7 +819,20 @@ impl Gate<'_> {
             }
             _ => false,
         });
-        outdated.then_some(agent)
+        outdated.then(|| self.acting_agent(token)).flatten()
+    }
+
+    /// The value of `agent_claim` the agent acting with `token` is found by (see
+    /// [`Gate::acting_agent`]).
+    fn acting_value<'t>(&'t self, token: &'t Machine) -> Option<&'t str> {
+        let claim = &self.identity.agent_claim;
+        match (&token.act, token.for_itself) {
+            (Some(actor), false) => Some(actor_claim(claim, actor).0),
+            (None, _) => client_claim(claim, token),
+            // A client's own token that says another acts: refused as the client's, no agent's
+            // (see `Gate::resolve`).
+            (Some(_), true) => None,
+        }
     }
 
     /// Whom a refusal of `token` names, with the agent acting with it ([`Gate::acting_agent`]):

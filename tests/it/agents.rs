@@ -1012,6 +1012,29 @@ async fn an_agent_taken_out_of_its_group_is_refused_on_its_next_request() {
     audit_json_until(&t.px, &[], |records| refusals(records) == 2).await;
 }
 
+/// With agents found by their `externalId` (the client id) and named otherwise, a token older
+/// than its agent is refused at `/.portcullis/me` as at a route.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_older_than_its_agent_found_by_client_id_is_refused_where_it_asks_who_it_is() {
+    let identity = "[identity]\nclaim = \"sub\"\nscim_attribute = \"externalId\"\n\
+                    agent_scim_attribute = \"externalId\"\n";
+    let t = Agents::start_as(IdpProfile::Conformant, &[API_AUD], identity).await;
+    let agent = format!("/Agents/{}", t.agent);
+    let ops = json!([{"op": "replace", "value": {"externalId": AGENT_ID, "name": "Helpdesk"}}]);
+    t.scim.patch(&agent, &patch_ops(ops)).await.expect(200);
+    let own = t.token().await;
+    assert_eq!(t.call(&own).await.0, StatusCode::OK);
+    let me = t.get("/.portcullis/me", &own, "application/json").await;
+    assert_eq!(me.0, StatusCode::OK, "{}", me.1);
+    t.set_active(&agent, false).await.expect(200);
+    // Records are dated in whole seconds: the re-activation falls in a later one.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    t.set_active(&agent, true).await.expect(200);
+    assert_eq!(t.call(&own).await.0, StatusCode::UNAUTHORIZED);
+    let me = t.get("/.portcullis/me", &own, "application/json").await;
+    assert_eq!(me.0, StatusCode::UNAUTHORIZED, "{}", me.1);
+}
+
 /// A delegated token issued before its person was re-activated is refused (401) as theirs,
 /// with the agent beside them: the agent's refusals are found under it, and counted toward its
 /// share of the audit log.
