@@ -452,6 +452,60 @@ async fn with_session(replica: &Replica, cookie: &str) -> u16 {
         .as_u16()
 }
 
+/// A back-channel logout while the database is down cannot end the sessions it names: the IdP
+/// is told to try again (503), not that all went well, and the refusal is recorded; the
+/// session stands meanwhile, and the IdP's next try, once the database is back, ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backchannel_logout_while_the_database_is_down_is_asked_again_and_recorded() {
+    let cfg = ConfigBuilder::new().http_listener();
+    let mut fleet = Fleet::start_signing_in(std::slice::from_ref(&cfg)).await;
+    let mut a = fleet.spawn_on(cfg);
+    a.px.wait_ready().await;
+    let url = a.cfg.http_url("app.test", "/.portcullis/sign_in?rd=%2F");
+    wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
+    let bob = a.scim.create_user(BOB).await.expect_success().id();
+    a.scim.create_group("eng", &[&bob]).await.expect_success();
+    let cookie = sign_in_through(&fleet, (&a, &a), BOB, BOB_PASSWORD).await;
+    assert_eq!(with_session(&a, &cookie).await, 200);
+
+    fleet.pg.stop();
+    let told = fleet
+        .idp
+        .try_backchannel_logout_keeping_sessions("bob", CLIENT_ID)
+        .await;
+    let told = told.expect_err("the logout was taken with its sessions not ended");
+    assert!(told.contains("503"), "{told}");
+    fleet.pg.start_again().await;
+    until_ready("A", &a).await;
+    assert_eq!(with_session(&a, &cookie).await, 200, "not ended meanwhile");
+    let sids = fleet
+        .idp
+        .try_backchannel_logout_keeping_sessions("bob", CLIENT_ID)
+        .await;
+    assert_eq!(
+        sids.map(|sids| sids.len()),
+        Ok(1),
+        "taken once the store is back"
+    );
+    assert_eq!(with_session(&a, &cookie).await, 401, "ended");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = audit_records(&a).await;
+        let recorded = records.iter().any(|r| {
+            r["event"] == "refusal"
+                && r["route"] == "oidc"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("could not be ended"))
+        });
+        if recorded {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recorded: {records:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them() {
     let configs: Vec<ConfigBuilder> = (0..3)

@@ -45,7 +45,8 @@ pub const MAX_PENDING_SIGN_INS: usize = 16;
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
 /// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
-/// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]).
+/// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]), which also
+/// gives a store that refused to end its sessions a moment to come back.
 const LOGOUT_RETRY_AFTER: &str = "10";
 
 /// The request as the endpoints need it.

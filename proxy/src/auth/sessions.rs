@@ -1018,22 +1018,18 @@ impl Sessions {
     }
 
     /// Ends the sessions `keys` for good, whatever another end does meanwhile: out of memory
-    /// here at once, and answered once their end is written. If the store refuses that first
-    /// write, it is tried again in the background ([`Sessions::write_end_until_it_holds`]) and
-    /// `false` is returned: they let nobody in here meanwhile, but other replicas may not have
-    /// their end yet.
-    pub async fn end_for_good(&self, keys: &[SessionKey], what: String) -> bool {
+    /// here at once, and returns once their end is written. If the store refuses that first
+    /// write, it returns, and the end is tried again in the background
+    /// ([`Sessions::write_end_until_it_holds`], which logs it): they let nobody in here
+    /// meanwhile, but other replicas may not have their end yet.
+    pub async fn end_for_good(&self, keys: &[SessionKey], what: String) {
         if keys.is_empty() {
-            return true;
+            return;
         }
         let taken = self.take(keys);
-        match self.write_end(keys, taken, Vec::new()).await {
-            Ok(()) => true,
-            Err((e, taken)) => {
-                tracing::error!("cannot end {what} (they let nobody in here meanwhile): {e}");
-                self.write_end_until_it_holds(keys.to_vec(), taken, what, || {});
-                false
-            }
+        if let Err((e, taken)) = self.write_end(keys, taken, Vec::new()).await {
+            tracing::error!("cannot end {what} (they let nobody in here meanwhile): {e}");
+            self.write_end_until_it_holds(keys.to_vec(), taken, what, || {});
         }
     }
 
@@ -1577,7 +1573,7 @@ mod tests {
         };
         assert_eq!(elsewhere(), 2);
         let (bob_key, _) = sessions.get(&bob).unwrap();
-        assert!(sessions.end_for_good(&[bob_key], "bob's".into()).await);
+        sessions.end_for_good(&[bob_key], "bob's".into()).await;
         assert_eq!(elsewhere(), 1, "written when it returns");
 
         let (key, _) = sessions.get(&alice).unwrap();
@@ -1594,7 +1590,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!ending.is_finished(), "returned before its end was written");
         release.send(()).unwrap();
-        assert!(!ending.await.unwrap(), "the store refused the first write");
+        ending.await.unwrap();
         assert!(
             sessions.get(&alice).is_none(),
             "put back by a refused write"
