@@ -573,6 +573,26 @@ impl Jwks {
         Ok(self.verify_within(token, validation, longest).await?.claims)
     }
 
+    /// As [`Jwks::verify_answer`], for an answer the issuer itself handed over (a signed
+    /// UserInfo answer, from its endpoint), which no client can make up: a key the set lacks
+    /// may be one the IdP has just rotated to, within the [`REFETCH_AFTER`] in which what
+    /// anyone posts does not fetch the set again. It is fetched unless a fetch began since the
+    /// answer was read ([`Jwks::refresh_since`]), and the answer tried once more.
+    pub async fn verify_issuers_answer<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<T, JwtError> {
+        let seen = Instant::now();
+        match self.verify_answer(token, validation).await {
+            Err(JwtError::UnknownKey) => {
+                self.refresh_since(seen).await?;
+                self.verify_answer(token, validation).await
+            }
+            other => other,
+        }
+    }
+
     /// As [`Jwks::verify`], also saying which key verified it.
     pub async fn verify_keyed<T: DeserializeOwned>(
         &self,
@@ -746,6 +766,66 @@ mod tests {
         for refused in ["-1", "-0.5", "1e300", "\"1700000000\"", "null", "[1]"] {
             assert_eq!(read(refused), None, "{refused}");
         }
+    }
+
+    /// A signed answer of the issuer's own (UserInfo's) under a key it rotated to a moment
+    /// after the set was fetched is verified: the set is fetched again for it, where a token
+    /// anyone posts is not, within [`REFETCH_AFTER`], fetched for.
+    #[tokio::test]
+    async fn an_issuers_own_answer_under_a_key_just_rotated_to_is_verified() {
+        use base64::Engine;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let jwk = |key: &rcgen::KeyPair, kid: &str| {
+            let point = key.public_key_raw();
+            serde_json::json!({
+                "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig",
+                "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+            })
+        };
+        let (old, new) = (
+            rcgen::KeyPair::generate().unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        );
+        let sets = Arc::new([
+            serde_json::json!({ "keys": [jwk(&old, "old")] }).to_string(),
+            serde_json::json!({ "keys": [jwk(&old, "old"), jwk(&new, "new")] }).to_string(),
+        ]);
+        let (address, asked) = key_set_server(move |mut stream, turn| {
+            let body = sets[turn.min(1)].clone();
+            async move {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        })
+        .await;
+        let set = Jwks::new(format!("http://{address}/jwks"), reqwest::Client::new());
+        assert_eq!(set.refresh(true).await, Ok(true));
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some("new".to_owned());
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&new.serialize_der());
+        let claims = serde_json::json!({ "sub": "alice" });
+        let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_required_spec_claims::<&str>(&[]);
+        validation.validate_exp = false;
+        // Anyone's token under it: not fetched for, within the 10 s.
+        let anyones = set
+            .verify_answer::<serde_json::Value>(&token, &validation)
+            .await;
+        assert_eq!(anyones.err(), Some(JwtError::UnknownKey));
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        let own = set
+            .verify_issuers_answer::<serde_json::Value>(&token, &validation)
+            .await;
+        assert_eq!(own.ok(), Some(claims));
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "fetched once for it");
     }
 
     /// An IdP whose key set stops answering holds a token with a new key up for one of its
