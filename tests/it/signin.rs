@@ -1046,6 +1046,35 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         elsewhere.2
     );
     refused("an error from the IdP, in another browser", elsewhere);
+    // The IdP in trouble (RFC 6749's two words for it): that browser is asked to sign in again
+    // in a moment, not refused.
+    for said in ["temporarily_unavailable", "server_error"] {
+        let busy = fx.app_url(&format!("/.portcullis/callback?error={said}&state={state}"));
+        let answer = get(&browser, &busy).await;
+        assert_eq!(
+            answer.0,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{said}: {}",
+            answer.2
+        );
+        assert!(answer.2.contains("in a moment"), "{said}: {}", answer.2);
+        refused(
+            &format!("{said}, in another browser"),
+            get(&client(), &busy).await,
+        );
+    }
+    // Refused for what the operator mends (a scope the IdP does not define): said in the log,
+    // once a minute at most; not for a link anyone could have sent.
+    let scope = fx.app_url(&format!(
+        "/.portcullis/callback?error=invalid_scope&state={state}"
+    ));
+    let warning = "refused at the identity provider (invalid_scope)";
+    refused("invalid_scope elsewhere", get(&client(), &scope).await);
+    for _ in 0..3 {
+        refused("invalid_scope", get(&browser, &scope).await);
+    }
+    let log = fx.px.log_until(|log| log.contains(warning)).await;
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
     // And recorded so: the words are the IdP's only where that browser brought them.
     let audited = fx
         .px

@@ -44,6 +44,28 @@ pub const HOST_BROWSER_COOKIE: &str = "__Host-portcullis_signin";
 pub const MAX_PENDING_SIGN_INS: usize = 16;
 /// Largest back-channel logout request body.
 const MAX_LOGOUT_BODY: usize = 64 * 1024;
+/// The IdP's refusals of a sign-in the operator has something to mend for: the client's
+/// registration, or what it asks for.
+const OPERATOR_MENDS: [&str; 4] = [
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+];
+
+/// The second a sign-in refused at the IdP for what the operator mends was last logged.
+static REFUSAL_WARNED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether such a refusal is logged at `now`: not within a minute of the last.
+fn warn_of_refusals_now(now: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    let last = REFUSAL_WARNED_AT.load(Ordering::Relaxed);
+    (last == 0 || now >= last.saturating_add(60))
+        && REFUSAL_WARNED_AT
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
 /// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]), which also
 /// gives a store that refused to end its sessions a moment to come back.
@@ -419,7 +441,20 @@ impl Auth {
             });
             let e = if started_here {
                 let detail = param("error_description").unwrap_or_default();
-                SignInError::Refused(format!("{error} {detail}"))
+                let said = format!("{error} {detail}");
+                // Anyone may send this under a sign-in they started: once a minute at most.
+                if OPERATOR_MENDS.contains(&error.as_str()) && warn_of_refusals_now(now_unix()) {
+                    tracing::warn!(
+                        "a sign-in was refused at the identity provider ({}): the [oidc] client \
+                         or its registration there needs mending; the IdP's log says why (said \
+                         once a minute at most)",
+                        error_code(&error)
+                    );
+                }
+                match error.as_str() {
+                    "temporarily_unavailable" | "server_error" => SignInError::Busy(said),
+                    _ => SignInError::Refused(said),
+                }
             } else {
                 SignInError::Refused(error_code(&error))
             };
@@ -475,12 +510,6 @@ impl Auth {
                 // without this browser's sign-in, a code of their own under a sign-in they
                 // started, which the IdP refuses `invalid_grant`), a line each on top of the
                 // record.
-                let configuration = [
-                    "invalid_client",
-                    "unauthorized_client",
-                    "unsupported_grant_type",
-                    "invalid_scope",
-                ];
                 match &e {
                     SignInError::UnknownState
                     | SignInError::WrongBrowser
@@ -488,7 +517,8 @@ impl Auth {
                         tracing::debug!(error = %e, "sign-in refused");
                     }
                     SignInError::Refused(said)
-                        if !configuration.contains(&said.split(' ').next().unwrap_or_default()) =>
+                        if !OPERATOR_MENDS
+                            .contains(&said.split(' ').next().unwrap_or_default()) =>
                     {
                         tracing::debug!(error = %e, "sign-in refused");
                     }
@@ -1100,6 +1130,7 @@ fn sign_in_failed(e: &SignInError) -> Reply {
     let status = match e {
         SignInError::ProviderUnavailable
         | SignInError::Unreachable(_)
+        | SignInError::Busy(_)
         | SignInError::UserInfoUnreachable(_)
         | SignInError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         SignInError::UnknownState
@@ -1113,7 +1144,9 @@ fn sign_in_failed(e: &SignInError) -> Reply {
             "<p>Reload this page in a moment to try again.</p>"
         }
         // The sign-in's code is spent by then: only a new sign-in can finish.
-        SignInError::UserInfoUnreachable(_) | SignInError::KeysUnavailable => {
+        SignInError::Busy(_)
+        | SignInError::UserInfoUnreachable(_)
+        | SignInError::KeysUnavailable => {
             "<p>Go back to the site in a moment to sign in again.</p>"
         }
         _ => "",

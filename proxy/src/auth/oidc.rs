@@ -123,6 +123,10 @@ pub enum SignInError {
     Refused(String),
     #[error("the identity provider could not be reached: {0}")]
     Unreachable(String),
+    /// The IdP sent the browser back saying it is in trouble (RFC 6749 §4.1.2.1's
+    /// `temporarily_unavailable` or `server_error`): a new sign-in may finish in a moment.
+    #[error("the identity provider could not sign you in just now: {0}")]
+    Busy(String),
     /// UserInfo did not answer, after the code was exchanged: a reload cannot finish this
     /// sign-in (the code is spent), a new one may.
     #[error("the identity provider's UserInfo endpoint could not be reached: {0}")]
