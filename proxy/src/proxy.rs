@@ -477,6 +477,8 @@ pub struct RequestCtx {
     served: Option<Box<str>>,
     registration: Option<Registration>,
     _in_flight: InFlight,
+    /// Over HTTP/2: counted among its connection's requests under way.
+    _h2_under_way: Option<crate::state::H2UnderWay>,
 }
 
 /// The request as step 1.7 needs it after the session has been borrowed mutably.
@@ -565,6 +567,7 @@ impl ProxyHttp for Proxy {
             served: None,
             registration: None,
             _in_flight: InFlight::begin(),
+            _h2_under_way: None,
         })
     }
 
@@ -636,6 +639,26 @@ impl ProxyHttp for Proxy {
             own_tls,
             &req.headers,
         );
+        // Over HTTP/2, only so many of a connection's requests are served at once (see
+        // `MAX_H2_UNDER_WAY`): one past them is refused before anything else is done for it.
+        if session.req_header().version == http::Version::HTTP_2 {
+            if let Some(digest) = session.digest() {
+                let (under_way, count) = crate::state::H2UnderWay::begin(digest);
+                ctx._h2_under_way = Some(under_way);
+                if count > crate::state::MAX_H2_UNDER_WAY {
+                    let refused = Reply::status_page(StatusCode::TOO_MANY_REQUESTS);
+                    let why = format!(
+                        "a request was refused: its HTTP/2 connection has more than {} \
+                         requests under way (it resets streams it opened, their requests going \
+                         on here)",
+                        crate::state::MAX_H2_UNDER_WAY
+                    );
+                    return self
+                        .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, refused, &why)
+                        .await;
+                }
+            }
+        }
         if let Some(why) = head_too_large {
             let reason = format!("a request was refused: {why}");
             let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;

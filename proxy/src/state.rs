@@ -738,6 +738,43 @@ impl Drop for InFlight {
     }
 }
 
+/// How many requests of one HTTP/2 connection are served at once, at most: twice as many as
+/// it may have streams open. A client that resets each stream it opened (CVE-2023-44487,
+/// "rapid reset") frees its place among the open ones at once, while its request goes on
+/// here (routed, judged, sent upstream): without this bound, one connection could have any
+/// number under way.
+pub const MAX_H2_UNDER_WAY: usize = 200;
+
+/// The requests under way on each HTTP/2 connection, by the address of its digest (which its
+/// streams share, and which lives as long as one of them does).
+static H2_UNDER_WAY: std::sync::LazyLock<dashmap::DashMap<usize, usize>> =
+    std::sync::LazyLock::new(dashmap::DashMap::new);
+
+/// A request counted among its HTTP/2 connection's under way for as long as it lives.
+pub struct H2UnderWay(usize);
+
+impl H2UnderWay {
+    /// Counts a request of the connection whose streams share `digest`; with how many of its
+    /// are under way now, this one too.
+    pub fn begin(digest: &pingora::protocols::Digest) -> (H2UnderWay, usize) {
+        let connection = std::ptr::from_ref(digest).addr();
+        let mut count = H2_UNDER_WAY.entry(connection).or_insert(0);
+        *count += 1;
+        let now = *count;
+        drop(count);
+        (H2UnderWay(connection), now)
+    }
+}
+
+impl Drop for H2UnderWay {
+    fn drop(&mut self) {
+        H2_UNDER_WAY.remove_if_mut(&self.0, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -265,6 +265,107 @@ async fn an_idle_http2_connection_is_closed() {
     );
 }
 
+/// An HTTP/2 client that resets each stream it opened (CVE-2023-44487, "rapid reset") frees its
+/// place among the 100 streams it may have open at once, while its request goes on here until
+/// it is written upstream: against an upstream slow to connect, one connection could have any
+/// number of connections to it under way. It has no more than 200 requests under way; those
+/// past them are refused (429) before anything is done for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under_way() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream whose TLS handshake never completes: each request waits on its connection.
+    let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("https://{}", holding.local_addr().unwrap());
+    let connected = Arc::new(AtomicUsize::new(0));
+    let counting = connected.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = holding.accept().await {
+            held.push(stream);
+            counting.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    let cfg = ConfigBuilder::new().https_listener(vec![cert]).route(
+        Route::to_urls("https://app.test", vec![upstream])
+            .accept(&["public"])
+            .set("connect_timeout = \"60s\""),
+    );
+    let _px = cfg.start().await;
+    let tls = raw_http2(&cfg, &ca, "app.test").await;
+    let (mut from, mut to) = tokio::io::split(tls);
+    // The answers' heads (HEADERS frames), counted as they come.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counting = answered.clone();
+    tokio::spawn(async move {
+        let (mut buffered, mut buf) = (Vec::new(), [0u8; 16384]);
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            buffered.extend_from_slice(&buf[..n]);
+            while buffered.len() >= 9 {
+                let len = usize::from(buffered[0]) << 16
+                    | usize::from(buffered[1]) << 8
+                    | usize::from(buffered[2]);
+                if buffered.len() < 9 + len {
+                    break;
+                }
+                if buffered[3] == 1 {
+                    counting.fetch_add(1, Ordering::SeqCst);
+                }
+                buffered.drain(..9 + len);
+            }
+        }
+    });
+    to.write_all(&[H2_PREFACE, &h2_frame(4, 0, 0, &[])].concat())
+        .await
+        .unwrap();
+    let get = |stream: u32| {
+        // :method GET, :scheme https, then :path and :authority; END_STREAM | END_HEADERS.
+        let mut head = vec![0x82, 0x87];
+        head.extend(hpack_field(4, "/reports"));
+        head.extend(hpack_field(1, "app.test"));
+        h2_frame(1, 0x05, stream, &head)
+    };
+    let (rounds, per_round) = (4, 100);
+    let mut next = 1u32;
+    for round in 1..=rounds {
+        let streams: Vec<u32> = (0..per_round).map(|i| next + 2 * i).collect();
+        next += 2 * per_round;
+        to.write_all(&streams.iter().flat_map(|&s| get(s)).collect::<Vec<u8>>())
+            .await
+            .unwrap();
+        // Each of the round's is under way (connecting upstream) or refused.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let done = (round * per_round) as usize;
+        while connected.load(Ordering::SeqCst) + answered.load(Ordering::SeqCst) < done {
+            assert!(
+                Instant::now() < deadline,
+                "round {round} never got under way"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // RST_STREAM (CANCEL) for each: their places among the open ones are free again.
+        let cancel = 8u32.to_be_bytes();
+        let resets: Vec<u8> = streams
+            .iter()
+            .flat_map(|&s| h2_frame(3, 0, s, &cancel))
+            .collect();
+        to.write_all(&resets).await.unwrap();
+    }
+    let reached = connected.load(Ordering::SeqCst);
+    assert!(
+        reached <= 200,
+        "{reached} connections upstream for one client connection"
+    );
+    assert!(
+        answered.load(Ordering::SeqCst) >= 200,
+        "the rest were refused"
+    );
+}
+
 /// An HTTP/2 client that takes nothing of an answer (its window at 0), or sends nothing of a
 /// body Portcullis reads itself, is not waited on for ever: every answer over HTTP/2 waits on
 /// the client's window, the upstream's connection held meanwhile, small answers too.
