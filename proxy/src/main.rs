@@ -409,7 +409,9 @@ fn serve(config_path: &Path) -> Result<Never, String> {
         let list_size = reload::h2_header_list_size(server_config.max_request_header_bytes);
         let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
         h2.max_header_list_size(list_size);
-        h2.max_concurrent_streams(reload::h2_max_streams(list_size));
+        let streams = reload::h2_max_streams(list_size);
+        h2.max_concurrent_streams(streams);
+        portcullis::state::set_h2_streams(streams);
         app.h2_options = Some(h2);
     }
     for listener in &listeners {

@@ -630,28 +630,25 @@ impl ProxyHttp for Proxy {
             trim_padded_values(session.req_header_mut());
         }
         let req = session.req_header();
-        ctx.client_ip = runtime.client_ip(
-            session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            local_addr(session),
-            own_tls,
-            &req.headers,
-        );
+        ctx.client_ip =
+            runtime.client_ip(peer_ip(session), local_addr(session), own_tls, &req.headers);
         // Over HTTP/2, only so many of a connection's requests are served at once (see
-        // `MAX_H2_UNDER_WAY`): one past them is refused before anything else is done for it.
-        if session.req_header().version == http::Version::HTTP_2 {
+        // `state::h2_under_way_bound`): one past them is refused before anything else is done
+        // for it. But for a proxy the listener trusts, which brings many clients' requests on
+        // one connection and resets those its own timeouts give up on.
+        if session.req_header().version == http::Version::HTTP_2
+            && !runtime.from_trusted_proxy(peer_ip(session), local_addr(session), own_tls)
+        {
             if let Some(digest) = session.digest() {
                 let (under_way, count) = crate::state::H2UnderWay::begin(digest);
                 ctx._h2_under_way = Some(under_way);
-                if count > crate::state::MAX_H2_UNDER_WAY {
+                let bound = crate::state::h2_under_way_bound();
+                if count > bound {
                     let refused = Reply::status_page(StatusCode::TOO_MANY_REQUESTS);
                     let why = format!(
-                        "a request was refused: its HTTP/2 connection has more than {} \
+                        "a request was refused: its HTTP/2 connection has more than {bound} \
                          requests under way (it resets streams it opened, their requests going \
-                         on here)",
-                        crate::state::MAX_H2_UNDER_WAY
+                         on here)"
                     );
                     return self
                         .refuse_as_sent(session, ctx.client_ip, NO_ROUTE, refused, &why)
@@ -2380,6 +2377,14 @@ fn plain_http_page() -> Reply {
 /// The address of this end of the client's connection.
 pub(crate) fn local_addr(session: &Session) -> Option<std::net::SocketAddr> {
     session.server_addr().and_then(|a| a.as_inet()).copied()
+}
+
+/// The address the request's connection comes from.
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// 401 for a browser's form sent without a session: a page with a way to sign in and come

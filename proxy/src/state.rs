@@ -291,6 +291,23 @@ impl Runtime {
         Some(client)
     }
 
+    /// Whether a connection from `peer` to `local` (on a listener with its own TLS or not) comes
+    /// from a proxy the listener trusts (`trusted_proxies`).
+    pub fn from_trusted_proxy(
+        &self,
+        peer: Option<IpAddr>,
+        local: Option<SocketAddr>,
+        own_tls: bool,
+    ) -> bool {
+        let Some(peer) = peer.map(|peer| peer.to_canonical()) else {
+            return false;
+        };
+        self.trusted_proxies
+            && self
+                .listener(local, own_tls)
+                .is_some_and(|l| l.trusted_proxies.iter().any(|net| net.contains(&peer)))
+    }
+
     /// The plain-HTTP listener of this configuration that took a connection at `local`.
     fn plain_listener(&self, local: Option<SocketAddr>) -> Option<&portcullis_config::Listener> {
         self.listener(local, false)
@@ -739,11 +756,25 @@ impl Drop for InFlight {
 }
 
 /// How many requests of one HTTP/2 connection are served at once, at most: twice as many as
-/// it may have streams open. A client that resets each stream it opened (CVE-2023-44487,
-/// "rapid reset") frees its place among the open ones at once, while its request goes on
-/// here (routed, judged, sent upstream): without this bound, one connection could have any
-/// number under way.
-pub const MAX_H2_UNDER_WAY: usize = 200;
+/// it may have streams open (set at start, as that is: [`set_h2_streams`]). A client that
+/// resets each stream it opened (CVE-2023-44487, "rapid reset") frees its place among the open
+/// ones at once, while its request goes on here (routed, judged, sent upstream): without this
+/// bound, one connection could have any number under way, each holding its head.
+static MAX_H2_UNDER_WAY: AtomicUsize = AtomicUsize::new(200);
+
+/// HTTP/2 clients may have `streams` open at once: each connection may have twice as many
+/// requests under way ([`h2_under_way_bound`]).
+pub fn set_h2_streams(streams: u32) {
+    let bound = usize::try_from(streams)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2);
+    MAX_H2_UNDER_WAY.store(bound, Ordering::Relaxed);
+}
+
+/// How many requests of one HTTP/2 connection may be under way at once.
+pub fn h2_under_way_bound() -> usize {
+    MAX_H2_UNDER_WAY.load(Ordering::Relaxed)
+}
 
 /// The requests under way on each HTTP/2 connection, by the address of its digest (which its
 /// streams share, and which lives as long as one of them does).
