@@ -1063,18 +1063,25 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
             get(&client(), &busy).await,
         );
     }
-    // Refused for what the operator mends (a scope the IdP does not define): said in the log,
-    // once a minute at most; not for a link anyone could have sent.
-    let scope = fx.app_url(&format!(
-        "/.portcullis/callback?error=invalid_scope&state={state}"
-    ));
-    let warning = "refused at the identity provider (invalid_scope)";
-    refused("invalid_scope elsewhere", get(&client(), &scope).await);
-    for _ in 0..3 {
-        refused("invalid_scope", get(&browser, &scope).await);
+    // Refused for what the operator mends (a scope the IdP does not define, a client not let
+    // use the code flow): said in the log, once a minute at most; not for a link anyone could
+    // have sent, which would take that minute from the operator's warning.
+    let sent_back = |error: &str| {
+        fx.app_url(&format!(
+            "/.portcullis/callback?error={error}&state={state}"
+        ))
+    };
+    refused(
+        "invalid_scope elsewhere",
+        get(&client(), &sent_back("invalid_scope")).await,
+    );
+    for error in ["unauthorized_client", "invalid_scope", "invalid_scope"] {
+        refused(error, get(&browser, &sent_back(error)).await);
     }
-    let log = fx.px.log_until(|log| log.contains(warning)).await;
-    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    let warned = "refused at the identity provider (";
+    let log = fx.px.log_until(|log| log.contains(warned)).await;
+    assert_eq!(log.matches(warned).count(), 1, "{log}");
+    assert!(log.contains("provider (unauthorized_client)"), "{log}");
     // And recorded so: the words are the IdP's only where that browser brought them.
     let audited = fx
         .px
