@@ -611,11 +611,14 @@ impl PgStorage {
                 // A commit waits this long at most for another replica's to finish.
                 setup: lock_timeout_setup(options.max_staleness),
             }),
-            // Listening only while it waits (see `settle`).
+            // Listening only while it waits (see `settle`). Its reads of the replicas' progress
+            // wait on a table another session has locked (an operator's `LOCK TABLE`, `VACUUM
+            // FULL`) as long as a commit's do at most: then they are asked again, until the
+            // write's answer is given up on (503), not held for as long as the lock is.
             settler: Mutex::new(Dedicated {
                 connector,
                 client: None,
-                setup: String::new(),
+                setup: lock_timeout_setup(options.max_staleness),
             }),
             freshness: Arc::new(Freshness::new(options.max_staleness)),
         })
