@@ -675,16 +675,20 @@ impl Auth {
         session: &'s sessions::Session,
         now: u64,
     ) -> Option<RefreshTurn<'s>> {
+        // Asked of every request a session makes: its refresh token is copied only once one
+        // is due, and its turn taken.
         let refreshing = session.refresh.as_ref()?;
+        if !oidc.refresh || refreshing.due() > now || self.oidc.refresh_paused(now) {
+            return None;
+        }
         let turn = refreshing.turn.try_lock().ok()?;
+        // As it stands once the turn is held: a refresh just done has moved it on.
         let state = refreshing.state();
-        (oidc.refresh && state.due <= now && !self.oidc.refresh_paused(now)).then_some(
-            RefreshTurn {
-                refreshing,
-                turn,
-                state,
-            },
-        )
+        (state.due <= now).then_some(RefreshTurn {
+            refreshing,
+            turn,
+            state,
+        })
     }
 
     /// Refreshes the session `id` (its cookie's value) names with the IdP, in its `turn`, and

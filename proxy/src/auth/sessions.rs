@@ -298,6 +298,11 @@ impl Refreshing {
         lock(&self.state).clone()
     }
 
+    /// When the next refresh is due (unix seconds), read without copying the state.
+    pub fn due(&self) -> u64 {
+        lock(&self.state).due
+    }
+
     /// Takes `refresh` unless it is older than the state held (a late or replayed write): a
     /// refresh token the IdP has rotated away never comes back.
     fn set(&self, refresh: Refresh) {
