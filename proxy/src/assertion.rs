@@ -245,7 +245,26 @@ struct Cached {
     token: HeaderValue,
 }
 
+/// A signed assertion, with the key that signed it (`kid`) and when it was signed for (`iat`:
+/// the second it was made) and until (`exp`).
+#[derive(Clone)]
+pub struct Signed {
+    pub token: HeaderValue,
+    kid: Arc<str>,
+    iat: u64,
+    exp: u64,
+}
+
 impl Cached {
+    fn signed(&self) -> Signed {
+        Signed {
+            token: self.token.clone(),
+            kid: self.kid.clone(),
+            iat: self.iat,
+            exp: self.exp,
+        }
+    }
+
     /// About the memory it holds.
     fn bytes(&self) -> usize {
         let text = [&self.issuer, &self.audience, &self.subject]
@@ -389,6 +408,19 @@ impl Signer {
     /// from now, else a freshly signed one (`iat` = now - [`ISSUED_EARLY_SECS`], `exp` = now +
     /// TTL).
     pub fn assertion(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<HeaderValue, String> {
+        self.signed(claims, now).map(|signed| signed.token)
+    }
+
+    /// Whether `signed` is still what [`Signer::assertion`] gives for the claims it was signed
+    /// for at `now`: its key still signs, and it expires more than the refresh margin from now.
+    pub fn still_serves(&self, signed: &Signed, now: u64) -> bool {
+        signed.iat <= now
+            && signed.exp > now.saturating_add(self.margin)
+            && (self.keys.load().signing(now)).is_some_and(|key| key.kid == signed.kid)
+    }
+
+    /// [`Signer::assertion`], with what it was signed with and when.
+    pub fn signed(&self, claims: &AssertionClaims<'_>, now: u64) -> Result<Signed, String> {
         let keys = self.keys.load();
         let key = keys
             .signing(now)
@@ -398,9 +430,7 @@ impl Signer {
             .hash_one((claims.issuer, claims.audience, claims.subject));
         // What the slot holds now, if anything (its token is for other claims, or aged).
         let kept = match self.cache.get(&slot) {
-            Some(hit) if hit.serves(claims, &key.kid, now, self.margin) => {
-                return Ok(hit.token.clone())
-            }
+            Some(hit) if hit.serves(claims, &key.kid, now, self.margin) => return Ok(hit.signed()),
             Some(hit) => Some(hit.bytes()),
             None => None,
         };
@@ -408,6 +438,12 @@ impl Signer {
         let iat = now.saturating_sub(ISSUED_EARLY_SECS);
         let token = HeaderValue::from_maybe_shared(Bytes::from(sign(key, claims, iat, exp)?))
             .map_err(|e| format!("the signed assertion is no header value: {e}"))?;
+        let signed = Signed {
+            token: token.clone(),
+            kid: key.kid.clone(),
+            iat: now,
+            exp,
+        };
         let cached = Cached {
             issuer: claims.issuer.into(),
             audience: claims.audience.into(),
@@ -437,7 +473,7 @@ impl Signer {
                     self.cache_bytes.fetch_sub(gone.bytes(), Ordering::Relaxed);
                 }
             }
-            return Ok(token);
+            return Ok(signed);
         }
         // Counted before it is in, so that the upkeep never takes away more than was counted.
         self.cache_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -445,7 +481,7 @@ impl Signer {
             self.cache_bytes
                 .fetch_sub(replaced.bytes(), Ordering::Relaxed);
         }
-        Ok(token)
+        Ok(signed)
     }
 
     /// Generates a new signing key in the directory, signing `lead` from `now`, retires keys

@@ -38,7 +38,7 @@ use pingora::ErrorType;
 
 use portcullis_config::{Credential, Scheme, CONSOLE_PATH, CONSOLE_ROUTE};
 
-use crate::assertion::{AssertionClaims, ASSERTION_HEADER, JWKS_PATH};
+use crate::assertion::{AssertionClaims, Signer, ASSERTION_HEADER, JWKS_PATH};
 use crate::audit;
 use crate::auth::endpoints::{self, Served, BROWSER_COOKIE, SIGN_OUT_FORM};
 use crate::auth::{cookies, session_cookie_name, Arrival, Authentication};
@@ -171,10 +171,11 @@ impl Proxy {
                 };
                 // Fail closed: an upstream that relies on the assertion never gets the request
                 // without it.
-                let token = self.shared.signer.assertion(&claims, now_unix()).or_err(
-                    ErrorType::InternalError,
-                    "cannot sign the identity assertion",
-                )?;
+                let token = assertion(&self.shared.signer, &forward.named, &claims, now_unix())
+                    .or_err(
+                        ErrorType::InternalError,
+                        "cannot sign the identity assertion",
+                    )?;
                 set(ASSERTION_HEADER, token)?;
             }
         }
@@ -3092,6 +3093,65 @@ fn strip_own_cookies(headers: &mut http::HeaderMap, own: OwnCookies<'_>) {
         .ok()
         .filter(|_| !joined.is_empty());
     replace_all(headers, header::COOKIE, kept.into_iter().collect());
+}
+
+/// The assertion a worker thread sent last, with what it was signed for: the identity
+/// ([`Named`], whose user, email and groups a pointer names while it lives) and the other
+/// claims. A caller's requests to a route take it from here, not from the signer's shared
+/// cache (its lock, its comparison of every claim), while its key signs and it is not near its
+/// end ([`Signer::still_serves`]).
+struct LastAssertion {
+    signer: Arc<Signer>,
+    named: Arc<crate::gate::Named>,
+    issuer: Box<str>,
+    audience: Box<str>,
+    served: Option<Box<str>>,
+    agent: Option<Box<str>>,
+    delegated: bool,
+    signed: crate::assertion::Signed,
+}
+
+thread_local! {
+    static LAST_ASSERTION: std::cell::RefCell<Option<LastAssertion>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The assertion of `claims`, made for the identity `named`, at `now` (see [`LastAssertion`]).
+fn assertion(
+    signer: &Arc<Signer>,
+    named: &Arc<crate::gate::Named>,
+    claims: &AssertionClaims<'_>,
+    now: u64,
+) -> std::result::Result<HeaderValue, String> {
+    LAST_ASSERTION.with_borrow_mut(|last| {
+        let same = |l: &&LastAssertion| {
+            Arc::ptr_eq(&l.signer, signer)
+                && Arc::ptr_eq(&l.named, named)
+                && *l.audience == *claims.audience
+                && *l.issuer == *claims.issuer
+                && l.served.as_deref() == claims.served
+                && l.agent.as_deref() == claims.agent
+                && l.delegated == claims.delegated
+        };
+        if let Some(last) = last.as_ref().filter(same) {
+            if signer.still_serves(&last.signed, now) {
+                return Ok(last.signed.token.clone());
+            }
+        }
+        let signed = signer.signed(claims, now)?;
+        let token = signed.token.clone();
+        *last = Some(LastAssertion {
+            signer: signer.clone(),
+            named: named.clone(),
+            issuer: claims.issuer.into(),
+            audience: claims.audience.into(),
+            served: claims.served.map(Into::into),
+            agent: claims.agent.map(Into::into),
+            delegated: claims.delegated,
+            signed,
+        });
+        Ok(token)
+    })
 }
 
 /// The `Forwarded` and `X-Forwarded-For` values of the last request a worker thread sent
