@@ -98,7 +98,7 @@ PARTS = [
     ("the upstream_request_filter hook", "ProxyHttp>::upstream_request_filter::", None),
     ("… adding and removing headers (the header map)", "http::header::map::HeaderMap<T>::",
      "ProxyHttp>::upstream_request_filter::"),
-    ("… the signed assertion (cached)", "portcullis::assertion::Signer::assertion", None),
+    ("… the signed assertion (cached)", "portcullis::proxy::assertion", None),
     ("the upstream_peer hook", "ProxyHttp>::upstream_peer::", None),
     ("the upstream_response_filter hook", "ProxyHttp>::upstream_response_filter::", None),
     ("the body filter hooks (Portcullis: the revocation check)", "_body_filter", None),

@@ -3117,6 +3117,8 @@ thread_local! {
 }
 
 /// The assertion of `claims`, made for the identity `named`, at `now` (see [`LastAssertion`]).
+/// A frame of its own in profiles (`bench/floor.py --profile` reads it).
+#[inline(never)]
 fn assertion(
     signer: &Arc<Signer>,
     named: &Arc<crate::gate::Named>,
