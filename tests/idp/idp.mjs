@@ -59,7 +59,8 @@
 //   POST /test/backchannel-logout  {sub, client_id, end_session?}: sends a real logout token to
 //                                  the client's backchannel_logout_uri for each session of `sub`
 //                                  with that client, then ends those sessions (unless
-//                                  end_session is false)
+//                                  end_session is false); {resend_last: true}: sends the last
+//                                  delivery again, the same token, as an IdP retrying one does
 //   POST /test/set-groups          {sub, groups}: the user's groups from now on, in the tokens
 //                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
@@ -585,6 +586,9 @@ ${auto ? '<script>document.getElementById("op.logoutForm").submit();</script>' :
     // lives on loopback.
     fetch(url, options) {
       const { dispatcher: _ignored, ...rest } = options;
+      if (rest.body instanceof URLSearchParams && rest.body.has('logout_token')) {
+        lastLogoutDelivery = { url, options: rest };
+      }
       return globalThis.fetch(url, rest);
     },
   };
@@ -670,7 +674,22 @@ async function handleInteraction(provider, req, res, url) {
   );
 }
 
+// The last back-channel logout delivered (its URL and request, the token in it), sent again as
+// it was by `resend_last`: as an IdP that retries a delivery the client did not answer 200 to.
+let lastLogoutDelivery = null;
+
+async function resendLastLogout() {
+  if (!lastLogoutDelivery) return [404, { error: 'no back-channel logout was sent yet' }];
+  const { url, options } = lastLogoutDelivery;
+  const response = await globalThis.fetch(url, options);
+  if (response.status !== 200 && response.status !== 204) {
+    return [502, { error: `expected 200 OK from ${url}, got: ${response.status}` }];
+  }
+  return [200, { resent: 1 }];
+}
+
 async function backchannelLogout(provider, body) {
+  if (body.resend_last) return resendLastLogout();
   const { sub, client_id: clientId } = body;
   const endSession = body.end_session ?? true;
   const client = await provider.Client.find(clientId);

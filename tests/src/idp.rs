@@ -639,6 +639,18 @@ impl Idp {
         }
     }
 
+    /// Sends the last back-channel logout again, the same token to the same client, as an IdP
+    /// retrying a delivery the client did not answer 200 does: `Err` with the IdP's words where
+    /// the client does not answer 200 this time either.
+    pub async fn resend_last_backchannel_logout(&self) -> Result<(), String> {
+        let body = json!({ "resend_last": true });
+        let (status, v) = self.control_answer("/test/backchannel-logout", body).await;
+        match status {
+            StatusCode::OK => Ok(()),
+            _ => Err(v["error"].as_str().unwrap_or_default().to_owned()),
+        }
+    }
+
     /// Gives the user `sub` these groups from now on, as an admin's change at the IdP: tokens
     /// and UserInfo answers issued after carry them.
     pub async fn set_groups(&self, sub: &str, groups: &[&str]) {
