@@ -1322,6 +1322,34 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
     let _ = driver.await;
 }
 
+/// A database holding Portcullis' tables without their rows (its schema copied with `pg_dump
+/// --schema-only`) is refused, saying so, not read as an outage for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_copied_without_its_data_is_refused() {
+    use portcullis_scim::store::postgres::PgStorage;
+    let pg = Postgres::start().await;
+    let options = one_connection(pg.url(), Duration::from_millis(500));
+    let migrate = move || PgStorage::open(&options)?.migrate();
+    let again = migrate.clone();
+    tokio::task::spawn_blocking(migrate)
+        .await
+        .unwrap()
+        .expect("the schema");
+    pg.query("DELETE FROM portcullis_schema; DELETE FROM directory_meta")
+        .await
+        .expect("the rows taken out");
+    let refused = tokio::task::spawn_blocking(again).await.unwrap();
+    let refused = refused.expect_err("a schema without its data");
+    assert!(
+        matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("without its data"),
+        "{refused}"
+    );
+}
+
 /// A database in an encoding other than UTF8 is refused at start, with what to do: it would
 /// refuse any character it lacks (a name's, a refused request's in an audit record) and stall
 /// what is queued behind it.

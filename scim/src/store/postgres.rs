@@ -755,14 +755,18 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The schema's version; `None` before the first migration made its table.
-fn schema_version(client: &mut Client) -> Result<Option<i32>, StoreError> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass('portcullis_schema') IS NOT NULL", &[])
+/// Whether the database has the table `name`.
+fn table_exists(client: &mut Client, name: &str) -> Result<bool, StoreError> {
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
         .map_err(backend)?
         .try_get(0)
-        .map_err(backend)?;
-    if !exists {
+        .map_err(backend)
+}
+
+/// The schema's version; `None` before the first migration made its table.
+fn schema_version(client: &mut Client) -> Result<Option<i32>, StoreError> {
+    if !table_exists(client, "portcullis_schema")? {
         return Ok(None);
     }
     let found: Option<i32> = client
@@ -775,6 +779,17 @@ fn schema_version(client: &mut Client) -> Result<Option<i32>, StoreError> {
 
 fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
     let found = match schema_version(client)? {
+        // No version, yet the first migration's tables: the schema was copied without its
+        // rows (`pg_dump --schema-only`). Migrating would fail on what exists, and read as an
+        // outage for ever.
+        Some(0) if table_exists(client, "directory_meta")? => {
+            return Err(StoreError::Unsuitable(
+                "it holds Portcullis' tables but not their version or sequence: the schema \
+                 was copied without its data (pg_dump --schema-only?); use an empty database, \
+                 or restore a full dump"
+                    .to_owned(),
+            ))
+        }
         Some(found) => found,
         None => {
             client
