@@ -635,15 +635,14 @@ impl ProxyHttp for Proxy {
             runtime.client_ip(peer_ip(session), local_addr(session), own_tls, &req.headers);
         // Over HTTP/2, only so many of a connection's requests are served at once (see
         // `state::h2_under_way_bound`): one past them is refused before anything else is done
-        // for it. But for a proxy the listener trusts, which brings many clients' requests on
-        // one connection and resets those its own timeouts give up on.
-        if session.req_header().version == http::Version::HTTP_2
-            && !runtime.from_trusted_proxy(peer_ip(session), local_addr(session), own_tls)
-        {
+        // for it.
+        if session.req_header().version == http::Version::HTTP_2 {
             if let Some(digest) = session.digest() {
                 let (under_way, count) = crate::state::H2UnderWay::begin(digest);
                 ctx._h2_under_way = Some(under_way);
-                let bound = crate::state::h2_under_way_bound();
+                let trusted =
+                    runtime.from_trusted_proxy(peer_ip(session), local_addr(session), own_tls);
+                let bound = crate::state::h2_under_way_bound(trusted);
                 if count > bound {
                     let refused = Reply::status_page(StatusCode::TOO_MANY_REQUESTS);
                     let why = format!(

@@ -771,9 +771,15 @@ pub fn set_h2_streams(streams: u32) {
     MAX_H2_UNDER_WAY.store(bound, Ordering::Relaxed);
 }
 
-/// How many requests of one HTTP/2 connection may be under way at once.
-pub fn h2_under_way_bound() -> usize {
-    MAX_H2_UNDER_WAY.load(Ordering::Relaxed)
+/// How many requests of one HTTP/2 connection may be under way at once: 16 times as many on
+/// one from a proxy the listener trusts, which brings many clients' requests on it and resets
+/// those its own timeouts give up on (still bounded: it may pass its clients' resets on).
+pub fn h2_under_way_bound(from_trusted_proxy: bool) -> usize {
+    let bound = MAX_H2_UNDER_WAY.load(Ordering::Relaxed);
+    match from_trusted_proxy {
+        true => bound.saturating_mul(16),
+        false => bound,
+    }
 }
 
 /// The requests under way on each HTTP/2 connection, by the address of its digest (which its

@@ -266,22 +266,58 @@ async fn an_idle_http2_connection_is_closed() {
 }
 
 /// An HTTP/2 client that resets each stream it opened (CVE-2023-44487, "rapid reset") frees its
-/// place among the 100 streams it may have open at once, while its request goes on here until
+/// place among the streams it may have open at once (100), while its request goes on here until
 /// it is written upstream: against an upstream slow to connect, one connection could have any
-/// number of connections to it under way. It has no more than 200 requests under way; those
-/// past them are refused (429) before anything is done for them.
+/// number of connections to it under way. It has no more than twice as many requests under way
+/// as it may have open; those past them are refused (429) before anything is done for them.
+/// Fewer where heads may be large (12 streams open with a bound of 1 MiB on a head, so 24);
+/// more for a proxy the listener trusts (16 times as many), which brings many clients' requests.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under_way() {
+    let plain = |cfg: ConfigBuilder| cfg;
+    let (connected, refused) = reset_in_rounds(plain, 4, 100).await;
+    assert!(
+        connected <= 200,
+        "{connected} connections upstream for one client connection"
+    );
+    assert!(refused >= 200, "the rest were refused: {refused}");
+
+    let large_heads = |cfg: ConfigBuilder| cfg.server("max_request_header_bytes", "1048576");
+    let (connected, refused) = reset_in_rounds(large_heads, 4, 12).await;
+    assert!(
+        connected <= 24,
+        "{connected} connections with heads of up to 1 MiB"
+    );
+    assert!(refused >= 24, "the rest were refused: {refused}");
+
+    let trusted =
+        |cfg: ConfigBuilder| cfg.https_listener_setting("trusted_proxies = [\"127.0.0.1\"]");
+    let (connected, refused) = reset_in_rounds(trusted, 4, 100).await;
+    assert_eq!(
+        (connected, refused),
+        (400, 0),
+        "a trusted proxy's connection"
+    );
+}
+
+/// Opens `per_round` streams at once on one HTTP/2 connection to a route `setup` configures,
+/// `rounds` times; waits until each is under way (connecting to an upstream whose TLS handshake
+/// never completes) or answered, then resets them all. How many connections reached the
+/// upstream, and how many streams were answered (refused).
+async fn reset_in_rounds(
+    setup: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    rounds: usize,
+    per_round: u32,
+) -> (usize, usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An upstream whose TLS handshake never completes: each request waits on its connection.
     let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("https://{}", holding.local_addr().unwrap());
     let connected = Arc::new(AtomicUsize::new(0));
     let counting = connected.clone();
-    tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = holding.accept().await {
             held.push(stream);
@@ -290,7 +326,7 @@ async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under
     });
     let ca = TestCa::new();
     let cert = ca.leaf("app", &["app.test"]);
-    let cfg = ConfigBuilder::new().https_listener(vec![cert]).route(
+    let cfg = setup(ConfigBuilder::new().https_listener(vec![cert])).route(
         Route::to_urls("https://app.test", vec![upstream])
             .accept(&["public"])
             .set("connect_timeout = \"60s\""),
@@ -301,7 +337,7 @@ async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under
     // The answers' heads (HEADERS frames), counted as they come.
     let answered = Arc::new(AtomicUsize::new(0));
     let counting = answered.clone();
-    tokio::spawn(async move {
+    let reading = tokio::spawn(async move {
         let (mut buffered, mut buf) = (Vec::new(), [0u8; 16384]);
         while let Ok(n @ 1..) = from.read(&mut buf).await {
             buffered.extend_from_slice(&buf[..n]);
@@ -329,7 +365,6 @@ async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under
         head.extend(hpack_field(1, "app.test"));
         h2_frame(1, 0x05, stream, &head)
     };
-    let (rounds, per_round) = (4, 100);
     let mut next = 1u32;
     for round in 1..=rounds {
         let streams: Vec<u32> = (0..per_round).map(|i| next + 2 * i).collect();
@@ -339,7 +374,7 @@ async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under
             .unwrap();
         // Each of the round's is under way (connecting upstream) or refused.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let done = (round * per_round) as usize;
+        let done = round * per_round as usize;
         while connected.load(Ordering::SeqCst) + answered.load(Ordering::SeqCst) < done {
             assert!(
                 Instant::now() < deadline,
@@ -355,15 +390,13 @@ async fn an_http2_client_that_resets_its_streams_has_only_so_many_requests_under
             .collect();
         to.write_all(&resets).await.unwrap();
     }
-    let reached = connected.load(Ordering::SeqCst);
-    assert!(
-        reached <= 200,
-        "{reached} connections upstream for one client connection"
+    let counts = (
+        connected.load(Ordering::SeqCst),
+        answered.load(Ordering::SeqCst),
     );
-    assert!(
-        answered.load(Ordering::SeqCst) >= 200,
-        "the rest were refused"
-    );
+    reading.abort();
+    accepting.abort();
+    counts
 }
 
 /// An HTTP/2 client that takes nothing of an answer (its window at 0), or sends nothing of a

@@ -184,6 +184,8 @@ pub struct ConfigBuilder {
     /// Settings of the HTTP listener beyond its address, raw TOML lines.
     http_settings: Vec<String>,
     https: Option<(SocketAddr, Vec<CertFiles>)>,
+    /// Settings of the TLS listener beyond its address and certificates, raw TOML lines.
+    https_settings: Vec<String>,
     server: Vec<(String, String)>,
     routes: Vec<Route>,
     scim: Option<Scim>,
@@ -206,6 +208,7 @@ impl ConfigBuilder {
             http: None,
             http_any_interface: false,
             http_settings: Vec::new(),
+            https_settings: Vec::new(),
             https: None,
             server: vec![
                 ("threads".to_owned(), "2".to_owned()),
@@ -272,6 +275,12 @@ impl ConfigBuilder {
     /// Adds `line` (raw TOML: `trusted_proxies = ["127.0.0.3"]`) to the HTTP listener.
     pub fn http_listener_setting(mut self, line: &str) -> ConfigBuilder {
         self.http_settings.push(line.to_owned());
+        self
+    }
+
+    /// Adds `line` (raw TOML: `trusted_proxies = ["127.0.0.1"]`) to the TLS listener.
+    pub fn https_listener_setting(mut self, line: &str) -> ConfigBuilder {
+        self.https_settings.push(line.to_owned());
         self
     }
 
@@ -418,6 +427,9 @@ impl ConfigBuilder {
                 "\n[[listeners]]\naddress = \"{addr}\"\ntls = {{ certificates = [{}] }}",
                 list.join(", ")
             );
+            for line in &self.https_settings {
+                let _ = writeln!(out, "{line}");
+            }
         }
         for route in &self.routes {
             let to: Vec<String> = route.to.iter().map(|u| toml_str(u)).collect();
