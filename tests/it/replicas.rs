@@ -2277,7 +2277,9 @@ async fn a_write_whose_confirmation_cannot_be_read_is_answered_all_the_same() {
         .http_listener()
         .route(Route::new("http://app.test", &[&up]))
         .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
-        .postgres(&pg.url(), "2s");
+        // Long enough that the replica's own lease, whose renewal the lock holds up too, is
+        // not lost before the write reaches its check (then its 503 would say so).
+        .postgres(&pg.url(), "5s");
     let px = cfg.start().await;
     let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
     let id = scim.create_user("ada@example.com").await.expect(201).id();

@@ -443,12 +443,12 @@ impl Auth {
                 let detail = param("error_description").unwrap_or_default();
                 let said = format!("{error} {detail}");
                 // Anyone may send this under a sign-in they started: once a minute at most.
+                // (One of a few words: nothing anyone wrote reaches the log.)
                 if OPERATOR_MENDS.contains(&error.as_str()) && warn_of_refusals_now(now_unix()) {
                     tracing::warn!(
-                        "a sign-in was refused at the identity provider ({}): the [oidc] client \
-                         or its registration there needs mending; the IdP's log says why (said \
-                         once a minute at most)",
-                        error_code(&error)
+                        "a sign-in was refused at the identity provider ({error}): the [oidc] \
+                         client or its registration there needs mending; the IdP's log says why \
+                         (said once a minute at most)"
                     );
                 }
                 match error.as_str() {

@@ -827,10 +827,8 @@ mod tests {
         assert_eq!(own.ok(), Some(claims));
         assert_eq!(asked.load(Ordering::SeqCst), 2, "fetched once for it");
         // A set that cannot be had says nothing of the answer: no key of the issuer's lacks.
-        let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let unreachable = format!("http://{}/jwks", down.local_addr().unwrap());
-        drop(down);
-        let set = Jwks::new(unreachable, reqwest::Client::new());
+        let (hanging_up, _) = key_set_server(|stream, _| async move { drop(stream) }).await;
+        let set = Jwks::new(format!("http://{hanging_up}/jwks"), reqwest::Client::new());
         let own = set
             .verify_issuers_answer::<serde_json::Value>(&token, &validation)
             .await;
