@@ -1805,7 +1805,7 @@ impl Named {
 
     /// Who the upstream is told of, stamped with its version: a hash of everything in it, so
     /// anything cached on it (the signed assertion) is reused exactly as long as it is true.
-    fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Named {
+    pub(crate) fn new(user: String, email: Option<String>, group_names: Vec<String>) -> Named {
         let groups = groups_header(&group_names);
         let version = foldhash::quality::FixedState::default().hash_one((&user, &email, &groups));
         let values = IdentityValues::of(&user, email.as_deref(), &groups);

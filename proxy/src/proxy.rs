@@ -3443,6 +3443,55 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
 mod tests {
     use super::*;
 
+    /// A worker thread sends the assertion it sent last again only while it is what the signer
+    /// would give: for the same identity and claims, its key still signing, not near its end.
+    #[test]
+    fn a_thread_sends_its_last_assertion_again_only_while_the_signer_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::clock::now_unix();
+        let ttl = std::time::Duration::from_secs(300);
+        let signer = Arc::new(Signer::open(dir.path(), now, ttl).unwrap());
+        let named = |groups: &[&str]| {
+            let groups = groups.iter().map(|g| g.to_string()).collect();
+            let email = Some("alice@corp.example".to_owned());
+            Arc::new(crate::gate::Named::new("alice".to_owned(), email, groups))
+        };
+        let send = |named: &Arc<crate::gate::Named>, audience: &str, at: u64| {
+            let claims = AssertionClaims {
+                issuer: "https://auth.example.com",
+                audience,
+                served: None,
+                subject: &named.user,
+                email: named.email.as_deref(),
+                groups: &named.group_names,
+                agent: None,
+                delegated: false,
+                version: named.version,
+            };
+            let token = assertion(&signer, named, &claims, at).unwrap();
+            token.to_str().unwrap().to_owned()
+        };
+        let eng = named(&["eng"]);
+        let first = send(&eng, "app", now);
+        assert_eq!(send(&eng, "app", now), first, "the same, sent again");
+        assert_ne!(send(&eng, "wiki", now), first, "for another route");
+        let ops = named(&["ops"]);
+        let regrouped = send(&ops, "app", now);
+        assert_ne!(regrouped, first, "for other groups");
+        assert_eq!(send(&ops, "app", now), regrouped);
+        // Within REUSE_SECS of its signing, then no more.
+        let later = now + crate::assertion::REUSE_SECS + 1;
+        let renewed = send(&ops, "app", later);
+        assert_ne!(renewed, regrouped, "near its end");
+        // A new key signs from now: the last is not sent again.
+        signer.rotate(later, 0).unwrap();
+        assert_ne!(
+            send(&ops, "app", later),
+            renewed,
+            "signed by a key that no longer signs"
+        );
+    }
+
     /// A refused upstream certificate is logged with why (pingora's words, in the context of
     /// an error it marks the upstream's); what an upstream sent that could not be parsed is not.
     #[test]
