@@ -2193,22 +2193,46 @@ async fn a_scim_read_waiting_on_postgres_holds_up_no_proxied_request() {
     let _ = driver.await;
 }
 
+/// One replica on its own database, with `max_staleness`, and ada: her record's SCIM path.
+struct OneReplica {
+    pg: Postgres,
+    _up: Upstream,
+    px: Portcullis,
+    scim: ScimClient,
+    path: String,
+}
+
+impl OneReplica {
+    async fn start(max_staleness: &str) -> OneReplica {
+        let pg = Postgres::start().await;
+        let up = Upstream::start("app").await;
+        let cfg = ConfigBuilder::new()
+            .http_listener()
+            .route(Route::new("http://app.test", &[&up]))
+            .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
+            .postgres(&pg.url(), max_staleness);
+        let px = cfg.start().await;
+        let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
+        let id = scim.create_user("ada@example.com").await.expect(201).id();
+        let path = format!("/Users/{id}");
+        OneReplica {
+            pg,
+            _up: up,
+            px,
+            scim,
+            path,
+        }
+    }
+}
+
 /// The writer also applies the feed that keeps the lease: a write that needs a table another
 /// session has locked (an operator's `LOCK TABLE`, `VACUUM FULL`, `ALTER TABLE`) must fail soon,
 /// not wait with the lease lapsing and every caller refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready() {
-    let pg = Postgres::start().await;
-    let up = Upstream::start("app").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&up]))
-        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
-        .postgres(&pg.url(), "4s");
-    let px = cfg.start().await;
-    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
-    let id = scim.create_user("ada@example.com").await.expect(201).id();
-    let path = format!("/Users/{id}");
+    let OneReplica {
+        pg, px, scim, path, ..
+    } = OneReplica::start("4s").await;
     let mut others = Vec::new();
     for i in 0..8 {
         let other = scim.create_user(&format!("u{i}@example.com")).await;
@@ -2271,19 +2295,11 @@ async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready()
 /// not held for as long as the lock is; once it is let go, the write stands.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_whose_confirmation_cannot_be_read_is_answered_all_the_same() {
-    let pg = Postgres::start().await;
-    let up = Upstream::start("app").await;
-    let cfg = ConfigBuilder::new()
-        .http_listener()
-        .route(Route::new("http://app.test", &[&up]))
-        .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
-        // Long enough that the replica's own lease, whose renewal the lock holds up too, is
-        // not lost before the write reaches its check (then its 503 would say so).
-        .postgres(&pg.url(), "5s");
-    let px = cfg.start().await;
-    let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
-    let id = scim.create_user("ada@example.com").await.expect(201).id();
-    let path = format!("/Users/{id}");
+    // Long enough that the replica's own lease, whose renewal the lock holds up too, is not
+    // lost before the write reaches its check (then its 503 would say so).
+    let OneReplica {
+        pg, px, scim, path, ..
+    } = OneReplica::start("5s").await;
 
     let (locker, driver) = lock_table(&pg, "portcullis_replicas").await;
     let off = patch_ops(json!([{"op": "replace", "value": {"active": false}}]));

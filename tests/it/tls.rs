@@ -208,6 +208,19 @@ fn hpack_field(name_index: u8, value: &str) -> Vec<u8> {
     out
 }
 
+/// The first whole frame in `buffered`, taken out of it: its type, flags and stream.
+fn take_frame(buffered: &mut Vec<u8>) -> Option<(u8, u8, u32)> {
+    let head = buffered.get(..9)?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    if buffered.len() < 9 + len {
+        return None;
+    }
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let frame = (head[3], head[4], stream);
+    buffered.drain(..9 + len);
+    Some(frame)
+}
+
 /// Reads frames until `done` says so for one of them (given its type, flags and stream), or
 /// the connection ends (then true); false if neither came within 30 s.
 async fn h2_until(
@@ -219,18 +232,10 @@ async fn h2_until(
     let mut buffered = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
-        while buffered.len() >= 9 {
-            let len = usize::from(buffered[0]) << 16
-                | usize::from(buffered[1]) << 8
-                | usize::from(buffered[2]);
-            if buffered.len() < 9 + len {
-                break;
-            }
-            let stream = u32::from_be_bytes(buffered[5..9].try_into().unwrap()) & 0x7fff_ffff;
-            if done(buffered[3], buffered[4], stream) {
+        while let Some((kind, flags, stream)) = take_frame(&mut buffered) {
+            if done(kind, flags, stream) {
                 return true;
             }
-            buffered.drain(..9 + len);
         }
         match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return true,
@@ -341,17 +346,10 @@ async fn reset_in_rounds(
         let (mut buffered, mut buf) = (Vec::new(), [0u8; 16384]);
         while let Ok(n @ 1..) = from.read(&mut buf).await {
             buffered.extend_from_slice(&buf[..n]);
-            while buffered.len() >= 9 {
-                let len = usize::from(buffered[0]) << 16
-                    | usize::from(buffered[1]) << 8
-                    | usize::from(buffered[2]);
-                if buffered.len() < 9 + len {
-                    break;
-                }
-                if buffered[3] == 1 {
+            while let Some((kind, _, _)) = take_frame(&mut buffered) {
+                if kind == 1 {
                     counting.fetch_add(1, Ordering::SeqCst);
                 }
-                buffered.drain(..9 + len);
             }
         }
     });

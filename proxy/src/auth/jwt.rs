@@ -734,6 +734,15 @@ fn refusal(kind: &ErrorKind) -> &'static str {
 mod tests {
     use super::*;
 
+    /// An HTTP/1.1 answer of `body` as JSON, the connection closed after it.
+    fn json_answer(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
     /// A key-set endpoint on loopback: counts the connections it takes, and hands each, with
     /// its turn (0 first), to `serve`.
     async fn key_set_server<F, Fut>(
@@ -796,12 +805,7 @@ mod tests {
             async move {
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request).await;
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.write_all(json_answer(&body).as_bytes()).await;
             }
         })
         .await;
@@ -943,13 +947,9 @@ mod tests {
                 _ => Duration::from_millis(300),
             };
             tokio::time::sleep(slow).await;
-            let body = r#"{"keys":[]}"#;
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream
+                .write_all(json_answer(r#"{"keys":[]}"#).as_bytes())
+                .await;
         })
         .await;
         let set = Arc::new(Jwks::holding(

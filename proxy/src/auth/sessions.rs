@@ -1564,18 +1564,7 @@ mod tests {
         let alice = begin(&sessions, identity("alice", 10_000), 100).await;
         let bob = begin(&sessions, identity("bob", 10_000), 100).await;
         // Another replica, as it reads the store now.
-        let elsewhere = || {
-            let kept = Arc::new(Kept::default());
-            let sinks = portcullis_scim::store::Sinks {
-                changes: None,
-                entries: Some(kept.clone()),
-            };
-            let clock = Box::new(time::OffsetDateTime::now_utc);
-            let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
-            Sessions::new(kept, Arc::new(directory))
-                .find(|_| true)
-                .len()
-        };
+        let elsewhere = || sessions_over(store.clone()).find(|_| true).len();
         assert_eq!(elsewhere(), 2);
         let (bob_key, _) = sessions.get(&bob).unwrap();
         sessions.end_for_good(&[bob_key], "bob's".into()).await;
@@ -1626,15 +1615,20 @@ mod tests {
             entered: Some(entered_tx).into(),
             release: Some(release_rx).into(),
         });
+        let sessions = Arc::new(sessions_over(store.clone()));
+        (sessions, store, entered, release)
+    }
+
+    /// Sessions over `store`, as a replica opening it now reads them.
+    fn sessions_over(store: Arc<Gated>) -> Sessions {
         let kept = Arc::new(Kept::default());
         let sinks = portcullis_scim::store::Sinks {
             changes: None,
             entries: Some(kept.clone()),
         };
         let clock = Box::new(time::OffsetDateTime::now_utc);
-        let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
-        let sessions = Arc::new(Sessions::new(kept, Arc::new(directory)));
-        (sessions, store, entered, release)
+        let directory = Directory::open_with_sinks(store, clock, sinks).unwrap();
+        Sessions::new(kept, Arc::new(directory))
     }
 
     /// Sign-ins finished in one second do not end each other's, but callbacks saved up and
