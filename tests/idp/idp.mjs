@@ -680,8 +680,10 @@ let lastLogoutDelivery = null;
 
 async function resendLastLogout() {
   if (!lastLogoutDelivery) return [404, { error: 'no back-channel logout was sent yet' }];
-  const { url, options } = lastLogoutDelivery;
-  const response = await globalThis.fetch(url, options);
+  // With a timeout of its own (that of the first delivery may have passed), as long as
+  // oidc-provider gives each of its deliveries.
+  const { url, options: { signal: _spent, ...options } } = lastLogoutDelivery;
+  const response = await globalThis.fetch(url, { ...options, signal: AbortSignal.timeout(2500) });
   if (response.status !== 200 && response.status !== 204) {
     return [502, { error: `expected 200 OK from ${url}, got: ${response.status}` }];
   }
