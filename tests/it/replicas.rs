@@ -1348,6 +1348,17 @@ async fn a_schema_copied_without_its_data_is_refused() {
         refused.to_string().contains("without its data"),
         "{refused}"
     );
+    // As the commands that only read (explain, rotate-assertion-key) find it.
+    let options = one_connection(pg.url(), Duration::from_millis(500));
+    let checked = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.check_schema());
+    let refused = checked
+        .await
+        .unwrap()
+        .expect_err("a schema without its data");
+    assert!(
+        refused.to_string().contains("without its data"),
+        "{refused}"
+    );
 }
 
 /// A database in an encoding other than UTF8 is refused at start, with what to do: it would

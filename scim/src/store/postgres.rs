@@ -638,6 +638,14 @@ impl PgStorage {
         match self.pool.with(schema_version)? {
             Some(SCHEMA_VERSION) => Ok(true),
             None => Ok(false),
+            // Before the first migration's commit, or a schema copied without its rows.
+            Some(0) => match self
+                .pool
+                .with(|client| table_exists(client, "directory_meta"))?
+            {
+                true => Err(copied_without_data()),
+                false => Ok(false),
+            },
             Some(found) => Err(StoreError::Version {
                 found: u64::try_from(found).unwrap_or(0),
                 expected: SCHEMA_VERSION as u64,
@@ -755,6 +763,15 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A database holding Portcullis' tables without their rows.
+fn copied_without_data() -> StoreError {
+    StoreError::Unsuitable(
+        "it holds Portcullis' tables but not their version or sequence: the schema was copied \
+         without its data (pg_dump --schema-only?); use an empty database, or restore a full dump"
+            .to_owned(),
+    )
+}
+
 /// Whether the database has the table `name`.
 fn table_exists(client: &mut Client, name: &str) -> Result<bool, StoreError> {
     client
@@ -782,14 +799,7 @@ fn migrate_locked(client: &mut Client) -> Result<(), StoreError> {
         // No version, yet the first migration's tables: the schema was copied without its
         // rows (`pg_dump --schema-only`). Migrating would fail on what exists, and read as an
         // outage for ever.
-        Some(0) if table_exists(client, "directory_meta")? => {
-            return Err(StoreError::Unsuitable(
-                "it holds Portcullis' tables but not their version or sequence: the schema \
-                 was copied without its data (pg_dump --schema-only?); use an empty database, \
-                 or restore a full dump"
-                    .to_owned(),
-            ))
-        }
+        Some(0) if table_exists(client, "directory_meta")? => return Err(copied_without_data()),
         Some(found) => found,
         None => {
             client
