@@ -683,7 +683,12 @@ async function resendLastLogout() {
   // With a timeout of its own (that of the first delivery may have passed), as long as
   // oidc-provider gives each of its deliveries.
   const { url, options: { signal: _spent, ...options } } = lastLogoutDelivery;
-  const response = await globalThis.fetch(url, { ...options, signal: AbortSignal.timeout(2500) });
+  let response;
+  try {
+    response = await globalThis.fetch(url, { ...options, signal: AbortSignal.timeout(2500) });
+  } catch (err) {
+    return [502, { error: `${url} did not answer: ${err.message}` }];
+  }
   if (response.status !== 200 && response.status !== 204) {
     return [502, { error: `expected 200 OK from ${url}, got: ${response.status}` }];
   }

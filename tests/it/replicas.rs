@@ -2242,7 +2242,11 @@ impl OneReplica {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scim_write_on_a_locked_table_fails_soon_and_the_replica_stays_ready() {
     let OneReplica {
-        pg, px, scim, path, ..
+        pg,
+        _up,
+        px,
+        scim,
+        path,
     } = OneReplica::start("4s").await;
     let mut others = Vec::new();
     for i in 0..8 {
@@ -2309,7 +2313,11 @@ async fn a_write_whose_confirmation_cannot_be_read_is_answered_all_the_same() {
     // Long enough that the replica's own lease, whose renewal the lock holds up too, is not
     // lost before the write reaches its check (then its 503 would say so).
     let OneReplica {
-        pg, px, scim, path, ..
+        pg,
+        _up,
+        px,
+        scim,
+        path,
     } = OneReplica::start("5s").await;
 
     let (locker, driver) = lock_table(&pg, "portcullis_replicas").await;

@@ -1596,9 +1596,6 @@ mod tests {
         }
     }
 
-    /// A second end of a session while a first is writing its end (a double-click on "Sign
-    /// out", two tabs) finds it, and writes its own: the first's write failing does not bring
-    /// back a session the second said was over, nor its sign-in's session on another host.
     /// Sessions over a [`Gated`] store; the receiver says when its commit is waiting, the
     /// sender releases it.
     fn gated() -> (
@@ -1695,6 +1692,9 @@ mod tests {
         );
     }
 
+    /// A second end of a session while a first is writing its end (a double-click on "Sign
+    /// out", two tabs) finds it, and writes its own: the first's write failing does not bring
+    /// back a session the second said was over, nor its sign-in's session on another host.
     #[tokio::test]
     async fn a_second_end_holds_when_the_first_end_s_write_fails() {
         let (sessions, store, entered, release) = gated();

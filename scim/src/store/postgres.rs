@@ -638,14 +638,18 @@ impl PgStorage {
         match self.pool.with(schema_version)? {
             Some(SCHEMA_VERSION) => Ok(true),
             None => Ok(false),
-            // Before the first migration's commit, or a schema copied without its rows.
-            Some(0) => match self
+            // Before the first migration's commit, or a schema copied without its rows. (Its
+            // tables and version are committed at once: read again, a first replica's
+            // migration that committed meanwhile shows.)
+            Some(0) => self
                 .pool
-                .with(|client| table_exists(client, "directory_meta"))?
-            {
-                true => Err(copied_without_data()),
-                false => Ok(false),
-            },
+                .with(|client| match table_exists(client, "directory_meta")? {
+                    false => Ok(false),
+                    true => match schema_version(client)? {
+                        Some(SCHEMA_VERSION) => Ok(true),
+                        _ => Err(copied_without_data()),
+                    },
+                }),
             Some(found) => Err(StoreError::Version {
                 found: u64::try_from(found).unwrap_or(0),
                 expected: SCHEMA_VERSION as u64,
