@@ -51,12 +51,6 @@ impl Scim {
         host == self.host && portcullis_config::under_scim_base(path)
     }
 
-    /// Whether `token` is one of the SCIM tokens (expired or not): Portcullis' credential,
-    /// never an upstream's.
-    pub fn issued(&self, token: &[u8]) -> bool {
-        self.find(token).is_some()
-    }
-
     /// The SCIM token `token` is. Every configured token is compared, in constant time,
     /// whatever matches.
     fn find(&self, token: &[u8]) -> Option<&ScimToken> {

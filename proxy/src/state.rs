@@ -53,15 +53,23 @@ pub struct Runtime {
     /// The settings of `config` that differ from those the process started with and wait for
     /// a restart (see `reload::AtStart`), as the console shows them.
     pub awaiting_restart: Vec<&'static str>,
-    /// SHA-256 of the SCIM and `[admin]` tokens earlier configurations of this process held
-    /// and this one does not (the newest [`MAX_FORMER_TOKENS`]): still Portcullis' own, never
-    /// an upstream's. An IdP goes on sending a SCIM token taken out, and the same token may
-    /// be put back.
-    former_tokens: Arc<Vec<[u8; 32]>>,
+    /// SHA-256 of the SCIM and `[admin]` tokens this configuration holds, then of those
+    /// earlier configurations of this process held and this one does not (the newest
+    /// [`MAX_FORMER_TOKENS`]): Portcullis' own, never an upstream's. An IdP goes on sending a
+    /// SCIM token taken out, and the same token may be put back.
+    own_tokens: Arc<Vec<[u8; 32]>>,
 }
 
 /// How many tokens taken out of the configuration are still known as Portcullis' own.
 const MAX_FORMER_TOKENS: usize = 256;
+
+/// SHA-256 of the SCIM and `[admin]` tokens `config` holds.
+fn token_digests(config: &Config) -> impl Iterator<Item = [u8; 32]> + '_ {
+    let scim = config.scim.iter().flat_map(|scim| &scim.tokens);
+    let admin = config.admin.iter().flat_map(|admin| &admin.token);
+    scim.map(|token| token.sha256)
+        .chain(admin.map(|token| token.sha256))
+}
 
 /// The port a plain-HTTP request is sent to for https, of the https listeners at `tls` (a
 /// listener behind a TLS proxy counted on 443): the one
@@ -109,6 +117,7 @@ impl Runtime {
             .scim
             .as_ref()
             .map(|scim| Scim::new(scim, directory.clone()));
+        let own_tokens = Arc::new(token_digests(&config).collect());
         Self {
             behind_tls_proxy: config.listeners.iter().any(|l| l.behind_tls_proxy),
             trusted_proxies: config
@@ -118,7 +127,7 @@ impl Runtime {
             routes: RouteTable::new(routes),
             tokens_epoch: 0,
             awaiting_restart: Vec::new(),
-            former_tokens: Arc::default(),
+            own_tokens,
             https_port,
             scim,
             assertion_issuer: config.oidc.as_ref().map_or_else(
@@ -136,31 +145,21 @@ impl Runtime {
     }
 
     /// Takes over from `running` the tokens it, or a configuration before it, held and this
-    /// one does not ([`Runtime::former_tokens`]).
+    /// one does not ([`Runtime::own_tokens`]).
     pub fn keep_tokens_of(&mut self, running: &Runtime) {
-        let held: Vec<[u8; 32]> = self.token_digests().collect();
+        let held: Vec<[u8; 32]> = token_digests(&self.config).collect();
+        // The newest first: those running holds, then those it kept, the last kept first.
+        let newest_first =
+            token_digests(&running.config).chain(running.own_tokens.iter().rev().copied());
         let mut former: Vec<[u8; 32]> = Vec::new();
-        for digest in running
-            .former_tokens
-            .iter()
-            .copied()
-            .chain(running.token_digests())
-        {
+        for digest in newest_first {
             if !held.contains(&digest) && !former.contains(&digest) {
                 former.push(digest);
             }
         }
-        let over = former.len().saturating_sub(MAX_FORMER_TOKENS);
-        former.drain(..over);
-        self.former_tokens = Arc::new(former);
-    }
-
-    /// SHA-256 of the SCIM and `[admin]` tokens this configuration holds.
-    fn token_digests(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
-        let scim = self.config.scim.iter().flat_map(|scim| &scim.tokens);
-        let admin = self.config.admin.iter().flat_map(|admin| &admin.token);
-        scim.map(|token| token.sha256)
-            .chain(admin.map(|token| token.sha256))
+        former.truncate(MAX_FORMER_TOKENS);
+        former.reverse();
+        self.own_tokens = Arc::new(held.into_iter().chain(former).collect());
     }
 
     /// Whether Portcullis answers for the lower-cased `host` (without port): a route's host,
@@ -207,35 +206,19 @@ impl Runtime {
     }
 
     /// Whether a bearer `token` is one of Portcullis' own credentials, never an upstream's: a
-    /// JWT of one of its issuers for one of their audiences, a SCIM token, the admin token, or
-    /// one of those two an earlier configuration held.
+    /// JWT of one of its issuers for one of their audiences, a SCIM token or the admin token
+    /// this configuration or an earlier one held (compared in constant time).
     pub fn is_own_token(&self, token: &str) -> bool {
-        self.is_held_token(token) || self.was_held_token(token)
-    }
-
-    fn is_held_token(&self, token: &str) -> bool {
-        crate::auth::meant_for_portcullis(&self.config, token)
-            || self
-                .scim
-                .as_ref()
-                .is_some_and(|scim| scim.issued(token.as_bytes()))
-            || self
-                .config
-                .admin
-                .as_ref()
-                .and_then(|admin| admin.token.as_ref())
-                .is_some_and(|admin| crate::admin::is_token(admin, token.as_bytes()))
-    }
-
-    /// Whether `token` is one an earlier configuration held, compared in constant time.
-    fn was_held_token(&self, token: &str) -> bool {
-        if self.former_tokens.is_empty() {
+        if crate::auth::meant_for_portcullis(&self.config, token) {
+            return true;
+        }
+        if self.own_tokens.is_empty() {
             return false;
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = subtle::Choice::from(0);
-        for former in self.former_tokens.iter() {
-            found |= former.ct_eq(&digest);
+        for own in self.own_tokens.iter() {
+            found |= own.ct_eq(&digest);
         }
         found.into()
     }
