@@ -640,10 +640,12 @@ impl ProxyHttp for Proxy {
             if let Some(digest) = session.digest() {
                 let (under_way, count) = crate::state::H2UnderWay::begin(digest);
                 ctx._h2_under_way = Some(under_way);
+                // Whether the connection is a trusted proxy's is asked only past a client's.
+                let past = |trusted| count > crate::state::h2_under_way_bound(trusted);
                 let trusted =
-                    runtime.from_trusted_proxy(peer_ip(session), local_addr(session), own_tls);
-                let bound = crate::state::h2_under_way_bound(trusted);
-                if count > bound {
+                    || runtime.from_trusted_proxy(peer_ip(session), local_addr(session), own_tls);
+                if past(false) && past(trusted()) {
+                    let bound = crate::state::h2_under_way_bound(trusted());
                     let refused = Reply::status_page(StatusCode::TOO_MANY_REQUESTS);
                     let why = format!(
                         "a request was refused: its HTTP/2 connection has more than {bound} \
