@@ -237,12 +237,9 @@ struct Cached {
     agent: Option<Box<str>>,
     delegated: bool,
     version: u64,
-    kid: Arc<str>,
-    iat: u64,
-    exp: u64,
-    /// The token as a header value: checked once, when signed, and shared by every request
-    /// it is sent with.
-    token: HeaderValue,
+    /// The token (as a header value: checked once, when signed, and shared by every request
+    /// it is sent with), and its key and dates.
+    signed: Signed,
 }
 
 /// A signed assertion, with the key that signed it (`kid`) and when it was signed for (`iat`:
@@ -255,16 +252,15 @@ pub struct Signed {
     exp: u64,
 }
 
-impl Cached {
-    fn signed(&self) -> Signed {
-        Signed {
-            token: self.token.clone(),
-            kid: self.kid.clone(),
-            iat: self.iat,
-            exp: self.exp,
-        }
+impl Signed {
+    /// Whether it is what is sent for its claims at `now`, `kid` signing then: made with that
+    /// key, and expiring more than `margin` from now.
+    fn fresh(&self, kid: &str, now: u64, margin: u64) -> bool {
+        &*self.kid == kid && self.iat <= now && self.exp > now.saturating_add(margin)
     }
+}
 
+impl Cached {
     /// About the memory it holds.
     fn bytes(&self) -> usize {
         let text = [&self.issuer, &self.audience, &self.subject]
@@ -277,14 +273,12 @@ impl Cached {
         let groups: usize = (self.groups.iter())
             .map(|g| g.len() + std::mem::size_of::<Box<str>>())
             .sum();
-        std::mem::size_of::<Cached>() + text + groups + self.token.len()
+        std::mem::size_of::<Cached>() + text + groups + self.signed.token.len()
     }
 
     fn serves(&self, c: &AssertionClaims<'_>, kid: &str, now: u64, margin: u64) -> bool {
         self.version == c.version
-            && &*self.kid == kid
-            && self.iat <= now
-            && self.exp > now.saturating_add(margin)
+            && self.signed.fresh(kid, now, margin)
             && &*self.subject == c.subject
             && &*self.audience == c.audience
             && self.served.as_deref() == c.served
@@ -414,9 +408,7 @@ impl Signer {
     /// Whether `signed` is still what [`Signer::assertion`] gives for the claims it was signed
     /// for at `now`: its key still signs, and it expires more than the refresh margin from now.
     pub fn still_serves(&self, signed: &Signed, now: u64) -> bool {
-        signed.iat <= now
-            && signed.exp > now.saturating_add(self.margin)
-            && (self.keys.load().signing(now)).is_some_and(|key| key.kid == signed.kid)
+        (self.keys.load().signing(now)).is_some_and(|key| signed.fresh(&key.kid, now, self.margin))
     }
 
     /// [`Signer::assertion`], with what it was signed with and when.
@@ -430,7 +422,9 @@ impl Signer {
             .hash_one((claims.issuer, claims.audience, claims.subject));
         // What the slot holds now, if anything (its token is for other claims, or aged).
         let kept = match self.cache.get(&slot) {
-            Some(hit) if hit.serves(claims, &key.kid, now, self.margin) => return Ok(hit.signed()),
+            Some(hit) if hit.serves(claims, &key.kid, now, self.margin) => {
+                return Ok(hit.signed.clone())
+            }
             Some(hit) => Some(hit.bytes()),
             None => None,
         };
@@ -454,10 +448,7 @@ impl Signer {
             agent: claims.agent.map(Into::into),
             delegated: claims.delegated,
             version: claims.version,
-            kid: key.kid.clone(),
-            iat: now,
-            exp,
-            token: token.clone(),
+            signed: signed.clone(),
         };
         // Full: the slots kept stay (see the module's doc), and this one is signed per request;
         // a slot whose token grows past what the cache holds (its caller put in many more
@@ -507,7 +498,7 @@ impl Signer {
 
     fn refresh_locked(&self, now: u64) -> Result<(), String> {
         self.cache.retain(|_, c| {
-            let live = c.exp > now;
+            let live = c.signed.exp > now;
             if !live {
                 self.cache_bytes.fetch_sub(c.bytes(), Ordering::Relaxed);
             }
@@ -1632,10 +1623,12 @@ mod tests {
                     agent: None,
                     delegated: false,
                     version: 0,
-                    kid: "".into(),
-                    iat: T0,
-                    exp: T0 + 300,
-                    token: HeaderValue::from_static(""),
+                    signed: Signed {
+                        token: HeaderValue::from_static(""),
+                        kid: "".into(),
+                        iat: T0,
+                        exp: T0 + 300,
+                    },
                 },
             );
         }
