@@ -175,10 +175,7 @@ impl Refused {
     /// The agent a refused token older than a record acts through, if any: the record is the
     /// agent's, or the person's it acts for.
     pub fn outdated_agent(&self) -> Option<&AgentRecord> {
-        match self.outdated()? {
-            Outdated::Agent(agent) | Outdated::Caller(Some(agent)) => Some(agent),
-            Outdated::Caller(None) | Outdated::Unlisted => None,
-        }
+        self.outdated()?.agent()
     }
 }
 
@@ -197,6 +194,15 @@ pub enum Outdated {
 }
 
 impl Outdated {
+    /// The agent the refused token acts through, if any: the record is the agent's, or the
+    /// person's it acts for.
+    pub fn agent(&self) -> Option<&AgentRecord> {
+        match self {
+            Outdated::Agent(agent) | Outdated::Caller(Some(agent)) => Some(agent),
+            Outdated::Caller(None) | Outdated::Unlisted => None,
+        }
+    }
+
     /// Why a person's session refused as outdated is over, as audited.
     pub fn session_reason(&self, who: &str) -> String {
         match self {
@@ -813,13 +819,17 @@ impl Gate<'_> {
     pub fn outdated_agent(&self, token: &Machine) -> Option<AgentRecord> {
         let key = self.agent_key(self.acting_value(token)?);
         let now = i64::try_from(self.now).unwrap_or(i64::MAX);
-        let outdated = self.directory.with_agent(key, now, |lookup| match lookup {
-            AgentLookup::Found(view) => {
-                predates(token.issued, view.agent.active, view.valid_since_unix)
+        let mut record = self.directory.with_agent(key, now, |lookup| match lookup {
+            AgentLookup::Found(view)
+                if predates(token.issued, view.agent.active, view.valid_since_unix) =>
+            {
+                Some(agent_record(&view))
             }
-            _ => false,
-        });
-        outdated.then(|| self.acting_agent(token)).flatten()
+            _ => None,
+        })?;
+        record.on_behalf_of =
+            (!token.for_itself).then(|| self.person_name(Principal::Machine(token)));
+        Some(record)
     }
 
     /// The value of `agent_claim` the agent acting with `token` is found by (see

@@ -1001,11 +1001,7 @@ impl Auth {
                     };
                     let (who, reason) =
                         crate::audit::outdated_token(&caller.log_name(), Some(&outdated));
-                    let agent = match &outdated {
-                        crate::gate::Outdated::Agent(agent)
-                        | crate::gate::Outdated::Caller(Some(agent)) => Some(agent),
-                        _ => None,
-                    };
+                    let agent = outdated.agent();
                     (self.audit).refusal(&who, AUDIT_ROUTE, None, &reason, &request, agent);
                     return Err(true);
                 }
