@@ -635,21 +635,18 @@ impl PgStorage {
     /// refuses one whose schema is not this build's, changing nothing (for a command that
     /// only reads: migrating would stop the replicas of an older build).
     pub fn check_schema(&self) -> Result<bool, StoreError> {
-        match self.pool.with(schema_version)? {
+        // The first migration commits its tables and its version at once: its tables read
+        // before the version, a version of 0 with them is a schema copied without its rows,
+        // not one being made.
+        let (tables, version) = self.pool.with(|client| {
+            let tables = table_exists(client, "directory_meta")?;
+            Ok((tables, schema_version(client)?))
+        })?;
+        match version {
             Some(SCHEMA_VERSION) => Ok(true),
             None => Ok(false),
-            // Before the first migration's commit, or a schema copied without its rows. (Its
-            // tables and version are committed at once: read again, a first replica's
-            // migration that committed meanwhile shows.)
-            Some(0) => self
-                .pool
-                .with(|client| match table_exists(client, "directory_meta")? {
-                    false => Ok(false),
-                    true => match schema_version(client)? {
-                        Some(SCHEMA_VERSION) => Ok(true),
-                        _ => Err(copied_without_data()),
-                    },
-                }),
+            Some(0) if tables => Err(copied_without_data()),
+            Some(0) => Ok(false),
             Some(found) => Err(StoreError::Version {
                 found: u64::try_from(found).unwrap_or(0),
                 expected: SCHEMA_VERSION as u64,
