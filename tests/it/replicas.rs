@@ -1269,22 +1269,30 @@ async fn settling_never_answers_from_a_view_without_the_write() {
     assert!(waited >= max_staleness * 2, "gave up after {waited:?}");
 }
 
+/// Migrates `pg`'s database, as a first replica's start does, through a store of one
+/// connection; the same migration, to run again.
+async fn migrated(
+    pg: &Postgres,
+) -> impl Fn() -> Result<(), portcullis_scim::store::StoreError> + Clone + Send + 'static {
+    let options = one_connection(pg.url(), Duration::from_millis(500));
+    let migrate = move || portcullis_scim::store::postgres::PgStorage::open(&options)?.migrate();
+    tokio::task::spawn_blocking(migrate.clone())
+        .await
+        .unwrap()
+        .expect("the schema");
+    migrate
+}
+
 /// A replica that connects to a database whose schema is up to date takes no lock: one
 /// holding the migration lock and stalled (a frozen host; it waits outside a transaction, so
 /// no server timeout ends it) kept every replica whose feed reconnected from catching up.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock() {
-    use portcullis_scim::store::postgres::{PgStorage, MIGRATION_LOCK};
+    use portcullis_scim::store::postgres::MIGRATION_LOCK;
 
     let pg = Postgres::start().await;
-    let options = one_connection(pg.url(), Duration::from_millis(500));
-    let migrate = move || PgStorage::open(&options)?.migrate();
-    let first = migrate.clone();
+    let migrate = migrated(&pg).await;
     let migrate_again = migrate.clone();
-    tokio::task::spawn_blocking(first)
-        .await
-        .unwrap()
-        .expect("the schema");
     // Another replica takes the lock, and stalls holding it.
     let (holder, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -1328,13 +1336,7 @@ async fn an_up_to_date_schema_is_not_waited_on_behind_a_stalled_migration_lock()
 async fn a_schema_copied_without_its_data_is_refused() {
     use portcullis_scim::store::postgres::PgStorage;
     let pg = Postgres::start().await;
-    let options = one_connection(pg.url(), Duration::from_millis(500));
-    let migrate = move || PgStorage::open(&options)?.migrate();
-    let again = migrate.clone();
-    tokio::task::spawn_blocking(migrate)
-        .await
-        .unwrap()
-        .expect("the schema");
+    let again = migrated(&pg).await;
     pg.query("DELETE FROM portcullis_schema; DELETE FROM directory_meta")
         .await
         .expect("the rows taken out");
