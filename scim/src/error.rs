@@ -59,6 +59,8 @@ pub struct ScimError {
     pub status: u16,
     pub scim_type: Option<ScimType>,
     pub detail: String,
+    /// The write was made all the same (see [`ScimError::saved`]).
+    saved: bool,
 }
 
 impl ScimError {
@@ -67,7 +69,23 @@ impl ScimError {
             status,
             scim_type,
             detail: detail.into(),
+            saved: false,
         }
+    }
+
+    /// A `503` for a write committed, and visible here, but not known to be on every replica
+    /// yet: a retry finds it made.
+    pub fn saved_unconfirmed(detail: impl Into<String>) -> Self {
+        Self {
+            saved: true,
+            ..Self::new(503, None, detail)
+        }
+    }
+
+    /// Whether the write this answers was made all the same (committed, and visible here):
+    /// only confirming it on every replica failed.
+    pub fn saved(&self) -> bool {
+        self.saved
     }
 
     /// A `400 Bad Request` with the given `scimType`, the status of every protocol error here.

@@ -500,6 +500,64 @@ async fn a_backchannel_logout_while_the_database_is_down_is_asked_again_and_reco
     }
 }
 
+/// A back-channel logout whose end is saved but whose confirmation by every replica cannot be
+/// read (the replicas' table locked, as an operator's `LOCK TABLE` or `VACUUM FULL` holds it)
+/// is taken: the sessions are ended and the logout recorded as the IdP's, not refused as if
+/// the store had refused it (the IdP's retry would find its token used).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backchannel_logout_saved_but_not_confirmed_everywhere_is_taken_and_recorded() {
+    let cfg = ConfigBuilder::new().http_listener();
+    let fleet = Fleet::start_signing_in(std::slice::from_ref(&cfg)).await;
+    let mut a = fleet.spawn_on(cfg);
+    a.px.wait_ready().await;
+    let url = a.cfg.http_url("app.test", "/.portcullis/sign_in?rd=%2F");
+    wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
+    let bob = a.scim.create_user(BOB).await.expect_success().id();
+    a.scim.create_group("eng", &[&bob]).await.expect_success();
+    let cookie = sign_in_through(&fleet, (&a, &a), BOB, BOB_PASSWORD).await;
+    assert_eq!(with_session(&a, &cookie).await, 200);
+
+    let (locker, driver) = lock_table(&fleet.pg, "portcullis_replicas").await;
+    // The IdP gives up on its delivery after 2.5 s (oidc-provider's timeout), long before
+    // A can tell whether every replica has the end (twice `max_staleness` and a second): what
+    // A made of it is read in its audit trail.
+    let _ = fleet
+        .idp
+        .try_backchannel_logout_keeping_sessions("bob", CLIENT_ID)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let records = audit_records(&a).await;
+        let logged_out = records
+            .iter()
+            .any(|r| r["event"] == "session" && r["what"] == "idp_logout");
+        let refused = records.iter().any(|r| {
+            r["event"] == "refusal"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("could not be ended"))
+        });
+        if logged_out || refused {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "nothing recorded: {records:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    drop(locker);
+    let _ = driver.await;
+    let recorded = records
+        .iter()
+        .find(|r| r["event"] == "session" && r["what"] == "idp_logout");
+    assert!(
+        recorded.is_some_and(|r| r["user"] == BOB),
+        "not recorded as the IdP's logout: {records:?}\n{}",
+        a.px.log()
+    );
+    until_ready("A", &a).await;
+    assert_eq!(with_session(&a, &cookie).await, 401, "ended");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn people_sign_in_on_any_replica_and_every_revocation_holds_on_all_of_them() {
     let configs: Vec<ConfigBuilder> = (0..3)

@@ -832,6 +832,8 @@ impl Auth {
         let ending = self
             .sessions
             .end_for_logout(&keys, &oidc.issuer, &logout, now);
+        // (An end saved with other replicas not waited for is written: see
+        // `Sessions::write_end`. The token is used then, and a retry would be refused.)
         if let Err(e) = ending.await {
             self.oidc.unused_logout_token(&logout);
             tracing::error!("back-channel logout could not end sessions: {e}");

@@ -1502,7 +1502,7 @@ fn settle_loop(storage: &dyn Storage, settled: &mpsc::Receiver<Settled>) {
 /// nothing.
 fn unconfirmed(answers: Vec<(Write, Result<Written, ScimError>)>, why: &str) {
     for (write, result) in answers {
-        let answer = result.and_then(|_| Err(ScimError::new(503, None, why)));
+        let answer = result.and_then(|_| Err(ScimError::saved_unconfirmed(why)));
         let _ = write.reply.send(answer);
     }
 }

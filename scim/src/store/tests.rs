@@ -2227,6 +2227,7 @@ async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_wait
     let saved = saved.expect_err("not confirmed everywhere");
     assert_eq!(saved.status, 503, "{saved:?}");
     assert!(saved.detail.contains("saved"), "{saved:?}");
+    assert!(saved.saved(), "{saved:?}");
     assert!(dir.user_by_name("ann@corp.example").is_some());
     let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     let again = again.expect_err("a name taken");
@@ -2234,7 +2235,9 @@ async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_wait
     // Unless the commit was lost: the name was taken by a change that never was.
     let dir = settling(Settles::Lost);
     let lost = create(&dir, ResourceType::User, user("ann@corp.example")).await;
-    assert_eq!(lost.expect_err("lost").status, 503);
+    let lost = lost.expect_err("lost");
+    assert_eq!(lost.status, 503, "{lost:?}");
+    assert!(!lost.saved(), "{lost:?}");
     let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     let again = again.expect_err("judged against a lost change");
     assert_eq!(again.status, 503, "{again:?}");
