@@ -237,10 +237,13 @@ struct Failing {
     write: std::sync::atomic::AtomicBool,
     sync: std::sync::atomic::AtomicBool,
     open: std::sync::atomic::AtomicBool,
-    /// Armed: the next opening takes a second (a repair's walk of a large file), saying so in
-    /// `opening` as it begins.
+    /// Armed: the next opening takes a while (a repair's walk of a large file), saying so in
+    /// `opening` as it begins: until `release` is armed (at most 10 s), then saying so in
+    /// `opened`.
     slow: std::sync::atomic::AtomicBool,
     opening: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicBool,
+    opened: std::sync::atomic::AtomicBool,
     /// How many databases on the file were closed (dropped).
     closes: std::sync::atomic::AtomicUsize,
 }
@@ -291,7 +294,11 @@ fn failing_directory(dir: &std::path::Path, armed: &Arc<Failing>) -> Directory {
         }
         if once(&armed.slow) {
             arm(&armed.opening);
-            std::thread::sleep(std::time::Duration::from_secs(1));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !once(&armed.release) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            arm(&armed.opened);
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -380,18 +387,24 @@ async fn an_opening_after_a_failed_write_holds_up_no_read_and_a_close_waits_for_
         assert!(std::time::Instant::now() < deadline, "never opened again");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    // A read while it opens: refused at once, not held up for the opening's second.
+    // A read while it opens: refused at once, not held up until the opening is let go.
     let started = std::time::Instant::now();
     assert!(dir.get(ResourceType::User, &ann).is_err());
-    assert!(started.elapsed() < std::time::Duration::from_millis(500));
-    // A close waits for it, and closes what it opened.
-    let started = std::time::Instant::now();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "held up {took:?}");
+    // A close waits for it (let go a moment after the close begins), and closes what it
+    // opened.
+    let closed = armed.closes.load(std::sync::atomic::Ordering::SeqCst);
+    let releasing = armed.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        arm(&releasing.release);
+    });
     dir.close();
-    assert!(
-        started.elapsed() >= std::time::Duration::from_millis(300),
-        "closed in {:?}, while the file was being opened",
-        started.elapsed()
-    );
+    let opened = armed.opened.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened, "closed while the file was being opened");
+    assert!(armed.closes.load(std::sync::atomic::Ordering::SeqCst) > closed);
+    release.join().unwrap();
 }
 
 /// The opening a failed write makes at once, to read back what the file holds, holds up no
@@ -413,7 +426,9 @@ async fn the_opening_that_reads_a_failed_write_back_holds_up_no_read() {
         }
         let started = std::time::Instant::now();
         let read = dir.get(ResourceType::User, &ann);
-        (read.is_err(), started.elapsed())
+        let took = started.elapsed();
+        arm(&armed.release);
+        (read.is_err(), took)
     };
     let (written, (refused, took)) = tokio::join!(
         create(&dir, ResourceType::User, user("bob@corp.example")),
@@ -421,10 +436,8 @@ async fn the_opening_that_reads_a_failed_write_back_holds_up_no_read() {
     );
     assert!(written.is_err());
     assert!(refused, "read from a database being opened");
-    assert!(
-        took < std::time::Duration::from_millis(500),
-        "held up {took:?}"
-    );
+    // (One held up would wait the opening's 10 s: it is let go once the read is answered.)
+    assert!(took < std::time::Duration::from_secs(5), "held up {took:?}");
     // Open again after it: read as before.
     assert!(dir.get(ResourceType::User, &ann).is_ok());
 }
