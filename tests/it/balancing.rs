@@ -348,8 +348,9 @@ struct Moving {
 
 impl Moving {
     async fn start(refresh: &str) -> Moving {
-        let old = Upstream::start("old").await;
-        let port = old.addr().port();
+        // A port no client socket takes (see `free_port`), on 127.0.0.2 as on 127.0.0.1.
+        let port = portcullis_tests::free_port();
+        let old = Upstream::start_on("old", SocketAddr::from(([127, 0, 0, 1], port))).await;
         let new = Upstream::start_on("new", SocketAddr::from(([127, 0, 0, 2], port))).await;
         let hosts = Hosts::new("svc.test", &["127.0.0.1"]);
         let cfg = svc_route(port, refresh);
@@ -462,8 +463,8 @@ async fn an_upstream_that_refuses_connections_has_its_name_resolved_again_at_onc
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_name_with_an_address_that_refuses_moves_to_its_next_address() {
-    let mut first = Upstream::start("first").await;
-    let port = first.addr().port();
+    let port = portcullis_tests::free_port();
+    let mut first = Upstream::start_on("first", SocketAddr::from(([127, 0, 0, 1], port))).await;
     let _second = Upstream::start_on("second", SocketAddr::from(([127, 0, 0, 2], port))).await;
     let hosts = Hosts::new("svc.test", &["127.0.0.1", "127.0.0.2"]);
     let cfg = svc_route(port, "1h");
