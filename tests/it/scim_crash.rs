@@ -5,8 +5,8 @@
 //! Each writer task owns its users and is the only one changing their memberships, one
 //! request at a time, so for every (group, user) pair the expected final state is the result
 //! of the last acknowledged PATCH, unless a later PATCH of that pair got no answer (cut by a
-//! kill): then either state is right. A create that got no answer may or may not exist, but
-//! never twice. The kill schedule comes from a seeded generator; the seed is printed, and
+//! kill): then either state is right. A create (of a user, or of an agent with one of the
+//! writer's users as its owner) that got no answer may or may not exist, but never twice. The kill schedule comes from a seeded generator; the seed is printed, and
 //! `SCIM_CRASH_SEED=<seed>` repeats it.
 
 use std::collections::{HashMap, HashSet};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portcullis_tests::rng::Rng;
-use portcullis_tests::scim::{patch_ops, user};
+use portcullis_tests::scim::{agent, patch_ops, user};
 use portcullis_tests::{ScimClient, ScimResponse};
 use reqwest::Method;
 use serde_json::json;
@@ -51,6 +51,10 @@ struct WriterLog {
     acked_users: Vec<(String, String)>,
     /// userNames of creates that got no answer.
     unknown_users: Vec<String>,
+    /// `(name, id, owner's id)` of Agents' creates answered 201.
+    acked_agents: Vec<(String, String, String)>,
+    /// names of Agents' creates that got no answer.
+    unknown_agents: Vec<String>,
     /// `(group index, user id) → state`.
     pairs: HashMap<(usize, String), Pair>,
     acked_writes: usize,
@@ -98,7 +102,30 @@ async fn writer(
             break;
         }
         let create = log.acked_users.len() < 3 || rng.chance(40);
-        let cut = if create {
+        let cut = if create && !log.acked_users.is_empty() && rng.chance(25) {
+            // An agent, owned by one of this writer's users: kept with its owner's link.
+            let name = format!("crash-w{index}-agent-{created}");
+            created += 1;
+            let (_, owner) =
+                log.acked_users[rng.below(log.acked_users.len() as u64) as usize].clone();
+            let body = agent(&name, &[&owner], &[]);
+            match send(&scim, Method::POST, "/Agents", &body, &[201]).await {
+                Outcome::Acked(resp) => {
+                    log.acked_agents.push((name, resp.id(), owner));
+                    log.acked_writes += 1;
+                    false
+                }
+                Outcome::Unknown => {
+                    log.unknown_agents.push(name);
+                    log.unknown_writes += 1;
+                    true
+                }
+                Outcome::Unexpected(e) => {
+                    log.unexpected.push(e);
+                    false
+                }
+            }
+        } else if create {
             let name = format!("crash-w{index}-{created}@example.com");
             created += 1;
             match send(&scim, Method::POST, "/Users", &user(&name), &[201]).await {
@@ -274,6 +301,40 @@ async fn verify(scim: &ScimClient, groups: &[String], logs: &[WriterLog], seed: 
             lost.push(format!("unacknowledged user {name} exists {n} times"));
         }
     }
+    // Every acknowledged agent is there, by id and by its name, with its owner; one without an
+    // answer at most once.
+    for (name, id, owner) in logs.iter().flat_map(|l| &l.acked_agents) {
+        let got = scim.get(&format!("/Agents/{id}")).await;
+        let owners = &got.body[portcullis_tests::scim::PORTCULLIS_AGENT_SCHEMA]["owners"];
+        let owned = owners
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o["value"] == owner.as_str()));
+        if got.status != 200 || got.body["name"] != name.as_str() || !owned {
+            lost.push(format!(
+                "agent {name} ({id}) of {owner}: GET {} {}",
+                got.status, got.text
+            ));
+        }
+    }
+    for (name, acked) in logs
+        .iter()
+        .flat_map(|l| l.acked_agents.iter().map(|a| (&a.0, true)))
+        .chain(
+            logs.iter()
+                .flat_map(|l| l.unknown_agents.iter().map(|n| (n, false))),
+        )
+    {
+        let found = scim
+            .filter("/Agents", &format!("name eq \"{name}\""))
+            .await
+            .expect(200);
+        let n = found.body["totalResults"].as_u64().unwrap_or(u64::MAX);
+        if (acked && n != 1) || n > 1 {
+            lost.push(format!(
+                "agent {name} (acknowledged: {acked}) found {n} times"
+            ));
+        }
+    }
     let acked_users: usize = logs.iter().map(|l| l.acked_users.len()).sum();
     let unknown_users: usize = logs.iter().map(|l| l.unknown_users.len()).sum();
     let total = scim
@@ -329,7 +390,11 @@ async fn verify(scim: &ScimClient, groups: &[String], logs: &[WriterLog], seed: 
             }
         }
     }
-    println!("verified {acked_users} acknowledged users and {checked} acknowledged memberships");
+    let acked_agents: usize = logs.iter().map(|l| l.acked_agents.len()).sum();
+    println!(
+        "verified {acked_users} acknowledged users, {acked_agents} agents and {checked} \
+         acknowledged memberships"
+    );
     assert!(
         lost.is_empty(),
         "acknowledged writes lost or state corrupted after SIGKILL (seed {seed}):\n{}",
