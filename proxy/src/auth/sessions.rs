@@ -950,7 +950,8 @@ impl Sessions {
     }
 
     /// Ends the given sessions: gone from this replica's memory first (so no request is served
-    /// by them here from this moment), then from the store and every other replica.
+    /// by them here from this moment), then from the store and every other replica (or, where
+    /// the replicas cannot be waited for, once the store has it: see [`Sessions::write_end`]).
     ///
     /// If the store refuses, the sessions are put back here (unless another end reached them
     /// meanwhile): not ended anywhere, they must still be found by a retry.
@@ -1076,24 +1077,63 @@ impl Sessions {
 
     /// Writes the end of the sessions `keys`, [`Sessions::take`]n, with `entries`. If the store
     /// refuses, they are still out of memory here, [`Sessions::put_back`] or to be written again.
-    /// An end the store saved, though other replicas could not be waited for, is written: no
-    /// retry would confirm it (it finds the sessions ended, a logout token used), and those
-    /// replicas have it as soon as they read the store, as they would a retry's.
+    /// An end the store saved, though other replicas could not be waited for, is written: a
+    /// retry by its requester would find it made (the sessions ended, a logout token used), and
+    /// those replicas have it as soon as they read the store. It is written again in the
+    /// background until every replica confirms it ([`Sessions::write_until_confirmed`]).
     pub async fn write_end(
         &self,
         keys: &[SessionKey],
         taken: Taken,
         entries: Vec<Entry>,
     ) -> Result<(), (String, Taken)> {
-        let written = keys.iter().flat_map(forget).chain(entries).collect();
-        match self.directory.write(Command::Put(written), ACTOR).await {
+        let written: Vec<Entry> = keys.iter().flat_map(forget).chain(entries).collect();
+        match self
+            .directory
+            .write(Command::Put(written.clone()), ACTOR)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.saved() => {
-                tracing::warn!("an end of sessions is saved, not yet read by every replica: {e}");
+                tracing::warn!(
+                    "an end of sessions is saved but not confirmed by every replica; it is written \
+                     again until it is: {}",
+                    e.detail
+                );
+                self.write_until_confirmed(written);
                 Ok(())
             }
             Err(e) => Err((e.detail, taken)),
         }
+    }
+
+    /// Writes `entries`, an end saved but not confirmed by every replica, again until a write of
+    /// them is: after a second, doubling up to a minute. Unconfirmed, it may be lost yet (a
+    /// failover to a standby without it, whose primary could not be read meanwhile), and the
+    /// sessions would be back on every replica with nothing to end them again. Written again
+    /// where it held, it changes nothing.
+    fn write_until_confirmed(&self, entries: Vec<Entry>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // (Every caller runs on a runtime.)
+            tracing::error!("cannot confirm an end of sessions: no runtime to write it on");
+            return;
+        };
+        let directory = self.directory.clone();
+        runtime.spawn(async move {
+            let mut pause = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(pause).await;
+                match directory.write(Command::Put(entries.clone()), ACTOR).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::warn!(
+                        "an end of sessions is not yet confirmed by every replica; trying again \
+                         in {pause:?}: {}",
+                        e.detail
+                    ),
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
     }
 
     /// Puts back sessions whose end the store refused: not ended anywhere, they must still be
@@ -1541,6 +1581,107 @@ mod tests {
         {
             self.inner.changes(after, limit)
         }
+    }
+
+    /// A shared store whose next `unconfirmed` settles cannot tell whether the other replicas
+    /// have the commit; counts commits.
+    #[derive(Default)]
+    struct Unsettled {
+        inner: portcullis_scim::store::memory::MemoryStorage,
+        unconfirmed: std::sync::atomic::AtomicUsize,
+        commits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl portcullis_scim::store::Storage for Unsettled {
+        fn load(
+            &self,
+            visit: &mut dyn FnMut(portcullis_scim::store::Loaded<'_>),
+        ) -> Result<(u64, u64), portcullis_scim::store::StoreError> {
+            self.inner.load(visit)
+        }
+        fn records(
+            &self,
+            rt: portcullis_scim::schema::ResourceType,
+            rows: &[u64],
+        ) -> Result<Vec<(u64, portcullis_scim::store::Record)>, portcullis_scim::store::StoreError>
+        {
+            self.inner.records(rt, rows)
+        }
+        fn commit(
+            &self,
+            batch: &portcullis_scim::store::Batch,
+        ) -> Result<(), portcullis_scim::store::StoreError> {
+            self.inner.commit(batch)?;
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn changes(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<portcullis_scim::store::Change>, portcullis_scim::store::StoreError>
+        {
+            self.inner.changes(after, limit)
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+        fn settle(
+            &self,
+            _seq: u64,
+            _committed: std::time::Instant,
+        ) -> Result<(), portcullis_scim::store::StoreError> {
+            let fewer = |n: usize| n.checked_sub(1);
+            match self
+                .unconfirmed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
+            {
+                Ok(_) => Err(portcullis_scim::store::StoreError::Backend(
+                    "cannot read the replicas' progress".into(),
+                )),
+                Err(_) => Ok(()),
+            }
+        }
+    }
+
+    /// An end the store saved but whose confirmation by the other replicas could not be read is
+    /// answered as written (a retry would find it made), and written again until a write of it
+    /// is confirmed: unconfirmed, a failover could yet lose it.
+    #[tokio::test]
+    async fn an_end_saved_but_not_confirmed_is_written_again_until_it_is() {
+        let store = Arc::new(Unsettled::default());
+        let kept = Arc::new(Kept::default());
+        let sinks = portcullis_scim::store::Sinks {
+            changes: None,
+            entries: Some(kept.clone()),
+        };
+        let clock = Box::new(time::OffsetDateTime::now_utc);
+        let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
+        let sessions = Sessions::new(kept, Arc::new(directory));
+        let id = sessions
+            .create(identity("alice", 10_000), None, "s", 100)
+            .await
+            .unwrap();
+        let (key, _) = sessions.get(&id).unwrap();
+        store.unconfirmed.store(2, Ordering::SeqCst);
+        let before = store.commits.load(Ordering::SeqCst);
+        assert_eq!(
+            sessions.end(&[key]).await,
+            Ok(()),
+            "saved: answered as ended"
+        );
+        assert!(sessions.get(&id).is_none());
+        // Written again (unconfirmed once more), then again, confirmed: and no more.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while store.unconfirmed.load(Ordering::SeqCst) > 0
+            || store.commits.load(Ordering::SeqCst) < before + 3
+        {
+            assert!(std::time::Instant::now() < deadline, "not written again");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+        assert_eq!(store.commits.load(Ordering::SeqCst), before + 3);
+        assert!(sessions.get(&id).is_none());
     }
 
     /// A write of an end the store refuses leaves the sessions out of memory, to be written
