@@ -674,6 +674,12 @@ impl ProxyHttp for Proxy {
                 .await;
         }
 
+        // An HTTP/1.0 request may come without `Host`: with an absolute target, the host it
+        // asks for is the target's (RFC 9112 §3.2.2), which pingora keeps out of its URI. Given
+        // it as its `Host`, it is read, judged and sent on as any request is.
+        if let Some(host) = target_host_for(session.req_header()) {
+            session.req_header_mut().insert_header(header::HOST, host)?;
+        }
         // An OPTIONS without a body may be a CORS preflight (see 1.6). Known from the framing
         // (HTTP/2's end of stream too), which only the session reads.
         let bodiless_options =
@@ -3326,6 +3332,28 @@ fn trim_padded_values(req: &mut RequestHeader) {
             let _ = req.append_header(name.clone(), value);
         }
     }
+}
+
+/// The `host[:port]` of an HTTP/1.0 request's absolute target, where it has no `Host`.
+fn target_host_for(req: &RequestHeader) -> Option<HeaderValue> {
+    if req.version != http::Version::HTTP_10 || req.headers.contains_key(header::HOST) {
+        return None;
+    }
+    let raw = req.raw_path();
+    let scheme = |s: &[u8]| {
+        raw.get(..s.len())
+            .is_some_and(|r| r.eq_ignore_ascii_case(s))
+    };
+    let after = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find(|s| scheme(s))?
+        .len();
+    let authority = &raw[after..];
+    let end = (authority.iter())
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(authority.len());
+    // (The rest is read as any target is: `path::target`.)
+    HeaderValue::from_bytes(&authority[..end]).ok()
 }
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the

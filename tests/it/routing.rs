@@ -96,6 +96,40 @@ async fn host_matching_ignores_case_and_port() {
     );
     let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
     assert_eq!(resp.status, 200, "absolute target: {}", resp.body_text());
+    // An HTTP/1.0 request may have no Host: an absolute target's host is the one it asks for
+    // (RFC 9112 §3.2.2), told upstream as any Host is. Not a URL in an origin-form target's
+    // query, though: without a Host, that request names no host.
+    let req = format!("GET http://App.Test:{port}/case?q HTTP/1.0\r\n\r\n");
+    let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+    assert_eq!(
+        resp.status,
+        200,
+        "HTTP/1.0 absolute target: {}",
+        resp.body_text()
+    );
+    let echo = Echo::parse(&resp.body);
+    assert_eq!(
+        (echo.upstream.as_str(), echo.uri.as_str()),
+        ("a", "/case?q")
+    );
+    let forwarded_host = echo.headers.iter().find(|(n, _)| n == "x-forwarded-host");
+    let expected = format!("App.Test:{port}");
+    assert_eq!(
+        forwarded_host.map(|(_, v)| v),
+        Some(&expected),
+        "{:?}",
+        echo.headers
+    );
+    for target in ["/case", "/case?to=http://app.test/"] {
+        let req = format!("GET {target} HTTP/1.0\r\n\r\n");
+        let resp = raw_request(cfg.http_addr(), req.as_bytes()).await.unwrap();
+        assert_eq!(
+            resp.status,
+            400,
+            "{target} without Host: {}",
+            resp.body_text()
+        );
+    }
     // reqwest lower-cases the URL's host; checked too, so the raw requests are not the only path.
     let echo = get_echo(&plain_client(), &cfg.http_url("APP.test", "/")).await;
     assert_eq!(echo.upstream, "a");
