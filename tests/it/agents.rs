@@ -439,6 +439,11 @@ async fn a_hundred_times_created_called_deactivated_and_refused() {
             StatusCode::FORBIDDEN,
             "cycle {cycle}, deleted: {body}"
         );
+        // Refused as deleted, not merely as it was (deactivated) before.
+        assert!(
+            body.contains("was deleted"),
+            "cycle {cycle}, deleted: {body}"
+        );
     }
     eprintln!("100 agent lifecycles in {:?}", started.elapsed());
 }

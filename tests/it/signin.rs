@@ -3680,6 +3680,8 @@ async fn a_session_unused_for_its_idle_timeout_ends_and_one_in_use_lives_on() {
     );
     assert_session_works(&url, &used).await;
     assert_session_refused(&fx, &url, &unused).await;
+    // Its websocket's frames were no use of it: ended as idle, not merely cut.
+    assert_session_refused(&fx, &url, &watching).await;
 }
 
 /// A reload that shortens `session_lifetime` (after a stolen cookie, say) ends the sessions

@@ -660,6 +660,11 @@ async fn forged_expired_and_misaddressed_tokens_of_the_idp_are_refused() {
         let sent = now_unix();
         let (status, body) = bearer(&url, &short).await;
         if status == StatusCode::UNAUTHORIZED {
+            // (Read after the answer: no earlier than Portcullis' own reading of the clock.)
+            assert!(
+                now_unix() >= exp,
+                "refused before its expiry at {exp}: {body}"
+            );
             break;
         }
         // A request let in the second before expiry has its response checked again; in the
