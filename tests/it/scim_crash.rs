@@ -6,7 +6,8 @@
 //! request at a time, so for every (group, user) pair the expected final state is the result
 //! of the last acknowledged PATCH, unless a later PATCH of that pair got no answer (cut by a
 //! kill): then either state is right. A create (of a user, or of an agent with one of the
-//! writer's users as its owner) that got no answer may or may not exist, but never twice. The kill schedule comes from a seeded generator; the seed is printed, and
+//! writer's users as its owner) that got no answer may or may not exist, but never twice. The
+//! kill schedule comes from a seeded generator; the seed is printed, and
 //! `SCIM_CRASH_SEED=<seed>` repeats it.
 
 use std::collections::{HashMap, HashSet};

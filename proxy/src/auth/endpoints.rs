@@ -854,8 +854,9 @@ impl Auth {
             .find(|identity| logout.ends(identity, &oidc.issuer));
         let late_keys: Vec<_> = late.iter().map(|(key, _)| *key).collect();
         // Answered once their end is written, so that every replica has it when the IdP hears
-        // back (or, where the replicas cannot be waited for, once the store has it). The token is kept as used (an answer other than 200 has the IdP send it again,
-        // to be refused): if the store refuses, the end is written until it holds, and they let
+        // back (or, where their progress cannot be read, once the store is read holding it).
+        // The token is kept as used (an answer other than 200 has the IdP send it again, to be
+        // refused): if the store refuses, the end is written until it holds, and they let
         // nobody in here meanwhile.
         let what = "the sessions signed in while a back-channel logout came".to_owned();
         self.sessions.end_for_good(&late_keys, what).await;

@@ -951,7 +951,8 @@ impl Sessions {
 
     /// Ends the given sessions: gone from this replica's memory first (so no request is served
     /// by them here from this moment), then from the store and every other replica (or, where
-    /// the replicas cannot be waited for, once the store has it: see [`Sessions::write_end`]).
+    /// their progress cannot be read, once the store is read holding it: see
+    /// [`Sessions::write_end`]).
     ///
     /// If the store refuses, the sessions are put back here (unless another end reached them
     /// meanwhile): not ended anywhere, they must still be found by a retry.
@@ -1077,63 +1078,24 @@ impl Sessions {
 
     /// Writes the end of the sessions `keys`, [`Sessions::take`]n, with `entries`. If the store
     /// refuses, they are still out of memory here, [`Sessions::put_back`] or to be written again.
-    /// An end the store saved, though other replicas could not be waited for, is written: a
-    /// retry by its requester would find it made (the sessions ended, a logout token used), and
-    /// those replicas have it as soon as they read the store. It is written again in the
-    /// background until every replica confirms it ([`Sessions::write_until_confirmed`]).
+    /// An end the store holds, though the other replicas' progress could not be read, is
+    /// written: a retry by its requester would find it made (the sessions ended, a logout token
+    /// used), and those replicas have it as soon as they read the store.
     pub async fn write_end(
         &self,
         keys: &[SessionKey],
         taken: Taken,
         entries: Vec<Entry>,
     ) -> Result<(), (String, Taken)> {
-        let written: Vec<Entry> = keys.iter().flat_map(forget).chain(entries).collect();
-        match self
-            .directory
-            .write(Command::Put(written.clone()), ACTOR)
-            .await
-        {
+        let written = keys.iter().flat_map(forget).chain(entries).collect();
+        match self.directory.write(Command::Put(written), ACTOR).await {
             Ok(_) => Ok(()),
             Err(e) if e.saved() => {
-                tracing::warn!(
-                    "an end of sessions is saved but not confirmed by every replica; it is written \
-                     again until it is: {}",
-                    e.detail
-                );
-                self.write_until_confirmed(written);
+                tracing::warn!("an end of sessions is saved, not confirmed by every replica");
                 Ok(())
             }
             Err(e) => Err((e.detail, taken)),
         }
-    }
-
-    /// Writes `entries`, an end saved but not confirmed by every replica, again until a write of
-    /// them is: after a second, doubling up to a minute. Unconfirmed, it may be lost yet (a
-    /// failover to a standby without it, whose primary could not be read meanwhile), and the
-    /// sessions would be back on every replica with nothing to end them again. Written again
-    /// where it held, it changes nothing.
-    fn write_until_confirmed(&self, entries: Vec<Entry>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // (Every caller runs on a runtime.)
-            tracing::error!("cannot confirm an end of sessions: no runtime to write it on");
-            return;
-        };
-        let directory = self.directory.clone();
-        runtime.spawn(async move {
-            let mut pause = std::time::Duration::from_secs(1);
-            loop {
-                tokio::time::sleep(pause).await;
-                match directory.write(Command::Put(entries.clone()), ACTOR).await {
-                    Ok(_) => return,
-                    Err(e) => tracing::warn!(
-                        "an end of sessions is not yet confirmed by every replica; trying again \
-                         in {pause:?}: {}",
-                        e.detail
-                    ),
-                }
-                pause = (pause * 2).min(std::time::Duration::from_secs(60));
-            }
-        });
     }
 
     /// Puts back sessions whose end the store refused: not ended anywhere, they must still be
@@ -1308,8 +1270,8 @@ impl Sessions {
     /// take), and parts of sessions that had ended. On an embedded store it forgets instead
     /// those `oidc` does not hold (another provider's, past its lifetime, or idle past its
     /// timeout; every one when `None`, sign-in is off): a restart that shortened the lifetime,
-    /// raised the idle timeout or moved sign-in off a provider must not have them come back. Returns how many sessions it wrote
-    /// and forgot. Run it every `every` seconds ([`upkeep_every`]).
+    /// raised the idle timeout or moved sign-in off a provider must not have them come back.
+    /// Returns how many sessions it wrote and forgot. Run it every `every` seconds ([`upkeep_every`]).
     pub async fn maintain(
         &self,
         now: u64,
@@ -1583,16 +1545,16 @@ mod tests {
         }
     }
 
-    /// A shared store whose next `unconfirmed` settles cannot tell whether the other replicas
-    /// have the commit; counts commits.
+    /// A shared store whose settles cannot read the other replicas' progress, once `unconfirmed`
+    /// is armed: it is read holding the commit, or, once `unknown` is armed too, not.
     #[derive(Default)]
-    struct Unsettled {
+    struct Unconfirmed {
         inner: portcullis_scim::store::memory::MemoryStorage,
-        unconfirmed: std::sync::atomic::AtomicUsize,
-        commits: std::sync::atomic::AtomicUsize,
+        unconfirmed: std::sync::atomic::AtomicBool,
+        unknown: std::sync::atomic::AtomicBool,
     }
 
-    impl portcullis_scim::store::Storage for Unsettled {
+    impl portcullis_scim::store::Storage for Unconfirmed {
         fn load(
             &self,
             visit: &mut dyn FnMut(portcullis_scim::store::Loaded<'_>),
@@ -1611,9 +1573,7 @@ mod tests {
             &self,
             batch: &portcullis_scim::store::Batch,
         ) -> Result<(), portcullis_scim::store::StoreError> {
-            self.inner.commit(batch)?;
-            self.commits.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            self.inner.commit(batch)
         }
         fn changes(
             &self,
@@ -1631,25 +1591,23 @@ mod tests {
             _seq: u64,
             _committed: std::time::Instant,
         ) -> Result<(), portcullis_scim::store::StoreError> {
-            let fewer = |n: usize| n.checked_sub(1);
-            match self
-                .unconfirmed
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
-            {
-                Ok(_) => Err(portcullis_scim::store::StoreError::Backend(
-                    "cannot read the replicas' progress".into(),
-                )),
-                Err(_) => Ok(()),
+            use portcullis_scim::store::StoreError;
+            match (
+                self.unconfirmed.load(Ordering::SeqCst),
+                self.unknown.load(Ordering::SeqCst),
+            ) {
+                (false, _) => Ok(()),
+                (true, false) => Err(StoreError::Backend("cannot read their progress".into())),
+                (true, true) => Err(StoreError::Unsettled("cannot read anything".into())),
             }
         }
     }
 
-    /// An end the store saved but whose confirmation by the other replicas could not be read is
-    /// answered as written (a retry would find it made), and written again until a write of it
-    /// is confirmed: unconfirmed, a failover could yet lose it.
+    /// An end the store is read holding, though the other replicas' progress could not be read,
+    /// is answered as written (a retry would find it made); one it may not hold is not.
     #[tokio::test]
-    async fn an_end_saved_but_not_confirmed_is_written_again_until_it_is() {
-        let store = Arc::new(Unsettled::default());
+    async fn an_end_saved_but_not_confirmed_is_written_and_one_perhaps_not_saved_is_not() {
+        let store = Arc::new(Unconfirmed::default());
         let kept = Arc::new(Kept::default());
         let sinks = portcullis_scim::store::Sinks {
             changes: None,
@@ -1658,30 +1616,28 @@ mod tests {
         let clock = Box::new(time::OffsetDateTime::now_utc);
         let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
         let sessions = Sessions::new(kept, Arc::new(directory));
-        let id = sessions
-            .create(identity("alice", 10_000), None, "s", 100)
-            .await
-            .unwrap();
-        let (key, _) = sessions.get(&id).unwrap();
-        store.unconfirmed.store(2, Ordering::SeqCst);
-        let before = store.commits.load(Ordering::SeqCst);
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let created = sessions.create(identity("alice", 10_000), None, "s", 100);
+            ids.push(created.await.unwrap());
+        }
+        store.unconfirmed.store(true, Ordering::SeqCst);
+        let (key, _) = sessions.get(&ids[0]).unwrap();
         assert_eq!(
             sessions.end(&[key]).await,
             Ok(()),
             "saved: answered as ended"
         );
-        assert!(sessions.get(&id).is_none());
-        // Written again (unconfirmed once more), then again, confirmed: and no more.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while store.unconfirmed.load(Ordering::SeqCst) > 0
-            || store.commits.load(Ordering::SeqCst) < before + 3
-        {
-            assert!(std::time::Instant::now() < deadline, "not written again");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
-        assert_eq!(store.commits.load(Ordering::SeqCst), before + 3);
-        assert!(sessions.get(&id).is_none());
+        assert!(sessions.get(&ids[0]).is_none());
+        store.unknown.store(true, Ordering::SeqCst);
+        let (key, _) = sessions.get(&ids[1]).unwrap();
+        let ended = sessions.end(&[key]).await;
+        assert!(
+            ended
+                .as_ref()
+                .is_err_and(|e| e.contains("may not have been saved")),
+            "{ended:?}"
+        );
     }
 
     /// A write of an end the store refuses leaves the sessions out of memory, to be written

@@ -1484,6 +1484,17 @@ fn settle_loop(storage: &dyn Storage, settled: &mpsc::Receiver<Settled>) {
                 let writes = answers.into_iter().map(|(write, _)| write).collect();
                 fail_all(writes, "the change was not kept by the database; retry");
             }
+            Err(e @ StoreError::Unsettled(_)) => {
+                // Not known to be saved: no success to report, nor a refusal judged against
+                // it (as when lost).
+                tracing::error!("directory change {seq} may not be kept: {e}");
+                let writes = answers.into_iter().map(|(write, _)| write).collect();
+                fail_all(
+                    writes,
+                    "the change may not have been saved: the database could not be read after \
+                     it was committed; retry",
+                );
+            }
             Err(e) => {
                 // Committed, but not known to be everywhere: not a success to report. SCIM
                 // clients retry, and a retried write finds the change already made.

@@ -240,6 +240,10 @@ pub enum StoreError {
     /// judged against it, a refusal too, is judged against what never was.
     #[error("the directory store lost a change: {0}")]
     Lost(String),
+    /// A commit the shared store answered may not be in it: neither the other replicas'
+    /// progress nor whether it holds the commit could be read since.
+    #[error("the directory store may not hold a change: {0}")]
+    Unsettled(String),
 }
 
 /// What a shared store has committed since a given sequence number ([`Storage::feed`]).

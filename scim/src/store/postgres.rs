@@ -593,6 +593,33 @@ impl PgStorage {
         committed
     }
 
+    /// Whether the primary holds the batch `seq` this replica committed (at `committed_us`, as
+    /// [`PgStorage::settling`] has it), read apart from the replicas' table: a `settle` that
+    /// cannot read their progress tells a change saved from one that may not be.
+    fn holds(
+        &self,
+        settler: &mut Dedicated,
+        seq: i64,
+        committed_us: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        settler.run(|conn| {
+            // NULL: a standby, which cannot say what the primary holds.
+            let holds = conn.prepare(on_primary!(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+                 WHEN (SELECT value FROM directory_meta WHERE key = 'seq') < $1 THEN false \
+                 ELSE $2::bigint IS NULL OR (SELECT \
+                 (extract(epoch FROM committed) * 1000000)::bigint FROM directory_feed \
+                 WHERE seq = $1) IS NOT DISTINCT FROM $2::bigint END"
+            ))?;
+            let row = (conn.client)
+                .query_one(&holds, &[&seq, &committed_us])
+                .map_err(backend)?;
+            let holds: Option<bool> = row.try_get(0).map_err(backend)?;
+            holds
+                .ok_or_else(|| StoreError::Backend("PostgreSQL answered from a standby".to_owned()))
+        })
+    }
+
     /// Prepares the connections; connects only when used. See [`PgStorage::migrate`].
     pub fn open(options: &PgOptions) -> Result<Self, StoreError> {
         let connector = Arc::new(Connector::new(&options.url, options.max_staleness)?);
@@ -1393,10 +1420,23 @@ impl Storage for PgStorage {
                 // Cannot ask: ask again (on a new connection) until the same bound. Waiting
                 // out this replica's own `max_staleness` and answering would not do: another
                 // replica's lease may be longer (each replica's file sets its own).
+                // Whether the database holds the change may be read all the same (their table
+                // locked: an operator's `LOCK TABLE` or `VACUUM FULL` on it): then it is saved,
+                // only not confirmed; not known, it may not be.
                 Err(e) if given_up => {
-                    break Err(StoreError::Backend(format!(
-                        "cannot read the replicas' progress: {e}"
-                    )))
+                    break match self.holds(&mut settler, seq, committed_us) {
+                        Ok(true) => Err(StoreError::Backend(format!(
+                            "cannot read the replicas' progress: {e}"
+                        ))),
+                        Ok(false) => Err(StoreError::Lost(
+                            "the database does not hold the change (lost in a failover?)"
+                                .to_owned(),
+                        )),
+                        Err(held) => Err(StoreError::Unsettled(format!(
+                            "cannot read the replicas' progress ({e}), nor whether the \
+                             database holds the change ({held})"
+                        ))),
+                    };
                 }
                 Err(e) => {
                     tracing::warn!("cannot read the replicas' progress, asking again: {e}");

@@ -2179,6 +2179,8 @@ enum Settles {
     Unconfirmed,
     /// Each commit is found lost (a failover).
     Lost,
+    /// Neither the replicas' progress nor whether the store holds the commit can be read.
+    Unknown,
 }
 
 impl Storage for SharedStore {
@@ -2220,6 +2222,7 @@ impl Storage for SharedStore {
                 "the replicas' progress cannot be read".to_owned(),
             )),
             Settles::Lost => Err(StoreError::Lost("a failover lost it".to_owned())),
+            Settles::Unknown => Err(StoreError::Unsettled("nothing can be read".to_owned())),
         }
     }
 }
@@ -2253,6 +2256,19 @@ async fn a_refused_write_is_answered_as_refused_when_the_replicas_cannot_be_wait
     assert!(!lost.saved(), "{lost:?}");
     let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
     let again = again.expect_err("judged against a lost change");
+    assert_eq!(again.status, 503, "{again:?}");
+    // Or where whether the store holds it cannot be read: it may not be saved.
+    let dir = settling(Settles::Unknown);
+    let unknown = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    let unknown = unknown.expect_err("not known to be saved");
+    assert_eq!(unknown.status, 503, "{unknown:?}");
+    assert!(!unknown.saved(), "{unknown:?}");
+    assert!(
+        unknown.detail.contains("may not have been saved"),
+        "{unknown:?}"
+    );
+    let again = create(&dir, ResourceType::User, user("ann@corp.example")).await;
+    let again = again.expect_err("judged against a change that may not be");
     assert_eq!(again.status, 503, "{again:?}");
 }
 
