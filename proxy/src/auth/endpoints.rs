@@ -591,9 +591,11 @@ impl Auth {
             Some(_) => None,
         };
         if let Some(why) = ended_meanwhile {
-            // Recorded by the end that takes it: this one's, or a late logout's.
-            if let (Some((what, detail)), Some((key, taken))) = (why, self.sessions.take_held(&id))
-            {
+            // Recorded by the end that takes it: this one's, or a late logout's. (Taken only
+            // to be ended here: one a logout took, then put back when its write failed, is the
+            // logout's to end on the IdP's next try.)
+            let taken = why.and_then(|why| Some((why, self.sessions.take_held(&id)?)));
+            if let Some(((what, detail), (key, taken))) = taken {
                 let ending = "the session of a sign-in ended while it began".to_owned();
                 (self.sessions).write_end_until_it_holds(vec![key], taken, ending, || {});
                 self.audit.session(&who, what, detail, req.client);
