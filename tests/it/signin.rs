@@ -114,6 +114,8 @@ pub(crate) struct Options {
     pub idp_profile: IdpProfile,
     /// Settings of `[server]`, `(key, raw TOML value)`.
     pub server_settings: Vec<(&'static str, &'static str)>,
+    /// Portcullis' environment, besides what it inherits.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -133,6 +135,7 @@ impl Default for Options {
             userinfo_only: Vec::new(),
             idp_profile: IdpProfile::Conformant,
             server_settings: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -269,7 +272,10 @@ impl Fixture {
         if idp_at_start != IdpOutage::Off {
             idp.set_outage(idp_at_start).await;
         }
-        let px = cfg.start().await;
+        let env: Vec<(&str, &str)> = (options.env.iter())
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        let px = Portcullis::start_with_env(&cfg.toml(), &env).await;
         let fx = Fixture {
             cfg,
             idp,

@@ -1187,6 +1187,136 @@ async fn idp_tokens_are_accepted_with_the_default_algorithm_list() {
     assert_accepted(&own.url("api.test", "/v1"), &token, "an ES256 token").await;
 }
 
+/// An HTTP proxy as a locked-down network has one: it tunnels each CONNECT (to this machine,
+/// whatever host it names) and refuses anything else, recording every request line.
+struct ConnectProxy {
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl ConnectProxy {
+    async fn start() -> ConnectProxy {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let head = portcullis_tests::client::read_request_head(&mut client).await;
+                    let head = String::from_utf8_lossy(&head);
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    seen.lock().expect("lines").push(line.clone());
+                    let port = (line.strip_prefix("CONNECT "))
+                        .and_then(|target| target.split_whitespace().next()?.rsplit_once(':'))
+                        .and_then(|(_, port)| port.parse::<u16>().ok());
+                    let Some(port) = port else {
+                        let refused = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n";
+                        let _ = client.write_all(refused).await;
+                        return;
+                    };
+                    let Ok(mut upstream) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    let open = b"HTTP/1.1 200 Connection established\r\n\r\n";
+                    if client.write_all(open).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        ConnectProxy { addr, lines, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.addr.port())
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where the environment names an https proxy (`HTTPS_PROXY`, as a network that lets nothing
+/// out directly has), an issuer's keys elsewhere are fetched through it, their TLS checked end to
+/// end; nothing to this machine goes through a proxy, the sign-in provider's plain http (with its
+/// client secret) above all, whatever `HTTP_PROXY` and `ALL_PROXY` say.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_elsewhere_go_through_the_environment_s_https_proxy_and_nothing_here_does() {
+    let es = OwnKey::es256("proxied");
+    let keys = KeyServer::start(&JwkSet {
+        keys: vec![es.jwk.clone()],
+    })
+    .await;
+    let ca = portcullis_tests::TestCa::new();
+    let tls =
+        portcullis_tests::TlsTerminator::start(&ca.leaf("keys", &["keys.test"]), keys.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, ca.ca_pem()).unwrap();
+    let proxy = ConnectProxy::start().await;
+    let proxied = "https://proxied.example";
+    let env = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+    ]
+    .map(|name| (name, proxy.url()))
+    .to_vec();
+    let fx = Fixture::start_with(Options {
+        extra_issuers: vec![
+            JwtIssuer::new(proxied, &[OWN_AUD])
+                .jwks_uri(&format!(
+                    "https://keys.test:{}/keys.json",
+                    tls.addr().port()
+                ))
+                .set("tls_ca", &format!("{:?}", pem.display().to_string())),
+            JwtIssuer::new(&keys.issuer(), &[OWN_AUD]).jwks_uri(&keys.jwks_uri()),
+        ],
+        env,
+        ..Options::default()
+    })
+    .await;
+    let url = fx.url("api.test", "/v1/own");
+    let token = |iss: &str| {
+        let now = now_unix();
+        es.sign(
+            Some(&es.kid),
+            &json!({
+                "iss": iss, "aud": OWN_AUD, "sub": "agent-9", "client_id": "agent-9",
+                "iat": now, "exp": now + 600,
+            }),
+        )
+    };
+    assert_accepted(&url, &token(proxied), "keys fetched through the proxy").await;
+    assert_accepted(&url, &token(&keys.issuer()), "keys fetched here").await;
+    // A person signs in at the IdP on this machine: discovery, the code's exchange, UserInfo.
+    let page = fx.url("app.test", "/page");
+    fx.sign_in(&client(), &page, ALICE, ALICE_PASSWORD).await;
+    let tunnel = format!("CONNECT keys.test:{} HTTP/1.1", tls.addr().port());
+    let lines = proxy.lines();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|line| *line == tunnel),
+        "the proxy saw {lines:?}, where only {tunnel:?} goes through it"
+    );
+}
+
 /// An issuer whose keys are served over https under a private CA (an internal Keycloak, say)
 /// is trusted by its `tls_ca`, never by the bundled roots, and no longer once a reload names
 /// another CA (one no longer trusted, after a compromise).

@@ -105,12 +105,16 @@ impl std::hash::Hash for TrustedBy {
 }
 
 /// The client every call to an identity provider goes through: it never follows a redirect
-/// (SSRF), is bounded in time, and trusts `ca` instead of the bundled roots where one is given
-/// (`tls_ca`).
+/// (SSRF), is bounded in time, trusts `ca` instead of the bundled roots where one is given
+/// (`tls_ca`), and goes through no proxy but the environment's for https ([`https_proxy`]).
 pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10));
+        .timeout(Duration::from_secs(10))
+        .no_proxy();
+    if let Some(proxy) = https_proxy()? {
+        builder = builder.proxy(proxy);
+    }
     if let Some(ca) = ca {
         builder = builder.tls_built_in_root_certs(false);
         for der in ca.iter() {
@@ -122,6 +126,26 @@ pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, Strin
     builder
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// The proxy the environment names for https (`HTTPS_PROXY`, else `ALL_PROXY`, in either
+/// case), as curl and Go read them, for any host but this machine and those `NO_PROXY` names: a
+/// tunnel, whose TLS is checked end to end. Plain http goes to this machine only (see
+/// `portcullis_config::check_fetch_url`), never through a proxy, which would see the client secret and
+/// could answer for the IdP.
+fn https_proxy() -> Result<Option<reqwest::Proxy>, String> {
+    let named = |names: &[&str]| {
+        (names.iter()).find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    };
+    let Some(url) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
+        return Ok(None);
+    };
+    // (Not quoted: a proxy's URL may hold its password.)
+    let proxy = reqwest::Proxy::https(url.as_str())
+        .map_err(|_| "HTTPS_PROXY (or ALL_PROXY) in the environment is not a URL".to_owned())?;
+    let besides = named(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
+    let direct = format!("localhost,127.0.0.0/8,::1,{besides}");
+    Ok(Some(proxy.no_proxy(reqwest::NoProxy::from_string(&direct))))
 }
 
 /// What a request presented, once looked at.
