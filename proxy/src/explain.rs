@@ -525,11 +525,15 @@ pub fn run_cli(
                         config.data_dir.display()
                     )
                 }
+                e @ StoreError::Held(_) => format!(
+                    "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give \
+                     it an [admin] listener and explain asks it instead)",
+                    config.data_dir.display()
+                ),
                 e => format!(
-                "cannot open the directory in {}: {e}\n(a running Portcullis holds it: give it \
-                 an [admin] listener and explain asks it instead)",
-                config.data_dir.display()
-            ),
+                    "cannot open the directory in {}: {e}",
+                    config.data_dir.display()
+                ),
             })?,
         ),
     };

@@ -100,8 +100,9 @@ enum Command {
         /// The configuration file (for `data_dir`, or PostgreSQL with `[postgres]`).
         #[arg(long, short)]
         config: PathBuf,
-        /// Only records by or about this user or SCIM token (case-insensitive), and every
-        /// record of records lost (which may have been theirs).
+        /// Only records by this user or SCIM token, or naming them as the user or a console
+        /// action's target (case-insensitive; not SCIM changes about them, which the console
+        /// shows), and every record of records lost (which may have been theirs).
         #[arg(long)]
         user: Option<String>,
         /// Only records from this RFC 3339 time on, or from this long ago (`90s`, `15m`, `1h`,
@@ -616,7 +617,7 @@ fn open_directory(
         return Ok((directory, Some(freshness)));
     }
     let started = std::time::Instant::now();
-    let storage = RedbStorage::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let storage = open_redb(&config.data_dir)?;
     let directory = Directory::open_with_sinks(
         Arc::new(storage),
         Box::new(time::OffsetDateTime::now_utc),
@@ -633,6 +634,31 @@ fn open_directory(
     );
     Ok((Arc::new(directory), None))
 }
+
+/// Opens the directory in `data_dir`; while another process holds its file (`portcullis
+/// explain` reading it, with no proxy answering on the admin listener), waits for it, up to
+/// [`HELD_FOR`].
+fn open_redb(data_dir: &std::path::Path) -> Result<RedbStorage, String> {
+    let deadline = std::time::Instant::now() + HELD_FOR;
+    let mut said = false;
+    loop {
+        match RedbStorage::open(data_dir) {
+            Err(e @ StoreError::Held(_)) if std::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::warn!(
+                        "{e} (portcullis explain?): waiting for it, up to {}s",
+                        HELD_FOR.as_secs()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            opened => return opened.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// How long a start waits for another process to let go of the directory's file.
+const HELD_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// SIGHUP's default action ends the process. Registering a handler now, before the listeners
 /// start, makes a SIGHUP that arrives during start-up harmless. It may not be acted on: the

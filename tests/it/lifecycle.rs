@@ -189,3 +189,52 @@ async fn a_sighup_while_the_configuration_loads_does_not_stop_the_start() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+/// `portcullis explain` with no proxy answering opens the directory's file itself, and redb
+/// takes the file for the process that opens it: an explain that finds it held says by what,
+/// and a start meanwhile waits for it to be let go, not exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_waits_for_the_directory_file_another_process_holds() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    let mut px = cfg.start().await;
+    px.terminate().await;
+    let data = px.dir().join("data");
+    let held = portcullis_scim::store::redb::RedbStorage::open_as_is(&data).expect("open it");
+    let config = px.config_path().display().to_string();
+    let explain = [
+        "explain",
+        "--config",
+        &config,
+        "--user",
+        "a@corp.test",
+        "--url",
+        "http://app.test/",
+    ];
+    let out = run(px.dir(), &explain).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("is open in another process")
+            && out.stderr.contains("a running Portcullis holds it"),
+        "{out:?}"
+    );
+    let letting_go = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(held);
+    });
+    px.restart().await;
+    letting_go.await.expect("let go");
+    assert!(
+        px.log().contains("is open in another process"),
+        "{}",
+        px.log()
+    );
+    let answer = plain_client()
+        .get(cfg.http_url("app.test", "/"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+}

@@ -244,6 +244,9 @@ pub enum StoreError {
     /// progress nor whether it holds the commit could be read since.
     #[error("the directory store may not hold a change: {0}")]
     Unsettled(String),
+    /// The directory's file is open in another process (it takes the file for itself).
+    #[error("{0} is open in another process")]
+    Held(String),
 }
 
 /// What a shared store has committed since a given sequence number ([`Storage::feed`]).

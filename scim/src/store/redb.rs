@@ -124,7 +124,12 @@ impl RedbStorage {
             Database::builder()
                 .set_cache_size(CACHE_BYTES)
                 .create(&path)
-                .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))
+                .map_err(|e| match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => {
+                        StoreError::Held(path.display().to_string())
+                    }
+                    e => StoreError::Backend(format!("cannot open {}: {e}", path.display())),
+                })
         };
         Self::opened_by(Box::new(open), upgrade)
     }
