@@ -220,17 +220,22 @@ async fn a_start_waits_for_the_directory_file_another_process_holds() {
             && out.stderr.contains("a running Portcullis holds it"),
         "{out:?}"
     );
+    // Let go once the start says it waits for it (however long the start takes to get there).
+    let log = px.dir().join("portcullis.log");
     let letting_go = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let waits = || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("is open in another process"))
+        };
+        while !waits() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         drop(held);
+        waits()
     });
     px.restart().await;
-    letting_go.await.expect("let go");
-    assert!(
-        px.log().contains("is open in another process"),
-        "{}",
-        px.log()
-    );
+    let waited = letting_go.await.expect("let go");
+    assert!(waited, "the start did not say it waits: {}", px.log());
     let answer = plain_client()
         .get(cfg.http_url("app.test", "/"))
         .send()

@@ -1265,28 +1265,30 @@ async fn keys_elsewhere_go_through_the_environment_s_https_proxy_and_nothing_her
     let ca = portcullis_tests::TestCa::new();
     let tls =
         portcullis_tests::TlsTerminator::start(&ca.leaf("keys", &["keys.test"]), keys.addr).await;
+    let here =
+        portcullis_tests::TlsTerminator::start(&ca.leaf("here", &["localhost"]), keys.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let pem = dir.path().join("ca.pem");
     std::fs::write(&pem, ca.ca_pem()).unwrap();
+    let ca_pem = format!("{:?}", pem.display().to_string());
     let proxy = ConnectProxy::start().await;
-    let proxied = "https://proxied.example";
-    let env = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-    ]
-    .map(|name| (name, proxy.url()))
-    .to_vec();
+    let (proxied, local) = ("https://proxied.example", "https://local.example");
+    let mut env: Vec<(&str, String)> = ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"]
+        .into_iter()
+        .chain(["ALL_PROXY"])
+        .map(|name| (name, proxy.url()))
+        .collect();
+    // Not the runner's own exceptions.
+    env.extend(["NO_PROXY", "no_proxy"].map(|name| (name, "x.invalid".to_owned())));
+    let uri = |host: &str, port: u16| format!("https://{host}:{port}/keys.json");
     let fx = Fixture::start_with(Options {
         extra_issuers: vec![
             JwtIssuer::new(proxied, &[OWN_AUD])
-                .jwks_uri(&format!(
-                    "https://keys.test:{}/keys.json",
-                    tls.addr().port()
-                ))
-                .set("tls_ca", &format!("{:?}", pem.display().to_string())),
+                .jwks_uri(&uri("keys.test", tls.addr().port()))
+                .set("tls_ca", &ca_pem),
+            JwtIssuer::new(local, &[OWN_AUD])
+                .jwks_uri(&uri("localhost", here.addr().port()))
+                .set("tls_ca", &ca_pem),
             JwtIssuer::new(&keys.issuer(), &[OWN_AUD]).jwks_uri(&keys.jwks_uri()),
         ],
         env,
@@ -1305,6 +1307,7 @@ async fn keys_elsewhere_go_through_the_environment_s_https_proxy_and_nothing_her
         )
     };
     assert_accepted(&url, &token(proxied), "keys fetched through the proxy").await;
+    assert_accepted(&url, &token(local), "keys fetched here over https").await;
     assert_accepted(&url, &token(&keys.issuer()), "keys fetched here").await;
     // A person signs in at the IdP on this machine: discovery, the code's exchange, UserInfo.
     let page = fx.url("app.test", "/page");

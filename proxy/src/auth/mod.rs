@@ -128,23 +128,33 @@ pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, Strin
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
-/// The proxy the environment names for https (`HTTPS_PROXY`, else `ALL_PROXY`, in either
-/// case), as curl and Go read them, for any host but this machine and those `NO_PROXY` names: a
-/// tunnel, whose TLS is checked end to end. Plain http goes to this machine only (see
-/// `portcullis_config::check_fetch_url`), never through a proxy, which would see the client secret and
-/// could answer for the IdP.
+/// The proxy the environment names for https (`HTTPS_PROXY`, else `ALL_PROXY` as curl reads
+/// it; each in upper case, else lower, as Go reads them), for any host but this machine and those
+/// `NO_PROXY` names: a tunnel, whose TLS is checked end to end. Plain http goes to this machine
+/// only (see `portcullis_config::check_fetch_url`), never through a proxy, which would see the
+/// client secret and could answer for the IdP.
 fn https_proxy() -> Result<Option<reqwest::Proxy>, String> {
-    let named = |names: &[&str]| {
-        (names.iter()).find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    let named = |names: &[&'static str]| {
+        (names.iter())
+            .find_map(|&name| Some((name, std::env::var(name).ok().filter(|v| !v.is_empty())?)))
     };
-    let Some(url) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
+    let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
         return Ok(None);
     };
-    // (Not quoted: a proxy's URL may hold its password.)
+    // (Its value is not quoted: a proxy's URL may hold its password.) An HTTP proxy only: this
+    // build speaks no SOCKS, which would be taken for one and fail every call unclearly.
+    let http = url.split_once("://").is_none_or(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+    });
+    if !http {
+        return Err(format!(
+            "{name} in the environment names a proxy that is not an HTTP one"
+        ));
+    }
     let proxy = reqwest::Proxy::https(url.as_str())
-        .map_err(|_| "HTTPS_PROXY (or ALL_PROXY) in the environment is not a URL".to_owned())?;
-    let besides = named(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
-    let direct = format!("localhost,127.0.0.0/8,::1,{besides}");
+        .map_err(|_| format!("{name} in the environment is not a proxy's URL"))?;
+    let besides = named(&["NO_PROXY", "no_proxy"]).map(|(_, hosts)| hosts);
+    let direct = format!("localhost,127.0.0.0/8,::1,{}", besides.unwrap_or_default());
     Ok(Some(proxy.no_proxy(reqwest::NoProxy::from_string(&direct))))
 }
 
