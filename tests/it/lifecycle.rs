@@ -243,3 +243,49 @@ async fn a_start_waits_for_the_directory_file_another_process_holds() {
         .expect("an answer");
     assert_eq!(answer.status(), StatusCode::OK);
 }
+
+/// A proxy for calls to identity providers that they cannot go through (SOCKS, which this build
+/// does not speak, or one reached over TLS) is refused at start, naming the variable that names
+/// it, not taken for an HTTP one to fail every call later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
+    let up = Upstream::start("a").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::new("http://app.test", &[&up]));
+    for (name, proxy) in [
+        ("ALL_PROXY", "socks5://127.0.0.1:1"),
+        ("https_proxy", "https://proxy.corp.test:3128"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("portcullis.toml");
+        std::fs::write(&config, cfg.toml()).expect("write the config");
+        let serve = tokio::process::Command::new(portcullis_tests::process::binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path())
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env(name, proxy)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), serve)
+            .await
+            .expect("serve stops")
+            .expect("serve runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}={proxy}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{name} in the environment names a proxy other than"
+            )),
+            "{name}={proxy}: {stderr}"
+        );
+        assert!(
+            !stderr.contains(proxy),
+            "the proxy's URL is quoted: {stderr}"
+        );
+    }
+}

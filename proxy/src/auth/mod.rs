@@ -141,14 +141,17 @@ fn https_proxy() -> Result<Option<reqwest::Proxy>, String> {
     let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
         return Ok(None);
     };
-    // (Its value is not quoted: a proxy's URL may hold its password.) An HTTP proxy only: this
-    // build speaks no SOCKS, which would be taken for one and fail every call unclearly.
-    let http = url.split_once("://").is_none_or(|(scheme, _)| {
-        scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
-    });
+    // (Its value is not quoted: a proxy's URL may hold its password.) An http:// proxy only:
+    // this build speaks no SOCKS, which would be taken for HTTP and fail every call unclearly,
+    // and one reached over TLS would be checked against the IdP's roots (`tls_ca`), not its own;
+    // the tunnel carries the IdP's TLS anyway.
+    let http = url
+        .split_once("://")
+        .is_none_or(|(scheme, _)| scheme.eq_ignore_ascii_case("http"));
     if !http {
         return Err(format!(
-            "{name} in the environment names a proxy that is not an HTTP one"
+            "{name} in the environment names a proxy other than an http:// one, which calls to \
+             identity providers do not go through"
         ));
     }
     let proxy = reqwest::Proxy::https(url.as_str())
