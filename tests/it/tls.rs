@@ -818,6 +818,17 @@ async fn an_http2_header_value_with_whitespace_around_it_is_read_as_http1_reads_
             assert_eq!(echo.header("authorization"), None, "{version:?} {value:?}");
             assert_eq!(echo.header("x-note"), Some("a  b"), "{version:?}");
         }
+        // A padded Negotiate login is one too: its upstream connection is not pooled for the
+        // next caller (IIS keeps the login on the connection).
+        let resp = client
+            .get(&url)
+            .header("authorization", " Negotiate YIIC ")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let echo = Echo::parse(&resp.bytes().await.unwrap());
+        assert_eq!(echo.header("connection"), Some("close"), "{version:?}");
     }
 }
 

@@ -1495,12 +1495,19 @@ mod tests {
         }
     }
 
-    /// A store whose next commit, once `armed`, waits for `release` and then fails.
+    /// A store whose next commit, once `armed`, waits for `release` and then fails. Once
+    /// `shared`, it is another replica's too, whose settles cannot read the others' progress
+    /// once `unconfirmed` is armed: it is read holding the commit, or, once `unknown` is armed
+    /// too, not.
+    #[derive(Default)]
     struct Gated {
         inner: portcullis_scim::store::memory::MemoryStorage,
         armed: std::sync::atomic::AtomicBool,
         entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
         release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        shared: bool,
+        unconfirmed: std::sync::atomic::AtomicBool,
+        unknown: std::sync::atomic::AtomicBool,
     }
 
     impl portcullis_scim::store::Storage for Gated {
@@ -1543,48 +1550,8 @@ mod tests {
         {
             self.inner.changes(after, limit)
         }
-    }
-
-    /// A shared store whose settles cannot read the other replicas' progress, once `unconfirmed`
-    /// is armed: it is read holding the commit, or, once `unknown` is armed too, not.
-    #[derive(Default)]
-    struct Unconfirmed {
-        inner: portcullis_scim::store::memory::MemoryStorage,
-        unconfirmed: std::sync::atomic::AtomicBool,
-        unknown: std::sync::atomic::AtomicBool,
-    }
-
-    impl portcullis_scim::store::Storage for Unconfirmed {
-        fn load(
-            &self,
-            visit: &mut dyn FnMut(portcullis_scim::store::Loaded<'_>),
-        ) -> Result<(u64, u64), portcullis_scim::store::StoreError> {
-            self.inner.load(visit)
-        }
-        fn records(
-            &self,
-            rt: portcullis_scim::schema::ResourceType,
-            rows: &[u64],
-        ) -> Result<Vec<(u64, portcullis_scim::store::Record)>, portcullis_scim::store::StoreError>
-        {
-            self.inner.records(rt, rows)
-        }
-        fn commit(
-            &self,
-            batch: &portcullis_scim::store::Batch,
-        ) -> Result<(), portcullis_scim::store::StoreError> {
-            self.inner.commit(batch)
-        }
-        fn changes(
-            &self,
-            after: u64,
-            limit: usize,
-        ) -> Result<Vec<portcullis_scim::store::Change>, portcullis_scim::store::StoreError>
-        {
-            self.inner.changes(after, limit)
-        }
         fn is_shared(&self) -> bool {
-            true
+            self.shared
         }
         fn settle(
             &self,
@@ -1607,15 +1574,11 @@ mod tests {
     /// is answered as written (a retry would find it made); one it may not hold is not.
     #[tokio::test]
     async fn an_end_saved_but_not_confirmed_is_written_and_one_perhaps_not_saved_is_not() {
-        let store = Arc::new(Unconfirmed::default());
-        let kept = Arc::new(Kept::default());
-        let sinks = portcullis_scim::store::Sinks {
-            changes: None,
-            entries: Some(kept.clone()),
-        };
-        let clock = Box::new(time::OffsetDateTime::now_utc);
-        let directory = Directory::open_with_sinks(store.clone(), clock, sinks).unwrap();
-        let sessions = Sessions::new(kept, Arc::new(directory));
+        let store = Arc::new(Gated {
+            shared: true,
+            ..Gated::default()
+        });
+        let sessions = sessions_over(store.clone());
         let mut ids = Vec::new();
         for _ in 0..2 {
             let created = sessions.create(identity("alice", 10_000), None, "s", 100);
@@ -1714,10 +1677,9 @@ mod tests {
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel();
         let store = Arc::new(Gated {
-            inner: Default::default(),
-            armed: false.into(),
             entered: Some(entered_tx).into(),
             release: Some(release_rx).into(),
+            ..Gated::default()
         });
         let sessions = Arc::new(sessions_over(store.clone()));
         (sessions, store, entered, release)
