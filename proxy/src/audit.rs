@@ -1830,8 +1830,11 @@ fn write_loop(
     const COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut lines = Vec::new();
     let encode = |lines: &mut Vec<String>, changes: &mut ChangeSpan, entry: &Entry| {
+        // (With the characters that move a terminal escaped, as the JSON log has them: a
+        // path, a name or an IdP's words quoted here reach `portcullis audit --json` and
+        // `tail -f` as they are written.)
         match serde_json::to_string(entry) {
-            Ok(line) => lines.push(line + "\n"),
+            Ok(line) => lines.push(crate::logging::json_text_shown(line) + "\n"),
             Err(e) => {
                 // Counted as lost: the position stays short of it, so the next start
                 // tries again.
@@ -2955,6 +2958,26 @@ mod tests {
         for line in text.lines() {
             assert!(line.len() < 4096, "a record of {} bytes", line.len());
         }
+    }
+
+    /// A record's line holds the characters that move a terminal escaped (JSON reads them back
+    /// as they were): `portcullis audit --json` and `tail -f` show a path or an IdP's words as
+    /// they are, not reversed or restyled by them.
+    #[test]
+    fn a_record_s_line_holds_direction_marks_and_controls_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(
+            Destination::of(dir.path(), None),
+            Destination::of(dir.path(), None),
+        )
+        .unwrap();
+        let path = "/x\u{202e}nimda\u{9b}2J\u{7f}";
+        audit.unverified_refusal("-", "a request was refused", &request("GET", path));
+        assert!(audit.flush(std::time::Duration::from_secs(10)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(!text.contains(['\u{202e}', '\u{9b}', '\u{7f}']), "{text:?}");
+        let record: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(record["path"], path, "{text}");
     }
 
     /// An agent's refusals for many people share the agent's budget: a runaway agent holding

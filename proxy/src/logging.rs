@@ -246,7 +246,7 @@ fn batched<W: Write + Send + 'static>(mut out: W, json: bool) -> (Lines, Guard) 
 /// an IdP's direction mark (U+202E shows the rest of the line reversed), a C1 control or DEL
 /// would reach a terminal or a log viewer raw, where the plain format escapes them (as
 /// `human::printable` does). Lines without a byte past `~`, nearly all, are left as they are.
-fn json_shown(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn json_shown(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     use std::fmt::Write as _;
     if !line.iter().any(|&b| b >= 0x7f) {
         return std::borrow::Cow::Borrowed(line);
@@ -266,6 +266,18 @@ fn json_shown(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         }
     }
     std::borrow::Cow::Owned(shown.into_bytes())
+}
+
+/// [`json_shown`] of a JSON text (an audit record's line).
+pub(crate) fn json_text_shown(line: String) -> String {
+    let shown = match json_shown(line.as_bytes()) {
+        std::borrow::Cow::Owned(shown) => Some(shown),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
+    match shown.map(String::from_utf8) {
+        Some(Ok(shown)) => shown,
+        _ => line,
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,13 @@ use crate::audit::{parse_since, refusals_in, Entry, Filter, Order};
 use crate::human::relative;
 use crate::reply::escape;
 
+/// `text` as HTML, with the characters that would show it otherwise (a direction mark that
+/// reverses the rest of its line, a control) written as escapes: paths, reasons and names
+/// come from clients and the IdP.
+fn shown(text: &str) -> String {
+    escape(&crate::human::printable(text))
+}
+
 /// Pages of the timeline one may ask for.
 const MAX_PAGE: usize = 2_000;
 /// Hours the chart covers.
@@ -464,10 +471,10 @@ impl Console {
                 } => format!(
                     "{} {} on {}{}: {} <span class=\"muted\">(rule {})</span>",
                     escape(method),
-                    escape(path),
+                    shown(path),
                     escape(route),
                     through(agent),
-                    escape(reason),
+                    shown(reason),
                     escape(rule.as_deref().unwrap_or("none"))
                 ),
                 Entry::Allow {
@@ -479,7 +486,7 @@ impl Console {
                 } => format!(
                     "{} {} on {}{}",
                     escape(method),
-                    escape(path),
+                    shown(path),
                     escape(route),
                     through(agent)
                 ),
@@ -488,12 +495,12 @@ impl Console {
                     target,
                     outcome,
                     ..
-                } => format!("{} {}: {}", escape(action), escape(target), escape(outcome)),
+                } => format!("{} {}: {}", escape(action), shown(target), escape(outcome)),
                 Entry::Session { what, detail, .. } if detail.is_empty() => escape(what),
                 Entry::Session { what, detail, .. } => format!(
                     "{} <span class=\"muted\">({})</span>",
                     escape(what),
-                    escape(detail)
+                    shown(detail)
                 ),
                 Entry::Lost {
                     count: lost, why, ..
@@ -512,7 +519,7 @@ impl Console {
             });
             html.push_str(&format!(
                 "<tr><td>{when}</td><td>{kind}</td><td>{}{from}</td><td>{what}</td></tr>",
-                escape(entry.who())
+                shown(entry.who())
             ));
         }
         html.push_str("</tbody></table></div>");
