@@ -32,8 +32,8 @@ mod spec;
 use std::borrow::Cow;
 
 pub use policy::{
-    loose_depth, loosely_within, page_with_info, script_routed, strictly_within, LoosePath,
-    PageNames, Policy,
+    loose_depth, loosely_within, next_data_routed, page_with_info, script_routed, strictly_within,
+    LoosePath, PageNames, Policy,
 };
 pub use reason::{Conditions, Decision, Match, Reason};
 pub use spec::{

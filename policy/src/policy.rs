@@ -324,6 +324,7 @@ fn denied_within(prefix: &Prefix, path: &str) -> bool {
     };
     holds(path)
         || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
+        || next_data_routed(path).is_some_and(|(routed, _)| holds(&routed))
         || page_with_info(path).is_some_and(|page| holds(&page))
 }
 
@@ -424,6 +425,37 @@ pub fn script_routed(path: &str) -> Option<(String, usize)> {
         start = end;
     }
     None
+}
+
+/// `path` as Next.js reads it when it names a page's data (its pages router): the page, whose
+/// server-side props it answers with. `/_next/data/<build>/admin/users.json` is `/admin/users`,
+/// `/_next/data/<build>/index.json` is `/`, and `/app/_next/data/<build>/admin.json` is
+/// `/app/admin` to one whose `basePath` is `/app`. The build's id is in every page it serves.
+/// (`_next/data` and `.json` read in any case, as a deny reads the rest.)
+///
+/// Also where the build's segment ends in `path` (`path[..end]` is the app's own).
+pub fn next_data_routed(path: &str) -> Option<(String, usize)> {
+    const DATA: &[u8] = b"/_next/data/";
+    // Nearly every path has no `/_`: one look for it before the marker is sought.
+    let bytes = path.as_bytes();
+    let at = (path.match_indices("/_").map(|(i, _)| i)).find(|&i| {
+        bytes
+            .get(i..i + DATA.len())
+            .is_some_and(|m| m.eq_ignore_ascii_case(DATA))
+    })?;
+    let after = at + DATA.len();
+    let (build, rest) = path[after..].split_once('/')?;
+    let page = rest.len().checked_sub(5).filter(|&cut| {
+        !build.is_empty() && rest.as_bytes()[cut..].eq_ignore_ascii_case(b".json")
+    })?;
+    // (`.json` is ASCII: `cut` is a character's start.)
+    let page = &rest[..page];
+    let page = if page.eq_ignore_ascii_case("index") {
+        ""
+    } else {
+        page
+    };
+    Some((format!("{}/{page}", &path[..at]), after + build.len()))
 }
 
 /// [`LoosePath::within_formats`] of a `path` and a bare `prefix` that both read plainly: no
@@ -2135,6 +2167,30 @@ mod tests {
             assert!(denied_within(prefix, path), "{prefix} {path}");
             assert!(!loosely_within(prefix, path) || prefix == "/", "{path}");
         }
+        // And as Next.js serves a page's data: its server-side props.
+        for (prefix, path) in [
+            ("/admin", "/_next/data/b1/admin.json"),
+            ("/admin", "/_next/data/b1/Admin/users.json"),
+            ("/admin", "/_NEXT/Data/b1/admin/users.JSON"),
+            ("/app/admin", "/app/_next/data/b1/admin.json"),
+            ("/posts/1", "/_next/data/b1/posts/1.json"),
+        ] {
+            assert!(denied_within(prefix, path), "{prefix} {path}");
+        }
+        for (prefix, path) in [
+            ("/admin", "/_next/data/b1/admins.json"),
+            ("/admin", "/_next/data/admin.json"),
+            ("/admin", "/_next/data//admin.json"),
+            ("/admin", "/_next/data/b1/admin.js"),
+            ("/admin", "/_next/static/b1/admin.json"),
+        ] {
+            assert!(!denied_within(prefix, path), "{prefix} {path}");
+        }
+        assert_eq!(
+            next_data_routed("/_next/data/b1/index.json"),
+            Some(("/".to_owned(), 14))
+        );
+        assert_eq!(next_data_routed("/caf\u{e9}/_x"), None);
         // A page named by its file, for servers that serve it without the extension.
         for (prefix, path) in [
             ("/admin.php", "/admin"),
