@@ -448,12 +448,13 @@ pub fn next_data_routed(path: &str) -> Option<(String, usize)> {
     let page = rest.len().checked_sub(5).filter(|&cut| {
         !build.is_empty() && rest.as_bytes()[cut..].eq_ignore_ascii_case(b".json")
     })?;
-    // (`.json` is ASCII: `cut` is a character's start.)
+    // (`.json` is ASCII: `cut` is a character's start.) `index` is the root, and a page under
+    // `index/` is the page without it, as Next.js reads one (`index/admin` is `/admin`).
     let page = &rest[..page];
-    let page = if page.eq_ignore_ascii_case("index") {
-        ""
-    } else {
-        page
+    let page = match page.get(..6) {
+        _ if page.eq_ignore_ascii_case("index") => "",
+        Some(index) if index.eq_ignore_ascii_case("index/") && page.len() > 6 => &page[6..],
+        _ => page,
     };
     Some((format!("{}/{page}", &path[..at]), after + build.len()))
 }
@@ -2174,6 +2175,8 @@ mod tests {
             ("/admin", "/_NEXT/Data/b1/admin/users.JSON"),
             ("/app/admin", "/app/_next/data/b1/admin.json"),
             ("/posts/1", "/_next/data/b1/posts/1.json"),
+            ("/admin", "/_next/data/b1/index/admin.json"),
+            ("/admin", "/_next/data/b1/Index/admin/users.json"),
         ] {
             assert!(denied_within(prefix, path), "{prefix} {path}");
         }

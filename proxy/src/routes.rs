@@ -213,31 +213,18 @@ impl RouteTable {
                 );
             }
         }
-        // Each reading of an app installed within this route (its script, its `_next`).
-        let readings = [
-            (
-                portcullis_policy::script_routed(path),
-                "a path that a PHP front controller reads as another route's \
-                 (/index.php/admin is /admin)",
-            ),
-            (
-                portcullis_policy::next_data_routed(path),
-                "a path that Next.js reads as another route's page \
-                 (/_next/data/<build>/admin.json is /admin)",
-            ),
-        ];
-        for (reading, why) in readings {
-            let within = |(_, end): &(String, usize)| {
-                route.depth < portcullis_policy::loose_depth(&path[..*end])
+        let script = portcullis_policy::script_routed(path)
+            .filter(|(_, end)| route.depth < portcullis_policy::loose_depth(&path[..*end]));
+        if let Some((routed, _)) = script {
+            let other = match self.find(scheme, host, &routed) {
+                Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
+                Match::None => false,
             };
-            if let Some((routed, _)) = reading.filter(within) {
-                let other = match self.find(scheme, host, &routed) {
-                    Match::Found(other) | Match::WrongScheme(other) => !Arc::ptr_eq(other, route),
-                    Match::None => false,
-                };
-                if other {
-                    return Some(why);
-                }
+            if other {
+                return Some(
+                    "a path that a PHP front controller reads as another route's \
+                     (/index.php/admin is /admin)",
+                );
             }
         }
         let info = portcullis_policy::page_with_info(path);

@@ -1765,10 +1765,10 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         // serve another page there.
         ("/v1.json", 200, Some("/v1.json")),
         // Next.js answers `/_next/data/<build>/admin.json` with the page `/admin`'s
-        // server-side props: denied as that page, or another route's.
+        // server-side props: denied as that page (`index/admin` is `/admin` too).
         ("/_next/data/b1/admin.json", 403, None),
         ("/_next/data/b1/Admin/users.json", 403, None),
-        ("/_next/data/b1/v1/builds.json", 400, None),
+        ("/_next/data/b1/index/admin.json", 403, None),
         (
             "/_next/data/b1/work.json",
             200,
