@@ -2155,8 +2155,11 @@ fn print(
         if !filter.matches(&entry) {
             return true;
         }
+        // (Escaped again as it is shown: a change rebuilt from PostgreSQL's rows, or a record
+        // written before its line was, holds what moves a terminal as it is.)
         let written = if json {
-            writeln!(out, "{text}")
+            let shown = crate::logging::json_shown(text.as_bytes());
+            out.write_all(&shown).and_then(|()| out.write_all(b"\n"))
         } else {
             writeln!(out, "{}", entry.human())
         };
@@ -2978,6 +2981,28 @@ mod tests {
         assert!(!text.contains(['\u{202e}', '\u{9b}', '\u{7f}']), "{text:?}");
         let record: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(record["path"], path, "{text}");
+        // And shown so by `portcullis audit --json`, a line written raw (before they were
+        // escaped, or a change rebuilt from PostgreSQL's rows) too.
+        let raw = serde_json::to_string(&record).unwrap() + "\n";
+        assert!(raw.contains('\u{202e}'), "{raw}");
+        std::fs::write(dir.path().join(FILE_NAME), raw).unwrap();
+        let mut out = Vec::new();
+        let destination = Destination::of(dir.path(), None);
+        print(
+            destination,
+            &Filter::default(),
+            Order::OldestFirst,
+            true,
+            &mut out,
+        )
+        .unwrap();
+        let printed = String::from_utf8(out).unwrap();
+        assert!(
+            !printed.contains(['\u{202e}', '\u{9b}', '\u{7f}']),
+            "{printed:?}"
+        );
+        let shown: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+        assert_eq!(shown["path"], path, "{printed}");
     }
 
     /// An agent's refusals for many people share the agent's budget: a runaway agent holding

@@ -457,7 +457,7 @@ impl Console {
                         "#{seq} {} {} {target} <span class=\"muted\">({})</span>",
                         escape(op),
                         escape(resource_type),
-                        escape(summary)
+                        shown(summary)
                     )
                 }
                 Entry::Refusal {
@@ -531,7 +531,7 @@ impl Console {
 /// record is the person's, with the agent beside them).
 fn through(agent: &Option<crate::audit::AgentRecord>) -> String {
     agent.as_ref().map_or_else(String::new, |agent| {
-        format!(" <b>through the agent {}</b>", escape(&agent.human()))
+        format!(" <b>through the agent {}</b>", shown(&agent.human()))
     })
 }
 
