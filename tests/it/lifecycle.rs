@@ -245,8 +245,8 @@ async fn a_start_waits_for_the_directory_file_another_process_holds() {
 }
 
 /// A proxy for calls to identity providers that they cannot go through (SOCKS, which this build
-/// does not speak, or one reached over TLS) is refused at start, naming the variable that names
-/// it, not taken for an HTTP one to fail every call later.
+/// does not speak) is refused at start, naming the variable that names it, not taken for an
+/// HTTP one to fail every call later.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
     let up = Upstream::start("a").await;
@@ -255,7 +255,7 @@ async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
         .route(Route::new("http://app.test", &[&up]));
     for (name, proxy) in [
         ("ALL_PROXY", "socks5://127.0.0.1:1"),
-        ("https_proxy", "https://proxy.corp.test:3128"),
+        ("https_proxy", "SOCKS5H://proxy.corp.test:1080"),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("portcullis.toml");

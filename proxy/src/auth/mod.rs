@@ -112,7 +112,7 @@ pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, Strin
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10))
         .no_proxy();
-    if let Some(proxy) = https_proxy()? {
+    if let Some(proxy) = https_proxy(ca.is_some())? {
         builder = builder.proxy(proxy);
     }
     if let Some(ca) = ca {
@@ -133,7 +133,10 @@ pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, Strin
 /// `NO_PROXY` names: a tunnel, whose TLS is checked end to end. Plain http goes to this machine
 /// only (see `portcullis_config::check_fetch_url`), never through a proxy, which would see the
 /// client secret and could answer for the IdP.
-fn https_proxy() -> Result<Option<reqwest::Proxy>, String> {
+///
+/// With `tls_ca` (an IdP behind a private CA), a proxy reached over TLS is refused: the client
+/// would check its certificate against that CA, not the roots it is under.
+fn https_proxy(tls_ca: bool) -> Result<Option<reqwest::Proxy>, String> {
     let named = |names: &[&'static str]| {
         (names.iter())
             .find_map(|&name| Some((name, std::env::var(name).ok().filter(|v| !v.is_empty())?)))
@@ -141,17 +144,21 @@ fn https_proxy() -> Result<Option<reqwest::Proxy>, String> {
     let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
         return Ok(None);
     };
-    // (Its value is not quoted: a proxy's URL may hold its password.) An http:// proxy only:
-    // this build speaks no SOCKS, which would be taken for HTTP and fail every call unclearly,
-    // and one reached over TLS would be checked against the IdP's roots (`tls_ca`), not its own;
-    // the tunnel carries the IdP's TLS anyway.
-    let http = url
-        .split_once("://")
-        .is_none_or(|(scheme, _)| scheme.eq_ignore_ascii_case("http"));
-    if !http {
+    // (Its value is not quoted: a proxy's URL may hold its password.) An HTTP proxy only: this
+    // build speaks no SOCKS, which would be taken for HTTP and fail every call unclearly.
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    let is = |name: &str| scheme.is_some_and(|s| s.eq_ignore_ascii_case(name));
+    if scheme.is_some() && !is("http") && !is("https") {
         return Err(format!(
-            "{name} in the environment names a proxy other than an http:// one, which calls to \
-             identity providers do not go through"
+            "{name} in the environment names a proxy other than an http:// or https:// one, \
+             which calls to identity providers do not go through"
+        ));
+    }
+    if tls_ca && is("https") {
+        return Err(format!(
+            "{name} in the environment names an https:// proxy, whose certificate would be \
+             checked against this issuer's tls_ca: name an http:// one (the tunnel carries the \
+             issuer's own TLS)"
         ));
     }
     let proxy = reqwest::Proxy::https(url.as_str())
