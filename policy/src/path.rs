@@ -52,14 +52,7 @@ pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
     let (host, rest) = if raw.starts_with('/') {
         (None, raw)
     } else {
-        let scheme_end = raw.find("://").ok_or(PathError::BadTarget)?;
-        let scheme = &raw[..scheme_end];
-        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-            return Err(PathError::BadTarget);
-        }
-        let after = &raw[scheme_end + 3..];
-        let authority_end = after.find(['/', '?']).unwrap_or(after.len());
-        let (authority, rest) = after.split_at(authority_end);
+        let (authority, rest) = absolute(raw).ok_or(PathError::BadTarget)?;
         if authority.is_empty() || authority.contains('@') {
             return Err(PathError::BadTarget);
         }
@@ -76,6 +69,16 @@ pub fn target(raw: &[u8]) -> Result<Target<'_>, PathError> {
     // `http://host` and `http://host?q` ask for the root.
     let path = if path.is_empty() { "/" } else { path };
     Ok(Target { host, path, query })
+}
+
+/// The authority of an absolute-form target (`http://host[:port]`, the scheme `http` or
+/// `https` in any case) and what follows it; `None` for any other form.
+pub fn absolute(raw: &str) -> Option<(&str, &str)> {
+    let (scheme, after) = raw.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    Some(after.split_at(after.find(['/', '?']).unwrap_or(after.len())))
 }
 
 /// Normalizes `path` (the part of the request target before any `?`).

@@ -3334,26 +3334,15 @@ fn trim_padded_values(req: &mut RequestHeader) {
     }
 }
 
-/// The `host[:port]` of an HTTP/1.0 request's absolute target, where it has no `Host`.
+/// The `host[:port]` of an HTTP/1.0 request's absolute target, where it has no `Host`. (The
+/// rest is read as any target is: `path::target`.)
 fn target_host_for(req: &RequestHeader) -> Option<HeaderValue> {
     if req.version != http::Version::HTTP_10 || req.headers.contains_key(header::HOST) {
         return None;
     }
-    let raw = req.raw_path();
-    let scheme = |s: &[u8]| {
-        raw.get(..s.len())
-            .is_some_and(|r| r.eq_ignore_ascii_case(s))
-    };
-    let after = [&b"http://"[..], b"https://"]
-        .into_iter()
-        .find(|s| scheme(s))?
-        .len();
-    let authority = &raw[after..];
-    let end = (authority.iter())
-        .position(|&b| b == b'/' || b == b'?')
-        .unwrap_or(authority.len());
-    // (The rest is read as any target is: `path::target`.)
-    HeaderValue::from_bytes(&authority[..end]).ok()
+    let raw = std::str::from_utf8(req.raw_path()).ok()?;
+    let (authority, _) = path::absolute(raw)?;
+    HeaderValue::from_str(authority).ok()
 }
 
 /// The host the client asked for, lower-cased and without port: `Host` for HTTP/1, the
