@@ -324,7 +324,7 @@ fn denied_within(prefix: &Prefix, path: &str) -> bool {
     };
     holds(path)
         || script_routed(path).is_some_and(|(routed, _)| holds(&routed))
-        || next_data_routed(path).is_some_and(|(routed, _)| holds(&routed))
+        || next_data_routed(path).is_some_and(|routed| holds(&routed))
         || page_with_info(path).is_some_and(|page| holds(&page))
 }
 
@@ -432,9 +432,7 @@ pub fn script_routed(path: &str) -> Option<(String, usize)> {
 /// `/_next/data/<build>/index.json` is `/`, and `/app/_next/data/<build>/admin.json` is
 /// `/app/admin` to one whose `basePath` is `/app`. The build's id is in every page it serves.
 /// (`_next/data` and `.json` read in any case, as a deny reads the rest.)
-///
-/// Also where the build's segment ends in `path` (`path[..end]` is the app's own).
-pub fn next_data_routed(path: &str) -> Option<(String, usize)> {
+pub fn next_data_routed(path: &str) -> Option<String> {
     const DATA: &[u8] = b"/_next/data/";
     // Nearly every path has no `/_`: one look for it before the marker is sought.
     let bytes = path.as_bytes();
@@ -453,10 +451,10 @@ pub fn next_data_routed(path: &str) -> Option<(String, usize)> {
     let page = &rest[..page];
     let page = match page.get(..6) {
         _ if page.eq_ignore_ascii_case("index") => "",
-        Some(index) if index.eq_ignore_ascii_case("index/") && page.len() > 6 => &page[6..],
+        Some(index) if index.eq_ignore_ascii_case("index/") => &page[6..],
         _ => page,
     };
-    Some((format!("{}/{page}", &path[..at]), after + build.len()))
+    Some(format!("{}/{page}", &path[..at]))
 }
 
 /// [`LoosePath::within_formats`] of a `path` and a bare `prefix` that both read plainly: no
@@ -2191,7 +2189,11 @@ mod tests {
         }
         assert_eq!(
             next_data_routed("/_next/data/b1/index.json"),
-            Some(("/".to_owned(), 14))
+            Some("/".to_owned())
+        );
+        assert_eq!(
+            next_data_routed("/_next/data/b1/index/.json"),
+            Some("/".to_owned())
         );
         assert_eq!(next_data_routed("/caf\u{e9}/_x"), None);
         // A page named by its file, for servers that serve it without the extension.
