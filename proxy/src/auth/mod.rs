@@ -144,8 +144,19 @@ fn https_proxy(tls_ca: bool) -> Result<Option<reqwest::Proxy>, String> {
     let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
         return Ok(None);
     };
-    // (Its value is not quoted: a proxy's URL may hold its password.) An HTTP proxy only: this
-    // build speaks no SOCKS, which would be taken for HTTP and fail every call unclearly.
+    proxy_check(name, &url, tls_ca)?;
+    let proxy = reqwest::Proxy::https(url.as_str())
+        .map_err(|_| format!("{name} in the environment is not a proxy's URL"))?;
+    let besides = named(&["NO_PROXY", "no_proxy"]).map(|(_, hosts)| hosts);
+    let direct = format!("localhost,127.0.0.0/8,::1,{}", besides.unwrap_or_default());
+    Ok(Some(proxy.no_proxy(reqwest::NoProxy::from_string(&direct))))
+}
+
+/// Whether the proxy `url` (named by the variable `name`) is one calls to an IdP go through:
+/// an HTTP one, as this build speaks no SOCKS (which would be taken for HTTP and fail every call
+/// unclearly), and not one reached over TLS beside `tls_ca`. (Its value is not quoted: a
+/// proxy's URL may hold its password.)
+fn proxy_check(name: &str, url: &str, tls_ca: bool) -> Result<(), String> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let is = |name: &str| scheme.is_some_and(|s| s.eq_ignore_ascii_case(name));
     if scheme.is_some() && !is("http") && !is("https") {
@@ -161,11 +172,7 @@ fn https_proxy(tls_ca: bool) -> Result<Option<reqwest::Proxy>, String> {
              issuer's own TLS)"
         ));
     }
-    let proxy = reqwest::Proxy::https(url.as_str())
-        .map_err(|_| format!("{name} in the environment is not a proxy's URL"))?;
-    let besides = named(&["NO_PROXY", "no_proxy"]).map(|(_, hosts)| hosts);
-    let direct = format!("localhost,127.0.0.0/8,::1,{}", besides.unwrap_or_default());
-    Ok(Some(proxy.no_proxy(reqwest::NoProxy::from_string(&direct))))
+    Ok(())
 }
 
 /// What a request presented, once looked at.
@@ -1243,6 +1250,35 @@ pub const PENDING_SIGN_IN_BYTES: usize = endpoints::MAX_PENDING_SIGN_INS * 4096;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IdP's calls go through an HTTP proxy, reached in clear or over TLS (checked then
+    /// against the bundled roots), but not over TLS beside `tls_ca`, and never a SOCKS one.
+    #[test]
+    fn an_idp_s_calls_go_through_an_http_proxy_only() {
+        for url in [
+            "http://p:3128",
+            "HTTP://p",
+            "p:3128",
+            "https://p:3128",
+            "Https://p",
+        ] {
+            assert_eq!(proxy_check("HTTPS_PROXY", url, false), Ok(()), "{url}");
+        }
+        for url in ["http://p:3128", "p:3128"] {
+            assert_eq!(proxy_check("HTTPS_PROXY", url, true), Ok(()), "{url}");
+        }
+        let beside = proxy_check("https_proxy", "https://u:secret@p", true).unwrap_err();
+        assert!(
+            beside.starts_with("https_proxy ") && beside.contains("tls_ca"),
+            "{beside}"
+        );
+        for url in ["socks5://u:secret@p:1080", "SOCKS5H://p", "ftp://p"] {
+            let refused = proxy_check("ALL_PROXY", url, false).unwrap_err();
+            assert!(refused.starts_with("ALL_PROXY "), "{refused}");
+            assert!(!refused.contains(url), "{refused}");
+        }
+        assert!(!beside.contains("secret"), "{beside}");
+    }
 
     #[test]
     fn id_tokens_are_known_by_what_only_they_carry() {
