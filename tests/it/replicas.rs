@@ -452,6 +452,18 @@ async fn with_session(replica: &Replica, cookie: &str) -> u16 {
         .as_u16()
 }
 
+/// Bob, in `eng`, signed in on `a` once it is ready, his session let in there: his cookie.
+async fn bob_signed_in_on(fleet: &Fleet, a: &mut Replica) -> String {
+    a.px.wait_ready().await;
+    let url = a.cfg.http_url("app.test", "/.portcullis/sign_in?rd=%2F");
+    wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
+    let bob = a.scim.create_user(BOB).await.expect_success().id();
+    a.scim.create_group("eng", &[&bob]).await.expect_success();
+    let cookie = sign_in_through(fleet, (&*a, &*a), BOB, BOB_PASSWORD).await;
+    assert_eq!(with_session(a, &cookie).await, 200);
+    cookie
+}
+
 /// A back-channel logout while the database is down cannot end the sessions it names: the IdP
 /// is told to try again (503), not that all went well, and the refusal is recorded; the
 /// session stands meanwhile, and the IdP's next try, once the database is back, ends it.
@@ -460,13 +472,7 @@ async fn a_backchannel_logout_while_the_database_is_down_is_asked_again_and_reco
     let cfg = ConfigBuilder::new().http_listener();
     let mut fleet = Fleet::start_signing_in(std::slice::from_ref(&cfg)).await;
     let mut a = fleet.spawn_on(cfg);
-    a.px.wait_ready().await;
-    let url = a.cfg.http_url("app.test", "/.portcullis/sign_in?rd=%2F");
-    wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
-    let bob = a.scim.create_user(BOB).await.expect_success().id();
-    a.scim.create_group("eng", &[&bob]).await.expect_success();
-    let cookie = sign_in_through(&fleet, (&a, &a), BOB, BOB_PASSWORD).await;
-    assert_eq!(with_session(&a, &cookie).await, 200);
+    let cookie = bob_signed_in_on(&fleet, &mut a).await;
 
     fleet.pg.stop();
     let told = fleet
@@ -516,13 +522,7 @@ async fn a_backchannel_logout_saved_but_not_confirmed_everywhere_is_taken_and_re
         scim: ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN),
         cfg,
     };
-    a.px.wait_ready().await;
-    let url = a.cfg.http_url("app.test", "/.portcullis/sign_in?rd=%2F");
-    wait_sign_in_available_at(&client(), &url, Duration::from_secs(60)).await;
-    let bob = a.scim.create_user(BOB).await.expect_success().id();
-    a.scim.create_group("eng", &[&bob]).await.expect_success();
-    let cookie = sign_in_through(&fleet, (&a, &a), BOB, BOB_PASSWORD).await;
-    assert_eq!(with_session(&a, &cookie).await, 200);
+    let cookie = bob_signed_in_on(&fleet, &mut a).await;
 
     let (locker, driver) = lock_table(&fleet.pg, "portcullis_replicas").await;
     // The IdP gives up on its delivery after 2.5 s (oidc-provider's timeout), long before

@@ -185,6 +185,19 @@ struct OwnKey {
 }
 
 impl OwnKey {
+    /// A token of `iss` for the agent `agent-9` (its client), for this file's audience, living
+    /// ten minutes from now.
+    fn agent_9_token(&self, iss: &str) -> String {
+        let now = now_unix();
+        self.sign(
+            Some(&self.kid),
+            &json!({
+                "iss": iss, "aud": OWN_AUD, "sub": "agent-9", "client_id": "agent-9",
+                "iat": now, "exp": now + 600,
+            }),
+        )
+    }
+
     fn es256(kid: &str) -> OwnKey {
         OwnKey::generate(kid, &rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256)
     }
@@ -1296,16 +1309,7 @@ async fn keys_elsewhere_go_through_the_environment_s_https_proxy_and_nothing_her
     })
     .await;
     let url = fx.url("api.test", "/v1/own");
-    let token = |iss: &str| {
-        let now = now_unix();
-        es.sign(
-            Some(&es.kid),
-            &json!({
-                "iss": iss, "aud": OWN_AUD, "sub": "agent-9", "client_id": "agent-9",
-                "iat": now, "exp": now + 600,
-            }),
-        )
-    };
+    let token = |iss: &str| es.agent_9_token(iss);
     assert_accepted(&url, &token(proxied), "keys fetched through the proxy").await;
     assert_accepted(&url, &token(local), "keys fetched here over https").await;
     assert_accepted(&url, &token(&keys.issuer()), "keys fetched here").await;
@@ -1356,16 +1360,7 @@ async fn an_issuer_behind_a_private_ca_is_trusted_under_its_tls_ca() {
     })
     .await;
     let url = fx.url("api.test", "/v1/own");
-    let token = |iss: &str| {
-        let now = now_unix();
-        es.sign(
-            Some(&es.kid),
-            &json!({
-                "iss": iss, "aud": OWN_AUD, "sub": "agent-9", "client_id": "agent-9",
-                "iat": now, "exp": now + 600,
-            }),
-        )
-    };
+    let token = |iss: &str| es.agent_9_token(iss);
     assert_accepted(&url, &token(&keys.issuer()), "keys fetched under tls_ca").await;
     // Refused unchecked: its keys cannot be had (their server is not trusted), which is
     // Portcullis' trouble, not the token's.
