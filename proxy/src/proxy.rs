@@ -813,6 +813,18 @@ impl ProxyHttp for Proxy {
             Match::WrongScheme(route) if route.config.scheme == Scheme::Https => {
                 // Counted as the route's, as every answer to a request a route holds is.
                 ctx.route = Some(route.clone());
+                // A bearer token sent here has crossed the network in clear: refused and
+                // recorded, as one sent to an http route here is (`Auth::authenticate`), not
+                // sent on to https to be taken there.
+                let in_clear = route.config.accept.contains(&Credential::Bearer)
+                    && crate::auth::bearer_token(req).is_some()
+                    && !runtime.carries_credentials(local_addr(session), ctx.tls);
+                if in_clear {
+                    let why = format!("a bearer token was refused: {}", crate::auth::IN_CLEAR);
+                    let (name, refused) = (&route.config.name, plain_http_challenge());
+                    return (self.refuse_as_sent(session, ctx.client_ip, name, refused, &why))
+                        .await;
+                }
                 let location = https_location(&host, runtime.https_port, req);
                 let reply = Reply::status_page(StatusCode::PERMANENT_REDIRECT)
                     .header(header::LOCATION, location);

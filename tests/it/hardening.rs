@@ -1837,3 +1837,51 @@ async fn tokens_passed_on_in_clear_are_said_at_start_and_at_a_reload() {
     })
     .await;
 }
+
+/// A bearer token sent over plain HTTP, off loopback, to an https route's address has crossed
+/// the network in clear: refused unread and recorded, as one sent to an http route there is,
+/// not redirected to https with it (clients that keep `Authorization` across that redirect
+/// would have it taken there, its replay by anyone on the way unnoticed). Without one, the
+/// redirect stands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_sent_in_clear_to_an_https_route_is_refused_not_redirected() {
+    let ca = portcullis_tests::TestCa::new();
+    let app = Upstream::start("app").await;
+    let cfg = ConfigBuilder::new()
+        .http_listener_on_all_interfaces()
+        .https_listener(vec![ca.leaf("bots", &["bots.test"])])
+        .route(
+            Route::new("https://bots.test", &[&app])
+                .accept(&["bearer"])
+                .set("allow = { machines = true }"),
+        )
+        .jwt_issuer(JwtIssuer::new("https://idp.invalid", &["api"]));
+    let px = cfg.start().await;
+    let url = cfg.http_url("bots.test", "/jobs");
+    let http = portcullis_tests::client::plain_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
+    let redirected = http.get(&url).send().await.expect("an answer");
+    assert_eq!(redirected.status(), 308);
+    let forged = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJl";
+    let refused = http
+        .get(&url)
+        .bearer_auth(forged)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(refused.status(), 401, "a bearer token in clear");
+    assert!(refused.headers().get("location").is_none());
+    let challenge = refused.headers()["www-authenticate"].to_str().unwrap();
+    assert!(challenge.contains("invalid_request"), "{challenge}");
+    audited(
+        &px,
+        &[
+            "\"route\":\"https://bots.test\"",
+            "sent over plain HTTP off loopback",
+        ],
+    )
+    .await;
+    assert_eq!(app.count(), 0, "nothing was sent upstream");
+}

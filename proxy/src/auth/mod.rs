@@ -54,7 +54,8 @@ pub struct Arrival<'a> {
 }
 
 /// Why a bearer token sent over plain HTTP off loopback is refused, unread.
-const IN_CLEAR: &str = "it was sent over plain HTTP off loopback, crossing the network in clear \
+pub(crate) const IN_CLEAR: &str =
+    "it was sent over plain HTTP off loopback, crossing the network in clear \
                         (for anyone on the way to replay): send it over HTTPS";
 
 /// Authentication state that outlives configuration reloads.
