@@ -200,26 +200,26 @@ impl Console {
                 })
             }
         };
+        // On a route that takes no tokens too: an agent's goes unread there, and a public rule
+        // lets it in as anyone, as `explain` judges it.
         let mut agents = Vec::new();
-        if route.accept.contains(&Credential::Bearer) {
-            // Read first, judged after: the gate takes the directory's lock for each.
-            let mut candidates = Vec::new();
-            self.directory.scan(ResourceType::Agent, |index, row| {
-                if let Some(agent) = index.agent(row) {
-                    let presents = agent_presents(identity.agent_scim_attribute, agent);
-                    candidates.push((agent.id, agent.name.to_string(), presents));
-                }
-            });
-            let gate = self.gate();
-            for (id, name, presents) in candidates {
-                let Some(presents) = presents else { continue };
-                let who = Who::Agent {
-                    name: &presents,
-                    on_behalf_of: None,
-                };
-                if lets_in(&self.runtime, &gate, who, route, method, path) {
-                    agents.push((id, name));
-                }
+        // Read first, judged after: the gate takes the directory's lock for each.
+        let mut candidates = Vec::new();
+        self.directory.scan(ResourceType::Agent, |index, row| {
+            if let Some(agent) = index.agent(row) {
+                let presents = agent_presents(identity.agent_scim_attribute, agent);
+                candidates.push((agent.id, agent.name.to_string(), presents));
+            }
+        });
+        let gate = self.gate();
+        for (id, name, presents) in candidates {
+            let Some(presents) = presents else { continue };
+            let who = Who::Agent {
+                name: &presents,
+                on_behalf_of: None,
+            };
+            if lets_in(&self.runtime, &gate, who, route, method, path) {
+                agents.push((id, name));
             }
         }
         Reach { users, agents }

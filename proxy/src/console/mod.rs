@@ -351,6 +351,31 @@ mod pages {
         }
     }
 
+    /// An agent is let in wherever a public rule lets anyone in, on a route that takes no
+    /// bearer tokens too (its token goes unread there): the route's page lists it there, as
+    /// `explain` judges it, and not where a rule asks for a signed-in person.
+    #[tokio::test]
+    async fn a_route_that_takes_no_tokens_lists_the_agents_its_public_rule_lets_in() {
+        let docs = "[[routes]]\nfrom = \"http://docs.test\"\nto = [\"http://127.0.0.1:3\"]\n\
+                    accept = [\"session\"]\n\
+                    allow = [{ public = true, paths = [\"/open\"] }, { groups = [\"eng\"] }]";
+        let world = World::with(crate::testing::config(docs));
+        let alice = world.user("alice@corp.example").await;
+        world.group("eng", &[&alice]).await;
+        world.agent("helper", &[&alice], &[], None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        let routes = &console.runtime.config.routes;
+        let docs = routes
+            .iter()
+            .find(|r| r.name == "http://docs.test")
+            .unwrap();
+        let open = console.reach(docs, "GET", "/open");
+        let names: Vec<&str> = open.agents.iter().map(|(_, name)| name.as_str()).collect();
+        assert_eq!(names, ["helper"]);
+        assert!(console.reach(docs, "GET", "/").agents.is_empty());
+    }
+
     /// A route's page lists every agent it lets in, paged as its users are.
     #[tokio::test]
     async fn a_route_page_pages_its_agents() {
