@@ -260,23 +260,14 @@ async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("portcullis.toml");
         std::fs::write(&config, cfg.toml()).expect("write the config");
-        let serve = tokio::process::Command::new(portcullis_tests::process::binary())
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .current_dir(dir.path())
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env(name, proxy)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), serve)
-            .await
-            .expect("serve stops")
-            .expect("serve runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{name}={proxy}: {stderr}");
+        let env = [
+            ("HTTPS_PROXY", None),
+            ("https_proxy", None),
+            (name, Some(proxy)),
+        ];
+        let (code, stderr) =
+            portcullis_tests::process::refused_serve(dir.path(), &config, &env).await;
+        assert_eq!(code, Some(1), "{name}={proxy}: {stderr}");
         assert!(
             stderr.contains(&format!(
                 "{name} in the environment names a proxy other than"

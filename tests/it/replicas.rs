@@ -1456,28 +1456,10 @@ async fn a_database_not_in_utf8_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, cfg.toml()).unwrap();
-    let stderr = refused_serve(dir.path(), &path).await;
-    assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
-}
-
-/// What `portcullis serve` with the configuration at `config`, in `dir`, says on stderr as it
-/// stops, unsuccessfully, within a minute.
-async fn refused_serve(dir: &std::path::Path, config: &std::path::Path) -> String {
-    let serve = tokio::process::Command::new(portcullis_tests::process::binary())
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), serve)
+    let stderr = portcullis_tests::process::refused_serve(dir.path(), &path, &[])
         .await
-        .expect("serve stops")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{stderr}");
-    stderr
+        .1;
+    assert!(stderr.contains("its encoding is LATIN1"), "{stderr}");
 }
 
 /// A data_dir that keeps a directory of its own (from a start without `[postgres]`) is refused
@@ -1495,7 +1477,9 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
         .http_listener()
         .postgres(&pg.url(), "2s");
     px.rewrite_config(&cfg.toml());
-    let stderr = refused_serve(px.dir(), px.config_path()).await;
+    let stderr = portcullis_tests::process::refused_serve(px.dir(), px.config_path(), &[])
+        .await
+        .1;
     assert!(
         stderr.contains("directory.redb holds a directory of its own"),
         "{stderr}"

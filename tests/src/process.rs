@@ -420,6 +420,36 @@ pub async fn run(dir: &Path, args: &[&str]) -> CommandResult {
     }
 }
 
+/// Runs `portcullis serve` on `config` in `dir`, with `env` set (`None`: removed), and waits
+/// for it to stop (it must, within a minute, refusing to start): its exit code and stderr.
+pub async fn refused_serve(
+    dir: &Path,
+    config: &Path,
+    env: &[(&str, Option<&str>)],
+) -> (Option<i32>, String) {
+    let mut serve = tokio::process::Command::new(binary());
+    serve
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        match value {
+            Some(value) => serve.env(name, value),
+            None => serve.env_remove(name),
+        };
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), serve.output())
+        .await
+        .expect("serve stops")
+        .expect("serve runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    (out.status.code(), stderr)
+}
+
 /// Writes `config` to `<dir>/portcullis.toml` and runs `portcullis check-config` on it.
 pub async fn check_config(dir: &Path, config: &str) -> CommandResult {
     let path = dir.join("portcullis.toml");
