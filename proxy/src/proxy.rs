@@ -1219,6 +1219,15 @@ impl ProxyHttp for Proxy {
         ) {
             route.upstreams.answered(index, at, started);
         }
+        // The answer's time, whatever becomes of it below (not a `100 Continue`'s before it;
+        // a `101` is a websocket's answer).
+        let status = upstream_response.status;
+        let interim = status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS;
+        if let (Some(route), Some(started), false) = (&ctx.route, ctx.upstream_started, interim) {
+            route
+                .metrics
+                .observe_upstream(started.elapsed().as_secs_f64());
+        }
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).
         ctx.still_allowed(&self.shared, session.req_header(), true)?;
@@ -1269,14 +1278,6 @@ impl ProxyHttp for Proxy {
             if let Some(runtime) = &ctx.runtime {
                 session.set_write_timeout(Some(runtime.config.server.client_idle_timeout));
             }
-        }
-        // The answer's time, not a `100 Continue`'s before it (a `101` is a websocket's answer).
-        let status = upstream_response.status;
-        let interim = status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS;
-        if let (Some(route), Some(started), false) = (&ctx.route, ctx.upstream_started, interim) {
-            route
-                .metrics
-                .observe_upstream(started.elapsed().as_secs_f64());
         }
         Ok(())
     }

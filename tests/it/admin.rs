@@ -260,6 +260,59 @@ async fn a_client_that_leaves_after_an_interim_answer_is_counted_as_given_none()
     assert_eq!(counted, vec![("0".to_owned(), 1.0)]);
 }
 
+/// An upstream's answer is timed whatever Portcullis then makes of it: a `101` that does not
+/// accept the websocket asked for, answered 502, still took the upstream its time.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_answer_portcullis_refuses_is_timed_all_the_same() {
+    use tokio::io::AsyncWriteExt;
+    let switches = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let switching = switches.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = switches.accept().await {
+            tokio::spawn(async move {
+                portcullis_tests::client::read_request_head(&mut stream).await;
+                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                              Connection: Upgrade\r\n\r\n";
+                let _ = stream.write_all(switch.as_bytes()).await;
+                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            });
+        }
+    });
+    const ROUTE: &str = "http://switch.test/";
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::to_urls(ROUTE, vec![format!("http://{switching}")]).websockets(true));
+    let px = cfg.start().await;
+    let client = plain_client();
+    let resp = client
+        .get(cfg.http_url("switch.test", "/ws"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let text = client
+        .get(px.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let timed: f64 = parse_metrics(&text)
+        .iter()
+        .filter(|s| {
+            s.name == "portcullis_upstream_duration_seconds_count"
+                && s.label("route") == Some(ROUTE)
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(timed, 1.0, "{text}");
+}
+
 /// `/readyz` is the signal everything waits on (load balancers, the test harness): it says
 /// ready only once the proxy listens on its port, not while another process holds it.
 #[tokio::test(flavor = "multi_thread")]
