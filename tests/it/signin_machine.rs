@@ -437,6 +437,13 @@ async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes()
         StatusCode::OK,
         "the auth scheme is case-insensitive"
     );
+    let (status, _) =
+        with_authorization(&fx.url("api.test", "/v1"), &format!("Bearer   {token}")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "RFC 6750 puts one or more spaces before the token"
+    );
     // POSTs too: a machine is not a browser.
     let resp = bare_client()
         .post(fx.url("api.test", "/v1/jobs"))
@@ -533,7 +540,7 @@ async fn a_client_credentials_token_from_the_idp_is_accepted_on_machine_routes()
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         fx.api.seen().len(),
-        5,
+        6,
         "only the accepted requests reached the upstream"
     );
 }

@@ -1156,7 +1156,8 @@ pub fn session_cookie_name(
     }
 }
 
-/// The `Authorization: Bearer` token, if the request has exactly one such header.
+/// The `Authorization: Bearer` token, if the request has exactly one such header: all after
+/// the spaces that follow the scheme (RFC 6750 §2.1: `"Bearer" 1*SP b64token`).
 pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
     let mut values = req.headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next()?.to_str().ok()?;
@@ -1164,7 +1165,8 @@ pub fn bearer_token(req: &RequestHeader) -> Option<&str> {
         return None;
     }
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The token of an `Authorization` value `value` of the `Bearer` scheme (in any case), as
