@@ -262,7 +262,7 @@ def report(r):
     print()
     print("| one worker thread, session + group policy | PostgreSQL | redb | PostgreSQL / redb | target |")
     print("|---|---:|---:|---:|---|")
-    print(f"| requests/s | {a['postgres']['rps']:,.0f} | {a['redb']['rps']:,.0f} | {ratio:.3f} | within 5% |")
+    print(f"| requests/s | {a['postgres']['rps']:,.0f} | {a['redb']['rps']:,.0f} | {ratio:.3f} | within 5%: {common.verdict(ratio >= 0.95)} |")
     print(f"| CPU µs/request | {a['postgres']['cpu_us']:.1f} | {a['redb']['cpu_us']:.1f} | "
           f"{a['postgres']['cpu_us'] / a['redb']['cpu_us']:.3f} | - |")
     print(f"| p99 | {a['postgres']['p99_ms']:.2f} ms | {a['redb']['p99_ms']:.2f} ms | - | - |")

@@ -530,8 +530,9 @@ def write_json(args, creates, large):
         out["creates"][f"{system} c{clients}"] = {"rps": median(runs, "rps"), "p99": median(runs, "p99")}
     for system, runs in large["lookups"].items():
         out["lookups"][system] = {"rps": median(runs, "rps"), "p99": median(runs, "p99")}
-    for group, key in ((0, "patch_100k"), (1, "patch_10")):
-        rows = large["patches"][group]
+    for (kind, group), key in ((("patches", 0), "patch_100k"), (("patches", 1), "patch_10"),
+                               (("checks", 0), "check_100k"), (("checks", 1), "check_10")):
+        rows = large[kind][group]
         out[key] = {"median_ms": statistics.median(r[0] for r in rows),
                     "p99_ms": statistics.median(r[1] for r in rows)}
     pr = large["per_round"]

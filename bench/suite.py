@@ -145,6 +145,12 @@ def summary_rows(r):
         rows.append(("SCIM", "PATCH add member: 100k-member vs 10-member group (median)",
                      f"{big['median_ms']:.2f} vs {small['median_ms']:.2f} ms", "-", f"{ratio:.2f}x",
                      "within 2x", common.verdict(ratio <= 2)))
+        if "check_100k" in sc:
+            big, small = sc["check_100k"], sc["check_10"]
+            ratio = big["median_ms"] / small["median_ms"]
+            rows.append(("SCIM", "Entra's membership check: 100k-member vs 10-member group (median)",
+                         f"{big['median_ms']:.2f} vs {small['median_ms']:.2f} ms", "-", f"{ratio:.2f}x",
+                         "within 2x", common.verdict(ratio <= 2)))
         rows.append(("memory", f"VmRSS with {sc['users']:,} users + {sc['groups']:,} groups, after lookups",
                      f"{sc['rss_after_mib']:,.0f} MiB", "-", "-", "< 1 GiB",
                      common.verdict(sc["rss_after_mib"] < 1024)))
@@ -167,6 +173,11 @@ def summary_rows(r):
         rows.append(("replicas", "SCIM write latency with 3 replicas (answered once B and C have it), median / p99",
                      f"{three['median_ms']:.2f} / {three['p99_ms']:.2f} ms", "-", "-", "p99 < 20 ms",
                      common.verdict(three["p99_ms"] < 20)))
+        a = rp["authenticated"]
+        ratio = a["postgres"]["rps"] / a["redb"]["rps"]
+        rows.append(("replicas", "authenticated req/s, one worker, session + group policy, PostgreSQL vs redb",
+                     f"{a['postgres']['rps']:,.0f}", f"redb {a['redb']['rps']:,.0f}", f"{ratio:.3f}x",
+                     "within 5%", common.verdict(ratio >= 0.95)))
     fl = r.get("floor")
     if fl:
         floor = fl["systems"]["bare pingora"]
