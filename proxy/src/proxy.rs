@@ -1313,10 +1313,18 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.still_allowed(&self.shared, session.req_header(), true)?;
+        // An HTTP/2 body may end with an empty DATA frame (curl's uploads of no stated length
+        // do). pingora writes an empty last piece to an HTTP/1.1 upstream as a last chunk, then
+        // ends the body with another: a `0\r\n\r\n` after the body, which the upstream reads
+        // as a request of its own (Node.js answers it 400, before the upload's answer). The end
+        // alone writes the one last chunk.
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) {
+            *body = None;
+        }
         // A request body is bounded; a websocket's frames after the upgrade are not a body.
         if session.was_upgraded() {
             return Ok(());

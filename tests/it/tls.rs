@@ -478,6 +478,72 @@ async fn an_http2_client_that_takes_or_sends_nothing_is_not_waited_on() {
     );
 }
 
+/// An HTTP/2 upload of no stated length that ends with an empty DATA frame (as curl ends
+/// `curl --http2 -T -`) reaches an HTTP/1.1 upstream as one chunked body with one last chunk:
+/// a second `0\r\n\r\n` after it is a request of its own to the upstream, which Node.js
+/// answers 400 before the upload's answer, and which another upstream may read as the start
+/// of the next caller's request on that connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_upload_ended_by_an_empty_frame_reaches_the_upstream_as_one_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new();
+    let cert = ca.leaf("app", &["app.test"]);
+    // Answers once the body's last chunk is in (closing the connection), then keeps every
+    // byte that comes until Portcullis closes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let (sent, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut answered = false;
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+            let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+            let body_end =
+                head_end.is_some_and(|at| got[at + 4..].windows(5).any(|w| w == b"0\r\n\r\n"));
+            if body_end && !answered {
+                answered = true;
+                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = sent.send(got);
+    });
+    let cfg = ConfigBuilder::new()
+        .https_listener(vec![cert])
+        .route(Route::to_urls("https://app.test", vec![upstream]));
+    let _px = cfg.start().await;
+
+    let mut tls = raw_http2(&cfg, &ca, "app.test").await;
+    let mut head = vec![0x83, 0x87]; // :method POST, :scheme https
+    head.extend(hpack_field(4, "/upload"));
+    head.extend(hpack_field(1, "app.test"));
+    let frames = [
+        H2_PREFACE.to_vec(),
+        h2_frame(4, 0, 0, &[]),
+        // END_HEADERS alone: a body follows, of no stated length.
+        h2_frame(1, 0x04, 1, &head),
+        h2_frame(0, 0, 1, b"hello"),
+        // An empty DATA frame with END_STREAM.
+        h2_frame(0, 0x01, 1, b""),
+    ];
+    tls.write_all(&frames.concat()).await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(30), received)
+        .await
+        .expect("the upstream's connection ended within 30 s")
+        .expect("the upstream's bytes");
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a request head");
+    assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
+    assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_is_negotiated_by_alpn_and_http1_still_works() {
     let ca = TestCa::new();
