@@ -133,9 +133,9 @@ pub fn resolve_secret(
         if name.is_empty() {
             return Err("`env:` needs a variable name".to_owned());
         }
-        return env(name)
-            .map(Secret::new)
-            .ok_or_else(|| format!("environment variable {name} is not set"));
+        return env(name).map(Secret::new).ok_or_else(|| {
+            format!("environment variable {name} is not set, or is not UTF-8 text")
+        });
     }
     if let Some(file) = raw.strip_prefix("file:") {
         if file.is_empty() {

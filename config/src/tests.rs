@@ -1182,7 +1182,7 @@ name = "azure"
 secret = "file:no-such-token"
 "#,
             problems: &[
-                ("scim.tokens[0].secret", Some(14), "OKTA_SCIM_TOKEN is not set"),
+                ("scim.tokens[0].secret", Some(14), "OKTA_SCIM_TOKEN is not set, or is not UTF-8 text"),
                 ("scim.tokens[1].secret", Some(17), "cannot read secret file"),
             ],
         },
