@@ -160,3 +160,81 @@ async fn serve(stream: TcpStream, connection: usize, seen: Arc<Mutex<Vec<RawRequ
         }
     }
 }
+
+/// An upstream that keeps, for each connection, every byte that came on it: it answers `200
+/// ok` (closing the connection) once a request's head and a chunked body's last chunk are in,
+/// and hands over the connection's bytes once Portcullis has closed it. For tests of the
+/// bytes of a request body, which [`RawUpstream`] does not keep.
+pub struct Uploads {
+    addr: SocketAddr,
+    received: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    task: JoinHandle<()>,
+}
+
+impl Uploads {
+    pub async fn start() -> Uploads {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the uploads upstream");
+        let addr = listener.local_addr().expect("uploads upstream address");
+        let (sent, received) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(keep_upload(stream, sent.clone()));
+            }
+        });
+        Uploads {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, to put in a route's `to`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bytes of the next connection to end, split into its head and what followed it;
+    /// panics if none ends within 30 s.
+    pub async fn next(&mut self) -> (String, String) {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), self.received.recv())
+            .await
+            .expect("an upstream connection ended within 30 s")
+            .expect("the uploads upstream runs");
+        let text = String::from_utf8_lossy(&got).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((head, rest)) => (head.to_owned(), rest.to_owned()),
+            None => (text, String::new()),
+        }
+    }
+}
+
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_upload(mut stream: TcpStream, sent: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut answered = false;
+    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+        got.extend_from_slice(&buf[..n]);
+        if got.len() > MAX_HEAD {
+            break;
+        }
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+        let body_end =
+            head_end.is_some_and(|at| got[at + 4..].windows(5).any(|w| w == b"0\r\n\r\n"));
+        if body_end && !answered {
+            answered = true;
+            let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = sent.send(got);
+}
