@@ -116,6 +116,11 @@ impl Fleet {
     /// A replica's config on `cfg`'s listener: its own ports and `data_dir`, everything else
     /// the same.
     fn config_on(&self, cfg: ConfigBuilder) -> ConfigBuilder {
+        self.config_with(cfg, &format!("{}s", MAX_STALENESS.as_secs()))
+    }
+
+    /// [`Fleet::config_on`], with `max_staleness` of its own.
+    fn config_with(&self, cfg: ConfigBuilder, max_staleness: &str) -> ConfigBuilder {
         let cfg = match &self.auth_host {
             Some(auth_host) => cfg
                 .route(
@@ -139,7 +144,7 @@ impl Fleet {
         )
         .jwt_issuer(JwtIssuer::new(self.idp.issuer(), &[API_AUD]))
         .scim(SCIM_HOST, &[("okta", SCIM_TOKEN)])
-        .postgres(&self.pg.url(), &format!("{}s", MAX_STALENESS.as_secs()))
+        .postgres(&self.pg.url(), max_staleness)
     }
 
     fn spawn(&self) -> Replica {
@@ -147,7 +152,12 @@ impl Fleet {
     }
 
     fn spawn_on(&self, cfg: ConfigBuilder) -> Replica {
-        let cfg = self.config_on(cfg);
+        self.spawn_with(cfg, &format!("{}s", MAX_STALENESS.as_secs()))
+    }
+
+    /// [`Fleet::spawn_on`], with `max_staleness` of its own.
+    fn spawn_with(&self, cfg: ConfigBuilder, max_staleness: &str) -> Replica {
+        let cfg = self.config_with(cfg, max_staleness);
         let px = Portcullis::spawn(&cfg.toml());
         let scim = ScimClient::new(&cfg.scim_base_url(), SCIM_TOKEN);
         Replica { px, cfg, scim }
@@ -462,6 +472,89 @@ async fn bob_signed_in_on(fleet: &Fleet, a: &mut Replica) -> String {
     let cookie = sign_in_through(fleet, (&*a, &*a), BOB, BOB_PASSWORD).await;
     assert_eq!(with_session(a, &cookie).await, 200);
     cookie
+}
+
+/// Each replica's file sets its own `max_staleness` (a rolling restart changes it one replica
+/// at a time): a sign-out on a replica of a short one is answered only once a stopped replica
+/// of a longer one can no longer count on its lease, not once the writer's own would have
+/// lapsed. Answered earlier, the other replica, cut off from the database but not stopped,
+/// lets the ended session in until its lease runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_out_waits_for_a_longer_lease_than_its_replica_s_own() {
+    let (cfg_a, cfg_b) = (
+        ConfigBuilder::new().http_listener(),
+        ConfigBuilder::new().http_listener(),
+    );
+    let fleet = Fleet::start_signing_in(&[cfg_a.clone(), cfg_b.clone()]).await;
+    let mut a = fleet.spawn_with(cfg_a, "1s");
+    let mut b = fleet.spawn_with(cfg_b, "10s");
+    let cookie = bob_signed_in_on(&fleet, &mut a).await;
+    b.px.wait_ready().await;
+    assert_eq!(with_session(&b, &cookie).await, 200);
+
+    b.px.signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    let resp = sign_out(&a, &cookie).await;
+    let waited = started.elapsed();
+    b.px.signal(Signal::SIGCONT);
+    assert_eq!(resp.status(), reqwest::StatusCode::FOUND, "the sign-out");
+    // B renews about four times per `max_staleness`: its lease had 7.5 s or more to run when
+    // it stopped. A's own would have lapsed within 1 s.
+    assert!(
+        waited >= Duration::from_secs(5),
+        "answered after {waited:?}, while B could still count on its lease"
+    );
+    // B, its lease lapsed, refuses until it has caught up, then refuses the ended session.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.last() != Some(&401) && Instant::now() < deadline {
+        seen.push(with_session(&b, &cookie).await);
+    }
+    assert_eq!(seen.last(), Some(&401), "{seen:?}");
+    assert!(seen.iter().all(|s| SESSION_ENDED.contains(s)), "{seen:?}");
+}
+
+/// A replica that died leaves its row, lease and all; should the database's clock step back
+/// past that lease, the database counts it live again, though its holder no longer counts on
+/// it, nor could it for longer than its length. Writes wait out that length, not the step,
+/// and are answered as saved (here the row's lease is moved ten minutes on, and the time it was
+/// granted with it, as a step back of ten minutes reads to the database).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_replica_s_lease_revived_by_the_database_s_clock_holds_up_no_write() {
+    let fleet = Fleet::start().await;
+    let (a, b) = tokio::join!(fleet.replica(), fleet.replica());
+    a.scim.create_user(MACHINE_ID).await.expect_success();
+    b.px.signal(Signal::SIGKILL);
+    // Once B's lease has lapsed, it is moved on.
+    let lapsed = eventually(MAX_STALENESS * 3, || async {
+        fleet
+            .pg
+            .query("SELECT id FROM portcullis_replicas WHERE lease_until < clock_timestamp()")
+            .await
+            .is_ok_and(|rows| rows.len() == 1)
+    })
+    .await;
+    assert!(lapsed, "B's lease never lapsed");
+    let moved = fleet
+        .pg
+        .query(
+            "UPDATE portcullis_replicas SET lease_until = lease_until + interval '10 minutes', \
+             seen = seen + interval '10 minutes' WHERE lease_until < clock_timestamp() \
+             RETURNING id",
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1, "B's row alone: {moved:?}");
+    let started = Instant::now();
+    a.scim
+        .create_user("after-the-step@corp.test")
+        .await
+        .expect_success();
+    let waited = started.elapsed();
+    assert!(
+        waited < MAX_STALENESS + Duration::from_secs(5),
+        "a write was held up {waited:?}"
+    );
 }
 
 /// A back-channel logout while the database is down cannot end the sessions it names: the IdP

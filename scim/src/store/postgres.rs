@@ -536,6 +536,10 @@ pub struct PgStorage {
     writer: Mutex<Dedicated>,
     settler: Mutex<Dedicated>,
     freshness: Arc<Freshness>,
+    /// The longest lease, in microseconds, a settle has read another replica to hold: each
+    /// replica's file sets its own `max_staleness` (a rolling restart changes it one replica
+    /// at a time), and a settle that cannot read their table judges by the longest it knows.
+    longest_lease_us: AtomicU64,
 }
 
 fn table(rt: ResourceType) -> &'static str {
@@ -648,6 +652,7 @@ impl PgStorage {
                 setup: lock_timeout_setup(options.max_staleness),
             }),
             freshness: Arc::new(Freshness::new(options.max_staleness)),
+            longest_lease_us: AtomicU64::new(0),
         })
     }
 
@@ -1321,8 +1326,15 @@ impl Storage for PgStorage {
 
     fn settle(&self, seq: Seq, committed: Instant) -> Result<(), StoreError> {
         let max_staleness = self.freshness.max_staleness;
-        // A replica that never confirms has let its lease lapse by then (see `Fleet`).
-        let lapsed_by = committed + max_staleness + CLOCK_MARGIN;
+        // A replica that has not applied the change has not renewed its lease since it was
+        // committed (a renewal needs everything committed applied; see `RENEW`): it has let
+        // that lease lapse, counted on its own clock from before it asked, once the longest
+        // lease any replica is granted has passed since (and `CLOCK_MARGIN`, for clocks that
+        // run at slightly different rates). Each lease's length is read with it.
+        let lapsed_by = || {
+            let longest = Duration::from_micros(self.longest_lease_us.load(Ordering::Relaxed));
+            committed + max_staleness.max(longest) + CLOCK_MARGIN
+        };
         // When the database committed it (see `unsettled`: this replica's commit, or the
         // batch it had applied when it answered a write that changed nothing). Settles come in
         // the order of `unsettled`: one before this is not waited for any more.
@@ -1347,6 +1359,9 @@ impl Storage for PgStorage {
                 // database holds another commit of that number (a failover lost this one and
                 // took another batch in its place): replicas past it never applied it.
                 // -3: a standby, whose clock would judge the primary's leases.
+                // With it, the longest lease another replica holds, as granted: a renewal sets
+                // `seen` and `lease_until` in one statement, so their difference is its length
+                // whatever the database's clock has done since.
                 let waiting = conn.prepare(on_primary!(
                     "SELECT CASE WHEN pg_is_in_recovery() THEN -3 \
                      WHEN (SELECT value FROM directory_meta WHERE key = 'seq') < $2 \
@@ -1357,13 +1372,16 @@ impl Storage for PgStorage {
                      ELSE (SELECT count(*) FROM portcullis_replicas \
                      WHERE id <> $1 AND applied_seq < $2 \
                      AND lease_until + $4::bigint * interval '1 microsecond' > clock_timestamp()) \
-                     END"
+                     END, (SELECT coalesce(max((extract(epoch FROM lease_until - seen) \
+                     * 1000000)::bigint), 0) FROM portcullis_replicas WHERE id <> $1 \
+                     AND lease_until + $4::bigint * interval '1 microsecond' > clock_timestamp())"
                 ))?;
                 let client = &mut conn.client;
                 let row = client
                     .query_one(&waiting, &[&self.replica, &seq, &committed_us, &margin_us])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
+                let longest: i64 = row.try_get(1).map_err(backend)?;
                 if waiting == -3 {
                     // The connection goes with the error: the next may reach the primary.
                     return Err(StoreError::Backend(
@@ -1390,9 +1408,12 @@ impl Storage for PgStorage {
                         .map_err(backend)?;
                     while notifications.iter().next().map_err(backend)?.is_some() {}
                 }
+                self.longest_lease_us
+                    .fetch_max(u64::try_from(longest).unwrap_or(0), Ordering::Relaxed);
                 Ok(waiting)
             });
-            let given_up = Instant::now() > lapsed_by + max_staleness;
+            let lapsed = Instant::now() > lapsed_by();
+            let given_up = Instant::now() > lapsed_by() + max_staleness;
             if waiting.is_err() {
                 // The connection went with the failure: a new one listens to nothing.
                 listening = false;
@@ -1411,10 +1432,16 @@ impl Storage for PgStorage {
                         "the database does not hold the change (lost in a failover?)".to_owned(),
                     ))
                 }
-                Ok(_) if given_up => {
-                    break Err(StoreError::Backend(
-                        "replicas kept renewing their lease without applying the change".to_owned(),
-                    ))
+                // Replicas the database says hold a lease without the change, though every
+                // such lease has lapsed where it is held: the database's clock stepped back
+                // since they were granted (a replica that died before, say). Nobody counts on
+                // them.
+                Ok(n) if n > 0 && lapsed => {
+                    tracing::warn!(
+                        "{n} replicas' leases outlast their length by the database's clock \
+                         (stepped back?); taken as lapsed"
+                    );
+                    break Ok(());
                 }
                 Ok(_) => {}
                 // Cannot ask: ask again (on a new connection) until the same bound. Waiting
