@@ -234,8 +234,12 @@ impl Proxy {
         if ctx.long_lived && accepts(&session.req_header().headers, b"text/event-stream") {
             request.headers.remove(header::UPGRADE);
         }
+        // An answer to HEAD has no body, and pingora reads none: one an upstream sends all the
+        // same (answering HEAD as GET) would be the next request's answer on a pooled
+        // connection, one made for another caller. HEAD goes on a connection of its own.
         let upgrade = request.headers.contains_key(header::UPGRADE);
-        if !upgrade && (ctx.long_lived || logs_in_the_connection(&request.headers)) {
+        let head = request.method == http::Method::HEAD;
+        if !upgrade && (ctx.long_lived || head || logs_in_the_connection(&request.headers)) {
             request
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -715,7 +719,7 @@ impl ProxyHttp for Proxy {
         // A body coded before its chunks (`gzip, chunked`): pingora takes off the chunks only,
         // and the upstream would be sent the coded bytes as the body itself. Refused, as RFC
         // 9112 §6.1 has a server refuse a transfer coding it does not understand.
-        if codes_its_body(req) {
+        if codes_its_body(&req.headers) {
             let refused = Reply::status_page(StatusCode::NOT_IMPLEMENTED);
             let why = "a request was refused: its body has a transfer coding other than chunked";
             return self
@@ -1231,6 +1235,15 @@ impl ProxyHttp for Proxy {
         // An answer that comes after its caller lost access crosses no more than its body
         // would: not its status, nor its headers (a bodiless answer has nothing else).
         ctx.still_allowed(&self.shared, session.req_header(), true)?;
+        // pingora takes the chunks off such a body and leaves the rest of its coding: an
+        // HTTP/1.0 or HTTP/2 client, whose `Transfer-Encoding` goes, would take the coded
+        // bytes for the body. Refused, as such a request is.
+        if codes_its_body(&upstream_response.headers) {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "the upstream's answer has a transfer coding besides its chunks",
+            );
+        }
         // After a 101 every byte is passed through unjudged, both ways: only a websocket the
         // upstream really accepted may have that. A handler that answers 101 to anything (a
         // status echo, say) would otherwise turn the rest of the connection into requests
@@ -2617,10 +2630,10 @@ fn preflight_answer(response: &mut http::response::Parts) {
     }
 }
 
-/// Whether `req`'s body has a transfer coding besides its chunks (one `chunked`, last, is
-/// all pingora reads).
-fn codes_its_body(req: &RequestHeader) -> bool {
-    let mut codings = list_elements(&req.headers, &header::TRANSFER_ENCODING);
+/// Whether the body of a message with `headers` has a transfer coding besides its chunks (one
+/// `chunked`, last, is all pingora reads).
+fn codes_its_body(headers: &http::HeaderMap) -> bool {
+    let mut codings = list_elements(headers, &header::TRANSFER_ENCODING);
     let chunked = |coding: &[u8]| coding.eq_ignore_ascii_case(b"chunked");
     codings
         .next()

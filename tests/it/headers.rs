@@ -381,6 +381,61 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
     }
 }
 
+/// What would reach a later caller on a pooled upstream connection is kept off it: a HEAD
+/// goes upstream on a connection of its own (an upstream that answers HEAD as GET, as
+/// `do_HEAD = do_GET` in Python's `http.server` does, sends a body after the head that
+/// pingora does not read, which the next request on that connection would take for its
+/// answer: one made for another caller). And an answer whose body has a coding besides its
+/// chunks is refused (502), as such a request is (501): an HTTP/1.0 or HTTP/2 client, whose
+/// `Transfer-Encoding` goes, would take the coded bytes for the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_answer_is_left_on_a_pooled_connection_nor_passed_with_its_coding_lost() {
+    use tokio::io::AsyncWriteExt;
+    let raw = portcullis_tests::raw_upstream::RawUpstream::start().await;
+    let coded = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coding = coded.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = coded.accept().await {
+            tokio::spawn(async move {
+                portcullis_tests::client::read_request_head(&mut stream).await;
+                let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                              2\r\nok\r\n0\r\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cfg = ConfigBuilder::new()
+        .http_listener()
+        .route(Route::to_urls("http://raw.test", vec![raw.url()]))
+        .route(Route::to_urls(
+            "http://coded.test",
+            vec![format!("http://{coding}")],
+        ));
+    let _px = cfg.start().await;
+    let client = plain_client();
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let resp = client
+            .request(method.clone(), cfg.http_url("raw.test", "/page"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+        let sent = raw.last();
+        let closes = sent.header("connection") == Some("close");
+        assert_eq!(
+            closes,
+            method == reqwest::Method::HEAD,
+            "{method}: {sent:?}"
+        );
+    }
+    let resp = client
+        .get(cfg.http_url("coded.test", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
 /// An HTTP/1.0 client (a monitoring probe, `curl -0`) reads no chunked body and no interim
 /// answer: a streamed answer reaches it without chunk framing, ended by the connection's
 /// close, and an upstream's `103 Early Hints` never reaches it.
