@@ -485,10 +485,11 @@ impl Default for Losses {
 
 impl Losses {
     /// Whether a drop at `second` is to be logged: the first of each second, so that a flood
-    /// of drops is not a flood of lines, and every incident, however late, is told.
+    /// of drops is not a flood of lines, and every incident, however late, is told (a clock
+    /// stepped back too, whose seconds were told before).
     fn worth_telling(&self, second: u64) -> bool {
         let told = self.told.load(Ordering::Relaxed);
-        told < second
+        told != second
             && (self.told)
                 .compare_exchange(told, second, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
@@ -2444,7 +2445,8 @@ mod tests {
         let losses = Losses::default();
         assert!(losses.worth_telling(100));
         assert!(!losses.worth_telling(100), "twice in a second");
-        assert!(!losses.worth_telling(99), "a second already told");
+        assert!(losses.worth_telling(99), "a clock stepped back");
+        assert!(!losses.worth_telling(99), "twice in that second");
         assert!(losses.worth_telling(4_000), "a later incident");
     }
 

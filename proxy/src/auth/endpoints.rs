@@ -60,10 +60,16 @@ static REFUSAL_WARNED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 fn warn_of_refusals_now(now: u64) -> bool {
     use std::sync::atomic::Ordering;
     let last = REFUSAL_WARNED_AT.load(Ordering::Relaxed);
-    (last == 0 || now >= last.saturating_add(60))
+    warning_due(last, now)
         && REFUSAL_WARNED_AT
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+}
+
+/// Whether a warning last logged at `last` (0: never) is due again at `now`: a minute on, or
+/// at once if the clock has stepped back since (else none would be for as long as the step).
+fn warning_due(last: u64, now: u64) -> bool {
+    last == 0 || now < last || now >= last.saturating_add(60)
 }
 
 /// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
@@ -1162,6 +1168,14 @@ fn sign_in_failed(e: &SignInError) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_warning_is_due_a_minute_on_or_once_the_clock_steps_back() {
+        assert!(warning_due(0, 1_000), "never logged");
+        assert!(!warning_due(1_000, 1_059), "within a minute");
+        assert!(warning_due(1_000, 1_060), "a minute on");
+        assert!(warning_due(1_000, 900), "the clock stepped back");
+    }
 
     #[test]
     fn an_idp_told_to_send_a_logout_again_waits_until_the_key_set_may_be_fetched_again() {
