@@ -1092,7 +1092,89 @@ fn parse_json(body: &[u8]) -> Result<Value> {
     if body.is_empty() {
         return Err(syntax("the request needs a JSON body"));
     }
-    serde_json::from_slice(body).map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map(|Unique(value)| value)
+        .map_err(|e| syntax(format!("the body is not valid JSON: {e}")))
+}
+
+/// A JSON value in which no object names a key twice. serde_json keeps the last of two: a
+/// body naming an attribute twice as sent (`"active": false, "active": true`), or a Bulk
+/// operation its `method`, would be answered as done with the other dropped unseen, where one
+/// naming it twice in two letter cases is refused.
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut values = Vec::new();
+        while let Some(Unique(value)) = seq.next_element()? {
+            values.push(value);
+        }
+        Ok(Value::Array(values))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "'{key}' is given twice"
+                )));
+            }
+            let Unique(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Takes `password` out of a resource or a path-less PATCH value of type `rt`, so that only its
@@ -1338,6 +1420,31 @@ mod tests {
         }]});
         substitute_in_paths(&mut patch, &ids).unwrap();
         assert_eq!(patch["Operations"][0]["path"], r#"members[value eq "1"]"#);
+    }
+
+    /// A body is read as serde_json reads it, but a key named twice in one object, at any
+    /// depth, is refused: serde_json would keep the last unseen.
+    #[test]
+    fn a_body_naming_a_key_twice_is_refused() {
+        let body = br#"{"n": [1, -2, 18446744073709551615, 1.5e300, 0.1], "s": "\u00e9",
+            "o": {"a": null, "b": [true, {"c": false}]}}"#;
+        assert_eq!(
+            parse_json(body).unwrap(),
+            serde_json::from_slice::<Value>(body).unwrap()
+        );
+        for body in [
+            r#"{"userName": "a", "active": false, "active": true}"#,
+            r#"{"Operations": [{"op": "replace", "value": {"active": false, "active": true}}]}"#,
+            r#"{"Operations": [{"method": "DELETE", "path": "/Users/x", "method": "POST"}]}"#,
+        ] {
+            let refused = parse_json(body.as_bytes()).unwrap_err();
+            assert_eq!(refused.scim_type, Some(ScimType::InvalidSyntax), "{body}");
+            assert!(
+                refused.detail.contains("is given twice"),
+                "{}",
+                refused.detail
+            );
+        }
     }
 
     /// A list of attributes is parsed name by name before a reading is judged small: one of
