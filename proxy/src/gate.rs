@@ -31,7 +31,7 @@ use portcullis_config::{
     AgentAttribute, Credential, IdentityClaim, IdentityConfig, JwtIssuer, MachineClaim, Route,
     ScimAttribute,
 };
-use portcullis_policy::{Decision, GroupRef, Reason, Request, Subject, SubjectKind};
+use portcullis_policy::{Decision, GroupRef, Match, Reason, Request, Subject, SubjectKind};
 use portcullis_scim::store::{
     AgentKey, AgentLookup, AgentView, Directory, GroupEntry, Index, Lookup, Row, Seq, Stamp,
     SubjectKey, UserEntry,
@@ -1046,7 +1046,27 @@ impl Gate<'_> {
             };
             let decision = facts.route.policy.evaluate(Some(&subject), request);
             if !decision.allowed {
-                let mut refusal = refusal(Some(agent_user(&record.name)), &decision);
+                // Named as the agent it is where the reason names the caller, not as a person
+                // of its name (`agent:helper`, not `helper`).
+                let shown = agent_user(&record.name);
+                let reason = match decision.reason {
+                    Reason::NoRuleAllows { method, path, .. } => Reason::NoRuleAllows {
+                        user: &shown,
+                        method,
+                        path,
+                    },
+                    Reason::Denied {
+                        rule,
+                        by: Match::SignedIn(_),
+                        conditions,
+                    } => Reason::Denied {
+                        rule,
+                        by: Match::SignedIn(&shown),
+                        conditions,
+                    },
+                    other => other,
+                };
+                let mut refusal = refusal(Some(shown.clone()), &Decision { reason, ..decision });
                 if let (Reason::Deactivated, Err(why)) = (decision.reason, view.standing) {
                     refusal.reason = format!("the agent is refused: {}", why.as_str());
                 }
@@ -3507,6 +3527,14 @@ mod tests {
         // Not on a route for people: alice's own `eng` does not speak for her agent.
         let refusal = forbidden(as_machine(&world, &agent_token("helper"), 1));
         assert_eq!(refusal.cause, Cause::NoRuleAllows, "{}", refusal.reason);
+        // Named as the agent, not as a person of its name.
+        assert!(
+            refusal
+                .reason
+                .starts_with("no rule allows agent:helper to "),
+            "{}",
+            refusal.reason
+        );
         assert_eq!(refusal.agent.map(|a| a.name), Some("helper".to_owned()));
         // A client the directory has no agent for is a machine, as before.
         let pass = allowed(as_machine(&world, &agent_token(BOT), 1));
