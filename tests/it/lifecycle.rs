@@ -263,7 +263,7 @@ async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
         let env = [
             ("HTTPS_PROXY", None),
             ("https_proxy", None),
-            (name, Some(proxy)),
+            (name, Some(std::ffi::OsStr::new(proxy))),
         ];
         let (code, stderr) =
             portcullis_tests::process::refused_serve(dir.path(), &config, &env).await;
@@ -279,4 +279,17 @@ async fn a_proxy_calls_to_the_idp_cannot_go_through_is_refused_at_start() {
             "the proxy's URL is quoted: {stderr}"
         );
     }
+    // One that holds no UTF-8 text is not taken as unset (calls would go direct).
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, cfg.toml()).expect("write the config");
+    let unreadable = std::ffi::OsStr::from_bytes(b"http://proxy.corp.test:3128/\xff");
+    let env = [("https_proxy", None), ("HTTPS_PROXY", Some(unreadable))];
+    let (code, stderr) = portcullis_tests::process::refused_serve(dir.path(), &config, &env).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("HTTPS_PROXY in the environment is not UTF-8 text"),
+        "{stderr}"
+    );
 }

@@ -425,7 +425,7 @@ pub async fn run(dir: &Path, args: &[&str]) -> CommandResult {
 pub async fn refused_serve(
     dir: &Path,
     config: &Path,
-    env: &[(&str, Option<&str>)],
+    env: &[(&str, Option<&std::ffi::OsStr>)],
 ) -> (Option<i32>, String) {
     let mut serve = tokio::process::Command::new(binary());
     serve

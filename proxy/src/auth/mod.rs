@@ -138,17 +138,27 @@ pub(crate) fn idp_client(ca: Option<&CaBundle>) -> Result<reqwest::Client, Strin
 /// With `tls_ca` (an IdP behind a private CA), a proxy reached over TLS is refused: the client
 /// would check its certificate against that CA, not the roots it is under.
 fn https_proxy(tls_ca: bool) -> Result<Option<reqwest::Proxy>, String> {
+    // One that holds no UTF-8 text is refused, not taken as unset: calls would go direct.
     let named = |names: &[&'static str]| {
-        (names.iter())
-            .find_map(|&name| Some((name, std::env::var(name).ok().filter(|v| !v.is_empty())?)))
+        for &name in names {
+            match std::env::var(name) {
+                Ok(value) if !value.is_empty() => return Ok(Some((name, value))),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(format!("{name} in the environment is not UTF-8 text"))
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
     };
-    let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]) else {
+    let Some((name, url)) = named(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"])?
+    else {
         return Ok(None);
     };
     proxy_check(name, &url, tls_ca)?;
     let proxy = reqwest::Proxy::https(url.as_str())
         .map_err(|_| format!("{name} in the environment is not a proxy's URL"))?;
-    let besides = named(&["NO_PROXY", "no_proxy"]).map(|(_, hosts)| hosts);
+    let besides = named(&["NO_PROXY", "no_proxy"])?.map(|(_, hosts)| hosts);
     let direct = format!("localhost,127.0.0.0/8,::1,{}", besides.unwrap_or_default());
     Ok(Some(proxy.no_proxy(reqwest::NoProxy::from_string(&direct))))
 }
