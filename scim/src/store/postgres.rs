@@ -20,8 +20,10 @@
 //!   than the database says. A replica whose lease has lapsed refuses callers until renewed.
 //! - **Settling.** A write is answered once every other replica has applied it or has a
 //!   lapsed lease ([`Storage::settle`]); both are judged by the database's clock, which the
-//!   leases were set with. So once a write is answered, no replica can admit anyone on a
-//!   directory without it.
+//!   leases were set with, or, for a lease that clock counts live too long (stepped back), by
+//!   the writer's: once the longest lease granted has passed since the commit, every replica
+//!   without the write has stopped counting on its own. So once a write is answered, no
+//!   replica can admit anyone on a directory without it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -113,6 +115,9 @@ const FEED_RETENTION: &str = "1 hour";
 /// clock step (ntpd steps a clock 128 ms or more off; chrony's usual `makestep 1 3` past 1 s,
 /// at start). It delays only a write waiting on a replica that stopped renewing.
 const CLOCK_MARGIN: Duration = Duration::from_millis(1000);
+
+/// The longest lease a replica is granted: the longest `max_staleness` its file may set.
+const MAX_LEASE: Duration = Duration::from_secs(60);
 
 /// Settings for [`PgStorage::open`].
 #[derive(Clone)]
@@ -536,9 +541,10 @@ pub struct PgStorage {
     writer: Mutex<Dedicated>,
     settler: Mutex<Dedicated>,
     freshness: Arc<Freshness>,
-    /// The longest lease, in microseconds, a settle has read another replica to hold: each
-    /// replica's file sets its own `max_staleness` (a rolling restart changes it one replica
-    /// at a time), and a settle that cannot read their table judges by the longest it knows.
+    /// The longest lease, in microseconds, a settle has read another replica to hold (at most
+    /// the longest `max_staleness` a file may set): each replica's file sets its own (a rolling
+    /// restart changes it one replica at a time), and a settle that cannot read their table
+    /// asks again until the longest it knows has passed.
     longest_lease_us: AtomicU64,
 }
 
@@ -1328,12 +1334,13 @@ impl Storage for PgStorage {
         let max_staleness = self.freshness.max_staleness;
         // A replica that has not applied the change has not renewed its lease since it was
         // committed (a renewal needs everything committed applied; see `RENEW`): it has let
-        // that lease lapse, counted on its own clock from before it asked, once the longest
-        // lease any replica is granted has passed since (and `CLOCK_MARGIN`, for clocks that
-        // run at slightly different rates). Each lease's length is read with it.
-        let lapsed_by = || {
-            let longest = Duration::from_micros(self.longest_lease_us.load(Ordering::Relaxed));
-            committed + max_staleness.max(longest) + CLOCK_MARGIN
+        // that lease lapse, counted on its own clock from before it asked, once that lease's
+        // length has passed since (and `CLOCK_MARGIN`, for clocks that run at slightly
+        // different rates). Each lease's length is read with it.
+        let lapsed_by = |longest: Duration| committed + max_staleness.max(longest) + CLOCK_MARGIN;
+        let known = || {
+            let longest = self.longest_lease_us.load(Ordering::Relaxed);
+            Duration::from_micros(longest).min(MAX_LEASE)
         };
         // When the database committed it (see `unsettled`: this replica's commit, or the
         // batch it had applied when it answered a write that changed nothing). Settles come in
@@ -1381,7 +1388,12 @@ impl Storage for PgStorage {
                     .query_one(&waiting, &[&self.replica, &seq, &committed_us, &margin_us])
                     .map_err(backend)?;
                 let waiting: i64 = row.try_get(0).map_err(backend)?;
-                let longest: i64 = row.try_get(1).map_err(backend)?;
+                let longest = Duration::from_micros(
+                    row.try_get::<_, i64>(1)
+                        .map_err(backend)?
+                        .try_into()
+                        .unwrap_or(0),
+                );
                 if waiting == -3 {
                     // The connection goes with the error: the next may reach the primary.
                     return Err(StoreError::Backend(
@@ -1408,12 +1420,18 @@ impl Storage for PgStorage {
                         .map_err(backend)?;
                     while notifications.iter().next().map_err(backend)?.is_some() {}
                 }
+                let longest_us = u64::try_from(longest.as_micros()).unwrap_or(u64::MAX);
                 self.longest_lease_us
-                    .fetch_max(u64::try_from(longest).unwrap_or(0), Ordering::Relaxed);
-                Ok(waiting)
+                    .fetch_max(longest_us, Ordering::Relaxed);
+                Ok((waiting, longest))
             });
-            let lapsed = Instant::now() > lapsed_by();
-            let given_up = Instant::now() > lapsed_by() + max_staleness;
+            // The leases read now, or, where none could be, the longest known.
+            let longest = waiting
+                .as_ref()
+                .map_or_else(|_| known(), |&(_, longest)| longest);
+            let lapsed = Instant::now() > lapsed_by(longest);
+            let given_up = Instant::now() > lapsed_by(longest) + max_staleness;
+            let waiting = waiting.map(|(waiting, _)| waiting);
             if waiting.is_err() {
                 // The connection went with the failure: a new one listens to nothing.
                 listening = false;
