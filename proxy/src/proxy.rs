@@ -237,8 +237,12 @@ impl Proxy {
         // An answer to HEAD has no body, and pingora reads none: one an upstream sends all the
         // same (answering HEAD as GET) would be the next request's answer on a pooled
         // connection, one made for another caller. HEAD goes on a connection of its own.
-        let upgrade = request.headers.contains_key(header::UPGRADE);
         let head = request.method == http::Method::HEAD;
+        if head {
+            // A websocket's handshake is a GET (RFC 6455 §4.1).
+            request.headers.remove(header::UPGRADE);
+        }
+        let upgrade = request.headers.contains_key(header::UPGRADE);
         if !upgrade && (ctx.long_lived || head || logs_in_the_connection(&request.headers)) {
             request
                 .headers

@@ -406,7 +406,7 @@ async fn no_answer_is_left_on_a_pooled_connection_nor_passed_with_its_coding_los
     });
     let cfg = ConfigBuilder::new()
         .http_listener()
-        .route(Route::to_urls("http://raw.test", vec![raw.url()]))
+        .route(Route::to_urls("http://raw.test", vec![raw.url()]).websockets(true))
         .route(Route::to_urls(
             "http://coded.test",
             vec![format!("http://{coding}")],
@@ -414,8 +414,13 @@ async fn no_answer_is_left_on_a_pooled_connection_nor_passed_with_its_coding_los
     let _px = cfg.start().await;
     let client = plain_client();
     for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        // A HEAD asking to upgrade to a websocket too (a handshake is a GET).
         let resp = client
             .request(method.clone(), cfg.http_url("raw.test", "/page"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
             .send()
             .await
             .unwrap();
