@@ -5,8 +5,9 @@ set -euo pipefail
 
 level=${1:-build}
 # cmake with make (the generator it uses; a recommendation, which --no-install-recommends drops)
-# and gcc: crates that build C (pingora's zlib-ng, ring)
-want=(cmake make gcc)
+# and gcc with libc6-dev (its C library's headers and start files, also only a recommendation):
+# crates that build C (pingora's zlib-ng, ring), and the linker's own start files
+want=(cmake make gcc libc6-dev)
 browser=(chromium chromium-driver)   # the sign-in tests drive a real headless Chromium
 case "$level" in
   # postgresql: the replicas tests make their own cluster; nginx: a load balancer in front;
