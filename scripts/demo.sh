@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 scripts/deps.sh demo
 cargo build -p portcullis
+# Where cargo builds (`CARGO_TARGET_DIR` or a `build.target-dir` may put it outside target/).
+target=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 # The tests' marker (tests/src/idp.rs): node_modules installed in full from this lock file.
 # Under the tests' lock, so that a suite installing meanwhile is waited for, not undone.
 marker=tests/idp/node_modules/.portcullis-installed
@@ -52,17 +55,17 @@ done
 
 python3 examples/upstream.py 127.0.0.1 8081 &
 upstream=$!
-IDP_DETACHED=1 node tests/idp/idp.mjs examples/demo-idp.json >target/demo-idp.log 2>&1 &
+IDP_DETACHED=1 node tests/idp/idp.mjs examples/demo-idp.json >"$target/demo-idp.log" 2>&1 &
 idp=$!
 trap 'kill $upstream $idp 2>/dev/null || true' EXIT
 
-target/debug/portcullis serve --config examples/demo.toml &
+"$target/debug/portcullis" serve --config examples/demo.toml &
 portcullis=$!
 trap 'kill $upstream $idp $portcullis 2>/dev/null || true' EXIT
 wait_for http://127.0.0.1:8081/ $upstream
 wait_for http://127.0.0.1:9090/readyz $portcullis
 python3 examples/provision_demo.py
-wait_for http://127.0.0.1:9400/.well-known/openid-configuration $idp target/demo-idp.log
+wait_for http://127.0.0.1:9400/.well-known/openid-configuration $idp "$target/demo-idp.log"
 echo
 python3 examples/agent_demo.py
 

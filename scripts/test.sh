@@ -19,16 +19,19 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build"
 cargo build -p portcullis
+# Where cargo builds (`CARGO_TARGET_DIR` or a `build.target-dir` may put it outside target/).
+target=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 echo "== check-config examples/"
 for file in examples/*.toml; do
   echo "$file"
-  target/debug/portcullis check-config "$file"
+  "$target/debug/portcullis" check-config "$file"
 done
 echo "== tests"
 cargo test --workspace -- --test-threads=2
 echo "== fuzz targets (a few seconds each)"
 scripts/fuzz.sh 10
 echo "== SCIM conformance (scim2-tester)"
-scripts/scim-conformance.sh target/debug/portcullis
+scripts/scim-conformance.sh "$target/debug/portcullis"
 echo "== SCIM conformance (scim2-tester), the directory in PostgreSQL"
-scripts/with-postgres.sh scripts/scim-conformance.sh target/debug/portcullis --postgres
+scripts/with-postgres.sh scripts/scim-conformance.sh "$target/debug/portcullis" --postgres
