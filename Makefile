@@ -17,5 +17,9 @@ bench: bench-deps
 bench-deps:
 	scripts/deps.sh bench
 	@python3 -c 'import sys; sys.path.insert(0, "bench"); import common; common.ensure_idp_modules()'
-	@if [ ! -x target/bench-venv/bin/scim2-server ]; then \
-		python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q scim2-server==0.8.3; fi
+	@# scim2-server with everything it needs pinned, as the conformance suite pins them
+	@if [ ! -x target/bench-venv/bin/scim2-server ] || \
+		! cmp -s tests/conformance/requirements.txt target/bench-venv/requirements.txt; then \
+		python3 -m venv target/bench-venv && \
+		target/bench-venv/bin/pip install -q -r tests/conformance/requirements.txt && \
+		cp tests/conformance/requirements.txt target/bench-venv/requirements.txt; fi
