@@ -207,11 +207,12 @@ impl Scim {
             false
         };
         let client = client.map(|address| address.to_string());
+        let endpoint = path.strip_prefix(BASE_PATH).unwrap_or_default();
         let response = self
             .service
             .handle(ScimRequest {
                 method: &method,
-                path: path.strip_prefix(BASE_PATH).unwrap_or_default(),
+                path: endpoint,
                 query: query.as_deref(),
                 if_match: if_match.as_deref(),
                 if_none_match: if_none_match.as_deref(),
@@ -222,7 +223,13 @@ impl Scim {
                 stands: &stands,
             })
             .await;
-        write(session, &response).await
+        let mut reply = scim_reply(&response);
+        if response.status == 405 {
+            if let Some(methods) = portcullis_scim::service::allowed(endpoint) {
+                reply = reply.header(header::ALLOW, methods);
+            }
+        }
+        reply::send(session, reply).await
     }
 }
 

@@ -145,6 +145,25 @@ fn method_not_allowed(method: &Method, path: &str) -> ScimError {
     ScimError::new(405, None, format!("{method} is not supported on {path}"))
 }
 
+/// The methods the SCIM endpoint at `path` (below the base path) takes, for a 405's `Allow`
+/// (RFC 9110 §15.5.6); `None` where nothing is.
+pub fn allowed(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        ["ServiceProviderConfig"]
+        | ["ResourceTypes" | "Schemas"]
+        | ["ResourceTypes" | "Schemas", _] => Some("GET, HEAD"),
+        ["Bulk"] | [".search"] => Some("POST"),
+        [kind, rest @ ..] if ResourceType::from_endpoint(kind).is_some() => match rest {
+            [] => Some("GET, HEAD, POST"),
+            [".search"] => Some("POST"),
+            [_] => Some("GET, HEAD, PUT, PATCH, DELETE"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn version_of(record: &Record) -> Option<String> {
     record
         .resource
@@ -294,7 +313,11 @@ impl ScimService {
         }
         let path = req.path.trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let method = req.method;
+        // A HEAD is answered as its GET, without the body (RFC 9110 §9.3.2).
+        let method = match req.method {
+            &Method::HEAD => &Method::GET,
+            method => method,
+        };
         match (segments.as_slice(), method) {
             (["ServiceProviderConfig"], &Method::GET) => Ok(self.service_provider_config(req)),
             (["ResourceTypes"], &Method::GET) => Ok(list_of(resource_types_json(req.base_url))),
@@ -326,11 +349,11 @@ impl ScimService {
             (["Bulk"], &Method::POST) => self.bulk(req).await,
             // Discovery documents are read-only (RFC 7644 §4); Bulk and a root search are
             // POSTs only.
-            (["ServiceProviderConfig" | "ResourceTypes" | "Schemas", ..], _)
-            | (["Bulk"] | [".search"], _) => Err(method_not_allowed(method, req.path)),
+            (["ServiceProviderConfig"] | ["ResourceTypes" | "Schemas"], _)
+            | (["ResourceTypes" | "Schemas", _], _)
+            | (["Bulk"] | [".search"], _) => Err(method_not_allowed(req.method, req.path)),
             ([kind, rest @ ..], _) => {
-                let rt = ResourceType::from_endpoint(kind)
-                    .ok_or_else(|| not_found(format!("/{kind}")))?;
+                let rt = ResourceType::from_endpoint(kind).ok_or_else(|| not_found(req.path))?;
                 match (rest, method) {
                     ([], &Method::GET) => {
                         let params = ListParams::from_query(req.query)?;
@@ -346,6 +369,8 @@ impl ScimService {
                         self.reading(here, move |scim| scim.list(&base, rt, &params))
                             .await
                     }
+                    // A search is a POST; no resource has that id.
+                    ([".search"], _) => Err(method_not_allowed(req.method, req.path)),
                     ([], &Method::POST) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
@@ -403,10 +428,11 @@ impl ScimService {
                             body: None,
                         })
                     }
-                    _ => Err(method_not_allowed(method, req.path)),
+                    ([] | [_], _) => Err(method_not_allowed(req.method, req.path)),
+                    _ => Err(not_found(req.path)),
                 }
             }
-            _ => Err(not_found(req.path)),
+            _ => Err(not_found(if req.path.is_empty() { "/" } else { req.path })),
         }
     }
 

@@ -551,11 +551,39 @@ async fn every_error_is_an_rfc_7644_error_body_and_changes_nothing() {
         .await
         .expect_error(404, None);
     scim.get("/NoSuchEndpoint").await.expect_error(404, None);
-    scim.request(Method::DELETE, "/Users", &[], None, &[])
-        .await
-        .expect_error(405, None);
-    scim.get("/Bulk").await.expect_error(405, None);
-    scim.get("/.search").await.expect_error(405, None);
+    // A wrong method is told which ones the endpoint takes (RFC 9110 §15.5.6); a path below
+    // an endpoint is none.
+    for (method, path, allow) in [
+        (Method::DELETE, "/Users", "GET, HEAD, POST"),
+        (Method::POST, path.as_str(), "GET, HEAD, PUT, PATCH, DELETE"),
+        (Method::GET, "/Bulk", "POST"),
+        (Method::GET, "/.search", "POST"),
+        (Method::GET, "/Users/.search", "POST"),
+        (Method::PUT, "/ServiceProviderConfig", "GET, HEAD"),
+        (Method::DELETE, "/Schemas/x", "GET, HEAD"),
+    ] {
+        let resp = scim
+            .request(method.clone(), path, &[], None, &[])
+            .await
+            .expect_error(405, None);
+        let allowed = resp.headers.get("allow").and_then(|v| v.to_str().ok());
+        assert_eq!(allowed, Some(allow), "{method} {path}");
+    }
+    for path in [
+        format!("{path}/groups"),
+        "/ServiceProviderConfig/x".to_owned(),
+        "/Schemas/a/b".to_owned(),
+    ] {
+        scim.get(&path).await.expect_error(404, None);
+    }
+    // A HEAD is its GET's head: the same status and ETag, no body.
+    for path in [path.as_str(), "/Users", "/ServiceProviderConfig"] {
+        let head = scim.request(Method::HEAD, path, &[], None, &[]).await;
+        assert_eq!(head.status, 200, "HEAD {path}");
+        assert!(head.text.is_empty(), "HEAD {path}: {}", head.text);
+        let get = scim.get(path).await.expect(200);
+        assert_eq!(head.etag(), get.etag(), "HEAD {path}");
+    }
 
     // None of it changed the user.
     let got = scim.get(&path).await.expect(200);
