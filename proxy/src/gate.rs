@@ -1274,6 +1274,15 @@ impl Gate<'_> {
 
     /// The directory's view of a caller, if the directory knows them.
     pub fn directory_view(&self, principal: Principal<'_>) -> Option<DirectoryView> {
+        // An agent's own token is its agent's, as the gate judges it (see `Gate::resolve`),
+        // never a user's who shares the agent's name.
+        if let Principal::Machine(token) = principal {
+            let own = token.act.is_none() && token.for_itself;
+            let claim = &self.identity.agent_claim;
+            if own && client_claim(claim, token).is_some_and(|agent| self.agent_known(agent)) {
+                return None;
+            }
+        }
         let key = subject_key(self.identity, principal)?;
         self.directory.with_subject(key, |lookup| {
             lookup.found().map(|view| DirectoryView {
@@ -3524,6 +3533,12 @@ mod tests {
             (agent.name.as_str(), agent.owners.as_slice()),
             ("helper", &[ALICE.to_owned()][..])
         );
+        // Nor is a user of its name shown as who it is.
+        world.user("helper").await;
+        assert!(world
+            .gate()
+            .directory_view(Principal::Machine(&agent_token("helper")))
+            .is_none());
         // Not on a route for people: alice's own `eng` does not speak for her agent.
         let refusal = forbidden(as_machine(&world, &agent_token("helper"), 1));
         assert_eq!(refusal.cause, Cause::NoRuleAllows, "{}", refusal.reason);
