@@ -10,11 +10,11 @@ use portcullis_policy::{Request, RuleSpec};
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Id, Index, Row};
 
+use super::escape;
 use super::{count, flag, link, page_skip, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::explain::{explain, lets_in, Who};
 use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
-use crate::reply::escape;
 use crate::routes::Match;
 
 /// Most group members [`named_users`] walks in one read of the index. Past it the groups are

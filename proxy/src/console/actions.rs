@@ -12,9 +12,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{directory, link, Console, Shown};
+use super::{document, escape};
 use crate::auth::sessions::Sessions;
 use crate::caller::SessionKey;
-use crate::reply::{document, escape, Reply};
+use crate::reply::Reply;
 use crate::state::Runtime;
 
 /// An action the console can take.

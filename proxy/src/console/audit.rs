@@ -10,17 +10,9 @@ use time::OffsetDateTime;
 
 use portcullis_scim::store::{format_id, Index, Row};
 
-use super::{count, link, pager, Console, Params, Shown, PAGE_SIZE};
+use super::{count, escape, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::audit::{parse_since, refusals_in, Entry, Filter, Order};
 use crate::human::relative;
-use crate::reply::escape;
-
-/// `text` as HTML, with the characters that would show it otherwise (a direction mark that
-/// reverses the rest of its line, a control) written as escapes: paths, reasons and names
-/// come from clients and the IdP.
-fn shown(text: &str) -> String {
-    escape(&crate::human::printable(text))
-}
 
 /// Pages of the timeline one may ask for.
 const MAX_PAGE: usize = 2_000;
@@ -457,7 +449,7 @@ impl Console {
                         "#{seq} {} {} {target} <span class=\"muted\">({})</span>",
                         escape(op),
                         escape(resource_type),
-                        shown(summary)
+                        escape(summary)
                     )
                 }
                 Entry::Refusal {
@@ -471,10 +463,10 @@ impl Console {
                 } => format!(
                     "{} {} on {}{}: {} <span class=\"muted\">(rule {})</span>",
                     escape(method),
-                    shown(path),
+                    escape(path),
                     escape(route),
                     through(agent),
-                    shown(reason),
+                    escape(reason),
                     escape(rule.as_deref().unwrap_or("none"))
                 ),
                 Entry::Allow {
@@ -486,7 +478,7 @@ impl Console {
                 } => format!(
                     "{} {} on {}{}",
                     escape(method),
-                    shown(path),
+                    escape(path),
                     escape(route),
                     through(agent)
                 ),
@@ -495,12 +487,12 @@ impl Console {
                     target,
                     outcome,
                     ..
-                } => format!("{} {}: {}", escape(action), shown(target), escape(outcome)),
+                } => format!("{} {}: {}", escape(action), escape(target), escape(outcome)),
                 Entry::Session { what, detail, .. } if detail.is_empty() => escape(what),
                 Entry::Session { what, detail, .. } => format!(
                     "{} <span class=\"muted\">({})</span>",
                     escape(what),
-                    shown(detail)
+                    escape(detail)
                 ),
                 Entry::Lost {
                     count: lost, why, ..
@@ -519,7 +511,7 @@ impl Console {
             });
             html.push_str(&format!(
                 "<tr><td>{when}</td><td>{kind}</td><td>{}{from}</td><td>{what}</td></tr>",
-                shown(entry.who())
+                escape(entry.who())
             ));
         }
         html.push_str("</tbody></table></div>");
@@ -531,7 +523,7 @@ impl Console {
 /// record is the person's, with the agent beside them).
 fn through(agent: &Option<crate::audit::AgentRecord>) -> String {
     agent.as_ref().map_or_else(String::new, |agent| {
-        format!(" <b>through the agent {}</b>", shown(&agent.human()))
+        format!(" <b>through the agent {}</b>", escape(&agent.human()))
     })
 }
 

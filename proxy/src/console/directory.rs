@@ -8,6 +8,7 @@ use portcullis_config::IdentityConfig;
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Directory, Index, Row, SubjectKey, UserEntry};
 
+use super::escape;
 use super::PAGE_SIZE;
 use super::{
     contains_folded, count, flag, link, page_skip, pager, search_form, Console, Params, Shown,
@@ -16,7 +17,6 @@ use crate::auth::sessions::{Session, Sessions};
 use crate::caller::SessionKey;
 use crate::gate::{person_key, session_stands};
 use crate::human::{relative, timestamp};
-use crate::reply::escape;
 use crate::state::Runtime;
 
 /// One page of the rows of a list that a search selects.

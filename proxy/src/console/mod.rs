@@ -26,7 +26,7 @@ use portcullis_scim::store::Directory;
 
 use crate::audit::Audit;
 use crate::auth::sessions::Sessions;
-use crate::reply::{cut, document, escape, Reply};
+use crate::reply::{cut, Reply};
 use crate::state::Runtime;
 
 /// Rows on one page of a list.
@@ -92,6 +92,18 @@ const SECTIONS: [(&str, &str); 7] = [
     ("explain", "Explain"),
     ("audit", "Audit"),
 ];
+
+/// `text` as HTML, with the characters that would show it otherwise (a direction mark that
+/// reverses the rest of its line, a control) written as escapes: names, paths and reasons come
+/// from the IdP and from clients, and an operator reads them to judge who may reach what.
+pub(super) fn escape(text: &str) -> String {
+    crate::reply::escape(&crate::human::printable(text))
+}
+
+/// A console page: [`crate::reply::document`], its title shown as [`escape`] shows text.
+pub(super) fn document(title: &str, nav: &str, content: &str) -> String {
+    crate::reply::document(&crate::human::printable(title), nav, content)
+}
 
 impl Console {
     /// The page at `page` (the path after `/.portcullis/console/`) for `query`.
@@ -374,6 +386,31 @@ mod pages {
         let names: Vec<&str> = open.agents.iter().map(|(_, name)| name.as_str()).collect();
         assert_eq!(names, ["helper"]);
         assert!(console.reach(docs, "GET", "/").agents.is_empty());
+    }
+
+    /// A name holding a direction mark or a control (the IdP sends any text) is shown with
+    /// them written as escapes, on every page that names it and in its title: U+202E would
+    /// show `\u{202e}moc.elpmaxe@ecila` as `alice@example.com`, to an operator judging who
+    /// can reach a route.
+    #[tokio::test]
+    async fn names_are_shown_with_their_direction_marks_escaped() {
+        let world = World::with(crate::testing::config(""));
+        let mallory = world.user("\u{202e}moc.elpmaxe@ecila").await;
+        let group = world.group("ops\u{202e}x\u{1b}[2A", &[&mallory]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let console = console_of(&world, dir.path());
+        for page in [
+            "users".to_owned(),
+            format!("users/{mallory}"),
+            format!("groups/{group}"),
+            "groups".to_owned(),
+            format!("users/{mallory}/end_sessions"),
+        ] {
+            let shown = console.get(&page, "");
+            let html = text(&shown);
+            assert!(!html.contains(['\u{202e}', '\u{1b}']), "{page}: {html}");
+            assert!(html.contains("\\u{202e}"), "{page}: {html}");
+        }
     }
 
     /// A route's page lists every agent it lets in, paged as its users are.
