@@ -4267,6 +4267,27 @@ async fn a_sign_in_whose_userinfo_refuses_the_token_is_not_taken_for_a_person_in
     assert!(body.contains("cannot be judged"), "{body}");
 }
 
+/// A UserInfo answer about someone else (OpenID Connect Core §5.3.2: its `sub` must be the ID
+/// token's) fails the sign-in: another person's email and groups are never taken for this
+/// one's, however the route reads them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_whose_userinfo_answers_about_someone_else_fails() {
+    let fx = with_cal_s_groups_at_userinfo().await;
+    let url = fx.url("app.test", "/eng/page");
+
+    let browser = client();
+    let authorize = fx.start_sign_in(&browser, &url).await;
+    let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
+    fx.idp.set_outage(IdpOutage::UserInfoOtherSubject).await;
+    let resp = browser.get(&callback).send().await.expect("GET callback");
+    fx.idp.outage(false).await;
+    let status = resp.status();
+    let session = set_cookie(&resp, SESSION_COOKIE);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(session, None, "{body}");
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+}
+
 /// A person who signed in while no route read the IdP's groups, with none in the ID token and
 /// UserInfo not asked, has groups unknown, not none: a reload that adds a route reading them
 /// does not let them past its deny rule as a person in no group.

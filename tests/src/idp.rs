@@ -392,6 +392,8 @@ pub enum IdpOutage {
     /// Only UserInfo answers, 401 to every access token: one meant for another API (Entra's
     /// for an `api://` scope), not an outage.
     UserInfoRefuses,
+    /// Only UserInfo answers, about another person (a `sub` not the access token's).
+    UserInfoOtherSubject,
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
@@ -698,6 +700,13 @@ impl Idp {
             IdpOutage::UserInfoRefuses => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo-refuses" }))
                     .await
+            }
+            IdpOutage::UserInfoOtherSubject => {
+                self.control(
+                    "/test/stop-serving",
+                    json!({ "mode": "userinfo-other-sub" }),
+                )
+                .await
             }
             IdpOutage::Jwks => {
                 self.control("/test/stop-serving", json!({ "mode": "jwks" }))
