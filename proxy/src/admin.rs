@@ -142,6 +142,19 @@ impl Admin {
         }
     }
 
+    /// Alive, unless only a restart can bring it back (see [`Admin::readiness`]).
+    fn liveness(&self) -> (StatusCode, &'static str, Vec<u8>) {
+        match self.shared.directory.wedged() {
+            None => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            Some(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                b"needs a restart: the directory file holds changes this process cannot read\n"
+                    .to_vec(),
+            ),
+        }
+    }
+
     async fn readiness(&self) -> (StatusCode, &'static str, Vec<u8>) {
         if self.shared.is_draining() {
             return (
@@ -163,6 +176,17 @@ impl Admin {
         }
         if let Some(freshness) = self.shared.freshness.as_ref().filter(|f| !f.is_current()) {
             let text = format!("not ready: {}\n", freshness.problem());
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                text.into_bytes(),
+            );
+        }
+        if let Some(seq) = self.shared.directory.wedged() {
+            let text = format!(
+                "not ready: the directory file may hold changes from {seq} on that a failed \
+                 write left unread; restart to read them\n"
+            );
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -311,7 +335,7 @@ impl ServeHttp for Admin {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical());
         let (status, content_type, body) = match session.req_header().uri.path() {
-            "/healthz" => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => self.liveness(),
             "/readyz" => self.readiness().await,
             "/metrics" | "/explain" => match self.guard(session.req_header(), client) {
                 Err(refusal) => refusal,
@@ -386,6 +410,81 @@ mod tests {
         ] {
             assert!(!is_loopback_name(host), "{host}");
         }
+    }
+
+    /// A store that holds changes from `at` on that this process refused, once `at` is set.
+    #[derive(Default)]
+    struct Wedging {
+        inner: portcullis_scim::store::memory::MemoryStorage,
+        at: std::sync::atomic::AtomicU64,
+    }
+
+    impl portcullis_scim::store::Storage for Wedging {
+        fn load(
+            &self,
+            visit: &mut dyn FnMut(portcullis_scim::store::Loaded<'_>),
+        ) -> Result<(u64, portcullis_scim::store::Row), portcullis_scim::store::StoreError>
+        {
+            self.inner.load(visit)
+        }
+        fn records(
+            &self,
+            rt: portcullis_scim::schema::ResourceType,
+            rows: &[portcullis_scim::store::Row],
+        ) -> Result<
+            Vec<(portcullis_scim::store::Row, portcullis_scim::store::Record)>,
+            portcullis_scim::store::StoreError,
+        > {
+            self.inner.records(rt, rows)
+        }
+        fn commit(
+            &self,
+            batch: &portcullis_scim::store::Batch,
+        ) -> Result<(), portcullis_scim::store::StoreError> {
+            self.inner.commit(batch)
+        }
+        fn changes(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<portcullis_scim::store::Change>, portcullis_scim::store::StoreError>
+        {
+            self.inner.changes(after, limit)
+        }
+        fn wedged(&self) -> Option<u64> {
+            Some(self.at.load(Ordering::Relaxed)).filter(|&at| at > 0)
+        }
+    }
+
+    /// A directory file that holds changes a failed write left unread (only a restart reads
+    /// them, while the IdP's writes are refused) leaves the process not ready, not alive, and
+    /// not current: identified callers are refused, as a replica out of touch refuses them.
+    #[tokio::test]
+    async fn a_directory_file_only_a_restart_reads_is_told_and_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Wedging::default());
+        let config = crate::testing::config("");
+        let path = dir.path().join("portcullis.toml");
+        let shared = crate::testing::shared_on(dir.path(), path, config, storage.clone());
+        let shared = Arc::new(shared);
+        let admin = Admin::new(shared.clone());
+        admin.listening.store(true, Ordering::Release);
+        let said = |(_, _, body): (StatusCode, &str, Vec<u8>)| String::from_utf8(body).unwrap();
+        assert!(shared.directory_is_current());
+        assert_eq!(admin.liveness().0, StatusCode::OK);
+        assert!(!said(admin.readiness().await).contains("restart"));
+
+        storage.at.store(7, Ordering::Relaxed);
+        assert!(!shared.directory_is_current());
+        let (status, _, _) = admin.liveness();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, kind, body) = admin.readiness().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let text = said((status, kind, body));
+        assert!(
+            text.contains("from 7 on") && text.contains("restart"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -471,10 +471,12 @@ impl Shared {
         self.reloads.subscribe()
     }
 
-    /// Whether the directory is known to be current: always with the embedded store; with a
-    /// shared one, while this replica's lease on its change feed holds.
+    /// Whether the directory is known to be current: with the embedded store, unless its file
+    /// holds changes this process refused (a write whose last step failed), which only a
+    /// restart reads, while the IdP's writes are refused; with a shared one, while this
+    /// replica's lease on its change feed holds.
     pub fn directory_is_current(&self) -> bool {
-        self.freshness.as_ref().is_none_or(|f| f.is_current())
+        self.freshness.as_ref().is_none_or(|f| f.is_current()) && self.directory.wedged().is_none()
     }
 
     /// The key this process still lacks, made once at start (see `services::Keeper`), if any.

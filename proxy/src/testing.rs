@@ -120,13 +120,23 @@ pub fn parse(text: &str) -> Config {
 /// The process-wide state of a server started with `config` from the file at `config_path`,
 /// its audit log and assertion keys in `dir`: the directory in memory, no sockets.
 pub fn shared(dir: &Path, config_path: PathBuf, config: Config) -> Shared {
+    shared_on(dir, config_path, config, Arc::new(MemoryStorage::default()))
+}
+
+/// [`shared`], its directory in `storage`.
+pub fn shared_on(
+    dir: &Path,
+    config_path: PathBuf,
+    config: Config,
+    storage: Arc<dyn portcullis_scim::store::Storage>,
+) -> Shared {
     let kept = Arc::new(Kept::default());
     let sinks = Sinks {
         changes: None,
         entries: Some(kept.clone()),
     };
     let clock = Box::new(time::OffsetDateTime::now_utc);
-    let directory = Directory::open_with_sinks(Arc::new(MemoryStorage::default()), clock, sinks)
+    let directory = Directory::open_with_sinks(storage, clock, sinks)
         .map(Arc::new)
         .unwrap_or_else(|e| panic!("open the directory: {e}"));
     let log = || crate::audit::Destination::of(dir, None);

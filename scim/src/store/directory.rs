@@ -431,6 +431,12 @@ impl Directory {
     pub fn is_shared(&self) -> bool {
         self.storage.is_shared()
     }
+
+    /// Whether the store holds changes this process refused and only a restart reads (see
+    /// [`Storage::wedged`]): the first of them.
+    pub fn wedged(&self) -> Option<Seq> {
+        self.storage.wedged()
+    }
     /// Whether `query` reads at most `limit` records, all from this process' own storage (not
     /// PostgreSQL, which is a round trip away), and costs little on each: a page without a
     /// filter or sort, or the rows the index finds for a filter that compares a few values

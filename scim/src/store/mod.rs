@@ -298,6 +298,13 @@ pub trait Storage: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
+    /// The first change the store may hold that this process refused, not knowing it to be
+    /// on disk (a write whose last step failed): from then on nothing is read or written
+    /// until a restart reads it, and the directory in memory may lack what the IdP has since
+    /// sent (refused). `None` while the store is in step with this process.
+    fn wedged(&self) -> Option<Seq> {
+        None
+    }
     /// Closes the store at shutdown, once nothing more is written: a database file closed so
     /// is not repaired as after a crash when it is opened again. Writes after it are refused.
     fn close(&self) {}

@@ -380,6 +380,10 @@ impl Storage for RedbStorage {
         Ok(out)
     }
 
+    fn wedged(&self) -> Option<Seq> {
+        self.ahead.get().copied()
+    }
+
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         // A batch refused though the file may hold it (a step failed after it was written:
         // its sync, so that it may be lost yet; or the database could not be read again) is

@@ -455,6 +455,10 @@ async fn a_write_whose_sync_failed_is_not_acknowledged() {
     let erin = create(&dir, ResourceType::User, user("erin@corp.example")).await;
     assert!(!once(&armed.sync), "the sync was tried");
     assert!(erin.is_err(), "a write whose sync failed was acknowledged");
+    assert!(
+        dir.wedged().is_some(),
+        "the directory says it needs a restart"
+    );
     assert!(dir.user_by_name("erin@corp.example").is_none());
     // The database opened again to read it back holds it: left closed (both closed, the one
     // the write failed on and that one), so that no read ever sees it.
