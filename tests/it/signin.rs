@@ -1800,6 +1800,47 @@ async fn a_session_in_a_cookie_per_host_is_no_session_on_another_host() {
     );
 }
 
+/// Without `cookie_domain`, a sign-in is finished on the host it began on: its code caught
+/// there (a hostile page's service worker sees that host's callbacks) and sent, with the
+/// sign-in's cookie, to another host's callback makes no session of that host, and is not
+/// spent by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_begun_on_one_host_is_not_finished_on_another() {
+    let fx = Fixture::start().await;
+    let resp = navigate(&client(), &fx.app_url("/home")).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    let authorize = header(&resp, LOCATION.as_str()).expect("sent to the IdP");
+    let binding = binding_cookie(&resp).expect("the sign-in's cookie");
+    let sent = binding.split(';').next().unwrap_or_default().to_owned();
+    let callback = fx.idp_login(&authorize, ALICE, ALICE_PASSWORD).await;
+    let (_, rest) = callback
+        .split_once("/.portcullis/callback")
+        .expect("a callback address");
+    let finish = |url: String| {
+        let sent = sent.clone();
+        async move {
+            bare_client()
+                .get(url)
+                .header(COOKIE, sent)
+                .header(ACCEPT, BROWSER_ACCEPT)
+                .send()
+                .await
+                .expect("GET callback")
+        }
+    };
+    let elsewhere =
+        finish(fx.url("corp.example.com", &format!("/.portcullis/callback{rest}"))).await;
+    let status = elsewhere.status();
+    let session = set_cookie(&elsewhere, SESSION_COOKIE).filter(|c| !cookie_value(c).is_empty());
+    assert_eq!(session, None, "a session of corp.example.com");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Its code was not spent: the sign-in finishes where it began.
+    let here = finish(callback).await;
+    assert_eq!(here.status(), StatusCode::FOUND);
+    let session = set_cookie(&here, SESSION_COOKIE).expect("a session");
+    assert_session_works(&fx.app_url("/home"), &cookie_value(&session)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_out_ends_the_session_on_the_server_and_refuses_cross_site_posts() {
     let fx = Fixture::start().await;

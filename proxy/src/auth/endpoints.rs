@@ -488,7 +488,15 @@ impl Auth {
         let now = now_unix();
         let finished = self
             .oidc
-            .finish(oidc, &state, &code, sealed.as_deref(), wants, now)
+            .finish(
+                oidc,
+                &state,
+                &code,
+                sealed.as_deref(),
+                &redirect_uri(oidc, req),
+                wants,
+                now,
+            )
             .await;
         let (mut identity, refresh, return_to, started) = match finished {
             Ok(done) => done,

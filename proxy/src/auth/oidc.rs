@@ -112,7 +112,10 @@ pub enum SignInError {
     ProviderUnavailable,
     #[error("this sign-in link has expired or was already used; start again")]
     UnknownState,
-    #[error("this sign-in was started in another browser, or too long ago; start again")]
+    #[error(
+        "this sign-in was started in another browser or on another host, or too long ago; \
+         start again"
+    )]
     WrongBrowser,
     /// Started with another issuer or client than the configured one (a reload came between),
     /// or answered in the name of another issuer (RFC 9207's `iss`): its code is not sent to
@@ -141,6 +144,16 @@ pub enum SignInError {
          use, to verify its answer"
     )]
     KeysUnavailable,
+}
+
+/// Whether two addresses are of one scheme and host (in any case), whatever their ports: a
+/// session is its host's (see `IssuedIn`), and replicas behind one address may each be
+/// reached on a port of its own. Either not read: not.
+fn same_host(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.scheme() == b.scheme() && a.host().is_some() && a.host() == b.host(),
+        _ => false,
+    }
 }
 
 /// Why an ID token was refused: a bad signature may mean the IdP rotated its keys.
@@ -476,17 +489,28 @@ impl Oidc {
         self.pending(state, sealed, now).is_ok()
     }
 
+    /// Finishes the sign-in `state` whose callback came to `callback` (this request's own
+    /// callback address): the code is exchanged, and the person's identity made.
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
         config: &OidcConfig,
         state: &str,
         code: &str,
         sealed: Option<&str>,
+        callback: &str,
         wants: Wanted<'_>,
         now: u64,
     ) -> Result<(Identity, Option<Refresh>, String, u64), SignInError> {
         let sealed = sealed.ok_or(SignInError::WrongBrowser)?;
         let pending = self.pending(state, sealed, now)?;
+        // Finished where it began, before its code is spent: a code caught on one host (its
+        // page's service worker sees that host's callbacks) and sent to another's callback,
+        // with the sign-in's cookie, would make a session of the other host, where a session
+        // vouches.
+        if !same_host(&pending.redirect_uri, callback) {
+            return Err(SignInError::WrongBrowser);
+        }
         let provider = self.current(config)?;
         if pending
             .provider
