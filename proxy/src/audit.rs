@@ -1733,8 +1733,20 @@ impl LogFile {
         // retry neither follows a torn record nor repeats the ones that made it.
         let (file, path) = (&mut self.file, &self.path);
         let before = file.metadata().map(|m| m.len());
+        // After a line left unended (a newline that could not be written after a crash's cut
+        // record, or a failed write that could not be cut off again: `chattr +a` refuses
+        // that), on a line of its own, as the spool's: not joined to it, unread.
+        let mut last = [b'\n'];
+        if let Ok(len @ 1..) = before {
+            let _ = std::os::unix::fs::FileExt::read_exact_at(&*file, &mut last, len - 1);
+        }
+        let mut text = String::new();
+        if last[0] != b'\n' {
+            text.push('\n');
+        }
+        lines.iter().for_each(|line| text.push_str(line));
         let written = file
-            .write_all(lines.concat().as_bytes())
+            .write_all(text.as_bytes())
             .and_then(|()| file.sync_data());
         if let (Err(_), Ok(len)) = (&written, before) {
             let _ = file.set_len(len);
@@ -2319,11 +2331,11 @@ fn each(
                     };
                     let text =
                         serde_json::to_string(&Entry::from(&change)).map_err(|e| e.to_string())?;
-                    // Committed in order of their sequence.
-                    let back = unix(&change.time);
-                    visit(&text, Some(back), &|| {
-                        format!("directory change {}", change.seq)
-                    })
+                    // Committed in order of their sequence, but dated by the clock of the
+                    // replica that made each (one may be behind the others): how far back
+                    // the reading is, only the fleet's table says (as recovered changes in a
+                    // file: `None`).
+                    visit(&text, None, &|| format!("directory change {}", change.seq))
                 } else {
                     let Some(row) = records.pop_front() else {
                         break;
@@ -3763,6 +3775,27 @@ mod tests {
         assert_eq!(change_seqs(&path), expected);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains(&format!("{torn}\n{{")), "{text}");
+    }
+
+    /// A line left unended while Portcullis runs (its newline could not be written after a
+    /// crash's cut record, or a failed write could not be cut off again) takes no record
+    /// after it down either: the next write begins on a line of its own.
+    #[tokio::test]
+    async fn a_line_left_unended_takes_no_record_written_after_it_down() {
+        let f = Logged::new().await;
+        let (all, dir) = (&f.all, f.dir.path());
+        let log = || Destination::of(dir, None);
+        let path = dir.join(FILE_NAME);
+        let wait = std::time::Duration::from_secs(5);
+        let audit = Audit::open(log(), log()).unwrap();
+        (audit.change_sink())(&all[..1]);
+        assert!(audit.flush(wait));
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"event":"refus"#).unwrap();
+        drop(file);
+        (audit.change_sink())(&all[1..2]);
+        assert!(audit.flush(wait));
+        assert_eq!(change_seqs(&path), vec![all[0].seq, all[1].seq]);
     }
 
     /// `logrotate` moves the file away while Portcullis writes it, and again while it is
