@@ -808,6 +808,7 @@ impl ProxyHttp for Proxy {
                 runtimes,
                 // Reads would answer from a directory that may be stale (empty, at start).
                 self.shared.directory_is_current(),
+                self.shared.needs_restart(),
             );
             return Box::pin(served).await;
         }
@@ -1393,7 +1394,9 @@ impl ProxyHttp for Proxy {
             // they are and why, as a request refused at once is.
             let page = match (cut, &ctx.route) {
                 // 503, or 403 for a POST sent already (not to be sent again blindly).
-                (Some(cut), _) if cut.lost_touch() => lost_touch_page(status),
+                (Some(cut), _) if cut.lost_touch() => {
+                    lost_touch_page(status, self.shared.needs_restart())
+                }
                 (Some(cut), Some(route)) if code == 403 => match cut.refusal_note() {
                     Some(note) => {
                         let person =
@@ -1706,16 +1709,24 @@ impl Proxy {
                     client: at.client_ip,
                 };
                 let audit = &self.shared.audit;
-                audit.unverified_refusal(endpoints::AUDIT_ROUTE, LOST_TOUCH, &request);
+                let reason = self.shared.out_of_touch();
+                audit.unverified_refusal(endpoints::AUDIT_ROUTE, reason, &request);
                 if endpoint == "backchannel_logout" {
                     // The IdP reads JSON (OpenID Connect Back-Channel Logout §2.8).
                     let body = serde_json::json!({ "error": "temporarily_unavailable" });
                     Reply::json(StatusCode::SERVICE_UNAVAILABLE, &body)
                 } else {
+                    let text = match self.shared.needs_restart() {
+                        true => "<p>Portcullis cannot read its store until it is restarted.</p>",
+                        false => {
+                            "<p>Portcullis cannot reach its store just now. Try again in a \
+                             moment.</p>"
+                        }
+                    };
                     Reply::page(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "Temporarily unavailable",
-                        "<p>Portcullis cannot reach its store just now. Try again in a moment.</p>",
+                        text,
                     )
                 }
             }
@@ -2339,7 +2350,7 @@ impl Proxy {
             } if authentication.keys_unavailable() => crate::auth::keys_unavailable(),
             Refused::Challenge { invalid_token, .. } => challenge(invalid_token),
             Refused::Unavailable => {
-                let reason = LOST_TOUCH;
+                let reason = self.shared.out_of_touch();
                 match authentication.caller() {
                     Some(caller) => {
                         let who = caller.log_name();
@@ -2349,7 +2360,7 @@ impl Proxy {
                     // within the route's budget.
                     None => audit.unverified_refusal(route, reason, &asked.audited()),
                 }
-                lost_touch_page(StatusCode::SERVICE_UNAVAILABLE)
+                lost_touch_page(StatusCode::SERVICE_UNAVAILABLE, self.shared.needs_restart())
             }
             Refused::Forbid(refusal) => {
                 match refusal.who.as_deref() {
@@ -2527,20 +2538,32 @@ fn refused_page(
 /// Why a request is refused by a replica that lost touch with the directory, as audited.
 pub(crate) const LOST_TOUCH: &str = "this replica lost touch with the directory";
 
-/// The answer of a replica that lost touch with the directory (`status`: 503, or 403 to a
-/// request sent upstream already that is not to be sent again as it is).
-fn lost_touch_page(status: StatusCode) -> Reply {
-    let then = match status {
-        StatusCode::FORBIDDEN => {
+/// Why callers are refused while the directory file holds changes only a restart reads.
+pub(crate) const NEEDS_RESTART: &str =
+    "the directory file holds changes a failed write left unread, until Portcullis is restarted";
+
+/// The answer of a replica that lost touch with the directory, or of a process that cannot
+/// read its directory until `restart`ed (`status`: 503, or 403 to a request sent upstream
+/// already that is not to be sent again as it is).
+fn lost_touch_page(status: StatusCode, restart: bool) -> Reply {
+    let then = match (status, restart) {
+        (StatusCode::FORBIDDEN, _) => {
             "Your request had been passed on already and may have taken effect: check before \
              sending it again."
         }
-        _ => "Try again in a moment.",
+        (_, true) => "Tell whoever runs it.",
+        (_, false) => "Try again in a moment.",
     };
-    let text = format!(
-        "<p>This replica has lost touch with the directory and cannot be sure who may come in, \
-         so it lets nobody in until it has caught up. {then}</p>"
-    );
+    let text = match restart {
+        true => format!(
+            "<p>Portcullis cannot read its directory until it is restarted, and cannot be sure \
+             who may come in, so it lets nobody in meanwhile. {then}</p>"
+        ),
+        false => format!(
+            "<p>This replica has lost touch with the directory and cannot be sure who may come \
+             in, so it lets nobody in until it has caught up. {then}</p>"
+        ),
+    };
     Reply::page(status, "Temporarily unavailable", &text)
 }
 
@@ -3653,9 +3676,12 @@ mod tests {
     /// upstream already (a 403 then: it may have taken effect).
     #[test]
     fn the_lost_touch_page_says_whether_to_try_again() {
-        let again = body(&lost_touch_page(StatusCode::SERVICE_UNAVAILABLE));
+        let again = body(&lost_touch_page(StatusCode::SERVICE_UNAVAILABLE, false));
         assert!(again.contains("Try again in a moment."), "{again}");
-        let sent = lost_touch_page(StatusCode::FORBIDDEN);
+        let restart = body(&lost_touch_page(StatusCode::SERVICE_UNAVAILABLE, true));
+        assert!(restart.contains("until it is restarted"), "{restart}");
+        assert!(!restart.contains("Try again"), "{restart}");
+        let sent = lost_touch_page(StatusCode::FORBIDDEN, false);
         assert_eq!(sent.status, StatusCode::FORBIDDEN);
         let sent = body(&sent);
         assert!(sent.contains("check before sending it again"), "{sent}");

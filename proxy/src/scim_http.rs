@@ -86,7 +86,8 @@ impl Scim {
     /// an answer the client takes nothing of for as long. The token is judged again once the
     /// body is in, under `runtimes`' configuration then (refused, it is recorded as the
     /// token's, by its name). A replica whose directory is not `current` (it lost touch with
-    /// the shared one) answers 503, recorded as the token's.
+    /// the shared one, or a process whose file only a `restart` reads) answers 503, recorded
+    /// as the token's.
     #[allow(clippy::too_many_arguments)]
     pub async fn serve(
         &self,
@@ -98,6 +99,7 @@ impl Scim {
         idle: std::time::Duration,
         runtimes: &arc_swap::ArcSwap<crate::state::Runtime>,
         current: bool,
+        restart: bool,
     ) -> Result<bool> {
         // An answer (a group of every member, a page of a large directory) a client takes
         // nothing of is not waited on for ever, over HTTP/1 as over HTTP/2.
@@ -132,9 +134,12 @@ impl Scim {
                 path,
                 client,
             };
-            let lost = crate::proxy::LOST_TOUCH;
+            let lost = match restart {
+                true => crate::proxy::NEEDS_RESTART,
+                false => crate::proxy::LOST_TOUCH,
+            };
             audit.refusal(&actor, AUDIT_ROUTE, None, lost, &request, None);
-            return unavailable(session).await;
+            return unavailable(session, restart).await;
         }
         let req = session.req_header();
 
@@ -245,14 +250,20 @@ pub async fn refuse(session: &mut Session, why: &str) -> Result<bool> {
     write(session, &ScimResponse::error(&error)).await
 }
 
-/// 503: this replica is not known to hold the current directory (a shared store's feed).
-async fn unavailable(session: &mut Session) -> Result<bool> {
-    let error = ScimError::new(
-        503,
-        None,
-        "this replica is not in step with the shared directory just now (out of touch with \
-         it, or catching up); retry",
-    );
+/// 503: this replica is not known to hold the current directory (a shared store's feed), or
+/// this process cannot read its directory file until it is restarted.
+async fn unavailable(session: &mut Session, restart: bool) -> Result<bool> {
+    let detail = match restart {
+        true => {
+            "the directory file holds changes a failed write left unread: no SCIM request is \
+             answered until Portcullis is restarted"
+        }
+        false => {
+            "this replica is not in step with the shared directory just now (out of touch \
+             with it, or catching up); retry"
+        }
+    };
+    let error = ScimError::new(503, None, detail);
     write(session, &ScimResponse::error(&error)).await
 }
 

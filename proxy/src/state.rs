@@ -479,6 +479,20 @@ impl Shared {
         self.freshness.as_ref().is_none_or(|f| f.is_current()) && self.directory.wedged().is_none()
     }
 
+    /// Whether the directory is not current for good: its file holds changes a failed write
+    /// left unread, which only a restart reads (see [`Shared::directory_is_current`]).
+    pub fn needs_restart(&self) -> bool {
+        self.directory.wedged().is_some()
+    }
+
+    /// Why callers who need the directory are refused while it is not current.
+    pub fn out_of_touch(&self) -> &'static str {
+        match self.needs_restart() {
+            true => crate::proxy::NEEDS_RESTART,
+            false => crate::proxy::LOST_TOUCH,
+        }
+    }
+
     /// The key this process still lacks, made once at start (see `services::Keeper`), if any.
     pub fn missing_key(&self) -> Option<&'static str> {
         if !self.auth.sessions.can_seal() {
@@ -585,7 +599,7 @@ impl Shared {
             {
                 (who, None, "this replica is shutting down")
             }
-            (Admission::Refuse(Refused::Unavailable), _) => (who, None, crate::proxy::LOST_TOUCH),
+            (Admission::Refuse(Refused::Unavailable), _) => (who, None, self.out_of_touch()),
             // Let in by a public rule, which no longer lets anyone in there.
             (_, None) => (who, None, "the address is no longer open to anyone"),
             (Admission::Refuse(r), Some(caller)) if r.revoked() => match caller {
