@@ -10,8 +10,9 @@ use portcullis_policy::{Request, RuleSpec};
 use portcullis_scim::schema::ResourceType;
 use portcullis_scim::store::{format_id, AgentEntry, Id, Index, Row};
 
-use super::escape;
-use super::{count, flag, link, page_skip, pager, Console, Params, Shown, PAGE_SIZE};
+use super::{
+    count, escape, field, flag, link, page_skip, pager, Console, Params, Shown, PAGE_SIZE,
+};
 use crate::explain::{explain, lets_in, Who};
 use crate::gate::{admits_machine, admits_person, Gate};
 use crate::path;
@@ -278,7 +279,7 @@ impl Console {
              <button type=\"submit\">Judge</button></form>",
             link(&format!("routes/{index}")),
             method_options(&asked.method),
-            escape(&asked.path)
+            field(&asked.path)
         ));
         let not_served = asked.refused.clone();
         if let Some(why) = not_served.or_else(|| self.not_served(route, &asked.path)) {
@@ -551,10 +552,10 @@ impl Console {
              <select name=\"method\" aria-label=\"Method\">{}</select>\
              <button type=\"submit\">Explain</button></form>",
             link("explain"),
-            escape(user),
-            escape(agent),
-            escape(machine),
-            escape(url),
+            field(user),
+            field(agent),
+            field(machine),
+            field(url),
             method_options(method)
         )
     }

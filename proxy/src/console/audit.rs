@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use portcullis_scim::store::{format_id, Index, Row};
 
-use super::{count, escape, link, pager, Console, Params, Shown, PAGE_SIZE};
+use super::{count, escape, field, link, pager, Console, Params, Shown, PAGE_SIZE};
 use crate::audit::{parse_since, refusals_in, Entry, Filter, Order};
 use crate::human::relative;
 
@@ -281,7 +281,7 @@ impl Console {
              <input type=\"text\" name=\"until\" value=\"{}\" placeholder=\"until\" aria-label=\"Until\">\
              <button type=\"submit\">Filter</button></form>",
             link("audit"),
-            escape(&asked.who),
+            field(&asked.who),
             KINDS
                 .iter()
                 .map(|(k, name)| {
@@ -289,9 +289,9 @@ impl Console {
                     format!("<option value=\"{k}\"{mark}>{name}</option>")
                 })
                 .collect::<String>(),
-            escape(&asked.route),
-            escape(&asked.since),
-            escape(&asked.until)
+            field(&asked.route),
+            field(&asked.since),
+            field(&asked.until)
         );
         for problem in &asked.problems {
             html.push_str(&format!("<p class=\"no\">{}</p>", escape(problem)));

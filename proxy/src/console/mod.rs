@@ -100,6 +100,12 @@ pub(super) fn escape(text: &str) -> String {
     crate::reply::escape(&crate::human::printable(text))
 }
 
+/// A form field's value as HTML: as it was typed, to be sent back as it was (not shown as
+/// [`escape`] shows text, which would send its escapes instead).
+pub(super) fn field(text: &str) -> String {
+    crate::reply::escape(text)
+}
+
 /// A console page: [`crate::reply::document`], its title shown as [`escape`] shows text.
 pub(super) fn document(title: &str, nav: &str, content: &str) -> String {
     crate::reply::document(&crate::human::printable(title), nav, content)
@@ -259,7 +265,7 @@ fn search_form(path: &str, params: &Params, placeholder: &str) -> String {
         "<form class=\"search\" method=\"get\" action=\"{}\"><input type=\"search\" name=\"q\" \
          value=\"{}\" placeholder=\"{}\" aria-label=\"Search\"><button type=\"submit\">Search</button></form>",
         link(path),
-        escape(&params.q),
+        field(&params.q),
         escape(placeholder)
     )
 }
