@@ -49,7 +49,9 @@ import common  # noqa: E402
 from common import ROOT, free_port, log, percentile, stop, verdict, wait_http  # noqa: E402
 
 VENV = os.path.join(ROOT, "target", "bench-venv")
-SCIM2_SERVER = "scim2-server==0.8.3"
+# scim2-server with everything it needs pinned, as the conformance suite pins them (the
+# Makefile's bench-deps installs the same).
+REQUIREMENTS = os.path.join(ROOT, "tests", "conformance", "requirements.txt")
 TOKEN = "bench-scim-token-0123456789abcdef"
 GROUPS = 10_000
 REFERENCE_USERS = 20_000    # users created in scim2-server before its lookups ...
@@ -550,10 +552,15 @@ def write_json(args, creates, large):
 def ensure_tools():
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: run scripts/deps.sh bench")
-    if not os.path.exists(os.path.join(VENV, "bin", "scim2-server")):
-        log(f"creating {VENV} with {SCIM2_SERVER} ...")
+    kept = os.path.join(VENV, "requirements.txt")
+    with open(REQUIREMENTS, "rb") as wanted:
+        pinned = wanted.read()
+    installed = os.path.exists(kept) and open(kept, "rb").read() == pinned
+    if not (installed and os.path.exists(os.path.join(VENV, "bin", "scim2-server"))):
+        log(f"creating {VENV} with {REQUIREMENTS} ...")
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-        subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", SCIM2_SERVER], check=True)
+        subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", "-r", REQUIREMENTS], check=True)
+        shutil.copyfile(REQUIREMENTS, kept)
     common.build_release()
     subprocess.run(["cargo", "build", "--release", "-p", "portcullis-scim", "--example", "populate"],
                    cwd=ROOT, check=True)
