@@ -2331,11 +2331,12 @@ fn each(
                     };
                     let text =
                         serde_json::to_string(&Entry::from(&change)).map_err(|e| e.to_string())?;
-                    // Committed in order of their sequence, but dated by the clock of the
-                    // replica that made each (one may be behind the others): how far back
-                    // the reading is, only the fleet's table says (as recovered changes in a
-                    // file: `None`).
-                    visit(&text, None, &|| format!("directory change {}", change.seq))
+                    // Committed in order of their sequence; dated by the clock of the replica
+                    // that made each (see `stop_before`'s minute for clocks apart).
+                    let back = unix(&change.time);
+                    visit(&text, Some(back), &|| {
+                        format!("directory change {}", change.seq)
+                    })
                 } else {
                     let Some(row) = records.pop_front() else {
                         break;
