@@ -100,10 +100,13 @@ pub(super) fn escape(text: &str) -> String {
     crate::reply::escape(&crate::human::printable(text))
 }
 
-/// A form field's value as HTML: as it was typed, to be sent back as it was (not shown as
-/// [`escape`] shows text, which would send its escapes instead).
+/// A form field's value as HTML: as it was typed, to be sent back so (not shown as [`escape`]
+/// shows text, which would send its escapes instead), but for the characters that would show
+/// it otherwise (a direction mark, a control), which are left out: a link to the console can
+/// fill a field, and its value must read as what it is.
 pub(super) fn field(text: &str) -> String {
-    crate::reply::escape(text)
+    let shown: String = text.chars().filter(|&c| !crate::human::hidden(c)).collect();
+    crate::reply::escape(&shown)
 }
 
 /// A console page: [`crate::reply::document`], its title shown as [`escape`] shows text.
@@ -417,6 +420,10 @@ mod pages {
             assert!(!html.contains(['\u{202e}', '\u{1b}']), "{page}: {html}");
             assert!(html.contains("\\u{202e}"), "{page}: {html}");
         }
+        // A field a link filled holds what it asked, less such marks.
+        let html = text(&console.get("users", "q=%E2%80%AEmoc")).to_owned();
+        assert!(html.contains("value=\"moc\""), "{html}");
+        assert!(!html.contains('\u{202e}'), "{html}");
     }
 
     /// A route's page lists every agent it lets in, paged as its users are.
