@@ -489,8 +489,9 @@ impl Oidc {
         self.pending(state, sealed, now).is_ok()
     }
 
-    /// Finishes the sign-in `state` whose callback came to `callback` (this request's own
-    /// callback address): the code is exchanged, and the person's identity made.
+    /// Finishes the sign-in `state` whose callback came to `callback` (the callback address of
+    /// the host it came to; with `cookie_domain`, the auth host's): the code is exchanged,
+    /// and the person's identity made.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
