@@ -198,19 +198,10 @@ async fn probes_and_metrics() {
 async fn a_client_that_leaves_after_an_interim_answer_is_counted_as_given_none() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An upstream that hints, then says nothing more until the test ends.
-    let hints = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hinting = hints.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = hints.accept().await {
-            tokio::spawn(async move {
-                portcullis_tests::client::read_request_head(&mut stream).await;
-                let hint = "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
-                if stream.write_all(hint.as_bytes()).await.is_ok() {
-                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-                }
-            });
-        }
-    });
+    let hinting = portcullis_tests::raw_upstream::answering(
+        "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+    )
+    .await;
     const ROUTE: &str = "http://hints.test/";
     let cfg = ConfigBuilder::new()
         .http_listener()
@@ -264,20 +255,10 @@ async fn a_client_that_leaves_after_an_interim_answer_is_counted_as_given_none()
 /// accept the websocket asked for, answered 502, still took the upstream its time.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_answer_portcullis_refuses_is_timed_all_the_same() {
-    use tokio::io::AsyncWriteExt;
-    let switches = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let switching = switches.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = switches.accept().await {
-            tokio::spawn(async move {
-                portcullis_tests::client::read_request_head(&mut stream).await;
-                let switch = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                              Connection: Upgrade\r\n\r\n";
-                let _ = stream.write_all(switch.as_bytes()).await;
-                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-            });
-        }
-    });
+    let switching = portcullis_tests::raw_upstream::answering(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
     const ROUTE: &str = "http://switch.test/";
     let cfg = ConfigBuilder::new()
         .http_listener()

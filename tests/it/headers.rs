@@ -390,20 +390,11 @@ async fn client_forwarded_headers_cannot_fake_scheme_host_or_peer() {
 /// `Transfer-Encoding` goes, would take the coded bytes for the body.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_answer_is_left_on_a_pooled_connection_nor_passed_with_its_coding_lost() {
-    use tokio::io::AsyncWriteExt;
     let raw = portcullis_tests::raw_upstream::RawUpstream::start().await;
-    let coded = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let coding = coded.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = coded.accept().await {
-            tokio::spawn(async move {
-                portcullis_tests::client::read_request_head(&mut stream).await;
-                let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
-                              2\r\nok\r\n0\r\n\r\n";
-                let _ = stream.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
+    let coding = portcullis_tests::raw_upstream::answering(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    .await;
     let cfg = ConfigBuilder::new()
         .http_listener()
         .route(Route::to_urls("http://raw.test", vec![raw.url()]).websockets(true))

@@ -238,3 +238,24 @@ async fn keep_upload(mut stream: TcpStream, sent: tokio::sync::mpsc::UnboundedSe
     }
     let _ = sent.send(got);
 }
+
+/// An upstream that answers every request's head with `answer`, byte for byte (an answer of
+/// any shape a test needs, whether HTTP allows it or not), then holds the connection open for
+/// two minutes; its address.
+pub async fn answering(answer: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the answering upstream");
+    let addr = listener.local_addr().expect("answering upstream address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                crate::client::read_request_head(&mut stream).await;
+                if stream.write_all(answer.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                }
+            });
+        }
+    });
+    addr
+}
