@@ -853,12 +853,10 @@ impl Gate<'_> {
         let agent = self.acting_agent(token);
         let who = match &agent {
             Some(agent) if agent.on_behalf_of.is_none() => agent_user(&agent.name),
-            None if token.for_itself && token.act.is_none() => {
-                match client_claim(&self.identity.agent_claim, token) {
-                    Some(value) if self.agent_known(value) => agent_user(value),
-                    _ => Principal::Machine(token).log_name(),
-                }
-            }
+            None if token.for_itself && token.act.is_none() => match self.own_agent(token) {
+                Some(value) => agent_user(value),
+                None => Principal::Machine(token).log_name(),
+            },
             // Named by the token (before the directory is asked), but not by a directory
             // user's name when the directory does not find its person: as their other
             // refusals are.
@@ -880,6 +878,15 @@ impl Gate<'_> {
     }
 
     /// Whether `value` names an agent, live or deleted.
+    /// The value `token`'s agent is found by, when the token is an agent's own (its client's,
+    /// acting for no one) and the directory has or had that agent: judged as the agent, never
+    /// as a user (see [`Gate::resolve`]).
+    fn own_agent<'t>(&self, token: &'t Machine) -> Option<&'t str> {
+        let own = token.for_itself && token.act.is_none();
+        let value = client_claim(&self.identity.agent_claim, token).filter(|_| own)?;
+        self.agent_known(value).then_some(value)
+    }
+
     pub fn agent_known(&self, value: &str) -> bool {
         let key = self.agent_key(value);
         self.directory
@@ -1277,9 +1284,7 @@ impl Gate<'_> {
         // An agent's own token is its agent's, as the gate judges it (see `Gate::resolve`),
         // never a user's who shares the agent's name.
         if let Principal::Machine(token) = principal {
-            let own = token.act.is_none() && token.for_itself;
-            let claim = &self.identity.agent_claim;
-            if own && client_claim(claim, token).is_some_and(|agent| self.agent_known(agent)) {
+            if self.own_agent(token).is_some() {
                 return None;
             }
         }
