@@ -1345,7 +1345,6 @@ impl Spool {
 
     /// Appends `lines` and syncs them.
     fn append(&mut self, lines: &[String]) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
         let cannot = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
         let mut file = self.locked().map_err(cannot)?;
         let len = file.metadata().map_err(cannot)?.len();
@@ -1375,15 +1374,7 @@ impl Spool {
         }
         // A record a crash cut short stands alone, unread (it is no JSON), taking none after
         // it down.
-        let mut last = [b'\n'];
-        if len > 0 {
-            file.read_exact_at(&mut last, len - 1).map_err(cannot)?;
-        }
-        let mut text = String::with_capacity(bytes as usize + 1);
-        if last[0] != b'\n' {
-            text.push('\n');
-        }
-        lines.iter().for_each(|line| text.push_str(line));
+        let text = on_a_line_of_their_own(&file, len, lines).map_err(cannot)?;
         // A write that fails part way (a full disk), or whose sync fails, is cut off again, as
         // the log file's is: the retry neither follows a torn record nor repeats the ones that
         // made it (each would be moved to PostgreSQL twice).
@@ -1671,7 +1662,6 @@ impl LogFile {
     /// crash cut short is ended first, so that it stands alone (unread, as it cannot be) and
     /// takes no record written after it down with it.
     fn open(path: PathBuf) -> Result<Self, String> {
-        use std::os::unix::fs::FileExt;
         let cannot =
             |e: std::io::Error| format!("cannot open the audit log {}: {e}", path.display());
         let mut file = OpenOptions::new()
@@ -1682,11 +1672,7 @@ impl LogFile {
             .open(&path)
             .map_err(cannot)?;
         let len = file.metadata().map_err(cannot)?.len();
-        let mut last = [b'\n'];
-        if len > 0 {
-            file.read_exact_at(&mut last, len - 1).map_err(cannot)?;
-        }
-        if last != [b'\n'] {
+        if ends_unended(&file, len).map_err(cannot)? {
             // Not the reason not to start: records still get written, if after the cut one.
             if let Err(e) = file.write_all(b"\n").and_then(|()| file.sync_data()) {
                 tracing::error!(
@@ -1735,16 +1721,9 @@ impl LogFile {
         let before = file.metadata().map(|m| m.len());
         // After a line left unended (a newline that could not be written after a crash's cut
         // record, or a failed write that could not be cut off again: `chattr +a` refuses
-        // that), on a line of its own, as the spool's: not joined to it, unread.
-        let mut last = [b'\n'];
-        if let Ok(len @ 1..) = before {
-            let _ = std::os::unix::fs::FileExt::read_exact_at(&*file, &mut last, len - 1);
-        }
-        let mut text = String::new();
-        if last[0] != b'\n' {
-            text.push('\n');
-        }
-        lines.iter().for_each(|line| text.push_str(line));
+        // that), as the spool's: not joined to it, unread. (Not read: as if ended.)
+        let len = before.as_ref().map_or(0, |&len| len);
+        let text = on_a_line_of_their_own(file, len, lines).unwrap_or_else(|_| lines.concat());
         let written = file
             .write_all(text.as_bytes())
             .and_then(|()| file.sync_data());
@@ -1761,6 +1740,27 @@ impl LogFile {
         }
         Ok(())
     }
+}
+
+/// Whether the file (of `len` bytes) ends in a line a crash or a failed write left unended.
+fn ends_unended(file: &File, len: u64) -> std::io::Result<bool> {
+    let mut last = [b'\n'];
+    if len > 0 {
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut last, len - 1)?;
+    }
+    Ok(last != [b'\n'])
+}
+
+/// `lines` as one write to the end of `file` (of `len` bytes): after a newline first where
+/// the file ends in a line left unended ([`ends_unended`]), which stands alone, unread (it is
+/// no JSON), taking none of them down.
+fn on_a_line_of_their_own(file: &File, len: u64, lines: &[String]) -> std::io::Result<String> {
+    let mut text = String::with_capacity(lines.iter().map(String::len).sum::<usize>() + 1);
+    if ends_unended(file, len)? {
+        text.push('\n');
+    }
+    lines.iter().for_each(|line| text.push_str(line));
+    Ok(text)
 }
 
 /// Keeps `seq` as where the log at `path` stands ([`position_path`]).
