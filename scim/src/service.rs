@@ -141,12 +141,22 @@ fn syntax(detail: impl Into<String>) -> ScimError {
     ScimError::bad_request(ScimType::InvalidSyntax, detail)
 }
 
+/// The answer to a request no endpoint serves: 405 where the path is an endpoint's (the
+/// methods it takes are [`allowed`]'s), else 404.
+fn unserved(req: &ScimRequest<'_>) -> ScimError {
+    match allowed(req.path) {
+        Some(_) => method_not_allowed(req.method, req.path),
+        None => not_found(if req.path.is_empty() { "/" } else { req.path }),
+    }
+}
+
 fn method_not_allowed(method: &Method, path: &str) -> ScimError {
     ScimError::new(405, None, format!("{method} is not supported on {path}"))
 }
 
 /// The methods the SCIM endpoint at `path` (below the base path) takes, for a 405's `Allow`
-/// (RFC 9110 §15.5.6); `None` where nothing is.
+/// (RFC 9110 §15.5.6); `None` where no endpoint is. What [`ScimService::handle`] does not
+/// serve, it answers by this ([`unserved`]).
 pub fn allowed(path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
@@ -347,13 +357,8 @@ impl ScimService {
                     .await
             }
             (["Bulk"], &Method::POST) => self.bulk(req).await,
-            // Discovery documents are read-only (RFC 7644 §4); Bulk and a root search are
-            // POSTs only.
-            (["ServiceProviderConfig"] | ["ResourceTypes" | "Schemas"], _)
-            | (["ResourceTypes" | "Schemas", _], _)
-            | (["Bulk"] | [".search"], _) => Err(method_not_allowed(req.method, req.path)),
             ([kind, rest @ ..], _) => {
-                let rt = ResourceType::from_endpoint(kind).ok_or_else(|| not_found(req.path))?;
+                let rt = ResourceType::from_endpoint(kind).ok_or_else(|| unserved(req))?;
                 match (rest, method) {
                     ([], &Method::GET) => {
                         let params = ListParams::from_query(req.query)?;
@@ -370,7 +375,7 @@ impl ScimService {
                             .await
                     }
                     // A search is a POST; no resource has that id.
-                    ([".search"], _) => Err(method_not_allowed(req.method, req.path)),
+                    ([".search"], _) => Err(unserved(req)),
                     ([], &Method::POST) => {
                         let params = ListParams::from_query(req.query)?;
                         let body = parse_json(req.body)?;
@@ -428,11 +433,10 @@ impl ScimService {
                             body: None,
                         })
                     }
-                    ([] | [_], _) => Err(method_not_allowed(req.method, req.path)),
-                    _ => Err(not_found(req.path)),
+                    _ => Err(unserved(req)),
                 }
             }
-            _ => Err(not_found(if req.path.is_empty() { "/" } else { req.path })),
+            _ => Err(unserved(req)),
         }
     }
 
