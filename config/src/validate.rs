@@ -2997,6 +2997,7 @@ fn postgres(
         &path.key("max_staleness"),
         p,
     );
+    // The longest lease a replica is granted (`MAX_LEASE` in the store, which counts on it).
     if max_staleness > Duration::from_secs(60) {
         p.add(
             &path.key("max_staleness"),

@@ -116,7 +116,8 @@ const FEED_RETENTION: &str = "1 hour";
 /// at start). It delays only a write waiting on a replica that stopped renewing.
 const CLOCK_MARGIN: Duration = Duration::from_millis(1000);
 
-/// The longest lease a replica is granted: the longest `max_staleness` its file may set.
+/// The longest lease a replica is granted: the longest `max_staleness` its file may set (the
+/// bound `portcullis_config` checks it against: keep the two the same).
 const MAX_LEASE: Duration = Duration::from_secs(60);
 
 /// Settings for [`PgStorage::open`].
