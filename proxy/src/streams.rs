@@ -398,7 +398,8 @@ struct Open {
     upstream: TcpStream,
 }
 
-/// The open long-lived connections of authorized callers.
+/// The open long-lived connections (websockets and event streams), a caller's or anyone's a
+/// public rule let in.
 #[derive(Default)]
 pub struct Streams {
     open: Mutex<HashMap<u64, Open>>,
