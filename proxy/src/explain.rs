@@ -151,11 +151,19 @@ fn machine_token(runtime: &Runtime, value: &str) -> Machine {
 }
 
 /// The token an agent presents: its own (client credentials), or one delegated to it by the
-/// person `on_behalf_of` names. Its `agent_claim` (and `sub`, `client_id`) is `name`.
+/// person `on_behalf_of` names. Its `agent_claim` (and `sub`, `client_id`, and the
+/// `machine_claim` a client's token carries, by which a name no agent has finds its service
+/// account) is `name`.
 fn agent_token(runtime: &Runtime, name: &str, on_behalf_of: Option<&str>) -> Machine {
     let identity = &runtime.config.identity;
     let mut agent_claims = Claims::new();
-    for claim in ["sub", "client_id", identity.agent_claim.as_str()] {
+    let claims = [
+        "sub",
+        "client_id",
+        identity.agent_claim.as_str(),
+        identity.machine_claim.as_str(),
+    ];
+    for claim in claims {
         agent_claims.insert(claim.to_owned(), name.to_owned());
     }
     let token = |subject: &str, claims: Claims| client_token(runtime, name, subject, claims);
@@ -858,6 +866,26 @@ mod tests {
         );
         let answer = ask_agent("helper");
         assert!(!answer.reason.contains("no agent"), "{answer}");
+    }
+
+    /// Where a client's token names its service account by a claim of its own (`azp`, or
+    /// Entra's `oid`), a name no agent has finds that account as the proxy would.
+    #[tokio::test]
+    async fn a_name_no_agent_has_finds_its_service_account_by_the_machine_claim() {
+        let world = World::with(crate::testing::config(
+            "[identity]\nmachine_claim = \"azp\"",
+        ));
+        world.user("build-bot").await;
+        let who = Who::Agent {
+            name: "build-bot",
+            on_behalf_of: None,
+        };
+        let runtime = world.runtime();
+        let url = "http://api.test/x";
+        let answer = explain(&runtime, &world.directory, true, who, url, "GET").unwrap();
+        let user = answer.directory_user.as_ref().map(|u| u.user_name.as_str());
+        assert_eq!(user, Some("build-bot"), "{answer}");
+        assert!(!answer.reason.contains("carries no"), "{answer}");
     }
 
     #[tokio::test]
