@@ -1336,7 +1336,7 @@ fn resolve<'a>(bulk_id: &str, bulk_ids: &'a HashMap<String, String>) -> Result<&
     })
 }
 
-/// Replaces a whole `bulkId:<id>` reference (a path segment or a string value).
+/// Replaces each `bulkId:<id>` segment of a path (an id holds no `/`).
 fn substitute(text: &str, bulk_ids: &HashMap<String, String>) -> Result<String> {
     if !text.contains("bulkId:") {
         return Ok(text.to_owned());
@@ -1385,10 +1385,12 @@ fn substitute_in_paths(patch: &mut Value, bulk_ids: &HashMap<String, String>) ->
     Ok(())
 }
 
+/// Replaces each string value of `value` that is a `bulkId:<id>` reference: all after the
+/// prefix is the bulkId (one holding a `/` too, as a path's segment cannot).
 fn substitute_value(value: &mut Value, bulk_ids: &HashMap<String, String>) -> Result<()> {
     match value {
         Value::String(s) if s.starts_with("bulkId:") => {
-            *s = substitute(s, bulk_ids)?;
+            *s = resolve(&s["bulkId:".len()..], bulk_ids)?.clone();
         }
         Value::Array(items) => {
             for item in items {
@@ -1475,6 +1477,22 @@ mod tests {
                 refused.detail
             );
         }
+    }
+
+    /// A value that refers to a resource made earlier in a Bulk is that resource's id, whatever
+    /// its bulkId holds (a `/` too); one naming nothing made is a 409.
+    #[test]
+    fn bulk_ids_in_values_are_replaced_whole() {
+        let ids = HashMap::from([("team/a".to_owned(), "1".to_owned())]);
+        let mut data = json!({"members": [{"value": "bulkId:team/a"}], "note": "x bulkId:team/a"});
+        substitute_value(&mut data, &ids).unwrap();
+        assert_eq!(data["members"][0]["value"], "1");
+        assert_eq!(data["note"], "x bulkId:team/a");
+        let mut unknown = json!({"members": [{"value": "bulkId:team"}]});
+        assert_eq!(
+            substitute_value(&mut unknown, &ids).unwrap_err().status,
+            409
+        );
     }
 
     /// A list of attributes is parsed name by name before a reading is judged small: one of
