@@ -23,11 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use portcullis_tests::client::tls_client;
 use portcullis_tests::idp::{jwt_claims, jwt_header, verify_with};
 use portcullis_tests::scim::patch_ops;
 use portcullis_tests::upstream::stamp;
 use portcullis_tests::{
-    raw_request, ConfigBuilder, Echo, JwtIssuer, Route, ScimClient, ScimResponse, Upstream,
+    raw_request, ConfigBuilder, Echo, JwtIssuer, Route, ScimClient, ScimResponse, TestCa, Upstream,
 };
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
@@ -60,11 +61,13 @@ const LOAD_WORKERS: usize = 4;
 const LOAD_MAX_REQUESTS: usize = 20_000;
 const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
 
-/// A running IdP, Portcullis (SCIM on `auth.test`, `app.test` and `api.test` as above, and
-/// `*.tenants.test` for bearer tokens) and a SCIM client, with alice and the `build-agent`
-/// service account provisioned in `eng`.
+/// A running IdP, Portcullis (SCIM on `auth.test`, `app.test` and `api.test` as above, the
+/// latter on TLS too, and `*.tenants.test` for bearer tokens) and a SCIM client, with alice and
+/// the `build-agent` service account provisioned in `eng`.
 struct Authz {
     fx: Fixture,
+    /// The CA of the TLS listener's certificate.
+    ca: TestCa,
     scim: ScimClient,
     alice_id: String,
     machine_id: String,
@@ -75,7 +78,10 @@ impl Authz {
     async fn start() -> Authz {
         let app = Upstream::start("app").await;
         let api = Upstream::start("api").await;
-        let cfg = ConfigBuilder::new().http_listener();
+        let ca = TestCa::new();
+        let cfg = ConfigBuilder::new()
+            .http_listener()
+            .https_listener(vec![ca.leaf("api", &["api.test"])]);
         let (idp, oidc) = idp_for_app_test(&cfg).await;
         let oidc = oidc.set("session_lifetime", "\"2h\"");
         let cfg = cfg
@@ -87,6 +93,11 @@ impl Authz {
             )
             .route(
                 Route::new(API_ROUTE, &[&api])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::new("https://api.test", &[&api])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
@@ -134,6 +145,7 @@ impl Authz {
             .id();
         Authz {
             fx,
+            ca,
             scim,
             alice_id,
             machine_id,
@@ -735,6 +747,45 @@ async fn an_idle_event_stream_is_closed_once_its_caller_loses_access() {
             "stream {i} is still open: {ended:?}"
         );
     }
+}
+
+/// An event stream over HTTP/2 is closed too once its caller loses access (the path from the
+/// upstream is pingora's HTTP/1.1 one either way), and the caller's next request refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_event_stream_is_closed_once_its_caller_loses_access() {
+    let t = Authz::start().await;
+    let bearer = format!("Bearer {}", t.machine_token().await);
+    let client = tls_client(&t.ca);
+    let url = |path| t.fx.cfg.https_url("api.test", path);
+    let mut resp = client
+        .get(url("/idle-events"))
+        .header(AUTHORIZATION, &bearer)
+        .header(ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let first = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+        .await
+        .expect("the first event arrives");
+    assert_eq!(first.unwrap().as_deref(), Some(&b"data: hello\n\n"[..]));
+    t.remove_member(&t.eng_id, &t.machine_id)
+        .await
+        .expect_success();
+    let ended = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await;
+    assert!(
+        matches!(ended, Ok(Err(_) | Ok(None))),
+        "the stream is still open: {ended:?}"
+    );
+    let after = client
+        .get(url("/after"))
+        .header(AUTHORIZATION, &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.version(), reqwest::Version::HTTP_2);
+    assert_eq!(after.status(), StatusCode::FORBIDDEN);
 }
 
 /// An event stream whose upstream has not answered yet (Go's servers send nothing before the
