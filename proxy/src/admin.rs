@@ -239,7 +239,7 @@ impl Admin {
         let explained = crate::explain::explain(
             &runtime,
             &self.shared.directory,
-            self.shared.directory_is_current(),
+            self.shared.not_current(),
             who,
             &url,
             method.as_deref().unwrap_or("GET"),

@@ -209,11 +209,12 @@ pub fn refuses_method(method: &str) -> Option<(u16, String)> {
 }
 
 /// Judges `method url` for `who`, as if they had just signed in (or presented a token), as
-/// the proxy would: with the directory known to be `current` or not.
+/// the proxy would: with the directory current, or not for the reason `out_of_touch` gives
+/// (see [`crate::state::Shared::out_of_touch`]).
 pub fn explain(
     runtime: &Runtime,
     directory: &Directory,
-    current: bool,
+    out_of_touch: Option<&str>,
     who: Who<'_>,
     url: &str,
     method: &str,
@@ -260,7 +261,7 @@ pub fn explain(
         directory,
         identity: &runtime.config.identity,
         jwt_issuers: &runtime.config.jwt_issuers,
-        current,
+        current: out_of_touch.is_none(),
         now: crate::clock::now_unix(),
         forwards: None,
     };
@@ -372,7 +373,7 @@ pub fn explain(
             answer.agent = refusal.agent;
         }
         Admission::Refuse(Refused::Unavailable) => {
-            answer.reason = "the directory is not known to be current".to_owned();
+            answer.reason = format!("refused with 503: {}", out_of_touch.unwrap_or_default());
         }
         Admission::Refuse(Refused::SignIn { .. } | Refused::Challenge { .. })
             if !runtime.takes_credentials(scheme)
@@ -551,7 +552,7 @@ pub fn run_cli(
     );
     let runtime = Runtime::build(config, &directory);
     // Just loaded from the store: current.
-    explain(&runtime, &directory, true, who, url, method)
+    explain(&runtime, &directory, None, who, url, method)
 }
 
 /// The running proxy's answer, or `None` when nothing listens on `admin`.
@@ -671,7 +672,7 @@ mod tests {
         match explain(
             &world.runtime(),
             &world.directory,
-            true,
+            None,
             Who::Person(user),
             url,
             method,
@@ -784,7 +785,7 @@ mod tests {
             world.group("eng", &[&alice]).await;
             world.agent("helper", &[&alice], &[], None).await;
             let ask = |who, url| {
-                explain(&world.runtime(), &world.directory, true, who, url, "GET").unwrap()
+                explain(&world.runtime(), &world.directory, None, who, url, "GET").unwrap()
             };
             let helper = Who::Agent {
                 name: "helper",
@@ -844,7 +845,7 @@ mod tests {
             explain(
                 &world.runtime(),
                 &world.directory,
-                true,
+                None,
                 who,
                 "http://api.test/x",
                 "GET",
@@ -882,7 +883,7 @@ mod tests {
         };
         let runtime = world.runtime();
         let url = "http://api.test/x";
-        let answer = explain(&runtime, &world.directory, true, who, url, "GET").unwrap();
+        let answer = explain(&runtime, &world.directory, None, who, url, "GET").unwrap();
         let user = answer.directory_user.as_ref().map(|u| u.user_name.as_str());
         assert_eq!(user, Some("build-bot"), "{answer}");
         assert!(!answer.reason.contains("carries no"), "{answer}");
@@ -926,7 +927,7 @@ mod tests {
         ] {
             let runtime = world.runtime();
             let who = Who::Person(ALICE);
-            let refused = explain(&runtime, &world.directory, true, who, url, "POST");
+            let refused = explain(&runtime, &world.directory, None, who, url, "POST");
             assert!(
                 refused.is_err_and(|e| e.contains("as a client sends it")),
                 "{url}"
@@ -1031,7 +1032,7 @@ mod tests {
     }
 
     /// What the proxy refuses before it asks who calls, explain refuses too, and it judges as
-    /// the proxy does when the directory is not known to be current.
+    /// the proxy does when the directory is not current, in the proxy's words.
     #[tokio::test]
     async fn what_the_proxy_refuses_before_the_gate_is_refused_here_too() {
         let world = world().await;
@@ -1049,21 +1050,19 @@ mod tests {
         }
         let why = refused("http://app.test/.portcullis/me", "GET");
         assert!(why.contains("Portcullis' own endpoint"), "{why}");
-        let stale = explain(
-            &world.runtime(),
-            &world.directory,
-            false,
-            Who::Person(ALICE),
-            "http://app.test/work",
-            "GET",
-        )
-        .unwrap();
-        assert!(!stale.allowed);
-        assert!(
-            stale.reason.contains("not known to be current"),
-            "{}",
-            stale.reason
-        );
+        for why in [crate::proxy::LOST_TOUCH, crate::proxy::NEEDS_RESTART] {
+            let stale = explain(
+                &world.runtime(),
+                &world.directory,
+                Some(why),
+                Who::Person(ALICE),
+                "http://app.test/work",
+                "GET",
+            )
+            .unwrap();
+            assert!(!stale.allowed);
+            assert_eq!(stale.reason, format!("refused with 503: {why}"));
+        }
     }
 
     #[tokio::test]
@@ -1074,7 +1073,7 @@ mod tests {
             explain(
                 &runtime,
                 &world.directory,
-                true,
+                None,
                 Who::Person(user),
                 url,
                 "GET",

@@ -485,6 +485,11 @@ impl Shared {
         self.directory.wedged().is_some()
     }
 
+    /// Why callers who need the directory are refused, while it is not current.
+    pub fn not_current(&self) -> Option<&'static str> {
+        (!self.directory_is_current()).then(|| self.out_of_touch())
+    }
+
     /// Why callers who need the directory are refused while it is not current.
     pub fn out_of_touch(&self) -> &'static str {
         match self.needs_restart() {

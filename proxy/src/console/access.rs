@@ -515,7 +515,7 @@ impl Console {
         }
         if let (Some(who), false) = (who, url.is_empty()) {
             // The viewer was let in by the gate just now: the directory is current.
-            match explain(&self.runtime, &self.directory, true, who, &url, &method) {
+            match explain(&self.runtime, &self.directory, None, who, &url, &method) {
                 Ok(answer) => {
                     html.push_str(&format!(
                         "<h2>{}</h2><dl class=\"facts\"><dt>Route</dt><dd>{}</dd><dt>Rule</dt>\

@@ -769,7 +769,7 @@ mod pages {
         let answer = crate::explain::explain(
             &console.runtime,
             &world.directory,
-            true,
+            None,
             crate::explain::Who::Person("alice@corp.example"),
             "http://pages.test/admin/",
             "GET",
