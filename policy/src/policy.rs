@@ -487,9 +487,7 @@ fn within_segments(prefix: &str, segments: &Segments<'_>, formats: bool) -> bool
         let last = formats && wants.peek().is_none() && segments.get(next).is_none();
         let (got, want) = (got.as_bytes(), want.as_bytes());
         let formatted = last
-            && ((got.len() > want.len()
-                && got[want.len()] == b'.'
-                && got[..want.len()].eq_ignore_ascii_case(want))
+            && (spelled_by(got, want).is_some_and(|end| got.get(end) == Some(&b'.'))
                 || formatted_beyond_ascii(got, want));
         if !formatted {
             return false;
@@ -554,11 +552,33 @@ fn reads_plainly(path: &str) -> bool {
 /// `want` is the prefix's (the configuration's, short): asked first, so a long segment of a
 /// request is read again only against a prefix beyond ASCII, and only when about as long.
 fn same_in_any_case(got: &[u8], want: &[u8]) -> bool {
-    got.eq_ignore_ascii_case(want)
+    spelled_by(got, want) == Some(got.len())
         || beyond_ascii(want) && about_as_long(got, want) && beyond_ascii(got) && {
             let (got, want) = (one_case(got), one_case(want));
             got.is_some() && got == want
         }
+}
+
+/// How much of segment `got` (from its start) spells segment `want`, both normalized: ASCII
+/// letters in any case, and a `+` and its escape `%2B` alike, as frameworks decode a path
+/// (Spring, Django, Rails, ASP.NET Core, Go's, and nginx before them all read `/c%2B%2B` as
+/// `/c++`: a `+` is a space only in a query). `None` where `want` is not spelled out.
+fn spelled_by(got: &[u8], want: &[u8]) -> Option<usize> {
+    // One character: a `+` for `+` or `%2B` (normalized escapes are in upper case), else the
+    // byte in lower case; and how many bytes it took.
+    let char_at = |s: &[u8], i: usize| match s.get(i..i + 3) {
+        Some(b"%2B") => Some((b'+', 3)),
+        _ => s.get(i).map(|b| (b.to_ascii_lowercase(), 1)),
+    };
+    let (mut g, mut w) = (0, 0);
+    while let Some((wanted, took)) = char_at(want, w) {
+        let (read, read_took) = char_at(got, g)?;
+        if read != wanted {
+            return None;
+        }
+        (g, w) = (g + read_took, w + took);
+    }
+    Some(g)
 }
 
 /// Whether a normalized segment holds a byte beyond ASCII (escaped: `%80` and up).
@@ -2012,11 +2032,16 @@ mod tests {
         let policy = compile(
             vec![groups("in", &["sre"])],
             vec![RuleSpec {
-                paths: Some(strings(&["/admin", "/api/"])),
+                paths: Some(strings(&["/admin", "/api/", "/lang/c++/", "/c%2B%2B"])),
                 ..groups("out", &["sre"])
             }],
         );
         for denied in [
+            // `+` and `%2B` alike, as frameworks decode a path.
+            "/lang/c%2B%2B/x",
+            "/lang/C+%2B",
+            "/c++",
+            "/c++.json",
             "/admin",
             "/ADMIN",
             "/Admin/users",
@@ -2128,6 +2153,15 @@ mod tests {
         // A prefix's own spaces are not trimmed: they are its paths'.
         assert!(loosely_within("/tags/c++/", "/tags/c++/edit"));
         assert!(loosely_within("/c%2B%2B/", "/c%2B%2B/x"));
+        // A `+` in a path is a `+` to frameworks, which decode `%2B` to it: either spelling
+        // of a prefix holds the other's paths.
+        for path in ["/c%2B%2B/x", "/C+%2B/x", "/c++"] {
+            assert!(loosely_within("/c++/", path), "{path}");
+            assert!(loosely_within("/c%2B%2B/", path), "{path}");
+        }
+        assert!(!loosely_within("/c++/", "/c%2B/x"));
+        assert!(!loosely_within("/c++/", "/c%2B%2B%2B/x"));
+        assert!(!loosely_within("/c++/", "/c%2Bx/x"));
         assert!(loosely_within("/docs%20/", "/docs%20/x"));
         assert!(!loosely_within("/c++/", "/c/x"));
         // For deny rules, a format suffix on the path's last segment, when it is the

@@ -97,7 +97,7 @@ impl Hardened {
                 Route::to_urls("http://app.test", vec![raw.url()])
                     .set("allow = { groups = [\"eng\"] }")
                     .set(
-                        "deny = { groups = [\"eng\"], paths = [\"/admin\", \"/wiki/Special:Export\", \"/@root\", \"/ops/\"] }",
+                        "deny = { groups = [\"eng\"], paths = [\"/admin\", \"/wiki/Special:Export\", \"/@root\", \"/ops/\", \"/lang/c++/\"] }",
                     ),
             )
             .route(
@@ -119,6 +119,11 @@ impl Hardened {
             )
             .route(
                 Route::to_urls("http://app.test/v1/", vec![raw.url()])
+                    .accept(&["bearer"])
+                    .set("allow = { groups = [\"eng\"] }"),
+            )
+            .route(
+                Route::to_urls("http://app.test/tags/c++/", vec![raw.url()])
                     .accept(&["bearer"])
                     .set("allow = { groups = [\"eng\"] }"),
             )
@@ -1735,6 +1740,13 @@ async fn deny_rules_and_routes_hold_for_any_upstream_s_reading_of_the_path() {
         ("/opsx", 200, Some("/opsx")),
         ("/v1", 401, None),
         ("/V1;x", 400, None),
+        // A `+` in a path is a `+` to frameworks, which decode `%2B` to it.
+        ("/lang/c%2B%2B/x", 403, None),
+        ("/lang/C+%2b", 403, None),
+        ("/lang/c/x", 200, Some("/lang/c/x")),
+        ("/tags/c++/x", 401, None),
+        ("/tags/c%2B%2B/x", 400, None),
+        ("/tags/c+%2b", 400, None),
         // Rails routes `/items/export.csv` to `/items/export` (`(.:format)`), as Spring MVC
         // before 5.3 does: a format suffix on the last segment is no other path.
         ("/items/export.csv", 403, None),
