@@ -1621,7 +1621,8 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
 /// A session whose settings are not those asked for at connection (a pooler in front dropped
 /// them, and the database's `synchronous_commit = off` stood) is refused, saying why: a change
 /// answered on it could be lost in a crash. Here the URL's own options undo them, as such a
-/// pooler would (`check-config` refuses such a URL).
+/// pooler would (`check-config` refuses such a URL). So is one on whose search path another
+/// role may create objects.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_without_the_settings_asked_for_is_refused() {
     use portcullis_scim::store::postgres::PgStorage;
@@ -1647,6 +1648,41 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
         );
         assert!(refused.to_string().contains(said), "{refused}");
     }
+    // A schema on the search path where any role may create objects (`public` before
+    // PostgreSQL 15): another role's `unnest(text[])` there would run in every audit write.
+    let open = || one_connection(pg.url(), Duration::from_secs(2));
+    pg.query("CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .await
+        .unwrap();
+    let options = open();
+    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+        .await
+        .unwrap()
+        .expect_err("a search path others may create objects in");
+    assert!(
+        matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("(public)"), "{refused}");
+    pg.query(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT CREATE ON SCHEMA public TO mallory",
+    )
+    .await
+    .unwrap();
+    let options = open();
+    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+        .await
+        .unwrap()
+        .expect_err("a search path another role may create objects in");
+    assert!(refused.to_string().contains("(public)"), "{refused}");
+    pg.query("REVOKE CREATE ON SCHEMA public FROM mallory")
+        .await
+        .unwrap();
+    let options = open();
+    tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+        .await
+        .unwrap()
+        .expect("the schema's owner alone may create objects in it");
 }
 
 /// A standby, which may be far behind its primary (pgpool balances reads onto one; a URL

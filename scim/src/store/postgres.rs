@@ -234,18 +234,40 @@ impl Connector {
     /// drop them (PgBouncer's `ignore_startup_parameters = options` does), and the database's
     /// or the role's defaults then stand, `synchronous_commit = off` among them, under which a
     /// change answered could be lost in a crash. Such a connection is refused, saying why.
+    ///
+    /// So is one whose `search_path` holds a schema where roles other than its owner and this
+    /// one may create objects (`public` before PostgreSQL 15): a function made there with
+    /// argument types closer to a call's than PostgreSQL's own (`unnest(text[])`) is the one
+    /// called (CVE-2018-1058), with this role's rights, by every statement sent here.
     fn check_settings(&self, client: &mut Client) -> Result<(), StoreError> {
         let rows = client
             .query(
                 "SELECT current_setting('synchronous_commit'), \
                  (SELECT setting FROM pg_settings \
-                  WHERE name = 'idle_in_transaction_session_timeout')",
+                  WHERE name = 'idle_in_transaction_session_timeout'), \
+                 (SELECT string_agg(DISTINCT n.nspname, ', ') FROM pg_catalog.pg_namespace n \
+                  CROSS JOIN LATERAL \
+                  pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a \
+                  WHERE n.nspname = ANY (pg_catalog.current_schemas(false)) \
+                  AND a.privilege_type = 'CREATE' \
+                  AND a.grantee <> n.nspowner \
+                  AND a.grantee <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user))",
                 &[],
             )
             .map_err(backend)?;
         let row = (rows.first()).ok_or_else(|| StoreError::Backend("no settings".to_owned()))?;
         let commit: String = row.try_get(0).map_err(backend)?;
         let idle: String = row.try_get(1).map_err(backend)?;
+        let open_schemas: Option<String> = row.try_get(2).map_err(backend)?;
+        if let Some(schemas) = open_schemas {
+            return Err(StoreError::Unsuitable(format!(
+                "the session's search_path holds schemas where other roles may create objects \
+                 ({schemas}): a function made there could be called by Portcullis' statements \
+                 in place of PostgreSQL's own, with this role's rights (CVE-2018-1058); revoke \
+                 that (REVOKE CREATE ON SCHEMA {schemas} FROM PUBLIC, and from other roles \
+                 granted it) or give Portcullis a schema of its own"
+            )));
+        }
         if !matches!(commit.as_str(), "on" | "remote_apply") {
             return Err(StoreError::Unsuitable(format!(
                 "the session's synchronous_commit is {commit}, not on: a change answered could \
