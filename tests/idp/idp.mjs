@@ -65,12 +65,15 @@
 //                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
 //                                  "userinfo" | "userinfo-refuses" | "userinfo-other-sub" |
+//                                  "userinfo-redirect" | "userinfo-page" |
 //                                  "jwks" | "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
 //                                  as an OAuth error; or only UserInfo (`/me`) answers 503, or
 //                                  401 to every access token (one meant for another API), or
-//                                  about another person (a `sub` not the token's); or only
+//                                  about another person (a `sub` not the token's), or
+//                                  redirects to a maintenance page, or serves one with 200
+//                                  (as a proxy in front in maintenance mode does); or only
 //                                  the key set (`/jwks`) answers 503, or an empty set (as an
 //                                  IdP node whose keys failed to load serves)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
@@ -768,7 +771,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -792,6 +795,12 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === '503') return send(res, 503, 'text/plain', 'test IdP outage\n', { 'retry-after': '1' });
     if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
+    if (outage === 'userinfo-redirect' && url.pathname === '/me') {
+      return send(res, 302, 'text/plain', 'Found\n', { location: '/maintenance' });
+    }
+    if (outage === 'userinfo-page' && url.pathname === '/me') {
+      return send(res, 200, 'text/html', '<!doctype html><title>Down for maintenance</title>\n');
+    }
     if (outage === 'jwks' && url.pathname === '/jwks') return send(res, 503, 'text/plain', 'key set outage\n');
     if (outage === 'jwks-empty' && url.pathname === '/jwks') return send(res, 200, 'application/json', '{"keys":[]}');
     // An answer about someone else: OpenID Connect Core §5.3.2 has the client check its `sub`.

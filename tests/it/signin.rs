@@ -4210,28 +4210,35 @@ async fn an_open_websocket_ends_when_a_refresh_finds_other_groups_at_the_idp() {
     assert_eq!(what, ["sign_in", "idp_ended"]);
 }
 
-/// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, with
-/// the groups there alone) leaves the session as it is, as an outage does: it is not taken for
-/// a person in no group.
+/// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, a
+/// redirect to a maintenance page, or one served with 200; with the groups there alone) leaves
+/// the session as it is, as an outage does: it is not taken for a person in no group.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     const FAY: &str = "fay@example.com";
     const FAY_PASSWORD: &str = "fay's password, long enough";
-    let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
-    let fx = Fixture::start_with(Options {
-        // The email in the ID token, the groups at UserInfo alone.
-        claims_in_id_token: true,
-        userinfo_only: vec!["groups"],
-        ..refreshing_on_token_groups(fay)
-    })
-    .await;
-    let url = fx.url("app.test", "/eng/page");
-    let signed = fx.sign_in(&client(), &url, FAY, FAY_PASSWORD).await;
-    assert_session_works(&url, &signed.cookie).await;
-    fx.idp.set_outage(IdpOutage::UserInfo).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_session_works(&url, &signed.cookie).await;
-    fx.idp.outage(false).await;
+    // A fixture each: the first outage would pause the next one's refreshes.
+    for outage in [
+        IdpOutage::UserInfo,
+        IdpOutage::UserInfoRedirect,
+        IdpOutage::UserInfoPage,
+    ] {
+        let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
+        let fx = Fixture::start_with(Options {
+            // The email in the ID token, the groups at UserInfo alone.
+            claims_in_id_token: true,
+            userinfo_only: vec!["groups"],
+            ..refreshing_on_token_groups(fay)
+        })
+        .await;
+        let url = fx.url("app.test", "/eng/page");
+        let signed = fx.sign_in(&client(), &url, FAY, FAY_PASSWORD).await;
+        assert_session_works(&url, &signed.cookie).await;
+        fx.idp.set_outage(outage).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_session_works(&url, &signed.cookie).await;
+        fx.idp.outage(false).await;
+    }
 }
 
 const CAL: &str = "cal@example.com";
@@ -4267,18 +4274,25 @@ async fn with_cal_in_contractors(options: Options) -> Fixture {
     .await
 }
 
-/// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503) is
-/// an outage, not a person in no group: taken as the ID token has it, a deny rule on a group
-/// would miss them for the session's lifetime.
+/// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503, a
+/// redirect to a maintenance page, or one served with 200) is an outage, not a person in no
+/// group: taken as the ID token has it, a deny rule on a group would miss them for the
+/// session's lifetime.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group() {
     let fx = with_cal_s_groups_at_userinfo().await;
     let url = fx.url("app.test", "/eng/page");
 
-    let browser = client();
-    let authorize = fx.start_sign_in(&browser, &url).await;
-    let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
-    callback_asks_to_come_back(&fx.idp, &browser, &callback, IdpOutage::UserInfo).await;
+    for outage in [
+        IdpOutage::UserInfo,
+        IdpOutage::UserInfoRedirect,
+        IdpOutage::UserInfoPage,
+    ] {
+        let browser = client();
+        let authorize = fx.start_sign_in(&browser, &url).await;
+        let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
+        callback_asks_to_come_back(&fx.idp, &browser, &callback, outage).await;
+    }
 
     // With UserInfo back, cal signs in in the contractors group, and the deny rule holds.
     let signed = fx.sign_in(&client(), &url, CAL, CAL_PASSWORD).await;

@@ -394,6 +394,11 @@ pub enum IdpOutage {
     UserInfoRefuses,
     /// Only UserInfo answers, about another person (a `sub` not the access token's).
     UserInfoOtherSubject,
+    /// Only UserInfo answers, with a redirect to a maintenance page.
+    UserInfoRedirect,
+    /// Only UserInfo answers, with a maintenance page (HTML) and 200, as a proxy in front in
+    /// maintenance mode serves it.
+    UserInfoPage,
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
@@ -707,6 +712,14 @@ impl Idp {
                     json!({ "mode": "userinfo-other-sub" }),
                 )
                 .await
+            }
+            IdpOutage::UserInfoRedirect => {
+                self.control("/test/stop-serving", json!({ "mode": "userinfo-redirect" }))
+                    .await
+            }
+            IdpOutage::UserInfoPage => {
+                self.control("/test/stop-serving", json!({ "mode": "userinfo-page" }))
+                    .await
             }
             IdpOutage::Jwks => {
                 self.control("/test/stop-serving", json!({ "mode": "jwks" }))

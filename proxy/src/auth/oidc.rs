@@ -1009,13 +1009,13 @@ impl Oidc {
             .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
-            // An endpoint in trouble is an outage; one that refuses the token (401, 403: meant
-            // for another API) answered.
+            // One that refuses the token (RFC 6750's 400, 401 and 403: one meant for another
+            // API) answered; any other status (5xx, 429, a redirect to a maintenance page, a
+            // gateway's 404) is an endpoint in trouble: an outage.
             let said = format!("status {status}");
-            return Err(if bounded::in_trouble(status) {
-                unreachable(said)
-            } else {
-                unanswered(said)
+            return Err(match status.as_u16() {
+                400 | 401 | 403 => unanswered(said),
+                _ => unreachable(said),
             });
         }
         let signed = response
@@ -1052,11 +1052,13 @@ impl Oidc {
         } else {
             body
         };
-        // A signed answer that verified but does not read (no `sub`) is no outage.
+        // A signed answer that verified but does not read (no `sub`) is no outage; an
+        // unsigned one that does not read (a page a proxy or a maintenance mode serves with
+        // 200) is the endpoint in trouble.
         UserInfoClaims::from_json::<std::io::Error>(&json, Some(subject)).map_err(|e| match e {
             openidconnect::UserInfoError::ClaimsVerification(e) => invalid(e.to_string()),
             other if signed => invalid(other.to_string()),
-            other => unanswered(other.to_string()),
+            other => unreachable(other.to_string()),
         })
     }
 
