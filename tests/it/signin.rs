@@ -2503,12 +2503,12 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
 
     // The code exchange cannot happen while the IdP is down (its connections reset, or a
     // gateway's error page, text or JSON, in its place, or its own 500 in OAuth's JSON): a
-    // clear 503, no session.
-    for outage in [
-        IdpOutage::Unavailable,
-        IdpOutage::Gateway,
-        IdpOutage::ServerError,
-        IdpOutage::Reset,
+    // clear 503, saying what the IdP answered, no session.
+    for (outage, answered) in [
+        (IdpOutage::Unavailable, "the IdP answered 503"),
+        (IdpOutage::Gateway, "the IdP answered 502"),
+        (IdpOutage::ServerError, "the IdP answered 500"),
+        (IdpOutage::Reset, ""),
     ] {
         fx.idp.set_outage(outage).await;
         let resp = late.get(&callback).send().await.unwrap();
@@ -2521,6 +2521,7 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
             "{outage:?}: {body}"
         );
         assert!(body.contains("Reload this page"), "{outage:?}: {body}");
+        assert!(body.contains(answered), "{outage:?}: {body}");
         assert!(session.is_none());
         assert_session_works(&page, &alice.cookie).await;
         fx.idp.outage(false).await;

@@ -146,6 +146,18 @@ pub enum SignInError {
     KeysUnavailable,
 }
 
+/// Why a call to the token endpoint failed: where it was not made or not answered, with the
+/// causes the HTTP client gives (a status, a bound, a refused address), as discovery's are
+/// told; an answer that does not read, without them (they may quote its tokens).
+fn token_call_failed<E: std::error::Error + 'static>(
+    error: &openidconnect::RequestTokenError<E, impl openidconnect::ErrorResponse + 'static>,
+) -> String {
+    match error {
+        openidconnect::RequestTokenError::Request(_) => portcullis_scim::error::with_causes(error),
+        other => other.to_string(),
+    }
+}
+
 /// Whether two addresses are of one scheme and host (in any case), whatever their ports: a
 /// session is its host's (see `IssuedIn`), and replicas behind one address may each be
 /// reached on a port of its own. Either not read: not.
@@ -554,7 +566,7 @@ impl Oidc {
                 other => {
                     // The IdP may never have had the code: it may be sent again.
                     self.sign_ins.forget(state);
-                    SignInError::Unreachable(other.to_string())
+                    SignInError::Unreachable(token_call_failed(&other))
                 }
             })?;
         let id_token = openidconnect::TokenResponse::id_token(&response)
@@ -798,7 +810,7 @@ impl Oidc {
                 }
                 return Ok(Refreshed::Ended(format!("the IdP refused: {error}")));
             }
-            Err(e) => return Err(SignInError::Unreachable(e.to_string())),
+            Err(e) => return Err(SignInError::Unreachable(token_call_failed(&e))),
         };
         // The token to refresh with next: a rotating IdP has just spent the one sent.
         let refresh_token = response
