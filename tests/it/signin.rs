@@ -2463,6 +2463,15 @@ async fn sign_in_is_unavailable_until_the_idp_is_first_reached_then_works() {
     let resp = bare_client().get(&page).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(fx.app.count(), 0);
+    // Both refused sign-ins are recorded, saying why.
+    let unavailable = "a sign-in was refused: sign-in is unavailable";
+    let audited = fx
+        .px
+        .audit_log_until(Duration::from_secs(10), |text| {
+            text.matches(unavailable).count() >= 2
+        })
+        .await;
+    assert_eq!(audited.matches(unavailable).count(), 2, "{audited}");
 
     // The IdP comes back: sign-in works within the discovery backoff.
     let back = Instant::now();

@@ -328,7 +328,11 @@ impl Auth {
                 cookies.extend(pending_past(head, req.tls, MAX_PENDING_SIGN_INS - 1));
                 redirect(&started.authorize_url, cookies)
             }
-            Err(e) => sign_in_failed(&e),
+            Err(e) => {
+                let why = format!("a sign-in was refused: {e}");
+                self.audit.unverified_refusal(route, &why, asked);
+                sign_in_failed(&e)
+            }
         }
     }
 
