@@ -1019,6 +1019,8 @@ impl Audit {
     /// Records that `user`'s session began or ended (see [`Entry::Session`]), in a request
     /// from `client` (none when the identity provider ended it).
     pub fn session(&self, user: &str, what: &str, detail: &str, client: Option<IpAddr>) {
+        // The detail may quote the IdP (a refresh's error): cut as a named refusal's reason.
+        let detail = &bounded(detail, MAX_NAMED_REASON);
         let client = client.map(|ip| ip.to_string());
         let shown = client.as_deref().unwrap_or("-");
         tracing::info!(target: "audit", event = "session", user, client = shown, what, detail);
@@ -3500,6 +3502,22 @@ mod tests {
         );
         let (one_by_one, counted) = accounted(&text, "SCIM tokens");
         assert_eq!(one_by_one + counted, burst, "{text}");
+    }
+
+    /// A session record's detail, which may quote the IdP (the error a refresh got), is cut
+    /// as a named refusal's reason is.
+    #[test]
+    fn a_session_record_s_detail_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = || Destination::of(dir.path(), None);
+        let audit = Audit::open(log(), log()).unwrap();
+        let said = format!("the IdP refused: {}", "x".repeat(1 << 20));
+        audit.session("alice@corp.example", "idp_ended", &said, None);
+        assert!(audit.flush(std::time::Duration::from_secs(30)));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(text.len() < 2 * MAX_NAMED_REASON, "{} bytes", text.len());
+        assert!(text.contains("the IdP refused: xxx"), "{text}");
+        assert!(text.contains("bytes more)"), "{text}");
     }
 
     #[test]
