@@ -1663,7 +1663,13 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
         matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
         "{refused}"
     );
-    assert!(refused.to_string().contains("(public)"), "{refused}");
+    let said = refused.to_string();
+    assert!(said.contains("(public to PUBLIC)"), "{said}");
+    assert!(
+        said.contains("REVOKE CREATE ON SCHEMA public FROM PUBLIC;"),
+        "{said}"
+    );
+    assert!(said.contains("TO postgres)"), "{said}");
     pg.query(
         "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT CREATE ON SCHEMA public TO mallory",
     )
@@ -1674,7 +1680,10 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
         .await
         .unwrap()
         .expect_err("a search path another role may create objects in");
-    assert!(refused.to_string().contains("(public)"), "{refused}");
+    assert!(
+        refused.to_string().contains("(public to mallory)"),
+        "{refused}"
+    );
     pg.query("REVOKE CREATE ON SCHEMA public FROM mallory")
         .await
         .unwrap();

@@ -139,6 +139,19 @@ fn lock_timeout_setup(max_staleness: Duration) -> String {
 
 /// The error with its causes (`postgres::Error` alone says only "db error"). Server messages
 /// name objects and options, never the connection's password.
+/// `name` as an SQL identifier, quoted where it must be (as PostgreSQL's `quote_ident`): in a
+/// message that gives statements to run.
+fn quote_ident(name: &str) -> String {
+    let plain = name
+        .bytes()
+        .enumerate()
+        .all(|(i, b)| b.is_ascii_lowercase() || b == b'_' || (i > 0 && b.is_ascii_digit()));
+    match plain && !name.is_empty() {
+        true => name.to_owned(),
+        false => format!("\"{}\"", name.replace('"', "\"\"")),
+    }
+}
+
 fn backend(e: impl std::error::Error) -> StoreError {
     StoreError::Backend(crate::error::with_causes(&e))
 }
@@ -238,34 +251,71 @@ impl Connector {
     /// So is one whose `search_path` holds a schema where roles other than its owner and this
     /// one may create objects (`public` before PostgreSQL 15): a function made there with
     /// argument types closer to a call's than PostgreSQL's own (`unnest(text[])`) is the one
-    /// called (CVE-2018-1058), with this role's rights, by every statement sent here.
+    /// called (CVE-2018-1058), with this role's rights, by every statement sent here. The
+    /// check itself runs with `pg_catalog` alone on the path, so that no such function can
+    /// answer it.
     fn check_settings(&self, client: &mut Client) -> Result<(), StoreError> {
-        let rows = client
-            .query(
-                "SELECT current_setting('synchronous_commit'), \
-                 (SELECT setting FROM pg_settings \
-                  WHERE name = 'idle_in_transaction_session_timeout'), \
-                 (SELECT string_agg(DISTINCT n.nspname, ', ') FROM pg_catalog.pg_namespace n \
-                  CROSS JOIN LATERAL \
-                  pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a \
-                  WHERE n.nspname = ANY (pg_catalog.current_schemas(false)) \
-                  AND a.privilege_type = 'CREATE' \
-                  AND a.grantee <> n.nspowner \
-                  AND a.grantee <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user))",
+        let path = client
+            .query_one(
+                "SELECT pg_catalog.current_schemas(false)::pg_catalog.text[]",
                 &[],
             )
             .map_err(backend)?;
-        let row = (rows.first()).ok_or_else(|| StoreError::Backend("no settings".to_owned()))?;
-        let commit: String = row.try_get(0).map_err(backend)?;
-        let idle: String = row.try_get(1).map_err(backend)?;
-        let open_schemas: Option<String> = row.try_get(2).map_err(backend)?;
-        if let Some(schemas) = open_schemas {
+        let path: Vec<String> = path.try_get(0).map_err(backend)?;
+        let mut checking = client.transaction().map_err(backend)?;
+        checking
+            .batch_execute("SET LOCAL search_path = pg_catalog, pg_temp")
+            .map_err(backend)?;
+        let settings = checking
+            .query_one(
+                "SELECT current_setting('synchronous_commit'), \
+                 (SELECT setting FROM pg_settings \
+                  WHERE name = 'idle_in_transaction_session_timeout'), \
+                 current_user::text",
+                &[],
+            )
+            .map_err(backend)?;
+        // Each schema on the path with a role, other than its owner and this one, that may
+        // create objects there (`None`: PUBLIC, anyone).
+        let open = checking
+            .query(
+                "SELECT DISTINCT n.nspname::text, \
+                 CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee)::text END \
+                 FROM pg_namespace n \
+                 CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a \
+                 WHERE n.nspname::text = ANY ($1) AND a.privilege_type = 'CREATE' \
+                 AND a.grantee <> n.nspowner \
+                 AND a.grantee <> (SELECT oid FROM pg_roles WHERE rolname = current_user) \
+                 ORDER BY 1, 2",
+                &[&path],
+            )
+            .map_err(backend)?;
+        checking.commit().map_err(backend)?;
+        let commit: String = settings.try_get(0).map_err(backend)?;
+        let idle: String = settings.try_get(1).map_err(backend)?;
+        let user: String = settings.try_get(2).map_err(backend)?;
+        if !open.is_empty() {
+            let mut schemas = Vec::new();
+            let mut revoke = Vec::new();
+            for row in &open {
+                let schema: String = row.try_get(0).map_err(backend)?;
+                let role: Option<String> = row.try_get(1).map_err(backend)?;
+                let role = role.map_or("PUBLIC".to_owned(), |role| quote_ident(&role));
+                schemas.push(format!("{schema} to {role}"));
+                revoke.push(format!(
+                    "REVOKE CREATE ON SCHEMA {} FROM {role};",
+                    quote_ident(&schema)
+                ));
+            }
             return Err(StoreError::Unsuitable(format!(
                 "the session's search_path holds schemas where other roles may create objects \
-                 ({schemas}): a function made there could be called by Portcullis' statements \
-                 in place of PostgreSQL's own, with this role's rights (CVE-2018-1058); revoke \
-                 that (REVOKE CREATE ON SCHEMA {schemas} FROM PUBLIC, and from other roles \
-                 granted it) or give Portcullis a schema of its own"
+                 ({}): a function made there could be called by Portcullis' statements in place \
+                 of PostgreSQL's own, with this role's rights (CVE-2018-1058); revoke that ({} \
+                 and, where a role that does not own the schema makes Portcullis' tables, GRANT \
+                 CREATE ON SCHEMA <schema> TO {}), or give Portcullis a schema of its own",
+                schemas.join(", "),
+                revoke.join(" "),
+                quote_ident(&user)
             )));
         }
         if !matches!(commit.as_str(), "on" | "remote_apply") {
