@@ -158,6 +158,14 @@ fn token_call_failed<E: std::error::Error + 'static>(
     }
 }
 
+/// Whether `body` is a JSON object (whatever it holds).
+fn is_json_object(body: &[u8]) -> bool {
+    matches!(
+        serde_json::from_slice(body),
+        Ok(serde_json::Value::Object(_))
+    )
+}
+
 /// Whether two addresses are of one scheme and host (in any case), whatever their ports: a
 /// session is its host's (see `IssuedIn`), and replicas behind one address may each be
 /// reached on a port of its own. Either not read: not.
@@ -619,7 +627,8 @@ impl Oidc {
                     .await;
                 match answer {
                     Ok(info) => Some(info),
-                    // An endpoint in trouble (down, 5xx, 429) where it holds what is needed is
+                    // An endpoint in trouble (down, 5xx, 429, a redirect, a page in place of
+                    // its JSON) where it holds what is needed is
                     // an outage, not an answer: the sign-in fails (503, try again), as a refresh
                     // keeps its groups then. Taken as the ID token has it, the person would be
                     // in no group for the session's lifetime, a deny rule on a group missing
@@ -1021,14 +1030,16 @@ impl Oidc {
             .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
-            // One that refuses the token (RFC 6750's 400, 401 and 403: one meant for another
-            // API) answered; any other status (5xx, 429, a redirect to a maintenance page, a
-            // gateway's 404) is an endpoint in trouble: an outage.
+            // An endpoint in trouble (5xx, 429, 408) or sent elsewhere (a redirect to a
+            // maintenance page) is an outage; one that refuses the token (401, 403: one meant
+            // for another API) or is not there answered.
             let said = format!("status {status}");
-            return Err(match status.as_u16() {
-                400 | 401 | 403 => unanswered(said),
-                _ => unreachable(said),
-            });
+            return Err(
+                match bounded::in_trouble(status) || status.is_redirection() {
+                    true => unreachable(said),
+                    false => unanswered(said),
+                },
+            );
         }
         let signed = response
             .headers()
@@ -1064,13 +1075,14 @@ impl Oidc {
         } else {
             body
         };
-        // A signed answer that verified but does not read (no `sub`) is no outage; an
-        // unsigned one that does not read (a page a proxy or a maintenance mode serves with
-        // 200) is the endpoint in trouble.
+        // A signed answer that verified but does not read (no `sub`) is no outage, nor is a
+        // JSON object that does not read; an unsigned answer that is no JSON object (a page
+        // a proxy or a maintenance mode serves with 200) is the endpoint in trouble.
         UserInfoClaims::from_json::<std::io::Error>(&json, Some(subject)).map_err(|e| match e {
             openidconnect::UserInfoError::ClaimsVerification(e) => invalid(e.to_string()),
             other if signed => invalid(other.to_string()),
-            other => unreachable(other.to_string()),
+            other if !is_json_object(&json) => unreachable(other.to_string()),
+            other => unanswered(other.to_string()),
         })
     }
 
