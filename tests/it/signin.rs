@@ -2517,7 +2517,7 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
         (IdpOutage::Unavailable, "the IdP answered 503"),
         (IdpOutage::Gateway, "the IdP answered 502"),
         (IdpOutage::ServerError, "the IdP answered 500"),
-        (IdpOutage::Reset, ""),
+        (IdpOutage::Reset, "Request failed: "),
     ] {
         fx.idp.set_outage(outage).await;
         let resp = late.get(&callback).send().await.unwrap();

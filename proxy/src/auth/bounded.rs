@@ -82,7 +82,10 @@ impl<'c> AsyncHttpClient<'c> for Client {
                 HttpClientError::Other(format!("{shown} {e}"))
             })?;
             let request = reqwest::Request::try_from(request).map_err(Box::new)?;
-            let response = self.0.execute(request).await.map_err(Box::new)?;
+            // Said without the URL, which the discovery document gave: the page a sign-in
+            // fails with shows why.
+            let response =
+                (self.0.execute(request).await).map_err(|e| Box::new(e.without_url()))?;
             // No answer, even one whose body reads as an OAuth error (Keycloak's 500
             // `{"error":"unknown_error"}`, a gateway's JSON error page): a refresh it ended,
             // or a sign-in it refused, would be ended for the IdP's outage.
