@@ -195,7 +195,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// Whether `path` is within `prefix` as the most lenient common upstream could read it: each
 /// segment's `;` parameters dropped (Tomcat, Jetty and Spring read `/admin;x` as `/admin`), the
-/// segments left empty gone, letters compared in any case (Express and ASP.NET read `/ADMIN` as
+/// segments left empty gone, `%2B` read as the `+` frameworks decode it to in a path, letters
+/// compared in any case (Express and ASP.NET read `/ADMIN` as
 /// `/admin`, and ASP.NET `/%C3%9Cber` as `/%C3%BCber`), and a prefix's trailing `/` not required of the path (Express, Rails
 /// and ASP.NET serve `/admin` as `/admin/`). The boundaries are segments: `/admin` does not
 /// hold `/adminx`. This is how route selection reads a path, so that no spelling an upstream

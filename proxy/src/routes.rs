@@ -154,7 +154,8 @@ impl RouteTable {
     /// ask.
     ///
     /// - A path that only the lenient reading of [`Self::find`] puts on this route (another
-    ///   case, `;` parameters), where a wider route holds it as written: see below.
+    ///   case, `;` parameters, `%2B` for `+`), where a wider route holds it as written: see
+    ///   below.
     /// - A PHP front controller routes what follows its script (`/index.php/admin` is
     ///   `/admin` to Laravel, Symfony, Drupal): a path that reads as another route's that way
     ///   would be served by this route's upstream past that route's rules. Unless this route
@@ -208,8 +209,8 @@ impl RouteTable {
             });
             if wider {
                 return Some(
-                    "a path that reads as this route's only in another case or with \
-                     parameters, and as a wider route's as written",
+                    "a path that reads as this route's only in another case, with \
+                     parameters or with `+` escaped, and as a wider route's as written",
                 );
             }
         }
