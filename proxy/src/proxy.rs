@@ -442,6 +442,10 @@ pub struct RequestCtx {
     /// normalized path and the query.
     upstream_target: Option<String>,
     tls: bool,
+    /// The listener's address, and whether its own TLS carried the request (`tls` is also
+    /// set by a TLS proxy in front).
+    local: Option<std::net::SocketAddr>,
+    own_tls: bool,
     /// The client's address: its connection's, or the one a trusted proxy in front names.
     client_ip: Option<IpAddr>,
     round_robin_start: usize,
@@ -555,6 +559,8 @@ impl ProxyHttp for Proxy {
             route: None,
             upstream_target: None,
             tls: false,
+            local: None,
+            own_tls: false,
             client_ip: None,
             round_robin_start: 0,
             tried: Vec::new(),
@@ -611,7 +617,9 @@ impl ProxyHttp for Proxy {
         let own_tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
-        ctx.tls = own_tls || runtime.behind_tls_proxy(local_addr(session));
+        ctx.local = local_addr(session);
+        ctx.own_tls = own_tls;
+        ctx.tls = own_tls || runtime.behind_tls_proxy(ctx.local);
         let req = session.req_header();
         let max_bytes = runtime.config.server.max_request_header_bytes;
         // pingora reads at most `MAX_FIELDS` of an HTTP/1 head; an HTTP/2 one is bounded by
@@ -1611,6 +1619,8 @@ impl RequestCtx {
                 client: Client::of(&req.headers),
                 client_ip: self.client_ip,
                 websocket: self.websocket,
+                local: self.local,
+                own_tls: self.own_tls,
             };
             let told = self.forward.clone();
             let recheck = Recheck::new(self.caller.clone(), target, told, decided_at);

@@ -567,14 +567,26 @@ impl Shared {
         // longer configured to take it.
         let oidc = runtime.config.oidc.as_ref();
         let gate = self.gate(runtime, marks);
-        crate::streams::rejudge(&gate, &runtime.routes, open, now, |caller| match caller {
+        // Its listener, as this configuration has it: a request over plain HTTP is taken for
+        // https only from a TLS proxy in front, and a credential only where one may cross.
+        let target = &open.target;
+        let https = target.own_tls || runtime.behind_tls_proxy(target.local);
+        let listener_refuses = if target.scheme == Scheme::Https && !https {
+            Some("its listener no longer takes https requests from a TLS proxy in front")
+        } else if open.caller.is_some() && !runtime.carries_credentials(target.local, https) {
+            Some("its listener no longer takes credentials over plain HTTP")
+        } else {
+            None
+        };
+        let vouched = |caller: &Caller| match caller {
             Caller::Person { session, .. } => {
                 oidc.is_some_and(|oidc| self.auth.sessions.vouches(session, now, oidc))
             }
             Caller::Machine(machine) => {
                 crate::auth::no_longer_takes(&runtime.config, machine).is_none()
             }
-        })
+        };
+        crate::streams::rejudge(&gate, &runtime.routes, open, now, vouched, listener_refuses)
     }
 
     /// The client holding `caller`'s token, a person's, that its issuer takes none of theirs

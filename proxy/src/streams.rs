@@ -122,6 +122,10 @@ pub struct Target {
     pub client_ip: Option<std::net::IpAddr>,
     /// A websocket (not an event stream): cut once its route no longer takes websockets.
     pub websocket: bool,
+    /// The listener it came in on (its address), and whether that listener's own TLS carried
+    /// it: judged again as the listener takes requests now (see `Shared::still_allowed`).
+    pub local: Option<std::net::SocketAddr>,
+    pub own_tls: bool,
 }
 
 impl Recheck {
@@ -299,6 +303,7 @@ pub fn rejudge(
     open: &Recheck,
     now: u64,
     vouched: impl Fn(&Caller) -> bool,
+    listener_refuses: Option<&str>,
 ) -> Admission {
     let target = &open.target;
     // Whether its caller still is one: a machine's token not expired, a caller `vouched` for.
@@ -325,6 +330,11 @@ pub fn rejudge(
             agent: agent(),
         }))
     };
+    // Its listener no longer takes such a request as it came (a reload took
+    // `allow_plain_http` or `behind_tls_proxy` off it).
+    if let Some(why) = listener_refuses {
+        return gone(why);
+    }
     let route = match routes.find(target.scheme, &target.host, &target.path) {
         Match::Found(route) if route.config.name == target.route => route,
         _ => return gone("the route is no longer in the configuration for this request"),
@@ -533,6 +543,8 @@ mod tests {
             client,
             client_ip: None,
             websocket: false,
+            local: None,
+            own_tls: false,
         }
     }
 
@@ -549,7 +561,7 @@ mod tests {
     /// Who the upstream is told the caller of `open` is, as things stand.
     fn told(world: &World, open: &Recheck) -> Option<Forward> {
         let runtime = world.runtime();
-        match rejudge(&world.gate(), &runtime.routes, open, 0, |_| true) {
+        match rejudge(&world.gate(), &runtime.routes, open, 0, |_| true, None) {
             Admission::Allow(pass) => pass.forward,
             _ => None,
         }
@@ -609,7 +621,8 @@ mod tests {
             current: false,
             ..world.gate()
         };
-        let judge = |open: &Recheck| rejudge(&out_of_touch, &runtime.routes, open, 0, |_| true);
+        let judge =
+            |open: &Recheck| rejudge(&out_of_touch, &runtime.routes, open, 0, |_| true, None);
         assert_eq!(judge(&open), Admission::Refuse(Refused::Unavailable));
         assert!(!open.still_allowed(marks(1), held, judge, |_, _| {}));
         assert!(open.lost_touch());
@@ -625,7 +638,7 @@ mod tests {
         let mut open = Recheck::new(caller, target, None, marks(0));
         open.told = told(&world, &open);
         assert!(open.told.is_some(), "let in as build-bot");
-        let expired = rejudge(&out_of_touch, &runtime.routes, &open, 1_000, |_| true);
+        let expired = rejudge(&out_of_touch, &runtime.routes, &open, 1_000, |_| true, None);
         assert!(
             matches!(&expired, Admission::Refuse(Refused::Forbid(r)) if r.cause == Cause::AsAnyoneOnly),
             "{expired:?}"
@@ -741,7 +754,7 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, APP);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true, None);
         assert!(matches!(admission, Admission::Allow(_)), "{admission:?}");
     }
 
@@ -753,7 +766,7 @@ mod tests {
         let eng = world.directory.groups_of(&world.id_of(ALICE));
         let eng = eng.first().map(|g| g.id.clone()).unwrap_or_default();
         world.remove_member(&eng, &world.id_of(ALICE)).await;
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true, None);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.who.as_deref() == Some(ALICE)),
             "{admission:?}"
@@ -765,7 +778,7 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, APP);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| false);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| false, None);
         assert_eq!(
             admission,
             Admission::Refuse(Refused::SignIn { revoked: None })
@@ -788,7 +801,7 @@ mod tests {
         );
         open.told = told(&world, &open);
         assert!(open.told.is_some());
-        let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true);
+        let at = |now| rejudge(&world.gate(), &runtime.routes, &open, now, |_| true, None);
         assert!(matches!(at(999), Admission::Allow(_)), "{:?}", at(999));
         assert_eq!(
             at(1_000),
@@ -826,7 +839,7 @@ mod tests {
             jwt_issuers: &config.jwt_issuers,
             ..world.gate()
         };
-        let at = |now| rejudge(&reloaded, &runtime.routes, &open, now, |_| true);
+        let at = |now| rejudge(&reloaded, &runtime.routes, &open, now, |_| true, None);
         assert!(matches!(at(939), Admission::Allow(_)), "{:?}", at(939));
         assert!(
             matches!(at(940), Admission::Refuse(Refused::Challenge { .. })),
@@ -855,11 +868,19 @@ mod tests {
             open
         };
         let (as_itself, as_anyone) = (public(true), public(false));
-        let judged = |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true);
+        let judged =
+            |open: &Recheck| rejudge(&world.gate(), &runtime.routes, open, 0, |_| true, None);
         assert!(matches!(judged(&as_itself), Admission::Allow(_)));
         // Its token no longer taken: let in only as anyone, and named as nobody (it is no
         // caller now), not as whom it was.
-        let admission = rejudge(&world.gate(), &runtime.routes, &as_itself, 0, |_| false);
+        let admission = rejudge(
+            &world.gate(),
+            &runtime.routes,
+            &as_itself,
+            0,
+            |_| false,
+            None,
+        );
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r))
                 if r.cause == Cause::AsAnyoneOnly && r.who.is_none()),
@@ -883,7 +904,7 @@ mod tests {
         let admins = world.group("admins", &[&alice]).await;
         let runtime = world.runtime();
         let open = open(&world, APP);
-        let judged = || rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        let judged = || rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true, None);
         assert!(matches!(judged(), Admission::Allow(_)));
         // A group added takes nothing the upstream was told away.
         world.group("ops", &[&alice]).await;
@@ -902,7 +923,7 @@ mod tests {
         let world = eng_world().await;
         let runtime = world.runtime();
         let open = open(&world, "http://gone.test");
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true, None);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::RouteRemoved),
             "{admission:?}"
@@ -916,7 +937,7 @@ mod tests {
         // A reload: the route's deny rule now covers /ws.
         let text = CONFIG.replace("paths = [\"/admin\"]", "paths = [\"/ws\"]");
         let runtime = crate::state::Runtime::build(parse(&text), &world.directory);
-        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true);
+        let admission = rejudge(&world.gate(), &runtime.routes, &open, 0, |_| true, None);
         assert!(
             matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::DenyRule),
             "{admission:?}"
@@ -929,7 +950,7 @@ mod tests {
         let open = open(&world, APP);
         let judged = |text: &str, open: &Recheck| {
             let runtime = crate::state::Runtime::build(parse(text), &world.directory);
-            rejudge(&world.gate(), &runtime.routes, open, 0, |_| true)
+            rejudge(&world.gate(), &runtime.routes, open, 0, |_| true, None)
         };
         let cut = |admission: Admission| matches!(admission, Admission::Refuse(Refused::Forbid(ref r)) if r.cause == Cause::RouteRemoved);
         // A reload adds a route for /ws on the same host, for others: the route of the

@@ -1548,12 +1548,37 @@ async fn scim_and_sign_in_need_https_on_a_listener_off_loopback() {
                 )
             };
             assert_eq!(with_session().await.status(), 200, "signed in");
+            // An event stream the machine holds open there.
+            let mut stream = client()
+                .get(fx.url("bots.test", "/idle-events"))
+                .bearer_auth(&token)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(stream.status(), 200);
+            let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk())
+                .await
+                .expect("the first event arrives");
+            assert_eq!(first.unwrap().as_deref(), Some(&b"data: hello\n\n"[..]));
             // Once plain HTTP is no longer allowed there, the session's cookie crosses the
             // network in clear, and is not taken (as no sign-in is) until it comes over HTTPS.
             let refusing = fx.cfg.toml().replace("allow_plain_http = true\n", "");
             assert_ne!(refusing, fx.cfg.toml());
             fx.px.rewrite_config(&refusing);
             fx.px.reload_and_wait().await;
+            // Nor is the machine's token, on the stream it opened before: it is closed.
+            let ended =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.chunk()).await;
+            assert!(
+                matches!(ended, Ok(Err(_) | Ok(None))),
+                "the stream is still open: {ended:?}"
+            );
+            audited(
+                &fx.px,
+                &["no longer takes credentials over plain HTTP", "bots.test"],
+            )
+            .await;
             let sent = fx.app.count();
             let resp = with_session().await;
             assert_eq!(resp.status(), 403, "a session over plain HTTP off loopback");
