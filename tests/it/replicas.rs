@@ -1648,6 +1648,21 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
         );
         assert!(refused.to_string().contains(said), "{refused}");
     }
+    // A connection refused says why, in the server's words (not "db error" alone).
+    let nowhere = one_connection(
+        pg.url().replace("/postgres?", "/nowhere?"),
+        Duration::from_secs(2),
+    );
+    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&nowhere)?.migrate())
+        .await
+        .unwrap()
+        .expect_err("a database that does not exist");
+    assert!(
+        refused
+            .to_string()
+            .contains("database \"nowhere\" does not exist"),
+        "{refused}"
+    );
     // A schema on the search path where any role may create objects (`public` before
     // PostgreSQL 15): another role's `unnest(text[])` there would run in every audit write.
     let open = || one_connection(pg.url(), Duration::from_secs(2));

@@ -1383,6 +1383,11 @@ async fn an_issuer_behind_a_private_ca_is_trusted_under_its_tls_ca() {
         1,
         "the untrusting issuer's fetch never got past TLS"
     );
+    // And the log says why: a certificate of an issuer not trusted (a private CA wants
+    // `tls_ca`).
+    fx.px
+        .log_until(|log| log.contains("invalid peer certificate: UnknownIssuer"))
+        .await;
 
     fx.px
         .reload_with(

@@ -528,7 +528,7 @@ impl Jwks {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| portcullis_scim::error::with_causes(&e))?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }

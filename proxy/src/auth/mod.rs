@@ -1123,11 +1123,13 @@ async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> Result<Strin
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     );
+    // With its causes: reqwest says only "error sending request" itself, not the certificate
+    // it refused (a private CA wants `tls_ca`).
     let response = http
         .get(&url)
         .send()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| portcullis_scim::error::with_causes(&e))?
         .error_for_status()
         .map_err(|e| e.to_string())?;
     let body = bounded::body(response, bounded::MAX_RESPONSE_BYTES).await?;

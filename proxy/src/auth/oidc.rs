@@ -1027,7 +1027,7 @@ impl Oidc {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| unreachable(portcullis_scim::error::with_causes(&e.without_url())))?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
             // An endpoint in trouble (5xx, 429, 408) or sent elsewhere (a redirect to a

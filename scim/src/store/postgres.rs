@@ -240,7 +240,14 @@ impl Connector {
             Some(tls) => self.config.connect(tls.clone()),
             None => self.config.connect(NoTls),
         };
-        client.map_err(|e| StoreError::Backend(format!("cannot reach PostgreSQL: {e}")))
+        // With its causes: tokio-postgres says only "error performing TLS handshake" or "db
+        // error" itself, not the certificate refused nor the password.
+        client.map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot reach PostgreSQL: {}",
+                crate::error::with_causes(&e)
+            ))
+        })
     }
 
     /// Whether the session has the settings asked for at connection: a pooler in front may
