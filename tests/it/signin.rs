@@ -1051,6 +1051,13 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         "{}",
         elsewhere.2
     );
+    // Nor is it said to be the IdP's refusal: anyone's link could have said it.
+    assert!(
+        elsewhere.2.contains("for no sign-in begun in this browser")
+            && !elsewhere.2.contains("identity provider refused"),
+        "{}",
+        elsewhere.2
+    );
     refused("an error from the IdP, in another browser", elsewhere);
     // The IdP in trouble (RFC 6749's two words for it): that browser is asked to sign in again
     // in a moment, not refused.
@@ -1096,6 +1103,13 @@ async fn callbacks_with_a_wrong_state_a_replayed_code_or_from_another_browser_ar
         })
         .await;
     assert_eq!(audited.matches("not assigned").count(), 1, "{audited}");
+    assert_eq!(
+        audited
+            .matches("refusal (access_denied) came back for no sign-in begun in this browser")
+            .count(),
+        1,
+        "{audited}"
+    );
     // The genuine callback in another browser: refused, on a page the page that opened it (a
     // host's own, which started the sign-in in a window of its own) cannot read the
     // address of, where the code is.

@@ -466,7 +466,7 @@ impl Auth {
                     _ => SignInError::Refused(said),
                 }
             } else {
-                SignInError::Refused(error_code(&error))
+                SignInError::RefusedElsewhere(error_code(&error))
             };
             self.record_refused_sign_in(&e, req);
             return sign_in_failed(&e);
@@ -1155,7 +1155,8 @@ fn sign_in_failed(e: &SignInError) -> Reply {
         SignInError::UnknownState
         | SignInError::WrongBrowser
         | SignInError::OtherProvider
-        | SignInError::Refused(_) => StatusCode::BAD_REQUEST,
+        | SignInError::Refused(_)
+        | SignInError::RefusedElsewhere(_) => StatusCode::BAD_REQUEST,
         SignInError::Invalid(_) => StatusCode::BAD_GATEWAY,
     };
     let retry = match e {

@@ -124,6 +124,10 @@ pub enum SignInError {
     OtherProvider,
     #[error("the identity provider refused the sign-in: {0}")]
     Refused(String),
+    /// A refusal (`error=`, its code alone) sent back to a browser that began no sign-in under
+    /// its state: the IdP's for a sign-in begun elsewhere, or a link anyone could have made.
+    #[error("a refusal ({0}) came back for no sign-in begun in this browser; start again")]
+    RefusedElsewhere(String),
     #[error("the identity provider could not be reached: {0}")]
     Unreachable(String),
     /// The IdP sent the browser back saying it is in trouble (RFC 6749 §4.1.2.1's
