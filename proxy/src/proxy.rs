@@ -2003,6 +2003,10 @@ impl Proxy {
         let method = req.method.clone();
         let origin = request_origin(req, tls);
         let same_origin = endpoints::same_origin(&req.headers, &origin);
+        // Whether it says where it comes from: a request not shown to be the console's own may
+        // name another origin, or none (a script's).
+        let says_origin =
+            req.headers.contains_key(header::ORIGIN) || req.headers.contains_key(header::REFERER);
         let query = req.uri.query().unwrap_or_default().to_owned();
         let page = endpoint
             .strip_prefix("console/")
@@ -2024,10 +2028,10 @@ impl Proxy {
         // whether it came from the console's own pages: a cross-site post carries their cookie.
         let refused = |status: StatusCode, why: &str| {
             let path = format!("{CONSOLE_PATH}{page}");
-            let from = if same_origin {
-                ""
-            } else {
-                " (sent from another origin)"
+            let from = match (same_origin, says_origin) {
+                (true, _) => "",
+                (false, true) => " (sent from another origin)",
+                (false, false) => " (sent with neither Origin nor Referer)",
             };
             let reason = format!("{why}{from}");
             self.console_refused(&viewer.user, method.as_str(), &path, at, &reason, status)

@@ -231,6 +231,15 @@ async fn a_person_outside_the_console_rule_is_refused_and_audited() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // Recorded as sent: with no origin named, not from another.
+    let said = "(sent with neither Origin nor Referer)";
+    let text =
+        t.fx.px
+            .audit_log_until(WAIT, |text| text.contains(said))
+            .await;
+    let line = text.lines().find(|l| l.contains(said)).unwrap_or_default();
+    assert!(line.contains("\"user\":\"bob@"), "{line}");
+    assert!(!text.contains("another origin"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
