@@ -1348,7 +1348,9 @@ impl Sessions {
     /// a session ended after the move can never come back from it (if the move fails, its
     /// sessions are lost: their people sign in again), and removed once read, as it holds
     /// refresh tokens and ID tokens in the clear. Sessions past their lifetime at `now` are
-    /// left behind.
+    /// left behind, and so are those dated later than this directory has reached: of another
+    /// directory's history (the embedded one moved aside, or left for PostgreSQL), they
+    /// would outlive a deactivation here dated earlier.
     pub async fn import(&self, data_dir: &Path, now: u64) -> Result<usize, String> {
         let path = data_dir.join(OLD_FILE);
         let moved = data_dir.join(format!("{OLD_FILE}.imported"));
@@ -1365,7 +1367,8 @@ impl Sessions {
         std::fs::rename(&path, &moved)
             .map_err(|e| format!("cannot rename {}: {e}", path.display()))?;
         let read = moved.clone();
-        let entries = tokio::task::spawn_blocking(move || read_old_sessions(&read, now))
+        let seq = self.directory.seq();
+        let entries = tokio::task::spawn_blocking(move || read_old_sessions(&read, now, seq))
             .await
             .map_err(|e| e.to_string())??;
         remove(&moved);
@@ -1389,8 +1392,9 @@ async fn put(directory: &Directory, entries: Vec<Entry>) -> Result<(), String> {
         .map_err(|e| e.detail)
 }
 
-/// The sessions in a `sessions.redb` of an older version that are live at `now`, as entries.
-fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
+/// The sessions in a `sessions.redb` of an older version that are live at `now` and dated no
+/// later than the directory's change `seq`, as entries.
+fn read_old_sessions(path: &Path, now: u64, seq: u64) -> Result<Vec<Entry>, String> {
     let db = Database::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let txn = db.begin_read().map_err(|e| e.to_string())?;
     let mut entries = Vec::new();
@@ -1403,7 +1407,7 @@ fn read_old_sessions(path: &Path, now: u64) -> Result<Vec<Entry>, String> {
             let Ok(stored) = serde_json::from_slice::<Stored>(value.value()) else {
                 continue;
             };
-            if stored.identity.expires > now {
+            if stored.identity.expires > now && stored.identity.directory_seq <= seq {
                 entries.push(entry(SESSION, &key, Some(encode(&stored)?)));
             }
         }
@@ -2447,12 +2451,30 @@ mod tests {
             host: None,
             id_token: None,
         };
+        // Dated by another directory's history, further than this one has reached.
+        let foreign = Stored {
+            identity: Identity {
+                directory_seq: 1_000_000,
+                ..identity("erin", 10_000)
+            },
+            last_seen: 100,
+            refresh: None,
+            cookie: None,
+            cookie_domain: None,
+            host: None,
+            id_token: None,
+        };
         {
             let db = Database::create(dir.path().join(OLD_FILE)).unwrap();
             let txn = db.begin_write().unwrap();
             {
                 let mut table = txn.open_table(OLD_TABLE).unwrap();
-                for (id, stored) in [("c".repeat(43), &old), ("d".repeat(43), &gone)] {
+                let rows = [
+                    ("c".repeat(43), &old),
+                    ("d".repeat(43), &gone),
+                    ("e".repeat(43), &foreign),
+                ];
+                for (id, stored) in rows {
                     let value = serde_json::to_vec(stored).unwrap();
                     table
                         .insert(key_of(&id).as_slice(), value.as_slice())
@@ -2477,6 +2499,10 @@ mod tests {
         assert!(
             sessions.get(&"d".repeat(43)).is_none(),
             "expired: left behind"
+        );
+        assert!(
+            sessions.get(&"e".repeat(43)).is_none(),
+            "of another directory: left behind"
         );
         assert!(!dir.path().join(OLD_FILE).exists());
         // Nor is it kept under another name: it holds every old session's tokens in clear.
