@@ -153,7 +153,18 @@ impl RedbStorage {
                         .map_err(backend)?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(1 | 2) if upgrade == Upgrade::InPlace => {
+                Some(found @ (1 | 2)) if upgrade == Upgrade::InPlace => {
+                    if found == 1 {
+                        // What such a build deleted left no identifier behind: nothing to
+                        // bring back, but the operator is told what it means.
+                        tracing::warn!(
+                            "the directory file was written by a build that kept no deleted \
+                             user's identifiers: a person the IdP deleted before this upgrade \
+                             is not known here as deleted, so one who can still sign in at the \
+                             IdP is a stranger, judged by the IdP's groups on token_groups routes \
+                             (require assignment to the app at the IdP)"
+                        );
+                    }
                     meta.insert("schema_version", SCHEMA_VERSION)
                         .map_err(backend)?;
                 }
