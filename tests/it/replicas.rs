@@ -1626,7 +1626,19 @@ async fn a_data_dir_with_a_directory_of_its_own_is_refused_with_postgres() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_without_the_settings_asked_for_is_refused() {
     use portcullis_scim::store::postgres::PgStorage;
+    use portcullis_scim::store::StoreError;
     let pg = Postgres::start().await;
+    // A first start's migration over a connection to `url`.
+    let migrate = |url: String| async move {
+        let options = one_connection(url, Duration::from_secs(2));
+        tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+            .await
+            .unwrap()
+    };
+    let unsuitable = |refused: &StoreError, said: &str| {
+        assert!(matches!(refused, StoreError::Unsuitable(_)), "{refused}");
+        assert!(refused.to_string().contains(said), "{refused}");
+    };
     for (undone, said) in [
         ("synchronous_commit%3Doff", "synchronous_commit is off"),
         (
@@ -1634,52 +1646,28 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
             "idle_in_transaction_session_timeout is 0",
         ),
     ] {
-        let options = one_connection(
-            format!("{}&options=-c%20{undone}", pg.url()),
-            Duration::from_secs(2),
-        );
-        let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
-            .await
-            .unwrap()
-            .expect_err(undone);
-        assert!(
-            matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
-            "{refused}"
-        );
-        assert!(refused.to_string().contains(said), "{refused}");
+        let url = format!("{}&options=-c%20{undone}", pg.url());
+        unsuitable(&migrate(url).await.expect_err(undone), said);
     }
     // A connection refused says why, in the server's words (not "db error" alone).
-    let nowhere = one_connection(
-        pg.url().replace("/postgres?", "/nowhere?"),
-        Duration::from_secs(2),
-    );
-    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&nowhere)?.migrate())
+    let refused = migrate(pg.url().replace("/postgres?", "/nowhere?"))
         .await
-        .unwrap()
         .expect_err("a database that does not exist");
+    let said = refused.to_string();
     assert!(
-        refused
-            .to_string()
-            .contains("database \"nowhere\" does not exist"),
-        "{refused}"
+        said.contains("database \"nowhere\" does not exist"),
+        "{said}"
     );
     // A schema on the search path where any role may create objects (`public` before
     // PostgreSQL 15): another role's `unnest(text[])` there would run in every audit write.
-    let open = || one_connection(pg.url(), Duration::from_secs(2));
     pg.query("CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO PUBLIC")
         .await
         .unwrap();
-    let options = open();
-    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+    let refused = migrate(pg.url())
         .await
-        .unwrap()
         .expect_err("a search path others may create objects in");
-    assert!(
-        matches!(refused, portcullis_scim::store::StoreError::Unsuitable(_)),
-        "{refused}"
-    );
+    unsuitable(&refused, "(public to PUBLIC)");
     let said = refused.to_string();
-    assert!(said.contains("(public to PUBLIC)"), "{said}");
     assert!(
         said.contains("REVOKE CREATE ON SCHEMA public FROM PUBLIC;"),
         "{said}"
@@ -1690,22 +1678,15 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
     )
     .await
     .unwrap();
-    let options = open();
-    let refused = tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+    let refused = migrate(pg.url())
         .await
-        .unwrap()
         .expect_err("a search path another role may create objects in");
-    assert!(
-        refused.to_string().contains("(public to mallory)"),
-        "{refused}"
-    );
+    unsuitable(&refused, "(public to mallory)");
     pg.query("REVOKE CREATE ON SCHEMA public FROM mallory")
         .await
         .unwrap();
-    let options = open();
-    tokio::task::spawn_blocking(move || PgStorage::open(&options)?.migrate())
+    migrate(pg.url())
         .await
-        .unwrap()
         .expect("the schema's owner alone may create objects in it");
 }
 

@@ -2430,11 +2430,9 @@ mod tests {
     #[tokio::test]
     async fn sessions_of_an_older_version_are_imported_once() {
         let dir = tempfile::tempdir().unwrap();
-        let old = Stored {
-            identity: Identity {
-                id_token: Some("carols.id.token".to_owned()),
-                ..identity("carol", 10_000)
-            },
+        // As an older version kept them: no cookie name, no host, the ID token in the clear.
+        let stored = |identity| Stored {
+            identity,
             last_seen: 100,
             refresh: None,
             cookie: None,
@@ -2442,28 +2440,16 @@ mod tests {
             host: None,
             id_token: None,
         };
-        let gone = Stored {
-            identity: identity("dave", 150),
-            last_seen: 100,
-            refresh: None,
-            cookie: None,
-            cookie_domain: None,
-            host: None,
-            id_token: None,
-        };
+        let old = stored(Identity {
+            id_token: Some("carols.id.token".to_owned()),
+            ..identity("carol", 10_000)
+        });
+        let gone = stored(identity("dave", 150));
         // Dated by another directory's history, further than this one has reached.
-        let foreign = Stored {
-            identity: Identity {
-                directory_seq: 1_000_000,
-                ..identity("erin", 10_000)
-            },
-            last_seen: 100,
-            refresh: None,
-            cookie: None,
-            cookie_domain: None,
-            host: None,
-            id_token: None,
-        };
+        let foreign = stored(Identity {
+            directory_seq: 1_000_000,
+            ..identity("erin", 10_000)
+        });
         {
             let db = Database::create(dir.path().join(OLD_FILE)).unwrap();
             let txn = db.begin_write().unwrap();
