@@ -1725,6 +1725,7 @@ impl Proxy {
                     // The IdP reads JSON (OpenID Connect Back-Channel Logout §2.8).
                     let body = serde_json::json!({ "error": "temporarily_unavailable" });
                     Reply::json(StatusCode::SERVICE_UNAVAILABLE, &body)
+                        .header(header::RETRY_AFTER, endpoints::LOGOUT_RETRY_AFTER)
                 } else {
                     let text = match self.shared.needs_restart() {
                         true => "<p>Portcullis cannot read its store until it is restarted.</p>",

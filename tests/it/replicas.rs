@@ -1142,6 +1142,11 @@ async fn a_postgres_restart_fails_closed_and_the_replicas_catch_up_without_resta
         .await
         .expect("POST backchannel_logout");
     assert_eq!(logout.status(), 503);
+    assert_eq!(
+        logout.headers()["retry-after"],
+        "10",
+        "as its other 503s say"
+    );
     let told: serde_json::Value =
         serde_json::from_str(&logout.text().await.expect("body")).expect("JSON");
     assert_eq!(told["error"], "temporarily_unavailable");

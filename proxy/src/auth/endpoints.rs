@@ -75,7 +75,7 @@ fn warning_due(last: u64, now: u64) -> bool {
 /// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
 /// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]), which also
 /// gives a store that refused to end its sessions a moment to come back.
-const LOGOUT_RETRY_AFTER: &str = "10";
+pub(crate) const LOGOUT_RETRY_AFTER: &str = "10";
 
 /// The request as the endpoints need it.
 pub struct Request<'a> {
