@@ -139,19 +139,6 @@ fn lock_timeout_setup(max_staleness: Duration) -> String {
 
 /// The error with its causes (`postgres::Error` alone says only "db error"). Server messages
 /// name objects and options, never the connection's password.
-/// `name` as an SQL identifier, quoted where it must be (as PostgreSQL's `quote_ident`): in a
-/// message that gives statements to run.
-fn quote_ident(name: &str) -> String {
-    let plain = name
-        .bytes()
-        .enumerate()
-        .all(|(i, b)| b.is_ascii_lowercase() || b == b'_' || (i > 0 && b.is_ascii_digit()));
-    match plain && !name.is_empty() {
-        true => name.to_owned(),
-        false => format!("\"{}\"", name.replace('"', "\"\"")),
-    }
-}
-
 fn backend(e: impl std::error::Error) -> StoreError {
     StoreError::Backend(crate::error::with_causes(&e))
 }
@@ -278,16 +265,17 @@ impl Connector {
                 "SELECT current_setting('synchronous_commit'), \
                  (SELECT setting FROM pg_settings \
                   WHERE name = 'idle_in_transaction_session_timeout'), \
-                 current_user::text",
+                 quote_ident(current_user)",
                 &[],
             )
             .map_err(backend)?;
         // Each schema on the path with a role, other than its owner and this one, that may
-        // create objects there (`None`: PUBLIC, anyone).
+        // create objects there (`PUBLIC`: anyone), as SQL names them.
         let open = checking
             .query(
-                "SELECT DISTINCT n.nspname::text, \
-                 CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee)::text END \
+                "SELECT DISTINCT quote_ident(n.nspname), \
+                 CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+                 ELSE quote_ident(pg_get_userbyid(a.grantee)) END \
                  FROM pg_namespace n \
                  CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a \
                  WHERE n.nspname::text = ANY ($1) AND a.privilege_type = 'CREATE' \
@@ -306,13 +294,9 @@ impl Connector {
             let mut revoke = Vec::new();
             for row in &open {
                 let schema: String = row.try_get(0).map_err(backend)?;
-                let role: Option<String> = row.try_get(1).map_err(backend)?;
-                let role = role.map_or("PUBLIC".to_owned(), |role| quote_ident(&role));
+                let role: String = row.try_get(1).map_err(backend)?;
                 schemas.push(format!("{schema} to {role}"));
-                revoke.push(format!(
-                    "REVOKE CREATE ON SCHEMA {} FROM {role};",
-                    quote_ident(&schema)
-                ));
+                revoke.push(format!("REVOKE CREATE ON SCHEMA {schema} FROM {role};"));
             }
             return Err(StoreError::Unsuitable(format!(
                 "the session's search_path holds schemas where other roles may create objects \
@@ -322,7 +306,7 @@ impl Connector {
                  CREATE ON SCHEMA <schema> TO {}), or give Portcullis a schema of its own",
                 schemas.join(", "),
                 revoke.join(" "),
-                quote_ident(&user)
+                user
             )));
         }
         if !matches!(commit.as_str(), "on" | "remote_apply") {
