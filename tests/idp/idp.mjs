@@ -65,7 +65,7 @@
 //                                  and UserInfo answers issued after (an admin's change)
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
 //                                  "userinfo" | "userinfo-refuses" | "userinfo-other-sub" |
-//                                  "userinfo-redirect" | "userinfo-page" |
+//                                  "userinfo-redirect" | "userinfo-page" | "userinfo-404" |
 //                                  "jwks" | "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
@@ -73,7 +73,8 @@
 //                                  401 to every access token (one meant for another API), or
 //                                  about another person (a `sub` not the token's), or
 //                                  redirects to a maintenance page, or serves one with 200
-//                                  (as a proxy in front in maintenance mode does); or only
+//                                  (as a proxy in front in maintenance mode does), or a
+//                                  gateway's 404 page (as during a deployment); or only
 //                                  the key set (`/jwks`) answers 503, or an empty set (as an
 //                                  IdP node whose keys failed to load serves)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
@@ -771,7 +772,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'userinfo-404', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -797,6 +798,9 @@ const server = http.createServer(async (req, res) => {
     if (outage === 'userinfo' && url.pathname === '/me') return send(res, 503, 'text/plain', 'UserInfo outage\n');
     if (outage === 'userinfo-redirect' && url.pathname === '/me') {
       return send(res, 302, 'text/plain', 'Found\n', { location: '/maintenance' });
+    }
+    if (outage === 'userinfo-404' && url.pathname === '/me') {
+      return send(res, 404, 'text/html', '<!doctype html><title>404 Not Found</title>\n');
     }
     if (outage === 'userinfo-page' && url.pathname === '/me') {
       return send(res, 200, 'text/html', '<!doctype html><title>Down for maintenance</title>\n');

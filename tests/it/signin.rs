@@ -4242,7 +4242,8 @@ async fn an_open_websocket_ends_when_a_refresh_finds_other_groups_at_the_idp() {
 }
 
 /// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, a
-/// redirect to a maintenance page, or one served with 200; with the groups there alone) leaves
+/// redirect to a maintenance page, one served with 200, a gateway's 404 page; with the groups
+/// there alone) leaves
 /// the session as it is, as an outage does: it is not taken for a person in no group.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
@@ -4253,6 +4254,7 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
         IdpOutage::UserInfo,
         IdpOutage::UserInfoRedirect,
         IdpOutage::UserInfoPage,
+        IdpOutage::UserInfoNotFound,
     ] {
         let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
         let fx = Fixture::start_with(Options {
@@ -4306,7 +4308,8 @@ async fn with_cal_in_contractors(options: Options) -> Fixture {
 }
 
 /// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503, a
-/// redirect to a maintenance page, or one served with 200) is an outage, not a person in no
+/// redirect to a maintenance page, one served with 200, a gateway's 404 page) is an outage,
+/// not a person in no
 /// group: taken as the ID token has it, a deny rule on a group would miss them for the
 /// session's lifetime.
 #[tokio::test(flavor = "multi_thread")]
@@ -4318,6 +4321,7 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
         IdpOutage::UserInfo,
         IdpOutage::UserInfoRedirect,
         IdpOutage::UserInfoPage,
+        IdpOutage::UserInfoNotFound,
     ] {
         let browser = client();
         let authorize = fx.start_sign_in(&browser, &url).await;

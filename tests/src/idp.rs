@@ -399,6 +399,8 @@ pub enum IdpOutage {
     /// Only UserInfo answers, with a maintenance page (HTML) and 200, as a proxy in front in
     /// maintenance mode serves it.
     UserInfoPage,
+    /// Only UserInfo answers, with a gateway's 404 page (HTML), as during a deployment.
+    UserInfoNotFound,
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
@@ -719,6 +721,10 @@ impl Idp {
             }
             IdpOutage::UserInfoPage => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo-page" }))
+                    .await
+            }
+            IdpOutage::UserInfoNotFound => {
+                self.control("/test/stop-serving", json!({ "mode": "userinfo-404" }))
                     .await
             }
             IdpOutage::Jwks => {

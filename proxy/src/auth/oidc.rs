@@ -1034,16 +1034,27 @@ impl Oidc {
             .map_err(|e| unreachable(portcullis_scim::error::with_causes(&e.without_url())))?;
         let status = response.status();
         if status != reqwest::StatusCode::OK {
-            // An endpoint in trouble (5xx, 429, 408) or sent elsewhere (a redirect to a
-            // maintenance page) is an outage; one that refuses the token (401, 403: one meant
-            // for another API) or is not there answered.
+            // One that refuses the token (RFC 6750's 400, 401 and 403: one meant for another
+            // API), or answers another error in JSON, answered; one in trouble (5xx, 429,
+            // 408), sent elsewhere (a redirect to a maintenance page) or a page in its place
+            // (a gateway's 404 during a deployment) is an outage.
             let said = format!("status {status}");
-            return Err(
-                match bounded::in_trouble(status) || status.is_redirection() {
-                    true => unreachable(said),
-                    false => unanswered(said),
-                },
-            );
+            let in_json = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|essence| {
+                    let essence = essence.trim().to_ascii_lowercase();
+                    essence == "application/json" || essence.ends_with("+json")
+                });
+            let refused = matches!(status.as_u16(), 400 | 401 | 403);
+            let answered_in_json =
+                in_json && !bounded::in_trouble(status) && !status.is_redirection();
+            return Err(match refused || answered_in_json {
+                true => unanswered(said),
+                false => unreachable(said),
+            });
         }
         let signed = response
             .headers()
