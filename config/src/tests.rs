@@ -2630,8 +2630,8 @@ allow_sample_rate = 1
     assert_eq!(identity.machine_claim, MachineClaim::Named("azp".into()));
 
     // Presets fill what each IdP's default SCIM provisioning matches; explicit keys win. A
-    // person's bearer token is read by the preset's claim only where the file names the
-    // person's claim and attribute by the preset too.
+    // person's bearer token is read by the preset's claim only where the person's claim and
+    // attribute are the preset's (left to it, or written the same).
     for (preset, extra, expected) in [
         (
             "entra",
@@ -2669,6 +2669,16 @@ allow_sample_rate = 1
             "okta",
             "bearer_claim = \"email\"\n",
             ("sub", "externalId", "sub", "userName", "cid", "email"),
+        ),
+        (
+            "okta",
+            "scim_attribute = \"externalId\"\n",
+            ("sub", "externalId", "sub", "userName", "cid", "uid"),
+        ),
+        (
+            "entra",
+            "claim = \"oid\"\nscim_attribute = \"externalId\"\n",
+            ("oid", "externalId", "oid", "externalId", "client_id", "oid"),
         ),
     ] {
         let text =

@@ -1406,7 +1406,11 @@ fn identity(mut raw: file::Identity, path: &KeyPath, p: &mut Problems<'_>) -> Id
                 let fill = |key: &mut Option<String>, value: &str| {
                     key.get_or_insert_with(|| value.to_owned());
                 };
-                if raw.claim.is_none() && raw.scim_attribute.is_none() {
+                // A person's bearer token is read by the preset's claim where the person is
+                // found as the preset finds them (left to it, or written the same).
+                let as_preset = raw.claim.as_deref().is_none_or(|c| c == *claim)
+                    && (raw.scim_attribute.as_deref()).is_none_or(|a| a == *attribute);
+                if as_preset {
                     fill(&mut raw.bearer_claim, bearer);
                 }
                 fill(&mut raw.claim, claim);
