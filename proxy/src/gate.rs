@@ -881,7 +881,7 @@ impl Gate<'_> {
     /// The value `token`'s agent is found by, when the token is an agent's own (its client's,
     /// acting for no one) and the directory has or had that agent: judged as the agent, never
     /// as a user (see [`Gate::resolve`]).
-    fn own_agent<'t>(&self, token: &'t Machine) -> Option<&'t str> {
+    pub fn own_agent<'t>(&self, token: &'t Machine) -> Option<&'t str> {
         let own = token.for_itself && token.act.is_none();
         let value = client_claim(&self.identity.agent_claim, token).filter(|_| own)?;
         self.agent_known(value).then_some(value)

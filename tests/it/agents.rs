@@ -363,6 +363,7 @@ async fn an_agent_calls_with_its_own_token_and_is_named_to_the_upstream() {
     assert_eq!(status, StatusCode::OK);
     let me: Value = serde_json::from_str(&me).expect("JSON");
     assert_eq!(me["subject"], AGENT_ID, "{me}");
+    assert_eq!(me["kind"], "agent", "{me}");
     let (_, page) = t.get("/.portcullis/me", &token, "text/html").await;
     assert!(page.contains(AGENT_ID), "{page}");
     // HEAD too, as for any page (a client's check that it still gets in).
@@ -554,6 +555,16 @@ async fn a_person_s_token_is_taken_only_from_the_clients_its_issuer_lists() {
     let held_by_agent = t.issued_to_agent(ALICE, ALICE_PASSWORD).await;
     let (status, body) = t.call(&replayed).await;
     assert_eq!(status, StatusCode::OK, "any client's, unlisted: {body}");
+    // "Who am I" names the person whose token it is, as the gate judges it: not a machine.
+    let (status, body) = t
+        .get("/.portcullis/me", &replayed, "application/json")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let me: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&me["kind"], &me["subject"]),
+        (&json!("person"), &json!("alice"))
+    );
     let mut ws = t.websocket(&replayed).await;
 
     let audiences = format!("audiences = [\"{API_AUD}\"]");

@@ -991,6 +991,18 @@ impl Auth {
                         .min(identity.created.saturating_add(lifetime))
                 }),
             ),
+            // A person's token a client holds for them names that person, as the gate and
+            // the audit log take it; an agent's own is the agent's.
+            Caller::Machine(machine) if !machine.for_itself => (
+                "person",
+                machine.subject.clone(),
+                (machine.email.clone()).filter(|_| machine.email_verified != Some(false)),
+                None,
+                None,
+            ),
+            Caller::Machine(machine) if gate.own_agent(machine).is_some() => {
+                ("agent", machine.subject.clone(), None, None, None)
+            }
             Caller::Machine(machine) => ("machine", machine.subject.clone(), None, None, None),
         };
         // The directory's view of this caller: their SCIM user and every group they are in.
