@@ -2057,9 +2057,9 @@ impl Filter {
     pub fn matches(&self, entry: &Entry) -> bool {
         // Those lost may be of anyone, any kind and any route: only the time tells.
         let lost = matches!(entry, Entry::Lost { .. });
-        if let Some(user) = self.user.as_ref().filter(|_| !lost) {
+        if let Some(named) = self.user.as_ref().filter(|_| !lost) {
             use portcullis_policy::fold;
-            let user = fold(user);
+            let user = fold(named);
             let about = match entry {
                 Entry::Action { target, .. } => fold(target) == user,
                 // An id is a UUID: it appears in a change's summary as a member's, outside
@@ -2080,9 +2080,13 @@ impl Filter {
                 } => fold(&crate::gate::agent_user(&agent.name)) == user,
                 _ => false,
             };
-            let who = entry.who();
-            let theirs = fold(who) == user
-                || (!self.aliases.is_empty() && self.aliases.contains(fold(who).as_ref()));
+            let who = fold(entry.who());
+            // A name longer than a record keeps was recorded cut (see `MAX_USER`).
+            let cut = |name: &str| name.len() > MAX_USER && fold(&bounded(name, MAX_USER)) == who;
+            let theirs = who == user
+                || (!self.aliases.is_empty() && self.aliases.contains(who.as_ref()))
+                || cut(named)
+                || self.aliases.iter().any(|alias| cut(alias));
             if !about && !theirs {
                 return false;
             }
@@ -3215,6 +3219,38 @@ mod tests {
         assert!(aliased.matches(&emile));
         assert!(filter(None, since("2025-01-02T03:04:05Z")).matches(&entry));
         assert!(!filter(None, since("2025-01-02T03:04:06Z")).matches(&entry));
+        // A name longer than a record keeps, recorded cut: found by the name, and by an alias.
+        let long = format!("svc-{}@corp.example", "u".repeat(296));
+        let Entry::Refusal {
+            time,
+            route,
+            reason,
+            method,
+            path,
+            ..
+        } = entry.clone()
+        else {
+            unreachable!("a refusal")
+        };
+        let cut = Entry::Refusal {
+            time,
+            user: bounded(&long, MAX_USER),
+            route,
+            rule: None,
+            reason,
+            method,
+            path,
+            client: None,
+            agent: None,
+        };
+        assert!(filter(Some(&long), None).matches(&cut));
+        assert!(!filter(Some(&long[1..]), None).matches(&cut));
+        let by_alias = Filter {
+            user: Some("svc@corp.example".to_owned()),
+            aliases: [long.clone()].into(),
+            ..Filter::default()
+        };
+        assert!(by_alias.matches(&cut));
 
         // Records about a user: the console's actions on them, and, given their id, the
         // changes to them and to groups' members by it.
