@@ -606,7 +606,10 @@ fn ask_running(
         let status = response.status();
         let body = response.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
-            return Err(format!("{admin} answered {status}: {}", body.trim()));
+            // Shown on a terminal: whatever answers there (not Portcullis, perhaps) writes no
+            // control sequence to it.
+            let body = crate::human::printable(body.trim());
+            return Err(format!("{admin} answered {status}: {body}"));
         }
         serde_json::from_str(&body)
             .map(Some)
@@ -630,7 +633,11 @@ impl std::fmt::Display for Explanation {
         if let Some(path) = &self.path {
             writeln!(f, "  path:   {}", p(path))?;
         }
-        writeln!(f, "  route:  {}", self.route.as_deref().unwrap_or("(none)"))?;
+        writeln!(
+            f,
+            "  route:  {}",
+            p(self.route.as_deref().unwrap_or("(none)"))
+        )?;
         match &self.directory_user {
             Some(user) => writeln!(
                 f,
@@ -649,7 +656,11 @@ impl std::fmt::Display for Explanation {
         if let Some(agent) = &self.agent {
             writeln!(f, "  agent:  {}", p(&agent.human()))?;
         }
-        writeln!(f, "  rule:   {}", self.rule.as_deref().unwrap_or("(none)"))?;
+        writeln!(
+            f,
+            "  rule:   {}",
+            p(self.rule.as_deref().unwrap_or("(none)"))
+        )?;
         write!(f, "  reason: {}", p(&self.reason))
     }
 }
@@ -1029,6 +1040,18 @@ mod tests {
         );
         assert_eq!(text.lines().count(), 6, "{text}");
         assert!(text.contains("\\u{1b}[2A\\r"), "{text}");
+        // So are the route's and the rule's, as a running proxy (or whatever answers on its
+        // admin address) sends them.
+        let sent = Explanation {
+            route: Some("http://app.test\u{1b}[2A".to_owned()),
+            rule: Some("routes[0]\u{1b}[2K".to_owned()),
+            ..ask(&world, ALICE, "http://app.test/work", "GET")
+        };
+        let text = sent.to_string();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
     }
 
     /// What the proxy refuses before it asks who calls, explain refuses too, and it judges as
