@@ -1107,7 +1107,8 @@ impl ProxyHttp for Proxy {
             ctx.body_bytes = 0;
         }
         ctx.reused = false;
-        let (index, mut peer) = route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
+        let (index, mut peer, trying_again) =
+            route.upstreams.pick(ctx.round_robin_start, &ctx.tried, now);
         // A connection Windows authentication logs in is pooled under a key of its own, which
         // no other request asks for: a websocket handshake keeps its connection open for the
         // upgrade (no `close`, see `edit_upstream_request`), and one the upstream refuses goes
@@ -1119,7 +1120,10 @@ impl ProxyHttp for Proxy {
         // upstream answers sooner, makes likely; a new one's connect and first read leave that
         // body time to go first. (An upgraded connection is never pooled; one refused goes
         // back under a key no other request asks for.)
-        if ctx.websocket || logs_in_the_connection(&session.req_header().headers) {
+        //
+        // So does the one try of an upstream after its time out: only a new connection says
+        // whether it takes them again (`mark_up`).
+        if ctx.websocket || logs_in_the_connection(&session.req_header().headers) || trying_again {
             peer.group_key = rand::random();
             // Pooled (one its upstream refused), it is no one's to take: closed soon, not
             // left to push reusable connections out of the pool.
@@ -1226,16 +1230,6 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        // It answers: up, whatever becomes of the answer (a pooled connection's too), unless
-        // it was marked down after this attempt began.
-        if let (Some(route), Some(index), Some(at), Some(started)) = (
-            &ctx.route,
-            ctx.upstream,
-            &ctx.upstream_at,
-            ctx.upstream_started,
-        ) {
-            route.upstreams.answered(index, at, started);
-        }
         // The answer's time, whatever becomes of it below (not a `100 Continue`'s before it;
         // a `101` is a websocket's answer).
         let status = upstream_response.status;
@@ -1318,7 +1312,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // It takes connections (again): a request trying it after failures ends its time out.
-        // (A pooled connection tells nothing: a dead host's stay open; see the answer's.)
+        // (A pooled connection tells nothing: one made before it stopped may stay open; the
+        // one try after a time out goes on a new one, see `upstream_peer`.)
         if let (false, Some(route), Some(index)) = (reused, &ctx.route, ctx.upstream) {
             route.upstreams.mark_up(index, &peer._address);
         }

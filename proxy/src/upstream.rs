@@ -56,8 +56,6 @@ struct Backend {
     /// Milliseconds since `epoch` until which this upstream is considered down (or is being
     /// tried again by one request); 0 when up.
     down_until_ms: AtomicU64,
-    /// Milliseconds since `epoch` when it was last marked down; 0 never.
-    marked_at_ms: AtomicU64,
     /// Milliseconds since `epoch` when a failure last had `name` resolved again; 0 never.
     resolved_for_failure_ms: AtomicU64,
 }
@@ -76,7 +74,6 @@ impl UpstreamSet {
                     .then(|| (upstream.host.clone(), upstream.port)),
                 host_header: upstream.host_header.clone(),
                 down_until_ms: AtomicU64::new(0),
-                marked_at_ms: AtomicU64::new(0),
                 resolved_for_failure_ms: AtomicU64::new(0),
             })
             .collect();
@@ -98,24 +95,31 @@ impl UpstreamSet {
     /// order; when every one left is marked down, the first of those anyway (one may have come
     /// back; whether the request goes on to it is the proxy's call). (Which are healthy
     /// changes as a request's attempts fail, so the choice goes by what was tried, never by an
-    /// attempt's number.)
-    pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, HttpPeer) {
+    /// attempt's number.) Also whether this request is the one to try it again after its time
+    /// out: that try goes on a new connection, which says whether it takes them (an answer
+    /// over a pooled one, made before it stopped, says nothing of that).
+    pub fn pick(&self, start: usize, tried: &[usize], now: Instant) -> (usize, HttpPeer, bool) {
         let n = self.upstreams.len();
         let now_ms = self.millis(now);
+        let trying_again = std::cell::Cell::new(false);
         // Up; or down, its time out, and this request the one to try it again.
         let healthy = |i: &usize| {
             let down_until = &self.upstreams[*i].down_until_ms;
             match down_until.load(Ordering::Relaxed) {
                 0 => true,
                 until if until > now_ms => false,
-                until => down_until
-                    .compare_exchange(
-                        until,
-                        now_ms.saturating_add(self.probe_ms),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok(),
+                until => {
+                    let claimed = down_until
+                        .compare_exchange(
+                            until,
+                            now_ms.saturating_add(self.probe_ms),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok();
+                    trying_again.set(claimed);
+                    claimed
+                }
             }
         };
         let mut untried = (0..n)
@@ -126,7 +130,8 @@ impl UpstreamSet {
             .find(healthy)
             .or_else(|| untried.next())
             .unwrap_or(start % n.max(1));
-        (index, HttpPeer::clone(&self.upstreams[index].peer.load()))
+        let peer = HttpPeer::clone(&self.upstreams[index].peer.load());
+        (index, peer, trying_again.get())
     }
 
     /// Whether an upstream but `failed` and those in `tried` is up, or due its one try after
@@ -170,9 +175,6 @@ impl UpstreamSet {
     pub fn mark_down(&self, index: usize, failed_at: &PeerAddress, now: Instant) {
         if let Some(backend) = self.at(index, failed_at) {
             let until = self.millis(now + DOWN_FOR);
-            backend
-                .marked_at_ms
-                .store(self.millis(now), Ordering::Relaxed);
             backend.down_until_ms.store(until, Ordering::Relaxed);
         }
     }
@@ -275,20 +277,6 @@ impl UpstreamSet {
     pub fn mark_up(&self, index: usize, address: &PeerAddress) {
         if let Some(backend) = self.at(index, address) {
             if backend.down_until_ms.load(Ordering::Relaxed) != 0 {
-                backend.down_until_ms.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Upstream `index` answered, at `address`, an attempt begun at `started` (on a new
-    /// connection or a pooled one): up, unless it was marked down after that attempt began.
-    /// Then the answer came over a connection made before the failure (one that stays open
-    /// where new ones are dropped), and says nothing of whether it takes new ones.
-    pub fn answered(&self, index: usize, address: &PeerAddress, started: Instant) {
-        if let Some(backend) = self.at(index, address) {
-            if backend.down_until_ms.load(Ordering::Relaxed) != 0
-                && backend.marked_at_ms.load(Ordering::Relaxed) <= self.millis(started)
-            {
                 backend.down_until_ms.store(0, Ordering::Relaxed);
             }
         }
@@ -400,7 +388,6 @@ mod tests {
                     name: None,
                     host_header: HeaderValue::from_static("up.test"),
                     down_until_ms: AtomicU64::new(0),
-                    marked_at_ms: AtomicU64::new(0),
                     resolved_for_failure_ms: AtomicU64::new(0),
                 })
                 .collect(),
@@ -486,26 +473,16 @@ mod tests {
     /// made before (one that stays open where new ones are dropped), does not end its time
     /// out; one to an attempt begun after (its one try, on a pooled connection) does.
     #[test]
-    fn only_an_answer_to_an_attempt_begun_after_the_failure_ends_the_time_out() {
-        let set = upstreams(2);
-        let t0 = Instant::now();
-        let at = |secs: u64| t0 + Duration::from_secs(secs);
-        set.mark_down(0, &address(&set, 0), at(2));
-        set.answered(0, &address(&set, 0), at(1));
-        assert_eq!(set.pick(0, &[], at(3)).0, 1, "still down");
-        set.answered(0, &address(&set, 0), at(2));
-        assert_eq!(set.pick(0, &[], at(3)).0, 0, "up again");
-    }
-
-    #[test]
     fn an_upstream_whose_time_out_is_over_is_tried_by_one_request_alone() {
         let set = upstreams(2);
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         set.mark_down(0, &address(&set, 0), t0);
         assert_eq!(set.pick(0, &[], at(4)).0, 1, "down for 5 s");
-        // Its time is out: the first request tries it, the others pass it over meanwhile.
-        assert_eq!(set.pick(0, &[], at(5)).0, 0);
+        // Its time is out: the first request tries it (on a new connection), the others pass
+        // it over meanwhile.
+        let (index, _, trying_again) = set.pick(0, &[], at(5));
+        assert_eq!((index, trying_again), (0, true));
         assert_eq!(set.pick(0, &[], at(6)).0, 1);
         assert_eq!(set.pick(0, &[], at(10)).0, 1);
         // That try did not connect within the connect timeout: another request tries.
@@ -514,9 +491,9 @@ mod tests {
         set.mark_down(0, &address(&set, 0), at(11));
         assert_eq!(set.pick(0, &[], at(15)).0, 1);
         assert_eq!(set.pick(0, &[], at(16)).0, 0);
-        // It connected: up for every request.
+        // It connected: up for every request, on any connection.
         set.mark_up(0, &address(&set, 0));
-        assert_eq!(set.pick(0, &[], at(17)).0, 0);
+        assert!(!set.pick(0, &[], at(17)).2);
         assert_eq!(set.pick(0, &[], at(17)).0, 0);
     }
 }

@@ -626,3 +626,83 @@ async fn a_pooled_connection_closed_under_a_request_does_not_send_it_to_a_down_u
 fn loopback_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], portcullis_tests::free_port()))
 }
+
+/// An upstream that stopped taking new connections while one made before stays open in the
+/// pool (its backlog full, a firewall keeping established flows) is tried after its time out
+/// on a new connection: its answer over the pooled one would put it back for every request,
+/// each then waiting its connect timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_answers_only_on_an_old_connection_stays_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `a` takes one connection, and answers on it for as long as it is open.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = std::sync::Arc::new(socket.listen(0).unwrap());
+    let a = listener.local_addr().unwrap();
+    let taking = listener.clone();
+    tokio::spawn(async move {
+        let Ok((mut conn, _)) = taking.accept().await else {
+            return;
+        };
+        let mut heads = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = conn.read(&mut chunk).await {
+            heads.extend_from_slice(&chunk[..n]);
+            while let Some(end) = heads.windows(4).position(|w| w == b"\r\n\r\n") {
+                heads.drain(..end + 4);
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na";
+                if conn.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let b = Upstream::start("b").await;
+    let cfg = ConfigBuilder::new().http_listener().route(
+        Route::to_urls("http://app.test", vec![format!("http://{a}"), b.url()])
+            .set("connect_timeout = \"1s\""),
+    );
+    let _px = cfg.start().await;
+    let url = cfg.http_url("app.test", "/");
+    let client = plain_client();
+    let ask = || async {
+        let asked = Instant::now();
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        (resp.text().await.unwrap(), asked.elapsed())
+    };
+    // Its one connection, pooled; then no other is taken.
+    let mut pooled = false;
+    for _ in 0..4 {
+        pooled |= ask().await.0 == "a";
+    }
+    assert!(pooled, "a never answered");
+    let mut queued = Vec::new();
+    loop {
+        let connect = TcpStream::connect(a);
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ if !queued.is_empty() => break,
+            _ => {}
+        }
+        assert!(queued.len() < 16, "the listener's queue never filled");
+    }
+    // Known to be down once requests find it so.
+    let burst = || futures_util::future::join_all((0..12).map(|_| ask()));
+    burst().await;
+    // Its time out over, one request tries it, on a new connection: held up a connect
+    // timeout (over the pooled one, it would be answered at once, and taken to be up).
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let slow = |answers: Vec<(String, Duration)>| {
+        (answers.iter())
+            .filter(|(_, took)| *took >= Duration::from_millis(900))
+            .count()
+    };
+    let trying = slow(burst().await);
+    assert!(trying >= 1, "no request tried a on a new connection");
+    // The others pass it over: no request waits on its connect timeout (one, for a loaded
+    // machine's stalls).
+    let after = slow(burst().await);
+    assert!(after <= 1, "{after} requests waited on a's connect timeout");
+    drop((queued, listener));
+}
