@@ -2210,14 +2210,45 @@ async fn concurrent_writes_on_two_replicas_all_land_once_and_every_replica_sees_
     for id in &ids {
         c.scim.get(&format!("/Users/{id}")).await.expect_success();
     }
-    // One change per user, and a sequence without gaps: every batch in the feed (which also
-    // carries what sign-in keeps beside the directory) was built on the one before it.
+    // Members added to one group on A and B at once, as Okta sends a group's pushes in
+    // parallel: none is lost, and C has them all.
+    let crowd = a
+        .scim
+        .create_group("crowd", &[])
+        .await
+        .expect_success()
+        .id();
+    let adds = ids.iter().take(40).enumerate().map(|(i, id)| {
+        let scim = [&a.scim, &b.scim][i % 2];
+        let (crowd, id) = (crowd.clone(), id.clone());
+        async move {
+            let op = json!([{"op": "add", "path": "members", "value": [{"value": id}]}]);
+            let resp = scim
+                .patch(&format!("/Groups/{crowd}"), &patch_ops(op))
+                .await;
+            assert!(resp.status < 300, "{}: {}", resp.status, resp.body);
+        }
+    });
+    futures_util::future::join_all(adds).await;
+    let group = c
+        .scim
+        .get(&format!("/Groups/{crowd}"))
+        .await
+        .expect_success();
+    let members = group.body["members"].as_array().map_or(0, Vec::len);
+    assert_eq!(members, 40, "{}", group.body);
+    // One change per user, per group and per member added, and a sequence without gaps:
+    // every batch in the feed (which also carries what sign-in keeps beside the directory)
+    // was built on the one before it.
     let changes = fleet
         .pg
         .query("SELECT count(*) FROM directory_changes")
         .await
         .unwrap();
-    assert_eq!(changes, vec![vec![Some((ids.len() + 1).to_string())]]);
+    assert_eq!(
+        changes,
+        vec![vec![Some((ids.len() + 1 + 1 + 40).to_string())]]
+    );
     let chained = fleet
         .pg
         .query(
