@@ -66,6 +66,7 @@
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
 //                                  "userinfo" | "userinfo-refuses" | "userinfo-other-sub" |
 //                                  "userinfo-redirect" | "userinfo-page" | "userinfo-404" |
+//                                  "userinfo-gateway-404" |
 //                                  "jwks" | "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
@@ -74,7 +75,8 @@
 //                                  about another person (a `sub` not the token's), or
 //                                  redirects to a maintenance page, or serves one with 200
 //                                  (as a proxy in front in maintenance mode does), or a
-//                                  gateway's 404 page (as during a deployment); or only
+//                                  gateway's 404, a page or Kong's JSON (as during a
+//                                  deployment); or only
 //                                  the key set (`/jwks`) answers 503, or an empty set (as an
 //                                  IdP node whose keys failed to load serves)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
@@ -772,7 +774,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'userinfo-404', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'userinfo-404', 'userinfo-gateway-404', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -801,6 +803,9 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === 'userinfo-404' && url.pathname === '/me') {
       return send(res, 404, 'text/html', '<!doctype html><title>404 Not Found</title>\n');
+    }
+    if (outage === 'userinfo-gateway-404' && url.pathname === '/me') {
+      return send(res, 404, 'application/json', '{"message":"no Route matched with those values"}\n');
     }
     if (outage === 'userinfo-page' && url.pathname === '/me') {
       return send(res, 200, 'text/html', '<!doctype html><title>Down for maintenance</title>\n');

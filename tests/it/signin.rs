@@ -4257,6 +4257,7 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
         IdpOutage::UserInfoRedirect,
         IdpOutage::UserInfoPage,
         IdpOutage::UserInfoNotFound,
+        IdpOutage::UserInfoGatewayNotFound,
     ] {
         let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
         let fx = Fixture::start_with(Options {
@@ -4324,6 +4325,7 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
         IdpOutage::UserInfoRedirect,
         IdpOutage::UserInfoPage,
         IdpOutage::UserInfoNotFound,
+        IdpOutage::UserInfoGatewayNotFound,
     ] {
         let browser = client();
         let authorize = fx.start_sign_in(&browser, &url).await;

@@ -401,6 +401,8 @@ pub enum IdpOutage {
     UserInfoPage,
     /// Only UserInfo answers, with a gateway's 404 page (HTML), as during a deployment.
     UserInfoNotFound,
+    /// Only UserInfo answers, with a gateway's 404 in JSON (Kong's `{"message": …}`).
+    UserInfoGatewayNotFound,
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
@@ -726,6 +728,13 @@ impl Idp {
             IdpOutage::UserInfoNotFound => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo-404" }))
                     .await
+            }
+            IdpOutage::UserInfoGatewayNotFound => {
+                self.control(
+                    "/test/stop-serving",
+                    json!({ "mode": "userinfo-gateway-404" }),
+                )
+                .await
             }
             IdpOutage::Jwks => {
                 self.control("/test/stop-serving", json!({ "mode": "jwks" }))

@@ -162,6 +162,15 @@ fn token_call_failed<E: std::error::Error + 'static>(
     }
 }
 
+/// Whether `body` is an OAuth error: a JSON object whose `error` is a string.
+fn says_an_oauth_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|answer| {
+        answer
+            .get("error")
+            .is_some_and(serde_json::Value::is_string)
+    })
+}
+
 /// Whether `body` is a JSON object (whatever it holds).
 fn is_json_object(body: &[u8]) -> bool {
     matches!(
@@ -1035,23 +1044,19 @@ impl Oidc {
         let status = response.status();
         if status != reqwest::StatusCode::OK {
             // One that refuses the token (RFC 6750's 400, 401 and 403: one meant for another
-            // API), or answers another error in JSON, answered; one in trouble (5xx, 429,
-            // 408), sent elsewhere (a redirect to a maintenance page) or a page in its place
-            // (a gateway's 404 during a deployment) is an outage.
+            // API), or says another OAuth error (a JSON object with `error`), answered; one in
+            // trouble (5xx, 429, 408), sent elsewhere (a redirect to a maintenance page) or a
+            // gateway's answer in its place (a 404 page, or Kong's `{"message": …}`, during a
+            // deployment) is an outage.
             let said = format!("status {status}");
-            let in_json = response
-                .headers()
-                .get(reqwest::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(';').next())
-                .is_some_and(|essence| {
-                    let essence = essence.trim().to_ascii_lowercase();
-                    essence == "application/json" || essence.ends_with("+json")
-                });
             let refused = matches!(status.as_u16(), 400 | 401 | 403);
-            let answered_in_json =
-                in_json && !bounded::in_trouble(status) && !status.is_redirection();
-            return Err(match refused || answered_in_json {
+            let says_an_error = !refused
+                && !bounded::in_trouble(status)
+                && !status.is_redirection()
+                && bounded::body(response, bounded::MAX_RESPONSE_BYTES)
+                    .await
+                    .is_ok_and(|body| says_an_oauth_error(&body));
+            return Err(match refused || says_an_error {
                 true => unanswered(said),
                 false => unreachable(said),
             });
