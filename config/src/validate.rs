@@ -1372,8 +1372,9 @@ fn person_claim_name(name: &str) -> Result<(), String> {
 
 /// The mapping each IdP's SCIM provisioning matches (as its guide sets it up), by preset name: `(claim,
 /// scim_attribute, machine_claim, machine_scim_attribute, agent_claim, bearer_claim)`.
-/// Explicit keys override it; `bearer_claim` is the preset's only where the file sets neither
-/// `claim` nor `scim_attribute` (else it is `claim`, as without a preset).
+/// Explicit keys override it; `bearer_claim` is the preset's only where `claim` and
+/// `scim_attribute` are the preset's, left to it or written the same (else it is `claim`, as
+/// without a preset).
 ///
 /// - `entra`: Microsoft Entra ID provisioning set up as docs/entra-id.md says, a user's object
 ///   id as `externalId` (its default maps `mailNickname` there) and the UPN as `userName`; its

@@ -287,7 +287,6 @@ impl UpstreamSet {
     /// sends no request back to an upstream that just failed, to wait out its connect
     /// timeout.
     pub fn keep_health_of(&self, old: &UpstreamSet) {
-        // (When it was marked is not taken over: every attempt on this set begins after.)
         for backend in &self.upstreams {
             let address = backend.peer.load()._address.clone();
             let down_until = old.upstreams.iter().find_map(|previous| {
@@ -469,9 +468,6 @@ mod tests {
         assert_eq!(new.pick(1, &[], at(5)).0, 1, "its time is out");
     }
 
-    /// An answer to an attempt begun before the upstream was marked down, over a connection
-    /// made before (one that stays open where new ones are dropped), does not end its time
-    /// out; one to an attempt begun after (its one try, on a pooled connection) does.
     #[test]
     fn an_upstream_whose_time_out_is_over_is_tried_by_one_request_alone() {
         let set = upstreams(2);

@@ -698,7 +698,12 @@ async fn an_upstream_that_answers_only_on_an_old_connection_stays_down() {
             .filter(|(_, took)| *took >= Duration::from_millis(900))
             .count()
     };
-    let trying = slow(burst().await);
+    let answers = burst().await;
+    assert!(
+        !answers.iter().any(|(who, _)| who == "a"),
+        "a answered on its pooled connection, and was taken to be up"
+    );
+    let trying = slow(answers);
     assert!(trying >= 1, "no request tried a on a new connection");
     // The others pass it over: no request waits on its connect timeout (one, for a loaded
     // machine's stalls).

@@ -1665,7 +1665,7 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
     );
     // A schema on the search path where any role may create objects (`public` before
     // PostgreSQL 15): another role's `unnest(text[])` there would run in every audit write.
-    pg.query("CREATE ROLE \"Ops Team\" LOGIN; GRANT CREATE ON SCHEMA public TO PUBLIC")
+    pg.query("CREATE ROLE \"user\" LOGIN; GRANT CREATE ON SCHEMA public TO PUBLIC")
         .await
         .unwrap();
     let refused = migrate(pg.url())
@@ -1679,16 +1679,16 @@ async fn a_session_without_the_settings_asked_for_is_refused() {
     );
     assert!(said.contains("TO postgres)"), "{said}");
     pg.query(
-        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT CREATE ON SCHEMA public TO \"Ops Team\"",
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT CREATE ON SCHEMA public TO \"user\"",
     )
     .await
     .unwrap();
     let refused = migrate(pg.url())
         .await
         .expect_err("a search path another role may create objects in");
-    // Named as SQL names it, in a statement that runs as given.
-    unsuitable(&refused, "(public to \"Ops Team\")");
-    let revoke = "REVOKE CREATE ON SCHEMA public FROM \"Ops Team\";";
+    // Named as SQL names it (a keyword, quoted), in a statement that runs as given.
+    unsuitable(&refused, "(public to \"user\")");
+    let revoke = "REVOKE CREATE ON SCHEMA public FROM \"user\";";
     assert!(refused.to_string().contains(revoke), "{refused}");
     pg.query(revoke).await.unwrap();
     migrate(pg.url())
