@@ -624,6 +624,16 @@ fn raw_path(url: &str) -> &str {
     rest.find('/').map_or("/", |slash| &rest[slash..])
 }
 
+impl Explanation {
+    /// The answer as JSON, for a terminal as well as a program: with the characters that move
+    /// a terminal (names come from the directory: any character) escaped, as `audit --json`
+    /// prints them.
+    pub fn to_json(&self) -> Result<String, String> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        Ok(crate::logging::json_text_shown(text))
+    }
+}
+
 /// What a person reads on a terminal (names come from the directory: any character).
 impl std::fmt::Display for Explanation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1052,6 +1062,14 @@ mod tests {
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "{text:?}"
         );
+        // And as JSON, the same answer, its direction marks and controls escaped.
+        let mut marked = ask(&world, ALICE, "http://app.test/work", "GET");
+        marked.reason = "ops\u{202e}\u{9b}31m\u{7f}".to_owned();
+        let json = marked.to_json().unwrap();
+        let shown = |c: char| c == '\n' || !crate::human::hidden(c);
+        assert!(json.chars().all(shown), "{json:?}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["reason"], "ops\u{202e}\u{9b}31m\u{7f}");
     }
 
     /// What the proxy refuses before it asks who calls, explain refuses too, and it judges as

@@ -83,7 +83,7 @@ enum Command {
         #[arg(long)]
         machine: Option<String>,
         /// With --agent: the person the agent acts for (a delegated token), named as --user.
-        #[arg(long, requires = "agent")]
+        #[arg(long, requires = "agent", conflicts_with_all = ["user", "machine"])]
         on_behalf_of: Option<String>,
         /// The full URL requested, e.g. `https://app.example/admin`.
         #[arg(long)]
@@ -236,7 +236,7 @@ fn main() -> ExitCode {
                 .and_then(|config| explain::run_cli(config, who, &url, &method))
                 .and_then(|answer| {
                     let text = if json {
-                        serde_json::to_string_pretty(&answer).map_err(|e| e.to_string())?
+                        answer.to_json()?
                     } else {
                         answer.to_string()
                     };

@@ -810,6 +810,25 @@ async fn a_delegated_token_is_let_in_only_while_both_the_person_and_the_agent_ar
         .explain(&["--agent", AGENT_ID, "--on-behalf-of", "bob"])
         .await;
     assert_eq!(code, 1, "{out}");
+    // Acting for someone is an agent's: asked of a person or a machine, it is a usage error,
+    // not an answer to another question.
+    let config = t.px.config_path().display().to_string();
+    for who in ["--user", "--machine"] {
+        let args = [
+            "explain",
+            "--config",
+            &config,
+            "--url",
+            &url,
+            who,
+            ALICE,
+            "--on-behalf-of",
+            "bob",
+        ];
+        let out = portcullis_tests::process::run(t.px.dir(), &args).await;
+        assert_eq!(out.status.code(), Some(2), "{who}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{who}: {}", out.stdout);
+    }
 
     // alice leaves eng: she is refused (and so is her agent, whose only owner she was).
     t.members("remove").await.expect_success();
