@@ -2271,8 +2271,17 @@ fn each(
         Destination::File(path) => {
             let mut file = match File::open(&path) {
                 Ok(file) => file,
-                // Nothing recorded yet.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                // Nothing recorded yet (moved away by a rotation, say), where Portcullis ran;
+                // where no data_dir is, it never did, and nothing could be said of anyone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return match path.parent().is_some_and(Path::is_dir) {
+                        true => Ok(()),
+                        false => Err(format!(
+                            "no data_dir at {}: Portcullis never started there",
+                            path.parent().unwrap_or(path).display()
+                        )),
+                    };
+                }
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             };
             let mut visit_line = |line: &[u8], at: u64| -> bool {
@@ -2930,6 +2939,16 @@ mod tests {
         print(destination, &always, Order::NewestFirst, true, &mut out).unwrap();
         let all = String::from_utf8(out).unwrap();
         assert!(all.contains("/two-hours-ago"), "{all}");
+        // No log in a data_dir is nothing recorded; no data_dir at all, a mistake: it says so,
+        // not that nobody did anything.
+        let empty = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let none = Destination::of(empty.path(), None);
+        print(none, &always, Order::NewestFirst, true, &mut out).unwrap();
+        assert!(out.is_empty());
+        let missing = Destination::of(&empty.path().join("typo"), None);
+        let refused = print(missing, &always, Order::NewestFirst, true, &mut out).unwrap_err();
+        assert!(refused.contains("no data_dir at"), "{refused}");
 
         // A copy cut short (a full disk) is no success; a reader gone (`| head`) is.
         struct Failing(std::io::ErrorKind);
