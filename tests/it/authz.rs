@@ -1999,7 +1999,8 @@ async fn refused_credentials_are_audited_by_what_was_wrong_never_by_what_they_we
     assert_eq!(sign_in[0]["path"], "/.portcullis/callback");
     assert_eq!(
         sign_in[0]["reason"],
-        "a sign-in was refused: the identity provider refused the sign-in: access_denied"
+        "a sign-in was refused: a refusal (access_denied) came back for no sign-in begun in \
+         this browser; start again"
     );
 
     let scim = on("scim");
