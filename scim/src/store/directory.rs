@@ -1451,7 +1451,11 @@ impl Writer<'_> {
                     let started = std::time::Instant::now();
                     let (index, entries) = load_index(self.storage)?;
                     let (seq, users, groups) = (index.seq, index.user_count(), index.group_count());
-                    *self.index.write().map_err(|_| unusable())? = index;
+                    // The old index (a million users' names and memberships) is freed after
+                    // the lock is let go: every request's lookup waits on it meanwhile.
+                    let old =
+                        std::mem::replace(&mut *self.index.write().map_err(|_| unusable())?, index);
+                    drop(old);
                     if let Some(sink) = &self.sinks.entries {
                         sink.load(entries);
                     }
