@@ -228,7 +228,9 @@ impl Scim {
                 stands: &stands,
             })
             .await;
-        let mut reply = scim_reply(&response);
+        let mut response = response;
+        let body = rendered(response.body.take()).await;
+        let mut reply = scim_reply(&response, body);
         if response.status == 405 {
             if let Some(methods) = portcullis_scim::service::allowed(endpoint) {
                 reply = reply.header(header::ALLOW, methods);
@@ -288,20 +290,51 @@ fn tag_list(headers: &http::HeaderMap, name: header::HeaderName) -> Option<Strin
 }
 
 async fn write(session: &mut Session, response: &ScimResponse) -> Result<bool> {
-    reply::send(session, scim_reply(response)).await
+    let body = response.body.as_ref().map(render);
+    reply::send(session, scim_reply(response, body)).await
 }
 
 /// The SCIM service's answer as a reply: `application/scim+json`, with its `ETag` and
+/// How many values (members, groups, resources) an answer holds at most to be written out on
+/// the worker thread that serves it: a group of 100,000 members is some 15 MB of JSON, which
+/// that thread's other connections would wait on, written and freed.
+const RENDERED_HERE: usize = 1_000;
+
+/// An answer's body, written out: a large one (see [`RENDERED_HERE`]) on a blocking thread,
+/// where it is freed too.
+async fn rendered(body: Option<serde_json::Value>) -> Option<Bytes> {
+    let body = body?;
+    if values_in(&body) <= RENDERED_HERE {
+        return Some(render(&body));
+    }
+    let written = tokio::task::spawn_blocking(move || render(&body)).await;
+    Some(written.unwrap_or_default())
+}
+
+/// About how many values rendering `body` writes: its members and groups, and those of each
+/// resource of a list.
+fn values_in(body: &serde_json::Value) -> usize {
+    fn listed(v: &serde_json::Value, name: &str) -> usize {
+        v.get(name).and_then(|l| l.as_array()).map_or(0, Vec::len)
+    }
+    let held = |v: &serde_json::Value| listed(v, "members") + listed(v, "groups");
+    let resources = (body.get("Resources").and_then(|l| l.as_array())).map_or(0, |resources| {
+        resources.iter().map(|r| 1 + held(r)).sum::<usize>()
+    });
+    held(body) + resources
+}
+
+fn render(body: &serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(body).unwrap_or_default())
+}
+
 /// `Location`, and the bearer challenge on every 401 (RFC 6750 §3), the service's own (a
-/// token that fell while its request waited to write) as well as the token's check's.
-fn scim_reply(response: &ScimResponse) -> Reply {
+/// token that fell while its request waited to write) as well as the token's check's; `body`
+/// its body, written out.
+fn scim_reply(response: &ScimResponse, body: Option<Bytes>) -> Reply {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut reply = match &response.body {
-        Some(value) => Reply::with_body(
-            status,
-            "application/scim+json",
-            Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
-        ),
+    let mut reply = match body {
+        Some(body) => Reply::with_body(status, "application/scim+json", body),
         None => Reply::empty(status),
     };
     if let Some(etag) = &response.etag {
@@ -319,6 +352,23 @@ fn scim_reply(response: &ScimResponse) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group's members, a user's groups and a page's resources and theirs count toward what
+    /// is written out off the worker thread; a record of attributes alone does not.
+    #[test]
+    fn an_answer_of_many_values_is_written_out_elsewhere() {
+        let members: Vec<_> = (0..RENDERED_HERE)
+            .map(|i| serde_json::json!({"value": i}))
+            .collect();
+        let group = serde_json::json!({"id": "g", "members": members});
+        assert_eq!(values_in(&group), RENDERED_HERE);
+        assert_eq!(
+            values_in(&serde_json::json!({"id": "u", "userName": "x".repeat(10_000)})),
+            0
+        );
+        let page = serde_json::json!({"Resources": [group.clone(), {"groups": [{"value": "g"}]}]});
+        assert_eq!(values_in(&page), RENDERED_HERE + 3);
+    }
 
     fn scim(tokens: Vec<ScimToken>) -> Scim {
         let dir = tempfile::tempdir().unwrap();
@@ -414,7 +464,8 @@ mod tests {
     #[test]
     fn every_401_carries_the_bearer_challenge() {
         let challenge = |status: u16| {
-            let reply = scim_reply(&ScimResponse::error(&ScimError::new(status, None, "x")));
+            let response = ScimResponse::error(&ScimError::new(status, None, "x"));
+            let reply = scim_reply(&response, response.body.as_ref().map(render));
             let found = reply
                 .headers
                 .iter()
