@@ -619,7 +619,7 @@ impl ProxyHttp for Proxy {
             .is_some_and(|digest| digest.ssl_digest.is_some());
         ctx.local = local_addr(session);
         ctx.own_tls = own_tls;
-        ctx.tls = own_tls || runtime.behind_tls_proxy(ctx.local);
+        ctx.tls = runtime.over_https(ctx.local, own_tls);
         let req = session.req_header();
         let max_bytes = runtime.config.server.max_request_header_bytes;
         // pingora reads at most `MAX_FIELDS` of an HTTP/1 head; an HTTP/2 one is bounded by
@@ -1717,10 +1717,7 @@ impl Proxy {
                 let reason = self.shared.out_of_touch();
                 audit.unverified_refusal(endpoints::AUDIT_ROUTE, reason, &request);
                 if endpoint == "backchannel_logout" {
-                    // The IdP reads JSON (OpenID Connect Back-Channel Logout §2.8).
-                    let body = serde_json::json!({ "error": "temporarily_unavailable" });
-                    Reply::json(StatusCode::SERVICE_UNAVAILABLE, &body)
-                        .header(header::RETRY_AFTER, endpoints::LOGOUT_RETRY_AFTER)
+                    endpoints::logout_later()
                 } else {
                     let text = match self.shared.needs_restart() {
                         true => "<p>Portcullis cannot read its store until it is restarted.</p>",

@@ -294,7 +294,6 @@ async fn write(session: &mut Session, response: &ScimResponse) -> Result<bool> {
     reply::send(session, scim_reply(response, body)).await
 }
 
-/// The SCIM service's answer as a reply: `application/scim+json`, with its `ETag` and
 /// How many values (members, groups, resources) an answer holds at most to be written out on
 /// the worker thread that serves it: a group of 100,000 members is some 15 MB of JSON, which
 /// that thread's other connections would wait on, written and freed.
@@ -328,6 +327,7 @@ fn render(body: &serde_json::Value) -> Bytes {
     Bytes::from(serde_json::to_vec(body).unwrap_or_default())
 }
 
+/// The SCIM service's answer as a reply: `application/scim+json`, with its `ETag` and
 /// `Location`, and the bearer challenge on every 401 (RFC 6750 §3), the service's own (a
 /// token that fell while its request waited to write) as well as the token's check's; `body`
 /// its body, written out.

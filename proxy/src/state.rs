@@ -223,6 +223,12 @@ impl Runtime {
         found.into()
     }
 
+    /// Whether a request on the listener at `local` was made over https: to that listener's
+    /// own TLS (`own_tls`), or to a proxy's in front of it.
+    pub fn over_https(&self, local: Option<SocketAddr>, own_tls: bool) -> bool {
+        own_tls || self.behind_tls_proxy(local)
+    }
+
     /// Whether a request that arrived at `local` without TLS was made over https all the same:
     /// on a listener behind a proxy that terminates TLS (`behind_tls_proxy`).
     pub fn behind_tls_proxy(&self, local: Option<SocketAddr>) -> bool {
@@ -570,7 +576,7 @@ impl Shared {
         // Its listener, as this configuration has it: a request over plain HTTP is taken for
         // https only from a TLS proxy in front, and a credential only where one may cross.
         let target = &open.target;
-        let https = target.own_tls || runtime.behind_tls_proxy(target.local);
+        let https = runtime.over_https(target.local, target.own_tls);
         let listener_refuses = if target.scheme == Scheme::Https && !https {
             Some("its listener no longer takes https requests from a TLS proxy in front")
         } else if open.caller.is_some() && !runtime.carries_credentials(target.local, https) {

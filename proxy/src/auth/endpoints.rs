@@ -75,7 +75,14 @@ fn warning_due(last: u64, now: u64) -> bool {
 /// When an IdP told to send a back-channel logout again should (`Retry-After`, in seconds):
 /// once the key set may be fetched again ([`crate::auth::jwt::REFETCH_AFTER`]), which also
 /// gives a store that refused to end its sessions a moment to come back.
-pub(crate) const LOGOUT_RETRY_AFTER: &str = "10";
+const LOGOUT_RETRY_AFTER: &str = "10";
+
+/// A back-channel logout to be sent again ([`LOGOUT_RETRY_AFTER`] on): 503 in the JSON the
+/// IdP reads (OpenID Connect Back-Channel Logout §2.8).
+pub(crate) fn logout_later() -> Reply {
+    json_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+        .header(header::RETRY_AFTER, LOGOUT_RETRY_AFTER)
+}
 
 /// The request as the endpoints need it.
 pub struct Request<'a> {
@@ -786,12 +793,18 @@ impl Auth {
         idle: std::time::Duration,
     ) -> Result<Reply> {
         // Every refusal is recorded, as anyone's: nothing here says who sent it.
-        let refuse_as = |status: StatusCode, error: &str, reason: &str| {
+        let audited = |reason: &str| {
             let request = req.audited("POST", "/.portcullis/backchannel_logout");
             self.audit.unverified_refusal(AUDIT_ROUTE, reason, &request);
-            json_error(status, error)
         };
-        let refuse = |status, reason: &str| Ok(refuse_as(status, "invalid_request", reason));
+        let refuse = |status, reason: &str| {
+            audited(reason);
+            Ok(json_error(status, "invalid_request"))
+        };
+        let later = |reason: &str| {
+            audited(reason);
+            Ok(logout_later())
+        };
         let too_large = "a back-channel logout's body is larger than any logout token";
         if !crate::reply::ready_for_body(session, MAX_LOGOUT_BODY as u64).await? {
             return refuse(StatusCode::PAYLOAD_TOO_LARGE, too_large);
@@ -834,11 +847,10 @@ impl Auth {
             // rotated to, which the set, fetched at most once in 10 s for what anyone posts
             // here, will have then.
             Err(crate::auth::JwtError::KeysUnavailable | crate::auth::JwtError::UnknownKey) => {
-                let why = "a back-channel logout token could not be verified yet: the \
-                           provider's key that signed it could not be had";
-                let unavailable = StatusCode::SERVICE_UNAVAILABLE;
-                let answer = refuse_as(unavailable, "temporarily_unavailable", why);
-                return Ok(answer.header(header::RETRY_AFTER, LOGOUT_RETRY_AFTER));
+                return later(
+                    "a back-channel logout token could not be verified yet: the provider's key \
+                     that signed it could not be had",
+                );
             }
             Err(e) => {
                 let reason = format!("a back-channel logout token was refused: {e}");
@@ -857,14 +869,9 @@ impl Auth {
         if let Err(e) = ending.await {
             self.oidc.unused_logout_token(&logout);
             tracing::error!("back-channel logout could not end sessions: {e}");
-            let why = "the sessions a back-channel logout ends could not be ended: the store \
-                       refused";
-            let answer = refuse_as(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-                why,
+            return later(
+                "the sessions a back-channel logout ends could not be ended: the store refused",
             );
-            return Ok(answer.header(header::RETRY_AFTER, LOGOUT_RETRY_AFTER));
         }
         // A sign-in of that IdP session stored before this logout was, though after its
         // sessions were found, is held here now: ended too. (One stored after it is ended by
