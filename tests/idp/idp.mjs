@@ -66,7 +66,7 @@
 //   POST /test/stop-serving        {mode: "503" | "reset" | "hang" | "gateway" | "server-error" |
 //                                  "userinfo" | "userinfo-refuses" | "userinfo-other-sub" |
 //                                  "userinfo-redirect" | "userinfo-page" | "userinfo-404" |
-//                                  "userinfo-gateway-404" |
+//                                  "userinfo-gateway-404" | "userinfo-spring-404" | "spring-404" |
 //                                  "jwks" | "jwks-empty"}: every non-/test/
 //                                  request gets a 503, has its connection reset, is never
 //                                  answered, or gets a gateway's 502 in JSON, or a 500 that reads
@@ -75,8 +75,9 @@
 //                                  about another person (a `sub` not the token's), or
 //                                  redirects to a maintenance page, or serves one with 200
 //                                  (as a proxy in front in maintenance mode does), or a
-//                                  gateway's 404, a page or Kong's JSON (as during a
-//                                  deployment); or only
+//                                  gateway's 404, a page or Kong's JSON or Spring's (as during
+//                                  a deployment); or every OIDC request gets Spring's 404 JSON
+//                                  (`"error": "Not Found"`); or only
 //                                  the key set (`/jwks`) answers 503, or an empty set (as an
 //                                  IdP node whose keys failed to load serves)
 //   POST /test/start-serving       back to normal (unanswered requests have their connections
@@ -774,7 +775,7 @@ async function handleTest(req, res, url) {
       return sendJson(res, 200, { groups: user.groups });
     }
     case 'POST /test/stop-serving':
-      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'userinfo-404', 'userinfo-gateway-404', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
+      outage = ['reset', 'hang', 'gateway', 'server-error', 'userinfo', 'userinfo-refuses', 'userinfo-other-sub', 'userinfo-redirect', 'userinfo-page', 'userinfo-404', 'userinfo-gateway-404', 'userinfo-spring-404', 'spring-404', 'jwks', 'jwks-empty'].includes(body.mode) ? body.mode : '503';
       return sendJson(res, 200, { outage });
     case 'POST /test/start-serving':
       outage = null;
@@ -806,6 +807,10 @@ const server = http.createServer(async (req, res) => {
     }
     if (outage === 'userinfo-gateway-404' && url.pathname === '/me') {
       return send(res, 404, 'application/json', '{"message":"no Route matched with those values"}\n');
+    }
+    // Spring's default error body, in front of an IdP being deployed: an `error` in its words.
+    if ((outage === 'userinfo-spring-404' && url.pathname === '/me') || outage === 'spring-404') {
+      return send(res, 404, 'application/json', JSON.stringify({ timestamp: new Date().toISOString(), status: 404, error: 'Not Found', path: url.pathname }) + '\n');
     }
     if (outage === 'userinfo-page' && url.pathname === '/me') {
       return send(res, 200, 'text/html', '<!doctype html><title>Down for maintenance</title>\n');

@@ -2531,6 +2531,7 @@ async fn existing_sessions_keep_working_while_the_idp_is_down() {
         (IdpOutage::Unavailable, "the IdP answered 503"),
         (IdpOutage::Gateway, "the IdP answered 502"),
         (IdpOutage::ServerError, "the IdP answered 500"),
+        (IdpOutage::SpringNotFound, "the IdP answered 404"),
         (IdpOutage::Reset, "error sending request"),
     ] {
         fx.idp.set_outage(outage).await;
@@ -4244,9 +4245,9 @@ async fn an_open_websocket_ends_when_a_refresh_finds_other_groups_at_the_idp() {
 }
 
 /// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, a
-/// redirect to a maintenance page, one served with 200, a gateway's 404 page; with the groups
-/// there alone) leaves
-/// the session as it is, as an outage does: it is not taken for a person in no group.
+/// redirect to a maintenance page, one served with 200, a gateway's 404 in HTML or JSON; with
+/// the groups there alone) leaves the session as it is, as an outage does: it is not taken for
+/// a person in no group.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     const FAY: &str = "fay@example.com";
@@ -4258,6 +4259,7 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
         IdpOutage::UserInfoPage,
         IdpOutage::UserInfoNotFound,
         IdpOutage::UserInfoGatewayNotFound,
+        IdpOutage::UserInfoSpringNotFound,
     ] {
         let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
         let fx = Fixture::start_with(Options {
@@ -4311,10 +4313,9 @@ async fn with_cal_in_contractors(options: Options) -> Fixture {
 }
 
 /// A sign-in while UserInfo, the only place the provider gives groups, is in trouble (503, a
-/// redirect to a maintenance page, one served with 200, a gateway's 404 page) is an outage,
-/// not a person in no
-/// group: taken as the ID token has it, a deny rule on a group would miss them for the
-/// session's lifetime.
+/// redirect to a maintenance page, one served with 200, a gateway's 404 in HTML or JSON) is an
+/// outage, not a person in no group: taken as the ID token has it, a deny rule on a group would
+/// miss them for the session's lifetime.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group() {
     let fx = with_cal_s_groups_at_userinfo().await;
@@ -4326,6 +4327,7 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
         IdpOutage::UserInfoPage,
         IdpOutage::UserInfoNotFound,
         IdpOutage::UserInfoGatewayNotFound,
+        IdpOutage::UserInfoSpringNotFound,
     ] {
         let browser = client();
         let authorize = fx.start_sign_in(&browser, &url).await;

@@ -403,6 +403,11 @@ pub enum IdpOutage {
     UserInfoNotFound,
     /// Only UserInfo answers, with a gateway's 404 in JSON (Kong's `{"message": …}`).
     UserInfoGatewayNotFound,
+    /// Only UserInfo answers, with Spring's 404 JSON (`"error": "Not Found"`).
+    UserInfoSpringNotFound,
+    /// Every OIDC request gets Spring's 404 JSON (`"error": "Not Found"`), as a gateway in
+    /// front of an IdP being deployed answers.
+    SpringNotFound,
     /// Only the key set (`jwks_uri`) answers 503: tokens are still issued, signed with keys
     /// no one can fetch.
     Jwks,
@@ -727,6 +732,17 @@ impl Idp {
             }
             IdpOutage::UserInfoNotFound => {
                 self.control("/test/stop-serving", json!({ "mode": "userinfo-404" }))
+                    .await
+            }
+            IdpOutage::UserInfoSpringNotFound => {
+                self.control(
+                    "/test/stop-serving",
+                    json!({ "mode": "userinfo-spring-404" }),
+                )
+                .await
+            }
+            IdpOutage::SpringNotFound => {
+                self.control("/test/stop-serving", json!({ "mode": "spring-404" }))
                     .await
             }
             IdpOutage::UserInfoGatewayNotFound => {

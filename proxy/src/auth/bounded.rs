@@ -48,6 +48,14 @@ pub async fn body(mut response: reqwest::Response, limit: usize) -> Result<Vec<u
     Ok(body)
 }
 
+/// Whether an IdP endpoint's answer of `status` is no answer of the endpoint's: one in trouble
+/// ([`in_trouble`]), or one not there, sent elsewhere (a redirect to a maintenance page) or not
+/// found (a gateway's 404 while the IdP is deployed, whose JSON, Spring's say, may hold an
+/// `error` in its own words).
+pub fn elsewhere(status: reqwest::StatusCode) -> bool {
+    in_trouble(status) || status.is_redirection() || status == reqwest::StatusCode::NOT_FOUND
+}
+
 /// Whether an IdP's answer of `status` says it is in trouble (5xx, 429 Too Many Requests,
 /// 408): an outage, whatever its body says. An endpoint refusing what it was sent answers 400
 /// or 401 (RFC 6749 §5.2), 403 (RFC 6750 §3.1).
@@ -87,9 +95,10 @@ impl<'c> AsyncHttpClient<'c> for Client {
             let response =
                 (self.0.execute(request).await).map_err(|e| Box::new(e.without_url()))?;
             // No answer, even one whose body reads as an OAuth error (Keycloak's 500
-            // `{"error":"unknown_error"}`, a gateway's JSON error page): a refresh it ended,
-            // or a sign-in it refused, would be ended for the IdP's outage.
-            if in_trouble(response.status()) {
+            // `{"error":"unknown_error"}`, a gateway's JSON error page, Spring's 404 `{"error":
+            // "Not Found"}`): a refresh it ended, or a sign-in it refused, would be ended for
+            // the IdP's outage.
+            if elsewhere(response.status()) {
                 return Err(HttpClientError::Other(format!(
                     "the IdP answered {}",
                     response.status()

@@ -162,12 +162,18 @@ fn token_call_failed<E: std::error::Error + 'static>(
     }
 }
 
-/// Whether `body` is an OAuth error: a JSON object whose `error` is a string.
+/// Whether `body` is an OAuth error: a JSON object whose `error` is a code (`invalid_token`),
+/// not a framework's words for its status (Spring's `"error": "Not Found"`).
 fn says_an_oauth_error(body: &[u8]) -> bool {
+    let code = |error: &str| {
+        !error.is_empty()
+            && (error.bytes()).all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
     serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|answer| {
         answer
             .get("error")
-            .is_some_and(serde_json::Value::is_string)
+            .and_then(|e| e.as_str())
+            .is_some_and(code)
     })
 }
 
@@ -1044,15 +1050,14 @@ impl Oidc {
         let status = response.status();
         if status != reqwest::StatusCode::OK {
             // One that refuses the token (RFC 6750's 400, 401 and 403: one meant for another
-            // API), or says another OAuth error (a JSON object with `error`), answered; one in
-            // trouble (5xx, 429, 408), sent elsewhere (a redirect to a maintenance page) or a
-            // gateway's answer in its place (a 404 page, or Kong's `{"message": …}`, during a
-            // deployment) is an outage.
+            // API), or says another OAuth error (a JSON object with an `error` code), answered;
+            // one in trouble (5xx, 429, 408), or not there (a redirect to a maintenance page, a
+            // gateway's 404 during a deployment, a page or JSON), or a gateway's answer in its
+            // place (Kong's `{"message": …}`), is an outage.
             let said = format!("status {status}");
             let refused = matches!(status.as_u16(), 400 | 401 | 403);
             let says_an_error = !refused
-                && !bounded::in_trouble(status)
-                && !status.is_redirection()
+                && !bounded::elsewhere(status)
                 && bounded::body(response, bounded::MAX_RESPONSE_BYTES)
                     .await
                     .is_ok_and(|body| says_an_oauth_error(&body));
