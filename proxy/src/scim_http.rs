@@ -229,7 +229,15 @@ impl Scim {
             })
             .await;
         let mut response = response;
-        let body = rendered(response.body.take()).await;
+        let body = match rendered(response.body.take()).await {
+            Ok(body) => body,
+            // (A blocking task that never ran, the runtime going down: no answer is one.)
+            Err(()) => {
+                let failed = ScimError::new(500, None, "the answer could not be written out");
+                response = ScimResponse::error(&failed);
+                response.body.as_ref().map(render)
+            }
+        };
         let mut reply = scim_reply(&response, body);
         if response.status == 405 {
             if let Some(methods) = portcullis_scim::service::allowed(endpoint) {
@@ -301,13 +309,15 @@ const RENDERED_HERE: usize = 1_000;
 
 /// An answer's body, written out: a large one (see [`RENDERED_HERE`]) on a blocking thread,
 /// where it is freed too.
-async fn rendered(body: Option<serde_json::Value>) -> Option<Bytes> {
-    let body = body?;
+async fn rendered(body: Option<serde_json::Value>) -> Result<Option<Bytes>, ()> {
+    let Some(body) = body else {
+        return Ok(None);
+    };
     if values_in(&body) <= RENDERED_HERE {
-        return Some(render(&body));
+        return Ok(Some(render(&body)));
     }
     let written = tokio::task::spawn_blocking(move || render(&body)).await;
-    Some(written.unwrap_or_default())
+    written.map(Some).map_err(drop)
 }
 
 /// About how many values rendering `body` writes: its members and groups, and those of each
