@@ -196,6 +196,12 @@ async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let silent = socket.listen(0).unwrap();
     let address = silent.local_addr().unwrap();
+    (address, (silent, fill_queue(address).await))
+}
+
+/// Connects to `address`, a listener of a queue of one (`listen(0)`) that takes no more
+/// connections, until its queue is full; the connections that fill it.
+async fn fill_queue(address: SocketAddr) -> Vec<TcpStream> {
     let mut queued = Vec::new();
     for attempt in 0.. {
         assert!(
@@ -212,7 +218,7 @@ async fn silent_listener() -> (SocketAddr, (TcpListener, Vec<TcpStream>)) {
         }
         assert!(queued.len() < 16, "the listener's queue never filled");
     }
-    (address, (silent, queued))
+    queued
 }
 
 /// An upstream that drops connections unanswered (a dead VM, a firewall dropping packets)
@@ -677,16 +683,7 @@ async fn an_upstream_that_answers_only_on_an_old_connection_stays_down() {
         pooled |= ask().await.0 == "a";
     }
     assert!(pooled, "a never answered");
-    let mut queued = Vec::new();
-    loop {
-        let connect = TcpStream::connect(a);
-        match tokio::time::timeout(Duration::from_millis(500), connect).await {
-            Ok(Ok(stream)) => queued.push(stream),
-            _ if !queued.is_empty() => break,
-            _ => {}
-        }
-        assert!(queued.len() < 16, "the listener's queue never filled");
-    }
+    let queued = fill_queue(a).await;
     // Known to be down once requests find it so.
     let burst = || futures_util::future::join_all((0..12).map(|_| ask()));
     burst().await;

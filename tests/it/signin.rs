@@ -4244,6 +4244,17 @@ async fn an_open_websocket_ends_when_a_refresh_finds_other_groups_at_the_idp() {
     assert_eq!(what, ["sign_in", "idp_ended"]);
 }
 
+/// The ways UserInfo is in trouble, none an answer: a 503, a redirect to a maintenance page,
+/// one served with 200, a gateway's 404 (a page, Kong's JSON, Spring's `"error": "Not Found"`).
+const USERINFO_IN_TROUBLE: [IdpOutage; 6] = [
+    IdpOutage::UserInfo,
+    IdpOutage::UserInfoRedirect,
+    IdpOutage::UserInfoPage,
+    IdpOutage::UserInfoNotFound,
+    IdpOutage::UserInfoGatewayNotFound,
+    IdpOutage::UserInfoSpringNotFound,
+];
+
 /// A refresh that cannot read the person's groups because UserInfo is in trouble (a 503, a
 /// redirect to a maintenance page, one served with 200, a gateway's 404 in HTML or JSON; with
 /// the groups there alone) leaves the session as it is, as an outage does: it is not taken for
@@ -4253,14 +4264,7 @@ async fn a_refresh_while_userinfo_is_down_keeps_the_session_s_groups() {
     const FAY: &str = "fay@example.com";
     const FAY_PASSWORD: &str = "fay's password, long enough";
     // A fixture each: the first outage would pause the next one's refreshes.
-    for outage in [
-        IdpOutage::UserInfo,
-        IdpOutage::UserInfoRedirect,
-        IdpOutage::UserInfoPage,
-        IdpOutage::UserInfoNotFound,
-        IdpOutage::UserInfoGatewayNotFound,
-        IdpOutage::UserInfoSpringNotFound,
-    ] {
+    for outage in USERINFO_IN_TROUBLE {
         let fay = IdpUser::new("fay", FAY, FAY_PASSWORD).groups(&["eng"]);
         let fx = Fixture::start_with(Options {
             // The email in the ID token, the groups at UserInfo alone.
@@ -4321,14 +4325,7 @@ async fn a_sign_in_while_userinfo_is_down_is_not_taken_for_a_person_in_no_group(
     let fx = with_cal_s_groups_at_userinfo().await;
     let url = fx.url("app.test", "/eng/page");
 
-    for outage in [
-        IdpOutage::UserInfo,
-        IdpOutage::UserInfoRedirect,
-        IdpOutage::UserInfoPage,
-        IdpOutage::UserInfoNotFound,
-        IdpOutage::UserInfoGatewayNotFound,
-        IdpOutage::UserInfoSpringNotFound,
-    ] {
+    for outage in USERINFO_IN_TROUBLE {
         let browser = client();
         let authorize = fx.start_sign_in(&browser, &url).await;
         let callback = fx.idp_login(&authorize, CAL, CAL_PASSWORD).await;
