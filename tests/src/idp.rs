@@ -685,82 +685,31 @@ impl Idp {
     }
 
     pub async fn set_outage(&self, outage: IdpOutage) {
-        match outage {
-            IdpOutage::Off => self.control("/test/start-serving", json!({})).await,
-            IdpOutage::Unavailable => {
-                self.control("/test/stop-serving", json!({ "mode": "503" }))
-                    .await
+        // The test IdP's name for each (`POST /test/stop-serving`, see idp.mjs).
+        let mode = match outage {
+            IdpOutage::Off => {
+                self.control("/test/start-serving", json!({})).await;
+                return;
             }
-            IdpOutage::Reset => {
-                self.control("/test/stop-serving", json!({ "mode": "reset" }))
-                    .await
-            }
-            IdpOutage::Hang => {
-                self.control("/test/stop-serving", json!({ "mode": "hang" }))
-                    .await
-            }
-            IdpOutage::Gateway => {
-                self.control("/test/stop-serving", json!({ "mode": "gateway" }))
-                    .await
-            }
-            IdpOutage::ServerError => {
-                self.control("/test/stop-serving", json!({ "mode": "server-error" }))
-                    .await
-            }
-            IdpOutage::UserInfo => {
-                self.control("/test/stop-serving", json!({ "mode": "userinfo" }))
-                    .await
-            }
-            IdpOutage::UserInfoRefuses => {
-                self.control("/test/stop-serving", json!({ "mode": "userinfo-refuses" }))
-                    .await
-            }
-            IdpOutage::UserInfoOtherSubject => {
-                self.control(
-                    "/test/stop-serving",
-                    json!({ "mode": "userinfo-other-sub" }),
-                )
-                .await
-            }
-            IdpOutage::UserInfoRedirect => {
-                self.control("/test/stop-serving", json!({ "mode": "userinfo-redirect" }))
-                    .await
-            }
-            IdpOutage::UserInfoPage => {
-                self.control("/test/stop-serving", json!({ "mode": "userinfo-page" }))
-                    .await
-            }
-            IdpOutage::UserInfoNotFound => {
-                self.control("/test/stop-serving", json!({ "mode": "userinfo-404" }))
-                    .await
-            }
-            IdpOutage::UserInfoSpringNotFound => {
-                self.control(
-                    "/test/stop-serving",
-                    json!({ "mode": "userinfo-spring-404" }),
-                )
-                .await
-            }
-            IdpOutage::SpringNotFound => {
-                self.control("/test/stop-serving", json!({ "mode": "spring-404" }))
-                    .await
-            }
-            IdpOutage::UserInfoGatewayNotFound => {
-                self.control(
-                    "/test/stop-serving",
-                    json!({ "mode": "userinfo-gateway-404" }),
-                )
-                .await
-            }
-            IdpOutage::Jwks => {
-                self.control("/test/stop-serving", json!({ "mode": "jwks" }))
-                    .await
-            }
-            IdpOutage::JwksEmpty => {
-                self.control("/test/stop-serving", json!({ "mode": "jwks-empty" }))
-                    .await
-            }
+            IdpOutage::Unavailable => "503",
+            IdpOutage::Reset => "reset",
+            IdpOutage::Hang => "hang",
+            IdpOutage::Gateway => "gateway",
+            IdpOutage::ServerError => "server-error",
+            IdpOutage::UserInfo => "userinfo",
+            IdpOutage::UserInfoRefuses => "userinfo-refuses",
+            IdpOutage::UserInfoOtherSubject => "userinfo-other-sub",
+            IdpOutage::UserInfoRedirect => "userinfo-redirect",
+            IdpOutage::UserInfoPage => "userinfo-page",
+            IdpOutage::UserInfoNotFound => "userinfo-404",
+            IdpOutage::UserInfoGatewayNotFound => "userinfo-gateway-404",
+            IdpOutage::UserInfoSpringNotFound => "userinfo-spring-404",
+            IdpOutage::SpringNotFound => "spring-404",
+            IdpOutage::Jwks => "jwks",
+            IdpOutage::JwksEmpty => "jwks-empty",
         };
+        self.control("/test/stop-serving", json!({ "mode": mode }))
+            .await;
     }
 
     /// A token delegated to `client_id` (an agent) by the person whose `id_token` it holds

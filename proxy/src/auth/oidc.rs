@@ -646,10 +646,10 @@ impl Oidc {
                     .await;
                 match answer {
                     Ok(info) => Some(info),
-                    // An endpoint in trouble (down, 5xx, 429, a redirect, a page in place of
-                    // its JSON) where it holds what is needed is
-                    // an outage, not an answer: the sign-in fails (503, try again), as a refresh
-                    // keeps its groups then. Taken as the ID token has it, the person would be
+                    // An endpoint in trouble (down, 5xx, 429, a redirect, a 404, a page in
+                    // place of its JSON) where it holds what is needed is an outage, not an
+                    // answer: the sign-in fails (503, try again), as a refresh keeps its groups
+                    // then. Taken as the ID token has it, the person would be
                     // in no group for the session's lifetime, a deny rule on a group missing
                     // them, or without the claim they are known by.
                     Err(UserInfoFailure::Unanswered(e @ SignInError::UserInfoUnreachable(_)))
