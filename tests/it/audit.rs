@@ -49,8 +49,20 @@ pub(crate) async fn audit_json_until(
     }
 }
 
+/// The records of `event`, in the order written.
+///
+/// Not the refusals of the fixtures' own waits for sign-in (`wait_sign_in_available`), which
+/// ask `/.portcullis/sign_in` until the provider is discovered: each ask before is refused, and
+/// recorded, as many times as a loaded machine takes to discover it.
 pub(crate) fn of_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
-    records.iter().filter(|r| r["event"] == event).collect()
+    let waiting = |r: &Value| {
+        r["path"] == "/.portcullis/sign_in"
+            && (r["reason"].as_str())
+                .is_some_and(|why| why.contains("sign-in is unavailable: the identity provider"))
+    };
+    (records.iter())
+        .filter(|r| r["event"] == event && !waiting(r))
+        .collect()
 }
 
 /// The first refusal whose reason `said` holds for, once it is written.
